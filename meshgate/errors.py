@@ -1,0 +1,247 @@
+"""Error mapping: every failure leaves a service as a gRPC status carrying a
+``google.rpc.Status`` with an ``ErrorInfo`` detail (AIP-193).
+
+Handlers raise :class:`MeshgateError`; :class:`ErrorInterceptor` turns it, any
+unexpected exception, and undecodable requests into rich statuses. Calls to
+other services convert their failures back with :func:`from_rpc_error`, so a
+reason survives every hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections.abc
+import functools
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import message as protobuf_message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "meshgate"
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+log = structlog.get_logger(__name__)
+
+
+class MeshgateError(Exception):
+    """A failure to report to the caller as ``code`` with an ErrorInfo ``reason``."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        metadata: dict[str, str] | None = None,
+        domain: str = DOMAIN,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.metadata = metadata or {}
+        self.domain = domain
+
+    def to_status(self) -> grpc.Status:
+        info = error_details_pb2.ErrorInfo(
+            reason=self.reason, domain=self.domain, metadata=self.metadata
+        )
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        status.details.add().Pack(info)
+        return rpc_status.to_status(status)
+
+    def __repr__(self) -> str:
+        return f"MeshgateError({self.code.name}, {self.reason!r}, {self.message!r})"
+
+
+def invalid_argument(reason: str, message: str, **metadata: str) -> MeshgateError:
+    return MeshgateError(grpc.StatusCode.INVALID_ARGUMENT, reason, message, metadata)
+
+
+def not_found(reason: str, message: str, **metadata: str) -> MeshgateError:
+    return MeshgateError(grpc.StatusCode.NOT_FOUND, reason, message, metadata)
+
+
+def unavailable(reason: str, message: str, **metadata: str) -> MeshgateError:
+    return MeshgateError(grpc.StatusCode.UNAVAILABLE, reason, message, metadata)
+
+
+def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo a failed call carried, if any."""
+    trailing = error.trailing_metadata() or ()
+    for key, value in trailing:
+        if key == _STATUS_DETAILS_KEY:
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    return info
+    return None
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError, service: str) -> MeshgateError:
+    """Re-raises a downstream failure with its code and reason intact."""
+    info = error_info(error)
+    if info is not None:
+        return MeshgateError(
+            error.code(), info.reason, error.details() or "", dict(info.metadata), info.domain
+        )
+    code = error.code()
+    reason = f"{service.upper()}_{code.name}"
+    return MeshgateError(code, reason, f"{service}: {error.details()}", {"service": service})
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes were not a valid message."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: collections.abc.Callable[[bytes], Any] | None):
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except protobuf_message.DecodeError as error:
+            # grpc would answer INTERNAL; the caller sent bad bytes, so say so.
+            return _Undecodable(error)
+
+    return deserialize
+
+
+def _malformed(request: _Undecodable) -> MeshgateError:
+    return invalid_argument(
+        "MALFORMED_REQUEST",
+        f"the request is not a valid message (strings must be UTF-8): {request.error}",
+    )
+
+
+async def _report(error: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+    if isinstance(error, MeshgateError):
+        failure = error
+    else:
+        log.exception("unhandled error", method=method)
+        failure = MeshgateError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
+    status = failure.to_status()
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+async def _checked_iterator(requests: collections.abc.AsyncIterator[Any]):
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise _malformed(request)
+        yield request
+
+
+def _wrap_unary_unary(behavior, method):
+    @functools.wraps(behavior)
+    async def handler(request, context):
+        try:
+            if isinstance(request, _Undecodable):
+                raise _malformed(request)
+            return await behavior(request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:  # noqa: BLE001 - every error becomes a status
+            await _report(error, context, method)
+
+    return handler
+
+
+def _wrap_unary_stream(behavior, method):
+    @functools.wraps(behavior)
+    async def handler(request, context):
+        try:
+            if isinstance(request, _Undecodable):
+                raise _malformed(request)
+            async for response in behavior(request, context):
+                yield response
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:  # noqa: BLE001
+            await _report(error, context, method)
+
+    return handler
+
+
+def _wrap_stream_stream(behavior, method):
+    @functools.wraps(behavior)
+    async def handler(request_iterator, context):
+        try:
+            async for response in behavior(_checked_iterator(request_iterator), context):
+                yield response
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:  # noqa: BLE001
+            await _report(error, context, method)
+
+    return handler
+
+
+def _wrap_stream_unary(behavior, method):
+    @functools.wraps(behavior)
+    async def handler(request_iterator, context):
+        try:
+            return await behavior(_checked_iterator(request_iterator), context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:  # noqa: BLE001
+            await _report(error, context, method)
+
+    return handler
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns every failure of a handler into a rich status.
+
+    Handlers are wrapped once per method and memoized, so the hot path pays
+    one dictionary lookup, not a new closure per call.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        wrapped = self._wrap(handler, method)
+        if wrapped is not handler:
+            # Only our own services are memoized: health and reflection may
+            # return per-call handlers.
+            self._wrapped[method] = wrapped
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if not method.startswith("/meshgate."):
+            return handler
+        deserializer = _tolerant(handler.request_deserializer)
+        serializer = handler.response_serializer
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary_unary(handler.unary_unary, method), deserializer, serializer
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_unary_stream(handler.unary_stream, method), deserializer, serializer
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream_stream(handler.stream_stream, method), deserializer, serializer
+            )
+        return grpc.stream_unary_rpc_method_handler(
+            _wrap_stream_unary(handler.stream_unary, method), deserializer, serializer
+        )

@@ -1,0 +1,133 @@
+from meshgate.common.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class CachePolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CACHE_POLICY_UNSPECIFIED: _ClassVar[CachePolicy]
+    CACHE_POLICY_USE: _ClassVar[CachePolicy]
+    CACHE_POLICY_BYPASS: _ClassVar[CachePolicy]
+    CACHE_POLICY_REFRESH: _ClassVar[CachePolicy]
+
+class CacheStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CACHE_STATUS_UNSPECIFIED: _ClassVar[CacheStatus]
+    CACHE_STATUS_EXACT_HIT: _ClassVar[CacheStatus]
+    CACHE_STATUS_SEMANTIC_HIT: _ClassVar[CacheStatus]
+    CACHE_STATUS_MISS: _ClassVar[CacheStatus]
+    CACHE_STATUS_BYPASSED: _ClassVar[CacheStatus]
+CACHE_POLICY_UNSPECIFIED: CachePolicy
+CACHE_POLICY_USE: CachePolicy
+CACHE_POLICY_BYPASS: CachePolicy
+CACHE_POLICY_REFRESH: CachePolicy
+CACHE_STATUS_UNSPECIFIED: CacheStatus
+CACHE_STATUS_EXACT_HIT: CacheStatus
+CACHE_STATUS_SEMANTIC_HIT: CacheStatus
+CACHE_STATUS_MISS: CacheStatus
+CACHE_STATUS_BYPASSED: CacheStatus
+
+class ChatRequest(_message.Message):
+    __slots__ = ("model", "session_id", "messages", "parameters", "cache_policy")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    session_id: str
+    messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
+    parameters: _common_pb2.GenerationParameters
+    cache_policy: CachePolicy
+    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., cache_policy: _Optional[_Union[CachePolicy, str]] = ...) -> None: ...
+
+class ChatResponse(_message.Message):
+    __slots__ = ("delta", "completion")
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    delta: TextDelta
+    completion: ChatCompletion
+    def __init__(self, delta: _Optional[_Union[TextDelta, _Mapping]] = ..., completion: _Optional[_Union[ChatCompletion, _Mapping]] = ...) -> None: ...
+
+class ChatSessionRequest(_message.Message):
+    __slots__ = ("model", "session_id", "messages", "parameters", "cache_policy")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    session_id: str
+    messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
+    parameters: _common_pb2.GenerationParameters
+    cache_policy: CachePolicy
+    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., cache_policy: _Optional[_Union[CachePolicy, str]] = ...) -> None: ...
+
+class ChatSessionResponse(_message.Message):
+    __slots__ = ("delta", "completion")
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    delta: TextDelta
+    completion: ChatCompletion
+    def __init__(self, delta: _Optional[_Union[TextDelta, _Mapping]] = ..., completion: _Optional[_Union[ChatCompletion, _Mapping]] = ...) -> None: ...
+
+class TextDelta(_message.Message):
+    __slots__ = ("text",)
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    def __init__(self, text: _Optional[str] = ...) -> None: ...
+
+class ChatCompletion(_message.Message):
+    __slots__ = ("usage", "cache_status", "cache_similarity", "deployment", "trace_id", "session_id", "session_version", "finish_reason")
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_STATUS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    usage: _common_pb2.Usage
+    cache_status: CacheStatus
+    cache_similarity: float
+    deployment: str
+    trace_id: str
+    session_id: str
+    session_version: int
+    finish_reason: str
+    def __init__(self, usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cache_status: _Optional[_Union[CacheStatus, str]] = ..., cache_similarity: _Optional[float] = ..., deployment: _Optional[str] = ..., trace_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_version: _Optional[int] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+
+class CreateSessionRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CreateSessionResponse(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("alias", "context_window_tokens", "max_output_tokens")
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_WINDOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    alias: str
+    context_window_tokens: int
+    max_output_tokens: int
+    def __init__(self, alias: _Optional[str] = ..., context_window_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,156 @@
+"""How every service process starts, serves and stops.
+
+A service supplies a name and an async factory that registers its servicers on
+the server and returns a cleanup coroutine; :func:`run` does the rest: uvloop,
+telemetry, interceptors, health checking, reflection, SIGTERM/SIGINT with a
+graceful drain of in-flight calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections.abc
+import signal
+
+import grpc
+import structlog
+import uvloop
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from meshgate import telemetry
+from meshgate.config import Settings, load_settings
+from meshgate.errors import ErrorInterceptor
+
+log = structlog.get_logger(__name__)
+
+# Large enough that an oversized message reaches our own validation and gets
+# a precise error instead of grpc's generic RESOURCE_EXHAUSTED.
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.enable_retries", 0),
+]
+
+Cleanup = collections.abc.Callable[[], collections.abc.Awaitable[None]]
+
+
+async def _nothing() -> None:
+    pass
+
+
+def client_channel(address: str) -> grpc.aio.Channel:
+    """A channel to another meshgate service, traced."""
+    return grpc.aio.insecure_channel(
+        address, options=CHANNEL_OPTIONS, interceptors=telemetry.client_interceptors()
+    )
+
+
+class Service:
+    """One running gRPC server with health and reflection."""
+
+    def __init__(self, name: str, service_names: collections.abc.Iterable[str]) -> None:
+        self.name = name
+        self.service_names = list(service_names)
+        self.server = grpc.aio.server(
+            interceptors=[*telemetry.server_interceptors(), ErrorInterceptor()],
+            options=SERVER_OPTIONS,
+        )
+        self.cleanup: Cleanup = _nothing
+        # A service whose readiness depends on others reports it itself.
+        self.serving_when_started = True
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+
+    def bind(self, address: str) -> int:
+        port = self.server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"{self.name}: cannot listen on {address}")
+        return port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+
+def parse_args(name: str, argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"meshgate-{name}", description=f"meshgate {name} service")
+    parser.add_argument("--config", help="TOML settings file (default: $MESHGATE_CONFIG)")
+    parser.add_argument("--listen", help="host:port to serve on (overrides the settings)")
+    return parser.parse_args(argv)
+
+
+async def start(service: Service, listen: str, cleanup: Cleanup) -> int:
+    """Starts serving; returns the bound port (useful with port 0 in tests)."""
+    port = service.bind(listen)
+    await service.server.start()
+    if service.serving_when_started:
+        await service.set_serving(True)
+    service.cleanup = cleanup
+    log.info("serving", address=listen, port=port)
+    return port
+
+
+async def stop(service: Service, grace_s: float = 10.0) -> None:
+    # Tell balancers first, then let in-flight calls (streams included) finish.
+    await service.set_serving(False)
+    log.info("draining", grace_s=grace_s)
+    await service.server.stop(grace_s)
+    await service.cleanup()
+    log.info("stopped")
+
+
+async def serve_until_signalled(service: Service, listen: str, cleanup: Cleanup) -> None:
+    await start(service, listen, cleanup)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await stop(service)
+
+
+def main(
+    name: str,
+    service_names: collections.abc.Iterable[str],
+    listen_of: collections.abc.Callable[[Settings], str],
+    setup: collections.abc.Callable[[Service, Settings], collections.abc.Awaitable[Cleanup]],
+    argv: list[str] | None = None,
+) -> None:
+    """Entry point shared by every service's ``__main__``."""
+    args = parse_args(name, argv)
+    settings = load_settings(args.config)
+    provider = telemetry.setup(f"meshgate-{name}", settings.telemetry)
+
+    async def run() -> None:
+        service = Service(name, service_names)
+        cleanup = await setup(service, settings)
+        await serve_until_signalled(service, args.listen or listen_of(settings), cleanup)
+
+    try:
+        uvloop.run(run())
+    finally:
+        provider.shutdown()

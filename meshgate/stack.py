@@ -1,0 +1,198 @@
+"""The whole mesh on one machine: Redis, Triton and the four services, each its
+own process, as `make run`, the end-to-end tests and the benchmarks start it.
+
+The stack writes one settings file into its state directory and hands it to
+every service, so each process is started exactly as an operator would start
+it by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from meshgate import redis_server, triton
+from meshgate.config import DEFAULT_DEV_API_KEY
+
+SERVICES = ("inference", "context", "cache", "router")
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass
+class Ports:
+    router: int = 50051
+    context: int = 50052
+    cache: int = 50053
+    inference: int = 50054
+    triton: int = 8001
+    redis: int = 56379
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class Stack:
+    def __init__(
+        self,
+        state_dir: pathlib.Path,
+        ports: Ports | None = None,
+        redis_url: str | None = None,
+        dev_api_key: str = DEFAULT_DEV_API_KEY,
+        extra_settings: str = "",
+    ) -> None:
+        self.state_dir = state_dir.resolve()
+        self.ports = ports or Ports()
+        self.external_redis_url = redis_url
+        self.dev_api_key = dev_api_key
+        self.extra_settings = extra_settings
+        self.log_dir = self.state_dir / "logs"
+        self.traces_path = self.state_dir / "traces.jsonl"
+        self.config_path = self.state_dir / "meshgate.toml"
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    @property
+    def redis_url(self) -> str:
+        return self.external_redis_url or f"redis://127.0.0.1:{self.ports.redis}/0"
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{getattr(self.ports, name)}"
+
+    def _write_settings(self) -> None:
+        p = self.ports
+        self.config_path.write_text(
+            f"""# Written by meshgate.stack for this local run.
+[telemetry]
+exporter = "jsonl"
+jsonl_path = {_toml_string(str(self.traces_path))}
+
+[redis]
+url = {_toml_string(self.redis_url)}
+
+[models.tiny-gpt]
+context_window_tokens = 512
+max_output_tokens = 256
+deployments = [{{ name = "local", address = "127.0.0.1:{p.inference}", model = "tiny-gpt" }}]
+
+[router]
+listen = "127.0.0.1:{p.router}"
+context_address = "127.0.0.1:{p.context}"
+cache_address = "127.0.0.1:{p.cache}"
+dev_api_key = {_toml_string(self.dev_api_key)}
+
+[context]
+listen = "127.0.0.1:{p.context}"
+
+[cache]
+listen = "127.0.0.1:{p.cache}"
+inference_address = "127.0.0.1:{p.inference}"
+
+[inference]
+listen = "127.0.0.1:{p.inference}"
+triton_urls = ["127.0.0.1:{p.triton}"]
+{self.extra_settings}"""
+        )
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(exist_ok=True)
+        self._write_settings()
+        try:
+            if self.external_redis_url is None:
+                self.processes["redis"] = redis_server.launch(
+                    self.ports.redis, self.state_dir / "redis", self.log_dir / "redis.log"
+                )
+            build_model_weights()
+            self.processes["triton"] = triton.launch(
+                grpc_port=self.ports.triton,
+                state_dir=self.state_dir / "triton",
+                log_file=self.log_dir / "triton.log",
+            )
+            if self.external_redis_url is None:
+                redis_server.wait_ready(self.ports.redis)
+            for name in SERVICES:
+                self.start_service(name)
+            triton.wait_ready(
+                self.address("triton"), timeout=timeout_s, process=self.processes["triton"]
+            )
+            for name in SERVICES:
+                self.wait_serving(name, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_service(self, name: str) -> None:
+        env = dict(os.environ, MESHGATE_CONFIG=str(self.config_path), PYTHONUNBUFFERED="1")
+        env.pop("REDIS_URL", None)  # the settings file is the one source of truth here
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+    def wait_serving(self, name: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.address(name)) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                process = self.processes.get(name)
+                if process is not None and process.poll() is not None:
+                    raise RuntimeError(
+                        f"{name} exited with code {process.returncode}; see {self.log_dir / (name + '.log')}"
+                    )
+                try:
+                    answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} not SERVING within {timeout_s:.0f}s")
+                time.sleep(0.1)
+
+    def stop_service(self, name: str, timeout_s: float = 20.0) -> int | None:
+        process = self.processes.pop(name, None)
+        if process is None or process.poll() is not None:
+            return None if process is None else process.returncode
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait(5)
+
+    def stop(self) -> None:
+        # Front door first so in-flight streams drain through the services
+        # behind it, then the stores and Triton last.
+        for name in ("router", "cache", "context", "inference"):
+            self.stop_service(name)
+        if "triton" in self.processes:
+            triton.terminate(self.processes.pop("triton"))
+        self.stop_service("redis")
+
+    def __enter__(self) -> Stack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def build_model_weights() -> None:
+    """The bundled language model's weights are generated, not shipped."""
+    script = REPO_ROOT / "model_repository" / "tiny_gpt" / "build_weights.py"
+    subprocess.run([sys.executable, str(script)], check=True, stdout=subprocess.DEVNULL)

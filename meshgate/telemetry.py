@@ -1,0 +1,139 @@
+"""Tracing and logging set-up, shared by every service.
+
+One call, :func:`setup`, at process start: an OpenTelemetry tracer provider
+with the configured exporter, W3C trace-context propagation, and structlog
+writing one JSON object per line with the current trace and span ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from collections.abc import Sequence
+
+import structlog
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import (
+    aio_client_interceptors,
+    aio_server_interceptor,
+    filters,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+
+from meshgate.config import TelemetrySettings
+
+# Health probes and reflection would drown the traces that matter.
+_TRACED = filters.negate(
+    filters.any_of(
+        filters.service_prefix("grpc.health."),
+        filters.service_prefix("grpc.reflection."),
+    )
+)
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Appends each finished span as one JSON line: for local runs and tests."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in shutdown
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        lines = []
+        for span in spans:
+            context = span.get_span_context()
+            lines.append(
+                json.dumps(
+                    {
+                        "name": span.name,
+                        "service": span.resource.attributes.get("service.name"),
+                        "kind": span.kind.name,
+                        "trace_id": format(context.trace_id, "032x"),
+                        "span_id": format(context.span_id, "016x"),
+                        "parent_span_id": format(span.parent.span_id, "016x")
+                        if span.parent
+                        else None,
+                        "start_ns": span.start_time,
+                        "end_ns": span.end_time,
+                        "status": span.status.status_code.name,
+                        "attributes": dict(span.attributes or {}),
+                    },
+                    default=str,
+                )
+            )
+        with self._lock:
+            self._file.write("\n".join(lines) + "\n")
+            self._file.flush()
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+def _exporter(settings: TelemetrySettings) -> SpanExporter | None:
+    if settings.exporter == "none":
+        return None
+    if settings.exporter == "jsonl":
+        return JsonLinesSpanExporter(settings.jsonl_path)
+    if settings.exporter == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(endpoint=settings.otlp_endpoint)
+    raise ValueError(f"unknown telemetry exporter {settings.exporter!r}")
+
+
+def _add_trace_ids(_, __, event: dict) -> dict:
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event["trace_id"] = format(context.trace_id, "032x")
+        event["span_id"] = format(context.span_id, "016x")
+    return event
+
+
+def setup(service_name: str, settings: TelemetrySettings) -> TracerProvider:
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    exporter = _exporter(settings)
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
+    trace.set_tracer_provider(provider)
+
+    level = logging.getLevelNamesMapping()[settings.log_level.upper()]
+    logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _add_trace_ids,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        context_class=dict,
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.bind_contextvars(service=service_name)
+    return provider
+
+
+def server_interceptors() -> list:
+    return [aio_server_interceptor(filter_=_TRACED)]
+
+
+def client_interceptors() -> list:
+    return aio_client_interceptors()
+
+
+def current_trace_id() -> str:
+    context = trace.get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else ""

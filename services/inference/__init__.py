@@ -1,0 +1,1 @@
+"""The inference service: fronts NVIDIA Triton servers over Triton's gRPC API."""

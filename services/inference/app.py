@@ -1,0 +1,48 @@
+"""Wires the inference service: Triton backends, their health, the servicer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+
+from meshgate.config import Settings
+from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
+from meshgate.serving import Cleanup, Service
+from services.inference.backends import BackendPool
+from services.inference.servicer import InferenceServicer
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAMES = [inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name]
+
+
+async def setup(service: Service, settings: Settings) -> Cleanup:
+    config = settings.inference
+    models = sorted(
+        {m.triton_model for m in config.models.values()} | {config.embedding_triton_model}
+    )
+    pool = BackendPool(config.triton_urls, models)
+    inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
+        InferenceServicer(config, pool), service.server
+    )
+
+    async def watch_backends() -> None:
+        # Health mirrors the backends: balancers stop sending work here while
+        # no Triton server is ready, instead of receiving UNAVAILABLE.
+        while True:
+            await pool.probe_all()
+            await service.set_serving(pool.any_ready)
+            await asyncio.sleep(config.health_interval_s)
+
+    service.serving_when_started = False
+    watcher = asyncio.create_task(watch_backends())
+
+    async def cleanup() -> None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await pool.close()
+
+    return cleanup

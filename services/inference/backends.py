@@ -1,0 +1,101 @@
+"""The Triton servers behind this service, their health, and the choice among them."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import grpc
+import structlog
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from meshgate import serving
+from meshgate.errors import unavailable
+
+log = structlog.get_logger(__name__)
+
+_PROBE_TIMEOUT_S = 2.0
+
+
+class TritonBackend:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        # Inference goes over a traced channel, so the Triton call is a client
+        # span of the request's trace and Triton receives its traceparent.
+        self._channel = serving.client_channel(address)
+        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        # Probes every few seconds would bury real traces; they go untraced.
+        self._probe_channel = grpc.aio.insecure_channel(address)
+        self._probe_stub = service_pb2_grpc.GRPCInferenceServiceStub(self._probe_channel)
+        self.live = False
+        self.ready = False
+        self.ready_models: set[str] = set()
+        self.in_flight = 0
+        # Whether a model takes a leading batch dimension (max_batch_size > 0).
+        self.batched: dict[str, bool] = {}
+
+    async def probe(self, models: list[str]) -> None:
+        try:
+            live = await self._probe_stub.ServerLive(
+                service_pb2.ServerLiveRequest(), timeout=_PROBE_TIMEOUT_S
+            )
+            ready = await self._probe_stub.ServerReady(
+                service_pb2.ServerReadyRequest(), timeout=_PROBE_TIMEOUT_S
+            )
+            ready_models = set()
+            for model in models:
+                answer = await self._probe_stub.ModelReady(
+                    service_pb2.ModelReadyRequest(name=model), timeout=_PROBE_TIMEOUT_S
+                )
+                if answer.ready:
+                    ready_models.add(model)
+                    if model not in self.batched:
+                        config = await self._probe_stub.ModelConfig(
+                            service_pb2.ModelConfigRequest(name=model), timeout=_PROBE_TIMEOUT_S
+                        )
+                        self.batched[model] = config.config.max_batch_size > 0
+        except grpc.aio.AioRpcError as error:
+            if self.ready:
+                log.warning("triton backend down", backend=self.address, error=error.code().name)
+            self.live = self.ready = False
+            self.ready_models = set()
+            return
+        if not self.ready and ready.ready:
+            log.info("triton backend ready", backend=self.address, models=sorted(ready_models))
+        self.live, self.ready, self.ready_models = live.live, ready.ready, ready_models
+
+    async def close(self) -> None:
+        await self._channel.close()
+        await self._probe_channel.close()
+
+
+class BackendPool:
+    """Least-in-flight choice among the backends that have the model ready."""
+
+    def __init__(self, addresses: list[str], models: list[str]) -> None:
+        self.backends = [TritonBackend(a) for a in addresses]
+        self._models = models
+        self._tie_breaker = itertools.count()
+
+    def choose(self, model: str, exclude: frozenset[str] = frozenset()) -> TritonBackend:
+        candidates = [
+            b for b in self.backends if model in b.ready_models and b.address not in exclude
+        ]
+        if not candidates:
+            raise unavailable(
+                "NO_READY_BACKEND", f"no Triton server has model {model!r} ready", model=model
+            )
+        # Rotating the start spreads ties instead of always loading the first.
+        start = next(self._tie_breaker) % len(candidates)
+        rotated = candidates[start:] + candidates[:start]
+        return min(rotated, key=lambda b: b.in_flight)
+
+    @property
+    def any_ready(self) -> bool:
+        return any(b.ready_models for b in self.backends)
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(b.probe(self._models) for b in self.backends))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(b.close() for b in self.backends))

@@ -1,0 +1,179 @@
+"""The inference service's request path: Generate, Embed, ListModels, GetBackendHealth."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+import numpy as np
+import structlog
+
+from meshgate.config import InferenceSettings
+from meshgate.errors import MeshgateError, from_rpc_error, invalid_argument, not_found
+from meshgate.inference.v1 import inference_service_pb2 as pb
+from meshgate.inference.v1 import inference_service_pb2_grpc
+from services.inference import triton_protocol
+from services.inference.backends import BackendPool, TritonBackend
+
+log = structlog.get_logger(__name__)
+
+# The embedding model's max_batch_size; larger requests are split.
+EMBED_BATCH = 64
+MAX_EMBED_TEXTS = 1024
+DEFAULT_MAX_TOKENS = 64
+
+
+class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, settings: InferenceSettings, pool: BackendPool) -> None:
+        self._settings = settings
+        self._pool = pool
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        served = self._settings.models.get(request.model)
+        if served is None:
+            raise not_found("MODEL_NOT_FOUND", f"model {request.model!r} is not served here")
+        if not request.messages:
+            raise invalid_argument("EMPTY_MESSAGES", "messages must not be empty")
+        if request.parameters.HasField("max_tokens") and request.parameters.max_tokens <= 0:
+            raise invalid_argument("INVALID_MAX_TOKENS", "max_tokens must be positive")
+        prompt = triton_protocol.render_chat(request.messages)
+        sampling = triton_protocol.sampling_parameters(request.parameters, DEFAULT_MAX_TOKENS)
+
+        tried: set[str] = set()
+        while True:
+            backend = self._pool.choose(served.triton_model, frozenset(tried))
+            tried.add(backend.address)
+            stream = _TritonStream(backend, served.triton_model, prompt, sampling)
+            try:
+                async for response in stream:
+                    yield response
+                return
+            except grpc.aio.AioRpcError as error:
+                # Retry elsewhere only if nothing reached the caller yet (AIP-194).
+                if error.code() == grpc.StatusCode.UNAVAILABLE and not stream.started:
+                    log.warning("triton unavailable, trying another", backend=backend.address)
+                    continue
+                raise from_rpc_error(error, "triton") from error
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        texts = list(request.texts)
+        if not texts:
+            raise invalid_argument("EMPTY_TEXTS", "texts must not be empty")
+        if len(texts) > MAX_EMBED_TEXTS:
+            raise invalid_argument(
+                "TOO_MANY_TEXTS", f"at most {MAX_EMBED_TEXTS} texts per call", limit=str(MAX_EMBED_TEXTS)
+            )
+        model = self._settings.embedding_triton_model
+        chunks = [texts[i : i + EMBED_BATCH] for i in range(0, len(texts), EMBED_BATCH)]
+        results = await asyncio.gather(*(self._embed_chunk(model, chunk) for chunk in chunks))
+        dimensions = results[0][0]
+        return pb.EmbedResponse(dimensions=dimensions, vectors=b"".join(raw for _, raw in results))
+
+    async def _embed_chunk(self, model: str, texts: list[str]) -> tuple[int, bytes]:
+        backend = self._pool.choose(model)
+        backend.in_flight += 1
+        try:
+            response = await backend.stub.ModelInfer(triton_protocol.embed_request(model, texts))
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, "triton") from error
+        finally:
+            backend.in_flight -= 1
+        shape = list(response.outputs[0].shape)
+        raw = response.raw_output_contents[0]
+        if shape[0] != len(texts) or len(raw) != np.prod(shape) * 4:
+            raise MeshgateError(
+                grpc.StatusCode.INTERNAL, "BAD_EMBEDDING", f"embedding model returned shape {shape}"
+            )
+        return int(shape[-1]), raw
+
+    async def ListModels(self, request, context) -> pb.ListModelsResponse:
+        ready = set().union(*(b.ready_models for b in self._pool.backends))
+        return pb.ListModelsResponse(
+            models=[
+                pb.ServedModel(
+                    name=name,
+                    triton_model=served.triton_model,
+                    context_window_tokens=served.context_window_tokens,
+                    ready=served.triton_model in ready,
+                )
+                for name, served in self._settings.models.items()
+            ]
+        )
+
+    async def GetBackendHealth(self, request, context) -> pb.GetBackendHealthResponse:
+        return pb.GetBackendHealthResponse(
+            backends=[
+                pb.Backend(address=b.address, live=b.live, ready=b.ready, in_flight=b.in_flight)
+                for b in self._pool.backends
+            ]
+        )
+
+
+class _TritonStream:
+    """One streamed generation on one backend, as GenerateResponse messages.
+
+    Leaving the iteration early (the caller cancelled, or failed) cancels the
+    Triton call, which cancels the request inside Triton.
+    """
+
+    def __init__(self, backend: TritonBackend, model: str, prompt: str, sampling: str) -> None:
+        self._backend = backend
+        self._request = triton_protocol.generate_request(
+            model, uuid.uuid4().hex, prompt, sampling, backend.batched.get(model, False)
+        )
+        self.started = False
+
+    async def __aiter__(self):
+        backend = self._backend
+        finished = asyncio.Event()
+
+        async def requests():
+            yield self._request
+            # Half-closing early could end the stream before the answer does.
+            await finished.wait()
+
+        call = backend.stub.ModelStreamInfer(requests())
+        backend.in_flight += 1
+        prompt_tokens = completion_tokens = 0
+        finish_reason = ""
+        try:
+            async for message in call:
+                if message.error_message:
+                    raise MeshgateError(
+                        grpc.StatusCode.INTERNAL,
+                        "MODEL_ERROR",
+                        f"Triton: {message.error_message}",
+                        {"backend": backend.address},
+                    )
+                event = triton_protocol.read_generate_response(message.infer_response)
+                if event.text:
+                    self.started = True
+                    yield pb.GenerateResponse(delta=pb.GenerateDelta(text=event.text))
+                if event.input_tokens is not None:
+                    prompt_tokens = event.input_tokens
+                if event.output_tokens is not None:
+                    completion_tokens = event.output_tokens
+                finish_reason = event.finish_reason or finish_reason
+                if event.final:
+                    break
+            else:
+                raise MeshgateError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "STREAM_ENDED_EARLY",
+                    "Triton closed the stream before the final response",
+                    {"backend": backend.address},
+                )
+            self.started = True
+            yield pb.GenerateResponse(
+                completion=pb.GenerateCompletion(
+                    usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+                    finish_reason=finish_reason or "stop",
+                    backend=backend.address,
+                )
+            )
+        finally:
+            finished.set()
+            backend.in_flight -= 1
+            if not call.done():
+                call.cancel()

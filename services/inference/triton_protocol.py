@@ -1,0 +1,137 @@
+"""Triton's gRPC messages for the models we front, built and read directly.
+
+Generation speaks the tensor names of Triton's vLLM backend (``text_input``,
+``stream``, ``sampling_parameters`` as JSON -> ``text_output``), so the same
+service fronts the bundled model or a real vLLM-on-Triton deployment by
+configuration alone. Requests are assembled as protobufs with raw tensor
+contents: no numpy round trip per request.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+from tritonclient.grpc import service_pb2
+
+from meshgate.common.v1 import common_pb2
+
+_ROLE_NAMES = {
+    common_pb2.ROLE_SYSTEM: "system",
+    common_pb2.ROLE_USER: "user",
+    common_pb2.ROLE_ASSISTANT: "assistant",
+}
+_TRUE = b"\x01"
+_FINAL_FLAG = "triton_final_response"
+
+
+def render_chat(messages) -> str:
+    """The plain chat template of the bundled model: one line per turn, then
+    the assistant's cue. A model with a template of its own would take it
+    from its configuration."""
+    lines = [f"{_ROLE_NAMES.get(m.role, 'user')}: {m.content}" for m in messages]
+    lines.append("assistant:")
+    return "\n".join(lines)
+
+
+def sampling_parameters(parameters: common_pb2.GenerationParameters, default_max_tokens: int) -> str:
+    """vLLM SamplingParams as JSON; unset fields stay unset so the model's defaults apply."""
+    values: dict = {
+        "max_tokens": parameters.max_tokens
+        if parameters.HasField("max_tokens")
+        else default_max_tokens
+    }
+    if parameters.HasField("temperature"):
+        values["temperature"] = parameters.temperature
+    if parameters.HasField("top_p"):
+        values["top_p"] = parameters.top_p
+    if parameters.stop:
+        values["stop"] = list(parameters.stop)
+    if parameters.HasField("seed"):
+        values["seed"] = parameters.seed
+    return json.dumps(values, separators=(",", ":"))
+
+
+def _bytes_element(data: bytes) -> bytes:
+    # Triton's BYTES wire format: each element is a 4-byte little-endian length, then the bytes.
+    return struct.pack("<I", len(data)) + data
+
+
+def _add_input(request, name: str, datatype: str, shape: list[int], raw: bytes) -> None:
+    request.inputs.add(name=name, datatype=datatype, shape=shape)
+    request.raw_input_contents.append(raw)
+
+
+def generate_request(
+    triton_model: str, request_id: str, prompt: str, sampling_json: str, batched: bool
+) -> service_pb2.ModelInferRequest:
+    shape = [1, 1] if batched else [1]
+    request = service_pb2.ModelInferRequest(model_name=triton_model, id=request_id)
+    _add_input(request, "text_input", "BYTES", shape, _bytes_element(prompt.encode()))
+    _add_input(request, "stream", "BOOL", shape, _TRUE)
+    _add_input(request, "sampling_parameters", "BYTES", shape, _bytes_element(sampling_json.encode()))
+    _add_input(request, "exclude_input_in_output", "BOOL", shape, _TRUE)
+    for flag in ("return_finish_reason", "return_num_input_tokens", "return_num_output_tokens"):
+        _add_input(request, flag, "BOOL", shape, _TRUE)
+    # Without it, a model that ends with an empty final response leaves the
+    # stream silent and the caller could not tell "done" from "slow".
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    return request
+
+
+def embed_request(triton_model: str, texts: list[str]) -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(model_name=triton_model)
+    _add_input(
+        request,
+        "text",
+        "BYTES",
+        [len(texts), 1],
+        b"".join(_bytes_element(t.encode()) for t in texts),
+    )
+    return request
+
+
+class GenerateEvent:
+    """What one streamed response of a vLLM-style model carried."""
+
+    __slots__ = ("text", "final", "finish_reason", "input_tokens", "output_tokens")
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.final = False
+        self.finish_reason = ""
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+
+
+def read_generate_response(response: service_pb2.ModelInferResponse) -> GenerateEvent:
+    event = GenerateEvent()
+    final = response.parameters.get(_FINAL_FLAG)
+    event.final = bool(final and final.bool_param)
+    for output, raw in zip(response.outputs, response.raw_output_contents):
+        if output.name == "text_output":
+            event.text = _first_bytes_element(raw).decode("utf-8", errors="replace")
+        elif output.name == "finish_reason":
+            event.finish_reason = _first_bytes_element(raw).decode()
+        elif output.name == "num_input_tokens":
+            event.input_tokens = _first_integer(raw, output.datatype)
+        elif output.name == "num_output_tokens":
+            event.output_tokens = _first_integer(raw, output.datatype)
+    return event
+
+
+def _first_bytes_element(raw: bytes) -> bytes:
+    if len(raw) < 4:
+        return b""
+    (length,) = struct.unpack_from("<I", raw)
+    return raw[4 : 4 + length]
+
+
+_INTEGER_FORMATS = {"UINT32": "<I", "INT32": "<i", "UINT64": "<Q", "INT64": "<q"}
+
+
+def _first_integer(raw: bytes, datatype: str) -> int | None:
+    fmt = _INTEGER_FORMATS.get(datatype)
+    if fmt is None or len(raw) < struct.calcsize(fmt):
+        return None
+    return struct.unpack_from(fmt, raw)[0]

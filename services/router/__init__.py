@@ -1,0 +1,1 @@
+"""The router: the mesh's front door (auth, validation, routing, orchestration)."""

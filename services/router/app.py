@@ -1,0 +1,38 @@
+"""Wires the router: authentication, deployments, and stubs of the other services."""
+
+from __future__ import annotations
+
+from meshgate import serving
+from meshgate.cache.v1 import cache_service_pb2_grpc
+from meshgate.config import Settings
+from meshgate.context.v1 import context_service_pb2_grpc
+from meshgate.router.v1 import router_service_pb2, router_service_pb2_grpc
+from meshgate.serving import Cleanup, Service
+from services.router.auth import Authenticator
+from services.router.deployments import DeploymentTable
+from services.router.servicer import RouterServicer
+
+SERVICE_NAMES = [router_service_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name]
+
+
+async def setup(service: Service, settings: Settings) -> Cleanup:
+    context_channel = serving.client_channel(settings.router.context_address)
+    cache_channel = serving.client_channel(settings.router.cache_address)
+    deployments = DeploymentTable(settings.models)
+    router_service_pb2_grpc.add_RouterServiceServicer_to_server(
+        RouterServicer(
+            settings,
+            Authenticator(settings.router),
+            deployments,
+            context_service_pb2_grpc.ContextServiceStub(context_channel),
+            cache_service_pb2_grpc.CacheServiceStub(cache_channel),
+        ),
+        service.server,
+    )
+
+    async def cleanup() -> None:
+        await deployments.close()
+        await context_channel.close()
+        await cache_channel.close()
+
+    return cleanup

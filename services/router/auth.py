@@ -1,0 +1,52 @@
+"""API keys to tenants. Keys are configured as SHA-256 digests only."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grpc
+
+from meshgate.config import RouterSettings, hash_api_key
+from meshgate.errors import MeshgateError
+
+_BEARER = "bearer "
+
+
+@dataclasses.dataclass(frozen=True)
+class Tenant:
+    id: str
+    models: frozenset[str]
+
+    def may_use(self, alias: str) -> bool:
+        return "*" in self.models or alias in self.models
+
+
+def _unauthenticated(reason: str, message: str) -> MeshgateError:
+    return MeshgateError(grpc.StatusCode.UNAUTHENTICATED, reason, message)
+
+
+class Authenticator:
+    def __init__(self, settings: RouterSettings) -> None:
+        self._tenants_by_key_hash: dict[str, Tenant] = {}
+        for tenant in settings.tenants:
+            for digest in tenant.api_key_sha256:
+                self._tenants_by_key_hash[digest.lower()] = Tenant(tenant.id, frozenset(tenant.models))
+        if settings.dev_tenant:
+            self._tenants_by_key_hash[hash_api_key(settings.dev_api_key)] = Tenant(
+                "dev", frozenset({"*"})
+            )
+
+    def authenticate(self, metadata) -> Tenant:
+        header = None
+        for key, value in metadata or ():
+            if key == "authorization":
+                header = value
+                break
+        if not header:
+            raise _unauthenticated("API_KEY_MISSING", "send 'authorization: Bearer <api key>'")
+        if not header[: len(_BEARER)].lower() == _BEARER:
+            raise _unauthenticated("API_KEY_MISSING", "the authorization scheme must be Bearer")
+        tenant = self._tenants_by_key_hash.get(hash_api_key(header[len(_BEARER) :].strip()))
+        if tenant is None:
+            raise _unauthenticated("API_KEY_INVALID", "the API key is not valid")
+        return tenant

@@ -1,0 +1,73 @@
+"""Where a model alias is served: weighted choice, fallbacks, circuit breaking."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from meshgate import serving
+from meshgate.config import DeploymentSettings, ModelSettings
+from meshgate.inference.v1 import inference_service_pb2_grpc
+
+# Consecutive failures that open a deployment's circuit, and for how long.
+FAILURES_TO_OPEN = 3
+OPEN_FOR_S = 10.0
+
+
+class Deployment:
+    def __init__(self, settings: DeploymentSettings, stub) -> None:
+        self.name = settings.name
+        self.model = settings.model
+        self.weight = settings.weight
+        self.stub = stub
+        self._failures = 0
+        self._open_until = 0.0
+
+    @property
+    def available(self) -> bool:
+        return self._open_until <= time.monotonic()
+
+    def record_success(self) -> None:
+        self._failures = 0
+
+    def record_failure(self) -> None:
+        self._failures += 1
+        if self._failures >= FAILURES_TO_OPEN:
+            self._open_until = time.monotonic() + OPEN_FOR_S
+            self._failures = 0
+
+
+class DeploymentTable:
+    """Deployments per alias; one channel per inference address, shared."""
+
+    def __init__(self, models: dict[str, ModelSettings]) -> None:
+        self._channels = {}
+        self._by_alias: dict[str, list[Deployment]] = {}
+        for alias, model in models.items():
+            deployments = []
+            for settings in model.deployments:
+                channel = self._channels.get(settings.address)
+                if channel is None:
+                    channel = self._channels[settings.address] = serving.client_channel(
+                        settings.address
+                    )
+                deployments.append(
+                    Deployment(settings, inference_service_pb2_grpc.InferenceServiceStub(channel))
+                )
+            self._by_alias[alias] = deployments
+
+    def candidates(self, alias: str) -> list[Deployment]:
+        """Deployments in the order to try them: a weighted draw among those
+        with a closed circuit, then the rest as fallbacks."""
+        deployments = self._by_alias.get(alias, [])
+        healthy = [d for d in deployments if d.available]
+        ordered = []
+        while healthy:
+            pick = random.choices(healthy, weights=[max(d.weight, 1e-9) for d in healthy])[0]
+            ordered.append(pick)
+            healthy.remove(pick)
+        return ordered + [d for d in deployments if d not in ordered]
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()

@@ -1,0 +1,280 @@
+"""The router's request path.
+
+One turn: authenticate -> validate -> (stateless: cache lookup on the request
+as sent) -> assemble the prompt (context service) -> (session: cache lookup on
+the assembled prompt) -> on a miss, stream from an inference deployment
+straight to the caller -> store the answer and append the turn, concurrently
+-> the completion event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import structlog
+
+from meshgate import telemetry
+from meshgate.cache.v1 import cache_service_pb2 as cache_pb
+from meshgate.common.v1 import common_pb2
+from meshgate.config import ModelSettings, Settings
+from meshgate.context.v1 import context_service_pb2 as context_pb
+from meshgate.errors import MeshgateError, error_info, from_rpc_error, unavailable
+from meshgate.inference.v1 import inference_service_pb2 as inference_pb
+from meshgate.router.v1 import router_service_pb2 as pb
+from meshgate.router.v1 import router_service_pb2_grpc
+from services.router.auth import Authenticator, Tenant
+from services.router.deployments import DeploymentTable
+from services.router.validation import check_turn, resolve_model
+
+log = structlog.get_logger(__name__)
+
+_CACHE_STATUS = {
+    cache_pb.LOOKUP_STATUS_EXACT_HIT: pb.CACHE_STATUS_EXACT_HIT,
+    cache_pb.LOOKUP_STATUS_SEMANTIC_HIT: pb.CACHE_STATUS_SEMANTIC_HIT,
+}
+_READS_CACHE = frozenset({pb.CACHE_POLICY_UNSPECIFIED, pb.CACHE_POLICY_USE})
+# A concurrent writer may append between our read and our write; we then
+# append after it rather than lose our turn.
+_APPEND_ATTEMPTS = 3
+
+
+class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
+    def __init__(
+        self,
+        settings: Settings,
+        authenticator: Authenticator,
+        deployments: DeploymentTable,
+        context_stub,
+        cache_stub,
+    ) -> None:
+        self._settings = settings
+        self._models = settings.models
+        self._auth = authenticator
+        self._deployments = deployments
+        self._context = context_stub
+        self._cache = cache_stub
+        self._timeout = settings.router.downstream_timeout_s
+
+    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext):
+        tenant = self._auth.authenticate(context.invocation_metadata())
+        async for response in self._turn(tenant, request, request.session_id, pb.ChatResponse, context):
+            yield response
+
+    async def ChatSession(self, request_iterator, context: grpc.aio.ServicerContext):
+        tenant = self._auth.authenticate(context.invocation_metadata())
+        session_id = ""
+        async for turn in request_iterator:
+            session_id = turn.session_id or session_id or await self._create_session(tenant)
+            async for response in self._turn(tenant, turn, session_id, pb.ChatSessionResponse, context):
+                yield response
+
+    async def CreateSession(self, request, context) -> pb.CreateSessionResponse:
+        tenant = self._auth.authenticate(context.invocation_metadata())
+        return pb.CreateSessionResponse(session_id=await self._create_session(tenant))
+
+    async def ListModels(self, request, context) -> pb.ListModelsResponse:
+        tenant = self._auth.authenticate(context.invocation_metadata())
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(
+                    alias=alias,
+                    context_window_tokens=model.context_window_tokens,
+                    max_output_tokens=model.max_output_tokens,
+                )
+                for alias, model in sorted(self._models.items())
+                if tenant.may_use(alias)
+            ]
+        )
+
+    async def _turn(self, tenant: Tenant, turn, session_id: str, response_type, context):
+        started = time.perf_counter()
+        model = resolve_model(turn.model, tenant, self._models)
+        max_tokens = check_turn(turn, model, self._settings.router)
+        parameters = common_pb2.GenerationParameters()
+        parameters.CopyFrom(turn.parameters)
+        # "Unset" and "the default" are the same request: one cache entry for both.
+        parameters.max_tokens = max_tokens
+        scope = cache_pb.CacheScope(tenant_id=tenant.id, model=turn.model, parameters=parameters)
+        reads_cache = turn.cache_policy in _READS_CACHE
+        writes_cache = turn.cache_policy != pb.CACHE_POLICY_BYPASS
+
+        lookup = None
+        session_version = 0
+        prompt = turn.messages
+        # A stateless request is its own prompt: look it up before assembling,
+        # so a hit costs no context call.
+        if reads_cache and not session_id:
+            lookup = await self._lookup(scope, turn.messages)
+        if lookup is None:
+            assembled = await self._assemble(tenant, session_id, turn, model, max_tokens)
+            prompt, session_version = assembled.messages, assembled.session_version
+            if reads_cache and session_id:
+                lookup = await self._lookup(scope, prompt)
+        cache_key_messages = prompt if session_id else turn.messages
+
+        if lookup is not None:
+            answer = lookup.answer
+            cache_status = _CACHE_STATUS[lookup.status]
+            similarity = lookup.similarity
+            yield response_type(delta=pb.TextDelta(text=answer.text))
+        else:
+            cache_status = pb.CACHE_STATUS_MISS if reads_cache else pb.CACHE_STATUS_BYPASSED
+            similarity = 0.0
+            answer = cache_pb.CachedAnswer()
+            async for text in self._generate(turn.model, prompt, parameters, answer, context):
+                yield response_type(delta=pb.TextDelta(text=text))
+
+        store = writes_cache and lookup is None and answer.finish_reason != "cancelled"
+        session_version = await self._record(
+            tenant, session_id, session_version, turn, answer, scope, cache_key_messages, store
+        )
+        log.info(
+            "turn",
+            tenant=tenant.id,
+            model=turn.model,
+            cache=pb.CacheStatus.Name(cache_status),
+            completion_tokens=answer.usage.completion_tokens,
+            elapsed_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+        yield response_type(
+            completion=pb.ChatCompletion(
+                usage=answer.usage,
+                cache_status=cache_status,
+                cache_similarity=similarity,
+                deployment=answer.deployment,
+                trace_id=telemetry.current_trace_id(),
+                session_id=session_id,
+                session_version=session_version,
+                finish_reason=answer.finish_reason,
+            )
+        )
+
+    async def _generate(self, alias: str, prompt, parameters, answer: cache_pb.CachedAnswer, context):
+        """Streams deltas from the first deployment that takes the request;
+        fills ``answer`` as it goes."""
+        last_error: grpc.aio.AioRpcError | None = None
+        for deployment in self._deployments.candidates(alias):
+            call = deployment.stub.Generate(
+                inference_pb.GenerateRequest(
+                    model=deployment.model, messages=prompt, parameters=parameters
+                ),
+                timeout=context.time_remaining(),
+            )
+            pieces: list[str] = []
+            try:
+                async for response in call:
+                    if response.HasField("delta"):
+                        pieces.append(response.delta.text)
+                        yield response.delta.text
+                    else:
+                        completion = response.completion
+                        answer.usage.CopyFrom(completion.usage)
+                        answer.finish_reason = completion.finish_reason
+            except grpc.aio.AioRpcError as error:
+                # Another deployment may take it, but only before the caller saw output.
+                if error.code() == grpc.StatusCode.UNAVAILABLE and not pieces:
+                    deployment.record_failure()
+                    last_error = error
+                    continue
+                raise from_rpc_error(error, "inference") from error
+            finally:
+                # Reached on caller cancellation too: the inference call, and
+                # through it the Triton request, must not outlive the caller.
+                call.cancel()
+            deployment.record_success()
+            answer.text = "".join(pieces)
+            answer.deployment = deployment.name
+            return
+        detail = last_error.details() if last_error else "no deployment configured"
+        raise unavailable("NO_DEPLOYMENT_AVAILABLE", f"no deployment of {alias!r} could serve: {detail}")
+
+    async def _lookup(self, scope, messages) -> cache_pb.LookupResponse | None:
+        """A hit, or None. The cache is an optimization: when it fails, the
+        request is generated instead of failing."""
+        try:
+            response = await self._cache.Lookup(
+                cache_pb.LookupRequest(scope=scope, messages=messages, semantic=True),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as error:
+            log.warning("cache lookup failed", code=error.code().name, details=error.details())
+            return None
+        return response if response.status in _CACHE_STATUS else None
+
+    async def _assemble(self, tenant: Tenant, session_id: str, turn, model: ModelSettings, max_tokens: int):
+        try:
+            return await self._context.AssembleContext(
+                context_pb.AssembleContextRequest(
+                    tenant_id=tenant.id,
+                    session_id=session_id,
+                    new_messages=turn.messages,
+                    model=turn.model,
+                    max_prompt_tokens=model.context_window_tokens - max_tokens,
+                ),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, "context") from error
+
+    async def _record(
+        self, tenant, session_id, session_version, turn, answer, scope, cache_key_messages, store
+    ) -> int:
+        """Stores the answer and appends the turn, concurrently; returns the
+        session version after the append."""
+        tasks = []
+        if store and answer.text:
+            tasks.append(self._store(scope, cache_key_messages, answer))
+        if session_id:
+            tasks.append(self._append(tenant, session_id, session_version, turn, answer))
+        results = await asyncio.gather(*tasks)
+        return results[-1] if session_id else 0
+
+    async def _store(self, scope, messages, answer) -> None:
+        try:
+            await self._cache.Store(
+                cache_pb.StoreRequest(scope=scope, messages=messages, answer=answer),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as error:
+            log.warning("cache store failed", code=error.code().name, details=error.details())
+
+    async def _append(self, tenant, session_id, expected_version, turn, answer) -> int:
+        messages = [
+            *turn.messages,
+            common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=answer.text),
+        ]
+        for _ in range(_APPEND_ATTEMPTS):
+            try:
+                response = await self._context.AppendTurns(
+                    context_pb.AppendTurnsRequest(
+                        tenant_id=tenant.id,
+                        session_id=session_id,
+                        expected_version=expected_version,
+                        messages=messages,
+                    ),
+                    timeout=self._timeout,
+                )
+                return response.version
+            except grpc.aio.AioRpcError as error:
+                info = error_info(error)
+                if error.code() == grpc.StatusCode.ABORTED and info and "current_version" in info.metadata:
+                    expected_version = int(info.metadata["current_version"])
+                    continue
+                raise from_rpc_error(error, "context") from error
+        raise MeshgateError(
+            grpc.StatusCode.ABORTED,
+            "VERSION_CONFLICT",
+            "the session kept changing while this turn was being saved",
+            {"session_id": session_id},
+        )
+
+    async def _create_session(self, tenant: Tenant) -> str:
+        try:
+            response = await self._context.CreateSession(
+                context_pb.CreateSessionRequest(tenant_id=tenant.id), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, "context") from error
+        return response.session.session_id

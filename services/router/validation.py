@@ -1,0 +1,77 @@
+"""Checks on a chat turn before any downstream work is spent on it."""
+
+from __future__ import annotations
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import ModelSettings, RouterSettings
+from meshgate.errors import MeshgateError, invalid_argument, not_found
+import grpc
+
+from services.router.auth import Tenant
+
+_VALID_ROLES = frozenset({common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT})
+MAX_STOP_SEQUENCES = 8
+MAX_STOP_LENGTH = 64
+
+
+def resolve_model(alias: str, tenant: Tenant, models: dict[str, ModelSettings]) -> ModelSettings:
+    model = models.get(alias)
+    if not alias or model is None:
+        raise not_found("MODEL_NOT_FOUND", f"unknown model {alias!r}", model=alias)
+    if not tenant.may_use(alias):
+        raise MeshgateError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "MODEL_NOT_ALLOWED",
+            f"tenant may not use model {alias!r}",
+            {"model": alias},
+        )
+    return model
+
+
+def check_turn(turn, model: ModelSettings, settings: RouterSettings) -> int:
+    """Validates messages and parameters; returns the max_tokens to use."""
+    messages = turn.messages
+    if not messages:
+        raise invalid_argument("EMPTY_MESSAGES", "messages must not be empty")
+    if len(messages) > settings.max_messages:
+        raise invalid_argument(
+            "TOO_MANY_MESSAGES", f"at most {settings.max_messages} messages per turn"
+        )
+    limit = settings.max_message_bytes
+    for index, message in enumerate(messages):
+        if message.role not in _VALID_ROLES:
+            raise invalid_argument("INVALID_ROLE", f"messages[{index}] has no valid role")
+        # len(str) <= UTF-8 length, so the cheap test rejects most oversize input first.
+        if len(message.content) > limit or len(message.content.encode()) > limit:
+            raise invalid_argument(
+                "MESSAGE_TOO_LARGE",
+                f"messages[{index}] is larger than {limit} bytes",
+                limit=str(limit),
+            )
+    if messages[-1].role != common_pb2.ROLE_USER:
+        raise invalid_argument("LAST_MESSAGE_NOT_USER", "the last message must be the user's")
+
+    parameters = turn.parameters
+    max_tokens = model.default_max_tokens
+    if parameters.HasField("max_tokens"):
+        max_tokens = parameters.max_tokens
+        if max_tokens <= 0:
+            raise invalid_argument("INVALID_MAX_TOKENS", "max_tokens must be positive")
+        if max_tokens > model.max_output_tokens:
+            raise invalid_argument(
+                "MAX_TOKENS_TOO_LARGE",
+                f"max_tokens may be at most {model.max_output_tokens}",
+                limit=str(model.max_output_tokens),
+            )
+    if parameters.HasField("temperature") and not 0.0 <= parameters.temperature <= 2.0:
+        raise invalid_argument("INVALID_TEMPERATURE", "temperature must be within [0, 2]")
+    if parameters.HasField("top_p") and not 0.0 < parameters.top_p <= 1.0:
+        raise invalid_argument("INVALID_TOP_P", "top_p must be within (0, 1]")
+    if len(parameters.stop) > MAX_STOP_SEQUENCES or any(
+        not s or len(s) > MAX_STOP_LENGTH for s in parameters.stop
+    ):
+        raise invalid_argument(
+            "INVALID_STOP",
+            f"at most {MAX_STOP_SEQUENCES} non-empty stop strings of {MAX_STOP_LENGTH} characters",
+        )
+    return max_tokens

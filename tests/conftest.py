@@ -1,0 +1,38 @@
+"""Fixtures shared by every test: free ports and a real Redis."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+
+import pytest
+
+from meshgate import redis_server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory):
+    """A real Redis: REDIS_URL if set, else a redis-server started for the session."""
+    if url := os.environ.get("REDIS_URL"):
+        yield url
+        return
+    port = free_port()
+    data_dir: pathlib.Path = tmp_path_factory.mktemp("redis")
+    process = redis_server.launch(port, data_dir)
+    try:
+        redis_server.wait_ready(port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
