@@ -1,0 +1,31 @@
+"""Wires the context service: Redis, tokenizers, servicer."""
+
+from __future__ import annotations
+
+from meshgate import redis_access, serving
+from meshgate.config import Settings
+from meshgate.context.v1 import context_service_pb2, context_service_pb2_grpc
+from services.context import token_counts
+from services.context.servicer import ContextServicer
+from services.context.store import SessionStore
+
+SERVICE_NAMES = [context_service_pb2.DESCRIPTOR.services_by_name["ContextService"].full_name]
+
+
+async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup:
+    # Tokenizer files are read here, once, before serving starts.
+    tokenizers = token_counts.for_models(settings.models)
+    client = redis_access.connect(settings.redis.url)
+    try:
+        await redis_access.ping(client, settings.redis.url)
+    except BaseException:
+        await client.aclose()
+        raise
+    store = SessionStore(client, settings.context.session_ttl_s)
+    servicer = ContextServicer(store, settings.models, tokenizers)
+    context_service_pb2_grpc.add_ContextServiceServicer_to_server(servicer, service.server)
+
+    async def cleanup() -> None:
+        await client.aclose()
+
+    return cleanup

@@ -1,0 +1,184 @@
+"""The ContextService RPCs: validation, token counting, and the glue between
+the session store and the assembly policy."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import structlog
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import ModelSettings
+from meshgate.context.v1 import context_service_pb2 as pb
+from meshgate.context.v1 import context_service_pb2_grpc
+from meshgate.errors import invalid_argument, not_found
+from services.context import assembly
+from services.context.store import SessionStore, StoredSession
+from services.context.token_counts import CountingTokenizer
+
+log = structlog.get_logger(__name__)
+
+# Bounds checked before any token counting, so a request cannot make the
+# service tokenize without limit.
+MAX_CONTENT_BYTES = 1024 * 1024
+MAX_MESSAGES_PER_CALL = 1024
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_ROLES = frozenset((common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT))
+
+
+def _check_tenant(tenant_id: str) -> None:
+    if not tenant_id:
+        raise invalid_argument("TENANT_REQUIRED", "tenant_id is required")
+
+
+def _check_session_id(session_id: str) -> None:
+    if not _SESSION_ID.fullmatch(session_id):
+        raise invalid_argument(
+            "INVALID_SESSION_ID", "session_id must be 1 to 128 characters of [A-Za-z0-9_-]"
+        )
+
+
+def _check_messages(messages: list[common_pb2.Message], field: str) -> None:
+    if len(messages) > MAX_MESSAGES_PER_CALL:
+        raise invalid_argument(
+            "TOO_MANY_MESSAGES",
+            f"{field} has {len(messages)} messages, more than {MAX_MESSAGES_PER_CALL}",
+            limit=str(MAX_MESSAGES_PER_CALL),
+        )
+    for index, message in enumerate(messages):
+        if message.role not in _ROLES:
+            raise invalid_argument(
+                "INVALID_ROLE", f"{field}[{index}] has no valid role", index=str(index)
+            )
+        # A character is at least one UTF-8 byte: long text fails without encoding.
+        content = message.content
+        if len(content) > MAX_CONTENT_BYTES or len(content.encode()) > MAX_CONTENT_BYTES:
+            raise invalid_argument(
+                "MESSAGE_TOO_LARGE",
+                f"{field}[{index}] is larger than {MAX_CONTENT_BYTES} bytes",
+                index=str(index),
+                limit=str(MAX_CONTENT_BYTES),
+            )
+
+
+class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
+    def __init__(
+        self,
+        store: SessionStore,
+        models: dict[str, ModelSettings],
+        tokenizers: dict[str, CountingTokenizer],
+    ) -> None:
+        self._store = store
+        self._models = models
+        self._tokenizers = tokenizers
+        # Every turn is counted for every configured tokenizer when appended,
+        # so assembly for any model finds its counts stored.
+        self._distinct_tokenizers = list({t.id: t for t in tokenizers.values()}.values())
+
+    async def CreateSession(
+        self, request: pb.CreateSessionRequest, context
+    ) -> pb.CreateSessionResponse:
+        _check_tenant(request.tenant_id)
+        session_id = request.session_id or uuid.uuid4().hex
+        _check_session_id(session_id)
+        now = await self._store.create(request.tenant_id, session_id)
+        session = pb.Session(
+            session_id=session_id,
+            tenant_id=request.tenant_id,
+            version=0,
+            create_time_ms=now,
+            update_time_ms=now,
+        )
+        return pb.CreateSessionResponse(session=session)
+
+    async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.GetSessionResponse:
+        _check_tenant(request.tenant_id)
+        _check_session_id(request.session_id)
+        stored = await self._store.read(request.tenant_id, request.session_id)
+        session = pb.Session(
+            session_id=request.session_id,
+            tenant_id=request.tenant_id,
+            version=stored.version,
+            messages=stored.turns,
+            create_time_ms=stored.create_time_ms,
+            update_time_ms=stored.update_time_ms,
+        )
+        return pb.GetSessionResponse(session=session)
+
+    async def DeleteSession(
+        self, request: pb.DeleteSessionRequest, context
+    ) -> pb.DeleteSessionResponse:
+        _check_tenant(request.tenant_id)
+        _check_session_id(request.session_id)
+        await self._store.delete(request.tenant_id, request.session_id)
+        return pb.DeleteSessionResponse()
+
+    async def AppendTurns(self, request: pb.AppendTurnsRequest, context) -> pb.AppendTurnsResponse:
+        _check_tenant(request.tenant_id)
+        _check_session_id(request.session_id)
+        if request.expected_version < 0:
+            raise invalid_argument("INVALID_VERSION", "expected_version must not be negative")
+        if not request.messages:
+            raise invalid_argument("NO_MESSAGES", "messages must not be empty")
+        turns = list(request.messages)
+        _check_messages(turns, "messages")
+        contents = [turn.content for turn in turns]
+        token_counts = {t.id: await t.count(contents) for t in self._distinct_tokenizers}
+        version = await self._store.append(
+            request.tenant_id, request.session_id, request.expected_version, turns, token_counts
+        )
+        log.debug("turns appended", session_id=request.session_id, version=version)
+        return pb.AppendTurnsResponse(version=version)
+
+    async def AssembleContext(
+        self, request: pb.AssembleContextRequest, context
+    ) -> pb.AssembleContextResponse:
+        _check_tenant(request.tenant_id)
+        if request.session_id:
+            _check_session_id(request.session_id)
+        model = self._models.get(request.model)
+        if model is None:
+            raise not_found("MODEL_NOT_FOUND", f"no model {request.model!r}", model=request.model)
+        if request.max_prompt_tokens <= 0:
+            raise invalid_argument("INVALID_TOKEN_BUDGET", "max_prompt_tokens must be positive")
+        new_messages = list(request.new_messages)
+        if not new_messages and not request.session_id:
+            raise invalid_argument("NO_MESSAGES", "nothing to assemble: no session, no messages")
+        _check_messages(new_messages, "new_messages")
+
+        tokenizer = self._tokenizers[request.model]
+        new_counts = await tokenizer.count([m.content for m in new_messages])
+        new = [assembly.candidate(m, n) for m, n in zip(new_messages, new_counts, strict=True)]
+        session: list[assembly.Candidate] = []
+        version = 0
+        if request.session_id:
+            stored = await self._store.read(request.tenant_id, request.session_id, tokenizer.id)
+            counts = await self._complete_counts(request, stored, tokenizer)
+            session = [assembly.candidate(m, n) for m, n in zip(stored.turns, counts, strict=True)]
+            version = stored.version
+
+        budget = min(request.max_prompt_tokens, model.context_window_tokens)
+        response = assembly.assemble(session, new, budget)
+        response.manifest.tokenizer = tokenizer.spec
+        response.session_version = version
+        return response
+
+    async def _complete_counts(
+        self,
+        request: pb.AssembleContextRequest,
+        stored: StoredSession,
+        tokenizer: CountingTokenizer,
+    ) -> list[int]:
+        """Stored counts, plus those of turns stored before this tokenizer was
+        configured: counted here, then stored so that happens once."""
+        counts = stored.token_counts
+        if len(counts) == len(stored.turns):
+            return counts
+        missing = stored.turns[len(counts) :]
+        counts = counts + await tokenizer.count([m.content for m in missing])
+        await self._store.fill_token_counts(
+            request.tenant_id, request.session_id, stored.version, tokenizer.id, counts
+        )
+        return counts

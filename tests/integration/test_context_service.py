@@ -1,0 +1,578 @@
+"""The context service over real gRPC sockets against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import pathlib
+import shutil
+import subprocess
+import time
+import uuid
+
+import grpc
+import pytest
+import redis.asyncio as redis
+
+from meshgate import redis_server, serving, tokenization
+from meshgate.common.v1 import common_pb2
+from meshgate.config import ModelSettings, Settings
+from meshgate.context.v1 import context_service_pb2 as pb
+from meshgate.context.v1 import context_service_pb2_grpc
+from meshgate.errors import error_info
+from services.context import app, token_counts
+from services.context.assembly import PER_MESSAGE_OVERHEAD_TOKENS
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+SYSTEM, USER, ASSISTANT = common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
+MODEL = "tiny-gpt"
+INCLUDED, DROPPED = pb.DISPOSITION_INCLUDED, pb.DISPOSITION_DROPPED
+
+
+def make_settings(redis_url: str, **models: ModelSettings) -> Settings:
+    settings = Settings()
+    settings.redis.url = redis_url
+    settings.context.session_ttl_s = 600
+    if models:
+        settings.models = models
+    return settings
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings):
+    """The service in-process on a free port, and a stub over a real channel."""
+    service = serving.Service("context", app.SERVICE_NAMES)
+    cleanup = await app.setup(service, settings)
+    port = await serving.start(service, "127.0.0.1:0", cleanup)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield context_service_pb2_grpc.ContextServiceStub(channel)
+    finally:
+        await channel.close()
+        await serving.stop(service, grace_s=1)
+
+
+@pytest.fixture(scope="module")
+async def stub(redis_url: str):
+    async with running(make_settings(redis_url)) as stub:
+        yield stub
+
+
+@pytest.fixture
+def tenant() -> str:
+    return f"tenant-{uuid.uuid4().hex[:8]}"
+
+
+async def failure(call) -> tuple[grpc.StatusCode, str, dict[str, str]]:
+    """Code, ErrorInfo reason and metadata of a call expected to fail."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    info = error_info(caught.value)
+    assert info is not None, caught.value
+    return caught.value.code(), info.reason, dict(info.metadata)
+
+
+def msg(role: int, content: str) -> common_pb2.Message:
+    return common_pb2.Message(role=role, content=content)
+
+
+def tokens_of(content: str) -> int:
+    """What the prompt pays for a message, from the tokenizer itself."""
+    tokenizer = tokenization.load(Settings().models[MODEL].tokenizer)
+    return (
+        len(tokenizer.encode(content, add_special_tokens=False).ids) + PER_MESSAGE_OVERHEAD_TOKENS
+    )
+
+
+async def new_session(stub, tenant: str, *messages: common_pb2.Message) -> str:
+    created = await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))
+    session_id = created.session.session_id
+    if messages:
+        await stub.AppendTurns(
+            pb.AppendTurnsRequest(
+                tenant_id=tenant, session_id=session_id, expected_version=0, messages=messages
+            )
+        )
+    return session_id
+
+
+# --- sessions ---------------------------------------------------------------
+
+
+async def test_create_get_delete(stub, tenant) -> None:
+    before_ms = int(time.time() * 1000)
+    created = (await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))).session
+    session_id = created.session_id
+    assert len(session_id) == 32 and int(session_id, 16) >= 0
+    assert created.tenant_id == tenant and created.version == 0
+    assert abs(created.create_time_ms - before_ms) < 5_000
+
+    got = (
+        await stub.GetSession(pb.GetSessionRequest(tenant_id=tenant, session_id=session_id))
+    ).session
+    assert got == created
+
+    await stub.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=session_id))
+    get = stub.GetSession(pb.GetSessionRequest(tenant_id=tenant, session_id=session_id))
+    assert await failure(get) == (
+        grpc.StatusCode.NOT_FOUND,
+        "SESSION_NOT_FOUND",
+        {"session_id": session_id},
+    )
+    delete = stub.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=session_id))
+    assert (await failure(delete))[:2] == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+
+
+async def test_client_chosen_id_is_kept_and_cannot_be_created_twice(stub, tenant) -> None:
+    request = pb.CreateSessionRequest(tenant_id=tenant, session_id="chat_42-A")
+    assert (await stub.CreateSession(request)).session.session_id == "chat_42-A"
+    code, reason, _ = await failure(stub.CreateSession(request))
+    assert (code, reason) == (grpc.StatusCode.ALREADY_EXISTS, "SESSION_EXISTS")
+
+
+@pytest.mark.parametrize("session_id", ["has space", "a:b", "x" * 129, "é"])
+async def test_bad_session_ids_are_rejected(stub, tenant, session_id) -> None:
+    create = stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, session_id=session_id))
+    assert (await failure(create))[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SESSION_ID")
+    get = stub.GetSession(pb.GetSessionRequest(tenant_id=tenant, session_id=session_id))
+    assert (await failure(get))[1] == "INVALID_SESSION_ID"
+
+
+async def test_tenant_is_required(stub) -> None:
+    for call in (
+        stub.CreateSession(pb.CreateSessionRequest()),
+        stub.GetSession(pb.GetSessionRequest(session_id="s")),
+        stub.AppendTurns(pb.AppendTurnsRequest(session_id="s", messages=[msg(USER, "x")])),
+        stub.AssembleContext(
+            pb.AssembleContextRequest(
+                new_messages=[msg(USER, "x")], model=MODEL, max_prompt_tokens=9
+            )
+        ),
+    ):
+        assert (await failure(call))[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "TENANT_REQUIRED")
+
+
+async def test_another_tenants_session_is_not_found(stub, tenant) -> None:
+    session_id = await new_session(stub, tenant, msg(USER, "secret"))
+    intruder = f"{tenant}-other"
+    calls = [
+        stub.GetSession(pb.GetSessionRequest(tenant_id=intruder, session_id=session_id)),
+        stub.AppendTurns(
+            pb.AppendTurnsRequest(
+                tenant_id=intruder,
+                session_id=session_id,
+                expected_version=1,
+                messages=[msg(USER, "x")],
+            )
+        ),
+        stub.AssembleContext(
+            pb.AssembleContextRequest(
+                tenant_id=intruder, session_id=session_id, model=MODEL, max_prompt_tokens=100
+            )
+        ),
+        stub.DeleteSession(pb.DeleteSessionRequest(tenant_id=intruder, session_id=session_id)),
+    ]
+    for call in calls:
+        assert (await failure(call))[:2] == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    # The owner's session is untouched, and the same id is free for the other tenant.
+    got = await stub.GetSession(pb.GetSessionRequest(tenant_id=tenant, session_id=session_id))
+    assert [m.content for m in got.session.messages] == ["secret"]
+    await stub.CreateSession(pb.CreateSessionRequest(tenant_id=intruder, session_id=session_id))
+
+
+# --- appends ----------------------------------------------------------------
+
+
+async def test_append_checks_the_version(stub, tenant) -> None:
+    session_id = await new_session(stub, tenant)
+
+    def append(version: int, *messages: common_pb2.Message):
+        return stub.AppendTurns(
+            pb.AppendTurnsRequest(
+                tenant_id=tenant, session_id=session_id, expected_version=version, messages=messages
+            )
+        )
+
+    assert (await append(0, msg(USER, "hi"), msg(ASSISTANT, "hello"))).version == 1
+    assert await failure(append(0, msg(USER, "stale"))) == (
+        grpc.StatusCode.ABORTED,
+        "VERSION_CONFLICT",
+        {"current_version": "1"},
+    )
+    assert (await failure(append(5, msg(USER, "future"))))[2] == {"current_version": "1"}
+    assert (await append(1, msg(USER, "again"))).version == 2
+
+    session = (
+        await stub.GetSession(pb.GetSessionRequest(tenant_id=tenant, session_id=session_id))
+    ).session
+    assert session.version == 2
+    assert [(m.role, m.content) for m in session.messages] == [
+        (USER, "hi"),
+        (ASSISTANT, "hello"),
+        (USER, "again"),
+    ]
+    assert session.update_time_ms >= session.create_time_ms
+
+
+async def test_concurrent_writers_never_lose_a_turn(stub, tenant) -> None:
+    session_id = await new_session(stub, tenant)
+    writers = 8
+
+    async def write(n: int) -> int:
+        """Appends one turn, retrying at the version the conflict reports."""
+        version, conflicts = 0, 0
+        while True:
+            request = pb.AppendTurnsRequest(
+                tenant_id=tenant,
+                session_id=session_id,
+                expected_version=version,
+                messages=[msg(USER, f"writer {n}")],
+            )
+            try:
+                await stub.AppendTurns(request)
+                return conflicts
+            except grpc.aio.AioRpcError as error:
+                info = error_info(error)
+                assert error.code() == grpc.StatusCode.ABORTED and info.reason == "VERSION_CONFLICT"
+                version = int(info.metadata["current_version"])
+                conflicts += 1
+
+    conflicts = await asyncio.gather(*(write(n) for n in range(writers)))
+    # Everyone started at version 0, so exactly one got through without a conflict.
+    assert sorted(c == 0 for c in conflicts) == [False] * (writers - 1) + [True]
+    session = (
+        await stub.GetSession(pb.GetSessionRequest(tenant_id=tenant, session_id=session_id))
+    ).session
+    assert session.version == writers
+    assert sorted(m.content for m in session.messages) == sorted(
+        f"writer {n}" for n in range(writers)
+    )
+
+
+async def test_invalid_appends_are_rejected(stub, tenant) -> None:
+    session_id = await new_session(stub, tenant)
+
+    async def reason_of(messages, version: int = 0) -> str:
+        call = stub.AppendTurns(
+            pb.AppendTurnsRequest(
+                tenant_id=tenant, session_id=session_id, expected_version=version, messages=messages
+            )
+        )
+        code, reason, _ = await failure(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        return reason
+
+    assert await reason_of([]) == "NO_MESSAGES"
+    assert (
+        await reason_of([msg(USER, "ok"), msg(common_pb2.ROLE_UNSPECIFIED, "x")]) == "INVALID_ROLE"
+    )
+    assert await reason_of([msg(USER, "a" * (1024 * 1024 + 1))]) == "MESSAGE_TOO_LARGE"
+    # Under the limit in characters, over it in UTF-8 bytes.
+    assert await reason_of([msg(USER, "é" * (512 * 1024 + 1))]) == "MESSAGE_TOO_LARGE"
+    assert await reason_of([msg(USER, "x")], version=-1) == "INVALID_VERSION"
+    assert await reason_of([msg(USER, "x")] * 1025) == "TOO_MANY_MESSAGES"
+    # Nothing was stored by the rejected calls; exactly 1 MiB is accepted.
+    ok = pb.AppendTurnsRequest(
+        tenant_id=tenant,
+        session_id=session_id,
+        expected_version=0,
+        messages=[msg(USER, "a" * 1024 * 1024)],
+    )
+    assert (await stub.AppendTurns(ok)).version == 1
+
+
+async def test_append_to_missing_session_is_not_found(stub, tenant) -> None:
+    call = stub.AppendTurns(
+        pb.AppendTurnsRequest(tenant_id=tenant, session_id="nope", messages=[msg(USER, "x")])
+    )
+    assert (await failure(call))[:2] == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+
+
+async def test_token_counts_are_stored_at_append(stub, tenant, redis_url) -> None:
+    texts = ["Hello there, how are you?", "Fine, thanks! And you?"]
+    session_id = await new_session(stub, tenant, *(msg(USER, t) for t in texts))
+    counter = token_counts.for_models(Settings().models)[MODEL]
+    client = redis.Redis.from_url(redis_url)
+    try:
+        stored = await client.hget(f"mg:context:{tenant}:{session_id}:meta", f"tokens:{counter.id}")
+    finally:
+        await client.aclose()
+    assert stored is not None
+    assert [int.from_bytes(stored[i : i + 4], "little") for i in range(0, len(stored), 4)] == [
+        tokens_of(t) - PER_MESSAGE_OVERHEAD_TOKENS for t in texts
+    ]
+
+
+# --- surviving restarts and outages -----------------------------------------
+
+
+async def test_sessions_survive_a_restart_of_the_service(redis_url, tenant) -> None:
+    settings = make_settings(redis_url)
+    async with running(settings) as first:
+        session_id = await new_session(first, tenant, msg(USER, "remember me"))
+    async with running(settings) as second:
+        got = await second.GetSession(pb.GetSessionRequest(tenant_id=tenant, session_id=session_id))
+        assert got.session.version == 1
+        assert [m.content for m in got.session.messages] == ["remember me"]
+        appended = await second.AppendTurns(
+            pb.AppendTurnsRequest(
+                tenant_id=tenant,
+                session_id=session_id,
+                expected_version=1,
+                messages=[msg(ASSISTANT, "I do")],
+            )
+        )
+        assert appended.version == 2
+
+
+async def test_redis_outage_is_unavailable_and_service_recovers(
+    tmp_path: pathlib.Path, tenant
+) -> None:
+    port = free_port()
+
+    def start_redis() -> subprocess.Popen:
+        process = redis_server.launch(port, tmp_path)
+        redis_server.wait_ready(port)
+        return process
+
+    def stop_redis(process: subprocess.Popen) -> None:
+        process.terminate()
+        process.wait(10)
+
+    process = start_redis()
+    try:
+        async with running(make_settings(f"redis://127.0.0.1:{port}/0")) as stub:
+            session_id = await new_session(stub, tenant, msg(USER, "before"))
+            get = pb.GetSessionRequest(tenant_id=tenant, session_id=session_id)
+            await asyncio.to_thread(stop_redis, process)
+
+            assert (await failure(stub.GetSession(get)))[:2] == (
+                grpc.StatusCode.UNAVAILABLE,
+                "REDIS_UNAVAILABLE",
+            )
+            append = stub.AppendTurns(
+                pb.AppendTurnsRequest(
+                    tenant_id=tenant,
+                    session_id=session_id,
+                    expected_version=1,
+                    messages=[msg(USER, "during")],
+                )
+            )
+            assert (await failure(append))[1] == "REDIS_UNAVAILABLE"
+
+            process = await asyncio.to_thread(start_redis)
+            got = await stub.GetSession(get)
+            assert [m.content for m in got.session.messages] == ["before"]
+    finally:
+        stop_redis(process)
+
+
+# --- assembly ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Conversation:
+    session_id: str
+    turns: list[common_pb2.Message]
+
+
+@pytest.fixture
+async def conversation(stub, tenant) -> Conversation:
+    turns = [
+        msg(SYSTEM, "You are a terse assistant who answers in one sentence."),
+        msg(USER, "What is the capital of France?"),
+        msg(ASSISTANT, "Paris is the capital of France."),
+        msg(USER, "And what river runs through it?"),
+        msg(ASSISTANT, "The Seine runs through Paris."),
+        msg(USER, "How long is that river, roughly?"),
+        msg(ASSISTANT, "About 777 kilometres from source to sea."),
+    ]
+    return Conversation(await new_session(stub, tenant, *turns), turns)
+
+
+async def test_assembly_keeps_system_and_newest_turns_within_budget(
+    stub, tenant, conversation
+) -> None:
+    turns = conversation.turns
+    new = [msg(USER, "Which cities does it pass?")]
+    costs = [tokens_of(m.content) for m in turns]
+    new_cost = tokens_of(new[0].content)
+    # Room for the system message, the new message and the three newest turns,
+    # one token short of the fourth newest.
+    budget = costs[0] + new_cost + sum(costs[4:]) + costs[3] - 1
+
+    response = await stub.AssembleContext(
+        pb.AssembleContextRequest(
+            tenant_id=tenant,
+            session_id=conversation.session_id,
+            new_messages=new,
+            model=MODEL,
+            max_prompt_tokens=budget,
+        )
+    )
+
+    assert list(response.messages) == [turns[0], *turns[4:], new[0]]
+    entries = [
+        (e.source, e.index, e.role, e.tokens, e.disposition) for e in response.manifest.entries
+    ]
+    expected_session = [
+        (pb.SOURCE_SESSION, i, m.role, costs[i], INCLUDED if i == 0 or i >= 4 else DROPPED)
+        for i, m in enumerate(turns)
+    ]
+    assert entries == [*expected_session, (pb.SOURCE_REQUEST, 0, USER, new_cost, INCLUDED)]
+    assert response.manifest.prompt_tokens == costs[0] + sum(costs[4:]) + new_cost
+    assert response.manifest.budget_tokens == budget
+    assert response.manifest.tokenizer == Settings().models[MODEL].tokenizer
+    assert response.session_version == 1
+
+
+async def test_assembly_with_ample_budget_keeps_everything(stub, tenant, conversation) -> None:
+    response = await stub.AssembleContext(
+        pb.AssembleContextRequest(
+            tenant_id=tenant,
+            session_id=conversation.session_id,
+            new_messages=[msg(USER, "Thanks!")],
+            model=MODEL,
+            max_prompt_tokens=100_000,
+        )
+    )
+    assert list(response.messages) == [*conversation.turns, msg(USER, "Thanks!")]
+    # The budget never exceeds the model's context window.
+    assert response.manifest.budget_tokens == Settings().models[MODEL].context_window_tokens
+    assert response.manifest.prompt_tokens == sum(
+        tokens_of(m.content) for m in [*conversation.turns, msg(USER, "Thanks!")]
+    )
+
+
+async def test_new_messages_over_budget_exceed_the_context_window(stub, tenant) -> None:
+    text = "word " * 50
+    call = stub.AssembleContext(
+        pb.AssembleContextRequest(
+            tenant_id=tenant, new_messages=[msg(USER, text)], model=MODEL, max_prompt_tokens=20
+        )
+    )
+    assert await failure(call) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "CONTEXT_WINDOW_EXCEEDED",
+        {"tokens": str(tokens_of(text)), "budget": "20"},
+    )
+
+
+async def test_stateless_assembly(stub, tenant) -> None:
+    new = [msg(SYSTEM, "Be brief."), msg(USER, "Hi")]
+    response = await stub.AssembleContext(
+        pb.AssembleContextRequest(
+            tenant_id=tenant, new_messages=new, model=MODEL, max_prompt_tokens=50
+        )
+    )
+    assert list(response.messages) == new
+    assert response.session_version == 0
+    assert [e.source for e in response.manifest.entries] == [pb.SOURCE_REQUEST] * 2
+    assert response.manifest.prompt_tokens == sum(tokens_of(m.content) for m in new)
+
+
+async def test_invalid_assembly_requests(stub, tenant) -> None:
+    new = [msg(USER, "Hi")]
+    cases = [
+        (
+            pb.AssembleContextRequest(
+                tenant_id=tenant, new_messages=new, model="gpt-nope", max_prompt_tokens=50
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            "MODEL_NOT_FOUND",
+        ),
+        (
+            pb.AssembleContextRequest(
+                tenant_id=tenant, new_messages=new, model=MODEL, max_prompt_tokens=0
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_TOKEN_BUDGET",
+        ),
+        (
+            pb.AssembleContextRequest(tenant_id=tenant, model=MODEL, max_prompt_tokens=50),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "NO_MESSAGES",
+        ),
+        (
+            pb.AssembleContextRequest(
+                tenant_id=tenant,
+                session_id="missing",
+                new_messages=new,
+                model=MODEL,
+                max_prompt_tokens=50,
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            "SESSION_NOT_FOUND",
+        ),
+        (
+            pb.AssembleContextRequest(
+                tenant_id=tenant,
+                new_messages=[msg(common_pb2.ROLE_UNSPECIFIED, "x")],
+                model=MODEL,
+                max_prompt_tokens=50,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ROLE",
+        ),
+    ]
+    for request, code, reason in cases:
+        assert (await failure(stub.AssembleContext(request)))[:2] == (code, reason)
+
+
+async def test_a_tokenizer_configured_later_counts_old_turns_once(
+    redis_url, tenant, tmp_path: pathlib.Path
+) -> None:
+    """Turns stored before a model's tokenizer existed are counted on first
+    use and the counts stored, so later assemblies read them."""
+    default = Settings().models[MODEL]
+    async with running(make_settings(redis_url)) as stub:
+        session_id = await new_session(
+            stub, tenant, msg(USER, "Old turn one."), msg(ASSISTANT, "Two.")
+        )
+
+    # Same vocabulary, different file: a tokenizer the stored counts do not cover.
+    copy = tmp_path / "tokenizer.json"
+    shutil.copyfile(tokenization.resolve(default.tokenizer), copy)
+    with copy.open("a") as f:
+        f.write("\n")
+    other = dataclasses.replace(default, tokenizer=str(copy))
+    settings = make_settings(redis_url, **{MODEL: default, "other": other})
+    field = f"tokens:{token_counts.for_models({'other': other})['other'].id}"
+    meta_key = f"mg:context:{tenant}:{session_id}:meta"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert await client.hget(meta_key, field) is None
+        async with running(settings) as stub:
+            request = pb.AssembleContextRequest(
+                tenant_id=tenant,
+                session_id=session_id,
+                new_messages=[msg(USER, "New.")],
+                model="other",
+                max_prompt_tokens=200,
+            )
+            first = await stub.AssembleContext(request)
+            assert len(await client.hget(meta_key, field)) == 2 * 4
+            # Appends now extend the completed counts.
+            await stub.AppendTurns(
+                pb.AppendTurnsRequest(
+                    tenant_id=tenant,
+                    session_id=session_id,
+                    expected_version=1,
+                    messages=[msg(USER, "New.")],
+                )
+            )
+            assert len(await client.hget(meta_key, field)) == 3 * 4
+            second = await stub.AssembleContext(request)
+    finally:
+        await client.aclose()
+    assert first.manifest.tokenizer == str(copy)
+    assert [e.tokens for e in first.manifest.entries] == [
+        tokens_of(t) for t in ("Old turn one.", "Two.", "New.")
+    ]
+    assert [e.tokens for e in second.manifest.entries] == [
+        tokens_of(t) for t in ("Old turn one.", "Two.", "New.", "New.")
+    ]
+    assert second.session_version == 2

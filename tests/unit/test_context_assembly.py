@@ -1,0 +1,127 @@
+"""The assembly policy on plain data: what is kept, in what order, at what cost."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from meshgate.common.v1 import common_pb2
+from meshgate.context.v1 import context_service_pb2 as pb
+from meshgate.errors import MeshgateError
+from services.context.assembly import PER_MESSAGE_OVERHEAD_TOKENS, Candidate, assemble, candidate
+
+SYSTEM, USER, ASSISTANT = common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
+
+
+def turn(role: int, content: str, tokens: int) -> Candidate:
+    """A candidate costing exactly ``tokens``, overhead included."""
+    return Candidate(common_pb2.Message(role=role, content=content), tokens)
+
+
+def contents(response: pb.AssembleContextResponse) -> list[str]:
+    return [m.content for m in response.messages]
+
+
+def dispositions(response: pb.AssembleContextResponse, source: int) -> list[int]:
+    return [e.disposition for e in response.manifest.entries if e.source == source]
+
+
+INCLUDED, DROPPED = pb.DISPOSITION_INCLUDED, pb.DISPOSITION_DROPPED
+
+
+def test_candidate_adds_the_per_message_overhead() -> None:
+    message = common_pb2.Message(role=USER, content="hi")
+    assert candidate(message, 7).tokens == 7 + PER_MESSAGE_OVERHEAD_TOKENS
+
+
+def test_everything_fits() -> None:
+    session = [turn(SYSTEM, "s", 5), turn(USER, "u1", 10), turn(ASSISTANT, "a1", 10)]
+    new = [turn(USER, "u2", 10)]
+    response = assemble(session, new, budget=100)
+    assert contents(response) == ["s", "u1", "a1", "u2"]
+    assert response.manifest.prompt_tokens == 35
+    assert response.manifest.budget_tokens == 100
+    assert dispositions(response, pb.SOURCE_SESSION) == [INCLUDED] * 3
+
+
+def test_oldest_turns_are_dropped_first_and_system_is_kept() -> None:
+    session = [
+        turn(SYSTEM, "s", 5),
+        turn(USER, "u1", 10),
+        turn(ASSISTANT, "a1", 10),
+        turn(USER, "u2", 10),
+        turn(ASSISTANT, "a2", 10),
+    ]
+    new = [turn(USER, "u3", 10)]
+    # 5 (system) + 10 (new) leaves 20: room for the two newest turns only.
+    response = assemble(session, new, budget=35)
+    assert contents(response) == ["s", "u2", "a2", "u3"]
+    assert dispositions(response, pb.SOURCE_SESSION) == [
+        INCLUDED,
+        DROPPED,
+        DROPPED,
+        INCLUDED,
+        INCLUDED,
+    ]
+    assert response.manifest.prompt_tokens == 35
+
+
+def test_stops_at_the_first_turn_that_does_not_fit() -> None:
+    """An older small turn after a gap would make an incoherent history."""
+    session = [turn(USER, "small", 1), turn(ASSISTANT, "huge", 50), turn(USER, "recent", 5)]
+    response = assemble(session, [turn(USER, "now", 5)], budget=20)
+    assert contents(response) == ["recent", "now"]
+    assert dispositions(response, pb.SOURCE_SESSION) == [DROPPED, DROPPED, INCLUDED]
+    assert response.manifest.prompt_tokens == 10
+
+
+def test_system_messages_come_first_then_history_then_new_messages() -> None:
+    session = [turn(USER, "u1", 3), turn(SYSTEM, "s-late", 3), turn(ASSISTANT, "a1", 3)]
+    new = [turn(SYSTEM, "s-new", 3), turn(USER, "u2", 3)]
+    response = assemble(session, new, budget=100)
+    assert contents(response) == ["s-late", "s-new", "u1", "a1", "u2"]
+
+
+def test_manifest_lists_every_message_with_source_index_role_and_tokens() -> None:
+    session = [turn(SYSTEM, "s", 5), turn(USER, "u1", 20), turn(ASSISTANT, "a1", 6)]
+    new = [turn(USER, "u2", 7), turn(ASSISTANT, "prefill", 2)]
+    response = assemble(session, new, budget=21)
+    entries = [
+        (e.source, e.index, e.role, e.tokens, e.disposition) for e in response.manifest.entries
+    ]
+    assert entries == [
+        (pb.SOURCE_SESSION, 0, SYSTEM, 5, INCLUDED),
+        (pb.SOURCE_SESSION, 1, USER, 20, DROPPED),
+        (pb.SOURCE_SESSION, 2, ASSISTANT, 6, INCLUDED),
+        (pb.SOURCE_REQUEST, 0, USER, 7, INCLUDED),
+        (pb.SOURCE_REQUEST, 1, ASSISTANT, 2, INCLUDED),
+    ]
+    assert response.manifest.prompt_tokens == 20
+
+
+def test_exactly_full_budget_is_allowed() -> None:
+    response = assemble([turn(USER, "u1", 10)], [turn(USER, "u2", 10)], budget=20)
+    assert contents(response) == ["u1", "u2"]
+    assert response.manifest.prompt_tokens == 20
+
+
+def test_stateless_assembly_of_new_messages_alone() -> None:
+    response = assemble([], [turn(SYSTEM, "s", 4), turn(USER, "u", 4)], budget=8)
+    assert contents(response) == ["s", "u"]
+    assert dispositions(response, pb.SOURCE_REQUEST) == [INCLUDED, INCLUDED]
+
+
+def test_new_messages_over_budget_fail_with_the_numbers() -> None:
+    with pytest.raises(MeshgateError) as caught:
+        assemble([turn(USER, "old", 1)], [turn(USER, "big", 30)], budget=29)
+    error = caught.value
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.reason == "CONTEXT_WINDOW_EXCEEDED"
+    assert error.metadata == {"tokens": "30", "budget": "29"}
+
+
+def test_session_system_messages_count_as_required() -> None:
+    with pytest.raises(MeshgateError) as caught:
+        assemble([turn(SYSTEM, "long rules", 20)], [turn(USER, "q", 10)], budget=25)
+    assert caught.value.reason == "CONTEXT_WINDOW_EXCEEDED"
+    assert caught.value.metadata == {"tokens": "30", "budget": "25"}
