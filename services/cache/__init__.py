@@ -1,0 +1,1 @@
+"""The cache service: exact and semantic response cache over Redis."""

@@ -1,0 +1,117 @@
+"""What makes two prompts the same entry, and the Redis keys they live under.
+
+Normalization collapses whitespace runs and trims (after Unicode NFC), but
+keeps case. The exact tier promises "this very prompt was answered before",
+and case can change the right answer (``US`` vs ``us``, identifiers in code,
+"convert 'HELLO' to lowercase"). Nothing is lost by keeping it: the embedding
+model is uncased, so a question differing only in case is a semantic hit with
+similarity 1.0 whenever the caller allows semantic matches. Collapsing
+whitespace does merge code that differs only in indentation; a caller whose
+prompts carry whitespace-sensitive code should not cache them.
+
+Tenant and model appear hex-encoded in key names, so that Invalidate can SCAN
+for them with a pattern no tenant id can break (``*``, ``?``, ``[`` and ``:``
+never reach the pattern) and tenant ``a`` never matches tenant ``ab``.
+Everything else that separates partitions (the generation parameters,
+earlier messages, the embedding model) only enters the hashed part of a key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import struct
+import unicodedata
+from collections.abc import Sequence
+
+from meshgate.cache.v1 import cache_service_pb2
+from meshgate.common.v1 import common_pb2
+
+KEY_PREFIX = "mg:cache:"
+# Hex never spells "stats" or "seq", so no tenant pattern reaches these two.
+STATS_KEY = KEY_PREFIX + "stats"
+SEQUENCE_KEY = KEY_PREFIX + "seq"
+# Every exact-match entry of every tenant.
+ENTRY_PATTERN = f"{KEY_PREFIX}*:*:x:*"
+
+_DIGEST_BYTES = 16
+_LENGTH = struct.Struct("<I")
+_MESSAGE_HEADER = struct.Struct("<iI")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Partition:
+    """Tenant, model and generation parameters: entries never cross it."""
+
+    digest: bytes
+    # ``mg:cache:<tenant hex>:<model hex>:``, shared by all of its keys.
+    key_prefix: str
+
+    def exact_key(self, entry_id: str) -> str:
+        return f"{self.key_prefix}x:{entry_id}"
+
+    def order_key(self, context_id: str) -> str:
+        return f"{self.key_prefix}o:{context_id}"
+
+    def vectors_key(self, context_id: str) -> str:
+        return f"{self.key_prefix}v:{context_id}"
+
+
+def normalize_text(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def tenant_prefix(tenant_id: str, model: str = "") -> str:
+    """What every key of a tenant, or of one of its models, starts with."""
+    if model:
+        return f"{KEY_PREFIX}{tenant_id.encode().hex()}:{model.encode().hex()}:"
+    return f"{KEY_PREFIX}{tenant_id.encode().hex()}:"
+
+
+def partition(scope: cache_service_pb2.CacheScope) -> Partition:
+    # Callers send the same few scopes over and over: normalizing once per
+    # distinct scope keeps the parameter copy and sort off the hot path.
+    return _partition(scope.tenant_id, scope.model, scope.parameters.SerializeToString())
+
+
+@functools.lru_cache(maxsize=4096)
+def _partition(tenant_id: str, model: str, parameters: bytes) -> Partition:
+    normalized = common_pb2.GenerationParameters.FromString(parameters)
+    # Stop sequences are a set: order and repeats do not change an answer.
+    stops = sorted(set(normalized.stop))
+    del normalized.stop[:]
+    normalized.stop.extend(stops)
+    digest = hashlib.blake2b(digest_size=_DIGEST_BYTES, person=b"mg-cache-part")
+    for part in (tenant_id.encode(), model.encode(), normalized.SerializeToString(deterministic=True)):
+        digest.update(_LENGTH.pack(len(part)))
+        digest.update(part)
+    return Partition(digest.digest(), tenant_prefix(tenant_id, model))
+
+
+def _conversation_digest(
+    partition: Partition, messages: Sequence[common_pb2.Message], person: bytes, extra: bytes
+) -> str:
+    digest = hashlib.blake2b(partition.digest, digest_size=_DIGEST_BYTES, person=person)
+    digest.update(_LENGTH.pack(len(extra)))
+    digest.update(extra)
+    for message in messages:
+        content = normalize_text(message.content).encode()
+        digest.update(_MESSAGE_HEADER.pack(message.role, len(content)))
+        digest.update(content)
+    return digest.hexdigest()
+
+
+def entry_id(partition: Partition, messages: Sequence[common_pb2.Message]) -> str:
+    """Names the entry of a whole prompt: its exact-match key."""
+    return _conversation_digest(partition, messages, b"mg-cache-entry", b"")
+
+
+def context_id(partition: Partition, earlier: Sequence[common_pb2.Message], embedding_model: str) -> str:
+    """Names the sub-partition a question is matched in semantically.
+
+    The embedding model is part of it: vectors of two models are not
+    comparable, so changing the model starts new sub-partitions instead of
+    matching against the old vectors.
+    """
+    return _conversation_digest(partition, earlier, b"mg-cache-ctx", embedding_model.encode())

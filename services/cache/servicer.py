@@ -1,0 +1,198 @@
+"""The cache's request path: Lookup, Store, Invalidate, GetStats.
+
+An exact hit costs one GET and no embedding. A miss with ``semantic`` set
+embeds the question once, while the sub-partition's index tops itself up
+from Redis over the same wait, and a Store right after that miss reuses the
+vector instead of embedding the question again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+
+import grpc
+import numpy as np
+
+from meshgate.cache.v1 import cache_service_pb2 as pb
+from meshgate.cache.v1 import cache_service_pb2_grpc
+from meshgate.common.v1 import common_pb2
+from meshgate.config import CacheSettings
+from meshgate.errors import invalid_argument
+from services.cache import keys
+from services.cache.embedder import Embedder
+from services.cache.index import IndexRegistry, Match, VectorIndex
+from services.cache.stats import Stats
+from services.cache.store import CacheStore, SemanticRow, live_answer
+
+# Best matches tried when the best one turns out evicted, expired or
+# invalidated (its answer gone from Redis); each try drops the stale row.
+MAX_CANDIDATES = 3
+# Question vectors of recent misses, for the Store that usually follows
+# (1.5 KiB each at 384 dimensions).
+RECENT_VECTORS = 4096
+
+_USER = common_pb2.ROLE_USER
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _partition(scope: pb.CacheScope) -> keys.Partition:
+    if not scope.tenant_id:
+        raise invalid_argument("MISSING_TENANT", "scope.tenant_id is required")
+    if not scope.model:
+        raise invalid_argument("MISSING_MODEL", "scope.model is required")
+    return keys.partition(scope)
+
+
+def _require_messages(messages) -> None:
+    if not messages:
+        raise invalid_argument("MISSING_MESSAGES", "messages must not be empty")
+
+
+class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
+    def __init__(
+        self,
+        settings: CacheSettings,
+        store: CacheStore,
+        embedder: Embedder,
+        stats: Stats,
+        indexes: IndexRegistry,
+    ) -> None:
+        self._settings = settings
+        self._threshold = settings.semantic_threshold
+        self._store = store
+        self._embedder = embedder
+        self._stats = stats
+        self._indexes = indexes
+        self._recent_vectors: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+
+    async def Lookup(self, request: pb.LookupRequest, context: grpc.aio.ServicerContext) -> pb.LookupResponse:
+        partition = _partition(request.scope)
+        messages = request.messages
+        _require_messages(messages)
+        entry_id = keys.entry_id(partition, messages)
+        answer = live_answer(await self._store.get(partition, entry_id), _now_ms())
+        if answer is not None:
+            self._stats.pending["exact_hits"] += 1
+            response = pb.LookupResponse(status=pb.LOOKUP_STATUS_EXACT_HIT, similarity=1.0, entry_id=entry_id)
+            response.answer.MergeFromString(answer)
+            return response
+        if request.semantic and messages[-1].role == _USER:
+            hit = await self._semantic_lookup(partition, messages, entry_id)
+            if hit is not None:
+                match, answer = hit
+                self._stats.pending["semantic_hits"] += 1
+                response = pb.LookupResponse(
+                    status=pb.LOOKUP_STATUS_SEMANTIC_HIT,
+                    similarity=match.similarity,
+                    entry_id=match.entry_id,
+                )
+                response.answer.MergeFromString(answer)
+                return response
+        self._stats.pending["misses"] += 1
+        return pb.LookupResponse(status=pb.LOOKUP_STATUS_MISS)
+
+    async def Store(self, request: pb.StoreRequest, context: grpc.aio.ServicerContext) -> pb.StoreResponse:
+        partition = _partition(request.scope)
+        messages = request.messages
+        _require_messages(messages)
+        if not request.HasField("answer"):
+            raise invalid_argument("MISSING_ANSWER", "answer is required")
+        if request.ttl_seconds < 0:
+            raise invalid_argument("INVALID_TTL", "ttl_seconds must not be negative")
+        ttl_ms = (request.ttl_seconds or self._settings.ttl_s) * 1000
+        entry_id = keys.entry_id(partition, messages)
+        answer = request.answer.SerializeToString()
+        question = messages[-1]
+        vector = None
+        if question.role == _USER:
+            vector = self._recent_vectors.pop(entry_id, None)
+            if vector is None:
+                vector = await self._embedder.embed_or_none(keys.normalize_text(question.content))
+        now_ms = _now_ms()
+        if vector is None:
+            await self._store.put_exact(partition, entry_id, answer, now_ms, ttl_ms)
+        else:
+            context_id = keys.context_id(partition, messages[:-1], self._settings.embedding_model)
+            seq, evicted = await self._store.put_semantic(
+                partition, context_id, entry_id, answer, vector.tobytes(), now_ms, ttl_ms
+            )
+            index_key = partition.vectors_key(context_id)
+            index = self._indexes.get(index_key)
+            if index is not None and index.dimensions == len(vector):
+                for evicted_id in evicted:
+                    index.remove(evicted_id)
+                index.upsert(entry_id, seq, now_ms + ttl_ms, vector)
+                self._indexes.settle(index_key)
+        self._stats.pending["stores"] += 1
+        return pb.StoreResponse(entry_id=entry_id)
+
+    async def Invalidate(
+        self, request: pb.InvalidateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.InvalidateResponse:
+        if not request.tenant_id:
+            raise invalid_argument("MISSING_TENANT", "tenant_id is required")
+        prefix = keys.tenant_prefix(request.tenant_id, request.model)
+        removed = await self._store.invalidate(prefix)
+        # After the deletion, so that no index reloaded during the scan keeps
+        # rows of deleted entries (those would only cost a GET, not a wrong hit).
+        self._indexes.drop_prefix(prefix)
+        return pb.InvalidateResponse(entries_removed=removed)
+
+    async def GetStats(
+        self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetStatsResponse:
+        totals = await self._stats.totals()
+        entries = await self._store.count_entries()
+        return pb.GetStatsResponse(**totals, entries=entries, semantic_threshold=self._threshold)
+
+    async def _semantic_lookup(
+        self, partition: keys.Partition, messages, entry_id: str
+    ) -> tuple[Match, bytes] | None:
+        context_id = keys.context_id(partition, messages[:-1], self._settings.embedding_model)
+        index_key = partition.vectors_key(context_id)
+        index = self._indexes.get(index_key)
+        after_seq = index.synced_seq if index is not None else 0
+        vector, rows = await asyncio.gather(
+            self._embedder.embed_or_none(keys.normalize_text(messages[-1].content)),
+            self._store.entries_since(partition, context_id, after_seq),
+        )
+        if vector is None:
+            return None
+        self._remember(entry_id, vector)
+        index = self._apply(index_key, len(vector), after_seq, rows)
+        for _ in range(MAX_CANDIDATES):
+            now_ms = _now_ms()
+            match = index.best(vector, now_ms)
+            if match is None or match.similarity < self._threshold:
+                return None
+            answer = live_answer(await self._store.get(partition, match.entry_id), now_ms)
+            if answer is not None:
+                return match, answer
+            index.remove(match.entry_id, match.seq)
+        return None
+
+    def _apply(self, index_key: str, dimensions: int, after_seq: int, rows: list[SemanticRow]) -> VectorIndex:
+        index = self._indexes.get_or_create(index_key, dimensions)
+        now_ms = _now_ms()
+        vector_bytes = dimensions * 4
+        for row in rows:
+            if row.expires_ms > now_ms and len(row.vector) == vector_bytes:
+                index.upsert(row.entry_id, row.seq, row.expires_ms, np.frombuffer(row.vector, "<f4"))
+        # The rows are complete only on top of what the index had when they
+        # were asked for; an index created meanwhile (or pushed out and
+        # recreated) lacks older rows, and must reload from the start.
+        if rows and index.synced_seq >= after_seq:
+            index.mark_synced(rows[-1].seq)
+        self._indexes.settle(index_key)
+        return index
+
+    def _remember(self, entry_id: str, vector: np.ndarray) -> None:
+        self._recent_vectors[entry_id] = vector
+        self._recent_vectors.move_to_end(entry_id)
+        if len(self._recent_vectors) > RECENT_VECTORS:
+            self._recent_vectors.popitem(last=False)

@@ -1,0 +1,219 @@
+"""The cache's Redis layout. With ``P`` = ``mg:cache:<tenant hex>:<model hex>:``:
+
+- ``P x:<entry id>``: string, 8-byte little-endian expiry (ms since the
+  epoch) then the CachedAnswer; Redis TTL = the entry's. The exact-match
+  entry, and the answer of the semantic entry of the same prompt.
+- ``P o:<context id>``: sorted set, entry id -> sequence number, i.e.
+  insertion order: eviction takes the lowest, and an index tops itself up
+  with the ids above the last one it has.
+- ``P v:<context id>``: hash, entry id -> 8-byte expiry then the float32
+  question embedding.
+- ``mg:cache:seq``: the sequence counter, global so that it never restarts
+  while some index still remembers higher numbers.
+
+A semantic Store is one Lua script, so the entry, its vector and the
+eviction of the oldest entries are applied together or not at all. The
+script deletes the evicted entries' exact keys by name, which a Redis
+Cluster would refuse; the mesh runs one Redis (or a primary and replicas).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+import redis.asyncio as redis
+
+from meshgate.errors import MeshgateError, unavailable
+from meshgate.redis_access import CONNECTION_ERRORS
+from services.cache import keys
+from services.cache.keys import Partition
+
+_EXPIRY = struct.Struct("<q")
+# Entries per round trip when an index loads: bounds the reply size and the
+# time Redis spends on one script.
+SYNC_BATCH = 1024
+_SCAN_COUNT = 1000
+
+_STORE_SEMANTIC = """
+-- KEYS: exact key, order zset, vectors hash, sequence counter
+-- ARGV: entry value, ttl ms, entry id, vector value, max entries, exact key prefix
+local ttl = tonumber(ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+local seq = redis.call('INCR', KEYS[4])
+redis.call('ZADD', KEYS[2], seq, ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
+local evicted = {}
+local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[5])
+if excess > 0 then
+  local oldest = redis.call('ZPOPMIN', KEYS[2], excess)
+  for i = 1, #oldest, 2 do
+    redis.call('HDEL', KEYS[3], oldest[i])
+    redis.call('DEL', ARGV[6] .. oldest[i])
+    evicted[#evicted + 1] = oldest[i]
+  end
+end
+-- A sub-partition lives as long as its longest-lived entry.
+for i = 2, 3 do
+  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+end
+return {seq, evicted}
+"""
+
+_ENTRIES_SINCE = """
+-- KEYS: order zset, vectors hash; ARGV: after this sequence number, at most this many
+local listed = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'WITHSCORES', 'LIMIT', 0, ARGV[2])
+if #listed == 0 then return {} end
+local ids = {}
+for i = 1, #listed, 2 do ids[#ids + 1] = listed[i] end
+return {listed, redis.call('HMGET', KEYS[2], unpack(ids))}
+"""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SemanticRow:
+    entry_id: str
+    seq: int
+    expires_ms: int
+    vector: bytes
+
+
+def _unavailable(error: Exception) -> MeshgateError:
+    return unavailable("REDIS_UNAVAILABLE", f"cache store unavailable: {error}")
+
+
+def live_answer(value: bytes | None, now_ms: int) -> bytes | None:
+    """The serialized CachedAnswer of a stored entry, unless it has expired.
+
+    Redis expires the key itself; the check here also holds while a replica
+    has not yet applied the expiry.
+    """
+    if value is None or _EXPIRY.unpack_from(value)[0] <= now_ms:
+        return None
+    return value[_EXPIRY.size :]
+
+
+class CacheStore:
+    def __init__(self, client: redis.Redis, max_entries_per_partition: int) -> None:
+        self._client = client
+        self._max_entries = max(1, max_entries_per_partition)
+        self._store_semantic = client.register_script(_STORE_SEMANTIC)
+        self._entries_since = client.register_script(_ENTRIES_SINCE)
+
+    async def get(self, partition: Partition, entry_id: str) -> bytes | None:
+        try:
+            return await self._client.get(partition.exact_key(entry_id))
+        except CONNECTION_ERRORS as error:
+            raise _unavailable(error) from error
+
+    async def put_exact(
+        self, partition: Partition, entry_id: str, answer: bytes, now_ms: int, ttl_ms: int
+    ) -> None:
+        value = _EXPIRY.pack(now_ms + ttl_ms) + answer
+        try:
+            await self._client.set(partition.exact_key(entry_id), value, px=ttl_ms)
+        except CONNECTION_ERRORS as error:
+            raise _unavailable(error) from error
+
+    async def put_semantic(
+        self,
+        partition: Partition,
+        context_id: str,
+        entry_id: str,
+        answer: bytes,
+        vector: bytes,
+        now_ms: int,
+        ttl_ms: int,
+    ) -> tuple[int, list[str]]:
+        """Stores an entry with its question vector; returns its sequence
+        number and the ids of the entries evicted to make room."""
+        expiry = _EXPIRY.pack(now_ms + ttl_ms)
+        try:
+            seq, evicted = await self._store_semantic(
+                keys=[
+                    partition.exact_key(entry_id),
+                    partition.order_key(context_id),
+                    partition.vectors_key(context_id),
+                    keys.SEQUENCE_KEY,
+                ],
+                args=[
+                    expiry + answer,
+                    ttl_ms,
+                    entry_id,
+                    expiry + vector,
+                    self._max_entries,
+                    partition.exact_key(""),
+                ],
+            )
+        except CONNECTION_ERRORS as error:
+            raise _unavailable(error) from error
+        return int(seq), [e.decode() for e in evicted]
+
+    async def entries_since(self, partition: Partition, context_id: str, after_seq: int) -> list[SemanticRow]:
+        """The semantic entries of a sub-partition stored after ``after_seq``,
+        oldest first."""
+        rows: list[SemanticRow] = []
+        order_key = partition.order_key(context_id)
+        vectors_key = partition.vectors_key(context_id)
+        while True:
+            try:
+                reply = await self._entries_since(keys=[order_key, vectors_key], args=[after_seq, SYNC_BATCH])
+            except CONNECTION_ERRORS as error:
+                raise _unavailable(error) from error
+            if not reply:
+                return rows
+            listed, values = reply
+            for i, value in enumerate(values):
+                after_seq = int(listed[2 * i + 1])
+                # The set and the hash share a TTL but Redis expires them
+                # one by one: an id may briefly outlive its vector.
+                if value is not None:
+                    (expires_ms,) = _EXPIRY.unpack_from(value)
+                    rows.append(
+                        SemanticRow(listed[2 * i].decode(), after_seq, expires_ms, value[_EXPIRY.size :])
+                    )
+            if len(values) < SYNC_BATCH:
+                return rows
+
+    async def invalidate(self, prefix: str) -> int:
+        """Deletes every key under ``prefix``; returns how many were entries.
+
+        SCAN walks the keyspace in slices, so Redis keeps serving meanwhile;
+        entries stored while it runs may survive.
+        """
+        exact_marker = b":x:"
+        removed = 0
+        batch: list[bytes] = []
+        try:
+            async for key in self._client.scan_iter(match=f"{prefix}*", count=_SCAN_COUNT):
+                batch.append(key)
+                if len(batch) >= _SCAN_COUNT:
+                    removed += await self._unlink(batch, exact_marker)
+                    batch = []
+            if batch:
+                removed += await self._unlink(batch, exact_marker)
+        except CONNECTION_ERRORS as error:
+            raise _unavailable(error) from error
+        return removed
+
+    async def _unlink(self, batch: list[bytes], exact_marker: bytes) -> int:
+        entries = [k for k in batch if exact_marker in k]
+        others = [k for k in batch if exact_marker not in k]
+        async with self._client.pipeline(transaction=False) as pipe:
+            if entries:
+                pipe.unlink(*entries)
+            if others:
+                pipe.unlink(*others)
+            results = await pipe.execute()
+        return int(results[0]) if entries else 0
+
+    async def count_entries(self) -> int:
+        """Entries of all tenants: a full SCAN, for an operator's GetStats,
+        not for anything on the request path."""
+        count = 0
+        try:
+            async for _ in self._client.scan_iter(match=keys.ENTRY_PATTERN, count=_SCAN_COUNT):
+                count += 1
+        except CONNECTION_ERRORS as error:
+            raise _unavailable(error) from error
+        return count

@@ -1,0 +1,239 @@
+"""The cache service over real gRPC, against a real Redis and real embeddings
+(the inference service in front of Triton's minilm)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pathlib
+import subprocess
+import uuid
+
+import grpc
+import pytest
+
+from meshgate import redis_server, serving
+from meshgate.cache.v1 import cache_service_pb2 as pb
+from meshgate.cache.v1 import cache_service_pb2_grpc
+from meshgate.common.v1 import common_pb2
+from meshgate.config import Settings
+from meshgate.errors import error_info
+from services.cache import app
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+USER, ASSISTANT = common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
+STORED = "What is the quickest way to learn Python?"
+PARAPHRASE = "How can I learn Python fast?"
+
+
+def make_settings(redis_url: str, inference_address: str) -> Settings:
+    settings = Settings()
+    settings.redis.url = redis_url
+    settings.cache.inference_address = inference_address
+    # Pinned: these tests check the mechanism, bench/cache_quality.py the
+    # threshold (the paraphrase below scores 0.92 with minilm).
+    settings.cache.semantic_threshold = 0.9
+    return settings
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings):
+    """The service in-process on a free port, and a stub over a real channel."""
+    service = serving.Service("cache", app.SERVICE_NAMES)
+    cleanup = await app.setup(service, settings)
+    port = await serving.start(service, "127.0.0.1:0", cleanup)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield cache_service_pb2_grpc.CacheServiceStub(channel)
+    finally:
+        await channel.close()
+        await serving.stop(service, grace_s=1)
+
+
+@pytest.fixture(scope="module")
+def settings(redis_url: str, inference_address: str) -> Settings:
+    return make_settings(redis_url, inference_address)
+
+
+@pytest.fixture(scope="module")
+async def stub(settings: Settings):
+    async with running(settings) as stub:
+        yield stub
+
+
+@pytest.fixture
+def tenant() -> str:
+    return f"tenant-{uuid.uuid4().hex[:8]}"
+
+
+def scope(tenant: str, model: str = "tiny-gpt") -> pb.CacheScope:
+    return pb.CacheScope(
+        tenant_id=tenant, model=model, parameters=common_pb2.GenerationParameters(max_tokens=64)
+    )
+
+
+def conversation(*contents: str) -> list[common_pb2.Message]:
+    """Alternating user and assistant messages, ending with the user's question."""
+    return [
+        common_pb2.Message(role=USER if i % 2 == 0 else ASSISTANT, content=c) for i, c in enumerate(contents)
+    ]
+
+
+async def store(stub, tenant, messages, text="an answer", model="tiny-gpt", ttl_seconds=0) -> str:
+    response = await stub.Store(
+        pb.StoreRequest(
+            scope=scope(tenant, model),
+            messages=messages,
+            answer=pb.CachedAnswer(
+                text=text,
+                usage=common_pb2.Usage(prompt_tokens=12, completion_tokens=5),
+                deployment="local",
+                finish_reason="stop",
+            ),
+            ttl_seconds=ttl_seconds,
+        )
+    )
+    return response.entry_id
+
+
+async def lookup(stub, tenant, messages, model="tiny-gpt") -> pb.LookupResponse:
+    return await stub.Lookup(pb.LookupRequest(scope=scope(tenant, model), messages=messages, semantic=True))
+
+
+async def failure(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    info = error_info(caught.value)
+    assert info is not None, caught.value
+    return caught.value.code(), info.reason
+
+
+async def test_exact_hit_returns_the_whole_answer(stub, tenant):
+    entry_id = await store(stub, tenant, conversation(STORED), text="Build small projects daily.")
+    response = await lookup(stub, tenant, conversation(f" {STORED}  "))
+    assert response.status == pb.LOOKUP_STATUS_EXACT_HIT
+    assert response.similarity == 1.0
+    assert response.entry_id == entry_id
+    assert response.answer.text == "Build small projects daily."
+    assert response.answer.usage.completion_tokens == 5
+    assert response.answer.deployment == "local" and response.answer.finish_reason == "stop"
+
+
+async def test_paraphrase_is_a_semantic_hit(stub, settings, tenant):
+    entry_id = await store(stub, tenant, conversation(STORED), text="Build small projects daily.")
+    response = await lookup(stub, tenant, conversation(PARAPHRASE))
+    assert response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    assert settings.cache.semantic_threshold <= response.similarity < 1.0
+    assert response.entry_id == entry_id
+    assert response.answer.text == "Build small projects daily."
+
+
+async def test_unrelated_question_misses(stub, tenant):
+    await store(stub, tenant, conversation(STORED))
+    response = await lookup(stub, tenant, conversation("What is the capital of France?"))
+    assert response.status == pb.LOOKUP_STATUS_MISS
+
+
+async def test_another_tenant_never_sees_the_entry(stub, tenant):
+    await store(stub, tenant, conversation(STORED))
+    for question in (STORED, PARAPHRASE):
+        response = await lookup(stub, f"{tenant}-other", conversation(question))
+        assert response.status == pb.LOOKUP_STATUS_MISS
+
+
+async def test_same_question_in_another_conversation_misses(stub, tenant):
+    france = ("What is the capital of France?", "The capital of France is Paris.")
+    italy = ("What is the capital of Italy?", "The capital of Italy is Rome.")
+    follow_up = "What famous landmark can you find there?"
+    await store(stub, tenant, conversation(*france, follow_up), text="The Eiffel Tower.")
+    assert (await lookup(stub, tenant, conversation(*italy, follow_up))).status == pb.LOOKUP_STATUS_MISS
+    assert (await lookup(stub, tenant, conversation(follow_up))).status == pb.LOOKUP_STATUS_MISS
+    same = await lookup(stub, tenant, conversation(*france, "What famous landmark can one find there?"))
+    assert same.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    assert same.answer.text == "The Eiffel Tower."
+
+
+async def test_expired_entries_are_gone(stub, tenant):
+    await store(stub, tenant, conversation(STORED), ttl_seconds=1)
+    assert (await lookup(stub, tenant, conversation(STORED))).status == pb.LOOKUP_STATUS_EXACT_HIT
+    await asyncio.sleep(1.2)
+    for question in (STORED, PARAPHRASE):
+        assert (await lookup(stub, tenant, conversation(question))).status == pb.LOOKUP_STATUS_MISS
+
+
+async def test_invalidate_removes_a_model_then_the_tenant(stub, tenant):
+    for model in ("model-a", "model-b"):
+        await store(stub, tenant, conversation(STORED), model=model)
+    removed = await stub.Invalidate(pb.InvalidateRequest(tenant_id=tenant, model="model-a"))
+    assert removed.entries_removed == 1
+    assert (await lookup(stub, tenant, conversation(PARAPHRASE), "model-a")).status == pb.LOOKUP_STATUS_MISS
+    assert (await lookup(stub, tenant, conversation(STORED), "model-b")).status == pb.LOOKUP_STATUS_EXACT_HIT
+    removed = await stub.Invalidate(pb.InvalidateRequest(tenant_id=tenant))
+    assert removed.entries_removed == 1
+    assert (await lookup(stub, tenant, conversation(STORED), "model-b")).status == pb.LOOKUP_STATUS_MISS
+
+
+async def test_entries_survive_a_restart(settings, tenant):
+    async with running(settings) as first:
+        await store(first, tenant, conversation(STORED), text="Build small projects daily.")
+    async with running(settings) as second:
+        response = await lookup(second, tenant, conversation(PARAPHRASE))
+        assert response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+        assert response.answer.text == "Build small projects daily."
+
+
+async def test_stats_count_every_outcome(stub, settings, tenant):
+    before = await stub.GetStats(pb.GetStatsRequest())
+    await store(stub, tenant, conversation(STORED))
+    await lookup(stub, tenant, conversation(STORED))
+    await lookup(stub, tenant, conversation(PARAPHRASE))
+    await lookup(stub, tenant, conversation("Who painted the Mona Lisa?"))
+    after = await stub.GetStats(pb.GetStatsRequest())
+    assert after.stores - before.stores == 1
+    assert after.exact_hits - before.exact_hits == 1
+    assert after.semantic_hits - before.semantic_hits == 1
+    assert after.misses - before.misses == 1
+    assert after.entries >= 1
+    assert after.semantic_threshold == pytest.approx(settings.cache.semantic_threshold)
+
+
+async def test_invalid_requests_are_rejected_with_a_reason(stub):
+    no_tenant = pb.LookupRequest(scope=pb.CacheScope(model="m"), messages=conversation("q"))
+    assert await failure(stub.Lookup(no_tenant)) == (grpc.StatusCode.INVALID_ARGUMENT, "MISSING_TENANT")
+    no_model = pb.StoreRequest(
+        scope=pb.CacheScope(tenant_id="t"), messages=conversation("q"), answer=pb.CachedAnswer()
+    )
+    assert await failure(stub.Store(no_model)) == (grpc.StatusCode.INVALID_ARGUMENT, "MISSING_MODEL")
+
+
+async def test_without_the_inference_service_lookups_are_exact_only(redis_url, tenant):
+    async with running(make_settings(redis_url, f"127.0.0.1:{free_port()}")) as stub:
+        await store(stub, tenant, conversation(STORED))
+        assert (await lookup(stub, tenant, conversation(STORED))).status == pb.LOOKUP_STATUS_EXACT_HIT
+        assert (await lookup(stub, tenant, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
+
+
+async def test_redis_outage_is_unavailable(tmp_path: pathlib.Path, inference_address, tenant):
+    port = free_port()
+    process = redis_server.launch(port, tmp_path)
+
+    def stop_redis(process: subprocess.Popen) -> None:
+        process.terminate()
+        process.wait(10)
+
+    try:
+        redis_server.wait_ready(port)
+        async with running(make_settings(f"redis://127.0.0.1:{port}/0", inference_address)) as stub:
+            await store(stub, tenant, conversation(STORED))
+            await asyncio.to_thread(stop_redis, process)
+            for call in (
+                lambda: lookup(stub, tenant, conversation(STORED)),
+                lambda: store(stub, tenant, conversation(STORED)),
+                lambda: stub.Invalidate(pb.InvalidateRequest(tenant_id=tenant)),
+            ):
+                assert await failure(call()) == (grpc.StatusCode.UNAVAILABLE, "REDIS_UNAVAILABLE")
+    finally:
+        if process.poll() is None:
+            stop_redis(process)

@@ -1,0 +1,104 @@
+"""What makes two prompts one cache entry, and what keeps partitions apart."""
+
+from __future__ import annotations
+
+from meshgate.cache.v1 import cache_service_pb2 as pb
+from meshgate.common.v1 import common_pb2
+from services.cache import keys
+
+USER = common_pb2.ROLE_USER
+ASSISTANT = common_pb2.ROLE_ASSISTANT
+SYSTEM = common_pb2.ROLE_SYSTEM
+
+
+def msg(content: str, role: int = USER) -> common_pb2.Message:
+    return common_pb2.Message(role=role, content=content)
+
+
+def scope(tenant: str = "acme", model: str = "tiny-gpt", **parameters) -> pb.CacheScope:
+    return pb.CacheScope(
+        tenant_id=tenant, model=model, parameters=common_pb2.GenerationParameters(**parameters)
+    )
+
+
+def entry(s: pb.CacheScope, *messages: common_pb2.Message) -> str:
+    return keys.entry_id(keys.partition(s), messages)
+
+
+def test_normalization_collapses_whitespace_and_keeps_case():
+    assert keys.normalize_text("  What is\tthe\n\n capital   of France? ") == "What is the capital of France?"
+    assert keys.normalize_text("Python") != keys.normalize_text("python")
+    # Composed and decomposed forms of one character are one text.
+    assert keys.normalize_text("caf\u00e9") == keys.normalize_text("cafe\u0301")
+
+
+def test_whitespace_variants_share_an_entry_but_case_and_role_do_not():
+    s = scope()
+    base = entry(s, msg("What is the capital of France?"))
+    assert entry(s, msg("  What is the   capital of\nFrance?  ")) == base
+    assert entry(s, msg("what is the capital of france?")) != base
+    assert entry(s, msg("What is the capital of France?", SYSTEM)) != base
+
+
+def test_message_boundaries_are_part_of_the_key():
+    s = scope()
+    assert entry(s, msg("ab"), msg("c")) != entry(s, msg("a"), msg("bc"))
+    assert entry(s, msg("a"), msg("b")) != entry(s, msg("a b"))
+
+
+def test_tenants_models_and_parameters_are_separate_partitions():
+    question = msg("What is the capital of France?")
+    base = entry(scope(), question)
+    assert entry(scope(tenant="globex"), question) != base
+    assert entry(scope(model="other-model"), question) != base
+    assert entry(scope(max_tokens=32), question) != base
+    assert entry(scope(temperature=0.7), question) != base
+
+
+def test_unset_and_zero_parameters_differ():
+    question = msg("Hi")
+    assert entry(scope(temperature=0.0), question) != entry(scope(), question)
+    assert entry(scope(seed=0), question) != entry(scope(), question)
+
+
+def test_stop_sequences_are_a_set():
+    question = msg("Hi")
+    assert entry(scope(stop=["b", "a"]), question) == entry(scope(stop=["a", "b"]), question)
+    assert entry(scope(stop=["a", "a", "b"]), question) == entry(scope(stop=["a", "b"]), question)
+    assert entry(scope(stop=["a"]), question) != entry(scope(stop=["a", "b"]), question)
+
+
+def test_separators_in_tenant_and_model_cannot_forge_another_partition():
+    one = keys.partition(scope(tenant="a:b", model="c"))
+    other = keys.partition(scope(tenant="a", model="b:c"))
+    assert one.digest != other.digest
+    assert one.key_prefix != other.key_prefix
+
+
+def test_context_depends_on_earlier_messages_and_embedding_model():
+    p = keys.partition(scope())
+    paris = [msg("What is the capital of France?"), msg("Paris.", ASSISTANT)]
+    rome = [msg("What is the capital of Italy?"), msg("Rome.", ASSISTANT)]
+    assert keys.context_id(p, paris, "minilm") == keys.context_id(p, list(paris), "minilm")
+    assert keys.context_id(p, paris, "minilm") != keys.context_id(p, rome, "minilm")
+    assert keys.context_id(p, [], "minilm") != keys.context_id(p, paris, "minilm")
+    assert keys.context_id(p, paris, "minilm") != keys.context_id(p, paris, "other-embedder")
+    other_tenant = keys.partition(scope(tenant="globex"))
+    assert keys.context_id(p, paris, "minilm") != keys.context_id(other_tenant, paris, "minilm")
+
+
+def test_entry_and_context_ids_never_collide():
+    p = keys.partition(scope())
+    messages = [msg("Hi")]
+    assert keys.entry_id(p, messages) != keys.context_id(p, messages, "")
+
+
+def test_tenant_prefix_is_glob_safe_and_exact():
+    prefix = keys.tenant_prefix("a*[?]")
+    assert not set("*[?]") & set(prefix)
+    # Tenant "a" must not match the keys of tenant "ab".
+    assert not keys.partition(scope(tenant="ab")).key_prefix.startswith(keys.tenant_prefix("a"))
+    p = keys.partition(scope(tenant="acme", model="tiny-gpt"))
+    assert p.exact_key("x").startswith(keys.tenant_prefix("acme", "tiny-gpt"))
+    assert p.exact_key("x").startswith(keys.tenant_prefix("acme"))
+    assert not p.exact_key("x").startswith(keys.tenant_prefix("acme", "tiny"))

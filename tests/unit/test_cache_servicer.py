@@ -1,0 +1,342 @@
+"""The cache's request path against a real Redis, with a fake embedder whose
+vectors are chosen directions, so similarities are known exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+
+import grpc
+import numpy as np
+import pytest
+
+from meshgate import redis_access
+from meshgate.cache.v1 import cache_service_pb2 as pb
+from meshgate.common.v1 import common_pb2
+from meshgate.config import CacheSettings
+from meshgate.errors import MeshgateError
+from services.cache.index import IndexRegistry
+from services.cache.servicer import CacheServicer
+from services.cache.stats import Stats
+from services.cache.store import CacheStore
+from tests.conftest import free_port
+
+DIMS = 64
+USER = common_pb2.ROLE_USER
+ASSISTANT = common_pb2.ROLE_ASSISTANT
+STORED = "What is the quickest way to learn Python?"
+PARAPHRASE = "How can I learn Python fast?"  # similarity 0.95 to STORED
+LOOSE = "Is Python worth learning?"  # similarity 0.85 to STORED
+
+
+def _direction(similarity: float) -> np.ndarray:
+    vector = np.zeros(DIMS, np.float32)
+    vector[0], vector[1] = similarity, np.sqrt(1 - similarity**2)
+    return vector
+
+
+class FakeEmbedder:
+    """Known texts get chosen directions; any other text a pseudo-random
+    direction, nearly orthogonal to everything else in 64 dimensions."""
+
+    def __init__(self) -> None:
+        self.table = {STORED: _direction(1.0), PARAPHRASE: _direction(0.95), LOOSE: _direction(0.85)}
+        self.calls: list[str] = []
+        self.available = True
+
+    async def embed_or_none(self, text: str) -> np.ndarray | None:
+        self.calls.append(text)
+        if not self.available:
+            return None
+        if text in self.table:
+            return self.table[text]
+        seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+        vector = np.random.default_rng(seed).standard_normal(DIMS).astype(np.float32)
+        return vector / np.linalg.norm(vector)
+
+
+@pytest.fixture
+async def redis_client(redis_url):
+    client = redis_access.connect(redis_url)
+    yield client
+    await client.aclose()
+
+
+def make_servicer(client, embedder, *, max_entries: int = 100) -> CacheServicer:
+    settings = CacheSettings(semantic_threshold=0.9, max_entries_per_partition=max_entries)
+    return CacheServicer(
+        settings, CacheStore(client, max_entries), embedder, Stats(client), IndexRegistry(max_entries)
+    )
+
+
+@pytest.fixture
+def embedder() -> FakeEmbedder:
+    return FakeEmbedder()
+
+
+@pytest.fixture
+def cache(redis_client, embedder) -> CacheServicer:
+    return make_servicer(redis_client, embedder)
+
+
+@pytest.fixture
+def tenant() -> str:
+    return f"tenant-{uuid.uuid4().hex[:8]}"
+
+
+def scope(tenant: str, model: str = "tiny-gpt", **parameters) -> pb.CacheScope:
+    return pb.CacheScope(
+        tenant_id=tenant, model=model, parameters=common_pb2.GenerationParameters(**parameters)
+    )
+
+
+def conversation(*contents: str) -> list[common_pb2.Message]:
+    """Alternating user and assistant messages, ending with a user question."""
+    roles = [USER if i % 2 == 0 else ASSISTANT for i in range(len(contents))]
+    if roles[-1] != USER:
+        raise ValueError("end with a question")
+    return [common_pb2.Message(role=r, content=c) for r, c in zip(roles, contents)]
+
+
+async def store(cache, s, messages, text="an answer", ttl_seconds=0) -> str:
+    response = await cache.Store(
+        pb.StoreRequest(
+            scope=s, messages=messages, answer=pb.CachedAnswer(text=text), ttl_seconds=ttl_seconds
+        ),
+        None,
+    )
+    return response.entry_id
+
+
+async def lookup(cache, s, messages, semantic=True) -> pb.LookupResponse:
+    return await cache.Lookup(pb.LookupRequest(scope=s, messages=messages, semantic=semantic), None)
+
+
+async def test_exact_hit_computes_no_embedding(cache, embedder, tenant):
+    entry_id = await store(cache, scope(tenant), conversation(STORED), text="Practice daily.")
+    calls = len(embedder.calls)
+    response = await lookup(cache, scope(tenant), conversation(f"  {STORED.replace(' ', '   ')} "))
+    assert response.status == pb.LOOKUP_STATUS_EXACT_HIT
+    assert response.similarity == 1.0
+    assert response.answer.text == "Practice daily."
+    assert response.entry_id == entry_id
+    assert len(embedder.calls) == calls
+
+
+async def test_semantic_hit_needs_similarity_at_the_threshold(cache, tenant):
+    entry_id = await store(cache, scope(tenant), conversation(STORED), text="Practice daily.")
+    hit = await lookup(cache, scope(tenant), conversation(PARAPHRASE))
+    assert hit.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    assert hit.similarity == pytest.approx(0.95, abs=1e-5)
+    assert hit.entry_id == entry_id and hit.answer.text == "Practice daily."
+    assert (await lookup(cache, scope(tenant), conversation(LOOSE))).status == pb.LOOKUP_STATUS_MISS
+    unrelated = await lookup(cache, scope(tenant), conversation("What is the capital of France?"))
+    assert unrelated.status == pb.LOOKUP_STATUS_MISS
+
+
+async def test_semantic_matching_only_when_asked_and_for_user_questions(cache, embedder, tenant):
+    await store(cache, scope(tenant), conversation(STORED))
+    calls = len(embedder.calls)
+    exact_only = await lookup(cache, scope(tenant), conversation(PARAPHRASE), semantic=False)
+    assert exact_only.status == pb.LOOKUP_STATUS_MISS
+    assert len(embedder.calls) == calls
+    not_a_question = [common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=PARAPHRASE)]
+    assert (await lookup(cache, scope(tenant), not_a_question)).status == pb.LOOKUP_STATUS_MISS
+    assert len(embedder.calls) == calls
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"tenant": "someone-else"},
+        {"model": "other-model"},
+        {"parameters": {"temperature": 0.5}},
+        {"parameters": {"stop": ["\n"]}},
+    ],
+    ids=["tenant", "model", "temperature", "stop"],
+)
+async def test_partitions_never_share_entries(cache, tenant, other):
+    await store(cache, scope(tenant), conversation(STORED))
+    other_scope = scope(
+        other.get("tenant", tenant) + ("-x" if "tenant" in other else ""),
+        other.get("model", "tiny-gpt"),
+        **other.get("parameters", {}),
+    )
+    for question in (STORED, PARAPHRASE):
+        response = await lookup(cache, other_scope, conversation(question))
+        assert response.status == pb.LOOKUP_STATUS_MISS
+
+
+async def test_follow_ups_match_only_within_the_same_conversation(cache, tenant):
+    paris = ("What is the capital of France?", "Paris.")
+    rome = ("What is the capital of Italy?", "Rome.")
+    await store(cache, scope(tenant), conversation(*paris, STORED))
+    assert (await lookup(cache, scope(tenant), conversation(*rome, STORED))).status == pb.LOOKUP_STATUS_MISS
+    assert (await lookup(cache, scope(tenant), conversation(STORED))).status == pb.LOOKUP_STATUS_MISS
+    same = await lookup(cache, scope(tenant), conversation(*paris, PARAPHRASE))
+    assert same.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+
+
+async def test_full_partition_evicts_oldest_first_also_after_a_restart(redis_client, embedder, tenant):
+    cache = make_servicer(redis_client, embedder, max_entries=2)
+    oldest, middle, newest = STORED, "Who wrote Hamlet?", "How far is the Moon?"
+    for question in (oldest, middle, newest):
+        await store(cache, scope(tenant), conversation(question))
+    assert (
+        await lookup(cache, scope(tenant), conversation(oldest), semantic=False)
+    ).status == pb.LOOKUP_STATUS_MISS
+    restarted = make_servicer(redis_client, embedder, max_entries=2)
+    assert (await lookup(restarted, scope(tenant), conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
+    for question in (middle, newest):
+        response = await lookup(restarted, scope(tenant), conversation(question), semantic=False)
+        assert response.status == pb.LOOKUP_STATUS_EXACT_HIT
+
+
+async def test_semantic_index_reloads_after_a_restart(redis_client, embedder, tenant):
+    await store(make_servicer(redis_client, embedder), scope(tenant), conversation(STORED))
+    restarted = make_servicer(redis_client, embedder)
+    response = await lookup(restarted, scope(tenant), conversation(PARAPHRASE))
+    assert response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+
+
+async def test_entries_stored_by_another_replica_are_found(redis_client, embedder, tenant):
+    one, two = make_servicer(redis_client, embedder), make_servicer(redis_client, embedder)
+    # Replica one loads the (empty) sub-partition, then replica two stores into it.
+    assert (await lookup(one, scope(tenant), conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
+    await store(two, scope(tenant), conversation(STORED))
+    response = await lookup(one, scope(tenant), conversation(PARAPHRASE))
+    assert response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+
+
+async def test_expired_entries_are_never_returned(cache, tenant):
+    await store(cache, scope(tenant), conversation(STORED), ttl_seconds=1)
+    assert (
+        await lookup(cache, scope(tenant), conversation(PARAPHRASE))
+    ).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    await asyncio.sleep(1.1)
+    for question in (STORED, PARAPHRASE):
+        assert (await lookup(cache, scope(tenant), conversation(question))).status == pb.LOOKUP_STATUS_MISS
+
+
+async def test_a_store_after_a_miss_reuses_its_embedding(cache, embedder, tenant):
+    assert (await lookup(cache, scope(tenant), conversation(STORED))).status == pb.LOOKUP_STATUS_MISS
+    calls = len(embedder.calls)
+    await store(cache, scope(tenant), conversation(STORED))
+    assert len(embedder.calls) == calls
+    assert (
+        await lookup(cache, scope(tenant), conversation(PARAPHRASE))
+    ).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+
+
+async def test_without_embeddings_the_cache_is_exact_only(cache, embedder, tenant):
+    embedder.available = False
+    await store(cache, scope(tenant), conversation(STORED))
+    assert (await lookup(cache, scope(tenant), conversation(STORED))).status == pb.LOOKUP_STATUS_EXACT_HIT
+    assert (await lookup(cache, scope(tenant), conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
+
+
+async def test_redis_down_is_unavailable(embedder):
+    client = redis_access.connect(f"redis://127.0.0.1:{free_port()}/0")
+    cache = make_servicer(client, embedder)
+    try:
+        for call in (
+            lambda: lookup(cache, scope("t"), conversation(STORED)),
+            lambda: store(cache, scope("t"), conversation(STORED)),
+            lambda: cache.Invalidate(pb.InvalidateRequest(tenant_id="t"), None),
+            lambda: cache.GetStats(pb.GetStatsRequest(), None),
+        ):
+            with pytest.raises(MeshgateError) as failure:
+                await call()
+            assert failure.value.code == grpc.StatusCode.UNAVAILABLE
+            assert failure.value.reason == "REDIS_UNAVAILABLE"
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("request_", "reason"),
+    [
+        (pb.LookupRequest(scope=pb.CacheScope(model="m"), messages=conversation("q")), "MISSING_TENANT"),
+        (pb.LookupRequest(scope=pb.CacheScope(tenant_id="t"), messages=conversation("q")), "MISSING_MODEL"),
+        (pb.LookupRequest(scope=pb.CacheScope(tenant_id="t", model="m")), "MISSING_MESSAGES"),
+        (
+            pb.StoreRequest(scope=pb.CacheScope(tenant_id="t", model="m"), messages=conversation("q")),
+            "MISSING_ANSWER",
+        ),
+        (
+            pb.StoreRequest(
+                scope=pb.CacheScope(tenant_id="t", model="m"),
+                messages=conversation("q"),
+                answer=pb.CachedAnswer(text="a"),
+                ttl_seconds=-1,
+            ),
+            "INVALID_TTL",
+        ),
+        (pb.InvalidateRequest(model="m"), "MISSING_TENANT"),
+    ],
+)
+async def test_invalid_requests(cache, request_, reason):
+    method = {
+        pb.LookupRequest: cache.Lookup,
+        pb.StoreRequest: cache.Store,
+        pb.InvalidateRequest: cache.Invalidate,
+    }[type(request_)]
+    with pytest.raises(MeshgateError) as failure:
+        await method(request_, None)
+    assert failure.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert failure.value.reason == reason
+
+
+async def test_invalidate_a_model_then_the_tenant(cache, tenant):
+    bystander = f"{tenant}-bystander"
+    for model in ("a", "b"):
+        await store(cache, scope(tenant, model), conversation(STORED))
+        await store(cache, scope(tenant, model), conversation("Who wrote Hamlet?"))
+    await store(cache, scope(bystander, "a"), conversation(STORED))
+
+    removed = await cache.Invalidate(pb.InvalidateRequest(tenant_id=tenant, model="a"), None)
+    assert removed.entries_removed == 2
+    assert (await lookup(cache, scope(tenant, "a"), conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
+    assert (
+        await lookup(cache, scope(tenant, "b"), conversation(STORED))
+    ).status == pb.LOOKUP_STATUS_EXACT_HIT
+
+    removed = await cache.Invalidate(pb.InvalidateRequest(tenant_id=tenant), None)
+    assert removed.entries_removed == 2
+    assert (await lookup(cache, scope(tenant, "b"), conversation(STORED))).status == pb.LOOKUP_STATUS_MISS
+    assert (
+        await lookup(cache, scope(bystander, "a"), conversation(STORED))
+    ).status == pb.LOOKUP_STATUS_EXACT_HIT
+
+
+async def test_racing_stores_and_lookups_keep_the_index_consistent(redis_client, embedder, tenant):
+    cache = make_servicer(redis_client, embedder, max_entries=20)
+    questions = [f"Question number {i}?" for i in range(60)]
+    await asyncio.gather(
+        *(store(cache, scope(tenant), conversation(q), text=q) for q in questions),
+        *(lookup(cache, scope(tenant), conversation(q)) for q in reversed(questions)),
+    )
+    hits = 0
+    for question in questions:
+        response = await lookup(cache, scope(tenant), conversation(question))
+        if response.status != pb.LOOKUP_STATUS_MISS:
+            hits += 1
+            # Whatever matched is the entry of that very question.
+            assert response.answer.text == question
+    assert hits == 20
+
+
+async def test_stats_count_hits_misses_and_stores(cache, tenant):
+    before = await cache.GetStats(pb.GetStatsRequest(), None)
+    await store(cache, scope(tenant), conversation(STORED))
+    await lookup(cache, scope(tenant), conversation(STORED))
+    await lookup(cache, scope(tenant), conversation(PARAPHRASE))
+    await lookup(cache, scope(tenant), conversation("Who wrote Hamlet?"))
+    after = await cache.GetStats(pb.GetStatsRequest(), None)
+    assert after.stores - before.stores == 1
+    assert after.exact_hits - before.exact_hits == 1
+    assert after.semantic_hits - before.semantic_hits == 1
+    assert after.misses - before.misses == 1
+    assert after.entries >= 1
+    assert after.semantic_threshold == pytest.approx(0.9)
