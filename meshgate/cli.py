@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import pathlib
 import signal
@@ -103,7 +102,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _cmd_up(args: argparse.Namespace) -> int:
     from meshgate.stack import Stack
 
-    stack = Stack(pathlib.Path(args.state_dir), redis_url=os.environ.get("REDIS_URL"), dev_api_key=args.api_key)
+    stack = Stack(
+        pathlib.Path(args.state_dir), redis_url=os.environ.get("REDIS_URL"), dev_api_key=args.api_key
+    )
     stopping = False
 
     def request_stop(signum, frame):
@@ -126,7 +127,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             prompt = "What is a gateway for language models?"
             print(f"demo> {prompt}")
             uvloop.run(chat(stack.address("router"), args.api_key, prompt))
-            print(f"try:  .venv/bin/meshgate chat --api-key {args.api_key} \"your question\"")
+            print(f'try:  .venv/bin/meshgate chat --api-key {args.api_key} "your question"')
         print("Ctrl-C stops everything.", flush=True)
         while True:
             for name, process in stack.processes.items():
@@ -155,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     chat_parser = commands.add_parser("chat", help="stream one answer from the router")
     chat_parser.add_argument("prompt")
     chat_parser.add_argument("--router", default="127.0.0.1:50051")
-    chat_parser.add_argument(
-        "--api-key", default=os.environ.get("MESHGATE_DEV_API_KEY", DEFAULT_DEV_API_KEY)
-    )
+    chat_parser.add_argument("--api-key", default=os.environ.get("MESHGATE_DEV_API_KEY", DEFAULT_DEV_API_KEY))
     chat_parser.add_argument("--model", default="tiny-gpt")
     chat_parser.add_argument("--session", default="", help="continue a server-side session")
     chat_parser.add_argument("--max-tokens", type=int)

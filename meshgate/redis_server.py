@@ -30,13 +30,20 @@ def launch(port: int, data_dir: pathlib.Path, log_file: pathlib.Path | None = No
     data_dir.mkdir(parents=True, exist_ok=True)
     command = [
         binary(),
-        "--bind", "127.0.0.1",
-        "--port", str(port),
-        "--dir", str(data_dir),
-        "--appendonly", "yes",
-        "--appendfsync", "everysec",
-        "--save", "",
-        "--protected-mode", "yes",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dir",
+        str(data_dir),
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--save",
+        "",
+        "--protected-mode",
+        "yes",
     ]
     output = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)

@@ -48,12 +48,16 @@ class Stack:
         redis_url: str | None = None,
         dev_api_key: str = DEFAULT_DEV_API_KEY,
         extra_settings: str = "",
+        tracing: bool = True,
+        log_level: str = "info",
     ) -> None:
         self.state_dir = state_dir.resolve()
         self.ports = ports or Ports()
         self.external_redis_url = redis_url
         self.dev_api_key = dev_api_key
         self.extra_settings = extra_settings
+        self.tracing = tracing
+        self.log_level = log_level
         self.log_dir = self.state_dir / "logs"
         self.traces_path = self.state_dir / "traces.jsonl"
         self.config_path = self.state_dir / "meshgate.toml"
@@ -71,8 +75,9 @@ class Stack:
         self.config_path.write_text(
             f"""# Written by meshgate.stack for this local run.
 [telemetry]
-exporter = "jsonl"
+exporter = "{"jsonl" if self.tracing else "none"}"
 jsonl_path = {_toml_string(str(self.traces_path))}
+log_level = "{self.log_level}"
 
 [redis]
 url = {_toml_string(self.redis_url)}
@@ -120,9 +125,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
                 redis_server.wait_ready(self.ports.redis)
             for name in SERVICES:
                 self.start_service(name)
-            triton.wait_ready(
-                self.address("triton"), timeout=timeout_s, process=self.processes["triton"]
-            )
+            triton.wait_ready(self.address("triton"), timeout=timeout_s, process=self.processes["triton"])
             for name in SERVICES:
                 self.wait_serving(name, timeout_s)
         except BaseException:

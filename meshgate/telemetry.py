@@ -58,9 +58,7 @@ class JsonLinesSpanExporter(SpanExporter):
                         "kind": span.kind.name,
                         "trace_id": format(context.trace_id, "032x"),
                         "span_id": format(context.span_id, "016x"),
-                        "parent_span_id": format(span.parent.span_id, "016x")
-                        if span.parent
-                        else None,
+                        "parent_span_id": format(span.parent.span_id, "016x") if span.parent else None,
                         "start_ns": span.start_time,
                         "end_ns": span.end_time,
                         "status": span.status.status_code.name,

@@ -18,7 +18,7 @@ def resolve(spec: str) -> pathlib.Path:
     return pathlib.Path(spec)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load(spec: str) -> tokenizers.Tokenizer:
     path = resolve(spec)
     if not path.is_file():

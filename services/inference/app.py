@@ -20,9 +20,7 @@ SERVICE_NAMES = [inference_service_pb2.DESCRIPTOR.services_by_name["InferenceSer
 
 async def setup(service: Service, settings: Settings) -> Cleanup:
     config = settings.inference
-    models = sorted(
-        {m.triton_model for m in config.models.values()} | {config.embedding_triton_model}
-    )
+    models = sorted({m.triton_model for m in config.models.values()} | {config.embedding_triton_model})
     pool = BackendPool(config.triton_urls, models)
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
         InferenceServicer(config, pool), service.server

@@ -78,13 +78,9 @@ class BackendPool:
         self._tie_breaker = itertools.count()
 
     def choose(self, model: str, exclude: frozenset[str] = frozenset()) -> TritonBackend:
-        candidates = [
-            b for b in self.backends if model in b.ready_models and b.address not in exclude
-        ]
+        candidates = [b for b in self.backends if model in b.ready_models and b.address not in exclude]
         if not candidates:
-            raise unavailable(
-                "NO_READY_BACKEND", f"no Triton server has model {model!r} ready", model=model
-            )
+            raise unavailable("NO_READY_BACKEND", f"no Triton server has model {model!r} ready", model=model)
         # Rotating the start spreads ties instead of always loading the first.
         start = next(self._tie_breaker) % len(candidates)
         rotated = candidates[start:] + candidates[:start]

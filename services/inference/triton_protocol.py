@@ -37,9 +37,7 @@ def render_chat(messages) -> str:
 def sampling_parameters(parameters: common_pb2.GenerationParameters, default_max_tokens: int) -> str:
     """vLLM SamplingParams as JSON; unset fields stay unset so the model's defaults apply."""
     values: dict = {
-        "max_tokens": parameters.max_tokens
-        if parameters.HasField("max_tokens")
-        else default_max_tokens
+        "max_tokens": parameters.max_tokens if parameters.HasField("max_tokens") else default_max_tokens
     }
     if parameters.HasField("temperature"):
         values["temperature"] = parameters.temperature

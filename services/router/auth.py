@@ -32,9 +32,7 @@ class Authenticator:
             for digest in tenant.api_key_sha256:
                 self._tenants_by_key_hash[digest.lower()] = Tenant(tenant.id, frozenset(tenant.models))
         if settings.dev_tenant:
-            self._tenants_by_key_hash[hash_api_key(settings.dev_api_key)] = Tenant(
-                "dev", frozenset({"*"})
-            )
+            self._tenants_by_key_hash[hash_api_key(settings.dev_api_key)] = Tenant("dev", frozenset({"*"}))
 
     def authenticate(self, metadata) -> Tenant:
         header = None

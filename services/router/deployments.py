@@ -48,9 +48,7 @@ class DeploymentTable:
             for settings in model.deployments:
                 channel = self._channels.get(settings.address)
                 if channel is None:
-                    channel = self._channels[settings.address] = serving.client_channel(
-                        settings.address
-                    )
+                    channel = self._channels[settings.address] = serving.client_channel(settings.address)
                 deployments.append(
                     Deployment(settings, inference_service_pb2_grpc.InferenceServiceStub(channel))
                 )

@@ -157,9 +157,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         last_error: grpc.aio.AioRpcError | None = None
         for deployment in self._deployments.candidates(alias):
             call = deployment.stub.Generate(
-                inference_pb.GenerateRequest(
-                    model=deployment.model, messages=prompt, parameters=parameters
-                ),
+                inference_pb.GenerateRequest(model=deployment.model, messages=prompt, parameters=parameters),
                 timeout=context.time_remaining(),
             )
             pieces: list[str] = []

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import grpc
+
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, RouterSettings
 from meshgate.errors import MeshgateError, invalid_argument, not_found
-import grpc
-
 from services.router.auth import Tenant
 
 _VALID_ROLES = frozenset({common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT})
@@ -34,9 +34,7 @@ def check_turn(turn, model: ModelSettings, settings: RouterSettings) -> int:
     if not messages:
         raise invalid_argument("EMPTY_MESSAGES", "messages must not be empty")
     if len(messages) > settings.max_messages:
-        raise invalid_argument(
-            "TOO_MANY_MESSAGES", f"at most {settings.max_messages} messages per turn"
-        )
+        raise invalid_argument("TOO_MANY_MESSAGES", f"at most {settings.max_messages} messages per turn")
     limit = settings.max_message_bytes
     for index, message in enumerate(messages):
         if message.role not in _VALID_ROLES:

@@ -1,0 +1,254 @@
+"""Baseline numbers of the mesh, all measured in one run on one machine.
+
+    .venv/bin/python bench/mesh_bench.py            # or: make bench
+
+Starts its own stack (Redis, Triton, the four services) on free ports, then:
+
+1. Streams the same prompts straight to Triton and through the router (cache
+   bypassed, so every request generates), at concurrency 1 and 16: time to
+   first token, output tokens per second, and the router's overhead as a ratio.
+2. A workload of exact cache hits through the router: requests per second, and
+   the CPU the four service processes spent per hit (from /proc, so the load
+   generator's own CPU is not counted).
+3. CPU of the four services per streamed (generated) answer.
+
+Results go to stdout as a markdown table. The machine is shared and noisy:
+compare ratios taken in the same run, not absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+
+import grpc
+import uvloop
+from tritonclient.grpc import service_pb2_grpc
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from meshgate.common.v1 import common_pb2  # noqa: E402
+from meshgate.router.v1 import router_service_pb2 as pb  # noqa: E402
+from meshgate.router.v1 import router_service_pb2_grpc  # noqa: E402
+from meshgate.stack import SERVICES, Ports, Stack  # noqa: E402
+from services.inference import triton_protocol  # noqa: E402
+
+API_KEY = "bench-key"
+METADATA = [("authorization", f"Bearer {API_KEY}")]
+PROMPTS = [
+    "Explain how a load balancer works.",
+    "Write a short poem about the sea.",
+    "What are the benefits of caching?",
+    "Describe the water cycle in simple terms.",
+    "Why is the sky blue?",
+    "Give me three tips for writing clean code.",
+    "What is a transformer model?",
+    "Summarize the plot of a heist movie.",
+]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def parameters(max_tokens: int) -> common_pb2.GenerationParameters:
+    return common_pb2.GenerationParameters(max_tokens=max_tokens, temperature=0.0)
+
+
+def messages(prompt: str) -> list[common_pb2.Message]:
+    return [common_pb2.Message(role=common_pb2.ROLE_USER, content=prompt)]
+
+
+class Sample:
+    __slots__ = ("ttft", "total", "tokens")
+
+    def __init__(self, ttft: float, total: float, tokens: int) -> None:
+        self.ttft, self.total, self.tokens = ttft, total, tokens
+
+
+async def direct_triton(stub, prompt: str, max_tokens: int) -> Sample:
+    sampling = triton_protocol.sampling_parameters(parameters(max_tokens), max_tokens)
+    request = triton_protocol.generate_request(
+        "tiny_gpt", uuid.uuid4().hex, triton_protocol.render_chat(messages(prompt)), sampling, False
+    )
+    done = asyncio.Event()
+
+    async def requests():
+        yield request
+        await done.wait()
+
+    started = time.perf_counter()
+    ttft = None
+    tokens = 0
+    call = stub.ModelStreamInfer(requests())
+    async for message in call:
+        if message.error_message:
+            raise RuntimeError(message.error_message)
+        event = triton_protocol.read_generate_response(message.infer_response)
+        if event.text and ttft is None:
+            ttft = time.perf_counter() - started
+        if event.output_tokens is not None:
+            tokens = event.output_tokens
+        if event.final:
+            break
+    done.set()
+    call.cancel()
+    total = time.perf_counter() - started
+    return Sample(ttft or total, total, tokens)
+
+
+async def through_router(stub, prompt: str, max_tokens: int, policy=pb.CACHE_POLICY_BYPASS) -> Sample:
+    request = pb.ChatRequest(
+        model="tiny-gpt", messages=messages(prompt), parameters=parameters(max_tokens), cache_policy=policy
+    )
+    started = time.perf_counter()
+    ttft = None
+    tokens = 0
+    async for response in stub.Chat(request, metadata=METADATA):
+        if response.HasField("delta"):
+            if ttft is None:
+                ttft = time.perf_counter() - started
+        else:
+            tokens = response.completion.usage.completion_tokens
+    total = time.perf_counter() - started
+    return Sample(ttft or total, total, tokens)
+
+
+async def run_load(one, concurrency: int, requests: int) -> tuple[list[Sample], float]:
+    queue = list(range(requests))
+    samples: list[Sample] = []
+
+    async def worker():
+        while queue:
+            index = queue.pop()
+            samples.append(await one(PROMPTS[index % len(PROMPTS)]))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return samples, time.perf_counter() - started
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / ticks
+
+
+async def main_async(args, stack: Stack) -> list[str]:
+    service_pids = [stack.processes[name].pid for name in SERVICES]
+    rows = [
+        "| path | concurrency | requests | TTFT p50 (ms) | TTFT p99 (ms) | output tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    results = {}
+    async with (
+        grpc.aio.insecure_channel(stack.address("triton")) as triton_channel,
+        grpc.aio.insecure_channel(stack.address("router")) as router_channel,
+    ):
+        triton_stub = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
+        router_stub = router_service_pb2_grpc.RouterServiceStub(router_channel)
+        paths = {
+            "Triton direct": lambda p: direct_triton(triton_stub, p, args.max_tokens),
+            "meshgate router": lambda p: through_router(router_stub, p, args.max_tokens),
+        }
+        # Warm both paths (model caches, channels, lazy imports) before measuring.
+        for one in paths.values():
+            await run_load(one, 4, 8)
+        for concurrency in (1, 16):
+            requests = args.requests if concurrency == 1 else args.requests * 4
+            for name, one in paths.items():
+                cpu_before = cpu_seconds(service_pids)
+                samples, wall = await run_load(one, concurrency, requests)
+                cpu_used = cpu_seconds(service_pids) - cpu_before
+                ttfts = [s.ttft * 1000 for s in samples]
+                tokens = sum(s.tokens for s in samples)
+                results[(name, concurrency)] = (statistics.median(ttfts), tokens / wall, cpu_used / requests)
+                rows.append(
+                    f"| {name} | {concurrency} | {requests} | {statistics.median(ttfts):.1f} "
+                    f"| {percentile(ttfts, 0.99):.1f} | {tokens / wall:.0f} |"
+                )
+        rows.append("")
+        rows.append(
+            "| ratio (router / direct) | concurrency | TTFT p50 | output tokens/s "
+            "| service CPU per streamed answer (ms) |"
+        )
+        rows.append("|---|---|---|---|---|")
+        for concurrency in (1, 16):
+            direct = results[("Triton direct", concurrency)]
+            routed = results[("meshgate router", concurrency)]
+            rows.append(
+                f"| | {concurrency} | {routed[0] / direct[0]:.2f}x (+{routed[0] - direct[0]:.1f} ms) "
+                f"| {routed[1] / direct[1]:.2f}x | {routed[2] * 1000:.1f} |"
+            )
+
+        # Cache hits: fill the cache with one answer per prompt, then replay.
+        for prompt in PROMPTS:
+            await through_router(router_stub, prompt, args.max_tokens, pb.CACHE_POLICY_USE)
+        hit_one = lambda p: through_router(router_stub, p, args.max_tokens, pb.CACHE_POLICY_USE)  # noqa: E731
+        await run_load(hit_one, 16, 200)
+        cpu_before = cpu_seconds(service_pids)
+        samples, wall = await run_load(hit_one, 16, args.hits)
+        cpu_used = cpu_seconds(service_pids) - cpu_before
+        latencies = [s.total * 1000 for s in samples]
+        rows.append("")
+        rows.append(
+            "| cache-hit workload | requests | requests/s | p50 (ms) | p99 (ms) | service CPU per hit (ms) |"
+        )
+        rows.append("|---|---|---|---|---|---|")
+        rows.append(
+            f"| exact hits, concurrency 16 | {args.hits} | {args.hits / wall:.0f} "
+            f"| {statistics.median(latencies):.2f} | {percentile(latencies, 0.99):.2f} "
+            f"| {cpu_used / args.hits * 1000:.2f} |"
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=32, help="requests at concurrency 1 (x4 at 16)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--hits", type=int, default=2000)
+    parser.add_argument(
+        "--tracing", action="store_true", help="export every span to a file, as `make run` does"
+    )
+    args = parser.parse_args()
+    ports = Ports(*(free_port() for _ in range(6)))
+    with tempfile.TemporaryDirectory(prefix="meshgate-bench-") as state_dir:
+        stack = Stack(
+            pathlib.Path(state_dir),
+            ports,
+            dev_api_key=API_KEY,
+            tracing=args.tracing,
+            log_level="warning",
+        )
+        with stack:
+            rows = uvloop.run(main_async(args, stack))
+    print(
+        f"max_tokens={args.max_tokens}, greedy, tracing {'on' if args.tracing else 'off'}; "
+        f"{os.cpu_count()} CPU cores shared by Triton, Redis, the services and the load generator\n"
+    )
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

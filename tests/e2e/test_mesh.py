@@ -1,0 +1,269 @@
+"""The whole mesh as separate processes: real Redis, real Triton, four services."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import hash_api_key
+from meshgate.context.v1 import context_service_pb2 as context_pb
+from meshgate.context.v1 import context_service_pb2_grpc
+from meshgate.errors import error_info
+from meshgate.router.v1 import router_service_pb2 as pb
+from meshgate.router.v1 import router_service_pb2_grpc
+from meshgate.stack import SERVICES, Ports, Stack
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.e2e
+
+DEV_KEY = "e2e-dev-key"
+OTHER_KEY = "e2e-acme-key"
+DEV = [("authorization", f"Bearer {DEV_KEY}")]
+OTHER = [("authorization", f"Bearer {OTHER_KEY}")]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    ports = Ports(*(free_port() for _ in range(6)))
+    mesh = Stack(
+        tmp_path_factory.mktemp("mesh"),
+        ports,
+        redis_url=os.environ.get("REDIS_URL"),
+        dev_api_key=DEV_KEY,
+        extra_settings=(
+            "\n[[router.tenants]]\n"
+            f'id = "acme"\napi_key_sha256 = ["{hash_api_key(OTHER_KEY)}"]\nmodels = ["tiny-gpt"]\n'
+        ),
+    )
+    mesh.start()
+    yield mesh
+    mesh.stop()
+
+
+@pytest.fixture
+async def router(stack):
+    async with grpc.aio.insecure_channel(stack.address("router")) as channel:
+        yield router_service_pb2_grpc.RouterServiceStub(channel)
+
+
+def user(text: str) -> common_pb2.Message:
+    return common_pb2.Message(role=common_pb2.ROLE_USER, content=text)
+
+
+def ask(text: str, session_id: str = "", **parameters) -> pb.ChatRequest:
+    return pb.ChatRequest(
+        model="tiny-gpt",
+        session_id=session_id,
+        messages=[user(text)],
+        parameters=common_pb2.GenerationParameters(**parameters),
+    )
+
+
+async def collect(call) -> tuple[list[str], pb.ChatCompletion]:
+    """Deltas and the completion; asserts the completion comes once, last."""
+    deltas, completion = [], None
+    async for response in call:
+        assert completion is None, "an event arrived after the completion"
+        if response.HasField("delta"):
+            deltas.append(response.delta.text)
+        else:
+            completion = response.completion
+    assert completion is not None, "the stream ended without a completion"
+    return deltas, completion
+
+
+async def test_deltas_stream_one_by_one_before_the_completion(router):
+    call = router.Chat(
+        ask("Tell me a long story about gateways.", max_tokens=24, temperature=0.0),
+        metadata=DEV,
+    )
+    arrivals = []
+    deltas, completion = [], None
+    async for response in call:
+        arrivals.append(time.perf_counter())
+        if response.HasField("delta"):
+            deltas.append(response.delta.text)
+        else:
+            completion = response.completion
+    assert len(deltas) >= 5, deltas
+    assert completion.cache_status == pb.CACHE_STATUS_MISS
+    assert completion.usage.completion_tokens == 24
+    assert completion.finish_reason == "length"
+    assert completion.usage.prompt_tokens > 0
+    assert completion.deployment == "local"
+    # Streamed, not buffered: the first delta came well before the completion.
+    assert arrivals[-1] - arrivals[0] > 0
+
+
+async def test_exact_and_semantic_hits_and_an_unrelated_miss(router):
+    question = "What is the capital city of France?"
+    _, first = await collect(router.Chat(ask(question, max_tokens=8), metadata=DEV))
+    assert first.cache_status == pb.CACHE_STATUS_MISS
+
+    deltas, again = await collect(router.Chat(ask(question, max_tokens=8), metadata=DEV))
+    assert again.cache_status == pb.CACHE_STATUS_EXACT_HIT
+    assert "".join(deltas)
+
+    _, paraphrase = await collect(
+        router.Chat(ask("What's the capital of France?", max_tokens=8), metadata=DEV)
+    )
+    assert paraphrase.cache_status == pb.CACHE_STATUS_SEMANTIC_HIT
+    assert 0.0 < paraphrase.cache_similarity < 1.0
+
+    _, unrelated = await collect(
+        router.Chat(ask("How do I bake sourdough bread at home?", max_tokens=8), metadata=DEV)
+    )
+    assert unrelated.cache_status == pb.CACHE_STATUS_MISS
+
+    _, other_tenant = await collect(router.Chat(ask(question, max_tokens=8), metadata=OTHER))
+    assert other_tenant.cache_status == pb.CACHE_STATUS_MISS
+
+
+async def test_session_follow_up_sees_earlier_turns_and_survives_a_context_restart(stack, router):
+    session_id = (await router.CreateSession(pb.CreateSessionRequest(), metadata=DEV)).session_id
+    _, first = await collect(
+        router.Chat(ask("My name is Ada and I like trains.", session_id, max_tokens=8), metadata=DEV)
+    )
+    assert (first.session_id, first.session_version) == (session_id, 1)
+    _, alone = await collect(router.Chat(ask("What do I like?", max_tokens=8), metadata=DEV))
+    _, follow_up = await collect(router.Chat(ask("What do I like?", session_id, max_tokens=8), metadata=DEV))
+    assert follow_up.session_version == 2
+    # The earlier turn was part of the prompt Triton saw.
+    assert follow_up.usage.prompt_tokens > alone.usage.prompt_tokens
+
+    async with grpc.aio.insecure_channel(stack.address("context")) as channel:
+        context = context_service_pb2_grpc.ContextServiceStub(channel)
+        assembled = await context.AssembleContext(
+            context_pb.AssembleContextRequest(
+                tenant_id="dev",
+                session_id=session_id,
+                new_messages=[user("And my name?")],
+                model="tiny-gpt",
+                max_prompt_tokens=400,
+            )
+        )
+    contents = [m.content for m in assembled.messages]
+    assert contents[0] == "My name is Ada and I like trains."
+    assert contents[2] == "What do I like?"
+    assert all(e.disposition == context_pb.DISPOSITION_INCLUDED for e in assembled.manifest.entries)
+
+    stack.stop_service("context")
+    stack.start_service("context")
+    stack.wait_serving("context")
+    _, after_restart = await collect(router.Chat(ask("Where was I?", session_id, max_tokens=8), metadata=DEV))
+    assert after_restart.session_version == 3
+
+
+async def test_one_trace_covers_every_service_and_the_triton_call(stack, router):
+    trace_id = os.urandom(16).hex()
+    traceparent = f"00-{trace_id}-{os.urandom(8).hex()}-01"
+    session_id = (await router.CreateSession(pb.CreateSessionRequest(), metadata=DEV)).session_id
+    _, completion = await collect(
+        router.Chat(
+            ask("Trace this request please.", session_id, max_tokens=4),
+            metadata=[*DEV, ("traceparent", traceparent)],
+        )
+    )
+    assert completion.trace_id == trace_id
+
+    spans = []
+    deadline = time.monotonic() + 10
+    wanted = {f"meshgate-{name}" for name in SERVICES}
+    while time.monotonic() < deadline:
+        lines = stack.traces_path.read_text().splitlines() if stack.traces_path.exists() else []
+        spans = [s for s in map(json.loads, lines) if s["trace_id"] == trace_id]
+        triton_calls = [
+            s
+            for s in spans
+            if s["service"] == "meshgate-inference"
+            and s["kind"] == "CLIENT"
+            and "GRPCInferenceService/ModelStreamInfer" in s["name"]
+        ]
+        if wanted <= {s["service"] for s in spans} and triton_calls:
+            break
+        await asyncio.sleep(0.2)
+    assert wanted <= {s["service"] for s in spans}, {s["service"] for s in spans}
+    assert triton_calls, [s["name"] for s in spans]
+
+
+async def test_cancelling_the_client_cancels_the_triton_request(stack, router):
+    call = router.Chat(ask("Write a very long essay.", max_tokens=256), metadata=DEV)
+    async for response in call:
+        assert response.HasField("delta")
+        break
+    call.cancel()
+    log = stack.log_dir / "triton.log"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if "cancelled after" in log.read_text(errors="replace"):
+            break
+        await asyncio.sleep(0.2)
+    assert "cancelled after" in log.read_text(errors="replace")
+
+
+async def expect_error(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in call:
+            pass
+    info = error_info(caught.value)
+    assert info is not None, caught.value
+    return caught.value.code(), info.reason
+
+
+async def test_bad_input_gets_a_clear_status_and_every_service_stays_up(stack, router):
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    good = ask("hello")
+    cases = [
+        (router.Chat(good), (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_MISSING")),
+        (
+            router.Chat(good, metadata=[("authorization", "Bearer wrong")]),
+            (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID"),
+        ),
+        (
+            router.Chat(pb.ChatRequest(model="gpt-17", messages=[user("hi")]), metadata=DEV),
+            (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND"),
+        ),
+        (router.Chat(pb.ChatRequest(model="tiny-gpt"), metadata=DEV), (invalid, "EMPTY_MESSAGES")),
+        (router.Chat(ask("hi", max_tokens=0), metadata=DEV), (invalid, "INVALID_MAX_TOKENS")),
+        (router.Chat(ask("hi", max_tokens=-1), metadata=DEV), (invalid, "INVALID_MAX_TOKENS")),
+        (
+            router.Chat(ask("hi", max_tokens=10**9), metadata=DEV),
+            (invalid, "MAX_TOKENS_TOO_LARGE"),
+        ),
+        (router.Chat(ask("x" * 10_000_000), metadata=DEV), (invalid, "MESSAGE_TOO_LARGE")),
+    ]
+    for call, expected in cases:
+        assert await expect_error(call) == expected
+
+    # Invalid UTF-8 in the model field (1), which protobuf refuses to parse.
+    async with grpc.aio.insecure_channel(stack.address("router")) as channel:
+        chat_raw = channel.unary_stream(
+            "/meshgate.router.v1.RouterService/Chat",
+            request_serializer=lambda data: data,
+            response_deserializer=pb.ChatResponse.FromString,
+        )
+        bad_utf8 = bytes([0x0A, 2, 0xC3, 0x28]) + pb.ChatRequest(messages=[user("hi")]).SerializeToString()
+        assert await expect_error(chat_raw(bad_utf8, metadata=DEV)) == (invalid, "MALFORMED_REQUEST")
+
+    # Another tenant's session is invisible.
+    session_id = (await router.CreateSession(pb.CreateSessionRequest(), metadata=DEV)).session_id
+    assert await expect_error(router.Chat(ask("hi", session_id), metadata=OTHER)) == (
+        grpc.StatusCode.NOT_FOUND,
+        "SESSION_NOT_FOUND",
+    )
+
+    for name in SERVICES:
+        assert stack.processes[name].poll() is None, f"{name} died"
+        with grpc.insecure_channel(stack.address(name)) as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING, name
+    # And still answers.
+    _, completion = await collect(router.Chat(ask("still there?", max_tokens=2), metadata=DEV))
+    assert completion.usage.completion_tokens >= 1

@@ -1,0 +1,61 @@
+"""Real Triton and a real inference service, shared by the integration tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshgate import serving, triton
+from meshgate.config import Settings
+from meshgate.stack import build_model_weights
+from services.inference import app as inference_app
+from tests.conftest import free_port
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory: pytest.TempPathFactory):
+    """A tritonserver with the project's model repository; yields (url, log_path)."""
+    build_model_weights()
+    state_dir = tmp_path_factory.mktemp("triton")
+    log_path = state_dir / "triton.log"
+    port = free_port()
+    process = triton.launch(grpc_port=port, state_dir=state_dir, log_file=log_path)
+    try:
+        triton.wait_ready(f"127.0.0.1:{port}", timeout=120, process=process)
+        yield f"127.0.0.1:{port}", log_path
+    finally:
+        triton.terminate(process)
+
+
+@pytest.fixture(scope="session")
+def triton_url(triton_server) -> str:
+    return triton_server[0]
+
+
+@pytest.fixture(scope="session")
+async def inference_address(triton_url: str):
+    """The inference service in-process, in front of the real Triton."""
+    settings = Settings()
+    settings.inference.triton_urls = [triton_url]
+    settings.inference.health_interval_s = 0.5
+    service = serving.Service("inference", inference_app.SERVICE_NAMES)
+    cleanup = await inference_app.setup(service, settings)
+    port = await serving.start(service, "127.0.0.1:0", cleanup)
+    await _wait_until_serving(service)
+    yield f"127.0.0.1:{port}"
+    await serving.stop(service, grace_s=1)
+
+
+async def _wait_until_serving(service: serving.Service, timeout_s: float = 30.0) -> None:
+    import asyncio
+
+    from grpc_health.v1 import health_pb2
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    request = health_pb2.HealthCheckRequest()
+    while loop.time() < deadline:
+        response = await service.health.Check(request, None)
+        if response.status == health_pb2.HealthCheckResponse.SERVING:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError("inference service never became SERVING (no ready Triton backend)")

@@ -1,0 +1,57 @@
+import pytest
+
+from meshgate.config import ConfigError, hash_api_key, load_settings
+
+
+def test_defaults_describe_a_working_local_mesh():
+    settings = load_settings(environ={})
+    assert settings.router.listen == "127.0.0.1:50051"
+    assert settings.context.listen == "127.0.0.1:50052"
+    assert settings.cache.listen == "127.0.0.1:50053"
+    assert settings.inference.listen == "127.0.0.1:50054"
+    assert settings.models["tiny-gpt"].deployments[0].address == settings.inference.listen
+
+
+def test_file_then_environment_override(tmp_path):
+    path = tmp_path / "meshgate.toml"
+    path.write_text('[cache]\nsemantic_threshold = 0.8\nttl_s = 60\n[redis]\nurl = "redis://file"\n')
+    settings = load_settings(
+        path,
+        environ={
+            "MESHGATE_CACHE__TTL_S": "120",
+            "MESHGATE_INFERENCE__TRITON_URLS": '["a:1", "b:2"]',
+            "REDIS_URL": "redis://env",
+        },
+    )
+    assert settings.cache.semantic_threshold == 0.8
+    assert settings.cache.ttl_s == 120
+    assert settings.inference.triton_urls == ["a:1", "b:2"]
+    assert settings.redis.url == "redis://env"
+
+
+def test_dev_key_from_environment():
+    assert load_settings(environ={"MESHGATE_DEV_API_KEY": "k1"}).router.dev_api_key == "k1"
+
+
+def test_unknown_and_mistyped_settings_are_refused(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[cache]\nsemantic_treshold = 0.8\n")
+    with pytest.raises(ConfigError, match="semantic_treshold"):
+        load_settings(path, environ={})
+    with pytest.raises(ConfigError, match="ttl_s"):
+        load_settings(environ={"MESHGATE_CACHE__TTL_S": '"soon"'})
+
+
+def test_nested_model_tables(tmp_path):
+    path = tmp_path / "models.toml"
+    path.write_text(
+        "[models.big]\ncontext_window_tokens = 8192\n"
+        'deployments = [{ name = "a", address = "h:1", model = "m", weight = 3 }]\n'
+    )
+    big = load_settings(path, environ={}).models["big"]
+    assert big.context_window_tokens == 8192
+    assert big.deployments[0].weight == 3.0
+
+
+def test_api_key_hash_is_sha256_hex():
+    assert hash_api_key("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

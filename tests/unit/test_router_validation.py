@@ -1,0 +1,92 @@
+import grpc
+import pytest
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import ModelSettings, RouterSettings, TenantSettings, hash_api_key
+from meshgate.errors import MeshgateError
+from meshgate.router.v1 import router_service_pb2 as pb
+from services.router.auth import Authenticator, Tenant
+from services.router.validation import check_turn, resolve_model
+
+MODEL = ModelSettings(max_output_tokens=100, default_max_tokens=10)
+SETTINGS = RouterSettings(max_message_bytes=1000)
+
+
+def user(text):
+    return common_pb2.Message(role=common_pb2.ROLE_USER, content=text)
+
+
+def turn(*messages, **parameters):
+    return pb.ChatRequest(model="m", messages=messages, parameters=parameters)
+
+
+def reason_of(call):
+    with pytest.raises(MeshgateError) as caught:
+        call()
+    return caught.value.code, caught.value.reason
+
+
+def test_defaults_max_tokens_when_unset():
+    assert check_turn(turn(user("hi")), MODEL, SETTINGS) == 10
+    assert check_turn(turn(user("hi"), max_tokens=100), MODEL, SETTINGS) == 100
+
+
+@pytest.mark.parametrize(
+    "request_, reason",
+    [
+        (turn(), "EMPTY_MESSAGES"),
+        (turn(user("hi"), max_tokens=0), "INVALID_MAX_TOKENS"),
+        (turn(user("hi"), max_tokens=-5), "INVALID_MAX_TOKENS"),
+        (turn(user("hi"), max_tokens=101), "MAX_TOKENS_TOO_LARGE"),
+        (turn(user("x" * 1001)), "MESSAGE_TOO_LARGE"),
+        (turn(user("é" * 600)), "MESSAGE_TOO_LARGE"),  # 1200 UTF-8 bytes
+        (turn(common_pb2.Message(content="no role")), "INVALID_ROLE"),
+        (
+            turn(user("q"), common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="a")),
+            "LAST_MESSAGE_NOT_USER",
+        ),
+        (turn(user("hi"), temperature=3.0), "INVALID_TEMPERATURE"),
+        (turn(user("hi"), top_p=0.0), "INVALID_TOP_P"),
+        (turn(user("hi"), stop=[""]), "INVALID_STOP"),
+    ],
+)
+def test_bad_turns_are_invalid_arguments(request_, reason):
+    assert reason_of(lambda: check_turn(request_, MODEL, SETTINGS)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        reason,
+    )
+
+
+def test_model_resolution_respects_tenant_allow_list():
+    models = {"a": MODEL, "b": MODEL}
+    tenant = Tenant("t", frozenset({"a"}))
+    assert resolve_model("a", tenant, models) is MODEL
+    assert reason_of(lambda: resolve_model("b", tenant, models)) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "MODEL_NOT_ALLOWED",
+    )
+    assert reason_of(lambda: resolve_model("nope", tenant, models)) == (
+        grpc.StatusCode.NOT_FOUND,
+        "MODEL_NOT_FOUND",
+    )
+
+
+def test_authentication_by_hashed_key():
+    auth = Authenticator(
+        RouterSettings(
+            dev_tenant=False,
+            tenants=[TenantSettings(id="acme", api_key_sha256=[hash_api_key("secret")], models=["a"])],
+        )
+    )
+    assert auth.authenticate([("authorization", "Bearer secret")]).id == "acme"
+    assert auth.authenticate([("authorization", "bearer  secret ")]).id == "acme"
+    unauthenticated = grpc.StatusCode.UNAUTHENTICATED
+    assert reason_of(lambda: auth.authenticate([])) == (unauthenticated, "API_KEY_MISSING")
+    assert reason_of(lambda: auth.authenticate([("authorization", "Basic x")])) == (
+        unauthenticated,
+        "API_KEY_MISSING",
+    )
+    assert reason_of(lambda: auth.authenticate([("authorization", "Bearer wrong")])) == (
+        unauthenticated,
+        "API_KEY_INVALID",
+    )
