@@ -100,7 +100,7 @@ async def direct_triton(stub, prompt: str, max_tokens: int) -> Sample:
         if event.text and ttft is None:
             ttft = time.perf_counter() - started
         if event.output_tokens is not None:
-            tokens = event.output_tokens
+            tokens += event.output_tokens
         if event.final:
             break
     done.set()

@@ -137,6 +137,7 @@ class _TritonStream:
         backend.in_flight += 1
         prompt_tokens = completion_tokens = 0
         finish_reason = ""
+        final_seen = False
         try:
             async for message in call:
                 if message.error_message:
@@ -153,25 +154,27 @@ class _TritonStream:
                 if event.input_tokens is not None:
                     prompt_tokens = event.input_tokens
                 if event.output_tokens is not None:
-                    completion_tokens = event.output_tokens
+                    completion_tokens += event.output_tokens
                 finish_reason = event.finish_reason or finish_reason
                 if event.final:
-                    break
-            else:
+                    final_seen = self.started = True
+                    # Half-close: Triton then ends the stream, and reading on
+                    # to its end closes the client span of this call cleanly.
+                    finished.set()
+                    yield pb.GenerateResponse(
+                        completion=pb.GenerateCompletion(
+                            usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+                            finish_reason=finish_reason or "stop",
+                            backend=backend.address,
+                        )
+                    )
+            if not final_seen:
                 raise MeshgateError(
                     grpc.StatusCode.UNAVAILABLE,
                     "STREAM_ENDED_EARLY",
                     "Triton closed the stream before the final response",
                     {"backend": backend.address},
                 )
-            self.started = True
-            yield pb.GenerateResponse(
-                completion=pb.GenerateCompletion(
-                    usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
-                    finish_reason=finish_reason or "stop",
-                    backend=backend.address,
-                )
-            )
         finally:
             finished.set()
             backend.in_flight -= 1

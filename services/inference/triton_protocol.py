@@ -90,7 +90,11 @@ def embed_request(triton_model: str, texts: list[str]) -> service_pb2.ModelInfer
 
 
 class GenerateEvent:
-    """What one streamed response of a vLLM-style model carried."""
+    """What one streamed response of a vLLM-style model carried.
+
+    As in the vLLM backend, ``output_tokens`` counts the tokens since the
+    previous response, so a stream's total is their sum.
+    """
 
     __slots__ = ("text", "final", "finish_reason", "input_tokens", "output_tokens")
 
@@ -110,7 +114,9 @@ def read_generate_response(response: service_pb2.ModelInferResponse) -> Generate
         if output.name == "text_output":
             event.text = _first_bytes_element(raw).decode("utf-8", errors="replace")
         elif output.name == "finish_reason":
-            event.finish_reason = _first_bytes_element(raw).decode()
+            reason = _first_bytes_element(raw).decode()
+            # vLLM sends str(None) until the sequence has finished.
+            event.finish_reason = "" if reason == "None" else reason
         elif output.name == "num_input_tokens":
             event.input_tokens = _first_integer(raw, output.datatype)
         elif output.name == "num_output_tokens":
