@@ -120,7 +120,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             similarity = lookup.similarity
             yield response_type(delta=pb.TextDelta(text=answer.text))
         else:
-            cache_status = pb.CACHE_STATUS_MISS if reads_cache else pb.CACHE_STATUS_BYPASSED
+            cache_status = pb.CACHE_STATUS_MISS if writes_cache else pb.CACHE_STATUS_BYPASSED
             similarity = 0.0
             answer = cache_pb.CachedAnswer()
             async for text in self._generate(turn.model, prompt, parameters, answer, context):

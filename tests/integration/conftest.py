@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from meshgate import serving, triton
@@ -40,12 +42,12 @@ async def inference_address(triton_url: str):
     service = serving.Service("inference", inference_app.SERVICE_NAMES)
     cleanup = await inference_app.setup(service, settings)
     port = await serving.start(service, "127.0.0.1:0", cleanup)
-    await _wait_until_serving(service)
+    await wait_until_serving(service)
     yield f"127.0.0.1:{port}"
     await serving.stop(service, grace_s=1)
 
 
-async def _wait_until_serving(service: serving.Service, timeout_s: float = 30.0) -> None:
+async def wait_until_serving(service: serving.Service, timeout_s: float = 30.0) -> None:
     import asyncio
 
     from grpc_health.v1 import health_pb2
@@ -59,3 +61,15 @@ async def _wait_until_serving(service: serving.Service, timeout_s: float = 30.0)
             return
         await asyncio.sleep(0.1)
     raise TimeoutError("inference service never became SERVING (no ready Triton backend)")
+
+
+@contextlib.asynccontextmanager
+async def running(app_module, name: str, settings: Settings):
+    """A service in-process on a free port; yields its address."""
+    service = serving.Service(name, app_module.SERVICE_NAMES)
+    cleanup = await app_module.setup(service, settings)
+    port = await serving.start(service, "127.0.0.1:0", cleanup)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await serving.stop(service, grace_s=1)

@@ -1,0 +1,128 @@
+"""The inference service against a real Triton: streaming, embeddings,
+balancing over several backends, and cancellation reaching Triton."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import grpc
+import numpy as np
+import pytest
+
+from meshgate import serving
+from meshgate.common.v1 import common_pb2
+from meshgate.config import Settings
+from meshgate.inference.v1 import inference_service_pb2 as pb
+from meshgate.inference.v1 import inference_service_pb2_grpc
+from services.inference import app
+from tests.integration.conftest import wait_until_serving
+
+pytestmark = pytest.mark.integration
+
+
+def generate(text: str, **parameters) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        model="tiny-gpt",
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=text)],
+        parameters=common_pb2.GenerationParameters(**parameters),
+    )
+
+
+@pytest.fixture
+async def stub(inference_address):
+    async with grpc.aio.insecure_channel(inference_address) as channel:
+        yield inference_service_pb2_grpc.InferenceServiceStub(channel)
+
+
+async def run(call) -> tuple[list[str], pb.GenerateCompletion]:
+    deltas, completion = [], None
+    async for response in call:
+        assert completion is None, "nothing may follow the completion"
+        if response.HasField("delta"):
+            deltas.append(response.delta.text)
+        else:
+            completion = response.completion
+    assert completion is not None
+    return deltas, completion
+
+
+async def test_generate_streams_deltas_then_counts(stub):
+    deltas, completion = await run(stub.Generate(generate("Hello there", max_tokens=12, temperature=0.0)))
+    assert len(deltas) > 1
+    assert completion.usage.completion_tokens <= 12
+    assert completion.usage.prompt_tokens > 0
+    assert completion.finish_reason in ("stop", "length")
+    if completion.finish_reason == "length":
+        assert completion.usage.completion_tokens == 12
+    again, _ = await run(stub.Generate(generate("Hello there", max_tokens=12, temperature=0.0)))
+    assert "".join(again) == "".join(deltas), "greedy decoding must be deterministic"
+
+
+async def test_embed_splits_large_batches_and_normalizes(stub):
+    texts = [f"sentence number {i}" for i in range(70)]  # more than one Triton batch
+    response = await stub.Embed(pb.EmbedRequest(texts=texts))
+    vectors = np.frombuffer(response.vectors, dtype="<f4").reshape(len(texts), response.dimensions)
+    assert response.dimensions == 384
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    single = await stub.Embed(pb.EmbedRequest(texts=[texts[42]]))
+    np.testing.assert_allclose(np.frombuffer(single.vectors, dtype="<f4"), vectors[42], atol=1e-4)
+
+
+async def test_models_and_backend_health(stub):
+    models = await stub.ListModels(pb.ListModelsRequest())
+    assert [(m.name, m.triton_model, m.ready) for m in models.models] == [("tiny-gpt", "tiny_gpt", True)]
+    health = await stub.GetBackendHealth(pb.GetBackendHealthRequest())
+    assert [(b.live, b.ready) for b in health.backends] == [(True, True)]
+
+
+@pytest.fixture
+async def two_backends(triton_url):
+    """One service over a dead address and two names of the live Triton."""
+    port = triton_url.rsplit(":", 1)[1]
+    settings = Settings()
+    settings.inference.triton_urls = ["127.0.0.1:1", triton_url, f"localhost:{port}"]
+    settings.inference.health_interval_s = 0.5
+    service = serving.Service("inference", app.SERVICE_NAMES)
+    cleanup = await app.setup(service, settings)
+    bound = await serving.start(service, "127.0.0.1:0", cleanup)
+    await wait_until_serving(service)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{bound}") as channel:
+        yield inference_service_pb2_grpc.InferenceServiceStub(channel)
+    await serving.stop(service, grace_s=1)
+
+
+async def test_balances_over_ready_backends_and_skips_dead_ones(two_backends, triton_url):
+    # Readiness of the second name of the same server may lag a probe behind.
+    for _ in range(50):
+        health = await two_backends.GetBackendHealth(pb.GetBackendHealthRequest())
+        if sum(b.ready for b in health.backends) == 2:
+            break
+        await asyncio.sleep(0.1)
+    results = await asyncio.gather(
+        *(run(two_backends.Generate(generate(f"question {i}", max_tokens=8))) for i in range(8))
+    )
+    used = collections.Counter(completion.backend for _, completion in results)
+    assert "127.0.0.1:1" not in used
+    assert set(used) == {triton_url, f"localhost:{triton_url.rsplit(':', 1)[1]}"}, used
+
+
+async def test_cancelling_generate_cancels_the_triton_request(stub, triton_server):
+    _, log_path = triton_server
+    before = log_path.read_text(errors="replace").count("cancelled after")
+    call = stub.Generate(generate("Write a long essay", max_tokens=256))
+    async for response in call:
+        assert response.HasField("delta")
+        break
+    call.cancel()
+    for _ in range(100):
+        if log_path.read_text(errors="replace").count("cancelled after") > before:
+            break
+        await asyncio.sleep(0.1)
+    assert log_path.read_text(errors="replace").count("cancelled after") > before
+    for _ in range(50):
+        health = await stub.GetBackendHealth(pb.GetBackendHealthRequest())
+        if health.backends[0].in_flight == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert health.backends[0].in_flight == 0

@@ -1,0 +1,133 @@
+"""The router in-process in front of real context, cache and inference
+services (real Redis, real Triton): fallbacks, sessions, cache policies."""
+
+from __future__ import annotations
+
+import contextlib
+
+import grpc
+import pytest
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import DeploymentSettings, ModelSettings, Settings
+from meshgate.router.v1 import router_service_pb2 as pb
+from meshgate.router.v1 import router_service_pb2_grpc
+from services.cache import app as cache_app
+from services.context import app as context_app
+from services.router import app as router_app
+from tests.integration.conftest import running
+
+pytestmark = pytest.mark.integration
+
+KEY = "router-test-key"
+AUTH = [("authorization", f"Bearer {KEY}")]
+
+
+@pytest.fixture(scope="module")
+async def router(redis_url, inference_address):
+    settings = Settings()
+    settings.redis.url = redis_url
+    settings.cache.inference_address = inference_address
+    settings.router.dev_api_key = KEY
+    live = DeploymentSettings(name="live", address=inference_address, model="tiny-gpt", weight=1)
+    # Heavily weighted but dead: every request tries it first and must fall back.
+    dead = DeploymentSettings(name="dead", address="127.0.0.1:1", model="tiny-gpt", weight=1000)
+    settings.models = {
+        "tiny-gpt": ModelSettings(deployments=[live]),
+        "with-fallback": ModelSettings(deployments=[dead, live]),
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        settings.router.context_address = await stack.enter_async_context(
+            running(context_app, "context", settings)
+        )
+        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
+        address = await stack.enter_async_context(running(router_app, "router", settings))
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        yield router_service_pb2_grpc.RouterServiceStub(channel)
+
+
+def ask(text, model="tiny-gpt", policy=pb.CACHE_POLICY_USE, **parameters):
+    return pb.ChatRequest(
+        model=model,
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=text)],
+        parameters=common_pb2.GenerationParameters(max_tokens=6, **parameters),
+        cache_policy=policy,
+    )
+
+
+async def answer_of(call) -> tuple[str, pb.ChatCompletion]:
+    text, completion = [], None
+    async for response in call:
+        if response.HasField("completion"):
+            completion = response.completion
+        else:
+            text.append(response.delta.text)
+    assert completion is not None
+    return "".join(text), completion
+
+
+async def completion_of(call) -> pb.ChatCompletion:
+    return (await answer_of(call))[1]
+
+
+async def test_falls_back_to_a_live_deployment_before_the_first_token(router):
+    for i in range(4):
+        completion = await completion_of(
+            router.Chat(
+                ask(f"fallback {i}", model="with-fallback", policy=pb.CACHE_POLICY_BYPASS), metadata=AUTH
+            )
+        )
+        assert completion.deployment == "live"
+        assert completion.cache_status == pb.CACHE_STATUS_BYPASSED
+
+
+async def test_cache_policies(router):
+    bypassed = await completion_of(router.Chat(ask("policy q", policy=pb.CACHE_POLICY_BYPASS), metadata=AUTH))
+    assert bypassed.cache_status == pb.CACHE_STATUS_BYPASSED
+    # Bypass stored nothing, so this is a miss, and it stores.
+    first_text, first = await answer_of(router.Chat(ask("policy q"), metadata=AUTH))
+    assert first.cache_status == pb.CACHE_STATUS_MISS
+    hit = await completion_of(router.Chat(ask("policy q"), metadata=AUTH))
+    assert hit.cache_status == pb.CACHE_STATUS_EXACT_HIT
+    # Refresh skips the read and overwrites: later hits serve the new answer.
+    new_text, refreshed = await answer_of(
+        router.Chat(ask("policy q", policy=pb.CACHE_POLICY_REFRESH), metadata=AUTH)
+    )
+    assert refreshed.cache_status == pb.CACHE_STATUS_MISS
+    assert new_text != first_text, "the model samples at its default temperature"
+    served_text, served = await answer_of(router.Chat(ask("policy q"), metadata=AUTH))
+    assert served.cache_status == pb.CACHE_STATUS_EXACT_HIT
+    assert served_text == new_text
+
+
+async def test_chat_session_keeps_one_session_over_a_bidirectional_stream(router):
+    requests = [
+        pb.ChatSessionRequest(
+            model="tiny-gpt",
+            messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=text)],
+            parameters=common_pb2.GenerationParameters(max_tokens=4),
+        )
+        for text in ("first turn", "second turn", "third turn")
+    ]
+    completions = []
+    deltas_before_completion = 0
+    async for response in router.ChatSession(iter(requests), metadata=AUTH):
+        if response.HasField("delta"):
+            deltas_before_completion += 1
+        else:
+            assert deltas_before_completion > 0
+            deltas_before_completion = 0
+            completions.append(response.completion)
+    assert [c.session_version for c in completions] == [1, 2, 3]
+    assert len({c.session_id for c in completions}) == 1 and completions[0].session_id
+    # Each later turn's prompt holds the earlier ones.
+    prompts = [c.usage.prompt_tokens for c in completions]
+    assert prompts[0] < prompts[1] < prompts[2]
+
+
+async def test_list_models_shows_aliases_with_windows(router):
+    models = await router.ListModels(pb.ListModelsRequest(), metadata=AUTH)
+    assert {(m.alias, m.context_window_tokens) for m in models.models} == {
+        ("tiny-gpt", 512),
+        ("with-fallback", 512),
+    }
