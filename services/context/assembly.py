@@ -66,14 +66,10 @@ def assemble(
         remaining -= session[index].tokens
 
     response = pb.AssembleContextResponse()
-    response.messages.extend(
-        c.message for c, system in zip(session, is_system, strict=True) if system
-    )
+    response.messages.extend(c.message for c, system in zip(session, is_system, strict=True) if system)
     response.messages.extend(c.message for c in new if c.message.role == common_pb2.ROLE_SYSTEM)
     response.messages.extend(
-        c.message
-        for c, keep, system in zip(session, kept, is_system, strict=True)
-        if keep and not system
+        c.message for c, keep, system in zip(session, kept, is_system, strict=True) if keep and not system
     )
     response.messages.extend(c.message for c in new if c.message.role != common_pb2.ROLE_SYSTEM)
 

@@ -49,9 +49,7 @@ def _check_messages(messages: list[common_pb2.Message], field: str) -> None:
         )
     for index, message in enumerate(messages):
         if message.role not in _ROLES:
-            raise invalid_argument(
-                "INVALID_ROLE", f"{field}[{index}] has no valid role", index=str(index)
-            )
+            raise invalid_argument("INVALID_ROLE", f"{field}[{index}] has no valid role", index=str(index))
         # A character is at least one UTF-8 byte: long text fails without encoding.
         content = message.content
         if len(content) > MAX_CONTENT_BYTES or len(content.encode()) > MAX_CONTENT_BYTES:
@@ -77,9 +75,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         # so assembly for any model finds its counts stored.
         self._distinct_tokenizers = list({t.id: t for t in tokenizers.values()}.values())
 
-    async def CreateSession(
-        self, request: pb.CreateSessionRequest, context
-    ) -> pb.CreateSessionResponse:
+    async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.CreateSessionResponse:
         _check_tenant(request.tenant_id)
         session_id = request.session_id or uuid.uuid4().hex
         _check_session_id(session_id)
@@ -107,9 +103,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         )
         return pb.GetSessionResponse(session=session)
 
-    async def DeleteSession(
-        self, request: pb.DeleteSessionRequest, context
-    ) -> pb.DeleteSessionResponse:
+    async def DeleteSession(self, request: pb.DeleteSessionRequest, context) -> pb.DeleteSessionResponse:
         _check_tenant(request.tenant_id)
         _check_session_id(request.session_id)
         await self._store.delete(request.tenant_id, request.session_id)

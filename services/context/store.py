@@ -149,9 +149,7 @@ class SessionStore:
             )
         return int(now)
 
-    async def read(
-        self, tenant_id: str, session_id: str, tokenizer_id: str | None = None
-    ) -> StoredSession:
+    async def read(self, tenant_id: str, session_id: str, tokenizer_id: str | None = None) -> StoredSession:
         """The session's state and turns as of one instant (MULTI), with the
         stored counts of ``tokenizer_id`` if given."""
         meta, turns = _keys(tenant_id, session_id)
@@ -207,9 +205,7 @@ class SessionStore:
         moved on meanwhile (a later read then fills them)."""
         meta, _ = _keys(tenant_id, session_id)
         with _redis_reachable():
-            await self._fill_counts(
-                keys=[meta], args=[version, _counts_field(tokenizer_id), _pack(counts)]
-            )
+            await self._fill_counts(keys=[meta], args=[version, _counts_field(tokenizer_id), _pack(counts)])
 
     async def delete(self, tenant_id: str, session_id: str) -> None:
         with _redis_reachable():

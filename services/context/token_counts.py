@@ -45,7 +45,5 @@ def for_models(models: dict[str, ModelSettings]) -> dict[str, CountingTokenizer]
         if model.tokenizer not in by_spec:
             tokenizer = tokenization.load(model.tokenizer)
             digest = hashlib.sha256(tokenization.resolve(model.tokenizer).read_bytes())
-            by_spec[model.tokenizer] = CountingTokenizer(
-                model.tokenizer, digest.hexdigest()[:16], tokenizer
-            )
+            by_spec[model.tokenizer] = CountingTokenizer(model.tokenizer, digest.hexdigest()[:16], tokenizer)
     return {alias: by_spec[model.tokenizer] for alias, model in models.items()}

@@ -82,9 +82,7 @@ def msg(role: int, content: str) -> common_pb2.Message:
 def tokens_of(content: str) -> int:
     """What the prompt pays for a message, from the tokenizer itself."""
     tokenizer = tokenization.load(Settings().models[MODEL].tokenizer)
-    return (
-        len(tokenizer.encode(content, add_special_tokens=False).ids) + PER_MESSAGE_OVERHEAD_TOKENS
-    )
+    return len(tokenizer.encode(content, add_special_tokens=False).ids) + PER_MESSAGE_OVERHEAD_TOKENS
 
 
 async def new_session(stub, tenant: str, *messages: common_pb2.Message) -> str:
@@ -110,9 +108,7 @@ async def test_create_get_delete(stub, tenant) -> None:
     assert created.tenant_id == tenant and created.version == 0
     assert abs(created.create_time_ms - before_ms) < 5_000
 
-    got = (
-        await stub.GetSession(pb.GetSessionRequest(tenant_id=tenant, session_id=session_id))
-    ).session
+    got = (await stub.GetSession(pb.GetSessionRequest(tenant_id=tenant, session_id=session_id))).session
     assert got == created
 
     await stub.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=session_id))
@@ -147,9 +143,7 @@ async def test_tenant_is_required(stub) -> None:
         stub.GetSession(pb.GetSessionRequest(session_id="s")),
         stub.AppendTurns(pb.AppendTurnsRequest(session_id="s", messages=[msg(USER, "x")])),
         stub.AssembleContext(
-            pb.AssembleContextRequest(
-                new_messages=[msg(USER, "x")], model=MODEL, max_prompt_tokens=9
-            )
+            pb.AssembleContextRequest(new_messages=[msg(USER, "x")], model=MODEL, max_prompt_tokens=9)
         ),
     ):
         assert (await failure(call))[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "TENANT_REQUIRED")
@@ -205,9 +199,7 @@ async def test_append_checks_the_version(stub, tenant) -> None:
     assert (await failure(append(5, msg(USER, "future"))))[2] == {"current_version": "1"}
     assert (await append(1, msg(USER, "again"))).version == 2
 
-    session = (
-        await stub.GetSession(pb.GetSessionRequest(tenant_id=tenant, session_id=session_id))
-    ).session
+    session = (await stub.GetSession(pb.GetSessionRequest(tenant_id=tenant, session_id=session_id))).session
     assert session.version == 2
     assert [(m.role, m.content) for m in session.messages] == [
         (USER, "hi"),
@@ -243,13 +235,9 @@ async def test_concurrent_writers_never_lose_a_turn(stub, tenant) -> None:
     conflicts = await asyncio.gather(*(write(n) for n in range(writers)))
     # Everyone started at version 0, so exactly one got through without a conflict.
     assert sorted(c == 0 for c in conflicts) == [False] * (writers - 1) + [True]
-    session = (
-        await stub.GetSession(pb.GetSessionRequest(tenant_id=tenant, session_id=session_id))
-    ).session
+    session = (await stub.GetSession(pb.GetSessionRequest(tenant_id=tenant, session_id=session_id))).session
     assert session.version == writers
-    assert sorted(m.content for m in session.messages) == sorted(
-        f"writer {n}" for n in range(writers)
-    )
+    assert sorted(m.content for m in session.messages) == sorted(f"writer {n}" for n in range(writers))
 
 
 async def test_invalid_appends_are_rejected(stub, tenant) -> None:
@@ -266,9 +254,7 @@ async def test_invalid_appends_are_rejected(stub, tenant) -> None:
         return reason
 
     assert await reason_of([]) == "NO_MESSAGES"
-    assert (
-        await reason_of([msg(USER, "ok"), msg(common_pb2.ROLE_UNSPECIFIED, "x")]) == "INVALID_ROLE"
-    )
+    assert await reason_of([msg(USER, "ok"), msg(common_pb2.ROLE_UNSPECIFIED, "x")]) == "INVALID_ROLE"
     assert await reason_of([msg(USER, "a" * (1024 * 1024 + 1))]) == "MESSAGE_TOO_LARGE"
     # Under the limit in characters, over it in UTF-8 bytes.
     assert await reason_of([msg(USER, "é" * (512 * 1024 + 1))]) == "MESSAGE_TOO_LARGE"
@@ -328,9 +314,7 @@ async def test_sessions_survive_a_restart_of_the_service(redis_url, tenant) -> N
         assert appended.version == 2
 
 
-async def test_redis_outage_is_unavailable_and_service_recovers(
-    tmp_path: pathlib.Path, tenant
-) -> None:
+async def test_redis_outage_is_unavailable_and_service_recovers(tmp_path: pathlib.Path, tenant) -> None:
     port = free_port()
 
     def start_redis() -> subprocess.Popen:
@@ -393,9 +377,7 @@ async def conversation(stub, tenant) -> Conversation:
     return Conversation(await new_session(stub, tenant, *turns), turns)
 
 
-async def test_assembly_keeps_system_and_newest_turns_within_budget(
-    stub, tenant, conversation
-) -> None:
+async def test_assembly_keeps_system_and_newest_turns_within_budget(stub, tenant, conversation) -> None:
     turns = conversation.turns
     new = [msg(USER, "Which cities does it pass?")]
     costs = [tokens_of(m.content) for m in turns]
@@ -415,9 +397,7 @@ async def test_assembly_keeps_system_and_newest_turns_within_budget(
     )
 
     assert list(response.messages) == [turns[0], *turns[4:], new[0]]
-    entries = [
-        (e.source, e.index, e.role, e.tokens, e.disposition) for e in response.manifest.entries
-    ]
+    entries = [(e.source, e.index, e.role, e.tokens, e.disposition) for e in response.manifest.entries]
     expected_session = [
         (pb.SOURCE_SESSION, i, m.role, costs[i], INCLUDED if i == 0 or i >= 4 else DROPPED)
         for i, m in enumerate(turns)
@@ -464,9 +444,7 @@ async def test_new_messages_over_budget_exceed_the_context_window(stub, tenant) 
 async def test_stateless_assembly(stub, tenant) -> None:
     new = [msg(SYSTEM, "Be brief."), msg(USER, "Hi")]
     response = await stub.AssembleContext(
-        pb.AssembleContextRequest(
-            tenant_id=tenant, new_messages=new, model=MODEL, max_prompt_tokens=50
-        )
+        pb.AssembleContextRequest(tenant_id=tenant, new_messages=new, model=MODEL, max_prompt_tokens=50)
     )
     assert list(response.messages) == new
     assert response.session_version == 0
@@ -485,9 +463,7 @@ async def test_invalid_assembly_requests(stub, tenant) -> None:
             "MODEL_NOT_FOUND",
         ),
         (
-            pb.AssembleContextRequest(
-                tenant_id=tenant, new_messages=new, model=MODEL, max_prompt_tokens=0
-            ),
+            pb.AssembleContextRequest(tenant_id=tenant, new_messages=new, model=MODEL, max_prompt_tokens=0),
             grpc.StatusCode.INVALID_ARGUMENT,
             "INVALID_TOKEN_BUDGET",
         ),
@@ -529,9 +505,7 @@ async def test_a_tokenizer_configured_later_counts_old_turns_once(
     use and the counts stored, so later assemblies read them."""
     default = Settings().models[MODEL]
     async with running(make_settings(redis_url)) as stub:
-        session_id = await new_session(
-            stub, tenant, msg(USER, "Old turn one."), msg(ASSISTANT, "Two.")
-        )
+        session_id = await new_session(stub, tenant, msg(USER, "Old turn one."), msg(ASSISTANT, "Two."))
 
     # Same vocabulary, different file: a tokenizer the stored counts do not cover.
     copy = tmp_path / "tokenizer.json"

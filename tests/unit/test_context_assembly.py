@@ -86,9 +86,7 @@ def test_manifest_lists_every_message_with_source_index_role_and_tokens() -> Non
     session = [turn(SYSTEM, "s", 5), turn(USER, "u1", 20), turn(ASSISTANT, "a1", 6)]
     new = [turn(USER, "u2", 7), turn(ASSISTANT, "prefill", 2)]
     response = assemble(session, new, budget=21)
-    entries = [
-        (e.source, e.index, e.role, e.tokens, e.disposition) for e in response.manifest.entries
-    ]
+    entries = [(e.source, e.index, e.role, e.tokens, e.disposition) for e in response.manifest.entries]
     assert entries == [
         (pb.SOURCE_SESSION, 0, SYSTEM, 5, INCLUDED),
         (pb.SOURCE_SESSION, 1, USER, 20, DROPPED),

@@ -1,0 +1,319 @@
+"""Run the tritonserver binary that the nvidia-pytriton wheel ships, on CPU.
+
+The wheel is only a carrier for the binary, its Python backend and its
+per-interpreter stubs; pytriton's own Python API is not used because its
+proxy process costs a whole core. Hand-written Python-backend models from
+`model_repository/` run directly in the binary.
+
+The Python backend runs each model in a "stub" process that embeds Python.
+Two facts about the wheel's stub (python_backend r24.10, pybind11 2.10.0)
+shape this module:
+
+* It starts Python in isolated mode, so PYTHONPATH is ignored. It finds its
+  environment the way a plain `python3` does: the first `python3` on PATH
+  and the `pyvenv.cfg` beside it. So the stub is pointed at an environment by
+  putting that environment's bin/ first on PATH.
+* Its pybind11 predates NumPy 2 and reads NumPy 1's struct layout: under
+  NumPy 2 every input arrives as copies of its first element and BYTES
+  tensors fail with "unpack_from requires a buffer of at least ... bytes".
+  (pytriton 0.7.0 itself requires numpy<2.) The stub environment therefore
+  layers numpy<2 over the running venv's site-packages; see
+  prepare_stub_environment().
+
+One-time setup (downloads numpy<2 from PyPI), then run in the foreground:
+
+    python -m meshgate.triton --prepare-stub-env
+    python -m meshgate.triton --grpc-port 8001
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+DEFAULT_MODELS = ("tiny_gpt", "minilm")
+STUB_NUMPY_REQUIREMENT = "numpy>=1.26,<2"
+
+
+def _pytriton_root() -> Path:
+    # find_spec: locate the wheel's files without importing pytriton itself.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("nvidia-pytriton is not installed (pip install 'meshgate[local]')")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def tritonserver_binary() -> Path:
+    binary = _pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+    if not binary.is_file():
+        raise RuntimeError(f"tritonserver binary not found at {binary}")
+    return binary
+
+
+def _link(target: Path, link: Path) -> None:
+    """Point `link` at `target`, atomically, so concurrent launches never see it missing."""
+    if link.is_symlink() and Path(os.readlink(link)) == target:
+        return
+    temporary = link.with_name(f".{link.name}.{os.getpid()}")
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(target)
+    temporary.replace(link)
+
+
+def _write(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text() != text:
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.write_text(text)
+        temporary.replace(path)
+
+
+def prepare_backend_dir(state_dir: str | os.PathLike[str]) -> Path:
+    """Build a backend directory whose python/ holds the stub for THIS interpreter.
+
+    The wheel's backends/python/ has no stub; libtriton_python.so looks for
+    `triton_python_backend_stub` next to itself, and each stub embeds one
+    Python version, so the one matching the running interpreter is linked in.
+    """
+    triton_root = _pytriton_root() / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = triton_root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise RuntimeError(f"no Python backend stub for Python {version} in {stub.parent.parent}")
+    wheel_backend = triton_root / "backends" / "python"
+
+    python_dir = Path(state_dir) / "backends" / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for source in (
+        wheel_backend / "libtriton_python.so",
+        wheel_backend / "triton_python_backend_utils.py",
+        stub,
+    ):
+        _link(source, python_dir / source.name)
+    return python_dir.parent
+
+
+def default_stub_env_dir() -> Path:
+    # Inside the venv: it layers over this venv and goes away with it.
+    return Path(sys.prefix) / "triton-stub-env"
+
+
+def prepare_stub_environment(env_dir: str | os.PathLike[str] | None = None, install: bool = False) -> Path:
+    """The environment the stub runs in: numpy<2 first, then this venv's packages.
+
+    A venv-shaped directory (pyvenv.cfg, bin/python3, site-packages) that the
+    stub adopts when its bin/ leads PATH. Its site-packages holds numpy<2 and a
+    .pth file that appends the running venv's site-packages, so everything
+    else (tokenizers, onnxruntime, model packages) comes from the venv.
+    `install=True` fetches numpy with pip; otherwise it must be there already.
+    """
+    env_dir = Path(env_dir) if env_dir is not None else default_stub_env_dir()
+    site_packages = (
+        env_dir / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    )
+    site_packages.mkdir(parents=True, exist_ok=True)
+    if install:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--upgrade",
+                "--no-warn-conflicts",
+                "--only-binary=:all:",
+                "--target",
+                str(site_packages),
+                STUB_NUMPY_REQUIREMENT,
+            ],
+            check=True,
+        )
+    if not (site_packages / "numpy").is_dir():
+        raise RuntimeError(
+            f"Triton's Python stub needs {STUB_NUMPY_REQUIREMENT} in {site_packages}; "
+            "run `python -m meshgate.triton --prepare-stub-env` once (fetches it from PyPI)"
+        )
+    (env_dir / "bin").mkdir(exist_ok=True)
+    _link(Path(sys.executable), env_dir / "bin" / "python3")
+    _write(
+        env_dir / "pyvenv.cfg",
+        f"home = {Path(sys.base_prefix) / 'bin'}\n"
+        "include-system-site-packages = false\n"
+        f"version = {sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}\n",
+    )
+    venv_paths = dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib")])
+    _write(site_packages / "meshgate-venv.pth", "".join(f"{p}\n" for p in venv_paths))
+    return env_dir
+
+
+def triton_environment(
+    stub_env_dir: str | os.PathLike[str], base: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Environment for tritonserver and, through inheritance, its Python stubs."""
+    env = dict(os.environ if base is None else base)
+    # The stub's RPATH holds only the wheel's own libraries, so without this it
+    # loads the distro's /lib/x86_64-linux-gnu/libpython3.x.so: another build
+    # (here 3.11.2) than the interpreter whose stdlib and venv it then uses.
+    library_path = [sysconfig.get_config_var("LIBDIR")]
+    # The stub finds its environment through the first python3 on PATH.
+    path = [str(Path(stub_env_dir) / "bin")]
+    for name, entries in (("LD_LIBRARY_PATH", library_path), ("PATH", path)):
+        if env.get(name):
+            entries.append(env[name])
+        env[name] = os.pathsep.join(entries)
+    return env
+
+
+def build_command(
+    model_repository: str | os.PathLike[str],
+    grpc_port: int,
+    http_port: int | None,
+    metrics_port: int | None,
+    backend_dir: str | os.PathLike[str],
+    log_file: str | os.PathLike[str] | None = None,
+) -> list[str]:
+    """Command line for tritonserver; a port of None turns that endpoint off."""
+    command = [
+        str(tritonserver_binary()),
+        f"--model-repository={model_repository}",
+        f"--backend-directory={backend_dir}",
+        "--grpc-address=127.0.0.1",
+        f"--grpc-port={grpc_port}",
+        "--log-verbose=0",
+        "--log-info=true",
+        "--strict-readiness=true",
+        "--exit-on-error=true",
+        "--exit-timeout-secs=10",
+    ]
+    if http_port is None:
+        command.append("--allow-http=false")
+    else:
+        command += ["--allow-http=true", "--http-address=127.0.0.1", f"--http-port={http_port}"]
+    if metrics_port is None:
+        command.append("--allow-metrics=false")
+    else:
+        command += [
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={metrics_port}",
+        ]
+    if log_file is not None:
+        command.append(f"--log-file={log_file}")
+    return command
+
+
+def launch(
+    model_repository: str | os.PathLike[str] = DEFAULT_MODEL_REPOSITORY,
+    grpc_port: int = 8001,
+    http_port: int | None = None,
+    metrics_port: int | None = None,
+    state_dir: str | os.PathLike[str] | None = None,
+    log_file: str | os.PathLike[str] | None = None,
+    stub_env_dir: str | os.PathLike[str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start tritonserver in the background; pair with wait_ready() and terminate()."""
+    state_dir = (
+        Path(state_dir) if state_dir is not None else Path(tempfile.mkdtemp(prefix="meshgate-triton-"))
+    )
+    command = build_command(
+        model_repository, grpc_port, http_port, metrics_port, prepare_backend_dir(state_dir), log_file
+    )
+    return subprocess.Popen(
+        command,
+        env=triton_environment(prepare_stub_environment(stub_env_dir)),
+        stdin=subprocess.DEVNULL,
+        # Its own process group: a Ctrl-C meant for the caller must not
+        # reach Triton before the caller shuts it down in order.
+        start_new_session=True,
+    )
+
+
+def wait_ready(
+    grpc_url: str,
+    models: Sequence[str] = DEFAULT_MODELS,
+    timeout: float = 60.0,
+    process: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Block until the server and every model in `models` report ready.
+
+    Raises TimeoutError after `timeout` seconds, or RuntimeError as soon as
+    `process` exits (e.g. a model failed to load under --exit-on-error).
+    """
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    deadline = time.monotonic() + timeout
+    with grpcclient.InferenceServerClient(grpc_url) as client:
+        while True:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with code {process.returncode} before it was ready")
+            try:
+                if client.is_server_ready(client_timeout=2.0) and all(
+                    client.is_model_ready(model, client_timeout=2.0) for model in models
+                ):
+                    return
+            except InferenceServerException:
+                pass  # not accepting connections yet
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"Triton at {grpc_url} not ready within {timeout:.0f} s")
+            time.sleep(0.2)
+
+
+def terminate(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+    """SIGTERM, then SIGKILL if Triton has not drained within `timeout` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+    return process.returncode
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run tritonserver in the foreground.")
+    parser.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--http-port", type=int, default=None, help="omit to disable HTTP")
+    parser.add_argument("--metrics-port", type=int, default=None, help="omit to disable metrics")
+    parser.add_argument("--state-dir", type=Path, default=None, help="where the backend directory goes")
+    parser.add_argument("--log-file", type=Path, default=None, help="default: stdout")
+    parser.add_argument("--stub-env-dir", type=Path, default=None, help=f"default: {default_stub_env_dir()}")
+    parser.add_argument(
+        "--prepare-stub-env",
+        action="store_true",
+        help=f"install {STUB_NUMPY_REQUIREMENT} for the Python stub (from PyPI), then exit",
+    )
+    args = parser.parse_args(argv)
+
+    if args.prepare_stub_env:
+        print(f"stub environment ready at {prepare_stub_environment(args.stub_env_dir, install=True)}")
+        return 0
+    state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="meshgate-triton-"))
+    command = build_command(
+        args.model_repository.resolve(),
+        args.grpc_port,
+        args.http_port,
+        args.metrics_port,
+        prepare_backend_dir(state_dir),
+        args.log_file,
+    )
+    # exec: signals reach Triton directly and its exit status is ours.
+    os.execve(command[0], command, triton_environment(prepare_stub_environment(args.stub_env_dir)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

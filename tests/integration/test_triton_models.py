@@ -1,0 +1,225 @@
+"""tiny_gpt and minilm in the real tritonserver, over gRPC, no mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.integration
+
+STREAM_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    log_file: Path
+
+
+@pytest.fixture(scope="module")
+def models_server(triton_server) -> Server:
+    url, log_file = triton_server
+    return Server(url, log_file)
+
+
+def _input(name: str, datatype: str, value) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, [1], datatype)
+    tensor.set_data_from_numpy(np.array([value], dtype=np.object_ if datatype == "BYTES" else np.bool_))
+    return tensor
+
+
+def generate_inputs(prompt: str, stream: bool, sampling: dict | str, **flags: bool) -> list:
+    sampling_json = sampling if isinstance(sampling, str) else json.dumps(sampling)
+    inputs = [
+        _input("text_input", "BYTES", prompt.encode()),
+        _input("stream", "BOOL", stream),
+        _input("sampling_parameters", "BYTES", sampling_json.encode()),
+    ]
+    inputs += [_input(name, "BOOL", value) for name, value in flags.items()]
+    return inputs
+
+
+def is_final(result) -> bool:
+    # The final flag travels as a response parameter, not as a tensor.
+    return result.get_response().parameters["triton_final_response"].bool_param
+
+
+@dataclass
+class Reply:
+    texts: list[str]
+    finish_reason: str | None
+    output_tokens: int
+    input_tokens: int | None
+    arrivals: list[float]
+    final: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+
+async def generate(
+    client: grpcaio.InferenceServerClient, inputs: list, request_id: str = "", stop_after: int | None = None
+) -> Reply:
+    """Run one tiny_gpt request on a gRPC stream and collect every response.
+
+    The stream ends by itself once Triton has sent the final response, since
+    the request side closes after one request. With `stop_after`, the stream
+    is cancelled after that many responses instead.
+    """
+
+    async def requests():
+        yield {"model_name": "tiny_gpt", "inputs": inputs, "request_id": request_id}
+
+    reply = Reply([], None, 0, None, [])
+    failure = None
+    responses = client.stream_infer(requests(), stream_timeout=STREAM_TIMEOUT_S)
+    async for result, error in responses:
+        if error is not None:
+            failure = error  # the model's error response is final; the stream ends next
+            continue
+        assert not reply.final, "a response after the final one"
+        reply.arrivals.append(time.monotonic())
+        reply.texts.append(result.as_numpy("text_output")[0].decode())
+        reply.final = is_final(result)
+        if (reasons := result.as_numpy("finish_reason")) is not None:
+            reply.finish_reason = reasons[0].decode()
+        if (counts := result.as_numpy("num_output_tokens")) is not None:
+            reply.output_tokens += int(counts[0])  # per-response deltas, as vLLM reports them
+        if (counts := result.as_numpy("num_input_tokens")) is not None:
+            reply.input_tokens = int(counts[0])
+        if len(reply.texts) == stop_after:
+            responses.cancel()
+            return reply
+    if failure is not None:
+        raise failure
+    assert reply.final, "stream ended without a final response"
+    return reply
+
+
+@pytest.fixture
+async def client(models_server: Server):
+    async with grpcaio.InferenceServerClient(models_server.url) as client:
+        yield client
+
+
+GREEDY_PROMPT = "user: Tell me about the history of the printing press.\nassistant:"
+ALL_OUTPUTS = dict(return_finish_reason=True, return_num_input_tokens=True, return_num_output_tokens=True)
+
+
+async def test_streamed_deltas_concatenate_to_the_non_streaming_text(client):
+    greedy = {"max_tokens": 48, "temperature": 0}
+    started = time.monotonic()
+    streamed = await generate(client, generate_inputs(GREEDY_PROMPT, True, greedy, **ALL_OUTPUTS))
+    whole = await generate(
+        client, generate_inputs(GREEDY_PROMPT, False, greedy, exclude_input_in_output=True, **ALL_OUTPUTS)
+    )
+
+    assert len(streamed.texts) == 48  # one response per token, the last one final
+    assert all(streamed.texts[:-1]), "every token adds text"
+    # Streaming: the first delta comes long before the last, not all at the end.
+    assert streamed.arrivals[0] - started < (streamed.arrivals[-1] - started) / 2
+    assert len(whole.texts) == 1
+    assert streamed.text == whole.text
+    assert streamed.text.strip()
+    assert (streamed.finish_reason, streamed.output_tokens) == ("length", 48)
+    assert (whole.finish_reason, whole.output_tokens) == ("length", 48)
+    assert streamed.input_tokens == whole.input_tokens > 10
+
+
+async def test_non_streaming_prepends_the_prompt_by_default(client):
+    greedy = {"max_tokens": 5, "temperature": 0}
+    generated = await generate(client, generate_inputs("hello there", True, greedy))
+    whole = await generate(client, generate_inputs("hello there", False, greedy))
+    assert whole.text == "hello there" + generated.text
+
+
+@pytest.mark.parametrize("max_tokens", [1, 7])
+async def test_max_tokens_is_respected(client, max_tokens):
+    sampled = {"max_tokens": max_tokens, "temperature": 0.8, "top_p": 0.9, "seed": 11}
+    reply = await generate(client, generate_inputs("count with me:", True, sampled, **ALL_OUTPUTS))
+    assert reply.output_tokens == len(reply.texts) == max_tokens
+    assert reply.finish_reason == "length"
+
+
+async def test_a_stop_string_ends_generation_before_it(client):
+    sampled = {"max_tokens": 40, "temperature": 1.0, "seed": 7}
+    free = await generate(client, generate_inputs("once upon a time", True, sampled, **ALL_OUTPUTS))
+    words = free.text.split()
+    stop = words[len(words) // 2]
+    expected = free.text[: free.text.index(stop)]
+
+    stopped = await generate(
+        client, generate_inputs("once upon a time", True, {**sampled, "stop": [stop]}, **ALL_OUTPUTS)
+    )
+
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == expected
+    assert stop not in stopped.text
+    assert stopped.output_tokens < free.output_tokens
+
+
+@pytest.mark.parametrize(
+    "sampling, message",
+    [
+        ('{"max_tokens": 8,', "invalid request"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 4, "beam_width": 2}, "unsupported sampling parameters"),
+    ],
+)
+async def test_bad_sampling_parameters_get_an_error_response(client, sampling, message):
+    with pytest.raises(InferenceServerException, match=message):
+        await asyncio.wait_for(generate(client, generate_inputs("hi", True, sampling)), timeout=10)
+
+
+async def test_cancelling_a_stream_cancels_the_request_in_triton(client, models_server: Server):
+    request_id = f"cancel-me-{time.monotonic_ns()}"
+    long_run = {"max_tokens": 500, "temperature": 0}
+    partial = await generate(
+        client, generate_inputs("go on and on", True, long_run), request_id, stop_after=3
+    )
+    assert len(partial.texts) == 3
+
+    line = f"tiny_gpt: request {request_id} cancelled after"
+    deadline = time.monotonic() + 10
+    while line not in models_server.log_file.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"no '{line}' in the Triton log"
+        await asyncio.sleep(0.1)
+
+
+async def test_eight_concurrent_streams_all_complete(client):
+    async def one(i: int) -> Reply:
+        greedy = {"max_tokens": 32, "temperature": 0}
+        return await generate(client, generate_inputs(f"story number {i}:", True, greedy, **ALL_OUTPUTS))
+
+    replies = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(8))), timeout=60)
+    for reply in replies:
+        assert reply.finish_reason == "length"
+        assert reply.output_tokens == 32
+
+
+async def test_embeddings_are_unit_vectors_that_rank_paraphrases_closer(client):
+    texts = [
+        "How do I learn Python quickly?",
+        "What is the fastest way to learn Python?",
+        "What is the capital of France?",
+    ]
+    tensor = grpcaio.InferInput("text", [len(texts), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=np.object_))
+    result = await client.infer("minilm", [tensor], client_timeout=30)
+    vectors = result.as_numpy("embedding")
+
+    assert vectors.shape == (3, 384)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    paraphrase, unrelated = vectors[0] @ vectors[1], vectors[0] @ vectors[2]
+    assert paraphrase > unrelated + 0.3
