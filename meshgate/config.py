@@ -81,8 +81,10 @@ class RouterSettings:
     # Largest content of one message, in UTF-8 bytes.
     max_message_bytes: int = 256 * 1024
     max_messages: int = 256
-    # Time budget for a whole call to a downstream service before streaming starts.
+    # Budget of each unary call to another service, and of one whole
+    # generation; a caller's shorter deadline wins.
     downstream_timeout_s: float = 10.0
+    max_generation_s: float = 300.0
 
 
 @dataclasses.dataclass
@@ -112,8 +114,6 @@ class ServedModelSettings:
 
     triton_model: str = "tiny_gpt"
     context_window_tokens: int = 512
-    # "vllm": text_input/stream/sampling_parameters -> text_output.
-    protocol: str = "vllm"
 
 
 @dataclasses.dataclass

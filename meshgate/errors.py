@@ -87,9 +87,12 @@ def from_rpc_error(error: grpc.aio.AioRpcError, service: str) -> MeshgateError:
         return MeshgateError(
             error.code(), info.reason, error.details() or "", dict(info.metadata), info.domain
         )
+    # No ErrorInfo: a transport failure or a foreign server. Its details name
+    # hosts and ports, which are for our logs, not for callers.
     code = error.code()
+    log.warning("downstream call failed", service=service, code=code.name, details=error.details())
     reason = f"{service.upper()}_{code.name}"
-    return MeshgateError(code, reason, f"{service}: {error.details()}", {"service": service})
+    return MeshgateError(code, reason, f"{service} call failed: {code.name}", {"service": service})
 
 
 class _Undecodable:

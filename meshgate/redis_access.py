@@ -11,17 +11,27 @@ import redis.asyncio as redis
 
 from meshgate.errors import unavailable
 
+# Past this many connections a command waits for a free one (up to the
+# timeout) instead of failing: a burst must queue, not look like an outage.
+MAX_CONNECTIONS = 128
+POOL_WAIT_S = 5.0
+
 
 def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
+    pool = redis.BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=POOL_WAIT_S,
         decode_responses=False,
         health_check_interval=30,
         socket_connect_timeout=5,
         socket_timeout=10,
-        retry_on_timeout=True,
-        max_connections=256,
+        # No retry on timeout: a write script that ran but whose reply was
+        # lost would run twice (a turn appended twice).
+        retry_on_timeout=False,
     )
+    # from_pool: closing the client closes the pool too.
+    return redis.Redis.from_pool(pool)
 
 
 async def ping(client: redis.Redis, url: str) -> None:

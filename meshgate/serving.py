@@ -72,8 +72,10 @@ class Service:
             options=SERVER_OPTIONS,
         )
         self.cleanup: Cleanup = _nothing
-        # A service whose readiness depends on others reports it itself.
+        # A service whose readiness depends on others reports it itself,
+        # and must stop doing so once the service drains.
         self.serving_when_started = True
+        self.draining = False
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -114,6 +116,7 @@ async def start(service: Service, listen: str, cleanup: Cleanup) -> int:
 
 async def stop(service: Service, grace_s: float = 10.0) -> None:
     # Tell balancers first, then let in-flight calls (streams included) finish.
+    service.draining = True
     await service.set_serving(False)
     log.info("draining", grace_s=grace_s)
     await service.server.stop(grace_s)

@@ -30,8 +30,13 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         # Health mirrors the backends: balancers stop sending work here while
         # no Triton server is ready, instead of receiving UNAVAILABLE.
         while True:
-            await pool.probe_all()
-            await service.set_serving(pool.any_ready)
+            try:
+                await pool.probe_all()
+                if not service.draining:
+                    await service.set_serving(pool.any_ready)
+            except Exception:
+                # A watcher that died would freeze readiness as it last was.
+                log.exception("backend probe failed")
             await asyncio.sleep(config.health_interval_s)
 
     service.serving_when_started = False

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 
 import grpc
+import structlog
 
 from meshgate.config import RouterSettings, hash_api_key
 from meshgate.errors import MeshgateError
 
 _BEARER = "bearer "
+
+log = structlog.get_logger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +46,7 @@ class Authenticator:
         if not header:
             raise _unauthenticated("API_KEY_MISSING", "send 'authorization: Bearer <api key>'")
         if not header[: len(_BEARER)].lower() == _BEARER:
-            raise _unauthenticated("API_KEY_MISSING", "the authorization scheme must be Bearer")
+            raise _unauthenticated("UNSUPPORTED_AUTH_SCHEME", "the authorization scheme must be Bearer")
         tenant = self._tenants_by_key_hash.get(hash_api_key(header[len(_BEARER) :].strip()))
         if tenant is None:
             raise _unauthenticated("API_KEY_INVALID", "the API key is not valid")

@@ -55,7 +55,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         self._deployments = deployments
         self._context = context_stub
         self._cache = cache_stub
-        self._timeout = settings.router.downstream_timeout_s
+        self._timeout_s = settings.router.downstream_timeout_s
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext):
         tenant = self._auth.authenticate(context.invocation_metadata())
@@ -66,13 +66,17 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         tenant = self._auth.authenticate(context.invocation_metadata())
         session_id = ""
         async for turn in request_iterator:
-            session_id = turn.session_id or session_id or await self._create_session(tenant)
-            async for response in self._turn(tenant, turn, session_id, pb.ChatSessionResponse, context):
+            session_id = turn.session_id or session_id
+            async for response in self._turn(
+                tenant, turn, session_id, pb.ChatSessionResponse, context, create_session=not session_id
+            ):
+                if response.HasField("completion"):
+                    session_id = response.completion.session_id
                 yield response
 
     async def CreateSession(self, request, context) -> pb.CreateSessionResponse:
         tenant = self._auth.authenticate(context.invocation_metadata())
-        return pb.CreateSessionResponse(session_id=await self._create_session(tenant))
+        return pb.CreateSessionResponse(session_id=await self._create_session(tenant, context))
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
         tenant = self._auth.authenticate(context.invocation_metadata())
@@ -88,10 +92,16 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             ]
         )
 
-    async def _turn(self, tenant: Tenant, turn, session_id: str, response_type, context):
+    async def _turn(
+        self, tenant: Tenant, turn, session_id: str, response_type, context, create_session: bool = False
+    ):
         started = time.perf_counter()
         model = resolve_model(turn.model, tenant, self._models)
         max_tokens = check_turn(turn, model, self._settings.router)
+        # Only after validation: a refused first turn leaves no empty session behind.
+        if create_session:
+            session_id = await self._create_session(tenant, context)
+        strict = turn.HasField("expected_session_version")
         parameters = common_pb2.GenerationParameters()
         parameters.CopyFrom(turn.parameters)
         # "Unset" and "the default" are the same request: one cache entry for both.
@@ -106,12 +116,14 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         # A stateless request is its own prompt: look it up before assembling,
         # so a hit costs no context call.
         if reads_cache and not session_id:
-            lookup = await self._lookup(scope, turn.messages)
+            lookup = await self._lookup(scope, turn.messages, context)
         if lookup is None:
-            assembled = await self._assemble(tenant, session_id, turn, model, max_tokens)
+            assembled = await self._assemble(tenant, session_id, turn, model, max_tokens, context)
             prompt, session_version = assembled.messages, assembled.session_version
+            if strict and session_id and session_version != turn.expected_session_version:
+                raise _version_conflict(session_id, session_version)
             if reads_cache and session_id:
-                lookup = await self._lookup(scope, prompt)
+                lookup = await self._lookup(scope, prompt, context)
         cache_key_messages = prompt if session_id else turn.messages
 
         if lookup is not None:
@@ -126,9 +138,18 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             async for text in self._generate(turn.model, prompt, parameters, answer, context):
                 yield response_type(delta=pb.TextDelta(text=text))
 
-        store = writes_cache and lookup is None and answer.finish_reason != "cancelled"
+        store = writes_cache and lookup is None
         session_version = await self._record(
-            tenant, session_id, session_version, turn, answer, scope, cache_key_messages, store
+            tenant,
+            session_id,
+            session_version,
+            turn,
+            answer,
+            scope,
+            cache_key_messages,
+            store,
+            strict,
+            context,
         )
         log.info(
             "turn",
@@ -158,9 +179,10 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         for deployment in self._deployments.candidates(alias):
             call = deployment.stub.Generate(
                 inference_pb.GenerateRequest(model=deployment.model, messages=prompt, parameters=parameters),
-                timeout=context.time_remaining(),
+                timeout=self._generation_timeout(context),
             )
             pieces: list[str] = []
+            completed = False
             try:
                 async for response in call:
                     if response.HasField("delta"):
@@ -170,6 +192,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                         completion = response.completion
                         answer.usage.CopyFrom(completion.usage)
                         answer.finish_reason = completion.finish_reason
+                        completed = True
             except grpc.aio.AioRpcError as error:
                 # Another deployment may take it, but only before the caller saw output.
                 if error.code() == grpc.StatusCode.UNAVAILABLE and not pieces:
@@ -181,6 +204,13 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 # Reached on caller cancellation too: the inference call, and
                 # through it the Triton request, must not outlive the caller.
                 call.cancel()
+            if not completed:
+                raise MeshgateError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "GENERATION_INCOMPLETE",
+                    "the inference stream ended without a completion",
+                    {"deployment": deployment.name},
+                )
             deployment.record_success()
             answer.text = "".join(pieces)
             answer.deployment = deployment.name
@@ -188,20 +218,32 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         detail = last_error.details() if last_error else "no deployment configured"
         raise unavailable("NO_DEPLOYMENT_AVAILABLE", f"no deployment of {alias!r} could serve: {detail}")
 
-    async def _lookup(self, scope, messages) -> cache_pb.LookupResponse | None:
+    def _timeout(self, context) -> float:
+        """The downstream budget, never past the caller's own deadline."""
+        remaining = context.time_remaining()
+        return self._timeout_s if remaining is None else max(0.0, min(self._timeout_s, remaining))
+
+    def _generation_timeout(self, context) -> float:
+        remaining = context.time_remaining()
+        limit = self._settings.router.max_generation_s
+        return limit if remaining is None else max(0.0, min(limit, remaining))
+
+    async def _lookup(self, scope, messages, context) -> cache_pb.LookupResponse | None:
         """A hit, or None. The cache is an optimization: when it fails, the
         request is generated instead of failing."""
         try:
             response = await self._cache.Lookup(
                 cache_pb.LookupRequest(scope=scope, messages=messages, semantic=True),
-                timeout=self._timeout,
+                timeout=self._timeout(context),
             )
         except grpc.aio.AioRpcError as error:
             log.warning("cache lookup failed", code=error.code().name, details=error.details())
             return None
         return response if response.status in _CACHE_STATUS else None
 
-    async def _assemble(self, tenant: Tenant, session_id: str, turn, model: ModelSettings, max_tokens: int):
+    async def _assemble(
+        self, tenant: Tenant, session_id: str, turn, model: ModelSettings, max_tokens: int, context
+    ):
         try:
             return await self._context.AssembleContext(
                 context_pb.AssembleContextRequest(
@@ -211,34 +253,44 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                     model=turn.model,
                     max_prompt_tokens=model.context_window_tokens - max_tokens,
                 ),
-                timeout=self._timeout,
+                timeout=self._timeout(context),
             )
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, "context") from error
 
     async def _record(
-        self, tenant, session_id, session_version, turn, answer, scope, cache_key_messages, store
+        self,
+        tenant,
+        session_id,
+        session_version,
+        turn,
+        answer,
+        scope,
+        cache_key_messages,
+        store,
+        strict,
+        context,
     ) -> int:
         """Stores the answer and appends the turn, concurrently; returns the
         session version after the append."""
         tasks = []
         if store and answer.text:
-            tasks.append(self._store(scope, cache_key_messages, answer))
+            tasks.append(self._store(scope, cache_key_messages, answer, context))
         if session_id:
-            tasks.append(self._append(tenant, session_id, session_version, turn, answer))
+            tasks.append(self._append(tenant, session_id, session_version, turn, answer, strict, context))
         results = await asyncio.gather(*tasks)
         return results[-1] if session_id else 0
 
-    async def _store(self, scope, messages, answer) -> None:
+    async def _store(self, scope, messages, answer, context) -> None:
         try:
             await self._cache.Store(
                 cache_pb.StoreRequest(scope=scope, messages=messages, answer=answer),
-                timeout=self._timeout,
+                timeout=self._timeout(context),
             )
         except grpc.aio.AioRpcError as error:
             log.warning("cache store failed", code=error.code().name, details=error.details())
 
-    async def _append(self, tenant, session_id, expected_version, turn, answer) -> int:
+    async def _append(self, tenant, session_id, expected_version, turn, answer, strict, context) -> int:
         messages = [
             *turn.messages,
             common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=answer.text),
@@ -252,27 +304,34 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                         expected_version=expected_version,
                         messages=messages,
                     ),
-                    timeout=self._timeout,
+                    timeout=self._timeout(context),
                 )
                 return response.version
             except grpc.aio.AioRpcError as error:
                 info = error_info(error)
-                if error.code() == grpc.StatusCode.ABORTED and info and "current_version" in info.metadata:
+                conflict = (
+                    error.code() == grpc.StatusCode.ABORTED and info and "current_version" in info.metadata
+                )
+                if conflict and not strict:
                     expected_version = int(info.metadata["current_version"])
                     continue
                 raise from_rpc_error(error, "context") from error
-        raise MeshgateError(
-            grpc.StatusCode.ABORTED,
-            "VERSION_CONFLICT",
-            "the session kept changing while this turn was being saved",
-            {"session_id": session_id},
-        )
+        raise _version_conflict(session_id, expected_version)
 
-    async def _create_session(self, tenant: Tenant) -> str:
+    async def _create_session(self, tenant: Tenant, context) -> str:
         try:
             response = await self._context.CreateSession(
-                context_pb.CreateSessionRequest(tenant_id=tenant.id), timeout=self._timeout
+                context_pb.CreateSessionRequest(tenant_id=tenant.id), timeout=self._timeout(context)
             )
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, "context") from error
         return response.session.session_id
+
+
+def _version_conflict(session_id: str, current_version: int) -> MeshgateError:
+    return MeshgateError(
+        grpc.StatusCode.ABORTED,
+        "VERSION_CONFLICT",
+        "the session is not at the expected version",
+        {"session_id": session_id, "current_version": str(current_version)},
+    )

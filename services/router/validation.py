@@ -7,9 +7,11 @@ import grpc
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, RouterSettings
 from meshgate.errors import MeshgateError, invalid_argument, not_found
+from meshgate.router.v1 import router_service_pb2
 from services.router.auth import Tenant
 
 _VALID_ROLES = frozenset({common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT})
+_CACHE_POLICIES = frozenset(router_service_pb2.CachePolicy.values())
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_LENGTH = 64
 
@@ -48,6 +50,9 @@ def check_turn(turn, model: ModelSettings, settings: RouterSettings) -> int:
             )
     if messages[-1].role != common_pb2.ROLE_USER:
         raise invalid_argument("LAST_MESSAGE_NOT_USER", "the last message must be the user's")
+
+    if turn.cache_policy not in _CACHE_POLICIES:
+        raise invalid_argument("INVALID_CACHE_POLICY", f"unknown cache_policy {turn.cache_policy}")
 
     parameters = turn.parameters
     max_tokens = model.default_max_tokens

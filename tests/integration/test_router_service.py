@@ -8,8 +8,10 @@ import contextlib
 import grpc
 import pytest
 
+from meshgate import redis_access
 from meshgate.common.v1 import common_pb2
 from meshgate.config import DeploymentSettings, ModelSettings, Settings
+from meshgate.errors import error_info
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.cache import app as cache_app
@@ -131,3 +133,39 @@ async def test_list_models_shows_aliases_with_windows(router):
         ("tiny-gpt", 512),
         ("with-fallback", 512),
     }
+
+
+async def test_strict_session_versions_refuse_stale_turns_before_generating(router):
+    session_id = (await router.CreateSession(pb.CreateSessionRequest(), metadata=AUTH)).session_id
+
+    def turn(text, expected):
+        request = ask(text, policy=pb.CACHE_POLICY_BYPASS)
+        request.session_id = session_id
+        request.expected_session_version = expected
+        return request
+
+    first = await completion_of(router.Chat(turn("one", 0), metadata=AUTH))
+    assert first.session_version == 1
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for response in router.Chat(turn("stale", 0), metadata=AUTH):
+            pytest.fail(f"a stale turn must not be answered: {response}")
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    info = error_info(caught.value)
+    assert (info.reason, info.metadata["current_version"]) == ("VERSION_CONFLICT", "1")
+    second = await completion_of(router.Chat(turn("two", 1), metadata=AUTH))
+    assert second.session_version == 2
+
+
+async def test_a_refused_first_turn_creates_no_session(router, redis_url):
+    client = redis_access.connect(redis_url)
+
+    async def sessions_of_dev() -> int:
+        return len([key async for key in client.scan_iter(match="mg:context:dev:*:meta")])
+
+    before = await sessions_of_dev()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in router.ChatSession(iter([pb.ChatSessionRequest(model="tiny-gpt")]), metadata=AUTH):
+            pass
+    assert error_info(caught.value).reason == "EMPTY_MESSAGES"
+    assert await sessions_of_dev() == before
+    await client.aclose()

@@ -48,6 +48,7 @@ def test_defaults_max_tokens_when_unset():
         (turn(user("hi"), temperature=3.0), "INVALID_TEMPERATURE"),
         (turn(user("hi"), top_p=0.0), "INVALID_TOP_P"),
         (turn(user("hi"), stop=[""]), "INVALID_STOP"),
+        (pb.ChatRequest(model="m", messages=[user("hi")], cache_policy=99), "INVALID_CACHE_POLICY"),
     ],
 )
 def test_bad_turns_are_invalid_arguments(request_, reason):
@@ -84,7 +85,7 @@ def test_authentication_by_hashed_key():
     assert reason_of(lambda: auth.authenticate([])) == (unauthenticated, "API_KEY_MISSING")
     assert reason_of(lambda: auth.authenticate([("authorization", "Basic x")])) == (
         unauthenticated,
-        "API_KEY_MISSING",
+        "UNSUPPORTED_AUTH_SCHEME",
     )
     assert reason_of(lambda: auth.authenticate([("authorization", "Bearer wrong")])) == (
         unauthenticated,

@@ -33,18 +33,20 @@ CACHE_STATUS_MISS: CacheStatus
 CACHE_STATUS_BYPASSED: CacheStatus
 
 class ChatRequest(_message.Message):
-    __slots__ = ("model", "session_id", "messages", "parameters", "cache_policy")
+    __slots__ = ("model", "session_id", "messages", "parameters", "cache_policy", "expected_session_version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     CACHE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SESSION_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     session_id: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
     parameters: _common_pb2.GenerationParameters
     cache_policy: CachePolicy
-    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., cache_policy: _Optional[_Union[CachePolicy, str]] = ...) -> None: ...
+    expected_session_version: int
+    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., cache_policy: _Optional[_Union[CachePolicy, str]] = ..., expected_session_version: _Optional[int] = ...) -> None: ...
 
 class ChatResponse(_message.Message):
     __slots__ = ("delta", "completion")
@@ -55,18 +57,20 @@ class ChatResponse(_message.Message):
     def __init__(self, delta: _Optional[_Union[TextDelta, _Mapping]] = ..., completion: _Optional[_Union[ChatCompletion, _Mapping]] = ...) -> None: ...
 
 class ChatSessionRequest(_message.Message):
-    __slots__ = ("model", "session_id", "messages", "parameters", "cache_policy")
+    __slots__ = ("model", "session_id", "messages", "parameters", "cache_policy", "expected_session_version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     CACHE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SESSION_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     session_id: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
     parameters: _common_pb2.GenerationParameters
     cache_policy: CachePolicy
-    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., cache_policy: _Optional[_Union[CachePolicy, str]] = ...) -> None: ...
+    expected_session_version: int
+    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., cache_policy: _Optional[_Union[CachePolicy, str]] = ..., expected_session_version: _Optional[int] = ...) -> None: ...
 
 class ChatSessionResponse(_message.Message):
     __slots__ = ("delta", "completion")

@@ -73,7 +73,7 @@ class RouterServiceServicer:
 
     def ChatSession(self, request_iterator, context):
         """Many turns over one stream. Each request is one turn, answered like Chat.
-        Turns without a session id continue the session the stream created first.
+        Turns without a session id continue the stream's current session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
