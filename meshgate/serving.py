@@ -106,9 +106,10 @@ def parse_args(name: str, argv: list[str] | None) -> argparse.Namespace:
 async def start(service: Service, listen: str, cleanup: Cleanup) -> int:
     """Starts serving; returns the bound port (useful with port 0 in tests)."""
     port = service.bind(listen)
+    # grpc's health servicer starts out saying SERVING for the whole server;
+    # a service that is not ready yet must not look ready for a moment.
+    await service.set_serving(service.serving_when_started)
     await service.server.start()
-    if service.serving_when_started:
-        await service.set_serving(True)
     service.cleanup = cleanup
     log.info("serving", address=listen, port=port)
     return port

@@ -15,6 +15,8 @@ from meshgate.errors import unavailable
 log = structlog.get_logger(__name__)
 
 _PROBE_TIMEOUT_S = 2.0
+# Consecutive failed probes before a model (or a whole server) leaves rotation.
+PROBES_TO_MARK_DOWN = 3
 
 
 class TritonBackend:
@@ -31,10 +33,15 @@ class TritonBackend:
         self.ready = False
         self.ready_models: set[str] = set()
         self.in_flight = 0
+        self._misses: dict[str, int] = {}
         # Whether a model takes a leading batch dimension (max_batch_size > 0).
         self.batched: dict[str, bool] = {}
 
     async def probe(self, models: list[str]) -> None:
+        """Updates readiness, tolerating a few bad probes in a row: a busy
+        Python-backend model can answer Triton's own health check late and
+        read as not ready for a moment, and one such blip must not take the
+        only backend out of rotation."""
         try:
             live = await self._probe_stub.ServerLive(
                 service_pb2.ServerLiveRequest(), timeout=_PROBE_TIMEOUT_S
@@ -42,27 +49,36 @@ class TritonBackend:
             ready = await self._probe_stub.ServerReady(
                 service_pb2.ServerReadyRequest(), timeout=_PROBE_TIMEOUT_S
             )
-            ready_models = set()
+            answers = {}
             for model in models:
                 answer = await self._probe_stub.ModelReady(
                     service_pb2.ModelReadyRequest(name=model), timeout=_PROBE_TIMEOUT_S
                 )
-                if answer.ready:
-                    ready_models.add(model)
-                    if model not in self.batched:
-                        config = await self._probe_stub.ModelConfig(
-                            service_pb2.ModelConfigRequest(name=model), timeout=_PROBE_TIMEOUT_S
-                        )
-                        self.batched[model] = config.config.max_batch_size > 0
+                answers[model] = answer.ready
+                if answer.ready and model not in self.batched:
+                    config = await self._probe_stub.ModelConfig(
+                        service_pb2.ModelConfigRequest(name=model), timeout=_PROBE_TIMEOUT_S
+                    )
+                    self.batched[model] = config.config.max_batch_size > 0
         except grpc.aio.AioRpcError as error:
-            if self.ready:
-                log.warning("triton backend down", backend=self.address, error=error.code().name)
-            self.live = self.ready = False
-            self.ready_models = set()
-            return
-        if not self.ready and ready.ready:
-            log.info("triton backend ready", backend=self.address, models=sorted(ready_models))
-        self.live, self.ready, self.ready_models = live.live, ready.ready, ready_models
+            answers = dict.fromkeys(models, False)
+            live = ready = None
+            failure = error.code().name
+        else:
+            failure = None
+        was_ready = self.ready
+        for model, is_ready in answers.items():
+            self._misses[model] = 0 if is_ready else self._misses.get(model, 0) + 1
+            if is_ready:
+                self.ready_models.add(model)
+            elif self._misses[model] >= PROBES_TO_MARK_DOWN:
+                self.ready_models.discard(model)
+        self.live = live.live if live is not None else bool(self.ready_models)
+        self.ready = ready.ready if ready is not None else bool(self.ready_models)
+        if was_ready and not self.ready_models:
+            log.warning("triton backend down", backend=self.address, error=failure)
+        elif not was_ready and self.ready:
+            log.info("triton backend ready", backend=self.address, models=sorted(self.ready_models))
 
     async def close(self) -> None:
         await self._channel.close()

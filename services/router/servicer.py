@@ -196,6 +196,11 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             except grpc.aio.AioRpcError as error:
                 # Another deployment may take it, but only before the caller saw output.
                 if error.code() == grpc.StatusCode.UNAVAILABLE and not pieces:
+                    log.warning(
+                        "deployment unavailable, trying the next",
+                        deployment=deployment.name,
+                        details=error.details(),
+                    )
                     deployment.record_failure()
                     last_error = error
                     continue

@@ -8,7 +8,7 @@ import contextlib
 import grpc
 import pytest
 
-from meshgate import redis_access
+from meshgate import redis_access, serving
 from meshgate.common.v1 import common_pb2
 from meshgate.config import DeploymentSettings, ModelSettings, Settings
 from meshgate.errors import error_info
@@ -16,8 +16,9 @@ from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.cache import app as cache_app
 from services.context import app as context_app
+from services.inference import app as inference_app
 from services.router import app as router_app
-from tests.integration.conftest import running
+from tests.integration.conftest import running, wait_until_serving
 
 pytestmark = pytest.mark.integration
 
@@ -48,11 +49,11 @@ async def router(redis_url, inference_address):
         yield router_service_pb2_grpc.RouterServiceStub(channel)
 
 
-def ask(text, model="tiny-gpt", policy=pb.CACHE_POLICY_USE, **parameters):
+def ask(text, model="tiny-gpt", policy=pb.CACHE_POLICY_USE, max_tokens=6, **parameters):
     return pb.ChatRequest(
         model=model,
         messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=text)],
-        parameters=common_pb2.GenerationParameters(max_tokens=6, **parameters),
+        parameters=common_pb2.GenerationParameters(max_tokens=max_tokens, **parameters),
         cache_policy=policy,
     )
 
@@ -169,3 +170,49 @@ async def test_a_refused_first_turn_creates_no_session(router, redis_url):
     assert error_info(caught.value).reason == "EMPTY_MESSAGES"
     assert await sessions_of_dev() == before
     await client.aclose()
+
+
+async def test_a_failure_mid_stream_ends_the_stream_non_ok_without_fallback(redis_url, triton_url):
+    """The inference service dies after the first tokens: the caller must see an
+    error, not a short answer passed off as complete, and no second deployment
+    may start over (the caller already has part of an answer)."""
+    settings = Settings()
+    settings.redis.url = redis_url
+    settings.inference.triton_urls = [triton_url]
+    settings.inference.health_interval_s = 0.5
+    settings.router.dev_api_key = KEY
+    async with contextlib.AsyncExitStack() as stack:
+        doomed = serving.Service("inference", inference_app.SERVICE_NAMES)
+        port = await serving.start(doomed, "127.0.0.1:0", await inference_app.setup(doomed, settings))
+        stack.push_async_callback(serving.stop, doomed, 0)  # if the test fails before stopping it
+        await wait_until_serving(doomed)
+        spare = await stack.enter_async_context(running(inference_app, "inference", settings))
+        settings.cache.inference_address = spare
+        settings.models = {
+            "tiny-gpt": ModelSettings(
+                deployments=[
+                    DeploymentSettings(name="doomed", address=f"127.0.0.1:{port}", weight=1000),
+                    DeploymentSettings(name="spare", address=spare, weight=1),
+                ]
+            )
+        }
+        settings.router.context_address = await stack.enter_async_context(
+            running(context_app, "context", settings)
+        )
+        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
+        address = await stack.enter_async_context(running(router_app, "router", settings))
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        router = router_service_pb2_grpc.RouterServiceStub(channel)
+
+        call = router.Chat(
+            ask("a long one", policy=pb.CACHE_POLICY_BYPASS, max_tokens=200, temperature=0.0), metadata=AUTH
+        )
+        call_deltas = 0
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for response in call:
+                assert response.HasField("delta"), "a completion must not follow a broken stream"
+                call_deltas += 1
+                if call_deltas == 2:
+                    await serving.stop(doomed, grace_s=0)
+        assert call_deltas >= 2, caught.value
+        assert caught.value.code() != grpc.StatusCode.OK
