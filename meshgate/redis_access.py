@@ -34,12 +34,19 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_pool(pool)
 
 
-async def ping(client: redis.Redis, url: str) -> None:
-    """Fails fast at start-up with a clear message when Redis is unreachable."""
+async def connect_checked(url: str) -> redis.Redis:
+    """A client whose Redis answered a PING: a service fails fast at start-up
+    with a clear message instead of on its first request."""
+    client = connect(url)
     try:
         await client.ping()
     except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+        await client.aclose()
         raise unavailable("REDIS_UNAVAILABLE", f"cannot reach Redis at {url}: {error}") from error
+    except BaseException:
+        await client.aclose()
+        raise
+    return client
 
 
 # Errors a handler maps to UNAVAILABLE: the store, not the request, is at fault.

@@ -20,12 +20,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     config = settings.cache
     if config.ttl_s <= 0:
         raise ConfigError("cache.ttl_s must be positive")
-    client = redis_access.connect(settings.redis.url)
-    try:
-        await redis_access.ping(client, settings.redis.url)
-    except BaseException:
-        await client.aclose()
-        raise
+    client = await redis_access.connect_checked(settings.redis.url)
     channel = serving.client_channel(config.inference_address)
     stats = Stats(client)
     servicer = CacheServicer(

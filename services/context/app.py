@@ -15,12 +15,7 @@ SERVICE_NAMES = [context_service_pb2.DESCRIPTOR.services_by_name["ContextService
 async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup:
     # Tokenizer files are read here, once, before serving starts.
     tokenizers = token_counts.for_models(settings.models)
-    client = redis_access.connect(settings.redis.url)
-    try:
-        await redis_access.ping(client, settings.redis.url)
-    except BaseException:
-        await client.aclose()
-        raise
+    client = await redis_access.connect_checked(settings.redis.url)
     store = SessionStore(client, settings.context.session_ttl_s)
     servicer = ContextServicer(store, settings.models, tokenizers)
     context_service_pb2_grpc.add_ContextServiceServicer_to_server(servicer, service.server)

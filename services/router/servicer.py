@@ -138,19 +138,16 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             async for text in self._generate(turn.model, prompt, parameters, answer, context):
                 yield response_type(delta=pb.TextDelta(text=text))
 
-        store = writes_cache and lookup is None
-        session_version = await self._record(
-            tenant,
-            session_id,
-            session_version,
-            turn,
-            answer,
-            scope,
-            cache_key_messages,
-            store,
-            strict,
-            context,
-        )
+        # Store and append concurrently: the completion waits for both, so
+        # a follow-up request already finds the turn and the cache entry.
+        saving = []
+        if writes_cache and lookup is None and answer.text:
+            saving.append(self._store(scope, cache_key_messages, answer, context))
+        if session_id:
+            saving.append(self._append(tenant, session_id, session_version, turn, answer, strict, context))
+        saved = await asyncio.gather(*saving)
+        if session_id:
+            session_version = saved[-1]
         log.info(
             "turn",
             tenant=tenant.id,
@@ -262,29 +259,6 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             )
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, "context") from error
-
-    async def _record(
-        self,
-        tenant,
-        session_id,
-        session_version,
-        turn,
-        answer,
-        scope,
-        cache_key_messages,
-        store,
-        strict,
-        context,
-    ) -> int:
-        """Stores the answer and appends the turn, concurrently; returns the
-        session version after the append."""
-        tasks = []
-        if store and answer.text:
-            tasks.append(self._store(scope, cache_key_messages, answer, context))
-        if session_id:
-            tasks.append(self._append(tenant, session_id, session_version, turn, answer, strict, context))
-        results = await asyncio.gather(*tasks)
-        return results[-1] if session_id else 0
 
     async def _store(self, scope, messages, answer, context) -> None:
         try:

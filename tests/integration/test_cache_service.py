@@ -12,7 +12,7 @@ import uuid
 import grpc
 import pytest
 
-from meshgate import redis_server, serving
+from meshgate import redis_server
 from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
@@ -20,6 +20,7 @@ from meshgate.config import Settings
 from meshgate.errors import error_info
 from services.cache import app
 from tests.conftest import free_port
+from tests.integration.conftest import running as running_service
 
 pytestmark = pytest.mark.integration
 
@@ -41,15 +42,11 @@ def make_settings(redis_url: str, inference_address: str) -> Settings:
 @contextlib.asynccontextmanager
 async def running(settings: Settings):
     """The service in-process on a free port, and a stub over a real channel."""
-    service = serving.Service("cache", app.SERVICE_NAMES)
-    cleanup = await app.setup(service, settings)
-    port = await serving.start(service, "127.0.0.1:0", cleanup)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
+    async with (
+        running_service(app, "cache", settings) as address,
+        grpc.aio.insecure_channel(address) as channel,
+    ):
         yield cache_service_pb2_grpc.CacheServiceStub(channel)
-    finally:
-        await channel.close()
-        await serving.stop(service, grace_s=1)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import grpc
 import pytest
 import redis.asyncio as redis
 
-from meshgate import redis_server, serving, tokenization
+from meshgate import redis_server, tokenization
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, Settings
 from meshgate.context.v1 import context_service_pb2 as pb
@@ -24,6 +24,7 @@ from meshgate.errors import error_info
 from services.context import app, token_counts
 from services.context.assembly import PER_MESSAGE_OVERHEAD_TOKENS
 from tests.conftest import free_port
+from tests.integration.conftest import running as running_service
 
 pytestmark = pytest.mark.integration
 
@@ -44,15 +45,11 @@ def make_settings(redis_url: str, **models: ModelSettings) -> Settings:
 @contextlib.asynccontextmanager
 async def running(settings: Settings):
     """The service in-process on a free port, and a stub over a real channel."""
-    service = serving.Service("context", app.SERVICE_NAMES)
-    cleanup = await app.setup(service, settings)
-    port = await serving.start(service, "127.0.0.1:0", cleanup)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
+    async with (
+        running_service(app, "context", settings) as address,
+        grpc.aio.insecure_channel(address) as channel,
+    ):
         yield context_service_pb2_grpc.ContextServiceStub(channel)
-    finally:
-        await channel.close()
-        await serving.stop(service, grace_s=1)
 
 
 @pytest.fixture(scope="module")
