@@ -35,24 +35,21 @@ from tritonclient.grpc import service_pb2_grpc
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from workload import PROMPTS  # noqa: E402
+
 from meshgate.common.v1 import common_pb2  # noqa: E402
 from meshgate.router.v1 import router_service_pb2 as pb  # noqa: E402
 from meshgate.router.v1 import router_service_pb2_grpc  # noqa: E402
-from meshgate.stack import SERVICES, Ports, Stack  # noqa: E402
+from meshgate.stack import (  # noqa: E402
+    SERVICES,
+    Ports,
+    Stack,
+    free_port,  # noqa: E402
+)
 from services.inference import triton_protocol  # noqa: E402
 
 API_KEY = "bench-key"
 METADATA = [("authorization", f"Bearer {API_KEY}")]
-PROMPTS = [
-    "Explain how a load balancer works.",
-    "Write a short poem about the sea.",
-    "What are the benefits of caching?",
-    "Describe the water cycle in simple terms.",
-    "Why is the sky blue?",
-    "Give me three tips for writing clean code.",
-    "What is a transformer model?",
-    "Summarize the plot of a heist movie.",
-]
 
 
 def unrelated_prompts():
@@ -70,14 +67,6 @@ def unrelated_prompts():
     rng = random.Random(7)
     while True:
         yield " ".join(rng.sample(vocabulary, 8)) + "?"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def parameters(max_tokens: int) -> common_pb2.GenerationParameters:

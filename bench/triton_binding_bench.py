@@ -40,7 +40,6 @@ import importlib.util
 import os
 import pathlib
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,8 +58,11 @@ from tritonclient.grpc import service_pb2_grpc
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from workload import PROMPTS  # noqa: E402
+
 from meshgate import triton as meshgate_triton  # noqa: E402
 from meshgate.common.v1 import common_pb2  # noqa: E402
+from meshgate.stack import free_port  # noqa: E402
 from services.inference import triton_protocol  # noqa: E402
 
 PYTRITON_VENV = ROOT / "bench" / ".venv-pytriton"
@@ -71,16 +73,6 @@ MODELS = ("tiny_gpt", "echo")
 CONCURRENCIES = (1, 8)
 ECHO_TOKEN = " tok"
 OUTPUT = ROOT / "bench" / "triton_binding.md"
-PROMPTS = [
-    "Explain how a load balancer works.",
-    "Write a short poem about the sea.",
-    "What are the benefits of caching?",
-    "Describe the water cycle in simple terms.",
-    "Why is the sky blue?",
-    "Give me three tips for writing clean code.",
-    "What is a transformer model?",
-    "Summarize the plot of a heist movie.",
-]
 
 # The tensors of model_repository/tiny_gpt/config.pbtxt, so the client's
 # request is valid for echo too; echo answers with text_output only.
@@ -156,12 +148,6 @@ def echo_config() -> str:
         'output [ { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] } ]\n'
         "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- server-side CPU, from /proc ---------------------------------------------

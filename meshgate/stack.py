@@ -12,6 +12,7 @@ import dataclasses
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,13 @@ from meshgate.config import DEFAULT_DEV_API_KEY
 
 SERVICES = ("inference", "context", "cache", "router")
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A port nothing listens on right now, for runs that must not collide."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @dataclasses.dataclass

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import socket
 import subprocess
 
 import pytest
 
 from meshgate import redis_server
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from meshgate.stack import free_port
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,7 @@ from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from meshgate.stack import SERVICES, Ports, Stack
-from tests.conftest import free_port
+from meshgate.stack import SERVICES, Ports, Stack, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -8,9 +8,8 @@ import pytest
 
 from meshgate import serving, triton
 from meshgate.config import Settings
-from meshgate.stack import build_model_weights
+from meshgate.stack import build_model_weights, free_port
 from services.inference import app as inference_app
-from tests.conftest import free_port
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,8 @@ from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings
 from meshgate.errors import error_info
+from meshgate.stack import free_port
 from services.cache import app
-from tests.conftest import free_port
 from tests.integration.conftest import running as running_service
 
 pytestmark = pytest.mark.integration

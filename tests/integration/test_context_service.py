@@ -21,9 +21,9 @@ from meshgate.config import ModelSettings, Settings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
+from meshgate.stack import free_port
 from services.context import app, token_counts
 from services.context.assembly import PER_MESSAGE_OVERHEAD_TOKENS
-from tests.conftest import free_port
 from tests.integration.conftest import running as running_service
 
 pytestmark = pytest.mark.integration

@@ -16,11 +16,11 @@ from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.common.v1 import common_pb2
 from meshgate.config import CacheSettings
 from meshgate.errors import MeshgateError
+from meshgate.stack import free_port
 from services.cache.index import IndexRegistry
 from services.cache.servicer import CacheServicer
 from services.cache.stats import Stats
 from services.cache.store import CacheStore
-from tests.conftest import free_port
 
 DIMS = 64
 USER = common_pb2.ROLE_USER
