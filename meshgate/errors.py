@@ -44,11 +44,15 @@ class MeshgateError(Exception):
         self.metadata = metadata or {}
         self.domain = domain
 
-    def to_status(self) -> grpc.Status:
+    def to_status_proto(self) -> status_pb2.Status:
+        """The ``google.rpc.Status`` with its ErrorInfo, for carrying in a message."""
         info = error_details_pb2.ErrorInfo(reason=self.reason, domain=self.domain, metadata=self.metadata)
         status = status_pb2.Status(code=self.code.value[0], message=self.message)
         status.details.add().Pack(info)
-        return rpc_status.to_status(status)
+        return status
+
+    def to_status(self) -> grpc.Status:
+        return rpc_status.to_status(self.to_status_proto())
 
     def __repr__(self) -> str:
         return f"MeshgateError({self.code.name}, {self.reason!r}, {self.message!r})"
@@ -64,6 +68,11 @@ def not_found(reason: str, message: str, **metadata: str) -> MeshgateError:
 
 def unavailable(reason: str, message: str, **metadata: str) -> MeshgateError:
     return MeshgateError(grpc.StatusCode.UNAVAILABLE, reason, message, metadata)
+
+
+def internal_error() -> MeshgateError:
+    """What a caller learns of a bug: that it happened, nothing of its insides."""
+    return MeshgateError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
 
 
 def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
@@ -130,7 +139,7 @@ async def _report(error: BaseException, context: grpc.aio.ServicerContext, metho
         failure = error
     else:
         log.exception("unhandled error", method=method)
-        failure = MeshgateError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
+        failure = internal_error()
     status = failure.to_status()
     await context.abort(status.code, status.details, status.trailing_metadata)
 

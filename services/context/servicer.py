@@ -23,6 +23,8 @@ log = structlog.get_logger(__name__)
 # service tokenize without limit.
 MAX_CONTENT_BYTES = 1024 * 1024
 MAX_MESSAGES_PER_CALL = 1024
+# A turn id is a key in the session's hash of applied appends.
+MAX_TURN_ID_BYTES = 128
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _ROLES = frozenset((common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT))
@@ -114,17 +116,26 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         _check_session_id(request.session_id)
         if request.expected_version < 0:
             raise invalid_argument("INVALID_VERSION", "expected_version must not be negative")
+        if len(request.turn_id.encode()) > MAX_TURN_ID_BYTES:
+            raise invalid_argument(
+                "INVALID_TURN_ID", f"turn_id is longer than {MAX_TURN_ID_BYTES} bytes"
+            )
         if not request.messages:
             raise invalid_argument("NO_MESSAGES", "messages must not be empty")
         turns = list(request.messages)
         _check_messages(turns, "messages")
         contents = [turn.content for turn in turns]
         token_counts = {t.id: await t.count(contents) for t in self._distinct_tokenizers}
-        version = await self._store.append(
-            request.tenant_id, request.session_id, request.expected_version, turns, token_counts
+        version, replayed = await self._store.append(
+            request.tenant_id,
+            request.session_id,
+            None if request.any_version else request.expected_version,
+            turns,
+            token_counts,
+            turn_id=request.turn_id,
         )
-        log.debug("turns appended", session_id=request.session_id, version=version)
-        return pb.AppendTurnsResponse(version=version)
+        log.debug("turns appended", session_id=request.session_id, version=version, replayed=replayed)
+        return pb.AppendTurnsResponse(version=version, replayed=replayed)
 
     async def AssembleContext(
         self, request: pb.AssembleContextRequest, context

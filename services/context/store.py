@@ -8,6 +8,9 @@ so that another tenant's session id is simply absent:
   ``tokens:<tokenizer id>`` per tokenizer: the turns' content token counts as
   little-endian uint32, counted once when the turns were appended.
 - ``...:turns``, a list of serialized ``common.v1.Message``, oldest first.
+- ``...:turn_ids``, a hash: the idempotency key of every append that gave
+  one -> the version that append made, so a retried append is answered
+  instead of applied twice.
 
 Token counts always cover a prefix of the turns: all of them, unless the
 tokenizer was configured after some turns were stored; a reader then counts
@@ -33,30 +36,38 @@ from meshgate.errors import MeshgateError, not_found, unavailable
 
 log = structlog.get_logger(__name__)
 
-# KEYS: meta, turns. ARGV: ttl_s. Returns the creation time, or nil if taken.
+# KEYS: meta, turns, turn_ids. ARGV: ttl_s. Returns the creation time, or nil if taken.
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 -- Turns left by an expired session of the same id must not leak into this one.
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[3])
 redis.call('HSET', KEYS[1], 'version', 0, 'create_time_ms', now, 'update_time_ms', now)
 local ttl = tonumber(ARGV[1])
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 return now
 """
 
-# KEYS: meta, turns. ARGV: expected version, ttl_s, turn count n, n turns,
-# then pairs of (counts field, packed counts of the n turns).
-# Returns {1, new version}, {0} if there is no session, {-1, current version}.
+# KEYS: meta, turns, turn_ids. ARGV: expected version ("" = append at the
+# end whatever the version), turn id ("" = none), ttl_s, turn count n, n
+# turns, then pairs of (counts field, packed counts of the n turns).
+# Returns {1, new version}, {0} if there is no session, {-1, current
+# version} on a version mismatch, {2, version} if the turn id was applied
+# before (nothing is appended again).
 _APPEND = """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return {0} end
-if version ~= ARGV[1] then return {-1, tonumber(version)} end
-local n = tonumber(ARGV[3])
+if ARGV[2] ~= '' then
+  local applied = redis.call('HGET', KEYS[3], ARGV[2])
+  if applied then return {2, tonumber(applied)} end
+end
+if ARGV[1] ~= '' and version ~= ARGV[1] then return {-1, tonumber(version)} end
+local n = tonumber(ARGV[4])
 local stored = redis.call('LLEN', KEYS[2])
-redis.call('RPUSH', KEYS[2], unpack(ARGV, 4, 3 + n))
-for i = 4 + n, #ARGV, 2 do
+-- One RPUSH: the turn's messages stay adjacent whatever else is appended.
+redis.call('RPUSH', KEYS[2], unpack(ARGV, 5, 4 + n))
+for i = 5 + n, #ARGV, 2 do
   local counts = redis.call('HGET', KEYS[1], ARGV[i]) or ''
   -- Extend only counts that cover every stored turn, so they stay a prefix.
   if #counts == 4 * stored then
@@ -66,10 +77,10 @@ end
 local t = redis.call('TIME')
 local new_version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'update_time_ms', t[1] * 1000 + math.floor(t[2] / 1000))
-local ttl = tonumber(ARGV[2])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[3], ARGV[2], new_version) end
+local ttl = tonumber(ARGV[3])
 if ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
 end
 return {1, new_version}
 """
@@ -98,7 +109,7 @@ class StoredSession:
 
 def _keys(tenant_id: str, session_id: str) -> list[str]:
     prefix = f"mg:context:{tenant_id}:{session_id}"
-    return [f"{prefix}:meta", f"{prefix}:turns"]
+    return [f"{prefix}:meta", f"{prefix}:turns", f"{prefix}:turn_ids"]
 
 
 def _counts_field(tokenizer_id: str) -> str:
@@ -152,7 +163,7 @@ class SessionStore:
     async def read(self, tenant_id: str, session_id: str, tokenizer_id: str | None = None) -> StoredSession:
         """The session's state and turns as of one instant (MULTI), with the
         stored counts of ``tokenizer_id`` if given."""
-        meta, turns = _keys(tenant_id, session_id)
+        meta, turns, _ = _keys(tenant_id, session_id)
         fields = [*_META_FIELDS, _counts_field(tokenizer_id)] if tokenizer_id else _META_FIELDS
         with _redis_reachable():
             async with self._client.pipeline(transaction=True) as pipe:
@@ -174,13 +185,17 @@ class SessionStore:
         self,
         tenant_id: str,
         session_id: str,
-        expected_version: int,
+        expected_version: int | None,
         turns: list[common_pb2.Message],
         token_counts: dict[str, list[int]],
-    ) -> int:
-        """Appends if the session is at ``expected_version``; returns the new
-        version. ``token_counts`` maps tokenizer id to the turns' counts."""
-        args: list[object] = [expected_version, self._ttl_s, len(turns)]
+        turn_id: str = "",
+    ) -> tuple[int, bool]:
+        """Appends if the session is at ``expected_version``, or at the end
+        whatever its version when it is None. Returns the new version and
+        whether ``turn_id`` had been applied before (then nothing is
+        appended now). ``token_counts`` maps tokenizer id to the turns' counts."""
+        expected = "" if expected_version is None else str(expected_version)
+        args: list[object] = [expected, turn_id, self._ttl_s, len(turns)]
         args.extend(turn.SerializeToString() for turn in turns)
         for tokenizer_id, counts in token_counts.items():
             args.extend((_counts_field(tokenizer_id), _pack(counts)))
@@ -196,14 +211,14 @@ class SessionStore:
                 f"session {session_id!r} is at version {current}, not {expected_version}",
                 {"current_version": current},
             )
-        return int(outcome[1])
+        return int(outcome[1]), outcome[0] == 2
 
     async def fill_token_counts(
         self, tenant_id: str, session_id: str, version: int, tokenizer_id: str, counts: list[int]
     ) -> None:
         """Stores the counts of every turn of ``version``, unless the session
         moved on meanwhile (a later read then fills them)."""
-        meta, _ = _keys(tenant_id, session_id)
+        meta = _keys(tenant_id, session_id)[0]
         with _redis_reachable():
             await self._fill_counts(keys=[meta], args=[version, _counts_field(tokenizer_id), _pack(counts)])
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import grpc
 import structlog
@@ -20,7 +21,7 @@ from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, Settings
 from meshgate.context.v1 import context_service_pb2 as context_pb
-from meshgate.errors import MeshgateError, error_info, from_rpc_error, unavailable
+from meshgate.errors import MeshgateError, from_rpc_error, internal_error, unavailable
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
@@ -34,10 +35,13 @@ _CACHE_STATUS = {
     cache_pb.LOOKUP_STATUS_EXACT_HIT: pb.CACHE_STATUS_EXACT_HIT,
     cache_pb.LOOKUP_STATUS_SEMANTIC_HIT: pb.CACHE_STATUS_SEMANTIC_HIT,
 }
+# Failures that say the context service is down, not that the request is bad.
+_CONTEXT_OUTAGE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _READS_CACHE = frozenset({pb.CACHE_POLICY_UNSPECIFIED, pb.CACHE_POLICY_USE})
-# A concurrent writer may append between our read and our write; we then
-# append after it rather than lose our turn.
+# Attempts to save a turn while the context service is unavailable, and the
+# pause before the first retry (it grows linearly).
 _APPEND_ATTEMPTS = 3
+_APPEND_RETRY_DELAY_S = 0.2
 
 
 class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
@@ -67,12 +71,22 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         session_id = ""
         async for turn in request_iterator:
             session_id = turn.session_id or session_id
-            async for response in self._turn(
-                tenant, turn, session_id, pb.ChatSessionResponse, context, create_session=not session_id
-            ):
-                if response.HasField("completion"):
-                    session_id = response.completion.session_id
-                yield response
+            # A failed turn is reported in the stream, which stays open: ending
+            # the call while the client is still sending pipelined turns lets
+            # grpc's asyncio client replace our status with "Internal error
+            # from Core" (grpc/grpc#36066), and the next turn may well succeed.
+            try:
+                async for response in self._turn(
+                    tenant, turn, session_id, pb.ChatSessionResponse, context, create_session=not session_id
+                ):
+                    if response.HasField("completion"):
+                        session_id = response.completion.session_id
+                    yield response
+            except MeshgateError as error:
+                yield pb.ChatSessionResponse(failure=error.to_status_proto().SerializeToString())
+            except Exception:  # noqa: BLE001 - a bug fails its turn, not the conversation
+                log.exception("turn failed", method="ChatSession")
+                yield pb.ChatSessionResponse(failure=internal_error().to_status_proto().SerializeToString())
 
     async def CreateSession(self, request, context) -> pb.CreateSessionResponse:
         tenant = self._auth.authenticate(context.invocation_metadata())
@@ -119,7 +133,8 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             lookup = await self._lookup(scope, turn.messages, context)
         if lookup is None:
             assembled = await self._assemble(tenant, session_id, turn, model, max_tokens, context)
-            prompt, session_version = assembled.messages, assembled.session_version
+            if assembled is not None:
+                prompt, session_version = assembled.messages, assembled.session_version
             if strict and session_id and session_version != turn.expected_session_version:
                 raise _version_conflict(session_id, session_version)
             if reads_cache and session_id:
@@ -245,7 +260,15 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
 
     async def _assemble(
         self, tenant: Tenant, session_id: str, turn, model: ModelSettings, max_tokens: int, context
-    ):
+    ) -> context_pb.AssembleContextResponse | None:
+        """The prompt from the context service; None when a stateless request
+        should go out as sent because the context service cannot be reached.
+
+        A stateless request needs the context service only to fit the prompt
+        to the window, so its outage degrades that request (the model's own
+        window check still refuses a prompt that is too long) instead of
+        failing it. A session request cannot be answered without its history.
+        """
         try:
             return await self._context.AssembleContext(
                 context_pb.AssembleContextRequest(
@@ -258,6 +281,9 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 timeout=self._timeout(context),
             )
         except grpc.aio.AioRpcError as error:
+            if not session_id and error.code() in _CONTEXT_OUTAGE:
+                log.warning("context service unreachable; sending the prompt as is", code=error.code().name)
+                return None
             raise from_rpc_error(error, "context") from error
 
     async def _store(self, scope, messages, answer, context) -> None:
@@ -270,32 +296,39 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             log.warning("cache store failed", code=error.code().name, details=error.details())
 
     async def _append(self, tenant, session_id, expected_version, turn, answer, strict, context) -> int:
-        messages = [
-            *turn.messages,
-            common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=answer.text),
-        ]
-        for _ in range(_APPEND_ATTEMPTS):
+        """Appends the turn's messages and the answer as one adjacent block.
+
+        Strict turns append only at the version they were answered from
+        (ABORTED otherwise). Other turns append after whatever the session
+        holds by then, so concurrent turns on one session all land. One turn
+        id for every attempt: a retry after a lost reply is answered, not
+        applied twice.
+        """
+        request = context_pb.AppendTurnsRequest(
+            tenant_id=tenant.id,
+            session_id=session_id,
+            expected_version=expected_version,
+            any_version=not strict,
+            turn_id=uuid.uuid4().hex,
+            messages=[
+                *turn.messages,
+                common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=answer.text),
+            ],
+        )
+        for attempt in range(_APPEND_ATTEMPTS):
             try:
-                response = await self._context.AppendTurns(
-                    context_pb.AppendTurnsRequest(
-                        tenant_id=tenant.id,
-                        session_id=session_id,
-                        expected_version=expected_version,
-                        messages=messages,
-                    ),
-                    timeout=self._timeout(context),
-                )
+                response = await self._context.AppendTurns(request, timeout=self._timeout(context))
                 return response.version
             except grpc.aio.AioRpcError as error:
-                info = error_info(error)
-                conflict = (
-                    error.code() == grpc.StatusCode.ABORTED and info and "current_version" in info.metadata
-                )
-                if conflict and not strict:
-                    expected_version = int(info.metadata["current_version"])
+                # UNAVAILABLE: the context service or its Redis is restarting;
+                # the turn id makes the retry safe.
+                if error.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < _APPEND_ATTEMPTS:
+                    await asyncio.sleep(_APPEND_RETRY_DELAY_S * (attempt + 1))
                     continue
+                # The answer was streamed but is not saved: the turn must not
+                # look acknowledged, so the stream ends with this error.
                 raise from_rpc_error(error, "context") from error
-        raise _version_conflict(session_id, expected_version)
+        raise AssertionError("unreachable")
 
     async def _create_session(self, tenant: Tenant, context) -> str:
         try:

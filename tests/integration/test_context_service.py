@@ -237,6 +237,39 @@ async def test_concurrent_writers_never_lose_a_turn(stub, tenant) -> None:
     assert sorted(m.content for m in session.messages) == sorted(f"writer {n}" for n in range(writers))
 
 
+async def test_appends_at_any_version_all_land_and_a_replayed_turn_id_is_not_applied_twice(
+    stub, tenant
+) -> None:
+    session_id = await new_session(stub, tenant)
+    writers = 16
+
+    def append(n: int, turn_id: str) -> pb.AppendTurnsRequest:
+        return pb.AppendTurnsRequest(
+            tenant_id=tenant,
+            session_id=session_id,
+            any_version=True,
+            turn_id=turn_id,
+            messages=[msg(USER, f"question {n}"), msg(ASSISTANT, f"answer {n}")],
+        )
+
+    responses = await asyncio.gather(*(stub.AppendTurns(append(n, f"turn-{n}")) for n in range(writers)))
+    assert sorted(r.version for r in responses) == list(range(1, writers + 1))
+    assert not any(r.replayed for r in responses)
+
+    # A retry after a lost reply: same turn id, answered with the first version.
+    replay = await stub.AppendTurns(append(3, "turn-3"))
+    assert replay.replayed and replay.version == responses[3].version
+
+    session = (await stub.GetSession(pb.GetSessionRequest(tenant_id=tenant, session_id=session_id))).session
+    assert session.version == writers
+    contents = [m.content for m in session.messages]
+    assert len(contents) == 2 * writers
+    for i in range(0, len(contents), 2):
+        n = contents[i].removeprefix("question ")
+        assert contents[i + 1] == f"answer {n}", "a turn's messages must stay adjacent"
+    assert sorted(contents[::2]) == sorted(f"question {n}" for n in range(writers))
+
+
 async def test_invalid_appends_are_rejected(stub, tenant) -> None:
     session_id = await new_session(stub, tenant)
 

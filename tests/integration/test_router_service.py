@@ -3,14 +3,18 @@ services (real Redis, real Triton): fallbacks, sessions, cache policies."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from meshgate import redis_access, serving
 from meshgate.common.v1 import common_pb2
 from meshgate.config import DeploymentSettings, ModelSettings, Settings
+from meshgate.context.v1 import context_service_pb2 as context_pb
+from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
@@ -27,7 +31,9 @@ AUTH = [("authorization", f"Bearer {KEY}")]
 
 
 @pytest.fixture(scope="module")
-async def router(redis_url, inference_address):
+async def mesh(redis_url, inference_address):
+    """The router in front of in-process context and cache services; yields
+    (router stub, context stub) so tests can check what was stored."""
     settings = Settings()
     settings.redis.url = redis_url
     settings.cache.inference_address = inference_address
@@ -46,7 +52,18 @@ async def router(redis_url, inference_address):
         settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
         address = await stack.enter_async_context(running(router_app, "router", settings))
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
-        yield router_service_pb2_grpc.RouterServiceStub(channel)
+        context_channel = await stack.enter_async_context(
+            serving.client_channel(settings.router.context_address)
+        )
+        yield (
+            router_service_pb2_grpc.RouterServiceStub(channel),
+            context_service_pb2_grpc.ContextServiceStub(context_channel),
+        )
+
+
+@pytest.fixture(scope="module")
+def router(mesh):
+    return mesh[0]
 
 
 def ask(text, model="tiny-gpt", policy=pb.CACHE_POLICY_USE, max_tokens=6, **parameters):
@@ -164,12 +181,75 @@ async def test_a_refused_first_turn_creates_no_session(router, redis_url):
         return len([key async for key in client.scan_iter(match="mg:context:dev:*:meta")])
 
     before = await sessions_of_dev()
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for _ in router.ChatSession(iter([pb.ChatSessionRequest(model="tiny-gpt")]), metadata=AUTH):
-            pass
-    assert error_info(caught.value).reason == "EMPTY_MESSAGES"
+    responses = [
+        r async for r in router.ChatSession(iter([pb.ChatSessionRequest(model="tiny-gpt")]), metadata=AUTH)
+    ]
+    assert [r.WhichOneof("event") for r in responses] == ["failure"]
+    assert failure_of(responses[0]) == (grpc.StatusCode.INVALID_ARGUMENT.value[0], "EMPTY_MESSAGES")
     assert await sessions_of_dev() == before
     await client.aclose()
+
+
+def failure_of(response: pb.ChatSessionResponse) -> tuple[int, str]:
+    """The code and ErrorInfo reason of a ChatSession failure event."""
+    status = status_pb2.Status.FromString(response.failure)
+    (detail,) = status.details
+    info = error_details_pb2.ErrorInfo()
+    assert detail.Unpack(info)
+    return status.code, info.reason
+
+
+async def test_chat_session_reports_each_failed_turn_and_goes_on(router):
+    """Pipelined turns, the second invalid: every turn gets its real status
+    with ErrorInfo, in order, and the stream carries on with the next turn."""
+
+    def turn(text: str, **parameters) -> pb.ChatSessionRequest:
+        return pb.ChatSessionRequest(
+            model="tiny-gpt",
+            messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=text)] if text else [],
+            parameters=common_pb2.GenerationParameters(max_tokens=3, **parameters),
+        )
+
+    requests = [turn("first"), turn(""), turn("third", temperature=7.0), turn("fourth")]
+    outcomes = []
+    async for response in router.ChatSession(iter(requests), metadata=AUTH):
+        kind = response.WhichOneof("event")
+        if kind == "completion":
+            outcomes.append(("ok", response.completion.session_version))
+        elif kind == "failure":
+            outcomes.append(failure_of(response))
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert outcomes == [("ok", 1), (invalid, "EMPTY_MESSAGES"), (invalid, "INVALID_TEMPERATURE"), ("ok", 2)]
+
+
+async def test_concurrent_turns_on_one_session_all_land(mesh):
+    """32 non-strict turns at once on one session: every one is acknowledged,
+    stored exactly once, and its question and answer sit side by side."""
+    router, context = mesh
+    session_id = (await router.CreateSession(pb.CreateSessionRequest(), metadata=AUTH)).session_id
+    turns = 32
+
+    async def one(n: int) -> tuple[str, pb.ChatCompletion]:
+        request = ask(f"concurrent turn {n}", policy=pb.CACHE_POLICY_BYPASS, max_tokens=2)
+        request.session_id = session_id
+        return await answer_of(router.Chat(request, metadata=AUTH))
+
+    answers = await asyncio.gather(*(one(n) for n in range(turns)))
+    assert sorted(c.session_version for _, c in answers) == list(range(1, turns + 1))
+
+    session = (
+        await context.GetSession(context_pb.GetSessionRequest(tenant_id="dev", session_id=session_id))
+    ).session
+    assert session.version == turns
+    pairs = [(session.messages[i], session.messages[i + 1]) for i in range(0, len(session.messages), 2)]
+    assert len(session.messages) == 2 * turns
+    assert sorted(q.content for q, _ in pairs) == sorted(f"concurrent turn {n}" for n in range(turns))
+    answer_of_question = {q.content: a.content for q, a in pairs}
+    for n, (text, _) in enumerate(answers):
+        assert answer_of_question[f"concurrent turn {n}"] == text
+    assert all(
+        (q.role, a.role) == (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT) for q, a in pairs
+    )
 
 
 async def test_a_failure_mid_stream_ends_the_stream_non_ok_without_fallback(redis_url, triton_url):
@@ -216,3 +296,32 @@ async def test_a_failure_mid_stream_ends_the_stream_non_ok_without_fallback(redi
                     await serving.stop(doomed, grace_s=0)
         assert call_deltas >= 2, caught.value
         assert caught.value.code() != grpc.StatusCode.OK
+
+
+async def test_stateless_requests_are_served_while_the_context_service_is_down(redis_url, inference_address):
+    """The context service only fits a stateless prompt to the window: without
+    it such requests go out as sent; a session turn, which needs its history,
+    fails with UNAVAILABLE and its reason."""
+    settings = Settings()
+    settings.redis.url = redis_url
+    settings.cache.inference_address = inference_address
+    settings.router.dev_api_key = KEY
+    settings.router.context_address = "127.0.0.1:1"  # nothing listens there
+    settings.models = {"tiny-gpt": ModelSettings(deployments=[DeploymentSettings(address=inference_address)])}
+    async with contextlib.AsyncExitStack() as stack:
+        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
+        address = await stack.enter_async_context(running(router_app, "router", settings))
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        router = router_service_pb2_grpc.RouterServiceStub(channel)
+
+        text, completion = await answer_of(
+            router.Chat(ask("served without context", policy=pb.CACHE_POLICY_BYPASS), metadata=AUTH)
+        )
+        assert text and completion.usage.completion_tokens > 0
+
+        request = ask("a session turn", policy=pb.CACHE_POLICY_BYPASS)
+        request.session_id = "some-session"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await answer_of(router.Chat(request, metadata=AUTH))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(caught.value) is not None

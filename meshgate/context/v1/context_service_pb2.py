@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from meshgate.common.v1 import common_pb2 as meshgate_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)meshgate/context/v1/context_service.proto\x12\x13meshgate.context.v1\x1a\x1fmeshgate/common/v1/common.proto\"\xa0\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12-\n\x08messages\x18\x04 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12\x16\n\x0e\x63reate_time_ms\x18\x05 \x01(\x03\x12\x16\n\x0eupdate_time_ms\x18\x06 \x01(\x03\"=\n\x14\x43reateSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"F\n\x15\x43reateSessionResponse\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.meshgate.context.v1.Session\":\n\x11GetSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"C\n\x12GetSessionResponse\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.meshgate.context.v1.Session\"=\n\x14\x44\x65leteSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"\x84\x01\n\x12\x41ppendTurnsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x03\x12-\n\x08messages\x18\x04 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\"&\n\x13\x41ppendTurnsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\x9c\x01\n\x16\x41ssembleContextRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x31\n\x0cnew_messages\x18\x03 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12\r\n\x05model\x18\x04 \x01(\t\x12\x19\n\x11max_prompt_tokens\x18\x05 \x01(\x05\"\x99\x01\n\x17\x41ssembleContextResponse\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12\x36\n\x08manifest\x18\x02 \x01(\x0b\x32$.meshgate.context.v1.ContextManifest\x12\x17\n\x0fsession_version\x18\x03 \x01(\x03\"\xba\x01\n\rManifestEntry\x12+\n\x06source\x18\x01 \x01(\x0e\x32\x1b.meshgate.context.v1.Source\x12\r\n\x05index\x18\x02 \x01(\x05\x12&\n\x04role\x18\x03 \x01(\x0e\x32\x18.meshgate.common.v1.Role\x12\x0e\n\x06tokens\x18\x04 \x01(\x05\x12\x35\n\x0b\x64isposition\x18\x05 \x01(\x0e\x32 .meshgate.context.v1.Disposition\"\x87\x01\n\x0f\x43ontextManifest\x12\x33\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\".meshgate.context.v1.ManifestEntry\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x15\n\rbudget_tokens\x18\x03 \x01(\x05\x12\x11\n\ttokenizer\x18\x04 \x01(\t*y\n\x0b\x44isposition\x12\x1b\n\x17\x44ISPOSITION_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44ISPOSITION_INCLUDED\x10\x01\x12\x1a\n\x16\x44ISPOSITION_SUMMARIZED\x10\x02\x12\x17\n\x13\x44ISPOSITION_DROPPED\x10\x03*H\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSOURCE_SESSION\x10\x01\x12\x12\n\x0eSOURCE_REQUEST\x10\x02\x32\x8f\x04\n\x0e\x43ontextService\x12\x66\n\rCreateSession\x12).meshgate.context.v1.CreateSessionRequest\x1a*.meshgate.context.v1.CreateSessionResponse\x12]\n\nGetSession\x12&.meshgate.context.v1.GetSessionRequest\x1a\'.meshgate.context.v1.GetSessionResponse\x12\x66\n\rDeleteSession\x12).meshgate.context.v1.DeleteSessionRequest\x1a*.meshgate.context.v1.DeleteSessionResponse\x12`\n\x0b\x41ppendTurns\x12\'.meshgate.context.v1.AppendTurnsRequest\x1a(.meshgate.context.v1.AppendTurnsResponse\x12l\n\x0f\x41ssembleContext\x12+.meshgate.context.v1.AssembleContextRequest\x1a,.meshgate.context.v1.AssembleContextResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)meshgate/context/v1/context_service.proto\x12\x13meshgate.context.v1\x1a\x1fmeshgate/common/v1/common.proto\"\xa0\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12-\n\x08messages\x18\x04 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12\x16\n\x0e\x63reate_time_ms\x18\x05 \x01(\x03\x12\x16\n\x0eupdate_time_ms\x18\x06 \x01(\x03\"=\n\x14\x43reateSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"F\n\x15\x43reateSessionResponse\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.meshgate.context.v1.Session\":\n\x11GetSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"C\n\x12GetSessionResponse\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.meshgate.context.v1.Session\"=\n\x14\x44\x65leteSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"\xaa\x01\n\x12\x41ppendTurnsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x03\x12-\n\x08messages\x18\x04 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12\x13\n\x0b\x61ny_version\x18\x05 \x01(\x08\x12\x0f\n\x07turn_id\x18\x06 \x01(\t\"8\n\x13\x41ppendTurnsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"\x9c\x01\n\x16\x41ssembleContextRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x31\n\x0cnew_messages\x18\x03 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12\r\n\x05model\x18\x04 \x01(\t\x12\x19\n\x11max_prompt_tokens\x18\x05 \x01(\x05\"\x99\x01\n\x17\x41ssembleContextResponse\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12\x36\n\x08manifest\x18\x02 \x01(\x0b\x32$.meshgate.context.v1.ContextManifest\x12\x17\n\x0fsession_version\x18\x03 \x01(\x03\"\xba\x01\n\rManifestEntry\x12+\n\x06source\x18\x01 \x01(\x0e\x32\x1b.meshgate.context.v1.Source\x12\r\n\x05index\x18\x02 \x01(\x05\x12&\n\x04role\x18\x03 \x01(\x0e\x32\x18.meshgate.common.v1.Role\x12\x0e\n\x06tokens\x18\x04 \x01(\x05\x12\x35\n\x0b\x64isposition\x18\x05 \x01(\x0e\x32 .meshgate.context.v1.Disposition\"\x87\x01\n\x0f\x43ontextManifest\x12\x33\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\".meshgate.context.v1.ManifestEntry\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x15\n\rbudget_tokens\x18\x03 \x01(\x05\x12\x11\n\ttokenizer\x18\x04 \x01(\t*y\n\x0b\x44isposition\x12\x1b\n\x17\x44ISPOSITION_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44ISPOSITION_INCLUDED\x10\x01\x12\x1a\n\x16\x44ISPOSITION_SUMMARIZED\x10\x02\x12\x17\n\x13\x44ISPOSITION_DROPPED\x10\x03*H\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSOURCE_SESSION\x10\x01\x12\x12\n\x0eSOURCE_REQUEST\x10\x02\x32\x8f\x04\n\x0e\x43ontextService\x12\x66\n\rCreateSession\x12).meshgate.context.v1.CreateSessionRequest\x1a*.meshgate.context.v1.CreateSessionResponse\x12]\n\nGetSession\x12&.meshgate.context.v1.GetSessionRequest\x1a\'.meshgate.context.v1.GetSessionResponse\x12\x66\n\rDeleteSession\x12).meshgate.context.v1.DeleteSessionRequest\x1a*.meshgate.context.v1.DeleteSessionResponse\x12`\n\x0b\x41ppendTurns\x12\'.meshgate.context.v1.AppendTurnsRequest\x1a(.meshgate.context.v1.AppendTurnsResponse\x12l\n\x0f\x41ssembleContext\x12+.meshgate.context.v1.AssembleContextRequest\x1a,.meshgate.context.v1.AssembleContextResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshgate.context.v1.context_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DISPOSITION']._serialized_start=1431
-  _globals['_DISPOSITION']._serialized_end=1552
-  _globals['_SOURCE']._serialized_start=1554
-  _globals['_SOURCE']._serialized_end=1626
+  _globals['_DISPOSITION']._serialized_start=1487
+  _globals['_DISPOSITION']._serialized_end=1608
+  _globals['_SOURCE']._serialized_start=1610
+  _globals['_SOURCE']._serialized_end=1682
   _globals['_SESSION']._serialized_start=100
   _globals['_SESSION']._serialized_end=260
   _globals['_CREATESESSIONREQUEST']._serialized_start=262
@@ -51,17 +51,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETESESSIONRESPONSE']._serialized_start=589
   _globals['_DELETESESSIONRESPONSE']._serialized_end=612
   _globals['_APPENDTURNSREQUEST']._serialized_start=615
-  _globals['_APPENDTURNSREQUEST']._serialized_end=747
-  _globals['_APPENDTURNSRESPONSE']._serialized_start=749
-  _globals['_APPENDTURNSRESPONSE']._serialized_end=787
-  _globals['_ASSEMBLECONTEXTREQUEST']._serialized_start=790
-  _globals['_ASSEMBLECONTEXTREQUEST']._serialized_end=946
-  _globals['_ASSEMBLECONTEXTRESPONSE']._serialized_start=949
-  _globals['_ASSEMBLECONTEXTRESPONSE']._serialized_end=1102
-  _globals['_MANIFESTENTRY']._serialized_start=1105
-  _globals['_MANIFESTENTRY']._serialized_end=1291
-  _globals['_CONTEXTMANIFEST']._serialized_start=1294
-  _globals['_CONTEXTMANIFEST']._serialized_end=1429
-  _globals['_CONTEXTSERVICE']._serialized_start=1629
-  _globals['_CONTEXTSERVICE']._serialized_end=2156
+  _globals['_APPENDTURNSREQUEST']._serialized_end=785
+  _globals['_APPENDTURNSRESPONSE']._serialized_start=787
+  _globals['_APPENDTURNSRESPONSE']._serialized_end=843
+  _globals['_ASSEMBLECONTEXTREQUEST']._serialized_start=846
+  _globals['_ASSEMBLECONTEXTREQUEST']._serialized_end=1002
+  _globals['_ASSEMBLECONTEXTRESPONSE']._serialized_start=1005
+  _globals['_ASSEMBLECONTEXTRESPONSE']._serialized_end=1158
+  _globals['_MANIFESTENTRY']._serialized_start=1161
+  _globals['_MANIFESTENTRY']._serialized_end=1347
+  _globals['_CONTEXTMANIFEST']._serialized_start=1350
+  _globals['_CONTEXTMANIFEST']._serialized_end=1485
+  _globals['_CONTEXTSERVICE']._serialized_start=1685
+  _globals['_CONTEXTSERVICE']._serialized_end=2212
 # @@protoc_insertion_point(module_scope)

@@ -85,22 +85,28 @@ class DeleteSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class AppendTurnsRequest(_message.Message):
-    __slots__ = ("tenant_id", "session_id", "expected_version", "messages")
+    __slots__ = ("tenant_id", "session_id", "expected_version", "messages", "any_version", "turn_id")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    ANY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     session_id: str
     expected_version: int
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
-    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., expected_version: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ...) -> None: ...
+    any_version: bool
+    turn_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., expected_version: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., any_version: _Optional[bool] = ..., turn_id: _Optional[str] = ...) -> None: ...
 
 class AppendTurnsResponse(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "replayed")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     version: int
-    def __init__(self, version: _Optional[int] = ...) -> None: ...
+    replayed: bool
+    def __init__(self, version: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class AssembleContextRequest(_message.Message):
     __slots__ = ("tenant_id", "session_id", "new_messages", "model", "max_prompt_tokens")

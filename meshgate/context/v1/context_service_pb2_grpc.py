@@ -87,8 +87,9 @@ class ContextServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AppendTurns(self, request, context):
-        """Appends turns if the session is still at expected_version; otherwise
-        fails with ABORTED so that a concurrent writer never loses a turn.
+        """Appends turns if the session is still at expected_version (otherwise
+        ABORTED, so that a concurrent writer never loses a turn), or, with
+        any_version, after whatever the session holds. Idempotent per turn_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -73,12 +73,14 @@ class ChatSessionRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., cache_policy: _Optional[_Union[CachePolicy, str]] = ..., expected_session_version: _Optional[int] = ...) -> None: ...
 
 class ChatSessionResponse(_message.Message):
-    __slots__ = ("delta", "completion")
+    __slots__ = ("delta", "completion", "failure")
     DELTA_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     delta: TextDelta
     completion: ChatCompletion
-    def __init__(self, delta: _Optional[_Union[TextDelta, _Mapping]] = ..., completion: _Optional[_Union[ChatCompletion, _Mapping]] = ...) -> None: ...
+    failure: bytes
+    def __init__(self, delta: _Optional[_Union[TextDelta, _Mapping]] = ..., completion: _Optional[_Union[ChatCompletion, _Mapping]] = ..., failure: _Optional[bytes] = ...) -> None: ...
 
 class TextDelta(_message.Message):
     __slots__ = ("text",)

@@ -72,8 +72,10 @@ class RouterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ChatSession(self, request_iterator, context):
-        """Many turns over one stream. Each request is one turn, answered like Chat.
-        Turns without a session id continue the stream's current session.
+        """Many turns over one stream. Each request is one turn, answered like Chat,
+        except that a failed turn is reported by a `failure` event and the
+        stream stays open. Turns without a session id continue the stream's
+        current session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
