@@ -8,6 +8,7 @@ can serve the whole mesh.
 from __future__ import annotations
 
 import redis.asyncio as redis
+from redis.maint_notifications import MaintNotificationsConfig
 
 from meshgate.errors import unavailable
 
@@ -26,9 +27,20 @@ def connect(url: str) -> redis.Redis:
         health_check_interval=30,
         socket_connect_timeout=5,
         socket_timeout=10,
-        # No retry on timeout: a write script that ran but whose reply was
-        # lost would run twice (a turn appended twice).
+        # No command is ever retried, on timeout or on a broken connection:
+        # a write script that ran but whose reply was lost would run twice (a
+        # turn appended twice). Stale connections are instead caught before a
+        # command is sent (below), which is what a Redis restart needs.
         retry_on_timeout=False,
+        # The pool checks each connection it hands out and reconnects one
+        # whose server closed it (a restarted Redis), so the next request
+        # after a restart succeeds. redis-py skips that check while
+        # maintenance notifications are on, and their default "auto" counts
+        # as on: with it, every pooled connection failed one request with
+        # "Connection closed by server" after a restart, whenever each was
+        # next used. Those notifications are for managed Redis clusters that
+        # move endpoints; the mesh's Redis does not send them.
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
     # from_pool: closing the client closes the pool too.
     return redis.Redis.from_pool(pool)

@@ -1,0 +1,145 @@
+"""A Redis restart under running context and cache services: the requests
+right after it succeed, on every pooled connection, and nothing written
+before it is lost (same port, same append-only file)."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import signal
+import subprocess
+import uuid
+
+import grpc
+import pytest
+
+from meshgate import redis_server
+from meshgate.cache.v1 import cache_service_pb2 as cache_pb
+from meshgate.cache.v1 import cache_service_pb2_grpc
+from meshgate.common.v1 import common_pb2
+from meshgate.config import Settings
+from meshgate.context.v1 import context_service_pb2 as context_pb
+from meshgate.context.v1 import context_service_pb2_grpc
+from meshgate.stack import free_port
+from services.cache import app as cache_app
+from services.context import app as context_app
+from tests.integration.conftest import running
+
+pytestmark = pytest.mark.integration
+
+# Enough concurrent calls that each service's pool holds many connections,
+# every one of which the restart leaves stale.
+CONCURRENCY = 24
+
+
+def question(i: int) -> list[common_pb2.Message]:
+    return [common_pb2.Message(role=common_pb2.ROLE_USER, content=f"question {i}")]
+
+
+def scope(tenant: str) -> cache_pb.CacheScope:
+    return cache_pb.CacheScope(
+        tenant_id=tenant, model="tiny-gpt", parameters=common_pb2.GenerationParameters(max_tokens=8)
+    )
+
+
+class Redis:
+    """A redis-server on a fixed port and data directory, killed and restarted."""
+
+    def __init__(self, data_dir: pathlib.Path) -> None:
+        self.port = free_port()
+        self.data_dir = data_dir
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = redis_server.launch(self.port, self.data_dir)
+        redis_server.wait_ready(self.port)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+async def test_requests_right_after_a_redis_restart_succeed(tmp_path: pathlib.Path) -> None:
+    store = Redis(tmp_path)
+    store.start()
+    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+    settings = Settings()
+    settings.redis.url = f"redis://127.0.0.1:{store.port}/0"
+    # Exact lookups only: this test is about Redis, not embeddings.
+    settings.cache.inference_address = f"127.0.0.1:{free_port()}"
+    try:
+        async with (
+            running(context_app, "context", settings) as context_address,
+            running(cache_app, "cache", settings) as cache_address,
+            grpc.aio.insecure_channel(context_address) as context_channel,
+            grpc.aio.insecure_channel(cache_address) as cache_channel,
+        ):
+            sessions = context_service_pb2_grpc.ContextServiceStub(context_channel)
+            cache = cache_service_pb2_grpc.CacheServiceStub(cache_channel)
+
+            async def append(session_id: str, text: str, expected_version: int) -> int:
+                response = await sessions.AppendTurns(
+                    context_pb.AppendTurnsRequest(
+                        tenant_id=tenant,
+                        session_id=session_id,
+                        expected_version=expected_version,
+                        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=text)],
+                    ),
+                    timeout=10,
+                )
+                return response.version
+
+            async def get(session_id: str) -> list[str]:
+                response = await sessions.GetSession(
+                    context_pb.GetSessionRequest(tenant_id=tenant, session_id=session_id), timeout=10
+                )
+                return [m.content for m in response.session.messages]
+
+            async def lookup(i: int) -> int:
+                response = await cache.Lookup(
+                    cache_pb.LookupRequest(scope=scope(tenant), messages=question(i)), timeout=10
+                )
+                return response.status
+
+            async def store_answer(i: int) -> None:
+                await cache.Store(
+                    cache_pb.StoreRequest(
+                        scope=scope(tenant),
+                        messages=question(i),
+                        answer=cache_pb.CachedAnswer(text=f"answer {i}"),
+                    ),
+                    timeout=10,
+                )
+
+            created = await asyncio.gather(
+                *(
+                    sessions.CreateSession(context_pb.CreateSessionRequest(tenant_id=tenant), timeout=10)
+                    for _ in range(CONCURRENCY)
+                )
+            )
+            session_ids = [c.session.session_id for c in created]
+            await asyncio.gather(*(append(s, "before", 0) for s in session_ids))
+            await asyncio.gather(*(store_answer(i) for i in range(CONCURRENCY)))
+
+            await asyncio.to_thread(store.kill)
+            await asyncio.to_thread(store.start)
+
+            # No pause, no retry loop: the very first calls must succeed.
+            after = await asyncio.gather(*(get(s) for s in session_ids), return_exceptions=True)
+            failed = [r for r in after if isinstance(r, BaseException)]
+            assert not failed, f"{len(failed)} of {len(after)} reads failed after the restart: {failed[0]}"
+            assert after == [["before"]] * CONCURRENCY, "turns acknowledged before the kill were lost"
+
+            hits = await asyncio.gather(*(lookup(i) for i in range(CONCURRENCY)), return_exceptions=True)
+            assert hits == [cache_pb.LOOKUP_STATUS_EXACT_HIT] * CONCURRENCY, hits
+
+            versions = await asyncio.gather(*(append(s, "after", 1) for s in session_ids))
+            assert versions == [2] * CONCURRENCY
+            assert await get(session_ids[0]) == ["before", "after"]
+    finally:
+        store.stop()
