@@ -46,7 +46,9 @@ def launch(port: int, data_dir: pathlib.Path, log_file: pathlib.Path | None = No
         "yes",
     ]
     output = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    # Its own process group, like Triton's: a Ctrl-C meant for the caller
+    # must not stop Redis before the caller shuts the mesh down in order.
+    return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_ready(port: int, timeout_s: float = 15.0) -> None:

@@ -120,15 +120,9 @@ triton_urls = ["127.0.0.1:{p.triton}"]
         self._write_settings()
         try:
             if self.external_redis_url is None:
-                self.processes["redis"] = redis_server.launch(
-                    self.ports.redis, self.state_dir / "redis", self.log_dir / "redis.log"
-                )
+                self.launch("redis")
             build_model_weights()
-            self.processes["triton"] = triton.launch(
-                grpc_port=self.ports.triton,
-                state_dir=self.state_dir / "triton",
-                log_file=self.log_dir / "triton.log",
-            )
+            self.launch("triton")
             if self.external_redis_url is None:
                 redis_server.wait_ready(self.ports.redis)
             for name in SERVICES:
@@ -139,6 +133,23 @@ triton_urls = ["127.0.0.1:{p.triton}"]
         except BaseException:
             self.stop()
             raise
+
+    def launch(self, name: str) -> None:
+        """Starts one child, "redis", "triton" or a service, without waiting
+        for it: how start() brings each up and how a supervisor restarts one
+        (Redis on the same port and append-only file, so no data is lost)."""
+        if name == "redis":
+            self.processes["redis"] = redis_server.launch(
+                self.ports.redis, self.state_dir / "redis", self.log_dir / "redis.log"
+            )
+        elif name == "triton":
+            self.processes["triton"] = triton.launch(
+                grpc_port=self.ports.triton,
+                state_dir=self.state_dir / "triton",
+                log_file=self.log_dir / "triton.log",
+            )
+        else:
+            self.start_service(name)
 
     def start_service(self, name: str) -> None:
         env = dict(os.environ, MESHGATE_CONFIG=str(self.config_path), PYTHONUNBUFFERED="1")
