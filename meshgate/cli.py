@@ -100,11 +100,18 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    from meshgate import telemetry
+    from meshgate.config import TelemetrySettings
     from meshgate.stack import Stack
+    from meshgate.supervisor import Supervisor
+
+    # The supervisor's restart lines, as JSON on stderr like every service's.
+    telemetry.setup("meshgate-up", TelemetrySettings())
 
     stack = Stack(
         pathlib.Path(args.state_dir), redis_url=os.environ.get("REDIS_URL"), dev_api_key=args.api_key
     )
+    supervisor = Supervisor(stack)
 
     def request_stop(signum, frame):
         raise KeyboardInterrupt
@@ -117,6 +124,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         stack.start()
+        supervisor.start()
         print(f"\nmeshgate is up ({time.monotonic() - started:.1f} s):")
         for name in ("router", "context", "cache", "inference", "triton"):
             print(f"  {name:<10} {stack.address(name)}")
@@ -128,17 +136,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
             print(f"demo> {prompt}")
             uvloop.run(chat(stack.address("router"), args.api_key, prompt))
             print(f'try:  .venv/bin/meshgate chat --api-key {args.api_key} "your question"')
-        print("Ctrl-C stops everything.", flush=True)
+        print("Ctrl-C stops everything; a process that exits is restarted.", flush=True)
         while True:
-            for name, process in stack.processes.items():
-                if process.poll() is not None:
-                    print(f"{name} exited with code {process.returncode}; stopping", file=sys.stderr)
-                    return 1
             time.sleep(1)
     except KeyboardInterrupt:
         print("\nstopping: draining in-flight requests ...", flush=True)
         return 0
     finally:
+        # Supervision ends first, so no restart races the ordered stop.
+        supervisor.stop()
         stack.stop()
         print("stopped.", flush=True)
 

@@ -1,0 +1,164 @@
+"""Keeps a local mesh running: a child of the stack (Redis, Triton, a
+service) that exits is started again, after a delay that grows with each
+failure in a row, so a child that cannot start does not spin.
+
+The supervisor watches from a thread and restarts under a lock that
+:meth:`Supervisor.stop` takes too: once stop() returns no restart is under
+way or will begin, and the stack can be stopped in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import structlog
+
+from meshgate.stack import Stack
+
+log = structlog.get_logger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backoff:
+    """Delay before restart number ``attempt`` (1, 2, ...) of a failing child."""
+
+    initial_s: float = 0.5
+    factor: float = 2.0
+    max_s: float = 30.0
+    # A child that ran this long was healthy: its next exit starts over at initial_s.
+    reset_after_s: float = 60.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_s, self.initial_s * self.factor ** (attempt - 1))
+
+
+class RestartPolicy:
+    """How many times in a row one child failed, and so how long to wait."""
+
+    def __init__(self, backoff: Backoff, started_at: float) -> None:
+        self._backoff = backoff
+        self._started_at = started_at
+        self.attempt = 0
+
+    def started(self, now: float) -> None:
+        self._started_at = now
+
+    def next_delay(self, exited_at: float) -> float:
+        """Counts one more failure (or the first of a new run, after a
+        healthy period) and returns the delay before the restart."""
+        if exited_at - self._started_at >= self._backoff.reset_after_s:
+            self.attempt = 0
+        self.attempt += 1
+        return self._backoff.delay(self.attempt)
+
+
+def describe_exit(returncode: int) -> dict[str, object]:
+    """Popen's return code as a log field: a negative one is the signal."""
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return {"signal": signal.Signals(-returncode).name}
+        return {"signal": -returncode}
+    return {"exit_code": returncode}
+
+
+def _kill_leftovers(process: subprocess.Popen) -> None:
+    """Kills what the dead child left in its process group (every child of
+    the stack leads one): Triton's Python-backend stub processes outlive a
+    killed tritonserver and must not meet the one that replaces it. The
+    group id cannot belong to anyone else: Linux does not reuse a pid as
+    long as a group of that id exists."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+class Supervisor:
+    def __init__(self, stack: Stack, backoff: Backoff | None = None, poll_interval_s: float = 0.2) -> None:
+        self._stack = stack
+        self._backoff = backoff or Backoff()
+        self._poll_interval_s = poll_interval_s
+        self._policies: dict[str, RestartPolicy] = {}
+        # Child name -> when its restart is due.
+        self._due: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.restarts: dict[str, int] = {}
+
+    def start(self) -> None:
+        now = time.monotonic()
+        for name in self._stack.processes:
+            self._policies[name] = RestartPolicy(self._backoff, now)
+        self._thread = threading.Thread(target=self._watch, name="meshgate-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ends supervision; returns once no restart is in progress."""
+        with self._lock:
+            self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> Supervisor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self._poll_interval_s):
+            try:
+                self.check(time.monotonic())
+            except Exception:
+                # A watcher that died would leave the mesh unsupervised for good.
+                log.exception("supervision pass failed")
+
+    def check(self, now: float) -> None:
+        """One pass: notices exits, and restarts the children whose delay is over."""
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            for name, process in list(self._stack.processes.items()):
+                due = self._due.get(name)
+                if due is None and process.poll() is not None:
+                    self._schedule(name, process, now)
+                elif due is not None and now >= due:
+                    self._restart(name, now)
+
+    def _schedule(self, name: str, process: subprocess.Popen, now: float) -> None:
+        _kill_leftovers(process)
+        policy = self._policies.setdefault(name, RestartPolicy(self._backoff, now))
+        delay = policy.next_delay(now)
+        self._due[name] = now + delay
+        log.warning(
+            "child exited, restarting",
+            child=name,
+            pid=process.pid,
+            **describe_exit(process.returncode),
+            attempt=policy.attempt,
+            restart_in_s=delay,
+        )
+
+    def _restart(self, name: str, now: float) -> None:
+        del self._due[name]
+        policy = self._policies[name]
+        try:
+            self._stack.launch(name)
+        except Exception as error:  # noqa: BLE001 - e.g. a port still taken; try again later
+            delay = policy.next_delay(now)
+            self._due[name] = now + delay
+            log.warning(
+                "restart failed", child=name, error=str(error), attempt=policy.attempt, restart_in_s=delay
+            )
+            return
+        policy.started(now)
+        self.restarts[name] = self.restarts.get(name, 0) + 1
+        log.info(
+            "child restarted", child=name, pid=self._stack.processes[name].pid, attempt=policy.attempt
+        )
