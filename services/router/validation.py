@@ -8,12 +8,11 @@ from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, RouterSettings
 from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.router.v1 import router_service_pb2
+from meshgate.sampling import check_sampling
 from services.router.auth import Tenant
 
 _VALID_ROLES = frozenset({common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT})
 _CACHE_POLICIES = frozenset(router_service_pb2.CachePolicy.values())
-MAX_STOP_SEQUENCES = 8
-MAX_STOP_LENGTH = 64
 
 
 def resolve_model(alias: str, tenant: Tenant, models: dict[str, ModelSettings]) -> ModelSettings:
@@ -66,15 +65,5 @@ def check_turn(turn, model: ModelSettings, settings: RouterSettings) -> int:
                 f"max_tokens may be at most {model.max_output_tokens}",
                 limit=str(model.max_output_tokens),
             )
-    if parameters.HasField("temperature") and not 0.0 <= parameters.temperature <= 2.0:
-        raise invalid_argument("INVALID_TEMPERATURE", "temperature must be within [0, 2]")
-    if parameters.HasField("top_p") and not 0.0 < parameters.top_p <= 1.0:
-        raise invalid_argument("INVALID_TOP_P", "top_p must be within (0, 1]")
-    if len(parameters.stop) > MAX_STOP_SEQUENCES or any(
-        not s or len(s) > MAX_STOP_LENGTH for s in parameters.stop
-    ):
-        raise invalid_argument(
-            "INVALID_STOP",
-            f"at most {MAX_STOP_SEQUENCES} non-empty stop strings of {MAX_STOP_LENGTH} characters",
-        )
+    check_sampling(parameters)
     return max_tokens

@@ -31,6 +31,12 @@ def test_defaults_max_tokens_when_unset():
     assert check_turn(turn(user("hi"), max_tokens=100), MODEL, SETTINGS) == 100
 
 
+def test_values_at_the_limits_are_accepted():
+    edge = turn(user("hi"), temperature=2.0, top_p=1.0, seed=0, stop=["x" * 64] * 8)
+    assert check_turn(edge, MODEL, SETTINGS) == 10
+    assert check_turn(turn(user("hi"), temperature=0.0, seed=2**63 - 1), MODEL, SETTINGS) == 10
+
+
 @pytest.mark.parametrize(
     "request_, reason",
     [
@@ -47,7 +53,14 @@ def test_defaults_max_tokens_when_unset():
         ),
         (turn(user("hi"), temperature=3.0), "INVALID_TEMPERATURE"),
         (turn(user("hi"), top_p=0.0), "INVALID_TOP_P"),
+        (turn(user("hi"), temperature=float("nan")), "INVALID_TEMPERATURE"),
+        (turn(user("hi"), temperature=float("inf")), "INVALID_TEMPERATURE"),
+        (turn(user("hi"), top_p=float("nan")), "INVALID_TOP_P"),
+        (turn(user("hi"), top_p=float("-inf")), "INVALID_TOP_P"),
+        (turn(user("hi"), seed=-1), "INVALID_SEED"),
         (turn(user("hi"), stop=[""]), "INVALID_STOP"),
+        (turn(user("hi"), stop=["s"] * 9), "INVALID_STOP"),
+        (turn(user("hi"), stop=["x" * 65]), "INVALID_STOP"),
         (pb.ChatRequest(model="m", messages=[user("hi")], cache_policy=99), "INVALID_CACHE_POLICY"),
     ],
 )

@@ -1,0 +1,59 @@
+"""Checks on what the inference service forwards to Triton.
+
+The models check their input too, but a bad value that reaches a batching
+model can fail its neighbours (a NaN temperature sampled a token outside the
+vocabulary mid-batch), and a model's refusal costs a Triton round trip. So
+every value is checked here, where it enters, with the reasons the router
+uses for the same mistakes (meshgate.sampling).
+"""
+
+from __future__ import annotations
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import InferenceSettings, ServedModelSettings
+from meshgate.errors import invalid_argument
+from meshgate.sampling import check_sampling
+
+
+def check_generation(
+    parameters: common_pb2.GenerationParameters,
+    served: ServedModelSettings,
+    default_max_tokens: int,
+) -> int:
+    """Validates sampling parameters; returns the max_tokens to ask for."""
+    # At least one prompt token ([CLS] or the like) shares the window.
+    largest = served.context_window_tokens - 1
+    max_tokens = min(default_max_tokens, largest)
+    if parameters.HasField("max_tokens"):
+        max_tokens = parameters.max_tokens
+        if max_tokens <= 0:
+            raise invalid_argument("INVALID_MAX_TOKENS", "max_tokens must be positive")
+        if max_tokens > largest:
+            raise invalid_argument(
+                "MAX_TOKENS_TOO_LARGE", f"max_tokens may be at most {largest}", limit=str(largest)
+            )
+    check_sampling(parameters)
+    return max_tokens
+
+
+def check_prompt(prompt: str, settings: InferenceSettings) -> None:
+    limit = settings.max_prompt_bytes
+    # len(str) <= UTF-8 length, so the cheap test settles most oversize prompts.
+    if len(prompt) > limit or len(prompt.encode()) > limit:
+        raise invalid_argument(
+            "PROMPT_TOO_LARGE", f"the rendered prompt is larger than {limit} bytes", limit=str(limit)
+        )
+
+
+def check_embed_texts(texts, settings: InferenceSettings) -> None:
+    if not texts:
+        raise invalid_argument("EMPTY_TEXTS", "texts must not be empty")
+    if len(texts) > settings.max_embed_texts:
+        limit = str(settings.max_embed_texts)
+        raise invalid_argument("TOO_MANY_TEXTS", f"at most {limit} texts per call", limit=limit)
+    limit = settings.max_embed_text_bytes
+    for index, text in enumerate(texts):
+        if len(text) > limit or len(text.encode()) > limit:
+            raise invalid_argument(
+                "TEXT_TOO_LARGE", f"texts[{index}] is larger than {limit} bytes", limit=str(limit)
+            )
