@@ -215,6 +215,8 @@ triton_urls = ["127.0.0.1:{p.triton}"]
 
 
 def build_model_weights() -> None:
-    """The bundled language model's weights are generated, not shipped."""
-    script = REPO_ROOT / "model_repository" / "tiny_gpt" / "build_weights.py"
-    subprocess.run([sys.executable, str(script)], check=True, stdout=subprocess.DEVNULL)
+    """Generated model files, not shipped: tiny_gpt's weights and smollm2's
+    tokenizer.json (from its GGUF). Each script skips what already exists."""
+    for script in ("tiny_gpt/build_weights.py", "smollm2/build_tokenizer.py"):
+        path = REPO_ROOT / "model_repository" / script
+        subprocess.run([sys.executable, str(path)], check=True, stdout=subprocess.DEVNULL)

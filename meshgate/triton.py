@@ -42,7 +42,11 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
-DEFAULT_MODELS = ("tiny_gpt", "minilm")
+# What `make run` serves. Triton runs with explicit model control and loads
+# exactly the models it is given: a caller that needs only tiny_gpt does not
+# pay smollm2's ~5 s load and ~0.8 GB, and model_repository/generation/ (code
+# the text models share, not a model) is never taken for a model.
+DEFAULT_MODELS = ("tiny_gpt", "minilm", "smollm2")
 STUB_NUMPY_REQUIREMENT = "numpy>=1.26,<2"
 
 
@@ -162,6 +166,12 @@ def triton_environment(
 ) -> dict[str, str]:
     """Environment for tritonserver and, through inheritance, its Python stubs."""
     env = dict(os.environ if base is None else base)
+    # One BLAS thread per stub: on a busy 2-core machine two OpenBLAS threads
+    # made smollm2's decoding slower, not faster, and each model already has
+    # its own process. Set before the stub imports numpy, which is too early
+    # for the model's own code to do it.
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(name, "1")
     # The stub's RPATH holds only the wheel's own libraries, so without this it
     # loads the distro's /lib/x86_64-linux-gnu/libpython3.x.so: another build
     # (here 3.11.2) than the interpreter whose stdlib and venv it then uses.
@@ -182,12 +192,17 @@ def build_command(
     metrics_port: int | None,
     backend_dir: str | os.PathLike[str],
     log_file: str | os.PathLike[str] | None = None,
+    models: Sequence[str] = DEFAULT_MODELS,
 ) -> list[str]:
-    """Command line for tritonserver; a port of None turns that endpoint off."""
+    """Command line for tritonserver serving `models`; a port of None turns that endpoint off."""
+    if not models:
+        raise ValueError("tritonserver needs at least one model to load")
     command = [
         str(tritonserver_binary()),
         f"--model-repository={model_repository}",
         f"--backend-directory={backend_dir}",
+        "--model-control-mode=explicit",
+        *(f"--load-model={model}" for model in models),
         "--grpc-address=127.0.0.1",
         f"--grpc-port={grpc_port}",
         "--log-verbose=0",
@@ -222,13 +237,15 @@ def launch(
     state_dir: str | os.PathLike[str] | None = None,
     log_file: str | os.PathLike[str] | None = None,
     stub_env_dir: str | os.PathLike[str] | None = None,
+    models: Sequence[str] = DEFAULT_MODELS,
 ) -> subprocess.Popen[bytes]:
-    """Start tritonserver in the background; pair with wait_ready() and terminate()."""
+    """Start tritonserver in the background with `models` loaded; pair with
+    wait_ready() (given the same models) and terminate()."""
     state_dir = (
         Path(state_dir) if state_dir is not None else Path(tempfile.mkdtemp(prefix="meshgate-triton-"))
     )
     command = build_command(
-        model_repository, grpc_port, http_port, metrics_port, prepare_backend_dir(state_dir), log_file
+        model_repository, grpc_port, http_port, metrics_port, prepare_backend_dir(state_dir), log_file, models
     )
     return subprocess.Popen(
         command,
@@ -293,6 +310,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-file", type=Path, default=None, help="default: stdout")
     parser.add_argument("--stub-env-dir", type=Path, default=None, help=f"default: {default_stub_env_dir()}")
     parser.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        default=None,
+        help=f"a model to load (repeatable); default: {' '.join(DEFAULT_MODELS)}",
+    )
+    parser.add_argument(
         "--prepare-stub-env",
         action="store_true",
         help=f"install {STUB_NUMPY_REQUIREMENT} for the Python stub (from PyPI), then exit",
@@ -310,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.metrics_port,
         prepare_backend_dir(state_dir),
         args.log_file,
+        args.models or DEFAULT_MODELS,
     )
     # exec: signals reach Triton directly and its exit status is ours.
     os.execve(command[0], command, triton_environment(prepare_stub_environment(args.stub_env_dir)))

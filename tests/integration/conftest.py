@@ -12,19 +12,26 @@ from meshgate.stack import build_model_weights, free_port
 from services.inference import app as inference_app
 
 
-@pytest.fixture(scope="session")
-def triton_server(tmp_path_factory: pytest.TempPathFactory):
-    """A tritonserver with the project's model repository; yields (url, log_path)."""
+@contextlib.contextmanager
+def launched_triton(tmp_path_factory: pytest.TempPathFactory, models: tuple[str, ...]):
+    """A tritonserver serving `models` from the project's model repository; yields (url, log_path)."""
     build_model_weights()
     state_dir = tmp_path_factory.mktemp("triton")
     log_path = state_dir / "triton.log"
     port = free_port()
-    process = triton.launch(grpc_port=port, state_dir=state_dir, log_file=log_path)
+    process = triton.launch(grpc_port=port, state_dir=state_dir, log_file=log_path, models=models)
     try:
-        triton.wait_ready(f"127.0.0.1:{port}", timeout=120, process=process)
+        triton.wait_ready(f"127.0.0.1:{port}", models, timeout=120, process=process)
         yield f"127.0.0.1:{port}", log_path
     finally:
         triton.terminate(process)
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory: pytest.TempPathFactory):
+    """tiny_gpt and minilm: what the service tests use (smollm2's tests start their own)."""
+    with launched_triton(tmp_path_factory, ("tiny_gpt", "minilm")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -1,23 +1,14 @@
 """tiny_gpt's KV-cached decoding must compute what a full forward pass computes."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-CORE_PATH = Path(__file__).resolve().parents[2] / "model_repository" / "tiny_gpt" / "1" / "tiny_gpt_core.py"
+from tests.unit import model_repository_modules
 
 
 @pytest.fixture(scope="module")
 def core():
-    # The model's version directory "1" is not an importable package name.
-    spec = importlib.util.spec_from_file_location("tiny_gpt_core", CORE_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return model_repository_modules.load("tiny_gpt/1/tiny_gpt_core.py")
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +52,3 @@ def test_activations_stay_sane_at_full_size(core):
     assert np.isfinite(logits).all()
     assert 0.05 < logits.std() < 10
 
-
-def test_greedy_is_argmax_and_sampling_is_seeded(core):
-    logits = np.array([0.1, 3.0, 0.2, 2.9], np.float32)
-    assert core.sample(logits, 0.0, 1.0, 0, np.random.default_rng()) == 1
-
-    def draws(seed):
-        rng = np.random.default_rng(seed)
-        return [core.sample(logits, 1.0, 0.9, 0, rng) for _ in range(50)]
-
-    assert draws(5) == draws(5)
-    # top_p=0.9 keeps only the two large logits (they hold >90% of the mass).
-    assert set(draws(5)) == {1, 3}
-    rng = np.random.default_rng(0)
-    assert {core.sample(logits, 1.0, 1.0, 1, rng) for _ in range(20)} == {1}

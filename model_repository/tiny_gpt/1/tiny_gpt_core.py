@@ -104,6 +104,10 @@ class TinyGPT:
         self.w = {name: np.asarray(value, np.float32) for name, value in weights.items()}
         self.scale = np.float32(1.0 / math.sqrt(config.d_head))
 
+    def new_cache(self, tokens: int) -> KVCache:
+        """A cache for one sequence; the 512-token window is small enough to allocate whole."""
+        return KVCache(self.config)
+
     def forward(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits [T, V] for every position, no cache: the reference the
         cached path must reproduce."""
@@ -190,24 +194,3 @@ class TinyGPT:
     def _logits(self, x: np.ndarray) -> np.ndarray:
         # Output projection tied to the token embedding.
         return layer_norm(x, self.w["ln_f.g"], self.w["ln_f.b"]) @ self.w["wte"].T
-
-
-def sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0, else temperature, then top-k, then top-p (nucleus)."""
-    if temperature == 0.0:
-        return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / temperature
-    if 0 < top_k < scaled.size:
-        kth_largest = np.partition(scaled, -top_k)[-top_k]
-        scaled[scaled < kth_largest] = -np.inf
-    weights = np.exp(scaled - scaled.max())  # unnormalised probabilities
-    if top_p < 1.0:
-        order = np.argsort(weights)[::-1]
-        cumulative = np.cumsum(weights[order])
-        # Smallest prefix holding top_p of the mass; always at least one token.
-        kept = int(np.searchsorted(cumulative, top_p * cumulative[-1])) + 1
-        draw = rng.random() * cumulative[kept - 1]
-        return int(order[np.searchsorted(cumulative[:kept], draw, side="right")])
-    cumulative = np.cumsum(weights)
-    # Inverse CDF: far cheaper than rng.choice(p=...) over a 30k vocabulary.
-    return int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))

@@ -1,0 +1,380 @@
+"""Continuous batching for the text-generation models (tiny_gpt, smollm2): one copy.
+
+Kept free of Triton imports so it can be unit-tested; `vllm_model.py` binds
+it to Triton's Python backend. A model plugs in through three methods:
+`new_cache(tokens)`, `prefill(token_ids, cache) -> logits [V]` and
+`decode(token_ids, caches) -> logits [B, V]`.
+
+Every request is checked when it arrives (SamplingParams.from_json,
+check_prompt_fits) so bad values fail that request alone with INVALID_ARG,
+and the scheduler isolates sequences while it runs: whatever one sequence
+raises fails that sequence alone, never the rest of its batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger("generation")
+
+
+def _as_int(name: str, value) -> int:
+    # Like vLLM, numbers may come as strings ("16"); a fraction, a bool or
+    # inf is an error rather than something silently truncated.
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _as_finite_float(name: str, value) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    # json.loads accepts NaN and Infinity, float() accepts "nan" and "inf".
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """The subset of vLLM's SamplingParams these models implement, same names and defaults."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @classmethod
+    def from_json(cls, text: str, max_context: int) -> SamplingParams:
+        raw = json.loads(text) if text else {}
+        if not isinstance(raw, dict):
+            raise ValueError("sampling_parameters must be a JSON object")
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(
+                f"unsupported sampling parameters {sorted(unknown)}; "
+                f"supported: {sorted(cls.__dataclass_fields__)}"
+            )
+        values = {k: v for k, v in raw.items() if v is not None}
+        for key in ("max_tokens", "top_k", "seed"):
+            if key in values:
+                values[key] = _as_int(key, values[key])
+        for key in ("temperature", "top_p"):
+            if key in values:
+                values[key] = _as_finite_float(key, values[key])
+        stop = values.get("stop", [])
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+        values["stop"] = tuple(s for s in stop if s)
+        params = cls(**values)
+        if not 1 <= params.max_tokens < max_context:
+            raise ValueError(f"max_tokens must be in [1, {max_context - 1}], got {params.max_tokens}")
+        if params.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {params.temperature}")
+        if not 0 < params.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+        if params.top_k < -1:
+            raise ValueError(f"top_k must be -1 (off), 0 (off) or positive, got {params.top_k}")
+        if params.seed is not None and params.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {params.seed}")
+        return params
+
+
+def check_prompt_fits(prompt_tokens: int, max_tokens: int, max_context: int) -> None:
+    """Refuse, as vLLM does, a prompt that leaves no room for max_tokens in the window."""
+    if prompt_tokens + max_tokens > max_context:
+        raise ValueError(
+            f"the prompt has {prompt_tokens} tokens; with max_tokens {max_tokens} that exceeds the "
+            f"{max_context}-token context window (at most {max_context - max_tokens} prompt tokens)"
+        )
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0, else temperature, then top-k, then top-p (nucleus)."""
+    if params.temperature == 0.0:
+        token = int(np.argmax(logits))
+        if not np.isfinite(logits[token]):
+            raise ValueError("no finite logit to choose from")
+        return token
+    scaled = logits.astype(np.float64) / params.temperature
+    if 0 < params.top_k < scaled.size:
+        kth_largest = np.partition(scaled, -params.top_k)[-params.top_k]
+        scaled[scaled < kth_largest] = -np.inf
+    weights = np.exp(scaled - scaled.max())  # unnormalised probabilities
+    if params.top_p < 1.0:
+        order = np.argsort(weights)[::-1]
+        cumulative = np.cumsum(weights[order])
+    else:
+        order = None
+        cumulative = np.cumsum(weights)
+    total = cumulative[-1]
+    # NaN logits (or NaN weights from an overflow) would otherwise pick an
+    # index past the vocabulary.
+    if not (np.isfinite(total) and total > 0):
+        raise ValueError("the logits give no valid distribution to sample from")
+    if order is None:
+        # Inverse CDF: far cheaper than rng.choice(p=...) over a large vocabulary.
+        return int(np.searchsorted(cumulative, rng.random() * total, side="right"))
+    # Smallest prefix holding top_p of the mass; always at least one token.
+    kept = min(int(np.searchsorted(cumulative, params.top_p * total)) + 1, cumulative.size)
+    draw = rng.random() * cumulative[kept - 1]
+    return int(order[min(np.searchsorted(cumulative[:kept], draw, side="right"), kept - 1)])
+
+
+class Sender(Protocol):
+    """Where one request's responses go (Triton's response sender, or a test's recorder)."""
+
+    def is_cancelled(self) -> bool: ...
+
+    def send(self, text: str, finish_reason: str | None, new_tokens: int, final: bool) -> None: ...
+
+    def fail(self, message: str, kind: str) -> None:
+        """Final error response; kind is "internal", "cancelled" or "unavailable"."""
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What the scheduler needs to know about a model's tokenizer."""
+
+    decode: Callable[[list[int]], str]  # must skip special tokens
+    stop_ids: frozenset[int]
+    never_sampled: np.ndarray  # control tokens that must never appear as text
+    # Prompt tokens decoded in front of the new ones and cut off again: a
+    # WordPiece decoder needs the previous token to give a word its leading
+    # space; byte-level BPE needs none.
+    decode_context: int = 0
+
+
+@dataclass
+class Generation:
+    """One request's state from admission to its final response."""
+
+    request_id: str
+    sender: Sender
+    prompt: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    prepend_prompt: bool
+    rng: np.random.Generator = field(init=False)
+    cache: object | None = None
+    next_logits: np.ndarray | None = None
+    generated: list[int] = field(default_factory=list)
+    sent_text: str = ""
+    sent_tokens: int = 0
+
+    def __post_init__(self):
+        self.rng = np.random.default_rng(self.params.seed)
+
+
+class Scheduler(threading.Thread):
+    """Continuous batching: admits waiting requests between steps, one token per active sequence per step."""
+
+    def __init__(self, name: str, model, vocabulary: Vocabulary, max_active: int):
+        super().__init__(name=f"{name}-scheduler", daemon=True)
+        self.model_name = name
+        self.model = model
+        self.vocabulary = vocabulary
+        self.max_active = max_active
+        self._inbox: queue.SimpleQueue[Generation] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._active: list[Generation] = []
+
+    def submit(self, generation: Generation) -> None:
+        self._inbox.put(generation)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        self.join(timeout)
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._admit()
+                if self._active:
+                    self._step()
+            except Exception:  # a bug outside the per-sequence guards: keep serving
+                log.exception(f"{self.model_name}: scheduler step failed")
+                for generation in self._active:
+                    self._fail(generation, None)
+                self._active.clear()
+        for generation in self._active + self._drain_inbox():
+            generation.sender.fail(f"{self.model_name}: model is shutting down", "unavailable")
+
+    def _drain_inbox(self) -> list[Generation]:
+        drained = []
+        while True:
+            try:
+                drained.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return drained
+
+    def _admit(self) -> None:
+        while len(self._active) < self.max_active:
+            try:
+                # Idle: wait (briefly, to notice shutdown); busy: never stall the running batch.
+                generation = self._inbox.get(timeout=0.1) if not self._active else self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                if self._cancelled(generation):
+                    continue
+                generation.cache = self.model.new_cache(len(generation.prompt_ids))
+                generation.next_logits = self.model.prefill(generation.prompt_ids, generation.cache)
+            except Exception as error:
+                self._fail(generation, error)
+                continue
+            self._active.append(generation)
+
+    def _step(self) -> None:
+        continuing = []
+        for generation in self._active:
+            try:
+                if self._cancelled(generation):
+                    continue
+                logits = generation.next_logits
+                logits[self.vocabulary.never_sampled] = -np.inf
+                token = sample(logits, generation.params, generation.rng)
+                generation.generated.append(token)
+                if not self._emit(generation, token):
+                    continuing.append(generation)
+            except Exception as error:
+                self._fail(generation, error)
+        self._active = self._decode(continuing)
+
+    def _decode(self, generations: list[Generation]) -> list[Generation]:
+        """One batched decoding step; if it raises, each sequence alone, so only the faulty one fails."""
+        if not generations:
+            return []
+        try:
+            logits = self.model.decode([g.generated[-1] for g in generations], [g.cache for g in generations])
+        except Exception:
+            log.warning(
+                f"{self.model_name}: batched decode failed; retrying each sequence alone", exc_info=True
+            )
+            survivors = []
+            for generation in generations:
+                try:
+                    generation.next_logits = self.model.decode(
+                        [generation.generated[-1]], [generation.cache]
+                    )[0]
+                except Exception as error:
+                    self._fail(generation, error)
+                    continue
+                survivors.append(generation)
+            return survivors
+        for generation, row in zip(generations, logits):
+            generation.next_logits = row
+        return generations
+
+    def _cancelled(self, generation: Generation) -> bool:
+        if not generation.sender.is_cancelled():
+            return False
+        log.info(
+            f"{self.model_name}: request {generation.request_id} cancelled "
+            f"after {len(generation.generated)} tokens"
+        )
+        generation.sender.fail("request was cancelled", "cancelled")
+        return True
+
+    def _emit(self, generation: Generation, token: int) -> bool:
+        """Account for a new token and send what the client should see; True when finished."""
+        p, vocabulary = generation.params, self.vocabulary
+        context = generation.prompt_ids[len(generation.prompt_ids) - vocabulary.decode_context :]
+        prefix = vocabulary.decode(context)
+        text = vocabulary.decode(context + generation.generated)[len(prefix) :]
+
+        finish_reason = None
+        visible = text
+        stops = [i for i in (text.find(s) for s in p.stop) if i >= 0]
+        if stops:
+            finish_reason, visible = "stop", text[: min(stops)]
+        elif token in vocabulary.stop_ids:
+            finish_reason = "stop"
+        elif len(generation.generated) >= p.max_tokens:
+            finish_reason = "length"
+        else:
+            if p.stop:
+                # Hold back a possible beginning of a stop string: streamed
+                # text must never show one, even partially.
+                visible = visible[: max(0, len(visible) - (max(map(len, p.stop)) - 1))]
+            # A character whose UTF-8 bytes span tokens decodes as U+FFFD
+            # until its last byte arrives: wait for it.
+            visible = visible.rstrip("\ufffd")
+        finished = finish_reason is not None
+
+        if generation.stream:
+            self._send(generation, visible[len(generation.sent_text) :], finish_reason, finished)
+            generation.sent_text = visible
+        elif finished:
+            prompt = generation.prompt if generation.prepend_prompt else ""
+            self._send(generation, prompt + visible, finish_reason, True)
+        return finished
+
+    @staticmethod
+    def _send(generation: Generation, text: str, finish_reason: str | None, final: bool) -> None:
+        new_tokens = len(generation.generated) - generation.sent_tokens
+        generation.sent_tokens = len(generation.generated)
+        generation.sender.send(text, finish_reason, new_tokens, final)
+
+    def _fail(self, generation: Generation, error: Exception | None) -> None:
+        log.error(
+            f"{self.model_name}: request {generation.request_id} failed",
+            exc_info=(type(error), error, error.__traceback__) if error is not None else None,
+        )
+        generation.sender.fail(f"{self.model_name}: internal error during generation", "internal")
+
+
+def plan_generation(
+    request_id: str,
+    sender: Sender,
+    prompt: str,
+    encode: Callable[[str], list[int]],
+    sampling_json: str,
+    stream: bool,
+    exclude_input_in_output: bool | None,
+    max_context: int,
+) -> Generation:
+    """Validate one request completely before it reaches the scheduler; ValueError when invalid."""
+    # vLLM backend semantics: the prompt is prepended unless excluded, and
+    # streaming defaults to (and only allows) excluding it.
+    prepend_prompt = (not stream) if exclude_input_in_output is None else not exclude_input_in_output
+    if stream and prepend_prompt:
+        raise ValueError("when streaming, exclude_input_in_output = False is not allowed")
+    params = SamplingParams.from_json(sampling_json, max_context)
+    prompt_ids = encode(prompt)
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    check_prompt_fits(len(prompt_ids), params.max_tokens, max_context)
+    return Generation(
+        request_id=request_id,
+        sender=sender,
+        prompt=prompt,
+        prompt_ids=prompt_ids,
+        params=params,
+        stream=stream,
+        prepend_prompt=prepend_prompt,
+    )

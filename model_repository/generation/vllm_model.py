@@ -1,0 +1,156 @@
+"""A decoupled Triton Python-backend model speaking the tensor protocol of
+Triton's vLLM backend, around engine.Scheduler; tiny_gpt and smollm2 subclass it.
+
+execute() only parses, validates and tokenizes (an invalid request gets an
+INVALID_ARG error response at once), then hands the request to the
+scheduler thread, which does continuous batching.
+
+How a model imports this: model_repository/generation/ is not a model.
+Triton runs with explicit model control (meshgate/triton.py passes
+--load-model per model), so it loads only the named directories and never
+takes this one for a model; each model.py puts this directory on sys.path.
+Keeping the shared code inside the model repository keeps the repository
+self-contained: a Triton elsewhere needs no meshgate package to serve it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import engine
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+EXTRA_OUTPUTS = ("finish_reason", "num_input_tokens", "num_output_tokens")
+
+
+class TritonLogHandler(logging.Handler):
+    """The engine logs with `logging`; in the stub those lines belong in Triton's log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = self.format(record)
+        if record.levelno >= logging.ERROR:
+            pb_utils.Logger.log_error(message)
+        elif record.levelno >= logging.WARNING:
+            pb_utils.Logger.log_warn(message)
+        else:
+            pb_utils.Logger.log_info(message)
+
+
+class TritonSender:
+    """engine.Sender over a decoupled response sender, with the vLLM backend's output tensors."""
+
+    def __init__(self, response_sender, extra_outputs: frozenset[str], model_name: str):
+        self.response_sender = response_sender
+        self.extra_outputs = extra_outputs
+        self.model_name = model_name
+        self.prompt_tokens = 0
+
+    def is_cancelled(self) -> bool:
+        return self.response_sender.is_cancelled()
+
+    def send(self, text: str, finish_reason: str | None, new_tokens: int, final: bool) -> None:
+        outputs = [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))]
+        if "finish_reason" in self.extra_outputs:
+            # vLLM sends str(None) until the sequence has finished.
+            outputs.append(
+                pb_utils.Tensor("finish_reason", np.array([str(finish_reason).encode()], dtype=np.object_))
+            )
+        if "num_input_tokens" in self.extra_outputs:
+            outputs.append(
+                pb_utils.Tensor("num_input_tokens", np.array([self.prompt_tokens], dtype=np.uint32))
+            )
+        if "num_output_tokens" in self.extra_outputs:
+            # Tokens since the previous response, as the vLLM backend reports it.
+            outputs.append(pb_utils.Tensor("num_output_tokens", np.array([new_tokens], dtype=np.uint32)))
+        self.response_sender.send(
+            pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if final else 0
+        )
+
+    def fail(self, message: str, kind: str) -> None:
+        # Looked up here: the stub adds TritonError to pb_utils only after importing the models.
+        codes = {
+            "internal": pb_utils.TritonError.INTERNAL,
+            "cancelled": pb_utils.TritonError.CANCELLED,
+            "unavailable": pb_utils.TritonError.UNAVAILABLE,
+        }
+        self.send_error(message, codes[kind])
+
+    def send_error(self, message: str, code) -> None:
+        try:
+            self.response_sender.send(
+                pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL
+            )
+        except Exception:  # the client may be gone already; nothing left to tell it
+            pb_utils.Logger.log_warn(f"{self.model_name}: could not send a final error response")
+
+
+def _bool_input(request, name: str) -> bool | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else bool(tensor.as_numpy().item())
+
+
+def _string_input(request, name: str) -> str | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    value = tensor.as_numpy().item()
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class VLLMStyleModel:
+    """Subclasses set `name` and implement load(); the rest is shared."""
+
+    name = "text-generation"
+
+    def load(self, model_config: dict) -> tuple[object, engine.Vocabulary]:
+        """The model (new_cache, prefill, decode, config.max_context) and its vocabulary."""
+        raise NotImplementedError
+
+    def encode(self, prompt: str) -> list[int]:
+        """The prompt's token ids, exactly as the model sees them."""
+        raise NotImplementedError
+
+    def initialize(self, args):
+        model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise pb_utils.TritonModelException(f"{self.name} must use the decoupled transaction policy")
+        handler = TritonLogHandler()
+        engine.log.addHandler(handler)
+        engine.log.setLevel(logging.INFO)
+        engine.log.propagate = False
+        self.model, vocabulary = self.load(model_config)
+        parameters = model_config.get("parameters", {})
+        max_active = int(parameters.get("max_active_sequences", {}).get("string_value", "16"))
+        self.scheduler = engine.Scheduler(self.name, self.model, vocabulary, max_active)
+        self.scheduler.start()
+
+    def execute(self, requests):
+        for request in requests:
+            extra_outputs = frozenset(
+                name for name in EXTRA_OUTPUTS if _bool_input(request, f"return_{name}")
+            )
+            sender = TritonSender(request.get_response_sender(), extra_outputs, self.name)
+            try:
+                stream = bool(_bool_input(request, "stream"))
+                generation = engine.plan_generation(
+                    request_id=request.request_id(),
+                    sender=sender,
+                    prompt=_string_input(request, "text_input"),
+                    encode=self.encode,
+                    sampling_json=_string_input(request, "sampling_parameters") or "",
+                    stream=stream,
+                    exclude_input_in_output=_bool_input(request, "exclude_input_in_output"),
+                    max_context=self.model.config.max_context,
+                )
+            except Exception as error:  # any malformed input becomes an error response for it alone
+                sender.send_error(f"{self.name}: invalid request: {error}", pb_utils.TritonError.INVALID_ARG)
+                continue
+            sender.prompt_tokens = len(generation.prompt_ids)
+            self.scheduler.submit(generation)
+        return None
+
+    def finalize(self):
+        self.scheduler.shutdown()

@@ -1,0 +1,248 @@
+"""The shared continuous-batching engine of tiny_gpt and smollm2: per-request
+validation, sampling, and per-sequence isolation inside a batch.
+
+The scheduler runs a real (small, seeded) tiny_gpt; only the response
+sender is a recorder, standing in for Triton's."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from tests.unit import model_repository_modules
+
+WINDOW = 64
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return model_repository_modules.load("generation/engine.py")
+
+
+@pytest.fixture(scope="module")
+def model():
+    core = model_repository_modules.load("tiny_gpt/1/tiny_gpt_core.py")
+    config = core.GPTConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_context=WINDOW)
+    return core.TinyGPT(core.init_weights(config, seed=5), config)
+
+
+def params(engine, **values):
+    return engine.SamplingParams.from_json(json.dumps(values), WINDOW)
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ('{"temperature": NaN}', "temperature must be finite"),
+        ('{"temperature": Infinity}', "temperature must be finite"),
+        ('{"temperature": "inf"}', "temperature must be finite"),
+        ('{"temperature": -0.5}', "temperature must be >= 0"),
+        ('{"top_p": NaN}', "top_p must be finite"),
+        ('{"top_p": 0}', r"top_p must be in \(0, 1\]"),
+        ('{"top_p": 1.5}', r"top_p must be in \(0, 1\]"),
+        ('{"seed": -1}', "seed must be >= 0"),
+        ('{"seed": 1.5}', "seed must be an integer"),
+        ('{"max_tokens": 0}', r"max_tokens must be in \[1, 63\]"),
+        ('{"max_tokens": 64}', r"max_tokens must be in \[1, 63\]"),
+        ('{"max_tokens": Infinity}', "max_tokens must be an integer"),
+        ('{"max_tokens": true}', "max_tokens must be an integer"),
+        ('{"top_k": -2}', "top_k must be"),
+        ('{"stop": [1]}', "stop must be a string or a list of strings"),
+        ('{"beam_width": 2}', "unsupported sampling parameters"),
+        ("[1, 2]", "must be a JSON object"),
+    ],
+)
+def test_invalid_sampling_values_are_refused(engine, raw, message):
+    with pytest.raises(ValueError, match=message):
+        engine.SamplingParams.from_json(raw, WINDOW)
+
+
+def test_valid_sampling_values_parse_like_vllm(engine):
+    assert engine.SamplingParams.from_json("", WINDOW) == engine.SamplingParams()
+    parsed = engine.SamplingParams.from_json(
+        '{"max_tokens": "8", "temperature": "0.7", "top_p": 0.9, "seed": 3, "stop": "##", "top_k": null}',
+        WINDOW,
+    )
+    assert parsed == engine.SamplingParams(max_tokens=8, temperature=0.7, top_p=0.9, seed=3, stop=("##",))
+
+
+def test_a_prompt_that_leaves_no_room_for_max_tokens_is_refused(engine):
+    engine.check_prompt_fits(prompt_tokens=48, max_tokens=16, max_context=WINDOW)
+    with pytest.raises(ValueError, match="at most 48 prompt tokens"):
+        engine.check_prompt_fits(prompt_tokens=49, max_tokens=16, max_context=WINDOW)
+
+
+def test_greedy_is_argmax_and_sampling_is_seeded(engine):
+    logits = np.array([0.1, 3.0, 0.2, 2.9], np.float32)
+    assert engine.sample(logits, engine.SamplingParams(temperature=0.0), np.random.default_rng()) == 1
+
+    nucleus = engine.SamplingParams(temperature=1.0, top_p=0.9)
+
+    def draws(seed):
+        rng = np.random.default_rng(seed)
+        return [engine.sample(logits, nucleus, rng) for _ in range(50)]
+
+    assert draws(5) == draws(5)
+    # top_p=0.9 keeps only the two large logits (they hold >90% of the mass).
+    assert set(draws(5)) == {1, 3}
+    top_1 = engine.SamplingParams(temperature=1.0, top_k=1)
+    rng = np.random.default_rng(0)
+    assert {engine.sample(logits, top_1, rng) for _ in range(20)} == {1}
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (1.0, 0.5), (0.0, 1.0)])
+def test_sampling_never_returns_a_token_outside_the_vocabulary(engine, temperature, top_p):
+    nan_logits = np.full(10, np.nan, np.float32)
+    with pytest.raises(ValueError):
+        sampling = engine.SamplingParams(temperature=temperature, top_p=top_p)
+        engine.sample(nan_logits, sampling, np.random.default_rng())
+
+
+class Recorder:
+    """engine.Sender that keeps what a client would receive."""
+
+    def __init__(self):
+        self.texts: list[str] = []
+        self.finish_reason = None
+        self.tokens = 0
+        self.error: tuple[str, str] | None = None
+        self.done = threading.Event()
+
+    def is_cancelled(self) -> bool:
+        return False
+
+    def send(self, text, finish_reason, new_tokens, final):
+        assert not self.done.is_set(), "a response after the final one"
+        self.texts.append(text)
+        self.tokens += new_tokens
+        self.finish_reason = finish_reason
+        if final:
+            self.done.set()
+
+    def fail(self, message, kind):
+        assert not self.done.is_set(), "an error after the final response"
+        self.error = (message, kind)
+        self.done.set()
+
+
+def vocabulary(engine):
+    # Token i decodes as "<i>": enough to follow text and stop strings.
+    return engine.Vocabulary(
+        decode=lambda ids: "".join(f"<{i}>" for i in ids),
+        stop_ids=frozenset({0}),
+        never_sampled=np.array([0]),
+    )
+
+
+def generation(engine, prompt_ids, sampling: engine.SamplingParams, name="g"):
+    return engine.Generation(
+        request_id=name,
+        sender=Recorder(),
+        prompt="",
+        prompt_ids=prompt_ids,
+        params=sampling,
+        stream=True,
+        prepend_prompt=False,
+    )
+
+
+def run_to_completion(engine, model, generations, timeout=60):
+    scheduler = engine.Scheduler("test", model, vocabulary(engine), max_active=8)
+    # Queue everything first so the batch forms at once, then start the scheduler.
+    for g in generations:
+        scheduler.submit(g)
+    scheduler.start()
+    try:
+        for g in generations:
+            assert g.sender.done.wait(timeout), f"{g.request_id} never finished"
+    finally:
+        scheduler.shutdown()
+
+
+PROMPTS = [[3, 4, 5], [7, 8, 9, 10, 11], [12], [20, 21]]
+
+
+def test_batched_generation_streams_what_each_sequence_gets_alone(engine, model):
+    greedy = engine.SamplingParams(max_tokens=12, temperature=0.0)
+    alone = []
+    for prompt in PROMPTS:
+        g = generation(engine, prompt, greedy)
+        run_to_completion(engine, model, [g])
+        alone.append(g)
+    together = [generation(engine, prompt, greedy) for prompt in PROMPTS]
+    run_to_completion(engine, model, together)
+
+    for a, b in zip(alone, together):
+        assert b.sender.error is None
+        assert "".join(b.sender.texts) == "".join(a.sender.texts)
+        assert (b.sender.finish_reason, b.sender.tokens) == ("length", 12)
+
+
+def test_a_sequence_that_fails_while_sampling_fails_alone(engine, model):
+    good = engine.SamplingParams(max_tokens=10, temperature=0.8, seed=1)
+    # Built directly, past from_json's checks: what once reached the
+    # sampler and failed the whole batch.
+    bad = engine.SamplingParams(max_tokens=10, temperature=float("nan"), seed=1)
+    generations = [generation(engine, prompt, good, f"good-{i}") for i, prompt in enumerate(PROMPTS)]
+    generations.insert(2, generation(engine, [5, 6], bad, "bad"))
+    run_to_completion(engine, model, generations)
+
+    assert generations[2].sender.error == ("test: internal error during generation", "internal")
+    for g in generations[:2] + generations[3:]:
+        assert g.sender.error is None
+        assert (g.sender.finish_reason, g.sender.tokens) == ("length", 10)
+
+
+class FailsForOneCache:
+    """The real model, except that decoding raises whenever one chosen sequence takes part."""
+
+    def __init__(self, model):
+        self.model = model
+        self.config = model.config
+        self.poisoned = None
+
+    def new_cache(self, tokens):
+        cache = self.model.new_cache(tokens)
+        if self.poisoned is None:
+            self.poisoned = cache
+        return cache
+
+    def prefill(self, token_ids, cache):
+        return self.model.prefill(token_ids, cache)
+
+    def decode(self, token_ids, caches):
+        if any(cache is self.poisoned for cache in caches):
+            raise FloatingPointError("boom")
+        return self.model.decode(token_ids, caches)
+
+
+def test_a_sequence_that_fails_while_decoding_fails_alone(engine, model):
+    greedy = engine.SamplingParams(max_tokens=6, temperature=0.0)
+    generations = [generation(engine, prompt, greedy, f"g{i}") for i, prompt in enumerate(PROMPTS)]
+    run_to_completion(engine, FailsForOneCache(model), generations)
+
+    assert generations[0].sender.error == ("test: internal error during generation", "internal")
+    for g in generations[1:]:
+        assert g.sender.error is None
+        assert g.sender.tokens == 6
+
+
+def test_streamed_text_never_shows_a_stop_string(engine, model):
+    free_run = generation(engine, [3, 4, 5], engine.SamplingParams(max_tokens=12, temperature=0.0))
+    run_to_completion(engine, model, [free_run])
+    text = "".join(free_run.sender.texts)
+    # Five characters from the second half: longer than one token's text,
+    # so a careless hold-back would leak its beginning.
+    stop = text[text.index(">", len(text) // 2) + 1 :][:5]
+
+    with_stop = engine.SamplingParams(max_tokens=12, temperature=0.0, stop=[stop])
+    stopped = generation(engine, [3, 4, 5], with_stop)
+    run_to_completion(engine, model, [stopped])
+
+    assert stopped.sender.finish_reason == "stop"
+    assert "".join(stopped.sender.texts) == text[: text.index(stop)]
+    for sent in range(1, len(stopped.sender.texts) + 1):
+        assert stop not in "".join(stopped.sender.texts[:sent])
