@@ -70,6 +70,20 @@ def unavailable(reason: str, message: str, **metadata: str) -> MeshgateError:
     return MeshgateError(grpc.StatusCode.UNAVAILABLE, reason, message, metadata)
 
 
+def partly_delivered(
+    failure: MeshgateError, deltas: int, chars: int, tokens: int | None = None
+) -> MeshgateError:
+    """Marks a failure that ended a stream after part of the answer went out:
+    the caller learns how much it got (``delivered_deltas``,
+    ``delivered_chars``, and ``delivered_tokens`` where known) and so that
+    the text it holds is a fragment, not an answer."""
+    failure.metadata["delivered_deltas"] = str(deltas)
+    failure.metadata["delivered_chars"] = str(chars)
+    if tokens is not None:
+        failure.metadata["delivered_tokens"] = str(tokens)
+    return failure
+
+
 def internal_error() -> MeshgateError:
     """What a caller learns of a bug: that it happened, nothing of its insides."""
     return MeshgateError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")

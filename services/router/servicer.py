@@ -21,7 +21,7 @@ from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, Settings
 from meshgate.context.v1 import context_service_pb2 as context_pb
-from meshgate.errors import MeshgateError, from_rpc_error, internal_error, unavailable
+from meshgate.errors import MeshgateError, from_rpc_error, internal_error, partly_delivered, unavailable
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
@@ -216,17 +216,30 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                     deployment.record_failure()
                     last_error = error
                     continue
-                raise from_rpc_error(error, "inference") from error
+                failure = from_rpc_error(error, "inference")
+                if pieces:
+                    # Our own count of what reached our caller (every piece
+                    # was yielded before the next read failed); the tokens
+                    # behind it are the inference service's count.
+                    tokens = failure.metadata.get("delivered_tokens")
+                    partly_delivered(
+                        failure, len(pieces), sum(map(len, pieces)), int(tokens) if tokens else None
+                    )
+                raise failure from error
             finally:
                 # Reached on caller cancellation too: the inference call, and
                 # through it the Triton request, must not outlive the caller.
                 call.cancel()
             if not completed:
-                raise MeshgateError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    "GENERATION_INCOMPLETE",
-                    "the inference stream ended without a completion",
-                    {"deployment": deployment.name},
+                raise partly_delivered(
+                    MeshgateError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "GENERATION_INCOMPLETE",
+                        "the inference stream ended without a completion",
+                        {"deployment": deployment.name},
+                    ),
+                    len(pieces),
+                    sum(map(len, pieces)),
                 )
             deployment.record_success()
             answer.text = "".join(pieces)
