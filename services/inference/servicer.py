@@ -11,7 +11,7 @@ import structlog
 
 from meshgate import tokenization
 from meshgate.config import InferenceSettings
-from meshgate.errors import MeshgateError, from_rpc_error, invalid_argument, not_found
+from meshgate.errors import MeshgateError, from_rpc_error, invalid_argument, not_found, partly_delivered
 from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from services.inference import triton_protocol, validation
@@ -65,7 +65,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 if error.code() == grpc.StatusCode.UNAVAILABLE and not stream.started:
                     log.warning("triton unavailable, trying another", backend=backend.address)
                     continue
-                raise triton_failure(error, served.triton_model, "INVALID_GENERATION_REQUEST") from error
+                failure = triton_failure(error, served.triton_model, "INVALID_GENERATION_REQUEST")
+                raise _with_progress(failure, stream) from error
+            except MeshgateError as failure:
+                _with_progress(failure, stream)
+                raise
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         validation.check_embed_texts(request.texts, self._settings)
@@ -120,6 +124,13 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         )
 
 
+def _with_progress(failure: MeshgateError, stream: _TritonStream) -> MeshgateError:
+    """A failure after output (Triton died midway) says how much went out."""
+    if not stream.started:
+        return failure
+    return partly_delivered(failure, stream.delivered_deltas, stream.delivered_chars, stream.delivered_tokens)
+
+
 class _TritonStream:
     """One streamed generation on one backend, as GenerateResponse messages.
 
@@ -136,6 +147,8 @@ class _TritonStream:
             model, uuid.uuid4().hex, prompt, sampling, backend.batched.get(model, False)
         )
         self.started = False
+        # What reached the caller, for the error that ends a stream midway.
+        self.delivered_deltas = self.delivered_chars = self.delivered_tokens = 0
 
     async def __aiter__(self):
         backend = self._backend
@@ -165,13 +178,16 @@ class _TritonStream:
                         {"backend": backend.address},
                     )
                 event = triton_protocol.read_generate_response(message.infer_response)
-                if event.text:
-                    self.started = True
-                    yield pb.GenerateResponse(delta=pb.GenerateDelta(text=event.text))
                 if event.input_tokens is not None:
                     prompt_tokens = event.input_tokens
                 if event.output_tokens is not None:
                     completion_tokens += event.output_tokens
+                if event.text:
+                    self.started = True
+                    self.delivered_deltas += 1
+                    self.delivered_chars += len(event.text)
+                    self.delivered_tokens = completion_tokens
+                    yield pb.GenerateResponse(delta=pb.GenerateDelta(text=event.text))
                 finish_reason = event.finish_reason or finish_reason
                 if event.final:
                     final_seen = self.started = True
