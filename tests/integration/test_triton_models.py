@@ -1,4 +1,4 @@
-"""tiny_gpt and minilm in the real tritonserver, over gRPC, no mocks."""
+"""tiny_gpt, smollm2 and minilm in the real tritonserver, over gRPC, no mocks."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
+
+from tests.integration.conftest import launched_triton
 
 pytestmark = pytest.mark.integration
 
@@ -68,9 +70,13 @@ class Reply:
 
 
 async def generate(
-    client: grpcaio.InferenceServerClient, inputs: list, request_id: str = "", stop_after: int | None = None
+    client: grpcaio.InferenceServerClient,
+    inputs: list,
+    request_id: str = "",
+    stop_after: int | None = None,
+    model: str = "tiny_gpt",
 ) -> Reply:
-    """Run one tiny_gpt request on a gRPC stream and collect every response.
+    """Run one generation request on a gRPC stream and collect every response.
 
     The stream ends by itself once Triton has sent the final response, since
     the request side closes after one request. With `stop_after`, the stream
@@ -78,7 +84,7 @@ async def generate(
     """
 
     async def requests():
-        yield {"model_name": "tiny_gpt", "inputs": inputs, "request_id": request_id}
+        yield {"model_name": model, "inputs": inputs, "request_id": request_id}
 
     reply = Reply([], None, 0, None, [])
     failure = None
@@ -223,3 +229,111 @@ async def test_embeddings_are_unit_vectors_that_rank_paraphrases_closer(client):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     paraphrase, unrelated = vectors[0] @ vectors[1], vectors[0] @ vectors[2]
     assert paraphrase > unrelated + 0.3
+
+
+# --- smollm2: SmolLM2-135M-Instruct, in a Triton of its own so the service
+# tests' Triton does not pay its load (~5 s, ~0.8 GB).
+
+
+def chatml(question: str) -> str:
+    """The prompt as the inference service renders it with SmolLM2's template."""
+    return (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+FRANCE = chatml("What is the capital of France?")
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(tmp_path_factory: pytest.TempPathFactory):
+    with launched_triton(tmp_path_factory, ("smollm2",)) as (url, log_file):
+        yield Server(url, log_file)
+
+
+@pytest.fixture
+async def smollm2_client(smollm2_server: Server):
+    async with grpcaio.InferenceServerClient(smollm2_server.url) as client:
+        yield client
+
+
+async def test_smollm2_answers_the_capital_of_france_and_ends_its_turn(smollm2_client):
+    greedy = {"max_tokens": 40, "temperature": 0}
+    reply = await generate(
+        smollm2_client, generate_inputs(FRANCE, True, greedy, **ALL_OUTPUTS), model="smollm2"
+    )
+
+    assert "Paris" in reply.text
+    assert reply.finish_reason == "stop", "stops at <|im_end|>, well before max_tokens"
+    assert reply.output_tokens < 40
+    assert "<|" not in reply.text, "no control token is sent as text"
+    assert reply.input_tokens == 37  # the rendered prompt as is: nothing added
+
+
+async def test_smollm2_sampling_is_seeded_and_honours_stop_strings(smollm2_client):
+    sampled = {"max_tokens": 24, "temperature": 0.8, "top_p": 0.9, "seed": 5}
+    question = chatml("Write one sentence about the sea.")
+    first, second = [
+        await generate(
+            smollm2_client, generate_inputs(question, True, sampled, **ALL_OUTPUTS), model="smollm2"
+        )
+        for _ in range(2)
+    ]
+    assert first.text == second.text and first.text.strip()
+
+    words = first.text.split()
+    stop = words[len(words) // 2]
+    stopped = await generate(
+        smollm2_client,
+        generate_inputs(question, True, {**sampled, "stop": stop}, **ALL_OUTPUTS),
+        model="smollm2",
+    )
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == first.text[: first.text.index(stop)]
+
+
+BAD_REQUESTS = {
+    "temperature NaN": ({"max_tokens": 8, "temperature": "NaN"}, "temperature must be finite"),
+    "temperature inf": ('{"max_tokens": 8, "temperature": Infinity}', "temperature must be finite"),
+    "negative seed": ({"max_tokens": 8, "temperature": 0.7, "seed": -1}, "seed must be >= 0"),
+    "top_p 0": ({"max_tokens": 8, "top_p": 0}, "top_p must be in"),
+    "prompt too long": ({"max_tokens": 8}, "context window"),
+}
+
+
+@pytest.mark.parametrize("model, window", [("tiny_gpt", 512), ("smollm2", 8192)])
+async def test_invalid_requests_among_concurrent_streams_fail_alone(request, model, window):
+    server = request.getfixturevalue("models_server" if model == "tiny_gpt" else "smollm2_server")
+    good = {"max_tokens": 12, "temperature": 0.7, "seed": 3}
+
+    async with grpcaio.InferenceServerClient(server.url) as client:
+
+        async def good_stream(i: int) -> Reply:
+            prompt = chatml(f"Count to {i + 3}.")
+            return await generate(client, generate_inputs(prompt, True, good, **ALL_OUTPUTS), model=model)
+
+        async def bad_stream(kind: str) -> Reply:
+            await asyncio.sleep(0.05)  # arrives while the good ones are being generated
+            # Each word is at least one token: that prompt cannot fit the window.
+            prompt = "word " * window if kind == "prompt too long" else chatml("Say hi.")
+            sampling, _ = BAD_REQUESTS[kind]
+            return await generate(client, generate_inputs(prompt, True, sampling), model=model)
+
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *(good_stream(i) for i in range(4)),
+                *(bad_stream(kind) for kind in BAD_REQUESTS),
+                return_exceptions=True,
+            ),
+            timeout=120,
+        )
+
+    goods, bads = results[:4], results[4:]
+    for (kind, (_, message)), bad in zip(BAD_REQUESTS.items(), bads):
+        assert isinstance(bad, InferenceServerException), (kind, bad)
+        assert f"{model}: invalid request" in str(bad) and message in str(bad), (kind, str(bad))
+    for reply in goods:
+        assert isinstance(reply, Reply), reply
+        assert reply.final and reply.finish_reason in ("stop", "length")
+        assert 0 < reply.output_tokens <= 12
