@@ -38,6 +38,14 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 
+# gRPC waits up to two minutes between attempts to reach a peer that went
+# away; a restarted Triton or service must be used as soon as it listens
+# again, not seconds later (calls meanwhile fail fast with UNAVAILABLE).
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -45,6 +53,7 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.enable_retries", 0),
+    *RECONNECT_OPTIONS,
 ]
 
 Cleanup = collections.abc.Callable[[], collections.abc.Awaitable[None]]

@@ -27,7 +27,7 @@ class TritonBackend:
         self._channel = serving.client_channel(address)
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         # Probes every few seconds would bury real traces; they go untraced.
-        self._probe_channel = grpc.aio.insecure_channel(address)
+        self._probe_channel = grpc.aio.insecure_channel(address, options=serving.RECONNECT_OPTIONS)
         self._probe_stub = service_pb2_grpc.GRPCInferenceServiceStub(self._probe_channel)
         self.live = False
         self.ready = False
