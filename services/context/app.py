@@ -1,4 +1,4 @@
-"""Wires the context service: Redis, tokenizers, servicer."""
+"""Wires the context service: Redis, token counters, servicer."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ SERVICE_NAMES = [context_service_pb2.DESCRIPTOR.services_by_name["ContextService
 
 
 async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup:
-    # Tokenizer files are read here, once, before serving starts.
-    tokenizers = token_counts.for_models(settings.models)
+    # Tokenizer and chat template files are read here, once, before serving
+    # starts; a template the counts cannot follow exactly stops it here.
+    counters = token_counts.for_models(settings.models)
     client = await redis_access.connect_checked(settings.redis.url)
     store = SessionStore(client, settings.context.session_ttl_s)
-    servicer = ContextServicer(store, settings.models, tokenizers)
+    servicer = ContextServicer(store, settings.models, counters)
     context_service_pb2_grpc.add_ContextServiceServicer_to_server(servicer, service.server)
 
     async def cleanup() -> None:

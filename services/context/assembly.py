@@ -13,9 +13,15 @@ from meshgate.common.v1 import common_pb2
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import invalid_argument
 
-# Tokens a chat template adds around each message (role marker, separators).
-# Templates differ by a token or two; one constant keeps budgets predictable.
-PER_MESSAGE_OVERHEAD_TOKENS = 4
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TemplateTokens:
+    """Tokens the chat template adds to a prompt outside any message."""
+
+    # The assistant's cue after the last message.
+    generation_prompt: int = 0
+    # Added by templates like SmolLM2's when no message is a system message.
+    default_system: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -23,35 +29,40 @@ class Candidate:
     """A message that may enter the prompt, with what it would cost there."""
 
     message: common_pb2.Message
-    # Content tokens plus PER_MESSAGE_OVERHEAD_TOKENS.
+    # Its tokens as the chat template renders it (role marker and separators included).
     tokens: int
-
-
-def candidate(message: common_pb2.Message, content_tokens: int) -> Candidate:
-    return Candidate(message, content_tokens + PER_MESSAGE_OVERHEAD_TOKENS)
 
 
 def assemble(
     session: collections.abc.Sequence[Candidate],
     new: collections.abc.Sequence[Candidate],
     budget: int,
+    template: TemplateTokens = TemplateTokens(),
 ) -> pb.AssembleContextResponse:
     """Keeps every system message and every new message, then the newest
     session turns that fit, stopping at the first that does not: a gap in the
     middle of a conversation would mislead the model more than a shorter past.
 
+    The prompt's cost is exactly what the model will see: the kept messages
+    plus ``template``'s tokens outside them (the default system prompt only
+    when no system message is kept; every system message is).
+
     Fails with CONTEXT_WINDOW_EXCEEDED when the messages that must be kept
     (new ones and the session's system messages) exceed the budget.
     """
     is_system = [c.message.role == common_pb2.ROLE_SYSTEM for c in session]
-    required = sum(c.tokens for c in new) + sum(
-        c.tokens for c, system in zip(session, is_system, strict=True) if system
+    any_system = any(is_system) or any(c.message.role == common_pb2.ROLE_SYSTEM for c in new)
+    required = (
+        template.generation_prompt
+        + (0 if any_system else template.default_system)
+        + sum(c.tokens for c in new)
+        + sum(c.tokens for c, system in zip(session, is_system, strict=True) if system)
     )
     if required > budget:
         raise invalid_argument(
             "CONTEXT_WINDOW_EXCEEDED",
-            f"the new messages and the session's system messages need {required} tokens,"
-            f" more than the budget of {budget}",
+            f"the new messages and the session's system messages, as the chat template renders them,"
+            f" need {required} tokens, more than the budget of {budget}",
             tokens=str(required),
             budget=str(budget),
         )

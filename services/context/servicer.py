@@ -15,7 +15,7 @@ from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import invalid_argument, not_found
 from services.context import assembly
 from services.context.store import SessionStore, StoredSession
-from services.context.token_counts import CountingTokenizer
+from services.context.token_counts import PromptCounter
 
 log = structlog.get_logger(__name__)
 
@@ -68,14 +68,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         self,
         store: SessionStore,
         models: dict[str, ModelSettings],
-        tokenizers: dict[str, CountingTokenizer],
+        counters: dict[str, PromptCounter],
     ) -> None:
         self._store = store
         self._models = models
-        self._tokenizers = tokenizers
-        # Every turn is counted for every configured tokenizer when appended,
-        # so assembly for any model finds its counts stored.
-        self._distinct_tokenizers = list({t.id: t for t in tokenizers.values()}.values())
+        self._counters = counters
+        # Every turn is counted for every configured tokenizer and template
+        # when appended, so assembly for any model finds its counts stored.
+        self._distinct_counters = list({c.id: c for c in counters.values()}.values())
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.CreateSessionResponse:
         _check_tenant(request.tenant_id)
@@ -124,8 +124,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             raise invalid_argument("NO_MESSAGES", "messages must not be empty")
         turns = list(request.messages)
         _check_messages(turns, "messages")
-        contents = [turn.content for turn in turns]
-        token_counts = {t.id: await t.count(contents) for t in self._distinct_tokenizers}
+        token_counts = {c.id: await c.count(turns) for c in self._distinct_counters}
         version, replayed = await self._store.append(
             request.tenant_id,
             request.session_id,
@@ -153,20 +152,20 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             raise invalid_argument("NO_MESSAGES", "nothing to assemble: no session, no messages")
         _check_messages(new_messages, "new_messages")
 
-        tokenizer = self._tokenizers[request.model]
-        new_counts = await tokenizer.count([m.content for m in new_messages])
-        new = [assembly.candidate(m, n) for m, n in zip(new_messages, new_counts, strict=True)]
+        counter = self._counters[request.model]
+        new_counts = await counter.count(new_messages)
+        new = [assembly.Candidate(m, n) for m, n in zip(new_messages, new_counts, strict=True)]
         session: list[assembly.Candidate] = []
         version = 0
         if request.session_id:
-            stored = await self._store.read(request.tenant_id, request.session_id, tokenizer.id)
-            counts = await self._complete_counts(request, stored, tokenizer)
-            session = [assembly.candidate(m, n) for m, n in zip(stored.turns, counts, strict=True)]
+            stored = await self._store.read(request.tenant_id, request.session_id, counter.id)
+            counts = await self._complete_counts(request, stored, counter)
+            session = [assembly.Candidate(m, n) for m, n in zip(stored.turns, counts, strict=True)]
             version = stored.version
 
         budget = min(request.max_prompt_tokens, model.context_window_tokens)
-        response = assembly.assemble(session, new, budget)
-        response.manifest.tokenizer = tokenizer.spec
+        response = assembly.assemble(session, new, budget, counter.template_tokens)
+        response.manifest.tokenizer = counter.spec
         response.session_version = version
         return response
 
@@ -174,16 +173,16 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         self,
         request: pb.AssembleContextRequest,
         stored: StoredSession,
-        tokenizer: CountingTokenizer,
+        counter: PromptCounter,
     ) -> list[int]:
-        """Stored counts, plus those of turns stored before this tokenizer was
-        configured: counted here, then stored so that happens once."""
+        """Stored counts, plus those of turns stored before this tokenizer and
+        template were configured: counted here, then stored so that happens once."""
         counts = stored.token_counts
         if len(counts) == len(stored.turns):
             return counts
         missing = stored.turns[len(counts) :]
-        counts = counts + await tokenizer.count([m.content for m in missing])
+        counts = counts + await counter.count(missing)
         await self._store.fill_token_counts(
-            request.tenant_id, request.session_id, stored.version, tokenizer.id, counts
+            request.tenant_id, request.session_id, stored.version, counter.id, counts
         )
         return counts

@@ -1,49 +1,172 @@
-"""The tokenizers of the configured models, each with a stable id.
+"""What each message costs in the model's prompt, exactly.
 
-Counts are stored per tokenizer id, derived from the tokenizer file's bytes,
-so a stored count is only ever reused by the very tokenizer that made it, even
-when a model alias is later pointed at another file.
+The prompt the model sees is its chat template rendered over the assembled
+messages, so a message costs its content *as the template frames it* (role
+marker and separators included), and a prompt adds a few tokens outside any
+message: the generation prompt and, in templates like SmolLM2's, a default
+system prompt when the conversation has none.
+
+Each message is counted once, framed alone: ``prefix(role) + content +
+suffix(role)``. The frames come from rendering probe conversations through the
+template at start-up, so any template that places each message's content
+verbatim between fixed strings works, and no setting can drift from the
+template. Counting the content alone would not be exact: in ChatML a content
+that starts with whitespace merges with the newline after the role
+(``"user\\n" + " \\nHi"`` is one token fewer than its parts).
+
+Framed messages are additive only when the tokenizer cannot merge across a
+message boundary: ChatML starts every message with ``<|im_start|>``, a special
+token the tokenizer splits at before anything else; the plain template of the
+test model ends every line with a newline, where its BERT tokenizer splits.
+Start-up checks this on probe conversations and refuses a template where it
+fails, rather than serving wrong counts.
+
+Counts are stored per counter id, a digest of the tokenizer file and the
+template, so a stored count is only ever reused by the very pair that made
+it, even when a model alias is later pointed at other files.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import dataclasses
 import hashlib
 
 import tokenizers
 
 from meshgate import tokenization
-from meshgate.config import ModelSettings
+from meshgate.common.v1 import common_pb2
+from meshgate.config import ConfigError, ModelSettings
+from services.context.assembly import TemplateTokens
 
 # Up to this many characters are counted on the event loop (well under a
 # millisecond); more is counted in a thread so other calls keep flowing.
 INLINE_COUNT_CHARS = 32 * 1024
 
+# Private-use characters: no template writes them, so they mark where a
+# probe's content went.
+_PROBE = "\ue000probe-{}\ue001"
+# Contents that would break additivity if the tokenizer merged across a
+# message boundary: leading and trailing whitespace, digits, punctuation.
+_ADDITIVITY_PROBES = ("Hello there.", " leading space", "\n\nnewlines\n", "trailing  ", "42", "", "é 日本")
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class CountingTokenizer:
+class Frame:
+    """The text a template puts around one message's content."""
+
+    prefix: str
+    suffix: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PromptCounter:
+    # The tokenizer setting, reported in the manifest.
     spec: str
-    # Short digest of the tokenizer file: names the stored counts.
+    # Short digest of the tokenizer file and the template: names the stored counts.
     id: str
     tokenizer: tokenizers.Tokenizer
+    frames: dict[int, Frame]
+    template_tokens: TemplateTokens
 
-    async def count(self, texts: list[str]) -> list[int]:
-        """Content tokens of each text, without special tokens."""
+    async def count(self, messages: collections.abc.Sequence[common_pb2.Message]) -> list[int]:
+        """Tokens of each message in the prompt, its template frame included."""
+        texts = [self.framed(m) for m in messages]
         if sum(map(len, texts)) <= INLINE_COUNT_CHARS:
             return tokenization.count(self.tokenizer, texts)
         return await asyncio.to_thread(tokenization.count, self.tokenizer, texts)
 
+    def framed(self, message: common_pb2.Message) -> str:
+        """The message as the template renders it, outside the prompt's own additions."""
+        frame = self.frames[message.role]
+        return frame.prefix + message.content + frame.suffix
 
-def for_models(models: dict[str, ModelSettings]) -> dict[str, CountingTokenizer]:
-    """One tokenizer per model alias, loaded once per distinct file.
+
+def derive_frames(template: tokenization.ChatTemplate) -> tuple[dict[str, Frame], str, str]:
+    """Each role's frame, the default system prompt (empty if none) and the
+    generation prompt, read off renderings of probe conversations.
+
+    Raises ConfigError for a template that does not place each message's
+    content verbatim between fixed strings.
+    """
+    first, second = _PROBE.format(1), _PROBE.format(2)
+    system_alone = template.render([("system", first)], add_generation_prompt=False)
+    frames: dict[str, Frame] = {}
+    for role in tokenization.ROLE_NAMES.values():
+        rendered = template.render([("system", first), (role, second)], add_generation_prompt=False)
+        piece = rendered.removeprefix(system_alone)
+        if piece == rendered or piece.count(second) != 1:
+            raise ConfigError(f"chat template: a {role} message is not rendered on its own")
+        prefix, suffix = piece.split(second)
+        frames[role] = Frame(prefix, suffix)
+    system = frames["system"]
+    if system_alone != system.prefix + first + system.suffix:
+        raise ConfigError("chat template: the first system message is framed unlike the others")
+
+    user = frames["user"]
+    framed_user = user.prefix + second + user.suffix
+    user_alone = template.render([("user", second)], add_generation_prompt=False)
+    if not user_alone.endswith(framed_user):
+        raise ConfigError("chat template: a conversation without a system message is not framed as expected")
+    default_system = user_alone.removesuffix(framed_user)
+    with_cue = template.render([("user", second)], add_generation_prompt=True)
+    if not with_cue.startswith(user_alone):
+        raise ConfigError("chat template: the generation prompt is not appended at the end")
+    return frames, default_system, with_cue.removeprefix(user_alone)
+
+
+def build(spec: str, chat_template_spec: str) -> PromptCounter:
+    """A counter for one tokenizer and template; reads files, so call it at start-up."""
+    tokenizer = tokenization.load(spec)
+    template = tokenization.load_chat_template(chat_template_spec)
+    frames, default_system, generation_prompt = derive_frames(template)
+
+    def n(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+    digest = hashlib.sha256(tokenization.resolve(spec).read_bytes())
+    digest.update(b"\0" + template.source.encode())
+    counter = PromptCounter(
+        spec,
+        digest.hexdigest()[:16],
+        tokenizer,
+        {role: frames[name] for role, name in tokenization.ROLE_NAMES.items()},
+        TemplateTokens(generation_prompt=n(generation_prompt), default_system=n(default_system)),
+    )
+    _check_additive(counter, template, n)
+    return counter
+
+
+def _check_additive(counter: PromptCounter, template: tokenization.ChatTemplate, n) -> None:
+    """The whole rendered prompt must cost exactly what the parts add up to."""
+    roles = list(tokenization.ROLE_NAMES)
+    for start in range(len(roles)):
+        messages = [
+            common_pb2.Message(role=roles[(start + i) % len(roles)], content=content)
+            for i, content in enumerate(_ADDITIVITY_PROBES)
+        ]
+        whole = n(template.render_messages(messages))
+        parts = sum(n(counter.framed(m)) for m in messages)
+        parts += counter.template_tokens.generation_prompt
+        if messages[0].role != common_pb2.ROLE_SYSTEM:
+            parts += counter.template_tokens.default_system
+        if whole != parts:
+            raise ConfigError(
+                f"chat template and tokenizer {counter.spec!r}: a prompt of {whole} tokens counts as"
+                f" {parts} message by message: the template changes contents, or the tokenizer"
+                " merges across message boundaries"
+            )
+
+
+def for_models(models: dict[str, ModelSettings]) -> dict[str, PromptCounter]:
+    """One counter per model alias, built once per distinct tokenizer and template.
 
     Reads files, so call it at start-up, not on the event loop while serving.
     """
-    by_spec: dict[str, CountingTokenizer] = {}
+    by_files: dict[tuple[str, str], PromptCounter] = {}
     for model in models.values():
-        if model.tokenizer not in by_spec:
-            tokenizer = tokenization.load(model.tokenizer)
-            digest = hashlib.sha256(tokenization.resolve(model.tokenizer).read_bytes())
-            by_spec[model.tokenizer] = CountingTokenizer(model.tokenizer, digest.hexdigest()[:16], tokenizer)
-    return {alias: by_spec[model.tokenizer] for alias, model in models.items()}
+        files = (model.tokenizer, model.chat_template)
+        if files not in by_files:
+            by_files[files] = build(*files)
+    return {alias: by_files[(model.tokenizer, model.chat_template)] for alias, model in models.items()}

@@ -7,6 +7,7 @@ import contextlib
 
 import structlog
 
+from meshgate import tokenization
 from meshgate.config import Settings
 from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from meshgate.serving import Cleanup, Service
@@ -20,6 +21,9 @@ SERVICE_NAMES = [inference_service_pb2.DESCRIPTOR.services_by_name["InferenceSer
 
 async def setup(service: Service, settings: Settings) -> Cleanup:
     config = settings.inference
+    for served in config.models.values():
+        # Read (and checked) now, so a missing template stops the start, not a request.
+        tokenization.load_chat_template(served.chat_template)
     models = sorted({m.triton_model for m in config.models.values()} | {config.embedding_triton_model})
     pool = BackendPool(config.triton_urls, models)
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(

@@ -45,7 +45,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         if not request.messages:
             raise invalid_argument("EMPTY_MESSAGES", "messages must not be empty")
         max_tokens = validation.check_generation(request.parameters, served, DEFAULT_MAX_TOKENS)
-        prompt = triton_protocol.render_chat(request.messages)
+        prompt = triton_protocol.render_chat(request.messages, served.chat_template)
         validation.check_prompt(prompt, self._settings)
         sampling = triton_protocol.sampling_parameters(request.parameters, max_tokens)
 

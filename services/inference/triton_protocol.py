@@ -12,26 +12,31 @@ from __future__ import annotations
 import json
 import struct
 
+import jinja2
 from tritonclient.grpc import service_pb2
 
+from meshgate import tokenization
 from meshgate.common.v1 import common_pb2
+from meshgate.errors import invalid_argument
 
-_ROLE_NAMES = {
-    common_pb2.ROLE_SYSTEM: "system",
-    common_pb2.ROLE_USER: "user",
-    common_pb2.ROLE_ASSISTANT: "assistant",
-}
 _TRUE = b"\x01"
 _FINAL_FLAG = "triton_final_response"
 
 
-def render_chat(messages) -> str:
-    """The plain chat template of the bundled model: one line per turn, then
-    the assistant's cue. A model with a template of its own would take it
-    from its configuration."""
-    lines = [f"{_ROLE_NAMES.get(m.role, 'user')}: {m.content}" for m in messages]
-    lines.append("assistant:")
-    return "\n".join(lines)
+def render_chat(messages, chat_template: str = "") -> str:
+    """The prompt: the served model's chat template (its setting; empty: the
+    plain one of the bundled tiny-gpt) over the messages, with the cue for
+    the assistant's turn, as Hugging Face's apply_chat_template renders it.
+
+    Templates are loaded once per process (the service loads them at start).
+    A template may refuse a conversation (``raise_exception``): that is the
+    caller's INVALID_ARGUMENT, not a failure of the service.
+    """
+    try:
+        return tokenization.load_chat_template(chat_template).render_messages(messages)
+    except jinja2.TemplateError as error:
+        reason = f"the model's chat template refused the conversation: {error}"
+        raise invalid_argument("CHAT_TEMPLATE_REJECTED", reason) from error
 
 
 def sampling_parameters(parameters: common_pb2.GenerationParameters, default_max_tokens: int) -> str:

@@ -23,7 +23,6 @@ from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
 from meshgate.stack import free_port
 from services.context import app, token_counts
-from services.context.assembly import PER_MESSAGE_OVERHEAD_TOKENS
 from tests.integration.conftest import running as running_service
 
 pytestmark = pytest.mark.integration
@@ -76,10 +75,25 @@ def msg(role: int, content: str) -> common_pb2.Message:
     return common_pb2.Message(role=role, content=content)
 
 
-def tokens_of(content: str) -> int:
-    """What the prompt pays for a message, from the tokenizer itself."""
+def _tokens(text: str) -> int:
     tokenizer = tokenization.load(Settings().models[MODEL].tokenizer)
-    return len(tokenizer.encode(content, add_special_tokens=False).ids) + PER_MESSAGE_OVERHEAD_TOKENS
+    return len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def tokens_of(message: common_pb2.Message) -> int:
+    """What the prompt pays for a message: its line of tiny-gpt's plain chat
+    template ("user: ...\\n"), from the tokenizer itself."""
+    line = tokenization.load_chat_template("").render_messages([message], add_generation_prompt=False)
+    return _tokens(line)
+
+
+# The assistant's cue that ends every prompt of the plain template.
+CUE_TOKENS = _tokens("assistant:")
+
+
+def prompt_length(messages) -> int:
+    """Tokens of the whole prompt the inference service renders from ``messages``."""
+    return _tokens(tokenization.load_chat_template("").render_messages(messages))
 
 
 async def new_session(stub, tenant: str, *messages: common_pb2.Message) -> str:
@@ -318,7 +332,7 @@ async def test_token_counts_are_stored_at_append(stub, tenant, redis_url) -> Non
         await client.aclose()
     assert stored is not None
     assert [int.from_bytes(stored[i : i + 4], "little") for i in range(0, len(stored), 4)] == [
-        tokens_of(t) - PER_MESSAGE_OVERHEAD_TOKENS for t in texts
+        tokens_of(msg(USER, t)) for t in texts
     ]
 
 
@@ -410,11 +424,11 @@ async def conversation(stub, tenant) -> Conversation:
 async def test_assembly_keeps_system_and_newest_turns_within_budget(stub, tenant, conversation) -> None:
     turns = conversation.turns
     new = [msg(USER, "Which cities does it pass?")]
-    costs = [tokens_of(m.content) for m in turns]
-    new_cost = tokens_of(new[0].content)
-    # Room for the system message, the new message and the three newest turns,
-    # one token short of the fourth newest.
-    budget = costs[0] + new_cost + sum(costs[4:]) + costs[3] - 1
+    costs = [tokens_of(m) for m in turns]
+    new_cost = tokens_of(new[0])
+    # Room for the system message, the new message, the cue and the three
+    # newest turns, one token short of the fourth newest.
+    budget = costs[0] + new_cost + CUE_TOKENS + sum(costs[4:]) + costs[3] - 1
 
     response = await stub.AssembleContext(
         pb.AssembleContextRequest(
@@ -433,7 +447,8 @@ async def test_assembly_keeps_system_and_newest_turns_within_budget(stub, tenant
         for i, m in enumerate(turns)
     ]
     assert entries == [*expected_session, (pb.SOURCE_REQUEST, 0, USER, new_cost, INCLUDED)]
-    assert response.manifest.prompt_tokens == costs[0] + sum(costs[4:]) + new_cost
+    assert response.manifest.prompt_tokens == costs[0] + sum(costs[4:]) + new_cost + CUE_TOKENS
+    assert response.manifest.prompt_tokens == prompt_length(response.messages)
     assert response.manifest.budget_tokens == budget
     assert response.manifest.tokenizer == Settings().models[MODEL].tokenizer
     assert response.session_version == 1
@@ -452,9 +467,7 @@ async def test_assembly_with_ample_budget_keeps_everything(stub, tenant, convers
     assert list(response.messages) == [*conversation.turns, msg(USER, "Thanks!")]
     # The budget never exceeds the model's context window.
     assert response.manifest.budget_tokens == Settings().models[MODEL].context_window_tokens
-    assert response.manifest.prompt_tokens == sum(
-        tokens_of(m.content) for m in [*conversation.turns, msg(USER, "Thanks!")]
-    )
+    assert response.manifest.prompt_tokens == prompt_length([*conversation.turns, msg(USER, "Thanks!")])
 
 
 async def test_new_messages_over_budget_exceed_the_context_window(stub, tenant) -> None:
@@ -467,7 +480,7 @@ async def test_new_messages_over_budget_exceed_the_context_window(stub, tenant) 
     assert await failure(call) == (
         grpc.StatusCode.INVALID_ARGUMENT,
         "CONTEXT_WINDOW_EXCEEDED",
-        {"tokens": str(tokens_of(text)), "budget": "20"},
+        {"tokens": str(tokens_of(msg(USER, text)) + CUE_TOKENS), "budget": "20"},
     )
 
 
@@ -479,7 +492,7 @@ async def test_stateless_assembly(stub, tenant) -> None:
     assert list(response.messages) == new
     assert response.session_version == 0
     assert [e.source for e in response.manifest.entries] == [pb.SOURCE_REQUEST] * 2
-    assert response.manifest.prompt_tokens == sum(tokens_of(m.content) for m in new)
+    assert response.manifest.prompt_tokens == prompt_length(new)
 
 
 async def test_invalid_assembly_requests(stub, tenant) -> None:
@@ -573,10 +586,7 @@ async def test_a_tokenizer_configured_later_counts_old_turns_once(
     finally:
         await client.aclose()
     assert first.manifest.tokenizer == str(copy)
-    assert [e.tokens for e in first.manifest.entries] == [
-        tokens_of(t) for t in ("Old turn one.", "Two.", "New.")
-    ]
-    assert [e.tokens for e in second.manifest.entries] == [
-        tokens_of(t) for t in ("Old turn one.", "Two.", "New.", "New.")
-    ]
+    turns = [msg(USER, "Old turn one."), msg(ASSISTANT, "Two."), msg(USER, "New.")]
+    assert [e.tokens for e in first.manifest.entries] == [tokens_of(m) for m in turns]
+    assert [e.tokens for e in second.manifest.entries] == [tokens_of(m) for m in [*turns, turns[-1]]]
     assert second.session_version == 2

@@ -71,7 +71,11 @@ async def test_embed_splits_large_batches_and_normalizes(stub):
 
 async def test_models_and_backend_health(stub):
     models = await stub.ListModels(pb.ListModelsRequest())
-    assert [(m.name, m.triton_model, m.ready) for m in models.models] == [("tiny-gpt", "tiny_gpt", True)]
+    assert [(m.name, m.triton_model, m.context_window_tokens, m.ready) for m in models.models] == [
+        # This session's Triton does not load smollm2 (its own tests start one that does).
+        ("smollm2", "smollm2", 8192, False),
+        ("tiny-gpt", "tiny_gpt", 512, True),
+    ]
     health = await stub.GetBackendHealth(pb.GetBackendHealthRequest())
     assert [(b.live, b.ready) for b in health.backends] == [(True, True)]
 

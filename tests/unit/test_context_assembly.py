@@ -8,13 +8,13 @@ import pytest
 from meshgate.common.v1 import common_pb2
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError
-from services.context.assembly import PER_MESSAGE_OVERHEAD_TOKENS, Candidate, assemble, candidate
+from services.context.assembly import Candidate, TemplateTokens, assemble
 
 SYSTEM, USER, ASSISTANT = common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
 
 
 def turn(role: int, content: str, tokens: int) -> Candidate:
-    """A candidate costing exactly ``tokens``, overhead included."""
+    """A candidate costing exactly ``tokens``, its template frame included."""
     return Candidate(common_pb2.Message(role=role, content=content), tokens)
 
 
@@ -27,11 +27,6 @@ def dispositions(response: pb.AssembleContextResponse, source: int) -> list[int]
 
 
 INCLUDED, DROPPED = pb.DISPOSITION_INCLUDED, pb.DISPOSITION_DROPPED
-
-
-def test_candidate_adds_the_per_message_overhead() -> None:
-    message = common_pb2.Message(role=USER, content="hi")
-    assert candidate(message, 7).tokens == 7 + PER_MESSAGE_OVERHEAD_TOKENS
 
 
 def test_everything_fits() -> None:
@@ -123,3 +118,29 @@ def test_session_system_messages_count_as_required() -> None:
         assemble([turn(SYSTEM, "long rules", 20)], [turn(USER, "q", 10)], budget=25)
     assert caught.value.reason == "CONTEXT_WINDOW_EXCEEDED"
     assert caught.value.metadata == {"tokens": "30", "budget": "25"}
+
+
+CHATML = TemplateTokens(generation_prompt=3, default_system=20)
+
+
+def test_template_tokens_count_the_generation_prompt_and_a_default_system_prompt() -> None:
+    # No system message: the template adds its default one.
+    response = assemble([turn(USER, "u1", 10)], [turn(USER, "u2", 10)], budget=100, template=CHATML)
+    assert response.manifest.prompt_tokens == 10 + 10 + 3 + 20
+    # A system message replaces it, wherever it came from.
+    with_system = assemble([turn(SYSTEM, "s", 5)], [turn(USER, "u", 10)], budget=100, template=CHATML)
+    assert with_system.manifest.prompt_tokens == 5 + 10 + 3
+    from_request = assemble([], [turn(SYSTEM, "s", 5), turn(USER, "u", 10)], budget=100, template=CHATML)
+    assert from_request.manifest.prompt_tokens == 5 + 10 + 3
+
+
+def test_template_tokens_take_room_from_the_history() -> None:
+    session = [turn(USER, "u1", 10), turn(ASSISTANT, "a1", 10)]
+    new = [turn(USER, "u2", 10)]
+    # 33 for the template and the new message leaves 10: only the newest turn fits.
+    response = assemble(session, new, budget=43, template=CHATML)
+    assert contents(response) == ["a1", "u2"]
+    assert response.manifest.prompt_tokens == 43
+    with pytest.raises(MeshgateError) as caught:
+        assemble([], new, budget=32, template=CHATML)
+    assert caught.value.metadata == {"tokens": "33", "budget": "32"}

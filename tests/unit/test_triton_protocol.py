@@ -1,9 +1,12 @@
 import json
 import struct
 
+import grpc
+import pytest
 from tritonclient.grpc import service_pb2
 
 from meshgate.common.v1 import common_pb2
+from meshgate.errors import MeshgateError
 from services.inference import triton_protocol
 
 
@@ -48,3 +51,49 @@ def test_chat_template_ends_with_the_assistant_cue():
         ]
     )
     assert prompt == "system: be brief\nuser: hi\nassistant:"
+
+
+def test_a_served_models_chat_template_renders_the_prompt(tmp_path):
+    template = tmp_path / "chatml.jinja"
+    template.write_text(
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+        " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+        "{% endif %}"
+    )
+    messages = [
+        common_pb2.Message(role=common_pb2.ROLE_USER, content="What is {{ 6 * 7 }}?"),
+        common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="42"),
+        common_pb2.Message(role=common_pb2.ROLE_USER, content="Thanks"),
+    ]
+    # Contents are data, never template code.
+    assert triton_protocol.render_chat(messages, str(template)) == (
+        "<|im_start|>user\nWhat is {{ 6 * 7 }}?<|im_end|>\n"
+        "<|im_start|>assistant\n42<|im_end|>\n"
+        "<|im_start|>user\nThanks<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_a_template_that_refuses_a_conversation_is_invalid_argument(tmp_path):
+    template = tmp_path / "alternating.jinja"
+    template.write_text(
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    user = common_pb2.Message(role=common_pb2.ROLE_USER, content="hi")
+    assert triton_protocol.render_chat([user], str(template)) == "hi"
+    with pytest.raises(MeshgateError) as caught:
+        triton_protocol.render_chat([user, user], str(template))
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.reason == "CHAT_TEMPLATE_REJECTED"
+    assert "roles must alternate" in caught.value.message
+
+
+def test_a_template_cannot_reach_python_internals(tmp_path):
+    template = tmp_path / "escape.jinja"
+    template.write_text("{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    user = common_pb2.Message(role=common_pb2.ROLE_USER, content="hi")
+    with pytest.raises(MeshgateError) as caught:
+        triton_protocol.render_chat([user], str(template))
+    assert caught.value.reason == "CHAT_TEMPLATE_REJECTED"

@@ -1,0 +1,151 @@
+"""The context service's counts are the model's own prompt length.
+
+With the real tokenizers and chat templates of both models, the prompt
+tokens the assembly reports equal the tokens of the prompt the inference
+service renders from the assembled messages, which is what the model
+tokenizes (SmolLM2 adds no BOS; tiny-gpt prepends one [CLS] of its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshgate import tokenization
+from meshgate.common.v1 import common_pb2
+from meshgate.config import ConfigError, Settings
+from services.context import assembly, token_counts
+from tests.unit.test_smollm2_tokenizer import build_smollm2_files
+
+SYSTEM, USER, ASSISTANT = common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
+MODELS = Settings().models
+
+
+@pytest.fixture(scope="module")
+def counters() -> dict[str, token_counts.PromptCounter]:
+    build_smollm2_files()
+    return token_counts.for_models(MODELS)
+
+
+def prompt_length(alias: str, messages: list[common_pb2.Message]) -> int:
+    """Tokens of the whole rendered prompt, as the model counts them."""
+    model = MODELS[alias]
+    prompt = tokenization.load_chat_template(model.chat_template).render_messages(messages)
+    return len(tokenization.load(model.tokenizer).encode(prompt, add_special_tokens=False).ids)
+
+
+def assemble(counter, session, new, budget=100_000):
+    session_counts = asyncio.run(counter.count(session))
+    new_counts = asyncio.run(counter.count(new))
+    return assembly.assemble(
+        [assembly.Candidate(m, n) for m, n in zip(session, session_counts)],
+        [assembly.Candidate(m, n) for m, n in zip(new, new_counts)],
+        budget,
+        counter.template_tokens,
+    )
+
+
+def msg(role: int, content: str) -> common_pb2.Message:
+    return common_pb2.Message(role=role, content=content)
+
+
+def test_smollm2_template_costs(counters) -> None:
+    counter = counters["smollm2"]
+    # "<|im_start|>assistant\n" and the default system prompt of the template.
+    default_system = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    )
+    tokenizer = counter.tokenizer
+    assert counter.template_tokens.generation_prompt == len(
+        tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False).ids
+    )
+    assert counter.template_tokens.default_system == len(
+        tokenizer.encode(default_system + "<|im_end|>\n", add_special_tokens=False).ids
+    )
+    # <|im_start|> "user" "\n" ... <|im_end|> "\n": five tokens around the content.
+    assert asyncio.run(counter.count([msg(USER, "What is the capital of France?")])) == [7 + 5]
+
+
+CONVERSATIONS = {
+    "one question": ([], [msg(USER, "What is the capital of France?")]),
+    "with a system message": (
+        [msg(SYSTEM, "You are terse."), msg(USER, "Hi"), msg(ASSISTANT, "Hello.")],
+        [msg(USER, "What is 12 + 30?")],
+    ),
+    "system message only in the request": (
+        [msg(USER, "Hi"), msg(ASSISTANT, " Hello.\n\n")],
+        [msg(SYSTEM, "  Answer in French."), msg(USER, "\n Où est Paris ? 東京?")],
+    ),
+    "whitespace at the edges of contents": (
+        [msg(USER, " \nleading"), msg(ASSISTANT, "\n"), msg(USER, "trailing \n\n")],
+        [msg(USER, "\t tab")],
+    ),
+}
+
+
+@pytest.mark.parametrize("alias", ["smollm2", "tiny-gpt"])
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_assembled_prompt_tokens_equal_the_rendered_prompt(counters, alias, name) -> None:
+    session, new = CONVERSATIONS[name]
+    response = assemble(counters[alias], session, new)
+    assert len(response.messages) == len(session) + len(new)
+    assert response.manifest.prompt_tokens == prompt_length(alias, list(response.messages))
+
+
+def test_dropped_turns_leave_an_exact_count(counters) -> None:
+    counter = counters["smollm2"]
+    session = [msg(USER, f"Question {n}: what is {n} squared?") for n in range(6)]
+    new = [msg(USER, "And the last one?")]
+    full = assemble(counter, session, new).manifest.prompt_tokens
+    response = assemble(counter, session, new, budget=full - 1)
+    assert len(response.messages) < len(session) + len(new)
+    assert response.manifest.prompt_tokens == prompt_length("smollm2", list(response.messages))
+    assert response.manifest.prompt_tokens <= full - 1
+
+
+def test_counting_contents_alone_would_be_wrong(counters) -> None:
+    """Why messages are counted framed: in ChatML a content that starts with
+    whitespace merges with the newline after the role."""
+    tokenizer = counters["smollm2"].tokenizer
+
+    def n(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+    content = " \nHello"
+    framed = n(f"<|im_start|>user\n{content}<|im_end|>\n")
+    assert framed != n("<|im_start|>user\n<|im_end|>\n") + n(content)
+    assert asyncio.run(counters["smollm2"].count([msg(USER, content)])) == [framed]
+
+
+# Contents heavy in what tokenizers merge: whitespace, newlines, digits,
+# punctuation, special-token look-alikes, accents and CJK.
+_CONTENT = st.lists(
+    st.sampled_from(
+        [" ", "  ", "\n", "\t", "a", "Hi", "1", "23", ".", "?!", "<|", "|>", "é", "東", "🎉", "im_end"]
+    ),
+    max_size=12,
+).map("".join)
+_MESSAGES = st.lists(st.tuples(st.sampled_from([SYSTEM, USER, ASSISTANT]), _CONTENT), min_size=1, max_size=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(session=_MESSAGES, new=_MESSAGES)
+def test_counts_are_exact_for_any_conversation(counters, session, new) -> None:
+    for alias in ("smollm2", "tiny-gpt"):
+        session_messages = [msg(role, content) for role, content in session]
+        new_messages = [msg(role, content) for role, content in new]
+        response = assemble(counters[alias], session_messages, new_messages)
+        assert response.manifest.prompt_tokens == prompt_length(alias, list(response.messages)), alias
+
+
+def test_a_template_that_rewrites_contents_is_refused(tmp_path) -> None:
+    template = tmp_path / "strip.jinja"
+    template.write_text(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+        "{% endfor %}"
+    )
+    with pytest.raises(ConfigError, match="changes contents"):
+        token_counts.build(MODELS["smollm2"].tokenizer, str(template))
