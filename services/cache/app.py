@@ -12,6 +12,7 @@ from services.cache.index import IndexRegistry
 from services.cache.servicer import CacheServicer
 from services.cache.stats import Stats
 from services.cache.store import CacheStore
+from services.cache.verifier import Verifier
 
 SERVICE_NAMES = [cache_service_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name]
 
@@ -20,6 +21,10 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     config = settings.cache
     if config.ttl_s <= 0:
         raise ConfigError("cache.ttl_s must be positive")
+    try:
+        verifier = Verifier.load(config.max_false_hit_rate)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     client = await redis_access.connect_checked(settings.redis.url)
     channel = serving.client_channel(config.inference_address)
     stats = Stats(client)
@@ -29,6 +34,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         Embedder(inference_service_pb2_grpc.InferenceServiceStub(channel)),
         stats,
         IndexRegistry(config.max_entries_per_partition),
+        verifier,
     )
     cache_service_pb2_grpc.add_CacheServiceServicer_to_server(servicer, service.server)
     stats.start()

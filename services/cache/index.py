@@ -29,6 +29,10 @@ class Match:
     entry_id: str
     similarity: float
     seq: int
+    # The stored question, for the verifier; "" for entries stored before
+    # questions were kept.
+    question: str = ""
+    vector: np.ndarray | None = None
 
 
 class VectorIndex:
@@ -44,6 +48,7 @@ class VectorIndex:
         self._seqs = np.empty(1, np.int64)
         self._expires_ms = np.empty(1, np.int64)
         self._ids: list[str] = []
+        self._questions: list[str] = []
         self._rows: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -56,7 +61,9 @@ class VectorIndex:
     def allocated_rows(self) -> int:
         return len(self._seqs)
 
-    def upsert(self, entry_id: str, seq: int, expires_ms: int, vector: np.ndarray) -> None:
+    def upsert(
+        self, entry_id: str, seq: int, expires_ms: int, vector: np.ndarray, question: str = ""
+    ) -> None:
         """Adds or replaces an entry; a replay of an older version is ignored.
 
         Evicts the oldest entry when full, as the store does, so both agree
@@ -66,6 +73,7 @@ class VectorIndex:
         if row is not None:
             if seq > self._seqs[row]:
                 self._set_row(row, seq, expires_ms, vector)
+                self._questions[row] = question
             return
         if len(self._ids) >= self.max_entries:
             oldest = int(np.argmin(self._seqs[: len(self._ids)]))
@@ -76,6 +84,7 @@ class VectorIndex:
         if row == self.allocated_rows:
             self._grow()
         self._ids.append(entry_id)
+        self._questions.append(question)
         self._rows[entry_id] = row
         self._set_row(row, seq, expires_ms, vector)
 
@@ -87,18 +96,38 @@ class VectorIndex:
 
     def best(self, query: np.ndarray, now_ms: int) -> Match | None:
         """The most similar live entry; expired rows are dropped on the way."""
+        found = self.nearest(query, now_ms, 1)
+        return found[0] if found else None
+
+    def nearest(
+        self, query: np.ndarray, now_ms: int, count: int, min_similarity: float = -1.0
+    ) -> list[Match]:
+        """Up to ``count`` live entries at or above ``min_similarity``, most
+        similar first; expired rows are dropped on the way."""
         size = len(self._ids)
         if size == 0:
-            return None
+            return []
         live = self._expires_ms[:size] > now_ms
         if not live.all():
             self._keep(live)
             size = len(self._ids)
             if size == 0:
-                return None
+                return []
         similarities = self._vectors[:size] @ query
-        row = int(np.argmax(similarities))
-        return Match(self._ids[row], float(similarities[row]), int(self._seqs[row]))
+        # A partial sort: only the best ``count`` rows are ordered.
+        rows = np.argpartition(-similarities, count - 1)[:count] if size > count else np.arange(size)
+        rows = rows[np.argsort(-similarities[rows], kind="stable")]
+        return [
+            Match(
+                self._ids[row],
+                float(similarities[row]),
+                int(self._seqs[row]),
+                self._questions[row],
+                self._vectors[row].copy(),
+            )
+            for row in rows.tolist()
+            if similarities[row] >= min_similarity
+        ]
 
     def mark_synced(self, seq: int) -> None:
         self.synced_seq = max(self.synced_seq, seq)
@@ -125,8 +154,10 @@ class VectorIndex:
             self._seqs[row] = self._seqs[last]
             self._expires_ms[row] = self._expires_ms[last]
             self._ids[row] = moved
+            self._questions[row] = self._questions[last]
             self._rows[moved] = row
         self._ids.pop()
+        self._questions.pop()
         del self._rows[removed]
 
     def _keep(self, mask: np.ndarray) -> None:
@@ -135,7 +166,9 @@ class VectorIndex:
         self._vectors[:kept] = self._vectors[:size][mask]
         self._seqs[:kept] = self._seqs[:size][mask]
         self._expires_ms[:kept] = self._expires_ms[:size][mask]
-        self._ids = [entry_id for entry_id, keep in zip(self._ids, mask.tolist()) if keep]
+        kept_mask = mask.tolist()
+        self._ids = [entry_id for entry_id, keep in zip(self._ids, kept_mask) if keep]
+        self._questions = [question for question, keep in zip(self._questions, kept_mask) if keep]
         self._rows = {entry_id: row for row, entry_id in enumerate(self._ids)}
 
 

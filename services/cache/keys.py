@@ -57,6 +57,9 @@ class Partition:
     def vectors_key(self, context_id: str) -> str:
         return f"{self.key_prefix}v:{context_id}"
 
+    def strictness_key(self, context_id: str) -> str:
+        return f"{self.key_prefix}w:{context_id}"
+
 
 def normalize_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFC", text).split())
@@ -100,6 +103,11 @@ def _conversation_digest(
         digest.update(_MESSAGE_HEADER.pack(message.role, len(content)))
         digest.update(content)
     return digest.hexdigest()
+
+
+def is_entry_id(text: str) -> bool:
+    """Whether ``text`` has the shape of an entry id (what entry_id returns)."""
+    return len(text) == 2 * _DIGEST_BYTES and all(c in "0123456789abcdef" for c in text)
 
 
 def entry_id(partition: Partition, messages: Sequence[common_pb2.Message]) -> str:

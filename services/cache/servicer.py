@@ -1,9 +1,12 @@
-"""The cache's request path: Lookup, Store, Invalidate, GetStats.
+"""The cache's request path: Lookup, Store, Invalidate, GetStats,
+ReportWrongHit.
 
 An exact hit costs one GET and no embedding. A miss with ``semantic`` set
 embeds the question once, while the sub-partition's index tops itself up
 from Redis over the same wait, and a Store right after that miss reuses the
-vector instead of embedding the question again.
+vector instead of embedding the question again. The index's best matches
+above the cosine pre-filter go to the verifier (``verifier.py``), and the
+best-scoring accepted one is served.
 """
 
 from __future__ import annotations
@@ -24,11 +27,15 @@ from services.cache import keys
 from services.cache.embedder import Embedder
 from services.cache.index import IndexRegistry, Match, VectorIndex
 from services.cache.stats import Stats
-from services.cache.store import CacheStore, SemanticRow, live_answer
+from services.cache.store import CacheStore, SemanticRow, live_answer, split_payload
+from services.cache.verifier import Verifier
 
-# Best matches tried when the best one turns out evicted, expired or
-# invalidated (its answer gone from Redis); each try drops the stale row.
-MAX_CANDIDATES = 3
+# Best matches verified per lookup. The best by cosine is often not the one
+# to serve (a negation of the question scores above its paraphrase), and
+# calibration (bench/train_cache_verifier.py) ran with this many. Accepted
+# candidates whose answer is gone from Redis (evicted, expired, reported)
+# are dropped from the index and the next accepted one is tried.
+MAX_CANDIDATES = 5
 # Question vectors of recent misses, for the Store that usually follows
 # (1.5 KiB each at 384 dimensions).
 RECENT_VECTORS = 4096
@@ -61,8 +68,10 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         embedder: Embedder,
         stats: Stats,
         indexes: IndexRegistry,
+        verifier: Verifier,
     ) -> None:
         self._settings = settings
+        self._verifier = verifier
         self._threshold = settings.semantic_threshold
         self._store = store
         self._embedder = embedder
@@ -118,15 +127,16 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             await self._store.put_exact(partition, entry_id, answer, now_ms, ttl_ms)
         else:
             context_id = keys.context_id(partition, messages[:-1], self._settings.embedding_model)
+            text = keys.normalize_text(question.content)
             seq, evicted = await self._store.put_semantic(
-                partition, context_id, entry_id, answer, vector.tobytes(), now_ms, ttl_ms
+                partition, context_id, entry_id, answer, vector.tobytes(), text, now_ms, ttl_ms
             )
             index_key = partition.vectors_key(context_id)
             index = self._indexes.get(index_key)
             if index is not None and index.dimensions == len(vector):
                 for evicted_id in evicted:
                     index.remove(evicted_id)
-                index.upsert(entry_id, seq, now_ms + ttl_ms, vector)
+                index.upsert(entry_id, seq, now_ms + ttl_ms, vector, text)
                 self._indexes.settle(index_key)
         self._stats.pending["stores"] += 1
         return pb.StoreResponse(entry_id=entry_id)
@@ -148,7 +158,32 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
     ) -> pb.GetStatsResponse:
         totals = await self._stats.totals()
         entries = await self._store.count_entries()
-        return pb.GetStatsResponse(**totals, entries=entries, semantic_threshold=self._threshold)
+        return pb.GetStatsResponse(
+            **totals,
+            entries=entries,
+            semantic_threshold=self._threshold,
+            expected_false_hit_rate=self._verifier.expected_false_hit_rate,
+            max_false_hit_rate=self._settings.max_false_hit_rate,
+        )
+
+    async def ReportWrongHit(
+        self, request: pb.ReportWrongHitRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReportWrongHitResponse:
+        partition = _partition(request.scope)
+        _require_messages(request.messages)
+        if not keys.is_entry_id(request.entry_id):
+            raise invalid_argument("INVALID_ENTRY_ID", "entry_id must be a LookupResponse.entry_id")
+        # A semantic hit comes from the sub-partition of the lookup's earlier
+        # messages, so that is where the entry and its neighbours live.
+        context_id = keys.context_id(partition, request.messages[:-1], self._settings.embedding_model)
+        removed, reports = await self._store.report_wrong(
+            partition, context_id, request.entry_id, self._settings.ttl_s * 1000
+        )
+        index = self._indexes.get(partition.vectors_key(context_id))
+        if index is not None:
+            index.remove(request.entry_id)
+        self._stats.pending["wrong_hit_reports"] += 1
+        return pb.ReportWrongHitResponse(entry_removed=removed, reports_in_partition=reports)
 
     async def _semantic_lookup(
         self, partition: keys.Partition, messages, entry_id: str
@@ -157,20 +192,25 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         index_key = partition.vectors_key(context_id)
         index = self._indexes.get(index_key)
         after_seq = index.synced_seq if index is not None else 0
-        vector, rows = await asyncio.gather(
-            self._embedder.embed_or_none(keys.normalize_text(messages[-1].content)),
+        question = keys.normalize_text(messages[-1].content)
+        vector, (rows, strictness) = await asyncio.gather(
+            self._embedder.embed_or_none(question),
             self._store.entries_since(partition, context_id, after_seq),
         )
         if vector is None:
             return None
         self._remember(entry_id, vector)
         index = self._apply(index_key, len(vector), after_seq, rows)
-        for _ in range(MAX_CANDIDATES):
-            now_ms = _now_ms()
-            match = index.best(vector, now_ms)
-            if match is None or match.similarity < self._threshold:
-                return None
-            answer = live_answer(await self._store.get(partition, match.entry_id), now_ms)
+        accepted = []
+        for match in index.nearest(vector, _now_ms(), MAX_CANDIDATES, self._threshold):
+            decision = self._verifier.decide(question, vector, match.question, match.vector, strictness)
+            if decision.accepted:
+                accepted.append((decision.score, match))
+            else:
+                self._stats.pending["verifier_rejections"] += 1
+        accepted.sort(key=lambda scored: -scored[0])
+        for _, match in accepted:
+            answer = live_answer(await self._store.get(partition, match.entry_id), _now_ms())
             if answer is not None:
                 return match, answer
             index.remove(match.entry_id, match.seq)
@@ -179,10 +219,11 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
     def _apply(self, index_key: str, dimensions: int, after_seq: int, rows: list[SemanticRow]) -> VectorIndex:
         index = self._indexes.get_or_create(index_key, dimensions)
         now_ms = _now_ms()
-        vector_bytes = dimensions * 4
         for row in rows:
-            if row.expires_ms > now_ms and len(row.vector) == vector_bytes:
-                index.upsert(row.entry_id, row.seq, row.expires_ms, np.frombuffer(row.vector, "<f4"))
+            stored = split_payload(row.payload, dimensions)
+            if row.expires_ms > now_ms and stored is not None:
+                vector, question = stored
+                index.upsert(row.entry_id, row.seq, row.expires_ms, np.frombuffer(vector, "<f4"), question)
         # The rows are complete only on top of what the index had when they
         # were asked for; an index created meanwhile (or pushed out and
         # recreated) lacks older rows, and must reload from the start.

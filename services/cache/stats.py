@@ -19,7 +19,7 @@ from services.cache import keys
 
 log = structlog.get_logger(__name__)
 
-FIELDS = ("exact_hits", "semantic_hits", "misses", "stores")
+FIELDS = ("exact_hits", "semantic_hits", "misses", "stores", "verifier_rejections", "wrong_hit_reports")
 FLUSH_INTERVAL_S = 1.0
 _FLUSH_ERRORS = (redis.RedisError, OSError)
 

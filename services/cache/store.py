@@ -6,8 +6,11 @@
 - ``P o:<context id>``: sorted set, entry id -> sequence number, i.e.
   insertion order: eviction takes the lowest, and an index tops itself up
   with the ids above the last one it has.
-- ``P v:<context id>``: hash, entry id -> 8-byte expiry then the float32
-  question embedding.
+- ``P v:<context id>``: hash, entry id -> 8-byte expiry, the float32
+  question embedding, then the question's UTF-8 text (which the verifier
+  reads; entries stored before it was kept end after the vector).
+- ``P w:<context id>``: integer, wrong hits reported in the sub-partition:
+  each one makes the verifier stricter there. Expires with the entries.
 - ``mg:cache:seq``: the sequence counter, global so that it never restarts
   while some index still remembers higher numbers.
 
@@ -61,12 +64,23 @@ return {seq, evicted}
 """
 
 _ENTRIES_SINCE = """
--- KEYS: order zset, vectors hash; ARGV: after this sequence number, at most this many
+-- KEYS: order zset, vectors hash, wrong-hit counter; ARGV: after this sequence number, at most this many
+local strictness = tonumber(redis.call('GET', KEYS[3]) or '0')
 local listed = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'WITHSCORES', 'LIMIT', 0, ARGV[2])
-if #listed == 0 then return {} end
+if #listed == 0 then return {strictness, {}, {}} end
 local ids = {}
 for i = 1, #listed, 2 do ids[#ids + 1] = listed[i] end
-return {listed, redis.call('HMGET', KEYS[2], unpack(ids))}
+return {strictness, listed, redis.call('HMGET', KEYS[2], unpack(ids))}
+"""
+
+_REPORT_WRONG = """
+-- KEYS: exact key, order zset, vectors hash, wrong-hit counter; ARGV: entry id, ttl ms
+local removed = redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+local strictness = redis.call('INCR', KEYS[4])
+redis.call('PEXPIRE', KEYS[4], ARGV[2])
+return {removed, strictness}
 """
 
 
@@ -75,7 +89,17 @@ class SemanticRow:
     entry_id: str
     seq: int
     expires_ms: int
-    vector: bytes
+    # The float32 vector, then the question's UTF-8 text (see split_payload).
+    payload: bytes
+
+
+def split_payload(payload: bytes, dimensions: int) -> tuple[bytes, str] | None:
+    """The vector bytes and question of a stored row, or None when the row
+    holds a vector of another size."""
+    size = dimensions * 4
+    if len(payload) < size:
+        return None
+    return payload[:size], payload[size:].decode("utf-8", "replace")
 
 
 def _unavailable(error: Exception) -> MeshgateError:
@@ -99,6 +123,7 @@ class CacheStore:
         self._max_entries = max(1, max_entries_per_partition)
         self._store_semantic = client.register_script(_STORE_SEMANTIC)
         self._entries_since = client.register_script(_ENTRIES_SINCE)
+        self._report_wrong = client.register_script(_REPORT_WRONG)
 
     async def get(self, partition: Partition, entry_id: str) -> bytes | None:
         try:
@@ -122,11 +147,12 @@ class CacheStore:
         entry_id: str,
         answer: bytes,
         vector: bytes,
+        question: str,
         now_ms: int,
         ttl_ms: int,
     ) -> tuple[int, list[str]]:
-        """Stores an entry with its question vector; returns its sequence
-        number and the ids of the entries evicted to make room."""
+        """Stores an entry with its question vector and text; returns its
+        sequence number and the ids of the entries evicted to make room."""
         expiry = _EXPIRY.pack(now_ms + ttl_ms)
         try:
             seq, evicted = await self._store_semantic(
@@ -140,7 +166,7 @@ class CacheStore:
                     expiry + answer,
                     ttl_ms,
                     entry_id,
-                    expiry + vector,
+                    expiry + vector + question.encode(),
                     self._max_entries,
                     partition.exact_key(""),
                 ],
@@ -149,20 +175,23 @@ class CacheStore:
             raise _unavailable(error) from error
         return int(seq), [e.decode() for e in evicted]
 
-    async def entries_since(self, partition: Partition, context_id: str, after_seq: int) -> list[SemanticRow]:
+    async def entries_since(
+        self, partition: Partition, context_id: str, after_seq: int
+    ) -> tuple[list[SemanticRow], int]:
         """The semantic entries of a sub-partition stored after ``after_seq``,
-        oldest first."""
+        oldest first, and the number of wrong hits reported in it."""
         rows: list[SemanticRow] = []
         order_key = partition.order_key(context_id)
         vectors_key = partition.vectors_key(context_id)
+        strictness_key = partition.strictness_key(context_id)
         while True:
             try:
-                reply = await self._entries_since(keys=[order_key, vectors_key], args=[after_seq, SYNC_BATCH])
+                reply = await self._entries_since(
+                    keys=[order_key, vectors_key, strictness_key], args=[after_seq, SYNC_BATCH]
+                )
             except CONNECTION_ERRORS as error:
                 raise _unavailable(error) from error
-            if not reply:
-                return rows
-            listed, values = reply
+            strictness, listed, values = reply
             for i, value in enumerate(values):
                 after_seq = int(listed[2 * i + 1])
                 # The set and the hash share a TTL but Redis expires them
@@ -173,7 +202,27 @@ class CacheStore:
                         SemanticRow(listed[2 * i].decode(), after_seq, expires_ms, value[_EXPIRY.size :])
                     )
             if len(values) < SYNC_BATCH:
-                return rows
+                return rows, int(strictness)
+
+    async def report_wrong(
+        self, partition: Partition, context_id: str, entry_id: str, ttl_ms: int
+    ) -> tuple[bool, int]:
+        """Deletes an entry served as a wrong answer and counts the report in
+        its sub-partition; returns whether the entry was there and the
+        sub-partition's count of reports."""
+        try:
+            removed, strictness = await self._report_wrong(
+                keys=[
+                    partition.exact_key(entry_id),
+                    partition.order_key(context_id),
+                    partition.vectors_key(context_id),
+                    partition.strictness_key(context_id),
+                ],
+                args=[entry_id, ttl_ms],
+            )
+        except CONNECTION_ERRORS as error:
+            raise _unavailable(error) from error
+        return bool(removed), int(strictness)
 
     async def invalidate(self, prefix: str) -> int:
         """Deletes every key under ``prefix``; returns how many were entries.

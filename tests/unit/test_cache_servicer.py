@@ -21,6 +21,7 @@ from services.cache.index import IndexRegistry
 from services.cache.servicer import CacheServicer
 from services.cache.stats import Stats
 from services.cache.store import CacheStore
+from services.cache.verifier import Decision
 
 DIMS = 64
 USER = common_pb2.ROLE_USER
@@ -56,6 +57,23 @@ class FakeEmbedder:
         return vector / np.linalg.norm(vector)
 
 
+class AcceptingVerifier:
+    """Accepts every candidate above the pre-filter unless the sub-partition
+    had a wrong hit reported: the servicer's plumbing, not the verifier's
+    policy (tests/unit/test_cache_verifier.py), is under test here."""
+
+    expected_false_hit_rate = 0.01
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, int]] = []
+
+    def decide(self, query, query_vector, candidate, candidate_vector, strictness=0) -> Decision:
+        self.seen.append((query, candidate, strictness))
+        if strictness:
+            return Decision(False, 0.0, "score")
+        return Decision(True, float(query_vector @ candidate_vector), None)
+
+
 @pytest.fixture
 async def redis_client(redis_url):
     client = redis_access.connect(redis_url)
@@ -66,7 +84,12 @@ async def redis_client(redis_url):
 def make_servicer(client, embedder, *, max_entries: int = 100) -> CacheServicer:
     settings = CacheSettings(semantic_threshold=0.9, max_entries_per_partition=max_entries)
     return CacheServicer(
-        settings, CacheStore(client, max_entries), embedder, Stats(client), IndexRegistry(max_entries)
+        settings,
+        CacheStore(client, max_entries),
+        embedder,
+        Stats(client),
+        IndexRegistry(max_entries),
+        AcceptingVerifier(),
     )
 
 
@@ -340,3 +363,48 @@ async def test_stats_count_hits_misses_and_stores(cache, tenant):
     assert after.misses - before.misses == 1
     assert after.entries >= 1
     assert after.semantic_threshold == pytest.approx(0.9)
+
+
+async def test_verifier_sees_the_stored_question_and_a_reported_wrong_hit_is_gone(cache, tenant):
+    entry_id = await store(cache, scope(tenant), conversation(STORED), text="Practice daily.")
+    hit = await lookup(cache, scope(tenant), conversation(PARAPHRASE))
+    assert hit.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and hit.entry_id == entry_id
+    assert cache._verifier.seen[-1] == (PARAPHRASE, STORED, 0)
+
+    report = await cache.ReportWrongHit(
+        pb.ReportWrongHitRequest(scope=scope(tenant), messages=conversation(PARAPHRASE), entry_id=entry_id),
+        None,
+    )
+    assert report.entry_removed and report.reports_in_partition == 1
+    assert (await lookup(cache, scope(tenant), conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
+    assert (await lookup(cache, scope(tenant), conversation(STORED))).status == pb.LOOKUP_STATUS_MISS
+    again = await cache.ReportWrongHit(
+        pb.ReportWrongHitRequest(scope=scope(tenant), messages=conversation(PARAPHRASE), entry_id=entry_id),
+        None,
+    )
+    assert not again.entry_removed and again.reports_in_partition == 2
+
+
+async def test_a_report_makes_the_sub_partition_stricter_for_new_entries(cache, tenant):
+    first = await store(cache, scope(tenant), conversation(STORED))
+    await cache.ReportWrongHit(
+        pb.ReportWrongHitRequest(scope=scope(tenant), messages=conversation(PARAPHRASE), entry_id=first),
+        None,
+    )
+    await store(cache, scope(tenant), conversation(STORED))
+    assert (await lookup(cache, scope(tenant), conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
+    assert cache._verifier.seen[-1] == (PARAPHRASE, STORED, 1)
+    # Another tenant's sub-partition is not affected.
+    other = f"{tenant}-other"
+    await store(cache, scope(other), conversation(STORED))
+    other_hit = await lookup(cache, scope(other), conversation(PARAPHRASE))
+    assert other_hit.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+
+
+async def test_report_wrong_hit_rejects_a_malformed_entry_id(cache, tenant):
+    with pytest.raises(MeshgateError) as raised:
+        await cache.ReportWrongHit(
+            pb.ReportWrongHitRequest(scope=scope(tenant), messages=conversation(STORED), entry_id="mg:*"),
+            None,
+        )
+    assert raised.value.reason == "INVALID_ENTRY_ID"

@@ -100,17 +100,43 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("exact_hits", "semantic_hits", "misses", "stores", "entries", "semantic_threshold")
+    __slots__ = ("exact_hits", "semantic_hits", "misses", "stores", "entries", "semantic_threshold", "expected_false_hit_rate", "max_false_hit_rate", "verifier_rejections", "wrong_hit_reports")
     EXACT_HITS_FIELD_NUMBER: _ClassVar[int]
     SEMANTIC_HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     STORES_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     SEMANTIC_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FALSE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_FALSE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    VERIFIER_REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    WRONG_HIT_REPORTS_FIELD_NUMBER: _ClassVar[int]
     exact_hits: int
     semantic_hits: int
     misses: int
     stores: int
     entries: int
     semantic_threshold: float
-    def __init__(self, exact_hits: _Optional[int] = ..., semantic_hits: _Optional[int] = ..., misses: _Optional[int] = ..., stores: _Optional[int] = ..., entries: _Optional[int] = ..., semantic_threshold: _Optional[float] = ...) -> None: ...
+    expected_false_hit_rate: float
+    max_false_hit_rate: float
+    verifier_rejections: int
+    wrong_hit_reports: int
+    def __init__(self, exact_hits: _Optional[int] = ..., semantic_hits: _Optional[int] = ..., misses: _Optional[int] = ..., stores: _Optional[int] = ..., entries: _Optional[int] = ..., semantic_threshold: _Optional[float] = ..., expected_false_hit_rate: _Optional[float] = ..., max_false_hit_rate: _Optional[float] = ..., verifier_rejections: _Optional[int] = ..., wrong_hit_reports: _Optional[int] = ...) -> None: ...
+
+class ReportWrongHitRequest(_message.Message):
+    __slots__ = ("scope", "messages", "entry_id")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    scope: CacheScope
+    messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
+    entry_id: str
+    def __init__(self, scope: _Optional[_Union[CacheScope, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., entry_id: _Optional[str] = ...) -> None: ...
+
+class ReportWrongHitResponse(_message.Message):
+    __slots__ = ("entry_removed", "reports_in_partition")
+    ENTRY_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_IN_PARTITION_FIELD_NUMBER: _ClassVar[int]
+    entry_removed: bool
+    reports_in_partition: int
+    def __init__(self, entry_removed: _Optional[bool] = ..., reports_in_partition: _Optional[int] = ...) -> None: ...

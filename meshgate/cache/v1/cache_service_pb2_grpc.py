@@ -56,6 +56,11 @@ class CacheServiceStub:
                 request_serializer=meshgate_dot_cache_dot_v1_dot_cache__service__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=meshgate_dot_cache_dot_v1_dot_cache__service__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.ReportWrongHit = channel.unary_unary(
+                '/meshgate.cache.v1.CacheService/ReportWrongHit',
+                request_serializer=meshgate_dot_cache_dot_v1_dot_cache__service__pb2.ReportWrongHitRequest.SerializeToString,
+                response_deserializer=meshgate_dot_cache_dot_v1_dot_cache__service__pb2.ReportWrongHitResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
@@ -89,6 +94,14 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportWrongHit(self, request, context):
+        """Reports that a hit served the answer of a different question: the entry
+        is never served again, and its sub-partition's verifier gets stricter.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +124,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=meshgate_dot_cache_dot_v1_dot_cache__service__pb2.GetStatsRequest.FromString,
                     response_serializer=meshgate_dot_cache_dot_v1_dot_cache__service__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'ReportWrongHit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportWrongHit,
+                    request_deserializer=meshgate_dot_cache_dot_v1_dot_cache__service__pb2.ReportWrongHitRequest.FromString,
+                    response_serializer=meshgate_dot_cache_dot_v1_dot_cache__service__pb2.ReportWrongHitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +241,33 @@ class CacheService:
             '/meshgate.cache.v1.CacheService/GetStats',
             meshgate_dot_cache_dot_v1_dot_cache__service__pb2.GetStatsRequest.SerializeToString,
             meshgate_dot_cache_dot_v1_dot_cache__service__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportWrongHit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.cache.v1.CacheService/ReportWrongHit',
+            meshgate_dot_cache_dot_v1_dot_cache__service__pb2.ReportWrongHitRequest.SerializeToString,
+            meshgate_dot_cache_dot_v1_dot_cache__service__pb2.ReportWrongHitResponse.FromString,
             options,
             channel_credentials,
             insecure,

