@@ -26,6 +26,17 @@ _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 log = structlog.get_logger(__name__)
 
 
+# A status travels in trailers, which gRPC caps at 16 KiB: a message that
+# echoed a caller's 1 MB model name turned a clear NOT_FOUND into a bare
+# RESOURCE_EXHAUSTED. Percent-encoding can grow a character to 9 bytes.
+_MAX_MESSAGE_CHARS = 512
+_MAX_METADATA_VALUE_CHARS = 128
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class MeshgateError(Exception):
     """A failure to report to the caller as ``code`` with an ErrorInfo ``reason``."""
 
@@ -46,8 +57,9 @@ class MeshgateError(Exception):
 
     def to_status_proto(self) -> status_pb2.Status:
         """The ``google.rpc.Status`` with its ErrorInfo, for carrying in a message."""
-        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=self.domain, metadata=self.metadata)
-        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        metadata = {key: _clip(value, _MAX_METADATA_VALUE_CHARS) for key, value in self.metadata.items()}
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=self.domain, metadata=metadata)
+        status = status_pb2.Status(code=self.code.value[0], message=_clip(self.message, _MAX_MESSAGE_CHARS))
         status.details.add().Pack(info)
         return status
 
