@@ -99,6 +99,23 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from meshgate import certs
+
+    directory = pathlib.Path(args.out)
+    written = certs.ensure(directory)
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print(f"{directory}: the CA and every service's certificate are there and valid")
+    print(
+        "each service's settings: [mesh] "
+        f'ca_file = "{directory / "ca.pem"}", cert_file = "{directory / "{service}.pem"}", '
+        f'key_file = "{directory / "{service}.key"}"'
+    )
+    return 0
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from meshgate import telemetry
     from meshgate.config import TelemetrySettings
@@ -130,7 +147,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
             print(f"  {name:<10} {stack.address(name)}")
         print(f"  {'redis':<10} {stack.redis_url}")
         print(f"\ndevelopment API key: {args.api_key}")
-        print(f"logs: {stack.log_dir}   traces: {stack.traces_path}\n")
+        print(f"logs: {stack.log_dir}   traces: {stack.traces_path}")
+        print(f"mesh certificates (mutual TLS between the services): {stack.certs_dir}\n")
         if not args.no_demo:
             prompt = "What is a gateway for language models?"
             print(f"demo> {prompt}")
@@ -158,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--api-key", default=os.environ.get("MESHGATE_DEV_API_KEY", DEFAULT_DEV_API_KEY))
     up.add_argument("--no-demo", action="store_true", help="skip the demo question")
     up.set_defaults(run=_cmd_up)
+
+    certs_parser = commands.add_parser(
+        "certs", help="create the mesh's CA and a certificate per service (reuses valid ones)"
+    )
+    certs_parser.add_argument("--out", default="certs", help="folder for ca.pem and <service>.pem/.key")
+    certs_parser.set_defaults(run=_cmd_certs)
 
     chat_parser = commands.add_parser("chat", help="stream one answer from the router")
     chat_parser.add_argument("prompt")

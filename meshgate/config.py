@@ -7,7 +7,7 @@ values are parsed as TOML scalars or arrays, falling back to plain strings.
 ``REDIS_URL`` and ``MESHGATE_DEV_API_KEY`` are honoured as the common names.
 
 Each service reads only its own section plus the shared ones (telemetry,
-redis, models), so each can be deployed with a file of its own.
+redis, mesh, models), so each can be deployed with a file of its own.
 """
 
 from __future__ import annotations
@@ -41,6 +41,24 @@ class TelemetrySettings:
 @dataclasses.dataclass
 class RedisSettings:
     url: str = "redis://127.0.0.1:6379/0"
+
+
+@dataclasses.dataclass
+class MeshSettings:
+    """How the services know each other (see meshgate/mesh_auth.py): shared
+    by every service; "{service}" in a path is the reading process's name."""
+
+    # Mutual TLS between services, and router-signed tenant tokens. false is a
+    # development switch only: internal ports then trust whoever reaches them.
+    tls: bool = True
+    # The defaults are what `meshgate certs --out certs` writes.
+    ca_file: str = "certs/ca.pem"
+    cert_file: str = "certs/{service}.pem"
+    key_file: str = "certs/{service}.key"
+    # The router's certificate, whose key signs tenant tokens; empty: cert_file
+    # with {service} = router.
+    router_cert_file: str = ""
+    tenant_token_ttl_s: float = 30.0
 
 
 @dataclasses.dataclass
@@ -184,6 +202,7 @@ class InferenceSettings:
 class Settings:
     telemetry: TelemetrySettings = dataclasses.field(default_factory=TelemetrySettings)
     redis: RedisSettings = dataclasses.field(default_factory=RedisSettings)
+    mesh: MeshSettings = dataclasses.field(default_factory=MeshSettings)
     models: dict[str, ModelSettings] = dataclasses.field(default_factory=_default_models)
     router: RouterSettings = dataclasses.field(default_factory=RouterSettings)
     context: ContextSettings = dataclasses.field(default_factory=ContextSettings)

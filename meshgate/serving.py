@@ -19,7 +19,7 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from meshgate import telemetry
+from meshgate import mesh_auth, telemetry
 from meshgate.config import Settings, load_settings
 from meshgate.errors import ErrorInterceptor
 
@@ -36,6 +36,10 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
+    # grpc sets SO_REUSEPORT by default: a second process could then bind our
+    # port too and silently take half the connections (a plain-text server
+    # answering TLS handshakes, in tests run side by side). Refuse instead.
+    ("grpc.so_reuseport", 0),
 ]
 
 # gRPC waits up to two minutes between attempts to reach a peer that went
@@ -63,10 +67,19 @@ async def _nothing() -> None:
     pass
 
 
-def client_channel(address: str) -> grpc.aio.Channel:
-    """A channel to another meshgate service, traced."""
-    return grpc.aio.insecure_channel(
-        address, options=CHANNEL_OPTIONS, interceptors=telemetry.client_interceptors()
+def client_channel(address: str, security: mesh_auth.ChannelSecurity | None = None) -> grpc.aio.Channel:
+    """A traced channel: to a mesh service over mutual TLS with the
+    ``security`` of :meth:`meshgate.mesh_auth.Mesh.to`, else in plain text
+    (Triton, or a mesh whose TLS is off)."""
+    if security is None:
+        return grpc.aio.insecure_channel(
+            address, options=CHANNEL_OPTIONS, interceptors=telemetry.client_interceptors()
+        )
+    return grpc.aio.secure_channel(
+        address,
+        security.credentials,
+        options=[*CHANNEL_OPTIONS, *security.channel_options],
+        interceptors=telemetry.client_interceptors(),
     )
 
 
@@ -76,8 +89,11 @@ class Service:
     def __init__(self, name: str, service_names: collections.abc.Iterable[str]) -> None:
         self.name = name
         self.service_names = list(service_names)
+        # Inside the error interceptor, so that its refusals carry ErrorInfo.
+        self.guard = mesh_auth.MeshGuard()
+        self.server_credentials: grpc.ServerCredentials | None = None
         self.server = grpc.aio.server(
-            interceptors=[*telemetry.server_interceptors(), ErrorInterceptor()],
+            interceptors=[*telemetry.server_interceptors(), ErrorInterceptor(), self.guard],
             options=SERVER_OPTIONS,
         )
         self.cleanup: Cleanup = _nothing
@@ -91,8 +107,26 @@ class Service:
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
 
+    def restrict_to_mesh(
+        self,
+        mesh: mesh_auth.Mesh,
+        callers: collections.abc.Iterable[str],
+        tenant_of: collections.abc.Mapping[str, mesh_auth.TenantField] | None = None,
+    ) -> None:
+        """Serves over mutual TLS to ``callers`` only; with ``tenant_of`` (each
+        method's tenant field), only for the tenant the router asserted. Does
+        nothing with ``mesh.tls`` off."""
+        if not mesh.tls:
+            return
+        self.server_credentials = mesh.server_credentials()
+        verifier = mesh.tenant_verifier() if tenant_of is not None else None
+        self.guard.restrict(self.name, callers, verifier, tenant_of)
+
     def bind(self, address: str) -> int:
-        port = self.server.add_insecure_port(address)
+        if self.server_credentials is None:
+            port = self.server.add_insecure_port(address)
+        else:
+            port = self.server.add_secure_port(address, self.server_credentials)
         if port == 0:
             raise OSError(f"{self.name}: cannot listen on {address}")
         return port

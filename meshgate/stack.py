@@ -20,8 +20,8 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshgate import redis_server, triton
-from meshgate.config import DEFAULT_DEV_API_KEY, SMOLLM2_CHAT_TEMPLATE, SMOLLM2_TOKENIZER
+from meshgate import certs, mesh_auth, redis_server, triton
+from meshgate.config import DEFAULT_DEV_API_KEY, SMOLLM2_CHAT_TEMPLATE, SMOLLM2_TOKENIZER, MeshSettings
 
 SERVICES = ("inference", "context", "cache", "router")
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -69,6 +69,9 @@ class Stack:
         self.log_dir = self.state_dir / "logs"
         self.traces_path = self.state_dir / "traces.jsonl"
         self.config_path = self.state_dir / "meshgate.toml"
+        # The mesh's CA and each service's certificate: made on the first
+        # start, reused by later ones.
+        self.certs_dir = self.state_dir / "certs"
         self.processes: dict[str, subprocess.Popen] = {}
 
     @property
@@ -78,8 +81,25 @@ class Stack:
     def address(self, name: str) -> str:
         return f"127.0.0.1:{getattr(self.ports, name)}"
 
+    @property
+    def mesh_settings(self) -> MeshSettings:
+        return MeshSettings(
+            ca_file=str(certs.ca_path(self.certs_dir)),
+            cert_file=str(self.certs_dir / "{service}.pem"),
+            key_file=str(self.certs_dir / "{service}.key"),
+        )
+
+    def channel(self, name: str) -> grpc.Channel:
+        """A blocking channel to one of the stack's services, as the router
+        reaches it (with the router's certificate) or a client the router."""
+        if name == "router":
+            return grpc.insecure_channel(self.address(name))
+        security = mesh_auth.Mesh(self.mesh_settings, "router").to(name)
+        return grpc.secure_channel(self.address(name), security.credentials, security.channel_options)
+
     def _write_settings(self) -> None:
         p = self.ports
+        mesh = self.mesh_settings
         self.config_path.write_text(
             f"""# Written by meshgate.stack for this local run.
 [telemetry]
@@ -89,6 +109,11 @@ log_level = "{self.log_level}"
 
 [redis]
 url = {_toml_string(self.redis_url)}
+
+[mesh]
+ca_file = {_toml_string(mesh.ca_file)}
+cert_file = {_toml_string(mesh.cert_file)}
+key_file = {_toml_string(mesh.key_file)}
 
 [models.smollm2]
 context_window_tokens = 8192
@@ -125,6 +150,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
     def start(self, timeout_s: float = 180.0) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(exist_ok=True)
+        certs.ensure(self.certs_dir)
         self._write_settings()
         try:
             if self.external_redis_url is None:
@@ -176,7 +202,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
 
     def wait_serving(self, name: str, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address(name)) as channel:
+        with self.channel(name) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 process = self.processes.get(name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshgate import redis_access, serving
+from meshgate import mesh_auth, redis_access, serving
 from meshgate.cache.v1 import cache_service_pb2, cache_service_pb2_grpc
 from meshgate.config import ConfigError, Settings
 from meshgate.inference.v1 import inference_service_pb2_grpc
@@ -16,6 +16,18 @@ from services.cache.verifier import Verifier
 
 SERVICE_NAMES = [cache_service_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name]
 
+# Only the router calls the cache; an entry is read, written or dropped for
+# the tenant the router's token asserts, so nobody else can poison answers.
+CALLERS = ("router",)
+TENANT_OF = {
+    "Lookup": lambda request: request.scope.tenant_id,
+    "Store": lambda request: request.scope.tenant_id,
+    "Invalidate": lambda request: request.tenant_id,
+    "ReportWrongHit": lambda request: request.scope.tenant_id,
+    # Totals over every tenant, no tenant's entries: for the mesh's operators.
+    "GetStats": None,
+}
+
 
 async def setup(service: Service, settings: Settings) -> Cleanup:
     config = settings.cache
@@ -25,8 +37,11 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         verifier = Verifier.load(config.max_false_hit_rate)
     except ValueError as error:
         raise ConfigError(str(error)) from error
+    mesh = mesh_auth.Mesh(settings.mesh, service.name)
+    service.restrict_to_mesh(mesh, CALLERS, TENANT_OF)
     client = await redis_access.connect_checked(settings.redis.url)
-    channel = serving.client_channel(config.inference_address)
+    # Embeddings act for no tenant: the cache's certificate is enough there.
+    channel = serving.client_channel(config.inference_address, mesh.to("inference"))
     stats = Stats(client)
     servicer = CacheServicer(
         config,

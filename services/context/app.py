@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshgate import redis_access, serving
+from meshgate import mesh_auth, redis_access, serving
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2, context_service_pb2_grpc
 from services.context import token_counts
@@ -11,8 +11,20 @@ from services.context.store import SessionStore
 
 SERVICE_NAMES = [context_service_pb2.DESCRIPTOR.services_by_name["ContextService"].full_name]
 
+# Only the router calls the context service, and every call acts for the
+# tenant its request names: the router's token must assert that tenant.
+CALLERS = ("router",)
+TENANT_OF = {
+    "CreateSession": lambda request: request.tenant_id,
+    "GetSession": lambda request: request.tenant_id,
+    "DeleteSession": lambda request: request.tenant_id,
+    "AppendTurns": lambda request: request.tenant_id,
+    "AssembleContext": lambda request: request.tenant_id,
+}
+
 
 async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup:
+    service.restrict_to_mesh(mesh_auth.Mesh(settings.mesh, service.name), CALLERS, TENANT_OF)
     # Tokenizer and chat template files are read here, once, before serving
     # starts; a template the counts cannot follow exactly stops it here.
     counters = token_counts.for_models(settings.models)

@@ -7,7 +7,7 @@ import contextlib
 
 import structlog
 
-from meshgate import tokenization
+from meshgate import mesh_auth, tokenization
 from meshgate.config import Settings
 from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from meshgate.serving import Cleanup, Service
@@ -18,8 +18,12 @@ log = structlog.get_logger(__name__)
 
 SERVICE_NAMES = [inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name]
 
+# The router generates, the cache embeds. No method acts for a tenant.
+CALLERS = ("router", "cache")
+
 
 async def setup(service: Service, settings: Settings) -> Cleanup:
+    service.restrict_to_mesh(mesh_auth.Mesh(settings.mesh, service.name), CALLERS)
     config = settings.inference
     for served in config.models.values():
         # Read (and checked) now, so a missing template stops the start, not a request.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshgate import serving
+from meshgate import mesh_auth, serving
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2_grpc
@@ -16,9 +16,12 @@ SERVICE_NAMES = [router_service_pb2.DESCRIPTOR.services_by_name["RouterService"]
 
 
 async def setup(service: Service, settings: Settings) -> Cleanup:
-    context_channel = serving.client_channel(settings.router.context_address)
-    cache_channel = serving.client_channel(settings.router.cache_address)
-    deployments = DeploymentTable(settings.models)
+    # The router's own port stays public (API keys); its calls into the mesh
+    # carry its certificate and, per call, a token naming the tenant.
+    mesh = mesh_auth.Mesh(settings.mesh, service.name)
+    context_channel = serving.client_channel(settings.router.context_address, mesh.to("context"))
+    cache_channel = serving.client_channel(settings.router.cache_address, mesh.to("cache"))
+    deployments = DeploymentTable(settings.models, mesh.to("inference"))
     router_service_pb2_grpc.add_RouterServiceServicer_to_server(
         RouterServicer(
             settings,
@@ -26,6 +29,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
             deployments,
             context_service_pb2_grpc.ContextServiceStub(context_channel),
             cache_service_pb2_grpc.CacheServiceStub(cache_channel),
+            mesh.tenant_tokens(),
         ),
         service.server,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 
-from meshgate import serving
+from meshgate import mesh_auth, serving
 from meshgate.config import DeploymentSettings, ModelSettings
 from meshgate.inference.v1 import inference_service_pb2_grpc
 
@@ -40,7 +40,9 @@ class Deployment:
 class DeploymentTable:
     """Deployments per alias; one channel per inference address, shared."""
 
-    def __init__(self, models: dict[str, ModelSettings]) -> None:
+    def __init__(
+        self, models: dict[str, ModelSettings], security: mesh_auth.ChannelSecurity | None = None
+    ) -> None:
         self._channels = {}
         self._by_alias: dict[str, list[Deployment]] = {}
         for alias, model in models.items():
@@ -48,7 +50,9 @@ class DeploymentTable:
             for settings in model.deployments:
                 channel = self._channels.get(settings.address)
                 if channel is None:
-                    channel = self._channels[settings.address] = serving.client_channel(settings.address)
+                    channel = self._channels[settings.address] = serving.client_channel(
+                        settings.address, security
+                    )
                 deployments.append(
                     Deployment(settings, inference_service_pb2_grpc.InferenceServiceStub(channel))
                 )

@@ -23,6 +23,7 @@ from meshgate.config import ModelSettings, Settings
 from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.errors import MeshgateError, from_rpc_error, internal_error, partly_delivered, unavailable
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
+from meshgate.mesh_auth import TenantTokens
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router.auth import Authenticator, Tenant
@@ -52,6 +53,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         deployments: DeploymentTable,
         context_stub,
         cache_stub,
+        tenant_tokens: TenantTokens,
     ) -> None:
         self._settings = settings
         self._models = settings.models
@@ -59,6 +61,8 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         self._deployments = deployments
         self._context = context_stub
         self._cache = cache_stub
+        # Context and cache act only for the tenant these tokens assert.
+        self._tenant_tokens = tenant_tokens
         self._timeout_s = settings.router.downstream_timeout_s
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext):
@@ -265,6 +269,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             response = await self._cache.Lookup(
                 cache_pb.LookupRequest(scope=scope, messages=messages, semantic=True),
                 timeout=self._timeout(context),
+                metadata=self._tenant_tokens.metadata(scope.tenant_id, "cache"),
             )
         except grpc.aio.AioRpcError as error:
             log.warning("cache lookup failed", code=error.code().name, details=error.details())
@@ -292,6 +297,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                     max_prompt_tokens=model.context_window_tokens - max_tokens,
                 ),
                 timeout=self._timeout(context),
+                metadata=self._tenant_tokens.metadata(tenant.id, "context"),
             )
         except grpc.aio.AioRpcError as error:
             if not session_id and error.code() in _CONTEXT_OUTAGE:
@@ -304,6 +310,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             await self._cache.Store(
                 cache_pb.StoreRequest(scope=scope, messages=messages, answer=answer),
                 timeout=self._timeout(context),
+                metadata=self._tenant_tokens.metadata(scope.tenant_id, "cache"),
             )
         except grpc.aio.AioRpcError as error:
             log.warning("cache store failed", code=error.code().name, details=error.details())
@@ -330,7 +337,11 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         )
         for attempt in range(_APPEND_ATTEMPTS):
             try:
-                response = await self._context.AppendTurns(request, timeout=self._timeout(context))
+                response = await self._context.AppendTurns(
+                    request,
+                    timeout=self._timeout(context),
+                    metadata=self._tenant_tokens.metadata(tenant.id, "context"),
+                )
                 return response.version
             except grpc.aio.AioRpcError as error:
                 # UNAVAILABLE: the context service or its Redis is restarting;
@@ -346,7 +357,9 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
     async def _create_session(self, tenant: Tenant, context) -> str:
         try:
             response = await self._context.CreateSession(
-                context_pb.CreateSessionRequest(tenant_id=tenant.id), timeout=self._timeout(context)
+                context_pb.CreateSessionRequest(tenant_id=tenant.id),
+                timeout=self._timeout(context),
+                metadata=self._tenant_tokens.metadata(tenant.id, "context"),
             )
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, "context") from error

@@ -19,6 +19,7 @@ from meshgate.errors import error_info
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from meshgate.stack import SERVICES, Ports, Stack, free_port
+from tests.mesh import router_channel
 
 pytestmark = pytest.mark.e2e
 
@@ -139,7 +140,7 @@ async def test_session_follow_up_sees_earlier_turns_and_survives_a_context_resta
     # The earlier turn was part of the prompt Triton saw.
     assert follow_up.usage.prompt_tokens > alone.usage.prompt_tokens
 
-    async with grpc.aio.insecure_channel(stack.address("context")) as channel:
+    async with router_channel(stack.address("context"), "context", stack.mesh_settings) as channel:
         context = context_service_pb2_grpc.ContextServiceStub(channel)
         assembled = await context.AssembleContext(
             context_pb.AssembleContextRequest(
@@ -263,7 +264,7 @@ async def test_bad_input_gets_a_clear_status_and_every_service_stays_up(stack, r
 
     for name in SERVICES:
         assert stack.processes[name].poll() is None, f"{name} died"
-        with grpc.insecure_channel(stack.address(name)) as channel:
+        with stack.channel(name) as channel:
             answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert answer.status == health_pb2.HealthCheckResponse.SERVING, name
     # And still answers.

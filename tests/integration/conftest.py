@@ -10,6 +10,7 @@ from meshgate import serving, triton
 from meshgate.config import Settings
 from meshgate.stack import build_model_weights, free_port
 from services.inference import app as inference_app
+from tests.mesh import mesh_settings
 
 
 @contextlib.contextmanager
@@ -42,7 +43,7 @@ def triton_url(triton_server) -> str:
 @pytest.fixture(scope="session")
 async def inference_address(triton_url: str):
     """The inference service in-process, in front of the real Triton."""
-    settings = Settings()
+    settings = Settings(mesh=mesh_settings())
     settings.inference.triton_urls = [triton_url]
     settings.inference.health_interval_s = 0.5
     service = serving.Service("inference", inference_app.SERVICE_NAMES)

@@ -21,6 +21,7 @@ from meshgate.errors import error_info
 from meshgate.stack import free_port
 from services.cache import app
 from tests.integration.conftest import running as running_service
+from tests.mesh import mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +31,7 @@ PARAPHRASE = "How can I learn Python fast?"
 
 
 def make_settings(redis_url: str, inference_address: str) -> Settings:
-    settings = Settings()
+    settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
     settings.cache.inference_address = inference_address
     # Pinned: these tests check the mechanism, bench/cache_quality.py the
@@ -48,7 +49,7 @@ async def running(settings: Settings):
     """The service in-process on a free port, and a stub over a real channel."""
     async with (
         running_service(app, "cache", settings) as address,
-        grpc.aio.insecure_channel(address) as channel,
+        router_channel(address, "cache") as channel,
     ):
         yield cache_service_pb2_grpc.CacheServiceStub(channel)
 

@@ -24,6 +24,7 @@ from meshgate.errors import error_info
 from meshgate.stack import free_port
 from services.context import app, token_counts
 from tests.integration.conftest import running as running_service
+from tests.mesh import mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +34,7 @@ INCLUDED, DROPPED = pb.DISPOSITION_INCLUDED, pb.DISPOSITION_DROPPED
 
 
 def make_settings(redis_url: str, **models: ModelSettings) -> Settings:
-    settings = Settings()
+    settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
     settings.context.session_ttl_s = 600
     if models:
@@ -46,7 +47,7 @@ async def running(settings: Settings):
     """The service in-process on a free port, and a stub over a real channel."""
     async with (
         running_service(app, "context", settings) as address,
-        grpc.aio.insecure_channel(address) as channel,
+        router_channel(address, "context") as channel,
     ):
         yield context_service_pb2_grpc.ContextServiceStub(channel)
 

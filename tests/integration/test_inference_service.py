@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import collections
 
-import grpc
 import numpy as np
 import pytest
 
@@ -17,6 +16,7 @@ from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from services.inference import app
 from tests.integration.conftest import wait_until_serving
+from tests.mesh import mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,7 @@ def generate(text: str, **parameters) -> pb.GenerateRequest:
 
 @pytest.fixture
 async def stub(inference_address):
-    async with grpc.aio.insecure_channel(inference_address) as channel:
+    async with router_channel(inference_address, "inference") as channel:
         yield inference_service_pb2_grpc.InferenceServiceStub(channel)
 
 
@@ -84,14 +84,14 @@ async def test_models_and_backend_health(stub):
 async def two_backends(triton_url):
     """One service over a dead address and two names of the live Triton."""
     port = triton_url.rsplit(":", 1)[1]
-    settings = Settings()
+    settings = Settings(mesh=mesh_settings())
     settings.inference.triton_urls = ["127.0.0.1:1", triton_url, f"localhost:{port}"]
     settings.inference.health_interval_s = 0.5
     service = serving.Service("inference", app.SERVICE_NAMES)
     cleanup = await app.setup(service, settings)
     bound = await serving.start(service, "127.0.0.1:0", cleanup)
     await wait_until_serving(service)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{bound}") as channel:
+    async with router_channel(f"127.0.0.1:{bound}", "inference") as channel:
         yield inference_service_pb2_grpc.InferenceServiceStub(channel)
     await serving.stop(service, grace_s=1)
 

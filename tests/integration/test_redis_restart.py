@@ -10,7 +10,6 @@ import signal
 import subprocess
 import uuid
 
-import grpc
 import pytest
 
 from meshgate import redis_server
@@ -24,6 +23,7 @@ from meshgate.stack import free_port
 from services.cache import app as cache_app
 from services.context import app as context_app
 from tests.integration.conftest import running
+from tests.mesh import mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +68,7 @@ async def test_requests_right_after_a_redis_restart_succeed(tmp_path: pathlib.Pa
     store = Redis(tmp_path)
     store.start()
     tenant = f"tenant-{uuid.uuid4().hex[:8]}"
-    settings = Settings()
+    settings = Settings(mesh=mesh_settings())
     settings.redis.url = f"redis://127.0.0.1:{store.port}/0"
     # Exact lookups only: this test is about Redis, not embeddings.
     settings.cache.inference_address = f"127.0.0.1:{free_port()}"
@@ -76,8 +76,8 @@ async def test_requests_right_after_a_redis_restart_succeed(tmp_path: pathlib.Pa
         async with (
             running(context_app, "context", settings) as context_address,
             running(cache_app, "cache", settings) as cache_address,
-            grpc.aio.insecure_channel(context_address) as context_channel,
-            grpc.aio.insecure_channel(cache_address) as cache_channel,
+            router_channel(context_address, "context") as context_channel,
+            router_channel(cache_address, "cache") as cache_channel,
         ):
             sessions = context_service_pb2_grpc.ContextServiceStub(context_channel)
             cache = cache_service_pb2_grpc.CacheServiceStub(cache_channel)

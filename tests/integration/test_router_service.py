@@ -23,6 +23,7 @@ from services.context import app as context_app
 from services.inference import app as inference_app
 from services.router import app as router_app
 from tests.integration.conftest import running, wait_until_serving
+from tests.mesh import mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +35,7 @@ AUTH = [("authorization", f"Bearer {KEY}")]
 async def mesh(redis_url, inference_address):
     """The router in front of in-process context and cache services; yields
     (router stub, context stub) so tests can check what was stored."""
-    settings = Settings()
+    settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
     settings.cache.inference_address = inference_address
     settings.router.dev_api_key = KEY
@@ -53,7 +54,7 @@ async def mesh(redis_url, inference_address):
         address = await stack.enter_async_context(running(router_app, "router", settings))
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
         context_channel = await stack.enter_async_context(
-            serving.client_channel(settings.router.context_address)
+            router_channel(settings.router.context_address, "context")
         )
         yield (
             router_service_pb2_grpc.RouterServiceStub(channel),
@@ -256,7 +257,7 @@ async def test_a_failure_mid_stream_ends_the_stream_non_ok_without_fallback(redi
     """The inference service dies after the first tokens: the caller must see an
     error, not a short answer passed off as complete, and no second deployment
     may start over (the caller already has part of an answer)."""
-    settings = Settings()
+    settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
     settings.inference.triton_urls = [triton_url]
     settings.inference.health_interval_s = 0.5
@@ -302,7 +303,7 @@ async def test_stateless_requests_are_served_while_the_context_service_is_down(r
     """The context service only fits a stateless prompt to the window: without
     it such requests go out as sent; a session turn, which needs its history,
     fails with UNAVAILABLE and its reason."""
-    settings = Settings()
+    settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
     settings.cache.inference_address = inference_address
     settings.router.dev_api_key = KEY

@@ -10,16 +10,17 @@ from meshgate.errors import error_info
 from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from services.inference import app
+from tests.mesh import mesh_settings, router_channel
 
 
 @pytest.fixture(scope="module")
 async def channel():
-    settings = Settings()
+    settings = Settings(mesh=mesh_settings())
     settings.inference.triton_urls = ["127.0.0.1:1"]  # nothing listens there
     service = serving.Service("inference", app.SERVICE_NAMES)
     cleanup = await app.setup(service, settings)
     port = await serving.start(service, "127.0.0.1:0", cleanup)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = router_channel(f"127.0.0.1:{port}", "inference")
     yield channel
     await channel.close()
     await serving.stop(service, grace_s=1)

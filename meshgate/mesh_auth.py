@@ -1,0 +1,391 @@
+"""Who may call whom inside the mesh, and for which tenant.
+
+The internal ports (context, cache, inference) speak mutual TLS. Each
+service has a certificate from the mesh's CA naming its identity,
+``meshgate-<service>`` (a DNS subject alternative name); a server admits
+only the identities allowed to call it (:class:`MeshGuard`), and a caller
+asks for the identity of the service it means to reach, so neither end
+depends on host names or addresses. A process without a certificate from
+the mesh's CA does not get past the handshake.
+
+The tenant a call acts for is asserted by the router, the one service that
+authenticates callers (by API key, on its public port): per downstream call
+it sends a short-lived token in metadata (a JWT: tenant, the service it is
+for, expiry) signed with its certificate's key, which the context and cache
+services verify with the router's certificate and compare with the tenant
+the request names. So a mesh certificate alone does not make anyone a
+tenant, and no other service can assert one.
+
+``mesh.tls = false`` turns all of this off, for development only.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import pathlib
+import time
+from typing import Any
+
+import grpc
+import jwt
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from meshgate.config import ConfigError, MeshSettings
+from meshgate.errors import MeshgateError
+
+log = structlog.get_logger(__name__)
+
+MESH_SERVICES = ("router", "context", "cache", "inference")
+ROUTER = "router"
+TENANT_TOKEN_METADATA = "x-meshgate-tenant-token"
+# Tolerated difference between the clocks of the router's host and a verifier's.
+CLOCK_LEEWAY_S = 5.0
+# Verified tokens remembered per process; the router reuses a token per
+# (tenant, service), so this is about the number of active tenants.
+VERIFIED_TOKENS_KEPT = 4096
+
+# Extracts the tenant a request acts for; None for a method that acts for no tenant.
+TenantField = collections.abc.Callable[[Any], str] | None
+# A method missing from a service's tenant fields: refused, so that a method
+# added later cannot slip past the check.
+_UNDECLARED = object()
+
+
+def identity(service: str) -> str:
+    """The name a service's certificate carries."""
+    return f"meshgate-{service}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelSecurity:
+    """What a channel to one mesh service needs: our certificate, and the
+    identity the server must prove."""
+
+    credentials: grpc.ChannelCredentials
+    server_identity: str
+
+    @property
+    def channel_options(self) -> list[tuple[str, str]]:
+        # Verify the server's certificate against its mesh identity instead of
+        # the address dialled (an IP or a host name no certificate needs to name).
+        return [("grpc.ssl_target_name_override", self.server_identity)]
+
+
+def _read(path: str, setting: str) -> bytes:
+    try:
+        return pathlib.Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigError(
+            f"{setting} = {path!r} cannot be read ({error.strerror}); `meshgate certs --out DIR` "
+            "creates a CA and service certificates, and mesh.tls = false turns the mesh's TLS off "
+            "for development"
+        ) from error
+
+
+def _certificate(pem: bytes, where: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(pem)
+    except ValueError as error:
+        raise ConfigError(f"{where}: not a PEM certificate ({error})") from error
+
+
+def _names(certificate: x509.Certificate) -> list[str]:
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return san.value.get_values_for_type(x509.DNSName)
+
+
+def _algorithm(key: Any) -> str:
+    """The JWT algorithm of a key, chosen by the key, never by a token."""
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        by_curve = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+        if key.curve.name in by_curve:
+            return by_curve[key.curve.name]
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
+        return "EdDSA"
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+        return "RS256"
+    raise ConfigError(f"the router's key ({type(key).__name__}) cannot sign tenant tokens")
+
+
+class Mesh:
+    """One process's place in the mesh: its certificate and whom it trusts,
+    from the ``[mesh]`` settings and its service name."""
+
+    def __init__(self, settings: MeshSettings, service: str) -> None:
+        self.service = service
+        self.tls = settings.tls
+        self._settings = settings
+        if not self.tls:
+            log.warning("mesh.tls is off: internal ports trust whoever reaches them (development only)")
+            return
+        self._ca = _read(settings.ca_file, "mesh.ca_file")
+        cert_file = self._for_service(settings.cert_file, service)
+        self._cert = _read(cert_file, "mesh.cert_file")
+        self._key = _read(self._for_service(settings.key_file, service), "mesh.key_file")
+        # A service started with another's certificate would fail every
+        # handshake with an obscure error; say so at start instead.
+        if identity(service) not in _names(_certificate(self._cert, cert_file)):
+            raise ConfigError(f"mesh.cert_file {cert_file!r} does not name {identity(service)!r}")
+
+    @staticmethod
+    def _for_service(template: str, service: str) -> str:
+        return template.replace("{service}", service)
+
+    def to(self, service: str) -> ChannelSecurity | None:
+        """How to reach another mesh service; None with TLS off."""
+        if not self.tls:
+            return None
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self._ca, private_key=self._key, certificate_chain=self._cert
+        )
+        return ChannelSecurity(credentials, identity(service))
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        if not self.tls:
+            return None
+        return grpc.ssl_server_credentials(
+            [(self._key, self._cert)], root_certificates=self._ca, require_client_auth=True
+        )
+
+    def tenant_tokens(self) -> TenantTokens:
+        """The router's token signer (it signs nothing with TLS off)."""
+        if not self.tls:
+            return TenantTokens(None, self._settings.tenant_token_ttl_s)
+        if self.service != ROUTER:
+            raise ConfigError("only the router asserts tenants")
+        key = serialization.load_pem_private_key(self._key, password=None)
+        return TenantTokens(key, self._settings.tenant_token_ttl_s)
+
+    def tenant_verifier(self) -> TenantVerifier:
+        path = self._settings.router_cert_file or self._for_service(self._settings.cert_file, ROUTER)
+        router_cert = _certificate(_read(path, "mesh.router_cert_file"), path)
+        if identity(ROUTER) not in _names(router_cert):
+            raise ConfigError(f"mesh.router_cert_file {path!r} does not name {identity(ROUTER)!r}")
+        return TenantVerifier(router_cert.public_key(), self.service)
+
+
+class TenantTokens:
+    """The router's side: tokens saying which tenant a downstream call acts for.
+
+    A token names the tenant, the service it is for (one seen by the cache is
+    no good at the context service) and an expiry. One token per (tenant,
+    service) is reused while at least half its life is left: a signature per
+    call would cost the hot path an ECDSA signature here and a verification
+    there, and a token is worth nothing without a mesh certificate anyway.
+    """
+
+    def __init__(self, private_key: Any | None, ttl_s: float, clock=time.time) -> None:
+        self._key = private_key
+        self._algorithm = _algorithm(private_key) if private_key is not None else ""
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._current: dict[tuple[str, str], tuple[tuple[tuple[str, str], ...], float]] = {}
+
+    def metadata(self, tenant_id: str, service: str) -> tuple[tuple[str, str], ...]:
+        """Metadata for one call to ``service`` acting for ``tenant_id``."""
+        if self._key is None:
+            return ()
+        now = self._clock()
+        current = self._current.get((tenant_id, service))
+        if current is None or current[1] - now < self._ttl_s / 2:
+            current = (((TENANT_TOKEN_METADATA, self.mint(tenant_id, service, now)),), now + self._ttl_s)
+            self._current[(tenant_id, service)] = current
+        return current[0]
+
+    def mint(self, tenant_id: str, service: str, now: float) -> str:
+        claims = {
+            "iss": identity(ROUTER),
+            "sub": tenant_id,
+            "aud": identity(service),
+            "iat": int(now),
+            "exp": int(now + self._ttl_s),
+        }
+        return jwt.encode(claims, self._key, algorithm=self._algorithm)
+
+
+class TenantVerifier:
+    """A service's side: the tenant a call's token asserts, verified once per
+    token and remembered until it expires (cache hits are a hot path)."""
+
+    def __init__(
+        self, router_public_key: Any, service: str, leeway_s: float = CLOCK_LEEWAY_S, clock=time.time
+    ) -> None:
+        self._key = router_public_key
+        self._algorithm = _algorithm(router_public_key)
+        self._audience = identity(service)
+        self._leeway_s = leeway_s
+        self._clock = clock
+        self._verified: dict[str, tuple[str, float]] = {}
+
+    def tenant(self, metadata: collections.abc.Iterable[tuple[str, Any]] | None) -> str:
+        token = next((value for key, value in metadata or () if key == TENANT_TOKEN_METADATA), None)
+        if not token or not isinstance(token, str):
+            raise MeshgateError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "TENANT_TOKEN_MISSING",
+                f"a call to {self._audience} needs the router's {TENANT_TOKEN_METADATA} metadata",
+            )
+        now = self._clock()
+        known = self._verified.get(token)
+        if known is not None and now < known[1]:
+            return known[0]
+        tenant, expires = self._verify(token, now)
+        if len(self._verified) >= VERIFIED_TOKENS_KEPT:
+            self._verified = {t: v for t, v in self._verified.items() if now < v[1]}
+            if len(self._verified) >= VERIFIED_TOKENS_KEPT:
+                self._verified.clear()
+        self._verified[token] = (tenant, expires)
+        return tenant
+
+    def _verify(self, token: str, now: float) -> tuple[str, float]:
+        try:
+            # Expiry is checked below against our clock, which tests can set;
+            # iat is informational.
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=[self._algorithm],
+                audience=self._audience,
+                issuer=identity(ROUTER),
+                options={"require": ["iss", "sub", "aud", "exp"], "verify_exp": False, "verify_iat": False},
+            )
+        except jwt.InvalidTokenError as error:
+            raise _invalid_token(f"the tenant token is not valid: {error}") from error
+        expires = claims["exp"]
+        if not isinstance(expires, int | float) or isinstance(expires, bool):
+            raise _invalid_token("the tenant token's expiry is not a number")
+        expires = expires + self._leeway_s
+        if now >= expires:
+            raise _invalid_token("the tenant token has expired")
+        tenant = claims["sub"]
+        if not isinstance(tenant, str) or not tenant:
+            raise _invalid_token("the tenant token names no tenant")
+        return tenant, expires
+
+
+def _invalid_token(message: str) -> MeshgateError:
+    return MeshgateError(grpc.StatusCode.UNAUTHENTICATED, "TENANT_TOKEN_INVALID", message)
+
+
+class MeshGuard(grpc.aio.ServerInterceptor):
+    """Admits to a service's own methods only the mesh identities allowed to
+    call it and, where a method acts for a tenant, only a call carrying the
+    router's token for the tenant its request names.
+
+    Open until :meth:`restrict` is called: the router's port is public, and
+    its callers are checked by API key. Health and reflection stay open to
+    every peer that passed the TLS handshake (a certificate of the mesh).
+    Runs inside :class:`meshgate.errors.ErrorInterceptor`, so its refusals
+    leave as statuses with ErrorInfo.
+    """
+
+    def __init__(self) -> None:
+        self._callers: frozenset[bytes] | None = None
+        self._service = ""
+        self._verifier: TenantVerifier | None = None
+        self._tenant_of: collections.abc.Mapping[str, TenantField] = {}
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    def restrict(
+        self,
+        service: str,
+        callers: collections.abc.Iterable[str],
+        verifier: TenantVerifier | None = None,
+        tenant_of: collections.abc.Mapping[str, TenantField] | None = None,
+    ) -> None:
+        """``tenant_of`` maps each method name to the tenant field of its
+        request (None: acts for no tenant); a method missing from it is refused."""
+        if (verifier is None) != (tenant_of is None):
+            raise ValueError("a tenant check needs both a verifier and the requests' tenant fields")
+        self._service = service
+        self._callers = frozenset(identity(c).encode() for c in callers)
+        self._verifier = verifier
+        self._tenant_of = tenant_of or {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if self._callers is None or not method.startswith("/meshgate."):
+            return await continuation(handler_call_details)
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:
+                return None
+            wrapped = self._wrapped[method] = self._wrap(handler, method.rsplit("/", 1)[-1])
+        return wrapped
+
+    def _admit(self, field, request, context: grpc.aio.ServicerContext) -> None:
+        peer = context.peer_identities() or ()
+        if self._callers.isdisjoint(peer):
+            name = b",".join(peer).decode(errors="replace") or "unknown"
+            raise MeshgateError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "PEER_NOT_ALLOWED",
+                f"{name} may not call the {self._service} service",
+                {"peer": name},
+            )
+        if self._verifier is None or field is None:
+            return
+        if field is _UNDECLARED:
+            raise MeshgateError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "METHOD_NOT_ALLOWED",
+                "this method does not say which tenant it acts for",
+            )
+        named = field(request)
+        if not named:
+            # Acts for nobody: the handler refuses it as invalid (each one
+            # requires a tenant), which tells the caller more than a refusal here.
+            return
+        if self._verifier.tenant(context.invocation_metadata()) != named:
+            raise MeshgateError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "TENANT_MISMATCH",
+                "the request names another tenant than the router asserted",
+            )
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, name: str) -> grpc.RpcMethodHandler:
+        field = self._tenant_of.get(name, _UNDECLARED) if self._verifier is not None else None
+        if handler.request_streaming and field not in (None, _UNDECLARED):
+            raise TypeError(f"{name}: tenants are checked on unary requests only")
+        deserializer, serializer = handler.request_deserializer, handler.response_serializer
+        if handler.unary_unary:
+            behavior = handler.unary_unary
+
+            async def unary_unary(request, context):
+                self._admit(field, request, context)
+                return await behavior(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, deserializer, serializer)
+        if handler.unary_stream:
+            behavior = handler.unary_stream
+
+            async def unary_stream(request, context):
+                self._admit(field, request, context)
+                async for response in behavior(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, deserializer, serializer)
+        if handler.stream_stream:
+            behavior = handler.stream_stream
+
+            async def stream_stream(requests, context):
+                self._admit(field, None, context)
+                async for response in behavior(requests, context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream, deserializer, serializer)
+        behavior = handler.stream_unary
+
+        async def stream_unary(requests, context):
+            self._admit(field, None, context)
+            return await behavior(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, deserializer, serializer)

@@ -1,0 +1,194 @@
+"""Tenant tokens (mint, verify, expiry, audience, tampering), the mesh's
+certificates, and the settings that point at them."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pathlib
+import stat
+
+import grpc
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from meshgate import certs, mesh_auth
+from meshgate.cache.v1 import cache_service_pb2
+from meshgate.config import ConfigError, MeshSettings
+from meshgate.context.v1 import context_service_pb2
+from meshgate.errors import MeshgateError
+from services.cache import app as cache_app
+from services.context import app as context_app
+from tests.mesh import certs_dir, mesh_settings
+
+NOW = 1_900_000_000.0
+TTL_S = 30.0
+
+
+class Clock:
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def router_key():
+    return serialization.load_pem_private_key(certs.key_path(certs_dir(), "router").read_bytes(), None)
+
+
+def verifier(service: str = "context", clock: Clock | None = None) -> mesh_auth.TenantVerifier:
+    return mesh_auth.TenantVerifier(router_key().public_key(), service, leeway_s=0, clock=clock or Clock())
+
+
+def token_metadata(token: str) -> list[tuple[str, str]]:
+    return [("traceparent", "00-abc-def-01"), (mesh_auth.TENANT_TOKEN_METADATA, token)]
+
+
+def refusal(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(MeshgateError) as caught:
+        call()
+    return caught.value.code, caught.value.reason
+
+
+def test_a_minted_token_names_its_tenant_for_its_service_only():
+    tokens = mesh_auth.TenantTokens(router_key(), TTL_S, clock=Clock())
+    metadata = tokens.metadata("dev", "context")
+    assert verifier("context").tenant(metadata) == "dev"
+    # Taken from a call to the context service, it is no good at the cache.
+    assert refusal(lambda: verifier("cache").tenant(metadata)) == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TENANT_TOKEN_INVALID",
+    )
+
+
+def test_the_router_reuses_a_token_until_half_its_life_is_gone():
+    clock = Clock()
+    tokens = mesh_auth.TenantTokens(router_key(), TTL_S, clock=clock)
+    first = tokens.metadata("dev", "context")
+    clock.now += TTL_S / 2 - 1
+    assert tokens.metadata("dev", "context") == first
+    assert tokens.metadata("acme", "context") != first
+    clock.now += 2
+    renewed = tokens.metadata("dev", "context")
+    assert renewed != first
+    assert verifier(clock=clock).tenant(renewed) == "dev"
+
+
+def test_an_expired_token_is_refused_even_after_it_was_verified_once():
+    clock = Clock()
+    token = mesh_auth.TenantTokens(router_key(), TTL_S).mint("dev", "context", NOW)
+    check = verifier(clock=clock)
+    assert check.tenant(token_metadata(token)) == "dev"
+    clock.now = NOW + TTL_S
+    assert refusal(lambda: check.tenant(token_metadata(token))) == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TENANT_TOKEN_INVALID",
+    )
+
+
+def test_a_missing_token_is_unauthenticated():
+    assert refusal(lambda: verifier().tenant([("traceparent", "x")])) == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TENANT_TOKEN_MISSING",
+    )
+    assert refusal(lambda: verifier().tenant(None))[1] == "TENANT_TOKEN_MISSING"
+
+
+def _with_claims(token: str, **changes) -> str:
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims.update(changes)
+    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return f"{header}.{forged}.{signature}"
+
+
+def test_tampered_forged_and_unsigned_tokens_are_refused():
+    token = mesh_auth.TenantTokens(router_key(), TTL_S).mint("dev", "context", NOW)
+    cache_key = serialization.load_pem_private_key(certs.key_path(certs_dir(), "cache").read_bytes(), None)
+    claims = {"iss": "meshgate-router", "sub": "dev", "aud": "meshgate-context", "exp": int(NOW + 60)}
+    forged = [
+        _with_claims(token, sub="acme"),  # another tenant under the router's signature
+        _with_claims(token, exp=int(NOW + 3600)),  # a longer life
+        jwt.encode(claims, cache_key, algorithm="ES256"),  # signed by a mesh service that is not the router
+        jwt.encode(claims, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256"),
+        jwt.encode(claims, None, algorithm="none"),
+        jwt.encode(claims, "a shared secret known to more than the router", algorithm="HS256"),
+        "not-a-token",
+    ]
+    for bad in forged:
+        assert refusal(lambda bad=bad: verifier().tenant(token_metadata(bad))) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "TENANT_TOKEN_INVALID",
+        ), bad
+
+
+def test_a_token_that_names_no_tenant_is_refused():
+    claims = {"iss": "meshgate-router", "sub": "", "aud": "meshgate-context", "exp": int(NOW + 60)}
+    token = jwt.encode(claims, router_key(), algorithm="ES256")
+    assert refusal(lambda: verifier().tenant(token_metadata(token)))[1] == "TENANT_TOKEN_INVALID"
+
+
+def test_with_tls_off_the_router_sends_no_token():
+    mesh = mesh_auth.Mesh(MeshSettings(tls=False), "router")
+    assert mesh.tenant_tokens().metadata("dev", "context") == ()
+    assert mesh.to("context") is None and mesh.server_credentials() is None
+
+
+def test_only_the_router_mints_tokens():
+    with pytest.raises(ConfigError, match="only the router"):
+        mesh_auth.Mesh(mesh_settings(), "cache").tenant_tokens()
+
+
+def test_missing_certificates_stop_the_start_with_a_hint(tmp_path: pathlib.Path):
+    settings = MeshSettings(ca_file=str(tmp_path / "ca.pem"))
+    with pytest.raises(ConfigError, match="meshgate certs --out DIR"):
+        mesh_auth.Mesh(settings, "context")
+
+
+def test_a_service_started_with_another_services_certificate_stops_at_once():
+    settings = mesh_settings()
+    settings.cert_file = str(certs_dir() / "cache.pem")
+    settings.key_file = str(certs_dir() / "cache.key")
+    with pytest.raises(ConfigError, match="does not name 'meshgate-context'"):
+        mesh_auth.Mesh(settings, "context")
+
+
+def test_certificates_are_made_once_then_reused_and_renewed_when_gone(tmp_path: pathlib.Path):
+    written = certs.ensure(tmp_path)
+    assert {p.name for p in written} == {
+        "ca.pem",
+        "ca.key",
+        *(f"{s}.{ext}" for s in mesh_auth.MESH_SERVICES for ext in ("pem", "key")),
+    }
+    for key_file in tmp_path.glob("*.key"):
+        assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600, key_file
+    assert certs.ensure(tmp_path) == []
+    certs.cert_path(tmp_path, "cache").unlink()
+    assert {p.name for p in certs.ensure(tmp_path)} == {"cache.pem", "cache.key"}
+    # A new CA makes every service certificate from the old one useless.
+    certs.ca_path(tmp_path).unlink()
+    assert len(certs.ensure(tmp_path)) == 2 + 2 * len(mesh_auth.MESH_SERVICES)
+    # Each service loads its own, named after it.
+    settings = MeshSettings(
+        ca_file=str(certs.ca_path(tmp_path)),
+        cert_file=str(tmp_path / "{service}.pem"),
+        key_file=str(tmp_path / "{service}.key"),
+    )
+    for service in mesh_auth.MESH_SERVICES:
+        assert mesh_auth.Mesh(settings, service).to("context").server_identity == "meshgate-context"
+
+
+@pytest.mark.parametrize(
+    ("descriptor", "tenant_of"),
+    [
+        (context_service_pb2.DESCRIPTOR.services_by_name["ContextService"], context_app.TENANT_OF),
+        (cache_service_pb2.DESCRIPTOR.services_by_name["CacheService"], cache_app.TENANT_OF),
+    ],
+)
+def test_every_method_of_a_tenant_service_says_where_its_tenant_is(descriptor, tenant_of):
+    # A method missing here would be refused at run time; this says which.
+    assert set(tenant_of) == {m.name for m in descriptor.methods}
