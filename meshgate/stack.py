@@ -58,6 +58,7 @@ class Stack:
         extra_settings: str = "",
         tracing: bool = True,
         log_level: str = "info",
+        triton_models: tuple[str, ...] = triton.DEFAULT_MODELS,
     ) -> None:
         self.state_dir = state_dir.resolve()
         self.ports = ports or Ports()
@@ -66,6 +67,9 @@ class Stack:
         self.extra_settings = extra_settings
         self.tracing = tracing
         self.log_level = log_level
+        # What Triton loads: a run that needs only tiny_gpt (tests, the
+        # fault suite) starts and restarts Triton without smollm2's load.
+        self.triton_models = triton_models
         self.log_dir = self.state_dir / "logs"
         self.traces_path = self.state_dir / "traces.jsonl"
         self.config_path = self.state_dir / "meshgate.toml"
@@ -161,7 +165,12 @@ triton_urls = ["127.0.0.1:{p.triton}"]
                 redis_server.wait_ready(self.ports.redis)
             for name in SERVICES:
                 self.start_service(name)
-            triton.wait_ready(self.address("triton"), timeout=timeout_s, process=self.processes["triton"])
+            triton.wait_ready(
+                self.address("triton"),
+                self.triton_models,
+                timeout=timeout_s,
+                process=self.processes["triton"],
+            )
             for name in SERVICES:
                 self.wait_serving(name, timeout_s)
         except BaseException:
@@ -181,6 +190,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
                 grpc_port=self.ports.triton,
                 state_dir=self.state_dir / "triton",
                 log_file=self.log_dir / "triton.log",
+                models=self.triton_models,
             )
         else:
             self.start_service(name)

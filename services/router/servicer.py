@@ -145,17 +145,20 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 lookup = await self._lookup(scope, prompt, context)
         cache_key_messages = prompt if session_id else turn.messages
 
+        delivered_deltas = 0
         if lookup is not None:
             answer = lookup.answer
             cache_status = _CACHE_STATUS[lookup.status]
             similarity = lookup.similarity
             yield response_type(delta=pb.TextDelta(text=answer.text))
+            delivered_deltas = 1
         else:
             cache_status = pb.CACHE_STATUS_MISS if writes_cache else pb.CACHE_STATUS_BYPASSED
             similarity = 0.0
             answer = cache_pb.CachedAnswer()
             async for text in self._generate(turn.model, prompt, parameters, answer, context):
                 yield response_type(delta=pb.TextDelta(text=text))
+                delivered_deltas += 1
 
         # Store and append concurrently: the completion waits for both, so
         # a follow-up request already finds the turn and the cache entry.
@@ -164,7 +167,13 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             saving.append(self._store(scope, cache_key_messages, answer, context))
         if session_id:
             saving.append(self._append(tenant, session_id, session_version, turn, answer, strict, context))
-        saved = await asyncio.gather(*saving)
+        try:
+            saved = await asyncio.gather(*saving)
+        except MeshgateError as failure:
+            # The answer went out but the turn was not saved: the stream ends
+            # non-OK, saying how much of it the caller holds.
+            partly_delivered(failure, delivered_deltas, len(answer.text), answer.usage.completion_tokens)
+            raise
         if session_id:
             session_version = saved[-1]
         log.info(
