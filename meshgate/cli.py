@@ -24,21 +24,34 @@ _POLICIES = {
     "refresh": pb.CACHE_POLICY_REFRESH,
 }
 
+DEFAULT_MODEL = "smollm2"
+# SmolLM2's recommended sampling. The model's own default (temperature 1,
+# as vLLM's) makes a 135M-parameter model wander off into other languages.
+DEFAULT_TEMPERATURE = 0.2
+DEFAULT_TOP_P = 0.9
+
 
 async def chat(
     router: str,
     api_key: str,
     prompt: str,
-    model: str = "tiny-gpt",
+    model: str = DEFAULT_MODEL,
     session_id: str = "",
     max_tokens: int | None = None,
     cache_policy: str = "use",
     out=sys.stdout,
+    temperature: float | None = DEFAULT_TEMPERATURE,
+    top_p: float | None = DEFAULT_TOP_P,
 ) -> pb.ChatCompletion:
-    """Streams one answer to `out` as it arrives, then prints the summary."""
+    """Streams one answer to `out` as it arrives, then prints the summary.
+    A parameter left None is left to the model."""
     parameters = common_pb2.GenerationParameters()
     if max_tokens is not None:
         parameters.max_tokens = max_tokens
+    if temperature is not None:
+        parameters.temperature = temperature
+    if top_p is not None:
+        parameters.top_p = top_p
     request = pb.ChatRequest(
         model=model,
         session_id=session_id,
@@ -89,6 +102,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                 args.session,
                 args.max_tokens,
                 args.cache,
+                temperature=args.temperature,
+                top_p=args.top_p,
             )
         )
     except grpc.aio.AioRpcError as error:
@@ -150,7 +165,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"logs: {stack.log_dir}   traces: {stack.traces_path}")
         print(f"mesh certificates (mutual TLS between the services): {stack.certs_dir}\n")
         if not args.no_demo:
-            prompt = "What is a gateway for language models?"
+            prompt = "What is the capital of France?"
             print(f"demo> {prompt}")
             uvloop.run(chat(stack.address("router"), args.api_key, prompt))
             print(f'try:  .venv/bin/meshgate chat --api-key {args.api_key} "your question"')
@@ -187,9 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     chat_parser.add_argument("prompt")
     chat_parser.add_argument("--router", default="127.0.0.1:50051")
     chat_parser.add_argument("--api-key", default=os.environ.get("MESHGATE_DEV_API_KEY", DEFAULT_DEV_API_KEY))
-    chat_parser.add_argument("--model", default="tiny-gpt")
+    chat_parser.add_argument("--model", default=DEFAULT_MODEL)
     chat_parser.add_argument("--session", default="", help="continue a server-side session")
     chat_parser.add_argument("--max-tokens", type=int)
+    chat_parser.add_argument(
+        "--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy (default %(default)s)"
+    )
+    chat_parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="(default %(default)s)")
     chat_parser.add_argument("--cache", choices=sorted(_POLICIES), default="use")
     chat_parser.set_defaults(run=_cmd_chat)
 

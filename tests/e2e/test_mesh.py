@@ -57,9 +57,9 @@ def user(text: str) -> common_pb2.Message:
     return common_pb2.Message(role=common_pb2.ROLE_USER, content=text)
 
 
-def ask(text: str, session_id: str = "", **parameters) -> pb.ChatRequest:
+def ask(text: str, session_id: str = "", model: str = "tiny-gpt", **parameters) -> pb.ChatRequest:
     return pb.ChatRequest(
-        model="tiny-gpt",
+        model=model,
         session_id=session_id,
         messages=[user(text)],
         parameters=common_pb2.GenerationParameters(**parameters),
@@ -161,6 +161,65 @@ async def test_session_follow_up_sees_earlier_turns_and_survives_a_context_resta
     stack.wait_serving("context")
     _, after_restart = await collect(router.Chat(ask("Where was I?", session_id, max_tokens=8), metadata=DEV))
     assert after_restart.session_version == 3
+
+
+async def test_smollm2_answers_in_english_greedy(router):
+    deltas, completion = await collect(
+        router.Chat(
+            ask("What is the capital of France?", model="smollm2", max_tokens=48, temperature=0.0),
+            metadata=DEV,
+        )
+    )
+    answer = "".join(deltas)
+    assert "Paris" in answer, answer
+    assert len(deltas) > 1, "streamed token by token"
+    # A short answer that ends by itself, at <|im_end|>, which never shows.
+    assert completion.finish_reason == "stop"
+    assert "<|im_end|>" not in answer and "<|im_start|>" not in answer
+
+
+async def test_context_token_counts_are_smollm2s_prompt_length(stack, router):
+    """The prompt tokens the context service reports for an assembled
+    conversation are the ones the model counted (Triton's num_input_tokens)."""
+    max_tokens = 16
+    window = 8192
+
+    async def counted_and_seen(messages, session_id=""):
+        async with router_channel(stack.address("context"), "context", stack.mesh_settings) as channel:
+            context = context_service_pb2_grpc.ContextServiceStub(channel)
+            assembled = await context.AssembleContext(
+                context_pb.AssembleContextRequest(
+                    tenant_id="dev",
+                    session_id=session_id,
+                    new_messages=messages,
+                    model="smollm2",
+                    max_prompt_tokens=window - max_tokens,
+                )
+            )
+        assert all(e.disposition == context_pb.DISPOSITION_INCLUDED for e in assembled.manifest.entries)
+        request = pb.ChatRequest(
+            model="smollm2",
+            session_id=session_id,
+            messages=messages,
+            parameters=common_pb2.GenerationParameters(max_tokens=max_tokens, temperature=0.0),
+            cache_policy=pb.CACHE_POLICY_BYPASS,
+        )
+        _, completion = await collect(router.Chat(request, metadata=DEV))
+        return assembled.manifest.prompt_tokens, completion.usage.prompt_tokens
+
+    # Stateless, with the template's default system prompt, then with a system message.
+    counted, seen = await counted_and_seen([user("What is the capital of France?")])
+    assert counted == seen > 20
+    system = common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content="  Answer in one word.\n")
+    counted, seen = await counted_and_seen([system, user(" 12 + 30 = ?")])
+    assert counted == seen
+
+    # A session: earlier turns (and the model's own answers) are counted as stored.
+    session_id = (await router.CreateSession(pb.CreateSessionRequest(), metadata=DEV)).session_id
+    for question in ("Name a river in France.", "\nHow long is it?", "And its source?"):
+        counted, seen = await counted_and_seen([user(question)], session_id)
+        assert counted == seen
+    assert seen > 60
 
 
 async def test_one_trace_covers_every_service_and_the_triton_call(stack, router):
