@@ -5,7 +5,8 @@ so that another tenant's session id is simply absent:
 
 - ``...:meta``, a hash: ``version``, ``create_time_ms`` and ``update_time_ms``
   (Redis's clock, so every replica of the service agrees), and one field
-  ``tokens:<tokenizer id>`` per tokenizer: the turns' content token counts as
+  ``tokens:<counter id>`` per tokenizer and chat template: each turn's tokens
+  in the model's prompt (see services/context/token_counts.py) as
   little-endian uint32, counted once when the turns were appended.
 - ``...:turns``, a list of serialized ``common.v1.Message``, oldest first.
 - ``...:turn_ids``, a hash: the idempotency key of every append that gave
@@ -13,8 +14,8 @@ so that another tenant's session id is simply absent:
   instead of applied twice.
 
 Token counts always cover a prefix of the turns: all of them, unless the
-tokenizer was configured after some turns were stored; a reader then counts
-the rest and stores the completed counts, once.
+tokenizer or template was configured after some turns were stored; a reader
+then counts the rest and stores the completed counts, once.
 
 Every change is a Lua script, so a version check and the write it guards are
 atomic.

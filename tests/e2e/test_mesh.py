@@ -178,6 +178,12 @@ async def test_smollm2_answers_in_english_greedy(router):
     assert "<|im_end|>" not in answer and "<|im_start|>" not in answer
 
 
+async def test_list_models_shows_smollm2_with_its_context_window(router):
+    models = await router.ListModels(pb.ListModelsRequest(), metadata=DEV)
+    windows = {m.alias: m.context_window_tokens for m in models.models}
+    assert windows == {"smollm2": 8192, "tiny-gpt": 512}
+
+
 async def test_context_token_counts_are_smollm2s_prompt_length(stack, router):
     """The prompt tokens the context service reports for an assembled
     conversation are the ones the model counted (Triton's num_input_tokens)."""
