@@ -29,7 +29,6 @@ DEFAULT_MAX_TOKENS = 64
 _TRITON_STATUS_CODES = (("triton_grpc_error", "true"),)
 
 
-
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     def __init__(self, settings: InferenceSettings, pool: BackendPool) -> None:
         self._settings = settings
