@@ -8,27 +8,28 @@ separates them. A candidate is therefore served only when
 
 1. no structural check vetoes it. Each check looks for one kind of change
    that keeps almost every word but flips the answer, and vetoes only on
-   evidence of that change, never on mere difference (a paraphrase is
-   different words): numbers, quantities, dates and units; negation and
-   polarity; named entities replaced by others; roles reversed around
-   "from/to/than/..."; scope words (only, all, first, except ...).
-   A false veto costs one generation; a false hit serves a wrong answer, so
-   the checks lean strict.
+   evidence of a *replacement*, never on mere difference (a paraphrase is
+   different words, and often says a little more or less): a number, date
+   or unit replaced by another; negation and polarity flipped; a name
+   replaced by another in the same place; roles reversed around
+   "from/to/than/..."; a scope word (only, all, first, except ...) added,
+   dropped or swapped. What one side merely adds (a number, a name, "most")
+   is no veto but a feature of the learned stage, which weighs it.
 2. a learned verifier scores the pair at or above a threshold. It is a
-   logistic regression over features of both questions and of their match
-   (cosine, word and character overlaps, length ratio, words only one side
-   has, and the elementwise product and difference of the two embeddings,
-   as in siamese sentence classifiers), trained by
-   ``bench/train_cache_verifier.py`` on the train portion of the
+   logistic regression over a few dozen features of the pair (``FEATURE_NAMES``:
+   cosine, word, content-word, word-pair and character overlaps, length,
+   what only one side has, what the checks saw without vetoing), trained by
+   ``bench/train_cache_verifier.py`` on the train portion of the labelled
    development pairs. Its coefficients and the thresholds calibrated per
    false-hit bound are in ``verifier_model.json`` next to this module.
 
 The operator sets ``cache.max_false_hit_rate``; the threshold is the one
-calibrated for the largest bound not above it, so the expected false-hit
-rate (measured on the calibration portion, all entries in one partition)
-never exceeds the setting. A reported wrong hit makes its sub-partition
-stricter: each report moves one row further down the table, and past its
-end nothing is served semantically there.
+calibrated for the largest bound not above it, and ``expected_false_hit_rate``
+is what that threshold gave on the calibration portion (the share of
+labelled non-duplicates reaching the verifier that it accepted; see the
+training script for exactly what is counted). A reported wrong hit makes its
+sub-partition stricter: each report moves one row further down the table,
+and past its end nothing is served semantically there.
 """
 
 from __future__ import annotations
@@ -113,8 +114,44 @@ UNIT_WORDS = _words(
     month year decade century dollar usd euro eur rupee rs inr pound yen yuan bitcoin percent % gb mb tb
     kb ghz mhz mph kmph kmh calorie kcal watt kw kwh volt amp mg"""
 )
+# Spellings of one unit: "1 dollar" and "1 USD" ask the same.
+UNIT_SYNONYMS = {
+    "usd": "dollar",
+    "eur": "euro",
+    "rs": "rupee",
+    "inr": "rupee",
+    "kilometer": "km",
+    "kilometre": "km",
+    "metre": "meter",
+    "litre": "liter",
+    "lb": "pound",
+    "lbs": "pound",
+    "kilogram": "kg",
+    "kmph": "kmh",
+    "feet": "foot",
+}
 
 NEGATIONS = _words("not no never none nobody nothing neither nor without cannot")
+# Contractions typed without the apostrophe: "wont" is "will not".
+_BARE_CONTRACTIONS = {
+    "dont": "do",
+    "doesnt": "does",
+    "didnt": "did",
+    "cant": "can",
+    "wont": "will",
+    "isnt": "is",
+    "arent": "are",
+    "wasnt": "was",
+    "werent": "were",
+    "shouldnt": "should",
+    "wouldnt": "would",
+    "couldnt": "could",
+    "havent": "have",
+    "hasnt": "has",
+    "hadnt": "had",
+}
+# "... or not?" and "why or why not?" ask the same yes/no question as without.
+_NEUTRAL_NEGATION = re.compile(r"\bor (?:why )?not\b", re.IGNORECASE)
 # Words whose swap for the other reverses the question (antonyms that a
 # prefix does not give away).
 ANTONYMS = {
@@ -161,10 +198,15 @@ SCOPE_WORDS = _words(
     """only all every each except excluding first last both either none always sometimes most least
     earliest latest entire whole single sole solely exclusively alone"""
 )
+# Scope words questions also use as mere emphasis ("the most beautiful
+# songs" = "the best songs", "the latest news" = "the news"): only their
+# replacement by another scope word vetoes, not their being on one side.
+WEAK_SCOPE_WORDS = _words("most always latest entire whole single")
 # Capitalized words that are not names.
 _NOT_NAMES = _words("i what which who whom whose when where why how is are do does can should")
 
 VETOES = ("number", "negation", "entity", "role", "scope")
+_QUESTION_WORDS = _words("what which who whom whose when where why how is are do does can should")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -174,56 +216,76 @@ class Analysis:
     tokens: tuple[str, ...]  # lowercased
     token_set: frozenset[str]
     content: frozenset[str]  # tokens that are not stopwords, plural "s" dropped
-    numbers: frozenset[str]  # with calendar words
+    numbers: Counter  # with calendar words; a multiset: "2+2" is not "2+3"
     units: frozenset[str]
     negations: int
     names: frozenset[str]  # lowercased capitalized words not starting a sentence
+    # Per name, the tokens just before and after each of its occurrences.
+    name_contexts: tuple[tuple[str, str, str], ...]
     roles: tuple[tuple[str, str], ...]  # (marker, next content word)
     scope: frozenset[str]
     trigrams: frozenset[str]
+    question_word: str  # the first of what/how/why/...; "" if none
+    sentences: int
 
 
 def _singular(word: str) -> str:
     return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
 
 
+_IS_CONTRACTIONS = frozenset(
+    f"{w}'s" for w in _words("what who where when why how it that there here he she")
+)
+
+
+def _split(word: str) -> list[str]:
+    """One word's tokens: "don't" -> "do" + "not", "Clinton's" -> "clinton"."""
+    lower = word.lower()
+    if lower in _IS_CONTRACTIONS:
+        return [lower[:-2], "is"]  # "what's" is "what is", not a possessive
+    if lower.endswith("'s"):
+        return [lower[:-2]]
+    if lower.endswith("n't"):
+        return [lower[:-3] or "not", "not"]
+    if lower == "cannot":
+        return ["can", "not"]
+    if lower in _BARE_CONTRACTIONS:
+        return [_BARE_CONTRACTIONS[lower], "not"]
+    return [lower]
+
+
 @functools.lru_cache(maxsize=65_536)
 def analyze(text: str) -> Analysis:
     raw = _TOKEN.findall(text)
-    # "don't" -> "do" + "not", "can't" -> "can" + "not": one negation either way.
     tokens: list[str] = []
+    names: set[str] = set()
+    sentence_start = True
     for word in raw:
-        lower = word.lower()
-        if lower.endswith("'s"):
-            lower = lower[:-2]  # "Clinton's policy" names Clinton
-        if lower.endswith("n't"):
-            tokens.extend((lower[:-3] or "not", "not"))
-        elif lower in ("cannot",):
-            tokens.extend(("can", "not"))
-        else:
-            tokens.append(lower)
-    numbers = []
+        parts = _split(word)
+        name = parts[0]
+        if name not in _NOT_NAMES and (
+            (word[:1].isupper() and not sentence_start) or (word.isupper() and len(word) > 1)
+        ):
+            names.add(name)  # acronyms even first: "CBSE", "USA"
+        sentence_start = False
+        tokens.extend(parts)
+    numbers: Counter = Counter()
     units = set()
     for token in tokens:
         if token[0].isdigit():
-            numbers.append(token.replace(",", ""))
+            numbers[token.replace(",", "")] += 1
         elif token in NUMBER_WORDS:
-            numbers.append(f"{NUMBER_WORDS[token]:g}")
+            numbers[f"{NUMBER_WORDS[token]:g}"] += 1
         elif token in CALENDAR_WORDS:
-            numbers.append(token)
+            numbers[token] += 1
         elif _singular(token) in UNIT_WORDS or token in UNIT_WORDS:
-            units.add(_singular(token))
-    # "... or not?" asks the same yes/no question as without it.
-    negations = sum(1 for t in tokens if t in NEGATIONS) - len(re.findall(r"\bor not\b", text, re.IGNORECASE))
-    names = set()
-    sentence_start = True
-    for word in raw:
-        name = word.lower().removesuffix("'s")
-        if word[:1].isupper() and not sentence_start and name not in _NOT_NAMES:
-            names.add(name)
-        elif (word.isupper() and len(word) > 1) and name not in _NOT_NAMES:
-            names.add(name)  # acronyms, even first: "CBSE", "USA"
-        sentence_start = False
+            unit = token if token in UNIT_WORDS else _singular(token)
+            units.add(UNIT_SYNONYMS.get(unit, unit))
+    negations = sum(1 for t in tokens if t in NEGATIONS) - len(_NEUTRAL_NEGATION.findall(text))
+    padded = ("", *tokens, "")
+    name_contexts = tuple(
+        (padded[i - 1], padded[i], padded[i + 1]) for i in range(1, len(padded) - 1) if padded[i] in names
+    )
     roles = []
     for i, token in enumerate(tokens):
         if token in ROLE_MARKERS:
@@ -234,25 +296,37 @@ def analyze(text: str) -> Analysis:
         tokens=tuple(tokens),
         token_set=frozenset(tokens),
         content=frozenset(_singular(t) for t in tokens if t not in STOPWORDS and not t[0].isdigit()),
-        numbers=frozenset(numbers),
+        numbers=numbers,
         units=frozenset(units),
         negations=negations,
         names=frozenset(names),
+        name_contexts=name_contexts,
         roles=tuple(roles),
         scope=frozenset(t for t in tokens if t in SCOPE_WORDS),
         trigrams=frozenset(joined[i : i + 3] for i in range(len(joined) - 2)),
+        question_word=next((t for t in tokens if t in _QUESTION_WORDS), ""),
+        sentences=max(1, len(re.findall(r"[?.!]+(?:\s|$)", text))),
     )
 
 
+def _replaced(x, y) -> bool:
+    """Each side has something the other lacks: a replacement, not an addition."""
+    return bool(x - y) and bool(y - x)
+
+
 def number_veto(a: Analysis, b: Analysis) -> bool:
-    """Different numbers, dates or units: "2+2" vs "2+3", "in 2014" vs "in
-    2018", "in Celsius" vs "in Kelvin". Compared as sets, so order, repeats
-    ("the 14th amendment ... of the 14th amendment") and spelling ("two" vs
-    "2") do not matter."""
-    return a.numbers != b.numbers or a.units != b.units
+    """A number, date or unit replaced by another: "2+2" vs "2+3", "in 2014"
+    vs "in 2018", "in Celsius" vs "in Kelvin". Compared as multisets, so
+    order and spelling ("two" vs "2") do not matter; a number only one side
+    states ("after six hours of sleep" vs "after enough sleep") is left to
+    the learned stage."""
+    return _replaced(a.numbers, b.numbers) or _replaced(a.units, b.units)
 
 
 def _has_negated_form(words: frozenset[str], other: frozenset[str]) -> bool:
+    # Compared in singular form: "advantage" vs "disadvantages".
+    words = frozenset(_singular(w) for w in words)
+    other = frozenset(_singular(w) for w in other)
     for word in words:
         if word in _ANTONYM_OF and _ANTONYM_OF[word] in other and word not in other:
             return True
@@ -264,20 +338,84 @@ def _has_negated_form(words: frozenset[str], other: frozenset[str]) -> bool:
 
 def negation_veto(a: Analysis, b: Analysis) -> bool:
     """Opposite polarity: an odd difference in negations ("cancel" vs "don't
-    cancel"; "can't" and "not" count once, "never" too), an antonym in place
-    of a word ("advantages" vs "disadvantages", "buy" vs "sell"). An even
-    difference ("why can't I" vs "why am I not unable") keeps the sense."""
+    cancel"; "can't", "cant" and "not" count once, "never" too), an antonym
+    in place of a word ("advantages" vs "disadvantages", "buy" vs "sell").
+    An even difference ("why can't I" vs "why am I not unable") keeps the
+    sense."""
     if (a.negations - b.negations) % 2:
         return True
     return _has_negated_form(a.token_set, b.token_set) or _has_negated_form(b.token_set, a.token_set)
 
 
+def _edit_distance_at_most_one(x: str, y: str) -> bool:
+    if abs(len(x) - len(y)) > 1:
+        return False
+    if len(x) > len(y):
+        x, y = y, x
+    i = 0
+    while i < len(x) and x[i] == y[i]:
+        i += 1
+    # Skip the one difference: a substitution, or an insertion into x.
+    return x[i + 1 :] == y[i + 1 :] if len(x) == len(y) else x[i:] == y[i + 1 :]
+
+
+def _transposed(x: str, y: str) -> bool:
+    """Two adjacent letters swapped: "scerenshot" for "screenshot"."""
+    if len(x) != len(y):
+        return False
+    differ = [i for i in range(len(x)) if x[i] != y[i]]
+    return len(differ) == 2 and differ[1] == differ[0] + 1 and x[differ[0]] == y[differ[1]] and (
+        x[differ[1]] == y[differ[0]]
+    )
+
+
+def _retyped(a: Analysis, b: Analysis) -> bool:
+    """The same words in the same order, but for case and one typo per
+    longer word: the same question typed again."""
+    return len(a.tokens) == len(b.tokens) and all(
+        x == y or (min(len(x), len(y)) >= 4 and (_edit_distance_at_most_one(x, y) or _transposed(x, y)))
+        for x, y in zip(a.tokens, b.tokens)
+    )
+
+
+def _mentions(side: Analysis, name: str) -> bool:
+    """Whether ``side`` says ``name``, allowing one typo in a long name
+    ("Hilary" for "Hillary")."""
+    if name in side.token_set:
+        return True
+    return len(name) >= 5 and any(
+        t[:1] == name[:1] and _edit_distance_at_most_one(t, name) for t in side.token_set if len(t) >= 4
+    )
+
+
+def _unmatched_names(a: Analysis, b: Analysis) -> list[tuple[str, str, str]]:
+    """(before, name, after) of the names of ``a`` that ``b`` does not
+    mention, or mentions fewer times ("before using Quora and after using
+    Quora" vs "before using Twitter and after using Quora")."""
+    counts = Counter(name for _, name, _ in a.name_contexts)
+    return [
+        context
+        for context in a.name_contexts
+        if counts[context[1]] > b.tokens.count(context[1]) and not (
+            context[1] not in b.token_set and _mentions(b, context[1])
+        )
+    ]
+
+
 def entity_veto(a: Analysis, b: Analysis) -> bool:
-    """A name replaced by another ("capital of France" vs "of Germany"): each
-    side names something the other does not mention at all. One side naming
-    more ("Trump" vs "Donald Trump") is no evidence of a swap and is left to
-    the learned verifier."""
-    return bool(a.names - b.token_set) and bool(b.names - a.token_set)
+    """A name replaced by another in the same place ("capital of France?" vs
+    "capital of Germany?", "Docker on Ubuntu" vs "on Windows"): each side
+    names something the other never mentions, and the two stand after the
+    same word or before the same word. Names merely added ("Trump" vs
+    "Donald Trump") or said in other words are for the learned stage."""
+    only_a, only_b = _unmatched_names(a, b), _unmatched_names(b, a)
+    if not (only_a and only_b):
+        return False
+    # The start or end of the question is no shared place: "... favor
+    # Hillary Clinton?" vs "... favor Hillary over Trump?" is no swap.
+    before_a = {before for before, _, _ in only_a} - {""}
+    after_a = {after for _, _, after in only_a} - {""}
+    return any(before in before_a or after in after_a for before, _, after in only_b)
 
 
 def role_veto(a: Analysis, b: Analysis) -> bool:
@@ -298,9 +436,13 @@ def role_veto(a: Analysis, b: Analysis) -> bool:
 
 
 def scope_veto(a: Analysis, b: Analysis) -> bool:
-    """A scope word on one side only: "all planets" vs "only the rocky
-    planets", "first president" vs "last president"."""
-    return a.scope != b.scope
+    """A scope word on one side only ("all planets" vs "only the rocky
+    planets"), or swapped for another ("first president" vs "last
+    president", "always" vs "sometimes"). Words also used as emphasis
+    (``WEAK_SCOPE_WORDS``) veto only when swapped."""
+    if _replaced(a.scope, b.scope):
+        return True
+    return bool((a.scope ^ b.scope) - WEAK_SCOPE_WORDS)
 
 
 _CHECKS = (
@@ -325,20 +467,64 @@ def _jaccard(x: frozenset, y: frozenset) -> float:
     return len(x & y) / union if union else 1.0
 
 
-# The handcrafted features, in order; the embedding features follow them.
+def _containment(x: frozenset, y: frozenset) -> float:
+    smaller = min(len(x), len(y))
+    return len(x & y) / smaller if smaller else 1.0
+
+
+# The learned stage's features, in order. Counts are capped so that one
+# long question cannot dominate a linear score.
 FEATURE_NAMES = (
     "cosine",
     "cosine_squared",
     "token_jaccard",
     "content_jaccard",
     "trigram_jaccard",
+    "same_content_words",
+    "content_words_replaced",
+    "content_words_one_side_more",
+    "content_words_other_side_more",
     "length_ratio",
-    "content_only_in_query",
-    "content_only_in_candidate",
-    "same_first_word",
+    "log_length",
+    "same_question_word",
     "names_only_on_one_side",
+    "names_replaced",
+    "numbers_only_on_one_side",
+    "units_only_on_one_side",
     "negation_difference",
+    "scope_difference",
+    "more_than_one_sentence",
+    "function_words_only_on_one_side",
+    "person_changed",
+    "tense_changed",
+    "same_words_up_to_typos",
 )
+# Who asks and when: "How did you start trading?" is not "How do I start
+# trading?" though every content word is the same.
+_PERSONS = {
+    "i": "1",
+    "me": "1",
+    "my": "1",
+    "mine": "1",
+    "we": "1p",
+    "us": "1p",
+    "our": "1p",
+    "you": "2",
+    "your": "2",
+    "he": "3",
+    "him": "3",
+    "his": "3",
+    "she": "3",
+    "her": "3",
+    "they": "3p",
+    "them": "3p",
+    "their": "3p",
+}
+_PAST = _words("did was were had")
+
+
+def _persons(a: Analysis) -> frozenset[str]:
+    return frozenset(_PERSONS[t] for t in a.token_set if t in _PERSONS)
 
 
 def features(
@@ -346,24 +532,37 @@ def features(
 ) -> np.ndarray:
     cosine = float(query_vector @ candidate_vector)
     lengths = len(query.tokens), len(candidate.tokens)
-    handcrafted = np.array(
+    only_query = len(query.content - candidate.content)
+    only_candidate = len(candidate.content - query.content)
+    names_query, names_candidate = _unmatched_names(query, candidate), _unmatched_names(candidate, query)
+    return np.array(
         [
             cosine,
             cosine * cosine,
             _jaccard(query.token_set, candidate.token_set),
             _jaccard(query.content, candidate.content),
             _jaccard(query.trigrams, candidate.trigrams),
+            float(only_query == only_candidate == 0),
+            float(only_query > 0 and only_candidate > 0),
+            # Symmetric: which question was stored first says nothing.
+            min(max(only_query, only_candidate), 6),
+            min(min(only_query, only_candidate), 6),
             min(lengths) / max(max(lengths), 1),
-            len(query.content - candidate.content),
-            len(candidate.content - query.content),
-            float(query.tokens[:1] == candidate.tokens[:1]),
-            len((query.names - candidate.token_set) | (candidate.names - query.token_set)),
-            abs(query.negations - candidate.negations),
+            math.log1p(sum(lengths) / 2),
+            float(query.question_word == candidate.question_word),
+            min(len(names_query) + len(names_candidate), 4),
+            float(bool(names_query) and bool(names_candidate)),
+            min(sum(((query.numbers - candidate.numbers) + (candidate.numbers - query.numbers)).values()), 4),
+            len(query.units ^ candidate.units),
+            min(abs(query.negations - candidate.negations), 2),
+            len(query.scope ^ candidate.scope),
+            float(max(query.sentences, candidate.sentences) > 1),
+            min(len((query.token_set ^ candidate.token_set) & STOPWORDS), 6),
+            float(_persons(query) != _persons(candidate)),
+            float(bool(query.token_set & _PAST) != bool(candidate.token_set & _PAST)),
+            float(_retyped(query, candidate)),
         ],
-        np.float32,
-    )
-    return np.concatenate(
-        [handcrafted, query_vector * candidate_vector, np.abs(query_vector - candidate_vector)]
+        np.float64,
     )
 
 
@@ -393,11 +592,16 @@ class Verifier:
         bias: float,
         calibration: list[CalibrationRow],
         max_false_hit_rate: float,
+        dimensions: int,
     ) -> None:
-        self._mean = mean.astype(np.float32)
-        self._weights = (weights / scale).astype(np.float32)
+        if len(weights) != len(FEATURE_NAMES):
+            raise ValueError(f"the model has {len(weights)} weights for {len(FEATURE_NAMES)} features")
         # Standardization folded into the weights: one dot product per pair.
+        self._weights = np.asarray(weights / scale, np.float64)
         self._bias = float(bias - (mean / scale) @ weights)
+        # The embedding size the model was trained with: vectors of another
+        # model cannot be verified.
+        self.dimensions = dimensions
         # Loosest first: each reported wrong hit moves one row down.
         self._table = sorted(calibration, key=lambda r: -r.max_false_hit_rate)
         allowed = [i for i, r in enumerate(self._table) if r.max_false_hit_rate <= max_false_hit_rate]
@@ -411,6 +615,8 @@ class Verifier:
     @classmethod
     def load(cls, max_false_hit_rate: float, path: pathlib.Path = MODEL_PATH) -> Verifier:
         model = json.loads(path.read_text(encoding="utf-8"))
+        if model["features"] != list(FEATURE_NAMES):
+            raise ValueError(f"{path} was trained on other features; rerun bench/train_cache_verifier.py")
         return cls(
             np.array(model["mean"], np.float64),
             np.array(model["scale"], np.float64),
@@ -418,11 +624,8 @@ class Verifier:
             model["bias"],
             [CalibrationRow(**row) for row in model["calibration"]],
             max_false_hit_rate,
+            model["embedding_dimensions"],
         )
-
-    @property
-    def dimensions(self) -> int:
-        return (len(self._weights) - len(FEATURE_NAMES)) // 2
 
     @property
     def expected_false_hit_rate(self) -> float:

@@ -4,9 +4,11 @@ model the Triton ``minilm`` model runs, run here directly)."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
 from services.cache import verifier
@@ -39,6 +41,20 @@ def test_numbers_spelled_or_repeated_differently_pass():
     assert not verifier.number_veto(
         analyze("What is the 14th amendment?"), analyze("Why the 14th amendment?")
     )
+    assert not verifier.number_veto(
+        analyze("Would you pay 1 dollar a month?"), analyze("Would you pay 1 USD a month?")
+    )
+
+
+def test_a_number_only_one_side_states_is_left_to_the_learned_stage():
+    a, b = (
+        analyze("Why am I sleepy after six hours of sleep?"),
+        analyze("Why am I sleepy after enough sleep?"),
+    )
+    assert not verifier.number_veto(a, b)
+    numbers = verifier.FEATURE_NAMES.index("numbers_only_on_one_side")
+    vector = np.ones(4) / 2
+    assert verifier.features(a, b, vector, vector)[numbers] == 1
 
 
 @pytest.mark.parametrize(
@@ -59,6 +75,19 @@ def test_negation_and_polarity_flips_are_vetoed(a, b):
 def test_double_negation_and_or_not_keep_polarity():
     assert not verifier.negation_veto(analyze("Why can't I sleep?"), analyze("Why am I not able to sleep?"))
     assert not verifier.negation_veto(analyze("Should I buy a car or not?"), analyze("Should I buy a car?"))
+    assert not verifier.negation_veto(
+        analyze("Is Einstein an atheist?"), analyze("Was Einstein an atheist? Why or why not?")
+    )
+
+
+def test_contractions_typed_without_apostrophe_count_as_negations():
+    assert not verifier.negation_veto(
+        analyze("Why doesn't anyone answer?"), analyze("Why wont anyone answer?")
+    )
+    assert verifier.negation_veto(analyze("Why do cats purr?"), analyze("Why dont cats purr?"))
+    assert verifier.negation_veto(
+        analyze("What is the advantage of X?"), analyze("What are disadvantages of X?")
+    )
 
 
 def test_a_replaced_name_is_vetoed_an_added_one_is_not():
@@ -68,6 +97,22 @@ def test_a_replaced_name_is_vetoed_an_added_one_is_not():
     assert not verifier.entity_veto(analyze("Will Trump win?"), analyze("Will Donald Trump win?"))
     assert not verifier.entity_veto(
         analyze("What is Hillary Clinton's policy?"), analyze("What is Clinton policy?")
+    )
+
+
+def test_a_misspelled_name_or_one_said_elsewhere_is_not_a_replacement():
+    assert not verifier.entity_veto(
+        analyze("Why do so many people hate Hilary Clinton?"),
+        analyze("Why do people dislike Hillary Clinton?"),
+    )
+    # Clinton and Trump stand in no shared place: left to the learned stage.
+    assert not verifier.entity_veto(
+        analyze("Why do Quorans favor Hillary Clinton?"), analyze("Why do Quorans favor Hillary over Trump?")
+    )
+    # A name said twice and replaced once is still a replacement.
+    assert verifier.entity_veto(
+        analyze("Pictures before using Quora and after using Quora?"),
+        analyze("Pictures before using Twitter and after using Quora?"),
     )
 
 
@@ -101,9 +146,42 @@ def test_scope_changes_are_vetoed(a, b):
     assert verifier.scope_veto(analyze(a), analyze(b))
 
 
+def test_scope_words_used_as_emphasis_veto_only_when_swapped():
+    assert not verifier.scope_veto(
+        analyze("What are the most beautiful songs?"), analyze("What are the best songs?")
+    )
+    assert not verifier.scope_veto(
+        analyze("What is the latest iPhone?"), analyze("What is the newest iPhone?")
+    )
+    assert verifier.scope_veto(
+        analyze("What is the most common cause?"), analyze("What is the least common cause?")
+    )
+    assert verifier.scope_veto(analyze("Do we always use DNA?"), analyze("Do we sometimes use DNA?"))
+
+
+def test_what_s_is_what_is_and_retyping_is_recognized():
+    assert analyze("What's the capital?").tokens == analyze("What is the capital?").tokens
+    assert analyze("Clinton's policy").tokens == ("clinton", "policy")
+    retyped = verifier.FEATURE_NAMES.index("same_words_up_to_typos")
+    vector = np.ones(4) / 2
+    for a, b, same in [
+        ("How do I learn Python quickly?", "how do i learn pyhton quickly", 1.0),
+        ("Who is my inspiration?", "who is my inpsiration", 1.0),
+        ("How do I learn Python quickly?", "How do I learn Java quickly?", 0.0),
+    ]:
+        assert verifier.features(analyze(a), analyze(b), vector, vector)[retyped] == same
+
+
 def test_paraphrases_pass_every_check():
     assert vetoed_by("How do I learn Python quickly?", "What is the fastest way to learn Python?") is None
     assert vetoed_by("What is the capital of France?", "Which city is the capital of France?") is None
+
+
+def test_the_committed_model_matches_the_features():
+    model = json.loads(verifier.MODEL_PATH.read_text())
+    assert model["features"] == list(verifier.FEATURE_NAMES)
+    assert len(model["weights"]) == len(model["mean"]) == len(model["scale"]) == len(verifier.FEATURE_NAMES)
+    assert model["embedding_dimensions"] == 384
 
 
 def test_thresholds_follow_the_operator_bound_and_reports():
@@ -128,6 +206,7 @@ def embed():
     ("stored", "asked", "accepted", "rejected_by"),
     [
         ("What is the capital of France?", "what is the capital of france", True, None),
+        ("What is the quickest way to learn Python?", "How can I learn Python fast?", True, None),
         ("Cancel my subscription", "Don't cancel my subscription", False, "negation"),
         ("What is 2+2?", "What is 2+3?", False, "number"),
         ("How far is it from Paris to London?", "How far is it from London to Paris?", False, "role"),
