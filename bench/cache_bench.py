@@ -1,0 +1,338 @@
+"""How well the verified semantic cache serves, on the held-out TEST portion,
+through the real services at their default settings.
+
+    .venv/bin/python bench/cache_bench.py           # or: make bench-cache
+
+Starts its own stack (Redis, Triton with minilm, the services, mutual TLS
+between them) on free ports, and calls the cache service as the router
+would. The test portion of the labelled data (``cache_data``: QQP
+development pairs and the trap set, split by hash of linked question groups)
+is never read by ``train_cache_verifier.py``; this is the one place it is
+used. Then:
+
+1. One partition: every stored question of the QQP test pairs in ONE
+   partition, each other question looked up. A hit is correct only when the
+   served entry's question is labelled a duplicate of the asked one, so an
+   unlabelled duplicate served counts as wrong: precision is a lower bound.
+   Recall is over lookups that have a labelled duplicate stored.
+2. Own partitions: each QQP test pair alone (one question stored, the other
+   looked up), where every outcome has a label: precision, recall, and the
+   false-hit rate over non-duplicate pairs (the quantity the bound is
+   calibrated on).
+3. Traps, each pair alone: per category, the share served (a wrong hit for
+   negations, numbers, entities and scope; a hit for paraphrases and
+   retyped repeats).
+4. Conversation context: each follow-up of the contextual query chains is
+   stored after its own conversation's first turn, then asked after
+   another conversation's first turn; serving it would answer from the
+   wrong conversation.
+5. Verification time per lookup: the verifier, in this process, deciding the
+   candidates the one-partition index offers each lookup (its best
+   ``MAX_CANDIDATES`` above the pre-filter), with the vectors the services
+   embedded.
+
+Results go to stdout as markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import uvloop
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import cache_data  # noqa: E402
+
+from meshgate.cache.v1 import cache_service_pb2 as pb  # noqa: E402
+from meshgate.cache.v1 import cache_service_pb2_grpc  # noqa: E402
+from meshgate.common.v1 import common_pb2  # noqa: E402
+from meshgate.config import CacheSettings  # noqa: E402
+from meshgate.inference.v1 import inference_service_pb2 as inference_pb  # noqa: E402
+from meshgate.inference.v1 import inference_service_pb2_grpc  # noqa: E402
+from meshgate.stack import Ports, Stack, free_port  # noqa: E402
+from services.cache import verifier as verifier_module  # noqa: E402
+from services.cache.servicer import MAX_CANDIDATES  # noqa: E402
+from tests.mesh import router_channel  # noqa: E402
+
+MODEL = "tiny-gpt"
+HIT = (pb.LOOKUP_STATUS_SEMANTIC_HIT, pb.LOOKUP_STATUS_EXACT_HIT)
+TRAP_ORDER = ("negation", "number", "entity_swap", "entity_order", "scope", "paraphrase", "repeat")
+
+
+def scope(tenant: str) -> pb.CacheScope:
+    return pb.CacheScope(
+        tenant_id=tenant, model=MODEL, parameters=common_pb2.GenerationParameters(max_tokens=64)
+    )
+
+
+def question(text: str) -> list[common_pb2.Message]:
+    return [common_pb2.Message(role=common_pb2.ROLE_USER, content=text)]
+
+
+async def bounded(calls, concurrency: int) -> list:
+    """Runs the coroutine factories ``calls`` at most ``concurrency`` at a time, in order."""
+    results: list = [None] * len(calls)
+    queue = collections.deque(enumerate(calls))
+
+    async def worker():
+        while queue:
+            i, call = queue.popleft()
+            results[i] = await call()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results
+
+
+class Cache:
+    def __init__(self, stub: cache_service_pb2_grpc.CacheServiceStub) -> None:
+        self.stub = stub
+        self.lookup_ms: list[float] = []
+
+    async def store(self, tenant: str, text: str) -> str:
+        answer = pb.CachedAnswer(text=f"answer to: {text}", finish_reason="stop", deployment="local")
+        response = await self.stub.Store(
+            pb.StoreRequest(scope=scope(tenant), messages=question(text), answer=answer), timeout=60
+        )
+        return response.entry_id
+
+    async def lookup(self, tenant: str, text: str) -> pb.LookupResponse:
+        started = time.perf_counter()
+        response = await self.stub.Lookup(
+            pb.LookupRequest(scope=scope(tenant), messages=question(text), semantic=True), timeout=60
+        )
+        self.lookup_ms.append((time.perf_counter() - started) * 1000)
+        return response
+
+
+def rate(part: int, whole: int) -> str:
+    return f"{part / whole:.3f} ({part}/{whole})" if whole else "-"
+
+
+async def one_partition(cache: Cache, pairs: list[cache_data.Pair], concurrency: int) -> dict:
+    stored = sorted({p.stored for p in pairs})
+    stored_set = set(stored)
+    duplicates: dict[str, set[str]] = {}
+    for p in pairs:
+        entry = duplicates.setdefault(p.asked, set())
+        if p.duplicate:
+            entry.add(p.stored)
+            # Labels hold both ways: a stored question asked elsewhere.
+            if p.asked in stored_set:
+                duplicates.setdefault(p.stored, set()).add(p.asked)
+    # A question also stored would be an exact hit, not a semantic lookup.
+    lookups = sorted(q for q in duplicates if q not in stored_set)
+    tenant = "bench-one-partition"
+    ids = await bounded([lambda q=q: cache.store(tenant, q) for q in stored], concurrency)
+    question_of = dict(zip(ids, stored))
+    responses = await bounded([lambda q=q: cache.lookup(tenant, q) for q in lookups], concurrency)
+    hits = correct = 0
+    for asked, response in zip(lookups, responses):
+        if response.status in HIT:
+            hits += 1
+            correct += question_of.get(response.entry_id) in duplicates[asked]
+    with_duplicate = sum(1 for q in lookups if duplicates[q])
+    return {
+        "stored": len(stored),
+        "lookups": len(lookups),
+        "hits": hits,
+        "correct": correct,
+        "with_duplicate": with_duplicate,
+        "stored_questions": stored,
+        "lookup_questions": lookups,
+    }
+
+
+async def own_partitions(
+    cache: Cache, pairs: list[cache_data.Pair], concurrency: int, tag: str
+) -> list[bool]:
+    """Per pair, in a partition of its own: whether the asked question was served."""
+
+    async def one(i: int, p: cache_data.Pair) -> bool:
+        tenant = f"bench-{tag}-{i}"
+        await cache.store(tenant, p.stored)
+        return (await cache.lookup(tenant, p.asked)).status in HIT
+
+    return await bounded([lambda i=i, p=p: one(i, p) for i, p in enumerate(pairs)], concurrency)
+
+
+async def follow_ups_served_elsewhere(cache: Cache, concurrency: int) -> tuple[int, int]:
+    """(follow-ups served in another conversation, follow-ups asked)."""
+    chains = json.loads((cache_data.DATA_DIR / "contextual_queries.json").read_text(encoding="utf-8"))
+
+    def turn(chain: dict, follow_up: str) -> list[common_pb2.Message]:
+        return [
+            common_pb2.Message(role=common_pb2.ROLE_USER, content=chain["Main Query"]),
+            common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=chain["Main Query Response"]),
+            common_pb2.Message(role=common_pb2.ROLE_USER, content=follow_up),
+        ]
+
+    async def store(chain):
+        answer = pb.CachedAnswer(text=chain["Follow Up Query Response"], finish_reason="stop")
+        request = pb.StoreRequest(
+            scope=scope("bench-context"), messages=turn(chain, chain["Follow-Up Query"]), answer=answer
+        )
+        await cache.stub.Store(request, timeout=60)
+
+    async def ask_elsewhere(i):
+        other = chains[(i + 1) % len(chains)]
+        request = pb.LookupRequest(
+            scope=scope("bench-context"), messages=turn(other, chains[i]["Follow-Up Query"]), semantic=True
+        )
+        return (await cache.stub.Lookup(request, timeout=60)).status in HIT
+
+    await bounded([lambda c=c: store(c) for c in chains], concurrency)
+    served = await bounded([lambda i=i: ask_elsewhere(i) for i in range(len(chains))], concurrency)
+    return sum(served), len(chains)
+
+
+async def embed(stub, texts: list[str], concurrency: int) -> np.ndarray:
+    batches = [texts[i : i + 32] for i in range(0, len(texts), 32)]
+
+    async def one(batch):
+        response = await stub.Embed(inference_pb.EmbedRequest(texts=batch), timeout=60)
+        return np.frombuffer(response.vectors, "<f4").reshape(len(batch), response.dimensions)
+
+    return np.stack(
+        [v for chunk in await bounded([lambda b=b: one(b) for b in batches], concurrency) for v in chunk]
+    )
+
+
+def verification_times(stored: list[str], stored_vectors, lookups: list[str], lookup_vectors) -> list[float]:
+    """Milliseconds the verifier takes per lookup on the candidates the
+    one-partition index would offer it (best ``MAX_CANDIDATES`` above the
+    pre-filter); lookups with no candidate are not timed (nothing to verify)."""
+    settings = CacheSettings()
+    verifier = verifier_module.Verifier.load(settings.max_false_hit_rate)
+    times = []
+    for text, vector in zip(lookups, lookup_vectors):
+        similarities = stored_vectors @ vector
+        rows = [
+            r
+            for r in np.argsort(-similarities)[:MAX_CANDIDATES]
+            if similarities[r] >= settings.semantic_threshold
+        ]
+        if not rows:
+            continue
+        # Fresh analyses, as for a question the service has not seen.
+        verifier_module.analyze.cache_clear()
+        started = time.perf_counter()
+        for row in rows:
+            verifier.decide(text, vector, stored[row], stored_vectors[row])
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+async def main_async(args, stack: Stack) -> list[str]:
+    qqp = [p for p in cache_data.load_qqp() if p.portion == "test"]
+    traps = [p for p in cache_data.load_traps() if p.portion == "test"]
+    if args.limit:
+        qqp, traps = qqp[: args.limit], traps[: args.limit]
+    rows: list[str] = []
+    async with (
+        router_channel(stack.address("cache"), "cache", stack.mesh_settings) as cache_channel,
+        router_channel(stack.address("inference"), "inference", stack.mesh_settings) as inference_channel,
+    ):
+        cache = Cache(cache_service_pb2_grpc.CacheServiceStub(cache_channel))
+        started = time.perf_counter()
+        one = await one_partition(cache, qqp, args.concurrency)
+        alone = await own_partitions(cache, qqp, args.concurrency, "qqp")
+        trapped = await own_partitions(cache, traps, args.concurrency, "trap")
+        elsewhere, follow_ups = await follow_ups_served_elsewhere(cache, args.concurrency)
+        elapsed = time.perf_counter() - started
+        stats = await cache.stub.GetStats(pb.GetStatsRequest(), timeout=30)
+        embedder = inference_service_pb2_grpc.InferenceServiceStub(inference_channel)
+        stored_vectors = await embed(embedder, one["stored_questions"], args.concurrency)
+        lookup_vectors = await embed(embedder, one["lookup_questions"], args.concurrency)
+    times = verification_times(
+        one["stored_questions"], stored_vectors, one["lookup_questions"], lookup_vectors
+    )
+
+    settings = CacheSettings()
+    rows.append(
+        f"Defaults: pre-filter cosine {settings.semantic_threshold}, cache.max_false_hit_rate "
+        f"{settings.max_false_hit_rate} (GetStats: expected false-hit rate "
+        f"{stats.expected_false_hit_rate:.4f}); "
+        f"{len(qqp)} QQP test pairs, {len(traps)} test traps; {elapsed:.0f} s of cache calls at concurrency "
+        f"{args.concurrency}, {os.cpu_count()} CPU cores.\n"
+    )
+    rows.append("| QQP test portion | lookups | hits | precision | recall | false-hit rate |")
+    rows.append("|---|---|---|---|---|---|")
+    rows.append(
+        f"| one partition ({one['stored']} entries) | {one['lookups']} | {one['hits']} | "
+        f"{rate(one['correct'], one['hits'])} | {rate(one['correct'], one['with_duplicate'])} | "
+        f"{rate(one['hits'] - one['correct'], one['lookups'] - one['with_duplicate'])}¹ |"
+    )
+    duplicate = [p.duplicate for p in qqp]
+    true_hits = sum(1 for d, hit in zip(duplicate, alone) if d and hit)
+    false_hits = sum(1 for d, hit in zip(duplicate, alone) if not d and hit)
+    rows.append(
+        f"| each pair in its own partition | {len(qqp)} | {true_hits + false_hits} | "
+        f"{rate(true_hits, true_hits + false_hits)} | {rate(true_hits, sum(duplicate))} | "
+        f"{rate(false_hits, len(qqp) - sum(duplicate))} |"
+    )
+    rows.append(
+        "\n¹ wrong hits over lookups without a labelled duplicate stored; wrong hits include unlabelled "
+        "duplicates, so this is an upper bound and precision a lower bound.\n"
+    )
+    rows.append("| trap category (each pair alone) | pairs | served | should be served |")
+    rows.append("|---|---|---|---|")
+    by_category: dict[str, list[bool]] = collections.defaultdict(list)
+    for p, hit in zip(traps, trapped):
+        by_category[p.category].append(hit)
+    for category in TRAP_ORDER:
+        outcomes = by_category.get(category, [])
+        should = "yes" if category in ("paraphrase", "repeat") else "no"
+        rows.append(f"| {category} | {len(outcomes)} | {rate(sum(outcomes), len(outcomes))} | {should} |")
+    rows.append(f"\nContextual follow-ups served from another conversation: {rate(elsewhere, follow_ups)}.\n")
+    rows.append("| latency | lookups | p50 (ms) | p99 (ms) |")
+    rows.append("|---|---|---|---|")
+    rows.append(
+        f"| verification of a lookup's candidates (in-process) | {len(times)} | "
+        f"{percentile(times, 50):.3f} | {percentile(times, 99):.3f} |"
+    )
+    rows.append(
+        f"| Lookup RPC, all phases above, concurrency {args.concurrency} | {len(cache.lookup_ms)} | "
+        f"{statistics.median(cache.lookup_ms):.1f} | {percentile(cache.lookup_ms, 99):.1f} |"
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--limit", type=int, default=0, help="only the first N pairs of each set (a smoke run)"
+    )
+    args = parser.parse_args()
+    ports = Ports(*(free_port() for _ in range(6)))
+    with tempfile.TemporaryDirectory(prefix="meshgate-cache-bench-") as state_dir:
+        stack = Stack(
+            pathlib.Path(state_dir),
+            ports,
+            tracing=False,
+            log_level="warning",
+            triton_models=("tiny_gpt", "minilm"),
+        )
+        with stack:
+            rows = uvloop.run(main_async(args, stack))
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
