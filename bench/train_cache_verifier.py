@@ -197,8 +197,8 @@ def one_partition(portion: Portion, model: verifier.Verifier, prefilter: float) 
     }
 
 
-def main() -> None:
-    started = time.perf_counter()
+def build_model() -> dict:
+    """Trains and calibrates; the contents of ``verifier_model.json``."""
     qqp = cache_data.load_qqp()
     traps = cache_data.load_traps()
     # The test portion is left out here, not even embedded.
@@ -282,6 +282,12 @@ def main() -> None:
         "bias": round(bias, 6),
         "calibration": table,
     }
+    return model
+
+
+def main() -> None:
+    started = time.perf_counter()
+    model = build_model()
     verifier.MODEL_PATH.write_text(json.dumps(model, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {verifier.MODEL_PATH} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
 

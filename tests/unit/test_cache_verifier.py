@@ -225,3 +225,11 @@ def test_an_entry_without_its_question_is_never_served(embed):
     assert Verifier.load(0.01).decide("What is the capital of France?", vector, "", vector).rejected_by == (
         "unverifiable"
     )
+
+
+def test_the_committed_model_is_what_the_training_script_makes():
+    cache_data = pytest.importorskip("cache_data")
+    if not (cache_data.QQP_CSV.exists() and cache_data.EMBEDDINGS_NPZ.exists()):
+        pytest.skip("needs ../shared/data/semantic-pairs and the embeddings bench/cache_data.py caches")
+    training = pytest.importorskip("train_cache_verifier")
+    assert training.build_model() == json.loads(verifier.MODEL_PATH.read_text())
