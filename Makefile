@@ -46,8 +46,8 @@ lint: install
 test: lint
 	$(PY) -m pytest -q
 
-# The fault suite: kill -9 of Triton, Redis, cache and context under load
-# (about two minutes more than `make test`, hence its own target).
+# The fault suite alone (it is part of `make test` too), with its table:
+# kill -9 of Triton, Redis, cache and context under load.
 chaos: install
 	$(PY) -m pytest -q -s -m chaos tests/chaos
 
