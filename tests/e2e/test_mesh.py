@@ -113,11 +113,25 @@ async def test_exact_and_semantic_hits_and_an_unrelated_miss(router):
     assert again.cache_status == pb.CACHE_STATUS_EXACT_HIT
     assert "".join(deltas)
 
-    _, paraphrase = await collect(
-        router.Chat(ask("What's the capital of France?", max_tokens=8), metadata=DEV)
+    # A paraphrase is served once the verifier accepts it at the default
+    # false-hit bound; a negation of the same question never is. (Some
+    # paraphrases score under the default bound's threshold, e.g. "What's the
+    # capital of France?" against the question above: bench/README.md has the
+    # hit rates measured on held-out data.)
+    stored_text, stored = await collect(
+        router.Chat(ask("What is the quickest way to learn Python?", max_tokens=8), metadata=DEV)
+    )
+    assert stored.cache_status == pb.CACHE_STATUS_MISS
+    served, paraphrase = await collect(
+        router.Chat(ask("How can I learn Python fast?", max_tokens=8), metadata=DEV)
     )
     assert paraphrase.cache_status == pb.CACHE_STATUS_SEMANTIC_HIT
     assert 0.0 < paraphrase.cache_similarity < 1.0
+    assert "".join(served) == "".join(stored_text)
+    _, negation = await collect(
+        router.Chat(ask("What is not the quickest way to learn Python?", max_tokens=8), metadata=DEV)
+    )
+    assert negation.cache_status == pb.CACHE_STATUS_MISS
 
     _, unrelated = await collect(
         router.Chat(ask("How do I bake sourdough bread at home?", max_tokens=8), metadata=DEV)
