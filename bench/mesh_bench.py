@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from workload import PROMPTS  # noqa: E402
 
 from meshgate.common.v1 import common_pb2  # noqa: E402
+from meshgate.config import InferenceSettings  # noqa: E402
 from meshgate.router.v1 import router_service_pb2 as pb  # noqa: E402
 from meshgate.router.v1 import router_service_pb2_grpc  # noqa: E402
 from meshgate.stack import (  # noqa: E402
@@ -84,10 +85,14 @@ class Sample:
         self.ttft, self.total, self.tokens = ttft, total, tokens
 
 
-async def direct_triton(stub, prompt: str, max_tokens: int) -> Sample:
+async def direct_triton(stub, model: str, prompt: str, max_tokens: int) -> Sample:
+    """The same request the inference service would send: the served model's
+    chat template, greedy sampling."""
+    served = InferenceSettings().models[model]
     sampling = triton_protocol.sampling_parameters(parameters(max_tokens), max_tokens)
+    prompt_text = triton_protocol.render_chat(messages(prompt), served.chat_template)
     request = triton_protocol.generate_request(
-        "tiny_gpt", uuid.uuid4().hex, triton_protocol.render_chat(messages(prompt)), sampling, False
+        served.triton_model, uuid.uuid4().hex, prompt_text, sampling, False
     )
     done = asyncio.Event()
 
@@ -119,10 +124,10 @@ _EXPECTED_STATUS = {"exact hits": pb.CACHE_STATUS_EXACT_HIT, "semantic hits": pb
 
 
 async def through_router(
-    stub, prompt: str, max_tokens: int, policy=pb.CACHE_POLICY_BYPASS, expect: str = ""
+    stub, prompt: str, max_tokens: int, policy=pb.CACHE_POLICY_BYPASS, expect: str = "", model="tiny-gpt"
 ) -> Sample:
     request = pb.ChatRequest(
-        model="tiny-gpt", messages=messages(prompt), parameters=parameters(max_tokens), cache_policy=policy
+        model=model, messages=messages(prompt), parameters=parameters(max_tokens), cache_policy=policy
     )
     started = time.perf_counter()
     ttft = None
@@ -206,19 +211,20 @@ async def main_async(args, stack: Stack) -> list[str]:
         triton_stub = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
         router_stub = router_service_pb2_grpc.RouterServiceStub(router_channel)
         misses = unrelated_prompts()
+        model = args.model
         paths = {
-            "Triton direct": lambda p: direct_triton(triton_stub, p, args.max_tokens),
-            "meshgate router": lambda p: through_router(router_stub, p, args.max_tokens),
+            "Triton direct": lambda p: direct_triton(triton_stub, model, p, args.max_tokens),
+            "meshgate router": lambda p: through_router(router_stub, p, args.max_tokens, model=model),
             # Cache on, every prompt new: what a miss pays for the lookup
             # (an embedding on the semantic path) and the store.
             "meshgate router, cache misses": lambda p: through_router(
-                router_stub, next(misses), args.max_tokens, pb.CACHE_POLICY_USE
+                router_stub, next(misses), args.max_tokens, pb.CACHE_POLICY_USE, model=model
             ),
         }
         # Warm both paths (model caches, channels, lazy imports) before measuring.
         for one in paths.values():
             await run_load(one, 4, 8)
-        for concurrency in (1, 16):
+        for concurrency in (1, args.concurrency):
             requests = args.requests if concurrency == 1 else args.requests * 4
             for name, one in paths.items():
                 meter.start()
@@ -240,7 +246,7 @@ async def main_async(args, stack: Stack) -> list[str]:
         )
         rows.append("|---|---|---|---|---|")
         for name in ("meshgate router", "meshgate router, cache misses"):
-            for concurrency in (1, 16):
+            for concurrency in (1, args.concurrency):
                 direct = results[("Triton direct", concurrency)]
                 routed = results[(name, concurrency)]
                 rows.append(
@@ -249,6 +255,8 @@ async def main_async(args, stack: Stack) -> list[str]:
                     f"| {routed[2]:.1f} |"
                 )
 
+        if args.skip_hits:
+            return [*rows, "", *cpu_rows]
         # Cache hits: store one answer per prompt (refresh: no read, so
         # nothing semantic can stand in), then replay them exactly, then as
         # variants that only the semantic path matches (the embedding model
@@ -290,6 +298,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--hits", type=int, default=2000)
     parser.add_argument(
+        "--model", default="tiny-gpt", choices=sorted(InferenceSettings().models), help="alias to stream from"
+    )
+    parser.add_argument("--concurrency", type=int, default=16, help="the loaded level, beside 1")
+    parser.add_argument("--skip-hits", action="store_true", help="only the streaming comparison")
+    parser.add_argument(
         "--tracing", action="store_true", help="export every span to a file, as `make run` does"
     )
     args = parser.parse_args()
@@ -301,11 +314,14 @@ def main() -> None:
             dev_api_key=API_KEY,
             tracing=args.tracing,
             log_level="warning",
+            # Load the model measured (and the embedding model the cache needs) only.
+            triton_models=(InferenceSettings().models[args.model].triton_model, "minilm"),
         )
         with stack:
             rows = uvloop.run(main_async(args, stack))
     print(
-        f"max_tokens={args.max_tokens}, greedy, tracing {'on' if args.tracing else 'off'}; "
+        f"model {args.model}, max_tokens={args.max_tokens}, greedy, "
+        f"tracing {'on' if args.tracing else 'off'}; "
         f"{os.cpu_count()} CPU cores shared by Triton, Redis, the services and the load generator\n"
     )
     print("\n".join(rows))

@@ -29,6 +29,7 @@ One-time setup (downloads numpy<2 from PyPI), then run in the foreground:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import signal
@@ -297,6 +298,11 @@ def terminate(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout)
+    # A server that was killed (SIGKILL) leaves its Python-backend stubs
+    # running, each holding a model's memory: they share the server's process
+    # group (launch() starts it as a session leader), so end the group too.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
     return process.returncode
 
 
