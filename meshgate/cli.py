@@ -25,10 +25,14 @@ _POLICIES = {
 }
 
 DEFAULT_MODEL = "smollm2"
-# SmolLM2's recommended sampling. The model's own default (temperature 1,
-# as vLLM's) makes a 135M-parameter model wander off into other languages.
-DEFAULT_TEMPERATURE = 0.2
-DEFAULT_TOP_P = 0.9
+# Greedy by default. The model's own default (temperature 1, as vLLM's)
+# makes this 4-bit 135M-parameter model wander off into other languages, and
+# even SmolLM2's recommended 0.2 / top_p 0.9 answered "What is the capital of
+# France?" with "L'Étoile, la Marseillaise, ..." in 3 of 5 tries here, where
+# greedy says "The capital of France is Paris." Greedy answers also repeat,
+# so a repeated question is an exact cache hit of the same answer.
+DEFAULT_TEMPERATURE = 0.0
+DEFAULT_TOP_P = 1.0
 
 
 async def chat(
@@ -145,7 +149,17 @@ def _cmd_up(args: argparse.Namespace) -> int:
     )
     supervisor = Supervisor(stack)
 
+    stopping = False
+
     def request_stop(signum, frame):
+        # Only the first signal interrupts: a second Ctrl-C (or a signal sent
+        # to the whole process group, as `timeout` does) must not break off
+        # the ordered stop half-way and orphan every child.
+        nonlocal stopping
+        if stopping:
+            print("already stopping ...", flush=True)
+            return
+        stopping = True
         raise KeyboardInterrupt
 
     # Installed explicitly: a shell that starts us in the background leaves
@@ -156,6 +170,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         stack.start()
+    except RuntimeError as error:  # the stack has stopped what it had started
+        print(f"meshgate up: {error}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopped while starting.", flush=True)
+        return 0
+    try:
         supervisor.start()
         print(f"\nmeshgate is up ({time.monotonic() - started:.1f} s):")
         for name in ("router", "context", "cache", "inference", "triton"):

@@ -152,6 +152,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
         )
 
     def start(self, timeout_s: float = 180.0) -> None:
+        self._refuse_taken_ports()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(exist_ok=True)
         certs.ensure(self.certs_dir)
@@ -194,6 +195,27 @@ triton_urls = ["127.0.0.1:{p.triton}"]
             )
         else:
             self.start_service(name)
+
+    def _refuse_taken_ports(self) -> None:
+        """Fails before starting anything when a port is taken: a second
+        `meshgate up` would otherwise pass its health checks against the
+        first one's services while its own children fail to bind."""
+        names = ["triton", *SERVICES] + (["redis"] if self.external_redis_url is None else [])
+        taken = []
+        for name in names:
+            with socket.socket() as sock:
+                # As the servers bind: a connection lingering in TIME_WAIT on
+                # the port is no conflict, a listener is.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind(("127.0.0.1", getattr(self.ports, name)))
+                except OSError:
+                    taken.append(f"{name} {self.address(name)}")
+        if taken:
+            raise RuntimeError(
+                f"port(s) in use: {', '.join(taken)}; is another `meshgate up` running? "
+                "Stop it first (Ctrl-C in its terminal)."
+            )
 
     def start_service(self, name: str) -> None:
         env = dict(os.environ, MESHGATE_CONFIG=str(self.config_path), PYTHONUNBUFFERED="1")
