@@ -29,7 +29,7 @@ from meshgate.common.v1 import common_pb2
 from meshgate.errors import error_info
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from meshgate.stack import Ports, Stack, free_port
+from meshgate.stack import Ports, Stack, build_model_weights, free_port
 from meshgate.supervisor import Supervisor
 from services.context.store import SessionStore
 
@@ -191,6 +191,8 @@ def _short_answer(text: str, completion: pb.ChatCompletion | None, max_tokens: i
 @pytest.fixture(scope="module")
 def spare_triton(tmp_path_factory):
     """A second Triton the inference service balances over; not supervised."""
+    # This suite may run first on a clean clone: tiny_gpt's weights are built, not shipped.
+    build_model_weights()
     port = free_port()
     state_dir = tmp_path_factory.mktemp("spare-triton")
     process = triton.launch(
