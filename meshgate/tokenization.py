@@ -21,10 +21,14 @@ ROLE_NAMES = {
     common_pb2.ROLE_ASSISTANT: "assistant",
 }
 
-# The bundled test model's template: one line per turn, then the assistant's
-# cue. Models with a template of their own (SmolLM2's ChatML) name its file.
+# The bundled test model's template: [CLS], which its weights expect first,
+# then one line per turn and the assistant's cue. The template, not the
+# model, adds the [CLS] (as Hugging Face templates add a bos_token), so the
+# rendered prompt is every token the model sees and the context service's
+# counts are exact. Models with a template of their own (SmolLM2's ChatML)
+# name its file.
 PLAIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "[CLS]{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 

@@ -18,6 +18,9 @@ from meshgate.errors import invalid_argument
 class TemplateTokens:
     """Tokens the chat template adds to a prompt outside any message."""
 
+    # Before the first message, always: a begin-of-sequence token such as
+    # tiny-gpt's [CLS].
+    prompt_prefix: int = 0
     # The assistant's cue after the last message.
     generation_prompt: int = 0
     # Added by templates like SmolLM2's when no message is a system message.
@@ -53,7 +56,8 @@ def assemble(
     is_system = [c.message.role == common_pb2.ROLE_SYSTEM for c in session]
     any_system = any(is_system) or any(c.message.role == common_pb2.ROLE_SYSTEM for c in new)
     required = (
-        template.generation_prompt
+        template.prompt_prefix
+        + template.generation_prompt
         + (0 if any_system else template.default_system)
         + sum(c.tokens for c in new)
         + sum(c.tokens for c, system in zip(session, is_system, strict=True) if system)

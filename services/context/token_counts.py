@@ -83,8 +83,9 @@ class PromptCounter:
         return frame.prefix + message.content + frame.suffix
 
 
-def derive_frames(template: tokenization.ChatTemplate) -> tuple[dict[str, Frame], str, str]:
-    """Each role's frame, the default system prompt (empty if none) and the
+def derive_frames(template: tokenization.ChatTemplate) -> tuple[dict[str, Frame], str, str, str]:
+    """Each role's frame, the prompt's prefix (a begin-of-sequence token;
+    empty if none), the default system prompt (empty if none) and the
     generation prompt, read off renderings of probe conversations.
 
     Raises ConfigError for a template that does not place each message's
@@ -101,26 +102,28 @@ def derive_frames(template: tokenization.ChatTemplate) -> tuple[dict[str, Frame]
         prefix, suffix = piece.split(second)
         frames[role] = Frame(prefix, suffix)
     system = frames["system"]
-    if system_alone != system.prefix + first + system.suffix:
+    framed_system = system.prefix + first + system.suffix
+    if not system_alone.endswith(framed_system):
         raise ConfigError("chat template: the first system message is framed unlike the others")
+    prompt_prefix = system_alone.removesuffix(framed_system)
 
     user = frames["user"]
     framed_user = user.prefix + second + user.suffix
     user_alone = template.render([("user", second)], add_generation_prompt=False)
-    if not user_alone.endswith(framed_user):
+    if not (user_alone.startswith(prompt_prefix) and user_alone.endswith(framed_user)):
         raise ConfigError("chat template: a conversation without a system message is not framed as expected")
-    default_system = user_alone.removesuffix(framed_user)
+    default_system = user_alone.removeprefix(prompt_prefix).removesuffix(framed_user)
     with_cue = template.render([("user", second)], add_generation_prompt=True)
     if not with_cue.startswith(user_alone):
         raise ConfigError("chat template: the generation prompt is not appended at the end")
-    return frames, default_system, with_cue.removeprefix(user_alone)
+    return frames, prompt_prefix, default_system, with_cue.removeprefix(user_alone)
 
 
 def build(spec: str, chat_template_spec: str) -> PromptCounter:
     """A counter for one tokenizer and template; reads files, so call it at start-up."""
     tokenizer = tokenization.load(spec)
     template = tokenization.load_chat_template(chat_template_spec)
-    frames, default_system, generation_prompt = derive_frames(template)
+    frames, prompt_prefix, default_system, generation_prompt = derive_frames(template)
 
     def n(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False).ids)
@@ -132,7 +135,11 @@ def build(spec: str, chat_template_spec: str) -> PromptCounter:
         digest.hexdigest()[:16],
         tokenizer,
         {role: frames[name] for role, name in tokenization.ROLE_NAMES.items()},
-        TemplateTokens(generation_prompt=n(generation_prompt), default_system=n(default_system)),
+        TemplateTokens(
+            prompt_prefix=n(prompt_prefix),
+            generation_prompt=n(generation_prompt),
+            default_system=n(default_system),
+        ),
     )
     _check_additive(counter, template, n)
     return counter
@@ -148,7 +155,7 @@ def _check_additive(counter: PromptCounter, template: tokenization.ChatTemplate,
         ]
         whole = n(template.render_messages(messages))
         parts = sum(n(counter.framed(m)) for m in messages)
-        parts += counter.template_tokens.generation_prompt
+        parts += counter.template_tokens.prompt_prefix + counter.template_tokens.generation_prompt
         if messages[0].role != common_pb2.ROLE_SYSTEM:
             parts += counter.template_tokens.default_system
         if whole != parts:

@@ -21,7 +21,7 @@ def check_generation(
     default_max_tokens: int,
 ) -> int:
     """Validates sampling parameters; returns the max_tokens to ask for."""
-    # At least one prompt token ([CLS] or the like) shares the window.
+    # At least one prompt token shares the window.
     largest = served.context_window_tokens - 1
     max_tokens = min(default_max_tokens, largest)
     if parameters.HasField("max_tokens"):

@@ -84,12 +84,17 @@ def _tokens(text: str) -> int:
 def tokens_of(message: common_pb2.Message) -> int:
     """What the prompt pays for a message: its line of tiny-gpt's plain chat
     template ("user: ...\\n"), from the tokenizer itself."""
-    line = tokenization.load_chat_template("").render_messages([message], add_generation_prompt=False)
-    return _tokens(line)
+    rendered = tokenization.load_chat_template("").render_messages([message], add_generation_prompt=False)
+    return _tokens(rendered.removeprefix(PROMPT_PREFIX))
 
 
-# The assistant's cue that ends every prompt of the plain template.
-CUE_TOKENS = _tokens("assistant:")
+# What the plain template puts before the first message, once per prompt.
+PROMPT_PREFIX = "[CLS]"
+
+
+# What every prompt of the plain template pays outside its messages: the
+# [CLS] before the first and the assistant's cue after the last.
+OUTSIDE_MESSAGES_TOKENS = _tokens(PROMPT_PREFIX) + _tokens("assistant:")
 
 
 def prompt_length(messages) -> int:
@@ -429,7 +434,7 @@ async def test_assembly_keeps_system_and_newest_turns_within_budget(stub, tenant
     new_cost = tokens_of(new[0])
     # Room for the system message, the new message, the cue and the three
     # newest turns, one token short of the fourth newest.
-    budget = costs[0] + new_cost + CUE_TOKENS + sum(costs[4:]) + costs[3] - 1
+    budget = costs[0] + new_cost + OUTSIDE_MESSAGES_TOKENS + sum(costs[4:]) + costs[3] - 1
 
     response = await stub.AssembleContext(
         pb.AssembleContextRequest(
@@ -448,7 +453,7 @@ async def test_assembly_keeps_system_and_newest_turns_within_budget(stub, tenant
         for i, m in enumerate(turns)
     ]
     assert entries == [*expected_session, (pb.SOURCE_REQUEST, 0, USER, new_cost, INCLUDED)]
-    assert response.manifest.prompt_tokens == costs[0] + sum(costs[4:]) + new_cost + CUE_TOKENS
+    assert response.manifest.prompt_tokens == costs[0] + sum(costs[4:]) + new_cost + OUTSIDE_MESSAGES_TOKENS
     assert response.manifest.prompt_tokens == prompt_length(response.messages)
     assert response.manifest.budget_tokens == budget
     assert response.manifest.tokenizer == Settings().models[MODEL].tokenizer
@@ -481,7 +486,7 @@ async def test_new_messages_over_budget_exceed_the_context_window(stub, tenant) 
     assert await failure(call) == (
         grpc.StatusCode.INVALID_ARGUMENT,
         "CONTEXT_WINDOW_EXCEEDED",
-        {"tokens": str(tokens_of(msg(USER, text)) + CUE_TOKENS), "budget": "20"},
+        {"tokens": str(tokens_of(msg(USER, text)) + OUTSIDE_MESSAGES_TOKENS), "budget": "20"},
     )
 
 

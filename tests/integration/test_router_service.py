@@ -326,3 +326,30 @@ async def test_stateless_requests_are_served_while_the_context_service_is_down(r
             await answer_of(router.Chat(request, metadata=AUTH))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert error_info(caught.value) is not None
+
+
+async def test_a_session_longer_than_the_window_keeps_being_answered(mesh):
+    """The context service fits the prompt to the window with the model's own
+    count, [CLS] included: a history of far more than 512 tokens must leave a
+    prompt the model accepts (one token over and tiny_gpt refuses it)."""
+    router, context = mesh
+    session_id = (await router.CreateSession(pb.CreateSessionRequest(), metadata=AUTH)).session_id
+    long_turn = " ".join(f"word{n}" for n in range(60))
+    for n in range(12):
+        await context.AppendTurns(
+            context_pb.AppendTurnsRequest(
+                tenant_id="dev",
+                session_id=session_id,
+                any_version=True,
+                messages=[
+                    common_pb2.Message(role=common_pb2.ROLE_USER, content=f"{n} {long_turn}"),
+                    common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=long_turn),
+                ],
+            )
+        )
+    for max_tokens in (1, 7, 64):
+        request = ask("and now?", policy=pb.CACHE_POLICY_BYPASS, max_tokens=max_tokens)
+        request.session_id = session_id
+        _, completion = await answer_of(router.Chat(request, metadata=AUTH))
+        # The window is filled to within a turn of it, never past it.
+        assert 512 - 200 < completion.usage.prompt_tokens + max_tokens <= 512

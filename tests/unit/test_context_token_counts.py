@@ -3,7 +3,7 @@
 With the real tokenizers and chat templates of both models, the prompt
 tokens the assembly reports equal the tokens of the prompt the inference
 service renders from the assembled messages, which is what the model
-tokenizes (SmolLM2 adds no BOS; tiny-gpt prepends one [CLS] of its own).
+tokenizes (neither model adds tokens of its own: tiny-gpt's [CLS] is in its template).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def test_chat_template_ends_with_the_assistant_cue():
             common_pb2.Message(role=common_pb2.ROLE_USER, content="hi"),
         ]
     )
-    assert prompt == "system: be brief\nuser: hi\nassistant:"
+    assert prompt == "[CLS]system: be brief\nuser: hi\nassistant:"
 
 
 def test_a_served_models_chat_template_renders_the_prompt(tmp_path):

@@ -59,7 +59,6 @@ class TritonPythonModel(vllm_model.VLLMStyleModel):
                 f"tiny_gpt: weights are for a {config.vocab_size}-token vocabulary, the tokenizer has "
                 f"{self.tokenizer.get_vocab_size()}; rebuild with `{BUILD_HINT} --force`"
             )
-        self.bos_id = self.tokenizer.token_to_id("[CLS]")
         eos_id = self.tokenizer.token_to_id("[SEP]")
         # [PAD], [CLS], [MASK], [UNK] and the ~990 [unusedN] slots are never
         # produced by a real tokenizer pass; masking them keeps output readable.
@@ -79,5 +78,7 @@ class TritonPythonModel(vllm_model.VLLMStyleModel):
         return core.TinyGPT(weights, config), vocabulary
 
     def encode(self, prompt: str) -> list[int]:
-        # [CLS] starts every prompt, as the weights' vocabulary expects.
-        return [self.bos_id] + self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        # The chat template starts the prompt with [CLS], as the weights
+        # expect; the model adds nothing, so the gateway's count of the
+        # rendered prompt is exactly what fills the window.
+        return self.tokenizer.encode(prompt, add_special_tokens=False).ids
