@@ -20,6 +20,8 @@ from google.protobuf import message as protobuf_message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from meshgate.reasons import Reason
+
 DOMAIN = "meshgate"
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
@@ -98,7 +100,7 @@ def partly_delivered(
 
 def internal_error() -> MeshgateError:
     """What a caller learns of a bug: that it happened, nothing of its insides."""
-    return MeshgateError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
+    return MeshgateError(grpc.StatusCode.INTERNAL, Reason.INTERNAL, "internal error")
 
 
 def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
@@ -126,8 +128,12 @@ def from_rpc_error(error: grpc.aio.AioRpcError, service: str) -> MeshgateError:
     # hosts and ports, which are for our logs, not for callers.
     code = error.code()
     log.warning("downstream call failed", service=service, code=code.name, details=error.details())
-    reason = f"{service.upper()}_{code.name}"
-    return MeshgateError(code, reason, f"{service} call failed: {code.name}", {"service": service})
+    return MeshgateError(
+        code,
+        Reason.DOWNSTREAM_FAILED,
+        f"{service} call failed: {code.name}",
+        {"service": service, "code": code.name},
+    )
 
 
 class _Undecodable:
@@ -155,7 +161,7 @@ def _tolerant(deserializer: collections.abc.Callable[[bytes], Any] | None):
 
 def _malformed(request: _Undecodable) -> MeshgateError:
     return invalid_argument(
-        "MALFORMED_REQUEST",
+        Reason.MALFORMED_REQUEST,
         f"the request is not a valid message (strings must be UTF-8): {request.error}",
     )
 

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from meshgate.config import ConfigError, MeshSettings
 from meshgate.errors import MeshgateError
+from meshgate.reasons import Reason
 
 log = structlog.get_logger(__name__)
 
@@ -229,7 +230,7 @@ class TenantVerifier:
         if not token or not isinstance(token, str):
             raise MeshgateError(
                 grpc.StatusCode.UNAUTHENTICATED,
-                "TENANT_TOKEN_MISSING",
+                Reason.TENANT_TOKEN_MISSING,
                 f"a call to {self._audience} needs the router's {TENANT_TOKEN_METADATA} metadata",
             )
         now = self._clock()
@@ -271,7 +272,7 @@ class TenantVerifier:
 
 
 def _invalid_token(message: str) -> MeshgateError:
-    return MeshgateError(grpc.StatusCode.UNAUTHENTICATED, "TENANT_TOKEN_INVALID", message)
+    return MeshgateError(grpc.StatusCode.UNAUTHENTICATED, Reason.TENANT_TOKEN_INVALID, message)
 
 
 class MeshGuard(grpc.aio.ServerInterceptor):
@@ -327,7 +328,7 @@ class MeshGuard(grpc.aio.ServerInterceptor):
             name = b",".join(peer).decode(errors="replace") or "unknown"
             raise MeshgateError(
                 grpc.StatusCode.PERMISSION_DENIED,
-                "PEER_NOT_ALLOWED",
+                Reason.PEER_NOT_ALLOWED,
                 f"{name} may not call the {self._service} service",
                 {"peer": name},
             )
@@ -336,7 +337,7 @@ class MeshGuard(grpc.aio.ServerInterceptor):
         if field is _UNDECLARED:
             raise MeshgateError(
                 grpc.StatusCode.PERMISSION_DENIED,
-                "METHOD_NOT_ALLOWED",
+                Reason.METHOD_NOT_ALLOWED,
                 "this method does not say which tenant it acts for",
             )
         named = field(request)
@@ -347,7 +348,7 @@ class MeshGuard(grpc.aio.ServerInterceptor):
         if self._verifier.tenant(context.invocation_metadata()) != named:
             raise MeshgateError(
                 grpc.StatusCode.PERMISSION_DENIED,
-                "TENANT_MISMATCH",
+                Reason.TENANT_MISMATCH,
                 "the request names another tenant than the router asserted",
             )
 

@@ -11,6 +11,7 @@ import redis.asyncio as redis
 from redis.maint_notifications import MaintNotificationsConfig
 
 from meshgate.errors import unavailable
+from meshgate.reasons import Reason
 
 # Past this many connections a command waits for a free one (up to the
 # timeout) instead of failing: a burst must queue, not look like an outage.
@@ -54,7 +55,7 @@ async def connect_checked(url: str) -> redis.Redis:
         await client.ping()
     except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
         await client.aclose()
-        raise unavailable("REDIS_UNAVAILABLE", f"cannot reach Redis at {url}: {error}") from error
+        raise unavailable(Reason.REDIS_UNAVAILABLE, f"cannot reach Redis at {url}: {error}") from error
     except BaseException:
         await client.aclose()
         raise

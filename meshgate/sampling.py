@@ -12,6 +12,7 @@ import math
 
 from meshgate.common.v1 import common_pb2
 from meshgate.errors import invalid_argument
+from meshgate.reasons import Reason
 
 # Stop strings are held back while they might still match: bounded work per token.
 MAX_STOP_STRINGS = 8
@@ -25,16 +26,16 @@ def check_sampling(parameters: common_pb2.GenerationParameters) -> None:
     if parameters.HasField("temperature") and not (
         math.isfinite(parameters.temperature) and 0.0 <= parameters.temperature <= 2.0
     ):
-        raise invalid_argument("INVALID_TEMPERATURE", "temperature must be a number within [0, 2]")
+        raise invalid_argument(Reason.INVALID_TEMPERATURE, "temperature must be a number within [0, 2]")
     top_p = parameters.top_p
     if parameters.HasField("top_p") and not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
-        raise invalid_argument("INVALID_TOP_P", "top_p must be a number within (0, 1]")
+        raise invalid_argument(Reason.INVALID_TOP_P, "top_p must be a number within (0, 1]")
     if parameters.HasField("seed") and parameters.seed < 0:
-        raise invalid_argument("INVALID_SEED", "seed must not be negative")
+        raise invalid_argument(Reason.INVALID_SEED, "seed must not be negative")
     stop = parameters.stop
     if len(stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_STRING_CHARS for s in stop):
         raise invalid_argument(
-            "INVALID_STOP",
+            Reason.INVALID_STOP,
             f"at most {MAX_STOP_STRINGS} non-empty stop strings of at most "
             f"{MAX_STOP_STRING_CHARS} characters",
         )

@@ -23,6 +23,7 @@ from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
 from meshgate.config import CacheSettings
 from meshgate.errors import invalid_argument
+from meshgate.reasons import Reason
 from services.cache import keys
 from services.cache.embedder import Embedder
 from services.cache.index import IndexRegistry, Match, VectorIndex
@@ -49,15 +50,15 @@ def _now_ms() -> int:
 
 def _partition(scope: pb.CacheScope) -> keys.Partition:
     if not scope.tenant_id:
-        raise invalid_argument("MISSING_TENANT", "scope.tenant_id is required")
+        raise invalid_argument(Reason.TENANT_REQUIRED, "scope.tenant_id is required")
     if not scope.model:
-        raise invalid_argument("MISSING_MODEL", "scope.model is required")
+        raise invalid_argument(Reason.MISSING_MODEL, "scope.model is required")
     return keys.partition(scope)
 
 
 def _require_messages(messages) -> None:
     if not messages:
-        raise invalid_argument("MISSING_MESSAGES", "messages must not be empty")
+        raise invalid_argument(Reason.EMPTY_MESSAGES, "messages must not be empty")
 
 
 class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
@@ -110,9 +111,9 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         messages = request.messages
         _require_messages(messages)
         if not request.HasField("answer"):
-            raise invalid_argument("MISSING_ANSWER", "answer is required")
+            raise invalid_argument(Reason.MISSING_ANSWER, "answer is required")
         if request.ttl_seconds < 0:
-            raise invalid_argument("INVALID_TTL", "ttl_seconds must not be negative")
+            raise invalid_argument(Reason.INVALID_TTL, "ttl_seconds must not be negative")
         ttl_ms = (request.ttl_seconds or self._settings.ttl_s) * 1000
         entry_id = keys.entry_id(partition, messages)
         answer = request.answer.SerializeToString()
@@ -145,7 +146,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         self, request: pb.InvalidateRequest, context: grpc.aio.ServicerContext
     ) -> pb.InvalidateResponse:
         if not request.tenant_id:
-            raise invalid_argument("MISSING_TENANT", "tenant_id is required")
+            raise invalid_argument(Reason.TENANT_REQUIRED, "tenant_id is required")
         prefix = keys.tenant_prefix(request.tenant_id, request.model)
         removed = await self._store.invalidate(prefix)
         # After the deletion, so that no index reloaded during the scan keeps
@@ -172,7 +173,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         partition = _partition(request.scope)
         _require_messages(request.messages)
         if not keys.is_entry_id(request.entry_id):
-            raise invalid_argument("INVALID_ENTRY_ID", "entry_id must be a LookupResponse.entry_id")
+            raise invalid_argument(Reason.INVALID_ENTRY_ID, "entry_id must be a LookupResponse.entry_id")
         # A semantic hit comes from the sub-partition of the lookup's earlier
         # messages, so that is where the entry and its neighbours live.
         context_id = keys.context_id(partition, request.messages[:-1], self._settings.embedding_model)

@@ -28,6 +28,7 @@ import struct
 import redis.asyncio as redis
 
 from meshgate.errors import MeshgateError, unavailable
+from meshgate.reasons import Reason
 from meshgate.redis_access import CONNECTION_ERRORS
 from services.cache import keys
 from services.cache.keys import Partition
@@ -103,7 +104,7 @@ def split_payload(payload: bytes, dimensions: int) -> tuple[bytes, str] | None:
 
 
 def _unavailable(error: Exception) -> MeshgateError:
-    return unavailable("REDIS_UNAVAILABLE", f"cache store unavailable: {error}")
+    return unavailable(Reason.REDIS_UNAVAILABLE, f"cache store unavailable: {error}")
 
 
 def live_answer(value: bytes | None, now_ms: int) -> bytes | None:

@@ -12,6 +12,7 @@ import dataclasses
 from meshgate.common.v1 import common_pb2
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import invalid_argument
+from meshgate.reasons import Reason
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -64,7 +65,7 @@ def assemble(
     )
     if required > budget:
         raise invalid_argument(
-            "CONTEXT_WINDOW_EXCEEDED",
+            Reason.CONTEXT_WINDOW_EXCEEDED,
             f"the new messages and the session's system messages, as the chat template renders them,"
             f" need {required} tokens, more than the budget of {budget}",
             tokens=str(required),

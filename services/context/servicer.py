@@ -13,6 +13,7 @@ from meshgate.config import ModelSettings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import invalid_argument, not_found
+from meshgate.reasons import Reason
 from services.context import assembly
 from services.context.store import SessionStore, StoredSession
 from services.context.token_counts import PromptCounter
@@ -32,31 +33,33 @@ _ROLES = frozenset((common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROL
 
 def _check_tenant(tenant_id: str) -> None:
     if not tenant_id:
-        raise invalid_argument("TENANT_REQUIRED", "tenant_id is required")
+        raise invalid_argument(Reason.TENANT_REQUIRED, "tenant_id is required")
 
 
 def _check_session_id(session_id: str) -> None:
     if not _SESSION_ID.fullmatch(session_id):
         raise invalid_argument(
-            "INVALID_SESSION_ID", "session_id must be 1 to 128 characters of [A-Za-z0-9_-]"
+            Reason.INVALID_SESSION_ID, "session_id must be 1 to 128 characters of [A-Za-z0-9_-]"
         )
 
 
 def _check_messages(messages: list[common_pb2.Message], field: str) -> None:
     if len(messages) > MAX_MESSAGES_PER_CALL:
         raise invalid_argument(
-            "TOO_MANY_MESSAGES",
+            Reason.TOO_MANY_MESSAGES,
             f"{field} has {len(messages)} messages, more than {MAX_MESSAGES_PER_CALL}",
             limit=str(MAX_MESSAGES_PER_CALL),
         )
     for index, message in enumerate(messages):
         if message.role not in _ROLES:
-            raise invalid_argument("INVALID_ROLE", f"{field}[{index}] has no valid role", index=str(index))
+            raise invalid_argument(
+                Reason.INVALID_ROLE, f"{field}[{index}] has no valid role", index=str(index)
+            )
         # A character is at least one UTF-8 byte: long text fails without encoding.
         content = message.content
         if len(content) > MAX_CONTENT_BYTES or len(content.encode()) > MAX_CONTENT_BYTES:
             raise invalid_argument(
-                "MESSAGE_TOO_LARGE",
+                Reason.MESSAGE_TOO_LARGE,
                 f"{field}[{index}] is larger than {MAX_CONTENT_BYTES} bytes",
                 index=str(index),
                 limit=str(MAX_CONTENT_BYTES),
@@ -115,13 +118,13 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         _check_tenant(request.tenant_id)
         _check_session_id(request.session_id)
         if request.expected_version < 0:
-            raise invalid_argument("INVALID_VERSION", "expected_version must not be negative")
+            raise invalid_argument(Reason.INVALID_VERSION, "expected_version must not be negative")
         if len(request.turn_id.encode()) > MAX_TURN_ID_BYTES:
             raise invalid_argument(
-                "INVALID_TURN_ID", f"turn_id is longer than {MAX_TURN_ID_BYTES} bytes"
+                Reason.INVALID_TURN_ID, f"turn_id is longer than {MAX_TURN_ID_BYTES} bytes"
             )
         if not request.messages:
-            raise invalid_argument("NO_MESSAGES", "messages must not be empty")
+            raise invalid_argument(Reason.EMPTY_MESSAGES, "messages must not be empty")
         turns = list(request.messages)
         _check_messages(turns, "messages")
         token_counts = {c.id: await c.count(turns) for c in self._distinct_counters}
@@ -144,12 +147,12 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             _check_session_id(request.session_id)
         model = self._models.get(request.model)
         if model is None:
-            raise not_found("MODEL_NOT_FOUND", f"no model {request.model!r}", model=request.model)
+            raise not_found(Reason.MODEL_NOT_FOUND, f"no model {request.model!r}", model=request.model)
         if request.max_prompt_tokens <= 0:
-            raise invalid_argument("INVALID_TOKEN_BUDGET", "max_prompt_tokens must be positive")
+            raise invalid_argument(Reason.INVALID_TOKEN_BUDGET, "max_prompt_tokens must be positive")
         new_messages = list(request.new_messages)
         if not new_messages and not request.session_id:
-            raise invalid_argument("NO_MESSAGES", "nothing to assemble: no session, no messages")
+            raise invalid_argument(Reason.EMPTY_MESSAGES, "nothing to assemble: no session, no messages")
         _check_messages(new_messages, "new_messages")
 
         counter = self._counters[request.model]

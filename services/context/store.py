@@ -34,6 +34,7 @@ import structlog
 from meshgate import redis_access
 from meshgate.common.v1 import common_pb2
 from meshgate.errors import MeshgateError, not_found, unavailable
+from meshgate.reasons import Reason
 
 log = structlog.get_logger(__name__)
 
@@ -126,7 +127,7 @@ def _unpack(data: bytes) -> list[int]:
 
 
 def _session_not_found(session_id: str) -> MeshgateError:
-    return not_found("SESSION_NOT_FOUND", f"no session {session_id!r}", session_id=session_id)
+    return not_found(Reason.SESSION_NOT_FOUND, f"no session {session_id!r}", session_id=session_id)
 
 
 @contextlib.contextmanager
@@ -137,7 +138,7 @@ def _redis_reachable():
         yield
     except redis_access.CONNECTION_ERRORS as error:
         log.warning("redis unavailable", error=str(error))
-        raise unavailable("REDIS_UNAVAILABLE", f"session store unavailable: {error}") from error
+        raise unavailable(Reason.REDIS_UNAVAILABLE, f"session store unavailable: {error}") from error
 
 
 class SessionStore:
@@ -155,7 +156,7 @@ class SessionStore:
         if now is None:
             raise MeshgateError(
                 grpc.StatusCode.ALREADY_EXISTS,
-                "SESSION_EXISTS",
+                Reason.SESSION_EXISTS,
                 f"session {session_id!r} already exists",
                 {"session_id": session_id},
             )
@@ -208,7 +209,7 @@ class SessionStore:
             current = str(outcome[1])
             raise MeshgateError(
                 grpc.StatusCode.ABORTED,
-                "VERSION_CONFLICT",
+                Reason.VERSION_CONFLICT,
                 f"session {session_id!r} is at version {current}, not {expected_version}",
                 {"current_version": current},
             )

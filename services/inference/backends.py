@@ -11,6 +11,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from meshgate import serving
 from meshgate.errors import unavailable
+from meshgate.reasons import Reason
 
 log = structlog.get_logger(__name__)
 
@@ -96,7 +97,9 @@ class BackendPool:
     def choose(self, model: str, exclude: frozenset[str] = frozenset()) -> TritonBackend:
         candidates = [b for b in self.backends if model in b.ready_models and b.address not in exclude]
         if not candidates:
-            raise unavailable("NO_READY_BACKEND", f"no Triton server has model {model!r} ready", model=model)
+            raise unavailable(
+                Reason.NO_READY_BACKEND, f"no Triton server has model {model!r} ready", model=model
+            )
         # Rotating the start spreads ties instead of always loading the first.
         start = next(self._tie_breaker) % len(candidates)
         rotated = candidates[start:] + candidates[:start]

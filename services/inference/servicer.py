@@ -14,6 +14,7 @@ from meshgate.config import InferenceSettings
 from meshgate.errors import MeshgateError, from_rpc_error, invalid_argument, not_found, partly_delivered
 from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
+from meshgate.reasons import Reason
 from services.inference import triton_protocol, validation
 from services.inference.backends import BackendPool, TritonBackend
 from services.inference.embedding_input import EmbeddingTruncator
@@ -40,9 +41,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         served = self._settings.models.get(request.model)
         if served is None:
-            raise not_found("MODEL_NOT_FOUND", f"model {request.model!r} is not served here")
+            raise not_found(Reason.MODEL_NOT_FOUND, f"model {request.model!r} is not served here")
         if not request.messages:
-            raise invalid_argument("EMPTY_MESSAGES", "messages must not be empty")
+            raise invalid_argument(Reason.EMPTY_MESSAGES, "messages must not be empty")
         max_tokens = validation.check_generation(request.parameters, served, DEFAULT_MAX_TOKENS)
         prompt = triton_protocol.render_chat(request.messages, served.chat_template)
         validation.check_prompt(prompt, self._settings)
@@ -64,7 +65,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 if error.code() == grpc.StatusCode.UNAVAILABLE and not stream.started:
                     log.warning("triton unavailable, trying another", backend=backend.address)
                     continue
-                failure = triton_failure(error, served.triton_model, "INVALID_GENERATION_REQUEST")
+                failure = triton_failure(error, served.triton_model, Reason.INVALID_GENERATION_REQUEST)
                 raise _with_progress(failure, stream) from error
             except MeshgateError as failure:
                 _with_progress(failure, stream)
@@ -89,14 +90,14 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 triton_protocol.embed_request(model, texts, timeout), timeout=timeout
             )
         except grpc.aio.AioRpcError as error:
-            raise triton_failure(error, model, "INVALID_EMBEDDING_REQUEST") from error
+            raise triton_failure(error, model, Reason.INVALID_EMBEDDING_REQUEST) from error
         finally:
             backend.in_flight -= 1
         shape = list(response.outputs[0].shape)
         raw = response.raw_output_contents[0]
         if shape[0] != len(texts) or len(raw) != np.prod(shape) * 4:
             raise MeshgateError(
-                grpc.StatusCode.INTERNAL, "BAD_EMBEDDING", f"embedding model returned shape {shape}"
+                grpc.StatusCode.INTERNAL, Reason.BAD_EMBEDDING, f"embedding model returned shape {shape}"
             )
         return int(shape[-1]), raw
 
@@ -172,7 +173,7 @@ class _TritonStream:
                     # _TRITON_STATUS_CODES): the message alone cannot say whose fault it was.
                     raise MeshgateError(
                         grpc.StatusCode.INTERNAL,
-                        "MODEL_ERROR",
+                        Reason.MODEL_ERROR,
                         f"Triton: {message.error_message}",
                         {"backend": backend.address},
                     )
@@ -203,7 +204,7 @@ class _TritonStream:
             if not final_seen:
                 raise MeshgateError(
                     grpc.StatusCode.UNAVAILABLE,
-                    "STREAM_ENDED_EARLY",
+                    Reason.STREAM_ENDED_EARLY,
                     "Triton closed the stream before the final response",
                     {"backend": backend.address},
                 )
@@ -228,9 +229,11 @@ def triton_failure(error: grpc.aio.AioRpcError, model: str, invalid_reason: str)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return invalid_argument(invalid_reason, details, model=model)
     if code == grpc.StatusCode.CANCELLED:
-        return MeshgateError(code, "TRITON_CANCELLED", "the request was cancelled", {"model": model})
+        return MeshgateError(code, Reason.TRITON_CANCELLED, "the request was cancelled", {"model": model})
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return MeshgateError(code, "DEADLINE_EXCEEDED", "the deadline passed before Triton answered")
+        return MeshgateError(code, Reason.DEADLINE_EXCEEDED, "the deadline passed before Triton answered")
     if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and details:
-        return MeshgateError(grpc.StatusCode.INTERNAL, "MODEL_ERROR", f"Triton: {details}", {"model": model})
+        return MeshgateError(
+            grpc.StatusCode.INTERNAL, Reason.MODEL_ERROR, f"Triton: {details}", {"model": model}
+        )
     return from_rpc_error(error, "triton")

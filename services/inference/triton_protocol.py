@@ -18,6 +18,7 @@ from tritonclient.grpc import service_pb2
 from meshgate import tokenization
 from meshgate.common.v1 import common_pb2
 from meshgate.errors import invalid_argument
+from meshgate.reasons import Reason
 
 _TRUE = b"\x01"
 _FINAL_FLAG = "triton_final_response"
@@ -36,7 +37,7 @@ def render_chat(messages, chat_template: str = "") -> str:
         return tokenization.load_chat_template(chat_template).render_messages(messages)
     except jinja2.TemplateError as error:
         reason = f"the model's chat template refused the conversation: {error}"
-        raise invalid_argument("CHAT_TEMPLATE_REJECTED", reason) from error
+        raise invalid_argument(Reason.CHAT_TEMPLATE_REJECTED, reason) from error
 
 
 def sampling_parameters(parameters: common_pb2.GenerationParameters, default_max_tokens: int) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from meshgate.common.v1 import common_pb2
 from meshgate.config import InferenceSettings, ServedModelSettings
 from meshgate.errors import invalid_argument
+from meshgate.reasons import Reason
 from meshgate.sampling import check_sampling
 
 
@@ -27,10 +28,10 @@ def check_generation(
     if parameters.HasField("max_tokens"):
         max_tokens = parameters.max_tokens
         if max_tokens <= 0:
-            raise invalid_argument("INVALID_MAX_TOKENS", "max_tokens must be positive")
+            raise invalid_argument(Reason.INVALID_MAX_TOKENS, "max_tokens must be positive")
         if max_tokens > largest:
             raise invalid_argument(
-                "MAX_TOKENS_TOO_LARGE", f"max_tokens may be at most {largest}", limit=str(largest)
+                Reason.MAX_TOKENS_TOO_LARGE, f"max_tokens may be at most {largest}", limit=str(largest)
             )
     check_sampling(parameters)
     return max_tokens
@@ -41,19 +42,19 @@ def check_prompt(prompt: str, settings: InferenceSettings) -> None:
     # len(str) <= UTF-8 length, so the cheap test settles most oversize prompts.
     if len(prompt) > limit or len(prompt.encode()) > limit:
         raise invalid_argument(
-            "PROMPT_TOO_LARGE", f"the rendered prompt is larger than {limit} bytes", limit=str(limit)
+            Reason.PROMPT_TOO_LARGE, f"the rendered prompt is larger than {limit} bytes", limit=str(limit)
         )
 
 
 def check_embed_texts(texts, settings: InferenceSettings) -> None:
     if not texts:
-        raise invalid_argument("EMPTY_TEXTS", "texts must not be empty")
+        raise invalid_argument(Reason.EMPTY_TEXTS, "texts must not be empty")
     if len(texts) > settings.max_embed_texts:
         limit = str(settings.max_embed_texts)
-        raise invalid_argument("TOO_MANY_TEXTS", f"at most {limit} texts per call", limit=limit)
+        raise invalid_argument(Reason.TOO_MANY_TEXTS, f"at most {limit} texts per call", limit=limit)
     limit = settings.max_embed_text_bytes
     for index, text in enumerate(texts):
         if len(text) > limit or len(text.encode()) > limit:
             raise invalid_argument(
-                "TEXT_TOO_LARGE", f"texts[{index}] is larger than {limit} bytes", limit=str(limit)
+                Reason.TEXT_TOO_LARGE, f"texts[{index}] is larger than {limit} bytes", limit=str(limit)
             )

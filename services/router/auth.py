@@ -9,6 +9,7 @@ import structlog
 
 from meshgate.config import RouterSettings, hash_api_key
 from meshgate.errors import MeshgateError
+from meshgate.reasons import Reason
 
 _BEARER = "bearer "
 
@@ -44,10 +45,10 @@ class Authenticator:
                 header = value
                 break
         if not header:
-            raise _unauthenticated("API_KEY_MISSING", "send 'authorization: Bearer <api key>'")
+            raise _unauthenticated(Reason.API_KEY_MISSING, "send 'authorization: Bearer <api key>'")
         if not header[: len(_BEARER)].lower() == _BEARER:
-            raise _unauthenticated("UNSUPPORTED_AUTH_SCHEME", "the authorization scheme must be Bearer")
+            raise _unauthenticated(Reason.UNSUPPORTED_AUTH_SCHEME, "the authorization scheme must be Bearer")
         tenant = self._tenants_by_key_hash.get(hash_api_key(header[len(_BEARER) :].strip()))
         if tenant is None:
-            raise _unauthenticated("API_KEY_INVALID", "the API key is not valid")
+            raise _unauthenticated(Reason.API_KEY_INVALID, "the API key is not valid")
         return tenant

@@ -24,6 +24,7 @@ from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.errors import MeshgateError, from_rpc_error, internal_error, partly_delivered, unavailable
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.mesh_auth import TenantTokens
+from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router.auth import Authenticator, Tenant
@@ -247,7 +248,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 raise partly_delivered(
                     MeshgateError(
                         grpc.StatusCode.UNAVAILABLE,
-                        "GENERATION_INCOMPLETE",
+                        Reason.STREAM_ENDED_EARLY,
                         "the inference stream ended without a completion",
                         {"deployment": deployment.name},
                     ),
@@ -259,7 +260,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             answer.deployment = deployment.name
             return
         detail = last_error.details() if last_error else "no deployment configured"
-        raise unavailable("NO_DEPLOYMENT_AVAILABLE", f"no deployment of {alias!r} could serve: {detail}")
+        raise unavailable(Reason.NO_DEPLOYMENT_AVAILABLE, f"no deployment of {alias!r} could serve: {detail}")
 
     def _timeout(self, context) -> float:
         """The downstream budget, never past the caller's own deadline."""
@@ -378,7 +379,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
 def _version_conflict(session_id: str, current_version: int) -> MeshgateError:
     return MeshgateError(
         grpc.StatusCode.ABORTED,
-        "VERSION_CONFLICT",
+        Reason.VERSION_CONFLICT,
         "the session is not at the expected version",
         {"session_id": session_id, "current_version": str(current_version)},
     )

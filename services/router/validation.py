@@ -7,6 +7,7 @@ import grpc
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, RouterSettings
 from meshgate.errors import MeshgateError, invalid_argument, not_found
+from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2
 from meshgate.sampling import check_sampling
 from services.router.auth import Tenant
@@ -18,11 +19,11 @@ _CACHE_POLICIES = frozenset(router_service_pb2.CachePolicy.values())
 def resolve_model(alias: str, tenant: Tenant, models: dict[str, ModelSettings]) -> ModelSettings:
     model = models.get(alias)
     if not alias or model is None:
-        raise not_found("MODEL_NOT_FOUND", f"unknown model {alias!r}", model=alias)
+        raise not_found(Reason.MODEL_NOT_FOUND, f"unknown model {alias!r}", model=alias)
     if not tenant.may_use(alias):
         raise MeshgateError(
             grpc.StatusCode.PERMISSION_DENIED,
-            "MODEL_NOT_ALLOWED",
+            Reason.MODEL_NOT_ALLOWED,
             f"tenant may not use model {alias!r}",
             {"model": alias},
         )
@@ -33,35 +34,35 @@ def check_turn(turn, model: ModelSettings, settings: RouterSettings) -> int:
     """Validates messages and parameters; returns the max_tokens to use."""
     messages = turn.messages
     if not messages:
-        raise invalid_argument("EMPTY_MESSAGES", "messages must not be empty")
+        raise invalid_argument(Reason.EMPTY_MESSAGES, "messages must not be empty")
     if len(messages) > settings.max_messages:
-        raise invalid_argument("TOO_MANY_MESSAGES", f"at most {settings.max_messages} messages per turn")
+        raise invalid_argument(Reason.TOO_MANY_MESSAGES, f"at most {settings.max_messages} messages per turn")
     limit = settings.max_message_bytes
     for index, message in enumerate(messages):
         if message.role not in _VALID_ROLES:
-            raise invalid_argument("INVALID_ROLE", f"messages[{index}] has no valid role")
+            raise invalid_argument(Reason.INVALID_ROLE, f"messages[{index}] has no valid role")
         # len(str) <= UTF-8 length, so the cheap test rejects most oversize input first.
         if len(message.content) > limit or len(message.content.encode()) > limit:
             raise invalid_argument(
-                "MESSAGE_TOO_LARGE",
+                Reason.MESSAGE_TOO_LARGE,
                 f"messages[{index}] is larger than {limit} bytes",
                 limit=str(limit),
             )
     if messages[-1].role != common_pb2.ROLE_USER:
-        raise invalid_argument("LAST_MESSAGE_NOT_USER", "the last message must be the user's")
+        raise invalid_argument(Reason.LAST_MESSAGE_NOT_USER, "the last message must be the user's")
 
     if turn.cache_policy not in _CACHE_POLICIES:
-        raise invalid_argument("INVALID_CACHE_POLICY", f"unknown cache_policy {turn.cache_policy}")
+        raise invalid_argument(Reason.INVALID_CACHE_POLICY, f"unknown cache_policy {turn.cache_policy}")
 
     parameters = turn.parameters
     max_tokens = model.default_max_tokens
     if parameters.HasField("max_tokens"):
         max_tokens = parameters.max_tokens
         if max_tokens <= 0:
-            raise invalid_argument("INVALID_MAX_TOKENS", "max_tokens must be positive")
+            raise invalid_argument(Reason.INVALID_MAX_TOKENS, "max_tokens must be positive")
         if max_tokens > model.max_output_tokens:
             raise invalid_argument(
-                "MAX_TOKENS_TOO_LARGE",
+                Reason.MAX_TOKENS_TOO_LARGE,
                 f"max_tokens may be at most {model.max_output_tokens}",
                 limit=str(model.max_output_tokens),
             )

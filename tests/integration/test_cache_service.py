@@ -204,7 +204,7 @@ async def test_stats_count_every_outcome(stub, settings, tenant):
 
 async def test_invalid_requests_are_rejected_with_a_reason(stub):
     no_tenant = pb.LookupRequest(scope=pb.CacheScope(model="m"), messages=conversation("q"))
-    assert await failure(stub.Lookup(no_tenant)) == (grpc.StatusCode.INVALID_ARGUMENT, "MISSING_TENANT")
+    assert await failure(stub.Lookup(no_tenant)) == (grpc.StatusCode.INVALID_ARGUMENT, "TENANT_REQUIRED")
     no_model = pb.StoreRequest(
         scope=pb.CacheScope(tenant_id="t"), messages=conversation("q"), answer=pb.CachedAnswer()
     )

@@ -303,7 +303,7 @@ async def test_invalid_appends_are_rejected(stub, tenant) -> None:
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         return reason
 
-    assert await reason_of([]) == "NO_MESSAGES"
+    assert await reason_of([]) == "EMPTY_MESSAGES"
     assert await reason_of([msg(USER, "ok"), msg(common_pb2.ROLE_UNSPECIFIED, "x")]) == "INVALID_ROLE"
     assert await reason_of([msg(USER, "a" * (1024 * 1024 + 1))]) == "MESSAGE_TOO_LARGE"
     # Under the limit in characters, over it in UTF-8 bytes.
@@ -519,7 +519,7 @@ async def test_invalid_assembly_requests(stub, tenant) -> None:
         (
             pb.AssembleContextRequest(tenant_id=tenant, model=MODEL, max_prompt_tokens=50),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "NO_MESSAGES",
+            "EMPTY_MESSAGES",
         ),
         (
             pb.AssembleContextRequest(

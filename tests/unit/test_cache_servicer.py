@@ -280,9 +280,9 @@ async def test_redis_down_is_unavailable(embedder):
 @pytest.mark.parametrize(
     ("request_", "reason"),
     [
-        (pb.LookupRequest(scope=pb.CacheScope(model="m"), messages=conversation("q")), "MISSING_TENANT"),
+        (pb.LookupRequest(scope=pb.CacheScope(model="m"), messages=conversation("q")), "TENANT_REQUIRED"),
         (pb.LookupRequest(scope=pb.CacheScope(tenant_id="t"), messages=conversation("q")), "MISSING_MODEL"),
-        (pb.LookupRequest(scope=pb.CacheScope(tenant_id="t", model="m")), "MISSING_MESSAGES"),
+        (pb.LookupRequest(scope=pb.CacheScope(tenant_id="t", model="m")), "EMPTY_MESSAGES"),
         (
             pb.StoreRequest(scope=pb.CacheScope(tenant_id="t", model="m"), messages=conversation("q")),
             "MISSING_ANSWER",
@@ -296,7 +296,7 @@ async def test_redis_down_is_unavailable(embedder):
             ),
             "INVALID_TTL",
         ),
-        (pb.InvalidateRequest(model="m"), "MISSING_TENANT"),
+        (pb.InvalidateRequest(model="m"), "TENANT_REQUIRED"),
     ],
 )
 async def test_invalid_requests(cache, request_, reason):

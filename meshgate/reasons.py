@@ -1,0 +1,188 @@
+"""Every ErrorInfo reason meshgate sends, spelled once.
+
+A reason is the machine-readable half of a failure (AIP-193): callers branch
+on it, so one failure has one reason in every service. Each member is
+documented by the string under it; the README's errors table lists the ones
+a router caller meets, with compatibility notes for reasons that were merged.
+New reasons go here, never as string literals at the raise.
+
+``Reason`` is a ``StrEnum``: a member is the string it names, so it goes into
+``ErrorInfo.reason`` as is and compares equal to the string a client reads.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Reason(enum.StrEnum):
+    @staticmethod
+    def _generate_next_value_(name: str, start: int, count: int, last_values: list) -> str:
+        # StrEnum's auto() would lower-case the name; a reason is its name.
+        return name
+
+    # --- who is calling (UNAUTHENTICATED, PERMISSION_DENIED) ---------------
+    API_KEY_MISSING = enum.auto()
+    """The call carries no 'authorization: Bearer <key>' header."""
+
+    UNSUPPORTED_AUTH_SCHEME = enum.auto()
+    """The authorization header is not a Bearer token."""
+
+    API_KEY_INVALID = enum.auto()
+    """The API key belongs to no tenant."""
+
+    MODEL_NOT_ALLOWED = enum.auto()
+    """The tenant may not use this model."""
+
+    PEER_NOT_ALLOWED = enum.auto()
+    """The mesh peer's certificate names a service not allowed to call this one."""
+
+    METHOD_NOT_ALLOWED = enum.auto()
+    """The mesh peer may not call this method."""
+
+    TENANT_TOKEN_MISSING = enum.auto()
+    """An internal call carries no router-signed tenant token."""
+
+    TENANT_TOKEN_INVALID = enum.auto()
+    """The tenant token is forged, expired or for another service."""
+
+    TENANT_MISMATCH = enum.auto()
+    """The request names another tenant than its tenant token."""
+
+    # --- the request itself (INVALID_ARGUMENT) -----------------------------
+    MALFORMED_REQUEST = enum.auto()
+    """The bytes are not a valid message (strings must be UTF-8)."""
+
+    EMPTY_MESSAGES = enum.auto()
+    """The request has no messages (was also NO_MESSAGES in context, MISSING_MESSAGES in cache)."""
+
+    TOO_MANY_MESSAGES = enum.auto()
+    """More messages than the service accepts in one request."""
+
+    INVALID_ROLE = enum.auto()
+    """A message has no valid role."""
+
+    MESSAGE_TOO_LARGE = enum.auto()
+    """A message's content is larger than the configured limit."""
+
+    LAST_MESSAGE_NOT_USER = enum.auto()
+    """The last message of a turn is not the user's."""
+
+    INVALID_CACHE_POLICY = enum.auto()
+    """cache_policy is not a known value."""
+
+    INVALID_MAX_TOKENS = enum.auto()
+    """max_tokens is zero or negative."""
+
+    MAX_TOKENS_TOO_LARGE = enum.auto()
+    """max_tokens is above the model's output limit."""
+
+    INVALID_TEMPERATURE = enum.auto()
+    """temperature is negative, too large, NaN or infinite."""
+
+    INVALID_TOP_P = enum.auto()
+    """top_p is outside (0, 1] or not a number."""
+
+    INVALID_SEED = enum.auto()
+    """seed is negative."""
+
+    INVALID_STOP = enum.auto()
+    """Too many stop sequences, or one empty or too long."""
+
+    TENANT_REQUIRED = enum.auto()
+    """An internal request names no tenant (was also MISSING_TENANT in cache)."""
+
+    MISSING_MODEL = enum.auto()
+    """A cache request names no model."""
+
+    MISSING_ANSWER = enum.auto()
+    """A cache store carries no answer text."""
+
+    INVALID_TTL = enum.auto()
+    """A cache entry's time to live is negative."""
+
+    INVALID_ENTRY_ID = enum.auto()
+    """The cache entry id is not one the cache issues."""
+
+    INVALID_SESSION_ID = enum.auto()
+    """The session id is not one the context service issues."""
+
+    INVALID_VERSION = enum.auto()
+    """A session version is negative."""
+
+    INVALID_TURN_ID = enum.auto()
+    """A turn id is empty or too long."""
+
+    INVALID_TOKEN_BUDGET = enum.auto()
+    """The prompt token budget is zero or negative."""
+
+    EMPTY_TEXTS = enum.auto()
+    """An embedding request has no texts."""
+
+    TOO_MANY_TEXTS = enum.auto()
+    """An embedding request has more texts than the limit."""
+
+    TEXT_TOO_LARGE = enum.auto()
+    """A text to embed is larger than the limit."""
+
+    PROMPT_TOO_LARGE = enum.auto()
+    """The rendered prompt does not fit the model's window with max_tokens."""
+
+    CONTEXT_WINDOW_EXCEEDED = enum.auto()
+    """The new messages alone do not fit the model's window."""
+
+    CHAT_TEMPLATE_REJECTED = enum.auto()
+    """The model's chat template refuses this conversation."""
+
+    INVALID_GENERATION_REQUEST = enum.auto()
+    """The model refused the generation request; the message says why."""
+
+    INVALID_EMBEDDING_REQUEST = enum.auto()
+    """The embedding model refused the request; the message says why."""
+
+    # --- what the request names (NOT_FOUND, ALREADY_EXISTS, ABORTED) -------
+    MODEL_NOT_FOUND = enum.auto()
+    """No model of that name is configured."""
+
+    SESSION_NOT_FOUND = enum.auto()
+    """No such session for this tenant (also another tenant's session)."""
+
+    SESSION_EXISTS = enum.auto()
+    """A session with this id already exists."""
+
+    VERSION_CONFLICT = enum.auto()
+    """The session is not at the expected version (metadata current_version)."""
+
+    # --- the mesh (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED): retryable ---
+    NO_DEPLOYMENT_AVAILABLE = enum.auto()
+    """No deployment of the model could take the request."""
+
+    NO_READY_BACKEND = enum.auto()
+    """No Triton server is ready for the model."""
+
+    REDIS_UNAVAILABLE = enum.auto()
+    """Redis cannot be reached."""
+
+    STREAM_ENDED_EARLY = enum.auto()
+    """A generation stream ended before its final message (was also GENERATION_INCOMPLETE
+    in the router); delivered_* metadata says how much went out."""
+
+    DOWNSTREAM_FAILED = enum.auto()
+    """A call to another service failed without a meshgate status (a transport failure);
+    metadata ``service`` and ``code`` name it (was <SERVICE>_<CODE>, e.g. CONTEXT_UNAVAILABLE)."""
+
+    DEADLINE_EXCEEDED = enum.auto()
+    """The caller's deadline passed before Triton answered."""
+
+    TRITON_CANCELLED = enum.auto()
+    """Triton cancelled the request."""
+
+    # --- ours (INTERNAL) ---------------------------------------------------
+    INTERNAL = enum.auto()
+    """A bug; its details are in the service's log, not in the status."""
+
+    MODEL_ERROR = enum.auto()
+    """The model failed inside Triton; the message is the model's."""
+
+    BAD_EMBEDDING = enum.auto()
+    """The embedding model answered with the wrong shape."""
