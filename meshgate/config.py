@@ -17,6 +17,7 @@ import hashlib
 import os
 import pathlib
 import tomllib
+import types
 import typing
 from typing import Any
 
@@ -86,6 +87,15 @@ class ModelSettings:
     # context service counts exactly the prompt the model will see.
     chat_template: str = ""
     deployments: list[DeploymentSettings] = dataclasses.field(default_factory=lambda: [DeploymentSettings()])
+    # How the context service chooses older turns when a request names no
+    # strategy: "adaptive" (recent, then relevant) or "newest" (newest that fit).
+    assembly_strategy: str = "adaptive"
+
+    def __post_init__(self) -> None:
+        if self.assembly_strategy not in ("adaptive", "newest"):
+            raise ConfigError(
+                f"assembly_strategy must be 'adaptive' or 'newest', got {self.assembly_strategy!r}"
+            )
 
 
 def _default_models() -> dict[str, ModelSettings]:
@@ -104,6 +114,68 @@ def _default_models() -> dict[str, ModelSettings]:
     }
 
 
+# Names of the limits in LimitSettings, as ErrorInfo and fail_closed spell them.
+LIMIT_NAMES = (
+    "requests_per_minute",
+    "tokens_per_minute",
+    "concurrent_streams",
+    "tokens_per_day",
+    "tokens_per_month",
+    "cost_usd_per_day",
+    "cost_usd_per_month",
+)
+
+
+@dataclasses.dataclass
+class LimitSettings:
+    """Limits of one scope (a tenant, an API key or a model alias), enforced
+    across every router replica (services/router/admission.py). An unset
+    limit does not apply; a set one must be positive."""
+
+    requests_per_minute: int | None = None
+    # Prompt tokens plus max_tokens are reserved at admission and settled
+    # to the real usage when the turn ends.
+    tokens_per_minute: int | None = None
+    concurrent_streams: int | None = None
+    # Budgets per UTC calendar day and month.
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    cost_usd_per_day: float | None = None
+    cost_usd_per_month: float | None = None
+    # Limits refused while Redis is unreachable; every other limit is
+    # waived then (fail open), so an outage of the counters is not an
+    # outage of the gateway.
+    fail_closed: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in LIMIT_NAMES:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"{name} must be positive (leave it out for no limit), got {value!r}")
+        unknown = set(self.fail_closed) - set(LIMIT_NAMES)
+        if unknown:
+            raise ConfigError(f"fail_closed names unknown limit(s) {sorted(unknown)}")
+
+    def configured(self) -> bool:
+        return any(getattr(self, name) is not None for name in LIMIT_NAMES)
+
+
+@dataclasses.dataclass
+class PriceSettings:
+    """What a model alias costs, in US dollars per million tokens."""
+
+    prompt_usd_per_million: float = 0.0
+    completion_usd_per_million: float = 0.0
+    # The share of the full price a cache hit is billed (0: free, 1: full).
+    cache_hit_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.prompt_usd_per_million < 0 or self.completion_usd_per_million < 0:
+            raise ConfigError("prices must not be negative")
+        if not 0.0 <= self.cache_hit_fraction <= 1.0:
+            raise ConfigError(f"cache_hit_fraction must be within [0, 1], got {self.cache_hit_fraction}")
+
+
 @dataclasses.dataclass
 class TenantSettings:
     id: str = ""
@@ -111,6 +183,10 @@ class TenantSettings:
     api_key_sha256: list[str] = dataclasses.field(default_factory=list)
     # Model aliases the tenant may use; "*" allows all.
     models: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    # The tenant's limits, all its keys together.
+    limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
+    # Limits of each of its keys, each key on its own.
+    key_limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
 
 
 @dataclasses.dataclass
@@ -129,6 +205,14 @@ class RouterSettings:
     # generation; a caller's shorter deadline wins.
     downstream_timeout_s: float = 10.0
     max_generation_s: float = 300.0
+    # Limits per model alias, all tenants together (protecting its deployments).
+    model_limits: dict[str, LimitSettings] = dataclasses.field(default_factory=dict)
+    # Per model alias; an alias without prices costs nothing.
+    prices: dict[str, PriceSettings] = dataclasses.field(default_factory=dict)
+    # Usage records kept in the ledger's stream (older ones are trimmed; the
+    # daily aggregates are kept for usage_retention_days).
+    usage_stream_max_len: int = 1_000_000
+    usage_retention_days: int = 400
 
 
 @dataclasses.dataclass
@@ -136,6 +220,15 @@ class ContextSettings:
     listen: str = "127.0.0.1:50052"
     # Sessions untouched for this long expire; 0 keeps them forever.
     session_ttl_s: int = 7 * 24 * 3600
+    # The most turns a session may hold; an append past it is refused with
+    # RESOURCE_EXHAUSTED / SESSION_FULL. 0: no cap.
+    max_turns: int = 0
+    # Process memory for hot sessions' turns and counts (services/context/hot_cache.py).
+    hot_cache_bytes: int = 64 * 1024 * 1024
+    # Where turn and question embeddings come from (adaptive assembly).
+    inference_address: str = "127.0.0.1:50054"
+    # Adaptive assembly keeps up to this many newest turns whatever their relevance.
+    recency_floor_turns: int = 4
 
 
 @dataclasses.dataclass
@@ -224,7 +317,18 @@ def load_settings(
         with pathlib.Path(path).open("rb") as f:
             raw = tomllib.load(f)
     _apply_environment(raw, environ)
-    return _build(Settings, raw, "")
+    settings = _build(Settings, raw, "")
+    check_router_models(settings)
+    return settings
+
+
+def check_router_models(settings: Settings) -> None:
+    """Limits and prices may only name model aliases that exist: a typo would
+    otherwise silently leave a model unlimited or free."""
+    for section in ("model_limits", "prices"):
+        unknown = set(getattr(settings.router, section)) - set(settings.models)
+        if unknown:
+            raise ConfigError(f"router.{section}: unknown model alias(es) {sorted(unknown)}")
 
 
 def hash_api_key(key: str) -> str:
@@ -272,6 +376,10 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 
 def _convert(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin is types.UnionType:
+        # ``X | None``: TOML has no null, so a present value is an X.
+        (hint,) = (arg for arg in typing.get_args(hint) if arg is not type(None))
+        origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where + ".")
     if origin is list:

@@ -49,6 +49,7 @@ class MeshgateError(Exception):
         message: str,
         metadata: dict[str, str] | None = None,
         domain: str = DOMAIN,
+        details: collections.abc.Sequence[protobuf_message.Message] = (),
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -56,6 +57,8 @@ class MeshgateError(Exception):
         self.message = message
         self.metadata = metadata or {}
         self.domain = domain
+        # More google.rpc details after the ErrorInfo (QuotaFailure, RetryInfo).
+        self.details = list(details)
 
     def to_status_proto(self) -> status_pb2.Status:
         """The ``google.rpc.Status`` with its ErrorInfo, for carrying in a message."""
@@ -63,6 +66,8 @@ class MeshgateError(Exception):
         info = error_details_pb2.ErrorInfo(reason=self.reason, domain=self.domain, metadata=metadata)
         status = status_pb2.Status(code=self.code.value[0], message=_clip(self.message, _MAX_MESSAGE_CHARS))
         status.details.add().Pack(info)
+        for detail in self.details:
+            status.details.add().Pack(detail)
         return status
 
     def to_status(self) -> grpc.Status:

@@ -116,6 +116,12 @@ class Reason(enum.StrEnum):
     INVALID_TOKEN_BUDGET = enum.auto()
     """The prompt token budget is zero or negative."""
 
+    UNKNOWN_STRATEGY = enum.auto()
+    """An assembly request names a strategy this service does not know."""
+
+    INVALID_PIN = enum.auto()
+    """A pin names neither a turn nor a fact, or its fact is empty or too large."""
+
     EMPTY_TEXTS = enum.auto()
     """An embedding request has no texts."""
 
@@ -150,8 +156,27 @@ class Reason(enum.StrEnum):
     SESSION_EXISTS = enum.auto()
     """A session with this id already exists."""
 
+    PIN_TARGET_NOT_FOUND = enum.auto()
+    """A pin names a turn the session does not hold (metadata ``turns``: how many it holds)."""
+
+    PIN_UNAVAILABLE = enum.auto()
+    """This context service keeps no turn index, so it cannot pin."""
+
     VERSION_CONFLICT = enum.auto()
     """The session is not at the expected version (metadata current_version)."""
+
+    # --- limits (RESOURCE_EXHAUSTED; metadata ``limit`` and ``scope``) -----
+    RATE_LIMITED = enum.auto()
+    """A per-minute or concurrent-stream limit is reached; RetryInfo says when to retry."""
+
+    BUDGET_EXHAUSTED = enum.auto()
+    """A daily or monthly token or cost budget is spent; RetryInfo points at the period end."""
+
+    REQUEST_EXCEEDS_LIMIT = enum.auto()
+    """This request alone is larger than a limit: retrying cannot help."""
+
+    LIMITS_UNAVAILABLE = enum.auto()
+    """UNAVAILABLE: Redis is unreachable and a limit that applies is configured to fail closed."""
 
     # --- the mesh (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED): retryable ---
     NO_DEPLOYMENT_AVAILABLE = enum.auto()

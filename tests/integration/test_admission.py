@@ -1,0 +1,204 @@
+"""Admission control against a real Redis: exact limits shared by replicas,
+reservations settled, budgets rolling over, Redis outages per policy."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import uuid
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+
+from meshgate import redis_access
+from meshgate.config import LimitSettings, PriceSettings
+from meshgate.errors import MeshgateError
+from services.router.admission import Admission, Scope
+
+pytestmark = pytest.mark.integration
+
+
+class Clock:
+    def __init__(self, now_s: float) -> None:
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+@pytest.fixture
+async def redis_client(redis_url):
+    client = redis_access.connect(redis_url)
+    yield client
+    await client.aclose()
+
+
+def _scope(**limits) -> Scope:
+    # A fresh id per test: tests share one Redis.
+    return Scope("tenant", uuid.uuid4().hex[:12], LimitSettings(**limits))
+
+
+def _details(error: MeshgateError):
+    status = error.to_status_proto()
+    found = {}
+    for detail in status.details:
+        for kind in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.QuotaFailure,
+            error_details_pb2.RetryInfo,
+        ):
+            if detail.Is(kind.DESCRIPTOR):
+                message = kind()
+                detail.Unpack(message)
+                found[kind.__name__] = message
+    return found
+
+
+async def test_four_replicas_admit_exactly_the_limit(redis_url):
+    """Four admission controllers on their own connections, as four router
+    replicas are, hammer one requests-per-minute and one tokens-per-minute
+    limit concurrently: the admitted amount is the limit, never more."""
+    rpm_scope = _scope(requests_per_minute=200)
+    tpm_scope = Scope("model", uuid.uuid4().hex[:12], LimitSettings(tokens_per_minute=5_000))
+    clients = [redis_access.connect(redis_url) for _ in range(4)]
+    replicas = [Admission(client, max_generation_s=60) for client in clients]
+    admitted_requests = 0
+    admitted_tokens = 0
+
+    async def hammer(admission: Admission, scope: Scope, tokens: int) -> None:
+        nonlocal admitted_requests, admitted_tokens
+        for _ in range(150):
+            try:
+                await admission.admit([scope], prompt_tokens=tokens - 1, max_tokens=1, price=None)
+            except MeshgateError as error:
+                assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                continue
+            if scope is rpm_scope:
+                admitted_requests += 1
+            else:
+                admitted_tokens += tokens
+
+    try:
+        await asyncio.gather(
+            *(hammer(replica, rpm_scope, 1) for replica in replicas),
+            *(hammer(replica, tpm_scope, 13) for replica in replicas),
+        )
+    finally:
+        for client in clients:
+            await client.aclose()
+    # 600 requests against 200, 600 turns of 13 tokens against 5000: well
+    # within one minute, so the windows admit exactly their limits.
+    assert admitted_requests == 200
+    assert admitted_tokens == 5_000 // 13 * 13
+
+
+async def test_a_refusal_names_the_limit_with_quota_failure_and_retry_info(redis_client):
+    clock = Clock(1_800_000_000.0)
+    admission = Admission(redis_client, max_generation_s=60, clock=clock)
+    scope = _scope(requests_per_minute=2)
+    for _ in range(2):
+        await admission.admit([scope], 1, 1, None)
+    with pytest.raises(MeshgateError) as refused:
+        await admission.admit([scope], 1, 1, None)
+    error = refused.value
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = _details(error)
+    assert details["ErrorInfo"].reason == "RATE_LIMITED"
+    assert details["ErrorInfo"].metadata["limit"] == "requests_per_minute"
+    assert details["QuotaFailure"].violations[0].subject == f"tenant:{scope.id}"
+    # Both went in at once: the window has room again a minute later.
+    assert details["RetryInfo"].retry_delay.ToMilliseconds() == 60_000
+    clock.now_s += 59.9
+    with pytest.raises(MeshgateError):
+        await admission.admit([scope], 1, 1, None)
+    clock.now_s += 0.1
+    await admission.admit([scope], 1, 1, None)
+
+
+async def test_a_refused_turn_charges_no_scope(redis_client):
+    """Nothing half-applied: the tenant's limit admits, the model's refuses,
+    and the tenant's window is left as it was."""
+    clock = Clock(1_800_000_000.0)
+    admission = Admission(redis_client, max_generation_s=60, clock=clock)
+    tenant = _scope(requests_per_minute=1)
+    full_model = Scope("model", uuid.uuid4().hex[:12], LimitSettings(concurrent_streams=1))
+    held = await admission.admit([full_model], 1, 1, None)
+    with pytest.raises(MeshgateError) as refused:
+        await admission.admit([tenant, full_model], 1, 1, None)
+    assert refused.value.metadata["limit"] == "concurrent_streams"
+    await admission.settle(held, 2, 0)
+    # The tenant's single request per minute is still unspent.
+    await admission.admit([tenant, full_model], 1, 1, None)
+
+
+async def test_token_reservations_settle_to_real_usage(redis_client):
+    clock = Clock(1_800_000_000.0)
+    admission = Admission(redis_client, max_generation_s=60, clock=clock)
+    scope = _scope(tokens_per_minute=100, tokens_per_day=1_000, concurrent_streams=1)
+    reservation = await admission.admit([scope], prompt_tokens=10, max_tokens=80)
+    # 90 reserved: another 20 do not fit in the minute, nor a second stream.
+    with pytest.raises(MeshgateError):
+        await admission.admit([scope], prompt_tokens=10, max_tokens=10)
+    await admission.settle(reservation, tokens=15, nano_usd=0)
+    # Settled to 15: 85 free again, and the stream is released.
+    second = await admission.admit([scope], prompt_tokens=5, max_tokens=80)
+    await admission.settle(second, tokens=85, nano_usd=0)
+    day_key = (
+        f"{scope.prefix}:tokens:day:{datetime.datetime.fromtimestamp(clock.now_s, datetime.UTC):%Y-%m-%d}"
+    )
+    assert int(await redis_client.get(day_key)) == 100
+    # Settling twice changes nothing.
+    await admission.settle(second, tokens=0, nano_usd=0)
+    assert int(await redis_client.get(day_key)) == 100
+
+
+async def test_budgets_refuse_when_spent_and_roll_over_at_the_period_end(redis_client):
+    clock = Clock(datetime.datetime(2026, 3, 31, 23, 59, 0, tzinfo=datetime.UTC).timestamp())
+    admission = Admission(redis_client, max_generation_s=60, clock=clock)
+    price = PriceSettings(prompt_usd_per_million=1_000.0, completion_usd_per_million=1_000.0)
+    scope = _scope(tokens_per_day=100, cost_usd_per_month=0.15)
+    spent = await admission.admit([scope], prompt_tokens=50, max_tokens=50, price=price)
+    await admission.settle(spent, tokens=100, nano_usd=100_000_000)
+    with pytest.raises(MeshgateError) as refused:
+        await admission.admit([scope], 1, 1, price)
+    details = _details(refused.value)
+    assert details["ErrorInfo"].reason == "BUDGET_EXHAUSTED"
+    assert details["ErrorInfo"].metadata["limit"] == "tokens_per_day"
+    assert details["RetryInfo"].retry_delay.seconds == 60
+    # Past midnight UTC: a new day and a new month, both budgets fresh.
+    clock.now_s += 61
+    fresh = await admission.admit([scope], prompt_tokens=50, max_tokens=50, price=price)
+    await admission.settle(fresh, tokens=10, nano_usd=100_000_000)
+    # 60 more tokens fit the day (10 used), but not their 0.06 USD the
+    # month's 0.15 (0.1 spent).
+    with pytest.raises(MeshgateError) as refused:
+        await admission.admit([scope], prompt_tokens=30, max_tokens=30, price=price)
+    assert refused.value.metadata["limit"] == "cost_usd_per_month"
+
+
+async def test_a_request_larger_than_a_limit_is_refused_without_retry(redis_client):
+    admission = Admission(redis_client, max_generation_s=60)
+    scope = _scope(tokens_per_minute=50)
+    with pytest.raises(MeshgateError) as refused:
+        await admission.admit([scope], prompt_tokens=10, max_tokens=64)
+    details = _details(refused.value)
+    assert details["ErrorInfo"].reason == "REQUEST_EXCEEDS_LIMIT"
+    assert "RetryInfo" not in details
+
+
+async def test_redis_outage_fails_open_unless_the_limit_fails_closed():
+    dead = redis_access.connect("redis://127.0.0.1:1/0")
+    try:
+        admission = Admission(dead, max_generation_s=60)
+        opened = await admission.admit([_scope(requests_per_minute=1)], 1, 1)
+        assert opened.checks == ()
+        await admission.settle(opened, 2, 0)
+        closed = _scope(requests_per_minute=1, cost_usd_per_day=1.0, fail_closed=["cost_usd_per_day"])
+        with pytest.raises(MeshgateError) as refused:
+            await admission.admit([closed], 1, 1)
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        assert refused.value.reason == "LIMITS_UNAVAILABLE"
+        assert refused.value.metadata["limit"] == "cost_usd_per_day"
+    finally:
+        await dead.aclose()
