@@ -56,7 +56,7 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
 from meshgate import redis_access
-from meshgate.config import LimitSettings, PriceSettings
+from meshgate.config import LimitSettings, PriceSettings, RouterSettings
 from meshgate.errors import MeshgateError, unavailable
 from meshgate.reasons import Reason
 
@@ -228,6 +228,15 @@ def cost_nano_usd(price: PriceSettings | None, prompt_tokens: int, completion_to
         prompt_tokens * price.prompt_usd_per_million + completion_tokens * price.completion_usd_per_million
     )
     return math.ceil(usd_per_million * (NANO_USD // 1_000_000))
+
+
+def admission_scopes(tenant, alias: str, settings: RouterSettings) -> list[Scope]:
+    """The scopes whose limits a turn of ``tenant`` on ``alias`` must pass."""
+    scopes = [Scope("tenant", tenant.id, tenant.limits), Scope("key", tenant.key_id, tenant.key_limits)]
+    model_limits = settings.model_limits.get(alias)
+    if model_limits is not None:
+        scopes.append(Scope("model", alias, model_limits))
+    return scopes
 
 
 def _period_ids(now_s: float) -> tuple[str, str, int, int]:
@@ -418,3 +427,37 @@ def _keys(checks) -> list[str]:
 
 def _limit_value(check: _Check):
     return getattr(check.scope.limits, check.limit)
+
+
+class TurnAdmission:
+    """The router pipeline's admit and settle stages (``pipeline.Admission``)
+    over :class:`Admission`: the scopes, reservation and real use of a turn."""
+
+    def __init__(self, admission: Admission, settings: RouterSettings) -> None:
+        self._admission = admission
+        self._settings = settings
+
+    async def admit(self, turn) -> Reservation:
+        return await self._admission.admit(
+            admission_scopes(turn.tenant, turn.model_alias, self._settings),
+            estimate_prompt_tokens(turn.messages),
+            turn.max_tokens,
+            self._settings.prices.get(turn.model_alias),
+        )
+
+    async def settle(self, grant: Reservation, turn, outcome) -> None:
+        price = self._settings.prices.get(turn.model_alias)
+        answer = outcome.answer
+        status = getattr(outcome.cache_status, "value", None)
+        full_cost = cost_nano_usd(price, answer.prompt_tokens, answer.completion_tokens)
+        if status in ("exact_hit", "semantic_hit"):
+            # A hit spent no model tokens and costs the configured share.
+            tokens, nano_usd = 0, math.ceil(full_cost * (price.cache_hit_fraction if price else 0.0))
+        else:
+            # Failed or cancelled turns are charged what the answer reached.
+            tokens, nano_usd = answer.prompt_tokens + answer.completion_tokens, full_cost
+        if outcome.cancelled:
+            # The turn's task is being cancelled: settle off it.
+            self._admission.settle_in_background(grant, tokens, nano_usd)
+        else:
+            await self._admission.settle(grant, tokens, nano_usd)

@@ -7,7 +7,7 @@ import dataclasses
 import grpc
 import structlog
 
-from meshgate.config import RouterSettings, hash_api_key
+from meshgate.config import LimitSettings, RouterSettings, hash_api_key
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 
@@ -20,6 +20,10 @@ log = structlog.get_logger(__name__)
 class Tenant:
     id: str
     models: frozenset[str]
+    # The caller's key (first 16 hex digits of its SHA-256), for per-key limits.
+    key_id: str = ""
+    limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
+    key_limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
 
     def may_use(self, alias: str) -> bool:
         return "*" in self.models or alias in self.models
@@ -34,7 +38,9 @@ class Authenticator:
         self._tenants_by_key_hash: dict[str, Tenant] = {}
         for tenant in settings.tenants:
             for digest in tenant.api_key_sha256:
-                self._tenants_by_key_hash[digest.lower()] = Tenant(tenant.id, frozenset(tenant.models))
+                self._tenants_by_key_hash[digest.lower()] = Tenant(
+                    tenant.id, frozenset(tenant.models), digest.lower()[:16], tenant.limits, tenant.key_limits
+                )
         if settings.dev_tenant:
             self._tenants_by_key_hash[hash_api_key(settings.dev_api_key)] = Tenant("dev", frozenset({"*"}))
 

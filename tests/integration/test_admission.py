@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import types
 import uuid
 
 import grpc
@@ -12,9 +13,9 @@ import pytest
 from google.rpc import error_details_pb2
 
 from meshgate import redis_access
-from meshgate.config import LimitSettings, PriceSettings
+from meshgate.config import LimitSettings, PriceSettings, RouterSettings
 from meshgate.errors import MeshgateError
-from services.router.admission import Admission, Scope
+from services.router.admission import Admission, Scope, TurnAdmission
 
 pytestmark = pytest.mark.integration
 
@@ -202,3 +203,53 @@ async def test_redis_outage_fails_open_unless_the_limit_fails_closed():
         assert refused.value.metadata["limit"] == "cost_usd_per_day"
     finally:
         await dead.aclose()
+
+
+def _turn(tenant_id: str, max_tokens: int):
+    from meshgate.common.v1 import common_pb2
+    from services.router.auth import Tenant
+
+    tenant = Tenant(
+        tenant_id,
+        frozenset({"*"}),
+        "k" + tenant_id,
+        LimitSettings(tokens_per_minute=100, concurrent_streams=1),
+    )
+    messages = [common_pb2.Message(role=common_pb2.ROLE_USER, content="0123456789")]
+    return types.SimpleNamespace(
+        tenant=tenant, model_alias="tiny-gpt", messages=messages, max_tokens=max_tokens
+    )
+
+
+def _outcome(prompt: int, completion: int, status: str | None, cancelled: bool = False):
+    answer = types.SimpleNamespace(prompt_tokens=prompt, completion_tokens=completion)
+    cache_status = types.SimpleNamespace(value=status) if status else None
+    return types.SimpleNamespace(answer=answer, cache_status=cache_status, cancelled=cancelled)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "charged"),
+    [
+        (_outcome(12, 30, "miss"), 42),  # completed
+        (_outcome(12, 5, None), 17),  # failed midway: what the answer reached
+        (_outcome(0, 0, None, cancelled=True), 0),  # the caller hung up
+        (_outcome(12, 30, "exact_hit"), 0),  # no model tokens spent
+    ],
+)
+async def test_the_pipeline_stages_settle_every_end_of_a_turn(redis_client, outcome, charged):
+    settings = RouterSettings()
+    stages = TurnAdmission(Admission(redis_client, max_generation_s=60), settings)
+    turn = _turn(uuid.uuid4().hex[:12], max_tokens=80)
+    grant = await stages.admit(turn)
+    assert grant.reserved_tokens == 90
+    # The stream is held and 90 of 100 tokens reserved: a second turn waits.
+    with pytest.raises(MeshgateError):
+        await stages.admit(turn)
+    await stages.settle(grant, turn, outcome)
+    tpm_sum = f"mg:router:limit:tenant:{turn.tenant.id}:tpm:sum"
+    deadline = asyncio.get_running_loop().time() + 10
+    while int(await redis_client.get(tpm_sum)) != charged:
+        assert asyncio.get_running_loop().time() < deadline, "never settled"
+        await asyncio.sleep(0.02)
+    # The stream was released on every path.
+    assert await redis_client.zcard(f"mg:router:limit:tenant:{turn.tenant.id}:streams") == 0
