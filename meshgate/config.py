@@ -225,6 +225,11 @@ class ContextSettings:
     max_turns: int = 0
     # Process memory for hot sessions' turns and counts (services/context/hot_cache.py).
     hot_cache_bytes: int = 64 * 1024 * 1024
+    # The most turns a session may hold; an append past it is refused with
+    # RESOURCE_EXHAUSTED / SESSION_FULL. 0: no cap.
+    max_turns: int = 0
+    # Process memory for hot sessions' turns and counts (services/context/hot_cache.py).
+    hot_cache_bytes: int = 64 * 1024 * 1024
     # Where turn and question embeddings come from (adaptive assembly).
     inference_address: str = "127.0.0.1:50054"
     # Adaptive assembly keeps up to this many newest turns whatever their relevance.

@@ -6,6 +6,7 @@ from meshgate import mesh_auth, redis_access, serving
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2, context_service_pb2_grpc
 from services.context import token_counts
+from services.context.hot_cache import ChangeListener, HotCache
 from services.context.servicer import ContextServicer
 from services.context.store import SessionStore
 
@@ -20,6 +21,8 @@ TENANT_OF = {
     "DeleteSession": lambda request: request.tenant_id,
     "AppendTurns": lambda request: request.tenant_id,
     "AssembleContext": lambda request: request.tenant_id,
+    "ForkSession": lambda request: request.tenant_id,
+    "RevertSession": lambda request: request.tenant_id,
 }
 
 
@@ -29,11 +32,15 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
     # starts; a template the counts cannot follow exactly stops it here.
     counters = token_counts.for_models(settings.models)
     client = await redis_access.connect_checked(settings.redis.url)
-    store = SessionStore(client, settings.context.session_ttl_s)
-    servicer = ContextServicer(store, settings.models, counters)
+    store = SessionStore(client, settings.context.session_ttl_s, settings.context.max_turns)
+    hot = HotCache(settings.context.hot_cache_bytes)
+    changes = ChangeListener(settings.redis.url, hot)
+    changes.start()
+    servicer = ContextServicer(store, settings.models, counters, hot)
     context_service_pb2_grpc.add_ContextServiceServicer_to_server(servicer, service.server)
 
     async def cleanup() -> None:
+        await changes.close()
         await client.aclose()
 
     return cleanup

@@ -3,6 +3,8 @@ the session store and the assembly policy."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import re
 import uuid
 
@@ -12,10 +14,11 @@ from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
-from meshgate.errors import invalid_argument, not_found
+from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.reasons import Reason
 from services.context import assembly
-from services.context.store import SessionStore, StoredSession
+from services.context.hot_cache import HotCache
+from services.context.store import SessionStore, StoredSession, session_key
 from services.context.token_counts import PromptCounter
 
 log = structlog.get_logger(__name__)
@@ -41,6 +44,11 @@ def _check_session_id(session_id: str) -> None:
         raise invalid_argument(
             Reason.INVALID_SESSION_ID, "session_id must be 1 to 128 characters of [A-Za-z0-9_-]"
         )
+
+
+def _check_version(version: int, field: str) -> None:
+    if version < 0:
+        raise invalid_argument(Reason.INVALID_VERSION, f"{field} must not be negative", field=field)
 
 
 def _check_messages(messages: list[common_pb2.Message], field: str) -> None:
@@ -72,8 +80,13 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         store: SessionStore,
         models: dict[str, ModelSettings],
         counters: dict[str, PromptCounter],
+        hot: HotCache | None = None,
     ) -> None:
         self._store = store
+        # Never live without a change listener, so always safe to consult.
+        self._hot = hot if hot is not None else HotCache(0)
+        # Prefetches in flight, held so they are not collected mid-way.
+        self._prefetches: set[asyncio.Task] = set()
         self._models = models
         self._counters = counters
         # Every turn is counted for every configured tokenizer and template
@@ -97,7 +110,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.GetSessionResponse:
         _check_tenant(request.tenant_id)
         _check_session_id(request.session_id)
-        stored = await self._store.read(request.tenant_id, request.session_id)
+        stored = await self._read(request.tenant_id, request.session_id)
         session = pb.Session(
             session_id=request.session_id,
             tenant_id=request.tenant_id,
@@ -128,6 +141,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         turns = list(request.messages)
         _check_messages(turns, "messages")
         token_counts = {c.id: await c.count(turns) for c in self._distinct_counters}
+        ticket = self._hot.ticket()
         version, replayed = await self._store.append(
             request.tenant_id,
             request.session_id,
@@ -137,7 +151,38 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             turn_id=request.turn_id,
         )
         log.debug("turns appended", session_id=request.session_id, version=version, replayed=replayed)
+        if not replayed:
+            self._warm(request.tenant_id, request.session_id, version, turns, token_counts, ticket)
         return pb.AppendTurnsResponse(version=version, replayed=replayed)
+
+    async def ForkSession(self, request: pb.ForkSessionRequest, context) -> pb.ForkSessionResponse:
+        _check_tenant(request.tenant_id)
+        _check_session_id(request.session_id)
+        new_session_id = request.new_session_id or uuid.uuid4().hex
+        _check_session_id(new_session_id)
+        _check_version(request.version, "version")
+        now = await self._store.fork(request.tenant_id, request.session_id, request.version, new_session_id)
+        session = pb.Session(
+            session_id=new_session_id,
+            tenant_id=request.tenant_id,
+            version=request.version,
+            create_time_ms=now,
+            update_time_ms=now,
+        )
+        return pb.ForkSessionResponse(session=session)
+
+    async def RevertSession(self, request: pb.RevertSessionRequest, context) -> pb.RevertSessionResponse:
+        _check_tenant(request.tenant_id)
+        _check_session_id(request.session_id)
+        _check_version(request.version, "version")
+        _check_version(request.expected_version, "expected_version")
+        version = await self._store.revert(
+            request.tenant_id,
+            request.session_id,
+            request.version,
+            None if request.any_version else request.expected_version,
+        )
+        return pb.RevertSessionResponse(version=version)
 
     async def AssembleContext(
         self, request: pb.AssembleContextRequest, context
@@ -160,8 +205,11 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         new = [assembly.Candidate(m, n) for m, n in zip(new_messages, new_counts, strict=True)]
         session: list[assembly.Candidate] = []
         version = 0
+        at_version = request.at_version if request.HasField("at_version") else None
+        if at_version is not None:
+            _check_version(at_version, "at_version")
         if request.session_id:
-            stored = await self._store.read(request.tenant_id, request.session_id, counter.id)
+            stored = await self._read(request.tenant_id, request.session_id, at_version)
             counts = await self._complete_counts(request, stored, counter)
             session = [assembly.Candidate(m, n) for m, n in zip(stored.turns, counts, strict=True)]
             version = stored.version
@@ -170,7 +218,80 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         response = assembly.assemble(session, new, budget, counter.template_tokens)
         response.manifest.tokenizer = counter.spec
         response.session_version = version
+        inputs = response.inputs
+        inputs.tenant_id = request.tenant_id
+        inputs.session_id = request.session_id
+        inputs.session_version = version
+        inputs.model = request.model
+        inputs.max_prompt_tokens = request.max_prompt_tokens
+        inputs.tokenizer = counter.spec
+        digest = hashlib.sha256()
+        for message in new_messages:
+            serialized = message.SerializeToString(deterministic=True)
+            digest.update(len(serialized).to_bytes(8, "little") + serialized)
+        inputs.new_messages_sha256 = digest.hexdigest()
+        response.assembly_id = hashlib.sha256(inputs.SerializeToString(deterministic=True)).hexdigest()
         return response
+
+    async def _read(self, tenant_id: str, session_id: str, at_version: int | None = None) -> StoredSession:
+        """The session from the hot cache when it holds the current version,
+        else from Redis (then cached)."""
+        key = session_key(tenant_id, session_id)
+        if at_version is None:
+            cached = self._hot.get(key)
+            if cached is not None:
+                return cached
+        ticket = self._hot.ticket()
+        stored = await self._store.read(tenant_id, session_id, at_version)
+        # Only the current version is cached: a past one would shadow it.
+        if at_version is None:
+            self._hot.put(key, stored, ticket)
+        return stored
+
+    def _warm(
+        self,
+        tenant_id: str,
+        session_id: str,
+        version: int,
+        turns: list[common_pb2.Message],
+        token_counts: dict[str, list[int]],
+        ticket: int,
+    ) -> None:
+        """Readies the session for its next assembly: extends the cached
+        entry with what was just appended when it holds the version before,
+        else reads the session in the background (never on the request path)."""
+        key = session_key(tenant_id, session_id)
+        cached = self._hot.get(key)
+        if cached is not None and cached.version == version - 1:
+            extended = StoredSession(
+                version=version,
+                create_time_ms=cached.create_time_ms,
+                update_time_ms=cached.update_time_ms,
+                turns=cached.turns + turns,
+                token_counts={
+                    tokenizer: cached.token_counts.get(tokenizer, []) + counts
+                    for tokenizer, counts in token_counts.items()
+                    # Counts stay a prefix: extend only those covering every turn.
+                    if len(cached.token_counts.get(tokenizer, [])) == len(cached.turns)
+                },
+            )
+            if self._hot.put(key, extended, ticket):
+                return
+        self.prefetch(tenant_id, session_id)
+
+    def prefetch(self, tenant_id: str, session_id: str) -> None:
+        """Reads the session into the hot cache in the background."""
+
+        async def read() -> None:
+            try:
+                await self._read(tenant_id, session_id)
+            except MeshgateError as error:
+                # Gone or unreachable: the next assembly reads it and reports that.
+                log.debug("prefetch failed", session_id=session_id, reason=error.reason)
+
+        task = asyncio.create_task(read())
+        self._prefetches.add(task)
+        task.add_done_callback(self._prefetches.discard)
 
     async def _complete_counts(
         self,
@@ -180,11 +301,13 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
     ) -> list[int]:
         """Stored counts, plus those of turns stored before this tokenizer and
         template were configured: counted here, then stored so that happens once."""
-        counts = stored.token_counts
+        counts = stored.token_counts.get(counter.id, [])
         if len(counts) == len(stored.turns):
             return counts
         missing = stored.turns[len(counts) :]
         counts = counts + await counter.count(missing)
+        # The same version's entry in the hot cache, if that is where it came from.
+        stored.token_counts[counter.id] = counts
         await self._store.fill_token_counts(
             request.tenant_id, request.session_id, stored.version, counter.id, counts
         )

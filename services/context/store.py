@@ -12,6 +12,19 @@ so that another tenant's session id is simply absent:
 - ``...:turn_ids``, a hash: the idempotency key of every append that gave
   one -> the version that append made, so a retried append is answered
   instead of applied twice.
+- ``...:versions``, a string: for every version v, at offset 4v, how many
+  turns the session held at v (little-endian uint32), so any version can be
+  read, forked or reverted to; 0xFFFFFFFF marks a version a revert undid.
+  Sessions stored before this key existed have no history: only their
+  current version is readable.
+
+Versions only grow: a revert makes a new version holding an older one's
+turns, so a writer that read an older version is refused (ABORTED), never
+answered with different turns under a version number it already knew.
+
+Every change publishes ``<meta key> <new version>`` (or ``<meta key> -1``
+for a deletion) on ``mg:context:changes``, from inside its script, so the
+replicas' hot caches (services/context/hot_cache.py) drop what changed.
 
 Token counts always cover a prefix of the turns: all of them, unless the
 tokenizer or template was configured after some turns were stored; a reader
@@ -38,7 +51,9 @@ from meshgate.reasons import Reason
 
 log = structlog.get_logger(__name__)
 
-# KEYS: meta, turns, turn_ids. ARGV: ttl_s. Returns the creation time, or nil if taken.
+CHANGES_CHANNEL = "mg:context:changes"
+
+# KEYS: meta, turns, turn_ids, versions. ARGV: ttl_s. Returns the creation time, or nil if taken.
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
 local t = redis.call('TIME')
@@ -46,17 +61,24 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 -- Turns left by an expired session of the same id must not leak into this one.
 redis.call('DEL', KEYS[2], KEYS[3])
 redis.call('HSET', KEYS[1], 'version', 0, 'create_time_ms', now, 'update_time_ms', now)
+-- Version 0 holds no turns.
+redis.call('SET', KEYS[4], struct.pack('<I4', 0))
 local ttl = tonumber(ARGV[1])
-if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[4], ttl)
+end
 return now
 """
 
-# KEYS: meta, turns, turn_ids. ARGV: expected version ("" = append at the
-# end whatever the version), turn id ("" = none), ttl_s, turn count n, n
-# turns, then pairs of (counts field, packed counts of the n turns).
+# KEYS: meta, turns, turn_ids, versions. ARGV: expected version ("" =
+# append at the end whatever the version), turn id ("" = none), ttl_s, turn
+# count n, the most turns the session may hold (0 = no cap), n turns, then
+# pairs of (counts field, packed counts of the n turns).
 # Returns {1, new version}, {0} if there is no session, {-1, current
 # version} on a version mismatch, {2, version} if the turn id was applied
-# before (nothing is appended again).
+# before (nothing is appended again), {-2, turns held} if the n turns would
+# take the session past its cap (nothing is appended).
 _APPEND = """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return {0} end
@@ -67,9 +89,11 @@ end
 if ARGV[1] ~= '' and version ~= ARGV[1] then return {-1, tonumber(version)} end
 local n = tonumber(ARGV[4])
 local stored = redis.call('LLEN', KEYS[2])
+local cap = tonumber(ARGV[5])
+if cap > 0 and stored + n > cap then return {-2, stored} end
 -- One RPUSH: the turn's messages stay adjacent whatever else is appended.
-redis.call('RPUSH', KEYS[2], unpack(ARGV, 5, 4 + n))
-for i = 5 + n, #ARGV, 2 do
+redis.call('RPUSH', KEYS[2], unpack(ARGV, 6, 5 + n))
+for i = 6 + n, #ARGV, 2 do
   local counts = redis.call('HGET', KEYS[1], ARGV[i]) or ''
   -- Extend only counts that cover every stored turn, so they stay a prefix.
   if #counts == 4 * stored then
@@ -80,11 +104,128 @@ local t = redis.call('TIME')
 local new_version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'update_time_ms', t[1] * 1000 + math.floor(t[2] / 1000))
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[3], ARGV[2], new_version) end
+-- Extend the history only where it covers every version (not for sessions
+-- stored before it existed), so offset 4v always means version v.
+if redis.call('STRLEN', KEYS[4]) == 4 * tonumber(version) + 4 then
+  redis.call('APPEND', KEYS[4], struct.pack('<I4', stored + n))
+end
+redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' ' .. new_version)
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then
-  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
 end
 return {1, new_version}
+"""
+
+# Shared by the scripts that look a version up. Sets `held`, the number of
+# turns the session held at version tonumber(target) of current version
+# `version`, or nil when that version is unknown or was undone by a revert.
+_TURNS_AT = """
+local function turns_at(versions_key, version, target)
+  if target > tonumber(version) then return nil end
+  local raw = redis.call('GETRANGE', versions_key, 4 * target, 4 * target + 3)
+  if #raw < 4 then return nil end
+  local held = struct.unpack('<I4', raw)
+  if held == 4294967295 then return nil end
+  return held
+end
+"""
+
+# KEYS: meta, turns, turn_ids, versions. ARGV: version to read ("" = the
+# current one). Returns {1, version, meta as HGETALL, turns}, {0} if there
+# is no session, {-3, current version} if that version is unknown or undone.
+# Counts fields come whole; the reader cuts them to the turns returned.
+_READ = _TURNS_AT + """
+local meta = redis.call('HGETALL', KEYS[1])
+if #meta == 0 then return {0} end
+local version = redis.call('HGET', KEYS[1], 'version')
+if ARGV[1] == '' or ARGV[1] == version then
+  return {1, tonumber(version), meta, redis.call('LRANGE', KEYS[2], 0, -1)}
+end
+local held = turns_at(KEYS[4], version, tonumber(ARGV[1]))
+if not held then return {-3, tonumber(version)} end
+local turns = {}
+if held > 0 then turns = redis.call('LRANGE', KEYS[2], 0, held - 1) end
+return {1, tonumber(ARGV[1]), meta, turns}
+"""
+
+# Cuts every per-turn field of a meta hash (packed, 4 bytes a turn) to the
+# first `held` turns.
+_CUT_COUNTS = """
+local function cut_counts(meta_key, target_key, held)
+  local fields = redis.call('HGETALL', meta_key)
+  for i = 1, #fields, 2 do
+    if string.sub(fields[i], 1, 7) == 'tokens:' then
+      redis.call('HSET', target_key, fields[i], string.sub(fields[i + 1], 1, 4 * held))
+    end
+  end
+end
+"""
+
+# KEYS: meta, turns, turn_ids, versions. ARGV: version to restore, expected
+# version ("" = whatever the current one), ttl_s. Returns {1, new version},
+# {0} if there is no session, {-1, current version} on a version mismatch,
+# {-3, current version} if the version to restore is unknown or undone.
+_REVERT = _TURNS_AT + _CUT_COUNTS + """
+local version = redis.call('HGET', KEYS[1], 'version')
+if not version then return {0} end
+if ARGV[2] ~= '' and version ~= ARGV[2] then return {-1, tonumber(version)} end
+local target = tonumber(ARGV[1])
+local held = turns_at(KEYS[4], version, target)
+if not held then return {-3, tonumber(version)} end
+if held == 0 then redis.call('DEL', KEYS[2]) else redis.call('LTRIM', KEYS[2], 0, held - 1) end
+cut_counts(KEYS[1], KEYS[1], held)
+-- The versions after the target name turns that are gone now.
+local undone = tonumber(version) - target
+if undone > 0 then
+  redis.call('SETRANGE', KEYS[4], 4 * (target + 1), string.rep('\\255\\255\\255\\255', undone))
+end
+redis.call('APPEND', KEYS[4], struct.pack('<I4', held))
+-- An append undone here may be retried, and must then apply again.
+local applied = redis.call('HGETALL', KEYS[3])
+for i = 1, #applied, 2 do
+  if tonumber(applied[i + 1]) > target then redis.call('HDEL', KEYS[3], applied[i]) end
+end
+local t = redis.call('TIME')
+local new_version = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], 'update_time_ms', t[1] * 1000 + math.floor(t[2] / 1000))
+redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' ' .. new_version)
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
+end
+return {1, new_version}
+"""
+
+# KEYS: the source's meta, turns, turn_ids, versions, then the fork's. ARGV:
+# version to fork at, ttl_s. The fork starts at that version with its
+# history up to it (the same versions name the same turns in both), and no
+# turn ids (those were the source's appends). Returns {1, creation time},
+# {0} if there is no source, {-3, current version} if the version is
+# unknown or undone, {-4} if the fork's id is taken.
+_FORK = _TURNS_AT + _CUT_COUNTS + """
+local version = redis.call('HGET', KEYS[1], 'version')
+if not version then return {0} end
+local target = tonumber(ARGV[1])
+local held = turns_at(KEYS[4], version, target)
+if not held then return {-3, tonumber(version)} end
+if redis.call('EXISTS', KEYS[5]) == 1 then return {-4} end
+redis.call('DEL', KEYS[6], KEYS[7])
+-- In slices: unpack() of a long list would overflow Lua's stack.
+for first = 0, held - 1, 1000 do
+  local slice = redis.call('LRANGE', KEYS[2], first, math.min(first + 999, held - 1))
+  redis.call('RPUSH', KEYS[6], unpack(slice))
+end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('HSET', KEYS[5], 'version', target, 'create_time_ms', now, 'update_time_ms', now)
+cut_counts(KEYS[1], KEYS[5], held)
+redis.call('SET', KEYS[8], redis.call('GETRANGE', KEYS[4], 0, 4 * target + 3))
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  for i = 5, 8 do redis.call('EXPIRE', KEYS[i], ttl) end
+end
+return {1, now}
 """
 
 # KEYS: meta. ARGV: version the counts were made at, counts field, packed counts.
@@ -95,7 +236,7 @@ end
 return 0
 """
 
-_META_FIELDS = ("version", "create_time_ms", "update_time_ms")
+_COUNTS_PREFIX = b"tokens:"
 
 
 @dataclasses.dataclass(slots=True)
@@ -104,18 +245,33 @@ class StoredSession:
     create_time_ms: int
     update_time_ms: int
     turns: list[common_pb2.Message]
-    # Content token counts of the first len(token_counts) turns, for the
-    # tokenizer the read asked for.
-    token_counts: list[int]
+    # Tokenizer id -> content token counts of the first len(counts) turns.
+    token_counts: dict[str, list[int]]
+
+
+def session_key(tenant_id: str, session_id: str) -> str:
+    """The session's meta key: what change notices name."""
+    return _keys(tenant_id, session_id)[0]
 
 
 def _keys(tenant_id: str, session_id: str) -> list[str]:
     prefix = f"mg:context:{tenant_id}:{session_id}"
-    return [f"{prefix}:meta", f"{prefix}:turns", f"{prefix}:turn_ids"]
+    return [f"{prefix}:meta", f"{prefix}:turns", f"{prefix}:turn_ids", f"{prefix}:versions"]
 
 
 def _counts_field(tokenizer_id: str) -> str:
     return f"tokens:{tokenizer_id}"
+
+
+def _version_not_found(session_id: str, version: int, current: int) -> MeshgateError:
+    return not_found(
+        "VERSION_NOT_FOUND",
+        f"session {session_id!r} has no version {version} (it is at {current}; versions a revert"
+        " undid, and those of sessions stored before versions were kept, cannot be read)",
+        session_id=session_id,
+        version=str(version),
+        current_version=str(current),
+    )
 
 
 def _pack(counts: list[int]) -> bytes:
@@ -142,11 +298,16 @@ def _redis_reachable():
 
 
 class SessionStore:
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, max_turns: int = 0) -> None:
         self._client = client
         self._ttl_s = ttl_s
+        # 0: no cap.
+        self._max_turns = max_turns
         self._create = client.register_script(_CREATE)
         self._append = client.register_script(_APPEND)
+        self._read = client.register_script(_READ)
+        self._revert = client.register_script(_REVERT)
+        self._fork = client.register_script(_FORK)
         self._fill_counts = client.register_script(_FILL_COUNTS)
 
     async def create(self, tenant_id: str, session_id: str) -> int:
@@ -162,25 +323,31 @@ class SessionStore:
             )
         return int(now)
 
-    async def read(self, tenant_id: str, session_id: str, tokenizer_id: str | None = None) -> StoredSession:
-        """The session's state and turns as of one instant (MULTI), with the
-        stored counts of ``tokenizer_id`` if given."""
-        meta, turns, _ = _keys(tenant_id, session_id)
-        fields = [*_META_FIELDS, _counts_field(tokenizer_id)] if tokenizer_id else _META_FIELDS
+    async def read(self, tenant_id: str, session_id: str, at_version: int | None = None) -> StoredSession:
+        """The session's state, turns and stored token counts as of one
+        instant (one script): the current ones, or those of ``at_version``."""
         with _redis_reachable():
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hmget(meta, fields)
-                pipe.lrange(turns, 0, -1)
-                values, raw_turns = await pipe.execute()
-        if values[0] is None:
+            outcome = await self._read(
+                keys=_keys(tenant_id, session_id), args=["" if at_version is None else at_version]
+            )
+        if outcome[0] == 0:
             raise _session_not_found(session_id)
-        counts = values[3] if tokenizer_id and values[3] else b""
+        if outcome[0] == -3:
+            raise _version_not_found(session_id, at_version, outcome[1])
+        _, version, flat_meta, raw_turns = outcome
+        meta = dict(zip(flat_meta[::2], flat_meta[1::2], strict=True))
+        held = len(raw_turns)
         return StoredSession(
-            version=int(values[0]),
-            create_time_ms=int(values[1]),
-            update_time_ms=int(values[2]),
+            version=int(version),
+            create_time_ms=int(meta[b"create_time_ms"]),
+            update_time_ms=int(meta[b"update_time_ms"]),
             turns=[common_pb2.Message.FromString(raw) for raw in raw_turns],
-            token_counts=_unpack(counts),
+            # Counts cover a prefix of the current turns; a past version holds fewer.
+            token_counts={
+                field[len(_COUNTS_PREFIX) :].decode(): _unpack(value[: 4 * held])
+                for field, value in meta.items()
+                if field.startswith(_COUNTS_PREFIX)
+            },
         )
 
     async def append(
@@ -197,23 +364,56 @@ class SessionStore:
         whether ``turn_id`` had been applied before (then nothing is
         appended now). ``token_counts`` maps tokenizer id to the turns' counts."""
         expected = "" if expected_version is None else str(expected_version)
-        args: list[object] = [expected, turn_id, self._ttl_s, len(turns)]
+        args: list[object] = [expected, turn_id, self._ttl_s, len(turns), self._max_turns]
         args.extend(turn.SerializeToString() for turn in turns)
         for tokenizer_id, counts in token_counts.items():
             args.extend((_counts_field(tokenizer_id), _pack(counts)))
         with _redis_reachable():
             outcome = await self._append(keys=_keys(tenant_id, session_id), args=args)
-        if outcome[0] == 0:
-            raise _session_not_found(session_id)
-        if outcome[0] == -1:
-            current = str(outcome[1])
+        if outcome[0] == -2:
+            held = str(outcome[1])
             raise MeshgateError(
-                grpc.StatusCode.ABORTED,
-                Reason.VERSION_CONFLICT,
-                f"session {session_id!r} is at version {current}, not {expected_version}",
-                {"current_version": current},
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "SESSION_FULL",
+                f"session {session_id!r} holds {held} turns; {len(turns)} more would pass its cap of"
+                f" {self._max_turns} (fork it at an earlier version, revert it, or start a new one)",
+                {"session_id": session_id, "turns": held, "max_turns": str(self._max_turns)},
             )
+        _raise_for(outcome, session_id, expected_version)
         return int(outcome[1]), outcome[0] == 2
+
+    async def revert(
+        self, tenant_id: str, session_id: str, version: int, expected_version: int | None
+    ) -> int:
+        """Makes the session hold the turns of ``version`` again, as a new
+        version (returned), if it is at ``expected_version`` (None: whatever)."""
+        expected = "" if expected_version is None else str(expected_version)
+        with _redis_reachable():
+            outcome = await self._revert(
+                keys=_keys(tenant_id, session_id), args=[version, expected, self._ttl_s]
+            )
+        if outcome[0] == -3:
+            raise _version_not_found(session_id, version, outcome[1])
+        _raise_for(outcome, session_id, expected_version)
+        return int(outcome[1])
+
+    async def fork(self, tenant_id: str, session_id: str, version: int, new_session_id: str) -> int:
+        """Creates ``new_session_id`` with the turns of ``version``, at that
+        version; returns its creation time."""
+        keys = _keys(tenant_id, session_id) + _keys(tenant_id, new_session_id)
+        with _redis_reachable():
+            outcome = await self._fork(keys=keys, args=[version, self._ttl_s])
+        if outcome[0] == -3:
+            raise _version_not_found(session_id, version, outcome[1])
+        if outcome[0] == -4:
+            raise MeshgateError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                Reason.SESSION_EXISTS,
+                f"session {new_session_id!r} already exists",
+                {"session_id": new_session_id},
+            )
+        _raise_for(outcome, session_id, None)
+        return int(outcome[1])
 
     async def fill_token_counts(
         self, tenant_id: str, session_id: str, version: int, tokenizer_id: str, counts: list[int]
@@ -226,6 +426,23 @@ class SessionStore:
 
     async def delete(self, tenant_id: str, session_id: str) -> None:
         with _redis_reachable():
-            deleted = await self._client.delete(*_keys(tenant_id, session_id))
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(*_keys(tenant_id, session_id))
+                pipe.publish(CHANGES_CHANNEL, f"{session_key(tenant_id, session_id)} -1")
+                deleted, _ = await pipe.execute()
         if not deleted:
             raise _session_not_found(session_id)
+
+
+def _raise_for(outcome: list, session_id: str, expected_version: int | None) -> None:
+    """The failures every versioned write script reports alike."""
+    if outcome[0] == 0:
+        raise _session_not_found(session_id)
+    if outcome[0] == -1:
+        current = str(outcome[1])
+        raise MeshgateError(
+            grpc.StatusCode.ABORTED,
+            Reason.VERSION_CONFLICT,
+            f"session {session_id!r} is at version {current}, not {expected_version}",
+            {"current_version": current},
+        )

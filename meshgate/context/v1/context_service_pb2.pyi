@@ -20,6 +20,7 @@ class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SOURCE_UNSPECIFIED: _ClassVar[Source]
     SOURCE_SESSION: _ClassVar[Source]
     SOURCE_REQUEST: _ClassVar[Source]
+    SOURCE_SUMMARY: _ClassVar[Source]
 DISPOSITION_UNSPECIFIED: Disposition
 DISPOSITION_INCLUDED: Disposition
 DISPOSITION_SUMMARIZED: Disposition
@@ -27,6 +28,7 @@ DISPOSITION_DROPPED: Disposition
 SOURCE_UNSPECIFIED: Source
 SOURCE_SESSION: Source
 SOURCE_REQUEST: Source
+SOURCE_SUMMARY: Source
 
 class Session(_message.Message):
     __slots__ = ("session_id", "tenant_id", "version", "messages", "create_time_ms", "update_time_ms")
@@ -109,42 +111,126 @@ class AppendTurnsResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class AssembleContextRequest(_message.Message):
-    __slots__ = ("tenant_id", "session_id", "new_messages", "model", "max_prompt_tokens")
+    __slots__ = ("tenant_id", "session_id", "new_messages", "model", "max_prompt_tokens", "at_version")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    AT_VERSION_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     session_id: str
     new_messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
     model: str
     max_prompt_tokens: int
-    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., new_messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., model: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ...) -> None: ...
+    at_version: int
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., new_messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., model: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., at_version: _Optional[int] = ...) -> None: ...
 
 class AssembleContextResponse(_message.Message):
-    __slots__ = ("messages", "manifest", "session_version")
+    __slots__ = ("messages", "manifest", "session_version", "inputs", "assembly_id")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     SESSION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    ASSEMBLY_ID_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
     manifest: ContextManifest
     session_version: int
-    def __init__(self, messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., manifest: _Optional[_Union[ContextManifest, _Mapping]] = ..., session_version: _Optional[int] = ...) -> None: ...
+    inputs: AssemblyInputs
+    assembly_id: str
+    def __init__(self, messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., manifest: _Optional[_Union[ContextManifest, _Mapping]] = ..., session_version: _Optional[int] = ..., inputs: _Optional[_Union[AssemblyInputs, _Mapping]] = ..., assembly_id: _Optional[str] = ...) -> None: ...
+
+class SummaryRef(_message.Message):
+    __slots__ = ("summary_id", "first_turn", "end_turn", "first_version", "end_version", "method")
+    SUMMARY_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TURN_FIELD_NUMBER: _ClassVar[int]
+    END_TURN_FIELD_NUMBER: _ClassVar[int]
+    FIRST_VERSION_FIELD_NUMBER: _ClassVar[int]
+    END_VERSION_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    summary_id: str
+    first_turn: int
+    end_turn: int
+    first_version: int
+    end_version: int
+    method: str
+    def __init__(self, summary_id: _Optional[str] = ..., first_turn: _Optional[int] = ..., end_turn: _Optional[int] = ..., first_version: _Optional[int] = ..., end_version: _Optional[int] = ..., method: _Optional[str] = ...) -> None: ...
+
+class AssemblyInputs(_message.Message):
+    __slots__ = ("tenant_id", "session_id", "session_version", "model", "max_prompt_tokens", "strategy", "tokenizer", "new_messages_sha256", "summaries")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    NEW_MESSAGES_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SUMMARIES_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    session_id: str
+    session_version: int
+    model: str
+    max_prompt_tokens: int
+    strategy: str
+    tokenizer: str
+    new_messages_sha256: str
+    summaries: _containers.RepeatedCompositeFieldContainer[SummaryRef]
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_version: _Optional[int] = ..., model: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., strategy: _Optional[str] = ..., tokenizer: _Optional[str] = ..., new_messages_sha256: _Optional[str] = ..., summaries: _Optional[_Iterable[_Union[SummaryRef, _Mapping]]] = ...) -> None: ...
+
+class ForkSessionRequest(_message.Message):
+    __slots__ = ("tenant_id", "session_id", "version", "new_session_id")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NEW_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    session_id: str
+    version: int
+    new_session_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., version: _Optional[int] = ..., new_session_id: _Optional[str] = ...) -> None: ...
+
+class ForkSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: Session
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class RevertSessionRequest(_message.Message):
+    __slots__ = ("tenant_id", "session_id", "version", "expected_version", "any_version")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ANY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    session_id: str
+    version: int
+    expected_version: int
+    any_version: bool
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., version: _Optional[int] = ..., expected_version: _Optional[int] = ..., any_version: _Optional[bool] = ...) -> None: ...
+
+class RevertSessionResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class ManifestEntry(_message.Message):
-    __slots__ = ("source", "index", "role", "tokens", "disposition")
+    __slots__ = ("source", "index", "role", "tokens", "disposition", "summary_id")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     DISPOSITION_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_ID_FIELD_NUMBER: _ClassVar[int]
     source: Source
     index: int
     role: _common_pb2.Role
     tokens: int
     disposition: Disposition
-    def __init__(self, source: _Optional[_Union[Source, str]] = ..., index: _Optional[int] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., tokens: _Optional[int] = ..., disposition: _Optional[_Union[Disposition, str]] = ...) -> None: ...
+    summary_id: str
+    def __init__(self, source: _Optional[_Union[Source, str]] = ..., index: _Optional[int] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., tokens: _Optional[int] = ..., disposition: _Optional[_Union[Disposition, str]] = ..., summary_id: _Optional[str] = ...) -> None: ...
 
 class ContextManifest(_message.Message):
     __slots__ = ("entries", "prompt_tokens", "budget_tokens", "tokenizer")

@@ -61,6 +61,16 @@ class ContextServiceStub:
                 request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.AssembleContextRequest.SerializeToString,
                 response_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.AssembleContextResponse.FromString,
                 _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/meshgate.context.v1.ContextService/ForkSession',
+                request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.ForkSessionResponse.FromString,
+                _registered_method=True)
+        self.RevertSession = channel.unary_unary(
+                '/meshgate.context.v1.ContextService/RevertSession',
+                request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.RevertSessionRequest.SerializeToString,
+                response_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.RevertSessionResponse.FromString,
+                _registered_method=True)
 
 
 class ContextServiceServicer:
@@ -103,6 +113,24 @@ class ContextServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForkSession(self, request, context):
+        """A new session holding the turns a session had at one of its versions;
+        the source is unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevertSession(self, request, context):
+        """Makes a session hold again the turns it had at an earlier version. The
+        revert is itself a new version (versions only grow, so a writer holding
+        an older version is refused, never confused); the versions after the
+        one restored can no longer be forked, reverted to or assembled at.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContextServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +158,16 @@ def add_ContextServiceServicer_to_server(servicer, server):
                     servicer.AssembleContext,
                     request_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.AssembleContextRequest.FromString,
                     response_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.AssembleContextResponse.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.ForkSessionRequest.FromString,
+                    response_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.ForkSessionResponse.SerializeToString,
+            ),
+            'RevertSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevertSession,
+                    request_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.RevertSessionRequest.FromString,
+                    response_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.RevertSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +307,60 @@ class ContextService:
             '/meshgate.context.v1.ContextService/AssembleContext',
             meshgate_dot_context_dot_v1_dot_context__service__pb2.AssembleContextRequest.SerializeToString,
             meshgate_dot_context_dot_v1_dot_context__service__pb2.AssembleContextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.context.v1.ContextService/ForkSession',
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.ForkSessionRequest.SerializeToString,
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.ForkSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevertSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.context.v1.ContextService/RevertSession',
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.RevertSessionRequest.SerializeToString,
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.RevertSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

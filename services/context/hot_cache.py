@@ -1,0 +1,205 @@
+"""Hot sessions in process memory, in front of Redis.
+
+Assembly for a session that was just appended to, or whose chat stream just
+opened, should cost no Redis round trip: the session's turns and their
+token counts (and whatever else assembly needs per turn) are kept here, in
+an LRU bounded by bytes.
+
+Coherence across replicas: Redis's version is the truth, and every script
+that changes a session publishes ``<meta key> <new version>`` (``-1`` for a
+deletion) on ``store.CHANGES_CHANNEL``. Each replica subscribes and drops
+entries older than the version announced. Invalidation rather than a
+version check per read, because a version check is itself a round trip,
+which is what the cache is there to avoid. Pub/sub delivers at most once, so
+the cache is trusted only while its subscription is up: it is emptied and
+bypassed from the moment the subscription breaks until it is back.
+
+A read that was in flight while a change was announced must not put the
+older state back: ``put`` is refused when a newer version (or a deletion)
+was announced for that session after the reader's ``ticket()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+
+import redis.asyncio as redis
+import structlog
+
+from meshgate import redis_access
+from services.context.store import CHANGES_CHANNEL, StoredSession
+
+log = structlog.get_logger(__name__)
+
+# What a session's entry costs besides its turns' text and counts: the
+# objects around them. An estimate; the bound is on the order of magnitude.
+_ENTRY_OVERHEAD_BYTES = 512
+_TURN_OVERHEAD_BYTES = 96
+# Sessions whose last announcement is remembered, for refusing stale puts;
+# older ones fall back to a conservative floor.
+_MAX_ANNOUNCED = 65_536
+_DELETED = -1
+
+
+def _size(session: StoredSession) -> int:
+    turns = sum(len(t.content) + _TURN_OVERHEAD_BYTES for t in session.turns)
+    counts = sum(4 * len(c) for c in session.token_counts.values())
+    return _ENTRY_OVERHEAD_BYTES + turns + counts
+
+
+@dataclasses.dataclass(slots=True)
+class _Announcement:
+    sequence: int
+    version: int
+    deleted_sequence: int
+
+
+class HotCache:
+    """An LRU of sessions (current version only), bounded by ``max_bytes``."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._entries: collections.OrderedDict[str, tuple[StoredSession, int]] = collections.OrderedDict()
+        self._bytes = 0
+        self._sequence = 0
+        self._announced: collections.OrderedDict[str, _Announcement] = collections.OrderedDict()
+        # Announcements forgotten to bound memory: a put for a session not
+        # remembered is refused if it started before the newest of them.
+        self._forgotten_sequence = 0
+        # Entries are served only while change notices are known to arrive.
+        self.live = False
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def ticket(self) -> int:
+        """Take before reading Redis; hand to ``put`` with what was read."""
+        return self._sequence
+
+    def get(self, key: str) -> StoredSession | None:
+        entry = self._entries.get(key) if self.live else None
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry[0]
+
+    def put(self, key: str, session: StoredSession, ticket: int) -> bool:
+        """Caches ``session`` unless a change newer than it was announced
+        since ``ticket``; returns whether it was cached."""
+        if not self.live or not self._current(key, session.version, ticket):
+            return False
+        size = _size(session)
+        if size > self._max_bytes:
+            self._drop(key)
+            return False
+        self._drop(key)
+        self._entries[key] = (session, size)
+        self._bytes += size
+        while self._bytes > self._max_bytes:
+            oldest = next(iter(self._entries))
+            self._drop(oldest)
+        return True
+
+    def _current(self, key: str, version: int, ticket: int) -> bool:
+        announced = self._announced.get(key)
+        if announced is None:
+            return self._forgotten_sequence <= ticket
+        if announced.deleted_sequence > ticket:
+            return False
+        return announced.sequence <= ticket or announced.version <= version
+
+    def announce(self, key: str, version: int) -> None:
+        """A change notice: ``key`` is now at ``version`` (-1: deleted)."""
+        self._sequence += 1
+        previous = self._announced.pop(key, None)
+        deleted_sequence = previous.deleted_sequence if previous else 0
+        if version == _DELETED:
+            deleted_sequence = self._sequence
+        self._announced[key] = _Announcement(self._sequence, version, deleted_sequence)
+        if len(self._announced) > _MAX_ANNOUNCED:
+            _, forgotten = self._announced.popitem(last=False)
+            self._forgotten_sequence = max(self._forgotten_sequence, forgotten.sequence)
+        entry = self._entries.get(key)
+        if entry is not None and (version == _DELETED or entry[0].version < version):
+            self._drop(key)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+        # Reads in flight began before whatever was missed: refuse them all.
+        self._sequence += 1
+        self._forgotten_sequence = self._sequence
+
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry[1]
+
+
+def _parse(data: bytes) -> tuple[str, int] | None:
+    key, _, version = data.decode(errors="replace").rpartition(" ")
+    try:
+        return key, int(version)
+    except ValueError:
+        return None
+
+
+class ChangeListener:
+    """Feeds ``cache`` the change notices of every replica, from its own
+    Redis connection; empties and bypasses the cache while disconnected."""
+
+    def __init__(self, url: str, cache: HotCache, retry_s: float = 0.5) -> None:
+        self._url = url
+        self._cache = cache
+        self._retry_s = retry_s
+        self._task: asyncio.Task | None = None
+        self.subscribed = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            # Not the pool's client: its socket timeout would end an idle
+            # subscription; a closed socket still ends it at once.
+            client = redis.Redis.from_url(self._url, socket_connect_timeout=5, health_check_interval=30)
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(CHANGES_CHANNEL)
+                    # Whatever changed before the subscription was up is unknown.
+                    self._cache.clear()
+                    self._cache.live = True
+                    self.subscribed.set()
+                    async for message in pubsub.listen():
+                        if message["type"] != "message":
+                            continue
+                        if (notice := _parse(message["data"])) is not None:
+                            self._cache.announce(*notice)
+            except asyncio.CancelledError:
+                raise
+            except (*redis_access.CONNECTION_ERRORS, redis.RedisError) as error:
+                log.warning("change notices lost; hot cache bypassed until back", error=str(error))
+            finally:
+                self._cache.live = False
+                self._cache.clear()
+                self.subscribed.clear()
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+            await asyncio.sleep(self._retry_s)

@@ -1,0 +1,387 @@
+"""The context service's durable side over real gRPC and a real Redis:
+fork and revert, assembly at a version and its inputs, the turn cap, and
+the hot cache whose prefetch leaves the next assembly nothing to read."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import uuid
+
+import grpc
+import pytest
+import redis.asyncio as redis
+
+from meshgate import redis_server
+from meshgate.context.v1 import context_service_pb2 as pb
+from meshgate.stack import free_port
+from tests.integration.test_context_service import (
+    ASSISTANT,
+    MODEL,
+    USER,
+    failure,
+    make_settings,
+    msg,
+    new_session,
+    running,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+async def stub(redis_url: str):
+    async with running(make_settings(redis_url)) as stub:
+        yield stub
+
+
+@pytest.fixture
+def tenant() -> str:
+    return f"tenant-{uuid.uuid4().hex[:8]}"
+
+
+async def append(stub, tenant: str, session_id: str, *contents: str, version: int | None = None) -> int:
+    request = pb.AppendTurnsRequest(
+        tenant_id=tenant,
+        session_id=session_id,
+        messages=[msg(USER if i % 2 == 0 else ASSISTANT, c) for i, c in enumerate(contents)],
+    )
+    if version is None:
+        request.any_version = True
+    else:
+        request.expected_version = version
+    return (await stub.AppendTurns(request)).version
+
+
+async def contents(stub, tenant: str, session_id: str) -> tuple[int, list[str]]:
+    session = (await stub.GetSession(pb.GetSessionRequest(tenant_id=tenant, session_id=session_id))).session
+    return session.version, [m.content for m in session.messages]
+
+
+async def assemble(stub, tenant: str, session_id: str, **fields) -> pb.AssembleContextResponse:
+    return await stub.AssembleContext(
+        pb.AssembleContextRequest(
+            tenant_id=tenant,
+            session_id=session_id,
+            new_messages=[msg(USER, "and now?")],
+            model=MODEL,
+            max_prompt_tokens=400,
+            **fields,
+        )
+    )
+
+
+# --- fork and revert ----------------------------------------------------------
+
+
+async def test_fork_takes_the_turns_of_a_version_and_leaves_the_source(stub, tenant) -> None:
+    source = await new_session(stub, tenant)
+    for i in range(3):
+        await append(stub, tenant, source, f"q{i}", f"a{i}")
+    fork = await stub.ForkSession(
+        pb.ForkSessionRequest(tenant_id=tenant, session_id=source, version=2, new_session_id="forked")
+    )
+    assert fork.session.session_id == "forked" and fork.session.version == 2
+    assert await contents(stub, tenant, "forked") == (2, ["q0", "a0", "q1", "a1"])
+    assert await contents(stub, tenant, source) == (3, ["q0", "a0", "q1", "a1", "q2", "a2"])
+    # The fork goes on from its version, and its history names the same turns.
+    assert await append(stub, tenant, "forked", "other", version=2) == 3
+    at_one = await assemble(stub, tenant, "forked", at_version=1)
+    assert [m.content for m in at_one.messages] == ["q0", "a0", "and now?"]
+    # Version 0 forks an empty session.
+    empty = await stub.ForkSession(pb.ForkSessionRequest(tenant_id=tenant, session_id=source, version=0))
+    assert await contents(stub, tenant, empty.session.session_id) == (0, [])
+
+
+async def test_revert_is_a_new_version_and_undone_versions_are_gone(stub, tenant) -> None:
+    session_id = await new_session(stub, tenant)
+    for i in range(3):
+        await append(stub, tenant, session_id, f"q{i}", f"a{i}", version=i)
+    reverted = await stub.RevertSession(
+        pb.RevertSessionRequest(tenant_id=tenant, session_id=session_id, version=1, expected_version=3)
+    )
+    assert reverted.version == 4
+    assert await contents(stub, tenant, session_id) == (4, ["q0", "a0"])
+    # A writer that still holds version 3 is refused, not applied to other turns.
+    stale = stub.AppendTurns(
+        pb.AppendTurnsRequest(
+            tenant_id=tenant, session_id=session_id, expected_version=3, messages=[msg(USER, "late")]
+        )
+    )
+    code, reason, metadata = await failure(stale)
+    assert (code, reason, metadata["current_version"]) == (grpc.StatusCode.ABORTED, "VERSION_CONFLICT", "4")
+    # Versions 2 and 3 named turns that are gone; 1 and 4 remain readable.
+    for version in (2, 3, 9):
+        code, reason, metadata = await failure(assemble(stub, tenant, session_id, at_version=version))
+        assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "VERSION_NOT_FOUND")
+        assert metadata["version"] == str(version)
+        fork = stub.ForkSession(
+            pb.ForkSessionRequest(tenant_id=tenant, session_id=session_id, version=version)
+        )
+        assert (await failure(fork))[:2] == (grpc.StatusCode.NOT_FOUND, "VERSION_NOT_FOUND")
+    assert [m.content for m in (await assemble(stub, tenant, session_id, at_version=1)).messages][:2] == [
+        "q0",
+        "a0",
+    ]
+    assert await append(stub, tenant, session_id, "q1'", version=4) == 5
+    assert await contents(stub, tenant, session_id) == (5, ["q0", "a0", "q1'"])
+
+
+async def test_a_retried_append_that_a_revert_undid_applies_again(stub, tenant) -> None:
+    session_id = await new_session(stub, tenant)
+    request = pb.AppendTurnsRequest(
+        tenant_id=tenant, session_id=session_id, any_version=True, turn_id="t-1", messages=[msg(USER, "hi")]
+    )
+    assert (await stub.AppendTurns(request)).version == 1
+    await stub.RevertSession(
+        pb.RevertSessionRequest(tenant_id=tenant, session_id=session_id, any_version=True)
+    )
+    again = await stub.AppendTurns(request)
+    assert (again.version, again.replayed) == (3, False)
+    assert await contents(stub, tenant, session_id) == (3, ["hi"])
+
+
+async def test_revert_and_fork_refuse_bad_input_and_keep_what_is_stored(stub, tenant) -> None:
+    session_id = await new_session(stub, tenant)
+    await append(stub, tenant, session_id, "q0", "a0")
+    calls = {
+        "INVALID_VERSION": [
+            stub.RevertSession(pb.RevertSessionRequest(tenant_id=tenant, session_id=session_id, version=-1)),
+            stub.ForkSession(pb.ForkSessionRequest(tenant_id=tenant, session_id=session_id, version=-1)),
+            assemble(stub, tenant, session_id, at_version=-1),
+        ],
+        "VERSION_NOT_FOUND": [
+            stub.RevertSession(
+                pb.RevertSessionRequest(tenant_id=tenant, session_id=session_id, version=5, any_version=True)
+            ),
+            stub.ForkSession(pb.ForkSessionRequest(tenant_id=tenant, session_id=session_id, version=2)),
+        ],
+        "VERSION_CONFLICT": [
+            stub.RevertSession(
+                pb.RevertSessionRequest(
+                    tenant_id=tenant, session_id=session_id, version=0, expected_version=0
+                )
+            )
+        ],
+        "SESSION_NOT_FOUND": [
+            stub.RevertSession(
+                pb.RevertSessionRequest(tenant_id=tenant, session_id="nope", any_version=True)
+            ),
+            stub.ForkSession(pb.ForkSessionRequest(tenant_id=f"{tenant}-x", session_id=session_id)),
+        ],
+        "SESSION_EXISTS": [
+            stub.ForkSession(
+                pb.ForkSessionRequest(tenant_id=tenant, session_id=session_id, new_session_id=session_id)
+            )
+        ],
+        "INVALID_SESSION_ID": [
+            stub.ForkSession(
+                pb.ForkSessionRequest(tenant_id=tenant, session_id=session_id, new_session_id="a b")
+            )
+        ],
+    }
+    for reason, failing in calls.items():
+        for call in failing:
+            assert (await failure(call))[1] == reason
+    assert await contents(stub, tenant, session_id) == (1, ["q0", "a0"])
+
+
+async def test_revert_and_appends_racing_keep_versions_consistent(stub, tenant) -> None:
+    """Writers append while others revert: every version stays readable or
+    cleanly gone, every readable version's turns are a prefix of what some
+    writer saw, and the final turns are exactly the history's last length."""
+    session_id = await new_session(stub, tenant)
+    await append(stub, tenant, session_id, "base")
+
+    async def writer(name: str) -> None:
+        for i in range(15):
+            await append(stub, tenant, session_id, f"{name}-{i}")
+
+    async def reverter() -> None:
+        for _ in range(6):
+            await stub.RevertSession(
+                pb.RevertSessionRequest(tenant_id=tenant, session_id=session_id, version=1, any_version=True)
+            )
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(writer("a"), writer("b"), reverter())
+    final_version, final = await contents(stub, tenant, session_id)
+    assert final_version == 1 + 30 + 6
+    assert final[0] == "base"
+    # Each writer's own turns keep their order.
+    for name in ("a", "b"):
+        mine = [int(c.split("-")[1]) for c in final if c.startswith(f"{name}-")]
+        assert mine == sorted(mine)
+    readable = 0
+    for version in range(final_version + 1):
+        try:
+            at = await assemble(stub, tenant, session_id, at_version=version)
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.NOT_FOUND
+            continue
+        readable += 1
+        assert at.session_version == version
+        turns = [m.content for m in at.messages][:-1]
+        assert turns[:1] == ["base"] or version == 0
+    assert readable >= 3
+    # The current version is always readable, at its number, with its turns.
+    latest = await assemble(stub, tenant, session_id, at_version=final_version)
+    assert [m.content for m in latest.messages][:-1] == final
+
+
+# --- reproducible assembly ----------------------------------------------------
+
+
+async def test_assembly_inputs_rebuild_the_same_prompt(stub, tenant) -> None:
+    session_id = await new_session(stub, tenant)
+    await append(stub, tenant, session_id, "q0", "a0", version=0)
+    first = await assemble(stub, tenant, session_id)
+    inputs = first.inputs
+    assert (inputs.session_id, inputs.session_version, inputs.model) == (session_id, 1, MODEL)
+    assert inputs.max_prompt_tokens == 400 and inputs.tokenizer == first.manifest.tokenizer
+    assert first.assembly_id == hashlib.sha256(inputs.SerializeToString(deterministic=True)).hexdigest()
+    await append(stub, tenant, session_id, "q1", "a1", version=1)
+    rebuilt = await assemble(stub, tenant, session_id, at_version=inputs.session_version)
+    assert rebuilt.messages == first.messages and rebuilt.manifest == first.manifest
+    assert rebuilt.assembly_id == first.assembly_id
+    now = await assemble(stub, tenant, session_id)
+    assert now.assembly_id != first.assembly_id and now.inputs.session_version == 2
+
+
+# --- the turn cap -------------------------------------------------------------
+
+
+async def test_a_session_at_its_cap_refuses_more_and_keeps_its_turns(redis_url, tenant) -> None:
+    settings = make_settings(redis_url)
+    settings.context.max_turns = 3
+    async with running(settings) as capped:
+        session_id = await new_session(capped, tenant)
+        await append(capped, tenant, session_id, "q0", "a0")
+        code, reason, metadata = await failure(append(capped, tenant, session_id, "q1", "a1"))
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_FULL")
+        assert metadata["max_turns"] == "3" and metadata["turns"] == "2"
+        assert await contents(capped, tenant, session_id) == (1, ["q0", "a0"])
+        assert await append(capped, tenant, session_id, "q1") == 2
+
+
+# --- the hot cache ------------------------------------------------------------
+
+# Commands that read or write session data; PING, INFO and the subscription are not.
+_DATA_COMMANDS = (
+    *("evalsha", "eval", "hgetall", "hget", "hmget", "lrange", "getrange", "get", "exists", "llen"),
+)
+
+
+async def _data_commands(client: redis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in _DATA_COMMANDS)
+
+
+@contextlib.asynccontextmanager
+async def _own_redis(tmp_path):
+    """A Redis of this test's alone, so its command counts are this test's."""
+    port = free_port()
+    process = redis_server.launch(port, tmp_path)
+    try:
+        redis_server.wait_ready(port)
+        url = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(url)
+        yield url, client
+        await client.aclose()
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+async def _until(condition, timeout_s: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.02)
+
+
+async def _settled(client: redis.Redis) -> int:
+    """The data command count once background reads (a prefetch) are done."""
+    previous = await _data_commands(client)
+    while True:
+        await asyncio.sleep(0.1)
+        current = await _data_commands(client)
+        if current == previous:
+            return current
+        previous = current
+
+
+async def test_after_a_prefetch_assembly_reads_nothing_from_redis(tmp_path, tenant) -> None:
+    async with _own_redis(tmp_path) as (url, client), running(make_settings(url)) as stub:
+        warm_up = await new_session(stub, tenant)
+
+        # The cache goes live once its subscription is up; wait for that.
+        async def live() -> bool:
+            await append(stub, tenant, warm_up, "more")
+            before = await _settled(client)
+            await assemble(stub, tenant, warm_up)
+            return await _data_commands(client) == before
+
+        await _until(live)
+
+        # A session this replica never read: its first append prefetches it.
+        session_id = await new_session(stub, tenant)
+        await append(stub, tenant, session_id, "q0", "a0", version=0)
+        before = await _settled(client)
+        first = await assemble(stub, tenant, session_id)
+        assert await _data_commands(client) == before
+        assert [m.content for m in first.messages] == ["q0", "a0", "and now?"]
+
+        # The next append extends the cached entry: again nothing to read.
+        version = await append(stub, tenant, session_id, "q1", "a1", version=1)
+        before = await _settled(client)
+        second = await assemble(stub, tenant, session_id)
+        assert await _data_commands(client) == before
+        assert second.session_version == version == 2
+        assert [m.content for m in second.messages] == ["q0", "a0", "q1", "a1", "and now?"]
+
+        # The count does see reads: an assembly at a past version goes to Redis.
+        await assemble(stub, tenant, session_id, at_version=1)
+        assert await _data_commands(client) > before
+
+
+async def test_another_replicas_change_reaches_the_cache(tmp_path, tenant) -> None:
+    """Two replicas over one Redis: what one appends or reverts, the other's
+    next assembly shows, though it had the session cached."""
+    async with (
+        _own_redis(tmp_path) as (url, client),
+        running(make_settings(url)) as one,
+        running(make_settings(url)) as two,
+    ):
+        session_id = await new_session(one, tenant)
+        await append(one, tenant, session_id, "q0", "a0", version=0)
+
+        async def cached_by_two() -> bool:
+            await assemble(two, tenant, session_id)
+            before = await _data_commands(client)
+            await assemble(two, tenant, session_id)
+            return await _data_commands(client) == before
+
+        await _until(cached_by_two)
+        await append(one, tenant, session_id, "q1", version=1)
+
+        async def two_sees(expected: list[str]) -> bool:
+            response = await assemble(two, tenant, session_id)
+            return [m.content for m in response.messages][:-1] == expected
+
+        await _until(lambda: two_sees(["q0", "a0", "q1"]))
+        await one.RevertSession(
+            pb.RevertSessionRequest(tenant_id=tenant, session_id=session_id, version=0, any_version=True)
+        )
+        await _until(lambda: two_sees([]))
+        await one.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=session_id))
+
+        async def two_sees_it_gone() -> bool:
+            try:
+                await assemble(two, tenant, session_id)
+            except grpc.aio.AioRpcError as error:
+                return error.code() == grpc.StatusCode.NOT_FOUND
+            return False
+
+        await _until(two_sees_it_gone)
