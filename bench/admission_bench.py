@@ -1,0 +1,136 @@
+"""What admission control costs, and that it holds across replicas.
+
+1. CPU per turn that admit + settle add in the router process (tenant, key
+   and model limits: requests and tokens per minute, concurrent streams, a
+   daily token and cost budget), against the same loop without limits, in
+   one run against a real Redis started here. Redis's own CPU is not
+   counted: it is another process, as in production.
+2. Overshoot: 4 router-like processes, each with its own Redis connection,
+   hammer one requests-per-minute and one tokens-per-minute limit; the
+   admitted amount is compared with the limit.
+
+Usage: .venv/bin/python bench/admission_bench.py [--turns 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import tempfile
+import time
+import uuid
+
+from meshgate import redis_access, redis_server
+from meshgate.config import LimitSettings, PriceSettings
+from meshgate.errors import MeshgateError
+from meshgate.stack import free_port
+from services.router.admission import Admission, Scope
+
+_LIMITS = LimitSettings(
+    requests_per_minute=10**9,
+    tokens_per_minute=10**12,
+    concurrent_streams=10**6,
+    tokens_per_day=10**12,
+    cost_usd_per_day=10**6,
+)
+_PRICE = PriceSettings(prompt_usd_per_million=0.15, completion_usd_per_million=0.6)
+
+
+async def _cpu_per_turn(url: str, turns: int) -> tuple[float, float]:
+    client = redis_access.connect(url)
+    admission = Admission(client, max_generation_s=300)
+    run = uuid.uuid4().hex[:8]
+    limited = [
+        Scope("tenant", f"t{run}", _LIMITS),
+        Scope("key", f"k{run}", _LIMITS),
+        Scope("model", run, _LIMITS),
+    ]
+    unlimited = [Scope("tenant", "free", LimitSettings())]
+
+    async def loop(scopes) -> float:
+        cpu = time.process_time()
+        for _ in range(turns):
+            grant = await admission.admit(scopes, 40, 64, _PRICE)
+            await admission.settle(grant, 70, 10_000)
+        return (time.process_time() - cpu) / turns * 1000
+
+    await loop(limited)  # warm: scripts loaded, connections open
+    without = await loop(unlimited)
+    with_limits = await loop(limited)
+    await client.aclose()
+    return without, with_limits
+
+
+def _replica(url: str, rpm_id: str, tpm_id: str, attempts: int, results) -> None:
+    async def hammer() -> tuple[int, int]:
+        client = redis_access.connect(url)
+        admission = Admission(client, max_generation_s=300)
+        rpm = Scope("tenant", rpm_id, LimitSettings(requests_per_minute=1000))
+        tpm = Scope("model", tpm_id, LimitSettings(tokens_per_minute=20_000))
+        requests = tokens = 0
+        for _ in range(attempts):
+            for scope, cost in ((rpm, 1), (tpm, 13)):
+                try:
+                    await admission.admit([scope], cost - 1, 1)
+                except MeshgateError:
+                    continue
+                if scope is rpm:
+                    requests += 1
+                else:
+                    tokens += cost
+        await client.aclose()
+        return requests, tokens
+
+    results.put(asyncio.run(hammer()))
+
+
+def _overshoot(url: str, attempts: int) -> tuple[int, int]:
+    rpm_id, tpm_id = uuid.uuid4().hex[:8], uuid.uuid4().hex[:8]
+    results = multiprocessing.Queue()
+    processes = [
+        multiprocessing.Process(target=_replica, args=(url, rpm_id, tpm_id, attempts, results))
+        for _ in range(4)
+    ]
+    for process in processes:
+        process.start()
+    totals = [results.get() for _ in processes]
+    for process in processes:
+        process.join()
+    return sum(t[0] for t in totals), sum(t[1] for t in totals)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--turns", type=int, default=2000)
+    parser.add_argument("--attempts", type=int, default=1000, help="per replica and limit")
+    args = parser.parse_args()
+    port = free_port()
+    with tempfile.TemporaryDirectory() as data_dir:
+        import pathlib
+
+        process = redis_server.launch(port, pathlib.Path(data_dir))
+        try:
+            redis_server.wait_ready(port)
+            url = f"redis://127.0.0.1:{port}/0"
+            without, with_limits = asyncio.run(_cpu_per_turn(url, args.turns))
+            print(
+                f"router CPU per turn, admit+settle: without limits {without:.3f} ms,"
+                f" with {with_limits:.3f} ms,"
+            )
+            print(
+                f"  added {with_limits - without:.3f} ms (15 limits over 3 scopes; {args.turns} turns each)"
+            )
+            started = time.perf_counter()
+            requests, tokens = _overshoot(url, args.attempts)
+            elapsed = time.perf_counter() - started
+            print(f"4 replicas, {4 * args.attempts} attempts per limit in {elapsed:.1f} s:")
+            print(f"  requests_per_minute 1000: admitted {requests} ({(requests / 1000 - 1) * 100:+.2f}%)")
+            print(f"  tokens_per_minute 20000: admitted {tokens} ({(tokens / 20000 - 1) * 100:+.2f}%)")
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+if __name__ == "__main__":
+    main()
