@@ -205,6 +205,13 @@ class RouterSettings:
     # generation; a caller's shorter deadline wins.
     downstream_timeout_s: float = 10.0
     max_generation_s: float = 300.0
+    # A cache hit streams in pieces of whole words of about this many
+    # characters (a few tokens), optionally this far apart (0: no pacing).
+    replay_piece_chars: int = 16
+    replay_pause_s: float = 0.0
+    # Start generating while the cache lookup runs (its output waits for the
+    # lookup; a hit cancels it): a miss then costs no lookup time to first token.
+    speculative_generation: bool = True
     # Limits per model alias, all tenants together (protecting its deployments).
     model_limits: dict[str, LimitSettings] = dataclasses.field(default_factory=dict)
     # Per model alias; an alias without prices costs nothing.

@@ -89,6 +89,10 @@ def unavailable(reason: str, message: str, **metadata: str) -> MeshgateError:
     return MeshgateError(grpc.StatusCode.UNAVAILABLE, reason, message, metadata)
 
 
+def aborted(reason: str, message: str, **metadata: str) -> MeshgateError:
+    return MeshgateError(grpc.StatusCode.ABORTED, reason, message, metadata)
+
+
 def partly_delivered(
     failure: MeshgateError, deltas: int, chars: int, tokens: int | None = None
 ) -> MeshgateError:

@@ -10,6 +10,8 @@ from meshgate.router.v1 import router_service_pb2, router_service_pb2_grpc
 from meshgate.serving import Cleanup, Service
 from services.router.auth import Authenticator
 from services.router.deployments import DeploymentTable
+from services.router.downstream import CacheService, ContextService, Deployments
+from services.router.pipeline import Pipeline
 from services.router.servicer import RouterServicer
 
 SERVICE_NAMES = [router_service_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name]
@@ -22,16 +24,18 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     context_channel = serving.client_channel(settings.router.context_address, mesh.to("context"))
     cache_channel = serving.client_channel(settings.router.cache_address, mesh.to("cache"))
     deployments = DeploymentTable(settings.models, mesh.to("inference"))
-    router_service_pb2_grpc.add_RouterServiceServicer_to_server(
-        RouterServicer(
-            settings,
-            Authenticator(settings.router),
-            deployments,
-            context_service_pb2_grpc.ContextServiceStub(context_channel),
-            cache_service_pb2_grpc.CacheServiceStub(cache_channel),
-            mesh.tenant_tokens(),
+    tenant_tokens = mesh.tenant_tokens()
+    pipeline = Pipeline(
+        settings.router,
+        settings.models,
+        ContextService(
+            context_service_pb2_grpc.ContextServiceStub(context_channel), tenant_tokens, settings.router
         ),
-        service.server,
+        CacheService(cache_service_pb2_grpc.CacheServiceStub(cache_channel), tenant_tokens, settings.router),
+        Deployments(deployments, settings.router),
+    )
+    router_service_pb2_grpc.add_RouterServiceServicer_to_server(
+        RouterServicer(settings, Authenticator(settings.router), pipeline), service.server
     )
 
     async def cleanup() -> None:

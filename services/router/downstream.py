@@ -1,0 +1,249 @@
+"""The pipeline's stages over gRPC: the context and cache services and the
+inference deployments, called as the caller's tenant (a router-signed token
+per call), within the turn's budget.
+
+Each failure of another service becomes a MeshgateError with its reason
+intact (``from_rpc_error``); nothing of gRPC leaves this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+import structlog
+
+from meshgate.cache.v1 import cache_service_pb2 as cache_pb
+from meshgate.common.v1 import common_pb2
+from meshgate.config import RouterSettings
+from meshgate.context.v1 import context_service_pb2 as context_pb
+from meshgate.errors import MeshgateError, from_rpc_error, partly_delivered, unavailable
+from meshgate.inference.v1 import inference_service_pb2 as inference_pb
+from meshgate.mesh_auth import TenantTokens
+from meshgate.reasons import Reason
+from services.router.auth import Tenant
+from services.router.deployments import DeploymentTable
+from services.router.pipeline import Answer, Budget, CachePlan, CacheStatus, Hit, Turn
+
+log = structlog.get_logger(__name__)
+
+_HIT_STATUS = {
+    cache_pb.LOOKUP_STATUS_EXACT_HIT: CacheStatus.EXACT_HIT,
+    cache_pb.LOOKUP_STATUS_SEMANTIC_HIT: CacheStatus.SEMANTIC_HIT,
+}
+# Failures that say the context service is down, not that the request is bad.
+_CONTEXT_OUTAGE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Attempts to save a turn while the context service is unavailable, and the
+# pause before the first retry (it grows linearly).
+_APPEND_ATTEMPTS = 3
+_APPEND_RETRY_DELAY_S = 0.2
+
+
+class ContextService:
+    def __init__(self, stub, tenant_tokens: TenantTokens, settings: RouterSettings) -> None:
+        self._stub = stub
+        # The context service acts only for the tenant these tokens assert.
+        self._tokens = tenant_tokens
+        self._timeout_s = settings.downstream_timeout_s
+
+    def _call_options(self, tenant_id: str, budget: Budget) -> dict:
+        return {
+            "timeout": budget.within(self._timeout_s),
+            "metadata": self._tokens.metadata(tenant_id, "context"),
+        }
+
+    async def create_session(self, tenant: Tenant, budget: Budget) -> str:
+        try:
+            response = await self._stub.CreateSession(
+                context_pb.CreateSessionRequest(tenant_id=tenant.id), **self._call_options(tenant.id, budget)
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, "context") from error
+        return response.session.session_id
+
+    async def assemble(self, turn: Turn) -> tuple[list[common_pb2.Message], int] | None:
+        """A stateless turn needs the context service only to fit the prompt
+        to the window, so its outage degrades that turn (the model's own
+        window check still refuses a prompt that is too long) instead of
+        failing it. A session turn cannot be answered without its history.
+        """
+        try:
+            response = await self._stub.AssembleContext(
+                context_pb.AssembleContextRequest(
+                    tenant_id=turn.tenant.id,
+                    session_id=turn.session_id,
+                    new_messages=turn.messages,
+                    model=turn.model_alias,
+                    max_prompt_tokens=turn.model.context_window_tokens - turn.max_tokens,
+                ),
+                **self._call_options(turn.tenant.id, turn.budget),
+            )
+        except grpc.aio.AioRpcError as error:
+            if not turn.session_id and error.code() in _CONTEXT_OUTAGE:
+                log.warning("context service unreachable; sending the prompt as is", code=error.code().name)
+                return None
+            raise from_rpc_error(error, "context") from error
+        return list(response.messages), response.session_version
+
+    async def append(self, turn: Turn, session_id: str, after_version: int, answer: Answer) -> int:
+        """Appends the turn's messages and the answer as one adjacent block.
+
+        Strict turns append only at the version they were answered from
+        (ABORTED otherwise). Other turns append after whatever the session
+        holds by then, so concurrent turns on one session all land. One turn
+        id for every attempt: a retry after a lost reply is answered, not
+        applied twice.
+        """
+        request = context_pb.AppendTurnsRequest(
+            tenant_id=turn.tenant.id,
+            session_id=session_id,
+            expected_version=after_version,
+            any_version=turn.expected_version is None,
+            turn_id=uuid.uuid4().hex,
+            messages=[
+                *turn.messages,
+                common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=answer.text),
+            ],
+        )
+        for attempt in range(_APPEND_ATTEMPTS):
+            try:
+                response = await self._stub.AppendTurns(
+                    request, **self._call_options(turn.tenant.id, turn.budget)
+                )
+                return response.version
+            except grpc.aio.AioRpcError as error:
+                # UNAVAILABLE: the context service or its Redis is restarting;
+                # the turn id makes the retry safe.
+                if error.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < _APPEND_ATTEMPTS:
+                    await asyncio.sleep(_APPEND_RETRY_DELAY_S * (attempt + 1))
+                    continue
+                raise from_rpc_error(error, "context") from error
+        raise AssertionError("unreachable")
+
+
+class CacheService:
+    """The cache is an optimization: when it fails, the turn is generated
+    (lookup) or simply not cached (store), never failed."""
+
+    def __init__(self, stub, tenant_tokens: TenantTokens, settings: RouterSettings) -> None:
+        self._stub = stub
+        self._tokens = tenant_tokens
+        self._timeout_s = settings.downstream_timeout_s
+
+    @staticmethod
+    def _scope(plan: CachePlan) -> cache_pb.CacheScope:
+        return cache_pb.CacheScope(tenant_id=plan.tenant_id, model=plan.model, parameters=plan.parameters)
+
+    async def lookup(self, plan: CachePlan, messages, budget: Budget) -> Hit | None:
+        try:
+            response = await self._stub.Lookup(
+                cache_pb.LookupRequest(scope=self._scope(plan), messages=messages, semantic=True),
+                timeout=budget.within(self._timeout_s),
+                metadata=self._tokens.metadata(plan.tenant_id, "cache"),
+            )
+        except grpc.aio.AioRpcError as error:
+            log.warning("cache lookup failed", code=error.code().name, details=error.details())
+            return None
+        status = _HIT_STATUS.get(response.status)
+        if status is None:
+            return None
+        cached = response.answer
+        answer = Answer(
+            text=cached.text,
+            prompt_tokens=cached.usage.prompt_tokens,
+            completion_tokens=cached.usage.completion_tokens,
+            finish_reason=cached.finish_reason,
+            deployment=cached.deployment,
+        )
+        return Hit(answer, status, response.similarity)
+
+    async def store(self, plan: CachePlan, messages, answer: Answer, budget: Budget) -> None:
+        cached = cache_pb.CachedAnswer(
+            text=answer.text,
+            usage=common_pb2.Usage(
+                prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens
+            ),
+            finish_reason=answer.finish_reason,
+            deployment=answer.deployment,
+        )
+        try:
+            await self._stub.Store(
+                cache_pb.StoreRequest(scope=self._scope(plan), messages=messages, answer=cached),
+                timeout=budget.within(self._timeout_s),
+                metadata=self._tokens.metadata(plan.tenant_id, "cache"),
+            )
+        except grpc.aio.AioRpcError as error:
+            log.warning("cache store failed", code=error.code().name, details=error.details())
+
+
+class Deployments:
+    """Routes a generation to a model's deployments, in the table's order."""
+
+    def __init__(self, table: DeploymentTable, settings: RouterSettings) -> None:
+        self._table = table
+        self._limit_s = settings.max_generation_s
+
+    async def generate(self, alias: str, prompt, parameters, budget: Budget, answer: Answer):
+        last_error: grpc.aio.AioRpcError | None = None
+        for deployment in self._table.candidates(alias):
+            call = deployment.stub.Generate(
+                inference_pb.GenerateRequest(model=deployment.model, messages=prompt, parameters=parameters),
+                timeout=budget.within(self._limit_s),
+            )
+            pieces: list[str] = []
+            completed = False
+            try:
+                async for response in call:
+                    if response.HasField("delta"):
+                        pieces.append(response.delta.text)
+                        yield response.delta.text
+                    else:
+                        completion = response.completion
+                        answer.prompt_tokens = completion.usage.prompt_tokens
+                        answer.completion_tokens = completion.usage.completion_tokens
+                        answer.finish_reason = completion.finish_reason
+                        completed = True
+            except grpc.aio.AioRpcError as error:
+                # Another deployment may take it, but only before the caller saw output.
+                if error.code() == grpc.StatusCode.UNAVAILABLE and not pieces:
+                    log.warning(
+                        "deployment unavailable, trying the next",
+                        deployment=deployment.name,
+                        details=error.details(),
+                    )
+                    deployment.record_failure()
+                    last_error = error
+                    continue
+                failure = from_rpc_error(error, "inference")
+                if pieces:
+                    # Our own count of what reached our caller (every piece
+                    # was yielded before the next read failed); the tokens
+                    # behind it are the inference service's count.
+                    tokens = failure.metadata.get("delivered_tokens")
+                    partly_delivered(
+                        failure, len(pieces), sum(map(len, pieces)), int(tokens) if tokens else None
+                    )
+                raise failure from error
+            finally:
+                # Reached on cancellation too (the caller's, or a cache hit
+                # overtaking a speculative generation): the inference call,
+                # and through it the Triton request, must not outlive it.
+                call.cancel()
+            if not completed:
+                raise partly_delivered(
+                    MeshgateError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        Reason.STREAM_ENDED_EARLY,
+                        "the inference stream ended without a completion",
+                        {"deployment": deployment.name},
+                    ),
+                    len(pieces),
+                    sum(map(len, pieces)),
+                )
+            deployment.record_success()
+            answer.text = "".join(pieces)
+            answer.deployment = deployment.name
+            return
+        detail = last_error.details() if last_error else "no deployment configured"
+        raise unavailable(Reason.NO_DEPLOYMENT_AVAILABLE, f"no deployment of {alias!r} could serve: {detail}")

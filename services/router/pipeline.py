@@ -1,0 +1,497 @@
+"""One chat turn, free of any transport.
+
+A front end (the gRPC servicer today, an HTTP edge later) hands
+:meth:`Pipeline.run` a request, the caller's tenant and a :class:`Budget`,
+and relays the events it yields: :class:`Delta` pieces of the answer, then
+one :class:`Completion` or one :class:`Failure`. Nothing here knows gRPC:
+deadlines are a plain budget, a caller hanging up is asyncio cancellation.
+
+The stages, in order:
+
+1. validate: the request becomes a :class:`Turn` (or a Failure, before any
+   downstream work);
+2. admit: :class:`Admission` may refuse the turn or reserve for it;
+3. plan the cache: which lookups and stores the turn's cache policy allows;
+4. look up, assemble, route and generate: a stateless turn's lookup runs
+   alongside assembly and the start of generation, a session turn's
+   alongside generation, so a miss costs no extra wait; a hit cancels the
+   generation before any generated token went out and is replayed in pieces;
+5. persist: store the answer and append the turn, concurrently;
+6. settle: :class:`Admission` learns what the turn really used, whatever
+   its end (completion, failure or cancellation).
+
+The stages reach other services only through the interfaces below
+(:class:`Contexts`, :class:`Cache`, :class:`Generator`, :class:`Admission`);
+``services/router/downstream.py`` implements them over gRPC, unit tests
+with fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections.abc
+import contextlib
+import dataclasses
+import enum
+import re
+import time
+from typing import Any, Protocol
+
+import structlog
+
+from meshgate import telemetry
+from meshgate.common.v1 import common_pb2
+from meshgate.config import ModelSettings, RouterSettings
+from meshgate.errors import MeshgateError, aborted, internal_error, partly_delivered
+from meshgate.reasons import Reason
+from meshgate.router.v1 import router_service_pb2 as router_pb
+from services.router.auth import Tenant
+from services.router.validation import check_turn, resolve_model
+
+log = structlog.get_logger(__name__)
+
+_READS_CACHE = frozenset({router_pb.CACHE_POLICY_UNSPECIFIED, router_pb.CACHE_POLICY_USE})
+
+
+# --- values ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How long the caller waits: a monotonic deadline, or none."""
+
+    deadline: float | None = None
+
+    @classmethod
+    def of(cls, seconds: float | None) -> Budget:
+        return cls(None if seconds is None else time.monotonic() + seconds)
+
+    def within(self, cap_s: float) -> float:
+        """Seconds for one downstream step: ``cap_s``, never past the deadline."""
+        if self.deadline is None:
+            return cap_s
+        return max(0.0, min(cap_s, self.deadline - time.monotonic()))
+
+
+class CacheStatus(enum.Enum):
+    EXACT_HIT = "exact_hit"
+    SEMANTIC_HIT = "semantic_hit"
+    MISS = "miss"
+    BYPASSED = "bypassed"
+
+
+@dataclasses.dataclass
+class Answer:
+    """A whole answer: generated (filled as it streams) or from the cache."""
+
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = ""
+    deployment: str = ""
+
+    def adopt(self, other: Answer) -> None:
+        """Becomes ``other``, in place: the turn's outcome holds this object."""
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(other, field.name))
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    answer: Answer
+    status: CacheStatus
+    similarity: float
+
+
+@dataclasses.dataclass(frozen=True)
+class CachePlan:
+    """What the turn's cache policy allows, and under which scope."""
+
+    reads: bool
+    writes: bool
+    # The scope of an entry: tenant, model alias and the full parameters
+    # ("unset" max_tokens and the default are one entry).
+    tenant_id: str
+    model: str
+    parameters: common_pb2.GenerationParameters
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    """A validated turn: everything the later stages need, nothing of the transport."""
+
+    tenant: Tenant
+    model_alias: str
+    model: ModelSettings
+    messages: collections.abc.Sequence[common_pb2.Message]
+    # With max_tokens resolved to the model's default when unset.
+    parameters: common_pb2.GenerationParameters
+    session_id: str
+    # A ChatSession's first turn without a session: one is created once the
+    # turn is admitted, so a refused turn leaves no empty session behind.
+    create_session: bool
+    # Strict turns answer only from, and append only at, this version.
+    expected_version: int | None
+    cache: CachePlan
+    budget: Budget
+
+    @property
+    def max_tokens(self) -> int:
+        return self.parameters.max_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    answer: Answer
+    cache_status: CacheStatus
+    similarity: float
+    session_id: str
+    session_version: int
+    trace_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """The turn failed; ``error`` says how (delivered_* metadata when part
+    of the answer went out)."""
+
+    error: MeshgateError
+
+
+Event = Delta | Completion | Failure
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a turn used, for settling its admission."""
+
+    answer: Answer
+    cache_status: CacheStatus | None
+    elapsed_s: float
+    # The reason it failed; None when it completed.
+    failure: str | None = None
+    cancelled: bool = False
+
+
+# --- stage interfaces --------------------------------------------------------
+
+
+class Contexts(Protocol):
+    """Sessions and prompt assembly (the context service)."""
+
+    async def create_session(self, tenant: Tenant, budget: Budget) -> str: ...
+
+    async def assemble(self, turn: Turn) -> tuple[list[common_pb2.Message], int] | None:
+        """The prompt and the session version it was built from; None when a
+        stateless turn should go out as sent (context service unreachable)."""
+
+    async def append(self, turn: Turn, session_id: str, after_version: int, answer: Answer) -> int:
+        """Appends the turn and its answer; returns the new version."""
+
+
+class Cache(Protocol):
+    async def lookup(self, plan: CachePlan, messages, budget: Budget) -> Hit | None:
+        """A hit or None; never fails a turn (the cache is an optimization)."""
+
+    async def store(self, plan: CachePlan, messages, answer: Answer, budget: Budget) -> None: ...
+
+
+class Generator(Protocol):
+    def generate(
+        self, alias: str, prompt, parameters: common_pb2.GenerationParameters, budget: Budget, answer: Answer
+    ) -> collections.abc.AsyncIterator[str]:
+        """Streams the answer's pieces from the first deployment that takes
+        it, filling ``answer``; fails with delivered_* metadata mid-stream."""
+
+
+class Admission(Protocol):
+    """Limits and accounting: the admit and settle stages.
+
+    ``admit`` refuses a turn by raising a MeshgateError (RESOURCE_EXHAUSTED)
+    or returns a grant, opaque to the pipeline, that ``settle`` receives
+    exactly once with what the turn really used, however it ended.
+    """
+
+    async def admit(self, turn: Turn) -> Any: ...
+
+    async def settle(self, grant: Any, turn: Turn, outcome: Outcome) -> None: ...
+
+
+class Unlimited:
+    """Admits every turn and records nothing."""
+
+    async def admit(self, turn: Turn) -> None:
+        return None
+
+    async def settle(self, grant: None, turn: Turn, outcome: Outcome) -> None:
+        return None
+
+
+# --- replay of cache hits ----------------------------------------------------
+
+# A word and the space after it: pieces end on word boundaries.
+_WORDS = re.compile(r"\S+\s*|\s+")
+
+
+def replay_pieces(text: str, piece_chars: int) -> list[str]:
+    """``text`` in pieces of whole words of about ``piece_chars`` characters
+    (a few tokens' worth), so a hit streams like a generated answer."""
+    pieces: list[str] = []
+    current = ""
+    for word in _WORDS.findall(text):
+        if current and len(current) + len(word) > piece_chars:
+            pieces.append(current)
+            current = ""
+        current += word
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+# --- the pipeline --------------------------------------------------------------
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: RouterSettings,
+        models: dict[str, ModelSettings],
+        contexts: Contexts,
+        cache: Cache,
+        generator: Generator,
+        admission: Admission | None = None,
+    ) -> None:
+        self._settings = settings
+        self._models = models
+        self._contexts = contexts
+        self._cache = cache
+        self._generator = generator
+        self._admission = admission or Unlimited()
+
+    async def create_session(self, tenant: Tenant, budget: Budget) -> str:
+        return await self._contexts.create_session(tenant, budget)
+
+    def validate(
+        self, request, tenant: Tenant, session_id: str, budget: Budget, create_session: bool
+    ) -> Turn:
+        """The validate stage: ``request`` is any message with a chat turn's
+        fields (ChatRequest, ChatSessionRequest)."""
+        model = resolve_model(request.model, tenant, self._models)
+        max_tokens = check_turn(request, model, self._settings)
+        parameters = common_pb2.GenerationParameters()
+        parameters.CopyFrom(request.parameters)
+        parameters.max_tokens = max_tokens
+        return Turn(
+            tenant=tenant,
+            model_alias=request.model,
+            model=model,
+            messages=list(request.messages),
+            parameters=parameters,
+            session_id=session_id,
+            create_session=create_session,
+            expected_version=(
+                request.expected_session_version if request.HasField("expected_session_version") else None
+            ),
+            cache=CachePlan(
+                reads=request.cache_policy in _READS_CACHE,
+                writes=request.cache_policy != router_pb.CACHE_POLICY_BYPASS,
+                tenant_id=tenant.id,
+                model=request.model,
+                parameters=parameters,
+            ),
+            budget=budget,
+        )
+
+    async def run(
+        self, request, tenant: Tenant, session_id: str, budget: Budget, create_session: bool = False
+    ) -> collections.abc.AsyncIterator[Event]:
+        """The turn's events: deltas, then a Completion or a Failure."""
+        started = time.perf_counter()
+        try:
+            turn = self.validate(request, tenant, session_id, budget, create_session)
+            grant = await self._admission.admit(turn)
+        except MeshgateError as error:
+            yield Failure(error)
+            return
+        answer, status, failure, cancelled = Answer(), None, None, False
+        try:
+            async for event in self._admitted(turn, answer):
+                if isinstance(event, Completion):
+                    status = event.cache_status
+                yield event
+        except MeshgateError as error:
+            failure = error.reason
+            yield Failure(error)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        except Exception:  # noqa: BLE001 - a bug fails its turn, with nothing of its insides
+            log.exception("turn failed", model=turn.model_alias)
+            failure = Reason.INTERNAL
+            yield Failure(internal_error())
+        finally:
+            outcome = Outcome(answer, status, time.perf_counter() - started, failure, cancelled)
+            await self._settle(grant, turn, outcome)
+
+    async def _settle(self, grant, turn: Turn, outcome: Outcome) -> None:
+        try:
+            await self._admission.settle(grant, turn, outcome)
+        except Exception:  # noqa: BLE001 - the caller has its answer; settling is ours to fix
+            log.exception("settling a turn failed", tenant=turn.tenant.id)
+
+    async def _admitted(self, turn: Turn, answer: Answer) -> collections.abc.AsyncIterator[Event]:
+        started = time.perf_counter()
+        session_id = turn.session_id
+        if turn.create_session:
+            session_id = await self._contexts.create_session(turn.tenant, turn.budget)
+        plan = turn.cache
+        stateless = not session_id
+        version = 0
+        prompt = turn.messages
+        delivered = 0
+        hit: Hit | None = None
+
+        # Look up, assemble, route and generate. The generation starts at
+        # once; the lookup decides whether its output goes out.
+        if stateless:
+            lookup = self._cache.lookup(plan, turn.messages, turn.budget) if plan.reads else None
+            generation = self._generate_stateless(turn, answer)
+        else:
+            assembled = await self._contexts.assemble(_with_session(turn, session_id))
+            if assembled is not None:
+                prompt, version = assembled
+            if turn.expected_version is not None and version != turn.expected_version:
+                raise version_conflict(session_id, version)
+            lookup = self._cache.lookup(plan, prompt, turn.budget) if plan.reads else None
+            generation = self._generator.generate(
+                turn.model_alias, prompt, turn.parameters, turn.budget, answer
+            )
+
+        async with _Race(lookup, generation, self._settings.speculative_generation) as race:
+            hit = await race.hit()
+            if hit is not None:
+                answer.adopt(hit.answer)
+                for piece in replay_pieces(hit.answer.text, self._settings.replay_piece_chars):
+                    yield Delta(piece)
+                    delivered += 1
+                    if self._settings.replay_pause_s:
+                        await asyncio.sleep(self._settings.replay_pause_s)
+            else:
+                async for text in race.generated():
+                    yield Delta(text)
+                    delivered += 1
+
+        if hit is not None:
+            cache_status, similarity = hit.status, hit.similarity
+        else:
+            cache_status = CacheStatus.MISS if plan.writes else CacheStatus.BYPASSED
+            similarity = 0.0
+
+        # Persist: store and append concurrently; the completion waits for
+        # both, so a follow-up request already finds the turn and the entry.
+        saving = []
+        if plan.writes and hit is None and answer.text:
+            # A session turn's entry is keyed on the whole prompt it answered.
+            saving.append(
+                self._cache.store(plan, turn.messages if stateless else prompt, answer, turn.budget)
+            )
+        if not stateless:
+            saving.append(self._contexts.append(turn, session_id, version, answer))
+        try:
+            saved = await asyncio.gather(*saving)
+        except MeshgateError as failure:
+            # The answer went out but the turn was not saved: the stream ends
+            # non-OK, saying how much of it the caller holds.
+            raise partly_delivered(failure, delivered, len(answer.text), answer.completion_tokens) from None
+        if not stateless:
+            version = saved[-1]
+        log.info(
+            "turn",
+            tenant=turn.tenant.id,
+            model=turn.model_alias,
+            cache=cache_status.value,
+            completion_tokens=answer.completion_tokens,
+            elapsed_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+        yield Completion(answer, cache_status, similarity, session_id, version, telemetry.current_trace_id())
+
+    async def _generate_stateless(self, turn: Turn, answer: Answer) -> collections.abc.AsyncIterator[str]:
+        assembled = await self._contexts.assemble(turn)
+        prompt = turn.messages if assembled is None else assembled[0]
+        async for text in self._generator.generate(
+            turn.model_alias, prompt, turn.parameters, turn.budget, answer
+        ):
+            yield text
+
+
+def _with_session(turn: Turn, session_id: str) -> Turn:
+    return turn if turn.session_id == session_id else dataclasses.replace(turn, session_id=session_id)
+
+
+def version_conflict(session_id: str, current_version: int) -> MeshgateError:
+    return aborted(
+        Reason.VERSION_CONFLICT,
+        "the session is not at the expected version",
+        session_id=session_id,
+        current_version=str(current_version),
+    )
+
+
+class _Race:
+    """A cache lookup against the start of a generation.
+
+    The generation's first piece is fetched in the background while the
+    lookup runs; nothing generated goes out before the lookup has answered
+    (a caller never sees generated text and then a hit). On a hit the
+    generation is cancelled, and with it its inference call; its failure,
+    if it failed meanwhile, no longer matters.
+    """
+
+    def __init__(self, lookup, generation: collections.abc.AsyncIterator[str], speculative: bool) -> None:
+        self._lookup = lookup
+        self._generation = generation
+        self._speculative = speculative
+        self._first: asyncio.Task | None = None
+
+    def _start(self) -> None:
+        if self._first is None:
+            self._first = asyncio.ensure_future(anext(self._generation, None))
+
+    async def __aenter__(self) -> _Race:
+        if self._speculative or self._lookup is None:
+            self._start()
+        return self
+
+    async def hit(self) -> Hit | None:
+        if self._lookup is None:
+            return None
+        hit = await self._lookup
+        if hit is not None:
+            await self._stop_generation()
+        return hit
+
+    async def generated(self) -> collections.abc.AsyncIterator[str]:
+        self._start()
+        first = await self._first
+        if first is None:
+            return
+        yield first
+        async for text in self._generation:
+            yield text
+
+    async def _stop_generation(self) -> None:
+        if self._first is not None:
+            self._first.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._first
+        await self._generation.aclose()
+
+    async def __aexit__(self, *exc_info) -> None:
+        # Ends the generation however the turn ended (a failure, the caller
+        # cancelling): its inference call must not outlive the turn.
+        await self._stop_generation()
