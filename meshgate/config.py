@@ -257,8 +257,17 @@ class CacheSettings:
     # (bench/train_cache_verifier.py; the table is in verifier_model.json).
     max_false_hit_rate: float = 0.01
     ttl_s: int = 24 * 3600
-    # Per partition (tenant, model, parameters, earlier messages); oldest go first.
-    max_entries_per_partition: int = 10_000
+    # Per partition (tenant, model, parameters, earlier messages); oldest go
+    # first. Large partitions are searched through an approximate index
+    # (services/cache/index.py), so 1M entries stay within 2 ms a lookup.
+    max_entries_per_partition: int = 1_000_000
+    # Rows all resident vector indexes together may hold (about 2 KiB each at
+    # 384 dimensions: the float32 row, its int8 graph copy and links); the
+    # least recently used indexes are pushed out and reload from Redis.
+    max_resident_rows: int = 1_200_000
+    # From this many entries on, a sub-partition is searched through an HNSW
+    # graph instead of an exact scan (bench/cache_scale_bench.py).
+    approximate_index_from: int = 16_384
 
 
 @dataclasses.dataclass

@@ -48,7 +48,9 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         CacheStore(client, config.max_entries_per_partition),
         Embedder(inference_service_pb2_grpc.InferenceServiceStub(channel)),
         stats,
-        IndexRegistry(config.max_entries_per_partition),
+        IndexRegistry(
+            config.max_entries_per_partition, config.max_resident_rows, config.approximate_index_from
+        ),
         verifier,
     )
     cache_service_pb2_grpc.add_CacheServiceServicer_to_server(servicer, service.server)

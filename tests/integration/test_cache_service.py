@@ -187,6 +187,36 @@ async def test_entries_survive_a_restart(settings, tenant):
         assert response.answer.text == "Build small projects daily."
 
 
+async def test_entries_survive_a_restart_with_the_approximate_index(redis_url, inference_address, tenant):
+    settings = make_settings(redis_url, inference_address)
+    # Low enough that the stored questions put the partition on the graph,
+    # both before and after the restart (where it is rebuilt from Redis).
+    settings.cache.approximate_index_from = 4
+    others = [
+        "How do I bake sourdough bread?",
+        "What is the capital of Australia?",
+        "How many moons does Jupiter have?",
+        "Which sorting algorithm is fastest for nearly sorted data?",
+        "How do I change a flat bicycle tyre?",
+    ]
+    async with running(settings) as first:
+        for question in others:
+            await store(first, tenant, conversation(question), text=f"answer: {question}")
+        entry_id = await store(first, tenant, conversation(STORED), text="Build small projects daily.")
+        assert (await lookup(first, tenant, conversation(PARAPHRASE))).entry_id == entry_id
+    async with running(settings) as second:
+        response = await lookup(second, tenant, conversation(PARAPHRASE))
+        assert response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+        assert response.entry_id == entry_id and response.answer.text == "Build small projects daily."
+        everest = conversation("What is the boiling point of water on Everest?")
+        unrelated = await lookup(second, tenant, everest)
+        assert unrelated.status == pb.LOOKUP_STATUS_MISS
+        # A Store after the rebuild joins the graph without disturbing it.
+        await store(second, tenant, conversation("How do I renew my passport?"), text="At the post office.")
+        again = await lookup(second, tenant, conversation(PARAPHRASE))
+        assert again.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and again.entry_id == entry_id
+
+
 async def test_stats_count_every_outcome(stub, settings, tenant):
     before = await stub.GetStats(pb.GetStatsRequest())
     await store(stub, tenant, conversation(STORED))

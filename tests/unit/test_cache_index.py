@@ -18,7 +18,7 @@ def unit(*components: float) -> np.ndarray:
 
 
 def test_best_is_the_most_similar_entry():
-    index = VectorIndex(DIMS, max_entries=10)
+    index = VectorIndex(DIMS, max_entries=10, approximate_from=10**9)
     assert index.best(unit(1), now_ms=0) is None
     index.upsert("a", 1, FAR_FUTURE, unit(1, 0))
     index.upsert("b", 2, FAR_FUTURE, unit(1, 1))
@@ -30,7 +30,7 @@ def test_best_is_the_most_similar_entry():
 
 
 def test_growth_keeps_every_row():
-    index = VectorIndex(DIMS, max_entries=100)
+    index = VectorIndex(DIMS, max_entries=100, approximate_from=10**9)
     for i in range(40):
         index.upsert(f"e{i}", i + 1, FAR_FUTURE, unit(*([0] * (i % DIMS)), 1))
     assert len(index) == 40
@@ -39,7 +39,7 @@ def test_growth_keeps_every_row():
 
 
 def test_full_index_evicts_the_lowest_sequence_number():
-    index = VectorIndex(DIMS, max_entries=3)
+    index = VectorIndex(DIMS, max_entries=3, approximate_from=10**9)
     # Arrival order differs from sequence order, as after a reload.
     index.upsert("second", 20, FAR_FUTURE, unit(0, 1))
     index.upsert("first", 10, FAR_FUTURE, unit(1))
@@ -55,7 +55,7 @@ def test_full_index_evicts_the_lowest_sequence_number():
 
 
 def test_upsert_replaces_only_with_a_newer_version():
-    index = VectorIndex(DIMS, max_entries=3)
+    index = VectorIndex(DIMS, max_entries=3, approximate_from=10**9)
     index.upsert("a", 2, FAR_FUTURE, unit(1))
     index.upsert("a", 1, FAR_FUTURE, unit(0, 1))
     assert index.best(unit(1), now_ms=0).similarity == pytest.approx(1.0)
@@ -65,7 +65,7 @@ def test_upsert_replaces_only_with_a_newer_version():
 
 
 def test_remove_with_seq_spares_a_newer_version():
-    index = VectorIndex(DIMS, max_entries=3)
+    index = VectorIndex(DIMS, max_entries=3, approximate_from=10**9)
     index.upsert("a", 1, FAR_FUTURE, unit(1))
     index.upsert("b", 2, FAR_FUTURE, unit(0, 1))
     index.upsert("a", 3, FAR_FUTURE, unit(1))
@@ -77,7 +77,7 @@ def test_remove_with_seq_spares_a_newer_version():
 
 
 def test_expired_rows_are_never_returned_and_are_dropped():
-    index = VectorIndex(DIMS, max_entries=10)
+    index = VectorIndex(DIMS, max_entries=10, approximate_from=10**9)
     index.upsert("expires", 1, 1_000, unit(1))
     index.upsert("lives", 2, 5_000, unit(1, 1))
     index.upsert("other", 3, 5_000, unit(0, 0, 1))
@@ -91,7 +91,7 @@ def test_expired_rows_are_never_returned_and_are_dropped():
 
 
 def test_registry_pushes_out_the_least_recently_used_index():
-    registry = IndexRegistry(max_entries=100, max_rows=8)
+    registry = IndexRegistry(max_entries=100, max_rows=8, approximate_from=10**9)
     for name in ("p:a", "p:b", "q:c"):
         index = registry.get_or_create(name, DIMS)
         for i in range(3):
@@ -106,7 +106,7 @@ def test_registry_pushes_out_the_least_recently_used_index():
 
 
 def test_registry_bounds_the_number_of_indexes():
-    registry = IndexRegistry(max_entries=100, max_indexes=2)
+    registry = IndexRegistry(max_entries=100, max_rows=1000, approximate_from=10**9, max_indexes=2)
     for name in ("a", "b", "c"):
         registry.get_or_create(name, DIMS)
         registry.settle(name)
@@ -117,8 +117,73 @@ def test_registry_bounds_the_number_of_indexes():
 
 
 def test_registry_replaces_an_index_of_another_size():
-    registry = IndexRegistry(max_entries=10)
+    registry = IndexRegistry(max_entries=10, max_rows=100, approximate_from=10**9)
     old = registry.get_or_create("k", DIMS)
     old.upsert("a", 1, FAR_FUTURE, unit(1))
     new = registry.get_or_create("k", 2 * DIMS)
     assert new is not old and new.dimensions == 2 * DIMS and len(new) == 0
+
+
+def _random_units(rng: np.random.Generator, count: int, dims: int) -> np.ndarray:
+    vectors = rng.standard_normal((count, dims)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_approximate_index_agrees_with_the_exact_scan_through_replacements_removals_and_expiry():
+    rng = np.random.default_rng(7)
+    dims = 32
+    exact = VectorIndex(dims, max_entries=5000, approximate_from=10**9)
+    approximate = VectorIndex(dims, max_entries=5000, approximate_from=100)
+    vectors = _random_units(rng, 1500, dims)
+    seq = 0
+    for i, vector in enumerate(vectors):
+        seq += 1
+        # Every tenth entry expires early; the rest live on.
+        expires = 1_000 if i % 10 == 0 else FAR_FUTURE
+        for index in (exact, approximate):
+            index.upsert(f"e{i}", seq, expires, vector, f"q{i}")
+    assert approximate.approximate and not exact.approximate
+    # Replace some vectors (a newer version moves the entry) and remove others.
+    for i in range(1, 1500, 7):
+        seq += 1
+        moved = _random_units(rng, 1, dims)[0]
+        for index in (exact, approximate):
+            index.upsert(f"e{i}", seq, FAR_FUTURE, moved, f"moved{i}")
+    for i in range(3, 1500, 11):
+        for index in (exact, approximate):
+            index.remove(f"e{i}")
+    now_ms = 2_000
+    agreed = 0
+    queries = vectors[rng.integers(0, len(vectors), 200)] + 0.05 * _random_units(rng, 200, dims)
+    for query in queries / np.linalg.norm(queries, axis=1, keepdims=True):
+        expected = exact.nearest(query, now_ms, 5)
+        found = approximate.nearest(query, now_ms, 5)
+        similarities = [m.similarity for m in found]
+        assert len(found) == 5 and similarities == sorted(similarities, reverse=True)
+        # Whatever the graph proposes is a live, current row with its exact similarity.
+        for match in found:
+            assert match.entry_id in exact and match.seq == exact._seqs[exact._rows[match.entry_id]]
+            assert match.similarity == pytest.approx(float(match.vector @ query), abs=1e-5)
+        agreed += len({m.entry_id for m in expected} & {m.entry_id for m in found})
+    assert len(approximate) == len(exact)
+    assert agreed / (5 * len(queries)) >= 0.99
+
+
+def test_approximate_index_never_returns_a_removed_entry():
+    rng = np.random.default_rng(3)
+    index = VectorIndex(16, max_entries=1000, approximate_from=50)
+    vectors = _random_units(rng, 300, 16)
+    for i, vector in enumerate(vectors):
+        index.upsert(f"e{i}", i + 1, FAR_FUTURE, vector)
+    index.nearest(vectors[0], 0, 5)  # the graph is built here
+    index.remove("e0")
+    assert all(m.entry_id != "e0" for m in index.nearest(vectors[0], 0, 5))
+    # Eviction when full removes the oldest from the graph as well.
+    small = VectorIndex(16, max_entries=60, approximate_from=50)
+    for i, vector in enumerate(vectors[:60]):
+        small.upsert(f"e{i}", i + 1, FAR_FUTURE, vector)
+    small.nearest(vectors[0], 0, 1)
+    small.upsert("new", 1000, FAR_FUTURE, vectors[100])
+    assert "e0" not in small
+    assert all(m.entry_id != "e0" for m in small.nearest(vectors[0], 0, 5))
+    assert small.nearest(vectors[100], 0, 1)[0].entry_id == "new"

@@ -88,7 +88,7 @@ def make_servicer(client, embedder, *, max_entries: int = 100) -> CacheServicer:
         CacheStore(client, max_entries),
         embedder,
         Stats(client),
-        IndexRegistry(max_entries),
+        IndexRegistry(max_entries, settings.max_resident_rows, settings.approximate_index_from),
         AcceptingVerifier(),
     )
 

@@ -1,0 +1,211 @@
+"""The semantic index at scale: one partition of 10k, 100k and 1M entries.
+
+    .venv/bin/python bench/cache_scale_bench.py            # or: make bench-cache
+    .venv/bin/python bench/cache_scale_bench.py --sizes 10000,100000
+
+Vectors are SYNTHETIC: 384-dimension unit vectors drawn around random
+centres (clusters of about 50, like the topics real questions gather in),
+not embeddings of real text, which would take hours to embed on this
+machine. Queries are stored vectors nudged by noise, as a paraphrase lands
+near its question. Latency and recall depend on the geometry, so they are
+indicative of real embeddings, not identical.
+
+Entries go into a real Redis through the cache's own Store script
+(``CacheStore.put_semantic``), one partition, one sub-partition. For each
+size the resident index is then rebuilt from Redis as after a restart (the
+service's own ``entries_since`` and ``_apply``, then the first search, which
+adds the rows to the graph) and timed; then:
+
+- lookup latency: the index search of a lookup (``nearest`` with the
+  service's candidate count and pre-filter), excluding the embedding and the
+  verifier (constant per lookup, measured by cache_bench.py);
+- recall at 100k and above: the share of the exact scan's best
+  ``MAX_CANDIDATES`` that the index returns;
+- memory per entry: the index's arrays and graph (measured), the Python ids
+  and texts (tracemalloc on a 10k sample), and Redis's (INFO used_memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import pathlib
+import sys
+import tempfile
+import time
+import tracemalloc
+
+# As the cache service runs (services/cache/__main__.py): one BLAS thread.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import uvloop  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from meshgate import redis_access, redis_server  # noqa: E402
+from meshgate.cache.v1 import cache_service_pb2 as pb  # noqa: E402
+from meshgate.common.v1 import common_pb2  # noqa: E402
+from meshgate.config import CacheSettings  # noqa: E402
+from meshgate.stack import free_port  # noqa: E402
+from services.cache import keys  # noqa: E402
+from services.cache.index import IndexRegistry, VectorIndex  # noqa: E402
+from services.cache.servicer import MAX_CANDIDATES, CacheServicer  # noqa: E402
+from services.cache.stats import Stats  # noqa: E402
+from services.cache.store import CacheStore  # noqa: E402
+
+DIMENSIONS = 384
+CLUSTER_SIZE = 50
+QUERIES = 2000
+RECALL_QUERIES = 500
+FAR_FUTURE_TTL_MS = 7 * 24 * 3600 * 1000
+
+
+def synthetic_vectors(rng: np.random.Generator, count: int, centres: np.ndarray) -> np.ndarray:
+    vectors = centres[rng.integers(0, len(centres), count)]
+    vectors = vectors + 0.6 * rng.standard_normal((count, DIMENSIONS), dtype=np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def nudged(rng: np.random.Generator, vectors: np.ndarray) -> np.ndarray:
+    noise = rng.standard_normal(vectors.shape, dtype=np.float32) * (1.2 / np.sqrt(DIMENSIONS))
+    queries = vectors + noise
+    return queries / np.linalg.norm(queries, axis=1, keepdims=True)
+
+
+def percentile_ms(seconds: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(seconds) * 1000, q))
+
+
+async def fill(store: CacheStore, partition, context_id: str, vectors: np.ndarray, first: int) -> None:
+    answer = pb.CachedAnswer(text="a synthetic answer", finish_reason="stop").SerializeToString()
+    now_ms = time.time_ns() // 1_000_000
+    batch = 512
+    for start in range(0, len(vectors), batch):
+        await asyncio.gather(
+            *(
+                store.put_semantic(
+                    partition,
+                    context_id,
+                    f"{first + start + i:032x}",
+                    answer,
+                    vector.tobytes(),
+                    f"synthetic question {first + start + i}",
+                    now_ms,
+                    FAR_FUTURE_TTL_MS,
+                )
+                for i, vector in enumerate(vectors[start : start + batch])
+            )
+        )
+
+
+def python_bytes_per_entry(rng: np.random.Generator, centres: np.ndarray) -> float:
+    """The ids, texts and row maps of an index, per entry, on a 10k sample
+    with the graph on (the arrays and graph are counted separately)."""
+    count = 10_000
+    vectors = synthetic_vectors(rng, count, centres)
+    gc.collect()
+    tracemalloc.start()
+    index = VectorIndex(DIMENSIONS, count, approximate_from=1)
+    before = tracemalloc.get_traced_memory()[0]
+    for i, vector in enumerate(vectors):
+        index.upsert(f"{i:032x}", i + 1, 2**62, vector, f"synthetic question {i}")
+    traced = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    # tracemalloc sees the numpy arrays too; they are counted exactly elsewhere.
+    arrays = index._vectors.nbytes + index._seqs.nbytes + index._expires_ms.nbytes
+    return (traced - arrays) / count
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    args = parser.parse_args()
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    rng = np.random.default_rng(20261201)
+    centres = rng.standard_normal((sizes[-1] // CLUSTER_SIZE + 1, DIMENSIONS), dtype=np.float32)
+
+    port = free_port()
+    with tempfile.TemporaryDirectory() as data_dir:
+        process = redis_server.launch(port, pathlib.Path(data_dir))
+        try:
+            redis_server.wait_ready(port)
+            client = await redis_access.connect_checked(f"redis://127.0.0.1:{port}/0")
+            settings = CacheSettings()
+            store = CacheStore(client, settings.max_entries_per_partition)
+            scope = pb.CacheScope(
+                tenant_id="bench-scale", model="tiny-gpt", parameters=common_pb2.GenerationParameters()
+            )
+            partition = keys.partition(scope)
+            context_id = keys.context_id(partition, [], settings.embedding_model)
+            index_key = partition.vectors_key(context_id)
+            redis_base = int((await client.info("memory"))["used_memory"])
+            print("| entries | store (s) | rebuild from Redis (s) | approximate | search p50 (ms) |"
+                  " search p99 (ms) | recall@5 vs exact | index bytes/entry | Redis bytes/entry |")
+            print("|---|---|---|---|---|---|---|---|---|")
+            stored = 0
+            for size in sizes:
+                started = time.perf_counter()
+                vectors = synthetic_vectors(rng, size - stored, centres)
+                await fill(store, partition, context_id, vectors, stored)
+                del vectors
+                fill_s = time.perf_counter() - started
+                stored = size
+                redis_bytes = int((await client.info("memory"))["used_memory"]) - redis_base
+
+                # A restarted service: empty registry, the index rebuilt from Redis.
+                gc.collect()
+                indexes = IndexRegistry(
+                    settings.max_entries_per_partition,
+                    settings.max_resident_rows,
+                    settings.approximate_index_from,
+                )
+                servicer = CacheServicer(settings, store, None, Stats(client), indexes, None)
+                started = time.perf_counter()
+                rows, _ = await store.entries_since(partition, context_id, 0)
+                index = servicer._apply(index_key, DIMENSIONS, 0, rows)
+                del rows
+                now_ms = time.time_ns() // 1_000_000
+                index.nearest(np.eye(DIMENSIONS, dtype=np.float32)[0], now_ms, 1)
+                rebuild_s = time.perf_counter() - started
+                assert len(index) == size, (len(index), size)
+
+                resident = index._vectors[: len(index)]
+                queries = nudged(rng, resident[rng.integers(0, size, QUERIES)])
+                timings = []
+                for query in queries:
+                    began = time.perf_counter()
+                    index.nearest(query, now_ms, MAX_CANDIDATES, settings.semantic_threshold)
+                    timings.append(time.perf_counter() - began)
+                recall = "-"
+                if index.approximate:
+                    agreed = 0
+                    for query in queries[:RECALL_QUERIES]:
+                        similarities = resident @ query
+                        best = np.argpartition(-similarities, MAX_CANDIDATES)[:MAX_CANDIDATES]
+                        expected = {index._ids[row] for row in best.tolist()}
+                        found = {m.entry_id for m in index.nearest(query, now_ms, MAX_CANDIDATES)}
+                        agreed += len(expected & found)
+                    recall = f"{agreed / (MAX_CANDIDATES * RECALL_QUERIES):.4f}"
+                print(
+                    f"| {size:,} | {fill_s:.1f} | {rebuild_s:.1f} | {index.approximate} |"
+                    f" {percentile_ms(timings, 50):.3f} | {percentile_ms(timings, 99):.3f} | {recall} |"
+                    f" {index.resident_bytes / size:,.0f} | {redis_bytes / size:,.0f} |",
+                    flush=True,
+                )
+                del index, indexes, servicer, resident
+            print(f"\nPython ids, texts and row maps: {python_bytes_per_entry(rng, centres):,.0f} bytes/entry"
+                  " (tracemalloc, 10k sample), on top of the index bytes above.")
+            await client.aclose()
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+if __name__ == "__main__":
+    uvloop.run(main())
