@@ -320,14 +320,20 @@ class Pipeline:
             return
         answer, status, failure, cancelled = Answer(), None, None, False
         try:
-            async for event in self._admitted(turn, answer):
-                if isinstance(event, Completion):
-                    status = event.cache_status
-                yield event
+            # Every nested stream is closed explicitly (aclosing): an
+            # abandoned async generator's cleanup, such as cancelling its
+            # inference call, would otherwise wait for the garbage collector.
+            async with contextlib.aclosing(self._admitted(turn, answer)) as events:
+                async for event in events:
+                    if isinstance(event, Completion):
+                        status = event.cache_status
+                    yield event
         except MeshgateError as error:
             failure = error.reason
             yield Failure(error)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # The caller went away: its task was cancelled, or its front end
+            # closed this stream unfinished.
             cancelled = True
             raise
         except Exception:  # noqa: BLE001 - a bug fails its turn, with nothing of its insides
@@ -423,10 +429,10 @@ class Pipeline:
     async def _generate_stateless(self, turn: Turn, answer: Answer) -> collections.abc.AsyncIterator[str]:
         assembled = await self._contexts.assemble(turn)
         prompt = turn.messages if assembled is None else assembled[0]
-        async for text in self._generator.generate(
-            turn.model_alias, prompt, turn.parameters, turn.budget, answer
-        ):
-            yield text
+        generation = self._generator.generate(turn.model_alias, prompt, turn.parameters, turn.budget, answer)
+        async with contextlib.aclosing(generation) as pieces:
+            async for text in pieces:
+                yield text
 
 
 def _with_session(turn: Turn, session_id: str) -> Turn:

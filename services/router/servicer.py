@@ -4,6 +4,8 @@ events to protobuf (deadline -> Budget, hang-up -> cancellation)."""
 
 from __future__ import annotations
 
+import contextlib
+
 from meshgate.config import Settings
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
@@ -41,15 +43,20 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
     async def Chat(self, request: pb.ChatRequest, context):
         tenant = self._auth.authenticate(context.invocation_metadata())
         budget = Budget.of(context.time_remaining())
-        async for event in self._pipeline.run(request, tenant, request.session_id, budget):
-            match event:
-                case Delta(text=text):
-                    yield pb.ChatResponse(delta=pb.TextDelta(text=text))
-                case Completion():
-                    yield pb.ChatResponse(completion=completion_proto(event))
-                case Failure(error=error):
-                    # The error interceptor ends the call with its status.
-                    raise error
+        # Closed on the way out, however the call ends: the turn settles at
+        # once, not whenever the abandoned generator is collected.
+        async with contextlib.aclosing(
+            self._pipeline.run(request, tenant, request.session_id, budget)
+        ) as events:
+            async for event in events:
+                match event:
+                    case Delta(text=text):
+                        yield pb.ChatResponse(delta=pb.TextDelta(text=text))
+                    case Completion():
+                        yield pb.ChatResponse(completion=completion_proto(event))
+                    case Failure(error=error):
+                        # The error interceptor ends the call with its status.
+                        raise error
 
     async def ChatSession(self, request_iterator, context):
         tenant = self._auth.authenticate(context.invocation_metadata())
@@ -60,22 +67,23 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             # the call while the client is still sending pipelined turns lets
             # grpc's asyncio client replace our status with "Internal error
             # from Core" (grpc/grpc#36066), and the next turn may well succeed.
-            events = self._pipeline.run(
+            turn = self._pipeline.run(
                 request,
                 tenant,
                 session_id,
                 Budget.of(context.time_remaining()),
                 create_session=not session_id,
             )
-            async for event in events:
-                match event:
-                    case Delta(text=text):
-                        yield pb.ChatSessionResponse(delta=pb.TextDelta(text=text))
-                    case Completion():
-                        session_id = event.session_id
-                        yield pb.ChatSessionResponse(completion=completion_proto(event))
-                    case Failure(error=error):
-                        yield pb.ChatSessionResponse(failure=error.to_status_proto().SerializeToString())
+            async with contextlib.aclosing(turn) as events:
+                async for event in events:
+                    match event:
+                        case Delta(text=text):
+                            yield pb.ChatSessionResponse(delta=pb.TextDelta(text=text))
+                        case Completion():
+                            session_id = event.session_id
+                            yield pb.ChatSessionResponse(completion=completion_proto(event))
+                        case Failure(error=error):
+                            yield pb.ChatSessionResponse(failure=error.to_status_proto().SerializeToString())
 
     async def CreateSession(self, request, context) -> pb.CreateSessionResponse:
         tenant = self._auth.authenticate(context.invocation_metadata())

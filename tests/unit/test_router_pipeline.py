@@ -1,0 +1,359 @@
+"""The router's turn pipeline with fakes behind its stage interfaces: no
+Redis, Triton or sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+
+import grpc
+import pytest
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import ModelSettings, RouterSettings
+from meshgate.errors import MeshgateError, unavailable
+from meshgate.reasons import Reason
+from meshgate.router.v1 import router_service_pb2 as pb
+from services.router.auth import Tenant
+from services.router.pipeline import (
+    Answer,
+    Budget,
+    CacheStatus,
+    Completion,
+    Delta,
+    Failure,
+    Hit,
+    Pipeline,
+    replay_pieces,
+)
+
+TENANT = Tenant("t1", frozenset({"*"}))
+MODELS = {"m": ModelSettings(context_window_tokens=512, max_output_tokens=64, default_max_tokens=8)}
+
+
+def user(text: str) -> common_pb2.Message:
+    return common_pb2.Message(role=common_pb2.ROLE_USER, content=text)
+
+
+def request(text="hello", policy=pb.CACHE_POLICY_USE, **fields) -> pb.ChatRequest:
+    return pb.ChatRequest(model="m", messages=[user(text)], cache_policy=policy, **fields)
+
+
+class FakeContexts:
+    def __init__(self, version: int = 3, outage: bool = False) -> None:
+        self.version = version
+        self.outage = outage
+        self.created: list[str] = []
+        self.assembled: list[str] = []
+        self.appended: list[tuple[str, int, str]] = []
+        self.append_error: MeshgateError | None = None
+
+    async def create_session(self, tenant, budget) -> str:
+        self.created.append(tenant.id)
+        return f"s{len(self.created)}"
+
+    async def assemble(self, turn):
+        self.assembled.append(turn.session_id)
+        if self.outage and not turn.session_id:
+            return None
+        history = [user("earlier")] if turn.session_id else []
+        return [*history, *turn.messages], self.version if turn.session_id else 0
+
+    async def append(self, turn, session_id, after_version, answer) -> int:
+        if self.append_error is not None:
+            raise self.append_error
+        self.appended.append((session_id, after_version, answer.text))
+        return after_version + 1
+
+
+class FakeCache:
+    def __init__(self, hit: Hit | None = None) -> None:
+        self.hit = hit
+        self.answered = asyncio.Event()
+        self.answered.set()
+        self.lookups: list[list[str]] = []
+        self.stored: list[tuple[list[str], str]] = []
+
+    async def lookup(self, plan, messages, budget):
+        self.lookups.append([m.content for m in messages])
+        await self.answered.wait()
+        return self.hit
+
+    async def store(self, plan, messages, answer, budget) -> None:
+        self.stored.append(([m.content for m in messages], answer.text))
+
+
+class FakeGenerator:
+    def __init__(self, pieces=("Hel", "lo ", "there"), fail_after: int | None = None) -> None:
+        self.pieces = pieces
+        self.fail_after = fail_after
+        self.prompts: list[list[str]] = []
+        self.started = asyncio.Event()
+        self.closed = False
+
+    async def generate(self, alias, prompt, parameters, budget, answer):
+        self.prompts.append([m.content for m in prompt])
+        self.started.set()
+        try:
+            for index, piece in enumerate(self.pieces):
+                if index == self.fail_after:
+                    raise unavailable(Reason.STREAM_ENDED_EARLY, "backend died")
+                await asyncio.sleep(0)
+                yield piece
+            answer.text = "".join(self.pieces)
+            answer.prompt_tokens, answer.completion_tokens = 5, len(self.pieces)
+            answer.finish_reason, answer.deployment = "length", "d1"
+        finally:
+            self.closed = True
+
+
+class RecordingAdmission:
+    def __init__(self, refuse: MeshgateError | None = None) -> None:
+        self.refuse = refuse
+        self.settled: list = []
+
+    async def admit(self, turn):
+        if self.refuse is not None:
+            raise self.refuse
+        return ("grant", turn.max_tokens)
+
+    async def settle(self, grant, turn, outcome) -> None:
+        self.settled.append((grant, outcome))
+
+
+def pipeline(contexts=None, cache=None, generator=None, admission=None, **settings):
+    parts = {
+        "contexts": contexts or FakeContexts(),
+        "cache": cache or FakeCache(),
+        "generator": generator or FakeGenerator(),
+    }
+    built = Pipeline(RouterSettings(**settings), MODELS, admission=admission, **parts)
+    return built, parts
+
+
+async def events_of(stream) -> list:
+    return [event async for event in stream]
+
+
+def texts(events) -> str:
+    return "".join(e.text for e in events if isinstance(e, Delta))
+
+
+async def test_a_stateless_miss_streams_the_generation_and_stores_it():
+    turns, parts = pipeline()
+    events = await events_of(turns.run(request(), TENANT, "", Budget()))
+    assert texts(events) == "Hello there"
+    completion = events[-1]
+    assert isinstance(completion, Completion)
+    assert completion.cache_status is CacheStatus.MISS
+    assert completion.answer.deployment == "d1"
+    assert completion.session_id == ""
+    assert parts["cache"].stored == [(["hello"], "Hello there")]
+    assert parts["contexts"].appended == []
+
+
+async def test_a_hit_is_replayed_in_word_pieces_and_the_generation_is_cancelled():
+    text = "Paris is the capital of France and has been for a long time."
+    hit = Hit(Answer(text=text, completion_tokens=14, deployment="d0"), CacheStatus.EXACT_HIT, 1.0)
+    cache = FakeCache(hit)
+    cache.answered.clear()
+    turns, parts = pipeline(cache=cache, replay_piece_chars=12)
+    running = asyncio.ensure_future(events_of(turns.run(request(), TENANT, "", Budget())))
+    # The hit answers once the speculative generation is under way.
+    await asyncio.wait_for(parts["generator"].started.wait(), 5)
+    cache.answered.set()
+    events = await running
+    deltas = [e.text for e in events if isinstance(e, Delta)]
+    assert len(deltas) > 3
+    assert "".join(deltas) == text
+    assert all(piece.endswith(" ") for piece in deltas[:-1])
+    assert events[-1].cache_status is CacheStatus.EXACT_HIT
+    assert events[-1].answer.completion_tokens == 14
+    # Nothing generated went out, and the speculative generation was ended.
+    assert "Hel" not in deltas
+    assert parts["generator"].closed
+    assert parts["cache"].stored == []
+
+
+async def test_generation_starts_during_the_lookup_but_waits_for_its_answer():
+    cache = FakeCache()
+    cache.answered.clear()
+    turns, parts = pipeline(cache=cache)
+    stream = turns.run(request(), TENANT, "", Budget())
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.wait_for(parts["generator"].started.wait(), 5)
+    await asyncio.sleep(0.01)
+    assert not first.done()  # a generated piece waits for the lookup's miss
+    cache.answered.set()
+    assert (await first) == Delta("Hel")
+    rest = await events_of(stream)
+    assert isinstance(rest[-1], Completion)
+
+
+async def test_without_speculation_generation_starts_after_a_miss():
+    cache = FakeCache()
+    cache.answered.clear()
+    turns, parts = pipeline(cache=cache, speculative_generation=False)
+    stream = turns.run(request(), TENANT, "", Budget())
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.01)
+    assert not parts["generator"].started.is_set()
+    cache.answered.set()
+    assert (await first) == Delta("Hel")
+    await events_of(stream)
+
+
+async def test_bypass_skips_the_lookup_and_the_store():
+    turns, parts = pipeline()
+    events = await events_of(turns.run(request(policy=pb.CACHE_POLICY_BYPASS), TENANT, "", Budget()))
+    assert events[-1].cache_status is CacheStatus.BYPASSED
+    assert parts["cache"].lookups == [] and parts["cache"].stored == []
+
+
+async def test_a_stateless_turn_goes_out_as_sent_when_the_context_service_is_down():
+    turns, parts = pipeline(contexts=FakeContexts(outage=True))
+    events = await events_of(turns.run(request("as sent"), TENANT, "", Budget()))
+    assert isinstance(events[-1], Completion)
+    assert parts["generator"].prompts == [["as sent"]]
+
+
+async def test_a_session_turn_answers_from_its_history_and_appends():
+    turns, parts = pipeline(contexts=FakeContexts(version=3))
+    events = await events_of(turns.run(request("next"), TENANT, "s9", Budget()))
+    assert parts["generator"].prompts == [["earlier", "next"]]
+    # The cache keys a session turn on the whole prompt it answered.
+    assert parts["cache"].lookups == [["earlier", "next"]]
+    assert parts["contexts"].appended == [("s9", 3, "Hello there")]
+    assert (events[-1].session_id, events[-1].session_version) == ("s9", 4)
+
+
+async def test_a_strict_turn_at_another_version_is_refused_before_generating():
+    turns, parts = pipeline(contexts=FakeContexts(version=3))
+    events = await events_of(turns.run(request(expected_session_version=2), TENANT, "s9", Budget()))
+    assert events == [events[0]] and isinstance(events[0], Failure)
+    error = events[0].error
+    assert (error.code, error.reason) == (grpc.StatusCode.ABORTED, Reason.VERSION_CONFLICT)
+    assert error.metadata["current_version"] == "3"
+    assert parts["generator"].prompts == []
+
+
+async def test_a_first_session_turn_creates_its_session_only_once_valid():
+    turns, parts = pipeline()
+    refused = await events_of(turns.run(request(""), TENANT, "", Budget(), create_session=True))
+    bad = pb.ChatRequest(model="m", cache_policy=pb.CACHE_POLICY_USE)  # no messages
+    refused += await events_of(turns.run(bad, TENANT, "", Budget(), create_session=True))
+    assert [e.error.reason for e in refused if isinstance(e, Failure)][-1] == Reason.EMPTY_MESSAGES
+    assert parts["contexts"].created == [TENANT.id]  # the first (empty text) turn was valid
+    events = await events_of(turns.run(request(), TENANT, "", Budget(), create_session=True))
+    assert events[-1].session_id == "s2"
+
+
+async def test_a_failed_save_after_the_answer_says_how_much_was_delivered():
+    contexts = FakeContexts()
+    contexts.append_error = unavailable(Reason.REDIS_UNAVAILABLE, "down")
+    turns, _ = pipeline(contexts=contexts)
+    events = await events_of(turns.run(request(), TENANT, "s1", Budget()))
+    assert texts(events) == "Hello there"
+    failure = events[-1]
+    assert isinstance(failure, Failure)
+    assert failure.error.reason == Reason.REDIS_UNAVAILABLE
+    assert failure.error.metadata["delivered_deltas"] == "3"
+    assert failure.error.metadata["delivered_chars"] == str(len("Hello there"))
+
+
+async def test_a_generation_failing_midway_ends_in_a_failure_not_a_short_answer():
+    turns, parts = pipeline(generator=FakeGenerator(fail_after=2))
+    events = await events_of(turns.run(request(), TENANT, "", Budget()))
+    assert texts(events) == "Hello "
+    assert isinstance(events[-1], Failure)
+    assert events[-1].error.reason == Reason.STREAM_ENDED_EARLY
+    assert parts["cache"].stored == []
+
+
+async def test_a_generation_failing_during_a_hit_does_not_matter():
+    hit = Hit(Answer(text="cached"), CacheStatus.SEMANTIC_HIT, 0.93)
+    turns, _ = pipeline(cache=FakeCache(hit), generator=FakeGenerator(fail_after=0))
+    events = await events_of(turns.run(request(), TENANT, "", Budget()))
+    assert texts(events) == "cached"
+    assert events[-1].cache_status is CacheStatus.SEMANTIC_HIT
+    assert events[-1].similarity == pytest.approx(0.93)
+
+
+async def test_a_refused_turn_does_no_work_and_needs_no_settling():
+    refusal = MeshgateError(grpc.StatusCode.RESOURCE_EXHAUSTED, "LIMIT", "over the limit")
+    admission = RecordingAdmission(refuse=refusal)
+    turns, parts = pipeline(admission=admission)
+    events = await events_of(turns.run(request(), TENANT, "", Budget(), create_session=True))
+    assert events == [Failure(refusal)]
+    assert parts["contexts"].created == [] and parts["generator"].prompts == []
+    assert admission.settled == []
+
+
+async def test_settle_sees_a_completion_once():
+    admission = RecordingAdmission()
+    turns, _ = pipeline(admission=admission)
+    await events_of(turns.run(request(), TENANT, "", Budget()))
+    [(grant, outcome)] = admission.settled
+    assert grant == ("grant", 8)  # max_tokens resolved to the model's default
+    assert (outcome.failure, outcome.cancelled, outcome.cache_status) == (None, False, CacheStatus.MISS)
+    assert outcome.answer.completion_tokens == 3
+
+
+async def test_settle_sees_a_failure_once():
+    admission = RecordingAdmission()
+    turns, _ = pipeline(admission=admission, generator=FakeGenerator(fail_after=1))
+    await events_of(turns.run(request(), TENANT, "", Budget()))
+    [(_, outcome)] = admission.settled
+    assert outcome.failure == Reason.STREAM_ENDED_EARLY and not outcome.cancelled
+
+
+async def test_settle_sees_a_cancelled_turn_once_and_the_generation_ends():
+    admission = RecordingAdmission()
+    generator = FakeGenerator(pieces=("a ",) * 1000)
+    turns, _ = pipeline(admission=admission, generator=generator)
+
+    async def consume():
+        async with contextlib.aclosing(turns.run(request(), TENANT, "", Budget())) as events:
+            async for event in events:
+                if isinstance(event, Delta):
+                    await asyncio.sleep(3600)  # the caller stops reading
+
+    task = asyncio.ensure_future(consume())
+    await asyncio.wait_for(generator.started.wait(), 5)
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [(_, outcome)] = admission.settled
+    assert outcome.cancelled and outcome.failure is None
+    assert generator.closed
+
+
+async def test_a_bug_in_a_stage_fails_the_turn_as_internal():
+    class Broken(FakeContexts):
+        async def assemble(self, turn):
+            raise KeyError("bug")
+
+    turns, _ = pipeline(contexts=Broken())
+    events = await events_of(turns.run(request(), TENANT, "s1", Budget()))
+    assert [type(e) for e in events] == [Failure]
+    assert events[0].error.reason == Reason.INTERNAL
+    assert "bug" not in events[0].error.message
+
+
+def test_replay_pieces_keep_whole_words_and_the_exact_text():
+    text = "one two  three\nfour supercalifragilistic five "
+    pieces = replay_pieces(text, 8)
+    assert "".join(pieces) == text
+    assert "supercalifragilistic " in pieces  # a long word is a piece of its own
+    assert all(len(p) <= 8 for p in pieces if " " in p.strip())
+    assert replay_pieces("", 8) == []
+
+
+def test_budget_caps_each_step_at_the_deadline():
+    assert Budget().within(10) == 10
+    assert Budget.of(None).within(10) == 10
+    assert 0 < Budget.of(2).within(10) <= 2
+    assert Budget.of(-1).within(10) == 0
+    assert dataclasses.is_dataclass(Budget)
