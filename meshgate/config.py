@@ -232,15 +232,18 @@ class ContextSettings:
     max_turns: int = 0
     # Process memory for hot sessions' turns and counts (services/context/hot_cache.py).
     hot_cache_bytes: int = 64 * 1024 * 1024
-    # The most turns a session may hold; an append past it is refused with
-    # RESOURCE_EXHAUSTED / SESSION_FULL. 0: no cap.
-    max_turns: int = 0
-    # Process memory for hot sessions' turns and counts (services/context/hot_cache.py).
-    hot_cache_bytes: int = 64 * 1024 * 1024
     # Where turn and question embeddings come from (adaptive assembly).
     inference_address: str = "127.0.0.1:50054"
     # Adaptive assembly keeps up to this many newest turns whatever their relevance.
     recency_floor_turns: int = 4
+    # Older turns are summarized in spans of this many turns, once a span is
+    # wholly older than the newest summary_hot_window_turns turns
+    # (services/context/summaries.py), by summary_model through the
+    # inference service; "" or an unreachable model: extractively.
+    summary_span_turns: int = 16
+    summary_hot_window_turns: int = 32
+    summary_model: str = "smollm2"
+    summary_timeout_s: float = 120.0
 
 
 @dataclasses.dataclass

@@ -5,7 +5,8 @@ from __future__ import annotations
 from meshgate import mesh_auth, redis_access, serving
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2, context_service_pb2_grpc
-from services.context import token_counts
+from meshgate.inference.v1 import inference_service_pb2_grpc
+from services.context import summaries, token_counts
 from services.context.hot_cache import ChangeListener, HotCache
 from services.context.servicer import ContextServicer
 from services.context.store import SessionStore
@@ -26,8 +27,29 @@ TENANT_OF = {
 }
 
 
+
+def _summarizer(
+    settings: Settings, store: SessionStore, client, channel
+) -> summaries.Summarizer:
+    config = settings.context
+    model = None
+    if config.summary_model:
+        model = summaries.ModelSummarizer(
+            inference_service_pb2_grpc.InferenceServiceStub(channel),
+            config.summary_model,
+            config.summary_timeout_s,
+        )
+    return summaries.Summarizer(
+        store,
+        summaries.SummaryStore(client, config.session_ttl_s),
+        summaries.SummaryPolicy(config.summary_span_turns, config.summary_hot_window_turns),
+        model,
+    )
+
+
 async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup:
-    service.restrict_to_mesh(mesh_auth.Mesh(settings.mesh, service.name), CALLERS, TENANT_OF)
+    mesh = mesh_auth.Mesh(settings.mesh, service.name)
+    service.restrict_to_mesh(mesh, CALLERS, TENANT_OF)
     # Tokenizer and chat template files are read here, once, before serving
     # starts; a template the counts cannot follow exactly stops it here.
     counters = token_counts.for_models(settings.models)
@@ -36,11 +58,17 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
     hot = HotCache(settings.context.hot_cache_bytes)
     changes = ChangeListener(settings.redis.url, hot)
     changes.start()
-    servicer = ContextServicer(store, settings.models, counters, hot)
+    # Summaries are written for no tenant: the context service's
+    # certificate is enough there.
+    channel = serving.client_channel(settings.context.inference_address, mesh.to("inference"))
+    summarizer = _summarizer(settings, store, client, channel)
+    servicer = ContextServicer(store, settings.models, counters, hot, summarizer=summarizer)
     context_service_pb2_grpc.add_ContextServiceServicer_to_server(servicer, service.server)
 
     async def cleanup() -> None:
         await changes.close()
+        await summarizer.close()
+        await channel.close()
         await client.aclose()
 
     return cleanup

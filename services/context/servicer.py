@@ -10,6 +10,7 @@ import uuid
 
 import structlog
 
+from meshgate import redis_access
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings
 from meshgate.context.v1 import context_service_pb2 as pb
@@ -17,6 +18,7 @@ from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.reasons import Reason
 from services.context import assembly
+from services.context import summaries as summaries_lib
 from services.context.hot_cache import HotCache
 from services.context.store import SessionStore, StoredSession, session_key
 from services.context.token_counts import PromptCounter
@@ -81,12 +83,15 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         models: dict[str, ModelSettings],
         counters: dict[str, PromptCounter],
         hot: HotCache | None = None,
+        summarizer: summaries_lib.Summarizer | None = None,
     ) -> None:
         self._store = store
         # Never live without a change listener, so always safe to consult.
         self._hot = hot if hot is not None else HotCache(0)
         # Prefetches in flight, held so they are not collected mid-way.
         self._prefetches: set[asyncio.Task] = set()
+        # Without one (unit tests), nothing is summarized.
+        self._summarizer = summarizer
         self._models = models
         self._counters = counters
         # Every turn is counted for every configured tokenizer and template
@@ -125,6 +130,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         _check_tenant(request.tenant_id)
         _check_session_id(request.session_id)
         await self._store.delete(request.tenant_id, request.session_id)
+        if self._summarizer is not None:
+            await self._summarizer.forget(request.tenant_id, request.session_id)
         return pb.DeleteSessionResponse()
 
     async def AppendTurns(self, request: pb.AppendTurnsRequest, context) -> pb.AppendTurnsResponse:
@@ -153,6 +160,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         log.debug("turns appended", session_id=request.session_id, version=version, replayed=replayed)
         if not replayed:
             self._warm(request.tenant_id, request.session_id, version, turns, token_counts, ticket)
+            if self._summarizer is not None:
+                self._summarizer.schedule(request.tenant_id, request.session_id)
         return pb.AppendTurnsResponse(version=version, replayed=replayed)
 
     async def ForkSession(self, request: pb.ForkSessionRequest, context) -> pb.ForkSessionResponse:
@@ -216,6 +225,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
 
         budget = min(request.max_prompt_tokens, model.context_window_tokens)
         response = assembly.assemble(session, new, budget, counter.template_tokens)
+        if self._summarizer is not None and request.session_id:
+            await self._add_summaries(request, response, version, budget, counter)
         response.manifest.tokenizer = counter.spec
         response.session_version = version
         inputs = response.inputs
@@ -232,6 +243,30 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         inputs.new_messages_sha256 = digest.hexdigest()
         response.assembly_id = hashlib.sha256(inputs.SerializeToString(deterministic=True)).hexdigest()
         return response
+
+    async def _add_summaries(
+        self,
+        request: pb.AssembleContextRequest,
+        response: pb.AssembleContextResponse,
+        version: int,
+        budget: int,
+        counter: PromptCounter,
+    ) -> None:
+        """Summaries of the spans the assembly left out, while budget remains."""
+        excluded = summaries_lib.excluded_ranges(response)
+        try:
+            found = await self._summarizer.summaries_for(
+                request.tenant_id, request.session_id, version, excluded
+            )
+        except redis_access.CONNECTION_ERRORS as error:
+            # The prompt stands without them; the turns it holds were read.
+            log.warning("summaries unavailable", error=str(error))
+            return
+        if found:
+            tokens = await counter.count([summary.message() for summary in found])
+            summaries_lib.add_summaries(
+                response, found, tokens, budget, counter.template_tokens.default_system
+            )
 
     async def _read(self, tenant_id: str, session_id: str, at_version: int | None = None) -> StoredSession:
         """The session from the hot cache when it holds the current version,

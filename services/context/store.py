@@ -237,6 +237,8 @@ return 0
 """
 
 _COUNTS_PREFIX = b"tokens:"
+# The turn count ...:versions records for a version a revert undid.
+_UNDONE = 0xFFFFFFFF
 
 
 @dataclasses.dataclass(slots=True)
@@ -381,6 +383,13 @@ class SessionStore:
             )
         _raise_for(outcome, session_id, expected_version)
         return int(outcome[1]), outcome[0] == 2
+
+    async def history(self, tenant_id: str, session_id: str) -> list[int | None]:
+        """How many turns the session held at each version; None for the
+        versions a revert undid. Empty for sessions stored before history."""
+        with _redis_reachable():
+            raw = await self._client.get(_keys(tenant_id, session_id)[3])
+        return [None if held == _UNDONE else held for held in _unpack(raw or b"")]
 
     async def revert(
         self, tenant_id: str, session_id: str, version: int, expected_version: int | None

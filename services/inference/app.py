@@ -18,8 +18,9 @@ log = structlog.get_logger(__name__)
 
 SERVICE_NAMES = [inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name]
 
-# The router generates, the cache embeds. No method acts for a tenant.
-CALLERS = ("router", "cache")
+# The router generates; the cache embeds; the context service embeds and
+# summarizes. No method acts for a tenant.
+CALLERS = ("router", "cache", "context")
 
 
 async def setup(service: Service, settings: Settings) -> Cleanup:

@@ -1,0 +1,450 @@
+"""Summaries of older spans of a session, written off the request path.
+
+A session's turns are cut into spans of ``span_turns`` turns: span k covers
+turns [k * span_turns, (k + 1) * span_turns). Once a span is complete and
+older than the hot window (the newest ``hot_window_turns`` turns), a
+background task per session summarizes it: with the chat model through the
+inference service's ``Generate`` when one is configured and answers, else
+extractively (the span's highest-scoring sentences, pure Python).
+
+Redis keys (the same ``mg:context:{tenant}:`` prefix as sessions):
+
+- ``...:summary:<sha256 of the span's turns>``: the summary, JSON. Keyed by
+  content, so a fork, or a revert that keeps the span, reuses it, and a
+  span whose turns changed (a revert, then other appends) never gets a
+  summary of turns it no longer holds.
+- ``...:{session_id}:summaries``, a hash: ``<first>-<end>`` -> that digest,
+  for the spans summarized so far.
+
+A summary records the turns it covers and the session versions of its
+first and last turn's appends (``first_version``, ``end_version``), and how
+it was made (``model:<name>`` or ``extractive``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import json
+import re
+
+import grpc
+import redis.asyncio as redis
+import structlog
+
+from meshgate import redis_access
+from meshgate.common.v1 import common_pb2
+from meshgate.context.v1 import context_service_pb2 as pb
+from meshgate.errors import MeshgateError, from_rpc_error
+from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
+from services.context.store import SessionStore
+
+log = structlog.get_logger(__name__)
+
+_ROLE_NAMES = {
+    common_pb2.ROLE_SYSTEM: "system",
+    common_pb2.ROLE_USER: "user",
+    common_pb2.ROLE_ASSISTANT: "assistant",
+}
+_INSTRUCTION = (
+    "Summarize the conversation below in at most three sentences. Keep every name, number,"
+    " date, place and decision it mentions. Write only the summary."
+)
+# The model reads the span as one user message; longer spans are cut here
+# (the model's window is 8k tokens, and the summary is worth little more).
+MAX_TRANSCRIPT_CHARS = 12_000
+MAX_SUMMARY_TOKENS = 160
+EXTRACTIVE_SENTENCES = 3
+MAX_SENTENCE_CHARS = 300
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'_-]*")
+_STOPWORDS = frozenset(
+    re.findall(
+        r"\S+",
+        "a an and are as at be but by do for from has have i if in is it its me my no not of on or so"
+        " that the their them then there these they this to up was we were what when which who will"
+        " with you your yes ok okay",
+    )
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Summary:
+    summary_id: str
+    first_turn: int
+    end_turn: int
+    first_version: int
+    end_version: int
+    method: str
+    text: str
+
+    def ref(self) -> pb.SummaryRef:
+        return pb.SummaryRef(
+            summary_id=self.summary_id,
+            first_turn=self.first_turn,
+            end_turn=self.end_turn,
+            first_version=self.first_version,
+            end_version=self.end_version,
+            method=self.method,
+        )
+
+    def message(self) -> common_pb2.Message:
+        """How the summary enters a prompt."""
+        return common_pb2.Message(
+            role=common_pb2.ROLE_SYSTEM,
+            content=f"Summary of earlier turns {self.first_turn + 1}-{self.end_turn}: {self.text}",
+        )
+
+
+def span_digest(turns: list[common_pb2.Message]) -> str:
+    digest = hashlib.sha256()
+    for turn in turns:
+        serialized = turn.SerializeToString(deterministic=True)
+        digest.update(len(serialized).to_bytes(8, "little") + serialized)
+    return digest.hexdigest()
+
+
+def transcript(turns: list[common_pb2.Message]) -> str:
+    text = "\n".join(f"{_ROLE_NAMES.get(t.role, 'user')}: {t.content}" for t in turns)
+    return text[:MAX_TRANSCRIPT_CHARS]
+
+
+def extractive_summary(turns: list[common_pb2.Message], sentences: int = EXTRACTIVE_SENTENCES) -> str:
+    """The span's ``sentences`` most informative sentences, in their order.
+
+    A sentence scores by the span-wide frequency of its content words (the
+    span's topics), plus a bonus for numbers and capitalized words not at
+    its start (names, places, figures: what a later question asks about),
+    divided by the square root of its length so that long sentences do not
+    win by size alone.
+    """
+    candidates: list[str] = []
+    for turn in turns:
+        if turn.role == common_pb2.ROLE_SYSTEM:
+            continue
+        for sentence in _SENTENCE_END.split(turn.content):
+            sentence = sentence.strip()
+            if len(_WORD.findall(sentence)) >= 3:
+                candidates.append(sentence[:MAX_SENTENCE_CHARS])
+    if not candidates:
+        return " ".join(t.content.strip() for t in turns if t.content.strip())[:MAX_SENTENCE_CHARS]
+    frequency = collections.Counter(
+        word.lower() for sentence in candidates for word in _WORD.findall(sentence)
+        if word.lower() not in _STOPWORDS
+    )
+
+    def score(sentence: str) -> float:
+        words = _WORD.findall(sentence)
+        topical = sum(frequency[w.lower()] for w in words if w.lower() not in _STOPWORDS)
+        specific = sum(1 for w in words[1:] if w[0].isupper() or w[0].isdigit())
+        return (topical + 3 * specific) / len(words) ** 0.5
+
+    ranked = sorted(range(len(candidates)), key=lambda i: (-score(candidates[i]), i))
+    return " ".join(candidates[i] for i in sorted(ranked[:sentences]))
+
+
+class ModelSummarizer:
+    """Summaries written by a chat model through the inference service."""
+
+    def __init__(
+        self, stub: inference_service_pb2_grpc.InferenceServiceStub, model: str, timeout_s: float
+    ) -> None:
+        self._stub = stub
+        self.model = model
+        self._timeout_s = timeout_s
+
+    async def summarize(self, turns: list[common_pb2.Message]) -> str:
+        request = inference_service_pb2.GenerateRequest(
+            model=self.model,
+            messages=[
+                common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=_INSTRUCTION),
+                common_pb2.Message(role=common_pb2.ROLE_USER, content=transcript(turns)),
+            ],
+            # Greedy: the same span gets the same summary.
+            parameters=common_pb2.GenerationParameters(max_tokens=MAX_SUMMARY_TOKENS, temperature=0.0),
+        )
+        pieces: list[str] = []
+        completed = False
+        try:
+            async for response in self._stub.Generate(request, timeout=self._timeout_s):
+                if response.HasField("delta"):
+                    pieces.append(response.delta.text)
+                elif response.HasField("completion"):
+                    completed = True
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, "inference") from error
+        text = "".join(pieces).strip()
+        if not completed or not text:
+            raise MeshgateError(grpc.StatusCode.UNAVAILABLE, "SUMMARY_UNAVAILABLE", "no summary came back")
+        return text
+
+
+class SummaryStore:
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self._client = client
+        self._ttl_s = ttl_s
+
+    @staticmethod
+    def _index_key(tenant_id: str, session_id: str) -> str:
+        return f"mg:context:{tenant_id}:{session_id}:summaries"
+
+    @staticmethod
+    def _summary_key(tenant_id: str, digest: str) -> str:
+        return f"mg:context:{tenant_id}:summary:{digest}"
+
+    async def spans(self, tenant_id: str, session_id: str) -> dict[tuple[int, int], str]:
+        """(first, end) -> digest of every span summarized for the session."""
+        raw = await self._client.hgetall(self._index_key(tenant_id, session_id))
+        spans = {}
+        for field, digest in raw.items():
+            first, _, end = field.decode().partition("-")
+            spans[int(first), int(end)] = digest.decode()
+        return spans
+
+    async def get(self, tenant_id: str, digest: str) -> Summary | None:
+        raw = await self._client.get(self._summary_key(tenant_id, digest))
+        return None if raw is None else Summary(**json.loads(raw))
+
+    async def put(self, tenant_id: str, session_id: str, digest: str, summary: Summary) -> None:
+        index = self._index_key(tenant_id, session_id)
+        ttl = self._ttl_s if self._ttl_s > 0 else None
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.set(self._summary_key(tenant_id, digest), json.dumps(dataclasses.asdict(summary)), ex=ttl)
+            pipe.hset(index, f"{summary.first_turn}-{summary.end_turn}", digest)
+            if ttl:
+                pipe.expire(index, ttl)
+            await pipe.execute()
+
+    async def delete(self, tenant_id: str, session_id: str) -> None:
+        # The content-keyed summaries stay for other sessions holding the same span; they expire.
+        await self._client.delete(self._index_key(tenant_id, session_id))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SummaryPolicy:
+    span_turns: int = 16
+    # The newest turns are never summarized: assembly keeps them verbatim.
+    hot_window_turns: int = 32
+
+
+def due_spans(turn_count: int, policy: SummaryPolicy) -> list[tuple[int, int]]:
+    """Complete spans wholly older than the hot window."""
+    older = max(0, turn_count - policy.hot_window_turns)
+    starts = range(0, older - policy.span_turns + 1, policy.span_turns)
+    return [(first, first + policy.span_turns) for first in starts]
+
+
+def versions_of_span(history: list[int | None], first: int, end: int, current: int) -> tuple[int, int]:
+    """The versions whose appends brought turn ``first`` and turn ``end - 1``:
+    the first versions, among those not undone, holding more than ``first``
+    and at least ``end`` turns. A session without history (stored before it
+    was kept) gets its current version for both."""
+    def first_holding(count: int) -> int:
+        for version, held in enumerate(history[: current + 1]):
+            if held is not None and held >= count:
+                return version
+        return current
+
+    return first_holding(first + 1), first_holding(end)
+
+
+class Summarizer:
+    """Keeps every session's due spans summarized: one background task per
+    session at a time; an append while it runs makes it run once more."""
+
+    def __init__(
+        self,
+        store: SessionStore,
+        summaries: SummaryStore,
+        policy: SummaryPolicy,
+        model: ModelSummarizer | None,
+    ) -> None:
+        self._store = store
+        self._summaries = summaries
+        self._policy = policy
+        self._model = model
+        self._running: dict[tuple[str, str], asyncio.Task] = {}
+        self._again: set[tuple[str, str]] = set()
+
+    def schedule(self, tenant_id: str, session_id: str) -> None:
+        key = (tenant_id, session_id)
+        if key in self._running:
+            self._again.add(key)
+            return
+        task = asyncio.create_task(self._run(key))
+        self._running[key] = task
+
+    async def idle(self) -> None:
+        """Waits until no session is being summarized (for tests and shutdown)."""
+        while self._running:
+            await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self._running.values()):
+            task.cancel()
+        for task in list(self._running.values()):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self, key: tuple[str, str]) -> None:
+        try:
+            while True:
+                self._again.discard(key)
+                try:
+                    await self.summarize_due(*key)
+                except MeshgateError as error:
+                    # Gone, or Redis away: the next append schedules it again.
+                    log.debug("summaries skipped", session_id=key[1], reason=error.reason)
+                except redis_access.CONNECTION_ERRORS as error:
+                    log.warning("summaries skipped: redis unavailable", error=str(error))
+                if key not in self._again:
+                    return
+        finally:
+            self._running.pop(key, None)
+
+    async def summarize_due(self, tenant_id: str, session_id: str) -> list[Summary]:
+        """Summarizes the session's due spans that have no summary yet;
+        returns the summaries it wrote."""
+        stored = await self._store.read(tenant_id, session_id)
+        done = await self._summaries.spans(tenant_id, session_id)
+        written = []
+        for first, end in due_spans(len(stored.turns), self._policy):
+            span = stored.turns[first:end]
+            digest = span_digest(span)
+            if done.get((first, end)) == digest:
+                continue
+            summary = await self._summaries.get(tenant_id, digest)
+            if summary is None or (summary.first_turn, summary.end_turn) != (first, end):
+                text, method = await self._write(span)
+            else:
+                # The same turns at the same place (a fork, or turns appended
+                # again after a revert): the text holds, the versions are this session's.
+                text, method = summary.text, summary.method
+            history = await self._store.history(tenant_id, session_id)
+            first_version, end_version = versions_of_span(history, first, end, stored.version)
+            summary = Summary(
+                summary_id=digest[:32],
+                first_turn=first,
+                end_turn=end,
+                first_version=first_version,
+                end_version=end_version,
+                method=method,
+                text=text,
+            )
+            await self._summaries.put(tenant_id, session_id, digest, summary)
+            written.append(summary)
+        return written
+
+    async def _write(self, span: list[common_pb2.Message]) -> tuple[str, str]:
+        """The summary's text and how it was made."""
+        if self._model is not None:
+            try:
+                return await self._model.summarize(span), f"model:{self._model.model}"
+            except MeshgateError as error:
+                log.warning("model summary failed; extractive instead", reason=error.reason)
+        return extractive_summary(span), "extractive"
+
+    async def forget(self, tenant_id: str, session_id: str) -> None:
+        await self._summaries.delete(tenant_id, session_id)
+
+    async def summaries_for(
+        self, tenant_id: str, session_id: str, version: int, excluded: list[tuple[int, int]]
+    ) -> list[Summary]:
+        """Summaries of spans wholly inside the ``excluded`` turn ranges
+        ([first, end)) that hold for the session at ``version``, oldest
+        first: what assembly adds while budget remains."""
+        if not excluded:
+            return []
+        spans = await self._summaries.spans(tenant_id, session_id)
+        wanted = [
+            (span, digest)
+            for span, digest in sorted(spans.items())
+            if any(a <= span[0] and span[1] <= b for a, b in excluded)
+        ]
+        if not wanted:
+            return []
+        history = await self._store.history(tenant_id, session_id)
+        chosen = []
+        for _, digest in wanted:
+            summary = await self._summaries.get(tenant_id, digest)
+            if summary is not None and valid_at(summary, history, version):
+                chosen.append(summary)
+        return chosen
+
+def excluded_ranges(response: pb.AssembleContextResponse) -> list[tuple[int, int]]:
+    """The runs of session turns an assembly left out, as [first, end)."""
+    ranges: list[tuple[int, int]] = []
+    for entry in response.manifest.entries:
+        if entry.source != pb.SOURCE_SESSION or entry.disposition != pb.DISPOSITION_DROPPED:
+            continue
+        if ranges and ranges[-1][1] == entry.index:
+            ranges[-1] = (ranges[-1][0], entry.index + 1)
+        else:
+            ranges.append((entry.index, entry.index + 1))
+    return ranges
+
+
+def add_summaries(
+    response: pb.AssembleContextResponse,
+    summaries: list[Summary],
+    summary_tokens: list[int],
+    budget: int,
+    default_system_tokens: int,
+) -> None:
+    """Adds, oldest first and while the budget allows, the summaries of
+    spans the assembly left out: each as a system message after the
+    prompt's leading system messages (so before every kept turn, as the
+    spans it stands for are older than those), its turns marked SUMMARIZED
+    with its id, and its reference in the response's inputs.
+
+    ``summary_tokens`` are the summaries' messages as the chat template
+    renders them; a template that adds a default system prompt when no
+    system message is present (``default_system_tokens``) stops adding it
+    once a summary is one, which this accounts for.
+    """
+    manifest = response.manifest
+    has_system = any(m.role == common_pb2.ROLE_SYSTEM for m in response.messages)
+    insert_at = 0
+    while insert_at < len(response.messages) and response.messages[insert_at].role == common_pb2.ROLE_SYSTEM:
+        insert_at += 1
+    by_index = {e.index: e for e in manifest.entries if e.source == pb.SOURCE_SESSION}
+    used = manifest.prompt_tokens
+    added: list[common_pb2.Message] = []
+    for summary, tokens in zip(summaries, summary_tokens, strict=True):
+        cost = tokens - (0 if has_system or added else default_system_tokens)
+        if used + cost > budget:
+            break
+        used += cost
+        added.append(summary.message())
+        for index in range(summary.first_turn, summary.end_turn):
+            entry = by_index[index]
+            entry.disposition = pb.DISPOSITION_SUMMARIZED
+            entry.summary_id = summary.summary_id
+        manifest.entries.add(
+            source=pb.SOURCE_SUMMARY,
+            index=len(response.inputs.summaries),
+            role=common_pb2.ROLE_SYSTEM,
+            tokens=tokens,
+            disposition=pb.DISPOSITION_INCLUDED,
+            summary_id=summary.summary_id,
+        )
+        response.inputs.summaries.append(summary.ref())
+    if added:
+        kept = list(response.messages)
+        del response.messages[:]
+        response.messages.extend(kept[:insert_at] + added + kept[insert_at:])
+        manifest.prompt_tokens = used
+
+
+def valid_at(summary: Summary, history: list[int | None], version: int) -> bool:
+    """Whether the turns a summary covers are the session's at ``version``:
+    its last turn's version is at most that one and no revert undid it
+    (a revert undoes every version after the one it restores, so the turns
+    up to a version it kept are untouched)."""
+    return summary.end_version <= version and summary.end_version < len(history) and (
+        history[summary.end_version] is not None
+    )

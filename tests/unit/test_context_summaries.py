@@ -1,0 +1,114 @@
+"""The pure parts of services/context/summaries.py."""
+
+from __future__ import annotations
+
+from meshgate.common.v1 import common_pb2
+from meshgate.context.v1 import context_service_pb2 as pb
+from services.context import summaries
+from services.context.summaries import Summary, SummaryPolicy
+
+USER, ASSISTANT, SYSTEM = common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT, common_pb2.ROLE_SYSTEM
+
+
+def msg(role: int, content: str) -> common_pb2.Message:
+    return common_pb2.Message(role=role, content=content)
+
+
+def test_extractive_summary_keeps_the_specific_sentences_in_order() -> None:
+    turns = [
+        msg(SYSTEM, "You are a helpful assistant for the shipping desk."),
+        msg(USER, "Hello there, how are you today? I hope all is well."),
+        msg(ASSISTANT, "Fine thanks. Crate 4471 left Rotterdam for Lisbon on March 3."),
+        msg(USER, "ok cool"),
+        msg(ASSISTANT, "Maria Lopez signs for crate 4471 at dock 9 in Lisbon."),
+    ]
+    text = summaries.extractive_summary(turns, sentences=2)
+    assert text == (
+        "Crate 4471 left Rotterdam for Lisbon on March 3."
+        " Maria Lopez signs for crate 4471 at dock 9 in Lisbon."
+    )
+    assert "helpful assistant" not in summaries.extractive_summary(turns)
+
+
+def test_extractive_summary_of_fragments_is_their_text() -> None:
+    assert summaries.extractive_summary([msg(USER, "hi"), msg(ASSISTANT, "yo")]) == "hi yo"
+
+
+def test_due_spans_are_complete_and_older_than_the_hot_window() -> None:
+    policy = SummaryPolicy(span_turns=4, hot_window_turns=4)
+    assert summaries.due_spans(7, policy) == []
+    assert summaries.due_spans(8, policy) == [(0, 4)]
+    assert summaries.due_spans(13, policy) == [(0, 4), (4, 8)]
+
+
+def test_versions_of_span_skip_undone_versions() -> None:
+    # Versions 0..5 held 0, 2, 4, (undone), (undone), 4 turns; then 6 held 6.
+    history = [0, 2, 4, None, None, 4, 6]
+    assert summaries.versions_of_span(history, 0, 4, 6) == (1, 2)
+    assert summaries.versions_of_span(history, 4, 6, 6) == (6, 6)
+    # Without history, the current version stands for both.
+    assert summaries.versions_of_span([], 0, 4, 9) == (9, 9)
+
+
+def _summary(first: int, end: int, end_version: int, text: str = "s") -> Summary:
+    return Summary(f"id{first}", first, end, first + 1, end_version, "extractive", text)
+
+
+def test_valid_at_needs_the_summarys_versions_intact() -> None:
+    history = [0, 1, 2, 3, None, 2]
+    assert summaries.valid_at(_summary(0, 2, 2), history, 5)
+    assert not summaries.valid_at(_summary(0, 2, 2), history, 1)
+    assert not summaries.valid_at(_summary(2, 3, 4), history, 5)
+    assert not summaries.valid_at(_summary(0, 2, 9), history, 9)
+
+
+def _assembled(dispositions: list[int], tokens: int, messages: list[common_pb2.Message]):
+    response = pb.AssembleContextResponse()
+    for index, disposition in enumerate(dispositions):
+        response.manifest.entries.add(
+            source=pb.SOURCE_SESSION, index=index, role=USER, tokens=10, disposition=disposition
+        )
+    response.manifest.entries.add(source=pb.SOURCE_REQUEST, index=0, role=USER, tokens=5)
+    response.messages.extend(messages)
+    response.manifest.prompt_tokens = tokens
+    return response
+
+
+DROPPED, INCLUDED = pb.DISPOSITION_DROPPED, pb.DISPOSITION_INCLUDED
+
+
+def test_excluded_ranges_are_runs_of_dropped_turns() -> None:
+    response = _assembled([DROPPED, DROPPED, INCLUDED, DROPPED, INCLUDED], 0, [])
+    assert summaries.excluded_ranges(response) == [(0, 2), (3, 4)]
+
+
+def test_add_summaries_fills_the_budget_oldest_first_and_marks_turns() -> None:
+    kept = [msg(SYSTEM, "rules"), msg(USER, "t4"), msg(USER, "new")]
+    response = _assembled([DROPPED] * 4 + [INCLUDED], 40, kept)
+    first, second = _summary(0, 2, 2, "A"), _summary(2, 4, 4, "B")
+    summaries.add_summaries(response, [first, second], [30, 30], budget=75, default_system_tokens=0)
+    # Only the first fits (40 + 30 <= 75 < 100).
+    assert [m.content for m in response.messages] == [
+        "rules",
+        "Summary of earlier turns 1-2: A",
+        "t4",
+        "new",
+    ]
+    marked = [(e.index, e.disposition, e.summary_id) for e in response.manifest.entries[:4]]
+    assert marked == [
+        (0, pb.DISPOSITION_SUMMARIZED, "id0"),
+        (1, pb.DISPOSITION_SUMMARIZED, "id0"),
+        (2, DROPPED, ""),
+        (3, DROPPED, ""),
+    ]
+    assert response.manifest.entries[-1].source == pb.SOURCE_SUMMARY
+    assert response.manifest.prompt_tokens == 70
+    assert [r.summary_id for r in response.inputs.summaries] == ["id0"]
+
+
+def test_the_first_summary_replaces_the_templates_default_system_prompt() -> None:
+    response = _assembled([DROPPED, DROPPED, INCLUDED], 50, [msg(USER, "t2"), msg(USER, "new")])
+    summaries.add_summaries(response, [_summary(0, 2, 2)], [12], budget=55, default_system_tokens=8)
+    # 50 - 8 (no default system prompt any more) + 12 = 54.
+    assert response.manifest.prompt_tokens == 54
+    assert response.messages[0].role == SYSTEM
