@@ -55,7 +55,7 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
     counters = token_counts.for_models(settings.models)
     client = await redis_access.connect_checked(settings.redis.url)
     store = SessionStore(client, settings.context.session_ttl_s, settings.context.max_turns)
-    hot = HotCache(settings.context.hot_cache_bytes)
+    hot = HotCache(settings.context.hot_cache_bytes, settings.context.session_ttl_s)
     changes = ChangeListener(settings.redis.url, hot)
     changes.start()
     # Summaries are written for no tenant: the context service's

@@ -17,6 +17,9 @@ bypassed from the moment the subscription breaks until it is back.
 A read that was in flight while a change was announced must not put the
 older state back: ``put`` is refused when a newer version (or a deletion)
 was announced for that session after the reader's ``ticket()``.
+
+Expiry publishes nothing, so an entry is not served past the moment its
+session may have expired in Redis (its last write plus the session TTL).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import time
 
 import redis.asyncio as redis
 import structlog
@@ -60,8 +64,10 @@ class _Announcement:
 class HotCache:
     """An LRU of sessions (current version only), bounded by ``max_bytes``."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, session_ttl_s: int = 0) -> None:
         self._max_bytes = max_bytes
+        # 0: sessions never expire.
+        self._session_ttl_ms = session_ttl_s * 1000
         self._entries: collections.OrderedDict[str, tuple[StoredSession, int]] = collections.OrderedDict()
         self._bytes = 0
         self._sequence = 0
@@ -87,6 +93,9 @@ class HotCache:
 
     def get(self, key: str) -> StoredSession | None:
         entry = self._entries.get(key) if self.live else None
+        if entry is not None and self._may_have_expired(entry[0]):
+            self._drop(key)
+            entry = None
         if entry is None:
             self.misses += 1
             return None
@@ -110,6 +119,12 @@ class HotCache:
             oldest = next(iter(self._entries))
             self._drop(oldest)
         return True
+
+    def _may_have_expired(self, session: StoredSession) -> bool:
+        if not self._session_ttl_ms:
+            return False
+        # A second's margin for the clocks of Redis and this host.
+        return time.time() * 1000 >= session.update_time_ms + self._session_ttl_ms - 1000
 
     def _current(self, key: str, version: int, ticket: int) -> bool:
         announced = self._announced.get(key)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import time
 import uuid
 
 import structlog
@@ -301,7 +302,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             extended = StoredSession(
                 version=version,
                 create_time_ms=cached.create_time_ms,
-                update_time_ms=cached.update_time_ms,
+                # The append's time in Redis, near enough (it only bounds the entry's life).
+                update_time_ms=int(time.time() * 1000),
                 turns=cached.turns + turns,
                 token_counts={
                     tokenizer: cached.token_counts.get(tokenizer, []) + counts

@@ -1,0 +1,92 @@
+"""The hot cache's coherence rules (services/context/hot_cache.py), without Redis."""
+
+from __future__ import annotations
+
+import time
+
+from meshgate.common.v1 import common_pb2
+from services.context.hot_cache import HotCache
+from services.context.store import StoredSession
+
+
+def session(version: int, *contents: str, updated_ms: int | None = None) -> StoredSession:
+    now = int(time.time() * 1000) if updated_ms is None else updated_ms
+    return StoredSession(
+        version=version,
+        create_time_ms=now,
+        update_time_ms=now,
+        turns=[common_pb2.Message(role=common_pb2.ROLE_USER, content=c) for c in contents],
+        token_counts={"t": [1] * len(contents)},
+    )
+
+
+def live_cache(max_bytes: int = 1 << 20, ttl_s: int = 0) -> HotCache:
+    cache = HotCache(max_bytes, ttl_s)
+    cache.live = True
+    return cache
+
+
+def test_nothing_is_served_while_change_notices_may_be_missed() -> None:
+    cache = HotCache(1 << 20)
+    assert not cache.put("k", session(1, "a"), cache.ticket())
+    cache.live = True
+    assert cache.put("k", session(1, "a"), cache.ticket())
+    cache.live = False
+    assert cache.get("k") is None
+
+
+def test_a_newer_version_announced_drops_the_entry_an_older_one_does_not() -> None:
+    cache = live_cache()
+    cache.put("k", session(3, "a"), cache.ticket())
+    cache.announce("k", 3)  # this replica's own append, echoed back
+    assert cache.get("k").version == 3
+    cache.announce("k", 4)
+    assert cache.get("k") is None
+
+
+def test_a_read_that_raced_a_change_is_not_cached() -> None:
+    cache = live_cache()
+    ticket = cache.ticket()
+    cache.announce("k", 5)  # arrives while the read of version 4 is in flight
+    assert not cache.put("k", session(4, "a"), ticket)
+    # The read of the announced version itself may be cached.
+    assert cache.put("k", session(5, "a"), ticket)
+    assert cache.get("k").version == 5
+
+
+def test_a_deletion_while_reading_refuses_any_version() -> None:
+    cache = live_cache()
+    ticket = cache.ticket()
+    cache.announce("k", -1)
+    cache.announce("k", 1)  # recreated and appended to
+    assert not cache.put("k", session(7, "stale"), ticket)
+    assert cache.put("k", session(1, "fresh"), cache.ticket())
+
+
+def test_clearing_refuses_reads_begun_before() -> None:
+    cache = live_cache()
+    ticket = cache.ticket()
+    cache.clear()
+    assert not cache.put("k", session(1, "a"), ticket)
+    assert cache.put("k", session(1, "a"), cache.ticket())
+
+
+def test_bounded_by_bytes_least_recently_used_first() -> None:
+    cache = live_cache(max_bytes=3 * 1024)
+    for key in ("a", "b", "c"):
+        assert cache.put(key, session(1, "x" * 300), cache.ticket())
+    cache.get("a")
+    assert cache.put("d", session(1, "x" * 300), cache.ticket())
+    assert cache.bytes <= 3 * 1024
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("d") is not None
+    # An entry larger than the whole cache is not kept.
+    assert not cache.put("huge", session(1, "x" * 4096), cache.ticket())
+
+
+def test_an_entry_is_not_served_once_its_session_may_have_expired() -> None:
+    cache = live_cache(ttl_s=60)
+    old = int(time.time() * 1000) - 61_000
+    cache.put("k", session(1, "a", updated_ms=old), cache.ticket())
+    assert cache.get("k") is None
+    cache.put("k", session(1, "a"), cache.ticket())
+    assert cache.get("k") is not None
