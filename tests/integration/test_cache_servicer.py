@@ -23,6 +23,8 @@ from services.cache.stats import Stats
 from services.cache.store import CacheStore
 from services.cache.verifier import Decision
 
+pytestmark = pytest.mark.integration
+
 DIMS = 64
 USER = common_pb2.ROLE_USER
 ASSISTANT = common_pb2.ROLE_ASSISTANT
