@@ -165,6 +165,14 @@ class Reason(enum.StrEnum):
     VERSION_CONFLICT = enum.auto()
     """The session is not at the expected version (metadata current_version)."""
 
+    VERSION_NOT_FOUND = enum.auto()
+    """The session has no such version: never reached, or undone by a revert
+    (metadata ``current_version``)."""
+
+    SESSION_FULL = enum.auto()
+    """RESOURCE_EXHAUSTED: the append would take the session past context.max_turns
+    (metadata ``max_turns``)."""
+
     # --- limits (RESOURCE_EXHAUSTED; metadata ``limit`` and ``scope``) -----
     RATE_LIMITED = enum.auto()
     """A per-minute or concurrent-stream limit is reached; RetryInfo says when to retry."""

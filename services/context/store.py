@@ -267,7 +267,7 @@ def _counts_field(tokenizer_id: str) -> str:
 
 def _version_not_found(session_id: str, version: int, current: int) -> MeshgateError:
     return not_found(
-        "VERSION_NOT_FOUND",
+        Reason.VERSION_NOT_FOUND,
         f"session {session_id!r} has no version {version} (it is at {current}; versions a revert"
         " undid, and those of sessions stored before versions were kept, cannot be read)",
         session_id=session_id,
@@ -376,7 +376,7 @@ class SessionStore:
             held = str(outcome[1])
             raise MeshgateError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "SESSION_FULL",
+                Reason.SESSION_FULL,
                 f"session {session_id!r} holds {held} turns; {len(turns)} more would pass its cap of"
                 f" {self._max_turns} (fork it at an earlier version, revert it, or start a new one)",
                 {"session_id": session_id, "turns": held, "max_turns": str(self._max_turns)},

@@ -40,6 +40,7 @@ from meshgate.common.v1 import common_pb2
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError, from_rpc_error
 from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
+from meshgate.reasons import Reason
 from services.context.store import SessionStore
 
 log = structlog.get_logger(__name__)
@@ -179,7 +180,9 @@ class ModelSummarizer:
             raise from_rpc_error(error, "inference") from error
         text = "".join(pieces).strip()
         if not completed or not text:
-            raise MeshgateError(grpc.StatusCode.UNAVAILABLE, "SUMMARY_UNAVAILABLE", "no summary came back")
+            raise MeshgateError(
+                grpc.StatusCode.UNAVAILABLE, Reason.DOWNSTREAM_FAILED, "inference returned no summary"
+            )
         return text
 
 
