@@ -318,6 +318,10 @@ class Pipeline:
         except MeshgateError as error:
             yield Failure(error)
             return
+        except Exception:  # noqa: BLE001 - as below: a bug fails this turn only
+            log.exception("turn refused by a bug", model=request.model)
+            yield Failure(internal_error())
+            return
         answer, status, failure, cancelled = Answer(), None, None, False
         try:
             # Every nested stream is closed explicitly (aclosing): an
@@ -463,6 +467,7 @@ class _Race:
         self._generation = generation
         self._speculative = speculative
         self._first: asyncio.Task | None = None
+        self._looked_up = False
 
     def _start(self) -> None:
         if self._first is None:
@@ -476,6 +481,7 @@ class _Race:
     async def hit(self) -> Hit | None:
         if self._lookup is None:
             return None
+        self._looked_up = True
         hit = await self._lookup
         if hit is not None:
             await self._stop_generation()
@@ -500,4 +506,6 @@ class _Race:
     async def __aexit__(self, *exc_info) -> None:
         # Ends the generation however the turn ended (a failure, the caller
         # cancelling): its inference call must not outlive the turn.
+        if self._lookup is not None and not self._looked_up:
+            self._lookup.close()  # never started: nothing to wait for
         await self._stop_generation()

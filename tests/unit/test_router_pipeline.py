@@ -357,3 +357,16 @@ def test_budget_caps_each_step_at_the_deadline():
     assert 0 < Budget.of(2).within(10) <= 2
     assert Budget.of(-1).within(10) == 0
     assert dataclasses.is_dataclass(Budget)
+
+
+async def test_a_bug_in_admission_fails_only_that_turn():
+    class Broken(RecordingAdmission):
+        async def admit(self, turn):
+            raise RuntimeError("bug")
+
+    admission = Broken()
+    turns, parts = pipeline(admission=admission)
+    events = await events_of(turns.run(request(), TENANT, "", Budget()))
+    assert [type(e) for e in events] == [Failure]
+    assert events[0].error.code == grpc.StatusCode.INTERNAL
+    assert parts["generator"].prompts == [] and admission.settled == []
