@@ -255,9 +255,19 @@ def versions_of_span(history: list[int | None], first: int, end: int, current: i
     return first_holding(first + 1), first_holding(end)
 
 
+# Sessions whose summaries are kept in memory for assembly.
+MAX_HOT_SESSIONS = 10_000
+
+
 class Summarizer:
     """Keeps every session's due spans summarized: one background task per
-    session at a time; an append while it runs makes it run once more."""
+    session at a time; an append while it runs makes it run once more.
+
+    After each run the session's summaries and version history stay in
+    memory, for the version the run read, so that the next assembly at that
+    version adds summaries without a Redis read. A summary another replica
+    writes at the same version is seen from the session's next version on.
+    """
 
     def __init__(
         self,
@@ -272,6 +282,10 @@ class Summarizer:
         self._model = model
         self._running: dict[tuple[str, str], asyncio.Task] = {}
         self._again: set[tuple[str, str]] = set()
+        # (tenant, session) -> (version, its summaries, its version history).
+        self._hot: collections.OrderedDict[
+            tuple[str, str], tuple[int, list[Summary], list[int | None]]
+        ] = collections.OrderedDict()
 
     def schedule(self, tenant_id: str, session_id: str) -> None:
         key = (tenant_id, session_id)
@@ -298,7 +312,8 @@ class Summarizer:
             while True:
                 self._again.discard(key)
                 try:
-                    await self.summarize_due(*key)
+                    version = await self.summarize_due(*key)
+                    await self._load(*key, version)
                 except MeshgateError as error:
                     # Gone, or Redis away: the next append schedules it again.
                     log.debug("summaries skipped", session_id=key[1], reason=error.reason)
@@ -309,12 +324,11 @@ class Summarizer:
         finally:
             self._running.pop(key, None)
 
-    async def summarize_due(self, tenant_id: str, session_id: str) -> list[Summary]:
+    async def summarize_due(self, tenant_id: str, session_id: str) -> int:
         """Summarizes the session's due spans that have no summary yet;
-        returns the summaries it wrote."""
+        returns the session version it read."""
         stored = await self._store.read(tenant_id, session_id)
         done = await self._summaries.spans(tenant_id, session_id)
-        written = []
         for first, end in due_spans(len(stored.turns), self._policy):
             span = stored.turns[first:end]
             digest = span_digest(span)
@@ -339,8 +353,7 @@ class Summarizer:
                 text=text,
             )
             await self._summaries.put(tenant_id, session_id, digest, summary)
-            written.append(summary)
-        return written
+        return stored.version
 
     async def _write(self, span: list[common_pb2.Message]) -> tuple[str, str]:
         """The summary's text and how it was made."""
@@ -352,7 +365,26 @@ class Summarizer:
         return extractive_summary(span), "extractive"
 
     async def forget(self, tenant_id: str, session_id: str) -> None:
+        self._hot.pop((tenant_id, session_id), None)
         await self._summaries.delete(tenant_id, session_id)
+
+    async def _load(
+        self, tenant_id: str, session_id: str, version: int
+    ) -> tuple[list[Summary], list[int | None]]:
+        """The session's summaries and history from Redis, kept for ``version``."""
+        spans = await self._summaries.spans(tenant_id, session_id)
+        history = await self._store.history(tenant_id, session_id)
+        found = []
+        for _, digest in sorted(spans.items()):
+            summary = await self._summaries.get(tenant_id, digest)
+            if summary is not None:
+                found.append(summary)
+        key = (tenant_id, session_id)
+        self._hot[key] = (version, found, history)
+        self._hot.move_to_end(key)
+        while len(self._hot) > MAX_HOT_SESSIONS:
+            self._hot.popitem(last=False)
+        return found, history
 
     async def summaries_for(
         self, tenant_id: str, session_id: str, version: int, excluded: list[tuple[int, int]]
@@ -362,21 +394,17 @@ class Summarizer:
         first: what assembly adds while budget remains."""
         if not excluded:
             return []
-        spans = await self._summaries.spans(tenant_id, session_id)
-        wanted = [
-            (span, digest)
-            for span, digest in sorted(spans.items())
-            if any(a <= span[0] and span[1] <= b for a, b in excluded)
+        hot = self._hot.get((tenant_id, session_id))
+        if hot is not None and hot[0] == version:
+            found, history = hot[1], hot[2]
+        else:
+            found, history = await self._load(tenant_id, session_id, version)
+        return [
+            summary
+            for summary in found
+            if any(a <= summary.first_turn and summary.end_turn <= b for a, b in excluded)
+            and valid_at(summary, history, version)
         ]
-        if not wanted:
-            return []
-        history = await self._store.history(tenant_id, session_id)
-        chosen = []
-        for _, digest in wanted:
-            summary = await self._summaries.get(tenant_id, digest)
-            if summary is not None and valid_at(summary, history, version):
-                chosen.append(summary)
-        return chosen
 
 def excluded_ranges(response: pb.AssembleContextResponse) -> list[tuple[int, int]]:
     """The runs of session turns an assembly left out, as [first, end)."""
@@ -434,6 +462,7 @@ def add_summaries(
             tokens=tokens,
             disposition=pb.DISPOSITION_INCLUDED,
             summary_id=summary.summary_id,
+            reason=pb.INCLUSION_REASON_SUMMARY,
         )
         response.inputs.summaries.append(summary.ref())
     if added:

@@ -23,6 +23,7 @@ from tests.integration.test_context_service import (
     prompt_length,
     running,
 )
+from tests.integration.test_context_versions import _data_commands, _own_redis, _settled
 
 pytestmark = pytest.mark.integration
 
@@ -175,3 +176,18 @@ async def test_the_chat_model_writes_summaries_through_the_inference_service(
         for first, end in check_summaries_in(response, summaries):
             assert summaries[first, end].method == "model:tiny-gpt"
     await client.aclose()
+
+
+async def test_after_appends_settle_an_assembly_with_summaries_reads_nothing_from_redis(
+    tmp_path, tenant
+) -> None:
+    async with _own_redis(tmp_path) as (url, client), running(summary_settings(url)) as stub:
+        session_id = await new_session(stub, tenant)
+        await append_turns(stub, tenant, session_id, 12)
+        summaries = await wait_for_spans(client, tenant, session_id, 2)
+        # Once the summarizer and the prefetch are done, the session, its
+        # counts and its summaries are all in memory.
+        before = await _settled(client)
+        response = await assemble(stub, tenant, session_id)
+        assert await _data_commands(client) == before
+        assert check_summaries_in(response, summaries) == [(0, 4), (4, 8)]
