@@ -6,10 +6,12 @@ from meshgate import mesh_auth, redis_access, serving
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2, context_service_pb2_grpc
 from meshgate.inference.v1 import inference_service_pb2_grpc
+from services.cache.embedder import Embedder
 from services.context import summaries, token_counts
 from services.context.hot_cache import ChangeListener, HotCache
 from services.context.servicer import ContextServicer
 from services.context.store import SessionStore
+from services.context.turn_index import TurnIndex
 
 SERVICE_NAMES = [context_service_pb2.DESCRIPTOR.services_by_name["ContextService"].full_name]
 
@@ -24,6 +26,7 @@ TENANT_OF = {
     "AssembleContext": lambda request: request.tenant_id,
     "ForkSession": lambda request: request.tenant_id,
     "RevertSession": lambda request: request.tenant_id,
+    "PinToSession": lambda request: request.tenant_id,
 }
 
 
@@ -58,11 +61,20 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
     hot = HotCache(settings.context.hot_cache_bytes, settings.context.session_ttl_s)
     changes = ChangeListener(settings.redis.url, hot)
     changes.start()
-    # Summaries are written for no tenant: the context service's
+    # Summaries and turn and question embeddings act for no tenant: the context service's
     # certificate is enough there.
     channel = serving.client_channel(settings.context.inference_address, mesh.to("inference"))
     summarizer = _summarizer(settings, store, client, channel)
-    servicer = ContextServicer(store, settings.models, counters, hot, summarizer=summarizer)
+    servicer = ContextServicer(
+        store,
+        settings.models,
+        counters,
+        hot,
+        TurnIndex(client, settings.context.session_ttl_s),
+        Embedder(inference_service_pb2_grpc.InferenceServiceStub(channel)),
+        settings.context.recency_floor_turns,
+        summarizer,
+    )
     context_service_pb2_grpc.add_ContextServiceServicer_to_server(servicer, service.server)
 
     async def cleanup() -> None:

@@ -2,12 +2,19 @@
 
 Pure and synchronous, so the policy can be tested without Redis or gRPC and
 changed (summaries, say) without touching storage.
+
+Assembly runs in two steps, so that a long session's texts are never read
+to decide: :func:`plan` chooses from each turn's role, token count and
+relevance alone; :func:`render` then builds the prompt and its manifest from
+the texts of the chosen turns only.
 """
 
 from __future__ import annotations
 
 import collections.abc
 import dataclasses
+
+import numpy as np
 
 from meshgate.common.v1 import common_pb2
 from meshgate.context.v1 import context_service_pb2 as pb
@@ -37,66 +44,148 @@ class Candidate:
     tokens: int
 
 
-def assemble(
-    session: collections.abc.Sequence[Candidate],
-    new: collections.abc.Sequence[Candidate],
+@dataclasses.dataclass(frozen=True, slots=True)
+class TurnCost:
+    """What planning needs of a stored turn: never its text."""
+
+    role: int
+    tokens: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    # Per session turn: why it is in the prompt, or INCLUSION_REASON_UNSPECIFIED
+    # when it is left out.
+    reasons: list[int]
+    prompt_tokens: int
+    budget: int
+
+    def kept(self) -> list[int]:
+        return [i for i, reason in enumerate(self.reasons) if reason]
+
+
+# The newest turns kept under the adaptive strategy whatever their relevance,
+# at most this share of what is left after the required messages, so a
+# long recent turn cannot crowd out the relevant ones.
+RECENCY_FLOOR_SHARE = 0.5
+
+
+def plan(
+    turns: collections.abc.Sequence[TurnCost],
+    required: collections.abc.Sequence[TurnCost],
     budget: int,
     template: TemplateTokens = TemplateTokens(),
-) -> pb.AssembleContextResponse:
-    """Keeps every system message and every new message, then the newest
-    session turns that fit, stopping at the first that does not: a gap in the
-    middle of a conversation would mislead the model more than a shorter past.
+    *,
+    pinned_turns: collections.abc.Collection[int] = (),
+    relevance: np.ndarray | None = None,
+    recency_floor: int = 0,
+) -> Plan:
+    """Chooses the session turns of the prompt.
+
+    Always: the session's system messages, ``pinned_turns`` and the
+    ``required`` messages (the request's new messages and pinned facts).
+    Without ``relevance`` (the "newest" strategy), then the newest turns that
+    fit, stopping at the first that does not: a gap in the middle of a
+    conversation would mislead the model more than a shorter past. With it
+    (adaptive), then up to ``recency_floor`` newest turns, then the others by
+    decreasing relevance, each that still fits (those of no relevance newest
+    first), in chronological order in the prompt.
 
     The prompt's cost is exactly what the model will see: the kept messages
     plus ``template``'s tokens outside them (the default system prompt only
-    when no system message is kept; every system message is).
+    when no system message is kept).
 
-    Fails with CONTEXT_WINDOW_EXCEEDED when the messages that must be kept
-    (new ones and the session's system messages) exceed the budget.
+    Fails with CONTEXT_WINDOW_EXCEEDED when what must be kept exceeds the budget.
     """
-    is_system = [c.message.role == common_pb2.ROLE_SYSTEM for c in session]
-    any_system = any(is_system) or any(c.message.role == common_pb2.ROLE_SYSTEM for c in new)
-    required = (
+    reasons = [pb.INCLUSION_REASON_UNSPECIFIED] * len(turns)
+    for index, turn in enumerate(turns):
+        if turn.role == common_pb2.ROLE_SYSTEM:
+            reasons[index] = pb.INCLUSION_REASON_SYSTEM
+    for index in pinned_turns:
+        if not reasons[index]:
+            reasons[index] = pb.INCLUSION_REASON_PINNED
+    any_system = any(t.role == common_pb2.ROLE_SYSTEM for t in (*turns, *required))
+    needed = (
         template.prompt_prefix
         + template.generation_prompt
         + (0 if any_system else template.default_system)
-        + sum(c.tokens for c in new)
-        + sum(c.tokens for c, system in zip(session, is_system, strict=True) if system)
+        + sum(t.tokens for t in required)
+        + sum(t.tokens for t, reason in zip(turns, reasons, strict=True) if reason)
     )
-    if required > budget:
+    if needed > budget:
         raise invalid_argument(
             Reason.CONTEXT_WINDOW_EXCEEDED,
-            f"the new messages and the session's system messages, as the chat template renders them,"
-            f" need {required} tokens, more than the budget of {budget}",
-            tokens=str(required),
+            f"the new messages, pinned items and the session's system messages, as the chat template"
+            f" renders them, need {needed} tokens, more than the budget of {budget}",
+            tokens=str(needed),
             budget=str(budget),
         )
-    remaining = budget - required
-    kept = list(is_system)
-    for index in range(len(session) - 1, -1, -1):
-        if kept[index]:
-            continue
-        if session[index].tokens > remaining:
+    remaining = budget - needed
+    floor_left = len(turns) if relevance is None else recency_floor
+    floor_tokens = remaining if relevance is None else int(remaining * RECENCY_FLOOR_SHARE)
+    for index in range(len(turns) - 1, -1, -1):
+        if floor_left <= 0:
             break
-        kept[index] = True
-        remaining -= session[index].tokens
+        if reasons[index]:
+            continue
+        cost = turns[index].tokens
+        if cost > floor_tokens:
+            break
+        reasons[index] = pb.INCLUSION_REASON_RECENCY
+        remaining -= cost
+        floor_tokens -= cost
+        floor_left -= 1
+    if relevance is not None:
+        # Most relevant first; among equals, the newer. Turns nothing points
+        # to still fill what budget is left, newest first: by recency.
+        for index in np.lexsort((-np.arange(len(turns)), -np.asarray(relevance, dtype=np.float64))):
+            if reasons[index] or turns[index].tokens > remaining:
+                continue
+            relevant = relevance[index] > 0
+            reasons[index] = pb.INCLUSION_REASON_RELEVANCE if relevant else pb.INCLUSION_REASON_RECENCY
+            remaining -= turns[index].tokens
+    return Plan(reasons, budget - remaining, budget)
 
+
+def render(
+    chosen: Plan,
+    turns: collections.abc.Sequence[TurnCost],
+    texts: collections.abc.Mapping[int, common_pb2.Message],
+    new: collections.abc.Sequence[Candidate],
+    pinned_facts: collections.abc.Sequence[Candidate] = (),
+    relevance: np.ndarray | None = None,
+) -> pb.AssembleContextResponse:
+    """The prompt and manifest of ``chosen``. ``texts`` holds (at least) the
+    kept turns. Order: the session's system messages, pinned facts, the new
+    system messages, kept turns oldest first, the other new messages."""
+    kept = chosen.kept()
+    is_system = [turns[i].role == common_pb2.ROLE_SYSTEM for i in kept]
     response = pb.AssembleContextResponse()
-    response.messages.extend(c.message for c, system in zip(session, is_system, strict=True) if system)
+    response.messages.extend(texts[i] for i, system in zip(kept, is_system, strict=True) if system)
+    response.messages.extend(c.message for c in pinned_facts)
     response.messages.extend(c.message for c in new if c.message.role == common_pb2.ROLE_SYSTEM)
-    response.messages.extend(
-        c.message for c, keep, system in zip(session, kept, is_system, strict=True) if keep and not system
-    )
+    response.messages.extend(texts[i] for i, system in zip(kept, is_system, strict=True) if not system)
     response.messages.extend(c.message for c in new if c.message.role != common_pb2.ROLE_SYSTEM)
 
     manifest = response.manifest
-    for index, (c, keep) in enumerate(zip(session, kept, strict=True)):
+    for index, (turn, reason) in enumerate(zip(turns, chosen.reasons, strict=True)):
         manifest.entries.add(
             source=pb.SOURCE_SESSION,
             index=index,
+            role=turn.role,
+            tokens=turn.tokens,
+            disposition=pb.DISPOSITION_INCLUDED if reason else pb.DISPOSITION_DROPPED,
+            reason=reason,
+            relevance=0.0 if relevance is None else float(relevance[index]),
+        )
+    for index, c in enumerate(pinned_facts):
+        manifest.entries.add(
+            source=pb.SOURCE_PINNED_FACT,
+            index=index,
             role=c.message.role,
             tokens=c.tokens,
-            disposition=pb.DISPOSITION_INCLUDED if keep else pb.DISPOSITION_DROPPED,
+            disposition=pb.DISPOSITION_INCLUDED,
+            reason=pb.INCLUSION_REASON_PINNED,
         )
     for index, c in enumerate(new):
         manifest.entries.add(
@@ -105,7 +194,24 @@ def assemble(
             role=c.message.role,
             tokens=c.tokens,
             disposition=pb.DISPOSITION_INCLUDED,
+            reason=pb.INCLUSION_REASON_REQUEST,
         )
-    manifest.prompt_tokens = budget - remaining
-    manifest.budget_tokens = budget
+    manifest.prompt_tokens = chosen.prompt_tokens
+    manifest.budget_tokens = chosen.budget
     return response
+
+
+def _cost(candidate: Candidate) -> TurnCost:
+    return TurnCost(candidate.message.role, candidate.tokens)
+
+
+def assemble(
+    session: collections.abc.Sequence[Candidate],
+    new: collections.abc.Sequence[Candidate],
+    budget: int,
+    template: TemplateTokens = TemplateTokens(),
+) -> pb.AssembleContextResponse:
+    """The "newest turns" prompt of a session whose texts are at hand."""
+    turns = [_cost(c) for c in session]
+    chosen = plan(turns, [_cost(c) for c in new], budget, template)
+    return render(chosen, turns, {i: c.message for i, c in enumerate(session)}, new)

@@ -4,11 +4,14 @@ the session store and the assembly policy."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import re
 import time
 import uuid
 
+import grpc
+import numpy as np
 import structlog
 
 from meshgate import redis_access
@@ -18,11 +21,13 @@ from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.reasons import Reason
-from services.context import assembly
+from services.cache.embedder import Embedder, EmbeddingUnavailable
+from services.context import assembly, relevance
 from services.context import summaries as summaries_lib
 from services.context.hot_cache import HotCache
 from services.context.store import SessionStore, StoredSession, session_key
 from services.context.token_counts import PromptCounter
+from services.context.turn_index import IndexedTurns, TurnIndex, features
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +40,43 @@ MAX_TURN_ID_BYTES = 128
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _ROLES = frozenset((common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT))
+
+
+_STRATEGIES = {"adaptive": pb.ASSEMBLY_STRATEGY_ADAPTIVE, "newest": pb.ASSEMBLY_STRATEGY_NEWEST}
+_STRATEGY_NAMES = {value: name for name, value in _STRATEGIES.items()}
+# A pinned fact is a system message in every later prompt: kept short.
+MAX_FACT_BYTES = 4096
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _SessionView:
+    """A session as assembly plans from it."""
+
+    version: int
+    counts: list[int]
+    roles: list[int]
+    # Every turn's text when at hand; None: read the chosen ones after planning.
+    texts: dict[int, common_pb2.Message] | None
+    postings: dict[str, np.ndarray]
+    term_counts: np.ndarray
+    vectors: np.ndarray | None
+    pinned_turns: list[int]
+    pinned_facts: list[str]
+
+
+def _postings_of(
+    turns: list[common_pb2.Message], query_terms: list[str]
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The query terms' postings and every turn's term count, from texts:
+    for sessions whose index does not cover them."""
+    wanted = set(query_terms)
+    postings: dict[str, list[int]] = {}
+    term_counts = np.zeros(len(turns))
+    for index, turn in enumerate(features(turns)):
+        term_counts[index] = sum(turn.terms.values())
+        for term in wanted.intersection(turn.terms):
+            postings.setdefault(term, []).append(relevance.pack_posting(index, turn.terms[term]))
+    return {t: np.array(p, dtype=np.uint32) for t, p in postings.items()}, term_counts
 
 
 def _check_tenant(tenant_id: str) -> None:
@@ -84,9 +126,17 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         models: dict[str, ModelSettings],
         counters: dict[str, PromptCounter],
         hot: HotCache | None = None,
+        index: TurnIndex | None = None,
+        embedder: Embedder | None = None,
+        recency_floor_turns: int = 4,
         summarizer: summaries_lib.Summarizer | None = None,
     ) -> None:
         self._store = store
+        # Without an index (unit tests), every strategy reads whole sessions.
+        self._index = index
+        # Without an embedder, relevance is lexical only.
+        self._embedder = embedder
+        self._recency_floor_turns = recency_floor_turns
         # Never live without a change listener, so always safe to consult.
         self._hot = hot if hot is not None else HotCache(0)
         # Prefetches in flight, held so they are not collected mid-way.
@@ -133,6 +183,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         await self._store.delete(request.tenant_id, request.session_id)
         if self._summarizer is not None:
             await self._summarizer.forget(request.tenant_id, request.session_id)
+        if self._index is not None:
+            await self._index.delete(request.tenant_id, request.session_id)
         return pb.DeleteSessionResponse()
 
     async def AppendTurns(self, request: pb.AppendTurnsRequest, context) -> pb.AppendTurnsResponse:
@@ -160,7 +212,21 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         )
         log.debug("turns appended", session_id=request.session_id, version=version, replayed=replayed)
         if not replayed:
+            key = session_key(request.tenant_id, request.session_id)
+            before = self._hot.get(key)
+            indexed = None
+            if self._index is not None:
+                turn_features, vectors = features(turns), await self._embed(turns)
+                first = await self._index.write(
+                    request.tenant_id, request.session_id, version, turn_features, vectors
+                )
+                if before is not None and before.index is not None and before.version == version - 1:
+                    indexed = before.index.extended(version, first, turn_features, vectors)
             self._warm(request.tenant_id, request.session_id, version, turns, token_counts, ticket)
+            after = self._hot.get(key)
+            if indexed is not None and after is not None and after.version == version:
+                # The hot entry was extended in place of a read: so is its index.
+                after.index = indexed
             if self._summarizer is not None:
                 self._summarizer.schedule(request.tenant_id, request.session_id)
         return pb.AppendTurnsResponse(version=version, replayed=replayed)
@@ -213,19 +279,19 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         counter = self._counters[request.model]
         new_counts = await counter.count(new_messages)
         new = [assembly.Candidate(m, n) for m, n in zip(new_messages, new_counts, strict=True)]
-        session: list[assembly.Candidate] = []
-        version = 0
         at_version = request.at_version if request.HasField("at_version") else None
         if at_version is not None:
             _check_version(at_version, "at_version")
-        if request.session_id:
-            stored = await self._read(request.tenant_id, request.session_id, at_version)
-            counts = await self._complete_counts(request, stored, counter)
-            session = [assembly.Candidate(m, n) for m, n in zip(stored.turns, counts, strict=True)]
-            version = stored.version
-
+        strategy = self._strategy(request, model)
         budget = min(request.max_prompt_tokens, model.context_window_tokens)
-        response = assembly.assemble(session, new, budget, counter.template_tokens)
+        if request.session_id:
+            response, version = await self._assemble_session(
+                request, new, budget, counter, at_version, strategy
+            )
+        else:
+            required = [assembly.TurnCost(c.message.role, c.tokens) for c in new]
+            chosen = assembly.plan([], required, budget, counter.template_tokens)
+            response, version = assembly.render(chosen, [], {}, new), 0
         if self._summarizer is not None and request.session_id:
             await self._add_summaries(request, response, version, budget, counter)
         response.manifest.tokenizer = counter.spec
@@ -237,6 +303,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         inputs.model = request.model
         inputs.max_prompt_tokens = request.max_prompt_tokens
         inputs.tokenizer = counter.spec
+        inputs.strategy = _STRATEGY_NAMES[strategy]
         digest = hashlib.sha256()
         for message in new_messages:
             serialized = message.SerializeToString(deterministic=True)
@@ -244,6 +311,167 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         inputs.new_messages_sha256 = digest.hexdigest()
         response.assembly_id = hashlib.sha256(inputs.SerializeToString(deterministic=True)).hexdigest()
         return response
+
+    async def PinToSession(self, request: pb.PinToSessionRequest, context) -> pb.PinToSessionResponse:
+        _check_tenant(request.tenant_id)
+        _check_session_id(request.session_id)
+        if self._index is None:
+            raise MeshgateError(
+                grpc.StatusCode.UNIMPLEMENTED, Reason.PIN_UNAVAILABLE, "this service keeps no turn index"
+            )
+        kind = request.WhichOneof("pin")
+        if kind is None:
+            raise invalid_argument(Reason.INVALID_PIN, "name a message_index or a fact to pin")
+        if kind == "fact":
+            fact = request.fact
+            if not fact.strip() or len(fact) > MAX_FACT_BYTES or len(fact.encode()) > MAX_FACT_BYTES:
+                raise invalid_argument(
+                    Reason.INVALID_PIN,
+                    f"a pinned fact must be 1 to {MAX_FACT_BYTES} bytes of text",
+                    limit=str(MAX_FACT_BYTES),
+                )
+            pin = "f:" + fact
+        else:
+            pin = f"t:{request.message_index}"
+        message_index = request.message_index if kind == "message_index" else None
+        pin_count = await self._index.pin(request.tenant_id, request.session_id, pin, message_index)
+        return pb.PinToSessionResponse(pin_count=pin_count)
+
+    def _strategy(self, request: pb.AssembleContextRequest, model: ModelSettings) -> int:
+        if request.strategy == pb.ASSEMBLY_STRATEGY_UNSPECIFIED:
+            return _STRATEGIES[model.assembly_strategy]
+        if request.strategy not in _STRATEGY_NAMES:
+            raise invalid_argument(
+                Reason.UNKNOWN_STRATEGY,
+                f"unknown assembly strategy {request.strategy}",
+                strategy=str(request.strategy),
+            )
+        return request.strategy
+
+    async def _embed(self, messages: list[common_pb2.Message]) -> np.ndarray | None:
+        """One vector per message, or None when the inference service cannot
+        give them: the turns are then found by their words only."""
+        if self._embedder is None:
+            return None
+        try:
+            return await self._embedder.embed([m.content for m in messages])
+        except EmbeddingUnavailable as error:
+            log.warning("turns stored without embeddings", error=str(error))
+            return None
+
+    async def _assemble_session(
+        self,
+        request: pb.AssembleContextRequest,
+        new: list[assembly.Candidate],
+        budget: int,
+        counter: PromptCounter,
+        at_version: int | None,
+        strategy: int,
+    ) -> tuple[pb.AssembleContextResponse, int]:
+        """Plans from the turns' index (roles, counts, vectors, the query's
+        postings) and reads only the chosen turns' texts; a session whose
+        index is incomplete (stored before it, forked, or an older version
+        asked for) is read whole and scored from its texts."""
+        tenant_id, session_id = request.tenant_id, request.session_id
+        adaptive = strategy == pb.ASSEMBLY_STRATEGY_ADAPTIVE
+        query = "\n".join(c.message.content for c in new if c.message.role == common_pb2.ROLE_USER)
+        terms = list(relevance.index_terms(query)) if adaptive else []
+        query_vector: asyncio.Task | None = None
+        if adaptive and query and self._embedder is not None:
+            # The question's embedding is fetched while Redis is read.
+            query_vector = asyncio.create_task(self._embedder.embed_or_none(query))
+        try:
+            view = await self._session_view(request, terms, counter, at_version)
+            vector = await query_vector if query_vector is not None else None
+        finally:
+            if query_vector is not None and not query_vector.done():
+                query_vector.cancel()
+        scores = None
+        if adaptive:
+            scores = relevance.hybrid_scores(terms, view.postings, view.term_counts, view.vectors, vector)
+        pinned_facts = [common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=f) for f in view.pinned_facts]
+        facts = [
+            assembly.Candidate(m, n)
+            for m, n in zip(pinned_facts, await counter.count(pinned_facts), strict=True)
+        ]
+        costs = [assembly.TurnCost(role, n) for role, n in zip(view.roles, view.counts, strict=True)]
+        required = [assembly.TurnCost(c.message.role, c.tokens) for c in (*facts, *new)]
+        chosen = assembly.plan(
+            costs,
+            required,
+            budget,
+            counter.template_tokens,
+            pinned_turns=view.pinned_turns,
+            relevance=scores,
+            recency_floor=self._recency_floor_turns,
+        )
+        texts = view.texts
+        if texts is None:
+            texts = await self._index.read_turns(tenant_id, session_id, chosen.kept(), view.version)
+            if texts is None:
+                # A revert moved the session between the two reads: plan again from the whole session.
+                return await self._assemble_session(request, new, budget, counter, view.version, strategy)
+        return assembly.render(chosen, costs, texts, new, facts, scores), view.version
+
+    async def _session_view(
+        self,
+        request: pb.AssembleContextRequest,
+        terms: list[str],
+        counter: PromptCounter,
+        at_version: int | None,
+    ) -> _SessionView:
+        """What planning needs, from the cheapest place that has it: a hot
+        session's memory; else the turn index in Redis (texts read later,
+        for the chosen turns only); else, for a session the index does not
+        cover (stored before it, forked, or an older version asked for), the
+        whole session, scored from its texts."""
+        tenant_id, session_id = request.tenant_id, request.session_id
+        hot = self._hot.get(session_key(tenant_id, session_id)) if at_version is None else None
+        if hot is not None and hot.index is not None and hot.index.version == hot.version:
+            indexed: IndexedTurns = hot.index
+            return _SessionView(
+                hot.version,
+                await self._complete_counts(request, hot, counter),
+                indexed.roles.tolist(),
+                dict(enumerate(hot.turns)),
+                indexed.postings_of(terms),
+                indexed.term_counts,
+                indexed.vectors,
+                indexed.pinned_turns,
+                indexed.pinned_facts,
+            )
+        indexed = None
+        if self._index is not None:
+            indexed = await self._index.read(tenant_id, session_id, terms, counter.id)
+            if at_version is None and self._hot.live:
+                # Not hot, or hot without its index yet: next time it will be.
+                self.prefetch(tenant_id, session_id)
+        if indexed is not None and indexed.usable(at_version):
+            return _SessionView(
+                indexed.version,
+                indexed.token_counts,
+                indexed.roles.tolist(),
+                None,
+                indexed.postings,
+                indexed.term_counts,
+                indexed.vectors,
+                indexed.pinned_turns,
+                indexed.pinned_facts,
+            )
+        stored = await self._read(tenant_id, session_id, at_version)
+        postings, term_counts = _postings_of(stored.turns, terms)
+        covered = indexed is not None and indexed.covers(stored.version, len(stored.turns))
+        return _SessionView(
+            stored.version,
+            await self._complete_counts(request, stored, counter),
+            [m.role for m in stored.turns],
+            dict(enumerate(stored.turns)),
+            postings,
+            term_counts,
+            indexed.vectors[: len(stored.turns)] if covered else None,
+            [i for i in indexed.pinned_turns if i < len(stored.turns)] if indexed else [],
+            indexed.pinned_facts if indexed else [],
+        )
 
     async def _add_summaries(
         self,
@@ -322,6 +550,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         async def read() -> None:
             try:
                 await self._read(tenant_id, session_id)
+                await self._attach_index(tenant_id, session_id)
             except MeshgateError as error:
                 # Gone or unreachable: the next assembly reads it and reports that.
                 log.debug("prefetch failed", session_id=session_id, reason=error.reason)
@@ -329,6 +558,19 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         task = asyncio.create_task(read())
         self._prefetches.add(task)
         task.add_done_callback(self._prefetches.discard)
+
+    async def _attach_index(self, tenant_id: str, session_id: str) -> None:
+        """Keeps the whole turn index with the hot session, if it is hot."""
+        if self._index is None:
+            return
+        key = session_key(tenant_id, session_id)
+        hot = self._hot.get(key)
+        if hot is None or (hot.index is not None and hot.index.version == hot.version):
+            return
+        indexed = await self._index.read(tenant_id, session_id, None)
+        hot = self._hot.get(key)
+        if hot is not None and indexed.version == hot.version and len(indexed.roles) == indexed.count:
+            hot.index = indexed
 
     async def _complete_counts(
         self,

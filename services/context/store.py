@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import struct
+import typing
 
 import grpc
 import redis.asyncio as redis
@@ -249,6 +250,10 @@ class StoredSession:
     turns: list[common_pb2.Message]
     # Tokenizer id -> content token counts of the first len(counts) turns.
     token_counts: dict[str, list[int]]
+    # The turns' retrieval index (services/context/turn_index.IndexedTurns),
+    # attached by the servicer while the session is hot, so that it is
+    # invalidated with the turns it indexes.
+    index: typing.Any = None
 
 
 def session_key(tenant_id: str, session_id: str) -> str:

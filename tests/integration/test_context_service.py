@@ -443,6 +443,7 @@ async def test_assembly_keeps_system_and_newest_turns_within_budget(stub, tenant
             new_messages=new,
             model=MODEL,
             max_prompt_tokens=budget,
+            strategy=pb.ASSEMBLY_STRATEGY_NEWEST,
         )
     )
 

@@ -8,6 +8,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class AssemblyStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ASSEMBLY_STRATEGY_UNSPECIFIED: _ClassVar[AssemblyStrategy]
+    ASSEMBLY_STRATEGY_ADAPTIVE: _ClassVar[AssemblyStrategy]
+    ASSEMBLY_STRATEGY_NEWEST: _ClassVar[AssemblyStrategy]
+
 class Disposition(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DISPOSITION_UNSPECIFIED: _ClassVar[Disposition]
@@ -21,6 +27,20 @@ class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SOURCE_SESSION: _ClassVar[Source]
     SOURCE_REQUEST: _ClassVar[Source]
     SOURCE_SUMMARY: _ClassVar[Source]
+    SOURCE_PINNED_FACT: _ClassVar[Source]
+
+class InclusionReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INCLUSION_REASON_UNSPECIFIED: _ClassVar[InclusionReason]
+    INCLUSION_REASON_SYSTEM: _ClassVar[InclusionReason]
+    INCLUSION_REASON_REQUEST: _ClassVar[InclusionReason]
+    INCLUSION_REASON_RECENCY: _ClassVar[InclusionReason]
+    INCLUSION_REASON_RELEVANCE: _ClassVar[InclusionReason]
+    INCLUSION_REASON_PINNED: _ClassVar[InclusionReason]
+    INCLUSION_REASON_SUMMARY: _ClassVar[InclusionReason]
+ASSEMBLY_STRATEGY_UNSPECIFIED: AssemblyStrategy
+ASSEMBLY_STRATEGY_ADAPTIVE: AssemblyStrategy
+ASSEMBLY_STRATEGY_NEWEST: AssemblyStrategy
 DISPOSITION_UNSPECIFIED: Disposition
 DISPOSITION_INCLUDED: Disposition
 DISPOSITION_SUMMARIZED: Disposition
@@ -29,6 +49,14 @@ SOURCE_UNSPECIFIED: Source
 SOURCE_SESSION: Source
 SOURCE_REQUEST: Source
 SOURCE_SUMMARY: Source
+SOURCE_PINNED_FACT: Source
+INCLUSION_REASON_UNSPECIFIED: InclusionReason
+INCLUSION_REASON_SYSTEM: InclusionReason
+INCLUSION_REASON_REQUEST: InclusionReason
+INCLUSION_REASON_RECENCY: InclusionReason
+INCLUSION_REASON_RELEVANCE: InclusionReason
+INCLUSION_REASON_PINNED: InclusionReason
+INCLUSION_REASON_SUMMARY: InclusionReason
 
 class Session(_message.Message):
     __slots__ = ("session_id", "tenant_id", "version", "messages", "create_time_ms", "update_time_ms")
@@ -111,20 +139,40 @@ class AppendTurnsResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class AssembleContextRequest(_message.Message):
-    __slots__ = ("tenant_id", "session_id", "new_messages", "model", "max_prompt_tokens", "at_version")
+    __slots__ = ("tenant_id", "session_id", "new_messages", "model", "max_prompt_tokens", "at_version", "strategy")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     AT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     session_id: str
     new_messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
     model: str
     max_prompt_tokens: int
     at_version: int
-    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., new_messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., model: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., at_version: _Optional[int] = ...) -> None: ...
+    strategy: AssemblyStrategy
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., new_messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., model: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., at_version: _Optional[int] = ..., strategy: _Optional[_Union[AssemblyStrategy, str]] = ...) -> None: ...
+
+class PinToSessionRequest(_message.Message):
+    __slots__ = ("tenant_id", "session_id", "message_index", "fact")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FACT_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    session_id: str
+    message_index: int
+    fact: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., message_index: _Optional[int] = ..., fact: _Optional[str] = ...) -> None: ...
+
+class PinToSessionResponse(_message.Message):
+    __slots__ = ("pin_count",)
+    PIN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    pin_count: int
+    def __init__(self, pin_count: _Optional[int] = ...) -> None: ...
 
 class AssembleContextResponse(_message.Message):
     __slots__ = ("messages", "manifest", "session_version", "inputs", "assembly_id")
@@ -217,20 +265,24 @@ class RevertSessionResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class ManifestEntry(_message.Message):
-    __slots__ = ("source", "index", "role", "tokens", "disposition", "summary_id")
+    __slots__ = ("source", "index", "role", "tokens", "disposition", "summary_id", "reason", "relevance")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     DISPOSITION_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RELEVANCE_FIELD_NUMBER: _ClassVar[int]
     source: Source
     index: int
     role: _common_pb2.Role
     tokens: int
     disposition: Disposition
     summary_id: str
-    def __init__(self, source: _Optional[_Union[Source, str]] = ..., index: _Optional[int] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., tokens: _Optional[int] = ..., disposition: _Optional[_Union[Disposition, str]] = ..., summary_id: _Optional[str] = ...) -> None: ...
+    reason: InclusionReason
+    relevance: float
+    def __init__(self, source: _Optional[_Union[Source, str]] = ..., index: _Optional[int] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., tokens: _Optional[int] = ..., disposition: _Optional[_Union[Disposition, str]] = ..., summary_id: _Optional[str] = ..., reason: _Optional[_Union[InclusionReason, str]] = ..., relevance: _Optional[float] = ...) -> None: ...
 
 class ContextManifest(_message.Message):
     __slots__ = ("entries", "prompt_tokens", "budget_tokens", "tokenizer")

@@ -71,6 +71,11 @@ class ContextServiceStub:
                 request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.RevertSessionRequest.SerializeToString,
                 response_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.RevertSessionResponse.FromString,
                 _registered_method=True)
+        self.PinToSession = channel.unary_unary(
+                '/meshgate.context.v1.ContextService/PinToSession',
+                request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PinToSessionRequest.SerializeToString,
+                response_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PinToSessionResponse.FromString,
+                _registered_method=True)
 
 
 class ContextServiceServicer:
@@ -131,6 +136,14 @@ class ContextServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PinToSession(self, request, context):
+        """Pins a session turn (by index) or a free-text fact to a session: every
+        later assembly includes it, whatever the budget, counted against it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContextServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -168,6 +181,11 @@ def add_ContextServiceServicer_to_server(servicer, server):
                     servicer.RevertSession,
                     request_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.RevertSessionRequest.FromString,
                     response_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.RevertSessionResponse.SerializeToString,
+            ),
+            'PinToSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinToSession,
+                    request_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PinToSessionRequest.FromString,
+                    response_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PinToSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -361,6 +379,33 @@ class ContextService:
             '/meshgate.context.v1.ContextService/RevertSession',
             meshgate_dot_context_dot_v1_dot_context__service__pb2.RevertSessionRequest.SerializeToString,
             meshgate_dot_context_dot_v1_dot_context__service__pb2.RevertSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinToSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.context.v1.ContextService/PinToSession',
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.PinToSessionRequest.SerializeToString,
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.PinToSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

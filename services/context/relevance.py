@@ -1,0 +1,206 @@
+"""How relevant each stored turn is to the new message: pure scoring.
+
+A turn is indexed once, when it is appended (:func:`index_terms`): its
+keyword terms (lowercased, lightly stemmed, stop words out) for BM25, and its
+entities (names, places, products: capitalized words; numbers; months and
+weekdays) as terms of their own, marked ``@``, so that "what did Ana say
+about Lisbon?" finds the turn that named them even when the words around
+them differ. Assembly then scores every turn from postings and vectors alone
+(:func:`hybrid_scores`), never from the turns' texts.
+
+The hybrid is a weighted sum of three signals, each scaled to [0, 1] over the
+session so that no one signal's units dominate: embedding cosine similarity
+(meaning), BM25 (rare shared words) and entity matches (the names the
+question asks about). A turn next to a highly relevant one inherits part of
+its score, so a question's answer keeps the line it answers.
+"""
+
+from __future__ import annotations
+
+import collections
+import collections.abc
+import dataclasses
+import math
+import re
+
+import numpy as np
+
+# Words and numbers; an apostrophe inside a word stays with it ("Kate's").
+_WORD = re.compile(r"[A-Za-z][A-Za-z'’]*|\d+(?:[.,:/]\d+)*")
+_POSSESSIVE = re.compile(r"['’]s$")
+
+# Function words: frequent in every turn, so they only add noise to BM25.
+_STOP_WORD_LIST = """
+a about above after again against all also am an and any are aren't as at be because been before
+being below between both but by can can't cannot could couldn't did didn't do does doesn't doing
+don't down during each few for from further get got had hadn't has hasn't have haven't having he
+he'd he'll he's her here here's hers herself him himself his how how's i i'd i'll i'm i've if in
+into is isn't it it's its itself just let's like me more most mustn't my myself no nor not now
+of off on once only or other ought our ours ourselves out over own really same shan't she she'd
+she'll she's should shouldn't so some such than that that's the their theirs them themselves
+then there there's these they they'd they'll they're they've this those through to too under
+until up very was wasn't we we'd we'll we're we've were weren't what what's when when's where
+where's which while who who's whom why why's will with won't would wouldn't you you'd you'll
+you're you've your yours yourself yourselves yeah yes oh ok okay hey hi hello lol haha im dont
+thats ive youre well oh yea gonna wanna thing things one much many lot also still even
+"""
+STOP_WORDS = frozenset(_STOP_WORD_LIST.split())
+_TIME_WORD_LIST = """
+january february march april may june july august september october november december monday
+tuesday wednesday thursday friday saturday sunday today yesterday tomorrow tonight weekend
+morning evening night week month year
+"""
+_TIME_WORDS = frozenset(_TIME_WORD_LIST.split())
+ENTITY_MARK = "@"
+
+
+def stem(word: str) -> str:
+    """A light suffix stripper: plurals and common verb endings, so that
+    "hobbies" meets "hobby" and "skiing" meets "ski". Deliberately crude:
+    both sides of a match go through the same function."""
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 5 and word.endswith("ing"):
+        return word[:-3]
+    if len(word) > 4 and word.endswith("ed"):
+        return word[:-2]
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]
+    return word
+
+
+def _words(text: str) -> collections.abc.Iterator[tuple[str, str]]:
+    """(word as written, without possessive) pairs."""
+    for match in _WORD.finditer(text):
+        yield match.group(), _POSSESSIVE.sub("", match.group())
+
+
+def index_terms(text: str) -> collections.Counter[str]:
+    """A turn's (or a question's) terms with their frequencies: stemmed
+    keywords, plus each entity once more under ``@``."""
+    terms: collections.Counter[str] = collections.Counter()
+    # Typographic apostrophes spell the same words as the stop list's.
+    for written, word in _words(text.replace("’", "'")):
+        lower = word.lower()
+        if lower in STOP_WORDS:
+            continue
+        if word[0].isdigit():
+            terms[ENTITY_MARK + lower] += 1
+            terms[lower] += 1
+            continue
+        if len(lower) < 2:
+            continue
+        terms[stem(lower)] += 1
+        if written[0].isupper() or lower in _TIME_WORDS:
+            terms[ENTITY_MARK + lower] += 1
+    return terms
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Weights:
+    """How the signals add up; chosen on the development conversations
+    (bench/context_bench.py), nothing else."""
+
+    dense: float = 1.0
+    keyword: float = 0.6
+    entity: float = 0.4
+    # Share of a neighbour's score a turn inherits.
+    neighbour: float = 0.35
+    bm25_k1: float = 1.2
+    bm25_b: float = 0.75
+
+
+DEFAULT_WEIGHTS = Weights()
+
+# A posting packs a turn index and the term's frequency in it (capped) into one uint32.
+TF_BITS = 4
+TF_MAX = (1 << TF_BITS) - 1
+
+
+def pack_posting(turn_index: int, frequency: int) -> int:
+    return (turn_index << TF_BITS) | min(frequency, TF_MAX)
+
+
+def bm25(
+    query_terms: collections.abc.Iterable[str],
+    postings: collections.abc.Mapping[str, np.ndarray],
+    term_counts: np.ndarray,
+    weights: Weights = DEFAULT_WEIGHTS,
+) -> np.ndarray:
+    """BM25 of every turn for the distinct ``query_terms``, from packed
+    postings (:func:`pack_posting`) and each turn's number of terms."""
+    n = len(term_counts)
+    scores = np.zeros(n, dtype=np.float64)
+    if n == 0:
+        return scores
+    average_length = max(float(term_counts.mean()), 1.0)
+    for term in set(query_terms):
+        packed = postings.get(term)
+        if packed is None or len(packed) == 0:
+            continue
+        turns = (packed >> TF_BITS).astype(np.int64)
+        in_range = turns < n
+        turns = turns[in_range]
+        frequency = (packed[in_range] & TF_MAX).astype(np.float64)
+        df = len(turns)
+        idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+        length = term_counts[turns] / average_length
+        k1, b = weights.bm25_k1, weights.bm25_b
+        np.add.at(scores, turns, idf * frequency * (k1 + 1) / (frequency + k1 * (1 - b + b * length)))
+    return scores
+
+
+def cosine(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Cosine of every stored (quantized) vector with the query; 0 for a
+    turn stored without one (an all-zero row)."""
+    if len(vectors) == 0:
+        return np.zeros(0)
+    rows = vectors.astype(np.float32)
+    dots = rows @ query.astype(np.float32)
+    norms = np.linalg.norm(rows, axis=1) * max(float(np.linalg.norm(query)), 1e-9)
+    return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
+
+
+def _scaled(values: np.ndarray) -> np.ndarray:
+    """Above the session's typical value, as a share of the best: what
+    makes a turn stand out, not the level every turn shares."""
+    if len(values) == 0:
+        return values
+    floor = float(np.median(values))
+    top = float(values.max())
+    if top <= floor:
+        return np.zeros_like(values, dtype=np.float64)
+    return np.clip((values - floor) / (top - floor), 0.0, 1.0)
+
+
+def hybrid_scores(
+    query_terms: collections.abc.Iterable[str],
+    postings: collections.abc.Mapping[str, np.ndarray],
+    term_counts: np.ndarray,
+    vectors: np.ndarray | None,
+    query_vector: np.ndarray | None,
+    weights: Weights = DEFAULT_WEIGHTS,
+) -> np.ndarray:
+    """Each turn's relevance to the query, higher is more relevant. Without
+    a query vector (the inference service is down) it is lexical only."""
+    query_terms = list(query_terms)
+    keywords = [t for t in query_terms if not t.startswith(ENTITY_MARK)]
+    entities = [t for t in query_terms if t.startswith(ENTITY_MARK)]
+    score = weights.keyword * _scaled(bm25(keywords, postings, term_counts, weights))
+    score += weights.entity * _scaled(bm25(entities, postings, term_counts, weights))
+    if vectors is not None and query_vector is not None and len(vectors) == len(term_counts):
+        score += weights.dense * _scaled(cosine(vectors, query_vector))
+    if weights.neighbour and len(score) > 1:
+        left = np.concatenate(([0.0], score[:-1]))
+        right = np.concatenate((score[1:], [0.0]))
+        score = score + weights.neighbour * np.maximum(left, right)
+    return score
+
+
+def quantize(vectors: np.ndarray) -> np.ndarray:
+    """int8 rows, each scaled so its largest component is 127: cosine only
+    needs directions, and a 384-dimensional turn then costs 384 bytes."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    peak = np.abs(vectors).max(axis=1, keepdims=True)
+    scale = np.divide(127.0, peak, out=np.zeros_like(peak), where=peak > 0)
+    return np.round(vectors * scale).astype(np.int8)

@@ -1,0 +1,380 @@
+"""Each turn's retrieval index in Redis, written once at append, and pins.
+
+Beside a session's keys (services/context/store.py), under the same prefix:
+
+- ``...:ix:roles``, a string: one byte per turn, its role, at the turn's offset.
+- ``...:ix:lengths``, a string: little-endian uint16 per turn, its number of
+  terms (BM25's document length).
+- ``...:ix:vectors``, a string: the turn's embedding as int8 (relevance.quantize),
+  ``dimensions`` bytes at offset index * dimensions; all zero when the
+  inference service could not embed it (the turn is then found by words only).
+- ``...:ix:postings``, a hash: term -> packed uint32 (relevance.pack_posting)
+  for every turn holding it; the field ``\\0dim`` holds the vector size.
+- ``...:pins``, a list: ``t:<turn index>`` or ``f:<fact text>``.
+
+Everything is written by turn offset (SETRANGE), so an index written after a
+revert overwrites the undone turns' entries, and stale postings of the
+positions written are purged first. Assembly reads the roles, lengths,
+vectors and only the postings of the question's terms: one round trip whose
+size grows by a few hundred bytes per turn, never the turns' texts.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+import redis.asyncio as redis
+
+from meshgate.common.v1 import common_pb2
+from meshgate.errors import not_found
+from meshgate.reasons import Reason
+from services.context import relevance
+from services.context.store import _redis_reachable
+from services.context.store import _session_not_found as session_not_found
+
+_DIMENSIONS_FIELD = "\0dim"
+
+# KEYS: roles, lengths, vectors, postings, the session's versions and turns
+# (services/context/store.py). ARGV: the version the append made, dimensions
+# (0 = no vectors), ttl_s, roles bytes, packed lengths, int8 vectors ("" =
+# none), then pairs (term, packed postings to add). The turns' first position
+# is read from the versions history (turns held at that version, less these),
+# so concurrent appends each index their own turns. Returns the first
+# position, or -1 when a revert already undid that version (nothing to index).
+_WRITE = """
+local n = #ARGV[4]
+local first
+local raw = redis.call('GETRANGE', KEYS[5], 4 * tonumber(ARGV[1]), 4 * tonumber(ARGV[1]) + 3)
+if #raw == 4 then
+  local held = struct.unpack('<I4', raw)
+  if held == 4294967295 then return -1 end
+  first = held - n
+else
+  -- A session stored before version histories: its turns are the last n.
+  first = redis.call('LLEN', KEYS[6]) - n
+end
+if redis.call('STRLEN', KEYS[1]) > first then
+  -- Positions being written now were a revert's undone turns' (or a later
+  -- append indexed first): drop any postings there. Positions past these
+  -- are purged by the append that takes them; readers ignore them meanwhile.
+  local fields = redis.call('HGETALL', KEYS[4])
+  for i = 1, #fields, 2 do
+    if fields[i] ~= '\\0dim' then
+      local kept = {}
+      local value = fields[i + 1]
+      for at = 1, #value, 4 do
+        local packed = struct.unpack('<I4', string.sub(value, at, at + 3))
+        local position = math.floor(packed / 16)
+        if position < first or position >= first + n then
+          table.insert(kept, string.sub(value, at, at + 3))
+        end
+      end
+      if #kept == 0 then redis.call('HDEL', KEYS[4], fields[i])
+      else redis.call('HSET', KEYS[4], fields[i], table.concat(kept)) end
+    end
+  end
+end
+redis.call('SETRANGE', KEYS[1], first, ARGV[4])
+redis.call('SETRANGE', KEYS[2], 2 * first, ARGV[5])
+local dim = tonumber(ARGV[2])
+if dim > 0 and ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[4], '\\0dim', dim)
+  redis.call('SETRANGE', KEYS[3], dim * first, ARGV[6])
+end
+local shift = first * 16
+for i = 7, #ARGV, 2 do
+  local shifted = {}
+  local value = ARGV[i + 1]
+  for at = 1, #value, 4 do
+    table.insert(shifted, struct.pack('<I4', struct.unpack('<I4', string.sub(value, at, at + 3)) + shift))
+  end
+  local current = redis.call('HGET', KEYS[4], ARGV[i]) or ''
+  redis.call('HSET', KEYS[4], ARGV[i], current .. table.concat(shifted))
+end
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
+end
+return first
+"""
+
+
+# KEYS: meta, turns, pins. ARGV: pin, turn index ("" for a fact), ttl_s.
+# Returns {1, pins held}, {0} if there is no session, {-1, turns held} if
+# the turn does not exist.
+_PIN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+if ARGV[2] ~= '' then
+  local index = tonumber(ARGV[2])
+  local held = redis.call('LLEN', KEYS[2])
+  if index < 0 or index >= held then return {-1, held} end
+end
+local count = redis.call('RPUSH', KEYS[3], ARGV[1])
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
+-- Pins change no version, so hot caches holding the session (and its pins)
+-- are told to drop it as they would a deleted one; the next read refills them.
+redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1')
+return {1, count}
+"""
+
+
+def _meta_key(tenant_id: str, session_id: str) -> str:
+    return f"mg:context:{tenant_id}:{session_id}:meta"
+
+
+def _keys(tenant_id: str, session_id: str) -> list[str]:
+    prefix = f"mg:context:{tenant_id}:{session_id}"
+    return [f"{prefix}:ix:roles", f"{prefix}:ix:lengths", f"{prefix}:ix:vectors", f"{prefix}:ix:postings"]
+
+
+def _pins_key(tenant_id: str, session_id: str) -> str:
+    return f"mg:context:{tenant_id}:{session_id}:pins"
+
+
+def _versions_key(tenant_id: str, session_id: str) -> str:
+    return f"mg:context:{tenant_id}:{session_id}:versions"
+
+
+def _turns_key(tenant_id: str, session_id: str) -> str:
+    return f"mg:context:{tenant_id}:{session_id}:turns"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TurnFeatures:
+    role: int
+    terms: collections.Counter[str]
+
+
+def features(messages: list[common_pb2.Message]) -> list[TurnFeatures]:
+    return [TurnFeatures(m.role, relevance.index_terms(m.content)) for m in messages]
+
+
+def _packed_postings(turns: list[TurnFeatures]) -> dict[str, bytes]:
+    """Each term's postings in ``turns``, positions counted from the first."""
+    postings: dict[str, bytearray] = collections.defaultdict(bytearray)
+    for offset, turn in enumerate(turns):
+        for term, frequency in turn.terms.items():
+            postings[term] += relevance.pack_posting(offset, frequency).to_bytes(4, "little")
+    return {term: bytes(packed) for term, packed in postings.items()}
+
+
+def _term_counts(turns: list[TurnFeatures]) -> np.ndarray:
+    return np.array([min(sum(t.terms.values()), 0xFFFF) for t in turns], dtype="<u2")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IndexedTurns:
+    """What assembly reads of a session's turns: never their texts."""
+
+    version: int
+    # Turns the session holds.
+    count: int
+    # The turns' tokens for the counter asked for (may cover a prefix only).
+    token_counts: list[int]
+    roles: np.ndarray
+    term_counts: np.ndarray
+    # int8 rows, or None when no turn has a vector.
+    vectors: np.ndarray | None
+    postings: dict[str, np.ndarray]
+    # Turn indices and fact texts pinned, in pinning order.
+    pinned_turns: list[int]
+    pinned_facts: list[str]
+
+    def usable(self, at_version: int | None) -> bool:
+        """Whether assembly can plan from this alone: the current version
+        asked for, every turn indexed (turns stored before the index
+        existed, or copied by a fork, are not) and counted."""
+        return (
+            (at_version is None or at_version == self.version)
+            and len(self.roles) == self.count
+            and len(self.token_counts) == self.count
+        )
+
+    def covers(self, version: int, count: int) -> bool:
+        """Whether the vectors hold the first ``count`` turns of ``version``."""
+        return self.vectors is not None and version == self.version and len(self.vectors) >= count
+
+    def postings_of(self, terms: list[str]) -> dict[str, np.ndarray]:
+        return {t: self.postings[t] for t in terms if t in self.postings}
+
+    def extended(
+        self, version: int, first: int, turns: list[TurnFeatures], vectors: np.ndarray | None
+    ) -> IndexedTurns | None:
+        """This index with the turns an append stored at ``first``, as
+        :meth:`TurnIndex.write` stored them; None unless they follow on."""
+        if first != self.count or len(self.roles) != self.count:
+            return None
+        count = self.count + len(turns)
+        rows = None
+        if self.vectors is not None or vectors is not None:
+            dimensions = (self.vectors if self.vectors is not None else vectors).shape[1]
+            old = self.vectors if self.vectors is not None else np.zeros((self.count, dimensions), np.int8)
+            new = (
+                relevance.quantize(vectors)
+                if vectors is not None
+                else np.zeros((len(turns), dimensions), np.int8)
+            )
+            rows = np.vstack([old, new])
+        postings = dict(self.postings)
+        for term, packed in _packed_postings(turns).items():
+            shifted = np.frombuffer(packed, dtype="<u4") + np.uint32(first << relevance.TF_BITS)
+            postings[term] = np.concatenate([postings[term], shifted]) if term in postings else shifted
+        return IndexedTurns(
+            version,
+            count,
+            [],
+            np.concatenate([self.roles, np.array([t.role for t in turns], np.uint8)]),
+            np.concatenate([self.term_counts, _term_counts(turns).astype(np.float64)]),
+            rows,
+            postings,
+            self.pinned_turns,
+            self.pinned_facts,
+        )
+
+
+class TurnIndex:
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self._client = client
+        self._ttl_s = ttl_s
+        self._write = client.register_script(_WRITE)
+        self._pin = client.register_script(_PIN)
+
+    async def write(
+        self,
+        tenant_id: str,
+        session_id: str,
+        version: int,
+        turns: list[TurnFeatures],
+        vectors: np.ndarray | None,
+    ) -> int:
+        """Indexes ``turns``, the ones the append that made ``version`` stored;
+        returns the position of the first (-1: a revert already undid them).
+        Postings are packed relative to the first; the script, which knows
+        where they landed, shifts them."""
+        lengths = _term_counts(turns).tobytes()
+        packed_vectors = b"" if vectors is None else relevance.quantize(vectors).tobytes()
+        dimensions = 0 if vectors is None else vectors.shape[1]
+        args: list[object] = [
+            version,
+            dimensions,
+            self._ttl_s,
+            bytes(t.role for t in turns),
+            lengths,
+            packed_vectors,
+        ]
+        for term, packed in _packed_postings(turns).items():
+            args.extend((term, packed))
+        with _redis_reachable():
+            keys = [*_keys(tenant_id, session_id), _versions_key(tenant_id, session_id)]
+            return int(await self._write(keys=[*keys, _turns_key(tenant_id, session_id)], args=args))
+
+    async def read(
+        self, tenant_id: str, session_id: str, query_terms: list[str] | None, counter_id: str = ""
+    ) -> IndexedTurns:
+        """The session's index as of one instant (MULTI), with the postings of
+        ``query_terms`` only (None: all, to keep in memory). Raises SESSION_NOT_FOUND."""
+        roles_key, lengths_key, vectors_key, postings_key = _keys(tenant_id, session_id)
+        fields = [_DIMENSIONS_FIELD, *(query_terms or ())]
+        with _redis_reachable():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hmget(_meta_key(tenant_id, session_id), ["version", f"tokens:{counter_id}"])
+                pipe.llen(_turns_key(tenant_id, session_id))
+                pipe.get(roles_key)
+                pipe.get(lengths_key)
+                pipe.get(vectors_key)
+                if query_terms is None:
+                    pipe.hgetall(postings_key)
+                else:
+                    pipe.hmget(postings_key, fields)
+                pipe.lrange(_pins_key(tenant_id, session_id), 0, -1)
+                meta, count, roles, lengths, vectors, posting_values, pins = await pipe.execute()
+        if meta[0] is None:
+            raise session_not_found(session_id)
+        counts = np.frombuffer(meta[1] or b"", dtype="<u4")[:count].tolist()
+        roles_array = np.frombuffer(roles or b"", dtype=np.uint8)[:count]
+        # Only when every turn has a row can vectors and turns be told apart.
+        term_counts = np.frombuffer(lengths or b"", dtype="<u2")[:count].astype(np.float64)
+        if query_terms is None:
+            everything = {key.decode(): value for key, value in posting_values.items()}
+            query_terms = [t for t in everything if t != _DIMENSIONS_FIELD]
+            posting_values = [everything.get(_DIMENSIONS_FIELD), *(everything[t] for t in query_terms)]
+        dimensions = int(posting_values[0] or 0)
+        vector_rows = None
+        if dimensions and vectors:
+            rows = np.frombuffer(vectors, dtype=np.int8)
+            rows = rows[: (len(rows) // dimensions) * dimensions].reshape(-1, dimensions)[:count]
+            if len(rows) < len(roles_array):
+                # Turns after the last embedded one had no vectors: zero rows.
+                rows = np.vstack([rows, np.zeros((len(roles_array) - len(rows), dimensions), np.int8)])
+            vector_rows = rows
+        postings = {
+            term: np.frombuffer(value, dtype="<u4")
+            for term, value in zip(query_terms, posting_values[1:], strict=True)
+            if value
+        }
+        pinned_turns, pinned_facts = [], []
+        for pin in pins:
+            kind, _, value = pin.decode().partition(":")
+            if kind == "t":
+                if int(value) < count and int(value) not in pinned_turns:
+                    pinned_turns.append(int(value))
+            else:
+                pinned_facts.append(value)
+        return IndexedTurns(
+            int(meta[0]),
+            count,
+            counts,
+            roles_array,
+            term_counts,
+            vector_rows,
+            postings,
+            pinned_turns,
+            pinned_facts,
+        )
+
+    async def read_turns(
+        self, tenant_id: str, session_id: str, indices: list[int], version: int
+    ) -> dict[int, common_pb2.Message] | None:
+        """The texts of the chosen turns only, or None when the session is no
+        longer at ``version`` (appends do not move turns, a revert may)."""
+        turns_key = _turns_key(tenant_id, session_id)
+        with _redis_reachable():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hget(_meta_key(tenant_id, session_id), "version")
+                for index in indices:
+                    pipe.lindex(turns_key, index)
+                current, *raw = await pipe.execute()
+        if current is None:
+            raise session_not_found(session_id)
+        if int(current) != version:
+            return None
+        return {i: common_pb2.Message.FromString(r) for i, r in zip(indices, raw, strict=True)}
+
+    async def pin(self, tenant_id: str, session_id: str, pin: str, message_index: int | None) -> int:
+        """Adds a pin (``t:<index>`` or ``f:<text>``); returns how many the
+        session holds. Raises SESSION_NOT_FOUND, or PIN_TARGET_NOT_FOUND for
+        a turn the session does not hold."""
+        keys = [
+            _meta_key(tenant_id, session_id),
+            _turns_key(tenant_id, session_id),
+            _pins_key(tenant_id, session_id),
+        ]
+        index = "" if message_index is None else message_index
+        with _redis_reachable():
+            outcome = await self._pin(keys=keys, args=[pin, index, self._ttl_s])
+        if outcome[0] == 0:
+            raise session_not_found(session_id)
+        if outcome[0] == -1:
+            raise not_found(
+                Reason.PIN_TARGET_NOT_FOUND,
+                f"session {session_id!r} holds {outcome[1]} turns: there is no turn {message_index}",
+                turns=str(outcome[1]),
+            )
+        return int(outcome[1])
+
+    async def delete(self, tenant_id: str, session_id: str) -> None:
+        with _redis_reachable():
+            await self._client.delete(*_keys(tenant_id, session_id), _pins_key(tenant_id, session_id))

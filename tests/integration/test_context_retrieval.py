@@ -1,0 +1,201 @@
+"""Adaptive assembly through real services: the context service indexes turns
+with embeddings from the real inference service (Triton's minilm) in real
+Redis, and assembly keeps what the new message needs."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+
+import grpc
+import pytest
+
+from meshgate import tokenization
+from meshgate.common.v1 import common_pb2
+from meshgate.config import Settings
+from meshgate.context.v1 import context_service_pb2 as pb
+from meshgate.context.v1 import context_service_pb2_grpc
+from meshgate.errors import error_info
+from services.context import app
+from tests.integration.conftest import running
+from tests.mesh import mesh_settings, router_channel
+
+pytestmark = pytest.mark.integration
+
+SYSTEM, USER, ASSISTANT = common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
+MODEL = "smollm2"
+PLANTED = "By the way, the code for the storage unit on Elm Street is 4471."
+
+FILLER = [
+    ("How was the weekend?", "Pretty relaxed, we watched a couple of movies."),
+    ("Any good ones?", "One comedy was fun, the thriller dragged a bit."),
+    ("Did you cook anything?", "Just pasta with a tomato sauce, nothing fancy."),
+    ("The weather has been grey all week.", "Yes, I keep hoping for some sun soon."),
+    ("Are you still running in the mornings?", "Twice a week, a short loop around the park."),
+    ("I should start doing that too.", "You should, it clears the head before work."),
+    ("Work has been busy lately.", "Same here, lots of meetings and little time."),
+    ("Did you finish that book?", "Almost, three chapters left to read."),
+]
+
+
+def conversation(repeats: int) -> list[common_pb2.Message]:
+    """Small talk with one fact planted near the start."""
+    turns = [common_pb2.Message(role=SYSTEM, content="You are a helpful assistant.")]
+    turns.append(common_pb2.Message(role=USER, content=PLANTED))
+    turns.append(common_pb2.Message(role=ASSISTANT, content="Noted, I will remember that."))
+    for round_ in range(repeats):
+        for question, answer in FILLER:
+            turns.append(common_pb2.Message(role=USER, content=f"{question} ({round_})"))
+            turns.append(common_pb2.Message(role=ASSISTANT, content=answer))
+    return turns
+
+
+def prompt_length(messages) -> int:
+    """Tokens of the prompt smollm2's template renders from ``messages``, as the model sees it."""
+    model = Settings().models[MODEL]
+    tokenizer = tokenization.load(model.tokenizer)
+    rendered = tokenization.load_chat_template(model.chat_template).render_messages(messages)
+    return len(tokenizer.encode(rendered, add_special_tokens=False).ids)
+
+
+@pytest.fixture(scope="module")
+async def stub(redis_url: str, inference_address: str):
+    settings = Settings(mesh=mesh_settings())
+    settings.redis.url = redis_url
+    settings.context.session_ttl_s = 600
+    settings.context.inference_address = inference_address
+    async with (
+        running(app, "context", settings) as address,
+        router_channel(address, "context") as channel,
+    ):
+        yield context_service_pb2_grpc.ContextServiceStub(channel)
+
+
+@contextlib.asynccontextmanager
+async def session_with(stub, turns: list[common_pb2.Message]):
+    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+    created = await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))
+    session_id = created.session.session_id
+    # In several appends, as a conversation grows.
+    for start in range(0, len(turns), 10):
+        await stub.AppendTurns(
+            pb.AppendTurnsRequest(
+                tenant_id=tenant, session_id=session_id, messages=turns[start : start + 10], any_version=True
+            )
+        )
+    yield tenant, session_id
+
+
+async def assemble(stub, tenant, session_id, question: str, budget: int, strategy=0):
+    return await stub.AssembleContext(
+        pb.AssembleContextRequest(
+            tenant_id=tenant,
+            session_id=session_id,
+            new_messages=[common_pb2.Message(role=USER, content=question)],
+            model=MODEL,
+            max_prompt_tokens=budget,
+            strategy=strategy,
+        )
+    )
+
+
+def session_entries(response) -> list:
+    return [e for e in response.manifest.entries if e.source == pb.SOURCE_SESSION]
+
+
+async def test_relevance_beats_recency_on_a_planted_fact(stub) -> None:
+    turns = conversation(repeats=6)
+    async with session_with(stub, turns) as (tenant, session_id):
+        question = "What is the code of my storage unit?"
+        adaptive = await assemble(stub, tenant, session_id, question, 400)
+        newest = await assemble(stub, tenant, session_id, question, 400, pb.ASSEMBLY_STRATEGY_NEWEST)
+
+    planted = session_entries(adaptive)[1]
+    assert planted.disposition == pb.DISPOSITION_INCLUDED
+    assert planted.reason == pb.INCLUSION_REASON_RELEVANCE
+    assert PLANTED in [m.content for m in adaptive.messages]
+    # The same budget, newest first, cannot reach back that far.
+    assert session_entries(newest)[1].disposition == pb.DISPOSITION_DROPPED
+    assert PLANTED not in [m.content for m in newest.messages]
+    # The newest turns are still there, by recency.
+    assert session_entries(adaptive)[-1].reason == pb.INCLUSION_REASON_RECENCY
+    # Both prompts cost exactly what the manifest says, within the budget.
+    for response in (adaptive, newest):
+        assert response.manifest.prompt_tokens == prompt_length(response.messages)
+        assert response.manifest.prompt_tokens <= 400
+    # The prompt is chronological: system, then kept turns in session order.
+    kept = [e.index for e in session_entries(adaptive) if e.disposition == pb.DISPOSITION_INCLUDED]
+    assert kept == sorted(kept) and kept[0] == 0
+    assert [m.content for m in adaptive.messages][: len(kept)] == [turns[i].content for i in kept]
+
+
+async def test_every_manifest_entry_says_why_it_is_in(stub) -> None:
+    async with session_with(stub, conversation(repeats=3)) as (tenant, session_id):
+        response = await assemble(stub, tenant, session_id, "Where is the storage unit?", 300)
+    for entry in response.manifest.entries:
+        if entry.disposition == pb.DISPOSITION_INCLUDED:
+            assert entry.reason != pb.INCLUSION_REASON_UNSPECIFIED, entry
+        else:
+            assert entry.reason == pb.INCLUSION_REASON_UNSPECIFIED, entry
+    reasons = {e.reason for e in response.manifest.entries}
+    assert {
+        pb.INCLUSION_REASON_SYSTEM,
+        pb.INCLUSION_REASON_RECENCY,
+        pb.INCLUSION_REASON_RELEVANCE,
+        pb.INCLUSION_REASON_REQUEST,
+    } <= reasons
+
+
+@pytest.mark.parametrize("budget", [60, 120, 500, 4000])
+async def test_a_pinned_fact_and_turn_survive_any_budget(stub, budget: int) -> None:
+    turns = conversation(repeats=3)
+    async with session_with(stub, turns) as (tenant, session_id):
+        fact = "The user's daughter is called Mirela."
+        pinned = await stub.PinToSession(
+            pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, fact=fact)
+        )
+        assert pinned.pin_count == 1
+        pinned = await stub.PinToSession(
+            pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, message_index=5)
+        )
+        assert pinned.pin_count == 2
+        for strategy in (pb.ASSEMBLY_STRATEGY_ADAPTIVE, pb.ASSEMBLY_STRATEGY_NEWEST):
+            response = await assemble(stub, tenant, session_id, "Tell me a joke.", budget, strategy)
+            contents = [m.content for m in response.messages]
+            assert fact in contents and turns[5].content in contents
+            facts = [e for e in response.manifest.entries if e.source == pb.SOURCE_PINNED_FACT]
+            assert [(e.index, e.reason) for e in facts] == [(0, pb.INCLUSION_REASON_PINNED)]
+            assert session_entries(response)[5].reason == pb.INCLUSION_REASON_PINNED
+            assert response.manifest.prompt_tokens == prompt_length(response.messages) <= budget
+
+
+async def test_pins_refuse_what_does_not_exist(stub) -> None:
+    async with session_with(stub, conversation(repeats=1)) as (tenant, session_id):
+        cases = [
+            (
+                pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, message_index=99),
+                "PIN_TARGET_NOT_FOUND",
+            ),
+            (
+                pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, message_index=-1),
+                "PIN_TARGET_NOT_FOUND",
+            ),
+            (pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id), "INVALID_PIN"),
+            (pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, fact="  "), "INVALID_PIN"),
+            (pb.PinToSessionRequest(tenant_id=tenant, session_id="nope", fact="x"), "SESSION_NOT_FOUND"),
+        ]
+        for request, reason in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.PinToSession(request)
+            assert error_info(caught.value).reason == reason, request
+        # Nothing was pinned by the refused calls.
+        response = await assemble(stub, tenant, session_id, "hi", 60)
+        assert all(e.reason != pb.INCLUSION_REASON_PINNED for e in response.manifest.entries)
+
+
+async def test_an_unknown_strategy_is_refused(stub) -> None:
+    async with session_with(stub, conversation(repeats=1)) as (tenant, session_id):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await assemble(stub, tenant, session_id, "hi", 300, strategy=42)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value).reason == "UNKNOWN_STRATEGY"

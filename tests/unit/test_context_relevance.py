@@ -1,0 +1,142 @@
+"""Relevance scoring and adaptive planning on plain data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from meshgate.common.v1 import common_pb2
+from meshgate.context.v1 import context_service_pb2 as pb
+from meshgate.errors import MeshgateError
+from services.context import relevance
+from services.context.assembly import Candidate, TemplateTokens, TurnCost, plan, render
+
+SYSTEM, USER, ASSISTANT = common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
+
+
+def postings_of(texts: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    postings: dict[str, list[int]] = {}
+    lengths = np.zeros(len(texts))
+    for index, text in enumerate(texts):
+        terms = relevance.index_terms(text)
+        lengths[index] = sum(terms.values())
+        for term, frequency in terms.items():
+            postings.setdefault(term, []).append(relevance.pack_posting(index, frequency))
+    return {t: np.array(p, dtype=np.uint32) for t, p in postings.items()}, lengths
+
+
+def test_terms_are_stemmed_without_stop_words_and_entities_are_marked() -> None:
+    terms = relevance.index_terms("Kate's hobbies are skiing and cooking in Denver since 2013.")
+    assert {"kate", "hobby", "ski", "cook", "denver", "2013"} <= set(terms)
+    assert {"@kate", "@denver", "@2013"} <= set(terms)
+    assert not {"are", "and", "in"} & set(terms)
+    # Lowercase words are not entities; months are (a time).
+    assert "@hobby" not in terms and "@march" in relevance.index_terms("in march")
+
+
+def test_bm25_prefers_the_turn_with_the_rare_shared_word() -> None:
+    texts = ["I like the weather today", "My dog is named Biscuit", "the weather is nice", "ok"]
+    postings, lengths = postings_of(texts)
+    query = relevance.index_terms("What is the dog called?")
+    scores = relevance.bm25(query, postings, lengths)
+    assert int(np.argmax(scores)) == 1
+    assert scores[3] == 0
+
+
+def test_entity_matches_find_a_name_mentioned_once() -> None:
+    texts = [f"turn {i} about nothing much" for i in range(50)]
+    texts[7] = "My sister Ana moved to Lisbon last spring"
+    postings, lengths = postings_of(texts)
+    query = relevance.index_terms("Where does Ana live now?")
+    scores = relevance.hybrid_scores(query, postings, lengths, None, None)
+    assert int(np.argmax(scores)) == 7
+
+
+def test_dense_similarity_counts_and_neighbours_inherit_a_share() -> None:
+    vectors = relevance.quantize(np.eye(4, dtype=np.float32))
+    lengths = np.ones(4)
+    query = np.array([0, 0, 1, 0], dtype=np.float32)
+    scores = relevance.hybrid_scores([], {}, lengths, vectors, query)
+    assert int(np.argmax(scores)) == 2
+    # Turns 1 and 3 border the relevant one; turn 0 does not.
+    assert scores[1] > scores[0] and scores[3] > scores[0]
+
+
+def test_a_turn_without_a_vector_scores_zero_similarity() -> None:
+    vectors = np.zeros((2, 3), dtype=np.int8)
+    vectors[1] = [127, 0, 0]
+    similarity = relevance.cosine(vectors, np.array([1.0, 0, 0]))
+    assert similarity[0] == 0 and similarity[1] == pytest.approx(1.0)
+
+
+def test_quantized_vectors_keep_their_cosine_ranking() -> None:
+    generator = np.random.default_rng(7)
+    vectors = generator.normal(size=(200, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    query = vectors[17] + 0.3 * generator.normal(size=384).astype(np.float32)
+    exact = vectors @ query / np.linalg.norm(query)
+    approximate = relevance.cosine(relevance.quantize(vectors), query)
+    assert np.argsort(-exact)[:5].tolist() == np.argsort(-approximate)[:5].tolist()
+    assert np.abs(exact - approximate).max() < 0.02
+
+
+def costs(*tokens: int, role: int = USER) -> list[TurnCost]:
+    return [TurnCost(role, n) for n in tokens]
+
+
+def test_adaptive_keeps_the_recency_floor_then_the_most_relevant_that_fit() -> None:
+    turns = costs(10, 10, 10, 10, 10, 10)
+    scores = np.array([0.0, 0.9, 0.1, 0.5, 0.0, 0.0])
+    # 60 budget - 10 required leaves 50: floor (newest 1) 10, then turns 1 and 3 ... and 2.
+    chosen = plan(turns, costs(10), 50, relevance=scores, recency_floor=1)
+    assert chosen.reasons == [
+        0,
+        pb.INCLUSION_REASON_RELEVANCE,
+        pb.INCLUSION_REASON_RELEVANCE,
+        pb.INCLUSION_REASON_RELEVANCE,
+        0,
+        pb.INCLUSION_REASON_RECENCY,
+    ]
+    assert chosen.prompt_tokens == 50
+
+
+def test_a_relevant_turn_too_large_is_skipped_for_smaller_ones() -> None:
+    turns = costs(100, 10, 10, 10)
+    scores = np.array([1.0, 0.5, 0.0, 0.0])
+    chosen = plan(turns, costs(5), 40, relevance=scores, recency_floor=0)
+    assert chosen.kept() == [1, 2, 3]
+
+
+def test_pinned_turns_and_system_messages_stay_whatever_the_budget() -> None:
+    turns = [TurnCost(SYSTEM, 5), *costs(10, 10, 10, 10)]
+    scores = np.array([0.0, 0.0, 0.0, 1.0, 0.0])
+    chosen = plan(turns, costs(10), 25, pinned_turns=[1], relevance=scores, recency_floor=2)
+    assert chosen.reasons[:2] == [pb.INCLUSION_REASON_SYSTEM, pb.INCLUSION_REASON_PINNED]
+    assert chosen.kept() == [0, 1]
+    with pytest.raises(MeshgateError) as raised:
+        plan(turns, costs(10), 24, pinned_turns=[1], relevance=scores)
+    assert raised.value.reason == "CONTEXT_WINDOW_EXCEEDED"
+
+
+def test_render_orders_chronologically_and_gives_every_reason() -> None:
+    turns = [TurnCost(SYSTEM, 5), *costs(10, 10, 10)]
+    texts = {i: common_pb2.Message(role=t.role, content=f"t{i}") for i, t in enumerate(turns)}
+    fact = Candidate(common_pb2.Message(role=SYSTEM, content="fact"), 4)
+    new = [Candidate(common_pb2.Message(role=USER, content="q"), 3)]
+    scores = np.array([0.0, 0.8, 0.0, 0.0])
+    template = TemplateTokens(generation_prompt=2)
+    required = [TurnCost(SYSTEM, 4), TurnCost(USER, 3)]
+    chosen = plan(turns, required, 34, template, relevance=scores, recency_floor=1)
+    response = render(chosen, turns, texts, new, [fact], scores)
+    assert [m.content for m in response.messages] == ["t0", "fact", "t1", "t3", "q"]
+    reasons = [(e.source, e.index, e.reason) for e in response.manifest.entries]
+    assert reasons == [
+        (pb.SOURCE_SESSION, 0, pb.INCLUSION_REASON_SYSTEM),
+        (pb.SOURCE_SESSION, 1, pb.INCLUSION_REASON_RELEVANCE),
+        (pb.SOURCE_SESSION, 2, pb.INCLUSION_REASON_UNSPECIFIED),
+        (pb.SOURCE_SESSION, 3, pb.INCLUSION_REASON_RECENCY),
+        (pb.SOURCE_PINNED_FACT, 0, pb.INCLUSION_REASON_PINNED),
+        (pb.SOURCE_REQUEST, 0, pb.INCLUSION_REASON_REQUEST),
+    ]
+    assert response.manifest.prompt_tokens == 5 + 10 + 10 + 4 + 3 + 2
+    assert response.manifest.entries[1].relevance == pytest.approx(0.8)
