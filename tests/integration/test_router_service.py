@@ -353,3 +353,22 @@ async def test_a_session_longer_than_the_window_keeps_being_answered(mesh):
         _, completion = await answer_of(router.Chat(request, metadata=AUTH))
         # The window is filled to within a turn of it, never past it.
         assert 512 - 200 < completion.usage.prompt_tokens + max_tokens <= 512
+
+
+async def test_a_hit_streams_in_whole_word_pieces_like_a_generated_answer(router):
+    question = ask("replay q", max_tokens=24, temperature=0.0)
+    first_text, first = await answer_of(router.Chat(question, metadata=AUTH))
+    assert first.cache_status == pb.CACHE_STATUS_MISS
+    pieces, hit = [], None
+    async for response in router.Chat(question, metadata=AUTH):
+        if response.HasField("completion"):
+            hit = response.completion
+        else:
+            pieces.append(response.delta.text)
+    assert hit.cache_status == pb.CACHE_STATUS_EXACT_HIT
+    assert "".join(pieces) == first_text
+    assert hit.usage.completion_tokens == first.usage.completion_tokens
+    # Several pieces, each cut after whitespace (router.replay_piece_chars = 16).
+    assert len(first_text.split()) > 4, first_text
+    assert len(pieces) > 1
+    assert all(piece[-1].isspace() for piece in pieces[:-1])
