@@ -4,15 +4,16 @@
     .venv/bin/python bench/cache_scale_bench.py --sizes 10000,100000
 
 Vectors are SYNTHETIC: 384-dimension unit vectors drawn around random
-centres (clusters of about 50, like the topics real questions gather in),
-not embeddings of real text, which would take hours to embed on this
-machine. Queries are stored vectors nudged by noise, as a paraphrase lands
-near its question. Latency and recall depend on the geometry, so they are
+centres (clusters of about 50 per size, like the topics real questions
+gather in), not embeddings of real text, which would take hours to embed on
+this machine. Queries are stored vectors nudged by noise to cosine ~0.89
+with them, as a paraphrase lands near its question (the service's
+pre-filter is 0.8). Latency and recall depend on the geometry, so they are
 indicative of real embeddings, not identical.
 
-Entries go into a real Redis through the cache's own Store script
-(``CacheStore.put_semantic``), one partition, one sub-partition. For each
-size the resident index is then rebuilt from Redis as after a restart (the
+For each size, Redis is emptied and filled through the cache's own Store
+script (``CacheStore.put_semantic``), one partition, one sub-partition. The
+resident index is then rebuilt from Redis as after a restart (the
 service's own ``entries_since`` and ``_apply``, then the first search, which
 adds the rows to the graph) and timed; then:
 
@@ -71,7 +72,8 @@ def synthetic_vectors(rng: np.random.Generator, count: int, centres: np.ndarray)
 
 
 def nudged(rng: np.random.Generator, vectors: np.ndarray) -> np.ndarray:
-    noise = rng.standard_normal(vectors.shape, dtype=np.float32) * (1.2 / np.sqrt(DIMENSIONS))
+    # Noise of norm 0.5 on a unit vector: cosine ~0.89 with it.
+    noise = rng.standard_normal(vectors.shape, dtype=np.float32) * (0.5 / np.sqrt(DIMENSIONS))
     queries = vectors + noise
     return queries / np.linalg.norm(queries, axis=1, keepdims=True)
 
@@ -113,6 +115,7 @@ def python_bytes_per_entry(rng: np.random.Generator, centres: np.ndarray) -> flo
     before = tracemalloc.get_traced_memory()[0]
     for i, vector in enumerate(vectors):
         index.upsert(f"{i:032x}", i + 1, 2**62, vector, f"synthetic question {i}")
+    index.nearest(vectors[0], 0, 1)  # adds the pending rows to the graph
     traced = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     # tracemalloc sees the numpy arrays too; they are counted exactly elsewhere.
@@ -128,7 +131,6 @@ async def main() -> None:
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
     rng = np.random.default_rng(20261201)
-    centres = rng.standard_normal((sizes[-1] // CLUSTER_SIZE + 1, DIMENSIONS), dtype=np.float32)
 
     port = free_port()
     with tempfile.TemporaryDirectory() as data_dir:
@@ -144,18 +146,18 @@ async def main() -> None:
             partition = keys.partition(scope)
             context_id = keys.context_id(partition, [], settings.embedding_model)
             index_key = partition.vectors_key(context_id)
-            redis_base = int((await client.info("memory"))["used_memory"])
             print("| entries | store (s) | rebuild from Redis (s) | approximate | search p50 (ms) |"
                   " search p99 (ms) | recall@5 vs exact | index bytes/entry | Redis bytes/entry |")
             print("|---|---|---|---|---|---|---|---|---|")
-            stored = 0
             for size in sizes:
+                await client.flushdb()
+                redis_base = int((await client.info("memory"))["used_memory"])
+                centres = rng.standard_normal((size // CLUSTER_SIZE + 1, DIMENSIONS), dtype=np.float32)
+                vectors = synthetic_vectors(rng, size, centres)
                 started = time.perf_counter()
-                vectors = synthetic_vectors(rng, size - stored, centres)
-                await fill(store, partition, context_id, vectors, stored)
+                await fill(store, partition, context_id, vectors, 0)
                 del vectors
                 fill_s = time.perf_counter() - started
-                stored = size
                 redis_bytes = int((await client.info("memory"))["used_memory"]) - redis_base
 
                 # A restarted service: empty registry, the index rebuilt from Redis.
@@ -199,12 +201,16 @@ async def main() -> None:
                     flush=True,
                 )
                 del index, indexes, servicer, resident
-            print(f"\nPython ids, texts and row maps: {python_bytes_per_entry(rng, centres):,.0f} bytes/entry"
-                  " (tracemalloc, 10k sample), on top of the index bytes above.")
+            sample_centres = rng.standard_normal((10_000 // CLUSTER_SIZE, DIMENSIONS), dtype=np.float32)
+            python_bytes = python_bytes_per_entry(rng, sample_centres)
+            print(
+                f"\nPython ids, texts and row maps: {python_bytes:,.0f} bytes/entry"
+                " (tracemalloc, 10k sample), on top of the index bytes above."
+            )
             await client.aclose()
         finally:
             process.terminate()
-            process.wait(30)
+            process.wait(60)
 
 
 if __name__ == "__main__":
