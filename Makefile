@@ -72,6 +72,7 @@ bench: install
 # real services at the default bound (a few minutes; see bench/README.md).
 bench-cache: install
 	$(PY) bench/cache_bench.py
+	$(PY) bench/cache_scale_bench.py
 
 clean:
 	rm -rf $(VENV) .meshgate .pytest_cache

@@ -22,10 +22,12 @@ used. Then:
 3. Traps, each pair alone: per category, the share served (a wrong hit for
    negations, numbers, entities and scope; a hit for paraphrases and
    retyped repeats).
-4. Conversation context: each follow-up of the contextual query chains is
-   stored after its own conversation's first turn, then asked after
-   another conversation's first turn; serving it would answer from the
-   wrong conversation.
+4. Conversations (``cache_conversations``: the test portion of the
+   multi-turn scenarios): every stored conversation in ONE partition, then
+   each variant asked. A same-context variant (reworded, extra small talk,
+   unrelated earlier history) is a correct hit only when served its own
+   scenario's entry; a changed context (another topic, a later other topic,
+   a swapped referent) is wrongly served by any hit.
 5. Verification time per lookup: the verifier, in this process, deciding the
    candidates the one-partition index offers each lookup (its best
    ``MAX_CANDIDATES`` above the pre-filter), with the vectors the services
@@ -39,7 +41,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import os
 import pathlib
 import statistics
@@ -53,6 +54,7 @@ import uvloop
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import cache_conversations  # noqa: E402
 import cache_data  # noqa: E402
 
 from meshgate.cache.v1 import cache_service_pb2 as pb  # noqa: E402
@@ -167,34 +169,48 @@ async def own_partitions(
     return await bounded([lambda i=i, p=p: one(i, p) for i, p in enumerate(pairs)], concurrency)
 
 
-async def follow_ups_served_elsewhere(cache: Cache, concurrency: int) -> tuple[int, int]:
-    """(follow-ups served in another conversation, follow-ups asked)."""
-    chains = json.loads((cache_data.DATA_DIR / "contextual_queries.json").read_text(encoding="utf-8"))
+CONVERSATION_ORDER = (
+    "reworded",
+    "small_talk",
+    "unrelated_history",
+    "other_topic",
+    "later_other_topic",
+    "swapped_referent",
+)
+_ROLES = {"user": common_pb2.ROLE_USER, "assistant": common_pb2.ROLE_ASSISTANT}
 
-    def turn(chain: dict, follow_up: str) -> list[common_pb2.Message]:
-        return [
-            common_pb2.Message(role=common_pb2.ROLE_USER, content=chain["Main Query"]),
-            common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=chain["Main Query Response"]),
-            common_pb2.Message(role=common_pb2.ROLE_USER, content=follow_up),
-        ]
 
-    async def store(chain):
-        answer = pb.CachedAnswer(text=chain["Follow Up Query Response"], finish_reason="stop")
-        request = pb.StoreRequest(
-            scope=scope("bench-context"), messages=turn(chain, chain["Follow-Up Query"]), answer=answer
-        )
-        await cache.stub.Store(request, timeout=60)
+def messages_of(turns: list[dict]) -> list[common_pb2.Message]:
+    return [common_pb2.Message(role=_ROLES[t["role"]], content=t["content"]) for t in turns]
 
-    async def ask_elsewhere(i):
-        other = chains[(i + 1) % len(chains)]
-        request = pb.LookupRequest(
-            scope=scope("bench-context"), messages=turn(other, chains[i]["Follow-Up Query"]), semantic=True
-        )
-        return (await cache.stub.Lookup(request, timeout=60)).status in HIT
 
-    await bounded([lambda c=c: store(c) for c in chains], concurrency)
-    served = await bounded([lambda i=i: ask_elsewhere(i) for i in range(len(chains))], concurrency)
-    return sum(served), len(chains)
+async def conversations(cache: Cache, scenarios: list[dict], concurrency: int) -> dict[str, list[str]]:
+    """Per variant category, each lookup's outcome: "own" (served its own
+    scenario's entry), "other" (another scenario's) or "miss"."""
+    tenant = "bench-conversations"
+
+    async def store(scenario):
+        answer = pb.CachedAnswer(text=scenario["answer"], finish_reason="stop")
+        messages = messages_of(scenario["stored"])
+        request = pb.StoreRequest(scope=scope(tenant), messages=messages, answer=answer)
+        return (await cache.stub.Store(request, timeout=60)).entry_id
+
+    ids = await bounded([lambda s=s: store(s) for s in scenarios], concurrency)
+    asked = [(i, variant) for i, scenario in enumerate(scenarios) for variant in scenario["asked"]]
+
+    async def ask(i, variant):
+        messages = messages_of(variant["messages"])
+        request = pb.LookupRequest(scope=scope(tenant), messages=messages, semantic=True)
+        response = await cache.stub.Lookup(request, timeout=60)
+        if response.status not in HIT:
+            return "miss"
+        return "own" if response.entry_id == ids[i] else "other"
+
+    outcomes = await bounded([lambda i=i, v=v: ask(i, v) for i, v in asked], concurrency)
+    by_category: dict[str, list[str]] = collections.defaultdict(list)
+    for (_, variant), outcome in zip(asked, outcomes):
+        by_category[variant["category"]].append(outcome)
+    return by_category
 
 
 async def embed(stub, texts: list[str], concurrency: int) -> np.ndarray:
@@ -241,8 +257,9 @@ def percentile(values: list[float], q: float) -> float:
 async def main_async(args, stack: Stack) -> list[str]:
     qqp = [p for p in cache_data.load_qqp() if p.portion == "test"]
     traps = [p for p in cache_data.load_traps() if p.portion == "test"]
+    scenarios = cache_conversations.load(("test",))
     if args.limit:
-        qqp, traps = qqp[: args.limit], traps[: args.limit]
+        qqp, traps, scenarios = qqp[: args.limit], traps[: args.limit], scenarios[: args.limit]
     rows: list[str] = []
     async with (
         router_channel(stack.address("cache"), "cache", stack.mesh_settings) as cache_channel,
@@ -253,7 +270,7 @@ async def main_async(args, stack: Stack) -> list[str]:
         one = await one_partition(cache, qqp, args.concurrency)
         alone = await own_partitions(cache, qqp, args.concurrency, "qqp")
         trapped = await own_partitions(cache, traps, args.concurrency, "trap")
-        elsewhere, follow_ups = await follow_ups_served_elsewhere(cache, args.concurrency)
+        conversed = await conversations(cache, scenarios, args.concurrency)
         elapsed = time.perf_counter() - started
         stats = await cache.stub.GetStats(pb.GetStatsRequest(), timeout=30)
         embedder = inference_service_pb2_grpc.InferenceServiceStub(inference_channel)
@@ -268,7 +285,8 @@ async def main_async(args, stack: Stack) -> list[str]:
         f"Defaults: pre-filter cosine {settings.semantic_threshold}, cache.max_false_hit_rate "
         f"{settings.max_false_hit_rate} (GetStats: expected false-hit rate "
         f"{stats.expected_false_hit_rate:.4f}); "
-        f"{len(qqp)} QQP test pairs, {len(traps)} test traps; {elapsed:.0f} s of cache calls at concurrency "
+        f"{len(qqp)} QQP test pairs, {len(traps)} test traps, {len(scenarios)} test conversation "
+        f"scenarios; {elapsed:.0f} s of cache calls at concurrency "
         f"{args.concurrency}, {os.cpu_count()} CPU cores.\n"
     )
     rows.append("| QQP test portion | lookups | hits | precision | recall | false-hit rate |")
@@ -299,7 +317,28 @@ async def main_async(args, stack: Stack) -> list[str]:
         outcomes = by_category.get(category, [])
         should = "yes" if category in ("paraphrase", "repeat") else "no"
         rows.append(f"| {category} | {len(outcomes)} | {rate(sum(outcomes), len(outcomes))} | {should} |")
-    rows.append(f"\nContextual follow-ups served from another conversation: {rate(elsewhere, follow_ups)}.\n")
+    rows.append(
+        f"\n| conversation variant (all {len(scenarios)} stored in one partition) | lookups | "
+        "served its own entry | served another's | should be served |"
+    )
+    rows.append("|---|---|---|---|---|")
+    same = changed = same_hits = changed_wrong = 0
+    for category in CONVERSATION_ORDER:
+        outcomes = conversed.get(category, [])
+        own, other = outcomes.count("own"), outcomes.count("other")
+        should = category in ("reworded", "small_talk", "unrelated_history")
+        if should:
+            same, same_hits = same + len(outcomes), same_hits + own
+        else:
+            changed, changed_wrong = changed + len(outcomes), changed_wrong + own + other
+        rows.append(
+            f"| {category} | {len(outcomes)} | {rate(own, len(outcomes))} | {rate(other, len(outcomes))} | "
+            f"{'yes' if should else 'no'} |"
+        )
+    rows.append(
+        f"\nSame-context conversations served their entry: {rate(same_hits, same)}; changed contexts "
+        f"served any entry: {rate(changed_wrong, changed)}.\n"
+    )
     rows.append("| latency | lookups | p50 (ms) | p99 (ms) |")
     rows.append("|---|---|---|---|")
     rows.append(

@@ -123,3 +123,10 @@ def context_id(partition: Partition, earlier: Sequence[common_pb2.Message], embe
     matching against the old vectors.
     """
     return _conversation_digest(partition, earlier, b"mg-cache-ctx", embedding_model.encode())
+
+
+def conversation_context_id(partition: Partition, embedding_model: str) -> str:
+    """Names the one sub-partition that all multi-turn questions of a
+    partition are matched in: the question and the topic turn it refers to
+    decide (conversation.py), not the exact history."""
+    return _conversation_digest(partition, [], b"mg-cache-conv", embedding_model.encode())

@@ -6,7 +6,8 @@ embeds the question once, while the sub-partition's index tops itself up
 from Redis over the same wait, and a Store right after that miss reuses the
 vector instead of embedding the question again. The index's best matches
 above the cosine pre-filter go to the verifier (``verifier.py``), and the
-best-scoring accepted one is served.
+best-scoring accepted one is served. The last question of a multi-turn prompt
+is matched together with the topic turn it refers to (``conversation.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from meshgate.common.v1 import common_pb2
 from meshgate.config import CacheSettings
 from meshgate.errors import invalid_argument
 from meshgate.reasons import Reason
-from services.cache import keys
+from services.cache import conversation, keys
 from services.cache.embedder import Embedder
 from services.cache.index import IndexRegistry, Match, VectorIndex
 from services.cache.stats import Stats
@@ -117,18 +118,16 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         ttl_ms = (request.ttl_seconds or self._settings.ttl_s) * 1000
         entry_id = keys.entry_id(partition, messages)
         answer = request.answer.SerializeToString()
-        question = messages[-1]
         vector = None
-        if question.role == _USER:
+        if messages[-1].role == _USER:
+            context_id, text = self._semantic_subject(partition, messages)
             vector = self._recent_vectors.pop(entry_id, None)
             if vector is None:
-                vector = await self._embedder.embed_or_none(keys.normalize_text(question.content))
+                vector = await self._embedder.embed_or_none(text)
         now_ms = _now_ms()
         if vector is None:
             await self._store.put_exact(partition, entry_id, answer, now_ms, ttl_ms)
         else:
-            context_id = keys.context_id(partition, messages[:-1], self._settings.embedding_model)
-            text = keys.normalize_text(question.content)
             seq, evicted = await self._store.put_semantic(
                 partition, context_id, entry_id, answer, vector.tobytes(), text, now_ms, ttl_ms
             )
@@ -174,9 +173,9 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         _require_messages(request.messages)
         if not keys.is_entry_id(request.entry_id):
             raise invalid_argument(Reason.INVALID_ENTRY_ID, "entry_id must be a LookupResponse.entry_id")
-        # A semantic hit comes from the sub-partition of the lookup's earlier
-        # messages, so that is where the entry and its neighbours live.
-        context_id = keys.context_id(partition, request.messages[:-1], self._settings.embedding_model)
+        # A semantic hit comes from the sub-partition the lookup was matched
+        # in, so that is where the entry and its neighbours live.
+        context_id, _ = self._semantic_subject(partition, request.messages)
         removed, reports = await self._store.report_wrong(
             partition, context_id, request.entry_id, self._settings.ttl_s * 1000
         )
@@ -189,11 +188,10 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
     async def _semantic_lookup(
         self, partition: keys.Partition, messages, entry_id: str
     ) -> tuple[Match, bytes] | None:
-        context_id = keys.context_id(partition, messages[:-1], self._settings.embedding_model)
+        context_id, question = self._semantic_subject(partition, messages)
         index_key = partition.vectors_key(context_id)
         index = self._indexes.get(index_key)
         after_seq = index.synced_seq if index is not None else 0
-        question = keys.normalize_text(messages[-1].content)
         vector, (rows, strictness) = await asyncio.gather(
             self._embedder.embed_or_none(question),
             self._store.entries_since(partition, context_id, after_seq),
@@ -216,6 +214,15 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 return match, answer
             index.remove(match.entry_id, match.seq)
         return None
+
+    def _semantic_subject(self, partition: keys.Partition, messages) -> tuple[str, str]:
+        """The sub-partition a prompt's last question is matched in, and the
+        text it is embedded, stored and verified as: the bare question alone,
+        or with the topic turn it refers to among all multi-turn questions."""
+        text, in_context = conversation.resolve(messages)
+        if in_context:
+            return keys.conversation_context_id(partition, self._settings.embedding_model), text
+        return keys.context_id(partition, [], self._settings.embedding_model), text
 
     def _apply(self, index_key: str, dimensions: int, after_seq: int, rows: list[SemanticRow]) -> VectorIndex:
         index = self._indexes.get_or_create(index_key, dimensions)

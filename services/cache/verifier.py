@@ -206,6 +206,10 @@ WEAK_SCOPE_WORDS = _words("most always latest entire whole single")
 _NOT_NAMES = _words("i what which who whom whose when where why how is are do does can should")
 
 VETOES = ("number", "negation", "entity", "role", "scope")
+# Between a multi-turn question and the topic turn it refers to
+# (conversation.py). Normalized text never holds a newline, so a text
+# without one is a single-turn question.
+CONTEXT_SEPARATOR = "\n"
 _QUESTION_WORDS = _words("what which who whom whose when where why how is are do does can should")
 
 
@@ -571,7 +575,8 @@ class Decision:
     accepted: bool
     # Probability-like score of the learned verifier; 0.0 when vetoed.
     score: float
-    # The structural check that vetoed, or "score" when the score was too low.
+    # The structural check that vetoed ("context" when the topic turns differ
+    # or only one side has one), or "score" when the score was too low.
     rejected_by: str | None
 
 
@@ -653,6 +658,19 @@ class Verifier:
             # Vectors of another model, or an entry stored before questions
             # were kept: nothing to verify with, so nothing is served.
             return Decision(False, 0.0, "unverifiable")
+        query_question, _, query_topic = query.partition(CONTEXT_SEPARATOR)
+        candidate_question, _, candidate_topic = candidate.partition(CONTEXT_SEPARATOR)
+        if bool(query_topic) != bool(candidate_topic):
+            return Decision(False, 0.0, "context")
+        if query_topic:
+            # The checks on the whole texts could pair a name of one topic
+            # with one of the other question; each part against its own kind
+            # sees a replaced referent as one.
+            if structural_veto(analyze(query_topic), analyze(candidate_topic)) is not None:
+                return Decision(False, 0.0, "context")
+            veto = structural_veto(analyze(query_question), analyze(candidate_question))
+            if veto is not None:
+                return Decision(False, 0.0, veto)
         a, b = analyze(query), analyze(candidate)
         veto = structural_veto(a, b)
         if veto is not None:

@@ -158,6 +158,37 @@ async def test_same_question_in_another_conversation_misses(stub, tenant):
     assert same.answer.text == "The Eiffel Tower."
 
 
+SUBSCRIPTION = ("I'm subscribed to the premium streaming plan.", "Noted, you are on the premium plan.")
+CANCEL = "How do I cancel it?"
+
+
+async def test_a_conversation_with_the_same_context_is_served(stub, tenant):
+    entry_id = await store(stub, tenant, conversation(*SUBSCRIPTION, CANCEL), text="Go to Settings > Plan.")
+    reworded = conversation("I pay for the premium video streaming subscription.", "Of course.", CANCEL)
+    small_talk = conversation(
+        "Hi there!", "Hello!", *SUBSCRIPTION, "Thanks, that's helpful.", "Welcome!", CANCEL
+    )
+    unrelated_history = conversation(
+        "What is the tallest mountain in the world?", "Mount Everest.", *SUBSCRIPTION, CANCEL
+    )
+    for messages in (reworded, small_talk, unrelated_history):
+        response = await lookup(stub, tenant, messages)
+        assert response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT, messages[0].content
+        assert response.entry_id == entry_id and response.answer.text == "Go to Settings > Plan."
+
+
+async def test_a_conversation_whose_context_changed_is_not_served(stub, tenant):
+    await store(stub, tenant, conversation(*SUBSCRIPTION, CANCEL), text="Go to Settings > Plan.")
+    gym = conversation("I have a membership at the downtown gym.", "Noted.", CANCEL)
+    flipped = conversation("I'm not subscribed to the premium streaming plan.", "Noted.", CANCEL)
+    moved_on = conversation(*SUBSCRIPTION, "I also bought a Samsung Galaxy S23 last month.", "Nice.", CANCEL)
+    for messages in (gym, flipped, moved_on):
+        response = await lookup(stub, tenant, messages)
+        assert response.status == pb.LOOKUP_STATUS_MISS, messages[-3].content
+    # Nor does the bare follow-up, which names no subscription at all.
+    assert (await lookup(stub, tenant, conversation(CANCEL))).status == pb.LOOKUP_STATUS_MISS
+
+
 async def test_expired_entries_are_gone(stub, tenant):
     await store(stub, tenant, conversation(STORED), ttl_seconds=1)
     assert (await lookup(stub, tenant, conversation(STORED))).status == pb.LOOKUP_STATUS_EXACT_HIT

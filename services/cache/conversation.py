@@ -1,0 +1,74 @@
+"""What the last question of a conversation is matched on: the question
+together with what it refers to.
+
+Hashing the earlier messages into the key (as the exact tier does) makes a
+follow-up reusable only in the very same conversation. Most of a
+conversation does not bear on its last question, though: greetings and
+thanks, and history before the topic the question continues. What a
+follow-up such as "cancel it" or "what landmark can you find there?" refers
+to is, nearly always, the topic of the latest user turn that says something
+(entities, numbers, content words): the *topic turn*. So a multi-turn prompt
+is resolved to ``question`` + ``CONTEXT_SEPARATOR`` + ``topic turn``; that
+text is what is embedded, stored and verified (``verifier.decide`` compares
+the topic turns and the questions separately with its structural checks,
+so a changed product, number or entity in the topic vetoes the hit), and
+entries of multi-turn prompts share one candidate set per partition instead
+of one per exact history.
+
+Small talk before or between the turns, and unrelated earlier history, thus
+drop out; a conversation of only small talk is no context at all, and its
+question is matched as a single-turn one. The question comes first in the
+text because the embedding model reads only its first 256 tokens: a long
+topic turn is cut, never the question.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from meshgate.common.v1 import common_pb2
+from services.cache.keys import normalize_text
+from services.cache.verifier import CONTEXT_SEPARATOR, STOPWORDS, analyze
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+# Words of turns that carry no topic: a user turn made only of these (and
+# stopwords), with no number or name, is small talk.
+SMALL_TALK = _words(
+    """hi hello hey hiya thanks thank thx cheers great ok okay cool nice awesome sure yes yeah yep no nope
+    good morning evening afternoon night bye goodbye welcome please appreciate appreciated perfect wonderful
+    lovely fine well glad happy doing going how day today weather sunny rainy help helpful question
+    quick another let ask know see understand got it alright right interesting amazing wow lol haha
+    sorry excuse oh ah hmm great job again much lot hope i'm you're we're that's it's you've i've"""
+)
+
+
+def is_small_talk(text: str) -> bool:
+    analysis = analyze(text)
+    if analysis.numbers or analysis.names:
+        return False
+    return not (analysis.content - SMALL_TALK - STOPWORDS)
+
+
+def topic_turn(earlier: Sequence[common_pb2.Message]) -> str | None:
+    """The latest earlier user turn that is not small talk, normalized; None
+    when there is none."""
+    for message in reversed(earlier):
+        if message.role == common_pb2.ROLE_USER:
+            text = normalize_text(message.content)
+            if text and not is_small_talk(text):
+                return text
+    return None
+
+
+def resolve(messages: Sequence[common_pb2.Message]) -> tuple[str, bool]:
+    """The text a prompt's last question is embedded, stored and verified
+    as, and whether it carries a topic turn (else it is the bare question)."""
+    question = normalize_text(messages[-1].content)
+    topic = topic_turn(messages[:-1])
+    if topic is None:
+        return question, False
+    return f"{question}{CONTEXT_SEPARATOR}{topic}", True

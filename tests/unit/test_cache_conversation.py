@@ -1,0 +1,107 @@
+"""What a multi-turn question is matched on: the topic turn it refers to, and
+the verifier comparing topics and questions separately."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import CacheSettings
+from services.cache import conversation
+from services.cache.verifier import CONTEXT_SEPARATOR, Verifier
+
+USER, ASSISTANT = common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
+
+
+def turns(*contents: str) -> list[common_pb2.Message]:
+    roles = (USER, ASSISTANT)
+    return [common_pb2.Message(role=roles[i % 2], content=c) for i, c in enumerate(contents)]
+
+
+@pytest.mark.parametrize(
+    "text", ["Hi there!", "Thanks, that's helpful.", "Ok cool.", "Good morning, hope you're doing well."]
+)
+def test_greetings_and_thanks_are_small_talk(text):
+    assert conversation.is_small_talk(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["Order 4521 hasn't arrived.", "I bought a Samsung phone.", "I have a gym membership."]
+)
+def test_turns_with_numbers_names_or_content_are_not_small_talk(text):
+    assert not conversation.is_small_talk(text)
+
+
+def test_the_topic_is_the_latest_user_turn_that_says_something():
+    messages = turns(
+        "Tell me about the Great Wall of China.",
+        "It is a series of fortifications.",
+        "I'm subscribed to the premium   streaming plan.",
+        "Noted.",
+        "Thanks, that's helpful.",
+        "You're welcome!",
+        "How do I cancel it?",
+    )
+    text, in_context = conversation.resolve(messages)
+    assert in_context
+    assert text == f"How do I cancel it?{CONTEXT_SEPARATOR}I'm subscribed to the premium streaming plan."
+
+
+def test_a_single_question_or_one_after_only_small_talk_is_matched_bare():
+    assert conversation.resolve(turns("How do I cancel it?")) == ("How do I cancel it?", False)
+    after_greetings = turns("Hi!", "Hello!", "How do I cancel it?")
+    assert conversation.resolve(after_greetings) == ("How do I cancel it?", False)
+
+
+def test_assistant_turns_are_never_the_topic():
+    messages = [
+        common_pb2.Message(role=ASSISTANT, content="Your order 4521 has shipped."),
+        common_pb2.Message(role=USER, content="Where is it now?"),
+    ]
+    assert conversation.resolve(messages) == ("Where is it now?", False)
+
+
+@pytest.fixture(scope="module")
+def verifier() -> Verifier:
+    return Verifier.load(CacheSettings().max_false_hit_rate)
+
+
+def unit(seed: int) -> np.ndarray:
+    vector = np.random.default_rng(seed).standard_normal(384).astype(np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+@pytest.mark.parametrize(
+    "stored_topic, asked_topic",
+    [
+        ("My order 4521 hasn't arrived yet.", "My order 4587 hasn't arrived yet."),
+        ("I bought a Samsung Galaxy last month.", "I bought a Google Pixel last month."),
+        ("Please cancel my streaming subscription.", "Please don't cancel my streaming subscription."),
+        ("What is the capital of France?", "What is the capital of Italy?"),
+    ],
+)
+def test_a_changed_referent_in_the_topic_is_vetoed_as_context(verifier, stored_topic, asked_topic):
+    vector = unit(1)
+    question = "Can you help me with it?"
+    decision = verifier.decide(
+        f"{question}{CONTEXT_SEPARATOR}{asked_topic}",
+        vector,
+        f"{question}{CONTEXT_SEPARATOR}{stored_topic}",
+        vector,
+    )
+    assert not decision.accepted and decision.rejected_by == "context"
+
+
+def test_a_question_in_context_never_matches_a_bare_one(verifier):
+    vector = unit(2)
+    in_context = f"How do I cancel it?{CONTEXT_SEPARATOR}I have a gym membership."
+    for query, candidate in ((in_context, "How do I cancel it?"), ("How do I cancel it?", in_context)):
+        decision = verifier.decide(query, vector, candidate, vector)
+        assert not decision.accepted and decision.rejected_by == "context"
+
+
+def test_the_same_topic_and_question_is_accepted(verifier):
+    vector = unit(3)
+    text = f"How do I cancel it?{CONTEXT_SEPARATOR}I'm subscribed to the premium streaming plan."
+    assert verifier.decide(text, vector, text, vector).accepted
