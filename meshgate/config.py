@@ -220,6 +220,10 @@ class RouterSettings:
     # daily aggregates are kept for usage_retention_days).
     usage_stream_max_len: int = 1_000_000
     usage_retention_days: int = 400
+    # SHA-256 hex digests of the admin credential(s): Bearer keys that may
+    # read any tenant's usage and manage API keys (AdminService). None by
+    # default: the admin RPCs then refuse every caller.
+    admin_api_key_sha256: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -34,6 +34,9 @@ class Reason(enum.StrEnum):
     MODEL_NOT_ALLOWED = enum.auto()
     """The tenant may not use this model."""
 
+    ADMIN_REQUIRED = enum.auto()
+    """PERMISSION_DENIED: only the admin credential (router.admin_api_key_sha256) may do this."""
+
     PEER_NOT_ALLOWED = enum.auto()
     """The mesh peer's certificate names a service not allowed to call this one."""
 
@@ -88,6 +91,9 @@ class Reason(enum.StrEnum):
 
     INVALID_STOP = enum.auto()
     """Too many stop sequences, or one empty or too long."""
+
+    INVALID_USAGE_PERIOD = enum.auto()
+    """A usage query's days are negative or beyond the ledger's retention."""
 
     TENANT_REQUIRED = enum.auto()
     """An internal request names no tenant (was also MISSING_TENANT in cache)."""

@@ -59,6 +59,7 @@ from meshgate import redis_access
 from meshgate.config import LimitSettings, PriceSettings, RouterSettings
 from meshgate.errors import MeshgateError, unavailable
 from meshgate.reasons import Reason
+from services.router.ledger import Ledger, UsageRecord
 
 log = structlog.get_logger(__name__)
 
@@ -431,10 +432,20 @@ def _limit_value(check: _Check):
 
 class TurnAdmission:
     """The router pipeline's admit and settle stages (``pipeline.Admission``)
-    over :class:`Admission`: the scopes, reservation and real use of a turn."""
+    over :class:`Admission`: the scopes, reservation and real use of a turn,
+    and its record in the usage ledger."""
 
-    def __init__(self, admission: Admission, settings: RouterSettings) -> None:
+    def __init__(self, admission: Admission, settings: RouterSettings, ledger: Ledger | None = None) -> None:
         self._admission = admission
+        self._settings = settings
+        self._ledger = ledger
+        # Ledger records still being written: off the caller's critical path,
+        # but awaited before Redis closes.
+        self._recording: set[asyncio.Task] = set()
+
+    def reconfigure(self, settings: RouterSettings) -> None:
+        """New limits and prices (a reload) apply from the next turn; a turn
+        already admitted settles against the scopes it was admitted with."""
         self._settings = settings
 
     async def admit(self, turn) -> Reservation:
@@ -450,14 +461,47 @@ class TurnAdmission:
         answer = outcome.answer
         status = getattr(outcome.cache_status, "value", None)
         full_cost = cost_nano_usd(price, answer.prompt_tokens, answer.completion_tokens)
-        if status in ("exact_hit", "semantic_hit"):
+        hit = status in ("exact_hit", "semantic_hit")
+        if hit:
             # A hit spent no model tokens and costs the configured share.
             tokens, nano_usd = 0, math.ceil(full_cost * (price.cache_hit_fraction if price else 0.0))
         else:
             # Failed or cancelled turns are charged what the answer reached.
             tokens, nano_usd = answer.prompt_tokens + answer.completion_tokens, full_cost
+        if self._ledger is not None:
+            self._record(turn, outcome, hit, nano_usd)
         if outcome.cancelled:
             # The turn's task is being cancelled: settle off it.
             self._admission.settle_in_background(grant, tokens, nano_usd)
         else:
             await self._admission.settle(grant, tokens, nano_usd)
+
+    def _record(self, turn, outcome, hit: bool, nano_usd: int) -> None:
+        answer = outcome.answer
+        status = outcome.cache_status.value if outcome.cache_status is not None else "none"
+        # A hang-up is no error reason: the ledger says "cancelled".
+        failure = "cancelled" if outcome.cancelled else str(outcome.failure or "")
+        usage = UsageRecord(
+            tenant=turn.tenant.id,
+            key_id=turn.tenant.key_id,
+            model=turn.model_alias,
+            deployment=answer.deployment,
+            prompt_tokens=0 if hit else answer.prompt_tokens,
+            completion_tokens=0 if hit else answer.completion_tokens,
+            # A hit's cached answer: the tokens it did not spend.
+            saved_tokens=answer.prompt_tokens + answer.completion_tokens if hit else 0,
+            cache_status=status,
+            cost_nano_usd=nano_usd,
+            latency_ms=round(outcome.elapsed_s * 1000),
+            failure=failure,
+        )
+        task = asyncio.get_running_loop().create_task(self._ledger.record(usage))
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    async def drain(self) -> None:
+        """Waits for settlements and ledger records still in flight (before
+        Redis closes)."""
+        await self._admission.drain()
+        if self._recording:
+            await asyncio.gather(*self._recording, return_exceptions=True)

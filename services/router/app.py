@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from meshgate import mesh_auth, serving
+from meshgate import mesh_auth, redis_access, serving
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2, router_service_pb2_grpc
 from meshgate.serving import Cleanup, Service
+from services.router.admission import Admission, TurnAdmission
 from services.router.auth import Authenticator
 from services.router.deployments import DeploymentTable
 from services.router.downstream import CacheService, ContextService, Deployments
+from services.router.ledger import Ledger
 from services.router.pipeline import Pipeline
 from services.router.servicer import RouterServicer
 
@@ -25,6 +27,13 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     cache_channel = serving.client_channel(settings.router.cache_address, mesh.to("cache"))
     deployments = DeploymentTable(settings.models, mesh.to("inference"))
     tenant_tokens = mesh.tenant_tokens()
+    # Limits and the usage ledger share the mesh's Redis ([redis]). The
+    # client connects lazily: a router without limits still starts (and
+    # serves) while Redis is down; its usage records are then logged as lost.
+    redis = redis_access.connect(settings.redis.url)
+    router = settings.router
+    ledger = Ledger(redis, router.usage_stream_max_len, router.usage_retention_days)
+    admission = TurnAdmission(Admission(redis, router.max_generation_s), router, ledger)
     pipeline = Pipeline(
         settings.router,
         settings.models,
@@ -33,14 +42,18 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         ),
         CacheService(cache_service_pb2_grpc.CacheServiceStub(cache_channel), tenant_tokens, settings.router),
         Deployments(deployments, settings.router),
+        admission,
     )
     router_service_pb2_grpc.add_RouterServiceServicer_to_server(
-        RouterServicer(settings, Authenticator(settings.router), pipeline), service.server
+        RouterServicer(settings, Authenticator(settings.router), pipeline, ledger), service.server
     )
 
     async def cleanup() -> None:
         await deployments.close()
         await context_channel.close()
         await cache_channel.close()
+        # Settlements and usage records still in flight finish first.
+        await admission.drain()
+        await redis.aclose()
 
     return cleanup

@@ -43,18 +43,34 @@ class Authenticator:
                 )
         if settings.dev_tenant:
             self._tenants_by_key_hash[hash_api_key(settings.dev_api_key)] = Tenant("dev", frozenset({"*"}))
+        self._admin_key_hashes = frozenset(digest.lower() for digest in settings.admin_api_key_sha256)
 
     def authenticate(self, metadata) -> Tenant:
-        header = None
-        for key, value in metadata or ():
-            if key == "authorization":
-                header = value
-                break
-        if not header:
-            raise _unauthenticated(Reason.API_KEY_MISSING, "send 'authorization: Bearer <api key>'")
-        if not header[: len(_BEARER)].lower() == _BEARER:
-            raise _unauthenticated(Reason.UNSUPPORTED_AUTH_SCHEME, "the authorization scheme must be Bearer")
-        tenant = self._tenants_by_key_hash.get(hash_api_key(header[len(_BEARER) :].strip()))
+        tenant = self._tenants_by_key_hash.get(_bearer_key_hash(metadata))
         if tenant is None:
             raise _unauthenticated(Reason.API_KEY_INVALID, "the API key is not valid")
         return tenant
+
+    def authenticate_caller(self, metadata) -> Tenant | None:
+        """The caller's tenant, or None for the admin credential."""
+        key_hash = _bearer_key_hash(metadata)
+        if key_hash in self._admin_key_hashes:
+            return None
+        tenant = self._tenants_by_key_hash.get(key_hash)
+        if tenant is None:
+            raise _unauthenticated(Reason.API_KEY_INVALID, "the API key is not valid")
+        return tenant
+
+
+def _bearer_key_hash(metadata) -> str:
+    """The SHA-256 of the caller's Bearer key."""
+    header = None
+    for key, value in metadata or ():
+        if key == "authorization":
+            header = value
+            break
+    if not header:
+        raise _unauthenticated(Reason.API_KEY_MISSING, "send 'authorization: Bearer <api key>'")
+    if not header[: len(_BEARER)].lower() == _BEARER:
+        raise _unauthenticated(Reason.UNSUPPORTED_AUTH_SCHEME, "the authorization scheme must be Bearer")
+    return hash_api_key(header[len(_BEARER) :].strip())

@@ -23,6 +23,8 @@ from collections.abc import Callable
 import structlog
 
 from meshgate import redis_access
+from meshgate.errors import unavailable
+from meshgate.reasons import Reason
 
 log = structlog.get_logger(__name__)
 
@@ -84,8 +86,12 @@ class Ledger:
     def _day_key(tenant: str, day: datetime.date) -> str:
         return f"mg:router:usage:{tenant}:{day:%Y-%m-%d}"
 
+    def today(self) -> datetime.date:
+        """The current UTC day, as the ledger files records."""
+        return datetime.datetime.fromtimestamp(self._clock(), datetime.UTC).date()
+
     async def record(self, usage: UsageRecord) -> None:
-        day = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC).date()
+        day = self.today()
         entry = {field.name: str(getattr(usage, field.name)) for field in dataclasses.fields(usage)}
         increments = {
             "requests": 1,
@@ -117,7 +123,11 @@ class Ledger:
         for day in days:
             pipe.hgetall(self._day_key(tenant, day))
         totals: dict[tuple[str, str], dict[str, int]] = {}
-        for fields in await pipe.execute():
+        try:
+            replies = await pipe.execute()
+        except redis_access.CONNECTION_ERRORS as error:
+            raise unavailable(Reason.REDIS_UNAVAILABLE, f"usage cannot be read: {error}") from error
+        for fields in replies:
             for field, value in fields.items():
                 key_id, rest = field.decode().split("|", 1)
                 model, metric = rest.rsplit("|", 1)

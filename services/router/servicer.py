@@ -5,11 +5,17 @@ events to protobuf (deadline -> Budget, hang-up -> cancellation)."""
 from __future__ import annotations
 
 import contextlib
+import datetime
+
+import grpc
 
 from meshgate.config import Settings
+from meshgate.errors import MeshgateError, invalid_argument
+from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router.auth import Authenticator
+from services.router.ledger import METRICS, Ledger
 from services.router.pipeline import Budget, CacheStatus, Completion, Delta, Failure, Pipeline
 
 _CACHE_STATUS = {
@@ -35,10 +41,14 @@ def completion_proto(completion: Completion) -> pb.ChatCompletion:
 
 
 class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
-    def __init__(self, settings: Settings, authenticator: Authenticator, pipeline: Pipeline) -> None:
+    def __init__(
+        self, settings: Settings, authenticator: Authenticator, pipeline: Pipeline, ledger: Ledger
+    ) -> None:
         self._models = settings.models
+        self._retention_days = settings.router.usage_retention_days
         self._auth = authenticator
         self._pipeline = pipeline
+        self._ledger = ledger
 
     async def Chat(self, request: pb.ChatRequest, context):
         tenant = self._auth.authenticate(context.invocation_metadata())
@@ -102,4 +112,43 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 for alias, model in sorted(self._models.items())
                 if tenant.may_use(alias)
             ]
+        )
+
+    async def GetUsage(self, request: pb.GetUsageRequest, context) -> pb.GetUsageResponse:
+        caller = self._auth.authenticate_caller(context.invocation_metadata())
+        if caller is None:  # the admin credential: any tenant, named
+            if not request.tenant_id:
+                raise invalid_argument(Reason.TENANT_REQUIRED, "the admin credential must name a tenant_id")
+            tenant_id = request.tenant_id
+        elif request.tenant_id and request.tenant_id != caller.id:
+            raise MeshgateError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                Reason.ADMIN_REQUIRED,
+                "a tenant's key reads its own tenant's usage only",
+            )
+        else:
+            tenant_id = caller.id
+        days = request.days or 1
+        if not 1 <= days <= self._retention_days:
+            raise invalid_argument(
+                Reason.INVALID_USAGE_PERIOD,
+                f"days must be within [1, {self._retention_days}] (the ledger's retention)",
+                days=str(request.days),
+            )
+        last_day = self._ledger.today()
+        first_day = last_day - datetime.timedelta(days=days - 1)
+        totals = await self._ledger.usage(tenant_id, first_day, last_day)
+        return pb.GetUsageResponse(
+            tenant_id=tenant_id,
+            first_day=first_day.isoformat(),
+            last_day=last_day.isoformat(),
+            rows=[
+                pb.UsageRow(
+                    key_id=key_id,
+                    model=model,
+                    latency_ms_total=row["latency_ms"],
+                    **{metric: row[metric] for metric in METRICS if metric != "latency_ms"},
+                )
+                for (key_id, model), row in sorted(totals.items())
+            ],
         )

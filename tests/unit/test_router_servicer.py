@@ -4,6 +4,7 @@ metadata, deadlines and statuses, the pipeline's stages faked; no sockets."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import threading
 
 import grpc
@@ -16,12 +17,14 @@ from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.auth import Authenticator
+from services.router.ledger import METRICS
 from services.router.pipeline import Answer, CacheStatus, Hit, Pipeline
 from services.router.servicer import RouterServicer
 from tests.unit.test_router_pipeline import FakeCache, FakeContexts, FakeGenerator, request, user
 
 KEY = "unit-key"
 NARROW_KEY = "narrow-key"
+ADMIN_KEY = "admin-key"
 AUTH = (("authorization", f"Bearer {KEY}"),)
 SERVICE = pb.DESCRIPTOR.services_by_name["RouterService"]
 
@@ -92,9 +95,27 @@ def loop():
     loop.close()
 
 
-def served(loop, cache=None, generator=None, contexts=None):
+class FakeLedger:
+    """Usage totals of one fixed day, per tenant."""
+
+    DAY = datetime.date(2026, 3, 31)
+
+    def __init__(self) -> None:
+        self.queries: list[tuple[str, datetime.date, datetime.date]] = []
+
+    def today(self) -> datetime.date:
+        return self.DAY
+
+    async def usage(self, tenant, first_day, last_day):
+        self.queries.append((tenant, first_day, last_day))
+        row = dict.fromkeys(METRICS, 0) | {"requests": 3, "prompt_tokens": 40, "latency_ms": 90}
+        return {("k2", "m"): row, ("k1", "m"): row | {"requests": 1}} if tenant == "narrow" else {}
+
+
+def served(loop, cache=None, generator=None, contexts=None, ledger=None):
     settings = Settings()
     settings.router.dev_api_key = KEY
+    settings.router.admin_api_key_sha256 = [hash_api_key(ADMIN_KEY)]
     settings.router.tenants = [
         TenantSettings(id="narrow", api_key_sha256=[hash_api_key(NARROW_KEY)], models=["m"])
     ]
@@ -109,7 +130,7 @@ def served(loop, cache=None, generator=None, contexts=None):
         cache or FakeCache(),
         generator or FakeGenerator(),
     )
-    servicer = RouterServicer(settings, Authenticator(settings.router), pipeline)
+    servicer = RouterServicer(settings, Authenticator(settings.router), pipeline, ledger or FakeLedger())
     return grpc_testing.server_from_dictionary(
         {SERVICE: _AsyncBridge(servicer, loop)}, grpc_testing.strict_real_time()
     )
@@ -225,3 +246,49 @@ def test_chat_refuses_a_model_the_tenant_may_not_use(loop):
     rpc = server.invoke_unary_stream(SERVICE.methods_by_name["Chat"], narrow, refused, 10)
     trailing, code, _ = rpc.termination()
     assert (code, reason_of(trailing)) == (grpc.StatusCode.PERMISSION_DENIED, Reason.MODEL_NOT_ALLOWED)
+
+
+def get_usage(server, key: str, **request):
+    return server.invoke_unary_unary(
+        SERVICE.methods_by_name["GetUsage"],
+        (("authorization", f"Bearer {key}"),),
+        pb.GetUsageRequest(**request),
+        10,
+    ).termination()
+
+
+def test_a_tenant_key_reads_its_own_usage_per_key_and_model(loop):
+    ledger = FakeLedger()
+    server = served(loop, ledger=ledger)
+    usage, _, code, _ = get_usage(server, NARROW_KEY, days=7)
+    assert code == grpc.StatusCode.OK
+    assert (usage.tenant_id, usage.first_day, usage.last_day) == ("narrow", "2026-03-25", "2026-03-31")
+    assert [(r.key_id, r.requests, r.prompt_tokens, r.latency_ms_total) for r in usage.rows] == [
+        ("k1", 1, 40, 90),
+        ("k2", 3, 40, 90),
+    ]
+    assert ledger.queries == [("narrow", datetime.date(2026, 3, 25), datetime.date(2026, 3, 31))]
+    # days unset: today only.
+    usage, _, _, _ = get_usage(server, NARROW_KEY, tenant_id="narrow")
+    assert (usage.first_day, usage.last_day) == ("2026-03-31", "2026-03-31")
+
+
+def test_only_the_admin_credential_reads_another_tenants_usage(loop):
+    server = served(loop)
+    _, trailing, code, _ = get_usage(server, NARROW_KEY, tenant_id="dev")
+    assert (code, reason_of(trailing)) == (grpc.StatusCode.PERMISSION_DENIED, Reason.ADMIN_REQUIRED)
+    usage, _, code, _ = get_usage(server, ADMIN_KEY, tenant_id="narrow", days=2)
+    assert code == grpc.StatusCode.OK and usage.tenant_id == "narrow" and len(usage.rows) == 2
+    _, trailing, code, _ = get_usage(server, ADMIN_KEY)
+    assert (code, reason_of(trailing)) == (grpc.StatusCode.INVALID_ARGUMENT, Reason.TENANT_REQUIRED)
+    # The admin credential is no tenant's key.
+    admin = (("authorization", f"Bearer {ADMIN_KEY}"),)
+    rpc = server.invoke_unary_unary(SERVICE.methods_by_name["ListModels"], admin, pb.ListModelsRequest(), 10)
+    _, trailing, code, _ = rpc.termination()
+    assert (code, reason_of(trailing)) == (grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_INVALID)
+
+
+@pytest.mark.parametrize("days", [-1, 401])
+def test_a_usage_period_outside_the_retention_is_invalid(loop, days):
+    _, trailing, code, _ = get_usage(served(loop), KEY, days=days)
+    assert (code, reason_of(trailing)) == (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_USAGE_PERIOD)

@@ -137,3 +137,47 @@ class ModelInfo(_message.Message):
     context_window_tokens: int
     max_output_tokens: int
     def __init__(self, alias: _Optional[str] = ..., context_window_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ...) -> None: ...
+
+class GetUsageRequest(_message.Message):
+    __slots__ = ("tenant_id", "days")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    DAYS_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    days: int
+    def __init__(self, tenant_id: _Optional[str] = ..., days: _Optional[int] = ...) -> None: ...
+
+class GetUsageResponse(_message.Message):
+    __slots__ = ("tenant_id", "first_day", "last_day", "rows")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_DAY_FIELD_NUMBER: _ClassVar[int]
+    LAST_DAY_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    first_day: str
+    last_day: str
+    rows: _containers.RepeatedCompositeFieldContainer[UsageRow]
+    def __init__(self, tenant_id: _Optional[str] = ..., first_day: _Optional[str] = ..., last_day: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ...) -> None: ...
+
+class UsageRow(_message.Message):
+    __slots__ = ("key_id", "model", "requests", "failures", "cache_hits", "prompt_tokens", "completion_tokens", "saved_tokens", "cost_nano_usd", "latency_ms_total")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAVED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_NANO_USD_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    model: str
+    requests: int
+    failures: int
+    cache_hits: int
+    prompt_tokens: int
+    completion_tokens: int
+    saved_tokens: int
+    cost_nano_usd: int
+    latency_ms_total: int
+    def __init__(self, key_id: _Optional[str] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., cache_hits: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., saved_tokens: _Optional[int] = ..., cost_nano_usd: _Optional[int] = ..., latency_ms_total: _Optional[int] = ...) -> None: ...

@@ -56,6 +56,11 @@ class RouterServiceStub:
                 request_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/meshgate.router.v1.RouterService/GetUsage',
+                request_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -95,6 +100,14 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """What a tenant used over whole UTC days, per API key and model alias. A
+        tenant's key sees its own tenant; the admin credential sees any.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -117,6 +130,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.ListModelsRequest.FromString,
                     response_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.GetUsageRequest.FromString,
+                    response_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -229,6 +247,33 @@ class RouterService:
             '/meshgate.router.v1.RouterService/ListModels',
             meshgate_dot_router_dot_v1_dot_router__service__pb2.ListModelsRequest.SerializeToString,
             meshgate_dot_router_dot_v1_dot_router__service__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.router.v1.RouterService/GetUsage',
+            meshgate_dot_router_dot_v1_dot_router__service__pb2.GetUsageRequest.SerializeToString,
+            meshgate_dot_router_dot_v1_dot_router__service__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,205 @@
+"""Limits and the usage ledger wired into the router: a real router in front
+of real context, cache and inference services, Redis and Triton. Every end
+of a turn (completion, failure, the caller hanging up) settles its
+reservation and frees its stream, and lands in the ledger, which GetUsage
+reads back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+import grpc
+import pytest
+
+from meshgate import redis_access
+from meshgate.common.v1 import common_pb2
+from meshgate.config import (
+    DeploymentSettings,
+    LimitSettings,
+    ModelSettings,
+    PriceSettings,
+    Settings,
+    TenantSettings,
+    hash_api_key,
+)
+from meshgate.errors import error_info
+from meshgate.reasons import Reason
+from meshgate.router.v1 import router_service_pb2 as pb
+from meshgate.router.v1 import router_service_pb2_grpc
+from services.cache import app as cache_app
+from services.context import app as context_app
+from services.router import app as router_app
+from tests.integration.conftest import running
+from tests.mesh import mesh_settings
+
+pytestmark = pytest.mark.integration
+
+ADMIN_KEY = "accounting-admin-key"
+
+
+@pytest.fixture(scope="module")
+async def accounting(redis_url, inference_address):
+    """(router stub, tenant id, the tenant's auth metadata, a Redis client)."""
+    tenant = f"acct-{uuid.uuid4().hex[:8]}"
+    key = f"key-{tenant}"
+    settings = Settings(mesh=mesh_settings())
+    settings.redis.url = redis_url
+    settings.cache.inference_address = inference_address
+    live = DeploymentSettings(name="live", address=inference_address, model="tiny-gpt", weight=1)
+    dead = DeploymentSettings(name="dead", address="127.0.0.1:1", model="tiny-gpt", weight=1)
+    settings.models = {
+        "tiny-gpt": ModelSettings(deployments=[live]),
+        "nowhere": ModelSettings(deployments=[dead]),
+    }
+    settings.router.tenants = [
+        TenantSettings(
+            id=tenant,
+            api_key_sha256=[hash_api_key(key)],
+            # One stream at a time: a stream that was not freed refuses the next turn.
+            key_limits=LimitSettings(concurrent_streams=1, tokens_per_minute=100_000),
+        )
+    ]
+    settings.router.prices = {
+        "tiny-gpt": PriceSettings(prompt_usd_per_million=1.0, completion_usd_per_million=2.0)
+    }
+    settings.router.admin_api_key_sha256 = [hash_api_key(ADMIN_KEY)]
+    client = redis_access.connect(redis_url)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(client.aclose)
+        settings.router.context_address = await stack.enter_async_context(
+            running(context_app, "context", settings)
+        )
+        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
+        address = await stack.enter_async_context(running(router_app, "router", settings))
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        auth = (("authorization", f"Bearer {key}"),)
+        yield router_service_pb2_grpc.RouterServiceStub(channel), tenant, auth, client
+
+
+def ask(text: str, model: str = "tiny-gpt", max_tokens: int = 8) -> pb.ChatRequest:
+    return pb.ChatRequest(
+        model=model,
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=text)],
+        parameters=common_pb2.GenerationParameters(max_tokens=max_tokens, temperature=0.0),
+        cache_policy=pb.CACHE_POLICY_BYPASS,
+    )
+
+
+async def eventually(check, timeout_s: float = 15.0):
+    """Polls ``check`` (async, returns a truthy value when done)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        value = await check()
+        if value:
+            return value
+        assert asyncio.get_running_loop().time() < deadline, "the condition never held"
+        await asyncio.sleep(0.05)
+
+
+def limit_key(tenant_key_hash: str, suffix: str) -> str:
+    return f"mg:router:limit:key:{tenant_key_hash[:16]}:{suffix}"
+
+
+async def usage_row(stub, auth, model: str, **request) -> pb.UsageRow | None:
+    usage = await stub.GetUsage(pb.GetUsageRequest(**request), metadata=auth, timeout=10)
+    rows = [row for row in usage.rows if row.model == model]
+    return rows[0] if rows else None
+
+
+async def test_a_completed_turn_settles_to_its_real_use_and_is_billed_in_the_ledger(accounting):
+    stub, tenant, auth, client = accounting
+    key_hash = hash_api_key(f"key-{tenant}")
+    completion = None
+    async for response in stub.Chat(ask("count the stars", max_tokens=8), metadata=auth, timeout=60):
+        if response.HasField("completion"):
+            completion = response.completion
+    assert completion is not None
+    used = completion.usage.prompt_tokens + completion.usage.completion_tokens
+    assert used > 0
+    # The reservation (prompt bytes + max_tokens) became the real use, and
+    # the stream was freed before the call ended.
+    assert int(await client.get(limit_key(key_hash, "tpm:sum"))) == used
+    assert await client.zcard(limit_key(key_hash, "streams")) == 0
+
+    async def recorded():
+        row = await usage_row(stub, auth, "tiny-gpt")
+        return row if row is not None and row.requests >= 1 else None
+
+    row = await recorded() or await eventually(recorded)
+    assert row.key_id == key_hash[:16] and row.failures == 0
+    assert row.prompt_tokens == completion.usage.prompt_tokens
+    assert row.completion_tokens == completion.usage.completion_tokens
+    expected_nano_usd = completion.usage.prompt_tokens * 1000 + completion.usage.completion_tokens * 2000
+    assert row.cost_nano_usd == expected_nano_usd
+    # The admin credential reads the same row; the tenant's key cannot read another tenant.
+    admin = (("authorization", f"Bearer {ADMIN_KEY}"),)
+    assert (await usage_row(stub, admin, "tiny-gpt", tenant_id=tenant)).requests == row.requests
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.GetUsage(pb.GetUsageRequest(tenant_id="dev"), metadata=auth, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(refused.value).reason == Reason.ADMIN_REQUIRED
+
+
+async def test_a_failed_turn_frees_its_stream_and_is_recorded_as_a_failure(accounting):
+    stub, tenant, auth, client = accounting
+    key_hash = hash_api_key(f"key-{tenant}")
+    before = int(await client.get(limit_key(key_hash, "tpm:sum")) or 0)
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        async for _ in stub.Chat(ask("anyone there?", model="nowhere"), metadata=auth, timeout=60):
+            pass
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert await client.zcard(limit_key(key_hash, "streams")) == 0
+    # Nothing was generated: the reservation settled to nothing.
+    assert int(await client.get(limit_key(key_hash, "tpm:sum")) or 0) == before
+
+    async def failure_recorded():
+        row = await usage_row(stub, auth, "nowhere")
+        return row if row is not None and row.failures == 1 else None
+
+    row = await eventually(failure_recorded)
+    assert row.requests == 1 and row.completion_tokens == 0 and row.cost_nano_usd == 0
+
+
+async def test_a_caller_hanging_up_mid_stream_frees_its_stream(accounting):
+    stub, tenant, auth, client = accounting
+    key_hash = hash_api_key(f"key-{tenant}")
+    call = stub.Chat(ask("tell me a long story", max_tokens=200), metadata=auth, timeout=60)
+    async for response in call:
+        assert response.HasField("delta")
+        break  # one piece, then hang up
+    # While the stream is open, the key's one stream is taken.
+    assert await client.zcard(limit_key(key_hash, "streams")) == 1
+    call.cancel()
+
+    async def freed():
+        return await client.zcard(limit_key(key_hash, "streams")) == 0
+
+    await eventually(freed)
+
+    async def cancellation_recorded():
+        row = await usage_row(stub, auth, "tiny-gpt")
+        return row is not None and row.requests >= 2 and row.failures >= 1
+
+    await eventually(cancellation_recorded)
+    # The key's stream is free again: the next turn is admitted.
+    async for response in stub.Chat(ask("and now?"), metadata=auth, timeout=60):
+        last = response
+    assert last.HasField("completion")
+
+
+async def test_a_second_concurrent_stream_of_the_key_is_refused_with_quota_failure(accounting):
+    stub, _, auth, _ = accounting
+    first = stub.Chat(ask("a long one", max_tokens=200), metadata=auth, timeout=60)
+    async for _ in first:
+        break
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stub.Chat(ask("me too"), metadata=auth, timeout=60):
+                pass
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        info = error_info(refused.value)
+        assert (info.reason, info.metadata["limit"]) == (Reason.RATE_LIMITED, "concurrent_streams")
+    finally:
+        first.cancel()
