@@ -135,10 +135,10 @@ class CacheService:
     def _scope(plan: CachePlan) -> cache_pb.CacheScope:
         return cache_pb.CacheScope(tenant_id=plan.tenant_id, model=plan.model, parameters=plan.parameters)
 
-    async def lookup(self, plan: CachePlan, messages, budget: Budget) -> Hit | None:
+    async def lookup(self, plan: CachePlan, messages, budget: Budget, semantic: bool) -> Hit | None:
         try:
             response = await self._stub.Lookup(
-                cache_pb.LookupRequest(scope=self._scope(plan), messages=messages, semantic=True),
+                cache_pb.LookupRequest(scope=self._scope(plan), messages=messages, semantic=semantic),
                 timeout=budget.within(self._timeout_s),
                 metadata=self._tokens.metadata(plan.tenant_id, "cache"),
             )

@@ -12,10 +12,13 @@ The stages, in order:
    downstream work);
 2. admit: :class:`Admission` may refuse the turn or reserve for it;
 3. plan the cache: which lookups and stores the turn's cache policy allows;
-4. look up, assemble, route and generate: a stateless turn's lookup runs
-   alongside assembly and the start of generation, a session turn's
-   alongside generation, so a miss costs no extra wait; a hit cancels the
-   generation before any generated token went out and is replayed in pieces;
+4. look up, assemble, route and generate: first the exact lookup (one
+   Redis GET, about a millisecond), so an exact hit starts no inference;
+   after an exact miss, a stateless turn's semantic lookup runs alongside
+   assembly and the start of generation, a session turn's alongside
+   generation, so a miss waits only for the exact lookup; a semantic hit
+   cancels the generation before any generated token went out; hits are
+   replayed in pieces;
 5. persist: store the answer and append the turn, concurrently;
 6. settle: :class:`Admission` learns what the turn really used, whatever
    its end (completion, failure or cancellation).
@@ -195,8 +198,9 @@ class Contexts(Protocol):
 
 
 class Cache(Protocol):
-    async def lookup(self, plan: CachePlan, messages, budget: Budget) -> Hit | None:
-        """A hit or None; never fails a turn (the cache is an optimization)."""
+    async def lookup(self, plan: CachePlan, messages, budget: Budget, semantic: bool) -> Hit | None:
+        """A hit or None; never fails a turn (the cache is an optimization).
+        Exact matches only unless ``semantic``."""
 
     async def store(self, plan: CachePlan, messages, answer: Answer, budget: Budget) -> None: ...
 
@@ -366,35 +370,42 @@ class Pipeline:
         delivered = 0
         hit: Hit | None = None
 
-        # Look up, assemble, route and generate. The generation starts at
-        # once; the lookup decides whether its output goes out.
+        # Look up, assemble, route and generate. The exact lookup comes first
+        # (one GET, no embedding): an exact hit then costs no inference at
+        # all. After an exact miss, the generation starts at once alongside
+        # the semantic lookup, which decides whether its output goes out.
         if stateless:
-            lookup = self._cache.lookup(plan, turn.messages, turn.budget) if plan.reads else None
-            generation = self._generate_stateless(turn, answer)
+            hit = await self._exact_hit(plan, turn.messages, turn.budget)
+            if hit is None:
+                lookup = self._semantic_lookup(plan, turn.messages, turn.budget)
+                generation = self._generate_stateless(turn, answer)
         else:
             assembled = await self._contexts.assemble(_with_session(turn, session_id))
             if assembled is not None:
                 prompt, version = assembled
             if turn.expected_version is not None and version != turn.expected_version:
                 raise version_conflict(session_id, version)
-            lookup = self._cache.lookup(plan, prompt, turn.budget) if plan.reads else None
-            generation = self._generator.generate(
-                turn.model_alias, prompt, turn.parameters, turn.budget, answer
-            )
+            hit = await self._exact_hit(plan, prompt, turn.budget)
+            if hit is None:
+                lookup = self._semantic_lookup(plan, prompt, turn.budget)
+                generation = self._generator.generate(
+                    turn.model_alias, prompt, turn.parameters, turn.budget, answer
+                )
 
-        async with _Race(lookup, generation, self._settings.speculative_generation) as race:
-            hit = await race.hit()
-            if hit is not None:
-                answer.adopt(hit.answer)
-                for piece in replay_pieces(hit.answer.text, self._settings.replay_piece_chars):
-                    yield Delta(piece)
-                    delivered += 1
-                    if self._settings.replay_pause_s:
-                        await asyncio.sleep(self._settings.replay_pause_s)
-            else:
-                async for text in race.generated():
-                    yield Delta(text)
-                    delivered += 1
+        if hit is None:
+            async with _Race(lookup, generation, self._settings.speculative_generation) as race:
+                hit = await race.hit()
+                if hit is None:
+                    async for text in race.generated():
+                        yield Delta(text)
+                        delivered += 1
+        if hit is not None:
+            answer.adopt(hit.answer)
+            for piece in replay_pieces(hit.answer.text, self._settings.replay_piece_chars):
+                yield Delta(piece)
+                delivered += 1
+                if self._settings.replay_pause_s:
+                    await asyncio.sleep(self._settings.replay_pause_s)
 
         if hit is not None:
             cache_status, similarity = hit.status, hit.similarity
@@ -429,6 +440,15 @@ class Pipeline:
             elapsed_ms=round((time.perf_counter() - started) * 1000, 2),
         )
         yield Completion(answer, cache_status, similarity, session_id, version, telemetry.current_trace_id())
+
+    async def _exact_hit(self, plan: CachePlan, messages, budget: Budget) -> Hit | None:
+        if not plan.reads:
+            return None
+        return await self._cache.lookup(plan, messages, budget, semantic=False)
+
+    def _semantic_lookup(self, plan: CachePlan, messages, budget: Budget):
+        """The lookup to race the generation against (None: nothing to look up)."""
+        return self._cache.lookup(plan, messages, budget, semantic=True) if plan.reads else None
 
     async def _generate_stateless(self, turn: Turn, answer: Answer) -> collections.abc.AsyncIterator[str]:
         assembled = await self._contexts.assemble(turn)

@@ -68,14 +68,22 @@ class FakeContexts:
 
 
 class FakeCache:
+    """Answers an exact hit from the exact lookup and any other hit from the
+    semantic one, which waits for ``answered``, like the cache service."""
+
     def __init__(self, hit: Hit | None = None) -> None:
         self.hit = hit
         self.answered = asyncio.Event()
         self.answered.set()
-        self.lookups: list[list[str]] = []
+        self.exact_lookups: list[list[str]] = []
+        self.lookups: list[list[str]] = []  # the semantic ones
         self.stored: list[tuple[list[str], str]] = []
 
-    async def lookup(self, plan, messages, budget):
+    async def lookup(self, plan, messages, budget, semantic):
+        exact = self.hit if self.hit is not None and self.hit.status is CacheStatus.EXACT_HIT else None
+        if not semantic:
+            self.exact_lookups.append([m.content for m in messages])
+            return exact
         self.lookups.append([m.content for m in messages])
         await self.answered.wait()
         return self.hit
@@ -153,9 +161,21 @@ async def test_a_stateless_miss_streams_the_generation_and_stores_it():
     assert parts["contexts"].appended == []
 
 
+async def test_an_exact_hit_is_answered_before_any_generation_starts():
+    hit = Hit(Answer(text="Paris, of course.", completion_tokens=4), CacheStatus.EXACT_HIT, 1.0)
+    turns, parts = pipeline(cache=FakeCache(hit))
+    events = await events_of(turns.run(request(), TENANT, "", Budget()))
+    assert texts(events) == "Paris, of course."
+    assert events[-1].cache_status is CacheStatus.EXACT_HIT
+    # No inference, no assembly and no semantic lookup for an exact hit.
+    assert not parts["generator"].started.is_set() and parts["generator"].prompts == []
+    assert parts["cache"].exact_lookups == [["hello"]] and parts["cache"].lookups == []
+    assert parts["contexts"].assembled == [] and parts["cache"].stored == []
+
+
 async def test_a_hit_is_replayed_in_word_pieces_and_the_generation_is_cancelled():
     text = "Paris is the capital of France and has been for a long time."
-    hit = Hit(Answer(text=text, completion_tokens=14, deployment="d0"), CacheStatus.EXACT_HIT, 1.0)
+    hit = Hit(Answer(text=text, completion_tokens=14, deployment="d0"), CacheStatus.SEMANTIC_HIT, 0.95)
     cache = FakeCache(hit)
     cache.answered.clear()
     turns, parts = pipeline(cache=cache, replay_piece_chars=12)
@@ -168,7 +188,7 @@ async def test_a_hit_is_replayed_in_word_pieces_and_the_generation_is_cancelled(
     assert len(deltas) > 3
     assert "".join(deltas) == text
     assert all(piece.endswith(" ") for piece in deltas[:-1])
-    assert events[-1].cache_status is CacheStatus.EXACT_HIT
+    assert events[-1].cache_status is CacheStatus.SEMANTIC_HIT
     assert events[-1].answer.completion_tokens == 14
     # Nothing generated went out, and the speculative generation was ended.
     assert "Hel" not in deltas
@@ -208,7 +228,7 @@ async def test_bypass_skips_the_lookup_and_the_store():
     turns, parts = pipeline()
     events = await events_of(turns.run(request(policy=pb.CACHE_POLICY_BYPASS), TENANT, "", Budget()))
     assert events[-1].cache_status is CacheStatus.BYPASSED
-    assert parts["cache"].lookups == [] and parts["cache"].stored == []
+    assert parts["cache"].lookups == parts["cache"].exact_lookups == [] and parts["cache"].stored == []
 
 
 async def test_a_stateless_turn_goes_out_as_sent_when_the_context_service_is_down():
@@ -223,7 +243,7 @@ async def test_a_session_turn_answers_from_its_history_and_appends():
     events = await events_of(turns.run(request("next"), TENANT, "s9", Budget()))
     assert parts["generator"].prompts == [["earlier", "next"]]
     # The cache keys a session turn on the whole prompt it answered.
-    assert parts["cache"].lookups == [["earlier", "next"]]
+    assert parts["cache"].lookups == parts["cache"].exact_lookups == [["earlier", "next"]]
     assert parts["contexts"].appended == [("s9", 3, "Hello there")]
     assert (events[-1].session_id, events[-1].session_version) == ("s9", 4)
 
