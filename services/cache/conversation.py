@@ -12,8 +12,8 @@ is resolved to ``question`` + ``CONTEXT_SEPARATOR`` + ``topic turn``; that
 text is what is embedded, stored and verified (``verifier.decide`` compares
 the topic turns and the questions separately with its structural checks,
 so a changed product, number or entity in the topic vetoes the hit), and
-entries of multi-turn prompts share one candidate set per partition instead
-of one per exact history.
+entries of multi-turn prompts share one candidate set per partition
+(``keys.context_id``) instead of one per exact history.
 
 Small talk before or between the turns, and unrelated earlier history, thus
 drop out; a conversation of only small talk is no context at all, and its

@@ -12,8 +12,9 @@ prompts carry whitespace-sensitive code should not cache them.
 Tenant and model appear hex-encoded in key names, so that Invalidate can SCAN
 for them with a pattern no tenant id can break (``*``, ``?``, ``[`` and ``:``
 never reach the pattern) and tenant ``a`` never matches tenant ``ab``.
-Everything else that separates partitions (the generation parameters,
-earlier messages, the embedding model) only enters the hashed part of a key.
+Everything else that separates partitions (the generation parameters, the
+embedding model; for exact entries the earlier messages) only enters the
+hashed part of a key.
 """
 
 from __future__ import annotations
@@ -115,18 +116,15 @@ def entry_id(partition: Partition, messages: Sequence[common_pb2.Message]) -> st
     return _conversation_digest(partition, messages, b"mg-cache-entry", b"")
 
 
-def context_id(partition: Partition, earlier: Sequence[common_pb2.Message], embedding_model: str) -> str:
-    """Names the sub-partition a question is matched in semantically.
+def context_id(partition: Partition, embedding_model: str, conversational: bool = False) -> str:
+    """Names the sub-partition a question is matched in semantically: one
+    for single questions and one for the last questions of multi-turn
+    prompts, which are matched together with the topic turn they refer to
+    (conversation.py) rather than by their exact history.
 
     The embedding model is part of it: vectors of two models are not
     comparable, so changing the model starts new sub-partitions instead of
     matching against the old vectors.
     """
-    return _conversation_digest(partition, earlier, b"mg-cache-ctx", embedding_model.encode())
-
-
-def conversation_context_id(partition: Partition, embedding_model: str) -> str:
-    """Names the one sub-partition that all multi-turn questions of a
-    partition are matched in: the question and the topic turn it refers to
-    decide (conversation.py), not the exact history."""
-    return _conversation_digest(partition, [], b"mg-cache-conv", embedding_model.encode())
+    person = b"mg-cache-conv" if conversational else b"mg-cache-ctx"
+    return _conversation_digest(partition, [], person, embedding_model.encode())

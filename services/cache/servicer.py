@@ -220,9 +220,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         text it is embedded, stored and verified as: the bare question alone,
         or with the topic turn it refers to among all multi-turn questions."""
         text, in_context = conversation.resolve(messages)
-        if in_context:
-            return keys.conversation_context_id(partition, self._settings.embedding_model), text
-        return keys.context_id(partition, [], self._settings.embedding_model), text
+        return keys.context_id(partition, self._settings.embedding_model, in_context), text
 
     def _apply(self, index_key: str, dimensions: int, after_seq: int, rows: list[SemanticRow]) -> VectorIndex:
         index = self._indexes.get_or_create(index_key, dimensions)

@@ -21,7 +21,7 @@ from services.cache.index import IndexRegistry
 from services.cache.servicer import CacheServicer
 from services.cache.stats import Stats
 from services.cache.store import CacheStore
-from services.cache.verifier import Decision
+from services.cache.verifier import CONTEXT_SEPARATOR, Decision
 
 pytestmark = pytest.mark.integration
 
@@ -193,13 +193,20 @@ async def test_partitions_never_share_entries(cache, tenant, other):
         assert response.status == pb.LOOKUP_STATUS_MISS
 
 
-async def test_follow_ups_match_only_within_the_same_conversation(cache, tenant):
+async def test_follow_ups_are_matched_with_their_topic_turn(cache, embedder, tenant):
     paris = ("What is the capital of France?", "Paris.")
     rome = ("What is the capital of Italy?", "Rome.")
+    # What the service embeds for a follow-up: the question, then the topic turn.
+    embedder.table[f"{STORED}{CONTEXT_SEPARATOR}{paris[0]}"] = _direction(1.0)
+    embedder.table[f"{PARAPHRASE}{CONTEXT_SEPARATOR}{paris[0]}"] = _direction(0.95)
     await store(cache, scope(tenant), conversation(*paris, STORED))
+    assert embedder.calls[-1] == f"{STORED}{CONTEXT_SEPARATOR}{paris[0]}"
     assert (await lookup(cache, scope(tenant), conversation(*rome, STORED))).status == pb.LOOKUP_STATUS_MISS
+    # A bare question is matched among single questions, never conversations.
     assert (await lookup(cache, scope(tenant), conversation(STORED))).status == pb.LOOKUP_STATUS_MISS
-    same = await lookup(cache, scope(tenant), conversation(*paris, PARAPHRASE))
+    # Small talk between the topic and the follow-up drops out.
+    chatty = conversation(*paris, "Thanks!", "You're welcome.", PARAPHRASE)
+    same = await lookup(cache, scope(tenant), chatty)
     assert same.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
 
 

@@ -75,22 +75,23 @@ def test_separators_in_tenant_and_model_cannot_forge_another_partition():
     assert one.key_prefix != other.key_prefix
 
 
-def test_context_depends_on_earlier_messages_and_embedding_model():
+def test_context_separates_single_questions_conversations_tenants_and_embedding_models():
     p = keys.partition(scope())
-    paris = [msg("What is the capital of France?"), msg("Paris.", ASSISTANT)]
-    rome = [msg("What is the capital of Italy?"), msg("Rome.", ASSISTANT)]
-    assert keys.context_id(p, paris, "minilm") == keys.context_id(p, list(paris), "minilm")
-    assert keys.context_id(p, paris, "minilm") != keys.context_id(p, rome, "minilm")
-    assert keys.context_id(p, [], "minilm") != keys.context_id(p, paris, "minilm")
-    assert keys.context_id(p, paris, "minilm") != keys.context_id(p, paris, "other-embedder")
+    single = keys.context_id(p, "minilm")
+    in_conversation = keys.context_id(p, "minilm", conversational=True)
+    assert single == keys.context_id(p, "minilm") and single != in_conversation
+    assert single != keys.context_id(p, "other-embedder")
+    assert in_conversation != keys.context_id(p, "other-embedder", conversational=True)
     other_tenant = keys.partition(scope(tenant="globex"))
-    assert keys.context_id(p, paris, "minilm") != keys.context_id(other_tenant, paris, "minilm")
+    assert single != keys.context_id(other_tenant, "minilm")
+    assert in_conversation != keys.context_id(other_tenant, "minilm", conversational=True)
 
 
 def test_entry_and_context_ids_never_collide():
     p = keys.partition(scope())
     messages = [msg("Hi")]
-    assert keys.entry_id(p, messages) != keys.context_id(p, messages, "")
+    assert keys.entry_id(p, []) != keys.context_id(p, "")
+    assert keys.entry_id(p, messages) != keys.context_id(p, "", conversational=True)
 
 
 def test_tenant_prefix_is_glob_safe_and_exact():
