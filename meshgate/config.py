@@ -150,7 +150,8 @@ class LimitSettings:
     def __post_init__(self) -> None:
         for name in LIMIT_NAMES:
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or value <= 0):
+            # NaN compares false with everything: "not > 0" refuses it too.
+            if value is not None and (isinstance(value, bool) or not value > 0 or value == float("inf")):
                 raise ConfigError(f"{name} must be positive (leave it out for no limit), got {value!r}")
         unknown = set(self.fail_closed) - set(LIMIT_NAMES)
         if unknown:

@@ -34,6 +34,12 @@ class Reason(enum.StrEnum):
     MODEL_NOT_ALLOWED = enum.auto()
     """The tenant may not use this model."""
 
+    API_KEY_REVOKED = enum.auto()
+    """The API key was revoked (or rotated away) through the AdminService."""
+
+    API_KEY_EXPIRED = enum.auto()
+    """The API key's expires_at has passed."""
+
     ADMIN_REQUIRED = enum.auto()
     """PERMISSION_DENIED: only the admin credential (router.admin_api_key_sha256) may do this."""
 
@@ -95,6 +101,12 @@ class Reason(enum.StrEnum):
     INVALID_USAGE_PERIOD = enum.auto()
     """A usage query's days are negative or beyond the ledger's retention."""
 
+    INVALID_LIMIT = enum.auto()
+    """A key's limit is zero or negative, or fail_closed names an unknown limit."""
+
+    INVALID_KEY_SPEC = enum.auto()
+    """A key's tenant id, label or expiry is not acceptable; the message says which."""
+
     TENANT_REQUIRED = enum.auto()
     """An internal request names no tenant (was also MISSING_TENANT in cache)."""
 
@@ -155,6 +167,9 @@ class Reason(enum.StrEnum):
     # --- what the request names (NOT_FOUND, ALREADY_EXISTS, ABORTED) -------
     MODEL_NOT_FOUND = enum.auto()
     """No model of that name is configured."""
+
+    API_KEY_NOT_FOUND = enum.auto()
+    """No stored API key has this key id (keys of the configuration file are not managed)."""
 
     SESSION_NOT_FOUND = enum.auto()
     """No such session for this tenant (also another tenant's session)."""

@@ -6,17 +6,27 @@ from meshgate import mesh_auth, redis_access, serving
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2_grpc
-from meshgate.router.v1 import router_service_pb2, router_service_pb2_grpc
+from meshgate.router.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    router_service_pb2,
+    router_service_pb2_grpc,
+)
 from meshgate.serving import Cleanup, Service
+from services.router.admin import AdminServicer
 from services.router.admission import Admission, TurnAdmission
 from services.router.auth import Authenticator
 from services.router.deployments import DeploymentTable
 from services.router.downstream import CacheService, ContextService, Deployments
+from services.router.keys import KeyStore
 from services.router.ledger import Ledger
 from services.router.pipeline import Pipeline
 from services.router.servicer import RouterServicer
 
-SERVICE_NAMES = [router_service_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name]
+SERVICE_NAMES = [
+    router_service_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name,
+    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+]
 
 
 async def setup(service: Service, settings: Settings) -> Cleanup:
@@ -44,8 +54,14 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         Deployments(deployments, settings.router),
         admission,
     )
+    keys = KeyStore(redis)
+    authenticator = Authenticator(settings.router, keys)
     router_service_pb2_grpc.add_RouterServiceServicer_to_server(
-        RouterServicer(settings, Authenticator(settings.router), pipeline, ledger), service.server
+        RouterServicer(settings, authenticator, pipeline, ledger), service.server
+    )
+    # Keys as data, on the same port, behind the admin credential.
+    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
+        AdminServicer(authenticator, keys, settings.models), service.server
     )
 
     async def cleanup() -> None:

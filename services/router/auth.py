@@ -1,4 +1,5 @@
-"""API keys to tenants. Keys are configured as SHA-256 digests only."""
+"""API keys to tenants. Keys are configured as SHA-256 digests only, or
+stored hashed in Redis (services/router/keys.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import structlog
 from meshgate.config import LimitSettings, RouterSettings, hash_api_key
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
+from services.router.keys import KeyStore, key_refusal
 
 _BEARER = "bearer "
 
@@ -33,33 +35,77 @@ def _unauthenticated(reason: str, message: str) -> MeshgateError:
     return MeshgateError(grpc.StatusCode.UNAUTHENTICATED, reason, message)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Configured:
+    """What the configuration file says about callers, swapped as one value
+    on a reload."""
+
+    tenants_by_key_hash: dict[str, Tenant]
+    tenant_limits: dict[str, LimitSettings]
+    admin_key_hashes: frozenset[str]
+
+
 class Authenticator:
-    def __init__(self, settings: RouterSettings) -> None:
-        self._tenants_by_key_hash: dict[str, Tenant] = {}
+    """Bearer keys to tenants: the configuration file's keys first (no
+    Redis needed), then the stored keys of the AdminService (``keys``)."""
+
+    def __init__(self, settings: RouterSettings, keys: KeyStore | None = None) -> None:
+        self._keys = keys
+        self.reconfigure(settings)
+
+    def reconfigure(self, settings: RouterSettings) -> None:
+        """Takes the tenants, keys and admin credential of new settings; a
+        call already authenticated keeps the tenant it got."""
+        tenants_by_key_hash: dict[str, Tenant] = {}
         for tenant in settings.tenants:
             for digest in tenant.api_key_sha256:
-                self._tenants_by_key_hash[digest.lower()] = Tenant(
+                tenants_by_key_hash[digest.lower()] = Tenant(
                     tenant.id, frozenset(tenant.models), digest.lower()[:16], tenant.limits, tenant.key_limits
                 )
         if settings.dev_tenant:
-            self._tenants_by_key_hash[hash_api_key(settings.dev_api_key)] = Tenant("dev", frozenset({"*"}))
-        self._admin_key_hashes = frozenset(digest.lower() for digest in settings.admin_api_key_sha256)
+            tenants_by_key_hash[hash_api_key(settings.dev_api_key)] = Tenant("dev", frozenset({"*"}))
+        self._configured = _Configured(
+            tenants_by_key_hash,
+            {tenant.id: tenant.limits for tenant in settings.tenants},
+            frozenset(digest.lower() for digest in settings.admin_api_key_sha256),
+        )
 
-    def authenticate(self, metadata) -> Tenant:
-        tenant = self._tenants_by_key_hash.get(_bearer_key_hash(metadata))
-        if tenant is None:
+    async def authenticate(self, metadata) -> Tenant:
+        tenant = await self.authenticate_caller(metadata)
+        if tenant is None:  # the admin credential is no tenant's key
             raise _unauthenticated(Reason.API_KEY_INVALID, "the API key is not valid")
         return tenant
 
-    def authenticate_caller(self, metadata) -> Tenant | None:
+    async def authenticate_caller(self, metadata) -> Tenant | None:
         """The caller's tenant, or None for the admin credential."""
         key_hash = _bearer_key_hash(metadata)
-        if key_hash in self._admin_key_hashes:
+        configured = self._configured
+        if key_hash in configured.admin_key_hashes:
             return None
-        tenant = self._tenants_by_key_hash.get(key_hash)
-        if tenant is None:
+        tenant = configured.tenants_by_key_hash.get(key_hash)
+        if tenant is not None:
+            return tenant
+        record = await self._keys.lookup(key_hash) if self._keys is not None else None
+        if record is None:
             raise _unauthenticated(Reason.API_KEY_INVALID, "the API key is not valid")
-        return tenant
+        refusal = key_refusal(record, self._keys.now())
+        if refusal is not None:
+            raise refusal
+        return Tenant(
+            record.tenant_id,
+            frozenset(record.models),
+            record.key_id,
+            configured.tenant_limits.get(record.tenant_id, LimitSettings()),
+            record.limits,
+        )
+
+    async def authenticate_admin(self, metadata) -> None:
+        if await self.authenticate_caller(metadata) is not None:
+            raise MeshgateError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                Reason.ADMIN_REQUIRED,
+                "this call needs the admin credential (router.admin_api_key_sha256)",
+            )
 
 
 def _bearer_key_hash(metadata) -> str:

@@ -51,7 +51,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         self._ledger = ledger
 
     async def Chat(self, request: pb.ChatRequest, context):
-        tenant = self._auth.authenticate(context.invocation_metadata())
+        tenant = await self._auth.authenticate(context.invocation_metadata())
         budget = Budget.of(context.time_remaining())
         # Closed on the way out, however the call ends: the turn settles at
         # once, not whenever the abandoned generator is collected.
@@ -69,7 +69,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                         raise error
 
     async def ChatSession(self, request_iterator, context):
-        tenant = self._auth.authenticate(context.invocation_metadata())
+        tenant = await self._auth.authenticate(context.invocation_metadata())
         session_id = ""
         async for request in request_iterator:
             session_id = request.session_id or session_id
@@ -96,12 +96,12 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                             yield pb.ChatSessionResponse(failure=error.to_status_proto().SerializeToString())
 
     async def CreateSession(self, request, context) -> pb.CreateSessionResponse:
-        tenant = self._auth.authenticate(context.invocation_metadata())
+        tenant = await self._auth.authenticate(context.invocation_metadata())
         budget = Budget.of(context.time_remaining())
         return pb.CreateSessionResponse(session_id=await self._pipeline.create_session(tenant, budget))
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
-        tenant = self._auth.authenticate(context.invocation_metadata())
+        tenant = await self._auth.authenticate(context.invocation_metadata())
         return pb.ListModelsResponse(
             models=[
                 pb.ModelInfo(
@@ -115,7 +115,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         )
 
     async def GetUsage(self, request: pb.GetUsageRequest, context) -> pb.GetUsageResponse:
-        caller = self._auth.authenticate_caller(context.invocation_metadata())
+        caller = await self._auth.authenticate_caller(context.invocation_metadata())
         if caller is None:  # the admin credential: any tenant, named
             if not request.tenant_id:
                 raise invalid_argument(Reason.TENANT_REQUIRED, "the admin credential must name a tenant_id")

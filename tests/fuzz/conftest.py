@@ -21,7 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, settings
 
-from meshgate.config import DeploymentSettings, ModelSettings, Settings
+from meshgate.config import DeploymentSettings, ModelSettings, Settings, hash_api_key
 from meshgate.errors import error_info
 from services.cache import app as cache_app
 from services.context import app as context_app
@@ -45,6 +45,8 @@ FUZZ = settings.get_profile(_PROFILE)
 
 API_KEY = "fuzz-key"
 AUTH = (("authorization", f"Bearer {API_KEY}"),)
+# The router's admin credential, for the AdminService.
+ADMIN_AUTH = (("authorization", "Bearer fuzz-admin-key"),)
 # Every call gets this deadline; none may overrun it by more than the margin.
 DEADLINE_S = 20.0
 MARGIN_S = 5.0
@@ -122,6 +124,7 @@ async def fuzz_mesh(redis_url, triton_url):
     settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
     settings.router.dev_api_key = API_KEY
+    settings.router.admin_api_key_sha256 = [hash_api_key("fuzz-admin-key")]
     settings.inference.triton_urls = [triton_url]
     settings.inference.health_interval_s = 0.5
     async with contextlib.AsyncExitStack() as stack:

@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from meshgate.cache.v1 import cache_service_pb2
 from meshgate.context.v1 import context_service_pb2
 from meshgate.inference.v1 import inference_service_pb2
-from meshgate.router.v1 import router_service_pb2
-from tests.fuzz.conftest import AUTH, DEADLINE_S, FORBIDDEN, FUZZ, LocalSendFailure
+from meshgate.router.v1 import admin_service_pb2, router_service_pb2
+from tests.fuzz.conftest import ADMIN_AUTH, AUTH, DEADLINE_S, FORBIDDEN, FUZZ, LocalSendFailure
 from tests.fuzz.strategies import GARBAGE, TEXT, messages, plausible
 from tests.mesh import router_channel
 
@@ -35,6 +35,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.fuzz]
 
 SERVICES = {
     "router": router_service_pb2.DESCRIPTOR.services_by_name["RouterService"],
+    # Served by the router on its port, behind the admin credential.
+    "admin": admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"],
     "context": context_service_pb2.DESCRIPTOR.services_by_name["ContextService"],
     "cache": cache_service_pb2.DESCRIPTOR.services_by_name["CacheService"],
     "inference": inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"],
@@ -60,10 +62,11 @@ async def channels(fuzz_mesh):
     """One channel per service: the router as its clients reach it, the
     others as the router (their only caller besides the cache) does."""
     opened = {"router": grpc.aio.insecure_channel(fuzz_mesh["router"])}
+    opened["admin"] = opened["router"]
     for service in ("context", "cache", "inference"):
         opened[service] = router_channel(fuzz_mesh[service], service)
     yield opened
-    for channel in opened.values():
+    for channel in {id(channel): channel for channel in opened.values()}.values():
         await channel.close()
 
 
@@ -143,6 +146,9 @@ async def test_arbitrary_messages_get_a_clear_answer(channels, outcomes, rpc, da
         # Mostly the right key: a refused key ends the call before anything else is checked.
         right_key = data.draw(st.sampled_from([True, True, True, False]))
         metadata = AUTH if right_key else data.draw(AUTHORIZATION)
+    elif service == "admin":
+        # Mostly the admin credential; else a tenant's key or a wrong one.
+        metadata = data.draw(st.sampled_from([ADMIN_AUTH, ADMIN_AUTH, ADMIN_AUTH, AUTH]) | AUTHORIZATION)
     name = f"{service}.{method.name}"
     callable_ = _multicallable(channels[service], service, method, raw=False)
     responses = await outcomes.observe(name, lambda: _call(callable_, method, requests, metadata))
@@ -156,7 +162,7 @@ async def test_garbage_bytes_get_a_clear_answer(channels, outcomes, rpc, data):
     service, method = rpc
     count = data.draw(st.integers(1, 3)) if method.client_streaming else 1
     requests = [data.draw(GARBAGE) for _ in range(count)]
-    metadata = AUTH if service == "router" else ()
+    metadata = {"router": AUTH, "admin": ADMIN_AUTH}.get(service, ())
     callable_ = _multicallable(channels[service], service, method, raw=True)
     name = f"{service}.{method.name} (bytes)"
     await outcomes.observe(name, lambda: _call(callable_, method, requests, metadata))

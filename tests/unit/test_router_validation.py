@@ -2,10 +2,11 @@ import grpc
 import pytest
 
 from meshgate.common.v1 import common_pb2
-from meshgate.config import ModelSettings, RouterSettings, TenantSettings, hash_api_key
+from meshgate.config import LimitSettings, ModelSettings, RouterSettings, TenantSettings, hash_api_key
 from meshgate.errors import MeshgateError
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.auth import Authenticator, Tenant
+from services.router.keys import KeyRecord
 from services.router.validation import check_turn, resolve_model
 
 MODEL = ModelSettings(max_output_tokens=100, default_max_tokens=10)
@@ -85,22 +86,104 @@ def test_model_resolution_respects_tenant_allow_list():
     )
 
 
-def test_authentication_by_hashed_key():
+async def refusal_of(awaitable):
+    with pytest.raises(MeshgateError) as caught:
+        await awaitable
+    return caught.value.code, caught.value.reason
+
+
+async def test_authentication_by_hashed_key():
     auth = Authenticator(
         RouterSettings(
             dev_tenant=False,
             tenants=[TenantSettings(id="acme", api_key_sha256=[hash_api_key("secret")], models=["a"])],
         )
     )
-    assert auth.authenticate([("authorization", "Bearer secret")]).id == "acme"
-    assert auth.authenticate([("authorization", "bearer  secret ")]).id == "acme"
+    assert (await auth.authenticate([("authorization", "Bearer secret")])).id == "acme"
+    assert (await auth.authenticate([("authorization", "bearer  secret ")])).id == "acme"
     unauthenticated = grpc.StatusCode.UNAUTHENTICATED
-    assert reason_of(lambda: auth.authenticate([])) == (unauthenticated, "API_KEY_MISSING")
-    assert reason_of(lambda: auth.authenticate([("authorization", "Basic x")])) == (
+    assert await refusal_of(auth.authenticate([])) == (unauthenticated, "API_KEY_MISSING")
+    assert await refusal_of(auth.authenticate([("authorization", "Basic x")])) == (
         unauthenticated,
         "UNSUPPORTED_AUTH_SCHEME",
     )
-    assert reason_of(lambda: auth.authenticate([("authorization", "Bearer wrong")])) == (
+    assert await refusal_of(auth.authenticate([("authorization", "Bearer wrong")])) == (
         unauthenticated,
+        "API_KEY_INVALID",
+    )
+
+
+class FakeKeys:
+    """A KeyStore's lookup over records in memory, at a fixed time."""
+
+    NOW = 1_000_000.0
+
+    def __init__(self, *records: KeyRecord) -> None:
+        self.records = {record.key_hash: record for record in records}
+
+    def now(self) -> float:
+        return self.NOW
+
+    async def lookup(self, key_hash):
+        return self.records.get(key_hash)
+
+
+def stored(secret: str, **fields) -> KeyRecord:
+    base = {"tenant_id": "acme", "models": ("a",), "limits": LimitSettings(concurrent_streams=2)}
+    return KeyRecord(hash_api_key(secret), created_at=FakeKeys.NOW - 10, **(base | fields))
+
+
+async def test_stored_keys_authenticate_after_configured_ones_and_refuse_when_revoked_or_expired():
+    tenant_limits = LimitSettings(requests_per_minute=100)
+    keys = FakeKeys(
+        stored("live"),
+        stored("revoked", revoked_at=FakeKeys.NOW - 1),
+        stored("expired", expires_at=FakeKeys.NOW - 1),
+        stored("later", expires_at=FakeKeys.NOW + 60),
+    )
+    auth = Authenticator(
+        RouterSettings(
+            dev_tenant=False,
+            tenants=[TenantSettings(id="acme", api_key_sha256=[hash_api_key("file")], limits=tenant_limits)],
+            admin_api_key_sha256=[hash_api_key("root")],
+        ),
+        keys,
+    )
+
+    def bearer(key):
+        return [("authorization", f"Bearer {key}")]
+
+    tenant = await auth.authenticate(bearer("live"))
+    # The stored key's own models and limits, under its tenant's configured limits.
+    assert (tenant.id, tenant.models, tenant.key_id) == ("acme", frozenset({"a"}), hash_api_key("live")[:16])
+    assert tenant.limits == tenant_limits and tenant.key_limits.concurrent_streams == 2
+    assert (await auth.authenticate(bearer("later"))).id == "acme"
+    assert (await auth.authenticate(bearer("file"))).id == "acme"
+    unauthenticated = grpc.StatusCode.UNAUTHENTICATED
+    assert await refusal_of(auth.authenticate(bearer("revoked"))) == (unauthenticated, "API_KEY_REVOKED")
+    assert await refusal_of(auth.authenticate(bearer("expired"))) == (unauthenticated, "API_KEY_EXPIRED")
+    # The admin credential: admin calls only, and no tenant's turns.
+    assert await auth.authenticate_caller(bearer("root")) is None
+    await auth.authenticate_admin(bearer("root"))
+    assert await refusal_of(auth.authenticate(bearer("root"))) == (unauthenticated, "API_KEY_INVALID")
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    assert await refusal_of(auth.authenticate_admin(bearer("live"))) == (denied, "ADMIN_REQUIRED")
+
+
+async def test_a_reload_swaps_the_configured_keys():
+    auth = Authenticator(
+        RouterSettings(
+            dev_tenant=False, tenants=[TenantSettings(id="old", api_key_sha256=[hash_api_key("k1")])]
+        )
+    )
+    assert (await auth.authenticate([("authorization", "Bearer k1")])).id == "old"
+    auth.reconfigure(
+        RouterSettings(
+            dev_tenant=False, tenants=[TenantSettings(id="new", api_key_sha256=[hash_api_key("k2")])]
+        )
+    )
+    assert (await auth.authenticate([("authorization", "Bearer k2")])).id == "new"
+    assert await refusal_of(auth.authenticate([("authorization", "Bearer k1")])) == (
+        grpc.StatusCode.UNAUTHENTICATED,
         "API_KEY_INVALID",
     )

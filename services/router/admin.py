@@ -1,0 +1,85 @@
+"""The AdminService's gRPC front end: API keys as data, behind the admin
+credential. The keys themselves live in :mod:`services.router.keys`."""
+
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+
+from meshgate.config import LIMIT_NAMES, LimitSettings
+from meshgate.router.v1 import admin_service_pb2 as pb
+from meshgate.router.v1 import admin_service_pb2_grpc
+from services.router.auth import Authenticator
+from services.router.keys import KeyRecord, KeyStore, check_key_request
+
+
+def _limits_request(limits: pb.KeyLimits) -> dict:
+    """Only the limits the request sets: an unset one does not apply."""
+    fields: dict = {name: getattr(limits, name) for name in LIMIT_NAMES if limits.HasField(name)}
+    if limits.fail_closed:
+        fields["fail_closed"] = list(limits.fail_closed)
+    return fields
+
+
+def _limits_proto(limits: LimitSettings) -> pb.KeyLimits:
+    fields = {name: getattr(limits, name) for name in LIMIT_NAMES if getattr(limits, name) is not None}
+    return pb.KeyLimits(fail_closed=limits.fail_closed, **fields)
+
+
+def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def key_info(record: KeyRecord) -> pb.KeyInfo:
+    return pb.KeyInfo(
+        key_id=record.key_id,
+        tenant_id=record.tenant_id,
+        models=record.models,
+        limits=_limits_proto(record.limits),
+        created_at=_timestamp(record.created_at),
+        expires_at=_timestamp(record.expires_at),
+        revoked_at=_timestamp(record.revoked_at),
+        label=record.label,
+    )
+
+
+class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
+    def __init__(self, authenticator: Authenticator, keys: KeyStore, models) -> None:
+        self._auth = authenticator
+        self._keys = keys
+        # The configured model aliases (a dict a reload replaces wholesale).
+        self._models = models
+
+    def reconfigure(self, models) -> None:
+        self._models = models
+
+    async def CreateKey(self, request: pb.CreateKeyRequest, context) -> pb.CreateKeyResponse:
+        await self._auth.authenticate_admin(context.invocation_metadata())
+        expires_at = request.expires_at.ToNanoseconds() / 1e9 if request.HasField("expires_at") else None
+        models, limits = check_key_request(
+            request.tenant_id,
+            list(request.models),
+            _limits_request(request.limits),
+            self._models,
+            expires_at,
+            self._keys.now(),
+        )
+        secret, record = await self._keys.create(request.tenant_id, models, limits, expires_at, request.label)
+        return pb.CreateKeyResponse(api_key=secret, key=key_info(record))
+
+    async def ListKeys(self, request: pb.ListKeysRequest, context) -> pb.ListKeysResponse:
+        await self._auth.authenticate_admin(context.invocation_metadata())
+        records = await self._keys.list(request.tenant_id)
+        return pb.ListKeysResponse(keys=[key_info(record) for record in records])
+
+    async def RotateKey(self, request: pb.RotateKeyRequest, context) -> pb.RotateKeyResponse:
+        await self._auth.authenticate_admin(context.invocation_metadata())
+        secret, successor, previous = await self._keys.rotate(request.key_id)
+        return pb.RotateKeyResponse(api_key=secret, key=key_info(successor), previous=key_info(previous))
+
+    async def RevokeKey(self, request: pb.RevokeKeyRequest, context) -> pb.RevokeKeyResponse:
+        await self._auth.authenticate_admin(context.invocation_metadata())
+        return pb.RevokeKeyResponse(key=key_info(await self._keys.revoke(request.key_id)))

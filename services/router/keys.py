@@ -1,0 +1,225 @@
+"""API keys as data: created, listed, rotated and revoked at run time (the
+AdminService), stored hashed in Redis next to the keys of the configuration
+file, which keep working without Redis.
+
+Redis keys:
+
+- ``mg:router:apikey:<sha256>``: the key's record, JSON (tenant, models,
+  limits, created, expires and revoked times, label). Only the SHA-256 of a
+  secret is ever stored.
+- ``mg:router:apikeys:<tenant>``: a sorted set of the tenant's key hashes,
+  scored by creation time, for listing.
+- ``mg:router:apikey-ids``: a hash from key id (the first 16 hex digits of
+  the SHA-256) to the full hash, for rotating and revoking by id.
+
+Every write (create, rotate, revoke) is one MULTI/EXEC transaction, so a
+failed write leaves nothing half-applied.
+
+How a revocation reaches every replica within a second: each replica caches
+a looked-up record (or its absence) for at most ``_CACHE_TTL_S`` (0.5 s) and
+then reads it again; Redis is the one truth. Chosen over pub/sub
+invalidation, which is cheaper per request but loses messages while a
+replica reconnects to Redis, leaving a revoked key working until something
+else evicts it; here the bound holds whatever happened to connections, and
+costs at most two GETs per second per live key per replica.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import time
+from collections.abc import Callable
+
+import grpc
+import structlog
+
+from meshgate import redis_access
+from meshgate.config import ConfigError, LimitSettings, hash_api_key
+from meshgate.errors import MeshgateError, invalid_argument, not_found, unavailable
+from meshgate.reasons import Reason
+
+log = structlog.get_logger(__name__)
+
+_CACHE_TTL_S = 0.5
+# Cached lookups (hits and misses) kept per replica; past it the cache is
+# emptied, so a flood of made-up keys cannot grow memory without bound.
+_CACHE_MAX_ENTRIES = 100_000
+_RECORD = "mg:router:apikey:{}"
+_TENANT_KEYS = "mg:router:apikeys:{}"
+_IDS = "mg:router:apikey-ids"
+_SECRET_PREFIX = "mgk-"
+_MAX_TENANT_ID = 128
+_MAX_LABEL = 256
+# 9999-12-31T23:59:59Z, the last instant a google.protobuf.Timestamp holds.
+_LAST_TIMESTAMP_S = 253_402_300_799
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRecord:
+    key_hash: str
+    tenant_id: str
+    models: tuple[str, ...]
+    limits: LimitSettings
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    label: str = ""
+
+    @property
+    def key_id(self) -> str:
+        return self.key_hash[:16]
+
+    def to_json(self) -> str:
+        fields = dataclasses.asdict(self)
+        fields["models"] = list(self.models)
+        return json.dumps(fields)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> KeyRecord:
+        fields = json.loads(raw)
+        fields["models"] = tuple(fields["models"])
+        fields["limits"] = LimitSettings(**fields["limits"])
+        return cls(**fields)
+
+
+def new_secret() -> str:
+    return _SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
+def check_key_request(
+    tenant_id: str, models: list[str], limits: dict, known_models, expires_at: float | None, now: float
+) -> tuple[tuple[str, ...], LimitSettings]:
+    """A key's tenant, models, limits and expiry, checked before anything is written."""
+    if not tenant_id:
+        raise invalid_argument(Reason.TENANT_REQUIRED, "name the key's tenant_id")
+    if len(tenant_id) > _MAX_TENANT_ID or not tenant_id.isprintable() or any(c.isspace() for c in tenant_id):
+        raise invalid_argument(
+            Reason.INVALID_KEY_SPEC, f"tenant_id must be 1-{_MAX_TENANT_ID} printable characters, no spaces"
+        )
+    models = tuple(models) or ("*",)
+    unknown = sorted({m for m in models if m != "*" and m not in known_models})
+    if unknown:
+        raise not_found(
+            Reason.MODEL_NOT_FOUND, f"no model alias {unknown[0]!r} is configured", model=unknown[0]
+        )
+    try:
+        limit_settings = LimitSettings(**limits)
+    except ConfigError as error:
+        raise invalid_argument(Reason.INVALID_LIMIT, str(error)) from None
+    if expires_at is not None and not now < expires_at <= _LAST_TIMESTAMP_S:
+        raise invalid_argument(
+            Reason.INVALID_KEY_SPEC, "expires_at must be in the future (and before year 10000)"
+        )
+    return models, limit_settings
+
+
+def key_refusal(record: KeyRecord, now: float) -> MeshgateError | None:
+    """Why a stored key may not be used now, or None."""
+    unauthenticated = grpc.StatusCode.UNAUTHENTICATED
+    if record.revoked_at is not None:
+        return MeshgateError(unauthenticated, Reason.API_KEY_REVOKED, "the API key was revoked")
+    if record.expires_at is not None and record.expires_at <= now:
+        return MeshgateError(unauthenticated, Reason.API_KEY_EXPIRED, "the API key has expired")
+    return None
+
+
+class KeyStore:
+    def __init__(self, redis, clock: Callable[[], float] = time.time) -> None:
+        self._redis = redis
+        self._clock = clock
+        # key hash -> (record or None, monotonic time it was read)
+        self._cache: dict[str, tuple[KeyRecord | None, float]] = {}
+
+    def now(self) -> float:
+        return self._clock()
+
+    async def lookup(self, key_hash: str) -> KeyRecord | None:
+        """The key's record, at most _CACHE_TTL_S old; None when no such key."""
+        cached = self._cache.get(key_hash)
+        if cached is not None and time.monotonic() - cached[1] < _CACHE_TTL_S:
+            return cached[0]
+        try:
+            raw = await self._redis.get(_RECORD.format(key_hash))
+        except redis_access.CONNECTION_ERRORS as error:
+            # Fail closed: a revoked key must not come back during an outage.
+            raise unavailable(Reason.REDIS_UNAVAILABLE, f"API keys cannot be checked: {error}") from error
+        record = KeyRecord.from_json(raw) if raw is not None else None
+        if len(self._cache) >= _CACHE_MAX_ENTRIES:
+            self._cache.clear()
+        self._cache[key_hash] = (record, time.monotonic())
+        return record
+
+    async def _by_id(self, key_id: str) -> KeyRecord:
+        key_hash = await self._call(self._redis.hget(_IDS, key_id)) if key_id else None
+        raw = await self._call(self._redis.get(_RECORD.format(key_hash.decode()))) if key_hash else None
+        if raw is None:
+            raise not_found(Reason.API_KEY_NOT_FOUND, "no stored API key has this id", key_id=key_id)
+        return KeyRecord.from_json(raw)
+
+    @staticmethod
+    async def _call(awaitable):
+        try:
+            return await awaitable
+        except redis_access.CONNECTION_ERRORS as error:
+            raise unavailable(Reason.REDIS_UNAVAILABLE, f"API keys cannot be reached: {error}") from error
+
+    async def _write(self, *records: KeyRecord) -> None:
+        """Writes the records (new or changed) in one transaction."""
+        pipe = self._redis.pipeline(transaction=True)
+        for record in records:
+            pipe.set(_RECORD.format(record.key_hash), record.to_json())
+            pipe.zadd(_TENANT_KEYS.format(record.tenant_id), {record.key_hash: record.created_at})
+            pipe.hset(_IDS, record.key_id, record.key_hash)
+        await self._call(pipe.execute())
+        for record in records:
+            self._cache.pop(record.key_hash, None)
+
+    async def create(
+        self,
+        tenant_id: str,
+        models: tuple[str, ...],
+        limits: LimitSettings,
+        expires_at: float | None,
+        label: str,
+    ) -> tuple[str, KeyRecord]:
+        if len(label) > _MAX_LABEL:
+            raise invalid_argument(Reason.INVALID_KEY_SPEC, f"label is longer than {_MAX_LABEL} characters")
+        secret = new_secret()
+        record = KeyRecord(
+            hash_api_key(secret), tenant_id, models, limits, self.now(), expires_at, None, label
+        )
+        await self._write(record)
+        return secret, record
+
+    async def list(self, tenant_id: str) -> list[KeyRecord]:
+        if not tenant_id:
+            raise invalid_argument(Reason.TENANT_REQUIRED, "name the tenant_id whose keys to list")
+        hashes = await self._call(self._redis.zrange(_TENANT_KEYS.format(tenant_id), 0, -1))
+        if not hashes:
+            return []
+        raws = await self._call(self._redis.mget([_RECORD.format(h.decode()) for h in hashes]))
+        return [KeyRecord.from_json(raw) for raw in raws if raw is not None]
+
+    async def revoke(self, key_id: str) -> KeyRecord:
+        record = await self._by_id(key_id)
+        if record.revoked_at is not None:
+            return record
+        revoked = dataclasses.replace(record, revoked_at=self.now())
+        await self._write(revoked)
+        return revoked
+
+    async def rotate(self, key_id: str) -> tuple[str, KeyRecord, KeyRecord]:
+        record = await self._by_id(key_id)
+        refusal = key_refusal(record, self.now())
+        if refusal is not None:
+            raise MeshgateError(
+                grpc.StatusCode.FAILED_PRECONDITION, refusal.reason, f"cannot rotate: {refusal.message}"
+            )
+        secret = new_secret()
+        now = self.now()
+        successor = dataclasses.replace(record, key_hash=hash_api_key(secret), created_at=now)
+        revoked = dataclasses.replace(record, revoked_at=now)
+        await self._write(successor, revoked)
+        return secret, successor, revoked
