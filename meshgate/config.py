@@ -240,7 +240,7 @@ class ContextSettings:
     # Where turn and question embeddings come from (adaptive assembly).
     inference_address: str = "127.0.0.1:50054"
     # Adaptive assembly keeps up to this many newest turns whatever their relevance.
-    recency_floor_turns: int = 4
+    recency_floor_turns: int = 2
     # Older turns are summarized in spans of this many turns, once a span is
     # wholly older than the newest summary_hot_window_turns turns
     # (services/context/summaries.py), by summary_model through the

@@ -140,6 +140,7 @@ dev_api_key = {_toml_string(self.dev_api_key)}
 
 [context]
 listen = "127.0.0.1:{p.context}"
+inference_address = "127.0.0.1:{p.inference}"
 
 [cache]
 listen = "127.0.0.1:{p.cache}"

@@ -102,10 +102,10 @@ class Weights:
     (bench/context_bench.py), nothing else."""
 
     dense: float = 1.0
-    keyword: float = 0.6
-    entity: float = 0.4
+    keyword: float = 1.0
+    entity: float = 0.2
     # Share of a neighbour's score a turn inherits.
-    neighbour: float = 0.35
+    neighbour: float = 0.1
     bm25_k1: float = 1.2
     bm25_b: float = 0.75
 

@@ -128,7 +128,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         hot: HotCache | None = None,
         index: TurnIndex | None = None,
         embedder: Embedder | None = None,
-        recency_floor_turns: int = 4,
+        recency_floor_turns: int = 2,
         summarizer: summaries_lib.Summarizer | None = None,
     ) -> None:
         self._store = store

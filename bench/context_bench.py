@@ -1,0 +1,487 @@
+"""Context assembly on long real conversations: is a question's evidence still in the prompt?
+
+Replays each REALTALK conversation of the development set
+(/work/shared/data/long-conversations/realtalk, see its README) into a session
+of the real context service (real Redis; turn and question embeddings through
+the real inference service and Triton's minilm), then asks each question at
+budgets of 1k, 2k, 4k and 8k tokens of smollm2's template and reads the
+manifest: a question counts as kept when all of its evidence turns are
+INCLUDED verbatim (turns only summarized are reported apart). The same for the
+"newest turns that fit" strategy at the same budgets.
+
+Also: assembly latency for the sessions of 1,000+ turns, through gRPC with the
+question's embedding, and in-process without it (the service's own code,
+hot session in memory and cold from Redis), and Redis memory per stored turn.
+
+``--offline`` re-scores from vectors cached under bench/.cache/ with the pure
+modules (relevance.py, assembly.plan), for development; the reported run goes
+through the services.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import pathlib
+import re
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+
+import numpy as np
+import uvloop
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from meshgate import redis_access, redis_server, serving, triton  # noqa: E402
+from meshgate.common.v1 import common_pb2  # noqa: E402
+from meshgate.config import Settings  # noqa: E402
+from meshgate.context.v1 import context_service_pb2 as pb  # noqa: E402
+from meshgate.context.v1 import context_service_pb2_grpc  # noqa: E402
+from meshgate.inference.v1 import inference_service_pb2 as inference_pb  # noqa: E402
+from meshgate.inference.v1 import inference_service_pb2_grpc  # noqa: E402
+from meshgate.stack import build_model_weights, free_port  # noqa: E402
+from services.context import app as context_app  # noqa: E402
+from services.context import assembly, relevance, token_counts  # noqa: E402
+from services.context.hot_cache import ChangeListener, HotCache  # noqa: E402
+from services.context.servicer import ContextServicer  # noqa: E402
+from services.context.store import SessionStore  # noqa: E402
+from services.context.turn_index import TurnIndex  # noqa: E402
+from services.inference import app as inference_app  # noqa: E402
+from tests.mesh import mesh_settings, router_channel  # noqa: E402
+
+DATA = pathlib.Path("/work/shared/data/long-conversations/realtalk")
+CACHE = ROOT / "bench" / ".cache"
+MODEL = "smollm2"
+BUDGETS = (1024, 2048, 4096, 8192)
+STRATEGIES = {"adaptive": pb.ASSEMBLY_STRATEGY_ADAPTIVE, "newest": pb.ASSEMBLY_STRATEGY_NEWEST}
+CATEGORIES = {1: "1 multi-hop", 2: "2 temporal", 3: "3 commonsense"}
+# Turns per AppendTurns: one embedding batch each, well inside the embedder's deadline.
+APPEND_CHUNK = 16
+_EVIDENCE_ID = re.compile(r"D\d+:\d+")
+
+
+# --- the data ----------------------------------------------------------------
+
+
+def load_conversation(path: pathlib.Path) -> tuple[list[common_pb2.Message], list[str], list[dict]]:
+    """Turns (the first speaker as the user), their dia_ids, and the
+    questions with evidence resolved to turn positions (questions with any
+    unresolvable evidence are left out, as the data's README says)."""
+    raw = json.loads(path.read_text())
+    sessions = sorted((k for k in raw if re.fullmatch(r"session_\d+", k)), key=lambda k: int(k.split("_")[1]))
+    turns, ids = [], []
+    first_speaker = None
+    for key in sessions:
+        for turn in raw[key]:
+            speaker = turn["speaker"]
+            first_speaker = first_speaker or speaker
+            role = common_pb2.ROLE_USER if speaker == first_speaker else common_pb2.ROLE_ASSISTANT
+            # The role tells the two people apart; a name on every line would
+            # cost tokens and pull every turn's embedding toward it.
+            turns.append(common_pb2.Message(role=role, content=turn["clean_text"]))
+            ids.append(turn["dia_id"])
+    position = {dia_id: i for i, dia_id in enumerate(ids)}
+    questions = []
+    for qa in raw["qa"]:
+        evidence = set()
+        resolvable = True
+        for item in qa.get("evidence", []):
+            found = _expand(item)
+            if not found or any(e not in position for e in found):
+                resolvable = False
+                break
+            evidence.update(position[e] for e in found)
+        if resolvable and evidence:
+            questions.append({"question": qa["question"], "category": qa["category"], "evidence": evidence})
+    return turns, ids, questions
+
+
+def _expand(item: str) -> list[str]:
+    """Evidence strings: single ids, lists split by ';' or ',', ranges
+    'D12:3-D12:5', trailing dots."""
+    found: list[str] = []
+    for part in re.split(r"[;,]", item):
+        part = part.strip().rstrip(".")
+        ends = _EVIDENCE_ID.findall(part)
+        if len(ends) == 2 and "-" in part:
+            (ds, ts), (de, te) = (e.split(":") for e in ends)
+            if ds == de:
+                found.extend(f"{ds}:{t}" for t in range(int(ts), int(te) + 1))
+                continue
+        found.extend(ends)
+    return found
+
+
+# --- results -----------------------------------------------------------------
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.kept: dict[tuple, list[bool]] = collections.defaultdict(list)
+
+    def add(self, strategy: str, budget: int, category: int, kept: bool) -> None:
+        self.kept[(strategy, budget, category)].append(kept)
+        self.kept[(strategy, budget, 0)].append(kept)
+
+    def share(self, strategy: str, budget: int, category: int) -> str:
+        values = self.kept.get((strategy, budget, category), [])
+        return f"{100 * sum(values) / len(values):5.1f}%" if values else "    -"
+
+    def table(self, title: str) -> list[str]:
+        categories = sorted({c for (_, _, c) in self.kept if c})
+        header = "| budget | strategy | all | " + " | ".join(CATEGORIES[c] for c in categories) + " |"
+        rows = [title, "", header, "|" + "---|" * (3 + len(categories))]
+        for budget in BUDGETS:
+            for strategy in STRATEGIES:
+                cells = [self.share(strategy, budget, c) for c in (0, *categories)]
+                rows.append(f"| {budget} | {strategy} | " + " | ".join(cells) + " |")
+        n = len(self.kept.get(("adaptive", BUDGETS[0], 0), []))
+        rows.append(f"\n{n} questions (all evidence resolvable)")
+        return rows
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values), q))
+
+
+# --- offline: the pure policy over cached vectors (development only) --------
+
+
+async def embed_all(stub, texts: list[str], batch: int = 64) -> np.ndarray:
+    rows = []
+    for start in range(0, len(texts), batch):
+        response = await stub.Embed(
+            inference_pb.EmbedRequest(texts=texts[start : start + batch]), timeout=120
+        )
+        rows.append(np.frombuffer(response.vectors, "<f4").reshape(-1, response.dimensions))
+    return np.vstack(rows)
+
+
+def offline(conversations, vectors: dict[str, np.ndarray], weights: relevance.Weights, floor: int) -> Tally:
+    counter = token_counts.for_models(Settings().models)[MODEL]
+    tally = Tally()
+    for name, (turns, _, questions) in conversations.items():
+        counts = asyncio.run(counter.count(turns))
+        costs = [assembly.TurnCost(m.role, n) for m, n in zip(turns, counts, strict=True)]
+        term_sets = [relevance.index_terms(m.content) for m in turns]
+        postings: dict[str, list[int]] = collections.defaultdict(list)
+        for index, terms in enumerate(term_sets):
+            for term, frequency in terms.items():
+                postings[term].append(relevance.pack_posting(index, frequency))
+        packed = {t: np.array(p, dtype=np.uint32) for t, p in postings.items()}
+        lengths = np.array([sum(t.values()) for t in term_sets], dtype=np.float64)
+        turn_vectors = relevance.quantize(vectors[name][: len(turns)])
+        question_vectors = vectors[name][len(turns) :]
+        for q, vector in zip(questions, question_vectors, strict=True):
+            message = common_pb2.Message(role=common_pb2.ROLE_USER, content=q["question"])
+            new = [assembly.TurnCost(message.role, asyncio.run(counter.count([message]))[0])]
+            terms = list(relevance.index_terms(q["question"]))
+            scores = relevance.hybrid_scores(terms, packed, lengths, turn_vectors, vector, weights)
+            for budget in BUDGETS:
+                for strategy in STRATEGIES:
+                    chosen = assembly.plan(
+                        costs,
+                        new,
+                        budget,
+                        counter.template_tokens,
+                        relevance=scores if strategy == "adaptive" else None,
+                        recency_floor=floor,
+                    )
+                    kept = all(chosen.reasons[i] for i in q["evidence"])
+                    tally.add(strategy, budget, q["category"], kept)
+    return tally
+
+
+# --- the services ------------------------------------------------------------
+
+
+async def replay(stub, tenant: str, turns: list[common_pb2.Message]) -> str:
+    created = await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))
+    session_id = created.session.session_id
+    for start in range(0, len(turns), APPEND_CHUNK):
+        await stub.AppendTurns(
+            pb.AppendTurnsRequest(
+                tenant_id=tenant,
+                session_id=session_id,
+                messages=turns[start : start + APPEND_CHUNK],
+                any_version=True,
+            ),
+            timeout=60,
+        )
+    return session_id
+
+
+def assemble_request(tenant, session_id, question: str, budget: int, strategy: int):
+    return pb.AssembleContextRequest(
+        tenant_id=tenant,
+        session_id=session_id,
+        new_messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=question)],
+        model=MODEL,
+        max_prompt_tokens=budget,
+        strategy=strategy,
+    )
+
+
+async def redis_bytes_per_turn(client, tenant: str, session_id: str, count: int) -> tuple[float, float]:
+    prefix = f"mg:context:{tenant}:{session_id}"
+    total = index = 0
+    async for key in client.scan_iter(match=f"{prefix}:*"):
+        used = await client.memory_usage(key, samples=0) or 0
+        total += used
+        if b":ix:" in key:
+            index += used
+    return total / count, index / count
+
+
+async def unembedded_turns(client, tenant: str, session_id: str, count: int) -> int:
+    raw = await client.get(f"mg:context:{tenant}:{session_id}:ix:vectors") or b""
+    dimensions = int(await client.hget(f"mg:context:{tenant}:{session_id}:ix:postings", "\0dim") or 384)
+    rows = np.frombuffer(raw, dtype=np.int8)[: count * dimensions]
+    rows = rows.reshape(-1, dimensions) if len(rows) else np.zeros((0, dimensions))
+    return count - int((np.abs(rows).sum(axis=1) > 0).sum())
+
+
+async def through_services(conversations, args) -> list[str]:
+    build_model_weights()
+    out: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="meshgate-context-bench-") as state:
+        state_dir = pathlib.Path(state)
+        redis_port, triton_port = free_port(), free_port()
+        redis_process = redis_server.launch(redis_port, state_dir)
+        triton_process = triton.launch(
+            grpc_port=triton_port, state_dir=state_dir, log_file=state_dir / "triton.log", models=("minilm",)
+        )
+        try:
+            redis_server.wait_ready(redis_port)
+            triton.wait_ready(f"127.0.0.1:{triton_port}", ("minilm",), timeout=180, process=triton_process)
+            settings = Settings(mesh=mesh_settings())
+            settings.redis.url = f"redis://127.0.0.1:{redis_port}/0"
+            settings.inference.triton_urls = [f"127.0.0.1:{triton_port}"]
+            settings.context.session_ttl_s = 0
+            # Summaries are another measure: without a chat model loaded, none are asked for.
+            settings.context.summary_model = ""
+            out += await _run(conversations, args, settings)
+        finally:
+            triton.terminate(triton_process)
+            redis_process.terminate()
+            redis_process.wait(10)
+    return out
+
+
+async def _start(app_module, name: str, settings: Settings) -> tuple[serving.Service, str]:
+    service = serving.Service(name, app_module.SERVICE_NAMES)
+    cleanup = await app_module.setup(service, settings)
+    port = await serving.start(service, "127.0.0.1:0", cleanup)
+    return service, f"127.0.0.1:{port}"
+
+
+async def _run(conversations, args, settings: Settings) -> list[str]:
+    inference, inference_address = await _start(inference_app, "inference", settings)
+    settings.context.inference_address = inference_address
+    context, context_address = await _start(context_app, "context", settings)
+    client = await redis_access.connect_checked(settings.redis.url)
+    out: list[str] = []
+    try:
+        async with (
+            router_channel(context_address, "context") as channel,
+            router_channel(inference_address, "inference") as inference_channel,
+        ):
+            stub = context_service_pb2_grpc.ContextServiceStub(channel)
+            embed_stub = inference_service_pb2_grpc.InferenceServiceStub(inference_channel)
+            await _wait_for_embeddings(embed_stub)
+            tenant = f"bench-{uuid.uuid4().hex[:6]}"
+            tally, summarized = Tally(), Tally()
+            sessions = {}
+            memory, memory_index, unembedded, replay_s = [], [], 0, 0.0
+            for name, (turns, _, questions) in conversations.items():
+                started = time.perf_counter()
+                session_id = await replay(stub, tenant, turns)
+                replay_s += time.perf_counter() - started
+                sessions[name] = session_id
+                unembedded += await unembedded_turns(client, tenant, session_id, len(turns))
+                per_turn, per_turn_index = await redis_bytes_per_turn(client, tenant, session_id, len(turns))
+                memory.append(per_turn)
+                memory_index.append(per_turn_index)
+                for q in questions:
+                    for budget in BUDGETS:
+                        for strategy, value in STRATEGIES.items():
+                            response = await stub.AssembleContext(
+                                assemble_request(tenant, session_id, q["question"], budget, value), timeout=60
+                            )
+                            entries = [e for e in response.manifest.entries if e.source == pb.SOURCE_SESSION]
+                            tally.add(
+                                strategy,
+                                budget,
+                                q["category"],
+                                all(entries[i].disposition == pb.DISPOSITION_INCLUDED for i in q["evidence"]),
+                            )
+                            summarized.add(
+                                strategy,
+                                budget,
+                                q["category"],
+                                all(entries[i].disposition != pb.DISPOSITION_DROPPED for i in q["evidence"]),
+                            )
+                print(f"{name}: {len(turns)} turns, {len(questions)} questions", file=sys.stderr, flush=True)
+            total_turns = sum(len(t) for t, _, _ in conversations.values())
+            out += tally.table(
+                "### Evidence kept verbatim (share of questions with every evidence turn INCLUDED)"
+            )
+            out += [
+                "",
+                f"Replay: {total_turns} turns appended in {replay_s:.0f} s ({unembedded} without a vector)",
+            ]
+            out += [
+                f"Redis memory per stored turn: {statistics.mean(memory):.0f} B"
+                f" (of which the retrieval index {statistics.mean(memory_index):.0f} B)",
+                "",
+            ]
+            out += await _latency(conversations, sessions, tenant, stub, embed_stub, settings)
+    finally:
+        await client.aclose()
+        await serving.stop(context, grace_s=1)
+        await serving.stop(inference, grace_s=1)
+    return out
+
+
+async def _wait_for_embeddings(stub, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await stub.Embed(inference_pb.EmbedRequest(texts=["ready?"]), timeout=10)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def _latency(conversations, sessions, tenant, stub, embed_stub, settings: Settings) -> list[str]:
+    """Assembly of sessions with 1,000+ turns, at 2k tokens, adaptive."""
+    long = {n: c for n, c in conversations.items() if len(c[0]) >= 1000}
+    if not long:
+        return ["(no session of 1,000+ turns in this run: no latency measured)"]
+    requests = [
+        assemble_request(tenant, sessions[n], q["question"], 2048, pb.ASSEMBLY_STRATEGY_ADAPTIVE)
+        for n, (_, _, questions) in long.items()
+        for q in questions
+    ]
+    # Through gRPC, with the question's embedding (the service embeds it).
+    rpc = []
+    for request in requests:
+        started = time.perf_counter()
+        await stub.AssembleContext(request, timeout=60)
+        rpc.append(1000 * (time.perf_counter() - started))
+    embed = []
+    for request in requests:
+        started = time.perf_counter()
+        await embed_stub.Embed(inference_pb.EmbedRequest(texts=[request.new_messages[0].content]), timeout=60)
+        embed.append(1000 * (time.perf_counter() - started))
+    # The service's own code in this process, without an embedder: hot
+    # (session and index in memory) and cold (index from Redis).
+    counters = token_counts.for_models(settings.models)
+    client = await redis_access.connect_checked(settings.redis.url)
+    hot = HotCache(256 * 1024 * 1024, 0)
+    listener = ChangeListener(settings.redis.url, hot)
+    listener.start()
+    try:
+        for _ in range(100):
+            if hot.live:
+                break
+            await asyncio.sleep(0.05)
+        store = SessionStore(client, 0)
+        index = TurnIndex(client, 0)
+        results = {}
+        for label, cache in (("hot", hot), ("cold", HotCache(0, 0))):
+            servicer = ContextServicer(store, settings.models, counters, cache, index, None)
+            for name in long:
+                servicer.prefetch(tenant, sessions[name])
+            await asyncio.sleep(2)
+            times = []
+            for request in requests:
+                started = time.perf_counter()
+                await servicer.AssembleContext(request, None)
+                times.append(1000 * (time.perf_counter() - started))
+            results[label] = times
+    finally:
+        await listener.close()
+        await client.aclose()
+    turns = sorted(len(c[0]) for c in long.values())
+    rows = [
+        f"### Assembly latency, adaptive at 2,048 tokens, {len(requests)} questions over sessions of"
+        f" {', '.join(map(str, turns))} turns",
+        "",
+        "| path | p50 ms | p99 ms |",
+        "|---|---|---|",
+        f"| AssembleContext over gRPC, with the question's embedding | {percentile(rpc, 50):.2f} |"
+        f" {percentile(rpc, 99):.2f} |",
+        f"| in-process, no embedding, hot session | {percentile(results['hot'], 50):.2f} |"
+        f" {percentile(results['hot'], 99):.2f} |",
+        f"| in-process, no embedding, cold (index read from Redis) | {percentile(results['cold'], 50):.2f} |"
+        f" {percentile(results['cold'], 99):.2f} |",
+        f"| the question's Embed call alone | {percentile(embed, 50):.2f} | {percentile(embed, 99):.2f} |",
+    ]
+    return rows
+
+
+async def cached_vectors(conversations) -> dict[str, np.ndarray]:
+    """Turn and question vectors per conversation, embedded once through a
+    Triton of this run's own and kept under bench/.cache/."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / "realtalk_vectors_plain.npz"
+    if path.exists():
+        return dict(np.load(path))
+    build_model_weights()
+    with tempfile.TemporaryDirectory(prefix="meshgate-context-bench-") as state:
+        state_dir = pathlib.Path(state)
+        port = free_port()
+        process = triton.launch(
+            grpc_port=port, state_dir=state_dir, log_file=state_dir / "t.log", models=("minilm",)
+        )
+        try:
+            triton.wait_ready(f"127.0.0.1:{port}", ("minilm",), timeout=180, process=process)
+            settings = Settings(mesh=mesh_settings())
+            settings.inference.triton_urls = [f"127.0.0.1:{port}"]
+            inference, address = await _start(inference_app, "inference", settings)
+            try:
+                async with router_channel(address, "inference") as channel:
+                    stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+                    await _wait_for_embeddings(stub)
+                    vectors = {}
+                    for name, (turns, _, questions) in conversations.items():
+                        texts = [m.content for m in turns] + [q["question"] for q in questions]
+                        vectors[name] = await embed_all(stub, texts)
+                        print(f"embedded {name}", file=sys.stderr, flush=True)
+            finally:
+                await serving.stop(inference, grace_s=1)
+        finally:
+            triton.terminate(process)
+    np.savez(path, **vectors)
+    return vectors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--offline", action="store_true", help="re-score cached vectors (development)")
+    parser.add_argument("--floor", type=int, default=Settings().context.recency_floor_turns)
+    parser.add_argument("--limit", type=int, default=0, help="only the first N conversations")
+    args = parser.parse_args()
+    paths = sorted(DATA.glob("*.json"))
+    if args.limit:
+        paths = paths[: args.limit]
+    conversations = {p.stem: load_conversation(p) for p in paths}
+    if args.offline:
+        vectors = uvloop.run(cached_vectors(conversations))
+        tally = offline(conversations, vectors, relevance.DEFAULT_WEIGHTS, args.floor)
+        print("\n".join(tally.table("### Offline (pure policy, cached vectors)")))
+        return
+    print("\n".join(uvloop.run(through_services(conversations, args))))
+
+
+if __name__ == "__main__":
+    main()
