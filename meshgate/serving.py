@@ -3,7 +3,8 @@
 A service supplies a name and an async factory that registers its servicers on
 the server and returns a cleanup coroutine; :func:`run` does the rest: uvloop,
 telemetry, interceptors, health checking, reflection, SIGTERM/SIGINT with a
-graceful drain of in-flight calls.
+graceful drain of in-flight calls, and for a service that registers reload
+hooks, its settings file read again on SIGHUP or when it changes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections.abc
+import contextlib
+import os
 import signal
 
 import grpc
@@ -61,6 +64,10 @@ CHANNEL_OPTIONS = [
 ]
 
 Cleanup = collections.abc.Callable[[], collections.abc.Awaitable[None]]
+# Takes settings read again from the file; must not fail (they are checked).
+ReloadHook = collections.abc.Callable[[Settings], None]
+# How often a watched settings file is checked for a change.
+CONFIG_POLL_S = 1.0
 
 
 async def _nothing() -> None:
@@ -101,6 +108,10 @@ class Service:
         # and must stop doing so once the service drains.
         self.serving_when_started = True
         self.draining = False
+        # The settings file the service was started from, and what takes its
+        # settings when it is read again (a service without hooks never is).
+        self.config_path: str | None = None
+        self.reload_hooks: list[ReloadHook] = []
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -168,13 +179,56 @@ async def stop(service: Service, grace_s: float = 10.0) -> None:
     log.info("stopped")
 
 
+def reload_configuration(service: Service) -> bool:
+    """Reads the settings file again and hands it to the reload hooks; a file
+    that does not load (bad TOML, a refused value) is refused with a log
+    line, and the settings in use stay, whole."""
+    try:
+        settings = load_settings(service.config_path)
+    except Exception as error:  # noqa: BLE001 - whatever is wrong with the file, the service stays up
+        log.error("configuration refused; keeping the one in use", path=service.config_path, error=str(error))
+        return False
+    for hook in service.reload_hooks:
+        hook(settings)
+    log.info("configuration reloaded", path=service.config_path)
+    return True
+
+
+def _file_state(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+async def watch_configuration(service: Service, poll_s: float = CONFIG_POLL_S) -> None:
+    """Reloads whenever the settings file changes (polled: one stat a
+    second, and no dependency, on every platform and file system)."""
+    state = _file_state(service.config_path)
+    while True:
+        await asyncio.sleep(poll_s)
+        current = _file_state(service.config_path)
+        if current is not None and current != state:
+            state = current
+            reload_configuration(service)
+
+
 async def serve_until_signalled(service: Service, listen: str, cleanup: Cleanup) -> None:
     await start(service, listen, cleanup)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    watcher = None
+    if service.config_path and service.reload_hooks:
+        loop.add_signal_handler(signal.SIGHUP, reload_configuration, service)
+        watcher = asyncio.create_task(watch_configuration(service))
     await stopping.wait()
+    if watcher is not None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
     await stop(service)
 
 
@@ -192,6 +246,7 @@ def main(
 
     async def run() -> None:
         service = Service(name, service_names)
+        service.config_path = args.config or os.environ.get("MESHGATE_CONFIG")
         cleanup = await setup(service, settings)
         await serve_until_signalled(service, args.listen or listen_of(settings), cleanup)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import structlog
+
 from meshgate import mesh_auth, redis_access, serving
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.config import Settings
@@ -23,10 +25,31 @@ from services.router.ledger import Ledger
 from services.router.pipeline import Pipeline
 from services.router.servicer import RouterServicer
 
+# Settings a running router cannot take over (reload logs that they changed).
+_RESTART_ONLY = (
+    "router.listen",
+    "router.context_address",
+    "router.cache_address",
+    "router.downstream_timeout_s",
+    "router.max_generation_s",
+    "redis.url",
+    "mesh",
+    "telemetry",
+)
+
+log = structlog.get_logger(__name__)
+
 SERVICE_NAMES = [
     router_service_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name,
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 ]
+
+
+def _field(settings: Settings, dotted: str):
+    value = settings
+    for name in dotted.split("."):
+        value = getattr(value, name)
+    return value
 
 
 async def setup(service: Service, settings: Settings) -> Cleanup:
@@ -56,13 +79,30 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     )
     keys = KeyStore(redis)
     authenticator = Authenticator(settings.router, keys)
-    router_service_pb2_grpc.add_RouterServiceServicer_to_server(
-        RouterServicer(settings, authenticator, pipeline, ledger), service.server
-    )
+    servicer = RouterServicer(settings, authenticator, pipeline, ledger)
+    router_service_pb2_grpc.add_RouterServiceServicer_to_server(servicer, service.server)
     # Keys as data, on the same port, behind the admin credential.
-    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminServicer(authenticator, keys, settings.models), service.server
-    )
+    admin = AdminServicer(authenticator, keys, settings.models)
+    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, service.server)
+
+    started_with = settings
+
+    def reload(new: Settings) -> None:
+        """Tenants, keys, limits, prices and model routes from reloaded
+        settings (already checked whole). Each part swaps one reference, with
+        no await in between: a turn sees the old settings or the new, and a
+        stream under way finishes with what it started with."""
+        for field in _RESTART_ONLY:
+            if _field(started_with, field) != _field(new, field):
+                log.warning("a changed setting applies only after a restart", setting=field)
+        deployments.reconfigure(new.models)
+        pipeline.reconfigure(new.router, new.models)
+        admission.reconfigure(new.router)
+        authenticator.reconfigure(new.router)
+        servicer.reconfigure(new)
+        admin.reconfigure(new.models)
+
+    service.reload_hooks.append(reload)
 
     async def cleanup() -> None:
         await deployments.close()

@@ -17,6 +17,7 @@ OPEN_FOR_S = 10.0
 class Deployment:
     def __init__(self, settings: DeploymentSettings, stub) -> None:
         self.name = settings.name
+        self.address = settings.address
         self.model = settings.model
         self.weight = settings.weight
         self.stub = stub
@@ -43,20 +44,36 @@ class DeploymentTable:
     def __init__(
         self, models: dict[str, ModelSettings], security: mesh_auth.ChannelSecurity | None = None
     ) -> None:
+        self._security = security
         self._channels = {}
         self._by_alias: dict[str, list[Deployment]] = {}
+        self.reconfigure(models)
+
+    def reconfigure(self, models: dict[str, ModelSettings]) -> None:
+        """New routes from the next request on. A deployment configured as
+        before keeps its circuit; channels are kept until close(), since a
+        stream in flight may still use one that is no longer routed to."""
+        previous = {
+            (alias, d.name, d.model, d.address): d for alias, ds in self._by_alias.items() for d in ds
+        }
+        by_alias: dict[str, list[Deployment]] = {}
         for alias, model in models.items():
             deployments = []
             for settings in model.deployments:
+                kept = previous.get((alias, settings.name, settings.model, settings.address))
+                if kept is not None and kept.weight == settings.weight:
+                    deployments.append(kept)
+                    continue
                 channel = self._channels.get(settings.address)
                 if channel is None:
                     channel = self._channels[settings.address] = serving.client_channel(
-                        settings.address, security
+                        settings.address, self._security
                     )
                 deployments.append(
                     Deployment(settings, inference_service_pb2_grpc.InferenceServiceStub(channel))
                 )
-            self._by_alias[alias] = deployments
+            by_alias[alias] = deployments
+        self._by_alias = by_alias
 
     def candidates(self, alias: str) -> list[Deployment]:
         """Deployments in the order to try them: a weighted draw among those

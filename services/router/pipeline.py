@@ -277,6 +277,12 @@ class Pipeline:
         self._generator = generator
         self._admission = admission or Unlimited()
 
+    def reconfigure(self, settings: RouterSettings, models: dict[str, ModelSettings]) -> None:
+        """Reloaded settings, from the next turn on; a turn under way keeps
+        the model it was validated with."""
+        self._settings = settings
+        self._models = models
+
     async def create_session(self, tenant: Tenant, budget: Budget) -> str:
         return await self._contexts.create_session(tenant, budget)
 

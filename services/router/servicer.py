@@ -50,6 +50,10 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         self._pipeline = pipeline
         self._ledger = ledger
 
+    def reconfigure(self, settings: Settings) -> None:
+        self._models = settings.models
+        self._retention_days = settings.router.usage_retention_days
+
     async def Chat(self, request: pb.ChatRequest, context):
         tenant = await self._auth.authenticate(context.invocation_metadata())
         budget = Budget.of(context.time_remaining())
