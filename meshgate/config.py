@@ -24,8 +24,14 @@ from typing import Any
 DEFAULT_DEV_API_KEY = "mg-dev-local-key"
 
 # SmolLM2's tokenizer and chat template, built from its GGUF at install time
-# by model_repository/smollm2/build_tokenizer.py.
-SMOLLM2_FILES = pathlib.Path(__file__).resolve().parent.parent / "model_repository" / "smollm2" / "1"
+# by model_repository/smollm2/build_tokenizer.py: in a checkout beside the
+# model; an installed copy has no checkout, so an image names the folder it
+# ships them in with MESHGATE_SMOLLM2_FILES (deploy/docker/Dockerfile). The
+# settings models.smollm2.tokenizer and chat_template still override both.
+SMOLLM2_FILES = pathlib.Path(
+    os.environ.get("MESHGATE_SMOLLM2_FILES")
+    or pathlib.Path(__file__).resolve().parent.parent / "model_repository" / "smollm2" / "1"
+)
 SMOLLM2_TOKENIZER = str(SMOLLM2_FILES / "tokenizer.json")
 SMOLLM2_CHAT_TEMPLATE = str(SMOLLM2_FILES / "chat_template.jinja")
 
