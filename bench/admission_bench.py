@@ -1,10 +1,13 @@
 """What admission control costs, and that it holds across replicas.
 
-1. CPU per turn that admit + settle add in the router process (tenant, key
-   and model limits: requests and tokens per minute, concurrent streams, a
-   daily token and cost budget), against the same loop without limits, in
-   one run against a real Redis started here. Redis's own CPU is not
-   counted: it is another process, as in production.
+1. CPU per turn that the router's admit and settle stages add in its
+   process (services.router.admission.TurnAdmission, as the router wires
+   it: limits and the usage ledger's record), in one run against a real
+   Redis started here: no stages at all (pipeline.Unlimited), the ledger
+   alone (a tenant without limits), and the ledger with 15 limits (tenant,
+   key and model: requests and tokens per minute, concurrent streams, a
+   daily token and cost budget). Redis's own CPU is not counted: it is
+   another process, as in production.
 2. Overshoot: 4 router-like processes, each with its own Redis connection,
    hammer one requests-per-minute and one tokens-per-minute limit; the
    admitted amount is compared with the limit.
@@ -19,13 +22,18 @@ import asyncio
 import multiprocessing
 import tempfile
 import time
+import types
 import uuid
 
 from meshgate import redis_access, redis_server
-from meshgate.config import LimitSettings, PriceSettings
+from meshgate.common.v1 import common_pb2
+from meshgate.config import LimitSettings, PriceSettings, RouterSettings
 from meshgate.errors import MeshgateError
 from meshgate.stack import free_port
-from services.router.admission import Admission, Scope
+from services.router.admission import Admission, Scope, TurnAdmission
+from services.router.auth import Tenant
+from services.router.ledger import Ledger
+from services.router.pipeline import Answer, CacheStatus, Outcome, Unlimited
 
 _LIMITS = LimitSettings(
     requests_per_minute=10**9,
@@ -37,29 +45,38 @@ _LIMITS = LimitSettings(
 _PRICE = PriceSettings(prompt_usd_per_million=0.15, completion_usd_per_million=0.6)
 
 
-async def _cpu_per_turn(url: str, turns: int) -> tuple[float, float]:
-    client = redis_access.connect(url)
-    admission = Admission(client, max_generation_s=300)
-    run = uuid.uuid4().hex[:8]
-    limited = [
-        Scope("tenant", f"t{run}", _LIMITS),
-        Scope("key", f"k{run}", _LIMITS),
-        Scope("model", run, _LIMITS),
-    ]
-    unlimited = [Scope("tenant", "free", LimitSettings())]
+def _turn(tenant: Tenant):
+    messages = [common_pb2.Message(role=common_pb2.ROLE_USER, content="x" * 40)]
+    return types.SimpleNamespace(tenant=tenant, model_alias="tiny-gpt", messages=messages, max_tokens=64)
 
-    async def loop(scopes) -> float:
+
+async def _cpu_per_turn(url: str, turns: int) -> tuple[float, float, float]:
+    """Milliseconds of router CPU per turn: no stages, ledger only, ledger and 15 limits."""
+    client = redis_access.connect(url)
+    run = uuid.uuid4().hex[:8]
+    settings = RouterSettings(model_limits={"tiny-gpt": _LIMITS}, prices={"tiny-gpt": _PRICE})
+    ledger = Ledger(client, settings.usage_stream_max_len, settings.usage_retention_days)
+    stages = TurnAdmission(Admission(client, max_generation_s=300), settings, ledger)
+    ledger_only = TurnAdmission(Admission(client, max_generation_s=300), RouterSettings(), ledger)
+    limited = _turn(Tenant(f"t{run}", frozenset({"*"}), f"k{run}", _LIMITS, _LIMITS))
+    free = _turn(Tenant(f"free{run}", frozenset({"*"}), f"f{run}"))
+    outcome = Outcome(Answer("an answer", 40, 30, "stop", "live"), CacheStatus.MISS, 0.2)
+
+    async def loop(admission, turn) -> float:
         cpu = time.process_time()
         for _ in range(turns):
-            grant = await admission.admit(scopes, 40, 64, _PRICE)
-            await admission.settle(grant, 70, 10_000)
+            grant = await admission.admit(turn)
+            await admission.settle(grant, turn, outcome)
+        if hasattr(admission, "drain"):
+            await admission.drain()  # the ledger's background records, counted too
         return (time.process_time() - cpu) / turns * 1000
 
-    await loop(limited)  # warm: scripts loaded, connections open
-    without = await loop(unlimited)
-    with_limits = await loop(limited)
+    await loop(stages, limited)  # warm: scripts loaded, connections open
+    none = await loop(Unlimited(), free)
+    ledger_alone = await loop(ledger_only, free)
+    with_limits = await loop(stages, limited)
     await client.aclose()
-    return without, with_limits
+    return none, ledger_alone, with_limits
 
 
 def _replica(url: str, rpm_id: str, tpm_id: str, attempts: int, results) -> None:
@@ -113,13 +130,14 @@ def main() -> None:
         try:
             redis_server.wait_ready(port)
             url = f"redis://127.0.0.1:{port}/0"
-            without, with_limits = asyncio.run(_cpu_per_turn(url, args.turns))
+            none, ledger_alone, with_limits = asyncio.run(_cpu_per_turn(url, args.turns))
             print(
-                f"router CPU per turn, admit+settle: without limits {without:.3f} ms,"
-                f" with {with_limits:.3f} ms,"
+                f"router CPU per turn, admit+settle stages: none {none:.3f} ms,"
+                f" ledger only {ledger_alone:.3f} ms, ledger + 15 limits {with_limits:.3f} ms"
             )
             print(
-                f"  added {with_limits - without:.3f} ms (15 limits over 3 scopes; {args.turns} turns each)"
+                f"  added: ledger {ledger_alone - none:.3f} ms, ledger + limits {with_limits - none:.3f} ms,"
+                f" limits alone {with_limits - ledger_alone:.3f} ms ({args.turns} turns each)"
             )
             started = time.perf_counter()
             requests, tokens = _overshoot(url, args.attempts)
