@@ -43,6 +43,9 @@ class TelemetrySettings:
     jsonl_path: str = "meshgate-traces.jsonl"
     otlp_endpoint: str = "http://127.0.0.1:4317"
     log_level: str = "info"
+    # Prometheus metrics (meshgate/metrics.py) on each service's
+    # metrics_listen; false: nothing is counted and no endpoint opens.
+    metrics: bool = True
 
 
 @dataclasses.dataclass
@@ -199,6 +202,8 @@ class TenantSettings:
 @dataclasses.dataclass
 class RouterSettings:
     listen: str = "127.0.0.1:50051"
+    # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
+    metrics_listen: str = "127.0.0.1:50061"
     context_address: str = "127.0.0.1:50052"
     cache_address: str = "127.0.0.1:50053"
     # Adds a tenant "dev" whose key is MESHGATE_DEV_API_KEY (or the default).
@@ -244,6 +249,8 @@ class ContextSettings:
     # Process memory for hot sessions' turns and counts (services/context/hot_cache.py).
     hot_cache_bytes: int = 64 * 1024 * 1024
     # Where turn and question embeddings come from (adaptive assembly).
+    # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
+    metrics_listen: str = "127.0.0.1:50062"
     inference_address: str = "127.0.0.1:50054"
     # Adaptive assembly keeps up to this many newest turns whatever their relevance.
     recency_floor_turns: int = 2
@@ -268,6 +275,8 @@ class CacheSettings:
     semantic_threshold: float = 0.8
     # Bound on served wrong answers: the verifier's threshold is the one
     # calibrated on labelled data for the largest bound not above this
+    # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
+    metrics_listen: str = "127.0.0.1:50063"
     # (bench/train_cache_verifier.py; the table is in verifier_model.json).
     max_false_hit_rate: float = 0.01
     ttl_s: int = 24 * 3600
@@ -316,6 +325,8 @@ class InferenceSettings:
     # Bounds on what one call may ask of Triton; a request beyond them is
     # refused with INVALID_ARGUMENT before any Triton work is spent on it.
     # The rendered prompt, in UTF-8 bytes: the model tokenizes all of it.
+    # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
+    metrics_listen: str = "127.0.0.1:50064"
     max_prompt_bytes: int = 1024 * 1024
     max_embed_texts: int = 128
     # Above router.max_message_bytes, so the cache can always embed a question.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import functools
+import time
 from typing import Any
 
 import grpc
@@ -175,12 +176,14 @@ def _malformed(request: _Undecodable) -> MeshgateError:
     )
 
 
-async def _report(error: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+def _failure(error: BaseException, method: str) -> MeshgateError:
     if isinstance(error, MeshgateError):
-        failure = error
-    else:
-        log.exception("unhandled error", method=method)
-        failure = internal_error()
+        return error
+    log.exception("unhandled error", method=method)
+    return internal_error()
+
+
+async def _abort(failure: MeshgateError, context: grpc.aio.ServicerContext) -> None:
     status = failure.to_status()
     await context.abort(status.code, status.details, status.trailing_metadata)
 
@@ -192,60 +195,115 @@ async def _checked_iterator(requests: collections.abc.AsyncIterator[Any]):
         yield request
 
 
-def _wrap_unary_unary(behavior, method):
+# Reports a finished RPC: method, status code name, ErrorInfo reason ("" when
+# OK) and its perf_counter start (meshgate.metrics.RpcObserver).
+RpcObserver = collections.abc.Callable[[str, str, str, float], None]
+
+
+def _ignore(method: str, code: str, reason: str, started: float) -> None:
+    pass
+
+
+def _abort_code(context: grpc.aio.ServicerContext) -> str:
+    """The code of an RPC the handler itself aborted (the mesh guard)."""
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
+def _wrap_unary_unary(behavior, method, observe: RpcObserver):
     @functools.wraps(behavior)
     async def handler(request, context):
+        started = time.perf_counter()
+        code, reason = "OK", ""
         try:
             if isinstance(request, _Undecodable):
                 raise _malformed(request)
             return await behavior(request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            code = _abort_code(context)
             raise
         except Exception as error:  # noqa: BLE001 - every error becomes a status
-            await _report(error, context, method)
+            failure = _failure(error, method)
+            code, reason = failure.code.name, failure.reason
+            await _abort(failure, context)
+        finally:
+            observe(method, code, reason, started)
 
     return handler
 
 
-def _wrap_unary_stream(behavior, method):
+def _wrap_unary_stream(behavior, method, observe: RpcObserver):
     @functools.wraps(behavior)
     async def handler(request, context):
+        started = time.perf_counter()
+        code, reason = "OK", ""
         try:
             if isinstance(request, _Undecodable):
                 raise _malformed(request)
             async for response in behavior(request, context):
                 yield response
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            code = _abort_code(context)
             raise
         except Exception as error:  # noqa: BLE001
-            await _report(error, context, method)
+            failure = _failure(error, method)
+            code, reason = failure.code.name, failure.reason
+            await _abort(failure, context)
+        finally:
+            observe(method, code, reason, started)
 
     return handler
 
 
-def _wrap_stream_stream(behavior, method):
+def _wrap_stream_stream(behavior, method, observe: RpcObserver):
     @functools.wraps(behavior)
     async def handler(request_iterator, context):
+        started = time.perf_counter()
+        code, reason = "OK", ""
         try:
             async for response in behavior(_checked_iterator(request_iterator), context):
                 yield response
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            code = _abort_code(context)
             raise
         except Exception as error:  # noqa: BLE001
-            await _report(error, context, method)
+            failure = _failure(error, method)
+            code, reason = failure.code.name, failure.reason
+            await _abort(failure, context)
+        finally:
+            observe(method, code, reason, started)
 
     return handler
 
 
-def _wrap_stream_unary(behavior, method):
+def _wrap_stream_unary(behavior, method, observe: RpcObserver):
     @functools.wraps(behavior)
     async def handler(request_iterator, context):
+        started = time.perf_counter()
+        code, reason = "OK", ""
         try:
             return await behavior(_checked_iterator(request_iterator), context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            code = _abort_code(context)
             raise
         except Exception as error:  # noqa: BLE001
-            await _report(error, context, method)
+            failure = _failure(error, method)
+            code, reason = failure.code.name, failure.reason
+            await _abort(failure, context)
+        finally:
+            observe(method, code, reason, started)
 
     return handler
 
@@ -257,8 +315,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     one dictionary lookup, not a new closure per call.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, observe: RpcObserver = _ignore) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        # Told of every finished RPC, with the status this interceptor gave it.
+        self._observe = observe
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -275,24 +335,23 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             self._wrapped[method] = wrapped
         return wrapped
 
-    @staticmethod
-    def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if not method.startswith("/meshgate."):
             return handler
         deserializer = _tolerant(handler.request_deserializer)
         serializer = handler.response_serializer
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary_unary(handler.unary_unary, method), deserializer, serializer
+                _wrap_unary_unary(handler.unary_unary, method, self._observe), deserializer, serializer
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_unary_stream(handler.unary_stream, method), deserializer, serializer
+                _wrap_unary_stream(handler.unary_stream, method, self._observe), deserializer, serializer
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream_stream(handler.stream_stream, method), deserializer, serializer
+                _wrap_stream_stream(handler.stream_stream, method, self._observe), deserializer, serializer
             )
         return grpc.stream_unary_rpc_method_handler(
-            _wrap_stream_unary(handler.stream_unary, method), deserializer, serializer
+            _wrap_stream_unary(handler.stream_unary, method, self._observe), deserializer, serializer
         )

@@ -22,7 +22,7 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from meshgate import mesh_auth, telemetry
+from meshgate import mesh_auth, metrics, telemetry
 from meshgate.config import Settings, load_settings
 from meshgate.errors import ErrorInterceptor
 
@@ -100,7 +100,11 @@ class Service:
         self.guard = mesh_auth.MeshGuard()
         self.server_credentials: grpc.ServerCredentials | None = None
         self.server = grpc.aio.server(
-            interceptors=[*telemetry.server_interceptors(), ErrorInterceptor(), self.guard],
+            interceptors=[
+                *telemetry.server_interceptors(),
+                ErrorInterceptor(metrics.RpcObserver(name)),
+                self.guard,
+            ],
             options=SERVER_OPTIONS,
         )
         self.cleanup: Cleanup = _nothing
@@ -112,6 +116,8 @@ class Service:
         # settings when it is read again (a service without hooks never is).
         self.config_path: str | None = None
         self.reload_hooks: list[ReloadHook] = []
+        # The Prometheus endpoint, when one is open (serve_metrics).
+        self.metrics_server = None
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -140,6 +146,12 @@ class Service:
             port = self.server.add_secure_port(address, self.server_credentials)
         if port == 0:
             raise OSError(f"{self.name}: cannot listen on {address}")
+        return port
+
+    def serve_metrics(self, address: str) -> int:
+        """Opens the process's Prometheus endpoint; returns its port."""
+        self.metrics_server, port = metrics.serve(address)
+        log.info("metrics", address=address, port=port)
         return port
 
     async def set_serving(self, serving: bool) -> None:
@@ -176,6 +188,10 @@ async def stop(service: Service, grace_s: float = 10.0) -> None:
     log.info("draining", grace_s=grace_s)
     await service.server.stop(grace_s)
     await service.cleanup()
+    if service.metrics_server is not None:
+        # Last, so a final scrape still sees the drained calls.
+        service.metrics_server.shutdown()
+        service.metrics_server.server_close()
     log.info("stopped")
 
 
@@ -243,11 +259,16 @@ def main(
     args = parse_args(name, argv)
     settings = load_settings(args.config)
     provider = telemetry.setup(f"meshgate-{name}", settings.telemetry)
+    # Before any service code asks for its metrics: off, they count nothing.
+    metrics.configure(settings.telemetry.metrics)
+    metrics_listen = getattr(settings, name).metrics_listen
 
     async def run() -> None:
         service = Service(name, service_names)
         service.config_path = args.config or os.environ.get("MESHGATE_CONFIG")
         cleanup = await setup(service, settings)
+        if settings.telemetry.metrics and metrics_listen:
+            service.serve_metrics(metrics_listen)
         await serve_until_signalled(service, args.listen or listen_of(settings), cleanup)
 
     try:

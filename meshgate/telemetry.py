@@ -144,6 +144,59 @@ def client_interceptors() -> list:
     return aio_client_interceptors()
 
 
+# OpenTelemetry's GenAI semantic conventions (gen_ai.*): what tracing
+# back ends (Jaeger, Tempo, Langfuse, Phoenix) show for a model call.
+GENAI_PROVIDER = "meshgate"
+_tracer = trace.get_tracer("meshgate")
+
+
+def genai_request_attributes(operation: str, model: str, parameters) -> dict[str, object]:
+    """The request side of a GenAI span; ``parameters`` is a
+    GenerationParameters (only what the caller set is recorded)."""
+    attributes: dict[str, object] = {
+        "gen_ai.operation.name": operation,
+        "gen_ai.provider.name": GENAI_PROVIDER,
+        "gen_ai.request.model": model,
+    }
+    if parameters.HasField("max_tokens"):
+        attributes["gen_ai.request.max_tokens"] = parameters.max_tokens
+    if parameters.HasField("temperature"):
+        attributes["gen_ai.request.temperature"] = parameters.temperature
+    if parameters.HasField("top_p"):
+        attributes["gen_ai.request.top_p"] = parameters.top_p
+    if parameters.HasField("seed"):
+        attributes["gen_ai.request.seed"] = parameters.seed
+    if parameters.stop:
+        attributes["gen_ai.request.stop_sequences"] = list(parameters.stop)
+    return attributes
+
+
+def genai_usage_attributes(
+    input_tokens: int, output_tokens: int, finish_reason: str, response_model: str = ""
+) -> dict[str, object]:
+    attributes: dict[str, object] = {
+        "gen_ai.usage.input_tokens": input_tokens,
+        "gen_ai.usage.output_tokens": output_tokens,
+    }
+    if finish_reason:
+        attributes["gen_ai.response.finish_reasons"] = [finish_reason]
+    if response_model:
+        attributes["gen_ai.response.model"] = response_model
+    return attributes
+
+
+def start_genai_span(operation: str, model: str, parameters) -> trace.Span:
+    """A client span named as the conventions ask ("chat smollm2"), child of
+    the current span. Not made current: a turn's events are yielded across
+    tasks' resumptions, where a context attached at the start could not be
+    detached; the caller ends it."""
+    return _tracer.start_span(
+        f"{operation} {model}",
+        kind=trace.SpanKind.CLIENT,
+        attributes=genai_request_attributes(operation, model, parameters),
+    )
+
+
 def current_trace_id() -> str:
     context = trace.get_current_span().get_span_context()
     return format(context.trace_id, "032x") if context.is_valid else ""

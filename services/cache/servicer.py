@@ -19,6 +19,7 @@ import time
 import grpc
 import numpy as np
 
+from meshgate import metrics
 from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
@@ -80,6 +81,10 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         self._stats = stats
         self._indexes = indexes
         self._recent_vectors: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        # The replica's own counts for Prometheus; _stats keeps the mesh's totals in Redis.
+        self._metrics = metrics.cache()
+        self._metrics.resident_rows.set_function(lambda: indexes.resident_rows)
+        self._metrics.resident_indexes.set_function(lambda: len(indexes))
 
     async def Lookup(self, request: pb.LookupRequest, context: grpc.aio.ServicerContext) -> pb.LookupResponse:
         partition = _partition(request.scope)
@@ -89,6 +94,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         answer = live_answer(await self._store.get(partition, entry_id), _now_ms())
         if answer is not None:
             self._stats.pending["exact_hits"] += 1
+            self._metrics.lookups.labels("exact_hit").inc()
             response = pb.LookupResponse(status=pb.LOOKUP_STATUS_EXACT_HIT, similarity=1.0, entry_id=entry_id)
             response.answer.MergeFromString(answer)
             return response
@@ -97,6 +103,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             if hit is not None:
                 match, answer = hit
                 self._stats.pending["semantic_hits"] += 1
+                self._metrics.lookups.labels("semantic_hit").inc()
                 response = pb.LookupResponse(
                     status=pb.LOOKUP_STATUS_SEMANTIC_HIT,
                     similarity=match.similarity,
@@ -105,6 +112,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 response.answer.MergeFromString(answer)
                 return response
         self._stats.pending["misses"] += 1
+        self._metrics.lookups.labels("miss").inc()
         return pb.LookupResponse(status=pb.LOOKUP_STATUS_MISS)
 
     async def Store(self, request: pb.StoreRequest, context: grpc.aio.ServicerContext) -> pb.StoreResponse:
@@ -139,6 +147,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 index.upsert(entry_id, seq, now_ms + ttl_ms, vector, text)
                 self._indexes.settle(index_key)
         self._stats.pending["stores"] += 1
+        self._metrics.stores.inc()
         return pb.StoreResponse(entry_id=entry_id)
 
     async def Invalidate(
@@ -207,6 +216,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 accepted.append((decision.score, match))
             else:
                 self._stats.pending["verifier_rejections"] += 1
+                self._metrics.verifier_rejections.inc()
         accepted.sort(key=lambda scored: -scored[0])
         for _, match in accepted:
             answer = live_answer(await self._store.get(partition, match.entry_id), _now_ms())

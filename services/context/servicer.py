@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import structlog
 
-from meshgate import redis_access
+from meshgate import metrics, redis_access
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings
 from meshgate.context.v1 import context_service_pb2 as pb
@@ -44,6 +44,24 @@ _ROLES = frozenset((common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROL
 
 _STRATEGIES = {"adaptive": pb.ASSEMBLY_STRATEGY_ADAPTIVE, "newest": pb.ASSEMBLY_STRATEGY_NEWEST}
 _STRATEGY_NAMES = {value: name for name, value in _STRATEGIES.items()}
+_DISPOSITION_NAMES = {
+    pb.DISPOSITION_INCLUDED: "included",
+    pb.DISPOSITION_SUMMARIZED: "summarized",
+    pb.DISPOSITION_DROPPED: "dropped",
+}
+
+
+def _record_assembly(manifest: pb.ContextManifest, strategy: str, started: float) -> None:
+    assembly_metrics = metrics.context()
+    assembly_metrics.assembly.labels(strategy).observe(time.perf_counter() - started)
+    tokens = dict.fromkeys(_DISPOSITION_NAMES.values(), 0)
+    for entry in manifest.entries:
+        name = _DISPOSITION_NAMES.get(entry.disposition)
+        if name is not None:
+            tokens[name] += entry.tokens
+    for name, count in tokens.items():
+        if count:
+            assembly_metrics.assembly_tokens.labels(name).inc(count)
 # A pinned fact is a system message in every later prompt: kept short.
 MAX_FACT_BYTES = 4096
 
@@ -263,6 +281,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
     async def AssembleContext(
         self, request: pb.AssembleContextRequest, context
     ) -> pb.AssembleContextResponse:
+        started = time.perf_counter()
         _check_tenant(request.tenant_id)
         if request.session_id:
             _check_session_id(request.session_id)
@@ -310,6 +329,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             digest.update(len(serialized).to_bytes(8, "little") + serialized)
         inputs.new_messages_sha256 = digest.hexdigest()
         response.assembly_id = hashlib.sha256(inputs.SerializeToString(deterministic=True)).hexdigest()
+        _record_assembly(response.manifest, inputs.strategy, started)
         return response
 
     async def PinToSession(self, request: pb.PinToSessionRequest, context) -> pb.PinToSessionResponse:

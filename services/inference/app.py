@@ -7,7 +7,7 @@ import contextlib
 
 import structlog
 
-from meshgate import mesh_auth, tokenization
+from meshgate import mesh_auth, metrics, tokenization
 from meshgate.config import Settings
 from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from meshgate.serving import Cleanup, Service
@@ -31,6 +31,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         tokenization.load_chat_template(served.chat_template)
     models = sorted({m.triton_model for m in config.models.values()} | {config.embedding_triton_model})
     pool = BackendPool(config.triton_urls, models)
+    metrics.watch_backends(pool)
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
         InferenceServicer(config, pool), service.server
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 
 import grpc
@@ -18,6 +19,15 @@ log = structlog.get_logger(__name__)
 _PROBE_TIMEOUT_S = 2.0
 # Consecutive failed probes before a model (or a whole server) leaves rotation.
 PROBES_TO_MARK_DOWN = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonStatistics:
+    """A model's cumulative figures at one backend, from Triton's statistics API."""
+
+    queue_ns: int = 0
+    compute_ns: int = 0
+    successes: int = 0
 
 
 class TritonBackend:
@@ -37,6 +47,9 @@ class TritonBackend:
         self._misses: dict[str, int] = {}
         # Whether a model takes a leading batch dimension (max_batch_size > 0).
         self.batched: dict[str, bool] = {}
+        # What is probed, and Triton's queue and compute figures, for metrics.
+        self.models: list[str] = []
+        self.statistics: dict[str, TritonStatistics] = {}
 
     async def probe(self, models: list[str]) -> None:
         """Updates readiness, tolerating a few bad probes in a row: a busy
@@ -67,6 +80,9 @@ class TritonBackend:
             failure = error.code().name
         else:
             failure = None
+        self.models = models
+        if failure is None:
+            await self._read_statistics(models)
         was_ready = self.ready
         for model, is_ready in answers.items():
             self._misses[model] = 0 if is_ready else self._misses.get(model, 0) + 1
@@ -80,6 +96,23 @@ class TritonBackend:
             log.warning("triton backend down", backend=self.address, error=failure)
         elif not was_ready and self.ready:
             log.info("triton backend ready", backend=self.address, models=sorted(self.ready_models))
+
+    async def _read_statistics(self, models: list[str]) -> None:
+        """Triton's cumulative queue and compute times, one call per probe
+        (every few seconds): how long requests wait inside Triton, which no
+        timing of ours can see. A failure only leaves the last figures."""
+        try:
+            answer = await self._probe_stub.ModelStatistics(
+                service_pb2.ModelStatisticsRequest(), timeout=_PROBE_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError:
+            return
+        for stats in answer.model_stats:
+            if stats.name in models:
+                figures = stats.inference_stats
+                self.statistics[stats.name] = TritonStatistics(
+                    figures.queue.ns, figures.compute_infer.ns, figures.success.count
+                )
 
     async def close(self) -> None:
         await self._channel.close()

@@ -8,8 +8,9 @@ import uuid
 import grpc
 import numpy as np
 import structlog
+from opentelemetry import trace
 
-from meshgate import tokenization
+from meshgate import telemetry, tokenization
 from meshgate.config import InferenceSettings
 from meshgate.errors import MeshgateError, from_rpc_error, invalid_argument, not_found, partly_delivered
 from meshgate.inference.v1 import inference_service_pb2 as pb
@@ -48,6 +49,10 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         prompt = triton_protocol.render_chat(request.messages, served.chat_template)
         validation.check_prompt(prompt, self._settings)
         sampling = triton_protocol.sampling_parameters(request.parameters, max_tokens)
+        # The RPC's own span is the generation's: GenAI conventions on it.
+        span = trace.get_current_span()
+        span.set_attributes(telemetry.genai_request_attributes("chat", request.model, request.parameters))
+        span.set_attribute("gen_ai.request.max_tokens", max_tokens)
 
         tried: set[str] = set()
         while True:
@@ -142,6 +147,7 @@ class _TritonStream:
         self, backend: TritonBackend, model: str, prompt: str, sampling: str, timeout: float | None
     ) -> None:
         self._backend = backend
+        self._model = model
         self._timeout = timeout
         self._request = triton_protocol.generate_request(
             model, uuid.uuid4().hex, prompt, sampling, backend.batched.get(model, False)
@@ -194,6 +200,11 @@ class _TritonStream:
                     # Half-close: Triton then ends the stream, and reading on
                     # to its end closes the client span of this call cleanly.
                     finished.set()
+                    trace.get_current_span().set_attributes(
+                        telemetry.genai_usage_attributes(
+                            prompt_tokens, completion_tokens, finish_reason or "stop", self._model
+                        )
+                    )
                     yield pb.GenerateResponse(
                         completion=pb.GenerateCompletion(
                             usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},

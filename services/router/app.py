@@ -29,6 +29,7 @@ from services.router.servicer import RouterServicer
 _RESTART_ONLY = (
     "router.listen",
     "router.context_address",
+    "router.metrics_listen",
     "router.cache_address",
     "router.downstream_timeout_s",
     "router.max_generation_s",

@@ -196,6 +196,10 @@ class Deployments:
             try:
                 async for response in call:
                     if response.HasField("delta"):
+                        if not pieces:
+                            # Output fixes the deployment (no other is tried
+                            # after it): the turn's latency metrics name it.
+                            answer.deployment = deployment.name
                         pieces.append(response.delta.text)
                         yield response.delta.text
                     else:

@@ -41,8 +41,9 @@ import time
 from typing import Any, Protocol
 
 import structlog
+from opentelemetry import trace
 
-from meshgate import telemetry
+from meshgate import metrics, telemetry
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, RouterSettings
 from meshgate.errors import MeshgateError, aborted, internal_error, partly_delivered
@@ -322,10 +323,13 @@ class Pipeline:
     ) -> collections.abc.AsyncIterator[Event]:
         """The turn's events: deltas, then a Completion or a Failure."""
         started = time.perf_counter()
+        turn = None
         try:
             turn = self.validate(request, tenant, session_id, budget, create_session)
             grant = await self._admission.admit(turn)
         except MeshgateError as error:
+            if turn is not None:
+                _count_refusal(error)
             yield Failure(error)
             return
         except Exception:  # noqa: BLE001 - as below: a bug fails this turn only
@@ -333,11 +337,14 @@ class Pipeline:
             yield Failure(internal_error())
             return
         answer, status, failure, cancelled = Answer(), None, None, False
+        span = telemetry.start_genai_span("chat", turn.model_alias, turn.parameters)
+        in_flight = metrics.router().streams_in_flight.labels(turn.model_alias)
+        in_flight.inc()
         try:
             # Every nested stream is closed explicitly (aclosing): an
             # abandoned async generator's cleanup, such as cancelling its
             # inference call, would otherwise wait for the garbage collector.
-            async with contextlib.aclosing(self._admitted(turn, answer)) as events:
+            async with contextlib.aclosing(self._admitted(turn, answer, started)) as events:
                 async for event in events:
                     if isinstance(event, Completion):
                         status = event.cache_status
@@ -355,7 +362,9 @@ class Pipeline:
             failure = Reason.INTERNAL
             yield Failure(internal_error())
         finally:
+            in_flight.dec()
             outcome = Outcome(answer, status, time.perf_counter() - started, failure, cancelled)
+            _record_turn(turn, outcome, span)
             await self._settle(grant, turn, outcome)
 
     async def _settle(self, grant, turn: Turn, outcome: Outcome) -> None:
@@ -364,8 +373,11 @@ class Pipeline:
         except Exception:  # noqa: BLE001 - the caller has its answer; settling is ours to fix
             log.exception("settling a turn failed", tenant=turn.tenant.id)
 
-    async def _admitted(self, turn: Turn, answer: Answer) -> collections.abc.AsyncIterator[Event]:
+    async def _admitted(
+        self, turn: Turn, answer: Answer, turn_started: float
+    ) -> collections.abc.AsyncIterator[Event]:
         started = time.perf_counter()
+        turn_metrics = metrics.router()
         session_id = turn.session_id
         if turn.create_session:
             session_id = await self._contexts.create_session(turn.tenant, turn.budget)
@@ -402,11 +414,26 @@ class Pipeline:
             async with _Race(lookup, generation, self._settings.speculative_generation) as race:
                 hit = await race.hit()
                 if hit is None:
+                    inter_token = last = None
                     async for text in race.generated():
+                        # Timed as the delta leaves; the deployment is known
+                        # from the first piece on (see Deployments.generate).
+                        now = time.perf_counter()
+                        if inter_token is None:
+                            turn_metrics.time_to_first_token.labels(
+                                turn.model_alias, answer.deployment
+                            ).observe(now - turn_started)
+                            inter_token = turn_metrics.inter_token.labels(turn.model_alias, answer.deployment)
+                        else:
+                            inter_token.observe(now - last)
+                        last = now
                         yield Delta(text)
                         delivered += 1
         if hit is not None:
             answer.adopt(hit.answer)
+            turn_metrics.time_to_first_token.labels(turn.model_alias, CACHE_DEPLOYMENT).observe(
+                time.perf_counter() - turn_started
+            )
             for piece in replay_pieces(hit.answer.text, self._settings.replay_piece_chars):
                 yield Delta(piece)
                 delivered += 1
@@ -463,6 +490,47 @@ class Pipeline:
         async with contextlib.aclosing(generation) as pieces:
             async for text in pieces:
                 yield text
+
+
+# The deployment label of what a cache hit served.
+CACHE_DEPLOYMENT = "cache"
+
+
+def _count_refusal(error: MeshgateError) -> None:
+    """A limit's refusal at admission: its ErrorInfo names the limit and the
+    kind of scope (bounded label values, never the tenant)."""
+    limit = error.metadata.get("limit")
+    if limit is not None:
+        metrics.router().limit_refusals.labels(limit, error.metadata.get("scope", ""), error.reason).inc()
+
+
+def _record_turn(turn: Turn, outcome: Outcome, span) -> None:
+    """The turn's metrics and the end of its GenAI span."""
+    answer = outcome.answer
+    hit = outcome.cache_status in (CacheStatus.EXACT_HIT, CacheStatus.SEMANTIC_HIT)
+    deployment = CACHE_DEPLOYMENT if hit else answer.deployment
+    if outcome.cancelled:
+        result = "cancelled"
+    elif outcome.failure is not None:
+        result = "failed"
+    else:
+        result = "completed"
+    turn_metrics = metrics.router()
+    cache = outcome.cache_status.value if outcome.cache_status is not None else "none"
+    turn_metrics.turns.labels(turn.model_alias, cache, result).inc()
+    if answer.prompt_tokens or answer.completion_tokens:
+        turn_metrics.prompt_tokens.labels(turn.model_alias, deployment).inc(answer.prompt_tokens)
+        turn_metrics.completion_tokens.labels(turn.model_alias, deployment).inc(answer.completion_tokens)
+    span.set_attributes(
+        telemetry.genai_usage_attributes(
+            answer.prompt_tokens, answer.completion_tokens, answer.finish_reason, answer.deployment
+        )
+    )
+    span.set_attribute("meshgate.cache_status", cache)
+    if outcome.failure is not None:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, outcome.failure))
+        span.set_attribute("error.type", outcome.failure)
+    span.end()
 
 
 def _with_session(turn: Turn, session_id: str) -> Turn:

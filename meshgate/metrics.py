@@ -1,0 +1,357 @@
+"""Prometheus metrics of every service, in one place.
+
+Each service process exports its metrics on its own HTTP endpoint
+(``<section>.metrics_listen``, started by :mod:`meshgate.serving`), read by
+Prometheus, Grafana (``deploy/grafana/``) and ``meshgate top``.
+
+Why prometheus_client and not OpenTelemetry's Prometheus exporter: a counter
+increment plus a histogram observation, the work per streamed token, costs
+0.85 us with prometheus_client's bound label children and 9.3 us with the
+OpenTelemetry SDK's instruments (same labels, this machine, /tmp cost probe in
+the commit that added this module); the SDK also keeps its own aggregation
+state per attribute set. Traces stay OpenTelemetry (meshgate/telemetry.py).
+
+Label values are bounded by configuration, never by traffic: model aliases,
+deployment and backend names come from the settings; RPC methods, status
+codes, ErrorInfo reasons (meshgate/reasons.py), limits and dispositions are
+fixed catalogues. No tenant, key or session ids are labels: per-tenant usage
+is the router's ledger (GetUsage), not a metric.
+
+With ``telemetry.metrics = false`` every family is a no-op object: the hot
+paths call the same methods and nothing is counted (bench/metrics_bench.py
+compares the two).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import prometheus_client
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+REGISTRY = prometheus_client.REGISTRY
+# A "_created" timestamp series beside every counter and histogram doubles
+# what each scrape carries and nothing here reads it.
+prometheus_client.disable_created_metrics()
+
+# Seconds. Time to first token spans a cache hit (a few ms) to a long
+# prompt on a CPU model (seconds); tokens come every few to hundreds of ms.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
+ASSEMBLY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+
+class _Disabled:
+    """Stands for any family or child when metrics are off."""
+
+    def labels(self, *values: str, **named: str) -> _Disabled:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def observe(self, value: float) -> None:
+        pass
+
+    def set_function(self, function) -> None:
+        pass
+
+
+_DISABLED = _Disabled()
+
+
+class _Families:
+    """Makes families in ``registry``, or disabled stand-ins without one."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.registry = registry
+
+    def counter(self, name: str, help_text: str, labels: Iterable[str] = ()):
+        if self.registry is None:
+            return _DISABLED
+        return prometheus_client.Counter(name, help_text, list(labels), registry=self.registry)
+
+    def gauge(self, name: str, help_text: str, labels: Iterable[str] = ()):
+        if self.registry is None:
+            return _DISABLED
+        return prometheus_client.Gauge(name, help_text, list(labels), registry=self.registry)
+
+    def histogram(self, name: str, help_text: str, labels: Iterable[str], buckets: tuple[float, ...]):
+        if self.registry is None:
+            return _DISABLED
+        return prometheus_client.Histogram(
+            name, help_text, list(labels), buckets=buckets, registry=self.registry
+        )
+
+
+class RpcMetrics:
+    """Every service: its RPCs by outcome, from the error interceptor."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        make = _Families(registry)
+        self.requests = make.counter(
+            "meshgate_rpc_requests",
+            "Finished RPCs by method, gRPC status code and ErrorInfo reason ('' when OK).",
+            ("service", "method", "code", "reason"),
+        )
+        self.duration = make.histogram(
+            "meshgate_rpc_duration_seconds",
+            "Handling time of an RPC, a whole stream for streaming RPCs.",
+            ("service", "method"),
+            RPC_BUCKETS,
+        )
+
+    def observe(self, service: str, method: str, code: str, reason: str, seconds: float) -> None:
+        self.requests.labels(service, method, code, reason).inc()
+        self.duration.labels(service, method).observe(seconds)
+
+
+class RouterMetrics:
+    """The router's turns: latency of the stream, tokens, cache outcome, refusals."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        make = _Families(registry)
+        self.time_to_first_token = make.histogram(
+            "meshgate_router_time_to_first_token_seconds",
+            "From the turn's start to its first delta; deployment 'cache' for a cache hit.",
+            ("model", "deployment"),
+            TTFT_BUCKETS,
+        )
+        self.inter_token = make.histogram(
+            "meshgate_router_inter_token_seconds",
+            "Between consecutive generated deltas of a turn (cache replays excluded).",
+            ("model", "deployment"),
+            INTER_TOKEN_BUCKETS,
+        )
+        self.prompt_tokens = make.counter(
+            "meshgate_router_prompt_tokens", "Prompt tokens of finished turns.", ("model", "deployment")
+        )
+        self.completion_tokens = make.counter(
+            "meshgate_router_completion_tokens",
+            "Completion tokens of finished turns (a cache hit's are the stored answer's).",
+            ("model", "deployment"),
+        )
+        self.turns = make.counter(
+            "meshgate_router_turns",
+            "Turns by model, cache status (exact_hit, semantic_hit, miss, bypassed, none) "
+            "and outcome (completed, failed, cancelled).",
+            ("model", "cache", "outcome"),
+        )
+        self.limit_refusals = make.counter(
+            "meshgate_router_limit_refusals",
+            "Turns refused at admission, by limit, scope kind (tenant, key, model) and reason "
+            "(RATE_LIMITED, BUDGET_EXHAUSTED, REQUEST_EXCEEDS_LIMIT, LIMITS_UNAVAILABLE).",
+            ("limit", "scope", "reason"),
+        )
+        self.streams_in_flight = make.gauge(
+            "meshgate_router_streams_in_flight", "Turns under way.", ("model",)
+        )
+
+
+class CacheMetrics:
+    """The cache service: lookups by result, verifier rejections, stores, resident entries."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        make = _Families(registry)
+        self.lookups = make.counter(
+            "meshgate_cache_lookups",
+            "Lookups by result: exact_hit, semantic_hit or miss.",
+            ("result",),
+        )
+        self.verifier_rejections = make.counter(
+            "meshgate_cache_verifier_rejections",
+            "Semantic candidates above the similarity pre-filter that the verifier refused.",
+        )
+        self.stores = make.counter("meshgate_cache_stores", "Answers stored.")
+        # Resident only: counting every entry in Redis takes a full SCAN,
+        # which GetStats does on demand, never a scrape.
+        self.resident_rows = make.gauge(
+            "meshgate_cache_resident_entries", "Semantic entries held in this replica's vector indexes."
+        )
+        self.resident_indexes = make.gauge(
+            "meshgate_cache_resident_indexes", "Vector indexes (sub-partitions) held in memory."
+        )
+
+
+class ContextMetrics:
+    """The context service: prompt assembly latency and the tokens it weighed."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        make = _Families(registry)
+        self.assembly = make.histogram(
+            "meshgate_context_assembly_seconds",
+            "AssembleContext handling time, by strategy (adaptive, newest).",
+            ("strategy",),
+            ASSEMBLY_BUCKETS,
+        )
+        self.assembly_tokens = make.counter(
+            "meshgate_context_assembly_tokens",
+            "Tokens of the messages assemblies weighed, by disposition (included, summarized, dropped).",
+            ("disposition",),
+        )
+
+
+class BackendCollector(Collector):
+    """The inference service's Triton backends, read from its pool at scrape
+    time: no work on the request path. Triton's queue figures are its
+    cumulative statistics, fetched with each health probe."""
+
+    NAMES = (
+        "meshgate_inference_backend_live",
+        "meshgate_inference_backend_ready",
+        "meshgate_inference_backend_in_flight",
+        "meshgate_inference_model_ready",
+        "meshgate_triton_queue_seconds",
+        "meshgate_triton_compute_seconds",
+        "meshgate_triton_inferences",
+    )
+
+    def __init__(self, pool=None) -> None:
+        self._pool = pool
+
+    def describe(self):
+        return list(self._families())
+
+    def collect(self):
+        return self._families()
+
+    def _families(self):
+        live = GaugeMetricFamily(
+            self.NAMES[0], "1 when the Triton server answers ServerLive.", labels=["backend"]
+        )
+        ready = GaugeMetricFamily(self.NAMES[1], "1 when the Triton server is ready.", labels=["backend"])
+        in_flight = GaugeMetricFamily(
+            self.NAMES[2], "Requests this service has under way at the backend.", labels=["backend"]
+        )
+        model_ready = GaugeMetricFamily(
+            self.NAMES[3], "1 when the model is in rotation at the backend.", labels=["backend", "model"]
+        )
+        queue = CounterMetricFamily(
+            self.NAMES[4],
+            "Time requests waited in Triton's queue (Triton's statistics).",
+            labels=["backend", "model"],
+        )
+        compute = CounterMetricFamily(
+            self.NAMES[5], "Time Triton spent executing requests.", labels=["backend", "model"]
+        )
+        inferences = CounterMetricFamily(
+            self.NAMES[6], "Requests Triton finished successfully.", labels=["backend", "model"]
+        )
+        for backend in self._pool.backends if self._pool is not None else ():
+            address = backend.address
+            live.add_metric([address], float(backend.live))
+            ready.add_metric([address], float(backend.ready))
+            in_flight.add_metric([address], float(backend.in_flight))
+            for model in backend.models:
+                model_ready.add_metric([address, model], float(model in backend.ready_models))
+            for model, figures in backend.statistics.items():
+                queue.add_metric([address, model], figures.queue_ns / 1e9)
+                compute.add_metric([address, model], figures.compute_ns / 1e9)
+                inferences.add_metric([address, model], figures.successes)
+        return iter((live, ready, in_flight, model_ready, queue, compute, inferences))
+
+
+# --- the process's metrics -------------------------------------------------------
+
+_enabled = True
+_groups: dict[type, object] = {}
+
+
+def configure(enabled: bool) -> None:
+    """Called once at process start, before any service code asks for its
+    metrics (``telemetry.metrics``)."""
+    global _enabled
+    _enabled = enabled
+    _groups.clear()
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def _group(cls):
+    group = _groups.get(cls)
+    if group is None:
+        group = _groups[cls] = cls(REGISTRY if _enabled else None)
+    return group
+
+
+def rpc() -> RpcMetrics:
+    return _group(RpcMetrics)
+
+
+def router() -> RouterMetrics:
+    return _group(RouterMetrics)
+
+
+def cache() -> CacheMetrics:
+    return _group(CacheMetrics)
+
+
+def context() -> ContextMetrics:
+    return _group(ContextMetrics)
+
+
+def watch_backends(pool) -> None:
+    """Exports ``pool``'s backends (the inference service, once)."""
+    if _enabled and BackendCollector not in _groups:
+        collector = _groups[BackendCollector] = BackendCollector(pool)
+        REGISTRY.register(collector)
+
+
+class RpcObserver:
+    """What the error interceptor reports each finished RPC to."""
+
+    __slots__ = ("_metrics", "_service")
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+        self._metrics = rpc()
+
+    def __call__(self, method: str, code: str, reason: str, started: float) -> None:
+        # The method's last part only: "/meshgate.router.v1.RouterService/Chat" -> "RouterService/Chat".
+        self._metrics.observe(
+            self._service, method.rpartition(".")[2], code, reason, time.perf_counter() - started
+        )
+
+
+def serve(address: str) -> tuple[object, int]:
+    """Starts the metrics endpoint on ``host:port`` (port 0: any free one) in
+    a background thread; returns the server (``shutdown()`` stops it) and its port."""
+    host, _, port = address.rpartition(":")
+    server, _thread = prometheus_client.start_http_server(
+        int(port), addr=host or "127.0.0.1", registry=REGISTRY
+    )
+    return server, server.server_address[1]
+
+
+def exported_series(
+    groups: Iterable[type] = (RpcMetrics, RouterMetrics, CacheMetrics, ContextMetrics),
+) -> set[str]:
+    """Every series name the services can export (with the process
+    collector's), for checking dashboards against: the families of a fresh
+    registry holding every group (labelled ones, still without samples,
+    included), as Prometheus names their series."""
+    registry = CollectorRegistry()
+    for group in groups:
+        group(registry)
+    registry.register(BackendCollector())
+    prometheus_client.ProcessCollector(registry=registry)
+    names: set[str] = set()
+    for family in registry.collect():
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        elif family.type == "histogram":
+            names.update(family.name + suffix for suffix in ("_bucket", "_sum", "_count"))
+        else:
+            names.add(family.name)
+    return names
