@@ -142,6 +142,33 @@ async def test_exact_and_semantic_hits_and_an_unrelated_miss(router):
     assert other_tenant.cache_status == pb.CACHE_STATUS_MISS
 
 
+async def test_a_conversation_in_the_same_context_hits_one_in_a_swapped_context_misses(router):
+    def chat(*contents: str) -> pb.ChatRequest:
+        roles = (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)
+        messages = [common_pb2.Message(role=roles[i % 2], content=c) for i, c in enumerate(contents)]
+        return pb.ChatRequest(
+            model="tiny-gpt", messages=messages, parameters=common_pb2.GenerationParameters(max_tokens=8)
+        )
+
+    cancel = "How do I cancel it?"
+    stored_text, stored = await collect(
+        router.Chat(chat("I'm subscribed to the premium streaming plan.", "Noted.", cancel), metadata=DEV)
+    )
+    assert stored.cache_status == pb.CACHE_STATUS_MISS
+    # Small talk and reworded, the same subscription: its answer is reused.
+    reworded = "I pay for the premium video streaming subscription."
+    served, same = await collect(
+        router.Chat(chat("Hi there!", "Hello!", reworded, "Sure.", cancel), metadata=DEV)
+    )
+    assert same.cache_status == pb.CACHE_STATUS_SEMANTIC_HIT
+    assert "".join(served) == "".join(stored_text)
+    # A gym membership instead: "it" is something else, so it is generated.
+    _, swapped = await collect(
+        router.Chat(chat("I have a membership at the downtown gym.", "Noted.", cancel), metadata=DEV)
+    )
+    assert swapped.cache_status == pb.CACHE_STATUS_MISS
+
+
 async def test_session_follow_up_sees_earlier_turns_and_survives_a_context_restart(stack, router):
     session_id = (await router.CreateSession(pb.CreateSessionRequest(), metadata=DEV)).session_id
     _, first = await collect(
