@@ -182,6 +182,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         for name in ("router", "context", "cache", "inference", "triton"):
             print(f"  {name:<10} {stack.address(name)}")
         print(f"  {'redis':<10} {stack.redis_url}")
+        print(f"  {'http':<10} http://{stack.address('http')}/v1  (OpenAI-compatible, in the router)")
         print(f"\ndevelopment API key: {args.api_key}")
         print(f"logs: {stack.log_dir}   traces: {stack.traces_path}")
         print(f"mesh certificates (mutual TLS between the services): {stack.certs_dir}\n")

@@ -236,6 +236,14 @@ class RouterSettings:
     # read any tenant's usage and manage API keys (AdminService). None by
     # default: the admin RPCs then refuse every caller.
     admin_api_key_sha256: list[str] = dataclasses.field(default_factory=list)
+    # The OpenAI-compatible HTTP edge (services/router/http_edge.py), in
+    # this process; "" for none.
+    http_listen: str = "127.0.0.1:8080"
+    # Larger request bodies are refused with 413 before they are parsed.
+    http_max_body_bytes: int = 8 * 1024 * 1024
+    # The model name /v1/embeddings answers to: the inference services'
+    # embedding model (Embed), reached through the deployments' channels.
+    embedding_model: str = "minilm"
 
 
 @dataclasses.dataclass

@@ -164,6 +164,19 @@ class Reason(enum.StrEnum):
     INVALID_EMBEDDING_REQUEST = enum.auto()
     """The embedding model refused the request; the message says why."""
 
+    UNSUPPORTED_PARAMETER = enum.auto()
+    """An HTTP request uses an OpenAI parameter meshgate does not implement
+    (tools, n > 1, logprobs, ...); refused rather than ignored."""
+
+    BODY_TOO_LARGE = enum.auto()
+    """An HTTP request body is larger than router.http_max_body_bytes (HTTP 413)."""
+
+    UNKNOWN_ENDPOINT = enum.auto()
+    """UNIMPLEMENTED: the HTTP edge serves no such path (HTTP 404)."""
+
+    METHOD_NOT_SUPPORTED = enum.auto()
+    """UNIMPLEMENTED: the HTTP path takes another method (HTTP 405)."""
+
     # --- what the request names (NOT_FOUND, ALREADY_EXISTS, ABORTED) -------
     MODEL_NOT_FOUND = enum.auto()
     """No model of that name is configured."""

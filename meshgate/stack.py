@@ -42,6 +42,9 @@ class Ports:
     inference: int = 50054
     triton: int = 8001
     redis: int = 56379
+    # The router's OpenAI-compatible HTTP edge. None: 8080 for the default
+    # ports (`make run`), a free port for a stack given its own ports.
+    http: int | None = None
 
 
 def _toml_string(value: str) -> str:
@@ -62,6 +65,8 @@ class Stack:
     ) -> None:
         self.state_dir = state_dir.resolve()
         self.ports = ports or Ports()
+        if self.ports.http is None:
+            self.ports.http = 8080 if ports is None else free_port()
         self.external_redis_url = redis_url
         self.dev_api_key = dev_api_key
         self.extra_settings = extra_settings
@@ -134,6 +139,7 @@ deployments = [{{ name = "local", address = "127.0.0.1:{p.inference}", model = "
 
 [router]
 listen = "127.0.0.1:{p.router}"
+http_listen = "127.0.0.1:{p.http}"
 context_address = "127.0.0.1:{p.context}"
 cache_address = "127.0.0.1:{p.cache}"
 dev_api_key = {_toml_string(self.dev_api_key)}
@@ -201,7 +207,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
         """Fails before starting anything when a port is taken: a second
         `meshgate up` would otherwise pass its health checks against the
         first one's services while its own children fail to bind."""
-        names = ["triton", *SERVICES] + (["redis"] if self.external_redis_url is None else [])
+        names = ["triton", *SERVICES, "http"] + (["redis"] if self.external_redis_url is None else [])
         taken = []
         for name in names:
             with socket.socket() as sock:

@@ -20,6 +20,7 @@ from services.router.admission import Admission, TurnAdmission
 from services.router.auth import Authenticator
 from services.router.deployments import DeploymentTable
 from services.router.downstream import CacheService, ContextService, Deployments
+from services.router.http_edge import HttpEdge, HttpServer
 from services.router.keys import KeyStore
 from services.router.ledger import Ledger
 from services.router.pipeline import Pipeline
@@ -31,6 +32,7 @@ _RESTART_ONLY = (
     "router.context_address",
     "router.metrics_listen",
     "router.cache_address",
+    "router.http_listen",
     "router.downstream_timeout_s",
     "router.max_generation_s",
     "redis.url",
@@ -85,6 +87,11 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     # Keys as data, on the same port, behind the admin credential.
     admin = AdminServicer(authenticator, keys, settings.models)
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, service.server)
+    # The OpenAI-compatible HTTP edge: the same pipeline, on this event loop.
+    edge = HttpEdge(settings.router, settings.models, authenticator, pipeline, deployments)
+    http = HttpServer(edge, router.http_listen) if router.http_listen else None
+    if http is not None:
+        await http.start()
 
     started_with = settings
 
@@ -102,10 +109,15 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         authenticator.reconfigure(new.router)
         servicer.reconfigure(new)
         admin.reconfigure(new.models)
+        edge.reconfigure(new.router, new.models)
 
     service.reload_hooks.append(reload)
 
     async def cleanup() -> None:
+        # The HTTP edge first: its streams under way finish over the
+        # channels below.
+        if http is not None:
+            await http.stop()
         await deployments.close()
         await context_channel.close()
         await cache_channel.close()

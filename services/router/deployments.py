@@ -75,6 +75,17 @@ class DeploymentTable:
             by_alias[alias] = deployments
         self._by_alias = by_alias
 
+    def inference_stubs(self) -> list:
+        """One stub per inference service the deployments reach, for calls
+        that name no model alias (Embed): routed models' services first."""
+        stubs, seen = [], set()
+        for deployments in self._by_alias.values():
+            for deployment in deployments:
+                if deployment.address not in seen:
+                    seen.add(deployment.address)
+                    stubs.append(deployment.stub)
+        return stubs
+
     def candidates(self, alias: str) -> list[Deployment]:
         """Deployments in the order to try them: a weighted draw among those
         with a closed circuit, then the rest as fallbacks."""

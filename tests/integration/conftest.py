@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 
 from meshgate import serving, triton
-from meshgate.config import Settings
+from meshgate.config import RouterSettings, Settings
 from meshgate.stack import build_model_weights, free_port
 from services.inference import app as inference_app
 from tests.mesh import mesh_settings
@@ -73,6 +74,12 @@ async def wait_until_serving(service: serving.Service, timeout_s: float = 30.0) 
 @contextlib.asynccontextmanager
 async def running(app_module, name: str, settings: Settings):
     """A service in-process on a free port; yields its address."""
+    if name == "router" and settings.router.http_listen == RouterSettings.http_listen:
+        # A router's HTTP edge on a free port too, not the shared default
+        # (tests/integration/test_http_edge.py picks its own).
+        settings = dataclasses.replace(
+            settings, router=dataclasses.replace(settings.router, http_listen="127.0.0.1:0")
+        )
     service = serving.Service(name, app_module.SERVICE_NAMES)
     cleanup = await app_module.setup(service, settings)
     port = await serving.start(service, "127.0.0.1:0", cleanup)

@@ -142,6 +142,8 @@ deployments = [{{ name = "live", address = {_toml(inference_address)}, model = "
 context_address = {_toml(context_address)}
 cache_address = {_toml(cache_address)}
 dev_tenant = false
+# Replicas on one machine: no HTTP edge (its default port is one for all).
+http_listen = ""
 # A hit replays in paced pieces: a stream that stays live for a while.
 replay_pause_s = 0.1
 """

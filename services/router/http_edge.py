@@ -1,0 +1,716 @@
+"""The router's OpenAI-compatible HTTP edge: ``POST /v1/chat/completions``
+(server-sent events or one JSON body), ``GET /v1/models`` and
+``POST /v1/embeddings``, in the router process, on its event loop.
+
+It is a second front end over the same :class:`Pipeline` as the gRPC
+servicer: the same Bearer keys and tenants, limits, cache and sessions. It
+turns JSON into a ChatRequest, the pipeline's events into OpenAI's
+``chat.completion(.chunk)`` objects, and every MeshgateError into an HTTP
+status and OpenAI's error body through one table (:data:`HTTP_ERRORS`).
+
+A raw ASGI app over uvicorn with httptools: chosen by
+``bench/edge_bench.py``'s stack comparison (uvicorn+httptools had the
+lowest first-byte latency and CPU per streamed request of uvicorn (h11 or
+httptools), hypercorn and granian's embedded server; a framework such as
+starlette would add routing we do not need). uvicorn's ``Server`` runs on
+the router's running uvloop loop: no thread, no extra hop.
+
+Extensions in the body (the openai SDK sends them with ``extra_body``):
+``session_id`` continues a session, ``"new"`` starts one (the answer's
+``meshgate`` object names the session and its version); ``cache_policy``
+is ``use`` (the default), ``bypass`` or ``refresh``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import math
+import socket
+import time
+import uuid
+
+import grpc
+import structlog
+import uvicorn
+from google.rpc import error_details_pb2
+from opentelemetry import trace
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import ModelSettings, RouterSettings
+from meshgate.errors import MeshgateError, from_rpc_error, internal_error, invalid_argument, not_found
+from meshgate.inference.v1 import inference_service_pb2 as inference_pb
+from meshgate.reasons import Reason
+from meshgate.router.v1 import router_service_pb2 as pb
+from services.router.auth import Authenticator, Tenant
+from services.router.deployments import DeploymentTable
+from services.router.pipeline import Budget, CacheStatus, Completion, Delta, Failure, Pipeline
+
+log = structlog.get_logger(__name__)
+_tracer = trace.get_tracer("meshgate.http")
+
+# --- errors ------------------------------------------------------------------
+
+# (gRPC code, reason) -> (HTTP status, OpenAI error type); a reason of None
+# stands for any reason of that code without its own row.
+HTTP_ERRORS: dict[tuple[grpc.StatusCode, str | None], tuple[int, str]] = {
+    (grpc.StatusCode.INVALID_ARGUMENT, None): (400, "invalid_request_error"),
+    (grpc.StatusCode.INVALID_ARGUMENT, Reason.BODY_TOO_LARGE): (413, "invalid_request_error"),
+    (grpc.StatusCode.FAILED_PRECONDITION, None): (400, "invalid_request_error"),
+    (grpc.StatusCode.OUT_OF_RANGE, None): (400, "invalid_request_error"),
+    (grpc.StatusCode.UNAUTHENTICATED, None): (401, "authentication_error"),
+    (grpc.StatusCode.PERMISSION_DENIED, None): (403, "permission_error"),
+    (grpc.StatusCode.NOT_FOUND, None): (404, "not_found_error"),
+    # OpenAI answers an unknown model with 404 and this type.
+    (grpc.StatusCode.NOT_FOUND, Reason.MODEL_NOT_FOUND): (404, "invalid_request_error"),
+    (grpc.StatusCode.UNIMPLEMENTED, Reason.UNKNOWN_ENDPOINT): (404, "invalid_request_error"),
+    (grpc.StatusCode.UNIMPLEMENTED, Reason.METHOD_NOT_SUPPORTED): (405, "invalid_request_error"),
+    (grpc.StatusCode.ABORTED, None): (409, "conflict_error"),
+    (grpc.StatusCode.ALREADY_EXISTS, None): (409, "conflict_error"),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, None): (429, "rate_limit_error"),
+    # A full session stays full: retrying later does not help.
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.SESSION_FULL): (409, "conflict_error"),
+    (grpc.StatusCode.UNAVAILABLE, None): (503, "service_unavailable_error"),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, None): (504, "timeout_error"),
+    (grpc.StatusCode.CANCELLED, None): (503, "service_unavailable_error"),
+}
+_DEFAULT_HTTP_ERROR = (500, "api_error")
+
+# The request field a validation reason is about (OpenAI's error "param").
+_PARAM_OF_REASON = {
+    Reason.MODEL_NOT_FOUND: "model",
+    Reason.MODEL_NOT_ALLOWED: "model",
+    Reason.EMPTY_MESSAGES: "messages",
+    Reason.TOO_MANY_MESSAGES: "messages",
+    Reason.INVALID_ROLE: "messages",
+    Reason.MESSAGE_TOO_LARGE: "messages",
+    Reason.LAST_MESSAGE_NOT_USER: "messages",
+    Reason.INVALID_MAX_TOKENS: "max_tokens",
+    Reason.MAX_TOKENS_TOO_LARGE: "max_tokens",
+    Reason.INVALID_TEMPERATURE: "temperature",
+    Reason.INVALID_TOP_P: "top_p",
+    Reason.INVALID_SEED: "seed",
+    Reason.INVALID_STOP: "stop",
+    Reason.INVALID_SESSION_ID: "session_id",
+    Reason.SESSION_NOT_FOUND: "session_id",
+    Reason.EMPTY_TEXTS: "input",
+    Reason.TOO_MANY_TEXTS: "input",
+    Reason.TEXT_TOO_LARGE: "input",
+}
+
+
+def http_error(error: MeshgateError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Status, headers and OpenAI-style body for ``error``; 429s carry
+    Retry-After when the limit said when to retry (RetryInfo)."""
+    status, kind = HTTP_ERRORS.get((error.code, error.reason)) or HTTP_ERRORS.get(
+        (error.code, None), _DEFAULT_HTTP_ERROR
+    )
+    headers = [(b"content-type", b"application/json")]
+    for detail in error.details:
+        if isinstance(detail, error_details_pb2.RetryInfo):
+            seconds = detail.retry_delay.seconds + detail.retry_delay.nanos / 1e9
+            headers.append((b"retry-after", str(max(1, math.ceil(seconds))).encode()))
+    return status, headers, _json(error_body(error, kind))
+
+
+def error_body(error: MeshgateError, kind: str | None = None) -> dict:
+    if kind is None:
+        kind = (HTTP_ERRORS.get((error.code, None)) or _DEFAULT_HTTP_ERROR)[1]
+    body = {
+        "message": error.message,
+        "type": kind,
+        # The ErrorInfo reason, spelled as every other front end spells it.
+        "code": error.reason,
+        "param": error.metadata.get("param") or _PARAM_OF_REASON.get(error.reason),
+    }
+    if error.metadata:
+        body["metadata"] = {key: value for key, value in error.metadata.items() if key != "param"}
+    return {"error": body}
+
+
+def _bad_request(message: str, param: str, reason: Reason = Reason.MALFORMED_REQUEST) -> MeshgateError:
+    return invalid_argument(reason, message, param=param)
+
+
+def _json(value) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# --- requests ----------------------------------------------------------------
+
+_ROLES = {
+    "system": common_pb2.ROLE_SYSTEM,
+    "developer": common_pb2.ROLE_SYSTEM,
+    "user": common_pb2.ROLE_USER,
+    "assistant": common_pb2.ROLE_ASSISTANT,
+}
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
+# Fields whose use would change the answer in ways the mesh does not do:
+# refused, never silently ignored. (Penalties and logit_bias at their
+# neutral values are accepted, as SDKs send them.)
+_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "audio", "modalities", "prediction")
+# A session_id asking for a new session.
+NEW_SESSION = "new"
+# The cache_policy extension's values.
+CACHE_POLICIES = {
+    "use": pb.CACHE_POLICY_USE,
+    "bypass": pb.CACHE_POLICY_BYPASS,
+    "refresh": pb.CACHE_POLICY_REFRESH,
+}
+
+
+def _integer(body: dict, name: str, upper: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not -upper <= value <= upper:
+        raise _bad_request(f"{name} must be an integer", name)
+    return value
+
+
+def _number(body: dict, name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad_request(f"{name} must be a number", name)
+    return float(value)
+
+
+def _text_of(content, index: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            text = part.get("text") if isinstance(part, dict) and part.get("type") == "text" else None
+            if not isinstance(text, str):
+                raise _bad_request(
+                    f"messages[{index}].content: only text parts are supported",
+                    "messages",
+                    Reason.UNSUPPORTED_PARAMETER,
+                )
+            parts.append(text)
+        return "".join(parts)
+    raise _bad_request(f"messages[{index}].content must be a string or text parts", "messages")
+
+
+def _messages(raw) -> list[common_pb2.Message]:
+    if not isinstance(raw, list):
+        raise _bad_request("messages must be an array", "messages")
+    messages = []
+    for index, message in enumerate(raw):
+        if not isinstance(message, dict):
+            raise _bad_request(f"messages[{index}] must be an object", "messages")
+        role = _ROLES.get(message.get("role"))
+        if role is None:
+            raise _bad_request(
+                f"messages[{index}].role must be system, developer, user or assistant",
+                "messages",
+                Reason.INVALID_ROLE,
+            )
+        messages.append(common_pb2.Message(role=role, content=_text_of(message.get("content"), index)))
+    return messages
+
+
+def _parameters(body: dict) -> common_pb2.GenerationParameters:
+    parameters = common_pb2.GenerationParameters()
+    max_tokens = _integer(body, "max_completion_tokens", _INT32_MAX)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", _INT32_MAX)
+    if max_tokens is not None:
+        parameters.max_tokens = max_tokens
+    for name in ("temperature", "top_p"):
+        value = _number(body, name)
+        if value is not None:
+            setattr(parameters, name, value)
+    seed = _integer(body, "seed", _INT64_MAX)
+    if seed is not None:
+        parameters.seed = seed
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        parameters.stop.append(stop)
+    elif isinstance(stop, list) and all(isinstance(item, str) for item in stop):
+        parameters.stop.extend(stop)
+    elif stop is not None:
+        raise _bad_request("stop must be a string or an array of strings", "stop")
+    return parameters
+
+
+def _refuse_unsupported(body: dict) -> None:
+    for name in _UNSUPPORTED:
+        if body.get(name) not in (None, [], {}):
+            raise _bad_request(f"{name} is not supported", name, Reason.UNSUPPORTED_PARAMETER)
+    if body.get("n", 1) != 1:
+        raise _bad_request("n must be 1", "n", Reason.UNSUPPORTED_PARAMETER)
+    if body.get("logprobs"):
+        raise _bad_request("logprobs are not supported", "logprobs", Reason.UNSUPPORTED_PARAMETER)
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise _bad_request(
+            "only the text response_format is supported", "response_format", Reason.UNSUPPORTED_PARAMETER
+        )
+    for name in ("frequency_penalty", "presence_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise _bad_request(f"{name} is not supported", name, Reason.UNSUPPORTED_PARAMETER)
+    if body.get("logit_bias") not in (None, {}):
+        raise _bad_request("logit_bias is not supported", "logit_bias", Reason.UNSUPPORTED_PARAMETER)
+
+
+class ChatCall:
+    """One ``/v1/chat/completions`` body, checked for shape (the pipeline
+    checks the values, as for a gRPC turn)."""
+
+    def __init__(self, body) -> None:
+        if not isinstance(body, dict):
+            raise _bad_request("the body must be a JSON object", "")
+        _refuse_unsupported(body)
+        model = body.get("model")
+        if not isinstance(model, str):
+            raise _bad_request("model must be a string", "model")
+        session_id = body.get("session_id", "")
+        if not isinstance(session_id, str):
+            raise _bad_request("session_id must be a string", "session_id")
+        cache_policy = body.get("cache_policy", "use")
+        if cache_policy not in CACHE_POLICIES:
+            raise _bad_request(
+                "cache_policy must be use, bypass or refresh", "cache_policy", Reason.INVALID_CACHE_POLICY
+            )
+        self.create_session = session_id == NEW_SESSION
+        self.session_id = "" if self.create_session else session_id
+        self.request = pb.ChatRequest(
+            model=model,
+            session_id=self.session_id,
+            messages=_messages(body.get("messages")),
+            parameters=_parameters(body),
+            cache_policy=CACHE_POLICIES[cache_policy],
+        )
+        self.stream = body.get("stream") is True
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise _bad_request("stream_options must be an object", "stream_options")
+        self.include_usage = self.stream and options.get("include_usage") is True
+
+
+# --- responses ---------------------------------------------------------------
+
+_CACHE_STATUS = {status: status.value for status in CacheStatus}
+
+
+def _usage(completion: Completion) -> dict:
+    answer = completion.answer
+    return {
+        "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.completion_tokens,
+        "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+    }
+
+
+def _extension(completion: Completion) -> dict:
+    """What meshgate adds to OpenAI's objects, under one key."""
+    return {
+        "session_id": completion.session_id,
+        "session_version": completion.session_version,
+        "cache_status": _CACHE_STATUS[completion.cache_status],
+        "cache_similarity": completion.similarity,
+        "deployment": completion.answer.deployment,
+        "trace_id": completion.trace_id,
+    }
+
+
+class _Chunks:
+    """``chat.completion.chunk`` events of one stream. A delta is spliced
+    into a prefix built once per stream: one json.dumps of the text per
+    piece, not of the whole object."""
+
+    def __init__(self, completion_id: str, created: int, model: str) -> None:
+        self._head = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+        }
+        self._delta_prefix = _json(self._head)[:-1] + b',"choices":[{"index":0,"delta":{'
+        self._role_sent = False
+
+    def delta(self, text: str) -> bytes:
+        role = b""
+        if not self._role_sent:
+            role, self._role_sent = b'"role":"assistant",', True
+        return (
+            b"data: "
+            + self._delta_prefix
+            + role
+            + b'"content":'
+            + json.dumps(text, ensure_ascii=False).encode()
+            + b'},"logprobs":null,"finish_reason":null}]}\n\n'
+        )
+
+    def finish(self, completion: Completion, include_usage: bool) -> bytes:
+        events = []
+        if not self._role_sent:  # an empty answer still says who spoke
+            events.append(self.delta(""))
+        choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(completion)}
+        finish = dict(
+            self._head,
+            choices=[choice],
+            meshgate=_extension(completion),
+        )
+        events.append(b"data: " + _json(finish) + b"\n\n")
+        if include_usage:
+            events.append(b"data: " + _json(dict(self._head, choices=[], usage=_usage(completion))) + b"\n\n")
+        events.append(b"data: [DONE]\n\n")
+        return b"".join(events)
+
+
+def _finish_reason(completion: Completion) -> str:
+    return completion.answer.finish_reason or "stop"
+
+
+# --- the ASGI app ------------------------------------------------------------
+
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    # Proxies (nginx) must pass events through as they come.
+    (b"x-accel-buffering", b"no"),
+]
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class _Disconnected(Exception):
+    """The client hung up before the response was complete."""
+
+
+class HttpEdge:
+    """The ASGI app. Each request runs in one task, cancelled when its client
+    disconnects: the pipeline then cancels the generation, as for a gRPC
+    caller that hangs up."""
+
+    def __init__(
+        self,
+        settings: RouterSettings,
+        models: dict[str, ModelSettings],
+        authenticator: Authenticator,
+        pipeline: Pipeline,
+        deployments: DeploymentTable,
+    ) -> None:
+        self._auth = authenticator
+        self._pipeline = pipeline
+        self._deployments = deployments
+        # OpenAI's "created" of a model: when this router began serving it.
+        self._started = int(time.time())
+        self.reconfigure(settings, models)
+        self._routes = {
+            "/v1/chat/completions": ("POST", self._chat),
+            "/v1/models": ("GET", self._models_list),
+            "/v1/embeddings": ("POST", self._embeddings),
+        }
+
+    def reconfigure(self, settings: RouterSettings, models: dict[str, ModelSettings]) -> None:
+        self._settings = settings
+        self._models = models
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":  # lifespan is off; websockets are not served
+            return
+        response = _Response(send)
+        try:
+            route = self._routes.get(scope["path"])
+            if route is None:
+                raise MeshgateError(
+                    grpc.StatusCode.UNIMPLEMENTED, Reason.UNKNOWN_ENDPOINT, f"no endpoint {scope['path']}"
+                )
+            method, handler = route
+            if scope["method"] != method:
+                raise MeshgateError(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    Reason.METHOD_NOT_SUPPORTED,
+                    f"{scope['path']} takes {method}",
+                )
+            body = await _read_body(receive, self._settings.http_max_body_bytes)
+            await _until_disconnect(handler(scope, body, response.send), receive, response)
+        except _Disconnected:
+            return
+        except MeshgateError as error:
+            if not response.started:
+                await _send_error(send, error)
+        except Exception:  # noqa: BLE001 - a bug fails its request with a 500, nothing of its insides
+            log.exception("http request failed", path=scope["path"])
+            if not response.started:
+                await _send_error(send, internal_error())
+
+    # --- handlers --------------------------------------------------------------
+
+    async def _tenant(self, scope) -> Tenant:
+        # The gRPC metadata shape the authenticator reads (ASGI names are lower case).
+        metadata = [
+            ("authorization", value.decode("latin-1"))
+            for name, value in scope["headers"]
+            if name == b"authorization"
+        ]
+        return await self._auth.authenticate(metadata)
+
+    async def _chat(self, scope, body: bytes, send) -> None:
+        tenant = await self._tenant(scope)
+        call = ChatCall(_parse_json(body))
+        with _tracer.start_as_current_span("POST /v1/chat/completions", kind=trace.SpanKind.SERVER):
+            events = self._pipeline.run(
+                call.request, tenant, call.session_id, Budget(), create_session=call.create_session
+            )
+            async with contextlib.aclosing(events):
+                if call.stream:
+                    await self._stream(call, events, send)
+                else:
+                    await self._whole(call, events, send)
+
+    async def _stream(self, call: ChatCall, events, send) -> None:
+        chunks = _Chunks(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), call.request.model)
+        # The status waits for the first event: a turn refused before any
+        # output (validation, limits, no deployment) gets its HTTP status.
+        first = await anext(events)
+        if isinstance(first, Failure):
+            raise first.error
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        event = first
+        while True:
+            match event:
+                case Delta(text=text):
+                    await send({"type": "http.response.body", "body": chunks.delta(text), "more_body": True})
+                case Completion():
+                    body = chunks.finish(event, call.include_usage)
+                    await send({"type": "http.response.body", "body": body})
+                    return
+                case Failure(error=error):
+                    # Mid-stream: the status has gone out, so the failure is an
+                    # error event (the openai SDK raises it) and the stream
+                    # ends without [DONE]: never a silent short answer.
+                    body = b"data: " + _json(error_body(error)) + b"\n\n"
+                    await send({"type": "http.response.body", "body": body})
+                    return
+            event = await anext(events)
+
+    async def _whole(self, call: ChatCall, events, send) -> None:
+        pieces = []
+        async for event in events:
+            match event:
+                case Delta(text=text):
+                    pieces.append(text)
+                case Completion():
+                    body = {
+                        "id": f"chatcmpl-{uuid.uuid4().hex}",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": call.request.model,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": "".join(pieces)},
+                                "logprobs": None,
+                                "finish_reason": _finish_reason(event),
+                            }
+                        ],
+                        "usage": _usage(event),
+                        "meshgate": _extension(event),
+                    }
+                    await _send_json(send, 200, body)
+                    return
+                case Failure(error=error):
+                    raise error
+
+    async def _models_list(self, scope, body: bytes, send) -> None:
+        tenant = await self._tenant(scope)
+        aliases = sorted(alias for alias in self._models if tenant.may_use(alias))
+        embedding = self._settings.embedding_model
+        if embedding and tenant.may_use(embedding) and embedding not in aliases:
+            aliases.append(embedding)
+        data = []
+        for alias in aliases:
+            entry = {"id": alias, "object": "model", "created": self._started, "owned_by": "meshgate"}
+            model = self._models.get(alias)
+            if model is not None:
+                entry["context_window"] = model.context_window_tokens
+                entry["max_output_tokens"] = model.max_output_tokens
+            data.append(entry)
+        await _send_json(send, 200, {"object": "list", "data": data})
+
+    async def _embeddings(self, scope, raw: bytes, send) -> None:
+        tenant = await self._tenant(scope)
+        body = _parse_json(raw)
+        if not isinstance(body, dict):
+            raise _bad_request("the body must be a JSON object", "")
+        model = body.get("model")
+        if not isinstance(model, str) or not model or model != self._settings.embedding_model:
+            raise not_found(Reason.MODEL_NOT_FOUND, f"unknown embedding model {model!r}", model=str(model))
+        if not tenant.may_use(model):
+            raise MeshgateError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                Reason.MODEL_NOT_ALLOWED,
+                f"tenant may not use model {model!r}",
+                {"model": model},
+            )
+        texts = body.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+            raise _bad_request("input must be a string or an array of strings (token arrays: no)", "input")
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise _bad_request("encoding_format must be float or base64", "encoding_format")
+        if body.get("dimensions") is not None:
+            raise _bad_request("dimensions is not supported", "dimensions", Reason.UNSUPPORTED_PARAMETER)
+        with _tracer.start_as_current_span("POST /v1/embeddings", kind=trace.SpanKind.SERVER):
+            response = await self._embed(texts)
+        dimensions = response.dimensions
+        row_bytes = 4 * dimensions
+        data = []
+        for index in range(len(texts)):
+            row = response.vectors[index * row_bytes : (index + 1) * row_bytes]
+            if encoding == "base64":
+                # OpenAI's base64 is these very bytes: little-endian float32.
+                embedding = base64.b64encode(row).decode()
+            else:
+                embedding = memoryview(row).cast("f").tolist()
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        await _send_json(send, 200, {"object": "list", "data": data, "model": model})
+
+    async def _embed(self, texts: list[str]) -> inference_pb.EmbedResponse:
+        """Embed on the first inference service that answers."""
+        last_error: grpc.aio.AioRpcError | None = None
+        for stub in self._deployments.inference_stubs():
+            try:
+                return await stub.Embed(
+                    inference_pb.EmbedRequest(texts=texts), timeout=self._settings.downstream_timeout_s
+                )
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise from_rpc_error(error, "inference") from error
+                last_error = error
+        if last_error is not None:
+            raise from_rpc_error(last_error, "inference") from last_error
+        raise MeshgateError(
+            grpc.StatusCode.UNAVAILABLE, Reason.NO_DEPLOYMENT_AVAILABLE, "no inference service is configured"
+        )
+
+
+class _Response:
+    """Whether the response has started and whether it is complete."""
+
+    def __init__(self, send) -> None:
+        self._send = send
+        self.started = False
+        self.complete = False
+
+    async def send(self, message) -> None:
+        self.started = True
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            self.complete = True
+        await self._send(message)
+
+
+async def _until_disconnect(work, receive, response: _Response) -> None:
+    """Runs ``work`` and cancels it when the client disconnects before its
+    response is complete. (uvicorn reports a disconnect also once the
+    response is complete; the work may then still be settling the turn.)"""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not response.complete:
+                    task.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await task
+    except asyncio.CancelledError:
+        if watcher.done() and not response.complete:
+            raise _Disconnected from None
+        raise
+    finally:
+        watcher.cancel()
+
+
+async def _read_body(receive, limit: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise invalid_argument(
+                Reason.BODY_TOO_LARGE, f"the body is larger than {limit} bytes", limit=str(limit)
+            )
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _parse_json(body: bytes):
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise _bad_request(f"the body is not valid JSON: {error}", "") from None
+
+
+async def _send_json(send, status: int, body) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": _JSON_HEADERS})
+    await send({"type": "http.response.body", "body": _json(body)})
+
+
+async def _send_error(send, error: MeshgateError) -> None:
+    status, headers, body = http_error(error)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# --- the server ----------------------------------------------------------------
+
+
+class HttpServer:
+    """uvicorn serving an app on the running loop, from a socket bound here
+    (a taken port fails setup with OSError, not uvicorn's sys.exit)."""
+
+    def __init__(self, app, listen: str, graceful_s: float = 5.0) -> None:
+        host, _, port = listen.rpartition(":")
+        self._socket = socket.create_server((host.strip("[]") or "127.0.0.1", int(port)), backlog=1024)
+        self.port = self._socket.getsockname()[1]
+        config = uvicorn.Config(
+            app,
+            http="httptools",
+            lifespan="off",
+            # The router logs as structlog JSON; uvicorn's own loggers stay quiet.
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=graceful_s,
+        )
+        config.load()
+        self._server = uvicorn.Server(config)
+        # What Server.serve() sets up; serve() itself would also take over
+        # SIGINT/SIGTERM, which belong to the router (serving.py).
+        self._server.lifespan = config.lifespan_class(config)
+        self._ticks: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self._server.startup(sockets=[self._socket])
+        # The tick loop refreshes the Date header and notices should_exit.
+        self._ticks = asyncio.ensure_future(self._server.main_loop())
+
+    async def stop(self) -> None:
+        """Stops accepting, lets responses under way finish (for at most
+        the graceful period), then closes."""
+        self._server.should_exit = True
+        if self._ticks is not None:
+            await self._ticks
+            await self._server.shutdown(sockets=[self._socket])
+        self._socket.close()

@@ -1,0 +1,355 @@
+"""The router's OpenAI-compatible HTTP edge against the real mesh (router,
+context, cache and inference in-process, real Triton tiny_gpt and minilm,
+real Redis), through the official openai SDK and through raw httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from meshgate.config import (
+    DeploymentSettings,
+    LimitSettings,
+    ModelSettings,
+    Settings,
+    TenantSettings,
+    hash_api_key,
+)
+from meshgate.stack import free_port
+from services.cache import app as cache_app
+from services.context import app as context_app
+from services.router import app as router_app
+from tests.integration.conftest import running
+from tests.mesh import mesh_settings
+
+pytestmark = pytest.mark.integration
+
+KEY = "http-edge-test-key"
+AUTH = {"authorization": f"Bearer {KEY}"}
+LIMITED_KEY = "http-edge-limited-key"
+NARROW_KEY = "http-edge-narrow-key"
+LIMITED_RPM = 2
+
+
+@pytest.fixture(scope="module")
+async def base_url(redis_url, inference_address):
+    settings = Settings(mesh=mesh_settings())
+    settings.redis.url = redis_url
+    settings.cache.inference_address = inference_address
+    settings.router.dev_api_key = KEY
+    settings.router.tenants = [
+        TenantSettings(
+            id=f"limited-{uuid.uuid4().hex[:8]}",
+            api_key_sha256=[hash_api_key(LIMITED_KEY)],
+            limits=LimitSettings(requests_per_minute=LIMITED_RPM),
+        ),
+        TenantSettings(id="narrow", api_key_sha256=[hash_api_key(NARROW_KEY)], models=["other"]),
+    ]
+    live = DeploymentSettings(name="live", address=inference_address, model="tiny-gpt", weight=1)
+    settings.models = {
+        "tiny-gpt": ModelSettings(deployments=[live]),
+        "other": ModelSettings(deployments=[live]),
+    }
+    settings.router.http_listen = f"127.0.0.1:{free_port()}"
+    async with contextlib.AsyncExitStack() as stack:
+        settings.router.context_address = await stack.enter_async_context(
+            running(context_app, "context", settings)
+        )
+        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
+        await stack.enter_async_context(running(router_app, "router", settings))
+        yield f"http://{settings.router.http_listen}/v1"
+
+
+@pytest.fixture
+def client(base_url):
+    with openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+async def async_client(base_url):
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=60) as client:
+        yield client
+
+
+def question(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def unique(text: str) -> str:
+    """A question the cache has not seen."""
+    return f"{text} {uuid.uuid4().hex[:8]}"
+
+
+# The SDK's sync client blocks; the mesh runs on this test's event loop.
+async def sync(function, *args, **kwargs):
+    return await asyncio.to_thread(function, *args, **kwargs)
+
+
+# --- the openai SDK ----------------------------------------------------------
+
+
+async def test_sync_sdk_without_streaming(client):
+    completion = await sync(
+        client.chat.completions.create,
+        model="tiny-gpt",
+        messages=question(unique("hello there")),
+        max_tokens=5,
+        temperature=0,
+        extra_body={"cache_policy": "bypass"},
+    )
+    choice = completion.choices[0]
+    assert completion.object == "chat.completion"
+    assert completion.model == "tiny-gpt"
+    assert choice.message.role == "assistant"
+    assert choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert completion.usage.prompt_tokens > 0
+    assert 0 < completion.usage.completion_tokens <= 5
+    usage = completion.usage
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert completion.meshgate["cache_status"] == "bypassed"
+    assert completion.meshgate["deployment"] == "live"
+    assert "trace_id" in completion.meshgate  # empty here: the tests install no tracer
+
+
+async def test_sync_sdk_streaming_joins_to_the_non_streamed_answer(client):
+    text = unique("tell me about rivers")
+    stream = await sync(
+        client.chat.completions.create,
+        model="tiny-gpt",
+        messages=question(text),
+        max_tokens=8,
+        temperature=0,
+        seed=7,
+        stream=True,
+    )
+    chunks = await sync(list, stream)
+    pieces = [chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert len({chunk.id for chunk in chunks}) == 1
+    assert all(chunk.usage is None for chunk in chunks)  # include_usage was not asked for
+    # The same question again comes from the cache, whole.
+    again = await sync(
+        client.chat.completions.create,
+        model="tiny-gpt",
+        messages=question(text),
+        max_tokens=8,
+        temperature=0,
+        seed=7,
+    )
+    assert again.choices[0].message.content == "".join(pieces)
+    assert again.meshgate["cache_status"] == "exact_hit"
+
+
+async def test_async_sdk_streaming_with_usage_in_the_final_chunk(async_client):
+    stream = await async_client.chat.completions.create(
+        model="tiny-gpt",
+        messages=question(unique("count to three")),
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    last = chunks[-1]
+    assert last.choices == []
+    assert last.usage.completion_tokens > 0
+    assert last.usage.prompt_tokens > 0
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text
+
+
+async def test_async_sdk_without_streaming(async_client):
+    completion = await async_client.chat.completions.create(
+        model="tiny-gpt",
+        messages=[{"role": "system", "content": "Be brief."}, *question(unique("hi"))],
+        max_completion_tokens=3,
+    )
+    assert completion.choices[0].message.content
+    assert completion.usage.completion_tokens <= 3
+
+
+async def test_a_session_continues_across_requests(async_client):
+    first = await async_client.chat.completions.create(
+        model="tiny-gpt",
+        messages=question("My name is Ada."),
+        max_tokens=3,
+        extra_body={"session_id": "new"},
+    )
+    session_id = first.meshgate["session_id"]
+    assert session_id and first.meshgate["session_version"] > 0
+    second = await async_client.chat.completions.create(
+        model="tiny-gpt",
+        messages=question("What is my name?"),
+        max_tokens=3,
+        extra_body={"session_id": session_id},
+    )
+    assert second.meshgate["session_id"] == session_id
+    assert second.meshgate["session_version"] > first.meshgate["session_version"]
+    # The earlier turn is part of the prompt the model saw.
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+
+
+async def test_models_lists_what_the_tenant_may_use(async_client, base_url):
+    models = await async_client.models.list()
+    assert {model.id for model in models.data} == {"tiny-gpt", "other", "minilm"}
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=NARROW_KEY, max_retries=0) as narrow:
+        assert [model.id for model in (await narrow.models.list()).data] == ["other"]
+
+
+async def test_embeddings_float_and_base64(async_client):
+    # The SDK asks for base64 by default and decodes it.
+    result = await async_client.embeddings.create(model="minilm", input=["a cat", "a dog", "a car"])
+    vectors = np.array([item.embedding for item in result.data])
+    assert vectors.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    floats = await async_client.embeddings.create(model="minilm", input="a cat", encoding_format="float")
+    assert np.allclose(floats.data[0].embedding, vectors[0], atol=1e-6)
+
+
+# --- errors --------------------------------------------------------------------
+
+
+async def test_a_bad_key_is_401(base_url):
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="wrong", max_retries=0) as wrong:
+        with pytest.raises(openai.AuthenticationError) as raised:
+            await wrong.chat.completions.create(model="tiny-gpt", messages=question("hi"))
+    assert raised.value.status_code == 401
+    assert raised.value.code == "API_KEY_INVALID"
+    assert raised.value.type == "authentication_error"
+
+
+async def test_an_unknown_model_is_404(async_client):
+    with pytest.raises(openai.NotFoundError) as raised:
+        await async_client.chat.completions.create(model="no-such-model", messages=question("hi"))
+    assert raised.value.code == "MODEL_NOT_FOUND"
+    assert raised.value.param == "model"
+    with pytest.raises(openai.NotFoundError):
+        await async_client.embeddings.create(model="no-such-model", input="hi")
+
+
+async def test_a_forbidden_model_is_403(base_url):
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=NARROW_KEY, max_retries=0) as narrow:
+        with pytest.raises(openai.PermissionDeniedError) as raised:
+            await narrow.chat.completions.create(model="tiny-gpt", messages=question("hi"), stream=True)
+    assert raised.value.code == "MODEL_NOT_ALLOWED"
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason", "param"),
+    [
+        ({"max_tokens": 0}, "INVALID_MAX_TOKENS", "max_tokens"),
+        ({"max_tokens": 10_000}, "MAX_TOKENS_TOO_LARGE", "max_tokens"),
+        ({"temperature": -1}, "INVALID_TEMPERATURE", "temperature"),
+        ({"messages": []}, "EMPTY_MESSAGES", "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "INVALID_ROLE", "messages"),
+        ({"n": 2}, "UNSUPPORTED_PARAMETER", "n"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "UNSUPPORTED_PARAMETER", "tools"),
+        ({"max_tokens": "many"}, "MALFORMED_REQUEST", "max_tokens"),
+    ],
+)
+async def test_invalid_parameters_are_400(async_client, fields, reason, param):
+    request = {"model": "tiny-gpt", "messages": question("hi"), **fields}
+    with pytest.raises(openai.BadRequestError) as raised:
+        await async_client.chat.completions.create(**request)
+    assert raised.value.code == reason
+    assert raised.value.param == param
+    assert raised.value.type == "invalid_request_error"
+
+
+async def test_a_limit_is_429_with_retry_after(base_url):
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+        headers = {"authorization": f"Bearer {LIMITED_KEY}"}
+        body = {"model": "tiny-gpt", "messages": question("hi"), "max_tokens": 1}
+        for _ in range(LIMITED_RPM):
+            assert (await http.post("/chat/completions", json=body, headers=headers)).status_code == 200
+        refused = await http.post("/chat/completions", json=dict(body, stream=True), headers=headers)
+    assert refused.status_code == 429
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.json()["error"]["code"] == "RATE_LIMITED"
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+
+
+async def test_malformed_bodies_and_paths(base_url):
+    headers = {"authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+        not_json = await http.post("/chat/completions", content=b"{not json", headers=headers)
+        assert not_json.status_code == 400
+        assert not_json.json()["error"]["code"] == "MALFORMED_REQUEST"
+        array = await http.post("/chat/completions", json=[1, 2], headers=headers)
+        assert array.status_code == 400
+        assert (await http.get("/nothing-here", headers=headers)).status_code == 404
+        assert (await http.get("/chat/completions", headers=headers)).status_code == 405
+        missing = await http.get("/models")
+        assert missing.status_code == 401
+        assert missing.json()["error"]["code"] == "API_KEY_MISSING"
+
+
+# --- raw SSE framing and disconnects ---------------------------------------------
+
+
+async def test_raw_sse_framing(base_url):
+    body = {
+        "model": "tiny-gpt",
+        "messages": question(unique("raw framing")),
+        "max_tokens": 6,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    async with (
+        httpx.AsyncClient(base_url=base_url, timeout=60) as http,
+        http.stream("POST", "/chat/completions", json=body, headers=AUTH) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = b"".join([chunk async for chunk in response.aiter_raw()]).decode()
+    assert raw.endswith("\n\ndata: [DONE]\n\n")
+    events = raw.split("\n\n")
+    assert events[-1] == ""
+    payloads = []
+    for event in events[:-1]:
+        assert event.startswith("data: "), event
+        assert "\n" not in event  # one data line per event
+        payloads.append(event[len("data: ") :])
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(payload) for payload in payloads[:-1]]
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    finish = chunks[-2]
+    assert finish["choices"][0]["finish_reason"] in ("stop", "length")
+    assert finish["meshgate"]["cache_status"] == "miss"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+async def test_a_client_that_disconnects_cancels_the_generation(base_url, triton_server):
+    _, log_path = triton_server
+    before = log_path.read_text(errors="replace").count("cancelled after")
+    body = {
+        "model": "tiny-gpt",
+        "messages": question(unique("Write a long essay")),
+        "max_tokens": 256,
+        "stream": True,
+    }
+    async with (
+        httpx.AsyncClient(base_url=base_url, timeout=60) as http,
+        http.stream("POST", "/chat/completions", json=body, headers=AUTH) as response,
+    ):
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                break  # the first piece arrived: hang up mid-generation
+    for _ in range(100):
+        if log_path.read_text(errors="replace").count("cancelled after") > before:
+            break
+        await asyncio.sleep(0.1)
+    assert log_path.read_text(errors="replace").count("cancelled after") > before
+
