@@ -1,4 +1,5 @@
-"""The `meshgate` command: `up` runs the whole mesh locally, `chat` talks to it."""
+"""The `meshgate` command: `up` runs the whole mesh locally, `chat` talks to
+it, `top` watches it."""
 
 from __future__ import annotations
 
@@ -183,6 +184,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
             print(f"  {name:<10} {stack.address(name)}")
         print(f"  {'redis':<10} {stack.redis_url}")
         print(f"  {'http':<10} http://{stack.address('http')}/v1  (OpenAI-compatible, in the router)")
+        print(f"metrics (Prometheus; `meshgate top --config {stack.config_path}` shows them):")
+        for name in ("router", "context", "cache", "inference"):
+            print(f"  {name:<10} http://{stack.metrics_address(name)}/metrics")
         print(f"\ndevelopment API key: {args.api_key}")
         print(f"logs: {stack.log_dir}   traces: {stack.traces_path}")
         print(f"mesh certificates (mutual TLS between the services): {stack.certs_dir}\n")
@@ -204,6 +208,17 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print("stopped.", flush=True)
 
 
+def _cmd_top(args: argparse.Namespace) -> int:
+    from meshgate import top
+    from meshgate.config import load_settings
+
+    targets = top.endpoints(load_settings(args.config))
+    try:
+        return top.run(targets, args.once, args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshgate")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -219,6 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     certs_parser.add_argument("--out", default="certs", help="folder for ca.pem and <service>.pem/.key")
     certs_parser.set_defaults(run=_cmd_certs)
+
+    top_parser = commands.add_parser(
+        "top", help="live view of the mesh's rates, latencies, cache hit rate and errors (metrics endpoints)"
+    )
+    top_parser.add_argument(
+        "--config", help="settings file naming each service's metrics_listen (default: $MESHGATE_CONFIG)"
+    )
+    top_parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    top_parser.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top_parser.set_defaults(run=_cmd_top)
 
     chat_parser = commands.add_parser("chat", help="stream one answer from the router")
     chat_parser.add_argument("prompt")

@@ -45,6 +45,20 @@ class Ports:
     # The router's OpenAI-compatible HTTP edge. None: 8080 for the default
     # ports (`make run`), a free port for a stack given its own ports.
     http: int | None = None
+    # Each service's Prometheus endpoint, by service. None: its gRPC port
+    # + 10 for the default ports, free ports for a stack given its own ports.
+    metrics: dict[str, int] | None = None
+
+
+def _listened_on(port: int) -> bool:
+    with socket.socket() as sock:
+        # As the servers bind: a connection in TIME_WAIT is no conflict.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 def _toml_string(value: str) -> str:
@@ -67,6 +81,10 @@ class Stack:
         self.ports = ports or Ports()
         if self.ports.http is None:
             self.ports.http = 8080 if ports is None else free_port()
+        if self.ports.metrics is None:
+            self.ports.metrics = {
+                name: getattr(self.ports, name) + 10 if ports is None else free_port() for name in SERVICES
+            }
         self.external_redis_url = redis_url
         self.dev_api_key = dev_api_key
         self.extra_settings = extra_settings
@@ -89,6 +107,10 @@ class Stack:
 
     def address(self, name: str) -> str:
         return f"127.0.0.1:{getattr(self.ports, name)}"
+
+    def metrics_address(self, name: str) -> str:
+        """Where service ``name`` serves its Prometheus metrics."""
+        return f"127.0.0.1:{self.ports.metrics[name]}"
 
     @property
     def mesh_settings(self) -> MeshSettings:
@@ -139,6 +161,7 @@ deployments = [{{ name = "local", address = "127.0.0.1:{p.inference}", model = "
 
 [router]
 listen = "127.0.0.1:{p.router}"
+metrics_listen = "{self.metrics_address("router")}"
 http_listen = "127.0.0.1:{p.http}"
 context_address = "127.0.0.1:{p.context}"
 cache_address = "127.0.0.1:{p.cache}"
@@ -146,14 +169,17 @@ dev_api_key = {_toml_string(self.dev_api_key)}
 
 [context]
 listen = "127.0.0.1:{p.context}"
+metrics_listen = "{self.metrics_address("context")}"
 inference_address = "127.0.0.1:{p.inference}"
 
 [cache]
 listen = "127.0.0.1:{p.cache}"
+metrics_listen = "{self.metrics_address("cache")}"
 inference_address = "127.0.0.1:{p.inference}"
 
 [inference]
 listen = "127.0.0.1:{p.inference}"
+metrics_listen = "{self.metrics_address("inference")}"
 triton_urls = ["127.0.0.1:{p.triton}"]
 {self.extra_settings}"""
         )
@@ -218,6 +244,11 @@ triton_urls = ["127.0.0.1:{p.triton}"]
                     sock.bind(("127.0.0.1", getattr(self.ports, name)))
                 except OSError:
                     taken.append(f"{name} {self.address(name)}")
+        taken += [
+            f"{name} metrics {self.metrics_address(name)}"
+            for name in SERVICES
+            if _listened_on(self.ports.metrics[name])
+        ]
         if taken:
             raise RuntimeError(
                 f"port(s) in use: {', '.join(taken)}; is another `meshgate up` running? "

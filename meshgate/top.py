@@ -1,0 +1,269 @@
+"""``meshgate top``: the mesh at a glance for an operator without Grafana.
+
+Reads every service's Prometheus endpoint (the settings' ``metrics_listen``),
+parses the text format with ``prometheus_client.parser`` and shows request
+and error rates, time to first token p50/p99 (from the histogram's buckets,
+as PromQL's ``histogram_quantile`` does), tokens per second, the cache's hit
+rate, errors by reason and each process's CPU and memory. Rates are over the
+refresh interval; quantiles over it too, or over the whole run (marked
+``*``) when the interval saw no turn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from meshgate.config import Settings
+
+SERVICES = ("router", "context", "cache", "inference")
+_SCRAPE_TIMEOUT_S = 2.0
+
+Labels = tuple[tuple[str, str], ...]
+
+
+@dataclasses.dataclass
+class Scrape:
+    """One service's samples at one moment; ``samples`` is empty when it
+    could not be read (``error`` says why)."""
+
+    service: str
+    address: str
+    taken_at: float
+    samples: dict[str, dict[Labels, float]] = dataclasses.field(default_factory=dict)
+    error: str = ""
+
+    def series(self, name: str) -> dict[Labels, float]:
+        return self.samples.get(name, {})
+
+    def total(self, name: str, **match: str) -> float:
+        return sum(value for labels, value in self.series(name).items() if _matches(labels, match))
+
+
+def _matches(labels: Labels, match: Mapping[str, str]) -> bool:
+    values = dict(labels)
+    return all(values.get(key) == wanted for key, wanted in match.items())
+
+
+def parse(text: str) -> dict[str, dict[Labels, float]]:
+    samples: dict[str, dict[Labels, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def scrape(service: str, address: str) -> Scrape:
+    taken_at = time.monotonic()
+    try:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=_SCRAPE_TIMEOUT_S) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, OSError) as error:
+        return Scrape(service, address, taken_at, error=str(getattr(error, "reason", error)))
+    return Scrape(service, address, taken_at, parse(text))
+
+
+def endpoints(settings: Settings) -> dict[str, str]:
+    return {name: getattr(settings, name).metrics_listen for name in SERVICES}
+
+
+def scrape_all(targets: Mapping[str, str]) -> dict[str, Scrape]:
+    return {name: scrape(name, address) for name, address in targets.items() if address}
+
+
+def histogram_quantile(quantile: float, buckets: Iterable[tuple[float, float]]) -> float | None:
+    """``quantile`` of a histogram given as (upper bound, cumulative count)
+    pairs, interpolated linearly within its bucket as Prometheus does;
+    None without observations."""
+    ordered = sorted(buckets)
+    if not ordered or ordered[-1][1] <= 0:
+        return None
+    rank = quantile * ordered[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in ordered:
+        if count >= rank:
+            if math.isinf(bound):
+                # Beyond the last finite bucket: its bound is all we know.
+                return lower_bound
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
+        lower_bound, lower_count = bound, count
+    return ordered[-1][0]
+
+
+def _buckets(scrape_: Scrape, name: str, match: Mapping[str, str]) -> dict[float, float]:
+    buckets: dict[float, float] = {}
+    for labels, value in scrape_.series(name + "_bucket").items():
+        if _matches(labels, match):
+            bound = float(dict(labels)["le"])
+            buckets[bound] = buckets.get(bound, 0.0) + value
+    return buckets
+
+
+def _delta(now: dict[float, float], before: dict[float, float]) -> dict[float, float]:
+    return {bound: count - before.get(bound, 0.0) for bound, count in now.items()}
+
+
+@dataclasses.dataclass
+class ModelRow:
+    model: str
+    deployment: str
+    turns_per_s: float
+    ttft_p50_s: float | None
+    ttft_p99_s: float | None
+    # Whether the quantiles are over the whole run (the interval saw no turn).
+    whole_run: bool
+    tokens_per_s: float
+    turns: float
+
+
+def model_rows(now: Scrape, before: Scrape | None, seconds: float) -> list[ModelRow]:
+    ttft = "meshgate_router_time_to_first_token_seconds"
+    keys = sorted(
+        {(dict(labels)["model"], dict(labels)["deployment"]) for labels in now.series(ttft + "_count")}
+    )
+    rows = []
+    for model, deployment in keys:
+        match = {"model": model, "deployment": deployment}
+        buckets = _buckets(now, ttft, match)
+        window = _delta(buckets, _buckets(before, ttft, match)) if before is not None else {}
+        whole_run = not window or max(window.values(), default=0.0) <= 0
+        chosen = buckets if whole_run else window
+        count = now.total(ttft + "_count", **match)
+        count_before = before.total(ttft + "_count", **match) if before is not None else 0.0
+        tokens = now.total("meshgate_router_completion_tokens_total", **match)
+        tokens_before = (
+            before.total("meshgate_router_completion_tokens_total", **match) if before is not None else tokens
+        )
+        rows.append(
+            ModelRow(
+                model,
+                deployment,
+                (count - count_before) / seconds if before is not None else 0.0,
+                histogram_quantile(0.5, chosen.items()),
+                histogram_quantile(0.99, chosen.items()),
+                whole_run,
+                (tokens - tokens_before) / seconds,
+                count,
+            )
+        )
+    return rows
+
+
+def _rate(now: Scrape, before: Scrape | None, name: str, seconds: float, **match: str) -> float:
+    if before is None or before.error:
+        return 0.0
+    return max(0.0, now.total(name, **match) - before.total(name, **match)) / seconds
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def render(now: Mapping[str, Scrape], before: Mapping[str, Scrape] | None) -> str:
+    """One screen: the mesh's services, models, cache and errors."""
+    lines = [f"meshgate top   {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M:%S}"]
+    first = next(iter(now.values()), None)
+    earlier = next(iter(before.values()), None) if before else None
+    seconds = max(1e-3, first.taken_at - earlier.taken_at) if first and earlier else 1.0
+    lines.append(f"rates over the last {seconds:.1f} s; * = over the whole run (no turn in the interval)")
+    lines.append("")
+    lines.append(
+        f"{'SERVICE':<10} {'METRICS':<22} {'STATE':<6} {'RPC/s':>8} {'ERR/s':>7} "
+        f"{'RPCS':>9} {'ERRORS':>7} {'CPU%':>6} {'RSS MiB':>8}"
+    )
+    for name, current in now.items():
+        previous = before.get(name) if before else None
+        if current.error:
+            lines.append(f"{name:<10} {current.address:<22} {'DOWN':<6} {current.error}")
+            continue
+        rpcs = current.total("meshgate_rpc_requests_total")
+        ok = current.total("meshgate_rpc_requests_total", code="OK")
+        errors_rate = _rate(current, previous, "meshgate_rpc_requests_total", seconds) - _rate(
+            current, previous, "meshgate_rpc_requests_total", seconds, code="OK"
+        )
+        cpu = _rate(current, previous, "process_cpu_seconds_total", seconds) * 100
+        rss = current.total("process_resident_memory_bytes") / 2**20
+        lines.append(
+            f"{name:<10} {current.address:<22} {'up':<6} "
+            f"{_rate(current, previous, 'meshgate_rpc_requests_total', seconds):>8.1f} {errors_rate:>7.1f} "
+            f"{rpcs:>9.0f} {rpcs - ok:>7.0f} {cpu:>6.1f} {rss:>8.1f}"
+        )
+
+    router = now.get("router")
+    if router is not None and not router.error:
+        previous = before.get("router") if before else None
+        lines.append("")
+        lines.append(
+            f"{'MODEL':<14} {'DEPLOYMENT':<12} {'TURNS/s':>8} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
+            f"{'TOKENS/s':>9} {'TURNS':>8}"
+        )
+        rows = model_rows(router, previous if previous and not previous.error else None, seconds)
+        for row in rows:
+            mark = "*" if row.whole_run else " "
+            lines.append(
+                f"{row.model:<14} {row.deployment:<12} {row.turns_per_s:>8.1f} "
+                f"{_ms(row.ttft_p50_s) + mark:>12} {_ms(row.ttft_p99_s) + mark:>12} "
+                f"{row.tokens_per_s:>9.1f} {row.turns:>8.0f}"
+            )
+        if not rows:
+            lines.append("(no turns yet)")
+
+    cache = now.get("cache")
+    if cache is not None and not cache.error:
+        lookups = "meshgate_cache_lookups_total"
+        exact = cache.total(lookups, result="exact_hit")
+        semantic = cache.total(lookups, result="semantic_hit")
+        misses = cache.total(lookups, result="miss")
+        total = exact + semantic + misses
+        hit_rate = f"{(exact + semantic) / total:.1%}" if total else "-"
+        lines.append("")
+        lines.append(
+            f"CACHE  hit rate {hit_rate} of {total:.0f} lookups (exact {exact:.0f}, semantic "
+            f"{semantic:.0f}, miss {misses:.0f}); verifier rejections "
+            f"{cache.total('meshgate_cache_verifier_rejections_total'):.0f}; resident entries "
+            f"{cache.total('meshgate_cache_resident_entries'):.0f}"
+        )
+
+    errors: dict[tuple[str, str, str], float] = {}
+    for name, current in now.items():
+        for labels, value in current.series("meshgate_rpc_requests_total").items():
+            values = dict(labels)
+            if values.get("code") != "OK" and value:
+                key = (name, values.get("code", ""), values.get("reason", ""))
+                errors[key] = errors.get(key, 0.0) + value
+    lines.append("")
+    if errors:
+        lines.append(f"{'ERRORS (whole run)':<20} {'CODE':<20} {'REASON':<28} {'COUNT':>7}")
+        for (name, code, reason), count in sorted(errors.items(), key=lambda item: -item[1])[:10]:
+            lines.append(f"{name:<20} {code:<20} {reason or '-':<28} {count:>7.0f}")
+    else:
+        lines.append("ERRORS none")
+    return "\n".join(lines) + "\n"
+
+
+def run(targets: Mapping[str, str], once: bool, interval_s: float = 1.0, out=sys.stdout) -> int:
+    """Refreshes every ``interval_s`` until interrupted; ``once``: two
+    scrapes ``interval_s`` apart (for the rates), one screen, exit 0 when
+    every endpoint answered."""
+    before = scrape_all(targets)
+    while True:
+        time.sleep(interval_s)
+        now = scrape_all(targets)
+        screen = render(now, before)
+        if once:
+            out.write(screen)
+            return 0 if all(not s.error for s in now.values()) else 1
+        # Clear the terminal and draw from its top-left corner.
+        out.write("\x1b[2J\x1b[H" + screen)
+        out.flush()
+        before = now

@@ -1,0 +1,64 @@
+"""meshgate top's arithmetic and screen, from Prometheus text."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshgate import top
+
+_TTFT = "meshgate_router_time_to_first_token_seconds"
+
+
+def router_text(fast: int, slow: int, tokens: int, errors: int) -> str:
+    """``fast`` first tokens within 10 ms, ``slow`` ones within 100 ms."""
+    total = fast + slow
+    return f"""
+# TYPE {_TTFT} histogram
+{_TTFT}_bucket{{model="m",deployment="local",le="0.01"}} {fast}
+{_TTFT}_bucket{{model="m",deployment="local",le="0.1"}} {total}
+{_TTFT}_bucket{{model="m",deployment="local",le="+Inf"}} {total}
+{_TTFT}_count{{model="m",deployment="local"}} {total}
+{_TTFT}_sum{{model="m",deployment="local"}} 1.0
+# TYPE meshgate_router_completion_tokens counter
+meshgate_router_completion_tokens_total{{model="m",deployment="local"}} {tokens}
+# TYPE meshgate_rpc_requests counter
+meshgate_rpc_requests_total{{service="router",method="C",code="OK",reason=""}} {total}
+meshgate_rpc_requests_total{{service="router",method="C",code="NOT_FOUND",reason="MODEL_NOT_FOUND"}} {errors}
+"""
+
+
+def test_quantiles_interpolate_within_the_bucket_as_promql_does():
+    buckets = [(0.01, 50.0), (0.1, 100.0), (float("inf"), 100.0)]
+    assert top.histogram_quantile(0.5, buckets) == pytest.approx(0.01)
+    assert top.histogram_quantile(0.75, buckets) == pytest.approx(0.055)
+    assert top.histogram_quantile(0.99, buckets) == pytest.approx(0.0982)
+    assert top.histogram_quantile(0.5, [(0.01, 0.0), (float("inf"), 0.0)]) is None
+    # Past the last finite bucket only its bound is known.
+    assert top.histogram_quantile(0.99, [(0.01, 1.0), (float("inf"), 10.0)]) == 0.01
+
+
+def test_rows_use_the_interval_and_fall_back_to_the_whole_run():
+    before = top.Scrape("router", "a", 0.0, top.parse(router_text(10, 0, 100, 0)))
+    now = top.Scrape("router", "a", 2.0, top.parse(router_text(10, 4, 180, 1)))
+    (row,) = top.model_rows(now, before, 2.0)
+    assert (row.model, row.deployment) == ("m", "local")
+    assert row.turns_per_s == 2.0 and row.tokens_per_s == 40.0
+    # The interval's four turns were all slow: its quantiles, not the run's.
+    assert not row.whole_run and row.ttft_p50_s == pytest.approx(0.055)
+    (quiet,) = top.model_rows(now, now, 1.0)
+    assert quiet.whole_run and quiet.turns_per_s == 0.0
+    # The whole run: 7th of 14, within the first bucket of 10.
+    assert quiet.ttft_p50_s == pytest.approx(0.007)
+
+
+def test_the_screen_names_down_services_and_errors_by_reason():
+    now = {
+        "router": top.Scrape("router", "127.0.0.1:1", 1.0, top.parse(router_text(3, 1, 40, 2))),
+        "cache": top.Scrape("cache", "127.0.0.1:2", 1.0, error="connection refused"),
+    }
+    screen = top.render(now, None)
+    assert "cache      127.0.0.1:2            DOWN   connection refused" in screen
+    assert any(
+        line.split() == ["router", "NOT_FOUND", "MODEL_NOT_FOUND", "2"] for line in screen.splitlines()
+    )
+    assert any(line.split()[:2] == ["m", "local"] for line in screen.splitlines())
