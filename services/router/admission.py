@@ -443,10 +443,8 @@ class TurnAdmission:
     def __init__(self, admission: Admission, settings: RouterSettings, ledger: Ledger | None = None) -> None:
         self._admission = admission
         self._settings = settings
+        # Records each turn, batched off the caller's critical path.
         self._ledger = ledger
-        # Ledger records still being written: off the caller's critical path,
-        # but awaited before Redis closes.
-        self._recording: set[asyncio.Task] = set()
 
     def reconfigure(self, settings: RouterSettings) -> None:
         """New limits and prices (a reload) apply from the next turn; a turn
@@ -500,13 +498,11 @@ class TurnAdmission:
             latency_ms=round(outcome.elapsed_s * 1000),
             failure=failure,
         )
-        task = asyncio.get_running_loop().create_task(self._ledger.record(usage))
-        self._recording.add(task)
-        task.add_done_callback(self._recording.discard)
+        self._ledger.submit(usage)
 
     async def drain(self) -> None:
         """Waits for settlements and ledger records still in flight (before
         Redis closes)."""
         await self._admission.drain()
-        if self._recording:
-            await asyncio.gather(*self._recording, return_exceptions=True)
+        if self._ledger is not None:
+            await self._ledger.drain()

@@ -15,6 +15,7 @@ aggregates never disagree):
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import time
@@ -65,36 +66,47 @@ class UsageRecord:
 
 _FIELD_NAMES = tuple(field.name for field in dataclasses.fields(UsageRecord))
 
-# KEYS: the stream, the tenant's day hash. ARGV: stream max length,
-# retention s, then the UsageRecord's values in field order, joined by
-# _SEPARATOR. The aggregates are derived here from the values.
+# KEYS: the stream. ARGV: stream max length, retention s, the UTC day
+# (YYYY-MM-DD), then one argument per record: the UsageRecord's values in
+# field order, joined by _SEPARATOR. The aggregates are derived here from
+# the values; each tenant's day hash is named from its record (the mesh's
+# Redis is one instance: keys outside KEYS are fine there, as in admission).
 _RECORD = (
     "local names = {" + ", ".join(f"'{name}'" for name in _FIELD_NAMES) + "}"
     + """
-local values, entry = {}, {}
-for value in string.gmatch(ARGV[3] .. '\\31', '(.-)\\31') do values[#values + 1] = value end
-for i, name in ipairs(names) do
-  entry[#entry + 1] = name
-  entry[#entry + 1] = values[i]
-  values[name] = values[i]
+for r = 4, #ARGV do
+  local values, entry = {}, {}
+  for value in string.gmatch(ARGV[r] .. '\\31', '(.-)\\31') do values[#values + 1] = value end
+  for i, name in ipairs(names) do
+    entry[#entry + 1] = name
+    entry[#entry + 1] = values[i]
+    values[name] = values[i]
+  end
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(entry))
+  local increments = {
+    requests = 1,
+    failures = values.failure ~= '' and 1 or 0,
+    cache_hits = string.sub(values.cache_status, -3) == 'hit' and 1 or 0,
+    prompt_tokens = values.prompt_tokens, completion_tokens = values.completion_tokens,
+    saved_tokens = values.saved_tokens, cost_nano_usd = values.cost_nano_usd,
+    latency_ms = values.latency_ms,
+  }
+  local day_key = 'mg:router:usage:' .. values.tenant .. ':' .. ARGV[3]
+  local prefix = values.key_id .. '|' .. values.model .. '|'
+  for metric, increment in pairs(increments) do
+    if tonumber(increment) ~= 0 then redis.call('HINCRBY', day_key, prefix .. metric, increment) end
+  end
+  redis.call('EXPIRE', day_key, ARGV[2])
 end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(entry))
-local increments = {
-  requests = 1,
-  failures = values.failure ~= '' and 1 or 0,
-  cache_hits = string.sub(values.cache_status, -3) == 'hit' and 1 or 0,
-  prompt_tokens = values.prompt_tokens, completion_tokens = values.completion_tokens,
-  saved_tokens = values.saved_tokens, cost_nano_usd = values.cost_nano_usd,
-  latency_ms = values.latency_ms,
-}
-local prefix = values.key_id .. '|' .. values.model .. '|'
-for metric, increment in pairs(increments) do
-  if tonumber(increment) ~= 0 then redis.call('HINCRBY', KEYS[2], prefix .. metric, increment) end
-end
-redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
 """
 )
+
+# Records submitted within this long of each other go to Redis in one call
+# (at most _BATCH of them): the call's fixed cost, most of the router's CPU
+# per record, is shared. A router killed outright loses at most this much.
+_FLUSH_AFTER_S = 0.02
+_BATCH = 128
 
 
 class Ledger:
@@ -106,6 +118,9 @@ class Ledger:
         self._stream_max_len = stream_max_len
         self._retention_s = retention_days * 24 * 3600
         self._clock = clock
+        self._buffer: list[UsageRecord] = []
+        self._flushing: set[asyncio.Task] = set()
+        self._timer: asyncio.TimerHandle | None = None
 
     @staticmethod
     def _day_key(tenant: str, day: datetime.date) -> str:
@@ -116,20 +131,47 @@ class Ledger:
         return datetime.datetime.fromtimestamp(self._clock(), datetime.UTC).date()
 
     async def record(self, usage: UsageRecord) -> None:
-        day = self.today()
+        """Writes one record now."""
+        await self._write([usage])
+
+    def submit(self, usage: UsageRecord) -> None:
+        """Writes a record soon (within _FLUSH_AFTER_S), batched with others:
+        how the router records turns, off their critical path."""
+        self._buffer.append(usage)
+        if len(self._buffer) >= _BATCH:
+            self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(_FLUSH_AFTER_S, self._flush)
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._buffer = self._buffer, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._write(batch))
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+
+    async def drain(self) -> None:
+        """Writes every submitted record (before Redis closes)."""
+        self._flush()
+        if self._flushing:
+            await asyncio.gather(*self._flushing, return_exceptions=True)
+
+    async def _write(self, records: list[UsageRecord]) -> None:
         # A separator inside a value (a tenant id could hold one) would shift
         # every value after it: it is dropped.
-        packed = _SEPARATOR.join(
-            str(getattr(usage, name)).replace(_SEPARATOR, "") for name in _FIELD_NAMES
-        )
+        packed = [
+            _SEPARATOR.join(str(getattr(usage, name)).replace(_SEPARATOR, "") for name in _FIELD_NAMES)
+            for usage in records
+        ]
         try:
-            await self._record(
-                keys=[STREAM, self._day_key(usage.tenant, day)],
-                args=[self._stream_max_len, self._retention_s, packed],
-            )
+            day = f"{self.today():%Y-%m-%d}"
+            await self._record(keys=[STREAM], args=[self._stream_max_len, self._retention_s, day, *packed])
         except RedisError as error:
-            # The caller has its answer; a lost record is logged, not raised.
-            log.error("usage not recorded", tenant=usage.tenant, model=usage.model, error=str(error))
+            # The callers have their answers; lost records are logged, not raised.
+            log.error("usage not recorded", records=len(records), tenant=records[0].tenant, error=str(error))
 
     async def usage(
         self, tenant: str, first_day: datetime.date, last_day: datetime.date

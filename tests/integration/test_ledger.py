@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import uuid
 
@@ -50,5 +51,30 @@ async def test_turns_are_logged_and_aggregated_per_key_model_and_day(redis_url):
         # Kept for the retention period, not forever.
         assert 0 < await client.ttl(f"mg:router:usage:{tenant}:2026-05-01") <= 2 * 24 * 3600
         assert await ledger.usage(uuid.uuid4().hex, may_1, may_2) == {}
+    finally:
+        await client.aclose()
+
+
+async def test_submitted_records_are_written_in_batches_and_drained(redis_url):
+    client = redis_access.connect(redis_url)
+    ledger = Ledger(client, stream_max_len=10_000, retention_days=2)
+    tenant = uuid.uuid4().hex[:12]
+    try:
+        before = await client.xlen(STREAM)
+        # More than one batch (128): the first goes at once, the rest on drain.
+        for n in range(200):
+            ledger.submit(UsageRecord(tenant, "k1", "tiny-gpt", "live", 1, n % 2, 0, "miss", 10, 1))
+        await ledger.drain()
+        assert await client.xlen(STREAM) == before + 200
+        today = ledger.today()
+        totals = (await ledger.usage(tenant, today, today))[("k1", "tiny-gpt")]
+        assert (totals["requests"], totals["prompt_tokens"], totals["completion_tokens"]) == (200, 200, 100)
+        assert totals["cost_nano_usd"] == 2000
+        # A few records wait for the flush timer, not for a full batch.
+        ledger.submit(UsageRecord(tenant, "k2", "tiny-gpt", "live", 5, 5, 0, "miss", 0, 1))
+        deadline = asyncio.get_running_loop().time() + 5
+        while ("k2", "tiny-gpt") not in await ledger.usage(tenant, today, today):
+            assert asyncio.get_running_loop().time() < deadline, "a lone record was never written"
+            await asyncio.sleep(0.01)
     finally:
         await client.aclose()
