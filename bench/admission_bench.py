@@ -25,11 +25,12 @@ import time
 import types
 import uuid
 
-from meshgate import redis_access, redis_server
+from meshgate import redis_access
 from meshgate.common.v1 import common_pb2
 from meshgate.config import LimitSettings, PriceSettings, RouterSettings
 from meshgate.errors import MeshgateError
-from meshgate.stack import free_port
+from meshgate.local import redis_server
+from meshgate.local.stack import free_port
 from services.router.admission import Admission, Scope, TurnAdmission
 from services.router.auth import Tenant
 from services.router.ledger import Ledger

@@ -63,7 +63,7 @@ from meshgate.common.v1 import common_pb2  # noqa: E402
 from meshgate.config import CacheSettings  # noqa: E402
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb  # noqa: E402
 from meshgate.inference.v1 import inference_service_pb2_grpc  # noqa: E402
-from meshgate.stack import Ports, Stack, free_port  # noqa: E402
+from meshgate.local.stack import Ports, Stack, free_port  # noqa: E402
 from services.cache import verifier as verifier_module  # noqa: E402
 from services.cache.servicer import MAX_CANDIDATES  # noqa: E402
 from tests.mesh import router_channel  # noqa: E402

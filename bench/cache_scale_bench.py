@@ -47,11 +47,12 @@ import uvloop  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from meshgate import redis_access, redis_server  # noqa: E402
+from meshgate import redis_access  # noqa: E402
 from meshgate.cache.v1 import cache_service_pb2 as pb  # noqa: E402
 from meshgate.common.v1 import common_pb2  # noqa: E402
 from meshgate.config import CacheSettings  # noqa: E402
-from meshgate.stack import free_port  # noqa: E402
+from meshgate.local import redis_server  # noqa: E402
+from meshgate.local.stack import free_port  # noqa: E402
 from services.cache import keys  # noqa: E402
 from services.cache.index import IndexRegistry, VectorIndex  # noqa: E402
 from services.cache.servicer import MAX_CANDIDATES, CacheServicer  # noqa: E402

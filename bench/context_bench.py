@@ -38,14 +38,15 @@ import uvloop
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from meshgate import redis_access, redis_server, serving, triton  # noqa: E402
+from meshgate import redis_access, serving  # noqa: E402
 from meshgate.common.v1 import common_pb2  # noqa: E402
 from meshgate.config import Settings  # noqa: E402
 from meshgate.context.v1 import context_service_pb2 as pb  # noqa: E402
 from meshgate.context.v1 import context_service_pb2_grpc  # noqa: E402
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb  # noqa: E402
 from meshgate.inference.v1 import inference_service_pb2_grpc  # noqa: E402
-from meshgate.stack import build_model_weights, free_port  # noqa: E402
+from meshgate.local import redis_server, triton  # noqa: E402
+from meshgate.local.stack import build_model_weights, free_port  # noqa: E402
 from services.context import app as context_app  # noqa: E402
 from services.context import assembly, relevance, token_counts  # noqa: E402
 from services.context.hot_cache import ChangeListener, HotCache  # noqa: E402

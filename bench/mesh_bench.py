@@ -39,14 +39,14 @@ from workload import PROMPTS  # noqa: E402
 
 from meshgate.common.v1 import common_pb2  # noqa: E402
 from meshgate.config import InferenceSettings  # noqa: E402
-from meshgate.router.v1 import router_service_pb2 as pb  # noqa: E402
-from meshgate.router.v1 import router_service_pb2_grpc  # noqa: E402
-from meshgate.stack import (  # noqa: E402
+from meshgate.local.stack import (  # noqa: E402
     SERVICES,
     Ports,
     Stack,
     free_port,  # noqa: E402
 )
+from meshgate.router.v1 import router_service_pb2 as pb  # noqa: E402
+from meshgate.router.v1 import router_service_pb2_grpc  # noqa: E402
 from services.inference import triton_protocol  # noqa: E402
 
 API_KEY = "bench-key"

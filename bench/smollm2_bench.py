@@ -3,7 +3,7 @@ concurrent streams, and the memory Triton holds with every model loaded.
 
     .venv/bin/python bench/smollm2_bench.py [--max-tokens 64] [--rounds 2]
 
-Starts its own tritonserver with all of meshgate/triton.py's DEFAULT_MODELS
+Starts its own tritonserver with all of meshgate/local/triton.py's DEFAULT_MODELS
 (as `make run` does) and reports how long they took to become ready and the
 resident memory (VmRSS from /proc) of tritonserver and of each model's stub
 process. Then streams the prompts of bench/workload.py, rendered with
@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from workload import PROMPTS  # noqa: E402
 
-from meshgate import triton  # noqa: E402
-from meshgate.stack import build_model_weights, free_port  # noqa: E402
+from meshgate.local import triton  # noqa: E402
+from meshgate.local.stack import build_model_weights, free_port  # noqa: E402
 
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 

@@ -120,7 +120,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
-    from meshgate import certs
+    from meshgate.local import certs
 
     directory = pathlib.Path(args.out)
     written = certs.ensure(directory)
@@ -139,8 +139,8 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 def _cmd_up(args: argparse.Namespace) -> int:
     from meshgate import telemetry
     from meshgate.config import TelemetrySettings
-    from meshgate.stack import Stack
-    from meshgate.supervisor import Supervisor
+    from meshgate.local.stack import Stack
+    from meshgate.local.supervisor import Supervisor
 
     # The supervisor's restart lines, as JSON on stderr like every service's.
     telemetry.setup("meshgate-up", TelemetrySettings())

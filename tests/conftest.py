@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from meshgate import redis_server
-from meshgate.stack import free_port
+from meshgate.local import redis_server
+from meshgate.local.stack import free_port
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,9 @@ import tempfile
 
 import grpc
 
-from meshgate import certs, mesh_auth, serving
+from meshgate import mesh_auth, serving
 from meshgate.config import MeshSettings
+from meshgate.local import certs
 
 
 @functools.cache

@@ -6,7 +6,7 @@ INVALID_ARG error response at once), then hands the request to the
 scheduler thread, which does continuous batching.
 
 How a model imports this: model_repository/generation/ is not a model.
-Triton runs with explicit model control (meshgate/triton.py passes
+Triton runs with explicit model control (meshgate/local/triton.py passes
 --load-model per model), so it loads only the named directories and never
 takes this one for a model; each model.py puts this directory on sys.path.
 Keeping the shared code inside the model repository keeps the repository

@@ -24,13 +24,14 @@ import time
 import grpc
 import pytest
 
-from meshgate import redis_access, triton
+from meshgate import redis_access
 from meshgate.common.v1 import common_pb2
 from meshgate.errors import error_info
+from meshgate.local import triton
+from meshgate.local.stack import Ports, Stack, build_model_weights, free_port
+from meshgate.local.supervisor import Supervisor
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from meshgate.stack import Ports, Stack, build_model_weights, free_port
-from meshgate.supervisor import Supervisor
 from services.context.store import SessionStore
 
 pytestmark = pytest.mark.chaos

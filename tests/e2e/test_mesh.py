@@ -16,9 +16,9 @@ from meshgate.config import hash_api_key
 from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
+from meshgate.local.stack import SERVICES, Ports, Stack, free_port
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from meshgate.stack import SERVICES, Ports, Stack, free_port
 from tests.mesh import router_channel
 
 pytestmark = pytest.mark.e2e

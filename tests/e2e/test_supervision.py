@@ -12,10 +12,10 @@ import grpc
 import pytest
 
 from meshgate.common.v1 import common_pb2
+from meshgate.local.stack import Ports, Stack, free_port
+from meshgate.local.supervisor import Supervisor
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from meshgate.stack import Ports, Stack, free_port
-from meshgate.supervisor import Supervisor
 
 pytestmark = pytest.mark.e2e
 

@@ -7,9 +7,10 @@ import dataclasses
 
 import pytest
 
-from meshgate import serving, triton
+from meshgate import serving
 from meshgate.config import RouterSettings, Settings
-from meshgate.stack import build_model_weights, free_port
+from meshgate.local import triton
+from meshgate.local.stack import build_model_weights, free_port
 from services.inference import app as inference_app
 from tests.mesh import mesh_settings
 

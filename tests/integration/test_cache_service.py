@@ -12,13 +12,13 @@ import uuid
 import grpc
 import pytest
 
-from meshgate import redis_server
 from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings
 from meshgate.errors import error_info
-from meshgate.stack import free_port
+from meshgate.local import redis_server
+from meshgate.local.stack import free_port
 from services.cache import app
 from tests.integration.conftest import running as running_service
 from tests.mesh import mesh_settings, router_channel

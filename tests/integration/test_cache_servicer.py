@@ -16,7 +16,7 @@ from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.common.v1 import common_pb2
 from meshgate.config import CacheSettings
 from meshgate.errors import MeshgateError
-from meshgate.stack import free_port
+from meshgate.local.stack import free_port
 from services.cache.index import IndexRegistry
 from services.cache.servicer import CacheServicer
 from services.cache.stats import Stats

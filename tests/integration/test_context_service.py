@@ -15,13 +15,14 @@ import grpc
 import pytest
 import redis.asyncio as redis
 
-from meshgate import redis_server, tokenization
+from meshgate import tokenization
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, Settings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
-from meshgate.stack import free_port
+from meshgate.local import redis_server
+from meshgate.local.stack import free_port
 from services.context import app, token_counts
 from tests.integration.conftest import running as running_service
 from tests.mesh import mesh_settings, router_channel

@@ -13,9 +13,9 @@ import grpc
 import pytest
 import redis.asyncio as redis
 
-from meshgate import redis_server
 from meshgate.context.v1 import context_service_pb2 as pb
-from meshgate.stack import free_port
+from meshgate.local import redis_server
+from meshgate.local.stack import free_port
 from tests.integration.test_context_service import (
     ASSISTANT,
     MODEL,

@@ -22,7 +22,7 @@ from meshgate.config import (
     TenantSettings,
     hash_api_key,
 )
-from meshgate.stack import free_port
+from meshgate.local.stack import free_port
 from services.cache import app as cache_app
 from services.context import app as context_app
 from services.router import app as router_app

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshgate import certs, mesh_auth, serving
+from meshgate import mesh_auth, serving
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
@@ -25,6 +25,7 @@ from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
+from meshgate.local import certs
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.cache import app as cache_app

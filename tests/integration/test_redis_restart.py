@@ -12,14 +12,14 @@ import uuid
 
 import pytest
 
-from meshgate import redis_server
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.context.v1 import context_service_pb2_grpc
-from meshgate.stack import free_port
+from meshgate.local import redis_server
+from meshgate.local.stack import free_port
 from services.cache import app as cache_app
 from services.context import app as context_app
 from tests.integration.conftest import running

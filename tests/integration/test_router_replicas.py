@@ -23,10 +23,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings, hash_api_key
 from meshgate.errors import error_info
+from meshgate.local.stack import REPO_ROOT, free_port
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from meshgate.stack import REPO_ROOT, free_port
 from services.cache import app as cache_app
 from services.context import app as context_app
 from tests.integration.conftest import running

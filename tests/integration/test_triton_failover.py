@@ -11,13 +11,14 @@ import subprocess
 import grpc
 import pytest
 
-from meshgate import serving, triton
+from meshgate import serving
 from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings
 from meshgate.errors import error_info
 from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
-from meshgate.stack import build_model_weights, free_port
+from meshgate.local import triton
+from meshgate.local.stack import build_model_weights, free_port
 from services.inference import app as inference_app
 from tests.integration.conftest import wait_until_serving
 from tests.mesh import mesh_settings, router_channel

@@ -15,11 +15,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from meshgate import certs, mesh_auth
+from meshgate import mesh_auth
 from meshgate.cache.v1 import cache_service_pb2
 from meshgate.config import ConfigError, MeshSettings
 from meshgate.context.v1 import context_service_pb2
 from meshgate.errors import MeshgateError
+from meshgate.local import certs
 from services.cache import app as cache_app
 from services.context import app as context_app
 from tests.mesh import certs_dir, mesh_settings

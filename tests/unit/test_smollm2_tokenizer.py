@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from meshgate import tokenization
 from meshgate.config import SMOLLM2_CHAT_TEMPLATE, SMOLLM2_TOKENIZER
-from meshgate.stack import REPO_ROOT
+from meshgate.local.stack import REPO_ROOT
 
 # The GGUF's 17 control tokens, at the ids its vocabulary gives them.
 CONTROL_TOKENS = [

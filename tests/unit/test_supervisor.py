@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from meshgate.supervisor import Backoff, RestartPolicy, Supervisor, describe_exit
+from meshgate.local.supervisor import Backoff, RestartPolicy, Supervisor, describe_exit
 
 
 def test_delays_double_up_to_the_cap() -> None:

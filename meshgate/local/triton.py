@@ -22,8 +22,8 @@ shape this module:
 
 One-time setup (downloads numpy<2 from PyPI), then run in the foreground:
 
-    python -m meshgate.triton --prepare-stub-env
-    python -m meshgate.triton --grpc-port 8001
+    python -m meshgate.local.triton --prepare-stub-env
+    python -m meshgate.local.triton --grpc-port 8001
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# A checkout's model repository (a Triton image brings its own: deploy/docker/triton.Dockerfile).
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 # What `make run` serves. Triton runs with explicit model control and loads
 # exactly the models it is given: a caller that needs only tiny_gpt does not
@@ -147,7 +148,7 @@ def prepare_stub_environment(env_dir: str | os.PathLike[str] | None = None, inst
     if not (site_packages / "numpy").is_dir():
         raise RuntimeError(
             f"Triton's Python stub needs {STUB_NUMPY_REQUIREMENT} in {site_packages}; "
-            "run `python -m meshgate.triton --prepare-stub-env` once (fetches it from PyPI)"
+            "run `python -m meshgate.local.triton --prepare-stub-env` once (fetches it from PyPI)"
         )
     (env_dir / "bin").mkdir(exist_ok=True)
     _link(Path(sys.executable), env_dir / "bin" / "python3")

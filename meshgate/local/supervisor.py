@@ -19,7 +19,7 @@ import time
 
 import structlog
 
-from meshgate.stack import Stack
+from meshgate.local.stack import Stack
 
 log = structlog.get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """A certificate authority for the mesh, and one certificate per service.
 
-`make run` (through :class:`meshgate.stack.Stack`) and `meshgate certs --out
+`make run` (through :class:`meshgate.local.stack.Stack`) and `meshgate certs --out
 DIR` call :func:`ensure`: the first time it creates a CA and a certificate
 for every service; later it reuses them, and issues again only what is
 missing, about to expire, or not from the CA in the folder. Files:

@@ -20,11 +20,14 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshgate import certs, mesh_auth, redis_server, triton
+from meshgate import mesh_auth
 from meshgate.config import DEFAULT_DEV_API_KEY, SMOLLM2_CHAT_TEMPLATE, SMOLLM2_TOKENIZER, MeshSettings
+from meshgate.local import certs, redis_server, triton
 
 SERVICES = ("inference", "context", "cache", "router")
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The local stack runs from a checkout: model_repository/ and the build
+# scripts beside it (an image needs none of this: deploy/docker/).
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -132,7 +135,7 @@ class Stack:
         p = self.ports
         mesh = self.mesh_settings
         self.config_path.write_text(
-            f"""# Written by meshgate.stack for this local run.
+            f"""# Written by meshgate.local.stack for this local run.
 [telemetry]
 exporter = "{"jsonl" if self.tracing else "none"}"
 jsonl_path = {_toml_string(str(self.traces_path))}
