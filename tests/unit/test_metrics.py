@@ -1,0 +1,61 @@
+"""meshgate/metrics.py: the off switch, and the error interceptor's reports."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from meshgate import metrics
+from meshgate.errors import ErrorInterceptor, invalid_argument
+from meshgate.reasons import Reason
+
+
+@pytest.fixture
+def disabled():
+    metrics.configure(False)
+    yield
+    metrics.configure(True)
+
+
+def test_metrics_off_count_nothing_and_register_nothing(disabled):
+    before = set(metrics.REGISTRY._names_to_collectors)  # noqa: SLF001 - what the endpoint would serve
+    router = metrics.router()
+    router.time_to_first_token.labels("m", "d").observe(0.1)
+    router.turns.labels("m", "miss", "completed").inc()
+    metrics.cache().resident_rows.set_function(lambda: 1)
+    assert set(metrics.REGISTRY._names_to_collectors) == before  # noqa: SLF001
+    assert router.turns is metrics.context().assembly  # the one shared no-op
+
+
+class _Context:
+    def __init__(self) -> None:
+        self.aborted_with = None
+
+    async def abort(self, code, details, trailing_metadata):
+        self.aborted_with = code
+        raise grpc.aio.AbortError()
+
+
+async def test_the_interceptor_reports_each_rpc_with_its_code_and_reason():
+    seen = []
+    interceptor = ErrorInterceptor(lambda method, code, reason, started: seen.append((method, code, reason)))
+
+    async def ok(request, context):
+        return "fine"
+
+    async def refused(request, context):
+        raise invalid_argument(Reason.EMPTY_MESSAGES, "messages must not be empty")
+
+    for behavior in (ok, refused):
+        handler = interceptor._wrap(  # noqa: SLF001 - the wrapper every served method gets
+            grpc.unary_unary_rpc_method_handler(behavior), "/meshgate.x.v1.S/M"
+        )
+        context = _Context()
+        try:
+            await handler.unary_unary(b"", context)
+        except grpc.aio.AbortError:
+            assert context.aborted_with == grpc.StatusCode.INVALID_ARGUMENT
+    assert seen == [
+        ("/meshgate.x.v1.S/M", "OK", ""),
+        ("/meshgate.x.v1.S/M", "INVALID_ARGUMENT", "EMPTY_MESSAGES"),
+    ]
