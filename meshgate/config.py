@@ -69,6 +69,11 @@ class MeshSettings:
     # with {service} = router.
     router_cert_file: str = ""
     tenant_token_ttl_s: float = 30.0
+    # A second, plain-text port that serves only gRPC health checks (the same
+    # statuses), for probes that speak no TLS: Kubernetes' gRPC probe
+    # (deploy/k8s). "" for none; in a cluster every pod has its own address,
+    # so one port number serves all four services.
+    health_listen: str = ""
 
 
 @dataclasses.dataclass

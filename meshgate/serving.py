@@ -118,6 +118,8 @@ class Service:
         self.reload_hooks: list[ReloadHook] = []
         # The Prometheus endpoint, when one is open (serve_metrics).
         self.metrics_server = None
+        # The plain-text health port, when one is open (serve_plain_health).
+        self.health_server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -154,6 +156,19 @@ class Service:
         log.info("metrics", address=address, port=port)
         return port
 
+    def serve_plain_health(self, address: str) -> int:
+        """Opens a second port serving grpc.health.v1 alone, in plain text,
+        with the main port's statuses (one servicer): for probes that speak no
+        TLS, such as Kubernetes' gRPC probe, when the main port speaks only
+        mutual TLS. It tells a status and serves nothing else. Returns its port."""
+        self.health_server = grpc.aio.server(options=SERVER_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        port = self.health_server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"{self.name}: cannot listen on {address} for health checks")
+        log.info("health", address=address, port=port)
+        return port
+
     async def set_serving(self, serving: bool) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -176,6 +191,8 @@ async def start(service: Service, listen: str, cleanup: Cleanup) -> int:
     # a service that is not ready yet must not look ready for a moment.
     await service.set_serving(service.serving_when_started)
     await service.server.start()
+    if service.health_server is not None:
+        await service.health_server.start()
     service.cleanup = cleanup
     log.info("serving", address=listen, port=port)
     return port
@@ -187,6 +204,9 @@ async def stop(service: Service, grace_s: float = 10.0) -> None:
     await service.set_serving(False)
     log.info("draining", grace_s=grace_s)
     await service.server.stop(grace_s)
+    if service.health_server is not None:
+        # After the drain: until then probes see NOT_SERVING, not a refused port.
+        await service.health_server.stop(None)
     await service.cleanup()
     if service.metrics_server is not None:
         # Last, so a final scrape still sees the drained calls.
@@ -269,6 +289,8 @@ def main(
         cleanup = await setup(service, settings)
         if settings.telemetry.metrics and metrics_listen:
             service.serve_metrics(metrics_listen)
+        if settings.mesh.health_listen:
+            service.serve_plain_health(settings.mesh.health_listen)
         await serve_until_signalled(service, args.listen or listen_of(settings), cleanup)
 
     try:

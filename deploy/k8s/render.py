@@ -10,7 +10,7 @@ Kubernetes schemas that kubernetes-validate bundles), and no binary beyond
 Python is needed to produce it. The base:
 
 * per service (router, context, cache, inference): a Deployment (non-root,
-  read-only root, gRPC health probes, a preStop pause so endpoints drop the
+  read-only root, Kubernetes' gRPC health probes, a preStop pause so endpoints drop the
   pod before it drains, resource requests), a Service (headless for the
   internal services, whose callers balance over the pods themselves), a
   PodDisruptionBudget, a HorizontalPodAutoscaler on CPU and on the service's
@@ -37,6 +37,9 @@ OVERLAYS_DIR = pathlib.Path(__file__).resolve().parent / "overlays"
 SERVICES = ("router", "context", "cache", "inference")
 GRPC_PORTS = {"router": 50051, "context": 50052, "cache": 50053, "inference": 50054}
 METRICS_PORTS = {"router": 50061, "context": 50062, "cache": 50063, "inference": 50064}
+# mesh.health_listen: the internal services' plain-text health port, for the
+# kubelet's gRPC probe (their main port speaks only mutual TLS).
+HEALTH_PORT = 50070
 # Who may open a connection to whom (the callers each service's app.py
 # admits through mesh_auth; the test checks the two agree). The router is
 # the public door.
@@ -150,6 +153,9 @@ def settings_file(overlay: Overlay) -> str:
         "[telemetry]",
         'log_level = "info"',
         "",
+        "[mesh]",
+        f'health_listen = "0.0.0.0:{HEALTH_PORT}"',
+        "",
         "[models.smollm2]",
         "context_window_tokens = 8192",
         "max_output_tokens = 1024",
@@ -204,16 +210,20 @@ def container_environment(service: str) -> dict[str, str | dict]:
     return env
 
 
+def probe_port(service: str) -> int:
+    """Where the kubelet's gRPC probe (grpc.health.v1, no TLS) asks: the
+    router's public port; an internal service's plain-text health port,
+    since its own port speaks only mutual TLS."""
+    return GRPC_PORTS["router"] if service == "router" else HEALTH_PORT
+
+
 def _probe(service: str, failure_threshold: int, period_s: int) -> dict[str, Any]:
-    if service == "router":
-        # Kubernetes' native gRPC probe (grpc.health.v1) on the public, plain-text port.
-        action: dict[str, Any] = {"grpc": {"port": GRPC_PORTS[service]}}
-    else:
-        # The kubelet's gRPC probe speaks no TLS, and an internal port speaks
-        # only mutual TLS: the same health check, made from inside the pod
-        # with the pod's own mesh certificate (meshgate/probe.py).
-        action = {"exec": {"command": ["meshgate-probe", service, "--timeout", "3"]}}
-    return {**action, "periodSeconds": period_s, "timeoutSeconds": 4, "failureThreshold": failure_threshold}
+    return {
+        "grpc": {"port": probe_port(service)},
+        "periodSeconds": period_s,
+        "timeoutSeconds": 2,
+        "failureThreshold": failure_threshold,
+    }
 
 
 def deployment(service: str, overlay: Overlay) -> dict[str, Any]:
@@ -250,6 +260,7 @@ def deployment(service: str, overlay: Overlay) -> dict[str, Any]:
         "ports": [
             {"name": "grpc", "containerPort": GRPC_PORTS[service], "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORTS[service], "protocol": "TCP"},
+            *([] if service == "router" else [{"name": "health", "containerPort": HEALTH_PORT}]),
         ],
         "env": env,
         "volumeMounts": mounts,

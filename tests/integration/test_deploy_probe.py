@@ -8,10 +8,18 @@ import asyncio
 import pathlib
 import sys
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from meshgate import serving
+from meshgate.config import Settings
+from meshgate.inference.v1 import inference_service_pb2 as inference_pb2
+from meshgate.inference.v1 import inference_service_pb2_grpc as inference_pb2_grpc
 from meshgate.local import certs
 from meshgate.local.stack import free_port
+from services.inference import app as inference_app
+from tests.integration.conftest import wait_until_serving
 from tests.mesh import mesh_settings
 
 pytestmark = pytest.mark.integration
@@ -60,3 +68,41 @@ async def test_the_probe_fails_when_nothing_listens(tmp_path):
     code, stderr = await _probe("inference", "--config", str(config), "--address", address, "--timeout", "1")
     assert code == 1
     assert stderr.splitlines()[-1].startswith("inference: ")
+
+
+async def test_the_plain_text_health_port_tells_the_status_and_serves_nothing_else(triton_url):
+    """What Kubernetes' own gRPC probe reaches on an internal service, whose
+    main port speaks only mutual TLS (mesh.health_listen)."""
+    settings = Settings(mesh=mesh_settings())
+    settings.inference.triton_urls = [triton_url]
+    settings.inference.health_interval_s = 0.5
+    service = serving.Service("inference", inference_app.SERVICE_NAMES)
+    cleanup = await inference_app.setup(service, settings)
+    health_port = service.serve_plain_health("127.0.0.1:0")
+    port = await serving.start(service, "127.0.0.1:0", cleanup)
+    try:
+        await wait_until_serving(service)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            # Nothing but health there: the service's own RPCs are not served.
+            inference = inference_pb2_grpc.InferenceServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await inference.ListModels(inference_pb2.ListModelsRequest(), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            # The main port's statuses, as they change.
+            await service.set_serving(False)
+            answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # The main port still admits no plain-text caller.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await serving.stop(service, grace_s=1)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as closed:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert closed.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -96,11 +96,9 @@ def test_each_service_has_its_deployment_probes_drain_and_requests(overlay):
         (container,) = pod["containers"]
         assert container["image"].endswith(f"/meshgate-{service}:{render.Overlay.load(overlay).image_tag}")
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-            action = container[probe]
-            if service == "router":
-                assert action["grpc"] == {"port": render.GRPC_PORTS["router"]}
-            else:
-                assert action["exec"]["command"][:2] == ["meshgate-probe", service]
+            # Kubernetes' own gRPC probe; an internal service's on its plain-text health port.
+            assert container[probe]["grpc"] == {"port": render.probe_port(service)}
+            assert render.probe_port(service) in {port["containerPort"] for port in container["ports"]}
         assert container["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
         # The pause and the service's drain both fit before the kill.
         assert pod["terminationGracePeriodSeconds"] > render.PRESTOP_PAUSE_S + render.DRAIN_GRACE_S
@@ -186,6 +184,8 @@ def test_the_services_accept_the_rendered_settings(overlay, service, tmp_path):
     section = getattr(settings, service)
     assert section.listen == f"0.0.0.0:{render.GRPC_PORTS[service]}"
     assert settings.mesh.cert_file == f"{render.CERTS_DIR}/tls.crt"
+    if service != "router":
+        assert settings.mesh.health_listen.endswith(f":{render.probe_port(service)}")
     assert settings.router.dev_tenant is False
     if service in render.USES_REDIS:
         assert settings.redis.url == "redis://redis.example:6379/0"
