@@ -36,6 +36,8 @@ import yaml
 OVERLAYS_DIR = pathlib.Path(__file__).resolve().parent / "overlays"
 SERVICES = ("router", "context", "cache", "inference")
 GRPC_PORTS = {"router": 50051, "context": 50052, "cache": 50053, "inference": 50054}
+# The router's OpenAI-compatible HTTP edge (router.http_listen), public like its gRPC port.
+ROUTER_HTTP_PORT = 8080
 METRICS_PORTS = {"router": 50061, "context": 50062, "cache": 50063, "inference": 50064}
 # mesh.health_listen: the internal services' plain-text health port, for the
 # kubelet's gRPC probe (their main port speaks only mutual TLS).
@@ -168,6 +170,7 @@ def settings_file(overlay: Overlay) -> str:
         "[router]",
         f'listen = "0.0.0.0:{GRPC_PORTS["router"]}"',
         f'metrics_listen = "0.0.0.0:{METRICS_PORTS["router"]}"',
+        f'http_listen = "0.0.0.0:{ROUTER_HTTP_PORT}"',
         f"context_address = {_toml_value(address('context'))}",
         f"cache_address = {_toml_value(address('cache'))}",
         # No built-in development tenant in a cluster: tenants come from the
@@ -260,7 +263,11 @@ def deployment(service: str, overlay: Overlay) -> dict[str, Any]:
         "ports": [
             {"name": "grpc", "containerPort": GRPC_PORTS[service], "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORTS[service], "protocol": "TCP"},
-            *([] if service == "router" else [{"name": "health", "containerPort": HEALTH_PORT}]),
+            *(
+                [{"name": "http", "containerPort": ROUTER_HTTP_PORT, "protocol": "TCP"}]
+                if service == "router"
+                else [{"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}]
+            ),
         ],
         "env": env,
         "volumeMounts": mounts,
@@ -328,6 +335,9 @@ def service_object(service: str, overlay: Overlay) -> dict[str, Any]:
     }
     if service == "router":
         spec["type"] = overlay.router_service_type
+        spec["ports"].append(
+            {"name": "http", "port": ROUTER_HTTP_PORT, "targetPort": "http", "protocol": "TCP"}
+        )
     else:
         # Headless: DNS answers with every ready pod, and the caller's gRPC
         # channel balances its calls over them (a ClusterIP would pin each
@@ -395,7 +405,8 @@ def network_policy(service: str, overlay: Overlay) -> dict[str, Any]:
         ]
     else:
         sources = [{"podSelector": {"matchLabels": _labels(caller)}} for caller in callers]
-    grpc_rule: dict[str, Any] = {"ports": [{"port": GRPC_PORTS[service], "protocol": "TCP"}]}
+    public_ports = [GRPC_PORTS[service], *([ROUTER_HTTP_PORT] if service == "router" else [])]
+    grpc_rule: dict[str, Any] = {"ports": [{"port": port, "protocol": "TCP"} for port in public_ports]}
     if sources:
         grpc_rule["from"] = sources
     metrics_rule = {

@@ -114,9 +114,21 @@ def test_each_service_target_runs_its_entry_point_as_a_non_root_user_with_a_heal
     uid = users[-1].split(":")[0]
     assert uid not in ("root", "0")
     assert uid.isdigit(), "a numeric uid lets Kubernetes' runAsNonRoot verify it"
-    # It listens on all interfaces of its container, on the port it exposes.
-    (port,) = stage.all("EXPOSE")
+    # It listens on all interfaces of its container, on the (first) port it exposes.
+    (exposed,) = stage.all("EXPOSE")
+    port = exposed.split()[0]
     assert f"MESHGATE_{service.upper()}__LISTEN=0.0.0.0:{port}" in " ".join(stage.all("ENV"))
+
+
+def test_the_build_copies_what_the_wheel_test_builds_from():
+    """tests/unit/test_deploy_wheel.py installs a wheel built from these same sources."""
+    from tests.unit.test_deploy_wheel import IMAGE_SOURCES
+
+    build = SERVICE_STAGES[0]
+    copied = [shlex.split(arguments)[:-1] for arguments in build.all("COPY")]
+    sources = {source for words in copied for source in words if not source.startswith("--")}
+    assert set(IMAGE_SOURCES) <= sources
+    assert sources - set(IMAGE_SOURCES) == {"model_repository/smollm2/build_tokenizer.py"}
 
 
 def test_no_build_tools_in_the_final_stages():

@@ -140,11 +140,15 @@ def test_only_the_router_is_exposed_and_internal_services_admit_only_their_mesh_
         grpc_rule = next(
             rule
             for rule in policies[name]["spec"]["ingress"]
-            if rule["ports"] == [{"port": render.GRPC_PORTS[service], "protocol": "TCP"}]
+            if {"port": render.GRPC_PORTS[service], "protocol": "TCP"} in rule["ports"]
         )
         if service == "router":
             assert services[name]["spec"]["type"] in ("ClusterIP", "LoadBalancer")
+            # gRPC and the OpenAI-compatible HTTP edge, both public.
+            assert {p["port"] for p in services[name]["spec"]["ports"]} == {50051, render.ROUTER_HTTP_PORT}
+            assert {p["port"] for p in grpc_rule["ports"]} == {50051, render.ROUTER_HTTP_PORT}
             continue
+        assert grpc_rule["ports"] == [{"port": render.GRPC_PORTS[service], "protocol": "TCP"}]
         # Headless: callers balance over the pods themselves.
         assert services[name]["spec"]["clusterIP"] == "None"
         allowed = {
@@ -181,6 +185,7 @@ def test_the_services_accept_the_rendered_settings(overlay, service, tmp_path):
     ][0]
     environ = {e["name"]: e.get("value", "redis://redis.example:6379/0") for e in container["env"]}
     settings = load_settings(tmp_path / "meshgate.toml", environ)
+    assert settings.router.http_listen == f"0.0.0.0:{render.ROUTER_HTTP_PORT}"
     section = getattr(settings, service)
     assert section.listen == f"0.0.0.0:{render.GRPC_PORTS[service]}"
     assert settings.mesh.cert_file == f"{render.CERTS_DIR}/tls.crt"
