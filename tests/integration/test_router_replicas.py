@@ -139,6 +139,8 @@ key_file = {_toml(mesh.key_file)}
 deployments = [{{ name = "live", address = {_toml(inference_address)}, model = "tiny-gpt" }}]
 
 [router]
+# Four processes on one host: no fixed metrics port beside each one's --listen.
+metrics_listen = ""
 context_address = {_toml(context_address)}
 cache_address = {_toml(cache_address)}
 dev_tenant = false
