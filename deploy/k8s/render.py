@@ -431,6 +431,16 @@ def network_policy(service: str, overlay: Overlay) -> dict[str, Any]:
     }
 
 
+def key_rotation(service: str) -> str:
+    """cert-manager's key policy at each renewal. The services read their
+    certificates at start, and context and cache verify tenant tokens with
+    the router's certificate as it was then: the router keeps its key across
+    renewals, so tokens it signs after one still verify in pods started
+    before it, until the old certificate expires (renewBefore: 15 days to
+    restart them). Every other key is new at each renewal."""
+    return "Never" if service == "router" else "Always"
+
+
 def certificate_objects(overlay: Overlay) -> list[dict[str, Any]]:
     """cert-manager: a self-signed root for the mesh's CA, the CA issuer, and
     one certificate per service whose DNS name is its mesh identity."""
@@ -480,7 +490,7 @@ def certificate_objects(overlay: Overlay) -> list[dict[str, Any]]:
                     ],
                     "duration": "2160h",
                     "renewBefore": "360h",
-                    "privateKey": private_key,
+                    "privateKey": {**private_key, "rotationPolicy": key_rotation(service)},
                     "usages": ["digital signature", "key encipherment", "server auth", "client auth"],
                     "issuerRef": {"name": "meshgate-ca", "kind": "Issuer", "group": "cert-manager.io"},
                 },

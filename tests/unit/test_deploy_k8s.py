@@ -170,6 +170,9 @@ def test_each_service_gets_a_certificate_for_its_mesh_identity(overlay):
         # ES256 tenant tokens are signed with the router's key: P-256.
         assert spec["privateKey"]["algorithm"] == "ECDSA" and spec["privateKey"]["size"] == 256
         assert spec["issuerRef"]["name"] == "meshgate-ca"
+        # Pods started before a renewal hold the router's old certificate:
+        # only a kept key lets them verify the tokens signed after it.
+        assert spec["privateKey"]["rotationPolicy"] == ("Never" if service == "router" else "Always")
         volumes = deployments[f"meshgate-{service}"]["spec"]["template"]["spec"]["volumes"]
         assert {"name": "mesh-cert", "secret": {"secretName": spec["secretName"]}} in volumes
 
