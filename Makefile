@@ -48,8 +48,9 @@ test: lint
 
 # The hermetic tier alone: no Redis, Triton, service or socket (tests/unit's
 # conftest refuses IP sockets); most of its time is the smollm2 math tests.
+# The hermetic tier: no sockets, no Redis or Triton, no model weights.
 test-unit: install
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -m "not heavy" tests/unit
 
 # The fault suite alone (it is part of `make test` too), with its table:
 # kill -9 of Triton, Redis, cache and context under load.

@@ -227,6 +227,7 @@ def test_an_entry_without_its_question_is_never_served(embed):
     )
 
 
+@pytest.mark.heavy
 def test_the_committed_model_is_what_the_training_script_makes():
     cache_data = pytest.importorskip("cache_data")
     if not (cache_data.QQP_CSV.exists() and cache_data.EMBEDDINGS_NPZ.exists()):

@@ -20,6 +20,9 @@ import pytest
 
 from meshgate import mesh_auth
 
+# Loads a real model or builds an artifact: seconds per test, so `make test-unit` leaves it out.
+pytestmark = pytest.mark.heavy
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SERVICES = mesh_auth.MESH_SERVICES
 # What the image's build stage copies before `pip install .`.

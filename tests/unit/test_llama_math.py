@@ -11,6 +11,9 @@ import pytest
 
 from tests.unit import model_repository_modules
 
+# Loads a real model or builds an artifact: seconds per test, so `make test-unit` leaves it out.
+pytestmark = pytest.mark.heavy
+
 # Token ids of the ChatML prompt "<|im_start|>user\nWhat is the capital of
 # France?<|im_end|>\n<|im_start|>assistant\n" (ids are the GGUF's; the maths
 # needs no tokenizer).
