@@ -61,6 +61,13 @@ SCALING_METRICS = {
     "cache": "meshgate_rpc_requests_per_second",
     "inference": "meshgate_inference_backend_in_flight",
 }
+# The series (meshgate/metrics.py) each of those is computed from by the
+# adapter's rules in deploy/k8s/README.md.
+SCALING_SERIES = {
+    "meshgate_router_streams_in_flight": "meshgate_router_streams_in_flight",
+    "meshgate_rpc_requests_per_second": "meshgate_rpc_requests_total",
+    "meshgate_inference_backend_in_flight": "meshgate_inference_backend_in_flight",
+}
 CONFIG_DIR = "/etc/meshgate/config"
 CERTS_DIR = "/etc/meshgate/certs"
 ROUTER_CERT_DIR = "/etc/meshgate/router-cert"

@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from meshgate import mesh_auth
+from meshgate import mesh_auth, metrics
 from meshgate.config import load_settings
 from services.cache import app as cache_app
 from services.context import app as context_app
@@ -123,6 +123,15 @@ def test_budgets_and_autoscalers_select_each_deployment(overlay):
         kinds = {m["type"]: m for m in hpa["metrics"]}
         assert kinds["Resource"]["resource"]["name"] == "cpu"
         assert kinds["Pods"]["pods"]["metric"]["name"].startswith("meshgate_")
+
+
+def test_the_autoscalers_metrics_come_from_series_the_services_export():
+    exported = metrics.exported_series()
+    adapter_rules = (K8S / "README.md").read_text()
+    for service, name in render.SCALING_METRICS.items():
+        series = render.SCALING_SERIES[name]
+        assert series in exported, (service, series)
+        assert f"seriesQuery: '{series}{{" in adapter_rules, f"no adapter rule reads {series}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
