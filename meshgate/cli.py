@@ -119,8 +119,21 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _needs_checkout(command: str) -> int:
+    print(
+        f"meshgate {command} is the local stack's, which runs from a source checkout (make run); "
+        "an installed meshgate holds the services only. In a cluster, cert-manager makes the "
+        "mesh's certificates: see deploy/k8s/README.md.",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def _cmd_certs(args: argparse.Namespace) -> int:
-    from meshgate.local import certs
+    try:
+        from meshgate.local import certs
+    except ModuleNotFoundError:
+        return _needs_checkout("certs")
 
     directory = pathlib.Path(args.out)
     written = certs.ensure(directory)
@@ -137,10 +150,13 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    try:
+        from meshgate.local.stack import Stack
+        from meshgate.local.supervisor import Supervisor
+    except ModuleNotFoundError:
+        return _needs_checkout("up")
     from meshgate import telemetry
     from meshgate.config import TelemetrySettings
-    from meshgate.local.stack import Stack
-    from meshgate.local.supervisor import Supervisor
 
     # The supervisor's restart lines, as JSON on stderr like every service's.
     telemetry.setup("meshgate-up", TelemetrySettings())

@@ -157,3 +157,12 @@ def test_every_service_starts_from_the_installed_copy(installed, tmp_path):
         )
         assert shown.returncode == 0, (script, shown.stderr)
         assert "usage:" in shown.stdout
+    # The local stack's commands say where they run instead of a traceback.
+    for command in (["up", "--no-demo"], ["certs", "--out", str(tmp_path / "certs")]):
+        refused = subprocess.run(
+            [installed / "bin" / "meshgate", *command], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert refused.returncode == 2, (command, refused.stderr)
+        assert "runs from a source checkout" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "certs").exists()
