@@ -254,6 +254,8 @@ class RouterSettings:
 @dataclasses.dataclass
 class ContextSettings:
     listen: str = "127.0.0.1:50052"
+    # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
+    metrics_listen: str = "127.0.0.1:50062"
     # Sessions untouched for this long expire; 0 keeps them forever.
     session_ttl_s: int = 7 * 24 * 3600
     # The most turns a session may hold; an append past it is refused with
@@ -262,8 +264,6 @@ class ContextSettings:
     # Process memory for hot sessions' turns and counts (services/context/hot_cache.py).
     hot_cache_bytes: int = 64 * 1024 * 1024
     # Where turn and question embeddings come from (adaptive assembly).
-    # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
-    metrics_listen: str = "127.0.0.1:50062"
     inference_address: str = "127.0.0.1:50054"
     # Adaptive assembly keeps up to this many newest turns whatever their relevance.
     recency_floor_turns: int = 2
@@ -280,6 +280,8 @@ class ContextSettings:
 @dataclasses.dataclass
 class CacheSettings:
     listen: str = "127.0.0.1:50053"
+    # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
+    metrics_listen: str = "127.0.0.1:50063"
     # Where embeddings come from.
     inference_address: str = "127.0.0.1:50054"
     embedding_model: str = "minilm"
@@ -288,8 +290,6 @@ class CacheSettings:
     semantic_threshold: float = 0.8
     # Bound on served wrong answers: the verifier's threshold is the one
     # calibrated on labelled data for the largest bound not above this
-    # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
-    metrics_listen: str = "127.0.0.1:50063"
     # (bench/train_cache_verifier.py; the table is in verifier_model.json).
     max_false_hit_rate: float = 0.01
     ttl_s: int = 24 * 3600
@@ -330,6 +330,8 @@ def _default_served_models() -> dict[str, ServedModelSettings]:
 @dataclasses.dataclass
 class InferenceSettings:
     listen: str = "127.0.0.1:50054"
+    # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
+    metrics_listen: str = "127.0.0.1:50064"
     triton_urls: list[str] = dataclasses.field(default_factory=lambda: ["127.0.0.1:8001"])
     models: dict[str, ServedModelSettings] = dataclasses.field(default_factory=_default_served_models)
     embedding_triton_model: str = "minilm"
@@ -338,8 +340,6 @@ class InferenceSettings:
     # Bounds on what one call may ask of Triton; a request beyond them is
     # refused with INVALID_ARGUMENT before any Triton work is spent on it.
     # The rendered prompt, in UTF-8 bytes: the model tokenizes all of it.
-    # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
-    metrics_listen: str = "127.0.0.1:50064"
     max_prompt_bytes: int = 1024 * 1024
     max_embed_texts: int = 128
     # Above router.max_message_bytes, so the cache can always embed a question.

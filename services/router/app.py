@@ -29,8 +29,8 @@ from services.router.servicer import RouterServicer
 # Settings a running router cannot take over (reload logs that they changed).
 _RESTART_ONLY = (
     "router.listen",
-    "router.context_address",
     "router.metrics_listen",
+    "router.context_address",
     "router.cache_address",
     "router.http_listen",
     "router.downstream_timeout_s",
