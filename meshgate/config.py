@@ -297,8 +297,9 @@ class CacheSettings:
     # first. Large partitions are searched through an approximate index
     # (services/cache/index.py), so 1M entries stay within 2 ms a lookup.
     max_entries_per_partition: int = 1_000_000
-    # Rows all resident vector indexes together may hold (about 2 KiB each at
-    # 384 dimensions: the float32 row, its int8 graph copy and links); the
+    # Rows all resident vector indexes together may hold (2.3-2.9 KiB each at
+    # 384 dimensions: the float32 row, its int8 graph copy and links, plus
+    # ~1.3 KiB of Python ids and texts; bench/README.md); the
     # least recently used indexes are pushed out and reload from Redis.
     max_resident_rows: int = 1_200_000
     # From this many entries on, a sub-partition is searched through an HNSW
