@@ -262,15 +262,17 @@ class BackendCollector(Collector):
 # --- the process's metrics -------------------------------------------------------
 
 _enabled = True
-_groups: dict[type, object] = {}
+# One group per class and switch state, kept for the process's life: a
+# metric may be registered with the registry only once, so switching back on
+# must find the group made before, not register its names again.
+_groups: dict[tuple[type, bool], object] = {}
 
 
 def configure(enabled: bool) -> None:
-    """Called once at process start, before any service code asks for its
-    metrics (``telemetry.metrics``)."""
+    """Called at process start, before any service code asks for its
+    metrics (``telemetry.metrics``); tests switch it back and forth."""
     global _enabled
     _enabled = enabled
-    _groups.clear()
 
 
 def enabled() -> bool:
@@ -278,9 +280,9 @@ def enabled() -> bool:
 
 
 def _group(cls):
-    group = _groups.get(cls)
+    group = _groups.get((cls, _enabled))
     if group is None:
-        group = _groups[cls] = cls(REGISTRY if _enabled else None)
+        group = _groups[(cls, _enabled)] = cls(REGISTRY if _enabled else None)
     return group
 
 

@@ -27,6 +27,15 @@ def test_metrics_off_count_nothing_and_register_nothing(disabled):
     assert router.turns is metrics.context().assembly  # the one shared no-op
 
 
+def test_switching_metrics_off_and_on_again_registers_nothing_twice():
+    """The full suite once registered the router's metrics a second time
+    (DuplicateTimeseries) after a test had switched metrics off and on."""
+    first = metrics.router()
+    metrics.configure(False)
+    metrics.configure(True)
+    assert metrics.router() is first
+
+
 class _Context:
     def __init__(self) -> None:
         self.aborted_with = None
