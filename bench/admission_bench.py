@@ -25,6 +25,8 @@ import time
 import types
 import uuid
 
+import uvloop
+
 from meshgate import redis_access
 from meshgate.common.v1 import common_pb2
 from meshgate.config import LimitSettings, PriceSettings, RouterSettings
@@ -131,7 +133,8 @@ def main() -> None:
         try:
             redis_server.wait_ready(port)
             url = f"redis://127.0.0.1:{port}/0"
-            none, ledger_alone, with_limits = asyncio.run(_cpu_per_turn(url, args.turns))
+            # The router runs on uvloop (meshgate/serving.py): measure on the same loop.
+            none, ledger_alone, with_limits = uvloop.run(_cpu_per_turn(url, args.turns))
             print(
                 f"router CPU per turn, admit+settle stages: none {none:.3f} ms,"
                 f" ledger only {ledger_alone:.3f} ms, ledger + 15 limits {with_limits:.3f} ms"
