@@ -6,6 +6,8 @@ from __future__ import annotations
 from google.protobuf import timestamp_pb2
 
 from meshgate.config import LIMIT_NAMES, LimitSettings
+from meshgate.errors import invalid_argument
+from meshgate.reasons import Reason
 from meshgate.router.v1 import admin_service_pb2 as pb
 from meshgate.router.v1 import admin_service_pb2_grpc
 from services.router.auth import Authenticator
@@ -46,6 +48,18 @@ def key_info(record: KeyRecord) -> pb.KeyInfo:
     )
 
 
+def _expiry(request: pb.CreateKeyRequest) -> float | None:
+    """The key's expiry in Unix seconds; a Timestamp outside the years
+    1-9999 (which protobuf refuses to convert) is the caller's error."""
+    if not request.HasField("expires_at"):
+        return None
+    try:
+        return request.expires_at.ToNanoseconds() / 1e9
+    except ValueError as error:
+        message = f"expires_at is not a valid timestamp: {error}"
+        raise invalid_argument(Reason.INVALID_KEY_SPEC, message) from error
+
+
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     def __init__(self, authenticator: Authenticator, keys: KeyStore, models) -> None:
         self._auth = authenticator
@@ -58,7 +72,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
 
     async def CreateKey(self, request: pb.CreateKeyRequest, context) -> pb.CreateKeyResponse:
         await self._auth.authenticate_admin(context.invocation_metadata())
-        expires_at = request.expires_at.ToNanoseconds() / 1e9 if request.HasField("expires_at") else None
+        expires_at = _expiry(request)
         models, limits = check_key_request(
             request.tenant_id,
             list(request.models),

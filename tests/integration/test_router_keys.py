@@ -170,6 +170,11 @@ async def test_an_expired_key_is_refused(replicas, redis_url):
             admin_pb.CreateKeyRequest(tenant_id="x", expires_at={"seconds": 1}),
             (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_KEY_SPEC),
         ),
+        # Found by the fuzz suite: a Timestamp protobuf cannot convert was INTERNAL.
+        (
+            admin_pb.CreateKeyRequest(tenant_id="x", expires_at={"seconds": -(2**63)}),
+            (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_KEY_SPEC),
+        ),
     ],
 )
 async def test_a_bad_key_request_is_refused_and_writes_nothing(replicas, redis_url, request_, expected):
