@@ -37,7 +37,12 @@ _COMMON = {
     "database": None,
 }
 _EXAMPLES = os.environ.get("MESHGATE_FUZZ_EXAMPLES")
-settings.register_profile("meshgate-ci", max_examples=int(_EXAMPLES or 25), **_COMMON)
+# `make test` draws the same examples on every run, so CI judges the code, not
+# the luck of the draw; `make fuzz` draws new ones each time to find new bugs
+# (it found an INTERNAL in CreateKey that the fixed draw had not reached).
+settings.register_profile(
+    "meshgate-ci", max_examples=int(_EXAMPLES or 25), **{**_COMMON, "derandomize": True}
+)
 settings.register_profile("meshgate-fuzz", max_examples=int(_EXAMPLES or 300), **_COMMON)
 # Applied per test (not loaded globally), so other property tests keep their own settings.
 _PROFILE = "meshgate-fuzz" if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else "meshgate-ci"
