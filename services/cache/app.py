@@ -5,9 +5,9 @@ from __future__ import annotations
 from meshgate import mesh_auth, redis_access, serving
 from meshgate.cache.v1 import cache_service_pb2, cache_service_pb2_grpc
 from meshgate.config import ConfigError, Settings
+from meshgate.embedding import Embedder
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.serving import Cleanup, Service
-from services.cache.embedder import Embedder
 from services.cache.index import IndexRegistry
 from services.cache.servicer import CacheServicer
 from services.cache.stats import Stats

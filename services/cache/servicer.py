@@ -24,10 +24,10 @@ from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
 from meshgate.config import CacheSettings
+from meshgate.embedding import Embedder
 from meshgate.errors import invalid_argument
 from meshgate.reasons import Reason
 from services.cache import conversation, keys
-from services.cache.embedder import Embedder
 from services.cache.index import IndexRegistry, Match, VectorIndex
 from services.cache.stats import Stats
 from services.cache.store import CacheStore, SemanticRow, live_answer, split_payload

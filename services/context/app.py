@@ -5,8 +5,8 @@ from __future__ import annotations
 from meshgate import mesh_auth, redis_access, serving
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2, context_service_pb2_grpc
+from meshgate.embedding import Embedder
 from meshgate.inference.v1 import inference_service_pb2_grpc
-from services.cache.embedder import Embedder
 from services.context import summaries, token_counts
 from services.context.hot_cache import ChangeListener, HotCache
 from services.context.servicer import ContextServicer

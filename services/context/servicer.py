@@ -19,9 +19,9 @@ from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
+from meshgate.embedding import Embedder
 from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.reasons import Reason
-from services.cache.embedder import Embedder, EmbeddingUnavailable
 from services.context import assembly, relevance
 from services.context import summaries as summaries_lib
 from services.context.hot_cache import HotCache
@@ -373,11 +373,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         give them: the turns are then found by their words only."""
         if self._embedder is None:
             return None
-        try:
-            return await self._embedder.embed([m.content for m in messages])
-        except EmbeddingUnavailable as error:
-            log.warning("turns stored without embeddings", error=str(error))
-            return None
+        return await self._embedder.embed_all_or_none([m.content for m in messages])
 
     async def _assemble_session(
         self,

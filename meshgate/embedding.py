@@ -1,4 +1,5 @@
-"""Question embeddings from the inference service."""
+"""Text embeddings from the inference service, for the services that match
+by meaning: the cache (questions) and the context service (turns)."""
 
 from __future__ import annotations
 
@@ -53,12 +54,18 @@ class Embedder:
 
     async def embed_or_none(self, text: str) -> np.ndarray | None:
         """The text's vector, or None (with a throttled warning) when the
-        inference service cannot give one: the caller falls back to exact-only."""
+        inference service cannot give one: the caller falls back to matching
+        without meaning (exact keys, words)."""
+        vectors = await self.embed_all_or_none([text])
+        return None if vectors is None else vectors[0]
+
+    async def embed_all_or_none(self, texts: list[str]) -> np.ndarray | None:
+        """One row per text, or None, as :meth:`embed_or_none`."""
         try:
-            return (await self.embed([text]))[0]
+            return await self.embed(texts)
         except EmbeddingUnavailable as error:
             now = time.monotonic()
             if now - self._last_warning >= _WARNING_INTERVAL_S:
                 self._last_warning = now
-                log.warning("embeddings unavailable, semantic matching off", error=str(error))
+                log.warning("embeddings unavailable, matching without them", error=str(error))
             return None
