@@ -77,8 +77,6 @@ class HotCache:
         self._forgotten_sequence = 0
         # Entries are served only while change notices are known to arrive.
         self.live = False
-        self.hits = 0
-        self.misses = 0
 
     @property
     def bytes(self) -> int:
@@ -97,10 +95,8 @@ class HotCache:
             self._drop(key)
             entry = None
         if entry is None:
-            self.misses += 1
             return None
         self._entries.move_to_end(key)
-        self.hits += 1
         return entry[0]
 
     def put(self, key: str, session: StoredSession, ticket: int) -> bool:

@@ -256,14 +256,19 @@ class StoredSession:
     index: typing.Any = None
 
 
+def key(tenant_id: str, session_id: str, part: str) -> str:
+    """One of a session's Redis keys (``meta``, ``turns``, ...): the one place
+    their layout is spelled, for this module, the turn index and summaries."""
+    return f"mg:context:{tenant_id}:{session_id}:{part}"
+
+
 def session_key(tenant_id: str, session_id: str) -> str:
     """The session's meta key: what change notices name."""
-    return _keys(tenant_id, session_id)[0]
+    return key(tenant_id, session_id, "meta")
 
 
 def _keys(tenant_id: str, session_id: str) -> list[str]:
-    prefix = f"mg:context:{tenant_id}:{session_id}"
-    return [f"{prefix}:meta", f"{prefix}:turns", f"{prefix}:turn_ids", f"{prefix}:versions"]
+    return [key(tenant_id, session_id, part) for part in ("meta", "turns", "turn_ids", "versions")]
 
 
 def _counts_field(tokenizer_id: str) -> str:
@@ -289,12 +294,12 @@ def _unpack(data: bytes) -> list[int]:
     return list(struct.unpack(f"<{len(data) // 4}I", data))
 
 
-def _session_not_found(session_id: str) -> MeshgateError:
+def session_not_found(session_id: str) -> MeshgateError:
     return not_found(Reason.SESSION_NOT_FOUND, f"no session {session_id!r}", session_id=session_id)
 
 
 @contextlib.contextmanager
-def _redis_reachable():
+def redis_reachable():
     """Reports a Redis outage as UNAVAILABLE for this call only; the pool
     reconnects on a later call once Redis is back."""
     try:
@@ -319,7 +324,7 @@ class SessionStore:
 
     async def create(self, tenant_id: str, session_id: str) -> int:
         """Creates an empty session at version 0; returns its creation time."""
-        with _redis_reachable():
+        with redis_reachable():
             now = await self._create(keys=_keys(tenant_id, session_id), args=[self._ttl_s])
         if now is None:
             raise MeshgateError(
@@ -333,12 +338,12 @@ class SessionStore:
     async def read(self, tenant_id: str, session_id: str, at_version: int | None = None) -> StoredSession:
         """The session's state, turns and stored token counts as of one
         instant (one script): the current ones, or those of ``at_version``."""
-        with _redis_reachable():
+        with redis_reachable():
             outcome = await self._read(
                 keys=_keys(tenant_id, session_id), args=["" if at_version is None else at_version]
             )
         if outcome[0] == 0:
-            raise _session_not_found(session_id)
+            raise session_not_found(session_id)
         if outcome[0] == -3:
             raise _version_not_found(session_id, at_version, outcome[1])
         _, version, flat_meta, raw_turns = outcome
@@ -375,7 +380,7 @@ class SessionStore:
         args.extend(turn.SerializeToString() for turn in turns)
         for tokenizer_id, counts in token_counts.items():
             args.extend((_counts_field(tokenizer_id), _pack(counts)))
-        with _redis_reachable():
+        with redis_reachable():
             outcome = await self._append(keys=_keys(tenant_id, session_id), args=args)
         if outcome[0] == -2:
             held = str(outcome[1])
@@ -392,7 +397,7 @@ class SessionStore:
     async def history(self, tenant_id: str, session_id: str) -> list[int | None]:
         """How many turns the session held at each version; None for the
         versions a revert undid. Empty for sessions stored before history."""
-        with _redis_reachable():
+        with redis_reachable():
             raw = await self._client.get(_keys(tenant_id, session_id)[3])
         return [None if held == _UNDONE else held for held in _unpack(raw or b"")]
 
@@ -402,7 +407,7 @@ class SessionStore:
         """Makes the session hold the turns of ``version`` again, as a new
         version (returned), if it is at ``expected_version`` (None: whatever)."""
         expected = "" if expected_version is None else str(expected_version)
-        with _redis_reachable():
+        with redis_reachable():
             outcome = await self._revert(
                 keys=_keys(tenant_id, session_id), args=[version, expected, self._ttl_s]
             )
@@ -415,7 +420,7 @@ class SessionStore:
         """Creates ``new_session_id`` with the turns of ``version``, at that
         version; returns its creation time."""
         keys = _keys(tenant_id, session_id) + _keys(tenant_id, new_session_id)
-        with _redis_reachable():
+        with redis_reachable():
             outcome = await self._fork(keys=keys, args=[version, self._ttl_s])
         if outcome[0] == -3:
             raise _version_not_found(session_id, version, outcome[1])
@@ -435,23 +440,23 @@ class SessionStore:
         """Stores the counts of every turn of ``version``, unless the session
         moved on meanwhile (a later read then fills them)."""
         meta = _keys(tenant_id, session_id)[0]
-        with _redis_reachable():
+        with redis_reachable():
             await self._fill_counts(keys=[meta], args=[version, _counts_field(tokenizer_id), _pack(counts)])
 
     async def delete(self, tenant_id: str, session_id: str) -> None:
-        with _redis_reachable():
+        with redis_reachable():
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.delete(*_keys(tenant_id, session_id))
                 pipe.publish(CHANGES_CHANNEL, f"{session_key(tenant_id, session_id)} -1")
                 deleted, _ = await pipe.execute()
         if not deleted:
-            raise _session_not_found(session_id)
+            raise session_not_found(session_id)
 
 
 def _raise_for(outcome: list, session_id: str, expected_version: int | None) -> None:
     """The failures every versioned write script reports alike."""
     if outcome[0] == 0:
-        raise _session_not_found(session_id)
+        raise session_not_found(session_id)
     if outcome[0] == -1:
         current = str(outcome[1])
         raise MeshgateError(

@@ -41,6 +41,7 @@ from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError, from_rpc_error
 from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from meshgate.reasons import Reason
+from services.context import store as session_store
 from services.context.store import SessionStore
 
 log = structlog.get_logger(__name__)
@@ -193,7 +194,7 @@ class SummaryStore:
 
     @staticmethod
     def _index_key(tenant_id: str, session_id: str) -> str:
-        return f"mg:context:{tenant_id}:{session_id}:summaries"
+        return session_store.key(tenant_id, session_id, "summaries")
 
     @staticmethod
     def _summary_key(tenant_id: str, digest: str) -> str:
@@ -294,11 +295,6 @@ class Summarizer:
             return
         task = asyncio.create_task(self._run(key))
         self._running[key] = task
-
-    async def idle(self) -> None:
-        """Waits until no session is being summarized (for tests and shutdown)."""
-        while self._running:
-            await asyncio.gather(*self._running.values(), return_exceptions=True)
 
     async def close(self) -> None:
         for task in list(self._running.values()):

@@ -31,8 +31,7 @@ from meshgate.common.v1 import common_pb2
 from meshgate.errors import not_found
 from meshgate.reasons import Reason
 from services.context import relevance
-from services.context.store import _redis_reachable
-from services.context.store import _session_not_found as session_not_found
+from services.context.store import key, redis_reachable, session_not_found
 
 _DIMENSIONS_FIELD = "\0dim"
 
@@ -121,25 +120,8 @@ return {1, count}
 """
 
 
-def _meta_key(tenant_id: str, session_id: str) -> str:
-    return f"mg:context:{tenant_id}:{session_id}:meta"
-
-
 def _keys(tenant_id: str, session_id: str) -> list[str]:
-    prefix = f"mg:context:{tenant_id}:{session_id}"
-    return [f"{prefix}:ix:roles", f"{prefix}:ix:lengths", f"{prefix}:ix:vectors", f"{prefix}:ix:postings"]
-
-
-def _pins_key(tenant_id: str, session_id: str) -> str:
-    return f"mg:context:{tenant_id}:{session_id}:pins"
-
-
-def _versions_key(tenant_id: str, session_id: str) -> str:
-    return f"mg:context:{tenant_id}:{session_id}:versions"
-
-
-def _turns_key(tenant_id: str, session_id: str) -> str:
-    return f"mg:context:{tenant_id}:{session_id}:turns"
+    return [key(tenant_id, session_id, f"ix:{part}") for part in ("roles", "lengths", "vectors", "postings")]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -267,9 +249,9 @@ class TurnIndex:
         ]
         for term, packed in _packed_postings(turns).items():
             args.extend((term, packed))
-        with _redis_reachable():
-            keys = [*_keys(tenant_id, session_id), _versions_key(tenant_id, session_id)]
-            return int(await self._write(keys=[*keys, _turns_key(tenant_id, session_id)], args=args))
+        with redis_reachable():
+            keys = [*_keys(tenant_id, session_id), key(tenant_id, session_id, "versions")]
+            return int(await self._write(keys=[*keys, key(tenant_id, session_id, "turns")], args=args))
 
     async def read(
         self, tenant_id: str, session_id: str, query_terms: list[str] | None, counter_id: str = ""
@@ -278,10 +260,10 @@ class TurnIndex:
         ``query_terms`` only (None: all, to keep in memory). Raises SESSION_NOT_FOUND."""
         roles_key, lengths_key, vectors_key, postings_key = _keys(tenant_id, session_id)
         fields = [_DIMENSIONS_FIELD, *(query_terms or ())]
-        with _redis_reachable():
+        with redis_reachable():
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hmget(_meta_key(tenant_id, session_id), ["version", f"tokens:{counter_id}"])
-                pipe.llen(_turns_key(tenant_id, session_id))
+                pipe.hmget(key(tenant_id, session_id, "meta"), ["version", f"tokens:{counter_id}"])
+                pipe.llen(key(tenant_id, session_id, "turns"))
                 pipe.get(roles_key)
                 pipe.get(lengths_key)
                 pipe.get(vectors_key)
@@ -289,7 +271,7 @@ class TurnIndex:
                     pipe.hgetall(postings_key)
                 else:
                     pipe.hmget(postings_key, fields)
-                pipe.lrange(_pins_key(tenant_id, session_id), 0, -1)
+                pipe.lrange(key(tenant_id, session_id, "pins"), 0, -1)
                 meta, count, roles, lengths, vectors, posting_values, pins = await pipe.execute()
         if meta[0] is None:
             raise session_not_found(session_id)
@@ -298,7 +280,7 @@ class TurnIndex:
         # Only when every turn has a row can vectors and turns be told apart.
         term_counts = np.frombuffer(lengths or b"", dtype="<u2")[:count].astype(np.float64)
         if query_terms is None:
-            everything = {key.decode(): value for key, value in posting_values.items()}
+            everything = {term.decode(): value for term, value in posting_values.items()}
             query_terms = [t for t in everything if t != _DIMENSIONS_FIELD]
             posting_values = [everything.get(_DIMENSIONS_FIELD), *(everything[t] for t in query_terms)]
         dimensions = int(posting_values[0] or 0)
@@ -340,10 +322,10 @@ class TurnIndex:
     ) -> dict[int, common_pb2.Message] | None:
         """The texts of the chosen turns only, or None when the session is no
         longer at ``version`` (appends do not move turns, a revert may)."""
-        turns_key = _turns_key(tenant_id, session_id)
-        with _redis_reachable():
+        turns_key = key(tenant_id, session_id, "turns")
+        with redis_reachable():
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hget(_meta_key(tenant_id, session_id), "version")
+                pipe.hget(key(tenant_id, session_id, "meta"), "version")
                 for index in indices:
                     pipe.lindex(turns_key, index)
                 current, *raw = await pipe.execute()
@@ -358,12 +340,12 @@ class TurnIndex:
         session holds. Raises SESSION_NOT_FOUND, or PIN_TARGET_NOT_FOUND for
         a turn the session does not hold."""
         keys = [
-            _meta_key(tenant_id, session_id),
-            _turns_key(tenant_id, session_id),
-            _pins_key(tenant_id, session_id),
+            key(tenant_id, session_id, "meta"),
+            key(tenant_id, session_id, "turns"),
+            key(tenant_id, session_id, "pins"),
         ]
         index = "" if message_index is None else message_index
-        with _redis_reachable():
+        with redis_reachable():
             outcome = await self._pin(keys=keys, args=[pin, index, self._ttl_s])
         if outcome[0] == 0:
             raise session_not_found(session_id)
@@ -376,5 +358,5 @@ class TurnIndex:
         return int(outcome[1])
 
     async def delete(self, tenant_id: str, session_id: str) -> None:
-        with _redis_reachable():
-            await self._client.delete(*_keys(tenant_id, session_id), _pins_key(tenant_id, session_id))
+        with redis_reachable():
+            await self._client.delete(*_keys(tenant_id, session_id), key(tenant_id, session_id, "pins"))
