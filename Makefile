@@ -47,8 +47,7 @@ test: lint
 	$(PY) -m pytest -q
 
 # The hermetic tier alone: no Redis, Triton, service or socket (tests/unit's
-# conftest refuses IP sockets); most of its time is the smollm2 math tests.
-# The hermetic tier: no sockets, no Redis or Triton, no model weights.
+# conftest refuses IP sockets), no model weights (tests marked heavy); ~8 s.
 test-unit: install
 	$(PY) -m pytest -q -m "not heavy" tests/unit
 
