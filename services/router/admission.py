@@ -462,9 +462,8 @@ class TurnAdmission:
     async def settle(self, grant: Reservation, turn, outcome) -> None:
         price = self._settings.prices.get(turn.model_alias)
         answer = outcome.answer
-        status = getattr(outcome.cache_status, "value", None)
         full_cost = cost_nano_usd(price, answer.prompt_tokens, answer.completion_tokens)
-        hit = status in ("exact_hit", "semantic_hit")
+        hit = outcome.cache_status is not None and outcome.cache_status.is_hit
         if hit:
             # A hit spent no model tokens and costs the configured share.
             tokens, nano_usd = 0, math.ceil(full_cost * (price.cache_hit_fraction if price else 0.0))

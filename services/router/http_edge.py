@@ -46,7 +46,8 @@ from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.auth import Authenticator, Tenant
 from services.router.deployments import DeploymentTable
-from services.router.pipeline import Budget, CacheStatus, Completion, Delta, Failure, Pipeline
+from services.router.pipeline import Budget, Completion, Delta, Failure, Pipeline
+from services.router.validation import check_model_allowed
 
 log = structlog.get_logger(__name__)
 _tracer = trace.get_tracer("meshgate.http")
@@ -299,9 +300,6 @@ class ChatCall:
 
 # --- responses ---------------------------------------------------------------
 
-_CACHE_STATUS = {status: status.value for status in CacheStatus}
-
-
 def _usage(completion: Completion) -> dict:
     answer = completion.answer
     return {
@@ -316,7 +314,7 @@ def _extension(completion: Completion) -> dict:
     return {
         "session_id": completion.session_id,
         "session_version": completion.session_version,
-        "cache_status": _CACHE_STATUS[completion.cache_status],
+        "cache_status": completion.cache_status.value,
         "cache_similarity": completion.similarity,
         "deployment": completion.answer.deployment,
         "trace_id": completion.trace_id,
@@ -547,13 +545,7 @@ class HttpEdge:
         model = body.get("model")
         if not isinstance(model, str) or not model or model != self._settings.embedding_model:
             raise not_found(Reason.MODEL_NOT_FOUND, f"unknown embedding model {model!r}", model=str(model))
-        if not tenant.may_use(model):
-            raise MeshgateError(
-                grpc.StatusCode.PERMISSION_DENIED,
-                Reason.MODEL_NOT_ALLOWED,
-                f"tenant may not use model {model!r}",
-                {"model": model},
-            )
+        check_model_allowed(model, tenant)
         texts = body.get("input")
         if isinstance(texts, str):
             texts = [texts]

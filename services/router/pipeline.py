@@ -83,6 +83,10 @@ class CacheStatus(enum.Enum):
     MISS = "miss"
     BYPASSED = "bypassed"
 
+    @property
+    def is_hit(self) -> bool:
+        return self in (CacheStatus.EXACT_HIT, CacheStatus.SEMANTIC_HIT)
+
 
 @dataclasses.dataclass
 class Answer:
@@ -507,7 +511,7 @@ def _count_refusal(error: MeshgateError) -> None:
 def _record_turn(turn: Turn, outcome: Outcome, span) -> None:
     """The turn's metrics and the end of its GenAI span."""
     answer = outcome.answer
-    hit = outcome.cache_status in (CacheStatus.EXACT_HIT, CacheStatus.SEMANTIC_HIT)
+    hit = outcome.cache_status is not None and outcome.cache_status.is_hit
     deployment = CACHE_DEPLOYMENT if hit else answer.deployment
     if outcome.cancelled:
         result = "cancelled"

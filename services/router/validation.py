@@ -20,6 +20,11 @@ def resolve_model(alias: str, tenant: Tenant, models: dict[str, ModelSettings]) 
     model = models.get(alias)
     if not alias or model is None:
         raise not_found(Reason.MODEL_NOT_FOUND, f"unknown model {alias!r}", model=alias)
+    check_model_allowed(alias, tenant)
+    return model
+
+
+def check_model_allowed(alias: str, tenant: Tenant) -> None:
     if not tenant.may_use(alias):
         raise MeshgateError(
             grpc.StatusCode.PERMISSION_DENIED,
@@ -27,7 +32,6 @@ def resolve_model(alias: str, tenant: Tenant, models: dict[str, ModelSettings]) 
             f"tenant may not use model {alias!r}",
             {"model": alias},
         )
-    return model
 
 
 def check_turn(turn, model: ModelSettings, settings: RouterSettings) -> int:

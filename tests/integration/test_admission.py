@@ -16,6 +16,7 @@ from meshgate import redis_access
 from meshgate.config import LimitSettings, PriceSettings, RouterSettings
 from meshgate.errors import MeshgateError
 from services.router.admission import Admission, Scope, TurnAdmission
+from services.router.pipeline import CacheStatus
 
 pytestmark = pytest.mark.integration
 
@@ -223,7 +224,7 @@ def _turn(tenant_id: str, max_tokens: int):
 
 def _outcome(prompt: int, completion: int, status: str | None, cancelled: bool = False):
     answer = types.SimpleNamespace(prompt_tokens=prompt, completion_tokens=completion)
-    cache_status = types.SimpleNamespace(value=status) if status else None
+    cache_status = CacheStatus(status) if status else None
     return types.SimpleNamespace(answer=answer, cache_status=cache_status, cancelled=cancelled)
 
 
