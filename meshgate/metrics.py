@@ -275,10 +275,6 @@ def configure(enabled: bool) -> None:
     _enabled = enabled
 
 
-def enabled() -> bool:
-    return _enabled
-
-
 def _group(cls):
     group = _groups.get((cls, _enabled))
     if group is None:

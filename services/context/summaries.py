@@ -41,16 +41,12 @@ from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError, from_rpc_error
 from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from meshgate.reasons import Reason
+from meshgate.tokenization import ROLE_NAMES
 from services.context import store as session_store
 from services.context.store import SessionStore
 
 log = structlog.get_logger(__name__)
 
-_ROLE_NAMES = {
-    common_pb2.ROLE_SYSTEM: "system",
-    common_pb2.ROLE_USER: "user",
-    common_pb2.ROLE_ASSISTANT: "assistant",
-}
 _INSTRUCTION = (
     "Summarize the conversation below in at most three sentences. Keep every name, number,"
     " date, place and decision it mentions. Write only the summary."
@@ -111,7 +107,7 @@ def span_digest(turns: list[common_pb2.Message]) -> str:
 
 
 def transcript(turns: list[common_pb2.Message]) -> str:
-    text = "\n".join(f"{_ROLE_NAMES.get(t.role, 'user')}: {t.content}" for t in turns)
+    text = "\n".join(f"{ROLE_NAMES.get(t.role, 'user')}: {t.content}" for t in turns)
     return text[:MAX_TRANSCRIPT_CHARS]
 
 
