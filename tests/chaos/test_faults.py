@@ -182,8 +182,11 @@ def _short_answer(text: str, completion: pb.ChatCompletion | None, max_tokens: i
     if completion is None:
         return "ended OK without a completion"
     tokens = completion.usage.completion_tokens
-    if tokens == 0 or not text:
-        return f"{tokens} tokens, {len(text)} characters"
+    # A model may choose its stop token first (tiny_gpt's seeded weights
+    # sometimes do): one token, no text, finish "stop" is a whole answer.
+    stopped_at_once = completion.finish_reason == "stop" and tokens == 1
+    if tokens == 0 or (not text and not stopped_at_once):
+        return f"{tokens} tokens, {len(text)} characters, finish_reason {completion.finish_reason!r}"
     if completion.finish_reason == "length" and tokens < max_tokens:
         return f"finish_reason length after {tokens} of {max_tokens} tokens"
     return ""
