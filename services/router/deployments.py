@@ -1,41 +1,35 @@
-"""Where a model alias is served: weighted choice, fallbacks, circuit breaking."""
+"""Where a model alias is served: a routing strategy per alias, fallbacks, circuit breaking."""
 
 from __future__ import annotations
 
-import random
-import time
-
-from meshgate import mesh_auth, serving
+from meshgate import balancing, mesh_auth, serving
 from meshgate.config import DeploymentSettings, ModelSettings
 from meshgate.inference.v1 import inference_service_pb2_grpc
 
-# Consecutive failures that open a deployment's circuit, and for how long.
-FAILURES_TO_OPEN = 3
-OPEN_FOR_S = 10.0
+# A prefix strategy here hashes the prompt's characters (the router has no
+# tokenizer on its path): ~4 characters a token, so blocks of about the
+# models' 32 tokens.
+PREFIX_BLOCK_CHARS = 128
 
 
 class Deployment:
+    """One deployment as a balancing target (meshgate/balancing.Target)."""
+
     def __init__(self, settings: DeploymentSettings, stub) -> None:
-        self.name = settings.name
+        self.name = self.key = settings.name
         self.address = settings.address
         self.model = settings.model
         self.weight = settings.weight
         self.stub = stub
-        self._failures = 0
-        self._open_until = 0.0
+        self.in_flight = 0
+        self.active_tokens = 0
+        self.ttft = balancing.Ewma()
+        self.health = balancing.Health()
 
-    @property
-    def available(self) -> bool:
-        return self._open_until <= time.monotonic()
-
-    def record_success(self) -> None:
-        self._failures = 0
-
-    def record_failure(self) -> None:
-        self._failures += 1
-        if self._failures >= FAILURES_TO_OPEN:
-            self._open_until = time.monotonic() + OPEN_FOR_S
-            self._failures = 0
+    def queue_ms(self, model: str) -> float:
+        # An inference service reports no queue of its own; its Triton
+        # servers' queues are the inference service's to weigh.
+        return 0.0
 
 
 class DeploymentTable:
@@ -47,6 +41,7 @@ class DeploymentTable:
         self._security = security
         self._channels = {}
         self._by_alias: dict[str, list[Deployment]] = {}
+        self._strategies: dict[str, balancing.Strategy] = {}
         self.reconfigure(models)
 
     def reconfigure(self, models: dict[str, ModelSettings]) -> None:
@@ -57,7 +52,14 @@ class DeploymentTable:
             (alias, d.name, d.model, d.address): d for alias, ds in self._by_alias.items() for d in ds
         }
         by_alias: dict[str, list[Deployment]] = {}
+        strategies: dict[str, balancing.Strategy] = {}
         for alias, model in models.items():
+            # The same strategy keeps what it learned (its prefix index).
+            kept_strategy = self._strategies.get(alias)
+            if kept_strategy is not None and kept_strategy.name == model.routing_strategy:
+                strategies[alias] = kept_strategy
+            else:
+                strategies[alias] = balancing.build(model.routing_strategy, block_size=PREFIX_BLOCK_CHARS)
             deployments = []
             for settings in model.deployments:
                 kept = previous.get((alias, settings.name, settings.model, settings.address))
@@ -74,6 +76,7 @@ class DeploymentTable:
                 )
             by_alias[alias] = deployments
         self._by_alias = by_alias
+        self._strategies = strategies
 
     def inference_stubs(self) -> list:
         """One stub per inference service the deployments reach, for calls
@@ -86,17 +89,17 @@ class DeploymentTable:
                     stubs.append(deployment.stub)
         return stubs
 
-    def candidates(self, alias: str) -> list[Deployment]:
-        """Deployments in the order to try them: a weighted draw among those
-        with a closed circuit, then the rest as fallbacks."""
+    def strategy(self, alias: str) -> balancing.Strategy | None:
+        return self._strategies.get(alias)
+
+    def candidates(self, alias: str, request: balancing.RouteRequest | None = None) -> list[Deployment]:
+        """Deployments in the order to try them: the alias's strategy over
+        those whose circuit admits traffic, then the rest as fallbacks."""
+        strategy = self._strategies.get(alias)
         deployments = self._by_alias.get(alias, [])
-        healthy = [d for d in deployments if d.available]
-        ordered = []
-        while healthy:
-            pick = random.choices(healthy, weights=[max(d.weight, 1e-9) for d in healthy])[0]
-            ordered.append(pick)
-            healthy.remove(pick)
-        return ordered + [d for d in deployments if d not in ordered]
+        if strategy is None:
+            return list(deployments)
+        return balancing.order(strategy, deployments, request or balancing.RouteRequest())
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -9,11 +9,13 @@ intact (``from_rpc_error``); nothing of gRPC leaves this module.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import grpc
 import structlog
 
+from meshgate import balancing
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.common.v1 import common_pb2
 from meshgate.config import RouterSettings
@@ -23,7 +25,7 @@ from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.mesh_auth import TenantTokens
 from meshgate.reasons import Reason
 from services.router.auth import Tenant
-from services.router.deployments import DeploymentTable
+from services.router.deployments import PREFIX_BLOCK_CHARS, DeploymentTable
 from services.router.pipeline import Answer, Budget, CachePlan, CacheStatus, Hit, Turn
 
 log = structlog.get_logger(__name__)
@@ -184,15 +186,25 @@ class Deployments:
         self._table = table
         self._limit_s = settings.max_generation_s
 
-    async def generate(self, alias: str, prompt, parameters, budget: Budget, answer: Answer):
+    async def generate(
+        self, alias: str, prompt, parameters, budget: Budget, answer: Answer, session_id: str = ""
+    ):
         last_error: grpc.aio.AioRpcError | None = None
-        for deployment in self._table.candidates(alias):
+        strategy = self._table.strategy(alias)
+        route = _route_request(strategy, prompt, session_id)
+        for deployment in self._table.candidates(alias, route):
             call = deployment.stub.Generate(
                 inference_pb.GenerateRequest(model=deployment.model, messages=prompt, parameters=parameters),
                 timeout=budget.within(self._limit_s),
             )
             pieces: list[str] = []
             completed = False
+            deployment.health.begin()
+            if strategy is not None:
+                strategy.routed(deployment, route)
+            deployment.in_flight += 1
+            deployment.active_tokens += route.prompt_units
+            started = time.monotonic()
             try:
                 async for response in call:
                     if response.HasField("delta"):
@@ -200,6 +212,7 @@ class Deployments:
                             # Output fixes the deployment (no other is tried
                             # after it): the turn's latency metrics name it.
                             answer.deployment = deployment.name
+                            deployment.ttft.add(time.monotonic() - started)
                         pieces.append(response.delta.text)
                         yield response.delta.text
                     else:
@@ -216,9 +229,11 @@ class Deployments:
                         deployment=deployment.name,
                         details=error.details(),
                     )
-                    deployment.record_failure()
+                    deployment.health.record_failure()
                     last_error = error
                     continue
+                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    deployment.health.record_failure()
                 failure = from_rpc_error(error, "inference")
                 if pieces:
                     # Our own count of what reached our caller (every piece
@@ -234,7 +249,10 @@ class Deployments:
                 # overtaking a speculative generation): the inference call,
                 # and through it the Triton request, must not outlive it.
                 call.cancel()
+                deployment.in_flight -= 1
+                deployment.active_tokens -= route.prompt_units
             if not completed:
+                deployment.health.record_failure()
                 raise partly_delivered(
                     MeshgateError(
                         grpc.StatusCode.UNAVAILABLE,
@@ -245,9 +263,23 @@ class Deployments:
                     len(pieces),
                     sum(map(len, pieces)),
                 )
-            deployment.record_success()
+            deployment.health.record_success()
             answer.text = "".join(pieces)
             answer.deployment = deployment.name
             return
         detail = last_error.details() if last_error else "no deployment configured"
         raise unavailable(Reason.NO_DEPLOYMENT_AVAILABLE, f"no deployment of {alias!r} could serve: {detail}")
+
+
+def _route_request(strategy: balancing.Strategy | None, prompt, session_id: str) -> balancing.RouteRequest:
+    """What the alias's strategy reads: the session, and for a prefix
+    strategy the prompt's characters as a chain of blocks (its length is
+    the decode load it adds, in the same units)."""
+    if strategy is None or not strategy.uses_prefix:
+        return balancing.RouteRequest(affinity_key=session_id)
+    text = "".join(f"{message.role}\0{message.content}\0" for message in prompt)
+    return balancing.RouteRequest(
+        affinity_key=session_id,
+        prefix_blocks=balancing.prefix_blocks(text, PREFIX_BLOCK_CHARS),
+        prompt_units=len(text),
+    )

@@ -1,0 +1,511 @@
+"""Where a request goes among equivalent targets: strategies, breakers, a prefix index.
+
+Transport-free, so one copy serves the router (over the deployments of a
+model alias) and the inference service (over the Triton servers of a served
+model), and unit tests drive it with constructed states.
+
+A target is anything with the attributes of :class:`Target`; the caller
+keeps them current (``in_flight``, ``active_tokens`` and ``ttft`` around each
+request, ``queue_ms`` from Triton's statistics) and reports outcomes to its
+:class:`Health`. :func:`order` ranks the targets a request may go to: those
+whose health admits traffic in the strategy's order, then the rest as
+last-resort fallbacks (a circuit open on every target must not refuse a
+request one of them might now serve).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import hashlib
+import itertools
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import ClassVar, Protocol, TypeVar
+
+# --- What a target exposes -----------------------------------------------------------------
+
+
+class Ewma:
+    """An exponentially weighted moving average; None until the first sample."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self.alpha = alpha
+        self.value: float | None = None
+
+    def add(self, sample: float) -> None:
+        self.value = sample if self.value is None else self.alpha * sample + (1 - self.alpha) * self.value
+
+
+class Target(Protocol):
+    key: str  # stable identity: a deployment's name, a Triton server's address
+    weight: float
+    in_flight: int
+    # Prompt tokens (or characters, where the caller has no tokenizer) of the
+    # requests in flight: the KV a target holds for them, which every decode
+    # step reads, so the load a new request adds to.
+    active_tokens: int
+    ttft: Ewma
+    health: Health
+
+    def queue_ms(self, model: str) -> float:
+        """Recent time a request waited inside the model server; 0 if unknown."""
+        ...
+
+
+T = TypeVar("T", bound=Target)
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteRequest:
+    """What a strategy may look at in a request."""
+
+    model: str = ""
+    # Session affinity's key; "" for a stateless request.
+    affinity_key: str = ""
+    # The prompt as a chain of block hashes (prefix_blocks()), and its length
+    # in the same units as the blocks' (tokens at the inference service).
+    prefix_blocks: tuple[int, ...] = ()
+    prompt_units: int = 0
+
+
+# --- Health: circuit breaking with half-open probes, and outlier ejection ------------------
+
+
+class BreakerState(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclasses.dataclass(frozen=True)
+class BreakerPolicy:
+    # Consecutive failures that open a circuit, and for how long at first;
+    # each failed half-open probe doubles it, up to max_open_s.
+    failures_to_open: int = 3
+    open_for_s: float = 10.0
+    max_open_s: float = 120.0
+    # Outlier ejection (Envoy's success-rate kind): over the last `window`
+    # outcomes, a target with at least min_requests whose success rate is
+    # below the group's mean by more than `margin` (and below
+    # min_success_rate) is ejected for eject_for_s times its ejections so
+    # far; never more than max_ejected_fraction of a group (at least one
+    # target always stays in).
+    window: int = 50
+    min_requests: int = 10
+    margin: float = 0.2
+    min_success_rate: float = 0.8
+    eject_for_s: float = 30.0
+    max_ejected_fraction: float = 0.5
+
+
+class Health:
+    """One target's circuit breaker and ejection state.
+
+    Closed: traffic flows, consecutive failures are counted. Open: no traffic
+    until the open time passes. Half-open: one request at a time is let
+    through as a probe; its success closes the circuit, its failure opens it
+    again for twice as long. A probe whose outcome never comes (its caller
+    vanished) frees the slot after open_for_s, so it cannot wedge the target.
+    """
+
+    def __init__(self, policy: BreakerPolicy | None = None, clock: Callable[[], float] = time.monotonic):
+        self.policy = policy or BreakerPolicy()
+        self._clock = clock
+        self._failures = 0
+        self._open_until = 0.0
+        self._open_for = self.policy.open_for_s
+        self._probe_until = 0.0
+        self._outcomes: collections.deque[bool] = collections.deque(maxlen=self.policy.window)
+        self.ejected_until = 0.0
+        self.ejections = 0
+
+    @property
+    def state(self) -> BreakerState:
+        if self._open_until == 0.0:
+            return BreakerState.CLOSED
+        if self._clock() < self._open_until:
+            return BreakerState.OPEN
+        return BreakerState.HALF_OPEN
+
+    @property
+    def ejected(self) -> bool:
+        return self._clock() < self.ejected_until
+
+    @property
+    def admits(self) -> bool:
+        """Whether a request may be sent here now."""
+        if self.ejected:
+            return False
+        state = self.state
+        return state is BreakerState.CLOSED or (
+            state is BreakerState.HALF_OPEN and self._clock() >= self._probe_until
+        )
+
+    def begin(self) -> None:
+        """A request is sent here: in half-open it is the probe."""
+        if self.state is BreakerState.HALF_OPEN:
+            self._probe_until = self._clock() + self.policy.open_for_s
+
+    def record_success(self) -> None:
+        self._outcomes.append(True)
+        self._failures = 0
+        self._open_until = self._probe_until = 0.0
+        self._open_for = self.policy.open_for_s
+
+    def record_failure(self) -> None:
+        self._outcomes.append(False)
+        state = self.state
+        if state is BreakerState.HALF_OPEN:
+            self._open_for = min(self._open_for * 2, self.policy.max_open_s)
+            self._open(self._open_for)
+            return
+        self._failures += 1
+        if state is BreakerState.CLOSED and self._failures >= self.policy.failures_to_open:
+            self._open(self._open_for)
+
+    def _open(self, seconds: float) -> None:
+        self._open_until = self._clock() + seconds
+        self._probe_until = 0.0
+        self._failures = 0
+
+    def success_rate(self) -> float | None:
+        if len(self._outcomes) < self.policy.min_requests:
+            return None
+        return sum(self._outcomes) / len(self._outcomes)
+
+    def eject(self) -> None:
+        self.ejections += 1
+        self.ejected_until = self._clock() + self.policy.eject_for_s * self.ejections
+        # Fresh evidence after the ejection: the old window would eject it again at once.
+        self._outcomes.clear()
+
+
+def eject_outliers(targets: Sequence[Target]) -> list[Target]:
+    """Ejects the targets whose recent success rate stands out below their
+    peers'; returns those ejected now."""
+    if len(targets) < 2:
+        return []
+    policy = targets[0].health.policy
+    rates = {id(t): t.health.success_rate() for t in targets}
+    known = [r for r in rates.values() if r is not None]
+    if len(known) < 2:
+        return []
+    mean = statistics.fmean(known)
+    allowed = int(len(targets) * policy.max_ejected_fraction)
+    ejected_now = []
+    already = sum(t.health.ejected for t in targets)
+    for target in sorted(targets, key=lambda t: rates[id(t)] if rates[id(t)] is not None else 1.0):
+        rate = rates[id(target)]
+        if already >= allowed or rate is None or target.health.ejected:
+            continue
+        if rate < policy.min_success_rate and rate < mean - policy.margin:
+            target.health.eject()
+            ejected_now.append(target)
+            already += 1
+    return ejected_now
+
+
+# --- The prefix index ----------------------------------------------------------------------
+
+
+def prefix_blocks(units: Sequence[int] | str, block_size: int) -> tuple[int, ...]:
+    """Full blocks of a prompt (token ids, or characters of text) hashed as a
+    chain: each block's hash covers its parent's, so a hash names the whole
+    prefix up to it, as the models' prefix cache keys its KV blocks (vLLM's
+    automatic prefix caching does the same). A partial last block is left
+    out: no cache holds it either."""
+    hashes = []
+    parent = 0
+    for start in range(0, len(units) - block_size + 1, block_size):
+        block = units[start : start + block_size]
+        # Integer tuples hash the same in every process (only str and bytes
+        # are salted), and this is ~1 µs a block.
+        parent = hash((parent, block if isinstance(block, str) else tuple(block)))
+        hashes.append(parent)
+    return tuple(hashes)
+
+
+class PrefixIndex:
+    """Which prompt-prefix blocks each target is believed to hold, learned
+    from what was routed there: approximate, since a model server evicts on
+    its own; `ttl_s` and `max_blocks` (least recently used first) model that
+    eviction, and confirm() corrects it from what a model reports it reused."""
+
+    def __init__(
+        self, block_size: int, ttl_s: float = 600.0, max_blocks: int = 65536, clock=time.monotonic
+    ) -> None:
+        self.block_size = block_size
+        self.ttl_s = ttl_s
+        self.max_blocks = max_blocks
+        self._clock = clock
+        # Per target: block hash -> when it was last routed (oldest first).
+        self._held: dict[str, collections.OrderedDict[int, float]] = collections.defaultdict(
+            collections.OrderedDict
+        )
+
+    def overlap(self, key: str, blocks: Sequence[int]) -> int:
+        """How many leading blocks of `blocks` the target is believed to hold."""
+        held = self._held.get(key)
+        if not held:
+            return 0
+        expired_before = self._clock() - self.ttl_s
+        count = 0
+        for block in blocks:
+            seen = held.get(block)
+            if seen is None or seen < expired_before:
+                break
+            count += 1
+        return count
+
+    def record(self, key: str, blocks: Sequence[int]) -> None:
+        """The target computes (so caches) these blocks: they are its newest."""
+        held = self._held[key]
+        now = self._clock()
+        for block in blocks:
+            held[block] = now
+            held.move_to_end(block)
+        while len(held) > self.max_blocks:
+            held.popitem(last=False)
+
+    def confirm(self, key: str, blocks: Sequence[int], cached_units: int) -> None:
+        """The model reports it reused `cached_units` of this prompt. Where we
+        believed it held more, it evicted blocks we thought it had; its cache
+        is LRU, so whatever we last routed there before those is gone too."""
+        held = self._held.get(key)
+        actual = cached_units // self.block_size
+        if held and actual < len(blocks):
+            missed = held.get(blocks[actual])
+            if missed is not None:
+                for block, seen in list(held.items()):
+                    if seen > missed:
+                        break
+                    del held[block]
+        self.record(key, blocks)
+
+    def size(self, key: str) -> int:
+        return len(self._held.get(key, ()))
+
+
+# --- Strategies ----------------------------------------------------------------------------
+
+
+class Strategy:
+    """Ranks the targets that admit traffic, best first."""
+
+    name: ClassVar[str]
+    # Whether it reads RouteRequest.prefix_blocks: callers skip tokenizing otherwise.
+    uses_prefix: ClassVar[bool] = False
+
+    def rank(self, targets: list[T], request: RouteRequest) -> list[T]:
+        raise NotImplementedError
+
+    def routed(self, target: Target, request: RouteRequest) -> None:
+        """The request went to `target` (called once, for the one used)."""
+
+    def reported(self, target: Target, request: RouteRequest, cached_units: int) -> None:
+        """The target's model says how much of the prompt it served from cache."""
+
+
+class _Rotation:
+    """Spreads ties: rotating the start of a list before a stable sort."""
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def rotate(self, targets: list[T]) -> list[T]:
+        if not targets:
+            return targets
+        start = next(self._counter) % len(targets)
+        return targets[start:] + targets[:start]
+
+
+class Weighted(Strategy):
+    """A weighted draw without replacement (the router's historical choice)."""
+
+    name = "weighted"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+
+    def rank(self, targets, request):
+        remaining, ordered = list(targets), []
+        while remaining:
+            pick = self._rng.choices(remaining, weights=[max(t.weight, 1e-9) for t in remaining])[0]
+            ordered.append(pick)
+            remaining.remove(pick)
+        return ordered
+
+
+class LeastOutstanding(Strategy):
+    """Fewest requests in flight per unit of weight; ties rotate."""
+
+    name = "least_outstanding"
+
+    def __init__(self) -> None:
+        self._rotation = _Rotation()
+
+    def rank(self, targets, request):
+        return sorted(self._rotation.rotate(list(targets)), key=_outstanding)
+
+
+def _outstanding(target: Target) -> float:
+    return target.in_flight / max(target.weight, 1e-9)
+
+
+class PowerOfTwoTtft(Strategy):
+    """Two targets drawn at random, the one with the lower expected time to
+    first token first: its TTFT EWMA scaled by the requests ahead. A target
+    with no TTFT yet scores 0, so a new one gets tried."""
+
+    name = "p2c_ttft"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+
+    def rank(self, targets, request):
+        targets = list(targets)
+        if len(targets) < 2:
+            return targets
+        pair = self._rng.sample(targets, 2)
+        first = min(pair, key=_expected_ttft)
+        rest = sorted((t for t in targets if t is not first), key=_expected_ttft)
+        return [first, *rest]
+
+
+def _expected_ttft(target: Target) -> float:
+    return (target.ttft.value or 0.0) * (1 + target.in_flight)
+
+
+class SessionAffinity(Strategy):
+    """Rendezvous (highest random weight) hashing of the session id: a
+    session stays on its target while that admits traffic and moves to its
+    next-ranked one otherwise (order() puts a broken target last), and adding
+    or removing a target moves only the sessions it wins or held. Requests
+    without a session go to the least outstanding."""
+
+    name = "session_affinity"
+
+    def __init__(self) -> None:
+        self._fallback = LeastOutstanding()
+
+    def rank(self, targets, request):
+        if not request.affinity_key:
+            return self._fallback.rank(targets, request)
+        return sorted(targets, key=lambda t: _rendezvous(t.key, request.affinity_key), reverse=True)
+
+
+def _rendezvous(target_key: str, affinity_key: str) -> int:
+    # Stable across processes (unlike hash() of str), so every router replica agrees.
+    digest = hashlib.blake2b(f"{target_key}\0{affinity_key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+class QueueAware(Strategy):
+    """Lowest expected wait from the model server's own figures: the recent
+    queue time per request Triton reports, plus our requests in flight there
+    (each one ahead is work), weighted by capacity."""
+
+    name = "queue_aware"
+
+    def __init__(self) -> None:
+        self._rotation = _Rotation()
+
+    def rank(self, targets, request):
+        def wait(target: Target) -> tuple[float, float]:
+            return (target.queue_ms(request.model), _outstanding(target))
+
+        return sorted(self._rotation.rotate(list(targets)), key=wait)
+
+
+class _PrefixStrategy(Strategy):
+    uses_prefix = True
+
+    def __init__(self, index: PrefixIndex) -> None:
+        self.index = index
+        self._rotation = _Rotation()
+
+    def routed(self, target, request):
+        self.index.record(target.key, request.prefix_blocks)
+
+    def reported(self, target, request, cached_units):
+        self.index.confirm(target.key, request.prefix_blocks, cached_units)
+
+
+class PrefixAffinity(_PrefixStrategy):
+    """Longest believed prefix overlap first; ties (no overlap anywhere) by
+    least outstanding. Ignores load: the cost strategy weighs both."""
+
+    name = "prefix_affinity"
+
+    def rank(self, targets, request):
+        def score(target: Target) -> tuple[int, float]:
+            return (-self.index.overlap(target.key, request.prefix_blocks), _outstanding(target))
+
+        return sorted(self._rotation.rotate(list(targets)), key=score)
+
+
+class KvCost(_PrefixStrategy):
+    """Cost in the spirit of NVIDIA Dynamo's KV router: the prompt tokens a
+    target would still have to prefill after the prefix it holds, weighted by
+    `prefill_weight`, plus its decode load (the tokens of the requests it is
+    running, whose KV every decode step reads). Lowest cost first; with no
+    prefix held anywhere it is least-loaded by tokens."""
+
+    name = "kv_cost"
+
+    def __init__(self, index: PrefixIndex, prefill_weight: float = 1.0) -> None:
+        super().__init__(index)
+        self.prefill_weight = prefill_weight
+
+    def cost(self, target: Target, request: RouteRequest) -> float:
+        cached = self.index.overlap(target.key, request.prefix_blocks) * self.index.block_size
+        prefill = max(request.prompt_units - cached, 0)
+        return (self.prefill_weight * prefill + target.active_tokens) / max(target.weight, 1e-9)
+
+    def rank(self, targets, request):
+        return sorted(
+            self._rotation.rotate(list(targets)),
+            key=lambda t: (self.cost(t, request), _outstanding(t)),
+        )
+
+
+STRATEGIES = (
+    Weighted.name,
+    LeastOutstanding.name,
+    PowerOfTwoTtft.name,
+    SessionAffinity.name,
+    PrefixAffinity.name,
+    QueueAware.name,
+    KvCost.name,
+)
+
+
+def build(name: str, block_size: int = 32, prefix_ttl_s: float = 600.0, max_blocks: int = 65536) -> Strategy:
+    """A strategy by its configured name (config.py checks names against STRATEGIES)."""
+    if name in (PrefixAffinity.name, KvCost.name):
+        index = PrefixIndex(block_size, prefix_ttl_s, max_blocks)
+        return PrefixAffinity(index) if name == PrefixAffinity.name else KvCost(index)
+    simple = {
+        Weighted.name: Weighted,
+        LeastOutstanding.name: LeastOutstanding,
+        PowerOfTwoTtft.name: PowerOfTwoTtft,
+        SessionAffinity.name: SessionAffinity,
+        QueueAware.name: QueueAware,
+    }
+    if name not in simple:
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    return simple[name]()
+
+
+def order(strategy: Strategy, targets: Sequence[T], request: RouteRequest) -> list[T]:
+    """The targets in the order to try them: the strategy's ranking of those
+    whose health admits traffic, then the others (open, ejected, probing) as
+    last-resort fallbacks."""
+    eject_outliers(targets)
+    admitted = [t for t in targets if t.health.admits]
+    ranked = strategy.rank(admitted, request) if admitted else []
+    return ranked + [t for t in targets if not t.health.admits]

@@ -1,0 +1,361 @@
+"""Routing strategies, breakers and the prefix index on constructed states (meshgate/balancing.py)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from meshgate import balancing
+from meshgate.balancing import BreakerPolicy, BreakerState, Health, PrefixIndex, RouteRequest
+from meshgate.config import ConfigError, InferenceSettings, ModelSettings, ServedModelSettings
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeTarget:
+    def __init__(
+        self,
+        key: str,
+        *,
+        in_flight: int = 0,
+        weight: float = 1.0,
+        active_tokens: int = 0,
+        ttft: float | None = None,
+        queue_ms: float = 0.0,
+        clock: Clock | None = None,
+        policy: BreakerPolicy | None = None,
+    ) -> None:
+        self.key = key
+        self.in_flight = in_flight
+        self.weight = weight
+        self.active_tokens = active_tokens
+        self.ttft = balancing.Ewma()
+        if ttft is not None:
+            self.ttft.add(ttft)
+        self._queue_ms = queue_ms
+        self.health = Health(policy, clock or Clock())
+
+    def queue_ms(self, model: str) -> float:
+        return self._queue_ms
+
+    def __repr__(self) -> str:
+        return self.key
+
+
+def keys(targets) -> list[str]:
+    return [t.key for t in targets]
+
+
+# --- strategies ------------------------------------------------------------------------------
+
+
+def test_weighted_draw_follows_the_weights():
+    heavy, light = FakeTarget("heavy", weight=9.0), FakeTarget("light", weight=1.0)
+    strategy = balancing.Weighted(random.Random(7))
+    firsts = [strategy.rank([heavy, light], RouteRequest())[0].key for _ in range(2000)]
+    share = firsts.count("heavy") / len(firsts)
+    assert 0.85 < share < 0.95
+    # Every target is still listed, as a fallback.
+    assert sorted(keys(strategy.rank([heavy, light], RouteRequest()))) == ["heavy", "light"]
+
+
+def test_least_outstanding_prefers_fewest_in_flight_per_weight_and_spreads_ties():
+    busy = FakeTarget("busy", in_flight=4)
+    big = FakeTarget("big", in_flight=4, weight=4.0)  # 1 per unit of weight
+    idle = FakeTarget("idle", in_flight=0)
+    strategy = balancing.LeastOutstanding()
+    assert keys(strategy.rank([busy, big, idle], RouteRequest())) == ["idle", "big", "busy"]
+    a, b = FakeTarget("a"), FakeTarget("b")
+    firsts = {strategy.rank([a, b], RouteRequest())[0].key for _ in range(4)}
+    assert firsts == {"a", "b"}
+
+
+def test_power_of_two_picks_the_lower_expected_ttft_of_its_pair():
+    fast = FakeTarget("fast", ttft=0.1)
+    slow = FakeTarget("slow", ttft=1.0)
+    strategy = balancing.PowerOfTwoTtft(random.Random(1))
+    # With two targets the pair is both: the faster always wins.
+    assert all(strategy.rank([slow, fast], RouteRequest())[0] is fast for _ in range(20))
+    # Requests ahead scale the EWMA: 0.1 s x (1 + 19) = 2 s is worse than 1 s.
+    fast.in_flight = 19
+    assert strategy.rank([slow, fast], RouteRequest())[0] is slow
+    # A target never measured scores 0 and is tried.
+    new = FakeTarget("new")
+    assert strategy.rank([slow, new], RouteRequest())[0] is new
+
+
+def test_power_of_two_never_picks_the_worst_of_three():
+    targets = [FakeTarget("a", ttft=0.1), FakeTarget("b", ttft=0.2), FakeTarget("c", ttft=5.0)]
+    strategy = balancing.PowerOfTwoTtft(random.Random(3))
+    firsts = [strategy.rank(targets, RouteRequest())[0].key for _ in range(300)]
+    assert "c" not in firsts
+    assert set(firsts) == {"a", "b"}
+
+
+def test_session_affinity_is_sticky_and_moves_only_when_its_target_is_down():
+    clock = Clock()
+    targets = [FakeTarget(f"t{i}", clock=clock) for i in range(4)]
+    strategy = balancing.SessionAffinity()
+    homes = {}
+    for session in (f"session-{n}" for n in range(200)):
+        request = RouteRequest(affinity_key=session)
+        home = balancing.order(strategy, targets, request)[0]
+        # Load does not move a session.
+        home.in_flight += 10
+        assert balancing.order(strategy, targets, request)[0] is home
+        homes[session] = home
+    assert len({h.key for h in homes.values()}) == 4  # sessions spread over all targets
+    # t0's circuit opens: its sessions move, nobody else's does.
+    for _ in range(3):
+        targets[0].health.record_failure()
+    for session, home in homes.items():
+        now = balancing.order(strategy, targets, RouteRequest(affinity_key=session))[0]
+        assert now is home if home is not targets[0] else now is not targets[0]
+
+
+def test_session_affinity_agrees_across_instances_and_falls_back_without_a_session():
+    targets = [FakeTarget("a"), FakeTarget("b"), FakeTarget("c")]
+    request = RouteRequest(affinity_key="s-42")
+    assert balancing.SessionAffinity().rank(targets, request)[0] is balancing.SessionAffinity().rank(
+        list(reversed(targets)), request
+    )[0]
+    targets[0].in_flight = targets[1].in_flight = 3
+    assert balancing.SessionAffinity().rank(targets, RouteRequest())[0] is targets[2]
+
+
+def test_queue_aware_prefers_the_shorter_triton_queue_then_fewer_in_flight():
+    queued = FakeTarget("queued", queue_ms=250.0)
+    clear = FakeTarget("clear", queue_ms=5.0, in_flight=3)
+    clear_idle = FakeTarget("clear-idle", queue_ms=5.0, in_flight=0)
+    ranked = balancing.QueueAware().rank([queued, clear, clear_idle], RouteRequest(model="m"))
+    assert keys(ranked) == ["clear-idle", "clear", "queued"]
+
+
+def blocks(n: int, start: int = 0) -> tuple[int, ...]:
+    return balancing.prefix_blocks(list(range(start, start + n * 16)), 16)
+
+
+def test_prefix_affinity_goes_where_the_longest_prefix_was_routed():
+    index = PrefixIndex(16, clock=Clock())
+    strategy = balancing.PrefixAffinity(index)
+    a, b = FakeTarget("a", in_flight=5), FakeTarget("b")
+    system_prompt = blocks(8)
+    first = RouteRequest(prefix_blocks=system_prompt, prompt_units=8 * 16)
+    # Nothing known: the least outstanding.
+    assert strategy.rank([a, b], first)[0] is b
+    strategy.routed(a, first)
+    # a holds the prefix: it wins despite its load.
+    follow_up = RouteRequest(prefix_blocks=system_prompt + (12345,), prompt_units=9 * 16)
+    assert strategy.rank([a, b], follow_up)[0] is a
+
+
+def test_kv_cost_weighs_cached_prefill_against_decode_load():
+    index = PrefixIndex(16, clock=Clock())
+    strategy = balancing.KvCost(index)
+    holder, other = FakeTarget("holder"), FakeTarget("other")
+    prompt = blocks(64)  # 1,024 tokens
+    request = RouteRequest(prefix_blocks=prompt, prompt_units=1024 + 10)
+    strategy.routed(holder, request)
+    # holder would prefill 10 tokens, other 1,034: holder, even with some load.
+    holder.active_tokens = 900
+    assert strategy.cost(holder, request) == 10 + 900
+    assert strategy.cost(other, request) == 1034
+    assert strategy.rank([other, holder], request)[0] is holder
+    # Enough decode load outweighs the cached prefix.
+    holder.active_tokens = 2000
+    assert strategy.rank([other, holder], request)[0] is other
+    # Unrelated prompts: the least loaded by tokens.
+    unrelated = RouteRequest(prefix_blocks=blocks(4, start=50_000), prompt_units=70)
+    other.active_tokens = 100
+    assert strategy.rank([holder, other], unrelated)[0] is other
+
+
+def test_prefix_strategies_only_count_a_leading_run_of_blocks():
+    index = PrefixIndex(16, clock=Clock())
+    index.record("a", blocks(4))
+    assert index.overlap("a", blocks(4)) == 4
+    assert index.overlap("a", blocks(6)) == 4
+    # Same tokens later in a different prompt are other blocks: the chain names the prefix.
+    shifted = balancing.prefix_blocks([999] * 16 + list(range(64)), 16)
+    assert index.overlap("a", shifted) == 0
+
+
+def test_prefix_blocks_chain_and_ignore_a_partial_tail():
+    ids = list(range(40))
+    chain = balancing.prefix_blocks(ids, 16)
+    assert len(chain) == 2
+    assert balancing.prefix_blocks(ids[:32], 16) == chain
+    changed_first = balancing.prefix_blocks([7, *ids[1:]], 16)
+    assert changed_first[0] != chain[0] and changed_first[1] != chain[1]
+    text = balancing.prefix_blocks("x" * 300, 128)
+    assert len(text) == 2 and text[0] != text[1]
+
+
+def test_prefix_index_expires_and_is_bounded():
+    clock = Clock()
+    index = PrefixIndex(16, ttl_s=60.0, max_blocks=10, clock=clock)
+    index.record("a", blocks(8))
+    clock.now += 59
+    assert index.overlap("a", blocks(8)) == 8
+    clock.now += 2
+    assert index.overlap("a", blocks(8)) == 0
+    # Least recently routed blocks go first past the bound.
+    index.record("b", blocks(8))
+    index.record("b", blocks(4, start=10_000))
+    assert index.size("b") == 10
+    assert index.overlap("b", blocks(4, start=10_000)) == 4
+    assert index.overlap("b", blocks(8)) == 0  # its first blocks were pushed out
+
+
+def test_prefix_index_confirm_drops_what_the_model_evicted():
+    clock = Clock()
+    index = PrefixIndex(16, clock=clock)
+    old = blocks(4, start=0)
+    index.record("a", old)
+    clock.now += 1
+    prompt = blocks(8, start=5_000)
+    index.record("a", prompt)
+    clock.now += 1
+    # We believed 8 blocks were held; the model reused only 3 (48 tokens).
+    assert index.overlap("a", prompt) == 8
+    index.confirm("a", prompt, cached_units=48)
+    # What was routed there before the missed block is gone too (LRU); the
+    # prompt itself is now cached again in full.
+    assert index.overlap("a", old) == 0
+    assert index.overlap("a", prompt) == 8
+    # A report that agrees changes nothing.
+    index.confirm("a", prompt, cached_units=8 * 16)
+    assert index.overlap("a", prompt) == 8
+
+
+# --- health: breakers and ejection ---------------------------------------------------------
+
+
+def test_breaker_opens_after_consecutive_failures_and_probes_half_open():
+    clock = Clock()
+    health = Health(BreakerPolicy(failures_to_open=3, open_for_s=10.0, max_open_s=35.0), clock)
+    health.record_failure()
+    health.record_failure()
+    health.record_success()  # resets the count
+    health.record_failure()
+    health.record_failure()
+    assert health.state is BreakerState.CLOSED and health.admits
+    health.record_failure()
+    assert health.state is BreakerState.OPEN and not health.admits
+    clock.now += 10
+    assert health.state is BreakerState.HALF_OPEN and health.admits
+    # One probe at a time.
+    health.begin()
+    assert not health.admits
+    # The probe fails: open again, twice as long.
+    health.record_failure()
+    assert health.state is BreakerState.OPEN
+    clock.now += 19
+    assert health.state is BreakerState.OPEN
+    clock.now += 1
+    assert health.state is BreakerState.HALF_OPEN
+    health.begin()
+    health.record_failure()  # 40 s, capped at 35
+    clock.now += 35
+    assert health.state is BreakerState.HALF_OPEN
+    health.begin()
+    health.record_success()
+    assert health.state is BreakerState.CLOSED and health.admits
+    # Closed again with the first open time.
+    for _ in range(3):
+        health.record_failure()
+    clock.now += 10
+    assert health.state is BreakerState.HALF_OPEN
+
+
+def test_a_lost_probe_frees_the_slot():
+    clock = Clock()
+    health = Health(BreakerPolicy(failures_to_open=1, open_for_s=5.0), clock)
+    health.record_failure()
+    clock.now += 5
+    health.begin()  # its caller vanished: no outcome ever comes
+    assert not health.admits
+    clock.now += 5
+    assert health.admits
+
+
+def test_order_puts_targets_that_refuse_traffic_last():
+    clock = Clock()
+    a, b, c = (FakeTarget(k, clock=clock) for k in "abc")
+    a.in_flight = 0
+    b.in_flight = c.in_flight = 5
+    for _ in range(3):
+        a.health.record_failure()
+    ranked = balancing.order(balancing.LeastOutstanding(), [a, b, c], RouteRequest())
+    assert ranked[-1] is a and set(keys(ranked[:2])) == {"b", "c"}
+    # All open: still all listed, so a request is tried somewhere.
+    for target in (b, c):
+        for _ in range(3):
+            target.health.record_failure()
+    ranked = balancing.order(balancing.LeastOutstanding(), [a, b, c], RouteRequest())
+    assert set(keys(ranked)) == {"a", "b", "c"}
+
+
+def test_outlier_ejection_takes_out_a_failing_target_but_never_all():
+    clock = Clock()
+    policy = BreakerPolicy(failures_to_open=1000, min_requests=10, eject_for_s=30.0, max_ejected_fraction=0.5)
+    good = [FakeTarget(f"good{i}", clock=clock, policy=policy) for i in range(3)]
+    bad = FakeTarget("bad", clock=clock, policy=policy)
+    for _ in range(20):
+        for target in good:
+            target.health.record_success()
+    for i in range(20):
+        (bad.health.record_success if i % 2 else bad.health.record_failure)()
+    ejected = balancing.eject_outliers([*good, bad])
+    assert ejected == [bad]
+    assert balancing.order(balancing.LeastOutstanding(), [bad, *good], RouteRequest())[-1] is bad
+    clock.now += 30
+    assert not bad.health.ejected
+    # A second ejection lasts longer.
+    for i in range(20):
+        (bad.health.record_success if i % 2 else bad.health.record_failure)()
+    assert balancing.eject_outliers([*good, bad]) == [bad]
+    clock.now += 30
+    assert bad.health.ejected
+    clock.now += 30
+    assert not bad.health.ejected
+
+
+def test_outlier_ejection_leaves_a_uniformly_failing_group_alone():
+    clock = Clock()
+    policy = BreakerPolicy(failures_to_open=1000)
+    targets = [FakeTarget(k, clock=clock, policy=policy) for k in "ab"]
+    for _ in range(20):
+        for target in targets:
+            target.health.record_failure()
+    # Nobody is an outlier when everyone fails alike: the fault is elsewhere.
+    assert balancing.eject_outliers(targets) == []
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", balancing.STRATEGIES)
+def test_every_named_strategy_builds_and_ranks(name):
+    strategy = balancing.build(name, block_size=16)
+    assert strategy.name == name
+    targets = [FakeTarget("a"), FakeTarget("b")]
+    assert sorted(keys(strategy.rank(targets, RouteRequest(prefix_blocks=blocks(2), prompt_units=40)))) == [
+        "a",
+        "b",
+    ]
+
+
+def test_an_unknown_strategy_is_a_configuration_error():
+    with pytest.raises(ConfigError, match="routing_strategy"):
+        ModelSettings(routing_strategy="fastest")
+    with pytest.raises(ConfigError, match="routing_strategy"):
+        ServedModelSettings(routing_strategy="round_robin")
+    assert InferenceSettings().models["smollm2"].routing_strategy == "kv_cost"
