@@ -1,9 +1,10 @@
 """Continuous batching for the text-generation models (tiny_gpt, smollm2): one copy.
 
 Kept free of Triton imports so it can be unit-tested; `vllm_model.py` binds
-it to Triton's Python backend. A model plugs in through three methods:
-`new_cache(tokens)`, `prefill(token_ids, cache) -> logits [V]` and
-`decode(token_ids, caches) -> logits [B, V]`.
+it to Triton's Python backend. A model plugs in through `new_cache(tokens)`,
+`prefill(token_ids, cache) -> logits [V]` (appends after what the cache
+holds), `decode(token_ids, caches) -> logits [B, V]`, and for prefix
+caching `kv_block(cache, start, stop)` and `load_kv(cache, blocks)`.
 
 Every request is checked when it arrives (SamplingParams.from_json,
 check_prompt_fits) so bad values fail that request alone with INVALID_ARG,
@@ -149,7 +150,10 @@ class Sender(Protocol):
 
     def is_cancelled(self) -> bool: ...
 
-    def send(self, text: str, finish_reason: str | None, new_tokens: int, final: bool) -> None: ...
+    def send(
+        self, text: str, finish_reason: str | None, new_tokens: int, final: bool, cached_tokens: int
+    ) -> None:
+        """cached_tokens: prompt tokens whose KV came from the prefix cache (vLLM's num_cached_tokens)."""
 
     def fail(self, message: str, kind: str) -> None:
         """Final error response; kind is "internal", "cancelled" or "unavailable"."""
@@ -181,6 +185,7 @@ class Generation:
     prepend_prompt: bool
     rng: np.random.Generator = field(init=False)
     cache: object | None = None
+    cached_tokens: int = 0
     next_logits: np.ndarray | None = None
     generated: list[int] = field(default_factory=list)
     sent_text: str = ""
@@ -193,12 +198,24 @@ class Generation:
 class Scheduler(threading.Thread):
     """Continuous batching: admits waiting requests between steps, one token per active sequence per step."""
 
-    def __init__(self, name: str, model, vocabulary: Vocabulary, max_active: int):
+    def __init__(
+        self,
+        name: str,
+        model,
+        vocabulary: Vocabulary,
+        max_active: int,
+        prefix_cache=None,
+        on_prefill: Callable[[], None] | None = None,
+    ):
+        """prefix_cache: a prefix_cache.PrefixCache this thread alone uses, or None for none;
+        on_prefill: called after each prefill (the Triton side reports the cache's stats)."""
         super().__init__(name=f"{name}-scheduler", daemon=True)
         self.model_name = name
         self.model = model
         self.vocabulary = vocabulary
         self.max_active = max_active
+        self.prefix_cache = prefix_cache
+        self.on_prefill = on_prefill
         self._inbox: queue.SimpleQueue[Generation] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._active: list[Generation] = []
@@ -242,12 +259,24 @@ class Scheduler(threading.Thread):
             try:
                 if self._cancelled(generation):
                     continue
-                generation.cache = self.model.new_cache(len(generation.prompt_ids))
-                generation.next_logits = self.model.prefill(generation.prompt_ids, generation.cache)
+                self._prefill(generation)
             except Exception as error:
                 self._fail(generation, error)
                 continue
             self._active.append(generation)
+
+    def _prefill(self, generation: Generation) -> None:
+        prompt, cache = generation.prompt_ids, self.model.new_cache(len(generation.prompt_ids))
+        if self.prefix_cache is not None:
+            blocks = self.prefix_cache.lookup(prompt)
+            self.model.load_kv(cache, blocks)
+            generation.cached_tokens = cache.length
+        generation.next_logits = self.model.prefill(prompt[generation.cached_tokens :], cache)
+        generation.cache = cache
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(prompt, lambda start, stop: self.model.kv_block(cache, start, stop))
+        if self.on_prefill is not None:
+            self.on_prefill()
 
     def _step(self) -> None:
         continuing = []
@@ -338,7 +367,7 @@ class Scheduler(threading.Thread):
     def _send(generation: Generation, text: str, finish_reason: str | None, final: bool) -> None:
         new_tokens = len(generation.generated) - generation.sent_tokens
         generation.sent_tokens = len(generation.generated)
-        generation.sender.send(text, finish_reason, new_tokens, final)
+        generation.sender.send(text, finish_reason, new_tokens, final, generation.cached_tokens)
 
     def _fail(self, generation: Generation, error: Exception | None) -> None:
         log.error(

@@ -20,10 +20,13 @@ import logging
 
 import engine
 import numpy as np
+import prefix_cache
 import triton_python_backend_utils as pb_utils
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-EXTRA_OUTPUTS = ("finish_reason", "num_input_tokens", "num_output_tokens")
+# num_cached_tokens is ours (vLLM's RequestOutput.num_cached_tokens; the vLLM
+# backend has no such output): prompt tokens served from the prefix cache.
+EXTRA_OUTPUTS = ("finish_reason", "num_input_tokens", "num_output_tokens", "num_cached_tokens")
 
 
 class TritonLogHandler(logging.Handler):
@@ -51,7 +54,9 @@ class TritonSender:
     def is_cancelled(self) -> bool:
         return self.response_sender.is_cancelled()
 
-    def send(self, text: str, finish_reason: str | None, new_tokens: int, final: bool) -> None:
+    def send(
+        self, text: str, finish_reason: str | None, new_tokens: int, final: bool, cached_tokens: int
+    ) -> None:
         outputs = [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))]
         if "finish_reason" in self.extra_outputs:
             # vLLM sends str(None) until the sequence has finished.
@@ -65,6 +70,8 @@ class TritonSender:
         if "num_output_tokens" in self.extra_outputs:
             # Tokens since the previous response, as the vLLM backend reports it.
             outputs.append(pb_utils.Tensor("num_output_tokens", np.array([new_tokens], dtype=np.uint32)))
+        if "num_cached_tokens" in self.extra_outputs:
+            outputs.append(pb_utils.Tensor("num_cached_tokens", np.array([cached_tokens], dtype=np.uint32)))
         self.response_sender.send(
             pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if final else 0
         )
@@ -85,6 +92,54 @@ class TritonSender:
             )
         except Exception:  # the client may be gone already; nothing left to tell it
             pb_utils.Logger.log_warn(f"{self.model_name}: could not send a final error response")
+
+
+class PrefixCacheMetrics:
+    """The prefix cache's cumulative stats as Triton custom metrics, on Triton's metrics port.
+
+    Counters in tokens as vLLM's prefix_cache_queries / prefix_cache_hits, so
+    hits / queries is the token hit rate; labelled by model, one family per
+    name across models. Pushed after each prefill (a few IPC calls per
+    request, never per token), as deltas of what was reported before.
+    """
+
+    COUNTERS = {
+        "lookups": ("meshgate_prefix_cache_lookups_total", "Prompts looked up in the prefix cache"),
+        "queried_tokens": ("meshgate_prefix_cache_queried_tokens_total", "Prompt tokens looked up"),
+        "hit_tokens": ("meshgate_prefix_cache_hit_tokens_total", "Prompt tokens served from the cache"),
+        "evicted_blocks": ("meshgate_prefix_cache_evicted_blocks_total", "Blocks evicted (LRU)"),
+    }
+    GAUGES = {
+        "used_bytes": ("meshgate_prefix_cache_bytes", "Bytes of KV held by the prefix cache"),
+        "blocks": ("meshgate_prefix_cache_blocks", "Blocks held by the prefix cache"),
+    }
+
+    def __init__(self, cache: prefix_cache.PrefixCache, model_name: str):
+        self.cache = cache
+        self.model_name = model_name
+        labels = {"model": model_name}
+        # Families must outlive their metrics (the stub says so), hence kept.
+        self.families = {}
+        self.metrics = {}
+        for field, (name, description) in self.COUNTERS.items():
+            self.families[field] = pb_utils.MetricFamily(name, description, pb_utils.MetricFamily.COUNTER)
+            self.metrics[field] = self.families[field].Metric(labels=labels)
+        for field, (name, description) in self.GAUGES.items():
+            self.families[field] = pb_utils.MetricFamily(name, description, pb_utils.MetricFamily.GAUGE)
+            self.metrics[field] = self.families[field].Metric(labels=labels)
+        self.reported = dict.fromkeys(self.COUNTERS, 0)
+
+    def report(self) -> None:
+        try:
+            for field in self.COUNTERS:
+                value = getattr(self.cache.stats, field)
+                if value != self.reported[field]:
+                    self.metrics[field].increment(value - self.reported[field])
+                    self.reported[field] = value
+            for field in self.GAUGES:
+                self.metrics[field].set(getattr(self.cache.stats, field))
+        except Exception:  # metrics are a report: they must never fail the request that prefilled
+            pb_utils.Logger.log_warn(f"{self.model_name}: could not update the prefix-cache metrics")
 
 
 def _bool_input(request, name: str) -> bool | None:
@@ -124,7 +179,17 @@ class VLLMStyleModel:
         self.model, vocabulary = self.load(model_config)
         parameters = model_config.get("parameters", {})
         max_active = int(parameters.get("max_active_sequences", {}).get("string_value", "16"))
-        self.scheduler = engine.Scheduler(self.name, self.model, vocabulary, max_active)
+        cache_bytes = int(parameters.get("prefix_cache_bytes", {}).get("string_value", "0"))
+        cache = prefix_cache.PrefixCache(cache_bytes) if cache_bytes > 0 else None
+        self.prefix_cache_metrics = PrefixCacheMetrics(cache, self.name) if cache is not None else None
+        self.scheduler = engine.Scheduler(
+            self.name,
+            self.model,
+            vocabulary,
+            max_active,
+            prefix_cache=cache,
+            on_prefill=self.prefix_cache_metrics.report if cache is not None else None,
+        )
         self.scheduler.start()
 
     def execute(self, requests):

@@ -63,6 +63,7 @@ class Reply:
     input_tokens: int | None
     arrivals: list[float]
     final: bool = False
+    cached_tokens: int | None = None  # prompt tokens the model reused from its prefix cache
 
     @property
     def text(self) -> str:
@@ -103,6 +104,8 @@ async def generate(
             reply.output_tokens += int(counts[0])  # per-response deltas, as vLLM reports them
         if (counts := result.as_numpy("num_input_tokens")) is not None:
             reply.input_tokens = int(counts[0])
+        if (counts := result.as_numpy("num_cached_tokens")) is not None:
+            reply.cached_tokens = int(counts[0])
         if len(reply.texts) == stop_after:
             responses.cancel()
             return reply
@@ -119,7 +122,12 @@ async def client(models_server: Server):
 
 
 GREEDY_PROMPT = "user: Tell me about the history of the printing press.\nassistant:"
-ALL_OUTPUTS = dict(return_finish_reason=True, return_num_input_tokens=True, return_num_output_tokens=True)
+ALL_OUTPUTS = dict(
+    return_finish_reason=True,
+    return_num_input_tokens=True,
+    return_num_output_tokens=True,
+    return_num_cached_tokens=True,
+)
 
 
 async def test_streamed_deltas_concatenate_to_the_non_streaming_text(client):
@@ -269,6 +277,22 @@ async def test_smollm2_answers_the_capital_of_france_and_ends_its_turn(smollm2_c
     assert reply.output_tokens < 40
     assert "<|" not in reply.text, "no control token is sent as text"
     assert reply.input_tokens == 37  # the rendered prompt as is: nothing added
+
+
+async def test_smollm2_reuses_the_shared_system_prompt_from_its_prefix_cache(smollm2_client):
+    greedy = {"max_tokens": 12, "temperature": 0}
+    first, second = [
+        await generate(
+            smollm2_client, generate_inputs(chatml(q), True, greedy, **ALL_OUTPUTS), model="smollm2"
+        )
+        for q in ("Name a colour.", "Name a fruit.")
+    ]
+    # The system prompt and "<|im_start|>user\n" are 24 tokens: one whole
+    # 16-token block (the first request may itself have found it cached,
+    # when an earlier test sent the same system prompt).
+    assert second.cached_tokens == 16
+    assert first.cached_tokens in (0, 16)
+    assert second.text.strip() and second.text != first.text
 
 
 async def test_smollm2_sampling_is_seeded_and_honours_stop_strings(smollm2_client):

@@ -108,14 +108,16 @@ class Recorder:
         self.texts: list[str] = []
         self.finish_reason = None
         self.tokens = 0
+        self.cached_tokens: int | None = None
         self.error: tuple[str, str] | None = None
         self.done = threading.Event()
 
     def is_cancelled(self) -> bool:
         return False
 
-    def send(self, text, finish_reason, new_tokens, final):
+    def send(self, text, finish_reason, new_tokens, final, cached_tokens):
         assert not self.done.is_set(), "a response after the final one"
+        self.cached_tokens = cached_tokens
         self.texts.append(text)
         self.tokens += new_tokens
         self.finish_reason = finish_reason

@@ -165,14 +165,34 @@ class Llama:
         return self._logits(self._prompt_states(token_ids, cache=None))
 
     def prefill(self, token_ids: Sequence[int], cache: KVCache) -> np.ndarray:
-        """Feed a prompt into an empty cache; logits [V] for the token after it."""
-        T = len(token_ids)
-        if cache.length != 0 or not 0 < T <= self.config.max_context:
-            raise ValueError(f"prefill needs an empty cache and 1..{self.config.max_context} tokens, got {T}")
+        """Feed prompt tokens after the cache's `length` positions (0, or a
+        reused prefix from load_kv); logits [V] for the token after them."""
+        start, T = cache.length, cache.length + len(token_ids)
+        if not start < T <= self.config.max_context:
+            raise ValueError(
+                f"prefill needs 1..{self.config.max_context - start} tokens after {start} cached, "
+                f"got {len(token_ids)}"
+            )
         cache.reserve(T)
         states = self._prompt_states(token_ids, cache)
         cache.length = T
         return self._logits(states[-1:])[0]
+
+    def kv_block(self, cache: KVCache, start: int, stop: int) -> np.ndarray:
+        """One prefix-cache block: a copy of positions start..stop-1, [L, 2, G, stop - start, d]."""
+        return cache.data[:, :, :, start:stop].copy()
+
+    def load_kv(self, cache: KVCache, blocks: Sequence[np.ndarray]) -> None:
+        """Fill an empty cache with consecutive kv_block()s from position 0."""
+        if cache.length != 0:
+            raise ValueError("load_kv needs an empty cache")
+        cache.reserve(sum(block.shape[3] for block in blocks))
+        position = 0
+        for block in blocks:
+            stop = position + block.shape[3]
+            cache.data[:, :, :, position:stop] = block
+            position = stop
+        cache.length = position
 
     def decode(self, token_ids: Sequence[int], caches: Sequence[KVCache]) -> np.ndarray:
         """One step for B sequences at once: token_ids[i] is appended to caches[i].
@@ -207,30 +227,39 @@ class Llama:
         return self._logits(x)
 
     def _prompt_states(self, token_ids: Sequence[int], cache: KVCache | None) -> np.ndarray:
-        """Final hidden states [T, D] of a prompt at positions 0..T-1; its keys and values go into `cache`."""
+        """Final hidden states [N, D] of N prompt tokens at the positions after the cache's
+        `length` (from 0 without a cache); their keys and values go into `cache`."""
         c, w = self.config, self.w
-        T = len(token_ids)
+        start = 0 if cache is None else cache.length
+        N = len(token_ids)
+        T = start + N
         x = w["token_embd"][np.asarray(token_ids)]
-        positions = np.arange(T)
+        positions = np.arange(start, T)
         group = c.n_heads // c.n_kv_heads
         for layer in range(c.n_layers):
             p = f"blk.{layer}."
             q, k, v = self._qkv(x, p, positions)
-            if cache is not None:
-                cache.data[layer, 0, :, :T] = k.transpose(1, 0, 2)
-                cache.data[layer, 1, :, :T] = v.transpose(1, 0, 2)
-            keys = k.transpose(1, 0, 2)[:, None]  # [G, 1, T, d]
-            values = v.transpose(1, 0, 2)[:, None]
-            queries = q.reshape(T, c.n_kv_heads, group, c.d_head).transpose(1, 2, 0, 3)  # [G, H/G, T, d]
-            heads = np.empty((T, c.d_model), np.float32)
-            for start in range(0, T, PREFILL_QUERY_BLOCK):
-                stop = min(start + PREFILL_QUERY_BLOCK, T)
-                # Causal: query i sees keys 0..i, so keys past `stop` are never needed.
-                scores = (queries[:, :, start:stop] @ keys[:, :, :stop].transpose(0, 1, 3, 2)) * self.scale
-                future = np.arange(stop)[None, :] > np.arange(start, stop)[:, None]
+            if cache is None:
+                keys = k.transpose(1, 0, 2)[:, None]  # [G, 1, T, d]
+                values = v.transpose(1, 0, 2)[:, None]
+            else:
+                cache.data[layer, 0, :, start:T] = k.transpose(1, 0, 2)
+                cache.data[layer, 1, :, start:T] = v.transpose(1, 0, 2)
+                # A reused prefix's keys and values are already there, before `start`.
+                keys = cache.data[layer, 0, :, None, :T]
+                values = cache.data[layer, 1, :, None, :T]
+            queries = q.reshape(N, c.n_kv_heads, group, c.d_head).transpose(1, 2, 0, 3)  # [G, H/G, N, d]
+            heads = np.empty((N, c.d_model), np.float32)
+            for first in range(0, N, PREFILL_QUERY_BLOCK):
+                last = min(first + PREFILL_QUERY_BLOCK, N)
+                # Causal: the query at position start + i sees keys 0..start + i,
+                # so keys past the block's last position are never needed.
+                seen = start + last
+                scores = (queries[:, :, first:last] @ keys[:, :, :seen].transpose(0, 1, 3, 2)) * self.scale
+                future = np.arange(seen)[None, :] > np.arange(start + first, seen)[:, None]
                 scores[..., future] = -np.inf
-                block = softmax(scores) @ values[:, :, :stop]  # [G, H/G, block, d]
-                heads[start:stop] = block.transpose(2, 0, 1, 3).reshape(stop - start, c.d_model)
+                block = softmax(scores) @ values[:, :, :seen]  # [G, H/G, block, d]
+                heads[first:last] = block.transpose(2, 0, 1, 3).reshape(last - first, c.d_model)
             x = x + linear(heads, w[p + "attn_output"])
             x = x + self._mlp(x, p)
         return x

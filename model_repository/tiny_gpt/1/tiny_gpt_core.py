@@ -129,25 +129,45 @@ class TinyGPT:
         return self._logits(x)
 
     def prefill(self, token_ids: Sequence[int], cache: KVCache) -> np.ndarray:
-        """Feed a prompt into an empty cache; logits [V] for the token after it."""
+        """Feed prompt tokens after the cache's `length` positions (0, or a
+        reused prefix from load_kv); logits [V] for the token after them."""
         c, w = self.config, self.w
-        T = len(token_ids)
-        if cache.length != 0 or not 0 < T <= c.max_context:
-            raise ValueError(f"prefill needs an empty cache and 1..{c.max_context} tokens, got {T}")
-        x = w["wte"][np.asarray(token_ids)] + w["wpe"][:T]
-        future = np.triu(np.ones((T, T), dtype=bool), k=1)
+        start, T = cache.length, cache.length + len(token_ids)
+        if not start < T <= c.max_context:
+            raise ValueError(
+                f"prefill needs 1..{c.max_context - start} tokens after {start} cached, got {len(token_ids)}"
+            )
+        x = w["wte"][np.asarray(token_ids)] + w["wpe"][start:T]
+        # Query i (at position start + i) sees keys 0..start + i.
+        future = np.arange(T)[None, :] > np.arange(start, T)[:, None]
         for layer in range(c.n_layers):
             p = f"h{layer}."
-            q, k, v = self._qkv(x, p)  # [T, H, d] each
-            cache.keys[layer, :, :T] = k.transpose(1, 0, 2)
-            cache.values[layer, :, :T] = v.transpose(1, 0, 2)
+            q, k, v = self._qkv(x, p)  # [T - start, H, d] each
+            cache.keys[layer, :, start:T] = k.transpose(1, 0, 2)
+            cache.values[layer, :, start:T] = v.transpose(1, 0, 2)
             scores = (q.transpose(1, 0, 2) @ cache.keys[layer, :, :T].transpose(0, 2, 1)) * self.scale
             scores[:, future] = -np.inf
             heads = softmax(scores) @ cache.values[layer, :, :T]
-            x = x + self._attention_out(heads.transpose(1, 0, 2).reshape(T, c.d_model), p)
+            x = x + self._attention_out(heads.transpose(1, 0, 2).reshape(T - start, c.d_model), p)
             x = x + self._mlp(x, p)
         cache.length = T
         return self._logits(x[-1:])[0]
+
+    def kv_block(self, cache: KVCache, start: int, stop: int) -> np.ndarray:
+        """One prefix-cache block: a copy of positions start..stop-1, [L, 2, H, stop - start, d]."""
+        return np.stack([cache.keys[:, :, start:stop], cache.values[:, :, start:stop]], axis=1)
+
+    def load_kv(self, cache: KVCache, blocks: Sequence[np.ndarray]) -> None:
+        """Fill an empty cache with consecutive kv_block()s from position 0."""
+        if cache.length != 0:
+            raise ValueError("load_kv needs an empty cache")
+        position = 0
+        for block in blocks:
+            stop = position + block.shape[3]
+            cache.keys[:, :, position:stop] = block[:, 0]
+            cache.values[:, :, position:stop] = block[:, 1]
+            position = stop
+        cache.length = position
 
     def decode(self, token_ids: Sequence[int], caches: Sequence[KVCache]) -> np.ndarray:
         """One step for B sequences at once: token_ids[i] is appended to caches[i].

@@ -1,0 +1,257 @@
+"""Automatic prefix caching (model_repository/generation/prefix_cache.py) on the
+real numpy maths of both text models: tiny_gpt (learned positions) and the
+Llama of smollm2 (rotary positions), each small, seeded and random, so the
+test is hermetic and fast. The real SmolLM2 weights are checked in
+test_llama_math.py (heavy).
+
+Tolerance, not bit-equality, between a reused prefix and a full prefill: the
+cached keys and values of positions 0..31 were computed inside a matmul over
+a different number of rows than a cold prefill of this prompt runs, and
+BLAS may sum in another order for another shape, so the last bits can
+differ. The greedy token ids must be identical.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.unit import model_repository_modules
+from tests.unit.test_generation_engine import Recorder
+
+VOCAB = 64
+BLOCK = 16
+# Logits are O(1) here; float32 noise of a different summation order is ~1e-6.
+TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
+
+
+@pytest.fixture(scope="module")
+def prefix_cache():
+    return model_repository_modules.load("generation/prefix_cache.py")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return model_repository_modules.load("generation/engine.py")
+
+
+def tiny_gpt():
+    core = model_repository_modules.load("tiny_gpt/1/tiny_gpt_core.py")
+    config = core.GPTConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_context=160)
+    return core.TinyGPT(core.init_weights(config, seed=5), config)
+
+
+def small_llama():
+    core = model_repository_modules.load("smollm2/1/llama_core.py")
+    config = core.LlamaConfig(
+        vocab_size=VOCAB,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=128,
+        max_context=160,
+        rope_theta=10000.0,
+        rms_eps=1e-5,
+    )
+    rng = np.random.default_rng(7)
+    d, kv = config.d_head, config.n_kv_heads * config.d_head
+
+    def normal(*shape):
+        return (rng.standard_normal(shape) * 0.2).astype(np.float32)
+
+    weights = {"token_embd": normal(VOCAB, 64), "output_norm": np.ones(64, np.float32)}
+    for layer in range(config.n_layers):
+        p = f"blk.{layer}."
+        weights |= {
+            p + "attn_norm": np.ones(64, np.float32),
+            p + "attn_qkv": normal(config.n_heads * d + 2 * kv, 64),
+            p + "attn_output": normal(64, 64),
+            p + "ffn_norm": np.ones(64, np.float32),
+            p + "ffn_gate_up": normal(2 * config.d_ff, 64),
+            p + "ffn_down": normal(64, config.d_ff),
+        }
+    return core.Llama(weights, config)
+
+
+@pytest.fixture(scope="module", params=["tiny_gpt", "llama"])
+def model(request):
+    return tiny_gpt() if request.param == "tiny_gpt" else small_llama()
+
+
+def prompt(seed: int, length: int) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(1, VOCAB, length)]
+
+
+SHARED = prompt(1, 64)
+
+
+def prefill(model, cache_or_none, token_ids):
+    """What the scheduler does at admission; (logits of the last position, tokens reused)."""
+    cache = model.new_cache(len(token_ids))
+    if cache_or_none is not None:
+        model.load_kv(cache, cache_or_none.lookup(token_ids))
+    reused = cache.length
+    logits = model.prefill(token_ids[reused:], cache)
+    if cache_or_none is not None:
+        cache_or_none.insert(token_ids, lambda start, stop: model.kv_block(cache, start, stop))
+    return logits, reused
+
+
+# 33: the suffix is one token at a block boundary (position 32: RoPE / wpe
+# offset); 40: a partial 8-token tail recomputed; 64: the whole prompt is
+# cached blocks, yet the last block is recomputed for the last position's logits.
+@pytest.mark.parametrize("length, reused", [(33, 32), (40, 32), (64, 48), (15, 0)])
+def test_a_reused_prefix_gives_the_logits_of_a_full_prefill(prefix_cache, model, length, reused):
+    cache = prefix_cache.PrefixCache(64 << 20)
+    prefill(model, cache, SHARED)  # cached: 4 blocks of SHARED
+    target = SHARED[:length]
+
+    cold, cold_reused = prefill(model, None, target)
+    warm, warm_reused = prefill(model, cache, target)
+
+    assert (cold_reused, warm_reused) == (0, reused)
+    np.testing.assert_allclose(warm, cold, **TOLERANCE)
+    np.testing.assert_allclose(cold, model.forward(target)[-1], **TOLERANCE)
+    assert int(np.argmax(warm)) == int(np.argmax(cold))
+
+
+def test_a_different_continuation_reuses_only_the_shared_blocks(prefix_cache, model):
+    cache = prefix_cache.PrefixCache(64 << 20)
+    prefill(model, cache, SHARED)
+    # Shares 40 tokens: 2 whole blocks; the third differs from token 40 on.
+    target = SHARED[:40] + prompt(2, 20)
+    warm, reused = prefill(model, cache, target)
+
+    assert reused == 32
+    np.testing.assert_allclose(warm, model.forward(target)[-1], **TOLERANCE)
+    # Both prompts' blocks are now cached; the shared two once.
+    assert cache.stats.blocks == 4 + 1
+
+
+def vocabulary(engine):
+    return engine.Vocabulary(
+        decode=lambda ids: "".join(f"<{i}>" for i in ids),
+        stop_ids=frozenset({0}),
+        never_sampled=np.array([0]),
+    )
+
+
+def generate(engine, scheduler, token_ids, max_tokens=12):
+    generation = engine.Generation(
+        request_id="g",
+        sender=Recorder(),
+        prompt="",
+        prompt_ids=token_ids,
+        params=engine.SamplingParams(max_tokens=max_tokens, temperature=0.0),
+        stream=True,
+        prepend_prompt=False,
+    )
+    scheduler.submit(generation)
+    assert generation.sender.done.wait(60), "never finished"
+    assert generation.sender.error is None
+    return "".join(generation.sender.texts), generation.sender.cached_tokens
+
+
+def test_greedy_output_is_the_same_with_the_cache_cold_warm_and_disabled(engine, prefix_cache, model):
+    first, second = SHARED[:50], SHARED[:40] + prompt(3, 10)
+    reports = []
+    cached = engine.Scheduler(
+        "cached", model, vocabulary(engine), 4, prefix_cache.PrefixCache(64 << 20), lambda: reports.append(1)
+    )
+    disabled = engine.Scheduler("disabled", model, vocabulary(engine), 4)
+    cached.start()
+    disabled.start()
+    try:
+        first_cold = generate(engine, cached, first)
+        second_warm = generate(engine, cached, second)
+        second_again = generate(engine, cached, second)
+        first_disabled = generate(engine, disabled, first)
+        second_disabled = generate(engine, disabled, second)
+    finally:
+        cached.shutdown()
+        disabled.shutdown()
+
+    assert first_cold == (first_disabled[0], 0)
+    assert second_warm == (second_disabled[0], 32)
+    assert second_again == (second_disabled[0], 48)  # (50 - 1) // 16 whole blocks
+    assert second_disabled[1] == 0
+    assert first_cold[0] != second_warm[0], "different prompts, different continuations"
+    stats = cached.prefix_cache.stats
+    assert (stats.lookups, stats.queried_tokens, stats.hit_tokens) == (3, 150, 80)
+    assert len(reports) == 3
+
+
+class FakeKV:
+    """kv_block for the bookkeeping tests: every block is `size` bytes, named by its position."""
+
+    def __init__(self, size=1000):
+        self.size = size
+        self.made = 0
+
+    def __call__(self, start, stop):
+        self.made += 1
+        return np.full(self.size, start, np.uint8)
+
+
+def test_blocks_are_keyed_by_their_whole_prefix(prefix_cache):
+    a = prefix_cache.block_keys(list(range(40)))
+    b = prefix_cache.block_keys(list(range(32)) + [7] * 8)
+    c = prefix_cache.block_keys([99] + list(range(1, 40)))
+    assert len(a) == 2 and a == b  # the 8-token tails are no whole block
+    assert c[0] != a[0] and c[1] != a[1], "the same second block after another first one is another key"
+
+
+def test_two_prompts_sharing_a_prefix_share_its_blocks(prefix_cache):
+    cache, kv = prefix_cache.PrefixCache(1 << 20), FakeKV()
+    cache.insert(SHARED, kv)
+    cache.insert(SHARED[:32] + prompt(4, 32), kv)
+    assert kv.made == 4 + 2
+    assert cache.stats.blocks == 6 and cache.stats.used_bytes == 6000
+    reused = cache.lookup(SHARED[:32] + prompt(4, 32) + [1])
+    assert [block[0] for block in reused] == [0, 16, 32, 48]
+
+
+def test_the_last_prompt_token_is_never_served_from_the_cache(prefix_cache):
+    cache = prefix_cache.PrefixCache(1 << 20)
+    cache.insert(SHARED[:32], FakeKV())
+    assert len(cache.lookup(SHARED[:32])) == 1
+    assert len(cache.lookup(SHARED[:33])) == 2
+    assert cache.lookup(SHARED[:16]) == []
+
+
+def test_eviction_keeps_within_the_byte_bound_and_takes_leaves_first(prefix_cache):
+    cache, kv = prefix_cache.PrefixCache(5000), FakeKV(1000)
+    other = prompt(5, 64)
+    cache.insert(SHARED, kv)
+    cache.insert(other, kv)
+
+    assert cache.stats.used_bytes == 5000 and cache.stats.blocks == 5
+    assert cache.stats.evicted_blocks == 3
+    assert len(cache.lookup(other + [1])) == 4  # the newest prompt whole
+    assert len(cache.lookup(SHARED + [1])) == 1  # the older one's root survives, its leaves went
+
+    rng = np.random.default_rng(0)
+    parents = {}
+    for _ in range(200):
+        # Prompts branching off a few shared roots, of every length.
+        root = [int(rng.integers(1, 4))] * 16
+        token_ids = root + [int(t) for t in rng.integers(1, 6, int(rng.integers(0, 80)))]
+        chain = prefix_cache.block_keys(token_ids)
+        parents |= dict(zip(chain[1:], chain[:-1]))
+        cache.insert(token_ids, kv)
+        assert cache.stats.used_bytes <= 5000
+        assert cache.stats.used_bytes == 1000 * cache.stats.blocks
+        # No block outlives its parent: each one cached is reachable by a lookup.
+        assert all(parents.get(key) in cache._blocks for key in cache._blocks if key in parents)
+    assert cache.stats.evicted_blocks > 100
+
+
+def test_a_zero_byte_cache_holds_nothing(prefix_cache):
+    cache, kv = prefix_cache.PrefixCache(0), FakeKV()
+    cache.insert(SHARED, kv)
+    assert kv.made == 0 and cache.lookup(SHARED) == [] and cache.stats.used_bytes == 0
+    assert not cache.enabled
+    small = prefix_cache.PrefixCache(999)
+    small.insert(SHARED, kv)
+    assert small.stats.blocks == 0, "a block larger than the whole cache is not kept"
