@@ -169,7 +169,9 @@ def offline(conversations, vectors: dict[str, np.ndarray], weights: relevance.We
     tally = Tally()
     for name, (turns, _, questions) in conversations.items():
         counts = asyncio.run(counter.count(turns))
-        costs = [assembly.TurnCost(m.role, n) for m, n in zip(turns, counts, strict=True)]
+        costs = assembly.SessionCosts.of(
+            [assembly.TurnCost(m.role, n) for m, n in zip(turns, counts, strict=True)]
+        )
         term_sets = [relevance.index_terms(m.content) for m in turns]
         postings: dict[str, list[int]] = collections.defaultdict(list)
         for index, terms in enumerate(term_sets):
@@ -177,7 +179,7 @@ def offline(conversations, vectors: dict[str, np.ndarray], weights: relevance.We
                 postings[term].append(relevance.pack_posting(index, frequency))
         packed = {t: np.array(p, dtype=np.uint32) for t, p in postings.items()}
         lengths = np.array([sum(t.values()) for t in term_sets], dtype=np.float64)
-        turn_vectors = relevance.quantize(vectors[name][: len(turns)])
+        turn_vectors = relevance.unit_rows(relevance.quantize(vectors[name][: len(turns)]))
         question_vectors = vectors[name][len(turns) :]
         for q, vector in zip(questions, question_vectors, strict=True):
             message = common_pb2.Message(role=common_pb2.ROLE_USER, content=q["question"])
@@ -478,8 +480,19 @@ def main() -> None:
     conversations = {p.stem: load_conversation(p) for p in paths}
     if args.offline:
         vectors = uvloop.run(cached_vectors(conversations))
-        tally = offline(conversations, vectors, relevance.DEFAULT_WEIGHTS, args.floor)
-        print("\n".join(tally.table("### Offline (pure policy, cached vectors)")))
+        # Weights were chosen on the first six conversations (by name); the
+        # other four tell whether a choice generalises.
+        names = sorted(conversations)
+        for title, part in (
+            ("all", names),
+            ("tuning split: the first six", names[:6]),
+            ("held-out split: the other four", names[6:]),
+        ):
+            subset = {n: conversations[n] for n in part}
+            if not subset:
+                continue
+            tally = offline(subset, vectors, relevance.DEFAULT_WEIGHTS, args.floor)
+            print("\n".join(tally.table(f"### Offline (pure policy, cached vectors), {title}")) + "\n")
         return
     print("\n".join(uvloop.run(through_services(conversations, args))))
 

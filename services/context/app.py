@@ -32,7 +32,7 @@ TENANT_OF = {
 
 
 def _summarizer(
-    settings: Settings, store: SessionStore, client, channel
+    settings: Settings, store: SessionStore, client, channel, counters: dict[str, token_counts.PromptCounter]
 ) -> summaries.Summarizer:
     config = settings.context
     model = None
@@ -47,6 +47,7 @@ def _summarizer(
         summaries.SummaryStore(client, config.session_ttl_s),
         summaries.SummaryPolicy(config.summary_span_turns, config.summary_hot_window_turns),
         model,
+        counters.values(),
     )
 
 
@@ -64,7 +65,7 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
     # Summaries and turn and question embeddings act for no tenant: the context service's
     # certificate is enough there.
     channel = serving.client_channel(settings.context.inference_address, mesh.to("inference"))
-    summarizer = _summarizer(settings, store, client, channel)
+    summarizer = _summarizer(settings, store, client, channel, counters)
     servicer = ContextServicer(
         store,
         settings.models,

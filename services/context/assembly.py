@@ -53,6 +53,26 @@ class TurnCost:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class SessionCosts:
+    """A session's turns as planning sees them, one array per column, so
+    that planning a session of thousands of turns is a few array operations
+    rather than a Python object per turn."""
+
+    roles: np.ndarray
+    tokens: np.ndarray
+
+    @classmethod
+    def of(cls, turns: collections.abc.Sequence[TurnCost]) -> SessionCosts:
+        return cls(
+            np.array([t.role for t in turns], dtype=np.int64),
+            np.array([t.tokens for t in turns], dtype=np.int64),
+        )
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Plan:
     # Per session turn: why it is in the prompt, or INCLUSION_REASON_UNSPECIFIED
     # when it is left out.
@@ -71,7 +91,7 @@ RECENCY_FLOOR_SHARE = 0.5
 
 
 def plan(
-    turns: collections.abc.Sequence[TurnCost],
+    turns: SessionCosts,
     required: collections.abc.Sequence[TurnCost],
     budget: int,
     template: TemplateTokens = TemplateTokens(),
@@ -97,20 +117,19 @@ def plan(
 
     Fails with CONTEXT_WINDOW_EXCEEDED when what must be kept exceeds the budget.
     """
-    reasons = [pb.INCLUSION_REASON_UNSPECIFIED] * len(turns)
-    for index, turn in enumerate(turns):
-        if turn.role == common_pb2.ROLE_SYSTEM:
-            reasons[index] = pb.INCLUSION_REASON_SYSTEM
+    reasons = np.zeros(len(turns), dtype=np.int64)
+    is_system = turns.roles == common_pb2.ROLE_SYSTEM
+    reasons[is_system] = pb.INCLUSION_REASON_SYSTEM
     for index in pinned_turns:
         if not reasons[index]:
             reasons[index] = pb.INCLUSION_REASON_PINNED
-    any_system = any(t.role == common_pb2.ROLE_SYSTEM for t in (*turns, *required))
+    any_system = bool(is_system.any()) or any(t.role == common_pb2.ROLE_SYSTEM for t in required)
     needed = (
         template.prompt_prefix
         + template.generation_prompt
         + (0 if any_system else template.default_system)
         + sum(t.tokens for t in required)
-        + sum(t.tokens for t, reason in zip(turns, reasons, strict=True) if reason)
+        + int(turns.tokens[reasons > 0].sum())
     )
     if needed > budget:
         raise invalid_argument(
@@ -121,35 +140,40 @@ def plan(
             budget=str(budget),
         )
     remaining = budget - needed
-    floor_left = len(turns) if relevance is None else recency_floor
-    floor_tokens = remaining if relevance is None else int(remaining * RECENCY_FLOOR_SHARE)
-    for index in range(len(turns) - 1, -1, -1):
-        if floor_left <= 0:
-            break
-        if reasons[index]:
-            continue
-        cost = turns[index].tokens
-        if cost > floor_tokens:
-            break
-        reasons[index] = pb.INCLUSION_REASON_RECENCY
-        remaining -= cost
-        floor_tokens -= cost
-        floor_left -= 1
+    newest_first = np.flatnonzero(reasons == 0)[::-1]
+    if relevance is None:
+        floor = newest_first
+        floor_tokens = remaining
+    else:
+        floor = newest_first[: max(recency_floor, 0)]
+        floor_tokens = int(remaining * RECENCY_FLOOR_SHARE)
+    # The floor stops at the first turn that does not fit in it (counts are
+    # not negative, so those that fit are a prefix).
+    floor = floor[np.cumsum(turns.tokens[floor]) <= floor_tokens]
+    reasons[floor] = pb.INCLUSION_REASON_RECENCY
+    remaining -= int(turns.tokens[floor].sum())
     if relevance is not None:
         # Most relevant first; among equals, the newer. Turns nothing points
         # to still fill what budget is left, newest first: by recency.
-        for index in np.lexsort((-np.arange(len(turns)), -np.asarray(relevance, dtype=np.float64))):
-            if reasons[index] or turns[index].tokens > remaining:
+        relevance = np.asarray(relevance, dtype=np.float64)
+        order = np.lexsort((-np.arange(len(turns)), -relevance))
+        order = order[reasons[order] == 0]
+        costs = turns.tokens[order]
+        # Once less than the cheapest turn is left, nothing more fits.
+        cheapest = int(costs.min()) if len(costs) else 0
+        for index, cost, relevant in zip(order.tolist(), costs.tolist(), (relevance[order] > 0).tolist()):
+            if remaining < cheapest:
+                break
+            if cost > remaining:
                 continue
-            relevant = relevance[index] > 0
             reasons[index] = pb.INCLUSION_REASON_RELEVANCE if relevant else pb.INCLUSION_REASON_RECENCY
-            remaining -= turns[index].tokens
-    return Plan(reasons, budget - remaining, budget)
+            remaining -= cost
+    return Plan(reasons.tolist(), budget - remaining, budget)
 
 
 def render(
     chosen: Plan,
-    turns: collections.abc.Sequence[TurnCost],
+    turns: SessionCosts,
     texts: collections.abc.Mapping[int, common_pb2.Message],
     new: collections.abc.Sequence[Candidate],
     pinned_facts: collections.abc.Sequence[Candidate] = (),
@@ -159,7 +183,7 @@ def render(
     kept turns. Order: the session's system messages, pinned facts, the new
     system messages, kept turns oldest first, the other new messages."""
     kept = chosen.kept()
-    is_system = [turns[i].role == common_pb2.ROLE_SYSTEM for i in kept]
+    is_system = [role == common_pb2.ROLE_SYSTEM for role in turns.roles[kept].tolist()]
     response = pb.AssembleContextResponse()
     response.messages.extend(texts[i] for i, system in zip(kept, is_system, strict=True) if system)
     response.messages.extend(c.message for c in pinned_facts)
@@ -168,15 +192,19 @@ def render(
     response.messages.extend(c.message for c in new if c.message.role != common_pb2.ROLE_SYSTEM)
 
     manifest = response.manifest
-    for index, (turn, reason) in enumerate(zip(turns, chosen.reasons, strict=True)):
-        manifest.entries.add(
+    scores = [0.0] * len(turns) if relevance is None else np.asarray(relevance, dtype=np.float64).tolist()
+    add = manifest.entries.add
+    for index, (role, tokens, reason, score) in enumerate(
+        zip(turns.roles.tolist(), turns.tokens.tolist(), chosen.reasons, scores, strict=True)
+    ):
+        add(
             source=pb.SOURCE_SESSION,
             index=index,
-            role=turn.role,
-            tokens=turn.tokens,
+            role=role,
+            tokens=tokens,
             disposition=pb.DISPOSITION_INCLUDED if reason else pb.DISPOSITION_DROPPED,
             reason=reason,
-            relevance=0.0 if relevance is None else float(relevance[index]),
+            relevance=score,
         )
     for index, c in enumerate(pinned_facts):
         manifest.entries.add(
@@ -212,6 +240,6 @@ def assemble(
     template: TemplateTokens = TemplateTokens(),
 ) -> pb.AssembleContextResponse:
     """The "newest turns" prompt of a session whose texts are at hand."""
-    turns = [_cost(c) for c in session]
+    turns = SessionCosts.of([_cost(c) for c in session])
     chosen = plan(turns, [_cost(c) for c in new], budget, template)
     return render(chosen, turns, {i: c.message for i, c in enumerate(session)}, new)

@@ -72,12 +72,12 @@ class _SessionView:
 
     version: int
     counts: list[int]
-    roles: list[int]
+    roles: np.ndarray
     # Every turn's text when at hand; None: read the chosen ones after planning.
     texts: dict[int, common_pb2.Message] | None
     postings: dict[str, np.ndarray]
     term_counts: np.ndarray
-    vectors: np.ndarray | None
+    unit_vectors: np.ndarray | None
     pinned_turns: list[int]
     pinned_facts: list[str]
 
@@ -218,23 +218,33 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             raise invalid_argument(Reason.EMPTY_MESSAGES, "messages must not be empty")
         turns = list(request.messages)
         _check_messages(turns, "messages")
-        token_counts = {c.id: await c.count(turns) for c in self._distinct_counters}
-        ticket = self._hot.ticket()
-        version, replayed = await self._store.append(
-            request.tenant_id,
-            request.session_id,
-            None if request.any_version else request.expected_version,
-            turns,
-            token_counts,
-            turn_id=request.turn_id,
-        )
+        # The turns' embedding round trip overlaps the counting and the
+        # Redis write; a replayed or refused append wastes it, which is rare.
+        embedding = asyncio.create_task(self._embed(turns)) if self._index is not None else None
+        try:
+            token_counts = {c.id: await c.count(turns) for c in self._distinct_counters}
+            ticket = self._hot.ticket()
+            version, replayed = await self._store.append(
+                request.tenant_id,
+                request.session_id,
+                None if request.any_version else request.expected_version,
+                turns,
+                token_counts,
+                turn_id=request.turn_id,
+            )
+        except BaseException:
+            if embedding is not None:
+                embedding.cancel()
+            raise
         log.debug("turns appended", session_id=request.session_id, version=version, replayed=replayed)
+        if replayed and embedding is not None:
+            embedding.cancel()
         if not replayed:
             key = session_key(request.tenant_id, request.session_id)
             before = self._hot.get(key)
             indexed = None
-            if self._index is not None:
-                turn_features, vectors = features(turns), await self._embed(turns)
+            if embedding is not None:
+                turn_features, vectors = features(turns), await embedding
                 first = await self._index.write(
                     request.tenant_id, request.session_id, version, turn_features, vectors
                 )
@@ -309,8 +319,9 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             )
         else:
             required = [assembly.TurnCost(c.message.role, c.tokens) for c in new]
-            chosen = assembly.plan([], required, budget, counter.template_tokens)
-            response, version = assembly.render(chosen, [], {}, new), 0
+            nothing = assembly.SessionCosts.of([])
+            chosen = assembly.plan(nothing, required, budget, counter.template_tokens)
+            response, version = assembly.render(chosen, nothing, {}, new), 0
         if self._summarizer is not None and request.session_id:
             await self._add_summaries(request, response, version, budget, counter)
         response.manifest.tokenizer = counter.spec
@@ -404,13 +415,15 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 query_vector.cancel()
         scores = None
         if adaptive:
-            scores = relevance.hybrid_scores(terms, view.postings, view.term_counts, view.vectors, vector)
+            scores = relevance.hybrid_scores(
+                terms, view.postings, view.term_counts, view.unit_vectors, vector
+            )
         pinned_facts = [common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=f) for f in view.pinned_facts]
         facts = [
             assembly.Candidate(m, n)
             for m, n in zip(pinned_facts, await counter.count(pinned_facts), strict=True)
         ]
-        costs = [assembly.TurnCost(role, n) for role, n in zip(view.roles, view.counts, strict=True)]
+        costs = assembly.SessionCosts(view.roles, np.asarray(view.counts, dtype=np.int64))
         required = [assembly.TurnCost(c.message.role, c.tokens) for c in (*facts, *new)]
         chosen = assembly.plan(
             costs,
@@ -448,11 +461,11 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             return _SessionView(
                 hot.version,
                 await self._complete_counts(request, hot, counter),
-                indexed.roles.tolist(),
+                indexed.roles,
                 dict(enumerate(hot.turns)),
                 indexed.postings_of(terms),
                 indexed.term_counts,
-                indexed.vectors,
+                indexed.unit_vectors,
                 indexed.pinned_turns,
                 indexed.pinned_facts,
             )
@@ -466,11 +479,11 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             return _SessionView(
                 indexed.version,
                 indexed.token_counts,
-                indexed.roles.tolist(),
+                indexed.roles,
                 None,
                 indexed.postings,
                 indexed.term_counts,
-                indexed.vectors,
+                indexed.unit_vectors,
                 indexed.pinned_turns,
                 indexed.pinned_facts,
             )
@@ -480,11 +493,11 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         return _SessionView(
             stored.version,
             await self._complete_counts(request, stored, counter),
-            [m.role for m in stored.turns],
+            np.array([m.role for m in stored.turns], dtype=np.uint8),
             dict(enumerate(stored.turns)),
             postings,
             term_counts,
-            indexed.vectors[: len(stored.turns)] if covered else None,
+            indexed.unit_vectors[: len(stored.turns)] if covered else None,
             [i for i in indexed.pinned_turns if i < len(stored.turns)] if indexed else [],
             indexed.pinned_facts if indexed else [],
         )
@@ -508,7 +521,11 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             log.warning("summaries unavailable", error=str(error))
             return
         if found:
-            tokens = await counter.count([summary.message() for summary in found])
+            # Counted when written; a summary stored before its counter was configured is counted here.
+            tokens = [
+                summary.token_counts.get(counter.id) or (await counter.count([summary.message()]))[0]
+                for summary in found
+            ]
             summaries_lib.add_summaries(
                 response, found, tokens, budget, counter.template_tokens.default_system
             )

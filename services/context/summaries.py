@@ -17,14 +17,16 @@ Redis keys (the same ``mg:context:{tenant}:`` prefix as sessions):
   for the spans summarized so far.
 
 A summary records the turns it covers and the session versions of its
-first and last turn's appends (``first_version``, ``end_version``), and how
-it was made (``model:<name>`` or ``extractive``).
+first and last turn's appends (``first_version``, ``end_version``), how
+it was made (``model:<name>`` or ``extractive``), and its message's tokens
+for every configured tokenizer and template.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc
 import contextlib
 import dataclasses
 import hashlib
@@ -44,6 +46,7 @@ from meshgate.reasons import Reason
 from meshgate.tokenization import ROLE_NAMES
 from services.context import store as session_store
 from services.context.store import SessionStore
+from services.context.token_counts import PromptCounter
 
 log = structlog.get_logger(__name__)
 
@@ -79,6 +82,10 @@ class Summary:
     end_version: int
     method: str
     text: str
+    # Its message's tokens per counter id (token_counts.PromptCounter), as
+    # the chat template renders it: counted once, when written (or loaded,
+    # for summaries stored before), so assembly never counts them.
+    token_counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def ref(self) -> pb.SummaryRef:
         return pb.SummaryRef(
@@ -209,6 +216,15 @@ class SummaryStore:
         raw = await self._client.get(self._summary_key(tenant_id, digest))
         return None if raw is None else Summary(**json.loads(raw))
 
+    async def get_many(self, tenant_id: str, digests: list[str]) -> list[Summary | None]:
+        """One round trip for all: a pipeline rather than MGET, which a
+        Redis Cluster refuses when the keys lie in different slots."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for digest in digests:
+                pipe.get(self._summary_key(tenant_id, digest))
+            raw = await pipe.execute()
+        return [None if r is None else Summary(**json.loads(r)) for r in raw]
+
     async def put(self, tenant_id: str, session_id: str, digest: str, summary: Summary) -> None:
         index = self._index_key(tenant_id, session_id)
         ttl = self._ttl_s if self._ttl_s > 0 else None
@@ -272,8 +288,11 @@ class Summarizer:
         summaries: SummaryStore,
         policy: SummaryPolicy,
         model: ModelSummarizer | None,
+        counters: collections.abc.Sequence[PromptCounter] = (),
     ) -> None:
         self._store = store
+        # Every summary's message is counted with each, once.
+        self._counters = list({c.id: c for c in counters}.values())
         self._summaries = summaries
         self._policy = policy
         self._model = model
@@ -321,6 +340,7 @@ class Summarizer:
         returns the session version it read."""
         stored = await self._store.read(tenant_id, session_id)
         done = await self._summaries.spans(tenant_id, session_id)
+        history: list[int | None] | None = None
         for first, end in due_spans(len(stored.turns), self._policy):
             span = stored.turns[first:end]
             digest = span_digest(span)
@@ -333,7 +353,8 @@ class Summarizer:
                 # The same turns at the same place (a fork, or turns appended
                 # again after a revert): the text holds, the versions are this session's.
                 text, method = summary.text, summary.method
-            history = await self._store.history(tenant_id, session_id)
+            if history is None:
+                history = await self._store.history(tenant_id, session_id)
             first_version, end_version = versions_of_span(history, first, end, stored.version)
             summary = Summary(
                 summary_id=digest[:32],
@@ -344,6 +365,7 @@ class Summarizer:
                 method=method,
                 text=text,
             )
+            summary = await self._counted(summary)
             await self._summaries.put(tenant_id, session_id, digest, summary)
         return stored.version
 
@@ -356,6 +378,17 @@ class Summarizer:
                 log.warning("model summary failed; extractive instead", reason=error.reason)
         return extractive_summary(span), "extractive"
 
+    async def _counted(self, summary: Summary) -> Summary:
+        """``summary`` with its message's tokens for every counter."""
+        missing = [c for c in self._counters if c.id not in summary.token_counts]
+        if not missing:
+            return summary
+        message = summary.message()
+        counts = dict(summary.token_counts)
+        for counter in missing:
+            counts[counter.id] = (await counter.count([message]))[0]
+        return dataclasses.replace(summary, token_counts=counts)
+
     async def forget(self, tenant_id: str, session_id: str) -> None:
         self._hot.pop((tenant_id, session_id), None)
         await self._summaries.delete(tenant_id, session_id)
@@ -366,11 +399,8 @@ class Summarizer:
         """The session's summaries and history from Redis, kept for ``version``."""
         spans = await self._summaries.spans(tenant_id, session_id)
         history = await self._store.history(tenant_id, session_id)
-        found = []
-        for _, digest in sorted(spans.items()):
-            summary = await self._summaries.get(tenant_id, digest)
-            if summary is not None:
-                found.append(summary)
+        stored = await self._summaries.get_many(tenant_id, [digest for _, digest in sorted(spans.items())])
+        found = [await self._counted(summary) for summary in stored if summary is not None]
         key = (tenant_id, session_id)
         self._hot[key] = (version, found, history)
         self._hot.move_to_end(key)

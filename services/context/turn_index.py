@@ -158,8 +158,9 @@ class IndexedTurns:
     token_counts: list[int]
     roles: np.ndarray
     term_counts: np.ndarray
-    # int8 rows, or None when no turn has a vector.
-    vectors: np.ndarray | None
+    # relevance.unit_rows of the stored int8 rows (converted once, kept so
+    # by a hot session), or None when no turn has a vector.
+    unit_vectors: np.ndarray | None
     postings: dict[str, np.ndarray]
     # Turn indices and fact texts pinned, in pinning order.
     pinned_turns: list[int]
@@ -177,7 +178,7 @@ class IndexedTurns:
 
     def covers(self, version: int, count: int) -> bool:
         """Whether the vectors hold the first ``count`` turns of ``version``."""
-        return self.vectors is not None and version == self.version and len(self.vectors) >= count
+        return self.unit_vectors is not None and version == self.version and len(self.unit_vectors) >= count
 
     def postings_of(self, terms: list[str]) -> dict[str, np.ndarray]:
         return {t: self.postings[t] for t in terms if t in self.postings}
@@ -191,13 +192,16 @@ class IndexedTurns:
             return None
         count = self.count + len(turns)
         rows = None
-        if self.vectors is not None or vectors is not None:
-            dimensions = (self.vectors if self.vectors is not None else vectors).shape[1]
-            old = self.vectors if self.vectors is not None else np.zeros((self.count, dimensions), np.int8)
+        if self.unit_vectors is not None or vectors is not None:
+            dimensions = (self.unit_vectors if self.unit_vectors is not None else vectors).shape[1]
+            old = self.unit_vectors
+            if old is None:
+                old = np.zeros((self.count, dimensions), np.float32)
+            # Quantized as stored, so the hot rows score exactly as the cold ones.
             new = (
-                relevance.quantize(vectors)
+                relevance.unit_rows(relevance.quantize(vectors))
                 if vectors is not None
-                else np.zeros((len(turns), dimensions), np.int8)
+                else np.zeros((len(turns), dimensions), np.float32)
             )
             rows = np.vstack([old, new])
         postings = dict(self.postings)
@@ -291,7 +295,7 @@ class TurnIndex:
             if len(rows) < len(roles_array):
                 # Turns after the last embedded one had no vectors: zero rows.
                 rows = np.vstack([rows, np.zeros((len(roles_array) - len(rows), dimensions), np.int8)])
-            vector_rows = rows
+            vector_rows = relevance.unit_rows(rows)
         postings = {
             term: np.frombuffer(value, dtype="<u4")
             for term, value in zip(query_terms, posting_values[1:], strict=True)

@@ -119,6 +119,11 @@ def check_summaries_in(response, summaries: dict) -> list[tuple[int, int]]:
         included.append((ref.first_turn, ref.end_turn))
     summary_entries = [e for e in response.manifest.entries if e.source == pb.SOURCE_SUMMARY]
     assert sorted(e.summary_id for e in summary_entries) == sorted(refs)
+    # Each summary's tokens were counted when it was written, for every
+    # configured tokenizer and template, and assembly used that count.
+    stored_by_id = {s.summary_id: s for s in summaries.values()}
+    for entry in summary_entries:
+        assert entry.tokens in stored_by_id[entry.summary_id].token_counts.values()
     # The count stays exact with the summaries in the prompt.
     assert response.manifest.prompt_tokens == prompt_length(response.messages)
     assert response.manifest.prompt_tokens <= response.manifest.budget_tokens
@@ -134,6 +139,7 @@ async def test_extractive_summaries_cover_exactly_the_turns_the_manifest_says(re
         summaries = await wait_for_spans(client, tenant, session_id, 2)
         assert set(summaries) == {(0, 4), (4, 8)}
         assert {s.method for s in summaries.values()} == {"extractive"}
+        assert all(s.token_counts for s in summaries.values())
         assert "Maria" in summaries[0, 4].text or "Crate" in summaries[0, 4].text
         response = await assemble(stub, tenant, session_id)
         assert check_summaries_in(response, summaries) == [(0, 4), (4, 8)]

@@ -9,7 +9,7 @@ from meshgate.common.v1 import common_pb2
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError
 from services.context import relevance
-from services.context.assembly import Candidate, TemplateTokens, TurnCost, plan, render
+from services.context.assembly import Candidate, SessionCosts, TemplateTokens, TurnCost, plan, render
 
 SYSTEM, USER, ASSISTANT = common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
 
@@ -56,7 +56,7 @@ def test_dense_similarity_counts_and_neighbours_inherit_a_share() -> None:
     vectors = relevance.quantize(np.eye(4, dtype=np.float32))
     lengths = np.ones(4)
     query = np.array([0, 0, 1, 0], dtype=np.float32)
-    scores = relevance.hybrid_scores([], {}, lengths, vectors, query)
+    scores = relevance.hybrid_scores([], {}, lengths, relevance.unit_rows(vectors), query)
     assert int(np.argmax(scores)) == 2
     # Turns 1 and 3 border the relevant one; turn 0 does not.
     assert scores[1] > scores[0] and scores[3] > scores[0]
@@ -88,7 +88,7 @@ def test_adaptive_keeps_the_recency_floor_then_the_most_relevant_that_fit() -> N
     turns = costs(10, 10, 10, 10, 10, 10)
     scores = np.array([0.0, 0.9, 0.1, 0.5, 0.0, 0.0])
     # 60 budget - 10 required leaves 50: floor (newest 1) 10, then turns 1 and 3 ... and 2.
-    chosen = plan(turns, costs(10), 50, relevance=scores, recency_floor=1)
+    chosen = plan(SessionCosts.of(turns), costs(10), 50, relevance=scores, recency_floor=1)
     assert chosen.reasons == [
         0,
         pb.INCLUSION_REASON_RELEVANCE,
@@ -103,12 +103,12 @@ def test_adaptive_keeps_the_recency_floor_then_the_most_relevant_that_fit() -> N
 def test_a_relevant_turn_too_large_is_skipped_for_smaller_ones() -> None:
     turns = costs(100, 10, 10, 10)
     scores = np.array([1.0, 0.5, 0.0, 0.0])
-    chosen = plan(turns, costs(5), 40, relevance=scores, recency_floor=0)
+    chosen = plan(SessionCosts.of(turns), costs(5), 40, relevance=scores, recency_floor=0)
     assert chosen.kept() == [1, 2, 3]
 
 
 def test_pinned_turns_and_system_messages_stay_whatever_the_budget() -> None:
-    turns = [TurnCost(SYSTEM, 5), *costs(10, 10, 10, 10)]
+    turns = SessionCosts.of([TurnCost(SYSTEM, 5), *costs(10, 10, 10, 10)])
     scores = np.array([0.0, 0.0, 0.0, 1.0, 0.0])
     chosen = plan(turns, costs(10), 25, pinned_turns=[1], relevance=scores, recency_floor=2)
     assert chosen.reasons[:2] == [pb.INCLUSION_REASON_SYSTEM, pb.INCLUSION_REASON_PINNED]
@@ -119,8 +119,9 @@ def test_pinned_turns_and_system_messages_stay_whatever_the_budget() -> None:
 
 
 def test_render_orders_chronologically_and_gives_every_reason() -> None:
-    turns = [TurnCost(SYSTEM, 5), *costs(10, 10, 10)]
-    texts = {i: common_pb2.Message(role=t.role, content=f"t{i}") for i, t in enumerate(turns)}
+    rows = [TurnCost(SYSTEM, 5), *costs(10, 10, 10)]
+    texts = {i: common_pb2.Message(role=t.role, content=f"t{i}") for i, t in enumerate(rows)}
+    turns = SessionCosts.of(rows)
     fact = Candidate(common_pb2.Message(role=SYSTEM, content="fact"), 4)
     new = [Candidate(common_pb2.Message(role=USER, content="q"), 3)]
     scores = np.array([0.0, 0.8, 0.0, 0.0])
@@ -140,3 +141,28 @@ def test_render_orders_chronologically_and_gives_every_reason() -> None:
     ]
     assert response.manifest.prompt_tokens == 5 + 10 + 10 + 4 + 3 + 2
     assert response.manifest.entries[1].relevance == pytest.approx(0.8)
+
+
+def test_feedback_raises_the_second_hop_of_an_answer() -> None:
+    # Turn 0 answers the question's words; turn 2 shares turn 0's topic
+    # (axis 1) but nothing with the question; turn 4 is about something else.
+    rows = np.zeros((6, 3), dtype=np.float32)
+    rows[0] = [1.0, 1.0, 0.0]
+    rows[2] = [0.0, 1.0, 0.0]
+    rows[4] = [0.0, 0.0, 1.0]
+    unit = relevance.unit_rows(rows)
+    query = np.array([1.0, 0.0, 0.0], dtype=np.float32)
+    lengths = np.ones(6)
+    plain = relevance.Weights(neighbour=0.0, feedback_turns=0)
+    with_feedback = relevance.Weights(neighbour=0.0, feedback_turns=1)
+    before = relevance.hybrid_scores([], {}, lengths, unit, query, plain)
+    after = relevance.hybrid_scores([], {}, lengths, unit, query, with_feedback)
+    assert before[2] == before[4]
+    assert after[2] > after[4]
+    assert int(np.argmax(after)) == 0
+
+
+def test_unit_rows_are_unit_length_and_keep_empty_rows_empty() -> None:
+    unit = relevance.unit_rows(np.array([[3, 4], [0, 0]], dtype=np.int8))
+    assert unit.dtype == np.float32
+    np.testing.assert_allclose(unit, [[0.6, 0.8], [0.0, 0.0]])

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from meshgate.common.v1 import common_pb2
+from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as pb
-from services.context import summaries
+from services.context import summaries, token_counts
 from services.context.summaries import Summary, SummaryPolicy
+from tests.unit.test_smollm2_tokenizer import build_smollm2_files
 
 USER, ASSISTANT, SYSTEM = common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT, common_pb2.ROLE_SYSTEM
 
@@ -112,3 +114,14 @@ def test_the_first_summary_replaces_the_templates_default_system_prompt() -> Non
     # 50 - 8 (no default system prompt any more) + 12 = 54.
     assert response.manifest.prompt_tokens == 54
     assert response.messages[0].role == SYSTEM
+
+
+async def test_a_summarys_tokens_are_counted_once_per_counter() -> None:
+    build_smollm2_files()
+    counters = token_counts.for_models(Settings().models)
+    summarizer = summaries.Summarizer(None, None, SummaryPolicy(), None, list(counters.values()))
+    counted = await summarizer._counted(_summary(0, 4, 4, "Maria signed for crate 104."))
+    for counter in counters.values():
+        assert counted.token_counts[counter.id] == (await counter.count([counted.message()]))[0]
+    # Already counted: the same object back, nothing counted again.
+    assert await summarizer._counted(counted) is counted
