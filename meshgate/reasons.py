@@ -98,6 +98,15 @@ class Reason(enum.StrEnum):
     INVALID_STOP = enum.auto()
     """Too many stop sequences, or one empty or too long."""
 
+    TEMPLATE_VARIABLE_MISSING = enum.auto()
+    """A template's message uses a variable the request does not give (metadata ``variable``)."""
+
+    TEMPLATE_VARIABLE_UNKNOWN = enum.auto()
+    """The request gives a variable the template does not use (metadata ``variable``)."""
+
+    TEMPLATE_MODEL_NOT_ALLOWED = enum.auto()
+    """The request's model is not one of the template's models (metadata ``model``)."""
+
     INVALID_USAGE_PERIOD = enum.auto()
     """A usage query's days are negative or beyond the ledger's retention."""
 
@@ -180,6 +189,9 @@ class Reason(enum.StrEnum):
     # --- what the request names (NOT_FOUND, ALREADY_EXISTS, ABORTED) -------
     MODEL_NOT_FOUND = enum.auto()
     """No model of that name is configured."""
+
+    TEMPLATE_NOT_FOUND = enum.auto()
+    """No prompt template of that name (or that version) is configured."""
 
     API_KEY_NOT_FOUND = enum.auto()
     """No stored API key has this key id (keys of the configuration file are not managed)."""

@@ -50,6 +50,8 @@ from meshgate.errors import MeshgateError, aborted, internal_error, partly_deliv
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as router_pb
 from services.router.auth import Tenant
+from services.router.coalescing import Coalescer, coalescing_key
+from services.router.templates import Templates, invokes_template
 from services.router.validation import check_turn, resolve_model
 
 log = structlog.get_logger(__name__)
@@ -281,12 +283,15 @@ class Pipeline:
         self._cache = cache
         self._generator = generator
         self._admission = admission or Unlimited()
+        self._templates = Templates(settings.templates)
+        self._coalescer = Coalescer()
 
     def reconfigure(self, settings: RouterSettings, models: dict[str, ModelSettings]) -> None:
         """Reloaded settings, from the next turn on; a turn under way keeps
         the model it was validated with."""
         self._settings = settings
         self._models = models
+        self._templates = Templates(settings.templates)
 
     async def create_session(self, tenant: Tenant, budget: Budget) -> str:
         return await self._contexts.create_session(tenant, budget)
@@ -295,7 +300,10 @@ class Pipeline:
         self, request, tenant: Tenant, session_id: str, budget: Budget, create_session: bool
     ) -> Turn:
         """The validate stage: ``request`` is any message with a chat turn's
-        fields (ChatRequest, ChatSessionRequest)."""
+        fields (ChatRequest, ChatSessionRequest). A template invocation
+        becomes the plain request it stands for first."""
+        if invokes_template(request):
+            request = self._templates.expand(request)
         model = resolve_model(request.model, tenant, self._models)
         max_tokens = check_turn(request, model, self._settings)
         parameters = common_pb2.GenerationParameters()
@@ -410,9 +418,7 @@ class Pipeline:
             hit = await self._exact_hit(plan, prompt, turn.budget)
             if hit is None:
                 lookup = self._semantic_lookup(plan, prompt, turn.budget)
-                generation = self._generator.generate(
-                    turn.model_alias, prompt, turn.parameters, turn.budget, answer
-                )
+                generation = self._generate(turn, prompt, answer)
 
         if hit is None:
             async with _Race(lookup, generation, self._settings.speculative_generation) as race:
@@ -490,10 +496,26 @@ class Pipeline:
     async def _generate_stateless(self, turn: Turn, answer: Answer) -> collections.abc.AsyncIterator[str]:
         assembled = await self._contexts.assemble(turn)
         prompt = turn.messages if assembled is None else assembled[0]
-        generation = self._generator.generate(turn.model_alias, prompt, turn.parameters, turn.budget, answer)
+        generation = self._generate(turn, prompt, answer)
         async with contextlib.aclosing(generation) as pieces:
             async for text in pieces:
                 yield text
+
+
+    def _generate(self, turn: Turn, prompt, answer: Answer) -> collections.abc.AsyncIterator[str]:
+        """The generate stage: identical deterministic turns under way share
+        one generation (see coalescing.py), scoped like the cache's entries.
+        Every caller's answer carries the whole generation's usage and is
+        billed for it, as if it had generated alone: what a caller pays
+        does not depend on who else happened to ask at the same time."""
+        key = None
+        if self._settings.coalesce_generations:
+            key = coalescing_key(turn.cache.tenant_id, turn.model_alias, prompt, turn.parameters)
+
+        def start(filling: Answer) -> collections.abc.AsyncIterator[str]:
+            return self._generator.generate(turn.model_alias, prompt, turn.parameters, turn.budget, filling)
+
+        return self._coalescer.generate(key, start, answer, Answer, turn.budget.deadline)
 
 
 # The deployment label of what a cache hit served.

@@ -33,20 +33,39 @@ CACHE_STATUS_MISS: CacheStatus
 CACHE_STATUS_BYPASSED: CacheStatus
 
 class ChatRequest(_message.Message):
-    __slots__ = ("model", "session_id", "messages", "parameters", "cache_policy", "expected_session_version")
+    __slots__ = ("model", "session_id", "messages", "parameters", "cache_policy", "expected_session_version", "template")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     CACHE_POLICY_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_SESSION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     model: str
     session_id: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
     parameters: _common_pb2.GenerationParameters
     cache_policy: CachePolicy
     expected_session_version: int
-    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., cache_policy: _Optional[_Union[CachePolicy, str]] = ..., expected_session_version: _Optional[int] = ...) -> None: ...
+    template: TemplateInvocation
+    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., cache_policy: _Optional[_Union[CachePolicy, str]] = ..., expected_session_version: _Optional[int] = ..., template: _Optional[_Union[TemplateInvocation, _Mapping]] = ...) -> None: ...
+
+class TemplateInvocation(_message.Message):
+    __slots__ = ("name", "version", "variables")
+    class VariablesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    variables: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., variables: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ChatResponse(_message.Message):
     __slots__ = ("delta", "completion")

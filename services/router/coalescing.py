@@ -1,0 +1,209 @@
+"""Identical in-flight deterministic generations, shared.
+
+Two turns whose output is fixed by their inputs (greedy decoding, or a fixed
+seed) and whose inputs are the same (tenant, model alias, the prompt after
+assembly, every generation parameter) would make the model compute the same
+tokens twice. The :class:`Coalescer` runs one generation for them: the first
+caller's turn starts it, a caller arriving while it runs receives the pieces
+generated so far and then the live stream, and every caller ends with the
+same answer (or the same failure, with the count of what it received).
+
+The generation belongs to no single caller: a caller that goes away only
+unsubscribes; the last one going away cancels it (and with it the inference
+call). The key carries the tenant because answers never cross tenants, as in
+the cache's partitions.
+
+Nothing here knows gRPC; the pipeline's generate stage decides the key and
+how to start a generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections.abc
+import contextlib
+import hashlib
+import struct
+
+import structlog
+
+from meshgate.common.v1 import common_pb2
+from meshgate.errors import MeshgateError, internal_error, partly_delivered
+
+log = structlog.get_logger(__name__)
+
+# Starts the real generation, filling the Answer it is given (see
+# pipeline.Generator); typed loosely to keep this module free of the pipeline.
+Start = collections.abc.Callable[[object], collections.abc.AsyncIterator[str]]
+
+_LENGTH = struct.Struct("<I")
+
+
+def is_deterministic(parameters: common_pb2.GenerationParameters) -> bool:
+    """Greedy (temperature 0) or seeded: the same inputs give the same tokens.
+
+    An unset temperature is the model's default (1.0, sampled from a fresh
+    seed): never shared.
+    """
+    greedy = parameters.HasField("temperature") and parameters.temperature == 0.0
+    return greedy or parameters.HasField("seed")
+
+
+def coalescing_key(
+    scope: str, alias: str, prompt: collections.abc.Sequence[common_pb2.Message], parameters
+) -> bytes | None:
+    """What identifies a generation's output, or None when it must not be
+    shared (not deterministic). Every part is length-prefixed, so no two
+    different inputs run together into the same bytes."""
+    if not is_deterministic(parameters):
+        return None
+    digest = hashlib.sha256()
+
+    def part(data: bytes) -> None:
+        digest.update(_LENGTH.pack(len(data)))
+        digest.update(data)
+
+    part(scope.encode())
+    part(alias.encode())
+    part(parameters.SerializeToString(deterministic=True))
+    for message in prompt:
+        part(message.SerializeToString(deterministic=True))
+    return digest.digest()
+
+
+class _Flight:
+    """One generation under way and the callers reading it."""
+
+    def __init__(self, answer, deadline: float | None) -> None:
+        self.answer = answer
+        self.deadline = deadline
+        self.pieces: list[str] = []
+        self.readers = 0
+        self.finished = False
+        # Finished with the whole answer (not failed, not cancelled).
+        self.completed = False
+        self.error: MeshgateError | None = None
+        self.task: asyncio.Task | None = None
+        self._changed = asyncio.Event()
+
+    def notify(self) -> None:
+        # A fresh event per change: readers waiting on the old one wake,
+        # later waits block until the next change.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+
+class Coalescer:
+    def __init__(self) -> None:
+        self._flights: dict[bytes, _Flight] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._flights)
+
+    def generate(
+        self,
+        flight_key: bytes | None,
+        start: Start,
+        answer,
+        new_answer: collections.abc.Callable[[], object],
+        deadline: float | None,
+    ) -> collections.abc.AsyncIterator[str]:
+        """The pieces of the generation for ``flight_key``, filling ``answer``
+        when it completes; a new generation (``start(new_answer())``) unless
+        one with the same key is under way and runs at least as long as this
+        caller waits (``deadline``: monotonic, None for no deadline)."""
+        if flight_key is None:
+            return start(answer)
+        flight = self._flights.get(flight_key)
+        if flight is not None and not _outlives(flight.deadline, deadline):
+            # Joining would cut this caller's answer at another caller's
+            # deadline: it generates on its own, unshared.
+            return start(answer)
+        if flight is None:
+            flight = _Flight(new_answer(), deadline)
+            self._flights[flight_key] = flight
+            flight.task = asyncio.ensure_future(self._pump(flight_key, flight, start))
+        else:
+            log.debug("joined an identical generation", pieces_so_far=len(flight.pieces))
+        # Counted now, not when the reader first runs: a flight must not be
+        # cancelled for want of readers while its joiner is still starting.
+        flight.readers += 1
+        return self._read(flight_key, flight, answer)
+
+    async def _pump(self, flight_key: bytes, flight: _Flight, start: Start) -> None:
+        try:
+            async with contextlib.aclosing(start(flight.answer)) as pieces:
+                async for text in pieces:
+                    flight.pieces.append(text)
+                    flight.notify()
+            flight.completed = True
+        except MeshgateError as error:
+            flight.error = error
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a bug fails this flight's turns, with nothing of its insides
+            log.exception("shared generation failed")
+            flight.error = internal_error()
+        finally:
+            # Finished and forgotten in one step: a caller arriving later
+            # starts afresh instead of joining an ended flight.
+            flight.finished = True
+            self._forget(flight_key, flight)
+            flight.notify()
+
+    async def _read(self, flight_key: bytes, flight: _Flight, answer) -> collections.abc.AsyncIterator[str]:
+        delivered = chars = 0
+        try:
+            while True:
+                while delivered < len(flight.pieces):
+                    # Known from the first piece on: the turn's latency
+                    # metrics name the deployment (see Deployments.generate).
+                    answer.deployment = flight.answer.deployment
+                    text = flight.pieces[delivered]
+                    yield text
+                    delivered += 1
+                    chars += len(text)
+                if flight.finished:
+                    break
+                await flight.changed()
+            if flight.error is not None:
+                raise _own_copy(flight.error, delivered, chars)
+            if not flight.completed:
+                # Cancelled under a reader (only the loop shutting down does
+                # that): never a silent short answer.
+                raise _own_copy(internal_error(), delivered, chars)
+            answer.adopt(flight.answer)
+        finally:
+            flight.readers -= 1
+            if flight.readers == 0 and not flight.finished:
+                # The last caller went away: nobody wants the answer, and its
+                # inference call must not outlive the turn.
+                self._forget(flight_key, flight)
+                flight.task.cancel()
+                await asyncio.wait({flight.task})
+
+    def _forget(self, flight_key: bytes, flight: _Flight) -> None:
+        if self._flights.get(flight_key) is flight:
+            del self._flights[flight_key]
+
+
+def _outlives(flight_deadline: float | None, deadline: float | None) -> bool:
+    if flight_deadline is None:
+        return True
+    return deadline is not None and deadline <= flight_deadline
+
+
+def _own_copy(error: MeshgateError, deltas: int, chars: int) -> MeshgateError:
+    """Each caller's failure, with what that caller received; the shared one
+    is never raised twice (a raise rewrites its traceback)."""
+    copy = MeshgateError(
+        error.code, error.reason, error.message, dict(error.metadata), error.domain, error.details
+    )
+    if deltas:
+        tokens = error.metadata.get("delivered_tokens")
+        partly_delivered(copy, deltas, chars, int(tokens) if tokens else None)
+    return copy

@@ -1,0 +1,280 @@
+"""Identical in-flight deterministic turns share one generation: through the
+pipeline with fakes behind its stages (no Redis, Triton or sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import RouterSettings
+from meshgate.errors import unavailable
+from meshgate.reasons import Reason
+from meshgate.router.v1 import router_service_pb2 as pb
+from services.router.auth import Tenant
+from services.router.coalescing import coalescing_key, is_deterministic
+from services.router.pipeline import Budget, Completion, Delta, Failure, Pipeline
+from tests.unit.test_router_pipeline import MODELS, TENANT, FakeCache, FakeContexts, RecordingAdmission, user
+
+PIECES = ("The ", "answer ", "is ", "forty-two.")
+GREEDY = common_pb2.GenerationParameters(temperature=0.0)
+
+
+class GatedGenerator:
+    """Yields each piece only once its gate opens, so a test decides who
+    joins when; counts the generations it was asked for."""
+
+    def __init__(self, pieces=PIECES, fail_at: int | None = None) -> None:
+        self.pieces = pieces
+        self.fail_at = fail_at
+        self.gates = [asyncio.Event() for _ in pieces]
+        self.calls = 0
+        self.finished = 0
+        self.cancelled = 0
+
+    def open(self, count: int | None = None) -> None:
+        for gate in self.gates[:count]:
+            gate.set()
+
+    async def generate(self, alias, prompt, parameters, budget, answer):
+        self.calls += 1
+        try:
+            for index, piece in enumerate(self.pieces):
+                await self.gates[index].wait()
+                if index == self.fail_at:
+                    raise unavailable(Reason.STREAM_ENDED_EARLY, "backend died")
+                answer.deployment = "d1"
+                yield piece
+            answer.text = "".join(self.pieces)
+            answer.prompt_tokens, answer.completion_tokens = 7, len(self.pieces)
+            answer.finish_reason = "length"
+            self.finished += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
+
+
+class Caller:
+    """One caller's turn, run as its own task, recording what it received."""
+
+    def __init__(self, turns: Pipeline, chat: pb.ChatRequest, tenant: Tenant = TENANT, budget=None) -> None:
+        self.events: list = []
+        self._received = asyncio.Event()
+        self.task = asyncio.ensure_future(self._run(turns.run(chat, tenant, "", budget or Budget())))
+
+    async def _run(self, stream) -> None:
+        async with contextlib.aclosing(stream) as events:
+            async for event in events:
+                self.events.append(event)
+                self._received.set()
+
+    @property
+    def deltas(self) -> list[str]:
+        return [event.text for event in self.events if isinstance(event, Delta)]
+
+    async def until_deltas(self, count: int) -> None:
+        async with asyncio.timeout(5):
+            while len(self.deltas) < count:
+                self._received.clear()
+                await self._received.wait()
+
+    async def cancel(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+def chat(parameters=GREEDY, text="What is the answer?") -> pb.ChatRequest:
+    return pb.ChatRequest(
+        model="m", messages=[user(text)], parameters=parameters, cache_policy=pb.CACHE_POLICY_BYPASS
+    )
+
+
+def pipeline(generator: GatedGenerator, admission=None, **settings) -> Pipeline:
+    return Pipeline(
+        RouterSettings(**settings), MODELS, FakeContexts(), FakeCache(), generator, admission=admission
+    )
+
+
+async def settle_all(*callers: Caller) -> None:
+    async with asyncio.timeout(5):
+        await asyncio.gather(*(caller.task for caller in callers))
+
+
+# --- what may be shared ---------------------------------------------------------
+
+
+def test_only_greedy_or_seeded_parameters_are_deterministic():
+    assert is_deterministic(common_pb2.GenerationParameters(temperature=0.0))
+    assert is_deterministic(common_pb2.GenerationParameters(temperature=0.8, seed=3))
+    # Unset temperature is the model's default, sampled with a fresh seed.
+    assert not is_deterministic(common_pb2.GenerationParameters())
+    assert not is_deterministic(common_pb2.GenerationParameters(temperature=0.7))
+
+
+def test_the_key_separates_everything_that_changes_the_output():
+    prompt = [user("hi")]
+    base = coalescing_key("t1", "m", prompt, GREEDY)
+    assert base is not None
+    assert coalescing_key("t1", "m", [user("hi")], common_pb2.GenerationParameters(temperature=0.0)) == base
+    different = [
+        coalescing_key("t2", "m", prompt, GREEDY),
+        coalescing_key("t1", "m2", prompt, GREEDY),
+        coalescing_key("t1", "m", [user("hi!")], GREEDY),
+        coalescing_key("t1", "m", [common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content="hi")], GREEDY),
+        coalescing_key("t1", "m", prompt, common_pb2.GenerationParameters(temperature=0.0, max_tokens=3)),
+        coalescing_key("t1", "m", prompt, common_pb2.GenerationParameters(temperature=0.0, stop=["x"])),
+        coalescing_key("t1", "m", [user("h"), user("i")], GREEDY),
+    ]
+    assert base not in different and len(set(different)) == len(different)
+    # Lengths are part of the key: "t1"+"m" never equals "t"+"1m".
+    assert coalescing_key("t", "1m", prompt, GREEDY) != base
+    assert coalescing_key("t1", "m", prompt, common_pb2.GenerationParameters(temperature=0.5)) is None
+
+
+# --- sharing ----------------------------------------------------------------
+
+
+async def test_identical_concurrent_turns_cost_one_generation_and_get_the_whole_answer():
+    generator = GatedGenerator()
+    admission = RecordingAdmission()
+    turns = pipeline(generator, admission)
+    callers = [Caller(turns, chat()) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    generator.open()
+    await settle_all(*callers)
+    assert generator.calls == 1 and generator.finished == 1
+    for caller in callers:
+        assert "".join(caller.deltas) == "".join(PIECES)
+        completion = caller.events[-1]
+        assert isinstance(completion, Completion)
+        # Each caller is billed what its answer says: the whole generation.
+        assert completion.answer.completion_tokens == len(PIECES)
+        assert completion.answer.prompt_tokens == 7
+        assert completion.answer.deployment == "d1"
+    assert [outcome.answer.completion_tokens for _, outcome in admission.settled] == [len(PIECES)] * 5
+    assert turns._coalescer.in_flight == 0
+
+
+async def test_a_late_joiner_gets_the_pieces_so_far_then_the_live_stream():
+    generator = GatedGenerator()
+    turns = pipeline(generator)
+    first = Caller(turns, chat())
+    generator.open(2)
+    await first.until_deltas(2)
+    late = Caller(turns, chat())
+    await late.until_deltas(2)
+    assert late.deltas == list(PIECES[:2])
+    generator.open()
+    await settle_all(first, late)
+    assert generator.calls == 1
+    assert late.deltas == first.deltas == list(PIECES)
+    assert isinstance(late.events[-1], Completion)
+
+
+async def test_after_a_generation_ends_the_next_identical_turn_generates_anew():
+    generator = GatedGenerator()
+    generator.open()
+    turns = pipeline(generator)
+    first = Caller(turns, chat())
+    await settle_all(first)
+    second = Caller(turns, chat())
+    await settle_all(second)
+    assert generator.calls == 2
+
+
+async def test_one_caller_cancelling_leaves_the_others_their_whole_answer():
+    generator = GatedGenerator()
+    admission = RecordingAdmission()
+    turns = pipeline(generator, admission)
+    leaving, staying = Caller(turns, chat()), Caller(turns, chat())
+    generator.open(1)
+    await leaving.until_deltas(1)
+    await staying.until_deltas(1)
+    # The one that started the generation leaves: it goes on for the other.
+    await leaving.cancel()
+    generator.open()
+    await settle_all(staying)
+    assert generator.calls == 1 and generator.cancelled == 0 and generator.finished == 1
+    assert staying.deltas == list(PIECES)
+    assert isinstance(staying.events[-1], Completion)
+    assert sorted(outcome.cancelled for _, outcome in admission.settled) == [False, True]
+
+
+async def test_the_last_caller_cancelling_cancels_the_generation():
+    generator = GatedGenerator()
+    turns = pipeline(generator)
+    callers = [Caller(turns, chat()) for _ in range(3)]
+    generator.open(1)
+    for caller in callers:
+        await caller.until_deltas(1)
+    for caller in callers[:2]:
+        await caller.cancel()
+    assert generator.cancelled == 0
+    await callers[2].cancel()
+    assert generator.cancelled == 1 and generator.finished == 0
+    assert turns._coalescer.in_flight == 0
+    # Nothing is left to join: the next identical turn generates afresh.
+    generator.open()
+    again = Caller(turns, chat())
+    await settle_all(again)
+    assert generator.calls == 2 and again.deltas == list(PIECES)
+
+
+async def test_a_failure_fails_every_caller_with_what_it_received():
+    generator = GatedGenerator(fail_at=2)
+    turns = pipeline(generator)
+    first = Caller(turns, chat())
+    generator.open(1)
+    await first.until_deltas(1)
+    late = Caller(turns, chat())
+    await late.until_deltas(1)
+    generator.open()
+    await settle_all(first, late)
+    assert generator.calls == 1
+    for caller in (first, late):
+        failure = caller.events[-1]
+        assert isinstance(failure, Failure)
+        assert failure.error.reason == Reason.STREAM_ENDED_EARLY
+        assert caller.deltas == list(PIECES[:2])
+        assert failure.error.metadata["delivered_deltas"] == "2"
+        assert failure.error.metadata["delivered_chars"] == str(len("".join(PIECES[:2])))
+    # Each caller holds its own error, not one shared object.
+    assert first.events[-1].error is not late.events[-1].error
+
+
+# --- what is never shared ------------------------------------------------------
+
+
+async def test_other_tenants_sampled_turns_and_a_disabled_setting_do_not_share():
+    cases = [
+        (chat(), chat(), {"tenant": Tenant("t2", frozenset({"*"}))}, {}),
+        (chat(common_pb2.GenerationParameters()), chat(common_pb2.GenerationParameters()), {}, {}),
+        (chat(), chat(text="Another question?"), {}, {}),
+        (chat(), chat(), {}, {"coalesce_generations": False}),
+    ]
+    for first_chat, second_chat, second_caller, settings in cases:
+        generator = GatedGenerator()
+        turns = pipeline(generator, **settings)
+        first = Caller(turns, first_chat)
+        second = Caller(turns, second_chat, **second_caller)
+        await asyncio.sleep(0.01)
+        generator.open()
+        await settle_all(first, second)
+        assert generator.calls == 2, (first_chat, second_caller, settings)
+        assert first.deltas == second.deltas == list(PIECES)
+
+
+async def test_a_caller_that_waits_longer_than_the_generation_runs_generates_on_its_own():
+    generator = GatedGenerator()
+    turns = pipeline(generator)
+    hurried = Caller(turns, chat(), budget=Budget(time.monotonic() + 30))
+    patient = Caller(turns, chat(), budget=Budget(time.monotonic() + 60))
+    also_hurried = Caller(turns, chat(), budget=Budget(time.monotonic() + 20))
+    await asyncio.sleep(0.01)
+    generator.open()
+    await settle_all(hurried, patient, also_hurried)
+    # The patient one would have been cut at the first one's deadline.
+    assert generator.calls == 2
+    assert hurried.deltas == patient.deltas == also_hurried.deltas == list(PIECES)

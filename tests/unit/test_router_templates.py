@@ -1,0 +1,210 @@
+"""Prompt templates invoked by name through the pipeline, with fakes behind
+its stages; and their checks at configuration load."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import (
+    ConfigError,
+    ModelSettings,
+    RouterSettings,
+    TemplateMessageSettings,
+    TemplateParameterSettings,
+    TemplateSettings,
+    load_settings,
+)
+from meshgate.reasons import Reason
+from meshgate.router.v1 import router_service_pb2 as pb
+from services.router.auth import Tenant
+from services.router.pipeline import Budget, Completion, Failure, Pipeline
+from tests.unit.test_router_pipeline import TENANT, FakeCache, FakeContexts, FakeGenerator, user
+
+MODELS = {
+    "m": ModelSettings(context_window_tokens=512, max_output_tokens=64, default_max_tokens=8),
+    "big": ModelSettings(context_window_tokens=512, max_output_tokens=64, default_max_tokens=8),
+    "other": ModelSettings(),
+}
+
+
+def summarize(version: int = 1, system: str = "You summarize $style.") -> TemplateSettings:
+    return TemplateSettings(
+        name="summarize",
+        version=version,
+        messages=[
+            TemplateMessageSettings(role="system", content=system),
+            TemplateMessageSettings(role="user", content="Summarize for ${audience}: $text"),
+        ],
+        parameters=TemplateParameterSettings(max_tokens=5, temperature=0.0, stop=["\n\n"]),
+        models=["m", "big"],
+    )
+
+
+class RecordingGenerator(FakeGenerator):
+    def __init__(self) -> None:
+        super().__init__()
+        self.parameters: list[common_pb2.GenerationParameters] = []
+        self.aliases: list[str] = []
+
+    async def generate(self, alias, prompt, parameters, budget, answer):
+        self.parameters.append(parameters)
+        self.aliases.append(alias)
+        async for piece in super().generate(alias, prompt, parameters, budget, answer):
+            yield piece
+
+
+def pipeline(*templates: TemplateSettings) -> tuple[Pipeline, RecordingGenerator]:
+    generator = RecordingGenerator()
+    settings = RouterSettings(templates=list(templates))
+    return Pipeline(settings, MODELS, FakeContexts(), FakeCache(), generator), generator
+
+
+def invoke(name="summarize", version=None, model="", messages=(), parameters=None, **variables):
+    invocation = pb.TemplateInvocation(name=name, variables=variables)
+    if version is not None:
+        invocation.version = version
+    return pb.ChatRequest(
+        model=model,
+        template=invocation,
+        messages=list(messages),
+        parameters=parameters,
+        cache_policy=pb.CACHE_POLICY_BYPASS,
+    )
+
+
+async def run(turns: Pipeline, request, tenant=TENANT) -> list:
+    return [event async for event in turns.run(request, tenant, "", Budget())]
+
+
+async def failure_of(turns: Pipeline, request, tenant=TENANT):
+    events = await run(turns, request, tenant)
+    assert len(events) == 1 and isinstance(events[0], Failure)
+    return events[0].error
+
+
+async def test_a_template_is_filled_and_runs_on_its_first_model_with_its_defaults():
+    turns, generator = pipeline(summarize())
+    events = await run(turns, invoke(style="briefly", audience="children", text="The $5 {{ price }} rose."))
+    assert isinstance(events[-1], Completion)
+    assert generator.prompts == [
+        # Values are text: a "$5" or "{{ ... }}" in a value is not expanded again.
+        ["You summarize briefly.", "Summarize for children: The $5 {{ price }} rose."]
+    ]
+    assert generator.aliases == ["m"]
+    (parameters,) = generator.parameters
+    assert parameters.max_tokens == 5 and parameters.temperature == 0.0 and list(parameters.stop) == ["\n\n"]
+
+
+async def test_the_request_may_add_messages_override_parameters_and_pick_an_allowed_model():
+    turns, generator = pipeline(summarize())
+    request = invoke(
+        model="big",
+        messages=[common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="Ready."), user("Go.")],
+        parameters=common_pb2.GenerationParameters(max_tokens=3, stop=["."]),
+        style="s",
+        audience="a",
+        text="t",
+    )
+    events = await run(turns, request)
+    assert isinstance(events[-1], Completion)
+    assert generator.prompts[0][2:] == ["Ready.", "Go."]
+    assert generator.aliases == ["big"]
+    (parameters,) = generator.parameters
+    # Its own max_tokens and stop; the template's temperature where it set none.
+    assert parameters.max_tokens == 3 and list(parameters.stop) == ["."]
+    assert parameters.HasField("temperature") and parameters.temperature == 0.0
+
+
+async def test_the_highest_version_unless_one_is_named():
+    turns, generator = pipeline(summarize(1, "Old $style."), summarize(2, "New $style."))
+    await run(turns, invoke(style="s", audience="a", text="t"))
+    await run(turns, invoke(version=1, style="s", audience="a", text="t"))
+    assert [prompt[0] for prompt in generator.prompts] == ["New s.", "Old s."]
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "reason", "metadata"),
+    [
+        (invoke(name="nope"), grpc.StatusCode.NOT_FOUND, Reason.TEMPLATE_NOT_FOUND, {"template": "nope"}),
+        (
+            invoke(version=7, style="s", audience="a", text="t"),
+            grpc.StatusCode.NOT_FOUND,
+            Reason.TEMPLATE_NOT_FOUND,
+            {"template": "summarize"},
+        ),
+        (
+            invoke(style="s", text="t"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            Reason.TEMPLATE_VARIABLE_MISSING,
+            {"variable": "audience"},
+        ),
+        (
+            invoke(style="s", audience="a", text="t", tone="x"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            Reason.TEMPLATE_VARIABLE_UNKNOWN,
+            {"variable": "tone"},
+        ),
+        (
+            invoke(model="other", style="s", audience="a", text="t"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            Reason.TEMPLATE_MODEL_NOT_ALLOWED,
+            {"model": "other"},
+        ),
+    ],
+)
+async def test_bad_invocations_are_refused_before_any_work(request_, code, reason, metadata):
+    turns, generator = pipeline(summarize())
+    error = await failure_of(turns, request_)
+    assert (error.code, error.reason) == (code, reason)
+    assert metadata.items() <= error.metadata.items()
+    assert generator.prompts == []
+
+
+async def test_the_rendered_turn_passes_the_usual_checks_and_permissions():
+    turns, _ = pipeline(summarize())
+    # The template's first model, which this tenant may not use.
+    only_big = Tenant("t2", frozenset({"big"}))
+    error = await failure_of(turns, invoke(style="s", audience="a", text="t"), only_big)
+    assert error.reason == Reason.MODEL_NOT_ALLOWED
+    huge = "x" * (RouterSettings().max_message_bytes + 1)
+    error = await failure_of(turns, invoke(style="s", audience="a", text=huge))
+    assert error.reason == Reason.MESSAGE_TOO_LARGE
+    ends_with_assistant = invoke(
+        messages=[common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="Done.")],
+        style="s",
+        audience="a",
+        text="t",
+    )
+    assert (await failure_of(turns, ends_with_assistant)).reason == Reason.LAST_MESSAGE_NOT_USER
+
+
+async def test_templates_reload_with_the_router_settings():
+    turns, generator = pipeline(summarize())
+    turns.reconfigure(RouterSettings(templates=[summarize(3, "Reloaded $style.")]), MODELS)
+    await run(turns, invoke(style="s", audience="a", text="t"))
+    assert generator.prompts[0][0] == "Reloaded s."
+    turns.reconfigure(RouterSettings(), MODELS)
+    assert (await failure_of(turns, invoke())).reason == Reason.TEMPLATE_NOT_FOUND
+
+
+def test_templates_are_checked_when_the_configuration_loads(tmp_path):
+    with pytest.raises(ConfigError, match="malformed"):
+        summarize(system="Costs $ 5")
+    with pytest.raises(ConfigError, match="role"):
+        TemplateSettings(name="t", messages=[TemplateMessageSettings(role="tool")], models=["m"])
+    with pytest.raises(ConfigError, match="one model"):
+        TemplateSettings(name="t", messages=[TemplateMessageSettings()])
+    with pytest.raises(ConfigError, match="twice"):
+        RouterSettings(templates=[summarize(), summarize()])
+    config = tmp_path / "meshgate.toml"
+    config.write_text(
+        '[[router.templates]]\nname = "ask"\nmodels = ["no-such-model"]\n'
+        '[[router.templates.messages]]\ncontent = "$question"\n'
+    )
+    with pytest.raises(ConfigError, match="no-such-model"):
+        load_settings(config, environ={})
+    config.write_text(config.read_text().replace("no-such-model", "tiny-gpt"))
+    (template,) = load_settings(config, environ={}).router.templates
+    assert template.name == "ask" and template.messages[0].role == "user"
