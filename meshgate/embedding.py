@@ -35,11 +35,12 @@ class Embedder:
         self._timeout_s = timeout_s
         self._last_warning = float("-inf")
 
-    async def embed(self, texts: list[str]) -> np.ndarray:
+    async def embed(self, texts: list[str], timeout_s: float | None = None) -> np.ndarray:
         """One L2-normalized float32 row per text."""
         try:
             response = await self._stub.Embed(
-                inference_service_pb2.EmbedRequest(texts=texts), timeout=self._timeout_s
+                inference_service_pb2.EmbedRequest(texts=texts),
+                timeout=self._timeout_s if timeout_s is None else timeout_s,
             )
         except grpc.aio.AioRpcError as error:
             failure = from_rpc_error(error, "inference")
@@ -52,17 +53,17 @@ class Embedder:
             )
         return np.frombuffer(response.vectors, _FLOAT32_LE).reshape(len(texts), dimensions)
 
-    async def embed_or_none(self, text: str) -> np.ndarray | None:
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
         """The text's vector, or None (with a throttled warning) when the
         inference service cannot give one: the caller falls back to matching
         without meaning (exact keys, words)."""
-        vectors = await self.embed_all_or_none([text])
+        vectors = await self.embed_all_or_none([text], timeout_s)
         return None if vectors is None else vectors[0]
 
-    async def embed_all_or_none(self, texts: list[str]) -> np.ndarray | None:
+    async def embed_all_or_none(self, texts: list[str], timeout_s: float | None = None) -> np.ndarray | None:
         """One row per text, or None, as :meth:`embed_or_none`."""
         try:
-            return await self.embed(texts)
+            return await self.embed(texts, timeout_s)
         except EmbeddingUnavailable as error:
             now = time.monotonic()
             if now - self._last_warning >= _WARNING_INTERVAL_S:

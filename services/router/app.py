@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import structlog
 
 from meshgate import mesh_auth, redis_access, serving
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2_grpc
+from meshgate.embedding import Embedder
 from meshgate.router.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -23,6 +25,7 @@ from services.router.downstream import CacheService, ContextService, Deployments
 from services.router.http_edge import HttpEdge, HttpServer
 from services.router.keys import KeyStore
 from services.router.ledger import Ledger
+from services.router.model_selection import Selector
 from services.router.pipeline import Pipeline
 from services.router.servicer import RouterServicer
 
@@ -46,6 +49,26 @@ SERVICE_NAMES = [
     router_service_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name,
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 ]
+
+
+class _PromptEmbeddings:
+    """The prompt's embedding for model selection: one Embed call to the
+    first inference service the deployments reach (as /v1/embeddings),
+    made only for aliases that select; None when it does not answer."""
+
+    def __init__(self, deployments: DeploymentTable) -> None:
+        self._deployments = deployments
+        # One per inference service, so each keeps its throttled warning.
+        self._embedders: dict[int, Embedder] = {}
+
+    async def __call__(self, text: str, timeout_s: float) -> np.ndarray | None:
+        stubs = self._deployments.inference_stubs()
+        if not stubs:
+            return None
+        embedder = self._embedders.get(id(stubs[0]))
+        if embedder is None:
+            embedder = self._embedders[id(stubs[0])] = Embedder(stubs[0])
+        return await embedder.embed_or_none(text, timeout_s)
 
 
 def _field(settings: Settings, dotted: str):
@@ -79,6 +102,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         CacheService(cache_service_pb2_grpc.CacheServiceStub(cache_channel), tenant_tokens, settings.router),
         Deployments(deployments, settings.router),
         admission,
+        Selector(_PromptEmbeddings(deployments)),
     )
     keys = KeyStore(redis)
     authenticator = Authenticator(settings.router, keys)

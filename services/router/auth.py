@@ -26,6 +26,8 @@ class Tenant:
     key_id: str = ""
     limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
     key_limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
+    # For model selection rules (router.tenants[].tier).
+    tier: str = ""
 
     def may_use(self, alias: str) -> bool:
         return "*" in self.models or alias in self.models
@@ -42,6 +44,7 @@ class _Configured:
 
     tenants_by_key_hash: dict[str, Tenant]
     tenant_limits: dict[str, LimitSettings]
+    tenant_tiers: dict[str, str]
     admin_key_hashes: frozenset[str]
 
 
@@ -60,13 +63,19 @@ class Authenticator:
         for tenant in settings.tenants:
             for digest in tenant.api_key_sha256:
                 tenants_by_key_hash[digest.lower()] = Tenant(
-                    tenant.id, frozenset(tenant.models), digest.lower()[:16], tenant.limits, tenant.key_limits
+                    tenant.id,
+                    frozenset(tenant.models),
+                    digest.lower()[:16],
+                    tenant.limits,
+                    tenant.key_limits,
+                    tenant.tier,
                 )
         if settings.dev_tenant:
             tenants_by_key_hash[hash_api_key(settings.dev_api_key)] = Tenant("dev", frozenset({"*"}))
         self._configured = _Configured(
             tenants_by_key_hash,
             {tenant.id: tenant.limits for tenant in settings.tenants},
+            {tenant.id: tenant.tier for tenant in settings.tenants},
             frozenset(digest.lower() for digest in settings.admin_api_key_sha256),
         )
 
@@ -97,6 +106,7 @@ class Authenticator:
             record.key_id,
             configured.tenant_limits.get(record.tenant_id, LimitSettings()),
             record.limits,
+            configured.tenant_tiers.get(record.tenant_id, ""),
         )
 
     async def authenticate_admin(self, metadata) -> None:

@@ -318,6 +318,9 @@ def _extension(completion: Completion) -> dict:
         "cache_similarity": completion.similarity,
         "deployment": completion.answer.deployment,
         "trace_id": completion.trace_id,
+        "selected_model": completion.model,
+        "selection_reason": completion.selection.reason if completion.selection else "",
+        "selection_score": completion.selection.score if completion.selection else 0.0,
     }
 
 

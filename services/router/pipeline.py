@@ -46,12 +46,13 @@ from opentelemetry import trace
 from meshgate import metrics, telemetry
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, RouterSettings
-from meshgate.errors import MeshgateError, aborted, internal_error, partly_delivered
+from meshgate.errors import MeshgateError, aborted, internal_error, not_found, partly_delivered
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as router_pb
 from services.router.auth import Tenant
 from services.router.coalescing import Coalescer, coalescing_key
 from services.router.templates import Templates, invokes_template
+from services.router.model_selection import Selection, Selector
 from services.router.validation import check_turn, resolve_model
 
 log = structlog.get_logger(__name__)
@@ -144,6 +145,9 @@ class Turn:
     expected_version: int | None
     cache: CachePlan
     budget: Budget
+    # How model_alias was chosen, when the requested alias selects among
+    # models (model_selection.py); None when it was the requested one.
+    selection: Selection | None = None
 
     @property
     def max_tokens(self) -> int:
@@ -163,6 +167,9 @@ class Completion:
     session_id: str
     session_version: int
     trace_id: str
+    # The alias that answered, and how it was chosen (None: as requested).
+    model: str = ""
+    selection: Selection | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,6 +283,7 @@ class Pipeline:
         cache: Cache,
         generator: Generator,
         admission: Admission | None = None,
+        selector: Selector | None = None,
     ) -> None:
         self._settings = settings
         self._models = models
@@ -283,6 +291,8 @@ class Pipeline:
         self._cache = cache
         self._generator = generator
         self._admission = admission or Unlimited()
+        # Without a way to embed, selection decides on cheap features alone.
+        self._selector = selector or Selector(_no_embedding)
         self._templates = Templates(settings.templates)
         self._coalescer = Coalescer()
 
@@ -337,7 +347,7 @@ class Pipeline:
         started = time.perf_counter()
         turn = None
         try:
-            turn = self.validate(request, tenant, session_id, budget, create_session)
+            turn = await self._select(self.validate(request, tenant, session_id, budget, create_session))
             grant = await self._admission.admit(turn)
         except MeshgateError as error:
             if turn is not None:
@@ -378,6 +388,34 @@ class Pipeline:
             outcome = Outcome(answer, status, time.perf_counter() - started, failure, cancelled)
             _record_turn(turn, outcome, span)
             await self._settle(grant, turn, outcome)
+
+    async def _select(self, turn: Turn) -> Turn:
+        """For an alias that selects among models: the turn, sent to the one
+        chosen (its window, deployments, cache entries, limits and prices).
+        max_tokens stays as validated against the selecting alias, whose
+        max_output_tokens the configuration keeps within both choices'."""
+        rules = turn.model.selection
+        if rules is None:
+            return turn
+        selection = await self._selector.select(
+            rules,
+            turn.tenant.tier,
+            turn.messages,
+            turn.max_tokens,
+            self._settings.prices.get(rules.strong),
+            turn.budget.within(rules.embedding_timeout_s),
+        )
+        model = self._models.get(selection.model)
+        if model is None:  # settings reloaded since validation, without it
+            unknown = selection.model
+            raise not_found(Reason.MODEL_NOT_FOUND, f"unknown model {unknown!r}", model=unknown)
+        return dataclasses.replace(
+            turn,
+            model_alias=selection.model,
+            model=model,
+            cache=dataclasses.replace(turn.cache, model=selection.model),
+            selection=selection,
+        )
 
     async def _settle(self, grant, turn: Turn, outcome: Outcome) -> None:
         try:
@@ -482,7 +520,16 @@ class Pipeline:
             completion_tokens=answer.completion_tokens,
             elapsed_ms=round((time.perf_counter() - started) * 1000, 2),
         )
-        yield Completion(answer, cache_status, similarity, session_id, version, telemetry.current_trace_id())
+        yield Completion(
+            answer,
+            cache_status,
+            similarity,
+            session_id,
+            version,
+            telemetry.current_trace_id(),
+            turn.model_alias,
+            turn.selection,
+        )
 
     async def _exact_hit(self, plan: CachePlan, messages, budget: Budget) -> Hit | None:
         if not plan.reads:
@@ -520,6 +567,10 @@ class Pipeline:
 
 # The deployment label of what a cache hit served.
 CACHE_DEPLOYMENT = "cache"
+
+
+async def _no_embedding(text: str, timeout_s: float) -> None:
+    return None
 
 
 def _count_refusal(error: MeshgateError) -> None:

@@ -37,6 +37,9 @@ def completion_proto(completion: Completion) -> pb.ChatCompletion:
         session_id=completion.session_id,
         session_version=completion.session_version,
         finish_reason=answer.finish_reason,
+        selected_model=completion.model,
+        selection_reason=completion.selection.reason if completion.selection else "",
+        selection_score=completion.selection.score if completion.selection else 0.0,
     )
 
 

@@ -108,7 +108,7 @@ class TextDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ...) -> None: ...
 
 class ChatCompletion(_message.Message):
-    __slots__ = ("usage", "cache_status", "cache_similarity", "deployment", "trace_id", "session_id", "session_version", "finish_reason")
+    __slots__ = ("usage", "cache_status", "cache_similarity", "deployment", "trace_id", "session_id", "session_version", "finish_reason", "selected_model", "selection_reason", "selection_score")
     USAGE_FIELD_NUMBER: _ClassVar[int]
     CACHE_STATUS_FIELD_NUMBER: _ClassVar[int]
     CACHE_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,9 @@ class ChatCompletion(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_VERSION_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_REASON_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_SCORE_FIELD_NUMBER: _ClassVar[int]
     usage: _common_pb2.Usage
     cache_status: CacheStatus
     cache_similarity: float
@@ -125,7 +128,10 @@ class ChatCompletion(_message.Message):
     session_id: str
     session_version: int
     finish_reason: str
-    def __init__(self, usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cache_status: _Optional[_Union[CacheStatus, str]] = ..., cache_similarity: _Optional[float] = ..., deployment: _Optional[str] = ..., trace_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_version: _Optional[int] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    selected_model: str
+    selection_reason: str
+    selection_score: float
+    def __init__(self, usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cache_status: _Optional[_Union[CacheStatus, str]] = ..., cache_similarity: _Optional[float] = ..., deployment: _Optional[str] = ..., trace_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_version: _Optional[int] = ..., finish_reason: _Optional[str] = ..., selected_model: _Optional[str] = ..., selection_reason: _Optional[str] = ..., selection_score: _Optional[float] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,246 @@
+"""Model selection per request (services/router/model_selection.py): the
+rules in order, the committed classifier on constructed prompts, the
+fallback without an embedding, and the pipeline sending a turn to the
+chosen model. No sockets: the embedding is a fake callable."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import (
+    ConfigError,
+    ModelSettings,
+    PriceSettings,
+    RouterSettings,
+    SelectionSettings,
+    load_settings,
+)
+from meshgate.router.v1 import router_service_pb2 as pb
+from services.router import model_selection
+from services.router.auth import Tenant
+from services.router.model_selection import Classifier, SelectionReason, Selector, features
+from services.router.pipeline import Budget, Completion, Pipeline
+from tests.unit.test_router_pipeline import FakeCache, FakeContexts, FakeGenerator, events_of, user
+
+# The training script and its data module, for the reproduction test.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "bench"))
+
+RULES = SelectionSettings(fast="fast", strong="strong", strong_tiers=["premium"], fast_tiers=["free"])
+
+EASY = ("What is the capital of France?", "Who wrote Hamlet?", "How many legs does a spider have?")
+HARD = (
+    "Write a Python function that merges k sorted lists in O(n log k) time, with tests, and explain "
+    "why it is correct. It must not use heapq and should handle empty lists.",
+    "I'm building a Flask app with SQLite and need to plan the next three sprints: first add user login, "
+    "then transaction tracking, and finally monthly analytics. Can you break it into steps with deadlines "
+    "and make sure each step has tests?\n```python\napp = Flask(__name__)\n```",
+    "Prove that the square root of 2 is irrational, step by step, and then derive the general result "
+    "for any prime p.",
+)
+
+
+class FakeEmbed:
+    def __init__(self, vector=None, error: Exception | None = None) -> None:
+        self.vector = vector
+        self.error = error
+        self.calls: list[tuple[str, float]] = []
+
+    async def __call__(self, text: str, timeout_s: float):
+        self.calls.append((text, timeout_s))
+        if self.error is not None:
+            raise self.error
+        return self.vector
+
+
+def messages(text: str) -> list[common_pb2.Message]:
+    return [common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content="be brief"), user(text)]
+
+
+async def select(text: str, tier: str = "", embed=None, rules=RULES, price=None, max_tokens=64):
+    return await Selector(embed or FakeEmbed()).select(rules, tier, messages(text), max_tokens, price, 5.0)
+
+
+def test_features_see_code_math_steps_and_constraints():
+    plain = features("What is the capital of France?")
+    loaded = features(HARD[0])
+    names = model_selection.FEATURE_NAMES
+    for name in ("code_markers", "math_markers", "task_verbs", "constraints", "log_words"):
+        index = names.index(name)
+        assert loaded[index] > plain[index], name
+    assert plain[names.index("factoid_opener")] == 1.0
+    assert loaded[names.index("factoid_opener")] == 0.0
+
+
+@pytest.mark.parametrize("text", EASY)
+async def test_an_easy_question_goes_to_the_fast_model(text):
+    selection = await select(text)
+    assert (selection.model, selection.reason) == ("fast", SelectionReason.COMPLEXITY_FEATURES_ONLY)
+    assert selection.score < RULES.threshold
+
+
+@pytest.mark.parametrize("text", HARD)
+async def test_a_hard_prompt_goes_to_the_strong_model(text):
+    selection = await select(text)
+    assert selection.model == "strong"
+    assert selection.score >= RULES.threshold
+
+
+async def test_the_threshold_comes_from_the_rules():
+    score = (await select(EASY[0])).score
+    lower = SelectionSettings(fast="fast", strong="strong", threshold=score / 2)
+    assert (await select(EASY[0], rules=lower)).model == "strong"
+
+
+async def test_with_an_embedding_the_embedding_model_decides_and_says_so():
+    vector = np.zeros(Classifier.load().dimensions, dtype=np.float32)
+    embed = FakeEmbed(vector)
+    selection = await select(EASY[0], embed=embed)
+    assert selection.reason == SelectionReason.COMPLEXITY
+    # The newest user message is what is embedded, within the rules' timeout.
+    assert embed.calls == [(EASY[0], RULES.embedding_timeout_s)]
+
+
+async def test_a_failing_embedding_falls_back_to_the_features_and_says_so():
+    selection = await select(HARD[0], embed=FakeEmbed(error=RuntimeError("inference down")))
+    assert (selection.model, selection.reason) == ("strong", SelectionReason.COMPLEXITY_FEATURES_ONLY)
+
+
+async def test_a_vector_of_another_size_is_not_used():
+    selection = await select(EASY[0], embed=FakeEmbed(np.zeros(7, dtype=np.float32)))
+    assert selection.reason == SelectionReason.COMPLEXITY_FEATURES_ONLY
+
+
+async def test_tiers_decide_before_the_classifier_without_embedding():
+    embed = FakeEmbed()
+    premium = await select(EASY[0], tier="premium", embed=embed)
+    free = await select(HARD[0], tier="free", embed=embed)
+    assert (premium.model, premium.reason, premium.score) == ("strong", SelectionReason.TIER, 0.0)
+    assert (free.model, free.reason) == ("fast", SelectionReason.TIER)
+    assert embed.calls == []  # no embedding spent when a rule decides
+    other = await select(EASY[0], tier="gold", embed=embed)
+    assert other.reason == SelectionReason.COMPLEXITY_FEATURES_ONLY
+
+
+async def test_a_turn_over_the_cost_cap_goes_to_the_fast_model():
+    price = PriceSettings(prompt_usd_per_million=10.0, completion_usd_per_million=1000.0)
+    capped = SelectionSettings(fast="fast", strong="strong", max_strong_cost_usd=0.01)
+    # 64 completion tokens at $1000/M = $0.064 > $0.01; the prompt adds ~$0.002.
+    selection = await select(HARD[0], rules=capped, price=price, max_tokens=64)
+    assert (selection.model, selection.reason) == ("fast", SelectionReason.COST_CAP)
+    # Under the cap (or without prices) the classifier decides.
+    assert (await select(HARD[0], rules=capped, price=price, max_tokens=1)).reason != SelectionReason.COST_CAP
+    assert (await select(HARD[0], rules=capped, price=None)).model == "strong"
+
+
+async def test_the_pipeline_sends_the_turn_to_the_chosen_model_and_says_why():
+    models = {
+        "auto": ModelSettings(max_output_tokens=64, default_max_tokens=8, selection=RULES),
+        "fast": ModelSettings(max_output_tokens=64, default_max_tokens=8),
+        "strong": ModelSettings(max_output_tokens=256, default_max_tokens=16),
+    }
+    generator, cache = RecordingGenerator(), FakeCache()
+    built = Pipeline(RouterSettings(), models, FakeContexts(), cache, generator)
+    tenant = Tenant("t1", frozenset({"auto"}))
+    for text, expected in ((EASY[0], "fast"), (HARD[2], "strong")):
+        request = pb.ChatRequest(model="auto", messages=[user(text)])
+        events = await events_of(built.run(request, tenant, "", budget=_budget()))
+        completion = events[-1]
+        assert isinstance(completion, Completion)
+        assert completion.model == expected
+        assert completion.selection.reason == SelectionReason.COMPLEXITY_FEATURES_ONLY
+        assert generator.aliases[-1] == expected
+        # Cache entries are the chosen model's, not the selecting alias's.
+        assert cache.stored
+    premium = Tenant("t2", frozenset({"*"}), tier="premium")
+    request = pb.ChatRequest(model="auto", messages=[user(EASY[0])])
+    completion = (await events_of(built.run(request, premium, "", budget=_budget())))[-1]
+    assert (completion.model, completion.selection.reason) == ("strong", SelectionReason.TIER)
+    # An alias that selects nothing answers as itself, with no selection.
+    plain = pb.ChatRequest(model="fast", messages=[user(HARD[0])])
+    completion = (await events_of(built.run(plain, premium, "", budget=_budget())))[-1]
+    assert (completion.model, completion.selection) == ("fast", None)
+
+
+class RecordingGenerator(FakeGenerator):
+    def __init__(self) -> None:
+        super().__init__()
+        self.aliases: list[str] = []
+
+    async def generate(self, alias, prompt, parameters, budget, answer):
+        self.aliases.append(alias)
+        async for piece in super().generate(alias, prompt, parameters, budget, answer):
+            yield piece
+
+
+def _budget() -> Budget:
+    return Budget.of(30.0)
+
+
+def _load(tmp_path, text: str):
+    path = tmp_path / "meshgate.toml"
+    path.write_text(text)
+    return load_settings(path, environ={})
+
+
+def test_selection_is_configured_per_alias_and_checked(tmp_path):
+    settings = _load(
+        tmp_path,
+        """
+[models.fast]
+[models.strong]
+max_output_tokens = 1024
+[models.auto]
+max_output_tokens = 128
+[models.auto.selection]
+fast = "fast"
+strong = "strong"
+threshold = 0.6
+strong_tiers = ["premium"]
+max_strong_cost_usd = 0.5
+[[router.tenants]]
+id = "acme"
+tier = "premium"
+""",
+    )
+    rules = settings.models["auto"].selection
+    assert (rules.fast, rules.strong, rules.threshold) == ("fast", "strong", 0.6)
+    assert rules.strong_tiers == ["premium"]
+    assert rules.max_strong_cost_usd == 0.5
+    assert settings.router.tenants[0].tier == "premium"
+    assert settings.models["strong"].selection is None
+
+
+@pytest.mark.parametrize(
+    ("body", "complaint"),
+    [
+        ('[models.auto.selection]\nfast = "nope"\nstrong = "x"', "selection.fast"),
+        (
+            '[models.auto]\nmax_output_tokens = 512\n[models.auto.selection]\nfast = "x"\nstrong = "x"',
+            "exceed",
+        ),
+        ("[models.auto.selection]\nthreshold = 1.5", "threshold"),
+        ('[models.auto.selection]\nstrong_tiers = ["a"]\nfast_tiers = ["a"]', "both"),
+        (
+            '[models.a.selection]\nfast = "b"\nstrong = "x"\n[models.b.selection]\nfast = "x"',
+            "selects nothing",
+        ),
+    ],
+)
+def test_bad_selection_settings_are_refused(tmp_path, body, complaint):
+    with pytest.raises(ConfigError, match=complaint):
+        _load(tmp_path, "[models.x]\n" + body)
+
+
+@pytest.mark.heavy
+def test_the_committed_selector_is_what_the_training_script_makes():
+    data = pytest.importorskip("model_selection_data")
+    if not (data.available() and data.VECTORS_NPZ.exists()):
+        pytest.skip("needs ../shared/data and the embeddings bench/model_selection_data.py caches")
+    training = pytest.importorskip("train_model_selector")
+    assert training.build_model() == json.loads(model_selection.MODEL_PATH.read_text())
