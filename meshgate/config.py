@@ -89,6 +89,40 @@ class DeploymentSettings:
 
 
 @dataclasses.dataclass
+class SelectionSettings:
+    """An alias that chooses, per turn, between two other model aliases
+    (services/router/model_selection.py): the tenant's tier first, then a
+    cost cap, then a classifier of the prompt's complexity."""
+
+    # Model aliases (keys of [models], selecting nothing themselves).
+    fast: str = "tiny-gpt"
+    strong: str = "smollm2"
+    # The classifier's probability that a prompt needs the strong model, at
+    # and above which it gets it (bench/README.md: accuracy per class and the
+    # share moved to the fast model at thresholds around the default).
+    threshold: float = 0.5
+    # Tenant tiers (router.tenants[].tier) that always get one model.
+    strong_tiers: list[str] = dataclasses.field(default_factory=list)
+    fast_tiers: list[str] = dataclasses.field(default_factory=list)
+    # A turn whose worst-case cost on the strong model (router.prices) is
+    # above this many US dollars goes to the fast one; unset: no cap.
+    max_strong_cost_usd: float | None = None
+    # The prompt's embedding is one extra call; past this, the classifier
+    # decides on the cheap features alone.
+    embedding_timeout_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"selection.threshold must be within [0, 1], got {self.threshold}")
+        if self.max_strong_cost_usd is not None and not self.max_strong_cost_usd >= 0:
+            raise ConfigError(
+                f"selection.max_strong_cost_usd must not be negative, got {self.max_strong_cost_usd}"
+            )
+        if set(self.strong_tiers) & set(self.fast_tiers):
+            raise ConfigError("selection: a tier cannot be in both strong_tiers and fast_tiers")
+
+
+@dataclasses.dataclass
 class ModelSettings:
     """A model alias as callers see it."""
 
@@ -105,6 +139,9 @@ class ModelSettings:
     # How the context service chooses older turns when a request names no
     # strategy: "adaptive" (recent, then relevant) or "newest" (newest that fit).
     assembly_strategy: str = "adaptive"
+    # Set: each turn goes to selection.fast or selection.strong
+    # (SelectionSettings), and this alias's own deployments go unused.
+    selection: SelectionSettings | None = None
     # How the router picks among the deployments (meshgate/balancing.py):
     # weighted, least_outstanding, p2c_ttft, session_affinity, prefix_affinity,
     # queue_aware or kv_cost (prefix strategies hash the prompt's characters
@@ -209,6 +246,8 @@ class TenantSettings:
     limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
     # Limits of each of its keys, each key on its own.
     key_limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
+    # A name that model selection rules may refer to (SelectionSettings).
+    tier: str = ""
 
 
 # Roles a template's message may have (the API's roles, lower case).
@@ -491,6 +530,22 @@ def check_router_models(settings: Settings) -> None:
             raise ConfigError(
                 f"router.templates {template.name!r}: unknown model alias(es) {sorted(unknown)}"
             )
+    for alias, model in settings.models.items():
+        if model.selection is None:
+            continue
+        for role in ("fast", "strong"):
+            target = getattr(model.selection, role)
+            if target not in settings.models or settings.models[target].selection is not None:
+                raise ConfigError(
+                    f"models.{alias}.selection.{role}: {target!r} is not a model alias that selects nothing"
+                )
+            # max_tokens is checked against the selecting alias before the
+            # choice; it must then suit whichever model is chosen.
+            if model.max_output_tokens > settings.models[target].max_output_tokens:
+                raise ConfigError(
+                    f"models.{alias}.max_output_tokens must not exceed that of {target!r} "
+                    f"({settings.models[target].max_output_tokens})"
+                )
 
 
 def hash_api_key(key: str) -> str:
