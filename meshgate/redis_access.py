@@ -1,14 +1,29 @@
-"""Redis access for the services that keep state (context, cache).
+"""Redis access for the services that keep state (context, cache, router).
 
 One connection pool per process, created once; hiredis parses replies when it
 is installed. Keys of every service start with ``mg:<service>:`` so one Redis
 can serve the whole mesh.
+
+A Redis Cluster is chosen by the URL's scheme: ``redis+cluster://host:port``
+(``rediss+cluster://`` for TLS), with more startup nodes after commas
+(``redis+cluster://10.0.0.1:6379,10.0.0.2:6379``); the client learns the
+rest of the cluster from any one of them. A scheme rather than a separate
+setting, so that the one ``REDIS_URL`` an operator sets says everything.
+Every multi-key script and transaction keeps its keys in one hash slot with
+a hash tag (each service's key builder says which); commands are read from
+masters only, so a turn just written is the turn read.
 """
 
 from __future__ import annotations
 
+import urllib.parse
+
 import redis.asyncio as redis
+from redis import exceptions as redis_errors
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
+from redis.retry import Retry
 
 from meshgate.errors import unavailable
 from meshgate.reasons import Reason
@@ -19,7 +34,20 @@ MAX_CONNECTIONS = 128
 POOL_WAIT_S = 5.0
 
 
-def connect(url: str) -> redis.Redis:
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+# What connect() returns: both kinds take the same commands, scripts and
+# pipelines (a cluster's only for keys of one slot).
+Client = redis.Redis | RedisCluster
+
+
+def is_cluster(url: str) -> bool:
+    return urllib.parse.urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
+def connect(url: str) -> Client:
+    if is_cluster(url):
+        return _connect_cluster(url)
     pool = redis.BlockingConnectionPool.from_url(
         url,
         max_connections=MAX_CONNECTIONS,
@@ -47,13 +75,63 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_pool(pool)
 
 
-async def connect_checked(url: str) -> redis.Redis:
+def _cluster_nodes(url: str) -> tuple[str, list[ClusterNode]]:
+    """The URL redis-py parses (plain scheme, first node) and every startup node."""
+    parts = urllib.parse.urlsplit(url)
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    nodes = []
+    for host_port in hosts.split(","):
+        host, _, port = host_port.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"redis URL {url!r}: name each cluster node as host:port")
+        nodes.append(ClusterNode(host, int(port)))
+    first = f"{credentials}@{hosts.split(',')[0]}" if credentials else hosts.split(",")[0]
+    plain = urllib.parse.urlunsplit((CLUSTER_SCHEMES[parts.scheme], first, parts.path, parts.query, ""))
+    return plain, nodes
+
+
+def _connect_cluster(url: str, socket_timeout: float | None = 10) -> RedisCluster:
+    plain, nodes = _cluster_nodes(url)
+    return RedisCluster.from_url(
+        plain,
+        startup_nodes=nodes,
+        decode_responses=False,
+        # Per node; past it a command fails with MaxConnectionsError (a
+        # cluster pool does not queue like the single node's).
+        max_connections=MAX_CONNECTIONS,
+        health_check_interval=30,
+        socket_connect_timeout=5,
+        socket_timeout=socket_timeout,
+        # Masters only: a replica may not have the turn its master just
+        # acknowledged, and a reader must see every acknowledged write.
+        read_from_replicas=False,
+        # No retries, for the reason given above: redis-py's cluster retries
+        # a command after a broken connection or a timeout, which would run
+        # a write script twice. MOVED and ASK redirections are still followed
+        # (they mean the command did not run); after a connection error the
+        # next command rediscovers the cluster, so a promoted replica is
+        # found without any retry here.
+        retry=Retry(NoBackoff(), 0),
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
+    )
+
+
+def connect_subscriber(url: str) -> Client:
+    """A client for one long subscription: no socket timeout, which would end
+    an idle one. On a cluster, PUBLISH reaches every node, so a subscription
+    on whichever node the client picks hears every service's notices."""
+    if is_cluster(url):
+        return _connect_cluster(url, socket_timeout=None)
+    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+
+
+async def connect_checked(url: str) -> Client:
     """A client whose Redis answered a PING: a service fails fast at start-up
     with a clear message instead of on its first request."""
     client = connect(url)
     try:
         await client.ping()
-    except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+    except (*CONNECTION_ERRORS, redis_errors.RedisClusterException) as error:
         await client.aclose()
         raise unavailable(Reason.REDIS_UNAVAILABLE, f"cannot reach Redis at {url}: {error}") from error
     except BaseException:
@@ -62,5 +140,14 @@ async def connect_checked(url: str) -> redis.Redis:
     return client
 
 
-# Errors a handler maps to UNAVAILABLE: the store, not the request, is at fault.
-CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+# Errors a handler maps to UNAVAILABLE: the store, not the request, is at
+# fault. The cluster ones mean a command was refused, not run: a failover in
+# progress (CLUSTERDOWN, a slot no master serves yet) or keys being moved.
+CONNECTION_ERRORS = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OSError,
+    redis_errors.ClusterDownError,
+    redis_errors.SlotNotCoveredError,
+    redis_errors.TryAgainError,
+)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import random
 import shutil
 import socket
 import subprocess
@@ -63,3 +64,149 @@ def wait_ready(port: int, timeout_s: float = 15.0) -> None:
             pass
         time.sleep(0.05)
     raise TimeoutError(f"redis-server on port {port} not ready after {timeout_s}s")
+
+
+# Slots of a Redis Cluster (CRC16 of the key or its hash tag, modulo this).
+CLUSTER_SLOTS = 16384
+# A cluster node also listens on its port + 10000 (the cluster bus).
+_BUS_OFFSET = 10000
+
+
+def free_cluster_ports(count: int) -> list[int]:
+    """Ports for cluster nodes whose bus ports (port + 10000) are free too:
+    an ephemeral port from the OS is often above 55535, whose bus port does
+    not exist."""
+    ports: list[int] = []
+    for candidate in random.sample(range(20000, 30000), 2000):
+        if len(ports) == count:
+            return ports
+        if _bindable(candidate) and _bindable(candidate + _BUS_OFFSET):
+            ports.append(candidate)
+    raise OSError(f"no {count} free ports for a Redis Cluster between 20000 and 30000")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def launch_cluster(
+    ports: list[int], data_dir: pathlib.Path, replicas_per_master: int = 1, timeout_s: float = 30.0
+) -> list[subprocess.Popen]:
+    """A Redis Cluster on loopback: the first len(ports) / (1 + replicas)
+    ports are masters with the slots split evenly, each followed by its
+    replicas in order. Built with CLUSTER commands, not redis-cli --cluster,
+    so it needs nothing but redis-server (the wheel's is 6.2: no
+    ADDSLOTSRANGE). Returns once every node reports cluster_state:ok; the
+    caller stops the processes (stop_all)."""
+    if len(ports) % (1 + replicas_per_master):
+        raise ValueError(f"{len(ports)} ports do not split into masters with {replicas_per_master} replicas")
+    processes = []
+    try:
+        for port in ports:
+            node_dir = data_dir / str(port)
+            node_dir.mkdir(parents=True, exist_ok=True)
+            processes.append(_launch_cluster_node(port, node_dir))
+        for port in ports:
+            wait_ready(port)
+        _form_cluster(ports, len(ports) // (1 + replicas_per_master), timeout_s)
+    except BaseException:
+        stop_all(processes)
+        raise
+    return processes
+
+
+def _launch_cluster_node(port: int, node_dir: pathlib.Path) -> subprocess.Popen:
+    command = [
+        binary(),
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dir",
+        str(node_dir),
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        # A dead master is failed over after two seconds, not fifteen.
+        "--cluster-node-timeout",
+        "2000",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--save",
+        "",
+        "--protected-mode",
+        "yes",
+    ]
+    log = open(node_dir / "redis.log", "ab")  # noqa: SIM115
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _form_cluster(ports: list[int], masters: int, timeout_s: float) -> None:
+    # Imported here: the single-node launcher needs no client library.
+    import redis
+
+    clients = {port: redis.Redis(host="127.0.0.1", port=port, decode_responses=True) for port in ports}
+    try:
+        master_ports, replica_ports = ports[:masters], ports[masters:]
+        for index, port in enumerate(master_ports):
+            first = CLUSTER_SLOTS * index // masters
+            end = CLUSTER_SLOTS * (index + 1) // masters
+            clients[port].execute_command("CLUSTER ADDSLOTS", *range(first, end))
+        for port in ports[1:]:
+            clients[port].execute_command("CLUSTER MEET", "127.0.0.1", ports[0])
+        deadline = time.monotonic() + timeout_s
+        # A node can only replicate a master it already knows.
+        _wait(lambda: all(len(_nodes(c)) == len(ports) for c in clients.values()), deadline)
+        for offset, port in enumerate(replica_ports):
+            master_id = clients[master_ports[offset % masters]].execute_command("CLUSTER MYID")
+            clients[port].execute_command("CLUSTER REPLICATE", master_id)
+        _wait(
+            lambda: all(cluster_state_ok(c) for c in clients.values())
+            and all(_replicas_linked(clients[port]) for port in replica_ports),
+            deadline,
+        )
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def _nodes(client) -> dict:
+    # redis-py parses the reply: address -> that node's view.
+    return client.execute_command("CLUSTER NODES")
+
+
+def cluster_state_ok(client) -> bool:
+    """Whether the node (a sync redis-py client) reports cluster_state:ok."""
+    return client.execute_command("CLUSTER INFO")["cluster_state"] == "ok"
+
+
+def _replicas_linked(replica) -> bool:
+    info = replica.info("replication")
+    return info["role"] == "slave" and info["master_link_status"] == "up"
+
+
+def _wait(condition, deadline: float) -> None:
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("Redis Cluster did not form in time")
+        time.sleep(0.05)
+
+
+def stop_all(processes: list[subprocess.Popen], timeout_s: float = 10.0) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -15,6 +15,15 @@ never reach the pattern) and tenant ``a`` never matches tenant ``ab``.
 Everything else that separates partitions (the generation parameters, the
 embedding model; for exact entries the earlier messages) only enters the
 hashed part of a key.
+
+Each partition's keys carry its digest as a Redis Cluster hash tag
+(``mg:cache:<tenant hex>:<model hex>:{<partition digest>}:...``): a
+semantic store, a wrong-answer report and an eviction touch an exact entry
+and its sub-partition's keys in one script, so those must share a slot,
+while partitions spread over the cluster. The per-partition sequence
+counter carries the same tag but sits outside the tenant's prefix, so an
+Invalidate never resets it: a replica's index, synced up to some sequence
+number, must never see a new entry numbered below it.
 """
 
 from __future__ import annotations
@@ -30,9 +39,9 @@ from meshgate.cache.v1 import cache_service_pb2
 from meshgate.common.v1 import common_pb2
 
 KEY_PREFIX = "mg:cache:"
-# Hex never spells "stats" or "seq", so no tenant pattern reaches these two.
+# Hex never spells "stats" or "seq", so no tenant pattern reaches these.
 STATS_KEY = KEY_PREFIX + "stats"
-SEQUENCE_KEY = KEY_PREFIX + "seq"
+_SEQUENCE_PREFIX = KEY_PREFIX + "seq:"
 # Every exact-match entry of every tenant.
 ENTRY_PATTERN = f"{KEY_PREFIX}*:*:x:*"
 
@@ -46,8 +55,15 @@ class Partition:
     """Tenant, model and generation parameters: entries never cross it."""
 
     digest: bytes
-    # ``mg:cache:<tenant hex>:<model hex>:``, shared by all of its keys.
+    # ``mg:cache:<tenant hex>:<model hex>:{<digest hex>}:``, shared by all
+    # of its keys; the braces are the hash tag.
     key_prefix: str
+
+    @property
+    def sequence_key(self) -> str:
+        """Numbers the partition's semantic entries in the order stored.
+        Never expires: a few bytes a partition, so sequence numbers only grow."""
+        return f"{_SEQUENCE_PREFIX}{{{self.digest.hex()}}}"
 
     def exact_key(self, entry_id: str) -> str:
         return f"{self.key_prefix}x:{entry_id}"
@@ -90,7 +106,8 @@ def _partition(tenant_id: str, model: str, parameters: bytes) -> Partition:
     for part in (tenant_id.encode(), model.encode(), normalized.SerializeToString(deterministic=True)):
         digest.update(_LENGTH.pack(len(part)))
         digest.update(part)
-    return Partition(digest.digest(), tenant_prefix(tenant_id, model))
+    partition_digest = digest.digest()
+    return Partition(partition_digest, f"{tenant_prefix(tenant_id, model)}{{{partition_digest.hex()}}}:")
 
 
 def _conversation_digest(

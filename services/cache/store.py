@@ -1,4 +1,5 @@
-"""The cache's Redis layout. With ``P`` = ``mg:cache:<tenant hex>:<model hex>:``:
+"""The cache's Redis layout. With ``P`` = ``mg:cache:<tenant hex>:<model hex>:{<partition digest>}:``
+(keys.Partition.key_prefix; the braces are a Redis Cluster hash tag):
 
 - ``P x:<entry id>``: string, 8-byte little-endian expiry (ms since the
   epoch) then the CachedAnswer; Redis TTL = the entry's. The exact-match
@@ -11,13 +12,16 @@
   reads; entries stored before it was kept end after the vector).
 - ``P w:<context id>``: integer, wrong hits reported in the sub-partition:
   each one makes the verifier stricter there. Expires with the entries.
-- ``mg:cache:seq``: the sequence counter, global so that it never restarts
-  while some index still remembers higher numbers.
+- ``mg:cache:seq:{<partition digest>}``: the partition's sequence counter,
+  outside ``P`` so that an Invalidate never restarts it while some index
+  still remembers higher numbers.
 
 A semantic Store is one Lua script, so the entry, its vector and the
 eviction of the oldest entries are applied together or not at all. The
-script deletes the evicted entries' exact keys by name, which a Redis
-Cluster would refuse; the mesh runs one Redis (or a primary and replicas).
+script deletes the evicted entries' exact keys by name (they are not in
+KEYS); a Redis Cluster allows it because they share the partition's slot.
+Invalidate and GetStats SCAN every master of a cluster (redis-py's cluster
+scan_iter walks each in turn).
 """
 
 from __future__ import annotations
@@ -161,7 +165,7 @@ class CacheStore:
                     partition.exact_key(entry_id),
                     partition.order_key(context_id),
                     partition.vectors_key(context_id),
-                    keys.SEQUENCE_KEY,
+                    partition.sequence_key,
                 ],
                 args=[
                     expiry + answer,
@@ -247,15 +251,13 @@ class CacheStore:
         return removed
 
     async def _unlink(self, batch: list[bytes], exact_marker: bytes) -> int:
+        # Not one pipeline: on a cluster the batch spans slots, and only the
+        # client's own UNLINK splits its keys by slot (and adds the counts).
         entries = [k for k in batch if exact_marker in k]
         others = [k for k in batch if exact_marker not in k]
-        async with self._client.pipeline(transaction=False) as pipe:
-            if entries:
-                pipe.unlink(*entries)
-            if others:
-                pipe.unlink(*others)
-            results = await pipe.execute()
-        return int(results[0]) if entries else 0
+        if others:
+            await self._client.unlink(*others)
+        return int(await self._client.unlink(*entries)) if entries else 0
 
     async def count_entries(self) -> int:
         """Entries of all tenants: a full SCAN, for an operator's GetStats,

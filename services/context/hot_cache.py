@@ -189,8 +189,12 @@ class ChangeListener:
     async def _run(self) -> None:
         while True:
             # Not the pool's client: its socket timeout would end an idle
-            # subscription; a closed socket still ends it at once.
-            client = redis.Redis.from_url(self._url, socket_connect_timeout=5, health_check_interval=30)
+            # subscription; a closed socket still ends it at once. Plain
+            # PUBLISH, not Redis 7's sharded SPUBLISH: notices are one short
+            # message per write, the wheel's Redis is 6.2, and one channel
+            # heard on any node of a cluster needs no subscription per shard
+            # to follow through failovers.
+            client = redis_access.connect_subscriber(self._url)
             try:
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(CHANGES_CHANNEL)

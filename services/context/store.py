@@ -1,7 +1,8 @@
 """Sessions in Redis, so they outlive any one process of the service.
 
-Each session has two keys, both under ``mg:context:{tenant}:{session_id}``
-so that another tenant's session id is simply absent:
+Each session's keys are ``mg:context:{<session_id>:<tenant>}:<part>``
+(key() below), so that another tenant's session id is simply absent, and
+the braces make all of them one Redis Cluster hash slot:
 
 - ``...:meta``, a hash: ``version``, ``create_time_ms`` and ``update_time_ms``
   (Redis's clock, so every replica of the service agrees), and one field
@@ -198,35 +199,65 @@ end
 return {1, new_version}
 """
 
-# KEYS: the source's meta, turns, turn_ids, versions, then the fork's. ARGV:
-# version to fork at, ttl_s. The fork starts at that version with its
-# history up to it (the same versions name the same turns in both), and no
-# turn ids (those were the source's appends). Returns {1, creation time},
-# {0} if there is no source, {-3, current version} if the version is
-# unknown or undone, {-4} if the fork's id is taken.
-_FORK = _TURNS_AT + _CUT_COUNTS + """
+# A fork is two scripts, one per session: on a Redis Cluster the source's
+# and the fork's keys hash to different slots, and a script may only touch
+# one. That costs no atomicity a reader can see: the turns of a version never
+# change once written (a revert makes a new version), so the source read in
+# one instant and written into the fork in another is the same.
+#
+# KEYS: the source's meta, turns, turn_ids, versions. ARGV: version to fork
+# at. Returns {1, turns at that version, flat (counts field, counts of those
+# turns) pairs, the history up to that version}, {0} if there is no source,
+# {-3, current version} if the version is unknown or undone.
+_FORK_SOURCE = _TURNS_AT + """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return {0} end
 local target = tonumber(ARGV[1])
 local held = turns_at(KEYS[4], version, target)
 if not held then return {-3, tonumber(version)} end
-if redis.call('EXISTS', KEYS[5]) == 1 then return {-4} end
-redis.call('DEL', KEYS[6], KEYS[7])
+local turns = {}
+if held > 0 then turns = redis.call('LRANGE', KEYS[2], 0, held - 1) end
+local counts = {}
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  if string.sub(fields[i], 1, 7) == 'tokens:' then
+    counts[#counts + 1] = fields[i]
+    counts[#counts + 1] = string.sub(fields[i + 1], 1, 4 * held)
+  end
+end
+return {1, turns, counts, redis.call('GETRANGE', KEYS[4], 0, 4 * target + 3)}
+"""
+
+# KEYS: the fork's meta, turns, turn_ids, versions. ARGV: version it starts
+# at, ttl_s, its history, turn count n, n turns, then (counts field, counts)
+# pairs. It has no turn ids (those were the source's appends). Returns
+# {1, creation time}, or {-4} if the fork's id is taken.
+_FORK_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {-4} end
+redis.call('DEL', KEYS[2], KEYS[3])
+local n = tonumber(ARGV[4])
 -- In slices: unpack() of a long list would overflow Lua's stack.
-for first = 0, held - 1, 1000 do
-  local slice = redis.call('LRANGE', KEYS[2], first, math.min(first + 999, held - 1))
-  redis.call('RPUSH', KEYS[6], unpack(slice))
+for first = 5, 4 + n, 1000 do
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, first, math.min(first + 999, 4 + n)))
 end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('HSET', KEYS[5], 'version', target, 'create_time_ms', now, 'update_time_ms', now)
-cut_counts(KEYS[1], KEYS[5], held)
-redis.call('SET', KEYS[8], redis.call('GETRANGE', KEYS[4], 0, 4 * target + 3))
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'create_time_ms', now, 'update_time_ms', now)
+for i = 5 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('SET', KEYS[4], ARGV[3])
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then
-  for i = 5, 8 do redis.call('EXPIRE', KEYS[i], ttl) end
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
 end
 return {1, now}
+"""
+
+# KEYS: meta, turns, turn_ids, versions. Returns how many existed. A script
+# rather than MULTI with PUBLISH: a cluster transaction takes keyed commands only.
+_DELETE = """
+local deleted = redis.call('DEL', unpack(KEYS))
+redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1')
+return deleted
 """
 
 # KEYS: meta. ARGV: version the counts were made at, counts field, packed counts.
@@ -258,8 +289,15 @@ class StoredSession:
 
 def key(tenant_id: str, session_id: str, part: str) -> str:
     """One of a session's Redis keys (``meta``, ``turns``, ...): the one place
-    their layout is spelled, for this module, the turn index and summaries."""
-    return f"mg:context:{tenant_id}:{session_id}:{part}"
+    their layout is spelled, for this module, the turn index and summaries.
+
+    ``{<session id>:<tenant>}`` is the hash tag: every key of one session
+    hashes to one Redis Cluster slot, so each script and transaction over a
+    session runs on one node, and sessions spread over the cluster. The
+    session id comes first because it cannot hold a brace (servicer's
+    _SESSION_ID): the tag is never empty and always the same for a
+    session's keys, whatever a tenant id holds."""
+    return f"mg:context:{{{session_id}:{tenant_id}}}:{part}"
 
 
 def session_key(tenant_id: str, session_id: str) -> str:
@@ -319,8 +357,10 @@ class SessionStore:
         self._append = client.register_script(_APPEND)
         self._read = client.register_script(_READ)
         self._revert = client.register_script(_REVERT)
-        self._fork = client.register_script(_FORK)
+        self._fork_source = client.register_script(_FORK_SOURCE)
+        self._fork_create = client.register_script(_FORK_CREATE)
         self._fill_counts = client.register_script(_FILL_COUNTS)
+        self._delete = client.register_script(_DELETE)
 
     async def create(self, tenant_id: str, session_id: str) -> int:
         """Creates an empty session at version 0; returns its creation time."""
@@ -419,11 +459,17 @@ class SessionStore:
     async def fork(self, tenant_id: str, session_id: str, version: int, new_session_id: str) -> int:
         """Creates ``new_session_id`` with the turns of ``version``, at that
         version; returns its creation time."""
-        keys = _keys(tenant_id, session_id) + _keys(tenant_id, new_session_id)
         with redis_reachable():
-            outcome = await self._fork(keys=keys, args=[version, self._ttl_s])
-        if outcome[0] == -3:
-            raise _version_not_found(session_id, version, outcome[1])
+            source = await self._fork_source(keys=_keys(tenant_id, session_id), args=[version])
+        if source[0] == -3:
+            raise _version_not_found(session_id, version, source[1])
+        _raise_for(source, session_id, None)
+        _, turns, counts, history = source
+        with redis_reachable():
+            outcome = await self._fork_create(
+                keys=_keys(tenant_id, new_session_id),
+                args=[version, self._ttl_s, history, len(turns), *turns, *counts],
+            )
         if outcome[0] == -4:
             raise MeshgateError(
                 grpc.StatusCode.ALREADY_EXISTS,
@@ -431,7 +477,6 @@ class SessionStore:
                 f"session {new_session_id!r} already exists",
                 {"session_id": new_session_id},
             )
-        _raise_for(outcome, session_id, None)
         return int(outcome[1])
 
     async def fill_token_counts(
@@ -445,10 +490,7 @@ class SessionStore:
 
     async def delete(self, tenant_id: str, session_id: str) -> None:
         with redis_reachable():
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.delete(*_keys(tenant_id, session_id))
-                pipe.publish(CHANGES_CHANNEL, f"{session_key(tenant_id, session_id)} -1")
-                deleted, _ = await pipe.execute()
+            deleted = await self._delete(keys=_keys(tenant_id, session_id))
         if not deleted:
             raise session_not_found(session_id)
 

@@ -7,14 +7,20 @@ background task per session summarizes it: with the chat model through the
 inference service's ``Generate`` when one is configured and answers, else
 extractively (the span's highest-scoring sentences, pure Python).
 
-Redis keys (the same ``mg:context:{tenant}:`` prefix as sessions):
+Redis keys:
 
-- ``...:summary:<sha256 of the span's turns>``: the summary, JSON. Keyed by
+- ``mg:context:<tenant>:summary:<sha256 of the span's turns>``: the
+  summary, JSON. Keyed by
   content, so a fork, or a revert that keeps the span, reuses it, and a
   span whose turns changed (a revert, then other appends) never gets a
   summary of turns it no longer holds.
-- ``...:{session_id}:summaries``, a hash: ``<first>-<end>`` -> that digest,
-  for the spans summarized so far.
+- the session's ``summaries`` key (store.key), a hash: ``<first>-<end>`` ->
+  that digest, for the spans summarized so far.
+
+The two live in different Redis Cluster slots (a summary is shared by the
+sessions holding its span), so put() writes the summary before the index
+that names it, not in one transaction: a reader never finds a digest
+without its summary, and a summary left unnamed by a crash expires.
 
 A summary records the turns it covers and the session versions of its
 first and last turn's appends (``first_version``, ``end_version``), how
@@ -228,8 +234,11 @@ class SummaryStore:
     async def put(self, tenant_id: str, session_id: str, digest: str, summary: Summary) -> None:
         index = self._index_key(tenant_id, session_id)
         ttl = self._ttl_s if self._ttl_s > 0 else None
+        await self._client.set(
+            self._summary_key(tenant_id, digest), json.dumps(dataclasses.asdict(summary)), ex=ttl
+        )
+        # One slot: the session's own keys.
         async with self._client.pipeline(transaction=True) as pipe:
-            pipe.set(self._summary_key(tenant_id, digest), json.dumps(dataclasses.asdict(summary)), ex=ttl)
             pipe.hset(index, f"{summary.first_turn}-{summary.end_turn}", digest)
             if ttl:
                 pipe.expire(index, ttl)

@@ -2,18 +2,21 @@
 AdminService), stored hashed in Redis next to the keys of the configuration
 file, which keep working without Redis.
 
-Redis keys:
+Redis keys, all with the hash tag ``{apikeys}``:
 
-- ``mg:router:apikey:<sha256>``: the key's record, JSON (tenant, models,
-  limits, created, expires and revoked times, label). Only the SHA-256 of a
-  secret is ever stored.
-- ``mg:router:apikeys:<tenant>``: a sorted set of the tenant's key hashes,
-  scored by creation time, for listing.
-- ``mg:router:apikey-ids``: a hash from key id (the first 16 hex digits of
-  the SHA-256) to the full hash, for rotating and revoking by id.
+- ``mg:router:{apikeys}:key:<sha256>``: the key's record, JSON (tenant,
+  models, limits, created, expires and revoked times, label). Only the
+  SHA-256 of a secret is ever stored.
+- ``mg:router:{apikeys}:tenant:<tenant>``: a sorted set of the tenant's key
+  hashes, scored by creation time, for listing.
+- ``mg:router:{apikeys}:ids``: a hash from key id (the first 16 hex digits
+  of the SHA-256) to the full hash, for rotating and revoking by id.
 
 Every write (create, rotate, revoke) is one MULTI/EXEC transaction, so a
-failed write leaves nothing half-applied.
+failed write leaves nothing half-applied. On a Redis Cluster a transaction
+must stay in one slot, hence the one tag for every API key: they are few,
+written rarely, and each replica reads one at most twice a second (below),
+so one slot carries them easily.
 
 How a revocation reaches every replica within a second: each replica caches
 a looked-up record (or its absence) for at most ``_CACHE_TTL_S`` (0.5 s) and
@@ -46,9 +49,9 @@ _CACHE_TTL_S = 0.5
 # Cached lookups (hits and misses) kept per replica; past it the cache is
 # emptied, so a flood of made-up keys cannot grow memory without bound.
 _CACHE_MAX_ENTRIES = 100_000
-_RECORD = "mg:router:apikey:{}"
-_TENANT_KEYS = "mg:router:apikeys:{}"
-_IDS = "mg:router:apikey-ids"
+_RECORD = "mg:router:{{apikeys}}:key:{}"
+_TENANT_KEYS = "mg:router:{{apikeys}}:tenant:{}"
+_IDS = "mg:router:{apikeys}:ids"
 _SECRET_PREFIX = "mgk-"
 _MAX_TENANT_ID = 128
 _MAX_LABEL = 256

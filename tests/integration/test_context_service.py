@@ -23,7 +23,7 @@ from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
 from meshgate.local import redis_server
 from meshgate.local.stack import free_port
-from services.context import app, token_counts
+from services.context import app, store, token_counts
 from tests.integration.conftest import running as running_service
 from tests.mesh import mesh_settings, router_channel
 
@@ -334,7 +334,7 @@ async def test_token_counts_are_stored_at_append(stub, tenant, redis_url) -> Non
     counter = token_counts.for_models(Settings().models)[MODEL]
     client = redis.Redis.from_url(redis_url)
     try:
-        stored = await client.hget(f"mg:context:{tenant}:{session_id}:meta", f"tokens:{counter.id}")
+        stored = await client.hget(store.session_key(tenant, session_id), f"tokens:{counter.id}")
     finally:
         await client.aclose()
     assert stored is not None
@@ -566,7 +566,7 @@ async def test_a_tokenizer_configured_later_counts_old_turns_once(
     other = dataclasses.replace(default, tokenizer=str(copy))
     settings = make_settings(redis_url, **{MODEL: default, "other": other})
     field = f"tokens:{token_counts.for_models({'other': other})['other'].id}"
-    meta_key = f"mg:context:{tenant}:{session_id}:meta"
+    meta_key = store.session_key(tenant, session_id)
     client = redis.Redis.from_url(redis_url)
     try:
         assert await client.hget(meta_key, field) is None

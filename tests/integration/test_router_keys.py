@@ -83,7 +83,7 @@ async def test_a_key_created_on_one_replica_works_on_the_other_until_revoked(rep
     # Only the secret's hash is stored.
     client = redis_access.connect(redis_url)
     try:
-        record = await client.get(f"mg:router:apikey:{hash_api_key(created.api_key)}")
+        record = await client.get(f"mg:router:{{apikeys}}:key:{hash_api_key(created.api_key)}")
     finally:
         await client.aclose()
     assert record is not None and created.api_key.encode() not in record

@@ -20,6 +20,7 @@ from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.cache import app as cache_app
 from services.context import app as context_app
+from services.context import store as session_store
 from services.inference import app as inference_app
 from services.router import app as router_app
 from tests.integration.conftest import running, wait_until_serving
@@ -179,7 +180,7 @@ async def test_a_refused_first_turn_creates_no_session(router, redis_url):
     client = redis_access.connect(redis_url)
 
     async def sessions_of_dev() -> int:
-        return len([key async for key in client.scan_iter(match="mg:context:dev:*:meta")])
+        return len([key async for key in client.scan_iter(match=session_store.key("dev", "*", "meta"))])
 
     before = await sessions_of_dev()
     responses = [
