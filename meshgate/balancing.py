@@ -48,6 +48,9 @@ class Target(Protocol):
     # requests in flight: the KV a target holds for them, which every decode
     # step reads, so the load a new request adds to.
     active_tokens: int
+    # Prompt tokens routed here and not yet prefilled (their requests have
+    # not streamed a first token): work a new request waits behind.
+    queued_prefill_tokens: int
     ttft: Ewma
     health: Health
 
@@ -306,6 +309,11 @@ class Strategy:
     def routed(self, target: Target, request: RouteRequest) -> None:
         """The request went to `target` (called once, for the one used)."""
 
+    def prefill_left(self, target: Target, request: RouteRequest) -> int:
+        """Prompt units `target` would have to prefill: all of them, unless a
+        prefix strategy believes it holds some (ask before routed())."""
+        return request.prompt_units
+
     def reported(self, target: Target, request: RouteRequest, cached_units: int) -> None:
         """The target's model says how much of the prompt it served from cache."""
 
@@ -431,6 +439,10 @@ class _PrefixStrategy(Strategy):
     def routed(self, target, request):
         self.index.record(target.key, request.prefix_blocks)
 
+    def prefill_left(self, target, request):
+        cached = self.index.overlap(target.key, request.prefix_blocks) * self.index.block_size
+        return max(request.prompt_units - cached, 0)
+
     def reported(self, target, request, cached_units):
         self.index.confirm(target.key, request.prefix_blocks, cached_units)
 
@@ -449,22 +461,38 @@ class PrefixAffinity(_PrefixStrategy):
 
 
 class KvCost(_PrefixStrategy):
-    """Cost in the spirit of NVIDIA Dynamo's KV router: the prompt tokens a
-    target would still have to prefill after the prefix it holds, weighted by
-    `prefill_weight`, plus its decode load (the tokens of the requests it is
-    running, whose KV every decode step reads). Lowest cost first; with no
-    prefix held anywhere it is least-loaded by tokens."""
+    """Cost in the spirit of NVIDIA Dynamo's KV router, in prompt tokens: the
+    prefill a target would still do for this request after the prefix it
+    holds (weighted by `prefill_weight`), plus the prefill already queued
+    there, plus its decode load (the KV of the requests it runs, read by
+    every decode step) weighted by `decode_weight`. Lowest cost first; with
+    no prefix held anywhere it is the least loaded.
+
+    Why these weights. A new request's uncached tokens are paid twice: in its
+    own time to first token, and again in cache capacity, since a second
+    copy of a prefix pushes other prefixes out of that server's cache; hence
+    2 (Dynamo's overlap weight plays this part). Under it a server holding a
+    prefix keeps taking its requests until about two other prompts' prefill
+    queue there. A decoding token counts a tenth: on the bundled models' CPU
+    engine a prefill token costs ~2.5 ms, while one more running sequence
+    slows a decode step by ~25 ms (model_repository/README.md), so a first
+    token waits on prefill, not on the decodes beside it.
+    """
 
     name = "kv_cost"
 
-    def __init__(self, index: PrefixIndex, prefill_weight: float = 1.0) -> None:
+    def __init__(self, index: PrefixIndex, prefill_weight: float = 2.0, decode_weight: float = 0.1) -> None:
         super().__init__(index)
         self.prefill_weight = prefill_weight
+        self.decode_weight = decode_weight
 
     def cost(self, target: Target, request: RouteRequest) -> float:
-        cached = self.index.overlap(target.key, request.prefix_blocks) * self.index.block_size
-        prefill = max(request.prompt_units - cached, 0)
-        return (self.prefill_weight * prefill + target.active_tokens) / max(target.weight, 1e-9)
+        work = (
+            self.prefill_weight * self.prefill_left(target, request)
+            + target.queued_prefill_tokens
+            + self.decode_weight * target.active_tokens
+        )
+        return work / max(target.weight, 1e-9)
 
     def rank(self, targets, request):
         return sorted(

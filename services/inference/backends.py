@@ -48,9 +48,10 @@ class TritonBackend:
         self.ready_models: set[str] = set()
         self.in_flight = 0
         # Prompt tokens of the generations in flight here (their KV is what
-        # each decode step reads), the recent time to first token, and the
-        # circuit breaker: what the strategies weigh.
+        # each decode step reads) and those not yet prefilled, the recent
+        # time to first token, and the circuit breaker: what strategies weigh.
         self.active_tokens = 0
+        self.queued_prefill_tokens = 0
         self.ttft = balancing.Ewma()
         self.health = balancing.Health()
         self._misses: dict[str, int] = {}

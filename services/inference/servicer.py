@@ -74,7 +74,13 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             # The caller's deadline goes to Triton too: expiry cancels the call,
             # and a cancelled call cancels the request inside Triton.
             stream = _TritonStream(
-                backend, served.triton_model, prompt, sampling, context.time_remaining(), route.prompt_units
+                backend,
+                served.triton_model,
+                prompt,
+                sampling,
+                context.time_remaining(),
+                route.prompt_units,
+                strategy.prefill_left(backend, route),
             )
             backend.health.begin()
             strategy.routed(backend, route)
@@ -190,12 +196,15 @@ class _TritonStream:
         sampling: str,
         timeout: float | None,
         prompt_tokens: int = 0,
+        prefill_tokens: int = 0,
     ) -> None:
         self._backend = backend
         self._model = model
         self._timeout = timeout
-        # The backend's decode load while this runs (balancing.KvCost).
+        # The backend's load while this runs (balancing.KvCost): its prompt
+        # held as KV, and until its first token, the prefill it queues.
         self._prompt_tokens = prompt_tokens
+        self._prefill_tokens = prefill_tokens
         self._request = triton_protocol.generate_request(
             model, uuid.uuid4().hex, prompt, sampling, backend.batched.get(model, False)
         )
@@ -217,6 +226,8 @@ class _TritonStream:
         )
         backend.in_flight += 1
         backend.active_tokens += self._prompt_tokens
+        backend.queued_prefill_tokens += self._prefill_tokens
+        prefill_queued = True
         started = time.monotonic()
         prompt_tokens = completion_tokens = 0
         finish_reason = ""
@@ -238,8 +249,10 @@ class _TritonStream:
                 if event.output_tokens is not None:
                     completion_tokens += event.output_tokens
                 if event.text:
-                    if not self.started:
+                    if prefill_queued:
                         backend.ttft.add(time.monotonic() - started)
+                        backend.queued_prefill_tokens -= self._prefill_tokens
+                        prefill_queued = False
                     self.started = True
                     self.delivered_deltas += 1
                     self.delivered_chars += len(event.text)
@@ -274,6 +287,8 @@ class _TritonStream:
             finished.set()
             backend.in_flight -= 1
             backend.active_tokens -= self._prompt_tokens
+            if prefill_queued:
+                backend.queued_prefill_tokens -= self._prefill_tokens
             if not call.done():
                 call.cancel()
 

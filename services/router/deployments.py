@@ -23,6 +23,7 @@ class Deployment:
         self.stub = stub
         self.in_flight = 0
         self.active_tokens = 0
+        self.queued_prefill_tokens = 0
         self.ttft = balancing.Ewma()
         self.health = balancing.Health()
 

@@ -199,11 +199,13 @@ class Deployments:
             )
             pieces: list[str] = []
             completed = False
+            prefill = strategy.prefill_left(deployment, route) if strategy is not None else 0
             deployment.health.begin()
             if strategy is not None:
                 strategy.routed(deployment, route)
             deployment.in_flight += 1
             deployment.active_tokens += route.prompt_units
+            deployment.queued_prefill_tokens += prefill
             started = time.monotonic()
             try:
                 async for response in call:
@@ -213,6 +215,7 @@ class Deployments:
                             # after it): the turn's latency metrics name it.
                             answer.deployment = deployment.name
                             deployment.ttft.add(time.monotonic() - started)
+                            deployment.queued_prefill_tokens -= prefill
                         pieces.append(response.delta.text)
                         yield response.delta.text
                     else:
@@ -251,6 +254,8 @@ class Deployments:
                 call.cancel()
                 deployment.in_flight -= 1
                 deployment.active_tokens -= route.prompt_units
+                if not pieces:
+                    deployment.queued_prefill_tokens -= prefill
             if not completed:
                 deployment.health.record_failure()
                 raise partly_delivered(

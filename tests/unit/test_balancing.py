@@ -36,6 +36,7 @@ class FakeTarget:
         self.in_flight = in_flight
         self.weight = weight
         self.active_tokens = active_tokens
+        self.queued_prefill_tokens = 0
         self.ttft = balancing.Ewma()
         if ttft is not None:
             self.ttft.add(ttft)
@@ -156,25 +157,34 @@ def test_prefix_affinity_goes_where_the_longest_prefix_was_routed():
     assert strategy.rank([a, b], follow_up)[0] is a
 
 
-def test_kv_cost_weighs_cached_prefill_against_decode_load():
+def test_kv_cost_weighs_cached_prefill_against_queued_prefill_and_decode_load():
     index = PrefixIndex(16, clock=Clock())
-    strategy = balancing.KvCost(index)
+    strategy = balancing.KvCost(index, prefill_weight=2.0, decode_weight=0.5)
     holder, other = FakeTarget("holder"), FakeTarget("other")
     prompt = blocks(64)  # 1,024 tokens
     request = RouteRequest(prefix_blocks=prompt, prompt_units=1024 + 10)
+    assert strategy.prefill_left(holder, request) == 1034
     strategy.routed(holder, request)
+    assert strategy.prefill_left(holder, request) == 10
     # holder would prefill 10 tokens, other 1,034: holder, even with some load.
-    holder.active_tokens = 900
-    assert strategy.cost(holder, request) == 10 + 900
-    assert strategy.cost(other, request) == 1034
+    holder.active_tokens = 1000
+    assert strategy.cost(holder, request) == 2 * 10 + 0.5 * 1000
+    assert strategy.cost(other, request) == 2 * 1034
     assert strategy.rank([other, holder], request)[0] is holder
-    # Enough decode load outweighs the cached prefix.
-    holder.active_tokens = 2000
+    # Enough decode load outweighs the cached prefix...
+    holder.active_tokens = 4200
     assert strategy.rank([other, holder], request)[0] is other
-    # Unrelated prompts: the least loaded by tokens.
+    # ...and so does prefill queued there: one prompt's worth is not enough, three are.
+    holder.active_tokens = 0
+    holder.queued_prefill_tokens = 1034
+    assert strategy.rank([other, holder], request)[0] is holder
+    holder.queued_prefill_tokens = 3 * 1034
+    assert strategy.rank([other, holder], request)[0] is other
+    # Unrelated prompts: the least loaded.
+    holder.queued_prefill_tokens = 0
     unrelated = RouteRequest(prefix_blocks=blocks(4, start=50_000), prompt_units=70)
     other.active_tokens = 100
-    assert strategy.rank([holder, other], unrelated)[0] is other
+    assert strategy.rank([holder, other], unrelated)[0] is holder
 
 
 def test_prefix_strategies_only_count_a_leading_run_of_blocks():
