@@ -446,7 +446,10 @@ def _check_strategy(name: str) -> None:
 def _default_served_models() -> dict[str, ServedModelSettings]:
     return {
         "smollm2": ServedModelSettings(
-            triton_model="smollm2", context_window_tokens=8192, chat_template=SMOLLM2_CHAT_TEMPLATE
+            triton_model="smollm2",
+            context_window_tokens=8192,
+            chat_template=SMOLLM2_CHAT_TEMPLATE,
+            tokenizer=SMOLLM2_TOKENIZER,
         ),
         "tiny-gpt": ServedModelSettings(),
     }

@@ -8,7 +8,13 @@ import pytest
 
 from meshgate import balancing
 from meshgate.balancing import BreakerPolicy, BreakerState, Health, PrefixIndex, RouteRequest
-from meshgate.config import ConfigError, InferenceSettings, ModelSettings, ServedModelSettings
+from meshgate.config import (
+    SMOLLM2_TOKENIZER,
+    ConfigError,
+    InferenceSettings,
+    ModelSettings,
+    ServedModelSettings,
+)
 
 
 class Clock:
@@ -368,4 +374,7 @@ def test_an_unknown_strategy_is_a_configuration_error():
         ModelSettings(routing_strategy="fastest")
     with pytest.raises(ConfigError, match="routing_strategy"):
         ServedModelSettings(routing_strategy="round_robin")
-    assert InferenceSettings().models["smollm2"].routing_strategy == "kv_cost"
+    served = InferenceSettings().models["smollm2"]
+    assert served.routing_strategy == "kv_cost"
+    # Its prefix blocks are the model's own tokens, as its prefix cache cuts them.
+    assert served.tokenizer == SMOLLM2_TOKENIZER
