@@ -52,22 +52,23 @@ SERVICE_NAMES = [
 
 
 class _PromptEmbeddings:
-    """The prompt's embedding for model selection: one Embed call to the
-    first inference service the deployments reach (as /v1/embeddings),
-    made only for aliases that select; None when it does not answer."""
+    """The prompt's embedding for model selection: one Embed call, made
+    only for aliases that select, to the inference service of the first
+    deployment of the choices (the one their turn most likely goes to);
+    None when it does not answer in time."""
 
     def __init__(self, deployments: DeploymentTable) -> None:
         self._deployments = deployments
         # One per inference service, so each keeps its throttled warning.
         self._embedders: dict[int, Embedder] = {}
 
-    async def __call__(self, text: str, timeout_s: float) -> np.ndarray | None:
-        stubs = self._deployments.inference_stubs()
-        if not stubs:
+    async def __call__(self, text: str, aliases: tuple[str, ...], timeout_s: float) -> np.ndarray | None:
+        stub = next((d.stub for alias in aliases for d in self._deployments.candidates(alias)), None)
+        if stub is None:
             return None
-        embedder = self._embedders.get(id(stubs[0]))
+        embedder = self._embedders.get(id(stub))
         if embedder is None:
-            embedder = self._embedders[id(stubs[0])] = Embedder(stubs[0])
+            embedder = self._embedders[id(stub)] = Embedder(stub)
         return await embedder.embed_or_none(text, timeout_s)
 
 

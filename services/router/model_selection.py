@@ -22,8 +22,8 @@ writes ``model_selector.json`` beside this file; the features below are the
 ones it trains on, so change them only together with a retraining.
 
 Nothing here knows gRPC: the embedding arrives through a plain async
-callable (``services/router/downstream.py`` implements it over the
-inference service's Embed).
+callable (``services/router/app.py`` wires it to the Embed of the
+inference service that serves the choices).
 """
 
 from __future__ import annotations
@@ -212,7 +212,11 @@ class Classifier:
 
 # --- the rules --------------------------------------------------------------------
 
-Embed = collections.abc.Callable[[str, float], collections.abc.Awaitable[np.ndarray | None]]
+# (text, the model aliases whose inference services to ask, timeout) -> the
+# text's vector, or None when none came in time.
+Embed = collections.abc.Callable[
+    [str, tuple[str, ...], float], collections.abc.Awaitable[np.ndarray | None]
+]
 
 
 def strong_cost_bound_usd(prompt_bytes: int, max_tokens: int, price: PriceSettings | None) -> float:
@@ -249,7 +253,8 @@ class Selector:
                 return Selection(rules.fast, SelectionReason.COST_CAP)
         text = prompt_text(messages)
         try:
-            vector = await self._embed(text, min(timeout_s, rules.embedding_timeout_s))
+            timeout_s = min(timeout_s, rules.embedding_timeout_s)
+            vector = await self._embed(text, (rules.strong, rules.fast), timeout_s)
         except Exception:  # noqa: BLE001 - a better choice is not worth failing the turn
             log.exception("embedding for model selection failed; choosing on features alone")
             vector = None

@@ -51,8 +51,8 @@ from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as router_pb
 from services.router.auth import Tenant
 from services.router.coalescing import Coalescer, coalescing_key
-from services.router.templates import Templates, invokes_template
 from services.router.model_selection import Selection, Selector
+from services.router.templates import Templates, invokes_template
 from services.router.validation import check_turn, resolve_model
 
 log = structlog.get_logger(__name__)
@@ -569,7 +569,7 @@ class Pipeline:
 CACHE_DEPLOYMENT = "cache"
 
 
-async def _no_embedding(text: str, timeout_s: float) -> None:
+async def _no_embedding(text: str, aliases: tuple[str, ...], timeout_s: float) -> None:
     return None
 
 

@@ -49,10 +49,10 @@ class FakeEmbed:
     def __init__(self, vector=None, error: Exception | None = None) -> None:
         self.vector = vector
         self.error = error
-        self.calls: list[tuple[str, float]] = []
+        self.calls: list[tuple[str, tuple[str, ...], float]] = []
 
-    async def __call__(self, text: str, timeout_s: float):
-        self.calls.append((text, timeout_s))
+    async def __call__(self, text: str, aliases: tuple[str, ...], timeout_s: float):
+        self.calls.append((text, aliases, timeout_s))
         if self.error is not None:
             raise self.error
         return self.vector
@@ -102,8 +102,9 @@ async def test_with_an_embedding_the_embedding_model_decides_and_says_so():
     embed = FakeEmbed(vector)
     selection = await select(EASY[0], embed=embed)
     assert selection.reason == SelectionReason.COMPLEXITY
-    # The newest user message is what is embedded, within the rules' timeout.
-    assert embed.calls == [(EASY[0], RULES.embedding_timeout_s)]
+    # The newest user message is what is embedded, by the choices' inference
+    # services, within the rules' timeout.
+    assert embed.calls == [(EASY[0], ("strong", "fast"), RULES.embedding_timeout_s)]
 
 
 async def test_a_failing_embedding_falls_back_to_the_features_and_says_so():

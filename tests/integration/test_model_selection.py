@@ -1,0 +1,151 @@
+"""Model selection through real services: a router in front of real
+context, cache and inference services (real Redis, real Triton), with an
+alias "auto" that selects between a "fast" and a "strong" alias. Both are
+tiny-gpt on the one Triton here (smollm2 would add seconds of loading and
+nothing to what is tested: which alias, and so which deployment, answers);
+their deployments have names of their own, so the completion's deployment
+shows where the turn really went, and the prompt's embedding comes from
+the real minilm model through the inference service's Embed."""
+
+from __future__ import annotations
+
+import contextlib
+
+import grpc
+import pytest
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import (
+    DeploymentSettings,
+    ModelSettings,
+    SelectionSettings,
+    Settings,
+    TenantSettings,
+    hash_api_key,
+)
+from meshgate.router.v1 import router_service_pb2 as pb
+from meshgate.router.v1 import router_service_pb2_grpc
+from services.cache import app as cache_app
+from services.context import app as context_app
+from services.router import app as router_app
+from tests.integration.conftest import running
+from tests.mesh import mesh_settings
+
+pytestmark = pytest.mark.integration
+
+KEY = "selection-test-key"
+PREMIUM_KEY = "selection-premium-key"
+
+EASY = "What is the capital of France?"
+HARD = (
+    "Write a Python function that merges k sorted lists in O(n log k) time. It must not use heapq, "
+    "should handle empty lists, and then explain step by step why it is correct."
+)
+
+
+def _settings(redis_url: str, inference_address: str, embedding_timeout_s: float) -> Settings:
+    settings = Settings(mesh=mesh_settings())
+    settings.redis.url = redis_url
+    settings.cache.inference_address = inference_address
+    settings.router.dev_api_key = KEY
+    settings.router.tenants = [
+        TenantSettings(id="gold", api_key_sha256=[hash_api_key(PREMIUM_KEY)], tier="premium")
+    ]
+    rules = SelectionSettings(
+        fast="fast", strong="strong", strong_tiers=["premium"], embedding_timeout_s=embedding_timeout_s
+    )
+    settings.models = {
+        "auto": ModelSettings(max_output_tokens=32, selection=rules),
+        "fast": ModelSettings(
+            deployments=[DeploymentSettings(name="fast-local", address=inference_address, model="tiny-gpt")]
+        ),
+        "strong": ModelSettings(
+            deployments=[DeploymentSettings(name="strong-local", address=inference_address, model="tiny-gpt")]
+        ),
+    }
+    return settings
+
+
+@contextlib.asynccontextmanager
+async def _router(settings: Settings):
+    async with contextlib.AsyncExitStack() as stack:
+        settings.router.context_address = await stack.enter_async_context(
+            running(context_app, "context", settings)
+        )
+        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
+        address = await stack.enter_async_context(running(router_app, "router", settings))
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        yield router_service_pb2_grpc.RouterServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+async def router(redis_url, inference_address):
+    async with _router(_settings(redis_url, inference_address, embedding_timeout_s=5.0)) as stub:
+        yield stub
+
+
+async def _completion(stub, text: str, key: str = KEY) -> tuple[str, pb.ChatCompletion]:
+    request = pb.ChatRequest(
+        model="auto",
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=text)],
+        parameters=common_pb2.GenerationParameters(max_tokens=4),
+        # Each turn generated: a cached answer would say nothing of routing.
+        cache_policy=pb.CACHE_POLICY_BYPASS,
+    )
+    pieces, completion = [], None
+    async for response in stub.Chat(request, metadata=[("authorization", f"Bearer {key}")], timeout=60):
+        if response.HasField("completion"):
+            completion = response.completion
+        else:
+            pieces.append(response.delta.text)
+    assert completion is not None
+    return "".join(pieces), completion
+
+
+async def test_an_easy_question_goes_to_the_fast_model_and_the_completion_says_why(router):
+    text, completion = await _completion(router, EASY)
+    assert text
+    assert (completion.selected_model, completion.deployment) == ("fast", "fast-local")
+    # The real embedding was used (the reason would say features_only otherwise).
+    assert completion.selection_reason == "complexity"
+    assert 0.0 < completion.selection_score < 0.5
+
+
+async def test_a_hard_request_goes_to_the_strong_model(router):
+    _, completion = await _completion(router, HARD)
+    assert (completion.selected_model, completion.deployment) == ("strong", "strong-local")
+    assert completion.selection_reason == "complexity"
+    assert completion.selection_score >= 0.5
+
+
+async def test_a_premium_tenant_gets_the_strong_model_for_an_easy_question(router):
+    _, completion = await _completion(router, EASY, key=PREMIUM_KEY)
+    assert (completion.selected_model, completion.deployment) == ("strong", "strong-local")
+    assert (completion.selection_reason, completion.selection_score) == ("tier", 0.0)
+
+
+async def test_a_model_that_selects_nothing_reports_itself_and_no_reason(router):
+    request = pb.ChatRequest(
+        model="fast",
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=HARD)],
+        parameters=common_pb2.GenerationParameters(max_tokens=4),
+        cache_policy=pb.CACHE_POLICY_BYPASS,
+    )
+    completion = None
+    async for response in router.Chat(request, metadata=[("authorization", f"Bearer {KEY}")], timeout=60):
+        if response.HasField("completion"):
+            completion = response.completion
+    assert (completion.selected_model, completion.selection_reason) == ("fast", "")
+
+
+async def test_without_the_embedding_in_time_the_features_decide_and_the_turn_is_answered(
+    redis_url, inference_address
+):
+    # A deadline no Embed call can meet: the call fails with DEADLINE_EXCEEDED.
+    settings = _settings(redis_url, inference_address, embedding_timeout_s=1e-6)
+    async with _router(settings) as stub:
+        for prompt, model in ((EASY, "fast"), (HARD, "strong")):
+            text, completion = await _completion(stub, prompt)
+            assert text
+            assert completion.selected_model == model
+            assert completion.selection_reason == "complexity_features_only"
