@@ -12,6 +12,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from meshgate import balancing, serving
 from meshgate.errors import unavailable
 from meshgate.reasons import Reason
+from services.inference import triton_protocol
 
 log = structlog.get_logger(__name__)
 
@@ -55,8 +56,10 @@ class TritonBackend:
         self.ttft = balancing.Ewma()
         self.health = balancing.Health()
         self._misses: dict[str, int] = {}
-        # Whether a model takes a leading batch dimension (max_batch_size > 0).
+        # Whether a model takes a leading batch dimension (max_batch_size > 0),
+        # and whether it reports the prompt tokens it served from its cache.
         self.batched: dict[str, bool] = {}
+        self.reports_cached_tokens: dict[str, bool] = {}
         # What is probed, and Triton's queue and compute figures, for metrics.
         self.models: list[str] = []
         self.statistics: dict[str, TritonStatistics] = {}
@@ -89,6 +92,9 @@ class TritonBackend:
                         service_pb2.ModelConfigRequest(name=model), timeout=_PROBE_TIMEOUT_S
                     )
                     self.batched[model] = config.config.max_batch_size > 0
+                    self.reports_cached_tokens[model] = any(
+                        tensor.name == triton_protocol.CACHED_TOKENS_FLAG for tensor in config.config.input
+                    )
         except grpc.aio.AioRpcError as error:
             answers = dict.fromkeys(models, False)
             live = ready = None

@@ -88,6 +88,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 async for response in stream:
                     if response.HasField("completion"):
                         backend.health.record_success()
+                        if stream.cached_tokens is not None:
+                            # What the model says it held corrects what we believed.
+                            strategy.reported(backend, route, stream.cached_tokens)
                     yield response
                 return
             except grpc.aio.AioRpcError as error:
@@ -205,8 +208,15 @@ class _TritonStream:
         # held as KV, and until its first token, the prefill it queues.
         self._prompt_tokens = prompt_tokens
         self._prefill_tokens = prefill_tokens
+        # Prompt tokens the model served from its prefix cache, if it says.
+        self.cached_tokens: int | None = None
         self._request = triton_protocol.generate_request(
-            model, uuid.uuid4().hex, prompt, sampling, backend.batched.get(model, False)
+            model,
+            uuid.uuid4().hex,
+            prompt,
+            sampling,
+            backend.batched.get(model, False),
+            backend.reports_cached_tokens.get(model, False),
         )
         self.started = False
         # What reached the caller, for the error that ends a stream midway.
@@ -248,6 +258,8 @@ class _TritonStream:
                     prompt_tokens = event.input_tokens
                 if event.output_tokens is not None:
                     completion_tokens += event.output_tokens
+                if event.cached_tokens is not None:
+                    self.cached_tokens = event.cached_tokens
                 if event.text:
                     if prefill_queued:
                         backend.ttft.add(time.monotonic() - started)

@@ -66,8 +66,18 @@ def _add_input(request, name: str, datatype: str, shape: list[int], raw: bytes) 
     request.raw_input_contents.append(raw)
 
 
+# An input of the bundled models only (vLLM's backend has no such input and
+# Triton refuses unknown ones), so it is sent to a model that declares it.
+CACHED_TOKENS_FLAG = "return_num_cached_tokens"
+
+
 def generate_request(
-    triton_model: str, request_id: str, prompt: str, sampling_json: str, batched: bool
+    triton_model: str,
+    request_id: str,
+    prompt: str,
+    sampling_json: str,
+    batched: bool,
+    cached_tokens: bool = False,
 ) -> service_pb2.ModelInferRequest:
     shape = [1, 1] if batched else [1]
     request = service_pb2.ModelInferRequest(model_name=triton_model, id=request_id)
@@ -77,6 +87,8 @@ def generate_request(
     _add_input(request, "exclude_input_in_output", "BOOL", shape, _TRUE)
     for flag in ("return_finish_reason", "return_num_input_tokens", "return_num_output_tokens"):
         _add_input(request, flag, "BOOL", shape, _TRUE)
+    if cached_tokens:
+        _add_input(request, CACHED_TOKENS_FLAG, "BOOL", shape, _TRUE)
     # Without it, a model that ends with an empty final response leaves the
     # stream silent and the caller could not tell "done" from "slow".
     request.parameters["triton_enable_empty_final_response"].bool_param = True
@@ -110,7 +122,7 @@ class GenerateEvent:
     previous response, so a stream's total is their sum.
     """
 
-    __slots__ = ("text", "final", "finish_reason", "input_tokens", "output_tokens")
+    __slots__ = ("text", "final", "finish_reason", "input_tokens", "output_tokens", "cached_tokens")
 
     def __init__(self) -> None:
         self.text = ""
@@ -118,6 +130,8 @@ class GenerateEvent:
         self.finish_reason = ""
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
+        # Prompt tokens the model served from its prefix cache.
+        self.cached_tokens: int | None = None
 
 
 def read_generate_response(response: service_pb2.ModelInferResponse) -> GenerateEvent:
@@ -135,6 +149,8 @@ def read_generate_response(response: service_pb2.ModelInferResponse) -> Generate
             event.input_tokens = _first_integer(raw, output.datatype)
         elif output.name == "num_output_tokens":
             event.output_tokens = _first_integer(raw, output.datatype)
+        elif output.name == "num_cached_tokens":
+            event.cached_tokens = _first_integer(raw, output.datatype)
     return event
 
 

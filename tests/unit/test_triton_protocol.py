@@ -43,6 +43,18 @@ def test_reads_deltas_counts_and_final_flag():
     assert event.input_tokens is None
 
 
+def test_cached_tokens_are_asked_only_of_a_model_that_declares_them_and_read_back():
+    plain = triton_protocol.generate_request("m", "id1", "x", "{}", batched=False)
+    assert triton_protocol.CACHED_TOKENS_FLAG not in {i.name for i in plain.inputs}
+    asking = triton_protocol.generate_request("m", "id1", "x", "{}", batched=False, cached_tokens=True)
+    assert triton_protocol.CACHED_TOKENS_FLAG in {i.name for i in asking.inputs}
+    response = service_pb2.ModelInferResponse()
+    response.outputs.add(name="num_cached_tokens", datatype="UINT32", shape=[1])
+    response.raw_output_contents.append(struct.pack("<I", 96))
+    assert triton_protocol.read_generate_response(response).cached_tokens == 96
+    assert triton_protocol.read_generate_response(service_pb2.ModelInferResponse()).cached_tokens is None
+
+
 def test_chat_template_ends_with_the_assistant_cue():
     prompt = triton_protocol.render_chat(
         [
