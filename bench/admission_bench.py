@@ -2,17 +2,19 @@
 
 1. CPU per turn that the router's admit and settle stages add in its
    process (services.router.admission.TurnAdmission, as the router wires
-   it: limits and the usage ledger's record), in one run against a real
-   Redis started here: no stages at all (pipeline.Unlimited), the ledger
-   alone (a tenant without limits), and the ledger with 15 limits (tenant,
-   key and model: requests and tokens per minute, concurrent streams, a
-   daily token and cost budget). Redis's own CPU is not counted: it is
-   another process, as in production.
+   it: limits, their batched settlements and the usage ledger's record),
+   in one run against a real Redis started here: no stages at all
+   (pipeline.Unlimited), the ledger alone (a tenant without limits), and
+   the ledger with 15 limits (tenant, key and model: requests and tokens
+   per minute, concurrent streams, a daily token and cost budget). The
+   three alternate, round after round, and the median of the rounds is
+   reported with every round's figure. Redis's own CPU is not counted: it
+   is another process, as in production.
 2. Overshoot: 4 router-like processes, each with its own Redis connection,
    hammer one requests-per-minute and one tokens-per-minute limit; the
    admitted amount is compared with the limit.
 
-Usage: .venv/bin/python bench/admission_bench.py [--turns 2000]
+Usage: .venv/bin/python bench/admission_bench.py [--turns 2000] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import statistics
 import tempfile
 import time
 import types
@@ -53,8 +56,10 @@ def _turn(tenant: Tenant):
     return types.SimpleNamespace(tenant=tenant, model_alias="tiny-gpt", messages=messages, max_tokens=64)
 
 
-async def _cpu_per_turn(url: str, turns: int) -> tuple[float, float, float]:
-    """Milliseconds of router CPU per turn: no stages, ledger only, ledger and 15 limits."""
+async def _cpu_per_turn(url: str, turns: int, rounds: int) -> list[tuple[float, float, float]]:
+    """Milliseconds of router CPU per turn, per round: no stages, ledger only,
+    ledger and 15 limits. The three alternate within each round, so load
+    from other processes falls on all three alike."""
     client = redis_access.connect(url)
     run = uuid.uuid4().hex[:8]
     settings = RouterSettings(model_limits={"tiny-gpt": _LIMITS}, prices={"tiny-gpt": _PRICE})
@@ -71,15 +76,19 @@ async def _cpu_per_turn(url: str, turns: int) -> tuple[float, float, float]:
             grant = await admission.admit(turn)
             await admission.settle(grant, turn, outcome)
         if hasattr(admission, "drain"):
-            await admission.drain()  # the ledger's background records, counted too
+            # The batched settlements and the ledger's records, counted too.
+            await admission.drain()
         return (time.process_time() - cpu) / turns * 1000
 
     await loop(stages, limited)  # warm: scripts loaded, connections open
-    none = await loop(Unlimited(), free)
-    ledger_alone = await loop(ledger_only, free)
-    with_limits = await loop(stages, limited)
+    results = []
+    for _ in range(rounds):
+        none = await loop(Unlimited(), free)
+        ledger_alone = await loop(ledger_only, free)
+        with_limits = await loop(stages, limited)
+        results.append((none, ledger_alone, with_limits))
     await client.aclose()
-    return none, ledger_alone, with_limits
+    return results
 
 
 def _replica(url: str, rpm_id: str, tpm_id: str, attempts: int, results) -> None:
@@ -122,7 +131,8 @@ def _overshoot(url: str, attempts: int) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--turns", type=int, default=2000)
+    parser.add_argument("--turns", type=int, default=2000, help="per stage setup and round")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--attempts", type=int, default=1000, help="per replica and limit")
     args = parser.parse_args()
     port = free_port()
@@ -134,15 +144,19 @@ def main() -> None:
             redis_server.wait_ready(port)
             url = f"redis://127.0.0.1:{port}/0"
             # The router runs on uvloop (meshgate/serving.py): measure on the same loop.
-            none, ledger_alone, with_limits = uvloop.run(_cpu_per_turn(url, args.turns))
+            rounds = uvloop.run(_cpu_per_turn(url, args.turns, args.rounds))
+            none, ledger_alone, with_limits = (statistics.median(mode) for mode in zip(*rounds, strict=True))
             print(
-                f"router CPU per turn, admit+settle stages: none {none:.3f} ms,"
-                f" ledger only {ledger_alone:.3f} ms, ledger + 15 limits {with_limits:.3f} ms"
+                f"router CPU per turn, admit+settle stages (median of {args.rounds} rounds):"
+                f" none {none:.3f} ms, ledger only {ledger_alone:.3f} ms,"
+                f" ledger + 15 limits {with_limits:.3f} ms"
             )
             print(
                 f"  added: ledger {ledger_alone - none:.3f} ms, ledger + limits {with_limits - none:.3f} ms,"
                 f" limits alone {with_limits - ledger_alone:.3f} ms ({args.turns} turns each)"
             )
+            added = ", ".join(f"{limits - base:.3f}" for base, _, limits in rounds)
+            print(f"  ledger + limits added, every round: {added} ms")
             started = time.perf_counter()
             requests, tokens = _overshoot(url, args.attempts)
             elapsed = time.perf_counter() - started

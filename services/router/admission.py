@@ -2,11 +2,13 @@
 exact across any number of router replicas.
 
 Every limit lives in Redis and is checked and charged by one Lua script per
-turn, so replicas share one truth: a script runs alone, and either every
-limit of a turn admits it and all are charged, or none is charged (nothing
-half-applied). Keys, all under ``mg:router:limit:{scope}:{id}``, where scope
-is ``tenant``, ``key`` (the first 16 hex digits of the key's SHA-256) or
-``model``:
+Redis Cluster slot, so replicas share one truth: a script runs alone, and
+either every limit it holds admits the turn and all are charged, or none is.
+Keys, all under ``mg:router:limit:{<tag>}:<scope>:<id>``, where scope is
+``tenant``, ``key`` (the first 16 hex digits of the key's SHA-256) or
+``model``, and the hash tag puts a tenant's own counters and its keys'
+counters in one slot (``{t:<tenant>}``) and a model alias's counters, which
+every tenant shares, in another (``{m:<alias>}``):
 
 - ``...:rpm`` and ``...:tpm`` (+ ``:sum``): requests and tokens per
   minute, as a sliding-window log: a sorted set of the turns admitted in
@@ -27,10 +29,23 @@ is ``tenant``, ``key`` (the first 16 hex digits of the key's SHA-256) or
   when the lease expires (the longest a generation may last, plus a
   margin), so a replica that dies holding streams frees them eventually.
 
+One round trip per turn on the hot path: the admit scripts of a turn (one
+per slot: the tenant's, and the model's when it has limits) go in one
+pipeline, and settlements are written in batches off the turn's path (one
+script call per slot and flush, for many turns). A model's limits are
+checked in their own script, so a turn the tenant's script admits and the
+model's refuses (or the reverse) is refunded right away by a settlement to
+nothing: no limit is ever exceeded (each is checked atomically), but for
+that instant another turn may see the refunded charge and be refused.
+
 Tokens are reserved at admission: the new messages' UTF-8 bytes (every
 token of either tokenizer covers at least one byte, so this bounds their
 tokens) plus max_tokens; the settlement at the end of the turn (success,
 failure or cancellation) replaces the reservation by the real usage.
+Settlements are written within ``SETTLE_AFTER_S``: a stream's lease may
+outlive its stream by that long, so a turn refused for concurrent streams
+first writes this replica's pending settlements, waits out every other
+replica's flush interval, and asks once more before the refusal stands.
 
 Clock: windows use Redis's TIME unless a clock is injected (tests), so every
 replica measures the same minute; calendar periods follow the caller's
@@ -55,6 +70,8 @@ import grpc
 import structlog
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from meshgate import redis_access
 from meshgate.config import LimitSettings, PriceSettings, RouterSettings
@@ -70,43 +87,57 @@ NANO_USD = 1_000_000_000
 _LEASE_MARGIN_MS = 60_000
 # Budget counters outlive their period by this much.
 _BUDGET_GRACE_S = 2 * 24 * 3600
+# Settlements of turns ending within this long of each other are written
+# together (at most _SETTLE_BATCH turns): the call's fixed cost, most of
+# what settling cost the router per turn, is shared.
+SETTLE_AFTER_S = 0.01
+_SETTLE_BATCH = 128
 
-# Both scripts take ARGV: now_ms ('' = Redis TIME), the turn's lease id,
-# then one word per check, "kind a b cost key" separated by spaces; a
-# window's sum is at "<key>:sum". Packing a check into one argument, keys
-# included, cut what the router encodes per turn from 92 arguments to 17
-# (redis-py's argument encoding was most of admission's CPU). Keys named in
-# ARGV rather than KEYS are fine on the mesh's one Redis instance, not on a
-# Redis Cluster (whose slots need KEYS; the keys of a turn span scopes anyway).
+# Every key a script touches is in KEYS (a Redis Cluster routes a call by
+# them), in the order of the checks: a window's entries then its sum, a
+# budget's counter, a streams set. ARGV: now_ms ('' = Redis TIME), then
+# per turn its lease id and one word "kind a b cost" per check (packed in one
+# argument: redis-py's encoding of each argument was most of admission's CPU).
 #   'w' window   a = limit, b = window ms: entries "<lease>:<cost>" scored by
 #                their admission time, and the sum of their costs.
 #   'b' budget   a = limit, b = seconds to keep the counter.
 #   's' streams  a = limit, b = lease ms.
-_NOW = """
+_PARSE = """
 local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')
   now = t[1] * 1000 + t[2] / 1000
 end
 local function entry_cost(member) return tonumber(string.match(member, ':(%-?%d+)$')) end
-local n = #ARGV - 2
-local checks = {}
-for i = 1, n do
-  local kind, a, b, cost, key = string.match(ARGV[2 + i], '^(%a) (%-?%d+) (%-?%d+) (%-?%d+) (.+)$')
-  -- Numbers, and the words as sent (a Lua number above 1e14 prints in
-  -- exponent form, so members are built from the words).
-  checks[i] = {kind, tonumber(a), tonumber(b), cost, key, key .. ':sum', a, b}
+-- The checks of one turn, their keys taken from KEYS from index k on.
+local function parse(words, k)
+  local checks = {}
+  for kind, a, b, cost in string.gmatch(words, '(%a) (%-?%d+) (%-?%d+) (%-?%d+)') do
+    -- Numbers, and the words as sent (a Lua number above 1e14 prints in
+    -- exponent form, so members are built from the words).
+    local check = {kind = kind, a = tonumber(a), b = tonumber(b), cost = cost, a_word = a, b_word = b}
+    check.key = KEYS[k]
+    k = k + 1
+    if kind == 'w' then
+      check.sum_key = KEYS[k]
+      k = k + 1
+    end
+    checks[#checks + 1] = check
+  end
+  return checks, k
 end
 """
 
-# Returns {1} when every check admits (all are then charged), else
+# One turn: returns {1} when every check admits (all are then charged), else
 # {0, index of the first refusing check, retry after ms}.
 _ADMIT = (
-    _NOW
+    _PARSE
     + """
-for i = 1, n do
-  local kind, a, b, key, sum_key = checks[i][1], checks[i][2], checks[i][3], checks[i][5], checks[i][6]
-  local cost = tonumber(checks[i][4])
+local lease = ARGV[2]
+local checks = parse(ARGV[3], 1)
+for i, check in ipairs(checks) do
+  local kind, a, b, key, sum_key = check.kind, check.a, check.b, check.key, check.sum_key
+  local cost = tonumber(check.cost)
   if kind == 'w' then
     -- Entries that left the window give their cost back (housekeeping,
     -- not a charge: done even if a later check refuses).
@@ -136,18 +167,18 @@ for i = 1, n do
     if redis.call('ZCARD', key) >= a then return {0, i, 1000} end
   end
 end
-for i = 1, n do
-  local kind, b, cost, key, sum_key = checks[i][1], checks[i][3], checks[i][4], checks[i][5], checks[i][6]
+for _, check in ipairs(checks) do
+  local kind, b, cost, key = check.kind, check.b, check.cost, check.key
   if kind == 'w' then
-    redis.call('ZADD', key, now, ARGV[2] .. ':' .. cost)
-    redis.call('INCRBY', sum_key, cost)
+    redis.call('ZADD', key, now, lease .. ':' .. cost)
+    redis.call('INCRBY', check.sum_key, cost)
     redis.call('PEXPIRE', key, b)
-    redis.call('PEXPIRE', sum_key, b)
+    redis.call('PEXPIRE', check.sum_key, b)
   elseif kind == 'b' then
     redis.call('INCRBY', key, cost)
     redis.call('EXPIRE', key, b)
   elseif kind == 's' then
-    redis.call('ZADD', key, now + b, ARGV[2])
+    redis.call('ZADD', key, now + b, lease)
     redis.call('PEXPIRE', key, b)
   end
 end
@@ -155,28 +186,33 @@ return {1}
 """
 )
 
-# The same layout, each check's word being "kind reserved used 0 key": a window
-# entry and a budget move from what was reserved to the real use; a
+# Any number of turns, each check's word being "kind reserved used 0": a
+# window entry and a budget move from what was reserved to the real use; a
 # stream's lease is released. An entry already out of its window is left
 # alone: that window has passed.
 _SETTLE = (
-    _NOW
+    _PARSE
     + """
-for i = 1, n do
-  local check = checks[i]
-  local kind, reserved, used, key, sum_key = check[1], check[2], check[3], check[5], check[6]
-  if kind == 'w' and used ~= reserved then
-    local member = ARGV[2] .. ':' .. check[7]
-    local score = redis.call('ZSCORE', key, member)
-    if score then
-      redis.call('ZREM', key, member)
-      redis.call('ZADD', key, score, ARGV[2] .. ':' .. check[8])
-      redis.call('INCRBY', sum_key, used - reserved)
+local k = 1
+for t = 2, #ARGV, 2 do
+  local lease = ARGV[t]
+  local checks
+  checks, k = parse(ARGV[t + 1], k)
+  for _, check in ipairs(checks) do
+    local kind, reserved, used, key = check.kind, check.a, check.b, check.key
+    if kind == 'w' and used ~= reserved then
+      local member = lease .. ':' .. check.a_word
+      local score = redis.call('ZSCORE', key, member)
+      if score then
+        redis.call('ZREM', key, member)
+        redis.call('ZADD', key, score, lease .. ':' .. check.b_word)
+        redis.call('INCRBY', check.sum_key, used - reserved)
+      end
+    elseif kind == 'b' and used ~= reserved then
+      if redis.call('EXISTS', key) == 1 then redis.call('INCRBY', key, used - reserved) end
+    elseif kind == 's' then
+      redis.call('ZREM', key, lease)
     end
-  elseif kind == 'b' and used ~= reserved then
-    if redis.call('EXISTS', key) == 1 then redis.call('INCRBY', key, used - reserved) end
-  elseif kind == 's' then
-    redis.call('ZREM', key, ARGV[2])
   end
 end
 return 1
@@ -186,26 +222,99 @@ return 1
 
 @dataclasses.dataclass(frozen=True)
 class Scope:
-    """Who a set of limits applies to: ("tenant", id), ("key", id) or ("model", alias)."""
+    """Who a set of limits applies to: ("tenant", id), ("key", id, tenant)
+    or ("model", alias)."""
 
     kind: str
     id: str
     limits: LimitSettings
+    # The tenant an API key belongs to: its counters share the tenant's slot.
+    tenant: str = ""
+
+    @property
+    def slot_tag(self) -> str:
+        """The Redis Cluster hash tag of the scope's keys: a tenant's and its
+        keys' counters share a slot; a model alias's (shared by every
+        tenant) have their own."""
+        if self.kind == "model":
+            return f"{{m:{self.id}}}"
+        return f"{{t:{self.tenant or self.id}}}"
 
     @property
     def prefix(self) -> str:
-        return f"mg:router:limit:{self.kind}:{self.id}"
+        return f"mg:router:limit:{self.slot_tag}:{self.kind}:{self.id}"
 
 
 @dataclasses.dataclass(frozen=True)
 class _Check:
+    """One limit of a scope as the scripts take it, for one second (a
+    budget's key and keep-time follow the calendar): built once per scope
+    and second, not per turn."""
+
     scope: Scope
     limit: str
-    key: str
+    # The check's keys, as the scripts take them (a window: entries, sum).
+    keys: tuple[str, ...]
     kind: str
     a: int
     b: int
-    cost: int
+    # What a turn costs it: "requests" (one), "tokens" or "cost" (nano-USD).
+    charges: str
+    # Which script call of a turn the check goes in (see Admission).
+    slot: str
+
+    @property
+    def key(self) -> str:
+        return self.keys[0]
+
+    @functools.cached_property
+    def word(self) -> str:
+        """The check's word in an admit call, but for its cost."""
+        return f"{_KIND_CODE[self.kind]} {self.a} {self.b} "
+
+    def cost(self, tokens: int, nano_usd: int) -> int:
+        if self.charges == "tokens":
+            return tokens
+        return nano_usd if self.charges == "cost" else 1
+
+
+class _Plan:
+    """A scope's checks, rebuilt when the second changes."""
+
+    def __init__(self, scope: Scope, slot: str, lease_ms: int) -> None:
+        self.scope = scope
+        self._slot = slot
+        self._lease_ms = lease_ms
+        self._second = -1
+        self._checks: tuple[_Check, ...] = ()
+
+    def checks(self, second: int) -> tuple[_Check, ...]:
+        if second != self._second:
+            self._checks = self._build(second)
+            self._second = second
+        return self._checks
+
+    def _build(self, second: int) -> tuple[_Check, ...]:
+        limits, prefix, slot = self.scope.limits, self.scope.prefix, self._slot
+        day, month, day_left_s, month_left_s = _period_ids(second)
+        keep_day_s, keep_month_s = day_left_s + _BUDGET_GRACE_S, month_left_s + _BUDGET_GRACE_S
+        checks = []
+        for name, kind, suffixes, b, charges in (
+            ("requests_per_minute", "window", ("rpm", "rpm:sum"), _MINUTE_MS, "requests"),
+            ("tokens_per_minute", "window", ("tpm", "tpm:sum"), _MINUTE_MS, "tokens"),
+            ("concurrent_streams", "streams", ("streams",), self._lease_ms, "requests"),
+            ("tokens_per_day", "budget", (f"tokens:day:{day}",), keep_day_s, "tokens"),
+            ("tokens_per_month", "budget", (f"tokens:month:{month}",), keep_month_s, "tokens"),
+            ("cost_usd_per_day", "budget", (f"cost:day:{day}",), keep_day_s, "cost"),
+            ("cost_usd_per_month", "budget", (f"cost:month:{month}",), keep_month_s, "cost"),
+        ):
+            value = getattr(limits, name)
+            if value is None:
+                continue
+            limit = round(value * NANO_USD) if charges == "cost" else value
+            keys = tuple(f"{prefix}:{suffix}" for suffix in suffixes)
+            checks.append(_Check(self.scope, name, keys, kind, limit, b, charges, slot))
+        return tuple(checks)
 
 
 @dataclasses.dataclass
@@ -224,7 +333,11 @@ class Reservation:
 def estimate_prompt_tokens(messages) -> int:
     """An upper bound on the tokens of the new messages' content: no token of
     a byte-level BPE or WordPiece vocabulary is shorter than one byte."""
-    return sum(len(message.content.encode()) for message in messages)
+    # ASCII text (most) is as many bytes as characters: no encoding needed.
+    return sum(
+        len(content) if content.isascii() else len(content.encode())
+        for content in (message.content for message in messages)
+    )
 
 
 def cost_nano_usd(price: PriceSettings | None, prompt_tokens: int, completion_tokens: int) -> int:
@@ -238,7 +351,10 @@ def cost_nano_usd(price: PriceSettings | None, prompt_tokens: int, completion_to
 
 def admission_scopes(tenant, alias: str, settings: RouterSettings) -> list[Scope]:
     """The scopes whose limits a turn of ``tenant`` on ``alias`` must pass."""
-    scopes = [Scope("tenant", tenant.id, tenant.limits), Scope("key", tenant.key_id, tenant.key_limits)]
+    scopes = [
+        Scope("tenant", tenant.id, tenant.limits),
+        Scope("key", tenant.key_id, tenant.key_limits, tenant.id),
+    ]
     model_limits = settings.model_limits.get(alias)
     if model_limits is not None:
         scopes.append(Scope("model", alias, model_limits))
@@ -287,20 +403,49 @@ def _refusal(
     )
 
 
+_KIND_CODE = {"window": "w", "budget": "b", "streams": "s"}
+# Scope plans kept at most: one per tenant, key and model alias in use.
+_PLANS_KEPT = 4096
+
+
+def _by_slot(checks, words) -> dict[str, tuple[list[_Check], list[str]]]:
+    """The checks and their words, per script call."""
+    if checks and not checks[0].slot:
+        # One Redis instance: one call (every check's slot is "").
+        return {"": (checks, words)}
+    groups: dict[str, tuple[list[_Check], list[str]]] = {}
+    for check, word in zip(checks, words, strict=True):
+        group = groups.setdefault(check.slot, ([], []))
+        group[0].append(check)
+        group[1].append(word)
+    return groups
+
+
 class Admission:
     def __init__(
         self,
         redis,
         max_generation_s: float,
         clock: Callable[[], float] | None = None,
+        split_by_slot: bool | None = None,
     ) -> None:
         self._redis = redis
+        # On a Redis Cluster a script call's keys must share a slot: a turn
+        # takes one call per slot (its tenant's, its model's), and a turn
+        # one slot refuses is refunded in the others. One Redis instance
+        # takes all of a turn's keys in one call, atomic across its scopes.
+        self._split_by_slot = (
+            isinstance(redis, RedisCluster) if split_by_slot is None else split_by_slot
+        )
         self._admit_script = redis.register_script(_ADMIT)
         self._settle_script = redis.register_script(_SETTLE)
         self._lease_ms = int(max_generation_s * 1000) + _LEASE_MARGIN_MS
         self._clock = clock
-        # Settlements that must finish even when the turn's task is cancelled.
-        self._pending: set[asyncio.Task] = set()
+        self._plans: dict[tuple[str, str, str], _Plan] = {}
+        # Settlements waiting for the next batch: (reservation, tokens, nano_usd).
+        self._unsettled: list[tuple[Reservation, int, int]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Task] = set()
 
     def _now_s(self) -> float:
         return self._clock() if self._clock else time.time()
@@ -308,46 +453,17 @@ class Admission:
     def _now_arg(self) -> str:
         return "" if self._clock is None else repr(self._now_s() * 1000)
 
-    def _checks(self, scopes: list[Scope], tokens: int, nano_usd: int, now_s: float) -> list[_Check]:
-        # Whole seconds: the same answer for every turn of a second (cached).
-        day, month, day_left_s, month_left_s = _period_ids(int(now_s))
-        checks = []
-        for scope in scopes:
-            limits, prefix = scope.limits, scope.prefix
-            if limits.requests_per_minute:
-                checks.append(
-                    _Check(scope, "requests_per_minute", f"{prefix}:rpm", "window",
-                           limits.requests_per_minute, _MINUTE_MS, 1)
-                )  # fmt: skip
-            if limits.tokens_per_minute:
-                checks.append(
-                    _Check(scope, "tokens_per_minute", f"{prefix}:tpm", "window",
-                           limits.tokens_per_minute, _MINUTE_MS, tokens)
-                )  # fmt: skip
-            if limits.concurrent_streams:
-                checks.append(
-                    _Check(scope, "concurrent_streams", f"{prefix}:streams", "streams",
-                           limits.concurrent_streams, self._lease_ms, 1)
-                )  # fmt: skip
-            for name, value, key, left_s, cost in (
-                ("tokens_per_day", limits.tokens_per_day, f"tokens:day:{day}", day_left_s, tokens),
-                ("tokens_per_month", limits.tokens_per_month, f"tokens:month:{month}", month_left_s, tokens),
-                ("cost_usd_per_day", limits.cost_usd_per_day, f"cost:day:{day}", day_left_s, nano_usd),
-                (
-                    "cost_usd_per_month",
-                    limits.cost_usd_per_month,
-                    f"cost:month:{month}",
-                    month_left_s,
-                    nano_usd,
-                ),
-            ):
-                if value is None:
-                    continue
-                limit = round(value * NANO_USD) if name.startswith("cost") else value
-                checks.append(
-                    _Check(scope, name, f"{prefix}:{key}", "budget", limit, left_s + _BUDGET_GRACE_S, cost)
-                )
-        return checks
+    def _plan(self, scope: Scope) -> _Plan:
+        """The scope's checks, planned when a scope (or its limits, after a
+        reload) is first seen."""
+        ident = (scope.kind, scope.id, scope.tenant)
+        plan = self._plans.get(ident)
+        if plan is None or plan.scope.limits is not scope.limits:
+            if len(self._plans) >= _PLANS_KEPT:
+                self._plans.clear()
+            slot = scope.slot_tag if self._split_by_slot else ""
+            plan = self._plans[ident] = _Plan(scope, slot, self._lease_ms)
+        return plan
 
     async def admit(
         self, scopes: list[Scope], prompt_tokens: int, max_tokens: int, price: PriceSettings | None = None
@@ -360,19 +476,28 @@ class Admission:
         scopes = [scope for scope in scopes if scope.limits.configured()]
         if not scopes:
             return Reservation(lease_id, tokens, nano_usd, ())
-        now_s = self._now_s()
-        checks = self._checks(scopes, tokens, nano_usd, now_s)
-        for check in checks:
+        # Whole seconds: every turn of a second shares its checks.
+        second = int(self._now_s())
+        checks = [check for scope in scopes for check in self._plan(scope).checks(second)]
+        costs = [check.cost(tokens, nano_usd) for check in checks]
+        for check, cost in zip(checks, costs, strict=True):
             # A turn no window or budget could ever hold must not wait for one.
-            if check.kind != "streams" and check.cost > check.a:
+            if check.kind != "streams" and cost > check.a:
                 raise _refusal(
                     check, _limit_value(check), None, Reason.REQUEST_EXCEEDS_LIMIT,
                     f"this request alone exceeds {check.scope.kind} limit {check.limit}",
                 )  # fmt: skip
-        args = [self._now_arg(), lease_id]
-        args += [f"{_KIND_CODE[c.kind]} {int(c.a)} {int(c.b)} {int(c.cost)} {c.key}" for c in checks]
+        words = [check.word + str(cost) for check, cost in zip(checks, costs, strict=True)]
+        groups = list(_by_slot(checks, words).values())
         try:
-            admitted = await self._admit_script(args=args)
+            refused = await self._try_admit(lease_id, tokens, nano_usd, groups)
+            if refused is not None and refused.kind == "streams":
+                # The stream that holds the lease may have ended already, its
+                # release waiting in some replica's batch (this one's too):
+                # write ours, give the others one flush, ask once more.
+                await self.flush()
+                await asyncio.sleep(SETTLE_AFTER_S * 2)
+                refused = await self._try_admit(lease_id, tokens, nano_usd, groups)
         except redis_access.CONNECTION_ERRORS as error:
             closed = [c for c in checks if c.limit in c.scope.limits.fail_closed]
             if closed:
@@ -384,51 +509,146 @@ class Admission:
                 ) from error
             log.warning("limits unavailable; admitting (fail open)", error=str(error))
             return Reservation(lease_id, tokens, nano_usd, ())
-        if admitted[0] != 1:
-            check = checks[admitted[1] - 1]
-            if check.kind == "budget":
-                period_left_s = check.b - _BUDGET_GRACE_S
-                raise _refusal(
-                    check, _limit_value(check), period_left_s, Reason.BUDGET_EXHAUSTED,
-                    f"the {check.scope.kind}'s {check.limit} budget is spent until the period ends",
-                )  # fmt: skip
-            raise _refusal(
-                check, _limit_value(check), admitted[2] / 1000, Reason.RATE_LIMITED,
-                f"{check.scope.kind} limit {check.limit} reached",
-            )  # fmt: skip
+        if refused is not None:
+            raise refused.error
         settled = tuple(c for c in checks if c.limit != "requests_per_minute")
         return Reservation(lease_id, tokens, nano_usd, settled)
 
+    async def _try_admit(
+        self, lease_id: str, tokens: int, nano_usd: int, groups: list[tuple[list[_Check], list[str]]]
+    ) -> _Refused | None:
+        """One admit script per slot, all in one round trip; a turn some slot
+        refused is refunded in the slots that admitted it."""
+        now = self._now_arg()
+        calls = [
+            ([key for check in checks for key in check.keys], [now, lease_id, " ".join(words)])
+            for checks, words in groups
+        ]
+        replies = await self._run(self._admit_script, calls)
+        refused, admitted = None, []
+        for (checks, _), reply in zip(groups, replies, strict=True):
+            if reply[0] == 1:
+                admitted += checks
+            elif refused is None:
+                refused = _Refused(checks[reply[1] - 1], reply[2])
+        if refused is not None and admitted:
+            refund = Reservation(lease_id, tokens, nano_usd, tuple(admitted))
+            await self._write_settlements([(refund, 0, 0)], refund=True)
+        return refused
+
+    async def _run(self, script, calls: list[tuple[list[str], list[str]]]) -> list:
+        """Runs ``script`` once per (keys, args), in one round trip."""
+        if len(calls) == 1:
+            keys, args = calls[0]
+            return [await script(keys=keys, args=args)]
+        pipe = self._redis.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        replies = await pipe.execute(raise_on_error=False)
+        for index, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):
+                # Redis restarted and lost its scripts: the call did not run.
+                keys, args = calls[index]
+                replies[index] = await script(keys=keys, args=args)
+            elif isinstance(reply, Exception):
+                raise reply
+        return replies
+
     async def settle(self, reservation: Reservation, tokens: int, nano_usd: int) -> None:
-        """Replaces the reservation by what the turn used and frees its stream."""
+        """Replaces the reservation by what the turn used and frees its
+        stream, now."""
+        if reservation.settled:
+            return
+        reservation.settled = True
+        if reservation.checks:
+            await self._write_settlements([(reservation, tokens, nano_usd)])
+
+    def settle_soon(self, reservation: Reservation, tokens: int, nano_usd: int) -> None:
+        """Settles within SETTLE_AFTER_S, batched with other turns: how the
+        router settles, off the turn's path (and whether or not the turn's
+        task is being cancelled)."""
         if reservation.settled:
             return
         reservation.settled = True
         if not reservation.checks:
             return
-        args = [self._now_arg(), reservation.lease_id]
-        for check in reservation.checks:
-            used = nano_usd if check.limit.startswith("cost") else tokens
-            args.append(f"{_KIND_CODE[check.kind]} {int(check.cost)} {int(used)} 0 {check.key}")
-        try:
-            await self._settle_script(args=args)
-        except redis_access.CONNECTION_ERRORS as error:
-            # The reservation stands (an overcharge, never an undercharge),
-            # and the stream's lease expires on its own.
-            log.warning("settlement failed; the reservation stands", error=str(error))
+        self._unsettled.append((reservation, tokens, nano_usd))
+        if len(self._unsettled) >= _SETTLE_BATCH:
+            self._start_flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(SETTLE_AFTER_S, self._start_flush)
 
-    def settle_in_background(self, reservation: Reservation, tokens: int, nano_usd: int) -> None:
-        """Settles even when the caller's task is being cancelled."""
-        task = asyncio.get_running_loop().create_task(self.settle(reservation, tokens, nano_usd))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+    def _start_flush(self) -> asyncio.Task | None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._unsettled = self._unsettled, []
+        if not batch:
+            return None
+        task = asyncio.get_running_loop().create_task(self._write_settlements(batch))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+        return task
+
+    async def flush(self) -> None:
+        """Writes every pending settlement."""
+        self._start_flush()
+        if self._flushing:
+            await asyncio.gather(*self._flushing, return_exceptions=True)
 
     async def drain(self) -> None:
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+        await self.flush()
+
+    async def _write_settlements(
+        self, batch: list[tuple[Reservation, int, int]], refund: bool = False
+    ) -> None:
+        """One script call per slot for the whole batch: per turn, its lease
+        and its checks of that slot, each from reserved to used (a refund:
+        to nothing, requests too; a turn that ran was one request, whatever
+        it used, so its requests window is not among the checks settled)."""
+        now = self._now_arg()
+        calls: dict[str, tuple[list[str], list[str]]] = {}
+        for reservation, tokens, nano_usd in batch:
+            reserved_tokens, reserved_nano_usd = reservation.reserved_tokens, reservation.reserved_nano_usd
+            words = [
+                f"{_KIND_CODE[check.kind]} {check.cost(reserved_tokens, reserved_nano_usd)}"
+                f" {0 if refund else check.cost(tokens, nano_usd)} 0"
+                for check in reservation.checks
+            ]
+            for slot, (checks, slot_words) in _by_slot(reservation.checks, words).items():
+                keys, args = calls.setdefault(slot, ([], [now]))
+                keys += [key for check in checks for key in check.keys]
+                args += [reservation.lease_id, " ".join(slot_words)]
+        try:
+            await self._run(self._settle_script, list(calls.values()))
+        except redis_access.CONNECTION_ERRORS as error:
+            # The reservations stand (an overcharge, never an undercharge),
+            # and the streams' leases expire on their own.
+            log.warning("settlement failed; the reservations stand", turns=len(batch), error=str(error))
 
 
-_KIND_CODE = {"window": "w", "budget": "b", "streams": "s"}
+@dataclasses.dataclass(frozen=True)
+class _Refused:
+    check: _Check
+    retry_after_ms: int
+
+    @property
+    def kind(self) -> str:
+        return self.check.kind
+
+    @property
+    def error(self) -> MeshgateError:
+        check = self.check
+        if check.kind == "budget":
+            period_left_s = check.b - _BUDGET_GRACE_S
+            return _refusal(
+                check, _limit_value(check), period_left_s, Reason.BUDGET_EXHAUSTED,
+                f"the {check.scope.kind}'s {check.limit} budget is spent until the period ends",
+            )  # fmt: skip
+        return _refusal(
+            check, _limit_value(check), self.retry_after_ms / 1000, Reason.RATE_LIMITED,
+            f"{check.scope.kind} limit {check.limit} reached",
+        )  # fmt: skip
 
 
 def _limit_value(check: _Check):
@@ -472,11 +692,8 @@ class TurnAdmission:
             tokens, nano_usd = answer.prompt_tokens + answer.completion_tokens, full_cost
         if self._ledger is not None:
             self._record(turn, outcome, hit, nano_usd)
-        if outcome.cancelled:
-            # The turn's task is being cancelled: settle off it.
-            self._admission.settle_in_background(grant, tokens, nano_usd)
-        else:
-            await self._admission.settle(grant, tokens, nano_usd)
+        # Batched, off the turn's path: it holds for a cancelled turn too.
+        self._admission.settle_soon(grant, tokens, nano_usd)
 
     def _record(self, turn, outcome, hit: bool, nano_usd: int) -> None:
         answer = outcome.answer

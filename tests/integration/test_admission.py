@@ -57,14 +57,17 @@ def _details(error: MeshgateError):
     return found
 
 
-async def test_four_replicas_admit_exactly_the_limit(redis_url):
+@pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
+async def test_four_replicas_admit_exactly_the_limit(redis_url, split_by_slot):
     """Four admission controllers on their own connections, as four router
     replicas are, hammer one requests-per-minute and one tokens-per-minute
-    limit concurrently: the admitted amount is the limit, never more."""
+    limit concurrently: the admitted amount is the limit, never more. With
+    a Redis Cluster's split too (a turn's tenant and model in two calls,
+    refunded where the other refused)."""
     rpm_scope = _scope(requests_per_minute=200)
     tpm_scope = Scope("model", uuid.uuid4().hex[:12], LimitSettings(tokens_per_minute=5_000))
     clients = [redis_access.connect(redis_url) for _ in range(4)]
-    replicas = [Admission(client, max_generation_s=60) for client in clients]
+    replicas = [Admission(client, max_generation_s=60, split_by_slot=split_by_slot) for client in clients]
     admitted_requests = 0
     admitted_tokens = 0
 
@@ -118,11 +121,12 @@ async def test_a_refusal_names_the_limit_with_quota_failure_and_retry_info(redis
     await admission.admit([scope], 1, 1, None)
 
 
-async def test_a_refused_turn_charges_no_scope(redis_client):
+@pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
+async def test_a_refused_turn_charges_no_scope(redis_client, split_by_slot):
     """Nothing half-applied: the tenant's limit admits, the model's refuses,
-    and the tenant's window is left as it was."""
+    and the tenant's window is left as it was (on a cluster: refunded)."""
     clock = Clock(1_800_000_000.0)
-    admission = Admission(redis_client, max_generation_s=60, clock=clock)
+    admission = Admission(redis_client, max_generation_s=60, clock=clock, split_by_slot=split_by_slot)
     tenant = _scope(requests_per_minute=1)
     full_model = Scope("model", uuid.uuid4().hex[:12], LimitSettings(concurrent_streams=1))
     held = await admission.admit([full_model], 1, 1, None)
@@ -247,10 +251,35 @@ async def test_the_pipeline_stages_settle_every_end_of_a_turn(redis_client, outc
     with pytest.raises(MeshgateError):
         await stages.admit(turn)
     await stages.settle(grant, turn, outcome)
-    tpm_sum = f"mg:router:limit:tenant:{turn.tenant.id}:tpm:sum"
+    prefix = Scope("tenant", turn.tenant.id, turn.tenant.limits).prefix
+    tpm_sum = f"{prefix}:tpm:sum"
     deadline = asyncio.get_running_loop().time() + 10
     while int(await redis_client.get(tpm_sum)) != charged:
         assert asyncio.get_running_loop().time() < deadline, "never settled"
         await asyncio.sleep(0.02)
-    # The stream was released on every path.
-    assert await redis_client.zcard(f"mg:router:limit:tenant:{turn.tenant.id}:streams") == 0
+    # The stream was released on every path (in the same batch).
+    assert await redis_client.zcard(f"{prefix}:streams") == 0
+
+
+@pytest.mark.parametrize("same_replica", [True, False], ids=["same-replica", "other-replica"])
+async def test_a_stream_settled_in_a_batch_is_free_for_the_next_turn_at_once(redis_url, same_replica):
+    """Settlements are written in batches just after a turn ends; a turn
+    asking right then for the stream just freed, on this replica or another,
+    is admitted, not refused for a lease about to be released."""
+    clients = [redis_access.connect(redis_url) for _ in range(2)]
+    try:
+        first = Admission(clients[0], max_generation_s=60)
+        second = first if same_replica else Admission(clients[1], max_generation_s=60)
+        scope = _scope(concurrent_streams=1)
+        held = await first.admit([scope], 1, 1)
+        first.settle_soon(held, 2, 0)
+        # Still held in Redis: the release waits for its batch.
+        assert await clients[0].zcard(f"{scope.prefix}:streams") == 1
+        await second.admit([scope], 1, 1)
+        # A stream really held still refuses.
+        with pytest.raises(MeshgateError) as refused:
+            await first.admit([scope], 1, 1)
+        assert refused.value.metadata["limit"] == "concurrent_streams"
+    finally:
+        for client in clients:
+            await client.aclose()

@@ -31,6 +31,7 @@ from meshgate.router.v1 import router_service_pb2_grpc
 from services.cache import app as cache_app
 from services.context import app as context_app
 from services.router import app as router_app
+from services.router.admission import Scope
 from tests.integration.conftest import running
 from tests.mesh import mesh_settings
 
@@ -98,8 +99,8 @@ async def eventually(check, timeout_s: float = 15.0):
         await asyncio.sleep(0.05)
 
 
-def limit_key(tenant_key_hash: str, suffix: str) -> str:
-    return f"mg:router:limit:key:{tenant_key_hash[:16]}:{suffix}"
+def limit_key(tenant: str, tenant_key_hash: str, suffix: str) -> str:
+    return f"{Scope('key', tenant_key_hash[:16], LimitSettings(), tenant).prefix}:{suffix}"
 
 
 async def usage_row(stub, auth, model: str, **request) -> pb.UsageRow | None:
@@ -118,20 +119,31 @@ async def test_a_completed_turn_settles_to_its_real_use_and_is_billed_in_the_led
     assert completion is not None
     used = completion.usage.prompt_tokens + completion.usage.completion_tokens
     assert used > 0
-    # The reservation (prompt bytes + max_tokens) became the real use, and
-    # the stream was freed before the call ended.
-    assert int(await client.get(limit_key(key_hash, "tpm:sum"))) == used
-    assert await client.zcard(limit_key(key_hash, "streams")) == 0
+    # The key's one stream is free for the caller's next turn at once,
+    # though settlements are written in batches just after a call ends.
+    async for response in stub.Chat(ask("and again"), metadata=auth, timeout=60):
+        last = response
+    assert last.HasField("completion")
+    prompt_tokens = completion.usage.prompt_tokens + last.completion.usage.prompt_tokens
+    completion_tokens = completion.usage.completion_tokens + last.completion.usage.completion_tokens
+    used = prompt_tokens + completion_tokens
+
+    # Both reservations (prompt bytes + max_tokens) became the real use, and
+    # the stream was freed, within a bound.
+    async def settled():
+        tokens = int(await client.get(limit_key(tenant, key_hash, "tpm:sum")) or 0)
+        return tokens == used and await client.zcard(limit_key(tenant, key_hash, "streams")) == 0
+
+    await eventually(settled, timeout_s=2.0)
 
     async def recorded():
         row = await usage_row(stub, auth, "tiny-gpt")
-        return row if row is not None and row.requests >= 1 else None
+        return row if row is not None and row.requests >= 2 else None
 
     row = await recorded() or await eventually(recorded)
     assert row.key_id == key_hash[:16] and row.failures == 0
-    assert row.prompt_tokens == completion.usage.prompt_tokens
-    assert row.completion_tokens == completion.usage.completion_tokens
-    expected_nano_usd = completion.usage.prompt_tokens * 1000 + completion.usage.completion_tokens * 2000
+    assert (row.prompt_tokens, row.completion_tokens) == (prompt_tokens, completion_tokens)
+    expected_nano_usd = prompt_tokens * 1000 + completion_tokens * 2000
     assert row.cost_nano_usd == expected_nano_usd
     # The admin credential reads the same row; the tenant's key cannot read another tenant.
     admin = (("authorization", f"Bearer {ADMIN_KEY}"),)
@@ -145,14 +157,19 @@ async def test_a_completed_turn_settles_to_its_real_use_and_is_billed_in_the_led
 async def test_a_failed_turn_frees_its_stream_and_is_recorded_as_a_failure(accounting):
     stub, tenant, auth, client = accounting
     key_hash = hash_api_key(f"key-{tenant}")
-    before = int(await client.get(limit_key(key_hash, "tpm:sum")) or 0)
+    before = int(await client.get(limit_key(tenant, key_hash, "tpm:sum")) or 0)
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         async for _ in stub.Chat(ask("anyone there?", model="nowhere"), metadata=auth, timeout=60):
             pass
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert await client.zcard(limit_key(key_hash, "streams")) == 0
-    # Nothing was generated: the reservation settled to nothing.
-    assert int(await client.get(limit_key(key_hash, "tpm:sum")) or 0) == before
+
+    # Nothing was generated: the reservation settled to nothing, and the
+    # stream was freed.
+    async def settled():
+        tokens = int(await client.get(limit_key(tenant, key_hash, "tpm:sum")) or 0)
+        return tokens == before and await client.zcard(limit_key(tenant, key_hash, "streams")) == 0
+
+    await eventually(settled, timeout_s=2.0)
 
     async def failure_recorded():
         row = await usage_row(stub, auth, "nowhere")
@@ -170,11 +187,11 @@ async def test_a_caller_hanging_up_mid_stream_frees_its_stream(accounting):
         assert response.HasField("delta")
         break  # one piece, then hang up
     # While the stream is open, the key's one stream is taken.
-    assert await client.zcard(limit_key(key_hash, "streams")) == 1
+    assert await client.zcard(limit_key(tenant, key_hash, "streams")) == 1
     call.cancel()
 
     async def freed():
-        return await client.zcard(limit_key(key_hash, "streams")) == 0
+        return await client.zcard(limit_key(tenant, key_hash, "streams")) == 0
 
     await eventually(freed)
 

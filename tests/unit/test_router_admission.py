@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 
 import pytest
+from redis.crc import key_slot
 
 from meshgate.common.v1 import common_pb2
-from meshgate.config import ConfigError, LimitSettings, PriceSettings, Settings, _build, check_router_models
-from services.router.admission import _period_ids, cost_nano_usd, estimate_prompt_tokens
+from meshgate.config import (
+    ConfigError,
+    LimitSettings,
+    PriceSettings,
+    RouterSettings,
+    Settings,
+    _build,
+    check_router_models,
+)
+from meshgate.errors import MeshgateError
+from services.router.admission import (
+    Admission,
+    _period_ids,
+    admission_scopes,
+    cost_nano_usd,
+    estimate_prompt_tokens,
+)
+from services.router.auth import Tenant
 
 
 def _utc(*fields) -> float:
@@ -84,3 +102,119 @@ def test_prices_are_checked():
         PriceSettings(prompt_usd_per_million=-1)
     with pytest.raises(ConfigError):
         PriceSettings(cache_hit_fraction=1.5)
+
+
+class _RecordingRedis:
+    """Stands in for a Redis client: records the KEYS of every script call,
+    direct or pipelined; ``admit_reply(keys)`` answers each admit."""
+
+    def __init__(self, admit_reply=lambda keys: [1]) -> None:
+        # (script, its KEYS): script "admit" or "settle".
+        self.calls: list[tuple[str, list[str]]] = []
+        self.admit_reply = admit_reply
+        self._admit_sha = ""
+
+    def _answer(self, sha: str, keys: list[str]):
+        admits = sha == self._admit_sha
+        self.calls.append(("admit" if admits else "settle", keys))
+        return self.admit_reply(keys) if admits else 1
+
+    def register_script(self, source: str):
+        sha = hashlib.sha1(source.encode()).hexdigest()
+        if "return {1}" in source:
+            self._admit_sha = sha
+
+        async def run(keys, args):
+            return self._answer(sha, list(keys))
+
+        run.sha = sha
+        return run
+
+    def pipeline(self, transaction: bool):
+        redis, queued = self, []
+
+        class Pipeline:
+            def evalsha(self, sha, key_count, *keys_and_args):
+                queued.append((sha, list(keys_and_args[:key_count])))
+
+            async def execute(self, raise_on_error: bool):
+                return [redis._answer(sha, keys) for sha, keys in queued]
+
+        return Pipeline()
+
+
+_EVERY_LIMIT = LimitSettings(
+    requests_per_minute=10,
+    tokens_per_minute=10_000,
+    concurrent_streams=2,
+    tokens_per_day=100_000,
+    tokens_per_month=1_000_000,
+    cost_usd_per_day=5.0,
+    cost_usd_per_month=50.0,
+)
+
+
+def _scopes(tenant_id: str):
+    tenant = Tenant(tenant_id, frozenset({"*"}), "0123456789abcdef", _EVERY_LIMIT, _EVERY_LIMIT)
+    settings = RouterSettings(model_limits={"tiny-gpt": _EVERY_LIMIT})
+    return admission_scopes(tenant, "tiny-gpt", settings)
+
+
+def _slots(keys) -> set[int]:
+    return {key_slot(key.encode()) for key in keys}
+
+
+@pytest.mark.parametrize("tenant_id", ["acme", "a{b}c", "t:1"])
+async def test_every_script_call_keeps_its_keys_in_one_cluster_slot(tenant_id):
+    """Tenant, key and model limits, every kind: each admit and settle
+    script call names all its keys in KEYS, and they share one slot (a
+    tenant's and its key's counters in one, the model's, shared by every
+    tenant, in its own call)."""
+    redis = _RecordingRedis()
+    admission = Admission(redis, max_generation_s=60, split_by_slot=True)
+    scopes = _scopes(tenant_id)
+    price = PriceSettings(prompt_usd_per_million=1.0, completion_usd_per_million=1.0)
+    reservation = await admission.admit(scopes, 10, 10, price)
+    admission.settle_soon(reservation, 15, 1000)
+    await admission.flush()
+    admits = [keys for script, keys in redis.calls if script == "admit"]
+    settles = [keys for script, keys in redis.calls if script == "settle"]
+    # 7 limits in each of 3 scopes; a window names its sum too: 9 keys a scope.
+    assert sorted(len(keys) for keys in admits) == [9, 18]
+    # Settled: all but the requests windows, in the same two slots.
+    assert sorted(len(keys) for keys in settles) == [7, 14]
+    for keys in admits + settles:
+        assert len(_slots(keys)) == 1, keys
+    assert {frozenset(_slots(keys)) for keys in admits} == {frozenset(_slots(keys)) for keys in settles}
+
+
+async def test_a_turn_one_slot_refuses_is_refunded_in_the_slot_that_admitted_it():
+    """The model's script refuses (its streams full), the tenant's admitted:
+    the tenant's charges are refunded by a settlement in the tenant's slot."""
+
+    def model_refuses(keys):
+        return [0, 3, 1000] if ":model:" in keys[0] else [1]
+
+    redis = _RecordingRedis(admit_reply=model_refuses)
+    admission = Admission(redis, max_generation_s=60, split_by_slot=True)
+    with pytest.raises(MeshgateError) as refused:
+        await admission.admit(_scopes("acme"), 10, 10)
+    assert refused.value.metadata["limit"] == "concurrent_streams"
+    assert refused.value.metadata["scope"] == "model"
+    refunds = [keys for script, keys in redis.calls if script == "settle"]
+    assert refunds, "the tenant's charges were not refunded"
+    assert all(":model:" not in key for keys in refunds for key in keys)
+    for _, keys in redis.calls:
+        assert len(_slots(keys)) == 1, keys
+    # The refund names the requests-per-minute window too (a refused turn
+    # was no request).
+    assert any(key.endswith(":rpm") for keys in refunds for key in keys)
+
+
+async def test_one_redis_instance_takes_a_turn_in_one_atomic_call():
+    redis = _RecordingRedis()
+    admission = Admission(redis, max_generation_s=60, split_by_slot=False)
+    reservation = await admission.admit(_scopes("acme"), 10, 10)
+    admission.settle_soon(reservation, 15, 0)
+    await admission.flush()
+    assert [(script, len(keys)) for script, keys in redis.calls] == [("admit", 27), ("settle", 21)]
