@@ -274,7 +274,10 @@ class Scheduler(threading.Thread):
         generation.next_logits = self.model.prefill(prompt[generation.cached_tokens :], cache)
         generation.cache = cache
         if self.prefix_cache is not None:
-            self.prefix_cache.insert(prompt, lambda start, stop: self.model.kv_block(cache, start, stop))
+            try:
+                self.prefix_cache.insert(prompt, lambda start, stop: self.model.kv_block(cache, start, stop))
+            except Exception:  # the cache only saves later work: this request is prefilled and goes on
+                log.warning(f"{self.model_name}: could not cache the prompt's blocks", exc_info=True)
         if self.on_prefill is not None:
             self.on_prefill()
 

@@ -25,7 +25,9 @@ import triton_python_backend_utils as pb_utils
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # num_cached_tokens is ours (vLLM's RequestOutput.num_cached_tokens; the vLLM
-# backend has no such output): prompt tokens served from the prefix cache.
+# backend has no such output): prompt tokens served from the prefix cache. A
+# tensor, not a response parameter, because this stub's InferenceResponse
+# takes only output_tensors and error (r24.10; parameters came later).
 EXTRA_OUTPUTS = ("finish_reason", "num_input_tokens", "num_output_tokens", "num_cached_tokens")
 
 

@@ -255,3 +255,34 @@ def test_a_zero_byte_cache_holds_nothing(prefix_cache):
     small = prefix_cache.PrefixCache(999)
     small.insert(SHARED, kv)
     assert small.stats.blocks == 0, "a block larger than the whole cache is not kept"
+
+
+class CannotCopyBlocks:
+    """The real model, except that copying a block out for the cache fails."""
+
+    def __init__(self, model):
+        self.model = model
+        self.config = model.config
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def kv_block(self, cache, start, stop):
+        raise MemoryError("no room for a copy")
+
+
+def test_a_failure_to_cache_blocks_does_not_fail_the_request(engine, prefix_cache, model):
+    scheduler = engine.Scheduler(
+        "cached", CannotCopyBlocks(model), vocabulary(engine), 4, prefix_cache.PrefixCache(64 << 20)
+    )
+    plain = engine.Scheduler("plain", model, vocabulary(engine), 4)
+    scheduler.start()
+    plain.start()
+    try:
+        answers = [generate(engine, scheduler, SHARED) for _ in range(2)]
+        expected = generate(engine, plain, SHARED)
+    finally:
+        scheduler.shutdown()
+        plain.shutdown()
+    assert answers == [expected, expected]
+    assert scheduler.prefix_cache.stats.blocks == 0
