@@ -45,8 +45,11 @@ def check_turn(turn, model: ModelSettings, settings: RouterSettings) -> int:
     for index, message in enumerate(messages):
         if message.role not in _VALID_ROLES:
             raise invalid_argument(Reason.INVALID_ROLE, f"messages[{index}] has no valid role")
-        # len(str) <= UTF-8 length, so the cheap test rejects most oversize input first.
-        if len(message.content) > limit or len(message.content.encode()) > limit:
+        # A character is 1 to 4 UTF-8 bytes: only content whose length leaves
+        # the answer open is encoded (admission counts the bytes once more,
+        # for its estimate; a turn should not pay for encoding twice).
+        length = len(message.content)
+        if length > limit or (4 * length > limit and len(message.content.encode()) > limit):
             raise invalid_argument(
                 Reason.MESSAGE_TOO_LARGE,
                 f"messages[{index}] is larger than {limit} bytes",

@@ -33,6 +33,10 @@ def test_defaults_max_tokens_when_unset():
 
 
 def test_values_at_the_limits_are_accepted():
+    # 1000 UTF-8 bytes each: a message exactly at max_message_bytes.
+    for content in ("x" * 1000, "é" * 500, "😀" * 250, "x" * 249 + "😀" * 187 + "é" * 1 + "x"):
+        assert len(content.encode()) == 1000
+        assert check_turn(turn(user(content)), MODEL, SETTINGS) == 10
     edge = turn(user("hi"), temperature=2.0, top_p=1.0, seed=0, stop=["x" * 64] * 8)
     assert check_turn(edge, MODEL, SETTINGS) == 10
     assert check_turn(turn(user("hi"), temperature=0.0, seed=2**63 - 1), MODEL, SETTINGS) == 10
@@ -47,6 +51,7 @@ def test_values_at_the_limits_are_accepted():
         (turn(user("hi"), max_tokens=101), "MAX_TOKENS_TOO_LARGE"),
         (turn(user("x" * 1001)), "MESSAGE_TOO_LARGE"),
         (turn(user("é" * 600)), "MESSAGE_TOO_LARGE"),  # 1200 UTF-8 bytes
+        (turn(user("😀" * 251)), "MESSAGE_TOO_LARGE"),  # 1004 bytes in 251 characters
         (turn(common_pb2.Message(content="no role")), "INVALID_ROLE"),
         (
             turn(user("q"), common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="a")),
