@@ -116,13 +116,22 @@ def _connect_cluster(url: str, socket_timeout: float | None = 10) -> RedisCluste
     )
 
 
-def connect_subscriber(url: str) -> Client:
+async def connect_subscriber(url: str) -> Client:
     """A client for one long subscription: no socket timeout, which would end
     an idle one. On a cluster, PUBLISH reaches every node, so a subscription
-    on whichever node the client picks hears every service's notices."""
-    if is_cluster(url):
-        return _connect_cluster(url, socket_timeout=None)
-    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+    on whichever node the client picks (the master of the channel's slot)
+    hears every service's notices; the client must know the cluster's nodes
+    before it can pick one."""
+    if not is_cluster(url):
+        return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+    client = _connect_cluster(url, socket_timeout=None)
+    try:
+        await client.initialize()
+    except redis_errors.RedisClusterException as error:
+        await client.aclose()
+        # What a subscriber already retries on: no node answered.
+        raise redis.ConnectionError(f"no Redis Cluster node answered: {error}") from error
+    return client
 
 
 async def connect_checked(url: str) -> Client:

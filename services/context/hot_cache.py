@@ -45,7 +45,7 @@ _TURN_OVERHEAD_BYTES = 96
 # Sessions whose last announcement is remembered, for refusing stale puts;
 # older ones fall back to a conservative floor.
 _MAX_ANNOUNCED = 65_536
-_DELETED = -1
+DELETED = -1
 
 
 def _size(session: StoredSession) -> int:
@@ -135,14 +135,14 @@ class HotCache:
         self._sequence += 1
         previous = self._announced.pop(key, None)
         deleted_sequence = previous.deleted_sequence if previous else 0
-        if version == _DELETED:
+        if version == DELETED:
             deleted_sequence = self._sequence
         self._announced[key] = _Announcement(self._sequence, version, deleted_sequence)
         if len(self._announced) > _MAX_ANNOUNCED:
             _, forgotten = self._announced.popitem(last=False)
             self._forgotten_sequence = max(self._forgotten_sequence, forgotten.sequence)
         entry = self._entries.get(key)
-        if entry is not None and (version == _DELETED or entry[0].version < version):
+        if entry is not None and (version == DELETED or entry[0].version < version):
             self._drop(key)
 
     def clear(self) -> None:
@@ -194,8 +194,9 @@ class ChangeListener:
             # message per write, the wheel's Redis is 6.2, and one channel
             # heard on any node of a cluster needs no subscription per shard
             # to follow through failovers.
-            client = redis_access.connect_subscriber(self._url)
+            client = None
             try:
+                client = await redis_access.connect_subscriber(self._url)
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(CHANGES_CHANNEL)
                     # Whatever changed before the subscription was up is unknown.
@@ -215,6 +216,7 @@ class ChangeListener:
                 self._cache.live = False
                 self._cache.clear()
                 self.subscribed.clear()
-                with contextlib.suppress(Exception):
-                    await client.aclose()
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        await client.aclose()
             await asyncio.sleep(self._retry_s)

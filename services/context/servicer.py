@@ -24,7 +24,7 @@ from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.reasons import Reason
 from services.context import assembly, relevance
 from services.context import summaries as summaries_lib
-from services.context.hot_cache import HotCache
+from services.context.hot_cache import DELETED, HotCache
 from services.context.store import SessionStore, StoredSession, session_key
 from services.context.token_counts import PromptCounter
 from services.context.turn_index import IndexedTurns, TurnIndex, features
@@ -44,24 +44,37 @@ _ROLES = frozenset((common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROL
 
 _STRATEGIES = {"adaptive": pb.ASSEMBLY_STRATEGY_ADAPTIVE, "newest": pb.ASSEMBLY_STRATEGY_NEWEST}
 _STRATEGY_NAMES = {value: name for name, value in _STRATEGIES.items()}
-_DISPOSITION_NAMES = {
-    pb.DISPOSITION_INCLUDED: "included",
-    pb.DISPOSITION_SUMMARIZED: "summarized",
-    pb.DISPOSITION_DROPPED: "dropped",
-}
 
 
-def _record_assembly(manifest: pb.ContextManifest, strategy: str, started: float) -> None:
+def tokens_by_disposition(
+    manifest: pb.ContextManifest,
+    turns: assembly.SessionCosts,
+    chosen: assembly.Plan,
+    summarized: list[summaries_lib.Summary],
+) -> dict[str, int]:
+    """The manifest's tokens per disposition, from the plan's arrays rather
+    than from every entry: a session of thousands of turns is then a few
+    array sums."""
+    kept = np.asarray(chosen.reasons, dtype=np.int64) > 0
+    summarized_tokens = sum(int(turns.tokens[s.first_turn : s.end_turn].sum()) for s in summarized)
+    # After the session's turns (render lists them first): pinned facts, the
+    # request's messages and summaries, all included.
+    others = sum(e.tokens for e in manifest.entries[len(turns) :] if e.disposition == pb.DISPOSITION_INCLUDED)
+    return {
+        "included": int(turns.tokens[kept].sum()) + others,
+        "summarized": summarized_tokens,
+        "dropped": int(turns.tokens[~kept].sum()) - summarized_tokens,
+    }
+
+
+def _record_assembly(strategy: str, started: float, tokens: dict[str, int]) -> None:
     assembly_metrics = metrics.context()
     assembly_metrics.assembly.labels(strategy).observe(time.perf_counter() - started)
-    tokens = dict.fromkeys(_DISPOSITION_NAMES.values(), 0)
-    for entry in manifest.entries:
-        name = _DISPOSITION_NAMES.get(entry.disposition)
-        if name is not None:
-            tokens[name] += entry.tokens
     for name, count in tokens.items():
         if count:
             assembly_metrics.assembly_tokens.labels(name).inc(count)
+
+
 # A pinned fact is a system message in every later prompt: kept short.
 MAX_FACT_BYTES = 4096
 
@@ -199,6 +212,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         _check_tenant(request.tenant_id)
         _check_session_id(request.session_id)
         await self._store.delete(request.tenant_id, request.session_id)
+        self._changed_here(request.tenant_id, request.session_id, DELETED)
         if self._summarizer is not None:
             await self._summarizer.forget(request.tenant_id, request.session_id)
         if self._index is not None:
@@ -286,7 +300,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             request.version,
             None if request.any_version else request.expected_version,
         )
+        self._changed_here(request.tenant_id, request.session_id, version)
         return pb.RevertSessionResponse(version=version)
+
+    def _changed_here(self, tenant_id: str, session_id: str, version: int) -> None:
+        """What this replica's own write changed, told to its hot cache at
+        once: the notice through Redis may come after this caller's next read
+        (on a Redis Cluster it crosses the cluster bus from another node)."""
+        self._hot.announce(session_key(tenant_id, session_id), version)
 
     async def AssembleContext(
         self, request: pb.AssembleContextRequest, context
@@ -314,16 +335,17 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         strategy = self._strategy(request, model)
         budget = min(request.max_prompt_tokens, model.context_window_tokens)
         if request.session_id:
-            response, version = await self._assemble_session(
+            response, version, turns, chosen = await self._assemble_session(
                 request, new, budget, counter, at_version, strategy
             )
         else:
             required = [assembly.TurnCost(c.message.role, c.tokens) for c in new]
-            nothing = assembly.SessionCosts.of([])
-            chosen = assembly.plan(nothing, required, budget, counter.template_tokens)
-            response, version = assembly.render(chosen, nothing, {}, new), 0
+            turns = assembly.SessionCosts.of([])
+            chosen = assembly.plan(turns, required, budget, counter.template_tokens)
+            response, version = assembly.render(chosen, turns, {}, new), 0
+        summarized: list[summaries_lib.Summary] = []
         if self._summarizer is not None and request.session_id:
-            await self._add_summaries(request, response, version, budget, counter)
+            summarized = await self._add_summaries(request, response, chosen, version, budget, counter)
         response.manifest.tokenizer = counter.spec
         response.session_version = version
         inputs = response.inputs
@@ -340,7 +362,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             digest.update(len(serialized).to_bytes(8, "little") + serialized)
         inputs.new_messages_sha256 = digest.hexdigest()
         response.assembly_id = hashlib.sha256(inputs.SerializeToString(deterministic=True)).hexdigest()
-        _record_assembly(response.manifest, inputs.strategy, started)
+        tokens = tokens_by_disposition(response.manifest, turns, chosen, summarized)
+        _record_assembly(inputs.strategy, started, tokens)
         return response
 
     async def PinToSession(self, request: pb.PinToSessionRequest, context) -> pb.PinToSessionResponse:
@@ -366,6 +389,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             pin = f"t:{request.message_index}"
         message_index = request.message_index if kind == "message_index" else None
         pin_count = await self._index.pin(request.tenant_id, request.session_id, pin, message_index)
+        # Pins are part of what the hot entry holds: drop it, as the notice does.
+        self._changed_here(request.tenant_id, request.session_id, DELETED)
         return pb.PinToSessionResponse(pin_count=pin_count)
 
     def _strategy(self, request: pb.AssembleContextRequest, model: ModelSettings) -> int:
@@ -394,7 +419,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         counter: PromptCounter,
         at_version: int | None,
         strategy: int,
-    ) -> tuple[pb.AssembleContextResponse, int]:
+    ) -> tuple[pb.AssembleContextResponse, int, assembly.SessionCosts, assembly.Plan]:
         """Plans from the turns' index (roles, counts, vectors, the query's
         postings) and reads only the chosen turns' texts; a session whose
         index is incomplete (stored before it, forked, or an older version
@@ -440,7 +465,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             if texts is None:
                 # A revert moved the session between the two reads: plan again from the whole session.
                 return await self._assemble_session(request, new, budget, counter, view.version, strategy)
-        return assembly.render(chosen, costs, texts, new, facts, scores), view.version
+        return assembly.render(chosen, costs, texts, new, facts, scores), view.version, costs, chosen
 
     async def _session_view(
         self,
@@ -506,12 +531,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         self,
         request: pb.AssembleContextRequest,
         response: pb.AssembleContextResponse,
+        chosen: assembly.Plan,
         version: int,
         budget: int,
         counter: PromptCounter,
-    ) -> None:
-        """Summaries of the spans the assembly left out, while budget remains."""
-        excluded = summaries_lib.excluded_ranges(response)
+    ) -> list[summaries_lib.Summary]:
+        """Adds summaries of the spans the assembly left out, while budget
+        remains; returns those added."""
+        excluded = summaries_lib.excluded_ranges(chosen.reasons)
         try:
             found = await self._summarizer.summaries_for(
                 request.tenant_id, request.session_id, version, excluded
@@ -519,16 +546,16 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         except redis_access.CONNECTION_ERRORS as error:
             # The prompt stands without them; the turns it holds were read.
             log.warning("summaries unavailable", error=str(error))
-            return
-        if found:
-            # Counted when written; a summary stored before its counter was configured is counted here.
-            tokens = [
-                summary.token_counts.get(counter.id) or (await counter.count([summary.message()]))[0]
-                for summary in found
-            ]
-            summaries_lib.add_summaries(
-                response, found, tokens, budget, counter.template_tokens.default_system
-            )
+            return []
+        if not found:
+            return []
+        # Counted when written; a summary stored before its counter was configured is counted here.
+        tokens = [
+            summary.token_counts.get(counter.id) or (await counter.count([summary.message()]))[0]
+            for summary in found
+        ]
+        default_system = counter.template_tokens.default_system
+        return summaries_lib.add_summaries(response, found, tokens, budget, default_system)
 
     async def _read(self, tenant_id: str, session_id: str, at_version: int | None = None) -> StoredSession:
         """The session from the hot cache when it holds the current version,
