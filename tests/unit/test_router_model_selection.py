@@ -22,10 +22,10 @@ from meshgate.config import (
     load_settings,
 )
 from meshgate.router.v1 import router_service_pb2 as pb
-from services.router import model_selection
+from services.router import http_edge, model_selection
 from services.router.auth import Tenant
-from services.router.model_selection import Classifier, SelectionReason, Selector, features
-from services.router.pipeline import Budget, Completion, Pipeline
+from services.router.model_selection import Classifier, Selection, SelectionReason, Selector, features
+from services.router.pipeline import Answer, Budget, CacheStatus, Completion, Pipeline
 from tests.unit.test_router_pipeline import FakeCache, FakeContexts, FakeGenerator, events_of, user
 
 # The training script and its data module, for the reproduction test.
@@ -245,3 +245,16 @@ def test_the_committed_selector_is_what_the_training_script_makes():
         pytest.skip("needs ../shared/data and the embeddings bench/model_selection_data.py caches")
     training = pytest.importorskip("train_model_selector")
     assert training.build_model() == json.loads(model_selection.MODEL_PATH.read_text())
+
+
+def test_the_http_edge_reports_the_choice_in_its_extension():
+    chosen = Selection("strong", SelectionReason.TIER)
+    completion = Completion(Answer(text="hi"), CacheStatus.MISS, 0.0, "", 0, "t" * 32, "strong", chosen)
+    extension = http_edge._extension(completion)
+    assert (extension["selected_model"], extension["selection_reason"], extension["selection_score"]) == (
+        "strong",
+        "tier",
+        0.0,
+    )
+    plain = http_edge._extension(Completion(Answer(), CacheStatus.MISS, 0.0, "", 0, "t" * 32, "fast"))
+    assert (plain["selected_model"], plain["selection_reason"]) == ("fast", "")
