@@ -192,20 +192,9 @@ def render(
     response.messages.extend(c.message for c in new if c.message.role != common_pb2.ROLE_SYSTEM)
 
     manifest = response.manifest
-    scores = [0.0] * len(turns) if relevance is None else np.asarray(relevance, dtype=np.float64).tolist()
-    add = manifest.entries.add
-    for index, (role, tokens, reason, score) in enumerate(
-        zip(turns.roles.tolist(), turns.tokens.tolist(), chosen.reasons, scores, strict=True)
-    ):
-        add(
-            source=pb.SOURCE_SESSION,
-            index=index,
-            role=role,
-            tokens=tokens,
-            disposition=pb.DISPOSITION_INCLUDED if reason else pb.DISPOSITION_DROPPED,
-            reason=reason,
-            relevance=score,
-        )
+    reasons = np.asarray(chosen.reasons, dtype=np.int64)
+    scores = np.zeros(len(turns)) if relevance is None else np.asarray(relevance, dtype=np.float64)
+    manifest.MergeFromString(_session_entries(turns, reasons, scores))
     for index, c in enumerate(pinned_facts):
         manifest.entries.add(
             source=pb.SOURCE_PINNED_FACT,
@@ -227,6 +216,79 @@ def render(
     manifest.prompt_tokens = chosen.prompt_tokens
     manifest.budget_tokens = chosen.budget
     return response
+
+
+# Each session turn's manifest entry, encoded for all turns at once:
+# building thousands of entries one message at a time was half of a hot
+# assembly's time. Every field is written, numbers as 4-byte varints (a
+# longer encoding than needed, which every protobuf parser reads as the
+# same value), so each entry has the same size and the whole list is one
+# array; the parsed manifest equals, and serializes as, the one built
+# field by field (tests/unit/test_context_relevance.py).
+_ENTRY = np.dtype(
+    [
+        ("tag", "u1"),  # ContextManifest.entries, length-delimited
+        ("size", "u1"),
+        ("source_tag", "u1"),
+        ("source", "u1"),
+        ("index_tag", "u1"),
+        ("index", "u1", 4),
+        ("role_tag", "u1"),
+        ("role", "u1"),
+        ("tokens_tag", "u1"),
+        ("tokens", "u1", 4),
+        ("disposition_tag", "u1"),
+        ("disposition", "u1"),
+        ("reason_tag", "u1", 2),
+        ("reason", "u1"),
+        ("relevance_tag", "u1", 2),
+        ("relevance", "<f4"),
+    ]
+)
+_VARINT4_LIMIT = 1 << 28
+
+
+def _varint4(values: np.ndarray) -> np.ndarray:
+    shifts = np.arange(4, dtype=np.uint32) * 7
+    groups = (values.astype(np.uint32)[:, None] >> shifts) & 0x7F
+    return (groups | np.array([0x80, 0x80, 0x80, 0], dtype=np.uint32)).astype(np.uint8)
+
+
+def _session_entries(turns: SessionCosts, reasons: np.ndarray, relevance: np.ndarray) -> bytes:
+    """The serialized ``entries`` of a ContextManifest for the session's turns."""
+    count = len(turns)
+    if count >= _VARINT4_LIMIT or (count and int(turns.tokens.max()) >= _VARINT4_LIMIT):
+        manifest = pb.ContextManifest()
+        for index in range(count):
+            manifest.entries.add(
+                source=pb.SOURCE_SESSION,
+                index=index,
+                role=int(turns.roles[index]),
+                tokens=int(turns.tokens[index]),
+                disposition=pb.DISPOSITION_INCLUDED if reasons[index] else pb.DISPOSITION_DROPPED,
+                reason=int(reasons[index]),
+                relevance=float(relevance[index]),
+            )
+        return manifest.SerializeToString()
+    entries = np.zeros(count, dtype=_ENTRY)
+    entries["tag"] = 1 << 3 | 2
+    entries["size"] = _ENTRY.itemsize - 2
+    entries["source_tag"] = 1 << 3
+    entries["source"] = pb.SOURCE_SESSION
+    entries["index_tag"] = 2 << 3
+    entries["index"] = _varint4(np.arange(count))
+    entries["role_tag"] = 3 << 3
+    entries["role"] = turns.roles
+    entries["tokens_tag"] = 4 << 3
+    entries["tokens"] = _varint4(turns.tokens)
+    entries["disposition_tag"] = 5 << 3
+    entries["disposition"] = np.where(reasons > 0, pb.DISPOSITION_INCLUDED, pb.DISPOSITION_DROPPED)
+    # Field 30, varint, and field 31, 32-bit: two-byte tags.
+    entries["reason_tag"] = (30 << 3 | 0x80) & 0xFF, 30 << 3 >> 7
+    entries["reason"] = reasons
+    entries["relevance_tag"] = (31 << 3 | 5 | 0x80) & 0xFF, (31 << 3 | 5) >> 7
+    entries["relevance"] = relevance
+    return entries.tobytes()
 
 
 def _cost(candidate: Candidate) -> TurnCost:

@@ -31,6 +31,7 @@ for every configured tokenizer and template.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import collections.abc
 import contextlib
@@ -40,6 +41,7 @@ import json
 import re
 
 import grpc
+import numpy as np
 import redis.asyncio as redis
 import structlog
 
@@ -430,24 +432,21 @@ class Summarizer:
             found, history = hot[1], hot[2]
         else:
             found, history = await self._load(tenant_id, session_id, version)
-        return [
-            summary
-            for summary in found
-            if any(a <= summary.first_turn and summary.end_turn <= b for a, b in excluded)
-            and valid_at(summary, history, version)
-        ]
+        starts = [first for first, _ in excluded]
 
-def excluded_ranges(response: pb.AssembleContextResponse) -> list[tuple[int, int]]:
-    """The runs of session turns an assembly left out, as [first, end)."""
-    ranges: list[tuple[int, int]] = []
-    for entry in response.manifest.entries:
-        if entry.source != pb.SOURCE_SESSION or entry.disposition != pb.DISPOSITION_DROPPED:
-            continue
-        if ranges and ranges[-1][1] == entry.index:
-            ranges[-1] = (ranges[-1][0], entry.index + 1)
-        else:
-            ranges.append((entry.index, entry.index + 1))
-    return ranges
+        def left_out(summary: Summary) -> bool:
+            # The excluded range starting at or before the summary's first turn.
+            at = bisect.bisect_right(starts, summary.first_turn) - 1
+            return at >= 0 and summary.end_turn <= excluded[at][1]
+
+        return [summary for summary in found if left_out(summary) and valid_at(summary, history, version)]
+
+def excluded_ranges(reasons: collections.abc.Sequence[int]) -> list[tuple[int, int]]:
+    """The runs of session turns a plan (assembly.Plan.reasons) left out, as
+    [first, end), oldest first."""
+    left_out = np.asarray(reasons, dtype=np.int64) == pb.INCLUSION_REASON_UNSPECIFIED
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], left_out.astype(np.int8), [0]))))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
 def add_summaries(
@@ -456,7 +455,7 @@ def add_summaries(
     summary_tokens: list[int],
     budget: int,
     default_system_tokens: int,
-) -> None:
+) -> list[Summary]:
     """Adds, oldest first and while the budget allows, the summaries of
     spans the assembly left out: each as a system message after the
     prompt's leading system messages (so before every kept turn, as the
@@ -466,16 +465,17 @@ def add_summaries(
     ``summary_tokens`` are the summaries' messages as the chat template
     renders them; a template that adds a default system prompt when no
     system message is present (``default_system_tokens``) stops adding it
-    once a summary is one, which this accounts for.
+    once a summary is one, which this accounts for. Returns those added.
     """
     manifest = response.manifest
     has_system = any(m.role == common_pb2.ROLE_SYSTEM for m in response.messages)
     insert_at = 0
     while insert_at < len(response.messages) and response.messages[insert_at].role == common_pb2.ROLE_SYSTEM:
         insert_at += 1
-    by_index = {e.index: e for e in manifest.entries if e.source == pb.SOURCE_SESSION}
+    entries = manifest.entries
     used = manifest.prompt_tokens
     added: list[common_pb2.Message] = []
+    summarized: list[Summary] = []
     for summary, tokens in zip(summaries, summary_tokens, strict=True):
         cost = tokens - (0 if has_system or added else default_system_tokens)
         if used + cost > budget:
@@ -483,7 +483,9 @@ def add_summaries(
         used += cost
         added.append(summary.message())
         for index in range(summary.first_turn, summary.end_turn):
-            entry = by_index[index]
+            # assembly.render lists session turn i as entry i.
+            entry = entries[index]
+            assert entry.source == pb.SOURCE_SESSION and entry.index == index
             entry.disposition = pb.DISPOSITION_SUMMARIZED
             entry.summary_id = summary.summary_id
         manifest.entries.add(
@@ -496,11 +498,13 @@ def add_summaries(
             reason=pb.INCLUSION_REASON_SUMMARY,
         )
         response.inputs.summaries.append(summary.ref())
+        summarized.append(summary)
     if added:
         kept = list(response.messages)
         del response.messages[:]
         response.messages.extend(kept[:insert_at] + added + kept[insert_at:])
         manifest.prompt_tokens = used
+    return summarized
 
 
 def valid_at(summary: Summary, history: list[int | None], version: int) -> bool:

@@ -8,7 +8,7 @@ import pytest
 from meshgate.common.v1 import common_pb2
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError
-from services.context import relevance
+from services.context import assembly, relevance
 from services.context.assembly import Candidate, SessionCosts, TemplateTokens, TurnCost, plan, render
 
 SYSTEM, USER, ASSISTANT = common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
@@ -166,3 +166,40 @@ def test_unit_rows_are_unit_length_and_keep_empty_rows_empty() -> None:
     unit = relevance.unit_rows(np.array([[3, 4], [0, 0]], dtype=np.int8))
     assert unit.dtype == np.float32
     np.testing.assert_allclose(unit, [[0.6, 0.8], [0.0, 0.0]])
+
+
+def _entries_one_by_one(turns: SessionCosts, reasons: np.ndarray, scores: np.ndarray) -> pb.ContextManifest:
+    manifest = pb.ContextManifest()
+    for index in range(len(turns)):
+        manifest.entries.add(
+            source=pb.SOURCE_SESSION,
+            index=index,
+            role=int(turns.roles[index]),
+            tokens=int(turns.tokens[index]),
+            disposition=pb.DISPOSITION_INCLUDED if reasons[index] else pb.DISPOSITION_DROPPED,
+            reason=int(reasons[index]),
+            relevance=float(scores[index]),
+        )
+    return manifest
+
+
+@pytest.mark.parametrize("limit", [assembly._VARINT4_LIMIT, 100])
+def test_session_entries_encoded_at_once_equal_those_built_field_by_field(monkeypatch, limit) -> None:
+    # 100: the field-by-field path taken for numbers too large for the fixed-size encoding.
+    monkeypatch.setattr(assembly, "_VARINT4_LIMIT", limit)
+    generator = np.random.default_rng(3)
+    count = 300
+    roles = generator.choice([SYSTEM, USER, ASSISTANT], count)
+    tokens = generator.integers(0, 200_000, count)
+    tokens[:3] = [0, 127, 128]
+    turns = SessionCosts(roles, tokens)
+    reasons = generator.choice(
+        [0, pb.INCLUSION_REASON_RECENCY, pb.INCLUSION_REASON_RELEVANCE, pb.INCLUSION_REASON_SYSTEM], count
+    )
+    scores = generator.random(count) * 2
+    scores[:5] = 0.0
+    expected = _entries_one_by_one(turns, reasons, scores)
+    encoded = pb.ContextManifest()
+    encoded.MergeFromString(assembly._session_entries(turns, reasons, scores))
+    assert encoded == expected
+    assert encoded.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)

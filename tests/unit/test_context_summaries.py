@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as pb
 from services.context import summaries, token_counts
+from services.context.assembly import Candidate, SessionCosts, TurnCost, plan, render
+from services.context.servicer import tokens_by_disposition
 from services.context.summaries import Summary, SummaryPolicy
 from tests.unit.test_smollm2_tokenizer import build_smollm2_files
 
@@ -79,16 +83,19 @@ def _assembled(dispositions: list[int], tokens: int, messages: list[common_pb2.M
 DROPPED, INCLUDED = pb.DISPOSITION_DROPPED, pb.DISPOSITION_INCLUDED
 
 
-def test_excluded_ranges_are_runs_of_dropped_turns() -> None:
-    response = _assembled([DROPPED, DROPPED, INCLUDED, DROPPED, INCLUDED], 0, [])
-    assert summaries.excluded_ranges(response) == [(0, 2), (3, 4)]
+def test_excluded_ranges_are_runs_of_turns_the_plan_left_out() -> None:
+    reasons = [0, 0, pb.INCLUSION_REASON_RELEVANCE, 0, pb.INCLUSION_REASON_RECENCY, 0]
+    assert summaries.excluded_ranges(reasons) == [(0, 2), (3, 4), (5, 6)]
+    assert summaries.excluded_ranges([pb.INCLUSION_REASON_RECENCY]) == []
+    assert summaries.excluded_ranges([]) == []
 
 
 def test_add_summaries_fills_the_budget_oldest_first_and_marks_turns() -> None:
     kept = [msg(SYSTEM, "rules"), msg(USER, "t4"), msg(USER, "new")]
     response = _assembled([DROPPED] * 4 + [INCLUDED], 40, kept)
     first, second = _summary(0, 2, 2, "A"), _summary(2, 4, 4, "B")
-    summaries.add_summaries(response, [first, second], [30, 30], budget=75, default_system_tokens=0)
+    added = summaries.add_summaries(response, [first, second], [30, 30], budget=75, default_system_tokens=0)
+    assert added == [first]
     # Only the first fits (40 + 30 <= 75 < 100).
     assert [m.content for m in response.messages] == [
         "rules",
@@ -125,3 +132,20 @@ async def test_a_summarys_tokens_are_counted_once_per_counter() -> None:
         assert counted.token_counts[counter.id] == (await counter.count([counted.message()]))[0]
     # Already counted: the same object back, nothing counted again.
     assert await summarizer._counted(counted) is counted
+
+
+def test_tokens_by_disposition_match_the_manifest() -> None:
+    rows = [TurnCost(USER, 10 + i) for i in range(6)]
+    turns = SessionCosts.of(rows)
+    texts = {i: msg(USER, f"t{i}") for i in range(6)}
+    new = [Candidate(msg(USER, "q"), 7)]
+    chosen = plan(turns, [TurnCost(USER, 7)], 40, recency_floor=2, relevance=np.zeros(6))
+    response = render(chosen, turns, texts, new)
+    added = summaries.add_summaries(response, [_summary(0, 2, 2)], [5], budget=60, default_system_tokens=0)
+    assert added
+    expected = dict.fromkeys(("included", "summarized", "dropped"), 0)
+    names = {INCLUDED: "included", pb.DISPOSITION_SUMMARIZED: "summarized", DROPPED: "dropped"}
+    for entry in response.manifest.entries:
+        expected[names[entry.disposition]] += entry.tokens
+    assert tokens_by_disposition(response.manifest, turns, chosen, added) == expected
+    assert expected["summarized"] == 10 + 11
