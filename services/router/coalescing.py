@@ -10,8 +10,14 @@ same answer (or the same failure, with the count of what it received).
 
 The generation belongs to no single caller: a caller that goes away only
 unsubscribes; the last one going away cancels it (and with it the inference
-call). The key carries the tenant because answers never cross tenants, as in
-the cache's partitions.
+call). So it runs under no caller's deadline (only the router's
+max_generation_s): each caller's own deadline ends that caller's stream,
+with DEADLINE_EXCEEDED and what it received, and the generation ends when
+the last caller still waiting leaves, by its deadline or otherwise. (Running
+it under the first caller's deadline would cut a later caller short, or
+would forbid sharing between callers whose deadlines differ by a
+millisecond, which is every pair.) The key carries the tenant because answers
+never cross tenants, as in the cache's partitions.
 
 Nothing here knows gRPC; the pipeline's generate stage decides the key and
 how to start a generation.
@@ -24,17 +30,21 @@ import collections.abc
 import contextlib
 import hashlib
 import struct
+import time
 
+import grpc
 import structlog
 
 from meshgate.common.v1 import common_pb2
 from meshgate.errors import MeshgateError, internal_error, partly_delivered
+from meshgate.reasons import Reason
 
 log = structlog.get_logger(__name__)
 
-# Starts the real generation, filling the Answer it is given (see
-# pipeline.Generator); typed loosely to keep this module free of the pipeline.
-Start = collections.abc.Callable[[object], collections.abc.AsyncIterator[str]]
+# Starts the real generation, filling the Answer it is given, within a
+# monotonic deadline (None: none but the router's own cap); see
+# pipeline.Generator. Typed loosely to keep this module free of the pipeline.
+Start = collections.abc.Callable[[object, float | None], collections.abc.AsyncIterator[str]]
 
 _LENGTH = struct.Struct("<I")
 
@@ -74,9 +84,8 @@ def coalescing_key(
 class _Flight:
     """One generation under way and the callers reading it."""
 
-    def __init__(self, answer, deadline: float | None) -> None:
+    def __init__(self, answer) -> None:
         self.answer = answer
-        self.deadline = deadline
         self.pieces: list[str] = []
         self.readers = 0
         self.finished = False
@@ -113,18 +122,15 @@ class Coalescer:
         deadline: float | None,
     ) -> collections.abc.AsyncIterator[str]:
         """The pieces of the generation for ``flight_key``, filling ``answer``
-        when it completes; a new generation (``start(new_answer())``) unless
-        one with the same key is under way and runs at least as long as this
-        caller waits (``deadline``: monotonic, None for no deadline)."""
+        when it completes: the one under way with that key, or a new one
+        (``start(new_answer(), None)``). ``deadline`` (monotonic, None for
+        none) ends this caller's reading; a None key generates unshared,
+        within it."""
         if flight_key is None:
-            return start(answer)
+            return start(answer, deadline)
         flight = self._flights.get(flight_key)
-        if flight is not None and not _outlives(flight.deadline, deadline):
-            # Joining would cut this caller's answer at another caller's
-            # deadline: it generates on its own, unshared.
-            return start(answer)
         if flight is None:
-            flight = _Flight(new_answer(), deadline)
+            flight = _Flight(new_answer())
             self._flights[flight_key] = flight
             flight.task = asyncio.ensure_future(self._pump(flight_key, flight, start))
         else:
@@ -132,11 +138,11 @@ class Coalescer:
         # Counted now, not when the reader first runs: a flight must not be
         # cancelled for want of readers while its joiner is still starting.
         flight.readers += 1
-        return self._read(flight_key, flight, answer)
+        return self._read(flight_key, flight, answer, deadline)
 
     async def _pump(self, flight_key: bytes, flight: _Flight, start: Start) -> None:
         try:
-            async with contextlib.aclosing(start(flight.answer)) as pieces:
+            async with contextlib.aclosing(start(flight.answer, None)) as pieces:
                 async for text in pieces:
                     flight.pieces.append(text)
                     flight.notify()
@@ -155,7 +161,9 @@ class Coalescer:
             self._forget(flight_key, flight)
             flight.notify()
 
-    async def _read(self, flight_key: bytes, flight: _Flight, answer) -> collections.abc.AsyncIterator[str]:
+    async def _read(
+        self, flight_key: bytes, flight: _Flight, answer, deadline: float | None
+    ) -> collections.abc.AsyncIterator[str]:
         delivered = chars = 0
         try:
             while True:
@@ -169,7 +177,11 @@ class Coalescer:
                     chars += len(text)
                 if flight.finished:
                     break
-                await flight.changed()
+                try:
+                    async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
+                        await flight.changed()
+                except TimeoutError:
+                    raise _own_copy(_deadline_passed(), delivered, chars) from None
             if flight.error is not None:
                 raise _own_copy(flight.error, delivered, chars)
             if not flight.completed:
@@ -191,10 +203,12 @@ class Coalescer:
             del self._flights[flight_key]
 
 
-def _outlives(flight_deadline: float | None, deadline: float | None) -> bool:
-    if flight_deadline is None:
-        return True
-    return deadline is not None and deadline <= flight_deadline
+def _deadline_passed() -> MeshgateError:
+    return MeshgateError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        Reason.DEADLINE_EXCEEDED,
+        "the deadline passed before the shared generation finished",
+    )
 
 
 def _own_copy(error: MeshgateError, deltas: int, chars: int) -> MeshgateError:

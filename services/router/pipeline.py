@@ -548,7 +548,6 @@ class Pipeline:
             async for text in pieces:
                 yield text
 
-
     def _generate(self, turn: Turn, prompt, answer: Answer) -> collections.abc.AsyncIterator[str]:
         """The generate stage: identical deterministic turns under way share
         one generation (see coalescing.py), scoped like the cache's entries.
@@ -559,8 +558,9 @@ class Pipeline:
         if self._settings.coalesce_generations:
             key = coalescing_key(turn.cache.tenant_id, turn.model_alias, prompt, turn.parameters)
 
-        def start(filling: Answer) -> collections.abc.AsyncIterator[str]:
-            return self._generator.generate(turn.model_alias, prompt, turn.parameters, turn.budget, filling)
+        def start(filling: Answer, deadline: float | None) -> collections.abc.AsyncIterator[str]:
+            budget = Budget(deadline)
+            return self._generator.generate(turn.model_alias, prompt, turn.parameters, budget, filling)
 
         return self._coalescer.generate(key, start, answer, Answer, turn.budget.deadline)
 

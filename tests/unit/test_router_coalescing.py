@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import time
 
+import grpc
+
 from meshgate.common.v1 import common_pb2
 from meshgate.config import RouterSettings
 from meshgate.errors import unavailable
@@ -266,15 +268,24 @@ async def test_other_tenants_sampled_turns_and_a_disabled_setting_do_not_share()
         assert first.deltas == second.deltas == list(PIECES)
 
 
-async def test_a_caller_that_waits_longer_than_the_generation_runs_generates_on_its_own():
+async def test_callers_with_different_deadlines_share_and_each_deadline_ends_only_its_caller():
     generator = GatedGenerator()
-    turns = pipeline(generator)
-    hurried = Caller(turns, chat(), budget=Budget(time.monotonic() + 30))
+    admission = RecordingAdmission()
+    turns = pipeline(generator, admission)
+    hurried = Caller(turns, chat(), budget=Budget(time.monotonic() + 0.3))
     patient = Caller(turns, chat(), budget=Budget(time.monotonic() + 60))
-    also_hurried = Caller(turns, chat(), budget=Budget(time.monotonic() + 20))
-    await asyncio.sleep(0.01)
+    generator.open(1)
+    await hurried.until_deltas(1)
+    await patient.until_deltas(1)
+    await settle_all(hurried)
+    failure = hurried.events[-1]
+    assert isinstance(failure, Failure)
+    assert failure.error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert failure.error.reason == Reason.DEADLINE_EXCEEDED
+    assert failure.error.metadata["delivered_deltas"] == "1"
+    # The generation goes on for the caller still waiting.
+    assert generator.cancelled == 0
     generator.open()
-    await settle_all(hurried, patient, also_hurried)
-    # The patient one would have been cut at the first one's deadline.
-    assert generator.calls == 2
-    assert hurried.deltas == patient.deltas == also_hurried.deltas == list(PIECES)
+    await settle_all(patient)
+    assert generator.calls == 1 and patient.deltas == list(PIECES)
+    assert isinstance(patient.events[-1], Completion)
