@@ -24,7 +24,7 @@ from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.reasons import Reason
 from services.context import assembly, relevance
 from services.context import summaries as summaries_lib
-from services.context.hot_cache import HotCache
+from services.context.hot_cache import DELETED, HotCache
 from services.context.store import SessionStore, StoredSession, session_key
 from services.context.token_counts import PromptCounter
 from services.context.turn_index import IndexedTurns, TurnIndex, features
@@ -212,6 +212,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         _check_tenant(request.tenant_id)
         _check_session_id(request.session_id)
         await self._store.delete(request.tenant_id, request.session_id)
+        self._changed_here(request.tenant_id, request.session_id, DELETED)
         if self._summarizer is not None:
             await self._summarizer.forget(request.tenant_id, request.session_id)
         if self._index is not None:
@@ -299,7 +300,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             request.version,
             None if request.any_version else request.expected_version,
         )
+        self._changed_here(request.tenant_id, request.session_id, version)
         return pb.RevertSessionResponse(version=version)
+
+    def _changed_here(self, tenant_id: str, session_id: str, version: int) -> None:
+        """What this replica's own write changed, told to its hot cache at
+        once: the notice through Redis may come after this caller's next read
+        (on a Redis Cluster it crosses the cluster bus from another node)."""
+        self._hot.announce(session_key(tenant_id, session_id), version)
 
     async def AssembleContext(
         self, request: pb.AssembleContextRequest, context
@@ -381,6 +389,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             pin = f"t:{request.message_index}"
         message_index = request.message_index if kind == "message_index" else None
         pin_count = await self._index.pin(request.tenant_id, request.session_id, pin, message_index)
+        # Pins are part of what the hot entry holds: drop it, as the notice does.
+        self._changed_here(request.tenant_id, request.session_id, DELETED)
         return pb.PinToSessionResponse(pin_count=pin_count)
 
     def _strategy(self, request: pb.AssembleContextRequest, model: ModelSettings) -> int:
