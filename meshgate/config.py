@@ -82,6 +82,11 @@ class DeploymentSettings:
     """One place a model alias can be served from: an inference service."""
 
     name: str = "local"
+    # Every address setting of a service (this one, router.context_address,
+    # router.cache_address, context/cache.inference_address) takes one
+    # host:port, its replicas' ip:port comma-separated, or
+    # dns:///name:port (every address the name has: a headless Service);
+    # calls are balanced round robin over them (meshgate/serving.py).
     address: str = "127.0.0.1:50054"
     # The model name at that inference service.
     model: str = "tiny-gpt"
@@ -306,6 +311,7 @@ class RouterSettings:
     listen: str = "127.0.0.1:50051"
     # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
     metrics_listen: str = "127.0.0.1:50061"
+    # One address, an address list or a dns:/// name (DeploymentSettings.address).
     context_address: str = "127.0.0.1:50052"
     cache_address: str = "127.0.0.1:50053"
     # Adds a tenant "dev" whose key is MESHGATE_DEV_API_KEY (or the default).
@@ -371,7 +377,8 @@ class ContextSettings:
     max_turns: int = 0
     # Process memory for hot sessions' turns and counts (services/context/hot_cache.py).
     hot_cache_bytes: int = 64 * 1024 * 1024
-    # Where turn and question embeddings come from (adaptive assembly).
+    # Where turn and question embeddings come from (adaptive assembly); an
+    # address list or a dns:/// name too (DeploymentSettings.address).
     inference_address: str = "127.0.0.1:50054"
     # Adaptive assembly keeps up to this many newest turns whatever their relevance.
     recency_floor_turns: int = 2
@@ -390,7 +397,8 @@ class CacheSettings:
     listen: str = "127.0.0.1:50053"
     # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
     metrics_listen: str = "127.0.0.1:50063"
-    # Where embeddings come from.
+    # Where embeddings come from; an address list or a dns:/// name too
+    # (DeploymentSettings.address).
     inference_address: str = "127.0.0.1:50054"
     embedding_model: str = "minilm"
     # A cheap pre-filter on cosine similarity: only candidates above it reach

@@ -13,7 +13,9 @@ import argparse
 import asyncio
 import collections.abc
 import contextlib
+import json
 import os
+import re
 import signal
 
 import grpc
@@ -32,6 +34,16 @@ log = structlog.get_logger(__name__)
 # a precise error instead of grpc's generic RESOURCE_EXHAUSTED.
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
+# Keepalive: clients ping every KEEPALIVE_TIME_MS, also on idle connections,
+# so a replica that vanished without closing its connections (a node lost, a
+# partition) is noticed within KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS and
+# taken out of rotation, instead of on the next call's deadline. A server
+# that receives pings more often than its min_recv_ping_interval answers
+# with GOAWAY ENHANCE_YOUR_CALM (too_many_pings), so ours accept them at
+# half that interval.
+KEEPALIVE_TIME_MS = 20_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -39,6 +51,12 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+    # Clients re-resolve a DNS name only when a connection ends: closing each
+    # connection after a few minutes (gracefully: calls under way finish;
+    # grpc adds +-10% jitter) lets their channels find replicas added since,
+    # after a scale-out or a rolling update.
+    ("grpc.max_connection_age_ms", 300_000),
     # grpc sets SO_REUSEPORT by default: a second process could then bind our
     # port too and silently take half the connections (a plain-text server
     # answering TLS handshakes, in tests run side by side). Refuse instead.
@@ -53,15 +71,118 @@ RECONNECT_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
+# What a retry may repeat: only UNAVAILABLE, and gRPC retries only a call
+# whose response has not started (gRFC A6: a call is committed once its
+# response headers arrive; a grpc server sends them with the first response
+# message, so a unary call is retryable until its answer, a server stream
+# until its first message; a Trailers-Only status commits nothing). A replica
+# killed mid-call, or a call picked for it before the channel saw it go,
+# then lands on another replica. Calls that never left the client are
+# retried transparently by gRPC anyway (grpc.enable_retries, on below).
+_RETRY_POLICY = {
+    "maxAttempts": 3,
+    "initialBackoff": "0.05s",
+    "maxBackoff": "0.5s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
+# The methods a retry is safe for, by service, and why. Those left out write
+# something a second attempt would write again or answer differently:
+# AppendTurns is retried by the router itself with one turn id for every
+# attempt (services/router/downstream.py), so a retry after a lost reply is
+# answered, not applied twice, and gRPC retrying it too would multiply the
+# attempts; DeleteSession, ForkSession, RevertSession, PinToSession,
+# Invalidate, ReportWrongHit, the router's ChatSession (a stream of turns)
+# and the admin writes are not retried.
+RETRYABLE_METHODS = {
+    # Chat: the router streams before it writes; the turn is appended to its
+    # session only after its answer has streamed, so a Chat that got no
+    # response message wrote nothing to retry over (at most an admission
+    # reservation of a router that died, which its limits window ends).
+    # CreateSession: a retry after a lost reply leaves one empty session
+    # unused, which expires; the caller gets one. The rest only read.
+    "meshgate.router.v1.RouterService": ("Chat", "CreateSession", "ListModels", "GetUsage"),
+    "meshgate.router.v1.AdminService": ("ListKeys",),
+    # Reads; CreateSession as the router's.
+    "meshgate.context.v1.ContextService": ("CreateSession", "GetSession", "AssembleContext"),
+    # Store writes the same entry under the same key again.
+    "meshgate.cache.v1.CacheService": ("Lookup", "Store", "GetStats"),
+    # Generate writes nothing: a retry before its first token costs at most
+    # a second prompt evaluation (the first one's Triton request is cancelled
+    # with its call, or died with its replica).
+    "meshgate.inference.v1.InferenceService": ("Generate", "Embed", "ListModels", "GetBackendHealth"),
+    "grpc.health.v1.Health": ("Check",),
+}
+
+# round_robin: a target with several addresses (an address list, or a DNS
+# name of a headless Service) spreads calls over every ready replica; a
+# replica that goes away leaves the rotation at once and rejoins when it
+# listens again. The default, pick_first, would send everything to one.
+# retryThrottling stops retries while most calls fail (an outage, not a
+# replica gone), so they never multiply the load on what is left: each
+# failed call takes a token, each success gives back a tenth, and retries
+# stop below half the tokens. 100 tokens: the calls a replica lost under
+# load was carrying (up to about 50 on one channel) are still retried.
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": service, "method": method} for method in methods],
+            "retryPolicy": _RETRY_POLICY,
+        }
+        for service, methods in RETRYABLE_METHODS.items()
+    ],
+    "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1},
+}
+
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.enable_retries", 0),
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+    # Ours, not whatever a DNS TXT record says.
+    ("grpc.service_config_disable_resolution", 1),
+    # A replica restarted elsewhere (a new pod address) is looked up again
+    # this soon after a connection fails, not 30 s later.
+    ("grpc.dns_min_time_between_resolutions_ms", 2_000),
     *RECONNECT_OPTIONS,
 ]
+
+# Our own servers accept pings on idle connections (SERVER_OPTIONS), so mesh
+# channels keep pinging while idle; Triton enforces its own defaults (at most
+# two pings without data), which grpc's default client limit respects.
+_MESH_PEER_OPTIONS = [("grpc.http2.max_pings_without_data", 0)]
+
+
+# grpc's name resolvers; a target naming one is passed on as it is.
+_TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+
+
+def channel_target(address: str) -> str:
+    """A grpc target for an address setting: one ``host:port``, a
+    comma-separated list of ``ip:port`` (each a replica: ``ipv4:`` or
+    ``ipv6:`` is added), or a target with its own scheme, such as
+    ``dns:///meshgate-context.ns.svc.cluster.local:50052`` (every address the
+    name resolves to: a headless Service's pods)."""
+    address = address.strip()
+    if "," not in address or address.startswith(_TARGET_SCHEMES):
+        return address
+    entries = [entry.strip() for entry in address.split(",")]
+    if all(entry.startswith("[") for entry in entries):
+        return "ipv6:" + ",".join(entries)
+    for entry in entries:
+        host, _, port = entry.rpartition(":")
+        if not (port.isdigit() and re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", host)):
+            raise ValueError(
+                f"address list {address!r}: {entry!r} is not ip:port; for a name with "
+                "several addresses use dns:///name:port"
+            )
+    return "ipv4:" + ",".join(entries)
+
 
 Cleanup = collections.abc.Callable[[], collections.abc.Awaitable[None]]
 # Takes settings read again from the file; must not fail (they are checked).
@@ -75,17 +196,20 @@ async def _nothing() -> None:
 
 
 def client_channel(address: str, security: mesh_auth.ChannelSecurity | None = None) -> grpc.aio.Channel:
-    """A traced channel: to a mesh service over mutual TLS with the
-    ``security`` of :meth:`meshgate.mesh_auth.Mesh.to`, else in plain text
-    (Triton, or a mesh whose TLS is off)."""
+    """A traced, balanced channel to ``address`` (see :func:`channel_target`):
+    to a mesh service over mutual TLS with the ``security`` of
+    :meth:`meshgate.mesh_auth.Mesh.to` (its identity is checked by name, so
+    any replica's address will do), else in plain text (Triton, or a mesh
+    whose TLS is off)."""
+    target = channel_target(address)
     if security is None:
         return grpc.aio.insecure_channel(
-            address, options=CHANNEL_OPTIONS, interceptors=telemetry.client_interceptors()
+            target, options=CHANNEL_OPTIONS, interceptors=telemetry.client_interceptors()
         )
     return grpc.aio.secure_channel(
-        address,
+        target,
         security.credentials,
-        options=[*CHANNEL_OPTIONS, *security.channel_options],
+        options=[*CHANNEL_OPTIONS, *_MESH_PEER_OPTIONS, *security.channel_options],
         interceptors=telemetry.client_interceptors(),
     )
 

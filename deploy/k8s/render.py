@@ -151,7 +151,9 @@ def settings_file(overlay: Overlay) -> str:
     ns = overlay.namespace
 
     def address(service: str) -> str:
-        return f"{_name(service)}.{ns}.svc.cluster.local:{GRPC_PORTS[service]}"
+        # dns:/// of a headless Service: every ready pod's address, which the
+        # callers' round_robin channels balance over (meshgate/serving.py).
+        return f"dns:///{_name(service)}.{ns}.svc.cluster.local:{GRPC_PORTS[service]}"
 
     def deployments(model: str) -> str:
         where = f'name = "{overlay.name}", address = "{address("inference")}", model = "{model}"'

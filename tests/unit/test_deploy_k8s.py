@@ -207,6 +207,6 @@ def test_the_services_accept_the_rendered_settings(overlay, service, tmp_path):
     if service in render.USES_REDIS:
         assert settings.redis.url == "redis://redis.example:6379/0"
     namespace = render.Overlay.load(overlay).namespace
-    assert settings.router.context_address == f"meshgate-context.{namespace}.svc.cluster.local:50052"
+    assert settings.router.context_address == f"dns:///meshgate-context.{namespace}.svc.cluster.local:50052"
     assert settings.inference.triton_urls == render.Overlay.load(overlay).triton_urls
     assert tomllib.loads(config)  # plain TOML, no templating left in it
