@@ -71,13 +71,12 @@ import structlog
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
 
 from meshgate import redis_access
 from meshgate.config import LimitSettings, PriceSettings, RouterSettings
 from meshgate.errors import MeshgateError, unavailable
 from meshgate.reasons import Reason
-from services.router.ledger import Ledger, UsageRecord
+from services.router.ledger import Ledger, UsageRecord, run_scripts
 
 log = structlog.get_logger(__name__)
 
@@ -524,7 +523,7 @@ class Admission:
             ([key for check in checks for key in check.keys], [now, lease_id, " ".join(words)])
             for checks, words in groups
         ]
-        replies = await self._run(self._admit_script, calls)
+        replies = await run_scripts(self._redis, self._admit_script, calls)
         refused, admitted = None, []
         for (checks, _), reply in zip(groups, replies, strict=True):
             if reply[0] == 1:
@@ -535,24 +534,6 @@ class Admission:
             refund = Reservation(lease_id, tokens, nano_usd, tuple(admitted))
             await self._write_settlements([(refund, 0, 0)], refund=True)
         return refused
-
-    async def _run(self, script, calls: list[tuple[list[str], list[str]]]) -> list:
-        """Runs ``script`` once per (keys, args), in one round trip."""
-        if len(calls) == 1:
-            keys, args = calls[0]
-            return [await script(keys=keys, args=args)]
-        pipe = self._redis.pipeline(transaction=False)
-        for keys, args in calls:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-        replies = await pipe.execute(raise_on_error=False)
-        for index, reply in enumerate(replies):
-            if isinstance(reply, NoScriptError):
-                # Redis restarted and lost its scripts: the call did not run.
-                keys, args = calls[index]
-                replies[index] = await script(keys=keys, args=args)
-            elif isinstance(reply, Exception):
-                raise reply
-        return replies
 
     async def settle(self, reservation: Reservation, tokens: int, nano_usd: int) -> None:
         """Replaces the reservation by what the turn used and frees its
@@ -620,7 +601,7 @@ class Admission:
                 keys += [key for check in checks for key in check.keys]
                 args += [reservation.lease_id, " ".join(slot_words)]
         try:
-            await self._run(self._settle_script, list(calls.values()))
+            await run_scripts(self._redis, self._settle_script, list(calls.values()))
         except redis_access.CONNECTION_ERRORS as error:
             # The reservations stand (an overcharge, never an undercharge),
             # and the streams' leases expire on their own.

@@ -1,15 +1,18 @@
 """The usage ledger: what every completed or failed turn used, durably.
 
-Two kinds of keys, written together by one Lua script (so the log and the
-aggregates never disagree):
+Two kinds of keys, written together by one Lua script on one Redis
+instance (so the log and the aggregates never disagree); on a Redis Cluster
+the log and each tenant's totals, in different slots, are separate calls of
+one round trip (a call that fails leaves the others written):
 
 - ``mg:router:usage:log``, a stream: one entry per turn with tenant, key
   id, model alias, deployment, prompt and completion tokens, tokens a cache
   hit saved, cache status, cost (nano-USD), latency (ms) and the failure
   reason ("" when it completed); trimmed to about
   ``router.usage_stream_max_len`` entries.
-- ``mg:router:usage:{tenant}:{YYYY-MM-DD}``, a hash per tenant and UTC day:
-  field ``<key id>|<model>|<metric>`` -> running total, for the metrics in
+- ``mg:router:usage:{t:<tenant>}:<YYYY-MM-DD>``, a hash per tenant and UTC
+  day (hash-tagged into the slot of the tenant's limit counters): field
+  ``<key id>|<model>|<metric>`` -> running total, for the metrics in
   :data:`METRICS`; kept ``router.usage_retention_days``.
 """
 
@@ -22,7 +25,8 @@ import time
 from collections.abc import Callable
 
 import structlog
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, RedisError
 
 from meshgate import redis_access
 from meshgate.errors import unavailable
@@ -66,15 +70,17 @@ class UsageRecord:
 
 _FIELD_NAMES = tuple(field.name for field in dataclasses.fields(UsageRecord))
 
-# KEYS: the stream. ARGV: stream max length, retention s, the UTC day
-# (YYYY-MM-DD), then one argument per record: the UsageRecord's values in
-# field order, joined by _SEPARATOR. The aggregates are derived here from
-# the values; each tenant's day hash is named from its record (the mesh's
-# Redis is one instance: keys outside KEYS are fine there, as in admission).
+# KEYS: every key written: the stream first when ARGV[4] is "1", then the
+# day hash of each tenant whose totals are written (when ARGV[5] is "1").
+# ARGV: stream max length, retention s, the UTC day (YYYY-MM-DD), the two
+# flags, then one argument per record: the UsageRecord's values in field
+# order, joined by _SEPARATOR. The aggregates are derived here from the
+# values; a tenant's day hash is named as day_key() names it.
 _RECORD = (
     "local names = {" + ", ".join(f"'{name}'" for name in _FIELD_NAMES) + "}"
     + """
-for r = 4, #ARGV do
+local log, totals = ARGV[4] == '1', ARGV[5] == '1'
+for r = 6, #ARGV do
   local values, entry = {}, {}
   for value in string.gmatch(ARGV[r] .. '\\31', '(.-)\\31') do values[#values + 1] = value end
   for i, name in ipairs(names) do
@@ -82,25 +88,53 @@ for r = 4, #ARGV do
     entry[#entry + 1] = values[i]
     values[name] = values[i]
   end
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(entry))
-  local increments = {
-    requests = 1,
-    failures = values.failure ~= '' and 1 or 0,
-    cache_hits = string.sub(values.cache_status, -3) == 'hit' and 1 or 0,
-    prompt_tokens = values.prompt_tokens, completion_tokens = values.completion_tokens,
-    saved_tokens = values.saved_tokens, cost_nano_usd = values.cost_nano_usd,
-    latency_ms = values.latency_ms,
-  }
-  local day_key = 'mg:router:usage:' .. values.tenant .. ':' .. ARGV[3]
-  local prefix = values.key_id .. '|' .. values.model .. '|'
-  for metric, increment in pairs(increments) do
-    if tonumber(increment) ~= 0 then redis.call('HINCRBY', day_key, prefix .. metric, increment) end
+  if log then redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(entry)) end
+  if totals then
+    local increments = {
+      requests = 1,
+      failures = values.failure ~= '' and 1 or 0,
+      cache_hits = string.sub(values.cache_status, -3) == 'hit' and 1 or 0,
+      prompt_tokens = values.prompt_tokens, completion_tokens = values.completion_tokens,
+      saved_tokens = values.saved_tokens, cost_nano_usd = values.cost_nano_usd,
+      latency_ms = values.latency_ms,
+    }
+    local day_key = 'mg:router:usage:{t:' .. values.tenant .. '}:' .. ARGV[3]
+    local prefix = values.key_id .. '|' .. values.model .. '|'
+    for metric, increment in pairs(increments) do
+      if tonumber(increment) ~= 0 then redis.call('HINCRBY', day_key, prefix .. metric, increment) end
+    end
+    redis.call('EXPIRE', day_key, ARGV[2])
   end
-  redis.call('EXPIRE', day_key, ARGV[2])
 end
 return 1
 """
 )
+
+
+async def run_scripts(redis, script, calls: list[tuple[list[str], list]]) -> list:
+    """Runs ``script`` once per (keys, args), in one round trip: on a Redis
+    Cluster each call goes to the node of its keys' slot."""
+    if len(calls) == 1:
+        [(keys, args)] = calls
+        return [await script(keys=keys, args=args)]
+    pipe = redis.pipeline(transaction=False)
+    for keys, args in calls:
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+    replies = await pipe.execute(raise_on_error=False)
+    for index, reply in enumerate(replies):
+        if isinstance(reply, NoScriptError):
+            # Redis lost its scripts (a restart): that call did not run.
+            keys, args = calls[index]
+            replies[index] = await script(keys=keys, args=args)
+        elif isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
+def day_key(tenant: str, day: str) -> str:
+    """A tenant's totals of one UTC day (YYYY-MM-DD), in its limits' slot."""
+    return f"mg:router:usage:{{t:{tenant}}}:{day}"
+
 
 # Records submitted within this long of each other go to Redis in one call
 # (at most _BATCH of them): the call's fixed cost, most of the router's CPU
@@ -111,9 +145,19 @@ _BATCH = 128
 
 class Ledger:
     def __init__(
-        self, redis, stream_max_len: int, retention_days: int, clock: Callable[[], float] = time.time
+        self,
+        redis,
+        stream_max_len: int,
+        retention_days: int,
+        clock: Callable[[], float] = time.time,
+        split_by_slot: bool | None = None,
     ) -> None:
         self._redis = redis
+        # A Redis Cluster takes the log and each tenant's totals in their own
+        # calls (their keys are in different slots); one instance, one call.
+        self._split_by_slot = (
+            isinstance(redis, RedisCluster) if split_by_slot is None else split_by_slot
+        )
         self._record = redis.register_script(_RECORD)
         self._stream_max_len = stream_max_len
         self._retention_s = retention_days * 24 * 3600
@@ -121,10 +165,6 @@ class Ledger:
         self._buffer: list[UsageRecord] = []
         self._flushing: set[asyncio.Task] = set()
         self._timer: asyncio.TimerHandle | None = None
-
-    @staticmethod
-    def _day_key(tenant: str, day: datetime.date) -> str:
-        return f"mg:router:usage:{tenant}:{day:%Y-%m-%d}"
 
     def today(self) -> datetime.date:
         """The current UTC day, as the ledger files records."""
@@ -166,9 +206,19 @@ class Ledger:
             _SEPARATOR.join(str(getattr(usage, name)).replace(_SEPARATOR, "") for name in _FIELD_NAMES)
             for usage in records
         ]
+        day = f"{self.today():%Y-%m-%d}"
+        header = [self._stream_max_len, self._retention_s, day]
+        tenants = {usage.tenant.replace(_SEPARATOR, ""): None for usage in records}
+        if self._split_by_slot:
+            by_tenant: dict[str, list[str]] = {tenant: [] for tenant in tenants}
+            for usage, values in zip(records, packed, strict=True):
+                by_tenant[usage.tenant.replace(_SEPARATOR, "")].append(values)
+            calls = [([STREAM], [*header, "1", "0", *packed])]
+            calls += [([day_key(t, day)], [*header, "0", "1", *rows]) for t, rows in by_tenant.items()]
+        else:
+            calls = [([STREAM, *(day_key(t, day) for t in tenants)], [*header, "1", "1", *packed])]
         try:
-            day = f"{self.today():%Y-%m-%d}"
-            await self._record(keys=[STREAM], args=[self._stream_max_len, self._retention_s, day, *packed])
+            await run_scripts(self._redis, self._record, calls)
         except RedisError as error:
             # The callers have their answers; lost records are logged, not raised.
             log.error("usage not recorded", records=len(records), tenant=records[0].tenant, error=str(error))
@@ -180,7 +230,7 @@ class Ledger:
         days = [first_day + datetime.timedelta(days=i) for i in range((last_day - first_day).days + 1)]
         pipe = self._redis.pipeline(transaction=False)
         for day in days:
-            pipe.hgetall(self._day_key(tenant, day))
+            pipe.hgetall(day_key(tenant, f"{day:%Y-%m-%d}"))
         totals: dict[tuple[str, str], dict[str, int]] = {}
         try:
             replies = await pipe.execute()

@@ -9,15 +9,18 @@ import uuid
 import pytest
 
 from meshgate import redis_access
-from services.router.ledger import STREAM, Ledger, UsageRecord
+from services.router.ledger import STREAM, Ledger, UsageRecord, day_key
 
 pytestmark = pytest.mark.integration
 
 
-async def test_turns_are_logged_and_aggregated_per_key_model_and_day(redis_url):
+@pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
+async def test_turns_are_logged_and_aggregated_per_key_model_and_day(redis_url, split_by_slot):
     client = redis_access.connect(redis_url)
     now = [datetime.datetime(2026, 5, 1, 23, 59, tzinfo=datetime.UTC).timestamp()]
-    ledger = Ledger(client, stream_max_len=10_000, retention_days=2, clock=lambda: now[0])
+    ledger = Ledger(
+        client, stream_max_len=10_000, retention_days=2, clock=lambda: now[0], split_by_slot=split_by_slot
+    )
     tenant = uuid.uuid4().hex[:12]
     try:
         before = await client.xlen(STREAM)
@@ -48,8 +51,9 @@ async def test_turns_are_logged_and_aggregated_per_key_model_and_day(redis_url):
         both = await ledger.usage(tenant, may_1, may_2)
         assert both[("k1", "tiny-gpt")]["requests"] == 3
         assert both[("k1", "tiny-gpt")]["prompt_tokens"] == 80
-        # Kept for the retention period, not forever.
-        assert 0 < await client.ttl(f"mg:router:usage:{tenant}:2026-05-01") <= 2 * 24 * 3600
+        # Kept for the retention period, not forever, under the key the
+        # router names (in KEYS) for its cluster slot.
+        assert 0 < await client.ttl(day_key(tenant, "2026-05-01")) <= 2 * 24 * 3600
         assert await ledger.usage(uuid.uuid4().hex, may_1, may_2) == {}
     finally:
         await client.aclose()

@@ -27,6 +27,7 @@ from services.router.admission import (
     estimate_prompt_tokens,
 )
 from services.router.auth import Tenant
+from services.router.ledger import STREAM, Ledger, UsageRecord, day_key
 
 
 def _utc(*fields) -> float:
@@ -54,6 +55,9 @@ def test_cost_is_exact_nano_usd_and_free_without_prices():
 def test_the_estimate_bounds_tokens_by_utf8_bytes():
     messages = [common_pb2.Message(role=common_pb2.ROLE_USER, content="héllo")]
     assert estimate_prompt_tokens(messages) == 6
+    # ASCII counted without encoding, beside 4-byte characters.
+    messages.append(common_pb2.Message(role=common_pb2.ROLE_USER, content="hi 😀"))
+    assert estimate_prompt_tokens(messages) == 6 + 7
 
 
 @pytest.mark.parametrize(
@@ -218,3 +222,20 @@ async def test_one_redis_instance_takes_a_turn_in_one_atomic_call():
     admission.settle_soon(reservation, 15, 0)
     await admission.flush()
     assert [(script, len(keys)) for script, keys in redis.calls] == [("admit", 27), ("settle", 21)]
+
+
+@pytest.mark.parametrize("split_by_slot", [False, True])
+async def test_the_ledger_names_every_key_it_writes_one_slot_per_call_on_a_cluster(split_by_slot):
+    redis = _RecordingRedis()
+    ledger = Ledger(redis, 100, retention_days=1, clock=lambda: 0.0, split_by_slot=split_by_slot)
+    for tenant in ("acme", "globex", "acme"):
+        ledger.submit(UsageRecord(tenant, "k", "tiny-gpt", "live", 1, 2, 0, "miss", 3, 4))
+    await ledger.drain()
+    acme, globex = day_key("acme", "1970-01-01"), day_key("globex", "1970-01-01")
+    calls = sorted(keys for _, keys in redis.calls)
+    if split_by_slot:
+        # The log, then each tenant's totals, in calls of one slot each.
+        assert calls == [[STREAM], [acme], [globex]]
+        assert len(_slots([acme, globex])) == 2
+    else:
+        assert calls == [[STREAM, acme, globex]]
