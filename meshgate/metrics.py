@@ -151,6 +151,12 @@ class RouterMetrics:
             "(RATE_LIMITED, BUDGET_EXHAUSTED, REQUEST_EXCEEDS_LIMIT, LIMITS_UNAVAILABLE).",
             ("limit", "scope", "reason"),
         )
+        self.model_selections = make.counter(
+            "meshgate_router_model_selections",
+            "Turns of an alias that selects among models (models.<alias>.selection), by the "
+            "alias, the model chosen and why (tier, cost_cap, complexity, complexity_features_only).",
+            ("alias", "model", "reason"),
+        )
         self.streams_in_flight = make.gauge(
             "meshgate_router_streams_in_flight", "Turns under way.", ("model",)
         )

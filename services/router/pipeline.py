@@ -405,6 +405,7 @@ class Pipeline:
             self._settings.prices.get(rules.strong),
             turn.budget.within(rules.embedding_timeout_s),
         )
+        metrics.router().model_selections.labels(turn.model_alias, selection.model, selection.reason).inc()
         model = self._models.get(selection.model)
         if model is None:  # settings reloaded since validation, without it
             unknown = selection.model

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from meshgate import metrics
 from meshgate.common.v1 import common_pb2
 from meshgate.config import (
     ConfigError,
@@ -147,6 +148,8 @@ async def test_the_pipeline_sends_the_turn_to_the_chosen_model_and_says_why():
     }
     generator, cache = RecordingGenerator(), FakeCache()
     built = Pipeline(RouterSettings(), models, FakeContexts(), cache, generator)
+    selections = metrics.router().model_selections
+    to_fast_before = selections.labels("auto", "fast", "complexity_features_only")._value.get()
     tenant = Tenant("t1", frozenset({"auto"}))
     for text, expected in ((EASY[0], "fast"), (HARD[2], "strong")):
         request = pb.ChatRequest(model="auto", messages=[user(text)])
@@ -158,6 +161,8 @@ async def test_the_pipeline_sends_the_turn_to_the_chosen_model_and_says_why():
         assert generator.aliases[-1] == expected
         # Cache entries are the chosen model's, not the selecting alias's.
         assert cache.stored
+    # The share moved to the fast model is countable in production too.
+    assert selections.labels("auto", "fast", "complexity_features_only")._value.get() == to_fast_before + 1
     premium = Tenant("t2", frozenset({"*"}), tier="premium")
     request = pb.ChatRequest(model="auto", messages=[user(EASY[0])])
     completion = (await events_of(built.run(request, premium, "", budget=_budget())))[-1]
