@@ -448,14 +448,25 @@ class _PrefixStrategy(Strategy):
 
 
 class PrefixAffinity(_PrefixStrategy):
-    """Longest believed prefix overlap first; ties (no overlap anywhere) by
-    least outstanding. Ignores load: the cost strategy weighs both."""
+    """Longest believed prefix overlap first, ignoring load (the cost
+    strategy weighs both), once the overlap is at least `min_share` of the
+    prompt: every prompt of a chat template shares its first block or two
+    (the template's own default system prompt), and counting those would
+    send all traffic to whichever server saw a prompt first. Below it, and
+    between equal overlaps, the least outstanding."""
 
     name = "prefix_affinity"
 
+    def __init__(self, index: PrefixIndex, min_share: float = 0.5) -> None:
+        super().__init__(index)
+        self.min_share = min_share
+
     def rank(self, targets, request):
+        needed = self.min_share * len(request.prefix_blocks)
+
         def score(target: Target) -> tuple[int, float]:
-            return (-self.index.overlap(target.key, request.prefix_blocks), _outstanding(target))
+            overlap = self.index.overlap(target.key, request.prefix_blocks)
+            return (-overlap if overlap and overlap >= needed else 0, _outstanding(target))
 
         return sorted(self._rotation.rotate(list(targets)), key=score)
 

@@ -163,6 +163,21 @@ def test_prefix_affinity_goes_where_the_longest_prefix_was_routed():
     assert strategy.rank([a, b], follow_up)[0] is a
 
 
+def test_prefix_affinity_ignores_a_short_shared_opening():
+    index = PrefixIndex(16, clock=Clock())
+    strategy = balancing.PrefixAffinity(index, min_share=0.5)
+    a, b = FakeTarget("a", in_flight=3), FakeTarget("b")
+    template_opening = blocks(2)
+    first = RouteRequest(prefix_blocks=template_opening + blocks(10, start=1_000), prompt_units=12 * 16)
+    strategy.routed(a, first)
+    # Another prompt shares only the template's two blocks of twelve: load decides.
+    other = RouteRequest(prefix_blocks=template_opening + blocks(10, start=9_000), prompt_units=12 * 16)
+    assert strategy.rank([a, b], other)[0] is b
+    # Half the prompt or more held: affinity wins over load.
+    half = RouteRequest(prefix_blocks=first.prefix_blocks[:6] + blocks(6, start=20_000), prompt_units=12 * 16)
+    assert strategy.rank([a, b], half)[0] is a
+
+
 def test_kv_cost_weighs_cached_prefill_against_queued_prefill_and_decode_load():
     index = PrefixIndex(16, clock=Clock())
     strategy = balancing.KvCost(index, prefill_weight=2.0, decode_weight=0.5)
