@@ -21,7 +21,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, settings
 
-from meshgate.config import DeploymentSettings, ModelSettings, Settings, hash_api_key
+from meshgate.config import (
+    DeploymentSettings,
+    ModelSettings,
+    Settings,
+    TemplateMessageSettings,
+    TemplateParameterSettings,
+    TemplateSettings,
+    hash_api_key,
+)
 from meshgate.errors import error_info
 from services.cache import app as cache_app
 from services.context import app as context_app
@@ -130,6 +138,15 @@ async def fuzz_mesh(redis_url, triton_url):
     settings.redis.url = redis_url
     settings.router.dev_api_key = API_KEY
     settings.router.admin_api_key_sha256 = [hash_api_key("fuzz-admin-key")]
+    # The template the strategies invoke (strategies._template_turn).
+    settings.router.templates = [
+        TemplateSettings(
+            name="fuzz",
+            messages=[TemplateMessageSettings(role="user", content="Answer briefly: $question")],
+            parameters=TemplateParameterSettings(max_tokens=4, temperature=0.0),
+            models=["tiny-gpt"],
+        )
+    ]
     settings.inference.triton_urls = [triton_url]
     settings.inference.health_interval_s = 0.5
     async with contextlib.AsyncExitStack() as stack:

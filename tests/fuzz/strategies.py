@@ -15,6 +15,7 @@ from google.protobuf import message_factory
 from hypothesis import strategies as st
 
 from meshgate.common.v1 import common_pb2
+from meshgate.router.v1 import router_service_pb2
 
 FieldDescriptor = protobuf_descriptor.FieldDescriptor
 
@@ -47,7 +48,11 @@ LEANING = {
     "max_tokens": st.one_of(st.integers(1, 6), st.sampled_from([*INT32_LIMITS, 256, 257, 511, 512])),
     "tenant_id": st.one_of(st.sampled_from(["dev", "fuzz-tenant"]), st.text(max_size=20)),
     "ttl_seconds": st.one_of(st.integers(-2, 100), st.sampled_from(INT32_LIMITS)),
+    # A template's name: mostly the one the fuzz mesh configures (tests/fuzz/conftest.py).
+    "name": st.one_of(st.just("fuzz"), TEXT),
 }
+# Keys of map fields: mostly the fuzz template's variable, sometimes anything.
+MAP_KEY = st.one_of(st.just("question"), st.text(max_size=20), st.sampled_from(["", "$", "{{x}}", "\x00"]))
 
 _SCALARS = {
     FieldDescriptor.TYPE_STRING: TEXT,
@@ -84,6 +89,13 @@ def messages(descriptor: protobuf_descriptor.Descriptor, depth: int = 0) -> st.S
         return st.just(message_class())
     fields = {}
     for field in descriptor.fields:
+        if _is_map(field):
+            # map<string, V>: protobuf's entries are set by key, not appended.
+            entry = field.message_type
+            fields[field.name] = st.dictionaries(
+                MAP_KEY, _value(entry.fields_by_name["value"], depth), max_size=4
+            ).filter(lambda values: _fits(list(values.values())))
+            continue
         value = _value(field, depth)
         if field.is_repeated:
             # Huge entries stay rare: a few of them would pass gRPC's 4 MB limit.
@@ -97,7 +109,9 @@ def messages(descriptor: protobuf_descriptor.Descriptor, depth: int = 0) -> st.S
             if value is None:
                 continue
             field = descriptor.fields_by_name[name]
-            if field.is_repeated:
+            if _is_map(field):
+                getattr(message, name).update(value)
+            elif field.is_repeated:
                 getattr(message, name).extend(value)
             elif field.type == FieldDescriptor.TYPE_MESSAGE:
                 getattr(message, name).CopyFrom(value)
@@ -106,6 +120,10 @@ def messages(descriptor: protobuf_descriptor.Descriptor, depth: int = 0) -> st.S
         return message
 
     return st.fixed_dictionaries(fields).map(build).filter(lambda m: m.ByteSize() < 3_500_000)
+
+
+def _is_map(field: FieldDescriptor) -> bool:
+    return field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry
 
 
 def _fits(values: list) -> bool:
@@ -154,9 +172,32 @@ def _turn(message_class, content):
     )
 
 
+def _template_turn(message_class):
+    """Invocations of the fuzz mesh's template: its variable given (or not,
+    or others too), any version, with or without a model."""
+
+    def build(variables, version, model, parameters):
+        invocation = router_service_pb2.TemplateInvocation(name="fuzz", variables=variables)
+        if version is not None:
+            invocation.version = version
+        return message_class(template=invocation, model=model, parameters=parameters)
+
+    return st.builds(
+        build,
+        st.dictionaries(MAP_KEY, st.one_of(_SHORT_TEXT, TEXT), max_size=3)
+        | st.fixed_dictionaries({"question": _SHORT_TEXT}),
+        st.none() | st.just(1) | INT32,
+        st.sampled_from(["", "tiny-gpt"]) | TEXT,
+        PARAMETERS,
+    )
+
+
 def plausible(descriptor: protobuf_descriptor.Descriptor) -> st.SearchStrategy | None:
     """Mostly-valid requests for the RPCs that generate, or None."""
     message_class = message_factory.GetMessageClass(descriptor)
     if {"model", "messages", "parameters"} <= set(descriptor.fields_by_name):
-        return _turn(message_class, st.one_of(_SHORT_TEXT, TEXT))
+        turns = _turn(message_class, st.one_of(_SHORT_TEXT, TEXT))
+        if "template" in descriptor.fields_by_name:
+            turns = st.one_of(turns, _template_turn(message_class))
+        return turns
     return None
