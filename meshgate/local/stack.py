@@ -25,6 +25,12 @@ from meshgate.config import DEFAULT_DEV_API_KEY, SMOLLM2_CHAT_TEMPLATE, SMOLLM2_
 from meshgate.local import certs, redis_server, triton
 
 SERVICES = ("inference", "context", "cache", "router")
+
+
+def replica_name(service: str, index: int) -> str:
+    """The first replica of a service is named after it ("router"), as in a
+    stack of one replica each; the others "router-2", "router-3", ..."""
+    return service if index == 0 else f"{service}-{index + 1}"
 # The local stack runs from a checkout: model_repository/ and the build
 # scripts beside it (an image needs none of this: deploy/docker/).
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -79,6 +85,7 @@ class Stack:
         tracing: bool = True,
         log_level: str = "info",
         triton_models: tuple[str, ...] = triton.DEFAULT_MODELS,
+        replicas: int = 1,
     ) -> None:
         self.state_dir = state_dir.resolve()
         self.ports = ports or Ports()
@@ -88,6 +95,23 @@ class Stack:
             self.ports.metrics = {
                 name: getattr(self.ports, name) + 10 if ports is None else free_port() for name in SERVICES
             }
+        # Each service runs as this many processes, each on its own port (the
+        # first on the port of ``ports``); the others reach all of a
+        # service's replicas through one address list, balanced round robin
+        # by their channels (meshgate/serving.py).
+        self.replica_ports = {
+            replica_name(service, index): getattr(self.ports, service) if index == 0 else free_port()
+            for service in SERVICES
+            for index in range(replicas)
+        }
+        self.replica_metrics_ports = {
+            name: self.ports.metrics[name] if name in SERVICES else free_port() for name in self.replica_ports
+        }
+        self.replica_http_ports = {
+            name: self.ports.http if name == "router" else free_port()
+            for name in self.replica_ports
+            if self.service_of(name) == "router"
+        }
         self.external_redis_url = redis_url
         self.dev_api_key = dev_api_key
         self.extra_settings = extra_settings
@@ -108,8 +132,25 @@ class Stack:
     def redis_url(self) -> str:
         return self.external_redis_url or f"redis://127.0.0.1:{self.ports.redis}/0"
 
+    @staticmethod
+    def service_of(name: str) -> str:
+        """The service a replica ("cache-2") or a child ("redis") is of."""
+        return name.split("-")[0]
+
+    def replicas_of(self, service: str) -> list[str]:
+        return [name for name in self.replica_ports if self.service_of(name) == service]
+
     def address(self, name: str) -> str:
-        return f"127.0.0.1:{getattr(self.ports, name)}"
+        """Where a child listens: a service's first replica by the service's
+        name, another by its replica name ("router-2"), or "triton", "redis",
+        "http"."""
+        port = self.replica_ports.get(name) or getattr(self.ports, name)
+        return f"127.0.0.1:{port}"
+
+    def addresses(self, service: str) -> str:
+        """Every replica of ``service``, as an address setting takes them
+        (one address, or a comma-separated list)."""
+        return ",".join(self.address(name) for name in self.replicas_of(service))
 
     def metrics_address(self, name: str) -> str:
         """Where service ``name`` serves its Prometheus metrics."""
@@ -124,11 +165,13 @@ class Stack:
         )
 
     def channel(self, name: str) -> grpc.Channel:
-        """A blocking channel to one of the stack's services, as the router
-        reaches it (with the router's certificate) or a client the router."""
-        if name == "router":
+        """A blocking channel to one of the stack's services (or replicas),
+        as the router reaches it (with the router's certificate) or a client
+        the router."""
+        service = self.service_of(name)
+        if service == "router":
             return grpc.insecure_channel(self.address(name))
-        security = mesh_auth.Mesh(self.mesh_settings, "router").to(name)
+        security = mesh_auth.Mesh(self.mesh_settings, "router").to(service)
         return grpc.secure_channel(self.address(name), security.credentials, security.channel_options)
 
     def _write_settings(self) -> None:
@@ -155,30 +198,30 @@ max_output_tokens = 1024
 default_max_tokens = 256
 tokenizer = {_toml_string(SMOLLM2_TOKENIZER)}
 chat_template = {_toml_string(SMOLLM2_CHAT_TEMPLATE)}
-deployments = [{{ name = "local", address = "127.0.0.1:{p.inference}", model = "smollm2" }}]
+deployments = [{{ name = "local", address = "{self.addresses("inference")}", model = "smollm2" }}]
 
 [models.tiny-gpt]
 context_window_tokens = 512
 max_output_tokens = 256
-deployments = [{{ name = "local", address = "127.0.0.1:{p.inference}", model = "tiny-gpt" }}]
+deployments = [{{ name = "local", address = "{self.addresses("inference")}", model = "tiny-gpt" }}]
 
 [router]
 listen = "127.0.0.1:{p.router}"
 metrics_listen = "{self.metrics_address("router")}"
 http_listen = "127.0.0.1:{p.http}"
-context_address = "127.0.0.1:{p.context}"
-cache_address = "127.0.0.1:{p.cache}"
+context_address = "{self.addresses("context")}"
+cache_address = "{self.addresses("cache")}"
 dev_api_key = {_toml_string(self.dev_api_key)}
 
 [context]
 listen = "127.0.0.1:{p.context}"
 metrics_listen = "{self.metrics_address("context")}"
-inference_address = "127.0.0.1:{p.inference}"
+inference_address = "{self.addresses("inference")}"
 
 [cache]
 listen = "127.0.0.1:{p.cache}"
 metrics_listen = "{self.metrics_address("cache")}"
-inference_address = "127.0.0.1:{p.inference}"
+inference_address = "{self.addresses("inference")}"
 
 [inference]
 listen = "127.0.0.1:{p.inference}"
@@ -200,7 +243,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
             self.launch("triton")
             if self.external_redis_url is None:
                 redis_server.wait_ready(self.ports.redis)
-            for name in SERVICES:
+            for name in self.replica_ports:
                 self.start_service(name)
             triton.wait_ready(
                 self.address("triton"),
@@ -208,7 +251,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
                 timeout=timeout_s,
                 process=self.processes["triton"],
             )
-            for name in SERVICES:
+            for name in self.replica_ports:
                 self.wait_serving(name, timeout_s)
         except BaseException:
             self.stop()
@@ -259,11 +302,21 @@ triton_urls = ["127.0.0.1:{p.triton}"]
             )
 
     def start_service(self, name: str) -> None:
+        """Starts a service's replica ("router", "router-2", ...)."""
+        service = self.service_of(name)
         env = dict(os.environ, MESHGATE_CONFIG=str(self.config_path), PYTHONUNBUFFERED="1")
         env.pop("REDIS_URL", None)  # the settings file is the one source of truth here
+        command = [sys.executable, "-m", f"services.{service}"]
+        if name != service:
+            # Another replica: the same settings file, its own ports.
+            command += ["--listen", self.address(name)]
+            section = f"MESHGATE_{service.upper()}__"
+            env[section + "METRICS_LISTEN"] = f"127.0.0.1:{self.replica_metrics_ports[name]}"
+            if service == "router":
+                env[section + "HTTP_LISTEN"] = f"127.0.0.1:{self.replica_http_ports[name]}"
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"],
+            command,
             cwd=REPO_ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -307,8 +360,9 @@ triton_urls = ["127.0.0.1:{p.triton}"]
     def stop(self) -> None:
         # Front door first so in-flight streams drain through the services
         # behind it, then the stores and Triton last.
-        for name in ("router", "cache", "context", "inference"):
-            self.stop_service(name)
+        for service in ("router", "cache", "context", "inference"):
+            for name in self.replicas_of(service):
+                self.stop_service(name)
         if "triton" in self.processes:
             triton.terminate(self.processes.pop("triton"))
         self.stop_service("redis")
