@@ -20,6 +20,7 @@ import pytest
 import redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import RedisClusterException
 
 from meshgate import redis_access
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
@@ -30,7 +31,9 @@ from meshgate.local import redis_server
 from services.cache import keys as cache_keys
 from services.context import store
 from services.context.hot_cache import ChangeListener, HotCache
+from services.router.admission import Admission, Scope
 from services.router.keys import KeyStore
+from services.router.ledger import Ledger, UsageRecord
 from tests.integration.test_cache_servicer import (
     PARAPHRASE,
     STORED,
@@ -288,6 +291,72 @@ async def test_api_keys_on_the_cluster(client, tenant) -> None:
     listed = await keys.list(tenant)
     assert {r.key_hash for r in listed} == {record.key_hash, successor.key_hash}
     assert (await keys.revoke(successor.key_id)).revoked_at is not None
+
+
+# services/router/ledger.py's run_scripts sends a turn's per-slot script
+# calls as pipe.evalsha(...) in one pipeline, which redis-py refuses on a
+# cluster pipeline ("Calling pipelined function evalsha is blocked");
+# pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args) is routed per
+# slot and works. Strict: the marker must go when that is fixed.
+RUN_SCRIPTS_BLOCKED = pytest.mark.xfail(
+    strict=True,
+    raises=RedisClusterException,
+    reason="ledger.run_scripts pipelines EVALSHA, which redis-py blocks on a cluster pipeline",
+)
+
+
+@RUN_SCRIPTS_BLOCKED
+async def test_usage_ledger_on_the_cluster(client) -> None:
+    """The stream and each tenant's day totals, in different slots."""
+    ledger = Ledger(client, stream_max_len=1000, retention_days=2)
+    tenants = [f"tenant-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    for tenant in tenants:
+        await ledger.record(UsageRecord(tenant, "key1", "tiny-gpt", "d", 10, 5, 0, "miss", 0, 20))
+    for tenant in tenants:
+        totals = await ledger.usage(tenant, ledger.today(), ledger.today())
+        assert totals[("key1", "tiny-gpt")]["prompt_tokens"] == 10
+
+
+@RUN_SCRIPTS_BLOCKED
+async def test_admission_limits_are_exact_across_masters(cluster: Cluster) -> None:
+    """Two router replicas admit against a tenant's limit and a model's, whose
+    counters the hash tags put on two different masters: each turn runs one
+    script per slot, and neither limit is exceeded."""
+    tenant_scope = Scope("tenant", f"tenant-{uuid.uuid4().hex[:8]}", LimitSettings(requests_per_minute=50))
+    model_id = next(
+        f"model-{n}"
+        for n in range(1000)
+        if cluster.master_of(key_slot(Scope("model", f"model-{n}", LimitSettings()).prefix.encode()))
+        != cluster.master_of(key_slot(tenant_scope.prefix.encode()))
+    )
+    model_scope = Scope("model", model_id, LimitSettings(tokens_per_minute=2_000))
+    clients = [await redis_access.connect_checked(cluster.url) for _ in range(2)]
+    replicas = [Admission(client, max_generation_s=60) for client in clients]
+    admitted: list = []
+
+    async def hammer(admission: Admission) -> None:
+        for _ in range(40):
+            try:
+                admitted.append(
+                    await admission.admit([tenant_scope, model_scope], prompt_tokens=49, max_tokens=1)
+                )
+            except MeshgateError as error:
+                assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    try:
+        await asyncio.gather(*(hammer(replica) for replica in replicas))
+        # The model's 2,000 tokens a minute are the binding limit: 40 turns of 50.
+        assert len(admitted) == 40
+        await replicas[0].settle(admitted[0], tokens=10, nano_usd=0)
+        # The settled turn used 40 tokens less than reserved: one more of 40 fits.
+        await replicas[1].admit([tenant_scope, model_scope], prompt_tokens=39, max_tokens=1)
+        with pytest.raises(MeshgateError):
+            await replicas[1].admit([tenant_scope, model_scope], prompt_tokens=0, max_tokens=1)
+    finally:
+        for replica in replicas:
+            await replica.drain()
+        for client in clients:
+            await client.aclose()
 
 
 async def test_no_acknowledged_turn_is_lost_in_a_master_failover(cluster: Cluster, tenant) -> None:
