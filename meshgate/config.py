@@ -51,6 +51,9 @@ class TelemetrySettings:
 
 @dataclasses.dataclass
 class RedisSettings:
+    # One Redis: redis:// (rediss:// with TLS). A Redis Cluster:
+    # redis+cluster://host:port[,host:port...] (rediss+cluster://), any of
+    # its nodes; see meshgate/redis_access.py.
     url: str = "redis://127.0.0.1:6379/0"
 
 
