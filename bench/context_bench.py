@@ -48,7 +48,7 @@ from meshgate.inference.v1 import inference_service_pb2_grpc  # noqa: E402
 from meshgate.local import redis_server, triton  # noqa: E402
 from meshgate.local.stack import build_model_weights, free_port  # noqa: E402
 from services.context import app as context_app  # noqa: E402
-from services.context import assembly, relevance, token_counts  # noqa: E402
+from services.context import assembly, relevance, summaries, token_counts  # noqa: E402
 from services.context.hot_cache import ChangeListener, HotCache  # noqa: E402
 from services.context.servicer import ContextServicer  # noqa: E402
 from services.context.store import SessionStore  # noqa: E402
@@ -385,8 +385,9 @@ async def _latency(conversations, sessions, tenant, stub, embed_stub, settings: 
         started = time.perf_counter()
         await embed_stub.Embed(inference_pb.EmbedRequest(texts=[request.new_messages[0].content]), timeout=60)
         embed.append(1000 * (time.perf_counter() - started))
-    # The service's own code in this process, without an embedder: hot
-    # (session and index in memory) and cold (index from Redis).
+    # The service's own code in this process, without an embedder but with
+    # the summaries the service adds: hot (session and index in memory) and
+    # cold (index from Redis).
     counters = token_counts.for_models(settings.models)
     client = await redis_access.connect_checked(settings.redis.url)
     hot = HotCache(256 * 1024 * 1024, 0)
@@ -401,10 +402,26 @@ async def _latency(conversations, sessions, tenant, stub, embed_stub, settings: 
         index = TurnIndex(client, 0)
         results = {}
         for label, cache in (("hot", hot), ("cold", HotCache(0, 0))):
-            servicer = ContextServicer(store, settings.models, counters, cache, index, None)
+            summarizer = summaries.Summarizer(
+                store,
+                summaries.SummaryStore(client, 0),
+                summaries.SummaryPolicy(
+                    settings.context.summary_span_turns, settings.context.summary_hot_window_turns
+                ),
+                None,
+                counters.values(),
+            )
+            floor = settings.context.recency_floor_turns
+            servicer = ContextServicer(
+                store, settings.models, counters, cache, index, None, floor, summarizer
+            )
             for name in long:
                 servicer.prefetch(tenant, sessions[name])
             await asyncio.sleep(2)
+            # As in the service after appends: the summarizer holds each session's summaries.
+            for name in long:
+                first = next(r for r in requests if r.session_id == sessions[name])
+                await servicer.AssembleContext(first, None)
             times = []
             for request in requests:
                 started = time.perf_counter()
@@ -423,10 +440,10 @@ async def _latency(conversations, sessions, tenant, stub, embed_stub, settings: 
         "|---|---|---|",
         f"| AssembleContext over gRPC, with the question's embedding | {percentile(rpc, 50):.2f} |"
         f" {percentile(rpc, 99):.2f} |",
-        f"| in-process, no embedding, hot session | {percentile(results['hot'], 50):.2f} |"
+        f"| in-process, no embedding, hot session, with summaries | {percentile(results['hot'], 50):.2f} |"
         f" {percentile(results['hot'], 99):.2f} |",
-        f"| in-process, no embedding, cold (index read from Redis) | {percentile(results['cold'], 50):.2f} |"
-        f" {percentile(results['cold'], 99):.2f} |",
+        f"| in-process, no embedding, cold (index read from Redis), with summaries |"
+        f" {percentile(results['cold'], 50):.2f} | {percentile(results['cold'], 99):.2f} |",
         f"| the question's Embed call alone | {percentile(embed, 50):.2f} | {percentile(embed, 99):.2f} |",
     ]
     return rows

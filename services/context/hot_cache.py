@@ -51,7 +51,9 @@ DELETED = -1
 def _size(session: StoredSession) -> int:
     turns = sum(len(t.content) + _TURN_OVERHEAD_BYTES for t in session.turns)
     counts = sum(4 * len(c) for c in session.token_counts.values())
-    return _ENTRY_OVERHEAD_BYTES + turns + counts
+    # Its retrieval index, when attached: float32 vectors weigh more than the texts.
+    index = session.index.nbytes if session.index is not None else 0
+    return _ENTRY_OVERHEAD_BYTES + turns + counts + index
 
 
 @dataclasses.dataclass(slots=True)
@@ -115,6 +117,21 @@ class HotCache:
             oldest = next(iter(self._entries))
             self._drop(oldest)
         return True
+
+    def attach_index(self, key: str, session: StoredSession, index) -> None:
+        """Keeps ``index`` (services/context/turn_index.IndexedTurns) with
+        ``session``, if that is still the entry cached for ``key``, its bytes
+        counted against the bound like the turns'."""
+        entry = self._entries.get(key)
+        if entry is None or entry[0] is not session:
+            return
+        session.index = index
+        size = _size(session)
+        self._bytes += size - entry[1]
+        self._entries[key] = (session, size)
+        self._entries.move_to_end(key)
+        while self._bytes > self._max_bytes:
+            self._drop(next(iter(self._entries)))
 
     def _may_have_expired(self, session: StoredSession) -> bool:
         if not self._session_ttl_ms:

@@ -268,7 +268,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             after = self._hot.get(key)
             if indexed is not None and after is not None and after.version == version:
                 # The hot entry was extended in place of a read: so is its index.
-                after.index = indexed
+                self._hot.attach_index(key, after, indexed)
             if self._summarizer is not None:
                 self._summarizer.schedule(request.tenant_id, request.session_id)
         return pb.AppendTurnsResponse(version=version, replayed=replayed)
@@ -630,7 +630,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         indexed = await self._index.read(tenant_id, session_id, None)
         hot = self._hot.get(key)
         if hot is not None and indexed.version == hot.version and len(indexed.roles) == indexed.count:
-            hot.index = indexed
+            self._hot.attach_index(key, hot, indexed)
 
     async def _complete_counts(
         self,

@@ -166,6 +166,14 @@ class IndexedTurns:
     pinned_turns: list[int]
     pinned_facts: list[str]
 
+    @property
+    def nbytes(self) -> int:
+        """What it holds in memory, near enough (a hot session keeps it)."""
+        vectors = 0 if self.unit_vectors is None else self.unit_vectors.nbytes
+        # A posting list's array plus its key and the objects around them.
+        postings = sum(p.nbytes + len(t) + 160 for t, p in self.postings.items())
+        return vectors + postings + self.roles.nbytes + self.term_counts.nbytes + 8 * len(self.token_counts)
+
     def usable(self, at_version: int | None) -> bool:
         """Whether assembly can plan from this alone: the current version
         asked for, every turn indexed (turns stored before the index

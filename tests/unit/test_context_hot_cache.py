@@ -90,3 +90,27 @@ def test_an_entry_is_not_served_once_its_session_may_have_expired() -> None:
     assert cache.get("k") is None
     cache.put("k", session(1, "a"), cache.ticket())
     assert cache.get("k") is not None
+
+
+class _Index:
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+
+def test_an_attached_index_counts_against_the_bound() -> None:
+    cache = live_cache(max_bytes=10_000)
+    older, newer = session(1, "a"), session(1, "b")
+    cache.put("older", older, cache.ticket())
+    cache.put("newer", newer, cache.ticket())
+    before = cache.bytes
+    cache.attach_index("newer", newer, _Index(3_000))
+    assert cache.bytes == before + 3_000 and cache.get("newer").index.nbytes == 3_000
+    # Past the bound, the least recently used entry goes.
+    cache.attach_index("newer", newer, _Index(9_000))
+    assert cache.get("older") is None and cache.get("newer") is not None
+    assert cache.bytes <= 10_000
+    # Not the entry cached any more (replaced by a newer read): nothing attached.
+    replaced = session(2, "b")
+    cache.put("newer", replaced, cache.ticket())
+    cache.attach_index("newer", newer, _Index(1))
+    assert replaced.index is None
