@@ -1,0 +1,54 @@
+"""Which client a Redis URL selects, and how a cluster URL is read. Nothing
+connects: redis-py's clients open connections on their first command."""
+
+from __future__ import annotations
+
+import pytest
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection
+
+from meshgate import redis_access
+
+
+async def test_a_plain_url_gets_one_node_client() -> None:
+    client = redis_access.connect("redis://127.0.0.1:6379/0")
+    assert not isinstance(client, RedisCluster)
+    await client.aclose()
+
+
+async def test_a_cluster_url_names_every_startup_node_and_keeps_credentials() -> None:
+    client = redis_access.connect("rediss+cluster://user:secret@127.0.0.1:7000,127.0.0.2:7001")
+    try:
+        assert isinstance(client, RedisCluster)
+        manager = client.nodes_manager
+        assert sorted(manager.startup_nodes) == ["127.0.0.1:7000", "127.0.0.2:7001"]
+        assert (manager.connection_kwargs["username"], manager.connection_kwargs["password"]) == (
+            "user",
+            "secret",
+        )
+        assert manager.connection_kwargs["connection_class"] is SSLConnection
+        # Reads from masters only, and no command retried after a broken
+        # connection (a write script must never run twice).
+        assert not client.read_from_replicas
+        assert client.retry.get_retries() == 0
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("url", ["redis+cluster://127.0.0.1", "redis+cluster://127.0.0.1:7000,:7001"])
+def test_a_cluster_node_without_host_and_port_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        redis_access.connect(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "cluster"),
+    [
+        ("redis://h:1/0", False),
+        ("rediss://h:1/0", False),
+        ("redis+cluster://h:1", True),
+        ("rediss+cluster://h:1", True),
+    ],
+)
+def test_the_scheme_alone_says_cluster(url: str, cluster: bool) -> None:
+    assert redis_access.is_cluster(url) is cluster
