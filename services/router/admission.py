@@ -93,10 +93,11 @@ SETTLE_AFTER_S = 0.01
 _SETTLE_BATCH = 128
 
 # Every key a script touches is in KEYS (a Redis Cluster routes a call by
-# them), in the order of the checks: a window's entries then its sum, a
-# budget's counter, a streams set. ARGV: now_ms ('' = Redis TIME), then
-# per turn its lease id and one word "kind a b cost" per check (packed in one
-# argument: redis-py's encoding of each argument was most of admission's CPU).
+# them), each once: a window's entries then its sum, a budget's counter, a
+# streams set. ARGV: now_ms ('' = Redis TIME), then per turn its lease id and
+# one word "kind a b cost k" per check, k the index of its key in KEYS
+# (packed in one argument: redis-py's encoding of each argument was most of
+# admission's CPU, and a batch of settlements names a key once, not per turn).
 #   'w' window   a = limit, b = window ms: entries "<lease>:<cost>" scored by
 #                their admission time, and the sum of their costs.
 #   'b' budget   a = limit, b = seconds to keep the counter.
@@ -108,22 +109,19 @@ if not now then
   now = t[1] * 1000 + t[2] / 1000
 end
 local function entry_cost(member) return tonumber(string.match(member, ':(%-?%d+)$')) end
--- The checks of one turn, their keys taken from KEYS from index k on.
-local function parse(words, k)
+-- The checks of one turn; a check's key is KEYS[k] (a window's sum, the next).
+local function parse(words)
   local checks = {}
-  for kind, a, b, cost in string.gmatch(words, '(%a) (%-?%d+) (%-?%d+) (%-?%d+)') do
+  for kind, a, b, cost, k in string.gmatch(words, '(%a) (%-?%d+) (%-?%d+) (%-?%d+) (%d+)') do
     -- Numbers, and the words as sent (a Lua number above 1e14 prints in
     -- exponent form, so members are built from the words).
     local check = {kind = kind, a = tonumber(a), b = tonumber(b), cost = cost, a_word = a, b_word = b}
+    k = tonumber(k)
     check.key = KEYS[k]
-    k = k + 1
-    if kind == 'w' then
-      check.sum_key = KEYS[k]
-      k = k + 1
-    end
+    if kind == 'w' then check.sum_key = KEYS[k + 1] end
     checks[#checks + 1] = check
   end
-  return checks, k
+  return checks
 end
 """
 
@@ -133,7 +131,7 @@ _ADMIT = (
     _PARSE
     + """
 local lease = ARGV[2]
-local checks = parse(ARGV[3], 1)
+local checks = parse(ARGV[3])
 for i, check in ipairs(checks) do
   local kind, a, b, key, sum_key = check.kind, check.a, check.b, check.key, check.sum_key
   local cost = tonumber(check.cost)
@@ -185,18 +183,16 @@ return {1}
 """
 )
 
-# Any number of turns, each check's word being "kind reserved used 0": a
+# Any number of turns, each check's word being "kind reserved used 0 k": a
 # window entry and a budget move from what was reserved to the real use; a
 # stream's lease is released. An entry already out of its window is left
 # alone: that window has passed.
 _SETTLE = (
     _PARSE
     + """
-local k = 1
 for t = 2, #ARGV, 2 do
   local lease = ARGV[t]
-  local checks
-  checks, k = parse(ARGV[t + 1], k)
+  local checks = parse(ARGV[t + 1])
   for _, check in ipairs(checks) do
     local kind, reserved, used, key = check.kind, check.a, check.b, check.key
     if kind == 'w' and used ~= reserved then
@@ -519,10 +515,13 @@ class Admission:
         """One admit script per slot, all in one round trip; a turn some slot
         refused is refunded in the slots that admitted it."""
         now = self._now_arg()
-        calls = [
-            ([key for check in checks for key in check.keys], [now, lease_id, " ".join(words)])
-            for checks, words in groups
-        ]
+        calls = []
+        for checks, words in groups:
+            keys, indexed = [], []
+            for check, word in zip(checks, words, strict=True):
+                indexed.append(f"{word} {len(keys) + 1}")
+                keys += check.keys
+            calls.append((keys, [now, lease_id, " ".join(indexed)]))
         replies = await run_scripts(self._redis, self._admit_script, calls)
         refused, admitted = None, []
         for (checks, _), reply in zip(groups, replies, strict=True):
@@ -588,7 +587,8 @@ class Admission:
         to nothing, requests too; a turn that ran was one request, whatever
         it used, so its requests window is not among the checks settled)."""
         now = self._now_arg()
-        calls: dict[str, tuple[list[str], list[str]]] = {}
+        # Per slot: its KEYS, where each key is in them, its ARGV.
+        calls: dict[str, tuple[list[str], dict[str, int], list[str]]] = {}
         for reservation, tokens, nano_usd in batch:
             reserved_tokens, reserved_nano_usd = reservation.reserved_tokens, reservation.reserved_nano_usd
             words = [
@@ -597,11 +597,18 @@ class Admission:
                 for check in reservation.checks
             ]
             for slot, (checks, slot_words) in _by_slot(reservation.checks, words).items():
-                keys, args = calls.setdefault(slot, ([], [now]))
-                keys += [key for check in checks for key in check.keys]
-                args += [reservation.lease_id, " ".join(slot_words)]
+                keys, index, args = calls.setdefault(slot, ([], {}, [now]))
+                indexed = []
+                for check, word in zip(checks, slot_words, strict=True):
+                    k = index.get(check.key)
+                    if k is None:
+                        k = index[check.key] = len(keys) + 1
+                        keys += check.keys
+                    indexed.append(f"{word} {k}")
+                args += [reservation.lease_id, " ".join(indexed)]
         try:
-            await run_scripts(self._redis, self._settle_script, list(calls.values()))
+            scripts = [(keys, args) for keys, _, args in calls.values()]
+            await run_scripts(self._redis, self._settle_script, scripts)
         except redis_access.CONNECTION_ERRORS as error:
             # The reservations stand (an overcharge, never an undercharge),
             # and the streams' leases expire on their own.

@@ -283,3 +283,23 @@ async def test_a_stream_settled_in_a_batch_is_free_for_the_next_turn_at_once(red
     finally:
         for client in clients:
             await client.aclose()
+
+
+@pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
+async def test_a_batch_of_settlements_settles_each_turn_to_its_use(redis_client, split_by_slot):
+    """Many turns of the same scopes settle in one call per slot, each key
+    named once: every turn still lands on its own real use."""
+    clock = Clock(1_800_000_000.0)
+    admission = Admission(redis_client, max_generation_s=60, clock=clock, split_by_slot=split_by_slot)
+    limits = dict(tokens_per_minute=10_000, tokens_per_day=10_000, concurrent_streams=5)
+    tenant = _scope(**limits)
+    model = Scope("model", uuid.uuid4().hex[:12], LimitSettings(**limits))
+    grants = [await admission.admit([tenant, model], 10, 90) for _ in range(3)]
+    for grant, used in zip(grants, (7, 20, 33), strict=True):
+        admission.settle_soon(grant, used, 0)
+    await admission.flush()
+    day = f"{datetime.datetime.fromtimestamp(clock.now_s, datetime.UTC):%Y-%m-%d}"
+    for scope in (tenant, model):
+        assert int(await redis_client.get(f"{scope.prefix}:tpm:sum")) == 60
+        assert int(await redis_client.get(f"{scope.prefix}:tokens:day:{day}")) == 60
+        assert await redis_client.zcard(f"{scope.prefix}:streams") == 0
