@@ -98,10 +98,13 @@ _RETRY_POLICY = {
 RETRYABLE_METHODS = {
     # Chat: the router streams before it writes; the turn is appended to its
     # session only after its answer has streamed, so a Chat that got no
-    # response message wrote nothing to retry over (at most an admission
-    # reservation of a router that died, which its limits window ends).
+    # response message wrote nothing to retry over. (A router that died
+    # mid-turn leaves its admission reservation unsettled, retried or not:
+    # its stream lease expires, its reserved tokens stay charged;
+    # services/router/admission.py.)
     # CreateSession: a retry after a lost reply leaves one empty session
-    # unused, which expires; the caller gets one. The rest only read.
+    # unused (it expires after context.session_ttl_s); the caller gets one.
+    # The rest only read.
     "meshgate.router.v1.RouterService": ("Chat", "CreateSession", "ListModels", "GetUsage"),
     "meshgate.router.v1.AdminService": ("ListKeys",),
     # Reads; CreateSession as the router's.
