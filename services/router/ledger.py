@@ -119,7 +119,9 @@ async def run_scripts(redis, script, calls: list[tuple[list[str], list]]) -> lis
         return [await script(keys=keys, args=args)]
     pipe = redis.pipeline(transaction=False)
     for keys, args in calls:
-        pipe.evalsha(script.sha, len(keys), *keys, *args)
+        # Not pipe.evalsha: redis-py refuses that method on a cluster's
+        # pipeline, while the command itself is routed by its keys' slot.
+        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
     replies = await pipe.execute(raise_on_error=False)
     for index, reply in enumerate(replies):
         if isinstance(reply, NoScriptError):

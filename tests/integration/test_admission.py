@@ -303,3 +303,16 @@ async def test_a_batch_of_settlements_settles_each_turn_to_its_use(redis_client,
         assert int(await redis_client.get(f"{scope.prefix}:tpm:sum")) == 60
         assert int(await redis_client.get(f"{scope.prefix}:tokens:day:{day}")) == 60
         assert await redis_client.zcard(f"{scope.prefix}:streams") == 0
+
+
+async def test_pipelined_scripts_run_once_after_redis_forgets_them(redis_client):
+    """A restarted Redis has no scripts: each pipelined call that met NOSCRIPT
+    did not run, and runs once (loaded) rather than never or twice."""
+    admission = Admission(redis_client, max_generation_s=60, split_by_slot=True)
+    tenant = _scope(requests_per_minute=5)
+    model = Scope("model", uuid.uuid4().hex[:12], LimitSettings(requests_per_minute=5))
+    await admission.admit([tenant, model], 1, 1)
+    await redis_client.script_flush()
+    await admission.admit([tenant, model], 1, 1)
+    for scope in (tenant, model):
+        assert int(await redis_client.get(f"{scope.prefix}:rpm:sum")) == 2

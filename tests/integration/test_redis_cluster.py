@@ -20,7 +20,6 @@ import pytest
 import redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import RedisClusterException
 
 from meshgate import redis_access
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
@@ -296,14 +295,6 @@ async def test_api_keys_on_the_cluster(client, tenant) -> None:
 # cluster pipeline ("Calling pipelined function evalsha is blocked");
 # pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args) is routed per
 # slot and works. Strict: the marker must go when that is fixed.
-RUN_SCRIPTS_BLOCKED = pytest.mark.xfail(
-    strict=True,
-    raises=RedisClusterException,
-    reason="ledger.run_scripts pipelines EVALSHA, which redis-py blocks on a cluster pipeline",
-)
-
-
-@RUN_SCRIPTS_BLOCKED
 async def test_usage_ledger_on_the_cluster(client) -> None:
     """The stream and each tenant's day totals, in different slots."""
     ledger = Ledger(client, stream_max_len=1000, retention_days=2)
@@ -315,7 +306,6 @@ async def test_usage_ledger_on_the_cluster(client) -> None:
         assert totals[("key1", "tiny-gpt")]["prompt_tokens"] == 10
 
 
-@RUN_SCRIPTS_BLOCKED
 async def test_admission_limits_are_exact_across_masters(cluster: Cluster) -> None:
     """Two router replicas admit against a tenant's limit and a model's, whose
     counters the hash tags put on two different masters: each turn runs one

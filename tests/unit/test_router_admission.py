@@ -138,7 +138,8 @@ class _RecordingRedis:
         redis, queued = self, []
 
         class Pipeline:
-            def evalsha(self, sha, key_count, *keys_and_args):
+            def execute_command(self, command, sha, key_count, *keys_and_args):
+                assert command == "EVALSHA"
                 queued.append((sha, list(keys_and_args[:key_count])))
 
             async def execute(self, raise_on_error: bool):
