@@ -71,6 +71,7 @@ import structlog
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
 
 from meshgate import redis_access
 from meshgate.config import LimitSettings, PriceSettings, RouterSettings
@@ -609,9 +610,10 @@ class Admission:
         try:
             scripts = [(keys, args) for keys, _, args in calls.values()]
             await run_scripts(self._redis, self._settle_script, scripts)
-        except redis_access.CONNECTION_ERRORS as error:
+        except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
             # The reservations stand (an overcharge, never an undercharge),
-            # and the streams' leases expire on their own.
+            # and the streams' leases expire on their own. Nobody awaits a
+            # batch written off the turns' path: its failure ends here.
             log.warning("settlement failed; the reservations stand", turns=len(batch), error=str(error))
 
 
