@@ -218,6 +218,7 @@ class BackendCollector(Collector):
         "meshgate_triton_queue_seconds",
         "meshgate_triton_compute_seconds",
         "meshgate_triton_inferences",
+        "meshgate_inference_backend_circuit",
     )
 
     def __init__(self, pool=None) -> None:
@@ -251,8 +252,17 @@ class BackendCollector(Collector):
         inferences = CounterMetricFamily(
             self.NAMES[6], "Requests Triton finished successfully.", labels=["backend", "model"]
         )
+        circuit = GaugeMetricFamily(
+            self.NAMES[7],
+            "1 for the backend's circuit state (closed, open, half_open; ejected: an outlier, "
+            "out of rotation whatever its circuit; meshgate/balancing.py).",
+            labels=["backend", "state"],
+        )
         for backend in self._pool.backends if self._pool is not None else ():
             address = backend.address
+            state = "ejected" if backend.health.ejected else backend.health.state.value
+            for name in ("closed", "open", "half_open", "ejected"):
+                circuit.add_metric([address, name], float(name == state))
             live.add_metric([address], float(backend.live))
             ready.add_metric([address], float(backend.ready))
             in_flight.add_metric([address], float(backend.in_flight))
@@ -262,7 +272,7 @@ class BackendCollector(Collector):
                 queue.add_metric([address, model], figures.queue_ns / 1e9)
                 compute.add_metric([address, model], figures.compute_ns / 1e9)
                 inferences.add_metric([address, model], figures.successes)
-        return iter((live, ready, in_flight, model_ready, queue, compute, inferences))
+        return iter((live, ready, in_flight, model_ready, queue, compute, inferences, circuit))
 
 
 # --- the process's metrics -------------------------------------------------------

@@ -393,3 +393,27 @@ def test_an_unknown_strategy_is_a_configuration_error():
     assert served.routing_strategy == "kv_cost"
     # Its prefix blocks are the model's own tokens, as its prefix cache cuts them.
     assert served.tokenizer == SMOLLM2_TOKENIZER
+
+
+def test_the_inference_metrics_export_each_backends_circuit_state():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from meshgate import metrics
+    from services.inference.backends import TritonBackend
+
+    class Pool:
+        backends = [TritonBackend.__new__(TritonBackend), TritonBackend.__new__(TritonBackend)]
+
+    clock = Clock()
+    for backend, address in zip(Pool.backends, ("a:1", "b:1"), strict=True):
+        # Only what the collector reads: no channels for a unit test.
+        backend.address, backend.live, backend.ready, backend.in_flight = address, True, True, 0
+        backend.models, backend.ready_models, backend.statistics = [], set(), {}
+        backend.health = Health(BreakerPolicy(failures_to_open=1), clock)
+    Pool.backends[1].health.record_failure()
+    registry = CollectorRegistry()
+    registry.register(metrics.BackendCollector(Pool()))
+    text = generate_latest(registry).decode()
+    assert 'meshgate_inference_backend_circuit{backend="a:1",state="closed"} 1.0' in text
+    assert 'meshgate_inference_backend_circuit{backend="b:1",state="open"} 1.0' in text
+    assert 'meshgate_inference_backend_circuit{backend="b:1",state="closed"} 0.0' in text
