@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import collections
 import json
+import os
 import pathlib
 import re
 import statistics
@@ -32,8 +33,12 @@ import tempfile
 import time
 import uuid
 
-import numpy as np
-import uvloop
+# Before numpy loads: the services run in this process, configured as
+# their entry points configure them (services/context/__main__.py).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import uvloop  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -52,6 +57,7 @@ from services.context import assembly, relevance, summaries, token_counts  # noq
 from services.context.hot_cache import ChangeListener, HotCache  # noqa: E402
 from services.context.servicer import ContextServicer  # noqa: E402
 from services.context.store import SessionStore  # noqa: E402
+from services.context.store import key as session_key_of  # noqa: E402
 from services.context.turn_index import TurnIndex  # noqa: E402
 from services.inference import app as inference_app  # noqa: E402
 from tests.mesh import mesh_settings, router_channel  # noqa: E402
@@ -232,9 +238,8 @@ def assemble_request(tenant, session_id, question: str, budget: int, strategy: i
 
 
 async def redis_bytes_per_turn(client, tenant: str, session_id: str, count: int) -> tuple[float, float]:
-    prefix = f"mg:context:{tenant}:{session_id}"
     total = index = 0
-    async for key in client.scan_iter(match=f"{prefix}:*"):
+    async for key in client.scan_iter(match=session_key_of(tenant, session_id, "*")):
         used = await client.memory_usage(key, samples=0) or 0
         total += used
         if b":ix:" in key:
@@ -243,8 +248,8 @@ async def redis_bytes_per_turn(client, tenant: str, session_id: str, count: int)
 
 
 async def unembedded_turns(client, tenant: str, session_id: str, count: int) -> int:
-    raw = await client.get(f"mg:context:{tenant}:{session_id}:ix:vectors") or b""
-    dimensions = int(await client.hget(f"mg:context:{tenant}:{session_id}:ix:postings", "\0dim") or 384)
+    raw = await client.get(session_key_of(tenant, session_id, "ix:vectors")) or b""
+    dimensions = int(await client.hget(session_key_of(tenant, session_id, "ix:postings"), "\0dim") or 384)
     rows = np.frombuffer(raw, dtype=np.int8)[: count * dimensions]
     rows = rows.reshape(-1, dimensions) if len(rows) else np.zeros((0, dimensions))
     return count - int((np.abs(rows).sum(axis=1) > 0).sum())

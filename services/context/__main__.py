@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
-from meshgate import serving
-from services.context import app
+import os
+
+# Before numpy loads, as in services/cache/__main__.py: adaptive assembly
+# multiplies a session's turn vectors (a few thousand rows) by the
+# question's, and idle OpenBLAS worker threads spin on the cores the event
+# loop needs (measured through gRPC on a 1,548-turn session, 2 busy cores:
+# relevance scoring 7.6 ms per assembly with the default threads, 0.16 ms
+# with one; AssembleContext p50 26 -> 10 ms).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from meshgate import serving  # noqa: E402
+from services.context import app  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
