@@ -17,12 +17,20 @@ exact scan above 0.99 (bench/cache_scale_bench.py measured the choice).
 Graph keys are sequence numbers, which name one version of one entry and
 never repeat, so a replaced or removed row is removed from the graph by its
 number while rows move inside the matrix.
+
+Adding rows to the graph is slow (0.15-0.75 ms a row here, 15-75 s for the
+100k rows of a partition rebuilt after a restart), so a batch of more than
+``INLINE_GRAPH_ADDS`` rows is added by a worker thread (usearch releases the
+GIL while it adds). Meanwhile the graph is out of service: nothing on the
+loop touches it, searches scan the exact rows (complete, only slower), and
+removals wait in a list applied when the worker is done.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import threading
 
 import numpy as np
 from usearch.index import Index as GraphIndex
@@ -42,6 +50,44 @@ GRAPH_EXPANSION_SEARCH = 128
 # Threads for a batch addition (an index loading from Redis); 0 would take
 # every core, and the cache shares its machine with the other services.
 GRAPH_BUILD_THREADS = 2
+# Pending rows the loop adds to the graph itself before a search (tens of
+# milliseconds at most); a larger batch goes to a worker thread.
+INLINE_GRAPH_ADDS = 64
+# One batch at a time across all indexes: the cache shares its two build
+# threads' worth of cores with the other services.
+_GRAPH_BUILDS = threading.BoundedSemaphore(1)
+
+
+def _add_to_graph(graph: GraphIndex, keys: np.ndarray, vectors: np.ndarray) -> None:
+    with _GRAPH_BUILDS:
+        graph.add(keys, vectors, copy=True, threads=GRAPH_BUILD_THREADS)
+
+
+class _GraphBatch:
+    """One batch of rows being added to a graph by a daemon thread: a
+    rebuild must never delay the process's exit."""
+
+    def __init__(self, graph: GraphIndex, keys: np.ndarray, vectors: np.ndarray) -> None:
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(graph, keys, vectors), name="cache-graph-build", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, graph: GraphIndex, keys: np.ndarray, vectors: np.ndarray) -> None:
+        try:
+            _add_to_graph(graph, keys, vectors)
+        except BaseException as error:  # noqa: BLE001 - handed to the loop, which rebuilds
+            self.error = error
+        finally:
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -82,6 +128,9 @@ class VectorIndex:
         # was removed before it was added.
         self._graph_rows: dict[int, int] = {}
         self._graph_pending: list[int] = []
+        # A batch being added off the loop, and the numbers removed meanwhile.
+        self._graph_batch: _GraphBatch | None = None
+        self._removed_during_batch: list[int] = []
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -96,6 +145,12 @@ class VectorIndex:
     @property
     def approximate(self) -> bool:
         return self._graph is not None
+
+    @property
+    def building(self) -> bool:
+        """Whether a worker is adding a batch to the graph (searches scan
+        exactly until it is done)."""
+        return self._graph_batch is not None and not self._graph_batch.done()
 
     @property
     def resident_bytes(self) -> int:
@@ -163,8 +218,7 @@ class VectorIndex:
                 if size == 0:
                     return []
             self._earliest_expiry_ms = int(self._expires_ms[:size].min())
-        if self._graph is not None:
-            self._graph_flush()
+        if self._graph is not None and self._graph_ready():
             found = self._graph.search(query, max(count, GRAPH_CANDIDATES), exact=False).keys.tolist()
             # The graph never returns a removed key; the lookup stays safe if it did.
             candidates = np.array(
@@ -226,16 +280,46 @@ class VectorIndex:
             return
         seq = int(self._seqs[row])
         del self._graph_rows[seq]
-        # Removing a pending number from the graph is a no-op.
-        self._graph.remove(seq)
+        if self._graph_batch is not None:
+            self._removed_during_batch.append(seq)
+        else:
+            # Removing a pending number from the graph is a no-op.
+            self._graph.remove(seq)
 
-    def _graph_flush(self) -> None:
+    def _graph_ready(self) -> bool:
+        """Brings the graph up to date if that is quick; whether it may be
+        searched now. A batch too large to add inline is handed to a worker
+        and the graph stays out of service until the worker is done."""
+        batch = self._graph_batch
+        if batch is not None:
+            if not batch.done():
+                return False
+            self._graph_batch = None
+            removed, self._removed_during_batch = self._removed_during_batch, []
+            if batch.error is not None:
+                # The graph's state is unknown: start over from the rows.
+                self._start_graph()
+            elif removed:
+                self._graph.remove(np.asarray(removed, np.uint64))
         seqs = [seq for seq in self._graph_pending if seq in self._graph_rows]
         self._graph_pending = []
-        if seqs:
-            rows = np.fromiter((self._graph_rows[seq] for seq in seqs), np.int64, len(seqs))
-            keys = np.asarray(seqs, np.uint64)
-            self._graph.add(keys, self._vectors[rows], copy=True, threads=GRAPH_BUILD_THREADS)
+        if not seqs:
+            return True
+        rows = np.fromiter((self._graph_rows[seq] for seq in seqs), np.int64, len(seqs))
+        keys = np.asarray(seqs, np.uint64)
+        # Fancy indexing copies: the worker never sees rows move.
+        vectors = self._vectors[rows]
+        if len(seqs) <= INLINE_GRAPH_ADDS:
+            self._graph.add(keys, vectors, copy=True, threads=GRAPH_BUILD_THREADS)
+            return True
+        self._graph_batch = _GraphBatch(self._graph, keys, vectors)
+        return False
+
+    def wait_for_graph(self, timeout: float | None = None) -> bool:
+        """Blocks until no batch is being added (for tests and benchmarks;
+        the service never waits); whether that happened within ``timeout``."""
+        batch = self._graph_batch
+        return batch is None or batch.wait(timeout)
 
     def _grow(self) -> None:
         # Doubling keeps the many one-entry sub-partitions (one per

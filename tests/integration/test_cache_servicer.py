@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
+import time
 import uuid
 
 import grpc
@@ -17,6 +19,8 @@ from meshgate.common.v1 import common_pb2
 from meshgate.config import CacheSettings
 from meshgate.errors import MeshgateError
 from meshgate.local.stack import free_port
+from services.cache import index as index_module
+from services.cache import keys
 from services.cache.index import IndexRegistry
 from services.cache.servicer import CacheServicer
 from services.cache.stats import Stats
@@ -230,6 +234,85 @@ async def test_semantic_index_reloads_after_a_restart(redis_client, embedder, te
     restarted = make_servicer(redis_client, embedder)
     response = await lookup(restarted, scope(tenant), conversation(PARAPHRASE))
     assert response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+
+
+async def test_lookups_are_answered_while_a_large_partition_rebuilds_its_graph(
+    redis_client, embedder, tenant, monkeypatch
+):
+    """After a restart the first lookup loads every row from Redis; their
+    graph is built by a worker (held here until the test opens the gate),
+    and lookups of that partition and of others are answered meanwhile."""
+    gate = threading.Event()
+    real_add = index_module._add_to_graph
+
+    def add_after_gate(graph, keys_, vectors):
+        gate.wait(timeout=120)
+        real_add(graph, keys_, vectors)
+
+    monkeypatch.setattr(index_module, "_add_to_graph", add_after_gate)
+    settings = CacheSettings(semantic_threshold=0.9, approximate_index_from=100)
+
+    def restarted() -> CacheServicer:
+        return CacheServicer(
+            settings,
+            CacheStore(redis_client, 10_000),
+            embedder,
+            Stats(redis_client),
+            IndexRegistry(10_000, settings.max_resident_rows, settings.approximate_index_from),
+            AcceptingVerifier(),
+        )
+
+    try:
+        large = scope(tenant)
+        entry_id = await store(restarted(), large, conversation(STORED), text="Build small projects daily.")
+        partition = keys.partition(large)
+        context_id = keys.context_id(partition, settings.embedding_model)
+        rows = 2000
+        for start in range(0, rows, 200):
+            await asyncio.gather(
+                *(
+                    redis_client_put(redis_client, partition, context_id, f"filler question {i}", embedder)
+                    for i in range(start, start + 200)
+                )
+            )
+        small = scope(tenant, model="other-model")
+        await store(restarted(), small, conversation("Who wrote Hamlet?"), text="Shakespeare.")
+
+        cache = restarted()
+        first = await lookup(cache, large, conversation(PARAPHRASE))
+        assert first.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and first.entry_id == entry_id
+        index = cache._indexes.get(partition.vectors_key(context_id))
+        assert len(index) == rows + 1 and index.building
+        # Meanwhile: the same partition by exact scan, another one, a Store.
+        again = await lookup(cache, large, conversation(PARAPHRASE))
+        assert again.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+        assert again.answer.text == "Build small projects daily."
+        other = await lookup(cache, small, conversation("Who wrote Hamlet?"))
+        assert other.status == pb.LOOKUP_STATUS_EXACT_HIT and other.answer.text == "Shakespeare."
+        await store(cache, large, conversation("How do I renew my passport?"), text="At the post office.")
+        assert index.building
+        gate.set()
+        assert await asyncio.to_thread(index.wait_for_graph, 120)
+        after = await lookup(cache, large, conversation(PARAPHRASE))
+        assert after.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and after.entry_id == entry_id
+        assert index.approximate and not index.building and len(index._graph) == rows + 2
+    finally:
+        gate.set()
+
+
+async def redis_client_put(client, partition, context_id: str, question: str, embedder) -> None:
+    vector = await embedder.embed_or_none(question)
+    messages = conversation(question)
+    await CacheStore(client, 10_000).put_semantic(
+        partition,
+        context_id,
+        keys.entry_id(partition, messages),
+        pb.CachedAnswer(text=f"answer to {question}").SerializeToString(),
+        vector.tobytes(),
+        question,
+        int(time.time() * 1000),
+        600_000,
+    )
 
 
 async def test_entries_stored_by_another_replica_are_found(redis_client, embedder, tenant):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
+from services.cache import index as index_module
 from services.cache.index import IndexRegistry, VectorIndex
 
 DIMS = 8
@@ -153,6 +156,10 @@ def test_approximate_index_agrees_with_the_exact_scan_through_replacements_remov
         for index in (exact, approximate):
             index.remove(f"e{i}")
     now_ms = 2_000
+    # The first search hands the graph's rows to a worker; once it is done
+    # the graph answers.
+    approximate.nearest(vectors[0], now_ms, 5)
+    assert approximate.wait_for_graph(timeout=120)
     agreed = 0
     queries = vectors[rng.integers(0, len(vectors), 200)] + 0.05 * _random_units(rng, 200, dims)
     for query in queries / np.linalg.norm(queries, axis=1, keepdims=True):
@@ -175,7 +182,8 @@ def test_approximate_index_never_returns_a_removed_entry():
     vectors = _random_units(rng, 300, 16)
     for i, vector in enumerate(vectors):
         index.upsert(f"e{i}", i + 1, FAR_FUTURE, vector)
-    index.nearest(vectors[0], 0, 5)  # the graph is built here
+    index.nearest(vectors[0], 0, 5)  # the graph is built here, off the loop
+    assert index.wait_for_graph(timeout=120)
     index.remove("e0")
     assert all(m.entry_id != "e0" for m in index.nearest(vectors[0], 0, 5))
     # Eviction when full removes the oldest from the graph as well.
@@ -187,3 +195,82 @@ def test_approximate_index_never_returns_a_removed_entry():
     assert "e0" not in small
     assert all(m.entry_id != "e0" for m in small.nearest(vectors[0], 0, 5))
     assert small.nearest(vectors[100], 0, 1)[0].entry_id == "new"
+
+
+@pytest.fixture
+def gated_graph_builds(monkeypatch):
+    """Holds every batch added off the loop until the test opens the gate,
+    so that "during a rebuild" is a state, not a race."""
+    gate = threading.Event()
+    real_add = index_module._add_to_graph
+
+    def add_after_gate(graph, keys, vectors):
+        gate.wait(timeout=120)
+        real_add(graph, keys, vectors)
+
+    monkeypatch.setattr(index_module, "_add_to_graph", add_after_gate)
+    yield gate
+    gate.set()
+
+
+def test_searches_scan_exactly_while_a_large_batch_joins_the_graph(gated_graph_builds):
+    rng = np.random.default_rng(11)
+    dims = 32
+    exact = VectorIndex(dims, max_entries=10_000, approximate_from=10**9)
+    index = VectorIndex(dims, max_entries=10_000, approximate_from=100)
+    vectors = _random_units(rng, 2000, dims)
+    for i, vector in enumerate(vectors):
+        for each in (exact, index):
+            each.upsert(f"e{i}", i + 1, FAR_FUTURE, vector, f"q{i}")
+    # More rows than the loop adds inline: the first search hands them to a
+    # worker and is answered by the exact scan, as is every search meanwhile.
+    assert len(index) > index_module.INLINE_GRAPH_ADDS
+    for query in vectors[:20]:
+        assert [m.entry_id for m in index.nearest(query, 0, 5)] == [
+            m.entry_id for m in exact.nearest(query, 0, 5)
+        ]
+    assert index.building
+    # Changes meanwhile: a removal waits for the worker, a Store joins later.
+    for each in (exact, index):
+        each.remove("e0")
+        each.upsert("late", 5000, FAR_FUTURE, vectors[1], "late")
+    assert all(m.entry_id != "e0" for m in index.nearest(vectors[0], 0, 5))
+    assert index.building
+    gated_graph_builds.set()
+    assert index.wait_for_graph(timeout=120)
+    found = index.nearest(vectors[1], 0, 2)
+    assert not index.building and index.approximate
+    assert {m.entry_id for m in found} == {"e1", "late"}
+    # The removal reached the graph: it proposes e0 to nobody.
+    assert index._graph.count(1) == 0 and "e0" not in index  # e0 had sequence number 1
+    agreed = sum(
+        len({m.entry_id for m in index.nearest(q, 0, 5)} & {m.entry_id for m in exact.nearest(q, 0, 5)})
+        for q in vectors[100:300]
+    )
+    assert agreed / (5 * 200) >= 0.99
+
+
+def test_a_failed_batch_is_rebuilt_from_the_rows(monkeypatch):
+    rng = np.random.default_rng(5)
+    index = VectorIndex(16, max_entries=1000, approximate_from=50)
+    vectors = _random_units(rng, 200, 16)
+    for i, vector in enumerate(vectors):
+        index.upsert(f"e{i}", i + 1, FAR_FUTURE, vector)
+    real_add = index_module._add_to_graph
+    failures = []
+
+    def fail_once(graph, keys, vectors):
+        if not failures:
+            failures.append(len(keys))
+            raise MemoryError("no room for the graph")
+        real_add(graph, keys, vectors)
+
+    monkeypatch.setattr(index_module, "_add_to_graph", fail_once)
+    assert index.nearest(vectors[3], 0, 1)[0].entry_id == "e3"  # exact, meanwhile
+    assert index.wait_for_graph(timeout=60)
+    # The next search sees the failure and starts over with every row.
+    assert index.nearest(vectors[4], 0, 1)[0].entry_id == "e4"
+    assert failures == [200]
+    assert index.wait_for_graph(timeout=60)
+    assert index.nearest(vectors[5], 0, 1)[0].entry_id == "e5"
+    assert not index.building and len(index._graph) == 200
