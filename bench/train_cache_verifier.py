@@ -57,6 +57,7 @@ precision is a lower bound.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import sys
@@ -85,7 +86,17 @@ class Labelled:
     cosine: np.ndarray
 
 
-def label_pairs(pairs: list[cache_data.Pair], vectors: dict[str, np.ndarray]) -> Labelled:
+def word_rarity(pairs: list[cache_data.Pair]) -> verifier.WordRarity:
+    """Document frequencies of content words over the questions of ``pairs``
+    (the train portion only), keeping words in at least two questions."""
+    questions = {q for p in pairs for q in (p.stored, p.asked)}
+    counts = collections.Counter(w for q in questions for w in verifier.analyze(q).content)
+    return verifier.WordRarity(len(questions), {w: n for w, n in sorted(counts.items()) if n >= 2})
+
+
+def label_pairs(
+    pairs: list[cache_data.Pair], vectors: dict[str, np.ndarray], rarity: verifier.WordRarity
+) -> Labelled:
     x, vetoed, cosine = [], [], []
     for p in pairs:
         a, b = verifier.analyze(p.asked), verifier.analyze(p.stored)
@@ -93,7 +104,10 @@ def label_pairs(pairs: list[cache_data.Pair], vectors: dict[str, np.ndarray]) ->
         is_vetoed = verifier.structural_veto(a, b) is not None
         vetoed.append(is_vetoed)
         cosine.append(float(qa @ qb))
-        x.append(np.zeros(len(verifier.FEATURE_NAMES)) if is_vetoed else verifier.features(a, b, qa, qb))
+        if is_vetoed:
+            x.append(np.zeros(len(verifier.FEATURE_NAMES)))
+        else:
+            x.append(verifier.features(a, b, qa, qb, rarity))
     return Labelled(
         pairs,
         np.stack(x),
@@ -206,7 +220,8 @@ def build_model() -> dict:
     vectors = cache_data.embeddings([q for p in seen for q in (p.stored, p.asked)])
     prefilter = CacheSettings().semantic_threshold
 
-    train = label_pairs([p for p in seen if p.portion == "train"], vectors)
+    rarity = word_rarity([p for p in seen if p.portion == "train"])
+    train = label_pairs([p for p in seen if p.portion == "train"], vectors, rarity)
     usable = ~train.vetoed & (train.cosine >= prefilter)
     mean, scale, weights, bias = fit(train.x[usable], train.duplicate[usable].astype(float))
     print(
@@ -219,9 +234,9 @@ def build_model() -> dict:
 
     dimensions = len(next(iter(vectors.values())))
     unbounded = verifier.Verifier(
-        mean, scale, weights, bias, [verifier.CalibrationRow(1.0, 0.0, 1.0)], 1.0, dimensions
+        mean, scale, weights, bias, [verifier.CalibrationRow(1.0, 0.0, 1.0)], 1.0, dimensions, rarity
     )
-    calibration = label_pairs([p for p in seen if p.portion == "calibration"], vectors)
+    calibration = label_pairs([p for p in seen if p.portion == "calibration"], vectors, rarity)
     # The pre-filter refuses a pair before the verifier sees it.
     score = np.where(calibration.cosine >= prefilter, scores(unbounded, calibration), -1.0)
     is_qqp = np.array([p.category == "qqp" for p in calibration.pairs])
@@ -259,6 +274,7 @@ def build_model() -> dict:
         [verifier.CalibrationRow(**row) for row in table],
         CacheSettings().max_false_hit_rate,
         dimensions,
+        rarity,
     )
     stress = one_partition(
         build_portion([p for p in calibration.pairs if p.category == "qqp"], vectors), default, prefilter
@@ -281,6 +297,7 @@ def build_model() -> dict:
         "weights": [round(float(v), 6) for v in weights],
         "bias": round(bias, 6),
         "calibration": table,
+        "word_rarity": {"questions": rarity.questions, "counts": rarity.counts},
     }
     return model
 
