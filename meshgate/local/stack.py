@@ -57,6 +57,10 @@ class Ports:
     # Each service's Prometheus endpoint, by service. None: its gRPC port
     # + 10 for the default ports, free ports for a stack given its own ports.
     metrics: dict[str, int] | None = None
+    # Triton's HTTP endpoint (generate/generate_stream), off unless a port is
+    # given: the services speak gRPC; only the peer benchmark
+    # (bench/peers_bench.py) needs it. Last: callers pass the others by position.
+    triton_http: int | None = None
 
 
 def _listened_on(port: int) -> bool:
@@ -268,6 +272,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
         elif name == "triton":
             self.processes["triton"] = triton.launch(
                 grpc_port=self.ports.triton,
+                http_port=self.ports.triton_http,
                 state_dir=self.state_dir / "triton",
                 log_file=self.log_dir / "triton.log",
                 models=self.triton_models,

@@ -157,6 +157,15 @@ def _string_input(request, name: str) -> str | None:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def _sampling_json(request) -> str:
+    """The `sampling_parameters` tensor, else the request's parameters, as
+    Triton's vLLM backend reads them: a client of Triton's HTTP `generate`
+    endpoint (LiteLLM's `triton` provider) sends `max_tokens` and friends as
+    request parameters, which that endpoint cannot put in a tensor."""
+    tensor_json = _string_input(request, "sampling_parameters")
+    return tensor_json if tensor_json is not None else request.parameters()
+
+
 class VLLMStyleModel:
     """Subclasses set `name` and implement load(); the rest is shared."""
 
@@ -207,7 +216,7 @@ class VLLMStyleModel:
                     sender=sender,
                     prompt=_string_input(request, "text_input"),
                     encode=self.encode,
-                    sampling_json=_string_input(request, "sampling_parameters") or "",
+                    sampling_json=_sampling_json(request) or "",
                     stream=stream,
                     exclude_input_in_output=_bool_input(request, "exclude_input_in_output"),
                     max_context=self.model.config.max_context,

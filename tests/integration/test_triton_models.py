@@ -76,16 +76,18 @@ async def generate(
     request_id: str = "",
     stop_after: int | None = None,
     model: str = "tiny_gpt",
+    parameters: dict | None = None,
 ) -> Reply:
     """Run one generation request on a gRPC stream and collect every response.
 
     The stream ends by itself once Triton has sent the final response, since
     the request side closes after one request. With `stop_after`, the stream
-    is cancelled after that many responses instead.
+    is cancelled after that many responses instead. `parameters` go as the
+    request's parameters, as Triton's HTTP generate endpoint sends them.
     """
 
     async def requests():
-        yield {"model_name": model, "inputs": inputs, "request_id": request_id}
+        yield {"model_name": model, "inputs": inputs, "request_id": request_id, "parameters": parameters}
 
     reply = Reply([], None, 0, None, [])
     failure = None
@@ -193,6 +195,29 @@ async def test_a_stop_string_ends_generation_before_it(client):
 async def test_bad_sampling_parameters_get_an_error_response(client, sampling, message):
     with pytest.raises(InferenceServerException, match=message):
         await asyncio.wait_for(generate(client, generate_inputs("hi", True, sampling)), timeout=10)
+
+
+async def test_sampling_in_request_parameters_applies_without_the_tensor(client):
+    """Triton's HTTP generate endpoint cannot fill the sampling_parameters
+    tensor: its clients (LiteLLM's triton provider) send max_tokens and the
+    rest as request parameters, which the vLLM backend reads when the
+    tensor is absent, and so do these models."""
+    greedy = {"max_tokens": 7, "temperature": 0}
+    counted = dict(return_num_output_tokens=True)
+    bare = [_input("text_input", "BYTES", GREEDY_PROMPT.encode()), _input("stream", "BOOL", True)]
+    bare += [_input(name, "BOOL", value) for name, value in counted.items()]
+    from_parameters = await generate(client, bare, parameters=greedy)
+    from_tensor = await generate(client, generate_inputs(GREEDY_PROMPT, True, greedy, **counted))
+    assert from_parameters.output_tokens == 7
+    assert from_parameters.text == from_tensor.text
+    # Both given: the tensor wins, as in the vLLM backend.
+    shorter = generate_inputs(GREEDY_PROMPT, True, {"max_tokens": 3, "temperature": 0}, **counted)
+    both = await generate(client, shorter, parameters=greedy)
+    assert both.output_tokens == 3
+    assert from_tensor.text.startswith(both.text)
+    # Request parameters are checked as strictly as the tensor.
+    with pytest.raises(InferenceServerException, match="unsupported sampling parameters"):
+        await generate(client, bare, parameters={"max_tokens": 4, "beam_width": 2})
 
 
 async def test_cancelling_a_stream_cancels_the_request_in_triton(client, models_server: Server):
