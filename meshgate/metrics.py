@@ -176,6 +176,10 @@ class CacheMetrics:
             "meshgate_cache_verifier_rejections",
             "Semantic candidates above the similarity pre-filter that the verifier refused.",
         )
+        self.misses_without_embedding = make.counter(
+            "meshgate_cache_misses_without_embedding",
+            "Semantic lookups answered a miss by the first stage (no content word shared), unembedded.",
+        )
         self.stores = make.counter("meshgate_cache_stores", "Answers stored.")
         # Resident only: counting every entry in Redis takes a full SCAN,
         # which GetStats does on demand, never a scrape.

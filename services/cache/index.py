@@ -35,6 +35,8 @@ import threading
 import numpy as np
 from usearch.index import Index as GraphIndex
 
+from services.cache.verifier import analyze
+
 # Bound on how many indexes stay resident (the bound on rows is the
 # cache.max_resident_rows setting); an index pushed out is only reloaded from
 # Redis on its next use.
@@ -131,6 +133,13 @@ class VectorIndex:
         # A batch being added off the loop, and the numbers removed meanwhile.
         self._graph_batch: _GraphBatch | None = None
         self._removed_during_batch: list[int] = []
+        # How many stored questions hold each content word (as the verifier
+        # analyzes them), for the lookup's first stage: a question sharing
+        # no content word with any stored one is a miss without an
+        # embedding. Kept only below the graph's size: in a larger partition
+        # nearly every question shares some word, and analyzing every row
+        # of a 100k rebuild would hold the loop for seconds.
+        self._word_counts: collections.Counter[str] | None = collections.Counter()
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -145,6 +154,14 @@ class VectorIndex:
     @property
     def approximate(self) -> bool:
         return self._graph is not None
+
+    def may_match(self, words: frozenset[str]) -> bool:
+        """False only when no stored question has any of ``words`` (content
+        words of the question looked up): the verifier has never accepted
+        such a pair on the development data. Always True for a partition
+        too large to keep word counts for."""
+        counts = self._word_counts
+        return counts is None or any(word in counts for word in words)
 
     @property
     def building(self) -> bool:
@@ -171,7 +188,9 @@ class VectorIndex:
             if seq > self._seqs[row]:
                 self._graph_forget(row)
                 self._set_row(row, seq, expires_ms, vector)
+                self._count_words(self._questions[row], -1)
                 self._questions[row] = question
+                self._count_words(question, +1)
                 self._graph_note(row)
             return
         if len(self._ids) >= self.max_entries:
@@ -184,12 +203,14 @@ class VectorIndex:
             self._grow()
         self._ids.append(entry_id)
         self._questions.append(question)
+        self._count_words(question, +1)
         self._rows[entry_id] = row
         self._set_row(row, seq, expires_ms, vector)
         if self._graph is not None:
             self._graph_note(row)
         elif len(self._ids) >= self._approximate_from:
             self._start_graph()
+            self._word_counts = None
 
     def remove(self, entry_id: str, seq: int | None = None) -> None:
         """Drops an entry; with ``seq``, only that version of it."""
@@ -329,8 +350,20 @@ class VectorIndex:
         self._seqs = np.resize(self._seqs, rows)
         self._expires_ms = np.resize(self._expires_ms, rows)
 
+    def _count_words(self, question: str, change: int) -> None:
+        counts = self._word_counts
+        if counts is None:
+            return
+        for word in analyze(question).content:
+            left = counts[word] + change
+            if left > 0:
+                counts[word] = left
+            else:
+                del counts[word]
+
     def _remove_row(self, row: int) -> None:
         self._graph_forget(row)
+        self._count_words(self._questions[row], -1)
         last = len(self._ids) - 1
         removed = self._ids[row]
         if row != last:
@@ -350,9 +383,9 @@ class VectorIndex:
     def _keep(self, mask: np.ndarray) -> None:
         kept = int(mask.sum())
         size = len(mask)
-        if self._graph is not None:
-            for row in np.flatnonzero(~mask).tolist():
-                self._graph_forget(row)
+        for row in np.flatnonzero(~mask).tolist():
+            self._graph_forget(row)
+            self._count_words(self._questions[row], -1)
         self._vectors[:kept] = self._vectors[:size][mask]
         self._seqs[:kept] = self._seqs[:size][mask]
         self._expires_ms[:kept] = self._expires_ms[:size][mask]

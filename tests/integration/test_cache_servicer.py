@@ -344,6 +344,35 @@ async def test_a_store_after_a_miss_reuses_its_embedding(cache, embedder, tenant
     ).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
 
 
+async def test_a_miss_sharing_no_word_with_the_partition_is_not_embedded(redis_client, embedder, tenant):
+    cache = make_servicer(redis_client, embedder)
+    other = make_servicer(redis_client, embedder)
+    await store(cache, scope(tenant), conversation(STORED))
+    # The first lookup learns the vector size; from then on the first stage runs.
+    first = await lookup(cache, scope(tenant), conversation(PARAPHRASE))
+    assert first.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    sistine = "Who painted the Sistine Chapel ceiling?"
+    reworded = "Which artist painted the Sistine Chapel ceiling?"
+    embedder.table[reworded] = await embedder.embed_or_none(sistine)
+    embedder.calls.clear()
+    assert (await lookup(cache, scope(tenant), conversation(sistine))).status == pb.LOOKUP_STATUS_MISS
+    assert embedder.calls == []
+    # The Store after that miss embeds, and the entry is found from then on.
+    await store(cache, scope(tenant), conversation(sistine), text="Michelangelo.")
+    assert embedder.calls == [sistine]
+    found = await lookup(cache, scope(tenant), conversation(reworded))
+    assert found.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and found.answer.text == "Michelangelo."
+    # An entry another replica stored since counts: the index tops itself
+    # up before the first stage decides.
+    moon, distance = "How far away is the Moon?", "What is the distance to the Moon?"
+    embedder.table[distance] = await embedder.embed_or_none(moon)
+    await store(other, scope(tenant), conversation(moon), text="384,400 km.")
+    embedder.calls.clear()
+    answer = await lookup(cache, scope(tenant), conversation(distance))
+    assert answer.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and answer.answer.text == "384,400 km."
+    assert embedder.calls == [distance]
+
+
 async def test_without_embeddings_the_cache_is_exact_only(cache, embedder, tenant):
     embedder.available = False
     await store(cache, scope(tenant), conversation(STORED))

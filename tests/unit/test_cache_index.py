@@ -9,6 +9,7 @@ import pytest
 
 from services.cache import index as index_module
 from services.cache.index import IndexRegistry, VectorIndex
+from services.cache.verifier import analyze
 
 DIMS = 8
 FAR_FUTURE = 2**62
@@ -274,3 +275,39 @@ def test_a_failed_batch_is_rebuilt_from_the_rows(monkeypatch):
     assert index.wait_for_graph(timeout=60)
     assert index.nearest(vectors[5], 0, 1)[0].entry_id == "e5"
     assert not index.building and len(index._graph) == 200
+
+
+def test_may_match_follows_the_stored_questions_content_words():
+    index = VectorIndex(DIMS, max_entries=3, approximate_from=10)
+    words = lambda text: analyze(text).content  # noqa: E731
+    assert not index.may_match(words("How do I bake sourdough bread?"))  # empty
+    index.upsert("a", 1, FAR_FUTURE, unit(1), "How do I bake sourdough bread?")
+    assert index.may_match(words("Best flour for sourdough?"))
+    # Function words are no evidence: "how do I" is shared, "bake" is not.
+    assert not index.may_match(words("How do I change a tyre?"))
+    # A newer version of the entry replaces its words.
+    index.upsert("a", 2, FAR_FUTURE, unit(1), "How do I change a tyre?")
+    assert index.may_match(words("How do I change a tyre?"))
+    assert not index.may_match(words("Best flour for sourdough?"))
+    # Removal, eviction and expiry take their words away.
+    index.upsert("b", 3, 1_000, unit(0, 1), "Who wrote Hamlet?")
+    assert index.may_match(words("When was Hamlet written?"))
+    index.nearest(unit(1), 2_000, 1)  # b has expired
+    assert not index.may_match(words("When was Hamlet written?"))
+    index.remove("a")
+    assert not index.may_match(words("How do I change a tyre?"))
+    questions = ("Who painted Guernica?", "Where is Timbuktu?", "What is photosynthesis?")
+    questions += ("How tall is Everest?",)
+    for i, question in enumerate(questions):
+        index.upsert(f"c{i}", 10 + i, FAR_FUTURE, unit(1, i), question)
+    # Full at three: the oldest was evicted, and its words with it.
+    assert len(index) == 3 and not index.may_match(words("Who painted Guernica?"))
+    assert index.may_match(words("How tall is Everest?"))
+
+
+def test_a_partition_on_the_graph_keeps_no_word_counts():
+    index = VectorIndex(DIMS, max_entries=100, approximate_from=5)
+    for i in range(5):
+        index.upsert(f"e{i}", i + 1, FAR_FUTURE, unit(1, i), f"Question number {i}?")
+    # Too large to be worth counting: every question may match.
+    assert index.approximate and index.may_match(analyze("Anything else entirely?").content)
