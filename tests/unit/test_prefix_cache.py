@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.unit import model_repository_modules
 from tests.unit.test_generation_engine import Recorder
@@ -286,3 +288,208 @@ def test_a_failure_to_cache_blocks_does_not_fail_the_request(engine, prefix_cach
         plain.shutdown()
     assert answers == [expected, expected]
     assert scheduler.prefix_cache.stats.blocks == 0
+
+
+# --- Many sequences admitted in one scheduler step, with and without the cache ---
+#
+# The scheduler prefills the requests it admits one after the other, each
+# looking up what the ones before it (in the same step) inserted, while the
+# earlier ones already sit in the running batch. Each case runs the same
+# batch twice: through a scheduler with a prefix cache, and through one
+# without; the same batch in the same order, so every decoding step has the
+# same shape and the only difference is the reused prefix. Greedy text,
+# token counts, finish reasons and cancellations must be identical.
+
+WINDOW = 160  # max_context of both test models
+
+
+def context_sensitive_tiny_gpt():
+    """tiny_gpt with GPT-2's small initialisation scaled up. As initialised, its
+    greedy choice hardly depends on the context (changing one of 40 prompt
+    tokens changed it in 0 of 60 tries), so a wrongly reused prefix would go
+    unseen; scaled, in 13 of 60 (the small Llama: 19 of 60)."""
+    core = model_repository_modules.load("tiny_gpt/1/tiny_gpt_core.py")
+    config = core.GPTConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_context=WINDOW)
+    weights = core.init_weights(config, seed=5)
+    for name in weights:
+        if name.endswith("attn.w_qkv"):
+            weights[name] *= 20  # peaked attention: each position's keys and values matter
+        elif name.endswith(("attn.w_out", "mlp.w_in", "mlp.w_out")) or name in ("wte", "wpe"):
+            weights[name] *= 10
+    return core.TinyGPT(weights, config)
+
+
+@pytest.fixture(scope="module", params=["tiny_gpt", "llama"])
+def batch_model(request):
+    return context_sensitive_tiny_gpt() if request.param == "tiny_gpt" else small_llama()
+
+
+class LeavingClient(Recorder):
+    """A client that goes away after `checks` is_cancelled() calls (None: stays).
+
+    The scheduler asks once at admission, before the prefill, then once per
+    step: with checks=1 the prompt is prefilled (and its blocks cached), then
+    the request is cancelled before its first token.
+    """
+
+    def __init__(self, checks: int | None):
+        super().__init__()
+        self.checks = checks
+
+    def is_cancelled(self) -> bool:
+        if self.checks is None:
+            return False
+        self.checks -= 1
+        return self.checks < 0
+
+
+def admitted_together(engine, model, cache, requests, max_active=None) -> list[tuple]:
+    """Run `requests` [(token_ids, max_tokens, checks)] admitted in one step (with max_active,
+    that many at first, the rest as sequences finish); each one's outcome."""
+    scheduler = engine.Scheduler("batch", model, vocabulary(engine), max_active or len(requests), cache)
+    generations = [
+        engine.Generation(
+            request_id=str(i),
+            sender=LeavingClient(checks),
+            prompt="",
+            prompt_ids=list(token_ids),
+            params=engine.SamplingParams(max_tokens=max_tokens, temperature=0.0),
+            stream=True,
+            prepend_prompt=False,
+        )
+        for i, (token_ids, max_tokens, checks) in enumerate(requests)
+    ]
+    # Queued before the thread starts, so its first admission takes them all.
+    for generation in generations:
+        scheduler.submit(generation)
+    scheduler.start()
+    try:
+        for generation in generations:
+            assert generation.sender.done.wait(60), f"request {generation.request_id} never finished"
+    finally:
+        scheduler.shutdown()
+    return [
+        (g.sender.error, "".join(g.sender.texts), g.sender.tokens, g.sender.finish_reason)
+        + (g.sender.cached_tokens,)
+        for g in generations
+    ]
+
+
+def block_bytes(model) -> int:
+    return model.kv_block(model.new_cache(BLOCK), 0, BLOCK).nbytes
+
+
+def check_bookkeeping(cache):
+    held = list(cache._blocks.values())
+    assert cache.stats.blocks == len(held)
+    assert cache.stats.used_bytes == sum(block.kv.nbytes for block in held) <= cache.capacity_bytes
+
+
+def compare_with_the_cache_off(engine, prefix_cache, model, requests, capacity_blocks, max_active=None):
+    """Two waves through one cache (cold, then warm) against the same batch with no cache;
+    each wave's prompt tokens reused, per request."""
+    capacity = 64 << 20 if capacity_blocks is None else capacity_blocks * block_bytes(model)
+    cache = prefix_cache.PrefixCache(capacity)
+    uncached = admitted_together(engine, model, None, requests, max_active)
+    assert all(outcome[0] is None or outcome[0][1] == "cancelled" for outcome in uncached)
+    reused = []
+    for wave in ("cold", "warm"):
+        cached = admitted_together(engine, model, cache, requests, max_active)
+        for request, with_cache, without in zip(requests, cached, uncached):
+            assert with_cache[:4] == without[:4], f"{wave} wave, prompt of {len(request[0])} tokens"
+            if with_cache[0] is None:  # cached_tokens travels with every response sent
+                assert with_cache[4] % BLOCK == 0 and with_cache[4] < len(request[0])
+        check_bookkeeping(cache)
+        reused.append([outcome[4] for outcome in cached])
+    return reused, cache
+
+
+def test_identical_prompts_admitted_together_answer_as_with_the_cache_off(engine, prefix_cache, batch_model):
+    # 33 tokens: two whole blocks reusable; 32: an exact multiple, the second
+    # block recomputed; 48 + 112 = the window, filled to its last position.
+    requests = (
+        [(SHARED[:33], 20, None)] * 6 + [(SHARED[:32], 20, None)] * 4 + [(SHARED[:48], WINDOW - 48, None)] * 3
+    )
+    (cold, warm), cache = compare_with_the_cache_off(engine, prefix_cache, batch_model, requests, None)
+    # The first of each prompt misses; the rest hit what it inserted in the same step.
+    assert cold == [0] + [32] * 5 + [16] * 4 + [32] * 3
+    assert warm == [32] * 6 + [16] * 4 + [32] * 3
+    assert cache.stats.blocks == 3
+
+
+def test_shared_prefixes_admitted_together_answer_as_with_the_cache_off(engine, prefix_cache, batch_model):
+    requests = [(SHARED[:40] + prompt(20 + i, 4 + 5 * i), 16, None) for i in range(8)]
+    (cold, warm), _ = compare_with_the_cache_off(engine, prefix_cache, batch_model, requests, None)
+    assert cold == [0] + [32] * 7  # the 40 shared tokens hold two whole blocks
+    assert warm == [(len(token_ids) - 1) // BLOCK * BLOCK for token_ids, _, _ in requests]
+
+
+def test_blocks_evicted_while_the_sequences_that_loaded_them_still_run(engine, prefix_cache, batch_model):
+    # Room for 3 blocks: each admission evicts what the one before it loaded
+    # and inserted, while that one is still decoding from its own copy.
+    requests = [(prompt(30 + i, 50), 30, None) for i in range(4)] + [(prompt(30, 50), 30, None)] * 2
+    compare_with_the_cache_off(engine, prefix_cache, batch_model, requests, capacity_blocks=3)
+
+
+def test_a_client_gone_during_its_prefill_leaves_correct_blocks_behind(engine, prefix_cache, batch_model):
+    # The first leaves right after its prefill, the second before it, the third after 2 tokens.
+    requests = [(SHARED, 12, checks) for checks in (1, 0, 3, None)] + [(SHARED[:40], 12, None)]
+    (cold, _), _ = compare_with_the_cache_off(engine, prefix_cache, batch_model, requests, None)
+    assert cold == [None, None, 48, 48, 32]  # None: no response ever sent
+
+
+ROOTS = [prompt(40 + i, 96) for i in range(3)]
+
+
+@st.composite
+def concurrent_batches(draw):
+    """Requests branching off a few shared roots at block edges and between them,
+    some identical, some filling the window, some whose client leaves early."""
+
+    def one():
+        root = draw(st.sampled_from(ROOTS))
+        shared = draw(st.sampled_from([0, 1, 15, 16, 17, 31, 32, 33, 47, 48, 64, 96]))
+        tail = draw(st.lists(st.integers(1, VOCAB - 1), max_size=20))
+        token_ids = tuple(root[:shared] + tail) or (1,)
+        max_tokens = draw(st.one_of(st.integers(1, 10), st.just(WINDOW - len(token_ids))))
+        checks = draw(st.one_of(st.none(), st.integers(0, 4)))
+        return token_ids, max_tokens, checks
+
+    batch = [one() for _ in range(draw(st.integers(1, 6)))]
+    return batch + draw(st.lists(st.sampled_from(batch), max_size=4))  # identical requests
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(
+    requests=concurrent_batches(),
+    capacity_blocks=st.sampled_from([1, 2, 5, None]),
+    max_active=st.sampled_from([None, 1, 3]),  # None: all at once; else admitted as others finish
+)
+def test_any_batch_admitted_together_answers_as_with_the_cache_off(
+    engine, prefix_cache, batch_model, requests, capacity_blocks, max_active
+):
+    compare_with_the_cache_off(engine, prefix_cache, batch_model, requests, capacity_blocks, max_active)
+
+
+@pytest.mark.parametrize("name", ["tiny_gpt", "llama"])
+def test_cached_blocks_are_copies_never_views_of_a_sequence_cache(prefix_cache, name):
+    model = tiny_gpt() if name == "tiny_gpt" else small_llama()
+    cache = prefix_cache.PrefixCache(64 << 20)
+    first = model.new_cache(len(SHARED))
+    model.prefill(SHARED, first)
+    cache.insert(SHARED, lambda start, stop: model.kv_block(first, start, stop))
+    blocks = cache.lookup(SHARED + [1])
+    kept = [block.copy() for block in blocks]
+
+    second = model.new_cache(len(SHARED) + 1)
+    model.load_kv(second, blocks)
+    model.prefill([1, 2, 3], second)
+    model.decode([4], [second])
+    # Scribble over both sequences' caches: no cached block may change.
+    for sequence in (first, second):
+        for array in vars(sequence).values():
+            if isinstance(array, np.ndarray):
+                assert not any(np.shares_memory(array, block) for block in blocks)
+                array[...] = np.nan
+    for block, before in zip(cache.lookup(SHARED + [1]), kept):
+        np.testing.assert_array_equal(block, before)
