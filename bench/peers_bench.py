@@ -25,15 +25,20 @@ order rotated each round), so drift of the shared machine hits all of them.
 Before measuring, one request per prompt on every path checks that all paths
 send Triton the same prompt and produce the same text and token count; while
 measuring, every answer's output token count is checked again and answers
-short of --max-tokens are reported. Gateway CPU per request is read from
-/proc: all four meshgate services, the LiteLLM proxy process (and any
-children); Triton's (server and model stub) beside it.
+of any other length than --max-tokens are counted. Each measured request's
+prompt is one of bench/workload.py's with a request number appended, so no
+two are alike (the router would otherwise share one generation among
+identical greedy requests in flight) and every path gets the same sequence.
+Gateway CPU per request is read from /proc: all four meshgate services, the
+LiteLLM proxy process (and any children); Triton's (server and model stub)
+beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import pathlib
@@ -370,9 +375,14 @@ async def main_async(args, stack: Stack, litellm_pid: int, litellm_address: str)
             notes = await check_paths_agree(paths, n)
             for one in paths.values():  # warm: connections, lazy imports, Triton's first requests
                 await run_load(one, 4, 8)
+            # Every measured request unique, in the same sequence on every
+            # path: the router shares one generation among identical greedy
+            # turns in flight (router.coalesce_generations), which at
+            # concurrency 16 over 8 prompts would halve its work, not the others'.
+            paths = {name: numbered(one) for name, one in paths.items()}
             rows = [
                 "| path | concurrency | requests | TTFT p50 (ms) | TTFT p99 (ms) | output tokens/s "
-                "| gateway CPU per request (ms) | Triton CPU per request (ms) | answers short of "
+                "| gateway CPU per request (ms) | Triton CPU per request (ms) | answers not of "
                 f"{n} tokens |",
                 "|---|---|---|---|---|---|---|---|---|",
             ]
@@ -418,6 +428,11 @@ async def main_async(args, stack: Stack, litellm_pid: int, litellm_address: str)
     finally:
         for client in (triton_web, edge, litellm):
             await client.close()
+
+
+def numbered(one):
+    counter = itertools.count()
+    return lambda prompt: one(f"{prompt} (request {next(counter)})")
 
 
 async def check_paths_agree(paths: dict, max_tokens: int) -> list[str]:
