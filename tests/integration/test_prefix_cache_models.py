@@ -2,17 +2,28 @@
 prefix reports the prompt tokens it reused, answers what the same model
 with its cache off answers, and the hits appear on Triton's metrics port.
 
-The server loads tiny_gpt twice from one temporary model repository: as
-itself (config.pbtxt as shipped) and as tiny_gpt_uncached, the same version
+Each server loads a model twice from one temporary model repository: as
+itself (config.pbtxt as shipped) and as <model>_uncached, the same version
 directory with prefix_cache_bytes "0".
+
+tiny_gpt's random weights barely look back: its greedy text ignores a
+changed prompt token (0 of 10 tries, 40 tokens each) and even zeroed cached
+values (logits 0.19 apart, same argmax). Its equal answers show little
+about the reused keys and values, so the concurrent test is run on smollm2
+too, whose answer follows its prompt; the exact comparison of logits and
+greedy ids on small context-sensitive models is in tests/unit/test_prefix_cache.py.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import time
 import urllib.request
 import uuid
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import tritonclient.grpc.aio as grpcaio
@@ -23,13 +34,12 @@ from tests.integration.test_triton_models import ALL_OUTPUTS, generate, generate
 
 pytestmark = pytest.mark.integration
 
-TINY_GPT = triton.DEFAULT_MODEL_REPOSITORY / "tiny_gpt"
 GREEDY = {"max_tokens": 16, "temperature": 0}
 
 
-def uncached_config() -> str:
-    config = (TINY_GPT / "config.pbtxt").read_text()
-    config, renamed = re.subn(r'^name: "tiny_gpt"$', 'name: "tiny_gpt_uncached"', config, flags=re.M)
+def uncached_config(model: str) -> str:
+    config = (triton.DEFAULT_MODEL_REPOSITORY / model / "config.pbtxt").read_text()
+    config, renamed = re.subn(rf'^name: "{model}"$', f'name: "{model}_uncached"', config, flags=re.M)
     config, disabled = re.subn(
         r'(key: "prefix_cache_bytes"\s*value: \{ string_value: )"\d+"', r'\1"0"', config
     )
@@ -37,18 +47,25 @@ def uncached_config() -> str:
     return config
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
+class PrefixServer(NamedTuple):
+    address: str
+    metrics_url: str
+    log_file: Path
+
+
+@contextlib.contextmanager
+def cached_and_uncached(tmp_path_factory: pytest.TempPathFactory, model: str):
     build_model_weights()
-    state_dir = tmp_path_factory.mktemp("triton-prefix")
+    shipped = triton.DEFAULT_MODEL_REPOSITORY / model
+    state_dir = tmp_path_factory.mktemp(f"triton-prefix-{model}")
     repository = state_dir / "models"
     repository.mkdir()
-    (repository / "tiny_gpt").symlink_to(TINY_GPT, target_is_directory=True)
-    uncached = repository / "tiny_gpt_uncached"
+    (repository / model).symlink_to(shipped, target_is_directory=True)
+    uncached = repository / f"{model}_uncached"
     uncached.mkdir()
-    (uncached / "1").symlink_to(TINY_GPT / "1", target_is_directory=True)
-    (uncached / "config.pbtxt").write_text(uncached_config())
-    models = ("tiny_gpt", "tiny_gpt_uncached")
+    (uncached / "1").symlink_to(shipped / "1", target_is_directory=True)
+    (uncached / "config.pbtxt").write_text(uncached_config(model))
+    models = (model, f"{model}_uncached")
     grpc_port, metrics_port = free_port(), free_port()
     process = triton.launch(
         model_repository=repository,
@@ -60,14 +77,22 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     )
     try:
         triton.wait_ready(f"127.0.0.1:{grpc_port}", models, timeout=120, process=process)
-        yield f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics"
+        yield PrefixServer(
+            f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", state_dir / "triton.log"
+        )
     finally:
         triton.terminate(process)
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    with cached_and_uncached(tmp_path_factory, "tiny_gpt") as server:
+        yield server
+
+
 @pytest.fixture
 async def client(server):
-    async with grpcaio.InferenceServerClient(server[0]) as client:
+    async with grpcaio.InferenceServerClient(server.address) as client:
         yield client
 
 
@@ -106,7 +131,7 @@ async def test_a_shared_prefix_is_reused_and_changes_nothing_in_the_answer(clien
     assert second.text == second_uncached.text and second.text.strip()
     assert second.output_tokens == second_uncached.output_tokens == 16
 
-    metrics_url = server[1]
+    metrics_url = server.metrics_url
     hit_tokens = "meshgate_prefix_cache_hit_tokens_total"
     assert wait_for_metric(metrics_url, hit_tokens, "tiny_gpt", second.cached_tokens) == second.cached_tokens
     assert metric(metrics_url, "meshgate_prefix_cache_lookups_total", "tiny_gpt") == 2
@@ -116,3 +141,100 @@ async def test_a_shared_prefix_is_reused_and_changes_nothing_in_the_answer(clien
     assert metric(metrics_url, "meshgate_prefix_cache_bytes", "tiny_gpt") > 0
     assert metric(metrics_url, "meshgate_prefix_cache_evicted_blocks_total", "tiny_gpt") == 0
     assert metric(metrics_url, "meshgate_prefix_cache_lookups_total", "tiny_gpt_uncached") is None
+
+
+# What the engine logs when a request fails or its blocks cannot be cached
+# (engine.Scheduler._fail, _prefill, run): none of it may appear.
+ENGINE_FAILURES = ("failed", "could not cache", "Traceback")
+
+
+async def answers_match_the_uncached_model(client, server, model: str, requests: list[tuple[str, int]]):
+    """Send `requests` [(prompt, max_tokens)] all at once to the uncached model, then
+    twice to the cached one (cold, then warm): greedy answers must be the same.
+    Returns both waves' replies."""
+
+    async def batch(name: str):
+        async def ask(prompt: str, max_tokens: int):
+            sampling = {"max_tokens": max_tokens, "temperature": 0}
+            inputs = generate_inputs(prompt, True, sampling, **ALL_OUTPUTS)
+            return await generate(client, inputs, model=name)
+
+        return await asyncio.wait_for(asyncio.gather(*(ask(p, n) for p, n in requests)), timeout=300)
+
+    log_before = server.log_file.read_text(errors="replace")
+    expected = await batch(f"{model}_uncached")
+    waves = []
+    for wave in ("cold", "warm"):
+        replies = await batch(model)
+        for (_, max_tokens), reply, reference in zip(requests, replies, expected):
+            assert (reply.text, reply.finish_reason, reply.output_tokens) == (
+                reference.text,
+                reference.finish_reason,
+                reference.output_tokens,
+            ), f"{wave}: {max_tokens} tokens after {reply.input_tokens}"
+            assert reply.cached_tokens % 16 == 0 and reply.cached_tokens < reply.input_tokens
+        waves.append(replies)
+    assert all(reply.cached_tokens == 0 for reply in expected)
+    engine_log = server.log_file.read_text(errors="replace")[len(log_before) :]
+    assert not [line for line in engine_log.splitlines() if any(s in line for s in ENGINE_FAILURES)]
+    return waves
+
+
+async def test_concurrent_identical_and_shared_prefix_requests_answer_as_the_uncached_model(client, server):
+    """16 requests at once (8 identical, 8 sharing a prefix, one filling the
+    window to its last position), twice: admitted in one scheduler step, the
+    later ones hit blocks the first inserted moments before, while it runs."""
+    # Fixed words (greedy answers are then fixed too), used by no other test of this server.
+    prefix = "[CLS] " + "every replica keeps the keys and values of the prompts it has seen " * 6
+    window = 512  # tiny_gpt's max_context
+    longest = prefix + "and so the story goes on"
+    probe = generate_inputs(longest, True, {"max_tokens": 1}, return_num_input_tokens=True)
+    prompt_tokens = (await generate(client, probe, model="tiny_gpt_uncached")).input_tokens
+    requests = [(prefix, 200)] * 7 + [(longest, window - prompt_tokens)]
+    requests += [(prefix + f"part {i} " + "of the tale " * i, 200) for i in range(8)]
+
+    waves = await answers_match_the_uncached_model(client, server, "tiny_gpt", requests)
+
+    for replies in waves:
+        # Every prompt shares the prefix's 5 whole blocks: all but the first admitted hit them.
+        assert sum(reply.cached_tokens >= 80 for reply in replies) >= len(requests) - 1, [
+            reply.cached_tokens for reply in replies
+        ]
+    filled = waves[0][7]
+    assert (filled.input_tokens + filled.output_tokens, filled.finish_reason) == (window, "length")
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(tmp_path_factory: pytest.TempPathFactory):
+    with cached_and_uncached(tmp_path_factory, "smollm2") as server:
+        yield server
+
+
+SMOLLM2_SYSTEM = (
+    "<|im_start|>system\nYou are the support assistant of a city library. Answer in one short "
+    "sentence, politely, and never invent opening hours or fees.<|im_end|>\n"
+)
+
+
+def smollm2_chat(question: str) -> str:
+    return f"{SMOLLM2_SYSTEM}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+async def test_smollm2_concurrent_requests_sharing_a_system_prompt_answer_as_the_uncached_model(
+    smollm2_server,
+):
+    """smollm2's answer follows its prompt, so a wrongly reused prefix shows in the text.
+    Its 8 sequences (max_active_sequences) at once: 3 identical, 5 other questions."""
+    questions = ["What is a library card?"] * 3 + [
+        "Can I borrow a book?",
+        "What is an e-book?",
+        "Who writes the books?",
+        "Name a famous novel.",
+        "What is the capital of France?",
+    ]
+    requests = [(smollm2_chat(question), 12) for question in questions]
+    async with grpcaio.InferenceServerClient(smollm2_server.address) as client:
+        cold, warm = await answers_match_the_uncached_model(client, smollm2_server, "smollm2", requests)
+    assert len({reply.text for reply in cold}) >= 5, "different questions, different answers"
+    assert sum(reply.cached_tokens >= 32 for reply in cold) >= len(requests) - 1
+    assert all(reply.cached_tokens >= 32 for reply in warm)
