@@ -60,8 +60,22 @@ class TritonSender:
         self, text: str, finish_reason: str | None, new_tokens: int, final: bool, cached_tokens: int
     ) -> None:
         outputs = [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))]
+        if "num_output_tokens" in self.extra_outputs:
+            # Tokens since the previous response, as the vLLM backend reports it.
+            outputs.append(pb_utils.Tensor("num_output_tokens", np.array([new_tokens], dtype=np.uint32)))
+        # The rest says nothing new before the end (vLLM sends finish_reason
+        # str(None) until then, and the prompt's counts never change), so it
+        # rides on the final response only: every tensor is a shared-memory
+        # copy here and bytes on the wire for each streamed token.
+        if final:
+            outputs.extend(self._final_outputs(finish_reason, cached_tokens))
+        self.response_sender.send(
+            pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if final else 0
+        )
+
+    def _final_outputs(self, finish_reason: str | None, cached_tokens: int) -> list:
+        outputs = []
         if "finish_reason" in self.extra_outputs:
-            # vLLM sends str(None) until the sequence has finished.
             outputs.append(
                 pb_utils.Tensor("finish_reason", np.array([str(finish_reason).encode()], dtype=np.object_))
             )
@@ -69,14 +83,9 @@ class TritonSender:
             outputs.append(
                 pb_utils.Tensor("num_input_tokens", np.array([self.prompt_tokens], dtype=np.uint32))
             )
-        if "num_output_tokens" in self.extra_outputs:
-            # Tokens since the previous response, as the vLLM backend reports it.
-            outputs.append(pb_utils.Tensor("num_output_tokens", np.array([new_tokens], dtype=np.uint32)))
         if "num_cached_tokens" in self.extra_outputs:
             outputs.append(pb_utils.Tensor("num_cached_tokens", np.array([cached_tokens], dtype=np.uint32)))
-        self.response_sender.send(
-            pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if final else 0
-        )
+        return outputs
 
     def fail(self, message: str, kind: str) -> None:
         # Looked up here: the stub adds TritonError to pb_utils only after importing the models.

@@ -41,6 +41,13 @@ class TritonBackend:
         # span of the request's trace and Triton receives its traceparent.
         self._channel = serving.client_channel(address)
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        # Streamed generations go on a channel without the client interceptor:
+        # it would add two async generators per streamed token; the servicer
+        # makes their client span per call instead (telemetry.start_grpc_client_span).
+        self._stream_channel = grpc.aio.insecure_channel(
+            serving.channel_target(address), options=serving.CHANNEL_OPTIONS
+        )
+        self.stream_stub = service_pb2_grpc.GRPCInferenceServiceStub(self._stream_channel)
         # Probes every few seconds would bury real traces; they go untraced.
         self._probe_channel = grpc.aio.insecure_channel(address, options=serving.RECONNECT_OPTIONS)
         self._probe_stub = service_pb2_grpc.GRPCInferenceServiceStub(self._probe_channel)
@@ -143,6 +150,7 @@ class TritonBackend:
 
     async def close(self) -> None:
         await self._channel.close()
+        await self._stream_channel.close()
         await self._probe_channel.close()
 
 

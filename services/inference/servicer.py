@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import time
 import uuid
 
@@ -30,6 +32,7 @@ DEFAULT_MAX_TOKENS = 64
 # (INVALID_ARGUMENT for a request the model refuses) instead of a bare
 # error_message string that says nothing of whose fault it was.
 _TRITON_STATUS_CODES = (("triton_grpc_error", "true"),)
+_MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
@@ -81,6 +84,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 context.time_remaining(),
                 route.prompt_units,
                 strategy.prefill_left(backend, route),
+                # Only a prefix strategy reads what the model reused.
+                strategy.uses_prefix,
             )
             backend.health.begin()
             strategy.routed(backend, route)
@@ -200,6 +205,7 @@ class _TritonStream:
         timeout: float | None,
         prompt_tokens: int = 0,
         prefill_tokens: int = 0,
+        wants_cached_tokens: bool = False,
     ) -> None:
         self._backend = backend
         self._model = model
@@ -216,7 +222,7 @@ class _TritonStream:
             prompt,
             sampling,
             backend.batched.get(model, False),
-            backend.reports_cached_tokens.get(model, False),
+            wants_cached_tokens and backend.reports_cached_tokens.get(model, False),
         )
         self.started = False
         # What reached the caller, for the error that ends a stream midway.
@@ -231,9 +237,26 @@ class _TritonStream:
             # Half-closing early could end the stream before the answer does.
             await finished.wait()
 
-        call = backend.stub.ModelStreamInfer(
-            requests(), timeout=self._timeout, metadata=_TRITON_STATUS_CODES
+        span, metadata = telemetry.start_grpc_client_span(
+            _MODEL_STREAM_INFER, backend.address, _TRITON_STATUS_CODES
         )
+        call = backend.stream_stub.ModelStreamInfer(requests(), timeout=self._timeout, metadata=metadata)
+        # Triton's responses are read ahead into `arrived` while the last
+        # delta is still being written to the caller: under load several are
+        # waiting by then, and go out as one message (one write here, one
+        # read and one write at the router) instead of one each.
+        arrived: collections.deque = collections.deque()
+        wake = asyncio.Event()
+
+        async def read_ahead():
+            try:
+                while (message := await call.read()) is not grpc.aio.EOF:
+                    arrived.append(message)
+                    wake.set()
+            finally:
+                wake.set()
+
+        reader = asyncio.create_task(read_ahead())
         backend.in_flight += 1
         backend.active_tokens += self._prompt_tokens
         backend.queued_prefill_tokens += self._prefill_tokens
@@ -242,52 +265,50 @@ class _TritonStream:
         prompt_tokens = completion_tokens = 0
         finish_reason = ""
         final_seen = False
+        failure: BaseException | None = None
         try:
-            async for message in call:
-                if message.error_message:
-                    # Only a Triton older than 24.08 answers so (it ignores
-                    # _TRITON_STATUS_CODES): the message alone cannot say whose fault it was.
-                    raise MeshgateError(
-                        grpc.StatusCode.INTERNAL,
-                        Reason.MODEL_ERROR,
-                        f"Triton: {message.error_message}",
-                        {"backend": backend.address},
-                    )
-                event = triton_protocol.read_generate_response(message.infer_response)
-                if event.input_tokens is not None:
-                    prompt_tokens = event.input_tokens
-                if event.output_tokens is not None:
-                    completion_tokens += event.output_tokens
-                if event.cached_tokens is not None:
-                    self.cached_tokens = event.cached_tokens
-                if event.text:
+            while not final_seen:
+                if not arrived:
+                    if reader.done():
+                        reader.result()  # a failed call raises its AioRpcError here
+                        break
+                    await wake.wait()
+                    wake.clear()
+                    continue
+                texts = []
+                while arrived and not final_seen:
+                    message = arrived.popleft()
+                    if message.error_message:
+                        # Only a Triton older than 24.08 answers so (it ignores
+                        # _TRITON_STATUS_CODES): the message alone cannot say whose fault it was.
+                        raise MeshgateError(
+                            grpc.StatusCode.INTERNAL,
+                            Reason.MODEL_ERROR,
+                            f"Triton: {message.error_message}",
+                            {"backend": backend.address},
+                        )
+                    event = triton_protocol.read_generate_response(message.infer_response)
+                    if event.input_tokens is not None:
+                        prompt_tokens = event.input_tokens
+                    if event.output_tokens is not None:
+                        completion_tokens += event.output_tokens
+                    if event.cached_tokens is not None:
+                        self.cached_tokens = event.cached_tokens
+                    if event.text:
+                        texts.append(event.text)
+                    finish_reason = event.finish_reason or finish_reason
+                    final_seen = event.final
+                if texts:
                     if prefill_queued:
                         backend.ttft.add(time.monotonic() - started)
                         backend.queued_prefill_tokens -= self._prefill_tokens
                         prefill_queued = False
+                    text = texts[0] if len(texts) == 1 else "".join(texts)
                     self.started = True
                     self.delivered_deltas += 1
-                    self.delivered_chars += len(event.text)
+                    self.delivered_chars += len(text)
                     self.delivered_tokens = completion_tokens
-                    yield pb.GenerateResponse(delta=pb.GenerateDelta(text=event.text))
-                finish_reason = event.finish_reason or finish_reason
-                if event.final:
-                    final_seen = self.started = True
-                    # Half-close: Triton then ends the stream, and reading on
-                    # to its end closes the client span of this call cleanly.
-                    finished.set()
-                    trace.get_current_span().set_attributes(
-                        telemetry.genai_usage_attributes(
-                            prompt_tokens, completion_tokens, finish_reason or "stop", self._model
-                        )
-                    )
-                    yield pb.GenerateResponse(
-                        completion=pb.GenerateCompletion(
-                            usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
-                            finish_reason=finish_reason or "stop",
-                            backend=backend.address,
-                        )
-                    )
+                    yield pb.GenerateResponse(delta=pb.GenerateDelta(text=text))
             if not final_seen:
                 raise MeshgateError(
                     grpc.StatusCode.UNAVAILABLE,
@@ -295,14 +316,40 @@ class _TritonStream:
                     "Triton closed the stream before the final response",
                     {"backend": backend.address},
                 )
+            self.started = True
+            # Half-close: Triton then ends the stream (the reader sees its end).
+            finished.set()
+            finish_reason = finish_reason or "stop"
+            trace.get_current_span().set_attributes(
+                telemetry.genai_usage_attributes(prompt_tokens, completion_tokens, finish_reason, self._model)
+            )
+            yield pb.GenerateResponse(
+                completion=pb.GenerateCompletion(
+                    usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+                    finish_reason=finish_reason,
+                    backend=backend.address,
+                )
+            )
+        except BaseException as error:
+            failure = error
+            raise
         finally:
             finished.set()
             backend.in_flight -= 1
             backend.active_tokens -= self._prompt_tokens
             if prefill_queued:
                 backend.queued_prefill_tokens -= self._prefill_tokens
+            if failure is not None and not call.done():
+                # Cancels the request inside Triton.
+                call.cancel()
+            # After the final response Triton ends the stream (we half-closed):
+            # reading on to its end closes the call cleanly. A failure of the
+            # reader was raised above, or the one that ended this stream wins.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await reader
             if not call.done():
                 call.cancel()
+            telemetry.end_grpc_client_span(span, failure)
 
 
 def triton_failure(error: grpc.aio.AioRpcError, model: str, invalid_reason: str) -> MeshgateError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,7 @@ class Reply:
     arrivals: list[float]
     final: bool = False
     cached_tokens: int | None = None  # prompt tokens the model reused from its prefix cache
+    output_names: list[frozenset[str]] = field(default_factory=list)  # each response's tensors
 
     @property
     def text(self) -> str:
@@ -100,6 +101,7 @@ async def generate(
         reply.arrivals.append(time.monotonic())
         reply.texts.append(result.as_numpy("text_output")[0].decode())
         reply.final = is_final(result)
+        reply.output_names.append(frozenset(o.name for o in result.get_response().outputs))
         if (reasons := result.as_numpy("finish_reason")) is not None:
             reply.finish_reason = reasons[0].decode()
         if (counts := result.as_numpy("num_output_tokens")) is not None:
@@ -150,6 +152,12 @@ async def test_streamed_deltas_concatenate_to_the_non_streaming_text(client):
     assert (streamed.finish_reason, streamed.output_tokens) == ("length", 48)
     assert (whole.finish_reason, whole.output_tokens) == ("length", 48)
     assert streamed.input_tokens == whole.input_tokens > 10
+    # What only the end can say rides on the final response alone: per
+    # streamed token, the text and its count, nothing else.
+    assert set(streamed.output_names[:-1]) == {frozenset({"text_output", "num_output_tokens"})}
+    assert streamed.output_names[-1] == {
+        "text_output", "num_output_tokens", "finish_reason", "num_input_tokens", "num_cached_tokens"
+    }
 
 
 async def test_non_streaming_prepends_the_prompt_by_default(client):

@@ -1,0 +1,161 @@
+"""How the inference service turns Triton's streamed responses into deltas:
+responses already waiting go out as one delta, counts stay exact, and a
+stream that fails or ends early says so. Triton's call is a scripted fake
+(this is the servicer's logic alone; tests/integration runs it on Triton)."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import types
+
+import grpc
+import pytest
+from tritonclient.grpc import service_pb2
+
+from meshgate import balancing
+from meshgate.errors import MeshgateError
+from meshgate.reasons import Reason
+from services.inference.servicer import _TritonStream
+
+
+def triton_response(
+    text: str, tokens: int, final: bool = False, finish_reason: str = "", prompt_tokens: int = 0
+) -> service_pb2.ModelStreamInferResponse:
+    message = service_pb2.ModelStreamInferResponse()
+    response = message.infer_response
+    response.parameters["triton_final_response"].bool_param = final
+    outputs = [
+        ("text_output", "BYTES", struct.pack("<I", len(text.encode())) + text.encode()),
+        ("num_output_tokens", "UINT32", struct.pack("<I", tokens)),
+    ]
+    if final:
+        reason = struct.pack("<I", len(finish_reason)) + finish_reason.encode()
+        outputs.append(("finish_reason", "BYTES", reason))
+        outputs.append(("num_input_tokens", "UINT32", struct.pack("<I", prompt_tokens)))
+    for name, datatype, raw in outputs:
+        response.outputs.add(name=name, datatype=datatype, shape=[1])
+        response.raw_output_contents.append(raw)
+    return message
+
+
+class ScriptedCall:
+    """A ModelStreamInfer call whose responses the test hands over one by one."""
+
+    def __init__(self) -> None:
+        self._pending: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self._done = False
+
+    def send(self, item) -> None:
+        """A response, grpc.aio.EOF (the stream ends), or an error to raise."""
+        self._pending.put_nowait(item)
+
+    async def read(self):
+        item = await self._pending.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item is grpc.aio.EOF:
+            self._done = True
+        return item
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancel(self) -> bool:
+        self.cancelled = self._done = True
+        self._pending.put_nowait(asyncio.CancelledError())
+        return True
+
+
+def stream_on(call: ScriptedCall) -> tuple[_TritonStream, types.SimpleNamespace]:
+    backend = types.SimpleNamespace(
+        address="triton-a:8001",
+        batched={},
+        reports_cached_tokens={},
+        in_flight=0,
+        active_tokens=0,
+        queued_prefill_tokens=0,
+        ttft=balancing.Ewma(),
+        stream_stub=types.SimpleNamespace(ModelStreamInfer=lambda requests, timeout, metadata: call),
+    )
+    return _TritonStream(backend, "tiny_gpt", "prompt", "{}", timeout=10.0, prompt_tokens=7), backend
+
+
+def kinds(responses) -> list[str]:
+    return [r.WhichOneof("event") for r in responses]
+
+
+async def test_responses_already_waiting_go_out_as_one_delta_with_exact_counts():
+    call = ScriptedCall()
+    for text in ("Hel", "lo", ", "):
+        call.send(triton_response(text, 1))
+    call.send(triton_response("world", 2, final=True, finish_reason="length", prompt_tokens=9))
+    call.send(grpc.aio.EOF)
+    stream, backend = stream_on(call)
+
+    responses = [r async for r in stream]
+
+    assert kinds(responses) == ["delta", "completion"]
+    assert responses[0].delta.text == "Hello, world"
+    completion = responses[1].completion
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (9, 5)
+    assert (completion.finish_reason, completion.backend) == ("length", "triton-a:8001")
+    assert (backend.in_flight, backend.active_tokens) == (0, 0)
+    assert not call.cancelled, "a finished stream ends by itself, not by a cancel"
+
+
+async def test_a_response_is_passed_on_as_soon_as_it_arrives():
+    call = ScriptedCall()
+    stream, _ = stream_on(call)
+    deltas = aiter(stream)
+    call.send(triton_response("one", 1))
+    first = await asyncio.wait_for(anext(deltas), 5)
+    assert first.delta.text == "one", "nothing waits for a second response to batch with"
+    call.send(triton_response(" two", 1))
+    assert (await asyncio.wait_for(anext(deltas), 5)).delta.text == " two"
+    call.send(triton_response("", 0, final=True, finish_reason="stop", prompt_tokens=3))
+    call.send(grpc.aio.EOF)
+    completion = (await asyncio.wait_for(anext(deltas), 5)).completion
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (3, 2)
+    with pytest.raises(StopAsyncIteration):
+        await anext(deltas)
+
+
+async def test_a_call_that_fails_midway_raises_after_the_deltas_that_arrived():
+    call = ScriptedCall()
+    call.send(triton_response("partial", 3))
+    no_metadata = grpc.aio.Metadata()
+    call.send(grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, no_metadata, no_metadata, "gone"))
+    stream, backend = stream_on(call)
+    delivered = []
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        async for response in stream:
+            delivered.append(response)
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert [r.delta.text for r in delivered] == ["partial"]
+    assert (stream.started, stream.delivered_deltas, stream.delivered_tokens) == (True, 1, 3)
+    assert backend.in_flight == 0
+
+
+async def test_a_stream_that_ends_without_its_final_response_is_an_error():
+    call = ScriptedCall()
+    call.send(triton_response("cut", 1))
+    call.send(grpc.aio.EOF)
+    stream, _ = stream_on(call)
+    with pytest.raises(MeshgateError) as failure:
+        async for _ in stream:
+            pass
+    assert failure.value.reason == Reason.STREAM_ENDED_EARLY
+
+
+async def test_leaving_early_cancels_the_triton_call():
+    call = ScriptedCall()
+    call.send(triton_response("first", 1))
+    stream, backend = stream_on(call)
+    deltas = aiter(stream)
+    assert (await anext(deltas)).delta.text == "first"
+    await deltas.aclose()
+    assert call.cancelled
+    assert (backend.in_flight, backend.active_tokens) == (0, 0)
