@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import pathlib
 import statistics
@@ -212,9 +213,20 @@ async def main_async(args, stack: Stack) -> list[str]:
         router_stub = router_service_pb2_grpc.RouterServiceStub(router_channel)
         misses = unrelated_prompts()
         model = args.model
+        # Every measured request is new: repeated greedy prompts would share one
+        # generation in the router (coalescing) and reuse the KV of their
+        # prompt in the model (prefix caching), which direct Triton calls do
+        # not get. Same numbering on both paths: same prompt lengths.
+        numbers = {"direct": itertools.count(), "router": itertools.count()}
+
+        def fresh(path: str, prompt: str) -> str:
+            return f"Request {next(numbers[path])}: {prompt}"
+
         paths = {
-            "Triton direct": lambda p: direct_triton(triton_stub, model, p, args.max_tokens),
-            "meshgate router": lambda p: through_router(router_stub, p, args.max_tokens, model=model),
+            "Triton direct": lambda p: direct_triton(triton_stub, model, fresh("direct", p), args.max_tokens),
+            "meshgate router": lambda p: through_router(
+                router_stub, fresh("router", p), args.max_tokens, model=model
+            ),
             # Cache on, every prompt new: what a miss pays for the lookup
             # (an embedding on the semantic path) and the store.
             "meshgate router, cache misses": lambda p: through_router(
