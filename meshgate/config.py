@@ -359,6 +359,12 @@ class RouterSettings:
     # model, prompt and parameters) share one generation
     # (services/router/coalescing.py).
     coalesce_generations: bool = True
+    # Recent exact cache hits answered in the router without a hop to the
+    # cache service (services/router/hot_exact.py): at most this many (0:
+    # none), each for at most this long after it was fetched; a reported
+    # wrong hit or an Invalidate stops them as soon as its notice arrives.
+    hot_exact_entries: int = 4096
+    hot_exact_max_age_s: float = 2.0
     # Prompt templates, invoked by name (and optionally version) through Chat.
     templates: list[TemplateSettings] = dataclasses.field(default_factory=list)
 

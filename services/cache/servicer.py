@@ -167,7 +167,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         if not request.tenant_id:
             raise invalid_argument(Reason.TENANT_REQUIRED, "tenant_id is required")
         prefix = keys.tenant_prefix(request.tenant_id, request.model)
-        removed = await self._store.invalidate(prefix)
+        removed = await self._store.invalidate(request.tenant_id, request.model)
         # After the deletion, so that no index reloaded during the scan keeps
         # rows of deleted entries (those would only cost a GET, not a wrong hit).
         self._indexes.drop_prefix(prefix)

@@ -22,6 +22,12 @@ script deletes the evicted entries' exact keys by name (they are not in
 KEYS); a Redis Cluster allows it because they share the partition's slot.
 Invalidate and GetStats SCAN every master of a cluster (redis-py's cluster
 scan_iter walks each in turn).
+
+Whatever stops an exact entry's answer from being the one to serve (a
+reported wrong hit, an Invalidate, a Store replacing an entry) is announced
+on ``cache_notices.CHANNEL``, for the routers' local copies of hot entries.
+Writes announce from inside their script (or only when SET ... GET found an
+older value), so a fresh Store costs no extra round trip.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import struct
 
 import redis.asyncio as redis
 
+from meshgate import cache_notices
 from meshgate.errors import MeshgateError, unavailable
 from meshgate.reasons import Reason
 from meshgate.redis_access import CONNECTION_ERRORS
@@ -45,9 +52,13 @@ _SCAN_COUNT = 1000
 
 _STORE_SEMANTIC = """
 -- KEYS: exact key, order zset, vectors hash, sequence counter
--- ARGV: entry value, ttl ms, entry id, vector value, max entries, exact key prefix
+-- ARGV: entry value, ttl ms, entry id, vector value, max entries, exact key prefix,
+--       notices channel, the entry's notice
 local ttl = tonumber(ARGV[2])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+-- Replacing an entry: routers drop their copies of the old answer.
+if redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl, 'GET') then
+  redis.call('PUBLISH', ARGV[7], ARGV[8])
+end
 local seq = redis.call('INCR', KEYS[4])
 redis.call('ZADD', KEYS[2], seq, ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
@@ -79,8 +90,11 @@ return {strictness, listed, redis.call('HMGET', KEYS[2], unpack(ids))}
 """
 
 _REPORT_WRONG = """
--- KEYS: exact key, order zset, vectors hash, wrong-hit counter; ARGV: entry id, ttl ms
+-- KEYS: exact key, order zset, vectors hash, wrong-hit counter
+-- ARGV: entry id, ttl ms, notices channel, the entry's notice
 local removed = redis.call('DEL', KEYS[1])
+-- Even when the key had gone: a router may still hold a copy of it.
+redis.call('PUBLISH', ARGV[3], ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 local strictness = redis.call('INCR', KEYS[4])
@@ -141,7 +155,9 @@ class CacheStore:
     ) -> None:
         value = _EXPIRY.pack(now_ms + ttl_ms) + answer
         try:
-            await self._client.set(partition.exact_key(entry_id), value, px=ttl_ms)
+            replaced = await self._client.set(partition.exact_key(entry_id), value, px=ttl_ms, get=True)
+            if replaced is not None:
+                await self._client.publish(cache_notices.CHANNEL, cache_notices.entry_notice(entry_id))
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
 
@@ -174,6 +190,8 @@ class CacheStore:
                     expiry + vector + question.encode(),
                     self._max_entries,
                     partition.exact_key(""),
+                    cache_notices.CHANNEL,
+                    cache_notices.entry_notice(entry_id),
                 ],
             )
         except CONNECTION_ERRORS as error:
@@ -223,18 +241,22 @@ class CacheStore:
                     partition.vectors_key(context_id),
                     partition.strictness_key(context_id),
                 ],
-                args=[entry_id, ttl_ms],
+                args=[entry_id, ttl_ms, cache_notices.CHANNEL, cache_notices.entry_notice(entry_id)],
             )
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
         return bool(removed), int(strictness)
 
-    async def invalidate(self, prefix: str) -> int:
-        """Deletes every key under ``prefix``; returns how many were entries.
+    async def invalidate(self, tenant_id: str, model: str) -> int:
+        """Deletes every key of a tenant, or of one of its models (``model``
+        set), and announces it; returns how many were entries.
 
         SCAN walks the keyspace in slices, so Redis keeps serving meanwhile;
-        entries stored while it runs may survive.
+        entries stored while it runs may survive. The notice goes out after
+        the deletion: a router that drops its copies on hearing it finds
+        nothing left to fetch again.
         """
+        prefix = keys.tenant_prefix(tenant_id, model)
         exact_marker = b":x:"
         removed = 0
         batch: list[bytes] = []
@@ -246,6 +268,7 @@ class CacheStore:
                     batch = []
             if batch:
                 removed += await self._unlink(batch, exact_marker)
+            await self._client.publish(cache_notices.CHANNEL, cache_notices.scope_notice(tenant_id, model))
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
         return removed

@@ -22,6 +22,7 @@ from services.router.admission import Admission, TurnAdmission
 from services.router.auth import Authenticator
 from services.router.deployments import DeploymentTable
 from services.router.downstream import CacheService, ContextService, Deployments
+from services.router.hot_exact import HotExactHits, NoticeListener
 from services.router.http_edge import HttpEdge, HttpServer
 from services.router.keys import KeyStore
 from services.router.ledger import Ledger
@@ -38,6 +39,8 @@ _RESTART_ONLY = (
     "router.http_listen",
     "router.downstream_timeout_s",
     "router.max_generation_s",
+    "router.hot_exact_entries",
+    "router.hot_exact_max_age_s",
     "redis.url",
     "mesh",
     "telemetry",
@@ -94,13 +97,20 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     router = settings.router
     ledger = Ledger(redis, router.usage_stream_max_len, router.usage_retention_days)
     admission = TurnAdmission(Admission(redis, router.max_generation_s), router, ledger)
+    hot_exact = listener = None
+    if router.hot_exact_entries > 0:
+        hot_exact = HotExactHits(router.hot_exact_entries, router.hot_exact_max_age_s)
+        listener = NoticeListener(settings.redis.url, hot_exact)
+        listener.start()
     pipeline = Pipeline(
         settings.router,
         settings.models,
         ContextService(
             context_service_pb2_grpc.ContextServiceStub(context_channel), tenant_tokens, settings.router
         ),
-        CacheService(cache_service_pb2_grpc.CacheServiceStub(cache_channel), tenant_tokens, settings.router),
+        CacheService(
+            cache_service_pb2_grpc.CacheServiceStub(cache_channel), tenant_tokens, settings.router, hot_exact
+        ),
         Deployments(deployments, settings.router),
         admission,
         Selector(_PromptEmbeddings(deployments)),
@@ -144,6 +154,8 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         if http is not None:
             await http.stop()
         await deployments.close()
+        if listener is not None:
+            await listener.close()
         await context_channel.close()
         await cache_channel.close()
         # Settlements and usage records still in flight finish first.

@@ -26,6 +26,7 @@ from meshgate.mesh_auth import TenantTokens
 from meshgate.reasons import Reason
 from services.router.auth import Tenant
 from services.router.deployments import PREFIX_BLOCK_CHARS, DeploymentTable
+from services.router.hot_exact import HotExactHits
 from services.router.pipeline import Answer, Budget, CachePlan, CacheStatus, Hit, Turn
 
 log = structlog.get_logger(__name__)
@@ -126,18 +127,29 @@ class ContextService:
 
 class CacheService:
     """The cache is an optimization: when it fails, the turn is generated
-    (lookup) or simply not cached (store), never failed."""
+    (lookup) or simply not cached (store), never failed. Repeats of a
+    recent exact hit are answered from ``hot`` without a hop (hot_exact.py)."""
 
-    def __init__(self, stub, tenant_tokens: TenantTokens, settings: RouterSettings) -> None:
+    def __init__(
+        self, stub, tenant_tokens: TenantTokens, settings: RouterSettings, hot: HotExactHits | None = None
+    ) -> None:
         self._stub = stub
         self._tokens = tenant_tokens
         self._timeout_s = settings.downstream_timeout_s
+        self._hot = hot
 
     @staticmethod
     def _scope(plan: CachePlan) -> cache_pb.CacheScope:
         return cache_pb.CacheScope(tenant_id=plan.tenant_id, model=plan.model, parameters=plan.parameters)
 
     async def lookup(self, plan: CachePlan, messages, budget: Budget, semantic: bool) -> Hit | None:
+        hot = self._hot
+        if hot is not None:
+            hot_key = hot.key(plan, messages)
+            hit = hot.get(hot_key)
+            if hit is not None:
+                return hit
+            ticket = hot.ticket()
         try:
             response = await self._stub.Lookup(
                 cache_pb.LookupRequest(scope=self._scope(plan), messages=messages, semantic=semantic),
@@ -158,9 +170,14 @@ class CacheService:
             finish_reason=cached.finish_reason,
             deployment=cached.deployment,
         )
-        return Hit(answer, status, response.similarity)
+        hit = Hit(answer, status, response.similarity)
+        if hot is not None and status is CacheStatus.EXACT_HIT:
+            hot.put(hot_key, ticket, hit, response.entry_id, plan.tenant_id, plan.model)
+        return hit
 
     async def store(self, plan: CachePlan, messages, answer: Answer, budget: Budget) -> None:
+        if self._hot is not None:
+            self._hot.forget(self._hot.key(plan, messages))
         cached = cache_pb.CachedAnswer(
             text=answer.text,
             usage=common_pb2.Usage(

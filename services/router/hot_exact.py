@@ -1,0 +1,211 @@
+"""Hot exact cache hits, kept in the router.
+
+An exact hit through the cache service costs a gRPC hop, a Redis GET and
+the service's CPU on both sides, for an answer that does not change: most
+of what a hit costs. The router keeps the answers of recent exact hits and
+serves a repeat of the very same request (tenant, model, parameters and
+messages, byte for byte) without leaving the process.
+
+Coherence with Redis (the truth): the cache service announces every entry
+whose answer must stop being served (``meshgate/cache_notices.py``: a
+reported wrong hit, an Invalidate, a Store replacing an entry) and every
+router drops its copies on hearing it. The bound: a copy stops being served
+as soon as the router reads the notice (one pub/sub delivery, about a
+millisecond on one host). Pub/sub delivers at most once, so the copies are
+trusted only while the subscription is up: they are dropped and bypassed
+from the moment it breaks until it is back; and no copy is served longer
+than ``max_age_s`` after it was fetched, which also bounds how long one
+outlives its entry's expiry or eviction (those announce nothing) and a
+notice lost while a broken connection was not yet detected.
+
+A lookup that was in flight while a notice arrived must not put back what
+the notice removed: ``put`` is refused when any notice (or a reconnect)
+came after the lookup's ``ticket()``. Notices are rare next to hits, so one
+counter for all of them costs an occasional extra hop, never a stale answer.
+
+The local key is stricter than the cache's own (no whitespace folding, no
+sorting of stop sequences): two requests the cache treats as one entry may
+be two copies here, or one a copy and one a hop; never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import struct
+import time
+
+import redis.asyncio as redis
+import structlog
+
+from meshgate import cache_notices, redis_access
+from services.router.pipeline import CachePlan, Hit
+
+log = structlog.get_logger(__name__)
+
+_LENGTH = struct.Struct("<I")
+
+
+@dataclasses.dataclass(slots=True)
+class _Copy:
+    hit: Hit
+    entry_id: str
+    tenant_id: str
+    model: str
+    fetched_at: float
+
+
+class HotExactHits:
+    """An LRU of at most ``max_entries`` exact hits, each served for at
+    most ``max_age_s`` after it was fetched, and only while ``live``."""
+
+    def __init__(self, max_entries: int, max_age_s: float, clock=time.monotonic) -> None:
+        self._max_entries = max_entries
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._copies: collections.OrderedDict[bytes, _Copy] = collections.OrderedDict()
+        self._by_entry: dict[str, set[bytes]] = collections.defaultdict(set)
+        # Counts notices and reconnects: a put that started before one is refused.
+        self._changes = 0
+        # True only while the notices are known to arrive (set by the listener).
+        self.live = False
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    @staticmethod
+    def key(plan: CachePlan, messages) -> bytes:
+        digest = hashlib.blake2b(digest_size=16, person=b"mg-router-hot")
+        parts = (
+            plan.tenant_id.encode(),
+            plan.model.encode(),
+            plan.parameters.SerializeToString(deterministic=True),
+            *(message.SerializeToString(deterministic=True) for message in messages),
+        )
+        for part in parts:
+            digest.update(_LENGTH.pack(len(part)))
+            digest.update(part)
+        return digest.digest()
+
+    def get(self, key: bytes) -> Hit | None:
+        if not self.live:
+            return None
+        copy = self._copies.get(key)
+        if copy is None:
+            return None
+        if self._clock() - copy.fetched_at > self._max_age_s:
+            self._drop(key)
+            return None
+        self._copies.move_to_end(key)
+        return copy.hit
+
+    def ticket(self) -> int:
+        """Taken before a lookup whose hit may be ``put``."""
+        return self._changes
+
+    def put(self, key: bytes, ticket: int, hit: Hit, entry_id: str, tenant_id: str, model: str) -> None:
+        if not self.live or ticket != self._changes or not entry_id:
+            return
+        self._drop(key)
+        self._copies[key] = _Copy(hit, entry_id, tenant_id, model, self._clock())
+        self._by_entry[entry_id].add(key)
+        while len(self._copies) > self._max_entries:
+            self._drop(next(iter(self._copies)))
+
+    def forget(self, key: bytes) -> None:
+        """This router is replacing the entry (a Store): its own next turn
+        must not wait for the notice to see the new answer."""
+        self._changes += 1
+        self._drop(key)
+
+    def announce(self, data: bytes) -> None:
+        """Applies one notice of the cache service."""
+        self._changes += 1
+        notice = cache_notices.parse(data)
+        match notice:
+            case cache_notices.EntryNotice(entry_id=entry_id):
+                for key in list(self._by_entry.get(entry_id, ())):
+                    self._drop(key)
+            case cache_notices.ScopeNotice(tenant_id=tenant_id, model=model):
+                stale = [
+                    key
+                    for key, copy in self._copies.items()
+                    if copy.tenant_id == tenant_id and (not model or copy.model == model)
+                ]
+                for key in stale:
+                    self._drop(key)
+            case None:
+                # A notice this router cannot read may name anything.
+                log.warning("unreadable cache notice; dropping every hot copy", notice=data[:64])
+                self.clear()
+
+    def clear(self) -> None:
+        self._changes += 1
+        self._copies.clear()
+        self._by_entry.clear()
+
+    def _drop(self, key: bytes) -> None:
+        copy = self._copies.pop(key, None)
+        if copy is None:
+            return
+        keys = self._by_entry.get(copy.entry_id)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_entry[copy.entry_id]
+
+
+class NoticeListener:
+    """Feeds ``hits`` the cache service's notices from its own Redis
+    connection; drops and bypasses the copies while disconnected."""
+
+    def __init__(self, url: str, hits: HotExactHits, retry_s: float = 0.5) -> None:
+        self._url = url
+        self._hits = hits
+        self._retry_s = retry_s
+        self._task: asyncio.Task | None = None
+        self.subscribed = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            # Its own client, without the pool's socket timeout, which would
+            # end an idle subscription (as the context service's listener).
+            client = None
+            try:
+                client = await redis_access.connect_subscriber(self._url)
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(cache_notices.CHANNEL)
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            self._hits.announce(message["data"])
+                        elif message["type"] == "subscribe":
+                            # Live from Redis's confirmation on, not from
+                            # sending SUBSCRIBE: a notice published in between
+                            # would be lost. What changed before is unknown.
+                            self._hits.clear()
+                            self._hits.live = True
+                            self.subscribed.set()
+            except asyncio.CancelledError:
+                raise
+            except (*redis_access.CONNECTION_ERRORS, redis.RedisError) as error:
+                log.warning("cache notices lost; hot exact hits bypassed until back", error=str(error))
+            finally:
+                self._hits.live = False
+                self._hits.clear()
+                self.subscribed.clear()
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        await client.aclose()
+            await asyncio.sleep(self._retry_s)

@@ -1,0 +1,177 @@
+"""Two router replicas in front of one real cache service (real Redis, real
+Triton): a repeated exact hit is answered in the router, and a reported
+wrong hit or an Invalidate stops every replica's copy within a bound far
+below the copies' age limit (so it is the notice that stops them)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from meshgate.cache.v1 import cache_service_pb2 as cache_pb
+from meshgate.cache.v1 import cache_service_pb2_grpc
+from meshgate.common.v1 import common_pb2
+from meshgate.config import DeploymentSettings, ModelSettings, Settings
+from meshgate.router.v1 import router_service_pb2 as pb
+from meshgate.router.v1 import router_service_pb2_grpc
+from services.cache import app as cache_app
+from services.context import app as context_app
+from services.router import app as router_app
+from tests.integration.conftest import running
+from tests.mesh import mesh_settings, router_channel
+
+pytestmark = pytest.mark.integration
+
+KEY = "hot-exact-key"
+AUTH = [("authorization", f"Bearer {KEY}")]
+MAX_TOKENS = 6
+# How soon every replica must stop serving a copy after the cache service
+# answered the report: generous for a shared, loaded machine, and far below
+# the copies' own age limit below.
+NOTICE_BOUND_S = 3.0
+COPY_MAX_AGE_S = 600.0
+
+
+@pytest.fixture(scope="module")
+async def replicas(redis_url, inference_address):
+    """Two routers sharing one cache and context service; yields (router
+    stubs, cache stub)."""
+    settings = Settings(mesh=mesh_settings())
+    settings.redis.url = redis_url
+    settings.cache.inference_address = inference_address
+    settings.router.dev_api_key = KEY
+    settings.router.hot_exact_max_age_s = COPY_MAX_AGE_S
+    live = DeploymentSettings(name="live", address=inference_address, model="tiny-gpt", weight=1)
+    settings.models = {"tiny-gpt": ModelSettings(deployments=[live])}
+    async with contextlib.AsyncExitStack() as stack:
+        settings.router.context_address = await stack.enter_async_context(
+            running(context_app, "context", settings)
+        )
+        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
+        routers = []
+        for name in ("router", "router"):
+            address = await stack.enter_async_context(running(router_app, name, settings))
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+            routers.append(router_service_pb2_grpc.RouterServiceStub(channel))
+        cache_channel = await stack.enter_async_context(
+            router_channel(settings.router.cache_address, "cache")
+        )
+        yield routers, cache_service_pb2_grpc.CacheServiceStub(cache_channel)
+
+
+def ask(text: str) -> pb.ChatRequest:
+    return pb.ChatRequest(
+        model="tiny-gpt",
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=text)],
+        parameters=common_pb2.GenerationParameters(max_tokens=MAX_TOKENS),
+        cache_policy=pb.CACHE_POLICY_USE,
+    )
+
+
+def scope() -> cache_pb.CacheScope:
+    # The router's scope for ask(): tenant "dev" (the dev key's), the alias,
+    # the parameters as sent (max_tokens given, so nothing is resolved).
+    return cache_pb.CacheScope(
+        tenant_id="dev", model="tiny-gpt", parameters=common_pb2.GenerationParameters(max_tokens=MAX_TOKENS)
+    )
+
+
+async def chat(router, text: str) -> tuple[str, pb.ChatCompletion]:
+    pieces, completion = [], None
+    async for response in router.Chat(ask(text), metadata=AUTH):
+        if response.HasField("completion"):
+            completion = response.completion
+        else:
+            pieces.append(response.delta.text)
+    assert completion is not None
+    return "".join(pieces), completion
+
+
+def exact_hits_at_the_cache_service() -> float:
+    return REGISTRY.get_sample_value("meshgate_cache_lookups_total", {"result": "exact_hit"}) or 0.0
+
+
+async def warmed(routers, text: str) -> str:
+    """Stores an answer for ``text`` and has every replica hold a copy;
+    returns the answer. A copy is proven local: serving it again on every
+    replica costs the cache service no exact hit."""
+    answer, first = await chat(routers[0], text)
+    assert first.cache_status == pb.CACHE_STATUS_MISS
+    for router in routers:
+        served, completion = await chat(router, text)
+        assert completion.cache_status == pb.CACHE_STATUS_EXACT_HIT
+        assert served == answer
+    before = exact_hits_at_the_cache_service()
+    for router in routers:
+        for _ in range(3):
+            served, completion = await chat(router, text)
+            assert completion.cache_status == pb.CACHE_STATUS_EXACT_HIT
+            assert served == answer
+    assert exact_hits_at_the_cache_service() == before
+    return answer
+
+
+async def every_replica_stops_serving(routers, text: str, old: str) -> None:
+    """Waits until no replica answers ``text`` with ``old`` any more. What
+    comes instead is a miss, or a hit of the answer that miss stored (the
+    model samples at its default temperature, so not ``old`` again)."""
+    started = time.monotonic()
+    pending = list(routers)
+    while pending:
+        assert time.monotonic() - started < NOTICE_BOUND_S, "a replica kept serving its copy"
+        served, completion = await chat(pending[0], text)
+        if completion.cache_status == pb.CACHE_STATUS_EXACT_HIT and served == old:
+            await asyncio.sleep(0.02)
+        else:
+            pending.pop(0)
+
+
+async def test_a_reported_wrong_hit_stops_every_replicas_copy(replicas):
+    routers, cache = replicas
+    old = await warmed(routers, "hot exact report")
+    question = [common_pb2.Message(role=common_pb2.ROLE_USER, content="hot exact report")]
+    lookup = await cache.Lookup(cache_pb.LookupRequest(scope=scope(), messages=question))
+    assert lookup.status == cache_pb.LOOKUP_STATUS_EXACT_HIT
+    report = await cache.ReportWrongHit(
+        cache_pb.ReportWrongHitRequest(
+            scope=scope(),
+            messages=question,
+            entry_id=lookup.entry_id,
+        )
+    )
+    assert report.entry_removed
+    await every_replica_stops_serving(routers, "hot exact report", old)
+
+
+async def test_an_invalidate_stops_every_replicas_copies(replicas):
+    routers, cache = replicas
+    old = {text: await warmed(routers, text) for text in ("hot exact one", "hot exact two")}
+    invalidated = await cache.Invalidate(cache_pb.InvalidateRequest(tenant_id="dev", model="tiny-gpt"))
+    assert invalidated.entries_removed >= 2
+    for text, answer in old.items():
+        await every_replica_stops_serving(routers, text, answer)
+
+
+async def test_a_refresh_replaces_every_replicas_copy(replicas):
+    routers, _ = replicas
+    old = await warmed(routers, "hot exact refresh")
+    refresh = ask("hot exact refresh")
+    refresh.cache_policy = pb.CACHE_POLICY_REFRESH
+    new = ""
+    async for response in routers[0].Chat(refresh, metadata=AUTH):
+        if response.HasField("delta"):
+            new += response.delta.text
+    assert new != old, "the model samples at its default temperature"
+    # The refreshing replica drops its own copy at once; the other on the notice.
+    served, completion = await chat(routers[0], "hot exact refresh")
+    assert (served, completion.cache_status) == (new, pb.CACHE_STATUS_EXACT_HIT)
+    started = time.monotonic()
+    while (served := (await chat(routers[1], "hot exact refresh"))[0]) != new:
+        assert served == old
+        assert time.monotonic() - started < NOTICE_BOUND_S, "the other replica kept serving the old answer"
+        await asyncio.sleep(0.02)

@@ -1,0 +1,146 @@
+"""The router's local copies of exact hits: what is served, for how long,
+and what a notice or a reconnect takes away."""
+
+from __future__ import annotations
+
+from meshgate import cache_notices
+from meshgate.common.v1 import common_pb2
+from services.router.hot_exact import HotExactHits
+from services.router.pipeline import Answer, CachePlan, CacheStatus, Hit
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def plan(tenant: str = "t1", model: str = "m1", max_tokens: int = 8) -> CachePlan:
+    return CachePlan(True, True, tenant, model, common_pb2.GenerationParameters(max_tokens=max_tokens))
+
+
+def messages(text: str) -> list[common_pb2.Message]:
+    return [common_pb2.Message(role=common_pb2.ROLE_USER, content=text)]
+
+
+def hit(text: str) -> Hit:
+    return Hit(Answer(text=text, completion_tokens=3), CacheStatus.EXACT_HIT, 1.0)
+
+
+def live_hits(max_entries: int = 16, max_age_s: float = 10.0) -> tuple[HotExactHits, Clock]:
+    clock = Clock()
+    hits = HotExactHits(max_entries, max_age_s, clock)
+    hits.live = True
+    return hits, clock
+
+
+def stored(hits: HotExactHits, text: str, entry_id: str, scope: CachePlan | None = None) -> bytes:
+    scope = scope or plan()
+    key = hits.key(scope, messages(text))
+    hits.put(key, hits.ticket(), hit(f"answer to {text}"), entry_id, scope.tenant_id, scope.model)
+    return key
+
+
+def test_a_copy_is_served_for_the_very_same_request_only():
+    hits, _ = live_hits()
+    key = stored(hits, "q", "e1")
+    assert hits.get(hits.key(plan(), messages("q"))).answer.text == "answer to q"
+    assert hits.get(key) is not None
+    for other in (
+        hits.key(plan(tenant="t2"), messages("q")),
+        hits.key(plan(model="m2"), messages("q")),
+        hits.key(plan(max_tokens=9), messages("q")),
+        hits.key(plan(), messages("q ")),
+        hits.key(plan(), messages("Q")),
+    ):
+        assert hits.get(other) is None
+
+
+def test_a_copy_is_not_served_past_its_age():
+    hits, clock = live_hits(max_age_s=2.0)
+    key = stored(hits, "q", "e1")
+    clock.now += 1.9
+    assert hits.get(key) is not None
+    clock.now += 0.2
+    assert hits.get(key) is None
+    assert len(hits) == 0
+
+
+def test_nothing_is_served_or_kept_while_the_notices_are_not_known_to_arrive():
+    hits, _ = live_hits()
+    key = stored(hits, "q", "e1")
+    hits.live = False
+    assert hits.get(key) is None
+    assert stored(hits, "r", "e2") is not None
+    hits.live = True
+    assert hits.get(hits.key(plan(), messages("r"))) is None
+
+
+def test_an_entry_notice_drops_every_copy_of_that_entry_only():
+    hits, _ = live_hits()
+    # Two requests the cache folds into one entry (whitespace) are two copies here.
+    first = stored(hits, "q", "e1")
+    second = stored(hits, "q  ", "e1")
+    other = stored(hits, "r", "e2")
+    hits.announce(cache_notices.entry_notice("e1"))
+    assert hits.get(first) is None
+    assert hits.get(second) is None
+    assert hits.get(other) is not None
+
+
+def test_a_scope_notice_drops_a_tenants_model_or_all_its_models():
+    hits, _ = live_hits()
+    t1_m1 = stored(hits, "q", "e1", plan("t1", "m1"))
+    t1_m2 = stored(hits, "q", "e2", plan("t1", "m2"))
+    t2_m1 = stored(hits, "q", "e3", plan("t2", "m1"))
+    hits.announce(cache_notices.scope_notice("t1", "m1"))
+    assert [hits.get(k) is not None for k in (t1_m1, t1_m2, t2_m1)] == [False, True, True]
+    hits.announce(cache_notices.scope_notice("t1", ""))
+    assert [hits.get(k) is not None for k in (t1_m2, t2_m1)] == [False, True]
+
+
+def test_an_unreadable_notice_drops_everything():
+    hits, _ = live_hits()
+    key = stored(hits, "q", "e1")
+    hits.announce(b"z something new")
+    assert hits.get(key) is None
+
+
+def test_a_lookup_in_flight_during_a_notice_or_reconnect_puts_nothing_back():
+    hits, _ = live_hits()
+    key = hits.key(plan(), messages("q"))
+    for change in (
+        lambda: hits.announce(cache_notices.entry_notice("unrelated")),
+        hits.clear,
+        lambda: hits.forget(key),
+    ):
+        ticket = hits.ticket()
+        change()
+        hits.put(key, ticket, hit("stale"), "e1", "t1", "m1")
+        assert hits.get(key) is None
+    hits.put(key, hits.ticket(), hit("fresh"), "e1", "t1", "m1")
+    assert hits.get(key).answer.text == "fresh"
+
+
+def test_the_least_recently_served_copy_goes_first():
+    hits, _ = live_hits(max_entries=2)
+    a = stored(hits, "a", "ea")
+    b = stored(hits, "b", "eb")
+    assert hits.get(a) is not None  # a is now the most recent
+    c = stored(hits, "c", "ec")
+    assert len(hits) == 2
+    assert hits.get(b) is None
+    assert hits.get(a) is not None and hits.get(c) is not None
+    # Its entry's index went with it: a notice for it touches nothing else.
+    hits.announce(cache_notices.entry_notice("eb"))
+    assert len(hits) == 2
+
+
+def test_notices_round_trip_and_malformed_ones_parse_to_none():
+    assert cache_notices.parse(cache_notices.entry_notice("ab12")) == cache_notices.EntryNotice("ab12")
+    scope = cache_notices.ScopeNotice("a b:*", "")
+    assert cache_notices.parse(cache_notices.scope_notice(scope.tenant_id, scope.model)) == scope
+    for malformed in (b"", b"e", b"e ", b"s zz 00", b"s  ", b"x 1", b"e \xff"):
+        assert cache_notices.parse(malformed) is None
