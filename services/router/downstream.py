@@ -15,7 +15,7 @@ import uuid
 import grpc
 import structlog
 
-from meshgate import balancing
+from meshgate import balancing, streaming
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.common.v1 import common_pb2
 from meshgate.config import RouterSettings
@@ -225,22 +225,31 @@ class Deployments:
             deployment.queued_prefill_tokens += prefill
             started = time.monotonic()
             try:
-                async for response in call:
-                    if response.HasField("delta"):
-                        if not pieces:
-                            # Output fixes the deployment (no other is tried
-                            # after it): the turn's latency metrics name it.
-                            answer.deployment = deployment.name
-                            deployment.ttft.add(time.monotonic() - started)
-                            deployment.queued_prefill_tokens -= prefill
-                        pieces.append(response.delta.text)
-                        yield response.delta.text
-                    else:
-                        completion = response.completion
-                        answer.prompt_tokens = completion.usage.prompt_tokens
-                        answer.completion_tokens = completion.usage.completion_tokens
-                        answer.finish_reason = completion.finish_reason
-                        completed = True
+                # Deltas that arrived together go on as one piece (a delta
+                # may carry several tokens): one trip through the pipeline
+                # and one message to the caller instead of one each.
+                async for batch in streaming.batches(call):
+                    texts = []
+                    for response in batch:
+                        if response.HasField("delta"):
+                            texts.append(response.delta.text)
+                        else:
+                            completion = response.completion
+                            answer.prompt_tokens = completion.usage.prompt_tokens
+                            answer.completion_tokens = completion.usage.completion_tokens
+                            answer.finish_reason = completion.finish_reason
+                            completed = True
+                    if not texts:
+                        continue
+                    if not pieces:
+                        # Output fixes the deployment (no other is tried
+                        # after it): the turn's latency metrics name it.
+                        answer.deployment = deployment.name
+                        deployment.ttft.add(time.monotonic() - started)
+                        deployment.queued_prefill_tokens -= prefill
+                    text = texts[0] if len(texts) == 1 else "".join(texts)
+                    pieces.append(text)
+                    yield text
             except grpc.aio.AioRpcError as error:
                 # Another deployment may take it, but only before the caller saw output.
                 if error.code() == grpc.StatusCode.UNAVAILABLE and not pieces:
