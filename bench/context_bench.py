@@ -145,7 +145,8 @@ class Tally:
         header = "| budget | strategy | all | " + " | ".join(CATEGORIES[c] for c in categories) + " |"
         rows = [title, "", header, "|" + "---|" * (3 + len(categories))]
         for budget in BUDGETS:
-            for strategy in STRATEGIES:
+            # The offline run adds strategies the service does not have ("learned").
+            for strategy in dict.fromkeys(s for (s, _, _) in self.kept):
                 cells = [self.share(strategy, budget, c) for c in (0, *categories)]
                 rows.append(f"| {budget} | {strategy} | " + " | ".join(cells) + " |")
         n = len(self.kept.get(("adaptive", BUDGETS[0], 0), []))
@@ -170,7 +171,15 @@ async def embed_all(stub, texts: list[str], batch: int = 64) -> np.ndarray:
     return np.vstack(rows)
 
 
-def offline(conversations, vectors: dict[str, np.ndarray], weights: relevance.Weights, floor: int) -> Tally:
+def offline(
+    conversations,
+    vectors: dict[str, np.ndarray],
+    weights: relevance.Weights,
+    floor: int,
+    ranker: relevance.LearnedRanker | None = None,
+) -> Tally:
+    """Retention of the pure policy; with ``ranker``, also ranked by the
+    learned model (the "learned" rows; the service does not use it)."""
     counter = token_counts.for_models(Settings().models)[MODEL]
     tally = Tally()
     for name, (turns, _, questions) in conversations.items():
@@ -191,15 +200,21 @@ def offline(conversations, vectors: dict[str, np.ndarray], weights: relevance.We
             message = common_pb2.Message(role=common_pb2.ROLE_USER, content=q["question"])
             new = [assembly.TurnCost(message.role, asyncio.run(counter.count([message]))[0])]
             terms = list(relevance.index_terms(q["question"]))
-            scores = relevance.hybrid_scores(terms, packed, lengths, turn_vectors, vector, weights)
+            scores = {
+                "adaptive": relevance.hybrid_scores(terms, packed, lengths, turn_vectors, vector, weights),
+                "newest": None,
+            }
+            if ranker is not None:
+                features = relevance.ranking_features(terms, packed, lengths, turn_vectors, vector, weights)
+                scores["learned"] = ranker.scores(features)
             for budget in BUDGETS:
-                for strategy in STRATEGIES:
+                for strategy, ranked in scores.items():
                     chosen = assembly.plan(
                         costs,
                         new,
                         budget,
                         counter.template_tokens,
-                        relevance=scores if strategy == "adaptive" else None,
+                        relevance=ranked,
                         recency_floor=floor,
                     )
                     kept = all(chosen.reasons[i] for i in q["evidence"])
@@ -502,8 +517,9 @@ def main() -> None:
     conversations = {p.stem: load_conversation(p) for p in paths}
     if args.offline:
         vectors = uvloop.run(cached_vectors(conversations))
-        # Weights were chosen on the first six conversations (by name); the
-        # other four tell whether a choice generalises.
+        # Weights were chosen, and the learned ranker trained
+        # (bench/train_context_ranker.py), on the first six conversations (by
+        # name); the other four tell whether a choice generalises.
         names = sorted(conversations)
         for title, part in (
             ("all", names),
@@ -513,7 +529,8 @@ def main() -> None:
             subset = {n: conversations[n] for n in part}
             if not subset:
                 continue
-            tally = offline(subset, vectors, relevance.DEFAULT_WEIGHTS, args.floor)
+            ranker = relevance.LearnedRanker.load()
+            tally = offline(subset, vectors, relevance.DEFAULT_WEIGHTS, args.floor, ranker)
             print("\n".join(tally.table(f"### Offline (pure policy, cached vectors), {title}")) + "\n")
         return
     print("\n".join(uvloop.run(through_services(conversations, args))))
