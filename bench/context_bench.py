@@ -171,6 +171,49 @@ async def embed_all(stub, texts: list[str], batch: int = 64) -> np.ndarray:
     return np.vstack(rows)
 
 
+def offline_index(
+    turns: list[common_pb2.Message], vectors: np.ndarray
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """A conversation's postings, term counts and unit turn vectors, as the
+    turn index stores them (``vectors`` may run on into the questions')."""
+    term_sets = [relevance.index_terms(m.content) for m in turns]
+    postings: dict[str, list[int]] = collections.defaultdict(list)
+    for index, terms in enumerate(term_sets):
+        for term, frequency in terms.items():
+            postings[term].append(relevance.pack_posting(index, frequency))
+    packed = {t: np.array(p, dtype=np.uint32) for t, p in postings.items()}
+    lengths = np.array([sum(t.values()) for t in term_sets], dtype=np.float64)
+    return packed, lengths, relevance.unit_rows(relevance.quantize(vectors[: len(turns)]))
+
+
+def scoring_latency(conversations, vectors: dict[str, np.ndarray], ranker: relevance.LearnedRanker) -> str:
+    """Scoring alone (no planning) for every question of the 1,000+-turn
+    conversations, hybrid and learned, interleaved so that a busy machine
+    slows both alike: their ratio is the number to read."""
+    hybrid, learned = [], []
+    for name, (turns, _, questions) in conversations.items():
+        if len(turns) < 1000:
+            continue
+        packed, lengths, turn_vectors = offline_index(turns, vectors[name])
+        for q, vector in zip(questions, vectors[name][len(turns) :], strict=True):
+            terms = list(relevance.index_terms(q["question"]))
+            started = time.perf_counter()
+            relevance.hybrid_scores(terms, packed, lengths, turn_vectors, vector)
+            middle = time.perf_counter()
+            ranker.scores(relevance.ranking_features(terms, packed, lengths, turn_vectors, vector))
+            hybrid.append(1000 * (middle - started))
+            learned.append(1000 * (time.perf_counter() - middle))
+    if not hybrid:
+        return "(no conversation of 1,000+ turns: no scoring latency measured)"
+    return (
+        f"Scoring {len(hybrid)} questions over sessions of 1,000+ turns:"
+        f" hybrid p50 {percentile(hybrid, 50):.2f} / p99 {percentile(hybrid, 99):.2f} ms,"
+        f" learned p50 {percentile(learned, 50):.2f} / p99 {percentile(learned, 99):.2f} ms"
+        f" (learned / hybrid at p50:"
+        f" {percentile(learned, 50) / percentile(hybrid, 50):.2f})"
+    )
+
+
 def offline(
     conversations,
     vectors: dict[str, np.ndarray],
@@ -187,14 +230,7 @@ def offline(
         costs = assembly.SessionCosts.of(
             [assembly.TurnCost(m.role, n) for m, n in zip(turns, counts, strict=True)]
         )
-        term_sets = [relevance.index_terms(m.content) for m in turns]
-        postings: dict[str, list[int]] = collections.defaultdict(list)
-        for index, terms in enumerate(term_sets):
-            for term, frequency in terms.items():
-                postings[term].append(relevance.pack_posting(index, frequency))
-        packed = {t: np.array(p, dtype=np.uint32) for t, p in postings.items()}
-        lengths = np.array([sum(t.values()) for t in term_sets], dtype=np.float64)
-        turn_vectors = relevance.unit_rows(relevance.quantize(vectors[name][: len(turns)]))
+        packed, lengths, turn_vectors = offline_index(turns, vectors[name])
         question_vectors = vectors[name][len(turns) :]
         for q, vector in zip(questions, question_vectors, strict=True):
             message = common_pb2.Message(role=common_pb2.ROLE_USER, content=q["question"])
@@ -521,6 +557,7 @@ def main() -> None:
         # (bench/train_context_ranker.py), on the first six conversations (by
         # name); the other four tell whether a choice generalises.
         names = sorted(conversations)
+        ranker = relevance.LearnedRanker.load()
         for title, part in (
             ("all", names),
             ("tuning split: the first six", names[:6]),
@@ -529,9 +566,9 @@ def main() -> None:
             subset = {n: conversations[n] for n in part}
             if not subset:
                 continue
-            ranker = relevance.LearnedRanker.load()
             tally = offline(subset, vectors, relevance.DEFAULT_WEIGHTS, args.floor, ranker)
             print("\n".join(tally.table(f"### Offline (pure policy, cached vectors), {title}")) + "\n")
+        print(scoring_latency(conversations, vectors, ranker))
         return
     print("\n".join(uvloop.run(through_services(conversations, args))))
 

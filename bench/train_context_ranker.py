@@ -18,7 +18,6 @@ prints the swap (trained on the four, measured on the six).
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import sys
 
@@ -46,14 +45,7 @@ def prepare(conversations, vectors) -> list[dict]:
         costs = assembly.SessionCosts.of(
             [assembly.TurnCost(m.role, n) for m, n in zip(turns, counts, strict=True)]
         )
-        term_sets = [relevance.index_terms(m.content) for m in turns]
-        postings: dict[str, list[int]] = collections.defaultdict(list)
-        for index, terms in enumerate(term_sets):
-            for term, frequency in terms.items():
-                postings[term].append(relevance.pack_posting(index, frequency))
-        packed = {t: np.array(p, dtype=np.uint32) for t, p in postings.items()}
-        lengths = np.array([sum(t.values()) for t in term_sets], dtype=np.float64)
-        turn_vectors = relevance.unit_rows(relevance.quantize(vectors[name][: len(turns)]))
+        packed, lengths, turn_vectors = bench.offline_index(turns, vectors[name])
         items = []
         for q, vector in zip(questions, vectors[name][len(turns) :], strict=True):
             message = common_pb2.Message(role=common_pb2.ROLE_USER, content=q["question"])
