@@ -198,22 +198,26 @@ async def _nothing() -> None:
     pass
 
 
-def client_channel(address: str, security: mesh_auth.ChannelSecurity | None = None) -> grpc.aio.Channel:
+def client_channel(
+    address: str, security: mesh_auth.ChannelSecurity | None = None, traced: bool = True
+) -> grpc.aio.Channel:
     """A traced, balanced channel to ``address`` (see :func:`channel_target`):
     to a mesh service over mutual TLS with the ``security`` of
     :meth:`meshgate.mesh_auth.Mesh.to` (its identity is checked by name, so
     any replica's address will do), else in plain text (Triton, or a mesh
-    whose TLS is off)."""
+    whose TLS is off). Untraced (``traced=False``) for streams whose caller
+    makes the client span per call itself (telemetry.start_grpc_client_span):
+    the interceptor would wrap every streamed message in two more async
+    generators."""
     target = channel_target(address)
+    interceptors = telemetry.client_interceptors() if traced else None
     if security is None:
-        return grpc.aio.insecure_channel(
-            target, options=CHANNEL_OPTIONS, interceptors=telemetry.client_interceptors()
-        )
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
     return grpc.aio.secure_channel(
         target,
         security.credentials,
         options=[*CHANNEL_OPTIONS, *_MESH_PEER_OPTIONS, *security.channel_options],
-        interceptors=telemetry.client_interceptors(),
+        interceptors=interceptors,
     )
 
 

@@ -15,12 +15,15 @@ PREFIX_BLOCK_CHARS = 128
 class Deployment:
     """One deployment as a balancing target (meshgate/balancing.Target)."""
 
-    def __init__(self, settings: DeploymentSettings, stub) -> None:
+    def __init__(self, settings: DeploymentSettings, stub, stream_stub=None) -> None:
         self.name = self.key = settings.name
         self.address = settings.address
         self.model = settings.model
         self.weight = settings.weight
         self.stub = stub
+        # For Generate: a stub on an untraced channel (its caller makes the
+        # span per call, not per streamed message); the traced one if none.
+        self.stream_stub = stream_stub or stub
         self.in_flight = 0
         self.active_tokens = 0
         self.queued_prefill_tokens = 0
@@ -41,6 +44,7 @@ class DeploymentTable:
     ) -> None:
         self._security = security
         self._channels = {}
+        self._stream_channels = {}
         self._by_alias: dict[str, list[Deployment]] = {}
         self._strategies: dict[str, balancing.Strategy] = {}
         self.reconfigure(models)
@@ -72,8 +76,16 @@ class DeploymentTable:
                     channel = self._channels[settings.address] = serving.client_channel(
                         settings.address, self._security
                     )
+                    self._stream_channels[settings.address] = serving.client_channel(
+                        settings.address, self._security, traced=False
+                    )
+                stream_channel = self._stream_channels[settings.address]
                 deployments.append(
-                    Deployment(settings, inference_service_pb2_grpc.InferenceServiceStub(channel))
+                    Deployment(
+                        settings,
+                        inference_service_pb2_grpc.InferenceServiceStub(channel),
+                        inference_service_pb2_grpc.InferenceServiceStub(stream_channel),
+                    )
                 )
             by_alias[alias] = deployments
         self._by_alias = by_alias
@@ -103,5 +115,5 @@ class DeploymentTable:
         return balancing.order(strategy, deployments, request or balancing.RouteRequest())
 
     async def close(self) -> None:
-        for channel in self._channels.values():
+        for channel in (*self._channels.values(), *self._stream_channels.values()):
             await channel.close()

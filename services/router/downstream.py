@@ -15,7 +15,7 @@ import uuid
 import grpc
 import structlog
 
-from meshgate import balancing, streaming
+from meshgate import balancing, streaming, telemetry
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.common.v1 import common_pb2
 from meshgate.config import RouterSettings
@@ -41,6 +41,7 @@ _CONTEXT_OUTAGE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLI
 # pause before the first retry (it grows linearly).
 _APPEND_ATTEMPTS = 3
 _APPEND_RETRY_DELAY_S = 0.2
+_GENERATE = "/meshgate.inference.v1.InferenceService/Generate"
 
 
 class ContextService:
@@ -210,10 +211,16 @@ class Deployments:
         strategy = self._table.strategy(alias)
         route = _route_request(strategy, prompt, session_id)
         for deployment in self._table.candidates(alias, route):
-            call = deployment.stub.Generate(
+            # Over the untraced channel, with one client span per call (not
+            # two more async generators per streamed message); its trace
+            # context goes along, so the inference service's spans join.
+            span, metadata = telemetry.start_grpc_client_span(_GENERATE, deployment.address)
+            call = deployment.stream_stub.Generate(
                 inference_pb.GenerateRequest(model=deployment.model, messages=prompt, parameters=parameters),
                 timeout=budget.within(self._limit_s),
+                metadata=metadata,
             )
+            call_error: BaseException | None = None
             pieces: list[str] = []
             completed = False
             prefill = strategy.prefill_left(deployment, route) if strategy is not None else 0
@@ -251,6 +258,7 @@ class Deployments:
                     pieces.append(text)
                     yield text
             except grpc.aio.AioRpcError as error:
+                call_error = error
                 # Another deployment may take it, but only before the caller saw output.
                 if error.code() == grpc.StatusCode.UNAVAILABLE and not pieces:
                     log.warning(
@@ -273,11 +281,17 @@ class Deployments:
                         failure, len(pieces), sum(map(len, pieces)), int(tokens) if tokens else None
                     )
                 raise failure from error
+            except BaseException as error:  # cancelled, closed: the span says so, then on it goes
+                call_error = error
+                raise
             finally:
+                telemetry.end_grpc_client_span(span, call_error)
                 # Reached on cancellation too (the caller's, or a cache hit
                 # overtaking a speculative generation): the inference call,
-                # and through it the Triton request, must not outlive it.
-                call.cancel()
+                # and through it the Triton request, must not outlive it. A
+                # call that ended needs none (a cancel costs a trip into core).
+                if not call.done():
+                    call.cancel()
                 deployment.in_flight -= 1
                 deployment.active_tokens -= route.prompt_units
                 if not pieces:
