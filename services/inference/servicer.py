@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import time
 import uuid
 
@@ -13,7 +11,7 @@ import numpy as np
 import structlog
 from opentelemetry import trace
 
-from meshgate import balancing, telemetry, tokenization
+from meshgate import balancing, streaming, telemetry, tokenization
 from meshgate.config import InferenceSettings
 from meshgate.errors import MeshgateError, from_rpc_error, invalid_argument, not_found, partly_delivered
 from meshgate.inference.v1 import inference_service_pb2 as pb
@@ -241,22 +239,11 @@ class _TritonStream:
             _MODEL_STREAM_INFER, backend.address, _TRITON_STATUS_CODES
         )
         call = backend.stream_stub.ModelStreamInfer(requests(), timeout=self._timeout, metadata=metadata)
-        # Triton's responses are read ahead into `arrived` while the last
-        # delta is still being written to the caller: under load several are
-        # waiting by then, and go out as one message (one write here, one
-        # read and one write at the router) instead of one each.
-        arrived: collections.deque = collections.deque()
-        wake = asyncio.Event()
-
-        async def read_ahead():
-            try:
-                while (message := await call.read()) is not grpc.aio.EOF:
-                    arrived.append(message)
-                    wake.set()
-            finally:
-                wake.set()
-
-        reader = asyncio.create_task(read_ahead())
+        # Triton's responses are read ahead while the last delta is still
+        # being written to the caller: under load several are waiting by
+        # then, and go out as one delta (one write here, one read and one
+        # write at the router) instead of one each.
+        arrivals = streaming.batches(call)
         backend.in_flight += 1
         backend.active_tokens += self._prompt_tokens
         backend.queued_prefill_tokens += self._prefill_tokens
@@ -267,17 +254,9 @@ class _TritonStream:
         final_seen = False
         failure: BaseException | None = None
         try:
-            while not final_seen:
-                if not arrived:
-                    if reader.done():
-                        reader.result()  # a failed call raises its AioRpcError here
-                        break
-                    await wake.wait()
-                    wake.clear()
-                    continue
+            async for batch in arrivals:
                 texts = []
-                while arrived and not final_seen:
-                    message = arrived.popleft()
+                for message in batch:
                     if message.error_message:
                         # Only a Triton older than 24.08 answers so (it ignores
                         # _TRITON_STATUS_CODES): the message alone cannot say whose fault it was.
@@ -297,7 +276,9 @@ class _TritonStream:
                     if event.text:
                         texts.append(event.text)
                     finish_reason = event.finish_reason or finish_reason
-                    final_seen = event.final
+                    if event.final:
+                        final_seen = True
+                        break
                 if texts:
                     if prefill_queued:
                         backend.ttft.add(time.monotonic() - started)
@@ -309,6 +290,8 @@ class _TritonStream:
                     self.delivered_chars += len(text)
                     self.delivered_tokens = completion_tokens
                     yield pb.GenerateResponse(delta=pb.GenerateDelta(text=text))
+                if final_seen:
+                    break
             if not final_seen:
                 raise MeshgateError(
                     grpc.StatusCode.UNAVAILABLE,
@@ -317,7 +300,7 @@ class _TritonStream:
                     {"backend": backend.address},
                 )
             self.started = True
-            # Half-close: Triton then ends the stream (the reader sees its end).
+            # Half-close: Triton then ends the stream.
             finished.set()
             finish_reason = finish_reason or "stop"
             trace.get_current_span().set_attributes(
@@ -330,6 +313,10 @@ class _TritonStream:
                     backend=backend.address,
                 )
             )
+            # Reading on to the stream's end closes the call cleanly, where a
+            # cancel would reach Triton as one.
+            async for _ in arrivals:
+                pass
         except BaseException as error:
             failure = error
             raise
@@ -339,15 +326,9 @@ class _TritonStream:
             backend.active_tokens -= self._prompt_tokens
             if prefill_queued:
                 backend.queued_prefill_tokens -= self._prefill_tokens
-            if failure is not None and not call.done():
-                # Cancels the request inside Triton.
-                call.cancel()
-            # After the final response Triton ends the stream (we half-closed):
-            # reading on to its end closes the call cleanly. A failure of the
-            # reader was raised above, or the one that ended this stream wins.
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await reader
+            await arrivals.aclose()
             if not call.done():
+                # Cancels the request inside Triton.
                 call.cancel()
             telemetry.end_grpc_client_span(span, failure)
 
