@@ -83,7 +83,6 @@ def with_threshold(model: verifier.Verifier, threshold: float) -> verifier.Verif
         [verifier.CalibrationRow(1.0, threshold, 0.0)],
         1.0,
         model.dimensions,
-        model.rarity,
     )
 
 

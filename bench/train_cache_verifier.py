@@ -57,7 +57,6 @@ precision is a lower bound.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import sys
@@ -86,17 +85,7 @@ class Labelled:
     cosine: np.ndarray
 
 
-def word_rarity(pairs: list[cache_data.Pair]) -> verifier.WordRarity:
-    """Document frequencies of content words over the questions of ``pairs``
-    (the train portion only), keeping words in at least two questions."""
-    questions = {q for p in pairs for q in (p.stored, p.asked)}
-    counts = collections.Counter(w for q in questions for w in verifier.analyze(q).content)
-    return verifier.WordRarity(len(questions), {w: n for w, n in sorted(counts.items()) if n >= 2})
-
-
-def label_pairs(
-    pairs: list[cache_data.Pair], vectors: dict[str, np.ndarray], rarity: verifier.WordRarity
-) -> Labelled:
+def label_pairs(pairs: list[cache_data.Pair], vectors: dict[str, np.ndarray]) -> Labelled:
     x, vetoed, cosine = [], [], []
     for p in pairs:
         a, b = verifier.analyze(p.asked), verifier.analyze(p.stored)
@@ -104,10 +93,7 @@ def label_pairs(
         is_vetoed = verifier.structural_veto(a, b) is not None
         vetoed.append(is_vetoed)
         cosine.append(float(qa @ qb))
-        if is_vetoed:
-            x.append(np.zeros(len(verifier.FEATURE_NAMES)))
-        else:
-            x.append(verifier.features(a, b, qa, qb, rarity))
+        x.append(np.zeros(len(verifier.FEATURE_NAMES)) if is_vetoed else verifier.features(a, b, qa, qb))
     return Labelled(
         pairs,
         np.stack(x),
@@ -220,8 +206,7 @@ def build_model() -> dict:
     vectors = cache_data.embeddings([q for p in seen for q in (p.stored, p.asked)])
     prefilter = CacheSettings().semantic_threshold
 
-    rarity = word_rarity([p for p in seen if p.portion == "train"])
-    train = label_pairs([p for p in seen if p.portion == "train"], vectors, rarity)
+    train = label_pairs([p for p in seen if p.portion == "train"], vectors)
     usable = ~train.vetoed & (train.cosine >= prefilter)
     mean, scale, weights, bias = fit(train.x[usable], train.duplicate[usable].astype(float))
     print(
@@ -234,9 +219,9 @@ def build_model() -> dict:
 
     dimensions = len(next(iter(vectors.values())))
     unbounded = verifier.Verifier(
-        mean, scale, weights, bias, [verifier.CalibrationRow(1.0, 0.0, 1.0)], 1.0, dimensions, rarity
+        mean, scale, weights, bias, [verifier.CalibrationRow(1.0, 0.0, 1.0)], 1.0, dimensions
     )
-    calibration = label_pairs([p for p in seen if p.portion == "calibration"], vectors, rarity)
+    calibration = label_pairs([p for p in seen if p.portion == "calibration"], vectors)
     # The pre-filter refuses a pair before the verifier sees it.
     score = np.where(calibration.cosine >= prefilter, scores(unbounded, calibration), -1.0)
     is_qqp = np.array([p.category == "qqp" for p in calibration.pairs])
@@ -274,7 +259,6 @@ def build_model() -> dict:
         [verifier.CalibrationRow(**row) for row in table],
         CacheSettings().max_false_hit_rate,
         dimensions,
-        rarity,
     )
     stress = one_partition(
         build_portion([p for p in calibration.pairs if p.category == "qqp"], vectors), default, prefilter
@@ -297,7 +281,6 @@ def build_model() -> dict:
         "weights": [round(float(v), 6) for v in weights],
         "bias": round(bias, 6),
         "calibration": table,
-        "word_rarity": {"questions": rarity.questions, "counts": rarity.counts},
     }
     return model
 

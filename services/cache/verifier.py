@@ -17,9 +17,8 @@ separates them. A candidate is therefore served only when
    is no veto but a feature of the learned stage, which weighs it.
 2. a learned verifier scores the pair at or above a threshold. It is a
    logistic regression over a few dozen features of the pair (``FEATURE_NAMES``:
-   cosine, word, content-word, word-pair and character overlaps, the same
-   weighted by how rare each word is, length, what only one side has, what
-   the checks saw without vetoing), trained by
+   cosine, word, content-word, word-pair and character overlaps, length,
+   what only one side has, what the checks saw without vetoing), trained by
    ``bench/train_cache_verifier.py`` on the train portion of the labelled
    development pairs. Its coefficients and the thresholds calibrated per
    false-hit bound are in ``verifier_model.json`` next to this module.
@@ -503,10 +502,6 @@ FEATURE_NAMES = (
     "person_changed",
     "tense_changed",
     "same_words_up_to_typos",
-    "rare_words_shared",
-    "rare_words_one_side_more",
-    "rare_words_other_side_more",
-    "rarest_unshared_word",
 )
 # Who asks and when: "How did you start trading?" is not "How do I start
 # trading?" though every content word is the same.
@@ -536,44 +531,8 @@ def _persons(a: Analysis) -> frozenset[str]:
     return frozenset(_PERSONS[t] for t in a.token_set if t in _PERSONS)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class WordRarity:
-    """How rare each content word is among the training questions (inverse
-    document frequency): sharing "sourdough" says more than sharing "best",
-    and a rare word only one side has ("... in Kerala?") changes the
-    question more than a common one ("... good ..."). Learned from the
-    train portion by bench/train_cache_verifier.py; words in fewer than two
-    questions are left out and weigh as much as one seen once."""
-
-    questions: int
-    counts: dict[str, int]
-
-    def weight(self, word: str) -> float:
-        return math.log((self.questions + 1) / (self.counts.get(word, 1) + 1))
-
-
-def _rare_word_features(query: Analysis, candidate: Analysis, rarity: WordRarity) -> list[float]:
-    weight = rarity.weight
-    shared = sum(weight(w) for w in query.content & candidate.content)
-    only_query = [weight(w) for w in query.content - candidate.content]
-    only_candidate = [weight(w) for w in candidate.content - query.content]
-    total = shared + sum(only_query) + sum(only_candidate)
-    one, other = sum(only_query), sum(only_candidate)
-    return [
-        shared / total if total else 1.0,
-        # Capped like the counts: about three rare words' worth.
-        min(max(one, other), 30.0),
-        min(min(one, other), 30.0),
-        max(only_query + only_candidate, default=0.0),
-    ]
-
-
 def features(
-    query: Analysis,
-    candidate: Analysis,
-    query_vector: np.ndarray,
-    candidate_vector: np.ndarray,
-    rarity: WordRarity,
+    query: Analysis, candidate: Analysis, query_vector: np.ndarray, candidate_vector: np.ndarray
 ) -> np.ndarray:
     cosine = float(query_vector @ candidate_vector)
     lengths = len(query.tokens), len(candidate.tokens)
@@ -606,7 +565,6 @@ def features(
             float(_persons(query) != _persons(candidate)),
             float(bool(query.token_set & _PAST) != bool(candidate.token_set & _PAST)),
             float(_retyped(query, candidate)),
-            *_rare_word_features(query, candidate, rarity),
         ],
         np.float64,
     )
@@ -640,7 +598,6 @@ class Verifier:
         calibration: list[CalibrationRow],
         max_false_hit_rate: float,
         dimensions: int,
-        rarity: WordRarity,
     ) -> None:
         if len(weights) != len(FEATURE_NAMES):
             raise ValueError(f"the model has {len(weights)} weights for {len(FEATURE_NAMES)} features")
@@ -650,7 +607,6 @@ class Verifier:
         # The embedding size the model was trained with: vectors of another
         # model cannot be verified.
         self.dimensions = dimensions
-        self.rarity = rarity
         # Loosest first: each reported wrong hit moves one row down.
         self._table = sorted(calibration, key=lambda r: -r.max_false_hit_rate)
         allowed = [i for i, r in enumerate(self._table) if r.max_false_hit_rate <= max_false_hit_rate]
@@ -674,7 +630,6 @@ class Verifier:
             [CalibrationRow(**row) for row in model["calibration"]],
             max_false_hit_rate,
             model["embedding_dimensions"],
-            WordRarity(**model["word_rarity"]),
         )
 
     @property
@@ -688,8 +643,7 @@ class Verifier:
         return self._table[row].threshold if row < len(self._table) else math.inf
 
     def score(self, query: Analysis, candidate: Analysis, query_vector, candidate_vector) -> float:
-        x = features(query, candidate, query_vector, candidate_vector, self.rarity)
-        z = float(x @ self._weights) + self._bias
+        z = float(features(query, candidate, query_vector, candidate_vector) @ self._weights) + self._bias
         return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
 
     def decide(

@@ -16,9 +16,6 @@ from services.cache.verifier import Verifier, analyze
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "bench"))
 
-# Every word as rare as every other: the rarity features reduce to counts.
-NO_RARITY = verifier.WordRarity(questions=1, counts={})
-
 
 def vetoed_by(a: str, b: str) -> str | None:
     return verifier.structural_veto(analyze(a), analyze(b))
@@ -57,7 +54,7 @@ def test_a_number_only_one_side_states_is_left_to_the_learned_stage():
     assert not verifier.number_veto(a, b)
     numbers = verifier.FEATURE_NAMES.index("numbers_only_on_one_side")
     vector = np.ones(4) / 2
-    assert verifier.features(a, b, vector, vector, NO_RARITY)[numbers] == 1
+    assert verifier.features(a, b, vector, vector)[numbers] == 1
 
 
 @pytest.mark.parametrize(
@@ -172,7 +169,7 @@ def test_what_s_is_what_is_and_retyping_is_recognized():
         ("Who is my inspiration?", "who is my inpsiration", 1.0),
         ("How do I learn Python quickly?", "How do I learn Java quickly?", 0.0),
     ]:
-        assert verifier.features(analyze(a), analyze(b), vector, vector, NO_RARITY)[retyped] == same
+        assert verifier.features(analyze(a), analyze(b), vector, vector)[retyped] == same
 
 
 def test_paraphrases_pass_every_check():
@@ -180,38 +177,11 @@ def test_paraphrases_pass_every_check():
     assert vetoed_by("What is the capital of France?", "Which city is the capital of France?") is None
 
 
-def test_rare_words_weigh_more_than_common_ones():
-    rarity = verifier.WordRarity(questions=1000, counts={"best": 400, "book": 50})
-    names = verifier.FEATURE_NAMES
-    shared, one_side, rarest = (
-        names.index("rare_words_shared"),
-        names.index("rare_words_one_side_more"),
-        names.index("rarest_unshared_word"),
-    )
-    vector = np.ones(384) / np.sqrt(384)
-
-    def of(a: str, b: str) -> np.ndarray:
-        return verifier.features(analyze(a), analyze(b), vector, vector, rarity)
-
-    # The same one-word change: a common word ("best") costs less than an
-    # unseen one ("sourdough"), which weighs as much as any word seen once.
-    common = of("Which book is best?", "Which book?")
-    rare = of("Which sourdough book?", "Which book?")
-    assert common[shared] > rare[shared]
-    assert common[one_side] < rare[one_side] == pytest.approx(rarity.weight("sourdough"))
-    assert rare[rarest] == pytest.approx(np.log(1001 / 2))
-    identical = of("Which book is best?", "Which book is best?")
-    assert identical[shared] == 1.0 and identical[one_side] == identical[rarest] == 0.0
-
-
 def test_the_committed_model_matches_the_features():
     model = json.loads(verifier.MODEL_PATH.read_text())
     assert model["features"] == list(verifier.FEATURE_NAMES)
     assert len(model["weights"]) == len(model["mean"]) == len(model["scale"]) == len(verifier.FEATURE_NAMES)
     assert model["embedding_dimensions"] == 384
-    # Learned from the train portion's questions, words in two or more kept.
-    rarity = model["word_rarity"]
-    assert rarity["questions"] > 10_000 and min(rarity["counts"].values()) >= 2
 
 
 def test_thresholds_follow_the_operator_bound_and_reports():
