@@ -157,9 +157,9 @@ class VectorIndex:
 
     def may_match(self, words: frozenset[str]) -> bool:
         """False only when no stored question has any of ``words`` (content
-        words of the question looked up): the verifier has never accepted
-        such a pair on the development data. Always True for a partition
-        too large to keep word counts for."""
+        words of the question looked up): at the default bound the verifier
+        accepted no such pair on the development data (bench/README.md).
+        Always True for a partition too large to keep word counts for."""
         counts = self._word_counts
         return counts is None or any(word in counts for word in words)
 
