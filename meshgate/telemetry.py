@@ -16,11 +16,7 @@ from collections.abc import Sequence
 import grpc
 import structlog
 from opentelemetry import propagate, trace
-from opentelemetry.instrumentation.grpc import (
-    aio_client_interceptors,
-    aio_server_interceptor,
-    filters,
-)
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -32,12 +28,15 @@ from opentelemetry.sdk.trace.export import (
 from meshgate.config import TelemetrySettings
 
 # Health probes and reflection would drown the traces that matter.
-_TRACED = filters.negate(
-    filters.any_of(
-        filters.service_prefix("grpc.health."),
-        filters.service_prefix("grpc.reflection."),
-    )
-)
+_UNTRACED_SERVICES = ("/grpc.health.", "/grpc.reflection.")
+
+
+def _traced(handler_call_details: grpc.HandlerCallDetails) -> bool:
+    # What filters.negate(any_of(service_prefix(...))) says, by the method's
+    # prefix: the library's filters check every call's details against a
+    # typing Protocol (isinstance on a Protocol), ~4% of a router's CPU per
+    # exact cache hit in a profile.
+    return not handler_call_details.method.startswith(_UNTRACED_SERVICES)
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -138,7 +137,7 @@ def setup(service_name: str, settings: TelemetrySettings) -> TracerProvider:
 
 
 def server_interceptors() -> list:
-    return [aio_server_interceptor(filter_=_TRACED)]
+    return [aio_server_interceptor(filter_=_traced)]
 
 
 def client_interceptors() -> list:
