@@ -43,6 +43,8 @@ import uvloop  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import context_ranker  # noqa: E402  (bench/, beside this script)
+
 from meshgate import redis_access, serving  # noqa: E402
 from meshgate.common.v1 import common_pb2  # noqa: E402
 from meshgate.config import Settings  # noqa: E402
@@ -186,7 +188,9 @@ def offline_index(
     return packed, lengths, relevance.unit_rows(relevance.quantize(vectors[: len(turns)]))
 
 
-def scoring_latency(conversations, vectors: dict[str, np.ndarray], ranker: relevance.LearnedRanker) -> str:
+def scoring_latency(
+    conversations, vectors: dict[str, np.ndarray], ranker: context_ranker.LearnedRanker
+) -> str:
     """Scoring alone (no planning) for every question of the 1,000+-turn
     conversations, hybrid and learned, interleaved so that a busy machine
     slows both alike: their ratio is the number to read."""
@@ -200,7 +204,7 @@ def scoring_latency(conversations, vectors: dict[str, np.ndarray], ranker: relev
             started = time.perf_counter()
             relevance.hybrid_scores(terms, packed, lengths, turn_vectors, vector)
             middle = time.perf_counter()
-            ranker.scores(relevance.ranking_features(terms, packed, lengths, turn_vectors, vector))
+            ranker.scores(context_ranker.ranking_features(terms, packed, lengths, turn_vectors, vector))
             hybrid.append(1000 * (middle - started))
             learned.append(1000 * (time.perf_counter() - middle))
     if not hybrid:
@@ -219,7 +223,7 @@ def offline(
     vectors: dict[str, np.ndarray],
     weights: relevance.Weights,
     floor: int,
-    ranker: relevance.LearnedRanker | None = None,
+    ranker: context_ranker.LearnedRanker | None = None,
 ) -> Tally:
     """Retention of the pure policy; with ``ranker``, also ranked by the
     learned model (the "learned" rows; the service does not use it)."""
@@ -241,7 +245,9 @@ def offline(
                 "newest": None,
             }
             if ranker is not None:
-                features = relevance.ranking_features(terms, packed, lengths, turn_vectors, vector, weights)
+                features = context_ranker.ranking_features(
+                    terms, packed, lengths, turn_vectors, vector, weights
+                )
                 scores["learned"] = ranker.scores(features)
             for budget in BUDGETS:
                 for strategy, ranked in scores.items():
@@ -557,7 +563,7 @@ def main() -> None:
         # (bench/train_context_ranker.py), on the first six conversations (by
         # name); the other four tell whether a choice generalises.
         names = sorted(conversations)
-        ranker = relevance.LearnedRanker.load()
+        ranker = context_ranker.LearnedRanker.load()
         for title, part in (
             ("all", names),
             ("tuning split: the first six", names[:6]),

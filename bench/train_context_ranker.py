@@ -1,10 +1,11 @@
-"""Trains the context service's learned turn ranker; writes
-``services/context/ranker_model.json``.
+"""Trains the learned turn ranker of bench/context_ranker.py (an experiment
+the context service does not use); writes
+``bench/data/context_ranker_model.json``.
 
     .venv/bin/python bench/context_bench.py --offline   # caches the embeddings once
     .venv/bin/python bench/train_context_ranker.py      # seconds
 
-Deterministic: features are relevance.ranking_features, training is
+Deterministic: features are context_ranker.ranking_features, training is
 Newton's method from zero on an L2-regularized listwise softmax loss (per
 question, the evidence turns against every turn of the session), nothing is
 sampled.
@@ -22,6 +23,7 @@ import json
 import sys
 
 import context_bench as bench
+import context_ranker
 import numpy as np
 import uvloop
 
@@ -52,7 +54,7 @@ def prepare(conversations, vectors) -> list[dict]:
             terms = list(relevance.index_terms(q["question"]))
             items.append(
                 {
-                    "features": relevance.ranking_features(terms, packed, lengths, turn_vectors, vector),
+                    "features": context_ranker.ranking_features(terms, packed, lengths, turn_vectors, vector),
                     "hybrid": relevance.hybrid_scores(terms, packed, lengths, turn_vectors, vector),
                     "evidence": sorted(q["evidence"]),
                     "category": q["category"],
@@ -126,7 +128,7 @@ def line(tally: bench.Tally) -> str:
 
 def _rounded(values: np.ndarray) -> list[float]:
     # Rounded so the committed file reads and diffs well; scoring with the
-    # rounded numbers is what the service and the bench do.
+    # rounded numbers is what context_bench does.
     return [round(float(v), 6) for v in values]
 
 
@@ -141,7 +143,7 @@ def build_model(prepared: list[dict] | None = None) -> dict:
     prepared = load_prepared() if prepared is None else prepared
     mean, scale, weights = fit(prepared[:TUNING])
     return {
-        "features": list(relevance.FEATURES),
+        "features": list(context_ranker.FEATURES),
         "trained_on": [c["name"] for c in prepared[:TUNING]],
         "l2": L2,
         "mean": _rounded(mean),
@@ -156,15 +158,15 @@ def main() -> None:
     floor = Settings().context.recency_floor_turns
     for title, train, test in (("six -> four", tuning, held_out), ("four -> six", held_out, tuning)):
         mean, scale, weights = fit(train)
-        ranker = relevance.LearnedRanker(mean, scale, weights)
+        ranker = context_ranker.LearnedRanker(mean, scale, weights)
         learned = retention(test, lambda q, r=ranker: r.scores(q["features"]), floor)
         hand = retention(test, lambda q: q["hybrid"], floor)
         print(f"trained {title}, measured on the {title.split()[-1]}:", file=sys.stderr)
         print(f"  learned {line(learned)}", file=sys.stderr)
         print(f"  hybrid  {line(hand)}", file=sys.stderr)
     model = build_model(prepared)
-    relevance.MODEL_PATH.write_text(json.dumps(model, indent=1) + "\n")
-    print(f"wrote {relevance.MODEL_PATH}", file=sys.stderr)
+    context_ranker.MODEL_PATH.write_text(json.dumps(model, indent=1) + "\n")
+    print(f"wrote {context_ranker.MODEL_PATH}", file=sys.stderr)
 
 
 if __name__ == "__main__":
