@@ -16,9 +16,13 @@ masters only, so a turn just written is the turn read.
 
 from __future__ import annotations
 
+import asyncio
+import collections.abc
+import contextlib
 import urllib.parse
 
 import redis.asyncio as redis
+import structlog
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.backoff import NoBackoff
@@ -27,6 +31,8 @@ from redis.retry import Retry
 
 from meshgate.errors import unavailable
 from meshgate.reasons import Reason
+
+log = structlog.get_logger(__name__)
 
 # Past this many connections a command waits for a free one (up to the
 # timeout) instead of failing: a burst must queue, not look like an outage.
@@ -160,3 +166,75 @@ CONNECTION_ERRORS = (
     redis_errors.SlotNotCoveredError,
     redis_errors.TryAgainError,
 )
+
+
+class ChannelListener:
+    """One pub/sub channel heard for as long as the process runs, for a
+    process-local copy that must stop serving what another replica changed.
+
+    Pub/sub delivers at most once, so the copy is trusted only while the
+    subscription is known to be up: ``set_live(True)`` from Redis's
+    confirmation of SUBSCRIBE on (a notice published between sending
+    SUBSCRIBE and its confirmation would be lost), ``set_live(False)`` the
+    moment the connection breaks; each call must also forget what the copy
+    holds, since whatever changed meanwhile is unknown. Reconnects every
+    ``retry_s``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        channel: str,
+        on_message: collections.abc.Callable[[bytes], None],
+        set_live: collections.abc.Callable[[bool], None],
+        retry_s: float = 0.5,
+    ) -> None:
+        self._url = url
+        self._channel = channel
+        self._on_message = on_message
+        self._set_live = set_live
+        self._retry_s = retry_s
+        self._task: asyncio.Task | None = None
+        self.subscribed = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            # Not the pool's client: its socket timeout would end an idle
+            # subscription; a closed socket still ends it at once. Plain
+            # PUBLISH, not Redis 7's sharded SPUBLISH: notices are one short
+            # message per write, the wheel's Redis is 6.2, and one channel
+            # heard on any node of a cluster needs no subscription per shard
+            # to follow through failovers.
+            client = None
+            try:
+                client = await connect_subscriber(self._url)
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(self._channel)
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            self._on_message(message["data"])
+                        elif message["type"] == "subscribe":
+                            self._set_live(True)
+                            self.subscribed.set()
+            except asyncio.CancelledError:
+                raise
+            except (*CONNECTION_ERRORS, redis.RedisError) as error:
+                log.warning(
+                    "notices lost; local copy bypassed until back", channel=self._channel, error=str(error)
+                )
+            finally:
+                self._set_live(False)
+                self.subscribed.clear()
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        await client.aclose()
+            await asyncio.sleep(self._retry_s)

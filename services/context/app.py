@@ -8,7 +8,7 @@ from meshgate.context.v1 import context_service_pb2, context_service_pb2_grpc
 from meshgate.embedding import Embedder
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from services.context import summaries, token_counts
-from services.context.hot_cache import ChangeListener, HotCache
+from services.context.hot_cache import HotCache, change_listener
 from services.context.servicer import ContextServicer
 from services.context.store import SessionStore
 from services.context.turn_index import TurnIndex
@@ -60,7 +60,7 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
     client = await redis_access.connect_checked(settings.redis.url)
     store = SessionStore(client, settings.context.session_ttl_s, settings.context.max_turns)
     hot = HotCache(settings.context.hot_cache_bytes, settings.context.session_ttl_s)
-    changes = ChangeListener(settings.redis.url, hot)
+    changes = change_listener(settings.redis.url, hot)
     changes.start()
     # Summaries and turn and question embeddings act for no tenant: the context service's
     # certificate is enough there.

@@ -24,13 +24,10 @@ session may have expired in Redis (its last write plus the session TTL).
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
 import dataclasses
 import time
 
-import redis.asyncio as redis
 import structlog
 
 from meshgate import redis_access
@@ -183,57 +180,16 @@ def _parse(data: bytes) -> tuple[str, int] | None:
         return None
 
 
-class ChangeListener:
+def change_listener(url: str, cache: HotCache) -> redis_access.ChannelListener:
     """Feeds ``cache`` the change notices of every replica, from its own
     Redis connection; empties and bypasses the cache while disconnected."""
 
-    def __init__(self, url: str, cache: HotCache, retry_s: float = 0.5) -> None:
-        self._url = url
-        self._cache = cache
-        self._retry_s = retry_s
-        self._task: asyncio.Task | None = None
-        self.subscribed = asyncio.Event()
+    def on_message(data: bytes) -> None:
+        if (notice := _parse(data)) is not None:
+            cache.announce(*notice)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+    def set_live(live: bool) -> None:
+        cache.clear()
+        cache.live = live
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            # Not the pool's client: its socket timeout would end an idle
-            # subscription; a closed socket still ends it at once. Plain
-            # PUBLISH, not Redis 7's sharded SPUBLISH: notices are one short
-            # message per write, the wheel's Redis is 6.2, and one channel
-            # heard on any node of a cluster needs no subscription per shard
-            # to follow through failovers.
-            client = None
-            try:
-                client = await redis_access.connect_subscriber(self._url)
-                async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(CHANGES_CHANNEL)
-                    # Whatever changed before the subscription was up is unknown.
-                    self._cache.clear()
-                    self._cache.live = True
-                    self.subscribed.set()
-                    async for message in pubsub.listen():
-                        if message["type"] != "message":
-                            continue
-                        if (notice := _parse(message["data"])) is not None:
-                            self._cache.announce(*notice)
-            except asyncio.CancelledError:
-                raise
-            except (*redis_access.CONNECTION_ERRORS, redis.RedisError) as error:
-                log.warning("change notices lost; hot cache bypassed until back", error=str(error))
-            finally:
-                self._cache.live = False
-                self._cache.clear()
-                self.subscribed.clear()
-                if client is not None:
-                    with contextlib.suppress(Exception):
-                        await client.aclose()
-            await asyncio.sleep(self._retry_s)
+    return redis_access.ChannelListener(url, CHANGES_CHANNEL, on_message, set_live)

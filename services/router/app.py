@@ -22,7 +22,7 @@ from services.router.admission import Admission, TurnAdmission
 from services.router.auth import Authenticator
 from services.router.deployments import DeploymentTable
 from services.router.downstream import CacheService, ContextService, Deployments
-from services.router.hot_exact import HotExactHits, NoticeListener
+from services.router.hot_exact import HotExactHits, notice_listener
 from services.router.http_edge import HttpEdge, HttpServer
 from services.router.keys import KeyStore
 from services.router.ledger import Ledger
@@ -100,7 +100,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     hot_exact = listener = None
     if router.hot_exact_entries > 0:
         hot_exact = HotExactHits(router.hot_exact_entries, router.hot_exact_max_age_s)
-        listener = NoticeListener(settings.redis.url, hot_exact)
+        listener = notice_listener(settings.redis.url, hot_exact)
         listener.start()
     pipeline = Pipeline(
         settings.router,

@@ -30,15 +30,12 @@ be two copies here, or one a copy and one a hop; never a wrong answer.
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
 import dataclasses
 import hashlib
 import struct
 import time
 
-import redis.asyncio as redis
 import structlog
 
 from meshgate import cache_notices, redis_access
@@ -158,54 +155,12 @@ class HotExactHits:
                 del self._by_entry[copy.entry_id]
 
 
-class NoticeListener:
+def notice_listener(url: str, hits: HotExactHits) -> redis_access.ChannelListener:
     """Feeds ``hits`` the cache service's notices from its own Redis
     connection; drops and bypasses the copies while disconnected."""
 
-    def __init__(self, url: str, hits: HotExactHits, retry_s: float = 0.5) -> None:
-        self._url = url
-        self._hits = hits
-        self._retry_s = retry_s
-        self._task: asyncio.Task | None = None
-        self.subscribed = asyncio.Event()
+    def set_live(live: bool) -> None:
+        hits.clear()
+        hits.live = live
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            # Its own client, without the pool's socket timeout, which would
-            # end an idle subscription (as the context service's listener).
-            client = None
-            try:
-                client = await redis_access.connect_subscriber(self._url)
-                async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(cache_notices.CHANNEL)
-                    async for message in pubsub.listen():
-                        if message["type"] == "message":
-                            self._hits.announce(message["data"])
-                        elif message["type"] == "subscribe":
-                            # Live from Redis's confirmation on, not from
-                            # sending SUBSCRIBE: a notice published in between
-                            # would be lost. What changed before is unknown.
-                            self._hits.clear()
-                            self._hits.live = True
-                            self.subscribed.set()
-            except asyncio.CancelledError:
-                raise
-            except (*redis_access.CONNECTION_ERRORS, redis.RedisError) as error:
-                log.warning("cache notices lost; hot exact hits bypassed until back", error=str(error))
-            finally:
-                self._hits.live = False
-                self._hits.clear()
-                self.subscribed.clear()
-                if client is not None:
-                    with contextlib.suppress(Exception):
-                        await client.aclose()
-            await asyncio.sleep(self._retry_s)
+    return redis_access.ChannelListener(url, cache_notices.CHANNEL, hits.announce, set_live)

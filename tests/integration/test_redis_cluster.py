@@ -29,7 +29,7 @@ from meshgate.errors import MeshgateError
 from meshgate.local import redis_server
 from services.cache import keys as cache_keys
 from services.context import store
-from services.context.hot_cache import ChangeListener, HotCache
+from services.context.hot_cache import HotCache, change_listener
 from services.router.admission import Admission, Scope
 from services.router.keys import KeyStore
 from services.router.ledger import Ledger, UsageRecord
@@ -211,7 +211,7 @@ async def test_context_sessions_on_every_master(cluster: Cluster, tenant: str) -
 async def test_change_notices_from_every_master_reach_a_subscriber(cluster: Cluster, client, tenant) -> None:
     sessions = store.SessionStore(client, ttl_s=600)
     hot = HotCache(max_bytes=1 << 20)
-    listener = ChangeListener(cluster.url, hot)
+    listener = change_listener(cluster.url, hot)
     listener.start()
     try:
         await asyncio.wait_for(listener.subscribed.wait(), timeout=15)
