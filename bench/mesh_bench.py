@@ -215,17 +215,18 @@ async def main_async(args, stack: Stack) -> list[str]:
         model = args.model
         # Every measured request is new: repeated greedy prompts would share one
         # generation in the router (coalescing) and reuse the KV of their
-        # prompt in the model (prefix caching), which direct Triton calls do
-        # not get. Same numbering on both paths: same prompt lengths.
-        numbers = {"direct": itertools.count(), "router": itertools.count()}
+        # prompt in the model (prefix caching). The paths differ in one letter
+        # right at the start (no path reuses another's prompt) and count alike
+        # (same prompt lengths).
+        numbers = {"D": itertools.count(), "R": itertools.count()}
 
         def fresh(path: str, prompt: str) -> str:
-            return f"Request {next(numbers[path])}: {prompt}"
+            return f"{path}{next(numbers[path])}: {prompt}"
 
         paths = {
-            "Triton direct": lambda p: direct_triton(triton_stub, model, fresh("direct", p), args.max_tokens),
+            "Triton direct": lambda p: direct_triton(triton_stub, model, fresh("D", p), args.max_tokens),
             "meshgate router": lambda p: through_router(
-                router_stub, fresh("router", p), args.max_tokens, model=model
+                router_stub, fresh("R", p), args.max_tokens, model=model
             ),
             # Cache on, every prompt new: what a miss pays for the lookup
             # (an embedding on the semantic path) and the store.
