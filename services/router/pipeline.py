@@ -449,7 +449,8 @@ class Pipeline:
                 lookup = self._semantic_lookup(plan, turn.messages, turn.budget)
                 generation = self._generate_stateless(turn, answer)
         else:
-            assembled = await self._contexts.assemble(_with_session(turn, session_id))
+            turn = _with_session(turn, session_id)
+            assembled = await self._contexts.assemble(turn)
             if assembled is not None:
                 prompt, version = assembled
             if turn.expected_version is not None and version != turn.expected_version:
@@ -561,7 +562,9 @@ class Pipeline:
 
         def start(filling: Answer, deadline: float | None) -> collections.abc.AsyncIterator[str]:
             budget = Budget(deadline)
-            return self._generator.generate(turn.model_alias, prompt, turn.parameters, budget, filling)
+            return self._generator.generate(
+                turn.model_alias, prompt, turn.parameters, budget, filling, session_id=turn.session_id
+            )
 
         return self._coalescer.generate(key, start, answer, Answer, turn.budget.deadline)
 

@@ -39,7 +39,7 @@ class GatedGenerator:
         for gate in self.gates[:count]:
             gate.set()
 
-    async def generate(self, alias, prompt, parameters, budget, answer):
+    async def generate(self, alias, prompt, parameters, budget, answer, session_id=""):
         self.calls += 1
         try:
             for index, piece in enumerate(self.pieces):

@@ -97,11 +97,13 @@ class FakeGenerator:
         self.pieces = pieces
         self.fail_after = fail_after
         self.prompts: list[list[str]] = []
+        self.session_ids: list[str] = []
         self.started = asyncio.Event()
         self.closed = False
 
-    async def generate(self, alias, prompt, parameters, budget, answer):
+    async def generate(self, alias, prompt, parameters, budget, answer, session_id=""):
         self.prompts.append([m.content for m in prompt])
+        self.session_ids.append(session_id)
         self.started.set()
         try:
             for index, piece in enumerate(self.pieces):
@@ -246,6 +248,8 @@ async def test_a_session_turn_answers_from_its_history_and_appends():
     assert parts["cache"].lookups == parts["cache"].exact_lookups == [["earlier", "next"]]
     assert parts["contexts"].appended == [("s9", 3, "Hello there")]
     assert (events[-1].session_id, events[-1].session_version) == ("s9", 4)
+    # Routing sees the session (session affinity over deployments).
+    assert parts["generator"].session_ids == ["s9"]
 
 
 async def test_a_strict_turn_at_another_version_is_refused_before_generating():
@@ -267,6 +271,7 @@ async def test_a_first_session_turn_creates_its_session_only_once_valid():
     assert parts["contexts"].created == [TENANT.id]  # the first (empty text) turn was valid
     events = await events_of(turns.run(request(), TENANT, "", Budget(), create_session=True))
     assert events[-1].session_id == "s2"
+    assert parts["generator"].session_ids == ["s1", "s2"]
 
 
 async def test_a_failed_save_after_the_answer_says_how_much_was_delivered():
