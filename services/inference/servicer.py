@@ -116,8 +116,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     ) -> balancing.RouteRequest:
         """What the strategy reads; a prefix strategy reads the prompt as the
         model will, token blocks hashed as a chain. Tokenizing is Rust, off
-        the event loop (a 2,000-token prompt: bench/README.md)."""
-        if not strategy.uses_prefix:
+        the event loop (a 2,000-token prompt: bench/README.md). With one
+        Triton server there is nothing to choose: no tokenizing."""
+        if not strategy.uses_prefix or len(self._pool.backends) < 2:
             return balancing.RouteRequest(model=served.triton_model)
         tokenizer = tokenization.load(served.tokenizer)
         ids = (await asyncio.to_thread(tokenizer.encode, prompt, add_special_tokens=False)).ids
