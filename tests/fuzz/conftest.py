@@ -31,11 +31,8 @@ from meshgate.config import (
     hash_api_key,
 )
 from meshgate.errors import error_info
-from services.cache import app as cache_app
-from services.context import app as context_app
 from services.inference import app as inference_app
-from services.router import app as router_app
-from tests.integration.conftest import launched_triton, running
+from tests.integration.conftest import launched_triton, running, running_router
 from tests.mesh import mesh_settings, router_channel
 
 _COMMON = {
@@ -158,11 +155,7 @@ async def fuzz_mesh(redis_url, triton_url):
                 deployments=[DeploymentSettings(name="live", address=inference, model="tiny-gpt")]
             )
         }
-        settings.router.context_address = await stack.enter_async_context(
-            running(context_app, "context", settings)
-        )
-        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
-        router = await stack.enter_async_context(running(router_app, "router", settings))
+        router = await stack.enter_async_context(running_router(settings))
         yield {
             "router": router,
             "context": settings.router.context_address,

@@ -11,7 +11,10 @@ from meshgate import serving
 from meshgate.config import RouterSettings, Settings
 from meshgate.local import triton
 from meshgate.local.stack import build_model_weights, free_port
+from services.cache import app as cache_app
+from services.context import app as context_app
 from services.inference import app as inference_app
+from services.router import app as router_app
 from tests.mesh import mesh_settings
 
 
@@ -88,3 +91,26 @@ async def running(app_module, name: str, settings: Settings):
         yield f"127.0.0.1:{port}"
     finally:
         await serving.stop(service, grace_s=1)
+
+
+def service_settings(redis_url: str, inference_address: str, dev_api_key: str) -> Settings:
+    """Settings for services in-process: the test mesh's TLS and tokens, this
+    Redis, the cache's embeddings from this inference service, and
+    ``dev_api_key`` as the router's development tenant's key."""
+    settings = Settings(mesh=mesh_settings())
+    settings.redis.url = redis_url
+    settings.cache.inference_address = inference_address
+    settings.router.dev_api_key = dev_api_key
+    return settings
+
+
+@contextlib.asynccontextmanager
+async def running_router(settings: Settings):
+    """Context, cache and a router in front of them, in-process; yields the
+    router's address (``settings.router`` gets the other two's)."""
+    async with contextlib.AsyncExitStack() as stack:
+        settings.router.context_address = await stack.enter_async_context(
+            running(context_app, "context", settings)
+        )
+        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
+        yield await stack.enter_async_context(running(router_app, "router", settings))

@@ -5,7 +5,6 @@ real Redis), through the official openai SDK and through raw httpx."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
 
@@ -18,16 +17,11 @@ from meshgate.config import (
     DeploymentSettings,
     LimitSettings,
     ModelSettings,
-    Settings,
     TenantSettings,
     hash_api_key,
 )
 from meshgate.local.stack import free_port
-from services.cache import app as cache_app
-from services.context import app as context_app
-from services.router import app as router_app
-from tests.integration.conftest import running
-from tests.mesh import mesh_settings
+from tests.integration.conftest import running_router, service_settings
 
 pytestmark = pytest.mark.integration
 
@@ -40,10 +34,7 @@ LIMITED_RPM = 2
 
 @pytest.fixture(scope="module")
 async def base_url(redis_url, inference_address):
-    settings = Settings(mesh=mesh_settings())
-    settings.redis.url = redis_url
-    settings.cache.inference_address = inference_address
-    settings.router.dev_api_key = KEY
+    settings = service_settings(redis_url, inference_address, KEY)
     settings.router.tenants = [
         TenantSettings(
             id=f"limited-{uuid.uuid4().hex[:8]}",
@@ -58,12 +49,7 @@ async def base_url(redis_url, inference_address):
         "other": ModelSettings(deployments=[live]),
     }
     settings.router.http_listen = f"127.0.0.1:{free_port()}"
-    async with contextlib.AsyncExitStack() as stack:
-        settings.router.context_address = await stack.enter_async_context(
-            running(context_app, "context", settings)
-        )
-        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
-        await stack.enter_async_context(running(router_app, "router", settings))
+    async with running_router(settings):
         yield f"http://{settings.router.http_listen}/v1"
 
 

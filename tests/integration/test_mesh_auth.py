@@ -28,10 +28,8 @@ from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.local import certs
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from services.cache import app as cache_app
 from services.context import app as context_app
-from services.router import app as router_app
-from tests.integration.conftest import running
+from tests.integration.conftest import running, running_router, service_settings
 from tests.mesh import certs_dir, mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
@@ -47,17 +45,10 @@ PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
 @pytest.fixture(scope="module")
 async def mesh(redis_url, inference_address):
     """Router, context and cache in-process over mutual TLS; yields their addresses."""
-    settings = Settings(mesh=mesh_settings())
-    settings.redis.url = redis_url
-    settings.cache.inference_address = inference_address
-    settings.router.dev_api_key = KEY
+    settings = service_settings(redis_url, inference_address, KEY)
     settings.models["tiny-gpt"].deployments[0].address = inference_address
     async with contextlib.AsyncExitStack() as stack:
-        settings.router.context_address = await stack.enter_async_context(
-            running(context_app, "context", settings)
-        )
-        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
-        router = await stack.enter_async_context(running(router_app, "router", settings))
+        router = await stack.enter_async_context(running_router(settings))
         yield {
             "router": router,
             "context": settings.router.context_address,

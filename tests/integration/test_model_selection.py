@@ -25,11 +25,7 @@ from meshgate.config import (
 )
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from services.cache import app as cache_app
-from services.context import app as context_app
-from services.router import app as router_app
-from tests.integration.conftest import running
-from tests.mesh import mesh_settings
+from tests.integration.conftest import running_router, service_settings
 
 pytestmark = pytest.mark.integration
 
@@ -44,10 +40,7 @@ HARD = (
 
 
 def _settings(redis_url: str, inference_address: str, embedding_timeout_s: float) -> Settings:
-    settings = Settings(mesh=mesh_settings())
-    settings.redis.url = redis_url
-    settings.cache.inference_address = inference_address
-    settings.router.dev_api_key = KEY
+    settings = service_settings(redis_url, inference_address, KEY)
     settings.router.tenants = [
         TenantSettings(id="gold", api_key_sha256=[hash_api_key(PREMIUM_KEY)], tier="premium")
     ]
@@ -69,11 +62,7 @@ def _settings(redis_url: str, inference_address: str, embedding_timeout_s: float
 @contextlib.asynccontextmanager
 async def _router(settings: Settings):
     async with contextlib.AsyncExitStack() as stack:
-        settings.router.context_address = await stack.enter_async_context(
-            running(context_app, "context", settings)
-        )
-        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
-        address = await stack.enter_async_context(running(router_app, "router", settings))
+        address = await stack.enter_async_context(running_router(settings))
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
         yield router_service_pb2_grpc.RouterServiceStub(channel)
 

@@ -28,11 +28,8 @@ from meshgate.errors import error_info
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from services.cache import app as cache_app
-from services.context import app as context_app
-from services.router import app as router_app
 from services.router.admission import Scope
-from tests.integration.conftest import running
+from tests.integration.conftest import running_router
 from tests.mesh import mesh_settings
 
 pytestmark = pytest.mark.integration
@@ -69,11 +66,7 @@ async def accounting(redis_url, inference_address):
     client = redis_access.connect(redis_url)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(client.aclose)
-        settings.router.context_address = await stack.enter_async_context(
-            running(context_app, "context", settings)
-        )
-        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
-        address = await stack.enter_async_context(running(router_app, "router", settings))
+        address = await stack.enter_async_context(running_router(settings))
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
         auth = (("authorization", f"Bearer {key}"),)
         yield router_service_pb2_grpc.RouterServiceStub(channel), tenant, auth, client

@@ -15,7 +15,6 @@ from meshgate.common.v1 import common_pb2
 from meshgate.config import (
     DeploymentSettings,
     ModelSettings,
-    Settings,
     TemplateMessageSettings,
     TemplateParameterSettings,
     TemplateSettings,
@@ -24,11 +23,7 @@ from meshgate.errors import error_info
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from services.cache import app as cache_app
-from services.context import app as context_app
-from services.router import app as router_app
-from tests.integration.conftest import running
-from tests.mesh import mesh_settings
+from tests.integration.conftest import running_router, service_settings
 
 pytestmark = pytest.mark.integration
 
@@ -42,10 +37,7 @@ CALLERS = 4
 
 @pytest.fixture(scope="module")
 async def router(redis_url, inference_address):
-    settings = Settings(mesh=mesh_settings())
-    settings.redis.url = redis_url
-    settings.cache.inference_address = inference_address
-    settings.router.dev_api_key = KEY
+    settings = service_settings(redis_url, inference_address, KEY)
     live = DeploymentSettings(name="live", address=inference_address, model="tiny-gpt")
     settings.models = {"tiny-gpt": ModelSettings(deployments=[live])}
     settings.router.templates = [
@@ -61,11 +53,7 @@ async def router(redis_url, inference_address):
         )
     ]
     async with contextlib.AsyncExitStack() as stack:
-        settings.router.context_address = await stack.enter_async_context(
-            running(context_app, "context", settings)
-        )
-        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
-        address = await stack.enter_async_context(running(router_app, "router", settings))
+        address = await stack.enter_async_context(running_router(settings))
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
         yield router_service_pb2_grpc.RouterServiceStub(channel)
 

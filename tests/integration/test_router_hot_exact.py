@@ -16,14 +16,12 @@ from prometheus_client import REGISTRY
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
-from meshgate.config import DeploymentSettings, ModelSettings, Settings
+from meshgate.config import DeploymentSettings, ModelSettings
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from services.cache import app as cache_app
-from services.context import app as context_app
 from services.router import app as router_app
-from tests.integration.conftest import running
-from tests.mesh import mesh_settings, router_channel
+from tests.integration.conftest import running, running_router, service_settings
+from tests.mesh import router_channel
 
 pytestmark = pytest.mark.integration
 
@@ -41,21 +39,16 @@ COPY_MAX_AGE_S = 600.0
 async def replicas(redis_url, inference_address):
     """Two routers sharing one cache and context service; yields (router
     stubs, cache stub)."""
-    settings = Settings(mesh=mesh_settings())
-    settings.redis.url = redis_url
-    settings.cache.inference_address = inference_address
-    settings.router.dev_api_key = KEY
+    settings = service_settings(redis_url, inference_address, KEY)
     settings.router.hot_exact_max_age_s = COPY_MAX_AGE_S
     live = DeploymentSettings(name="live", address=inference_address, model="tiny-gpt", weight=1)
     settings.models = {"tiny-gpt": ModelSettings(deployments=[live])}
     async with contextlib.AsyncExitStack() as stack:
-        settings.router.context_address = await stack.enter_async_context(
-            running(context_app, "context", settings)
-        )
-        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
+        # The first router starts the context and cache services both share.
+        first = await stack.enter_async_context(running_router(settings))
+        second = await stack.enter_async_context(running(router_app, "router", settings))
         routers = []
-        for name in ("router", "router"):
-            address = await stack.enter_async_context(running(router_app, name, settings))
+        for address in (first, second):
             channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
             routers.append(router_service_pb2_grpc.RouterServiceStub(channel))
         cache_channel = await stack.enter_async_context(

@@ -19,11 +19,10 @@ from meshgate.errors import error_info
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.cache import app as cache_app
-from services.context import app as context_app
 from services.context import store as session_store
 from services.inference import app as inference_app
 from services.router import app as router_app
-from tests.integration.conftest import running, wait_until_serving
+from tests.integration.conftest import running, running_router, service_settings, wait_until_serving
 from tests.mesh import mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
@@ -36,10 +35,7 @@ AUTH = [("authorization", f"Bearer {KEY}")]
 async def mesh(redis_url, inference_address):
     """The router in front of in-process context and cache services; yields
     (router stub, context stub) so tests can check what was stored."""
-    settings = Settings(mesh=mesh_settings())
-    settings.redis.url = redis_url
-    settings.cache.inference_address = inference_address
-    settings.router.dev_api_key = KEY
+    settings = service_settings(redis_url, inference_address, KEY)
     live = DeploymentSettings(name="live", address=inference_address, model="tiny-gpt", weight=1)
     # Heavily weighted but dead: every request tries it first and must fall back.
     dead = DeploymentSettings(name="dead", address="127.0.0.1:1", model="tiny-gpt", weight=1000)
@@ -48,11 +44,7 @@ async def mesh(redis_url, inference_address):
         "with-fallback": ModelSettings(deployments=[dead, live]),
     }
     async with contextlib.AsyncExitStack() as stack:
-        settings.router.context_address = await stack.enter_async_context(
-            running(context_app, "context", settings)
-        )
-        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
-        address = await stack.enter_async_context(running(router_app, "router", settings))
+        address = await stack.enter_async_context(running_router(settings))
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
         context_channel = await stack.enter_async_context(
             router_channel(settings.router.context_address, "context")
@@ -278,11 +270,7 @@ async def test_a_failure_mid_stream_ends_the_stream_non_ok_without_fallback(redi
                 ]
             )
         }
-        settings.router.context_address = await stack.enter_async_context(
-            running(context_app, "context", settings)
-        )
-        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
-        address = await stack.enter_async_context(running(router_app, "router", settings))
+        address = await stack.enter_async_context(running_router(settings))
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
         router = router_service_pb2_grpc.RouterServiceStub(channel)
 
@@ -304,10 +292,7 @@ async def test_stateless_requests_are_served_while_the_context_service_is_down(r
     """The context service only fits a stateless prompt to the window: without
     it such requests go out as sent; a session turn, which needs its history,
     fails with UNAVAILABLE and its reason."""
-    settings = Settings(mesh=mesh_settings())
-    settings.redis.url = redis_url
-    settings.cache.inference_address = inference_address
-    settings.router.dev_api_key = KEY
+    settings = service_settings(redis_url, inference_address, KEY)
     settings.router.context_address = "127.0.0.1:1"  # nothing listens there
     settings.models = {"tiny-gpt": ModelSettings(deployments=[DeploymentSettings(address=inference_address)])}
     async with contextlib.AsyncExitStack() as stack:
