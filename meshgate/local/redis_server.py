@@ -29,7 +29,14 @@ def binary() -> str:
 
 def launch(port: int, data_dir: pathlib.Path, log_file: pathlib.Path | None = None) -> subprocess.Popen:
     data_dir.mkdir(parents=True, exist_ok=True)
-    command = [
+    output = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    return _start(_command(port, data_dir), output)
+
+
+def _command(port: int, data_dir: pathlib.Path, *options: str) -> list[str]:
+    """redis-server on loopback, its data in an append-only file under
+    ``data_dir``, with ``options`` added."""
+    return [
         binary(),
         "--bind",
         "127.0.0.1",
@@ -37,6 +44,7 @@ def launch(port: int, data_dir: pathlib.Path, log_file: pathlib.Path | None = No
         str(port),
         "--dir",
         str(data_dir),
+        *options,
         "--appendonly",
         "yes",
         "--appendfsync",
@@ -46,7 +54,9 @@ def launch(port: int, data_dir: pathlib.Path, log_file: pathlib.Path | None = No
         "--protected-mode",
         "yes",
     ]
-    output = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+
+
+def _start(command: list[str], output) -> subprocess.Popen:
     # Its own process group, like Triton's: a Ctrl-C meant for the caller
     # must not stop Redis before the caller shuts the mesh down in order.
     return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
@@ -121,14 +131,9 @@ def launch_cluster(
 
 
 def _launch_cluster_node(port: int, node_dir: pathlib.Path) -> subprocess.Popen:
-    command = [
-        binary(),
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dir",
-        str(node_dir),
+    command = _command(
+        port,
+        node_dir,
         "--cluster-enabled",
         "yes",
         "--cluster-config-file",
@@ -136,17 +141,8 @@ def _launch_cluster_node(port: int, node_dir: pathlib.Path) -> subprocess.Popen:
         # A dead master is failed over after two seconds, not fifteen.
         "--cluster-node-timeout",
         "2000",
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "everysec",
-        "--save",
-        "",
-        "--protected-mode",
-        "yes",
-    ]
-    log = open(node_dir / "redis.log", "ab")  # noqa: SIM115
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    )
+    return _start(command, open(node_dir / "redis.log", "ab"))  # noqa: SIM115
 
 
 def _form_cluster(ports: list[int], masters: int, timeout_s: float) -> None:
