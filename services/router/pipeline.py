@@ -52,6 +52,7 @@ from meshgate.router.v1 import router_service_pb2 as router_pb
 from services.router.auth import Tenant
 from services.router.coalescing import Coalescer, coalescing_key
 from services.router.model_selection import Selection, Selector
+from services.router.prompt_bound import in_assembly_order, prompt_bounds
 from services.router.templates import Templates, invokes_template
 from services.router.validation import check_turn, resolve_model
 
@@ -294,6 +295,7 @@ class Pipeline:
         # Without a way to embed, selection decides on cheap features alone.
         self._selector = selector or Selector(_no_embedding)
         self._templates = Templates(settings.templates)
+        self._prompt_bounds = prompt_bounds(models)
         self._coalescer = Coalescer()
 
     def reconfigure(self, settings: RouterSettings, models: dict[str, ModelSettings]) -> None:
@@ -302,6 +304,7 @@ class Pipeline:
         self._settings = settings
         self._models = models
         self._templates = Templates(settings.templates)
+        self._prompt_bounds = prompt_bounds(models)
 
     async def create_session(self, tenant: Tenant, budget: Budget) -> str:
         return await self._contexts.create_session(tenant, budget)
@@ -542,7 +545,20 @@ class Pipeline:
         """The lookup to race the generation against (None: nothing to look up)."""
         return self._cache.lookup(plan, messages, budget, semantic=True) if plan.reads else None
 
-    async def _generate_stateless(self, turn: Turn, answer: Answer) -> collections.abc.AsyncIterator[str]:
+    def _generate_stateless(self, turn: Turn, answer: Answer) -> collections.abc.AsyncIterator[str]:
+        if self._fits_as_sent(turn):
+            # AssembleContext would return the messages as sent: its hop
+            # would only delay the first token (prompt_bound.py).
+            return self._generate(turn, turn.messages, answer)
+        return self._assemble_and_generate(turn, answer)
+
+    def _fits_as_sent(self, turn: Turn) -> bool:
+        bound = self._prompt_bounds.get(turn.model_alias)
+        if bound is None or not in_assembly_order(turn.messages):
+            return False
+        return bound.fits(turn.messages, turn.model.context_window_tokens - turn.max_tokens)
+
+    async def _assemble_and_generate(self, turn: Turn, answer: Answer) -> collections.abc.AsyncIterator[str]:
         assembled = await self._contexts.assemble(turn)
         prompt = turn.messages if assembled is None else assembled[0]
         generation = self._generate(turn, prompt, answer)

@@ -234,10 +234,38 @@ async def test_bypass_skips_the_lookup_and_the_store():
 
 
 async def test_a_stateless_turn_goes_out_as_sent_when_the_context_service_is_down():
+    # Long enough that only the context service could say whether it fits.
+    text = "as sent " * 80
     turns, parts = pipeline(contexts=FakeContexts(outage=True))
-    events = await events_of(turns.run(request("as sent"), TENANT, "", Budget()))
+    events = await events_of(turns.run(request(text), TENANT, "", Budget()))
     assert isinstance(events[-1], Completion)
-    assert parts["generator"].prompts == [["as sent"]]
+    assert parts["contexts"].assembled == [""]
+    assert parts["generator"].prompts == [[text]]
+
+
+async def test_a_stateless_prompt_that_surely_fits_skips_assembly():
+    turns, parts = pipeline()
+    events = await events_of(turns.run(request("short", policy=pb.CACHE_POLICY_BYPASS), TENANT, "", Budget()))
+    assert isinstance(events[-1], Completion)
+    assert parts["contexts"].assembled == []
+    assert parts["generator"].prompts == [["short"]]
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        # 8 max_tokens leave 504 of the window's 512: 600 bytes might not fit.
+        [user("x" * 600)],
+        # Assembly would put the system message first.
+        [user("hi"), common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content="be brief"), user("again")],
+    ],
+)
+async def test_a_stateless_prompt_that_might_change_is_assembled(messages):
+    turns, parts = pipeline()
+    chat = pb.ChatRequest(model="m", messages=messages, cache_policy=pb.CACHE_POLICY_BYPASS)
+    events = await events_of(turns.run(chat, TENANT, "", Budget()))
+    assert isinstance(events[-1], Completion)
+    assert parts["contexts"].assembled == [""]
 
 
 async def test_a_session_turn_answers_from_its_history_and_appends():
