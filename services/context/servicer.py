@@ -393,6 +393,20 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         self._changed_here(request.tenant_id, request.session_id, DELETED)
         return pb.PinToSessionResponse(pin_count=pin_count)
 
+    async def PrefetchSession(
+        self, request: pb.PrefetchSessionRequest, context
+    ) -> pb.PrefetchSessionResponse:
+        _check_tenant(request.tenant_id)
+        _check_session_id(request.session_id)
+        hot = self._hot.get(session_key(request.tenant_id, request.session_id))
+        already_hot = hot is not None and (
+            self._index is None or (hot.index is not None and hot.index.version == hot.version)
+        )
+        if not already_hot:
+            # In the background: the caller (a stream being opened) waits for nothing.
+            self.prefetch(request.tenant_id, request.session_id)
+        return pb.PrefetchSessionResponse(already_hot=already_hot)
+
     def _strategy(self, request: pb.AssembleContextRequest, model: ModelSettings) -> int:
         if request.strategy == pb.ASSEMBLY_STRATEGY_UNSPECIFIED:
             return _STRATEGIES[model.assembly_strategy]

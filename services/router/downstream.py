@@ -90,6 +90,18 @@ class ContextService:
             raise from_rpc_error(error, "context") from error
         return list(response.messages), response.session_version
 
+    async def prefetch(self, tenant: Tenant, session_id: str) -> None:
+        """Only a warm-up: a failure here (an unknown session, the service
+        away) is the first turn's to report, so it is logged and dropped."""
+        try:
+            await self._stub.PrefetchSession(
+                context_pb.PrefetchSessionRequest(tenant_id=tenant.id, session_id=session_id),
+                timeout=self._timeout_s,
+                metadata=self._tokens.metadata(tenant.id, "context"),
+            )
+        except grpc.aio.AioRpcError as error:
+            log.debug("session warm-up failed", session_id=session_id, code=error.code().name)
+
     async def append(self, turn: Turn, session_id: str, after_version: int, answer: Answer) -> int:
         """Appends the turn's messages and the answer as one adjacent block.
 

@@ -211,6 +211,9 @@ class Contexts(Protocol):
     async def append(self, turn: Turn, session_id: str, after_version: int, answer: Answer) -> int:
         """Appends the turn and its answer; returns the new version."""
 
+    async def prefetch(self, tenant: Tenant, session_id: str) -> None:
+        """Asks that the session be readied for its next assembly; never fails."""
+
 
 class Cache(Protocol):
     async def lookup(self, plan: CachePlan, messages, budget: Budget, semantic: bool) -> Hit | None:
@@ -297,6 +300,8 @@ class Pipeline:
         self._templates = Templates(settings.templates)
         self._prompt_bounds = prompt_bounds(models)
         self._coalescer = Coalescer()
+        # Session warm-ups in flight, held so they are not collected mid-way.
+        self._warming: set[asyncio.Task] = set()
 
     def reconfigure(self, settings: RouterSettings, models: dict[str, ModelSettings]) -> None:
         """Reloaded settings, from the next turn on; a turn under way keeps
@@ -308,6 +313,14 @@ class Pipeline:
 
     async def create_session(self, tenant: Tenant, budget: Budget) -> str:
         return await self._contexts.create_session(tenant, budget)
+
+    def warm_session(self, tenant: Tenant, session_id: str) -> None:
+        """A ChatSession stream opened for an existing session: the context
+        service reads it into memory meanwhile, so the first turn's assembly
+        finds it there. In the background: the stream waits for nothing."""
+        task = asyncio.create_task(self._contexts.prefetch(tenant, session_id))
+        self._warming.add(task)
+        task.add_done_callback(self._warming.discard)
 
     def validate(
         self, request, tenant: Tenant, session_id: str, budget: Budget, create_session: bool

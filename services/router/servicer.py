@@ -43,6 +43,10 @@ def completion_proto(completion: Completion) -> pb.ChatCompletion:
     )
 
 
+# Metadata a ChatSession stream may open with: the session it continues.
+SESSION_METADATA_KEY = "meshgate-session-id"
+
+
 class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
     def __init__(
         self, settings: Settings, authenticator: Authenticator, pipeline: Pipeline, ledger: Ledger
@@ -76,8 +80,14 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                         raise error
 
     async def ChatSession(self, request_iterator, context):
-        tenant = await self._auth.authenticate(context.invocation_metadata())
-        session_id = ""
+        metadata = context.invocation_metadata()
+        tenant = await self._auth.authenticate(metadata)
+        # A stream opened for an existing session names it up front, so the
+        # session is warmed while the caller's first message is still coming;
+        # turns that name no session continue it.
+        session_id = next((value for key, value in metadata or () if key == SESSION_METADATA_KEY), "")
+        if session_id:
+            self._pipeline.warm_session(tenant, session_id)
         async for request in request_iterator:
             session_id = request.session_id or session_id
             # A failed turn is reported in the stream, which stays open: ending

@@ -346,6 +346,45 @@ async def test_after_a_prefetch_assembly_reads_nothing_from_redis(tmp_path, tena
         assert await _data_commands(client) > before
 
 
+async def test_a_prefetch_request_leaves_the_first_assembly_nothing_to_read(tmp_path, tenant) -> None:
+    """What the router asks for when a ChatSession stream opens: a replica
+    that never read the session warms it, answering at once."""
+    async with (
+        _own_redis(tmp_path) as (url, client),
+        running(make_settings(url)) as writer,
+        running(make_settings(url)) as opener,
+    ):
+        warm_up = await new_session(writer, tenant)
+        await append(writer, tenant, warm_up, "q", "a", version=0)
+
+        async def live() -> bool:
+            # Once the opener's cache is live, an assembly it repeats reads nothing.
+            await assemble(opener, tenant, warm_up)
+            await _settled(client)
+            before = await _data_commands(client)
+            await assemble(opener, tenant, warm_up)
+            return await _data_commands(client) == before
+
+        await _until(live)
+
+        session_id = await new_session(writer, tenant)
+        await append(writer, tenant, session_id, "q0", "a0", version=0)
+        await append(writer, tenant, session_id, "q1", "a1", version=1)
+        prefetch = pb.PrefetchSessionRequest(tenant_id=tenant, session_id=session_id)
+        assert not (await opener.PrefetchSession(prefetch)).already_hot
+        before = await _settled(client)
+        first = await assemble(opener, tenant, session_id)
+        assert await _data_commands(client) == before
+        assert [m.content for m in first.messages] == ["q0", "a0", "q1", "a1", "and now?"]
+        assert (await opener.PrefetchSession(prefetch)).already_hot
+
+        # A session that does not exist is not an error here (the next call that needs it says so).
+        missing = pb.PrefetchSessionRequest(tenant_id=tenant, session_id="no-such-session")
+        assert not (await opener.PrefetchSession(missing)).already_hot
+        bad = opener.PrefetchSession(pb.PrefetchSessionRequest(tenant_id=tenant, session_id="a b"))
+        assert (await failure(bad))[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SESSION_ID")
+
+
 async def test_another_replicas_change_reaches_the_cache(tmp_path, tenant) -> None:
     """Two replicas over one Redis: what one appends or reverts, the other's
     next assembly shows, though it had the session cached."""

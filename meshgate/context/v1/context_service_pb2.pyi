@@ -168,6 +168,20 @@ class PinToSessionRequest(_message.Message):
     fact: str
     def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., message_index: _Optional[int] = ..., fact: _Optional[str] = ...) -> None: ...
 
+class PrefetchSessionRequest(_message.Message):
+    __slots__ = ("tenant_id", "session_id")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    session_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class PrefetchSessionResponse(_message.Message):
+    __slots__ = ("already_hot",)
+    ALREADY_HOT_FIELD_NUMBER: _ClassVar[int]
+    already_hot: bool
+    def __init__(self, already_hot: _Optional[bool] = ...) -> None: ...
+
 class PinToSessionResponse(_message.Message):
     __slots__ = ("pin_count",)
     PIN_COUNT_FIELD_NUMBER: _ClassVar[int]

@@ -76,6 +76,11 @@ class ContextServiceStub:
                 request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PinToSessionRequest.SerializeToString,
                 response_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PinToSessionResponse.FromString,
                 _registered_method=True)
+        self.PrefetchSession = channel.unary_unary(
+                '/meshgate.context.v1.ContextService/PrefetchSession',
+                request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PrefetchSessionRequest.SerializeToString,
+                response_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PrefetchSessionResponse.FromString,
+                _registered_method=True)
 
 
 class ContextServiceServicer:
@@ -144,6 +149,16 @@ class ContextServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrefetchSession(self, request, context):
+        """Warms the session for its next assembly (the router calls it when a
+        ChatSession stream opens for an existing session): the read happens in
+        the background, so it answers at once; a session that does not exist
+        is reported by the next call that needs it, not here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContextServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +201,11 @@ def add_ContextServiceServicer_to_server(servicer, server):
                     servicer.PinToSession,
                     request_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PinToSessionRequest.FromString,
                     response_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PinToSessionResponse.SerializeToString,
+            ),
+            'PrefetchSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrefetchSession,
+                    request_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PrefetchSessionRequest.FromString,
+                    response_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PrefetchSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -406,6 +426,33 @@ class ContextService:
             '/meshgate.context.v1.ContextService/PinToSession',
             meshgate_dot_context_dot_v1_dot_context__service__pb2.PinToSessionRequest.SerializeToString,
             meshgate_dot_context_dot_v1_dot_context__service__pb2.PinToSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefetchSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.context.v1.ContextService/PrefetchSession',
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.PrefetchSessionRequest.SerializeToString,
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.PrefetchSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

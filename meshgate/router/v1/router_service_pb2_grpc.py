@@ -80,7 +80,9 @@ class RouterServiceServicer:
         """Many turns over one stream. Each request is one turn, answered like Chat,
         except that a failed turn is reported by a `failure` event and the
         stream stays open. Turns without a session id continue the stream's
-        current session.
+        current session. A stream opened with `meshgate-session-id: <id>`
+        metadata starts in that session, which is read into memory at once, so
+        that the first turn's prompt is assembled without waiting on storage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
