@@ -25,14 +25,14 @@ import grpc
 import pytest
 
 from meshgate import redis_access
-from meshgate.common.v1 import common_pb2
 from meshgate.errors import error_info
 from meshgate.local import triton
 from meshgate.local.stack import Ports, Stack, build_model_weights, free_port
 from meshgate.local.supervisor import Supervisor
-from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.context.store import SessionStore
+from tests import mesh_load
+from tests.mesh_load import Acknowledged
 
 pytestmark = pytest.mark.chaos
 
@@ -43,20 +43,14 @@ MODELS = ("tiny_gpt", "minilm")
 # Half the workers keep a session each, half send stateless requests that
 # repeat (so some are cache hits); one more streams long uncached answers,
 # so that a Triton kill always finds a stream in the middle.
-WORKERS = 6
-SESSION_MAX_TOKENS = 48
-STATELESS_MAX_TOKENS = 12
-LONG_MAX_TOKENS = 200
-REQUEST_TIMEOUT_S = 30.0
+KINDS = ("stateless", "session") * 3 + ("long",)
+MAX_TOKENS = {"session": 48, "stateless": 12, "long": 200}
 # The issue's target for being back after a kill; the assertion is looser,
 # as other work shares this machine's two cores.
 RECOVERY_TARGET_S = 15.0
 RECOVERY_BOUND_S = 45.0
 STEADY_S = 2.0
 SETTLE_AFTER_RECOVERY_S = 2.0
-# A caller that failed waits a little before its next request, as a real
-# client would, instead of spinning on fast failures.
-FAILURE_PAUSE_S = 0.1
 # The inference service's default probe interval: a restarted Triton is in
 # rotation at most this long after it reports ready.
 HEALTH_INTERVAL_S = 2.0
@@ -84,112 +78,24 @@ class Phase:
         return max(self.first_ok_after_kill[k] for k in kinds)
 
 
-@dataclasses.dataclass
-class Acknowledged:
-    session_id: str
-    question: str
-    answer: str
-
-
-class Load:
-    """WORKERS concurrent callers of the router until stopped; each outcome
-    counts for the phase in which its request started."""
+class Load(mesh_load.Load):
+    """The callers, tallied per phase: failures by status and reason, and
+    how soon after a kill each kind of request is answered again."""
 
     def __init__(self, router: router_service_pb2_grpc.RouterServiceStub) -> None:
-        self._router = router
-        self.phases: list[Phase] = [Phase("steady")]
-        self.acknowledged: list[Acknowledged] = []
-        self._stopping = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []
+        super().__init__(router, AUTH, KINDS, MAX_TOKENS, Phase("steady"))
 
-    @property
-    def phase(self) -> Phase:
-        return self.phases[-1]
+    def answered(self, phase: Phase, kind: str, began: float) -> None:
+        if phase.killed_at is not None and began > phase.killed_at:
+            phase.first_ok_after_kill.setdefault(kind, time.monotonic() - phase.killed_at)
 
-    def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._worker(i)) for i in range(WORKERS + 1)]
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        await asyncio.gather(*self._tasks)
-
-    async def _worker(self, worker: int) -> None:
-        session_id = ""
-        turn = 0
-        while not self._stopping.is_set():
-            turn += 1
-            phase = self.phase
-            began = time.monotonic()
-            if worker % 2:
-                kind = "session"
-                if not session_id:
-                    try:
-                        created = await self._router.CreateSession(
-                            pb.CreateSessionRequest(), metadata=AUTH, timeout=REQUEST_TIMEOUT_S
-                        )
-                    except grpc.aio.AioRpcError as error:
-                        self._failed(phase, error, "")
-                        await asyncio.sleep(FAILURE_PAUSE_S)
-                        continue
-                    session_id = created.session_id
-                question = f"worker {worker} turn {turn}: what happens next?"
-                request = pb.ChatRequest(session_id=session_id, cache_policy=pb.CACHE_POLICY_BYPASS)
-                request.parameters.max_tokens = SESSION_MAX_TOKENS
-            elif worker < WORKERS:
-                kind = "stateless"
-                question = f"worker {worker} asks question {turn % 4}: how do gateways work?"
-                request = pb.ChatRequest(cache_policy=pb.CACHE_POLICY_USE)
-                request.parameters.max_tokens = STATELESS_MAX_TOKENS
-            else:
-                kind = "long"
-                question = f"worker {worker} asks for a long story, number {turn}"
-                request = pb.ChatRequest(cache_policy=pb.CACHE_POLICY_BYPASS)
-                request.parameters.max_tokens = LONG_MAX_TOKENS
-            request.model = "tiny-gpt"
-            request.messages.append(common_pb2.Message(role=common_pb2.ROLE_USER, content=question))
-            text, completion = "", None
-            try:
-                async for response in self._router.Chat(request, metadata=AUTH, timeout=REQUEST_TIMEOUT_S):
-                    if response.HasField("delta"):
-                        text += response.delta.text
-                    else:
-                        completion = response.completion
-            except grpc.aio.AioRpcError as error:
-                self._failed(phase, error, text)
-                await asyncio.sleep(FAILURE_PAUSE_S)
-                continue
-            short = _short_answer(text, completion, request.parameters.max_tokens)
-            if short:
-                phase.short_answers.append(short)
-                continue
-            phase.ok += 1
-            if phase.killed_at is not None and began > phase.killed_at:
-                phase.first_ok_after_kill.setdefault(kind, time.monotonic() - phase.killed_at)
-            if kind == "session":
-                self.acknowledged.append(Acknowledged(session_id, question, text))
-
-    def _failed(self, phase: Phase, error: grpc.aio.AioRpcError, text: str) -> None:
+    def failed(self, phase: Phase, error: grpc.aio.AioRpcError, text: str) -> None:
         info = error_info(error)
         phase.failed[f"{error.code().name} {info.reason if info else '(no ErrorInfo)'}"] += 1
         if text:
             phase.failed_after_output += 1
             if info is None or info.metadata.get("delivered_chars") != str(len(text)):
                 phase.uncounted += 1
-
-
-def _short_answer(text: str, completion: pb.ChatCompletion | None, max_tokens: int) -> str:
-    """Why an OK stream is not a whole answer, or ""."""
-    if completion is None:
-        return "ended OK without a completion"
-    tokens = completion.usage.completion_tokens
-    # A model may choose its stop token first (tiny_gpt's seeded weights
-    # sometimes do): one token, no text, finish "stop" is a whole answer.
-    stopped_at_once = completion.finish_reason == "stop" and tokens == 1
-    if tokens == 0 or (not text and not stopped_at_once):
-        return f"{tokens} tokens, {len(text)} characters, finish_reason {completion.finish_reason!r}"
-    if completion.finish_reason == "length" and tokens < max_tokens:
-        return f"finish_reason length after {tokens} of {max_tokens} tokens"
-    return ""
 
 
 @pytest.fixture(scope="module")

@@ -38,8 +38,9 @@ from meshgate.local.stack import Ports, Stack, free_port, replica_name
 from meshgate.local.supervisor import Supervisor
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from tests.chaos.test_faults import _short_answer
+from tests import mesh_load
 from tests.mesh import router_channel
+from tests.mesh_load import REQUEST_TIMEOUT_S
 
 pytestmark = pytest.mark.e2e
 
@@ -51,17 +52,12 @@ REPLICAS = 2
 # Session turns (uncached), stateless questions that repeat (so the cache
 # answers some), and one long uncached stream, so that a kill of a router or
 # an inference replica finds a stream in the middle.
-SESSION_WORKERS = 2
-STATELESS_WORKERS = 2
-SESSION_MAX_TOKENS = 24
-STATELESS_MAX_TOKENS = 12
-LONG_MAX_TOKENS = 120
-REQUEST_TIMEOUT_S = 30.0
+KINDS = ("session", "session", "stateless", "stateless", "long")
+MAX_TOKENS = {"session": 24, "stateless": 12, "long": 120}
 STEADY_S = 2.0
 # How long a killed replica may take to be restarted, serve again and be
 # picked again by the channels (generous: two shared cores).
 BACK_IN_ROTATION_BOUND_S = 45.0
-FAILURE_PAUSE_S = 0.1
 # Which replica of each service is killed, in this order: a first replica
 # (on the service's own port) and a second one, so neither is special.
 VICTIMS = ("inference-2", "context", "cache-2", "router")
@@ -84,87 +80,14 @@ class Phase:
     back_in_rotation_s: float | None = None
 
 
-@dataclasses.dataclass
-class Acknowledged:
-    session_id: str
-    question: str
-    answer: str
-
-
-class Load:
-    """Concurrent callers of the routers through one round_robin channel
-    over both; each outcome counts for the phase its request started in."""
+class Load(mesh_load.Load):
+    """The callers, through one round_robin channel over both routers;
+    failures are tallied apart before and after the first delta."""
 
     def __init__(self, router: router_service_pb2_grpc.RouterServiceStub) -> None:
-        self._router = router
-        self.phases = [Phase("steady")]
-        self.acknowledged: list[Acknowledged] = []
-        self._stopping = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []
+        super().__init__(router, AUTH, KINDS, MAX_TOKENS, Phase("steady"))
 
-    def start(self) -> None:
-        kinds = ["session"] * SESSION_WORKERS + ["stateless"] * STATELESS_WORKERS + ["long"]
-        self._tasks = [asyncio.create_task(self._worker(i, kind)) for i, kind in enumerate(kinds)]
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        await asyncio.gather(*self._tasks)
-
-    def _request(self, worker: int, kind: str, turn: int, session_id: str) -> pb.ChatRequest:
-        if kind == "session":
-            question = f"worker {worker} turn {turn}: and then?"
-            request = pb.ChatRequest(session_id=session_id, cache_policy=pb.CACHE_POLICY_BYPASS)
-            request.parameters.max_tokens = SESSION_MAX_TOKENS
-        elif kind == "stateless":
-            question = f"worker {worker} asks question {turn % 3}: what is a replica?"
-            request = pb.ChatRequest(cache_policy=pb.CACHE_POLICY_USE)
-            request.parameters.max_tokens = STATELESS_MAX_TOKENS
-        else:
-            question = f"worker {worker} asks for a long story, number {turn}"
-            request = pb.ChatRequest(cache_policy=pb.CACHE_POLICY_BYPASS)
-            request.parameters.max_tokens = LONG_MAX_TOKENS
-        request.model = "tiny-gpt"
-        request.messages.append(common_pb2.Message(role=common_pb2.ROLE_USER, content=question))
-        return request
-
-    async def _worker(self, worker: int, kind: str) -> None:
-        session_id = ""
-        turn = 0
-        while not self._stopping.is_set():
-            turn += 1
-            phase = self.phases[-1]
-            if kind == "session" and not session_id:
-                try:
-                    created = await self._router.CreateSession(
-                        pb.CreateSessionRequest(), metadata=AUTH, timeout=REQUEST_TIMEOUT_S
-                    )
-                except grpc.aio.AioRpcError as error:
-                    self._failed(phase, error, "")
-                    await asyncio.sleep(FAILURE_PAUSE_S)
-                    continue
-                session_id = created.session_id
-            request = self._request(worker, kind, turn, session_id)
-            text, completion = "", None
-            try:
-                async for response in self._router.Chat(request, metadata=AUTH, timeout=REQUEST_TIMEOUT_S):
-                    if response.HasField("delta"):
-                        text += response.delta.text
-                    else:
-                        completion = response.completion
-            except grpc.aio.AioRpcError as error:
-                self._failed(phase, error, text)
-                await asyncio.sleep(FAILURE_PAUSE_S)
-                continue
-            short = _short_answer(text, completion, request.parameters.max_tokens)
-            if short:
-                phase.short_answers.append(short)
-                continue
-            phase.ok += 1
-            if kind == "session":
-                self.acknowledged.append(Acknowledged(session_id, request.messages[0].content, text))
-
-    @staticmethod
-    def _failed(phase: Phase, error: grpc.aio.AioRpcError, text: str) -> None:
+    def failed(self, phase: Phase, error: grpc.aio.AioRpcError, text: str) -> None:
         info = error_info(error)
         key = f"{error.code().name} {info.reason if info else '(no ErrorInfo)'}: {error.details()[:120]}"
         if not text:
