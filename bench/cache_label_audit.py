@@ -35,7 +35,6 @@ import train_cache_verifier as training
 
 from meshgate.config import CacheSettings
 from services.cache import verifier
-from services.cache.servicer import MAX_CANDIDATES
 
 LABELS = cache_data.REPO_ROOT / "bench" / "data" / "cache_label_audit.jsonl"
 SAMPLE = 50
@@ -44,33 +43,6 @@ SEED = 20261201
 # 0.40 with the committed model (0.39; read off the curve this script prints).
 RECALL_40_THRESHOLD = 0.8
 CURVE_THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
-
-
-def served(
-    portion: training.Portion, model: verifier.Verifier, prefilter: float
-) -> list[tuple[int, str, float]]:
-    """(lookup, served question, score) of each lookup served, as the cache serves."""
-    out = []
-    for start in range(0, len(portion.lookups), 512):
-        sims = portion.lookup_vectors[start : start + 512] @ portion.stored_vectors.T
-        top = np.argsort(-sims, axis=1)[:, :MAX_CANDIDATES]
-        for offset, columns in enumerate(top):
-            i = start + offset
-            best = None
-            for column in columns:
-                if sims[offset, column] < prefilter:
-                    break
-                decision = model.decide(
-                    portion.lookups[i],
-                    portion.lookup_vectors[i],
-                    portion.stored[column],
-                    portion.stored_vectors[column],
-                )
-                if decision.accepted and (best is None or decision.score > best[1]):
-                    best = (portion.stored[column], decision.score)
-            if best is not None:
-                out.append((i, *best))
-    return out
 
 
 def with_threshold(model: verifier.Verifier, threshold: float) -> verifier.Verifier:
@@ -118,7 +90,7 @@ def main() -> None:
     portion = training.build_portion(pairs, vectors)
     audits = {}
     for name, threshold in (("one", model.threshold()), ("one@recall0.4", RECALL_40_THRESHOLD)):
-        hits = served(portion, with_threshold(model, threshold), prefilter)
+        hits = training.served(portion, with_threshold(model, threshold), prefilter)
         unlabelled = [(i, q) for i, q, _ in hits if q not in portion.duplicates[i]]
         sample = random.Random(SEED).sample(unlabelled, min(SAMPLE, len(unlabelled)))
         rows = [{"part": name, "asked": portion.lookups[i], "stored": q} for i, q in sample]
@@ -171,7 +143,7 @@ def main() -> None:
     print("| threshold | hits | recall | precision |")
     print("|---|---|---|---|")
     for threshold in CURVE_THRESHOLDS:
-        found = served(portion, with_threshold(model, threshold), prefilter)
+        found = training.served(portion, with_threshold(model, threshold), prefilter)
         good = sum(1 for i, q, _ in found if q in portion.duplicates[i])
         print(
             f"| {threshold} | {len(found)} | {good / with_duplicate:.3f} | {good / max(1, len(found)):.3f} |"

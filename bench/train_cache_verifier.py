@@ -63,6 +63,7 @@ import sys
 import time
 
 import cache_data
+import logistic
 import numpy as np
 
 from meshgate.config import CacheSettings
@@ -101,25 +102,6 @@ def label_pairs(pairs: list[cache_data.Pair], vectors: dict[str, np.ndarray]) ->
         np.array(vetoed),
         np.array(cosine),
     )
-
-
-def fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """L2-regularized logistic regression on standardized features by Newton's method."""
-    mean = x.mean(axis=0)
-    scale = x.std(axis=0) + 1e-6
-    z = np.hstack([(x - mean) / scale, np.ones((len(x), 1))])
-    w = np.zeros(z.shape[1])
-    penalty = np.full(z.shape[1], L2)
-    penalty[-1] = 0.0  # the bias is not shrunk
-    for _ in range(NEWTON_STEPS):
-        p = 1.0 / (1.0 + np.exp(-(z @ w)))
-        gradient = z.T @ (p - y) + penalty * w
-        hessian = (z * (p * (1 - p))[:, None]).T @ z + np.diag(penalty + 1e-9)
-        step = np.linalg.solve(hessian, gradient)
-        w -= step
-        if np.abs(step).max() < 1e-8:
-            break
-    return mean, scale, w[:-1], float(w[-1])
 
 
 def scores(model: verifier.Verifier, data: Labelled) -> np.ndarray:
@@ -166,11 +148,12 @@ def build_portion(pairs: list[cache_data.Pair], vectors: dict[str, np.ndarray]) 
     )
 
 
-def one_partition(portion: Portion, model: verifier.Verifier, prefilter: float) -> dict[str, float]:
-    """The cache with every stored question in one partition, as it serves:
-    the best ``MAX_CANDIDATES`` above the pre-filter, verified, the best
-    accepted one served. Correct only when labelled a duplicate."""
-    hits = correct = 0
+def served(portion: Portion, model: verifier.Verifier, prefilter: float) -> list[tuple[int, str, float]]:
+    """(lookup, served question, score) of each lookup served, as the cache
+    serves with every stored question in one partition: the best
+    ``MAX_CANDIDATES`` above the pre-filter, verified, the best accepted one
+    served."""
+    out = []
     for start in range(0, len(portion.lookups), 512):
         sims = portion.lookup_vectors[start : start + 512] @ portion.stored_vectors.T
         top = np.argsort(-sims, axis=1)[:, :MAX_CANDIDATES]
@@ -184,15 +167,22 @@ def one_partition(portion: Portion, model: verifier.Verifier, prefilter: float) 
                 decision = model.decide(
                     portion.lookups[i], portion.lookup_vectors[i], stored, portion.stored_vectors[column]
                 )
-                if decision.accepted and (best is None or decision.score > best[0]):
-                    best = (decision.score, stored)
+                if decision.accepted and (best is None or decision.score > best[1]):
+                    best = (stored, decision.score)
             if best is not None:
-                hits += 1
-                correct += best[1] in portion.duplicates[i]
+                out.append((i, *best))
+    return out
+
+
+def one_partition(portion: Portion, model: verifier.Verifier, prefilter: float) -> dict[str, float]:
+    """The cache with every stored question in one partition (:func:`served`).
+    Correct only when labelled a duplicate."""
+    hits = served(portion, model, prefilter)
+    correct = sum(question in portion.duplicates[i] for i, question, _ in hits)
     with_duplicate = sum(1 for d in portion.duplicates if d)
     return {
         "lookups": len(portion.lookups),
-        "precision": correct / hits if hits else 1.0,
+        "precision": correct / len(hits) if hits else 1.0,
         "recall": correct / with_duplicate if with_duplicate else 0.0,
     }
 
@@ -208,7 +198,9 @@ def build_model() -> dict:
 
     train = label_pairs([p for p in seen if p.portion == "train"], vectors)
     usable = ~train.vetoed & (train.cosine >= prefilter)
-    mean, scale, weights, bias = fit(train.x[usable], train.duplicate[usable].astype(float))
+    mean, scale, weights, bias = logistic.fit(
+        train.x[usable], train.duplicate[usable].astype(float), L2, NEWTON_STEPS
+    )
     print(
         f"trained on {usable.sum()} labelled pairs that reach the pre-filter and pass the checks "
         f"({int(train.duplicate[usable].sum())} duplicates)",

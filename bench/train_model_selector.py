@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 
+import logistic
 import model_selection_data
 import numpy as np
 
@@ -31,21 +32,7 @@ DIGITS = 6
 
 
 def fit(x: np.ndarray, y: np.ndarray) -> dict:
-    """Standardized features, a bias that is not shrunk, Newton's method."""
-    mean = x.mean(axis=0)
-    scale = x.std(axis=0) + 1e-6
-    z = np.hstack([(x - mean) / scale, np.ones((len(x), 1))])
-    w = np.zeros(z.shape[1])
-    penalty = np.full(z.shape[1], L2)
-    penalty[-1] = 0.0
-    for _ in range(NEWTON_STEPS):
-        p = 1.0 / (1.0 + np.exp(-np.clip(z @ w, -60, 60)))
-        gradient = z.T @ (p - y) + penalty * w
-        hessian = (z * (p * (1 - p))[:, None]).T @ z + np.diag(penalty + 1e-9)
-        step = np.linalg.solve(hessian, gradient)
-        w -= step
-        if np.abs(step).max() < 1e-8:
-            break
+    mean, scale, weights, bias = logistic.fit(x, y, L2, NEWTON_STEPS)
 
     def rounded(values) -> list[float]:
         return [round(float(v), DIGITS) for v in values]
@@ -53,8 +40,8 @@ def fit(x: np.ndarray, y: np.ndarray) -> dict:
     return {
         "mean": rounded(mean),
         "scale": rounded(scale),
-        "weights": rounded(w[:-1]),
-        "bias": rounded([w[-1]])[0],
+        "weights": rounded(weights),
+        "bias": rounded([bias])[0],
     }
 
 
