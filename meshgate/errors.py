@@ -210,27 +210,53 @@ def _abort_code(context: grpc.aio.ServicerContext) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
+class _Reported:
+    """One RPC's failure handling, the same for every handler shape: a
+    MeshgateError or any unexpected exception aborts the call with its rich
+    status (never a crash), a request that did not decode is refused as
+    malformed, and ``observe`` hears how the call ended. An ``async with``
+    costs once per call, not per streamed message."""
+
+    __slots__ = ("_method", "_context", "_observe", "_started")
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext, observe: RpcObserver) -> None:
+        self._method = method
+        self._context = context
+        self._observe = observe
+        self._started = time.perf_counter()
+
+    async def __aenter__(self) -> _Reported:
+        return self
+
+    async def __aexit__(self, error_type, error, traceback) -> bool:
+        code, reason = "OK", ""
+        try:
+            if error is None or not isinstance(error, Exception | asyncio.CancelledError):
+                return False  # GeneratorExit: the stream was closed, not failed
+            if isinstance(error, asyncio.CancelledError):
+                code = "CANCELLED"
+            elif isinstance(error, grpc.aio.AbortError):
+                code = _abort_code(self._context)
+            else:
+                failure = _failure(error, self._method)
+                code, reason = failure.code.name, failure.reason
+                await _abort(failure, self._context)  # raises AbortError, in place of the error
+            return False
+        finally:
+            self._observe(self._method, code, reason, self._started)
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise _malformed(request)
+    return request
+
+
 def _wrap_unary_unary(behavior, method, observe: RpcObserver):
     @functools.wraps(behavior)
     async def handler(request, context):
-        started = time.perf_counter()
-        code, reason = "OK", ""
-        try:
-            if isinstance(request, _Undecodable):
-                raise _malformed(request)
-            return await behavior(request, context)
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except grpc.aio.AbortError:
-            code = _abort_code(context)
-            raise
-        except Exception as error:  # noqa: BLE001 - every error becomes a status
-            failure = _failure(error, method)
-            code, reason = failure.code.name, failure.reason
-            await _abort(failure, context)
-        finally:
-            observe(method, code, reason, started)
+        async with _Reported(method, context, observe):
+            return await behavior(_checked(request), context)
 
     return handler
 
@@ -238,25 +264,9 @@ def _wrap_unary_unary(behavior, method, observe: RpcObserver):
 def _wrap_unary_stream(behavior, method, observe: RpcObserver):
     @functools.wraps(behavior)
     async def handler(request, context):
-        started = time.perf_counter()
-        code, reason = "OK", ""
-        try:
-            if isinstance(request, _Undecodable):
-                raise _malformed(request)
-            async for response in behavior(request, context):
+        async with _Reported(method, context, observe):
+            async for response in behavior(_checked(request), context):
                 yield response
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except grpc.aio.AbortError:
-            code = _abort_code(context)
-            raise
-        except Exception as error:  # noqa: BLE001
-            failure = _failure(error, method)
-            code, reason = failure.code.name, failure.reason
-            await _abort(failure, context)
-        finally:
-            observe(method, code, reason, started)
 
     return handler
 
@@ -264,23 +274,9 @@ def _wrap_unary_stream(behavior, method, observe: RpcObserver):
 def _wrap_stream_stream(behavior, method, observe: RpcObserver):
     @functools.wraps(behavior)
     async def handler(request_iterator, context):
-        started = time.perf_counter()
-        code, reason = "OK", ""
-        try:
+        async with _Reported(method, context, observe):
             async for response in behavior(_checked_iterator(request_iterator), context):
                 yield response
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except grpc.aio.AbortError:
-            code = _abort_code(context)
-            raise
-        except Exception as error:  # noqa: BLE001
-            failure = _failure(error, method)
-            code, reason = failure.code.name, failure.reason
-            await _abort(failure, context)
-        finally:
-            observe(method, code, reason, started)
 
     return handler
 
@@ -288,22 +284,8 @@ def _wrap_stream_stream(behavior, method, observe: RpcObserver):
 def _wrap_stream_unary(behavior, method, observe: RpcObserver):
     @functools.wraps(behavior)
     async def handler(request_iterator, context):
-        started = time.perf_counter()
-        code, reason = "OK", ""
-        try:
+        async with _Reported(method, context, observe):
             return await behavior(_checked_iterator(request_iterator), context)
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except grpc.aio.AbortError:
-            code = _abort_code(context)
-            raise
-        except Exception as error:  # noqa: BLE001
-            failure = _failure(error, method)
-            code, reason = failure.code.name, failure.reason
-            await _abort(failure, context)
-        finally:
-            observe(method, code, reason, started)
 
     return handler
 
