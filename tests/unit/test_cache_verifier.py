@@ -197,7 +197,8 @@ def test_thresholds_follow_the_operator_bound_and_reports():
 
 @pytest.fixture(scope="module")
 def embed():
-    cache_data = pytest.importorskip("cache_data")
+    import cache_data
+
     embedder = cache_data.OfflineEmbedder()
     return lambda text: embedder.embed([text])[0]
 
@@ -229,8 +230,9 @@ def test_an_entry_without_its_question_is_never_served(embed):
 
 @pytest.mark.heavy
 def test_the_committed_model_is_what_the_training_script_makes():
-    cache_data = pytest.importorskip("cache_data")
+    import cache_data
+    import train_cache_verifier as training
+
     if not (cache_data.QQP_CSV.exists() and cache_data.EMBEDDINGS_NPZ.exists()):
         pytest.skip("needs ../shared/data/semantic-pairs and the embeddings bench/cache_data.py caches")
-    training = pytest.importorskip("train_cache_verifier")
     assert training.build_model() == json.loads(verifier.MODEL_PATH.read_text())

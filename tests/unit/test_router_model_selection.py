@@ -245,10 +245,11 @@ def test_bad_selection_settings_are_refused(tmp_path, body, complaint):
 
 @pytest.mark.heavy
 def test_the_committed_selector_is_what_the_training_script_makes():
-    data = pytest.importorskip("model_selection_data")
+    import model_selection_data as data
+    import train_model_selector as training
+
     if not (data.available() and data.VECTORS_NPZ.exists()):
         pytest.skip("needs ../shared/data and the embeddings bench/model_selection_data.py caches")
-    training = pytest.importorskip("train_model_selector")
     assert training.build_model() == json.loads(model_selection.MODEL_PATH.read_text())
 
 
