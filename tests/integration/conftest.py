@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import pathlib
+import subprocess
 
 import pytest
 
 from meshgate import serving
 from meshgate.config import RouterSettings, Settings
+from meshgate.inference.v1 import inference_service_pb2 as inference_pb
+from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.local import triton
 from meshgate.local.stack import build_model_weights, free_port
 from services.cache import app as cache_app
 from services.context import app as context_app
 from services.inference import app as inference_app
 from services.router import app as router_app
-from tests.mesh import mesh_settings
+from tests.mesh import mesh_settings, router_channel
 
 
 @contextlib.contextmanager
@@ -31,6 +36,31 @@ def launched_triton(tmp_path_factory: pytest.TempPathFactory, models: tuple[str,
         yield f"127.0.0.1:{port}", log_path
     finally:
         triton.terminate(process)
+
+
+@contextlib.contextmanager
+def launched_tritons(state_dir: pathlib.Path, models: tuple[str, ...], count: int):
+    """``count`` tritonservers serving ``models``, each with a metrics port;
+    yields [(gRPC url, metrics url, process)] once all are ready."""
+    build_model_weights()
+    servers: list[tuple[str, str, subprocess.Popen]] = []
+    try:
+        for index in range(count):
+            port, metrics_port = free_port(), free_port()
+            process = triton.launch(
+                grpc_port=port,
+                metrics_port=metrics_port,
+                state_dir=state_dir / f"triton{index}",
+                log_file=state_dir / f"triton{index}.log",
+                models=models,
+            )
+            servers.append((f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", process))
+        for url, _, process in servers:
+            triton.wait_ready(url, models, timeout=120, process=process)
+        yield servers
+    finally:
+        for _, _, process in servers:
+            triton.terminate(process)
 
 
 @pytest.fixture(scope="session")
@@ -51,17 +81,11 @@ async def inference_address(triton_url: str):
     settings = Settings(mesh=mesh_settings())
     settings.inference.triton_urls = [triton_url]
     settings.inference.health_interval_s = 0.5
-    service = serving.Service("inference", inference_app.SERVICE_NAMES)
-    cleanup = await inference_app.setup(service, settings)
-    port = await serving.start(service, "127.0.0.1:0", cleanup)
-    await wait_until_serving(service)
-    yield f"127.0.0.1:{port}"
-    await serving.stop(service, grace_s=1)
+    async with running_inference(settings) as address:
+        yield address
 
 
 async def wait_until_serving(service: serving.Service, timeout_s: float = 30.0) -> None:
-    import asyncio
-
     from grpc_health.v1 import health_pb2
 
     loop = asyncio.get_running_loop()
@@ -114,3 +138,22 @@ async def running_router(settings: Settings):
         )
         settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
         yield await stack.enter_async_context(running(router_app, "router", settings))
+
+
+@contextlib.asynccontextmanager
+async def running_inference(settings: Settings):
+    """The inference service in-process over ``settings.inference.triton_urls``;
+    yields its address once every one of them is in rotation."""
+    async with running(inference_app, "inference", settings) as address:
+        async with router_channel(address, "inference") as channel:
+            stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+            request = inference_pb.GetBackendHealthRequest()
+            deadline = asyncio.get_running_loop().time() + 60
+            while True:
+                backends = (await stub.GetBackendHealth(request, timeout=10)).backends
+                if backends and all(b.ready for b in backends):
+                    break
+                if asyncio.get_running_loop().time() > deadline:
+                    raise TimeoutError(f"backends not all ready after 60 s: {backends}")
+                await asyncio.sleep(0.1)
+        yield address

@@ -4,21 +4,16 @@ blind to prefixes; the model confirms the reuse with its cached-token count."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import urllib.request
 
 import pytest
 
-from meshgate import serving
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ServedModelSettings, Settings
 from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
-from meshgate.local import triton
-from meshgate.local.stack import build_model_weights, free_port
-from services.inference import app as inference_app
-from tests.integration.conftest import wait_until_serving
+from tests.integration.conftest import launched_tritons, running_inference
 from tests.mesh import mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
@@ -29,29 +24,8 @@ MODELS = ("tiny_gpt",)
 @pytest.fixture(scope="module")
 def two_tritons(tmp_path_factory):
     """Two tiny_gpt servers; yields their gRPC and metrics URLs."""
-    build_model_weights()
-    tmp_path = tmp_path_factory.mktemp("prefix-routing")
-    processes, urls, metrics = [], [], []
-    try:
-        for name in ("a", "b"):
-            port, metrics_port = free_port(), free_port()
-            processes.append(
-                triton.launch(
-                    grpc_port=port,
-                    metrics_port=metrics_port,
-                    state_dir=tmp_path / name,
-                    log_file=tmp_path / f"{name}.log",
-                    models=MODELS,
-                )
-            )
-            urls.append(f"127.0.0.1:{port}")
-            metrics.append(f"http://127.0.0.1:{metrics_port}/metrics")
-        for url, process in zip(urls, processes, strict=True):
-            triton.wait_ready(url, models=MODELS, timeout=120, process=process)
-        yield urls, metrics
-    finally:
-        for process in processes:
-            triton.terminate(process)
+    with launched_tritons(tmp_path_factory.mktemp("prefix-routing"), MODELS, 2) as servers:
+        yield [url for url, _, _ in servers], [metrics for _, metrics, _ in servers]
 
 
 def hit_tokens(metrics_url: str) -> float:
@@ -67,27 +41,18 @@ async def backends_of(urls: list[str], strategy: str, prompts: list[str]) -> lis
     settings.inference.triton_urls = urls
     settings.inference.health_interval_s = 0.5
     settings.inference.models = {"tiny-gpt": ServedModelSettings(routing_strategy=strategy)}
-    service = serving.Service("inference", inference_app.SERVICE_NAMES)
-    port = await serving.start(service, "127.0.0.1:0", await inference_app.setup(service, settings))
-    try:
-        await wait_until_serving(service)
-        async with router_channel(f"127.0.0.1:{port}", "inference") as channel:
-            stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
-            health = pb.GetBackendHealthRequest()
-            while not all(b.ready for b in (await stub.GetBackendHealth(health)).backends):
-                await asyncio.sleep(0.1)
-            answered = []
-            for prompt in prompts:
-                request = pb.GenerateRequest(
-                    model="tiny-gpt",
-                    messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=prompt)],
-                    parameters=common_pb2.GenerationParameters(max_tokens=2, temperature=0.0),
-                )
-                responses = [r async for r in stub.Generate(request, timeout=60)]
-                answered.append(responses[-1].completion.backend)
-            return answered
-    finally:
-        await serving.stop(service, grace_s=1)
+    async with running_inference(settings) as address, router_channel(address, "inference") as channel:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        answered = []
+        for prompt in prompts:
+            request = pb.GenerateRequest(
+                model="tiny-gpt",
+                messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=prompt)],
+                parameters=common_pb2.GenerationParameters(max_tokens=2, temperature=0.0),
+            )
+            responses = [r async for r in stub.Generate(request, timeout=60)]
+            answered.append(responses[-1].completion.backend)
+        return answered
 
 
 def shared_prefix_prompts(tag: str) -> list[str]:

@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 
 import grpc
 import pytest
 
-from meshgate import serving
 from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings
 from meshgate.errors import error_info
 from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
-from meshgate.local import triton
-from meshgate.local.stack import build_model_weights, free_port
-from services.inference import app as inference_app
-from tests.integration.conftest import wait_until_serving
+from tests.integration.conftest import launched_tritons, running_inference
 from tests.mesh import mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
@@ -32,27 +27,9 @@ NOT_YET_STARTED = 8
 
 @pytest.fixture
 def two_tritons(tmp_path):
-    build_model_weights()
-    processes: list[subprocess.Popen] = []
-    urls = []
-    try:
-        for name in ("a", "b"):
-            port = free_port()
-            processes.append(
-                triton.launch(
-                    grpc_port=port,
-                    state_dir=tmp_path / name,
-                    log_file=tmp_path / f"{name}.log",
-                    models=MODELS,
-                )
-            )
-            urls.append(f"127.0.0.1:{port}")
-        for url, process in zip(urls, processes):
-            triton.wait_ready(url, models=MODELS, timeout=120, process=process)
-        yield urls, processes
-    finally:
-        for process in processes:
-            triton.terminate(process)
+    """Two servers; yields their gRPC URLs and processes."""
+    with launched_tritons(tmp_path, MODELS, 2) as servers:
+        yield [url for url, _, _ in servers], [process for _, _, process in servers]
 
 
 def generate_request(text: str, max_tokens: int) -> pb.GenerateRequest:
@@ -68,68 +45,59 @@ async def test_killed_triton_ends_its_streams_with_counts_and_loses_no_new_reque
     settings = Settings(mesh=mesh_settings())
     settings.inference.triton_urls = urls
     settings.inference.health_interval_s = 0.5
-    service = serving.Service("inference", inference_app.SERVICE_NAMES)
-    port = await serving.start(service, "127.0.0.1:0", await inference_app.setup(service, settings))
-    try:
-        await wait_until_serving(service)
-        async with router_channel(f"127.0.0.1:{port}", "inference") as channel:
-            stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
-            # Both backends in rotation before the load starts.
-            health = pb.GetBackendHealthRequest()
-            while not all(b.ready for b in (await stub.GetBackendHealth(health)).backends):
-                await asyncio.sleep(0.1)
-            all_started = asyncio.Event()
-            started = 0
+    # Both backends in rotation before the load starts.
+    async with running_inference(settings) as address, router_channel(address, "inference") as channel:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        all_started = asyncio.Event()
+        started = 0
 
-            async def stream(n: int, max_tokens: int, on_first_delta=None):
-                text, completion = "", None
-                try:
-                    request = generate_request(f"story {n}", max_tokens)
-                    async for response in stub.Generate(request, timeout=60):
-                        if response.HasField("delta"):
-                            if not text and on_first_delta:
-                                on_first_delta()
-                            text += response.delta.text
-                        else:
-                            completion = response.completion
-                except grpc.aio.AioRpcError as error:
-                    return text, completion, error
-                return text, completion, None
+        async def stream(n: int, max_tokens: int, on_first_delta=None):
+            text, completion = "", None
+            try:
+                request = generate_request(f"story {n}", max_tokens)
+                async for response in stub.Generate(request, timeout=60):
+                    if response.HasField("delta"):
+                        if not text and on_first_delta:
+                            on_first_delta()
+                        text += response.delta.text
+                    else:
+                        completion = response.completion
+            except grpc.aio.AioRpcError as error:
+                return text, completion, error
+            return text, completion, None
 
-            def count_start():
-                nonlocal started
-                started += 1
-                if started == IN_FLIGHT:
-                    all_started.set()
+        def count_start():
+            nonlocal started
+            started += 1
+            if started == IN_FLIGHT:
+                all_started.set()
 
-            # Long answers, so every stream is still running at the kill.
-            in_flight = [
-                asyncio.create_task(stream(n, 400, count_start)) for n in range(IN_FLIGHT)
-            ]
-            await asyncio.wait_for(all_started.wait(), 60)
-            killed = processes[0]
-            killed.send_signal(signal.SIGKILL)
-            # Sent right after the kill, before the health probes notice it:
-            # those given to the dead server must go to the other one.
-            fresh = await asyncio.gather(*(stream(100 + n, 4) for n in range(NOT_YET_STARTED)))
-            finished = await asyncio.gather(*in_flight)
-            killed.wait(10)
+        # Long answers, so every stream is still running at the kill.
+        in_flight = [
+            asyncio.create_task(stream(n, 400, count_start)) for n in range(IN_FLIGHT)
+        ]
+        await asyncio.wait_for(all_started.wait(), 60)
+        killed = processes[0]
+        killed.send_signal(signal.SIGKILL)
+        # Sent right after the kill, before the health probes notice it:
+        # those given to the dead server must go to the other one.
+        fresh = await asyncio.gather(*(stream(100 + n, 4) for n in range(NOT_YET_STARTED)))
+        finished = await asyncio.gather(*in_flight)
+        killed.wait(10)
 
-        lost = [error for text, _, error in fresh if error is not None]
-        assert not lost, f"{len(lost)} requests that had not started failed: {lost[0]}"
-        assert all(completion is not None for _, completion, _ in fresh)
+    lost = [error for text, _, error in fresh if error is not None]
+    assert not lost, f"{len(lost)} requests that had not started failed: {lost[0]}"
+    assert all(completion is not None for _, completion, _ in fresh)
 
-        broken = [(text, error) for text, _, error in finished if error is not None]
-        completed = [completion for _, completion, error in finished if error is None]
-        assert broken, "the killed server was answering none of the streams"
-        assert all(c is not None and c.backend == urls[1] for c in completed)
-        for text, error in broken:
-            assert error.code() == grpc.StatusCode.UNAVAILABLE, error
-            info = error_info(error)
-            assert info is not None, error
-            assert int(info.metadata["delivered_chars"]) == len(text)
-            assert int(info.metadata["delivered_deltas"]) >= 1
-            assert int(info.metadata["delivered_tokens"]) >= int(info.metadata["delivered_deltas"])
-    finally:
-        await serving.stop(service, grace_s=1)
+    broken = [(text, error) for text, _, error in finished if error is not None]
+    completed = [completion for _, completion, error in finished if error is None]
+    assert broken, "the killed server was answering none of the streams"
+    assert all(c is not None and c.backend == urls[1] for c in completed)
+    for text, error in broken:
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+        info = error_info(error)
+        assert info is not None, error
+        assert int(info.metadata["delivered_chars"]) == len(text)
+        assert int(info.metadata["delivered_deltas"]) >= 1
+        assert int(info.metadata["delivered_tokens"]) >= int(info.metadata["delivered_deltas"])
 
