@@ -93,16 +93,22 @@ class _Flight:
         self.completed = False
         self.error: MeshgateError | None = None
         self.task: asyncio.Task | None = None
-        self._changed = asyncio.Event()
+        # The readers waiting for the next change: a future each, made only
+        # when a reader has caught up (a reader still writing what arrived
+        # costs nothing per piece, where a fresh Event per piece did).
+        self._waiters: list[asyncio.Future] = []
 
     def notify(self) -> None:
-        # A fresh event per change: readers waiting on the old one wake,
-        # later waits block until the next change.
-        self._changed.set()
-        self._changed = asyncio.Event()
+        if self._waiters:
+            for waiter in self._waiters:
+                if not waiter.done():  # one whose deadline passed is cancelled
+                    waiter.set_result(None)
+            self._waiters.clear()
 
     async def changed(self) -> None:
-        await self._changed.wait()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
 
 
 class Coalescer:
@@ -164,14 +170,19 @@ class Coalescer:
     async def _read(
         self, flight_key: bytes, flight: _Flight, answer, deadline: float | None
     ) -> collections.abc.AsyncIterator[str]:
-        delivered = chars = 0
+        read = delivered = chars = 0
+        pieces = flight.pieces
         try:
             while True:
-                while delivered < len(flight.pieces):
+                while read < len(pieces):
                     # Known from the first piece on: the turn's latency
                     # metrics name the deployment (see Deployments.generate).
                     answer.deployment = flight.answer.deployment
-                    text = flight.pieces[delivered]
+                    # Pieces that arrived while this caller was writing go
+                    # on as one delta (one message instead of several).
+                    arrived = len(pieces)
+                    text = pieces[read] if arrived - read == 1 else "".join(pieces[read:arrived])
+                    read = arrived
                     yield text
                     delivered += 1
                     chars += len(text)

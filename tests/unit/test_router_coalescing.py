@@ -75,9 +75,15 @@ class Caller:
     def deltas(self) -> list[str]:
         return [event.text for event in self.events if isinstance(event, Delta)]
 
-    async def until_deltas(self, count: int) -> None:
+    @property
+    def text(self) -> str:
+        return "".join(self.deltas)
+
+    async def until_pieces(self, count: int) -> None:
+        """Until the first ``count`` pieces arrived (pieces waiting together
+        come as one delta)."""
         async with asyncio.timeout(5):
-            while len(self.deltas) < count:
+            while len(self.text) < len("".join(PIECES[:count])):
                 self._received.clear()
                 await self._received.wait()
 
@@ -164,15 +170,25 @@ async def test_a_late_joiner_gets_the_pieces_so_far_then_the_live_stream():
     turns = pipeline(generator)
     first = Caller(turns, chat())
     generator.open(2)
-    await first.until_deltas(2)
+    await first.until_pieces(2)
     late = Caller(turns, chat())
-    await late.until_deltas(2)
-    assert late.deltas == list(PIECES[:2])
+    await late.until_pieces(2)
+    assert late.text == "".join(PIECES[:2])
     generator.open()
     await settle_all(first, late)
     assert generator.calls == 1
-    assert late.deltas == first.deltas == list(PIECES)
+    assert late.text == first.text == "".join(PIECES)
     assert isinstance(late.events[-1], Completion)
+
+
+async def test_pieces_that_arrived_together_reach_a_caller_as_one_delta():
+    generator = GatedGenerator()
+    generator.open()  # every piece is there before the caller reads one
+    turns = pipeline(generator)
+    caller = Caller(turns, chat())
+    await settle_all(caller)
+    assert caller.deltas == ["".join(PIECES)]
+    assert isinstance(caller.events[-1], Completion)
 
 
 async def test_after_a_generation_ends_the_next_identical_turn_generates_anew():
@@ -192,14 +208,14 @@ async def test_one_caller_cancelling_leaves_the_others_their_whole_answer():
     turns = pipeline(generator, admission)
     leaving, staying = Caller(turns, chat()), Caller(turns, chat())
     generator.open(1)
-    await leaving.until_deltas(1)
-    await staying.until_deltas(1)
+    await leaving.until_pieces(1)
+    await staying.until_pieces(1)
     # The one that started the generation leaves: it goes on for the other.
     await leaving.cancel()
     generator.open()
     await settle_all(staying)
     assert generator.calls == 1 and generator.cancelled == 0 and generator.finished == 1
-    assert staying.deltas == list(PIECES)
+    assert staying.text == "".join(PIECES)
     assert isinstance(staying.events[-1], Completion)
     assert sorted(outcome.cancelled for _, outcome in admission.settled) == [False, True]
 
@@ -210,7 +226,7 @@ async def test_the_last_caller_cancelling_cancels_the_generation():
     callers = [Caller(turns, chat()) for _ in range(3)]
     generator.open(1)
     for caller in callers:
-        await caller.until_deltas(1)
+        await caller.until_pieces(1)
     for caller in callers[:2]:
         await caller.cancel()
     assert generator.cancelled == 0
@@ -221,7 +237,7 @@ async def test_the_last_caller_cancelling_cancels_the_generation():
     generator.open()
     again = Caller(turns, chat())
     await settle_all(again)
-    assert generator.calls == 2 and again.deltas == list(PIECES)
+    assert generator.calls == 2 and again.text == "".join(PIECES)
 
 
 async def test_a_failure_fails_every_caller_with_what_it_received():
@@ -229,9 +245,9 @@ async def test_a_failure_fails_every_caller_with_what_it_received():
     turns = pipeline(generator)
     first = Caller(turns, chat())
     generator.open(1)
-    await first.until_deltas(1)
+    await first.until_pieces(1)
     late = Caller(turns, chat())
-    await late.until_deltas(1)
+    await late.until_pieces(1)
     generator.open()
     await settle_all(first, late)
     assert generator.calls == 1
@@ -239,8 +255,8 @@ async def test_a_failure_fails_every_caller_with_what_it_received():
         failure = caller.events[-1]
         assert isinstance(failure, Failure)
         assert failure.error.reason == Reason.STREAM_ENDED_EARLY
-        assert caller.deltas == list(PIECES[:2])
-        assert failure.error.metadata["delivered_deltas"] == "2"
+        assert caller.text == "".join(PIECES[:2])
+        assert failure.error.metadata["delivered_deltas"] == str(len(caller.deltas))
         assert failure.error.metadata["delivered_chars"] == str(len("".join(PIECES[:2])))
     # Each caller holds its own error, not one shared object.
     assert first.events[-1].error is not late.events[-1].error
@@ -265,7 +281,7 @@ async def test_other_tenants_sampled_turns_and_a_disabled_setting_do_not_share()
         generator.open()
         await settle_all(first, second)
         assert generator.calls == 2, (first_chat, second_caller, settings)
-        assert first.deltas == second.deltas == list(PIECES)
+        assert first.text == second.text == "".join(PIECES)
 
 
 async def test_callers_with_different_deadlines_share_and_each_deadline_ends_only_its_caller():
@@ -275,17 +291,17 @@ async def test_callers_with_different_deadlines_share_and_each_deadline_ends_onl
     hurried = Caller(turns, chat(), budget=Budget(time.monotonic() + 0.3))
     patient = Caller(turns, chat(), budget=Budget(time.monotonic() + 60))
     generator.open(1)
-    await hurried.until_deltas(1)
-    await patient.until_deltas(1)
+    await hurried.until_pieces(1)
+    await patient.until_pieces(1)
     await settle_all(hurried)
     failure = hurried.events[-1]
     assert isinstance(failure, Failure)
     assert failure.error.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert failure.error.reason == Reason.DEADLINE_EXCEEDED
-    assert failure.error.metadata["delivered_deltas"] == "1"
+    assert failure.error.metadata["delivered_deltas"] == str(len(hurried.deltas))
     # The generation goes on for the caller still waiting.
     assert generator.cancelled == 0
     generator.open()
     await settle_all(patient)
-    assert generator.calls == 1 and patient.deltas == list(PIECES)
+    assert generator.calls == 1 and patient.text == "".join(PIECES)
     assert isinstance(patient.events[-1], Completion)
