@@ -157,3 +157,18 @@ async def running_inference(settings: Settings):
                     raise TimeoutError(f"backends not all ready after 60 s: {backends}")
                 await asyncio.sleep(0.1)
         yield address
+
+
+async def answer_of(call) -> tuple[str, object]:
+    """A Chat stream's text and its completion: deltas, then one
+    completion, nothing else (a stream without one fails the test)."""
+    text, completion = [], None
+    async for response in call:
+        assert completion is None, f"{response} after the completion"
+        if response.HasField("completion"):
+            completion = response.completion
+        else:
+            assert response.HasField("delta"), response
+            text.append(response.delta.text)
+    assert completion is not None
+    return "".join(text), completion

@@ -29,7 +29,7 @@ from meshgate.local import certs
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.context import app as context_app
-from tests.integration.conftest import running, running_router, service_settings
+from tests.integration.conftest import answer_of, running, running_router, service_settings
 from tests.mesh import certs_dir, mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
@@ -115,14 +115,7 @@ def dev_scope() -> cache_pb.CacheScope:
 
 
 async def chat(router, request: pb.ChatRequest) -> tuple[str, pb.ChatCompletion]:
-    text, completion = [], None
-    async for response in router.Chat(request, metadata=AUTH, timeout=60):
-        if response.HasField("delta"):
-            text.append(response.delta.text)
-        else:
-            completion = response.completion
-    assert completion is not None
-    return "".join(text), completion
+    return await answer_of(router.Chat(request, metadata=AUTH, timeout=60))
 
 
 async def refusal(call) -> tuple[grpc.StatusCode, str | None]:

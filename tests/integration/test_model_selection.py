@@ -25,7 +25,7 @@ from meshgate.config import (
 )
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from tests.integration.conftest import running_router, service_settings
+from tests.integration.conftest import answer_of, running_router, service_settings
 
 pytestmark = pytest.mark.integration
 
@@ -81,14 +81,7 @@ async def _completion(stub, text: str, key: str = KEY) -> tuple[str, pb.ChatComp
         # Each turn generated: a cached answer would say nothing of routing.
         cache_policy=pb.CACHE_POLICY_BYPASS,
     )
-    pieces, completion = [], None
-    async for response in stub.Chat(request, metadata=[("authorization", f"Bearer {key}")], timeout=60):
-        if response.HasField("completion"):
-            completion = response.completion
-        else:
-            pieces.append(response.delta.text)
-    assert completion is not None
-    return "".join(pieces), completion
+    return await answer_of(stub.Chat(request, metadata=[("authorization", f"Bearer {key}")], timeout=60))
 
 
 async def test_an_easy_question_goes_to_the_fast_model_and_the_completion_says_why(router):

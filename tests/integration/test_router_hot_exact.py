@@ -20,7 +20,7 @@ from meshgate.config import DeploymentSettings, ModelSettings
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router import app as router_app
-from tests.integration.conftest import running, running_router, service_settings
+from tests.integration.conftest import answer_of, running, running_router, service_settings
 from tests.mesh import router_channel
 
 pytestmark = pytest.mark.integration
@@ -75,14 +75,7 @@ def scope() -> cache_pb.CacheScope:
 
 
 async def chat(router, text: str) -> tuple[str, pb.ChatCompletion]:
-    pieces, completion = [], None
-    async for response in router.Chat(ask(text), metadata=AUTH):
-        if response.HasField("completion"):
-            completion = response.completion
-        else:
-            pieces.append(response.delta.text)
-    assert completion is not None
-    return "".join(pieces), completion
+    return await answer_of(router.Chat(ask(text), metadata=AUTH))
 
 
 def exact_hits_at_the_cache_service() -> float:

@@ -22,7 +22,13 @@ from services.cache import app as cache_app
 from services.context import store as session_store
 from services.inference import app as inference_app
 from services.router import app as router_app
-from tests.integration.conftest import running, running_router, service_settings, wait_until_serving
+from tests.integration.conftest import (
+    answer_of,
+    running,
+    running_router,
+    service_settings,
+    wait_until_serving,
+)
 from tests.mesh import mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
@@ -67,17 +73,6 @@ def ask(text, model="tiny-gpt", policy=pb.CACHE_POLICY_USE, max_tokens=6, **para
         parameters=common_pb2.GenerationParameters(max_tokens=max_tokens, **parameters),
         cache_policy=policy,
     )
-
-
-async def answer_of(call) -> tuple[str, pb.ChatCompletion]:
-    text, completion = [], None
-    async for response in call:
-        if response.HasField("completion"):
-            completion = response.completion
-        else:
-            text.append(response.delta.text)
-    assert completion is not None
-    return "".join(text), completion
 
 
 async def completion_of(call) -> pb.ChatCompletion:
