@@ -19,11 +19,22 @@ import contextlib
 import grpc
 
 
-async def batches(call: grpc.aio.UnaryStreamCall) -> collections.abc.AsyncIterator[list]:
+async def batches(
+    call: grpc.aio.UnaryStreamCall, read_ahead: bool = True
+) -> collections.abc.AsyncIterator[list]:
     """The messages of ``call``, in order, in lists of those that were
     waiting together. A failure of the call is raised after every message
     that arrived before it was handed over; closing this generator stops the
-    reading (the caller still cancels the call itself)."""
+    reading (the caller still cancels the call itself).
+
+    Without ``read_ahead``, one message a list, read as the consumer asks:
+    for a consumer that is itself a task reading ahead of whoever writes
+    (the router's shared generations), where one more task per message
+    would be one more wake-up per token and buy nothing."""
+    if not read_ahead:
+        while (message := await call.read()) is not grpc.aio.EOF:
+            yield [message]
+        return
     arrived: collections.deque = collections.deque()
     wake = asyncio.Event()
 

@@ -217,7 +217,14 @@ class Deployments:
         self._limit_s = settings.max_generation_s
 
     async def generate(
-        self, alias: str, prompt, parameters, budget: Budget, answer: Answer, session_id: str = ""
+        self,
+        alias: str,
+        prompt,
+        parameters,
+        budget: Budget,
+        answer: Answer,
+        session_id: str = "",
+        read_ahead: bool = True,
     ):
         last_error: grpc.aio.AioRpcError | None = None
         strategy = self._table.strategy(alias)
@@ -247,7 +254,7 @@ class Deployments:
                 # Deltas that arrived together go on as one piece (a delta
                 # may carry several tokens): one trip through the pipeline
                 # and one message to the caller instead of one each.
-                async for batch in streaming.batches(call):
+                async for batch in streaming.batches(call, read_ahead):
                     texts = []
                     for response in batch:
                         if response.HasField("delta"):

@@ -225,10 +225,19 @@ class Cache(Protocol):
 
 class Generator(Protocol):
     def generate(
-        self, alias: str, prompt, parameters: common_pb2.GenerationParameters, budget: Budget, answer: Answer
+        self,
+        alias: str,
+        prompt,
+        parameters: common_pb2.GenerationParameters,
+        budget: Budget,
+        answer: Answer,
+        session_id: str = "",
+        read_ahead: bool = True,
     ) -> collections.abc.AsyncIterator[str]:
         """Streams the answer's pieces from the first deployment that takes
-        it, filling ``answer``; fails with delivered_* metadata mid-stream."""
+        it, filling ``answer``; fails with delivered_* metadata mid-stream.
+        ``read_ahead``: pieces that arrive while the consumer is busy come
+        joined (for a consumer that is not itself reading ahead)."""
 
 
 class Admission(Protocol):
@@ -591,8 +600,17 @@ class Pipeline:
 
         def start(filling: Answer, deadline: float | None) -> collections.abc.AsyncIterator[str]:
             budget = Budget(deadline)
+            # A shared generation is read by the coalescer's own task, which
+            # joins what piles up for each caller: a read-ahead below it
+            # would be one more task wake-up per token.
             return self._generator.generate(
-                turn.model_alias, prompt, turn.parameters, budget, filling, session_id=turn.session_id
+                turn.model_alias,
+                prompt,
+                turn.parameters,
+                budget,
+                filling,
+                session_id=turn.session_id,
+                read_ahead=key is None,
             )
 
         return self._coalescer.generate(key, start, answer, Answer, turn.budget.deadline)

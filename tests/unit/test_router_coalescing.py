@@ -39,7 +39,7 @@ class GatedGenerator:
         for gate in self.gates[:count]:
             gate.set()
 
-    async def generate(self, alias, prompt, parameters, budget, answer, session_id=""):
+    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
         self.calls += 1
         try:
             for index, piece in enumerate(self.pieces):

@@ -178,7 +178,7 @@ class RecordingGenerator(FakeGenerator):
         super().__init__()
         self.aliases: list[str] = []
 
-    async def generate(self, alias, prompt, parameters, budget, answer, session_id=""):
+    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
         self.aliases.append(alias)
         async for piece in super().generate(alias, prompt, parameters, budget, answer):
             yield piece

@@ -101,7 +101,7 @@ class FakeGenerator:
         self.started = asyncio.Event()
         self.closed = False
 
-    async def generate(self, alias, prompt, parameters, budget, answer, session_id=""):
+    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
         self.prompts.append([m.content for m in prompt])
         self.session_ids.append(session_id)
         self.started.set()

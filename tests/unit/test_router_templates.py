@@ -48,7 +48,7 @@ class RecordingGenerator(FakeGenerator):
         self.parameters: list[common_pb2.GenerationParameters] = []
         self.aliases: list[str] = []
 
-    async def generate(self, alias, prompt, parameters, budget, answer, session_id=""):
+    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
         self.parameters.append(parameters)
         self.aliases.append(alias)
         async for piece in super().generate(alias, prompt, parameters, budget, answer):

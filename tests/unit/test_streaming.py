@@ -77,3 +77,16 @@ async def test_closing_stops_the_reading():
     await batches.aclose()
     # The read under way was cancelled, not left waiting on the stream.
     assert call.reads_waiting == 0
+
+
+async def test_without_read_ahead_each_message_is_read_when_asked_for():
+    call = ScriptedCall()
+    async with contextlib.aclosing(streaming.batches(call, read_ahead=False)) as batches:
+        call.send("a", "b")
+        assert await anext(batches) == ["a"]
+        # Nothing reads while the consumer is busy: "b" still waits in the call.
+        await asyncio.sleep(0)
+        assert call.reads_waiting == 0 and call._pending.qsize() == 1
+        assert await anext(batches) == ["b"]
+        call.send(grpc.aio.EOF)
+        assert [batch async for batch in batches] == []
