@@ -25,12 +25,12 @@ shown, not used).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
 
 import cache_data
-import numpy as np
 import train_cache_verifier as training
 
 from meshgate.config import CacheSettings
@@ -46,16 +46,11 @@ CURVE_THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 
 
 def with_threshold(model: verifier.Verifier, threshold: float) -> verifier.Verifier:
-    # Weights already folded with the standardization: zero mean, unit scale.
-    return verifier.Verifier(
-        np.zeros_like(model._weights),
-        np.ones_like(model._weights),
-        model._weights,
-        model._bias,
-        [verifier.CalibrationRow(1.0, threshold, 0.0)],
-        1.0,
-        model.dimensions,
+    """The model with one threshold for single questions (all this audit asks)."""
+    question = dataclasses.replace(
+        model.question, table=(verifier.CalibrationRow(1.0, threshold, 0.0),), start=0
     )
+    return dataclasses.replace(model, question=question)
 
 
 def main() -> None:

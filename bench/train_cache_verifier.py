@@ -4,6 +4,14 @@ false-hit bound; writes ``services/cache/verifier_model.json``.
     .venv/bin/python bench/cache_traps.py            # the trap set (committed)
     .venv/bin/python bench/train_cache_verifier.py   # ~1 min once embeddings are cached
 
+Two coefficient sets (``verifier.Head``), each trained and calibrated as
+below on the same pairs: ``question``, for single questions, with the
+word-rarity features (document frequencies of content words over the train
+portion's questions, kept in the model file); and ``conversation``, for a
+question with its topic turn, without them (see ``verifier.py`` for why).
+The conversation head is therefore the verifier as it was before the
+rarity features, coefficient for coefficient.
+
 Deterministic: the split is by hash of linked question groups
 (``cache_data``), training is Newton's method on an L2-regularized logistic
 regression from zero, and nothing is sampled at random. The test portion is
@@ -57,6 +65,7 @@ precision is a lower bound.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import sys
@@ -86,7 +95,19 @@ class Labelled:
     cosine: np.ndarray
 
 
-def label_pairs(pairs: list[cache_data.Pair], vectors: dict[str, np.ndarray]) -> Labelled:
+def word_rarity(pairs: list[cache_data.Pair]) -> verifier.WordRarity:
+    """Document frequencies of content words over the questions of ``pairs``
+    (the train portion only), keeping words in at least two questions."""
+    questions = {q for p in pairs for q in (p.stored, p.asked)}
+    counts = collections.Counter(w for q in questions for w in verifier.analyze(q).content)
+    return verifier.WordRarity(len(questions), {w: n for w, n in sorted(counts.items()) if n >= 2})
+
+
+def label_pairs(
+    pairs: list[cache_data.Pair], vectors: dict[str, np.ndarray], rarity: verifier.WordRarity | None
+) -> Labelled:
+    """Features as the head with ``rarity`` (or without any) computes them."""
+    width = len(verifier.FEATURE_NAMES) + (len(verifier.RARITY_FEATURE_NAMES) if rarity else 0)
     x, vetoed, cosine = [], [], []
     for p in pairs:
         a, b = verifier.analyze(p.asked), verifier.analyze(p.stored)
@@ -94,7 +115,7 @@ def label_pairs(pairs: list[cache_data.Pair], vectors: dict[str, np.ndarray]) ->
         is_vetoed = verifier.structural_veto(a, b) is not None
         vetoed.append(is_vetoed)
         cosine.append(float(qa @ qb))
-        x.append(np.zeros(len(verifier.FEATURE_NAMES)) if is_vetoed else verifier.features(a, b, qa, qb))
+        x.append(np.zeros(width) if is_vetoed else verifier.features(a, b, qa, qb, rarity))
     return Labelled(
         pairs,
         np.stack(x),
@@ -104,9 +125,9 @@ def label_pairs(pairs: list[cache_data.Pair], vectors: dict[str, np.ndarray]) ->
     )
 
 
-def scores(model: verifier.Verifier, data: Labelled) -> np.ndarray:
+def scores(head: verifier.Head, data: Labelled) -> np.ndarray:
     """The learned score of each pair; -1 where a check vetoes it."""
-    z = data.x @ model._weights + model._bias
+    z = data.x @ head.weights + head.bias
     return np.where(data.vetoed, -1.0, 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60))))
 
 
@@ -187,33 +208,33 @@ def one_partition(portion: Portion, model: verifier.Verifier, prefilter: float) 
     }
 
 
-def build_model() -> dict:
-    """Trains and calibrates; the contents of ``verifier_model.json``."""
-    qqp = cache_data.load_qqp()
-    traps = cache_data.load_traps()
-    # The test portion is left out here, not even embedded.
-    seen = [p for p in qqp + traps if p.portion in ("train", "calibration")]
-    vectors = cache_data.embeddings([q for p in seen for q in (p.stored, p.asked)])
-    prefilter = CacheSettings().semantic_threshold
-
-    train = label_pairs([p for p in seen if p.portion == "train"], vectors)
+def train_head(
+    name: str,
+    seen: list[cache_data.Pair],
+    vectors: dict[str, np.ndarray],
+    prefilter: float,
+    rarity: verifier.WordRarity | None,
+) -> tuple[dict, verifier.Head]:
+    """Trains and calibrates one head: its entry in the model file, and the
+    head at the default bound."""
+    train = label_pairs([p for p in seen if p.portion == "train"], vectors, rarity)
     usable = ~train.vetoed & (train.cosine >= prefilter)
     mean, scale, weights, bias = logistic.fit(
         train.x[usable], train.duplicate[usable].astype(float), L2, NEWTON_STEPS
     )
+    feature_names = verifier.HEAD_FEATURES[name]
     print(
-        f"trained on {usable.sum()} labelled pairs that reach the pre-filter and pass the checks "
-        f"({int(train.duplicate[usable].sum())} duplicates)",
+        f"{name} head: trained on {usable.sum()} labelled pairs that reach the pre-filter and pass the "
+        f"checks ({int(train.duplicate[usable].sum())} duplicates)",
         file=sys.stderr,
     )
-    for name, weight in sorted(zip(verifier.FEATURE_NAMES, weights), key=lambda nw: -abs(nw[1])):
-        print(f"  {name:<32} {weight:+.3f}", file=sys.stderr)
+    for feature, weight in sorted(zip(feature_names, weights), key=lambda nw: -abs(nw[1])):
+        print(f"  {feature:<32} {weight:+.3f}", file=sys.stderr)
 
-    dimensions = len(next(iter(vectors.values())))
-    unbounded = verifier.Verifier(
-        mean, scale, weights, bias, [verifier.CalibrationRow(1.0, 0.0, 1.0)], 1.0, dimensions
+    unbounded = verifier.Head.build(
+        mean, scale, weights, bias, [verifier.CalibrationRow(1.0, 0.0, 1.0)], 1.0, rarity
     )
-    calibration = label_pairs([p for p in seen if p.portion == "calibration"], vectors)
+    calibration = label_pairs([p for p in seen if p.portion == "calibration"], vectors, rarity)
     # The pre-filter refuses a pair before the verifier sees it.
     score = np.where(calibration.cosine >= prefilter, scores(unbounded, calibration), -1.0)
     is_qqp = np.array([p.category == "qqp" for p in calibration.pairs])
@@ -243,38 +264,61 @@ def build_model() -> dict:
             f"{accepted_share(score, paraphrases, threshold):.3f}",
             file=sys.stderr,
         )
-    default = verifier.Verifier(
-        mean,
-        scale,
-        weights,
-        bias,
-        [verifier.CalibrationRow(**row) for row in table],
-        CacheSettings().max_false_hit_rate,
-        dimensions,
-    )
-    stress = one_partition(
-        build_portion([p for p in calibration.pairs if p.category == "qqp"], vectors), default, prefilter
-    )
-    print(
-        f"one partition, calibration QQP ({stress['lookups']} lookups), default bound: precision "
-        f"{stress['precision']:.3f} recall {stress['recall']:.3f} (unlabelled duplicates count as wrong)",
-        file=sys.stderr,
-    )
-    model = {
-        "about": "Written by bench/train_cache_verifier.py; see services/cache/verifier.py.",
-        "embedding_model": "all-MiniLM-L6-v2 int8 (minilm)",
-        "embedding_dimensions": dimensions,
-        "prefilter_cosine": prefilter,
-        "max_candidates": MAX_CANDIDATES,
+    entry = {
+        "features": list(feature_names),
         "training_pairs": int(usable.sum()),
-        "features": list(verifier.FEATURE_NAMES),
         "mean": [round(float(v), 6) for v in mean],
         "scale": [round(float(v), 6) for v in scale],
         "weights": [round(float(v), 6) for v in weights],
         "bias": round(bias, 6),
         "calibration": table,
     }
-    return model
+    default = verifier.Head.build(
+        mean,
+        scale,
+        weights,
+        bias,
+        [verifier.CalibrationRow(**row) for row in table],
+        CacheSettings().max_false_hit_rate,
+        rarity,
+    )
+    return entry, default
+
+
+def build_model() -> dict:
+    """Trains and calibrates; the contents of ``verifier_model.json``."""
+    qqp = cache_data.load_qqp()
+    traps = cache_data.load_traps()
+    # The test portion is left out here, not even embedded.
+    seen = [p for p in qqp + traps if p.portion in ("train", "calibration")]
+    vectors = cache_data.embeddings([q for p in seen for q in (p.stored, p.asked)])
+    prefilter = CacheSettings().semantic_threshold
+    dimensions = len(next(iter(vectors.values())))
+
+    rarity = word_rarity([p for p in seen if p.portion == "train"])
+    question, question_head = train_head("question", seen, vectors, prefilter, rarity)
+    conversation, conversation_head = train_head("conversation", seen, vectors, prefilter, None)
+
+    default = verifier.Verifier(question_head, conversation_head, dimensions)
+    stress = one_partition(
+        build_portion([p for p in seen if p.portion == "calibration" and p.category == "qqp"], vectors),
+        default,
+        prefilter,
+    )
+    print(
+        f"one partition, calibration QQP ({stress['lookups']} lookups), default bound: precision "
+        f"{stress['precision']:.3f} recall {stress['recall']:.3f} (unlabelled duplicates count as wrong)",
+        file=sys.stderr,
+    )
+    return {
+        "about": "Written by bench/train_cache_verifier.py; see services/cache/verifier.py.",
+        "embedding_model": "all-MiniLM-L6-v2 int8 (minilm)",
+        "embedding_dimensions": dimensions,
+        "prefilter_cosine": prefilter,
+        "max_candidates": MAX_CANDIDATES,
+        "heads": {"question": question, "conversation": conversation},
+        "word_rarity": {"questions": rarity.questions, "counts": rarity.counts},
+    }
 
 
 def main() -> None:

@@ -23,9 +23,20 @@ separates them. A candidate is therefore served only when
    development pairs. Its coefficients and the thresholds calibrated per
    false-hit bound are in ``verifier_model.json`` next to this module.
 
-The operator sets ``cache.max_false_hit_rate``; the threshold is the one
-calibrated for the largest bound not above it, and ``expected_false_hit_rate``
-is what that threshold gave on the calibration portion (the share of
+   There are two coefficient sets (``Head``s). A single question is scored
+   by the ``question`` head, whose features add how *rare* the shared and
+   one-sided words are (``RARITY_FEATURE_NAMES``): sharing "sourdough" says
+   more than sharing "best". A multi-turn text (a question with its topic
+   turn, ``conversation.py``) is scored by the ``conversation`` head, without
+   them: a topic turn said in other words brings other rare words, and
+   weighing them refused reworded conversations (0.69 served instead of 0.89
+   on held-out scenarios, bench/README.md). Both are trained and calibrated
+   on the same single-question pairs, so the conversation head is the
+   verifier as it was before the rarity features.
+
+The operator sets ``cache.max_false_hit_rate``; each head's threshold is the
+one calibrated for the largest bound not above it, and ``expected_false_hit_rate``
+is the larger of what those thresholds gave on the calibration portion (the share of
 labelled non-duplicates reaching the verifier that it accepted; see the
 training script for exactly what is counted). A reported wrong hit makes its
 sub-partition stricter: each report moves one row further down the table,
@@ -471,11 +482,6 @@ def _jaccard(x: frozenset, y: frozenset) -> float:
     return len(x & y) / union if union else 1.0
 
 
-def _containment(x: frozenset, y: frozenset) -> float:
-    smaller = min(len(x), len(y))
-    return len(x & y) / smaller if smaller else 1.0
-
-
 # The learned stage's features, in order. Counts are capped so that one
 # long question cannot dominate a linear score.
 FEATURE_NAMES = (
@@ -503,6 +509,17 @@ FEATURE_NAMES = (
     "tense_changed",
     "same_words_up_to_typos",
 )
+# The question head's further features: content words weighed by rarity.
+RARITY_FEATURE_NAMES = (
+    "rare_words_shared",
+    "rare_words_one_side_more",
+    "rare_words_other_side_more",
+    "rarest_unshared_word",
+)
+HEAD_FEATURES = {
+    "question": FEATURE_NAMES + RARITY_FEATURE_NAMES,
+    "conversation": FEATURE_NAMES,
+}
 # Who asks and when: "How did you start trading?" is not "How do I start
 # trading?" though every content word is the same.
 _PERSONS = {
@@ -531,9 +548,47 @@ def _persons(a: Analysis) -> frozenset[str]:
     return frozenset(_PERSONS[t] for t in a.token_set if t in _PERSONS)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class WordRarity:
+    """How rare each content word is among the training questions (inverse
+    document frequency): sharing "sourdough" says more than sharing "best",
+    and a rare word only one side has ("... in Kerala?") changes the
+    question more than a common one ("... good ..."). Learned from the
+    train portion by bench/train_cache_verifier.py; words in fewer than two
+    questions are left out and weigh as much as one seen once."""
+
+    questions: int
+    counts: dict[str, int]
+
+    def weight(self, word: str) -> float:
+        return math.log((self.questions + 1) / (self.counts.get(word, 1) + 1))
+
+
+def rarity_features(query: Analysis, candidate: Analysis, rarity: WordRarity) -> list[float]:
+    """``RARITY_FEATURE_NAMES``, in order."""
+    weight = rarity.weight
+    shared = sum(weight(w) for w in query.content & candidate.content)
+    only_query = [weight(w) for w in query.content - candidate.content]
+    only_candidate = [weight(w) for w in candidate.content - query.content]
+    one, other = sum(only_query), sum(only_candidate)
+    total = shared + one + other
+    return [
+        shared / total if total else 1.0,
+        # Capped like the counts: about three rare words' worth.
+        min(max(one, other), 30.0),
+        min(min(one, other), 30.0),
+        max(only_query + only_candidate, default=0.0),
+    ]
+
+
 def features(
-    query: Analysis, candidate: Analysis, query_vector: np.ndarray, candidate_vector: np.ndarray
+    query: Analysis,
+    candidate: Analysis,
+    query_vector: np.ndarray,
+    candidate_vector: np.ndarray,
+    rarity: WordRarity | None = None,
 ) -> np.ndarray:
+    """``FEATURE_NAMES``, then ``RARITY_FEATURE_NAMES`` when ``rarity`` is given."""
     cosine = float(query_vector @ candidate_vector)
     lengths = len(query.tokens), len(candidate.tokens)
     only_query = len(query.content - candidate.content)
@@ -565,6 +620,7 @@ def features(
             float(_persons(query) != _persons(candidate)),
             float(bool(query.token_set & _PAST) != bool(candidate.token_set & _PAST)),
             float(_retyped(query, candidate)),
+            *(rarity_features(query, candidate, rarity) if rarity is not None else ()),
         ],
         np.float64,
     )
@@ -588,63 +644,100 @@ class CalibrationRow:
     expected_false_hit_rate: float
 
 
-class Verifier:
-    def __init__(
-        self,
+@dataclasses.dataclass(frozen=True, slots=True)
+class Head:
+    """One coefficient set of the learned stage and its calibrated thresholds."""
+
+    # Standardization folded into the weights: one dot product per pair.
+    weights: np.ndarray
+    bias: float
+    # Loosest first: each reported wrong hit moves one row down.
+    table: tuple[CalibrationRow, ...]
+    # The row of the operator's bound.
+    start: int
+    # Given, the rarity features follow the others.
+    rarity: WordRarity | None
+
+    @classmethod
+    def build(
+        cls,
         mean: np.ndarray,
         scale: np.ndarray,
         weights: np.ndarray,
         bias: float,
         calibration: list[CalibrationRow],
         max_false_hit_rate: float,
-        dimensions: int,
-    ) -> None:
-        if len(weights) != len(FEATURE_NAMES):
-            raise ValueError(f"the model has {len(weights)} weights for {len(FEATURE_NAMES)} features")
-        # Standardization folded into the weights: one dot product per pair.
-        self._weights = np.asarray(weights / scale, np.float64)
-        self._bias = float(bias - (mean / scale) @ weights)
-        # The embedding size the model was trained with: vectors of another
-        # model cannot be verified.
-        self.dimensions = dimensions
-        # Loosest first: each reported wrong hit moves one row down.
-        self._table = sorted(calibration, key=lambda r: -r.max_false_hit_rate)
-        allowed = [i for i, r in enumerate(self._table) if r.max_false_hit_rate <= max_false_hit_rate]
+        rarity: WordRarity | None,
+    ) -> Head:
+        expected = len(FEATURE_NAMES) + (len(RARITY_FEATURE_NAMES) if rarity is not None else 0)
+        if len(weights) != expected:
+            raise ValueError(f"the model has {len(weights)} weights for {expected} features")
+        table = tuple(sorted(calibration, key=lambda r: -r.max_false_hit_rate))
+        allowed = [i for i, r in enumerate(table) if r.max_false_hit_rate <= max_false_hit_rate]
         if not allowed:
             raise ValueError(
                 f"cache.max_false_hit_rate {max_false_hit_rate} is below the strictest calibrated bound "
-                f"{self._table[-1].max_false_hit_rate}"
+                f"{table[-1].max_false_hit_rate}"
             )
-        self._start = allowed[0]
-
-    @classmethod
-    def load(cls, max_false_hit_rate: float, path: pathlib.Path = MODEL_PATH) -> Verifier:
-        model = json.loads(path.read_text(encoding="utf-8"))
-        if model["features"] != list(FEATURE_NAMES):
-            raise ValueError(f"{path} was trained on other features; rerun bench/train_cache_verifier.py")
         return cls(
-            np.array(model["mean"], np.float64),
-            np.array(model["scale"], np.float64),
-            np.array(model["weights"], np.float64),
-            model["bias"],
-            [CalibrationRow(**row) for row in model["calibration"]],
-            max_false_hit_rate,
-            model["embedding_dimensions"],
+            np.asarray(weights / scale, np.float64),
+            float(bias - (mean / scale) @ weights),
+            table,
+            allowed[0],
+            rarity,
         )
 
     @property
     def expected_false_hit_rate(self) -> float:
-        return self._table[self._start].expected_false_hit_rate
+        return self.table[self.start].expected_false_hit_rate
 
     def threshold(self, strictness: int = 0) -> float:
-        """The score a candidate needs after ``strictness`` reported wrong
-        hits in its sub-partition; infinite past the strictest row."""
-        row = self._start + max(0, strictness)
-        return self._table[row].threshold if row < len(self._table) else math.inf
+        row = self.start + max(0, strictness)
+        return self.table[row].threshold if row < len(self.table) else math.inf
 
     def score(self, query: Analysis, candidate: Analysis, query_vector, candidate_vector) -> float:
-        z = float(features(query, candidate, query_vector, candidate_vector) @ self._weights) + self._bias
+        x = features(query, candidate, query_vector, candidate_vector, self.rarity)
+        z = float(x @ self.weights) + self.bias
         return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Verifier:
+    question: Head  # single questions
+    conversation: Head  # a question with its topic turn
+    # The embedding size the model was trained with: vectors of another
+    # model cannot be verified.
+    dimensions: int
+
+    @classmethod
+    def load(cls, max_false_hit_rate: float, path: pathlib.Path = MODEL_PATH) -> Verifier:
+        model = json.loads(path.read_text(encoding="utf-8"))
+        rarity = WordRarity(**model["word_rarity"])
+        heads = {}
+        for name, feature_names in HEAD_FEATURES.items():
+            head = model["heads"][name]
+            if head["features"] != list(feature_names):
+                raise ValueError(f"{path} was trained on other features; rerun bench/train_cache_verifier.py")
+            heads[name] = Head.build(
+                np.array(head["mean"], np.float64),
+                np.array(head["scale"], np.float64),
+                np.array(head["weights"], np.float64),
+                head["bias"],
+                [CalibrationRow(**row) for row in head["calibration"]],
+                max_false_hit_rate,
+                rarity if RARITY_FEATURE_NAMES[0] in feature_names else None,
+            )
+        return cls(heads["question"], heads["conversation"], model["embedding_dimensions"])
+
+    @property
+    def expected_false_hit_rate(self) -> float:
+        # One number for GetStats: the head that may err more.
+        return max(self.question.expected_false_hit_rate, self.conversation.expected_false_hit_rate)
+
+    def threshold(self, strictness: int = 0, *, multi_turn: bool = False) -> float:
+        """The score a candidate needs after ``strictness`` reported wrong
+        hits in its sub-partition; infinite past the strictest row."""
+        return (self.conversation if multi_turn else self.question).threshold(strictness)
 
     def decide(
         self,
@@ -675,7 +768,8 @@ class Verifier:
         veto = structural_veto(a, b)
         if veto is not None:
             return Decision(False, 0.0, veto)
-        score = self.score(a, b, query_vector, candidate_vector)
-        if score >= self.threshold(strictness):
+        head = self.conversation if query_topic else self.question
+        score = head.score(a, b, query_vector, candidate_vector)
+        if score >= head.threshold(strictness):
             return Decision(True, score, None)
         return Decision(False, score, "score")

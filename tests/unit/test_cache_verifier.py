@@ -4,6 +4,7 @@ model the Triton ``minilm`` model runs, run here directly)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -177,11 +178,46 @@ def test_paraphrases_pass_every_check():
     assert vetoed_by("What is the capital of France?", "Which city is the capital of France?") is None
 
 
+def test_rare_words_weigh_more_than_common_ones():
+    rarity = verifier.WordRarity(questions=1000, counts={"best": 400, "book": 50})
+    names = verifier.HEAD_FEATURES["question"]
+    shared, one_side, rarest = (
+        names.index("rare_words_shared"),
+        names.index("rare_words_one_side_more"),
+        names.index("rarest_unshared_word"),
+    )
+    vector = np.ones(384) / np.sqrt(384)
+
+    def of(a: str, b: str) -> np.ndarray:
+        return verifier.features(analyze(a), analyze(b), vector, vector, rarity)
+
+    # The same one-word change: a common word ("best") costs less than an
+    # unseen one ("sourdough"), which weighs as much as any word seen once.
+    common = of("Which book is best?", "Which book?")
+    rare = of("Which sourdough book?", "Which book?")
+    assert common[shared] > rare[shared]
+    assert common[one_side] < rare[one_side] == pytest.approx(rarity.weight("sourdough"))
+    assert rare[rarest] == pytest.approx(np.log(1001 / 2))
+    identical = of("Which book is best?", "Which book is best?")
+    assert identical[shared] == 1.0 and identical[one_side] == identical[rarest] == 0.0
+    # Without a rarity table (the conversation head) the features stop before them.
+    without = verifier.features(analyze("Which book?"), analyze("Which one?"), vector, vector)
+    assert len(without) == len(verifier.FEATURE_NAMES)
+
+
 def test_the_committed_model_matches_the_features():
     model = json.loads(verifier.MODEL_PATH.read_text())
-    assert model["features"] == list(verifier.FEATURE_NAMES)
-    assert len(model["weights"]) == len(model["mean"]) == len(model["scale"]) == len(verifier.FEATURE_NAMES)
+    assert set(model["heads"]) == {"question", "conversation"}
+    for name, head in model["heads"].items():
+        names = verifier.HEAD_FEATURES[name]
+        assert head["features"] == list(names)
+        assert len(head["weights"]) == len(head["mean"]) == len(head["scale"]) == len(names)
+    assert set(verifier.RARITY_FEATURE_NAMES) <= set(model["heads"]["question"]["features"])
+    assert not set(verifier.RARITY_FEATURE_NAMES) & set(model["heads"]["conversation"]["features"])
     assert model["embedding_dimensions"] == 384
+    # Learned from the train portion's questions, words in two or more kept.
+    rarity = model["word_rarity"]
+    assert rarity["questions"] > 10_000 and min(rarity["counts"].values()) >= 2
 
 
 def test_thresholds_follow_the_operator_bound_and_reports():
@@ -219,6 +255,34 @@ def test_decisions_on_clear_cases(embed, stored, asked, accepted, rejected_by):
     decision = model.decide(asked, embed(asked), stored, embed(stored))
     assert decision.accepted is accepted
     assert decision.rejected_by == rejected_by
+
+
+def test_a_multi_turn_text_is_scored_by_the_conversation_head(embed):
+    model = Verifier.load(0.01)
+    never = (verifier.CalibrationRow(1.0, 2.0, 0.0),)  # no score reaches 2
+    always = (verifier.CalibrationRow(1.0, 0.0, 1.0),)
+
+    def with_tables(question, conversation) -> Verifier:
+        return dataclasses.replace(
+            model,
+            question=dataclasses.replace(model.question, table=question, start=0),
+            conversation=dataclasses.replace(model.conversation, table=conversation, start=0),
+        )
+
+    stored = "How do I cancel it?\nI'm subscribed to the premium streaming plan."
+    asked = "How can I cancel it?\nI pay for the premium video streaming subscription."
+    single_stored, single_asked = "How do I learn Python fast?", "How can I learn Python quickly?"
+    for conversation_head_accepts in (True, False):
+        tables = (always, never) if not conversation_head_accepts else (never, always)
+        judge = with_tables(*tables)
+        multi_turn = judge.decide(asked, embed(asked), stored, embed(stored))
+        single = judge.decide(single_asked, embed(single_asked), single_stored, embed(single_stored))
+        assert multi_turn.accepted is conversation_head_accepts
+        assert single.accepted is not conversation_head_accepts
+    # Each head scores with its own coefficients: the same pair, two scores.
+    a, b = analyze(single_asked), analyze(single_stored)
+    va, vb = embed(single_asked), embed(single_stored)
+    assert model.question.score(a, b, va, vb) != model.conversation.score(a, b, va, vb)
 
 
 def test_an_entry_without_its_question_is_never_served(embed):
