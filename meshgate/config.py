@@ -384,8 +384,19 @@ class ContextSettings:
     # The most turns a session may hold; an append past it is refused with
     # RESOURCE_EXHAUSTED / SESSION_FULL. 0: no cap.
     max_turns: int = 0
-    # Process memory for hot sessions' turns and counts (services/context/hot_cache.py).
-    hot_cache_bytes: int = 64 * 1024 * 1024
+    # The soft cap: once a session holds more than this many live turns, its
+    # oldest turns already covered by a summary are compacted (their texts
+    # and index rows leave Redis; the summary stands for them), so assembly
+    # reads and a hot session's memory stay bounded by this window, not by
+    # the session's age. Above the development conversations (a few hundred
+    # to ~2,000 turns), whose old evidence relevance retrieval must still
+    # find verbatim. 0: never compact. max_turns (live turns) stays the last resort.
+    compact_after_turns: int = 4096
+    # Process memory for hot sessions' turns, counts and index
+    # (services/context/hot_cache.py). A turn costs ~2 KB there (its float32
+    # embedding is 1.5 KB of it): 256 MB holds ~170 sessions of 1,500 turns,
+    # ~30 at the compaction window's 4,096, over a thousand of 100.
+    hot_cache_bytes: int = 256 * 1024 * 1024
     # Where turn and question embeddings come from (adaptive assembly); an
     # address list or a dns:/// name too (DeploymentSettings.address).
     inference_address: str = "127.0.0.1:50054"

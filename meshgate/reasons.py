@@ -215,6 +215,11 @@ class Reason(enum.StrEnum):
     """The session has no such version: never reached, or undone by a revert
     (metadata ``current_version``)."""
 
+    VERSION_COMPACTED = enum.auto()
+    """FAILED_PRECONDITION: reading, forking or reverting to that version, or
+    pinning that turn, needs the texts of turns compacted into summaries
+    since (metadata ``compacted_version``)."""
+
     SESSION_FULL = enum.auto()
     """RESOURCE_EXHAUSTED: the append would take the session past context.max_turns
     (metadata ``max_turns``)."""

@@ -46,7 +46,9 @@ def _summarizer(
     return summaries.Summarizer(
         store,
         summaries.SummaryStore(client, config.session_ttl_s),
-        summaries.SummaryPolicy(config.summary_span_turns, config.summary_hot_window_turns),
+        summaries.SummaryPolicy(
+            config.summary_span_turns, config.summary_hot_window_turns, config.compact_after_turns
+        ),
         model,
         counters.values(),
     )

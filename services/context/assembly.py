@@ -99,6 +99,7 @@ def plan(
     pinned_turns: collections.abc.Collection[int] = (),
     relevance: np.ndarray | None = None,
     recency_floor: int = 0,
+    compacted: int = 0,
 ) -> Plan:
     """Chooses the session turns of the prompt.
 
@@ -114,6 +115,10 @@ def plan(
     The prompt's cost is exactly what the model will see: the kept messages
     plus ``template``'s tokens outside them (the default system prompt only
     when no system message is kept).
+
+    The first ``compacted`` turns are kept only when system or pinned: the
+    others' texts are gone (store.SessionStore.compact), their summary
+    stands for them.
 
     Fails with CONTEXT_WINDOW_EXCEEDED when what must be kept exceeds the budget.
     """
@@ -140,7 +145,9 @@ def plan(
             budget=str(budget),
         )
     remaining = budget - needed
-    newest_first = np.flatnonzero(reasons == 0)[::-1]
+    candidate = reasons == 0
+    candidate[:compacted] = False
+    newest_first = np.flatnonzero(candidate)[::-1]
     if relevance is None:
         floor = newest_first
         floor_tokens = remaining
@@ -157,7 +164,7 @@ def plan(
         # to still fill what budget is left, newest first: by recency.
         relevance = np.asarray(relevance, dtype=np.float64)
         order = np.lexsort((-np.arange(len(turns)), -relevance))
-        order = order[reasons[order] == 0]
+        order = order[candidate[order] & (reasons[order] == 0)]
         costs = turns.tokens[order]
         # Once less than the cheapest turn is left, nothing more fits.
         cheapest = int(costs.min()) if len(costs) else 0

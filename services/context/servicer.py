@@ -56,7 +56,11 @@ def tokens_by_disposition(
     than from every entry: a session of thousands of turns is then a few
     array sums."""
     kept = np.asarray(chosen.reasons, dtype=np.int64) > 0
-    summarized_tokens = sum(int(turns.tokens[s.first_turn : s.end_turn].sum()) for s in summarized)
+    # A compacted span's summary may stand beside its system or pinned turns, kept too.
+    summarized_tokens = sum(
+        int(turns.tokens[s.first_turn : s.end_turn][~kept[s.first_turn : s.end_turn]].sum())
+        for s in summarized
+    )
     # After the session's turns (render lists them first): pinned facts, the
     # request's messages and summaries, all included.
     others = sum(e.tokens for e in manifest.entries[len(turns) :] if e.disposition == pb.DISPOSITION_INCLUDED)
@@ -93,6 +97,24 @@ class _SessionView:
     unit_vectors: np.ndarray | None
     pinned_turns: list[int]
     pinned_facts: list[str]
+    # Leading turns compacted into summaries: never kept unless system or
+    # pinned, and scored by nothing (postings and vectors cover the rest).
+    compacted: int = 0
+
+
+def _live_scores(
+    terms: list[str], view: _SessionView, query_vector: np.ndarray | None
+) -> np.ndarray:
+    """relevance.hybrid_scores over the live turns (BM25's statistics are
+    theirs alone), zero for the compacted ones before them."""
+    compacted = view.compacted
+    postings, term_counts = view.postings, view.term_counts
+    if compacted:
+        shift = np.uint32(compacted << relevance.TF_BITS)
+        postings = {t: p[p >= shift] - shift for t, p in postings.items()}
+        term_counts = term_counts[compacted:]
+    scores = relevance.hybrid_scores(terms, postings, term_counts, view.unit_vectors, query_vector)
+    return np.concatenate([np.zeros(compacted), scores]) if compacted else scores
 
 
 def _postings_of(
@@ -205,6 +227,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             messages=stored.turns,
             create_time_ms=stored.create_time_ms,
             update_time_ms=stored.update_time_ms,
+            compacted_turns=stored.compacted,
         )
         return pb.GetSessionResponse(session=session)
 
@@ -335,17 +358,19 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         strategy = self._strategy(request, model)
         budget = min(request.max_prompt_tokens, model.context_window_tokens)
         if request.session_id:
-            response, version, turns, chosen = await self._assemble_session(
+            response, version, turns, chosen, compacted = await self._assemble_session(
                 request, new, budget, counter, at_version, strategy
             )
         else:
             required = [assembly.TurnCost(c.message.role, c.tokens) for c in new]
             turns = assembly.SessionCosts.of([])
             chosen = assembly.plan(turns, required, budget, counter.template_tokens)
-            response, version = assembly.render(chosen, turns, {}, new), 0
+            response, version, compacted = assembly.render(chosen, turns, {}, new), 0, 0
         summarized: list[summaries_lib.Summary] = []
         if self._summarizer is not None and request.session_id:
-            summarized = await self._add_summaries(request, response, chosen, version, budget, counter)
+            summarized = await self._add_summaries(
+                request, response, chosen, version, budget, counter, compacted
+            )
         response.manifest.tokenizer = counter.spec
         response.session_version = version
         inputs = response.inputs
@@ -433,7 +458,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         counter: PromptCounter,
         at_version: int | None,
         strategy: int,
-    ) -> tuple[pb.AssembleContextResponse, int, assembly.SessionCosts, assembly.Plan]:
+    ) -> tuple[pb.AssembleContextResponse, int, assembly.SessionCosts, assembly.Plan, int]:
         """Plans from the turns' index (roles, counts, vectors, the query's
         postings) and reads only the chosen turns' texts; a session whose
         index is incomplete (stored before it, forked, or an older version
@@ -452,11 +477,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         finally:
             if query_vector is not None and not query_vector.done():
                 query_vector.cancel()
-        scores = None
-        if adaptive:
-            scores = relevance.hybrid_scores(
-                terms, view.postings, view.term_counts, view.unit_vectors, vector
-            )
+        scores = _live_scores(terms, view, vector) if adaptive else None
         pinned_facts = [common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=f) for f in view.pinned_facts]
         facts = [
             assembly.Candidate(m, n)
@@ -472,14 +493,16 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             pinned_turns=view.pinned_turns,
             relevance=scores,
             recency_floor=self._recency_floor_turns,
+            compacted=view.compacted,
         )
         texts = view.texts
         if texts is None:
             texts = await self._index.read_turns(tenant_id, session_id, chosen.kept(), view.version)
             if texts is None:
-                # A revert moved the session between the two reads: plan again from the whole session.
-                return await self._assemble_session(request, new, budget, counter, view.version, strategy)
-        return assembly.render(chosen, costs, texts, new, facts, scores), view.version, costs, chosen
+                # A revert or a compaction changed the session between the two reads: plan again.
+                return await self._assemble_session(request, new, budget, counter, at_version, strategy)
+        rendered = assembly.render(chosen, costs, texts, new, facts, scores)
+        return rendered, view.version, costs, chosen, view.compacted
 
     async def _session_view(
         self,
@@ -507,6 +530,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 indexed.unit_vectors,
                 indexed.pinned_turns,
                 indexed.pinned_facts,
+                indexed.first_live,
             )
         indexed = None
         if self._index is not None:
@@ -525,10 +549,15 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 indexed.unit_vectors,
                 indexed.pinned_turns,
                 indexed.pinned_facts,
+                indexed.first_live,
             )
         stored = await self._read(tenant_id, session_id, at_version)
         postings, term_counts = _postings_of(stored.turns, terms)
-        covered = indexed is not None and indexed.covers(stored.version, len(stored.turns))
+        covered = (
+            indexed is not None
+            and indexed.first_live == stored.compacted
+            and indexed.covers(stored.version, len(stored.turns))
+        )
         return _SessionView(
             stored.version,
             await self._complete_counts(request, stored, counter),
@@ -536,9 +565,10 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             dict(enumerate(stored.turns)),
             postings,
             term_counts,
-            indexed.unit_vectors[: len(stored.turns)] if covered else None,
+            indexed.unit_vectors[: len(stored.turns) - stored.compacted] if covered else None,
             [i for i in indexed.pinned_turns if i < len(stored.turns)] if indexed else [],
             indexed.pinned_facts if indexed else [],
+            stored.compacted,
         )
 
     async def _add_summaries(
@@ -549,10 +579,16 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         version: int,
         budget: int,
         counter: PromptCounter,
+        compacted: int,
     ) -> list[summaries_lib.Summary]:
         """Adds summaries of the spans the assembly left out, while budget
         remains; returns those added."""
-        excluded = summaries_lib.excluded_ranges(chosen.reasons)
+        reasons = chosen.reasons
+        if compacted:
+            # System and pinned turns keep their texts when their span is
+            # compacted: its summary stands for the others beside them.
+            reasons = [0] * compacted + reasons[compacted:]
+        excluded = summaries_lib.excluded_ranges(reasons)
         try:
             found = await self._summarizer.summaries_for(
                 request.tenant_id, request.session_id, version, excluded
@@ -607,6 +643,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 # The append's time in Redis, near enough (it only bounds the entry's life).
                 update_time_ms=int(time.time() * 1000),
                 turns=cached.turns + turns,
+                compacted=cached.compacted,
                 token_counts={
                     tokenizer: cached.token_counts.get(tokenizer, []) + counts
                     for tokenizer, counts in token_counts.items()

@@ -19,6 +19,20 @@ the braces make all of them one Redis Cluster hash slot:
   Sessions stored before this key existed have no history: only their
   current version is readable.
 
+Compaction (``compact``, the soft cap): the bodies of a session's oldest
+turns, once a summary covers them, are replaced by empty strings in
+``...:turns`` (positions stay, so indices, pins and summaries keep their
+meaning), their rows leave the turn index's vectors, and ``meta`` records
+``compacted`` (how many leading turns) and ``compacted_version`` (the
+version it happened at). System and pinned turns keep their bodies. What
+needed those bodies is refused with FAILED_PRECONDITION / VERSION_COMPACTED,
+never answered differently: reading (assembling) at a version not after
+``compacted_version`` (a prompt built then may have held them verbatim), a
+revert to a version holding fewer than ``compacted`` turns, and a fork of
+any version holding a compacted turn. Deleted rather than archived: an
+archive would be a second copy of every old turn in Redis, which is what
+the cap is there to bound, and the summary already stands for them.
+
 Versions only grow: a revert makes a new version holding an older one's
 turns, so a writer that read an older version is refused (ABORTED), never
 answered with different turns under a version number it already knew.
@@ -92,7 +106,9 @@ if ARGV[1] ~= '' and version ~= ARGV[1] then return {-1, tonumber(version)} end
 local n = tonumber(ARGV[4])
 local stored = redis.call('LLEN', KEYS[2])
 local cap = tonumber(ARGV[5])
-if cap > 0 and stored + n > cap then return {-2, stored} end
+-- The cap counts live turns: compacted ones no longer weigh on anything.
+local live = stored - tonumber(redis.call('HGET', KEYS[1], 'compacted') or '0')
+if cap > 0 and live + n > cap then return {-2, live} end
 -- One RPUSH: the turn's messages stay adjacent whatever else is appended.
 redis.call('RPUSH', KEYS[2], unpack(ARGV, 6, 5 + n))
 for i = 6 + n, #ARGV, 2 do
@@ -133,14 +149,28 @@ local function turns_at(versions_key, version, target)
 end
 """
 
+# Whether reading `target` would meet compacted turns' missing bodies in a
+# way the reader could not tell: see the module's docstring.
+_COMPACTED = """
+local function compacted_at(meta_key)
+  return tonumber(redis.call('HGET', meta_key, 'compacted') or '0'),
+    tonumber(redis.call('HGET', meta_key, 'compacted_version') or '-1')
+end
+"""
+
 # KEYS: meta, turns, turn_ids, versions. ARGV: version to read ("" = the
 # current one). Returns {1, version, meta as HGETALL, turns}, {0} if there
-# is no session, {-3, current version} if that version is unknown or undone.
+# is no session, {-3, current version} if that version is unknown or undone,
+# {-5, compacted_version} if it was compacted since.
 # Counts fields come whole; the reader cuts them to the turns returned.
-_READ = _TURNS_AT + """
+_READ = _TURNS_AT + _COMPACTED + """
 local meta = redis.call('HGETALL', KEYS[1])
 if #meta == 0 then return {0} end
 local version = redis.call('HGET', KEYS[1], 'version')
+local compacted, compacted_version = compacted_at(KEYS[1])
+if ARGV[1] ~= '' and compacted > 0 and tonumber(ARGV[1]) <= compacted_version then
+  return {-5, compacted_version}
+end
 if ARGV[1] == '' or ARGV[1] == version then
   return {1, tonumber(version), meta, redis.call('LRANGE', KEYS[2], 0, -1)}
 end
@@ -167,14 +197,18 @@ end
 # KEYS: meta, turns, turn_ids, versions. ARGV: version to restore, expected
 # version ("" = whatever the current one), ttl_s. Returns {1, new version},
 # {0} if there is no session, {-1, current version} on a version mismatch,
-# {-3, current version} if the version to restore is unknown or undone.
-_REVERT = _TURNS_AT + _CUT_COUNTS + """
+# {-3, current version} if the version to restore is unknown or undone,
+# {-5, compacted version} if it held fewer turns than were compacted since.
+_REVERT = _TURNS_AT + _CUT_COUNTS + _COMPACTED + """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return {0} end
 if ARGV[2] ~= '' and version ~= ARGV[2] then return {-1, tonumber(version)} end
 local target = tonumber(ARGV[1])
 local held = turns_at(KEYS[4], version, target)
 if not held then return {-3, tonumber(version)} end
+local compacted, compacted_version = compacted_at(KEYS[1])
+-- The turns kept stay those the summaries cover: only a revert into them is refused.
+if held < compacted then return {-5, compacted_version} end
 if held == 0 then redis.call('DEL', KEYS[2]) else redis.call('LTRIM', KEYS[2], 0, held - 1) end
 cut_counts(KEYS[1], KEYS[1], held)
 -- The versions after the target name turns that are gone now.
@@ -208,13 +242,17 @@ return {1, new_version}
 # KEYS: the source's meta, turns, turn_ids, versions. ARGV: version to fork
 # at. Returns {1, turns at that version, flat (counts field, counts of those
 # turns) pairs, the history up to that version}, {0} if there is no source,
-# {-3, current version} if the version is unknown or undone.
-_FORK_SOURCE = _TURNS_AT + """
+# {-3, current version} if the version is unknown or undone, {-5, compacted
+# version} if it holds compacted turns (the fork would have neither their
+# texts nor the summaries standing for them).
+_FORK_SOURCE = _TURNS_AT + _COMPACTED + """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return {0} end
 local target = tonumber(ARGV[1])
 local held = turns_at(KEYS[4], version, target)
 if not held then return {-3, tonumber(version)} end
+local compacted, compacted_version = compacted_at(KEYS[1])
+if compacted > 0 and held > 0 then return {-5, compacted_version} end
 local turns = {}
 if held > 0 then turns = redis.call('LRANGE', KEYS[2], 0, held - 1) end
 local counts = {}
@@ -252,6 +290,52 @@ end
 return {1, now}
 """
 
+# KEYS: meta, turns, the turn index's vectors and postings, pins
+# (services/context/turn_index.py). ARGV: the version the caller read, how
+# many leading turns to compact, then the positions of system turns (their
+# bodies stay, as pinned turns' do). Returns how many turns are
+# compacted now, or -1 if the session moved on since (nothing done).
+_COMPACT = """
+if redis.call('HGET', KEYS[1], 'version') ~= ARGV[1] then return -1 end
+local from = tonumber(redis.call('HGET', KEYS[1], 'compacted') or '0')
+local upto = tonumber(ARGV[2])
+if upto <= from then return from end
+local keep = {}
+for i = 3, #ARGV do keep[tonumber(ARGV[i])] = true end
+for _, pin in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do
+  if string.sub(pin, 1, 2) == 't:' then keep[tonumber(string.sub(pin, 3))] = true end
+end
+for i = from, upto - 1 do
+  if not keep[i] then redis.call('LSET', KEYS[2], i, '') end
+end
+-- The vectors string starts at the first live turn (turn_index reads and
+-- writes it so): drop the compacted turns' rows from its front.
+local dim = tonumber(redis.call('HGET', KEYS[4], '\\0dim') or '0')
+if dim > 0 and redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('SET', KEYS[3], redis.call('GETRANGE', KEYS[3], dim * (upto - from), -1), 'KEEPTTL')
+end
+-- Postings name live turns only, so a question's read is bounded by them.
+local fields = redis.call('HGETALL', KEYS[4])
+for i = 1, #fields, 2 do
+  if string.byte(fields[i], 1) ~= 0 then
+    local kept = {}
+    local value = fields[i + 1]
+    for at = 1, #value, 4 do
+      if math.floor(struct.unpack('<I4', string.sub(value, at, at + 3)) / 16) >= upto then
+        table.insert(kept, string.sub(value, at, at + 3))
+      end
+    end
+    if #kept == 0 then redis.call('HDEL', KEYS[4], fields[i])
+    elseif #kept * 4 < #value then redis.call('HSET', KEYS[4], fields[i], table.concat(kept)) end
+  end
+end
+redis.call('HSET', KEYS[1], 'compacted', upto, 'compacted_version', ARGV[1])
+-- No new version (the turns the session holds are the same), but what a
+-- hot copy holds is not: replicas drop it as they would a deleted one.
+redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1')
+return upto
+"""
+
 # KEYS: meta, turns, turn_ids, versions. Returns how many existed. A script
 # rather than MULTI with PUBLISH: a cluster transaction takes keyed commands only.
 _DELETE = """
@@ -281,6 +365,9 @@ class StoredSession:
     turns: list[common_pb2.Message]
     # Tokenizer id -> content token counts of the first len(counts) turns.
     token_counts: dict[str, list[int]]
+    # The first ``compacted`` turns' bodies are gone (empty messages) unless
+    # they are system or pinned turns: a summary stands for them.
+    compacted: int = 0
     # The turns' retrieval index (services/context/turn_index.IndexedTurns),
     # attached by the servicer while the session is hot, so that it is
     # invalidated with the turns it indexes.
@@ -324,6 +411,16 @@ def _version_not_found(session_id: str, version: int, current: int) -> MeshgateE
     )
 
 
+def _version_compacted(session_id: str, version: int, compacted_version: int, what: str) -> MeshgateError:
+    return MeshgateError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        Reason.VERSION_COMPACTED,
+        f"session {session_id!r} cannot {what} version {version}: its oldest turns were compacted"
+        f" into summaries at version {compacted_version}, and it needs their texts",
+        {"session_id": session_id, "version": str(version), "compacted_version": str(compacted_version)},
+    )
+
+
 def _pack(counts: list[int]) -> bytes:
     return struct.pack(f"<{len(counts)}I", *counts)
 
@@ -361,6 +458,7 @@ class SessionStore:
         self._fork_create = client.register_script(_FORK_CREATE)
         self._fill_counts = client.register_script(_FILL_COUNTS)
         self._delete = client.register_script(_DELETE)
+        self._compact = client.register_script(_COMPACT)
 
     async def create(self, tenant_id: str, session_id: str) -> int:
         """Creates an empty session at version 0; returns its creation time."""
@@ -386,6 +484,8 @@ class SessionStore:
             raise session_not_found(session_id)
         if outcome[0] == -3:
             raise _version_not_found(session_id, at_version, outcome[1])
+        if outcome[0] == -5:
+            raise _version_compacted(session_id, at_version, outcome[1], "be read at")
         _, version, flat_meta, raw_turns = outcome
         meta = dict(zip(flat_meta[::2], flat_meta[1::2], strict=True))
         held = len(raw_turns)
@@ -394,6 +494,7 @@ class SessionStore:
             create_time_ms=int(meta[b"create_time_ms"]),
             update_time_ms=int(meta[b"update_time_ms"]),
             turns=[common_pb2.Message.FromString(raw) for raw in raw_turns],
+            compacted=min(int(meta.get(b"compacted", 0)), held),
             # Counts cover a prefix of the current turns; a past version holds fewer.
             token_counts={
                 field[len(_COUNTS_PREFIX) :].decode(): _unpack(value[: 4 * held])
@@ -427,7 +528,7 @@ class SessionStore:
             raise MeshgateError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 Reason.SESSION_FULL,
-                f"session {session_id!r} holds {held} turns; {len(turns)} more would pass its cap of"
+                f"session {session_id!r} holds {held} live turns; {len(turns)} more would pass its cap of"
                 f" {self._max_turns} (fork it at an earlier version, revert it, or start a new one)",
                 {"session_id": session_id, "turns": held, "max_turns": str(self._max_turns)},
             )
@@ -453,6 +554,8 @@ class SessionStore:
             )
         if outcome[0] == -3:
             raise _version_not_found(session_id, version, outcome[1])
+        if outcome[0] == -5:
+            raise _version_compacted(session_id, version, outcome[1], "be reverted to")
         _raise_for(outcome, session_id, expected_version)
         return int(outcome[1])
 
@@ -463,6 +566,8 @@ class SessionStore:
             source = await self._fork_source(keys=_keys(tenant_id, session_id), args=[version])
         if source[0] == -3:
             raise _version_not_found(session_id, version, source[1])
+        if source[0] == -5:
+            raise _version_compacted(session_id, version, source[1], "be forked at")
         _raise_for(source, session_id, None)
         _, turns, counts, history = source
         with redis_reachable():
@@ -478,6 +583,18 @@ class SessionStore:
                 {"session_id": new_session_id},
             )
         return int(outcome[1])
+
+    async def compact(
+        self, tenant_id: str, session_id: str, version: int, upto: int, system: list[int]
+    ) -> int:
+        """Compacts the session's first ``upto`` turns (see the module's
+        docstring) if it is still at ``version``; the bodies of the
+        ``system`` turns and pinned ones stay. Returns how many turns are
+        compacted now, -1 if the session moved on."""
+        parts = ("meta", "turns", "ix:vectors", "ix:postings", "pins")
+        with redis_reachable():
+            keys = [key(tenant_id, session_id, part) for part in parts]
+            return int(await self._compact(keys=keys, args=[version, upto, *system]))
 
     async def fill_token_counts(
         self, tenant_id: str, session_id: str, version: int, tokenizer_id: str, counts: list[int]

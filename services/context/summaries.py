@@ -256,6 +256,21 @@ class SummaryPolicy:
     span_turns: int = 16
     # The newest turns are never summarized: assembly keeps them verbatim.
     hot_window_turns: int = 32
+    # The soft cap (config.ContextSettings.compact_after_turns); 0: none.
+    compact_after_turns: int = 0
+
+
+def compaction_end(turn_count: int, compacted: int, policy: SummaryPolicy) -> int:
+    """How many leading turns to have compacted: none more while the live
+    turns are within the cap; past it, whole summarized spans until half the
+    cap is left live, so that compaction (which rewrites the session's
+    vectors) runs once per half a cap of appends, not on every one."""
+    cap = policy.compact_after_turns
+    if not cap or turn_count - compacted <= cap:
+        return compacted
+    spans = due_spans(turn_count, policy)
+    ends = [end for _, end in spans if end <= turn_count - cap // 2]
+    return max([compacted, *ends])
 
 
 def due_spans(turn_count: int, policy: SummaryPolicy) -> list[tuple[int, int]]:
@@ -353,6 +368,9 @@ class Summarizer:
         done = await self._summaries.spans(tenant_id, session_id)
         history: list[int | None] | None = None
         for first, end in due_spans(len(stored.turns), self._policy):
+            if end <= stored.compacted:
+                # Summarized before it was compacted: its texts are gone.
+                continue
             span = stored.turns[first:end]
             digest = span_digest(span)
             if done.get((first, end)) == digest:
@@ -378,6 +396,16 @@ class Summarizer:
             )
             summary = await self._counted(summary)
             await self._summaries.put(tenant_id, session_id, digest, summary)
+        # Every due span is summarized now: those the soft cap takes are compacted.
+        upto = compaction_end(len(stored.turns), stored.compacted, self._policy)
+        if upto > stored.compacted:
+            system = [
+                i
+                for i in range(stored.compacted, upto)
+                if stored.turns[i].role == common_pb2.ROLE_SYSTEM
+            ]
+            compacted = await self._store.compact(tenant_id, session_id, stored.version, upto, system)
+            log.info("session compacted", session_id=session_id, turns=compacted, version=stored.version)
         return stored.version
 
     async def _write(self, span: list[common_pb2.Message]) -> tuple[str, str]:
@@ -486,6 +514,9 @@ def add_summaries(
             # assembly.render lists session turn i as entry i.
             entry = entries[index]
             assert entry.source == pb.SOURCE_SESSION and entry.index == index
+            if entry.disposition == pb.DISPOSITION_INCLUDED:
+                # A system or pinned turn of a compacted span: in the prompt itself.
+                continue
             entry.disposition = pb.DISPOSITION_SUMMARIZED
             entry.summary_id = summary.summary_id
         manifest.entries.add(

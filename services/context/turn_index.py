@@ -6,8 +6,10 @@ Beside a session's keys (services/context/store.py), under the same prefix:
 - ``...:ix:lengths``, a string: little-endian uint16 per turn, its number of
   terms (BM25's document length).
 - ``...:ix:vectors``, a string: the turn's embedding as int8 (relevance.quantize),
-  ``dimensions`` bytes at offset index * dimensions; all zero when the
-  inference service could not embed it (the turn is then found by words only).
+  ``dimensions`` bytes at offset (index - compacted) * dimensions, where
+  ``compacted`` is the meta field of compacted turns (store.SessionStore.compact
+  drops their rows); all zero when the inference service could not embed
+  it (the turn is then found by words only).
 - ``...:ix:postings``, a hash: term -> packed uint32 (relevance.pack_posting)
   for every turn holding it; the field ``\\0dim`` holds the vector size.
 - ``...:pins``, a list: ``t:<turn index>`` or ``f:<fact text>``.
@@ -24,19 +26,20 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+import grpc
 import numpy as np
 import redis.asyncio as redis
 
 from meshgate.common.v1 import common_pb2
-from meshgate.errors import not_found
+from meshgate.errors import MeshgateError, not_found
 from meshgate.reasons import Reason
 from services.context import relevance
 from services.context.store import key, redis_reachable, session_not_found
 
 _DIMENSIONS_FIELD = "\0dim"
 
-# KEYS: roles, lengths, vectors, postings, the session's versions and turns
-# (services/context/store.py). ARGV: the version the append made, dimensions
+# KEYS: roles, lengths, vectors, postings, the session's versions, turns and
+# meta (services/context/store.py). ARGV: the version the append made, dimensions
 # (0 = no vectors), ttl_s, roles bytes, packed lengths, int8 vectors ("" =
 # none), then pairs (term, packed postings to add). The turns' first position
 # is read from the versions history (turns held at that version, less these),
@@ -78,9 +81,10 @@ end
 redis.call('SETRANGE', KEYS[1], first, ARGV[4])
 redis.call('SETRANGE', KEYS[2], 2 * first, ARGV[5])
 local dim = tonumber(ARGV[2])
-if dim > 0 and ARGV[6] ~= '' then
+local compacted = tonumber(redis.call('HGET', KEYS[7], 'compacted') or '0')
+if dim > 0 and ARGV[6] ~= '' and first >= compacted then
   redis.call('HSET', KEYS[4], '\\0dim', dim)
-  redis.call('SETRANGE', KEYS[3], dim * first, ARGV[6])
+  redis.call('SETRANGE', KEYS[3], dim * (first - compacted), ARGV[6])
 end
 local shift = first * 16
 for i = 7, #ARGV, 2 do
@@ -102,13 +106,16 @@ return first
 
 # KEYS: meta, turns, pins. ARGV: pin, turn index ("" for a fact), ttl_s.
 # Returns {1, pins held}, {0} if there is no session, {-1, turns held} if
-# the turn does not exist.
+# the turn does not exist, {-2, compacted version} if its text was compacted.
 _PIN = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 if ARGV[2] ~= '' then
   local index = tonumber(ARGV[2])
   local held = redis.call('LLEN', KEYS[2])
   if index < 0 or index >= held then return {-1, held} end
+  if redis.call('LINDEX', KEYS[2], index) == '' then
+    return {-2, tonumber(redis.call('HGET', KEYS[1], 'compacted_version') or '0')}
+  end
 end
 local count = redis.call('RPUSH', KEYS[3], ARGV[1])
 local ttl = tonumber(ARGV[3])
@@ -158,13 +165,17 @@ class IndexedTurns:
     token_counts: list[int]
     roles: np.ndarray
     term_counts: np.ndarray
-    # relevance.unit_rows of the stored int8 rows (converted once, kept so
-    # by a hot session), or None when no turn has a vector.
+    # relevance.unit_rows of the stored int8 rows of the live turns (from
+    # first_live on: converted once, kept so by a hot session), or None
+    # when no turn has a vector.
     unit_vectors: np.ndarray | None
     postings: dict[str, np.ndarray]
     # Turn indices and fact texts pinned, in pinning order.
     pinned_turns: list[int]
     pinned_facts: list[str]
+    # Turns before it were compacted (store.SessionStore.compact): no
+    # vectors, no postings.
+    first_live: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -186,7 +197,11 @@ class IndexedTurns:
 
     def covers(self, version: int, count: int) -> bool:
         """Whether the vectors hold the first ``count`` turns of ``version``."""
-        return self.unit_vectors is not None and version == self.version and len(self.unit_vectors) >= count
+        return (
+            self.unit_vectors is not None
+            and version == self.version
+            and len(self.unit_vectors) >= count - self.first_live
+        )
 
     def postings_of(self, terms: list[str]) -> dict[str, np.ndarray]:
         return {t: self.postings[t] for t in terms if t in self.postings}
@@ -204,7 +219,7 @@ class IndexedTurns:
             dimensions = (self.unit_vectors if self.unit_vectors is not None else vectors).shape[1]
             old = self.unit_vectors
             if old is None:
-                old = np.zeros((self.count, dimensions), np.float32)
+                old = np.zeros((self.count - self.first_live, dimensions), np.float32)
             # Quantized as stored, so the hot rows score exactly as the cold ones.
             new = (
                 relevance.unit_rows(relevance.quantize(vectors))
@@ -226,6 +241,7 @@ class IndexedTurns:
             postings,
             self.pinned_turns,
             self.pinned_facts,
+            self.first_live,
         )
 
 
@@ -263,7 +279,8 @@ class TurnIndex:
             args.extend((term, packed))
         with redis_reachable():
             keys = [*_keys(tenant_id, session_id), key(tenant_id, session_id, "versions")]
-            return int(await self._write(keys=[*keys, key(tenant_id, session_id, "turns")], args=args))
+            keys.extend((key(tenant_id, session_id, "turns"), key(tenant_id, session_id, "meta")))
+            return int(await self._write(keys=keys, args=args))
 
     async def read(
         self, tenant_id: str, session_id: str, query_terms: list[str] | None, counter_id: str = ""
@@ -274,7 +291,8 @@ class TurnIndex:
         fields = [_DIMENSIONS_FIELD, *(query_terms or ())]
         with redis_reachable():
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hmget(key(tenant_id, session_id, "meta"), ["version", f"tokens:{counter_id}"])
+                meta_fields = ["version", f"tokens:{counter_id}", "compacted"]
+                pipe.hmget(key(tenant_id, session_id, "meta"), meta_fields)
                 pipe.llen(key(tenant_id, session_id, "turns"))
                 pipe.get(roles_key)
                 pipe.get(lengths_key)
@@ -296,13 +314,16 @@ class TurnIndex:
             query_terms = [t for t in everything if t != _DIMENSIONS_FIELD]
             posting_values = [everything.get(_DIMENSIONS_FIELD), *(everything[t] for t in query_terms)]
         dimensions = int(posting_values[0] or 0)
+        first_live = min(int(meta[2] or 0), count)
+        live = len(roles_array) - first_live
         vector_rows = None
         if dimensions and vectors:
+            # The string starts at the first live turn.
             rows = np.frombuffer(vectors, dtype=np.int8)
-            rows = rows[: (len(rows) // dimensions) * dimensions].reshape(-1, dimensions)[:count]
-            if len(rows) < len(roles_array):
+            rows = rows[: (len(rows) // dimensions) * dimensions].reshape(-1, dimensions)[: max(live, 0)]
+            if len(rows) < live:
                 # Turns after the last embedded one had no vectors: zero rows.
-                rows = np.vstack([rows, np.zeros((len(roles_array) - len(rows), dimensions), np.int8)])
+                rows = np.vstack([rows, np.zeros((live - len(rows), dimensions), np.int8)])
             vector_rows = relevance.unit_rows(rows)
         postings = {
             term: np.frombuffer(value, dtype="<u4")
@@ -327,13 +348,15 @@ class TurnIndex:
             postings,
             pinned_turns,
             pinned_facts,
+            first_live,
         )
 
     async def read_turns(
         self, tenant_id: str, session_id: str, indices: list[int], version: int
     ) -> dict[int, common_pb2.Message] | None:
         """The texts of the chosen turns only, or None when the session is no
-        longer at ``version`` (appends do not move turns, a revert may)."""
+        longer at ``version`` (appends do not move turns, a revert may) or
+        one of them was compacted meanwhile."""
         turns_key = key(tenant_id, session_id, "turns")
         with redis_reachable():
             async with self._client.pipeline(transaction=True) as pipe:
@@ -343,7 +366,8 @@ class TurnIndex:
                 current, *raw = await pipe.execute()
         if current is None:
             raise session_not_found(session_id)
-        if int(current) != version:
+        # An empty body: compacted since the plan was made (store.SessionStore.compact).
+        if int(current) != version or not all(raw):
             return None
         return {i: common_pb2.Message.FromString(r) for i, r in zip(indices, raw, strict=True)}
 
@@ -366,6 +390,14 @@ class TurnIndex:
                 Reason.PIN_TARGET_NOT_FOUND,
                 f"session {session_id!r} holds {outcome[1]} turns: there is no turn {message_index}",
                 turns=str(outcome[1]),
+            )
+        if outcome[0] == -2:
+            raise MeshgateError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                Reason.VERSION_COMPACTED,
+                f"turn {message_index} of session {session_id!r} was compacted into a summary at"
+                f" version {outcome[1]}: its text is gone (pin the fact it held instead)",
+                {"session_id": session_id, "compacted_version": str(outcome[1])},
             )
         return int(outcome[1])
 

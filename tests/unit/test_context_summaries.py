@@ -47,6 +47,35 @@ def test_due_spans_are_complete_and_older_than_the_hot_window() -> None:
     assert summaries.due_spans(13, policy) == [(0, 4), (4, 8)]
 
 
+def test_compaction_waits_for_the_cap_then_takes_summarized_spans_down_to_half_of_it() -> None:
+    policy = SummaryPolicy(span_turns=4, hot_window_turns=4, compact_after_turns=8)
+    # Within the cap (live turns), nothing; no cap, never.
+    assert summaries.compaction_end(8, 0, policy) == 0
+    assert summaries.compaction_end(16, 8, policy) == 8
+    assert summaries.compaction_end(100, 0, SummaryPolicy(span_turns=4, hot_window_turns=4)) == 0
+    # Past it: whole spans, leaving at least half the cap live.
+    assert summaries.compaction_end(9, 0, policy) == 4
+    assert summaries.compaction_end(14, 0, policy) == 8
+    assert summaries.compaction_end(16, 0, policy) == 12
+    assert summaries.compaction_end(17, 8, policy) == 12
+    # Only summarized spans go: the hot window is never compacted.
+    wide_window = SummaryPolicy(span_turns=4, hot_window_turns=12, compact_after_turns=8)
+    assert summaries.compaction_end(16, 0, wide_window) == 4
+
+
+def test_plan_never_keeps_compacted_turns_but_their_system_and_pinned_ones() -> None:
+    roles = [common_pb2.ROLE_SYSTEM, USER, ASSISTANT, USER, ASSISTANT, USER]
+    costs = SessionCosts(np.array(roles), np.full(6, 5))
+    relevance = np.array([0.0, 9.0, 9.0, 0.0, 0.0, 0.0])
+    chosen = plan(costs, [TurnCost(USER, 5)], 1000, pinned_turns=[2], relevance=relevance, compacted=3)
+    assert chosen.reasons[0] == pb.INCLUSION_REASON_SYSTEM
+    assert chosen.reasons[1] == pb.INCLUSION_REASON_UNSPECIFIED
+    assert chosen.reasons[2] == pb.INCLUSION_REASON_PINNED
+    assert all(chosen.reasons[3:])
+    newest = plan(costs, [TurnCost(USER, 5)], 1000, compacted=3)
+    assert newest.kept() == [0, 3, 4, 5]
+
+
 def test_versions_of_span_skip_undone_versions() -> None:
     # Versions 0..5 held 0, 2, 4, (undone), (undone), 4 turns; then 6 held 6.
     history = [0, 2, 4, None, None, 4, 6]

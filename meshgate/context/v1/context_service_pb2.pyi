@@ -59,20 +59,22 @@ INCLUSION_REASON_PINNED: InclusionReason
 INCLUSION_REASON_SUMMARY: InclusionReason
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "tenant_id", "version", "messages", "create_time_ms", "update_time_ms")
+    __slots__ = ("session_id", "tenant_id", "version", "messages", "create_time_ms", "update_time_ms", "compacted_turns")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPACTED_TURNS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tenant_id: str
     version: int
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
     create_time_ms: int
     update_time_ms: int
-    def __init__(self, session_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., version: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., create_time_ms: _Optional[int] = ..., update_time_ms: _Optional[int] = ...) -> None: ...
+    compacted_turns: int
+    def __init__(self, session_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., version: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., create_time_ms: _Optional[int] = ..., update_time_ms: _Optional[int] = ..., compacted_turns: _Optional[int] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("tenant_id", "session_id")

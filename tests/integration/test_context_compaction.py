@@ -1,0 +1,163 @@
+"""The soft cap over real gRPC, a real Redis and real embeddings: past
+context.compact_after_turns, the oldest summarized turns are compacted
+(texts, vectors and postings leave Redis), assembly marks them SUMMARIZED
+by the summary that stands for them and reads only the live turns, and
+what would need their texts is refused with VERSION_COMPACTED."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from meshgate.context.v1 import context_service_pb2 as pb
+from services.context import store as session_store
+from tests.integration.test_context_service import ASSISTANT, MODEL, SYSTEM, USER, failure, make_settings, msg
+from tests.integration.test_context_versions import _own_redis, _settled, _until, running
+
+pytestmark = pytest.mark.integration
+
+# Eight appends of two turns: version k holds 2k turns. With spans of 4, a
+# hot window of 4 and a cap of 8 (compacting down to half of it), the
+# summarizer compacts turns 0-7 when it sees 14 turns, or 0-11 when it first
+# sees 16 (it may skip versions): either way, the system turn 0 keeps its text.
+APPENDS = 8
+SUMMARY = "Summary of earlier turns"
+
+
+def _settings(url: str, inference_address: str):
+    settings = make_settings(url)
+    settings.context.inference_address = inference_address
+    settings.context.summary_model = ""
+    settings.context.summary_span_turns = 4
+    settings.context.summary_hot_window_turns = 4
+    settings.context.compact_after_turns = 8
+    return settings
+
+
+def _pair(k: int) -> list:
+    if k == 0:
+        return [msg(SYSTEM, "You answer tersely."), msg(USER, "My cat is called zebulon.")]
+    return [msg(ASSISTANT, f"Noted, answer number {k}."), msg(USER, f"Topic {k}: the harbour at kestrel{k}.")]
+
+
+async def test_a_session_past_its_soft_cap_is_compacted_and_stays_consistent(
+    tmp_path, inference_address
+) -> None:
+    tenant = "compaction"
+    async with _own_redis(tmp_path) as (url, client), running(_settings(url, inference_address)) as stub:
+        session_id = (await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))).session.session_id
+        for k in range(APPENDS):
+            await stub.AppendTurns(
+                pb.AppendTurnsRequest(
+                    tenant_id=tenant, session_id=session_id, expected_version=k, messages=_pair(k)
+                )
+            )
+        get = pb.GetSessionRequest(tenant_id=tenant, session_id=session_id)
+
+        async def compacted() -> bool:
+            return (await stub.GetSession(get)).session.compacted_turns > 0
+
+        await _until(compacted, timeout_s=60)
+        await _settled(client)
+        session = (await stub.GetSession(get)).session
+        compacted_turns = session.compacted_turns
+        assert compacted_turns in (8, 12)
+        assert session.version == APPENDS
+        texts = [m.content for m in session.messages]
+        assert texts[0] == "You answer tersely."
+        assert texts[1:compacted_turns] == [""] * (compacted_turns - 1)
+        live_pairs = range(compacted_turns // 2, APPENDS)
+        assert texts[compacted_turns:] == [m.content for k in live_pairs for m in _pair(k)]
+
+        # Their index rows are gone from Redis: vectors for the live turns only,
+        # postings naming no compacted turn.
+        key = session_store.key(tenant, session_id, "ix:vectors")
+        assert await client.strlen(key) == (2 * APPENDS - compacted_turns) * 384
+        postings = await client.hgetall(session_store.key(tenant, session_id, "ix:postings"))
+        positions = [
+            int.from_bytes(value[at : at + 4], "little") >> 4
+            for field, value in postings.items()
+            if not field.startswith(b"\0")
+            for at in range(0, len(value), 4)
+        ]
+        assert positions and min(positions) >= compacted_turns
+
+        # Assembly: the system turn verbatim, the compacted spans by their
+        # summaries, the live turns; a question about a compacted turn's
+        # words finds only its summary. It reads the live turns' texts alone.
+        lindex_before = (await client.info("commandstats")).get("cmdstat_lindex", {}).get("calls", 0)
+        response = await stub.AssembleContext(
+            pb.AssembleContextRequest(
+                tenant_id=tenant,
+                session_id=session_id,
+                new_messages=[msg(USER, "What is my cat zebulon called?")],
+                model=MODEL,
+                max_prompt_tokens=2000,
+            )
+        )
+        lindex = (await client.info("commandstats")).get("cmdstat_lindex", {}).get("calls", 0) - lindex_before
+        assert lindex <= 1 + (2 * APPENDS - compacted_turns)
+        entries = response.manifest.entries
+        assert entries[0].disposition == pb.DISPOSITION_INCLUDED
+        summary_ids = {e.summary_id for e in entries if e.source == pb.SOURCE_SUMMARY}
+        assert len(summary_ids) == compacted_turns // 4
+        for index in range(1, compacted_turns):
+            assert entries[index].disposition == pb.DISPOSITION_SUMMARIZED, index
+            assert entries[index].summary_id in summary_ids
+        for ref in response.inputs.summaries:
+            assert ref.end_turn <= compacted_turns
+        prompt = [m.content for m in response.messages]
+        assert "" not in prompt
+        assert prompt[0] == "You answer tersely."
+        assert sum(1 for text in prompt if text.startswith(SUMMARY)) == compacted_turns // 4
+        live = 2 * APPENDS - compacted_turns
+        assert prompt[-(live + 1) :] == [*texts[compacted_turns:], "What is my cat zebulon called?"]
+
+        # What needs the compacted texts is refused, never answered differently.
+        at_old = stub.AssembleContext(
+            pb.AssembleContextRequest(
+                tenant_id=tenant,
+                session_id=session_id,
+                new_messages=[msg(USER, "again")],
+                model=MODEL,
+                max_prompt_tokens=2000,
+                at_version=3,
+            )
+        )
+        code, reason, metadata = await failure(at_old)
+        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "VERSION_COMPACTED")
+        assert int(metadata["compacted_version"]) in (APPENDS - 1, APPENDS)
+        fork = stub.ForkSession(pb.ForkSessionRequest(tenant_id=tenant, session_id=session_id, version=7))
+        assert (await failure(fork))[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "VERSION_COMPACTED")
+        pin = stub.PinToSession(
+            pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, message_index=3)
+        )
+        assert (await failure(pin))[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "VERSION_COMPACTED")
+        # The system turn kept its text: it may be pinned.
+        pinned = await stub.PinToSession(
+            pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, message_index=0)
+        )
+        assert pinned.pin_count == 1
+        into_compacted = stub.RevertSession(
+            pb.RevertSessionRequest(tenant_id=tenant, session_id=session_id, version=3, any_version=True)
+        )
+        refused = await failure(into_compacted)
+        assert refused[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "VERSION_COMPACTED")
+        assert (await stub.GetSession(get)).session.version == APPENDS
+
+        # A revert that keeps every compacted turn works: their summaries still stand.
+        reverted = await stub.RevertSession(
+            pb.RevertSessionRequest(tenant_id=tenant, session_id=session_id, version=7, any_version=True)
+        )
+        after = await stub.AssembleContext(
+            pb.AssembleContextRequest(
+                tenant_id=tenant,
+                session_id=session_id,
+                new_messages=[msg(USER, "and now?")],
+                model=MODEL,
+                max_prompt_tokens=2000,
+            )
+        )
+        assert after.session_version == reverted.version
+        assert [m.content for m in after.messages][-3:] == [m.content for m in _pair(6)] + ["and now?"]
+        assert sum(1 for m in after.messages if m.content.startswith(SUMMARY)) == compacted_turns // 4
