@@ -696,7 +696,7 @@ class _Race:
             self._first = asyncio.ensure_future(anext(self._generation, None))
 
     async def __aenter__(self) -> _Race:
-        if self._speculative or self._lookup is None:
+        if self._speculative and self._lookup is not None:
             self._start()
         return self
 
@@ -710,7 +710,13 @@ class _Race:
         return hit
 
     async def generated(self) -> collections.abc.AsyncIterator[str]:
-        self._start()
+        if self._first is None:
+            # Nothing to fetch ahead of (no lookup, or it answered first):
+            # the pieces are read here, without a task and its hop before
+            # the first token.
+            async for text in self._generation:
+                yield text
+            return
         first = await self._first
         if first is None:
             return
