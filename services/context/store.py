@@ -290,15 +290,25 @@ end
 return {1, now}
 """
 
-# KEYS: meta, turns, the turn index's vectors and postings, pins
+# KEYS: meta, turns, the turn index's vectors and postings, pins, versions
 # (services/context/turn_index.py). ARGV: the version the caller read, how
 # many leading turns to compact, then the positions of system turns (their
-# bodies stay, as pinned turns' do). Returns how many turns are
-# compacted now, or -1 if the session moved on since (nothing done).
+# bodies stay, as pinned turns' do). Returns how many turns are compacted
+# now, or -1 if those turns may have changed since (nothing done).
 _COMPACT = """
-if redis.call('HGET', KEYS[1], 'version') ~= ARGV[1] then return -1 end
+local version = redis.call('HGET', KEYS[1], 'version')
+if not version then return -1 end
+local read, upto = tonumber(ARGV[1]), tonumber(ARGV[2])
+if tonumber(version) ~= read then
+  -- Appends since the read leave the first turns as they were; a revert to
+  -- fewer than `upto` turns does not. A session without a history cannot tell.
+  if redis.call('STRLEN', KEYS[6]) ~= 4 * tonumber(version) + 4 then return -1 end
+  local since = redis.call('GETRANGE', KEYS[6], 4 * (read + 1), -1)
+  for at = 1, #since, 4 do
+    if struct.unpack('<I4', string.sub(since, at, at + 3)) < upto then return -1 end
+  end
+end
 local from = tonumber(redis.call('HGET', KEYS[1], 'compacted') or '0')
-local upto = tonumber(ARGV[2])
 if upto <= from then return from end
 local keep = {}
 for i = 3, #ARGV do keep[tonumber(ARGV[i])] = true end
@@ -329,7 +339,7 @@ for i = 1, #fields, 2 do
     elseif #kept * 4 < #value then redis.call('HSET', KEYS[4], fields[i], table.concat(kept)) end
   end
 end
-redis.call('HSET', KEYS[1], 'compacted', upto, 'compacted_version', ARGV[1])
+redis.call('HSET', KEYS[1], 'compacted', upto, 'compacted_version', version)
 -- No new version (the turns the session holds are the same), but what a
 -- hot copy holds is not: replicas drop it as they would a deleted one.
 redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1')
@@ -588,10 +598,10 @@ class SessionStore:
         self, tenant_id: str, session_id: str, version: int, upto: int, system: list[int]
     ) -> int:
         """Compacts the session's first ``upto`` turns (see the module's
-        docstring) if it is still at ``version``; the bodies of the
-        ``system`` turns and pinned ones stay. Returns how many turns are
-        compacted now, -1 if the session moved on."""
-        parts = ("meta", "turns", "ix:vectors", "ix:postings", "pins")
+        docstring), read at ``version``, unless a revert changed them since;
+        the bodies of the ``system`` turns and pinned ones stay. Returns how
+        many turns are compacted now, -1 if they may have changed."""
+        parts = ("meta", "turns", "ix:vectors", "ix:postings", "pins", "versions")
         with redis_reachable():
             keys = [key(tenant_id, session_id, part) for part in parts]
             return int(await self._compact(keys=keys, args=[version, upto, *system]))

@@ -6,8 +6,11 @@ what would need their texts is refused with VERSION_COMPACTED."""
 
 from __future__ import annotations
 
+import uuid
+
 import grpc
 import pytest
+import redis.asyncio as redis
 
 from meshgate.context.v1 import context_service_pb2 as pb
 from services.context import store as session_store
@@ -161,3 +164,33 @@ async def test_a_session_past_its_soft_cap_is_compacted_and_stays_consistent(
         assert after.session_version == reverted.version
         assert [m.content for m in after.messages][-3:] == [m.content for m in _pair(6)] + ["and now?"]
         assert sum(1 for m in after.messages if m.content.startswith(SUMMARY)) == compacted_turns // 4
+
+
+async def test_compaction_applies_after_appends_but_not_after_a_revert_under_it(redis_url) -> None:
+    """The summarizer compacts what it read at some version: appends since
+    leave those turns as they were; a revert to fewer of them does not."""
+    client = redis.Redis.from_url(redis_url)
+    sessions = session_store.SessionStore(client, ttl_s=600)
+    tenant, session_id = "compaction-store", uuid.uuid4().hex
+    try:
+        await sessions.create(tenant, session_id)
+        for k in range(4):
+            await sessions.append(tenant, session_id, k, _pair(k), {})
+        read = await sessions.read(tenant, session_id)
+        await sessions.append(tenant, session_id, None, _pair(4), {})
+        # Read at 4, now at 5: the first four turns are unchanged.
+        assert await sessions.compact(tenant, session_id, read.version, 4, [0]) == 4
+        stored = await sessions.read(tenant, session_id)
+        assert (stored.version, stored.compacted) == (5, 4)
+        assert [t.content for t in stored.turns[:4]] == ["You answer tersely.", "", "", ""]
+
+        # A revert to 6 turns, then other turns appended: what was read at 5 is not what it holds.
+        await sessions.revert(tenant, session_id, 3, None)
+        await sessions.append(tenant, session_id, None, [msg(USER, "other"), msg(ASSISTANT, "turns")], {})
+        assert await sessions.compact(tenant, session_id, 5, 8, []) == -1
+        after = await sessions.read(tenant, session_id)
+        assert after.compacted == 4
+        assert [t.content for t in after.turns[6:]] == ["other", "turns"]
+    finally:
+        await sessions.delete(tenant, session_id)
+        await client.aclose()
