@@ -9,11 +9,13 @@ from __future__ import annotations
 import uuid
 
 import grpc
+import numpy as np
 import pytest
 import redis.asyncio as redis
 
 from meshgate.context.v1 import context_service_pb2 as pb
 from services.context import store as session_store
+from services.context.turn_index import TurnIndex, features
 from tests.integration.test_context_service import ASSISTANT, MODEL, SYSTEM, USER, failure, make_settings, msg
 from tests.integration.test_context_versions import _own_redis, _settled, _until, running
 
@@ -194,3 +196,45 @@ async def test_compaction_applies_after_appends_but_not_after_a_revert_under_it(
     finally:
         await sessions.delete(tenant, session_id)
         await client.aclose()
+
+
+async def _session_of(sessions, index, tenant: str, session_id: str, turns: int, compact_to: int) -> None:
+    """``turns`` indexed turns (random vectors), the first ``compact_to`` compacted."""
+    rng = np.random.default_rng(turns)
+    await sessions.create(tenant, session_id)
+    for version in range(turns // 2):
+        pair = [msg(USER, f"harbour question {version}"), msg(ASSISTANT, f"harbour answer {version}")]
+        await sessions.append(tenant, session_id, version, pair, {"counter": [7, 7]})
+        vectors = rng.standard_normal((2, 384)).astype(np.float32)
+        await index.write(tenant, session_id, version + 1, features(pair), vectors)
+    assert await sessions.compact(tenant, session_id, turns // 2, compact_to, []) == compact_to
+
+
+async def test_an_assemblys_index_read_is_bounded_by_the_live_turns_not_the_sessions_age(tmp_path) -> None:
+    """Two sessions with the same eight live turns, one five times older:
+    what the index read (the only read a planning assembly makes before the
+    chosen texts) gets from Redis differs by a few bytes per compacted turn
+    (role, term count, token count), not by their vectors and postings."""
+    async with _own_redis(tmp_path) as (url, client):
+        sessions = session_store.SessionStore(client, ttl_s=0)
+        index = TurnIndex(client, ttl_s=0)
+        await _session_of(sessions, index, "bounded", "young", 40, 32)
+        await _session_of(sessions, index, "bounded", "old", 200, 192)
+
+        async def read_bytes(session_id: str) -> tuple[int, int]:
+            before = (await client.info("stats"))["total_net_output_bytes"]
+            indexed = await index.read("bounded", session_id, ["harbour", "question"], "counter")
+            after = (await client.info("stats"))["total_net_output_bytes"]
+            assert indexed.first_live == indexed.count - 8
+            assert indexed.unit_vectors.shape == (8, 384)
+            assert all(p.min() >> 4 >= indexed.first_live for p in indexed.postings.values())
+            return after - before, indexed.count
+
+        young, young_turns = await read_bytes("young")
+        old, old_turns = await read_bytes("old")
+        compacted_more = old_turns - young_turns
+        # 7 bytes a turn stay (role 1, term count 2, token count 4), and the
+        # INFO reply's own size may differ by a few digits.
+        assert old - young <= 7 * compacted_more + 64
+        # Uncompacted, each of those turns would have cost its 384-byte vector at least.
+        assert old - young < 384 * compacted_more // 10
