@@ -661,6 +661,11 @@ class TurnAdmission:
         already admitted settles against the scopes it was admitted with."""
         self._settings = settings
 
+    def waits(self, turn) -> bool:
+        """Whether some limit applies to ``turn`` (admit then asks Redis)."""
+        scopes = admission_scopes(turn.tenant, turn.model_alias, self._settings)
+        return any(scope.limits.configured() for scope in scopes)
+
     async def admit(self, turn) -> Reservation:
         return await self._admission.admit(
             admission_scopes(turn.tenant, turn.model_alias, self._settings),

@@ -250,6 +250,10 @@ class Admission(Protocol):
 
     async def admit(self, turn: Turn) -> Any: ...
 
+    def waits(self, turn: Turn) -> bool:
+        """Whether ``admit`` makes a round trip for ``turn`` (some limit
+        applies): the pipeline then runs the exact cache lookup beside it."""
+
     async def settle(self, grant: Any, turn: Turn, outcome: Outcome) -> None: ...
 
 
@@ -258,6 +262,9 @@ class Unlimited:
 
     async def admit(self, turn: Turn) -> None:
         return None
+
+    def waits(self, turn: Turn) -> bool:
+        return False
 
     async def settle(self, grant: None, turn: Turn, outcome: Outcome) -> None:
         return None
@@ -370,10 +377,16 @@ class Pipeline:
     ) -> collections.abc.AsyncIterator[Event]:
         """The turn's events: deltas, then a Completion or a Failure."""
         started = time.perf_counter()
-        turn = None
+        turn = early = None
         try:
             turn = await self._select(self.validate(request, tenant, session_id, budget, create_session))
-            grant = await self._admission.admit(turn)
+            early = self._exact_lookup_beside_admission(turn)
+            try:
+                grant = await self._admission.admit(turn)
+            except BaseException:
+                if early is not None:
+                    early.cancel()  # a refused turn reads nothing
+                raise
         except MeshgateError as error:
             if turn is not None:
                 _count_refusal(error)
@@ -391,7 +404,7 @@ class Pipeline:
             # Every nested stream is closed explicitly (aclosing): an
             # abandoned async generator's cleanup, such as cancelling its
             # inference call, would otherwise wait for the garbage collector.
-            async with contextlib.aclosing(self._admitted(turn, answer, started)) as events:
+            async with contextlib.aclosing(self._admitted(turn, answer, started, early)) as events:
                 async for event in events:
                     if isinstance(event, Completion):
                         status = event.cache_status
@@ -409,10 +422,24 @@ class Pipeline:
             failure = Reason.INTERNAL
             yield Failure(internal_error())
         finally:
+            if early is not None and not early.done():
+                early.cancel()
             in_flight.dec()
             outcome = Outcome(answer, status, time.perf_counter() - started, failure, cancelled)
             _record_turn(turn, outcome, span)
             await self._settle(grant, turn, outcome)
+
+    def _exact_lookup_beside_admission(self, turn: Turn) -> asyncio.Future | None:
+        """A stateless turn's exact lookup, started while admission makes its
+        round trip: a read, which decides nothing before admission has (no
+        hit goes out, and no generation starts, until the turn is admitted).
+        Only then: a task where admission answers at once would cost a loop
+        hop per turn for nothing."""
+        if turn.session_id or turn.create_session or not turn.cache.reads:
+            return None
+        if not self._admission.waits(turn):
+            return None
+        return asyncio.ensure_future(self._exact_hit(turn.cache, turn.messages, turn.budget))
 
     async def _select(self, turn: Turn) -> Turn:
         """For an alias that selects among models: the turn, sent to the one
@@ -450,7 +477,7 @@ class Pipeline:
             log.exception("settling a turn failed", tenant=turn.tenant.id)
 
     async def _admitted(
-        self, turn: Turn, answer: Answer, turn_started: float
+        self, turn: Turn, answer: Answer, turn_started: float, early_lookup: asyncio.Future | None = None
     ) -> collections.abc.AsyncIterator[Event]:
         started = time.perf_counter()
         turn_metrics = metrics.router()
@@ -469,7 +496,10 @@ class Pipeline:
         # all. After an exact miss, the generation starts at once alongside
         # the semantic lookup, which decides whether its output goes out.
         if stateless:
-            hit = await self._exact_hit(plan, turn.messages, turn.budget)
+            if early_lookup is not None:
+                hit = await early_lookup
+            else:
+                hit = await self._exact_hit(plan, turn.messages, turn.budget)
             if hit is None:
                 lookup = self._semantic_lookup(plan, turn.messages, turn.budget)
                 generation = self._generate_stateless(turn, answer)

@@ -6,6 +6,7 @@ import datetime
 import hashlib
 
 import pytest
+from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from meshgate.common.v1 import common_pb2
@@ -21,6 +22,7 @@ from meshgate.config import (
 from meshgate.errors import MeshgateError
 from services.router.admission import (
     Admission,
+    TurnAdmission,
     _period_ids,
     admission_scopes,
     cost_nano_usd,
@@ -163,6 +165,30 @@ def _scopes(tenant_id: str):
     tenant = Tenant(tenant_id, frozenset({"*"}), "0123456789abcdef", _EVERY_LIMIT, _EVERY_LIMIT)
     settings = RouterSettings(model_limits={"tiny-gpt": _EVERY_LIMIT})
     return admission_scopes(tenant, "tiny-gpt", settings)
+
+
+class _Turn:
+    def __init__(self, tenant: Tenant, alias: str = "tiny-gpt") -> None:
+        self.tenant, self.model_alias = tenant, alias
+
+
+@pytest.mark.parametrize(
+    ("tenant_limits", "model_limits", "waits"),
+    [
+        (LimitSettings(), {}, False),
+        (LimitSettings(requests_per_minute=5), {}, True),
+        (LimitSettings(), {"tiny-gpt": LimitSettings(tokens_per_day=100)}, True),
+        (LimitSettings(), {"other": LimitSettings(tokens_per_day=100)}, False),
+    ],
+)
+def test_a_turn_waits_for_admission_only_where_a_limit_applies(tenant_limits, model_limits, waits):
+    """Where none applies, admit makes no Redis call, so the pipeline need
+    not overlap its exact lookup with it (a task per turn for nothing)."""
+    settings = RouterSettings(model_limits=model_limits)
+    # A client that never connects: deciding asks nothing of Redis.
+    stages = TurnAdmission(Admission(Redis(port=1), max_generation_s=60), settings)
+    tenant = Tenant("t1", frozenset({"*"}), "0123456789abcdef", tenant_limits, LimitSettings())
+    assert stages.waits(_Turn(tenant)) is waits
 
 
 def _slots(keys) -> set[int]:

@@ -119,11 +119,20 @@ class FakeGenerator:
 
 
 class RecordingAdmission:
-    def __init__(self, refuse: MeshgateError | None = None) -> None:
+    def __init__(self, refuse: MeshgateError | None = None, round_trip: asyncio.Event | None = None) -> None:
         self.refuse = refuse
+        # Set: admission waits for it, as for Redis, and says it waits.
+        self.round_trip = round_trip
+        self.admitting = asyncio.Event()
         self.settled: list = []
 
+    def waits(self, turn) -> bool:
+        return self.round_trip is not None
+
     async def admit(self, turn):
+        self.admitting.set()
+        if self.round_trip is not None:
+            await self.round_trip.wait()
         if self.refuse is not None:
             raise self.refuse
         return ("grant", turn.max_tokens)
@@ -410,6 +419,47 @@ def test_budget_caps_each_step_at_the_deadline():
     assert 0 < Budget.of(2).within(10) <= 2
     assert Budget.of(-1).within(10) == 0
     assert dataclasses.is_dataclass(Budget)
+
+
+async def test_the_exact_lookup_runs_while_admission_waits_and_answers_once_admitted():
+    hit = Hit(Answer(text="Paris.", completion_tokens=2), CacheStatus.EXACT_HIT, 1.0)
+    round_trip = asyncio.Event()
+    admission = RecordingAdmission(round_trip=round_trip)
+    turns, parts = pipeline(cache=FakeCache(hit), admission=admission)
+    stream = turns.run(request(), TENANT, "", Budget())
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.wait_for(admission.admitting.wait(), 5)
+    await asyncio.sleep(0.01)
+    # Looked up during admission's round trip, but nothing goes out before it.
+    assert parts["cache"].exact_lookups == [["hello"]]
+    assert not first.done()
+    round_trip.set()
+    assert (await first) == Delta("Paris.")
+    events = await events_of(stream)
+    assert events[-1].cache_status is CacheStatus.EXACT_HIT
+    assert parts["cache"].exact_lookups == [["hello"]]  # not looked up twice
+
+
+async def test_a_turn_refused_after_its_early_lookup_gets_no_hit():
+    hit = Hit(Answer(text="Paris.", completion_tokens=2), CacheStatus.EXACT_HIT, 1.0)
+    round_trip = asyncio.Event()
+    round_trip.set()
+    refusal = MeshgateError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.RATE_LIMITED, "slow down")
+    admission = RecordingAdmission(refuse=refusal, round_trip=round_trip)
+    turns, parts = pipeline(cache=FakeCache(hit), admission=admission)
+    events = await events_of(turns.run(request(), TENANT, "", Budget()))
+    assert [type(e) for e in events] == [Failure]
+    assert events[0].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert parts["generator"].prompts == []
+
+
+async def test_without_a_round_trip_in_admission_the_lookup_waits_for_it():
+    admission = RecordingAdmission()
+    turns, parts = pipeline(admission=admission)
+    turn = turns.validate(request(), TENANT, "", Budget(), False)
+    assert turns._exact_lookup_beside_admission(turn) is None
+    await events_of(turns.run(request(), TENANT, "", Budget()))
+    assert parts["cache"].exact_lookups == [["hello"]]
 
 
 async def test_a_bug_in_admission_fails_only_that_turn():
