@@ -16,6 +16,7 @@ from meshgate.config import DeploymentSettings, ModelSettings, Settings
 from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
+from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.cache import app as cache_app
@@ -300,6 +301,13 @@ async def test_stateless_requests_are_served_while_the_context_service_is_down(r
             router.Chat(ask("served without context", policy=pb.CACHE_POLICY_BYPASS), metadata=AUTH)
         )
         assert text and completion.usage.completion_tokens > 0
+        # ~300 tokens in 600 bytes: the router's byte bound cannot tell it
+        # fits tiny-gpt's 512, so it asks the context service, finds it
+        # down, and sends the prompt as is.
+        text, completion = await answer_of(
+            router.Chat(ask("a " * 300, policy=pb.CACHE_POLICY_BYPASS), metadata=AUTH)
+        )
+        assert text and completion.usage.prompt_tokens > 300
 
         request = ask("a session turn", policy=pb.CACHE_POLICY_BYPASS)
         request.session_id = "some-session"
@@ -307,6 +315,18 @@ async def test_stateless_requests_are_served_while_the_context_service_is_down(r
             await answer_of(router.Chat(request, metadata=AUTH))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert error_info(caught.value) is not None
+
+
+async def test_a_stateless_prompt_longer_than_the_window_is_refused_with_the_exact_count(router):
+    """The router skips the context service only for prompts that surely
+    fit; one that does not is still measured there, with the model's
+    tokenizer and template."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await answer_of(router.Chat(ask("word " * 700, policy=pb.CACHE_POLICY_BYPASS), metadata=AUTH))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(caught.value)
+    assert info.reason == Reason.CONTEXT_WINDOW_EXCEEDED
+    assert int(info.metadata["tokens"]) > int(info.metadata["budget"]) == 512 - 6
 
 
 async def test_a_session_longer_than_the_window_keeps_being_answered(mesh):
