@@ -56,7 +56,7 @@ from meshgate.local import redis_server, triton  # noqa: E402
 from meshgate.local.stack import build_model_weights, free_port  # noqa: E402
 from services.context import app as context_app  # noqa: E402
 from services.context import assembly, relevance, summaries, token_counts  # noqa: E402
-from services.context.hot_cache import ChangeListener, HotCache  # noqa: E402
+from services.context.hot_cache import HotCache, change_listener  # noqa: E402
 from services.context.servicer import ContextServicer  # noqa: E402
 from services.context.store import SessionStore  # noqa: E402
 from services.context.store import key as session_key_of  # noqa: E402
@@ -453,7 +453,7 @@ async def _latency(conversations, sessions, tenant, stub, embed_stub, settings: 
     counters = token_counts.for_models(settings.models)
     client = await redis_access.connect_checked(settings.redis.url)
     hot = HotCache(256 * 1024 * 1024, 0)
-    listener = ChangeListener(settings.redis.url, hot)
+    listener = change_listener(settings.redis.url, hot)
     listener.start()
     try:
         for _ in range(100):

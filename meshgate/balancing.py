@@ -486,7 +486,7 @@ class KvCost(_PrefixStrategy):
     prefix keeps taking its requests until about two other prompts' prefill
     queue there. A decoding token counts a tenth: on the bundled models' CPU
     engine a prefill token costs ~2.5 ms, while one more running sequence
-    slows a decode step by ~25 ms (model_repository/README.md), so a first
+    slows a decode step by ~25 ms (the bundled models' README), so a first
     token waits on prefill, not on the decodes beside it.
     """
 
