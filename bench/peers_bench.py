@@ -26,9 +26,11 @@ Before measuring, one request per prompt on every path checks that all paths
 send Triton the same prompt and produce the same text and token count; while
 measuring, every answer's output token count is checked again and answers
 of any other length than --max-tokens are counted. Each measured request's
-prompt is one of bench/workload.py's with a request number appended, so no
-two are alike (the router would otherwise share one generation among
-identical greedy requests in flight) and every path gets the same sequence.
+prompt is one of bench/workload.py's behind a path letter and a request
+number, so no two are alike (the router would otherwise share one
+generation among identical greedy requests in flight, and a model would
+reuse the KV of a prompt another path sent) and every path gets prompts of
+the same lengths.
 Gateway CPU per request is read from /proc: all four meshgate services, the
 LiteLLM proxy process (and any children); Triton's (server and model stub)
 beside it.
@@ -375,11 +377,12 @@ async def main_async(args, stack: Stack, litellm_pid: int, litellm_address: str)
             notes = await check_paths_agree(paths, n)
             for one in paths.values():  # warm: connections, lazy imports, Triton's first requests
                 await run_load(one, 4, 8)
-            # Every measured request unique, in the same sequence on every
-            # path: the router shares one generation among identical greedy
-            # turns in flight (router.coalesce_generations), which at
-            # concurrency 16 over 8 prompts would halve its work, not the others'.
-            paths = {name: numbered(one) for name, one in paths.items()}
+            # Every measured request unique, numbered alike on every path: the
+            # router shares one generation among identical greedy turns in
+            # flight (router.coalesce_generations), which at concurrency 16
+            # over 8 prompts would halve its work, not the others'; and the
+            # models reuse a prompt prefix they computed (prefix caching).
+            paths = {name: numbered(one, "ABCDEFGH"[i]) for i, (name, one) in enumerate(paths.items())}
             rows = [
                 "| path | concurrency | requests | TTFT p50 (ms) | TTFT p99 (ms) | output tokens/s "
                 "| gateway CPU per request (ms) | Triton CPU per request (ms) | answers not of "
@@ -430,9 +433,12 @@ async def main_async(args, stack: Stack, litellm_pid: int, litellm_address: str)
             await client.close()
 
 
-def numbered(one):
+def numbered(one, tag: str):
+    """New prompts, numbered alike on every path but tagged by path from
+    their first word: no path finds another's prompt in the model's prefix
+    cache."""
     counter = itertools.count()
-    return lambda prompt: one(f"{prompt} (request {next(counter)})")
+    return lambda prompt: one(f"{tag}{next(counter)}: {prompt}")
 
 
 async def check_paths_agree(paths: dict, max_tokens: int) -> list[str]:
