@@ -41,6 +41,7 @@ import structlog
 
 from meshgate.common.v1 import common_pb2
 from meshgate.config import PriceSettings, SelectionSettings
+from services.router.admission import estimate_prompt_tokens
 
 MODEL_PATH = pathlib.Path(__file__).with_name("model_selector.json")
 
@@ -248,7 +249,8 @@ class Selector:
         if tier and tier in rules.fast_tiers:
             return Selection(rules.fast, SelectionReason.TIER)
         if rules.max_strong_cost_usd is not None:
-            prompt_bytes = sum(len(m.content.encode()) for m in messages)
+            # Admission's own prompt bound, so the cap judges what it reserves.
+            prompt_bytes = estimate_prompt_tokens(messages)
             if strong_cost_bound_usd(prompt_bytes, max_tokens, strong_price) > rules.max_strong_cost_usd:
                 return Selection(rules.fast, SelectionReason.COST_CAP)
         text = prompt_text(messages)
