@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import pathlib
 import subprocess
+import uuid
 
 import pytest
 
@@ -83,6 +84,12 @@ async def inference_address(triton_url: str):
     settings.inference.health_interval_s = 0.5
     async with running_inference(settings) as address:
         yield address
+
+
+@pytest.fixture
+def tenant() -> str:
+    """A fresh tenant id per test, so tests sharing a Redis never see each other's keys."""
+    return f"tenant-{uuid.uuid4().hex[:8]}"
 
 
 async def wait_until_serving(service: serving.Service, timeout_s: float = 30.0) -> None:

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import pathlib
 import subprocess
-import uuid
 
 import grpc
 import pytest
@@ -64,11 +63,6 @@ def settings(redis_url: str, inference_address: str) -> Settings:
 async def stub(settings: Settings):
     async with running(settings) as stub:
         yield stub
-
-
-@pytest.fixture
-def tenant() -> str:
-    return f"tenant-{uuid.uuid4().hex[:8]}"
 
 
 def scope(tenant: str, model: str = "tiny-gpt") -> pb.CacheScope:

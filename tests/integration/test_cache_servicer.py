@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import threading
 import time
-import uuid
 
 import grpc
 import numpy as np
@@ -107,11 +106,6 @@ def embedder() -> FakeEmbedder:
 @pytest.fixture
 def cache(redis_client, embedder) -> CacheServicer:
     return make_servicer(redis_client, embedder)
-
-
-@pytest.fixture
-def tenant() -> str:
-    return f"tenant-{uuid.uuid4().hex[:8]}"
 
 
 def scope(tenant: str, model: str = "tiny-gpt", **parameters) -> pb.CacheScope:

@@ -3,8 +3,6 @@ real minilm embeddings (inference service in front of Triton)."""
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from meshgate.cache.v1 import cache_service_pb2 as pb
@@ -30,11 +28,6 @@ def settings(redis_url: str, inference_address: str):
 async def stub(settings):
     async with running(settings) as stub:
         yield stub
-
-
-@pytest.fixture
-def tenant() -> str:
-    return f"tenant-{uuid.uuid4().hex[:8]}"
 
 
 async def test_a_paraphrase_hits(stub, tenant):

@@ -9,7 +9,6 @@ import pathlib
 import shutil
 import subprocess
 import time
-import uuid
 
 import grpc
 import pytest
@@ -57,11 +56,6 @@ async def running(settings: Settings):
 async def stub(redis_url: str):
     async with running(make_settings(redis_url)) as stub:
         yield stub
-
-
-@pytest.fixture
-def tenant() -> str:
-    return f"tenant-{uuid.uuid4().hex[:8]}"
 
 
 async def failure(call) -> tuple[grpc.StatusCode, str, dict[str, str]]:

@@ -6,7 +6,6 @@ named in the manifest, kept across a restart and dropped by a revert."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 import redis.asyncio as redis
@@ -36,11 +35,6 @@ def summary_settings(redis_url: str, model: str = ""):
     settings.context.summary_hot_window_turns = 4
     settings.context.summary_model = model
     return settings
-
-
-@pytest.fixture
-def tenant() -> str:
-    return f"tenant-{uuid.uuid4().hex[:8]}"
 
 
 def turn_text(i: int) -> str:

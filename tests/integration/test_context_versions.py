@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import uuid
 
 import grpc
 import pytest
@@ -34,11 +33,6 @@ pytestmark = pytest.mark.integration
 async def stub(redis_url: str):
     async with running(make_settings(redis_url)) as stub:
         yield stub
-
-
-@pytest.fixture
-def tenant() -> str:
-    return f"tenant-{uuid.uuid4().hex[:8]}"
 
 
 async def append(stub, tenant: str, session_id: str, *contents: str, version: int | None = None) -> int:

@@ -103,11 +103,6 @@ async def client(cluster: Cluster):
     await connected.aclose()
 
 
-@pytest.fixture
-def tenant() -> str:
-    return f"tenant-{uuid.uuid4().hex[:8]}"
-
-
 def context_slot(tenant: str, session_id: str) -> int:
     return key_slot(store.session_key(tenant, session_id).encode())
 
