@@ -535,10 +535,11 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         indexed = None
         if self._index is not None:
             indexed = await self._index.read(tenant_id, session_id, terms, counter.id)
-            if at_version is None and self._hot.live:
-                # Not hot, or hot without its index yet: next time it will be.
-                self.prefetch(tenant_id, session_id)
+        # Not hot, or hot without its index yet: next time it will be.
+        warm = indexed is not None and at_version is None and self._hot.live
         if indexed is not None and indexed.usable(at_version):
+            if warm:
+                self.prefetch(tenant_id, session_id)
             return _SessionView(
                 indexed.version,
                 indexed.token_counts,
@@ -552,6 +553,10 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 indexed.first_live,
             )
         stored = await self._read(tenant_id, session_id, at_version)
+        if warm:
+            # Only now: _read has just cached the session, so the prefetch
+            # attaches its index rather than read the whole session again.
+            self.prefetch(tenant_id, session_id)
         postings, term_counts = _postings_of(stored.turns, terms)
         covered = (
             indexed is not None
