@@ -187,6 +187,10 @@ class Generation:
     cache: object | None = None
     cached_tokens: int = 0
     next_logits: np.ndarray | None = None
+    # The prompt's last Vocabulary.decode_context tokens and their text, set
+    # once at prefill: every token's decode puts them in front of the new ones.
+    context_ids: list[int] = field(default_factory=list)
+    context_text: str = ""
     generated: list[int] = field(default_factory=list)
     sent_text: str = ""
     sent_tokens: int = 0
@@ -273,6 +277,8 @@ class Scheduler(threading.Thread):
             generation.cached_tokens = cache.length
         generation.next_logits = self.model.prefill(prompt[generation.cached_tokens :], cache)
         generation.cache = cache
+        generation.context_ids = prompt[len(prompt) - self.vocabulary.decode_context :]
+        generation.context_text = self.vocabulary.decode(generation.context_ids)
         if self.prefix_cache is not None:
             try:
                 self.prefix_cache.insert(prompt, lambda start, stop: self.model.kv_block(cache, start, stop))
@@ -335,9 +341,8 @@ class Scheduler(threading.Thread):
     def _emit(self, generation: Generation, token: int) -> bool:
         """Account for a new token and send what the client should see; True when finished."""
         p, vocabulary = generation.params, self.vocabulary
-        context = generation.prompt_ids[len(generation.prompt_ids) - vocabulary.decode_context :]
-        prefix = vocabulary.decode(context)
-        text = vocabulary.decode(context + generation.generated)[len(prefix) :]
+        decoded = vocabulary.decode(generation.context_ids + generation.generated)
+        text = decoded[len(generation.context_text) :]
 
         finish_reason = None
         visible = text
