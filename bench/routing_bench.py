@@ -45,6 +45,8 @@ import uvloop
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mesh_bench import percentile  # noqa: E402
+
 from meshgate import serving, tokenization  # noqa: E402
 from meshgate.common.v1 import common_pb2  # noqa: E402
 from meshgate.config import (  # noqa: E402
@@ -218,19 +220,13 @@ async def drive(stub, requests, args) -> dict:
     started = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(args.concurrency)))
     wall = time.monotonic() - started
-    ttfts.sort()
     return {
-        "p50": percentile(ttfts, 50),
-        "p99": percentile(ttfts, 99),
+        "p50": percentile(ttfts, 0.50),
+        "p99": percentile(ttfts, 0.99),
         "tokens_per_s": output_tokens / wall,
         "wall": wall,
         "split": sorted(per_backend.values(), reverse=True),
     }
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 async def main_async(args, triton_urls: list[str], metrics_urls: list[str]) -> list[str]:
