@@ -436,8 +436,10 @@ class Summarizer:
         self, tenant_id: str, session_id: str, version: int
     ) -> tuple[list[Summary], list[int | None]]:
         """The session's summaries and history from Redis, kept for ``version``."""
-        spans = await self._summaries.spans(tenant_id, session_id)
-        history = await self._store.history(tenant_id, session_id)
+        # Independent reads, so one round trip's wait rather than two on the assembly's path.
+        spans, history = await asyncio.gather(
+            self._summaries.spans(tenant_id, session_id), self._store.history(tenant_id, session_id)
+        )
         stored = await self._summaries.get_many(tenant_id, [digest for _, digest in sorted(spans.items())])
         found = [await self._counted(summary) for summary in stored if summary is not None]
         key = (tenant_id, session_id)
