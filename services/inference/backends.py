@@ -44,9 +44,7 @@ class TritonBackend:
         # Streamed generations go on a channel without the client interceptor:
         # it would add two async generators per streamed token; the servicer
         # makes their client span per call instead (telemetry.start_grpc_client_span).
-        self._stream_channel = grpc.aio.insecure_channel(
-            serving.channel_target(address), options=serving.CHANNEL_OPTIONS
-        )
+        self._stream_channel = serving.client_channel(address, traced=False)
         self.stream_stub = service_pb2_grpc.GRPCInferenceServiceStub(self._stream_channel)
         # Probes every few seconds would bury real traces; they go untraced.
         self._probe_channel = grpc.aio.insecure_channel(address, options=serving.RECONNECT_OPTIONS)
