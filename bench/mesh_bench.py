@@ -4,8 +4,10 @@
 
 Starts its own stack (Redis, Triton, the four services) on free ports, then:
 
-1. Streams the same prompts straight to Triton and through the router (cache
-   bypassed, so every request generates), at concurrency 1 and 16: time to
+1. Streams prompts of the same lengths straight to Triton and through the
+   router (cache bypassed, so every request generates; each measured request
+   a new prompt, so neither coalescing nor the models' prefix cache shares
+   work between requests or paths), at concurrency 1 and 16: time to
    first token, output tokens per second, and the router's overhead as a ratio.
 2. A workload of exact cache hits through the router: requests per second, and
    the CPU the four service processes spent per hit (from /proc, so the load
