@@ -332,6 +332,11 @@ class RouterSettings:
     # characters (a few tokens), optionally this far apart (0: no pacing).
     replay_piece_chars: int = 16
     replay_pause_s: float = 0.0
+    # Unpaced, a hit's pieces are all waiting at once, so they go in pieces of
+    # whole words of up to this many characters instead (a 64-token answer in
+    # a few messages rather than ~20): each message is most of a hit's CPU
+    # (bench/README.md, "Issue 13, cache hits").
+    replay_burst_chars: int = 128
     # Start generating while the cache lookup runs (its output waits for the
     # lookup; a hit cancels it): a miss then costs no lookup time to first token.
     speculative_generation: bool = True

@@ -539,11 +539,16 @@ class Pipeline:
             turn_metrics.time_to_first_token.labels(turn.model_alias, CACHE_DEPLOYMENT).observe(
                 time.perf_counter() - turn_started
             )
-            for piece in replay_pieces(hit.answer.text, self._settings.replay_piece_chars):
+            pause_s = self._settings.replay_pause_s
+            # Unpaced, every piece is already waiting when the previous one
+            # goes out: larger pieces are fewer messages (most of a hit's
+            # CPU), as a generation's deltas that arrive together go as one.
+            piece_chars = self._settings.replay_piece_chars if pause_s else self._settings.replay_burst_chars
+            for piece in replay_pieces(hit.answer.text, piece_chars):
                 yield Delta(piece)
                 delivered += 1
-                if self._settings.replay_pause_s:
-                    await asyncio.sleep(self._settings.replay_pause_s)
+                if pause_s:
+                    await asyncio.sleep(pause_s)
 
         if hit is not None:
             cache_status, similarity = hit.status, hit.similarity

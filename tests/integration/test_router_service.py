@@ -12,7 +12,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from meshgate import redis_access, serving
 from meshgate.common.v1 import common_pb2
-from meshgate.config import DeploymentSettings, ModelSettings, Settings
+from meshgate.config import DeploymentSettings, ModelSettings, RouterSettings, Settings
 from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
@@ -357,7 +357,9 @@ async def test_a_session_longer_than_the_window_keeps_being_answered(mesh):
 
 
 async def test_a_hit_streams_in_whole_word_pieces_like_a_generated_answer(router):
-    question = ask("replay q", max_tokens=24, temperature=0.0)
+    # Long enough for several pieces of router.replay_burst_chars (greedy
+    # tiny-gpt answers with two characters a token).
+    question = ask("replay q", max_tokens=240, temperature=0.0)
     first_text, first = await answer_of(router.Chat(question, metadata=AUTH))
     assert first.cache_status == pb.CACHE_STATUS_MISS
     pieces, hit = [], None
@@ -369,7 +371,10 @@ async def test_a_hit_streams_in_whole_word_pieces_like_a_generated_answer(router
     assert hit.cache_status == pb.CACHE_STATUS_EXACT_HIT
     assert "".join(pieces) == first_text
     assert hit.usage.completion_tokens == first.usage.completion_tokens
-    # Several pieces, each cut after whitespace (router.replay_piece_chars = 16).
-    assert len(first_text.split()) > 4, first_text
-    assert len(pieces) > 1
+    # Unpaced (the default): several pieces, each cut after whitespace and
+    # no longer than router.replay_burst_chars unless it is one long word.
+    burst_chars = RouterSettings().replay_burst_chars
+    assert len(first_text) > 2 * burst_chars and len(first_text.split()) > 4, first_text
+    assert len(pieces) > 2
     assert all(piece[-1].isspace() for piece in pieces[:-1])
+    assert all(len(piece) <= burst_chars or len(piece.split()) == 1 for piece in pieces)

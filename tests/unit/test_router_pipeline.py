@@ -189,7 +189,8 @@ async def test_a_hit_is_replayed_in_word_pieces_and_the_generation_is_cancelled(
     hit = Hit(Answer(text=text, completion_tokens=14, deployment="d0"), CacheStatus.SEMANTIC_HIT, 0.95)
     cache = FakeCache(hit)
     cache.answered.clear()
-    turns, parts = pipeline(cache=cache, replay_piece_chars=12)
+    # Unpaced (the default), pieces of up to replay_burst_chars.
+    turns, parts = pipeline(cache=cache, replay_burst_chars=12)
     running = asyncio.ensure_future(events_of(turns.run(request(), TENANT, "", Budget())))
     # The hit answers once the speculative generation is under way.
     await asyncio.wait_for(parts["generator"].started.wait(), 5)
@@ -402,6 +403,26 @@ async def test_a_bug_in_a_stage_fails_the_turn_as_internal():
     assert [type(e) for e in events] == [Failure]
     assert events[0].error.reason == Reason.INTERNAL
     assert "bug" not in events[0].error.message
+
+
+@pytest.mark.parametrize(
+    ("pause_s", "expected_pieces"),
+    [
+        # Unpaced: every piece is waiting at once, so up to 24 characters each.
+        (0.0, ["Paris is the capital of ", "France and has been for ", "a long time."]),
+        # Paced: the smaller pieces, a pause apart.
+        (0.001, ["Paris is ", "the ", "capital ", "of France ", "and has ", "been for ", "a long ", "time."]),
+    ],
+)
+async def test_an_unpaced_hit_goes_in_larger_pieces_than_a_paced_one(pause_s, expected_pieces):
+    text = "Paris is the capital of France and has been for a long time."
+    hit = Hit(Answer(text=text, completion_tokens=14), CacheStatus.EXACT_HIT, 1.0)
+    turns, _ = pipeline(
+        cache=FakeCache(hit), replay_piece_chars=10, replay_burst_chars=24, replay_pause_s=pause_s
+    )
+    events = await events_of(turns.run(request(), TENANT, "", Budget()))
+    assert [e.text for e in events if isinstance(e, Delta)] == expected_pieces
+    assert events[-1].cache_status is CacheStatus.EXACT_HIT
 
 
 def test_replay_pieces_keep_whole_words_and_the_exact_text():
