@@ -426,6 +426,10 @@ class CacheSettings:
     # (DeploymentSettings.address).
     inference_address: str = "127.0.0.1:50054"
     embedding_model: str = "minilm"
+    # Question embeddings kept for repeats of the exact text (most of a
+    # semantic hit's cost is the embedding; services/cache/embedding_memo.py),
+    # 1.5 KiB each at 384 dimensions; 0: none.
+    embedding_memo_entries: int = 4096
     # A cheap pre-filter on cosine similarity: only candidates above it reach
     # the verifier (services/cache/verifier.py), which decides.
     semantic_threshold: float = 0.8

@@ -181,6 +181,11 @@ class CacheMetrics:
             "Semantic lookups answered a miss by the first stage (no content word shared), unembedded.",
         )
         self.stores = make.counter("meshgate_cache_stores", "Answers stored.")
+        self.embedding_memo = make.counter(
+            "meshgate_cache_embedding_memo_lookups",
+            "Question embeddings asked of the memo, by result: hit (no Embed call) or miss.",
+            ("result",),
+        )
         # Resident only: counting every entry in Redis takes a full SCAN,
         # which GetStats does on demand, never a scrape.
         self.resident_rows = make.gauge(

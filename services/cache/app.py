@@ -8,6 +8,7 @@ from meshgate.config import ConfigError, Settings
 from meshgate.embedding import Embedder
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.serving import Cleanup, Service
+from services.cache.embedding_memo import EmbeddingMemo
 from services.cache.index import IndexRegistry
 from services.cache.servicer import CacheServicer
 from services.cache.stats import Stats
@@ -46,7 +47,11 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     servicer = CacheServicer(
         config,
         CacheStore(client, config.max_entries_per_partition),
-        Embedder(inference_service_pb2_grpc.InferenceServiceStub(channel)),
+        EmbeddingMemo(
+            Embedder(inference_service_pb2_grpc.InferenceServiceStub(channel)),
+            config.embedding_model,
+            config.embedding_memo_entries,
+        ),
         stats,
         IndexRegistry(
             config.max_entries_per_partition, config.max_resident_rows, config.approximate_index_from

@@ -33,6 +33,7 @@ from meshgate.embedding import Embedder
 from meshgate.errors import invalid_argument
 from meshgate.reasons import Reason
 from services.cache import conversation, keys
+from services.cache.embedding_memo import EmbeddingMemo
 from services.cache.index import IndexRegistry, Match, VectorIndex
 from services.cache.stats import Stats
 from services.cache.store import CacheStore, SemanticRow, live_answer, split_payload
@@ -76,7 +77,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         self,
         settings: CacheSettings,
         store: CacheStore,
-        embedder: Embedder,
+        embedder: Embedder | EmbeddingMemo,
         stats: Stats,
         indexes: IndexRegistry,
         verifier: Verifier,
