@@ -172,6 +172,45 @@ class Vocabulary:
     decode_context: int = 0
 
 
+class Detokenizer:
+    """One sequence's text, decoded a few tokens at a time (vLLM's prefix-offset scheme).
+
+    Decoding every id again for each new token made an answer of n tokens
+    cost n^2 / 2 token decodes. Here each step decodes only a window: the
+    tokens whose text is not yet stable, behind the tokens of the previous
+    stable piece (the prefix), and keeps what lies beyond the prefix's own
+    text. That suffix is exactly what the whole decode adds: the WordPiece
+    decoder (cleanup off) only treats a window's first token differently,
+    and it is the prefix's in both decodes; byte-level BPE text is the UTF-8
+    of the bytes, and a window starts on a character boundary because text
+    counts as stable only when it does not end in U+FFFD (an incomplete
+    character, or an invalid byte sequence that the next byte may extend).
+    What still grows with the answer is copying its text (a memcpy), not decoding.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], context_ids: list[int]):
+        """context_ids: prompt tokens whose text goes before the first new token's and is cut off."""
+        self._decode = decode
+        # The window: the prefix's ids, then those whose text is not yet stable.
+        self._window = list(context_ids)
+        self._prefix_length = len(self._window)
+        self._prefix_text = decode(self._window)
+        self.stable = ""  # the text of the generated ids before the unstable ones: it never changes
+
+    def push(self, token: int) -> str:
+        """Add a generated token; the text of all generated tokens, as one decode of them all gives."""
+        self._window.append(token)
+        unstable = self._decode(self._window)[len(self._prefix_text) :]
+        if not unstable or unstable.endswith("\ufffd"):
+            return self.stable + unstable
+        self.stable += unstable
+        # The ids just made stable are the next window's prefix.
+        self._window = self._window[self._prefix_length :]
+        self._prefix_length = len(self._window)
+        self._prefix_text = self._decode(self._window)
+        return self.stable
+
+
 @dataclass
 class Generation:
     """One request's state from admission to its final response."""
@@ -187,10 +226,8 @@ class Generation:
     cache: object | None = None
     cached_tokens: int = 0
     next_logits: np.ndarray | None = None
-    # The prompt's last Vocabulary.decode_context tokens and their text, set
-    # once at prefill: every token's decode puts them in front of the new ones.
-    context_ids: list[int] = field(default_factory=list)
-    context_text: str = ""
+    # Set at prefill, behind the prompt's last Vocabulary.decode_context tokens.
+    detokenizer: Detokenizer | None = None
     generated: list[int] = field(default_factory=list)
     sent_text: str = ""
     sent_tokens: int = 0
@@ -277,8 +314,9 @@ class Scheduler(threading.Thread):
             generation.cached_tokens = cache.length
         generation.next_logits = self.model.prefill(prompt[generation.cached_tokens :], cache)
         generation.cache = cache
-        generation.context_ids = prompt[len(prompt) - self.vocabulary.decode_context :]
-        generation.context_text = self.vocabulary.decode(generation.context_ids)
+        generation.detokenizer = Detokenizer(
+            self.vocabulary.decode, prompt[len(prompt) - self.vocabulary.decode_context :]
+        )
         if self.prefix_cache is not None:
             try:
                 self.prefix_cache.insert(prompt, lambda start, stop: self.model.kv_block(cache, start, stop))
@@ -340,13 +378,17 @@ class Scheduler(threading.Thread):
 
     def _emit(self, generation: Generation, token: int) -> bool:
         """Account for a new token and send what the client should see; True when finished."""
-        p, vocabulary = generation.params, self.vocabulary
-        decoded = vocabulary.decode(generation.context_ids + generation.generated)
-        text = decoded[len(generation.context_text) :]
+        p, vocabulary, detokenizer = generation.params, self.vocabulary, generation.detokenizer
+        # No stop string lay within the text of the previous step, whose
+        # stable part this text begins with: only an occurrence that reaches
+        # past that part can be new, so the search starts just before its end.
+        searched = len(detokenizer.stable)
+        text = detokenizer.push(token)
 
         finish_reason = None
         visible = text
-        stops = [i for i in (text.find(s) for s in p.stop) if i >= 0]
+        found = (text.find(s, max(0, searched - len(s) + 1)) for s in p.stop)
+        stops = [i for i in found if i >= 0]
         if stops:
             finish_reason, visible = "stop", text[: min(stops)]
         elif token in vocabulary.stop_ids:
