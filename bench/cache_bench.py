@@ -32,6 +32,16 @@ used. Then:
    candidates the one-partition index offers each lookup (its best
    ``MAX_CANDIDATES`` above the pre-filter), with the vectors the services
    embedded.
+6. The miss path in a busy partition: ``--busy-entries`` QQP TRAIN-portion
+   questions stored (through Store) in the partition the router's turns
+   use, then unseen train questions streamed through the router at
+   concurrency 1, alternately with the cache bypassed and on (misses that
+   share words with stored questions, as nearly every question does in a
+   busy partition): time to first token of each, in the same run. Then the
+   pieces of a miss's lookup, each at concurrency 1: the Lookup RPC without
+   and with the semantic stage, the inference service's Embed RPC, Triton's
+   ``minilm`` called directly, and the same model in this process.
+   ``--only-miss-path`` runs this section alone.
 
 Results go to stdout as markdown tables.
 """
@@ -43,13 +53,16 @@ import asyncio
 import collections
 import os
 import pathlib
+import random
 import statistics
 import sys
 import tempfile
 import time
 
+import grpc
 import numpy as np
 import uvloop
+from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -64,18 +77,25 @@ from meshgate.config import CacheSettings  # noqa: E402
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb  # noqa: E402
 from meshgate.inference.v1 import inference_service_pb2_grpc  # noqa: E402
 from meshgate.local.stack import Ports, Stack, free_port  # noqa: E402
+from meshgate.router.v1 import router_service_pb2 as router_pb  # noqa: E402
+from meshgate.router.v1 import router_service_pb2_grpc  # noqa: E402
 from services.cache import verifier as verifier_module  # noqa: E402
 from services.cache.servicer import MAX_CANDIDATES  # noqa: E402
+from services.inference import triton_protocol  # noqa: E402
 from tests.mesh import router_channel  # noqa: E402
 
 MODEL = "tiny-gpt"
+MAX_TOKENS = 64
+# The router's tenant for the development key the bench's stack is given.
+API_KEY = "bench-key"
+ROUTER_TENANT = "dev"
 HIT = (pb.LOOKUP_STATUS_SEMANTIC_HIT, pb.LOOKUP_STATUS_EXACT_HIT)
 TRAP_ORDER = ("negation", "number", "entity_swap", "entity_order", "scope", "paraphrase", "repeat")
 
 
 def scope(tenant: str) -> pb.CacheScope:
     return pb.CacheScope(
-        tenant_id=tenant, model=MODEL, parameters=common_pb2.GenerationParameters(max_tokens=64)
+        tenant_id=tenant, model=MODEL, parameters=common_pb2.GenerationParameters(max_tokens=MAX_TOKENS)
     )
 
 
@@ -254,6 +274,141 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def busy_partition_questions(entries: int, unseen: int) -> tuple[list[str], list[str]]:
+    """``entries`` train-portion QQP questions to store, and ``unseen``
+    others, neither side of a labelled pair with a stored one (a hit among
+    them, an unlabelled duplicate, is counted and left out of the misses)."""
+    pairs = [p for p in cache_data.load_qqp() if p.portion == "train"]
+    random.Random(11).shuffle(pairs)
+    stored: dict[str, None] = {}
+    rest = iter(pairs)
+    for p in rest:
+        if len(stored) >= entries:
+            break
+        stored.update({p.stored: None, p.asked: None})
+    asked: dict[str, None] = {}
+    for p in rest:
+        if len(asked) >= unseen:
+            break
+        if p.stored not in stored and p.asked not in stored:
+            asked[p.asked] = None
+    return list(stored), list(asked)
+
+
+async def router_turn(stub, text: str, policy) -> tuple[float, int]:
+    """Time to first token (ms) of one turn through the router, and its cache status."""
+    request = router_pb.ChatRequest(
+        model=MODEL,
+        messages=question(text),
+        parameters=common_pb2.GenerationParameters(max_tokens=MAX_TOKENS),
+        cache_policy=policy,
+    )
+    started = time.perf_counter()
+    ttft = None
+    status = router_pb.CACHE_STATUS_UNSPECIFIED
+    async for response in stub.Chat(request, metadata=[("authorization", f"Bearer {API_KEY}")], timeout=60):
+        if response.HasField("delta"):
+            if ttft is None:
+                ttft = time.perf_counter() - started
+        else:
+            status = response.completion.cache_status
+    return ((ttft if ttft is not None else time.perf_counter() - started) * 1000, status)
+
+
+async def timed(call) -> float:
+    started = time.perf_counter()
+    await call()
+    return (time.perf_counter() - started) * 1000
+
+
+async def miss_path(stack: Stack, cache: Cache, inference_channel, args) -> list[str]:
+    requests = args.miss_requests
+    warm = 8
+    stored, unseen = busy_partition_questions(args.busy_entries, 2 * (requests + warm) + 5 * requests)
+    stored_words = set().union(*(verifier_module.analyze(q).content for q in stored))
+    await bounded([lambda q=q: cache.store(ROUTER_TENANT, q) for q in stored], args.concurrency)
+    turns, pieces = unseen[: 2 * (requests + warm)], unseen[2 * (requests + warm) :]
+    rows = []
+    async with grpc.aio.insecure_channel(stack.address("router")) as channel:
+        router = router_service_pb2_grpc.RouterServiceStub(channel)
+        # The stored questions are the router's own partition: asked again, an exact hit.
+        _, status = await router_turn(router, stored[0], router_pb.CACHE_POLICY_USE)
+        if status != router_pb.CACHE_STATUS_EXACT_HIT:
+            raise RuntimeError(f"a stored question through the router: {router_pb.CacheStatus.Name(status)}")
+        bypass: list[float] = []
+        misses: list[float] = []
+        hits = 0
+        for i in range(requests + warm):
+            # Alternating which path goes first, so neither always follows the other.
+            order = [
+                (turns[2 * i], router_pb.CACHE_POLICY_BYPASS),
+                (turns[2 * i + 1], router_pb.CACHE_POLICY_USE),
+            ]
+            for text, policy in order if i % 2 else order[::-1]:
+                ttft, status = await router_turn(router, text, policy)
+                if i < warm:
+                    continue
+                if policy == router_pb.CACHE_POLICY_BYPASS:
+                    bypass.append(ttft)
+                elif status == router_pb.CACHE_STATUS_MISS:
+                    misses.append(ttft)
+                else:
+                    hits += 1
+    asked = turns[2 * warm + 1 :: 2]
+    sharing = sum(1 for q in asked if verifier_module.analyze(q).content & stored_words)
+    p50 = statistics.median
+    rows.append(
+        f"\nThe miss path, a partition of {len(stored)} train-portion questions (the router's: "
+        f"tenant {ROUTER_TENANT!r}, {MODEL}, max_tokens {MAX_TOKENS}), concurrency 1, "
+        f"{requests} turns each, alternating; {rate(sharing, len(asked))} of the asked questions share a "
+        f"content word with a stored one; {hits} hits (unlabelled duplicates) left out.\n"
+    )
+    rows.append("| router turn, unseen train questions | turns | TTFT p50 (ms) | TTFT p99 (ms) |")
+    rows.append("|---|---|---|---|")
+    for name, values in (("cache bypassed", bypass), ("cache on, misses", misses)):
+        rows.append(f"| {name} | {len(values)} | {p50(values):.1f} | {percentile(values, 99):.1f} |")
+    rows.append(f"\nMiss over bypass, TTFT p50: **{p50(misses) - p50(bypass):+.1f} ms**.\n")
+
+    # The pieces of a miss's lookup, one call at a time, round-robin so that
+    # the machine's load falls on all alike.
+    inference = inference_service_pb2_grpc.InferenceServiceStub(inference_channel)
+    embedding_model = CacheSettings().embedding_model
+    offline = cache_data.OfflineEmbedder(threads=1)
+    async with grpc.aio.insecure_channel(stack.address("triton")) as triton_channel:
+        triton = triton_grpc.GRPCInferenceServiceStub(triton_channel)
+
+        def lookup(text: str, semantic: bool):
+            request = pb.LookupRequest(scope=scope(ROUTER_TENANT), messages=question(text), semantic=semantic)
+            return lambda: cache.stub.Lookup(request, timeout=60)
+
+        async def in_process(text: str):
+            offline.embed([text])
+
+        pieces_of = {
+            "cache Lookup, exact only (one GET)": lambda t: lookup(t, False),
+            "cache Lookup, semantic (a miss)": lambda t: lookup(t, True),
+            "inference Embed, one question": lambda t: lambda: inference.Embed(
+                inference_pb.EmbedRequest(texts=[t]), timeout=60
+            ),
+            f"Triton {embedding_model} ModelInfer, direct": lambda t: lambda: triton.ModelInfer(
+                triton_protocol.embed_request(embedding_model, [t]), timeout=60
+            ),
+            "the same ONNX model in this process (1 thread)": lambda t: lambda: in_process(t),
+        }
+        times: dict[str, list[float]] = collections.defaultdict(list)
+        for i, text in enumerate(pieces):
+            for name, make in pieces_of.items():
+                elapsed = await timed(make(text))
+                if i >= warm:
+                    times[name].append(elapsed)
+    rows.append("| a miss's pieces, concurrency 1, unseen questions | calls | p50 (ms) | p99 (ms) |")
+    rows.append("|---|---|---|---|")
+    for name in pieces_of:
+        values = times[name]
+        rows.append(f"| {name} | {len(values)} | {p50(values):.2f} | {percentile(values, 99):.2f} |")
+    return rows
+
+
 async def main_async(args, stack: Stack) -> list[str]:
     qqp = [p for p in cache_data.load_qqp() if p.portion == "test"]
     traps = [p for p in cache_data.load_traps() if p.portion == "test"]
@@ -266,6 +421,8 @@ async def main_async(args, stack: Stack) -> list[str]:
         router_channel(stack.address("inference"), "inference", stack.mesh_settings) as inference_channel,
     ):
         cache = Cache(cache_service_pb2_grpc.CacheServiceStub(cache_channel))
+        if args.only_miss_path:
+            return await miss_path(stack, cache, inference_channel, args)
         started = time.perf_counter()
         one = await one_partition(cache, qqp, args.concurrency)
         alone = await own_partitions(cache, qqp, args.concurrency, "qqp")
@@ -276,6 +433,8 @@ async def main_async(args, stack: Stack) -> list[str]:
         embedder = inference_service_pb2_grpc.InferenceServiceStub(inference_channel)
         stored_vectors = await embed(embedder, one["stored_questions"], args.concurrency)
         lookup_vectors = await embed(embedder, one["lookup_questions"], args.concurrency)
+        lookup_ms = list(cache.lookup_ms)
+        miss_rows = await miss_path(stack, cache, inference_channel, args) if args.busy_entries else []
     times = verification_times(
         one["stored_questions"], stored_vectors, one["lookup_questions"], lookup_vectors
     )
@@ -346,10 +505,10 @@ async def main_async(args, stack: Stack) -> list[str]:
         f"{percentile(times, 50):.3f} | {percentile(times, 99):.3f} |"
     )
     rows.append(
-        f"| Lookup RPC, all phases above, concurrency {args.concurrency} | {len(cache.lookup_ms)} | "
-        f"{statistics.median(cache.lookup_ms):.1f} | {percentile(cache.lookup_ms, 99):.1f} |"
+        f"| Lookup RPC, all phases above, concurrency {args.concurrency} | {len(lookup_ms)} | "
+        f"{statistics.median(lookup_ms):.1f} | {percentile(lookup_ms, 99):.1f} |"
     )
-    return rows
+    return rows + miss_rows
 
 
 def main() -> None:
@@ -358,12 +517,23 @@ def main() -> None:
     parser.add_argument(
         "--limit", type=int, default=0, help="only the first N pairs of each set (a smoke run)"
     )
+    parser.add_argument(
+        "--busy-entries",
+        type=int,
+        default=3000,
+        help="train questions stored before the miss-path TTFT is measured (0: skip that section)",
+    )
+    parser.add_argument(
+        "--miss-requests", type=int, default=64, help="turns per path in the miss-path section"
+    )
+    parser.add_argument("--only-miss-path", action="store_true", help="only the miss-path section")
     args = parser.parse_args()
     ports = Ports(*(free_port() for _ in range(6)))
     with tempfile.TemporaryDirectory(prefix="meshgate-cache-bench-") as state_dir:
         stack = Stack(
             pathlib.Path(state_dir),
             ports,
+            dev_api_key=API_KEY,
             tracing=False,
             log_level="warning",
             triton_models=("tiny_gpt", "minilm"),
