@@ -199,10 +199,11 @@ def scoring_latency(
         if len(turns) < 1000:
             continue
         packed, lengths, turn_vectors = offline_index(turns, vectors[name])
+        roles = np.array([m.role for m in turns], dtype=np.uint8)
         for q, vector in zip(questions, vectors[name][len(turns) :], strict=True):
             terms = list(relevance.index_terms(q["question"]))
             started = time.perf_counter()
-            relevance.hybrid_scores(terms, packed, lengths, turn_vectors, vector)
+            relevance.hybrid_scores(terms, packed, lengths, turn_vectors, vector, roles=roles)
             middle = time.perf_counter()
             ranker.scores(context_ranker.ranking_features(terms, packed, lengths, turn_vectors, vector))
             hybrid.append(1000 * (middle - started))
@@ -241,7 +242,9 @@ def offline(
             new = [assembly.TurnCost(message.role, asyncio.run(counter.count([message]))[0])]
             terms = list(relevance.index_terms(q["question"]))
             scores = {
-                "adaptive": relevance.hybrid_scores(terms, packed, lengths, turn_vectors, vector, weights),
+                "adaptive": relevance.hybrid_scores(
+                    terms, packed, lengths, turn_vectors, vector, weights, roles=costs.roles
+                ),
                 "newest": None,
             }
             if ranker is not None:

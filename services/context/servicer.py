@@ -113,7 +113,10 @@ def _live_scores(
         shift = np.uint32(compacted << relevance.TF_BITS)
         postings = {t: p[p >= shift] - shift for t, p in postings.items()}
         term_counts = term_counts[compacted:]
-    scores = relevance.hybrid_scores(terms, postings, term_counts, view.unit_vectors, query_vector)
+    roles = np.asarray(view.roles)[compacted:]
+    scores = relevance.hybrid_scores(
+        terms, postings, term_counts, view.unit_vectors, query_vector, roles=roles
+    )
     return np.concatenate([np.zeros(compacted), scores]) if compacted else scores
 
 

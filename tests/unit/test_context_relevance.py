@@ -162,6 +162,67 @@ def test_feedback_raises_the_second_hop_of_an_answer() -> None:
     assert int(np.argmax(after)) == 0
 
 
+def _greeted_conversation() -> tuple[list[str], np.ndarray]:
+    """The user greets Kevin by name most days; Kevin (the assistant) never
+    says his own name. Both talk about Lisbon; Kevin starts many lines with
+    "Absolutely", the user writes it in lowercase once; the user names Turks
+    and Caicos three times."""
+    texts, roles = [], []
+    for day in range(12):
+        texts.append("Hi Kevin! How was your day?" if day else "hi, absolutely great to meet you")
+        roles.append(USER)
+        texts.append("Absolutely fine, thanks.")
+        roles.append(ASSISTANT)
+    for _ in range(6):
+        texts += ["Lisbon was lovely", "Lisbon is my favourite city"]
+        roles += [USER, ASSISTANT]
+    texts += ["Turks and Caicos next year?"] * 3
+    roles += [USER] * 3
+    return texts, np.array(roles, dtype=np.uint8)
+
+
+def test_a_name_one_speaker_keeps_using_names_the_other_participant() -> None:
+    texts, roles = _greeted_conversation()
+    postings, _ = postings_of(texts)
+    query = relevance.index_terms("Did Kevin, Absolutely, visit Lisbon or Turks and Caicos?")
+    # "Kevin": 11 of the user's turns, always capitalized. "Lisbon": named by
+    # both. "Absolutely": also lowercase, a sentence's first word. "Turks":
+    # three turns, a topic.
+    assert relevance.participant_names(query, postings, roles) == {"@kevin"}
+    # Too few turns use it: a topic, whoever names it.
+    few = {t: p[: relevance.PARTICIPANT_NAME_MIN_TURNS - 1] for t, p in postings.items()}
+    assert relevance.participant_names(query, few, roles) == set()
+
+
+def test_a_participants_name_neither_matches_greetings_nor_seeds_feedback() -> None:
+    # Axes: 0 the name, 1 having fun, 2 climbing, 3 something else.
+    texts, roles = [], []
+    rows = []
+    for _ in range(12):
+        texts += ["Hi Kevin! How was your day?", "Not bad at all."]
+        roles += [USER, ASSISTANT]
+        rows += [[1, 0, 0, 0], [0, 0, 0, 0]]
+    texts += ["ok", "Climbing is how I have fun", "ok", "The wall at the gym was hard", "ok", "Rain again"]
+    roles += [USER, ASSISTANT] * 3
+    rows += [[0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
+    answer, second_hop, unrelated = 25, 27, 29
+    postings, lengths = postings_of(texts)
+    unit = relevance.unit_rows(np.array(rows, dtype=np.float32))
+    # The question's vector leans toward the name, as a real embedding does.
+    query_vector = np.array([1, 1, 0, 0], dtype=np.float32)
+    query = relevance.index_terms("What does Kevin do for fun?")
+    blind = relevance.hybrid_scores(query, postings, lengths, unit, query_vector)
+    assert roles[int(np.argmax(blind))] == USER  # a greeting
+    scores = relevance.hybrid_scores(query, postings, lengths, unit, query_vector, roles=np.array(roles))
+    assert int(np.argmax(scores)) == answer
+    # Feedback from the answer, not the greetings, raises its second hop.
+    assert scores[second_hop] > scores[unrelated]
+    assert scores[second_hop] > blind[second_hop]
+    # Without a vector, the name no longer scores the greetings at all.
+    lexical = relevance.hybrid_scores(query, postings, lengths, None, None, roles=np.array(roles))
+    assert lexical[0] == 0 and int(np.argmax(lexical)) == answer
+
+
 def test_unit_rows_are_unit_length_and_keep_empty_rows_empty() -> None:
     unit = relevance.unit_rows(np.array([[3, 4], [0, 0]], dtype=np.int8))
     assert unit.dtype == np.float32
