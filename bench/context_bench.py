@@ -134,6 +134,14 @@ class Tally:
     def __init__(self) -> None:
         self.kept: dict[tuple, list[bool]] = collections.defaultdict(list)
 
+    @classmethod
+    def merged(cls, tallies) -> Tally:
+        merged = cls()
+        for tally in tallies:
+            for cell, kept in tally.kept.items():
+                merged.kept[cell] += kept
+        return merged
+
     def add(self, strategy: str, budget: int, category: int, kept: bool) -> None:
         self.kept[(strategy, budget, category)].append(kept)
         self.kept[(strategy, budget, 0)].append(kept)
@@ -154,6 +162,17 @@ class Tally:
         n = len(self.kept.get(("adaptive", BUDGETS[0], 0), []))
         rows.append(f"\n{n} questions (all evidence resolvable)")
         return rows
+
+
+def per_conversation_mean(each: dict[str, Tally]) -> str:
+    """Adaptive retention per budget, each conversation weighing the same:
+    a change that helps only the conversations with the most questions
+    does not move it."""
+    cells = []
+    for budget in BUDGETS:
+        shares = [statistics.mean(t.kept[("adaptive", budget, 0)]) for t in each.values()]
+        cells.append(f"{budget}: {100 * statistics.mean(shares):.1f}%")
+    return f"Adaptive, mean over the {len(each)} conversations: " + ", ".join(cells)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -567,16 +586,19 @@ def main() -> None:
         # name); the other four tell whether a choice generalises.
         names = sorted(conversations)
         ranker = context_ranker.LearnedRanker.load()
+        each = {
+            n: offline({n: conversations[n]}, vectors, relevance.DEFAULT_WEIGHTS, args.floor, ranker)
+            for n in names
+        }
         for title, part in (
             ("all", names),
             ("tuning split: the first six", names[:6]),
             ("held-out split: the other four", names[6:]),
         ):
-            subset = {n: conversations[n] for n in part}
-            if not subset:
-                continue
-            tally = offline(subset, vectors, relevance.DEFAULT_WEIGHTS, args.floor, ranker)
-            print("\n".join(tally.table(f"### Offline (pure policy, cached vectors), {title}")) + "\n")
+            if part:
+                tally = Tally.merged(each[n] for n in part)
+                print("\n".join(tally.table(f"### Offline (pure policy, cached vectors), {title}")) + "\n")
+        print(per_conversation_mean(each) + "\n")
         print(scoring_latency(conversations, vectors, ranker))
         return
     print("\n".join(uvloop.run(through_services(conversations, args))))
