@@ -12,12 +12,16 @@ The generation belongs to no single caller: a caller that goes away only
 unsubscribes; the last one going away cancels it (and with it the inference
 call). So it runs under no caller's deadline (only the router's
 max_generation_s): each caller's own deadline ends that caller's stream,
-with DEADLINE_EXCEEDED and what it received, and the generation ends when
-the last caller still waiting leaves, by its deadline or otherwise. (Running
-it under the first caller's deadline would cut a later caller short, or
-would forbid sharing between callers whose deadlines differ by a
-millisecond, which is every pair.) The key carries the tenant because answers
-never cross tenants, as in the cache's partitions.
+with DEADLINE_EXCEEDED and what it received, unless the generation had
+finished by then (checked before every delta, not only while waiting: a
+caller whose client reads slowly may never wait), and the generation ends
+when the last caller still waiting leaves, by its deadline or otherwise.
+(Running it under the first caller's deadline would cut a later caller
+short, or would forbid sharing between callers whose deadlines differ by a
+millisecond, which is every pair.) It starts when a caller first reads, not
+when one asks: without speculation a turn asks before its cache lookup
+answers and, on a hit, closes the generation unread. The key carries the
+tenant because answers never cross tenants, as in the cache's partitions.
 
 Nothing here knows gRPC; the pipeline's generate stage decides the key and
 how to start a generation.
@@ -28,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import contextlib
+import functools
 import hashlib
 import struct
 import time
@@ -84,11 +89,13 @@ def coalescing_key(
 class _Flight:
     """One generation under way and the callers reading it."""
 
-    def __init__(self, answer) -> None:
+    def __init__(self, answer, start: Start) -> None:
         self.answer = answer
+        self.start = start
         self.pieces: list[str] = []
         self.readers = 0
         self.finished = False
+        self.finished_at: float | None = None  # monotonic
         # Finished with the whole answer (not failed, not cancelled).
         self.completed = False
         self.error: MeshgateError | None = None
@@ -110,6 +117,44 @@ class _Flight:
         self._waiters.append(waiter)
         await waiter
 
+    def expired_for(self, deadline: float | None) -> bool:
+        """Whether a reader with this deadline may no longer receive anything:
+        the deadline passed before the generation finished."""
+        if deadline is None or time.monotonic() < deadline:
+            return False
+        return self.finished_at is None or self.finished_at > deadline
+
+
+class _Reader:
+    """One caller's reading of a flight: an async iterator of its pieces.
+
+    A caller counts among the flight's readers from the moment it asks (a
+    flight must not be cancelled for want of readers while its joiner is
+    still starting), so its closing the reading must count its leaving even
+    when it never read: an async generator closed before its first step
+    runs no ``finally``.
+    """
+
+    __slots__ = ("_pieces", "_leave", "entered", "left")
+
+    def __init__(self, coalescer: Coalescer, flight_key: bytes, flight: _Flight, answer, deadline) -> None:
+        self.entered = False  # the reading generator has started: its finally leaves
+        self.left = False
+        self._pieces = coalescer._read(flight_key, flight, answer, deadline, self)
+        self._leave = functools.partial(coalescer._leave, flight_key, flight, self)
+
+    def __aiter__(self) -> _Reader:
+        return self
+
+    def __anext__(self):
+        # The generator's own step, not a coroutine of ours around it per piece.
+        return self._pieces.__anext__()
+
+    async def aclose(self) -> None:
+        await self._pieces.aclose()
+        if not self.entered:
+            await self._leave()
+
 
 class Coalescer:
     def __init__(self) -> None:
@@ -129,26 +174,24 @@ class Coalescer:
     ) -> collections.abc.AsyncIterator[str]:
         """The pieces of the generation for ``flight_key``, filling ``answer``
         when it completes: the one under way with that key, or a new one
-        (``start(new_answer(), None)``). ``deadline`` (monotonic, None for
-        none) ends this caller's reading; a None key generates unshared,
-        within it."""
+        (``start(new_answer(), None)`` once a caller reads). ``deadline``
+        (monotonic, None for none) ends this caller's reading; a None key
+        generates unshared, within it. Close what this returns (aclose),
+        read or not: that is how a caller leaves."""
         if flight_key is None:
             return start(answer, deadline)
         flight = self._flights.get(flight_key)
         if flight is None:
-            flight = _Flight(new_answer())
+            flight = _Flight(new_answer(), start)
             self._flights[flight_key] = flight
-            flight.task = asyncio.ensure_future(self._pump(flight_key, flight, start))
         else:
             log.debug("joined an identical generation", pieces_so_far=len(flight.pieces))
-        # Counted now, not when the reader first runs: a flight must not be
-        # cancelled for want of readers while its joiner is still starting.
-        flight.readers += 1
-        return self._read(flight_key, flight, answer, deadline)
+        flight.readers += 1  # see _Reader
+        return _Reader(self, flight_key, flight, answer, deadline)
 
-    async def _pump(self, flight_key: bytes, flight: _Flight, start: Start) -> None:
+    async def _pump(self, flight_key: bytes, flight: _Flight) -> None:
         try:
-            async with contextlib.aclosing(start(flight.answer, None)) as pieces:
+            async with contextlib.aclosing(flight.start(flight.answer, None)) as pieces:
                 async for text in pieces:
                     flight.pieces.append(text)
                     flight.notify()
@@ -164,17 +207,23 @@ class Coalescer:
             # Finished and forgotten in one step: a caller arriving later
             # starts afresh instead of joining an ended flight.
             flight.finished = True
+            flight.finished_at = time.monotonic()
             self._forget(flight_key, flight)
             flight.notify()
 
     async def _read(
-        self, flight_key: bytes, flight: _Flight, answer, deadline: float | None
+        self, flight_key: bytes, flight: _Flight, answer, deadline: float | None, reader: _Reader
     ) -> collections.abc.AsyncIterator[str]:
         read = delivered = chars = 0
         pieces = flight.pieces
         try:
+            reader.entered = True
+            if flight.task is None:
+                flight.task = asyncio.ensure_future(self._pump(flight_key, flight))
             while True:
-                while read < len(pieces):
+                if flight.expired_for(deadline):
+                    raise _own_copy(_deadline_passed(), delivered, chars)
+                if read < len(pieces):
                     # Known from the first piece on: the turn's latency
                     # metrics name the deployment (see Deployments.generate).
                     answer.deployment = flight.answer.deployment
@@ -186,6 +235,7 @@ class Coalescer:
                     yield text
                     delivered += 1
                     chars += len(text)
+                    continue
                 if flight.finished:
                     break
                 try:
@@ -201,11 +251,18 @@ class Coalescer:
                 raise _own_copy(internal_error(), delivered, chars)
             answer.adopt(flight.answer)
         finally:
-            flight.readers -= 1
-            if flight.readers == 0 and not flight.finished:
-                # The last caller went away: nobody wants the answer, and its
-                # inference call must not outlive the turn.
-                self._forget(flight_key, flight)
+            await self._leave(flight_key, flight, reader)
+
+    async def _leave(self, flight_key: bytes, flight: _Flight, reader: _Reader) -> None:
+        if reader.left:
+            return
+        reader.left = True
+        flight.readers -= 1
+        if flight.readers == 0 and not flight.finished:
+            # The last caller went away: nobody wants the answer, and its
+            # inference call must not outlive the turn.
+            self._forget(flight_key, flight)
+            if flight.task is not None:
                 flight.task.cancel()
                 await asyncio.wait({flight.task})
 

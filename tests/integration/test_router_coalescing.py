@@ -85,8 +85,8 @@ def ask(text: str, **parameters) -> pb.ChatRequest:
 class Caller:
     """One Chat call, read in the background."""
 
-    def __init__(self, router, request: pb.ChatRequest) -> None:
-        self.call = router.Chat(request, metadata=AUTH, timeout=120)
+    def __init__(self, router, request: pb.ChatRequest, timeout_s: float = 120) -> None:
+        self.call = router.Chat(request, metadata=AUTH, timeout=timeout_s)
         self.pieces: list[str] = []
         self.completion: pb.ChatCompletion | None = None
         self.first_delta = asyncio.Event()
@@ -182,6 +182,29 @@ async def test_the_last_caller_cancelling_ends_the_generation(router, triton_gen
     before = await triton_generations()
     again, completion = await answer(router, request)
     assert again == alone and completion.finish_reason
+    assert await settled(triton_generations, before + 1) == before + 1
+
+
+async def test_a_shorter_deadline_ends_only_its_caller_and_the_generation_goes_on(router, triton_generations):
+    request = ask("Tell me a long story about a lighthouse keeper.", temperature=0.0)
+    request.parameters.max_tokens = 256
+    started = asyncio.get_running_loop().time()
+    alone, alone_completion = await answer(router, request)
+    alone_s = asyncio.get_running_loop().time() - started
+    assert alone_completion.usage.completion_tokens >= 200, "tiny-gpt stopped early; pick another prompt"
+
+    before = await triton_generations()
+    patient = Caller(router, request)
+    await asyncio.wait_for(patient.first_delta.wait(), 60)
+    # It joins the generation under way, and its deadline (at most 40 ms,
+    # a tenth of what the whole answer took alone) passes mid-way.
+    hurried = Caller(router, request, timeout_s=min(0.04, alone_s / 10))
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await asyncio.wait_for(hurried.task, 60)
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert hurried.completion is None
+    await asyncio.wait_for(patient.task, 120)
+    assert patient.text == alone and patient.completion.usage == alone_completion.usage
     assert await settled(triton_generations, before + 1) == before + 1
 
 

@@ -15,8 +15,8 @@ from meshgate.errors import unavailable
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.auth import Tenant
-from services.router.coalescing import coalescing_key, is_deterministic
-from services.router.pipeline import Budget, Completion, Delta, Failure, Pipeline
+from services.router.coalescing import Coalescer, coalescing_key, is_deterministic
+from services.router.pipeline import Answer, Budget, CacheStatus, Completion, Delta, Failure, Hit, Pipeline
 from tests.unit.test_router_pipeline import MODELS, TENANT, FakeCache, FakeContexts, RecordingAdmission, user
 
 PIECES = ("The ", "answer ", "is ", "forty-two.")
@@ -93,10 +93,8 @@ class Caller:
             await self.task
 
 
-def chat(parameters=GREEDY, text="What is the answer?") -> pb.ChatRequest:
-    return pb.ChatRequest(
-        model="m", messages=[user(text)], parameters=parameters, cache_policy=pb.CACHE_POLICY_BYPASS
-    )
+def chat(parameters=GREEDY, text="What is the answer?", policy=pb.CACHE_POLICY_BYPASS) -> pb.ChatRequest:
+    return pb.ChatRequest(model="m", messages=[user(text)], parameters=parameters, cache_policy=policy)
 
 
 def pipeline(generator: GatedGenerator, admission=None, **settings) -> Pipeline:
@@ -305,3 +303,100 @@ async def test_callers_with_different_deadlines_share_and_each_deadline_ends_onl
     await settle_all(patient)
     assert generator.calls == 1 and patient.text == "".join(PIECES)
     assert isinstance(patient.events[-1], Completion)
+
+
+class StallingCaller(Caller):
+    """A caller whose client stops reading after the first delta until ``resume`` is set."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.resume = asyncio.Event()
+        super().__init__(*args, **kwargs)
+
+    async def _run(self, stream) -> None:
+        async with contextlib.aclosing(stream) as events:
+            async for event in events:
+                self.events.append(event)
+                self._received.set()
+                await self.resume.wait()
+
+
+async def test_a_deadline_that_passes_while_pieces_wait_still_ends_that_caller():
+    """A caller that never had to wait for a piece (its client was slow) was
+    never timed: past its deadline it got the rest and a completion."""
+    generator = GatedGenerator()
+    turns = pipeline(generator)
+    deadline = time.monotonic() + 0.3
+    hurried = StallingCaller(turns, chat(), budget=Budget(deadline))
+    patient = Caller(turns, chat(), budget=Budget(time.monotonic() + 60))
+    generator.open(1)
+    await hurried.until_pieces(1)
+    await patient.until_pieces(1)
+    await asyncio.sleep(max(0.0, deadline - time.monotonic()) + 0.01)
+    # The rest arrives after the hurried caller's deadline, while its client is stalled.
+    generator.open()
+    await settle_all(patient)
+    assert patient.text == "".join(PIECES) and isinstance(patient.events[-1], Completion)
+    hurried.resume.set()
+    await settle_all(hurried)
+    failure = hurried.events[-1]
+    assert isinstance(failure, Failure), failure
+    assert failure.error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert hurried.text == PIECES[0]
+    assert failure.error.metadata["delivered_deltas"] == "1"
+
+
+async def test_a_generation_finished_within_the_deadline_completes_for_a_slow_reader():
+    generator = GatedGenerator()
+    generator.open()
+    turns = pipeline(generator)
+    deadline = time.monotonic() + 0.3
+    slow = StallingCaller(turns, chat(), budget=Budget(deadline))
+    await slow.until_pieces(1)
+    await asyncio.sleep(max(0.0, deadline - time.monotonic()) + 0.01)
+    slow.resume.set()
+    await settle_all(slow)
+    assert slow.text == "".join(PIECES) and isinstance(slow.events[-1], Completion)
+
+
+async def test_every_caller_leaving_by_its_deadline_cancels_the_generation():
+    generator = GatedGenerator()
+    turns = pipeline(generator)
+    callers = [Caller(turns, chat(), budget=Budget(time.monotonic() + 0.2 + 0.1 * i)) for i in range(2)]
+    generator.open(1)
+    await settle_all(*callers)
+    assert all(caller.events[-1].error.code == grpc.StatusCode.DEADLINE_EXCEEDED for caller in callers)
+    assert generator.cancelled == 1 and generator.finished == 0
+    assert turns._coalescer.in_flight == 0
+
+
+async def test_a_cache_hit_before_reading_neither_starts_nor_keeps_a_shared_generation():
+    """Without speculation a turn asks for its generation, then looks up the
+    cache; on a hit it closes the generation unread. The flight had started
+    at once and counted the closed caller forever: it ran to its end for
+    nobody, and outlived every other caller too."""
+    hit = Hit(Answer(text="cached"), CacheStatus.SEMANTIC_HIT, 0.93)
+    generator = GatedGenerator()
+    turns = Pipeline(
+        RouterSettings(speculative_generation=False), MODELS, FakeContexts(), FakeCache(hit), generator
+    )
+    cached = Caller(turns, chat(policy=pb.CACHE_POLICY_USE))
+    await settle_all(cached)
+    assert cached.text == "cached" and isinstance(cached.events[-1], Completion)
+    assert generator.calls == 0
+    assert turns._coalescer.in_flight == 0
+
+
+async def test_a_joiner_that_closes_unread_leaves_the_generation_to_the_last_reader():
+    generator = GatedGenerator()
+    coalescer = Coalescer()
+
+    def start(answer, deadline):
+        return generator.generate("m", [], GREEDY, Budget(deadline), answer)
+
+    reading = coalescer.generate(b"k", start, Answer(), Answer, None)
+    unread = coalescer.generate(b"k", start, Answer(), Answer, None)
+    generator.open(1)
+    assert await anext(reading) == PIECES[0]
+    await unread.aclose()
+    await reading.aclose()
+    assert generator.cancelled == 1 and coalescer.in_flight == 0
