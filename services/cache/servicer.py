@@ -13,6 +13,14 @@ A first stage spares most misses the embedding: a question that shares no
 content word with any question its (small) sub-partition holds is a miss at
 once. On the development data the verifier accepted no such pair at the
 default bound (bench/README.md), so the stage costs no hits there.
+
+A miss in a busy partition still embeds (nearly every question shares a
+word), and the router holds its first generated token until the semantic
+lookup answers. The router asks for it right after an exact-only lookup of
+the same prompt missed, so that miss starts the embedding at once
+(``EMBED_AHEAD``): the semantic lookup that follows finds it under way
+instead of starting it a round trip later. The vector is never wasted on a
+turn that completes: the Store after a miss needs it too.
 """
 
 from __future__ import annotations
@@ -51,6 +59,10 @@ RECENT_VECTORS = 4096
 # Rows applied to an index between two yields to the event loop (~10-40 ms
 # of upserts here).
 APPLY_SLICE = 4096
+# Embeddings started by an exact-only miss for the semantic lookup expected
+# next; the oldest unclaimed ones are dropped (a turn refused by admission
+# after its early exact lookup, a semantic lookup sent to another replica).
+EMBED_AHEAD = 1024
 
 _USER = common_pb2.ROLE_USER
 
@@ -90,6 +102,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         self._stats = stats
         self._indexes = indexes
         self._recent_vectors: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._embedding_ahead: collections.OrderedDict[str, asyncio.Task] = collections.OrderedDict()
         # The embedding model's vector size, once a lookup has seen a vector:
         # the first stage loads an index before (or without) embedding.
         self._dimensions: int | None = None
@@ -110,6 +123,8 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             response = pb.LookupResponse(status=pb.LOOKUP_STATUS_EXACT_HIT, similarity=1.0, entry_id=entry_id)
             response.answer.MergeFromString(answer)
             return response
+        if messages[-1].role == _USER and not request.semantic:
+            self._embed_ahead(partition, messages, entry_id)
         if request.semantic and messages[-1].role == _USER:
             hit = await self._semantic_lookup(partition, messages, entry_id)
             if hit is not None:
@@ -143,7 +158,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             context_id, text = self._semantic_subject(partition, messages)
             vector = self._recent_vectors.pop(entry_id, None)
             if vector is None:
-                vector = await self._embedder.embed_or_none(text)
+                vector = await self._embedding(entry_id, text)
         now_ms = _now_ms()
         if vector is None:
             await self._store.put_exact(partition, entry_id, answer, now_ms, ttl_ms)
@@ -218,7 +233,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             # Likely a candidate (or the vector size still unknown): embed
             # while the index tops itself up.
             vector, (rows, strictness) = await asyncio.gather(
-                self._embedder.embed_or_none(question),
+                self._embedding(entry_id, question),
                 self._store.entries_since(partition, context_id, after_seq),
             )
         else:
@@ -234,7 +249,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 self._metrics.misses_without_embedding.inc()
                 return None
             after_seq, rows = index.synced_seq, []
-            vector = await self._embedder.embed_or_none(question)
+            vector = await self._embedding(entry_id, question)
         if vector is None:
             return None
         self._dimensions = len(vector)
@@ -255,6 +270,31 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 return match, answer
             index.remove(match.entry_id, match.seq)
         return None
+
+    def _embed_ahead(self, partition: keys.Partition, messages, entry_id: str) -> None:
+        """After an exact-only miss: starts embedding the prompt's question
+        when the semantic lookup (expected next) would embed it, i.e. the
+        first stage would not call it a miss at once."""
+        if entry_id in self._embedding_ahead:
+            return
+        context_id, question = self._semantic_subject(partition, messages)
+        index = self._indexes.get(partition.vectors_key(context_id))
+        if self._dimensions is not None and (index is None or not index.may_match(analyze(question).content)):
+            # Unknown (an index not loaded here) or a likely first-stage
+            # miss: the semantic lookup decides, as without this.
+            return
+        self._embedding_ahead[entry_id] = asyncio.ensure_future(self._embedder.embed_or_none(question))
+        while len(self._embedding_ahead) > EMBED_AHEAD:
+            _, unclaimed = self._embedding_ahead.popitem(last=False)
+            unclaimed.cancel()
+
+    async def _embedding(self, entry_id: str, question: str) -> np.ndarray | None:
+        """The question's vector: the one an exact-only miss of the same
+        prompt started, or a new one."""
+        ahead = self._embedding_ahead.pop(entry_id, None)
+        if ahead is not None:
+            return await ahead
+        return await self._embedder.embed_or_none(question)
 
     def _semantic_subject(self, partition: keys.Partition, messages) -> tuple[str, str]:
         """The sub-partition a prompt's last question is matched in, and the

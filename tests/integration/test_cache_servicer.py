@@ -160,13 +160,79 @@ async def test_semantic_hit_needs_similarity_at_the_threshold(cache, tenant):
 
 async def test_semantic_matching_only_when_asked_and_for_user_questions(cache, embedder, tenant):
     await store(cache, scope(tenant), conversation(STORED))
-    calls = len(embedder.calls)
     exact_only = await lookup(cache, scope(tenant), conversation(PARAPHRASE), semantic=False)
     assert exact_only.status == pb.LOOKUP_STATUS_MISS
-    assert len(embedder.calls) == calls
+    await asyncio.sleep(0)  # its embedding ahead (see the next test) has started
+    calls = len(embedder.calls)
     not_a_question = [common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=PARAPHRASE)]
-    assert (await lookup(cache, scope(tenant), not_a_question)).status == pb.LOOKUP_STATUS_MISS
+    for semantic in (True, False):
+        response = await lookup(cache, scope(tenant), not_a_question, semantic=semantic)
+        assert response.status == pb.LOOKUP_STATUS_MISS
+    await asyncio.sleep(0)
     assert len(embedder.calls) == calls
+
+
+class GatedEmbedder(FakeEmbedder):
+    """Holds every embedding until ``release`` is set; ``started`` lists
+    every embedding begun, ``calls`` those finished."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.started: list[str] = []
+
+    async def embed_or_none(self, text: str) -> np.ndarray | None:
+        self.started.append(text)
+        await self.release.wait()
+        return await super().embed_or_none(text)
+
+
+async def test_an_exact_only_miss_starts_the_embedding_its_semantic_lookup_uses(redis_client, tenant):
+    embedder = GatedEmbedder()
+    embedder.release.set()
+    cache = make_servicer(redis_client, embedder)
+    await store(cache, scope(tenant), conversation(STORED))
+    # A lookup has seen the vector size: from then on the first stage runs.
+    other = await lookup(cache, scope(tenant), conversation(STORED + " Fast?"))
+    assert other.status == pb.LOOKUP_STATUS_MISS
+    embedder.started.clear()
+    embedder.calls.clear()
+    embedder.release.clear()
+    # An exact hit starts nothing; an exact-only miss starts the embedding
+    # the router's semantic lookup of the same prompt will need, and still
+    # answers at once, a miss.
+    exact = await lookup(cache, scope(tenant), conversation(STORED), semantic=False)
+    assert exact.status == pb.LOOKUP_STATUS_EXACT_HIT
+    miss = await asyncio.wait_for(lookup(cache, scope(tenant), conversation(PARAPHRASE), semantic=False), 10)
+    assert miss.status == pb.LOOKUP_STATUS_MISS
+    await asyncio.sleep(0)
+    assert embedder.started == [PARAPHRASE]
+    # The semantic lookup waits for that embedding rather than starting one.
+    semantic = asyncio.ensure_future(lookup(cache, scope(tenant), conversation(PARAPHRASE)))
+    await asyncio.sleep(0.05)
+    assert not semantic.done() and embedder.started == [PARAPHRASE]
+    embedder.release.set()
+    hit = await asyncio.wait_for(semantic, 10)
+    assert hit.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    assert embedder.calls == [PARAPHRASE]
+    # A question sharing no word with the partition is left to the
+    # semantic lookup's first stage: nothing embedded ahead.
+    sistine = "Who painted the Sistine Chapel ceiling?"
+    unrelated = await lookup(cache, scope(tenant), conversation(sistine), semantic=False)
+    assert unrelated.status == pb.LOOKUP_STATUS_MISS
+    await asyncio.sleep(0)
+    assert embedder.started == [PARAPHRASE]
+
+
+async def test_a_store_uses_the_embedding_an_exact_only_miss_started(cache, embedder, tenant):
+    await store(cache, scope(tenant), conversation(STORED))
+    other = await lookup(cache, scope(tenant), conversation(STORED + " Fast?"))
+    assert other.status == pb.LOOKUP_STATUS_MISS
+    embedder.calls.clear()
+    miss = await lookup(cache, scope(tenant), conversation(PARAPHRASE), semantic=False)
+    assert miss.status == pb.LOOKUP_STATUS_MISS
+    await store(cache, scope(tenant), conversation(PARAPHRASE), text="Build small projects.")
+    assert embedder.calls == [PARAPHRASE]
 
 
 @pytest.mark.parametrize(
