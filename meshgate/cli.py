@@ -13,6 +13,7 @@ import time
 import grpc
 import uvloop
 
+from meshgate import serving
 from meshgate.common.v1 import common_pb2
 from meshgate.config import DEFAULT_DEV_API_KEY
 from meshgate.errors import error_info
@@ -49,7 +50,10 @@ async def chat(
     top_p: float | None = DEFAULT_TOP_P,
 ) -> pb.ChatCompletion:
     """Streams one answer to `out` as it arrives, then prints the summary.
-    A parameter left None is left to the model."""
+    `router`: an address as a service's settings take it (see
+    serving.channel_target): one host:port, a comma-separated list of
+    ip:port replicas, or dns:///name:port. A parameter left None is left to
+    the model."""
     parameters = common_pb2.GenerationParameters()
     if max_tokens is not None:
         parameters.max_tokens = max_tokens
@@ -64,7 +68,11 @@ async def chat(
         parameters=parameters,
         cache_policy=_POLICIES[cache_policy],
     )
-    async with grpc.aio.insecure_channel(router) as channel:
+    # The channel the services reach each other with: a list or a name of
+    # several replicas is balanced round-robin, a replica that refuses
+    # connections is skipped. Untraced: the CLI exports no spans (the
+    # router starts the trace).
+    async with serving.client_channel(router, traced=False) as channel:
         stub = router_service_pb2_grpc.RouterServiceStub(channel)
         started = time.perf_counter()
         first_token_s = None
@@ -78,6 +86,10 @@ async def chat(
             else:
                 completion = response.completion
         total_s = time.perf_counter() - started
+    if completion is None:
+        # The router ends every answer with its completion: without one the
+        # answer may be cut short, and must not pass for a whole one.
+        raise IncompleteAnswer("the router's stream ended without a completion")
     out.write("\n\n")
     usage = completion.usage
     similarity = (
@@ -94,6 +106,18 @@ async def chat(
         f"deployment: {completion.deployment or '-'}   trace: {completion.trace_id}\n"
     )
     return completion
+
+
+class IncompleteAnswer(Exception):
+    """The router's stream ended without the completion that ends every answer."""
+
+
+def _router_address(address: str) -> str:
+    try:
+        serving.channel_target(address)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return address
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
@@ -115,6 +139,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         info = error_info(error)
         reason = f" [{info.reason}]" if info else ""
         print(f"error: {error.code().name}{reason}: {error.details()}", file=sys.stderr)
+        return 1
+    except IncompleteAnswer as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
 
@@ -263,7 +290,12 @@ def main(argv: list[str] | None = None) -> int:
 
     chat_parser = commands.add_parser("chat", help="stream one answer from the router")
     chat_parser.add_argument("prompt")
-    chat_parser.add_argument("--router", default="127.0.0.1:50051")
+    chat_parser.add_argument(
+        "--router",
+        default="127.0.0.1:50051",
+        type=_router_address,
+        help="host:port, a comma-separated list of ip:port replicas (balanced), or dns:///name:port",
+    )
     chat_parser.add_argument("--api-key", default=os.environ.get("MESHGATE_DEV_API_KEY", DEFAULT_DEV_API_KEY))
     chat_parser.add_argument("--model", default=DEFAULT_MODEL)
     chat_parser.add_argument("--session", default="", help="continue a server-side session")

@@ -1,0 +1,146 @@
+"""`meshgate chat` as a user runs it, a process of its own, against real
+routers in front of real context, cache and inference services, Redis and
+Triton."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import sys
+
+import grpc
+import pytest
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import DeploymentSettings, ModelSettings
+from meshgate.local.stack import REPO_ROOT, free_port
+from meshgate.reasons import Reason
+from meshgate.router.v1 import router_service_pb2 as pb
+from meshgate.router.v1 import router_service_pb2_grpc
+from tests.integration.conftest import running_router, service_settings
+
+pytestmark = pytest.mark.integration
+
+KEY = "cli-test-key"
+QUESTION = "Where do rivers begin?"
+MAX_TOKENS = 12
+SUMMARY = re.compile(
+    r"\n\ncache: bypassed\ntokens: (\d+) prompt \+ (\d+) completion\n"
+    r"time to first token: [\d.]+ ms\ntotal time: [\d.]+ ms\ndeployment: (\S+)   trace: \S*\n$"
+)
+
+
+@pytest.fixture(scope="module")
+async def routers(redis_url, inference_address) -> dict[str, str]:
+    """Two routers whose tiny-gpt deployments are named apart, so the CLI's
+    summary says which one answered: deployment name -> router address."""
+    async with contextlib.AsyncExitStack() as stack:
+        addresses = {}
+        for name in ("replica-a", "replica-b"):
+            settings = service_settings(redis_url, inference_address, KEY)
+            deployment = DeploymentSettings(name=name, address=inference_address, model="tiny-gpt")
+            settings.models = {"tiny-gpt": ModelSettings(deployments=[deployment])}
+            addresses[name] = await stack.enter_async_context(running_router(settings))
+        yield addresses
+
+
+async def meshgate_chat(*arguments: str, router: str, api_key: str = KEY) -> tuple[int, str, str]:
+    """Runs `meshgate chat` to its end: exit status, stdout, stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "meshgate.cli",
+        "chat",
+        "--router",
+        router,
+        "--api-key",
+        api_key,
+        "--model",
+        "tiny-gpt",
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--cache",
+        "bypass",
+        *arguments,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 120)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return process.returncode, out.decode(), err.decode()
+
+
+async def grpc_answer(router: str) -> tuple[str, pb.ChatCompletion]:
+    """The same greedy request, straight over gRPC."""
+    request = pb.ChatRequest(
+        model="tiny-gpt",
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=QUESTION)],
+        parameters=common_pb2.GenerationParameters(max_tokens=MAX_TOKENS, temperature=0.0, top_p=1.0),
+        cache_policy=pb.CACHE_POLICY_BYPASS,
+    )
+    async with grpc.aio.insecure_channel(router) as channel:
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+        text, completion = [], None
+        async for response in stub.Chat(request, metadata=[("authorization", f"Bearer {KEY}")], timeout=60):
+            if response.HasField("completion"):
+                completion = response.completion
+            else:
+                text.append(response.delta.text)
+    return "".join(text), completion
+
+
+def parsed(out: str) -> tuple[str, int, int, str]:
+    """The streamed answer, prompt and completion tokens, and deployment."""
+    summary = SUMMARY.search(out)
+    assert summary is not None, out
+    return out[: summary.start()], int(summary[1]), int(summary[2]), summary[3]
+
+
+async def test_chat_streams_the_routers_answer_then_its_summary(routers):
+    status, out, err = await meshgate_chat(QUESTION, router=routers["replica-a"])
+    assert status == 0, err
+    text, prompt_tokens, completion_tokens, deployment = parsed(out)
+    expected_text, completion = await grpc_answer(routers["replica-a"])
+    # Greedy by default: the CLI printed exactly what the router streams.
+    assert text == expected_text and text
+    assert (prompt_tokens, completion_tokens) == (
+        completion.usage.prompt_tokens,
+        completion.usage.completion_tokens,
+    )
+    assert deployment == "replica-a"
+
+
+async def test_an_address_list_is_balanced_over_its_replicas_past_one_that_refuses(routers):
+    """A list went to grpc as one host name ("ip:port,ip:port") and failed
+    to resolve; it is a list of replicas now, and a dead one is skipped."""
+    # A port nothing listens on, first in the list: the call goes past it.
+    refusing = f"127.0.0.1:{free_port()}"
+    listed = ",".join([refusing, *routers.values()])
+    served = []
+    # Each run is a new channel, whose round-robin starts at a random
+    # replica: both answer within 20 runs unless that is broken (or with
+    # odds of 2 in a million).
+    while set(served) != set(routers) and len(served) < 20:
+        status, out, err = await meshgate_chat(QUESTION, router=listed)
+        assert status == 0, err
+        served.append(parsed(out)[3])
+    assert set(served) == set(routers), served
+
+
+async def test_a_refused_call_exits_non_zero_with_its_status_and_reason(routers):
+    status, out, err = await meshgate_chat(QUESTION, router=routers["replica-a"], api_key="not-a-key")
+    assert status == 1
+    assert err.startswith(f"error: UNAUTHENTICATED [{Reason.API_KEY_INVALID}]: "), err
+    assert "cache:" not in out
+
+
+async def test_a_list_of_names_is_refused_before_any_call():
+    status, _, err = await meshgate_chat(QUESTION, router="router-a:50051,router-b:50051")
+    assert status == 2
+    assert "use dns:///name:port" in err
