@@ -400,3 +400,20 @@ async def test_a_joiner_that_closes_unread_leaves_the_generation_to_the_last_rea
     await unread.aclose()
     await reading.aclose()
     assert generator.cancelled == 1 and coalescer.in_flight == 0
+
+
+async def test_a_cache_hit_during_a_speculative_shared_generation_cancels_it():
+    hit = Hit(Answer(text="cached"), CacheStatus.SEMANTIC_HIT, 0.93)
+    cache = FakeCache(hit)
+    cache.answered.clear()
+    generator = GatedGenerator()
+    turns = Pipeline(RouterSettings(), MODELS, FakeContexts(), cache, generator)
+    cached = Caller(turns, chat(policy=pb.CACHE_POLICY_USE))
+    async with asyncio.timeout(5):
+        while generator.calls == 0:  # the generation starts while the lookup runs
+            await asyncio.sleep(0.005)
+    cache.answered.set()
+    await settle_all(cached)
+    assert cached.text == "cached" and isinstance(cached.events[-1], Completion)
+    assert generator.cancelled == 1 and generator.finished == 0
+    assert turns._coalescer.in_flight == 0
