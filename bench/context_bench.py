@@ -13,6 +13,10 @@ Also: assembly latency for the sessions of 1,000+ turns, through gRPC with the
 question's embedding, and in-process without it (the service's own code,
 hot session in memory and cold from Redis), and Redis memory per stored turn.
 
+``--latency-only`` replays only the sessions of 1,000+ turns and measures
+latency alone (no retention table), and ``--profile PATH`` adds a cProfile
+pass of the gRPC loop after the timed one.
+
 ``--offline`` re-scores from vectors cached under bench/.cache/ with the pure
 modules (relevance.py, assembly.plan), for development; the reported run goes
 through the services.
@@ -23,9 +27,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import cProfile
 import json
 import os
 import pathlib
+import pstats
 import re
 import statistics
 import sys
@@ -37,6 +43,7 @@ import uuid
 # their entry points configure them (services/context/__main__.py).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import uvloop  # noqa: E402
 
@@ -44,12 +51,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import context_ranker  # noqa: E402  (bench/, beside this script)
+from tritonclient.grpc import service_pb2_grpc as triton_service_pb2_grpc  # noqa: E402
 
 from meshgate import redis_access, serving  # noqa: E402
 from meshgate.common.v1 import common_pb2  # noqa: E402
 from meshgate.config import Settings  # noqa: E402
 from meshgate.context.v1 import context_service_pb2 as pb  # noqa: E402
 from meshgate.context.v1 import context_service_pb2_grpc  # noqa: E402
+from meshgate.embedding import Embedder  # noqa: E402
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb  # noqa: E402
 from meshgate.inference.v1 import inference_service_pb2_grpc  # noqa: E402
 from meshgate.local import redis_server, triton  # noqa: E402
@@ -62,6 +71,7 @@ from services.context.store import SessionStore  # noqa: E402
 from services.context.store import key as session_key_of  # noqa: E402
 from services.context.turn_index import TurnIndex  # noqa: E402
 from services.inference import app as inference_app  # noqa: E402
+from services.inference import triton_protocol  # noqa: E402
 from tests.mesh import mesh_settings, router_channel  # noqa: E402
 
 DATA = pathlib.Path("/work/shared/data/long-conversations/realtalk")
@@ -391,6 +401,9 @@ async def _run(conversations, args, settings: Settings) -> list[str]:
                 session_id = await replay(stub, tenant, turns)
                 replay_s += time.perf_counter() - started
                 sessions[name] = session_id
+                if args.latency_only:
+                    print(f"{name}: {len(turns)} turns replayed", file=sys.stderr, flush=True)
+                    continue
                 unembedded += await unembedded_turns(client, tenant, session_id, len(turns))
                 per_turn, per_turn_index = await redis_bytes_per_turn(client, tenant, session_id, len(turns))
                 memory.append(per_turn)
@@ -415,6 +428,8 @@ async def _run(conversations, args, settings: Settings) -> list[str]:
                                 all(entries[i].disposition != pb.DISPOSITION_DROPPED for i in q["evidence"]),
                             )
                 print(f"{name}: {len(turns)} turns, {len(questions)} questions", file=sys.stderr, flush=True)
+            if args.latency_only:
+                return await _latency(conversations, sessions, tenant, stub, embed_stub, settings, args)
             total_turns = sum(len(t) for t, _, _ in conversations.values())
             out += tally.table(
                 "### Evidence kept verbatim (share of questions with every evidence turn INCLUDED)"
@@ -428,7 +443,7 @@ async def _run(conversations, args, settings: Settings) -> list[str]:
                 f" (of which the retrieval index {statistics.mean(memory_index):.0f} B)",
                 "",
             ]
-            out += await _latency(conversations, sessions, tenant, stub, embed_stub, settings)
+            out += await _latency(conversations, sessions, tenant, stub, embed_stub, settings, args)
     finally:
         await client.aclose()
         await serving.stop(context, grace_s=1)
@@ -448,7 +463,9 @@ async def _wait_for_embeddings(stub, timeout_s: float = 120.0) -> None:
             await asyncio.sleep(0.5)
 
 
-async def _latency(conversations, sessions, tenant, stub, embed_stub, settings: Settings) -> list[str]:
+async def _latency(
+    conversations, sessions, tenant, stub, embed_stub, settings: Settings, args
+) -> list[str]:
     """Assembly of sessions with 1,000+ turns, at 2k tokens, adaptive."""
     long = {n: c for n, c in conversations.items() if len(c[0]) >= 1000}
     if not long:
@@ -458,20 +475,39 @@ async def _latency(conversations, sessions, tenant, stub, embed_stub, settings: 
         for n, (_, _, questions) in long.items()
         for q in questions
     ]
-    # Through gRPC, with the question's embedding (the service embeds it).
-    rpc = []
-    for request in requests:
-        started = time.perf_counter()
-        await stub.AssembleContext(request, timeout=60)
-        rpc.append(1000 * (time.perf_counter() - started))
-    embed = []
-    for request in requests:
-        started = time.perf_counter()
-        await embed_stub.Embed(inference_pb.EmbedRequest(texts=[request.new_messages[0].content]), timeout=60)
-        embed.append(1000 * (time.perf_counter() - started))
-    # The service's own code in this process, without an embedder but with
-    # the summaries the service adds: hot (session and index in memory) and
-    # cold (index from Redis).
+    # Through gRPC, with the question's embedding (the service embeds it);
+    # the question's Embed call alone; and Triton's minilm asked directly
+    # (what the inference service adds to an Embed is the difference), one
+    # after the other per question, so that the shared machine's drift hits
+    # all three alike.
+    rpc, embed, triton_direct = [], [], []
+    async with grpc.aio.insecure_channel(settings.inference.triton_urls[0]) as triton_channel:
+        triton_stub = triton_service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
+        model = settings.inference.embedding_triton_model
+        for request in requests:
+            question = request.new_messages[0].content
+            started = time.perf_counter()
+            await stub.AssembleContext(request, timeout=60)
+            rpc.append(1000 * (time.perf_counter() - started))
+            started = time.perf_counter()
+            await embed_stub.Embed(inference_pb.EmbedRequest(texts=[question]), timeout=60)
+            embed.append(1000 * (time.perf_counter() - started))
+            started = time.perf_counter()
+            await triton_stub.ModelInfer(triton_protocol.embed_request(model, [question]), timeout=60)
+            triton_direct.append(1000 * (time.perf_counter() - started))
+    if args.profile:
+        # Afterwards, so the profiler inflates none of the figures above.
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for request in requests:
+            await stub.AssembleContext(request, timeout=60)
+        profiler.disable()
+        profiler.dump_stats(args.profile)
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(40)
+    # The service's own code in this process, with the summaries the
+    # service adds: hot (session and index in memory) with and without the
+    # question's embedding (the same inference service, not through the
+    # context service's gRPC), and cold (index from Redis) without.
     counters = token_counts.for_models(settings.models)
     client = await redis_access.connect_checked(settings.redis.url)
     hot = HotCache(256 * 1024 * 1024, 0)
@@ -485,7 +521,12 @@ async def _latency(conversations, sessions, tenant, stub, embed_stub, settings: 
         store = SessionStore(client, 0)
         index = TurnIndex(client, 0)
         results = {}
-        for label, cache in (("hot", hot), ("cold", HotCache(0, 0))):
+        paths = (
+            ("hot, embedded", hot, Embedder(embed_stub)),
+            ("hot", hot, None),
+            ("cold", HotCache(0, 0), None),
+        )
+        for label, cache, embedder in paths:
             summarizer = summaries.Summarizer(
                 store,
                 summaries.SummaryStore(client, 0),
@@ -497,7 +538,7 @@ async def _latency(conversations, sessions, tenant, stub, embed_stub, settings: 
             )
             floor = settings.context.recency_floor_turns
             servicer = ContextServicer(
-                store, settings.models, counters, cache, index, None, floor, summarizer
+                store, settings.models, counters, cache, index, embedder, floor, summarizer
             )
             for name in long:
                 servicer.prefetch(tenant, sessions[name])
@@ -516,21 +557,29 @@ async def _latency(conversations, sessions, tenant, stub, embed_stub, settings: 
         await listener.close()
         await client.aclose()
     turns = sorted(len(c[0]) for c in long.values())
-    rows = [
+
+    def row(path: str, values: list[float]) -> str:
+        return f"| {path} | {percentile(values, 50):.2f} | {percentile(values, 99):.2f} |"
+
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    return [
         f"### Assembly latency, adaptive at 2,048 tokens, {len(requests)} questions over sessions of"
         f" {', '.join(map(str, turns))} turns",
         "",
+        f"Load average at the end: {load} (1, 5, 15 min; {os.cpu_count()} cores)",
+        "",
         "| path | p50 ms | p99 ms |",
         "|---|---|---|",
-        f"| AssembleContext over gRPC, with the question's embedding | {percentile(rpc, 50):.2f} |"
-        f" {percentile(rpc, 99):.2f} |",
-        f"| in-process, no embedding, hot session, with summaries | {percentile(results['hot'], 50):.2f} |"
-        f" {percentile(results['hot'], 99):.2f} |",
-        f"| in-process, no embedding, cold (index read from Redis), with summaries |"
-        f" {percentile(results['cold'], 50):.2f} | {percentile(results['cold'], 99):.2f} |",
-        f"| the question's Embed call alone | {percentile(embed, 50):.2f} | {percentile(embed, 99):.2f} |",
+        row("AssembleContext over gRPC, with the question's embedding", rpc),
+        row(
+            "in-process, hot session, with the question's embedding, with summaries",
+            results["hot, embedded"],
+        ),
+        row("in-process, no embedding, hot session, with summaries", results["hot"]),
+        row("in-process, no embedding, cold (index read from Redis), with summaries", results["cold"]),
+        row("the question's Embed call alone (inference service, then Triton)", embed),
+        row("Triton's minilm asked directly (ModelInfer, no inference service)", triton_direct),
     ]
-    return rows
 
 
 async def cached_vectors(conversations) -> dict[str, np.ndarray]:
@@ -574,11 +623,19 @@ def main() -> None:
     parser.add_argument("--offline", action="store_true", help="re-score cached vectors (development)")
     parser.add_argument("--floor", type=int, default=Settings().context.recency_floor_turns)
     parser.add_argument("--limit", type=int, default=0, help="only the first N conversations")
+    parser.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="replay only the sessions of 1,000+ turns and measure assembly latency, no retention",
+    )
+    parser.add_argument("--profile", metavar="PATH", help="also cProfile the gRPC latency loop into PATH")
     args = parser.parse_args()
     paths = sorted(DATA.glob("*.json"))
-    if args.limit:
-        paths = paths[: args.limit]
     conversations = {p.stem: load_conversation(p) for p in paths}
+    if args.latency_only:
+        conversations = {n: c for n, c in conversations.items() if len(c[0]) >= 1000}
+    if args.limit:
+        conversations = dict(list(conversations.items())[: args.limit])
     if args.offline:
         vectors = uvloop.run(cached_vectors(conversations))
         # Weights were chosen, and the learned ranker trained
