@@ -4,6 +4,7 @@ the session store and the assembly policy."""
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import dataclasses
 import hashlib
 import re
@@ -79,6 +80,10 @@ def _record_assembly(strategy: str, started: float, tokens: dict[str, int]) -> N
             assembly_metrics.assembly_tokens.labels(name).inc(count)
 
 
+# Event-loop turns a unary gRPC call through client interceptors takes to
+# be sent: the calling task's, the interceptors' task's, the call's own.
+_TURNS_TO_SEND = 3
+
 # A pinned fact is a system message in every later prompt: kept short.
 MAX_FACT_BYTES = 4096
 
@@ -133,6 +138,11 @@ def _postings_of(
         for term in wanted.intersection(turn.terms):
             postings.setdefault(term, []).append(relevance.pack_posting(index, turn.terms[term]))
     return {t: np.array(p, dtype=np.uint32) for t, p in postings.items()}, term_counts
+
+
+def _query_text(messages: collections.abc.Iterable[common_pb2.Message]) -> str:
+    """What relevance is measured against: the new user messages' text."""
+    return "\n".join(m.content for m in messages if m.role == common_pb2.ROLE_USER)
 
 
 def _check_tenant(tenant_id: str) -> None:
@@ -351,18 +361,60 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         if not new_messages and not request.session_id:
             raise invalid_argument(Reason.EMPTY_MESSAGES, "nothing to assemble: no session, no messages")
         _check_messages(new_messages, "new_messages")
-
-        counter = self._counters[request.model]
-        new_counts = await counter.count(new_messages)
-        new = [assembly.Candidate(m, n) for m, n in zip(new_messages, new_counts, strict=True)]
         at_version = request.at_version if request.HasField("at_version") else None
         if at_version is not None:
             _check_version(at_version, "at_version")
         strategy = self._strategy(request, model)
+        # The question's embedding is the longest wait of an assembly: it is
+        # asked for first, and everything that does not need it (counting
+        # the new messages, reading the session, the pinned items' counts)
+        # is done while it is on its way.
+        query_vector = self._embed_query(request, new_messages, strategy)
+        try:
+            if query_vector is not None:
+                # A hot session's work below never waits, so the embedding's
+                # request would only leave at the first await after it: the
+                # client interceptors and the call take a few turns of the
+                # loop to put it on the wire (0.2 ms a call, measured).
+                for _ in range(_TURNS_TO_SEND):
+                    await asyncio.sleep(0)
+            return await self._assemble(
+                request, started, model, new_messages, at_version, strategy, query_vector
+            )
+        finally:
+            if query_vector is not None and not query_vector.done():
+                query_vector.cancel()
+
+    def _embed_query(
+        self, request: pb.AssembleContextRequest, new_messages: list[common_pb2.Message], strategy: int
+    ) -> asyncio.Task | None:
+        """The new user messages' embedding, started, when adaptive
+        assembly of a session will score turns by it."""
+        adaptive = strategy == pb.ASSEMBLY_STRATEGY_ADAPTIVE
+        if not (request.session_id and adaptive and self._embedder is not None):
+            return None
+        query = _query_text(new_messages)
+        if not query:
+            return None
+        return asyncio.create_task(self._embedder.embed_or_none(query))
+
+    async def _assemble(
+        self,
+        request: pb.AssembleContextRequest,
+        started: float,
+        model: ModelSettings,
+        new_messages: list[common_pb2.Message],
+        at_version: int | None,
+        strategy: int,
+        query_vector: asyncio.Task | None,
+    ) -> pb.AssembleContextResponse:
+        counter = self._counters[request.model]
+        new_counts = await counter.count(new_messages)
+        new = [assembly.Candidate(m, n) for m, n in zip(new_messages, new_counts, strict=True)]
         budget = min(request.max_prompt_tokens, model.context_window_tokens)
         if request.session_id:
             response, version, turns, chosen, compacted = await self._assemble_session(
-                request, new, budget, counter, at_version, strategy
+                request, new, budget, counter, at_version, strategy, query_vector
             )
         else:
             required = [assembly.TurnCost(c.message.role, c.tokens) for c in new]
@@ -461,26 +513,18 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         counter: PromptCounter,
         at_version: int | None,
         strategy: int,
+        query_vector: asyncio.Task | None,
     ) -> tuple[pb.AssembleContextResponse, int, assembly.SessionCosts, assembly.Plan, int]:
         """Plans from the turns' index (roles, counts, vectors, the query's
         postings) and reads only the chosen turns' texts; a session whose
         index is incomplete (stored before it, forked, or an older version
-        asked for) is read whole and scored from its texts."""
+        asked for) is read whole and scored from its texts. ``query_vector``
+        is the new messages' embedding on its way (_embed_query), awaited
+        only once nothing else is left before scoring."""
         tenant_id, session_id = request.tenant_id, request.session_id
         adaptive = strategy == pb.ASSEMBLY_STRATEGY_ADAPTIVE
-        query = "\n".join(c.message.content for c in new if c.message.role == common_pb2.ROLE_USER)
-        terms = list(relevance.index_terms(query)) if adaptive else []
-        query_vector: asyncio.Task | None = None
-        if adaptive and query and self._embedder is not None:
-            # The question's embedding is fetched while Redis is read.
-            query_vector = asyncio.create_task(self._embedder.embed_or_none(query))
-        try:
-            view = await self._session_view(request, terms, counter, at_version)
-            vector = await query_vector if query_vector is not None else None
-        finally:
-            if query_vector is not None and not query_vector.done():
-                query_vector.cancel()
-        scores = _live_scores(terms, view, vector) if adaptive else None
+        terms = list(relevance.index_terms(_query_text(c.message for c in new))) if adaptive else []
+        view = await self._session_view(request, terms, counter, at_version)
         pinned_facts = [common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=f) for f in view.pinned_facts]
         facts = [
             assembly.Candidate(m, n)
@@ -488,6 +532,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         ]
         costs = assembly.SessionCosts(view.roles, np.asarray(view.counts, dtype=np.int64))
         required = [assembly.TurnCost(c.message.role, c.tokens) for c in (*facts, *new)]
+        vector = await query_vector if query_vector is not None else None
+        scores = _live_scores(terms, view, vector) if adaptive else None
         chosen = assembly.plan(
             costs,
             required,
@@ -503,7 +549,9 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             texts = await self._index.read_turns(tenant_id, session_id, chosen.kept(), view.version)
             if texts is None:
                 # A revert or a compaction changed the session between the two reads: plan again.
-                return await self._assemble_session(request, new, budget, counter, at_version, strategy)
+                return await self._assemble_session(
+                    request, new, budget, counter, at_version, strategy, query_vector
+                )
         rendered = assembly.render(chosen, costs, texts, new, facts, scores)
         return rendered, view.version, costs, chosen, view.compacted
 
