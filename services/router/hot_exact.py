@@ -75,6 +75,13 @@ class HotExactHits:
 
     @staticmethod
     def key(plan: CachePlan, messages) -> bytes:
+        """The local key of ``messages`` under ``plan``; a turn asks for it
+        up to three times (exact lookup, semantic lookup, store), and it
+        costs a serialization of the whole prompt (~70 us for 40 KB), so it
+        is computed once per plan and prompt."""
+        known = plan.hot_exact_keys.get(id(messages))
+        if known is not None and known[0] is messages:
+            return known[1]
         digest = hashlib.blake2b(digest_size=16, person=b"mg-router-hot")
         parts = (
             plan.tenant_id.encode(),
@@ -85,7 +92,9 @@ class HotExactHits:
         for part in parts:
             digest.update(_LENGTH.pack(len(part)))
             digest.update(part)
-        return digest.digest()
+        key = digest.digest()
+        plan.hot_exact_keys[id(messages)] = (messages, key)
+        return key
 
     def get(self, key: bytes) -> Hit | None:
         if not self.live:

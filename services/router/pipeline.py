@@ -126,6 +126,13 @@ class CachePlan:
     tenant_id: str
     model: str
     parameters: common_pb2.GenerationParameters
+    # The router's hot exact key of a prompt under this plan, computed once
+    # per turn though the exact lookup, the semantic lookup and the store
+    # all ask for it (hot_exact.py): id(prompt) -> (prompt, key). The prompt
+    # is held, so its id is not reused while the plan lives.
+    hot_exact_keys: dict[int, tuple[Any, bytes]] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,11 +285,13 @@ _WORDS = re.compile(r"\S+\s*|\s+")
 
 def replay_pieces(text: str, piece_chars: int) -> list[str]:
     """``text`` in pieces of whole words of about ``piece_chars`` characters
-    (a few tokens' worth), so a hit streams like a generated answer."""
+    (a few tokens' worth), so a hit streams like a generated answer.
+    Leading whitespace goes with the first word: a piece of nothing but
+    whitespace would be a message that shows nothing."""
     pieces: list[str] = []
     current = ""
     for word in _WORDS.findall(text):
-        if current and len(current) + len(word) > piece_chars:
+        if current and not current.isspace() and len(current) + len(word) > piece_chars:
             pieces.append(current)
             current = ""
         current += word
@@ -466,7 +475,7 @@ class Pipeline:
             turn,
             model_alias=selection.model,
             model=model,
-            cache=dataclasses.replace(turn.cache, model=selection.model),
+            cache=dataclasses.replace(turn.cache, model=selection.model, hot_exact_keys={}),
             selection=selection,
         )
 

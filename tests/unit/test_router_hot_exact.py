@@ -144,3 +144,26 @@ def test_notices_round_trip_and_malformed_ones_parse_to_none():
     assert cache_notices.parse(cache_notices.scope_notice(scope.tenant_id, scope.model)) == scope
     for malformed in (b"", b"e", b"e ", b"s zz 00", b"s  ", b"x 1", b"e \xff"):
         assert cache_notices.parse(malformed) is None
+
+
+def test_a_turn_computes_its_key_once_however_often_it_asks(monkeypatch):
+    from services.router import hot_exact
+
+    digests = []
+    real_blake2b = hot_exact.hashlib.blake2b
+
+    def counting_blake2b(*args, **kwargs):
+        digests.append(1)
+        return real_blake2b(*args, **kwargs)
+
+    monkeypatch.setattr(hot_exact.hashlib, "blake2b", counting_blake2b)
+    scope, prompt = plan(), messages("what is the capital of France?")
+    # The exact lookup, the semantic lookup and the store of one turn.
+    first = HotExactHits.key(scope, prompt)
+    assert HotExactHits.key(scope, prompt) is first and HotExactHits.key(scope, prompt) is first
+    assert len(digests) == 1
+    # An equal prompt in another turn (another plan) is the same key, computed anew.
+    assert HotExactHits.key(plan(), messages("what is the capital of France?")) == first
+    assert len(digests) == 2
+    # Another prompt under the same plan has its own key.
+    assert HotExactHits.key(scope, messages("and of Spain?")) != first

@@ -432,6 +432,10 @@ def test_replay_pieces_keep_whole_words_and_the_exact_text():
     assert "supercalifragilistic " in pieces  # a long word is a piece of its own
     assert all(len(p) <= 8 for p in pieces if " " in p.strip())
     assert replay_pieces("", 8) == []
+    # Leading whitespace is no piece of its own (an answer that starts with a
+    # space and then one long run of characters is one message, not two).
+    assert replay_pieces(" " + "x" * 40, 8) == [" " + "x" * 40]
+    assert replay_pieces("\n\nab cd", 2) == ["\n\nab ", "cd"]
 
 
 def test_budget_caps_each_step_at_the_deadline():
