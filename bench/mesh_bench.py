@@ -9,9 +9,11 @@ Starts its own stack (Redis, Triton, the four services) on free ports, then:
    a new prompt, so neither coalescing nor the models' prefix cache shares
    work between requests or paths), at concurrency 1 and 16: time to
    first token, output tokens per second, and the router's overhead as a ratio.
-2. A workload of exact cache hits through the router: requests per second, and
-   the CPU the four service processes spent per hit (from /proc, so the load
-   generator's own CPU is not counted).
+2. Workloads of cache hits through the router: exact, semantic (each prompt's
+   lowercased variant, asked again and again), and semantic with every
+   question's text new to the cache service's embedding memo; requests per
+   second, and the CPU the four service processes spent per hit (from /proc,
+   so the load generator's own CPU is not counted).
 3. CPU of the four services per streamed (generated) answer.
 
 Results go to stdout as a markdown table. The machine is shared and noisy:
@@ -123,7 +125,24 @@ async def direct_triton(stub, model: str, prompt: str, max_tokens: int) -> Sampl
     return Sample(ttft or total, total, tokens)
 
 
-_EXPECTED_STATUS = {"exact hits": pb.CACHE_STATUS_EXACT_HIT, "semantic hits": pb.CACHE_STATUS_SEMANTIC_HIT}
+_EXPECTED_STATUS = {
+    "exact hits": pb.CACHE_STATUS_EXACT_HIT,
+    "semantic hits": pb.CACHE_STATUS_SEMANTIC_HIT,
+    "semantic hits, every text new": pb.CACHE_STATUS_SEMANTIC_HIT,
+}
+# Zero-width characters (Unicode Cf): the embedding model's tokenizer drops
+# them and the verifier reads words only, so a question with a tail of them
+# is the same semantic hit, but a text the cache's embedding memo has not
+# seen (nor any exact key): each lookup pays a full embedding.
+_INVISIBLE = ("\u200b", "\u200c")
+
+
+def never_seen(count: itertools.count):
+    def variant(prompt: str) -> str:
+        n = next(count)
+        return prompt.lower().rstrip("?.") + "".join(_INVISIBLE[n >> bit & 1] for bit in range(16))
+
+    return variant
 
 
 async def through_router(
@@ -287,6 +306,7 @@ async def main_async(args, stack: Stack) -> list[str]:
         workloads = {
             "exact hits": lambda p: p,
             "semantic hits": lambda p: p.lower().rstrip("?."),
+            "semantic hits, every text new": never_seen(itertools.count()),
         }
         for name, variant in workloads.items():
             one = lambda p, variant=variant, name=name: through_router(  # noqa: E731
