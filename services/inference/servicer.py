@@ -20,6 +20,7 @@ from meshgate.reasons import Reason
 from services.inference import triton_protocol, validation
 from services.inference.backends import BackendPool, TritonBackend
 from services.inference.embedding_input import EmbeddingTruncator
+from services.inference.shared_embeddings import SharedEmbeddings
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +41,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self._truncator = EmbeddingTruncator(
             tokenization.load(settings.embedding_tokenizer), settings.embedding_max_tokens
         )
+        self._embeddings = SharedEmbeddings(self._embed_texts, settings.embedding_memo_entries)
         # One strategy per served model, so each keeps its own prefix index.
         self._strategies = {
             name: balancing.build(
@@ -130,33 +132,40 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         validation.check_embed_texts(request.texts, self._settings)
-        # Tokenizing is CPU work in Rust: off the event loop, so streams go on.
-        texts = await asyncio.to_thread(self._truncator.truncate, list(request.texts))
+        # Texts in flight or embedded lately are not sent again (shared_embeddings.py).
+        vectors = await self._embeddings.vectors(request.texts)
+        # float32: dimensions are a vector's bytes over 4.
+        return pb.EmbedResponse(dimensions=len(vectors[0]) // 4, vectors=b"".join(vectors))
+
+    async def _embed_texts(self, texts: list[str]) -> list[bytes]:
+        """Each text's vector from Triton, for SharedEmbeddings: possibly for
+        several callers, so no one caller's deadline bounds it (it ends when
+        the last caller waiting leaves)."""
+        if any(self._truncator.needs_tokenizing(text) for text in texts):
+            # Tokenizing is CPU work in Rust: off the event loop, so streams go on.
+            texts = await asyncio.to_thread(self._truncator.truncate, texts)
         model = self._settings.embedding_triton_model
         chunks = [texts[i : i + EMBED_BATCH] for i in range(0, len(texts), EMBED_BATCH)]
-        timeout = context.time_remaining()
-        results = await asyncio.gather(*(self._embed_chunk(model, chunk, timeout) for chunk in chunks))
-        dimensions = results[0][0]
-        return pb.EmbedResponse(dimensions=dimensions, vectors=b"".join(raw for _, raw in results))
+        results = await asyncio.gather(*(self._embed_chunk(model, chunk) for chunk in chunks))
+        return [vector for chunk in results for vector in chunk]
 
-    async def _embed_chunk(self, model: str, texts: list[str], timeout: float | None) -> tuple[int, bytes]:
+    async def _embed_chunk(self, model: str, texts: list[str]) -> list[bytes]:
         backend = self._pool.choose(model)
         backend.in_flight += 1
         try:
-            response = await backend.stub.ModelInfer(
-                triton_protocol.embed_request(model, texts, timeout), timeout=timeout
-            )
+            response = await backend.stub.ModelInfer(triton_protocol.embed_request(model, texts))
         except grpc.aio.AioRpcError as error:
             raise triton_failure(error, model, Reason.INVALID_EMBEDDING_REQUEST) from error
         finally:
             backend.in_flight -= 1
         shape = list(response.outputs[0].shape)
         raw = response.raw_output_contents[0]
-        if shape[0] != len(texts) or len(raw) != np.prod(shape) * 4:
+        if len(shape) != 2 or shape[0] != len(texts) or shape[1] <= 0 or len(raw) != np.prod(shape) * 4:
             raise MeshgateError(
                 grpc.StatusCode.INTERNAL, Reason.BAD_EMBEDDING, f"embedding model returned shape {shape}"
             )
-        return int(shape[-1]), raw
+        size = int(shape[1]) * 4
+        return [raw[i * size : (i + 1) * size] for i in range(len(texts))]
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
         ready = set().union(*(b.ready_models for b in self._pool.backends))

@@ -4,6 +4,7 @@ as from the whole text, for any text (real tokenizer, hypothesis)."""
 from __future__ import annotations
 
 import pytest
+import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -59,3 +60,61 @@ def test_whitespace_runs_take_more_rounds_but_stay_exact():
 def test_a_budget_without_room_for_text_is_refused():
     with pytest.raises(ValueError, match="no room"):
         EmbeddingTruncator(TOKENIZER, 2)
+
+
+# --- texts short enough to need no tokenizing --------------------------------------------
+
+BUDGET = 256 - 2  # all-MiniLM's 256 tokens, less [CLS] and [SEP]
+# On both sides of the 254-byte bound: 10 to 160 pieces of 1 to 5 UTF-8
+# bytes, among them a ligature and a dotted capital the normalizer expands.
+PIECES_NEAR_THE_BOUND = ["a", "é", "東", "😀", " ", "?", "İ", "ﬃ", "\u0301", "word ", "한"]
+NEAR_THE_BOUND = st.lists(st.sampled_from(PIECES_NEAR_THE_BOUND), min_size=10, max_size=160).map("".join)
+
+
+def test_the_normalizer_leaves_no_more_characters_than_utf8_bytes_for_every_code_point():
+    """The first half of the bound in embedding_input.py's docstring,
+    checked exhaustively (1.1M code points, about a second)."""
+    normalize = TOKENIZER.normalizer.normalize_str
+    over = []
+    for code_point in range(0x110000):
+        if 0xD800 <= code_point < 0xE000:
+            continue  # surrogates: no text holds them
+        character = chr(code_point)
+        normalized = normalize(character)
+        if len(normalized) - normalized.count(" ") > len(character.encode()):
+            over.append(hex(code_point))
+    assert over == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(TEXTS, NEAR_THE_BOUND, st.text(max_size=400)))
+def test_no_text_has_more_tokens_than_utf8_bytes(text):
+    assert len(TOKENIZER.encode(text, add_special_tokens=False).ids) <= len(text.encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(st.one_of(NEAR_THE_BOUND, TEXTS, st.text(max_size=300)), min_size=1, max_size=4))
+def test_the_fast_path_answers_as_tokenizing_does(texts):
+    truncator = EmbeddingTruncator(TOKENIZER, 256)
+    assert truncator.truncate(texts) == truncator.cut_by_tokens(texts)
+    for text in texts:
+        if not truncator.needs_tokenizing(text):
+            assert len(text.encode()) <= BUDGET
+            assert truncator.cut_by_tokens([text]) == [text]
+
+
+def test_short_texts_are_told_apart_without_tokenizing_and_long_ones_are_not():
+    truncator = EmbeddingTruncator(TOKENIZER, 256)
+    assert not truncator.needs_tokenizing("How do transformers work?")
+    assert not truncator.needs_tokenizing("x" * BUDGET)
+    assert truncator.needs_tokenizing("x" * (BUDGET + 1))
+    assert not truncator.needs_tokenizing("東" * (BUDGET // 3))  # 3 bytes each, within the budget
+    assert truncator.needs_tokenizing("東" * (BUDGET // 3 + 1))
+
+
+def test_a_tokenizer_not_built_as_the_bound_assumes_has_every_text_tokenized():
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    word_level.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    truncator = EmbeddingTruncator(word_level, 256)
+    assert truncator.needs_tokenizing("a")
+    assert truncator.truncate(["a a"]) == ["a a"]

@@ -1,0 +1,185 @@
+"""One Triton call per text, however many callers ask for it at about the same time.
+
+An embedding is a pure function of the embedding model and the text, and
+the same text is asked for more than once in a row: a session turn's
+question by the context service (assembly's query vector) and by the cache
+(its semantic lookup), then again by the context service when it appends
+the turn; a question asked again on another cache replica. Every one of
+those callers reaches this service, so it is the one place that can see
+them all. Here:
+
+- texts already in flight share that call: a later caller waits for the
+  first one's vectors (single-flight), and a text repeated within one
+  request is sent once;
+- a bounded LRU keeps recent vectors (``inference.embedding_memo_entries``;
+  0 keeps none, in-flight texts are still shared). Nothing is ever stale:
+  only memory bounds it (1.5 KiB a vector at 384 dimensions).
+
+A shared call belongs to no caller. It runs as its own task, and each caller
+waits for it shielded, so a caller that leaves (cancelled, its deadline
+passed) does not end it for the others. When the last one waiting leaves it
+is cancelled: nobody wants its vectors, and cancelling the Triton call
+cancels the request inside Triton. A failure reaches each waiter as its own
+copy of the error, so that no two RPCs raise one exception object.
+
+One service instance embeds with one model (``inference.embedding_triton_model``),
+so texts alone are the keys, as digests: a text may be up to a megabyte, a
+key is 16 bytes. The cache service's question memo (services/cache/embedding_memo.py)
+keeps its own LRU in front of the same RPC: it spares the hop, this spares Triton.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import collections.abc
+import hashlib
+import typing
+
+from meshgate import metrics
+from meshgate.errors import MeshgateError
+
+# The servicer's Triton work for some texts: one float32 vector per text, as bytes.
+Fetch = collections.abc.Callable[[list[str]], collections.abc.Awaitable[list[bytes]]]
+
+
+class _Flight:
+    """One fetch under way: its texts' futures, and who waits for them."""
+
+    __slots__ = ("futures", "task", "waiters")
+
+    def __init__(self, futures: dict[bytes, asyncio.Future]) -> None:
+        self.futures = futures
+        self.task: asyncio.Task | None = None
+        self.waiters = 0
+
+
+class SharedEmbeddings:
+    """``fetch`` behind single-flight per text and an LRU of at most ``max_entries`` vectors."""
+
+    def __init__(self, fetch: Fetch, max_entries: int) -> None:
+        self._fetch = fetch
+        self._max_entries = max_entries
+        self._memo: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+        # Each text in flight, and the flight that will answer it.
+        self._in_flight: dict[bytes, _Flight] = {}
+        counts = metrics.inference().embedding_texts
+        self._from_triton = counts.labels("triton")
+        self._shared = counts.labels("shared")
+        self._from_memo = counts.labels("memo")
+
+    def __len__(self) -> int:
+        return len(self._memo)
+
+    async def vectors(self, texts: collections.abc.Sequence[str]) -> list[bytes]:
+        """Each text's vector, in order."""
+        keys = [_key(text) for text in texts]
+        found: dict[bytes, bytes] = {}
+        joined: dict[bytes, _Flight] = {}
+        missing: dict[bytes, str] = {}
+        for key, text in zip(keys, texts):
+            if key in found or key in joined or key in missing:
+                self._shared.inc()
+            elif (vector := self._memo.get(key)) is not None:
+                self._memo.move_to_end(key)
+                found[key] = vector
+                self._from_memo.inc()
+            elif (flight := self._in_flight.get(key)) is not None:
+                joined[key] = flight
+                self._shared.inc()
+            else:
+                missing[key] = text
+        if missing:
+            self._from_triton.inc(len(missing))
+            flight = self._start(missing)
+            joined.update(dict.fromkeys(missing, flight))
+        if joined:
+            found.update(await self._wait(joined))
+        return [found[key] for key in keys]
+
+    def _start(self, texts: dict[bytes, str]) -> _Flight:
+        loop = asyncio.get_running_loop()
+        flight = _Flight({key: loop.create_future() for key in texts})
+        for key in texts:
+            self._in_flight[key] = flight
+        flight.task = asyncio.create_task(self._run(flight, list(texts.values())))
+        return flight
+
+    async def _run(self, flight: _Flight, texts: list[str]) -> None:
+        try:
+            vectors = await self._fetch(texts)
+            if len(vectors) != len(texts):
+                raise RuntimeError(f"{len(vectors)} vectors fetched for {len(texts)} texts")
+        except asyncio.CancelledError:
+            # Only when nobody waits any more (_leave): no one to tell.
+            for future in flight.futures.values():
+                future.cancel()
+            raise
+        except Exception as error:  # noqa: BLE001 - every waiter gets it, as its own status
+            for future in flight.futures.values():
+                future.set_exception(error)
+                # A waiter that left meanwhile never reads it: no "never retrieved" warning.
+                future.exception()
+            return
+        finally:
+            self._land(flight)
+        for (key, future), vector in zip(flight.futures.items(), vectors):
+            future.set_result(vector)
+            self._remember(key, vector)
+
+    def _land(self, flight: _Flight) -> None:
+        """Its texts are no longer in flight (a later ask starts afresh or finds the memo)."""
+        for key in flight.futures:
+            if self._in_flight.get(key) is flight:
+                del self._in_flight[key]
+
+    def _remember(self, key: bytes, vector: bytes) -> None:
+        if self._max_entries <= 0:
+            return
+        self._memo[key] = vector
+        self._memo.move_to_end(key)
+        while len(self._memo) > self._max_entries:
+            self._memo.popitem(last=False)
+
+    async def _wait(self, joined: dict[bytes, _Flight]) -> dict[bytes, bytes]:
+        flights = set(joined.values())
+        for flight in flights:
+            flight.waiters += 1
+        try:
+            futures = [flight.futures[key] for key, flight in joined.items()]
+            # Shielded: leaving must not cancel a future other callers wait on.
+            await asyncio.shield(asyncio.gather(*futures, return_exceptions=True))
+        finally:
+            for flight in flights:
+                self._leave(flight)
+        vectors = {}
+        for key, future in zip(joined, futures):
+            if future.cancelled():
+                raise asyncio.CancelledError
+            if (error := future.exception()) is not None:
+                _raise_own(error)
+            vectors[key] = future.result()
+        return vectors
+
+    def _leave(self, flight: _Flight) -> None:
+        flight.waiters -= 1
+        if flight.waiters == 0 and flight.task is not None and not flight.task.done():
+            # Nobody wants these vectors: out of flight now, so a caller that
+            # comes next starts its own call instead of joining a cancelled one.
+            self._land(flight)
+            flight.task.cancel()
+
+
+def _key(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=16, person=b"mg-embed-share").digest()
+
+
+def _raise_own(error: BaseException) -> typing.NoReturn:
+    """The same failure as an exception object of this waiter's own (its
+    traceback is its own RPC's). Anything but a MeshgateError is a bug that
+    every waiter reports as it is."""
+    if not isinstance(error, MeshgateError):
+        raise error
+    raise MeshgateError(
+        error.code, error.reason, error.message, dict(error.metadata), error.domain, error.details
+    ) from error

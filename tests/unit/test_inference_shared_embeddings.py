@@ -1,0 +1,165 @@
+"""Single-flight and the memo of the inference service's embeddings
+(services/inference/shared_embeddings.py), over a fake Triton fetch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from meshgate.errors import MeshgateError
+from meshgate.reasons import Reason
+from services.inference.shared_embeddings import SharedEmbeddings
+
+
+def vector_of(text: str) -> bytes:
+    return text.encode().ljust(8, b"\0")[:8]
+
+
+class FakeTriton:
+    """Records each fetch's texts; a fetch waits for ``release`` when gated."""
+
+    def __init__(self, gated: bool = False) -> None:
+        self.calls: list[list[str]] = []
+        self.release = asyncio.Event()
+        if not gated:
+            self.release.set()
+        self.started = asyncio.Event()
+        self.cancelled = 0
+        self.failure: Exception | None = None
+
+    async def fetch(self, texts: list[str]) -> list[bytes]:
+        self.calls.append(list(texts))
+        self.started.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.failure is not None:
+            raise self.failure
+        return [vector_of(text) for text in texts]
+
+
+async def until(condition) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
+
+
+async def test_concurrent_asks_for_one_text_make_one_fetch():
+    triton = FakeTriton(gated=True)
+    shared = SharedEmbeddings(triton.fetch, 16)
+    first = asyncio.create_task(shared.vectors(["what is a tide?"]))
+    await triton.started.wait()
+    second = asyncio.create_task(shared.vectors(["what is a tide?", "and a wave?"]))
+    await until(lambda: len(triton.calls) == 2)
+    triton.release.set()
+    assert await first == [vector_of("what is a tide?")]
+    assert await second == [vector_of("what is a tide?"), vector_of("and a wave?")]
+    # The second caller sent only the text nobody had in flight.
+    assert triton.calls == [["what is a tide?"], ["and a wave?"]]
+
+
+async def test_a_text_repeated_in_one_request_is_fetched_once():
+    triton = FakeTriton()
+    shared = SharedEmbeddings(triton.fetch, 16)
+    vectors = await shared.vectors(["a", "b", "a", "a"])
+    assert vectors == [vector_of(t) for t in ("a", "b", "a", "a")]
+    assert triton.calls == [["a", "b"]]
+
+
+async def test_the_memo_answers_repeats_and_keeps_only_the_most_recent():
+    triton = FakeTriton()
+    shared = SharedEmbeddings(triton.fetch, 2)
+    await shared.vectors(["one"])
+    await shared.vectors(["two"])
+    assert await shared.vectors(["one"]) == [vector_of("one")]  # a hit, and now the newest
+    assert len(triton.calls) == 2
+    await shared.vectors(["three"])  # pushes out "two", the least recent
+    assert len(shared) == 2
+    await shared.vectors(["one", "three"])
+    assert len(triton.calls) == 3
+    await shared.vectors(["two"])
+    assert triton.calls[-1] == ["two"]
+
+
+async def test_without_a_memo_repeats_are_fetched_but_flights_are_still_shared():
+    triton = FakeTriton(gated=True)
+    shared = SharedEmbeddings(triton.fetch, 0)
+    both = asyncio.gather(shared.vectors(["same"]), shared.vectors(["same"]))
+    await triton.started.wait()
+    triton.release.set()
+    assert await both == [[vector_of("same")], [vector_of("same")]]
+    assert triton.calls == [["same"]]
+    await shared.vectors(["same"])
+    assert triton.calls == [["same"], ["same"]]
+    assert len(shared) == 0
+
+
+async def test_a_caller_that_leaves_does_not_end_the_call_for_the_others():
+    triton = FakeTriton(gated=True)
+    shared = SharedEmbeddings(triton.fetch, 16)
+    leaving = asyncio.create_task(shared.vectors(["q"]))
+    await triton.started.wait()
+    staying = asyncio.create_task(shared.vectors(["q"]))
+    await asyncio.sleep(0)
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    triton.release.set()
+    assert await staying == [vector_of("q")]
+    assert triton.cancelled == 0
+    assert triton.calls == [["q"]]
+
+
+async def test_when_every_caller_has_left_the_call_is_cancelled_and_the_next_starts_afresh():
+    triton = FakeTriton(gated=True)
+    shared = SharedEmbeddings(triton.fetch, 16)
+    callers = [asyncio.create_task(shared.vectors(["q"])) for _ in range(2)]
+    await triton.started.wait()
+    for caller in callers:
+        caller.cancel()
+    await asyncio.gather(*callers, return_exceptions=True)
+    await until(lambda: triton.cancelled == 1)
+    triton.release.set()
+    # Nothing of the cancelled call was remembered or joined.
+    assert await shared.vectors(["q"]) == [vector_of("q")]
+    assert triton.calls == [["q"], ["q"]]
+
+
+async def test_a_failure_reaches_every_waiter_as_its_own_error_and_is_not_remembered():
+    triton = FakeTriton(gated=True)
+    triton.failure = MeshgateError(
+        grpc.StatusCode.INTERNAL, Reason.MODEL_ERROR, "Triton: boom", {"model": "minilm"}
+    )
+    shared = SharedEmbeddings(triton.fetch, 16)
+    callers = [asyncio.create_task(shared.vectors(["q", f"own {i}"])) for i in range(3)]
+    await until(lambda: len(triton.calls) == 3)
+    triton.release.set()
+    errors = await asyncio.gather(*callers, return_exceptions=True)
+    for error in errors:
+        assert isinstance(error, MeshgateError)
+        assert (error.code, error.reason, error.message, error.metadata) == (
+            grpc.StatusCode.INTERNAL,
+            Reason.MODEL_ERROR,
+            "Triton: boom",
+            {"model": "minilm"},
+        )
+    assert len({id(error) for error in errors}) == 3
+    assert triton.failure not in errors
+    triton.failure = None
+    assert await shared.vectors(["q"]) == [vector_of("q")]
+    assert triton.calls[-1] == ["q"]
+
+
+async def test_a_fetch_that_answers_the_wrong_number_of_vectors_fails_its_waiters():
+    async def short(texts: list[str]) -> list[bytes]:
+        return [b"x" * 8]
+
+    shared = SharedEmbeddings(short, 16)
+    with pytest.raises(RuntimeError, match="1 vectors fetched for 2 texts"):
+        await asyncio.wait_for(shared.vectors(["a", "b"]), 5)
