@@ -132,8 +132,17 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         validation.check_embed_texts(request.texts, self._settings)
-        # Texts in flight or embedded lately are not sent again (shared_embeddings.py).
-        vectors = await self._embeddings.vectors(request.texts)
+        # The Triton call may be shared, so it carries no caller's deadline:
+        # each caller's own ends its own wait (a memo hit never waits).
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise _embed_deadline_passed()
+        try:
+            async with asyncio.timeout(remaining):
+                # Texts in flight or embedded lately are not sent again (shared_embeddings.py).
+                vectors = await self._embeddings.vectors(request.texts)
+        except TimeoutError:
+            raise _embed_deadline_passed() from None
         # float32: dimensions are a vector's bytes over 4.
         return pb.EmbedResponse(dimensions=len(vectors[0]) // 4, vectors=b"".join(vectors))
 
@@ -188,6 +197,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 for b in self._pool.backends
             ]
         )
+
+
+def _embed_deadline_passed() -> MeshgateError:
+    message = "the deadline passed before the embedding"
+    return MeshgateError(grpc.StatusCode.DEADLINE_EXCEEDED, Reason.DEADLINE_EXCEEDED, message)
 
 
 def _with_progress(failure: MeshgateError, stream: _TritonStream) -> MeshgateError:

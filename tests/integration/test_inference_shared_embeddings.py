@@ -86,3 +86,27 @@ async def test_the_memo_answers_a_repeat_without_triton_and_is_off_at_zero(trito
         assert requests_after - requests_before == repeat_requests, memo_entries
         size = 4 * first.dimensions
         assert repeat.vectors == first.vectors[size:]
+
+
+async def test_a_caller_whose_deadline_passes_leaves_the_shared_call_to_the_others(triton_url, triton_stub):
+    async with inference_stub(triton_url, memo_entries=16) as stub:
+        await stub.Embed(pb.EmbedRequest(texts=["warm up"]), timeout=60)
+        requests_before, _ = await minilm_counts(triton_stub)
+        first = asyncio.ensure_future(
+            stub.Embed(pb.EmbedRequest(texts=[*long_texts(63, "deadline"), SHARED + " (2)"]), timeout=120)
+        )
+        health = pb.GetBackendHealthRequest()
+        while not any(b.in_flight for b in (await stub.GetBackendHealth(health, timeout=10)).backends):
+            assert not first.done(), "the first call ended before it was seen in flight"
+            await asyncio.sleep(0.001)
+        with pytest.raises(grpc.aio.AioRpcError) as impatient:
+            await stub.Embed(pb.EmbedRequest(texts=[SHARED + " (2)"]), timeout=0.001)
+        assert impatient.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        first = await first
+        # Remembered now: a deadline already passed is still refused, not answered.
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await stub.Embed(pb.EmbedRequest(texts=[SHARED + " (2)"]), timeout=1e-6)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        requests_after, _ = await minilm_counts(triton_stub)
+    assert len(first.vectors) == 64 * 4 * first.dimensions
+    assert requests_after - requests_before == 1
