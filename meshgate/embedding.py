@@ -3,7 +3,10 @@ by meaning: the cache (questions) and the context service (turns)."""
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import time
+import typing
 
 import grpc
 import numpy as np
@@ -21,6 +24,54 @@ EMBED_TIMEOUT_S = 3.0
 # instead of one per request.
 _WARNING_INTERVAL_S = 10.0
 _FLOAT32_LE = np.dtype("<f4")
+
+
+V = typing.TypeVar("V")
+
+
+class VectorMemo(typing.Generic[V]):
+    """Recent embeddings, keyed on the embedding model and the exact text.
+
+    An embedding is a pure function of the model and the text, so a vector
+    once fetched never goes stale: only memory bounds the memo (the oldest
+    used goes first; 1.5 KiB a vector at 384 dimensions). Keys are 16-byte
+    digests (a text may be up to a megabyte), the model's name length-prefixed
+    so that no (model, text) pair reads as another. No folding of case or
+    whitespace: the model may tell those apart. ``max_entries`` 0 keeps
+    nothing. Used in front of the inference service's Embed by the cache
+    service (sparing the hop) and inside it (sparing Triton, for every caller).
+    """
+
+    def __init__(self, model: str, max_entries: int) -> None:
+        self._prefix = len(model.encode()).to_bytes(4, "little") + model.encode()
+        self._max_entries = max_entries
+        self._vectors: collections.OrderedDict[bytes, V] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+    @property
+    def enabled(self) -> bool:
+        return self._max_entries > 0
+
+    def key(self, text: str) -> bytes:
+        digest = hashlib.blake2b(self._prefix, digest_size=16, person=b"mg-embed-memo")
+        digest.update(text.encode())
+        return digest.digest()
+
+    def get(self, key: bytes) -> V | None:
+        vector = self._vectors.get(key)
+        if vector is not None:
+            self._vectors.move_to_end(key)
+        return vector
+
+    def put(self, key: bytes, vector: V) -> None:
+        if self._max_entries <= 0:
+            return
+        self._vectors[key] = vector
+        self._vectors.move_to_end(key)
+        while len(self._vectors) > self._max_entries:
+            self._vectors.popitem(last=False)
 
 
 class EmbeddingUnavailable(Exception):

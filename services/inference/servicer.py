@@ -41,7 +41,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self._truncator = EmbeddingTruncator(
             tokenization.load(settings.embedding_tokenizer), settings.embedding_max_tokens
         )
-        self._embeddings = SharedEmbeddings(self._embed_texts, settings.embedding_memo_entries)
+        self._embeddings = SharedEmbeddings(
+            self._embed_texts, settings.embedding_memo_entries, settings.embedding_triton_model
+        )
         # One strategy per served model, so each keeps its own prefix index.
         self._strategies = {
             name: balancing.build(

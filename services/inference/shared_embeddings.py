@@ -11,9 +11,9 @@ them all. Here:
 - texts already in flight share that call: a later caller waits for the
   first one's vectors (single-flight), and a text repeated within one
   request is sent once;
-- a bounded LRU keeps recent vectors (``inference.embedding_memo_entries``;
-  0 keeps none, in-flight texts are still shared). Nothing is ever stale:
-  only memory bounds it (1.5 KiB a vector at 384 dimensions).
+- a bounded LRU keeps recent vectors (``meshgate.embedding.VectorMemo``,
+  ``inference.embedding_memo_entries``; 0 keeps none, in-flight texts are
+  still shared). Nothing is ever stale: only memory bounds it.
 
 A shared call belongs to no caller. It runs as its own task, and each caller
 waits for it shielded, so a caller that leaves (cancelled, its deadline
@@ -22,21 +22,20 @@ is cancelled: nobody wants its vectors, and cancelling the Triton call
 cancels the request inside Triton. A failure reaches each waiter as its own
 copy of the error, so that no two RPCs raise one exception object.
 
-One service instance embeds with one model (``inference.embedding_triton_model``),
-so texts alone are the keys, as digests: a text may be up to a megabyte, a
-key is 16 bytes. The cache service's question memo (services/cache/embedding_memo.py)
-keeps its own LRU in front of the same RPC: it spares the hop, this spares Triton.
+Keys are the memo's digests of the model and the text (16 bytes; a text may
+be up to a megabyte). The cache service's question memo
+(services/cache/embedding_memo.py) keeps the same kind of memo in front of
+this RPC: it spares the hop, this spares Triton.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import collections.abc
-import hashlib
 import typing
 
 from meshgate import metrics
+from meshgate.embedding import VectorMemo
 from meshgate.errors import MeshgateError
 
 # The servicer's Triton work for some texts: one float32 vector per text, as bytes.
@@ -57,10 +56,9 @@ class _Flight:
 class SharedEmbeddings:
     """``fetch`` behind single-flight per text and an LRU of at most ``max_entries`` vectors."""
 
-    def __init__(self, fetch: Fetch, max_entries: int) -> None:
+    def __init__(self, fetch: Fetch, max_entries: int, model: str = "") -> None:
         self._fetch = fetch
-        self._max_entries = max_entries
-        self._memo: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+        self._memo: VectorMemo[bytes] = VectorMemo(model, max_entries)
         # Each text in flight, and the flight that will answer it.
         self._in_flight: dict[bytes, _Flight] = {}
         counts = metrics.inference().embedding_texts
@@ -73,7 +71,7 @@ class SharedEmbeddings:
 
     async def vectors(self, texts: collections.abc.Sequence[str]) -> list[bytes]:
         """Each text's vector, in order."""
-        keys = [_key(text) for text in texts]
+        keys = [self._memo.key(text) for text in texts]
         found: dict[bytes, bytes] = {}
         joined: dict[bytes, _Flight] = {}
         missing: dict[bytes, str] = {}
@@ -81,7 +79,6 @@ class SharedEmbeddings:
             if key in found or key in joined or key in missing:
                 self._shared.inc()
             elif (vector := self._memo.get(key)) is not None:
-                self._memo.move_to_end(key)
                 found[key] = vector
                 self._from_memo.inc()
             elif (flight := self._in_flight.get(key)) is not None:
@@ -125,21 +122,13 @@ class SharedEmbeddings:
             self._land(flight)
         for (key, future), vector in zip(flight.futures.items(), vectors):
             future.set_result(vector)
-            self._remember(key, vector)
+            self._memo.put(key, vector)
 
     def _land(self, flight: _Flight) -> None:
         """Its texts are no longer in flight (a later ask starts afresh or finds the memo)."""
         for key in flight.futures:
             if self._in_flight.get(key) is flight:
                 del self._in_flight[key]
-
-    def _remember(self, key: bytes, vector: bytes) -> None:
-        if self._max_entries <= 0:
-            return
-        self._memo[key] = vector
-        self._memo.move_to_end(key)
-        while len(self._memo) > self._max_entries:
-            self._memo.popitem(last=False)
 
     async def _wait(self, joined: dict[bytes, _Flight]) -> dict[bytes, bytes]:
         flights = set(joined.values())
@@ -168,10 +157,6 @@ class SharedEmbeddings:
             # comes next starts its own call instead of joining a cancelled one.
             self._land(flight)
             flight.task.cancel()
-
-
-def _key(text: str) -> bytes:
-    return hashlib.blake2b(text.encode(), digest_size=16, person=b"mg-embed-share").digest()
 
 
 def _raise_own(error: BaseException) -> typing.NoReturn:
