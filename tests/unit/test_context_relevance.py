@@ -194,6 +194,24 @@ def test_a_name_one_speaker_keeps_using_names_the_other_participant() -> None:
     assert relevance.participant_names(query, few, roles) == set()
 
 
+def test_a_third_person_the_user_keeps_naming_stays_a_topic() -> None:
+    # The user talks about Sarah in ten turns; the assistant names her back
+    # twice: she is who the questions are about, not a participant.
+    texts, roles = [], []
+    for day in range(10):
+        texts += [f"Sarah at work said something on day {day}", "That sounds hard."]
+        roles += [USER, ASSISTANT]
+    texts += ["What did Sarah decide?", "Sarah may want time.", "Sarah seems kind.", "Yes."]
+    roles += [USER, ASSISTANT, ASSISTANT, USER]
+    postings, _ = postings_of(texts)
+    query = relevance.index_terms("What did Sarah say about the project?")
+    assert relevance.participant_names(query, postings, np.array(roles, dtype=np.uint8)) == set()
+    # Had the assistant never named her, she would read as the other
+    # participant's name: the rule needs the other side's silence.
+    silent = [USER if "Sarah" in text else role for text, role in zip(texts, roles)]
+    assert relevance.participant_names(query, postings, np.array(silent, dtype=np.uint8)) == {"@sarah"}
+
+
 def test_a_participants_name_neither_matches_greetings_nor_seeds_feedback() -> None:
     # Axes: 0 the name, 1 having fun, 2 climbing, 3 something else.
     texts, roles = [], []
