@@ -62,6 +62,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     stats.start()
 
     async def cleanup() -> None:
+        await servicer.close()
         await stats.close()
         await channel.close()
         await client.aclose()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import time
 
 import grpc
@@ -283,10 +284,32 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             # Unknown (an index not loaded here) or a likely first-stage
             # miss: the semantic lookup decides, as without this.
             return
-        self._embedding_ahead[entry_id] = asyncio.ensure_future(self._embedder.embed_or_none(question))
+        ahead = asyncio.ensure_future(self._embedder.embed_or_none(question))
+        ahead.add_done_callback(functools.partial(self._ahead_done, entry_id))
+        self._embedding_ahead[entry_id] = ahead
         while len(self._embedding_ahead) > EMBED_AHEAD:
             _, unclaimed = self._embedding_ahead.popitem(last=False)
             unclaimed.cancel()
+
+    def _ahead_done(self, entry_id: str, ahead: asyncio.Task) -> None:
+        """A failed embedding ahead (inference down: None, or an error) is
+        not kept for its claimant: the semantic lookup or Store that comes
+        later asks again, and a later exact-only miss may start it again."""
+        if ahead.cancelled():
+            return
+        # Retrieved here, so that one nobody claims logs no "Task exception
+        # was never retrieved"; a claimant still gets it from its await.
+        failed = ahead.exception() is not None or ahead.result() is None
+        if failed and self._embedding_ahead.get(entry_id) is ahead:
+            del self._embedding_ahead[entry_id]
+
+    async def close(self) -> None:
+        """Cancels the embeddings started ahead, before the channel they use closes."""
+        unclaimed = list(self._embedding_ahead.values())
+        self._embedding_ahead.clear()
+        for ahead in unclaimed:
+            ahead.cancel()
+        await asyncio.gather(*unclaimed, return_exceptions=True)
 
     async def _embedding(self, entry_id: str, question: str) -> np.ndarray | None:
         """The question's vector: the one an exact-only miss of the same

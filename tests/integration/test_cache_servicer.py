@@ -4,6 +4,7 @@ vectors are chosen directions, so similarities are known exactly."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import threading
 import time
@@ -20,6 +21,7 @@ from meshgate.errors import MeshgateError
 from meshgate.local.stack import free_port
 from services.cache import index as index_module
 from services.cache import keys
+from services.cache import servicer as servicer_module
 from services.cache.index import IndexRegistry
 from services.cache.servicer import CacheServicer
 from services.cache.stats import Stats
@@ -231,8 +233,122 @@ async def test_a_store_uses_the_embedding_an_exact_only_miss_started(cache, embe
     embedder.calls.clear()
     miss = await lookup(cache, scope(tenant), conversation(PARAPHRASE), semantic=False)
     assert miss.status == pb.LOOKUP_STATUS_MISS
+    await asyncio.sleep(0)
+    # Embedded by the miss, before any Store: the Store below must not embed again.
+    assert embedder.calls == [PARAPHRASE]
     await store(cache, scope(tenant), conversation(PARAPHRASE), text="Build small projects.")
     assert embedder.calls == [PARAPHRASE]
+
+
+class FailingEmbedder(FakeEmbedder):
+    """Raises instead of answering while ``broken``: a bug below the
+    embedder, not the inference service being down (that is None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = False
+
+    async def embed_or_none(self, text: str) -> np.ndarray | None:
+        if self.broken:
+            self.calls.append(text)
+            raise RuntimeError("embedding broke")
+        return await super().embed_or_none(text)
+
+
+async def _ahead_finished(embedder: FakeEmbedder, calls: list[str]) -> None:
+    """Waits until the embedder has seen ``calls``; the real-time sleep
+    after it lets the finished task's done-callbacks run."""
+    async with asyncio.timeout(10):
+        while embedder.calls != calls:
+            await asyncio.sleep(0.001)
+    await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("failure", ["unavailable", "error"])
+async def test_a_failed_embedding_ahead_is_not_handed_to_a_later_lookup(redis_client, tenant, failure):
+    embedder = FailingEmbedder()
+    cache = make_servicer(redis_client, embedder)
+    await store(cache, scope(tenant), conversation(STORED))
+    other = await lookup(cache, scope(tenant), conversation(STORED + " Fast?"))
+    assert other.status == pb.LOOKUP_STATUS_MISS
+    embedder.calls.clear()
+    if failure == "unavailable":
+        embedder.available = False
+    else:
+        embedder.broken = True
+    unretrieved: list[dict] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    try:
+        miss = await lookup(cache, scope(tenant), conversation(PARAPHRASE), semantic=False)
+        assert miss.status == pb.LOOKUP_STATUS_MISS
+        await _ahead_finished(embedder, [PARAPHRASE])
+        # The inference service is back: the semantic lookup embeds anew and hits.
+        embedder.available, embedder.broken = True, False
+        hit = await lookup(cache, scope(tenant), conversation(PARAPHRASE))
+        assert hit.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+        assert embedder.calls == [PARAPHRASE, PARAPHRASE]
+        # A failed embedding ahead nobody claimed: the next exact-only miss
+        # starts one again, and the Store after it is found semantically.
+        question = "How do I learn Python quickly?"
+        embedder.table[question] = _direction(0.97)
+        embedder.available, embedder.broken = failure != "unavailable", failure == "error"
+        await lookup(cache, scope(tenant), conversation(question), semantic=False)
+        await _ahead_finished(embedder, [PARAPHRASE, PARAPHRASE, question])
+        embedder.available, embedder.broken = True, False
+        await lookup(cache, scope(tenant), conversation(question), semantic=False)
+        await _ahead_finished(embedder, [PARAPHRASE, PARAPHRASE, question, question])
+        await store(cache, scope(tenant), conversation(question), text="Daily practice.")
+        assert embedder.calls == [PARAPHRASE, PARAPHRASE, question, question]
+        reworded = "What is the fastest way to learn Python?"
+        embedder.table[reworded] = _direction(0.97)
+        found = await lookup(cache, scope(tenant), conversation(reworded))
+        assert found.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and found.answer.text == "Daily practice."
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert unretrieved == []
+
+
+async def test_embeddings_ahead_are_bounded_oldest_cancelled_first(redis_client, tenant, monkeypatch):
+    monkeypatch.setattr(servicer_module, "EMBED_AHEAD", 2)
+    embedder = GatedEmbedder()
+    embedder.release.set()
+    cache = make_servicer(redis_client, embedder)
+    await store(cache, scope(tenant), conversation(STORED))
+    assert (await lookup(cache, scope(tenant), conversation(STORED + " Fast?"))).status == pb.LOOKUP_STATUS_MISS
+    embedder.started.clear()
+    embedder.calls.clear()
+    embedder.release.clear()
+    questions = [f"Learn Python, attempt {n}?" for n in range(3)]
+    aheads = []
+    for question in questions:
+        await lookup(cache, scope(tenant), conversation(question), semantic=False)
+        aheads.append(cache._embedding_ahead[keys.entry_id(keys.partition(scope(tenant)), conversation(question))])  # noqa: SLF001
+    await asyncio.wait([aheads[0]], timeout=10)
+    await asyncio.sleep(0.01)
+    assert embedder.started == questions
+    assert len(cache._embedding_ahead) == 2  # noqa: SLF001
+    assert aheads[0].cancelled() and not aheads[1].done() and not aheads[2].done()
+    embedder.release.set()
+    # The two kept are claimed; the oldest, cancelled, is embedded again.
+    for question in (questions[2], questions[1], questions[0]):
+        assert (await lookup(cache, scope(tenant), conversation(question))).status == pb.LOOKUP_STATUS_MISS
+    assert embedder.started == [*questions, questions[0]]
+
+
+async def test_close_cancels_the_embeddings_started_ahead(redis_client, tenant):
+    embedder = GatedEmbedder()
+    embedder.release.set()
+    cache = make_servicer(redis_client, embedder)
+    await store(cache, scope(tenant), conversation(STORED))
+    assert (await lookup(cache, scope(tenant), conversation(STORED + " Fast?"))).status == pb.LOOKUP_STATUS_MISS
+    embedder.release.clear()
+    await lookup(cache, scope(tenant), conversation(PARAPHRASE), semantic=False)
+    [ahead] = cache._embedding_ahead.values()  # noqa: SLF001
+    await asyncio.wait_for(cache.close(), 10)
+    assert ahead.cancelled() and not cache._embedding_ahead  # noqa: SLF001
 
 
 @pytest.mark.parametrize(
