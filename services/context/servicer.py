@@ -384,6 +384,10 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         finally:
             if query_vector is not None and not query_vector.done():
                 query_vector.cancel()
+            elif query_vector is not None and not query_vector.cancelled():
+                # A failed assembly never awaited it: an embedding that
+                # raised is retrieved here, not logged as never retrieved.
+                query_vector.exception()
 
     def _embed_query(
         self, request: pb.AssembleContextRequest, new_messages: list[common_pb2.Message], strategy: int

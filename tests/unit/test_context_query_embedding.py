@@ -1,12 +1,15 @@
 """When AssembleContext asks for the new message's embedding
-(services/context/servicer.py): before the session is read, so the two
-waits overlap, and never left running past a failed assembly. The session
-store and the embedder are stand-ins: this is the servicer's ordering logic
-alone (tests/integration/test_context_retrieval.py runs the real ones)."""
+(services/context/servicer.py): first, before the new messages are counted
+and the session is read, so the waits overlap; and never left running, nor
+its failure unretrieved, past a failed assembly. The session store, the
+embedder and the counter's wrapper are stand-ins: this is the servicer's
+ordering logic alone (tests/integration/test_context_retrieval.py runs the
+real ones)."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import grpc
 import pytest
@@ -46,6 +49,35 @@ class Embedder:
             raise
 
 
+class RaisingEmbedder:
+    """Fails at once with something embed_or_none does not turn into None."""
+
+    def __init__(self) -> None:
+        self.called = asyncio.Event()
+
+    async def embed_or_none(self, text: str, timeout_s: float | None = None):
+        self.called.set()
+        raise RuntimeError("embedding broke")
+
+
+class Counter:
+    """A real prompt counter that notes, at its first count, whether the
+    embedding had already been asked for (its request then started)."""
+
+    def __init__(self, counter: token_counts.PromptCounter, embedder: Embedder) -> None:
+        self._counter = counter
+        self._embedder = embedder
+        self.embedding_asked_before_count: bool | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self._counter, name)
+
+    async def count(self, messages):
+        if self.embedding_asked_before_count is None:
+            self.embedding_asked_before_count = self._embedder.called.is_set()
+        return await self._counter.count(messages)
+
+
 class Store:
     """A session store whose read waits for the embedding to have been asked
     for, then finds no session."""
@@ -81,7 +113,8 @@ async def test_the_question_is_embedded_while_the_session_is_read_and_cancelled_
 ) -> None:
     embedder = Embedder()
     store = Store(embedder)
-    servicer = ContextServicer(store, MODELS, counters, embedder=embedder)
+    counter = Counter(counters["smollm2"], embedder)
+    servicer = ContextServicer(store, MODELS, {**counters, "smollm2": counter}, embedder=embedder)
     with pytest.raises(MeshgateError) as failure:
         await asyncio.wait_for(
             servicer.AssembleContext(request(pb.ASSEMBLY_STRATEGY_ADAPTIVE), None), timeout=30
@@ -89,6 +122,9 @@ async def test_the_question_is_embedded_while_the_session_is_read_and_cancelled_
     assert failure.value.code == grpc.StatusCode.NOT_FOUND
     assert failure.value.reason == Reason.SESSION_NOT_FOUND
     assert store.embedding_asked_before_read
+    # Asked for, and its task run up to its request, before the first count:
+    # the new messages' count is work the embedding's wait can cover.
+    assert counter.embedding_asked_before_count is True
     # The user's message only: system text says nothing of what to retrieve.
     assert embedder.asked == ["Where did Ana move in May?"]
     # The failed assembly leaves no embedding request behind.
@@ -107,3 +143,28 @@ async def test_no_embedding_is_asked_for_the_newest_strategy(counters) -> None:
         )
     assert failure.value.reason == Reason.SESSION_NOT_FOUND
     assert embedder.asked == []
+
+
+async def test_an_embedding_that_failed_before_a_failed_assembly_is_retrieved(counters) -> None:
+    embedder = RaisingEmbedder()
+    store = Store(embedder)
+    servicer = ContextServicer(store, MODELS, counters, embedder=embedder)
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict] = []
+    previous_handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    try:
+        with pytest.raises(MeshgateError) as failure:
+            await asyncio.wait_for(
+                servicer.AssembleContext(request(pb.ASSEMBLY_STRATEGY_ADAPTIVE), None), timeout=30
+            )
+        assert failure.value.reason == Reason.SESSION_NOT_FOUND
+        assert store.embedding_asked_before_read
+        # The failure's traceback holds AssembleContext's frame, and so the
+        # embedding's task: once dropped, the task is collected, and an
+        # exception never retrieved would be reported to the handler then.
+        del failure
+        gc.collect()
+    finally:
+        loop.set_exception_handler(previous_handler)
+    assert [c["message"] for c in unretrieved] == []
