@@ -317,7 +317,8 @@ async def test_embeddings_ahead_are_bounded_oldest_cancelled_first(redis_client,
     embedder.release.set()
     cache = make_servicer(redis_client, embedder)
     await store(cache, scope(tenant), conversation(STORED))
-    assert (await lookup(cache, scope(tenant), conversation(STORED + " Fast?"))).status == pb.LOOKUP_STATUS_MISS
+    first_lookup = await lookup(cache, scope(tenant), conversation(STORED + " Fast?"))
+    assert first_lookup.status == pb.LOOKUP_STATUS_MISS
     embedder.started.clear()
     embedder.calls.clear()
     embedder.release.clear()
@@ -325,7 +326,8 @@ async def test_embeddings_ahead_are_bounded_oldest_cancelled_first(redis_client,
     aheads = []
     for question in questions:
         await lookup(cache, scope(tenant), conversation(question), semantic=False)
-        aheads.append(cache._embedding_ahead[keys.entry_id(keys.partition(scope(tenant)), conversation(question))])  # noqa: SLF001
+        entry_id = keys.entry_id(keys.partition(scope(tenant)), conversation(question))
+        aheads.append(cache._embedding_ahead[entry_id])  # noqa: SLF001
     await asyncio.wait([aheads[0]], timeout=10)
     await asyncio.sleep(0.01)
     assert embedder.started == questions
@@ -343,7 +345,8 @@ async def test_close_cancels_the_embeddings_started_ahead(redis_client, tenant):
     embedder.release.set()
     cache = make_servicer(redis_client, embedder)
     await store(cache, scope(tenant), conversation(STORED))
-    assert (await lookup(cache, scope(tenant), conversation(STORED + " Fast?"))).status == pb.LOOKUP_STATUS_MISS
+    first_lookup = await lookup(cache, scope(tenant), conversation(STORED + " Fast?"))
+    assert first_lookup.status == pb.LOOKUP_STATUS_MISS
     embedder.release.clear()
     await lookup(cache, scope(tenant), conversation(PARAPHRASE), semantic=False)
     [ahead] = cache._embedding_ahead.values()  # noqa: SLF001
