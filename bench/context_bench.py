@@ -361,6 +361,12 @@ async def through_services(conversations, args) -> list[str]:
             settings.redis.url = f"redis://127.0.0.1:{redis_port}/0"
             settings.inference.triton_urls = [f"127.0.0.1:{triton_port}"]
             settings.context.session_ttl_s = 0
+            # The inference service's memo would hold every turn AppendTurns
+            # embedded and every question the retention pass asked: most of
+            # the latency pass's embeddings would be memo hits, and its Embed
+            # row would never reach Triton. Off, every embedding below is
+            # Triton's.
+            settings.inference.embedding_memo_entries = 0
             # Summaries are another measure: without a chat model loaded, none are asked for.
             settings.context.summary_model = ""
             out += await _run(conversations, args, settings)
@@ -477,7 +483,8 @@ async def _latency(
     ]
     # Through gRPC, with the question's embedding (the service embeds it);
     # the question's Embed call alone; and Triton's minilm asked directly
-    # (what the inference service adds to an Embed is the difference), one
+    # (what the inference service adds to an Embed is the difference: its
+    # memo is off in this bench, so each Embed reaches Triton too), one
     # after the other per question, so that the shared machine's drift hits
     # all three alike.
     rpc, embed, triton_direct = [], [], []
@@ -567,6 +574,9 @@ async def _latency(
         f" {', '.join(map(str, turns))} turns",
         "",
         f"Load average at the end: {load} (1, 5, 15 min; {os.cpu_count()} cores)",
+        "",
+        "The inference service's embedding memo is off (inference.embedding_memo_entries = 0):"
+        " every embedding below is computed by Triton, none is a memo hit.",
         "",
         "| path | p50 ms | p99 ms |",
         "|---|---|---|",
