@@ -133,14 +133,23 @@ _EXPECTED_STATUS = {
 # Zero-width characters (Unicode Cf): the embedding model's tokenizer drops
 # them and the verifier reads words only, so a question with a tail of them
 # is the same semantic hit, but a text the cache's embedding memo has not
-# seen (nor any exact key): each lookup pays a full embedding.
+# seen (nor any exact key): each lookup pays a full embedding. Each text is
+# also a prompt of its own, so unlike the plain semantic row's, no two
+# concurrent asks share the speculative generation a hit starts (the
+# router's coalescer shares it between identical prompts).
 _INVISIBLE = ("\u200b", "\u200c")
+# Tails of this many characters: 65,536 distinct ones, far more than a run
+# asks (--hits // 4 plus the warm-up's 100).
+_TAIL_BITS = 16
 
 
 def never_seen(count: itertools.count):
     def variant(prompt: str) -> str:
         n = next(count)
-        return prompt.lower().rstrip("?.") + "".join(_INVISIBLE[n >> bit & 1] for bit in range(16))
+        if n >> _TAIL_BITS:
+            # A tail used again would make that text a memo hit, silently.
+            raise ValueError(f"more than {1 << _TAIL_BITS} never-seen texts asked: lengthen the tail")
+        return prompt.lower().rstrip("?.") + "".join(_INVISIBLE[n >> bit & 1] for bit in range(_TAIL_BITS))
 
     return variant
 
