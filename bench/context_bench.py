@@ -261,8 +261,9 @@ def offline(
     tally = Tally()
     for name, (turns, _, questions) in conversations.items():
         counts = asyncio.run(counter.count(turns))
+        lines = asyncio.run(counter.count_lines(turns))
         costs = assembly.SessionCosts.of(
-            [assembly.TurnCost(m.role, n) for m, n in zip(turns, counts, strict=True)]
+            [assembly.TurnCost(m.role, n, line) for m, n, line in zip(turns, counts, lines, strict=True)]
         )
         packed, lengths, turn_vectors = offline_index(turns, vectors[name])
         question_vectors = vectors[name][len(turns) :]
@@ -276,6 +277,8 @@ def offline(
                 ),
                 "newest": None,
             }
+            # The same ranking, every turn a message of its own (context.pack_older_turns off).
+            scores["unpacked"] = scores["adaptive"]
             if ranker is not None:
                 features = context_ranker.ranking_features(
                     terms, packed, lengths, turn_vectors, vector, weights
@@ -290,6 +293,7 @@ def offline(
                         counter.template_tokens,
                         relevance=ranked,
                         recency_floor=floor,
+                        transcript_tokens=None if strategy == "unpacked" else counter.transcript_tokens,
                     )
                     kept = all(chosen.reasons[i] for i in q["evidence"])
                     tally.add(strategy, budget, q["category"], kept)

@@ -407,6 +407,11 @@ class ContextSettings:
     inference_address: str = "127.0.0.1:50054"
     # Adaptive assembly keeps up to this many newest turns whatever their relevance.
     recency_floor_turns: int = 2
+    # Adaptive assembly sends the older turns it keeps beyond the recency
+    # floor as lines of one transcript message rather than a message each,
+    # so the budget holds more of them (services/context/assembly.py,
+    # bench/README.md "Older turns packed into one transcript message").
+    pack_older_turns: bool = True
     # Older turns are summarized in spans of this many turns, once a span is
     # wholly older than the newest summary_hot_window_turns turns
     # (services/context/summaries.py), by summary_model through the

@@ -78,6 +78,7 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
         Embedder(inference_service_pb2_grpc.InferenceServiceStub(channel)),
         settings.context.recency_floor_turns,
         summarizer,
+        pack_older_turns=settings.context.pack_older_turns,
     )
     context_service_pb2_grpc.add_ContextServiceServicer_to_server(servicer, service.server)
 

@@ -16,6 +16,7 @@ import dataclasses
 
 import numpy as np
 
+from meshgate import tokenization
 from meshgate.common.v1 import common_pb2
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import invalid_argument
@@ -50,6 +51,41 @@ class TurnCost:
 
     role: int
     tokens: int
+    # Its tokens as a line of the transcript message (transcript_line), or
+    # None when not known.
+    line_tokens: int | None = None
+
+
+# Older turns the adaptive strategy chooses beyond the recency floor go into
+# the prompt as ONE message, a chronological transcript, rather than one
+# message each: a chat template frames every message in about 5 tokens
+# (SmolLM2's "<|im_start|>user\n ... <|im_end|>\n"), a line costs its
+# content plus about 2 ("user: ... \n"), and with turns of 36 tokens on
+# average that is a tenth of the budget back for more evidence. A user
+# message, not a system one: a system message after the first changes
+# whether templates like SmolLM2's add their default system prompt, and
+# the transcript is what was said, not an instruction. Lines name the
+# speaker by role, as the model knows the roles from its template.
+TRANSCRIPT_ROLE = common_pb2.ROLE_USER
+TRANSCRIPT_HEADER = "Earlier in this conversation:\n"
+
+
+def transcript_line(message: common_pb2.Message) -> str:
+    """One turn as a line of the transcript message.
+
+    Its count adds up exactly inside the message (tests/unit/
+    test_context_transcript.py checks it on the real tokenizers): each line
+    starts with the speaker's name, letters, and ends with one newline after
+    text that is not whitespace, so byte-level BPE (which pre-tokenizes
+    whitespace runs apart, a run before a letter apart from its last
+    character) and WordPiece (which drops whitespace) cut the message at
+    every line's end as they cut the line alone. Trailing whitespace is
+    therefore dropped (it would join the newline into one run), and an empty
+    text leaves no space after the colon.
+    """
+    text = message.content.rstrip()
+    speaker = tokenization.ROLE_NAMES.get(message.role, "user")
+    return f"{speaker}: {text}\n" if text else f"{speaker}:\n"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -60,12 +96,16 @@ class SessionCosts:
 
     roles: np.ndarray
     tokens: np.ndarray
+    # Each turn's tokens as a transcript line; None: not known, no packing.
+    lines: np.ndarray | None = None
 
     @classmethod
     def of(cls, turns: collections.abc.Sequence[TurnCost]) -> SessionCosts:
+        lines = [t.line_tokens for t in turns]
         return cls(
             np.array([t.role for t in turns], dtype=np.int64),
             np.array([t.tokens for t in turns], dtype=np.int64),
+            None if None in lines else np.array(lines, dtype=np.int64),
         )
 
     def __len__(self) -> int:
@@ -79,6 +119,10 @@ class Plan:
     reasons: list[int]
     prompt_tokens: int
     budget: int
+    # Kept turns sent as lines of one transcript message, oldest first.
+    packed: list[int] = dataclasses.field(default_factory=list)
+    # The transcript message's own tokens (frame and header), when packed.
+    transcript_tokens: int = 0
 
     def kept(self) -> list[int]:
         return [i for i, reason in enumerate(self.reasons) if reason]
@@ -100,6 +144,7 @@ def plan(
     relevance: np.ndarray | None = None,
     recency_floor: int = 0,
     compacted: int = 0,
+    transcript_tokens: int | None = None,
 ) -> Plan:
     """Chooses the session turns of the prompt.
 
@@ -115,6 +160,12 @@ def plan(
     The prompt's cost is exactly what the model will see: the kept messages
     plus ``template``'s tokens outside them (the default system prompt only
     when no system message is kept).
+
+    With ``transcript_tokens`` (the transcript message's frame and header,
+    as the template renders them) and the turns' line counts, the adaptive
+    strategy packs the turns it keeps beyond the floor into one transcript
+    message (see TRANSCRIPT_HEADER): each costs its line, and the first one
+    also the message's own tokens. Not when every turn fits as a message.
 
     The first ``compacted`` turns are kept only when system or pinned: the
     others' texts are gone (store.SessionStore.compact), their summary
@@ -147,6 +198,10 @@ def plan(
     remaining = budget - needed
     candidate = reasons == 0
     candidate[:compacted] = False
+    pack = relevance is not None and transcript_tokens is not None and turns.lines is not None
+    if pack and int(turns.tokens[candidate].sum()) <= remaining:
+        # Everything fits as the conversation it was: nothing to gain.
+        pack = False
     newest_first = np.flatnonzero(candidate)[::-1]
     if relevance is None:
         floor = newest_first
@@ -159,23 +214,30 @@ def plan(
     floor = floor[np.cumsum(turns.tokens[floor]) <= floor_tokens]
     reasons[floor] = pb.INCLUSION_REASON_RECENCY
     remaining -= int(turns.tokens[floor].sum())
+    packed: list[int] = []
+    # Paid with the first turn packed, so a prompt packing nothing pays nothing.
+    opening = transcript_tokens if pack else 0
     if relevance is not None:
         # Most relevant first; among equals, the newer. Turns nothing points
         # to still fill what budget is left, newest first: by recency.
         relevance = np.asarray(relevance, dtype=np.float64)
         order = np.lexsort((-np.arange(len(turns)), -relevance))
         order = order[candidate[order] & (reasons[order] == 0)]
-        costs = turns.tokens[order]
+        costs = (turns.lines if pack else turns.tokens)[order]
         # Once less than the cheapest turn is left, nothing more fits.
         cheapest = int(costs.min()) if len(costs) else 0
         for index, cost, relevant in zip(order.tolist(), costs.tolist(), (relevance[order] > 0).tolist()):
-            if remaining < cheapest:
+            if remaining < cheapest + opening:
                 break
-            if cost > remaining:
+            if cost + opening > remaining:
                 continue
             reasons[index] = pb.INCLUSION_REASON_RELEVANCE if relevant else pb.INCLUSION_REASON_RECENCY
-            remaining -= cost
-    return Plan(reasons.tolist(), budget - remaining, budget)
+            remaining -= cost + opening
+            if pack:
+                packed.append(index)
+                opening = 0
+    packed.sort()
+    return Plan(reasons.tolist(), budget - remaining, budget, packed, transcript_tokens if packed else 0)
 
 
 def render(
@@ -195,13 +257,34 @@ def render(
     response.messages.extend(texts[i] for i, system in zip(kept, is_system, strict=True) if system)
     response.messages.extend(c.message for c in pinned_facts)
     response.messages.extend(c.message for c in new if c.message.role == common_pb2.ROLE_SYSTEM)
-    response.messages.extend(texts[i] for i, system in zip(kept, is_system, strict=True) if not system)
+    packed = set(chosen.packed)
+    for i, system in zip(kept, is_system, strict=True):
+        if system:
+            continue
+        if i not in packed:
+            response.messages.append(texts[i])
+        elif i == chosen.packed[0]:
+            # Where its oldest turn would be: pinned turns among the packed
+            # ones follow it, the recency floor's (all newer) too.
+            response.messages.append(transcript(texts[j] for j in chosen.packed))
     response.messages.extend(c.message for c in new if c.message.role != common_pb2.ROLE_SYSTEM)
 
     manifest = response.manifest
     reasons = np.asarray(chosen.reasons, dtype=np.int64)
     scores = np.zeros(len(turns)) if relevance is None else np.asarray(relevance, dtype=np.float64)
     manifest.MergeFromString(_session_entries(turns, reasons, scores))
+    for i in chosen.packed:
+        entry = manifest.entries[i]
+        entry.packed = True
+        entry.tokens = int(turns.lines[i])
+    if chosen.packed:
+        manifest.entries.add(
+            source=pb.SOURCE_TRANSCRIPT,
+            role=TRANSCRIPT_ROLE,
+            tokens=chosen.transcript_tokens,
+            disposition=pb.DISPOSITION_INCLUDED,
+            reason=pb.INCLUSION_REASON_TRANSCRIPT,
+        )
     for index, c in enumerate(pinned_facts):
         manifest.entries.add(
             source=pb.SOURCE_PINNED_FACT,
@@ -223,6 +306,13 @@ def render(
     manifest.prompt_tokens = chosen.prompt_tokens
     manifest.budget_tokens = chosen.budget
     return response
+
+
+def transcript(messages: collections.abc.Iterable[common_pb2.Message]) -> common_pb2.Message:
+    """The one message that holds packed turns, oldest first."""
+    return common_pb2.Message(
+        role=TRANSCRIPT_ROLE, content=TRANSCRIPT_HEADER + "".join(map(transcript_line, messages))
+    )
 
 
 # Each session turn's manifest entry, encoded for all turns at once:

@@ -57,6 +57,10 @@ def tokens_by_disposition(
     than from every entry: a session of thousands of turns is then a few
     array sums."""
     kept = np.asarray(chosen.reasons, dtype=np.int64) > 0
+    # Packed turns cost their transcript lines (their frame is its own entry, among the others).
+    packed_saving = (
+        int(turns.tokens[chosen.packed].sum() - turns.lines[chosen.packed].sum()) if chosen.packed else 0
+    )
     # A compacted span's summary may stand beside its system or pinned turns, kept too.
     summarized_tokens = sum(
         int(turns.tokens[s.first_turn : s.end_turn][~kept[s.first_turn : s.end_turn]].sum())
@@ -66,7 +70,7 @@ def tokens_by_disposition(
     # request's messages and summaries, all included.
     others = sum(e.tokens for e in manifest.entries[len(turns) :] if e.disposition == pb.DISPOSITION_INCLUDED)
     return {
-        "included": int(turns.tokens[kept].sum()) + others,
+        "included": int(turns.tokens[kept].sum()) - packed_saving + others,
         "summarized": summarized_tokens,
         "dropped": int(turns.tokens[~kept].sum()) - summarized_tokens,
     }
@@ -105,6 +109,8 @@ class _SessionView:
     # Leading turns compacted into summaries: never kept unless system or
     # pinned, and scored by nothing (postings and vectors cover the rest).
     compacted: int = 0
+    # Every turn's tokens as a transcript line; None: not asked for (no packing).
+    line_counts: list[int] | None = None
 
 
 def _live_scores(
@@ -196,6 +202,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         embedder: Embedder | None = None,
         recency_floor_turns: int = 2,
         summarizer: summaries_lib.Summarizer | None = None,
+        *,
+        pack_older_turns: bool = True,
     ) -> None:
         self._store = store
         # Without an index (unit tests), every strategy reads whole sessions.
@@ -203,6 +211,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         # Without an embedder, relevance is lexical only.
         self._embedder = embedder
         self._recency_floor_turns = recency_floor_turns
+        self._pack_older_turns = pack_older_turns
         # Never live without a change listener, so always safe to consult.
         self._hot = hot if hot is not None else HotCache(0)
         # Prefetches in flight, held so they are not collected mid-way.
@@ -273,6 +282,10 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         embedding = asyncio.create_task(self._embed(turns)) if self._index is not None else None
         try:
             token_counts = {c.id: await c.count(turns) for c in self._distinct_counters}
+            # Also as transcript lines, for adaptive assembly's packing.
+            for c in self._distinct_counters:
+                if c.transcript_tokens is not None:
+                    token_counts[c.line_id] = await c.count_lines(turns)
             ticket = self._hot.ticket()
             version, replayed = await self._store.append(
                 request.tenant_id,
@@ -528,13 +541,15 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         tenant_id, session_id = request.tenant_id, request.session_id
         adaptive = strategy == pb.ASSEMBLY_STRATEGY_ADAPTIVE
         terms = list(relevance.index_terms(_query_text(c.message for c in new))) if adaptive else []
-        view = await self._session_view(request, terms, counter, at_version)
+        packs = adaptive and self._pack_older_turns and counter.transcript_tokens is not None
+        view = await self._session_view(request, terms, counter, at_version, packs)
         pinned_facts = [common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=f) for f in view.pinned_facts]
         facts = [
             assembly.Candidate(m, n)
             for m, n in zip(pinned_facts, await counter.count(pinned_facts), strict=True)
         ]
-        costs = assembly.SessionCosts(view.roles, np.asarray(view.counts, dtype=np.int64))
+        lines = None if view.line_counts is None else np.asarray(view.line_counts, dtype=np.int64)
+        costs = assembly.SessionCosts(view.roles, np.asarray(view.counts, dtype=np.int64), lines)
         required = [assembly.TurnCost(c.message.role, c.tokens) for c in (*facts, *new)]
         vector = await query_vector if query_vector is not None else None
         scores = _live_scores(terms, view, vector) if adaptive else None
@@ -547,6 +562,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             relevance=scores,
             recency_floor=self._recency_floor_turns,
             compacted=view.compacted,
+            transcript_tokens=counter.transcript_tokens if lines is not None else None,
         )
         texts = view.texts
         if texts is None:
@@ -565,19 +581,22 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         terms: list[str],
         counter: PromptCounter,
         at_version: int | None,
+        packs: bool = False,
     ) -> _SessionView:
         """What planning needs, from the cheapest place that has it: a hot
         session's memory; else the turn index in Redis (texts read later,
         for the chosen turns only); else, for a session the index does not
         cover (stored before it, forked, or an older version asked for), the
-        whole session, scored from its texts."""
+        whole session, scored from its texts. With ``packs``, also the turns'
+        transcript-line counts (a session stored before they existed is read
+        whole once, to count and store them)."""
         tenant_id, session_id = request.tenant_id, request.session_id
         hot = self._hot.get(session_key(tenant_id, session_id)) if at_version is None else None
         if hot is not None and hot.index is not None and hot.index.version == hot.version:
             indexed: IndexedTurns = hot.index
             return _SessionView(
                 hot.version,
-                await self._complete_counts(request, hot, counter),
+                await self._complete_counts(request, hot, counter.id, counter.count),
                 indexed.roles,
                 dict(enumerate(hot.turns)),
                 indexed.postings_of(terms),
@@ -586,13 +605,16 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 indexed.pinned_turns,
                 indexed.pinned_facts,
                 indexed.first_live,
+                await self._line_counts(request, hot, counter) if packs else None,
             )
         indexed = None
         if self._index is not None:
-            indexed = await self._index.read(tenant_id, session_id, terms, counter.id)
+            indexed = await self._index.read(
+                tenant_id, session_id, terms, counter.id, counter.line_id if packs else ""
+            )
         # Not hot, or hot without its index yet: next time it will be.
         warm = indexed is not None and at_version is None and self._hot.live
-        if indexed is not None and indexed.usable(at_version):
+        if indexed is not None and indexed.usable(at_version) and (not packs or indexed.lines_usable()):
             if warm:
                 self.prefetch(tenant_id, session_id)
             return _SessionView(
@@ -606,6 +628,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 indexed.pinned_turns,
                 indexed.pinned_facts,
                 indexed.first_live,
+                indexed.line_counts if packs else None,
             )
         stored = await self._read(tenant_id, session_id, at_version)
         if warm:
@@ -620,7 +643,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         )
         return _SessionView(
             stored.version,
-            await self._complete_counts(request, stored, counter),
+            await self._complete_counts(request, stored, counter.id, counter.count),
             np.array([m.role for m in stored.turns], dtype=np.uint8),
             dict(enumerate(stored.turns)),
             postings,
@@ -629,6 +652,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             [i for i in indexed.pinned_turns if i < len(stored.turns)] if indexed else [],
             indexed.pinned_facts if indexed else [],
             stored.compacted,
+            await self._line_counts(request, stored, counter) if packs else None,
         )
 
     async def _add_summaries(
@@ -743,22 +767,30 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         if hot is not None and indexed.version == hot.version and len(indexed.roles) == indexed.count:
             self._hot.attach_index(key, hot, indexed)
 
+    async def _line_counts(
+        self, request: pb.AssembleContextRequest, stored: StoredSession, counter: PromptCounter
+    ) -> list[int]:
+        return await self._complete_counts(request, stored, counter.line_id, counter.count_lines)
+
     async def _complete_counts(
         self,
         request: pb.AssembleContextRequest,
         stored: StoredSession,
-        counter: PromptCounter,
+        counts_id: str,
+        count: collections.abc.Callable[[list[common_pb2.Message]], collections.abc.Awaitable[list[int]]],
     ) -> list[int]:
-        """Stored counts, plus those of turns stored before this tokenizer and
-        template were configured: counted here, then stored so that happens once."""
-        counts = stored.token_counts.get(counter.id, [])
+        """Stored counts (``counts_id``: a counter's id, or its line_id), plus
+        those of turns stored before this tokenizer and template were
+        configured (or before transcript lines were counted): counted here
+        with ``count``, then stored so that happens once."""
+        counts = stored.token_counts.get(counts_id, [])
         if len(counts) == len(stored.turns):
             return counts
         missing = stored.turns[len(counts) :]
-        counts = counts + await counter.count(missing)
+        counts = counts + await count(missing)
         # The same version's entry in the hot cache, if that is where it came from.
-        stored.token_counts[counter.id] = counts
+        stored.token_counts[counts_id] = counts
         await self._store.fill_token_counts(
-            request.tenant_id, request.session_id, stored.version, counter.id, counts
+            request.tenant_id, request.session_id, stored.version, counts_id, counts
         )
         return counts

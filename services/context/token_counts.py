@@ -24,6 +24,12 @@ fails, rather than serving wrong counts.
 Counts are stored per counter id, a digest of the tokenizer file and the
 template, so a stored count is only ever reused by the very pair that made
 it, even when a model alias is later pointed at other files.
+
+Each turn is also counted as a line of the adaptive strategy's transcript
+message (assembly.transcript_line), stored under its own id
+(``PromptCounter.line_id``): the packed message then costs exactly its frame
+and header plus its lines, which start-up checks on probe turns as it checks
+messages, leaving packing off for a tokenizer where that fails.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import tokenizers
 from meshgate import tokenization
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ConfigError, ModelSettings
+from services.context import assembly
 from services.context.assembly import TemplateTokens
 
 # Up to this many characters are counted on the event loop (well under a
@@ -69,10 +76,24 @@ class PromptCounter:
     tokenizer: tokenizers.Tokenizer
     frames: dict[int, Frame]
     template_tokens: TemplateTokens
+    # The transcript message's frame and header (assembly.TRANSCRIPT_HEADER);
+    # None when its lines do not add up exactly with this tokenizer: no packing.
+    transcript_tokens: int | None = None
+
+    @property
+    def line_id(self) -> str:
+        """Names the stored counts of turns as transcript lines."""
+        return self.id + ".line"
+
+    async def count_lines(self, messages: collections.abc.Sequence[common_pb2.Message]) -> list[int]:
+        """Tokens of each message as a line of the transcript message."""
+        return await self._count([assembly.transcript_line(m) for m in messages])
 
     async def count(self, messages: collections.abc.Sequence[common_pb2.Message]) -> list[int]:
         """Tokens of each message in the prompt, its template frame included."""
-        texts = [self.framed(m) for m in messages]
+        return await self._count([self.framed(m) for m in messages])
+
+    async def _count(self, texts: list[str]) -> list[int]:
         if sum(map(len, texts)) <= INLINE_COUNT_CHARS:
             return tokenization.count(self.tokenizer, texts)
         return await asyncio.to_thread(tokenization.count, self.tokenizer, texts)
@@ -142,7 +163,21 @@ def build(spec: str, chat_template_spec: str) -> PromptCounter:
         ),
     )
     _check_additive(counter, template, n)
-    return counter
+    transcript_tokens = n(counter.framed(assembly.transcript([])))
+    if not _lines_add_up(counter, transcript_tokens, n):
+        return counter
+    return dataclasses.replace(counter, transcript_tokens=transcript_tokens)
+
+
+def _lines_add_up(counter: PromptCounter, transcript_tokens: int, n) -> bool:
+    """Whether a transcript message costs its frame and header plus its lines."""
+    roles = list(tokenization.ROLE_NAMES)
+    messages = [
+        common_pb2.Message(role=roles[i % len(roles)], content=content)
+        for i, content in enumerate(_ADDITIVITY_PROBES * 2)
+    ]
+    whole = n(counter.framed(assembly.transcript(messages)))
+    return whole == transcript_tokens + sum(n(assembly.transcript_line(m)) for m in messages)
 
 
 def _check_additive(counter: PromptCounter, template: tokenization.ChatTemplate, n) -> None:

@@ -176,6 +176,8 @@ class IndexedTurns:
     # Turns before it were compacted (store.SessionStore.compact): no
     # vectors, no postings.
     first_live: int = 0
+    # The turns' tokens as transcript lines, when asked for (may cover a prefix only).
+    line_counts: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -194,6 +196,10 @@ class IndexedTurns:
             and len(self.roles) == self.count
             and len(self.token_counts) == self.count
         )
+
+    def lines_usable(self) -> bool:
+        """Whether every turn's transcript-line count was read."""
+        return len(self.line_counts) == self.count
 
     def covers(self, version: int, count: int) -> bool:
         """Whether the vectors hold the first ``count`` turns of ``version``."""
@@ -283,15 +289,21 @@ class TurnIndex:
             return int(await self._write(keys=keys, args=args))
 
     async def read(
-        self, tenant_id: str, session_id: str, query_terms: list[str] | None, counter_id: str = ""
+        self,
+        tenant_id: str,
+        session_id: str,
+        query_terms: list[str] | None,
+        counter_id: str = "",
+        line_counter_id: str = "",
     ) -> IndexedTurns:
         """The session's index as of one instant (MULTI), with the postings of
-        ``query_terms`` only (None: all, to keep in memory). Raises SESSION_NOT_FOUND."""
+        ``query_terms`` only (None: all, to keep in memory), and the counts of
+        ``counter_id`` (and of ``line_counter_id`` when given). Raises SESSION_NOT_FOUND."""
         roles_key, lengths_key, vectors_key, postings_key = _keys(tenant_id, session_id)
         fields = [_DIMENSIONS_FIELD, *(query_terms or ())]
         with redis_reachable():
             async with self._client.pipeline(transaction=True) as pipe:
-                meta_fields = ["version", f"tokens:{counter_id}", "compacted"]
+                meta_fields = ["version", f"tokens:{counter_id}", "compacted", f"tokens:{line_counter_id}"]
                 pipe.hmget(key(tenant_id, session_id, "meta"), meta_fields)
                 pipe.llen(key(tenant_id, session_id, "turns"))
                 pipe.get(roles_key)
@@ -306,6 +318,7 @@ class TurnIndex:
         if meta[0] is None:
             raise session_not_found(session_id)
         counts = np.frombuffer(meta[1] or b"", dtype="<u4")[:count].tolist()
+        line_counts = np.frombuffer(meta[3] or b"", dtype="<u4")[:count].tolist() if line_counter_id else []
         roles_array = np.frombuffer(roles or b"", dtype=np.uint8)[:count]
         # Only when every turn has a row can vectors and turns be told apart.
         term_counts = np.frombuffer(lengths or b"", dtype="<u2")[:count].astype(np.float64)
@@ -349,6 +362,7 @@ class TurnIndex:
             pinned_turns,
             pinned_facts,
             first_live,
+            line_counts,
         )
 
     async def read_turns(

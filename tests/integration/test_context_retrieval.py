@@ -9,6 +9,7 @@ import uuid
 
 import grpc
 import pytest
+import redis.asyncio as redis
 
 from meshgate import tokenization
 from meshgate.common.v1 import common_pb2
@@ -16,7 +17,7 @@ from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
-from services.context import app
+from services.context import app, assembly, store, token_counts
 from tests.integration.conftest import running
 from tests.mesh import mesh_settings, router_channel
 
@@ -103,6 +104,25 @@ def session_entries(response) -> list:
     return [e for e in response.manifest.entries if e.source == pb.SOURCE_SESSION]
 
 
+def kept_contents(turns, response) -> list[str]:
+    """The non-system session messages the manifest says the prompt holds,
+    in order: packed turns as the lines of one transcript message, placed
+    where the oldest of them would be."""
+    contents: list[str] = []
+    lines: list[str] = []
+    for entry in session_entries(response):
+        if entry.disposition != pb.DISPOSITION_INCLUDED or turns[entry.index].role == SYSTEM:
+            continue
+        if entry.packed:
+            if not lines:
+                contents.append(assembly.TRANSCRIPT_HEADER)
+            lines.append(assembly.transcript_line(turns[entry.index]))
+        else:
+            contents.append(turns[entry.index].content)
+    transcript = assembly.TRANSCRIPT_HEADER + "".join(lines)
+    return [transcript if c is assembly.TRANSCRIPT_HEADER else c for c in contents]
+
+
 async def test_relevance_beats_recency_on_a_planted_fact(stub) -> None:
     turns = conversation(repeats=6)
     async with session_with(stub, turns) as (tenant, session_id):
@@ -113,7 +133,9 @@ async def test_relevance_beats_recency_on_a_planted_fact(stub) -> None:
     planted = session_entries(adaptive)[1]
     assert planted.disposition == pb.DISPOSITION_INCLUDED
     assert planted.reason == pb.INCLUSION_REASON_RELEVANCE
-    assert PLANTED in [m.content for m in adaptive.messages]
+    # An older turn kept for its relevance: a line of the transcript message.
+    assert planted.packed
+    assert f"user: {PLANTED}\n" in adaptive.messages[1].content
     # The same budget, newest first, cannot reach back that far.
     assert session_entries(newest)[1].disposition == pb.DISPOSITION_DROPPED
     assert PLANTED not in [m.content for m in newest.messages]
@@ -126,7 +148,10 @@ async def test_relevance_beats_recency_on_a_planted_fact(stub) -> None:
     # The prompt is chronological: system, then kept turns in session order.
     kept = [e.index for e in session_entries(adaptive) if e.disposition == pb.DISPOSITION_INCLUDED]
     assert kept == sorted(kept) and kept[0] == 0
-    assert [m.content for m in adaptive.messages][: len(kept)] == [turns[i].content for i in kept]
+    contents = [m.content for m in adaptive.messages]
+    assert contents[0] == turns[0].content
+    expected = kept_contents(turns, adaptive)
+    assert contents[1 : 1 + len(expected)] == expected
 
 
 async def test_every_manifest_entry_says_why_it_is_in(stub) -> None:
@@ -199,3 +224,63 @@ async def test_an_unknown_strategy_is_refused(stub) -> None:
             await assemble(stub, tenant, session_id, "hi", 300, strategy=42)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(caught.value).reason == "UNKNOWN_STRATEGY"
+
+
+@pytest.mark.parametrize("model", ["smollm2", "tiny-gpt"])
+async def test_a_packed_prompt_costs_what_its_manifest_says(stub, redis_url: str, model: str) -> None:
+    """Through the real service: older relevant turns packed into one
+    transcript message, each listed with its line's tokens, and the rendered
+    prompt as long as the manifest says, also for a session whose turns were
+    stored before transcript lines were counted (counted once, then stored)."""
+    turns = conversation(repeats=12)
+    counter = token_counts.for_models(Settings().models)[model]
+    async with session_with(stub, turns) as (tenant, session_id):
+        meta = store.key(tenant, session_id, "meta")
+        client = redis.Redis.from_url(redis_url)
+        try:
+            # As if stored before this change: no line counts. A pin drops the hot copy.
+            assert await client.hdel(meta, f"tokens:{counter.line_id}") == 1
+            pin = pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, fact="Hi.")
+            await stub.PinToSession(pin)
+            responses = [
+                await stub.AssembleContext(
+                    pb.AssembleContextRequest(
+                        tenant_id=tenant,
+                        session_id=session_id,
+                        new_messages=[common_pb2.Message(role=USER, content="What is the unit's code?")],
+                        model=model,
+                        max_prompt_tokens=budget,
+                    )
+                )
+                for budget in (300, 300, 700)
+            ]
+            stored = await client.hget(meta, f"tokens:{counter.line_id}")
+        finally:
+            await client.aclose()
+    assert stored is not None and len(stored) == 4 * len(turns)
+    for response in responses:
+        entries = response.manifest.entries
+        packed = [e for e in entries if e.packed]
+        assert packed and all(e.reason == pb.INCLUSION_REASON_RELEVANCE for e in packed[:1])
+        assert entries[1].packed  # the planted fact
+        assert [e.tokens for e in packed] == await counter.count_lines([turns[e.index] for e in packed])
+        (frame,) = [e for e in entries if e.source == pb.SOURCE_TRANSCRIPT]
+        assert frame.tokens == counter.transcript_tokens
+        transcript = [m for m in response.messages if m.content.startswith(assembly.TRANSCRIPT_HEADER)]
+        assert transcript == [assembly.transcript(turns[e.index] for e in packed)]
+        rendered = prompt_tokens_of(model, response.messages)
+        assert response.manifest.prompt_tokens == rendered <= response.manifest.budget_tokens
+        outside = counter.template_tokens
+        included = sum(e.tokens for e in entries if e.disposition == pb.DISPOSITION_INCLUDED)
+        assert included + outside.prompt_prefix + outside.generation_prompt == rendered
+    # The first call (counting the lines) and the second (reading them) agree.
+    assert responses[0].messages == responses[1].messages
+    assert len([e for e in responses[2].manifest.entries if e.packed]) > len(
+        [e for e in responses[0].manifest.entries if e.packed]
+    )
+
+
+def prompt_tokens_of(model: str, messages) -> int:
+    settings = Settings().models[model]
+    rendered = tokenization.load_chat_template(settings.chat_template).render_messages(messages)
+    return len(tokenization.load(settings.tokenizer).encode(rendered, add_special_tokens=False).ids)

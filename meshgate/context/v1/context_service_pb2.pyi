@@ -28,6 +28,7 @@ class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SOURCE_REQUEST: _ClassVar[Source]
     SOURCE_SUMMARY: _ClassVar[Source]
     SOURCE_PINNED_FACT: _ClassVar[Source]
+    SOURCE_TRANSCRIPT: _ClassVar[Source]
 
 class InclusionReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -38,6 +39,7 @@ class InclusionReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INCLUSION_REASON_RELEVANCE: _ClassVar[InclusionReason]
     INCLUSION_REASON_PINNED: _ClassVar[InclusionReason]
     INCLUSION_REASON_SUMMARY: _ClassVar[InclusionReason]
+    INCLUSION_REASON_TRANSCRIPT: _ClassVar[InclusionReason]
 ASSEMBLY_STRATEGY_UNSPECIFIED: AssemblyStrategy
 ASSEMBLY_STRATEGY_ADAPTIVE: AssemblyStrategy
 ASSEMBLY_STRATEGY_NEWEST: AssemblyStrategy
@@ -50,6 +52,7 @@ SOURCE_SESSION: Source
 SOURCE_REQUEST: Source
 SOURCE_SUMMARY: Source
 SOURCE_PINNED_FACT: Source
+SOURCE_TRANSCRIPT: Source
 INCLUSION_REASON_UNSPECIFIED: InclusionReason
 INCLUSION_REASON_SYSTEM: InclusionReason
 INCLUSION_REASON_REQUEST: InclusionReason
@@ -57,6 +60,7 @@ INCLUSION_REASON_RECENCY: InclusionReason
 INCLUSION_REASON_RELEVANCE: InclusionReason
 INCLUSION_REASON_PINNED: InclusionReason
 INCLUSION_REASON_SUMMARY: InclusionReason
+INCLUSION_REASON_TRANSCRIPT: InclusionReason
 
 class Session(_message.Message):
     __slots__ = ("session_id", "tenant_id", "version", "messages", "create_time_ms", "update_time_ms", "compacted_turns")
@@ -281,7 +285,7 @@ class RevertSessionResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class ManifestEntry(_message.Message):
-    __slots__ = ("source", "index", "role", "tokens", "disposition", "summary_id", "reason", "relevance")
+    __slots__ = ("source", "index", "role", "tokens", "disposition", "summary_id", "reason", "relevance", "packed")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -290,6 +294,7 @@ class ManifestEntry(_message.Message):
     SUMMARY_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     RELEVANCE_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     source: Source
     index: int
     role: _common_pb2.Role
@@ -298,7 +303,8 @@ class ManifestEntry(_message.Message):
     summary_id: str
     reason: InclusionReason
     relevance: float
-    def __init__(self, source: _Optional[_Union[Source, str]] = ..., index: _Optional[int] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., tokens: _Optional[int] = ..., disposition: _Optional[_Union[Disposition, str]] = ..., summary_id: _Optional[str] = ..., reason: _Optional[_Union[InclusionReason, str]] = ..., relevance: _Optional[float] = ...) -> None: ...
+    packed: bool
+    def __init__(self, source: _Optional[_Union[Source, str]] = ..., index: _Optional[int] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., tokens: _Optional[int] = ..., disposition: _Optional[_Union[Disposition, str]] = ..., summary_id: _Optional[str] = ..., reason: _Optional[_Union[InclusionReason, str]] = ..., relevance: _Optional[float] = ..., packed: _Optional[bool] = ...) -> None: ...
 
 class ContextManifest(_message.Message):
     __slots__ = ("entries", "prompt_tokens", "budget_tokens", "tokenizer")
