@@ -30,7 +30,7 @@ V = typing.TypeVar("V")
 
 
 class VectorMemo(typing.Generic[V]):
-    """Recent embeddings, keyed on the embedding model and the exact text.
+    """Recent embeddings, keyed on the embedding model, a scope and the exact text.
 
     An embedding is a pure function of the model and the text, so a vector
     once fetched never goes stale: only memory bounds the memo (the oldest
@@ -40,6 +40,10 @@ class VectorMemo(typing.Generic[V]):
     whitespace: the model may tell those apart. ``max_entries`` 0 keeps
     nothing. Used in front of the inference service's Embed by the cache
     service (sparing the hop) and inside it (sparing Triton, for every caller).
+
+    A remembered text answers faster, which tells whoever asks that someone
+    asked it lately. ``scope`` (length-prefixed like the model) keeps callers
+    apart where that must not leak: the cache scopes its memo per tenant.
     """
 
     def __init__(self, model: str, max_entries: int) -> None:
@@ -54,8 +58,10 @@ class VectorMemo(typing.Generic[V]):
     def enabled(self) -> bool:
         return self._max_entries > 0
 
-    def key(self, text: str) -> bytes:
+    def key(self, text: str, scope: str = "") -> bytes:
         digest = hashlib.blake2b(self._prefix, digest_size=16, person=b"mg-embed-memo")
+        scope_bytes = scope.encode()
+        digest.update(len(scope_bytes).to_bytes(4, "little") + scope_bytes)
         digest.update(text.encode())
         return digest.digest()
 

@@ -9,6 +9,10 @@ run on every lookup; the memo only spares the embedding and the hop (the
 inference service keeps a memo of its own, which spares Triton for every
 caller but not the hop). A failed embedding (None) is not remembered, so
 the next ask tries again.
+
+Each tenant has its own vectors here, as entries and coalesced generations
+never cross tenants: a memo shared by all would answer tenant B faster for a
+text tenant A asked lately, a timing signal of what another tenant asks.
 """
 
 from __future__ import annotations
@@ -33,13 +37,13 @@ class EmbeddingMemo:
     def __len__(self) -> int:
         return len(self._vectors)
 
-    def _key(self, text: str) -> bytes:
-        return self._vectors.key(text)
-
-    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
+    async def embed_or_none(
+        self, text: str, *, tenant_id: str, timeout_s: float | None = None
+    ) -> np.ndarray | None:
+        """``text``'s vector for ``tenant_id``: remembered only for that tenant."""
         if not self._vectors.enabled:
             return await self._embedder.embed_or_none(text, timeout_s)
-        key = self._vectors.key(text)
+        key = self._vectors.key(text, tenant_id)
         vector = self._vectors.get(key)
         if vector is not None:
             self._hits.inc()

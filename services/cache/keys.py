@@ -58,6 +58,8 @@ class Partition:
     # ``mg:cache:<tenant hex>:<model hex>:{<digest hex>}:``, shared by all
     # of its keys; the braces are the hash tag.
     key_prefix: str
+    # For what is kept per tenant outside Redis (the embedding memo).
+    tenant_id: str
 
     @property
     def sequence_key(self) -> str:
@@ -107,7 +109,9 @@ def _partition(tenant_id: str, model: str, parameters: bytes) -> Partition:
         digest.update(_LENGTH.pack(len(part)))
         digest.update(part)
     partition_digest = digest.digest()
-    return Partition(partition_digest, f"{tenant_prefix(tenant_id, model)}{{{partition_digest.hex()}}}:")
+    return Partition(
+        partition_digest, f"{tenant_prefix(tenant_id, model)}{{{partition_digest.hex()}}}:", tenant_id
+    )
 
 
 def _conversation_digest(

@@ -38,7 +38,6 @@ from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
 from meshgate.config import CacheSettings
-from meshgate.embedding import Embedder
 from meshgate.errors import invalid_argument
 from meshgate.reasons import Reason
 from services.cache import conversation, keys
@@ -90,7 +89,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         self,
         settings: CacheSettings,
         store: CacheStore,
-        embedder: Embedder | EmbeddingMemo,
+        embedder: EmbeddingMemo,
         stats: Stats,
         indexes: IndexRegistry,
         verifier: Verifier,
@@ -159,7 +158,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             context_id, text = self._semantic_subject(partition, messages)
             vector = self._recent_vectors.pop(entry_id, None)
             if vector is None:
-                vector = await self._embedding(entry_id, text)
+                vector = await self._embedding(partition, entry_id, text)
         now_ms = _now_ms()
         if vector is None:
             await self._store.put_exact(partition, entry_id, answer, now_ms, ttl_ms)
@@ -234,7 +233,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             # Likely a candidate (or the vector size still unknown): embed
             # while the index tops itself up.
             vector, (rows, strictness) = await asyncio.gather(
-                self._embedding(entry_id, question),
+                self._embedding(partition, entry_id, question),
                 self._store.entries_since(partition, context_id, after_seq),
             )
         else:
@@ -250,7 +249,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 self._metrics.misses_without_embedding.inc()
                 return None
             after_seq, rows = index.synced_seq, []
-            vector = await self._embedding(entry_id, question)
+            vector = await self._embedding(partition, entry_id, question)
         if vector is None:
             return None
         self._dimensions = len(vector)
@@ -284,7 +283,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             # Unknown (an index not loaded here) or a likely first-stage
             # miss: the semantic lookup decides, as without this.
             return
-        ahead = asyncio.ensure_future(self._embedder.embed_or_none(question))
+        ahead = asyncio.ensure_future(self._embedder.embed_or_none(question, tenant_id=partition.tenant_id))
         ahead.add_done_callback(functools.partial(self._ahead_done, entry_id))
         self._embedding_ahead[entry_id] = ahead
         while len(self._embedding_ahead) > EMBED_AHEAD:
@@ -311,13 +310,13 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             ahead.cancel()
         await asyncio.gather(*unclaimed, return_exceptions=True)
 
-    async def _embedding(self, entry_id: str, question: str) -> np.ndarray | None:
+    async def _embedding(self, partition: keys.Partition, entry_id: str, question: str) -> np.ndarray | None:
         """The question's vector: the one an exact-only miss of the same
         prompt started, or a new one."""
         ahead = self._embedding_ahead.pop(entry_id, None)
         if ahead is not None:
             return await ahead
-        return await self._embedder.embed_or_none(question)
+        return await self._embedder.embed_or_none(question, tenant_id=partition.tenant_id)
 
     def _semantic_subject(self, partition: keys.Partition, messages) -> tuple[str, str]:
         """The sub-partition a prompt's last question is matched in, and the

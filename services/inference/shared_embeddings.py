@@ -26,6 +26,17 @@ Keys are the memo's digests of the model and the text (16 bytes; a text may
 be up to a megabyte). The cache service's question memo
 (services/cache/embedding_memo.py) keeps the same kind of memo in front of
 this RPC: it spares the hop, this spares Triton.
+
+Shared across tenants, knowingly. Embed acts for no tenant: the cache and
+the context service call it with their own mesh certificates and no tenant
+token (only the router mints those, for calls to context and cache), so
+this service cannot tell whose text it embeds. A text embedded or in flight
+lately answers without its Triton call, for whoever asks; a turn that needs
+a text embedded (the cache's semantic lookup, context assembly) can be
+that much faster when another tenant asked the same exact text just before.
+The cache's own memo, in front of this, is per tenant and so adds no such
+signal. ``inference.embedding_memo_entries = 0`` removes the memo's part;
+in-flight sharing stays (README: Trust inside the mesh).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from meshgate.local.stack import free_port
 from services.cache import index as index_module
 from services.cache import keys
 from services.cache import servicer as servicer_module
+from services.cache.embedding_memo import EmbeddingMemo
 from services.cache.index import IndexRegistry
 from services.cache.servicer import CacheServicer
 from services.cache.stats import Stats
@@ -53,7 +54,7 @@ class FakeEmbedder:
         self.calls: list[str] = []
         self.available = True
 
-    async def embed_or_none(self, text: str) -> np.ndarray | None:
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
         self.calls.append(text)
         if not self.available:
             return None
@@ -88,12 +89,14 @@ async def redis_client(redis_url):
     await client.aclose()
 
 
-def make_servicer(client, embedder, *, max_entries: int = 100) -> CacheServicer:
+def make_servicer(client, embedder, *, max_entries: int = 100, memo_entries: int = 0) -> CacheServicer:
+    """A servicer whose embeddings come from ``embedder``, through no memo
+    unless ``memo_entries`` asks for one (the tests count embedder calls)."""
     settings = CacheSettings(semantic_threshold=0.9, max_entries_per_partition=max_entries)
     return CacheServicer(
         settings,
         CacheStore(client, max_entries),
-        embedder,
+        EmbeddingMemo(embedder, settings.embedding_model, memo_entries),
         Stats(client),
         IndexRegistry(max_entries, settings.max_resident_rows, settings.approximate_index_from),
         AcceptingVerifier(),
@@ -183,7 +186,7 @@ class GatedEmbedder(FakeEmbedder):
         self.release = asyncio.Event()
         self.started: list[str] = []
 
-    async def embed_or_none(self, text: str) -> np.ndarray | None:
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
         self.started.append(text)
         await self.release.wait()
         return await super().embed_or_none(text)
@@ -248,7 +251,7 @@ class FailingEmbedder(FakeEmbedder):
         super().__init__()
         self.broken = False
 
-    async def embed_or_none(self, text: str) -> np.ndarray | None:
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
         if self.broken:
             self.calls.append(text)
             raise RuntimeError("embedding broke")
@@ -354,6 +357,21 @@ async def test_close_cancels_the_embeddings_started_ahead(redis_client, tenant):
     assert ahead.cancelled() and not cache._embedding_ahead  # noqa: SLF001
 
 
+async def test_the_embedding_memo_is_kept_per_tenant(redis_client, embedder, tenant):
+    """A remembered question answers faster: tenant B must not learn from
+    that what tenant A asked, so B's lookup embeds the text again."""
+    cache = make_servicer(redis_client, embedder, memo_entries=64)
+    tenants = (tenant, tenant + "-b")
+    for who in tenants:
+        await store(cache, scope(who), conversation(STORED))
+    embedder.calls.clear()
+    for who in tenants * 2:
+        response = await lookup(cache, scope(who), conversation(PARAPHRASE))
+        assert response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    # Each tenant's first lookup embedded; its repeat came from its own memo.
+    assert embedder.calls == [PARAPHRASE, PARAPHRASE]
+
+
 @pytest.mark.parametrize(
     "other",
     [
@@ -435,7 +453,7 @@ async def test_lookups_are_answered_while_a_large_partition_rebuilds_its_graph(
         return CacheServicer(
             settings,
             CacheStore(redis_client, 10_000),
-            embedder,
+            EmbeddingMemo(embedder, settings.embedding_model, 0),
             Stats(redis_client),
             IndexRegistry(10_000, settings.max_resident_rows, settings.approximate_index_from),
             AcceptingVerifier(),
