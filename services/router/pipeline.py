@@ -129,9 +129,10 @@ class CachePlan:
     # The router's hot exact key of a prompt under this plan, computed once
     # per turn though the exact lookup, the semantic lookup and the store
     # all ask for it (hot_exact.py): id(prompt) -> (prompt, key). The prompt
-    # is held, so its id is not reused while the plan lives.
+    # is held, so its id is not reused while the plan lives. Not an init
+    # field: a plan made by dataclasses.replace (another model) starts empty.
     hot_exact_keys: dict[int, tuple[Any, bytes]] = dataclasses.field(
-        default_factory=dict, compare=False, repr=False
+        default_factory=dict, init=False, compare=False, repr=False
     )
 
 
@@ -475,7 +476,7 @@ class Pipeline:
             turn,
             model_alias=selection.model,
             model=model,
-            cache=dataclasses.replace(turn.cache, model=selection.model, hot_exact_keys={}),
+            cache=dataclasses.replace(turn.cache, model=selection.model),
             selection=selection,
         )
 

@@ -167,3 +167,14 @@ def test_a_turn_computes_its_key_once_however_often_it_asks(monkeypatch):
     assert len(digests) == 2
     # Another prompt under the same plan has its own key.
     assert HotExactHits.key(scope, messages("and of Spain?")) != first
+
+
+def test_a_plan_for_another_model_does_not_inherit_the_keys_computed_for_the_first():
+    import dataclasses
+
+    scope, prompt = plan(model="m1"), messages("what is the capital of France?")
+    first = HotExactHits.key(scope, prompt)
+    # What model selection does to a turn's plan.
+    reselected = dataclasses.replace(scope, model="m2")
+    assert reselected.hot_exact_keys == {} and reselected.hot_exact_keys is not scope.hot_exact_keys
+    assert HotExactHits.key(reselected, prompt) == HotExactHits.key(plan(model="m2"), prompt) != first
