@@ -10,6 +10,7 @@ the real minilm model through the inference service's Embed."""
 from __future__ import annotations
 
 import contextlib
+import uuid
 
 import grpc
 import pytest
@@ -123,11 +124,15 @@ async def test_a_model_that_selects_nothing_reports_itself_and_no_reason(router)
 async def test_without_the_embedding_in_time_the_features_decide_and_the_turn_is_answered(
     redis_url, inference_address
 ):
-    # A deadline no Embed call can meet: the call fails with DEADLINE_EXCEEDED.
+    # A deadline no Embed call can meet. gRPC sends deadlines in whole
+    # milliseconds, so the inference service may see up to ~1 ms left: time
+    # enough for a vector it remembers (its memo holds EASY and HARD from the
+    # tests above), not for Triton's ~5 ms. So each question here is one no
+    # earlier call has embedded; the Embed has to reach Triton and misses.
     settings = _settings(redis_url, inference_address, embedding_timeout_s=1e-6)
     async with _router(settings) as stub:
         for prompt, model in ((EASY, "fast"), (HARD, "strong")):
-            text, completion = await _completion(stub, prompt)
+            text, completion = await _completion(stub, f"{prompt} ({uuid.uuid4().hex})")
             assert text
             assert completion.selected_model == model
             assert completion.selection_reason == "complexity_features_only"
