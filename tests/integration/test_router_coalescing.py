@@ -23,6 +23,7 @@ from meshgate.errors import error_info
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
+from services.router import coalescing
 from tests.integration.conftest import running_router, service_settings
 
 pytestmark = pytest.mark.integration
@@ -185,7 +186,13 @@ async def test_the_last_caller_cancelling_ends_the_generation(router, triton_gen
     assert await settled(triton_generations, before + 1) == before + 1
 
 
-async def test_a_shorter_deadline_ends_only_its_caller_and_the_generation_goes_on(router, triton_generations):
+async def test_a_joiner_cancelled_by_its_deadline_does_not_end_the_shared_generation(
+    router, triton_generations, monkeypatch
+):
+    """A caller that joined a generation under way and then went away (its
+    own client deadline passed, so gRPC cancelled its call) leaves the
+    generation to the caller that started it, whole, with one generation at
+    Triton."""
     request = ask("Tell me a long story about a lighthouse keeper.", temperature=0.0)
     request.parameters.max_tokens = 256
     started = asyncio.get_running_loop().time()
@@ -193,16 +200,27 @@ async def test_a_shorter_deadline_ends_only_its_caller_and_the_generation_goes_o
     alone_s = asyncio.get_running_loop().time() - started
     assert alone_completion.usage.completion_tokens >= 200, "tiny-gpt stopped early; pick another prompt"
 
+    # Whether each call found an identical generation under way (the router
+    # runs in this process, so its coalescer is this module's class).
+    joined: list[bool] = []
+    real_generate = coalescing.Coalescer.generate
+
+    def recording_generate(self, flight_key, *args):
+        joined.append(flight_key is not None and flight_key in self._flights)  # noqa: SLF001
+        return real_generate(self, flight_key, *args)
+
+    monkeypatch.setattr(coalescing.Coalescer, "generate", recording_generate)
     before = await triton_generations()
     patient = Caller(router, request)
     await asyncio.wait_for(patient.first_delta.wait(), 60)
-    # It joins the generation under way, and its deadline (at most 40 ms,
-    # a tenth of what the whole answer took alone) passes mid-way.
-    hurried = Caller(router, request, timeout_s=min(0.04, alone_s / 10))
+    # Its deadline, a quarter of what the whole answer took alone, passes
+    # while the shared generation still has most of the answer to go.
+    hurried = Caller(router, request, timeout_s=alone_s / 4)
     with pytest.raises(grpc.aio.AioRpcError) as ended:
         await asyncio.wait_for(hurried.task, 60)
     assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert hurried.completion is None
+    assert joined == [False, True], "the hurried caller never joined the generation under way"
     await asyncio.wait_for(patient.task, 120)
     assert patient.text == alone and patient.completion.usage == alone_completion.usage
     assert await settled(triton_generations, before + 1) == before + 1
