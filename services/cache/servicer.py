@@ -19,8 +19,13 @@ word), and the router holds its first generated token until the semantic
 lookup answers. The router asks for it right after an exact-only lookup of
 the same prompt missed, so that miss starts the embedding at once
 (``EMBED_AHEAD``): the semantic lookup that follows finds it under way
-instead of starting it a round trip later. The vector is never wasted on a
-turn that completes: the Store after a miss needs it too.
+instead of starting it a round trip later. With one cache replica the
+vector is not wasted on a turn that completes: the Store after a miss needs
+it too. The router balances its cache calls round robin, so with k replicas
+the semantic lookup and the Store reach the replica that embedded ahead
+about 1/k of the time; the others embed the question again (the inference
+service's shared embeddings usually answer that from memory, without
+Triton) and the unclaimed vector is dropped with the oldest.
 """
 
 from __future__ import annotations
