@@ -95,9 +95,7 @@ def generate_request(
     return request
 
 
-def embed_request(
-    triton_model: str, texts: list[str], timeout_s: float | None = None
-) -> service_pb2.ModelInferRequest:
+def embed_request(triton_model: str, texts: list[str]) -> service_pb2.ModelInferRequest:
     request = service_pb2.ModelInferRequest(model_name=triton_model)
     _add_input(
         request,
@@ -106,12 +104,6 @@ def embed_request(
         [len(texts), 1],
         b"".join(_bytes_element(t.encode()) for t in texts),
     )
-    if timeout_s is not None:
-        # Triton's own request timeout (microseconds): a request still queued
-        # for the dynamic batcher when it passes is dropped unrun. It acts only
-        # where the model's queue policy allows overriding its timeout; the
-        # gRPC deadline on the call ends the caller's wait in every case.
-        request.parameters["timeout"].int64_param = max(1, int(timeout_s * 1_000_000))
     return request
 
 

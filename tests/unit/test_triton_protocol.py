@@ -28,6 +28,18 @@ def test_generate_request_uses_vllm_tensor_names_and_bytes_wire_format():
     assert list(unbatched.inputs[0].shape) == [1]
 
 
+def test_embed_request_is_one_batched_bytes_input_and_nothing_else():
+    request = triton_protocol.embed_request("minilm", ["héllo", "b"])
+    assert request.model_name == "minilm"
+    [text] = request.inputs
+    assert (text.name, text.datatype, list(text.shape)) == ("text", "BYTES", [2, 1])
+    element = "héllo".encode()
+    wire = struct.pack("<I", len(element)) + element + struct.pack("<I", 1) + b"b"
+    assert request.raw_input_contents == [wire]
+    # No per-request parameters: the caller's deadline is the gRPC call's.
+    assert not request.parameters
+
+
 def test_reads_deltas_counts_and_final_flag():
     response = service_pb2.ModelInferResponse()
     response.parameters["triton_final_response"].bool_param = True
