@@ -365,6 +365,7 @@ async def through_services(conversations, args) -> list[str]:
             settings.redis.url = f"redis://127.0.0.1:{redis_port}/0"
             settings.inference.triton_urls = [f"127.0.0.1:{triton_port}"]
             settings.context.session_ttl_s = 0
+            settings.context.pack_older_turns = not args.no_pack
             # The inference service's memo would hold every turn AppendTurns
             # embedded and every question the retention pass asked: most of
             # the latency pass's embeddings would be memo hits, and its Embed
@@ -549,7 +550,15 @@ async def _latency(
             )
             floor = settings.context.recency_floor_turns
             servicer = ContextServicer(
-                store, settings.models, counters, cache, index, embedder, floor, summarizer
+                store,
+                settings.models,
+                counters,
+                cache,
+                index,
+                embedder,
+                floor,
+                summarizer,
+                pack_older_turns=settings.context.pack_older_turns,
             )
             for name in long:
                 servicer.prefetch(tenant, sessions[name])
@@ -637,6 +646,9 @@ def main() -> None:
     parser.add_argument("--offline", action="store_true", help="re-score cached vectors (development)")
     parser.add_argument("--floor", type=int, default=Settings().context.recency_floor_turns)
     parser.add_argument("--limit", type=int, default=0, help="only the first N conversations")
+    parser.add_argument(
+        "--no-pack", action="store_true", help="context.pack_older_turns off: every kept turn a message"
+    )
     parser.add_argument(
         "--latency-only",
         action="store_true",

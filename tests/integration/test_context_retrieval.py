@@ -4,6 +4,7 @@ Redis, and assembly keeps what the new message needs."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 
@@ -18,6 +19,10 @@ from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
 from services.context import app, assembly, store, token_counts
+from services.context.hot_cache import HotCache
+from services.context.servicer import ContextServicer
+from services.context.store import SessionStore
+from services.context.turn_index import TurnIndex
 from tests.integration.conftest import running
 from tests.mesh import mesh_settings, router_channel
 
@@ -284,3 +289,60 @@ def prompt_tokens_of(model: str, messages) -> int:
     settings = Settings().models[model]
     rendered = tokenization.load_chat_template(settings.chat_template).render_messages(messages)
     return len(tokenization.load(settings.tokenizer).encode(rendered, add_special_tokens=False).ids)
+
+
+async def test_a_cold_packed_assembly_plans_from_the_index(redis_url: str) -> None:
+    """Packing needs the turns' line counts: a session's index read gives them
+    (stored at append), so a cold assembly still reads only the chosen turns'
+    texts, never the whole session."""
+    client = redis.Redis.from_url(redis_url)
+    models = Settings().models
+    servicer = ContextServicer(
+        SessionStore(client, 0),
+        models,
+        token_counts.for_models(models),
+        HotCache(0),
+        TurnIndex(client, 0),
+    )
+    whole_reads = 0
+    read = servicer._read
+
+    async def counted_read(*args, **kwargs):
+        nonlocal whole_reads
+        whole_reads += 1
+        return await read(*args, **kwargs)
+
+    servicer._read = counted_read
+    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+    try:
+        created = await servicer.CreateSession(pb.CreateSessionRequest(tenant_id=tenant), None)
+        session_id = created.session.session_id
+        turns = conversation(repeats=12)
+        for start in range(0, len(turns), 16):
+            await servicer.AppendTurns(
+                pb.AppendTurnsRequest(
+                    tenant_id=tenant,
+                    session_id=session_id,
+                    messages=turns[start : start + 16],
+                    any_version=True,
+                ),
+                None,
+            )
+        # What the appends set off in the background (warming a hot cache of no room) is done.
+        await asyncio.gather(*servicer._prefetches)
+        whole_reads = 0
+        response = await servicer.AssembleContext(
+            pb.AssembleContextRequest(
+                tenant_id=tenant,
+                session_id=session_id,
+                new_messages=[common_pb2.Message(role=USER, content="What is the unit's code?")],
+                model=MODEL,
+                max_prompt_tokens=400,
+            ),
+            None,
+        )
+    finally:
+        await client.aclose()
+    assert whole_reads == 0
+    assert response.manifest.entries[1].packed
+    assert response.manifest.prompt_tokens == prompt_length(response.messages) <= 400
