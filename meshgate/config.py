@@ -524,6 +524,13 @@ class InferenceSettings:
     # (services/inference/shared_embeddings.py). 0 keeps none; texts in
     # flight are shared either way.
     embedding_memo_entries: int = 4096
+    # The longest one Triton embedding call (up to 64 texts) may take. A call
+    # may be shared by several callers, so no caller's deadline bounds it;
+    # without this a hung call stays in flight, and every later ask for its
+    # texts joins it, for as long as one waiter stays. Its waiters get
+    # DEADLINE_EXCEEDED (services/inference/shared_embeddings.py); 30 s is
+    # generous, for a loaded CPU-only Triton.
+    embed_timeout_s: float = 30.0
     # The prefix index of the prefix-aware strategies: tokens per block (the
     # bundled models' prefix-cache blocks, model_repository/generation/
     # prefix_cache.py, so a block routed is a block cached), how long a

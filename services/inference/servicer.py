@@ -42,7 +42,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             tokenization.load(settings.embedding_tokenizer), settings.embedding_max_tokens
         )
         self._embeddings = SharedEmbeddings(
-            self._embed_texts, settings.embedding_memo_entries, settings.embedding_triton_model
+            self._embed_texts,
+            settings.embedding_memo_entries,
+            settings.embedding_triton_model,
+            batch_size=EMBED_BATCH,
+            timeout_s=settings.embed_timeout_s,
         )
         # One strategy per served model, so each keeps its own prefix index.
         self._strategies = {
@@ -149,18 +153,14 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         return pb.EmbedResponse(dimensions=len(vectors[0]) // 4, vectors=b"".join(vectors))
 
     async def _embed_texts(self, texts: list[str]) -> list[bytes]:
-        """Each text's vector from Triton, for SharedEmbeddings: possibly for
-        several callers, so no one caller's deadline bounds it (it ends when
-        the last caller waiting leaves)."""
+        """Each text's vector from Triton, for SharedEmbeddings (at most
+        EMBED_BATCH texts: one ModelInfer): possibly for several callers, so
+        no one caller's deadline bounds it; SharedEmbeddings' own limit
+        (inference.embed_timeout_s) does, or the last caller's leaving."""
         if any(self._truncator.needs_tokenizing(text) for text in texts):
             # Tokenizing is CPU work in Rust: off the event loop, so streams go on.
             texts = await asyncio.to_thread(self._truncator.truncate, texts)
         model = self._settings.embedding_triton_model
-        chunks = [texts[i : i + EMBED_BATCH] for i in range(0, len(texts), EMBED_BATCH)]
-        results = await asyncio.gather(*(self._embed_chunk(model, chunk) for chunk in chunks))
-        return [vector for chunk in results for vector in chunk]
-
-    async def _embed_chunk(self, model: str, texts: list[str]) -> list[bytes]:
         backend = self._pool.choose(model)
         backend.in_flight += 1
         try:

@@ -45,11 +45,18 @@ import asyncio
 import collections.abc
 import typing
 
+import grpc
+import structlog
+
 from meshgate import metrics
 from meshgate.embedding import VectorMemo
-from meshgate.errors import MeshgateError
+from meshgate.errors import MeshgateError, internal_error
+from meshgate.reasons import Reason
 
-# The servicer's Triton work for some texts: one float32 vector per text, as bytes.
+log = structlog.get_logger(__name__)
+
+# The servicer's Triton work for at most ``batch_size`` texts: one float32
+# vector per text, as bytes.
 Fetch = collections.abc.Callable[[list[str]], collections.abc.Awaitable[list[bytes]]]
 
 
@@ -65,10 +72,29 @@ class _Flight:
 
 
 class SharedEmbeddings:
-    """``fetch`` behind single-flight per text and an LRU of at most ``max_entries`` vectors."""
+    """``fetch`` behind single-flight per text and an LRU of at most ``max_entries`` vectors.
 
-    def __init__(self, fetch: Fetch, max_entries: int, model: str = "") -> None:
+    Texts to fetch go in flights of at most ``batch_size`` (the embedding
+    model's max_batch_size), each its own fetch: a text that joins one waits
+    for that chunk alone and shares only its failure, not the rest of
+    another caller's request. A flight fails as DEADLINE_EXCEEDED after
+    ``timeout_s`` (None: no limit): it waits for no one caller's deadline,
+    so without this a hung call would stay in flight, and every later ask
+    for its texts would join it, for as long as one waiter stays.
+    """
+
+    def __init__(
+        self,
+        fetch: Fetch,
+        max_entries: int,
+        model: str = "",
+        *,
+        batch_size: int = 64,
+        timeout_s: float | None = None,
+    ) -> None:
         self._fetch = fetch
+        self._batch_size = batch_size
+        self._timeout_s = timeout_s
         self._memo: VectorMemo[bytes] = VectorMemo(model, max_entries)
         # Each text in flight, and the flight that will answer it.
         self._in_flight: dict[bytes, _Flight] = {}
@@ -99,8 +125,10 @@ class SharedEmbeddings:
                 missing[key] = text
         if missing:
             self._from_triton.inc(len(missing))
-            flight = self._start(missing)
-            joined.update(dict.fromkeys(missing, flight))
+            pending = list(missing.items())
+            for start in range(0, len(pending), self._batch_size):
+                chunk = dict(pending[start : start + self._batch_size])
+                joined.update(dict.fromkeys(chunk, self._start(chunk)))
         if joined:
             found.update(await self._wait(joined))
         return [found[key] for key in keys]
@@ -115,17 +143,20 @@ class SharedEmbeddings:
 
     async def _run(self, flight: _Flight, texts: list[str]) -> None:
         try:
-            vectors = await self._fetch(texts)
+            async with asyncio.timeout(self._timeout_s):
+                vectors = await self._fetch(texts)
             if len(vectors) != len(texts):
-                raise RuntimeError(f"{len(vectors)} vectors fetched for {len(texts)} texts")
+                message = f"{len(vectors)} vectors fetched for {len(texts)} texts"
+                raise MeshgateError(grpc.StatusCode.INTERNAL, Reason.BAD_EMBEDDING, message)
         except asyncio.CancelledError:
             # Only when nobody waits any more (_leave): no one to tell.
             for future in flight.futures.values():
                 future.cancel()
             raise
         except Exception as error:  # noqa: BLE001 - every waiter gets it, as its own status
+            failure = self._failure(error)
             for future in flight.futures.values():
-                future.set_exception(error)
+                future.set_exception(failure)
                 # A waiter that left meanwhile never reads it: no "never retrieved" warning.
                 future.exception()
             return
@@ -134,6 +165,18 @@ class SharedEmbeddings:
         for (key, future), vector in zip(flight.futures.items(), vectors):
             future.set_result(vector)
             self._memo.put(key, vector)
+
+    def _failure(self, error: Exception) -> MeshgateError:
+        """What a failed flight's waiters raise: a status with ErrorInfo,
+        made once here, whatever the fetch raised."""
+        if isinstance(error, MeshgateError):
+            return error
+        if isinstance(error, TimeoutError):
+            message = f"the embedding model did not answer within {self._timeout_s} s"
+            return MeshgateError(grpc.StatusCode.DEADLINE_EXCEEDED, Reason.DEADLINE_EXCEEDED, message)
+        # A bug: its details go to the log, not to every caller.
+        log.error("embedding fetch failed", exc_info=error)
+        return internal_error()
 
     def _land(self, flight: _Flight) -> None:
         """Its texts are no longer in flight (a later ask starts afresh or finds the memo)."""
@@ -172,10 +215,8 @@ class SharedEmbeddings:
 
 def _raise_own(error: BaseException) -> typing.NoReturn:
     """The same failure as an exception object of this waiter's own (its
-    traceback is its own RPC's). Anything but a MeshgateError is a bug that
-    every waiter reports as it is."""
-    if not isinstance(error, MeshgateError):
-        raise error
+    traceback is its own RPC's); _run made it a MeshgateError."""
+    assert isinstance(error, MeshgateError)
     raise MeshgateError(
         error.code, error.reason, error.message, dict(error.metadata), error.domain, error.details
     ) from error

@@ -39,11 +39,25 @@ async def triton_stub(triton_url):
 
 
 async def minilm_counts(triton_stub) -> tuple[int, int]:
-    """(requests, texts) Triton's minilm has run successfully so far."""
+    """(requests, texts) Triton's minilm has run successfully so far, once
+    they stop changing: a read right after an Embed answered was seen to
+    lack that call's request (on a loaded machine), so a count waits until
+    two reads 0.1 s apart agree (10 s at most)."""
     request = service_pb2.ModelStatisticsRequest(name="minilm")
-    response = await triton_stub.ModelStatistics(request, timeout=10)
-    stats = response.model_stats[0]
-    return stats.inference_stats.success.count, stats.inference_count
+
+    async def read() -> tuple[int, int]:
+        stats = (await triton_stub.ModelStatistics(request, timeout=10)).model_stats[0]
+        return stats.inference_stats.success.count, stats.inference_count
+
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + 10
+    counts = await read()
+    while loop.time() < give_up:
+        await asyncio.sleep(0.1)
+        if (counts_now := await read()) == counts:
+            break
+        counts = counts_now
+    return counts
 
 
 def long_texts(count: int, tag: str) -> list[str]:
@@ -103,10 +117,9 @@ async def test_a_caller_whose_deadline_passes_leaves_the_shared_call_to_the_othe
             await stub.Embed(pb.EmbedRequest(texts=[SHARED + " (2)"]), timeout=0.001)
         assert impatient.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         first = await first
-        # Remembered now: a deadline already passed is still refused, not answered.
-        with pytest.raises(grpc.aio.AioRpcError) as late:
-            await stub.Embed(pb.EmbedRequest(texts=[SHARED + " (2)"]), timeout=1e-6)
-        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # (A deadline already passed is refused even for a remembered vector:
+        # tests/unit/test_inference_embed.py; over gRPC, a client's own timer
+        # could not be told from the service's refusal.)
         requests_after, _ = await minilm_counts(triton_stub)
     assert len(first.vectors) == 64 * 4 * first.dimensions
     assert requests_after - requests_before == 1

@@ -161,5 +161,92 @@ async def test_a_fetch_that_answers_the_wrong_number_of_vectors_fails_its_waiter
         return [b"x" * 8]
 
     shared = SharedEmbeddings(short, 16)
-    with pytest.raises(RuntimeError, match="1 vectors fetched for 2 texts"):
+    with pytest.raises(MeshgateError, match="1 vectors fetched for 2 texts") as failed:
         await asyncio.wait_for(shared.vectors(["a", "b"]), 5)
+    assert (failed.value.code, failed.value.reason) == (grpc.StatusCode.INTERNAL, Reason.BAD_EMBEDDING)
+
+
+class ChunkGates:
+    """A fetch per chunk, each waiting for its own gate (named by its first text)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.gates: dict[str, asyncio.Event] = {}
+        self.failures: dict[str, Exception] = {}
+
+    async def fetch(self, texts: list[str]) -> list[bytes]:
+        self.calls.append(list(texts))
+        await self.gates.setdefault(texts[0], asyncio.Event()).wait()
+        if (failure := self.failures.get(texts[0])) is not None:
+            raise failure
+        return [vector_of(text) for text in texts]
+
+    def release(self, first_text: str) -> None:
+        self.gates.setdefault(first_text, asyncio.Event()).set()
+
+
+async def test_a_request_goes_in_flights_of_one_batch_and_a_joiner_waits_for_its_chunk_alone():
+    triton = ChunkGates()
+    shared = SharedEmbeddings(triton.fetch, 16, batch_size=2)
+    whole = asyncio.create_task(shared.vectors(["a", "b", "c", "d", "e"]))
+    await until(lambda: len(triton.calls) == 3)
+    assert triton.calls == [["a", "b"], ["c", "d"], ["e"]]
+    joiner = asyncio.create_task(shared.vectors(["b"]))
+    triton.release("a")
+    # Answered while the rest of the first request is still in flight.
+    assert await asyncio.wait_for(joiner, 5) == [vector_of("b")]
+    assert not whole.done()
+    triton.release("c")
+    triton.release("e")
+    assert await whole == [vector_of(t) for t in "abcde"]
+    assert len(triton.calls) == 3
+
+
+async def test_a_failed_chunk_fails_only_those_who_wait_for_its_texts():
+    triton = ChunkGates()
+    triton.failures["c"] = MeshgateError(grpc.StatusCode.INTERNAL, Reason.MODEL_ERROR, "Triton: boom")
+    shared = SharedEmbeddings(triton.fetch, 16, batch_size=2)
+    whole = asyncio.create_task(shared.vectors(["a", "b", "c", "d"]))
+    await until(lambda: len(triton.calls) == 2)
+    joiner = asyncio.create_task(shared.vectors(["a"]))
+    triton.release("c")
+    triton.release("a")
+    assert await asyncio.wait_for(joiner, 5) == [vector_of("a")]
+    with pytest.raises(MeshgateError) as failed:
+        await whole
+    assert failed.value.reason == Reason.MODEL_ERROR
+    # The chunk that succeeded is remembered.
+    assert await shared.vectors(["b"]) == [vector_of("b")]
+    assert len(triton.calls) == 2
+
+
+async def test_a_hung_fetch_fails_its_waiters_after_the_limit_and_leaves_the_flight():
+    triton = FakeTriton(gated=True)
+    shared = SharedEmbeddings(triton.fetch, 16, timeout_s=0.05)
+    # Two waiters without a deadline of their own.
+    callers = [asyncio.create_task(shared.vectors(["q"])) for _ in range(2)]
+    errors = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 10)
+    for error in errors:
+        assert isinstance(error, MeshgateError)
+        assert (error.code, error.reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, Reason.DEADLINE_EXCEEDED)
+    # The hung call was cancelled, and the next ask starts its own.
+    assert triton.cancelled == 1
+    triton.release.set()
+    assert await shared.vectors(["q"]) == [vector_of("q")]
+    assert triton.calls == [["q"], ["q"]]
+
+
+async def test_an_unexpected_error_reaches_each_waiter_as_its_own_internal_status():
+    async def broken(texts: list[str]) -> list[bytes]:
+        await asyncio.sleep(0.01)
+        raise IndexError("list index out of range")
+
+    shared = SharedEmbeddings(broken, 16)
+    callers = [asyncio.create_task(shared.vectors(["q"])) for _ in range(2)]
+    errors = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 5)
+    for error in errors:
+        assert isinstance(error, MeshgateError)
+        assert (error.code, error.reason) == (grpc.StatusCode.INTERNAL, Reason.INTERNAL)
+        # The bug's own words stay in the log.
+        assert error.message == "internal error"
+    assert errors[0] is not errors[1]
