@@ -185,7 +185,12 @@ class Detokenizer:
     of the bytes, and a window starts on a character boundary because text
     counts as stable only when it does not end in U+FFFD (an incomplete
     character, or an invalid byte sequence that the next byte may extend).
-    What still grows with the answer is copying its text (a memcpy), not decoding.
+    What still grows with the answer is copying its text (a memcpy), not
+    decoding, as long as the text keeps becoming stable. A stretch whose
+    text keeps ending in U+FFFD (a run of byte tokens that form no valid
+    UTF-8, such as lone continuation bytes) never moves the window: each of
+    its n tokens decodes the whole stretch again, about n^2 / 2 ids, as
+    before. Rare in real output, and the text is still exact.
     """
 
     def __init__(self, decode: Callable[[list[int]], str], context_ids: list[int]):
