@@ -256,7 +256,8 @@ class Reason(enum.StrEnum):
     metadata ``service`` and ``code`` name it (was <SERVICE>_<CODE>, e.g. CONTEXT_UNAVAILABLE)."""
 
     DEADLINE_EXCEEDED = enum.auto()
-    """The caller's deadline passed before Triton answered."""
+    """The caller's deadline passed before Triton answered, or a shared embedding call
+    outlived ``inference.embed_timeout_s``."""
 
     TRITON_CANCELLED = enum.auto()
     """Triton cancelled the request."""
