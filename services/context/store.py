@@ -8,7 +8,9 @@ the braces make all of them one Redis Cluster hash slot:
   (Redis's clock, so every replica of the service agrees), and one field
   ``tokens:<counter id>`` per tokenizer and chat template: each turn's tokens
   in the model's prompt (see services/context/token_counts.py) as
-  little-endian uint32, counted once when the turns were appended.
+  little-endian uint32, counted once when the turns were appended; and
+  ``tokens:<counter id>.line``, each turn's tokens as a line of adaptive
+  assembly's transcript message (``PromptCounter.line_id``), kept alike.
 - ``...:turns``, a list of serialized ``common.v1.Message``, oldest first.
 - ``...:turn_ids``, a hash: the idempotency key of every append that gave
   one -> the version that append made, so a retried append is answered
