@@ -453,6 +453,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         inputs.max_prompt_tokens = request.max_prompt_tokens
         inputs.tokenizer = counter.spec
         inputs.strategy = _STRATEGY_NAMES[strategy]
+        inputs.packs_older_turns = self._packs(strategy, counter)
         digest = hashlib.sha256()
         for message in new_messages:
             serialized = message.SerializeToString(deterministic=True)
@@ -515,6 +516,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             )
         return request.strategy
 
+    def _packs(self, strategy: int, counter: PromptCounter) -> bool:
+        """Whether assembly may pack older turns into a transcript message."""
+        return (
+            strategy == pb.ASSEMBLY_STRATEGY_ADAPTIVE
+            and self._pack_older_turns
+            and counter.transcript_tokens is not None
+        )
+
     async def _embed(self, messages: list[common_pb2.Message]) -> np.ndarray | None:
         """One vector per message, or None when the inference service cannot
         give them: the turns are then found by their words only."""
@@ -541,7 +550,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         tenant_id, session_id = request.tenant_id, request.session_id
         adaptive = strategy == pb.ASSEMBLY_STRATEGY_ADAPTIVE
         terms = list(relevance.index_terms(_query_text(c.message for c in new))) if adaptive else []
-        packs = adaptive and self._pack_older_turns and counter.transcript_tokens is not None
+        packs = self._packs(strategy, counter)
         view = await self._session_view(request, terms, counter, at_version, packs)
         pinned_facts = [common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=f) for f in view.pinned_facts]
         facts = [

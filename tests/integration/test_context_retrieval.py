@@ -141,6 +141,7 @@ async def test_relevance_beats_recency_on_a_planted_fact(stub) -> None:
     # An older turn kept for its relevance: a line of the transcript message.
     assert planted.packed
     assert f"user: {PLANTED}\n" in adaptive.messages[1].content
+    assert adaptive.inputs.packs_older_turns and not newest.inputs.packs_older_turns
     # The same budget, newest first, cannot reach back that far.
     assert session_entries(newest)[1].disposition == pb.DISPOSITION_DROPPED
     assert PLANTED not in [m.content for m in newest.messages]
@@ -280,6 +281,9 @@ async def test_a_packed_prompt_costs_what_its_manifest_says(stub, redis_url: str
         assert included + outside.prompt_prefix + outside.generation_prompt == rendered
     # The first call (counting the lines) and the second (reading them) agree.
     assert responses[0].messages == responses[1].messages
+    # Its inputs say packing was allowed, so the same id always means the same prompt.
+    assert all(r.inputs.packs_older_turns for r in responses)
+    assert responses[0].assembly_id == responses[1].assembly_id
     assert len([e for e in responses[2].manifest.entries if e.packed]) > len(
         [e for e in responses[0].manifest.entries if e.packed]
     )
