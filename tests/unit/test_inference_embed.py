@@ -58,13 +58,15 @@ def triton():
 
 
 @pytest.fixture
-def servicer(triton):
+async def servicer(triton):
+    # Async: the pool's gRPC channels (never connected) want a running loop.
     settings = InferenceSettings(triton_urls=["127.0.0.1:1"])
     pool = BackendPool(settings.triton_urls, [settings.embedding_triton_model])
     backend = pool.backends[0]
     backend.ready_models = {settings.embedding_triton_model}
     backend.stub = triton
-    return InferenceServicer(settings, pool)
+    yield InferenceServicer(settings, pool)
+    await pool.close()
 
 
 def assert_deadline_refusal(error: MeshgateError) -> None:
