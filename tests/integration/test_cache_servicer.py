@@ -192,17 +192,24 @@ class GatedEmbedder(FakeEmbedder):
         return await super().embed_or_none(text)
 
 
+async def _primed(redis_client, tenant, embedder):
+    """A servicer holding STORED whose lookups have seen the vector size
+    (from then on the first stage runs), the embedder's records cleared."""
+    cache = make_servicer(redis_client, embedder)
+    await store(cache, scope(tenant), conversation(STORED))
+    other = await lookup(cache, scope(tenant), conversation(STORED + " Fast?"))
+    assert other.status == pb.LOOKUP_STATUS_MISS
+    embedder.calls.clear()
+    if isinstance(embedder, GatedEmbedder):
+        embedder.started.clear()
+        embedder.release.clear()
+    return cache
+
+
 async def test_an_exact_only_miss_starts_the_embedding_its_semantic_lookup_uses(redis_client, tenant):
     embedder = GatedEmbedder()
     embedder.release.set()
-    cache = make_servicer(redis_client, embedder)
-    await store(cache, scope(tenant), conversation(STORED))
-    # A lookup has seen the vector size: from then on the first stage runs.
-    other = await lookup(cache, scope(tenant), conversation(STORED + " Fast?"))
-    assert other.status == pb.LOOKUP_STATUS_MISS
-    embedder.started.clear()
-    embedder.calls.clear()
-    embedder.release.clear()
+    cache = await _primed(redis_client, tenant, embedder)
     # An exact hit starts nothing; an exact-only miss starts the embedding
     # the router's semantic lookup of the same prompt will need, and still
     # answers at once, a miss.
@@ -270,11 +277,7 @@ async def _ahead_finished(embedder: FakeEmbedder, calls: list[str]) -> None:
 @pytest.mark.parametrize("failure", ["unavailable", "error"])
 async def test_a_failed_embedding_ahead_is_not_handed_to_a_later_lookup(redis_client, tenant, failure):
     embedder = FailingEmbedder()
-    cache = make_servicer(redis_client, embedder)
-    await store(cache, scope(tenant), conversation(STORED))
-    other = await lookup(cache, scope(tenant), conversation(STORED + " Fast?"))
-    assert other.status == pb.LOOKUP_STATUS_MISS
-    embedder.calls.clear()
+    cache = await _primed(redis_client, tenant, embedder)
     if failure == "unavailable":
         embedder.available = False
     else:
@@ -318,13 +321,7 @@ async def test_embeddings_ahead_are_bounded_oldest_cancelled_first(redis_client,
     monkeypatch.setattr(servicer_module, "EMBED_AHEAD", 2)
     embedder = GatedEmbedder()
     embedder.release.set()
-    cache = make_servicer(redis_client, embedder)
-    await store(cache, scope(tenant), conversation(STORED))
-    first_lookup = await lookup(cache, scope(tenant), conversation(STORED + " Fast?"))
-    assert first_lookup.status == pb.LOOKUP_STATUS_MISS
-    embedder.started.clear()
-    embedder.calls.clear()
-    embedder.release.clear()
+    cache = await _primed(redis_client, tenant, embedder)
     questions = [f"Learn Python, attempt {n}?" for n in range(3)]
     aheads = []
     for question in questions:
@@ -346,11 +343,7 @@ async def test_embeddings_ahead_are_bounded_oldest_cancelled_first(redis_client,
 async def test_close_cancels_the_embeddings_started_ahead(redis_client, tenant):
     embedder = GatedEmbedder()
     embedder.release.set()
-    cache = make_servicer(redis_client, embedder)
-    await store(cache, scope(tenant), conversation(STORED))
-    first_lookup = await lookup(cache, scope(tenant), conversation(STORED + " Fast?"))
-    assert first_lookup.status == pb.LOOKUP_STATUS_MISS
-    embedder.release.clear()
+    cache = await _primed(redis_client, tenant, embedder)
     await lookup(cache, scope(tenant), conversation(PARAPHRASE), semantic=False)
     [ahead] = cache._embedding_ahead.values()  # noqa: SLF001
     await asyncio.wait_for(cache.close(), 10)
