@@ -15,7 +15,8 @@ hot session in memory and cold from Redis), and Redis memory per stored turn.
 
 ``--latency-only`` replays only the sessions of 1,000+ turns and measures
 latency alone (no retention table), and ``--profile PATH`` adds a cProfile
-pass of the gRPC loop after the timed one.
+pass of the gRPC loop after the timed one (into PATH), and one of the cold
+in-process loop after its timed one (into PATH.cold).
 
 ``--offline`` re-scores from vectors cached under bench/.cache/ with the pure
 modules (relevance.py, assembly.plan), for development; the reported run goes
@@ -573,6 +574,16 @@ async def _latency(
                 await servicer.AssembleContext(request, None)
                 times.append(1000 * (time.perf_counter() - started))
             results[label] = times
+            if args.profile and label == "cold":
+                # The cold path's own profile, also after its timed loop.
+                cold_profile = f"{args.profile}.cold"
+                profiler = cProfile.Profile()
+                profiler.enable()
+                for request in requests:
+                    await servicer.AssembleContext(request, None)
+                profiler.disable()
+                profiler.dump_stats(cold_profile)
+                print(f"cold in-process loop profiled into {cold_profile}", file=sys.stderr)
     finally:
         await listener.close()
         await client.aclose()
@@ -654,7 +665,11 @@ def main() -> None:
         action="store_true",
         help="replay only the sessions of 1,000+ turns and measure assembly latency, no retention",
     )
-    parser.add_argument("--profile", metavar="PATH", help="also cProfile the gRPC latency loop into PATH")
+    parser.add_argument(
+        "--profile",
+        metavar="PATH",
+        help="also cProfile the gRPC latency loop into PATH, the cold in-process one into PATH.cold",
+    )
     args = parser.parse_args()
     paths = sorted(DATA.glob("*.json"))
     conversations = {p.stem: load_conversation(p) for p in paths}
