@@ -247,6 +247,20 @@ def test_unit_rows_are_unit_length_and_keep_empty_rows_empty() -> None:
     np.testing.assert_allclose(unit, [[0.6, 0.8], [0.0, 0.0]])
 
 
+def test_unit_rows_of_stored_int8_rows_equal_the_float_path_bit_for_bit() -> None:
+    # The cold path's in-place int8 conversion must score exactly as before.
+    rows = np.random.default_rng(7).integers(-128, 128, size=(500, 384), dtype=np.int8)
+    rows[3] = 0
+    rows[4] = -128
+    rows[5, :] = 0
+    rows[5, 17] = 1
+    fast = relevance.unit_rows(rows)
+    general = relevance.unit_rows(rows.astype(np.float32))
+    assert fast.dtype == general.dtype == np.float32
+    assert np.array_equal(fast.view(np.uint32), general.view(np.uint32))
+    assert not fast[3].any()
+
+
 def _entries_one_by_one(turns: SessionCosts, reasons: np.ndarray, scores: np.ndarray) -> pb.ContextManifest:
     manifest = pb.ContextManifest()
     for index in range(len(turns)):
