@@ -97,7 +97,7 @@ class _SessionView:
     """A session as assembly plans from it."""
 
     version: int
-    counts: list[int]
+    counts: list[int] | np.ndarray
     roles: np.ndarray
     # Every turn's text when at hand; None: read the chosen ones after planning.
     texts: dict[int, common_pb2.Message] | None
@@ -110,7 +110,7 @@ class _SessionView:
     # pinned, and scored by nothing (postings and vectors cover the rest).
     compacted: int = 0
     # Every turn's tokens as a transcript line; None: not asked for (no packing).
-    line_counts: list[int] | None = None
+    line_counts: list[int] | np.ndarray | None = None
 
 
 def _live_scores(

@@ -127,6 +127,22 @@ return {1, count}
 """
 
 
+# KEYS: meta, turns. ARGV: the turn indices wanted, packed little-endian
+# uint32. Returns the session's version (nil: no session), then each turn's
+# stored body (nil past the list's end): one command and one reply, where a
+# pipeline of one LINDEX per chosen turn (a hundred at 2k tokens) cost the
+# client a command to pack and a reply to parse each.
+_READ_TURNS = """
+local out = {redis.call('HGET', KEYS[1], 'version')}
+local wanted = ARGV[1]
+for at = 1, #wanted, 4 do
+  local index = struct.unpack('<I4', string.sub(wanted, at, at + 3))
+  out[#out + 1] = redis.call('LINDEX', KEYS[2], index)
+end
+return out
+"""
+
+
 def _keys(tenant_id: str, session_id: str) -> list[str]:
     return [key(tenant_id, session_id, f"ix:{part}") for part in ("roles", "lengths", "vectors", "postings")]
 
@@ -162,7 +178,7 @@ class IndexedTurns:
     # Turns the session holds.
     count: int
     # The turns' tokens for the counter asked for (may cover a prefix only).
-    token_counts: list[int]
+    token_counts: np.ndarray
     roles: np.ndarray
     term_counts: np.ndarray
     # relevance.unit_rows of the stored int8 rows of the live turns (from
@@ -177,7 +193,7 @@ class IndexedTurns:
     # vectors, no postings.
     first_live: int = 0
     # The turns' tokens as transcript lines, when asked for (may cover a prefix only).
-    line_counts: list[int] = dataclasses.field(default_factory=list)
+    line_counts: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def nbytes(self) -> int:
@@ -240,7 +256,7 @@ class IndexedTurns:
         return IndexedTurns(
             version,
             count,
-            [],
+            np.zeros(0, np.int64),
             np.concatenate([self.roles, np.array([t.role for t in turns], np.uint8)]),
             np.concatenate([self.term_counts, _term_counts(turns).astype(np.float64)]),
             rows,
@@ -257,6 +273,7 @@ class TurnIndex:
         self._ttl_s = ttl_s
         self._write = client.register_script(_WRITE)
         self._pin = client.register_script(_PIN)
+        self._read_turns = client.register_script(_READ_TURNS)
 
     async def write(
         self,
@@ -317,8 +334,10 @@ class TurnIndex:
                 meta, count, roles, lengths, vectors, posting_values, pins = await pipe.execute()
         if meta[0] is None:
             raise session_not_found(session_id)
-        counts = np.frombuffer(meta[1] or b"", dtype="<u4")[:count].tolist()
-        line_counts = np.frombuffer(meta[3] or b"", dtype="<u4")[:count].tolist() if line_counter_id else []
+        # As planning takes them (assembly.SessionCosts), never as lists.
+        counts = np.frombuffer(meta[1] or b"", dtype="<u4")[:count].astype(np.int64)
+        lines = (meta[3] or b"") if line_counter_id else b""
+        line_counts = np.frombuffer(lines, dtype="<u4")[:count].astype(np.int64)
         roles_array = np.frombuffer(roles or b"", dtype=np.uint8)[:count]
         # Only when every turn has a row can vectors and turns be told apart.
         term_counts = np.frombuffer(lengths or b"", dtype="<u2")[:count].astype(np.float64)
@@ -371,13 +390,10 @@ class TurnIndex:
         """The texts of the chosen turns only, or None when the session is no
         longer at ``version`` (appends do not move turns, a revert may) or
         one of them was compacted meanwhile."""
-        turns_key = key(tenant_id, session_id, "turns")
+        keys = [key(tenant_id, session_id, "meta"), key(tenant_id, session_id, "turns")]
+        wanted = np.asarray(indices, dtype="<u4").tobytes()
         with redis_reachable():
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hget(key(tenant_id, session_id, "meta"), "version")
-                for index in indices:
-                    pipe.lindex(turns_key, index)
-                current, *raw = await pipe.execute()
+            current, *raw = await self._read_turns(keys=keys, args=[wanted])
         if current is None:
             raise session_not_found(session_id)
         # An empty body: compacted since the plan was made (store.SessionStore.compact).
