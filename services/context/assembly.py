@@ -243,13 +243,14 @@ def plan(
 def render(
     chosen: Plan,
     turns: SessionCosts,
-    texts: collections.abc.Mapping[int, common_pb2.Message],
+    texts: collections.abc.Mapping[int, common_pb2.Message] | collections.abc.Sequence[common_pb2.Message],
     new: collections.abc.Sequence[Candidate],
     pinned_facts: collections.abc.Sequence[Candidate] = (),
     relevance: np.ndarray | None = None,
 ) -> pb.AssembleContextResponse:
     """The prompt and manifest of ``chosen``. ``texts`` holds (at least) the
-    kept turns. Order: the session's system messages, pinned facts, the new
+    kept turns, by position (the chosen ones read, or the list of every
+    turn). Order: the session's system messages, pinned facts, the new
     system messages, kept turns oldest first, the other new messages."""
     kept = chosen.kept()
     is_system = [role == common_pb2.ROLE_SYSTEM for role in turns.roles[kept].tolist()]

@@ -384,6 +384,9 @@ class StoredSession:
     # attached by the servicer while the session is hot, so that it is
     # invalidated with the turns it indexes.
     index: typing.Any = None
+    # Counts id -> those counts as the int64 array planning takes, made by
+    # a hot session's first assembly and reused by the next ones (servicer).
+    count_arrays: dict[str, typing.Any] = dataclasses.field(default_factory=dict)
 
 
 def key(tenant_id: str, session_id: str, part: str) -> str:
