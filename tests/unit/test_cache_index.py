@@ -128,12 +128,27 @@ def test_registry_replaces_an_index_of_another_size():
     assert new is not old and new.dimensions == 2 * DIMS and len(new) == 0
 
 
+@pytest.fixture
+def deterministic_graph_builds(monkeypatch):
+    """Builds graphs with one thread. With two, usearch links concurrent
+    insertions in whatever order the threads reach them, so each build is a
+    different graph: on these 2k random rows the recall of the exact top 5
+    varied from 0.96 to 1.0 between builds of the same rows (0.75% of builds
+    under the 0.99 bar, more often on a loaded machine). One thread builds the
+    same graph every time (recall 1.0 in 400 of 400 builds), so a recall bar
+    judges the index's bookkeeping, not the scheduler; the recall of the
+    production thread count at scale is bench/cache_scale_bench.py's to show."""
+    monkeypatch.setattr(index_module, "GRAPH_BUILD_THREADS", 1)
+
+
 def _random_units(rng: np.random.Generator, count: int, dims: int) -> np.ndarray:
     vectors = rng.standard_normal((count, dims)).astype(np.float32)
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def test_approximate_index_agrees_with_the_exact_scan_through_replacements_removals_and_expiry():
+def test_approximate_index_agrees_with_the_exact_scan_through_replacements_removals_and_expiry(
+    deterministic_graph_builds,
+):
     rng = np.random.default_rng(7)
     dims = 32
     exact = VectorIndex(dims, max_entries=5000, approximate_from=10**9)
@@ -214,7 +229,9 @@ def gated_graph_builds(monkeypatch):
     gate.set()
 
 
-def test_searches_scan_exactly_while_a_large_batch_joins_the_graph(gated_graph_builds):
+def test_searches_scan_exactly_while_a_large_batch_joins_the_graph(
+    gated_graph_builds, deterministic_graph_builds
+):
     rng = np.random.default_rng(11)
     dims = 32
     exact = VectorIndex(dims, max_entries=10_000, approximate_from=10**9)
