@@ -37,12 +37,33 @@ MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 # Keepalive: clients ping every KEEPALIVE_TIME_MS, also on idle connections,
 # so a replica that vanished without closing its connections (a node lost, a
 # partition) is noticed within KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS and
-# taken out of rotation, instead of on the next call's deadline. A server
-# that receives pings more often than its min_recv_ping_interval answers
-# with GOAWAY ENHANCE_YOUR_CALM (too_many_pings), so ours accept them at
-# half that interval.
+# taken out of rotation, instead of on the next call's deadline.
+#
+# What a grpc-core server calls a ping flood (chttp2 ping_abuse_policy): it
+# counts every PING it receives, keepalive and BDP probe alike; one that comes
+# sooner than min_recv_ping_interval_without_data after the previous one is a
+# strike, unless the server has written headers, data or a window update
+# since (that clears the strikes and the clock); with permit_without_calls
+# off, that interval is two hours while no call is open. The strike after
+# max_ping_strikes (default 2) gets GOAWAY ENHANCE_YOUR_CALM "too_many_pings"
+# and the connection closed: the calls on it fail UNAVAILABLE.
+# Our clients' keepalive pings come at least KEEPALIVE_TIME_MS apart (the
+# timer restarts on every read and after each acknowledgement) and their BDP
+# probes only after reading something the server wrote, so our servers
+# accept pings at half that interval, idle or not: that leaves room for
+# timers that fire late, and a caller of the router's public port that pings
+# more often than every 10 s without data is still cut off at its third
+# early ping.
 KEEPALIVE_TIME_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 10_000
+
+# grpc-core's name for GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS:
+# no "recv" in it. grpc ignores an option it does not know without a word;
+# "grpc.http2.min_recv_ping_interval_without_data_ms", set here before, left
+# our servers on the default of 5 minutes, and they closed our own channels
+# with too_many_pings after a minute or so of idling or of a silent call, or
+# with the first request after it (tests/integration/test_keepalive.py).
+MIN_RECV_PING_INTERVAL_ARG = "grpc.http2.min_ping_interval_without_data_ms"
 
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -51,7 +72,8 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+    (MIN_RECV_PING_INTERVAL_ARG, KEEPALIVE_TIME_MS // 2),
+    ("grpc.http2.max_ping_strikes", 2),
     # Clients re-resolve a DNS name only when a connection ends: closing each
     # connection after a few minutes (gracefully: calls under way finish;
     # grpc adds +-10% jitter) lets their channels find replicas added since,
@@ -139,12 +161,10 @@ SERVICE_CONFIG = {
     "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1},
 }
 
-CHANNEL_OPTIONS = [
+# What every channel of ours shares, whoever it calls.
+_COMMON_CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-    ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.enable_retries", 1),
     ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
     # Ours, not whatever a DNS TXT record says.
@@ -155,10 +175,41 @@ CHANNEL_OPTIONS = [
     *RECONNECT_OPTIONS,
 ]
 
+# Toward our own servers (and the router's public port): they accept these
+# pings (SERVER_OPTIONS).
+CHANNEL_OPTIONS = [
+    *_COMMON_CHANNEL_OPTIONS,
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
 # Our own servers accept pings on idle connections (SERVER_OPTIONS), so mesh
-# channels keep pinging while idle; Triton enforces its own defaults (at most
-# two pings without data), which grpc's default client limit respects.
+# channels keep pinging while idle, without the default limit of two pings
+# between two writes of the client's own.
 _MESH_PEER_OPTIONS = [("grpc.http2.max_pings_without_data", 0)]
+
+# Triton is not ours: tritonserver's gRPC endpoint enforces grpc-core's
+# server defaults unless it is started with its --grpc-keepalive-* and
+# --grpc-http2-* flags, which a deployment's Triton need not be: pings no
+# closer than 5 minutes while a call is open, none on an idle connection.
+# The mesh keepalive broke that: a channel to Triton pinged its idle
+# connection every 20 s (strikes: none is allowed while idle), and the ping
+# it then held back went out with the next request: the third strike, so
+# Triton closed the connection with GOAWAY too_many_pings and that request
+# failed UNAVAILABLE (ModelInfer is not retried; seen against a server with
+# Triton's defaults, tests/integration/test_keepalive.py).
+# Toward Triton, then: no ping on an idle connection, and while calls are
+# open, one after 5 minutes without a read. A Triton that vanishes leaves the
+# rotation within seconds anyway, by the inference service's health probes
+# (services/inference/backends.py); this bounds only a call stuck on it.
+TRITON_MIN_RECV_PING_INTERVAL_MS = 300_000
+TRITON_CHANNEL_OPTIONS = [
+    *_COMMON_CHANNEL_OPTIONS,
+    ("grpc.keepalive_time_ms", TRITON_MIN_RECV_PING_INTERVAL_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 0),
+]
 
 
 # grpc's name resolvers; a target naming one is passed on as it is.
@@ -201,14 +252,14 @@ async def _nothing() -> None:
 def client_channel(
     address: str, security: mesh_auth.ChannelSecurity | None = None, traced: bool = True
 ) -> grpc.aio.Channel:
-    """A traced, balanced channel to ``address`` (see :func:`channel_target`):
-    to a mesh service over mutual TLS with the ``security`` of
+    """A traced, balanced channel to a meshgate service at ``address`` (see
+    :func:`channel_target`): over mutual TLS with the ``security`` of
     :meth:`meshgate.mesh_auth.Mesh.to` (its identity is checked by name, so
-    any replica's address will do), else in plain text (Triton, or a mesh
-    whose TLS is off). Untraced (``traced=False``) for streams whose caller
-    makes the client span per call itself (telemetry.start_grpc_client_span):
-    the interceptor would wrap every streamed message in two more async
-    generators."""
+    any replica's address will do), else in plain text (a mesh whose TLS is
+    off). For Triton, :func:`triton_channel`. Untraced (``traced=False``) for
+    streams whose caller makes the client span per call itself
+    (telemetry.start_grpc_client_span): the interceptor would wrap every
+    streamed message in two more async generators."""
     target = channel_target(address)
     interceptors = telemetry.client_interceptors() if traced else None
     if security is None:
@@ -218,6 +269,16 @@ def client_channel(
         security.credentials,
         options=[*CHANNEL_OPTIONS, *_MESH_PEER_OPTIONS, *security.channel_options],
         interceptors=interceptors,
+    )
+
+
+def triton_channel(address: str, traced: bool = True) -> grpc.aio.Channel:
+    """A plain-text, balanced channel to Triton at ``address`` that pings no
+    more often than tritonserver's defaults allow (TRITON_CHANNEL_OPTIONS);
+    ``traced`` as for :func:`client_channel`."""
+    interceptors = telemetry.client_interceptors() if traced else None
+    return grpc.aio.insecure_channel(
+        channel_target(address), options=TRITON_CHANNEL_OPTIONS, interceptors=interceptors
     )
 
 

@@ -39,12 +39,12 @@ class TritonBackend:
         self.address = self.key = address
         # Inference goes over a traced channel, so the Triton call is a client
         # span of the request's trace and Triton receives its traceparent.
-        self._channel = serving.client_channel(address)
+        self._channel = serving.triton_channel(address)
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         # Streamed generations go on a channel without the client interceptor:
         # it would add two async generators per streamed token; the servicer
         # makes their client span per call instead (telemetry.start_grpc_client_span).
-        self._stream_channel = serving.client_channel(address, traced=False)
+        self._stream_channel = serving.triton_channel(address, traced=False)
         self.stream_stub = service_pb2_grpc.GRPCInferenceServiceStub(self._stream_channel)
         # Probes every few seconds would bury real traces; they go untraced.
         self._probe_channel = grpc.aio.insecure_channel(address, options=serving.RECONNECT_OPTIONS)
