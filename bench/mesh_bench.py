@@ -317,36 +317,28 @@ async def main_async(args, stack: Stack) -> list[str]:
             "semantic hits": lambda p: p.lower().rstrip("?."),
             "semantic hits, every text new": never_seen(itertools.count()),
         }
+        async def measure(name: str, label: str, one, concurrency: int, requests: int) -> None:
+            meter.start()
+            samples, wall = await run_load(one, concurrency, requests)
+            cpu_ms = meter.stop(requests)
+            cpu_rows.append(f"| {name} | {concurrency} | {cpu_ms:.2f} | {meter.breakdown()} |")
+            latencies = [s.total * 1000 for s in samples]
+            rows.append(
+                f"| {label} | {requests} | {requests / wall:.0f} "
+                f"| {statistics.median(latencies):.2f} | {percentile(latencies, 0.99):.2f} "
+                f"| {cpu_ms:.2f} |"
+            )
+
         for name, variant in workloads.items():
             one = lambda p, variant=variant, name=name: through_router(  # noqa: E731
                 router_stub, variant(p), args.max_tokens, pb.CACHE_POLICY_USE, expect=name
             )
-            requests = args.hits if name == "exact hits" else args.hits // 4
             await run_load(one, 16, 100)
-            meter.start()
-            samples, wall = await run_load(one, 16, requests)
-            cpu_ms = meter.stop(requests)
-            cpu_rows.append(f"| {name} | 16 | {cpu_ms:.2f} | {meter.breakdown()} |")
-            latencies = [s.total * 1000 for s in samples]
-            rows.append(
-                f"| {name} | {requests} | {requests / wall:.0f} "
-                f"| {statistics.median(latencies):.2f} | {percentile(latencies, 0.99):.2f} "
-                f"| {cpu_ms:.2f} |"
-            )
+            await measure(name, name, one, 16, args.hits if name == "exact hits" else args.hits // 4)
             if name == "exact hits":
                 # Issue 13 also bounds an exact hit's latency alone (p50 at
                 # concurrency 1), which the loaded row above cannot show.
-                alone = 300
-                meter.start()
-                samples, wall = await run_load(one, 1, alone)
-                cpu_ms = meter.stop(alone)
-                cpu_rows.append(f"| exact hits | 1 | {cpu_ms:.2f} | {meter.breakdown()} |")
-                latencies = [s.total * 1000 for s in samples]
-                rows.append(
-                    f"| exact hits, concurrency 1 | {alone} | {alone / wall:.0f} "
-                    f"| {statistics.median(latencies):.2f} | {percentile(latencies, 0.99):.2f} "
-                    f"| {cpu_ms:.2f} |"
-                )
+                await measure(name, "exact hits, concurrency 1", one, 1, 300)
     return [*rows, "", *cpu_rows]
 
 
