@@ -292,9 +292,11 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         embedding = asyncio.create_task(self._embed(turns)) if self._index is not None else None
         try:
             token_counts = {c.id: await c.count(turns) for c in self._distinct_counters}
-            # Also as transcript lines, for adaptive assembly's packing.
+            # Also as transcript lines, for adaptive assembly's packing (only
+            # when it may pack: turned on later, assembly counts what is
+            # missing once, _complete_counts).
             for c in self._distinct_counters:
-                if c.transcript_tokens is not None:
+                if self._pack_older_turns and c.transcript_tokens is not None:
                     token_counts[c.line_id] = await c.count_lines(turns)
             ticket = self._hot.ticket()
             version, replayed = await self._store.append(
