@@ -20,12 +20,10 @@ from meshgate.reasons import Reason
 from services.inference import triton_protocol, validation
 from services.inference.backends import BackendPool, TritonBackend
 from services.inference.embedding_input import EmbeddingTruncator
-from services.inference.shared_embeddings import SharedEmbeddings
+from services.inference.shared_embeddings import EMBED_BATCH, SharedEmbeddings
 
 log = structlog.get_logger(__name__)
 
-# The embedding model's max_batch_size; larger requests are split.
-EMBED_BATCH = 64
 DEFAULT_MAX_TOKENS = 64
 # Asks Triton (24.08+) to end a stream with the model's own status code
 # (INVALID_ARGUMENT for a request the model refuses) instead of a bare

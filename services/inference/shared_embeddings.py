@@ -55,6 +55,10 @@ from meshgate.reasons import Reason
 
 log = structlog.get_logger(__name__)
 
+# The embedding model's max_batch_size: larger requests are split, and a
+# flight is one ModelInfer of at most this many texts.
+EMBED_BATCH = 64
+
 # The servicer's Triton work for at most ``batch_size`` texts: one float32
 # vector per text, as bytes.
 Fetch = collections.abc.Callable[[list[str]], collections.abc.Awaitable[list[bytes]]]
@@ -89,7 +93,7 @@ class SharedEmbeddings:
         max_entries: int,
         model: str = "",
         *,
-        batch_size: int = 64,
+        batch_size: int = EMBED_BATCH,
         timeout_s: float | None = None,
     ) -> None:
         self._fetch = fetch
