@@ -59,9 +59,11 @@ class TurnCost:
 # Older turns the adaptive strategy chooses beyond the recency floor go into
 # the prompt as ONE message, a chronological transcript, rather than one
 # message each: a chat template frames every message in about 5 tokens
-# (SmolLM2's "<|im_start|>user\n ... <|im_end|>\n"), a line costs its
-# content plus about 2 ("user: ... \n"), and with turns of 36 tokens on
-# average that is a tenth of the budget back for more evidence. A user
+# (SmolLM2's "<|im_start|>user\n ... <|im_end|>\n") and a line less
+# ("user: ... \n"): over realtalk's 8,944 turns 28.05 tokens a turn as a
+# message against 25.98 as a line, about 7% of the budget back for more
+# evidence, less the message's own frame and header (11 tokens; bench/
+# README.md, "Older turns packed into one transcript message"). A user
 # message, not a system one: a system message after the first changes
 # whether templates like SmolLM2's add their default system prompt, and
 # the transcript is what was said, not an instruction. Lines name the
