@@ -1,11 +1,12 @@
-"""Notices of exact cache entries that must no longer be served, from the
-cache service to the routers' local copies of hot exact hits
+"""Notices of cache entries that must no longer be served, from the cache
+service to the routers' local copies of hot hits
 (``services/router/hot_exact.py``).
 
 The cache service publishes on :data:`CHANNEL` whenever an entry's answer
-stops being the one to serve: a wrong hit reported (the entry is deleted),
-an Invalidate of a tenant or of one of its models, a Store that replaced an
-existing entry. Expiry and eviction publish nothing: the answer a router
+stops being the one to serve: a wrong hit reported (the entry is deleted
+and its sub-partition's verifier made stricter, so the notice names its
+tenant and model), an Invalidate of a tenant or of one of its models, a
+Store that replaced an existing entry. Expiry and eviction publish nothing: the answer a router
 still holds was a right one, and a router keeps a copy only for a short,
 fixed age (``router.hot_exact_max_age_s``).
 

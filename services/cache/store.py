@@ -91,7 +91,7 @@ return {strictness, listed, redis.call('HMGET', KEYS[2], unpack(ids))}
 
 _REPORT_WRONG = """
 -- KEYS: exact key, order zset, vectors hash, wrong-hit counter
--- ARGV: entry id, ttl ms, notices channel, the entry's notice
+-- ARGV: entry id, ttl ms, notices channel, the notice of the entry's tenant and model
 local removed = redis.call('DEL', KEYS[1])
 -- Even when the key had gone: a router may still hold a copy of it.
 redis.call('PUBLISH', ARGV[3], ARGV[4])
@@ -228,11 +228,17 @@ class CacheStore:
                 return rows, int(strictness)
 
     async def report_wrong(
-        self, partition: Partition, context_id: str, entry_id: str, ttl_ms: int
+        self, partition: Partition, model: str, context_id: str, entry_id: str, ttl_ms: int
     ) -> tuple[bool, int]:
         """Deletes an entry served as a wrong answer and counts the report in
         its sub-partition; returns whether the entry was there and the
-        sub-partition's count of reports."""
+        sub-partition's count of reports.
+
+        The notice names the whole tenant and model, not the entry alone:
+        the count makes the verifier stricter in the sub-partition, so the
+        routers' copies of other semantic hits there may no longer be
+        verdicts the cache would give (hot_exact.py). Reports are rare next
+        to hits: the copies of that model are fetched again, one hop each."""
         try:
             removed, strictness = await self._report_wrong(
                 keys=[
@@ -241,7 +247,12 @@ class CacheStore:
                     partition.vectors_key(context_id),
                     partition.strictness_key(context_id),
                 ],
-                args=[entry_id, ttl_ms, cache_notices.CHANNEL, cache_notices.entry_notice(entry_id)],
+                args=[
+                    entry_id,
+                    ttl_ms,
+                    cache_notices.CHANNEL,
+                    cache_notices.scope_notice(partition.tenant_id, model),
+                ],
             )
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error

@@ -141,7 +141,8 @@ class ContextService:
 class CacheService:
     """The cache is an optimization: when it fails, the turn is generated
     (lookup) or simply not cached (store), never failed. Repeats of a
-    recent exact hit are answered from ``hot`` without a hop (hot_exact.py)."""
+    recent hit of the very same prompt are answered from ``hot`` without a
+    hop (hot_exact.py)."""
 
     def __init__(
         self, stub, tenant_tokens: TenantTokens, settings: RouterSettings, hot: HotExactHits | None = None
@@ -184,7 +185,10 @@ class CacheService:
             deployment=cached.deployment,
         )
         hit = Hit(answer, status, response.similarity)
-        if hot is not None and status is CacheStatus.EXACT_HIT:
+        if hot is not None:
+            # A semantic hit too: the cache's verdict on this very prompt
+            # stands while its entry and its partition's strictness do, and
+            # both changes are announced (hot_exact.py).
             hot.put(hot_key, ticket, hit, response.entry_id, plan.tenant_id, plan.model)
         return hit
 

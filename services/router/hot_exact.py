@@ -1,10 +1,23 @@
-"""Hot exact cache hits, kept in the router.
+"""Hot cache hits, kept in the router.
 
 An exact hit through the cache service costs a gRPC hop, a Redis GET and
 the service's CPU on both sides, for an answer that does not change: most
-of what a hit costs. The router keeps the answers of recent exact hits and
+of what a hit costs. The router keeps the answers of recent hits and
 serves a repeat of the very same request (tenant, model, parameters and
 messages, byte for byte) without leaving the process.
+
+A semantic hit is kept the same way, under the key of the prompt that was
+asked (not the entry's), so only a byte-identical repeat of that prompt is
+served from it. Reusing it is reusing the verifier's verdict, which is a
+function of what the copy's lifetime holds fixed: the asked prompt (the
+key), the matched entry's question and vector (a Store replacing the entry
+or a report deleting it announces the entry), the sub-partition's
+strictness (raised only by a report, which announces the whole tenant and
+model, below) and the threshold and verifier model (fixed for the cache
+service's life; a replica restarted with others is bounded by
+``max_age_s``, as a rolling restart is anyway). An entry stored later
+that the cache would now prefer does not make the copy wrong, only not
+the best; that, too, lasts at most ``max_age_s``.
 
 Coherence with Redis (the truth): the cache service announces every entry
 whose answer must stop being served (``meshgate/cache_notices.py``: a

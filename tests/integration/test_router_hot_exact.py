@@ -161,3 +161,49 @@ async def test_a_refresh_replaces_every_replicas_copy(replicas):
         assert served == old
         assert time.monotonic() - started < NOTICE_BOUND_S, "the other replica kept serving the old answer"
         await asyncio.sleep(0.02)
+
+
+def lookups_at_the_cache_service() -> float:
+    return sum(
+        REGISTRY.get_sample_value("meshgate_cache_lookups_total", {"result": result}) or 0.0
+        for result in ("exact_hit", "semantic_hit", "miss")
+    )
+
+
+async def test_a_semantic_hit_is_kept_for_its_prompt_until_a_report_in_its_scope(replicas):
+    """A semantic hit's copy answers a repeat of the very prompt asked (the
+    lowercased variant, as mesh_bench's semantic row asks it), and a report
+    of any wrong hit of that tenant and model drops it on every replica: the
+    report makes the verifier stricter, so the verdict may no longer hold."""
+    routers, cache = replicas
+    stored, first = await chat(routers[0], "Why is the sky blue?")
+    assert first.cache_status == pb.CACHE_STATUS_MISS
+    variant = "why is the sky blue"
+    for router in routers:
+        served, completion = await chat(router, variant)
+        assert (served, completion.cache_status) == (stored, pb.CACHE_STATUS_SEMANTIC_HIT)
+    before = lookups_at_the_cache_service()
+    for router in routers:
+        for _ in range(3):
+            served, completion = await chat(router, variant)
+            assert (served, completion.cache_status) == (stored, pb.CACHE_STATUS_SEMANTIC_HIT)
+            assert 0.0 < completion.cache_similarity < 1.0
+    assert lookups_at_the_cache_service() == before, "a repeat of the prompt went to the cache service"
+
+    # Another entry of the same scope, reported wrong.
+    await chat(routers[0], "hot semantic other entry")
+    other = [common_pb2.Message(role=common_pb2.ROLE_USER, content="hot semantic other entry")]
+    lookup = await cache.Lookup(cache_pb.LookupRequest(scope=scope(), messages=other))
+    assert lookup.status == cache_pb.LOOKUP_STATUS_EXACT_HIT
+    await cache.ReportWrongHit(
+        cache_pb.ReportWrongHitRequest(scope=scope(), messages=other, entry_id=lookup.entry_id)
+    )
+    started = time.monotonic()
+    for router in routers:
+        while True:
+            before = lookups_at_the_cache_service()
+            await chat(router, variant)
+            if lookups_at_the_cache_service() > before:
+                break  # asked the cache service again: the copy is gone
+            assert time.monotonic() - started < NOTICE_BOUND_S, "a replica kept its semantic copy"
+            await asyncio.sleep(0.02)
