@@ -200,9 +200,15 @@ _MESH_PEER_OPTIONS = [("grpc.http2.max_pings_without_data", 0)]
 # failed UNAVAILABLE (ModelInfer is not retried; seen against a server with
 # Triton's defaults, tests/integration/test_keepalive.py).
 # Toward Triton, then: no ping on an idle connection, and while calls are
-# open, one after 5 minutes without a read. A Triton that vanishes leaves the
-# rotation within seconds anyway, by the inference service's health probes
-# (services/inference/backends.py); this bounds only a call stuck on it.
+# open, one after 5 minutes without a read. That is no bound a caller would
+# wait for: a Triton that stops answering with its connection up (stopped,
+# wedged) leaves the rotation by the inference service's health probes, and
+# the calls open on it are ended then, as UNAVAILABLE (retried on another
+# server before any response; services/inference/backends.py, OpenCalls):
+# a stuck call waits at most PROBES_TO_MARK_DOWN probes, each of the probe
+# timeout plus inference.health_interval_s, 3 x (2 + 2) s by default (7.4 s
+# with a 0.5 s interval in tests/integration/test_triton_failover.py), or
+# its caller's deadline if shorter. The keepalive is left as the backstop.
 TRITON_MIN_RECV_PING_INTERVAL_MS = 300_000
 TRITON_CHANNEL_OPTIONS = [
     *_COMMON_CHANNEL_OPTIONS,

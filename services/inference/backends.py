@@ -16,7 +16,7 @@ from services.inference import triton_protocol
 
 log = structlog.get_logger(__name__)
 
-_PROBE_TIMEOUT_S = 2.0
+PROBE_TIMEOUT_S = 2.0
 # Consecutive failed probes before a model (or a whole server) leaves rotation.
 PROBES_TO_MARK_DOWN = 3
 
@@ -28,6 +28,74 @@ class TritonStatistics:
     queue_ns: int = 0
     compute_ns: int = 0
     successes: int = 0
+
+
+class OpenCalls:
+    """The calls open on one Triton server, each with its model, so that they
+    can be ended when the probes take the server out of rotation.
+
+    A server that stops answering with its connection up (stopped, wedged)
+    is noticed by the probes within PROBES_TO_MARK_DOWN rounds of
+    PROBE_TIMEOUT_S plus the inference service's health interval; the channel's
+    keepalive would take 5 minutes (serving.TRITON_CHANNEL_OPTIONS), and
+    until then every call on it would wait. Those calls are cancelled instead
+    and read as UNAVAILABLE to whoever made them, like a call on a server
+    that died: retried on another server before any response, a stream
+    ended UNAVAILABLE after some.
+    """
+
+    def __init__(self) -> None:
+        self._model_of: dict[object, str] = {}
+        self._ended: set[object] = set()
+
+    def __len__(self) -> int:
+        return len(self._model_of)
+
+    def add(self, call, model: str) -> None:
+        self._model_of[call] = model
+
+    def discard(self, call) -> None:
+        self._model_of.pop(call, None)
+        self._ended.discard(call)
+
+    def end(self, models: set[str]) -> int:
+        """Cancels the open calls for ``models``; returns how many."""
+        ending = [call for call, model in self._model_of.items() if model in models]
+        for call in ending:
+            self._ended.add(call)
+            call.cancel()
+        return len(ending)
+
+    def ended_by_probes(self, call) -> bool:
+        """Whether ``call``'s cancellation (grpc raises CancelledError for a
+        call cancelled here) was end()'s, not its caller's: a caller that
+        leaves cancels the task, which then reads as cancelling."""
+        task = asyncio.current_task()
+        return call in self._ended and not (task is not None and task.cancelling())
+
+    async def answer(self, call, model: str):
+        """A unary call's response, with ``call`` open here until it comes."""
+        self.add(call, model)
+        try:
+            return await call
+        except asyncio.CancelledError as cancelled:
+            if self.ended_by_probes(call):
+                raise left_rotation() from cancelled
+            raise
+        finally:
+            self.discard(call)
+
+
+def left_rotation() -> grpc.aio.AioRpcError:
+    """What a call OpenCalls.end() cancelled fails with: UNAVAILABLE, as on
+    a server that died, so the retry rules for that apply as they are."""
+    metadata = grpc.aio.Metadata()
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        metadata,
+        metadata,
+        "the Triton server left rotation with the call open: its health probes failed",
+    )
 
 
 class TritonBackend:
@@ -53,6 +121,7 @@ class TritonBackend:
         self.ready = False
         self.ready_models: set[str] = set()
         self.in_flight = 0
+        self.calls = OpenCalls()
         # Prompt tokens of the generations in flight here (their KV is what
         # each decode step reads) and those not yet prefilled, the recent
         # time to first token, and the circuit breaker: what strategies weigh.
@@ -80,21 +149,19 @@ class TritonBackend:
         read as not ready for a moment, and one such blip must not take the
         only backend out of rotation."""
         try:
-            live = await self._probe_stub.ServerLive(
-                service_pb2.ServerLiveRequest(), timeout=_PROBE_TIMEOUT_S
-            )
+            live = await self._probe_stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=PROBE_TIMEOUT_S)
             ready = await self._probe_stub.ServerReady(
-                service_pb2.ServerReadyRequest(), timeout=_PROBE_TIMEOUT_S
+                service_pb2.ServerReadyRequest(), timeout=PROBE_TIMEOUT_S
             )
             answers = {}
             for model in models:
                 answer = await self._probe_stub.ModelReady(
-                    service_pb2.ModelReadyRequest(name=model), timeout=_PROBE_TIMEOUT_S
+                    service_pb2.ModelReadyRequest(name=model), timeout=PROBE_TIMEOUT_S
                 )
                 answers[model] = answer.ready
                 if answer.ready and model not in self.batched:
                     config = await self._probe_stub.ModelConfig(
-                        service_pb2.ModelConfigRequest(name=model), timeout=_PROBE_TIMEOUT_S
+                        service_pb2.ModelConfigRequest(name=model), timeout=PROBE_TIMEOUT_S
                     )
                     self.batched[model] = config.config.max_batch_size > 0
                     self.reports_cached_tokens[model] = any(
@@ -110,12 +177,19 @@ class TritonBackend:
         if failure is None:
             await self._read_statistics(models)
         was_ready = self.ready
+        left: set[str] = set()
         for model, is_ready in answers.items():
             self._misses[model] = 0 if is_ready else self._misses.get(model, 0) + 1
             if is_ready:
                 self.ready_models.add(model)
-            elif self._misses[model] >= PROBES_TO_MARK_DOWN:
+            elif self._misses[model] >= PROBES_TO_MARK_DOWN and model in self.ready_models:
                 self.ready_models.discard(model)
+                left.add(model)
+        # Only a server that answers nothing strands its calls; one that says
+        # a model is not ready (unloading, or busy for a moment) still ends
+        # that model's calls itself, and they may yet finish.
+        if left and failure is not None and (ended := self.calls.end(left)):
+            log.warning("calls ended on a backend out of rotation", backend=self.address, calls=ended)
         self.live = live.live if live is not None else bool(self.ready_models)
         self.ready = ready.ready if ready is not None else bool(self.ready_models)
         if was_ready and not self.ready_models:
@@ -129,7 +203,7 @@ class TritonBackend:
         timing of ours can see. A failure only leaves the last figures."""
         try:
             answer = await self._probe_stub.ModelStatistics(
-                service_pb2.ModelStatisticsRequest(), timeout=_PROBE_TIMEOUT_S
+                service_pb2.ModelStatisticsRequest(), timeout=PROBE_TIMEOUT_S
             )
         except grpc.aio.AioRpcError:
             return

@@ -18,7 +18,7 @@ from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.reasons import Reason
 from services.inference import triton_protocol, validation
-from services.inference.backends import BackendPool, TritonBackend
+from services.inference.backends import BackendPool, TritonBackend, left_rotation
 from services.inference.embedding_input import EmbeddingTruncator
 from services.inference.shared_embeddings import EMBED_BATCH, SharedEmbeddings
 
@@ -159,14 +159,24 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             # Tokenizing is CPU work in Rust: off the event loop, so streams go on.
             texts = await asyncio.to_thread(self._truncator.truncate, texts)
         model = self._settings.embedding_triton_model
-        backend = self._pool.choose(model)
-        backend.in_flight += 1
-        try:
-            response = await backend.stub.ModelInfer(triton_protocol.embed_request(model, texts))
-        except grpc.aio.AioRpcError as error:
-            raise triton_failure(error, model, Reason.INVALID_EMBEDDING_REQUEST) from error
-        finally:
-            backend.in_flight -= 1
+        tried: set[str] = set()
+        while True:
+            backend = self._pool.choose(model, frozenset(tried))
+            tried.add(backend.address)
+            backend.in_flight += 1
+            try:
+                call = backend.stub.ModelInfer(triton_protocol.embed_request(model, texts))
+                response = await backend.calls.answer(call, model)
+                break
+            except grpc.aio.AioRpcError as error:
+                # A unary call that failed sent nothing back: another server
+                # may answer (AIP-194), as for Generate before its first token.
+                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    log.warning("triton unavailable, embedding on another", backend=backend.address)
+                    continue
+                raise triton_failure(error, model, Reason.INVALID_EMBEDDING_REQUEST) from error
+            finally:
+                backend.in_flight -= 1
         shape = list(response.outputs[0].shape)
         raw = response.raw_output_contents[0]
         if len(shape) != 2 or shape[0] != len(texts) or shape[1] <= 0 or len(raw) != np.prod(shape) * 4:
@@ -269,6 +279,7 @@ class _TritonStream:
         # write at the router) instead of one each.
         arrivals = streaming.batches(call)
         backend.in_flight += 1
+        backend.calls.add(call, self._model)
         backend.active_tokens += self._prompt_tokens
         backend.queued_prefill_tokens += self._prefill_tokens
         prefill_queued = True
@@ -343,10 +354,16 @@ class _TritonStream:
                 pass
         except BaseException as error:
             failure = error
+            if backend.calls.ended_by_probes(call):
+                # Not the caller's cancel: the probes took the server out
+                # of rotation (backends.OpenCalls).
+                failure = left_rotation()
+                raise failure from error
             raise
         finally:
             finished.set()
             backend.in_flight -= 1
+            backend.calls.discard(call)
             backend.active_tokens -= self._prompt_tokens
             if prefill_queued:
                 backend.queued_prefill_tokens -= self._prefill_tokens

@@ -1,10 +1,12 @@
-"""Triton killed with SIGKILL under load, with a second Triton configured:
-streams it was answering end UNAVAILABLE saying how much they delivered,
-and no request that had not started is lost."""
+"""A Triton server lost with a second one configured: killed with SIGKILL
+under load, or stopped with SIGSTOP (it then keeps its connections up and
+answers nothing). Streams it was answering end UNAVAILABLE saying how much
+they delivered, and no request that had not started is lost."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 
 import grpc
@@ -15,6 +17,7 @@ from meshgate.config import Settings
 from meshgate.errors import error_info
 from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
+from services.inference.backends import PROBE_TIMEOUT_S, PROBES_TO_MARK_DOWN
 from tests.integration.conftest import launched_tritons, running_inference
 from tests.mesh import mesh_settings, router_channel
 
@@ -40,6 +43,22 @@ def generate_request(text: str, max_tokens: int) -> pb.GenerateRequest:
     )
 
 
+async def generate(stub, text: str, max_tokens: int, on_first_delta=None):
+    """One Generate to its end: (text delivered, completion or None, error or None)."""
+    delivered, completion = "", None
+    try:
+        async for response in stub.Generate(generate_request(text, max_tokens), timeout=60):
+            if response.HasField("delta"):
+                if not delivered and on_first_delta:
+                    on_first_delta()
+                delivered += response.delta.text
+            else:
+                completion = response.completion
+    except grpc.aio.AioRpcError as error:
+        return delivered, completion, error
+    return delivered, completion, None
+
+
 async def test_killed_triton_ends_its_streams_with_counts_and_loses_no_new_request(two_tritons) -> None:
     urls, processes = two_tritons
     settings = Settings(mesh=mesh_settings())
@@ -51,21 +70,6 @@ async def test_killed_triton_ends_its_streams_with_counts_and_loses_no_new_reque
         all_started = asyncio.Event()
         started = 0
 
-        async def stream(n: int, max_tokens: int, on_first_delta=None):
-            text, completion = "", None
-            try:
-                request = generate_request(f"story {n}", max_tokens)
-                async for response in stub.Generate(request, timeout=60):
-                    if response.HasField("delta"):
-                        if not text and on_first_delta:
-                            on_first_delta()
-                        text += response.delta.text
-                    else:
-                        completion = response.completion
-            except grpc.aio.AioRpcError as error:
-                return text, completion, error
-            return text, completion, None
-
         def count_start():
             nonlocal started
             started += 1
@@ -74,14 +78,14 @@ async def test_killed_triton_ends_its_streams_with_counts_and_loses_no_new_reque
 
         # Long answers, so every stream is still running at the kill.
         in_flight = [
-            asyncio.create_task(stream(n, 400, count_start)) for n in range(IN_FLIGHT)
+            asyncio.create_task(generate(stub, f"story {n}", 400, count_start)) for n in range(IN_FLIGHT)
         ]
         await asyncio.wait_for(all_started.wait(), 60)
         killed = processes[0]
         killed.send_signal(signal.SIGKILL)
         # Sent right after the kill, before the health probes notice it:
         # those given to the dead server must go to the other one.
-        fresh = await asyncio.gather(*(stream(100 + n, 4) for n in range(NOT_YET_STARTED)))
+        fresh = await asyncio.gather(*(generate(stub, f"story {100 + n}", 4) for n in range(NOT_YET_STARTED)))
         finished = await asyncio.gather(*in_flight)
         killed.wait(10)
 
@@ -101,3 +105,59 @@ async def test_killed_triton_ends_its_streams_with_counts_and_loses_no_new_reque
         assert int(info.metadata["delivered_deltas"]) >= 1
         assert int(info.metadata["delivered_tokens"]) >= int(info.metadata["delivered_deltas"])
 
+
+async def test_a_stopped_triton_ends_its_calls_once_the_probes_take_it_out(two_tritons) -> None:
+    """Without the probes ending them, these calls would wait for the
+    channel's keepalive (5 minutes toward Triton) or their deadline."""
+    urls, processes = two_tritons
+    settings = Settings(mesh=mesh_settings())
+    settings.inference.triton_urls = urls
+    settings.inference.health_interval_s = 0.5
+    # Fresh calls sent together then split between the two servers, so some
+    # land on the stopped one before the probes take it out.
+    settings.inference.models["tiny-gpt"].routing_strategy = "least_outstanding"
+    # When the probes take a stopped server out (each probe of it times out),
+    # and room for a loaded machine: far under the keepalive's 5 minutes.
+    bound_s = PROBES_TO_MARK_DOWN * (PROBE_TIMEOUT_S + settings.inference.health_interval_s) + 10
+    loop = asyncio.get_running_loop()
+    async with running_inference(settings) as address, router_channel(address, "inference") as channel:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+
+        async def in_flight() -> dict[str, int]:
+            health = await stub.GetBackendHealth(pb.GetBackendHealthRequest(), timeout=5)
+            return {b.address: b.in_flight for b in health.backends}
+
+        answering = asyncio.Event()
+        long_stream = asyncio.create_task(generate(stub, "a long story", 400, answering.set))
+        await asyncio.wait_for(answering.wait(), 60)
+        (stopped_url,) = [url for url, calls in (await in_flight()).items() if calls]
+        (live_url,) = [url for url in urls if url != stopped_url]
+        stopped = processes[urls.index(stopped_url)]
+        try:
+            os.kill(stopped.pid, signal.SIGSTOP)
+            stopped_at = loop.time()
+            fresh = [asyncio.create_task(generate(stub, f"question {n}", 8)) for n in range(3)]
+            # One of them waits on the stopped server, with no response yet.
+            async with asyncio.timeout(5):
+                while (await in_flight())[stopped_url] < 2:
+                    await asyncio.sleep(0.05)
+
+            text, completion, error = await long_stream
+            ended_after_s = loop.time() - stopped_at
+            answers = await asyncio.gather(*fresh)
+            after = await generate(stub, "one more question", 8)
+            left_open = (await in_flight())[stopped_url]
+        finally:
+            os.kill(stopped.pid, signal.SIGCONT)
+
+    print(f"the stopped server's stream ended after {ended_after_s:.1f} s (bound {bound_s:.1f} s)")
+    assert error is not None and completion is None, "the stopped server finished its stream"
+    assert ended_after_s < bound_s
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+    info = error_info(error)
+    assert info is not None, error
+    assert int(info.metadata["delivered_chars"]) == len(text) > 0
+    for answer_text, answer, failure in [*answers, after]:
+        assert failure is None, failure
+        assert answer.backend == live_url and answer_text
+    assert left_open == 0

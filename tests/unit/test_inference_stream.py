@@ -16,6 +16,7 @@ from tritonclient.grpc import service_pb2
 from meshgate import balancing
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
+from services.inference.backends import OpenCalls
 from services.inference.servicer import _TritonStream
 
 
@@ -75,6 +76,7 @@ def stream_on(call: ScriptedCall) -> tuple[_TritonStream, types.SimpleNamespace]
         batched={},
         reports_cached_tokens={},
         in_flight=0,
+        calls=OpenCalls(),
         active_tokens=0,
         queued_prefill_tokens=0,
         ttft=balancing.Ewma(),

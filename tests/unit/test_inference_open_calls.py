@@ -1,0 +1,182 @@
+"""Calls on a Triton server that the health probes take out of rotation end
+then, as UNAVAILABLE: an embedding goes to another server, a stream that
+had output ends saying how much. The server here is a fake that never
+answers (tests/integration/test_triton_failover.py stops a real one)."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+
+import grpc
+import numpy as np
+import pytest
+from tritonclient.grpc import service_pb2
+
+from meshgate.config import InferenceSettings
+from meshgate.inference.v1 import inference_service_pb2 as pb
+from services.inference.backends import PROBES_TO_MARK_DOWN, BackendPool, OpenCalls, TritonBackend
+from services.inference.servicer import InferenceServicer
+from tests.unit.test_inference_stream import ScriptedCall, stream_on, triton_response
+
+GENERATION_MODEL, EMBEDDING_MODEL = "tiny_gpt", "minilm"
+NO_DEADLINE = types.SimpleNamespace(time_remaining=lambda: None)
+
+
+class ProbedTriton:
+    """The probe stub of a server whose models answer ready as ``ready`` says;
+    ``stuck``: every probe times out, as on a stopped server."""
+
+    def __init__(self, ready: set[str], stuck: bool = False) -> None:
+        self.ready = ready
+        self.stuck = stuck
+
+    def _answer(self, response):
+        if self.stuck:
+            metadata = grpc.aio.Metadata()
+            raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, metadata, metadata, "probe")
+        return response
+
+    async def ServerLive(self, request, timeout):
+        return self._answer(service_pb2.ServerLiveResponse(live=True))
+
+    async def ServerReady(self, request, timeout):
+        return self._answer(service_pb2.ServerReadyResponse(ready=True))
+
+    async def ModelReady(self, request, timeout):
+        return self._answer(service_pb2.ModelReadyResponse(ready=request.name in self.ready))
+
+    async def ModelConfig(self, request, timeout):
+        return self._answer(service_pb2.ModelConfigResponse())
+
+    async def ModelStatistics(self, request, timeout):
+        return self._answer(service_pb2.ModelStatisticsResponse())
+
+
+class EmbeddingTriton:
+    """ModelInfer that answers at once, or (``silent``) never: each call is a
+    task, which like a grpc call raises CancelledError once cancelled."""
+
+    def __init__(self, silent: bool) -> None:
+        self.silent = silent
+        self.requests: list[asyncio.Future] = []
+
+    def ModelInfer(self, request: service_pb2.ModelInferRequest) -> asyncio.Future:
+        call = asyncio.ensure_future(self._answer(request))
+        self.requests.append(call)
+        return call
+
+    async def _answer(self, request):
+        if self.silent:
+            await asyncio.Event().wait()
+        texts = request.inputs[0].shape[0]
+        response = service_pb2.ModelInferResponse()
+        response.outputs.add(name="embedding", datatype="FP32", shape=[texts, 4])
+        response.raw_output_contents.append(np.ones((texts, 4), np.float32).tobytes())
+        return response
+
+
+async def probe_until_down(backend: TritonBackend, models: list[str]) -> None:
+    for _ in range(PROBES_TO_MARK_DOWN):
+        await backend.probe(models)
+
+
+async def wait_for(condition) -> None:
+    async with asyncio.timeout(5):
+        while not condition():
+            await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def backend():
+    # Async: the backend's gRPC channels (never connected) want a running loop.
+    backend = TritonBackend("127.0.0.1:1")
+    yield backend
+    await backend.close()
+
+
+async def test_a_server_that_stops_answering_has_its_calls_ended_once_the_probes_take_it_out(backend):
+    models = [GENERATION_MODEL, EMBEDDING_MODEL]
+    backend._probe_stub = ProbedTriton(set(models))
+    await backend.probe(models)
+    generation, embedding = asyncio.Future(), asyncio.Future()
+    backend.calls.add(generation, GENERATION_MODEL)
+    backend.calls.add(embedding, EMBEDDING_MODEL)
+
+    backend._probe_stub.stuck = True
+    for _ in range(PROBES_TO_MARK_DOWN - 1):
+        await backend.probe(models)
+    assert backend.ready_models == set(models)
+    assert not generation.cancelled(), "one bad probe too few must not end a call"
+    await backend.probe(models)
+
+    assert not backend.ready_models
+    assert generation.cancelled() and embedding.cancelled()
+    assert backend.calls.ended_by_probes(generation) and backend.calls.ended_by_probes(embedding)
+
+
+async def test_a_model_that_answers_not_ready_leaves_rotation_with_its_calls_left_to_the_server(backend):
+    models = [GENERATION_MODEL, EMBEDDING_MODEL]
+    backend._probe_stub = ProbedTriton(set(models))
+    await backend.probe(models)
+    generation = asyncio.Future()
+    backend.calls.add(generation, GENERATION_MODEL)
+
+    backend._probe_stub.ready = {EMBEDDING_MODEL}
+    for _ in range(PROBES_TO_MARK_DOWN):
+        await backend.probe(models)
+
+    assert backend.ready_models == {EMBEDDING_MODEL}
+    assert not generation.cancelled() and len(backend.calls) == 1
+
+
+async def test_a_stream_with_output_ends_unavailable_with_its_counts_when_the_probes_end_it():
+    call = ScriptedCall()
+    call.send(triton_response("partial", 3))
+    stream, backend = stream_on(call)
+    delivered = []
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        async for response in stream:
+            delivered.append(response)
+            assert len(backend.calls) == 1
+            backend.calls.end({GENERATION_MODEL})
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert [r.delta.text for r in delivered] == ["partial"]
+    assert (stream.started, stream.delivered_deltas, stream.delivered_tokens) == (True, 1, 3)
+    assert (backend.in_flight, len(backend.calls)) == (0, 0)
+
+
+async def test_an_embedding_on_a_server_the_probes_take_out_is_retried_on_another():
+    settings = InferenceSettings(triton_urls=["127.0.0.1:1", "127.0.0.1:2"])
+    pool = BackendPool(settings.triton_urls, [EMBEDDING_MODEL])
+    try:
+        stopped, live = pool.backends
+        stopped.stub, live.stub = EmbeddingTriton(silent=True), EmbeddingTriton(silent=False)
+        stopped.ready_models = {EMBEDDING_MODEL}
+        servicer = InferenceServicer(settings, pool)
+        embed = asyncio.create_task(servicer.Embed(pb.EmbedRequest(texts=["a question"]), NO_DEADLINE))
+        # Only the stopped server is ready when the call is made.
+        await wait_for(lambda: len(stopped.stub.requests) == 1)
+        live.ready_models = {EMBEDDING_MODEL}
+
+        stopped._probe_stub = ProbedTriton(set(), stuck=True)
+        await probe_until_down(stopped, [EMBEDDING_MODEL])
+
+        response = await asyncio.wait_for(embed, 5)
+        assert (response.dimensions, len(response.vectors)) == (4, 16)
+        assert stopped.stub.requests[0].cancelled() and len(live.stub.requests) == 1
+        assert (stopped.in_flight, len(stopped.calls), live.in_flight) == (0, 0, 0)
+    finally:
+        await pool.close()
+
+
+async def test_a_caller_that_leaves_as_the_probes_end_its_call_is_cancelled_not_failed():
+    calls = OpenCalls()
+    call = asyncio.Future()
+    waiting = asyncio.create_task(calls.answer(call, EMBEDDING_MODEL))
+    await wait_for(lambda: len(calls) == 1)
+    calls.end({EMBEDDING_MODEL})
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert waiting.cancelled() and len(calls) == 0
