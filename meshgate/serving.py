@@ -186,7 +186,10 @@ CHANNEL_OPTIONS = [
 
 # Our own servers accept pings on idle connections (SERVER_OPTIONS), so mesh
 # channels keep pinging while idle, without the default limit of two pings
-# between two writes of the client's own.
+# between two writes of the client's own. Not part of CHANNEL_OPTIONS: those
+# also serve callers of the router's public port (meshgate chat, a client
+# following the README), who may reach it through an ingress or a load
+# balancer whose ping policy is not ours.
 _MESH_PEER_OPTIONS = [("grpc.http2.max_pings_without_data", 0)]
 
 # Triton is not ours: tritonserver's gRPC endpoint enforces grpc-core's
