@@ -14,7 +14,15 @@ Starts its own stack (Redis, Triton, the four services) on free ports, then:
    question's text new to the cache service's embedding memo; requests per
    second, and the CPU the four service processes spent per hit (from /proc,
    so the load generator's own CPU is not counted).
-3. CPU of the four services per streamed (generated) answer.
+3. CPU of the four services per streamed (generated) answer, and per
+   output token (counted from each answer's usage, never from its deltas,
+   so deltas carrying several tokens cannot inflate it).
+
+With ``--stream-intervals 0,20``, the streaming comparison runs again with
+the inference service restarted at each of those `inference.stream_interval_ms`
+(Triton direct measured again beside each): the stream interval's effect in
+one run. The gap between a stream's consecutive deltas (p50 / p99 over all
+its gaps) shows what the interval costs in smoothness.
 
 Results go to stdout as a markdown table. The machine is shared and noisy:
 compare ratios taken in the same run, not absolute numbers across runs.
@@ -84,10 +92,16 @@ def messages(prompt: str) -> list[common_pb2.Message]:
 
 
 class Sample:
-    __slots__ = ("ttft", "total", "tokens")
+    __slots__ = ("ttft", "total", "tokens", "gaps")
 
-    def __init__(self, ttft: float, total: float, tokens: int) -> None:
+    def __init__(self, ttft: float, total: float, tokens: int, gaps: list[float] = ()) -> None:
         self.ttft, self.total, self.tokens = ttft, total, tokens
+        # Seconds between consecutive text-carrying messages of the stream.
+        self.gaps = gaps
+
+
+def gaps_between(times: list[float]) -> list[float]:
+    return [later - earlier for earlier, later in zip(times, times[1:])]
 
 
 async def direct_triton(stub, model: str, prompt: str, max_tokens: int) -> Sample:
@@ -108,13 +122,16 @@ async def direct_triton(stub, model: str, prompt: str, max_tokens: int) -> Sampl
     started = time.perf_counter()
     ttft = None
     tokens = 0
+    texts_at = []
     call = stub.ModelStreamInfer(requests())
     async for message in call:
         if message.error_message:
             raise RuntimeError(message.error_message)
         event = triton_protocol.read_generate_response(message.infer_response)
-        if event.text and ttft is None:
-            ttft = time.perf_counter() - started
+        if event.text:
+            texts_at.append(time.perf_counter())
+            if ttft is None:
+                ttft = texts_at[0] - started
         if event.output_tokens is not None:
             tokens += event.output_tokens
         if event.final:
@@ -122,7 +139,7 @@ async def direct_triton(stub, model: str, prompt: str, max_tokens: int) -> Sampl
     done.set()
     call.cancel()
     total = time.perf_counter() - started
-    return Sample(ttft or total, total, tokens)
+    return Sample(ttft or total, total, tokens, gaps_between(texts_at))
 
 
 _EXPECTED_STATUS = {
@@ -163,17 +180,19 @@ async def through_router(
     started = time.perf_counter()
     ttft = None
     tokens = 0
+    deltas_at = []
     async for response in stub.Chat(request, metadata=METADATA):
         if response.HasField("delta"):
+            deltas_at.append(time.perf_counter())
             if ttft is None:
-                ttft = time.perf_counter() - started
+                ttft = deltas_at[0] - started
         else:
             tokens = response.completion.usage.completion_tokens
             status = response.completion.cache_status
             if expect and status != _EXPECTED_STATUS[expect]:
                 raise RuntimeError(f"{expect}: got {pb.CacheStatus.Name(status)} for {prompt!r}")
     total = time.perf_counter() - started
-    return Sample(ttft or total, total, tokens)
+    return Sample(ttft or total, total, tokens, gaps_between(deltas_at))
 
 
 async def run_load(one, concurrency: int, requests: int) -> tuple[list[Sample], float]:
@@ -215,6 +234,10 @@ class CpuMeter:
     def start(self) -> None:
         self._before = cpu_seconds(self._pids)
 
+    def watch(self, name: str, pid: int) -> None:
+        """A restarted service's new process."""
+        self._pids[name] = pid
+
     def stop(self, requests: int) -> float:
         after = cpu_seconds(self._pids)
         self.per_request_ms = {n: (after[n] - self._before[n]) / requests * 1000 for n in self._pids}
@@ -224,6 +247,23 @@ class CpuMeter:
         return " / ".join(f"{self.per_request_ms[name]:.1f}" for name in SERVICES)
 
 
+async def restart_inference(stack: Stack, meter: CpuMeter, interval_ms: float | None) -> None:
+    """The inference service again, with ``inference.stream_interval_ms``
+    set (the environment overrides the stack's settings file); None: the
+    default."""
+    stack.stop_service("inference")
+    if interval_ms is not None:
+        os.environ["MESHGATE_INFERENCE__STREAM_INTERVAL_MS"] = str(interval_ms)
+    try:
+        stack.start_service("inference")
+    finally:
+        os.environ.pop("MESHGATE_INFERENCE__STREAM_INTERVAL_MS", None)
+    await asyncio.to_thread(stack.wait_serving, "inference")
+    meter.watch("inference", stack.processes["inference"].pid)
+    # The router's channel reconnects within its backoff (at most 1 s).
+    await asyncio.sleep(2)
+
+
 async def main_async(args, stack: Stack) -> list[str]:
     meter = CpuMeter({name: stack.processes[name].pid for name in SERVICES})
     cpu_rows = [
@@ -231,8 +271,9 @@ async def main_async(args, stack: Stack) -> list[str]:
         "|---|---|---|---|",
     ]
     rows = [
-        "| path | concurrency | requests | TTFT p50 (ms) | TTFT p99 (ms) | output tokens/s |",
-        "|---|---|---|---|---|---|",
+        "| path | concurrency | requests | TTFT p50 (ms) | TTFT p99 (ms) | output tokens/s "
+        "| gap between deltas p50 / p99 (ms) |",
+        "|---|---|---|---|---|---|---|",
     ]
     results = {}
     async with (
@@ -264,42 +305,68 @@ async def main_async(args, stack: Stack) -> list[str]:
                 router_stub, next(misses), args.max_tokens, pb.CACHE_POLICY_USE, model=model
             ),
         }
-        # Warm both paths (model caches, channels, lazy imports) before measuring.
-        for one in paths.values():
-            await run_load(one, 4, 8)
-        for concurrency in (1, args.concurrency):
-            requests = args.requests if concurrency == 1 else args.requests * 4
-            for name, one in paths.items():
-                meter.start()
-                samples, wall = await run_load(one, concurrency, requests)
-                cpu_ms = meter.stop(requests)
-                if name != "Triton direct":
-                    cpu_rows.append(f"| {name} | {concurrency} | {cpu_ms:.1f} | {meter.breakdown()} |")
-                ttfts = [s.ttft * 1000 for s in samples]
-                tokens = sum(s.tokens for s in samples)
-                results[(name, concurrency)] = (statistics.median(ttfts), tokens / wall, cpu_ms)
-                rows.append(
-                    f"| {name} | {concurrency} | {requests} | {statistics.median(ttfts):.1f} "
-                    f"| {percentile(ttfts, 0.99):.1f} | {tokens / wall:.0f} |"
-                )
+
+        async def compare(paths: dict, suffix: str = "") -> None:
+            """Each path at concurrency 1 and the loaded level; ``suffix``
+            names the phase in every row (Triton direct's too, its baseline)."""
+            # Warm every path (model caches, channels, lazy imports) before measuring.
+            for one in paths.values():
+                await run_load(one, 4, 8)
+            for concurrency in (1, args.concurrency):
+                requests = args.requests if concurrency == 1 else args.requests * 4
+                for name, one in paths.items():
+                    label = name + suffix
+                    meter.start()
+                    samples, wall = await run_load(one, concurrency, requests)
+                    cpu_ms = meter.stop(requests)
+                    if name != "Triton direct":
+                        cpu_rows.append(f"| {label} | {concurrency} | {cpu_ms:.1f} | {meter.breakdown()} |")
+                    ttfts = [s.ttft * 1000 for s in samples]
+                    # From each answer's usage: a delta may carry several tokens.
+                    tokens = sum(s.tokens for s in samples)
+                    gaps = [gap * 1000 for s in samples for gap in s.gaps]
+                    results[(label, concurrency)] = (
+                        statistics.median(ttfts),
+                        tokens / wall,
+                        cpu_ms,
+                        cpu_ms * requests / tokens,
+                    )
+                    rows.append(
+                        f"| {label} | {concurrency} | {requests} | {statistics.median(ttfts):.1f} "
+                        f"| {percentile(ttfts, 0.99):.1f} | {tokens / wall:.0f} "
+                        f"| {statistics.median(gaps):.1f} / {percentile(gaps, 0.99):.1f} |"
+                    )
+
+        await compare(paths)
+        for interval_ms in args.stream_intervals:
+            await restart_inference(stack, meter, interval_ms)
+            streamed = {name: paths[name] for name in ("Triton direct", "meshgate router")}
+            await compare(streamed, f", stream interval {interval_ms:g} ms")
         rows.append("")
         rows.append(
             "| ratio to Triton direct | concurrency | TTFT p50 | output tokens/s "
-            "| service CPU per streamed answer (ms) |"
+            "| service CPU per streamed answer (ms) | per output token (ms) |"
         )
-        rows.append("|---|---|---|---|---|")
-        for name in ("meshgate router", "meshgate router, cache misses"):
-            for concurrency in (1, args.concurrency):
-                direct = results[("Triton direct", concurrency)]
-                routed = results[(name, concurrency)]
-                rows.append(
-                    f"| {name} | {concurrency} | {routed[0] / direct[0]:.2f}x "
-                    f"(+{routed[0] - direct[0]:.1f} ms) | {routed[1] / direct[1]:.2f}x "
-                    f"| {routed[2]:.1f} |"
-                )
+        rows.append("|---|---|---|---|---|---|")
+        suffixes = ["", *(f", stream interval {interval_ms:g} ms" for interval_ms in args.stream_intervals)]
+        for suffix in suffixes:
+            for name in ("meshgate router", "meshgate router, cache misses"):
+                for concurrency in (1, args.concurrency):
+                    if (name + suffix, concurrency) not in results:
+                        continue
+                    direct = results[("Triton direct" + suffix, concurrency)]
+                    routed = results[(name + suffix, concurrency)]
+                    rows.append(
+                        f"| {name + suffix} | {concurrency} | {routed[0] / direct[0]:.2f}x "
+                        f"(+{routed[0] - direct[0]:.1f} ms) | {routed[1] / direct[1]:.2f}x "
+                        f"| {routed[2]:.1f} | {routed[3]:.3f} |"
+                    )
 
         if args.skip_hits:
             return [*rows, "", *cpu_rows]
+        if args.stream_intervals:
+            # Hits with the settings of the first phase (the defaults).
+            await restart_inference(stack, meter, None)
         # Cache hits: store one answer per prompt (refresh: no read, so
         # nothing semantic can stand in), then replay them exactly, then as
         # variants that only the semantic path matches (the embedding model
@@ -317,6 +384,7 @@ async def main_async(args, stack: Stack) -> list[str]:
             "semantic hits": lambda p: p.lower().rstrip("?."),
             "semantic hits, every text new": never_seen(itertools.count()),
         }
+
         async def measure(name: str, label: str, one, concurrency: int, requests: int) -> None:
             meter.start()
             samples, wall = await run_load(one, concurrency, requests)
@@ -351,6 +419,13 @@ def main() -> None:
         "--model", default="tiny-gpt", choices=sorted(InferenceSettings().models), help="alias to stream from"
     )
     parser.add_argument("--concurrency", type=int, default=16, help="the loaded level, beside 1")
+    parser.add_argument(
+        "--stream-intervals",
+        type=lambda text: [float(v) for v in text.split(",") if v],
+        default=[],
+        help="comma-separated inference.stream_interval_ms values (ms) to stream with again, "
+        "the inference service restarted for each (e.g. 0,20)",
+    )
     parser.add_argument("--skip-hits", action="store_true", help="only the streaming comparison")
     parser.add_argument(
         "--tracing", action="store_true", help="export every span to a file, as `make run` does"

@@ -540,6 +540,18 @@ class InferenceSettings:
     prefix_block_tokens: int = 16
     prefix_ttl_s: float = 600.0
     prefix_index_blocks: int = 360
+    # The stream interval: while this process streams at least
+    # stream_interval_min_streams generations, a stream's tokens after its
+    # first are held up to stream_interval_ms and go on as one delta (the
+    # last one never waits; meshgate/streaming.py). Every message costs each
+    # hop (this service's write, the router's read and write, the client's
+    # read) a gRPC message's CPU whatever it carries, most of a streamed
+    # token's cost; under load, fewer messages buy CPU and tokens/s for
+    # burstier deltas. Alone or nearly, a stream is never held.
+    # 0 ms: every token as it comes. Defaults measured: bench/README.md,
+    # "Issue 13, CPU per token".
+    stream_interval_ms: float = 40.0
+    stream_interval_min_streams: int = 4
 
 
 @dataclasses.dataclass

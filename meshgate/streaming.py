@@ -7,6 +7,14 @@ turn): :func:`batches` reads the stream in a task of its own and hands over
 everything that arrived since the last hand-over as one list, so the relay
 can send it as one message. It never waits for a batch to fill: the first
 message is handed over as soon as it arrives.
+
+A relay may also ask it to *hold* (``hold_s``): after the first hand-over,
+messages are kept until the oldest has waited that long, so that several
+go on as one. Each message costs every hop behind the relay a gRPC write
+and read whatever it carries (thread wake-ups in grpc's core, most of a
+streamed token's CPU: bench/README.md, issue 13), so under load fewer,
+larger messages buy CPU and throughput at the price of smoothness; vLLM's
+``--stream-interval`` is the same trade.
 """
 
 from __future__ import annotations
@@ -20,12 +28,21 @@ import grpc
 
 
 async def batches(
-    call: grpc.aio.UnaryStreamCall, read_ahead: bool = True
+    call: grpc.aio.UnaryStreamCall,
+    read_ahead: bool = True,
+    hold_s: collections.abc.Callable[[], float] | None = None,
+    urgent: collections.abc.Callable[[object], bool] | None = None,
 ) -> collections.abc.AsyncIterator[list]:
     """The messages of ``call``, in order, in lists of those that were
     waiting together. A failure of the call is raised after every message
     that arrived before it was handed over; closing this generator stops the
     reading (the caller still cancels the call itself).
+
+    ``hold_s``, asked when a message arrives to find nothing waiting: how
+    long (seconds; 0: not at all) what waits may be held before it is handed
+    over. The first list is never held (the first token's latency stays),
+    and nothing is held past a message that ``urgent`` says ends the stream
+    (so the last one is never late), nor past the call's end or failure.
 
     Without ``read_ahead``, one message a list, read as the consumer asks:
     for a consumer that is itself a task reading ahead of whoever writes
@@ -35,31 +52,52 @@ async def batches(
         while (message := await call.read()) is not grpc.aio.EOF:
             yield [message]
         return
+    loop = asyncio.get_running_loop()
     arrived: collections.deque = collections.deque()
+    # Set when what arrived is to be handed over: at once, or by the timer
+    # of a hold.
     wake = asyncio.Event()
+    timer: asyncio.TimerHandle | None = None
+    holding = False  # after the first hand-over, when hold_s is given
 
     async def read_ahead() -> None:
+        nonlocal timer
         try:
             while (message := await call.read()) is not grpc.aio.EOF:
+                first_waiting = not arrived
                 arrived.append(message)
-                wake.set()
+                if not holding or (urgent is not None and urgent(message)):
+                    wake.set()
+                elif first_waiting and timer is None:
+                    hold = hold_s()
+                    if hold > 0:
+                        timer = loop.call_later(hold, wake.set)
+                    else:
+                        wake.set()
         finally:
             wake.set()
 
     reader = asyncio.ensure_future(read_ahead())
     try:
         while True:
+            if not (wake.is_set() or reader.done()):
+                await wake.wait()
+            wake.clear()
+            if timer is not None:
+                timer.cancel()
+                timer = None
             if arrived:
                 batch = list(arrived)
                 arrived.clear()
+                holding = hold_s is not None
                 yield batch
                 continue
             if reader.done():
                 reader.result()  # the call's failure, if it failed
                 return
-            await wake.wait()
-            wake.clear()
     finally:
+        if timer is not None:
+            timer.cancel()
         if not reader.done():
             reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import time
 import uuid
 
@@ -56,6 +57,10 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             )
             for name, served in settings.models.items()
         }
+        # Generate calls under way in this process: the stream interval
+        # holds deltas only while there are enough (_stream_hold_s).
+        self._generations = 0
+        self._stream_interval_s = settings.stream_interval_ms / 1000
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         served = self._settings.models.get(request.model)
@@ -72,50 +77,62 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         span.set_attributes(telemetry.genai_request_attributes("chat", request.model, request.parameters))
         span.set_attribute("gen_ai.request.max_tokens", max_tokens)
 
-        strategy = self._strategies[request.model]
-        route = await self._route_request(served, strategy, prompt)
-        tried: set[str] = set()
-        while True:
-            backend = self._pool.choose(served.triton_model, frozenset(tried), strategy, route)
-            tried.add(backend.address)
-            # The caller's deadline goes to Triton too: expiry cancels the call,
-            # and a cancelled call cancels the request inside Triton.
-            stream = _TritonStream(
-                backend,
-                served.triton_model,
-                prompt,
-                sampling,
-                context.time_remaining(),
-                route.prompt_units,
-                strategy.prefill_left(backend, route),
-                # Only a prefix strategy reads what the model reused.
-                strategy.uses_prefix,
-            )
-            backend.health.begin()
-            strategy.routed(backend, route)
-            try:
-                async for response in stream:
-                    if response.HasField("completion"):
-                        backend.health.record_success()
-                        if stream.cached_tokens is not None:
-                            # What the model says it held corrects what we believed.
-                            strategy.reported(backend, route, stream.cached_tokens)
-                    yield response
-                return
-            except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.UNAVAILABLE:
-                    backend.health.record_failure()
-                # Retry elsewhere only if nothing reached the caller yet (AIP-194).
-                if error.code() == grpc.StatusCode.UNAVAILABLE and not stream.started:
-                    log.warning("triton unavailable, trying another", backend=backend.address)
-                    continue
-                failure = triton_failure(error, served.triton_model, Reason.INVALID_GENERATION_REQUEST)
-                raise _with_progress(failure, stream) from error
-            except MeshgateError as failure:
-                if failure.reason == Reason.STREAM_ENDED_EARLY:
-                    backend.health.record_failure()
-                _with_progress(failure, stream)
-                raise
+        self._generations += 1
+        try:
+            strategy = self._strategies[request.model]
+            route = await self._route_request(served, strategy, prompt)
+            tried: set[str] = set()
+            while True:
+                backend = self._pool.choose(served.triton_model, frozenset(tried), strategy, route)
+                tried.add(backend.address)
+                # The caller's deadline goes to Triton too: expiry cancels the call,
+                # and a cancelled call cancels the request inside Triton.
+                stream = _TritonStream(
+                    backend,
+                    served.triton_model,
+                    prompt,
+                    sampling,
+                    context.time_remaining(),
+                    route.prompt_units,
+                    strategy.prefill_left(backend, route),
+                    # Only a prefix strategy reads what the model reused.
+                    strategy.uses_prefix,
+                    self._stream_hold_s if self._stream_interval_s > 0 else None,
+                )
+                backend.health.begin()
+                strategy.routed(backend, route)
+                try:
+                    async for response in stream:
+                        if response.HasField("completion"):
+                            backend.health.record_success()
+                            if stream.cached_tokens is not None:
+                                # What the model says it held corrects what we believed.
+                                strategy.reported(backend, route, stream.cached_tokens)
+                        yield response
+                    return
+                except grpc.aio.AioRpcError as error:
+                    if error.code() == grpc.StatusCode.UNAVAILABLE:
+                        backend.health.record_failure()
+                    # Retry elsewhere only if nothing reached the caller yet (AIP-194).
+                    if error.code() == grpc.StatusCode.UNAVAILABLE and not stream.started:
+                        log.warning("triton unavailable, trying another", backend=backend.address)
+                        continue
+                    failure = triton_failure(error, served.triton_model, Reason.INVALID_GENERATION_REQUEST)
+                    raise _with_progress(failure, stream) from error
+                except MeshgateError as failure:
+                    if failure.reason == Reason.STREAM_ENDED_EARLY:
+                        backend.health.record_failure()
+                    _with_progress(failure, stream)
+                    raise
+        finally:
+            self._generations -= 1
+
+    def _stream_hold_s(self) -> float:
+        """How long a stream's next deltas may be held (streaming.batches):
+        only under load, where fewer messages per token pay."""
+        if self._generations >= self._settings.stream_interval_min_streams:
+            return self._stream_interval_s
+        return 0.0
 
     async def _route_request(
         self, served, strategy: balancing.Strategy, prompt: str
@@ -238,6 +255,7 @@ class _TritonStream:
         prompt_tokens: int = 0,
         prefill_tokens: int = 0,
         wants_cached_tokens: bool = False,
+        hold_s: collections.abc.Callable[[], float] | None = None,
     ) -> None:
         self._backend = backend
         self._model = model
@@ -256,6 +274,7 @@ class _TritonStream:
             backend.batched.get(model, False),
             wants_cached_tokens and backend.reports_cached_tokens.get(model, False),
         )
+        self._hold_s = hold_s
         self.started = False
         # What reached the caller, for the error that ends a stream midway.
         self.delivered_deltas = self.delivered_chars = self.delivered_tokens = 0
@@ -276,8 +295,9 @@ class _TritonStream:
         # Triton's responses are read ahead while the last delta is still
         # being written to the caller: under load several are waiting by
         # then, and go out as one delta (one write here, one read and one
-        # write at the router) instead of one each.
-        arrivals = streaming.batches(call)
+        # write at the router) instead of one each; with the stream
+        # interval, they are held a little for company (the final one not).
+        arrivals = streaming.batches(call, hold_s=self._hold_s, urgent=triton_protocol.ends_stream)
         backend.in_flight += 1
         backend.calls.add(call, self._model)
         backend.active_tokens += self._prompt_tokens
@@ -291,16 +311,12 @@ class _TritonStream:
         try:
             async for batch in arrivals:
                 texts = []
+                model_error = ""
                 for message in batch:
                     if message.error_message:
-                        # Only a Triton older than 24.08 answers so (it ignores
-                        # _TRITON_STATUS_CODES): the message alone cannot say whose fault it was.
-                        raise MeshgateError(
-                            grpc.StatusCode.INTERNAL,
-                            Reason.MODEL_ERROR,
-                            f"Triton: {message.error_message}",
-                            {"backend": backend.address},
-                        )
+                        # The text before it still goes out (below), then the error.
+                        model_error = message.error_message
+                        break
                     event = triton_protocol.read_generate_response(message.infer_response)
                     if event.input_tokens is not None:
                         prompt_tokens = event.input_tokens
@@ -325,6 +341,15 @@ class _TritonStream:
                     self.delivered_chars += len(text)
                     self.delivered_tokens = completion_tokens
                     yield pb.GenerateResponse(delta=pb.GenerateDelta(text=text))
+                if model_error:
+                    # Only a Triton older than 24.08 answers so (it ignores
+                    # _TRITON_STATUS_CODES): the message alone cannot say whose fault it was.
+                    raise MeshgateError(
+                        grpc.StatusCode.INTERNAL,
+                        Reason.MODEL_ERROR,
+                        f"Triton: {model_error}",
+                        {"backend": backend.address},
+                    )
                 if final_seen:
                     break
             if not final_seen:

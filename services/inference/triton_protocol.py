@@ -126,6 +126,15 @@ class GenerateEvent:
         self.cached_tokens: int | None = None
 
 
+def ends_stream(message: service_pb2.ModelStreamInferResponse) -> bool:
+    """Whether a streamed message is the last one (the final response, or a
+    failure): read without the rest of the response, for every message."""
+    if message.error_message:
+        return True
+    final = message.infer_response.parameters.get(_FINAL_FLAG)
+    return bool(final and final.bool_param)
+
+
 def read_generate_response(response: service_pb2.ModelInferResponse) -> GenerateEvent:
     event = GenerateEvent()
     final = response.parameters.get(_FINAL_FLAG)

@@ -15,7 +15,7 @@ from meshgate.config import Settings
 from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from services.inference import app
-from tests.integration.conftest import wait_until_serving
+from tests.integration.conftest import running_inference, wait_until_serving
 from tests.mesh import mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
@@ -130,3 +130,34 @@ async def test_cancelling_generate_cancels_the_triton_request(stub, triton_serve
             break
         await asyncio.sleep(0.1)
     assert health.backends[0].in_flight == 0
+
+
+# Longer than any generation here: a stream that ends sooner than this
+# was not held to the end of it.
+LONG_HOLD_MS = 5_000.0
+
+
+@pytest.fixture
+async def held_stub(triton_url):
+    """The inference service with a stream interval that holds even one stream."""
+    settings = Settings(mesh=mesh_settings())
+    settings.inference.triton_urls = [triton_url]
+    settings.inference.health_interval_s = 0.5
+    settings.inference.stream_interval_ms = LONG_HOLD_MS
+    settings.inference.stream_interval_min_streams = 1
+    async with running_inference(settings) as address, router_channel(address, "inference") as channel:
+        yield inference_service_pb2_grpc.InferenceServiceStub(channel)
+
+
+async def test_the_stream_interval_joins_deltas_but_never_holds_the_first_or_the_end(stub, held_stub):
+    request = generate("Tell me a story", max_tokens=24, temperature=0.0)
+    plain, plain_completion = await run(stub.Generate(request))
+    started = asyncio.get_running_loop().time()
+    held, held_completion = await run(held_stub.Generate(request))
+    elapsed_s = asyncio.get_running_loop().time() - started
+    assert "".join(held) == "".join(plain)
+    assert held_completion.usage == plain_completion.usage
+    # The first delta alone, then the rest held together until the final
+    # response, which went at once instead of after the hold.
+    assert len(held) <= 2 < len(plain)
+    assert elapsed_s < LONG_HOLD_MS / 1000

@@ -1,15 +1,21 @@
 """meshgate.streaming.batches: messages waiting together are handed over as
 one list, the first without waiting for company, a failure only after what
-arrived before it, and closing stops the reading. The call is a scripted
-fake (tests/integration runs the router's relay over real services)."""
+arrived before it, and closing stops the reading; with a hold (the
+inference service's stream interval), later messages wait for company, but
+never past the hold, a message that ends the stream, or the call's end or
+failure. The call is a scripted fake (tests/integration runs the router's
+relay over real services)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshgate import streaming
 
@@ -90,3 +96,130 @@ async def test_without_read_ahead_each_message_is_read_when_asked_for():
         assert await anext(batches) == ["b"]
         call.send(grpc.aio.EOF)
         assert [batch async for batch in batches] == []
+
+
+# A hold far longer than any test: what comes before it was not held.
+FOREVER_S = 60.0
+
+
+def ends(message) -> bool:
+    return message == "END"
+
+
+async def test_the_first_list_is_never_held():
+    call = ScriptedCall()
+    held = streaming.batches(call, hold_s=lambda: FOREVER_S, urgent=ends)
+    async with contextlib.aclosing(held) as batches:
+        call.send("a")
+        async with asyncio.timeout(1):
+            assert await anext(batches) == ["a"]
+
+
+async def test_later_messages_wait_for_company_until_the_hold_ends():
+    call = ScriptedCall()
+    hold_s = 0.05
+    async with contextlib.aclosing(streaming.batches(call, hold_s=lambda: hold_s, urgent=ends)) as batches:
+        call.send("a")
+        assert await anext(batches) == ["a"]
+        started = time.monotonic()
+        call.send("b")
+
+        async def later():
+            await asyncio.sleep(hold_s / 5)
+            call.send("c")
+
+        sender = asyncio.create_task(later())
+        assert await anext(batches) == ["b", "c"]
+        # Held from "b"'s arrival until the hold was over, not longer than
+        # the hold and some slack for a loaded machine.
+        assert hold_s * 0.9 <= time.monotonic() - started < hold_s + 1.0
+        await sender
+
+
+@pytest.mark.parametrize(
+    "last",
+    [
+        pytest.param("END", id="a message that ends the stream"),
+        pytest.param(grpc.aio.EOF, id="the call's end"),
+    ],
+)
+async def test_nothing_is_held_past_the_end(last):
+    call = ScriptedCall()
+    async with contextlib.aclosing(streaming.batches(call, hold_s=lambda: FOREVER_S, urgent=ends)) as batches:
+        call.send("a")
+        assert await anext(batches) == ["a"]
+        call.send("b", last)
+        async with asyncio.timeout(1):
+            assert await anext(batches) == (["b", "END"] if last == "END" else ["b"])
+
+
+async def test_a_failure_flushes_what_was_held_then_raises():
+    call = ScriptedCall()
+    failure = RuntimeError("stream broke")
+    received = []
+    call.send("a")
+    with pytest.raises(RuntimeError) as raised:
+        async with asyncio.timeout(1):
+            async for batch in streaming.batches(call, hold_s=lambda: FOREVER_S, urgent=ends):
+                received.append(batch)
+                if batch == ["a"]:
+                    call.send("b", "c", failure)
+    assert raised.value is failure
+    assert received == [["a"], ["b", "c"]]
+
+
+async def test_a_hold_of_zero_holds_nothing():
+    call = ScriptedCall()
+    async with contextlib.aclosing(streaming.batches(call, hold_s=lambda: 0.0, urgent=ends)) as batches:
+        call.send("a")
+        assert await anext(batches) == ["a"]
+        call.send("b")
+        async with asyncio.timeout(1):
+            assert await anext(batches) == ["b"]
+
+
+async def test_closing_while_holding_stops_the_reading_and_the_timer():
+    call = ScriptedCall()
+    batches = streaming.batches(call, hold_s=lambda: FOREVER_S, urgent=ends)
+    call.send("a")
+    assert await anext(batches) == ["a"]
+    call.send("b")
+    waiting = asyncio.ensure_future(anext(batches))
+    await until(lambda: call.reads_waiting == 1 and call._pending.empty())
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    await batches.aclose()
+    assert call.reads_waiting == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    messages=st.lists(st.text(min_size=1, max_size=3), min_size=1, max_size=12),
+    pauses_ms=st.lists(st.sampled_from([0, 0, 1, 3]), min_size=12, max_size=12),
+    hold_ms=st.sampled_from([0, 2, 5]),
+)
+def test_every_message_comes_once_and_in_order_whatever_the_timing(messages, pauses_ms, hold_ms):
+    """Joined, the lists are the messages sent, and none is empty."""
+
+    async def scenario() -> list[list[str]]:
+        call = ScriptedCall()
+
+        async def send_all():
+            for message, pause_ms in zip([*messages, "END"], [*pauses_ms, 0]):
+                await asyncio.sleep(pause_ms / 1000)
+                call.send(message)
+
+        sender = asyncio.create_task(send_all())
+        received = []
+        async with asyncio.timeout(5):
+            async for batch in streaming.batches(call, hold_s=lambda: hold_ms / 1000, urgent=ends):
+                received.append(batch)
+                if batch[-1] == "END":
+                    break
+        await sender
+        return received
+
+    received = asyncio.run(scenario())
+    assert all(received)
+    assert [m for batch in received for m in batch] == [*messages, "END"]

@@ -1,0 +1,249 @@
+"""What one streamed message costs in grpcio alone: the floor under the mesh's
+CPU per streamed token (issue 13).
+
+    flock /tmp/bench.lock .venv/bin/python bench/grpc_floor_bench.py
+    flock /tmp/bench.lock .venv/bin/python bench/grpc_floor_bench.py \\
+        --variant baseline --variant target=throughput:grpc.optimization_target=throughput
+
+No services, no Triton, no protobuf: bare grpc.aio on uvloop with the mesh's
+own server and channel options (meshgate/serving.py) and its mutual TLS
+(certificates from meshgate/local/certs.py). A *server* process streams
+``--messages`` payloads of ``--bytes`` bytes per call, one every
+``--interval-ms`` (a model's pace; 0: as fast as it can), in the role of
+the inference service; a *relay* process serves a plain-text port (the
+router's public port) and relays each call to the server over mutual TLS,
+reading ahead and joining what arrived together as the mesh does
+(meshgate/streaming.batches); the client is this process. Two paths, each at
+concurrency 1 and ``--concurrency``: client -> server over mutual TLS
+(direct), and client -> relay -> server. Reported: messages the client
+received per second, and each process's CPU (user + system, from /proc)
+per message the client received.
+
+A ``--variant NAME:KEY=VALUE,...`` starts the server and the relay again
+with extra grpc options (their servers' and channels' alike, as if
+serving.py set them) or environment variables (an upper-case key, such as
+GRPC_EXPERIMENTS or GRPC_POLL_STRATEGY); the client keeps the defaults. All
+variants run in one invocation, so that their ratios are comparable on a
+shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pathlib
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+import uvloop
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from meshgate import serving, streaming  # noqa: E402
+from meshgate.config import MeshSettings  # noqa: E402
+from meshgate.local import certs  # noqa: E402
+from meshgate.local.stack import free_port  # noqa: E402
+from meshgate.mesh_auth import Mesh  # noqa: E402
+
+METHOD = "/floor.Floor/Stream"
+# A request: how many messages, their size, and the pause between them (µs).
+REQUEST = struct.Struct("<III")
+# The mesh's roles: the server stands for the inference service, the relay
+# for the router (its public port in plain text, its calls over mutual TLS).
+SERVER_ROLE, RELAY_ROLE = "inference", "router"
+
+
+def mesh_settings(certs_dir: pathlib.Path) -> MeshSettings:
+    return MeshSettings(
+        ca_file=str(certs.ca_path(certs_dir)),
+        cert_file=str(certs_dir / "{service}.pem"),
+        key_file=str(certs_dir / "{service}.key"),
+    )
+
+
+def bytes_handler(behaviour) -> grpc.GenericRpcHandler:
+    """The one method, on raw bytes (no serializers)."""
+    handler = grpc.unary_stream_rpc_method_handler(behaviour)
+    return grpc.method_handlers_generic_handler("floor.Floor", {"Stream": handler})
+
+
+async def serve_stream(request: bytes, context):
+    count, size, pause_us = REQUEST.unpack(request)
+    payload = b"x" * size
+    for _ in range(count):
+        if pause_us:
+            await asyncio.sleep(pause_us / 1e6)
+        yield payload
+
+
+async def run_role(role: str, port: int, upstream: str, certs_dir: pathlib.Path, tls: bool) -> None:
+    if role == "server":
+        server = grpc.aio.server(options=serving.SERVER_OPTIONS)
+        server.add_generic_rpc_handlers([bytes_handler(serve_stream)])
+        if tls:
+            credentials = Mesh(mesh_settings(certs_dir), SERVER_ROLE).server_credentials()
+            server.add_secure_port(f"127.0.0.1:{port}", credentials)
+        else:
+            server.add_insecure_port(f"127.0.0.1:{port}")
+    else:
+        security = Mesh(mesh_settings(certs_dir), RELAY_ROLE).to(SERVER_ROLE) if tls else None
+        channel = serving.client_channel(upstream, security, traced=False)
+        relayed = channel.unary_stream(METHOD)
+
+        async def relay(request: bytes, context):
+            call = relayed(request)
+            try:
+                async for batch in streaming.batches(call):
+                    yield batch[0] if len(batch) == 1 else b"".join(batch)
+            finally:
+                if not call.done():
+                    call.cancel()
+
+        server = grpc.aio.server(options=serving.SERVER_OPTIONS)
+        server.add_generic_rpc_handlers([bytes_handler(relay)])
+        server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+def cpu_seconds(pid: int | str) -> float:
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start(
+    role: str, port: int, upstream: str, certs_dir: pathlib.Path, args, extra: dict
+) -> subprocess.Popen:
+    env = dict(os.environ, **{k: v for k, v in extra.items() if k.isupper()})
+    options = [f"{k}={v}" for k, v in extra.items() if not k.isupper()]
+    command = [sys.executable, __file__, "--role", role, "--port", str(port), "--upstream", upstream]
+    command += ["--certs", str(certs_dir), *(["--no-tls"] if args.no_tls else [])]
+    command += [arg for option in options for arg in ("--option", option)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+    if process.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"{role} did not start")
+    return process
+
+
+async def load(target: str, tls_security, concurrency: int, args) -> tuple[int, float]:
+    """Calls from ``concurrency`` workers; returns messages received and wall seconds."""
+    if tls_security is None:
+        channel = grpc.aio.insecure_channel(target, options=serving.CHANNEL_OPTIONS)
+    else:
+        channel = serving.client_channel(target, tls_security, traced=False)
+    request = REQUEST.pack(args.messages, args.bytes, int(args.interval_ms * 1000))
+    stream = channel.unary_stream(METHOD)
+    received = 0
+
+    async def worker(calls: int) -> None:
+        nonlocal received
+        for _ in range(calls):
+            async for _message in stream(request):
+                received += 1
+
+    await worker(2)  # connect and warm
+    received = 0
+    # Alone, four times the calls: enough CPU to read in /proc's 10 ms ticks.
+    calls = args.calls * 4 if concurrency == 1 else args.calls
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(calls) for _ in range(concurrency)))
+    wall = time.perf_counter() - started
+    await channel.close()
+    return received, wall
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, _, settings = text.partition(":")
+    return name, dict(pair.split("=", 1) for pair in settings.split(",") if pair)
+
+
+def measure(args, certs_dir: pathlib.Path, variant: str, extra: dict) -> list[str]:
+    server_port, relay_port = free_port(), free_port()
+    server = start("server", server_port, "", certs_dir, args, extra)
+    relay = start("relay", relay_port, f"127.0.0.1:{server_port}", certs_dir, args, extra)
+    rows = []
+    try:
+        client_security = None if args.no_tls else Mesh(mesh_settings(certs_dir), RELAY_ROLE).to(SERVER_ROLE)
+        paths = {
+            "direct (mTLS)": (f"127.0.0.1:{server_port}", client_security),
+            "relayed": (f"127.0.0.1:{relay_port}", None),
+        }
+        for concurrency in (1, args.concurrency):
+            for path, (target, security) in paths.items():
+                pids = {"server": server.pid, "relay": relay.pid, "client": "self"}
+                repeats = []
+                for _ in range(args.repeats):
+                    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                    received, wall = uvloop.run(load(target, security, concurrency, args))
+                    used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+                    repeats.append((received / wall, {n: used[n] / received * 1e6 for n in used}))
+                rate = statistics.median(r[0] for r in repeats)
+                per = {n: statistics.median(r[1][n] for r in repeats) for n in pids}
+                relay_cell = f"{per['relay']:.1f}" if path == "relayed" else "-"
+                rows.append(
+                    f"| {variant} | {path} | {concurrency} | {rate:.0f} | {per['server']:.1f} "
+                    f"| {relay_cell} | {per['client']:.1f} |"
+                )
+    finally:
+        for process in (relay, server):
+            process.terminate()
+            process.wait(10)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=64, help="messages per call (a 64-token answer)")
+    parser.add_argument("--bytes", type=int, default=150, help="bytes per message (a serialized delta)")
+    parser.add_argument("--interval-ms", type=float, default=5.0, help="pause between messages; 0: none")
+    parser.add_argument("--calls", type=int, default=6, help="calls per worker (x4 at concurrency 1)")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per row; the median is shown")
+    parser.add_argument("--no-tls", action="store_true", help="plain text everywhere")
+    parser.add_argument(
+        "--variant", action="append", type=parse_variant, help="NAME:KEY=VALUE,... (repeatable)"
+    )
+    # The child processes' own arguments.
+    parser.add_argument("--role", choices=("server", "relay"), help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--certs", type=pathlib.Path, help=argparse.SUPPRESS)
+    parser.add_argument("--option", action="append", default=[], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role:
+        # A variant's grpc options, as if serving.py set them.
+        for option in args.option:
+            key, _, value = option.partition("=")
+            value = int(value) if value.lstrip("-").isdigit() else value
+            serving.SERVER_OPTIONS.append((key, value))
+            serving.CHANNEL_OPTIONS.append((key, value))
+        uvloop.run(run_role(args.role, args.port, args.upstream, args.certs, not args.no_tls))
+        return
+    variants = args.variant or [("baseline", {})]
+    rows = [
+        "| variant | path | concurrency | messages/s | server CPU µs/message | relay | client |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory(prefix="grpc-floor-") as directory:
+        certs_dir = pathlib.Path(directory)
+        certs.ensure(certs_dir)
+        for name, extra in variants:
+            rows += measure(args, certs_dir, name, extra)
+    print(
+        f"grpcio {grpc.__version__}, {args.messages} messages of {args.bytes} B per call, "
+        f"one every {args.interval_ms:g} ms, {args.calls} calls per worker, median of {args.repeats}; "
+        f"{os.cpu_count()} CPU cores shared by all three processes\n"
+    )
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
