@@ -47,7 +47,7 @@ DELETED = -1
 
 def _size(session: StoredSession) -> int:
     turns = sum(len(t.content) + _TURN_OVERHEAD_BYTES for t in session.turns)
-    counts = sum(4 * len(c) for c in session.token_counts.values())
+    counts = sum(c.nbytes for c in session.token_counts.values())
     # Its retrieval index, when attached: float32 vectors weigh more than the texts.
     index = session.index.nbytes if session.index is not None else 0
     return _ENTRY_OVERHEAD_BYTES + turns + counts + index

@@ -26,7 +26,7 @@ from meshgate.reasons import Reason
 from services.context import assembly, relevance
 from services.context import summaries as summaries_lib
 from services.context.hot_cache import DELETED, HotCache
-from services.context.store import SessionStore, StoredSession, session_key
+from services.context.store import NO_COUNTS, SessionStore, StoredSession, session_key
 from services.context.token_counts import PromptCounter
 from services.context.turn_index import IndexedTurns, TurnIndex, features
 
@@ -97,7 +97,7 @@ class _SessionView:
     """A session as assembly plans from it."""
 
     version: int
-    counts: list[int] | np.ndarray
+    counts: np.ndarray
     roles: np.ndarray
     # Every turn's text when at hand (the session's own list, not copied);
     # None: read the chosen ones after planning.
@@ -111,7 +111,7 @@ class _SessionView:
     # pinned, and scored by nothing (postings and vectors cover the rest).
     compacted: int = 0
     # Every turn's tokens as a transcript line; None: not asked for (no packing).
-    line_counts: list[int] | np.ndarray | None = None
+    line_counts: np.ndarray | None = None
 
 
 def _live_scores(
@@ -145,15 +145,6 @@ def _postings_of(
         for term in wanted.intersection(turn.terms):
             postings.setdefault(term, []).append(relevance.pack_posting(index, turn.terms[term]))
     return {t: np.array(p, dtype=np.uint32) for t, p in postings.items()}, term_counts
-
-
-def _array(stored: StoredSession, counts_id: str, counts: list[int]) -> np.ndarray:
-    """``counts`` (``stored``'s, complete) as planning takes them: converted
-    once per hot entry, not per assembly (50 us a call at 1,548 turns)."""
-    array = stored.count_arrays.get(counts_id)
-    if array is None or len(array) != len(counts):
-        array = stored.count_arrays[counts_id] = np.asarray(counts, dtype=np.int64)
-    return array
 
 
 def _query_text(messages: collections.abc.Iterable[common_pb2.Message]) -> str:
@@ -619,7 +610,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             lines = await self._line_counts(request, hot, counter) if packs else None
             return _SessionView(
                 hot.version,
-                _array(hot, counter.id, counts),
+                counts,
                 indexed.roles,
                 hot.turns,
                 indexed.postings_of(terms),
@@ -628,7 +619,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 indexed.pinned_turns,
                 indexed.pinned_facts,
                 indexed.first_live,
-                None if lines is None else _array(hot, counter.line_id, lines),
+                lines,
             )
         indexed = None
         if self._index is not None:
@@ -752,10 +743,10 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 turns=cached.turns + turns,
                 compacted=cached.compacted,
                 token_counts={
-                    tokenizer: cached.token_counts.get(tokenizer, []) + counts
+                    tokenizer: np.concatenate((cached.token_counts.get(tokenizer, NO_COUNTS), counts))
                     for tokenizer, counts in token_counts.items()
                     # Counts stay a prefix: extend only those covering every turn.
-                    if len(cached.token_counts.get(tokenizer, [])) == len(cached.turns)
+                    if len(cached.token_counts.get(tokenizer, NO_COUNTS)) == len(cached.turns)
                 },
             )
             if self._hot.put(key, extended, ticket):
@@ -792,7 +783,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
 
     async def _line_counts(
         self, request: pb.AssembleContextRequest, stored: StoredSession, counter: PromptCounter
-    ) -> list[int]:
+    ) -> np.ndarray:
         return await self._complete_counts(request, stored, counter.line_id, counter.count_lines)
 
     async def _complete_counts(
@@ -801,16 +792,16 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         stored: StoredSession,
         counts_id: str,
         count: collections.abc.Callable[[list[common_pb2.Message]], collections.abc.Awaitable[list[int]]],
-    ) -> list[int]:
+    ) -> np.ndarray:
         """Stored counts (``counts_id``: a counter's id, or its line_id), plus
         those of turns stored before this tokenizer and template were
         configured (or before transcript lines were counted): counted here
         with ``count``, then stored so that happens once."""
-        counts = stored.token_counts.get(counts_id, [])
+        counts = stored.token_counts.get(counts_id, NO_COUNTS)
         if len(counts) == len(stored.turns):
             return counts
         missing = stored.turns[len(counts) :]
-        counts = counts + await count(missing)
+        counts = np.concatenate((counts, await count(missing)))
         # The same version's entry in the hot cache, if that is where it came from.
         stored.token_counts[counts_id] = counts
         await self._store.fill_token_counts(

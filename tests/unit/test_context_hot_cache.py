@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from meshgate.common.v1 import common_pb2
 from services.context.hot_cache import HotCache
 from services.context.store import StoredSession
@@ -16,7 +18,7 @@ def session(version: int, *contents: str, updated_ms: int | None = None) -> Stor
         create_time_ms=now,
         update_time_ms=now,
         turns=[common_pb2.Message(role=common_pb2.ROLE_USER, content=c) for c in contents],
-        token_counts={"t": [1] * len(contents)},
+        token_counts={"t": np.ones(len(contents), np.int64)},
     )
 
 
