@@ -108,9 +108,11 @@ def _connect_cluster(url: str, socket_timeout: float | None = 10) -> RedisCluste
         health_check_interval=30,
         socket_connect_timeout=5,
         socket_timeout=socket_timeout,
-        # Masters only: a replica may not have the turn its master just
-        # acknowledged, and a reader must see every acknowledged write.
-        read_from_replicas=False,
+        # Masters only, said outright though it is the default (no strategy:
+        # no reads from READONLY replicas): a replica may not have the turn
+        # its master just acknowledged, and a reader must see every
+        # acknowledged write.
+        load_balancing_strategy=None,
         # No retries, for the reason given above: redis-py's cluster retries
         # a command after a broken connection or a timeout, which would run
         # a write script twice. MOVED and ASK redirections are still followed

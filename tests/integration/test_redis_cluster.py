@@ -130,7 +130,7 @@ async def test_the_url_scheme_selects_the_cluster_client(cluster: Cluster) -> No
         assert isinstance(clustered, RedisCluster)
         # It learned every master from the two nodes it was given.
         assert {node.port for node in clustered.get_primaries()} == cluster.masters()
-        assert not clustered.read_from_replicas
+        assert clustered.load_balancing_strategy is None and not clustered.read_from_replicas
     finally:
         await clustered.aclose()
     with pytest.raises(MeshgateError) as caught:

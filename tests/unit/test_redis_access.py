@@ -29,7 +29,7 @@ async def test_a_cluster_url_names_every_startup_node_and_keeps_credentials() ->
         assert manager.connection_kwargs["connection_class"] is SSLConnection
         # Reads from masters only, and no command retried after a broken
         # connection (a write script must never run twice).
-        assert not client.read_from_replicas
+        assert client.load_balancing_strategy is None and not client.read_from_replicas
         assert client.retry.get_retries() == 0
     finally:
         await client.aclose()
