@@ -12,7 +12,9 @@ The hybrid is a weighted sum of three signals, each scaled to [0, 1] over the
 session so that no one signal's units dominate: embedding cosine similarity
 (meaning), BM25 (rare shared words) and entity matches (the names the
 question asks about). A turn next to a highly relevant one inherits part of
-its score, so a question's answer keeps the line it answers.
+its score, so a question's answer keeps the line it answers; and a turn in a
+stretch of the conversation where many of the best turns sit gains a share,
+as people talk about one thing for a while (:func:`_with_spans`).
 
 Questions about a conversation name its two people ("What are Kate's
 hobbies?"), but the stored turns are by user and assistant, and a person's
@@ -120,6 +122,12 @@ class Weights:
     # turns move the question's vector, and by how much of their mean.
     feedback_turns: int = 10
     feedback_weight: float = 0.7
+    # Topic stretches (see _with_spans): the best turns that count, how
+    # many turns either side of a turn its stretch reaches, and the most a
+    # turn in the densest stretch gains.
+    span_turns: int = 50
+    span_radius: int = 5
+    span: float = 0.5
 
 
 DEFAULT_WEIGHTS = Weights()
@@ -220,7 +228,17 @@ def participant_names(
     word, unlike a sentence's first word), used in at least
     :data:`PARTICIPANT_NAME_MIN_TURNS` turns, nearly all by one speaker:
     the one addressing the other. From postings and roles only."""
-    names = set()
+    return set(_participant_name_turns(query_terms, postings, roles))
+
+
+def _participant_name_turns(
+    query_terms: collections.abc.Iterable[str],
+    postings: collections.abc.Mapping[str, np.ndarray],
+    roles: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """:func:`participant_names`, each with the turns that use it (which
+    hybrid_scores keeps from seeding feedback: decoded once, here)."""
+    names = {}
     for term in set(query_terms):
         word = term[len(ENTITY_MARK) :]
         if not term.startswith(ENTITY_MARK) or word[:1].isdigit() or word in _TIME_WORDS:
@@ -232,12 +250,13 @@ def participant_names(
         if as_keyword is not None and len(as_keyword) > len(packed):
             continue
         turns = (packed >> TF_BITS).astype(np.int64)
-        speakers = roles[turns[turns < len(roles)]]
+        turns = turns[turns < len(roles)]
+        speakers = roles[turns]
         if not len(speakers):
             continue
         _, per_speaker = np.unique(speakers, return_counts=True)
         if per_speaker.max() >= PARTICIPANT_NAME_ONE_SIDED * len(speakers):
-            names.add(term)
+            names[term] = turns
     return names
 
 
@@ -279,18 +298,21 @@ def hybrid_scores(
     found turns' topic more than the question's words. On the development
     conversations this kept more questions' evidence at every budget,
     on the held-out ones as well as on those it was tuned on
-    (bench/context_bench.py --offline)."""
+    (bench/context_bench.py --offline).
+
+    Last, turns in stretches dense with the best turns gain a share
+    (:func:`_with_spans`)."""
     query_terms = list(query_terms)
-    names = participant_names(query_terms, postings, roles) if roles is not None else set()
+    names = _participant_name_turns(query_terms, postings, roles) if roles is not None else {}
     if names:
-        spelled = names | {stem(name[len(ENTITY_MARK) :]) for name in names}
+        spelled = names.keys() | {stem(name[len(ENTITY_MARK) :]) for name in names}
         query_terms = [t for t in query_terms if t not in spelled]
     keywords = [t for t in query_terms if not t.startswith(ENTITY_MARK)]
     entities = [t for t in query_terms if t.startswith(ENTITY_MARK)]
     lexical = weights.keyword * _scaled(bm25(keywords, postings, term_counts, weights))
     lexical += weights.entity * _scaled(bm25(entities, postings, term_counts, weights))
     if unit_vectors is None or query_vector is None or len(unit_vectors) != len(term_counts):
-        return _with_neighbours(lexical, weights)
+        return _with_spans(_with_neighbours(lexical, weights), weights)
     query = _unit(query_vector)
     score = _with_neighbours(lexical + weights.dense * _scaled(unit_vectors @ query), weights)
     feedback = min(weights.feedback_turns, len(score))
@@ -298,13 +320,12 @@ def hybrid_scores(
         seeds = score
         if names:
             seeds = score.copy()
-            for name in names:
-                turns = (postings[name] >> TF_BITS).astype(np.int64)
-                seeds[turns[turns < len(seeds)]] = -np.inf
+            for turns in names.values():
+                seeds[turns] = -np.inf
         best = np.argpartition(-seeds, feedback - 1)[:feedback]
         query = query + weights.feedback_weight * unit_vectors[best].mean(axis=0)
         score = _with_neighbours(lexical + weights.dense * _scaled(unit_vectors @ query), weights)
-    return score
+    return _with_spans(score, weights)
 
 
 def _with_neighbours(score: np.ndarray, weights: Weights) -> np.ndarray:
@@ -314,6 +335,35 @@ def _with_neighbours(score: np.ndarray, weights: Weights) -> np.ndarray:
     left = np.concatenate(([0.0], score[:-1]))
     right = np.concatenate((score[1:], [0.0]))
     return score + weights.neighbour * np.maximum(left, right)
+
+
+def _with_spans(score: np.ndarray, weights: Weights) -> np.ndarray:
+    """A turn gains up to ``weights.span`` by how much of the best turns'
+    score lies within ``span_radius`` turns of it (its own included), as a
+    share of the densest such stretch.
+
+    People talk about one thing for a while, so a question's evidence
+    turns sit close together more often than its best-ranked turns do: a
+    plain answer ("Yes, every winter!") next to the turns that name the
+    topic outranks a turn elsewhere that merely echoes the question's
+    words, and several evidence turns of one stretch get in together.
+    Counting only the best turns keeps the long tail of weakly similar
+    turns from making every stretch dense. On the development
+    conversations (bench/context_bench.py --offline; bench/README.md, "Turns
+    in dense stretches") this kept more questions' evidence at every
+    budget, on both splits."""
+    count = len(score)
+    if not weights.span or count < 2:
+        return score
+    best = min(weights.span_turns, count)
+    top = np.zeros_like(score)
+    chosen = np.argpartition(-score, best - 1)[:best]
+    top[chosen] = score[chosen]
+    radius = weights.span_radius
+    # "full" rather than "same": "same" returns the kernel's length when
+    # the session is shorter than it.
+    density = np.convolve(top, np.ones(2 * radius + 1), mode="full")[radius : radius + count]
+    return score + weights.span * _scaled(density)
 
 
 def quantize(vectors: np.ndarray) -> np.ndarray:

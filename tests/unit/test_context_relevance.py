@@ -143,6 +143,43 @@ def test_render_orders_chronologically_and_gives_every_reason() -> None:
     assert response.manifest.entries[1].relevance == pytest.approx(0.8)
 
 
+def _stretch_and_echo() -> tuple[np.ndarray, np.ndarray]:
+    """Unit rows of 40 turns and a question (axis 0): turns 10-14 talk
+    about the question's topic, and turn 12 among them answers it plainly
+    ("Yes, every winter!"), close to the question only in part; turn 30,
+    alone among unrelated turns (axis 2), echoes the question a little
+    more than the answer does."""
+    rows = np.zeros((40, 3), dtype=np.float32)
+    rows[:, 2] = 1.0
+    rows[[10, 11, 13, 14]] = [1.0, 0.3, 0.0]
+    rows[12] = [0.4, 1.0, 0.0]
+    rows[30] = [0.6, 1.0, 0.0]
+    return relevance.unit_rows(rows), np.array([1.0, 0.0, 0.0], dtype=np.float32)
+
+
+def test_a_turn_in_a_stretch_dense_with_the_best_turns_outranks_a_lone_echo() -> None:
+    unit, query = _stretch_and_echo()
+    lengths = np.ones(len(unit))
+    without = relevance.hybrid_scores([], {}, lengths, unit, query, relevance.Weights(span=0.0))
+    scores = relevance.hybrid_scores([], {}, lengths, unit, query)
+    answer, echo = 12, 30
+    assert without[echo] > without[answer]
+    assert scores[answer] > scores[echo]
+    # Room for five turns: the whole stretch, answer included, rather than
+    # four of it and the echo.
+    costs = SessionCosts.of([TurnCost(USER, 10)] * len(unit))
+    assert plan(costs, [], 50, relevance=without).kept() == [10, 11, 13, 14, echo]
+    assert plan(costs, [], 50, relevance=scores).kept() == [10, 11, answer, 13, 14]
+
+
+def test_stretches_need_no_minimum_session_length() -> None:
+    # Shorter than a stretch's reach, and a single turn: scored, same length.
+    for count in (1, 3):
+        unit = relevance.unit_rows(np.eye(3, dtype=np.float32)[:count])
+        scores = relevance.hybrid_scores([], {}, np.ones(count), unit, np.array([1.0, 0, 0]))
+        assert scores.shape == (count,) and int(np.argmax(scores)) == 0
+
+
 def test_feedback_raises_the_second_hop_of_an_answer() -> None:
     # Turn 0 answers the question's words; turn 2 shares turn 0's topic
     # (axis 1) but nothing with the question; turn 4 is about something else.
