@@ -339,8 +339,9 @@ def _with_neighbours(score: np.ndarray, weights: Weights) -> np.ndarray:
 
 def _with_spans(score: np.ndarray, weights: Weights) -> np.ndarray:
     """A turn gains up to ``weights.span`` by how much of the best turns'
-    score lies within ``span_radius`` turns of it (its own included), as a
-    share of the densest such stretch.
+    score lies within ``span_radius`` turns of it (its own included),
+    scaled as the other signals are (:func:`_scaled`: above the session's
+    median, as a share of the densest stretch).
 
     People talk about one thing for a while, so a question's evidence
     turns sit close together more often than its best-ranked turns do: a
