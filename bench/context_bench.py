@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import collections
 import cProfile
+import dataclasses
 import json
 import os
 import pathlib
@@ -280,6 +281,16 @@ def offline(
             }
             # The same ranking, every turn a message of its own (context.pack_older_turns off).
             scores["unpacked"] = scores["adaptive"]
+            # Without the dense-stretch share (relevance._with_spans): what it adds.
+            scores["no stretches"] = relevance.hybrid_scores(
+                terms,
+                packed,
+                lengths,
+                turn_vectors,
+                vector,
+                dataclasses.replace(weights, span=0.0),
+                roles=costs.roles,
+            )
             if ranker is not None:
                 features = context_ranker.ranking_features(
                     terms, packed, lengths, turn_vectors, vector, weights
