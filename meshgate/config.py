@@ -550,7 +550,7 @@ class InferenceSettings:
     # burstier deltas. Alone or nearly, a stream is never held.
     # 0 ms: every token as it comes. Defaults measured: bench/README.md,
     # "Issue 13, CPU per token".
-    stream_interval_ms: float = 40.0
+    stream_interval_ms: float = 80.0
     stream_interval_min_streams: int = 4
 
 
