@@ -1,6 +1,7 @@
 """How the inference service turns Triton's streamed responses into deltas:
-responses already waiting go out as one delta, counts stay exact, and a
-stream that fails or ends early says so. Triton's call is a scripted fake
+responses already waiting go out as one delta, with the stream interval
+later ones wait for company (never the first, never the final one), counts
+stay exact, and a stream that fails or ends early says so. Triton's call is a scripted fake
 (this is the servicer's logic alone; tests/integration runs it on Triton)."""
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class ScriptedCall:
         return True
 
 
-def stream_on(call: ScriptedCall) -> tuple[_TritonStream, types.SimpleNamespace]:
+def stream_on(call: ScriptedCall, hold_s=None) -> tuple[_TritonStream, types.SimpleNamespace]:
     backend = types.SimpleNamespace(
         address="triton-a:8001",
         batched={},
@@ -82,7 +83,8 @@ def stream_on(call: ScriptedCall) -> tuple[_TritonStream, types.SimpleNamespace]
         ttft=balancing.Ewma(),
         stream_stub=types.SimpleNamespace(ModelStreamInfer=lambda requests, timeout, metadata: call),
     )
-    return _TritonStream(backend, "tiny_gpt", "prompt", "{}", timeout=10.0, prompt_tokens=7), backend
+    stream = _TritonStream(backend, "tiny_gpt", "prompt", "{}", timeout=10.0, prompt_tokens=7, hold_s=hold_s)
+    return stream, backend
 
 
 def kinds(responses) -> list[str]:
@@ -161,3 +163,44 @@ async def test_leaving_early_cancels_the_triton_call():
     await deltas.aclose()
     assert call.cancelled
     assert (backend.in_flight, backend.active_tokens) == (0, 0)
+
+
+# The stream interval, held longer than any test lasts: what comes before
+# it was not held.
+LONG_HOLD_S = 60.0
+
+
+async def test_with_the_stream_interval_later_responses_wait_for_company_but_not_for_the_end():
+    call = ScriptedCall()
+    stream, _ = stream_on(call, hold_s=lambda: LONG_HOLD_S)
+    deltas = aiter(stream)
+    call.send(triton_response("one", 1))
+    assert (await asyncio.wait_for(anext(deltas), 5)).delta.text == "one", "the first is never held"
+    call.send(triton_response(" two", 1))
+    call.send(triton_response(" three", 1))
+    # Held: nothing goes out until the final response, which flushes at once.
+    waiting = asyncio.ensure_future(anext(deltas))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    call.send(triton_response("!", 1, final=True, finish_reason="stop", prompt_tokens=3))
+    call.send(grpc.aio.EOF)
+    assert (await asyncio.wait_for(waiting, 5)).delta.text == " two three!"
+    completion = (await asyncio.wait_for(anext(deltas), 5)).completion
+    assert completion.usage.completion_tokens == 4, "tokens counted from Triton, not from deltas"
+
+
+async def test_a_model_error_after_held_responses_sends_them_first():
+    call = ScriptedCall()
+    call.send(triton_response("one", 1))
+    stream, _ = stream_on(call, hold_s=lambda: LONG_HOLD_S)
+    delivered = []
+    with pytest.raises(MeshgateError) as failure:
+        async with asyncio.timeout(5):
+            async for response in stream:
+                delivered.append(response.delta.text)
+                if delivered == ["one"]:
+                    call.send(triton_response(" two", 1))
+                    call.send(service_pb2.ModelStreamInferResponse(error_message="model broke"))
+    assert failure.value.reason == Reason.MODEL_ERROR
+    assert delivered == ["one", " two"]
+    assert (stream.delivered_deltas, stream.delivered_tokens) == (2, 2)
