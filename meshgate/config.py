@@ -547,7 +547,8 @@ class InferenceSettings:
     # hop (this service's write, the router's read and write, the client's
     # read) a gRPC message's CPU whatever it carries, most of a streamed
     # token's cost; under load, fewer messages buy CPU and tokens/s for
-    # burstier deltas. Alone or nearly, a stream is never held.
+    # burstier deltas. Alone or nearly (fewer streams than the minimum, a
+    # choice, not a measurement), where CPU is not short, nothing is held.
     # 0 ms: every token as it comes. Defaults measured: bench/README.md,
     # "Issue 13, CPU per token".
     stream_interval_ms: float = 80.0
