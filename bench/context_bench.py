@@ -627,11 +627,19 @@ async def _latency(
     ]
 
 
-async def cached_vectors(conversations) -> dict[str, np.ndarray]:
-    """Turn and question vectors per conversation, embedded once through a
-    Triton of this run's own and kept under bench/.cache/."""
+def turns_and_questions(turns: list[common_pb2.Message], questions: list[dict]) -> list[str]:
+    """What ``cached_vectors`` embeds by default: each turn, then each question."""
+    return [m.content for m in turns] + [q["question"] for q in questions]
+
+
+async def cached_vectors(
+    conversations, file_name: str = "realtalk_vectors_plain.npz", texts_of=turns_and_questions
+) -> dict[str, np.ndarray]:
+    """Vectors per conversation of ``texts_of(turns, questions)``, embedded
+    once through a Triton of this run's own and kept under
+    bench/.cache/``file_name``."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / "realtalk_vectors_plain.npz"
+    path = CACHE / file_name
     if path.exists():
         return dict(np.load(path))
     build_model_weights()
@@ -652,8 +660,7 @@ async def cached_vectors(conversations) -> dict[str, np.ndarray]:
                     await _wait_for_embeddings(stub)
                     vectors = {}
                     for name, (turns, _, questions) in conversations.items():
-                        texts = [m.content for m in turns] + [q["question"] for q in questions]
-                        vectors[name] = await embed_all(stub, texts)
+                        vectors[name] = await embed_all(stub, texts_of(turns, questions))
                         print(f"embedded {name}", file=sys.stderr, flush=True)
             finally:
                 await serving.stop(inference, grace_s=1)
