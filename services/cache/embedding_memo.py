@@ -1,14 +1,20 @@
-"""Recent question embeddings, kept in the cache service.
+"""Question embeddings in the cache service: remembered, and shared while
+under way.
 
 A semantic lookup embeds its question through the inference service (a
 gRPC hop, Triton's minilm): most of what a semantic hit costs. Questions
-repeat (the same phrasing asked again, a Store right after a miss on
-another replica), and a vector once fetched stays right (see
-``meshgate.embedding.VectorMemo``). The index search and the verifier still
-run on every lookup; the memo only spares the embedding and the hop (the
-inference service keeps a memo of its own, which spares Triton for every
-caller but not the hop). A failed embedding (None) is not remembered, so
-the next ask tries again.
+repeat (the same phrasing asked again, the Store right after a miss), and a
+vector once fetched stays right (see ``meshgate.embedding.VectorMemo``).
+The index search and the verifier still run on every lookup; the memo only
+spares the embedding and the hop (the inference service keeps a memo of its
+own, which spares Triton for every caller but not the hop). A failed
+embedding (None) is not remembered, so the next ask tries again.
+
+An ask of a text already being embedded waits for that call instead of
+making another (single flight): this is how an exact-only miss starts the
+embedding its semantic lookup will need (``embed_ahead``), and how a lookup
+and the Store after it share one. With ``max_entries`` 0 nothing is
+remembered, so only asks that overlap share a call.
 
 Each tenant has its own vectors here, as entries and coalesced generations
 never cross tenants: a memo shared by all would answer tenant B faster for a
@@ -16,6 +22,8 @@ text tenant A asked lately, a timing signal of what another tenant asks.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import numpy as np
 
@@ -25,11 +33,12 @@ from meshgate.embedding import Embedder, VectorMemo
 
 class EmbeddingMemo:
     """``embedder.embed_or_none`` behind a :class:`VectorMemo` of at most
-    ``max_entries`` vectors (0: every call goes to ``embedder``)."""
+    ``max_entries`` vectors and one call per text in flight."""
 
     def __init__(self, embedder: Embedder, model: str, max_entries: int) -> None:
         self._embedder = embedder
         self._vectors: VectorMemo[np.ndarray] = VectorMemo(model, max_entries)
+        self._in_flight: dict[bytes, asyncio.Task] = {}
         counts = metrics.cache().embedding_memo
         self._hits = counts.labels("hit")
         self._misses = counts.labels("miss")
@@ -37,22 +46,59 @@ class EmbeddingMemo:
     def __len__(self) -> int:
         return len(self._vectors)
 
-    async def embed_or_none(
-        self, text: str, *, tenant_id: str, timeout_s: float | None = None
-    ) -> np.ndarray | None:
+    async def embed_or_none(self, text: str, *, tenant_id: str) -> np.ndarray | None:
         """``text``'s vector for ``tenant_id``: remembered only for that tenant."""
-        if not self._vectors.enabled:
-            return await self._embedder.embed_or_none(text, timeout_s)
+        vector = self._vector_or_flight(text, tenant_id)
+        if isinstance(vector, asyncio.Task):
+            # Shielded: a caller that goes away (its Lookup cancelled) must
+            # not end the call that others wait for too.
+            return await asyncio.shield(vector)
+        return vector
+
+    def embed_ahead(self, text: str, *, tenant_id: str) -> None:
+        """Starts embedding ``text`` for an ask expected soon, unless it is
+        remembered or under way; never waits and never fails."""
+        self._vector_or_flight(text, tenant_id)
+
+    def _vector_or_flight(self, text: str, tenant_id: str) -> np.ndarray | asyncio.Task:
         key = self._vectors.key(text, tenant_id)
         vector = self._vectors.get(key)
         if vector is not None:
             self._hits.inc()
             return vector
-        self._misses.inc()
-        vector = await self._embedder.embed_or_none(text, timeout_s)
+        flight = self._in_flight.get(key)
+        if flight is not None:
+            if self._vectors.enabled:
+                self._hits.inc()  # no Embed call of its own
+            return flight
+        if self._vectors.enabled:
+            self._misses.inc()
+        flight = asyncio.ensure_future(self._fetch(key, text))
+        self._in_flight[key] = flight
+        flight.add_done_callback(lambda done: self._landed(key, done))
+        return flight
+
+    async def _fetch(self, key: bytes, text: str) -> np.ndarray | None:
+        vector = await self._embedder.embed_or_none(text)
         if vector is not None:
             # A read-only view of the response's bytes, shared by every
             # caller: nothing may write into it.
             vector.flags.writeable = False
             self._vectors.put(key, vector)
         return vector
+
+    def _landed(self, key: bytes, flight: asyncio.Task) -> None:
+        if self._in_flight.get(key) is flight:
+            del self._in_flight[key]
+        # Retrieved here, so that one started ahead and never asked for
+        # logs no "Task exception was never retrieved"; a waiter still
+        # gets the exception from its await.
+        if not flight.cancelled():
+            flight.exception()
+
+    async def close(self) -> None:
+        """Cancels the calls under way, before the channel they use closes."""
+        flights = list(self._in_flight.values())
+        for flight in flights:
+            flight.cancel()
+        await asyncio.gather(*flights, return_exceptions=True)

@@ -18,21 +18,19 @@ A miss in a busy partition still embeds (nearly every question shares a
 word), and the router holds its first generated token until the semantic
 lookup answers. The router asks for it right after an exact-only lookup of
 the same prompt missed, so that miss starts the embedding at once
-(``EMBED_AHEAD``): the semantic lookup that follows finds it under way
-instead of starting it a round trip later. With one cache replica the
-vector is not wasted on a turn that completes: the Store after a miss needs
-it too. The router balances its cache calls round robin, so with k replicas
-the semantic lookup and the Store reach the replica that embedded ahead
-about 1/k of the time; the others embed the question again (the inference
-service's shared embeddings usually answer that from memory, without
-Triton) and the unclaimed vector is dropped with the oldest.
+(``EmbeddingMemo.embed_ahead``): the semantic lookup that follows finds it
+under way or remembered instead of starting it a round trip later. With one
+cache replica the vector is not wasted on a turn that completes: the Store
+after a miss needs it too. The router balances its cache calls round robin,
+so with k replicas the semantic lookup and the Store reach the replica that
+embedded ahead about 1/k of the time; the others embed the question again
+(the inference service's shared embeddings usually answer that from memory,
+without Triton).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import functools
 import time
 
 import grpc
@@ -58,16 +56,9 @@ from services.cache.verifier import Verifier, analyze
 # candidates whose answer is gone from Redis (evicted, expired, reported)
 # are dropped from the index and the next accepted one is tried.
 MAX_CANDIDATES = 5
-# Question vectors of recent misses, for the Store that usually follows
-# (1.5 KiB each at 384 dimensions).
-RECENT_VECTORS = 4096
 # Rows applied to an index between two yields to the event loop (~10-40 ms
 # of upserts here).
 APPLY_SLICE = 4096
-# Embeddings started by an exact-only miss for the semantic lookup expected
-# next; the oldest unclaimed ones are dropped (a turn refused by admission
-# after its early exact lookup, a semantic lookup sent to another replica).
-EMBED_AHEAD = 1024
 
 _USER = common_pb2.ROLE_USER
 
@@ -106,8 +97,6 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         self._embedder = embedder
         self._stats = stats
         self._indexes = indexes
-        self._recent_vectors: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
-        self._embedding_ahead: collections.OrderedDict[str, asyncio.Task] = collections.OrderedDict()
         # The embedding model's vector size, once a lookup has seen a vector:
         # the first stage loads an index before (or without) embedding.
         self._dimensions: int | None = None
@@ -129,9 +118,9 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             response.answer.MergeFromString(answer)
             return response
         if messages[-1].role == _USER and not request.semantic:
-            self._embed_ahead(partition, messages, entry_id)
+            self._embed_ahead(partition, messages)
         if request.semantic and messages[-1].role == _USER:
-            hit = await self._semantic_lookup(partition, messages, entry_id)
+            hit = await self._semantic_lookup(partition, messages)
             if hit is not None:
                 match, answer = hit
                 self._stats.pending["semantic_hits"] += 1
@@ -161,9 +150,8 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         vector = None
         if messages[-1].role == _USER:
             context_id, text = self._semantic_subject(partition, messages)
-            vector = self._recent_vectors.pop(entry_id, None)
-            if vector is None:
-                vector = await self._embedding(partition, entry_id, text)
+            # Usually remembered from the lookup that missed just before.
+            vector = await self._embedder.embed_or_none(text, tenant_id=partition.tenant_id)
         now_ms = _now_ms()
         if vector is None:
             await self._store.put_exact(partition, entry_id, answer, now_ms, ttl_ms)
@@ -226,9 +214,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         self._stats.pending["wrong_hit_reports"] += 1
         return pb.ReportWrongHitResponse(entry_removed=removed, reports_in_partition=reports)
 
-    async def _semantic_lookup(
-        self, partition: keys.Partition, messages, entry_id: str
-    ) -> tuple[Match, bytes] | None:
+    async def _semantic_lookup(self, partition: keys.Partition, messages) -> tuple[Match, bytes] | None:
         context_id, question = self._semantic_subject(partition, messages)
         index_key = partition.vectors_key(context_id)
         index = self._indexes.get(index_key)
@@ -238,7 +224,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             # Likely a candidate (or the vector size still unknown): embed
             # while the index tops itself up.
             vector, (rows, strictness) = await asyncio.gather(
-                self._embedding(partition, entry_id, question),
+                self._embedder.embed_or_none(question, tenant_id=partition.tenant_id),
                 self._store.entries_since(partition, context_id, after_seq),
             )
         else:
@@ -254,11 +240,10 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 self._metrics.misses_without_embedding.inc()
                 return None
             after_seq, rows = index.synced_seq, []
-            vector = await self._embedding(partition, entry_id, question)
+            vector = await self._embedder.embed_or_none(question, tenant_id=partition.tenant_id)
         if vector is None:
             return None
         self._dimensions = len(vector)
-        self._remember(entry_id, vector)
         index = await self._apply(index_key, len(vector), after_seq, rows)
         accepted = []
         for match in index.nearest(vector, _now_ms(), MAX_CANDIDATES, self._threshold):
@@ -276,52 +261,21 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             index.remove(match.entry_id, match.seq)
         return None
 
-    def _embed_ahead(self, partition: keys.Partition, messages, entry_id: str) -> None:
+    def _embed_ahead(self, partition: keys.Partition, messages) -> None:
         """After an exact-only miss: starts embedding the prompt's question
         when the semantic lookup (expected next) would embed it, i.e. the
         first stage would not call it a miss at once."""
-        if entry_id in self._embedding_ahead:
-            return
         context_id, question = self._semantic_subject(partition, messages)
         index = self._indexes.get(partition.vectors_key(context_id))
         if self._dimensions is not None and (index is None or not index.may_match(analyze(question).content)):
             # Unknown (an index not loaded here) or a likely first-stage
             # miss: the semantic lookup decides, as without this.
             return
-        ahead = asyncio.ensure_future(self._embedder.embed_or_none(question, tenant_id=partition.tenant_id))
-        ahead.add_done_callback(functools.partial(self._ahead_done, entry_id))
-        self._embedding_ahead[entry_id] = ahead
-        while len(self._embedding_ahead) > EMBED_AHEAD:
-            _, unclaimed = self._embedding_ahead.popitem(last=False)
-            unclaimed.cancel()
-
-    def _ahead_done(self, entry_id: str, ahead: asyncio.Task) -> None:
-        """A failed embedding ahead (inference down: None, or an error) is
-        not kept for its claimant: the semantic lookup or Store that comes
-        later asks again, and a later exact-only miss may start it again."""
-        if ahead.cancelled():
-            return
-        # Retrieved here, so that one nobody claims logs no "Task exception
-        # was never retrieved"; a claimant still gets it from its await.
-        failed = ahead.exception() is not None or ahead.result() is None
-        if failed and self._embedding_ahead.get(entry_id) is ahead:
-            del self._embedding_ahead[entry_id]
+        self._embedder.embed_ahead(question, tenant_id=partition.tenant_id)
 
     async def close(self) -> None:
-        """Cancels the embeddings started ahead, before the channel they use closes."""
-        unclaimed = list(self._embedding_ahead.values())
-        self._embedding_ahead.clear()
-        for ahead in unclaimed:
-            ahead.cancel()
-        await asyncio.gather(*unclaimed, return_exceptions=True)
-
-    async def _embedding(self, partition: keys.Partition, entry_id: str, question: str) -> np.ndarray | None:
-        """The question's vector: the one an exact-only miss of the same
-        prompt started, or a new one."""
-        ahead = self._embedding_ahead.pop(entry_id, None)
-        if ahead is not None:
-            return await ahead
-        return await self._embedder.embed_or_none(question, tenant_id=partition.tenant_id)
+        """Cancels the embeddings under way, before the channel they use closes."""
+        await self._embedder.close()
 
     def _semantic_subject(self, partition: keys.Partition, messages) -> tuple[str, str]:
         """The sub-partition a prompt's last question is matched in, and the
@@ -355,9 +309,3 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             index.mark_synced(rows[-1].seq)
         self._indexes.settle(index_key)
         return index
-
-    def _remember(self, entry_id: str, vector: np.ndarray) -> None:
-        self._recent_vectors[entry_id] = vector
-        self._recent_vectors.move_to_end(entry_id)
-        if len(self._recent_vectors) > RECENT_VECTORS:
-            self._recent_vectors.popitem(last=False)

@@ -21,7 +21,6 @@ from meshgate.errors import MeshgateError
 from meshgate.local.stack import free_port
 from services.cache import index as index_module
 from services.cache import keys
-from services.cache import servicer as servicer_module
 from services.cache.embedding_memo import EmbeddingMemo
 from services.cache.index import IndexRegistry
 from services.cache.servicer import CacheServicer
@@ -194,8 +193,10 @@ class GatedEmbedder(FakeEmbedder):
 
 async def _primed(redis_client, tenant, embedder):
     """A servicer holding STORED whose lookups have seen the vector size
-    (from then on the first stage runs), the embedder's records cleared."""
-    cache = make_servicer(redis_client, embedder)
+    (from then on the first stage runs), the embedder's records cleared.
+    With a memo: an embedding started ahead that finished before its
+    lookup or Store asked is found there."""
+    cache = make_servicer(redis_client, embedder, memo_entries=64)
     await store(cache, scope(tenant), conversation(STORED))
     other = await lookup(cache, scope(tenant), conversation(STORED + " Fast?"))
     assert other.status == pb.LOOKUP_STATUS_MISS
@@ -317,37 +318,16 @@ async def test_a_failed_embedding_ahead_is_not_handed_to_a_later_lookup(redis_cl
     assert unretrieved == []
 
 
-async def test_embeddings_ahead_are_bounded_oldest_cancelled_first(redis_client, tenant, monkeypatch):
-    monkeypatch.setattr(servicer_module, "EMBED_AHEAD", 2)
-    embedder = GatedEmbedder()
-    embedder.release.set()
-    cache = await _primed(redis_client, tenant, embedder)
-    questions = [f"Learn Python, attempt {n}?" for n in range(3)]
-    aheads = []
-    for question in questions:
-        await lookup(cache, scope(tenant), conversation(question), semantic=False)
-        entry_id = keys.entry_id(keys.partition(scope(tenant)), conversation(question))
-        aheads.append(cache._embedding_ahead[entry_id])  # noqa: SLF001
-    await asyncio.wait([aheads[0]], timeout=10)
-    await asyncio.sleep(0.01)
-    assert embedder.started == questions
-    assert len(cache._embedding_ahead) == 2  # noqa: SLF001
-    assert aheads[0].cancelled() and not aheads[1].done() and not aheads[2].done()
-    embedder.release.set()
-    # The two kept are claimed; the oldest, cancelled, is embedded again.
-    for question in (questions[2], questions[1], questions[0]):
-        assert (await lookup(cache, scope(tenant), conversation(question))).status == pb.LOOKUP_STATUS_MISS
-    assert embedder.started == [*questions, questions[0]]
-
-
 async def test_close_cancels_the_embeddings_started_ahead(redis_client, tenant):
     embedder = GatedEmbedder()
-    embedder.release.set()
+    embedder.release.set()  # for priming; cleared after it
     cache = await _primed(redis_client, tenant, embedder)
     await lookup(cache, scope(tenant), conversation(PARAPHRASE), semantic=False)
-    [ahead] = cache._embedding_ahead.values()  # noqa: SLF001
+    await asyncio.sleep(0)
+    assert embedder.started == [PARAPHRASE]
+    # Never released: close returns only by cancelling it.
     await asyncio.wait_for(cache.close(), 10)
-    assert ahead.cancelled() and not cache._embedding_ahead  # noqa: SLF001
+    assert embedder.calls == []
 
 
 async def test_the_embedding_memo_is_kept_per_tenant(redis_client, embedder, tenant):
@@ -524,7 +504,9 @@ async def test_expired_entries_are_never_returned(cache, tenant):
         assert (await lookup(cache, scope(tenant), conversation(question))).status == pb.LOOKUP_STATUS_MISS
 
 
-async def test_a_store_after_a_miss_reuses_its_embedding(cache, embedder, tenant):
+async def test_a_store_after_a_miss_reuses_its_embedding(redis_client, embedder, tenant):
+    # Through the memo: with none (0 entries) the Store embeds again.
+    cache = make_servicer(redis_client, embedder, memo_entries=64)
     assert (await lookup(cache, scope(tenant), conversation(STORED))).status == pb.LOOKUP_STATUS_MISS
     calls = len(embedder.calls)
     await store(cache, scope(tenant), conversation(STORED))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -11,14 +13,18 @@ from services.cache.embedding_memo import EmbeddingMemo
 
 
 class CountingEmbedder:
-    """A vector per text from its characters; None for texts marked as failing."""
+    """A vector per text from its characters; None for texts marked as
+    failing. Each call waits for ``release`` (set unless a test clears it)."""
 
     def __init__(self, failing: frozenset[str] = frozenset()) -> None:
         self.asked: list[str] = []
         self.failing = failing
+        self.release = asyncio.Event()
+        self.release.set()
 
     async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
         self.asked.append(text)
+        await self.release.wait()
         if text in self.failing:
             return None
         vector = np.zeros(8, np.float32)
@@ -92,6 +98,66 @@ async def test_two_tenants_never_share_a_vector():
     # Each tenant's first ask is embedded; its repeat is remembered for it alone.
     assert embedder.asked == ["what is the capital of france"] * 2
     assert len(memo) == 2
+
+
+@pytest.mark.parametrize("max_entries", [8, 0])
+async def test_asks_of_a_text_under_way_share_its_call(max_entries):
+    embedder = CountingEmbedder()
+    embedder.release.clear()
+    memo = EmbeddingMemo(embedder, "minilm", max_entries)
+    memo.embed_ahead("same question", tenant_id="acme")
+    asks = [asyncio.ensure_future(memo.embed_or_none("same question", tenant_id="acme")) for _ in range(3)]
+    other_tenant = asyncio.ensure_future(memo.embed_or_none("same question", tenant_id="globex"))
+    await asyncio.sleep(0)
+    embedder.release.set()
+    vectors = await asyncio.gather(*asks)
+    assert all(vector is vectors[0] for vector in vectors)
+    await other_tenant
+    # One call for the tenant's ahead and its three asks; the other tenant's own.
+    assert embedder.asked == ["same question"] * 2
+    # Once landed, a later ask finds it remembered, or (no memo) embeds anew.
+    await memo.embed_or_none("same question", tenant_id="acme")
+    assert len(embedder.asked) == (2 if max_entries else 3)
+
+
+async def test_a_caller_going_away_leaves_the_shared_call_to_the_others():
+    embedder = CountingEmbedder()
+    embedder.release.clear()
+    memo = EmbeddingMemo(embedder, "minilm", 8)
+    leaving = asyncio.ensure_future(memo.embed_or_none("q", tenant_id="acme"))
+    staying = asyncio.ensure_future(memo.embed_or_none("q", tenant_id="acme"))
+    await asyncio.sleep(0)
+    leaving.cancel()
+    await asyncio.sleep(0)
+    embedder.release.set()
+    assert (await staying) is not None
+    assert leaving.cancelled() and embedder.asked == ["q"]
+
+
+async def test_an_embedding_ahead_that_fails_is_asked_again_and_logs_nothing():
+    embedder = CountingEmbedder(failing=frozenset({"down"}))
+    memo = EmbeddingMemo(embedder, "minilm", 8)
+    unretrieved: list[dict] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    try:
+        memo.embed_ahead("down", tenant_id="acme")
+        await asyncio.sleep(0.01)
+        assert await memo.embed_or_none("down", tenant_id="acme") is None
+        assert embedder.asked == ["down", "down"]
+    finally:
+        loop.set_exception_handler(None)
+    assert unretrieved == []
+
+
+async def test_close_cancels_the_calls_under_way():
+    embedder = CountingEmbedder()
+    embedder.release.clear()
+    memo = EmbeddingMemo(embedder, "minilm", 8)
+    memo.embed_ahead("q", tenant_id="acme")
+    await asyncio.sleep(0)
+    await asyncio.wait_for(memo.close(), 5)
+    assert embedder.asked == ["q"] and len(memo) == 0
 
 
 def test_keys_tell_models_scopes_and_texts_apart():
