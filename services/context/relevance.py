@@ -132,6 +132,11 @@ class Weights:
 
 DEFAULT_WEIGHTS = Weights()
 
+# The scoring's name in an assembly's inputs (AssemblyInputs.ranking), so that
+# the same inputs build the same prompt: bump it with any change to how turns
+# are scored or to the default weights.
+RANKING = "hybrid-spans-1"
+
 # A posting packs a turn index and the term's frequency in it (capped) into one uint32.
 TF_BITS = 4
 TF_MAX = (1 << TF_BITS) - 1

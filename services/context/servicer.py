@@ -457,6 +457,10 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         inputs.tokenizer = counter.spec
         inputs.strategy = _STRATEGY_NAMES[strategy]
         inputs.packs_older_turns = self._packs(strategy, counter)
+        if strategy == pb.ASSEMBLY_STRATEGY_ADAPTIVE and request.session_id:
+            inputs.ranking = relevance.RANKING
+            # _assemble_session awaited it: done, None when it could not be had.
+            inputs.question_embedded = query_vector is not None and query_vector.result() is not None
         digest = hashlib.sha256()
         for message in new_messages:
             serialized = message.SerializeToString(deterministic=True)

@@ -18,7 +18,7 @@ from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
-from services.context import app, assembly, store, token_counts
+from services.context import app, assembly, relevance, store, token_counts
 from services.context.hot_cache import HotCache
 from services.context.servicer import ContextServicer
 from services.context.store import SessionStore
@@ -142,6 +142,9 @@ async def test_relevance_beats_recency_on_a_planted_fact(stub) -> None:
     assert planted.packed
     assert f"user: {PLANTED}\n" in adaptive.messages[1].content
     assert adaptive.inputs.packs_older_turns and not newest.inputs.packs_older_turns
+    # Scored with the question's embedding, under this ranking; the newest strategy scores nothing.
+    assert adaptive.inputs.question_embedded and adaptive.inputs.ranking == relevance.RANKING
+    assert not newest.inputs.question_embedded and not newest.inputs.ranking
     # The same budget, newest first, cannot reach back that far.
     assert session_entries(newest)[1].disposition == pb.DISPOSITION_DROPPED
     assert PLANTED not in [m.content for m in newest.messages]

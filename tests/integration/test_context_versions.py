@@ -15,6 +15,7 @@ import redis.asyncio as redis
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.local import redis_server
 from meshgate.local.stack import free_port
+from services.context import relevance
 from tests.integration.test_context_service import (
     ASSISTANT,
     MODEL,
@@ -227,13 +228,16 @@ async def test_revert_and_appends_racing_keep_versions_consistent(stub, tenant) 
 # --- reproducible assembly ----------------------------------------------------
 
 
-async def test_assembly_inputs_rebuild_the_same_prompt(stub, tenant) -> None:
+async def test_assembly_inputs_rebuild_the_same_prompt(stub, tenant, monkeypatch) -> None:
     session_id = await new_session(stub, tenant)
     await append(stub, tenant, session_id, "q0", "a0", version=0)
     first = await assemble(stub, tenant, session_id)
     inputs = first.inputs
     assert (inputs.session_id, inputs.session_version, inputs.model) == (session_id, 1, MODEL)
     assert inputs.max_prompt_tokens == 400 and inputs.tokenizer == first.manifest.tokenizer
+    # Adaptive, scored by this ranking, from the words alone: no inference service answers here.
+    assert inputs.strategy == "adaptive" and inputs.ranking == relevance.RANKING
+    assert not inputs.question_embedded
     assert first.assembly_id == hashlib.sha256(inputs.SerializeToString(deterministic=True)).hexdigest()
     await append(stub, tenant, session_id, "q1", "a1", version=1)
     rebuilt = await assemble(stub, tenant, session_id, at_version=inputs.session_version)
@@ -241,6 +245,12 @@ async def test_assembly_inputs_rebuild_the_same_prompt(stub, tenant) -> None:
     assert rebuilt.assembly_id == first.assembly_id
     now = await assemble(stub, tenant, session_id)
     assert now.assembly_id != first.assembly_id and now.inputs.session_version == 2
+    # A service that scores turns otherwise names another ranking: a rebuild
+    # at the same version is not passed off as the same assembly.
+    monkeypatch.setattr(relevance, "RANKING", "another-ranking")
+    rescored = await assemble(stub, tenant, session_id, at_version=inputs.session_version)
+    assert rescored.inputs.ranking == "another-ranking"
+    assert rescored.assembly_id != first.assembly_id
 
 
 # --- the turn cap -------------------------------------------------------------
