@@ -59,12 +59,15 @@ class OpenCalls:
         self._ended.discard(call)
 
     def end(self, models: set[str]) -> int:
-        """Cancels the open calls for ``models``; returns how many."""
-        ending = [call for call, model in self._model_of.items() if model in models]
-        for call in ending:
-            self._ended.add(call)
-            call.cancel()
-        return len(ending)
+        """Cancels the open calls for ``models``; returns how many. A call
+        that already finished is not marked: the error it ended with (a
+        model's INVALID_ARGUMENT, a deadline) is its own, not UNAVAILABLE."""
+        ended = 0
+        for call, model in list(self._model_of.items()):
+            if model in models and call.cancel():
+                self._ended.add(call)
+                ended += 1
+        return ended
 
     def ended_by_probes(self, call) -> bool:
         """Whether ``call``'s cancellation (grpc raises CancelledError for a

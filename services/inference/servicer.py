@@ -377,13 +377,21 @@ class _TritonStream:
             # cancel would reach Triton as one.
             async for _ in arrivals:
                 pass
+        except asyncio.CancelledError as cancelled:
+            failure = cancelled
+            if not backend.calls.ended_by_probes(call):
+                raise
+            # Not the caller's cancel: the probes took the server out of
+            # rotation (backends.OpenCalls).
+            if final_seen:
+                # The whole answer went out; the probes only cut short the
+                # wait for Triton to close the stream.
+                failure = None
+                return
+            failure = left_rotation()
+            raise failure from cancelled
         except BaseException as error:
             failure = error
-            if backend.calls.ended_by_probes(call):
-                # Not the caller's cancel: the probes took the server out
-                # of rotation (backends.OpenCalls).
-                failure = left_rotation()
-                raise failure from error
             raise
         finally:
             finished.set()

@@ -17,7 +17,7 @@ from meshgate.config import InferenceSettings
 from meshgate.inference.v1 import inference_service_pb2 as pb
 from services.inference.backends import PROBES_TO_MARK_DOWN, BackendPool, OpenCalls, TritonBackend
 from services.inference.servicer import InferenceServicer
-from tests.unit.test_inference_stream import ScriptedCall, stream_on, triton_response
+from tests.unit.test_inference_stream import ScriptedCall, kinds, stream_on, triton_response
 
 GENERATION_MODEL, EMBEDDING_MODEL = "tiny_gpt", "minilm"
 NO_DEADLINE = types.SimpleNamespace(time_remaining=lambda: None)
@@ -144,6 +144,33 @@ async def test_a_stream_with_output_ends_unavailable_with_its_counts_when_the_pr
     assert [r.delta.text for r in delivered] == ["partial"]
     assert (stream.started, stream.delivered_deltas, stream.delivered_tokens) == (True, 1, 3)
     assert (backend.in_flight, len(backend.calls)) == (0, 0)
+
+
+async def test_a_stream_whose_answer_went_out_ends_ok_when_the_probes_end_it_before_triton_closes():
+    call = ScriptedCall()
+    call.send(triton_response("whole", 1))
+    call.send(triton_response("", 0, final=True, finish_reason="stop", prompt_tokens=3))
+    stream, backend = stream_on(call)
+    delivered = []
+    async with asyncio.timeout(5):
+        async for response in stream:
+            delivered.append(response)
+            if response.HasField("completion"):
+                # Triton has not closed the stream yet (no EOF sent).
+                assert backend.calls.end({GENERATION_MODEL}) == 1
+    assert kinds(delivered) == ["delta", "completion"]
+    assert delivered[0].delta.text == "whole"
+    assert (backend.in_flight, len(backend.calls)) == (0, 0)
+
+
+async def test_a_call_that_already_ended_is_not_marked_as_ended_by_the_probes():
+    calls = OpenCalls()
+    finished = asyncio.Future()
+    finished.set_exception(RuntimeError("the model refused the request"))
+    finished.exception()  # retrieved: no "never retrieved" warning
+    calls.add(finished, GENERATION_MODEL)
+    assert calls.end({GENERATION_MODEL}) == 0
+    assert not calls.ended_by_probes(finished)
 
 
 async def test_an_embedding_on_a_server_the_probes_take_out_is_retried_on_another():

@@ -66,6 +66,9 @@ class ScriptedCall:
         return self._done
 
     def cancel(self) -> bool:
+        """As grpc's: False, doing nothing, once the call has ended."""
+        if self._done:
+            return False
         self.cancelled = self._done = True
         self._pending.put_nowait(asyncio.CancelledError())
         return True
