@@ -40,9 +40,13 @@ async def batches(
 
     ``hold_s``, asked when a message arrives to find nothing waiting: how
     long (seconds; 0: not at all) what waits may be held before it is handed
-    over. The first list is never held (the first token's latency stays),
-    and nothing is held past a message that ``urgent`` says ends the stream
-    (so the last one is never late), nor past the call's end or failure.
+    over. The first list is never held (the first token's latency stays);
+    a first message may carry nothing the relay sends on (Triton's first
+    response with no text yet), so ``hold_s`` is asked each time and a relay
+    answers 0 until something of its own went out (the inference service's
+    _TritonStream._hold). Nothing is held past a message that ``urgent``
+    says ends the stream (so the last one is never late), nor past the
+    call's end or failure.
 
     Without ``read_ahead``, one message a list, read as the consumer asks:
     for a consumer that is itself a task reading ahead of whoever writes

@@ -279,6 +279,16 @@ class _TritonStream:
         # What reached the caller, for the error that ends a stream midway.
         self.delivered_deltas = self.delivered_chars = self.delivered_tokens = 0
 
+    def _hold(self) -> float:
+        """How long what arrived may be held (streaming.batches' hold_s):
+        never before a delta reached the caller. batches holds from its
+        second hand-over on, but Triton's first response may carry no text
+        (part of a multi-byte character, a held-back stop-string prefix),
+        and the first text must not wait for company (time to first token)."""
+        if not self.started:
+            return 0.0
+        return self._hold_s()
+
     async def __aiter__(self):
         backend = self._backend
         finished = asyncio.Event()
@@ -297,7 +307,9 @@ class _TritonStream:
         # then, and go out as one delta (one write here, one read and one
         # write at the router) instead of one each; with the stream
         # interval, they are held a little for company (the final one not).
-        arrivals = streaming.batches(call, hold_s=self._hold_s, urgent=triton_protocol.ends_stream)
+        arrivals = streaming.batches(
+            call, hold_s=self._hold if self._hold_s is not None else None, urgent=triton_protocol.ends_stream
+        )
         backend.in_flight += 1
         backend.calls.add(call, self._model)
         backend.active_tokens += self._prompt_tokens

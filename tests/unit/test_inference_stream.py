@@ -207,3 +207,24 @@ async def test_a_model_error_after_held_responses_sends_them_first():
     assert failure.value.reason == Reason.MODEL_ERROR
     assert delivered == ["one", " two"]
     assert (stream.delivered_deltas, stream.delivered_tokens) == (2, 2)
+
+
+async def test_with_the_stream_interval_the_first_text_is_not_held_after_an_empty_first_response():
+    call = ScriptedCall()
+    stream, _ = stream_on(call, hold_s=lambda: LONG_HOLD_S)
+    deltas = aiter(stream)
+    # Part of a multi-byte character: a token, no text yet.
+    call.send(triton_response("", 1))
+    waiting = asyncio.ensure_future(anext(deltas))
+    await asyncio.sleep(0.05)
+    call.send(triton_response("é", 1))
+    assert (await asyncio.wait_for(waiting, 5)).delta.text == "é", "the first text is never held"
+    call.send(triton_response(" two", 1))
+    # Held from the first text on.
+    held = asyncio.ensure_future(anext(deltas))
+    await asyncio.sleep(0.05)
+    assert not held.done()
+    call.send(triton_response("", 0, final=True, finish_reason="stop", prompt_tokens=3))
+    call.send(grpc.aio.EOF)
+    assert (await asyncio.wait_for(held, 5)).delta.text == " two"
+    assert (await asyncio.wait_for(anext(deltas), 5)).completion.usage.completion_tokens == 3
