@@ -308,7 +308,10 @@ def hybrid_scores(
     Last, turns in stretches dense with the best turns gain a share
     (:func:`_with_spans`)."""
     query_terms = list(query_terms)
-    names = _participant_name_turns(query_terms, postings, roles) if roles is not None else {}
+    names = {}
+    if roles is not None:
+        # Only the scored turns: a name's turns index the seeds below.
+        names = _participant_name_turns(query_terms, postings, roles[: len(term_counts)])
     if names:
         spelled = names.keys() | {stem(name[len(ENTITY_MARK) :]) for name in names}
         query_terms = [t for t in query_terms if t not in spelled]

@@ -180,6 +180,28 @@ def test_stretches_need_no_minimum_session_length() -> None:
         assert scores.shape == (count,) and int(np.argmax(scores)) == 0
 
 
+def test_a_names_turns_beyond_the_scored_turns_are_left_out() -> None:
+    # Roles (and postings) for more turns than are scored, as while a
+    # session grows: the name's later turns are outside the scores.
+    texts, roles, rows = [], [], []
+    for _ in range(12):
+        texts += ["Hi Kevin! How was your day?", "Not bad at all."]
+        roles += [USER, ASSISTANT]
+        rows += [[1, 0], [0, 1]]
+    postings, lengths = postings_of(texts)
+    unit = relevance.unit_rows(np.array(rows, dtype=np.float32))
+    query = relevance.index_terms("What does Kevin do for fun?")
+    scored = 20
+    scores = relevance.hybrid_scores(
+        query, postings, lengths[:scored], unit[:scored], np.array([1.0, 1.0]), roles=np.array(roles)
+    )
+    inside = {t: p[(p >> relevance.TF_BITS) < scored] for t, p in postings.items()}
+    expected = relevance.hybrid_scores(
+        query, inside, lengths[:scored], unit[:scored], np.array([1.0, 1.0]), roles=np.array(roles[:scored])
+    )
+    np.testing.assert_array_equal(scores, expected)
+
+
 def test_feedback_raises_the_second_hop_of_an_answer() -> None:
     # Turn 0 answers the question's words; turn 2 shares turn 0's topic
     # (axis 1) but nothing with the question; turn 4 is about something else.
