@@ -135,7 +135,7 @@ DEFAULT_WEIGHTS = Weights()
 # The scoring's name in an assembly's inputs (AssemblyInputs.ranking), so that
 # the same inputs build the same prompt: bump it with any change to how turns
 # are scored or to the default weights.
-RANKING = "hybrid-spans-1"
+RANKING = "hybrid-spans-2"
 
 # A posting packs a turn index and the term's frequency in it (capped) into one uint32.
 TF_BITS = 4
@@ -365,9 +365,11 @@ def _with_spans(score: np.ndarray, weights: Weights) -> np.ndarray:
     if not weights.span or count < 2:
         return score
     best = min(weights.span_turns, count)
-    top = np.zeros_like(score)
-    chosen = np.argpartition(-score, best - 1)[:best]
-    top[chosen] = score[chosen]
+    # Every turn scoring at least the best-th score counts, ties included:
+    # picking among equals would favour one end of the session (argpartition
+    # takes whichever it meets first).
+    threshold = np.partition(score, count - best)[count - best]
+    top = np.where(score >= threshold, score, 0.0)
     radius = weights.span_radius
     # "full" rather than "same": "same" returns the kernel's length when
     # the session is shorter than it.

@@ -180,6 +180,23 @@ def test_stretches_need_no_minimum_session_length() -> None:
         assert scores.shape == (count,) and int(np.argmax(scores)) == 0
 
 
+def _lexical_scores(texts: list[str], question: str, weights: relevance.Weights) -> np.ndarray:
+    postings, lengths = postings_of(texts)
+    return relevance.hybrid_scores(relevance.index_terms(question), postings, lengths, None, None, weights)
+
+
+def test_turns_tied_with_the_last_best_turn_all_count_toward_stretches() -> None:
+    # One best turn counts, but turns 0 and 29 tie: both ends gain alike,
+    # whichever end the selection would meet first.
+    texts = ["rain"] * 30
+    texts[0] = texts[29] = "ski"
+    scores = _lexical_scores(texts, "Do they ski?", relevance.Weights(neighbour=0.0, span_turns=1))
+    # Turns 0-5 and 24-29 reach a tied turn: density 1 against a median of 0.
+    assert scores[0] == scores[29] == pytest.approx(1.5)
+    assert scores[5] == scores[24] == pytest.approx(0.5)
+    assert scores[6] == scores[23] == 0.0
+
+
 def test_a_names_turns_beyond_the_scored_turns_are_left_out() -> None:
     # Roles (and postings) for more turns than are scored, as while a
     # session grows: the name's later turns are outside the scores.
