@@ -185,6 +185,25 @@ def _lexical_scores(texts: list[str], question: str, weights: relevance.Weights)
     return relevance.hybrid_scores(relevance.index_terms(question), postings, lengths, None, None, weights)
 
 
+def test_a_stretch_at_the_sessions_edge_gains_by_the_turns_within_its_reach() -> None:
+    # Twenty one-word turns, lexical only; turns 0, 1 and 9 say "ski": each
+    # scores 1 (their BM25 is equal, the median 0), the others 0.
+    texts = ["rain"] * 20
+    for evidence in (0, 1, 9):
+        texts[evidence] = "ski"
+    plain = relevance.Weights(neighbour=0.0)
+    scores = _lexical_scores(texts, "Do they ski?", plain)
+    without = _lexical_scores(texts, "Do they ski?", relevance.Weights(neighbour=0.0, span=0.0))
+    assert without[0] == without[9] == 1.0
+    # Best-turn score within 5 turns: turn 0 (the edge, turns 0-5) 2; turns
+    # 4 and 5 (0-9, 0-10) 3, the most; turn 9 (4-14) 1; turn 19 (14-19) 0.
+    # The median of the twenty is 1, so a turn gains 0.5 * (density - 1) / 2.
+    assert scores[0] == pytest.approx(1.0 + 0.5 * (2 - 1) / 2)
+    assert scores[4] == pytest.approx(0.5 * (3 - 1) / 2)
+    assert scores[9] == pytest.approx(1.0)
+    assert scores[19] == 0.0
+
+
 def test_turns_tied_with_the_last_best_turn_all_count_toward_stretches() -> None:
     # One best turn counts, but turns 0 and 29 tie: both ends gain alike,
     # whichever end the selection would meet first.
