@@ -180,18 +180,21 @@ class TritonBackend:
         if failure is None:
             await self._read_statistics(models)
         was_ready = self.ready
-        left: set[str] = set()
+        out: set[str] = set()
         for model, is_ready in answers.items():
             self._misses[model] = 0 if is_ready else self._misses.get(model, 0) + 1
             if is_ready:
                 self.ready_models.add(model)
-            elif self._misses[model] >= PROBES_TO_MARK_DOWN and model in self.ready_models:
+            elif self._misses[model] >= PROBES_TO_MARK_DOWN:
                 self.ready_models.discard(model)
-                left.add(model)
+                out.add(model)
         # Only a server that answers nothing strands its calls; one that says
         # a model is not ready (unloading, or busy for a moment) still ends
-        # that model's calls itself, and they may yet finish.
-        if left and failure is not None and (ended := self.calls.end(left)):
+        # that model's calls itself, and they may yet finish. So calls end
+        # on every round that got no answer for models out of rotation, not
+        # only the round that took them out: a model may have left on
+        # rounds that answered "not ready" before the server stopped answering.
+        if out and failure is not None and (ended := self.calls.end(out)):
             log.warning("calls ended on a backend out of rotation", backend=self.address, calls=ended)
         self.live = live.live if live is not None else bool(self.ready_models)
         self.ready = ready.ready if ready is not None else bool(self.ready_models)

@@ -130,6 +130,22 @@ async def test_a_model_that_answers_not_ready_leaves_rotation_with_its_calls_lef
     assert not generation.cancelled() and len(backend.calls) == 1
 
 
+async def test_calls_of_a_model_out_of_rotation_end_once_its_server_stops_answering(backend):
+    models = [GENERATION_MODEL]
+    backend._probe_stub = ProbedTriton(set(models))
+    await backend.probe(models)
+    generation = asyncio.Future()
+    backend.calls.add(generation, GENERATION_MODEL)
+    backend._probe_stub.ready = set()
+    await probe_until_down(backend, models)
+    assert not backend.ready_models and not generation.cancelled()
+
+    # Then the server wedges: the calls it still held would wait forever.
+    backend._probe_stub.stuck = True
+    await backend.probe(models)
+    assert generation.cancelled() and backend.calls.ended_by_probes(generation)
+
+
 async def test_a_stream_with_output_ends_unavailable_with_its_counts_when_the_probes_end_it():
     call = ScriptedCall()
     call.send(triton_response("partial", 3))
