@@ -51,7 +51,25 @@ def is_cluster(url: str) -> bool:
     return urllib.parse.urlsplit(url).scheme in CLUSTER_SCHEMES
 
 
+# Query keys that would undo what connect() sets on purpose (masters only, no
+# command retried): redis-py lets a URL's query override the keyword
+# arguments, so ``?read_from_replicas=true`` would turn replica reads on.
+_FIXED_QUERY_KEYS = frozenset(
+    {"read_from_replicas", "load_balancing_strategy", "retry", "retry_on_timeout", "retry_on_error"}
+)
+
+
+def _check_query(url: str) -> None:
+    fixed = sorted(_FIXED_QUERY_KEYS.intersection(urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)))
+    if fixed:
+        raise ValueError(
+            f"redis URL: {', '.join(fixed)} cannot be set in the URL: meshgate reads from masters "
+            "only and retries no command, so that every acknowledged write is read and none runs twice"
+        )
+
+
 def connect(url: str) -> Client:
+    _check_query(url)
     if is_cluster(url):
         return _connect_cluster(url)
     pool = redis.BlockingConnectionPool.from_url(
@@ -130,6 +148,7 @@ async def connect_subscriber(url: str) -> Client:
     on whichever node the client picks (the master of the channel's slot)
     hears every service's notices; the client must know the cluster's nodes
     before it can pick one."""
+    _check_query(url)
     if not is_cluster(url):
         return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
     client = _connect_cluster(url, socket_timeout=None)

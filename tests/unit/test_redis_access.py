@@ -52,3 +52,27 @@ def test_a_cluster_node_without_host_and_port_is_refused(url: str) -> None:
 )
 def test_the_scheme_alone_says_cluster(url: str, cluster: bool) -> None:
     assert redis_access.is_cluster(url) is cluster
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://127.0.0.1:7000?read_from_replicas=true",
+        "redis+cluster://127.0.0.1:7000,127.0.0.2:7001?load_balancing_strategy=1",
+        "redis+cluster://127.0.0.1:7000?retry=3",
+        "redis://127.0.0.1:6379/0?socket_timeout=3&retry_on_timeout=true",
+        "rediss://127.0.0.1:6379/0?retry_on_error=TimeoutError",
+    ],
+)
+async def test_a_url_cannot_turn_on_replica_reads_or_retries(url: str) -> None:
+    # redis-py lets the query override connect()'s arguments: refused, not obeyed.
+    with pytest.raises(ValueError, match="cannot be set in the URL"):
+        redis_access.connect(url)
+    with pytest.raises(ValueError, match="cannot be set in the URL"):
+        await redis_access.connect_subscriber(url)
+
+
+async def test_other_query_settings_still_reach_the_client() -> None:
+    client = redis_access.connect("redis://127.0.0.1:6379/0?socket_timeout=3")
+    assert client.connection_pool.connection_kwargs["socket_timeout"] == 3.0
+    await client.aclose()
