@@ -31,6 +31,10 @@ DEFAULT_MAX_TOKENS = 64
 # error_message string that says nothing of whose fault it was.
 _TRITON_STATUS_CODES = (("triton_grpc_error", "true"),)
 _MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
+# A held delta goes out this long before the caller's deadline: then the
+# handler is cancelled and what is still held never goes out. Enough for an
+# event-loop turn on a busy process and the write to the caller.
+_HOLD_DEADLINE_MARGIN_S = 0.010
 
 
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
@@ -260,6 +264,8 @@ class _TritonStream:
         self._backend = backend
         self._model = model
         self._timeout = timeout
+        # The caller's deadline, which a hold must not outlast.
+        self._deadline = time.monotonic() + timeout if timeout is not None else None
         # The backend's load while this runs (balancing.KvCost): its prompt
         # held as KV, and until its first token, the prefill it queues.
         self._prompt_tokens = prompt_tokens
@@ -284,10 +290,14 @@ class _TritonStream:
         never before a delta reached the caller. batches holds from its
         second hand-over on, but Triton's first response may carry no text
         (part of a multi-byte character, a held-back stop-string prefix),
-        and the first text must not wait for company (time to first token)."""
+        and the first text must not wait for company (time to first token).
+        Nor past the caller's deadline, less _HOLD_DEADLINE_MARGIN_S."""
         if not self.started:
             return 0.0
-        return self._hold_s()
+        hold = self._hold_s()
+        if self._deadline is not None and hold > 0:
+            hold = max(0.0, min(hold, self._deadline - time.monotonic() - _HOLD_DEADLINE_MARGIN_S))
+        return hold
 
     async def __aiter__(self):
         backend = self._backend

@@ -74,7 +74,7 @@ class ScriptedCall:
         return True
 
 
-def stream_on(call: ScriptedCall, hold_s=None) -> tuple[_TritonStream, types.SimpleNamespace]:
+def stream_on(call: ScriptedCall, hold_s=None, timeout=10.0) -> tuple[_TritonStream, types.SimpleNamespace]:
     backend = types.SimpleNamespace(
         address="triton-a:8001",
         batched={},
@@ -86,7 +86,9 @@ def stream_on(call: ScriptedCall, hold_s=None) -> tuple[_TritonStream, types.Sim
         ttft=balancing.Ewma(),
         stream_stub=types.SimpleNamespace(ModelStreamInfer=lambda requests, timeout, metadata: call),
     )
-    stream = _TritonStream(backend, "tiny_gpt", "prompt", "{}", timeout=10.0, prompt_tokens=7, hold_s=hold_s)
+    stream = _TritonStream(
+        backend, "tiny_gpt", "prompt", "{}", timeout=timeout, prompt_tokens=7, hold_s=hold_s
+    )
     return stream, backend
 
 
@@ -228,3 +230,17 @@ async def test_with_the_stream_interval_the_first_text_is_not_held_after_an_empt
     call.send(grpc.aio.EOF)
     assert (await asyncio.wait_for(held, 5)).delta.text == " two"
     assert (await asyncio.wait_for(anext(deltas), 5)).completion.usage.completion_tokens == 3
+
+
+async def test_with_the_stream_interval_nothing_is_held_past_the_callers_deadline():
+    call = ScriptedCall()
+    deadline_s = 0.3
+    stream, _ = stream_on(call, hold_s=lambda: LONG_HOLD_S, timeout=deadline_s)
+    deltas = aiter(stream)
+    call.send(triton_response("one", 1))
+    assert (await asyncio.wait_for(anext(deltas), 5)).delta.text == "one"
+    call.send(triton_response(" two", 1))
+    # Held only until just before the deadline (slack for a loaded machine),
+    # not for the interval: the caller still gets it.
+    assert (await asyncio.wait_for(anext(deltas), deadline_s + 1.0)).delta.text == " two"
+    await deltas.aclose()
