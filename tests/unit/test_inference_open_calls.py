@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
+from meshgate.common.v1 import common_pb2
 from meshgate.config import InferenceSettings
+from meshgate.errors import MeshgateError
 from meshgate.inference.v1 import inference_service_pb2 as pb
+from meshgate.reasons import Reason
 from services.inference.backends import PROBES_TO_MARK_DOWN, BackendPool, OpenCalls, TritonBackend
 from services.inference.servicer import InferenceServicer
 from tests.unit.test_inference_stream import ScriptedCall, kinds, stream_on, triton_response
@@ -209,6 +212,68 @@ async def test_an_embedding_on_a_server_the_probes_take_out_is_retried_on_anothe
         assert (response.dimensions, len(response.vectors)) == (4, 16)
         assert stopped.stub.requests[0].cancelled() and len(live.stub.requests) == 1
         assert (stopped.in_flight, len(stopped.calls), live.in_flight) == (0, 0, 0)
+    finally:
+        await pool.close()
+
+
+async def test_an_embedding_whose_only_server_the_probes_take_out_ends_unavailable():
+    settings = InferenceSettings(triton_urls=["127.0.0.1:1"])
+    pool = BackendPool(settings.triton_urls, [EMBEDDING_MODEL])
+    try:
+        (stopped,) = pool.backends
+        stopped.stub = EmbeddingTriton(silent=True)
+        stopped.ready_models = {EMBEDDING_MODEL}
+        servicer = InferenceServicer(settings, pool)
+        embed = asyncio.create_task(servicer.Embed(pb.EmbedRequest(texts=["a question"]), NO_DEADLINE))
+        await wait_for(lambda: len(stopped.stub.requests) == 1)
+
+        stopped._probe_stub = ProbedTriton(set(), stuck=True)
+        await probe_until_down(stopped, [EMBEDDING_MODEL])
+
+        with pytest.raises(MeshgateError) as failure:
+            await asyncio.wait_for(embed, 5)
+        assert failure.value.code == grpc.StatusCode.UNAVAILABLE
+        assert failure.value.reason == Reason.NO_READY_BACKEND
+        assert len(stopped.stub.requests) == 1, "not asked again"
+    finally:
+        await pool.close()
+
+
+async def test_a_generation_that_fails_or_is_cancelled_no_longer_counts_toward_the_stream_interval():
+    settings = InferenceSettings(triton_urls=["127.0.0.1:1"])
+    pool = BackendPool(settings.triton_urls, [GENERATION_MODEL])
+    try:
+        (backend,) = pool.backends
+        backend.ready_models = {GENERATION_MODEL}
+        calls: list[ScriptedCall] = []
+
+        def model_stream_infer(requests, timeout, metadata):
+            calls.append(ScriptedCall())
+            return calls[-1]
+
+        backend.stream_stub = types.SimpleNamespace(ModelStreamInfer=model_stream_infer)
+        servicer = InferenceServicer(settings, pool)
+        request = pb.GenerateRequest(
+            model="tiny-gpt", messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="hi")]
+        )
+
+        failing = aiter(servicer.Generate(request, NO_DEADLINE))
+        reading = asyncio.ensure_future(anext(failing))
+        await wait_for(lambda: len(calls) == 1)
+        assert servicer._generations == 1
+        calls[0].send(service_pb2.ModelStreamInferResponse(error_message="model broke"))
+        with pytest.raises(MeshgateError):
+            await asyncio.wait_for(reading, 5)
+        assert servicer._generations == 0
+
+        cancelled = aiter(servicer.Generate(request, NO_DEADLINE))
+        reading = asyncio.ensure_future(anext(cancelled))
+        await wait_for(lambda: len(calls) == 2)
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        await cancelled.aclose()
+        assert servicer._generations == 0 and calls[1].cancelled
     finally:
         await pool.close()
 
