@@ -178,19 +178,27 @@ async def test_a_hold_of_zero_holds_nothing():
             assert await anext(batches) == ["b"]
 
 
-async def test_closing_while_holding_stops_the_reading_and_the_timer():
+async def test_closing_while_holding_stops_the_reading_and_the_timer(monkeypatch):
+    loop = asyncio.get_running_loop()
+    timers: list[asyncio.TimerHandle] = []
+    schedule = loop.call_later
+
+    def recorded(*args, **kwargs):
+        timers.append(schedule(*args, **kwargs))
+        return timers[-1]
+
+    monkeypatch.setattr(loop, "call_later", recorded)
     call = ScriptedCall()
     batches = streaming.batches(call, hold_s=lambda: FOREVER_S, urgent=ends)
     call.send("a")
     assert await anext(batches) == ["a"]
     call.send("b")
-    waiting = asyncio.ensure_future(anext(batches))
-    await until(lambda: call.reads_waiting == 1 and call._pending.empty())
-    waiting.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await waiting
+    # "b" is held: read, its timer set, the next read waiting.
+    await until(lambda: timers and call.reads_waiting == 1 and call._pending.empty())
+    assert len(timers) == 1 and not timers[0].cancelled()
     await batches.aclose()
     assert call.reads_waiting == 0
+    assert timers[0].cancelled()
 
 
 @settings(max_examples=40, deadline=None)
