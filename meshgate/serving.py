@@ -209,9 +209,9 @@ _MESH_PEER_OPTIONS = [("grpc.http2.max_pings_without_data", 0)]
 # the calls open on it are ended then, as UNAVAILABLE (retried on another
 # server before any response; services/inference/backends.py, OpenCalls):
 # a stuck call waits at most PROBES_TO_MARK_DOWN probes, each of the probe
-# timeout plus inference.health_interval_s, 3 x (2 + 2) s by default (7.4 s
-# with a 0.5 s interval in tests/integration/test_triton_failover.py), or
-# its caller's deadline if shorter. The keepalive is left as the backstop.
+# timeout plus inference.health_interval_s, 3 x (2 + 2) s by default (3 x
+# (2 + 0.5) = 7.5 s in tests/integration/test_triton_failover.py), or its
+# caller's deadline if shorter. The keepalive is left as the backstop.
 TRITON_MIN_RECV_PING_INTERVAL_MS = 300_000
 TRITON_CHANNEL_OPTIONS = [
     *_COMMON_CHANNEL_OPTIONS,
