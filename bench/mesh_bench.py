@@ -214,6 +214,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def gap_figures(gaps_ms: list[float]) -> str:
+    """p50 / p99 of the gaps between deltas; "-" when no answer had two
+    deltas (every answer one delta, or none finished)."""
+    if not gaps_ms:
+        return "-"
+    return f"{statistics.median(gaps_ms):.1f} / {percentile(gaps_ms, 0.99):.1f}"
+
+
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     """CPU time (user + system) of each process, from /proc."""
     ticks = os.sysconf("SC_CLK_TCK")
@@ -334,7 +342,7 @@ async def main_async(args, stack: Stack) -> list[str]:
                     rows.append(
                         f"| {label} | {concurrency} | {requests} | {statistics.median(ttfts):.1f} "
                         f"| {percentile(ttfts, 0.99):.1f} | {tokens / wall:.0f} "
-                        f"| {statistics.median(gaps):.1f} / {percentile(gaps, 0.99):.1f} |"
+                        f"| {gap_figures(gaps)} |"
                     )
 
         await compare(paths)
