@@ -564,8 +564,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             assembly.Candidate(m, n)
             for m, n in zip(pinned_facts, await counter.count(pinned_facts), strict=True)
         ]
-        lines = None if view.line_counts is None else np.asarray(view.line_counts, dtype=np.int64)
-        costs = assembly.SessionCosts(view.roles, np.asarray(view.counts, dtype=np.int64), lines)
+        lines = view.line_counts
+        costs = assembly.SessionCosts(view.roles, view.counts, lines)
         required = [assembly.TurnCost(c.message.role, c.tokens) for c in (*facts, *new)]
         vector = await query_vector if query_vector is not None else None
         scores = _live_scores(terms, view, vector) if adaptive else None

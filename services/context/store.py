@@ -53,6 +53,7 @@ atomic.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
 import struct
@@ -436,8 +437,8 @@ def _version_compacted(session_id: str, version: int, compacted_version: int, wh
     )
 
 
-def _pack(counts: list[int]) -> bytes:
-    return struct.pack(f"<{len(counts)}I", *counts)
+def _pack(counts: collections.abc.Sequence[int] | np.ndarray) -> bytes:
+    return np.asarray(counts, "<u4").tobytes()
 
 
 def _unpack(data: bytes) -> list[int]:
@@ -449,8 +450,11 @@ NO_COUNTS = np.zeros(0, np.int64)
 NO_COUNTS.flags.writeable = False
 
 
-def _counts(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype="<u4").astype(np.int64)
+def decode_counts(data: bytes, count: int) -> np.ndarray:
+    """The first ``count`` (or fewer, if that is all there is) of stored
+    per-turn counts (packed little-endian uint32, as :func:`_pack` writes
+    them), as the int64 array planning takes (assembly.SessionCosts)."""
+    return np.frombuffer(data[: 4 * count], dtype="<u4").astype(np.int64)
 
 
 def session_not_found(session_id: str) -> MeshgateError:
@@ -521,7 +525,7 @@ class SessionStore:
             compacted=min(int(meta.get(b"compacted", 0)), held),
             # Counts cover a prefix of the current turns; a past version holds fewer.
             token_counts={
-                field[len(_COUNTS_PREFIX) :].decode(): _counts(value[: 4 * held])
+                field[len(_COUNTS_PREFIX) :].decode(): decode_counts(value, held)
                 for field, value in meta.items()
                 if field.startswith(_COUNTS_PREFIX)
             },

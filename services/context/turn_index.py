@@ -34,7 +34,7 @@ from meshgate.common.v1 import common_pb2
 from meshgate.errors import MeshgateError, not_found
 from meshgate.reasons import Reason
 from services.context import relevance
-from services.context.store import key, redis_reachable, session_not_found
+from services.context.store import decode_counts, key, redis_reachable, session_not_found
 
 _DIMENSIONS_FIELD = "\0dim"
 
@@ -335,9 +335,8 @@ class TurnIndex:
         if meta[0] is None:
             raise session_not_found(session_id)
         # As planning takes them (assembly.SessionCosts), never as lists.
-        counts = np.frombuffer(meta[1] or b"", dtype="<u4")[:count].astype(np.int64)
-        lines = (meta[3] or b"") if line_counter_id else b""
-        line_counts = np.frombuffer(lines, dtype="<u4")[:count].astype(np.int64)
+        counts = decode_counts(meta[1] or b"", count)
+        line_counts = decode_counts((meta[3] or b"") if line_counter_id else b"", count)
         roles_array = np.frombuffer(roles or b"", dtype=np.uint8)[:count]
         # Only when every turn has a row can vectors and turns be told apart.
         term_counts = np.frombuffer(lengths or b"", dtype="<u2")[:count].astype(np.float64)
