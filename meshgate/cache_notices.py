@@ -5,15 +5,17 @@ service to the routers' local copies of hot hits
 The cache service publishes on :data:`CHANNEL` whenever an entry's answer
 stops being the one to serve: a wrong hit reported (the entry is deleted
 and its sub-partition's verifier made stricter, so the notice names its
-tenant and model), an Invalidate of a tenant or of one of its models, a
-Store that replaced an existing entry. Expiry and eviction publish nothing: the answer a router
-still holds was a right one, and a router keeps a copy only for a short,
-fixed age (``router.hot_exact_max_age_s``).
+tenant and model), an Invalidate of a tenant or of one of its models, any
+Store (one replacing an entry, or one giving a prompt that had semantic
+hits its own answer). Expiry and eviction publish nothing: the answer a
+router still holds was a right one, and a router keeps a copy only for a
+short, fixed age (``router.hot_exact_max_age_s``).
 
 Two kinds of notice, both short ASCII (ids and names hex-encoded, so no
 tenant id or model name can break the format):
 
-- ``e <entry id>``: one entry (``LookupResponse.entry_id``);
+- ``e <entry id>``: one entry (``LookupResponse.entry_id`` or
+  ``asked_entry_id``);
 - ``s <tenant hex> <model hex>``: every entry of a tenant, of one model or
   (empty model) of all.
 """

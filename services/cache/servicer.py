@@ -129,6 +129,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                     status=pb.LOOKUP_STATUS_SEMANTIC_HIT,
                     similarity=match.similarity,
                     entry_id=match.entry_id,
+                    asked_entry_id=entry_id,
                 )
                 response.answer.MergeFromString(answer)
                 return response

@@ -23,11 +23,13 @@ KEYS); a Redis Cluster allows it because they share the partition's slot.
 Invalidate and GetStats SCAN every master of a cluster (redis-py's cluster
 scan_iter walks each in turn).
 
-Whatever stops an exact entry's answer from being the one to serve (a
-reported wrong hit, an Invalidate, a Store replacing an entry) is announced
-on ``cache_notices.CHANNEL``, for the routers' local copies of hot entries.
-Writes announce from inside their script (or only when SET ... GET found an
-older value), so a fresh Store costs no extra round trip.
+Whatever stops an entry's answer from being the one to serve for a prompt
+(a reported wrong hit, an Invalidate, any Store) is announced on
+``cache_notices.CHANNEL``, for the routers' local copies of hot hits.
+Every Store announces its entry, a new one too: a router may hold a
+semantic hit of that very prompt, filed under the prompt's entry id, which
+the prompt's own answer now supersedes. Writes announce from inside their
+script, so a Store costs no extra round trip.
 """
 
 from __future__ import annotations
@@ -55,10 +57,9 @@ _STORE_SEMANTIC = """
 -- ARGV: entry value, ttl ms, entry id, vector value, max entries, exact key prefix,
 --       notices channel, the entry's notice
 local ttl = tonumber(ARGV[2])
--- Replacing an entry: routers drop their copies of the old answer.
-if redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl, 'GET') then
-  redis.call('PUBLISH', ARGV[7], ARGV[8])
-end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+-- Announced even when new: see _STORE_EXACT.
+redis.call('PUBLISH', ARGV[7], ARGV[8])
 local seq = redis.call('INCR', KEYS[4])
 redis.call('ZADD', KEYS[2], seq, ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
@@ -77,6 +78,22 @@ for i = 2, 3 do
   if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
 end
 return {seq, evicted}
+"""
+
+# One round trip, as a plain SET was (PUBLISH may not go in a cluster
+# pipeline). The notice goes out on every Store, not only one replacing an
+# entry: a router's copy of a semantic hit is also filed under the asked
+# prompt's id, which has no entry until this Store creates it, and the
+# prompt's own answer then supersedes the matched one. The cost is small:
+# Stores follow generated answers (misses), far rarer than hits; a PUBLISH
+# is a write to each router's subscription; a router drops nothing for an
+# id it does not hold, and only a hit fetched while the notice arrived is
+# not kept (one more hop, hot_exact.py).
+_STORE_EXACT = """
+-- KEYS: exact key; ARGV: entry value, ttl ms, notices channel, the entry's notice
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
 """
 
 _ENTRIES_SINCE = """
@@ -140,6 +157,7 @@ class CacheStore:
     def __init__(self, client: redis.Redis, max_entries_per_partition: int) -> None:
         self._client = client
         self._max_entries = max(1, max_entries_per_partition)
+        self._store_exact = client.register_script(_STORE_EXACT)
         self._store_semantic = client.register_script(_STORE_SEMANTIC)
         self._entries_since = client.register_script(_ENTRIES_SINCE)
         self._report_wrong = client.register_script(_REPORT_WRONG)
@@ -155,9 +173,10 @@ class CacheStore:
     ) -> None:
         value = _EXPIRY.pack(now_ms + ttl_ms) + answer
         try:
-            replaced = await self._client.set(partition.exact_key(entry_id), value, px=ttl_ms, get=True)
-            if replaced is not None:
-                await self._client.publish(cache_notices.CHANNEL, cache_notices.entry_notice(entry_id))
+            await self._store_exact(
+                keys=[partition.exact_key(entry_id)],
+                args=[value, ttl_ms, cache_notices.CHANNEL, cache_notices.entry_notice(entry_id)],
+            )
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
 

@@ -188,8 +188,17 @@ class CacheService:
         if hot is not None:
             # A semantic hit too: the cache's verdict on this very prompt
             # stands while its entry and its partition's strictness do, and
-            # both changes are announced (hot_exact.py).
-            hot.put(hot_key, ticket, hit, response.entry_id, plan.tenant_id, plan.model)
+            # both changes are announced, as is a Store of the prompt itself
+            # (filed under asked_entry_id too; hot_exact.py).
+            hot.put(
+                hot_key,
+                ticket,
+                hit,
+                response.entry_id,
+                plan.tenant_id,
+                plan.model,
+                asked_entry_id=response.asked_entry_id,
+            )
         return hit
 
     async def store(self, plan: CachePlan, messages, answer: Answer, budget: Budget) -> None:

@@ -11,7 +11,9 @@ asked (not the entry's), so only a byte-identical repeat of that prompt is
 served from it. Reusing it is reusing the verifier's verdict, which is a
 function of what the copy's lifetime holds fixed: the asked prompt (the
 key), the matched entry's question and vector (a Store replacing the entry
-or a report deleting it announces the entry), the sub-partition's
+announces the entry; a report deleting it announces its tenant and model),
+the asked prompt having no entry of its own (its Store announces the
+prompt's entry id, under which the copy is filed too), the sub-partition's
 strictness (raised only by a report, which announces the whole tenant and
 model, below) and the threshold and verifier model (fixed for the cache
 service's life; a replica restarted with others is bounded by
@@ -21,7 +23,7 @@ the best; that, too, lasts at most ``max_age_s``.
 
 Coherence with Redis (the truth): the cache service announces every entry
 whose answer must stop being served (``meshgate/cache_notices.py``: a
-reported wrong hit, an Invalidate, a Store replacing an entry) and every
+reported wrong hit, an Invalidate, any Store) and every
 router drops its copies on hearing it. The bound: a copy stops being served
 as soon as the router reads the notice (one pub/sub delivery, about a
 millisecond on one host). Pub/sub delivers at most once, so the copies are
@@ -62,15 +64,18 @@ _LENGTH = struct.Struct("<I")
 @dataclasses.dataclass(slots=True)
 class _Copy:
     hit: Hit
-    entry_id: str
+    # The entries whose notice drops it: the entry served and, for a
+    # semantic hit, the asked prompt's own (see ``put``).
+    entry_ids: tuple[str, ...]
     tenant_id: str
     model: str
     fetched_at: float
 
 
 class HotExactHits:
-    """An LRU of at most ``max_entries`` exact hits, each served for at
-    most ``max_age_s`` after it was fetched, and only while ``live``."""
+    """An LRU of at most ``max_entries`` hits (exact and semantic), each
+    served for at most ``max_age_s`` after it was fetched, and only while
+    ``live``."""
 
     def __init__(self, max_entries: int, max_age_s: float, clock=time.monotonic) -> None:
         self._max_entries = max_entries
@@ -125,12 +130,30 @@ class HotExactHits:
         """Taken before a lookup whose hit may be ``put``."""
         return self._changes
 
-    def put(self, key: bytes, ticket: int, hit: Hit, entry_id: str, tenant_id: str, model: str) -> None:
+    def put(
+        self,
+        key: bytes,
+        ticket: int,
+        hit: Hit,
+        entry_id: str,
+        tenant_id: str,
+        model: str,
+        asked_entry_id: str = "",
+    ) -> None:
+        """Keeps ``hit`` under ``key``. A semantic hit's copy is filed under
+        the matched entry and under ``asked_entry_id``, the asked prompt's
+        own entry: a Store of that prompt (a refresh, on any router) creates
+        it and announces it, and from then on the cache would answer the
+        prompt with that entry's answer, not the matched one."""
         if not self.live or ticket != self._changes or not entry_id:
             return
         self._drop(key)
-        self._copies[key] = _Copy(hit, entry_id, tenant_id, model, self._clock())
-        self._by_entry[entry_id].add(key)
+        entry_ids = (
+            (entry_id, asked_entry_id) if asked_entry_id and asked_entry_id != entry_id else (entry_id,)
+        )
+        self._copies[key] = _Copy(hit, entry_ids, tenant_id, model, self._clock())
+        for filed_under in entry_ids:
+            self._by_entry[filed_under].add(key)
         while len(self._copies) > self._max_entries:
             self._drop(next(iter(self._copies)))
 
@@ -170,11 +193,12 @@ class HotExactHits:
         copy = self._copies.pop(key, None)
         if copy is None:
             return
-        keys = self._by_entry.get(copy.entry_id)
-        if keys is not None:
-            keys.discard(key)
-            if not keys:
-                del self._by_entry[copy.entry_id]
+        for entry_id in copy.entry_ids:
+            keys = self._by_entry.get(entry_id)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_entry[entry_id]
 
 
 def notice_listener(url: str, hits: HotExactHits) -> redis_access.ChannelListener:

@@ -143,24 +143,51 @@ async def test_an_invalidate_stops_every_replicas_copies(replicas):
         await every_replica_stops_serving(routers, text, answer)
 
 
-async def test_a_refresh_replaces_every_replicas_copy(replicas):
-    routers, _ = replicas
-    old = await warmed(routers, "hot exact refresh")
-    refresh = ask("hot exact refresh")
+async def refreshed(router, text: str) -> str:
+    """Generates and stores a new answer for ``text`` (CACHE_POLICY_REFRESH); returns it."""
+    refresh = ask(text)
     refresh.cache_policy = pb.CACHE_POLICY_REFRESH
     new = ""
-    async for response in routers[0].Chat(refresh, metadata=AUTH):
+    async for response in router.Chat(refresh, metadata=AUTH):
         if response.HasField("delta"):
             new += response.delta.text
+    return new
+
+
+async def every_replica_serves_the_refresh(routers, text: str, old: str, new: str) -> None:
+    """The refreshing replica (the first) drops its own copy at once; the
+    other on the notice, well before the copies' age limit."""
     assert new != old, "the model samples at its default temperature"
-    # The refreshing replica drops its own copy at once; the other on the notice.
-    served, completion = await chat(routers[0], "hot exact refresh")
+    served, completion = await chat(routers[0], text)
     assert (served, completion.cache_status) == (new, pb.CACHE_STATUS_EXACT_HIT)
     started = time.monotonic()
-    while (served := (await chat(routers[1], "hot exact refresh"))[0]) != new:
+    while (served := (await chat(routers[1], text))[0]) != new:
         assert served == old
         assert time.monotonic() - started < NOTICE_BOUND_S, "the other replica kept serving the old answer"
         await asyncio.sleep(0.02)
+
+
+async def test_a_refresh_replaces_every_replicas_copy(replicas):
+    routers, _ = replicas
+    old = await warmed(routers, "hot exact refresh")
+    new = await refreshed(routers[0], "hot exact refresh")
+    await every_replica_serves_the_refresh(routers, "hot exact refresh", old, new)
+
+
+async def test_a_refresh_of_a_prompt_with_a_semantic_hit_replaces_every_replicas_copy(replicas):
+    """The copy is kept under the asked prompt's key but served the matched
+    entry's answer; the refresh stores a new entry for the prompt itself,
+    replacing nothing, and its notice must still reach the other replica."""
+    routers, _ = replicas
+    old, first = await chat(routers[0], "Why is the ocean salty?")
+    assert first.cache_status == pb.CACHE_STATUS_MISS
+    variant = "why is the ocean salty"
+    for router in routers:
+        for _ in range(2):
+            served, completion = await chat(router, variant)
+            assert (served, completion.cache_status) == (old, pb.CACHE_STATUS_SEMANTIC_HIT)
+    new = await refreshed(routers[0], variant)
+    await every_replica_serves_the_refresh(routers, variant, old, new)
 
 
 def lookups_at_the_cache_service() -> float:

@@ -90,6 +90,25 @@ def test_an_entry_notice_drops_every_copy_of_that_entry_only():
     assert hits.get(other) is not None
 
 
+def test_a_semantic_copy_is_dropped_by_the_notice_of_its_match_or_of_the_asked_prompts_entry():
+    hits, _ = live_hits()
+    scope = plan()
+    variant = hits.key(scope, messages("why is the sky blue"))
+    # Matched entry "e1"; the asked prompt's own entry (none yet) is "asked".
+    for notice in ("e1", "asked"):
+        hits.put(
+            variant, hits.ticket(), hit("matched"), "e1", scope.tenant_id, scope.model, asked_entry_id="asked"
+        )
+        other = stored(hits, "r", "e2")
+        hits.announce(cache_notices.entry_notice(notice))
+        assert hits.get(variant) is None, notice
+        assert hits.get(other) is not None
+        # Nothing is left filed under either id.
+        hits.announce(cache_notices.entry_notice("e2"))
+        assert len(hits) == 0
+        assert not hits._by_entry
+
+
 def test_a_scope_notice_drops_a_tenants_model_or_all_its_models():
     hits, _ = live_hits()
     t1_m1 = stored(hits, "q", "e1", plan("t1", "m1"))

@@ -52,16 +52,18 @@ class LookupRequest(_message.Message):
     def __init__(self, scope: _Optional[_Union[CacheScope, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., semantic: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("status", "answer", "similarity", "entry_id")
+    __slots__ = ("status", "answer", "similarity", "entry_id", "asked_entry_id")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    ASKED_ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
     status: LookupStatus
     answer: CachedAnswer
     similarity: float
     entry_id: str
-    def __init__(self, status: _Optional[_Union[LookupStatus, str]] = ..., answer: _Optional[_Union[CachedAnswer, _Mapping]] = ..., similarity: _Optional[float] = ..., entry_id: _Optional[str] = ...) -> None: ...
+    asked_entry_id: str
+    def __init__(self, status: _Optional[_Union[LookupStatus, str]] = ..., answer: _Optional[_Union[CachedAnswer, _Mapping]] = ..., similarity: _Optional[float] = ..., entry_id: _Optional[str] = ..., asked_entry_id: _Optional[str] = ...) -> None: ...
 
 class StoreRequest(_message.Message):
     __slots__ = ("scope", "messages", "answer", "ttl_seconds")
