@@ -364,10 +364,13 @@ class RouterSettings:
     # model, prompt and parameters) share one generation
     # (services/router/coalescing.py).
     coalesce_generations: bool = True
-    # Recent exact cache hits answered in the router without a hop to the
-    # cache service (services/router/hot_exact.py): at most this many (0:
-    # none), each for at most this long after it was fetched; a reported
-    # wrong hit or an Invalidate stops them as soon as its notice arrives.
+    # Recent cache hits (exact, and semantic ones under the asked prompt's
+    # own key) answered in the router without a hop to the cache service
+    # (services/router/hot_exact.py): at most this many (0: none), each for
+    # at most this long after it was fetched; an Invalidate, a Store of the
+    # entry (or of a semantic hit's asked prompt) or a reported wrong hit
+    # (which drops every copy of its tenant and model) stops them as soon
+    # as its notice arrives.
     hot_exact_entries: int = 4096
     hot_exact_max_age_s: float = 2.0
     # Prompt templates, invoked by name (and optionally version) through Chat.
