@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import numpy as np
 import pytest
@@ -14,11 +15,13 @@ from services.cache.embedding_memo import EmbeddingMemo
 
 class CountingEmbedder:
     """A vector per text from its characters; None for texts marked as
-    failing. Each call waits for ``release`` (set unless a test clears it)."""
+    failing, an exception (a bug below, not an outage) for texts marked as
+    raising. Each call waits for ``release`` (set unless a test clears it)."""
 
-    def __init__(self, failing: frozenset[str] = frozenset()) -> None:
+    def __init__(self, failing: frozenset[str] = frozenset(), raising: frozenset[str] = frozenset()) -> None:
         self.asked: list[str] = []
         self.failing = failing
+        self.raising = raising
         self.release = asyncio.Event()
         self.release.set()
 
@@ -27,6 +30,8 @@ class CountingEmbedder:
         await self.release.wait()
         if text in self.failing:
             return None
+        if text in self.raising:
+            raise RuntimeError(f"embedding {text!r} broke")
         vector = np.zeros(8, np.float32)
         for position, char in enumerate(text.encode()):
             vector[position % 8] += char
@@ -134,17 +139,30 @@ async def test_a_caller_going_away_leaves_the_shared_call_to_the_others():
     assert leaving.cancelled() and embedder.asked == ["q"]
 
 
-async def test_an_embedding_ahead_that_fails_is_asked_again_and_logs_nothing():
+async def test_an_embedding_ahead_that_returns_none_is_asked_again():
     embedder = CountingEmbedder(failing=frozenset({"down"}))
+    memo = EmbeddingMemo(embedder, "minilm", 8)
+    memo.embed_ahead("down", tenant_id="acme")
+    await asyncio.sleep(0.01)
+    assert await memo.embed_or_none("down", tenant_id="acme") is None
+    assert embedder.asked == ["down", "down"]
+
+
+async def test_an_embedding_ahead_that_raises_is_asked_again_and_logs_nothing():
+    embedder = CountingEmbedder(raising=frozenset({"broken"}))
     memo = EmbeddingMemo(embedder, "minilm", 8)
     unretrieved: list[dict] = []
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _, context: unretrieved.append(context))
     try:
-        memo.embed_ahead("down", tenant_id="acme")
+        memo.embed_ahead("broken", tenant_id="acme")
         await asyncio.sleep(0.01)
-        assert await memo.embed_or_none("down", tenant_id="acme") is None
-        assert embedder.asked == ["down", "down"]
+        # The finished flight is gone: an exception never retrieved would be
+        # reported (through the handler above) when the task is collected.
+        gc.collect()
+        with pytest.raises(RuntimeError, match="broke"):
+            await memo.embed_or_none("broken", tenant_id="acme")
+        assert embedder.asked == ["broken", "broken"]
     finally:
         loop.set_exception_handler(None)
     assert unretrieved == []
