@@ -133,6 +133,8 @@ class TritonBackend:
         self.ttft = balancing.Ewma()
         self.health = balancing.Health()
         self._misses: dict[str, int] = {}
+        # Probe rounds in a row that got no answer at all (timeout, refused).
+        self._silent_rounds = 0
         # Whether a model takes a leading batch dimension (max_batch_size > 0),
         # and whether it reports the prompt tokens it served from its cache.
         self.batched: dict[str, bool] = {}
@@ -179,6 +181,7 @@ class TritonBackend:
         self.models = models
         if failure is None:
             await self._read_statistics(models)
+        self._silent_rounds = 0 if failure is None else self._silent_rounds + 1
         was_ready = self.ready
         out: set[str] = set()
         for model, is_ready in answers.items():
@@ -191,10 +194,12 @@ class TritonBackend:
         # Only a server that answers nothing strands its calls; one that says
         # a model is not ready (unloading, or busy for a moment) still ends
         # that model's calls itself, and they may yet finish. So calls end
-        # on every round that got no answer for models out of rotation, not
-        # only the round that took them out: a model may have left on
-        # rounds that answered "not ready" before the server stopped answering.
-        if out and failure is not None and (ended := self.calls.end(out)):
+        # once PROBES_TO_MARK_DOWN rounds in a row got no answer, for every
+        # model out of rotation: a model may have left on rounds that
+        # answered "not ready" before the server stopped answering, and one
+        # probe timeout on a busy server must not end its running generations.
+        silent = self._silent_rounds >= PROBES_TO_MARK_DOWN
+        if out and silent and (ended := self.calls.end(out)):
             log.warning("calls ended on a backend out of rotation", backend=self.address, calls=ended)
         self.live = live.live if live is not None else bool(self.ready_models)
         self.ready = ready.ready if ready is not None else bool(self.ready_models)

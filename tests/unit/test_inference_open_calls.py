@@ -143,8 +143,18 @@ async def test_calls_of_a_model_out_of_rotation_end_once_its_server_stops_answer
     await probe_until_down(backend, models)
     assert not backend.ready_models and not generation.cancelled()
 
-    # Then the server wedges: the calls it still held would wait forever.
+    # One probe timeout (a busy server's blip) must not end its generations.
     backend._probe_stub.stuck = True
+    await backend.probe(models)
+    assert not generation.cancelled() and len(backend.calls) == 1
+    backend._probe_stub.stuck = False
+    await backend.probe(models)
+    backend._probe_stub.stuck = True
+    for _ in range(PROBES_TO_MARK_DOWN - 1):
+        await backend.probe(models)
+    assert not generation.cancelled(), "an answered round starts the count again"
+
+    # Then the server wedges: the calls it still held would wait forever.
     await backend.probe(models)
     assert generation.cancelled() and backend.calls.ended_by_probes(generation)
 
