@@ -411,6 +411,8 @@ class _TritonStream:
         except asyncio.CancelledError as cancelled:
             failure = cancelled
             if not backend.calls.ended_by_probes(call):
+                # Also when the probes ended the call but the caller's own
+                # task is cancelling too: that cancel must not be swallowed.
                 raise
             # Not the caller's cancel: the probes took the server out of
             # rotation (backends.OpenCalls).
