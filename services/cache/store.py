@@ -29,7 +29,9 @@ Whatever stops an entry's answer from being the one to serve for a prompt
 Every Store announces its entry, a new one too: a router may hold a
 semantic hit of that very prompt, filed under the prompt's entry id, which
 the prompt's own answer now supersedes. Writes announce from inside their
-script, so a Store costs no extra round trip.
+script, so a Store costs no extra round trip. In a Redis Cluster a classic
+PUBLISH is forwarded to every node over the cluster bus; at Store rates
+(one notice per stored answer) that is cheap.
 """
 
 from __future__ import annotations

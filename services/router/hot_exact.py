@@ -34,9 +34,15 @@ outlives its entry's expiry or eviction (those announce nothing) and a
 notice lost while a broken connection was not yet detected.
 
 A lookup that was in flight while a notice arrived must not put back what
-the notice removed: ``put`` is refused when any notice (or a reconnect)
-came after the lookup's ``ticket()``. Notices are rare next to hits, so one
-counter for all of them costs an occasional extra hop, never a stale answer.
+the notice removed: ``put`` is refused when a notice that concerns the copy
+came after the lookup's ``ticket()``: one for an entry it is filed under,
+for its tenant and model (or the whole tenant), the router's own ``forget``
+of its key, or a reconnect. Every Store announces its entry, so under
+miss-heavy traffic notices are not rare: refusing a put for any of them
+would refuse most fills. Each notice gets a sequence number, and the
+latest one per entry, scope and key is remembered in a bounded map; when
+the map is trimmed, the trimmed notice's number becomes a floor below
+which every ticket is refused (an extra hop, never a stale answer).
 
 The local key is stricter than the cache's own (no whitespace folding, no
 sorting of stop sequences): two requests the cache treats as one entry may
@@ -59,6 +65,9 @@ from services.router.pipeline import CachePlan, Hit
 log = structlog.get_logger(__name__)
 
 _LENGTH = struct.Struct("<I")
+# Notices remembered for refusing puts: a lookup lasts milliseconds, and
+# this many notices arriving within one only costs refused fills (the floor).
+RECENT_NOTICES = 4096
 
 
 @dataclasses.dataclass(slots=True)
@@ -77,14 +86,25 @@ class HotExactHits:
     served for at most ``max_age_s`` after it was fetched, and only while
     ``live``."""
 
-    def __init__(self, max_entries: int, max_age_s: float, clock=time.monotonic) -> None:
+    def __init__(
+        self, max_entries: int, max_age_s: float, clock=time.monotonic, recent_notices: int = RECENT_NOTICES
+    ) -> None:
         self._max_entries = max_entries
         self._max_age_s = max_age_s
         self._clock = clock
         self._copies: collections.OrderedDict[bytes, _Copy] = collections.OrderedDict()
         self._by_entry: dict[str, set[bytes]] = collections.defaultdict(set)
-        # Counts notices and reconnects: a put that started before one is refused.
-        self._changes = 0
+        # Numbers notices, forgets and reconnects; a ticket is the latest number.
+        self._sequence = 0
+        # What each recent notice concerned ("entry", id), ("scope", tenant,
+        # model; "" for all its models), ("key", key) -> its latest number,
+        # oldest first; a put whose ticket is below one that concerns it is
+        # refused.
+        self._recent: collections.OrderedDict[tuple, int] = collections.OrderedDict()
+        self._recent_notices = recent_notices
+        # Every ticket below it is refused: a reconnect's or unreadable
+        # notice's number, or the newest that trimming forgot.
+        self._floor = 0
         # True only while the notices are known to arrive (set by the listener).
         self.live = False
 
@@ -128,7 +148,7 @@ class HotExactHits:
 
     def ticket(self) -> int:
         """Taken before a lookup whose hit may be ``put``."""
-        return self._changes
+        return self._sequence
 
     def put(
         self,
@@ -145,12 +165,20 @@ class HotExactHits:
         own entry: a Store of that prompt (a refresh, on any router) creates
         it and announces it, and from then on the cache would answer the
         prompt with that entry's answer, not the matched one."""
-        if not self.live or ticket != self._changes or not entry_id:
+        if not self.live or not entry_id:
             return
-        self._drop(key)
         entry_ids = (
             (entry_id, asked_entry_id) if asked_entry_id and asked_entry_id != entry_id else (entry_id,)
         )
+        concerns = (
+            ("key", key),
+            ("scope", tenant_id, model),
+            ("scope", tenant_id, ""),
+            *(("entry", filed_under) for filed_under in entry_ids),
+        )
+        if ticket < self._floor or any(self._recent.get(what, -1) > ticket for what in concerns):
+            return
+        self._drop(key)
         self._copies[key] = _Copy(hit, entry_ids, tenant_id, model, self._clock())
         for filed_under in entry_ids:
             self._by_entry[filed_under].add(key)
@@ -160,18 +188,19 @@ class HotExactHits:
     def forget(self, key: bytes) -> None:
         """This router is replacing the entry (a Store): its own next turn
         must not wait for the notice to see the new answer."""
-        self._changes += 1
+        self._note(("key", key))
         self._drop(key)
 
     def announce(self, data: bytes) -> None:
         """Applies one notice of the cache service."""
-        self._changes += 1
         notice = cache_notices.parse(data)
         match notice:
             case cache_notices.EntryNotice(entry_id=entry_id):
+                self._note(("entry", entry_id))
                 for key in list(self._by_entry.get(entry_id, ())):
                     self._drop(key)
             case cache_notices.ScopeNotice(tenant_id=tenant_id, model=model):
+                self._note(("scope", tenant_id, model))
                 stale = [
                     key
                     for key, copy in self._copies.items()
@@ -185,9 +214,19 @@ class HotExactHits:
                 self.clear()
 
     def clear(self) -> None:
-        self._changes += 1
+        self._sequence += 1
+        self._floor = self._sequence
+        self._recent.clear()
         self._copies.clear()
         self._by_entry.clear()
+
+    def _note(self, what: tuple) -> None:
+        self._sequence += 1
+        self._recent[what] = self._sequence
+        self._recent.move_to_end(what)
+        while len(self._recent) > self._recent_notices:
+            _, forgotten = self._recent.popitem(last=False)
+            self._floor = max(self._floor, forgotten)
 
     def _drop(self, key: bytes) -> None:
         copy = self._copies.pop(key, None)

@@ -127,19 +127,54 @@ def test_an_unreadable_notice_drops_everything():
     assert hits.get(key) is None
 
 
-def test_a_lookup_in_flight_during_a_notice_or_reconnect_puts_nothing_back():
+def test_a_lookup_in_flight_during_a_notice_that_concerns_its_copy_puts_nothing_back():
     hits, _ = live_hits()
     key = hits.key(plan(), messages("q"))
     for change in (
-        lambda: hits.announce(cache_notices.entry_notice("unrelated")),
+        lambda: hits.announce(cache_notices.entry_notice("e1")),
+        lambda: hits.announce(cache_notices.entry_notice("asked")),
+        lambda: hits.announce(cache_notices.scope_notice("t1", "m1")),
+        lambda: hits.announce(cache_notices.scope_notice("t1", "")),
+        lambda: hits.announce(b"z something new"),
         hits.clear,
         lambda: hits.forget(key),
     ):
         ticket = hits.ticket()
         change()
-        hits.put(key, ticket, hit("stale"), "e1", "t1", "m1")
+        hits.put(key, ticket, hit("stale"), "e1", "t1", "m1", asked_entry_id="asked")
         assert hits.get(key) is None
     hits.put(key, hits.ticket(), hit("fresh"), "e1", "t1", "m1")
+    assert hits.get(key).answer.text == "fresh"
+
+
+def test_a_notice_for_another_entry_or_scope_during_a_lookup_does_not_refuse_its_copy():
+    hits, _ = live_hits()
+    key = hits.key(plan(), messages("q"))
+    ticket = hits.ticket()
+    # Every Store announces its entry: under misses, these arrive all the time.
+    hits.announce(cache_notices.entry_notice("another"))
+    hits.announce(cache_notices.scope_notice("t2", ""))
+    hits.announce(cache_notices.scope_notice("t1", "m2"))
+    hits.forget(hits.key(plan(), messages("another question")))
+    hits.put(key, ticket, hit("fresh"), "e1", "t1", "m1", asked_entry_id="asked")
+    assert hits.get(key).answer.text == "fresh"
+
+
+def test_once_the_notices_it_remembers_are_trimmed_a_lookup_older_than_the_trimmed_one_is_refused():
+    hits = HotExactHits(16, 10.0, Clock(), recent_notices=2)
+    hits.live = True
+    key = hits.key(plan(), messages("q"))
+    ticket = hits.ticket()
+    hits.announce(cache_notices.entry_notice("e1"))
+    hits.announce(cache_notices.entry_notice("a"))
+    hits.announce(cache_notices.entry_notice("b"))  # e1's notice is no longer remembered
+    hits.put(key, ticket, hit("stale"), "e1", "t1", "m1")
+    assert hits.get(key) is None
+    # A lookup after the trimmed notice is not refused by it.
+    after_trim = hits.ticket()
+    hits.announce(cache_notices.entry_notice("c"))
+    hits.announce(cache_notices.entry_notice("d"))
+    hits.put(key, after_trim, hit("fresh"), "e1", "t1", "m1")
     assert hits.get(key).answer.text == "fresh"
 
 
