@@ -277,6 +277,12 @@ def _scaled(values: np.ndarray) -> np.ndarray:
     return np.clip((values - floor) / (top - floor), 0.0, 1.0)
 
 
+def scores_dense(unit_vectors: np.ndarray | None, query_vector: np.ndarray | None, turns: int) -> bool:
+    """Whether :func:`hybrid_scores` uses the vectors for ``turns`` turns:
+    the question's and one row per turn; else it scores by words alone."""
+    return unit_vectors is not None and query_vector is not None and len(unit_vectors) == turns
+
+
 def hybrid_scores(
     query_terms: collections.abc.Iterable[str],
     postings: collections.abc.Mapping[str, np.ndarray],
@@ -319,7 +325,7 @@ def hybrid_scores(
     entities = [t for t in query_terms if t.startswith(ENTITY_MARK)]
     lexical = weights.keyword * _scaled(bm25(keywords, postings, term_counts, weights))
     lexical += weights.entity * _scaled(bm25(entities, postings, term_counts, weights))
-    if unit_vectors is None or query_vector is None or len(unit_vectors) != len(term_counts):
+    if not scores_dense(unit_vectors, query_vector, len(term_counts)):
         return _with_spans(_with_neighbours(lexical, weights), weights)
     query = _unit(query_vector)
     score = _with_neighbours(lexical + weights.dense * _scaled(unit_vectors @ query), weights)

@@ -116,9 +116,10 @@ class _SessionView:
 
 def _live_scores(
     terms: list[str], view: _SessionView, query_vector: np.ndarray | None
-) -> np.ndarray:
+) -> tuple[np.ndarray, bool]:
     """relevance.hybrid_scores over the live turns (BM25's statistics are
-    theirs alone), zero for the compacted ones before them."""
+    theirs alone), zero for the compacted ones before them; and whether the
+    vectors were part of it (relevance.scores_dense)."""
     compacted = view.compacted
     postings, term_counts = view.postings, view.term_counts
     if compacted:
@@ -129,7 +130,8 @@ def _live_scores(
     scores = relevance.hybrid_scores(
         terms, postings, term_counts, view.unit_vectors, query_vector, roles=roles
     )
-    return np.concatenate([np.zeros(compacted), scores]) if compacted else scores
+    dense = relevance.scores_dense(view.unit_vectors, query_vector, len(term_counts))
+    return (np.concatenate([np.zeros(compacted), scores]) if compacted else scores), dense
 
 
 def _postings_of(
@@ -433,14 +435,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         new = [assembly.Candidate(m, n) for m, n in zip(new_messages, new_counts, strict=True)]
         budget = min(request.max_prompt_tokens, model.context_window_tokens)
         if request.session_id:
-            response, version, turns, chosen, compacted = await self._assemble_session(
+            response, version, turns, chosen, compacted, dense = await self._assemble_session(
                 request, new, budget, counter, at_version, strategy, query_vector
             )
         else:
             required = [assembly.TurnCost(c.message.role, c.tokens) for c in new]
             turns = assembly.SessionCosts.of([])
             chosen = assembly.plan(turns, required, budget, counter.template_tokens)
-            response, version, compacted = assembly.render(chosen, turns, {}, new), 0, 0
+            response, version, compacted, dense = assembly.render(chosen, turns, {}, new), 0, 0, False
         summarized: list[summaries_lib.Summary] = []
         if self._summarizer is not None and request.session_id:
             summarized = await self._add_summaries(
@@ -459,8 +461,10 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         inputs.packs_older_turns = self._packs(strategy, counter)
         if strategy == pb.ASSEMBLY_STRATEGY_ADAPTIVE and request.session_id:
             inputs.ranking = relevance.RANKING
-            # _assemble_session awaited it: done, None when it could not be had.
-            inputs.question_embedded = query_vector is not None and query_vector.result() is not None
+            # What the scoring used, not whether the question got a vector:
+            # turns without vectors (embedded by none, or a rebuild the
+            # index does not cover) are scored by words alone either way.
+            inputs.dense_scored = dense
         digest = hashlib.sha256()
         for message in new_messages:
             serialized = message.SerializeToString(deterministic=True)
@@ -547,13 +551,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         at_version: int | None,
         strategy: int,
         query_vector: asyncio.Task | None,
-    ) -> tuple[pb.AssembleContextResponse, int, assembly.SessionCosts, assembly.Plan, int]:
+    ) -> tuple[pb.AssembleContextResponse, int, assembly.SessionCosts, assembly.Plan, int, bool]:
         """Plans from the turns' index (roles, counts, vectors, the query's
         postings) and reads only the chosen turns' texts; a session whose
         index is incomplete (stored before it, forked, or an older version
         asked for) is read whole and scored from its texts. ``query_vector``
         is the new messages' embedding on its way (_embed_query), awaited
-        only once nothing else is left before scoring."""
+        only once nothing else is left before scoring. Also returns whether
+        the turns' vectors were part of the scoring."""
         tenant_id, session_id = request.tenant_id, request.session_id
         adaptive = strategy == pb.ASSEMBLY_STRATEGY_ADAPTIVE
         terms = list(relevance.index_terms(_query_text(c.message for c in new))) if adaptive else []
@@ -568,7 +573,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         costs = assembly.SessionCosts(view.roles, view.counts, lines)
         required = [assembly.TurnCost(c.message.role, c.tokens) for c in (*facts, *new)]
         vector = await query_vector if query_vector is not None else None
-        scores = _live_scores(terms, view, vector) if adaptive else None
+        scores, dense = _live_scores(terms, view, vector) if adaptive else (None, False)
         chosen = assembly.plan(
             costs,
             required,
@@ -589,7 +594,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                     request, new, budget, counter, at_version, strategy, query_vector
                 )
         rendered = assembly.render(chosen, costs, texts, new, facts, scores)
-        return rendered, view.version, costs, chosen, view.compacted
+        return rendered, view.version, costs, chosen, view.compacted, dense
 
     async def _session_view(
         self,

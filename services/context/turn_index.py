@@ -218,10 +218,16 @@ class IndexedTurns:
         return len(self.line_counts) == self.count
 
     def covers(self, version: int, count: int) -> bool:
-        """Whether the vectors hold the first ``count`` turns of ``version``."""
+        """Whether the vectors hold the first ``count`` turns of ``version``,
+        this index's or an older one that could be read after it: an older
+        version's turns are the first ones of the session's list as it is
+        now (store._READ), and a revert that undid it, or a compaction
+        since, makes it unreadable. So a rebuild at an older version scores
+        as its first assembly did (with the caller checking ``first_live``
+        against the read's compacted turns)."""
         return (
             self.unit_vectors is not None
-            and version == self.version
+            and version <= self.version
             and len(self.unit_vectors) >= count - self.first_live
         )
 

@@ -128,6 +128,34 @@ def kept_contents(turns, response) -> list[str]:
     return [transcript if c is assembly.TRANSCRIPT_HEADER else c for c in contents]
 
 
+async def test_a_rebuild_at_an_older_version_scores_with_the_vectors_as_the_first_assembly_did(stub) -> None:
+    async with session_with(stub, conversation(repeats=6)) as (tenant, session_id):
+        question = "What is the code of my storage unit?"
+        first = await assemble(stub, tenant, session_id, question, 400)
+        assert first.inputs.dense_scored
+        later = [common_pb2.Message(role=USER, content="Where did you park the car?")]
+        await stub.AppendTurns(
+            pb.AppendTurnsRequest(tenant_id=tenant, session_id=session_id, messages=later, any_version=True)
+        )
+        rebuilt = await stub.AssembleContext(
+            pb.AssembleContextRequest(
+                tenant_id=tenant,
+                session_id=session_id,
+                new_messages=[common_pb2.Message(role=USER, content=question)],
+                model=MODEL,
+                max_prompt_tokens=400,
+                at_version=first.inputs.session_version,
+            )
+        )
+    # The index, now at a newer version, still holds the older one's turns
+    # first: the rebuild is scored with their vectors, so the same id means
+    # the same prompt.
+    assert rebuilt.inputs.session_version == first.inputs.session_version
+    assert rebuilt.inputs.dense_scored
+    assert rebuilt.assembly_id == first.assembly_id
+    assert rebuilt.messages == first.messages and rebuilt.manifest == first.manifest
+
+
 async def test_relevance_beats_recency_on_a_planted_fact(stub) -> None:
     turns = conversation(repeats=6)
     async with session_with(stub, turns) as (tenant, session_id):
@@ -143,8 +171,8 @@ async def test_relevance_beats_recency_on_a_planted_fact(stub) -> None:
     assert f"user: {PLANTED}\n" in adaptive.messages[1].content
     assert adaptive.inputs.packs_older_turns and not newest.inputs.packs_older_turns
     # Scored with the question's embedding, under this ranking; the newest strategy scores nothing.
-    assert adaptive.inputs.question_embedded and adaptive.inputs.ranking == relevance.RANKING
-    assert not newest.inputs.question_embedded and not newest.inputs.ranking
+    assert adaptive.inputs.dense_scored and adaptive.inputs.ranking == relevance.RANKING
+    assert not newest.inputs.dense_scored and not newest.inputs.ranking
     # The same budget, newest first, cannot reach back that far.
     assert session_entries(newest)[1].disposition == pb.DISPOSITION_DROPPED
     assert PLANTED not in [m.content for m in newest.messages]

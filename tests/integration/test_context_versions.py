@@ -237,7 +237,7 @@ async def test_assembly_inputs_rebuild_the_same_prompt(stub, tenant, monkeypatch
     assert inputs.max_prompt_tokens == 400 and inputs.tokenizer == first.manifest.tokenizer
     # Adaptive, scored by this ranking, from the words alone: no inference service answers here.
     assert inputs.strategy == "adaptive" and inputs.ranking == relevance.RANKING
-    assert not inputs.question_embedded
+    assert not inputs.dense_scored
     assert first.assembly_id == hashlib.sha256(inputs.SerializeToString(deterministic=True)).hexdigest()
     await append(stub, tenant, session_id, "q1", "a1", version=1)
     rebuilt = await assemble(stub, tenant, session_id, at_version=inputs.session_version)

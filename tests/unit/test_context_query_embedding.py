@@ -12,6 +12,7 @@ import asyncio
 import gc
 
 import grpc
+import numpy as np
 import pytest
 
 from meshgate.common.v1 import common_pb2
@@ -21,7 +22,7 @@ from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from services.context import token_counts
 from services.context.servicer import ContextServicer
-from services.context.store import session_not_found
+from services.context.store import StoredSession, session_not_found
 
 MODELS = Settings().models
 
@@ -168,3 +169,38 @@ async def test_an_embedding_that_failed_before_a_failed_assembly_is_retrieved(co
     finally:
         loop.set_exception_handler(previous_handler)
     assert [c["message"] for c in unretrieved] == []
+
+
+class VectorEmbedder:
+    """Answers every question with the same vector."""
+
+    async def embed_or_none(self, text: str, timeout_s: float | None = None):
+        return np.ones(8, np.float32)
+
+
+class UnindexedStore:
+    """A session with turns but no vectors (no turn index: stored before
+    it, or a rebuild the index does not cover)."""
+
+    def __init__(self) -> None:
+        turns = [
+            common_pb2.Message(role=common_pb2.ROLE_USER, content="Ana moved to Porto in May."),
+            common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="Noted."),
+        ]
+        self.session = StoredSession(1, 0, 0, turns, {})
+
+    async def read(self, tenant_id: str, session_id: str, at_version: int | None = None):
+        return self.session
+
+    async def fill_token_counts(self, *args) -> None:
+        pass
+
+
+async def test_inputs_say_the_words_alone_scored_when_the_turns_have_no_vectors_though_the_question_has(
+    counters,
+) -> None:
+    servicer = ContextServicer(UnindexedStore(), MODELS, counters, embedder=VectorEmbedder())
+    response = await asyncio.wait_for(
+        servicer.AssembleContext(request(pb.ASSEMBLY_STRATEGY_ADAPTIVE), None), timeout=30
+    )
+    assert response.inputs.ranking and not response.inputs.dense_scored

@@ -225,7 +225,7 @@ class SummaryRef(_message.Message):
     def __init__(self, summary_id: _Optional[str] = ..., first_turn: _Optional[int] = ..., end_turn: _Optional[int] = ..., first_version: _Optional[int] = ..., end_version: _Optional[int] = ..., method: _Optional[str] = ...) -> None: ...
 
 class AssemblyInputs(_message.Message):
-    __slots__ = ("tenant_id", "session_id", "session_version", "model", "max_prompt_tokens", "strategy", "tokenizer", "new_messages_sha256", "summaries", "packs_older_turns", "ranking", "question_embedded")
+    __slots__ = ("tenant_id", "session_id", "session_version", "model", "max_prompt_tokens", "strategy", "tokenizer", "new_messages_sha256", "summaries", "packs_older_turns", "ranking", "dense_scored")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -237,7 +237,7 @@ class AssemblyInputs(_message.Message):
     SUMMARIES_FIELD_NUMBER: _ClassVar[int]
     PACKS_OLDER_TURNS_FIELD_NUMBER: _ClassVar[int]
     RANKING_FIELD_NUMBER: _ClassVar[int]
-    QUESTION_EMBEDDED_FIELD_NUMBER: _ClassVar[int]
+    DENSE_SCORED_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     session_id: str
     session_version: int
@@ -249,8 +249,8 @@ class AssemblyInputs(_message.Message):
     summaries: _containers.RepeatedCompositeFieldContainer[SummaryRef]
     packs_older_turns: bool
     ranking: str
-    question_embedded: bool
-    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_version: _Optional[int] = ..., model: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., strategy: _Optional[str] = ..., tokenizer: _Optional[str] = ..., new_messages_sha256: _Optional[str] = ..., summaries: _Optional[_Iterable[_Union[SummaryRef, _Mapping]]] = ..., packs_older_turns: _Optional[bool] = ..., ranking: _Optional[str] = ..., question_embedded: _Optional[bool] = ...) -> None: ...
+    dense_scored: bool
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_version: _Optional[int] = ..., model: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., strategy: _Optional[str] = ..., tokenizer: _Optional[str] = ..., new_messages_sha256: _Optional[str] = ..., summaries: _Optional[_Iterable[_Union[SummaryRef, _Mapping]]] = ..., packs_older_turns: _Optional[bool] = ..., ranking: _Optional[str] = ..., dense_scored: _Optional[bool] = ...) -> None: ...
 
 class ForkSessionRequest(_message.Message):
     __slots__ = ("tenant_id", "session_id", "version", "new_session_id")
