@@ -58,8 +58,10 @@ class Partition:
     # ``mg:cache:<tenant hex>:<model hex>:{<digest hex>}:``, shared by all
     # of its keys; the braces are the hash tag.
     key_prefix: str
-    # For what is kept per tenant outside Redis (the embedding memo).
+    # For what names the partition outside its keys: the embedding memo's
+    # per-tenant scope, a wrong-hit report's notice of its tenant and model.
     tenant_id: str
+    model: str
 
     @property
     def sequence_key(self) -> str:
@@ -110,7 +112,7 @@ def _partition(tenant_id: str, model: str, parameters: bytes) -> Partition:
         digest.update(part)
     partition_digest = digest.digest()
     return Partition(
-        partition_digest, f"{tenant_prefix(tenant_id, model)}{{{partition_digest.hex()}}}:", tenant_id
+        partition_digest, f"{tenant_prefix(tenant_id, model)}{{{partition_digest.hex()}}}:", tenant_id, model
     )
 
 

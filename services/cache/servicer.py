@@ -207,7 +207,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         # in, so that is where the entry and its neighbours live.
         context_id, _ = self._semantic_subject(partition, request.messages)
         removed, reports = await self._store.report_wrong(
-            partition, request.scope.model, context_id, request.entry_id, self._settings.ttl_s * 1000
+            partition, context_id, request.entry_id, self._settings.ttl_s * 1000
         )
         index = self._indexes.get(partition.vectors_key(context_id))
         if index is not None:

@@ -249,7 +249,7 @@ class CacheStore:
                 return rows, int(strictness)
 
     async def report_wrong(
-        self, partition: Partition, model: str, context_id: str, entry_id: str, ttl_ms: int
+        self, partition: Partition, context_id: str, entry_id: str, ttl_ms: int
     ) -> tuple[bool, int]:
         """Deletes an entry served as a wrong answer and counts the report in
         its sub-partition; returns whether the entry was there and the
@@ -272,7 +272,7 @@ class CacheStore:
                     entry_id,
                     ttl_ms,
                     cache_notices.CHANNEL,
-                    cache_notices.scope_notice(partition.tenant_id, model),
+                    cache_notices.scope_notice(partition.tenant_id, partition.model),
                 ],
             )
         except CONNECTION_ERRORS as error:
