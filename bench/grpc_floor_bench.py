@@ -3,7 +3,7 @@ CPU per streamed token (issue 13).
 
     flock /tmp/bench.lock .venv/bin/python bench/grpc_floor_bench.py
     flock /tmp/bench.lock .venv/bin/python bench/grpc_floor_bench.py \\
-        --variant baseline --variant target=throughput:grpc.optimization_target=throughput
+        --variant baseline --variant throughput:grpc.optimization_target=throughput
 
 No services, no Triton, no protobuf: bare grpc.aio on uvloop with the mesh's
 own server and channel options (meshgate/serving.py) and its mutual TLS
@@ -173,7 +173,7 @@ def measure(args, certs_dir: pathlib.Path, variant: str, extra: dict) -> list[st
     try:
         client_security = None if args.no_tls else Mesh(mesh_settings(certs_dir), RELAY_ROLE).to(SERVER_ROLE)
         paths = {
-            "direct (mTLS)": (f"127.0.0.1:{server_port}", client_security),
+            "direct" + ("" if args.no_tls else " (mTLS)"): (f"127.0.0.1:{server_port}", client_security),
             "relayed": (f"127.0.0.1:{relay_port}", None),
         }
         for concurrency in (1, args.concurrency):
