@@ -434,9 +434,10 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         new_counts = await counter.count(new_messages)
         new = [assembly.Candidate(m, n) for m, n in zip(new_messages, new_counts, strict=True)]
         budget = min(request.max_prompt_tokens, model.context_window_tokens)
+        packs = self._packs(strategy, counter)
         if request.session_id:
             response, version, turns, chosen, compacted, dense = await self._assemble_session(
-                request, new, budget, counter, at_version, strategy, query_vector
+                request, new, budget, counter, at_version, strategy, packs, query_vector
             )
         else:
             required = [assembly.TurnCost(c.message.role, c.tokens) for c in new]
@@ -458,7 +459,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         inputs.max_prompt_tokens = request.max_prompt_tokens
         inputs.tokenizer = counter.spec
         inputs.strategy = _STRATEGY_NAMES[strategy]
-        inputs.packs_older_turns = self._packs(strategy, counter)
+        inputs.packs_older_turns = packs
         if strategy == pb.ASSEMBLY_STRATEGY_ADAPTIVE and request.session_id:
             inputs.ranking = relevance.RANKING
             # What the scoring used, not whether the question got a vector:
@@ -550,6 +551,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         counter: PromptCounter,
         at_version: int | None,
         strategy: int,
+        packs: bool,
         query_vector: asyncio.Task | None,
     ) -> tuple[pb.AssembleContextResponse, int, assembly.SessionCosts, assembly.Plan, int, bool]:
         """Plans from the turns' index (roles, counts, vectors, the query's
@@ -557,20 +559,20 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         index is incomplete (stored before it, forked, or an older version
         asked for) is read whole and scored from its texts. ``query_vector``
         is the new messages' embedding on its way (_embed_query), awaited
-        only once nothing else is left before scoring. Also returns whether
-        the turns' vectors were part of the scoring."""
+        only once nothing else is left before scoring; ``packs``, whether it
+        may pack older turns (_packs, decided once per assembly, as its
+        inputs name it). Also returns whether the turns' vectors were part
+        of the scoring."""
         tenant_id, session_id = request.tenant_id, request.session_id
         adaptive = strategy == pb.ASSEMBLY_STRATEGY_ADAPTIVE
         terms = list(relevance.index_terms(_query_text(c.message for c in new))) if adaptive else []
-        packs = self._packs(strategy, counter)
         view = await self._session_view(request, terms, counter, at_version, packs)
         pinned_facts = [common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=f) for f in view.pinned_facts]
         facts = [
             assembly.Candidate(m, n)
             for m, n in zip(pinned_facts, await counter.count(pinned_facts), strict=True)
         ]
-        lines = view.line_counts
-        costs = assembly.SessionCosts(view.roles, view.counts, lines)
+        costs = assembly.SessionCosts(view.roles, view.counts, view.line_counts)
         required = [assembly.TurnCost(c.message.role, c.tokens) for c in (*facts, *new)]
         vector = await query_vector if query_vector is not None else None
         scores, dense = _live_scores(terms, view, vector) if adaptive else (None, False)
@@ -583,7 +585,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             relevance=scores,
             recency_floor=self._recency_floor_turns,
             compacted=view.compacted,
-            transcript_tokens=counter.transcript_tokens if lines is not None else None,
+            transcript_tokens=counter.transcript_tokens if packs else None,
         )
         texts = view.texts
         if texts is None:
@@ -591,7 +593,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             if texts is None:
                 # A revert or a compaction changed the session between the two reads: plan again.
                 return await self._assemble_session(
-                    request, new, budget, counter, at_version, strategy, query_vector
+                    request, new, budget, counter, at_version, strategy, packs, query_vector
                 )
         rendered = assembly.render(chosen, costs, texts, new, facts, scores)
         return rendered, view.version, costs, chosen, view.compacted, dense
