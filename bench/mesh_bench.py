@@ -10,15 +10,16 @@ Starts its own stack (Redis, Triton, the four services) on free ports, then:
    work between requests or paths), at concurrency 1 and 16: time to
    first token, output tokens per second, and the router's overhead as a ratio.
 2. Workloads of cache hits through the router: exact, semantic (each prompt's
-   lowercased variant, asked again and again), and semantic with every
-   question's text new to the cache service's embedding memo; requests per
+   lowercased variant, asked again and again, so mostly answered from the
+   router's hot tier, which keeps semantic hits too), and semantic with every
+   question's text new (to that tier and the cache's embedding memo); requests per
    second, and the CPU the four service processes spent per hit (from /proc,
    so the load generator's own CPU is not counted).
 3. CPU of the four services per streamed (generated) answer, and per
    output token (counted from each answer's usage, never from its deltas,
    so deltas carrying several tokens cannot inflate it).
 
-With ``--stream-intervals 0,20``, the streaming comparison runs again with
+With ``--stream-intervals 0,80``, the streaming comparison runs again with
 the inference service restarted at each of those `inference.stream_interval_ms`
 (Triton direct measured again beside each): the stream interval's effect in
 one run. The gap between a stream's consecutive deltas (p50 / p99 over all
@@ -432,7 +433,7 @@ def main() -> None:
         type=lambda text: [float(v) for v in text.split(",") if v],
         default=[],
         help="comma-separated inference.stream_interval_ms values (ms) to stream with again, "
-        "the inference service restarted for each (e.g. 0,20)",
+        "the inference service restarted for each (e.g. 0,80)",
     )
     parser.add_argument("--skip-hits", action="store_true", help="only the streaming comparison")
     parser.add_argument(
