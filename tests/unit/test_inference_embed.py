@@ -16,6 +16,7 @@ from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.reasons import Reason
 from services.inference.backends import BackendPool
 from services.inference.servicer import InferenceServicer
+from tests.unit.test_streaming import until
 
 DIMENSIONS = 4
 
@@ -45,11 +46,16 @@ class GatedTriton:
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
-        texts = request.inputs[0].shape[0]
-        response = service_pb2.ModelInferResponse()
-        response.outputs.add(name="embedding", datatype="FP32", shape=[texts, DIMENSIONS])
-        response.raw_output_contents.append(np.ones((texts, DIMENSIONS), np.float32).tobytes())
-        return response
+        return embedding_response(request)
+
+
+def embedding_response(request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+    """The embedding model's answer to ``request``: a vector of ones per text."""
+    texts = request.inputs[0].shape[0]
+    response = service_pb2.ModelInferResponse()
+    response.outputs.add(name="embedding", datatype="FP32", shape=[texts, DIMENSIONS])
+    response.raw_output_contents.append(np.ones((texts, DIMENSIONS), np.float32).tobytes())
+    return response
 
 
 @pytest.fixture
@@ -97,8 +103,5 @@ async def test_a_deadline_that_passes_during_the_triton_call_ends_the_wait_and_t
         await asyncio.wait_for(call, 5)
     assert_deadline_refusal(refused.value)
     # It was the only waiter: the Triton call is cancelled, not left running.
-    for _ in range(1000):
-        if triton.cancelled:
-            break
-        await asyncio.sleep(0)
+    await until(lambda: triton.cancelled)
     assert triton.cancelled == 1

@@ -9,7 +9,6 @@ import asyncio
 import types
 
 import grpc
-import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
@@ -20,10 +19,12 @@ from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.reasons import Reason
 from services.inference.backends import PROBES_TO_MARK_DOWN, BackendPool, OpenCalls, TritonBackend
 from services.inference.servicer import InferenceServicer
+from tests.unit.test_inference_embed import DIMENSIONS, FakeContext, embedding_response
 from tests.unit.test_inference_stream import ScriptedCall, kinds, stream_on, triton_response
+from tests.unit.test_streaming import until
 
 GENERATION_MODEL, EMBEDDING_MODEL = "tiny_gpt", "minilm"
-NO_DEADLINE = types.SimpleNamespace(time_remaining=lambda: None)
+NO_DEADLINE = FakeContext(None)
 
 
 class ProbedTriton:
@@ -72,22 +73,12 @@ class EmbeddingTriton:
     async def _answer(self, request):
         if self.silent:
             await asyncio.Event().wait()
-        texts = request.inputs[0].shape[0]
-        response = service_pb2.ModelInferResponse()
-        response.outputs.add(name="embedding", datatype="FP32", shape=[texts, 4])
-        response.raw_output_contents.append(np.ones((texts, 4), np.float32).tobytes())
-        return response
+        return embedding_response(request)
 
 
 async def probe_until_down(backend: TritonBackend, models: list[str]) -> None:
     for _ in range(PROBES_TO_MARK_DOWN):
         await backend.probe(models)
-
-
-async def wait_for(condition) -> None:
-    async with asyncio.timeout(5):
-        while not condition():
-            await asyncio.sleep(0)
 
 
 @pytest.fixture
@@ -204,7 +195,7 @@ async def test_a_caller_that_leaves_as_the_probes_end_its_answered_stream_is_can
             delivered.append(response)
 
     reading = asyncio.create_task(read_all())
-    await wait_for(lambda: len(delivered) == 2)
+    await until(lambda: len(delivered) == 2)
     for _ in range(10):  # on to waiting for Triton to close the stream
         await asyncio.sleep(0)
     assert backend.calls.end({GENERATION_MODEL}) == 1
@@ -237,14 +228,14 @@ async def test_an_embedding_on_a_server_the_probes_take_out_is_retried_on_anothe
         servicer = InferenceServicer(settings, pool)
         embed = asyncio.create_task(servicer.Embed(pb.EmbedRequest(texts=["a question"]), NO_DEADLINE))
         # Only the stopped server is ready when the call is made.
-        await wait_for(lambda: len(stopped.stub.requests) == 1)
+        await until(lambda: len(stopped.stub.requests) == 1)
         live.ready_models = {EMBEDDING_MODEL}
 
         stopped._probe_stub = ProbedTriton(set(), stuck=True)
         await probe_until_down(stopped, [EMBEDDING_MODEL])
 
         response = await asyncio.wait_for(embed, 5)
-        assert (response.dimensions, len(response.vectors)) == (4, 16)
+        assert (response.dimensions, len(response.vectors)) == (DIMENSIONS, DIMENSIONS * 4)  # float32
         assert stopped.stub.requests[0].cancelled() and len(live.stub.requests) == 1
         assert (stopped.in_flight, len(stopped.calls), live.in_flight) == (0, 0, 0)
     finally:
@@ -260,7 +251,7 @@ async def test_an_embedding_whose_only_server_the_probes_take_out_ends_unavailab
         stopped.ready_models = {EMBEDDING_MODEL}
         servicer = InferenceServicer(settings, pool)
         embed = asyncio.create_task(servicer.Embed(pb.EmbedRequest(texts=["a question"]), NO_DEADLINE))
-        await wait_for(lambda: len(stopped.stub.requests) == 1)
+        await until(lambda: len(stopped.stub.requests) == 1)
 
         stopped._probe_stub = ProbedTriton(set(), stuck=True)
         await probe_until_down(stopped, [EMBEDDING_MODEL])
@@ -294,7 +285,7 @@ async def test_a_generation_that_fails_or_is_cancelled_no_longer_counts_toward_t
 
         failing = aiter(servicer.Generate(request, NO_DEADLINE))
         reading = asyncio.ensure_future(anext(failing))
-        await wait_for(lambda: len(calls) == 1)
+        await until(lambda: len(calls) == 1)
         assert servicer._generations == 1
         calls[0].send(service_pb2.ModelStreamInferResponse(error_message="model broke"))
         with pytest.raises(MeshgateError):
@@ -303,7 +294,7 @@ async def test_a_generation_that_fails_or_is_cancelled_no_longer_counts_toward_t
 
         cancelled = aiter(servicer.Generate(request, NO_DEADLINE))
         reading = asyncio.ensure_future(anext(cancelled))
-        await wait_for(lambda: len(calls) == 2)
+        await until(lambda: len(calls) == 2)
         reading.cancel()
         with pytest.raises(asyncio.CancelledError):
             await reading
@@ -317,7 +308,7 @@ async def test_a_caller_that_leaves_as_the_probes_end_its_call_is_cancelled_not_
     calls = OpenCalls()
     call = asyncio.Future()
     waiting = asyncio.create_task(calls.answer(call, EMBEDDING_MODEL))
-    await wait_for(lambda: len(calls) == 1)
+    await until(lambda: len(calls) == 1)
     calls.end({EMBEDDING_MODEL})
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):

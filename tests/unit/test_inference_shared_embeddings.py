@@ -11,6 +11,7 @@ import pytest
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from services.inference.shared_embeddings import SharedEmbeddings
+from tests.unit.test_streaming import until
 
 
 def vector_of(text: str) -> bytes:
@@ -40,14 +41,6 @@ class FakeTriton:
         if self.failure is not None:
             raise self.failure
         return [vector_of(text) for text in texts]
-
-
-async def until(condition) -> None:
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never held")
 
 
 async def test_concurrent_asks_for_one_text_make_one_fetch():
