@@ -393,7 +393,9 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 # A hot session's work below never waits, so the embedding's
                 # request would only leave at the first await after it: the
                 # client interceptors and the call take a few turns of the
-                # loop to put it on the wire (0.2 ms a call, measured).
+                # loop to put it on the wire (otherwise the 0.2-0.3 ms of work
+                # below came first: an ad hoc probe, bench/README.md, "Assembly
+                # latency over gRPC: where a call's time goes").
                 for _ in range(_TURNS_TO_SEND):
                     await asyncio.sleep(0)
             return await self._assemble(
