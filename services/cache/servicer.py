@@ -220,8 +220,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         index_key = partition.vectors_key(context_id)
         index = self._indexes.get(index_key)
         after_seq = index.synced_seq if index is not None else 0
-        words = analyze(question).content
-        if self._dimensions is None or (index is not None and index.may_match(words)):
+        if self._embeds_at_once(index, question):
             # Likely a candidate (or the vector size still unknown): embed
             # while the index tops itself up.
             vector, (rows, strictness) = await asyncio.gather(
@@ -237,7 +236,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             # follows embeds, after the answer went out.
             rows, strictness = await self._store.entries_since(partition, context_id, after_seq)
             index = await self._apply(index_key, self._dimensions, after_seq, rows)
-            if not index.may_match(words):
+            if not index.may_match(analyze(question).content):
                 self._metrics.misses_without_embedding.inc()
                 return None
             after_seq, rows = index.synced_seq, []
@@ -267,12 +266,17 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         when the semantic lookup (expected next) would embed it, i.e. the
         first stage would not call it a miss at once."""
         context_id, question = self._semantic_subject(partition, messages)
-        index = self._indexes.get(partition.vectors_key(context_id))
-        if self._dimensions is not None and (index is None or not index.may_match(analyze(question).content)):
+        if not self._embeds_at_once(self._indexes.get(partition.vectors_key(context_id)), question):
             # Unknown (an index not loaded here) or a likely first-stage
             # miss: the semantic lookup decides, as without this.
             return
         self._embedder.embed_ahead(question, tenant_id=partition.tenant_id)
+
+    def _embeds_at_once(self, index: VectorIndex | None, question: str) -> bool:
+        """Whether a semantic lookup of ``question`` embeds it at once, without
+        the first stage: the vector size still unknown, or ``index`` (the
+        sub-partition's, if loaded here) shares a content word with it."""
+        return self._dimensions is None or (index is not None and index.may_match(analyze(question).content))
 
     async def close(self) -> None:
         """Cancels the embeddings under way, before the channel they use closes."""
