@@ -61,6 +61,14 @@ class MeshgateError(Exception):
         # More google.rpc details after the ErrorInfo (QuotaFailure, RetryInfo).
         self.details = list(details)
 
+    def copy(self) -> MeshgateError:
+        """The same failure as a new exception object: one failure shared by
+        several callers is raised as a copy for each (a raise rewrites the
+        exception's traceback, and each caller's is its own RPC's)."""
+        return MeshgateError(
+            self.code, self.reason, self.message, dict(self.metadata), self.domain, self.details
+        )
+
     def to_status_proto(self) -> status_pb2.Status:
         """The ``google.rpc.Status`` with its ErrorInfo, for carrying in a message."""
         metadata = {key: _clip(value, _MAX_METADATA_VALUE_CHARS) for key, value in self.metadata.items()}

@@ -221,6 +221,4 @@ def _raise_own(error: BaseException) -> typing.NoReturn:
     """The same failure as an exception object of this waiter's own (its
     traceback is its own RPC's); _run made it a MeshgateError."""
     assert isinstance(error, MeshgateError)
-    raise MeshgateError(
-        error.code, error.reason, error.message, dict(error.metadata), error.domain, error.details
-    ) from error
+    raise error.copy() from error

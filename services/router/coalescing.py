@@ -282,9 +282,7 @@ def _deadline_passed() -> MeshgateError:
 def _own_copy(error: MeshgateError, deltas: int, chars: int) -> MeshgateError:
     """Each caller's failure, with what that caller received; the shared one
     is never raised twice (a raise rewrites its traceback)."""
-    copy = MeshgateError(
-        error.code, error.reason, error.message, dict(error.metadata), error.domain, error.details
-    )
+    copy = error.copy()
     if deltas:
         tokens = error.metadata.get("delivered_tokens")
         partly_delivered(copy, deltas, chars, int(tokens) if tokens else None)
