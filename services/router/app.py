@@ -106,7 +106,10 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         settings.router,
         settings.models,
         ContextService(
-            context_service_pb2_grpc.ContextServiceStub(context_channel), tenant_tokens, settings.router
+            context_service_pb2_grpc.ContextServiceStub(context_channel),
+            tenant_tokens,
+            settings.router,
+            channel=context_channel,
         ),
         CacheService(
             cache_service_pb2_grpc.CacheServiceStub(cache_channel), tenant_tokens, settings.router, hot_exact

@@ -41,12 +41,21 @@ _CONTEXT_OUTAGE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLI
 # pause before the first retry (it grows linearly).
 _APPEND_ATTEMPTS = 3
 _APPEND_RETRY_DELAY_S = 0.2
+# How long a session turn waits for a restarting context service to listen
+# again before failing UNAVAILABLE. A restart takes about a second; the
+# router's channel then reconnects within its backoff (at most ~1.2 s:
+# serving.RECONNECT_OPTIONS), and until it has, every call on it fails at
+# once, gRPC's own retries included (they are spent within ~0.15 s).
+_CONTEXT_RESTART_GRACE_S = 3.0
 _GENERATE = "/meshgate.inference.v1.InferenceService/Generate"
 
 
 class ContextService:
-    def __init__(self, stub, tenant_tokens: TenantTokens, settings: RouterSettings) -> None:
+    def __init__(self, stub, tenant_tokens: TenantTokens, settings: RouterSettings, channel=None) -> None:
         self._stub = stub
+        # The stub's channel: a session call that found it unconnected waits
+        # for it (_after_restart). None: no waiting (unit tests).
+        self._channel = channel
         # The context service acts only for the tenant these tokens assert.
         self._tokens = tenant_tokens
         self._timeout_s = settings.downstream_timeout_s
@@ -57,11 +66,33 @@ class ContextService:
             "metadata": self._tokens.metadata(tenant_id, "context"),
         }
 
-    async def create_session(self, tenant: Tenant, budget: Budget) -> str:
+    async def _after_restart(self, error: grpc.aio.AioRpcError, budget: Budget) -> bool:
+        """Whether a session call that failed with ``error`` may be sent once
+        more: it failed UNAVAILABLE and the channel is (again) ready within
+        the grace: a context service restarting, not one that stays away.
+        Session calls only: a stateless turn does without the service."""
+        if self._channel is None or error.code() != grpc.StatusCode.UNAVAILABLE:
+            return False
         try:
-            response = await self._stub.CreateSession(
-                context_pb.CreateSessionRequest(tenant_id=tenant.id), **self._call_options(tenant.id, budget)
-            )
+            await asyncio.wait_for(self._channel.channel_ready(), budget.within(_CONTEXT_RESTART_GRACE_S))
+        except TimeoutError:
+            return False
+        log.info("context call failed UNAVAILABLE; its channel is ready, sending it again")
+        return True
+
+    async def _call(self, method, request, tenant_id: str, budget: Budget, *, session: bool):
+        """One unary call; one for a session rides out a restart (_after_restart)."""
+        try:
+            return await method(request, **self._call_options(tenant_id, budget))
+        except grpc.aio.AioRpcError as error:
+            if not session or not await self._after_restart(error, budget):
+                raise
+        return await method(request, **self._call_options(tenant_id, budget))
+
+    async def create_session(self, tenant: Tenant, budget: Budget) -> str:
+        request = context_pb.CreateSessionRequest(tenant_id=tenant.id)
+        try:
+            response = await self._call(self._stub.CreateSession, request, tenant.id, budget, session=True)
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, "context") from error
         return response.session.session_id
@@ -72,16 +103,20 @@ class ContextService:
         window check still refuses a prompt that is too long) instead of
         failing it. A session turn cannot be answered without its history.
         """
+        request = context_pb.AssembleContextRequest(
+            tenant_id=turn.tenant.id,
+            session_id=turn.session_id,
+            new_messages=turn.messages,
+            model=turn.model_alias,
+            max_prompt_tokens=turn.model.context_window_tokens - turn.max_tokens,
+        )
         try:
-            response = await self._stub.AssembleContext(
-                context_pb.AssembleContextRequest(
-                    tenant_id=turn.tenant.id,
-                    session_id=turn.session_id,
-                    new_messages=turn.messages,
-                    model=turn.model_alias,
-                    max_prompt_tokens=turn.model.context_window_tokens - turn.max_tokens,
-                ),
-                **self._call_options(turn.tenant.id, turn.budget),
+            response = await self._call(
+                self._stub.AssembleContext,
+                request,
+                turn.tenant.id,
+                turn.budget,
+                session=bool(turn.session_id),
             )
         except grpc.aio.AioRpcError as error:
             if not turn.session_id and error.code() in _CONTEXT_OUTAGE:
@@ -133,6 +168,7 @@ class ContextService:
                 # the turn id makes the retry safe.
                 if error.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < _APPEND_ATTEMPTS:
                     await asyncio.sleep(_APPEND_RETRY_DELAY_S * (attempt + 1))
+                    await self._after_restart(error, turn.budget)
                     continue
                 raise from_rpc_error(error, "context") from error
         raise AssertionError("unreachable")
