@@ -184,15 +184,20 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         while True:
             backend = self._pool.choose(model, frozenset(tried))
             tried.add(backend.address)
+            # The breaker Generate feeds, fed the same way: a server that
+            # fails embeddings leaves rotation as one failing generations does.
+            backend.health.begin()
             backend.in_flight += 1
             try:
                 call = backend.stub.ModelInfer(triton_protocol.embed_request(model, texts))
                 response = await backend.calls.answer(call, model)
+                backend.health.record_success()
                 break
             except grpc.aio.AioRpcError as error:
                 # A unary call that failed sent nothing back: another server
                 # may answer (AIP-194), as for Generate before its first token.
                 if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    backend.health.record_failure()
                     log.warning("triton unavailable, embedding on another", backend=backend.address)
                     continue
                 raise triton_failure(error, model, Reason.INVALID_EMBEDDING_REQUEST) from error

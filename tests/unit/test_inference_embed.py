@@ -4,12 +4,14 @@ Triton stub: the refusal is the service's own, not a client's timer."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import grpc
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
+from meshgate import balancing
 from meshgate.config import InferenceSettings
 from meshgate.errors import MeshgateError
 from meshgate.inference.v1 import inference_service_pb2 as pb
@@ -105,3 +107,93 @@ async def test_a_deadline_that_passes_during_the_triton_call_ends_the_wait_and_t
     # It was the only waiter: the Triton call is cancelled, not left running.
     await until(lambda: triton.cancelled)
     assert triton.cancelled == 1
+
+
+class ScriptedTriton:
+    """ModelInfer that fails UNAVAILABLE (a server gone) while ``failing``,
+    and otherwise answers; counts the calls it got."""
+
+    def __init__(self, failing: bool) -> None:
+        self.failing = failing
+        self.calls = 0
+
+    async def ModelInfer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        self.calls += 1
+        if self.failing:
+            metadata = grpc.aio.Metadata()
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, metadata, metadata, "connection refused")
+        return embedding_response(request)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def pool_of_two():
+    settings = InferenceSettings(triton_urls=["127.0.0.1:1", "127.0.0.1:2"])
+    pool = BackendPool(settings.triton_urls, [settings.embedding_triton_model])
+    for backend in pool.backends:
+        backend.ready_models = {settings.embedding_triton_model}
+    yield settings, pool
+    await pool.close()
+
+
+async def test_a_server_that_fails_embeddings_is_taken_out_of_rotation_by_its_breaker(pool_of_two):
+    settings, pool = pool_of_two
+    failing, answering = pool.backends
+    failing.stub, answering.stub = ScriptedTriton(failing=True), ScriptedTriton(failing=False)
+    servicer = InferenceServicer(settings, pool)
+    # Distinct texts: none is answered from the memo. Without the breaker
+    # the failing server keeps being tried first: it got every one of the 12.
+    for i in range(4 * failing.health.policy.failures_to_open):
+        response = await servicer.Embed(pb.EmbedRequest(texts=[f"question {i}"]), FakeContext(None))
+        assert response.dimensions == DIMENSIONS
+    assert failing.stub.calls == failing.health.policy.failures_to_open
+    assert failing.health.state is balancing.BreakerState.OPEN
+    assert answering.health.state is balancing.BreakerState.CLOSED
+
+
+async def test_an_embedding_success_resets_the_breaker_and_a_half_open_probe_is_one_at_a_time(pool_of_two):
+    settings, pool = pool_of_two
+    server = pool.backends[0]
+    pool.backends.remove(pool.backends[1])  # one server: a failure is the caller's
+    clock = Clock()
+    server.health = balancing.Health(clock=clock)
+    server.stub = ScriptedTriton(failing=True)
+    servicer = InferenceServicer(settings, pool)
+    texts = (f"question {i}" for i in itertools.count())
+
+    async def embed(outcome: str) -> None:
+        server.stub.failing = outcome == "fails"
+        if server.stub.failing:
+            with pytest.raises(MeshgateError) as failure:
+                await servicer.Embed(pb.EmbedRequest(texts=[next(texts)]), FakeContext(None))
+            assert failure.value.code == grpc.StatusCode.UNAVAILABLE
+        else:
+            await servicer.Embed(pb.EmbedRequest(texts=[next(texts)]), FakeContext(None))
+
+    to_open = server.health.policy.failures_to_open
+    for _ in range(to_open - 1):
+        await embed("fails")
+    await embed("answers")  # the failures in a row start again
+    for _ in range(to_open - 1):
+        await embed("fails")
+    assert server.health.state is balancing.BreakerState.CLOSED
+    await embed("fails")
+    assert server.health.state is balancing.BreakerState.OPEN
+
+    clock.now += server.health.policy.open_for_s
+    assert server.health.state is balancing.BreakerState.HALF_OPEN and server.health.admits
+    gated = GatedTriton()
+    server.stub = gated
+    probe = asyncio.create_task(servicer.Embed(pb.EmbedRequest(texts=["the probe"]), FakeContext(None)))
+    await asyncio.wait_for(gated.started.wait(), 5)
+    assert not server.health.admits, "the embedding in flight is the half-open probe"
+    gated.release.set()
+    await asyncio.wait_for(probe, 5)
+    assert server.health.state is balancing.BreakerState.CLOSED
