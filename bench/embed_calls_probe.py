@@ -37,7 +37,6 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 
 from meshgate import metrics  # noqa: E402
 from meshgate.common.v1 import common_pb2  # noqa: E402
-from meshgate.config import DeploymentSettings, ModelSettings  # noqa: E402
 from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc  # noqa: E402
 from meshgate.local import redis_server, triton  # noqa: E402
 from meshgate.local.stack import build_model_weights, free_port  # noqa: E402
@@ -47,6 +46,7 @@ from services.inference import triton_protocol  # noqa: E402
 from tests.integration.conftest import (  # noqa: E402
     running_inference,
     running_router,
+    serve_tiny_gpt,
     service_settings,
 )
 from tests.mesh import router_channel  # noqa: E402
@@ -116,8 +116,7 @@ async def probe(turns: int, triton_url: str, redis_url: str) -> list[str]:
         inference_address = await stack.enter_async_context(running_inference(settings))
         settings.cache.inference_address = inference_address
         settings.context.inference_address = inference_address
-        live = DeploymentSettings(name="live", address=inference_address, model="tiny-gpt", weight=1)
-        settings.models = {"tiny-gpt": ModelSettings(deployments=[live])}
+        serve_tiny_gpt(settings, inference_address)
         router_address = await stack.enter_async_context(running_router(settings))
         router = router_service_pb2_grpc.RouterServiceStub(
             await stack.enter_async_context(grpc.aio.insecure_channel(router_address))

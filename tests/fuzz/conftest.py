@@ -22,8 +22,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, settings
 
 from meshgate.config import (
-    DeploymentSettings,
-    ModelSettings,
     Settings,
     TemplateMessageSettings,
     TemplateParameterSettings,
@@ -32,7 +30,7 @@ from meshgate.config import (
 )
 from meshgate.errors import error_info
 from services.inference import app as inference_app
-from tests.integration.conftest import launched_triton, running, running_router
+from tests.integration.conftest import launched_triton, running, running_router, serve_tiny_gpt
 from tests.mesh import mesh_settings, router_channel
 
 _COMMON = {
@@ -150,11 +148,7 @@ async def fuzz_mesh(redis_url, triton_url):
         inference = await stack.enter_async_context(running(inference_app, "inference", settings))
         await _wait_until_serving(inference, "inference")
         settings.cache.inference_address = inference
-        settings.models = {
-            "tiny-gpt": ModelSettings(
-                deployments=[DeploymentSettings(name="live", address=inference, model="tiny-gpt")]
-            )
-        }
+        serve_tiny_gpt(settings, inference)
         router = await stack.enter_async_context(running_router(settings))
         yield {
             "router": router,

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from meshgate import serving
-from meshgate.config import RouterSettings, Settings
+from meshgate.config import DeploymentSettings, ModelSettings, RouterSettings, Settings
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.local import triton
@@ -126,13 +126,24 @@ async def running(app_module, name: str, settings: Settings):
 
 def service_settings(redis_url: str, inference_address: str, dev_api_key: str) -> Settings:
     """Settings for services in-process: the test mesh's TLS and tokens, this
-    Redis, the cache's embeddings from this inference service, and
-    ``dev_api_key`` as the router's development tenant's key."""
+    Redis, the cache's embeddings and the router's tiny-gpt (serve_tiny_gpt)
+    from this inference service, and ``dev_api_key`` as the router's
+    development tenant's key."""
     settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
     settings.cache.inference_address = inference_address
     settings.router.dev_api_key = dev_api_key
+    serve_tiny_gpt(settings, inference_address)
     return settings
+
+
+def serve_tiny_gpt(settings: Settings, inference_address: str, name: str = "live") -> DeploymentSettings:
+    """Makes tiny-gpt the router's only model alias, with one deployment:
+    the inference service at ``inference_address``, named ``name`` (what a
+    completion reports). Returns it, for a test that adds aliases over it."""
+    live = DeploymentSettings(name=name, address=inference_address, model="tiny-gpt")
+    settings.models = {"tiny-gpt": ModelSettings(deployments=[live])}
+    return live
 
 
 @contextlib.asynccontextmanager

@@ -13,12 +13,11 @@ import grpc
 import pytest
 
 from meshgate.common.v1 import common_pb2
-from meshgate.config import DeploymentSettings, ModelSettings
 from meshgate.local.stack import REPO_ROOT, free_port
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from tests.integration.conftest import running_router, service_settings
+from tests.integration.conftest import running_router, serve_tiny_gpt, service_settings
 
 pytestmark = pytest.mark.integration
 
@@ -39,8 +38,7 @@ async def routers(redis_url, inference_address) -> dict[str, str]:
         addresses = {}
         for name in ("replica-a", "replica-b"):
             settings = service_settings(redis_url, inference_address, KEY)
-            deployment = DeploymentSettings(name=name, address=inference_address, model="tiny-gpt")
-            settings.models = {"tiny-gpt": ModelSettings(deployments=[deployment])}
+            serve_tiny_gpt(settings, inference_address, name)
             addresses[name] = await stack.enter_async_context(running_router(settings))
         yield addresses
 

@@ -14,7 +14,6 @@ import openai
 import pytest
 
 from meshgate.config import (
-    DeploymentSettings,
     LimitSettings,
     ModelSettings,
     TenantSettings,
@@ -43,11 +42,8 @@ async def base_url(redis_url, inference_address):
         ),
         TenantSettings(id="narrow", api_key_sha256=[hash_api_key(NARROW_KEY)], models=["other"]),
     ]
-    live = DeploymentSettings(name="live", address=inference_address, model="tiny-gpt", weight=1)
-    settings.models = {
-        "tiny-gpt": ModelSettings(deployments=[live]),
-        "other": ModelSettings(deployments=[live]),
-    }
+    (live,) = settings.models["tiny-gpt"].deployments
+    settings.models["other"] = ModelSettings(deployments=[live])
     settings.router.http_listen = f"127.0.0.1:{free_port()}"
     async with running_router(settings):
         yield f"http://{settings.router.http_listen}/v1"

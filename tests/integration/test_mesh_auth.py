@@ -46,7 +46,6 @@ PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
 async def mesh(redis_url, inference_address):
     """Router, context and cache in-process over mutual TLS; yields their addresses."""
     settings = service_settings(redis_url, inference_address, KEY)
-    settings.models["tiny-gpt"].deployments[0].address = inference_address
     async with contextlib.AsyncExitStack() as stack:
         router = await stack.enter_async_context(running_router(settings))
         yield {

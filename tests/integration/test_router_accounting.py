@@ -29,7 +29,7 @@ from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router.admission import Scope
-from tests.integration.conftest import running_router
+from tests.integration.conftest import running_router, serve_tiny_gpt
 from tests.mesh import mesh_settings
 
 pytestmark = pytest.mark.integration
@@ -45,12 +45,9 @@ async def accounting(redis_url, inference_address):
     settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
     settings.cache.inference_address = inference_address
-    live = DeploymentSettings(name="live", address=inference_address, model="tiny-gpt", weight=1)
+    serve_tiny_gpt(settings, inference_address)
     dead = DeploymentSettings(name="dead", address="127.0.0.1:1", model="tiny-gpt", weight=1)
-    settings.models = {
-        "tiny-gpt": ModelSettings(deployments=[live]),
-        "nowhere": ModelSettings(deployments=[dead]),
-    }
+    settings.models["nowhere"] = ModelSettings(deployments=[dead])
     settings.router.tenants = [
         TenantSettings(
             id=tenant,

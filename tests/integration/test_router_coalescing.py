@@ -13,8 +13,6 @@ import tritonclient.grpc.aio as triton_grpc
 
 from meshgate.common.v1 import common_pb2
 from meshgate.config import (
-    DeploymentSettings,
-    ModelSettings,
     TemplateMessageSettings,
     TemplateParameterSettings,
     TemplateSettings,
@@ -39,8 +37,6 @@ CALLERS = 4
 @pytest.fixture(scope="module")
 async def router(redis_url, inference_address):
     settings = service_settings(redis_url, inference_address, KEY)
-    live = DeploymentSettings(name="live", address=inference_address, model="tiny-gpt")
-    settings.models = {"tiny-gpt": ModelSettings(deployments=[live])}
     settings.router.templates = [
         TemplateSettings(
             name="explain",

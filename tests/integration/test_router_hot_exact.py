@@ -16,7 +16,6 @@ from prometheus_client import REGISTRY
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
-from meshgate.config import DeploymentSettings, ModelSettings
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router import app as router_app
@@ -41,8 +40,6 @@ async def replicas(redis_url, inference_address):
     stubs, cache stub)."""
     settings = service_settings(redis_url, inference_address, KEY)
     settings.router.hot_exact_max_age_s = COPY_MAX_AGE_S
-    live = DeploymentSettings(name="live", address=inference_address, model="tiny-gpt", weight=1)
-    settings.models = {"tiny-gpt": ModelSettings(deployments=[live])}
     async with contextlib.AsyncExitStack() as stack:
         # The first router starts the context and cache services both share.
         first = await stack.enter_async_context(running_router(settings))

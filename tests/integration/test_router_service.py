@@ -43,13 +43,10 @@ async def mesh(redis_url, inference_address):
     """The router in front of in-process context and cache services; yields
     (router stub, context stub) so tests can check what was stored."""
     settings = service_settings(redis_url, inference_address, KEY)
-    live = DeploymentSettings(name="live", address=inference_address, model="tiny-gpt", weight=1)
+    (live,) = settings.models["tiny-gpt"].deployments
     # Heavily weighted but dead: every request tries it first and must fall back.
     dead = DeploymentSettings(name="dead", address="127.0.0.1:1", model="tiny-gpt", weight=1000)
-    settings.models = {
-        "tiny-gpt": ModelSettings(deployments=[live]),
-        "with-fallback": ModelSettings(deployments=[dead, live]),
-    }
+    settings.models["with-fallback"] = ModelSettings(deployments=[dead, live])
     async with contextlib.AsyncExitStack() as stack:
         address = await stack.enter_async_context(running_router(settings))
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
@@ -290,7 +287,6 @@ async def test_stateless_requests_are_served_while_the_context_service_is_down(r
     fails with UNAVAILABLE and its reason."""
     settings = service_settings(redis_url, inference_address, KEY)
     settings.router.context_address = "127.0.0.1:1"  # nothing listens there
-    settings.models = {"tiny-gpt": ModelSettings(deployments=[DeploymentSettings(address=inference_address)])}
     async with contextlib.AsyncExitStack() as stack:
         settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
         address = await stack.enter_async_context(running(router_app, "router", settings))

@@ -13,7 +13,6 @@ import grpc
 import pytest
 
 from meshgate.common.v1 import common_pb2
-from meshgate.config import DeploymentSettings, ModelSettings
 from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as pb
@@ -44,8 +43,6 @@ async def _mesh(tmp_path, inference_address):
         url, client = await stack.enter_async_context(_own_redis(tmp_path))
         settings = service_settings(url, inference_address, KEY)
         settings.context.inference_address = inference_address
-        live = DeploymentSettings(name="live", address=inference_address, model="tiny-gpt", weight=1)
-        settings.models = {"tiny-gpt": ModelSettings(deployments=[live])}
         router_address = await stack.enter_async_context(running_router(settings))
         router = router_service_pb2_grpc.RouterServiceStub(
             await stack.enter_async_context(grpc.aio.insecure_channel(router_address))
