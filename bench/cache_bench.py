@@ -37,9 +37,12 @@ used. Then:
    use, then unseen train questions streamed through the router at
    concurrency 1, alternately with the cache bypassed and on (misses that
    share words with stored questions, as nearly every question does in a
-   busy partition): time to first token of each, in the same run. Then the
-   pieces of a miss's lookup, each at concurrency 1 on questions of its own:
-   the Lookup RPC without and with the semantic stage, both as the router
+   busy partition): time to first token of each, in the same run, with the
+   cache misses once per ``cache.embedder``: the stack's cache service (the
+   default, "local") and a second one with "inference", each behind a
+   router of its own, interleaved turn by turn. Then the pieces of a miss's
+   lookup, each at concurrency 1 on questions of its own: the Lookup RPC
+   without and with the semantic stage (per embedder), both as the router
    sends them (exact only, then semantic: the first starts the embedding the
    second uses), the inference service's Embed RPC, Triton's ``minilm``
    called directly, and the same model in this process.
@@ -53,6 +56,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import pathlib
 import random
@@ -60,6 +64,7 @@ import statistics
 import sys
 import tempfile
 import time
+import unittest.mock
 
 import grpc
 import numpy as np
@@ -79,6 +84,7 @@ from meshgate.config import CacheSettings  # noqa: E402
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb  # noqa: E402
 from meshgate.inference.v1 import inference_service_pb2_grpc  # noqa: E402
 from meshgate.local.stack import Ports, Stack, free_port  # noqa: E402
+from meshgate.minilm import MiniLM  # noqa: E402
 from meshgate.router.v1 import router_service_pb2 as router_pb  # noqa: E402
 from meshgate.router.v1 import router_service_pb2_grpc  # noqa: E402
 from services.cache import verifier as verifier_module  # noqa: E402
@@ -325,37 +331,76 @@ async def timed(call) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+def start_inference_embedder_pair(stack: Stack) -> tuple[str, str]:
+    """A second cache service with ``cache.embedder = "inference"`` and a
+    router in front of it, beside the stack's own (the default embedder), on
+    the same Redis, inference service and Triton: the miss path with each
+    embedder in one run, on the same entries. Stopped with the stack."""
+    cache, router = "cache-inference", "router-inference"
+    for name in (cache, router):
+        stack.replica_ports[name] = free_port()
+        stack.replica_metrics_ports[name] = free_port()
+    stack.replica_http_ports[router] = free_port()
+    overrides = {
+        "MESHGATE_CACHE__EMBEDDER": "inference",
+        "MESHGATE_ROUTER__CACHE_ADDRESS": stack.address(cache),
+    }
+    with unittest.mock.patch.dict(os.environ, overrides):
+        stack.start_service(cache)
+        stack.start_service(router)
+    stack.wait_serving(cache)
+    stack.wait_serving(router)
+    return cache, router
+
+
 async def miss_path(stack: Stack, cache: Cache, inference_channel, args) -> list[str]:
     requests = args.miss_requests
     warm = 8
-    stored, unseen = busy_partition_questions(args.busy_entries, 8 * (requests + warm))
+    default_embedder = CacheSettings().embedder
+    cache_names = {default_embedder: "cache", "inference": None}
+    router_names = {default_embedder: "router", "inference": None}
+    if default_embedder != "inference":
+        cache_names["inference"], router_names["inference"] = start_inference_embedder_pair(stack)
+    embedders = list(cache_names)
+    stored, unseen = busy_partition_questions(args.busy_entries, 16 * (requests + warm))
     stored_words = set().union(*(verifier_module.analyze(q).content for q in stored))
     await bounded([lambda q=q: cache.store(ROUTER_TENANT, q) for q in stored], args.concurrency)
-    turns, pieces = unseen[: 2 * (requests + warm)], unseen[2 * (requests + warm) :]
+    paths = [("bypass", "router", router_pb.CACHE_POLICY_BYPASS)] + [
+        (embedder, router_names[embedder], router_pb.CACHE_POLICY_USE) for embedder in embedders
+    ]
+    turns, pieces = unseen[: len(paths) * (requests + warm)], unseen[len(paths) * (requests + warm) :]
     rows = []
-    async with grpc.aio.insecure_channel(stack.address("router")) as channel:
-        router = router_service_pb2_grpc.RouterServiceStub(channel)
-        # The stored questions are the router's own partition: asked again, an exact hit.
-        _, status = await router_turn(router, stored[0], router_pb.CACHE_POLICY_USE)
-        if status != router_pb.CACHE_STATUS_EXACT_HIT:
-            raise RuntimeError(f"a stored question through the router: {router_pb.CacheStatus.Name(status)}")
-        bypass: list[float] = []
-        misses: list[float] = []
+    async with contextlib.AsyncExitStack() as channels:
+        routers = {
+            name: router_service_pb2_grpc.RouterServiceStub(
+                await channels.enter_async_context(grpc.aio.insecure_channel(stack.address(name)))
+            )
+            for name in dict.fromkeys(router for _, router, _ in paths)
+        }
+        # The stored questions are the routers' own partition: asked again, an exact hit.
+        for router in routers.values():
+            _, status = await router_turn(router, stored[0], router_pb.CACHE_POLICY_USE)
+            if status != router_pb.CACHE_STATUS_EXACT_HIT:
+                raise RuntimeError(
+                    f"a stored question through the router: {router_pb.CacheStatus.Name(status)}"
+                )
+        ttfts: dict[str, list[float]] = collections.defaultdict(list)
         hits = 0
+        asked = []
         for i in range(requests + warm):
-            # Alternating which path goes first, so neither always follows the other.
-            order = [
-                (turns[2 * i], router_pb.CACHE_POLICY_BYPASS),
-                (turns[2 * i + 1], router_pb.CACHE_POLICY_USE),
-            ]
-            for text, policy in order if i % 2 else order[::-1]:
-                ttft, status = await router_turn(router, text, policy)
+            # Rotating which path goes first, so none always follows another.
+            shift = i % len(paths)
+            for k, (name, router, policy) in enumerate(paths[shift:] + paths[:shift]):
+                text = turns[len(paths) * i + k]
+                ttft, status = await router_turn(routers[router], text, policy)
                 if i < warm:
                     continue
                 if policy == router_pb.CACHE_POLICY_BYPASS:
-                    bypass.append(ttft)
-                elif status == router_pb.CACHE_STATUS_MISS:
-                    misses.append(ttft)
+                    ttfts[name].append(ttft)
+                    continue
+                asked.append(text)
+                if status == router_pb.CACHE_STATUS_MISS:
+                    ttfts[name].append(ttft)
                 elif status in (router_pb.CACHE_STATUS_EXACT_HIT, router_pb.CACHE_STATUS_SEMANTIC_HIT):
                     hits += 1
                 else:
@@ -364,59 +409,90 @@ async def miss_path(stack: Stack, cache: Cache, inference_channel, args) -> list
                     raise RuntimeError(
                         f"a cache-on turn through the router: {router_pb.CacheStatus.Name(status)}"
                     )
-    asked = turns[2 * warm + 1 :: 2]
     sharing = sum(1 for q in asked if verifier_module.analyze(q).content & stored_words)
     p50 = statistics.median
     rows.append(
         f"\nThe miss path, a partition of {len(stored)} train-portion questions (the router's: "
         f"tenant {ROUTER_TENANT!r}, {MODEL}, max_tokens {MAX_TOKENS}), concurrency 1, "
-        f"{requests} turns each, alternating; {rate(sharing, len(asked))} of the asked questions share a "
+        f"{requests} turns each, interleaved; cache.embedder {' and '.join(embedders)} each in a cache "
+        f"service of its own (and a router in front), on the same entries; "
+        f"{rate(sharing, len(asked))} of the cache-on questions share a "
         f"content word with a stored one; {hits} hits (duplicates of a stored question) left out.\n"
     )
     rows.append("| router turn, unseen train questions | turns | TTFT p50 (ms) | TTFT p99 (ms) |")
     rows.append("|---|---|---|---|")
-    for name, values in (("cache bypassed", bypass), ("cache on, misses", misses)):
-        rows.append(f"| {name} | {len(values)} | {p50(values):.1f} | {percentile(values, 99):.1f} |")
-    rows.append(f"\nMiss over bypass, TTFT p50: **{p50(misses) - p50(bypass):+.1f} ms**.\n")
+    labels = {"bypass": "cache bypassed", **{e: f"cache on, misses, cache.embedder = {e}" for e in embedders}}
+    for name, label in labels.items():
+        values = ttfts[name]
+        rows.append(f"| {label} | {len(values)} | {p50(values):.1f} | {percentile(values, 99):.1f} |")
+    rows.append("")
+    for embedder in embedders:
+        rows.append(
+            f"Miss over bypass, TTFT p50, cache.embedder = {embedder}: "
+            f"**{p50(ttfts[embedder]) - p50(ttfts['bypass']):+.1f} ms**."
+        )
+    rows.append("")
 
     # The pieces of a miss's lookup, one call at a time, round-robin so that
     # the machine's load falls on all alike.
     inference = inference_service_pb2_grpc.InferenceServiceStub(inference_channel)
     embedding_model = CacheSettings().embedding_model
-    offline = cache_data.OfflineEmbedder(threads=1)
-    async with grpc.aio.insecure_channel(stack.address("triton")) as triton_channel:
-        triton = triton_grpc.GRPCInferenceServiceStub(triton_channel)
+    in_process = MiniLM(threads=1)
+    async with contextlib.AsyncExitStack() as channels:
+        triton = triton_grpc.GRPCInferenceServiceStub(
+            await channels.enter_async_context(grpc.aio.insecure_channel(stack.address("triton")))
+        )
+        caches = {default_embedder: cache.stub}
+        for embedder in embedders[1:]:
+            channel = router_channel(stack.address(cache_names[embedder]), "cache", stack.mesh_settings)
+            caches[embedder] = cache_service_pb2_grpc.CacheServiceStub(
+                await channels.enter_async_context(channel)
+            )
 
-        def lookup(messages, semantic: bool):
+        def lookup(stub, messages, semantic: bool):
             request = pb.LookupRequest(scope=scope(ROUTER_TENANT), messages=messages, semantic=semantic)
-            return cache.stub.Lookup(request, timeout=60)
+            return stub.Lookup(request, timeout=60)
 
-        async def as_the_router(text: str):
+        async def as_the_router(stub, text: str):
             # An exact-only miss starts the embedding that the semantic
             # lookup of the same prompt, sent once the miss is back, uses.
-            await lookup(question(text), False)
-            await lookup(question(text), True)
+            await lookup(stub, question(text), False)
+            await lookup(stub, question(text), True)
 
-        async def in_process(text: str):
-            offline.embed([text])
+        async def embed_in_process(text: str):
+            in_process.embed([text])
 
         pieces_of = {
             # A system message: the same GET, and nothing embedded ahead.
-            "cache Lookup, exact only (one GET)": lambda t: lambda: lookup(
-                [common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=t)], False
+            "cache Lookup, exact only (one GET)": lambda t: (
+                lambda: lookup(
+                    cache.stub, [common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=t)], False
+                )
             ),
-            "cache Lookup, semantic alone (a miss)": lambda t: lambda: lookup(question(t), True),
-            "cache Lookups as the router sends them: exact only, then semantic (a miss)": lambda t: lambda: (
-                as_the_router(t)
-            ),
-            "inference Embed, one question": lambda t: lambda: inference.Embed(
-                inference_pb.EmbedRequest(texts=[t]), timeout=60
-            ),
-            f"Triton {embedding_model} ModelInfer, direct": lambda t: lambda: triton.ModelInfer(
-                triton_protocol.embed_request(embedding_model, [t]), timeout=60
-            ),
-            "the same ONNX model in this process (1 thread)": lambda t: lambda: in_process(t),
         }
+        for embedder, stub in caches.items():
+            pieces_of[f"cache Lookup, semantic alone (a miss), cache.embedder = {embedder}"] = (
+                lambda t, stub=stub: lambda: lookup(stub, question(t), True)
+            )
+            pieces_of[
+                f"cache Lookups as the router sends them: exact only, then semantic (a miss), "
+                f"cache.embedder = {embedder}"
+            ] = lambda t, stub=stub: lambda: as_the_router(stub, t)
+        pieces_of.update(
+            {
+                "inference Embed, one question": lambda t: (
+                    lambda: inference.Embed(inference_pb.EmbedRequest(texts=[t]), timeout=60)
+                ),
+                f"Triton {embedding_model} ModelInfer, direct": lambda t: (
+                    lambda: triton.ModelInfer(triton_protocol.embed_request(embedding_model, [t]), timeout=60)
+                ),
+                "meshgate.minilm in this process (1 thread, on the event loop)": lambda t: (
+                    lambda: embed_in_process(t)
+                ),
+            }
+        )
+        if len(pieces) < len(pieces_of) * (requests + warm):
+            raise RuntimeError(f"only {len(pieces)} unseen questions for the pieces")
         times: dict[str, list[float]] = collections.defaultdict(list)
         # Each piece its own questions: an embedding is remembered by text.
         for i in range(requests + warm):

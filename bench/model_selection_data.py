@@ -23,7 +23,7 @@ and only the weights learned from them are committed.
 Up to ``PER_SOURCE`` prompts of each shared source are taken, in the order of
 a hash of their text (no random draw); a prompt is in the test portion when
 the same hash puts it in the last ``100 - TRAIN_BUCKETS`` of 100 buckets.
-Embeddings are computed offline by ``cache_data.OfflineEmbedder``, the very
+Embeddings are computed offline by ``meshgate.minilm.MiniLM``, the very
 model, tokenizer (256 tokens) and pooling of the ``minilm`` Triton model
 that the router's Embed call reaches, and kept in ``bench/.cache/``.
 """
@@ -101,7 +101,9 @@ def embeddings(texts: list[str], batch: int = 32) -> dict[str, np.ndarray]:
             known = dict(zip(stored["texts"].tolist(), stored["vectors"]))
     missing = sorted({t for t in texts if t not in known}, key=len)
     if missing:
-        embedder = cache_data.OfflineEmbedder(threads=2)
+        from meshgate.minilm import MiniLM
+
+        embedder = MiniLM(threads=2)
         for start in range(0, len(missing), batch):
             chunk = missing[start : start + batch]
             for text, vector in zip(chunk, embedder.embed(chunk)):

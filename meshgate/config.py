@@ -425,6 +425,9 @@ class ContextSettings:
     summary_timeout_s: float = 120.0
 
 
+CACHE_EMBEDDERS = ("local", "inference")
+
+
 @dataclasses.dataclass
 class CacheSettings:
     listen: str = "127.0.0.1:50053"
@@ -434,6 +437,13 @@ class CacheSettings:
     # (DeploymentSettings.address).
     inference_address: str = "127.0.0.1:50054"
     embedding_model: str = "minilm"
+    # Who embeds a lookup's question: "local", this process (the same
+    # minilm code Triton runs, meshgate/minilm.py, on a worker thread), or
+    # "inference", the inference service's Embed. Local spares a miss the
+    # two hops in front of its first token (bench/README.md, "The miss path
+    # with the cache's own embedder"); it runs only minilm, and a cache
+    # without onnxruntime or the model's packages fails at start.
+    embedder: str = "local"
     # Question embeddings kept for repeats of the exact text (most of a
     # semantic hit's cost is the embedding; services/cache/embedding_memo.py),
     # 1.5 KiB each at 384 dimensions; 0: none.
@@ -459,6 +469,10 @@ class CacheSettings:
     # graph instead of an exact scan: the scan is memory-bound, 0.6 ms p99 at
     # 4k rows but 4 ms at 8k here (bench/cache_scale_bench.py).
     approximate_index_from: int = 4_096
+
+    def __post_init__(self) -> None:
+        if self.embedder not in CACHE_EMBEDDERS:
+            raise ConfigError(f"cache.embedder must be one of {CACHE_EMBEDDERS}, got {self.embedder!r}")
 
 
 @dataclasses.dataclass

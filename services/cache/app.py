@@ -1,11 +1,11 @@
-"""Wires the cache service: Redis, the embedding client, the servicer."""
+"""Wires the cache service: Redis, the embedder, the servicer."""
 
 from __future__ import annotations
 
 from meshgate import mesh_auth, redis_access, serving
 from meshgate.cache.v1 import cache_service_pb2, cache_service_pb2_grpc
 from meshgate.config import ConfigError, Settings
-from meshgate.embedding import Embedder
+from meshgate.embedding import Embedder, EmbeddingUnavailable, LocalEmbedder
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.serving import Cleanup, Service
 from services.cache.embedding_memo import EmbeddingMemo
@@ -40,15 +40,26 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         raise ConfigError(str(error)) from error
     mesh = mesh_auth.Mesh(settings.mesh, service.name)
     service.restrict_to_mesh(mesh, CALLERS, TENANT_OF)
+    local_embedder = None
+    if config.embedder == "local":
+        # Fails the start rather than falling back to the inference service:
+        # whoever chose "local" (the default) would otherwise get the slower
+        # path, and its dependency on the inference service, unannounced.
+        try:
+            local_embedder = LocalEmbedder.load(config.embedding_model)
+        except EmbeddingUnavailable as error:
+            raise ConfigError(f'cache.embedder = "local": {error}') from error
     client = await redis_access.connect_checked(settings.redis.url)
-    # Embeddings act for no tenant: the cache's certificate is enough there.
-    channel = serving.client_channel(config.inference_address, mesh.to("inference"))
+    channel = None
+    if local_embedder is None:
+        # Embeddings act for no tenant: the cache's certificate is enough there.
+        channel = serving.client_channel(config.inference_address, mesh.to("inference"))
     stats = Stats(client)
     servicer = CacheServicer(
         config,
         CacheStore(client, config.max_entries_per_partition),
         EmbeddingMemo(
-            Embedder(inference_service_pb2_grpc.InferenceServiceStub(channel)),
+            local_embedder or Embedder(inference_service_pb2_grpc.InferenceServiceStub(channel)),
             config.embedding_model,
             config.embedding_memo_entries,
         ),
@@ -64,7 +75,10 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     async def cleanup() -> None:
         await servicer.close()
         await stats.close()
-        await channel.close()
+        if local_embedder is not None:
+            local_embedder.close()
+        if channel is not None:
+            await channel.close()
         await client.aclose()
 
     return cleanup

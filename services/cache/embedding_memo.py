@@ -1,13 +1,13 @@
 """Question embeddings in the cache service: remembered, and shared while
 under way.
 
-A semantic lookup embeds its question through the inference service (a
-gRPC hop, Triton's minilm): most of what a semantic hit costs. Questions
-repeat (the same phrasing asked again, the Store right after a miss), and a
-vector once fetched stays right (see ``meshgate.embedding.VectorMemo``).
+A semantic lookup embeds its question (in this process by default, or
+through the inference service: ``cache.embedder``): most of what a semantic
+hit costs. Questions repeat (the same phrasing asked again, the Store right
+after a miss), and a vector once fetched stays right (see ``meshgate.embedding.VectorMemo``).
 The index search and the verifier still run on every lookup; the memo only
-spares the embedding and the hop (the inference service keeps a memo of its
-own, which spares Triton for every caller but not the hop). A failed
+spares the embedding (and the hop: the inference service keeps a memo of
+its own, which spares Triton for every caller but not the hop). A failed
 embedding (None) is not remembered, so the next ask tries again.
 
 An ask of a text already being embedded waits for that call instead of
@@ -28,14 +28,14 @@ import asyncio
 import numpy as np
 
 from meshgate import metrics
-from meshgate.embedding import Embedder, VectorMemo
+from meshgate.embedding import EmbedsText, VectorMemo
 
 
 class EmbeddingMemo:
     """``embedder.embed_or_none`` behind a :class:`VectorMemo` of at most
     ``max_entries`` vectors and one call per text in flight."""
 
-    def __init__(self, embedder: Embedder, model: str, max_entries: int) -> None:
+    def __init__(self, embedder: EmbedsText, model: str, max_entries: int) -> None:
         self._embedder = embedder
         self._vectors: VectorMemo[np.ndarray] = VectorMemo(model, max_entries)
         self._in_flight: dict[bytes, asyncio.Task] = {}
@@ -81,8 +81,8 @@ class EmbeddingMemo:
     async def _fetch(self, key: bytes, text: str) -> np.ndarray | None:
         vector = await self._embedder.embed_or_none(text)
         if vector is not None:
-            # A read-only view of the response's bytes, shared by every
-            # caller: nothing may write into it.
+            # A read-only view (of the response's bytes, or a row of a
+            # local batch), shared by every caller: nothing may write into it.
             vector.flags.writeable = False
             self._vectors.put(key, vector)
         return vector

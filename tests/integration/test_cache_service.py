@@ -1,5 +1,6 @@
 """The cache service over real gRPC, against a real Redis and real embeddings
-(the inference service in front of Triton's minilm)."""
+(its own minilm, the default ``cache.embedder``, or the inference service in
+front of Triton's)."""
 
 from __future__ import annotations
 
@@ -125,6 +126,24 @@ async def test_paraphrase_is_a_semantic_hit(stub, settings, tenant):
     assert settings.cache.semantic_threshold <= response.similarity < 1.0
     assert response.entry_id == entry_id
     assert response.answer.text == "Build small projects daily."
+
+
+@pytest.mark.parametrize(("stored_by", "asked_of"), [("inference", "local"), ("local", "inference")])
+async def test_an_entry_stored_through_one_embedder_is_a_semantic_hit_through_the_other(
+    redis_url, inference_address, tenant, stored_by, asked_of
+):
+    """Replicas that embed differently (a rolling change of cache.embedder)
+    share entries: the two give the same vectors."""
+    caches = {}
+    async with contextlib.AsyncExitStack() as stack:
+        for embedder in (stored_by, asked_of):
+            settings = make_settings(redis_url, inference_address)
+            settings.cache.embedder = embedder
+            caches[embedder] = await stack.enter_async_context(running(settings))
+        entry_id = await store(caches[stored_by], tenant, conversation(STORED), text="Build small projects.")
+        response = await lookup(caches[asked_of], tenant, conversation(PARAPHRASE))
+    assert response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    assert response.entry_id == entry_id
 
 
 async def test_unrelated_question_misses(stub, tenant):
@@ -267,10 +286,24 @@ async def test_invalid_requests_are_rejected_with_a_reason(stub):
 
 
 async def test_without_the_inference_service_lookups_are_exact_only(redis_url, tenant):
-    async with running(make_settings(redis_url, f"127.0.0.1:{free_port()}")) as stub:
+    settings = make_settings(redis_url, f"127.0.0.1:{free_port()}")
+    settings.cache.embedder = "inference"
+    async with running(settings) as stub:
         await store(stub, tenant, conversation(STORED))
         assert (await lookup(stub, tenant, conversation(STORED))).status == pb.LOOKUP_STATUS_EXACT_HIT
         assert (await lookup(stub, tenant, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
+
+
+async def test_the_local_embedder_needs_no_inference_service(redis_url, tenant):
+    """With cache.embedder = "local" nothing is asked of the inference
+    service: a semantic hit while none is listening."""
+    settings = make_settings(redis_url, f"127.0.0.1:{free_port()}")
+    settings.cache.embedder = "local"
+    async with running(settings) as local_stub:
+        entry_id = await store(local_stub, tenant, conversation(STORED), text="Build small projects.")
+        response = await lookup(local_stub, tenant, conversation(PARAPHRASE))
+    assert response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    assert response.entry_id == entry_id
 
 
 async def test_redis_outage_is_unavailable(tmp_path: pathlib.Path, inference_address, tenant):

