@@ -1,0 +1,526 @@
+"""Where context assembly loses a question's evidence (issue 8): an offline analysis.
+
+Re-scores the REALTALK questions as ``context_bench.py --offline`` does (the
+service's pure policy, ``relevance.hybrid_scores`` + ``assembly.plan``, over the
+vectors cached under bench/.cache/) and prints, at 1k and 2k tokens:
+
+* per question category, the questions kept (every evidence turn INCLUDED) by
+  how many evidence turns they have;
+* where the budget goes: the template and the question, the recency floor,
+  the transcript message's own tokens, the turns chosen by relevance, unused;
+* how many questions have an evidence turn in the recency floor;
+* the rank of the worst-ranked evidence turn of the misses, and the share of
+  questions whose evidence is all within the K best-ranked turns;
+* two ceilings: the evidence ranked first (is the budget the bound?), and the
+  turns of the person a question names raised by a constant (what knowing who
+  is who could buy: the speaker names come from the data, which the service
+  never sees).
+
+With ``--ideas``, each ranking idea measured in the fifth session, as the
+difference from the service's ranking in the share of questions kept, on all
+ten conversations, the first six (by name: the tuning split of
+``context_bench.py --offline``) and the other four (held out). None gains at
+1k and 2k on both splits (bench/README.md, "Where the evidence is lost"), so
+the service uses none of them; they live here so that the table can be re-run.
+
+    .venv/bin/python bench/context_bench.py --offline   # once: caches the vectors
+    .venv/bin/python bench/context_misses.py [--ideas]  # 5 s [20 s]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import functools
+import json
+import pathlib
+import re
+
+import context_bench as bench
+import numpy as np
+import uvloop
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import Settings
+from meshgate.context.v1 import context_service_pb2 as pb
+from services.context import assembly, relevance
+
+TUNING = 6  # the first six conversations by name, as context_bench --offline splits them
+FLOOR = Settings().context.recency_floor_turns
+
+
+@functools.cache
+def counter():
+    """smollm2's counter, as context_bench's offline run counts (built once:
+    Settings() per plan would be most of a run's time)."""
+    return bench.token_counts.for_models(Settings().models)[bench.MODEL]
+
+
+CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "commonsense"}
+
+
+@dataclasses.dataclass
+class Conversation:
+    costs: assembly.SessionCosts
+    postings: dict[str, np.ndarray]
+    lengths: np.ndarray
+    rows: np.ndarray  # unit rows, as the index stores them
+    terms: list[collections.Counter[str]]  # each turn's index terms (for keyword feedback)
+    questions: list[Question]
+
+
+@dataclasses.dataclass
+class Question:
+    category: int
+    evidence: list[int]
+    terms: list[str]
+    vector: np.ndarray
+    new: list[assembly.TurnCost]
+    # The role of the one participant the question names, from the data's
+    # speaker names; None when it names neither or both.
+    named_role: int | None
+
+
+def speakers(path: pathlib.Path) -> list[str]:
+    """The conversation's speaker names, the first one (the user) first."""
+    raw = json.loads(path.read_text())
+    found: list[str] = []
+    for key in sorted(
+        (k for k in raw if re.fullmatch(r"session_\d+", k)), key=lambda k: int(k.split("_")[1])
+    ):
+        for turn in raw[key]:
+            if turn["speaker"] not in found:
+                found.append(turn["speaker"])
+    return found
+
+
+def named_role(question: str, names: list[str]) -> int | None:
+    named = [i for i, name in enumerate(names) if name.split()[0].lower() in question.lower()]
+    if len(named) != 1:
+        return None
+    return common_pb2.ROLE_USER if named[0] == 0 else common_pb2.ROLE_ASSISTANT
+
+
+def prepared() -> dict[str, Conversation]:
+    paths = {p.stem: p for p in sorted(bench.DATA.glob("*.json"))}
+    conversations = {name: bench.load_conversation(path) for name, path in paths.items()}
+    vectors = uvloop.run(bench.cached_vectors(conversations))
+    out = {}
+    for name, (turns, _, questions) in conversations.items():
+        counts = asyncio.run(counter().count(turns))
+        lines = asyncio.run(counter().count_lines(turns))
+        costs = assembly.SessionCosts.of(
+            [assembly.TurnCost(m.role, n, line) for m, n, line in zip(turns, counts, lines, strict=True)]
+        )
+        postings, lengths, rows = bench.offline_index(turns, vectors[name])
+        names = speakers(paths[name])
+        items = []
+        for q, vector in zip(questions, vectors[name][len(turns) :], strict=True):
+            message = common_pb2.Message(role=common_pb2.ROLE_USER, content=q["question"])
+            items.append(
+                Question(
+                    q["category"],
+                    sorted(q["evidence"]),
+                    list(relevance.index_terms(q["question"])),
+                    vector,
+                    [assembly.TurnCost(message.role, asyncio.run(counter().count([message]))[0])],
+                    named_role(q["question"], names),
+                )
+            )
+        terms = [relevance.index_terms(m.content) for m in turns]
+        out[name] = Conversation(costs, postings, lengths, rows, terms, items)
+    return out
+
+
+def service_scores(c: Conversation, q: Question, weights=relevance.DEFAULT_WEIGHTS, rows=None, query=None):
+    return relevance.hybrid_scores(
+        q.terms,
+        c.postings,
+        c.lengths,
+        c.rows if rows is None else rows,
+        q.vector if query is None else query,
+        weights,
+        roles=c.costs.roles,
+    )
+
+
+def plan(c: Conversation, q: Question, scores: np.ndarray, budget: int, floor: int = FLOOR) -> assembly.Plan:
+    return assembly.plan(
+        c.costs,
+        q.new,
+        budget,
+        counter().template_tokens,
+        relevance=scores,
+        recency_floor=floor,
+        transcript_tokens=counter().transcript_tokens,
+    )
+
+
+def all_kept(chosen: assembly.Plan, evidence: list[int]) -> bool:
+    return all(chosen.reasons[i] for i in evidence)
+
+
+def ranks(scores: np.ndarray) -> np.ndarray:
+    """Each turn's place in the plan's order (0: first), ties to the newer."""
+    order = np.lexsort((-np.arange(len(scores)), -scores))
+    place = np.empty(len(scores), dtype=np.int64)
+    place[order] = np.arange(len(scores))
+    return place
+
+
+def evidence_first(scores: np.ndarray, evidence: list[int]) -> np.ndarray:
+    """The ranking with the evidence turns moved above every other turn (the oracle)."""
+    ranked = scores - scores.min() + 1.0
+    ranked[evidence] += ranked.max() + 1.0
+    return ranked
+
+
+def analysis(data: dict[str, Conversation]) -> list[str]:
+    out = []
+    rows = []
+    for c in data.values():
+        for q in c.questions:
+            scores = service_scores(c, q)
+            place = ranks(scores)
+            row = {"category": q.category, "evidence": min(len(q.evidence), 5)}
+            row["worst"] = int(max(place[i] for i in q.evidence))
+            for budget in (1024, 2048):
+                chosen = plan(c, q, scores, budget)
+                reasons = np.array(chosen.reasons)
+                kept = reasons > 0
+                row[budget] = bool(kept[q.evidence].all())
+                floor = reasons == pb.INCLUSION_REASON_RECENCY
+                row[budget, "floor evidence"] = bool(floor[q.evidence].any())
+                row[budget, "turns"] = int(kept.sum())
+                line_or_message = np.where(
+                    np.isin(np.arange(len(reasons)), chosen.packed), c.costs.lines, c.costs.tokens
+                )
+                row[budget, "floor"] = int(c.costs.tokens[floor].sum())
+                row[budget, "relevant"] = int(line_or_message[kept & ~floor].sum())
+                row[budget, "frame"] = chosen.transcript_tokens
+                parts = ("floor", "relevant", "frame")
+                row[budget, "fixed"] = chosen.prompt_tokens - sum(row[budget, k] for k in parts)
+                row[budget, "unused"] = budget - chosen.prompt_tokens
+                oracle = plan(c, q, evidence_first(scores, q.evidence), budget)
+                row[budget, "oracle"] = all_kept(oracle, q.evidence)
+            rows.append(row)
+    out.append(f"{len(rows)} questions, the service's ranking (recency floor {FLOOR} turns)")
+    for budget in (1024, 2048):
+        out += ["", f"## {budget} tokens: {100 * np.mean([r[budget] for r in rows]):.1f}% kept", ""]
+        out.append("| category | questions | kept | kept / questions by evidence turns: 1, 2, 3, 4, 5+ |")
+        out.append("|---|---|---|---|")
+        for category, label in CATEGORIES.items():
+            mine = [r for r in rows if r["category"] == category]
+            by_count = " ".join(
+                f"{sum(r[budget] for r in with_k)}/{len(with_k)}"
+                for with_k in ([r for r in mine if r["evidence"] == k] for k in range(1, 6))
+            )
+            out.append(
+                f"| {label} | {len(mine)} | {100 * np.mean([r[budget] for r in mine]):.1f}% | {by_count} |"
+            )
+        parts = ("fixed", "floor", "frame", "relevant", "unused")
+        means = ", ".join(f"{p} {np.mean([r[budget, p] for r in rows]):.0f}" for p in parts)
+        out += [
+            "",
+            f"Tokens, mean a question ({means}: 'fixed' is the template and the question);"
+            f" turns kept, median {np.median([r[budget, 'turns'] for r in rows]):.0f}.",
+            "Questions with an evidence turn in the recency floor:"
+            f" {sum(r[budget, 'floor evidence'] for r in rows)}.",
+        ]
+        misses = [r["worst"] for r in rows if not r[budget]]
+        quartiles = np.percentile(misses, [25, 50, 75]).astype(int).tolist()
+        oracle = 100 * np.mean([r[budget, "oracle"] for r in rows])
+        out += [
+            f"Misses: {len(misses)}; their worst evidence turn ranks {quartiles} (quartiles, 0 = first).",
+            f"Ceiling, the evidence ranked first: {oracle:.1f}% kept.",
+        ]
+    out += ["", "Share of questions whose evidence is all within the K best-ranked turns:", ""]
+    out.append("| K | " + " | ".join(CATEGORIES.values()) + " | all |")
+    out.append("|---|---|---|---|---|")
+    for k in (10, 20, 35, 50, 70, 100, 200):
+        cells = [100 * np.mean([r["worst"] < k for r in rows if r["category"] == c]) for c in CATEGORIES]
+        cells.append(100 * np.mean([r["worst"] < k for r in rows]))
+        out.append(f"| {k} | " + " | ".join(f"{v:.1f}%" for v in cells) + " |")
+    out += ["", "Ceiling, the named person's turns raised (speaker names from the data):", ""]
+    for lift in (0.2, 0.8):
+        out.append(f"+{lift}: " + retention_row(kept_by_conversation(data, role_lift(lift))))
+    return out
+
+
+# --- ideas: each a ranking of (conversation, question), or one with the plan's floor -------------
+
+
+def kept_by_conversation(
+    data: dict[str, Conversation], rank, floor: int = FLOOR
+) -> dict[str, dict[int, list[bool]]]:
+    result = {}
+    for name, c in data.items():
+        kept = collections.defaultdict(list)
+        for q in c.questions:
+            scores = rank(c, q)
+            for budget in bench.BUDGETS:
+                kept[budget].append(all_kept(plan(c, q, scores, budget, floor), q.evidence))
+        result[name] = kept
+    return result
+
+
+def shares(kept: dict[str, dict[int, list[bool]]], names: list[str]) -> list[float]:
+    return [100 * np.mean([k for n in names for k in kept[n][b]]) for b in bench.BUDGETS]
+
+
+def retention_row(kept, base=None) -> str:
+    """All ten, the six, the four, at 1k / 2k / 4k / 8k (differences from ``base`` if given)."""
+    names = sorted(kept)
+    cells = []
+    for part in (names, names[:TUNING], names[TUNING:]):
+        values = shares(kept, part)
+        if base is not None:
+            values = [v - b for v, b in zip(values, shares(base, part), strict=True)]
+            cells.append(" / ".join(f"{v:+.1f}" for v in values))
+        else:
+            cells.append(" / ".join(f"{v:.1f}" for v in values))
+    return " | ".join(cells)
+
+
+def spans_after(extra):
+    """The service's ranking before its stretches, plus ``extra`` (an array
+    per turn), then the stretches: how a new signal would join the hybrid."""
+
+    def rank(c: Conversation, q: Question) -> np.ndarray:
+        weights = relevance.DEFAULT_WEIGHTS
+        score = service_scores(c, q, dataclasses.replace(weights, span=0.0))
+        return relevance._with_spans(score + extra(c, q, score), weights)
+
+    return rank
+
+
+def role_lift(lift: float):
+    return spans_after(lambda c, q, s: lift * (c.costs.roles == q.named_role) if q.named_role else 0.0)
+
+
+def length_prior(weight: float):
+    """Turns with more index terms say more: a query-independent prior."""
+    return spans_after(lambda c, q, s: weight * relevance._scaled(np.log1p(c.lengths)))
+
+
+def keyword_feedback(terms: int, weight: float, seeds: int = 10):
+    """RM3-like: the words most of the best turns share (two of them at
+    least), by idf, as a second BM25 query."""
+
+    def extra(c: Conversation, q: Question, score: np.ndarray) -> np.ndarray:
+        best = np.argsort(-score)[:seeds]
+        used = collections.Counter(
+            t for i in best for t in c.terms[i] if not t.startswith(relevance.ENTITY_MARK)
+        )
+        n = len(c.lengths)
+        ranked = sorted(
+            (
+                (k * np.log(1 + n / (len(c.postings[t]) + 0.5)), t)
+                for t, k in used.items()
+                if k >= 2 and t not in q.terms
+            ),
+            reverse=True,
+        )
+        return weight * relevance._scaled(
+            relevance.bm25([t for _, t in ranked[:terms]], c.postings, c.lengths)
+        )
+
+    return spans_after(extra)
+
+
+def similar_to_best(seeds: int, weight: float):
+    """Turns whose vectors are close to one of the best turns' (each seed's
+    similarity to itself left out): other statements of the same kind
+    elsewhere in the conversation."""
+
+    def extra(c: Conversation, q: Question, score: np.ndarray) -> np.ndarray:
+        best = np.argpartition(-score, seeds - 1)[:seeds]
+        similarity = c.rows @ c.rows[best].T
+        similarity[best, np.arange(seeds)] = 0.0
+        return weight * relevance._scaled(similarity.max(axis=1))
+
+    return spans_after(extra)
+
+
+def stretch_vector(radius: int, weight: float):
+    """The question's cosine with the mean vector of a turn's stretch."""
+    cache: dict[int, np.ndarray] = {}
+
+    def extra(c: Conversation, q: Question, score: np.ndarray) -> np.ndarray:
+        if id(c) not in cache:
+            sums = np.cumsum(np.vstack([np.zeros((1, c.rows.shape[1])), c.rows]), axis=0)
+            n = len(c.rows)
+            low = np.clip(np.arange(n) - radius, 0, n)
+            high = np.clip(np.arange(n) + radius + 1, 0, n)
+            cache[id(c)] = relevance.unit_rows(sums[high] - sums[low])
+        return weight * relevance._scaled(cache[id(c)] @ relevance._unit(q.vector))
+
+    return spans_after(extra)
+
+
+def role_of_best(seeds: int, weight: float, share: float):
+    """The role most of the best turns are by, raised: the named person's
+    role inferred from the scores."""
+
+    def extra(c: Conversation, q: Question, score: np.ndarray) -> np.ndarray | float:
+        best = np.argpartition(-score, seeds - 1)[:seeds]
+        roles, counts = np.unique(c.costs.roles[best], return_counts=True)
+        if counts.max() < share * seeds:
+            return 0.0
+        return weight * (c.costs.roles == roles[counts.argmax()])
+
+    return spans_after(extra)
+
+
+def minus_session_mean(alpha: float, rows_too: bool):
+    """The session's mean turn vector (what every turn of the chat shares)
+    taken off the question's vector, and with ``rows_too`` off the turns'."""
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def rank(c: Conversation, q: Question) -> np.ndarray:
+        if id(c) not in cache:
+            mean = c.rows.mean(axis=0)
+            cache[id(c)] = (relevance.unit_rows(c.rows - alpha * mean) if rows_too else c.rows, mean)
+        rows, mean = cache[id(c)]
+        return service_scores(c, q, rows=rows, query=relevance._unit(q.vector) - alpha * mean)
+
+    return rank
+
+
+@contextlib.contextmanager
+def patched(module, name: str, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def robust_scaling(percentile: float):
+    """Each signal's top taken at a percentile rather than the max, so one
+    outlier turn does not compress every other turn's share."""
+
+    def scaled(values: np.ndarray) -> np.ndarray:
+        if len(values) == 0:
+            return values
+        floor, top = float(np.median(values)), float(np.percentile(values, percentile))
+        if top <= floor:
+            return np.zeros_like(values, dtype=np.float64)
+        return np.clip((values - floor) / (top - floor), 0.0, 1.0)
+
+    return scaled
+
+
+def content_words(question: str, drop_capitalized: bool) -> str:
+    """The question's words less stop words (and, with ``drop_capitalized``,
+    less the capitalized ones, mostly names), in order: what a turn would
+    say, without the asking ("What pets did Vanessa have?" -> "pets Vanessa")."""
+    words = [
+        w
+        for w in relevance._WORD.findall(question)
+        if w.lower().replace("’", "'") not in relevance.STOP_WORDS
+    ]
+    if drop_capitalized:
+        return " ".join(w for w in words if not w[0].isupper()) or " ".join(words)
+    return " ".join(words)
+
+
+def question_content_texts(turns, questions) -> list[str]:
+    """What ``embedded_as`` embeds: every question's content words, then the same less capitals."""
+    return [content_words(q["question"], drop) for drop in (False, True) for q in questions]
+
+
+def embedded_as(vectors: dict[str, np.ndarray], data: dict[str, Conversation], variant: int):
+    """The service's ranking with the question's vector replaced by that of
+    ``question_content_texts``'s ``variant``-th text."""
+    by_question = {}
+    for name, c in data.items():
+        count = len(c.questions)
+        for i, q in enumerate(c.questions):
+            by_question[id(q)] = vectors[name][variant * count + i]
+    return lambda c, q: service_scores(c, q, query=by_question[id(q)])
+
+
+def ideas(data: dict[str, Conversation]) -> list[str]:
+    base = kept_by_conversation(data, service_scores)
+    out = [
+        "Share of questions kept, the service's ranking: all ten | the six | the four, 1k / 2k / 4k / 8k:",
+        retention_row(base),
+        "",
+        "| idea | all ten | the six (tuning) | the four (held out) |",
+        "|---|---|---|---|",
+    ]
+
+    def row(label: str, kept) -> None:
+        out.append(f"| {label} | " + retention_row(kept, base) + " |")
+
+    for floor in (0, 1):
+        row(f"recency floor {floor} turns", kept_by_conversation(data, service_scores, floor))
+    for weight in (0.1, 0.2):
+        row(f"length prior {weight}", kept_by_conversation(data, length_prior(weight)))
+    for terms, weight in ((5, 0.3), (10, 0.3), (10, 0.6)):
+        row(
+            f"keyword feedback, {terms} terms, weight {weight}",
+            kept_by_conversation(data, keyword_feedback(terms, weight)),
+        )
+    for seeds, weight in ((3, 0.2), (10, 0.2), (10, 0.4)):
+        row(
+            f"similar to one of the {seeds} best, weight {weight}",
+            kept_by_conversation(data, similar_to_best(seeds, weight)),
+        )
+    for radius in (2, 5, 10):
+        row(
+            f"stretch mean vector, radius {radius}, weight 0.2",
+            kept_by_conversation(data, stretch_vector(radius, 0.2)),
+        )
+    for alpha, rows_too in ((0.5, False), (0.5, True), (1.0, False)):
+        what = "question and turns" if rows_too else "question"
+        row(
+            f"session mean x{alpha} off the {what}",
+            kept_by_conversation(data, minus_session_mean(alpha, rows_too)),
+        )
+    for seeds, weight, share in ((10, 0.1, 0.6), (50, 0.1, 0.55), (50, 0.2, 0.6)):
+        row(
+            f"role of the {seeds} best raised {weight} (when {share:.0%}+ of them)",
+            kept_by_conversation(data, role_of_best(seeds, weight, share)),
+        )
+    for percentile in (99.5, 99.0):
+        with patched(relevance, "_scaled", robust_scaling(percentile)):
+            row(
+                f"signals scaled to their {percentile}th percentile",
+                kept_by_conversation(data, service_scores),
+            )
+    conversations = {p.stem: bench.load_conversation(p) for p in sorted(bench.DATA.glob("*.json"))}
+    # Embedded once through a Triton of this run's own (about 1.5 min: run it under the bench lock).
+    content = uvloop.run(
+        bench.cached_vectors(conversations, "realtalk_question_content_vectors.npz", question_content_texts)
+    )
+    row("question embedded as its content words", kept_by_conversation(data, embedded_as(content, data, 0)))
+    row(
+        "question embedded as its content words, less capitalized ones",
+        kept_by_conversation(data, embedded_as(content, data, 1)),
+    )
+    with patched(relevance, "PARTICIPANT_NAME_ONE_SIDED", 0.9):
+        row("participant names: 90% one-sided instead of 95%", kept_by_conversation(data, service_scores))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--ideas", action="store_true", help="also re-score the fifth session's ranking ideas"
+    )
+    args = parser.parse_args()
+    data = prepared()
+    print("\n".join(analysis(data)), flush=True)
+    if args.ideas:
+        print()
+        print("\n".join(ideas(data)))
+
+
+if __name__ == "__main__":
+    main()
