@@ -250,15 +250,37 @@ def scoring_latency(
     )
 
 
+def nameless_texts(turns: list[common_pb2.Message], questions: list[dict]) -> list[str]:
+    """What the service embeds beside each question (relevance.nameless_text;
+    the question itself where it has none, never used)."""
+    return [getattr(relevance.nameless_text(q["question"]), "text", q["question"]) for q in questions]
+
+
+def nameless_queries(questions: list[dict], vectors: np.ndarray) -> list[relevance.NamelessQuery | None]:
+    """Each question's NamelessQuery with its vector (of ``nameless_texts``), or None."""
+    queries = []
+    for q, vector in zip(questions, vectors, strict=True):
+        query = relevance.nameless_text(q["question"])
+        queries.append(None if query is None else dataclasses.replace(query, vector=vector))
+    return queries
+
+
 def offline(
     conversations,
     vectors: dict[str, np.ndarray],
     weights: relevance.Weights,
     floor: int,
     ranker: context_ranker.LearnedRanker | None = None,
+    nameless: dict[str, np.ndarray] | None = None,
+    embed_nameless_question: bool = False,
 ) -> Tally:
     """Retention of the pure policy; with ``ranker``, also ranked by the
-    learned model (the "learned" rows; the service does not use it)."""
+    learned model (the "learned" rows; the service does not use it). With
+    ``nameless`` (the vectors of ``nameless_texts``), also with each
+    question's nameless form, as the service with
+    context.embed_nameless_question (``embed_nameless_question``: the
+    "adaptive" rows are those, and the "no nameless" rows without it; else
+    the "nameless" rows are)."""
     counter = token_counts.for_models(Settings().models)[MODEL]
     tally = Tally()
     for name, (turns, _, questions) in conversations.items():
@@ -269,16 +291,30 @@ def offline(
         )
         packed, lengths, turn_vectors = offline_index(turns, vectors[name])
         question_vectors = vectors[name][len(turns) :]
-        for q, vector in zip(questions, question_vectors, strict=True):
+        without_names = (
+            nameless_queries(questions, nameless[name]) if nameless is not None else [None] * len(questions)
+        )
+        for q, vector, nameless_query in zip(questions, question_vectors, without_names, strict=True):
             message = common_pb2.Message(role=common_pb2.ROLE_USER, content=q["question"])
             new = [assembly.TurnCost(message.role, asyncio.run(counter.count([message]))[0])]
             terms = list(relevance.index_terms(q["question"]))
+            if not embed_nameless_question:
+                nameless_query, other = None, nameless_query
+            else:
+                other = None
             scores = {
                 "adaptive": relevance.hybrid_scores(
-                    terms, packed, lengths, turn_vectors, vector, weights, roles=costs.roles
+                    terms, packed, lengths, turn_vectors, vector, weights, costs.roles, nameless_query
                 ),
                 "newest": None,
             }
+            if nameless is not None:
+                # With the question's nameless form (relevance.nameless_text) or
+                # without it, whichever "adaptive" is not: what it adds.
+                label = "no nameless" if embed_nameless_question else "nameless"
+                scores[label] = relevance.hybrid_scores(
+                    terms, packed, lengths, turn_vectors, vector, weights, costs.roles, other
+                )
             # The same ranking, every turn a message of its own (context.pack_older_turns off).
             scores["unpacked"] = scores["adaptive"]
             # Without the dense-stretch share (relevance._with_spans): what it adds.
@@ -289,7 +325,8 @@ def offline(
                 turn_vectors,
                 vector,
                 dataclasses.replace(weights, span=0.0),
-                roles=costs.roles,
+                costs.roles,
+                nameless_query,
             )
             if ranker is not None:
                 features = context_ranker.ranking_features(
@@ -378,6 +415,8 @@ async def through_services(conversations, args) -> list[str]:
             settings.inference.triton_urls = [f"127.0.0.1:{triton_port}"]
             settings.context.session_ttl_s = 0
             settings.context.pack_older_turns = not args.no_pack
+            if args.embed_nameless_question:
+                settings.context.embed_nameless_question = True
             # The inference service's memo would hold every turn AppendTurns
             # embedded and every question the retention pass asked: most of
             # the latency pass's embeddings would be memo hits, and its Embed
@@ -486,9 +525,7 @@ async def _wait_for_embeddings(stub, timeout_s: float = 120.0) -> None:
             await asyncio.sleep(0.5)
 
 
-async def _latency(
-    conversations, sessions, tenant, stub, embed_stub, settings: Settings, args
-) -> list[str]:
+async def _latency(conversations, sessions, tenant, stub, embed_stub, settings: Settings, args) -> list[str]:
     """Assembly of sessions with 1,000+ turns, at 2k tokens, adaptive."""
     long = {n: c for n, c in conversations.items() if len(c[0]) >= 1000}
     if not long:
@@ -571,6 +608,7 @@ async def _latency(
                 floor,
                 summarizer,
                 pack_older_turns=settings.context.pack_older_turns,
+                embed_nameless_question=settings.context.embed_nameless_question,
             )
             for name in long:
                 servicer.prefetch(tenant, sessions[name])
@@ -679,6 +717,11 @@ def main() -> None:
         "--no-pack", action="store_true", help="context.pack_older_turns off: every kept turn a message"
     )
     parser.add_argument(
+        "--embed-nameless-question",
+        action="store_true",
+        help="context.embed_nameless_question on: the question's nameless form embedded and scored with it",
+    )
+    parser.add_argument(
         "--latency-only",
         action="store_true",
         help="replay only the sessions of 1,000+ turns and measure assembly latency, no retention",
@@ -702,8 +745,19 @@ def main() -> None:
         # name); the other four tell whether a choice generalises.
         names = sorted(conversations)
         ranker = context_ranker.LearnedRanker.load()
+        # What the service embeds beside a question: once, as the vectors above.
+        nameless = uvloop.run(cached_vectors(conversations, "realtalk_nameless_vectors.npz", nameless_texts))
+        embed_nameless = args.embed_nameless_question or Settings().context.embed_nameless_question
         each = {
-            n: offline({n: conversations[n]}, vectors, relevance.DEFAULT_WEIGHTS, args.floor, ranker)
+            n: offline(
+                {n: conversations[n]},
+                vectors,
+                relevance.DEFAULT_WEIGHTS,
+                args.floor,
+                ranker,
+                nameless,
+                embed_nameless,
+            )
             for n in names
         }
         for title, part in (

@@ -19,9 +19,13 @@ vectors cached under bench/.cache/) and prints, at 1k and 2k tokens:
 With ``--ideas``, each ranking idea measured in the fifth session, as the
 difference from the service's ranking in the share of questions kept, on all
 ten conversations, the first six (by name: the tuning split of
-``context_bench.py --offline``) and the other four (held out). None gains at
-1k and 2k on both splits (bench/README.md, "Where the evidence is lost"), so
-the service uses none of them; they live here so that the table can be re-run.
+``context_bench.py --offline``) and the other four (held out). The one that
+gains on both, the question's nameless form (relevance.nameless_text), is in
+the service behind context.embed_nameless_question (off: it costs a second
+text in the question's embedding); its row is the ranking with it (without
+it, when it is on). None of the others gains at 1k and 2k on both splits
+(bench/README.md, "Names the conversation never uses"), so the service uses
+none of them; they live here so that the table can be re-run.
 
     .venv/bin/python bench/context_bench.py --offline   # once: caches the vectors
     .venv/bin/python bench/context_misses.py [--ideas]  # 5 s [20 s]
@@ -50,6 +54,8 @@ from services.context import assembly, relevance
 
 TUNING = 6  # the first six conversations by name, as context_bench --offline splits them
 FLOOR = Settings().context.recency_floor_turns
+# Whether the service scores a question with its nameless form (relevance.nameless_text).
+NAMELESS = Settings().context.embed_nameless_question
 
 
 @functools.cache
@@ -82,6 +88,8 @@ class Question:
     # The role of the one participant the question names, from the data's
     # speaker names; None when it names neither or both.
     named_role: int | None
+    # Its nameless form, embedded (relevance.nameless_text), as the service scores it.
+    nameless: relevance.NamelessQuery | None
 
 
 def speakers(path: pathlib.Path) -> list[str]:
@@ -108,6 +116,9 @@ def prepared() -> dict[str, Conversation]:
     paths = {p.stem: p for p in sorted(bench.DATA.glob("*.json"))}
     conversations = {name: bench.load_conversation(path) for name, path in paths.items()}
     vectors = uvloop.run(bench.cached_vectors(conversations))
+    nameless = uvloop.run(
+        bench.cached_vectors(conversations, "realtalk_nameless_vectors.npz", bench.nameless_texts)
+    )
     out = {}
     for name, (turns, _, questions) in conversations.items():
         counts = asyncio.run(counter().count(turns))
@@ -118,7 +129,10 @@ def prepared() -> dict[str, Conversation]:
         postings, lengths, rows = bench.offline_index(turns, vectors[name])
         names = speakers(paths[name])
         items = []
-        for q, vector in zip(questions, vectors[name][len(turns) :], strict=True):
+        without_names = bench.nameless_queries(questions, nameless[name])
+        for q, vector, nameless_query in zip(
+            questions, vectors[name][len(turns) :], without_names, strict=True
+        ):
             message = common_pb2.Message(role=common_pb2.ROLE_USER, content=q["question"])
             items.append(
                 Question(
@@ -128,6 +142,7 @@ def prepared() -> dict[str, Conversation]:
                     vector,
                     [assembly.TurnCost(message.role, asyncio.run(counter().count([message]))[0])],
                     named_role(q["question"], names),
+                    nameless_query,
                 )
             )
         terms = [relevance.index_terms(m.content) for m in turns]
@@ -135,7 +150,13 @@ def prepared() -> dict[str, Conversation]:
     return out
 
 
-def service_scores(c: Conversation, q: Question, weights=relevance.DEFAULT_WEIGHTS, rows=None, query=None):
+def service_scores(
+    c: Conversation, q: Question, weights=relevance.DEFAULT_WEIGHTS, rows=None, query=None, nameless=None
+):
+    """The service's ranking (``nameless``: with the question's nameless form
+    or not; None: as the service is configured, context.embed_nameless_question)."""
+    if nameless is None:
+        nameless = NAMELESS
     return relevance.hybrid_scores(
         q.terms,
         c.postings,
@@ -143,7 +164,8 @@ def service_scores(c: Conversation, q: Question, weights=relevance.DEFAULT_WEIGH
         c.rows if rows is None else rows,
         q.vector if query is None else query,
         weights,
-        roles=c.costs.roles,
+        c.costs.roles,
+        q.nameless if nameless else None,
     )
 
 
@@ -442,7 +464,8 @@ def embedded_as(vectors: dict[str, np.ndarray], data: dict[str, Conversation], v
         count = len(c.questions)
         for i, q in enumerate(c.questions):
             by_question[id(q)] = vectors[name][variant * count + i]
-    return lambda c, q: service_scores(c, q, query=by_question[id(q)])
+    # In place of the question's vector: an alternative to the nameless form, not on top of it.
+    return lambda c, q: service_scores(c, q, query=by_question[id(q)], nameless=False)
 
 
 def ideas(data: dict[str, Conversation]) -> list[str]:
@@ -458,6 +481,12 @@ def ideas(data: dict[str, Conversation]) -> list[str]:
     def row(label: str, kept) -> None:
         out.append(f"| {label} | " + retention_row(kept, base) + " |")
 
+    configured = Settings().context.embed_nameless_question
+    row(
+        ("without" if configured else "with")
+        + " the question's nameless form (context.embed_nameless_question)",
+        kept_by_conversation(data, lambda c, q: service_scores(c, q, nameless=not configured)),
+    )
     for floor in (0, 1):
         row(f"recency floor {floor} turns", kept_by_conversation(data, service_scores, floor))
     for weight in (0.1, 0.2):

@@ -408,6 +408,15 @@ class ContextSettings:
     # Where turn and question embeddings come from (adaptive assembly); an
     # address list or a dns:/// name too (DeploymentSettings.address).
     inference_address: str = "127.0.0.1:50054"
+    # Also embed the question's nameless form (services/context/relevance.py,
+    # nameless_text), in the question's own Embed call, and mix it into the
+    # question's vector when the names it leaves out are unknown to the
+    # session: +2.3 / +2.4 points of evidence kept at 1k / 2k on the
+    # development conversations, but a batch of two texts instead of one:
+    # on this project's 2-core CPU machine +1.8 ms at the Embed call's p50
+    # and +5.4 at its p99, which takes assembly over its 15 ms p99 bound,
+    # so off by default (bench/README.md, "Names the conversation never uses").
+    embed_nameless_question: bool = False
     # Adaptive assembly keeps up to this many newest turns whatever their relevance.
     recency_floor_turns: int = 2
     # Adaptive assembly sends the older turns it keeps beyond the recency

@@ -31,7 +31,6 @@ TENANT_OF = {
 }
 
 
-
 def _summarizer(
     settings: Settings, store: SessionStore, client, channel, counters: dict[str, token_counts.PromptCounter]
 ) -> summaries.Summarizer:
@@ -79,6 +78,7 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
         settings.context.recency_floor_turns,
         summarizer,
         pack_older_turns=settings.context.pack_older_turns,
+        embed_nameless_question=settings.context.embed_nameless_question,
     )
     context_service_pb2_grpc.add_ContextServiceServicer_to_server(servicer, service.server)
 

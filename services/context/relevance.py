@@ -128,6 +128,9 @@ class Weights:
     span_turns: int = 50
     span_radius: int = 5
     span: float = 0.5
+    # The share of the question's vector taken from its nameless form's
+    # (see NamelessQuery), when its names are unknown to the session.
+    nameless: float = 0.5
 
 
 DEFAULT_WEIGHTS = Weights()
@@ -136,6 +139,9 @@ DEFAULT_WEIGHTS = Weights()
 # the same inputs build the same prompt: bump it with any change to how turns
 # are scored or to the default weights.
 RANKING = "hybrid-spans-2"
+# The same, with the question's nameless form (NamelessQuery) embedded and
+# scored with it (context.embed_nameless_question).
+RANKING_NAMELESS = "hybrid-spans-nameless-3"
 
 # A posting packs a turn index and the term's frequency in it (capped) into one uint32.
 TF_BITS = 4
@@ -265,6 +271,41 @@ def _participant_name_turns(
     return names
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class NamelessQuery:
+    """The question less its capitalized words (:func:`nameless_text`),
+    embedded beside it. ``vector`` is None until then."""
+
+    text: str
+    # The entity terms (``@kate``) of the words left out.
+    names: frozenset[str]
+    vector: np.ndarray | None = None
+
+
+def nameless_text(text: str) -> NamelessQuery | None:
+    """The question's words less stop words and less capitalized words
+    (names, mostly: "What pets did Vanessa have?" -> "pets"), in order;
+    None when it has no capitalized word to leave out, or nothing else.
+
+    A name that no turn of the session uses cannot match a turn, yet it
+    moves the question's embedding toward whatever the model associates
+    with the name; so does a participant's name, which the turns use to
+    address them, not to say what they do (see participant_names).
+    :func:`hybrid_scores` then mixes this text's vector into the question's."""
+    kept, names = [], set()
+    # Typographic apostrophes spell the same words as the stop list's (index_terms).
+    for written, word in _words(text.replace("’", "'")):
+        if word.lower() in STOP_WORDS:
+            continue
+        if written[0].isupper():
+            names.add(ENTITY_MARK + word.lower())
+        else:
+            kept.append(written)
+    if not names or not kept:
+        return None
+    return NamelessQuery(" ".join(kept), frozenset(names))
+
+
 def _scaled(values: np.ndarray) -> np.ndarray:
     """Above the session's typical value, as a share of the best: what
     makes a turn stand out, not the level every turn shares."""
@@ -291,10 +332,20 @@ def hybrid_scores(
     query_vector: np.ndarray | None,
     weights: Weights = DEFAULT_WEIGHTS,
     roles: np.ndarray | None = None,
+    nameless: NamelessQuery | None = None,
 ) -> np.ndarray:
     """Each turn's relevance to the query, higher is more relevant, from the
     turns' :func:`unit_rows`. Without a query vector (the inference service
     is down) it is lexical only.
+
+    With ``nameless`` (the question less its capitalized words, embedded),
+    when every name it leaves out is unknown to the session (no turn uses
+    it) or a participant's, the question's vector is mixed with the
+    nameless one's (``weights.nameless``): the names only pull the question
+    away from the turns (see :func:`nameless_text`). Names the session
+    uses stay: they are what the question is about. On the development
+    conversations this kept more questions' evidence at every budget, on
+    both splits (bench/README.md, "Names the conversation never uses").
 
     With the turns' ``roles``, the query's :func:`participant_names` are no
     keywords or entities, and the turns that use them seed no feedback
@@ -328,6 +379,8 @@ def hybrid_scores(
     if not scores_dense(unit_vectors, query_vector, len(term_counts)):
         return _with_spans(_with_neighbours(lexical, weights), weights)
     query = _unit(query_vector)
+    if _names_only_pull_away(nameless, postings, names) and weights.nameless:
+        query = _unit((1 - weights.nameless) * query + weights.nameless * _unit(nameless.vector))
     score = _with_neighbours(lexical + weights.dense * _scaled(unit_vectors @ query), weights)
     feedback = min(weights.feedback_turns, len(score))
     if feedback and weights.feedback_weight:
@@ -340,6 +393,16 @@ def hybrid_scores(
         query = query + weights.feedback_weight * unit_vectors[best].mean(axis=0)
         score = _with_neighbours(lexical + weights.dense * _scaled(unit_vectors @ query), weights)
     return _with_spans(score, weights)
+
+
+def _names_only_pull_away(
+    nameless: NamelessQuery | None, postings: collections.abc.Mapping[str, np.ndarray], participants
+) -> bool:
+    """Whether every name the nameless question leaves out is unknown to the
+    session or a participant's (``participants``)."""
+    if nameless is None or nameless.vector is None:
+        return False
+    return all(len(postings.get(name, ())) == 0 or name in participants for name in nameless.names)
 
 
 def _with_neighbours(score: np.ndarray, weights: Weights) -> np.ndarray:

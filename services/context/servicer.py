@@ -115,7 +115,10 @@ class _SessionView:
 
 
 def _live_scores(
-    terms: list[str], view: _SessionView, query_vector: np.ndarray | None
+    terms: list[str],
+    view: _SessionView,
+    query_vector: np.ndarray | None,
+    nameless: relevance.NamelessQuery | None = None,
 ) -> tuple[np.ndarray, bool]:
     """relevance.hybrid_scores over the live turns (BM25's statistics are
     theirs alone), zero for the compacted ones before them; and whether the
@@ -128,7 +131,7 @@ def _live_scores(
         term_counts = term_counts[compacted:]
     roles = np.asarray(view.roles)[compacted:]
     scores = relevance.hybrid_scores(
-        terms, postings, term_counts, view.unit_vectors, query_vector, roles=roles
+        terms, postings, term_counts, view.unit_vectors, query_vector, roles=roles, nameless=nameless
     )
     dense = relevance.scores_dense(view.unit_vectors, query_vector, len(term_counts))
     return (np.concatenate([np.zeros(compacted), scores]) if compacted else scores), dense
@@ -207,12 +210,16 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         summarizer: summaries_lib.Summarizer | None = None,
         *,
         pack_older_turns: bool = True,
+        embed_nameless_question: bool = False,
     ) -> None:
         self._store = store
         # Without an index (unit tests), every strategy reads whole sessions.
         self._index = index
         # Without an embedder, relevance is lexical only.
         self._embedder = embedder
+        # Whether the question's nameless form (relevance.nameless_text) is
+        # embedded with it and joins its scoring (context.embed_nameless_question).
+        self._embed_nameless_question = embed_nameless_question
         self._recency_floor_turns = recency_floor_turns
         self._pack_older_turns = pack_older_turns
         # Never live without a change listener, so always safe to consult.
@@ -420,7 +427,21 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         query = _query_text(new_messages)
         if not query:
             return None
-        return asyncio.create_task(self._embedder.embed_or_none(query))
+        return asyncio.create_task(self._query_vectors(query))
+
+    async def _query_vectors(self, query: str) -> tuple[np.ndarray | None, relevance.NamelessQuery | None]:
+        """The query's vector and, when asked for (context.embed_nameless_question)
+        and it has names to leave out, its nameless form with its vector
+        (relevance.nameless_text), in one Embed call: whether the names are
+        unknown to the session is only known once it is read, after the
+        call has left."""
+        nameless = relevance.nameless_text(query) if self._embed_nameless_question else None
+        if nameless is None:
+            return await self._embedder.embed_or_none(query), None
+        vectors = await self._embedder.embed_all_or_none([query, nameless.text])
+        if vectors is None:
+            return None, None
+        return vectors[0], dataclasses.replace(nameless, vector=vectors[1])
 
     async def _assemble(
         self,
@@ -463,7 +484,9 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         inputs.strategy = _STRATEGY_NAMES[strategy]
         inputs.packs_older_turns = packs
         if strategy == pb.ASSEMBLY_STRATEGY_ADAPTIVE and request.session_id:
-            inputs.ranking = relevance.RANKING
+            inputs.ranking = (
+                relevance.RANKING_NAMELESS if self._embed_nameless_question else relevance.RANKING
+            )
             # What the scoring used, not whether the question got a vector:
             # turns without vectors (embedded by none, or a rebuild the
             # index does not cover) are scored by words alone either way.
@@ -576,8 +599,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         ]
         costs = assembly.SessionCosts(view.roles, view.counts, view.line_counts)
         required = [assembly.TurnCost(c.message.role, c.tokens) for c in (*facts, *new)]
-        vector = await query_vector if query_vector is not None else None
-        scores, dense = _live_scores(terms, view, vector) if adaptive else (None, False)
+        vector, nameless = await query_vector if query_vector is not None else (None, None)
+        scores, dense = _live_scores(terms, view, vector, nameless) if adaptive else (None, False)
         chosen = assembly.plan(
             costs,
             required,

@@ -381,3 +381,34 @@ async def test_a_cold_packed_assembly_plans_from_the_index(redis_url: str) -> No
     assert whole_reads == 0
     assert response.manifest.entries[1].packed
     assert response.manifest.prompt_tokens == prompt_length(response.messages) <= 400
+
+
+@pytest.fixture(scope="module")
+async def nameless_stub(redis_url: str, inference_address: str):
+    """A context service that embeds each question's nameless form with it
+    (context.embed_nameless_question)."""
+    settings = Settings(mesh=mesh_settings())
+    settings.redis.url = redis_url
+    settings.context.session_ttl_s = 600
+    settings.context.inference_address = inference_address
+    settings.context.embed_nameless_question = True
+    async with (
+        running(app, "context", settings) as address,
+        router_channel(address, "context") as channel,
+    ):
+        yield context_service_pb2_grpc.ContextServiceStub(channel)
+
+
+async def test_a_name_the_conversation_never_uses_still_finds_the_planted_fact(nameless_stub) -> None:
+    turns = conversation(repeats=6)
+    async with session_with(nameless_stub, turns) as (tenant, session_id):
+        # "Priya" is in no turn: the real Embed call carries the question and "code storage unit".
+        adaptive = await assemble(
+            nameless_stub, tenant, session_id, "What is the code of Priya's storage unit?", 400
+        )
+    planted = session_entries(adaptive)[1]
+    assert planted.disposition == pb.DISPOSITION_INCLUDED
+    assert planted.reason == pb.INCLUSION_REASON_RELEVANCE
+    assert adaptive.inputs.dense_scored
+    # The ranking names the nameless form, so a rebuild scores the same way.
+    assert adaptive.inputs.ranking == relevance.RANKING_NAMELESS != relevance.RANKING

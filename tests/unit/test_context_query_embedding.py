@@ -37,11 +37,16 @@ class Embedder:
 
     def __init__(self) -> None:
         self.asked: list[str] = []
+        self.calls = 0
         self.cancelled = False
         self.called = asyncio.Event()
 
     async def embed_or_none(self, text: str, timeout_s: float | None = None):
-        self.asked.append(text)
+        return await self.embed_all_or_none([text], timeout_s)
+
+    async def embed_all_or_none(self, texts: list[str], timeout_s: float | None = None):
+        self.asked.extend(texts)
+        self.calls += 1
         self.called.set()
         try:
             await asyncio.Event().wait()
@@ -129,6 +134,23 @@ async def test_the_question_is_embedded_while_the_session_is_read_and_cancelled_
     # The user's message only: system text says nothing of what to retrieve.
     assert embedder.asked == ["Where did Ana move in May?"]
     # The failed assembly leaves no embedding request behind.
+    await asyncio.sleep(0)
+    assert embedder.cancelled
+
+
+async def test_the_questions_nameless_form_is_embedded_in_its_call_when_asked_for(counters) -> None:
+    embedder = Embedder()
+    store = Store(embedder)
+    servicer = ContextServicer(store, MODELS, counters, embedder=embedder, embed_nameless_question=True)
+    with pytest.raises(MeshgateError) as failure:
+        await asyncio.wait_for(
+            servicer.AssembleContext(request(pb.ASSEMBLY_STRATEGY_ADAPTIVE), None), timeout=30
+        )
+    assert failure.value.reason == Reason.SESSION_NOT_FOUND
+    assert store.embedding_asked_before_read
+    # One call: the question, then its nameless form (relevance.nameless_text).
+    assert embedder.asked == ["Where did Ana move in May?", "move"]
+    assert embedder.calls == 1
     await asyncio.sleep(0)
     assert embedder.cancelled
 

@@ -391,3 +391,46 @@ def test_session_entries_encoded_at_once_equal_those_built_field_by_field(monkey
     encoded.MergeFromString(assembly._session_entries(turns, reasons, scores))
     assert encoded == expected
     assert encoded.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)
+
+
+def test_the_nameless_form_drops_stop_words_and_capitalized_words() -> None:
+    nameless = relevance.nameless_text("What pets did Vanessa’s brother have in May?")
+    assert nameless is not None
+    assert nameless.text == "pets brother"
+    # Each left-out word as the entity term index_terms makes of it.
+    assert nameless.names == {"@vanessa", "@may"}
+    assert nameless.names <= set(relevance.index_terms("What pets did Vanessa’s brother have in May?"))
+    # Nothing to leave out, or nothing left: no nameless form.
+    assert relevance.nameless_text("what pets did she have?") is None
+    assert relevance.nameless_text("Where is Lisbon?") is None
+
+
+def test_a_name_the_session_never_uses_stops_pulling_the_question_away() -> None:
+    # Axes: 0 what the embedding associates with the name, 1 pets, 2 other.
+    rows = relevance.unit_rows(np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32))
+    texts = ["Some chat about a film", "My cat sleeps all day", "Rain again"]
+    postings, lengths = postings_of(texts)
+    question = "What pets does Vanessa have?"
+    terms = relevance.index_terms(question)
+    # The question's vector leans toward the name, as a real embedding does.
+    question_vector = np.array([0.8, 0.6, 0.0], dtype=np.float32)
+    nameless = relevance.nameless_text(question)
+    nameless = relevance.NamelessQuery(nameless.text, nameless.names, np.array([0, 1, 0], dtype=np.float32))
+    # The vectors alone: the name's postings must not decide through BM25.
+    weights = relevance.Weights(keyword=0.0, entity=0.0, neighbour=0.0, span=0.0, feedback_weight=0.0)
+
+    def best(postings, nameless_query) -> int:
+        scores = relevance.hybrid_scores(
+            terms, postings, lengths, rows, question_vector, weights, nameless=nameless_query
+        )
+        return int(np.argmax(scores))
+
+    assert best(postings, None) == 0
+    # "Vanessa" is in no turn: the question is scored half by its nameless form.
+    assert "@vanessa" not in postings
+    assert best(postings, nameless) == 1
+    # A name the session uses is what the question is about: the question stays whole.
+    named = {**postings, "@vanessa": np.array([relevance.pack_posting(0, 1)], dtype=np.uint32)}
+    assert best(named, nameless) == 0
+    # Not embedded (the embedder failed): the question alone.
+    assert best(postings, relevance.NamelessQuery(nameless.text, nameless.names)) == 0
