@@ -414,8 +414,9 @@ class ContextSettings:
     # session: +2.3 / +2.4 points of evidence kept at 1k / 2k on the
     # development conversations, but a batch of two texts instead of one:
     # on this project's 2-core CPU machine +1.8 ms at the Embed call's p50
-    # and +5.4 at its p99, which takes assembly over its 15 ms p99 bound,
-    # so off by default (bench/README.md, "Names the conversation never uses").
+    # and +5.4 at its p99 (a probe), where assembly's p99 is at or over its
+    # 15 ms bound without it: off by default (bench/README.md, "Names the
+    # conversation never uses").
     embed_nameless_question: bool = False
     # Adaptive assembly keeps up to this many newest turns whatever their relevance.
     recency_floor_turns: int = 2
