@@ -448,7 +448,7 @@ class CacheSettings:
     inference_address: str = "127.0.0.1:50054"
     embedding_model: str = "minilm"
     # Who embeds a lookup's question: "local", this process (the same
-    # minilm code Triton runs, meshgate/minilm.py, on a worker thread), or
+    # minilm code Triton runs, meshgate/minilm.py, on worker threads), or
     # "inference", the inference service's Embed. Local spares a miss the
     # two hops in front of its first token (bench/README.md, "The miss path
     # with the cache's own embedder"); it runs only minilm, and a cache

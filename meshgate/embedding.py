@@ -160,22 +160,20 @@ class LocalEmbedder:
     to Triton) in front of a miss's first token (bench/README.md, "The miss
     path with the cache's own embedder").
 
-    The model runs on one worker thread (onnxruntime releases the GIL), never
-    on the event loop. Texts asked while a run is under way wait for it and
-    then go as one batch, at most ``max_batch``: a lone text waits for
-    nothing, and under load one padded run replaces many.
+    Each text is one run on a pool of ``workers`` threads (onnxruntime
+    releases the GIL), never on the event loop; more texts at once wait in
+    the pool's queue.
     """
 
-    def __init__(self, model, timeout_s: float = EMBED_TIMEOUT_S, max_batch: int = 32) -> None:
+    def __init__(self, model, timeout_s: float = EMBED_TIMEOUT_S, workers: int = 2) -> None:
         self._model = model
         self._timeout_s = timeout_s
-        self._max_batch = max_batch
-        # One thread: a second run would only compete for the same cores
-        # (one onnxruntime thread each), and the waiting texts batch instead.
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedder")
-        self._waiting: list[tuple[str, asyncio.Future]] = []
-        self._running = False
-        self._closed = False
+        # Two threads of one onnxruntime thread each, one text per run: at
+        # concurrency 8 on 2 cores, 350-409 texts/s against 191-212 on one
+        # thread, and a lower p99 than batching the texts that wait
+        # (padded to the longest, a batch holds all its callers until its
+        # longest text is done): bench/local_embedder_probe.py.
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="embedder")
         self._warn = _ThrottledWarning()
 
     @classmethod
@@ -199,59 +197,27 @@ class LocalEmbedder:
 
     async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
         """``text``'s L2-normalized float32 vector, or None (with a throttled
-        warning) when the model failed on it or took longer than the timeout."""
-        vector: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._waiting.append((text, vector))
-        if not self._running:
-            self._run_waiting()
+        warning) when the model failed on it, took longer than the timeout
+        (a text still queued then is dropped), or the embedder is closed."""
         try:
-            # Shielded: a caller that gives up leaves the vector to its batch.
-            return await asyncio.wait_for(
-                asyncio.shield(vector), self._timeout_s if timeout_s is None else timeout_s
-            )
-        except (TimeoutError, EmbeddingUnavailable) as error:
-            self._warn(error if str(error) else EmbeddingUnavailable("the in-process embedding timed out"))
+            run = asyncio.get_running_loop().run_in_executor(self._pool, self._model.embed, [text])
+            vectors = await asyncio.wait_for(run, self._timeout_s if timeout_s is None else timeout_s)
+        except TimeoutError:
+            self._warn(EmbeddingUnavailable("the in-process embedding timed out"))
             return None
-
-    def _run_waiting(self) -> None:
-        batch, self._waiting = self._waiting[: self._max_batch], self._waiting[self._max_batch :]
-        if self._closed:
-            for _, vector in batch:
-                vector.set_exception(EmbeddingUnavailable("the in-process embedder is closed"))
-            return
-        self._running = True
-        run = asyncio.get_running_loop().run_in_executor(self._worker, self._embed, [t for t, _ in batch])
-        run.add_done_callback(lambda done: self._landed(batch, done))
-
-    def _embed(self, texts: list[str]) -> list[np.ndarray | Exception]:
-        """On the worker thread: one vector per text, or the error of the
-        one text that failed (a batch that fails is retried text by text,
-        so one bad text never fails its neighbours)."""
-        try:
-            return list(self._model.embed(texts))
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise  # the caller is cancelled, not just its queued run
+            self._warn(EmbeddingUnavailable("the in-process embedder is closed"))
+            return None
         except Exception as error:
-            if len(texts) == 1:
-                return [error]
-        return [self._embed([text])[0] for text in texts]
-
-    def _landed(self, batch: list[tuple[str, asyncio.Future]], run: asyncio.Future) -> None:
-        self._running = False
-        if run.cancelled() or run.exception() is not None:
-            outcomes = [run.exception() if not run.cancelled() else None] * len(batch)
-        else:
-            outcomes = run.result()
-        for (_, vector), outcome in zip(batch, outcomes):
-            if vector.done():
-                continue
-            if isinstance(outcome, np.ndarray):
-                vector.set_result(outcome)
-            else:
-                vector.set_exception(EmbeddingUnavailable(f"in-process embedding failed: {outcome!r}"))
-        if self._waiting:
-            self._run_waiting()
+            # The model's own failure on this text (one text per run: it
+            # fails no other), or a pool shut down by close().
+            self._warn(EmbeddingUnavailable(f"in-process embedding failed: {error!r}"))
+            return None
+        return vectors[0]
 
     def close(self) -> None:
-        """Stops the worker; a run under way finishes on its own, and texts
-        asked from now on get None."""
-        self._closed = True
-        self._worker.shutdown(wait=False, cancel_futures=True)
+        """Stops the workers; a run under way finishes on its own, queued
+        texts and texts asked from now on get None."""
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -81,8 +81,8 @@ class EmbeddingMemo:
     async def _fetch(self, key: bytes, text: str) -> np.ndarray | None:
         vector = await self._embedder.embed_or_none(text)
         if vector is not None:
-            # A read-only view (of the response's bytes, or a row of a
-            # local batch), shared by every caller: nothing may write into it.
+            # A read-only view (of the response's bytes, or of the local
+            # run's output), shared by every caller: nothing may write into it.
             vector.flags.writeable = False
             self._vectors.put(key, vector)
         return vector

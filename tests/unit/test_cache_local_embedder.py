@@ -1,7 +1,7 @@
 """meshgate/embedding.py's LocalEmbedder: the cache's in-process minilm.
 
-Its logic (batching what waits, one bad text failing alone, timeouts, the
-worker thread) on a scripted model; the vectors on the real one (heavy).
+Its logic (two worker threads, one bad text failing alone, timeouts,
+closing) on a scripted model; the vectors on the real one (heavy).
 That they equal Triton's ``minilm`` vectors is an integration test
 (tests/integration/test_triton_models.py).
 """
@@ -21,18 +21,19 @@ from services.cache.embedding_memo import EmbeddingMemo
 
 
 class ScriptedModel:
-    """A vector per text from its length; raises on texts containing "bad";
-    each run waits for ``release`` and records its texts and thread."""
+    """A vector per text from its length; raises on texts containing "bad".
+    Each run records its texts as it starts, waits for ``release``, then
+    records its thread."""
 
     def __init__(self) -> None:
-        self.runs: list[list[str]] = []
+        self.started: list[list[str]] = []
         self.threads: set[int] = set()
         self.release = threading.Event()
         self.release.set()
 
     def embed(self, texts: list[str]) -> np.ndarray:
+        self.started.append(list(texts))
         self.release.wait(5)
-        self.runs.append(list(texts))
         self.threads.add(threading.get_ident())
         if any("bad" in text for text in texts):
             raise ValueError("cannot tokenize")
@@ -44,10 +45,18 @@ class ScriptedModel:
 @pytest.fixture
 def scripted():
     model = ScriptedModel()
-    embedder = LocalEmbedder(model, max_batch=3)
+    embedder = LocalEmbedder(model, workers=2)
     yield model, embedder
     model.release.set()
     embedder.close()
+
+
+async def started(model: ScriptedModel, count: int) -> None:
+    for _ in range(200):
+        if len(model.started) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(model.started)} runs started, expected {count}")
 
 
 async def test_the_model_runs_on_a_worker_thread_not_the_event_loop(scripted):
@@ -57,35 +66,25 @@ async def test_the_model_runs_on_a_worker_thread_not_the_event_loop(scripted):
     assert model.threads and threading.get_ident() not in model.threads
 
 
-async def test_texts_asked_while_a_run_is_under_way_go_as_one_batch(scripted):
+async def test_two_texts_run_at_once_and_a_third_waits_for_a_worker(scripted):
     model, embedder = scripted
     model.release.clear()
-    first = asyncio.ensure_future(embedder.embed_or_none("a"))
-    await asyncio.sleep(0.05)  # the first run is now waiting on the worker
-    rest = [asyncio.ensure_future(embedder.embed_or_none(t)) for t in ("bb", "ccc", "dddd", "eeeee")]
-    await asyncio.sleep(0)
-    model.release.set()
-    vectors = await asyncio.gather(first, *rest)
-    # A lone text waits for nothing; the four that waited go in runs of at most max_batch (3).
-    assert model.runs == [["a"], ["bb", "ccc", "dddd"], ["eeeee"]]
-    assert all(v is not None for v in vectors)
-
-
-async def test_a_text_the_model_fails_on_gets_none_and_its_batch_neighbours_their_vectors(scripted):
-    model, embedder = scripted
-    model.release.clear()
-    first = asyncio.ensure_future(embedder.embed_or_none("a"))
+    calls = [asyncio.ensure_future(embedder.embed_or_none(t)) for t in ("a", "bb", "ccc")]
+    await started(model, 2)
     await asyncio.sleep(0.05)
-    batch = [asyncio.ensure_future(embedder.embed_or_none(t)) for t in ("good", "bad", "fine")]
-    await asyncio.sleep(0)
+    assert sorted(model.started) == [["a"], ["bb"]]  # each text its own run; "ccc" queued
     model.release.set()
-    assert await first is not None
-    good, bad, fine = await asyncio.gather(*batch)
+    vectors = await asyncio.gather(*calls)
+    assert [float(v[0]) for v in vectors] == [1.0, 1.0, 1.0]
+    assert sorted(model.started) == [["a"], ["bb"], ["ccc"]]
+    assert len(model.threads) == 2
+
+
+async def test_a_text_the_model_fails_on_gets_none_and_fails_no_other(scripted):
+    _, embedder = scripted
+    good, bad, fine = await asyncio.gather(*(embedder.embed_or_none(t) for t in ("good", "bad text", "fine")))
     assert bad is None
     assert good is not None and fine is not None
-    # The failed batch, then each of its texts alone.
-    assert model.runs[1:] == [["good", "bad", "fine"], ["good"], ["bad"], ["fine"]]
-    # And the embedder goes on.
     assert await embedder.embed_or_none("after") is not None
 
 
@@ -101,10 +100,33 @@ async def test_a_run_past_the_timeout_gives_none_and_the_next_text_still_gets_it
         embedder.close()
 
 
-async def test_after_close_a_text_gets_none(scripted):
-    _, embedder = scripted
+async def test_after_close_queued_and_later_texts_get_none(scripted):
+    model, embedder = scripted
+    model.release.clear()
+    running = [asyncio.ensure_future(embedder.embed_or_none(t)) for t in ("a", "bb")]
+    await started(model, 2)
+    queued = asyncio.ensure_future(embedder.embed_or_none("ccc"))
+    await asyncio.sleep(0.01)
     embedder.close()
+    model.release.set()
+    assert await queued is None
+    assert ["ccc"] not in model.started  # dropped, never run
+    assert all(v is not None for v in await asyncio.gather(*running))  # runs under way finish
     assert await embedder.embed_or_none("late") is None
+
+
+async def test_a_caller_cancelled_while_its_text_is_queued_is_cancelled(scripted):
+    model, embedder = scripted
+    model.release.clear()
+    busy = [asyncio.ensure_future(embedder.embed_or_none(t)) for t in ("a", "bb")]
+    await started(model, 2)
+    waiting = asyncio.ensure_future(embedder.embed_or_none("ccc"))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    model.release.set()
+    await asyncio.gather(*busy)
 
 
 async def test_the_memo_in_front_shares_one_run_per_text():
@@ -116,7 +138,7 @@ async def test_the_memo_in_front_shares_one_run_per_text():
             memo.embed_or_none("same", tenant_id="t"), memo.embed_or_none("same", tenant_id="t")
         )
         assert first is second
-        assert model.runs == [["same"]]
+        assert model.started == [["same"]]
         with pytest.raises(ValueError):
             first[0] = 0.0  # shared, so read-only
     finally:
@@ -162,13 +184,15 @@ async def test_real_vectors_are_unit_length_384_floats_for_empty_long_and_unicod
 
 @pytest.mark.heavy
 async def test_real_vectors_do_not_depend_on_the_batch_they_ran_in(minilm):
+    """Triton batches (padding to the longest text), the cache runs texts
+    alone: the padding must not move a vector."""
     from meshgate.minilm import MiniLM
 
     texts = ["How do I learn Python fast?", "What is the quickest way to learn Python?", "hi"]
-    alone = [MiniLM().embed([t])[0] for t in texts]
+    batched = MiniLM().embed(texts)
     together = await asyncio.gather(*(minilm.embed_or_none(t) for t in texts))
-    for one, batched in zip(alone, together):
-        assert float(one @ batched) > 1 - 1e-5
+    for in_batch, alone in zip(batched, together):
+        assert float(in_batch @ alone) > 1 - 1e-5
     paraphrase, unrelated = float(together[0] @ together[1]), float(together[0] @ together[2])
     assert paraphrase > 0.8 > unrelated
 
@@ -176,7 +200,7 @@ async def test_real_vectors_do_not_depend_on_the_batch_they_ran_in(minilm):
 @pytest.mark.heavy
 async def test_a_text_that_is_not_valid_unicode_gets_none_and_fails_no_neighbour(minilm):
     # A lone surrogate: a Python str that has no UTF-8 form (gRPC never
-    # delivers one, but the embedder must not fail the batch it rides in).
+    # delivers one, but the embedder must not fail a text asked beside it).
     bad, good = await asyncio.gather(minilm.embed_or_none("\ud800 x"), minilm.embed_or_none("fine"))
     assert bad is None
     assert good is not None
