@@ -197,6 +197,22 @@ def start_genai_span(operation: str, model: str, parameters) -> trace.Span:
     )
 
 
+def embedding_span(model: str):
+    """The span of an embedding computed in this process (the cache's own
+    minilm), named as the GenAI conventions name a model call ("embeddings
+    minilm"): where a trace showed the client span of an Embed call before.
+    A context manager, made current."""
+    return _tracer.start_as_current_span(
+        f"embeddings {model}",
+        kind=trace.SpanKind.INTERNAL,
+        attributes={
+            "gen_ai.operation.name": "embeddings",
+            "gen_ai.provider.name": GENAI_PROVIDER,
+            "gen_ai.request.model": model,
+        },
+    )
+
+
 def start_grpc_client_span(
     method: str, peer: str, metadata: Sequence[tuple[str, str]] = ()
 ) -> tuple[trace.Span, tuple[tuple[str, str], ...]]:

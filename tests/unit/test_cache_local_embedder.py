@@ -14,7 +14,11 @@ import threading
 
 import numpy as np
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from meshgate import telemetry
 from meshgate.config import CacheSettings, ConfigError
 from meshgate.embedding import EmbeddingUnavailable, LocalEmbedder
 from services.cache.embedding_memo import EmbeddingMemo
@@ -64,6 +68,20 @@ async def test_the_model_runs_on_a_worker_thread_not_the_event_loop(scripted):
     vector = await embedder.embed_or_none("hello")
     assert vector is not None and vector.shape == (4,)
     assert model.threads and threading.get_ident() not in model.threads
+
+
+async def test_each_embedding_is_a_span_in_the_callers_trace(scripted, monkeypatch):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(telemetry, "_tracer", provider.get_tracer("test"))
+    _, embedder = scripted
+    with telemetry._tracer.start_as_current_span("Lookup"):
+        await embedder.embed_or_none("hello")
+    embedding, lookup = exporter.get_finished_spans()
+    assert embedding.name == "embeddings minilm"
+    assert embedding.attributes["gen_ai.operation.name"] == "embeddings"
+    assert embedding.parent.span_id == lookup.context.span_id
 
 
 async def test_two_texts_run_at_once_and_a_third_waits_for_a_worker(scripted):
