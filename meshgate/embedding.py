@@ -173,7 +173,7 @@ class LocalEmbedder:
         self._model_name = model_name
         self._timeout_s = timeout_s
         # Two threads of one onnxruntime thread each, one text per run: at
-        # concurrency 8 on 2 cores, 350-409 texts/s against 191-212 on one
+        # concurrency 8 on 2 cores, 350-409 texts/s against 191-216 on one
         # thread, and a lower p99 than batching the texts that wait
         # (padded to the longest, a batch holds all its callers until its
         # longest text is done): bench/local_embedder_probe.py.
