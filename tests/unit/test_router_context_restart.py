@@ -6,6 +6,7 @@ still reported UNAVAILABLE."""
 from __future__ import annotations
 
 import asyncio
+import time
 import types
 
 import grpc
@@ -18,7 +19,7 @@ from meshgate.errors import MeshgateError
 from meshgate.mesh_auth import TenantTokens
 from services.router import downstream
 from services.router.auth import Tenant
-from services.router.pipeline import Budget
+from services.router.pipeline import Answer, Budget
 
 
 def unavailable() -> grpc.aio.AioRpcError:
@@ -27,46 +28,57 @@ def unavailable() -> grpc.aio.AioRpcError:
     )
 
 
-class Method:
-    """A unary stub method failing UNAVAILABLE ``failures`` times, then answering."""
-
-    def __init__(self, answer, failures: int) -> None:
-        self.answer = answer
-        self.failures = failures
-        self.calls = 0
-
-    async def __call__(self, request, **options):
-        self.calls += 1
-        if self.calls <= self.failures:
-            raise unavailable()
-        return self.answer
-
-
 class Channel:
     """Ready ``after_s`` seconds after first asked (never when None)."""
 
     def __init__(self, after_s: float | None) -> None:
         self.after_s = after_s
         self.asked = 0
+        self.ready = False
 
     async def channel_ready(self) -> None:
         self.asked += 1
         if self.after_s is None:
             await asyncio.Event().wait()
         await asyncio.sleep(self.after_s)
+        self.ready = True
+
+
+class Method:
+    """A unary stub method failing UNAVAILABLE ``failures`` times, then
+    answering; it notes each request and whether the channel was ready."""
+
+    def __init__(self, answer, failures: int, channel: Channel) -> None:
+        self.answer = answer
+        self.failures = failures
+        self.channel = channel
+        self.calls = 0
+        self.requests = []
+        self.ready_when_called: list[bool] = []
+
+    async def __call__(self, request, **options):
+        self.calls += 1
+        self.requests.append(request)
+        self.ready_when_called.append(self.channel.ready)
+        if self.calls <= self.failures:
+            raise unavailable()
+        return self.answer
 
 
 def service(channel: Channel, failures: int) -> tuple[downstream.ContextService, types.SimpleNamespace]:
     stub = types.SimpleNamespace(
-        AssembleContext=Method(context_pb.AssembleContextResponse(session_version=4), failures),
+        AssembleContext=Method(context_pb.AssembleContextResponse(session_version=4), failures, channel),
         CreateSession=Method(
-            context_pb.CreateSessionResponse(session=context_pb.Session(session_id="s-new")), failures
+            context_pb.CreateSessionResponse(session=context_pb.Session(session_id="s-new")),
+            failures,
+            channel,
         ),
+        AppendTurns=Method(context_pb.AppendTurnsResponse(version=7), failures, channel),
     )
     return downstream.ContextService(stub, TenantTokens(None, 60), RouterSettings(), channel=channel), stub
 
 
-def turn(session_id: str) -> types.SimpleNamespace:
+def turn(session_id: str, budget_s: float = 5.0) -> types.SimpleNamespace:
     return types.SimpleNamespace(
         tenant=Tenant("t1", frozenset({"*"})),
         session_id=session_id,
@@ -74,7 +86,8 @@ def turn(session_id: str) -> types.SimpleNamespace:
         model_alias="m1",
         model=types.SimpleNamespace(context_window_tokens=512),
         max_tokens=16,
-        budget=Budget.of(5.0),
+        expected_version=None,
+        budget=Budget.of(budget_s),
     )
 
 
@@ -85,6 +98,8 @@ async def test_a_session_turn_is_sent_again_once_the_channel_is_ready():
     assert (messages, version) == ([], 4)
     assert stub.AssembleContext.calls == 2
     assert channel.asked == 1
+    # Sent again only once the channel is ready, not at once.
+    assert stub.AssembleContext.ready_when_called == [False, True]
 
 
 async def test_creating_a_session_rides_out_a_restart_too():
@@ -116,3 +131,46 @@ async def test_the_second_attempt_is_the_last():
         await context.assemble(turn("s1"))
     assert raised.value.code == grpc.StatusCode.UNAVAILABLE
     assert stub.AssembleContext.calls == 2
+
+
+async def test_a_spent_budget_neither_waits_nor_sends_again():
+    channel = Channel(after_s=0.0)
+    context, stub = service(channel, failures=1)
+    with pytest.raises(MeshgateError) as raised:
+        await context.assemble(turn("s1", budget_s=0.0))
+    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+    assert stub.AssembleContext.calls == 1
+
+
+async def test_the_wait_for_the_channel_ends_with_the_turns_budget():
+    # The grace (3 s) is longer than what is left of the turn: the turn's budget decides.
+    context, stub = service(Channel(after_s=None), failures=5)
+    started = time.monotonic()
+    with pytest.raises(MeshgateError) as raised:
+        await asyncio.wait_for(context.assemble(turn("s1", budget_s=0.1)), timeout=2.0)
+    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - started < downstream._CONTEXT_RESTART_GRACE_S / 2
+    assert stub.AssembleContext.calls == 1
+
+
+async def test_an_append_waits_for_the_channel_and_keeps_its_turn_id(monkeypatch):
+    monkeypatch.setattr(downstream, "_APPEND_RETRY_DELAY_S", 0.0)
+    channel = Channel(after_s=0.01)
+    context, stub = service(channel, failures=2)
+    assert await context.append(turn("s1"), "s1", 3, Answer(text="fine")) == 7
+    # Its own three attempts, the later ones once the channel is ready,
+    # all under one turn id: a reply lost to the restart is answered, not applied twice.
+    assert stub.AppendTurns.calls == 3
+    assert stub.AppendTurns.ready_when_called == [False, True, True]
+    assert len({request.turn_id for request in stub.AppendTurns.requests}) == 1
+    assert stub.AppendTurns.requests[0].turn_id
+
+
+async def test_an_append_to_a_service_that_stays_away_fails_after_its_attempts(monkeypatch):
+    monkeypatch.setattr(downstream, "_APPEND_RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(downstream, "_CONTEXT_RESTART_GRACE_S", 0.02)
+    context, stub = service(Channel(after_s=None), failures=5)
+    with pytest.raises(MeshgateError) as raised:
+        await context.append(turn("s1"), "s1", 3, Answer(text="fine"))
+    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+    assert stub.AppendTurns.calls == downstream._APPEND_ATTEMPTS
