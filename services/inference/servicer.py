@@ -14,13 +14,13 @@ from opentelemetry import trace
 
 from meshgate import balancing, streaming, telemetry, tokenization
 from meshgate.config import InferenceSettings
+from meshgate.embedding_input import EmbeddingTruncator
 from meshgate.errors import MeshgateError, from_rpc_error, invalid_argument, not_found, partly_delivered
 from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.reasons import Reason
 from services.inference import triton_protocol, validation
 from services.inference.backends import BackendPool, TritonBackend, left_rotation
-from services.inference.embedding_input import EmbeddingTruncator
 from services.inference.shared_embeddings import EMBED_BATCH, SharedEmbeddings
 
 log = structlog.get_logger(__name__)

@@ -212,6 +212,26 @@ async def test_real_vectors_are_unit_length_384_floats_for_empty_long_and_unicod
 
 
 @pytest.mark.heavy
+async def test_a_long_text_is_cut_to_what_the_model_reads_before_it_runs(minilm, monkeypatch):
+    """The router lets a question be 256 KiB: tokenized whole, it would hold
+    a worker ~150 ms for the vector of its first 256 tokens."""
+    lengths = []
+    embed = minilm._model.embed
+
+    def recording(texts):
+        lengths.extend(len(text) for text in texts)
+        return embed(texts)
+
+    from meshgate.minilm import MiniLM
+
+    monkeypatch.setattr(minilm._model, "embed", recording)
+    long = await minilm.embed_or_none("word " * 60_000)
+    assert lengths and max(lengths) < 2_000  # 254 words of 5 characters, not 300,000 characters
+    whole = MiniLM().embed(["word " * 60_000])[0]  # the model's own truncation
+    assert float(long @ whole) > 1 - 1e-5
+
+
+@pytest.mark.heavy
 async def test_real_vectors_do_not_depend_on_the_batch_they_ran_in(minilm):
     """Triton batches (padding to the longest text), the cache runs texts
     alone: the padding must not move a vector."""

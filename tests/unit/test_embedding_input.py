@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from meshgate import tokenization
 from meshgate.config import InferenceSettings
-from services.inference.embedding_input import EmbeddingTruncator
+from meshgate.embedding_input import EmbeddingTruncator
 
 TOKENIZER = tokenization.load(InferenceSettings().embedding_tokenizer)
 

@@ -1,4 +1,6 @@
-"""Cuts embedding input to what the embedding model reads anyway.
+"""Cuts embedding input to what the embedding model reads anyway: in the
+inference service before Triton, and in the cache's in-process embedder
+(``meshgate.embedding.LocalEmbedder``) before its own run of the model.
 
 all-MiniLM-L6-v2 reads at most 256 tokens, and the model truncates only after
 tokenizing the whole text: a 3 MB text costs seconds of CPU and hundreds of MB
