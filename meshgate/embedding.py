@@ -8,6 +8,7 @@ import asyncio
 import collections
 import concurrent.futures
 import hashlib
+import threading
 import time
 import typing
 
@@ -154,6 +155,17 @@ class Embedder:
             return None
 
 
+# Texts a LocalEmbedder lets wait for a worker; one more is not embedded
+# (its lookup matches without meaning, at once) rather than queued. Each
+# queued text would wait its turn up to the 3 s timeout, so a sustained
+# overload would add ~3 s to every lookup and hold every waiting question
+# (up to 2 x 256 KiB each) that long. 128 is ~0.3-0.4 s of work at the
+# 350-409 texts/s two workers ran on 2 cores (bench/local_embedder_probe.py):
+# generous, since a text not embedded may cost a semantic hit, i.e. a
+# whole generation, where the embedding costs ~5 ms.
+LOCAL_EMBED_MAX_WAITING = 128
+
+
 class LocalEmbedder:
     """The inference service's embedding model (``minilm``) run in this
     process: ``meshgate.minilm.MiniLM``, the very code Triton's ``minilm``
@@ -164,7 +176,8 @@ class LocalEmbedder:
 
     Each text is one run on a pool of ``workers`` threads (onnxruntime
     releases the GIL), never on the event loop; more texts at once wait in
-    the pool's queue.
+    the pool's queue, at most ``max_waiting`` of them (see
+    :data:`LOCAL_EMBED_MAX_WAITING`).
     """
 
     def __init__(
@@ -174,6 +187,7 @@ class LocalEmbedder:
         workers: int = 2,
         model_name: str = "minilm",
         truncator: EmbeddingTruncator | None = None,
+        max_waiting: int = LOCAL_EMBED_MAX_WAITING,
     ) -> None:
         self._model = model
         # The model tokenizes a whole text before it keeps 256 tokens: a
@@ -190,6 +204,13 @@ class LocalEmbedder:
         # (padded to the longest, a batch holds all its callers until its
         # longest text is done): bench/local_embedder_probe.py.
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="embedder")
+        self._max_admitted = workers + max_waiting
+        # Texts running or waiting in the pool. A text leaves when its run
+        # ends or its queued run is cancelled (the caller's timeout), not
+        # when its caller stops waiting: a run past its timeout still holds
+        # a worker. Counted from worker threads too, hence the lock.
+        self._admitted = 0
+        self._admitted_lock = threading.Lock()
         self._warn = _ThrottledWarning()
 
     @classmethod
@@ -219,10 +240,14 @@ class LocalEmbedder:
     async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
         """``text``'s L2-normalized float32 vector, or None (with a throttled
         warning) when the model failed on it, took longer than the timeout
-        (a text still queued then is dropped), or the embedder is closed."""
+        (a text still queued then is dropped), ``max_waiting`` texts already
+        wait for a worker, or the embedder is closed."""
         try:
             with telemetry.embedding_span(self._model_name):
-                run = asyncio.get_running_loop().run_in_executor(self._pool, self._embed_one, text)
+                run = self._admit(text)
+                if run is None:
+                    self._warn(EmbeddingUnavailable("the in-process embedder is overloaded"))
+                    return None
                 vectors = await asyncio.wait_for(run, self._timeout_s if timeout_s is None else timeout_s)
         except TimeoutError:
             self._warn(EmbeddingUnavailable("the in-process embedding timed out"))
@@ -238,6 +263,25 @@ class LocalEmbedder:
             self._warn(EmbeddingUnavailable(f"in-process embedding failed: {error!r}"))
             return None
         return vectors[0]
+
+    def _admit(self, text: str) -> asyncio.Future | None:
+        """``text``'s run on the pool, or None when ``max_waiting`` texts
+        already wait for a worker."""
+        with self._admitted_lock:
+            if self._admitted >= self._max_admitted:
+                return None
+            self._admitted += 1
+        try:
+            run = self._pool.submit(self._embed_one, text)
+        except BaseException:
+            self._release()
+            raise
+        run.add_done_callback(lambda _: self._release())
+        return asyncio.wrap_future(run)
+
+    def _release(self) -> None:
+        with self._admitted_lock:
+            self._admitted -= 1
 
     def _embed_one(self, text: str) -> np.ndarray:
         texts = [text] if self._truncator is None else self._truncator.truncate([text])

@@ -133,6 +133,47 @@ async def test_after_close_queued_and_later_texts_get_none(scripted):
     assert await embedder.embed_or_none("late") is None
 
 
+async def test_past_max_waiting_a_text_gets_none_at_once_and_is_never_run():
+    model = ScriptedModel()
+    embedder = LocalEmbedder(model, workers=2, max_waiting=1)
+    try:
+        model.release.clear()
+        admitted = [asyncio.ensure_future(embedder.embed_or_none(t)) for t in ("a", "bb")]
+        await started(model, 2)
+        admitted.append(asyncio.ensure_future(embedder.embed_or_none("ccc")))  # waits for a worker
+        await asyncio.sleep(0.01)
+        # Both workers busy and one text waiting: the next is refused without waiting.
+        assert await asyncio.wait_for(embedder.embed_or_none("dddd"), 1.0) is None
+        model.release.set()
+        assert all(v is not None for v in await asyncio.gather(*admitted))
+        assert ["dddd"] not in model.started
+        # The finished runs freed their places.
+        assert await embedder.embed_or_none("eeeee") is not None
+    finally:
+        model.release.set()
+        embedder.close()
+
+
+async def test_a_queued_text_past_its_timeout_frees_its_place():
+    model = ScriptedModel()
+    embedder = LocalEmbedder(model, workers=1, max_waiting=1)
+    try:
+        model.release.clear()
+        running = asyncio.ensure_future(embedder.embed_or_none("a"))
+        await started(model, 1)
+        assert await embedder.embed_or_none("queued", timeout_s=0.05) is None  # dropped from the queue
+        # Its place is free again at once, while "a" still holds the worker.
+        waiting = asyncio.ensure_future(embedder.embed_or_none("next"))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        model.release.set()
+        assert await running is not None and await waiting is not None
+        assert ["queued"] not in model.started
+    finally:
+        model.release.set()
+        embedder.close()
+
+
 async def test_a_caller_cancelled_while_its_text_is_queued_is_cancelled(scripted):
     model, embedder = scripted
     model.release.clear()
