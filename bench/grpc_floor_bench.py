@@ -13,11 +13,15 @@ own server and channel options (meshgate/serving.py) and its mutual TLS
 the inference service; a *relay* process serves a plain-text port (the
 router's public port) and relays each call to the server over mutual TLS,
 reading ahead and joining what arrived together as the mesh does
-(meshgate/streaming.batches); the client is this process. Two paths, each at
-concurrency 1 and ``--concurrency``: client -> server over mutual TLS
-(direct), and client -> relay -> server. Reported: messages the client
-received per second, and each process's CPU (user + system, from /proc)
-per message the client received.
+(meshgate/streaming.batches); the client is this process. Three paths, each
+at concurrency 1 and ``--concurrency``: client -> server over mutual TLS
+(direct), client -> relay -> server, and client -> outer relay -> relay ->
+server (relayed twice: as many hops, and as many over mutual TLS, as a
+generation through the mesh has over one straight to Triton: the router
+and the inference service). Reported: messages the client received per
+second, the time to each call's first message (p50: what the hops alone
+add to time to first token, with no service code), and each process's CPU
+(user + system, from /proc) per message the client received.
 
 A ``--variant NAME:KEY=VALUE,...`` starts the server and the relay again
 with extra grpc options (their servers' and channels' alike, as if
@@ -83,7 +87,9 @@ async def serve_stream(request: bytes, context):
         yield payload
 
 
-async def run_role(role: str, port: int, upstream: str, certs_dir: pathlib.Path, tls: bool) -> None:
+async def run_role(
+    role: str, port: int, upstream: str, certs_dir: pathlib.Path, tls: bool, upstream_tls: bool = True
+) -> None:
     if role == "server":
         server = grpc.aio.server(options=serving.SERVER_OPTIONS)
         server.add_generic_rpc_handlers([bytes_handler(serve_stream)])
@@ -93,7 +99,8 @@ async def run_role(role: str, port: int, upstream: str, certs_dir: pathlib.Path,
         else:
             server.add_insecure_port(f"127.0.0.1:{port}")
     else:
-        security = Mesh(mesh_settings(certs_dir), RELAY_ROLE).to(SERVER_ROLE) if tls else None
+        secure = tls and upstream_tls
+        security = Mesh(mesh_settings(certs_dir), RELAY_ROLE).to(SERVER_ROLE) if secure else None
         channel = serving.client_channel(upstream, security, traced=False)
         relayed = channel.unary_stream(METHOD)
 
@@ -120,12 +127,13 @@ def cpu_seconds(pid: int | str) -> float:
 
 
 def start(
-    role: str, port: int, upstream: str, certs_dir: pathlib.Path, args, extra: dict
+    role: str, port: int, upstream: str, certs_dir: pathlib.Path, args, extra: dict, upstream_plain=False
 ) -> subprocess.Popen:
     env = dict(os.environ, **{k: v for k, v in extra.items() if k.isupper()})
     options = [f"{k}={v}" for k, v in extra.items() if not k.isupper()]
     command = [sys.executable, __file__, "--role", role, "--port", str(port), "--upstream", upstream]
     command += ["--certs", str(certs_dir), *(["--no-tls"] if args.no_tls else [])]
+    command += ["--upstream-plain"] if upstream_plain else []
     command += [arg for option in options for arg in ("--option", option)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
     if process.stdout.readline().strip() != "ready":
@@ -133,8 +141,9 @@ def start(
     return process
 
 
-async def load(target: str, tls_security, concurrency: int, args) -> tuple[int, float]:
-    """Calls from ``concurrency`` workers; returns messages received and wall seconds."""
+async def load(target: str, tls_security, concurrency: int, args) -> tuple[int, float, list[float]]:
+    """Calls from ``concurrency`` workers; returns messages received, wall
+    seconds and each call's seconds to its first message."""
     if tls_security is None:
         channel = grpc.aio.insecure_channel(target, options=serving.CHANNEL_OPTIONS)
     else:
@@ -142,22 +151,29 @@ async def load(target: str, tls_security, concurrency: int, args) -> tuple[int, 
     request = REQUEST.pack(args.messages, args.bytes, int(args.interval_ms * 1000))
     stream = channel.unary_stream(METHOD)
     received = 0
+    first_message_s: list[float] = []
 
     async def worker(calls: int) -> None:
         nonlocal received
         for _ in range(calls):
+            started = time.perf_counter()
+            first = True
             async for _message in stream(request):
+                if first:
+                    first_message_s.append(time.perf_counter() - started)
+                    first = False
                 received += 1
 
     await worker(2)  # connect and warm
     received = 0
+    first_message_s.clear()
     # Alone, four times the calls: enough CPU to read in /proc's 10 ms ticks.
     calls = args.calls * 4 if concurrency == 1 else args.calls
     started = time.perf_counter()
     await asyncio.gather(*(worker(calls) for _ in range(concurrency)))
     wall = time.perf_counter() - started
     await channel.close()
-    return received, wall
+    return received, wall, first_message_s
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -166,15 +182,18 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def measure(args, certs_dir: pathlib.Path, variant: str, extra: dict) -> list[str]:
-    server_port, relay_port = free_port(), free_port()
+    server_port, relay_port, outer_port = free_port(), free_port(), free_port()
     server = start("server", server_port, "", certs_dir, args, extra)
     relay = start("relay", relay_port, f"127.0.0.1:{server_port}", certs_dir, args, extra)
+    # In front of the relay, on its plain-text port: the second hop.
+    outer = start("relay", outer_port, f"127.0.0.1:{relay_port}", certs_dir, args, extra, upstream_plain=True)
     rows = []
     try:
         client_security = None if args.no_tls else Mesh(mesh_settings(certs_dir), RELAY_ROLE).to(SERVER_ROLE)
         paths = {
             "direct" + ("" if args.no_tls else " (mTLS)"): (f"127.0.0.1:{server_port}", client_security),
             "relayed": (f"127.0.0.1:{relay_port}", None),
+            "relayed twice": (f"127.0.0.1:{outer_port}", None),
         }
         for concurrency in (1, args.concurrency):
             for path, (target, security) in paths.items():
@@ -182,18 +201,21 @@ def measure(args, certs_dir: pathlib.Path, variant: str, extra: dict) -> list[st
                 repeats = []
                 for _ in range(args.repeats):
                     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-                    received, wall = uvloop.run(load(target, security, concurrency, args))
+                    received, wall, first_s = uvloop.run(load(target, security, concurrency, args))
                     used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
-                    repeats.append((received / wall, {n: used[n] / received * 1e6 for n in used}))
+                    per_message = {n: used[n] / received * 1e6 for n in used}
+                    repeats.append((received / wall, per_message, statistics.median(first_s) * 1000))
                 rate = statistics.median(r[0] for r in repeats)
                 per = {n: statistics.median(r[1][n] for r in repeats) for n in pids}
-                relay_cell = f"{per['relay']:.1f}" if path == "relayed" else "-"
+                first_ms = statistics.median(r[2] for r in repeats)
+                # The inner relay's CPU; the outer one's is not read.
+                relay_cell = "-" if path.startswith("direct") else f"{per['relay']:.1f}"
                 rows.append(
-                    f"| {variant} | {path} | {concurrency} | {rate:.0f} | {per['server']:.1f} "
-                    f"| {relay_cell} | {per['client']:.1f} |"
+                    f"| {variant} | {path} | {concurrency} | {rate:.0f} | {first_ms:.2f} "
+                    f"| {per['server']:.1f} | {relay_cell} | {per['client']:.1f} |"
                 )
     finally:
-        for process in (relay, server):
+        for process in (outer, relay, server):
             process.terminate()
             process.wait(10)
     return rows
@@ -217,6 +239,7 @@ def main() -> None:
     parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
     parser.add_argument("--certs", type=pathlib.Path, help=argparse.SUPPRESS)
     parser.add_argument("--option", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--upstream-plain", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
         # A variant's grpc options, as if serving.py set them.
@@ -225,12 +248,14 @@ def main() -> None:
             value = int(value) if value.lstrip("-").isdigit() else value
             serving.SERVER_OPTIONS.append((key, value))
             serving.CHANNEL_OPTIONS.append((key, value))
-        uvloop.run(run_role(args.role, args.port, args.upstream, args.certs, not args.no_tls))
+        tls = not args.no_tls
+        uvloop.run(run_role(args.role, args.port, args.upstream, args.certs, tls, not args.upstream_plain))
         return
     variants = args.variant or [("baseline", {})]
     rows = [
-        "| variant | path | concurrency | messages/s | server CPU µs/message | relay | client |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | path | concurrency | messages/s | first message p50 (ms) "
+        "| server CPU µs/message | relay | client |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory(prefix="grpc-floor-") as directory:
         certs_dir = pathlib.Path(directory)

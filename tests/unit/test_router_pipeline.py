@@ -6,10 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from meshgate import telemetry
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, RouterSettings
 from meshgate.errors import MeshgateError, unavailable
@@ -241,6 +246,24 @@ async def test_bypass_skips_the_lookup_and_the_store():
     events = await events_of(turns.run(request(policy=pb.CACHE_POLICY_BYPASS), TENANT, "", Budget()))
     assert events[-1].cache_status is CacheStatus.BYPASSED
     assert parts["cache"].lookups == parts["cache"].exact_lookups == [] and parts["cache"].stored == []
+
+
+async def test_the_genai_span_covers_the_whole_turn_and_carries_its_usage(monkeypatch):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(telemetry, "_tracer", provider.get_tracer("test"))
+    turns, _ = pipeline()
+    first_delta_ns = None
+    async for event in turns.run(request(policy=pb.CACHE_POLICY_BYPASS), TENANT, "", Budget()):
+        if isinstance(event, Delta) and first_delta_ns is None:
+            assert exporter.get_finished_spans() == ()  # the turn is not over
+            first_delta_ns = time.time_ns()
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "chat m" and span.start_time <= first_delta_ns <= span.end_time
+    assert span.attributes["gen_ai.request.max_tokens"] == 8
+    assert span.attributes["gen_ai.usage.output_tokens"] == 3
+    assert span.attributes["meshgate.cache_status"] == "bypassed"
 
 
 async def test_a_stateless_turn_goes_out_as_sent_when_the_context_service_is_down():
