@@ -141,7 +141,7 @@ DEFAULT_WEIGHTS = Weights()
 RANKING = "hybrid-spans-2"
 # The same, with the question's nameless form (NamelessQuery) embedded and
 # scored with it (context.embed_nameless_question).
-RANKING_NAMELESS = "hybrid-spans-nameless-3"
+RANKING_NAMELESS = "hybrid-spans-nameless-4"
 
 # A posting packs a turn index and the term's frequency in it (capped) into one uint32.
 TF_BITS = 4
@@ -277,15 +277,21 @@ class NamelessQuery:
     embedded beside it. ``vector`` is None until then."""
 
     text: str
-    # The entity terms (``@kate``) of the words left out.
+    # The words left out, as written less a possessive ("Vanessa").
     names: frozenset[str]
     vector: np.ndarray | None = None
+
+
+# Words in any script for the nameless form: _WORD's ASCII letters would cut
+# "Bolaño" into "Bola" and "o" and keep the "o" as a word of its own.
+_ANY_WORD = re.compile(r"[^\W\d_][\w'’]*|\d+(?:[.,:/]\d+)*")
 
 
 def nameless_text(text: str) -> NamelessQuery | None:
     """The question's words less stop words and less capitalized words
     (names, mostly: "What pets did Vanessa have?" -> "pets"), in order;
     None when it has no capitalized word to leave out, or nothing else.
+    Words of scripts without capitals are never left out.
 
     A name that no turn of the session uses cannot match a turn, yet it
     moves the question's embedding toward whatever the model associates
@@ -294,11 +300,13 @@ def nameless_text(text: str) -> NamelessQuery | None:
     :func:`hybrid_scores` then mixes this text's vector into the question's."""
     kept, names = [], set()
     # Typographic apostrophes spell the same words as the stop list's (index_terms).
-    for written, word in _words(text.replace("’", "'")):
+    for match in _ANY_WORD.finditer(text.replace("’", "'")):
+        written = match.group()
+        word = _POSSESSIVE.sub("", written)
         if word.lower() in STOP_WORDS:
             continue
         if written[0].isupper():
-            names.add(ENTITY_MARK + word.lower())
+            names.add(word)
         else:
             kept.append(written)
     if not names or not kept:
@@ -396,13 +404,22 @@ def hybrid_scores(
 
 
 def _names_only_pull_away(
-    nameless: NamelessQuery | None, postings: collections.abc.Mapping[str, np.ndarray], participants
+    nameless: NamelessQuery | None,
+    postings: collections.abc.Mapping[str, np.ndarray],
+    participants: collections.abc.Mapping[str, np.ndarray],
 ) -> bool:
     """Whether every name the nameless question leaves out is unknown to the
-    session or a participant's (``participants``)."""
+    session or a participant's (``participants``). Unknown: no turn has
+    any term the index makes of it, in any case, so that a question's
+    capitalized first word the turns use ("Pottery: when did Kate start?")
+    is what the question is about, not a name."""
     if nameless is None or nameless.vector is None:
         return False
-    return all(len(postings.get(name, ())) == 0 or name in participants for name in nameless.names)
+    for name in nameless.names:
+        terms = index_terms(name)
+        if not participants.keys() & terms and any(len(postings.get(t, ())) for t in terms):
+            return False
+    return True
 
 
 def _with_neighbours(score: np.ndarray, weights: Weights) -> np.ndarray:

@@ -397,12 +397,31 @@ def test_the_nameless_form_drops_stop_words_and_capitalized_words() -> None:
     nameless = relevance.nameless_text("What pets did Vanessa’s brother have in May?")
     assert nameless is not None
     assert nameless.text == "pets brother"
-    # Each left-out word as the entity term index_terms makes of it.
-    assert nameless.names == {"@vanessa", "@may"}
-    assert nameless.names <= set(relevance.index_terms("What pets did Vanessa’s brother have in May?"))
+    # Each left-out word as written, less its possessive.
+    assert nameless.names == {"Vanessa", "May"}
     # Nothing to leave out, or nothing left: no nameless form.
     assert relevance.nameless_text("what pets did she have?") is None
     assert relevance.nameless_text("Where is Lisbon?") is None
+    assert relevance.nameless_text("WHAT PETS DOES VANESSA HAVE?") is None
+    assert relevance.nameless_text("") is None
+
+
+def test_the_nameless_form_keeps_whole_words_in_any_script() -> None:
+    # A question of the development data: the index's ASCII words would
+    # leave "o" of "Bolaño" behind as a word.
+    nameless = relevance.nameless_text('When did Fahim Khan discuss reading "2666" by Roberto Bolaño?')
+    assert nameless is not None
+    assert nameless.text == "discuss reading 2666"
+    assert nameless.names == {"Fahim", "Khan", "Roberto", "Bolaño"}
+    # A lowercase word with a Cyrillic letter is a word, not a fragment.
+    assert (
+        relevance.nameless_text("When did Nicolas go to the cinema with his сrush?").text == "go cinema сrush"
+    )
+    nameless = relevance.nameless_text("Où est né François?")
+    assert (nameless.text, nameless.names) == ("est né", {"Où", "François"})
+    assert relevance.nameless_text("İstanbul trip plans?").names == {"İstanbul"}
+    # A script without capitals has no names to leave out.
+    assert relevance.nameless_text("東京で何を食べましたか?") is None
 
 
 def test_a_name_the_session_never_uses_stops_pulling_the_question_away() -> None:
@@ -434,3 +453,45 @@ def test_a_name_the_session_never_uses_stops_pulling_the_question_away() -> None
     assert best(named, nameless) == 0
     # Not embedded (the embedder failed): the question alone.
     assert best(postings, relevance.NamelessQuery(nameless.text, nameless.names)) == 0
+    # Used by the session in lowercase only, it is a word the question is
+    # about (a capitalized first word, say), not a name: the question stays whole.
+    lowercase = {**postings, "vanessa": np.array([relevance.pack_posting(0, 1)], dtype=np.uint32)}
+    assert best(lowercase, nameless) == 0
+
+
+def test_a_name_the_index_cuts_is_known_by_the_terms_it_makes() -> None:
+    rows = relevance.unit_rows(np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32))
+    question = "Which novels did Bolaño write?"
+    terms = relevance.index_terms(question)
+    nameless = relevance.nameless_text(question)
+    assert nameless.names == {"Bolaño"}
+    nameless = relevance.NamelessQuery(nameless.text, nameless.names, np.array([0, 1, 0], dtype=np.float32))
+    question_vector = np.array([0.8, 0.6, 0.0], dtype=np.float32)
+    weights = relevance.Weights(keyword=0.0, entity=0.0, neighbour=0.0, span=0.0, feedback_weight=0.0)
+
+    def best(texts) -> int:
+        postings, lengths = postings_of(texts)
+        scores = relevance.hybrid_scores(
+            terms, postings, lengths, rows, question_vector, weights, nameless=nameless
+        )
+        return int(np.argmax(scores))
+
+    # A turn names him ("Bolaño" is indexed as "bola" and "@bola"): he is what the question is about.
+    assert best(["I finally read Bolaño", "My cat sleeps all day", "Rain again"]) == 0
+    # No turn does: the nameless form's vector moves the question.
+    assert best(["I finally read a book", "My cat sleeps all day", "Rain again"]) == 1
+
+
+def test_a_session_without_turns_scores_nothing_with_a_nameless_form() -> None:
+    nameless = relevance.nameless_text("What pets does Vanessa have?")
+    nameless = relevance.NamelessQuery(nameless.text, nameless.names, np.array([0, 1, 0], dtype=np.float32))
+    scores = relevance.hybrid_scores(
+        relevance.index_terms("What pets does Vanessa have?"),
+        {},
+        np.zeros(0),
+        np.zeros((0, 3), dtype=np.float32),
+        np.array([0.8, 0.6, 0.0], dtype=np.float32),
+        roles=np.zeros(0, dtype=np.int32),
+        nameless=nameless,
+    )
+    assert scores.shape == (0,)
