@@ -30,6 +30,7 @@ import asyncio
 import collections
 import cProfile
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -254,6 +255,18 @@ def nameless_texts(turns: list[common_pb2.Message], questions: list[dict]) -> li
     """What the service embeds beside each question (relevance.nameless_text;
     the question itself where it has none, never used)."""
     return [getattr(relevance.nameless_text(q["question"]), "text", q["question"]) for q in questions]
+
+
+def nameless_vectors(conversations) -> dict[str, np.ndarray]:
+    """:func:`cached_vectors` of :func:`nameless_texts`, in a file named by
+    their digest: a change to relevance.nameless_text embeds the new texts
+    instead of scoring them by the old ones' cached vectors."""
+    digest = hashlib.sha256()
+    for name, (turns, _, questions) in sorted(conversations.items()):
+        for text in (name, *nameless_texts(turns, questions)):
+            digest.update(text.encode() + b"\0")
+    file_name = f"realtalk_nameless_vectors-{digest.hexdigest()[:16]}.npz"
+    return uvloop.run(cached_vectors(conversations, file_name, nameless_texts))
 
 
 def nameless_queries(questions: list[dict], vectors: np.ndarray) -> list[relevance.NamelessQuery | None]:
@@ -746,7 +759,7 @@ def main() -> None:
         names = sorted(conversations)
         ranker = context_ranker.LearnedRanker.load()
         # What the service embeds beside a question: once, as the vectors above.
-        nameless = uvloop.run(cached_vectors(conversations, "realtalk_nameless_vectors.npz", nameless_texts))
+        nameless = nameless_vectors(conversations)
         embed_nameless = args.embed_nameless_question or Settings().context.embed_nameless_question
         each = {
             n: offline(

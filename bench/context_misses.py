@@ -116,9 +116,7 @@ def prepared() -> dict[str, Conversation]:
     paths = {p.stem: p for p in sorted(bench.DATA.glob("*.json"))}
     conversations = {name: bench.load_conversation(path) for name, path in paths.items()}
     vectors = uvloop.run(bench.cached_vectors(conversations))
-    nameless = uvloop.run(
-        bench.cached_vectors(conversations, "realtalk_nameless_vectors.npz", bench.nameless_texts)
-    )
+    nameless = bench.nameless_vectors(conversations)
     out = {}
     for name, (turns, _, questions) in conversations.items():
         counts = asyncio.run(counter().count(turns))
