@@ -63,6 +63,14 @@ async def started(model: ScriptedModel, count: int) -> None:
     raise AssertionError(f"{len(model.started)} runs started, expected {count}")
 
 
+async def occupy_workers(model: ScriptedModel, embedder: LocalEmbedder, count: int = 2) -> list:
+    """``count`` texts running, each holding its worker until ``model.release`` is set."""
+    model.release.clear()
+    running = [asyncio.ensure_future(embedder.embed_or_none("x" * (i + 1))) for i in range(count)]
+    await started(model, count)
+    return running
+
+
 async def test_the_model_runs_on_a_worker_thread_not_the_event_loop(scripted):
     model, embedder = scripted
     vector = await embedder.embed_or_none("hello")
@@ -120,9 +128,7 @@ async def test_a_run_past_the_timeout_gives_none_and_the_next_text_still_gets_it
 
 async def test_after_close_queued_and_later_texts_get_none(scripted):
     model, embedder = scripted
-    model.release.clear()
-    running = [asyncio.ensure_future(embedder.embed_or_none(t)) for t in ("a", "bb")]
-    await started(model, 2)
+    running = await occupy_workers(model, embedder)
     queued = asyncio.ensure_future(embedder.embed_or_none("ccc"))
     await asyncio.sleep(0.01)
     embedder.close()
@@ -137,9 +143,7 @@ async def test_past_max_waiting_a_text_gets_none_at_once_and_is_never_run():
     model = ScriptedModel()
     embedder = LocalEmbedder(model, workers=2, max_waiting=1)
     try:
-        model.release.clear()
-        admitted = [asyncio.ensure_future(embedder.embed_or_none(t)) for t in ("a", "bb")]
-        await started(model, 2)
+        admitted = await occupy_workers(model, embedder)
         admitted.append(asyncio.ensure_future(embedder.embed_or_none("ccc")))  # waits for a worker
         await asyncio.sleep(0.01)
         # Both workers busy and one text waiting: the next is refused without waiting.
@@ -158,9 +162,7 @@ async def test_a_queued_text_past_its_timeout_frees_its_place():
     model = ScriptedModel()
     embedder = LocalEmbedder(model, workers=1, max_waiting=1)
     try:
-        model.release.clear()
-        running = asyncio.ensure_future(embedder.embed_or_none("a"))
-        await started(model, 1)
+        (running,) = await occupy_workers(model, embedder, 1)
         assert await embedder.embed_or_none("queued", timeout_s=0.05) is None  # dropped from the queue
         # Its place is free again at once, while "a" still holds the worker.
         waiting = asyncio.ensure_future(embedder.embed_or_none("next"))
@@ -176,9 +178,7 @@ async def test_a_queued_text_past_its_timeout_frees_its_place():
 
 async def test_a_caller_cancelled_while_its_text_is_queued_is_cancelled(scripted):
     model, embedder = scripted
-    model.release.clear()
-    busy = [asyncio.ensure_future(embedder.embed_or_none(t)) for t in ("a", "bb")]
-    await started(model, 2)
+    busy = await occupy_workers(model, embedder)
     waiting = asyncio.ensure_future(embedder.embed_or_none("ccc"))
     await asyncio.sleep(0.01)
     waiting.cancel()
