@@ -403,6 +403,22 @@ def hybrid_scores(
     return _with_spans(score, weights)
 
 
+def mixes_nameless(
+    query_terms: collections.abc.Iterable[str],
+    postings: collections.abc.Mapping[str, np.ndarray],
+    roles: np.ndarray | None,
+    nameless: NamelessQuery | None,
+    weights: Weights = DEFAULT_WEIGHTS,
+) -> bool:
+    """Whether :func:`hybrid_scores`, given these and vectors to score
+    with, mixes ``nameless`` into the question's vector: what an assembly's
+    ranking is then named by (RANKING_NAMELESS)."""
+    if nameless is None or not weights.nameless:
+        return False
+    participants = {} if roles is None else _participant_name_turns(query_terms, postings, roles)
+    return _names_only_pull_away(nameless, postings, participants)
+
+
 def _names_only_pull_away(
     nameless: NamelessQuery | None,
     postings: collections.abc.Mapping[str, np.ndarray],

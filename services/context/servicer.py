@@ -118,11 +118,12 @@ def _live_scores(
     terms: list[str],
     view: _SessionView,
     query_vector: np.ndarray | None,
-    nameless: relevance.NamelessQuery | None = None,
-) -> tuple[np.ndarray, bool]:
+    nameless: relevance.NamelessQuery | None,
+    inputs: pb.AssemblyInputs,
+) -> np.ndarray:
     """relevance.hybrid_scores over the live turns (BM25's statistics are
-    theirs alone), zero for the compacted ones before them; and whether the
-    vectors were part of it (relevance.scores_dense)."""
+    theirs alone), zero for the compacted ones before them; ``inputs``
+    gets the ranking's name and whether the vectors were part of it."""
     compacted = view.compacted
     postings, term_counts = view.postings, view.term_counts
     if compacted:
@@ -133,8 +134,18 @@ def _live_scores(
     scores = relevance.hybrid_scores(
         terms, postings, term_counts, view.unit_vectors, query_vector, roles=roles, nameless=nameless
     )
-    dense = relevance.scores_dense(view.unit_vectors, query_vector, len(term_counts))
-    return (np.concatenate([np.zeros(compacted), scores]) if compacted else scores), dense
+    # What the scoring used, not whether the question got a vector: turns
+    # without vectors (embedded by none, or a rebuild the index does not
+    # cover) are scored by words alone either way.
+    inputs.dense_scored = relevance.scores_dense(view.unit_vectors, query_vector, len(term_counts))
+    # The nameless form's ranking only where it moved the question: an
+    # assembly it left alone keeps its id whether context.embed_nameless_question
+    # is on or not, and one it changed is never passed off as the other's.
+    mixed = inputs.dense_scored and relevance.mixes_nameless(
+        terms, postings, roles[: len(term_counts)], nameless
+    )
+    inputs.ranking = relevance.RANKING_NAMELESS if mixed else relevance.RANKING
+    return np.concatenate([np.zeros(compacted), scores]) if compacted else scores
 
 
 def _postings_of(
@@ -459,14 +470,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         budget = min(request.max_prompt_tokens, model.context_window_tokens)
         packs = self._packs(strategy, counter)
         if request.session_id:
-            response, version, turns, chosen, compacted, dense = await self._assemble_session(
+            response, version, turns, chosen, compacted = await self._assemble_session(
                 request, new, budget, counter, at_version, strategy, packs, query_vector
             )
         else:
             required = [assembly.TurnCost(c.message.role, c.tokens) for c in new]
             turns = assembly.SessionCosts.of([])
             chosen = assembly.plan(turns, required, budget, counter.template_tokens)
-            response, version, compacted, dense = assembly.render(chosen, turns, {}, new), 0, 0, False
+            response, version, compacted = assembly.render(chosen, turns, {}, new), 0, 0
         summarized: list[summaries_lib.Summary] = []
         if self._summarizer is not None and request.session_id:
             summarized = await self._add_summaries(
@@ -483,14 +494,6 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         inputs.tokenizer = counter.spec
         inputs.strategy = _STRATEGY_NAMES[strategy]
         inputs.packs_older_turns = packs
-        if strategy == pb.ASSEMBLY_STRATEGY_ADAPTIVE and request.session_id:
-            inputs.ranking = (
-                relevance.RANKING_NAMELESS if self._embed_nameless_question else relevance.RANKING
-            )
-            # What the scoring used, not whether the question got a vector:
-            # turns without vectors (embedded by none, or a rebuild the
-            # index does not cover) are scored by words alone either way.
-            inputs.dense_scored = dense
         digest = hashlib.sha256()
         for message in new_messages:
             serialized = message.SerializeToString(deterministic=True)
@@ -578,7 +581,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         strategy: int,
         packs: bool,
         query_vector: asyncio.Task | None,
-    ) -> tuple[pb.AssembleContextResponse, int, assembly.SessionCosts, assembly.Plan, int, bool]:
+    ) -> tuple[pb.AssembleContextResponse, int, assembly.SessionCosts, assembly.Plan, int]:
         """Plans from the turns' index (roles, counts, vectors, the query's
         postings) and reads only the chosen turns' texts; a session whose
         index is incomplete (stored before it, forked, or an older version
@@ -586,8 +589,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         is the new messages' embedding on its way (_embed_query), awaited
         only once nothing else is left before scoring; ``packs``, whether it
         may pack older turns (_packs, decided once per assembly, as its
-        inputs name it). Also returns whether the turns' vectors were part
-        of the scoring."""
+        inputs name it). Adaptive assembly names its ranking in the
+        response's inputs (_live_scores)."""
         tenant_id, session_id = request.tenant_id, request.session_id
         adaptive = strategy == pb.ASSEMBLY_STRATEGY_ADAPTIVE
         terms = list(relevance.index_terms(_query_text(c.message for c in new))) if adaptive else []
@@ -600,7 +603,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         costs = assembly.SessionCosts(view.roles, view.counts, view.line_counts)
         required = [assembly.TurnCost(c.message.role, c.tokens) for c in (*facts, *new)]
         vector, nameless = await query_vector if query_vector is not None else (None, None)
-        scores, dense = _live_scores(terms, view, vector, nameless) if adaptive else (None, False)
+        scoring = pb.AssemblyInputs()  # the ranking's name and dense_scored, for the response
+        scores = _live_scores(terms, view, vector, nameless, scoring) if adaptive else None
         chosen = assembly.plan(
             costs,
             required,
@@ -621,7 +625,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                     request, new, budget, counter, at_version, strategy, packs, query_vector
                 )
         rendered = assembly.render(chosen, costs, texts, new, facts, scores)
-        return rendered, view.version, costs, chosen, view.compacted, dense
+        rendered.inputs.MergeFrom(scoring)
+        return rendered, view.version, costs, chosen, view.compacted
 
     async def _session_view(
         self,

@@ -399,16 +399,28 @@ async def nameless_stub(redis_url: str, inference_address: str):
         yield context_service_pb2_grpc.ContextServiceStub(channel)
 
 
-async def test_a_name_the_conversation_never_uses_still_finds_the_planted_fact(nameless_stub) -> None:
+async def test_a_name_the_conversation_never_uses_still_finds_the_planted_fact(nameless_stub, stub) -> None:
     turns = conversation(repeats=6)
     async with session_with(nameless_stub, turns) as (tenant, session_id):
         # "Priya" is in no turn: the real Embed call carries the question and "code storage unit".
-        adaptive = await assemble(
-            nameless_stub, tenant, session_id, "What is the code of Priya's storage unit?", 400
-        )
+        question = "What is the code of Priya's storage unit?"
+        adaptive = await assemble(nameless_stub, tenant, session_id, question, 400)
+        # The same session and question on a service without the nameless form (one Redis).
+        without = await assemble(stub, tenant, session_id, question, 400)
+        # "Elm" is in a turn: the nameless form leaves the question alone.
+        on_elm = "What is the code of the storage unit on Elm Street?"
+        named, named_without = [
+            await assemble(s, tenant, session_id, on_elm, 400) for s in (nameless_stub, stub)
+        ]
     planted = session_entries(adaptive)[1]
     assert planted.disposition == pb.DISPOSITION_INCLUDED
     assert planted.reason == pb.INCLUSION_REASON_RELEVANCE
     assert adaptive.inputs.dense_scored
-    # The ranking names the nameless form, so a rebuild scores the same way.
-    assert adaptive.inputs.ranking == relevance.RANKING_NAMELESS != relevance.RANKING
+    # The ranking names the nameless form where it moved the question, so a
+    # rebuild without it is never taken for the same assembly ...
+    assert adaptive.inputs.ranking == relevance.RANKING_NAMELESS != without.inputs.ranking
+    assert adaptive.assembly_id != without.assembly_id
+    # ... and only there: an assembly it left alone is the same with or without it.
+    assert named.inputs.dense_scored and named.inputs.ranking == relevance.RANKING
+    assert named.assembly_id == named_without.assembly_id
+    assert named.messages == named_without.messages

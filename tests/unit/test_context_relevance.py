@@ -444,19 +444,24 @@ def test_a_name_the_session_never_uses_stops_pulling_the_question_away() -> None
         )
         return int(np.argmax(scores))
 
-    assert best(postings, None) == 0
+    def mixes(postings, nameless_query) -> bool:
+        # What names the assembly's ranking: it must say what the scores did.
+        return relevance.mixes_nameless(terms, postings, None, nameless_query, weights)
+
+    assert best(postings, None) == 0 and not mixes(postings, None)
     # "Vanessa" is in no turn: the question is scored half by its nameless form.
     assert "@vanessa" not in postings
-    assert best(postings, nameless) == 1
+    assert best(postings, nameless) == 1 and mixes(postings, nameless)
     # A name the session uses is what the question is about: the question stays whole.
     named = {**postings, "@vanessa": np.array([relevance.pack_posting(0, 1)], dtype=np.uint32)}
-    assert best(named, nameless) == 0
+    assert best(named, nameless) == 0 and not mixes(named, nameless)
     # Not embedded (the embedder failed): the question alone.
-    assert best(postings, relevance.NamelessQuery(nameless.text, nameless.names)) == 0
+    not_embedded = relevance.NamelessQuery(nameless.text, nameless.names)
+    assert best(postings, not_embedded) == 0 and not mixes(postings, not_embedded)
     # Used by the session in lowercase only, it is a word the question is
     # about (a capitalized first word, say), not a name: the question stays whole.
     lowercase = {**postings, "vanessa": np.array([relevance.pack_posting(0, 1)], dtype=np.uint32)}
-    assert best(lowercase, nameless) == 0
+    assert best(lowercase, nameless) == 0 and not mixes(lowercase, nameless)
 
 
 def test_a_name_the_index_cuts_is_known_by_the_terms_it_makes() -> None:
