@@ -20,7 +20,7 @@ from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
-from services.context import token_counts
+from services.context import relevance, token_counts
 from services.context.servicer import ContextServicer
 from services.context.store import StoredSession, session_not_found
 
@@ -226,3 +226,33 @@ async def test_inputs_say_the_words_alone_scored_when_the_turns_have_no_vectors_
         servicer.AssembleContext(request(pb.ASSEMBLY_STRATEGY_ADAPTIVE), None), timeout=30
     )
     assert response.inputs.ranking and not response.inputs.dense_scored
+
+
+class UnavailableEmbedder:
+    """The inference service away: every embedding is None."""
+
+    def __init__(self) -> None:
+        self.asked: list[list[str]] = []
+
+    async def embed_or_none(self, text: str, timeout_s: float | None = None):
+        return await self.embed_all_or_none([text], timeout_s)
+
+    async def embed_all_or_none(self, texts: list[str], timeout_s: float | None = None):
+        self.asked.append(texts)
+        return None
+
+
+async def test_the_nameless_forms_embedding_failing_leaves_the_assembly_to_the_words(counters) -> None:
+    embedder = UnavailableEmbedder()
+    servicer = ContextServicer(
+        UnindexedStore(), MODELS, counters, embedder=embedder, embed_nameless_question=True
+    )
+    response = await asyncio.wait_for(
+        servicer.AssembleContext(request(pb.ASSEMBLY_STRATEGY_ADAPTIVE), None), timeout=30
+    )
+    # Asked for both texts in one call; without them the words alone scored,
+    # under the ranking of a service without the nameless form.
+    assert embedder.asked == [["Where did Ana move in May?", "move"]]
+    assert not response.inputs.dense_scored
+    assert response.inputs.ranking == relevance.RANKING
+    assert response.messages[-1].content == "Where did Ana move in May?"
