@@ -37,6 +37,7 @@ run: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/buf lint
 	@if git rev-parse --verify --quiet main >/dev/null; then \
 		$(VENV)/bin/buf breaking --against '.git#branch=main'; \

@@ -165,8 +165,10 @@ def _form_cluster(ports: list[int], masters: int, timeout_s: float) -> None:
             master_id = clients[master_ports[offset % masters]].execute_command("CLUSTER MYID")
             clients[port].execute_command("CLUSTER REPLICATE", master_id)
         _wait(
-            lambda: all(cluster_state_ok(c) for c in clients.values())
-            and all(_replicas_linked(clients[port]) for port in replica_ports),
+            lambda: (
+                all(cluster_state_ok(c) for c in clients.values())
+                and all(_replicas_linked(clients[port]) for port in replica_ports)
+            ),
             deadline,
         )
     finally:

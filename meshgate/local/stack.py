@@ -31,6 +31,8 @@ def replica_name(service: str, index: int) -> str:
     """The first replica of a service is named after it ("router"), as in a
     stack of one replica each; the others "router-2", "router-3", ..."""
     return service if index == 0 else f"{service}-{index + 1}"
+
+
 # The local stack runs from a checkout: model_repository/ and the build
 # scripts beside it (an image needs none of this: deploy/docker/).
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]

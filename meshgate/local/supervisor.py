@@ -159,6 +159,4 @@ class Supervisor:
             return
         policy.started(now)
         self.restarts[name] = self.restarts.get(name, 0) + 1
-        log.info(
-            "child restarted", child=name, pid=self._stack.processes[name].pid, attempt=policy.attempt
-        )
+        log.info("child restarted", child=name, pid=self._stack.processes[name].pid, attempt=policy.attempt)

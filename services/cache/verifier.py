@@ -379,8 +379,11 @@ def _transposed(x: str, y: str) -> bool:
     if len(x) != len(y):
         return False
     differ = [i for i in range(len(x)) if x[i] != y[i]]
-    return len(differ) == 2 and differ[1] == differ[0] + 1 and x[differ[0]] == y[differ[1]] and (
-        x[differ[1]] == y[differ[0]]
+    return (
+        len(differ) == 2
+        and differ[1] == differ[0] + 1
+        and x[differ[0]] == y[differ[1]]
+        and (x[differ[1]] == y[differ[0]])
     )
 
 
@@ -411,9 +414,8 @@ def _unmatched_names(a: Analysis, b: Analysis) -> list[tuple[str, str, str]]:
     return [
         context
         for context in a.name_contexts
-        if counts[context[1]] > b.tokens.count(context[1]) and not (
-            context[1] not in b.token_set and _mentions(b, context[1])
-        )
+        if counts[context[1]] > b.tokens.count(context[1])
+        and not (context[1] not in b.token_set and _mentions(b, context[1]))
     ]
 
 

@@ -167,7 +167,10 @@ end
 # is no session, {-3, current version} if that version is unknown or undone,
 # {-5, compacted_version} if it was compacted since.
 # Counts fields come whole; the reader cuts them to the turns returned.
-_READ = _TURNS_AT + _COMPACTED + """
+_READ = (
+    _TURNS_AT
+    + _COMPACTED
+    + """
 local meta = redis.call('HGETALL', KEYS[1])
 if #meta == 0 then return {0} end
 local version = redis.call('HGET', KEYS[1], 'version')
@@ -184,6 +187,7 @@ local turns = {}
 if held > 0 then turns = redis.call('LRANGE', KEYS[2], 0, held - 1) end
 return {1, tonumber(ARGV[1]), meta, turns}
 """
+)
 
 # Cuts every per-turn field of a meta hash (packed, 4 bytes a turn) to the
 # first `held` turns.
@@ -203,7 +207,11 @@ end
 # {0} if there is no session, {-1, current version} on a version mismatch,
 # {-3, current version} if the version to restore is unknown or undone,
 # {-5, compacted version} if it held fewer turns than were compacted since.
-_REVERT = _TURNS_AT + _CUT_COUNTS + _COMPACTED + """
+_REVERT = (
+    _TURNS_AT
+    + _CUT_COUNTS
+    + _COMPACTED
+    + """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return {0} end
 if ARGV[2] ~= '' and version ~= ARGV[2] then return {-1, tonumber(version)} end
@@ -236,6 +244,7 @@ if ttl > 0 then
 end
 return {1, new_version}
 """
+)
 
 # A fork is two scripts, one per session: on a Redis Cluster the source's
 # and the fork's keys hash to different slots, and a script may only touch
@@ -249,7 +258,10 @@ return {1, new_version}
 # {-3, current version} if the version is unknown or undone, {-5, compacted
 # version} if it holds compacted turns (the fork would have neither their
 # texts nor the summaries standing for them).
-_FORK_SOURCE = _TURNS_AT + _COMPACTED + """
+_FORK_SOURCE = (
+    _TURNS_AT
+    + _COMPACTED
+    + """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return {0} end
 local target = tonumber(ARGV[1])
@@ -269,6 +281,7 @@ for i = 1, #fields, 2 do
 end
 return {1, turns, counts, redis.call('GETRANGE', KEYS[4], 0, 4 * target + 3)}
 """
+)
 
 # KEYS: the fork's meta, turns, turn_ids, versions. ARGV: version it starts
 # at, ttl_s, its history, turn count n, n turns, then (counts field, counts)

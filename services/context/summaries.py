@@ -146,7 +146,9 @@ def extractive_summary(turns: list[common_pb2.Message], sentences: int = EXTRACT
     if not candidates:
         return " ".join(t.content.strip() for t in turns if t.content.strip())[:MAX_SENTENCE_CHARS]
     frequency = collections.Counter(
-        word.lower() for sentence in candidates for word in _WORD.findall(sentence)
+        word.lower()
+        for sentence in candidates
+        for word in _WORD.findall(sentence)
         if word.lower() not in _STOPWORDS
     )
 
@@ -285,6 +287,7 @@ def versions_of_span(history: list[int | None], first: int, end: int, current: i
     the first versions, among those not undone, holding more than ``first``
     and at least ``end`` turns. A session without history (stored before it
     was kept) gets its current version for both."""
+
     def first_holding(count: int) -> int:
         for version, held in enumerate(history[: current + 1]):
             if held is not None and held >= count:
@@ -325,9 +328,9 @@ class Summarizer:
         self._running: dict[tuple[str, str], asyncio.Task] = {}
         self._again: set[tuple[str, str]] = set()
         # (tenant, session) -> (version, its summaries, its version history).
-        self._hot: collections.OrderedDict[
-            tuple[str, str], tuple[int, list[Summary], list[int | None]]
-        ] = collections.OrderedDict()
+        self._hot: collections.OrderedDict[tuple[str, str], tuple[int, list[Summary], list[int | None]]] = (
+            collections.OrderedDict()
+        )
 
     def schedule(self, tenant_id: str, session_id: str) -> None:
         key = (tenant_id, session_id)
@@ -400,9 +403,7 @@ class Summarizer:
         upto = compaction_end(len(stored.turns), stored.compacted, self._policy)
         if upto > stored.compacted:
             system = [
-                i
-                for i in range(stored.compacted, upto)
-                if stored.turns[i].role == common_pb2.ROLE_SYSTEM
+                i for i in range(stored.compacted, upto) if stored.turns[i].role == common_pb2.ROLE_SYSTEM
             ]
             compacted = await self._store.compact(tenant_id, session_id, stored.version, upto, system)
             log.info("session compacted", session_id=session_id, turns=compacted, version=stored.version)
@@ -470,6 +471,7 @@ class Summarizer:
             return at >= 0 and summary.end_turn <= excluded[at][1]
 
         return [summary for summary in found if left_out(summary) and valid_at(summary, history, version)]
+
 
 def excluded_ranges(reasons: collections.abc.Sequence[int]) -> list[tuple[int, int]]:
     """The runs of session turns a plan (assembly.Plan.reasons) left out, as
@@ -545,6 +547,8 @@ def valid_at(summary: Summary, history: list[int | None], version: int) -> bool:
     its last turn's version is at most that one and no revert undid it
     (a revert undoes every version after the one it restores, so the turns
     up to a version it kept are untouched)."""
-    return summary.end_version <= version and summary.end_version < len(history) and (
-        history[summary.end_version] is not None
+    return (
+        summary.end_version <= version
+        and summary.end_version < len(history)
+        and (history[summary.end_version] is not None)
     )

@@ -430,9 +430,7 @@ class Admission:
         # takes one call per slot (its tenant's, its model's), and a turn
         # one slot refuses is refunded in the others. One Redis instance
         # takes all of a turn's keys in one call, atomic across its scopes.
-        self._split_by_slot = (
-            isinstance(redis, RedisCluster) if split_by_slot is None else split_by_slot
-        )
+        self._split_by_slot = isinstance(redis, RedisCluster) if split_by_slot is None else split_by_slot
         self._admit_script = redis.register_script(_ADMIT)
         self._settle_script = redis.register_script(_SETTLE)
         self._lease_ms = int(max_generation_s * 1000) + _LEASE_MARGIN_MS

@@ -300,6 +300,7 @@ class ChatCall:
 
 # --- responses ---------------------------------------------------------------
 
+
 def _usage(completion: Completion) -> dict:
     answer = completion.answer
     return {

@@ -77,7 +77,9 @@ _FIELD_NAMES = tuple(field.name for field in dataclasses.fields(UsageRecord))
 # order, joined by _SEPARATOR. The aggregates are derived here from the
 # values; a tenant's day hash is named as day_key() names it.
 _RECORD = (
-    "local names = {" + ", ".join(f"'{name}'" for name in _FIELD_NAMES) + "}"
+    "local names = {"
+    + ", ".join(f"'{name}'" for name in _FIELD_NAMES)
+    + "}"
     + """
 local log, totals = ARGV[4] == '1', ARGV[5] == '1'
 for r = 6, #ARGV do
@@ -157,9 +159,7 @@ class Ledger:
         self._redis = redis
         # A Redis Cluster takes the log and each tenant's totals in their own
         # calls (their keys are in different slots); one instance, one call.
-        self._split_by_slot = (
-            isinstance(redis, RedisCluster) if split_by_slot is None else split_by_slot
-        )
+        self._split_by_slot = isinstance(redis, RedisCluster) if split_by_slot is None else split_by_slot
         self._record = redis.register_script(_RECORD)
         self._stream_max_len = stream_max_len
         self._retention_s = retention_days * 24 * 3600

@@ -215,9 +215,7 @@ class Classifier:
 
 # (text, the model aliases whose inference services to ask, timeout) -> the
 # text's vector, or None when none came in time.
-Embed = collections.abc.Callable[
-    [str, tuple[str, ...], float], collections.abc.Awaitable[np.ndarray | None]
-]
+Embed = collections.abc.Callable[[str, tuple[str, ...], float], collections.abc.Awaitable[np.ndarray | None]]
 
 
 def strong_cost_bound_usd(prompt_bytes: int, max_tokens: int, price: PriceSettings | None) -> float:
@@ -225,9 +223,7 @@ def strong_cost_bound_usd(prompt_bytes: int, max_tokens: int, price: PriceSettin
     (prompt UTF-8 bytes, at least its tokens, plus max_tokens)."""
     if price is None:
         return 0.0
-    return (
-        prompt_bytes * price.prompt_usd_per_million + max_tokens * price.completion_usd_per_million
-    ) / 1e6
+    return (prompt_bytes * price.prompt_usd_per_million + max_tokens * price.completion_usd_per_million) / 1e6
 
 
 class Selector:

@@ -169,8 +169,10 @@ def table(phases: list[Phase], lost: int) -> str:
     ]
     for p in phases:
         failed = ", ".join(f"{k}: {v}" for k, v in sorted(p.failed.items())) or "0"
-        recovered = "-" if p.killed_at is None else (
-            f"{p.recovered_s:.1f} s" if p.recovered_s is not None else "never"
+        recovered = (
+            "-"
+            if p.killed_at is None
+            else (f"{p.recovered_s:.1f} s" if p.recovered_s is not None else "never")
         )
         lines.append(
             f"| {p.name} | {p.ok} | {failed} | {p.failed_after_output} ({p.uncounted}) "

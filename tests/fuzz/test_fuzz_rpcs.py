@@ -236,5 +236,7 @@ async def test_every_service_survived_and_stayed_bounded(fuzz_mesh, channels, tr
     own_rss = _rss_bytes(os.getpid())
     assert own_rss < MAX_TEST_PROCESS_RSS, f"the in-process services hold {own_rss / 2**20:.0f} MiB"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"\nRSS: Triton tree {triton_rss / 2**20:.0f} MiB, services {own_rss / 2**20:.0f} MiB "
-          f"(peak {peak / 2**20:.0f} MiB)")
+    print(
+        f"\nRSS: Triton tree {triton_rss / 2**20:.0f} MiB, services {own_rss / 2**20:.0f} MiB "
+        f"(peak {peak / 2**20:.0f} MiB)"
+    )

@@ -138,8 +138,10 @@ async def test_extractive_summaries_cover_exactly_the_turns_the_manifest_says(re
         response = await assemble(stub, tenant, session_id)
         assert check_summaries_in(response, summaries) == [(0, 4), (4, 8)]
         # Tighter budgets take fewer, oldest first, and stay exact.
-        included = [check_summaries_in(await assemble(stub, tenant, session_id, budget=b), summaries)
-                    for b in (140, 100, 60)]
+        included = [
+            check_summaries_in(await assemble(stub, tenant, session_id, budget=b), summaries)
+            for b in (140, 100, 60)
+        ]
         assert included[-1] == [] and all(spans in ([], [(0, 4)]) for spans in included)
 
     # Restarts lose nothing: a new process finds and uses the same summaries.

@@ -334,4 +334,3 @@ async def test_a_client_that_disconnects_cancels_the_generation(base_url, triton
             break
         await asyncio.sleep(0.1)
     assert log_path.read_text(errors="replace").count("cancelled after") > before
-

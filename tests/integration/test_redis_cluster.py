@@ -135,7 +135,9 @@ async def test_the_url_scheme_selects_the_cluster_client(cluster: Cluster) -> No
         await clustered.aclose()
     with pytest.raises(MeshgateError) as caught:
         # A port nothing listens on: a clear UNAVAILABLE at start-up.
-        await redis_access.connect_checked(f"redis+cluster://127.0.0.1:{redis_server.free_cluster_ports(1)[0]}")
+        await redis_access.connect_checked(
+            f"redis+cluster://127.0.0.1:{redis_server.free_cluster_ports(1)[0]}"
+        )
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
 
 

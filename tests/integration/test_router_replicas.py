@@ -172,7 +172,7 @@ def bearer(key: str):
 
 
 async def outcome_of(stub, request, key: str) -> str:
-    """"ok" for a completed answer, else the ErrorInfo reason."""
+    """ "ok" for a completed answer, else the ErrorInfo reason."""
     try:
         async for response in stub.Chat(request, metadata=bearer(key), timeout=120):
             if response.HasField("completion"):

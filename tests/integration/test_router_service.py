@@ -234,9 +234,7 @@ async def test_concurrent_turns_on_one_session_all_land(mesh):
     answer_of_question = {q.content: a.content for q, a in pairs}
     for n, (text, _) in enumerate(answers):
         assert answer_of_question[f"concurrent turn {n}"] == text
-    assert all(
-        (q.role, a.role) == (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT) for q, a in pairs
-    )
+    assert all((q.role, a.role) == (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT) for q, a in pairs)
 
 
 async def test_a_failure_mid_stream_ends_the_stream_non_ok_without_fallback(redis_url, triton_url):

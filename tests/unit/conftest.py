@@ -19,9 +19,7 @@ _IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 def _refuse(original):
     def guarded(self, *args, **kwargs):
         if self.family in _IP_FAMILIES:
-            raise AssertionError(
-                "a unit test opened an IP socket: it belongs in tests/integration/"
-            )
+            raise AssertionError("a unit test opened an IP socket: it belongs in tests/integration/")
         return original(self, *args, **kwargs)
 
     return guarded

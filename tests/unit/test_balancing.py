@@ -130,9 +130,10 @@ def test_session_affinity_is_sticky_and_moves_only_when_its_target_is_down():
 def test_session_affinity_agrees_across_instances_and_falls_back_without_a_session():
     targets = [FakeTarget("a"), FakeTarget("b"), FakeTarget("c")]
     request = RouteRequest(affinity_key="s-42")
-    assert balancing.SessionAffinity().rank(targets, request)[0] is balancing.SessionAffinity().rank(
-        list(reversed(targets)), request
-    )[0]
+    assert (
+        balancing.SessionAffinity().rank(targets, request)[0]
+        is balancing.SessionAffinity().rank(list(reversed(targets)), request)[0]
+    )
     targets[0].in_flight = targets[1].in_flight = 3
     assert balancing.SessionAffinity().rank(targets, RouteRequest())[0] is targets[2]
 

@@ -51,9 +51,35 @@ def msg(role: int, content: str) -> common_pb2.Message:
 _CONTENT = st.lists(
     st.one_of(
         st.sampled_from(
-            [" ", "  ", "\n", "\r\n", "\t", "\u00a0", "\u3000", "\u200b", "\u2028", "\x0b", "a", "Hi",
-             "1", "23", ".", ":", "?!", "<|im_end|>", "<|im_start|>", "é", "e\u0301", "東", "🎉",
-             "user:", "assistant", "[SEP]", "'s"]
+            [
+                " ",
+                "  ",
+                "\n",
+                "\r\n",
+                "\t",
+                "\u00a0",
+                "\u3000",
+                "\u200b",
+                "\u2028",
+                "\x0b",
+                "a",
+                "Hi",
+                "1",
+                "23",
+                ".",
+                ":",
+                "?!",
+                "<|im_end|>",
+                "<|im_start|>",
+                "é",
+                "e\u0301",
+                "東",
+                "🎉",
+                "user:",
+                "assistant",
+                "[SEP]",
+                "'s",
+            ]
         ),
         st.text(max_size=3),
     ),

@@ -68,9 +68,7 @@ def smollm2() -> Model:
     control = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
     model = Model(tokenizer, decode_context=0, stop_ids=stops, never_sampled=control - stops)
     # The 256 single-byte tokens: runs of them split characters at every byte.
-    model.byte_ids = sorted(
-        i for t, i in tokenizer.get_vocab().items() if len(t) == 1 and i not in control
-    )
+    model.byte_ids = sorted(i for t, i in tokenizer.get_vocab().items() if len(t) == 1 and i not in control)
     return model
 
 

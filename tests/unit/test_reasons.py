@@ -60,9 +60,7 @@ def test_no_reason_is_raised_outside_the_catalogue():
 
 
 def test_every_reason_is_documented():
-    body = next(
-        node for node in ast.parse(CATALOGUE.read_text()).body if isinstance(node, ast.ClassDef)
-    ).body
+    body = next(node for node in ast.parse(CATALOGUE.read_text()).body if isinstance(node, ast.ClassDef)).body
     documented = {
         statement.targets[0].id
         for statement, following in zip(body, body[1:], strict=False)

@@ -20,8 +20,7 @@ MODELS = Settings().models
 # splits per character, emoji sequences, control and zero-width characters,
 # special tokens written as text, digits and punctuation.
 _TRICKY = (
-    "İıßﬁﬃǅ한글日本語é\u0301\u0344\u0f73👩‍👩‍👧🇫🇷"
-    "\x00\x07\u200b\u200d\ufeff<|im_start|>[CLS][SEP] 42,.!?\n\t"
+    "İıßﬁﬃǅ한글日本語é\u0301\u0344\u0f73👩‍👩‍👧🇫🇷\x00\x07\u200b\u200d\ufeff<|im_start|>[CLS][SEP] 42,.!?\n\t"
 )
 _TEXT = st.text(alphabet=st.one_of(st.sampled_from(_TRICKY), st.characters(exclude_categories=["Cs"])))
 _ROLES = (common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)

@@ -24,7 +24,10 @@ from meshgate.router.v1 import admin_service_pb2, router_service_pb2  # noqa: F4
         (" 10.0.0.5:50052, 10.0.0.6:50052 ", "ipv4:10.0.0.5:50052,10.0.0.6:50052"),
         ("[::1]:1,[::1]:2", "ipv6:[::1]:1,[::1]:2"),
         ("ipv4:127.0.0.1:1,127.0.0.1:2", "ipv4:127.0.0.1:1,127.0.0.1:2"),
-        ("dns:///meshgate-cache.ns.svc.cluster.local:50053", "dns:///meshgate-cache.ns.svc.cluster.local:50053"),
+        (
+            "dns:///meshgate-cache.ns.svc.cluster.local:50053",
+            "dns:///meshgate-cache.ns.svc.cluster.local:50053",
+        ),
     ],
 )
 def test_an_address_setting_becomes_a_grpc_target(address: str, target: str) -> None:

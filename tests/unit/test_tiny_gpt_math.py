@@ -51,4 +51,3 @@ def test_activations_stay_sane_at_full_size(core):
     logits = model.forward(list(range(1000, 1064)))
     assert np.isfinite(logits).all()
     assert 0.05 < logits.std() < 10
-
