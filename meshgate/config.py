@@ -411,14 +411,14 @@ class ContextSettings:
     # Also embed the question's nameless form (services/context/relevance.py,
     # nameless_text), in the question's own Embed call, and mix it into the
     # question's vector when the names it leaves out are unknown to the
-    # session or a participant's: +2.4 / +2.5 points of evidence kept at
-    # 1k / 2k on the ten REALTALK conversations (57.6 -> 60.0% and
-    # 68.8 -> 71.3%, bench/context_bench.py --offline), but a batch of two
-    # texts instead of one: on this project's 2-core CPU machine +1.8 ms at
-    # the Embed call's p50 and +5.4 at its p99 (a scratch probe, not kept),
-    # where assembly's p99 is at or over its 15 ms bound without it
-    # (context_bench.py --latency-only): off by default (bench/README.md,
-    # "Names the conversation never uses").
+    # session or a participant's: +2.4 points of evidence kept at 1k and at
+    # 2k on the ten REALTALK conversations (16 more of 658 questions at
+    # each: 57.6 -> 60.0% and 68.8 -> 71.3%, bench/context_bench.py
+    # --offline), but a batch of two texts instead of one: on this
+    # project's 2-core CPU machine +1.8 ms at the Embed call's p50 and +5.4
+    # at its p99 (a scratch probe, not kept), where assembly's p99 is at or
+    # over its 15 ms bound without it (context_bench.py --latency-only):
+    # off by default (bench/README.md, "Names the conversation never uses").
     embed_nameless_question: bool = False
     # Adaptive assembly keeps up to this many newest turns whatever their relevance.
     recency_floor_turns: int = 2
