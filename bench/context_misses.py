@@ -441,7 +441,7 @@ def content_words(question: str, drop_capitalized: bool) -> str:
     say, without the asking ("What pets did Vanessa have?" -> "pets Vanessa")."""
     words = [
         w
-        for w in relevance._WORD.findall(question)
+        for w in relevance.INDEX_WORD.findall(question)
         if w.lower().replace("’", "'") not in relevance.STOP_WORDS
     ]
     if drop_capitalized:

@@ -35,8 +35,9 @@ import re
 
 import numpy as np
 
-# Words and numbers; an apostrophe inside a word stays with it ("Kate's").
-_WORD = re.compile(r"[A-Za-z][A-Za-z'’]*|\d+(?:[.,:/]\d+)*")
+# Words and numbers as the index reads them (index_terms); an apostrophe
+# inside a word stays with it ("Kate's").
+INDEX_WORD = re.compile(r"[A-Za-z][A-Za-z'’]*|\d+(?:[.,:/]\d+)*")
 _POSSESSIVE = re.compile(r"['’]s$")
 
 # Function words: frequent in every turn, so they only add noise to BM25.
@@ -81,7 +82,7 @@ def stem(word: str) -> str:
 
 def _words(text: str) -> collections.abc.Iterator[tuple[str, str]]:
     """(word as written, without possessive) pairs."""
-    for match in _WORD.finditer(text):
+    for match in INDEX_WORD.finditer(text):
         yield match.group(), _POSSESSIVE.sub("", match.group())
 
 
@@ -282,7 +283,7 @@ class NamelessQuery:
     vector: np.ndarray | None = None
 
 
-# Words in any script for the nameless form: _WORD's ASCII letters would cut
+# Words in any script for the nameless form: INDEX_WORD's ASCII letters would cut
 # "Bolaño" into "Bola" and "o" and keep the "o" as a word of its own.
 _ANY_WORD = re.compile(r"[^\W\d_][\w'’]*|\d+(?:[.,:/]\d+)*")
 
