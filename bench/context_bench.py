@@ -257,16 +257,21 @@ def nameless_texts(turns: list[common_pb2.Message], questions: list[dict]) -> li
     return [getattr(relevance.nameless_text(q["question"]), "text", q["question"]) for q in questions]
 
 
-def nameless_vectors(conversations) -> dict[str, np.ndarray]:
-    """:func:`cached_vectors` of :func:`nameless_texts`, in a file named by
-    their digest: a change to relevance.nameless_text embeds the new texts
-    instead of scoring them by the old ones' cached vectors."""
+def digest_named_vectors(conversations, stem: str, texts_of) -> dict[str, np.ndarray]:
+    """:func:`cached_vectors` of ``texts_of``, in a file named by ``stem``
+    and the texts' digest: a change to the code that makes the texts embeds
+    the new ones instead of scoring them by the old ones' cached vectors."""
     digest = hashlib.sha256()
     for name, (turns, _, questions) in sorted(conversations.items()):
-        for text in (name, *nameless_texts(turns, questions)):
+        for text in (name, *texts_of(turns, questions)):
             digest.update(text.encode() + b"\0")
-    file_name = f"realtalk_nameless_vectors-{digest.hexdigest()[:16]}.npz"
-    return uvloop.run(cached_vectors(conversations, file_name, nameless_texts))
+    file_name = f"{stem}-{digest.hexdigest()[:16]}.npz"
+    return uvloop.run(cached_vectors(conversations, file_name, texts_of))
+
+
+def nameless_vectors(conversations) -> dict[str, np.ndarray]:
+    """The vectors of :func:`nameless_texts` (relevance.nameless_text's)."""
+    return digest_named_vectors(conversations, "realtalk_nameless_vectors", nameless_texts)
 
 
 def nameless_queries(questions: list[dict], vectors: np.ndarray) -> list[relevance.NamelessQuery | None]:

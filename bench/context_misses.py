@@ -523,8 +523,8 @@ def ideas(data: dict[str, Conversation]) -> list[str]:
             )
     conversations = {p.stem: bench.load_conversation(p) for p in sorted(bench.DATA.glob("*.json"))}
     # Embedded once through a Triton of this run's own (about 1.5 min: run it under the bench lock).
-    content = uvloop.run(
-        bench.cached_vectors(conversations, "realtalk_question_content_vectors.npz", question_content_texts)
+    content = bench.digest_named_vectors(
+        conversations, "realtalk_question_content_vectors", question_content_texts
     )
     row("question embedded as its content words", kept_by_conversation(data, embedded_as(content, data, 0)))
     row(
