@@ -1,4 +1,6 @@
-"""minilm: all-MiniLM-L6-v2 sentence embeddings on onnxruntime, for the cache.
+"""minilm: all-MiniLM-L6-v2 sentence embeddings on onnxruntime, behind the
+inference service's Embed (the context service's turns and questions, the
+router's /v1/embeddings, the cache with cache.embedder = "inference").
 
 Each request is [n, 1] strings; the dynamic batcher hands over several
 requests at once and they run as one padded ONNX batch. The model itself
