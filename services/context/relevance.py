@@ -130,7 +130,8 @@ class Weights:
     span_radius: int = 5
     span: float = 0.5
     # The share of the question's vector taken from its nameless form's
-    # (see NamelessQuery), when its names are unknown to the session.
+    # (see NamelessQuery), when each name it leaves out is unknown to the
+    # session or a participant's (mixes_nameless).
     nameless: float = 0.5
 
 
