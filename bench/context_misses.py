@@ -479,11 +479,10 @@ def ideas(data: dict[str, Conversation]) -> list[str]:
     def row(label: str, kept) -> None:
         out.append(f"| {label} | " + retention_row(kept, base) + " |")
 
-    configured = Settings().context.embed_nameless_question
     row(
-        ("without" if configured else "with")
+        ("without" if NAMELESS else "with")
         + " the question's nameless form (context.embed_nameless_question)",
-        kept_by_conversation(data, lambda c, q: service_scores(c, q, nameless=not configured)),
+        kept_by_conversation(data, lambda c, q: service_scores(c, q, nameless=not NAMELESS)),
     )
     for floor in (0, 1):
         row(f"recency floor {floor} turns", kept_by_conversation(data, service_scores, floor))
