@@ -16,9 +16,11 @@ reading ahead and joining what arrived together as the mesh does
 (meshgate/streaming.batches); the client is this process. Three paths, each
 at concurrency 1 and ``--concurrency``: client -> server over mutual TLS
 (direct), client -> relay -> server, and client -> outer relay -> relay ->
-server (relayed twice: as many hops, and as many over mutual TLS, as a
-generation through the mesh has over one straight to Triton: the router
-and the inference service). Reported: messages the client received per
+server (relayed twice: as many hops as a generation through the mesh,
+client -> router -> inference service -> Triton, one of them over mutual
+TLS as there). The direct path is over mutual TLS too, so relayed twice
+less direct is two plain-text hops, where the mesh adds one plain and one
+mutual-TLS hop to a call straight to Triton (plain). Reported: messages the client received per
 second, the time to each call's first message (p50: what the hops alone
 add to time to first token, with no service code), and each process's CPU
 (user + system, from /proc) per message the client received.
