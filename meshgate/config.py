@@ -445,7 +445,8 @@ class CacheSettings:
     listen: str = "127.0.0.1:50053"
     # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
     metrics_listen: str = "127.0.0.1:50063"
-    # Where embeddings come from; an address list or a dns:/// name too
+    # Where embeddings come from with embedder = "inference" (unused with
+    # "local"); an address list or a dns:/// name too
     # (DeploymentSettings.address).
     inference_address: str = "127.0.0.1:50054"
     embedding_model: str = "minilm"
