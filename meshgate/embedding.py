@@ -1,6 +1,8 @@
 """Text embeddings for the services that match by meaning: from the
-inference service (the context service's turns, the cache's questions), or
-in the cache service's own process (``LocalEmbedder``)."""
+inference service's Embed (``Embedder``: the context service's turns and
+questions, the router's, the cache's questions with cache.embedder =
+"inference"), or in the cache service's own process (``LocalEmbedder``,
+the default)."""
 
 from __future__ import annotations
 
