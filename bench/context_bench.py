@@ -16,7 +16,10 @@ hot session in memory and cold from Redis), and Redis memory per stored turn.
 ``--latency-only`` replays only the sessions of 1,000+ turns and measures
 latency alone (no retention table), and ``--profile PATH`` adds a cProfile
 pass of the gRPC loop after the timed one (into PATH), and one of the cold
-in-process loop after its timed one (into PATH.cold).
+in-process loop after its timed one (into PATH.cold). ``--compare-embedders``
+times a second context service beside the first, on the same sessions: the
+first embeds questions through the inference service, the second in its own
+process (context.embedder = "local"), the two calls in alternating order.
 
 ``--offline`` re-scores from vectors cached under bench/.cache/ with the pure
 modules (relevance.py, assembly.plan), for development; the reported run goes
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import copy
 import cProfile
 import dataclasses
 import hashlib
@@ -461,15 +465,27 @@ async def _start(app_module, name: str, settings: Settings) -> tuple[serving.Ser
 async def _run(conversations, args, settings: Settings) -> list[str]:
     inference, inference_address = await _start(inference_app, "inference", settings)
     settings.context.inference_address = inference_address
+    if args.compare_embedders:
+        settings.context.embedder = "inference"
     context, context_address = await _start(context_app, "context", settings)
+    # With --compare-embedders, a second context service on the same Redis
+    # (so the same sessions) that embeds its questions in its own process.
+    local = None
+    if args.compare_embedders:
+        local_settings = copy.deepcopy(settings)
+        local_settings.context.embedder = "local"
+        local, local_address = await _start(context_app, "context", local_settings)
     client = await redis_access.connect_checked(settings.redis.url)
     out: list[str] = []
     try:
         async with (
             router_channel(context_address, "context") as channel,
+            router_channel(local_address if local else context_address, "context") as local_channel,
             router_channel(inference_address, "inference") as inference_channel,
         ):
             stub = context_service_pb2_grpc.ContextServiceStub(channel)
+            if local is not None:
+                args.local_stub = context_service_pb2_grpc.ContextServiceStub(local_channel)
             embed_stub = inference_service_pb2_grpc.InferenceServiceStub(inference_channel)
             await _wait_for_embeddings(embed_stub)
             tenant = f"bench-{uuid.uuid4().hex[:6]}"
@@ -527,6 +543,8 @@ async def _run(conversations, args, settings: Settings) -> list[str]:
     finally:
         await client.aclose()
         await serving.stop(context, grace_s=1)
+        if local is not None:
+            await serving.stop(local, grace_s=1)
         await serving.stop(inference, grace_s=1)
     return out
 
@@ -559,15 +577,24 @@ async def _latency(conversations, sessions, tenant, stub, embed_stub, settings: 
     # memo is off in this bench, so each Embed reaches Triton too), one
     # after the other per question, so that the shared machine's drift hits
     # all three alike.
-    rpc, embed, triton_direct = [], [], []
+    # With --compare-embedders, the second context service's call (the
+    # question embedded in its own process) too, the two in turns first.
+    rpc, rpc_local, embed, triton_direct = [], [], [], []
+    local_stub = getattr(args, "local_stub", None)
+    if local_stub is not None:
+        # Its hot cache holds no session yet (the replay went to the other).
+        for request in {r.session_id: r for r in requests}.values():
+            await local_stub.AssembleContext(request, timeout=60)
     async with grpc.aio.insecure_channel(settings.inference.triton_urls[0]) as triton_channel:
         triton_stub = triton_service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
         model = settings.inference.embedding_triton_model
-        for request in requests:
+        for number, request in enumerate(requests):
             question = request.new_messages[0].content
-            started = time.perf_counter()
-            await stub.AssembleContext(request, timeout=60)
-            rpc.append(1000 * (time.perf_counter() - started))
+            calls = [(stub, rpc)] if local_stub is None else [(stub, rpc), (local_stub, rpc_local)]
+            for context_stub, times in calls if number % 2 == 0 else reversed(calls):
+                started = time.perf_counter()
+                await context_stub.AssembleContext(request, timeout=60)
+                times.append(1000 * (time.perf_counter() - started))
             started = time.perf_counter()
             await embed_stub.Embed(inference_pb.EmbedRequest(texts=[question]), timeout=60)
             embed.append(1000 * (time.perf_counter() - started))
@@ -671,7 +698,21 @@ async def _latency(conversations, sessions, tenant, stub, embed_stub, settings: 
         "",
         "| path | p50 ms | p99 ms |",
         "|---|---|---|",
-        row("AssembleContext over gRPC, with the question's embedding", rpc),
+        row(
+            f"AssembleContext over gRPC, with the question's embedding (context.embedder = "
+            f"{settings.context.embedder})",
+            rpc,
+        ),
+        *(
+            [
+                row(
+                    "AssembleContext over gRPC, with the question's embedding (context.embedder = local)",
+                    rpc_local,
+                )
+            ]
+            if rpc_local
+            else []
+        ),
         row(
             "in-process, hot session, with the question's embedding, with summaries",
             results["hot, embedded"],
@@ -743,6 +784,11 @@ def main() -> None:
         "--latency-only",
         action="store_true",
         help="replay only the sessions of 1,000+ turns and measure assembly latency, no retention",
+    )
+    parser.add_argument(
+        "--compare-embedders",
+        action="store_true",
+        help="a second context service with context.embedder = local, timed beside the first (inference)",
     )
     parser.add_argument(
         "--profile",

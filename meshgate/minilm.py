@@ -2,9 +2,10 @@
 copy of the tokenise, run and pool code.
 
 Triton's ``minilm`` model (its ``model.py`` in the model repository) and the
-cache service's in-process embedder (``meshgate.embedding.LocalEmbedder``)
-both run this class, so a question embedded by either path is the same vector and
-entries stored through one keep matching lookups through the other. Free of
+cache's and context service's in-process embedder
+(``meshgate.embedding.LocalEmbedder``) both run this class, so a text
+embedded by either path is the same vector: cache entries stored through
+one match lookups through the other, and session turns score alike. Free of
 Triton and of the rest of meshgate: the Triton stub imports it from the
 environment it runs in.
 """

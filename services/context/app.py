@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from meshgate import mesh_auth, redis_access, serving
-from meshgate.config import Settings
+from meshgate.config import ConfigError, Settings
 from meshgate.context.v1 import context_service_pb2, context_service_pb2_grpc
-from meshgate.embedding import Embedder
+from meshgate.embedding import Embedder, EmbeddingUnavailable, LocalEmbedder
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from services.context import summaries, token_counts
 from services.context.hot_cache import HotCache, change_listener
@@ -56,6 +56,14 @@ def _summarizer(
 async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup:
     mesh = mesh_auth.Mesh(settings.mesh, service.name)
     service.restrict_to_mesh(mesh, CALLERS, TENANT_OF)
+    local_embedder = None
+    if settings.context.embedder == "local":
+        # Fails the start rather than falling back to the inference service,
+        # as the cache's (services/cache/app.py).
+        try:
+            local_embedder = LocalEmbedder.load("minilm", setting="context.embedder")
+        except EmbeddingUnavailable as error:
+            raise ConfigError(f'context.embedder = "local": {error}') from error
     # Tokenizer and chat template files are read here, once, before serving
     # starts; a template the counts cannot follow exactly stops it here.
     counters = token_counts.for_models(settings.models)
@@ -64,8 +72,9 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
     hot = HotCache(settings.context.hot_cache_bytes, settings.context.session_ttl_s)
     changes = change_listener(settings.redis.url, hot)
     changes.start()
-    # Summaries and turn and question embeddings act for no tenant: the context service's
-    # certificate is enough there.
+    # Summaries and (with embedder = "inference") turn and question
+    # embeddings act for no tenant: the context service's certificate is
+    # enough there.
     channel = serving.client_channel(settings.context.inference_address, mesh.to("inference"))
     summarizer = _summarizer(settings, store, client, channel, counters)
     servicer = ContextServicer(
@@ -74,7 +83,7 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
         counters,
         hot,
         TurnIndex(client, settings.context.session_ttl_s),
-        Embedder(inference_service_pb2_grpc.InferenceServiceStub(channel)),
+        local_embedder or Embedder(inference_service_pb2_grpc.InferenceServiceStub(channel)),
         settings.context.recency_floor_turns,
         summarizer,
         pack_older_turns=settings.context.pack_older_turns,
@@ -85,6 +94,8 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
     async def cleanup() -> None:
         await changes.close()
         await summarizer.close()
+        if local_embedder is not None:
+            local_embedder.close()
         await channel.close()
         await client.aclose()
 

@@ -20,7 +20,7 @@ from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
-from meshgate.embedding import Embedder
+from meshgate.embedding import EmbedsText, VectorMemo
 from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.reasons import Reason
 from services.context import assembly, relevance
@@ -38,6 +38,12 @@ MAX_CONTENT_BYTES = 1024 * 1024
 MAX_MESSAGES_PER_CALL = 1024
 # A turn id is a key in the session's hash of applied appends.
 MAX_TURN_ID_BYTES = 128
+# Question vectors kept from assembly for the append of the same user turn
+# right after it (the router appends the question it assembled for), per
+# tenant (a remembered text answers faster). With context.embedder =
+# "local" nothing else remembers them (the inference service's memo does
+# for "inference"); 1.5 KiB each.
+QUESTION_MEMO_ENTRIES = 1024
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _ROLES = frozenset((common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT))
@@ -216,7 +222,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         counters: dict[str, PromptCounter],
         hot: HotCache | None = None,
         index: TurnIndex | None = None,
-        embedder: Embedder | None = None,
+        embedder: EmbedsText | None = None,
         recency_floor_turns: int = 2,
         summarizer: summaries_lib.Summarizer | None = None,
         *,
@@ -228,6 +234,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         self._index = index
         # Without an embedder, relevance is lexical only.
         self._embedder = embedder
+        self._question_vectors: VectorMemo[np.ndarray] = VectorMemo("question", QUESTION_MEMO_ENTRIES)
         # Whether the question's nameless form (relevance.nameless_text) is
         # embedded with it and joins its scoring (context.embed_nameless_question).
         self._embed_nameless_question = embed_nameless_question
@@ -300,7 +307,9 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         _check_messages(turns, "messages")
         # The turns' embedding round trip overlaps the counting and the
         # Redis write; a replayed or refused append wastes it, which is rare.
-        embedding = asyncio.create_task(self._embed(turns)) if self._index is not None else None
+        embedding = (
+            asyncio.create_task(self._embed(turns, request.tenant_id)) if self._index is not None else None
+        )
         try:
             token_counts = {c.id: await c.count(turns) for c in self._distinct_counters}
             # Also as transcript lines, for adaptive assembly's packing (only
@@ -438,9 +447,11 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         query = _query_text(new_messages)
         if not query:
             return None
-        return asyncio.create_task(self._query_vectors(query))
+        return asyncio.create_task(self._query_vectors(query, request.tenant_id))
 
-    async def _query_vectors(self, query: str) -> tuple[np.ndarray | None, relevance.NamelessQuery | None]:
+    async def _query_vectors(
+        self, query: str, tenant_id: str
+    ) -> tuple[np.ndarray | None, relevance.NamelessQuery | None]:
         """The query's vector and, when asked for (context.embed_nameless_question)
         and it has names to leave out, its nameless form with its vector
         (relevance.nameless_text), in one Embed call: whether the names are
@@ -448,11 +459,15 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         call has left."""
         nameless = relevance.nameless_text(query) if self._embed_nameless_question else None
         if nameless is None:
-            return await self._embedder.embed_or_none(query), None
-        vectors = await self._embedder.embed_all_or_none([query, nameless.text])
-        if vectors is None:
-            return None, None
-        return vectors[0], dataclasses.replace(nameless, vector=vectors[1])
+            vector = await self._embedder.embed_or_none(query)
+        else:
+            vectors = await self._embedder.embed_all_or_none([query, nameless.text])
+            if vectors is None:
+                return None, None
+            vector, nameless = vectors[0], dataclasses.replace(nameless, vector=vectors[1])
+        if vector is not None:
+            self._question_vectors.put(self._question_vectors.key(query, tenant_id), vector)
+        return vector, nameless
 
     async def _assemble(
         self,
@@ -564,12 +579,22 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             and counter.transcript_tokens is not None
         )
 
-    async def _embed(self, messages: list[common_pb2.Message]) -> np.ndarray | None:
-        """One vector per message, or None when the inference service cannot
-        give them: the turns are then found by their words only."""
+    async def _embed(self, messages: list[common_pb2.Message], tenant_id: str) -> np.ndarray | None:
+        """One vector per message (a question's from assembly, remembered),
+        or None when the embedder cannot give them: the turns are then
+        found by their words only."""
         if self._embedder is None:
             return None
-        return await self._embedder.embed_all_or_none([m.content for m in messages])
+        texts = [m.content for m in messages]
+        known = [self._question_vectors.get(self._question_vectors.key(t, tenant_id)) for t in texts]
+        missing = [t for t, vector in zip(texts, known, strict=True) if vector is None]
+        if not missing:
+            return np.stack(known)
+        fetched = await self._embedder.embed_all_or_none(missing)
+        if fetched is None:
+            return None
+        rows = iter(fetched)
+        return np.stack([vector if vector is not None else next(rows) for vector in known])
 
     async def _assemble_session(
         self,

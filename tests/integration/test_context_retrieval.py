@@ -424,3 +424,44 @@ async def test_a_name_the_conversation_never_uses_still_finds_the_planted_fact(n
     assert named.inputs.dense_scored and named.inputs.ranking == relevance.RANKING
     assert named.assembly_id == named_without.assembly_id
     assert named.messages == named_without.messages
+
+
+@pytest.fixture(scope="module")
+async def inference_stub(redis_url: str, inference_address: str):
+    """A context service that embeds questions and turns through the
+    inference service (context.embedder = "inference"; the other fixtures'
+    services run the default, "local")."""
+    settings = Settings(mesh=mesh_settings())
+    settings.redis.url = redis_url
+    settings.context.session_ttl_s = 600
+    settings.context.inference_address = inference_address
+    settings.context.embedder = "inference"
+    async with (
+        running(app, "context", settings) as address,
+        router_channel(address, "context") as channel,
+    ):
+        yield context_service_pb2_grpc.ContextServiceStub(channel)
+
+
+async def test_an_assembly_with_the_local_embedder_ranks_as_with_the_inference_service(
+    stub, inference_stub
+) -> None:
+    """Turns embedded through the inference service (Triton), questions
+    embedded either way (one Redis, so one session for both services): the
+    same turns kept, for the same reasons, in the same prompt."""
+    async with session_with(inference_stub, conversation(repeats=6)) as (tenant, session_id):
+        answers = {}
+        for question in ("What is the code of my storage unit?", "Did you finish that book?"):
+            answers[question] = [
+                await assemble(s, tenant, session_id, question, 400) for s in (stub, inference_stub)
+            ]
+    for local, remote in answers.values():
+        assert local.inputs.dense_scored and remote.inputs.dense_scored
+        assert [(e.index, e.disposition, e.reason) for e in session_entries(local)] == [
+            (e.index, e.disposition, e.reason) for e in session_entries(remote)
+        ]
+        assert local.messages == remote.messages
+    # The planted fact is found by meaning through the local embedder too.
+    local, _ = answers["What is the code of my storage unit?"]
+    assert session_entries(local)[1].disposition == pb.DISPOSITION_INCLUDED
+    assert session_entries(local)[1].reason == pb.INCLUSION_REASON_RELEVANCE

@@ -37,6 +37,10 @@ def make_settings(redis_url: str, **models: ModelSettings) -> Settings:
     settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
     settings.context.session_ttl_s = 600
+    # No inference service runs for these tests: relevance from the words
+    # alone, as when Embed cannot answer (the in-process embedder, the
+    # default, is test_context_retrieval.py's).
+    settings.context.embedder = "inference"
     if models:
         settings.models = models
     return settings

