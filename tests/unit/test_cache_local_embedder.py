@@ -243,6 +243,37 @@ async def test_a_batch_past_its_timeout_gets_none_for_the_texts_not_done():
         embedder.close()
 
 
+async def test_a_batch_cancelled_or_closed_midway_ends_at_once_and_frees_its_places():
+    """An append refused or replayed (its embedding cancelled), or the
+    context service's cleanup (close) while a batch is under way: the texts
+    not yet started never run, and nothing waits on them."""
+    model = ScriptedModel()
+    embedder = LocalEmbedder(model, workers=2, max_waiting=1)
+    try:
+        model.release.clear()
+        batch = asyncio.ensure_future(embedder.embed_each_or_none(["a", "bb", "ccc", "dddd"]))
+        await started(model, 2)
+        batch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await batch
+        model.release.set()
+        # Its two runs end on their own and free their places.
+        assert await embedder.embed_or_none("after") is not None
+        assert len(model.started) == 3
+
+        model.release.clear()
+        batch = asyncio.ensure_future(embedder.embed_each_or_none(["e", "ff", "ggg", "hhhh"]))
+        await started(model, 5)
+        embedder.close()
+        model.release.set()
+        vectors = await asyncio.wait_for(batch, 1.0)
+        assert [v is not None for v in vectors] == [True, True, False, False]
+        assert len(model.started) == 5
+    finally:
+        model.release.set()
+        embedder.close()
+
+
 async def test_the_memo_in_front_shares_one_run_per_text():
     model = ScriptedModel()
     embedder = LocalEmbedder(model)
