@@ -191,8 +191,8 @@ async def test_a_caller_cancelled_while_its_text_is_queued_is_cancelled(scripted
 
 
 async def test_several_texts_get_one_row_each_in_order_or_none_when_one_fails(scripted):
-    """embed_all_or_none, for the context service's turns and a question's
-    nameless form: each text a run of its own, all or nothing as Embed."""
+    """embed_all_or_none, for a question and its nameless form (the
+    context service): each text a run of its own, all or nothing as Embed."""
     model, embedder = scripted
     vectors = await embedder.embed_all_or_none(["a", "bbb", "cc"])
     assert vectors.shape == (3, 4)
