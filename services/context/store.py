@@ -56,7 +56,6 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import dataclasses
-import struct
 import typing
 
 import grpc
@@ -454,10 +453,6 @@ def _pack(counts: collections.abc.Sequence[int] | np.ndarray) -> bytes:
     return np.asarray(counts, "<u4").tobytes()
 
 
-def _unpack(data: bytes) -> list[int]:
-    return list(struct.unpack(f"<{len(data) // 4}I", data))
-
-
 # No counts yet: what a session's counts extend from (shared: read-only).
 NO_COUNTS = np.zeros(0, np.int64)
 NO_COUNTS.flags.writeable = False
@@ -580,8 +575,8 @@ class SessionStore:
         """How many turns the session held at each version; None for the
         versions a revert undid. Empty for sessions stored before history."""
         with redis_reachable():
-            raw = await self._client.get(_keys(tenant_id, session_id)[3])
-        return [None if held == _UNDONE else held for held in _unpack(raw or b"")]
+            raw = await self._client.get(_keys(tenant_id, session_id)[3]) or b""
+        return [None if held == _UNDONE else held for held in decode_counts(raw, len(raw) // 4).tolist()]
 
     async def revert(
         self, tenant_id: str, session_id: str, version: int, expected_version: int | None
