@@ -265,12 +265,18 @@ def digest_named_vectors(conversations, stem: str, texts_of) -> dict[str, np.nda
     """:func:`cached_vectors` of ``texts_of``, in a file named by ``stem``
     and the texts' digest: a change to the code that makes the texts embeds
     the new ones instead of scoring them by the old ones' cached vectors."""
+    file_name = f"{stem}-{texts_digest(conversations, texts_of)}.npz"
+    return uvloop.run(cached_vectors(conversations, file_name, texts_of))
+
+
+def texts_digest(conversations, texts_of) -> str:
+    """A digest of every conversation's name and ``texts_of`` its turns and
+    questions: the part of a vector cache's file name that changes with them."""
     digest = hashlib.sha256()
     for name, (turns, _, questions) in sorted(conversations.items()):
         for text in (name, *texts_of(turns, questions)):
             digest.update(text.encode() + b"\0")
-    file_name = f"{stem}-{digest.hexdigest()[:16]}.npz"
-    return uvloop.run(cached_vectors(conversations, file_name, texts_of))
+    return digest.hexdigest()[:16]
 
 
 def nameless_vectors(conversations) -> dict[str, np.ndarray]:
