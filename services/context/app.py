@@ -83,7 +83,11 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
         counters,
         hot,
         TurnIndex(client, settings.context.session_ttl_s),
-        local_embedder or Embedder(inference_service_pb2_grpc.InferenceServiceStub(channel)),
+        local_embedder
+        or Embedder(
+            inference_service_pb2_grpc.InferenceServiceStub(channel),
+            max_texts_per_call=settings.inference.max_embed_texts,
+        ),
         settings.context.recency_floor_turns,
         summarizer,
         pack_older_turns=settings.context.pack_older_turns,

@@ -9,6 +9,7 @@ import contextlib
 import uuid
 
 import grpc
+import numpy as np
 import pytest
 import redis.asyncio as redis
 
@@ -465,3 +466,32 @@ async def test_an_assembly_with_the_local_embedder_ranks_as_with_the_inference_s
     local, _ = answers["What is the code of my storage unit?"]
     assert session_entries(local)[1].disposition == pb.DISPOSITION_INCLUDED
     assert session_entries(local)[1].reason == pb.INCLUSION_REASON_RELEVANCE
+
+
+async def test_an_append_of_more_turns_than_one_embed_call_takes_stores_every_vector(
+    inference_stub, redis_url: str
+) -> None:
+    """200 turns in one append, through the inference service, which takes
+    at most inference.max_embed_texts (128) texts a call: every turn is
+    stored with its vector, none with the zero row of a turn left without."""
+    count = 200
+    assert count > Settings().inference.max_embed_texts
+    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+    created = await inference_stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))
+    session_id = created.session.session_id
+    messages = [
+        common_pb2.Message(role=(USER, ASSISTANT)[i % 2], content=f"Locker {i} holds box number {i * 7}.")
+        for i in range(count)
+    ]
+    await inference_stub.AppendTurns(
+        pb.AppendTurnsRequest(tenant_id=tenant, session_id=session_id, messages=messages, any_version=True)
+    )
+    client = redis.Redis.from_url(redis_url)
+    try:
+        packed = await client.get(store.key(tenant, session_id, "ix:vectors"))
+    finally:
+        await client.aclose()
+    assert packed, "the append stored no vectors at all"
+    vectors = np.frombuffer(packed, np.int8).reshape(count, -1)
+    assert vectors.shape[1] > 0
+    assert (vectors != 0).any(axis=1).all()

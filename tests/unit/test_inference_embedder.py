@@ -1,0 +1,118 @@
+"""meshgate.embedding.Embedder against a stand-in for the inference
+service's Embed that refuses what the real one refuses (more than
+inference.max_embed_texts texts a call): the embedder's splitting and its
+one deadline alone (tests/integration/test_context_retrieval.py appends
+through the real services)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+
+from meshgate.config import InferenceSettings
+from meshgate.embedding import Embedder
+from meshgate.inference.v1 import inference_service_pb2
+
+LIMIT = InferenceSettings.max_embed_texts
+DIMENSIONS = 4
+
+
+def _refusal(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    no_metadata = grpc.aio.Metadata()
+    return grpc.aio.AioRpcError(code, no_metadata, no_metadata, details)
+
+
+def vector_of(text: str) -> np.ndarray:
+    """The stand-in's vector for ``text``: its number, so order shows."""
+    return np.full(DIMENSIONS, float(text.removeprefix("turn ")), np.float32)
+
+
+class EmbedService:
+    """Embed as the inference service answers it: at most ``LIMIT`` texts,
+    each call taking ``delay_s`` (DEADLINE_EXCEEDED past the caller's
+    timeout), a call holding a text of ``failing`` UNAVAILABLE."""
+
+    def __init__(self, delay_s: float = 0.0, failing: frozenset[str] = frozenset()) -> None:
+        self.delay_s = delay_s
+        self.failing = failing
+        self.calls: list[tuple[int, float]] = []
+
+    async def Embed(self, request, timeout: float):  # noqa: N802 - the stub's method name
+        texts = list(request.texts)
+        self.calls.append((len(texts), timeout))
+        if len(texts) > LIMIT:
+            raise _refusal(grpc.StatusCode.INVALID_ARGUMENT, f"at most {LIMIT} texts per call")
+        if self.delay_s > timeout:
+            await asyncio.sleep(timeout)
+            raise _refusal(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        await asyncio.sleep(self.delay_s)
+        if self.failing.intersection(texts):
+            raise _refusal(grpc.StatusCode.UNAVAILABLE, "gone")
+        vectors = np.stack([vector_of(text) for text in texts]).astype("<f4")
+        return inference_service_pb2.EmbedResponse(vectors=vectors.tobytes(), dimensions=DIMENSIONS)
+
+
+def turns(count: int) -> list[str]:
+    return [f"turn {i}" for i in range(count)]
+
+
+async def test_an_append_of_more_texts_than_one_call_takes_gets_every_vector() -> None:
+    service = EmbedService()
+    texts = turns(2 * LIMIT + 44)
+    vectors = await Embedder(service).embed_each_or_none(texts)
+    assert [size for size, _ in service.calls] == [LIMIT, LIMIT, 44]
+    assert len(vectors) == len(texts)
+    for text, vector in zip(texts, vectors, strict=True):
+        np.testing.assert_array_equal(vector, vector_of(text))
+
+
+async def test_a_lower_limit_from_the_settings_is_followed() -> None:
+    service = EmbedService()
+    vectors = await Embedder(service, max_texts_per_call=10).embed_each_or_none(turns(25))
+    assert [size for size, _ in service.calls] == [10, 10, 5]
+    assert all(vector is not None for vector in vectors)
+
+
+async def test_a_failed_call_costs_only_its_own_texts_their_vectors() -> None:
+    texts = turns(3 * LIMIT)
+    service = EmbedService(failing=frozenset({texts[LIMIT + 5]}))
+    vectors = await Embedder(service).embed_each_or_none(texts)
+    assert len(service.calls) == 3
+    assert all(vector is None for vector in vectors[LIMIT : 2 * LIMIT])
+    for text, vector in zip(texts[:LIMIT] + texts[2 * LIMIT :], vectors[:LIMIT] + vectors[2 * LIMIT :]):
+        np.testing.assert_array_equal(vector, vector_of(text))
+
+
+async def test_the_calls_share_one_deadline() -> None:
+    # Each call takes 40 ms of a 100 ms deadline: two land, the third runs
+    # out of what is left, and the rest are never made.
+    service = EmbedService(delay_s=0.04)
+    texts = turns(5 * LIMIT)
+    vectors = await Embedder(service).embed_each_or_none(texts, timeout_s=0.1)
+    assert len(service.calls) == 3
+    timeouts = [timeout for _, timeout in service.calls]
+    assert timeouts[0] == pytest.approx(0.1, abs=0.005)
+    # Each call gets what the earlier ones left, never the whole deadline again.
+    assert timeouts[1] <= 0.1 - 0.04 + 0.005
+    assert timeouts[2] <= 0.1 - 0.08 + 0.005
+    assert all(vector is not None for vector in vectors[: 2 * LIMIT])
+    assert all(vector is None for vector in vectors[2 * LIMIT :])
+
+
+async def test_all_or_none_over_the_limit_is_one_array_or_none() -> None:
+    texts = turns(LIMIT + 1)
+    vectors = await Embedder(EmbedService()).embed_all_or_none(texts)
+    assert vectors.shape == (LIMIT + 1, DIMENSIONS)
+    np.testing.assert_array_equal(vectors[LIMIT], vector_of(texts[LIMIT]))
+    failing = EmbedService(failing=frozenset({texts[LIMIT]}))
+    assert await Embedder(failing).embed_all_or_none(texts) is None
+
+
+async def test_one_text_is_one_call() -> None:
+    service = EmbedService()
+    vector = await Embedder(service).embed_or_none("turn 7")
+    np.testing.assert_array_equal(vector, vector_of("turn 7"))
+    assert [size for size, _ in service.calls] == [1]
