@@ -48,10 +48,7 @@ VECTORS_NPZ = cache_data.CACHE_DIR / "model_selection_vectors.npz"
 
 PER_SOURCE = 1200
 TRAIN_BUCKETS = 80
-# BEAM's generator appends "->-> batch,turn" to most user messages, the
-# message's "index" field again: its bookkeeping, not what the user wrote
-# (bench/context_beam.py strips it too).
-TURN_MARKER = re.compile(r"\s*->->\s*\d+\s*,\s*\d+\s*$")
+_TURN_MARKER = re.compile(r"\s*->->\s*\d+\s*,\s*\d+\s*$")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,7 +83,7 @@ def load() -> list[Prompt]:
     for chat in sorted(BEAM_DIR.glob("*/chat.json")):
         for batch in json.loads(chat.read_text()):
             for turn in batch["turns"]:
-                beam += [TURN_MARKER.sub("", m["content"]) for m in turn if m["role"] == "user"]
+                beam += [_TURN_MARKER.sub("", m["content"]) for m in turn if m["role"] == "user"]
     prompts = [Prompt(t, False, "qqp", _portion(t)) for t in _first_by_hash(quora, PER_SOURCE)]
     prompts += [Prompt(t, True, "beam", _portion(t)) for t in _first_by_hash(beam, PER_SOURCE)]
     for line in HANDWRITTEN.read_text().splitlines():
