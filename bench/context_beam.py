@@ -245,7 +245,12 @@ def measured(data) -> list[dict]:
         for probe in probes:
             q = probe.question
             scores = misses.service_scores(c, q)
-            row = {"category": q.category, "worst": int(misses.ranks(scores)[q.evidence].max())}
+            place = misses.ranks(scores)
+            row = {"category": q.category, "worst": int(place[q.evidence].max())}
+            # Whose turns the ranking puts first, against whose the evidence is.
+            assistant = c.costs.roles == common_pb2.ROLE_ASSISTANT
+            row["assistant in top 5"] = int(assistant[place < 5].sum())
+            row["assistant evidence"] = int(assistant[q.evidence].sum()), len(q.evidence)
             oracle_scores = misses.evidence_first(scores, q.evidence)
             for budget in bench.BUDGETS:
                 adaptive = misses.plan(c, q, scores, budget)
@@ -289,6 +294,7 @@ def report(chats, data, rows: list[dict]) -> list[str]:
             label = "oracle (evidence ranked first)" if strategy == "oracle" else strategy
             out.append(f"| {budget} | {label} | " + " | ".join(cells) + " |")
     updates = [r for r in rows if ("updated kept", bench.BUDGETS[0]) in r]
+    assistant_evidence, evidence = np.sum([r["assistant evidence"] for r in rows], axis=0)
     out += [
         "",
         f"knowledge_update, the updated message alone kept ({len(updates)} questions), adaptive / newest: "
@@ -299,6 +305,9 @@ def report(chats, data, rows: list[dict]) -> list[str]:
         ),
         "Turns in adaptive's prompt, median: "
         + ", ".join(f"{b}: {np.median([r['turns', b] for r in rows]):.0f}" for b in bench.BUDGETS),
+        f"Assistant turns: {assistant_evidence} of the {evidence} evidence turns (question by question),"
+        f" {sum(r['assistant in top 5'] for r in rows)} of the {5 * len(rows)} turns adaptive ranks in"
+        " its top 5",
         "",
         "### Evidence all within the K best-ranked turns (adaptive's ranking)",
         "",
