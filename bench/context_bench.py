@@ -333,7 +333,7 @@ def offline(
             scores = {
                 "adaptive": relevance.hybrid_scores(
                     terms, packed, lengths, turn_vectors, vector, weights, costs.roles, nameless_query
-                ),
+                ).scores,
                 "newest": None,
             }
             if nameless is not None:
@@ -342,7 +342,7 @@ def offline(
                 label = "no nameless" if embed_nameless_question else "nameless"
                 scores[label] = relevance.hybrid_scores(
                     terms, packed, lengths, turn_vectors, vector, weights, costs.roles, other
-                )
+                ).scores
             # The same ranking, every turn a message of its own (context.pack_older_turns off).
             scores["unpacked"] = scores["adaptive"]
             # Without the dense-stretch share (relevance._with_spans): what it adds.
@@ -355,7 +355,7 @@ def offline(
                 dataclasses.replace(weights, span=0.0),
                 costs.roles,
                 nameless_query,
-            )
+            ).scores
             if ranker is not None:
                 features = context_ranker.ranking_features(
                     terms, packed, lengths, turn_vectors, vector, weights

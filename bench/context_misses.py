@@ -164,7 +164,7 @@ def service_scores(
         weights,
         c.costs.roles,
         q.nameless if nameless else None,
-    )
+    ).scores
 
 
 def plan(c: Conversation, q: Question, scores: np.ndarray, budget: int, floor: int = FLOOR) -> assembly.Plan:

@@ -142,7 +142,7 @@ def kept(
             vector,
             weights,
             roles=conversation["costs"].roles,
-        )
+        ).scores
         for budget in bench.BUDGETS:
             chosen = assembly.plan(
                 conversation["costs"],

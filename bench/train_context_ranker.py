@@ -55,7 +55,7 @@ def prepare(conversations, vectors) -> list[dict]:
             items.append(
                 {
                     "features": context_ranker.ranking_features(terms, packed, lengths, turn_vectors, vector),
-                    "hybrid": relevance.hybrid_scores(terms, packed, lengths, turn_vectors, vector),
+                    "hybrid": relevance.hybrid_scores(terms, packed, lengths, turn_vectors, vector).scores,
                     "evidence": sorted(q["evidence"]),
                     "category": q["category"],
                     "new": [assembly.TurnCost(message.role, asyncio.run(counter.count([message]))[0])],

@@ -131,7 +131,7 @@ class Weights:
     span: float = 0.5
     # The share of the question's vector taken from its nameless form's
     # (see NamelessQuery), when each name it leaves out is unknown to the
-    # session or a participant's (mixes_nameless).
+    # session or a participant's (hybrid_scores).
     nameless: float = 0.5
 
 
@@ -334,6 +334,24 @@ def scores_dense(unit_vectors: np.ndarray | None, query_vector: np.ndarray | Non
     return unit_vectors is not None and query_vector is not None and len(unit_vectors) == turns
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Scores:
+    """What :func:`hybrid_scores` found: each turn's relevance, and whether
+    it mixed the question's nameless form into the question's vector."""
+
+    scores: np.ndarray
+    mixed_nameless: bool = False
+
+    @property
+    def ranking(self) -> str:
+        """The name an assembly ranked by these scores gives its ranking:
+        the nameless form's only where it moved the question, so that an
+        assembly it left alone keeps its id whether
+        context.embed_nameless_question is on or not, and one it changed is
+        never passed off as the other's."""
+        return RANKING_NAMELESS if self.mixed_nameless else RANKING
+
+
 def hybrid_scores(
     query_terms: collections.abc.Iterable[str],
     postings: collections.abc.Mapping[str, np.ndarray],
@@ -343,7 +361,7 @@ def hybrid_scores(
     weights: Weights = DEFAULT_WEIGHTS,
     roles: np.ndarray | None = None,
     nameless: NamelessQuery | None = None,
-) -> np.ndarray:
+) -> Scores:
     """Each turn's relevance to the query, higher is more relevant, from the
     turns' :func:`unit_rows`. Without a query vector (the inference service
     is down) it is lexical only.
@@ -387,9 +405,10 @@ def hybrid_scores(
     lexical = weights.keyword * _scaled(bm25(keywords, postings, term_counts, weights))
     lexical += weights.entity * _scaled(bm25(entities, postings, term_counts, weights))
     if not scores_dense(unit_vectors, query_vector, len(term_counts)):
-        return _with_spans(_with_neighbours(lexical, weights), weights)
+        return Scores(_with_spans(_with_neighbours(lexical, weights), weights))
     query = _unit(query_vector)
-    if _names_only_pull_away(nameless, postings, names) and weights.nameless:
+    mixed_nameless = bool(weights.nameless) and _names_only_pull_away(nameless, postings, names)
+    if mixed_nameless:
         query = _unit((1 - weights.nameless) * query + weights.nameless * _unit(nameless.vector))
     score = _with_neighbours(lexical + weights.dense * _scaled(unit_vectors @ query), weights)
     feedback = min(weights.feedback_turns, len(score))
@@ -402,23 +421,7 @@ def hybrid_scores(
         best = np.argpartition(-seeds, feedback - 1)[:feedback]
         query = query + weights.feedback_weight * unit_vectors[best].mean(axis=0)
         score = _with_neighbours(lexical + weights.dense * _scaled(unit_vectors @ query), weights)
-    return _with_spans(score, weights)
-
-
-def mixes_nameless(
-    query_terms: collections.abc.Iterable[str],
-    postings: collections.abc.Mapping[str, np.ndarray],
-    roles: np.ndarray | None,
-    nameless: NamelessQuery | None,
-    weights: Weights = DEFAULT_WEIGHTS,
-) -> bool:
-    """Whether :func:`hybrid_scores`, given these and vectors to score
-    with, mixes ``nameless`` into the question's vector: what an assembly's
-    ranking is then named by (RANKING_NAMELESS)."""
-    if nameless is None or not weights.nameless:
-        return False
-    participants = {} if roles is None else _participant_name_turns(query_terms, postings, roles)
-    return _names_only_pull_away(nameless, postings, participants)
+    return Scores(_with_spans(score, weights), mixed_nameless)
 
 
 def _names_only_pull_away(

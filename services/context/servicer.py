@@ -137,21 +137,15 @@ def _live_scores(
         postings = {t: p[p >= shift] - shift for t, p in postings.items()}
         term_counts = term_counts[compacted:]
     roles = np.asarray(view.roles)[compacted:]
-    scores = relevance.hybrid_scores(
+    found = relevance.hybrid_scores(
         terms, postings, term_counts, view.unit_vectors, query_vector, roles=roles, nameless=nameless
     )
     # What the scoring used, not whether the question got a vector: turns
     # without vectors (embedded by none, or a rebuild the index does not
     # cover) are scored by words alone either way.
     inputs.dense_scored = relevance.scores_dense(view.unit_vectors, query_vector, len(term_counts))
-    # The nameless form's ranking only where it moved the question: an
-    # assembly it left alone keeps its id whether context.embed_nameless_question
-    # is on or not, and one it changed is never passed off as the other's.
-    mixed = inputs.dense_scored and relevance.mixes_nameless(
-        terms, postings, roles[: len(term_counts)], nameless
-    )
-    inputs.ranking = relevance.RANKING_NAMELESS if mixed else relevance.RANKING
-    return np.concatenate([np.zeros(compacted), scores]) if compacted else scores
+    inputs.ranking = found.ranking
+    return np.concatenate([np.zeros(compacted), found.scores]) if compacted else found.scores
 
 
 def _postings_of(

@@ -48,7 +48,7 @@ def test_entity_matches_find_a_name_mentioned_once() -> None:
     texts[7] = "My sister Ana moved to Lisbon last spring"
     postings, lengths = postings_of(texts)
     query = relevance.index_terms("Where does Ana live now?")
-    scores = relevance.hybrid_scores(query, postings, lengths, None, None)
+    scores = relevance.hybrid_scores(query, postings, lengths, None, None).scores
     assert int(np.argmax(scores)) == 7
 
 
@@ -56,7 +56,7 @@ def test_dense_similarity_counts_and_neighbours_inherit_a_share() -> None:
     vectors = relevance.quantize(np.eye(4, dtype=np.float32))
     lengths = np.ones(4)
     query = np.array([0, 0, 1, 0], dtype=np.float32)
-    scores = relevance.hybrid_scores([], {}, lengths, relevance.unit_rows(vectors), query)
+    scores = relevance.hybrid_scores([], {}, lengths, relevance.unit_rows(vectors), query).scores
     assert int(np.argmax(scores)) == 2
     # Turns 1 and 3 border the relevant one; turn 0 does not.
     assert scores[1] > scores[0] and scores[3] > scores[0]
@@ -160,8 +160,8 @@ def _stretch_and_echo() -> tuple[np.ndarray, np.ndarray]:
 def test_a_turn_in_a_stretch_dense_with_the_best_turns_outranks_a_lone_echo() -> None:
     unit, query = _stretch_and_echo()
     lengths = np.ones(len(unit))
-    without = relevance.hybrid_scores([], {}, lengths, unit, query, relevance.Weights(span=0.0))
-    scores = relevance.hybrid_scores([], {}, lengths, unit, query)
+    without = relevance.hybrid_scores([], {}, lengths, unit, query, relevance.Weights(span=0.0)).scores
+    scores = relevance.hybrid_scores([], {}, lengths, unit, query).scores
     answer, echo = 12, 30
     assert without[echo] > without[answer]
     assert scores[answer] > scores[echo]
@@ -176,13 +176,15 @@ def test_stretches_need_no_minimum_session_length() -> None:
     # Shorter than a stretch's reach, and a single turn: scored, same length.
     for count in (1, 3):
         unit = relevance.unit_rows(np.eye(3, dtype=np.float32)[:count])
-        scores = relevance.hybrid_scores([], {}, np.ones(count), unit, np.array([1.0, 0, 0]))
+        scores = relevance.hybrid_scores([], {}, np.ones(count), unit, np.array([1.0, 0, 0])).scores
         assert scores.shape == (count,) and int(np.argmax(scores)) == 0
 
 
 def _lexical_scores(texts: list[str], question: str, weights: relevance.Weights) -> np.ndarray:
     postings, lengths = postings_of(texts)
-    return relevance.hybrid_scores(relevance.index_terms(question), postings, lengths, None, None, weights)
+    return relevance.hybrid_scores(
+        relevance.index_terms(question), postings, lengths, None, None, weights
+    ).scores
 
 
 def test_a_stretch_at_the_sessions_edge_gains_by_the_turns_within_its_reach() -> None:
@@ -230,11 +232,11 @@ def test_a_names_turns_beyond_the_scored_turns_are_left_out() -> None:
     scored = 20
     scores = relevance.hybrid_scores(
         query, postings, lengths[:scored], unit[:scored], np.array([1.0, 1.0]), roles=np.array(roles)
-    )
+    ).scores
     inside = {t: p[(p >> relevance.TF_BITS) < scored] for t, p in postings.items()}
     expected = relevance.hybrid_scores(
         query, inside, lengths[:scored], unit[:scored], np.array([1.0, 1.0]), roles=np.array(roles[:scored])
-    )
+    ).scores
     np.testing.assert_array_equal(scores, expected)
 
 
@@ -250,8 +252,8 @@ def test_feedback_raises_the_second_hop_of_an_answer() -> None:
     lengths = np.ones(6)
     plain = relevance.Weights(neighbour=0.0, feedback_turns=0)
     with_feedback = relevance.Weights(neighbour=0.0, feedback_turns=1)
-    before = relevance.hybrid_scores([], {}, lengths, unit, query, plain)
-    after = relevance.hybrid_scores([], {}, lengths, unit, query, with_feedback)
+    before = relevance.hybrid_scores([], {}, lengths, unit, query, plain).scores
+    after = relevance.hybrid_scores([], {}, lengths, unit, query, with_feedback).scores
     assert before[2] == before[4]
     assert after[2] > after[4]
     assert int(np.argmax(after)) == 0
@@ -324,15 +326,17 @@ def test_a_participants_name_neither_matches_greetings_nor_seeds_feedback() -> N
     # The question's vector leans toward the name, as a real embedding does.
     query_vector = np.array([1, 1, 0, 0], dtype=np.float32)
     query = relevance.index_terms("What does Kevin do for fun?")
-    blind = relevance.hybrid_scores(query, postings, lengths, unit, query_vector)
+    blind = relevance.hybrid_scores(query, postings, lengths, unit, query_vector).scores
     assert roles[int(np.argmax(blind))] == USER  # a greeting
-    scores = relevance.hybrid_scores(query, postings, lengths, unit, query_vector, roles=np.array(roles))
+    scores = relevance.hybrid_scores(
+        query, postings, lengths, unit, query_vector, roles=np.array(roles)
+    ).scores
     assert int(np.argmax(scores)) == answer
     # Feedback from the answer, not the greetings, raises its second hop.
     assert scores[second_hop] > scores[unrelated]
     assert scores[second_hop] > blind[second_hop]
     # Without a vector, the name no longer scores the greetings at all.
-    lexical = relevance.hybrid_scores(query, postings, lengths, None, None, roles=np.array(roles))
+    lexical = relevance.hybrid_scores(query, postings, lengths, None, None, roles=np.array(roles)).scores
     assert lexical[0] == 0 and int(np.argmax(lexical)) == answer
 
 
@@ -438,15 +442,17 @@ def test_a_name_the_session_never_uses_stops_pulling_the_question_away() -> None
     # The vectors alone: the name's postings must not decide through BM25.
     weights = relevance.Weights(keyword=0.0, entity=0.0, neighbour=0.0, span=0.0, feedback_weight=0.0)
 
-    def best(postings, nameless_query) -> int:
-        scores = relevance.hybrid_scores(
+    def scored(postings, nameless_query) -> relevance.Scores:
+        return relevance.hybrid_scores(
             terms, postings, lengths, rows, question_vector, weights, nameless=nameless_query
         )
-        return int(np.argmax(scores))
+
+    def best(postings, nameless_query) -> int:
+        return int(np.argmax(scored(postings, nameless_query).scores))
 
     def mixes(postings, nameless_query) -> bool:
-        # What names the assembly's ranking: it must say what the scores did.
-        return relevance.mixes_nameless(terms, postings, None, nameless_query, weights)
+        # What names the assembly's ranking (test below: it says what the scores did).
+        return scored(postings, nameless_query).mixed_nameless
 
     assert best(postings, None) == 0 and not mixes(postings, None)
     # "Vanessa" is in no turn: the question is scored half by its nameless form.
@@ -478,7 +484,7 @@ def test_a_name_the_index_cuts_is_known_by_the_terms_it_makes() -> None:
         postings, lengths = postings_of(texts)
         scores = relevance.hybrid_scores(
             terms, postings, lengths, rows, question_vector, weights, nameless=nameless
-        )
+        ).scores
         return int(np.argmax(scores))
 
     # A turn names him ("Bolaño" is indexed as "bola" and "@bola"): he is what the question is about.
@@ -498,5 +504,58 @@ def test_a_session_without_turns_scores_nothing_with_a_nameless_form() -> None:
         np.array([0.8, 0.6, 0.0], dtype=np.float32),
         roles=np.zeros(0, dtype=np.int32),
         nameless=nameless,
-    )
+    ).scores
     assert scores.shape == (0,)
+
+
+def test_the_reported_mix_is_what_the_scores_were_computed_with() -> None:
+    """hybrid_scores says it mixed the nameless form exactly where its
+    scores differ from the question's alone, and names the ranking by it:
+    across names unknown, used, a participant's, not embedded, no vectors
+    and a zero share."""
+    rows = relevance.unit_rows(np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]] * 8, dtype=np.float32))
+    question = "What pets does Vanessa have?"
+    terms = relevance.index_terms(question)
+    question_vector = np.array([0.8, 0.6, 0.0], dtype=np.float32)
+    found = relevance.nameless_text(question)
+    embedded = relevance.NamelessQuery(found.text, found.names, np.array([0, 1, 0], dtype=np.float32))
+    not_embedded = relevance.NamelessQuery(found.text, found.names)
+    unknown = ["Some chat about a film", "My cat sleeps all day", "Rain again"] * 8
+    # One speaker greets the other by name in twelve turns: a participant's name.
+    roles = np.array([i % 2 for i in range(len(unknown))], dtype=np.uint8)
+    addressed = [f"Hi Vanessa. {text}" if i % 2 == 0 else text for i, text in enumerate(unknown)]
+    assert relevance.participant_names(terms, postings_of(addressed)[0], roles) == {"@vanessa"}
+    cases = {
+        "unknown name": (unknown, rows, embedded, relevance.DEFAULT_WEIGHTS),
+        "a name the session uses": (
+            ["Vanessa has a cat"] + unknown[1:],
+            rows,
+            embedded,
+            relevance.DEFAULT_WEIGHTS,
+        ),
+        "not embedded": (unknown, rows, not_embedded, relevance.DEFAULT_WEIGHTS),
+        "no vectors": (unknown, None, embedded, relevance.DEFAULT_WEIGHTS),
+        "a zero share": (unknown, rows, embedded, relevance.Weights(nameless=0.0)),
+        "a participant's name": (addressed, rows, embedded, relevance.DEFAULT_WEIGHTS),
+    }
+    mixed = {}
+    for label, (texts, vectors, nameless, weights) in cases.items():
+        postings, lengths = postings_of(texts)
+        with_form = relevance.hybrid_scores(
+            terms, postings, lengths, vectors, question_vector, weights, roles, nameless
+        )
+        alone = relevance.hybrid_scores(terms, postings, lengths, vectors, question_vector, weights, roles)
+        assert not alone.mixed_nameless and alone.ranking == relevance.RANKING
+        mixed[label] = with_form.mixed_nameless
+        assert with_form.mixed_nameless == (not np.array_equal(with_form.scores, alone.scores)), label
+        expected = relevance.RANKING_NAMELESS if with_form.mixed_nameless else relevance.RANKING
+        assert with_form.ranking == expected, label
+    # Both outcomes were seen, so the equivalence above was tested both ways.
+    assert mixed == {
+        "unknown name": True,
+        "a name the session uses": False,
+        "not embedded": False,
+        "no vectors": False,
+        "a zero share": False,
+        "a participant's name": True,
+    }

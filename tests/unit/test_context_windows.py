@@ -48,9 +48,9 @@ def test_a_short_reply_read_with_its_question_outranks_it_read_alone() -> None:
     lengths = np.ones(4)
     query = np.array([1.0, 0.0, 0.0], np.float32)
     weights = relevance.Weights(neighbour=0.0, span=0.0, feedback_weight=0.0)
-    alone = relevance.hybrid_scores([], {}, lengths, own, query, weights)
+    alone = relevance.hybrid_scores([], {}, lengths, own, query, weights).scores
     read_with = relevance.hybrid_scores(
         [], {}, lengths, context_windows.TwoCosines(own, window, 0.5), query, weights
-    )
+    ).scores
     assert alone[2] == alone[3]
     assert read_with[2] > read_with[3]
