@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import collections.abc
 import dataclasses
 import json
 import pathlib
@@ -61,6 +62,8 @@ ROLES = {"user": common_pb2.ROLE_USER, "assistant": common_pb2.ROLE_ASSISTANT}
 # Knowledge_update's key for the message that replaces the original's fact.
 UPDATED = "updated_info"
 KS = (5, 10, 20, 50)
+# A question about what the user said says so ("When does my first sprint end?").
+FIRST_PERSON = re.compile(r"\bI\b|\b(?:[Mm]e|[Mm]y|[Mm]ine|[Mm]yself)\b")
 # The generator's "->-> batch,turn" at the end of 2,199 of the 5,732 messages,
 # user and assistant ("2,N/A", "1,5)" and "2,22, 24" too; user messages give
 # the same in their "index" field): bookkeeping that no user types and no
@@ -149,6 +152,7 @@ def cached_vectors(chats) -> dict[str, np.ndarray]:
 @dataclasses.dataclass
 class Probe:
     question: misses.Question
+    text: str
     # knowledge_update's updated message(s), as turn positions; None elsewhere.
     updated: list[int] | None
 
@@ -174,7 +178,8 @@ def prepared(chats, vectors: dict[str, np.ndarray]) -> dict[str, tuple[misses.Co
             question = misses.Question(
                 q["category"], sorted(q["evidence"]), terms, vector, new, None, nameless_query
             )
-            probes.append(Probe(question, None if q["updated"] is None else sorted(q["updated"])))
+            updated = None if q["updated"] is None else sorted(q["updated"])
+            probes.append(Probe(question, q["question"], updated))
         out[name] = (
             misses.Conversation(costs, postings, lengths, rows, [], [p.question for p in probes]),
             probes,
@@ -196,28 +201,54 @@ def without_participant_names(c: misses.Conversation, q: misses.Question) -> np.
         return misses.service_scores(c, q)
 
 
-def user_turns_raised(lift: float):
+def user_turns_raised(lift: float, asked_in_first_person: collections.abc.Container[int] | None = None):
     """An idea BEAM suggests, not in the service: the user's turns raised by
-    ``lift`` before the stretches. Most of BEAM's evidence is what the user
-    said; in REALTALK "user" is only the first of two people."""
-    return misses.spans_after(lambda c, q, score: lift * (c.costs.roles == common_pb2.ROLE_USER))
+    ``lift`` before the stretches; with ``asked_in_first_person`` (the ids of
+    the questions that :data:`FIRST_PERSON` finds in), for those only. Most
+    of BEAM's evidence is what the user said; in REALTALK "user" is only the
+    first of two people, and its questions name them instead."""
+
+    def extra(c: misses.Conversation, q: misses.Question, score: np.ndarray) -> np.ndarray | float:
+        if asked_in_first_person is not None and id(q) not in asked_in_first_person:
+            return 0.0
+        return lift * (c.costs.roles == common_pb2.ROLE_USER)
+
+    return misses.spans_after(extra)
 
 
-# (label, ranking, recency floor)
-VARIANTS = (
-    ("no stretches (Weights.span = 0)", with_weights(span=0.0), misses.FLOOR),
-    ("no feedback (Weights.feedback_weight = 0)", with_weights(feedback_weight=0.0), misses.FLOOR),
-    ("no neighbours (Weights.neighbour = 0)", with_weights(neighbour=0.0), misses.FLOOR),
-    ("no participant names", without_participant_names, misses.FLOOR),
-    (
-        ("without" if misses.NAMELESS else "with") + " the nameless form (context.embed_nameless_question)",
-        lambda c, q: misses.service_scores(c, q, nameless=not misses.NAMELESS),
-        misses.FLOOR,
-    ),
-    ("recency floor 0 turns", misses.service_scores, 0),
-    ("idea, not in the service: user turns raised 0.2", user_turns_raised(0.2), misses.FLOOR),
-    ("idea, not in the service: user turns raised 0.5", user_turns_raised(0.5), misses.FLOOR),
-)
+def asked_in_first_person(questions: list[tuple[misses.Question, str]]) -> set[int]:
+    """The ids of the questions (with their texts) that say I / me / my."""
+    return {id(q) for q, text in questions if FIRST_PERSON.search(text)}
+
+
+def variants(first_person: set[int]) -> tuple:
+    """(label, ranking, recency floor) of each variant; ``first_person``:
+    :func:`asked_in_first_person` of the questions scored."""
+    return (
+        ("no stretches (Weights.span = 0)", with_weights(span=0.0), misses.FLOOR),
+        ("no feedback (Weights.feedback_weight = 0)", with_weights(feedback_weight=0.0), misses.FLOOR),
+        ("no neighbours (Weights.neighbour = 0)", with_weights(neighbour=0.0), misses.FLOOR),
+        ("no participant names", without_participant_names, misses.FLOOR),
+        (
+            ("without" if misses.NAMELESS else "with")
+            + " the nameless form (context.embed_nameless_question)",
+            lambda c, q: misses.service_scores(c, q, nameless=not misses.NAMELESS),
+            misses.FLOOR,
+        ),
+        ("recency floor 0 turns", misses.service_scores, 0),
+        ("idea, not in the service: user turns raised 0.2", user_turns_raised(0.2), misses.FLOOR),
+        ("idea, not in the service: user turns raised 0.5", user_turns_raised(0.5), misses.FLOOR),
+        (
+            "idea, not in the service: user turns raised 0.5, questions that say I / me / my only",
+            user_turns_raised(0.5, first_person),
+            misses.FLOOR,
+        ),
+        (
+            "idea, not in the service: user turns raised 1.0, questions that say I / me / my only",
+            user_turns_raised(1.0, first_person),
+            misses.FLOOR,
+        ),
+    )
 
 
 def variant_kept(data, rank, floor: int) -> dict[str, dict[int, list[bool]]]:
@@ -332,7 +363,10 @@ def pieces(data) -> list[str]:
         "| variant | 1k / 2k / 4k / 8k |",
         "|---|---|",
     ]
-    for label, rank, floor in VARIANTS:
+    first_person = asked_in_first_person(
+        [(p.question, p.text) for _, probes in data.values() for p in probes]
+    )
+    for label, rank, floor in variants(first_person):
         shares = all_shares(variant_kept(data, rank, floor))
         out.append(
             f"| {label} | " + " / ".join(f"{v - b:+.1f}" for v, b in zip(shares, base, strict=True)) + " |"
@@ -342,7 +376,11 @@ def pieces(data) -> list[str]:
         for c, probes in data.values()
         for q in (p.question for p in probes)
     )
-    out += ["", f"Questions naming a participant (relevance.participant_names): {names}"]
+    out += [
+        "",
+        f"Questions naming a participant (relevance.participant_names): {names};"
+        f" saying I / me / my: {len(first_person)}",
+    ]
     return out
 
 
@@ -350,6 +388,14 @@ def realtalk_pieces() -> list[str]:
     """The same variants on REALTALK: all ten | the six | the four."""
     data = misses.prepared()
     base = misses.kept_by_conversation(data, misses.service_scores)
+    texts = {p.stem: bench.load_conversation(p)[2] for p in sorted(bench.DATA.glob("*.json"))}
+    first_person = asked_in_first_person(
+        [
+            (q, raw["question"])
+            for name, c in data.items()
+            for q, raw in zip(c.questions, texts[name], strict=True)
+        ]
+    )
     out = [
         "### The same on REALTALK (points vs the service; all ten | the six (tuning) | the four (held out),"
         " each 1k / 2k / 4k / 8k)",
@@ -359,9 +405,10 @@ def realtalk_pieces() -> list[str]:
         "| variant | all ten | the six | the four |",
         "|---|---|---|---|",
     ]
-    for label, rank, floor in VARIANTS:
+    for label, rank, floor in variants(first_person):
         kept = misses.kept_by_conversation(data, rank, floor)
         out.append(f"| {label} | " + misses.retention_row(kept, base) + " |")
+    out += ["", f"Questions saying I / me / my: {len(first_person)}"]
     return out
 
 
