@@ -180,6 +180,7 @@ def prepared(chats, vectors: dict[str, np.ndarray]) -> dict[str, tuple[misses.Co
             )
             updated = None if q["updated"] is None else sorted(q["updated"])
             probes.append(Probe(question, q["question"], updated))
+        # No per-turn terms: only context_misses' keyword-feedback idea reads them.
         out[name] = (
             misses.Conversation(costs, postings, lengths, rows, [], [p.question for p in probes]),
             probes,
