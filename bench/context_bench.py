@@ -345,7 +345,7 @@ def offline(
                 ).scores
             # The same ranking, every turn a message of its own (context.pack_older_turns off).
             scores["unpacked"] = scores["adaptive"]
-            # Without the dense-stretch share (relevance._with_spans): what it adds.
+            # Without the dense-stretch share (relevance.with_spans): what it adds.
             scores["no stretches"] = relevance.hybrid_scores(
                 terms,
                 packed,

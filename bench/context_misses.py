@@ -312,7 +312,7 @@ def spans_after(extra):
     def rank(c: Conversation, q: Question) -> np.ndarray:
         weights = relevance.DEFAULT_WEIGHTS
         score = service_scores(c, q, dataclasses.replace(weights, span=0.0))
-        return relevance._with_spans(score + extra(c, q, score), weights)
+        return relevance.with_spans(score + extra(c, q, score), weights)
 
     return rank
 
@@ -323,7 +323,7 @@ def role_lift(lift: float):
 
 def length_prior(weight: float):
     """Turns with more index terms say more: a query-independent prior."""
-    return spans_after(lambda c, q, s: weight * relevance._scaled(np.log1p(c.lengths)))
+    return spans_after(lambda c, q, s: weight * relevance.scaled(np.log1p(c.lengths)))
 
 
 def keyword_feedback(terms: int, weight: float, seeds: int = 10):
@@ -344,7 +344,7 @@ def keyword_feedback(terms: int, weight: float, seeds: int = 10):
             ),
             reverse=True,
         )
-        return weight * relevance._scaled(
+        return weight * relevance.scaled(
             relevance.bm25([t for _, t in ranked[:terms]], c.postings, c.lengths)
         )
 
@@ -360,7 +360,7 @@ def similar_to_best(seeds: int, weight: float):
         best = np.argpartition(-score, seeds - 1)[:seeds]
         similarity = c.rows @ c.rows[best].T
         similarity[best, np.arange(seeds)] = 0.0
-        return weight * relevance._scaled(similarity.max(axis=1))
+        return weight * relevance.scaled(similarity.max(axis=1))
 
     return spans_after(extra)
 
@@ -376,7 +376,7 @@ def stretch_vector(radius: int, weight: float):
             low = np.clip(np.arange(n) - radius, 0, n)
             high = np.clip(np.arange(n) + radius + 1, 0, n)
             cache[id(c)] = relevance.unit_rows(sums[high] - sums[low])
-        return weight * relevance._scaled(cache[id(c)] @ relevance._unit(q.vector))
+        return weight * relevance.scaled(cache[id(c)] @ relevance.unit(q.vector))
 
     return spans_after(extra)
 
@@ -405,7 +405,7 @@ def minus_session_mean(alpha: float, rows_too: bool):
             mean = c.rows.mean(axis=0)
             cache[id(c)] = (relevance.unit_rows(c.rows - alpha * mean) if rows_too else c.rows, mean)
         rows, mean = cache[id(c)]
-        return service_scores(c, q, rows=rows, query=relevance._unit(q.vector) - alpha * mean)
+        return service_scores(c, q, rows=rows, query=relevance.unit(q.vector) - alpha * mean)
 
     return rank
 
@@ -420,19 +420,10 @@ def patched(module, name: str, value):
         setattr(module, name, old)
 
 
-def robust_scaling(percentile: float):
-    """Each signal's top taken at a percentile rather than the max, so one
-    outlier turn does not compress every other turn's share."""
-
-    def scaled(values: np.ndarray) -> np.ndarray:
-        if len(values) == 0:
-            return values
-        floor, top = float(np.median(values)), float(np.percentile(values, percentile))
-        if top <= floor:
-            return np.zeros_like(values, dtype=np.float64)
-        return np.clip((values - floor) / (top - floor), 0.0, 1.0)
-
-    return scaled
+def with_weights(**changes):
+    """The service's ranking with ``changes`` to its weights."""
+    weights = dataclasses.replace(relevance.DEFAULT_WEIGHTS, **changes)
+    return lambda c, q: service_scores(c, q, weights)
 
 
 def content_words(question: str, drop_capitalized: bool) -> str:
@@ -515,11 +506,10 @@ def ideas(data: dict[str, Conversation]) -> list[str]:
             kept_by_conversation(data, role_of_best(seeds, weight, share)),
         )
     for percentile in (99.5, 99.0):
-        with patched(relevance, "_scaled", robust_scaling(percentile)):
-            row(
-                f"signals scaled to their {percentile}th percentile",
-                kept_by_conversation(data, service_scores),
-            )
+        row(
+            f"signals scaled to their {percentile}th percentile",
+            kept_by_conversation(data, with_weights(top_percentile=percentile)),
+        )
     conversations = {p.stem: bench.load_conversation(p) for p in sorted(bench.DATA.glob("*.json"))}
     # Embedded once through a Triton of this run's own (about 1.5 min: run it under the bench lock).
     content = bench.digest_named_vectors(

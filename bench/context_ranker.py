@@ -77,17 +77,17 @@ def ranking_features(
     query_terms = list(query_terms)
     keywords = [t for t in query_terms if not t.startswith(relevance.ENTITY_MARK)]
     entities = [t for t in query_terms if t.startswith(relevance.ENTITY_MARK)]
-    keyword = relevance._scaled(relevance.bm25(keywords, postings, term_counts, weights))
-    entity = relevance._scaled(relevance.bm25(entities, postings, term_counts, weights))
-    query = relevance._unit(query_vector)
+    keyword = relevance.scaled(relevance.bm25(keywords, postings, term_counts, weights))
+    entity = relevance.scaled(relevance.bm25(entities, postings, term_counts, weights))
+    query = relevance.unit(query_vector)
     cosines = (unit_vectors @ query).astype(np.float64)
-    dense = relevance._scaled(cosines)
+    dense = relevance.scaled(cosines)
     spread = float(cosines.std()) or 1.0
     hybrid = weights.keyword * keyword + weights.entity * entity + weights.dense * dense
     feedback_count = min(weights.feedback_turns, n)
     best = np.argpartition(-hybrid, feedback_count - 1)[:feedback_count]
     moved = query + weights.feedback_weight * unit_vectors[best].mean(axis=0)
-    feedback = relevance._scaled((unit_vectors @ moved).astype(np.float64))
+    feedback = relevance.scaled((unit_vectors @ moved).astype(np.float64))
     recent = (unit_vectors @ unit_vectors[-recent_turns:].mean(axis=0)).astype(np.float64)
     neighbour = _neighbour_max(hybrid) if n > 1 else np.zeros(n)
     columns = {

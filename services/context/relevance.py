@@ -14,7 +14,7 @@ session so that no one signal's units dominate: embedding cosine similarity
 question asks about). A turn next to a highly relevant one inherits part of
 its score, so a question's answer keeps the line it answers; and a turn in a
 stretch of the conversation where many of the best turns sit gains a share,
-as people talk about one thing for a while (:func:`_with_spans`).
+as people talk about one thing for a while (:func:`with_spans`).
 
 Questions about a conversation name its two people ("What are Kate's
 hobbies?"), but the stored turns are by user and assistant, and a person's
@@ -123,7 +123,7 @@ class Weights:
     # turns move the question's vector, and by how much of their mean.
     feedback_turns: int = 10
     feedback_weight: float = 0.7
-    # Topic stretches (see _with_spans): the best turns that count, how
+    # Topic stretches (see with_spans): the best turns that count, how
     # many turns either side of a turn its stretch reaches, and the most a
     # turn in the densest stretch gains.
     span_turns: int = 50
@@ -133,6 +133,11 @@ class Weights:
     # (see NamelessQuery), when each name it leaves out is unknown to the
     # session or a participant's (hybrid_scores).
     nameless: float = 0.5
+    # Each signal's top (see scaled) at this percentile of its values
+    # rather than their max, so that one outlier turn would not compress
+    # every other turn's share: below 100 it kept fewer questions' evidence
+    # on both splits (bench/context_misses.py --ideas), so 100, the max.
+    top_percentile: float = 100.0
 
 
 DEFAULT_WEIGHTS = Weights()
@@ -209,10 +214,11 @@ def cosine(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
     turn stored without one (an all-zero row)."""
     if len(vectors) == 0:
         return np.zeros(0)
-    return unit_rows(vectors) @ _unit(query)
+    return unit_rows(vectors) @ unit(query)
 
 
-def _unit(vector: np.ndarray) -> np.ndarray:
+def unit(vector: np.ndarray) -> np.ndarray:
+    """``vector`` scaled to length 1 (a zero vector stays about zero)."""
     vector = np.asarray(vector, dtype=np.float32)
     return vector / max(float(np.linalg.norm(vector)), 1e-9)
 
@@ -316,13 +322,14 @@ def nameless_text(text: str) -> NamelessQuery | None:
     return NamelessQuery(" ".join(kept), frozenset(names))
 
 
-def _scaled(values: np.ndarray) -> np.ndarray:
-    """Above the session's typical value, as a share of the best: what
+def scaled(values: np.ndarray, top_percentile: float = 100.0) -> np.ndarray:
+    """Above the session's typical value, as a share of the best (of the
+    ``top_percentile``-th percentile, see Weights.top_percentile): what
     makes a turn stand out, not the level every turn shares."""
     if len(values) == 0:
         return values
     floor = float(np.median(values))
-    top = float(values.max())
+    top = float(values.max()) if top_percentile >= 100 else float(np.percentile(values, top_percentile))
     if top <= floor:
         return np.zeros_like(values, dtype=np.float64)
     return np.clip((values - floor) / (top - floor), 0.0, 1.0)
@@ -391,7 +398,7 @@ def hybrid_scores(
     (bench/context_bench.py --offline).
 
     Last, turns in stretches dense with the best turns gain a share
-    (:func:`_with_spans`)."""
+    (:func:`with_spans`)."""
     query_terms = list(query_terms)
     names = {}
     if roles is not None:
@@ -402,15 +409,16 @@ def hybrid_scores(
         query_terms = [t for t in query_terms if t not in spelled]
     keywords = [t for t in query_terms if not t.startswith(ENTITY_MARK)]
     entities = [t for t in query_terms if t.startswith(ENTITY_MARK)]
-    lexical = weights.keyword * _scaled(bm25(keywords, postings, term_counts, weights))
-    lexical += weights.entity * _scaled(bm25(entities, postings, term_counts, weights))
+    top = weights.top_percentile
+    lexical = weights.keyword * scaled(bm25(keywords, postings, term_counts, weights), top)
+    lexical += weights.entity * scaled(bm25(entities, postings, term_counts, weights), top)
     if not scores_dense(unit_vectors, query_vector, len(term_counts)):
-        return Scores(_with_spans(_with_neighbours(lexical, weights), weights))
-    query = _unit(query_vector)
+        return Scores(with_spans(_with_neighbours(lexical, weights), weights))
+    query = unit(query_vector)
     mixed_nameless = bool(weights.nameless) and _names_only_pull_away(nameless, postings, names)
     if mixed_nameless:
-        query = _unit((1 - weights.nameless) * query + weights.nameless * _unit(nameless.vector))
-    score = _with_neighbours(lexical + weights.dense * _scaled(unit_vectors @ query), weights)
+        query = unit((1 - weights.nameless) * query + weights.nameless * unit(nameless.vector))
+    score = _with_neighbours(lexical + weights.dense * scaled(unit_vectors @ query, top), weights)
     feedback = min(weights.feedback_turns, len(score))
     if feedback and weights.feedback_weight:
         seeds = score
@@ -420,8 +428,8 @@ def hybrid_scores(
                 seeds[turns] = -np.inf
         best = np.argpartition(-seeds, feedback - 1)[:feedback]
         query = query + weights.feedback_weight * unit_vectors[best].mean(axis=0)
-        score = _with_neighbours(lexical + weights.dense * _scaled(unit_vectors @ query), weights)
-    return Scores(_with_spans(score, weights), mixed_nameless)
+        score = _with_neighbours(lexical + weights.dense * scaled(unit_vectors @ query, top), weights)
+    return Scores(with_spans(score, weights), mixed_nameless)
 
 
 def _names_only_pull_away(
@@ -452,10 +460,10 @@ def _with_neighbours(score: np.ndarray, weights: Weights) -> np.ndarray:
     return score + weights.neighbour * np.maximum(left, right)
 
 
-def _with_spans(score: np.ndarray, weights: Weights) -> np.ndarray:
+def with_spans(score: np.ndarray, weights: Weights) -> np.ndarray:
     """A turn gains up to ``weights.span`` by how much of the best turns'
     score lies within ``span_radius`` turns of it (its own included),
-    scaled as the other signals are (:func:`_scaled`: above the session's
+    scaled as the other signals are (:func:`scaled`: above the session's
     median, as a share of the densest stretch).
 
     People talk about one thing for a while, so a question's evidence
@@ -481,7 +489,7 @@ def _with_spans(score: np.ndarray, weights: Weights) -> np.ndarray:
     # "full" rather than "same": "same" returns the kernel's length when
     # the session is shorter than it.
     density = np.convolve(top, np.ones(2 * radius + 1), mode="full")[radius : radius + count]
-    return score + weights.span * _scaled(density)
+    return score + weights.span * scaled(density, weights.top_percentile)
 
 
 def quantize(vectors: np.ndarray) -> np.ndarray:

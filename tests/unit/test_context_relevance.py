@@ -559,3 +559,29 @@ def test_the_reported_mix_is_what_the_scores_were_computed_with() -> None:
         "a zero share": False,
         "a participant's name": True,
     }
+
+
+def test_a_signal_scaled_to_a_percentile_leaves_one_outlier_less_room() -> None:
+    values = np.array([0.0, 1.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 100.0])
+    by_max = relevance.scaled(values)
+    # The default is the max: the outlier is 1, the next best a few hundredths.
+    assert by_max[-1] == 1.0 and by_max[-2] == pytest.approx((7 - 3.5) / (100 - 3.5))
+    robust = relevance.scaled(values, top_percentile=90.0)
+    top = float(np.percentile(values, 90.0))
+    assert robust[-1] == 1.0 and robust[-2] == pytest.approx((7 - 3.5) / (top - 3.5))
+    assert robust[-2] > by_max[-2]
+
+
+def test_hybrid_scores_scale_by_the_weights_top_percentile() -> None:
+    # bench/context_misses.py --ideas measures the percentile through Weights alone.
+    unit, query = _stretch_and_echo()
+    lengths = np.ones(len(unit))
+    by_max = relevance.hybrid_scores([], {}, lengths, unit, query).scores
+    same = relevance.hybrid_scores(
+        [], {}, lengths, unit, query, relevance.Weights(top_percentile=100.0)
+    ).scores
+    robust = relevance.hybrid_scores(
+        [], {}, lengths, unit, query, relevance.Weights(top_percentile=90.0)
+    ).scores
+    np.testing.assert_array_equal(by_max, same)
+    assert not np.array_equal(by_max, robust)
