@@ -65,7 +65,7 @@ from meshgate.common.v1 import common_pb2  # noqa: E402
 from meshgate.config import Settings  # noqa: E402
 from meshgate.context.v1 import context_service_pb2 as pb  # noqa: E402
 from meshgate.context.v1 import context_service_pb2_grpc  # noqa: E402
-from meshgate.embedding import Embedder  # noqa: E402
+from meshgate.embedding import InferenceEmbedder  # noqa: E402
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb  # noqa: E402
 from meshgate.inference.v1 import inference_service_pb2_grpc  # noqa: E402
 from meshgate.local import redis_server, triton  # noqa: E402
@@ -634,7 +634,7 @@ async def _latency(conversations, sessions, tenant, stub, embed_stub, settings: 
         index = TurnIndex(client, 0)
         results = {}
         paths = (
-            ("hot, embedded", hot, Embedder(embed_stub)),
+            ("hot, embedded", hot, InferenceEmbedder(embed_stub)),
             ("hot", hot, None),
             ("cold", HotCache(0, 0), None),
         )

@@ -1,5 +1,5 @@
 """Text embeddings for the services that match by meaning: from the
-inference service's Embed (``Embedder``: the router's, the cache's
+inference service's Embed (``InferenceEmbedder``: the router's, the cache's
 questions with cache.embedder = "inference", the context service's turns
 and questions with context.embedder = "inference"), or in the calling
 service's own process (``LocalEmbedder``: the cache's by default, the
@@ -96,7 +96,7 @@ class EmbeddingUnavailable(Exception):
 
 class EmbedsText(typing.Protocol):
     """What the cache's ``EmbeddingMemo`` and the context service's servicer
-    need: :class:`Embedder` and :class:`LocalEmbedder`."""
+    need: :class:`InferenceEmbedder` and :class:`LocalEmbedder`."""
 
     async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None: ...
 
@@ -123,7 +123,7 @@ class _ThrottledWarning:
             log.warning("embeddings unavailable, matching without them", error=str(error) or repr(error))
 
 
-class Embedder:
+class InferenceEmbedder:
     """Embeddings from the inference service's ``Embed``, in calls of at
     most ``max_texts_per_call`` texts: the service refuses more
     (inference.max_embed_texts), and a context append may carry 1,024
@@ -325,7 +325,7 @@ class LocalEmbedder:
 
     async def embed_all_or_none(self, texts: list[str], timeout_s: float | None = None) -> np.ndarray | None:
         """One row per text, or None when any text gets None from
-        :meth:`embed_or_none` (as :class:`Embedder`'s one call fails whole).
+        :meth:`embed_or_none` (as :class:`InferenceEmbedder`'s one call fails whole).
         Each text is a run of its own, on whichever worker is free."""
         vectors = await asyncio.gather(*(self.embed_or_none(text, timeout_s) for text in texts))
         if any(vector is None for vector in vectors):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from meshgate import mesh_auth, redis_access, serving
 from meshgate.cache.v1 import cache_service_pb2, cache_service_pb2_grpc
 from meshgate.config import ConfigError, Settings
-from meshgate.embedding import Embedder, EmbeddingUnavailable, LocalEmbedder
+from meshgate.embedding import EmbeddingUnavailable, InferenceEmbedder, LocalEmbedder
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.serving import Cleanup, Service
 from services.cache.embedding_memo import EmbeddingMemo
@@ -59,7 +59,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         config,
         CacheStore(client, config.max_entries_per_partition),
         EmbeddingMemo(
-            local_embedder or Embedder(inference_service_pb2_grpc.InferenceServiceStub(channel)),
+            local_embedder or InferenceEmbedder(inference_service_pb2_grpc.InferenceServiceStub(channel)),
             config.embedding_model,
             config.embedding_memo_entries,
         ),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from meshgate import mesh_auth, redis_access, serving
 from meshgate.config import ConfigError, Settings
 from meshgate.context.v1 import context_service_pb2, context_service_pb2_grpc
-from meshgate.embedding import Embedder, EmbeddingUnavailable, LocalEmbedder
+from meshgate.embedding import EmbeddingUnavailable, InferenceEmbedder, LocalEmbedder
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from services.context import summaries, token_counts
 from services.context.hot_cache import HotCache, change_listener
@@ -84,7 +84,7 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
         hot,
         TurnIndex(client, settings.context.session_ttl_s),
         local_embedder
-        or Embedder(
+        or InferenceEmbedder(
             inference_service_pb2_grpc.InferenceServiceStub(channel),
             max_texts_per_call=settings.inference.max_embed_texts,
         ),

@@ -9,7 +9,7 @@ from meshgate import mesh_auth, redis_access, serving
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2_grpc
-from meshgate.embedding import Embedder
+from meshgate.embedding import InferenceEmbedder
 from meshgate.router.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -63,7 +63,7 @@ class _PromptEmbeddings:
     def __init__(self, deployments: DeploymentTable) -> None:
         self._deployments = deployments
         # One per inference service, so each keeps its throttled warning.
-        self._embedders: dict[int, Embedder] = {}
+        self._embedders: dict[int, InferenceEmbedder] = {}
 
     async def __call__(self, text: str, aliases: tuple[str, ...], timeout_s: float) -> np.ndarray | None:
         stub = next((d.stub for alias in aliases for d in self._deployments.candidates(alias)), None)
@@ -71,7 +71,7 @@ class _PromptEmbeddings:
             return None
         embedder = self._embedders.get(id(stub))
         if embedder is None:
-            embedder = self._embedders[id(stub)] = Embedder(stub)
+            embedder = self._embedders[id(stub)] = InferenceEmbedder(stub)
         return await embedder.embed_or_none(text, timeout_s)
 
 

@@ -1,4 +1,4 @@
-"""meshgate.embedding.Embedder against a stand-in for the inference
+"""meshgate.embedding.InferenceEmbedder against a stand-in for the inference
 service's Embed that refuses what the real one refuses (more than
 inference.max_embed_texts texts a call): the embedder's splitting and its
 one deadline alone (tests/integration/test_context_retrieval.py appends
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from meshgate.config import InferenceSettings
-from meshgate.embedding import Embedder
+from meshgate.embedding import InferenceEmbedder
 from meshgate.inference.v1 import inference_service_pb2
 
 LIMIT = InferenceSettings.max_embed_texts
@@ -62,7 +62,7 @@ def turns(count: int) -> list[str]:
 async def test_an_append_of_more_texts_than_one_call_takes_gets_every_vector() -> None:
     service = EmbedService()
     texts = turns(2 * LIMIT + 44)
-    vectors = await Embedder(service).embed_each_or_none(texts)
+    vectors = await InferenceEmbedder(service).embed_each_or_none(texts)
     assert [size for size, _ in service.calls] == [LIMIT, LIMIT, 44]
     assert len(vectors) == len(texts)
     for text, vector in zip(texts, vectors, strict=True):
@@ -71,7 +71,7 @@ async def test_an_append_of_more_texts_than_one_call_takes_gets_every_vector() -
 
 async def test_a_lower_limit_from_the_settings_is_followed() -> None:
     service = EmbedService()
-    vectors = await Embedder(service, max_texts_per_call=10).embed_each_or_none(turns(25))
+    vectors = await InferenceEmbedder(service, max_texts_per_call=10).embed_each_or_none(turns(25))
     assert [size for size, _ in service.calls] == [10, 10, 5]
     assert all(vector is not None for vector in vectors)
 
@@ -79,7 +79,7 @@ async def test_a_lower_limit_from_the_settings_is_followed() -> None:
 async def test_a_failed_call_costs_only_its_own_texts_their_vectors() -> None:
     texts = turns(3 * LIMIT)
     service = EmbedService(failing=frozenset({texts[LIMIT + 5]}))
-    vectors = await Embedder(service).embed_each_or_none(texts)
+    vectors = await InferenceEmbedder(service).embed_each_or_none(texts)
     assert len(service.calls) == 3
     assert all(vector is None for vector in vectors[LIMIT : 2 * LIMIT])
     for text, vector in zip(texts[:LIMIT] + texts[2 * LIMIT :], vectors[:LIMIT] + vectors[2 * LIMIT :]):
@@ -91,7 +91,7 @@ async def test_the_calls_share_one_deadline() -> None:
     # out of what is left, and the rest are never made.
     service = EmbedService(delay_s=0.04)
     texts = turns(5 * LIMIT)
-    vectors = await Embedder(service).embed_each_or_none(texts, timeout_s=0.1)
+    vectors = await InferenceEmbedder(service).embed_each_or_none(texts, timeout_s=0.1)
     assert len(service.calls) == 3
     timeouts = [timeout for _, timeout in service.calls]
     assert timeouts[0] == pytest.approx(0.1, abs=0.005)
@@ -104,15 +104,15 @@ async def test_the_calls_share_one_deadline() -> None:
 
 async def test_all_or_none_over_the_limit_is_one_array_or_none() -> None:
     texts = turns(LIMIT + 1)
-    vectors = await Embedder(EmbedService()).embed_all_or_none(texts)
+    vectors = await InferenceEmbedder(EmbedService()).embed_all_or_none(texts)
     assert vectors.shape == (LIMIT + 1, DIMENSIONS)
     np.testing.assert_array_equal(vectors[LIMIT], vector_of(texts[LIMIT]))
     failing = EmbedService(failing=frozenset({texts[LIMIT]}))
-    assert await Embedder(failing).embed_all_or_none(texts) is None
+    assert await InferenceEmbedder(failing).embed_all_or_none(texts) is None
 
 
 async def test_one_text_is_one_call() -> None:
     service = EmbedService()
-    vector = await Embedder(service).embed_or_none("turn 7")
+    vector = await InferenceEmbedder(service).embed_or_none("turn 7")
     np.testing.assert_array_equal(vector, vector_of("turn 7"))
     assert [size for size, _ in service.calls] == [1]
