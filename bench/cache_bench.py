@@ -88,6 +88,7 @@ from meshgate.minilm import MiniLM  # noqa: E402
 from meshgate.router.v1 import router_service_pb2 as router_pb  # noqa: E402
 from meshgate.router.v1 import router_service_pb2_grpc  # noqa: E402
 from services.cache import verifier as verifier_module  # noqa: E402
+from services.cache.index import VectorIndex  # noqa: E402
 from services.cache.servicer import MAX_CANDIDATES  # noqa: E402
 from services.inference import triton_protocol  # noqa: E402
 from tests.mesh import router_channel  # noqa: E402
@@ -410,6 +411,13 @@ async def miss_path(stack: Stack, cache: Cache, inference_channel, args) -> list
                         f"a cache-on turn through the router: {router_pb.CacheStatus.Name(status)}"
                     )
     sharing = sum(1 for q in asked if verifier_module.analyze(q).content & stored_words)
+    # The cache's first stage on the same questions (the index's postings,
+    # one dimension: only the words matter): those it passes are embedded.
+    stage = VectorIndex(1, len(stored), approximate_from=len(stored) + 1)
+    for seq, text in enumerate(stored, 1):
+        stage.upsert(f"e{seq}", seq, 2**62, np.ones(1, np.float32), text)
+    word_share = CacheSettings().first_stage_word_share
+    embedded = sum(1 for q in asked if stage.may_match(verifier_module.analyze(q).content, word_share))
     p50 = statistics.median
     rows.append(
         f"\nThe miss path, a partition of {len(stored)} train-portion questions (the router's: "
@@ -417,7 +425,9 @@ async def miss_path(stack: Stack, cache: Cache, inference_channel, args) -> list
         f"{requests} turns each, interleaved; cache.embedder {' and '.join(embedders)} each in a cache "
         f"service of its own (and a router in front), on the same entries; "
         f"{rate(sharing, len(asked))} of the cache-on questions share a "
-        f"content word with a stored one; {hits} hits (duplicates of a stored question) left out.\n"
+        f"content word with a stored one, {rate(embedded, len(asked))} pass the first stage "
+        f"(a stored question holds {word_share:g} of their content words: embedded); "
+        f"{hits} hits (duplicates of a stored question) left out.\n"
     )
     rows.append("| router turn, unseen train questions | turns | TTFT p50 (ms) | TTFT p99 (ms) |")
     rows.append("|---|---|---|---|")

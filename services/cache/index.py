@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import threading
 
 import numpy as np
@@ -133,13 +134,11 @@ class VectorIndex:
         # A batch being added off the loop, and the numbers removed meanwhile.
         self._graph_batch: _GraphBatch | None = None
         self._removed_during_batch: list[int] = []
-        # How many stored questions hold each content word (as the verifier
-        # analyzes them), for the lookup's first stage: a question sharing
-        # no content word with any stored one is a miss without an
-        # embedding. Kept only below the graph's size: in a larger partition
-        # nearly every question shares some word, and analyzing every row
-        # of a 100k rebuild would hold the loop for seconds.
-        self._word_counts: collections.Counter[str] | None = collections.Counter()
+        # The entries whose stored question holds each content word (as the
+        # verifier analyzes them), for the lookup's first stage
+        # (``may_match``). Kept only below the graph's size: analyzing every
+        # row of a 100k rebuild would hold the loop for seconds.
+        self._postings: dict[str, set[str]] | None = {}
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -155,13 +154,31 @@ class VectorIndex:
     def approximate(self) -> bool:
         return self._graph is not None
 
-    def may_match(self, words: frozenset[str]) -> bool:
-        """False only when no stored question has any of ``words`` (content
-        words of the question looked up): at the default bound the verifier
-        accepted no such pair on the development data (bench/README.md).
-        Always True for a partition too large to keep word counts for."""
-        counts = self._word_counts
-        return counts is None or any(word in counts for word in words)
+    def may_match(self, words: frozenset[str], min_share: float = 0.0) -> bool:
+        """Whether some stored question holds at least ``min_share`` of
+        ``words`` (the content words of the question looked up), and at
+        least one of them: the lookup's first stage, which decides whether
+        the question is worth embedding (``cache.first_stage_word_share``
+        says why a share and which). Always True for a partition too large
+        to keep postings for."""
+        postings = self._postings
+        if postings is None:
+            return True
+        needed = max(1, math.ceil(min_share * len(words) - 1e-9))
+        if needed == 1:
+            return any(word in postings for word in words)
+        if needed > len(words):
+            return False
+        # Counting over the postings of a 3,000-question partition's words
+        # takes tens of microseconds (bench/cache_first_stage.py); the
+        # first entry to reach the count ends it.
+        shared: collections.Counter[str] = collections.Counter()
+        for word in words:
+            for entry_id in postings.get(word, ()):
+                shared[entry_id] += 1
+                if shared[entry_id] >= needed:
+                    return True
+        return False
 
     @property
     def building(self) -> bool:
@@ -188,9 +205,9 @@ class VectorIndex:
             if seq > self._seqs[row]:
                 self._graph_forget(row)
                 self._set_row(row, seq, expires_ms, vector)
-                self._count_words(self._questions[row], -1)
+                self._index_words(entry_id, self._questions[row], remove=True)
                 self._questions[row] = question
-                self._count_words(question, +1)
+                self._index_words(entry_id, question)
                 self._graph_note(row)
             return
         if len(self._ids) >= self.max_entries:
@@ -203,14 +220,14 @@ class VectorIndex:
             self._grow()
         self._ids.append(entry_id)
         self._questions.append(question)
-        self._count_words(question, +1)
+        self._index_words(entry_id, question)
         self._rows[entry_id] = row
         self._set_row(row, seq, expires_ms, vector)
         if self._graph is not None:
             self._graph_note(row)
         elif len(self._ids) >= self._approximate_from:
             self._start_graph()
-            self._word_counts = None
+            self._postings = None
 
     def remove(self, entry_id: str, seq: int | None = None) -> None:
         """Drops an entry; with ``seq``, only that version of it."""
@@ -350,22 +367,24 @@ class VectorIndex:
         self._seqs = np.resize(self._seqs, rows)
         self._expires_ms = np.resize(self._expires_ms, rows)
 
-    def _count_words(self, question: str, change: int) -> None:
-        counts = self._word_counts
-        if counts is None:
+    def _index_words(self, entry_id: str, question: str, *, remove: bool = False) -> None:
+        postings = self._postings
+        if postings is None:
             return
         for word in analyze(question).content:
-            left = counts[word] + change
-            if left > 0:
-                counts[word] = left
-            else:
-                del counts[word]
+            if not remove:
+                postings.setdefault(word, set()).add(entry_id)
+                continue
+            holders = postings[word]
+            holders.discard(entry_id)
+            if not holders:
+                del postings[word]
 
     def _remove_row(self, row: int) -> None:
         self._graph_forget(row)
-        self._count_words(self._questions[row], -1)
         last = len(self._ids) - 1
         removed = self._ids[row]
+        self._index_words(removed, self._questions[row], remove=True)
         if row != last:
             if self._graph is not None:
                 self._graph_rows[int(self._seqs[last])] = row
@@ -385,7 +404,7 @@ class VectorIndex:
         size = len(mask)
         for row in np.flatnonzero(~mask).tolist():
             self._graph_forget(row)
-            self._count_words(self._questions[row], -1)
+            self._index_words(self._ids[row], self._questions[row], remove=True)
         self._vectors[:kept] = self._vectors[:size][mask]
         self._seqs[:kept] = self._seqs[:size][mask]
         self._expires_ms[:kept] = self._expires_ms[:size][mask]

@@ -9,24 +9,31 @@ above the cosine pre-filter go to the verifier (``verifier.py``), and the
 best-scoring accepted one is served. The last question of a multi-turn prompt
 is matched together with the topic turn it refers to (``conversation.py``).
 
-A first stage spares most misses the embedding: a question that shares no
-content word with any question its (small) sub-partition holds is a miss at
-once. On the development data the verifier accepted no such pair at the
-default bound (bench/README.md), so the stage costs no hits there.
+A first stage spares many misses the embedding: a question is embedded
+only if some question its sub-partition holds has at least
+``cache.first_stage_word_share`` (0.3) of its content words (and one at
+least); otherwise it is a miss at once. In a small partition most misses
+share no word at all; in a busy one (3,001 questions) nearly every question
+shares some word, but about a third share less than 0.3 of theirs with any
+one stored question, while ~1% of the hits the verifier serves at the
+default bound are below that share (bench/cache_first_stage.py;
+bench/README.md). A multi-turn text (question and topic turn) is held to
+the same share: no same-context conversation of the development scenarios
+falls below it.
 
-A miss in a busy partition still embeds (nearly every question shares a
-word), and the router holds its first generated token until the semantic
-lookup answers. The router asks for it right after an exact-only lookup of
-the same prompt missed, so that miss starts the embedding at once
-(``EmbeddingMemo.embed_ahead``): the semantic lookup that follows finds it
-under way or remembered instead of starting it a round trip later. With one
-cache replica the vector is not wasted on a turn that completes: the Store
-after a miss needs it too. The router balances its cache calls round robin,
-so with k replicas the semantic lookup and the Store reach the replica that
-embedded ahead about 1/k of the time; the others embed the question again
-(with ``cache.embedder = "inference"`` the inference service's shared
-embeddings usually answer that from memory, without Triton; the default
-local embedder runs the model again, ~5 ms of one core).
+A miss that passes the first stage still embeds, and the router holds its
+first generated token until the semantic lookup answers. The router asks
+for it right after an exact-only lookup of the same prompt missed, so that
+miss starts the embedding at once (``EmbeddingMemo.embed_ahead``): the
+semantic lookup that follows finds it under way or remembered instead of
+starting it a round trip later. With one cache replica the vector is not
+wasted on a turn that completes: the Store after a miss needs it too. The
+router balances its cache calls round robin, so with k replicas the
+semantic lookup and the Store reach the replica that embedded ahead about
+1/k of the time; the others embed the question again (with ``cache.embedder
+= "inference"`` the inference service's shared embeddings usually answer
+that from memory, without Triton; the default local embedder runs the model
+again, ~5 ms of one core).
 """
 
 from __future__ import annotations
@@ -229,15 +236,15 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 self._store.entries_since(partition, context_id, after_seq),
             )
         else:
-            # The first stage: the question shares no content word with any
-            # entry the index holds, so only an entry stored since can make
-            # it a candidate. Most misses end here, without the embedding
+            # The first stage: no entry the index holds shares enough of the
+            # question's content words, so only an entry stored since can
+            # make it a candidate. Many misses end here, without the embedding
             # that would delay the first token (the router holds its
             # generation's output until the lookup answers); the Store that
             # follows embeds, after the answer went out.
             rows, strictness = await self._store.entries_since(partition, context_id, after_seq)
             index = await self._apply(index_key, self._dimensions, after_seq, rows)
-            if not index.may_match(analyze(question).content):
+            if not self._may_match(index, question):
                 self._metrics.misses_without_embedding.inc()
                 return None
             after_seq, rows = index.synced_seq, []
@@ -276,8 +283,13 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
     def _embeds_at_once(self, index: VectorIndex | None, question: str) -> bool:
         """Whether a semantic lookup of ``question`` embeds it at once, without
         the first stage: the vector size still unknown, or ``index`` (the
-        sub-partition's, if loaded here) shares a content word with it."""
-        return self._dimensions is None or (index is not None and index.may_match(analyze(question).content))
+        sub-partition's, if loaded here) passes it (``_may_match``)."""
+        return self._dimensions is None or (index is not None and self._may_match(index, question))
+
+    def _may_match(self, index: VectorIndex, question: str) -> bool:
+        """The first stage: whether ``question`` is worth embedding to search
+        ``index``."""
+        return index.may_match(analyze(question).content, self._settings.first_stage_word_share)
 
     async def close(self) -> None:
         """Cancels the embeddings under way, before the channel they use closes."""

@@ -88,10 +88,12 @@ async def redis_client(redis_url):
     await client.aclose()
 
 
-def make_servicer(client, embedder, *, max_entries: int = 100, memo_entries: int = 0) -> CacheServicer:
+def make_servicer(
+    client, embedder, *, max_entries: int = 100, memo_entries: int = 0, **settings
+) -> CacheServicer:
     """A servicer whose embeddings come from ``embedder``, through no memo
     unless ``memo_entries`` asks for one (the tests count embedder calls)."""
-    settings = CacheSettings(semantic_threshold=0.9, max_entries_per_partition=max_entries)
+    settings = CacheSettings(semantic_threshold=0.9, max_entries_per_partition=max_entries, **settings)
     return CacheServicer(
         settings,
         CacheStore(client, max_entries),
@@ -542,6 +544,34 @@ async def test_a_miss_sharing_no_word_with_the_partition_is_not_embedded(redis_c
     answer = await lookup(cache, scope(tenant), conversation(distance))
     assert answer.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and answer.answer.text == "384,400 km."
     assert embedder.calls == [distance]
+
+
+async def test_a_busy_partition_embeds_only_questions_sharing_enough_words(redis_client, embedder, tenant):
+    strict = make_servicer(redis_client, embedder)
+    loose = make_servicer(redis_client, embedder, first_stage_word_share=0.0)
+    stored = (STORED, "How do I bake sourdough bread at home?", "Which books are worth reading?")
+    for question in stored:
+        await store(strict, scope(tenant), conversation(question), text=question)
+    for cache in (strict, loose):  # each learns the vector size
+        assert (await lookup(cache, scope(tenant), conversation(PARAPHRASE))).status == (
+            pb.LOOKUP_STATUS_SEMANTIC_HIT
+        )
+    # One word each with two stored questions ("learn", "home"), 1/5 of its
+    # words in either: a miss at once, where any one shared word embeds it.
+    guitar = "What is the best way to learn to play the guitar at home?"
+    embedder.calls.clear()
+    assert (await lookup(strict, scope(tenant), conversation(guitar))).status == pb.LOOKUP_STATUS_MISS
+    assert embedder.calls == []
+    assert (await lookup(loose, scope(tenant), conversation(guitar))).status == pb.LOOKUP_STATUS_MISS
+    assert embedder.calls == [guitar]
+    # A paraphrase sharing 1/3 of its words, of a pair the verifier serves
+    # at the default bound (bench/README.md): looked up by meaning.
+    books = "What are good books to read?"
+    embedder.table[books] = await embedder.embed_or_none(stored[2])
+    embedder.calls.clear()
+    found = await lookup(strict, scope(tenant), conversation(books))
+    assert found.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and found.answer.text == stored[2]
+    assert embedder.calls == [books]
 
 
 async def test_without_embeddings_the_cache_is_exact_only(cache, embedder, tenant):

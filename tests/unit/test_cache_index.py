@@ -328,3 +328,25 @@ def test_a_partition_on_the_graph_keeps_no_word_counts():
         index.upsert(f"e{i}", i + 1, FAR_FUTURE, unit(1, i), f"Question number {i}?")
     # Too large to be worth counting: every question may match.
     assert index.approximate and index.may_match(analyze("Anything else entirely?").content)
+
+
+def test_may_match_needs_one_stored_question_with_the_share_of_the_words():
+    index = VectorIndex(DIMS, max_entries=10, approximate_from=10)
+    words = lambda text: analyze(text).content  # noqa: E731
+    index.upsert("a", 1, FAR_FUTURE, unit(1), "How do I bake sourdough bread at home?")
+    index.upsert("b", 2, FAR_FUTURE, unit(0, 1), "What is the quickest way to learn Python?")
+    # {best, learn, play, guitar, home}: one word in each stored question,
+    # 1/5 in either, is below 0.3 even though the two together hold 2/5.
+    guitar = words("What is the best way to learn to play the guitar at home?")
+    assert index.may_match(guitar) and index.may_match(guitar, 0.2)
+    assert not index.may_match(guitar, 0.3)
+    # {good, book, read} against a stored {book, worth, reading}: 1/3.
+    index.upsert("c", 3, FAR_FUTURE, unit(1, 1), "Which books are worth reading?")
+    books = words("What are good books to read?")
+    assert index.may_match(books, 0.3) and not index.may_match(books, 0.34)
+    # A replaced question takes its words out of the postings.
+    index.upsert("c", 4, FAR_FUTURE, unit(1, 1), "Who painted the Sistine Chapel?")
+    assert not index.may_match(books)
+    assert index.may_match(words("Which artist painted the Sistine Chapel ceiling?"), 0.5)
+    assert not index.may_match(words("What is it?"), 0.3)  # no content word
+    assert not index.may_match(guitar, 1.0)

@@ -55,3 +55,10 @@ def test_nested_model_tables(tmp_path):
 
 def test_api_key_hash_is_sha256_hex():
     assert hash_api_key("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_a_first_stage_word_share_outside_zero_to_one_is_refused():
+    with pytest.raises(ConfigError, match="first_stage_word_share"):
+        load_settings(environ={"MESHGATE_CACHE__FIRST_STAGE_WORD_SHARE": "1.5"})
+    settings = load_settings(environ={"MESHGATE_CACHE__FIRST_STAGE_WORD_SHARE": "0"})
+    assert settings.cache.first_stage_word_share == 0
