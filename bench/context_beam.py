@@ -48,7 +48,6 @@ import pathlib
 import re
 import sys
 import time
-import unittest.mock
 
 import context_bench as bench
 import context_misses as misses
@@ -196,10 +195,8 @@ def with_weights(**changes):
     return lambda c, q: misses.service_scores(c, q, weights)
 
 
-def without_participant_names(c: misses.Conversation, q: misses.Question) -> np.ndarray:
-    # No speaker's share can reach more than all of a name's turns.
-    with unittest.mock.patch.object(relevance, "PARTICIPANT_NAME_ONE_SIDED", 1.01):
-        return misses.service_scores(c, q)
+# No speaker's share can reach more than all of a name's turns.
+without_participant_names = with_weights(participant_one_sided=1.01)
 
 
 def user_turns_raised(lift: float, asked_in_first_person: collections.abc.Container[int] | None = None):

@@ -133,6 +133,16 @@ class Weights:
     # (see NamelessQuery), when each name it leaves out is unknown to the
     # session or a participant's (hybrid_scores).
     nameless: float = 0.5
+    # The share of the turns using a name that must be one speaker's for it
+    # to be a participant's (see participant_names): people seldom say
+    # their own name, while a third person both talk about is named by
+    # both. Strict, because a wrong call drops a topic from the question: a
+    # user who talks about "my manager Sarah" in eleven turns, to an
+    # assistant that names her back once or twice, must keep "Sarah" (0.8
+    # let 11 of 13 through; 0.95 keeps nearly all of what 0.8 gained on
+    # realtalk, -0.5/-0.2 points at 1k/2k, bench/README.md). Above 1, no
+    # name is a participant's.
+    participant_one_sided: float = 0.95
     # Each signal's top (see scaled) at this percentile of its values
     # rather than their max, so that one outlier turn would not compress
     # every other turn's share: below 100 it kept fewer questions' evidence
@@ -227,33 +237,28 @@ def unit(vector: np.ndarray) -> np.ndarray:
 # greeting most days), so at least this many turns use it: fewer is a topic
 # (a place or a show one of them brought up a few times).
 PARTICIPANT_NAME_MIN_TURNS = 10
-# And at least this share of the turns that use it are one speaker's: people
-# seldom say their own name, while a third person both talk about is named
-# by both. Strict, because a wrong call drops a topic from the question: a
-# user who talks about "my manager Sarah" in eleven turns, to an assistant that
-# names her back once or twice, must keep "Sarah" (0.8 let 11 of 13 through;
-# 0.95 keeps nearly all of what 0.8 gained on realtalk, -0.5/-0.2 points at
-# 1k/2k, bench/README.md).
-PARTICIPANT_NAME_ONE_SIDED = 0.95
 
 
 def participant_names(
     query_terms: collections.abc.Iterable[str],
     postings: collections.abc.Mapping[str, np.ndarray],
     roles: np.ndarray,
+    weights: Weights = DEFAULT_WEIGHTS,
 ) -> set[str]:
     """The query's entity terms (``@kate``) that name a participant of the
     conversation: a proper name (capitalized in every turn that has the
     word, unlike a sentence's first word), used in at least
-    :data:`PARTICIPANT_NAME_MIN_TURNS` turns, nearly all by one speaker:
-    the one addressing the other. From postings and roles only."""
-    return set(_participant_name_turns(query_terms, postings, roles))
+    :data:`PARTICIPANT_NAME_MIN_TURNS` turns, nearly all
+    (``weights.participant_one_sided``) by one speaker: the one
+    addressing the other. From postings and roles only."""
+    return set(_participant_name_turns(query_terms, postings, roles, weights))
 
 
 def _participant_name_turns(
     query_terms: collections.abc.Iterable[str],
     postings: collections.abc.Mapping[str, np.ndarray],
     roles: np.ndarray,
+    weights: Weights,
 ) -> dict[str, np.ndarray]:
     """:func:`participant_names`, each with the turns that use it (which
     hybrid_scores keeps from seeding feedback: decoded once, here)."""
@@ -274,7 +279,7 @@ def _participant_name_turns(
         if not len(speakers):
             continue
         _, per_speaker = np.unique(speakers, return_counts=True)
-        if per_speaker.max() >= PARTICIPANT_NAME_ONE_SIDED * len(speakers):
+        if per_speaker.max() >= weights.participant_one_sided * len(speakers):
             names[term] = turns
     return names
 
@@ -403,7 +408,7 @@ def hybrid_scores(
     names = {}
     if roles is not None:
         # Only the scored turns: a name's turns index the seeds below.
-        names = _participant_name_turns(query_terms, postings, roles[: len(term_counts)])
+        names = _participant_name_turns(query_terms, postings, roles[: len(term_counts)], weights)
     if names:
         spelled = names.keys() | {stem(name[len(ENTITY_MARK) :]) for name in names}
         query_terms = [t for t in query_terms if t not in spelled]
