@@ -27,13 +27,16 @@ evidence turn INCLUDED: adaptive, newest turns that fit, and the ceiling
 with the evidence ranked first, overall and per category; the share whose
 evidence is all within the K best-ranked turns; and the REALTALK-tuned pieces
 switched off one at a time (stretches, feedback, neighbours, participant
-names, the recency floor, the nameless form) and an idea BEAM suggests (the
-user's turns raised), as differences from adaptive.
+names, the recency floor, the nameless form), and the piece BEAM suggested
+(the user's turns raised for questions asked in the first person,
+``Weights.first_person_lift``), as differences from adaptive.
 ``--realtalk`` prints the same pieces' differences on REALTALK
 (``context_misses.prepared``), so that a change BEAM suggests is weighed on
-both.
+both. ``--halves`` prints retention by first-person lift on the odd-numbered
+chats (where the lift was chosen) and the even-numbered ones (where it was
+checked), fixed before any figure was seen.
 
-    .venv/bin/python bench/context_beam.py   # first run embeds ~6.4k texts (minutes); then seconds
+    .venv/bin/python bench/context_beam.py [--realtalk] [--halves]  # first run embeds ~6.4k texts (minutes)
 """
 
 from __future__ import annotations
@@ -61,8 +64,8 @@ ROLES = {"user": common_pb2.ROLE_USER, "assistant": common_pb2.ROLE_ASSISTANT}
 # Knowledge_update's key for the message that replaces the original's fact.
 UPDATED = "updated_info"
 KS = (5, 10, 20, 50)
-# A question about what the user said says so ("When does my first sprint end?").
-FIRST_PERSON = re.compile(r"\bI\b|\b(?:[Mm]e|[Mm]y|[Mm]ine|[Mm]yself)\b")
+# The first-person lifts --halves compares (Weights.first_person_lift).
+LIFTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 # The generator's "->-> batch,turn" at the end of 2,199 of the 5,732 messages,
 # user and assistant ("2,N/A", "1,5)" and "2,22, 24" too; user messages give
 # the same in their "index" field): bookkeeping that no user types and no
@@ -151,7 +154,6 @@ def cached_vectors(chats) -> dict[str, np.ndarray]:
 @dataclasses.dataclass
 class Probe:
     question: misses.Question
-    text: str
     # knowledge_update's updated message(s), as turn positions; None elsewhere.
     updated: list[int] | None
 
@@ -175,10 +177,10 @@ def prepared(chats, vectors: dict[str, np.ndarray]) -> dict[str, tuple[misses.Co
             new = [assembly.TurnCost(message.role, asyncio.run(counter.count([message]))[0])]
             terms = list(relevance.index_terms(q["question"]))
             question = misses.Question(
-                q["category"], sorted(q["evidence"]), terms, vector, new, None, nameless_query
+                q["category"], sorted(q["evidence"]), terms, vector, new, None, nameless_query, q["question"]
             )
             updated = None if q["updated"] is None else sorted(q["updated"])
-            probes.append(Probe(question, q["question"], updated))
+            probes.append(Probe(question, updated))
         # No per-turn terms: only context_misses' keyword-feedback idea reads them.
         out[name] = (
             misses.Conversation(costs, postings, lengths, rows, [], [p.question for p in probes]),
@@ -199,29 +201,28 @@ def with_weights(**changes):
 without_participant_names = with_weights(participant_one_sided=1.01)
 
 
-def user_turns_raised(lift: float, asked_in_first_person: collections.abc.Container[int] | None = None):
-    """An idea BEAM suggests, not in the service: the user's turns raised by
-    ``lift`` before the stretches; with ``asked_in_first_person`` (the ids of
-    the questions that :data:`FIRST_PERSON` finds in), for those only. Most
-    of BEAM's evidence is what the user said; in REALTALK "user" is only the
-    first of two people, and its questions name them instead."""
+def every_question_lifted(lift: float):
+    """An idea, not in the service: the user's turns raised by ``lift`` for
+    every question, not only those asked in the first person (the service's
+    lift off, this one added before the stretches, as the service adds its
+    own). In REALTALK "user" is only the first of two people, and its
+    questions name them instead."""
+    weights = dataclasses.replace(relevance.DEFAULT_WEIGHTS, first_person_lift=0.0)
 
-    def extra(c: misses.Conversation, q: misses.Question, score: np.ndarray) -> np.ndarray | float:
-        if asked_in_first_person is not None and id(q) not in asked_in_first_person:
-            return 0.0
-        return lift * (c.costs.roles == common_pb2.ROLE_USER)
+    def rank(c: misses.Conversation, q: misses.Question) -> np.ndarray:
+        score = misses.service_scores(c, q, dataclasses.replace(weights, span=0.0))
+        return relevance.with_spans(score + lift * (c.costs.roles == common_pb2.ROLE_USER), weights)
 
-    return misses.spans_after(extra)
-
-
-def asked_in_first_person(questions: list[tuple[misses.Question, str]]) -> set[int]:
-    """The ids of the questions (with their texts) that say I / me / my."""
-    return {id(q) for q, text in questions if FIRST_PERSON.search(text)}
+    return rank
 
 
-def variants(first_person: set[int]) -> tuple:
-    """(label, ranking, recency floor) of each variant; ``first_person``:
-    :func:`asked_in_first_person` of the questions scored."""
+def first_person(questions: collections.abc.Iterable[misses.Question]) -> int:
+    """How many of ``questions`` the service's gate finds asked in the first person."""
+    return sum(relevance.asked_in_first_person(q.text) for q in questions)
+
+
+def variants() -> tuple:
+    """(label, ranking, recency floor) of each variant."""
     return (
         ("no stretches (Weights.span = 0)", with_weights(span=0.0), misses.FLOOR),
         ("no feedback (Weights.feedback_weight = 0)", with_weights(feedback_weight=0.0), misses.FLOOR),
@@ -234,16 +235,14 @@ def variants(first_person: set[int]) -> tuple:
             misses.FLOOR,
         ),
         ("recency floor 0 turns", misses.service_scores, 0),
-        ("idea, not in the service: user turns raised 0.2", user_turns_raised(0.2), misses.FLOOR),
-        ("idea, not in the service: user turns raised 0.5", user_turns_raised(0.5), misses.FLOOR),
         (
-            "idea, not in the service: user turns raised 0.5, questions that say I / me / my only",
-            user_turns_raised(0.5, first_person),
+            "without the first-person lift (Weights.first_person_lift = 0)",
+            with_weights(first_person_lift=0.0),
             misses.FLOOR,
         ),
         (
-            "idea, not in the service: user turns raised 1.0, questions that say I / me / my only",
-            user_turns_raised(1.0, first_person),
+            "idea, not in the service: the lift for every question (no first-person gate)",
+            every_question_lifted(relevance.DEFAULT_WEIGHTS.first_person_lift),
             misses.FLOOR,
         ),
     )
@@ -361,10 +360,7 @@ def pieces(data) -> list[str]:
         "| variant | 1k / 2k / 4k / 8k |",
         "|---|---|",
     ]
-    first_person = asked_in_first_person(
-        [(p.question, p.text) for _, probes in data.values() for p in probes]
-    )
-    for label, rank, floor in variants(first_person):
+    for label, rank, floor in variants():
         shares = all_shares(variant_kept(data, rank, floor))
         out.append(
             f"| {label} | " + " / ".join(f"{v - b:+.1f}" for v, b in zip(shares, base, strict=True)) + " |"
@@ -377,7 +373,8 @@ def pieces(data) -> list[str]:
     out += [
         "",
         f"Questions naming a participant (relevance.participant_names): {names};"
-        f" saying I / me / my: {len(first_person)}",
+        " asked in the first person (relevance.asked_in_first_person):"
+        f" {first_person(p.question for _, probes in data.values() for p in probes)}",
     ]
     return out
 
@@ -386,14 +383,6 @@ def realtalk_pieces() -> list[str]:
     """The same variants on REALTALK: all ten | the six | the four."""
     data = misses.prepared()
     base = misses.kept_by_conversation(data, misses.service_scores)
-    texts = {p.stem: bench.load_conversation(p)[2] for p in sorted(bench.DATA.glob("*.json"))}
-    first_person = asked_in_first_person(
-        [
-            (q, raw["question"])
-            for name, c in data.items()
-            for q, raw in zip(c.questions, texts[name], strict=True)
-        ]
-    )
     out = [
         "### The same on REALTALK (points vs the service; all ten | the six (tuning) | the four (held out),"
         " each 1k / 2k / 4k / 8k)",
@@ -403,16 +392,66 @@ def realtalk_pieces() -> list[str]:
         "| variant | all ten | the six | the four |",
         "|---|---|---|---|",
     ]
-    for label, rank, floor in variants(first_person):
+    for label, rank, floor in variants():
         kept = misses.kept_by_conversation(data, rank, floor)
         out.append(f"| {label} | " + misses.retention_row(kept, base) + " |")
-    out += ["", f"Questions saying I / me / my: {len(first_person)}"]
+    asked = first_person(q for c in data.values() for q in c.questions)
+    out += ["", f"Questions asked in the first person (relevance.asked_in_first_person): {asked}"]
+    return out
+
+
+def halves(data) -> list[str]:
+    """Adaptive's retention by first-person lift: on the odd-numbered chats,
+    where the lift was chosen, and on the even-numbered ones, where it was
+    checked (halves fixed by chat number before any figure was seen)."""
+    parts = {
+        "odd chats (chosen on)": {n: v for n, v in data.items() if int(n) % 2},
+        "even chats (checked on)": {n: v for n, v in data.items() if not int(n) % 2},
+    }
+    out = [
+        "### First-person lift (Weights.first_person_lift): chosen on the odd chats, checked on the even",
+        "",
+        "| lift | "
+        + " | ".join(f"{label}, 1k / 2k / 4k / 8k" for label in parts)
+        + " | odd chats, first-person questions with an assistant turn in their evidence: kept |",
+        "|---|" + "---|" * (len(parts) + 1),
+    ]
+    for lift in LIFTS:
+        rank = with_weights(first_person_lift=lift)
+        kept = {label: variant_kept(part, rank, misses.FLOOR) for label, part in parts.items()}
+        cells = [" / ".join(f"{v:.1f}%" for v in all_shares(k)) for k in kept.values()]
+        # What the lift risks: a first-person question whose answer the assistant gave.
+        chosen_on = next(iter(parts))
+        risked = [
+            [kept[chosen_on][name][budget][i] for budget in bench.BUDGETS]
+            for name, (c, _) in parts[chosen_on].items()
+            for i, q in enumerate(c.questions)
+            if relevance.asked_in_first_person(q.text)
+            and (c.costs.roles[q.evidence] == common_pb2.ROLE_ASSISTANT).any()
+        ]
+        cells.append(f"{len(risked)}: " + " / ".join(str(n) for n in np.sum(risked, axis=0)))
+        out.append(f"| {lift} | " + " | ".join(cells) + " |")
+    counts = {
+        label: (
+            first_person(p.question for _, probes in part.values() for p in probes),
+            sum(len(probes) for _, probes in part.values()),
+        )
+        for label, part in parts.items()
+    }
+    out += [
+        "",
+        "Asked in the first person: "
+        + ", ".join(f"{label} {n} of {total}" for label, (n, total) in counts.items()),
+    ]
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--realtalk", action="store_true", help="also the variants' differences on REALTALK")
+    parser.add_argument(
+        "--halves", action="store_true", help="also retention by first-person lift on the odd and even chats"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     chats = {d.name: load_chat(d) for d in sorted(DATA.iterdir(), key=lambda d: int(d.name)) if d.is_dir()}
@@ -420,6 +459,8 @@ def main() -> None:
     data = prepared(chats, vectors)
     print("\n".join(report(chats, data, measured(data))) + "\n", flush=True)
     print("\n".join(pieces(data)) + "\n", flush=True)
+    if args.halves:
+        print("\n".join(halves(data)) + "\n", flush=True)
     if args.realtalk:
         print("\n".join(realtalk_pieces()) + "\n")
     print(f"Run time: {time.perf_counter() - started:.0f} s")

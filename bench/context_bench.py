@@ -239,7 +239,9 @@ def scoring_latency(
         for q, vector in zip(questions, vectors[name][len(turns) :], strict=True):
             terms = list(relevance.index_terms(q["question"]))
             started = time.perf_counter()
-            relevance.hybrid_scores(terms, packed, lengths, turn_vectors, vector, roles=roles)
+            relevance.hybrid_scores(
+                terms, packed, lengths, turn_vectors, vector, roles=roles, question=q["question"]
+            )
             middle = time.perf_counter()
             ranker.scores(context_ranker.ranking_features(terms, packed, lengths, turn_vectors, vector))
             hybrid.append(1000 * (middle - started))
@@ -325,14 +327,15 @@ def offline(
         for q, vector, nameless_query in zip(questions, question_vectors, without_names, strict=True):
             message = common_pb2.Message(role=common_pb2.ROLE_USER, content=q["question"])
             new = [assembly.TurnCost(message.role, asyncio.run(counter.count([message]))[0])]
-            terms = list(relevance.index_terms(q["question"]))
+            text = q["question"]
+            terms = list(relevance.index_terms(text))
             if not embed_nameless_question:
                 nameless_query, other = None, nameless_query
             else:
                 other = None
             scores = {
                 "adaptive": relevance.hybrid_scores(
-                    terms, packed, lengths, turn_vectors, vector, weights, costs.roles, nameless_query
+                    terms, packed, lengths, turn_vectors, vector, weights, costs.roles, nameless_query, text
                 ).scores,
                 "newest": None,
             }
@@ -341,7 +344,7 @@ def offline(
                 # without it, whichever "adaptive" is not: what it adds.
                 label = "no nameless" if embed_nameless_question else "nameless"
                 scores[label] = relevance.hybrid_scores(
-                    terms, packed, lengths, turn_vectors, vector, weights, costs.roles, other
+                    terms, packed, lengths, turn_vectors, vector, weights, costs.roles, other, text
                 ).scores
             # The same ranking, every turn a message of its own (context.pack_older_turns off).
             scores["unpacked"] = scores["adaptive"]
@@ -355,6 +358,7 @@ def offline(
                 dataclasses.replace(weights, span=0.0),
                 costs.roles,
                 nameless_query,
+                text,
             ).scores
             if ranker is not None:
                 features = context_ranker.ranking_features(

@@ -89,6 +89,9 @@ class Question:
     named_role: int | None
     # Its nameless form, embedded (relevance.nameless_text), as the service scores it.
     nameless: relevance.NamelessQuery | None
+    # As asked: the service reads whether it is in the first person from it
+    # (relevance.asked_in_first_person).
+    text: str
 
 
 def speakers(path: pathlib.Path) -> list[str]:
@@ -140,6 +143,7 @@ def prepared() -> dict[str, Conversation]:
                     [assembly.TurnCost(message.role, asyncio.run(counter().count([message]))[0])],
                     named_role(q["question"], names),
                     nameless_query,
+                    q["question"],
                 )
             )
         terms = [relevance.index_terms(m.content) for m in turns]
@@ -163,6 +167,7 @@ def service_scores(
         weights,
         c.costs.roles,
         q.nameless if nameless else None,
+        q.text,
     ).scores
 
 

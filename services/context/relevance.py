@@ -35,6 +35,8 @@ import re
 
 import numpy as np
 
+from meshgate.common.v1 import common_pb2
+
 # Words and numbers as the index reads them (index_terms); an apostrophe
 # inside a word stays with it ("Kate's").
 INDEX_WORD = re.compile(r"[A-Za-z][A-Za-z'’]*|\d+(?:[.,:/]\d+)*")
@@ -148,6 +150,19 @@ class Weights:
     # every other turn's share: below 100 it kept fewer questions' evidence
     # on both splits (bench/context_misses.py --ideas), so 100, the max.
     top_percentile: float = 100.0
+    # What a user's turn gains when the question is asked in the first
+    # person (asked_in_first_person, see hybrid_scores). Chosen on BEAM-100k's
+    # odd-numbered chats, checked on the even ones (bench/context_beam.py
+    # --halves; bench/README.md, "Questions asked in the first person"): on
+    # the odd, 0 / 0.5 / 1.0 / 2.0 kept 35.8 / 41.3 / 48.0 / 50.8% of the
+    # questions' evidence at 1k (50.3 / 58.1 / 64.2 / 75.4% at 8k); 1.0 is
+    # the largest that kept as many of the 31 first-person questions with an
+    # assistant turn among their evidence (12 over the four budgets, as with
+    # no lift; 9 with 1.5, 5 with 2.0): an answer the assistant gave must not
+    # be buried under the user's turns. On the even: 35.8 -> 50.6% at 1k,
+    # 52.8 -> 63.6% at 8k. REALTALK, whose questions name people instead
+    # (one of its 658 says I / me / my), unmoved at every budget.
+    first_person_lift: float = 1.0
 
 
 DEFAULT_WEIGHTS = Weights()
@@ -155,10 +170,10 @@ DEFAULT_WEIGHTS = Weights()
 # The scoring's name in an assembly's inputs (AssemblyInputs.ranking), so that
 # the same inputs build the same prompt: bump it with any change to how turns
 # are scored or to the default weights.
-RANKING = "hybrid-spans-2"
+RANKING = "hybrid-spans-3"
 # The same, with the question's nameless form (NamelessQuery) embedded and
 # scored with it (context.embed_nameless_question).
-RANKING_NAMELESS = "hybrid-spans-nameless-4"
+RANKING_NAMELESS = "hybrid-spans-nameless-5"
 
 # A posting packs a turn index and the term's frequency in it (capped) into one uint32.
 TF_BITS = 4
@@ -327,6 +342,24 @@ def nameless_text(text: str) -> NamelessQuery | None:
     return NamelessQuery(" ".join(kept), frozenset(names))
 
 
+# The asker speaking of themselves: I, me, my, mine, myself, whole words in
+# any case ("I'm", "I’ve" and a typed "i" too: an apostrophe ends a word;
+# "Myanmar" and "i.e." not). From the question's own text: index_terms drops
+# every one of them as a stop word. Not "we" / "our": said to an assistant,
+# "we" is both sides of the chat.
+_FIRST_PERSON = re.compile(r"\b(?:i(?!\.\w)|me|my|mine|myself)\b", re.IGNORECASE)
+
+
+def asked_in_first_person(question: str) -> bool:
+    """Whether the question speaks of its asker ("What did I decide about my
+    budget?"). Then the asker is the session's user, and what they said
+    themselves is the likelier evidence than the assistant's replies, which
+    are long and topical enough to outrank it on the question's topic
+    alone (see hybrid_scores). A question about someone else ("What are
+    Kate's hobbies?") says nothing of whose turns hold the answer."""
+    return _FIRST_PERSON.search(question) is not None
+
+
 def scaled(values: np.ndarray, top_percentile: float = 100.0) -> np.ndarray:
     """Above the session's typical value, as a share of the best (of the
     ``top_percentile``-th percentile, see Weights.top_percentile): what
@@ -373,6 +406,7 @@ def hybrid_scores(
     weights: Weights = DEFAULT_WEIGHTS,
     roles: np.ndarray | None = None,
     nameless: NamelessQuery | None = None,
+    question: str = "",
 ) -> Scores:
     """Each turn's relevance to the query, higher is more relevant, from the
     turns' :func:`unit_rows`. Without a query vector (the inference service
@@ -402,6 +436,12 @@ def hybrid_scores(
     on the held-out ones as well as on those it was tuned on
     (bench/context_bench.py --offline).
 
+    With the turns' ``roles`` and a ``question`` (the new messages' text)
+    :func:`asked_in_first_person`, the user's turns gain
+    ``weights.first_person_lift`` before the stretches: the asker's own
+    words are what "my" asks about, and the stretches then favour the
+    stretches of the conversation where they spoke of it.
+
     Last, turns in stretches dense with the best turns gain a share
     (:func:`with_spans`)."""
     query_terms = list(query_terms)
@@ -417,8 +457,9 @@ def hybrid_scores(
     top = weights.top_percentile
     lexical = weights.keyword * scaled(bm25(keywords, postings, term_counts, weights), top)
     lexical += weights.entity * scaled(bm25(entities, postings, term_counts, weights), top)
+    asker = _first_person_lift(question, roles, len(term_counts), weights)
     if not scores_dense(unit_vectors, query_vector, len(term_counts)):
-        return Scores(with_spans(_with_neighbours(lexical, weights), weights))
+        return Scores(with_spans(_with_neighbours(lexical, weights) + asker, weights))
     query = unit(query_vector)
     mixed_nameless = bool(weights.nameless) and _names_only_pull_away(nameless, postings, names)
     if mixed_nameless:
@@ -434,7 +475,18 @@ def hybrid_scores(
         best = np.argpartition(-seeds, feedback - 1)[:feedback]
         query = query + weights.feedback_weight * unit_vectors[best].mean(axis=0)
         score = _with_neighbours(lexical + weights.dense * scaled(unit_vectors @ query, top), weights)
-    return Scores(with_spans(score, weights), mixed_nameless)
+    return Scores(with_spans(score + asker, weights), mixed_nameless)
+
+
+def _first_person_lift(
+    question: str, roles: np.ndarray | None, turns: int, weights: Weights
+) -> np.ndarray | float:
+    """What each of the ``turns`` scored turns gains for being the asker's
+    own (see hybrid_scores): 0 unless the question is asked in the first
+    person and the roles are known."""
+    if roles is None or not weights.first_person_lift or not asked_in_first_person(question):
+        return 0.0
+    return weights.first_person_lift * (np.asarray(roles[:turns]) == common_pb2.ROLE_USER)
 
 
 def _names_only_pull_away(

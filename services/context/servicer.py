@@ -121,6 +121,7 @@ class _SessionView:
 
 
 def _live_scores(
+    query: str,
     terms: list[str],
     view: _SessionView,
     query_vector: np.ndarray | None,
@@ -129,7 +130,8 @@ def _live_scores(
 ) -> np.ndarray:
     """relevance.hybrid_scores over the live turns (BM25's statistics are
     theirs alone), zero for the compacted ones before them; ``inputs``
-    gets the ranking's name and whether the vectors were part of it."""
+    gets the ranking's name and whether the vectors were part of it.
+    ``query`` is the new messages' text, ``terms`` its index terms."""
     compacted = view.compacted
     postings, term_counts = view.postings, view.term_counts
     if compacted:
@@ -138,7 +140,14 @@ def _live_scores(
         term_counts = term_counts[compacted:]
     roles = np.asarray(view.roles)[compacted:]
     found = relevance.hybrid_scores(
-        terms, postings, term_counts, view.unit_vectors, query_vector, roles=roles, nameless=nameless
+        terms,
+        postings,
+        term_counts,
+        view.unit_vectors,
+        query_vector,
+        roles=roles,
+        nameless=nameless,
+        question=query,
     )
     # What the scoring used, not whether the question got a vector: turns
     # without vectors (embedded by none, or a rebuild the index does not
@@ -616,7 +625,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         response's inputs (_live_scores)."""
         tenant_id, session_id = request.tenant_id, request.session_id
         adaptive = strategy == pb.ASSEMBLY_STRATEGY_ADAPTIVE
-        terms = list(relevance.index_terms(_query_text(c.message for c in new))) if adaptive else []
+        query = _query_text(c.message for c in new)
+        terms = list(relevance.index_terms(query)) if adaptive else []
         view = await self._session_view(request, terms, counter, at_version, packs)
         pinned_facts = [common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=f) for f in view.pinned_facts]
         facts = [
@@ -627,7 +637,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         required = [assembly.TurnCost(c.message.role, c.tokens) for c in (*facts, *new)]
         vector, nameless = await query_vector if query_vector is not None else (None, None)
         scoring = pb.AssemblyInputs()  # the ranking's name and dense_scored, for the response
-        scores = _live_scores(terms, view, vector, nameless, scoring) if adaptive else None
+        scores = _live_scores(query, terms, view, vector, nameless, scoring) if adaptive else None
         chosen = assembly.plan(
             costs,
             required,

@@ -256,3 +256,20 @@ async def test_the_nameless_forms_embedding_failing_leaves_the_assembly_to_the_w
     assert not response.inputs.dense_scored
     assert response.inputs.ranking == relevance.RANKING
     assert response.messages[-1].content == "Where did Ana move in May?"
+
+
+async def test_the_new_user_messages_text_reaches_the_scoring(counters, monkeypatch) -> None:
+    # relevance.hybrid_scores reads from it whether the question is asked in
+    # the first person (relevance.asked_in_first_person): the system message
+    # is no part of the question.
+    asked = []
+    scores = relevance.hybrid_scores
+
+    def recorded(*args, **kwargs):
+        asked.append(kwargs.get("question"))
+        return scores(*args, **kwargs)
+
+    monkeypatch.setattr(relevance, "hybrid_scores", recorded)
+    servicer = ContextServicer(UnindexedStore(), MODELS, counters, embedder=VectorEmbedder())
+    await asyncio.wait_for(servicer.AssembleContext(request(pb.ASSEMBLY_STRATEGY_ADAPTIVE), None), timeout=30)
+    assert asked == ["Where did Ana move in May?"]

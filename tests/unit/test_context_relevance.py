@@ -585,3 +585,91 @@ def test_hybrid_scores_scale_by_the_weights_top_percentile() -> None:
     ).scores
     np.testing.assert_array_equal(by_max, same)
     assert not np.array_equal(by_max, robust)
+
+
+@pytest.mark.parametrize(
+    ("question", "first_person"),
+    [
+        ("What did I decide about my budget?", True),
+        ("I'm not sure when my sprint ends", True),
+        ("Remind me what I’ve planned", True),  # a typographic apostrophe ends "I" too
+        ("what was mine again", True),
+        ("i forgot the date, can you tell ME?", True),  # typed lowercase, or shouted
+        ("Did I do it myself?", True),
+        ("What are Kate's hobbies?", False),
+        ("How was the trip to Myanmar?", False),  # "my" inside a word
+        ("Which items, i.e. the cheap ones, sold?", False),  # "i.e." is no "I"
+        ("What did we agree on for our launch?", False),  # "we": both sides of the chat
+        ("Tell me about Mime artists and Imelda", True),  # "me" alone counts
+        ("Mimes and Imelda", False),
+    ],
+)
+def test_first_person_questions_by_their_words(question: str, first_person: bool) -> None:
+    assert relevance.asked_in_first_person(question) is first_person
+
+
+def _budget_session() -> tuple[
+    list[str], dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray
+]:
+    """Thirty turns, user and assistant in turn, about other things, but for
+    a long topical assistant reply on budgets (turn 11) and, far from it, the
+    user's own short decision (turn 20), which the question's words and
+    vector match less well than the reply."""
+    texts = [f"turn {i} about the weather and the garden" for i in range(30)]
+    texts[11] = "A good budget plan: list income, budget for rent, budget for food, then save"
+    texts[20] = "I decided my budget is 1,200 a month"
+    postings, lengths = postings_of(texts)
+    rows = np.zeros((30, 3), dtype=np.float32)
+    rows[:, 2] = 1.0
+    rows[11] = [1.0, 0.2, 0.0]
+    rows[20] = [0.8, 0.6, 0.0]
+    roles = np.array([USER if i % 2 == 0 else ASSISTANT for i in range(30)], dtype=np.uint8)
+    question_vector = np.array([1.0, 0.3, 0.0], dtype=np.float32)
+    return texts, postings, lengths, relevance.unit_rows(rows), roles, question_vector
+
+
+def _budget_scores(question: str, weights: relevance.Weights = relevance.DEFAULT_WEIGHTS) -> np.ndarray:
+    """The session's scores for the terms and vector of a question about the
+    budget decision: only ``question``'s text (what the gate reads) varies."""
+    _, postings, lengths, unit, roles, question_vector = _budget_session()
+    terms = relevance.index_terms("What was the budget plan?")
+    return relevance.hybrid_scores(
+        terms, postings, lengths, unit, question_vector, weights, roles, question=question
+    ).scores
+
+
+def test_a_question_in_the_first_person_ranks_the_users_own_turn_above_a_topical_reply() -> None:
+    reply, decision = 11, 20
+    no_lift = relevance.Weights(first_person_lift=0.0)
+    asked = "What did I decide about my budget?"
+    without = _budget_scores(asked, no_lift)
+    assert int(np.argmax(without)) == reply and without[decision] < without[reply]
+    scores = _budget_scores(asked)
+    assert int(np.argmax(scores)) == decision
+    # Every user turn gains, not only the matching one: the lift is by role.
+    user = np.arange(30) % 2 == 0
+    assert np.all(scores[user] > without[user])
+
+
+def test_a_question_in_the_third_person_scores_the_same_with_the_lift_or_without() -> None:
+    asked = "What did Kate decide about her budget?"
+    with_lift = _budget_scores(asked)
+    np.testing.assert_array_equal(with_lift, _budget_scores(asked, relevance.Weights(first_person_lift=0.0)))
+    assert int(np.argmax(with_lift)) == 11
+
+
+def test_the_first_person_lift_needs_the_roles_and_reaches_lexical_scoring_too() -> None:
+    texts, postings, lengths, _, roles, _ = _budget_session()
+    terms = relevance.index_terms("What was the budget plan?")
+    asked = "What did I decide about my budget?"
+    off = relevance.Weights(first_person_lift=0.0)
+    # Without roles no turn is known to be the user's: nothing to lift.
+    np.testing.assert_array_equal(
+        relevance.hybrid_scores(terms, postings, lengths, None, None, question=asked).scores,
+        relevance.hybrid_scores(terms, postings, lengths, None, None, off, question=asked).scores,
+    )
+    # Words alone (no vectors): the user's turns gain all the same.
+    lexical = relevance.hybrid_scores(terms, postings, lengths, None, None, roles=roles, question=asked)
+    plain = relevance.hybrid_scores(terms, postings, lengths, None, None, off, roles, question=asked)
+    assert np.all(lexical.scores[roles == USER] > plain.scores[roles == USER])
+    assert len(texts) == len(lexical.scores)
