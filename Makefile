@@ -81,8 +81,9 @@ bench-context: install
 	$(PY) bench/context_bench.py
 
 # The same retention on BEAM-100k, the scale set the weights were not chosen
-# on: offline (the service's pure policy, no Triton or Redis), so a target of
-# its own; the first run embeds 6.4k texts (minutes), later ones take seconds.
+# on (but for the first-person lift: --halves shows how): offline (the
+# service's pure policy, no Triton or Redis), so a target of its own; the
+# first run embeds 6.4k texts (minutes), later ones take seconds.
 bench-context-beam: install
 	$(PY) bench/context_beam.py
 
