@@ -67,7 +67,8 @@ def window_texts(turns: list[common_pb2.Message], questions: list[dict]) -> list
 
 def prepared(conversations, vectors, windows) -> dict[str, dict]:
     """Per conversation: costs, index, own and window unit rows, and per
-    question its terms, vector and new-message cost."""
+    question its terms, vector, new-message cost, evidence and text (the
+    service reads from it whether it is in the first person)."""
     counter = bench.token_counts.for_models(Settings().models)[bench.MODEL]
     out = {}
     for name, (turns, _, questions) in conversations.items():
@@ -90,6 +91,7 @@ def prepared(conversations, vectors, windows) -> dict[str, dict]:
                     vector,
                     [assembly.TurnCost(message.role, asyncio.run(counter.count([message]))[0])],
                     q["evidence"],
+                    q["question"],
                 )
             )
         out[name] = {
@@ -133,7 +135,7 @@ def kept(
 ) -> dict[int, tuple[int, int]]:
     """Per budget: (questions with all evidence kept, questions)."""
     result = {b: [0, 0] for b in bench.BUDGETS}
-    for terms, vector, new, evidence in conversation["questions"]:
+    for terms, vector, new, evidence, text in conversation["questions"]:
         ranked = relevance.hybrid_scores(
             terms,
             conversation["packed"],
@@ -142,6 +144,7 @@ def kept(
             vector,
             weights,
             roles=conversation["costs"].roles,
+            question=text,
         ).scores
         for budget in bench.BUDGETS:
             chosen = assembly.plan(
@@ -168,7 +171,7 @@ def dense_ranks(data: dict[str, dict]) -> list[str]:
         n = len(conversation["own"])
         short = conversation["lengths"] <= 3
         for label, rows in (("own", conversation["turn rows"]), *conversation["windows"].items()):
-            for _, vector, _, evidence in conversation["questions"]:
+            for _, vector, _, evidence, _ in conversation["questions"]:
                 order = np.argsort(-(rows @ relevance.unit_rows(vector[None, :])[0]))
                 rank = np.empty(n, np.int64)
                 rank[order] = np.arange(n)
