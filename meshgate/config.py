@@ -430,6 +430,14 @@ class ContextSettings:
     # the same runs (bench/README.md, "The question embedded in the context
     # process"), for ~230 MB more per process.
     embedder: str = "local"
+    # The most an AppendTurns waits for its turns' embeddings (with either
+    # embedder), within the call's own deadline: a turn not embedded by then
+    # is stored without a vector, and found by its words only, for good.
+    # An append holds up to 1,024 turns: ~7 s through the inference service
+    # on a busy 2-core machine, so the embedder's 3 s default for one
+    # question would leave most of them without one. Router turns append
+    # two turns; this bounds bulk imports made without a deadline.
+    append_embed_timeout_s: float = 30.0
     # Also embed the question's nameless form (services/context/relevance.py,
     # nameless_text), in the question's own Embed call, and mix it into the
     # question's vector when the names it leaves out are unknown to the
@@ -460,6 +468,10 @@ class ContextSettings:
 
     def __post_init__(self) -> None:
         _check_embedder("context", self.embedder)
+        if not self.append_embed_timeout_s > 0:
+            raise ConfigError(
+                f"context.append_embed_timeout_s must be positive, got {self.append_embed_timeout_s!r}"
+            )
 
 
 @dataclasses.dataclass

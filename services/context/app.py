@@ -92,6 +92,7 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
         summarizer,
         pack_older_turns=settings.context.pack_older_turns,
         embed_nameless_question=settings.context.embed_nameless_question,
+        append_embed_timeout_s=settings.context.append_embed_timeout_s,
     )
     context_service_pb2_grpc.add_ContextServiceServicer_to_server(servicer, service.server)
 

@@ -44,6 +44,10 @@ MAX_TURN_ID_BYTES = 128
 # "local" nothing else remembers them (the inference service's memo does
 # for "inference"); 1.5 KiB each.
 QUESTION_MEMO_ENTRIES = 1024
+# What an append keeps of its caller's deadline for the Redis write after
+# its turns' embedding (one script call: milliseconds; generous for a
+# loaded machine).
+APPEND_WRITE_MARGIN_S = 0.25
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _ROLES = frozenset((common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT))
@@ -231,12 +235,15 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         *,
         pack_older_turns: bool = True,
         embed_nameless_question: bool = False,
+        append_embed_timeout_s: float = 30.0,
     ) -> None:
         self._store = store
         # Without an index (unit tests), every strategy reads whole sessions.
         self._index = index
         # Without an embedder, relevance is lexical only.
         self._embedder = embedder
+        # The most an append's turns may take to embed (context.append_embed_timeout_s).
+        self._append_embed_timeout_s = append_embed_timeout_s
         self._question_vectors: VectorMemo[np.ndarray] = VectorMemo("question", QUESTION_MEMO_ENTRIES)
         # Whether the question's nameless form (relevance.nameless_text) is
         # embedded with it and joins its scoring (context.embed_nameless_question).
@@ -311,7 +318,15 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         # The turns' embedding round trip overlaps the counting and the
         # Redis write; a replayed or refused append wastes it, which is rare.
         embedding = (
-            asyncio.create_task(self._embed(turns, request.tenant_id)) if self._index is not None else None
+            asyncio.create_task(
+                self._embed(
+                    turns,
+                    request.tenant_id,
+                    append_embed_timeout(context.time_remaining(), self._append_embed_timeout_s),
+                )
+            )
+            if self._index is not None
+            else None
         )
         try:
             token_counts = {c.id: await c.count(turns) for c in self._distinct_counters}
@@ -582,20 +597,23 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             and counter.transcript_tokens is not None
         )
 
-    async def _embed(self, messages: list[common_pb2.Message], tenant_id: str) -> np.ndarray | None:
+    async def _embed(
+        self, messages: list[common_pb2.Message], tenant_id: str, timeout_s: float | None = None
+    ) -> np.ndarray | None:
         """One vector per message (a question's from assembly, remembered),
         or None when the embedder gives none: the turns are then found by
         their words only. A message the embedder gave no vector (the local
         one fails, refuses or times out text by text) gets a zero row, as
         the index reads a turn stored without one, rather than costing the
-        others theirs."""
+        others theirs. ``timeout_s`` bounds the whole call (None: the
+        embedder's own, EMBED_TIMEOUT_S)."""
         if self._embedder is None:
             return None
         texts = [m.content for m in messages]
         known = [self._question_vectors.get(self._question_vectors.key(t, tenant_id)) for t in texts]
         missing = [t for t, vector in zip(texts, known, strict=True) if vector is None]
         if missing:
-            fetched = iter(await self._embedder.embed_each_or_none(missing))
+            fetched = iter(await self._embedder.embed_each_or_none(missing, timeout_s))
             known = [vector if vector is not None else next(fetched) for vector in known]
         found = next((vector for vector in known if vector is not None), None)
         if found is None:
@@ -882,3 +900,19 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             request.tenant_id, request.session_id, stored.version, counts_id, counts
         )
         return counts
+
+
+def append_embed_timeout(time_left_s: float | None, cap_s: float) -> float:
+    """How long an append's turns may take to embed: the call's own time
+    left, less APPEND_WRITE_MARGIN_S for the write after it, and never more
+    than ``cap_s`` (what bounds a call without a deadline). Not the
+    embedder's 3 s default, which suits one question: an append of up to
+    MAX_MESSAGES_PER_CALL turns took ~7 s through the inference service on
+    a busy 2-core machine (tests/integration/test_context_retrieval.py
+    appends 200), and every turn past the default's end was stored without
+    a vector, for good: nothing embeds it later. A deadline too short for
+    the turns still ends in a stored append, its late turns found by their
+    words, rather than a failed one."""
+    if time_left_s is None:
+        return cap_s
+    return max(0.0, min(cap_s, time_left_s - APPEND_WRITE_MARGIN_S))

@@ -57,6 +57,14 @@ def test_api_key_hash_is_sha256_hex():
     assert hash_api_key("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
 
+def test_an_append_embedding_timeout_that_is_not_positive_is_refused():
+    for value in ("0", "-1"):
+        with pytest.raises(ConfigError, match="append_embed_timeout_s"):
+            load_settings(environ={"MESHGATE_CONTEXT__APPEND_EMBED_TIMEOUT_S": value})
+    settings = load_settings(environ={"MESHGATE_CONTEXT__APPEND_EMBED_TIMEOUT_S": "5"})
+    assert settings.context.append_embed_timeout_s == 5
+
+
 def test_a_first_stage_word_share_outside_zero_to_one_is_refused():
     with pytest.raises(ConfigError, match="first_stage_word_share"):
         load_settings(environ={"MESHGATE_CACHE__FIRST_STAGE_WORD_SHARE": "1.5"})

@@ -21,7 +21,7 @@ from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from services.context import relevance, token_counts
-from services.context.servicer import ContextServicer
+from services.context.servicer import APPEND_WRITE_MARGIN_S, ContextServicer
 from services.context.store import StoredSession, session_not_found
 
 MODELS = Settings().models
@@ -273,3 +273,62 @@ async def test_the_new_user_messages_text_reaches_the_scoring(counters, monkeypa
     servicer = ContextServicer(UnindexedStore(), MODELS, counters, embedder=VectorEmbedder())
     await asyncio.wait_for(servicer.AssembleContext(request(pb.ASSEMBLY_STRATEGY_ADAPTIVE), None), timeout=30)
     assert asked == ["Where did Ana move in May?"]
+
+
+class RecordingEmbedder:
+    """Notes the timeout each batch of turns was given."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float | None] = []
+
+    async def embed_each_or_none(self, texts: list[str], timeout_s: float | None = None):
+        self.timeouts.append(timeout_s)
+        return [np.ones(8, np.float32) for _ in texts]
+
+
+class AppendingStore:
+    async def append(self, tenant_id, session_id, expected_version, turns, token_counts, turn_id=""):
+        return 1, False
+
+
+class Index:
+    def __init__(self) -> None:
+        self.vectors = None
+
+    async def write(self, tenant_id, session_id, version, features, vectors):
+        self.vectors = vectors
+        return 0
+
+
+class Deadline:
+    """A servicer context whose call has ``left_s`` seconds left (None: no deadline)."""
+
+    def __init__(self, left_s: float | None) -> None:
+        self._left_s = left_s
+
+    def time_remaining(self) -> float | None:
+        return self._left_s
+
+
+@pytest.mark.parametrize(
+    ("left_s", "expected_s"),
+    [(None, 30.0), (12.0, 12.0 - APPEND_WRITE_MARGIN_S), (100.0, 30.0), (0.1, 0.0)],
+)
+async def test_an_appends_turns_are_embedded_within_the_calls_own_deadline(
+    counters, left_s, expected_s
+) -> None:
+    # Not the embedder's 3 s default for one question: an append of many
+    # turns past it would store its later turns without vectors, for good.
+    embedder, index = RecordingEmbedder(), Index()
+    servicer = ContextServicer(
+        AppendingStore(), MODELS, counters, index=index, embedder=embedder, append_embed_timeout_s=30.0
+    )
+    append = pb.AppendTurnsRequest(
+        tenant_id="t",
+        session_id="s1",
+        any_version=True,
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="Ana moved to Porto in May.")],
+    )
+    await asyncio.wait_for(servicer.AppendTurns(append, Deadline(left_s)), timeout=30)
+    assert embedder.timeouts == [pytest.approx(expected_s)]
+    assert index.vectors is not None and len(index.vectors) == 1
