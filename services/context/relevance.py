@@ -170,7 +170,7 @@ DEFAULT_WEIGHTS = Weights()
 # The scoring's name in an assembly's inputs (AssemblyInputs.ranking), so that
 # the same inputs build the same prompt: bump it with any change to how turns
 # are scored or to the default weights.
-RANKING = "hybrid-spans-3"
+RANKING = "hybrid-spans-4"
 # The same, with the question's nameless form (NamelessQuery) embedded and
 # scored with it (context.embed_nameless_question).
 RANKING_NAMELESS = "hybrid-spans-nameless-5"
@@ -457,8 +457,9 @@ def hybrid_scores(
     top = weights.top_percentile
     lexical = weights.keyword * scaled(bm25(keywords, postings, term_counts, weights), top)
     lexical += weights.entity * scaled(bm25(entities, postings, term_counts, weights), top)
-    asker = _first_person_lift(question, roles, len(term_counts), weights)
-    if not scores_dense(unit_vectors, query_vector, len(term_counts)):
+    dense = scores_dense(unit_vectors, query_vector, len(term_counts))
+    asker = _first_person_lift(question, roles, len(term_counts), weights, dense)
+    if not dense:
         return Scores(with_spans(_with_neighbours(lexical, weights) + asker, weights))
     query = unit(query_vector)
     mixed_nameless = bool(weights.nameless) and _names_only_pull_away(nameless, postings, names)
@@ -479,14 +480,23 @@ def hybrid_scores(
 
 
 def _first_person_lift(
-    question: str, roles: np.ndarray | None, turns: int, weights: Weights
+    question: str, roles: np.ndarray | None, turns: int, weights: Weights, dense: bool
 ) -> np.ndarray | float:
     """What each of the ``turns`` scored turns gains for being the asker's
     own (see hybrid_scores): 0 unless the question is asked in the first
-    person and the roles are known."""
+    person and the roles are known.
+
+    Scored by words alone (``dense`` false) a turn's relevance tops out at
+    keyword + entity rather than keyword + entity + dense, so the lift
+    shrinks by the same share: the same pull against the other signals on
+    either path, not twice as strong without the vectors."""
     if roles is None or not weights.first_person_lift or not asked_in_first_person(question):
         return 0.0
-    return weights.first_person_lift * (np.asarray(roles[:turns]) == common_pb2.ROLE_USER)
+    lift = weights.first_person_lift
+    if not dense:
+        words = weights.keyword + weights.entity
+        lift *= words / (words + weights.dense)
+    return lift * (np.asarray(roles[:turns]) == common_pb2.ROLE_USER)
 
 
 def _names_only_pull_away(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -673,3 +675,29 @@ def test_the_first_person_lift_needs_the_roles_and_reaches_lexical_scoring_too()
     plain = relevance.hybrid_scores(terms, postings, lengths, None, None, off, roles, question=asked)
     assert np.all(lexical.scores[roles == USER] > plain.scores[roles == USER])
     assert len(texts) == len(lexical.scores)
+
+
+def test_scored_by_words_alone_the_lift_shrinks_with_the_signals_it_joins() -> None:
+    """Without vectors a turn's score tops out at keyword + entity, not
+    keyword + entity + dense: the lift shrinks by that share, so that it
+    pulls as hard against the other signals on either path."""
+    _, postings, lengths, unit, roles, question_vector = _budget_session()
+    terms = relevance.index_terms("What was the budget plan?")
+    asked = "What did I decide about my budget?"
+    # No stretches or neighbours: what the lift adds is then the difference itself.
+    bare = relevance.Weights(span=0.0, neighbour=0.0)
+    off = dataclasses.replace(bare, first_person_lift=0.0)
+
+    def gained(unit_vectors, query_vector) -> np.ndarray:
+        lifted, plain = (
+            relevance.hybrid_scores(
+                terms, postings, lengths, unit_vectors, query_vector, w, roles, question=asked
+            )
+            for w in (bare, off)
+        )
+        return lifted.scores - plain.scores
+
+    words = bare.keyword + bare.entity
+    np.testing.assert_allclose(gained(None, None)[roles == USER], words / (words + bare.dense))
+    np.testing.assert_allclose(gained(unit, question_vector)[roles == USER], bare.first_person_lift)
+    assert not gained(None, None)[roles == ASSISTANT].any()
