@@ -309,12 +309,12 @@ def retention_row(kept, base=None) -> str:
     return " | ".join(cells)
 
 
-def spans_after(extra):
-    """The service's ranking before its stretches, plus ``extra`` (an array
-    per turn), then the stretches: how a new signal would join the hybrid."""
+def spans_after(extra, weights: relevance.Weights = relevance.DEFAULT_WEIGHTS):
+    """The ranking by ``weights`` before its stretches, plus ``extra`` (an
+    array per turn), then the stretches: how a new signal would join the
+    hybrid."""
 
     def rank(c: Conversation, q: Question) -> np.ndarray:
-        weights = relevance.DEFAULT_WEIGHTS
         score = service_scores(c, q, dataclasses.replace(weights, span=0.0))
         return relevance.with_spans(score + extra(c, q, score), weights)
 
