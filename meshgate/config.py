@@ -431,12 +431,14 @@ class ContextSettings:
     # process"), for ~230 MB more per process.
     embedder: str = "local"
     # The most an AppendTurns waits for its turns' embeddings (with either
-    # embedder), within the call's own deadline: a turn not embedded by then
-    # is stored without a vector, and found by its words only, for good.
-    # An append holds up to 1,024 turns: ~7 s through the inference service
-    # on a busy 2-core machine, so the embedder's 3 s default for one
-    # question would leave most of them without one. Router turns append
-    # two turns; this bounds bulk imports made without a deadline.
+    # embedder): it waits 3 s (the embedder's default for one text) + 10 ms
+    # a turn, within the call's own deadline, and never more than this. A
+    # turn not embedded by then is stored without a vector, and found by its
+    # words only, for good. An append holds up to 1,024 turns (~7 s through
+    # the inference service on a busy 2-core machine, an ad hoc timing), so
+    # 3 s alone would leave most of them without one; a router turn's append
+    # of two still waits ~3 s at most when the embedder stalls
+    # (services/context/servicer.py, append_embed_timeout).
     append_embed_timeout_s: float = 30.0
     # Also embed the question's nameless form (services/context/relevance.py,
     # nameless_text), in the question's own Embed call, and mix it into the

@@ -20,7 +20,7 @@ from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
-from meshgate.embedding import EmbedsText, VectorMemo
+from meshgate.embedding import EMBED_TIMEOUT_S, EmbedsText, VectorMemo
 from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.reasons import Reason
 from services.context import assembly, relevance
@@ -48,6 +48,13 @@ QUESTION_MEMO_ENTRIES = 1024
 # its turns' embedding (one script call: milliseconds; generous for a
 # loaded machine).
 APPEND_WRITE_MARGIN_S = 0.25
+# What an append's turns may take to embed on top of the embedder's default
+# for one text (EMBED_TIMEOUT_S), per turn: ~7 ms a turn went through the
+# inference service on a busy 2-core machine (an ad hoc timing of 1,024
+# turns, ~7 s, not a kept bench), so 10 ms leaves room, while a router
+# turn's append of two turns waits no longer than before (3.02 s) when the
+# embedder stalls: its caller's answer is held until the append returns.
+APPEND_EMBED_S_PER_TURN = 0.010
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _ROLES = frozenset((common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT))
@@ -322,7 +329,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 self._embed(
                     turns,
                     request.tenant_id,
-                    append_embed_timeout(context.time_remaining(), self._append_embed_timeout_s),
+                    append_embed_timeout(len(turns), context.time_remaining(), self._append_embed_timeout_s),
                 )
             )
             if self._index is not None
@@ -902,17 +909,16 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         return counts
 
 
-def append_embed_timeout(time_left_s: float | None, cap_s: float) -> float:
-    """How long an append's turns may take to embed: the call's own time
-    left, less APPEND_WRITE_MARGIN_S for the write after it, and never more
-    than ``cap_s`` (what bounds a call without a deadline). Not the
-    embedder's 3 s default, which suits one question: an append of up to
-    MAX_MESSAGES_PER_CALL turns took ~7 s through the inference service on
-    a busy 2-core machine (tests/integration/test_context_retrieval.py
-    appends 200), and every turn past the default's end was stored without
-    a vector, for good: nothing embeds it later. A deadline too short for
-    the turns still ends in a stored append, its late turns found by their
-    words, rather than a failed one."""
+def append_embed_timeout(turns: int, time_left_s: float | None, cap_s: float) -> float:
+    """How long an append of ``turns`` turns may take to embed them: the
+    embedder's default for one text plus APPEND_EMBED_S_PER_TURN a turn,
+    within the call's own time left less APPEND_WRITE_MARGIN_S for the
+    write after it, and never more than ``cap_s``. Not the 3 s default
+    alone: an append of up to MAX_MESSAGES_PER_CALL turns needs longer,
+    and every turn past it was stored without a vector, for good (nothing
+    embeds it later), found by its words only. A deadline too short for
+    the turns still ends in a stored append rather than a failed one."""
+    wanted_s = min(cap_s, EMBED_TIMEOUT_S + APPEND_EMBED_S_PER_TURN * turns)
     if time_left_s is None:
-        return cap_s
-    return max(0.0, min(cap_s, time_left_s - APPEND_WRITE_MARGIN_S))
+        return wanted_s
+    return max(0.0, min(wanted_s, time_left_s - APPEND_WRITE_MARGIN_S))

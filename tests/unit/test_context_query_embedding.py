@@ -18,10 +18,11 @@ import pytest
 from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as pb
+from meshgate.embedding import EMBED_TIMEOUT_S
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from services.context import relevance, token_counts
-from services.context.servicer import APPEND_WRITE_MARGIN_S, ContextServicer
+from services.context.servicer import APPEND_EMBED_S_PER_TURN, APPEND_WRITE_MARGIN_S, ContextServicer
 from services.context.store import StoredSession, session_not_found
 
 MODELS = Settings().models
@@ -311,24 +312,43 @@ class Deadline:
 
 
 @pytest.mark.parametrize(
-    ("left_s", "expected_s"),
-    [(None, 30.0), (12.0, 12.0 - APPEND_WRITE_MARGIN_S), (100.0, 30.0), (0.1, 0.0)],
+    ("turns", "left_s", "expected_s"),
+    [
+        # A router turn's two: as long as one text's default (EMBED_TIMEOUT_S),
+        # +10 ms a turn, however long the call's deadline.
+        (2, 10.0, EMBED_TIMEOUT_S + 2 * APPEND_EMBED_S_PER_TURN),
+        (2, None, EMBED_TIMEOUT_S + 2 * APPEND_EMBED_S_PER_TURN),
+        # A bulk import: longer, within the call's time left less the write's margin.
+        (1024, None, EMBED_TIMEOUT_S + 1024 * APPEND_EMBED_S_PER_TURN),
+        (1024, 8.0, 8.0 - APPEND_WRITE_MARGIN_S),
+        (1024, 0.1, 0.0),
+        # Never past context.append_embed_timeout_s (5 s here).
+        (1000, None, 5.0),
+    ],
 )
 async def test_an_appends_turns_are_embedded_within_the_calls_own_deadline(
-    counters, left_s, expected_s
+    counters, turns, left_s, expected_s
 ) -> None:
     # Not the embedder's 3 s default for one question: an append of many
     # turns past it would store its later turns without vectors, for good.
     embedder, index = RecordingEmbedder(), Index()
     servicer = ContextServicer(
-        AppendingStore(), MODELS, counters, index=index, embedder=embedder, append_embed_timeout_s=30.0
+        AppendingStore(),
+        MODELS,
+        counters,
+        index=index,
+        embedder=embedder,
+        append_embed_timeout_s=5.0 if turns == 1000 else 30.0,
     )
     append = pb.AppendTurnsRequest(
         tenant_id="t",
         session_id="s1",
         any_version=True,
-        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="Ana moved to Porto in May.")],
+        messages=[
+            common_pb2.Message(role=common_pb2.ROLE_USER, content=f"Ana moved to Porto in May, take {n}.")
+            for n in range(turns)
+        ],
     )
-    await asyncio.wait_for(servicer.AppendTurns(append, Deadline(left_s)), timeout=30)
+    await asyncio.wait_for(servicer.AppendTurns(append, Deadline(left_s)), timeout=60)
     assert embedder.timeouts == [pytest.approx(expected_s)]
-    assert index.vectors is not None and len(index.vectors) == 1
+    assert index.vectors is not None and len(index.vectors) == turns
