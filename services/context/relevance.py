@@ -170,10 +170,10 @@ DEFAULT_WEIGHTS = Weights()
 # The scoring's name in an assembly's inputs (AssemblyInputs.ranking), so that
 # the same inputs build the same prompt: bump it with any change to how turns
 # are scored or to the default weights.
-RANKING = "hybrid-spans-4"
+RANKING = "hybrid-spans-5"
 # The same, with the question's nameless form (NamelessQuery) embedded and
 # scored with it (context.embed_nameless_question).
-RANKING_NAMELESS = "hybrid-spans-nameless-5"
+RANKING_NAMELESS = "hybrid-spans-nameless-6"
 
 # A posting packs a turn index and the term's frequency in it (capped) into one uint32.
 TF_BITS = 4
@@ -348,6 +348,12 @@ def nameless_text(text: str) -> NamelessQuery | None:
 # every one of them as a stop word. Not "we" / "our": said to an assistant,
 # "we" is both sides of the chat.
 _FIRST_PERSON = re.compile(r"\b(?:i(?!\.\w)|me|my|mine|myself)\b", re.IGNORECASE)
+# The same letters that are no pronoun: a numeral or a name's letter after a
+# capitalized word that does not start the sentence ("World War I", "Type I
+# diabetes"; "Did I" is the pronoun), a letter joined by "/" or "-" ("I/O",
+# "I-95", "ME/CFS"), and the noun "mine" ("the coal mine").
+_CAPITALIZED_BEFORE = re.compile(r"[^.!?\s]\s+[A-Z][\w']*\s+\Z")
+_MINE_THE_NOUN = re.compile(r"\b(?:a|an|the|coal|gold|land)\s+\Z", re.IGNORECASE)
 
 
 def asked_in_first_person(question: str) -> bool:
@@ -357,7 +363,17 @@ def asked_in_first_person(question: str) -> bool:
     are long and topical enough to outrank it on the question's topic
     alone (see hybrid_scores). A question about someone else ("What are
     Kate's hobbies?") says nothing of whose turns hold the answer."""
-    return _FIRST_PERSON.search(question) is not None
+    return any(_is_pronoun(question, match) for match in _FIRST_PERSON.finditer(question))
+
+
+def _is_pronoun(question: str, match: re.Match[str]) -> bool:
+    word, before = match.group(), question[: match.start()]
+    joined_by = before[-1:] + question[match.end() : match.end() + 1]
+    if word == "I":
+        return not ("/" in joined_by or "-" in joined_by or _CAPITALIZED_BEFORE.search(before))
+    if word == "ME":
+        return "/" not in joined_by
+    return not (word.lower() == "mine" and _MINE_THE_NOUN.search(before))
 
 
 def scaled(values: np.ndarray, top_percentile: float = 100.0) -> np.ndarray:

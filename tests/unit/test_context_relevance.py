@@ -604,6 +604,27 @@ def test_hybrid_scores_scale_by_the_weights_top_percentile() -> None:
         ("What did we agree on for our launch?", False),  # "we": both sides of the chat
         ("Tell me about Mime artists and Imelda", True),  # "me" alone counts
         ("Mimes and Imelda", False),
+        # The same letters, no pronoun: a numeral or letter after a capitalized word mid-sentence,
+        ("When did World War I end?", False),
+        ("Who succeeded Louis I?", False),
+        ("How is Type I diabetes treated?", False),
+        ("What did the Phase I trials show?", False),
+        ("Is it in Part I or II?", False),
+        # joined by "/" or "-",
+        ("Why is the I/O so slow?", False),
+        ("How long is the drive on I-95?", False),
+        ("What helps with ME/CFS?", False),
+        # and the noun.
+        ("When did the coal mine close?", False),
+        ("Who owns a gold mine?", False),
+        # But a capitalized word that starts the sentence, or one after a comma, is followed by the pronoun,
+        ("Did I say when?", True),
+        ("Kate, I forgot: when is it?", True),
+        ("Louis I will call: when?", True),  # (the one it cannot tell)
+        # and "mine" after anything else is the asker's.
+        ("Is that book mine?", True),
+        ("Which of the ideas was mine, the coal mine one?", True),
+        ("When did the I/O problem reach my team?", True),
     ],
 )
 def test_first_person_questions_by_their_words(question: str, first_person: bool) -> None:
