@@ -276,6 +276,33 @@ async def test_the_new_user_messages_text_reaches_the_scoring(counters, monkeypa
     assert asked == ["Where did Ana move in May?"]
 
 
+async def test_several_new_user_messages_reach_the_scoring_as_one_question(counters, monkeypatch) -> None:
+    # A follow-up ("and Kate's?") is asked in the first person only through
+    # the user's message before it: every new user message counts, the
+    # assistant's between them does not.
+    asked = []
+    scores = relevance.hybrid_scores
+
+    def recorded(*args, **kwargs):
+        asked.append(kwargs.get("question"))
+        return scores(*args, **kwargs)
+
+    monkeypatch.setattr(relevance, "hybrid_scores", recorded)
+    servicer = ContextServicer(UnindexedStore(), MODELS, counters, embedder=VectorEmbedder())
+    follow_up = request(pb.ASSEMBLY_STRATEGY_ADAPTIVE)
+    del follow_up.new_messages[1:]
+    follow_up.new_messages.extend(
+        [
+            common_pb2.Message(role=common_pb2.ROLE_USER, content="my budget?"),
+            common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="It is 1,200 a month."),
+            common_pb2.Message(role=common_pb2.ROLE_USER, content="and Kate's?"),
+        ]
+    )
+    await asyncio.wait_for(servicer.AssembleContext(follow_up, None), timeout=30)
+    assert asked == ["my budget?\nand Kate's?"]
+    assert relevance.asked_in_first_person(asked[0])
+
+
 class RecordingEmbedder:
     """Notes the timeout each batch of turns was given."""
 
