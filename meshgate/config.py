@@ -631,6 +631,13 @@ class InferenceSettings:
     stream_interval_ms: float = 80.0
     stream_interval_min_streams: int = 4
 
+    def __post_init__(self) -> None:
+        # The context service splits an append's Embed calls at this many
+        # texts (meshgate/embedding.py, InferenceEmbedder): 0 would split
+        # into no calls at all.
+        if self.max_embed_texts < 1:
+            raise ConfigError(f"inference.max_embed_texts must be at least 1, got {self.max_embed_texts}")
+
 
 @dataclasses.dataclass
 class Settings:

@@ -70,3 +70,10 @@ def test_a_first_stage_word_share_outside_zero_to_one_is_refused():
         load_settings(environ={"MESHGATE_CACHE__FIRST_STAGE_WORD_SHARE": "1.5"})
     settings = load_settings(environ={"MESHGATE_CACHE__FIRST_STAGE_WORD_SHARE": "0"})
     assert settings.cache.first_stage_word_share == 0
+
+
+def test_max_embed_texts_below_one_is_refused():
+    with pytest.raises(ConfigError, match="max_embed_texts"):
+        load_settings(environ={"MESHGATE_INFERENCE__MAX_EMBED_TEXTS": "0"})
+    settings = load_settings(environ={"MESHGATE_INFERENCE__MAX_EMBED_TEXTS": "1"})
+    assert settings.inference.max_embed_texts == 1
