@@ -389,7 +389,7 @@ def scaled(values: np.ndarray, top_percentile: float = 100.0) -> np.ndarray:
     return np.clip((values - floor) / (top - floor), 0.0, 1.0)
 
 
-def scores_dense(unit_vectors: np.ndarray | None, query_vector: np.ndarray | None, turns: int) -> bool:
+def _scores_dense(unit_vectors: np.ndarray | None, query_vector: np.ndarray | None, turns: int) -> bool:
     """Whether :func:`hybrid_scores` uses the vectors for ``turns`` turns:
     the question's and one row per turn; else it scores by words alone."""
     return unit_vectors is not None and query_vector is not None and len(unit_vectors) == turns
@@ -397,11 +397,13 @@ def scores_dense(unit_vectors: np.ndarray | None, query_vector: np.ndarray | Non
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Scores:
-    """What :func:`hybrid_scores` found: each turn's relevance, and whether
-    it mixed the question's nameless form into the question's vector."""
+    """What :func:`hybrid_scores` found: each turn's relevance, whether
+    it mixed the question's nameless form into the question's vector, and
+    whether the vectors were part of it (else the words alone scored)."""
 
     scores: np.ndarray
     mixed_nameless: bool = False
+    dense: bool = False
 
     @property
     def ranking(self) -> str:
@@ -452,7 +454,7 @@ def hybrid_scores(
     on the held-out ones as well as on those it was tuned on
     (bench/context_bench.py --offline).
 
-    With the turns' ``roles`` and a ``question`` (the new messages' text)
+    With the turns' ``roles`` and a ``question`` (the new user messages' text)
     :func:`asked_in_first_person`, the user's turns gain
     ``weights.first_person_lift`` before the stretches: the asker's own
     words are what "my" asks about, and the stretches then favour the
@@ -473,7 +475,7 @@ def hybrid_scores(
     top = weights.top_percentile
     lexical = weights.keyword * scaled(bm25(keywords, postings, term_counts, weights), top)
     lexical += weights.entity * scaled(bm25(entities, postings, term_counts, weights), top)
-    dense = scores_dense(unit_vectors, query_vector, len(term_counts))
+    dense = _scores_dense(unit_vectors, query_vector, len(term_counts))
     asker = _first_person_lift(question, roles, len(term_counts), weights, dense)
     if not dense:
         return Scores(with_spans(_with_neighbours(lexical, weights) + asker, weights))
@@ -492,7 +494,7 @@ def hybrid_scores(
         best = np.argpartition(-seeds, feedback - 1)[:feedback]
         query = query + weights.feedback_weight * unit_vectors[best].mean(axis=0)
         score = _with_neighbours(lexical + weights.dense * scaled(unit_vectors @ query, top), weights)
-    return Scores(with_spans(score + asker, weights), mixed_nameless)
+    return Scores(with_spans(score + asker, weights), mixed_nameless, dense=True)
 
 
 def _first_person_lift(

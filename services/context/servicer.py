@@ -142,7 +142,7 @@ def _live_scores(
     """relevance.hybrid_scores over the live turns (BM25's statistics are
     theirs alone), zero for the compacted ones before them; ``inputs``
     gets the ranking's name and whether the vectors were part of it.
-    ``query`` is the new messages' text, ``terms`` its index terms."""
+    ``query`` is the new user messages' text, ``terms`` its index terms."""
     compacted = view.compacted
     postings, term_counts = view.postings, view.term_counts
     if compacted:
@@ -163,7 +163,7 @@ def _live_scores(
     # What the scoring used, not whether the question got a vector: turns
     # without vectors (embedded by none, or a rebuild the index does not
     # cover) are scored by words alone either way.
-    inputs.dense_scored = relevance.scores_dense(view.unit_vectors, query_vector, len(term_counts))
+    inputs.dense_scored = found.dense
     inputs.ranking = found.ranking
     return np.concatenate([np.zeros(compacted), found.scores]) if compacted else found.scores
 

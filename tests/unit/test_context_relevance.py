@@ -722,3 +722,12 @@ def test_scored_by_words_alone_the_lift_shrinks_with_the_signals_it_joins() -> N
     np.testing.assert_allclose(gained(None, None)[roles == USER], words / (words + bare.dense))
     np.testing.assert_allclose(gained(unit, question_vector)[roles == USER], bare.first_person_lift)
     assert not gained(None, None)[roles == ASSISTANT].any()
+
+
+def test_scores_say_whether_the_vectors_were_part_of_them() -> None:
+    _, postings, lengths, unit, _, question_vector = _budget_session()
+    terms = relevance.index_terms("What was the budget plan?")
+    assert relevance.hybrid_scores(terms, postings, lengths, unit, question_vector).dense
+    assert not relevance.hybrid_scores(terms, postings, lengths, None, question_vector).dense
+    # Vectors for other turns than those scored (an index behind the session): words alone.
+    assert not relevance.hybrid_scores(terms, postings, lengths, unit[:-1], question_vector).dense
