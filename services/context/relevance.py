@@ -112,7 +112,8 @@ def index_terms(text: str) -> collections.Counter[str]:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Weights:
     """How the signals add up; chosen on the development conversations
-    (bench/context_bench.py), nothing else."""
+    (REALTALK, bench/context_bench.py), nothing else, but for
+    first_person_lift, seen first on BEAM-100k (bench/context_beam.py)."""
 
     dense: float = 1.0
     keyword: float = 1.0
@@ -151,17 +152,21 @@ class Weights:
     # on both splits (bench/context_misses.py --ideas), so 100, the max.
     top_percentile: float = 100.0
     # What a user's turn gains when the question is asked in the first
-    # person (asked_in_first_person, see hybrid_scores). Chosen on BEAM-100k's
-    # odd-numbered chats, checked on the even ones (bench/context_beam.py
-    # --halves; bench/README.md, "Questions asked in the first person"): on
-    # the odd, 0 / 0.5 / 1.0 / 2.0 kept 35.8 / 41.3 / 48.0 / 50.8% of the
-    # questions' evidence at 1k (50.3 / 58.1 / 64.2 / 75.4% at 8k); 1.0 is
-    # the largest that kept as many of the 31 first-person questions with an
-    # assistant turn among their evidence (12 over the four budgets, as with
-    # no lift; 9 with 1.5, 5 with 2.0): an answer the assistant gave must not
-    # be buried under the user's turns. On the even: 35.8 -> 50.6% at 1k,
-    # 52.8 -> 63.6% at 8k. REALTALK, whose questions name people instead
-    # (one of its 658 says I / me / my), unmoved at every budget.
+    # person (asked_in_first_person, see hybrid_scores); by words alone,
+    # scaled down with the signals it joins (_first_person_lift). Seen
+    # first on all twenty BEAM-100k chats, 0.5 and 1.0 included, so no
+    # half of them is a blind check: bench/context_beam.py --halves shows
+    # the effect holds on the odd and the even chats alike (bench/README.md,
+    # "Questions asked in the first person"). On the odd, 0 / 0.5 / 1.0 /
+    # 2.0 kept 35.8 / 41.3 / 48.0 / 50.8% of the questions' evidence at 1k
+    # (50.3 / 58.1 / 64.2 / 75.4% at 8k); 1.0 is the largest that kept as
+    # many of the 31 first-person questions with an assistant turn among
+    # their evidence over the four budgets (12, as with no lift, though
+    # every lift from 0.25 to 1.0 loses one at 2k, 3 -> 2, and gains one at
+    # 8k, 5 -> 6; 9 with 1.5, 5 with 2.0): an answer the assistant gave
+    # must not be buried under the user's turns. On the even: 35.8 -> 50.6%
+    # at 1k, 52.8 -> 63.6% at 8k. REALTALK, whose questions name people
+    # instead (one of its 658 says I / me / my), unmoved at every budget.
     first_person_lift: float = 1.0
 
 
@@ -456,7 +461,8 @@ def hybrid_scores(
 
     With the turns' ``roles`` and a ``question`` (the new user messages' text)
     :func:`asked_in_first_person`, the user's turns gain
-    ``weights.first_person_lift`` before the stretches: the asker's own
+    ``weights.first_person_lift`` (scaled down by words alone, see
+    :func:`_first_person_lift`) before the stretches: the asker's own
     words are what "my" asks about, and the stretches then favour the
     stretches of the conversation where they spoke of it.
 
