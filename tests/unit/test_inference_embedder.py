@@ -10,7 +10,6 @@ import asyncio
 
 import grpc
 import numpy as np
-import pytest
 
 from meshgate.config import InferenceSettings
 from meshgate.embedding import InferenceEmbedder
@@ -87,19 +86,26 @@ async def test_a_failed_call_costs_only_its_own_texts_their_vectors() -> None:
 
 
 async def test_the_calls_share_one_deadline() -> None:
-    # Each call takes 40 ms of a 100 ms deadline: two land, the third runs
-    # out of what is left, and the rest are never made.
-    service = EmbedService(delay_s=0.04)
+    # Each call takes 40 ms of a 100 ms deadline. How many land depends on
+    # how busy the machine is (a call may take longer than 40 ms), so what
+    # is asserted holds at any speed: each call gets what the earlier ones
+    # left, never the whole deadline again; a call given less than its 40 ms
+    # misses, and no call is made once the deadline is spent.
+    delay_s = 0.04
+    service = EmbedService(delay_s=delay_s)
     texts = turns(5 * LIMIT)
     vectors = await InferenceEmbedder(service).embed_each_or_none(texts, timeout_s=0.1)
-    assert len(service.calls) == 3
     timeouts = [timeout for _, timeout in service.calls]
-    assert timeouts[0] == pytest.approx(0.1, abs=0.005)
-    # Each call gets what the earlier ones left, never the whole deadline again.
-    assert timeouts[1] <= 0.1 - 0.04 + 0.005
-    assert timeouts[2] <= 0.1 - 0.08 + 0.005
-    assert all(vector is not None for vector in vectors[: 2 * LIMIT])
-    assert all(vector is None for vector in vectors[2 * LIMIT :])
+    # Each call lasts at least 40 ms (or all the time left): three at most.
+    assert 1 <= len(timeouts) <= 3
+    # (The microsecond allows for float rounding and timers firing early.)
+    assert timeouts[0] <= 0.1 + 1e-6
+    for earlier, later in zip(timeouts, timeouts[1:]):
+        assert later <= earlier - delay_s + 1e-6
+    for call, timeout in enumerate(timeouts):
+        landed = timeout >= delay_s
+        assert all((vector is not None) == landed for vector in vectors[call * LIMIT : (call + 1) * LIMIT])
+    assert all(vector is None for vector in vectors[len(timeouts) * LIMIT :])
 
 
 async def test_all_or_none_over_the_limit_is_one_array_or_none() -> None:
