@@ -188,10 +188,11 @@ class InferenceEmbedder:
         would end no sooner; they would share the deadline, so that under
         load all of them miss it where calls in turn land the first ones'
         vectors; and a question embedded meanwhile would wait behind all
-        of them instead of one. 1,024 turns through the real services on 2
-        busy cores (an ad hoc A/B, twice each): 7.8 / 7.1 s in turn against
-        6.9 / 6.9 s at once, and a question asked meanwhile 0.89 / 0.85 s
-        against 7.7 / 7.5 s."""
+        of them instead of one. An ad hoc A/B, not a kept bench (2026-12-01,
+        before commit 0b7014c; 1,024 turns appended through the real
+        services on this 2-core machine while other work ran, twice each
+        way): the append took 7.1-7.8 s in turn against 6.9 s at once, and
+        a question asked meanwhile ~0.9 s against 7.5-7.7 s."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self._timeout_s if timeout_s is None else timeout_s)
         vectors: list[np.ndarray | None] = []
