@@ -117,6 +117,13 @@ async def test_all_or_none_over_the_limit_is_one_array_or_none() -> None:
     assert await InferenceEmbedder(failing).embed_all_or_none(texts) is None
 
 
+async def test_all_or_none_stops_at_the_first_failed_call() -> None:
+    texts = turns(3 * LIMIT)
+    service = EmbedService(failing=frozenset({texts[0]}))
+    assert await InferenceEmbedder(service).embed_all_or_none(texts) is None
+    assert [size for size, _ in service.calls] == [LIMIT]
+
+
 async def test_one_text_is_one_call() -> None:
     service = EmbedService()
     vector = await InferenceEmbedder(service).embed_or_none("turn 7")
