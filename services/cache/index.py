@@ -167,8 +167,6 @@ class VectorIndex:
         needed = max(1, math.ceil(min_share * len(words) - 1e-9))
         if needed == 1:
             return any(word in postings for word in words)
-        if needed > len(words):
-            return False
         # Counting over the postings of a 3,000-question partition's words
         # takes tens of microseconds (bench/cache_first_stage.py); the
         # first entry to reach the count ends it.
