@@ -1,7 +1,7 @@
 """Chooses ``cache.first_stage_word_share``: how much of a question's content
 words some stored question must hold before a lookup embeds the question.
 
-    .venv/bin/python bench/cache_first_stage.py   # ~1 min once embeddings are cached
+    .venv/bin/python bench/cache_first_stage.py   # 6-20 s once embeddings are cached
 
 The first stage (``VectorIndex.may_match``) decides without an embedding, so
 what it rejects is never verified: a rejected question the verifier would
@@ -34,16 +34,15 @@ question and ``may_match`` at the default share, in this process.
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import sys
 import time
 
 import cache_bench
+import cache_conversations
 import cache_data
 import numpy as np
 import train_cache_verifier
-from cache_conversations import CONVERSATIONS_JSONL
 
 from meshgate.config import CacheSettings
 from services.cache import conversation, verifier
@@ -125,17 +124,8 @@ def main() -> None:
         )
         (busy_served if served else busy_missed).append(question)
 
-    scenarios = [
-        s
-        for s in (
-            json.loads(line)
-            for line in CONVERSATIONS_JSONL.read_text(encoding="utf-8").splitlines()
-            if line.strip()
-        )
-        if s["portion"] in ("train", "calibration")
-    ]
     same_context = []
-    for s in scenarios:
+    for s in cache_conversations.load(("train", "calibration")):
         stored_text, stored_multi = conversation.resolve(cache_bench.messages_of(s["stored"]))
         for variant in s["asked"]:
             asked_text, asked_multi = conversation.resolve(cache_bench.messages_of(variant["messages"]))
