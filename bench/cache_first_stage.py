@@ -28,15 +28,19 @@ default bound and the default pre-filter:
   stored conversation alone, if multi-turn texts were held to the share.
 
 Then the stage's own cost in the busy partition: analyzing an unseen
-question and ``may_match`` at the default share, in this process.
+question and ``may_match`` at the default share, in this process; and the
+memory its postings take per entry there (traced allocations of the busy
+index less those of one as large whose questions have no words).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import statistics
 import sys
 import time
+import tracemalloc
 
 import cache_bench
 import cache_conversations
@@ -62,6 +66,23 @@ def _index(questions: list[str]) -> VectorIndex:
     for seq, question in enumerate(questions, 1):
         index.upsert(f"e{seq}", seq, 2**62, vector, question)
     return index
+
+
+def _traced_index_bytes(questions: list[str]) -> int:
+    """What an index of ``questions`` holds in memory, words included: the
+    analysis cache is emptied, so only the postings keep a word."""
+    verifier.analyze.cache_clear()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        index = _index(questions)
+        verifier.analyze.cache_clear()
+        gc.collect()
+        size = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    del index
+    return size
 
 
 def _passes(index: VectorIndex, question: str, share: float) -> bool:
@@ -177,6 +198,11 @@ def main() -> None:
         f"\nThe stage's cost in the busy partition at share {share:g} (analysis + may_match, "
         f"{len(costs)} calls): p50 {statistics.median(costs):.0f} us, "
         f"p99 {costs[int(0.99 * len(costs)) - 1]:.0f} us.",
+    )
+    postings_bytes = _traced_index_bytes(stored) - _traced_index_bytes([""] * len(stored))
+    print(
+        f"The postings' memory in the busy partition: {postings_bytes / len(stored):.0f} B an entry "
+        f"({len(stored)} entries, words included; tracemalloc).",
     )
     print(f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
 

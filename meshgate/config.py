@@ -511,6 +511,11 @@ class CacheSettings:
     # and calibration data, it rejects 0.36 of a busy partition's misses
     # and 11 of the 1,100 pairs the verifier accepts at the default bound
     # (0.34: 0.53 and 31; 0.25: 0.20 and 3; bench/cache_first_stage.py).
+    # It needs each sub-partition under approximate_index_from entries to
+    # keep word postings: 242 B an entry, words included, in a 3,001-entry
+    # one (tracemalloc, bench/cache_first_stage.py's last line), 469 B in a
+    # one-entry one (the same measure ad hoc), so ~1 MB at most per
+    # sub-partition; larger ones keep none and embed every question.
     first_stage_word_share: float = 0.3
     ttl_s: int = 24 * 3600
     # Per partition (tenant, model, parameters, earlier messages); oldest go
@@ -519,8 +524,11 @@ class CacheSettings:
     max_entries_per_partition: int = 1_000_000
     # Rows all resident vector indexes together may hold (2.3-2.9 KiB each at
     # 384 dimensions: the float32 row, its int8 graph copy and links, plus
-    # ~1.3 KiB of Python ids and texts; bench/README.md); the
-    # least recently used indexes are pushed out and reload from Redis.
+    # ~1.3 KiB of Python ids and texts; bench/README.md), and in
+    # sub-partitions under approximate_index_from the first stage's word
+    # postings, uncounted here: 242-469 B a row (first_stage_word_share),
+    # so up to ~0.3 GB more at this cap if every row lay in one of those;
+    # the least recently used indexes are pushed out and reload from Redis.
     max_resident_rows: int = 1_200_000
     # From this many entries on, a sub-partition is searched through an HNSW
     # graph instead of an exact scan: the scan is memory-bound, 0.6 ms p99 at

@@ -28,9 +28,11 @@ removals wait in a list applied when the worker is done.
 
 from __future__ import annotations
 
+import array
 import collections
 import dataclasses
 import math
+import sys
 import threading
 
 import numpy as np
@@ -137,8 +139,12 @@ class VectorIndex:
         # The entries whose stored question holds each content word (as the
         # verifier analyzes them), for the lookup's first stage
         # (``may_match``). Kept only below the graph's size: analyzing every
-        # row of a 100k rebuild would hold the loop for seconds.
-        self._postings: dict[str, set[str]] | None = {}
+        # row of a 100k rebuild would hold the loop for seconds. An entry is
+        # named by its sequence number (rows move, numbers do not); a word
+        # of one entry holds the plain number, of more an array of them:
+        # ~160 B an entry at 3,001 entries against ~610 B with sets of
+        # entry ids (bench/cache_first_stage.py prints it).
+        self._postings: dict[str, int | array.array] | None = {}
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -170,11 +176,12 @@ class VectorIndex:
         # Counting over the postings of a 3,000-question partition's words
         # takes tens of microseconds (bench/cache_first_stage.py); the
         # first entry to reach the count ends it.
-        shared: collections.Counter[str] = collections.Counter()
+        shared: collections.Counter[int] = collections.Counter()
         for word in words:
-            for entry_id in postings.get(word, ()):
-                shared[entry_id] += 1
-                if shared[entry_id] >= needed:
+            holders = postings.get(word, ())
+            for holder in (holders,) if isinstance(holders, int) else holders:
+                shared[holder] += 1
+                if shared[holder] >= needed:
                     return True
         return False
 
@@ -186,9 +193,17 @@ class VectorIndex:
 
     @property
     def resident_bytes(self) -> int:
-        """The arrays' and the graph's memory (not the Python ids and texts)."""
+        """The arrays', the graph's and the postings' memory (not the Python
+        ids and texts, nor the words and numbers the postings hold: each
+        word's string and each entry's number once)."""
         arrays = self._vectors.nbytes + self._seqs.nbytes + self._expires_ms.nbytes
-        return arrays + (self._graph.memory_usage if self._graph is not None else 0)
+        graph = self._graph.memory_usage if self._graph is not None else 0
+        postings = self._postings
+        if postings is not None:
+            arrays += sys.getsizeof(postings) + sum(
+                sys.getsizeof(holders) for holders in postings.values() if not isinstance(holders, int)
+            )
+        return arrays + graph
 
     def upsert(
         self, entry_id: str, seq: int, expires_ms: int, vector: np.ndarray, question: str = ""
@@ -202,10 +217,10 @@ class VectorIndex:
         if row is not None:
             if seq > self._seqs[row]:
                 self._graph_forget(row)
+                self._index_words(int(self._seqs[row]), self._questions[row], remove=True)
                 self._set_row(row, seq, expires_ms, vector)
-                self._index_words(entry_id, self._questions[row], remove=True)
                 self._questions[row] = question
-                self._index_words(entry_id, question)
+                self._index_words(seq, question)
                 self._graph_note(row)
             return
         if len(self._ids) >= self.max_entries:
@@ -218,7 +233,7 @@ class VectorIndex:
             self._grow()
         self._ids.append(entry_id)
         self._questions.append(question)
-        self._index_words(entry_id, question)
+        self._index_words(seq, question)
         self._rows[entry_id] = row
         self._set_row(row, seq, expires_ms, vector)
         if self._graph is not None:
@@ -365,24 +380,34 @@ class VectorIndex:
         self._seqs = np.resize(self._seqs, rows)
         self._expires_ms = np.resize(self._expires_ms, rows)
 
-    def _index_words(self, entry_id: str, question: str, *, remove: bool = False) -> None:
+    def _index_words(self, seq: int, question: str, *, remove: bool = False) -> None:
+        """Adds the entry version ``seq`` to the postings of its question's
+        content words, or removes it."""
         postings = self._postings
         if postings is None:
             return
+        seq = int(seq)  # one number object shared by all its words
         for word in analyze(question).content:
+            holders = postings.get(word)
             if not remove:
-                postings.setdefault(word, set()).add(entry_id)
-                continue
-            holders = postings[word]
-            holders.discard(entry_id)
-            if not holders:
+                if holders is None:
+                    postings[word] = seq
+                elif isinstance(holders, int):
+                    postings[word] = array.array("q", (holders, seq))
+                else:
+                    holders.append(seq)
+            elif isinstance(holders, int):
                 del postings[word]
+            else:
+                holders.remove(seq)
+                if len(holders) == 1:
+                    postings[word] = holders[0]
 
     def _remove_row(self, row: int) -> None:
         self._graph_forget(row)
         last = len(self._ids) - 1
         removed = self._ids[row]
-        self._index_words(removed, self._questions[row], remove=True)
+        self._index_words(int(self._seqs[row]), self._questions[row], remove=True)
         if row != last:
             if self._graph is not None:
                 self._graph_rows[int(self._seqs[last])] = row
@@ -402,7 +427,7 @@ class VectorIndex:
         size = len(mask)
         for row in np.flatnonzero(~mask).tolist():
             self._graph_forget(row)
-            self._index_words(self._ids[row], self._questions[row], remove=True)
+            self._index_words(int(self._seqs[row]), self._questions[row], remove=True)
         self._vectors[:kept] = self._vectors[:size][mask]
         self._seqs[:kept] = self._seqs[:size][mask]
         self._expires_ms[:kept] = self._expires_ms[:size][mask]
