@@ -352,7 +352,10 @@ class VectorIndex:
                 self._start_graph()
             elif removed:
                 self._graph.remove(np.asarray(removed, np.uint64))
-        seqs = [seq for seq in self._graph_pending if seq in self._graph_rows]
+        # A number may be pending twice: removed before it was added, then
+        # upserted again (a replay of the same version); the graph refuses
+        # a duplicate key, so each goes once.
+        seqs = list(dict.fromkeys(seq for seq in self._graph_pending if seq in self._graph_rows))
         self._graph_pending = []
         if not seqs:
             return True

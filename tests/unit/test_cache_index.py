@@ -350,3 +350,12 @@ def test_may_match_needs_one_stored_question_with_the_share_of_the_words():
     assert index.may_match(words("Which artist painted the Sistine Chapel ceiling?"), 0.5)
     assert not index.may_match(words("What is it?"), 0.3)  # no content word
     assert not index.may_match(guitar, 1.0)
+
+
+def test_a_version_removed_before_the_graph_added_it_may_come_back():
+    index = VectorIndex(DIMS, max_entries=10, approximate_from=2)
+    index.upsert("a", 1, FAR_FUTURE, unit(1, 0))
+    index.upsert("b", 2, FAR_FUTURE, unit(0, 1))
+    index.remove("b", 2)
+    index.upsert("b", 2, FAR_FUTURE, unit(0, 1))  # the same version, replayed
+    assert index.best(unit(0, 1), now_ms=0).entry_id == "b"
