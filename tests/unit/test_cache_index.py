@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import threading
 
+import hypothesis
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 from services.cache import index as index_module
 from services.cache.index import IndexRegistry, VectorIndex
@@ -359,3 +361,81 @@ def test_a_version_removed_before_the_graph_added_it_may_come_back():
     index.remove("b", 2)
     index.upsert("b", 2, FAR_FUTURE, unit(0, 1))  # the same version, replayed
     assert index.best(unit(0, 1), now_ms=0).entry_id == "b"
+
+
+QUESTIONS = (
+    "How do I bake sourdough bread?",
+    "Best flour for sourdough bread?",
+    "How tall is Everest?",
+    "Who painted Guernica?",
+    "",
+)
+_OPERATIONS = st.lists(
+    st.one_of(
+        # A new version of an entry (the next sequence number).
+        st.tuples(
+            st.just("upsert"),
+            st.sampled_from("abcdef"),
+            st.sampled_from(QUESTIONS),
+            st.sampled_from((10, 20, FAR_FUTURE)),
+        ),
+        # An earlier upsert again (a replay: older than the entry's version
+        # or than every kept entry, or the same version).
+        st.tuples(st.just("replay"), st.integers(0, 50)),
+        st.tuples(st.just("remove"), st.sampled_from("abcdef"), st.booleans()),
+        # A search at this time, which drops the expired rows.
+        st.tuples(st.just("search"), st.sampled_from((0, 15, 25))),
+    ),
+    max_size=40,
+)
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(
+    operations=_OPERATIONS,
+    max_entries=st.integers(1, 5),
+    approximate_from=st.sampled_from((10**9, 4)),
+)
+def test_postings_always_equal_a_recomputation_from_the_live_entries(
+    operations, max_entries, approximate_from
+):
+    index = VectorIndex(DIMS, max_entries=max_entries, approximate_from=approximate_from)
+    upserts: list[tuple[str, int, int, str]] = []
+    for operation in operations:
+        match operation:
+            case ("upsert", entry_id, question, expires_ms):
+                upserts.append((entry_id, len(upserts) + 1, expires_ms, question))
+                entry_id, seq, expires_ms, question = upserts[-1]
+            case ("replay", which):
+                if not upserts:
+                    continue
+                entry_id, seq, expires_ms, question = upserts[which % len(upserts)]
+            case ("remove", entry_id, only_its_version):
+                seq = (
+                    int(index._seqs[index._rows[entry_id]])
+                    if entry_id in index and only_its_version
+                    else None
+                )
+                index.remove(entry_id, seq)
+                continue
+            case ("search", now_ms):
+                index.nearest(unit(1), now_ms, 1)
+                continue
+        index.upsert(entry_id, seq, expires_ms, unit(1), question)
+
+    if index.approximate:
+        assert index._postings is None
+        return
+    expected: dict[str, set[int]] = {}
+    for row in range(len(index)):
+        for word in analyze(index._questions[row]).content:
+            expected.setdefault(word, set()).add(int(index._seqs[row]))
+    postings = {}
+    for word, holders in index._postings.items():
+        if isinstance(holders, int):
+            postings[word] = {holders}
+        else:
+            # An array holds two numbers or more, each once.
+            assert len(holders) >= 2 and len(set(holders)) == len(holders)
+            postings[word] = set(holders)
+    assert postings == expected
