@@ -432,7 +432,6 @@ class _TritonStream:
             failure = error
             raise
         finally:
-            finished.set()
             backend.in_flight -= 1
             backend.calls.discard(call)
             backend.active_tokens -= self._prompt_tokens
@@ -442,6 +441,12 @@ class _TritonStream:
             if not call.done():
                 # Cancels the request inside Triton.
                 call.cancel()
+            # Only now: set before the cancel, the request iterator could
+            # wake in the await above and start its half-close, which the
+            # cancel then broke, and grpc logged, traceback and all (seen
+            # in CI under load); after it, its wait is cancelled with the
+            # call and it ends quietly, and a half-close finds the call done.
+            finished.set()
             telemetry.end_grpc_client_span(span, failure)
 
 
