@@ -327,6 +327,14 @@ def prompt_tokens_of(model: str, messages) -> int:
     return len(tokenization.load(settings.tokenizer).encode(rendered, add_special_tokens=False).ids)
 
 
+class NoDeadline:
+    """The servicer context of a call made without a deadline, for calling
+    the servicer in-process (AppendTurns reads its time left)."""
+
+    def time_remaining(self) -> None:
+        return None
+
+
 async def test_a_cold_packed_assembly_plans_from_the_index(redis_url: str) -> None:
     """Packing needs the turns' line counts: a session's index read gives them
     (stored at append), so a cold assembly still reads only the chosen turns'
@@ -362,7 +370,7 @@ async def test_a_cold_packed_assembly_plans_from_the_index(redis_url: str) -> No
                     messages=turns[start : start + 16],
                     any_version=True,
                 ),
-                None,
+                NoDeadline(),
             )
         # What the appends set off in the background (warming a hot cache of no room) is done.
         await asyncio.gather(*servicer._prefetches)
