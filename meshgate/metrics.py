@@ -178,7 +178,8 @@ class CacheMetrics:
         )
         self.misses_without_embedding = make.counter(
             "meshgate_cache_misses_without_embedding",
-            "Semantic lookups answered a miss by the first stage (no content word shared), unembedded.",
+            "Semantic lookups answered a miss by the first stage (no stored question holds "
+            "cache.first_stage_word_share of the question's content words), unembedded.",
         )
         self.stores = make.counter("meshgate_cache_stores", "Answers stored.")
         self.embedding_memo = make.counter(

@@ -159,8 +159,9 @@ class Stack:
         return ",".join(self.address(name) for name in self.replicas_of(service))
 
     def metrics_address(self, name: str) -> str:
-        """Where service ``name`` serves its Prometheus metrics."""
-        return f"127.0.0.1:{self.ports.metrics[name]}"
+        """Where service ``name`` serves its Prometheus metrics (a replica
+        by its replica name, as :meth:`address`)."""
+        return f"127.0.0.1:{self.replica_metrics_ports.get(name) or self.ports.metrics[name]}"
 
     @property
     def mesh_settings(self) -> MeshSettings:
