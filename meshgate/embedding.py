@@ -188,7 +188,7 @@ class InferenceEmbedder:
         ``timeout_s``, the whole call's deadline (as LocalEmbedder's).
 
         The calls go one after another, not at once: Triton's minilm is one
-        instance (model_repository/minilm/config.pbtxt), so calls at once
+        instance (its config.pbtxt in the model repository), so calls at once
         would end no sooner; they would share the deadline, so that under
         load all of them miss it where calls in turn land the first ones'
         vectors; and a question embedded meanwhile would wait behind all
