@@ -259,36 +259,33 @@ async def test_the_nameless_forms_embedding_failing_leaves_the_assembly_to_the_w
     assert response.messages[-1].content == "Where did Ana move in May?"
 
 
-async def test_the_new_user_messages_text_reaches_the_scoring(counters, monkeypatch) -> None:
-    # relevance.hybrid_scores reads from it whether the question is asked in
-    # the first person (relevance.asked_in_first_person): the system message
-    # is no part of the question.
-    asked = []
+async def questions_scored(monkeypatch, counters, asked: pb.AssembleContextRequest) -> list[str]:
+    """The question texts ``hybrid_scores`` was given while ``asked`` was assembled."""
+    questions = []
     scores = relevance.hybrid_scores
 
     def recorded(*args, **kwargs):
-        asked.append(kwargs.get("question"))
+        questions.append(kwargs.get("question"))
         return scores(*args, **kwargs)
 
     monkeypatch.setattr(relevance, "hybrid_scores", recorded)
     servicer = ContextServicer(UnindexedStore(), MODELS, counters, embedder=VectorEmbedder())
-    await asyncio.wait_for(servicer.AssembleContext(request(pb.ASSEMBLY_STRATEGY_ADAPTIVE), None), timeout=30)
-    assert asked == ["Where did Ana move in May?"]
+    await asyncio.wait_for(servicer.AssembleContext(asked, None), timeout=30)
+    return questions
+
+
+async def test_the_new_user_messages_text_reaches_the_scoring(counters, monkeypatch) -> None:
+    # relevance.hybrid_scores reads from it whether the question is asked in
+    # the first person (relevance.asked_in_first_person): the system message
+    # is no part of the question.
+    asked = request(pb.ASSEMBLY_STRATEGY_ADAPTIVE)
+    assert await questions_scored(monkeypatch, counters, asked) == ["Where did Ana move in May?"]
 
 
 async def test_several_new_user_messages_reach_the_scoring_as_one_question(counters, monkeypatch) -> None:
     # A follow-up ("and Kate's?") is asked in the first person only through
     # the user's message before it: every new user message counts, the
     # assistant's between them does not.
-    asked = []
-    scores = relevance.hybrid_scores
-
-    def recorded(*args, **kwargs):
-        asked.append(kwargs.get("question"))
-        return scores(*args, **kwargs)
-
-    monkeypatch.setattr(relevance, "hybrid_scores", recorded)
-    servicer = ContextServicer(UnindexedStore(), MODELS, counters, embedder=VectorEmbedder())
     follow_up = request(pb.ASSEMBLY_STRATEGY_ADAPTIVE)
     del follow_up.new_messages[1:]
     follow_up.new_messages.extend(
@@ -298,7 +295,7 @@ async def test_several_new_user_messages_reach_the_scoring_as_one_question(count
             common_pb2.Message(role=common_pb2.ROLE_USER, content="and Kate's?"),
         ]
     )
-    await asyncio.wait_for(servicer.AssembleContext(follow_up, None), timeout=30)
+    asked = await questions_scored(monkeypatch, counters, follow_up)
     assert asked == ["my budget?\nand Kate's?"]
     assert relevance.asked_in_first_person(asked[0])
 
