@@ -175,10 +175,10 @@ DEFAULT_WEIGHTS = Weights()
 # The scoring's name in an assembly's inputs (AssemblyInputs.ranking), so that
 # the same inputs build the same prompt: bump it with any change to how turns
 # are scored or to the default weights.
-RANKING = "hybrid-spans-5"
+RANKING = "hybrid-spans-6"
 # The same, with the question's nameless form (NamelessQuery) embedded and
 # scored with it (context.embed_nameless_question).
-RANKING_NAMELESS = "hybrid-spans-nameless-6"
+RANKING_NAMELESS = "hybrid-spans-nameless-7"
 
 # A posting packs a turn index and the term's frequency in it (capped) into one uint32.
 TF_BITS = 4
@@ -353,11 +353,19 @@ def nameless_text(text: str) -> NamelessQuery | None:
 # every one of them as a stop word. Not "we" / "our": said to an assistant,
 # "we" is both sides of the chat.
 _FIRST_PERSON = re.compile(r"\b(?:i(?!\.\w)|me|my|mine|myself)\b", re.IGNORECASE)
-# The same letters that are no pronoun: a numeral or a name's letter after a
-# capitalized word that does not start the sentence ("World War I", "Type I
-# diabetes"; "Did I" is the pronoun), a letter joined by "/" or "-" ("I/O",
-# "I-95", "ME/CFS"), and the noun "mine" ("the coal mine").
+# The same letters that are no pronoun: a numeral after a word that takes
+# one ("Type I diabetes", "Phase I trials", "Part I or II"), or after a
+# capitalized word that does not start the sentence when the clause ends
+# with it ("World War I?", "Louis I."; "On Monday I said" and "Did I" are
+# the pronoun), a letter joined by "/" or "-" ("I/O", "I-95", "ME/CFS"), and
+# the noun "mine" ("the coal mine").
+_NUMBERED_BEFORE = re.compile(
+    r"\b(?:war|type|phase|part|stage|class|chapter|level|grade|act|season|volume|book|section"
+    r"|article|category|round|episode|unit|step|appendix|table|figure)\s+\Z",
+    re.IGNORECASE,
+)
 _CAPITALIZED_BEFORE = re.compile(r"[^.!?\s]\s+[A-Z][\w']*\s+\Z")
+_CLAUSE_ENDS = re.compile(r"\s*(?:[.!?,;:)]|\Z)")
 _MINE_THE_NOUN = re.compile(r"\b(?:a|an|the|coal|gold|land)\s+\Z", re.IGNORECASE)
 
 
@@ -375,7 +383,10 @@ def _is_pronoun(question: str, match: re.Match[str]) -> bool:
     word, before = match.group(), question[: match.start()]
     joined_by = before[-1:] + question[match.end() : match.end() + 1]
     if word == "I":
-        return not ("/" in joined_by or "-" in joined_by or _CAPITALIZED_BEFORE.search(before))
+        numeral = _NUMBERED_BEFORE.search(before) or (
+            _CAPITALIZED_BEFORE.search(before) and _CLAUSE_ENDS.match(question, match.end())
+        )
+        return not ("/" in joined_by or "-" in joined_by or numeral)
     if word == "ME":
         return "/" not in joined_by
     return not (word.lower() == "mine" and _MINE_THE_NOUN.search(before))

@@ -620,7 +620,13 @@ def test_hybrid_scores_scale_by_the_weights_top_percentile() -> None:
         # But a capitalized word that starts the sentence, or one after a comma, is followed by the pronoun,
         ("Did I say when?", True),
         ("Kate, I forgot: when is it?", True),
-        ("Louis I will call: when?", True),  # (the one it cannot tell)
+        ("Louis I will call: when?", True),
+        # nor after a day, a month, a place or a greeting, when the clause goes on.
+        ("On Monday I mentioned a book, which?", True),
+        ("Last Tuesday I said what?", True),
+        ("In Paris I bought what?", True),
+        ("Hey Claude I need the list", True),
+        ("Who ruled after Henry I, and when?", False),
         # and "mine" after anything else is the asker's.
         ("Is that book mine?", True),
         ("Which of the ideas was mine, the coal mine one?", True),
@@ -706,7 +712,8 @@ def test_scored_by_words_alone_the_lift_shrinks_with_the_signals_it_joins() -> N
     terms = relevance.index_terms("What was the budget plan?")
     asked = "What did I decide about my budget?"
     # No stretches or neighbours: what the lift adds is then the difference itself.
-    bare = relevance.Weights(span=0.0, neighbour=0.0)
+    # A lift other than the default's 1.0, so the scaling must multiply it.
+    bare = relevance.Weights(span=0.0, neighbour=0.0, first_person_lift=0.7)
     off = dataclasses.replace(bare, first_person_lift=0.0)
 
     def gained(unit_vectors, query_vector) -> np.ndarray:
@@ -719,7 +726,9 @@ def test_scored_by_words_alone_the_lift_shrinks_with_the_signals_it_joins() -> N
         return lifted.scores - plain.scores
 
     words = bare.keyword + bare.entity
-    np.testing.assert_allclose(gained(None, None)[roles == USER], words / (words + bare.dense))
+    np.testing.assert_allclose(
+        gained(None, None)[roles == USER], bare.first_person_lift * words / (words + bare.dense)
+    )
     np.testing.assert_allclose(gained(unit, question_vector)[roles == USER], bare.first_person_lift)
     assert not gained(None, None)[roles == ASSISTANT].any()
 
