@@ -438,8 +438,10 @@ class ContextSettings:
     # the inference service on a busy 2-core machine, an ad hoc timing), so
     # 3 s alone would leave most of them without one; a router turn's append
     # of two still waits ~3 s at most when the embedder stalls
-    # (services/context/servicer.py, append_embed_timeout).
-    append_embed_timeout_s: float = 30.0
+    # (services/context/servicer.py, append_embed_timeout). That wait comes
+    # to 13.2 s at 1,024 turns, under this default: set it lower to bound
+    # bulk appends harder.
+    append_embed_timeout_s: float = 15.0
     # Also embed the question's nameless form (services/context/relevance.py,
     # nameless_text), in the question's own Embed call, and mix it into the
     # question's vector when the names it leaves out are unknown to the
@@ -527,7 +529,7 @@ class CacheSettings:
     # ~1.3 KiB of Python ids and texts; bench/README.md), and in
     # sub-partitions under approximate_index_from the first stage's word
     # postings, uncounted here: 242-469 B a row (first_stage_word_share),
-    # so up to ~0.3 GB more at this cap if every row lay in one of those;
+    # so 0.3-0.56 GB more at this cap if every row lay in one of those;
     # the least recently used indexes are pushed out and reload from Redis.
     max_resident_rows: int = 1_200_000
     # From this many entries on, a sub-partition is searched through an HNSW

@@ -242,7 +242,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         *,
         pack_older_turns: bool = True,
         embed_nameless_question: bool = False,
-        append_embed_timeout_s: float = 30.0,
+        append_embed_timeout_s: float = 15.0,
     ) -> None:
         self._store = store
         # Without an index (unit tests), every strategy reads whole sessions.
