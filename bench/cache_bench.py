@@ -361,8 +361,11 @@ def first_stage_misses(stack: Stack, cache_name: str) -> float:
     meshgate_cache_misses_without_embedding)."""
     with urllib.request.urlopen(f"http://{stack.metrics_address(cache_name)}/metrics", timeout=5) as answer:
         text = answer.read().decode()
+    if "# HELP meshgate_cache_misses_without_embedding" not in text:
+        # Renamed or gone: the pass share printed would read 1.0, not an error.
+        raise RuntimeError(f"{cache_name} exports no meshgate_cache_misses_without_embedding counter")
     found = re.search(r"^meshgate_cache_misses_without_embedding_total(?:\{[^}]*\})? (\S+)$", text, re.M)
-    # A counter never incremented may not be exported yet.
+    # A labelled counter never incremented has no sample yet.
     return float(found.group(1)) if found else 0.0
 
 

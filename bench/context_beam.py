@@ -194,13 +194,8 @@ def prepared(chats, vectors: dict[str, np.ndarray]) -> dict[str, tuple[misses.Co
 # --- the pieces tuned on REALTALK, each switched off; ideas ---------------------
 
 
-def with_weights(**changes):
-    weights = dataclasses.replace(relevance.DEFAULT_WEIGHTS, **changes)
-    return lambda c, q: misses.service_scores(c, q, weights)
-
-
 # No speaker's share can reach more than all of a name's turns.
-without_participant_names = with_weights(participant_one_sided=1.01)
+without_participant_names = misses.with_weights(participant_one_sided=1.01)
 
 
 def every_question_lifted(lift: float):
@@ -223,9 +218,9 @@ def first_person(questions: collections.abc.Iterable[misses.Question]) -> int:
 def variants() -> tuple:
     """(label, ranking, recency floor) of each variant."""
     return (
-        ("no stretches (Weights.span = 0)", with_weights(span=0.0), misses.FLOOR),
-        ("no feedback (Weights.feedback_weight = 0)", with_weights(feedback_weight=0.0), misses.FLOOR),
-        ("no neighbours (Weights.neighbour = 0)", with_weights(neighbour=0.0), misses.FLOOR),
+        ("no stretches (Weights.span = 0)", misses.with_weights(span=0.0), misses.FLOOR),
+        ("no feedback (Weights.feedback_weight = 0)", misses.with_weights(feedback_weight=0.0), misses.FLOOR),
+        ("no neighbours (Weights.neighbour = 0)", misses.with_weights(neighbour=0.0), misses.FLOOR),
         ("no participant names", without_participant_names, misses.FLOOR),
         (
             ("without" if misses.NAMELESS else "with")
@@ -236,7 +231,7 @@ def variants() -> tuple:
         ("recency floor 0 turns", misses.service_scores, 0),
         (
             "without the first-person lift (Weights.first_person_lift = 0)",
-            with_weights(first_person_lift=0.0),
+            misses.with_weights(first_person_lift=0.0),
             misses.FLOOR,
         ),
         (
@@ -444,7 +439,7 @@ def halves(data) -> list[str]:
         "|---|---|" + "---|" * (len(parts) + 2),
     ]
     for path, ranking, lifts in (
-        ("vectors and words", with_weights, LIFTS),
+        ("vectors and words", misses.with_weights, LIFTS),
         ("words alone", words_only, LIFTS),
     ):
         for lift in lifts:

@@ -142,8 +142,9 @@ class VectorIndex:
         # row of a 100k rebuild would hold the loop for seconds. An entry is
         # named by its sequence number (rows move, numbers do not); a word
         # of one entry holds the plain number, of more an array of them:
-        # ~160 B an entry at 3,001 entries against ~610 B with sets of
-        # entry ids (bench/cache_first_stage.py prints it).
+        # 242 B an entry at 3,001 entries, words included, against 657 B
+        # with sets of entry ids (tracemalloc; bench/cache_first_stage.py
+        # prints it).
         self._postings: dict[str, int | array.array] | None = {}
 
     def __len__(self) -> int:
