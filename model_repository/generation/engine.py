@@ -401,13 +401,15 @@ class Scheduler(threading.Thread):
         elif len(generation.generated) >= p.max_tokens:
             finish_reason = "length"
         else:
+            # A character whose UTF-8 bytes span tokens decodes as U+FFFD
+            # until its last byte arrives: wait for it. First, so that the
+            # stop-string hold below counts characters, not the placeholder:
+            # "!" then half of "¡" must not show the "!" of a stop "!¡".
+            visible = visible.rstrip("\ufffd")
             if p.stop:
                 # Hold back a possible beginning of a stop string: streamed
                 # text must never show one, even partially.
                 visible = visible[: max(0, len(visible) - (max(map(len, p.stop)) - 1))]
-            # A character whose UTF-8 bytes span tokens decodes as U+FFFD
-            # until its last byte arrives: wait for it.
-            visible = visible.rstrip("\ufffd")
         finished = finish_reason is not None
 
         if generation.stream:
