@@ -44,7 +44,6 @@ each.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import collections.abc
 import dataclasses
@@ -59,7 +58,7 @@ import context_misses as misses
 import numpy as np
 
 from meshgate.common.v1 import common_pb2
-from services.context import assembly, relevance
+from services.context import relevance
 
 DATA = bench.DATA.parent / "beam-100k"
 ROLES = {"user": common_pb2.ROLE_USER, "assistant": common_pb2.ROLE_ASSISTANT}
@@ -162,30 +161,23 @@ class Probe:
 
 def prepared(chats, vectors: dict[str, np.ndarray]) -> dict[str, tuple[misses.Conversation, list[Probe]]]:
     """Each chat as ``context_misses`` scores a conversation."""
-    counter = misses.counter()
     out = {}
     for name, (turns, _, questions, _) in chats.items():
-        counts = asyncio.run(counter.count(turns))
-        lines = asyncio.run(counter.count_lines(turns))
-        costs = assembly.SessionCosts.of(
-            [assembly.TurnCost(m.role, n, line) for m, n, line in zip(turns, counts, lines, strict=True)]
-        )
         postings, lengths, rows = bench.offline_index(turns, vectors[name])
         question_vectors = vectors[name][len(turns) : len(turns) + len(questions)]
         nameless = bench.nameless_queries(questions, vectors[name][len(turns) + len(questions) :])
-        probes = []
-        for q, vector, nameless_query in zip(questions, question_vectors, nameless, strict=True):
-            message = common_pb2.Message(role=common_pb2.ROLE_USER, content=q["question"])
-            new = [assembly.TurnCost(message.role, asyncio.run(counter.count([message]))[0])]
-            terms = list(relevance.index_terms(q["question"]))
-            question = misses.Question(
-                q["category"], sorted(q["evidence"]), terms, vector, new, None, nameless_query, q["question"]
+        probes = [
+            Probe(
+                misses.question_of(q, vector, nameless_query),
+                None if q["updated"] is None else sorted(q["updated"]),
             )
-            updated = None if q["updated"] is None else sorted(q["updated"])
-            probes.append(Probe(question, updated))
+            for q, vector, nameless_query in zip(questions, question_vectors, nameless, strict=True)
+        ]
         # No per-turn terms: only context_misses' keyword-feedback idea reads them.
         out[name] = (
-            misses.Conversation(costs, postings, lengths, rows, [], [p.question for p in probes]),
+            misses.Conversation(
+                misses.session_costs(turns), postings, lengths, rows, [], [p.question for p in probes]
+            ),
             probes,
         )
     return out

@@ -114,6 +114,34 @@ def named_role(question: str, names: list[str]) -> int | None:
     return common_pb2.ROLE_USER if named[0] == 0 else common_pb2.ROLE_ASSISTANT
 
 
+def session_costs(turns: list[common_pb2.Message]) -> assembly.SessionCosts:
+    """The turns' counts as the service stores them at append: framed as
+    messages, and as transcript lines for packing."""
+    counts = asyncio.run(counter().count(turns))
+    lines = asyncio.run(counter().count_lines(turns))
+    return assembly.SessionCosts.of(
+        [assembly.TurnCost(m.role, n, line) for m, n, line in zip(turns, counts, lines, strict=True)]
+    )
+
+
+def question_of(
+    q: dict, vector: np.ndarray, nameless: relevance.NamelessQuery | None, role: int | None = None
+) -> Question:
+    """A data set's question (``question``, ``category``, ``evidence`` as
+    turn positions) as the new user message of an assembly."""
+    message = common_pb2.Message(role=common_pb2.ROLE_USER, content=q["question"])
+    return Question(
+        q["category"],
+        sorted(q["evidence"]),
+        list(relevance.index_terms(q["question"])),
+        vector,
+        [assembly.TurnCost(message.role, asyncio.run(counter().count([message]))[0])],
+        role,
+        nameless,
+        q["question"],
+    )
+
+
 def prepared() -> dict[str, Conversation]:
     paths = {p.stem: p for p in sorted(bench.DATA.glob("*.json"))}
     conversations = {name: bench.load_conversation(path) for name, path in paths.items()}
@@ -121,33 +149,17 @@ def prepared() -> dict[str, Conversation]:
     nameless = bench.nameless_vectors(conversations)
     out = {}
     for name, (turns, _, questions) in conversations.items():
-        counts = asyncio.run(counter().count(turns))
-        lines = asyncio.run(counter().count_lines(turns))
-        costs = assembly.SessionCosts.of(
-            [assembly.TurnCost(m.role, n, line) for m, n, line in zip(turns, counts, lines, strict=True)]
-        )
         postings, lengths, rows = bench.offline_index(turns, vectors[name])
         names = speakers(paths[name])
-        items = []
         without_names = bench.nameless_queries(questions, nameless[name])
-        for q, vector, nameless_query in zip(
-            questions, vectors[name][len(turns) :], without_names, strict=True
-        ):
-            message = common_pb2.Message(role=common_pb2.ROLE_USER, content=q["question"])
-            items.append(
-                Question(
-                    q["category"],
-                    sorted(q["evidence"]),
-                    list(relevance.index_terms(q["question"])),
-                    vector,
-                    [assembly.TurnCost(message.role, asyncio.run(counter().count([message]))[0])],
-                    named_role(q["question"], names),
-                    nameless_query,
-                    q["question"],
-                )
+        items = [
+            question_of(q, vector, nameless_query, named_role(q["question"], names))
+            for q, vector, nameless_query in zip(
+                questions, vectors[name][len(turns) :], without_names, strict=True
             )
+        ]
         terms = [relevance.index_terms(m.content) for m in turns]
-        out[name] = Conversation(costs, postings, lengths, rows, terms, items)
+        out[name] = Conversation(session_costs(turns), postings, lengths, rows, terms, items)
     return out
 
 
