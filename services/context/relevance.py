@@ -175,10 +175,10 @@ DEFAULT_WEIGHTS = Weights()
 # The scoring's name in an assembly's inputs (AssemblyInputs.ranking), so that
 # the same inputs build the same prompt: bump it with any change to how turns
 # are scored or to the default weights.
-RANKING = "hybrid-spans-6"
+RANKING = "hybrid-spans-7"
 # The same, with the question's nameless form (NamelessQuery) embedded and
 # scored with it (context.embed_nameless_question).
-RANKING_NAMELESS = "hybrid-spans-nameless-7"
+RANKING_NAMELESS = "hybrid-spans-nameless-8"
 
 # A posting packs a turn index and the term's frequency in it (capped) into one uint32.
 TF_BITS = 4
@@ -375,12 +375,28 @@ def asked_in_first_person(question: str) -> bool:
     themselves is the likelier evidence than the assistant's replies, which
     are long and topical enough to outrank it on the question's topic
     alone (see hybrid_scores). A question about someone else ("What are
-    Kate's hobbies?") says nothing of whose turns hold the answer."""
+    Kate's hobbies?") says nothing of whose turns hold the answer. A long
+    message is read at its two ends, where the ask is (a paste between
+    them says nothing of who asks): every match costs a few regex
+    searches, ~5 s on the event loop for a 1 MB message of "I/O"."""
+    if len(question) > 2 * _ASK_CHARS:
+        question = f"{question[:_ASK_CHARS]}\n{question[-_ASK_CHARS:]}"
     return any(_is_pronoun(question, match) for match in _FIRST_PERSON.finditer(question))
 
 
+# How much of each end of a long message the first-person check reads.
+_ASK_CHARS = 2048
+
+
+# What _is_pronoun reads before a match: the word or two its patterns look
+# at. The whole text before each match made the check quadratic (8 KB of
+# "I/O " took 3 s, on the event loop, of a question up to 1 MB).
+_LOOK_BEHIND_CHARS = 64
+
+
 def _is_pronoun(question: str, match: re.Match[str]) -> bool:
-    word, before = match.group(), question[: match.start()]
+    word = match.group()
+    before = question[max(0, match.start() - _LOOK_BEHIND_CHARS) : match.start()]
     joined_by = before[-1:] + question[match.end() : match.end() + 1]
     if word == "I":
         numeral = _NUMBERED_BEFORE.search(before) or (

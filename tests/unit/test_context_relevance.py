@@ -740,3 +740,12 @@ def test_scores_say_whether_the_vectors_were_part_of_them() -> None:
     assert not relevance.hybrid_scores(terms, postings, lengths, None, question_vector).dense
     # Vectors for other turns than those scored (an index behind the session): words alone.
     assert not relevance.hybrid_scores(terms, postings, lengths, unit[:-1], question_vector).dense
+
+
+def test_a_long_message_is_asked_in_the_first_person_by_its_two_ends() -> None:
+    # Its ends are where the ask is; a pasted text between them is not read
+    # (each candidate word costs regex searches, on the event loop).
+    paste = "lorem ipsum " * 1000
+    assert relevance.asked_in_first_person(paste + "What did I decide?")
+    assert relevance.asked_in_first_person("Summarize my notes: " + paste)
+    assert not relevance.asked_in_first_person(paste + "my notes " + paste)
