@@ -431,16 +431,11 @@ class ContextSettings:
     # process"), for ~230 MB more per process.
     embedder: str = "local"
     # The most an AppendTurns waits for its turns' embeddings (with either
-    # embedder): it waits 3 s (the embedder's default for one text) + 10 ms
-    # a turn, within the call's own deadline, and never more than this. A
-    # turn not embedded by then is stored without a vector, and found by its
-    # words only, for good. An append holds up to 1,024 turns (~7 s through
-    # the inference service on a busy 2-core machine, an ad hoc timing), so
-    # 3 s alone would leave most of them without one; a router turn's append
-    # of two still waits ~3 s at most when the embedder stalls
-    # (services/context/servicer.py, append_embed_timeout). That wait comes
-    # to 13.2 s at 1,024 turns, under this default: set it lower to bound
-    # bulk appends harder.
+    # embedder); a turn not embedded by then is stored without a vector, for
+    # good. Within it, an append waits 3 s + 10 ms a turn, within its own
+    # deadline (services/context/servicer.py, append_embed_timeout, says
+    # why): 13.2 s at the 1,024 turns an append may hold, so this default
+    # binds only when set lower.
     append_embed_timeout_s: float = 15.0
     # Also embed the question's nameless form (services/context/relevance.py,
     # nameless_text), in the question's own Embed call, and mix it into the

@@ -17,7 +17,7 @@ import structlog
 
 from meshgate import metrics, redis_access
 from meshgate.common.v1 import common_pb2
-from meshgate.config import ModelSettings
+from meshgate.config import ContextSettings, ModelSettings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.embedding import EMBED_TIMEOUT_S, EmbedsText, VectorMemo
@@ -242,7 +242,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         *,
         pack_older_turns: bool = True,
         embed_nameless_question: bool = False,
-        append_embed_timeout_s: float = 15.0,
+        append_embed_timeout_s: float = ContextSettings.append_embed_timeout_s,
     ) -> None:
         self._store = store
         # Without an index (unit tests), every strategy reads whole sessions.
@@ -617,7 +617,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         if self._embedder is None:
             return None
         texts = [m.content for m in messages]
-        known = [self._question_vectors.get(self._question_vectors.key(t, tenant_id)) for t in texts]
+        # Only user texts are remembered (assembly's questions): an assistant
+        # turn, up to 1 MB, is not hashed for a lookup that cannot hit.
+        known = [
+            self._question_vectors.get(self._question_vectors.key(m.content, tenant_id))
+            if m.role == common_pb2.ROLE_USER
+            else None
+            for m in messages
+        ]
         missing = [t for t, vector in zip(texts, known, strict=True) if vector is None]
         if missing:
             fetched = iter(await self._embedder.embed_each_or_none(missing, timeout_s))
