@@ -60,7 +60,6 @@ import contextlib
 import os
 import pathlib
 import random
-import re
 import statistics
 import sys
 import tempfile
@@ -71,6 +70,7 @@ import urllib.request
 import grpc
 import numpy as np
 import uvloop
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -361,12 +361,13 @@ def first_stage_misses(stack: Stack, cache_name: str) -> float:
     meshgate_cache_misses_without_embedding)."""
     with urllib.request.urlopen(f"http://{stack.metrics_address(cache_name)}/metrics", timeout=5) as answer:
         text = answer.read().decode()
-    if "# HELP meshgate_cache_misses_without_embedding" not in text:
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    family = families.get("meshgate_cache_misses_without_embedding")
+    if family is None:
         # Renamed or gone: the pass share printed would read 1.0, not an error.
         raise RuntimeError(f"{cache_name} exports no meshgate_cache_misses_without_embedding counter")
-    found = re.search(r"^meshgate_cache_misses_without_embedding_total(?:\{[^}]*\})? (\S+)$", text, re.M)
-    # A labelled counter never incremented has no sample yet.
-    return float(found.group(1)) if found else 0.0
+    # A labelled counter never incremented has no sample yet: 0.
+    return sum(s.value for s in family.samples if s.name == "meshgate_cache_misses_without_embedding_total")
 
 
 async def miss_path(stack: Stack, cache: Cache, inference_channel, args) -> list[str]:
