@@ -296,6 +296,23 @@ def test_a_failed_batch_is_rebuilt_from_the_rows(monkeypatch):
     assert not index.building and len(index._graph) == 200
 
 
+def test_resident_bytes_counts_the_rows_arrays_then_the_graphs_int8_copies_too():
+    rows, row_bytes = 40, DIMS * 4 + 8 + 8  # a float32 vector, a sequence number, an expiry
+    vectors = np.random.default_rng(3).standard_normal((rows, DIMS)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    exact = VectorIndex(DIMS, max_entries=rows, approximate_from=10**9)
+    graphed = VectorIndex(DIMS, max_entries=rows, approximate_from=1)
+    for i, vector in enumerate(vectors):
+        exact.upsert(f"e{i}", i + 1, FAR_FUTURE, vector, f"Question number {i}?")
+        graphed.upsert(f"e{i}", i + 1, FAR_FUTURE, vector, f"Question number {i}?")
+    graphed.nearest(vectors[0], 0, 1)  # hands the pending rows to the graph
+    assert graphed.wait_for_graph(timeout=60) and graphed.approximate and not exact.approximate
+    assert exact.allocated_rows == graphed.allocated_rows == rows
+    assert exact.resident_bytes == rows * row_bytes
+    # The graph holds an int8 copy of each row (a byte a dimension) and its links.
+    assert graphed.resident_bytes >= rows * row_bytes + rows * DIMS
+
+
 def test_may_match_follows_the_stored_questions_content_words():
     index = VectorIndex(DIMS, max_entries=3, approximate_from=10)
     words = lambda text: analyze(text).content  # noqa: E731
