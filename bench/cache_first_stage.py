@@ -19,7 +19,7 @@ default bound and the default pre-filter:
   the whole partition's index rejects the lookup.
 - a busy partition's misses: ``cache_bench``'s partition (3,001 train
   questions, the one its miss path stores) and unseen train questions
-  asked; the share of those the verifier does not serve that the stage
+  asked, served as above; the share of those the verifier does not serve that the stage
   rejects, i.e. that skip the embedding, and the hits it serves there that
   the stage loses.
 - conversations: the development scenarios' same-context variants
@@ -132,18 +132,17 @@ def main() -> None:
     ]
 
     busy = _index(stored)
-    stored_matrix = np.stack([vectors[q] for q in stored])
-    busy_served, busy_missed = [], []
-    for question in unseen:
-        vector = vectors[question]
-        similarities = stored_matrix @ vector
-        order = np.argsort(-similarities)[: train_cache_verifier.MAX_CANDIDATES]
-        served = any(
-            similarities[j] >= prefilter
-            and model.decide(question, vector, stored[j], stored_matrix[j]).accepted
-            for j in order
-        )
-        (busy_served if served else busy_missed).append(question)
+    busy_lookups = train_cache_verifier.Portion(
+        stored,
+        np.stack([vectors[q] for q in stored]),
+        unseen,
+        np.stack([vectors[q] for q in unseen]),
+        # Unlabelled: only which lookups are served is asked here.
+        [set() for _ in unseen],
+    )
+    served_rows = {i for i, _, _ in train_cache_verifier.served(busy_lookups, model, prefilter)}
+    busy_served = [q for i, q in enumerate(unseen) if i in served_rows]
+    busy_missed = [q for i, q in enumerate(unseen) if i not in served_rows]
 
     same_context = []
     for s in cache_conversations.load(("train", "calibration")):
