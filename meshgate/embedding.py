@@ -21,7 +21,7 @@ import numpy as np
 import structlog
 
 from meshgate import telemetry, tokenization
-from meshgate.config import InferenceSettings
+from meshgate.config import ConfigError, InferenceSettings
 from meshgate.embedding_input import EmbeddingTruncator
 from meshgate.errors import from_rpc_error
 from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
@@ -310,6 +310,18 @@ class LocalEmbedder:
                 f'({error!r}); install them or set {setting} = "inference"'
             ) from error
         return cls(model, timeout_s, model_name=model_name, truncator=truncator)
+
+    @classmethod
+    def load_configured(cls, model_name: str, setting: str) -> LocalEmbedder:
+        """:meth:`load` for a service whose ``setting`` chose "local": a
+        model that cannot load fails the start with a ConfigError rather
+        than falling back to the inference service, which would give whoever
+        chose "local" (the default) the slower path, and its dependency on
+        the inference service, unannounced."""
+        try:
+            return cls.load(model_name, setting=setting)
+        except EmbeddingUnavailable as error:
+            raise ConfigError(f'{setting} = "local": {error}') from error
 
     async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
         """``text``'s L2-normalized float32 vector, or None (with a throttled

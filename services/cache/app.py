@@ -5,7 +5,7 @@ from __future__ import annotations
 from meshgate import mesh_auth, redis_access, serving
 from meshgate.cache.v1 import cache_service_pb2, cache_service_pb2_grpc
 from meshgate.config import ConfigError, Settings
-from meshgate.embedding import EmbeddingUnavailable, InferenceEmbedder, LocalEmbedder
+from meshgate.embedding import InferenceEmbedder, LocalEmbedder
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.serving import Cleanup, Service
 from services.cache.embedding_memo import EmbeddingMemo
@@ -42,13 +42,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     service.restrict_to_mesh(mesh, CALLERS, TENANT_OF)
     local_embedder = None
     if config.embedder == "local":
-        # Fails the start rather than falling back to the inference service:
-        # whoever chose "local" (the default) would otherwise get the slower
-        # path, and its dependency on the inference service, unannounced.
-        try:
-            local_embedder = LocalEmbedder.load(config.embedding_model)
-        except EmbeddingUnavailable as error:
-            raise ConfigError(f'cache.embedder = "local": {error}') from error
+        local_embedder = LocalEmbedder.load_configured(config.embedding_model, setting="cache.embedder")
     client = await redis_access.connect_checked(settings.redis.url)
     channel = None
     if local_embedder is None:

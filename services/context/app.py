@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from meshgate import mesh_auth, redis_access, serving
-from meshgate.config import ConfigError, Settings
+from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2, context_service_pb2_grpc
-from meshgate.embedding import EmbeddingUnavailable, InferenceEmbedder, LocalEmbedder
+from meshgate.embedding import InferenceEmbedder, LocalEmbedder
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from services.context import summaries, token_counts
 from services.context.hot_cache import HotCache, change_listener
@@ -58,12 +58,7 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
     service.restrict_to_mesh(mesh, CALLERS, TENANT_OF)
     local_embedder = None
     if settings.context.embedder == "local":
-        # Fails the start rather than falling back to the inference service,
-        # as the cache's (services/cache/app.py).
-        try:
-            local_embedder = LocalEmbedder.load("minilm", setting="context.embedder")
-        except EmbeddingUnavailable as error:
-            raise ConfigError(f'context.embedder = "local": {error}') from error
+        local_embedder = LocalEmbedder.load_configured("minilm", setting="context.embedder")
     # Tokenizer and chat template files are read here, once, before serving
     # starts; a template the counts cannot follow exactly stops it here.
     counters = token_counts.for_models(settings.models)
