@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import copy
 import cProfile
 import dataclasses
@@ -490,11 +491,14 @@ async def _run(conversations, args, settings: Settings) -> list[str]:
     try:
         async with (
             router_channel(context_address, "context") as channel,
-            router_channel(local_address if local else context_address, "context") as local_channel,
             router_channel(inference_address, "inference") as inference_channel,
+            contextlib.AsyncExitStack() as local_channels,
         ):
             stub = context_service_pb2_grpc.ContextServiceStub(channel)
             if local is not None:
+                local_channel = await local_channels.enter_async_context(
+                    router_channel(local_address, "context")
+                )
                 args.local_stub = context_service_pb2_grpc.ContextServiceStub(local_channel)
             embed_stub = inference_service_pb2_grpc.InferenceServiceStub(inference_channel)
             await _wait_for_embeddings(embed_stub)
