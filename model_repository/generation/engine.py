@@ -19,6 +19,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -102,6 +103,47 @@ class SamplingParams:
         if params.seed is not None and params.seed < 0:
             raise ValueError(f"seed must be >= 0, got {params.seed}")
         return params
+
+
+@dataclass(frozen=True)
+class StreamInterval:
+    """How long a streaming generation's deltas may be held, so that under
+    load several tokens go out as one response (vLLM's --stream-interval,
+    but by time).
+
+    Every response costs whoever reads the stream a gRPC message: the
+    inference service reading one per token was most of a streamed token's
+    CPU under load (bench/README.md, issue 13). By time rather than by a
+    token count, so a slow model (smollm2 on CPU, ~130 ms a step) is never
+    made to wait several steps between responses. Off (0) or below
+    `min_active` active sequences, one response per token: a few streams
+    leave CPU to spare, and a lone one should stream token by token.
+    """
+
+    seconds: float = 0.0  # 0: off
+    min_active: int = 1
+
+    @classmethod
+    def from_parameters(cls, parameters: dict) -> StreamInterval:
+        """From a model config's `parameters` as Triton gives them
+        ({"stream_interval_ms": {"string_value": "80"}, ...}); ValueError when invalid."""
+
+        def value(key: str) -> str | None:
+            entry = parameters.get(key)
+            return None if entry is None else entry.get("string_value", "")
+
+        milliseconds = value("stream_interval_ms")
+        seconds = 0.0
+        if milliseconds is not None:
+            number = _as_finite_float("stream_interval_ms", milliseconds)
+            if number < 0:
+                raise ValueError(f"stream_interval_ms must be >= 0 (0: off), got {milliseconds!r}")
+            seconds = number / 1000
+        raw_min_active = value("stream_interval_min_active")
+        min_active = 1 if raw_min_active is None else _as_int("stream_interval_min_active", raw_min_active)
+        if min_active < 1:
+            raise ValueError(f"stream_interval_min_active must be >= 1, got {raw_min_active!r}")
+        return cls(seconds, min_active)
 
 
 def check_prompt_fits(prompt_tokens: int, max_tokens: int, max_context: int) -> None:
@@ -236,6 +278,9 @@ class Generation:
     generated: list[int] = field(default_factory=list)
     sent_text: str = ""
     sent_tokens: int = 0
+    # When the oldest token not yet sent was made (the scheduler's clock),
+    # while the stream interval holds this stream's deltas; None: none held.
+    held_since: float | None = None
 
     def __post_init__(self):
         self.rng = np.random.default_rng(self.params.seed)
@@ -252,9 +297,12 @@ class Scheduler(threading.Thread):
         max_active: int,
         prefix_cache=None,
         on_prefill: Callable[[], None] | None = None,
+        stream_interval: StreamInterval = StreamInterval(),
+        clock: Callable[[], float] = time.monotonic,
     ):
         """prefix_cache: a prefix_cache.PrefixCache this thread alone uses, or None for none;
-        on_prefill: called after each prefill (the Triton side reports the cache's stats)."""
+        on_prefill: called after each prefill (the Triton side reports the cache's stats);
+        clock: seconds, read once a step (the stream interval's; a test's fake)."""
         super().__init__(name=f"{name}-scheduler", daemon=True)
         self.model_name = name
         self.model = model
@@ -265,6 +313,15 @@ class Scheduler(threading.Thread):
         self._inbox: queue.SimpleQueue[Generation] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._active: list[Generation] = []
+        self.stream_interval = stream_interval
+        self._clock = clock
+        # The stream interval's view of the current step: when it began, how
+        # long the previous one took (from the start of one step to the next,
+        # admissions and prefills included: when a sequence's next token
+        # comes), and whether deltas may be held in it.
+        self._step_began: float | None = None
+        self._step_s = 0.0
+        self._holding = False
 
     def submit(self, generation: Generation) -> None:
         self._inbox.put(generation)
@@ -279,6 +336,8 @@ class Scheduler(threading.Thread):
                 self._admit()
                 if self._active:
                     self._step()
+                else:
+                    self._step_began = None  # idle time is no step's duration
             except Exception:  # a bug outside the per-sequence guards: keep serving
                 log.exception(f"{self.model_name}: scheduler step failed")
                 for generation in self._active:
@@ -331,6 +390,12 @@ class Scheduler(threading.Thread):
             self.on_prefill()
 
     def _step(self) -> None:
+        if self.stream_interval.seconds > 0:
+            now = self._clock()
+            if self._step_began is not None:
+                self._step_s = now - self._step_began
+            self._step_began = now
+            self._holding = len(self._active) >= self.stream_interval.min_active
         continuing = []
         for generation in self._active:
             try:
@@ -413,12 +478,34 @@ class Scheduler(threading.Thread):
         finished = finish_reason is not None
 
         if generation.stream:
+            if not finished and self._holds(generation):
+                return False
             self._send(generation, visible[len(generation.sent_text) :], finish_reason, finished)
             generation.sent_text = visible
+            generation.held_since = None
         elif finished:
             prompt = generation.prompt if generation.prepend_prompt else ""
             self._send(generation, prompt + visible, finish_reason, True)
         return finished
+
+    def _holds(self, generation: Generation) -> bool:
+        """Whether this step's delta waits for a later one (the stream interval).
+
+        Never before text went out: the first text is the time to first
+        token (a first response may carry none: half a character, a held-back
+        stop-string prefix). The final response is never held (the caller
+        checks), nor a failure or a cancellation (they do not come here).
+        A token is held only if the sequence's next one is due, a step from
+        now as the last step took, before the oldest held one has waited
+        the interval: what is held then goes out with that next token, so
+        no delta waits much longer than the interval, and a model whose
+        steps take longer than it streams token by token as before.
+        """
+        if not (self._holding and generation.sent_text):
+            return False
+        if generation.held_since is None:
+            generation.held_since = self._step_began
+        return self._step_began + self._step_s - generation.held_since < self.stream_interval.seconds
 
     @staticmethod
     def _send(generation: Generation, text: str, finish_reason: str | None, final: bool) -> None:

@@ -200,6 +200,10 @@ class VLLMStyleModel:
         parameters = model_config.get("parameters", {})
         max_active = int(parameters.get("max_active_sequences", {}).get("string_value", "16"))
         cache_bytes = int(parameters.get("prefix_cache_bytes", {}).get("string_value", "0"))
+        try:
+            stream_interval = engine.StreamInterval.from_parameters(parameters)
+        except ValueError as error:
+            raise pb_utils.TritonModelException(f"{self.name}: invalid model parameter: {error}") from error
         cache = prefix_cache.PrefixCache(cache_bytes) if cache_bytes > 0 else None
         self.prefix_cache_metrics = PrefixCacheMetrics(cache, self.name) if cache is not None else None
         self.scheduler = engine.Scheduler(
@@ -209,6 +213,7 @@ class VLLMStyleModel:
             max_active,
             prefix_cache=cache,
             on_prefill=self.prefix_cache_metrics.report if cache is not None else None,
+            stream_interval=stream_interval,
         )
         self.scheduler.start()
 

@@ -258,6 +258,25 @@ async def test_eight_concurrent_streams_all_complete(client):
         assert reply.output_tokens == 32
 
 
+async def test_under_load_the_model_sends_several_tokens_a_response_and_the_same_text(client):
+    # tiny_gpt's config: stream_interval_ms 80 from 4 active sequences on.
+    greedy = {"max_tokens": 48, "temperature": 0}
+    prompts = [f"user: Tell me story number {i}.\nassistant:" for i in range(6)]
+
+    streamed = await asyncio.wait_for(
+        asyncio.gather(*(generate(client, generate_inputs(p, True, greedy, **ALL_OUTPUTS)) for p in prompts)),
+        timeout=60,
+    )
+    for prompt, reply in zip(prompts, streamed):
+        whole = await generate(
+            client, generate_inputs(prompt, False, greedy, exclude_input_in_output=True, **ALL_OUTPUTS)
+        )
+        assert reply.text == whole.text
+        assert (reply.finish_reason, reply.output_tokens) == ("length", 48)
+    # Fewer responses than tokens: some carried several (num_output_tokens).
+    assert any(len(reply.texts) < reply.output_tokens for reply in streamed)
+
+
 async def test_embeddings_are_unit_vectors_that_rank_paraphrases_closer(client):
     texts = [
         "How do I learn Python quickly?",

@@ -6,11 +6,14 @@ sender is a recorder, standing in for Triton's."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 
+import hypothesis
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 from tests.unit import model_repository_modules
 
@@ -248,3 +251,247 @@ def test_streamed_text_never_shows_a_stop_string(engine, model):
     assert "".join(stopped.sender.texts) == text[: text.index(stop)]
     for sent in range(1, len(stopped.sender.texts) + 1):
         assert stop not in "".join(stopped.sender.texts[:sent])
+
+
+# The stream interval (engine.StreamInterval): a scripted model, a fake
+# clock and the scheduler's loop driven on the test's thread, so which token
+# goes out in which response is exact.
+
+STEP_S = 1 / 64  # binary fractions: the clock's sums are exact
+INTERVAL = 8 * STEP_S  # eight steps' worth of tokens a response under load
+
+# Byte-level tokens, as smollm2's BPE: 1 and 2 are the two bytes of "é", so
+# a character can span tokens and decode as U+FFFD until its second byte.
+BYTES = {1: b"\xc3", 2: b"\xa9", 3: b"a", 4: b"b", 5: b" ", 6: b"!", 7: b"xy"}
+
+
+def byte_vocabulary(engine):
+    return engine.Vocabulary(
+        decode=lambda ids: b"".join(BYTES[i] for i in ids).decode("utf-8", errors="replace"),
+        stop_ids=frozenset({0}),
+        never_sampled=np.array([], dtype=np.int64),
+    )
+
+
+class ScriptedModel:
+    """Logits that make greedy sampling follow a script: the prompt [k] plays scripts[k]."""
+
+    class Cache:
+        def __init__(self):
+            self.script: list[int] = []
+            self.position = 0
+
+    def __init__(self, scripts: list[list[int]]):
+        self.scripts = scripts
+
+    def new_cache(self, tokens):
+        return self.Cache()
+
+    def _logits(self, cache) -> np.ndarray:
+        logits = np.zeros(len(BYTES) + 1, np.float32)
+        logits[cache.script[cache.position]] = 1.0
+        return logits
+
+    def prefill(self, token_ids, cache):
+        cache.script = self.scripts[token_ids[0]]
+        return self._logits(cache)
+
+    def decode(self, token_ids, caches):
+        for cache in caches:
+            cache.position += 1
+        return np.stack([self._logits(cache) for cache in caches])
+
+
+class FakeClock:
+    """The scheduler reads it once a step; each read is the next step's start."""
+
+    def __init__(self, step_durations):
+        self.durations = itertools.cycle(step_durations)
+        self.now = -next(self.durations)
+
+    def __call__(self) -> float:
+        self.now += next(self.durations)
+        return self.now
+
+
+class Responses:
+    """engine.Sender recording each response and when (the fake clock) it was sent."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.sent: list[tuple[str, int, bool, float]] = []  # text, tokens, final, time
+        self.finish_reason = None
+
+    def is_cancelled(self) -> bool:
+        return False
+
+    def send(self, text, finish_reason, new_tokens, final, cached_tokens):
+        assert not (self.sent and self.sent[-1][2]), "a response after the final one"
+        self.sent.append((text, new_tokens, final, self.clock.now))
+        self.finish_reason = finish_reason
+
+    def fail(self, message, kind):
+        raise AssertionError(f"failed: {message} ({kind})")
+
+    @property
+    def text(self) -> str:
+        return "".join(text for text, _, _, _ in self.sent)
+
+    @property
+    def tokens(self) -> int:
+        return sum(tokens for _, tokens, _, _ in self.sent)
+
+
+def stream_scripts(engine, scripts, interval, step_durations=(STEP_S,), stop=(), max_tokens=None):
+    """Every script streamed at once; each stream's Responses."""
+    clock = FakeClock(step_durations)
+    scheduler = engine.Scheduler(
+        "test",
+        ScriptedModel(scripts),
+        byte_vocabulary(engine),
+        max_active=8,
+        stream_interval=interval,
+        clock=clock,
+    )
+    streams = []
+    for k, script in enumerate(scripts):
+        sampling = engine.SamplingParams(
+            max_tokens=max_tokens or len(script), temperature=0.0, stop=tuple(stop)
+        )
+        g = generation(engine, [k], sampling, f"s{k}")
+        g.sender = Responses(clock)
+        scheduler.submit(g)
+        streams.append(g.sender)
+    # The scheduler's loop (Scheduler.run), on this thread: deterministic.
+    scheduler._admit()
+    while scheduler._active:
+        scheduler._step()
+        scheduler._admit()
+    assert all(s.sent and s.sent[-1][2] for s in streams), "a stream never finished"
+    return streams
+
+
+LONG_SCRIPT = [3, 4, 5, 6, 7] * 6  # 30 tokens, each with text
+
+
+def test_under_load_deltas_after_the_first_go_out_once_an_interval(engine):
+    interval = engine.StreamInterval(seconds=INTERVAL, min_active=4)
+    held = stream_scripts(engine, [LONG_SCRIPT] * 4, interval)
+    unheld = stream_scripts(engine, [LONG_SCRIPT] * 4, engine.StreamInterval())
+
+    for stream, alone in zip(held, unheld):
+        assert len(alone.sent) == 30  # one response a token without the interval
+        # The first text at once (step 0), then eight tokens a response,
+        # the final one with what was left, in the very step that ended it.
+        assert [(tokens, final) for _, tokens, final, _ in stream.sent] == [
+            (1, False),
+            (8, False),
+            (8, False),
+            (8, False),
+            (5, True),
+        ]
+        assert stream.sent[0][3] == 0.0
+        assert stream.sent[-1][3] == 29 * STEP_S
+        assert stream.text == alone.text
+        assert stream.tokens == alone.tokens == 30
+        assert stream.finish_reason == alone.finish_reason == "length"
+
+
+def test_below_min_active_every_token_is_a_response(engine):
+    interval = engine.StreamInterval(seconds=INTERVAL, min_active=4)
+    streams = stream_scripts(engine, [LONG_SCRIPT] * 3, interval)
+    for stream in streams:
+        assert [tokens for _, tokens, _, _ in stream.sent] == [1] * 30
+
+
+def test_a_model_slower_than_the_interval_streams_token_by_token(engine):
+    # A step that takes longer than the interval (smollm2 on CPU): holding a
+    # token for the next one would make every gap two steps long.
+    interval = engine.StreamInterval(seconds=INTERVAL, min_active=1)
+    streams = stream_scripts(engine, [LONG_SCRIPT] * 2, interval, step_durations=(INTERVAL + STEP_S,))
+    for stream in streams:
+        assert [tokens for _, tokens, _, _ in stream.sent] == [1] * 30
+
+
+def test_the_first_text_is_not_held_when_earlier_responses_carried_none(engine):
+    # "é" then text: the first token is half a character (an empty
+    # response); the first text goes out the step it is complete.
+    interval = engine.StreamInterval(seconds=INTERVAL, min_active=1)
+    (stream,) = stream_scripts(engine, [[1, 2] + LONG_SCRIPT[:10]], interval)
+    assert stream.sent[:2] == [("", 1, False, 0.0), ("é", 1, False, STEP_S)]
+    assert stream.text == "é" + "ab !xy" * 2
+
+
+def test_held_text_never_shows_a_stop_string(engine):
+    # "!xy" holds back two characters at each step; held responses must
+    # still never carry a beginning of the stop string.
+    interval = engine.StreamInterval(seconds=INTERVAL, min_active=1)
+    (stream,) = stream_scripts(engine, [LONG_SCRIPT], interval, stop=["!xya"])
+    (unheld,) = stream_scripts(engine, [LONG_SCRIPT], engine.StreamInterval(), stop=["!xya"])
+    assert stream.finish_reason == unheld.finish_reason == "stop"
+    assert stream.text == unheld.text == "ab "
+    assert len(stream.sent) < len(unheld.sent)
+
+
+TOKENS = st.sampled_from(sorted(BYTES))
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(
+    scripts=st.lists(st.lists(TOKENS, min_size=1, max_size=24), min_size=1, max_size=6),
+    interval_steps=st.integers(0, 12),
+    min_active=st.integers(1, 7),
+    step_durations=st.lists(st.integers(1, 16).map(lambda n: n * STEP_S / 4), min_size=1, max_size=8),
+    stop=st.lists(st.sampled_from(["é", "!x", "a b", "yé", "b"]), max_size=2),
+)
+def test_held_streams_carry_exactly_the_unheld_text_and_tokens(
+    engine, scripts, interval_steps, min_active, step_durations, stop
+):
+    interval = engine.StreamInterval(seconds=interval_steps * STEP_S, min_active=min_active)
+    held = stream_scripts(engine, scripts, interval, step_durations, stop)
+    unheld = stream_scripts(engine, scripts, engine.StreamInterval(), step_durations, stop)
+    for stream, alone in zip(held, unheld):
+        assert stream.text == alone.text
+        assert stream.tokens == alone.tokens
+        assert stream.finish_reason == alone.finish_reason
+        assert len(stream.sent) <= len(alone.sent)
+        for sent in range(1, len(stream.sent) + 1):
+            shown = "".join(text for text, _, _, _ in stream.sent[:sent])
+            assert alone.text.startswith(shown)
+            assert not any(s in shown for s in stop)
+
+
+@pytest.mark.parametrize(
+    "parameters, expected",
+    [
+        ({}, (0.0, 1)),
+        ({"stream_interval_ms": {"string_value": "0"}}, (0.0, 1)),
+        ({"stream_interval_ms": {"string_value": "80"}}, (0.08, 1)),
+        (
+            {
+                "stream_interval_ms": {"string_value": "40.5"},
+                "stream_interval_min_active": {"string_value": "4"},
+            },
+            (0.0405, 4),
+        ),
+    ],
+)
+def test_the_stream_interval_is_read_from_the_model_parameters(engine, parameters, expected):
+    interval = engine.StreamInterval.from_parameters(parameters)
+    assert (interval.seconds, interval.min_active) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("stream_interval_ms", "-1", "stream_interval_ms must be >= 0"),
+        ("stream_interval_ms", "fast", "stream_interval_ms must be a number"),
+        ("stream_interval_ms", "nan", "stream_interval_ms must be finite"),
+        ("stream_interval_ms", "", "stream_interval_ms must be a number"),
+        ("stream_interval_min_active", "0", "stream_interval_min_active must be >= 1"),
+        ("stream_interval_min_active", "2.5", "stream_interval_min_active must be an integer"),
+    ],
+)
+def test_bad_stream_interval_parameters_are_refused(engine, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        engine.StreamInterval.from_parameters({key: {"string_value": value}})
