@@ -45,8 +45,9 @@ async def batches(
     response with no text yet), so ``hold_s`` is asked each time and a relay
     answers 0 until something of its own went out (the inference service's
     _TritonStream._hold). Nothing is held past a message that ``urgent``
-    says ends the stream (so the last one is never late), nor past the
-    call's end or failure.
+    says must not wait (the last one, so it is never late; the inference
+    service's also one its model held already), nor past the call's end or
+    failure.
 
     Without ``read_ahead``, one message a list, read as the consumer asks:
     for a consumer that is itself a task reading ahead of whoever writes

@@ -330,9 +330,12 @@ class _TritonStream:
         # being written to the caller: under load several are waiting by
         # then, and go out as one delta (one write here, one read and one
         # write at the router) instead of one each; with the stream
-        # interval, they are held a little for company (the final one not).
+        # interval, they are held a little for company (not the final one,
+        # nor one the model already held: triton_protocol.needs_no_hold).
         arrivals = streaming.batches(
-            call, hold_s=self._hold if self._hold_s is not None else None, urgent=triton_protocol.ends_stream
+            call,
+            hold_s=self._hold if self._hold_s is not None else None,
+            urgent=triton_protocol.needs_no_hold,
         )
         backend.in_flight += 1
         backend.calls.add(call, self._model)

@@ -135,6 +135,26 @@ def ends_stream(message: service_pb2.ModelStreamInferResponse) -> bool:
     return bool(final and final.bool_param)
 
 
+def needs_no_hold(message: service_pb2.ModelStreamInferResponse) -> bool:
+    """Whether a streamed message goes on at once rather than wait in the
+    inference service's stream interval: the last one (``ends_stream``), or
+    one that carries several tokens. A model that sends those already holds
+    its deltas (the bundled models' ``stream_interval_ms``,
+    model_repository/generation/engine.py): holding its responses again
+    would compound the two intervals (a response every 80 ms, held up to 80
+    ms more), while a backend that sends one token a response (vLLM or
+    TensorRT-LLM on Triton) is still held here. Read for every message,
+    without the text."""
+    if ends_stream(message):
+        return True
+    response = message.infer_response
+    for output, raw in zip(response.outputs, response.raw_output_contents):
+        if output.name == "num_output_tokens":
+            tokens = _first_integer(raw, output.datatype)
+            return tokens is not None and tokens > 1
+    return False
+
+
 def read_generate_response(response: service_pb2.ModelInferResponse) -> GenerateEvent:
     event = GenerateEvent()
     final = response.parameters.get(_FINAL_FLAG)

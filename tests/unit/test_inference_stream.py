@@ -194,6 +194,28 @@ async def test_with_the_stream_interval_later_responses_wait_for_company_but_not
     assert completion.usage.completion_tokens == 4, "tokens counted from Triton, not from deltas"
 
 
+async def test_with_the_stream_interval_a_response_the_model_held_already_is_not_held_again():
+    # A model with its own stream interval (model_repository/generation/
+    # engine.py) sends several tokens a response under load: holding that
+    # response again would stretch the gap to both intervals.
+    call = ScriptedCall()
+    stream, _ = stream_on(call, hold_s=lambda: LONG_HOLD_S)
+    deltas = aiter(stream)
+    call.send(triton_response("one", 1))
+    assert (await asyncio.wait_for(anext(deltas), 5)).delta.text == "one"
+    call.send(triton_response(" two", 1))
+    waiting = asyncio.ensure_future(anext(deltas))
+    await asyncio.sleep(0.05)
+    assert not waiting.done(), "one token a response is held as before"
+    call.send(triton_response(" three four five", 3))
+    # What waited goes out with it at once, long before the hold would end.
+    assert (await asyncio.wait_for(waiting, 5)).delta.text == " two three four five"
+    call.send(triton_response("!", 1, final=True, finish_reason="stop", prompt_tokens=3))
+    call.send(grpc.aio.EOF)
+    assert (await asyncio.wait_for(anext(deltas), 5)).delta.text == "!"
+    assert (await asyncio.wait_for(anext(deltas), 5)).completion.usage.completion_tokens == 6
+
+
 async def test_a_model_error_after_held_responses_sends_them_first():
     call = ScriptedCall()
     call.send(triton_response("one", 1))

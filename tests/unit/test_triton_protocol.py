@@ -55,6 +55,33 @@ def test_reads_deltas_counts_and_final_flag():
     assert event.input_tokens is None
 
 
+def _stream_message(tokens: int | None, final: bool = False, error: str = ""):
+    message = service_pb2.ModelStreamInferResponse(error_message=error)
+    response = message.infer_response
+    response.parameters["triton_final_response"].bool_param = final
+    response.outputs.add(name="text_output", datatype="BYTES", shape=[1])
+    response.raw_output_contents.append(struct.pack("<I", 1) + b"x")
+    if tokens is not None:
+        response.outputs.add(name="num_output_tokens", datatype="UINT32", shape=[1])
+        response.raw_output_contents.append(struct.pack("<I", tokens))
+    return message
+
+
+@pytest.mark.parametrize(
+    "message, expected",
+    [
+        (_stream_message(1), False),
+        (_stream_message(0), False),
+        (_stream_message(None), False),  # a model that does not count: held as one token
+        (_stream_message(2), True),  # the model held its deltas already
+        (_stream_message(1, final=True), True),
+        (_stream_message(None, error="model broke"), True),
+    ],
+)
+def test_only_the_end_or_a_response_of_several_tokens_skips_the_stream_interval(message, expected):
+    assert triton_protocol.needs_no_hold(message) is expected
+
+
 def test_cached_tokens_are_asked_only_of_a_model_that_declares_them_and_read_back():
     plain = triton_protocol.generate_request("m", "id1", "x", "{}", batched=False)
     assert triton_protocol.CACHED_TOKENS_FLAG not in {i.name for i in plain.inputs}
