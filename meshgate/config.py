@@ -625,7 +625,8 @@ class InferenceSettings:
     # The stream interval: while this process streams at least
     # stream_interval_min_streams generations, a stream's tokens after its
     # first are held up to stream_interval_ms and go on as one delta (the
-    # last one never waits; meshgate/streaming.py). Every message costs each
+    # last one never waits; meshgate/streaming.py; nor one of several tokens
+    # from a model that holds its own: triton_protocol.needs_no_hold). Every message costs each
     # hop (this service's write, the router's read and write, the client's
     # read) a gRPC message's CPU whatever it carries, most of a streamed
     # token's cost; under load, fewer messages buy CPU and tokens/s for
