@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
+from meshgate.local import triton
+from meshgate.local.stack import free_port
 from tests.integration.conftest import launched_triton
 
 pytestmark = pytest.mark.integration
@@ -275,6 +278,29 @@ async def test_under_load_the_model_sends_several_tokens_a_response_and_the_same
         assert (reply.finish_reason, reply.output_tokens) == ("length", 48)
     # Fewer responses than tokens: some carried several (num_output_tokens).
     assert any(len(reply.texts) < reply.output_tokens for reply in streamed)
+
+
+def test_a_bad_stream_interval_fails_the_models_load(tmp_path: Path):
+    repository = tmp_path / "model_repository"
+    source, skip_caches = triton.DEFAULT_MODEL_REPOSITORY, shutil.ignore_patterns("__pycache__")
+    for directory in ("generation", "tiny_gpt"):
+        shutil.copytree(source / directory, repository / directory, ignore=skip_caches)
+    config = repository / "tiny_gpt" / "config.pbtxt"
+    interval = 'key: "stream_interval_ms"\n  value: { string_value: "80" }'
+    assert config.read_text().count(interval) == 1
+    config.write_text(config.read_text().replace(interval, interval.replace('"80"', '"-5"')))
+
+    port, log_file = free_port(), tmp_path / "triton.log"
+    process = triton.launch(
+        repository, grpc_port=port, state_dir=tmp_path / "state", log_file=log_file, models=("tiny_gpt",)
+    )
+    try:
+        with pytest.raises(RuntimeError, match="exited"):
+            triton.wait_ready(f"127.0.0.1:{port}", ("tiny_gpt",), timeout=120, process=process)
+    finally:
+        triton.terminate(process)
+    message = "tiny_gpt: invalid model parameter: stream_interval_ms must be >= 0 (0: off), got '-5'"
+    assert message in log_file.read_text(errors="replace")
 
 
 async def test_embeddings_are_unit_vectors_that_rank_paraphrases_closer(client):
