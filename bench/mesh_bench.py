@@ -14,10 +14,18 @@ Starts its own stack (Redis, Triton, the four services) on free ports, then:
    router's hot tier, which keeps semantic hits too), and semantic with every
    question's text new (to that tier and the cache's embedding memo); requests per
    second, and the CPU the four service processes spent per hit (from /proc,
-   so the load generator's own CPU is not counted).
+   so the load generator's own CPU is not counted; it is shown beside, with
+   Redis's, as both share the machine's cores with the services).
 3. CPU of the four services per streamed (generated) answer, and per
    output token (counted from each answer's usage, never from its deltas,
    so deltas carrying several tokens cannot inflate it).
+
+With ``--only-hits`` (all hit workloads) or ``--only-hits exact`` (the exact
+hits alone), the streaming comparison and step 3 are skipped.
+
+With ``--h2load``, the exact hits are measured once more with nghttp2's
+``h2load`` as the load generator, whose own CPU per request is far below
+grpc.aio's (see :func:`exact_hits_by_h2load` for what it checks).
 
 With ``--stream-intervals 0,80``, the streaming comparison runs again with
 the inference service restarted at each of those `inference.stream_interval_ms`
@@ -36,14 +44,19 @@ import asyncio
 import itertools
 import os
 import pathlib
+import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 
 import grpc
 import uvloop
+from prometheus_client import parser as prometheus_parser
 from tritonclient.grpc import service_pb2_grpc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -279,11 +292,15 @@ async def main_async(args, stack: Stack) -> list[str]:
         f"| workload | concurrency | service CPU per request (ms) | {' / '.join(SERVICES)} |",
         "|---|---|---|---|",
     ]
-    rows = [
-        "| path | concurrency | requests | TTFT p50 (ms) | TTFT p99 (ms) | output tokens/s "
-        "| gap between deltas p50 / p99 (ms) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    rows = (
+        []
+        if args.only_hits
+        else [
+            "| path | concurrency | requests | TTFT p50 (ms) | TTFT p99 (ms) | output tokens/s "
+            "| gap between deltas p50 / p99 (ms) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+    )
     results = {}
     async with (
         grpc.aio.insecure_channel(stack.address("triton")) as triton_channel,
@@ -346,34 +363,38 @@ async def main_async(args, stack: Stack) -> list[str]:
                         f"| {gap_figures(gaps)} |"
                     )
 
-        await compare(paths)
-        for interval_ms in args.stream_intervals:
-            await restart_inference(stack, meter, interval_ms)
-            streamed = {name: paths[name] for name in ("Triton direct", "meshgate router")}
-            await compare(streamed, f", stream interval {interval_ms:g} ms")
-        rows.append("")
-        rows.append(
-            "| ratio to Triton direct | concurrency | TTFT p50 | output tokens/s "
-            "| service CPU per streamed answer (ms) | per output token (ms) |"
-        )
-        rows.append("|---|---|---|---|---|---|")
-        suffixes = ["", *(f", stream interval {interval_ms:g} ms" for interval_ms in args.stream_intervals)]
-        for suffix in suffixes:
-            for name in ("meshgate router", "meshgate router, cache misses"):
-                for concurrency in (1, args.concurrency):
-                    if (name + suffix, concurrency) not in results:
-                        continue
-                    direct = results[("Triton direct" + suffix, concurrency)]
-                    routed = results[(name + suffix, concurrency)]
-                    rows.append(
-                        f"| {name + suffix} | {concurrency} | {routed[0] / direct[0]:.2f}x "
-                        f"(+{routed[0] - direct[0]:.1f} ms) | {routed[1] / direct[1]:.2f}x "
-                        f"| {routed[2]:.1f} | {routed[3]:.3f} |"
-                    )
+        if not args.only_hits:
+            await compare(paths)
+            for interval_ms in args.stream_intervals:
+                await restart_inference(stack, meter, interval_ms)
+                streamed = {name: paths[name] for name in ("Triton direct", "meshgate router")}
+                await compare(streamed, f", stream interval {interval_ms:g} ms")
+            rows.append("")
+            rows.append(
+                "| ratio to Triton direct | concurrency | TTFT p50 | output tokens/s "
+                "| service CPU per streamed answer (ms) | per output token (ms) |"
+            )
+            rows.append("|---|---|---|---|---|---|")
+            suffixes = [
+                "",
+                *(f", stream interval {interval_ms:g} ms" for interval_ms in args.stream_intervals),
+            ]
+            for suffix in suffixes:
+                for name in ("meshgate router", "meshgate router, cache misses"):
+                    for concurrency in (1, args.concurrency):
+                        if (name + suffix, concurrency) not in results:
+                            continue
+                        direct = results[("Triton direct" + suffix, concurrency)]
+                        routed = results[(name + suffix, concurrency)]
+                        rows.append(
+                            f"| {name + suffix} | {concurrency} | {routed[0] / direct[0]:.2f}x "
+                            f"(+{routed[0] - direct[0]:.1f} ms) | {routed[1] / direct[1]:.2f}x "
+                            f"| {routed[2]:.1f} | {routed[3]:.3f} |"
+                        )
 
         if args.skip_hits:
             return [*rows, "", *cpu_rows]
-        if args.stream_intervals:
+        if args.stream_intervals and not args.only_hits:
             # Hits with the settings of the first phase (the defaults).
             await restart_inference(stack, meter, None)
         # Cache hits: store one answer per prompt (refresh: no read, so
@@ -385,27 +406,38 @@ async def main_async(args, stack: Stack) -> list[str]:
         rows.append("")
         rows.append(
             "| cache-hit workload (concurrency 16 unless named) | requests | requests/s | p50 (ms) "
-            "| p99 (ms) | service CPU per hit (ms) |"
+            "| p99 (ms) | service CPU per hit (ms) | Redis CPU per hit (ms) "
+            "| load generator CPU per hit (ms) |"
         )
-        rows.append("|---|---|---|---|---|---|")
+        rows.append("|---|---|---|---|---|---|---|---|")
         workloads = {
             "exact hits": lambda p: p,
             "semantic hits": lambda p: p.lower().rstrip("?."),
             "semantic hits, every text new": never_seen(itertools.count()),
         }
 
+        redis_pid = {"redis": stack.processes["redis"].pid}
+
         async def measure(name: str, label: str, one, concurrency: int, requests: int) -> None:
+            redis_before = cpu_seconds(redis_pid)["redis"]
+            # This process, all its threads (grpc's included): the load
+            # generator's share of the cores the services run on.
+            client_before = time.process_time()
             meter.start()
             samples, wall = await run_load(one, concurrency, requests)
             cpu_ms = meter.stop(requests)
+            client_ms = (time.process_time() - client_before) / requests * 1000
+            redis_ms = (cpu_seconds(redis_pid)["redis"] - redis_before) / requests * 1000
             cpu_rows.append(f"| {name} | {concurrency} | {cpu_ms:.2f} | {meter.breakdown()} |")
             latencies = [s.total * 1000 for s in samples]
             rows.append(
                 f"| {label} | {requests} | {requests / wall:.0f} "
                 f"| {statistics.median(latencies):.2f} | {percentile(latencies, 0.99):.2f} "
-                f"| {cpu_ms:.2f} |"
+                f"| {cpu_ms:.2f} | {redis_ms:.2f} | {client_ms:.2f} |"
             )
 
+        if args.only_hits == "exact":
+            workloads = {"exact hits": workloads["exact hits"]}
         for name, variant in workloads.items():
             one = lambda p, variant=variant, name=name: through_router(  # noqa: E731
                 router_stub, variant(p), args.max_tokens, pb.CACHE_POLICY_USE, expect=name
@@ -416,7 +448,84 @@ async def main_async(args, stack: Stack) -> list[str]:
                 # Issue 13 also bounds an exact hit's latency alone (p50 at
                 # concurrency 1), which the loaded row above cannot show.
                 await measure(name, "exact hits, concurrency 1", one, 1, 300)
+                if args.h2load:
+                    row, cpu_ms = await exact_hits_by_h2load(stack, meter, args.max_tokens, args.hits)
+                    rows.append(row)
+                    cpu_rows.append(f"| exact hits, h2load | 16 | {cpu_ms:.2f} | {meter.breakdown()} |")
     return [*rows, "", *cpu_rows]
+
+
+def _turns_counted(text: str, cache: str) -> float:
+    """The router's completed turns of one cache status, from its metrics."""
+    families = prometheus_parser.text_string_to_metric_families(text)
+    return sum(
+        sample.value
+        for family in families
+        if family.name == "meshgate_router_turns"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+        and sample.labels.get("cache") == cache
+        and sample.labels.get("outcome") == "completed"
+    )
+
+
+async def exact_hits_by_h2load(
+    stack: Stack, meter: CpuMeter, max_tokens: int, requests: int
+) -> tuple[str, float]:
+    """The exact-hit row again with nghttp2's h2load as the load generator:
+    a C HTTP/2 client (16 streams on one connection, as the Python client's
+    16 calls share one channel) whose CPU per request is a fraction of
+    grpc.aio's, so the services are measured with the cores less shared.
+    It sends the same gRPC request (one of the prompts, framed as gRPC
+    frames it) and reads every response whole, but checks only the HTTP
+    status, not gRPC's status in the trailers nor the messages: the
+    router's own count of completed exact hits must therefore grow by
+    exactly the requests sent, or the row is refused."""
+    request = pb.ChatRequest(
+        model="tiny-gpt",
+        messages=messages(PROMPTS[0]),
+        parameters=parameters(max_tokens),
+        cache_policy=pb.CACHE_POLICY_USE,
+    ).SerializeToString()
+    metrics_url = f"http://{stack.metrics_address('router')}/metrics"
+
+    def counted() -> float:
+        with urllib.request.urlopen(metrics_url, timeout=10) as response:
+            return _turns_counted(response.read().decode(), "exact_hit")
+
+    with tempfile.NamedTemporaryFile(suffix=".grpc") as body:
+        body.write(b"\0" + len(request).to_bytes(4, "big") + request)
+        body.flush()
+        command = [
+            "h2load", "-n", str(requests), "-c", "1", "-m", "16",
+            "-H", "content-type: application/grpc", "-H", "te: trailers",
+            "-H", f"authorization: Bearer {API_KEY}", "-d", body.name,
+            f"http://{stack.address('router')}/meshgate.router.v1.RouterService/Chat",
+        ]  # fmt: skip
+        before = counted()
+        client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        meter.start()
+        started = time.perf_counter()
+        finished = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        cpu_ms = meter.stop(requests)
+        client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    hits = counted() - before
+    if finished.returncode != 0 or hits != requests:
+        raise RuntimeError(
+            f"h2load: {hits:.0f} exact hits counted by the router for {requests} requests "
+            f"(exit {finished.returncode}): {finished.stdout[-500:]} {finished.stderr[-500:]}"
+        )
+    client_ms = (
+        (client_after.ru_utime + client_after.ru_stime - client_before.ru_utime - client_before.ru_stime)
+        / requests
+        * 1000
+    )
+    row = (
+        f"| exact hits, h2load (16 streams) | {requests} | {requests / wall:.0f} | - | - "
+        f"| {cpu_ms:.2f} | - | {client_ms:.2f} |"
+    )
+    return row, cpu_ms
 
 
 def main() -> None:
@@ -437,9 +546,25 @@ def main() -> None:
     )
     parser.add_argument("--skip-hits", action="store_true", help="only the streaming comparison")
     parser.add_argument(
+        "--only-hits",
+        nargs="?",
+        const="all",
+        choices=("all", "exact"),
+        help="only the cache-hit workloads (all of them, or the exact hits alone): no streaming comparison",
+    )
+    parser.add_argument(
         "--tracing", action="store_true", help="export every span to a file, as `make run` does"
     )
+    parser.add_argument(
+        "--h2load",
+        action="store_true",
+        help="the exact hits again with nghttp2's h2load as the load generator (apt: nghttp2-client)",
+    )
     args = parser.parse_args()
+    if args.only_hits and args.skip_hits:
+        parser.error("--only-hits and --skip-hits leave nothing to run together")
+    if args.h2load and shutil.which("h2load") is None:
+        parser.error("--h2load needs h2load on PATH (Debian: apt-get install nghttp2-client)")
     ports = Ports(*(free_port() for _ in range(6)))
     with tempfile.TemporaryDirectory(prefix="meshgate-bench-") as state_dir:
         stack = Stack(
