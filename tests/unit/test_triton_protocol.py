@@ -62,8 +62,16 @@ def _stream_message(tokens: int | None, final: bool = False, error: str = ""):
     response.outputs.add(name="text_output", datatype="BYTES", shape=[1])
     response.raw_output_contents.append(struct.pack("<I", 1) + b"x")
     if tokens is not None:
-        response.outputs.add(name="num_output_tokens", datatype="UINT32", shape=[1])
-        response.raw_output_contents.append(struct.pack("<I", tokens))
+        _add_token_count(message, "UINT32", struct.pack("<I", tokens))
+    return message
+
+
+def _add_token_count(message, datatype: str, raw: bytes | None):
+    """``raw=None`` declares the output without sending its contents."""
+    response = message.infer_response
+    response.outputs.add(name="num_output_tokens", datatype=datatype, shape=[1])
+    if raw is not None:
+        response.raw_output_contents.append(raw)
     return message
 
 
@@ -76,6 +84,11 @@ def _stream_message(tokens: int | None, final: bool = False, error: str = ""):
         (_stream_message(2), True),  # the model held its deltas already
         (_stream_message(1, final=True), True),
         (_stream_message(None, error="model broke"), True),
+        (_add_token_count(_stream_message(None), "INT64", struct.pack("<q", 3)), True),
+        # A count the service cannot read is held, as one token.
+        (_add_token_count(_stream_message(None), "FP32", struct.pack("<f", 3.0)), False),
+        (_add_token_count(_stream_message(None), "UINT32", b""), False),
+        (_add_token_count(_stream_message(None), "UINT32", None), False),
     ],
 )
 def test_only_the_end_or_a_response_of_several_tokens_skips_the_stream_interval(message, expected):
