@@ -563,6 +563,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.only_hits and args.skip_hits:
         parser.error("--only-hits and --skip-hits leave nothing to run together")
+    if args.h2load and args.skip_hits:
+        parser.error("--h2load measures exact hits, which --skip-hits skips")
     if args.h2load and shutil.which("h2load") is None:
         parser.error("--h2load needs h2load on PATH (Debian: apt-get install nghttp2-client)")
     ports = Ports(*(free_port() for _ in range(6)))
