@@ -626,14 +626,14 @@ class InferenceSettings:
     # stream_interval_min_streams generations, a stream's tokens after its
     # first are held up to stream_interval_ms and go on as one delta (the
     # last one never waits; meshgate/streaming.py; nor one of several tokens
-    # from a model that holds its own: triton_protocol.needs_no_hold). Every message costs each
-    # hop (this service's write, the router's read and write, the client's
-    # read) a gRPC message's CPU whatever it carries, most of a streamed
-    # token's cost; under load, fewer messages buy CPU and tokens/s for
-    # burstier deltas. Alone or nearly (fewer streams than the minimum, a
-    # choice, not a measurement), where CPU is not short, nothing is held.
-    # 0 ms: every token as it comes. Defaults measured: bench/README.md,
-    # "Issue 13, CPU per token".
+    # from a model that holds its own: triton_protocol.needs_no_hold). Every
+    # message costs each hop (this service's write, the router's read and
+    # write, the client's read) a gRPC message's CPU whatever it carries,
+    # most of a streamed token's cost; under load, fewer messages buy CPU
+    # and tokens/s for burstier deltas. Alone or nearly (fewer streams than
+    # the minimum, a choice, not a measurement), where CPU is not short,
+    # nothing is held. 0 ms: every token as it comes. Defaults measured:
+    # bench/README.md, "Issue 13, CPU per token".
     stream_interval_ms: float = 80.0
     stream_interval_min_streams: int = 4
 
