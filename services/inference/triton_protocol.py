@@ -139,8 +139,8 @@ def needs_no_hold(message: service_pb2.ModelStreamInferResponse) -> bool:
     """Whether a streamed message goes on at once rather than wait in the
     inference service's stream interval: the last one (``ends_stream``), or
     one that carries several tokens. A model that sends those already holds
-    its deltas (the bundled models' ``stream_interval_ms``,
-    model_repository/generation/engine.py): holding its responses again
+    its deltas (the bundled models' ``stream_interval_ms``, the generation
+    engine's StreamInterval): holding its responses again
     would compound the two intervals (a response every 80 ms, held up to 80
     ms more), while a backend that sends one token a response (vLLM or
     TensorRT-LLM on Triton) is still held here. Read for every message,
