@@ -25,13 +25,18 @@ from tests.mesh import mesh_settings, router_channel
 
 
 @contextlib.contextmanager
-def launched_triton(tmp_path_factory: pytest.TempPathFactory, models: tuple[str, ...]):
-    """A tritonserver serving `models` from the project's model repository; yields (url, log_path)."""
+def launched_triton(
+    tmp_path_factory: pytest.TempPathFactory,
+    models: tuple[str, ...],
+    repository: pathlib.Path = triton.DEFAULT_MODEL_REPOSITORY,
+):
+    """A tritonserver serving `models` from `repository` (the project's model
+    repository unless given: a copy with other config values); yields (url, log_path)."""
     build_model_weights()
     state_dir = tmp_path_factory.mktemp("triton")
     log_path = state_dir / "triton.log"
     port = free_port()
-    process = triton.launch(grpc_port=port, state_dir=state_dir, log_file=log_path, models=models)
+    process = triton.launch(repository, grpc_port=port, state_dir=state_dir, log_file=log_path, models=models)
     try:
         triton.wait_ready(f"127.0.0.1:{port}", models, timeout=120, process=process)
         yield f"127.0.0.1:{port}", log_path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from meshgate.local import triton
-from meshgate.local.stack import free_port
+from meshgate.local.stack import build_model_weights, free_port
 from tests.integration.conftest import launched_triton
 
 pytestmark = pytest.mark.integration
@@ -261,35 +262,57 @@ async def test_eight_concurrent_streams_all_complete(client):
         assert reply.output_tokens == 32
 
 
-async def test_under_load_the_model_sends_several_tokens_a_response_and_the_same_text(client):
-    # tiny_gpt's config: stream_interval_ms 80 from 4 active sequences on.
-    greedy = {"max_tokens": 48, "temperature": 0}
-    prompts = [f"user: Tell me story number {i}.\nassistant:" for i in range(6)]
+def tiny_gpt_repository(directory: Path, **parameters: str) -> Path:
+    """A model repository holding a copy of tiny_gpt (and the generation code
+    it imports) whose config.pbtxt gives these parameters these values."""
+    build_model_weights()  # copied with the model
+    repository = directory / "model_repository"
+    source, skip_caches = triton.DEFAULT_MODEL_REPOSITORY, shutil.ignore_patterns("__pycache__")
+    for name in ("generation", "tiny_gpt"):
+        shutil.copytree(source / name, repository / name, ignore=skip_caches)
+    config = repository / "tiny_gpt" / "config.pbtxt"
+    text = config.read_text()
+    for key, value in parameters.items():
+        setting = re.compile(rf'(key: "{key}"\n  value: {{ string_value: )"[^"]*"')
+        text, count = setting.subn(rf'\g<1>"{value}"', text)
+        assert count == 1, f"tiny_gpt's config.pbtxt sets {key} {count} times, not once"
+    config.write_text(text)
+    return repository
 
-    streamed = await asyncio.wait_for(
-        asyncio.gather(*(generate(client, generate_inputs(p, True, greedy, **ALL_OUTPUTS)) for p in prompts)),
-        timeout=60,
+
+async def test_a_stream_interval_sends_several_tokens_a_response_and_the_same_text(
+    tmp_path_factory: pytest.TempPathFactory,
+):
+    # An interval longer than any of these generations takes, from one active
+    # sequence on: every token after a stream's first text is held until its
+    # final response, whatever the machine's speed and however the streams
+    # overlap (tiny_gpt's own 80 ms from 4 sequences on needs both).
+    repository = tiny_gpt_repository(
+        tmp_path_factory.mktemp("long_interval"), stream_interval_ms="60000", stream_interval_min_active="1"
     )
-    for prompt, reply in zip(prompts, streamed):
-        whole = await generate(
-            client, generate_inputs(prompt, False, greedy, exclude_input_in_output=True, **ALL_OUTPUTS)
-        )
-        assert reply.text == whole.text
-        assert (reply.finish_reason, reply.output_tokens) == ("length", 48)
-    # Fewer responses than tokens: some carried several (num_output_tokens).
-    assert any(len(reply.texts) < reply.output_tokens for reply in streamed)
+    greedy = {"max_tokens": 48, "temperature": 0}
+    prompts = [f"user: Tell me story number {i}.\nassistant:" for i in range(3)]
+    with launched_triton(tmp_path_factory, ("tiny_gpt",), repository) as (url, _):
+        async with grpcaio.InferenceServerClient(url) as client:
+            streamed = await asyncio.wait_for(
+                asyncio.gather(
+                    *(generate(client, generate_inputs(p, True, greedy, **ALL_OUTPUTS)) for p in prompts)
+                ),
+                timeout=60,
+            )
+            for prompt, reply in zip(prompts, streamed):
+                whole = await generate(
+                    client,
+                    generate_inputs(prompt, False, greedy, exclude_input_in_output=True, **ALL_OUTPUTS),
+                )
+                assert reply.text == whole.text
+                assert (reply.finish_reason, reply.output_tokens) == ("length", 48)
+                # Fewer responses than tokens: the held ones went out together (num_output_tokens).
+                assert len(reply.texts) < reply.output_tokens
 
 
 def test_a_bad_stream_interval_fails_the_models_load(tmp_path: Path):
-    repository = tmp_path / "model_repository"
-    source, skip_caches = triton.DEFAULT_MODEL_REPOSITORY, shutil.ignore_patterns("__pycache__")
-    for directory in ("generation", "tiny_gpt"):
-        shutil.copytree(source / directory, repository / directory, ignore=skip_caches)
-    config = repository / "tiny_gpt" / "config.pbtxt"
-    interval = 'key: "stream_interval_ms"\n  value: { string_value: "80" }'
-    assert config.read_text().count(interval) == 1
-    config.write_text(config.read_text().replace(interval, interval.replace('"80"', '"-5"')))
-
+    repository = tiny_gpt_repository(tmp_path, stream_interval_ms="-5")
     port, log_file = free_port(), tmp_path / "triton.log"
     process = triton.launch(
         repository, grpc_port=port, state_dir=tmp_path / "state", log_file=log_file, models=("tiny_gpt",)
