@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 
 import engine
 import numpy as np
@@ -175,6 +176,37 @@ def _sampling_json(request) -> str:
     return tensor_json if tensor_json is not None else request.parameters()
 
 
+@dataclass(frozen=True)
+class ModelParameters:
+    """The `parameters` of a generation model's config.pbtxt."""
+
+    max_active_sequences: int = 16
+    prefix_cache_bytes: int = 0  # 0: no prefix cache
+    stream_interval: engine.StreamInterval = engine.StreamInterval()
+
+    @classmethod
+    def from_parameters(cls, parameters: dict) -> ModelParameters:
+        """From the parameters as Triton gives them ({"max_active_sequences":
+        {"string_value": "16"}, ...}); ValueError naming the parameter when one
+        is invalid, so the model's load fails with a message saying which."""
+
+        def integer(key: str, default: int, minimum: int) -> int:
+            entry = parameters.get(key)
+            if entry is None:
+                return default
+            raw = entry.get("string_value", "")
+            number = engine._as_int(key, raw)  # as the engine reads its own: "2.5", "" and "16x" fail
+            if number < minimum:
+                raise ValueError(f"{key} must be >= {minimum}, got {raw!r}")
+            return number
+
+        return cls(
+            max_active_sequences=integer("max_active_sequences", cls.max_active_sequences, minimum=1),
+            prefix_cache_bytes=integer("prefix_cache_bytes", cls.prefix_cache_bytes, minimum=0),
+            stream_interval=engine.StreamInterval.from_parameters(parameters),
+        )
+
+
 class VLLMStyleModel:
     """Subclasses set `name` and implement load(); the rest is shared."""
 
@@ -196,24 +228,22 @@ class VLLMStyleModel:
         engine.log.addHandler(handler)
         engine.log.setLevel(logging.INFO)
         engine.log.propagate = False
-        self.model, vocabulary = self.load(model_config)
-        parameters = model_config.get("parameters", {})
-        max_active = int(parameters.get("max_active_sequences", {}).get("string_value", "16"))
-        cache_bytes = int(parameters.get("prefix_cache_bytes", {}).get("string_value", "0"))
         try:
-            stream_interval = engine.StreamInterval.from_parameters(parameters)
+            parameters = ModelParameters.from_parameters(model_config.get("parameters", {}))
         except ValueError as error:
             raise pb_utils.TritonModelException(f"{self.name}: invalid model parameter: {error}") from error
+        self.model, vocabulary = self.load(model_config)
+        cache_bytes = parameters.prefix_cache_bytes
         cache = prefix_cache.PrefixCache(cache_bytes) if cache_bytes > 0 else None
         self.prefix_cache_metrics = PrefixCacheMetrics(cache, self.name) if cache is not None else None
         self.scheduler = engine.Scheduler(
             self.name,
             self.model,
             vocabulary,
-            max_active,
+            parameters.max_active_sequences,
             prefix_cache=cache,
             on_prefill=self.prefix_cache_metrics.report if cache is not None else None,
-            stream_interval=stream_interval,
+            stream_interval=parameters.stream_interval,
         )
         self.scheduler.start()
 

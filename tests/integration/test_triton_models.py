@@ -311,8 +311,15 @@ async def test_a_stream_interval_sends_several_tokens_a_response_and_the_same_te
                 assert len(reply.texts) < reply.output_tokens
 
 
-def test_a_bad_stream_interval_fails_the_models_load(tmp_path: Path):
-    repository = tiny_gpt_repository(tmp_path, stream_interval_ms="-5")
+@pytest.mark.parametrize(
+    "key, value, error",
+    [
+        ("stream_interval_ms", "-5", "stream_interval_ms must be >= 0 (0: off), got '-5'"),
+        ("max_active_sequences", "many", "max_active_sequences must be an integer, got 'many'"),
+    ],
+)
+def test_a_bad_model_parameter_fails_the_models_load(tmp_path: Path, key: str, value: str, error: str):
+    repository = tiny_gpt_repository(tmp_path, **{key: value})
     port, log_file = free_port(), tmp_path / "triton.log"
     process = triton.launch(
         repository, grpc_port=port, state_dir=tmp_path / "state", log_file=log_file, models=("tiny_gpt",)
@@ -322,8 +329,7 @@ def test_a_bad_stream_interval_fails_the_models_load(tmp_path: Path):
             triton.wait_ready(f"127.0.0.1:{port}", ("tiny_gpt",), timeout=120, process=process)
     finally:
         triton.terminate(process)
-    message = "tiny_gpt: invalid model parameter: stream_interval_ms must be >= 0 (0: off), got '-5'"
-    assert message in log_file.read_text(errors="replace")
+    assert f"tiny_gpt: invalid model parameter: {error}" in log_file.read_text(errors="replace")
 
 
 async def test_embeddings_are_unit_vectors_that_rank_paraphrases_closer(client):
