@@ -155,8 +155,9 @@ async def load(target: str, tls_security, concurrency: int, args) -> tuple[int, 
     received = 0
     first_message_s: list[float] = []
 
-    async def worker(calls: int) -> None:
+    async def worker(calls: int, delay_s: float = 0.0) -> None:
         nonlocal received
+        await asyncio.sleep(delay_s)
         for _ in range(calls):
             started = time.perf_counter()
             first = True
@@ -171,8 +172,12 @@ async def load(target: str, tls_security, concurrency: int, args) -> tuple[int, 
     first_message_s.clear()
     # Alone, four times the calls: enough CPU to read in /proc's 10 ms ticks.
     calls = args.calls * 4 if concurrency == 1 else args.calls
+    # --spread: the workers start evenly over one pause, so their messages
+    # reach each process one at a time (streams whose sends are not in step)
+    # rather than together, as all starting at once makes them.
+    stagger_s = args.interval_ms / 1000 / concurrency if args.spread else 0.0
     started = time.perf_counter()
-    await asyncio.gather(*(worker(calls) for _ in range(concurrency)))
+    await asyncio.gather(*(worker(calls, i * stagger_s) for i in range(concurrency)))
     wall = time.perf_counter() - started
     await channel.close()
     return received, wall, first_message_s
@@ -233,6 +238,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="measurements per row; the median is shown")
     parser.add_argument("--no-tls", action="store_true", help="plain text everywhere")
     parser.add_argument(
+        "--spread", action="store_true", help="workers start evenly over one --interval-ms, not at once"
+    )
+    parser.add_argument(
         "--variant", action="append", type=parse_variant, help="NAME:KEY=VALUE,... (repeatable)"
     )
     # The child processes' own arguments.
@@ -266,7 +274,8 @@ def main() -> None:
             rows += measure(args, certs_dir, name, extra)
     print(
         f"grpcio {grpc.__version__}, {args.messages} messages of {args.bytes} B per call, "
-        f"one every {args.interval_ms:g} ms, {args.calls} calls per worker, median of {args.repeats}; "
+        f"one every {args.interval_ms:g} ms, {args.calls} calls per worker"
+        f"{', workers spread over one pause' if args.spread else ''}, median of {args.repeats}; "
         f"{os.cpu_count()} CPU cores shared by all three processes\n"
     )
     print("\n".join(rows))
