@@ -303,7 +303,8 @@ class ScriptedModel:
 
 
 class FakeClock:
-    """The scheduler reads it once a step; each read is the next step's start."""
+    """The scheduler reads it once a step; each read is the next step's start.
+    A prefill adds its own time (advance) on top of the step it falls in."""
 
     def __init__(self, step_durations):
         self.durations = itertools.cycle(step_durations)
@@ -312,6 +313,9 @@ class FakeClock:
     def __call__(self) -> float:
         self.now += next(self.durations)
         return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 class Responses:
@@ -342,32 +346,52 @@ class Responses:
         return sum(tokens for _, tokens, _, _ in self.sent)
 
 
-def stream_scripts(engine, scripts, interval, step_durations=(STEP_S,), stop=(), max_tokens=None):
-    """Every script streamed at once; each stream's Responses."""
+def stream_scripts(
+    engine,
+    scripts,
+    interval,
+    step_durations=(STEP_S,),
+    stop=(),
+    max_tokens=None,
+    arrivals=None,
+    prefill_s=0.0,
+):
+    """Every script streamed, script k submitted before loop pass arrivals[k]
+    (default: all before the first) and each prefill taking prefill_s; each stream's Responses."""
     clock = FakeClock(step_durations)
     scheduler = engine.Scheduler(
         "test",
         ScriptedModel(scripts),
         byte_vocabulary(engine),
         max_active=8,
+        on_prefill=lambda: clock.advance(prefill_s),
         stream_interval=interval,
         clock=clock,
     )
-    streams = []
+    streams, waiting = [], []
     for k, script in enumerate(scripts):
         sampling = engine.SamplingParams(
             max_tokens=max_tokens or len(script), temperature=0.0, stop=tuple(stop)
         )
         g = generation(engine, [k], sampling, f"s{k}")
         g.sender = Responses(clock)
-        scheduler.submit(g)
+        waiting.append((arrivals[k] if arrivals else 0, k, g))
         streams.append(g.sender)
     # The scheduler's loop (Scheduler.run), on this thread: deterministic.
-    # All are queued and fit at once: no admission later (an idle _admit
-    # would wait for the inbox).
-    scheduler._admit()
-    while scheduler._active:
-        scheduler._step()
+    # _admit only when something arrived (an idle one waits for the inbox);
+    # at most 6 scripts: all fit at once.
+    waiting.sort(key=lambda arrival: arrival[:2])
+    loop_pass = 0
+    while scheduler._active or waiting:
+        if waiting and waiting[0][0] <= loop_pass:
+            while waiting and waiting[0][0] <= loop_pass:
+                scheduler.submit(waiting.pop(0)[2])
+            scheduler._admit()
+        if scheduler._active:
+            scheduler._step()
+        else:
+            scheduler._step_began = None  # as Scheduler.run: idle time is no step's duration
+        loop_pass += 1
     assert all(s.sent and s.sent[-1][2] for s in streams), "a stream never finished"
     return streams
 
@@ -440,17 +464,23 @@ TOKENS = st.sampled_from(sorted(BYTES))
 @hypothesis.settings(max_examples=300, deadline=None)
 @hypothesis.given(
     scripts=st.lists(st.lists(TOKENS, min_size=1, max_size=24), min_size=1, max_size=6),
+    arrivals=st.lists(st.integers(0, 30), min_size=6, max_size=6),
     interval_steps=st.integers(0, 12),
     min_active=st.integers(1, 7),
     step_durations=st.lists(st.integers(1, 16).map(lambda n: n * STEP_S / 4), min_size=1, max_size=8),
+    prefill_steps=st.integers(0, 48),
     stop=st.lists(st.sampled_from(["é", "!x", "a b", "yé", "b"]), max_size=2),
 )
 def test_held_streams_carry_exactly_the_unheld_text_and_tokens(
-    engine, scripts, interval_steps, min_active, step_durations, stop
+    engine, scripts, arrivals, interval_steps, min_active, step_durations, prefill_steps, stop
 ):
     interval = engine.StreamInterval(seconds=interval_steps * STEP_S, min_active=min_active)
-    held = stream_scripts(engine, scripts, interval, step_durations, stop)
-    unheld = stream_scripts(engine, scripts, engine.StreamInterval(), step_durations, stop)
+    timing = dict(step_durations=step_durations, arrivals=arrivals, prefill_s=prefill_steps * STEP_S)
+    held = stream_scripts(engine, scripts, interval, stop=stop, **timing)
+    # Never holding (min_active out of reach), but reading the clock each
+    # step when the held run does, so both runs' clocks agree.
+    never_holds = engine.StreamInterval(seconds=interval.seconds, min_active=len(scripts) + 1)
+    unheld = stream_scripts(engine, scripts, never_holds, stop=stop, **timing)
     for stream, alone in zip(held, unheld):
         assert stream.text == alone.text
         assert stream.tokens == alone.tokens
@@ -460,6 +490,19 @@ def test_held_streams_carry_exactly_the_unheld_text_and_tokens(
             shown = "".join(text for text, _, _, _ in stream.sent[:sent])
             assert alone.text.startswith(shown)
             assert not any(s in shown for s in stop)
+
+        # Unheld, each token is one response, sent when the token was made.
+        made = [when for _, _, _, when in alone.sent]
+        # engine.Scheduler._holds' bound: a response's oldest token waited
+        # less than the interval plus one step (a step's own length, not
+        # the prefills of admissions that fall in it).
+        oldest = 0
+        for _, tokens, _, when in stream.sent:
+            assert 0 <= when - made[oldest] < interval.seconds + max(step_durations)
+            oldest += tokens
+        # Never held before the first text: the time to first token is unchanged.
+        first_text = [when for text, _, _, when in stream.sent if text]
+        assert first_text[:1] == [when for text, _, _, when in alone.sent if text][:1]
 
 
 @pytest.mark.parametrize(
