@@ -321,6 +321,8 @@ class FakeClock:
 class Responses:
     """engine.Sender recording each response and when (the fake clock) it was sent."""
 
+    failure: tuple[str, str] | None = None  # never set here: a failure fails the test
+
     def __init__(self, clock):
         self.clock = clock
         self.sent: list[tuple[str, int, bool, float]] = []  # text, tokens, final, time
@@ -355,6 +357,7 @@ def stream_scripts(
     max_tokens=None,
     arrivals=None,
     prefill_s=0.0,
+    sender=lambda clock, k: Responses(clock),
 ):
     """Every script streamed, script k submitted before loop pass arrivals[k]
     (default: all before the first) and each prefill taking prefill_s; each stream's Responses."""
@@ -374,7 +377,7 @@ def stream_scripts(
             max_tokens=max_tokens or len(script), temperature=0.0, stop=tuple(stop)
         )
         g = generation(engine, [k], sampling, f"s{k}")
-        g.sender = Responses(clock)
+        g.sender = sender(clock, k)
         waiting.append((arrivals[k] if arrivals else 0, k, g))
         streams.append(g.sender)
     # The scheduler's loop (Scheduler.run), on this thread: deterministic.
@@ -392,7 +395,7 @@ def stream_scripts(
         else:
             scheduler._step_began = None  # as Scheduler.run: idle time is no step's duration
         loop_pass += 1
-    assert all(s.sent and s.sent[-1][2] for s in streams), "a stream never finished"
+    assert all(s.failure or (s.sent and s.sent[-1][2]) for s in streams), "a stream never finished"
     return streams
 
 
@@ -456,6 +459,45 @@ def test_held_text_never_shows_a_stop_string(engine):
     assert stream.finish_reason == unheld.finish_reason == "stop"
     assert stream.text == unheld.text == "ab "
     assert len(stream.sent) < len(unheld.sent)
+
+
+class CancelledAt(Responses):
+    """A stream whose client cancels at a clock time: the scheduler sees it at its next step."""
+
+    def __init__(self, clock, at: float):
+        super().__init__(clock)
+        self.at = at
+
+    def is_cancelled(self) -> bool:
+        return self.clock.now >= self.at
+
+    def send(self, text, finish_reason, new_tokens, final, cached_tokens):
+        assert self.failure is None, "a response after the cancellation"
+        super().send(text, finish_reason, new_tokens, final, cached_tokens)
+
+    def fail(self, message, kind):
+        assert self.failure is None, "a second failure"
+        self.failure = (message, kind)
+
+
+def test_a_stream_cancelled_while_tokens_are_held_fails_cancelled_and_sends_nothing_more(engine):
+    interval = engine.StreamInterval(seconds=INTERVAL, min_active=1)
+    # Stream 0 sends its first token at step 0 and tokens 1-8 at step 8, then
+    # holds tokens 9-11 when its client cancels at step 12.
+    cancel_at = 12 * STEP_S
+    cancelled, neighbour = stream_scripts(
+        engine,
+        [LONG_SCRIPT] * 2,
+        interval,
+        sender=lambda clock, k: CancelledAt(clock, cancel_at) if k == 0 else Responses(clock),
+    )
+    assert [(tokens, final, when) for _, tokens, final, when in cancelled.sent] == [
+        (1, False, 0.0),
+        (8, False, 8 * STEP_S),
+    ]
+    assert cancelled.failure == ("request was cancelled", "cancelled")
+    # The held tokens never went out, and the other stream ran to its end.
+    assert (neighbour.text, neighbour.tokens, neighbour.finish_reason) == ("ab !xy" * 6, 30, "length")
 
 
 TOKENS = st.sampled_from(sorted(BYTES))
