@@ -285,10 +285,8 @@ async def test_a_stream_interval_sends_several_tokens_a_response_and_the_same_te
 ):
     # An interval longer than any of these generations takes, from one active
     # sequence on: every token after a stream's first text is held until its
-    # final response or the admission of a later stream (held deltas go out
-    # before a prefill; at most two here), whatever the machine's speed and
-    # however the streams overlap (tiny_gpt's own 80 ms from 4 sequences on
-    # needs both).
+    # final response, whatever the machine's speed and however the streams
+    # overlap (tiny_gpt's own 80 ms from 4 sequences on needs both).
     repository = tiny_gpt_repository(
         tmp_path_factory.mktemp("long_interval"), stream_interval_ms="60000", stream_interval_min_active="1"
     )
