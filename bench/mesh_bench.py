@@ -209,17 +209,25 @@ async def through_router(
     return Sample(ttft or total, total, tokens, gaps_between(deltas_at))
 
 
-async def run_load(one, concurrency: int, requests: int) -> tuple[list[Sample], float]:
+async def run_load(
+    one, concurrency: int, requests: int, stagger_s: float = 0.0
+) -> tuple[list[Sample], float]:
+    """``stagger_s``: worker k starts k times that late. Closed-loop workers
+    that start together stay in step (equal answers end in the same model
+    step, and the next ones are admitted together); staggered, they keep
+    their offsets, so requests arrive spread over the model's steps as
+    independent clients' do."""
     queue = list(range(requests))
     samples: list[Sample] = []
 
-    async def worker():
+    async def worker(k: int):
+        await asyncio.sleep(k * stagger_s)
         while queue:
             index = queue.pop()
             samples.append(await one(PROMPTS[index % len(PROMPTS)]))
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
     return samples, time.perf_counter() - started
 
 
@@ -297,8 +305,8 @@ async def main_async(args, stack: Stack) -> list[str]:
         if args.only_hits
         else [
             "| path | concurrency | requests | TTFT p50 (ms) | TTFT p99 (ms) | output tokens/s "
-            "| gap between deltas p50 / p99 (ms) |",
-            "|---|---|---|---|---|---|---|",
+            "| gap between deltas p50 / p99 (ms) | tokens a delta |",
+            "|---|---|---|---|---|---|---|---|",
         ]
     )
     results = {}
@@ -343,7 +351,8 @@ async def main_async(args, stack: Stack) -> list[str]:
                 for name, one in paths.items():
                     label = name + suffix
                     meter.start()
-                    samples, wall = await run_load(one, concurrency, requests)
+                    stagger_s = args.stagger_ms / 1000 if concurrency > 1 else 0.0
+                    samples, wall = await run_load(one, concurrency, requests, stagger_s)
                     cpu_ms = meter.stop(requests)
                     if name != "Triton direct":
                         cpu_rows.append(f"| {label} | {concurrency} | {cpu_ms:.1f} | {meter.breakdown()} |")
@@ -360,7 +369,7 @@ async def main_async(args, stack: Stack) -> list[str]:
                     rows.append(
                         f"| {label} | {concurrency} | {requests} | {statistics.median(ttfts):.1f} "
                         f"| {percentile(ttfts, 0.99):.1f} | {tokens / wall:.0f} "
-                        f"| {gap_figures(gaps)} |"
+                        f"| {gap_figures(gaps)} | {tokens / (len(gaps) + len(samples)):.1f} |"
                     )
 
         if not args.only_hits:
@@ -543,6 +552,13 @@ def main() -> None:
         default=[],
         help="comma-separated inference.stream_interval_ms values (ms) to stream with again, "
         "the inference service restarted for each (e.g. 0,80)",
+    )
+    parser.add_argument(
+        "--stagger-ms",
+        type=float,
+        default=0.0,
+        help="in the streaming comparison's loaded level, start worker k k times this late (ms), "
+        "so requests arrive spread over the model's steps instead of in waves",
     )
     parser.add_argument("--skip-hits", action="store_true", help="only the streaming comparison")
     parser.add_argument(
