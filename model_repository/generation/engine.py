@@ -122,28 +122,7 @@ class StreamInterval:
 
     seconds: float = 0.0  # 0: off
     min_active: int = 1
-
-    @classmethod
-    def from_parameters(cls, parameters: dict) -> StreamInterval:
-        """From a model config's `parameters` as Triton gives them
-        ({"stream_interval_ms": {"string_value": "80"}, ...}); ValueError when invalid."""
-
-        def value(key: str) -> str | None:
-            entry = parameters.get(key)
-            return None if entry is None else entry.get("string_value", "")
-
-        milliseconds = value("stream_interval_ms")
-        seconds = 0.0
-        if milliseconds is not None:
-            number = _as_finite_float("stream_interval_ms", milliseconds)
-            if number < 0:
-                raise ValueError(f"stream_interval_ms must be >= 0 (0: off), got {milliseconds!r}")
-            seconds = number / 1000
-        raw_min_active = value("stream_interval_min_active")
-        min_active = 1 if raw_min_active is None else _as_int("stream_interval_min_active", raw_min_active)
-        if min_active < 1:
-            raise ValueError(f"stream_interval_min_active must be >= 1, got {raw_min_active!r}")
-        return cls(seconds, min_active)
+    # Read from the model's config.pbtxt by vllm_model.ModelParameters.
 
 
 def check_prompt_fits(prompt_tokens: int, max_tokens: int, max_context: int) -> None:

@@ -200,10 +200,24 @@ class ModelParameters:
                 raise ValueError(f"{key} must be >= {minimum}, got {raw!r}")
             return number
 
+        def milliseconds(key: str) -> float:
+            entry = parameters.get(key)
+            if entry is None:
+                return 0.0
+            raw = entry.get("string_value", "")
+            number = engine._as_finite_float(key, raw)
+            if number < 0:
+                raise ValueError(f"{key} must be >= 0 (0: off), got {raw!r}")
+            return number
+
+        default_interval = engine.StreamInterval()
         return cls(
             max_active_sequences=integer("max_active_sequences", cls.max_active_sequences, minimum=1),
             prefix_cache_bytes=integer("prefix_cache_bytes", cls.prefix_cache_bytes, minimum=0),
-            stream_interval=engine.StreamInterval.from_parameters(parameters),
+            stream_interval=engine.StreamInterval(
+                seconds=milliseconds("stream_interval_ms") / 1000,
+                min_active=integer("stream_interval_min_active", default_interval.min_active, minimum=1),
+            ),
         )
 
 

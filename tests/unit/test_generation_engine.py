@@ -551,39 +551,3 @@ def test_held_streams_carry_exactly_the_unheld_text_and_tokens(
         # Never held before the first text: the time to first token is unchanged.
         first_text = [when for text, _, _, when in stream.sent if text]
         assert first_text[:1] == [when for text, _, _, when in alone.sent if text][:1]
-
-
-@pytest.mark.parametrize(
-    "parameters, expected",
-    [
-        ({}, (0.0, 1)),
-        ({"stream_interval_ms": {"string_value": "0"}}, (0.0, 1)),
-        ({"stream_interval_ms": {"string_value": "80"}}, (0.08, 1)),
-        (
-            {
-                "stream_interval_ms": {"string_value": "40.5"},
-                "stream_interval_min_active": {"string_value": "4"},
-            },
-            (0.0405, 4),
-        ),
-    ],
-)
-def test_the_stream_interval_is_read_from_the_model_parameters(engine, parameters, expected):
-    interval = engine.StreamInterval.from_parameters(parameters)
-    assert (interval.seconds, interval.min_active) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize(
-    "key, value, message",
-    [
-        ("stream_interval_ms", "-1", "stream_interval_ms must be >= 0"),
-        ("stream_interval_ms", "fast", "stream_interval_ms must be a number"),
-        ("stream_interval_ms", "nan", "stream_interval_ms must be finite"),
-        ("stream_interval_ms", "", "stream_interval_ms must be a number"),
-        ("stream_interval_min_active", "0", "stream_interval_min_active must be >= 1"),
-        ("stream_interval_min_active", "2.5", "stream_interval_min_active must be an integer"),
-    ],
-)
-def test_bad_stream_interval_parameters_are_refused(engine, key, value, message):
-    with pytest.raises(ValueError, match=message):
-        engine.StreamInterval.from_parameters({key: {"string_value": value}})

@@ -59,3 +59,39 @@ def test_a_bad_parameter_is_refused_by_name(vllm_model, key, value, message):
     with pytest.raises(ValueError) as refused:
         vllm_model.ModelParameters.from_parameters(_parameters(**{key: value}))
     assert str(refused.value) == message
+
+
+@pytest.mark.parametrize(
+    "parameters, expected",
+    [
+        ({}, (0.0, 1)),
+        ({"stream_interval_ms": {"string_value": "0"}}, (0.0, 1)),
+        ({"stream_interval_ms": {"string_value": "80"}}, (0.08, 1)),
+        (
+            {
+                "stream_interval_ms": {"string_value": "40.5"},
+                "stream_interval_min_active": {"string_value": "4"},
+            },
+            (0.0405, 4),
+        ),
+    ],
+)
+def test_the_stream_interval_is_read_from_the_model_parameters(vllm_model, parameters, expected):
+    interval = vllm_model.ModelParameters.from_parameters(parameters).stream_interval
+    assert (interval.seconds, interval.min_active) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("stream_interval_ms", "-1", "stream_interval_ms must be >= 0"),
+        ("stream_interval_ms", "fast", "stream_interval_ms must be a number"),
+        ("stream_interval_ms", "nan", "stream_interval_ms must be finite"),
+        ("stream_interval_ms", "", "stream_interval_ms must be a number"),
+        ("stream_interval_min_active", "0", "stream_interval_min_active must be >= 1"),
+        ("stream_interval_min_active", "2.5", "stream_interval_min_active must be an integer"),
+    ],
+)
+def test_bad_stream_interval_parameters_are_refused(vllm_model, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        vllm_model.ModelParameters.from_parameters(_parameters(**{key: value}))
