@@ -34,6 +34,25 @@ log = structlog.get_logger(__name__)
 # a precise error instead of grpc's generic RESOURCE_EXHAUSTED.
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
+# HTTP/2 flow control: a fixed window on every connection and stream we
+# receive on, instead of grpc-core's default of 64 KiB grown by BDP probes.
+# Each probe is a PING and its acknowledgement, sent after reads: on a
+# stream of small messages (a token delta each) they are thread wake-ups
+# and syscalls per message, about 10% of a streamed message's CPU in both
+# the router and the inference service (bench/README.md, issue 13,
+# "bdp_probe"). What the probes buy is a window that grows to the link's
+# bandwidth-delay product; a fixed 1 MiB (what grpc-java and grpc-go
+# deployments commonly pin) is already 16 times the window the probes start
+# from, keeps ~1 GB/s per stream at 1 ms of round trip, and is smaller than
+# the 4 MiB+ the probes grow it to on an idle machine, so a receiver buffers
+# no more than before. Large messages (embedding batches, assembled
+# contexts) went as fast as with the probes on loopback
+# (bench/grpc_floor_bench.py --bytes 4194304).
+FLOW_CONTROL_OPTIONS = [
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 1024 * 1024),
+]
+
 # Keepalive: clients ping every KEEPALIVE_TIME_MS, also on idle connections,
 # so a replica that vanished without closing its connections (a node lost, a
 # partition) is noticed within KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS and
@@ -48,8 +67,8 @@ MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 # max_ping_strikes (default 2) gets GOAWAY ENHANCE_YOUR_CALM "too_many_pings"
 # and the connection closed: the calls on it fail UNAVAILABLE.
 # Our clients' keepalive pings come at least KEEPALIVE_TIME_MS apart (the
-# timer restarts on every read and after each acknowledgement) and their BDP
-# probes only after reading something the server wrote, so our servers
+# timer restarts on every read and after each acknowledgement) and they send
+# no BDP probes (FLOW_CONTROL_OPTIONS), so our servers
 # accept pings at half that interval, idle or not: that leaves room for
 # timers that fire late, and a caller of the router's public port that pings
 # more often than every 10 s without data is still cut off at its third
@@ -83,6 +102,7 @@ SERVER_OPTIONS = [
     # port too and silently take half the connections (a plain-text server
     # answering TLS handshakes, in tests run side by side). Refuse instead.
     ("grpc.so_reuseport", 0),
+    *FLOW_CONTROL_OPTIONS,
 ]
 
 # gRPC waits up to two minutes between attempts to reach a peer that went
@@ -173,6 +193,7 @@ _COMMON_CHANNEL_OPTIONS = [
     # this soon after a connection fails, not 30 s later.
     ("grpc.dns_min_time_between_resolutions_ms", 2_000),
     *RECONNECT_OPTIONS,
+    *FLOW_CONTROL_OPTIONS,
 ]
 
 # Toward our own servers (and the router's public port): they accept these
