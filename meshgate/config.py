@@ -636,6 +636,17 @@ class InferenceSettings:
     # bench/README.md, "Issue 13, CPU per token".
     stream_interval_ms: float = 80.0
     stream_interval_min_streams: int = 4
+    # Open ModelStreamInfer calls kept idle per Triton server, each carrying
+    # one generation at a time (services/inference/backends.py,
+    # TritonStreams): opening a call per generation cost ~1.5 ms of this
+    # service's CPU an answer (bench/README.md, issue 13). About the
+    # concurrency one server sees; beyond it, streams close after their
+    # request. 0: a call per generation. An idle stream is an open call to
+    # Triton: its connection is pinged every 5 minutes
+    # (serving.TRITON_CHANNEL_OPTIONS, within Triton's default policy). A
+    # reused stream carries no request's W3C trace context (one call, many
+    # requests): Triton's own tracing, if started, cannot join our traces.
+    triton_idle_streams: int = 32
 
     def __post_init__(self) -> None:
         # The context service splits an append's Embed calls at this many

@@ -32,6 +32,7 @@ async def batches(
     read_ahead: bool = True,
     hold_s: collections.abc.Callable[[], float] | None = None,
     urgent: collections.abc.Callable[[object], bool] | None = None,
+    ends: collections.abc.Callable[[object], bool] | None = None,
 ) -> collections.abc.AsyncIterator[list]:
     """The messages of ``call``, in order, in lists of those that were
     waiting together. A failure of the call is raised after every message
@@ -49,6 +50,12 @@ async def batches(
     service's also one its model held already), nor past the call's end or
     failure.
 
+    ``ends``: whether a message is the last this consumer wants (the
+    inference service's Triton streams carry one request after another, and
+    a request's last response is not the stream's): after it, reading stops
+    as at the end of the call, and no ``read()`` is left pending, so that the
+    call can carry the next request. It is handed over at once.
+
     Without ``read_ahead``, one message a list, read as the consumer asks:
     for a consumer that is itself a task reading ahead of whoever writes
     (the router's shared generations), where one more task per message
@@ -56,6 +63,8 @@ async def batches(
     if not read_ahead:
         while (message := await call.read()) is not grpc.aio.EOF:
             yield [message]
+            if ends is not None and ends(message):
+                return
         return
     loop = asyncio.get_running_loop()
     arrived: collections.deque = collections.deque()
@@ -71,6 +80,8 @@ async def batches(
             while (message := await call.read()) is not grpc.aio.EOF:
                 first_waiting = not arrived
                 arrived.append(message)
+                if ends is not None and ends(message):
+                    break  # the finally below hands it over at once
                 if not holding or (urgent is not None and urgent(message)):
                     wake.set()
                 elif first_waiting and timer is None:

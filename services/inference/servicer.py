@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import structlog
 from opentelemetry import trace
+from tritonclient.grpc import service_pb2
 
 from meshgate import balancing, streaming, telemetry, tokenization
 from meshgate.config import InferenceSettings
@@ -26,10 +27,6 @@ from services.inference.shared_embeddings import EMBED_BATCH, SharedEmbeddings
 log = structlog.get_logger(__name__)
 
 DEFAULT_MAX_TOKENS = 64
-# Asks Triton (24.08+) to end a stream with the model's own status code
-# (INVALID_ARGUMENT for a request the model refuses) instead of a bare
-# error_message string that says nothing of whose fault it was.
-_TRITON_STATUS_CODES = (("triton_grpc_error", "true"),)
 _MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 # A held delta goes out this long before the caller's deadline: then the
 # handler is cancelled and what is still held never goes out. Enough for an
@@ -89,8 +86,10 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             while True:
                 backend = self._pool.choose(served.triton_model, frozenset(tried), strategy, route)
                 tried.add(backend.address)
-                # The caller's deadline goes to Triton too: expiry cancels the call,
-                # and a cancelled call cancels the request inside Triton.
+                # The caller's deadline bounds the stream interval's holds. It
+                # bounds the Triton request too, though a pooled stream has no
+                # timeout of its own: at the deadline grpc cancels this handler,
+                # which cancels the stream, and so the request inside Triton.
                 stream = _TritonStream(
                     backend,
                     served.triton_model,
@@ -115,6 +114,14 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                         yield response
                     return
                 except grpc.aio.AioRpcError as error:
+                    if error.code() == grpc.StatusCode.UNAVAILABLE and stream.reused and not stream.started:
+                        # An idle stream that died unnoticed (Triton restarted,
+                        # the connection dropped): the server may be fine. Its
+                        # other idle streams likely died with it; a new one decides.
+                        backend.streams.drop()
+                        tried.discard(backend.address)
+                        log.info("idle triton stream gone, opening another", backend=backend.address)
+                        continue
                     if error.code() == grpc.StatusCode.UNAVAILABLE:
                         backend.health.record_failure()
                     # Retry elsewhere only if nothing reached the caller yet (AIP-194).
@@ -248,10 +255,13 @@ def _with_progress(failure: MeshgateError, stream: _TritonStream) -> MeshgateErr
 
 
 class _TritonStream:
-    """One streamed generation on one backend, as GenerateResponse messages.
+    """One streamed generation on one backend, as GenerateResponse messages,
+    on a ModelStreamInfer call of the backend's TritonStreams.
 
     Leaving the iteration early (the caller cancelled, or failed) cancels the
-    Triton call, which cancels the request inside Triton.
+    Triton call, which cancels the request inside Triton: the call carries
+    no other. Only a call whose request ended with its final response goes
+    back to the pool.
     """
 
     def __init__(
@@ -268,7 +278,6 @@ class _TritonStream:
     ) -> None:
         self._backend = backend
         self._model = model
-        self._timeout = timeout
         # The caller's deadline, which a hold must not outlast.
         self._deadline = time.monotonic() + timeout if timeout is not None else None
         # The backend's load while this runs (balancing.KvCost): its prompt
@@ -287,6 +296,9 @@ class _TritonStream:
         )
         self._hold_s = hold_s
         self.started = False
+        # Whether the stream was idle in the pool: if it died there unnoticed,
+        # the servicer tries a new one on the same server (Generate).
+        self.reused = False
         # What reached the caller, for the error that ends a stream midway.
         self.delivered_deltas = self.delivered_chars = self.delivered_tokens = 0
 
@@ -306,36 +318,24 @@ class _TritonStream:
 
     async def __aiter__(self):
         backend = self._backend
-        finished = asyncio.Event()
-
-        async def requests():
-            yield self._request
-            # Half-closing early could end the stream before the answer does.
-            try:
-                await finished.wait()
-            except asyncio.CancelledError:
-                # The call was cancelled (a router's speculative generation
-                # ended by a cache hit, a caller gone): grpc cancels the
-                # task reading this iterator, and an exception out of it is
-                # formatted, traceback and all, for a debug log nobody reads
-                # (about 0.3 ms a call, estimated from py-spy samples:
-                # bench/README.md). Ending quietly ends that task the same.
-                return
-
-        span, metadata = telemetry.start_grpc_client_span(
-            _MODEL_STREAM_INFER, backend.address, _TRITON_STATUS_CODES
-        )
-        call = backend.stream_stub.ModelStreamInfer(requests(), timeout=self._timeout, metadata=metadata)
+        # The client span is the request's, as before; its W3C context no
+        # longer rides the call's metadata (the call carries many requests:
+        # TritonStreams), so only Triton's own tracing loses the link.
+        span, _ = telemetry.start_grpc_client_span(_MODEL_STREAM_INFER, backend.address)
+        call, self.reused = backend.streams.take()
         # Triton's responses are read ahead while the last delta is still
         # being written to the caller: under load several are waiting by
         # then, and go out as one delta (one write here, one read and one
         # write at the router) instead of one each; with the stream
         # interval, they are held a little for company (not the final one,
         # nor one the model already held: triton_protocol.needs_no_hold).
+        # Reading stops after the request's last response (``ends``): the
+        # stream may carry the next request.
         arrivals = streaming.batches(
             call,
             hold_s=self._hold if self._hold_s is not None else None,
             urgent=triton_protocol.needs_no_hold,
+            ends=triton_protocol.ends_stream,
         )
         backend.in_flight += 1
         backend.calls.add(call, self._model)
@@ -346,8 +346,10 @@ class _TritonStream:
         prompt_tokens = completion_tokens = 0
         finish_reason = ""
         final_seen = False
+        pooled = False
         failure: BaseException | None = None
         try:
+            await _write(call, self._request)
             async for batch in arrivals:
                 texts = []
                 model_error = ""
@@ -382,7 +384,7 @@ class _TritonStream:
                     yield pb.GenerateResponse(delta=pb.GenerateDelta(text=text))
                 if model_error:
                     # Only a Triton older than 24.08 answers so (it ignores
-                    # _TRITON_STATUS_CODES): the message alone cannot say whose fault it was.
+                    # backends.TRITON_STATUS_CODES): the message alone cannot say whose fault it was.
                     raise MeshgateError(
                         grpc.StatusCode.INTERNAL,
                         Reason.MODEL_ERROR,
@@ -399,8 +401,14 @@ class _TritonStream:
                     {"backend": backend.address},
                 )
             self.started = True
-            # Half-close: Triton then ends the stream.
-            finished.set()
+            # The request is over and nothing is left reading the stream
+            # (batches' ``ends``): it may carry the next one at once. Idle, it
+            # is no open call (the probes must not end it under its next
+            # request's owner); one not kept stays open until closed below.
+            await arrivals.aclose()
+            pooled = backend.streams.give_back(call)
+            if pooled:
+                backend.calls.discard(call)
             finish_reason = finish_reason or "stop"
             trace.get_current_span().set_attributes(
                 telemetry.genai_usage_attributes(prompt_tokens, completion_tokens, finish_reason, self._model)
@@ -412,13 +420,16 @@ class _TritonStream:
                     backend=backend.address,
                 )
             )
-            # Reading on to the stream's end closes the call cleanly, where a
-            # cancel would reach Triton as one.
-            async for _ in arrivals:
-                pass
+            if not pooled:
+                # No room in the pool: half-close and read on to the call's
+                # end, which closes it cleanly, where a cancel would reach
+                # Triton as one.
+                await call.done_writing()
+                while await call.read() is not grpc.aio.EOF:
+                    pass
         except asyncio.CancelledError as cancelled:
             failure = cancelled
-            if not backend.calls.ended_by_probes(call):
+            if pooled or not backend.calls.ended_by_probes(call):
                 # Also when the probes ended the call but the caller's own
                 # task is cancelling too: that cancel must not be swallowed.
                 raise
@@ -436,21 +447,29 @@ class _TritonStream:
             raise
         finally:
             backend.in_flight -= 1
-            backend.calls.discard(call)
             backend.active_tokens -= self._prompt_tokens
             if prefill_queued:
                 backend.queued_prefill_tokens -= self._prefill_tokens
-            await arrivals.aclose()
-            if not call.done():
-                # Cancels the request inside Triton.
-                call.cancel()
-            # Only now: set before the cancel, the request iterator could
-            # wake in the await above and start its half-close, which the
-            # cancel then broke, and grpc logged, traceback and all (seen
-            # in CI under load); after it, its wait is cancelled with the
-            # call and it ends quietly, and a half-close finds the call done.
-            finished.set()
+            if not pooled:
+                # A pooled stream may be carrying another request by now.
+                backend.calls.discard(call)
+                await arrivals.aclose()
+                if not call.done():
+                    # Cancels the request inside Triton.
+                    call.cancel()
             telemetry.end_grpc_client_span(span, failure)
+
+
+async def _write(call, request: service_pb2.ModelStreamInferRequest) -> None:
+    """Sends ``request`` on ``call``. A call that ended since it was found
+    open fails as one that died: UNAVAILABLE, before any response."""
+    try:
+        await call.write(request)
+    except asyncio.InvalidStateError as ended:
+        metadata = grpc.aio.Metadata()
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE, metadata, metadata, "the Triton stream ended before the request"
+        ) from ended
 
 
 def triton_failure(error: grpc.aio.AioRpcError, model: str, invalid_reason: str) -> MeshgateError:

@@ -12,12 +12,19 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2
 
+from meshgate import balancing
 from meshgate.common.v1 import common_pb2
 from meshgate.config import InferenceSettings
 from meshgate.errors import MeshgateError
 from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.reasons import Reason
-from services.inference.backends import PROBES_TO_MARK_DOWN, BackendPool, OpenCalls, TritonBackend
+from services.inference.backends import (
+    PROBES_TO_MARK_DOWN,
+    BackendPool,
+    OpenCalls,
+    TritonBackend,
+    TritonStreams,
+)
 from services.inference.servicer import InferenceServicer
 from tests.unit.test_inference_embed import DIMENSIONS, FakeContext, embedding_response
 from tests.unit.test_inference_stream import ScriptedCall, kinds, stream_on, triton_response
@@ -273,7 +280,7 @@ async def test_a_generation_that_fails_or_is_cancelled_no_longer_counts_toward_t
         backend.ready_models = {GENERATION_MODEL}
         calls: list[ScriptedCall] = []
 
-        def model_stream_infer(requests, timeout, metadata):
+        def model_stream_infer(metadata):
             calls.append(ScriptedCall())
             return calls[-1]
 
@@ -314,3 +321,56 @@ async def test_a_caller_that_leaves_as_the_probes_end_its_call_is_cancelled_not_
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert waiting.cancelled() and len(calls) == 0
+
+
+async def test_a_pooled_stream_that_died_idle_is_replaced_on_the_same_server_not_failed():
+    # Triton restarted under an idle stream that has not noticed yet: the
+    # server is fine, and the only one, so the request must not fail.
+    settings = InferenceSettings(triton_urls=["127.0.0.1:1"], triton_idle_streams=4)
+    pool = BackendPool(settings.triton_urls, [GENERATION_MODEL], settings.triton_idle_streams)
+    try:
+        (backend,) = pool.backends
+        backend.ready_models = {GENERATION_MODEL}
+        calls: list[ScriptedCall] = []
+
+        def model_stream_infer(metadata):
+            calls.append(ScriptedCall())
+            return calls[-1]
+
+        backend.stream_stub = types.SimpleNamespace(ModelStreamInfer=model_stream_infer)
+        servicer = InferenceServicer(settings, pool)
+        request = pb.GenerateRequest(
+            model="tiny-gpt", messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="hi")]
+        )
+        for call in (backend.streams.take()[0], backend.streams.take()[0]):
+            backend.streams.give_back(call)
+        assert len(backend.streams) == 2
+
+        generation = aiter(servicer.Generate(request, NO_DEADLINE))
+        first = asyncio.ensure_future(anext(generation))
+        await until(lambda: calls[1].requests)
+        metadata = grpc.aio.Metadata()
+        calls[1].send(grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, metadata, metadata, "reset"))
+        await until(lambda: len(calls) == 3)
+        assert calls[0].cancelled, "the other idle stream went with it"
+        calls[2].send(triton_response("fresh", 1))
+        calls[2].send(triton_response("", 0, final=True, finish_reason="stop", prompt_tokens=3))
+        responses = [await asyncio.wait_for(first, 5)] + [r async for r in generation]
+        assert kinds(responses) == ["delta", "completion"]
+        assert responses[0].delta.text == "fresh"
+        assert backend.health.state is balancing.BreakerState.CLOSED
+        assert list(backend.streams._idle) == [calls[2]]
+    finally:
+        await pool.close()
+
+
+async def test_idle_streams_are_dropped_when_the_probes_take_the_server_out(backend):
+    models = [GENERATION_MODEL]
+    backend._probe_stub = ProbedTriton(set(models))
+    await backend.probe(models)
+    idle = ScriptedCall()
+    backend.streams = TritonStreams(lambda: idle, idle_limit=4)
+    backend.streams.give_back(backend.streams.take()[0])
+    backend._probe_stub.ready = set()
+    await probe_until_down(backend, models)
+    assert idle.cancelled and len(backend.streams) == 0

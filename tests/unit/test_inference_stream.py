@@ -17,8 +17,9 @@ from tritonclient.grpc import service_pb2
 from meshgate import balancing
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
-from services.inference.backends import OpenCalls
+from services.inference.backends import OpenCalls, TritonStreams
 from services.inference.servicer import _TritonStream
+from tests.unit.test_streaming import until
 
 
 def triton_response(
@@ -42,12 +43,24 @@ def triton_response(
 
 
 class ScriptedCall:
-    """A ModelStreamInfer call whose responses the test hands over one by one."""
+    """A ModelStreamInfer call whose responses the test hands over one by one;
+    it keeps the requests written to it."""
 
     def __init__(self) -> None:
         self._pending: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
         self._done = False
+        self.requests: list[service_pb2.ModelInferRequest] = []
+        self.half_closed = False
+
+    async def write(self, request) -> None:
+        if self._done:
+            raise asyncio.InvalidStateError("RPC already finished.")
+        self.requests.append(request)
+
+    async def done_writing(self) -> None:
+        """Triton then ends the stream: the test sends grpc.aio.EOF for it."""
+        self.half_closed = True
 
     def send(self, item) -> None:
         """A response, grpc.aio.EOF (the stream ends), or an error to raise."""
@@ -74,8 +87,20 @@ class ScriptedCall:
         return True
 
 
-def stream_on(call: ScriptedCall, hold_s=None, timeout=10.0) -> tuple[_TritonStream, types.SimpleNamespace]:
+def stream_on(
+    call: ScriptedCall, hold_s=None, timeout=10.0, idle_streams: int = 0
+) -> tuple[_TritonStream, types.SimpleNamespace]:
+    """A stream on a backend whose pool opens ``call``, then new ScriptedCalls
+    (all in ``backend.opened``), and keeps up to ``idle_streams`` idle."""
+    unopened = [call]
+
+    def open_stream() -> ScriptedCall:
+        backend.opened.append(unopened.pop() if unopened else ScriptedCall())
+        return backend.opened[-1]
+
     backend = types.SimpleNamespace(
+        opened=[],
+        streams=TritonStreams(open_stream, idle_streams),
         address="triton-a:8001",
         batched={},
         reports_cached_tokens={},
@@ -84,12 +109,12 @@ def stream_on(call: ScriptedCall, hold_s=None, timeout=10.0) -> tuple[_TritonStr
         active_tokens=0,
         queued_prefill_tokens=0,
         ttft=balancing.Ewma(),
-        stream_stub=types.SimpleNamespace(ModelStreamInfer=lambda requests, timeout, metadata: call),
     )
-    stream = _TritonStream(
-        backend, "tiny_gpt", "prompt", "{}", timeout=timeout, prompt_tokens=7, hold_s=hold_s
-    )
-    return stream, backend
+    return next_stream(backend, hold_s, timeout), backend
+
+
+def next_stream(backend, hold_s=None, timeout=10.0) -> _TritonStream:
+    return _TritonStream(backend, "tiny_gpt", "prompt", "{}", timeout=timeout, prompt_tokens=7, hold_s=hold_s)
 
 
 def kinds(responses) -> list[str]:
@@ -266,3 +291,131 @@ async def test_with_the_stream_interval_nothing_is_held_past_the_callers_deadlin
     # not for the interval: the caller still gets it.
     assert (await asyncio.wait_for(anext(deltas), deadline_s + 1.0)).delta.text == " two"
     await deltas.aclose()
+
+
+def answer(call: ScriptedCall, text: str = "hi") -> None:
+    call.send(triton_response(text, 1))
+    call.send(triton_response("", 0, final=True, finish_reason="stop", prompt_tokens=3))
+
+
+async def test_a_stream_is_reused_after_its_requests_final_response_and_idles_as_no_work():
+    call = ScriptedCall()
+    stream, backend = stream_on(call, idle_streams=2)
+    answer(call, "one")
+    assert [r.delta.text async for r in stream][0] == "one"
+    assert (len(backend.streams), backend.in_flight, len(backend.calls)) == (1, 0, 0)
+
+    answer(call, "two")
+    assert [r.delta.text async for r in next_stream(backend)][0] == "two"
+    assert backend.opened == [call] and len(call.requests) == 2
+    assert not (call.cancelled or call.half_closed), "kept open for the next request"
+    ids = {request.id for request in call.requests}
+    assert len(ids) == 2, "each request its own id on the one stream"
+
+
+async def test_without_room_in_the_pool_a_stream_is_closed_cleanly_not_cancelled():
+    call = ScriptedCall()
+    stream, backend = stream_on(call, idle_streams=0)
+    answer(call)
+    call.send(grpc.aio.EOF)
+    assert kinds([r async for r in stream]) == ["delta", "completion"]
+    assert call.half_closed and not call.cancelled
+    assert len(backend.streams) == 0
+
+
+def failed_with_unavailable(call: ScriptedCall) -> None:
+    metadata = grpc.aio.Metadata()
+    call.send(grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, metadata, metadata, "gone"))
+
+
+def model_error(call: ScriptedCall) -> None:
+    call.send(service_pb2.ModelStreamInferResponse(error_message="model broke"))
+
+
+def ended_early(call: ScriptedCall) -> None:
+    call.send(grpc.aio.EOF)
+
+
+@pytest.mark.parametrize("ending", [failed_with_unavailable, model_error, ended_early])
+async def test_a_stream_whose_request_failed_is_not_reused(ending):
+    call = ScriptedCall()
+    stream, backend = stream_on(call, idle_streams=2)
+    call.send(triton_response("partial", 1))
+    ending(call)
+    with pytest.raises((grpc.aio.AioRpcError, MeshgateError)):
+        async for _ in stream:
+            pass
+    assert len(backend.streams) == 0
+    assert call.done()
+
+    following = next_stream(backend)
+    deltas = aiter(following)
+    first = asyncio.ensure_future(anext(deltas))
+    await until(lambda: len(backend.opened) == 2)
+    answer(backend.opened[1])
+    assert (await asyncio.wait_for(first, 5)).delta.text == "hi"
+    await deltas.aclose()
+    assert backend.opened[1] is not call
+
+
+async def test_a_stream_left_early_is_cancelled_and_not_reused():
+    call = ScriptedCall()
+    stream, backend = stream_on(call, idle_streams=2)
+    call.send(triton_response("first", 1))
+    deltas = aiter(stream)
+    assert (await anext(deltas)).delta.text == "first"
+    await deltas.aclose()
+    assert call.cancelled and len(backend.streams) == 0
+    assert (backend.in_flight, len(backend.calls)) == (0, 0)
+
+
+async def test_a_pooled_stream_that_ended_while_idle_is_skipped():
+    call = ScriptedCall()
+    stream, backend = stream_on(call, idle_streams=2)
+    answer(call)
+    async for _ in stream:
+        pass
+    assert len(backend.streams) == 1
+    ended_early(call)
+    await call.read()  # as grpc does when the call ends: done() from then on
+
+    following = next_stream(backend)
+    deltas = aiter(following)
+    first = asyncio.ensure_future(anext(deltas))
+    await until(lambda: len(backend.opened) == 2)
+    answer(backend.opened[1])
+    assert (await asyncio.wait_for(first, 5)).delta.text == "hi"
+    await deltas.aclose()
+    assert not following.reused
+
+
+async def test_a_pooled_stream_that_fails_the_write_reads_as_unavailable_before_any_response():
+    call = ScriptedCall()
+    stream, backend = stream_on(call, idle_streams=2)
+    answer(call)
+    async for _ in stream:
+        pass
+    # Ended between take and write: grpc's write raises InvalidStateError.
+    backend.streams.take = lambda: (call, True)
+    call._done = True
+    following = next_stream(backend)
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        async for _ in following:
+            pass
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert following.reused and not following.started
+
+
+def test_the_pool_keeps_at_most_its_bound_and_drop_cancels_the_idle():
+    opened = []
+    streams = TritonStreams(lambda: opened.append(ScriptedCall()) or opened[-1], idle_limit=2)
+    taken = [streams.take() for _ in range(3)]
+    assert [reused for _, reused in taken] == [False, False, False]
+    assert [streams.give_back(call) for call, _ in taken] == [True, True, False]
+    assert len(streams) == 2 and streams.opened == 3
+    call, reused = streams.take()
+    assert reused and call is opened[1], "the most recently used first"
+    assert streams.give_back(call)
+    assert streams.drop() == 2
+    assert opened[0].cancelled and opened[1].cancelled and not opened[2].cancelled
+    assert len(streams) == 0

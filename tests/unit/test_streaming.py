@@ -231,3 +231,21 @@ def test_every_message_comes_once_and_in_order_whatever_the_timing(messages, pau
     received = asyncio.run(scenario())
     assert all(received)
     assert [m for batch in received for m in batch] == [*messages, "END"]
+
+
+@pytest.mark.parametrize("read_ahead", [True, False])
+@pytest.mark.parametrize("hold_s", [None, FOREVER_S])
+async def test_with_ends_reading_stops_after_the_last_message_with_no_read_left_pending(read_ahead, hold_s):
+    # The inference service's Triton streams carry one request after another:
+    # a read left pending would take the next request's first response.
+    call = ScriptedCall()
+    hold = (lambda: hold_s) if hold_s is not None else None
+    call.send("a", "b", "END", "next request")
+    received = []
+    async with asyncio.timeout(5):
+        async for batch in streaming.batches(call, read_ahead, hold_s=hold, urgent=ends, ends=ends):
+            received.append(batch)
+    assert [m for batch in received for m in batch] == ["a", "b", "END"]
+    assert received[-1][-1] == "END"
+    assert call.reads_waiting == 0
+    assert await call.read() == "next request", "what follows the end is left for the next reader"
