@@ -1,0 +1,176 @@
+"""The inference service's pooled Triton streams (services/inference/backends.py,
+TritonStreams) on a real tritonserver: generations one after another ride one
+ModelStreamInfer call and answer as a call each did; a cancelled or refused
+generation takes its stream with it, and the next one works; a stream left
+idle for over a minute, or under a Triton that restarted, does not fail the
+next generation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+import pytest
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import ServedModelSettings, Settings
+from meshgate.errors import error_info
+from meshgate.inference.v1 import inference_service_pb2 as pb
+from meshgate.inference.v1 import inference_service_pb2_grpc
+from meshgate.local import triton
+from meshgate.local.stack import build_model_weights, free_port
+from services.inference import app
+from services.inference.backends import BackendPool
+from tests.integration.conftest import running_inference
+from tests.mesh import mesh_settings, router_channel
+
+pytestmark = pytest.mark.integration
+
+MODELS = ("tiny_gpt",)
+
+
+@pytest.fixture
+def pools(monkeypatch) -> list[BackendPool]:
+    """Every BackendPool the inference services of a test make, in order:
+    how many streams each opened."""
+    made: list[BackendPool] = []
+
+    def recording(*args, **kwargs) -> BackendPool:
+        made.append(BackendPool(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(app, "BackendPool", recording)
+    return made
+
+
+def settings_for(triton_url: str, idle_streams: int = 32, health_interval_s: float = 0.5) -> Settings:
+    """One Triton; tiny_gpt also served under a window larger than its own
+    (512), for requests that pass this service's checks and the model refuses."""
+    settings = Settings(mesh=mesh_settings())
+    settings.inference.triton_urls = [triton_url]
+    settings.inference.health_interval_s = health_interval_s
+    settings.inference.triton_idle_streams = idle_streams
+    settings.inference.models = {
+        "tiny-gpt": ServedModelSettings(),
+        "tiny-gpt-misconfigured": ServedModelSettings(triton_model="tiny_gpt", context_window_tokens=4096),
+    }
+    return settings
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings):
+    async with running_inference(settings) as address, router_channel(address, "inference") as channel:
+        yield inference_service_pb2_grpc.InferenceServiceStub(channel)
+
+
+def generate(text: str, model: str = "tiny-gpt", max_tokens: int = 16) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        model=model,
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=text)],
+        parameters=common_pb2.GenerationParameters(max_tokens=max_tokens, temperature=0.0),
+    )
+
+
+async def text_of(stub, text: str) -> str:
+    deltas, completion = [], None
+    async for response in stub.Generate(generate(text), timeout=60):
+        if response.HasField("delta"):
+            deltas.append(response.delta.text)
+        else:
+            completion = response.completion
+    assert completion is not None and completion.usage.completion_tokens > 0
+    return "".join(deltas)
+
+
+def streams_of(pool: BackendPool):
+    (backend,) = pool.backends
+    return backend.streams
+
+
+async def test_generations_one_after_another_share_one_stream_and_answer_as_a_call_each(triton_url, pools):
+    prompts = ["Hello there", "Tell me a story", "Hello there"]
+    async with serving(settings_for(triton_url, idle_streams=0)) as per_call:
+        expected = [await text_of(per_call, prompt) for prompt in prompts]
+        assert streams_of(pools[0]).opened == len(prompts)
+    async with serving(settings_for(triton_url)) as pooled:
+        got = [await text_of(pooled, prompt) for prompt in prompts]
+        streams = streams_of(pools[1])
+        assert streams.opened == 1
+        assert len(streams) == 1
+        health = await pooled.GetBackendHealth(pb.GetBackendHealthRequest())
+        assert health.backends[0].in_flight == 0, "an idle stream is no work in flight"
+    assert got == expected
+    assert len(streams) == 0, "closed with the service"
+
+
+async def test_a_cancelled_generation_cancels_its_triton_request_and_the_next_one_works(triton_server, pools):
+    triton_url, log_path = triton_server
+    async with serving(settings_for(triton_url)) as stub:
+        await text_of(stub, "Hello there")
+        before = log_path.read_text(errors="replace").count("cancelled after")
+        call = stub.Generate(generate("Write a long essay", max_tokens=400))
+        async for response in call:
+            assert response.HasField("delta")
+            break
+        call.cancel()
+        for _ in range(100):
+            if log_path.read_text(errors="replace").count("cancelled after") > before:
+                break
+            await asyncio.sleep(0.1)
+        assert log_path.read_text(errors="replace").count("cancelled after") > before
+        assert await text_of(stub, "Hello there")
+        # The first stream carried the cancelled request and went with it.
+        assert streams_of(pools[0]).opened == 2
+
+
+async def test_a_model_error_ends_only_its_request_and_the_next_one_works(triton_url, pools):
+    async with serving(settings_for(triton_url)) as stub:
+        first = await text_of(stub, "Hello there")
+        # 600 passes this service's check (window 4096) but not tiny_gpt's [1, 511].
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stub.Generate(generate("Hello", "tiny-gpt-misconfigured", 600), timeout=60):
+                pass
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(refused.value).reason == "INVALID_GENERATION_REQUEST"
+        assert "max_tokens must be in [1, 511], got 600" in refused.value.details()
+        assert await text_of(stub, "Hello there") == first
+        assert streams_of(pools[0]).opened == 2, "Triton ends the stream of a refused request"
+
+
+async def test_a_stream_idle_for_over_a_minute_carries_the_next_generation(triton_url, pools):
+    # Triton's default ping policy and our keepalive (serving.TRITON_CHANNEL_OPTIONS)
+    # leave an open call with nothing on it alone for 5 minutes.
+    async with serving(settings_for(triton_url)) as stub:
+        first = await text_of(stub, "Hello there")
+        await asyncio.sleep(65)
+        assert await text_of(stub, "Hello there") == first
+        assert streams_of(pools[0]).opened == 1
+
+
+async def test_a_triton_restarted_under_an_idle_stream_does_not_fail_the_next_generation(tmp_path, pools):
+    build_model_weights()
+    port = free_port()
+    url = f"127.0.0.1:{port}"
+
+    def launch(name: str):
+        process = triton.launch(
+            grpc_port=port, state_dir=tmp_path / name, log_file=tmp_path / f"{name}.log", models=MODELS
+        )
+        triton.wait_ready(url, MODELS, timeout=120, process=process)
+        return process
+
+    process = launch("first")
+    try:
+        # Probes far apart: the restart goes unnoticed by them, so the
+        # next generation finds the stream the first one left idle.
+        async with serving(settings_for(url, health_interval_s=600)) as stub:
+            first = await text_of(stub, "Hello there")
+            assert len(streams_of(pools[0])) == 1
+            # Off the event loop: the service must see its stream end meanwhile.
+            await asyncio.to_thread(triton.terminate, process)
+            process = await asyncio.to_thread(launch, "second")
+            assert await text_of(stub, "Hello there") == first
+            assert streams_of(pools[0]).opened == 2, "the dead stream was left for a new one"
+    finally:
+        triton.terminate(process)
