@@ -461,15 +461,21 @@ class _TritonStream:
 
 
 async def _write(call, request: service_pb2.ModelStreamInferRequest) -> None:
-    """Sends ``request`` on ``call``. A call that ended since it was found
-    open fails as one that died: UNAVAILABLE, before any response."""
+    """Sends ``request`` on ``call``. A write that fails (the call ended since
+    it was found open: InvalidStateError; its connection died under it:
+    grpc's INTERNAL "Internal error from Core", seen when Triton was killed)
+    sent no request: it fails as a server that died, UNAVAILABLE before any
+    response, which is retried (Generate)."""
     try:
         await call.write(request)
-    except asyncio.InvalidStateError as ended:
+    except (asyncio.InvalidStateError, grpc.aio.AioRpcError) as failed:
         metadata = grpc.aio.Metadata()
         raise grpc.aio.AioRpcError(
-            grpc.StatusCode.UNAVAILABLE, metadata, metadata, "the Triton stream ended before the request"
-        ) from ended
+            grpc.StatusCode.UNAVAILABLE,
+            metadata,
+            metadata,
+            "the Triton stream failed before the request went out",
+        ) from failed
 
 
 def triton_failure(error: grpc.aio.AioRpcError, model: str, invalid_reason: str) -> MeshgateError:

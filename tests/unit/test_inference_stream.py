@@ -389,15 +389,29 @@ async def test_a_pooled_stream_that_ended_while_idle_is_skipped():
     assert not following.reused
 
 
-async def test_a_pooled_stream_that_fails_the_write_reads_as_unavailable_before_any_response():
+def internal_error_from_core() -> grpc.aio.AioRpcError:
+    metadata = grpc.aio.Metadata()
+    return grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, metadata, metadata, "Internal error from Core")
+
+
+@pytest.mark.parametrize(
+    "write_failure",
+    # Ended between take and write; the connection died under it (Triton killed).
+    [asyncio.InvalidStateError("RPC already finished."), internal_error_from_core()],
+)
+async def test_a_pooled_stream_that_fails_the_write_reads_as_unavailable_before_any_response(write_failure):
     call = ScriptedCall()
     stream, backend = stream_on(call, idle_streams=2)
     answer(call)
     async for _ in stream:
         pass
-    # Ended between take and write: grpc's write raises InvalidStateError.
+    assert backend.streams.take() == (call, True)
+
+    async def failing_write(request):
+        raise write_failure
+
+    call.write = failing_write
     backend.streams.take = lambda: (call, True)
-    call._done = True
     following = next_stream(backend)
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         async for _ in following:
