@@ -56,8 +56,16 @@ async def serving_on(options: list[tuple[str, object]]):
         await asyncio.sleep(int(request) / 1000)
         return b"x" * REPLY_BYTES
 
+    async def echo(requests, context: grpc.aio.ServicerContext):
+        peers.append(context.peer())
+        async for request in requests:
+            yield request
+
     server = grpc.aio.server(options=options)
-    handlers = {"Reply": grpc.unary_unary_rpc_method_handler(reply)}
+    handlers = {
+        "Reply": grpc.unary_unary_rpc_method_handler(reply),
+        "Echo": grpc.stream_stream_rpc_method_handler(echo),
+    }
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.Keepalive", handlers)])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -102,6 +110,29 @@ async def test_triton_channels_ping_as_rarely_as_triton_allows() -> None:
     )
     assert failures == []
     assert len(set(peers)) == 1, peers
+
+
+async def test_an_idle_open_stream_to_triton_outlives_several_keepalives() -> None:
+    # The inference service keeps ModelStreamInfer calls open and idle
+    # between requests (services/inference/backends.py, TritonStreams): an
+    # open call, so the channel pings every keepalive (5 minutes, scaled to
+    # 15 s), which Triton's default policy allows while a call is open. (By
+    # hand: pinging 4 times as often, with grpc.http2.max_pings_without_data
+    # 0, this stream was closed with GOAWAY too_many_pings.)
+    async with (
+        serving_on(scaled(TRITON_SERVER_OPTIONS)) as (address, peers),
+        grpc.aio.insecure_channel(address, options=scaled(serving.TRITON_CHANNEL_OPTIONS)) as channel,
+    ):
+        stream = channel.stream_stream("/t.Keepalive/Echo")()
+        await stream.write(b"first")
+        assert await stream.read() == b"first"
+        keepalive_s = serving.TRITON_MIN_RECV_PING_INTERVAL_MS / SCALE / 1000
+        await asyncio.sleep(3.5 * keepalive_s)
+        await stream.write(b"after the idle time")
+        assert await stream.read() == b"after the idle time"
+        await stream.done_writing()
+        assert await stream.code() == grpc.StatusCode.OK
+        assert len(set(peers)) == 1, peers
 
 
 async def test_mesh_channels_ping_as_rarely_as_our_servers_allow() -> None:
