@@ -233,6 +233,11 @@ _MESH_PEER_OPTIONS = [("grpc.http2.max_pings_without_data", 0)]
 # timeout plus inference.health_interval_s, 3 x (2 + 2) s by default (3 x
 # (2 + 0.5) = 7.5 s in tests/integration/test_triton_failover.py), or its
 # caller's deadline if shorter. The keepalive is left as the backstop.
+# The inference service keeps ModelStreamInfer calls open and idle between
+# requests (inference.triton_idle_streams): calls open, so the pings go on,
+# every 5 minutes, within that policy; and grpc's default
+# grpc.http2.max_pings_without_data (2) sends no more while nothing is
+# written (an idle stream outlives 3.5 scaled keepalives: test_keepalive.py).
 TRITON_MIN_RECV_PING_INTERVAL_MS = 300_000
 TRITON_CHANNEL_OPTIONS = [
     *_COMMON_CHANNEL_OPTIONS,
