@@ -181,6 +181,7 @@ class ModelSummarizer:
             ],
             # Greedy: the same span gets the same summary.
             parameters=common_pb2.GenerationParameters(max_tokens=MAX_SUMMARY_TOKENS, temperature=0.0),
+            completion_may_carry_text=True,
         )
         pieces: list[str] = []
         completed = False
@@ -189,6 +190,7 @@ class ModelSummarizer:
                 if response.HasField("delta"):
                     pieces.append(response.delta.text)
                 elif response.HasField("completion"):
+                    pieces.append(response.completion.text)
                     completed = True
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, "inference") from error

@@ -101,6 +101,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     # Only a prefix strategy reads what the model reused.
                     strategy.uses_prefix,
                     self._stream_hold_s if self._stream_interval_s > 0 else None,
+                    request.completion_may_carry_text,
                 )
                 backend.health.begin()
                 strategy.routed(backend, route)
@@ -275,9 +276,14 @@ class _TritonStream:
         prefill_tokens: int = 0,
         wants_cached_tokens: bool = False,
         hold_s: collections.abc.Callable[[], float] | None = None,
+        completion_carries_text: bool = False,
     ) -> None:
         self._backend = backend
         self._model = model
+        # The caller reads GenerateCompletion.text: the text that arrives
+        # with the final response goes on the completion, not in a delta of
+        # its own (one message fewer per answer, here and at the caller).
+        self._completion_carries_text = completion_carries_text
         # The caller's deadline, which a hold must not outlast.
         self._deadline = time.monotonic() + timeout if timeout is not None else None
         # The backend's load while this runs (balancing.KvCost): its prompt
@@ -346,6 +352,7 @@ class _TritonStream:
         prompt_tokens = completion_tokens = 0
         finish_reason = ""
         final_seen = False
+        last_text = ""
         pooled = False
         failure: BaseException | None = None
         try:
@@ -378,6 +385,9 @@ class _TritonStream:
                         prefill_queued = False
                     text = texts[0] if len(texts) == 1 else "".join(texts)
                     self.started = True
+                    if final_seen and self._completion_carries_text:
+                        last_text = text
+                        break
                     self.delivered_deltas += 1
                     self.delivered_chars += len(text)
                     self.delivered_tokens = completion_tokens
@@ -418,6 +428,7 @@ class _TritonStream:
                     usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
                     finish_reason=finish_reason,
                     backend=backend.address,
+                    text=last_text,
                 )
             )
             if not pooled:

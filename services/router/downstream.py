@@ -284,7 +284,13 @@ class Deployments:
             # context goes along, so the inference service's spans join.
             span, metadata = telemetry.start_grpc_client_span(_GENERATE, deployment.address)
             call = deployment.stream_stub.Generate(
-                inference_pb.GenerateRequest(model=deployment.model, messages=prompt, parameters=parameters),
+                inference_pb.GenerateRequest(
+                    model=deployment.model,
+                    messages=prompt,
+                    parameters=parameters,
+                    # The last text on the completion: one message fewer per answer.
+                    completion_may_carry_text=True,
+                ),
                 timeout=budget.within(self._limit_s),
                 metadata=metadata,
             )
@@ -310,6 +316,8 @@ class Deployments:
                             texts.append(response.delta.text)
                         else:
                             completion = response.completion
+                            if completion.text:
+                                texts.append(completion.text)
                             answer.prompt_tokens = completion.usage.prompt_tokens
                             answer.completion_tokens = completion.usage.completion_tokens
                             answer.finish_reason = completion.finish_reason

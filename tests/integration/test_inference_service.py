@@ -60,6 +60,18 @@ async def test_generate_streams_deltas_then_counts(stub):
     assert "".join(again) == "".join(deltas), "greedy decoding must be deterministic"
 
 
+async def test_the_last_text_rides_on_the_completion_only_for_a_caller_that_reads_it(stub):
+    plain_deltas, plain = await run(stub.Generate(generate("Hello there", max_tokens=12, temperature=0.0)))
+    assert plain.text == "", "a caller that predates the field gets every text in deltas"
+    request = generate("Hello there", max_tokens=12, temperature=0.0)
+    request.completion_may_carry_text = True
+    deltas, completion = await run(stub.Generate(request))
+    # tiny-gpt's final response carries the last token's text.
+    assert completion.text
+    assert "".join(deltas) + completion.text == "".join(plain_deltas)
+    assert completion.usage == plain.usage
+
+
 async def test_embed_splits_large_batches_and_normalizes(stub):
     texts = [f"sentence number {i}" for i in range(70)]  # more than one Triton batch
     response = await stub.Embed(pb.EmbedRequest(texts=texts))

@@ -88,7 +88,7 @@ class ScriptedCall:
 
 
 def stream_on(
-    call: ScriptedCall, hold_s=None, timeout=10.0, idle_streams: int = 0
+    call: ScriptedCall, hold_s=None, timeout=10.0, idle_streams: int = 0, completion_carries_text=False
 ) -> tuple[_TritonStream, types.SimpleNamespace]:
     """A stream on a backend whose pool opens ``call``, then new ScriptedCalls
     (all in ``backend.opened``), and keeps up to ``idle_streams`` idle."""
@@ -110,11 +110,20 @@ def stream_on(
         queued_prefill_tokens=0,
         ttft=balancing.Ewma(),
     )
-    return next_stream(backend, hold_s, timeout), backend
+    return next_stream(backend, hold_s, timeout, completion_carries_text), backend
 
 
-def next_stream(backend, hold_s=None, timeout=10.0) -> _TritonStream:
-    return _TritonStream(backend, "tiny_gpt", "prompt", "{}", timeout=timeout, prompt_tokens=7, hold_s=hold_s)
+def next_stream(backend, hold_s=None, timeout=10.0, completion_carries_text=False) -> _TritonStream:
+    return _TritonStream(
+        backend,
+        "tiny_gpt",
+        "prompt",
+        "{}",
+        timeout=timeout,
+        prompt_tokens=7,
+        hold_s=hold_s,
+        completion_carries_text=completion_carries_text,
+    )
 
 
 def kinds(responses) -> list[str]:
@@ -138,6 +147,54 @@ async def test_responses_already_waiting_go_out_as_one_delta_with_exact_counts()
     assert (completion.finish_reason, completion.backend) == ("length", "triton-a:8001")
     assert (backend.in_flight, backend.active_tokens) == (0, 0)
     assert not call.cancelled, "a finished stream ends by itself, not by a cancel"
+
+
+async def test_a_caller_that_reads_the_completions_text_gets_the_last_text_there_not_in_a_delta():
+    call = ScriptedCall()
+    stream, _ = stream_on(call, completion_carries_text=True)
+    deltas = aiter(stream)
+    call.send(triton_response("Hel", 1))
+    assert (await asyncio.wait_for(anext(deltas), 5)).delta.text == "Hel"
+    call.send(triton_response("lo", 1))
+    call.send(triton_response(" world", 1, final=True, finish_reason="length", prompt_tokens=4))
+    call.send(grpc.aio.EOF)
+    rest = [r async for r in deltas]
+
+    # "lo" and " world" arrived together with the final response: one
+    # message, the completion, carries both.
+    assert kinds(rest) == ["completion"]
+    completion = rest[0].completion
+    assert completion.text == "lo world"
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (4, 3)
+    assert stream.delivered_chars == len("Hel"), "only deltas count as sent before the completion"
+
+
+async def test_a_caller_that_does_not_read_the_completions_text_gets_every_text_in_deltas():
+    call = ScriptedCall()
+    call.send(triton_response("Hel", 1))
+    call.send(triton_response("lo", 1, final=True, finish_reason="stop", prompt_tokens=2))
+    call.send(grpc.aio.EOF)
+    stream, _ = stream_on(call)
+
+    responses = [r async for r in stream]
+
+    assert kinds(responses) == ["delta", "completion"]
+    assert responses[0].delta.text == "Hello"
+    assert responses[1].completion.text == ""
+
+
+async def test_an_empty_final_response_leaves_the_completions_text_empty():
+    call = ScriptedCall()
+    call.send(triton_response("Hi", 1))
+    stream, _ = stream_on(call, completion_carries_text=True)
+    deltas = aiter(stream)
+    assert (await asyncio.wait_for(anext(deltas), 5)).delta.text == "Hi"
+    call.send(triton_response("", 0, final=True, finish_reason="stop", prompt_tokens=2))
+    call.send(grpc.aio.EOF)
+    rest = [r async for r in deltas]
+
+    assert kinds(rest) == ["completion"]
+    assert rest[0].completion.text == ""
 
 
 async def test_a_response_is_passed_on_as_soon_as_it_arrives():
