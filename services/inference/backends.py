@@ -177,8 +177,9 @@ class TritonBackend:
         self._channel = serving.triton_channel(address)
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         # Streamed generations go on a channel without the client interceptor:
-        # it would add two async generators per streamed token; the servicer
-        # makes their client span per call instead (telemetry.start_grpc_client_span).
+        # it would add two async generators per streamed token, and one span
+        # per call, where a call carries many requests (TritonStreams); the
+        # servicer makes a client span per request (telemetry.start_grpc_client_span).
         self._stream_channel = serving.triton_channel(address, traced=False)
         self.stream_stub = service_pb2_grpc.GRPCInferenceServiceStub(self._stream_channel)
         self.streams = TritonStreams(self._open_stream, idle_streams)
