@@ -327,7 +327,7 @@ class _TritonStream:
         # The client span is the request's, as before; its W3C context no
         # longer rides the call's metadata (the call carries many requests:
         # TritonStreams), so only Triton's own tracing loses the link.
-        span, _ = telemetry.start_grpc_client_span(_MODEL_STREAM_INFER, backend.address)
+        span, _ = telemetry.start_grpc_client_span(_MODEL_STREAM_INFER, backend.address, inject=False)
         call, self.reused = backend.streams.take()
         # Triton's responses are read ahead while the last delta is still
         # being written to the caller: under load several are waiting by

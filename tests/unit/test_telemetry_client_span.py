@@ -1,6 +1,7 @@
 """The client span the inference service makes per Triton stream, without
 the gRPC client interceptor: named and tagged as the interceptor would,
-its trace context sent along, its end saying how the call ended."""
+its trace context sent along (unless the call was opened earlier), its
+end saying how the call ended."""
 
 from __future__ import annotations
 
@@ -58,3 +59,12 @@ def test_a_failed_call_marks_the_span_and_a_caller_leaving_does_not(finished_spa
     assert failed_span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
     assert failed_span.status.status_code == trace.StatusCode.ERROR
     assert left_span.status.status_code == trace.StatusCode.UNSET
+
+
+def test_a_request_on_a_call_opened_earlier_gets_its_span_but_builds_no_context_to_send(finished_spans):
+    span, metadata = telemetry.start_grpc_client_span(METHOD, "127.0.0.1:8001", inject=False)
+    telemetry.end_grpc_client_span(span, None)
+
+    (ended,) = finished_spans()
+    assert ended.name == METHOD and ended.kind == trace.SpanKind.CLIENT
+    assert metadata == ()
