@@ -38,16 +38,19 @@ MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 # receive on, instead of grpc-core's default of 64 KiB grown by BDP probes.
 # Each probe is a PING and its acknowledgement, sent after reads: on a
 # stream of small messages (a token delta each) they are thread wake-ups
-# and syscalls per message, about 10% of a streamed message's CPU in both
-# the router and the inference service (bench/README.md, issue 13,
-# "bdp_probe"). What the probes buy is a window that grows to the link's
-# bandwidth-delay product; a fixed 1 MiB (what grpc-java and grpc-go
-# deployments commonly pin) is already 16 times the window the probes start
-# from, keeps ~1 GB/s per stream at 1 ms of round trip, and is smaller than
-# the 4 MiB+ the probes grow it to on an idle machine, so a receiver buffers
-# no more than before. Large messages (embedding batches, assembled
-# contexts) went as fast as with the probes on loopback
-# (bench/grpc_floor_bench.py --bytes 4194304).
+# and syscalls per message, ~15% of the CPU per streamed token at 16
+# streams in two mesh A/B pairs (bench/README.md, issue 13, "no BDP probes").
+# grpc.http2.lookahead_bytes sets both the streams' initial window and the
+# connection's target (chttp2 flow control: the connection's window is that
+# target plus what its streams announced, topped up once half is used), so
+# no 64 KiB connection window sits under the 1 MiB: about 1 MiB in flight
+# per round trip for a connection's streams together (~1 GB/s at 1 ms of
+# round trip), and a stream reading a larger message announces what that
+# message needs (grpc does, probes or not). What is given up: a window that
+# follows the link's bandwidth-delay product, which with the probes grows
+# to max(4 MiB, 2 x BDP) when memory is plentiful and shrinks under memory
+# pressure; this one stays at 1 MiB. Callers of the router's public port get
+# the same window for their requests: plenty for chat-sized messages.
 FLOW_CONTROL_OPTIONS = [
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 1024 * 1024),
