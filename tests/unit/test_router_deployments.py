@@ -1,9 +1,17 @@
-"""The router's deployment table: each alias's strategy, and circuits that put a deployment last."""
+"""The router's deployment table (each alias's strategy, circuits that put a
+deployment last), and how a generation's responses become the answer."""
 
 from __future__ import annotations
 
-from meshgate.config import DeploymentSettings, ModelSettings
+import grpc
+import pytest
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import DeploymentSettings, ModelSettings, RouterSettings
+from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from services.router.deployments import DeploymentTable
+from services.router.downstream import Deployments
+from services.router.pipeline import Answer, Budget
 
 
 def model(strategy: str, *names: str) -> ModelSettings:
@@ -43,3 +51,63 @@ async def test_reconfiguring_keeps_what_a_strategy_learned_unless_it_changes():
         assert table.strategy("m").name == "session_affinity"
     finally:
         await table.close()
+
+
+class ScriptedGenerate:
+    """An inference service's Generate call: the responses given, then its end."""
+
+    def __init__(self, responses: list[inference_pb.GenerateResponse]) -> None:
+        self._left = list(responses)
+        self._ended = False
+        self.request: inference_pb.GenerateRequest | None = None
+
+    def Generate(self, request, timeout=None, metadata=None):
+        self.request = request
+        return self
+
+    async def read(self):
+        if self._left:
+            return self._left.pop(0)
+        self._ended = True
+        return grpc.aio.EOF
+
+    def done(self) -> bool:
+        return self._ended
+
+    def cancel(self) -> bool:
+        self._ended = True
+        return True
+
+
+@pytest.mark.parametrize("read_ahead", [True, False])
+async def test_the_text_on_the_completion_follows_the_deltas_and_is_part_of_the_answer(read_ahead):
+    table = DeploymentTable({"m": model("least_outstanding", "a")})
+    (deployment,) = table.candidates("m")
+    deployment.stream_stub = inference = ScriptedGenerate(
+        [
+            inference_pb.GenerateResponse(delta=inference_pb.GenerateDelta(text="Hel")),
+            inference_pb.GenerateResponse(delta=inference_pb.GenerateDelta(text="lo")),
+            inference_pb.GenerateResponse(
+                completion=inference_pb.GenerateCompletion(
+                    text=" world", finish_reason="length", usage={"prompt_tokens": 3, "completion_tokens": 4}
+                )
+            ),
+        ]
+    )
+    answer = Answer()
+    try:
+        deployments = Deployments(table, RouterSettings())
+        pieces = [
+            piece
+            async for piece in deployments.generate(
+                "m", [], common_pb2.GenerationParameters(), Budget(), answer, "", read_ahead
+            )
+        ]
+    finally:
+        await table.close()
+
+    assert inference.request.completion_may_carry_text, "the router reads the completion's text"
+    assert "".join(pieces) == answer.text == "Hello world"
+    if not read_ahead:
+        assert pieces == ["Hel", "lo", " world"]
+    assert (answer.prompt_tokens, answer.completion_tokens, answer.finish_reason) == (3, 4, "length")
