@@ -114,15 +114,21 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                                 strategy.reported(backend, route, stream.cached_tokens)
                         yield response
                     return
-                except grpc.aio.AioRpcError as error:
-                    if error.code() == grpc.StatusCode.UNAVAILABLE and stream.reused and not stream.started:
+                except (grpc.aio.AioRpcError, MeshgateError) as error:
+                    if stream.reused and not stream.started and _ends_a_stream_dead_while_idle(error):
                         # An idle stream that died unnoticed (Triton restarted,
-                        # the connection dropped): the server may be fine. Its
+                        # the connection dropped, the server ended the call):
+                        # the server may be fine, and no request failed there. Its
                         # other idle streams likely died with it; a new one decides.
                         backend.streams.drop()
                         tried.discard(backend.address)
                         log.info("idle triton stream gone, opening another", backend=backend.address)
                         continue
+                    if isinstance(error, MeshgateError):
+                        if error.reason == Reason.STREAM_ENDED_EARLY:
+                            backend.health.record_failure()
+                        _with_progress(error, stream)
+                        raise
                     if error.code() == grpc.StatusCode.UNAVAILABLE:
                         backend.health.record_failure()
                     # Retry elsewhere only if nothing reached the caller yet (AIP-194).
@@ -131,11 +137,6 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                         continue
                     failure = triton_failure(error, served.triton_model, Reason.INVALID_GENERATION_REQUEST)
                     raise _with_progress(failure, stream) from error
-                except MeshgateError as failure:
-                    if failure.reason == Reason.STREAM_ENDED_EARLY:
-                        backend.health.record_failure()
-                    _with_progress(failure, stream)
-                    raise
         finally:
             self._generations -= 1
 
@@ -246,6 +247,18 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 def _embed_deadline_passed() -> MeshgateError:
     message = "the deadline passed before the embedding"
     return MeshgateError(grpc.StatusCode.DEADLINE_EXCEEDED, Reason.DEADLINE_EXCEEDED, message)
+
+
+def _ends_a_stream_dead_while_idle(error: grpc.aio.AioRpcError | MeshgateError) -> bool:
+    """Whether ``error``, on a stream taken from the pool before anything came
+    back, is how a stream that died idle ends: UNAVAILABLE (the connection
+    went), a clean end before the final response (Triton closed it), or
+    CANCELLED, which only the server sends: grpc raises a cancel of ours
+    (the caller leaving, the probes) as asyncio.CancelledError, which goes
+    on untouched."""
+    if isinstance(error, MeshgateError):
+        return error.reason == Reason.STREAM_ENDED_EARLY
+    return error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 def _with_progress(failure: MeshgateError, stream: _TritonStream) -> MeshgateError:

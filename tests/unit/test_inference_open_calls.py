@@ -6,13 +6,13 @@ answers (tests/integration/test_triton_failover.py stops a real one)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import types
 
 import grpc
 import pytest
 from tritonclient.grpc import service_pb2
 
-from meshgate import balancing
 from meshgate.common.v1 import common_pb2
 from meshgate.config import InferenceSettings
 from meshgate.errors import MeshgateError
@@ -323,10 +323,75 @@ async def test_a_caller_that_leaves_as_the_probes_end_its_call_is_cancelled_not_
     assert waiting.cancelled() and len(calls) == 0
 
 
-async def test_a_pooled_stream_that_died_idle_is_replaced_on_the_same_server_not_failed():
+def rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    metadata = grpc.aio.Metadata()
+    return grpc.aio.AioRpcError(code, metadata, metadata, "gone")
+
+
+@pytest.mark.parametrize(
+    "ending",
+    # The connection reset; Triton closed the call cleanly (STREAM_ENDED_EARLY);
+    # the server cancelled it (a cancel of ours is asyncio.CancelledError).
+    [rpc_error(grpc.StatusCode.UNAVAILABLE), grpc.aio.EOF, rpc_error(grpc.StatusCode.CANCELLED)],
+    ids=["unavailable", "clean-end", "cancelled-by-the-server"],
+)
+async def test_a_pooled_stream_that_died_idle_is_replaced_on_the_same_server_not_failed(ending):
     # Triton restarted under an idle stream that has not noticed yet: the
     # server is fine, and the only one, so the request must not fail.
-    settings = InferenceSettings(triton_urls=["127.0.0.1:1"], triton_idle_streams=4)
+    async with pooled_generations() as (backend, calls, generation):
+        failures = spy_on_failures(backend)
+        first = asyncio.ensure_future(anext(generation))
+        await until(lambda: calls[1].requests)
+        calls[1].send(ending)
+        await until(lambda: len(calls) == 3)
+        assert calls[0].cancelled, "the other idle stream went with it"
+        calls[2].send(triton_response("fresh", 1))
+        calls[2].send(triton_response("", 0, final=True, finish_reason="stop", prompt_tokens=3))
+        responses = [await asyncio.wait_for(first, 5)] + [r async for r in generation]
+        assert kinds(responses) == ["delta", "completion"]
+        assert responses[0].delta.text == "fresh"
+        assert failures == [], "a stream that died idle says nothing of the server"
+        assert list(backend.streams._idle) == [calls[2]]
+
+
+async def test_a_fresh_stream_that_ends_before_its_final_response_fails_the_generation():
+    async with pooled_generations(idle_streams=0) as (backend, calls, generation):
+        failures = spy_on_failures(backend)
+        first = asyncio.ensure_future(anext(generation))
+        await until(lambda: calls and calls[0].requests)
+        calls[0].send(grpc.aio.EOF)
+        with pytest.raises(MeshgateError) as failure:
+            await asyncio.wait_for(first, 5)
+        assert failure.value.reason == Reason.STREAM_ENDED_EARLY
+        assert len(calls) == 1 and failures == [1], "only an idle stream's end is retried on its server"
+
+
+async def test_a_caller_that_leaves_while_its_pooled_stream_is_silent_is_cancelled_not_retried():
+    async with pooled_generations() as (backend, calls, generation):
+        failures = spy_on_failures(backend)
+        first = asyncio.ensure_future(anext(generation))
+        await until(lambda: calls[1].requests)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert calls[1].cancelled, "the request inside Triton is cancelled with it"
+        assert len(calls) == 2 and not calls[0].cancelled, "no fresh stream, the idle one kept"
+        assert failures == []
+
+
+def spy_on_failures(backend: TritonBackend) -> list[int]:
+    """The failures Generate records against ``backend`` (its breaker)."""
+    failures: list[int] = []
+    backend.health.record_failure = lambda: failures.append(1)
+    return failures
+
+
+@contextlib.asynccontextmanager
+async def pooled_generations(idle_streams: int = 4):
+    """A generation's responses on the one backend, whose pool holds two idle
+    streams if it may (``calls[0]``, ``calls[1]``; the generation takes
+    ``calls[1]``, the most recently used) and opens ScriptedCalls after them."""
+    settings = InferenceSettings(triton_urls=["127.0.0.1:1"], triton_idle_streams=idle_streams)
     pool = BackendPool(settings.triton_urls, [GENERATION_MODEL], settings.triton_idle_streams)
     try:
         (backend,) = pool.backends
@@ -338,28 +403,18 @@ async def test_a_pooled_stream_that_died_idle_is_replaced_on_the_same_server_not
             return calls[-1]
 
         backend.stream_stub = types.SimpleNamespace(ModelStreamInfer=model_stream_infer)
-        servicer = InferenceServicer(settings, pool)
+        if idle_streams:
+            for call in (backend.streams.take()[0], backend.streams.take()[0]):
+                backend.streams.give_back(call)
+            assert len(backend.streams) == 2
         request = pb.GenerateRequest(
             model="tiny-gpt", messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="hi")]
         )
-        for call in (backend.streams.take()[0], backend.streams.take()[0]):
-            backend.streams.give_back(call)
-        assert len(backend.streams) == 2
-
-        generation = aiter(servicer.Generate(request, NO_DEADLINE))
-        first = asyncio.ensure_future(anext(generation))
-        await until(lambda: calls[1].requests)
-        metadata = grpc.aio.Metadata()
-        calls[1].send(grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, metadata, metadata, "reset"))
-        await until(lambda: len(calls) == 3)
-        assert calls[0].cancelled, "the other idle stream went with it"
-        calls[2].send(triton_response("fresh", 1))
-        calls[2].send(triton_response("", 0, final=True, finish_reason="stop", prompt_tokens=3))
-        responses = [await asyncio.wait_for(first, 5)] + [r async for r in generation]
-        assert kinds(responses) == ["delta", "completion"]
-        assert responses[0].delta.text == "fresh"
-        assert backend.health.state is balancing.BreakerState.CLOSED
-        assert list(backend.streams._idle) == [calls[2]]
+        generation = aiter(InferenceServicer(settings, pool).Generate(request, NO_DEADLINE))
+        try:
+            yield backend, calls, generation
+        finally:
+            await generation.aclose()
     finally:
         await pool.close()
 
