@@ -632,8 +632,10 @@ class InferenceSettings:
     # most of a streamed token's cost; under load, fewer messages buy CPU
     # and tokens/s for burstier deltas. Alone or nearly (fewer streams than
     # the minimum, a choice, not a measurement), where CPU is not short,
-    # nothing is held. 0 ms: every token as it comes. Defaults measured:
-    # bench/README.md, "Issue 13, CPU per token".
+    # nothing is held. Nor is a stream slower than the interval (a token
+    # that came longer than it after the one before: smollm2 on CPU), whose
+    # next token would not come in time to join it. 0 ms: every token as it
+    # comes. Defaults measured: bench/README.md, "Issue 13, CPU per token".
     stream_interval_ms: float = 80.0
     stream_interval_min_streams: int = 4
     # Open ModelStreamInfer calls kept idle per Triton server, each carrying

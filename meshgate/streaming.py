@@ -48,7 +48,10 @@ async def batches(
     _TritonStream._hold). Nothing is held past a message that ``urgent``
     says must not wait (the last one, so it is never late; the inference
     service's also one its model held already), nor past the call's end or
-    failure.
+    failure. A message that came longer than the hold after the one before
+    it is not held at all: its stream is slower than the hold, and its next
+    message would come after the hold anyway (the generation engine's own
+    stream interval holds by the same rule).
 
     ``ends``: whether a message is the last this consumer wants (the
     inference service's Triton streams carry one request after another, and
@@ -76,8 +79,11 @@ async def batches(
 
     async def read_ahead() -> None:
         nonlocal timer
+        previous = loop.time()
         try:
             while (message := await call.read()) is not grpc.aio.EOF:
+                now = loop.time()
+                gap, previous = now - previous, now
                 first_waiting = not arrived
                 arrived.append(message)
                 if ends is not None and ends(message):
@@ -86,7 +92,12 @@ async def batches(
                     wake.set()
                 elif first_waiting and timer is None:
                     hold = hold_s()
-                    if hold > 0:
+                    # A stream whose last message came longer than the hold
+                    # after the one before (a model slower than the hold:
+                    # smollm2 on CPU, ~130 ms a token) would send its next
+                    # one after the hold anyway: holding it would delay it
+                    # and join it with nothing.
+                    if hold > 0 and gap < hold:
                         timer = loop.call_later(hold, wake.set)
                     else:
                         wake.set()

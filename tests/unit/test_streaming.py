@@ -249,3 +249,23 @@ async def test_with_ends_reading_stops_after_the_last_message_with_no_read_left_
     assert received[-1][-1] == "END"
     assert call.reads_waiting == 0
     assert await call.read() == "next request", "what follows the end is left for the next reader"
+
+
+async def test_a_stream_slower_than_the_hold_is_not_held():
+    call = ScriptedCall()
+    hold_s, gap_s = 1.0, 1.5
+    async with contextlib.aclosing(streaming.batches(call, hold_s=lambda: hold_s, urgent=ends)) as batches:
+        call.send("a")
+        assert await anext(batches) == ["a"]
+        # "b" comes longer than the hold after "a": its stream would send
+        # the next message after the hold anyway, so it goes on at once.
+        await asyncio.sleep(gap_s)
+        call.send("b")
+        sent = time.monotonic()
+        assert await anext(batches) == ["b"]
+        assert time.monotonic() - sent < hold_s / 2
+        # "c" comes right after "b": held for company as before.
+        call.send("c")
+        sent = time.monotonic()
+        assert await anext(batches) == ["c"]
+        assert time.monotonic() - sent >= hold_s * 0.9
