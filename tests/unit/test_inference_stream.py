@@ -477,6 +477,52 @@ async def test_a_pooled_stream_that_fails_the_write_reads_as_unavailable_before_
     assert following.reused and not following.started
 
 
+async def test_closing_a_finished_generation_leaves_its_stream_to_the_request_that_took_it_next():
+    # A's handler goes on after its completion (the write to its caller), and
+    # its generator is closed then: by now B's request rides the same call.
+    call = ScriptedCall()
+    stream, backend = stream_on(call, idle_streams=2)
+    answer(call, "one")
+    a = aiter(stream)
+    assert (await anext(a)).delta.text == "one"
+    assert (await anext(a)).HasField("completion")
+    assert len(backend.streams) == 1, "given back before the completion went out"
+
+    b = aiter(next_stream(backend))
+    first = asyncio.ensure_future(anext(b))
+    await until(lambda: len(call.requests) == 2)
+    await a.aclose()
+    assert not call.cancelled, "A's close must not cancel B's request"
+    assert len(backend.calls) == 1, "B's call is still open work"
+    answer(call, "two")
+    assert (await asyncio.wait_for(first, 5)).delta.text == "two"
+    assert (await asyncio.wait_for(anext(b), 5)).HasField("completion")
+    assert backend.opened == [call] and len(backend.streams) == 1
+
+
+async def test_a_cancel_reaching_a_finished_generation_is_its_own_not_the_probes_end_of_the_next():
+    # Nothing A awaits after giving its stream back, so a cancel reaches it
+    # there only thrown in at the completion (athrow). The probes have ended
+    # B's request on the same call meanwhile: that end is B's, and A's
+    # cancel must go on, not pass for "the probes cut short a finished answer".
+    call = ScriptedCall()
+    stream, backend = stream_on(call, idle_streams=2)
+    answer(call, "one")
+    a = aiter(stream)
+    assert (await anext(a)).delta.text == "one"
+    assert (await anext(a)).HasField("completion")
+    b = aiter(next_stream(backend))
+    first = asyncio.ensure_future(anext(b))
+    await until(lambda: len(call.requests) == 2)
+    assert backend.calls.end({"tiny_gpt"}) == 1
+
+    with pytest.raises(asyncio.CancelledError):
+        await a.athrow(asyncio.CancelledError())
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await asyncio.wait_for(first, 5)
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE, "B's request left rotation"
+
+
 def test_the_pool_keeps_at_most_its_bound_and_drop_cancels_the_idle():
     opened = []
     streams = TritonStreams(lambda: opened.append(ScriptedCall()) or opened[-1], idle_limit=2)
