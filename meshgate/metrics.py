@@ -242,6 +242,7 @@ class BackendCollector(Collector):
         "meshgate_triton_compute_seconds",
         "meshgate_triton_inferences",
         "meshgate_inference_backend_circuit",
+        "meshgate_inference_triton_streams_opened",
     )
 
     def __init__(self, pool=None) -> None:
@@ -281,6 +282,13 @@ class BackendCollector(Collector):
             "out of rotation whatever its circuit; meshgate/balancing.py).",
             labels=["backend", "state"],
         )
+        streams_opened = CounterMetricFamily(
+            self.NAMES[8],
+            "ModelStreamInfer calls opened to the backend. Each carries one generation at a time and "
+            "is reused between them (inference.triton_idle_streams): against the generations, what "
+            "the reuse saves.",
+            labels=["backend"],
+        )
         for backend in self._pool.backends if self._pool is not None else ():
             address = backend.address
             state = "ejected" if backend.health.ejected else backend.health.state.value
@@ -289,13 +297,16 @@ class BackendCollector(Collector):
             live.add_metric([address], float(backend.live))
             ready.add_metric([address], float(backend.ready))
             in_flight.add_metric([address], float(backend.in_flight))
+            streams_opened.add_metric([address], backend.streams.opened)
             for model in backend.models:
                 model_ready.add_metric([address, model], float(model in backend.ready_models))
             for model, figures in backend.statistics.items():
                 queue.add_metric([address, model], figures.queue_ns / 1e9)
                 compute.add_metric([address, model], figures.compute_ns / 1e9)
                 inferences.add_metric([address, model], figures.successes)
-        return iter((live, ready, in_flight, model_ready, queue, compute, inferences, circuit))
+        return iter(
+            (live, ready, in_flight, model_ready, queue, compute, inferences, circuit, streams_opened)
+        )
 
 
 # --- the process's metrics -------------------------------------------------------

@@ -20,7 +20,9 @@ import contextlib
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
+from meshgate import metrics
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ServedModelSettings, Settings
 from meshgate.errors import error_info
@@ -91,6 +93,17 @@ async def text_of(stub, text: str) -> str:
     return "".join(deltas)
 
 
+def streams_opened_exported(pool: BackendPool) -> float | None:
+    """meshgate_inference_triton_streams_opened_total of the pool's backend,
+    as the inference service's metrics endpoint serves it."""
+    registry = CollectorRegistry()
+    registry.register(metrics.BackendCollector(pool))
+    (backend,) = pool.backends
+    return registry.get_sample_value(
+        "meshgate_inference_triton_streams_opened_total", {"backend": backend.address}
+    )
+
+
 def streams_of(pool: BackendPool):
     (backend,) = pool.backends
     return backend.streams
@@ -106,6 +119,7 @@ async def test_generations_one_after_another_share_one_stream_and_answer_as_a_ca
         streams = streams_of(pools[1])
         assert streams.opened == 1
         assert len(streams) == 1
+        assert streams_opened_exported(pools[1]) == 1.0
         health = await pooled.GetBackendHealth(pb.GetBackendHealthRequest())
         assert health.backends[0].in_flight == 0, "an idle stream is no work in flight"
     assert got == expected

@@ -396,11 +396,12 @@ def test_an_unknown_strategy_is_a_configuration_error():
     assert served.tokenizer == SMOLLM2_TOKENIZER
 
 
-def test_the_inference_metrics_export_each_backends_circuit_state():
+def test_the_inference_metrics_export_each_backends_circuit_state_and_streams_opened():
     from prometheus_client import CollectorRegistry, generate_latest
 
     from meshgate import metrics
-    from services.inference.backends import TritonBackend
+    from services.inference.backends import TritonBackend, TritonStreams
+    from tests.unit.test_inference_stream import ScriptedCall
 
     class Pool:
         backends = [TritonBackend.__new__(TritonBackend), TritonBackend.__new__(TritonBackend)]
@@ -411,10 +412,17 @@ def test_the_inference_metrics_export_each_backends_circuit_state():
         backend.address, backend.live, backend.ready, backend.in_flight = address, True, True, 0
         backend.models, backend.ready_models, backend.statistics = [], set(), {}
         backend.health = Health(BreakerPolicy(failures_to_open=1), clock)
+        backend.streams = TritonStreams(ScriptedCall, idle_limit=1)
     Pool.backends[1].health.record_failure()
+    # b:1 opens a stream, gives it back and carries a second request on it.
+    streams = Pool.backends[1].streams
+    for _ in range(2):
+        streams.give_back(streams.take()[0])
     registry = CollectorRegistry()
     registry.register(metrics.BackendCollector(Pool()))
     text = generate_latest(registry).decode()
     assert 'meshgate_inference_backend_circuit{backend="a:1",state="closed"} 1.0' in text
     assert 'meshgate_inference_backend_circuit{backend="b:1",state="open"} 1.0' in text
     assert 'meshgate_inference_backend_circuit{backend="b:1",state="closed"} 0.0' in text
+    assert 'meshgate_inference_triton_streams_opened_total{backend="a:1"} 0.0' in text
+    assert 'meshgate_inference_triton_streams_opened_total{backend="b:1"} 1.0' in text
