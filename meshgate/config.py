@@ -640,11 +640,12 @@ class InferenceSettings:
     stream_interval_min_streams: int = 4
     # Open ModelStreamInfer calls kept idle per Triton server, each carrying
     # one generation at a time (services/inference/backends.py,
-    # TritonStreams): opening a call per generation cost ~1.5 ms of this
-    # service's CPU an answer (bench/README.md, issue 13). About the
-    # concurrency one server sees; beyond it, streams close after their
-    # request. 0: a call per generation. An idle stream is an open call to
-    # Triton: its connection is pinged every 5 minutes
+    # TritonStreams): opening a call per generation cost ~0.46 ms of this
+    # service's CPU an answer at 16 streams, ~10% (measured A/B,
+    # bench/README.md, "Triton streams reused"; ~1.5 ms was a profile's
+    # estimate). About the concurrency one server sees; beyond it, streams
+    # close after their request. 0: a call per generation. An idle stream
+    # is an open call to Triton: its connection is pinged every 5 minutes
     # (serving.TRITON_CHANNEL_OPTIONS, within Triton's default policy). A
     # reused stream carries no request's W3C trace context (one call, many
     # requests): Triton's own tracing, if started, cannot join our traces.

@@ -103,8 +103,10 @@ class TritonStreams:
     requests they carry, one request at a time.
 
     Opening a call for every generation (the call object, its headers, the
-    half-close, the trailers at the end) was about a quarter of the inference
-    service's CPU under load, ~1.5 ms an answer (bench/README.md, issue 13).
+    half-close, the trailers at the end) cost the inference service ~0.46 ms
+    of CPU an answer at 16 concurrent streams, ~10%, as measured (A/B,
+    bench/README.md, "Triton streams reused"; a py-spy profile had
+    estimated ~1.5 ms, about a quarter).
     A stream carries one request at a time, so cancelling it cancels exactly
     that request inside Triton: any end but a clean final response cancels
     the stream and it never comes back here. Idle streams are not in-flight
