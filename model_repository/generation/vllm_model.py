@@ -280,6 +280,10 @@ class VLLMStyleModel:
                     max_context=self.model.config.max_context,
                 )
             except Exception as error:  # any malformed input becomes an error response for it alone
+                # "<model>: invalid request: " is how the inference service
+                # tells a refusal (INVALID_ARGUMENT) from a failure: on a
+                # stream, Triton passes the error on as text alone
+                # (services/inference/triton_protocol.is_refusal).
                 sender.send_error(f"{self.name}: invalid request: {error}", pb_utils.TritonError.INVALID_ARG)
                 continue
             sender.prompt_tokens = len(generation.prompt_ids)

@@ -90,14 +90,6 @@ class OpenCalls:
             self.discard(call)
 
 
-# Asks Triton (24.08+) to end a stream with the model's own status code
-# (INVALID_ARGUMENT for a request the model refuses) instead of a bare
-# error_message string that says nothing of whose fault it was. Triton then
-# ends the whole stream on a model error, so a stream that carried one is
-# never reused (TritonStreams).
-TRITON_STATUS_CODES = (("triton_grpc_error", "true"),)
-
-
 class TritonStreams:
     """Open ModelStreamInfer calls to one Triton server, idle between the
     requests they carry, one request at a time.
@@ -216,7 +208,13 @@ class TritonBackend:
 
     def _open_stream(self):
         # No request iterator: requests go by write(), one after another.
-        return self.stream_stub.ModelStreamInfer(metadata=TRITON_STATUS_CODES)
+        # Not in Triton's triton_grpc_error mode (the model's status code
+        # ends the stream): with it, tritonserver crashed (SIGSEGV) within a
+        # few hundred refused requests beside concurrent streams, with or
+        # without reuse, and never without it (bench/triton_refusal_probe.py).
+        # A model's error then comes as a response's error_message, and
+        # triton_protocol.is_refusal tells a refused request from a failure.
+        return self.stream_stub.ModelStreamInfer()
 
     def queue_ms(self, model: str) -> float:
         return self._recent_queue_ms.get(model, 0.0)

@@ -406,8 +406,12 @@ class _TritonStream:
                     self.delivered_tokens = completion_tokens
                     yield pb.GenerateResponse(delta=pb.GenerateDelta(text=text))
                 if model_error:
-                    # Only a Triton older than 24.08 answers so (it ignores
-                    # backends.TRITON_STATUS_CODES): the message alone cannot say whose fault it was.
+                    # Triton passes a model's error on as text (not in its
+                    # triton_grpc_error mode: backends.TritonBackend._open_stream).
+                    if triton_protocol.is_refusal(model_error):
+                        raise invalid_argument(
+                            Reason.INVALID_GENERATION_REQUEST, model_error, model=self._model
+                        )
                     raise MeshgateError(
                         grpc.StatusCode.INTERNAL,
                         Reason.MODEL_ERROR,

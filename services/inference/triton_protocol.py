@@ -135,6 +135,21 @@ def ends_stream(message: service_pb2.ModelStreamInferResponse) -> bool:
     return bool(final and final.bool_param)
 
 
+# How the bundled generation models word a request they refuse (a value out
+# of range, a prompt over the window): "<model>: invalid request: <why>".
+# On a stream, Triton passes a model's error on as text only (the status
+# code would need its triton_grpc_error mode, which crashed tritonserver:
+# backends.TritonBackend._open_stream), so the wording is what tells the
+# caller's fault from the model's.
+_REFUSAL = ": invalid request: "
+
+
+def is_refusal(error_message: str) -> bool:
+    """Whether a streamed error_message is a model refusing the request
+    (the caller's INVALID_ARGUMENT), not failing it (INTERNAL)."""
+    return _REFUSAL in error_message
+
+
 def needs_no_hold(message: service_pb2.ModelStreamInferResponse) -> bool:
     """Whether a streamed message goes on at once rather than wait in the
     inference service's stream interval: the last one (``ends_stream``), or

@@ -21,6 +21,7 @@ import contextlib
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry
+from tritonclient.grpc import service_pb2
 
 from meshgate import metrics
 from meshgate.common.v1 import common_pb2
@@ -157,7 +158,41 @@ async def test_a_model_error_ends_only_its_request_and_the_next_one_works(triton
         assert error_info(refused.value).reason == "INVALID_GENERATION_REQUEST"
         assert "max_tokens must be in [1, 511], got 600" in refused.value.details()
         assert await text_of(stub, "Hello there") == first
-        assert streams_of(pools[0]).opened == 2, "Triton ends the stream of a refused request"
+        assert streams_of(pools[0]).opened == 2, "a stream whose request was refused is not reused"
+
+
+async def test_refused_requests_beside_concurrent_generations_leave_triton_running(triton_url, pools):
+    """In its triton_grpc_error mode tritonserver crashed (SIGSEGV) within a
+    few hundred refused requests beside concurrent streams, most often when
+    the refusal followed an answer on the same call (pooled streams):
+    bench/triton_refusal_probe.py. Refusals now come as error_message
+    responses, told from failures by their wording (triton_protocol.is_refusal)."""
+    async with serving(settings_for(triton_url)) as stub:
+        first = await text_of(stub, "Hello there")
+        stop = asyncio.Event()
+        answered = 0
+
+        async def answering() -> None:
+            nonlocal answered
+            while not stop.is_set():
+                assert await text_of(stub, "Hello there") == first
+                answered += 1
+
+        workers = [asyncio.ensure_future(answering()) for _ in range(4)]
+        try:
+            for _ in range(300):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    async for _ in stub.Generate(
+                        generate("Hello", "tiny-gpt-misconfigured", 600), timeout=60
+                    ):
+                        pass
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+                assert error_info(refused.value).reason == "INVALID_GENERATION_REQUEST"
+        finally:
+            stop.set()
+            await asyncio.gather(*workers)
+        assert answered >= 4
+        assert await text_of(stub, "Hello there") == first
 
 
 async def test_a_triton_restarted_under_an_idle_stream_does_not_fail_the_next_generation(tmp_path, pools):
@@ -182,6 +217,15 @@ async def test_a_triton_restarted_under_an_idle_stream_does_not_fail_the_next_ge
             # Off the event loop: the service must see its stream end meanwhile.
             await asyncio.to_thread(triton.terminate, process)
             process = await asyncio.to_thread(launch, "second")
+            # The service's channel reconnects on its own backoff (up to 1 s:
+            # serving.RECONNECT_OPTIONS); a call before that fails UNAVAILABLE
+            # whatever the pool did (a call each did too). Wait for it on the
+            # streams' channel, without touching the idle stream.
+            (backend,) = pools[0].backends
+            await backend.stream_stub.ServerLive(
+                service_pb2.ServerLiveRequest(), wait_for_ready=True, timeout=30
+            )
+            assert len(streams_of(pools[0])) == 1, "the dead stream is still idle in the pool"
             assert await text_of(stub, "Hello there") == first
             assert streams_of(pools[0]).opened == 2, "the dead stream was left for a new one"
     finally:

@@ -315,6 +315,29 @@ async def test_a_model_error_after_held_responses_sends_them_first():
     assert (stream.delivered_deltas, stream.delivered_tokens) == (2, 2)
 
 
+@pytest.mark.parametrize(
+    ("error_message", "code", "reason"),
+    [
+        # The bundled models' wording of a request they refuse: the caller's fault.
+        (
+            "tiny_gpt: invalid request: max_tokens must be in [1, 511], got 600",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            Reason.INVALID_GENERATION_REQUEST,
+        ),
+        ("tiny_gpt: internal error during generation", grpc.StatusCode.INTERNAL, Reason.MODEL_ERROR),
+    ],
+)
+async def test_a_models_error_response_is_a_refusal_or_a_failure_by_its_wording(error_message, code, reason):
+    call = ScriptedCall()
+    call.send(service_pb2.ModelStreamInferResponse(error_message=error_message))
+    stream, _ = stream_on(call)
+    with pytest.raises(MeshgateError) as failure:
+        async for _ in stream:
+            pass
+    assert (failure.value.code, failure.value.reason) == (code, reason)
+    assert error_message in failure.value.message
+
+
 async def test_with_the_stream_interval_the_first_text_is_not_held_after_an_empty_first_response():
     call = ScriptedCall()
     stream, _ = stream_on(call, hold_s=lambda: LONG_HOLD_S)

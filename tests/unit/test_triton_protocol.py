@@ -161,3 +161,17 @@ def test_a_template_cannot_reach_python_internals(tmp_path):
     with pytest.raises(MeshgateError) as caught:
         triton_protocol.render_chat([user], str(template))
     assert caught.value.reason == "CHAT_TEMPLATE_REJECTED"
+
+
+@pytest.mark.parametrize(
+    ("error_message", "refusal"),
+    [
+        ("tiny_gpt: invalid request: max_tokens must be in [1, 511], got 600", True),
+        ("smollm2: invalid request: temperature must be >= 0, got -1.0", True),
+        ("tiny_gpt: internal error during generation", False),
+        ("request was cancelled", False),
+        ("", False),
+    ],
+)
+def test_a_refusal_is_told_from_a_failure_by_the_models_wording(error_message, refusal):
+    assert triton_protocol.is_refusal(error_message) is refusal
