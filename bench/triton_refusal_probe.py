@@ -76,7 +76,7 @@ async def probe(rounds: int, grpc_error: bool, reuse: bool) -> None:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
             async def answering() -> None:
-                call = stub.ModelStreamInfer(metadata=metadata)
+                call = stub.ModelStreamInfer(metadata=metadata) if reuse else None
                 while True:
                     if not reuse:
                         call = stub.ModelStreamInfer(metadata=metadata)

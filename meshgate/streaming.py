@@ -94,9 +94,9 @@ async def batches(
                     hold = hold_s()
                     # A stream whose last message came longer than the hold
                     # after the one before (a model slower than the hold:
-                    # smollm2 on CPU, ~130 ms a token) would send its next
-                    # one after the hold anyway: holding it would delay it
-                    # and join it with nothing.
+                    # smollm2 on CPU, ~90-110 ms a token at 8 streams)
+                    # would send its next one after the hold anyway:
+                    # holding it would delay it and join it with nothing.
                     if hold > 0 and gap < hold:
                         timer = loop.call_later(hold, wake.set)
                     else:

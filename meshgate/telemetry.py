@@ -214,16 +214,16 @@ def embedding_span(model: str):
 
 
 def start_grpc_client_span(
-    method: str, peer: str, metadata: Sequence[tuple[str, str]] = (), inject: bool = True
+    method: str, peer: str, inject: bool = True
 ) -> tuple[trace.Span, tuple[tuple[str, str], ...]]:
     """The client span of one streaming call made on a channel without the
     gRPC client interceptor, which wraps every message of a stream in two
     more async generators: here the span costs once per call, nothing per
     message. Named as the interceptor names it. Returns the span (not made
-    current; end it with :func:`end_grpc_client_span`) and ``metadata`` with
-    the span's W3C trace context, so the server's spans join the trace;
-    without ``inject`` (a request on a call opened earlier, which has no
-    metadata of its own), ``metadata`` as it is."""
+    current; end it with :func:`end_grpc_client_span`) and the call's
+    metadata: the span's W3C trace context, so the server's spans join the
+    trace; none without ``inject`` (a request on a call opened earlier,
+    which has no metadata of its own)."""
     service, _, name = method.lstrip("/").rpartition("/")
     span = _tracer.start_span(
         method,
@@ -231,10 +231,10 @@ def start_grpc_client_span(
         attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name, "server.address": peer},
     )
     if not inject:
-        return span, tuple(metadata)
+        return span, ()
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=trace.set_span_in_context(span))
-    return span, (*metadata, *carrier.items())
+    return span, tuple(carrier.items())
 
 
 def end_grpc_client_span(span: trace.Span, error: BaseException | None) -> None:

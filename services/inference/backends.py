@@ -212,8 +212,8 @@ class TritonBackend:
         # ends the stream): with it, tritonserver crashed (SIGSEGV) within a
         # few hundred refused requests beside concurrent streams, with or
         # without reuse, and never without it (bench/triton_refusal_probe.py).
-        # A model's error then comes as a response's error_message, and
-        # triton_protocol.is_refusal tells a refused request from a failure.
+        # A model's error then comes as a response's error_message, which
+        # triton_protocol.stream_error_code reads as a status code.
         return self.stream_stub.ModelStreamInfer()
 
     def queue_ms(self, model: str) -> float:

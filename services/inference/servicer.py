@@ -83,6 +83,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             strategy = self._strategies[request.model]
             route = await self._route_request(served, strategy, prompt)
             tried: set[str] = set()
+            # Servers whose dead idle stream this request already replaced.
+            revived: set[str] = set()
             while True:
                 backend = self._pool.choose(served.triton_model, frozenset(tried), strategy, route)
                 tried.add(backend.address)
@@ -115,12 +117,19 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                         yield response
                     return
                 except (grpc.aio.AioRpcError, MeshgateError) as error:
-                    if stream.reused and not stream.started and _ends_a_stream_dead_while_idle(error):
+                    if (
+                        stream.reused
+                        and not stream.heard
+                        and backend.address not in revived
+                        and _ends_a_stream_dead_while_idle(error)
+                    ):
                         # An idle stream that died unnoticed (Triton restarted,
                         # the connection dropped, the server ended the call):
                         # the server may be fine, and no request failed there. Its
                         # other idle streams likely died with it; a new one decides.
                         backend.streams.drop()
+                        # Once a server: a stream that fails so again is the server's doing.
+                        revived.add(backend.address)
                         tried.discard(backend.address)
                         log.info("idle triton stream gone, opening another", backend=backend.address)
                         continue
@@ -318,6 +327,9 @@ class _TritonStream:
         # Whether the stream was idle in the pool: if it died there unnoticed,
         # the servicer tries a new one on the same server (Generate).
         self.reused = False
+        # Whether Triton sent anything for this request (an error response
+        # too): a stream that died idle fails before it does.
+        self.heard = False
         # What reached the caller, for the error that ends a stream midway.
         self.delivered_deltas = self.delivered_chars = self.delivered_tokens = 0
 
@@ -373,6 +385,7 @@ class _TritonStream:
             async for batch in arrivals:
                 texts = []
                 model_error = ""
+                self.heard = True
                 for message in batch:
                     if message.error_message:
                         # The text before it still goes out (below), then the error.
@@ -406,18 +419,11 @@ class _TritonStream:
                     self.delivered_tokens = completion_tokens
                     yield pb.GenerateResponse(delta=pb.GenerateDelta(text=text))
                 if model_error:
-                    # Triton passes a model's error on as text (not in its
-                    # triton_grpc_error mode: backends.TritonBackend._open_stream).
-                    if triton_protocol.is_refusal(model_error):
-                        raise invalid_argument(
-                            Reason.INVALID_GENERATION_REQUEST, model_error, model=self._model
-                        )
-                    raise MeshgateError(
-                        grpc.StatusCode.INTERNAL,
-                        Reason.MODEL_ERROR,
-                        f"Triton: {model_error}",
-                        {"backend": backend.address},
-                    )
+                    # As the status Triton would have ended the call with:
+                    # Generate and triton_failure take it from there.
+                    metadata = grpc.aio.Metadata()
+                    code = triton_protocol.stream_error_code(model_error, self._model)
+                    raise grpc.aio.AioRpcError(code, metadata, metadata, model_error)
                 if final_seen:
                     break
             if not final_seen:
@@ -509,11 +515,13 @@ async def _write(call, request: service_pb2.ModelStreamInferRequest) -> None:
 def triton_failure(error: grpc.aio.AioRpcError, model: str, invalid_reason: str) -> MeshgateError:
     """A failed Triton call as the caller should see it.
 
-    A model's refusal (INVALID_ARGUMENT) is the caller's to fix, so its
-    message goes along; cancellation and deadlines keep their codes; an
-    internal failure of a model is INTERNAL, with the model's message (ours
-    name no hosts or paths). Transport failures carry no model message:
-    they go through from_rpc_error, which keeps addresses out.
+    On a stream the code is triton_protocol.stream_error_code's reading of
+    the model's error_message. A model's refusal (INVALID_ARGUMENT) is the
+    caller's to fix, so its message goes along; cancellation and deadlines
+    keep their codes; an internal failure of a model is INTERNAL, with the
+    model's message (ours name no hosts or paths). Transport failures carry
+    no model message: they go through from_rpc_error, which keeps addresses
+    out.
     """
     code = error.code()
     details = error.details() or ""

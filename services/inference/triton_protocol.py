@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import struct
 
+import grpc
 import jinja2
 from tritonclient.grpc import service_pb2
 
@@ -135,19 +136,26 @@ def ends_stream(message: service_pb2.ModelStreamInferResponse) -> bool:
     return bool(final and final.bool_param)
 
 
-# How the bundled generation models word a request they refuse (a value out
-# of range, a prompt over the window): "<model>: invalid request: <why>".
-# On a stream, Triton passes a model's error on as text only (the status
-# code would need its triton_grpc_error mode, which crashed tritonserver:
-# backends.TritonBackend._open_stream), so the wording is what tells the
-# caller's fault from the model's.
-_REFUSAL = ": invalid request: "
-
-
-def is_refusal(error_message: str) -> bool:
-    """Whether a streamed error_message is a model refusing the request
-    (the caller's INVALID_ARGUMENT), not failing it (INTERNAL)."""
-    return _REFUSAL in error_message
+def stream_error_code(error_message: str, triton_model: str) -> grpc.StatusCode:
+    """The status a streamed ``error_message`` stands for. On a stream,
+    Triton passes an error on as text alone (its status code would need its
+    triton_grpc_error mode, which crashed tritonserver:
+    backends.TritonBackend._open_stream), so the wording decides, as the
+    bundled generation models and Triton word them: a request the model
+    refuses ("<model>: invalid request: ...") is the caller's
+    INVALID_ARGUMENT; a model shutting down, or one this server does not
+    have (ready) just now, UNAVAILABLE, so the request is tried on another
+    server if nothing went out yet; the model's own "request was cancelled",
+    CANCELLED; anything else, a failure of the model: INTERNAL."""
+    if error_message.startswith(f"{triton_model}: invalid request: "):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if error_message == f"{triton_model}: model is shutting down" or error_message.startswith(
+        ("Request for unknown model", "Server not ready")
+    ):
+        return grpc.StatusCode.UNAVAILABLE
+    if error_message == "request was cancelled":
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.INTERNAL
 
 
 def needs_no_hold(message: service_pb2.ModelStreamInferResponse) -> bool:

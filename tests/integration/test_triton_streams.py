@@ -166,7 +166,7 @@ async def test_refused_requests_beside_concurrent_generations_leave_triton_runni
     few hundred refused requests beside concurrent streams, most often when
     the refusal followed an answer on the same call (pooled streams):
     bench/triton_refusal_probe.py. Refusals now come as error_message
-    responses, told from failures by their wording (triton_protocol.is_refusal)."""
+    responses, read by their wording (triton_protocol.stream_error_code)."""
     async with serving(settings_for(triton_url)) as stub:
         first = await text_of(stub, "Hello there")
         stop = asyncio.Event()

@@ -280,7 +280,7 @@ async def test_a_generation_that_fails_or_is_cancelled_no_longer_counts_toward_t
         backend.ready_models = {GENERATION_MODEL}
         calls: list[ScriptedCall] = []
 
-        def model_stream_infer(metadata):
+        def model_stream_infer():
             calls.append(ScriptedCall())
             return calls[-1]
 
@@ -398,7 +398,7 @@ async def pooled_generations(idle_streams: int = 4):
         backend.ready_models = {GENERATION_MODEL}
         calls: list[ScriptedCall] = []
 
-        def model_stream_infer(metadata):
+        def model_stream_infer():
             calls.append(ScriptedCall())
             return calls[-1]
 
@@ -429,3 +429,17 @@ async def test_idle_streams_are_dropped_when_the_probes_take_the_server_out(back
     backend._probe_stub.ready = set()
     await probe_until_down(backend, models)
     assert idle.cancelled and len(backend.streams) == 0
+
+
+async def test_a_pooled_stream_whose_server_answers_with_an_error_is_not_replaced_on_that_server():
+    # The model shutting down answers on the stream: the stream was alive,
+    # the server is not, so no fresh stream there; the one server is tried once.
+    async with pooled_generations() as (backend, calls, generation):
+        failures = spy_on_failures(backend)
+        first = asyncio.ensure_future(anext(generation))
+        await until(lambda: calls[1].requests)
+        calls[1].send(service_pb2.ModelStreamInferResponse(error_message="tiny_gpt: model is shutting down"))
+        with pytest.raises(MeshgateError) as failure:
+            await asyncio.wait_for(first, 5)
+        assert failure.value.code == grpc.StatusCode.UNAVAILABLE
+        assert len(calls) == 2 and failures == [1], "no stream opened for it; the server's failure recorded"

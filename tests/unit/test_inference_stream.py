@@ -303,39 +303,44 @@ async def test_a_model_error_after_held_responses_sends_them_first():
     call.send(triton_response("one", 1))
     stream, _ = stream_on(call, hold_s=lambda: LONG_HOLD_S)
     delivered = []
-    with pytest.raises(MeshgateError) as failure:
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
         async with asyncio.timeout(5):
             async for response in stream:
                 delivered.append(response.delta.text)
                 if delivered == ["one"]:
                     call.send(triton_response(" two", 1))
                     call.send(service_pb2.ModelStreamInferResponse(error_message="model broke"))
-    assert failure.value.reason == Reason.MODEL_ERROR
+    assert failure.value.code() == grpc.StatusCode.INTERNAL
     assert delivered == ["one", " two"]
     assert (stream.delivered_deltas, stream.delivered_tokens) == (2, 2)
 
 
 @pytest.mark.parametrize(
-    ("error_message", "code", "reason"),
+    ("error_message", "code"),
     [
-        # The bundled models' wording of a request they refuse: the caller's fault.
         (
             "tiny_gpt: invalid request: max_tokens must be in [1, 511], got 600",
             grpc.StatusCode.INVALID_ARGUMENT,
-            Reason.INVALID_GENERATION_REQUEST,
         ),
-        ("tiny_gpt: internal error during generation", grpc.StatusCode.INTERNAL, Reason.MODEL_ERROR),
+        ("tiny_gpt: model is shutting down", grpc.StatusCode.UNAVAILABLE),
+        ("tiny_gpt: internal error during generation", grpc.StatusCode.INTERNAL),
     ],
 )
-async def test_a_models_error_response_is_a_refusal_or_a_failure_by_its_wording(error_message, code, reason):
+async def test_a_models_error_response_ends_the_stream_with_the_status_its_wording_stands_for(
+    error_message, code
+):
     call = ScriptedCall()
-    call.send(service_pb2.ModelStreamInferResponse(error_message=error_message))
-    stream, _ = stream_on(call)
-    with pytest.raises(MeshgateError) as failure:
-        async for _ in stream:
-            pass
-    assert (failure.value.code, failure.value.reason) == (code, reason)
-    assert error_message in failure.value.message
+    call.send(triton_response("Hel", 1))
+    stream, backend = stream_on(call, idle_streams=2)
+    delivered = []
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        async for response in stream:
+            delivered.append(response.delta.text)
+            call.send(service_pb2.ModelStreamInferResponse(error_message=error_message))
+    assert (failure.value.code(), failure.value.details()) == (code, error_message)
+    # The text before it went out, and says so (Generate's _with_progress).
+    assert delivered == ["Hel"] and (stream.started, stream.delivered_deltas) == (True, 1)
+    assert len(backend.streams) == 0 and call.cancelled, "a stream whose request failed is not reused"
 
 
 async def test_with_the_stream_interval_the_first_text_is_not_held_after_an_empty_first_response():

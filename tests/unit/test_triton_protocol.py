@@ -164,14 +164,22 @@ def test_a_template_cannot_reach_python_internals(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("error_message", "refusal"),
+    ("error_message", "code"),
     [
-        ("tiny_gpt: invalid request: max_tokens must be in [1, 511], got 600", True),
-        ("smollm2: invalid request: temperature must be >= 0, got -1.0", True),
-        ("tiny_gpt: internal error during generation", False),
-        ("request was cancelled", False),
-        ("", False),
+        (
+            "tiny_gpt: invalid request: max_tokens must be in [1, 511], got 600",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        ("tiny_gpt: model is shutting down", grpc.StatusCode.UNAVAILABLE),
+        ("Request for unknown model: 'tiny_gpt' has no available versions", grpc.StatusCode.UNAVAILABLE),
+        ("Server not ready", grpc.StatusCode.UNAVAILABLE),
+        ("request was cancelled", grpc.StatusCode.CANCELLED),
+        ("tiny_gpt: internal error during generation", grpc.StatusCode.INTERNAL),
+        # Another model's wording, or the words quoted inside a message, are no refusal of this one.
+        ("smollm2: invalid request: temperature must be >= 0, got -1.0", grpc.StatusCode.INTERNAL),
+        ("tiny_gpt: internal error: saw 'x: invalid request: y'", grpc.StatusCode.INTERNAL),
+        ("", grpc.StatusCode.INTERNAL),
     ],
 )
-def test_a_refusal_is_told_from_a_failure_by_the_models_wording(error_message, refusal):
-    assert triton_protocol.is_refusal(error_message) is refusal
+def test_a_streamed_error_reads_as_the_status_its_wording_stands_for(error_message, code):
+    assert triton_protocol.stream_error_code(error_message, "tiny_gpt") == code
