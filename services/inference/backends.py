@@ -148,14 +148,18 @@ class TritonStreams:
         return dropped
 
 
+def triton_status(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """What a Triton call that ended with ``code`` raises, for a failure
+    seen otherwise: the retry and mapping rules for that code apply as they are."""
+    metadata = grpc.aio.Metadata()
+    return grpc.aio.AioRpcError(code, metadata, metadata, details)
+
+
 def left_rotation() -> grpc.aio.AioRpcError:
     """What a call OpenCalls.end() cancelled fails with: UNAVAILABLE, as on
-    a server that died, so the retry rules for that apply as they are."""
-    metadata = grpc.aio.Metadata()
-    return grpc.aio.AioRpcError(
+    a server that died."""
+    return triton_status(
         grpc.StatusCode.UNAVAILABLE,
-        metadata,
-        metadata,
         "the Triton server left rotation with the call open: its health probes failed",
     )
 

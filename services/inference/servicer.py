@@ -21,7 +21,7 @@ from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.reasons import Reason
 from services.inference import triton_protocol, validation
-from services.inference.backends import BackendPool, TritonBackend, left_rotation
+from services.inference.backends import BackendPool, TritonBackend, left_rotation, triton_status
 from services.inference.shared_embeddings import EMBED_BATCH, SharedEmbeddings
 
 log = structlog.get_logger(__name__)
@@ -421,9 +421,8 @@ class _TritonStream:
                 if model_error:
                     # As the status Triton would have ended the call with:
                     # Generate and triton_failure take it from there.
-                    metadata = grpc.aio.Metadata()
                     code = triton_protocol.stream_error_code(model_error, self._model)
-                    raise grpc.aio.AioRpcError(code, metadata, metadata, model_error)
+                    raise triton_status(code, model_error)
                 if final_seen:
                     break
             if not final_seen:
@@ -503,12 +502,8 @@ async def _write(call, request: service_pb2.ModelStreamInferRequest) -> None:
     try:
         await call.write(request)
     except (asyncio.InvalidStateError, grpc.aio.AioRpcError) as failed:
-        metadata = grpc.aio.Metadata()
-        raise grpc.aio.AioRpcError(
-            grpc.StatusCode.UNAVAILABLE,
-            metadata,
-            metadata,
-            "the Triton stream failed before the request went out",
+        raise triton_status(
+            grpc.StatusCode.UNAVAILABLE, "the Triton stream failed before the request went out"
         ) from failed
 
 

@@ -163,6 +163,20 @@ async def running_router(settings: Settings):
         yield await stack.enter_async_context(running(router_app, "router", settings))
 
 
+def triton_cancellations(log_path: pathlib.Path) -> int:
+    """Requests the bundled models logged as cancelled in Triton's log."""
+    return log_path.read_text(errors="replace").count("cancelled after")
+
+
+async def until_triton_cancels(log_path: pathlib.Path, before: int, timeout_s: float = 15.0) -> None:
+    """Waits until Triton's log shows more cancelled requests than ``before``."""
+    for _ in range(int(timeout_s / 0.1)):
+        if triton_cancellations(log_path) > before:
+            return
+        await asyncio.sleep(0.1)
+    assert triton_cancellations(log_path) > before, "Triton logged no cancelled request"
+
+
 @contextlib.asynccontextmanager
 async def running_inference(settings: Settings):
     """The inference service in-process over ``settings.inference.triton_urls``;

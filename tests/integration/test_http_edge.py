@@ -20,7 +20,12 @@ from meshgate.config import (
     hash_api_key,
 )
 from meshgate.local.stack import free_port
-from tests.integration.conftest import running_router, service_settings
+from tests.integration.conftest import (
+    running_router,
+    service_settings,
+    triton_cancellations,
+    until_triton_cancels,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -314,7 +319,7 @@ async def test_raw_sse_framing(base_url):
 
 async def test_a_client_that_disconnects_cancels_the_generation(base_url, triton_server):
     _, log_path = triton_server
-    before = log_path.read_text(errors="replace").count("cancelled after")
+    before = triton_cancellations(log_path)
     body = {
         "model": "tiny-gpt",
         "messages": question(unique("Write a long essay")),
@@ -329,8 +334,4 @@ async def test_a_client_that_disconnects_cancels_the_generation(base_url, triton
         async for line in response.aiter_lines():
             if line.startswith("data: "):
                 break  # the first piece arrived: hang up mid-generation
-    for _ in range(100):
-        if log_path.read_text(errors="replace").count("cancelled after") > before:
-            break
-        await asyncio.sleep(0.1)
-    assert log_path.read_text(errors="replace").count("cancelled after") > before
+    await until_triton_cancels(log_path, before, timeout_s=10)

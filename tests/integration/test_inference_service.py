@@ -16,7 +16,12 @@ from meshgate.config import Settings
 from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from services.inference import app
-from tests.integration.conftest import running_inference, wait_until_serving
+from tests.integration.conftest import (
+    running_inference,
+    triton_cancellations,
+    until_triton_cancels,
+    wait_until_serving,
+)
 from tests.mesh import mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
@@ -131,17 +136,13 @@ async def test_cancelling_generate_cancels_the_triton_request(stub, triton_serve
     # a cache hit cancels comes this way).
     caplog.set_level(logging.DEBUG, logger="grpc.aio._call")
     _, log_path = triton_server
-    before = log_path.read_text(errors="replace").count("cancelled after")
+    before = triton_cancellations(log_path)
     call = stub.Generate(generate("Write a long essay", max_tokens=256))
     async for response in call:
         assert response.HasField("delta")
         break
     call.cancel()
-    for _ in range(100):
-        if log_path.read_text(errors="replace").count("cancelled after") > before:
-            break
-        await asyncio.sleep(0.1)
-    assert log_path.read_text(errors="replace").count("cancelled after") > before
+    await until_triton_cancels(log_path, before, timeout_s=10)
     for _ in range(50):
         health = await stub.GetBackendHealth(pb.GetBackendHealthRequest())
         if health.backends[0].in_flight == 0:

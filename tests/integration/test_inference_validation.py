@@ -18,7 +18,7 @@ from meshgate.errors import error_info
 from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from services.inference import app, triton_protocol
-from tests.integration.conftest import running
+from tests.integration.conftest import running, triton_cancellations, until_triton_cancels
 from tests.mesh import mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
@@ -124,7 +124,7 @@ async def test_a_bad_request_does_not_fail_its_neighbours(stub):
 
 async def test_a_deadline_stops_the_generation_inside_triton(stub, triton_server):
     _, log_path = triton_server
-    before = log_path.read_text(errors="replace").count("cancelled after")
+    before = triton_cancellations(log_path)
     # 500 tokens take tiny_gpt about 0.7 s on an idle machine (0.8 s was too
     # long a deadline once); reaching Triton takes milliseconds.
     call = stub.Generate(generate("Write a long essay", max_tokens=500, seed=LONG_ANSWER_SEED), timeout=0.4)
@@ -132,11 +132,7 @@ async def test_a_deadline_stops_the_generation_inside_triton(stub, triton_server
         await drain(call)
     # The caller's own gRPC stack ends the call at its deadline (so no ErrorInfo).
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    for _ in range(150):
-        if log_path.read_text(errors="replace").count("cancelled after") > before:
-            break
-        await asyncio.sleep(0.1)
-    assert log_path.read_text(errors="replace").count("cancelled after") > before
+    await until_triton_cancels(log_path, before, timeout_s=15)
     for _ in range(50):
         health = await stub.GetBackendHealth(pb.GetBackendHealthRequest())
         if health.backends[0].in_flight == 0:

@@ -33,7 +33,7 @@ from meshgate.local import triton
 from meshgate.local.stack import build_model_weights, free_port
 from services.inference import app
 from services.inference.backends import BackendPool
-from tests.integration.conftest import running_inference
+from tests.integration.conftest import running_inference, triton_cancellations, until_triton_cancels
 from tests.mesh import mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
@@ -131,17 +131,13 @@ async def test_a_cancelled_generation_cancels_its_triton_request_and_the_next_on
     triton_url, log_path = triton_server
     async with serving(settings_for(triton_url)) as stub:
         await text_of(stub, "Hello there")
-        before = log_path.read_text(errors="replace").count("cancelled after")
+        before = triton_cancellations(log_path)
         call = stub.Generate(generate("Write a long essay", max_tokens=400))
         async for response in call:
             assert response.HasField("delta")
             break
         call.cancel()
-        for _ in range(100):
-            if log_path.read_text(errors="replace").count("cancelled after") > before:
-                break
-            await asyncio.sleep(0.1)
-        assert log_path.read_text(errors="replace").count("cancelled after") > before
+        await until_triton_cancels(log_path, before, timeout_s=10)
         assert await text_of(stub, "Hello there")
         # The first stream carried the cancelled request and went with it.
         assert streams_of(pools[0]).opened == 2
