@@ -25,7 +25,10 @@ order rotated each round), so drift of the shared machine hits all of them.
 Before measuring, one request per prompt on every path checks that all paths
 send Triton the same prompt and produce the same text and token count; while
 measuring, every answer's output token count is checked again and answers
-of any other length than --max-tokens are counted. Each measured request's
+of any other length than --max-tokens are counted. The HTTP paths do not say
+how many tokens an event carries (several under load: the models' stream
+interval), so after each level their answers are asked of Triton again over
+gRPC, untimed: an answer with Triton's text has Triton's count. Each measured request's
 prompt is one of bench/workload.py's behind a path letter and a request
 number, so no two are alike (the router would otherwise share one
 generation among identical greedy requests in flight, and a model would
@@ -51,6 +54,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 
 import grpc
 import uvloop
@@ -65,6 +69,7 @@ from mesh_bench import (  # noqa: E402
     cpu_seconds,
     direct_triton,
     messages,
+    parameters,
     percentile,
     run_load,
     through_router,
@@ -155,13 +160,15 @@ class HttpStreams:
 
 
 class Answer(Sample):
-    """A Sample that keeps its text, for the check that all paths agree."""
+    """A Sample that keeps its text (for the check that all paths agree, and
+    to count its tokens afterwards: ``counted_by_reference``) and its prompt."""
 
-    __slots__ = ("text",)
+    __slots__ = ("text", "prompt")
 
     def __init__(self, ttft: float, total: float, tokens: int, text: str) -> None:
         super().__init__(ttft, total, tokens)
         self.text = text
+        self.prompt = ""
 
 
 def _timed(started: float, events: list[tuple[float, bytes]], texts: list[str], tokens: int) -> Answer:
@@ -408,6 +415,8 @@ async def main_async(args, stack: Stack, litellm_pid: int, litellm_address: str)
                         triton_cpu[name] += cpu_of(triton_pids) - before[1]
                         taken[name] += samples
                         wall[name] += seconds
+                # Untimed, after the level's rounds: the HTTP paths' token counts.
+                await counted_by_reference(triton_stub, [s for name in names for s in taken[name]], n)
                 for name in names:
                     samples = taken[name]
                     ttfts = [s.ttft * 1000 for s in samples]
@@ -438,7 +447,59 @@ def numbered(one, tag: str):
     their first word: no path finds another's prompt in the model's prefix
     cache."""
     counter = itertools.count()
-    return lambda prompt: one(f"{tag}{next(counter)}: {prompt}")
+
+    async def asked(prompt: str):
+        tagged = f"{tag}{next(counter)}: {prompt}"
+        answer = await one(tagged)
+        if isinstance(answer, Answer):
+            answer.prompt = tagged
+        return answer
+
+    return asked
+
+
+async def reference_answer(stub, prompt: str, max_tokens: int) -> tuple[str, int]:
+    """What Triton generates for ``prompt`` through gRPC (greedy: what every
+    path must have streamed) and its output tokens (``num_output_tokens``)."""
+    served = InferenceSettings().models[MODEL]
+    request = triton_protocol.generate_request(
+        served.triton_model,
+        uuid.uuid4().hex,
+        triton_protocol.render_chat(messages(prompt), served.chat_template),
+        triton_protocol.sampling_parameters(parameters(max_tokens), max_tokens),
+        False,
+    )
+    call = stub.ModelStreamInfer()
+    await call.write(request)
+    texts, tokens = [], 0
+    while (message := await call.read()) is not grpc.aio.EOF:
+        if message.error_message:
+            raise RuntimeError(f"Triton: {message.error_message}")
+        event = triton_protocol.read_generate_response(message.infer_response)
+        texts.append(event.text)
+        tokens += event.output_tokens or 0
+        if event.final:
+            break
+    call.cancel()
+    return "".join(texts), tokens
+
+
+async def counted_by_reference(stub, answers: list, max_tokens: int) -> None:
+    """Sets the HTTP paths' answers' token counts, after measuring. Neither
+    Triton's generate_stream nor LiteLLM's chunks say how many tokens an
+    event carries, and under load the bundled models send several a
+    response (their stream interval), so counting events undercounts. An
+    answer whose text is Triton's own for its prompt has Triton's count; any
+    other keeps its event count (and shows as an answer not of --max-tokens)."""
+    limit = asyncio.Semaphore(16)
+
+    async def count(answer: Answer) -> None:
+        async with limit:
+            text, tokens = await reference_answer(stub, answer.prompt, max_tokens)
+        if answer.text == text:
+            answer.tokens = tokens
+
+    await asyncio.gather(*(count(a) for a in answers if isinstance(a, Answer) and a.prompt))
 
 
 async def check_paths_agree(paths: dict, max_tokens: int) -> list[str]:
