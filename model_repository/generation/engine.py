@@ -323,6 +323,8 @@ class Scheduler(threading.Thread):
                     self._fail(generation, None)
                 self._active.clear()
         for generation in self._active + self._drain_inbox():
+            # Worded for the inference service, which reads it as UNAVAILABLE
+            # (services/inference/triton_protocol.stream_error_code).
             generation.sender.fail(f"{self.model_name}: model is shutting down", "unavailable")
 
     def _drain_inbox(self) -> list[Generation]:
@@ -422,6 +424,7 @@ class Scheduler(threading.Thread):
             f"{self.model_name}: request {generation.request_id} cancelled "
             f"after {len(generation.generated)} tokens"
         )
+        # Read as CANCELLED by triton_protocol.stream_error_code, as worded here.
         generation.sender.fail("request was cancelled", "cancelled")
         return True
 

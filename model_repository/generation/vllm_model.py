@@ -283,7 +283,7 @@ class VLLMStyleModel:
                 # "<model>: invalid request: " is how the inference service
                 # tells a refusal (INVALID_ARGUMENT) from a failure: on a
                 # stream, Triton passes the error on as text alone
-                # (services/inference/triton_protocol.is_refusal).
+                # (services/inference/triton_protocol.stream_error_code).
                 sender.send_error(f"{self.name}: invalid request: {error}", pb_utils.TritonError.INVALID_ARG)
                 continue
             sender.prompt_tokens = len(generation.prompt_ids)

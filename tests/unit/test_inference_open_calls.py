@@ -272,19 +272,25 @@ async def test_an_embedding_whose_only_server_the_probes_take_out_ends_unavailab
         await pool.close()
 
 
+def scripted_streams(backend: TritonBackend) -> list[ScriptedCall]:
+    """Makes ``backend`` open ScriptedCalls for its streams; returns them, in order."""
+    calls: list[ScriptedCall] = []
+
+    def model_stream_infer():
+        calls.append(ScriptedCall())
+        return calls[-1]
+
+    backend.stream_stub = types.SimpleNamespace(ModelStreamInfer=model_stream_infer)
+    return calls
+
+
 async def test_a_generation_that_fails_or_is_cancelled_no_longer_counts_toward_the_stream_interval():
     settings = InferenceSettings(triton_urls=["127.0.0.1:1"])
     pool = BackendPool(settings.triton_urls, [GENERATION_MODEL])
     try:
         (backend,) = pool.backends
         backend.ready_models = {GENERATION_MODEL}
-        calls: list[ScriptedCall] = []
-
-        def model_stream_infer():
-            calls.append(ScriptedCall())
-            return calls[-1]
-
-        backend.stream_stub = types.SimpleNamespace(ModelStreamInfer=model_stream_infer)
+        calls = scripted_streams(backend)
         servicer = InferenceServicer(settings, pool)
         request = pb.GenerateRequest(
             model="tiny-gpt", messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="hi")]
@@ -396,13 +402,7 @@ async def pooled_generations(idle_streams: int = 4):
     try:
         (backend,) = pool.backends
         backend.ready_models = {GENERATION_MODEL}
-        calls: list[ScriptedCall] = []
-
-        def model_stream_infer():
-            calls.append(ScriptedCall())
-            return calls[-1]
-
-        backend.stream_stub = types.SimpleNamespace(ModelStreamInfer=model_stream_infer)
+        calls = scripted_streams(backend)
         if idle_streams:
             for call in (backend.streams.take()[0], backend.streams.take()[0]):
                 backend.streams.give_back(call)

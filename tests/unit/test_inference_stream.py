@@ -505,9 +505,10 @@ async def test_a_pooled_stream_that_fails_the_write_reads_as_unavailable_before_
     assert following.reused and not following.started
 
 
-async def test_closing_a_finished_generation_leaves_its_stream_to_the_request_that_took_it_next():
-    # A's handler goes on after its completion (the write to its caller), and
-    # its generator is closed then: by now B's request rides the same call.
+async def finished_then_taken_again():
+    """Generation A read to its completion (its stream back in the pool, A's
+    generator still open), then generation B's request on the same call,
+    B waiting for its first response (``first``)."""
     call = ScriptedCall()
     stream, backend = stream_on(call, idle_streams=2)
     answer(call, "one")
@@ -515,10 +516,16 @@ async def test_closing_a_finished_generation_leaves_its_stream_to_the_request_th
     assert (await anext(a)).delta.text == "one"
     assert (await anext(a)).HasField("completion")
     assert len(backend.streams) == 1, "given back before the completion went out"
-
     b = aiter(next_stream(backend))
     first = asyncio.ensure_future(anext(b))
     await until(lambda: len(call.requests) == 2)
+    return call, backend, a, b, first
+
+
+async def test_closing_a_finished_generation_leaves_its_stream_to_the_request_that_took_it_next():
+    # A's handler goes on after its completion (the write to its caller), and
+    # its generator is closed then: by now B's request rides the same call.
+    call, backend, a, b, first = await finished_then_taken_again()
     await a.aclose()
     assert not call.cancelled, "A's close must not cancel B's request"
     assert len(backend.calls) == 1, "B's call is still open work"
@@ -533,15 +540,7 @@ async def test_a_cancel_reaching_a_finished_generation_is_its_own_not_the_probes
     # there only thrown in at the completion (athrow). The probes have ended
     # B's request on the same call meanwhile: that end is B's, and A's
     # cancel must go on, not pass for "the probes cut short a finished answer".
-    call = ScriptedCall()
-    stream, backend = stream_on(call, idle_streams=2)
-    answer(call, "one")
-    a = aiter(stream)
-    assert (await anext(a)).delta.text == "one"
-    assert (await anext(a)).HasField("completion")
-    b = aiter(next_stream(backend))
-    first = asyncio.ensure_future(anext(b))
-    await until(lambda: len(call.requests) == 2)
+    call, backend, a, b, first = await finished_then_taken_again()
     assert backend.calls.end({"tiny_gpt"}) == 1
 
     with pytest.raises(asyncio.CancelledError):
