@@ -27,6 +27,13 @@ With ``--h2load``, the exact hits are measured once more with nghttp2's
 ``h2load`` as the load generator, whose own CPU per request is far below
 grpc.aio's (see :func:`exact_hits_by_h2load` for what it checks).
 
+Every request through the router sets ``completion_may_carry_text``, as
+meshgate's own clients do (the CLI): the answer's last text may come on the
+completion, one message fewer (a short hit: the completion alone). With
+``--deltas-only`` it is left unset, every text a delta, as a client that
+predates the field reads the answer: the two in alternating runs measure
+the field's effect.
+
 With ``--stream-intervals 0,80``, the streaming comparison runs again with
 the inference service restarted at each of those `inference.stream_interval_ms`
 (Triton direct measured again beside each): the stream interval's effect in
@@ -77,6 +84,8 @@ from meshgate.router.v1 import router_service_pb2_grpc  # noqa: E402
 from services.inference import triton_protocol  # noqa: E402
 
 API_KEY = "bench-key"
+# Whether requests through the router set completion_may_carry_text (--deltas-only: not).
+CARRY_TEXT = True
 METADATA = [("authorization", f"Bearer {API_KEY}")]
 
 
@@ -189,18 +198,23 @@ async def through_router(
     stub, prompt: str, max_tokens: int, policy=pb.CACHE_POLICY_BYPASS, expect: str = "", model="tiny-gpt"
 ) -> Sample:
     request = pb.ChatRequest(
-        model=model, messages=messages(prompt), parameters=parameters(max_tokens), cache_policy=policy
+        model=model,
+        messages=messages(prompt),
+        parameters=parameters(max_tokens),
+        cache_policy=policy,
+        completion_may_carry_text=CARRY_TEXT,
     )
     started = time.perf_counter()
     ttft = None
     tokens = 0
     deltas_at = []
     async for response in stub.Chat(request, metadata=METADATA):
-        if response.HasField("delta"):
+        # Text on the completion arrives as a delta would: it is timed alike.
+        if response.HasField("delta") or response.completion.text:
             deltas_at.append(time.perf_counter())
             if ttft is None:
                 ttft = deltas_at[0] - started
-        else:
+        if response.HasField("completion"):
             tokens = response.completion.usage.completion_tokens
             status = response.completion.cache_status
             if expect and status != _EXPECTED_STATUS[expect]:
@@ -495,6 +509,7 @@ async def exact_hits_by_h2load(
         messages=messages(PROMPTS[0]),
         parameters=parameters(max_tokens),
         cache_policy=pb.CACHE_POLICY_USE,
+        completion_may_carry_text=CARRY_TEXT,
     ).SerializeToString()
     metrics_url = f"http://{stack.metrics_address('router')}/metrics"
 
@@ -576,7 +591,14 @@ def main() -> None:
         action="store_true",
         help="the exact hits again with nghttp2's h2load as the load generator (apt: nghttp2-client)",
     )
+    parser.add_argument(
+        "--deltas-only",
+        action="store_true",
+        help="requests through the router leave completion_may_carry_text unset: every text a delta",
+    )
     args = parser.parse_args()
+    global CARRY_TEXT
+    CARRY_TEXT = not args.deltas_only
     if args.only_hits and args.skip_hits:
         parser.error("--only-hits and --skip-hits leave nothing to run together")
     if args.h2load and args.skip_hits:
@@ -598,7 +620,8 @@ def main() -> None:
             rows = uvloop.run(main_async(args, stack))
     print(
         f"model {args.model}, max_tokens={args.max_tokens}, greedy, "
-        f"tracing {'on' if args.tracing else 'off'}; "
+        f"tracing {'on' if args.tracing else 'off'}, "
+        f"completion_may_carry_text {'set' if CARRY_TEXT else 'unset (--deltas-only)'}; "
         f"{os.cpu_count()} CPU cores shared by Triton, Redis, the services and the load generator\n"
     )
     print("\n".join(rows))

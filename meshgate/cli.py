@@ -67,6 +67,8 @@ async def chat(
         messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=prompt)],
         parameters=parameters,
         cache_policy=_POLICIES[cache_policy],
+        # The answer's last text may come on the completion (one message fewer).
+        completion_may_carry_text=True,
     )
     # The channel the services reach each other with: a list or a name of
     # several replicas is balanced round-robin, a replica that refuses
@@ -85,6 +87,10 @@ async def chat(
                 out.flush()
             else:
                 completion = response.completion
+                if completion.text:
+                    if first_token_s is None:
+                        first_token_s = time.perf_counter() - started
+                    out.write(completion.text)
         total_s = time.perf_counter() - started
     if completion is None:
         # The router ends every answer with its completion: without one the

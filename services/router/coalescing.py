@@ -232,6 +232,11 @@ class Coalescer:
                     arrived = len(pieces)
                     text = pieces[read] if arrived - read == 1 else "".join(pieces[read:arrived])
                     read = arrived
+                    if flight.answer.finish_reason:
+                        # The generation's last piece is in (it came with
+                        # the completion): said as an unshared generation
+                        # says it, so this caller's last delta is known.
+                        answer.finish_reason = flight.answer.finish_reason
                     yield text
                     delivered += 1
                     chars += len(text)

@@ -480,19 +480,24 @@ class HttpEdge:
             raise first.error
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         event = first
+        # The answer's last chunk, written with what ends the stream: one
+        # write fewer per answer.
+        held = b""
         while True:
             match event:
+                case Delta(text=text, last=True):
+                    held = chunks.delta(text)
                 case Delta(text=text):
                     await send({"type": "http.response.body", "body": chunks.delta(text), "more_body": True})
                 case Completion():
-                    body = chunks.finish(event, call.include_usage)
+                    body = held + chunks.finish(event, call.include_usage)
                     await send({"type": "http.response.body", "body": body})
                     return
                 case Failure(error=error):
                     # Mid-stream: the status has gone out, so the failure is an
                     # error event (the openai SDK raises it) and the stream
                     # ends without [DONE]: never a silent short answer.
-                    body = b"data: " + _json(error_body(error)) + b"\n\n"
+                    body = held + b"data: " + _json(error_body(error)) + b"\n\n"
                     await send({"type": "http.response.body", "body": body})
                     return
             event = await anext(events)

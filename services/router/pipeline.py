@@ -166,6 +166,10 @@ class Turn:
 @dataclasses.dataclass(frozen=True)
 class Delta:
     text: str
+    # The answer's last piece: nothing but the Completion (or a Failure, if
+    # saving the turn fails) comes after it. A front end may then send it with
+    # the completion, one message fewer; False when not known to be the last.
+    last: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -529,7 +533,7 @@ class Pipeline:
             async with _Race(lookup, generation, self._settings.speculative_generation) as race:
                 hit = await race.hit()
                 if hit is None:
-                    inter_token = last = None
+                    inter_token = previous_at = None
                     async for text in race.generated():
                         # Timed as the delta leaves; the deployment is known
                         # from the first piece on (see Deployments.generate).
@@ -540,9 +544,12 @@ class Pipeline:
                             ).observe(now - turn_started)
                             inter_token = turn_metrics.inter_token.labels(turn.model_alias, answer.deployment)
                         else:
-                            inter_token.observe(now - last)
-                        last = now
-                        yield Delta(text)
+                            inter_token.observe(now - previous_at)
+                        previous_at = now
+                        # The generator fills the answer's finish reason
+                        # before it yields the last piece, when that piece
+                        # came with the completion (Deployments.generate).
+                        yield Delta(text, last=bool(answer.finish_reason))
                         delivered += 1
         if hit is not None:
             answer.adopt(hit.answer)
@@ -554,8 +561,9 @@ class Pipeline:
             # goes out: larger pieces are fewer messages (most of a hit's
             # CPU), as a generation's deltas that arrive together go as one.
             piece_chars = self._settings.replay_piece_chars if pause_s else self._settings.replay_burst_chars
-            for piece in replay_pieces(hit.answer.text, piece_chars):
-                yield Delta(piece)
+            pieces = replay_pieces(hit.answer.text, piece_chars)
+            for index, piece in enumerate(pieces, 1):
+                yield Delta(piece, last=index == len(pieces))
                 delivered += 1
                 if pause_s:
                     await asyncio.sleep(pause_s)

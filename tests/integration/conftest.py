@@ -198,7 +198,9 @@ async def running_inference(settings: Settings):
 
 async def answer_of(call) -> tuple[str, object]:
     """A Chat stream's text and its completion: deltas, then one
-    completion, nothing else (a stream without one fails the test)."""
+    completion, nothing else (a stream without one fails the test). The
+    text ends with the completion's own, for a request that set
+    completion_may_carry_text (empty otherwise)."""
     text, completion = [], None
     async for response in call:
         assert completion is None, f"{response} after the completion"
@@ -208,4 +210,4 @@ async def answer_of(call) -> tuple[str, object]:
             assert response.HasField("delta"), response
             text.append(response.delta.text)
     assert completion is not None
-    return "".join(text), completion
+    return "".join(text) + completion.text, completion

@@ -372,3 +372,32 @@ async def test_a_hit_streams_in_whole_word_pieces_like_a_generated_answer(router
     assert len(pieces) > 2
     assert all(piece[-1].isspace() for piece in pieces[:-1])
     assert all(len(piece) <= burst_chars or len(piece.split()) == 1 for piece in pieces)
+
+
+async def test_a_client_that_reads_the_completions_text_gets_the_same_answer_in_fewer_messages(router):
+    def carrying(request: pb.ChatRequest) -> pb.ChatRequest:
+        carried = pb.ChatRequest()
+        carried.CopyFrom(request)
+        carried.completion_may_carry_text = True
+        return carried
+
+    # Greedy: the same text every time it is generated.
+    bypass = ask("carried q", policy=pb.CACHE_POLICY_BYPASS, max_tokens=24, temperature=0.0)
+    plain_text, _ = await answer_of(router.Chat(bypass, metadata=AUTH))
+    carried_text, carried = await answer_of(router.Chat(carrying(bypass), metadata=AUTH))
+    assert carried_text == plain_text and plain_text
+    assert carried.finish_reason and carried.cache_status == pb.CACHE_STATUS_BYPASSED
+
+    # A miss stored by a carrying client is the whole answer, deltas and all.
+    question = ask("carried q", max_tokens=24, temperature=0.0)
+    stored_text, stored = await answer_of(router.Chat(carrying(question), metadata=AUTH))
+    assert stored.cache_status == pb.CACHE_STATUS_MISS and stored_text == plain_text
+    hit_text, hit = await answer_of(router.Chat(question, metadata=AUTH))
+    assert hit.cache_status == pb.CACHE_STATUS_EXACT_HIT and hit_text == plain_text
+    assert hit.text == ""  # a client that did not ask gets every text as a delta
+
+    # A short hit comes whole on its completion: one message.
+    responses = [response async for response in router.Chat(carrying(question), metadata=AUTH)]
+    assert [response.WhichOneof("event") for response in responses] == ["completion"]
+    assert responses[0].completion.text == plain_text
+    assert responses[0].completion.cache_status == pb.CACHE_STATUS_EXACT_HIT

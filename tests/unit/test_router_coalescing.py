@@ -27,9 +27,12 @@ class GatedGenerator:
     """Yields each piece only once its gate opens, so a test decides who
     joins when; counts the generations it was asked for."""
 
-    def __init__(self, pieces=PIECES, fail_at: int | None = None) -> None:
+    def __init__(self, pieces=PIECES, fail_at: int | None = None, finish_before_last=False) -> None:
         self.pieces = pieces
         self.fail_at = fail_at
+        # As FakeGenerator's (test_router_pipeline): the answer filled before
+        # the last piece, as when the completion brings the last text.
+        self.finish_before_last = finish_before_last
         self.gates = [asyncio.Event() for _ in pieces]
         self.calls = 0
         self.finished = 0
@@ -47,14 +50,19 @@ class GatedGenerator:
                 if index == self.fail_at:
                     raise unavailable(Reason.STREAM_ENDED_EARLY, "backend died")
                 answer.deployment = "d1"
+                if self.finish_before_last and index == len(self.pieces) - 1:
+                    self._finish(answer)
                 yield piece
-            answer.text = "".join(self.pieces)
-            answer.prompt_tokens, answer.completion_tokens = 7, len(self.pieces)
-            answer.finish_reason = "length"
+            self._finish(answer)
             self.finished += 1
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1
             raise
+
+    def _finish(self, answer: Answer) -> None:
+        answer.text = "".join(self.pieces)
+        answer.prompt_tokens, answer.completion_tokens = 7, len(self.pieces)
+        answer.finish_reason = "length"
 
 
 class Caller:
@@ -177,6 +185,23 @@ async def test_a_late_joiner_gets_the_pieces_so_far_then_the_live_stream():
     assert generator.calls == 1
     assert late.text == first.text == "".join(PIECES)
     assert isinstance(late.events[-1], Completion)
+
+
+async def test_every_caller_of_a_shared_generation_knows_its_last_piece():
+    generator = GatedGenerator(finish_before_last=True)
+    turns = pipeline(generator)
+    first = Caller(turns, chat())
+    generator.open(2)
+    await first.until_pieces(2)
+    late = Caller(turns, chat())  # joins midway: the pieces so far come as one delta
+    await late.until_pieces(2)
+    generator.open()
+    await settle_all(first, late)
+    assert generator.calls == 1
+    for caller in (first, late):
+        marks = [event.last for event in caller.events if isinstance(event, Delta)]
+        assert marks[-1] and not any(marks[:-1]), marks
+        assert caller.text == "".join(PIECES) and isinstance(caller.events[-1], Completion)
 
 
 async def test_pieces_that_arrived_together_reach_a_caller_as_one_delta():

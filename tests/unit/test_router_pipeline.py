@@ -98,9 +98,17 @@ class FakeCache:
 
 
 class FakeGenerator:
-    def __init__(self, pieces=("Hel", "lo ", "there"), fail_after: int | None = None) -> None:
+    """``finish_before_last``: the answer is filled before the last piece
+    is yielded, as Deployments.generate fills it when the inference
+    service's completion brings the last text (else after it, as when the
+    completion comes alone)."""
+
+    def __init__(
+        self, pieces=("Hel", "lo ", "there"), fail_after: int | None = None, finish_before_last=False
+    ) -> None:
         self.pieces = pieces
         self.fail_after = fail_after
+        self.finish_before_last = finish_before_last
         self.prompts: list[list[str]] = []
         self.session_ids: list[str] = []
         self.started = asyncio.Event()
@@ -115,12 +123,17 @@ class FakeGenerator:
                 if index == self.fail_after:
                     raise unavailable(Reason.STREAM_ENDED_EARLY, "backend died")
                 await asyncio.sleep(0)
+                if self.finish_before_last and index == len(self.pieces) - 1:
+                    self._finish(answer)
                 yield piece
-            answer.text = "".join(self.pieces)
-            answer.prompt_tokens, answer.completion_tokens = 5, len(self.pieces)
-            answer.finish_reason, answer.deployment = "length", "d1"
+            self._finish(answer)
         finally:
             self.closed = True
+
+    def _finish(self, answer: Answer) -> None:
+        answer.text = "".join(self.pieces)
+        answer.prompt_tokens, answer.completion_tokens = 5, len(self.pieces)
+        answer.finish_reason, answer.deployment = "length", "d1"
 
 
 class RecordingAdmission:
@@ -205,6 +218,8 @@ async def test_a_hit_is_replayed_in_word_pieces_and_the_generation_is_cancelled(
     assert len(deltas) > 3
     assert "".join(deltas) == text
     assert all(piece.endswith(" ") for piece in deltas[:-1])
+    # Only the last piece says so (a front end may send it with the completion).
+    assert [e.last for e in events if isinstance(e, Delta)] == [False] * (len(deltas) - 1) + [True]
     assert events[-1].cache_status is CacheStatus.SEMANTIC_HIT
     assert events[-1].answer.completion_tokens == 14
     # Nothing generated went out, and the speculative generation was ended.
@@ -333,6 +348,17 @@ async def test_a_first_session_turn_creates_its_session_only_once_valid():
     events = await events_of(turns.run(request(), TENANT, "", Budget(), create_session=True))
     assert events[-1].session_id == "s2"
     assert parts["generator"].session_ids == ["s1", "s2"]
+
+
+@pytest.mark.parametrize("finish_before_last", [False, True])
+async def test_only_a_piece_the_generation_said_was_its_last_is_marked_last(finish_before_last):
+    turns, _ = pipeline(generator=FakeGenerator(finish_before_last=finish_before_last))
+    events = await events_of(turns.run(request(), TENANT, "", Budget()))
+    marks = [event.last for event in events if isinstance(event, Delta)]
+    # Filled only after the last piece (the completion came alone), the
+    # pipeline cannot know which piece was the last: none is marked.
+    assert marks == [False, False, finish_before_last]
+    assert texts(events) == "Hello there" and isinstance(events[-1], Completion)
 
 
 async def test_a_failed_save_after_the_answer_says_how_much_was_delivered():
@@ -482,7 +508,7 @@ async def test_the_exact_lookup_runs_while_admission_waits_and_answers_once_admi
     assert parts["cache"].exact_lookups == [["hello"]]
     assert not first.done()
     round_trip.set()
-    assert (await first) == Delta("Paris.")
+    assert (await first) == Delta("Paris.", last=True)
     events = await events_of(stream)
     assert events[-1].cache_status is CacheStatus.EXACT_HIT
     assert parts["cache"].exact_lookups == [["hello"]]  # not looked up twice

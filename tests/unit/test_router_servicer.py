@@ -174,6 +174,62 @@ def test_chat_maps_deltas_and_the_completion(loop):
     assert (completion.deployment, completion.finish_reason) == ("d1", "length")
 
 
+def test_chat_sends_the_last_piece_on_the_completion_only_to_a_client_that_reads_it(loop):
+    server = served(loop, generator=FakeGenerator(finish_before_last=True))
+    for carry, deltas, carried in ((False, ["Hel", "lo ", "there"], ""), (True, ["Hel", "lo "], "there")):
+        chat = request(completion_may_carry_text=carry)
+        rpc = server.invoke_unary_stream(SERVICE.methods_by_name["Chat"], AUTH, chat, 10)
+        _, code, _ = rpc.termination()
+        responses = drain(rpc)
+        assert code == grpc.StatusCode.OK
+        assert [r.delta.text for r in responses[:-1]] == deltas
+        assert responses[-1].completion.text == carried
+        assert responses[-1].completion.finish_reason == "length"
+
+
+def test_a_short_exact_hit_is_one_message_for_a_client_that_reads_the_completions_text(loop):
+    hit = Hit(Answer(text="Paris.", completion_tokens=2), CacheStatus.EXACT_HIT, 1.0)
+    server = served(loop, cache=FakeCache(hit))
+    chat = request(completion_may_carry_text=True)
+    rpc = server.invoke_unary_stream(SERVICE.methods_by_name["Chat"], AUTH, chat, 10)
+    _, code, _ = rpc.termination()
+    responses = drain(rpc)
+    assert code == grpc.StatusCode.OK
+    assert [r.WhichOneof("event") for r in responses] == ["completion"]
+    assert responses[0].completion.text == "Paris."
+    assert responses[0].completion.cache_status == pb.CACHE_STATUS_EXACT_HIT
+
+
+def test_a_failed_save_sends_the_held_last_piece_before_its_status(loop):
+    contexts = FakeContexts()
+    contexts.append_error = MeshgateError(grpc.StatusCode.UNAVAILABLE, Reason.REDIS_UNAVAILABLE, "down")
+    server = served(loop, generator=FakeGenerator(finish_before_last=True), contexts=contexts)
+    chat = request(session_id="s1", completion_may_carry_text=True)
+    rpc = server.invoke_unary_stream(SERVICE.methods_by_name["Chat"], AUTH, chat, 10)
+    trailing, code, _ = rpc.termination()
+    # The failure counts three deltas delivered: the caller holds all three.
+    assert [r.delta.text for r in drain(rpc)] == ["Hel", "lo ", "there"]
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert reason_of(trailing) == Reason.REDIS_UNAVAILABLE
+    info = error_details_pb2.ErrorInfo()
+    status_pb2.Status.FromString(dict(trailing)["grpc-status-details-bin"]).details[0].Unpack(info)
+    assert info.metadata["delivered_deltas"] == "3"
+
+    rpc = server.invoke_stream_stream(SERVICE.methods_by_name["ChatSession"], AUTH, 10)
+    rpc.send_request(
+        pb.ChatSessionRequest(
+            model="m", session_id="s1", messages=[user("hi")], completion_may_carry_text=True
+        )
+    )
+    rpc.requests_closed()
+    _, code, _ = rpc.termination()
+    responses = drain(rpc)
+    assert code == grpc.StatusCode.OK  # a ChatSession turn fails in the stream
+    assert [r.delta.text for r in responses[:-1]] == ["Hel", "lo ", "there"]
+    failure = status_pb2.Status.FromString(responses[-1].failure)
+    assert _reason(failure) == Reason.REDIS_UNAVAILABLE
+
+
 def test_chat_maps_a_hit_to_its_status_and_similarity(loop):
     hit = Hit(Answer(text="from the cache"), CacheStatus.SEMANTIC_HIT, 0.9)
     server = served(loop, cache=FakeCache(hit))

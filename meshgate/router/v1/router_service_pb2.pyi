@@ -33,7 +33,7 @@ CACHE_STATUS_MISS: CacheStatus
 CACHE_STATUS_BYPASSED: CacheStatus
 
 class ChatRequest(_message.Message):
-    __slots__ = ("model", "session_id", "messages", "parameters", "cache_policy", "expected_session_version", "template")
+    __slots__ = ("model", "session_id", "messages", "parameters", "cache_policy", "expected_session_version", "template", "completion_may_carry_text")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class ChatRequest(_message.Message):
     CACHE_POLICY_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_SESSION_VERSION_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_MAY_CARRY_TEXT_FIELD_NUMBER: _ClassVar[int]
     model: str
     session_id: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
@@ -48,7 +49,8 @@ class ChatRequest(_message.Message):
     cache_policy: CachePolicy
     expected_session_version: int
     template: TemplateInvocation
-    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., cache_policy: _Optional[_Union[CachePolicy, str]] = ..., expected_session_version: _Optional[int] = ..., template: _Optional[_Union[TemplateInvocation, _Mapping]] = ...) -> None: ...
+    completion_may_carry_text: bool
+    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., cache_policy: _Optional[_Union[CachePolicy, str]] = ..., expected_session_version: _Optional[int] = ..., template: _Optional[_Union[TemplateInvocation, _Mapping]] = ..., completion_may_carry_text: _Optional[bool] = ...) -> None: ...
 
 class TemplateInvocation(_message.Message):
     __slots__ = ("name", "version", "variables")
@@ -76,20 +78,22 @@ class ChatResponse(_message.Message):
     def __init__(self, delta: _Optional[_Union[TextDelta, _Mapping]] = ..., completion: _Optional[_Union[ChatCompletion, _Mapping]] = ...) -> None: ...
 
 class ChatSessionRequest(_message.Message):
-    __slots__ = ("model", "session_id", "messages", "parameters", "cache_policy", "expected_session_version")
+    __slots__ = ("model", "session_id", "messages", "parameters", "cache_policy", "expected_session_version", "completion_may_carry_text")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     CACHE_POLICY_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_SESSION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_MAY_CARRY_TEXT_FIELD_NUMBER: _ClassVar[int]
     model: str
     session_id: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
     parameters: _common_pb2.GenerationParameters
     cache_policy: CachePolicy
     expected_session_version: int
-    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., cache_policy: _Optional[_Union[CachePolicy, str]] = ..., expected_session_version: _Optional[int] = ...) -> None: ...
+    completion_may_carry_text: bool
+    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., cache_policy: _Optional[_Union[CachePolicy, str]] = ..., expected_session_version: _Optional[int] = ..., completion_may_carry_text: _Optional[bool] = ...) -> None: ...
 
 class ChatSessionResponse(_message.Message):
     __slots__ = ("delta", "completion", "failure")
@@ -108,7 +112,7 @@ class TextDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ...) -> None: ...
 
 class ChatCompletion(_message.Message):
-    __slots__ = ("usage", "cache_status", "cache_similarity", "deployment", "trace_id", "session_id", "session_version", "finish_reason", "selected_model", "selection_reason", "selection_score")
+    __slots__ = ("usage", "cache_status", "cache_similarity", "deployment", "trace_id", "session_id", "session_version", "finish_reason", "selected_model", "selection_reason", "selection_score", "text")
     USAGE_FIELD_NUMBER: _ClassVar[int]
     CACHE_STATUS_FIELD_NUMBER: _ClassVar[int]
     CACHE_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +124,7 @@ class ChatCompletion(_message.Message):
     SELECTED_MODEL_FIELD_NUMBER: _ClassVar[int]
     SELECTION_REASON_FIELD_NUMBER: _ClassVar[int]
     SELECTION_SCORE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     usage: _common_pb2.Usage
     cache_status: CacheStatus
     cache_similarity: float
@@ -131,7 +136,8 @@ class ChatCompletion(_message.Message):
     selected_model: str
     selection_reason: str
     selection_score: float
-    def __init__(self, usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cache_status: _Optional[_Union[CacheStatus, str]] = ..., cache_similarity: _Optional[float] = ..., deployment: _Optional[str] = ..., trace_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_version: _Optional[int] = ..., finish_reason: _Optional[str] = ..., selected_model: _Optional[str] = ..., selection_reason: _Optional[str] = ..., selection_score: _Optional[float] = ...) -> None: ...
+    text: str
+    def __init__(self, usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cache_status: _Optional[_Union[CacheStatus, str]] = ..., cache_similarity: _Optional[float] = ..., deployment: _Optional[str] = ..., trace_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_version: _Optional[int] = ..., finish_reason: _Optional[str] = ..., selected_model: _Optional[str] = ..., selection_reason: _Optional[str] = ..., selection_score: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ()
