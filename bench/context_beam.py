@@ -36,9 +36,11 @@ both. ``--halves`` prints retention by first-person lift on the odd-numbered
 chats and the even-numbered ones, with the vectors and by words alone (as
 with the inference service down). Not a blind check: the lift, and 1.0,
 were first seen on all twenty chats; the halves show the effect holds on
-each.
+each. ``--selection-ideas`` prints ``context_misses.SELECTION_IDEAS`` (tried
+on REALTALK with ``context_misses.py --ideas``) on BEAM.
 
-    .venv/bin/python bench/context_beam.py [--realtalk] [--halves]  # first run embeds ~6.4k texts (minutes)
+    # The first run embeds ~6.4k texts (minutes):
+    .venv/bin/python bench/context_beam.py [--realtalk] [--halves] [--selection-ideas]
 """
 
 from __future__ import annotations
@@ -456,11 +458,35 @@ def halves(data) -> list[str]:
     return out
 
 
+def selection_ideas(data) -> list[str]:
+    """``context_misses.SELECTION_IDEAS`` (rank fusion, a redundancy penalty,
+    query-term coverage), measured there on REALTALK, on all of BEAM's
+    questions: points against adaptive."""
+    base = all_shares(variant_kept(data, misses.service_scores, misses.FLOOR))
+    out = [
+        "### context_misses' selection ideas on BEAM (all questions, points vs adaptive)",
+        "",
+        "| idea | 1k / 2k / 4k / 8k |",
+        "|---|---|",
+    ]
+    for label, rank in misses.SELECTION_IDEAS:
+        shares = all_shares(variant_kept(data, rank, misses.FLOOR))
+        out.append(
+            f"| {label} | " + " / ".join(f"{v - b:+.1f}" for v, b in zip(shares, base, strict=True)) + " |"
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--realtalk", action="store_true", help="also the variants' differences on REALTALK")
     parser.add_argument(
         "--halves", action="store_true", help="also retention by first-person lift on the odd and even chats"
+    )
+    parser.add_argument(
+        "--selection-ideas",
+        action="store_true",
+        help="also context_misses' selection ideas (rank fusion, redundancy penalty, query-term coverage)",
     )
     args = parser.parse_args()
     started = time.perf_counter()
@@ -471,6 +497,8 @@ def main() -> None:
     print("\n".join(pieces(data)) + "\n", flush=True)
     if args.halves:
         print("\n".join(halves(data)) + "\n", flush=True)
+    if args.selection_ideas:
+        print("\n".join(selection_ideas(data)) + "\n", flush=True)
     if args.realtalk:
         print("\n".join(realtalk_pieces()) + "\n")
     print(f"Run time: {time.perf_counter() - started:.0f} s")

@@ -16,19 +16,22 @@ vectors cached under bench/.cache/) and prints, at 1k and 2k tokens:
   is who could buy: the speaker names come from the data, which the service
   never sees).
 
-With ``--ideas``, each ranking idea measured in the fifth session, as the
-difference from the service's ranking in the share of questions kept, on all
-ten conversations, the first six (by name: the tuning split of
-``context_bench.py --offline``) and the other four (held out). The one that
-gains on both, the question's nameless form (relevance.nameless_text), is in
-the service behind context.embed_nameless_question (off: it costs a second
-text in the question's embedding); its row is the ranking with it (without
-it, when it is on). None of the others gains at 1k and 2k on both splits
+With ``--ideas``, each ranking idea measured in the fifth session, and the
+selection ideas of 2026-12-02 (:data:`SELECTION_IDEAS`: reciprocal rank fusion,
+a redundancy penalty, query-term coverage), as the difference from the
+service's ranking in the share of questions kept, on all ten conversations,
+the first six (by name: the tuning split of ``context_bench.py --offline``)
+and the other four (held out). The one that gains on both, the question's
+nameless form (relevance.nameless_text), is in the service behind
+context.embed_nameless_question (off: it costs a second text in the
+question's embedding); its row is the ranking with it (without it, when it
+is on). None of the others gains at 1k and 2k on both splits
 (bench/README.md, "Names the conversation never uses"), so the service uses
-none of them; they live here so that the table can be re-run.
+none of them; they live here so that the table can be re-run
+(``context_beam.py --selection-ideas`` prints the selection ideas on BEAM-100k).
 
     .venv/bin/python bench/context_bench.py --offline   # once: caches the vectors
-    .venv/bin/python bench/context_misses.py [--ideas]  # 5 s [20 s]
+    .venv/bin/python bench/context_misses.py [--ideas]  # 5 s [35 s]
 """
 
 from __future__ import annotations
@@ -463,6 +466,189 @@ def embedded_as(vectors: dict[str, np.ndarray], data: dict[str, Conversation], v
     return lambda c, q: service_scores(c, q, query=by_question[id(q)], nameless=False)
 
 
+# --- selection ideas (2026-12-02): fuse ranks, or choose turns by what the chosen ones cover ---
+# Each is measured on REALTALK here and on BEAM-100k by ``context_beam.py --selection-ideas``
+# (bench/README.md, "Names the conversation never uses", the table of what was tried).
+
+# How far down the service's ranking the greedy selections below reorder: more than 8k's
+# prompt holds (about 290 transcript lines of 28 tokens); the turns below keep their order.
+GREEDY_POOL = 400
+
+
+def pool_of(score: np.ndarray) -> np.ndarray:
+    """The :data:`GREEDY_POOL` best turns in the plan's order (ties to the newer)."""
+    return np.lexsort((-np.arange(len(score)), -score))[:GREEDY_POOL]
+
+
+def ranked_as(score: np.ndarray, chosen: list[int]) -> np.ndarray:
+    """Scores that put the ``chosen`` turns first, in that order, above
+    every other turn, which keeps its place in ``score``."""
+    ranked = score - score.min() + 1.0
+    ranked[chosen] = ranked.max() + np.arange(len(chosen), 0, -1)
+    return ranked
+
+
+def rank_fused(values: np.ndarray, k: int, every_turn: bool) -> np.ndarray:
+    """Reciprocal-rank contributions, 1 for the first turn, (k + 1) / (k +
+    rank) below (ties share the better rank): the same top as a
+    :func:`relevance.scaled` signal, so the weights and the stretches keep
+    their meaning. Turns a lexical signal does not match (0) are not in
+    its list and get nothing; ``every_turn`` for the dense one."""
+    listed = values if every_turn else values[values > 0]
+    if not len(listed):
+        return np.zeros(len(values))
+    descending = np.sort(listed)[::-1]
+    rank = np.searchsorted(-descending, -values, side="left") + 1.0
+    fused = (k + 1) / (k + rank)
+    return fused if every_turn else np.where(values > 0, fused, 0.0)
+
+
+def reciprocal_rank_fusion(k: int, weights: relevance.Weights = relevance.DEFAULT_WEIGHTS):
+    """``relevance.hybrid_scores`` step for step (participant names out of
+    the query, feedback, neighbours, the first-person lift, stretches), but
+    each of its three signals (dense cosine, keyword BM25, entity BM25)
+    enters the weighted sum as a reciprocal rank (:func:`rank_fused`) in
+    place of its share of the session's best (:func:`relevance.scaled`):
+    ranks ignore how far ahead the best turns are."""
+
+    def rank(c: Conversation, q: Question) -> np.ndarray:
+        roles = c.costs.roles
+        # The service's own steps, its private helpers, so that only the fusion differs.
+        names = relevance._participant_name_turns(q.terms, c.postings, roles, weights)
+        spelled = names.keys() | {relevance.stem(name[len(relevance.ENTITY_MARK) :]) for name in names}
+        terms = [t for t in q.terms if t not in spelled]
+        keywords = [t for t in terms if not t.startswith(relevance.ENTITY_MARK)]
+        entities = [t for t in terms if t.startswith(relevance.ENTITY_MARK)]
+        lexical = weights.keyword * rank_fused(relevance.bm25(keywords, c.postings, c.lengths), k, False)
+        lexical += weights.entity * rank_fused(relevance.bm25(entities, c.postings, c.lengths), k, False)
+        query = relevance.unit(q.vector)
+        if NAMELESS and relevance._names_only_pull_away(q.nameless, c.postings, names):
+            nameless = relevance.unit(q.nameless.vector)
+            query = relevance.unit((1 - weights.nameless) * query + weights.nameless * nameless)
+
+        def fused(query: np.ndarray) -> np.ndarray:
+            dense = weights.dense * rank_fused(c.rows @ query, k, True)
+            return relevance._with_neighbours(lexical + dense, weights)
+
+        score = fused(query)
+        seeds = score.copy()
+        for turns in names.values():
+            seeds[turns] = -np.inf
+        feedback = min(weights.feedback_turns, len(seeds))
+        best = np.argpartition(-seeds, feedback - 1)[:feedback]
+        score = fused(query + weights.feedback_weight * c.rows[best].mean(axis=0))
+        asker = relevance._first_person_lift(q.text, roles, len(score), weights, True)
+        return relevance.with_spans(score + asker, weights)
+
+    return rank
+
+
+def redundancy_penalty(penalty: float):
+    """MMR-like selection over the service's ranking: walk it greedily,
+    each next turn the one whose score less ``penalty`` x its highest
+    cosine with a turn already chosen is best, so that near-duplicates of
+    a chosen turn do not take a small budget's room."""
+
+    def rank(c: Conversation, q: Question) -> np.ndarray:
+        score = service_scores(c, q)
+        pool = pool_of(score)
+        similarity = c.rows[pool] @ c.rows[pool].T
+        closest = np.zeros(len(pool))  # a turn's highest cosine with the chosen ones (0 at first)
+        open_ = np.ones(len(pool), dtype=bool)
+        chosen = []
+        for _ in range(len(pool)):
+            value = np.where(open_, score[pool] - penalty * closest, -np.inf)
+            best = int(np.argmax(value))
+            chosen.append(int(pool[best]))
+            open_[best] = False
+            closest = np.maximum(closest, similarity[best])
+        return ranked_as(score, chosen)
+
+    return rank
+
+
+def query_term_coverage(
+    decay: float, with_entities: bool, weights: relevance.Weights = relevance.DEFAULT_WEIGHTS
+):
+    """Greedy selection over the service's ranking by what the chosen turns
+    cover: a multi-hop question's parts are in different turns, so each
+    time a chosen turn matches one of the question's keywords (and with
+    ``with_entities`` its entities), that term's BM25 counts ``decay``
+    times as much for every turn still to choose, and turns matching the
+    parts no chosen turn has matched yet move up. Only the direct
+    keyword / entity signal changes, scaled as the service scales it; the
+    rest of a turn's score (dense, feedback, neighbours, stretches) stays."""
+
+    def rank(c: Conversation, q: Question) -> np.ndarray:
+        score = service_scores(c, q, weights)
+        names = relevance.participant_names(q.terms, c.postings, c.costs.roles, weights)
+        spelled = names | {relevance.stem(name[len(relevance.ENTITY_MARK) :]) for name in names}
+        groups = [(weights.keyword, [t for t in q.terms if not t.startswith(relevance.ENTITY_MARK)])]
+        if with_entities:
+            groups.append((weights.entity, [t for t in q.terms if t.startswith(relevance.ENTITY_MARK)]))
+        pool = pool_of(score)
+        # Per group: its weight, its terms' BM25 over the pool (turns x terms), and its scale.
+        signals = []
+        for weight, terms in groups:
+            terms = sorted({t for t in terms if t not in spelled and t in c.postings})
+            if not terms:
+                continue
+            per_term = np.stack([relevance.bm25([t], c.postings, c.lengths, weights) for t in terms], axis=1)
+            total = per_term.sum(axis=1)
+            floor, top = float(np.median(total)), float(total.max())
+            if top > floor:
+                signals.append((weight, per_term[pool], floor, top))
+        if not signals:
+            return score
+        factors = [np.ones(s[1].shape[1]) for s in signals]
+
+        def lexical(factors) -> np.ndarray:
+            return sum(
+                w * np.clip((terms @ f - floor) / (top - floor), 0.0, 1.0)
+                for (w, terms, floor, top), f in zip(signals, factors, strict=True)
+            )
+
+        undecayed = lexical(factors)
+        open_ = np.ones(len(pool), dtype=bool)
+        chosen = []
+        for _ in range(len(pool)):
+            value = np.where(open_, score[pool] - undecayed + lexical(factors), -np.inf)
+            best = int(np.argmax(value))
+            chosen.append(int(pool[best]))
+            open_[best] = False
+            for (_, terms, _, _), f in zip(signals, factors, strict=True):
+                f[terms[best] > 0] *= decay
+        return ranked_as(score, chosen)
+
+    return rank
+
+
+SELECTION_IDEAS = (
+    *(
+        (
+            f"reciprocal rank fusion of dense, keyword and entity ranks, k {k}, then the service's steps",
+            reciprocal_rank_fusion(k),
+        )
+        for k in (60, 10)
+    ),
+    *(
+        (
+            f"redundancy penalty at selection, {penalty} x the highest cosine with a chosen turn",
+            redundancy_penalty(penalty),
+        )
+        for penalty in (0.1, 0.3)
+    ),
+    *(
+        (
+            f"query-term coverage: a {'keyword or entity' if entities else 'keyword'}'s BM25 x{decay}"
+            " per chosen turn matching it",
+            query_term_coverage(decay, entities),
+        )
+        for decay, entities in ((0.5, False), (0.5, True), (0.25, True))
+    ),
+)
+
+
 def ideas(data: dict[str, Conversation]) -> list[str]:
     base = kept_by_conversation(data, service_scores)
     out = [
@@ -530,6 +716,8 @@ def ideas(data: dict[str, Conversation]) -> list[str]:
         "participant names: 90% one-sided instead of 95%",
         kept_by_conversation(data, with_weights(participant_one_sided=0.9)),
     )
+    for label, rank in SELECTION_IDEAS:
+        row(label, kept_by_conversation(data, rank))
     return out
 
 
