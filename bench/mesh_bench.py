@@ -29,10 +29,11 @@ grpc.aio's (see :func:`exact_hits_by_h2load` for what it checks).
 
 Every request through the router sets ``completion_may_carry_text``, as
 meshgate's own clients do (the CLI): the answer's last text may come on the
-completion, one message fewer (a short hit: the completion alone). With
-``--deltas-only`` it is left unset, every text a delta, as a client that
-predates the field reads the answer: the two in alternating runs measure
-the field's effect.
+completion, one message fewer (a short hit: the completion alone), after
+the turn's save where there is one (the cache-miss row stores: its last gap
+includes the store). With ``--deltas-only`` it is left unset, every text a
+delta, as a client that predates the field reads the answer: the two in
+alternating runs measure the field's effect.
 
 With ``--stream-intervals 0,80``, the streaming comparison runs again with
 the inference service restarted at each of those `inference.stream_interval_ms`
@@ -209,7 +210,8 @@ async def through_router(
     tokens = 0
     deltas_at = []
     async for response in stub.Chat(request, metadata=METADATA):
-        # Text on the completion arrives as a delta would: it is timed alike.
+        # Text on the completion is timed as a delta's (it came after the
+        # turn's save, for a policy that stores: the cache-miss row).
         if response.HasField("delta") or response.completion.text:
             deltas_at.append(time.perf_counter())
             if ttft is None:

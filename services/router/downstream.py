@@ -344,6 +344,11 @@ class Deployments:
                     )
                     deployment.health.record_failure()
                     last_error = error
+                    # A completion without text may have come before the
+                    # failure: what it filled is not the answer's (a finish
+                    # reason says the next piece is the last, Generator).
+                    answer.prompt_tokens = answer.completion_tokens = 0
+                    answer.finish_reason = ""
                     continue
                 if error.code() == grpc.StatusCode.UNAVAILABLE:
                     deployment.health.record_failure()

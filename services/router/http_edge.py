@@ -485,10 +485,16 @@ class HttpEdge:
         held = b""
         while True:
             match event:
-                case Delta(text=text, last=True):
-                    held = chunks.delta(text)
-                case Delta(text=text):
-                    await send({"type": "http.response.body", "body": chunks.delta(text), "more_body": True})
+                case Delta(text=text, last=last):
+                    if held:  # never, if the last piece is the last: as in the gRPC servicer
+                        await send({"type": "http.response.body", "body": held, "more_body": True})
+                        held = b""
+                    if last:
+                        held = chunks.delta(text)
+                    else:
+                        await send(
+                            {"type": "http.response.body", "body": chunks.delta(text), "more_body": True}
+                        )
                 case Completion():
                     body = held + chunks.finish(event, call.include_usage)
                     await send({"type": "http.response.body", "body": body})

@@ -166,9 +166,11 @@ class Turn:
 @dataclasses.dataclass(frozen=True)
 class Delta:
     text: str
-    # The answer's last piece: nothing but the Completion (or a Failure, if
-    # saving the turn fails) comes after it. A front end may then send it with
-    # the completion, one message fewer; False when not known to be the last.
+    # The answer's last piece: nothing but the Completion or a Failure (the
+    # save failed, the inference call ended non-OK after its completion, a
+    # shared generation's reader ran out of time) comes after it. A front end
+    # may send it with the completion, one message fewer; False when not known
+    # to be the last.
     last: bool = False
 
 
@@ -249,7 +251,9 @@ class Generator(Protocol):
         """Streams the answer's pieces from the first deployment that takes
         it, filling ``answer``; fails with delivered_* metadata mid-stream.
         ``read_ahead``: pieces that arrive while the consumer is busy come
-        joined (for a consumer that is not itself reading ahead)."""
+        joined (for a consumer that is not itself reading ahead).
+        ``answer.finish_reason`` is set only when no piece follows: the
+        pipeline reads it after each piece, to mark the last one."""
 
 
 class Admission(Protocol):

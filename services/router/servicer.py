@@ -77,6 +77,11 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             async for event in events:
                 match event:
                     case Delta(text=text, last=last):
+                        if held:
+                            # Never, if the last piece is the last (Delta):
+                            # text is never lost nor reordered for it.
+                            yield pb.ChatResponse(delta=pb.TextDelta(text=held))
+                            held = ""
                         if carry and last:
                             held = text
                         else:
@@ -85,8 +90,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                         yield pb.ChatResponse(completion=completion_proto(event, held))
                     case Failure(error=error):
                         if held:
-                            # Saving the turn failed after its answer: the
-                            # failure counts the held piece as delivered.
+                            # The failure counts the held piece as delivered.
                             yield pb.ChatResponse(delta=pb.TextDelta(text=held))
                         # The error interceptor ends the call with its status.
                         raise error
@@ -119,6 +123,9 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 async for event in events:
                     match event:
                         case Delta(text=text, last=last):
+                            if held:  # as in Chat
+                                yield pb.ChatSessionResponse(delta=pb.TextDelta(text=held))
+                                held = ""
                             if carry and last:
                                 held = text
                             else:

@@ -56,8 +56,11 @@ async def test_reconfiguring_keeps_what_a_strategy_learned_unless_it_changes():
 class ScriptedGenerate:
     """An inference service's Generate call: the responses given, then its end."""
 
-    def __init__(self, responses: list[inference_pb.GenerateResponse]) -> None:
+    def __init__(
+        self, responses: list[inference_pb.GenerateResponse], ends_with: grpc.StatusCode | None = None
+    ) -> None:
         self._left = list(responses)
+        self._ends_with = ends_with  # None: OK
         self._ended = False
         self.request: inference_pb.GenerateRequest | None = None
 
@@ -69,6 +72,8 @@ class ScriptedGenerate:
         if self._left:
             return self._left.pop(0)
         self._ended = True
+        if self._ends_with is not None:
+            raise grpc.aio.AioRpcError(self._ends_with, grpc.aio.Metadata(), grpc.aio.Metadata(), "scripted")
         return grpc.aio.EOF
 
     def done(self) -> bool:
@@ -111,3 +116,45 @@ async def test_the_text_on_the_completion_follows_the_deltas_and_is_part_of_the_
     if not read_ahead:
         assert pieces == ["Hel", "lo", " world"]
     assert (answer.prompt_tokens, answer.completion_tokens, answer.finish_reason) == (3, 4, "length")
+
+
+async def test_a_completion_from_a_deployment_that_then_failed_is_not_the_answers():
+    """A first deployment's completion without text, then UNAVAILABLE before
+    any piece: the next deployment answers, and the answer's finish reason,
+    which marks its last piece (Generator), comes from that one only."""
+    table = DeploymentTable({"m": model("least_outstanding", "a", "b")})
+    a, b = table.candidates("m")
+    b.in_flight = 5  # a first
+    a.stream_stub = ScriptedGenerate(
+        [
+            inference_pb.GenerateResponse(
+                completion=inference_pb.GenerateCompletion(finish_reason="stop", usage={"prompt_tokens": 3})
+            )
+        ],
+        ends_with=grpc.StatusCode.UNAVAILABLE,
+    )
+    b.stream_stub = ScriptedGenerate(
+        [
+            inference_pb.GenerateResponse(delta=inference_pb.GenerateDelta(text="Hel")),
+            inference_pb.GenerateResponse(delta=inference_pb.GenerateDelta(text="lo")),
+            inference_pb.GenerateResponse(
+                completion=inference_pb.GenerateCompletion(
+                    text=" world", finish_reason="length", usage={"prompt_tokens": 3, "completion_tokens": 4}
+                )
+            ),
+        ]
+    )
+    answer = Answer()
+    try:
+        deployments = Deployments(table, RouterSettings())
+        seen = [
+            (piece, answer.finish_reason)
+            async for piece in deployments.generate(
+                "m", [], common_pb2.GenerationParameters(), Budget(), answer, "", read_ahead=False
+            )
+        ]
+    finally:
+        await table.close()
+
+    assert seen == [("Hel", ""), ("lo", ""), (" world", "length")]
+    assert (answer.text, answer.deployment, answer.completion_tokens) == ("Hello world", "b", 4)

@@ -1,0 +1,95 @@
+"""The HTTP edge's streamed chat completions over the ASGI interface, a fake
+pipeline behind it: how its events become server-sent events. No sockets
+(tests/integration/test_http_edge.py runs the real edge with the OpenAI SDK)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from meshgate.config import ModelSettings, RouterSettings
+from meshgate.errors import unavailable
+from meshgate.reasons import Reason
+from services.router.auth import Authenticator
+from services.router.http_edge import HttpEdge
+from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Failure
+
+KEY = "edge-key"
+
+
+class ScriptedPipeline:
+    """Yields the given events for any turn."""
+
+    def __init__(self, events) -> None:
+        self._events = events
+
+    async def run(self, request, tenant, session_id, budget, create_session=False):
+        for event in self._events:
+            yield event
+
+
+async def streamed(events) -> list[dict]:
+    """The ASGI messages the edge sends for one streamed chat completion."""
+    settings = RouterSettings(dev_api_key=KEY)
+    edge = HttpEdge(settings, {"m": ModelSettings()}, Authenticator(settings), ScriptedPipeline(events), None)
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    received = [{"type": "http.request", "body": body.encode(), "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive():
+        if received:
+            return received.pop(0)
+        await asyncio.Event().wait()  # the client stays connected
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": [(b"authorization", f"Bearer {KEY}".encode())],
+    }
+    await asyncio.wait_for(edge(scope, receive, send), 5)
+    return sent
+
+
+def contents(body: bytes) -> list[str]:
+    """The content of each chunk event in a body, in order (None for a
+    chunk without: the finish or the usage)."""
+    out = []
+    for event in body.decode().split("\n\n"):
+        if event.startswith("data: {"):
+            payload = json.loads(event[len("data: ") :])
+            if payload.get("object") == "chat.completion.chunk":
+                choices = payload["choices"] or [{}]
+                out.append(choices[0].get("delta", {}).get("content"))
+    return out
+
+
+async def test_the_last_chunk_goes_in_one_write_with_the_streams_end():
+    answer = Answer(text="Hello", completion_tokens=2, finish_reason="length", deployment="d1")
+    completion = Completion(answer, CacheStatus.MISS, 0.0, "", 0, "")
+    sent = await streamed([Delta("Hel"), Delta("lo", last=True), completion])
+    bodies = [message["body"] for message in sent if message["type"] == "http.response.body"]
+    assert len(bodies) == 2
+    assert contents(bodies[0]) == ["Hel"]
+    assert contents(bodies[1])[0] == "lo"
+    assert bodies[1].endswith(b"data: [DONE]\n\n") and b'"finish_reason":"length"' in bodies[1]
+
+
+async def test_a_failure_after_the_last_piece_sends_it_before_the_error_event():
+    failure = Failure(unavailable(Reason.REDIS_UNAVAILABLE, "the turn was not saved"))
+    sent = await streamed([Delta("Hel"), Delta("lo", last=True), failure])
+    last = sent[-1]["body"]
+    assert contents(last) == ["lo"]
+    assert last.index(b'"content":"lo"') < last.index(b'"error"')
+    assert b"[DONE]" not in b"".join(m.get("body", b"") for m in sent)
+
+
+async def test_pieces_marked_last_more_than_once_are_all_sent_in_order():
+    answer = Answer(text="Hello", completion_tokens=2, finish_reason="stop")
+    completion = Completion(answer, CacheStatus.MISS, 0.0, "", 0, "")
+    sent = await streamed([Delta("He", last=True), Delta("l", last=True), Delta("lo", last=True), completion])
+    chunks = [c for m in sent if m["type"] == "http.response.body" for c in contents(m["body"])]
+    assert [c for c in chunks if c] == ["He", "l", "lo"]
