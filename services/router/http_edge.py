@@ -463,7 +463,13 @@ class HttpEdge:
         call = ChatCall(_parse_json(body))
         with _tracer.start_as_current_span("POST /v1/chat/completions", kind=trace.SpanKind.SERVER):
             events = self._pipeline.run(
-                call.request, tenant, call.session_id, Budget(), create_session=call.create_session
+                call.request,
+                tenant,
+                call.session_id,
+                Budget(),
+                create_session=call.create_session,
+                # Streamed, the last chunk goes in one write with the end.
+                carry_last_text=call.stream,
             )
             async with contextlib.aclosing(events):
                 if call.stream:
@@ -480,30 +486,23 @@ class HttpEdge:
             raise first.error
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         event = first
-        # The answer's last chunk, written with what ends the stream: one
-        # write fewer per answer.
-        held = b""
         while True:
             match event:
-                case Delta(text=text, last=last):
-                    if held:  # never, if the last piece is the last: as in the gRPC servicer
-                        await send({"type": "http.response.body", "body": held, "more_body": True})
-                        held = b""
-                    if last:
-                        held = chunks.delta(text)
-                    else:
-                        await send(
-                            {"type": "http.response.body", "body": chunks.delta(text), "more_body": True}
-                        )
+                case Delta(text=text):
+                    await send({"type": "http.response.body", "body": chunks.delta(text), "more_body": True})
                 case Completion():
-                    body = held + chunks.finish(event, call.include_usage)
+                    # The answer's last chunk, if it came on the completion,
+                    # in the same write as the stream's end.
+                    body = chunks.finish(event, call.include_usage)
+                    if event.text:
+                        body = chunks.delta(event.text) + body
                     await send({"type": "http.response.body", "body": body})
                     return
                 case Failure(error=error):
                     # Mid-stream: the status has gone out, so the failure is an
                     # error event (the openai SDK raises it) and the stream
                     # ends without [DONE]: never a silent short answer.
-                    body = held + b"data: " + _json(error_body(error)) + b"\n\n"
+                    body = b"data: " + _json(error_body(error)) + b"\n\n"
                     await send({"type": "http.response.body", "body": body})
                     return
             event = await anext(events)

@@ -168,9 +168,9 @@ class Delta:
     text: str
     # The answer's last piece: nothing but the Completion or a Failure (the
     # save failed, the inference call ended non-OK after its completion, a
-    # shared generation's reader ran out of time) comes after it. A front end
-    # may send it with the completion, one message fewer; False when not known
-    # to be the last.
+    # shared generation's reader ran out of time) comes after it, so it may go
+    # with the completion (Pipeline.run's carry_last_text); False when not
+    # known to be the last.
     last: bool = False
 
 
@@ -185,6 +185,9 @@ class Completion:
     # The alias that answered, and how it was chosen (None: as requested).
     model: str = ""
     selection: Selection | None = None
+    # The answer's last piece, for a front end that asked for it here
+    # (Pipeline.run's carry_last_text): the deltas before hold the rest.
+    text: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,9 +394,19 @@ class Pipeline:
         )
 
     async def run(
-        self, request, tenant: Tenant, session_id: str, budget: Budget, create_session: bool = False
+        self,
+        request,
+        tenant: Tenant,
+        session_id: str,
+        budget: Budget,
+        create_session: bool = False,
+        carry_last_text: bool = False,
     ) -> collections.abc.AsyncIterator[Event]:
-        """The turn's events: deltas, then a Completion or a Failure."""
+        """The turn's events: deltas, then a Completion or a Failure.
+        ``carry_last_text``: the answer's last piece, when known (Delta.last),
+        comes on the Completion (``text``) instead of as a delta, for a front
+        end that sends the two as one message or write; before a Failure it
+        still comes as a delta (the failure counts it delivered)."""
         started = time.perf_counter()
         turn = early = None
         try:
@@ -418,17 +431,33 @@ class Pipeline:
         span = telemetry.start_genai_span("chat", turn.model_alias, turn.parameters)
         in_flight = metrics.router().streams_in_flight.labels(turn.model_alias)
         in_flight.inc()
+        held: Delta | None = None  # the last piece, kept for the completion
         try:
             # Every nested stream is closed explicitly (aclosing): an
             # abandoned async generator's cleanup, such as cancelling its
             # inference call, would otherwise wait for the garbage collector.
             async with contextlib.aclosing(self._admitted(turn, answer, started, early)) as events:
                 async for event in events:
-                    if isinstance(event, Completion):
+                    if isinstance(event, Delta):
+                        if held is not None:
+                            # Never while generators keep their contract
+                            # (Generator); if one does not, no text is lost
+                            # nor reordered for it.
+                            yield held
+                            held = None
+                        if carry_last_text and event.last:
+                            held = event
+                            continue
+                    elif isinstance(event, Completion):
                         status = event.cache_status
+                        if held is not None:
+                            event = dataclasses.replace(event, text=held.text)
+                            held = None
                     yield event
         except MeshgateError as error:
             failure = error.reason
+            if held is not None:
+                yield held
             yield Failure(error)
         except (asyncio.CancelledError, GeneratorExit):
             # The caller went away: its task was cancelled, or its front end
@@ -438,6 +467,8 @@ class Pipeline:
         except Exception:  # noqa: BLE001 - a bug fails its turn, with nothing of its insides
             log.exception("turn failed", model=turn.model_alias)
             failure = Reason.INTERNAL
+            if held is not None:
+                yield held
             yield Failure(internal_error())
         finally:
             if early is not None and not early.done():

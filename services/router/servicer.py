@@ -26,12 +26,10 @@ _CACHE_STATUS = {
 }
 
 
-def completion_proto(completion: Completion, text: str = "") -> pb.ChatCompletion:
-    """``text``: the answer's last piece, for a client that set
-    completion_may_carry_text (empty: every piece went as a delta)."""
+def completion_proto(completion: Completion) -> pb.ChatCompletion:
     answer = completion.answer
     return pb.ChatCompletion(
-        text=text,
+        text=completion.text,
         usage={"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens},
         cache_status=_CACHE_STATUS[completion.cache_status],
         cache_similarity=completion.similarity,
@@ -67,31 +65,23 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
     async def Chat(self, request: pb.ChatRequest, context):
         tenant = await self._auth.authenticate(context.invocation_metadata())
         budget = Budget.of(context.time_remaining())
-        carry = request.completion_may_carry_text
-        held = ""  # the last piece, when it goes with the completion
+        turn = self._pipeline.run(
+            request,
+            tenant,
+            request.session_id,
+            budget,
+            carry_last_text=request.completion_may_carry_text,
+        )
         # Closed on the way out, however the call ends: the turn settles at
         # once, not whenever the abandoned generator is collected.
-        async with contextlib.aclosing(
-            self._pipeline.run(request, tenant, request.session_id, budget)
-        ) as events:
+        async with contextlib.aclosing(turn) as events:
             async for event in events:
                 match event:
-                    case Delta(text=text, last=last):
-                        if held:
-                            # Never, if the last piece is the last (Delta):
-                            # text is never lost nor reordered for it.
-                            yield pb.ChatResponse(delta=pb.TextDelta(text=held))
-                            held = ""
-                        if carry and last:
-                            held = text
-                        else:
-                            yield pb.ChatResponse(delta=pb.TextDelta(text=text))
+                    case Delta(text=text):
+                        yield pb.ChatResponse(delta=pb.TextDelta(text=text))
                     case Completion():
-                        yield pb.ChatResponse(completion=completion_proto(event, held))
+                        yield pb.ChatResponse(completion=completion_proto(event))
                     case Failure(error=error):
-                        if held:
-                            # The failure counts the held piece as delivered.
-                            yield pb.ChatResponse(delta=pb.TextDelta(text=held))
                         # The error interceptor ends the call with its status.
                         raise error
 
@@ -116,26 +106,17 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 session_id,
                 Budget.of(context.time_remaining()),
                 create_session=not session_id,
+                carry_last_text=request.completion_may_carry_text,
             )
-            carry = request.completion_may_carry_text
-            held = ""  # as in Chat
             async with contextlib.aclosing(turn) as events:
                 async for event in events:
                     match event:
-                        case Delta(text=text, last=last):
-                            if held:  # as in Chat
-                                yield pb.ChatSessionResponse(delta=pb.TextDelta(text=held))
-                                held = ""
-                            if carry and last:
-                                held = text
-                            else:
-                                yield pb.ChatSessionResponse(delta=pb.TextDelta(text=text))
+                        case Delta(text=text):
+                            yield pb.ChatSessionResponse(delta=pb.TextDelta(text=text))
                         case Completion():
                             session_id = event.session_id
-                            yield pb.ChatSessionResponse(completion=completion_proto(event, held))
+                            yield pb.ChatSessionResponse(completion=completion_proto(event))
                         case Failure(error=error):
-                            if held:
-                                yield pb.ChatSessionResponse(delta=pb.TextDelta(text=held))
                             yield pb.ChatSessionResponse(failure=error.to_status_proto().SerializeToString())
 
     async def CreateSession(self, request, context) -> pb.CreateSessionResponse:

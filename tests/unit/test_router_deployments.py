@@ -84,21 +84,24 @@ class ScriptedGenerate:
         return True
 
 
+def hello_world() -> list[inference_pb.GenerateResponse]:
+    """Two deltas, then the completion with the last text (" world")."""
+    return [
+        inference_pb.GenerateResponse(delta=inference_pb.GenerateDelta(text="Hel")),
+        inference_pb.GenerateResponse(delta=inference_pb.GenerateDelta(text="lo")),
+        inference_pb.GenerateResponse(
+            completion=inference_pb.GenerateCompletion(
+                text=" world", finish_reason="length", usage={"prompt_tokens": 3, "completion_tokens": 4}
+            )
+        ),
+    ]
+
+
 @pytest.mark.parametrize("read_ahead", [True, False])
 async def test_the_text_on_the_completion_follows_the_deltas_and_is_part_of_the_answer(read_ahead):
     table = DeploymentTable({"m": model("least_outstanding", "a")})
     (deployment,) = table.candidates("m")
-    deployment.stream_stub = inference = ScriptedGenerate(
-        [
-            inference_pb.GenerateResponse(delta=inference_pb.GenerateDelta(text="Hel")),
-            inference_pb.GenerateResponse(delta=inference_pb.GenerateDelta(text="lo")),
-            inference_pb.GenerateResponse(
-                completion=inference_pb.GenerateCompletion(
-                    text=" world", finish_reason="length", usage={"prompt_tokens": 3, "completion_tokens": 4}
-                )
-            ),
-        ]
-    )
+    deployment.stream_stub = inference = ScriptedGenerate(hello_world())
     answer = Answer()
     try:
         deployments = Deployments(table, RouterSettings())
@@ -133,17 +136,7 @@ async def test_a_completion_from_a_deployment_that_then_failed_is_not_the_answer
         ],
         ends_with=grpc.StatusCode.UNAVAILABLE,
     )
-    b.stream_stub = ScriptedGenerate(
-        [
-            inference_pb.GenerateResponse(delta=inference_pb.GenerateDelta(text="Hel")),
-            inference_pb.GenerateResponse(delta=inference_pb.GenerateDelta(text="lo")),
-            inference_pb.GenerateResponse(
-                completion=inference_pb.GenerateCompletion(
-                    text=" world", finish_reason="length", usage={"prompt_tokens": 3, "completion_tokens": 4}
-                )
-            ),
-        ]
-    )
+    b.stream_stub = ScriptedGenerate(hello_world())
     answer = Answer()
     try:
         deployments = Deployments(table, RouterSettings())

@@ -361,6 +361,44 @@ async def test_only_a_piece_the_generation_said_was_its_last_is_marked_last(fini
     assert texts(events) == "Hello there" and isinstance(events[-1], Completion)
 
 
+async def test_the_last_piece_comes_on_the_completion_for_a_front_end_that_asks():
+    turns, _ = pipeline(generator=FakeGenerator(finish_before_last=True))
+    events = await events_of(turns.run(request(), TENANT, "", Budget(), carry_last_text=True))
+    assert [e.text for e in events[:-1]] == ["Hel", "lo "]
+    assert isinstance(events[-1], Completion) and events[-1].text == "there"
+    # Not asked: every piece a delta, the completion without text.
+    events = await events_of(turns.run(request("other"), TENANT, "", Budget()))
+    assert [e.text for e in events[:-1]] == ["Hel", "lo ", "there"] and events[-1].text == ""
+
+
+async def test_a_failed_save_sends_the_held_last_piece_as_a_delta_before_the_failure():
+    contexts = FakeContexts()
+    contexts.append_error = unavailable(Reason.REDIS_UNAVAILABLE, "down")
+    turns, _ = pipeline(contexts=contexts, generator=FakeGenerator(finish_before_last=True))
+    events = await events_of(turns.run(request(), TENANT, "s1", Budget(), carry_last_text=True))
+    assert [e.text for e in events[:-1]] == ["Hel", "lo ", "there"]
+    assert isinstance(events[-1], Failure) and events[-1].error.metadata["delivered_deltas"] == "3"
+
+
+class EveryPieceMarkedLast(FakeGenerator):
+    """Breaks Generator's contract (a finish reason only when no piece
+    follows), as a retried call's leftover completion once did."""
+
+    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
+        answer.finish_reason = "stop"
+        async for piece in super().generate(
+            alias, prompt, parameters, budget, answer, session_id, read_ahead
+        ):
+            yield piece
+
+
+async def test_no_text_is_lost_or_reordered_when_more_than_one_piece_is_marked_last():
+    turns, _ = pipeline(generator=EveryPieceMarkedLast())
+    events = await events_of(turns.run(request(), TENANT, "", Budget(), carry_last_text=True))
+    assert [e.text for e in events[:-1]] == ["Hel", "lo "]
+    assert events[-1].text == "there"
+
+
 async def test_a_failed_save_after_the_answer_says_how_much_was_delivered():
     contexts = FakeContexts()
     contexts.append_error = unavailable(Reason.REDIS_UNAVAILABLE, "down")

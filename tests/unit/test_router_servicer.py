@@ -205,29 +205,6 @@ def test_chat_session_carries_the_last_piece_only_on_the_turns_that_ask(loop):
     assert responses[2].completion.session_id == responses[-1].completion.session_id != ""
 
 
-class EveryPieceMarkedLast(FakeGenerator):
-    """A generator that breaks its contract (Generator: a finish reason only
-    when no piece follows), as a retried call's leftover completion once did."""
-
-    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
-        answer.finish_reason = "stop"
-        async for piece in super().generate(
-            alias, prompt, parameters, budget, answer, session_id, read_ahead
-        ):
-            yield piece
-
-
-def test_no_text_is_lost_or_reordered_when_more_than_one_piece_is_marked_last(loop):
-    server = served(loop, generator=EveryPieceMarkedLast())
-    chat = request(completion_may_carry_text=True)
-    rpc = server.invoke_unary_stream(SERVICE.methods_by_name["Chat"], AUTH, chat, 10)
-    _, code, _ = rpc.termination()
-    responses = drain(rpc)
-    assert code == grpc.StatusCode.OK
-    assert [r.delta.text for r in responses[:-1]] == ["Hel", "lo "]
-    assert responses[-1].completion.text == "there"
-
-
 def test_a_short_exact_hit_is_one_message_for_a_client_that_reads_the_completions_text(loop):
     hit = Hit(Answer(text="Paris.", completion_tokens=2), CacheStatus.EXACT_HIT, 1.0)
     server = served(loop, cache=FakeCache(hit))
