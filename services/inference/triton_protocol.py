@@ -10,6 +10,7 @@ contents: no numpy round trip per request.
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import grpc
@@ -146,7 +147,14 @@ def stream_error_code(error_message: str, triton_model: str) -> grpc.StatusCode:
     INVALID_ARGUMENT; a model shutting down, or one this server does not
     have (ready) just now, UNAVAILABLE, so the request is tried on another
     server if nothing went out yet; the model's own "request was cancelled",
-    CANCELLED; anything else, a failure of the model: INTERNAL."""
+    CANCELLED; then the real vLLM and TensorRT-LLM backends' wording
+    (_BACKEND_WORDING), also as TensorRT-LLM's BLS model relays it inside a
+    Python traceback; anything else, a failure of the model: INTERNAL.
+
+    The code a backend gives its error (pb_utils.TritonError's) is not in
+    the text: Triton streams TRITONSERVER_ErrorMessage alone (server
+    src/grpc/stream_infer_handler.cc), without the "[StatusCode....]" that
+    tritonclient prints in front of an exception."""
     if error_message.startswith(f"{triton_model}: invalid request: "):
         return grpc.StatusCode.INVALID_ARGUMENT
     if error_message == f"{triton_model}: model is shutting down" or error_message.startswith(
@@ -155,7 +163,112 @@ def stream_error_code(error_message: str, triton_model: str) -> grpc.StatusCode:
         return grpc.StatusCode.UNAVAILABLE
     if error_message == "request was cancelled":
         return grpc.StatusCode.CANCELLED
+    raised = _raised_in_traceback(error_message)
+    if raised is not None:
+        exception, text = raised
+        if exception == "lib.decode.RequestValidationError":
+            return grpc.StatusCode.INVALID_ARGUMENT
+        if exception != "c_python_backend_utils.TritonModelException":
+            return grpc.StatusCode.INTERNAL
+        # A composing model's error, relayed (the BLS's
+        # triton_decoder._exec_triton_request): read as that model worded it.
+        return stream_error_code(text, triton_model)
+    for wording, code in _BACKEND_WORDING:
+        if wording.match(error_message):
+            return code
     return grpc.StatusCode.INTERNAL
+
+
+# The wording of the real backends' errors, as read in their source
+# (triton-inference-server/vllm_backend 8de0c14 of 2026-01; TensorRT-LLM's
+# triton_backend/ in NVIDIA/TensorRT-LLM, where tensorrtllm_backend moved its
+# source in 2025; vLLM's v1 engine; python_backend f9088ff for how an
+# exception from execute() is worded), each
+# anchored at the start of the message: a message may quote other text (a
+# path, a model's words) and a wrong reading costs more than INTERNAL does.
+# A wrong INVALID_ARGUMENT blames the caller for the server's failure (a 400
+# at the HTTP edge) and would show an outage (every request failing) as bad
+# callers; a wrong UNAVAILABLE retries a refusal on every server and counts
+# against each one's breaker; a wrong INTERNAL fails just that request. So a
+# wording maps only where nothing but that cause produces it; anything
+# ambiguous stays INTERNAL. Left INTERNAL
+# on purpose: vLLM backend's "Error generating stream: 'NoneType' object has
+# no attribute 'lora_name'" (src/utils/vllm_backend_utils.py
+# TritonSamplingParams.from_dict swallows every exception, bad JSON and a
+# broken vLLM alike, and the sampling parameters we send are checked before
+# they go: meshgate.sampling), and the generic "Error generating stream: "/
+# "Error generating request: " around anything else an engine raises.
+_BACKEND_WORDING: tuple[tuple[re.Pattern[str], grpc.StatusCode], ...] = tuple(
+    (re.compile(wording), code)
+    for wording, code in (
+        # vLLM's prompt checks (vllm/v1/engine/input_processor.py
+        # InputProcessor._validate_prompt_len), passed on by the vLLM
+        # backend as "Error generating stream: {e}" (src/model.py _infer).
+        (
+            r"Error generating stream: The decoder prompt \(length \d+\) (?:plus the number of "
+            r"requested output tokens \(at least 1\) )?is longer than the maximum model length of \d+\.",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (r"Error generating stream: The decoder prompt cannot be empty", grpc.StatusCode.INVALID_ARGUMENT),
+        # TensorRT-LLM's executor refusing a prompt longer than the engine
+        # takes (cpp/tensorrt_llm/batch_manager/llmRequest.cpp
+        # LlmRequest::validate, wrapped in executor/executorImpl.cpp), as the
+        # C++ backend sends it (triton_backend/inflight_batcher_llm/src/
+        # model_instance_state.cc fillTritonResponse).
+        (
+            r"Executor failed process requestId \d+ due to the following error: Encountered an error "
+            r"when fetching new request: Prompt length \(\d+\) exceeds maximum input length \(\d+\)\.",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        # The vLLM backend's health check found its engine dead (src/model.py
+        # _check_health; the model is being unloaded), or the engine died
+        # under the request (vllm/v1/engine/exceptions.py EngineDeadError).
+        (r"Model is unavailable due to unhealthy vLLM engine\Z", grpc.StatusCode.UNAVAILABLE),
+        (r"Error generating stream: EngineCore encountered an issue\.", grpc.StatusCode.UNAVAILABLE),
+        # A request that reached a model being unloaded: the vLLM backend's
+        # and TensorRT-LLM's LLM API model's execute() assert (src/model.py;
+        # triton_backend/all_models/llmapi/tensorrt_llm/1/model.py), as the
+        # Python backend words an exception from execute() (python_backend
+        # src/pb_stub.cc Stub::ProcessRequests; the model's instance name).
+        (
+            r"Failed to process the request\(s\) for model '[^']*', message: AssertionError: "
+            r"Cannot create tasks after shutdown has been requested(?:\n|\Z)",
+            grpc.StatusCode.UNAVAILABLE,
+        ),
+        # TensorRT-LLM's executor shut down or its queue full
+        # (executorImpl.cpp Executor::Impl::enqueueRequests), as the C++
+        # backend sends what enqueue threw (model_instance_state.cc enqueue).
+        (
+            r"\[TensorRT-LLM\]\[ERROR\] Assertion failed: Shutdown called, cannot enqueue requests \(",
+            grpc.StatusCode.UNAVAILABLE,
+        ),
+        (
+            r"Maximum queue size of \d+ has been reached, please try again later",
+            grpc.StatusCode.UNAVAILABLE,
+        ),
+        # Cancelled, as the request's sender was told (vLLM backend
+        # src/model.py _infer; LLM API model cancellation_loop and
+        # handle_stop_request).
+        (r"Request was cancelled\Z", grpc.StatusCode.CANCELLED),
+        (r"Request cancelled by client\Z", grpc.StatusCode.CANCELLED),
+    )
+)
+
+# A line of a Python traceback that names the exception raised: source lines
+# are indented, the header and "During handling ..." lines have no "Name: ",
+# and C++ stack frames (TensorRT-LLM's, after its message) start with a number.
+_TRACEBACK_EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*): (.*)$", re.MULTILINE)
+
+
+def _raised_in_traceback(error_message: str) -> tuple[str, str] | None:
+    """The last exception (qualified name, first line of its message) of a
+    Python traceback sent as the error, as TensorRT-LLM's tensorrt_llm_bls
+    model sends every error (traceback.format_exc(): its model.py execute);
+    None for any other message."""
+    if not error_message.startswith("Traceback (most recent call last):\n"):
+        return None
+    raised = _TRACEBACK_EXCEPTION.findall(error_message)
+    return raised[-1] if raised else None
 
 
 def needs_no_hold(message: service_pb2.ModelStreamInferResponse) -> bool:

@@ -183,3 +183,129 @@ def test_a_template_cannot_reach_python_internals(tmp_path):
 )
 def test_a_streamed_error_reads_as_the_status_its_wording_stands_for(error_message, code):
     assert triton_protocol.stream_error_code(error_message, "tiny_gpt") == code
+
+
+# The real backends' streamed errors, worded as their source words them (services/inference/
+# triton_protocol._BACKEND_WORDING says where each was read). "probe" marks the forms seen on this
+# machine's tritonserver (2.51) from a Python model raising or sending them as those backends do.
+_BLS_TRACEBACK = (
+    # tensorrt_llm_bls/1/model.py execute() sends traceback.format_exc() (probe).
+    "Traceback (most recent call last):\n"
+    '  File "/models/tensorrt_llm_bls/1/model.py", line 190, in execute\n'
+    "    req.validate()\n"
+    '  File "/models/tensorrt_llm_bls/1/lib/decode.py", line 41, in _validate_that\n'
+    "    raise RequestValidationError(msg)\n"
+)
+_TRTLLM_FRAMES = (
+    "\n1       0x7f3a2c1b2d40 tensorrt_llm::common::TllmException::TllmException(char const*) + 96"
+)
+_TRTLLM_PROMPT_TOO_LONG = (
+    # inflight_batcher_llm/src/model_instance_state.cc fillTritonResponse around executorImpl.cpp's
+    # "Encountered an error when fetching new request: " and llmRequest.cpp LlmRequest::validate.
+    "Executor failed process requestId 7 due to the following error: Encountered an error when fetching "
+    "new request: Prompt length (9000) exceeds maximum input length (8192). Set log level to info and "
+    "check TRTGptModel logs for how maximum input length is set (/src/cpp/tensorrt_llm/batch_manager/"
+    "llmRequest.cpp:212)" + _TRTLLM_FRAMES
+)
+_TRTLLM_SHUT_DOWN = (
+    # executorImpl.cpp enqueueRequests' TLLM_CHECK_WITH_INFO, sent by model_instance_state.cc enqueue.
+    "[TensorRT-LLM][ERROR] Assertion failed: Shutdown called, cannot enqueue requests "
+    "(/src/cpp/tensorrt_llm/executor/executorImpl.cpp:652)" + _TRTLLM_FRAMES
+)
+
+
+@pytest.mark.parametrize(
+    ("error_message", "code"),
+    [
+        # vLLM's InputProcessor._validate_prompt_len, through the vLLM backend's "Error generating stream: ".
+        (
+            "Error generating stream: The decoder prompt (length 9000) is longer than the maximum model "
+            "length of 8192. Make sure that `max_model_len` is no smaller than the number of text tokens.",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "Error generating stream: The decoder prompt (length 8192) plus the number of requested output "
+            "tokens (at least 1) is longer than the maximum model length of 8192. Make sure that "
+            "`max_model_len` is no smaller than the number of text tokens (prompt + requested output "
+            "tokens).",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        ("Error generating stream: The decoder prompt cannot be empty", grpc.StatusCode.INVALID_ARGUMENT),
+        # TensorRT-LLM's C++ backend: the executor refused the prompt's length.
+        (_TRTLLM_PROMPT_TOO_LONG, grpc.StatusCode.INVALID_ARGUMENT),
+        # TensorRT-LLM's BLS: its own request validation (lib/decode.py), and the C++ backend's refusal
+        # relayed as triton_decoder._exec_triton_request raises it (probe).
+        (
+            _BLS_TRACEBACK + "lib.decode.RequestValidationError: max_tokens must be a single value > 0\n",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            _BLS_TRACEBACK + "c_python_backend_utils.TritonModelException: " + _TRTLLM_PROMPT_TOO_LONG + "\n",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        # vLLM backend src/model.py: _check_health's reply; the engine dead under the request
+        # (vllm/v1/engine/exceptions.py EngineDeadError).
+        ("Model is unavailable due to unhealthy vLLM engine", grpc.StatusCode.UNAVAILABLE),
+        (
+            "Error generating stream: EngineCore encountered an issue. See stack trace (above) for the "
+            "root cause.",
+            grpc.StatusCode.UNAVAILABLE,
+        ),
+        # The vLLM backend's and the LLM API model's execute() assert during unload, as python_backend's
+        # pb_stub.cc words an exception from execute() (probe).
+        (
+            "Failed to process the request(s) for model 'vllm_model_0_0', message: AssertionError: Cannot "
+            "create tasks after shutdown has been requested\n\nAt:\n  /opt/tritonserver/backends/vllm/"
+            "model.py(441): execute\n",
+            grpc.StatusCode.UNAVAILABLE,
+        ),
+        # TensorRT-LLM's executor shut down or full (executorImpl.cpp enqueueRequests), directly and
+        # relayed by the BLS.
+        (_TRTLLM_SHUT_DOWN, grpc.StatusCode.UNAVAILABLE),
+        (
+            _BLS_TRACEBACK + "c_python_backend_utils.TritonModelException: " + _TRTLLM_SHUT_DOWN + "\n",
+            grpc.StatusCode.UNAVAILABLE,
+        ),
+        (
+            "Maximum queue size of 64 has been reached, please try again later (/src/cpp/tensorrt_llm/"
+            "executor/executorImpl.cpp:583)" + _TRTLLM_FRAMES,
+            grpc.StatusCode.UNAVAILABLE,
+        ),
+        # vLLM backend src/model.py _infer; LLM API model.py cancellation_loop (probe: the TritonError's
+        # CANCELLED code is not in the text).
+        ("Request was cancelled", grpc.StatusCode.CANCELLED),
+        ("Request cancelled by client", grpc.StatusCode.CANCELLED),
+        # Ambiguous, so INTERNAL: TritonSamplingParams.from_dict returns None for any failure, a broken
+        # vLLM's as well as bad JSON (probe); the generic wrapper around any engine failure.
+        ("Error generating stream: 'NoneType' object has no attribute 'lora_name'", grpc.StatusCode.INTERNAL),
+        (
+            "Error generating stream: CUDA error: an illegal memory access was encountered",
+            grpc.StatusCode.INTERNAL,
+        ),
+        # The BLS's other exceptions, and a validation error that another one followed: the last decides.
+        (
+            _BLS_TRACEBACK + "Exception: cannot perform speculative decoding without draft model\n",
+            grpc.StatusCode.INTERNAL,
+        ),
+        (
+            _BLS_TRACEBACK
+            + "lib.decode.RequestValidationError: text_input is required\n\nDuring handling of the above "
+            "exception, another exception occurred:\n\n" + _BLS_TRACEBACK + "KeyError: 'request_id'\n",
+            grpc.StatusCode.INTERNAL,
+        ),
+        # The wording quoted inside a message, or followed by more than the backend sends, is not it.
+        ("Error generating stream: upstream said: Request was cancelled", grpc.StatusCode.INTERNAL),
+        ("Request was cancelled by the scheduler", grpc.StatusCode.INTERNAL),
+        (
+            "Failed to process the request(s) for model 'm_0_0', message: AssertionError: Cannot create "
+            "tasks after shutdown has been requested twice",
+            grpc.StatusCode.INTERNAL,
+        ),
+        (
+            "note: lib.decode.RequestValidationError: max_tokens must be a single value > 0",
+            grpc.StatusCode.INTERNAL,
+        ),
+    ],
+)
+def test_the_vllm_and_tensorrt_llm_backends_streamed_errors_read_as_their_wording_says(error_message, code):
+    assert triton_protocol.stream_error_code(error_message, "vllm_model") == code
