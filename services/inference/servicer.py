@@ -380,6 +380,7 @@ class _TritonStream:
         last_text = ""
         pooled = False
         failure: BaseException | None = None
+        own_id = self._request.id
         try:
             await _write(call, self._request)
             async for batch in arrivals:
@@ -387,6 +388,21 @@ class _TritonStream:
                 model_error = ""
                 self.heard = True
                 for message in batch:
+                    answering = message.infer_response.id
+                    if answering != own_id and answering:
+                        # Triton names the request each response answers
+                        # (errors too). A stream that carries requests one
+                        # after another must never pass one request's output
+                        # to the next: a response for another request means
+                        # the stream is not what we think, so it ends here,
+                        # never back in the pool, and the server counts a
+                        # failure (Generate).
+                        raise MeshgateError(
+                            grpc.StatusCode.UNAVAILABLE,
+                            Reason.STREAM_ENDED_EARLY,
+                            "Triton answered another request on this request's stream",
+                            {"backend": backend.address},
+                        )
                     if message.error_message:
                         # The text before it still goes out (below), then the error.
                         model_error = message.error_message

@@ -443,6 +443,30 @@ async def test_a_stream_whose_request_failed_is_not_reused(ending):
     assert backend.opened[1] is not call
 
 
+async def test_a_response_for_another_request_is_never_passed_on_and_ends_the_stream():
+    call = ScriptedCall()
+    stream, backend = stream_on(call, idle_streams=2)
+    deltas = aiter(stream)
+    first = asyncio.ensure_future(anext(deltas))
+    await until(lambda: call.requests)
+    own = triton_response("mine", 1)
+    own.infer_response.id = call.requests[0].id
+    call.send(own)
+    assert (await asyncio.wait_for(first, 5)).delta.text == "mine"
+    foreign = triton_response("not yours", 1, final=True, finish_reason="stop")
+    foreign.infer_response.id = "another-request"
+    call.send(foreign)
+    with pytest.raises(MeshgateError) as raised:
+        await anext(deltas)
+    assert (raised.value.code, raised.value.reason) == (
+        grpc.StatusCode.UNAVAILABLE,
+        Reason.STREAM_ENDED_EARLY,
+    )
+    # The stream is not what it seemed: cancelled, never pooled for the next request.
+    assert call.cancelled and len(backend.streams) == 0
+    assert (backend.in_flight, len(backend.calls)) == (0, 0)
+
+
 async def test_a_stream_left_early_is_cancelled_and_not_reused():
     call = ScriptedCall()
     stream, backend = stream_on(call, idle_streams=2)
