@@ -122,6 +122,9 @@ class Reason(enum.StrEnum):
     MISSING_MODEL = enum.auto()
     """A cache request names no model."""
 
+    SCOPE_TOO_LARGE = enum.auto()
+    """A cache request's tenant, model or parameters are larger than any the router sends."""
+
     MISSING_ANSWER = enum.auto()
     """A cache store carries no answer text."""
 

@@ -75,12 +75,35 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+# A scope names one of the router's tenants (ids of at most 128 characters,
+# services/router/keys.py), model aliases and parameter sets (at most 8 stop
+# strings of 64 characters, meshgate/sampling.py: ~2 KiB serialized at worst).
+# It keys memos that are bounded by count (keys.partition's), Redis keys and
+# resident indexes, so a caller that sent megabytes of scope would hold that
+# much memory per scope: refused before anything keeps it. The bounds leave
+# room above what the router sends.
+MAX_SCOPE_NAME_CHARS = 512
+MAX_SCOPE_PARAMETERS_BYTES = 8192
+
+
 def _partition(scope: pb.CacheScope) -> keys.Partition:
     if not scope.tenant_id:
         raise invalid_argument(Reason.TENANT_REQUIRED, "scope.tenant_id is required")
     if not scope.model:
         raise invalid_argument(Reason.MISSING_MODEL, "scope.model is required")
+    _check_scope_names(scope.tenant_id, scope.model)
+    if scope.parameters.ByteSize() > MAX_SCOPE_PARAMETERS_BYTES:
+        raise invalid_argument(
+            Reason.SCOPE_TOO_LARGE, f"scope.parameters must be at most {MAX_SCOPE_PARAMETERS_BYTES} bytes"
+        )
     return keys.partition(scope)
+
+
+def _check_scope_names(tenant_id: str, model: str) -> None:
+    if len(tenant_id) > MAX_SCOPE_NAME_CHARS or len(model) > MAX_SCOPE_NAME_CHARS:
+        raise invalid_argument(
+            Reason.SCOPE_TOO_LARGE, f"tenant_id and model must be at most {MAX_SCOPE_NAME_CHARS} characters"
+        )
 
 
 def _require_messages(messages) -> None:
@@ -184,6 +207,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
     ) -> pb.InvalidateResponse:
         if not request.tenant_id:
             raise invalid_argument(Reason.TENANT_REQUIRED, "tenant_id is required")
+        _check_scope_names(request.tenant_id, request.model)
         prefix = keys.tenant_prefix(request.tenant_id, request.model)
         removed = await self._store.invalidate(request.tenant_id, request.model)
         # After the deletion, so that no index reloaded during the scan keeps

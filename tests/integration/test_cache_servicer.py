@@ -619,6 +619,26 @@ async def test_redis_down_is_unavailable(embedder):
             "INVALID_TTL",
         ),
         (pb.InvalidateRequest(model="m"), "TENANT_REQUIRED"),
+        # A scope of megabytes would be kept by count-bounded memos: refused.
+        (
+            pb.LookupRequest(scope=pb.CacheScope(tenant_id="t" * 513, model="m"), messages=conversation("q")),
+            "SCOPE_TOO_LARGE",
+        ),
+        (
+            pb.LookupRequest(scope=pb.CacheScope(tenant_id="t", model="m" * 513), messages=conversation("q")),
+            "SCOPE_TOO_LARGE",
+        ),
+        (
+            pb.StoreRequest(
+                scope=pb.CacheScope(
+                    tenant_id="t", model="m", parameters=common_pb2.GenerationParameters(stop=["x" * 9000])
+                ),
+                messages=conversation("q"),
+                answer=pb.CachedAnswer(text="a"),
+            ),
+            "SCOPE_TOO_LARGE",
+        ),
+        (pb.InvalidateRequest(tenant_id="t" * 513), "SCOPE_TOO_LARGE"),
     ],
 )
 async def test_invalid_requests(cache, request_, reason):
