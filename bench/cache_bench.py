@@ -272,7 +272,7 @@ def verification_times(stored: list[str], stored_vectors, lookups: list[str], lo
         if not rows:
             continue
         # Fresh analyses, as for a question the service has not seen.
-        verifier_module.analyze.cache_clear()
+        verifier_module.clear_analysis_memo()
         started = time.perf_counter()
         for row in rows:
             verifier.decide(text, vector, stored[row], stored_vectors[row])

@@ -269,8 +269,29 @@ def _split(word: str) -> list[str]:
     return [lower]
 
 
-@functools.lru_cache(maxsize=65_536)
+# The memo of analyses is bounded by count, so what one costs must be bounded
+# too: an Analysis holds sets of tokens and trigrams, ~9 KiB for a 60-character
+# question, ~66 KiB at 500 characters, ~1.9 MiB at 100,000 (tracemalloc), and
+# with no length bound 65,536 long prompts once could have held gigabytes.
+# Analysing afresh costs ~15-25 us for a question, so the memo only spares the
+# candidates that recent lookups shared: a few thousand short texts. At most
+# ~270 MiB at its bounds, ~40 MiB of typical questions.
+_ANALYSIS_MEMO_ENTRIES = 4096
+_ANALYSIS_MEMO_MAX_CHARS = 512
+
+
 def analyze(text: str) -> Analysis:
+    if len(text) > _ANALYSIS_MEMO_MAX_CHARS:
+        return analyze_uncached(text)
+    return _analyze_memoized(text)
+
+
+def clear_analysis_memo() -> None:
+    """Forgets every memoized analysis (benchmarks time fresh ones)."""
+    _analyze_memoized.cache_clear()
+
+
+def analyze_uncached(text: str) -> Analysis:
     raw = _TOKEN.findall(text)
     tokens: list[str] = []
     names: set[str] = set()
@@ -322,6 +343,9 @@ def analyze(text: str) -> Analysis:
         question_word=next((t for t in tokens if t in _QUESTION_WORDS), ""),
         sentences=max(1, len(re.findall(r"[?.!]+(?:\s|$)", text))),
     )
+
+
+_analyze_memoized = functools.lru_cache(maxsize=_ANALYSIS_MEMO_ENTRIES)(analyze_uncached)
 
 
 def _replaced(x, y) -> bool:

@@ -300,3 +300,14 @@ def test_the_committed_model_is_what_the_training_script_makes():
     if not (cache_data.QQP_CSV.exists() and cache_data.EMBEDDINGS_NPZ.exists()):
         pytest.skip("needs ../shared/data/semantic-pairs and the embeddings bench/cache_data.py caches")
     assert training.build_model() == json.loads(verifier.MODEL_PATH.read_text())
+
+
+def test_only_question_sized_texts_are_memoized():
+    # The memo is bounded by count: a long prompt's analysis (megabytes for
+    # a long text) must not be one of thousands kept.
+    short = "How do I cancel my subscription before the renewal date?"
+    long = "Please summarize this report for me. " * 100
+    verifier.clear_analysis_memo()
+    assert analyze(short) is analyze(short)
+    first, again = analyze(long), analyze(long)
+    assert first is not again and first == again
