@@ -86,6 +86,24 @@ MAX_SCOPE_NAME_CHARS = 512
 MAX_SCOPE_PARAMETERS_BYTES = 8192
 
 
+# The longest text matched by meaning (a question, with its topic turn when
+# it has one), in UTF-8 bytes; a longer prompt is cached and looked up
+# exactly only. Every resident index row keeps its text (for the verifier
+# and the first stage), and resident rows are bounded by count
+# (cache.max_resident_rows, 1.2M): at the router's message limit (256 KiB,
+# twice with a topic turn) that count could hold ~600 GiB of text, at this
+# bound 1.2 GiB. The embedding model reads a text's first 256 tokens
+# (~1 KB of English) anyway; the longest question of the QQP pairs is 589
+# characters, of bench/data's conversations 164 bytes.
+MAX_SEMANTIC_TEXT_BYTES = 1024
+
+
+def _matched_by_meaning(text: str) -> bool:
+    # len() first: a text of more characters than the bound is over it in
+    # bytes too, without encoding a message of up to 256 KiB.
+    return len(text) <= MAX_SEMANTIC_TEXT_BYTES and len(text.encode()) <= MAX_SEMANTIC_TEXT_BYTES
+
+
 def _partition(scope: pb.CacheScope) -> keys.Partition:
     if not scope.tenant_id:
         raise invalid_argument(Reason.TENANT_REQUIRED, "scope.tenant_id is required")
@@ -182,8 +200,9 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         vector = None
         if messages[-1].role == _USER:
             context_id, text = self._semantic_subject(partition, messages)
-            # Usually remembered from the lookup that missed just before.
-            vector = await self._embedder.embed_or_none(text, tenant_id=partition.tenant_id)
+            if _matched_by_meaning(text):
+                # Usually remembered from the lookup that missed just before.
+                vector = await self._embedder.embed_or_none(text, tenant_id=partition.tenant_id)
         now_ms = _now_ms()
         if vector is None:
             await self._store.put_exact(partition, entry_id, answer, now_ms, ttl_ms)
@@ -249,6 +268,8 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
 
     async def _semantic_lookup(self, partition: keys.Partition, messages) -> tuple[Match, bytes] | None:
         context_id, question = self._semantic_subject(partition, messages)
+        if not _matched_by_meaning(question):
+            return None
         index_key = partition.vectors_key(context_id)
         index = self._indexes.get(index_key)
         after_seq = index.synced_seq if index is not None else 0
@@ -298,6 +319,8 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         when the semantic lookup (expected next) would embed it, i.e. the
         first stage would not call it a miss at once."""
         context_id, question = self._semantic_subject(partition, messages)
+        if not _matched_by_meaning(question):
+            return
         if not self._embeds_at_once(self._indexes.get(partition.vectors_key(context_id)), question):
             # Unknown (an index not loaded here) or a likely first-stage
             # miss: the semantic lookup decides, as without this.
@@ -340,7 +363,9 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 await asyncio.sleep(0)
             for row in rows[start : start + APPLY_SLICE]:
                 stored = split_payload(row.payload, dimensions)
-                if row.expires_ms > now_ms and stored is not None:
+                # A longer text (stored before MAX_SEMANTIC_TEXT_BYTES) is not kept resident.
+                fits = len(row.payload) - dimensions * 4 <= MAX_SEMANTIC_TEXT_BYTES
+                if row.expires_ms > now_ms and stored is not None and fits:
                     vector, question = stored
                     vector = np.frombuffer(vector, "<f4")
                     index.upsert(row.entry_id, row.seq, row.expires_ms, vector, question)

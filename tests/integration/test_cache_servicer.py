@@ -21,6 +21,7 @@ from meshgate.errors import MeshgateError
 from meshgate.local.stack import free_port
 from services.cache import index as index_module
 from services.cache import keys
+from services.cache import servicer as servicer_module
 from services.cache.embedding_memo import EmbeddingMemo
 from services.cache.index import IndexRegistry
 from services.cache.servicer import CacheServicer
@@ -405,6 +406,33 @@ async def test_semantic_index_reloads_after_a_restart(redis_client, embedder, te
     restarted = make_servicer(redis_client, embedder)
     response = await lookup(restarted, scope(tenant), conversation(PARAPHRASE))
     assert response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+
+
+# Over servicer.MAX_SEMANTIC_TEXT_BYTES in UTF-8 (1,241 bytes) but not in characters (641).
+LONG_STORED = STORED + " " + "é" * 600
+LONG_PARAPHRASE = PARAPHRASE + " " + "é" * 600
+
+
+async def test_a_question_longer_than_the_bound_is_cached_exactly_only(cache, embedder, tenant):
+    embedder.table |= {LONG_STORED: _direction(1.0), LONG_PARAPHRASE: _direction(0.95)}
+    await store(cache, scope(tenant), conversation(LONG_STORED), text="Practice daily.")
+    exact = await lookup(cache, scope(tenant), conversation(LONG_STORED))
+    assert exact.status == pb.LOOKUP_STATUS_EXACT_HIT and exact.answer.text == "Practice daily."
+    # Its vector would be a hit at 0.95: no row of it is resident, nor is the long question embedded.
+    assert (await lookup(cache, scope(tenant), conversation(LONG_PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
+    assert (await lookup(cache, scope(tenant), conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
+    assert LONG_STORED not in embedder.calls and LONG_PARAPHRASE not in embedder.calls
+
+
+async def test_a_stored_row_longer_than_the_bound_is_not_loaded(redis_client, embedder, tenant, monkeypatch):
+    embedder.table[LONG_STORED] = _direction(1.0)
+    # Stored as before the bound existed.
+    monkeypatch.setattr(servicer_module, "MAX_SEMANTIC_TEXT_BYTES", 1 << 20)
+    await store(make_servicer(redis_client, embedder), scope(tenant), conversation(LONG_STORED))
+    monkeypatch.undo()
+    restarted = make_servicer(redis_client, embedder)
+    # Its vector would be a hit at 0.95 (as test_semantic_index_reloads_after_a_restart's).
+    assert (await lookup(restarted, scope(tenant), conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
 
 
 async def test_lookups_are_answered_while_a_large_partition_rebuilds_its_graph(
