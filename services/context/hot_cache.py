@@ -46,7 +46,10 @@ DELETED = -1
 
 
 def _size(session: StoredSession) -> int:
-    turns = sum(len(t.content) + _TURN_OVERHEAD_BYTES for t in session.turns)
+    # A turn holds its text as UTF-8 (ByteSize), up to 4 bytes a character:
+    # counted in characters, 256 KiB turns of emoji held 63 MiB where 16 MiB
+    # were counted, so the 256 MiB bound let ~1 GiB in.
+    turns = sum(t.ByteSize() + _TURN_OVERHEAD_BYTES for t in session.turns)
     counts = sum(c.nbytes for c in session.token_counts.values())
     # Its retrieval index, when attached: float32 vectors weigh more than the texts.
     index = session.index.nbytes if session.index is not None else 0

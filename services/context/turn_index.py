@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import sys
 
 import grpc
 import numpy as np
@@ -201,7 +202,11 @@ class IndexedTurns:
         vectors = 0 if self.unit_vectors is None else self.unit_vectors.nbytes
         # A posting list's array plus its key and the objects around them.
         postings = sum(p.nbytes + len(t) + 160 for t, p in self.postings.items())
-        return vectors + postings + self.roles.nbytes + self.term_counts.nbytes + 8 * len(self.token_counts)
+        # Pins are not capped in number (a fact is at most 4 KiB): a session
+        # pinned many times must weigh what it holds, or a hot cache keeps it.
+        pins = sum(sys.getsizeof(fact) for fact in self.pinned_facts) + 36 * len(self.pinned_turns)
+        arrays = self.roles.nbytes + self.term_counts.nbytes + self.line_counts.nbytes
+        return vectors + postings + pins + arrays + 8 * len(self.token_counts)
 
     def usable(self, at_version: int | None) -> bool:
         """Whether assembly can plan from this alone: the current version

@@ -9,6 +9,7 @@ import numpy as np
 from meshgate.common.v1 import common_pb2
 from services.context.hot_cache import HotCache
 from services.context.store import StoredSession
+from services.context.turn_index import IndexedTurns
 
 
 def session(version: int, *contents: str, updated_ms: int | None = None) -> StoredSession:
@@ -85,6 +86,14 @@ def test_bounded_by_bytes_least_recently_used_first() -> None:
     assert not cache.put("huge", session(1, "x" * 4096), cache.ticket())
 
 
+def test_the_bound_counts_a_turn_in_utf8_bytes_not_characters() -> None:
+    # 1,000 characters, 4,000 bytes: over the bound only in bytes.
+    cache = live_cache(max_bytes=3 * 1024)
+    assert not cache.put("emoji", session(1, "😀" * 1000), cache.ticket())
+    assert cache.put("ascii", session(1, "x" * 1000), cache.ticket())
+    assert cache.bytes >= 1000
+
+
 def test_an_entry_is_not_served_once_its_session_may_have_expired() -> None:
     cache = live_cache(ttl_s=60)
     old = int(time.time() * 1000) - 61_000
@@ -97,6 +106,16 @@ def test_an_entry_is_not_served_once_its_session_may_have_expired() -> None:
 class _Index:
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
+
+
+def test_an_index_weighs_its_pinned_facts() -> None:
+    empty = np.zeros(0, np.int64)
+    facts = ["f" * 4096] * 100
+
+    def index(pinned_facts: list[str]) -> IndexedTurns:
+        return IndexedTurns(1, 0, empty, empty.astype(np.uint8), empty, None, {}, [], pinned_facts)
+
+    assert index(facts).nbytes - index([]).nbytes >= 100 * 4096
 
 
 def test_an_attached_index_counts_against_the_bound() -> None:
