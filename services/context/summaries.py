@@ -39,6 +39,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import sys
 
 import grpc
 import numpy as np
@@ -299,8 +300,22 @@ def versions_of_span(history: list[int | None], first: int, end: int, current: i
     return first_holding(first + 1), first_holding(end)
 
 
-# Sessions whose summaries are kept in memory for assembly.
+# Sessions whose summaries are kept in memory for assembly, and the bytes
+# those may hold: a session keeps a summary per 16 turns and a version per
+# append, with no cap on either (context.max_turns is 0 by default), so a
+# count alone let 10,000 sessions of 65,536 turns hold ~64 GB. 64 MiB keeps
+# ~400 sessions of 1,548 turns (97 summaries each).
 MAX_HOT_SESSIONS = 10_000
+MAX_HOT_BYTES = 64 * 1024 * 1024
+# A summary's objects besides its text (id, method, token counts, the
+# dataclass), and a version's list entry: ~850 B and 35 B by tracemalloc.
+_SUMMARY_OVERHEAD_BYTES = 1024
+_VERSION_BYTES = 36
+
+
+def _hot_bytes(summaries: list[Summary], history: list[int | None]) -> int:
+    texts = sum(sys.getsizeof(summary.text) + _SUMMARY_OVERHEAD_BYTES for summary in summaries)
+    return texts + _VERSION_BYTES * len(history)
 
 
 class Summarizer:
@@ -329,10 +344,12 @@ class Summarizer:
         self._model = model
         self._running: dict[tuple[str, str], asyncio.Task] = {}
         self._again: set[tuple[str, str]] = set()
-        # (tenant, session) -> (version, its summaries, its version history).
-        self._hot: collections.OrderedDict[tuple[str, str], tuple[int, list[Summary], list[int | None]]] = (
-            collections.OrderedDict()
-        )
+        # (tenant, session) -> (version, its summaries, its version history,
+        # their _hot_bytes), least recently used first.
+        self._hot: collections.OrderedDict[
+            tuple[str, str], tuple[int, list[Summary], list[int | None], int]
+        ] = collections.OrderedDict()
+        self._hot_bytes = 0
 
     def schedule(self, tenant_id: str, session_id: str) -> None:
         key = (tenant_id, session_id)
@@ -432,7 +449,7 @@ class Summarizer:
         return dataclasses.replace(summary, token_counts=counts)
 
     async def forget(self, tenant_id: str, session_id: str) -> None:
-        self._hot.pop((tenant_id, session_id), None)
+        self._drop_hot((tenant_id, session_id))
         await self._summaries.delete(tenant_id, session_id)
 
     async def _load(
@@ -446,11 +463,19 @@ class Summarizer:
         stored = await self._summaries.get_many(tenant_id, [digest for _, digest in sorted(spans.items())])
         found = [await self._counted(summary) for summary in stored if summary is not None]
         key = (tenant_id, session_id)
-        self._hot[key] = (version, found, history)
-        self._hot.move_to_end(key)
-        while len(self._hot) > MAX_HOT_SESSIONS:
-            self._hot.popitem(last=False)
+        self._drop_hot(key)
+        size = _hot_bytes(found, history)
+        if size <= MAX_HOT_BYTES:
+            self._hot[key] = (version, found, history, size)
+            self._hot_bytes += size
+            while len(self._hot) > MAX_HOT_SESSIONS or self._hot_bytes > MAX_HOT_BYTES:
+                self._drop_hot(next(iter(self._hot)))
         return found, history
+
+    def _drop_hot(self, key: tuple[str, str]) -> None:
+        entry = self._hot.pop(key, None)
+        if entry is not None:
+            self._hot_bytes -= entry[3]
 
     async def summaries_for(
         self, tenant_id: str, session_id: str, version: int, excluded: list[tuple[int, int]]
@@ -463,6 +488,7 @@ class Summarizer:
         hot = self._hot.get((tenant_id, session_id))
         if hot is not None and hot[0] == version:
             found, history = hot[1], hot[2]
+            self._hot.move_to_end((tenant_id, session_id))
         else:
             found, history = await self._load(tenant_id, session_id, version)
         starts = [first for first, _ in excluded]

@@ -178,3 +178,47 @@ def test_tokens_by_disposition_match_the_manifest() -> None:
         expected[names[entry.disposition]] += entry.tokens
     assert tokens_by_disposition(response.manifest, turns, chosen, added) == expected
     assert expected["summarized"] == 10 + 11
+
+
+class _Sessions:
+    """The session store's part the summarizer's memory reads: histories, counted."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def history(self, tenant_id: str, session_id: str) -> list[int | None]:
+        self.reads += 1
+        return list(range(int(session_id)))
+
+
+class _StoredSummaries:
+    """A session named "<n>" has n // 16 spans summarized, 1 KB of text each."""
+
+    async def spans(self, tenant_id: str, session_id: str) -> dict[tuple[int, int], str]:
+        return {(first, first + 16): f"{session_id}-{first}" for first in range(0, int(session_id) - 15, 16)}
+
+    async def get_many(self, tenant_id: str, digests: list[str]) -> list[Summary]:
+        return [Summary(d, 0, 16, 0, 1, "extractive", "x" * 1000) for d in digests]
+
+
+async def test_the_summaries_kept_in_memory_are_bounded_in_bytes(monkeypatch) -> None:
+    # Sessions of 4,096 versions and 256 summaries: ~0.7 MB each, two fit in 1.5 MB.
+    monkeypatch.setattr(summaries, "MAX_HOT_BYTES", 1_500_000)
+    sessions = _Sessions()
+    summarizer = summaries.Summarizer(sessions, _StoredSummaries(), SummaryPolicy(), None)
+
+    async def assemble(session_id: str) -> None:
+        await summarizer.summaries_for("t", session_id, 1, [(0, 16)])
+
+    for session_id in ("4096", "4097", "4098"):
+        await assemble(session_id)
+    assert sessions.reads == 3
+    await assemble("4098")
+    await assemble("4097")
+    assert sessions.reads == 3  # the two newest are kept
+    await assemble("4096")
+    assert sessions.reads == 4  # the oldest was let go
+    # A session larger than the whole bound is never kept.
+    for _ in range(2):
+        await assemble("65536")
+    assert sessions.reads == 6
