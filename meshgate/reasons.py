@@ -211,6 +211,9 @@ class Reason(enum.StrEnum):
     PIN_UNAVAILABLE = enum.auto()
     """This context service keeps no turn index, so it cannot pin."""
 
+    TOO_MANY_PINS = enum.auto()
+    """FAILED_PRECONDITION: the session holds the most pins it may (metadata ``limit``)."""
+
     VERSION_CONFLICT = enum.auto()
     """The session is not at the expected version (metadata current_version)."""
 

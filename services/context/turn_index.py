@@ -105,9 +105,16 @@ return first
 """
 
 
-# KEYS: meta, turns, pins. ARGV: pin, turn index ("" for a fact), ttl_s.
-# Returns {1, pins held}, {0} if there is no session, {-1, turns held} if
-# the turn does not exist, {-2, compacted version} if its text was compacted.
+# Pins a session may hold. Every assembly reads all of them and puts each
+# in the prompt whatever its budget, so without a cap one session's pins
+# (facts of up to 4 KiB) grew every read of it, and the memory it takes,
+# without end; 256 facts are at most 1 MiB, a turn's own limit.
+MAX_PINS = 256
+
+# KEYS: meta, turns, pins. ARGV: pin, turn index ("" for a fact), ttl_s,
+# MAX_PINS. Returns {1, pins held}, {0} if there is no session, {-1, turns
+# held} if the turn does not exist, {-2, compacted version} if its text was
+# compacted, {-3, pins held} if the session holds MAX_PINS already.
 _PIN = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 if ARGV[2] ~= '' then
@@ -118,6 +125,8 @@ if ARGV[2] ~= '' then
     return {-2, tonumber(redis.call('HGET', KEYS[1], 'compacted_version') or '0')}
   end
 end
+local pins = redis.call('LLEN', KEYS[3])
+if pins >= tonumber(ARGV[4]) then return {-3, pins} end
 local count = redis.call('RPUSH', KEYS[3], ARGV[1])
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
@@ -413,8 +422,8 @@ class TurnIndex:
 
     async def pin(self, tenant_id: str, session_id: str, pin: str, message_index: int | None) -> int:
         """Adds a pin (``t:<index>`` or ``f:<text>``); returns how many the
-        session holds. Raises SESSION_NOT_FOUND, or PIN_TARGET_NOT_FOUND for
-        a turn the session does not hold."""
+        session holds. Raises SESSION_NOT_FOUND, PIN_TARGET_NOT_FOUND for
+        a turn the session does not hold, or TOO_MANY_PINS past MAX_PINS."""
         keys = [
             key(tenant_id, session_id, "meta"),
             key(tenant_id, session_id, "turns"),
@@ -422,7 +431,7 @@ class TurnIndex:
         ]
         index = "" if message_index is None else message_index
         with redis_reachable():
-            outcome = await self._pin(keys=keys, args=[pin, index, self._ttl_s])
+            outcome = await self._pin(keys=keys, args=[pin, index, self._ttl_s, MAX_PINS])
         if outcome[0] == 0:
             raise session_not_found(session_id)
         if outcome[0] == -1:
@@ -430,6 +439,13 @@ class TurnIndex:
                 Reason.PIN_TARGET_NOT_FOUND,
                 f"session {session_id!r} holds {outcome[1]} turns: there is no turn {message_index}",
                 turns=str(outcome[1]),
+            )
+        if outcome[0] == -3:
+            raise MeshgateError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                Reason.TOO_MANY_PINS,
+                f"session {session_id!r} holds {outcome[1]} pins, the most it may ({MAX_PINS})",
+                {"session_id": session_id, "limit": str(MAX_PINS)},
             )
         if outcome[0] == -2:
             raise MeshgateError(

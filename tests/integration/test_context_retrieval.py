@@ -19,7 +19,7 @@ from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
-from services.context import app, assembly, relevance, store, token_counts
+from services.context import app, assembly, relevance, store, token_counts, turn_index
 from services.context.hot_cache import HotCache
 from services.context.servicer import ContextServicer
 from services.context.store import SessionStore
@@ -254,6 +254,24 @@ async def test_pins_refuse_what_does_not_exist(stub) -> None:
         # Nothing was pinned by the refused calls.
         response = await assemble(stub, tenant, session_id, "hi", 60)
         assert all(e.reason != pb.INCLUSION_REASON_PINNED for e in response.manifest.entries)
+
+
+async def test_a_session_holds_at_most_max_pins(stub) -> None:
+    async with session_with(stub, conversation(repeats=1)) as (tenant, session_id):
+        for n in range(1, turn_index.MAX_PINS + 1):
+            request = pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, fact=f"fact {n}")
+            assert (await stub.PinToSession(request)).pin_count == n
+        for one_more in (
+            pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, fact="one fact too many"),
+            pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, message_index=0),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.PinToSession(one_more)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            info = error_info(caught.value)
+            assert info.reason == "TOO_MANY_PINS" and info.metadata["limit"] == str(turn_index.MAX_PINS)
+        response = await assemble(stub, tenant, session_id, "hi", 4000)
+        assert "one fact too many" not in [m.content for m in response.messages]
 
 
 async def test_an_unknown_strategy_is_refused(stub) -> None:

@@ -144,6 +144,7 @@ class ContextServiceServicer:
     def PinToSession(self, request, context):
         """Pins a session turn (by index) or a free-text fact to a session: every
         later assembly includes it, whatever the budget, counted against it.
+        A session holds at most 256 pins (FAILED_PRECONDITION, TOO_MANY_PINS).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
