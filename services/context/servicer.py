@@ -108,6 +108,13 @@ _TURNS_TO_SEND = 3
 # A pinned fact is a system message in every later prompt: kept short.
 MAX_FACT_BYTES = 4096
 
+# Prefetches in flight at most. Each reads a whole session, and
+# PrefetchSession answers before it: without a bound, a burst of those calls
+# held as many sessions in memory at once. A prefetch only warms the hot
+# cache, so one past the bound (or for a session already being prefetched)
+# is skipped; the next assembly reads what it needs either way.
+MAX_PREFETCHES = 64
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _SessionView:
@@ -259,8 +266,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         self._pack_older_turns = pack_older_turns
         # Never live without a change listener, so always safe to consult.
         self._hot = hot if hot is not None else HotCache(0)
-        # Prefetches in flight, held so they are not collected mid-way.
-        self._prefetches: set[asyncio.Task] = set()
+        # Prefetches in flight by session key, held so they are not collected mid-way.
+        self._prefetches: dict[str, asyncio.Task] = {}
         # Without one (unit tests), nothing is summarized.
         self._summarizer = summarizer
         self._models = models
@@ -860,7 +867,11 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         self.prefetch(tenant_id, session_id)
 
     def prefetch(self, tenant_id: str, session_id: str) -> None:
-        """Reads the session into the hot cache in the background."""
+        """Reads the session into the hot cache in the background, unless
+        it is being read so already or MAX_PREFETCHES are."""
+        key = session_key(tenant_id, session_id)
+        if key in self._prefetches or len(self._prefetches) >= MAX_PREFETCHES:
+            return
 
         async def read() -> None:
             try:
@@ -871,8 +882,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 log.debug("prefetch failed", session_id=session_id, reason=error.reason)
 
         task = asyncio.create_task(read())
-        self._prefetches.add(task)
-        task.add_done_callback(self._prefetches.discard)
+        self._prefetches[key] = task
+        task.add_done_callback(lambda _: self._prefetches.pop(key, None))
 
     async def _attach_index(self, tenant_id: str, session_id: str) -> None:
         """Keeps the whole turn index with the hot session, if it is hot."""

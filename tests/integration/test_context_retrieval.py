@@ -21,7 +21,7 @@ from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
 from services.context import app, assembly, relevance, store, token_counts, turn_index
 from services.context.hot_cache import HotCache
-from services.context.servicer import ContextServicer
+from services.context.servicer import MAX_PREFETCHES, ContextServicer
 from services.context.store import SessionStore
 from services.context.turn_index import TurnIndex
 from tests.integration.conftest import running
@@ -391,7 +391,7 @@ async def test_a_cold_packed_assembly_plans_from_the_index(redis_url: str) -> No
                 NoDeadline(),
             )
         # What the appends set off in the background (warming a hot cache of no room) is done.
-        await asyncio.gather(*servicer._prefetches)
+        await asyncio.gather(*servicer._prefetches.values())
         whole_reads = 0
         response = await servicer.AssembleContext(
             pb.AssembleContextRequest(
@@ -408,6 +408,30 @@ async def test_a_cold_packed_assembly_plans_from_the_index(redis_url: str) -> No
     assert whole_reads == 0
     assert response.manifest.entries[1].packed
     assert response.manifest.prompt_tokens == prompt_length(response.messages) <= 400
+
+
+async def test_prefetches_are_one_per_session_and_bounded_in_number(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    models = Settings().models
+    servicer = ContextServicer(
+        SessionStore(client, 0), models, token_counts.for_models(models), HotCache(0), TurnIndex(client, 0)
+    )
+    reads: list[str] = []
+
+    async def slow_read(tenant_id: str, session_id: str, *args) -> None:
+        reads.append(session_id)
+        await asyncio.sleep(0.05)  # still in flight when the next calls come
+
+    servicer._read = slow_read
+    try:
+        for session_id in ["same"] * 10 + [f"other-{n}" for n in range(2 * MAX_PREFETCHES)]:
+            await servicer.PrefetchSession(
+                pb.PrefetchSessionRequest(tenant_id="t", session_id=session_id), None
+            )
+        await asyncio.gather(*servicer._prefetches.values())
+    finally:
+        await client.aclose()
+    assert reads.count("same") == 1 and len(reads) == MAX_PREFETCHES
 
 
 @pytest.fixture(scope="module")
