@@ -43,6 +43,13 @@ from services.cache.verifier import analyze
 # cache.max_resident_rows setting); an index pushed out is only reloaded from
 # Redis on its next use.
 MAX_RESIDENT_INDEXES = 65_536
+# Distinct words of a sub-partition's first-stage postings that weigh as
+# much as a row (its 384-dimension vector, numbers and id): ~80 B a word
+# against ~1.7 KB a row (tracemalloc, questions of 1 KiB of distinct
+# words: 11.7 KB of postings a row). Counted against the bound on rows, or
+# 1.2M rows of such questions in sub-partitions below the graph's size
+# would hold ~14 GB of postings the bound never saw.
+POSTED_WORDS_PER_ROW = 20
 # Rows the graph proposes per search, and the breadth of its search and of
 # its construction. Measured at 200k rows: construction breadth 64 built in
 # 15 s (128: 38 s) at the same recall of the exact top 5 (0.999) once the
@@ -155,6 +162,13 @@ class VectorIndex:
     @property
     def allocated_rows(self) -> int:
         return len(self._seqs)
+
+    @property
+    def weight_rows(self) -> int:
+        """What the registry bounds: the rows allocated, and the distinct
+        words of the postings in rows of the same memory."""
+        words = len(self._postings) if self._postings is not None else 0
+        return self.allocated_rows + words // POSTED_WORDS_PER_ROW
 
     @property
     def approximate(self) -> bool:
@@ -459,6 +473,7 @@ class IndexRegistry:
 
     @property
     def resident_rows(self) -> int:
+        """The indexes' rows, their postings' words counted as rows (``VectorIndex.weight_rows``)."""
         return self._rows
 
     def get(self, key: str) -> VectorIndex | None:
@@ -484,8 +499,9 @@ class IndexRegistry:
         index = self._indexes.get(key)
         if index is None:
             return
-        self._rows += index.allocated_rows - self._counted_rows[key]
-        self._counted_rows[key] = index.allocated_rows
+        weight = index.weight_rows
+        self._rows += weight - self._counted_rows[key]
+        self._counted_rows[key] = weight
         while len(self._indexes) > 1 and (
             self._rows > self._max_rows or len(self._indexes) > self._max_indexes
         ):

@@ -111,6 +111,26 @@ def test_registry_pushes_out_the_least_recently_used_index():
     assert len(registry) == 1 and registry.resident_rows == 4
 
 
+def test_registry_counts_the_postings_words_as_rows():
+    registry = IndexRegistry(max_entries=100, max_rows=16, approximate_from=10**9)
+    for name in ("a", "b"):
+        index = registry.get_or_create(name, DIMS)
+        for i in range(3):
+            index.upsert(f"{name}{i}", i + 1, FAR_FUTURE, unit(1))
+        registry.settle(name)
+    wordy = registry.get_or_create("c", DIMS)
+    # 3 questions of 100 distinct words each: 15 rows' worth beside 4 allocated.
+    letters = "bcdfghjklmnpqrstvwxz"
+    for i in range(3):
+        words = [letters[(n // 20) % 20] + "a" + letters[n % 20] + "o" + letters[i] for n in range(100)]
+        wordy.upsert(f"c{i}", i + 1, FAR_FUTURE, unit(1), " ".join(words))
+    assert len(analyze(" ".join(words)).content) == 100
+    registry.settle("c")
+    assert wordy.weight_rows == 4 + 300 // index_module.POSTED_WORDS_PER_ROW
+    assert registry.get("a") is None and registry.get("b") is None and registry.get("c") is wordy
+    assert registry.resident_rows == wordy.weight_rows
+
+
 def test_registry_bounds_the_number_of_indexes():
     registry = IndexRegistry(max_entries=100, max_rows=1000, approximate_from=10**9, max_indexes=2)
     for name in ("a", "b", "c"):
