@@ -45,8 +45,9 @@ ROUTER = "router"
 TENANT_TOKEN_METADATA = "x-meshgate-tenant-token"
 # Tolerated difference between the clocks of the router's host and a verifier's.
 CLOCK_LEEWAY_S = 5.0
-# Verified tokens remembered per process; the router reuses a token per
-# (tenant, service), so this is about the number of active tenants.
+# Verified tokens remembered per process, and tokens the router keeps for
+# reuse; the router reuses a token per (tenant, service), so this is about
+# the number of active tenants.
 VERIFIED_TOKENS_KEPT = 4096
 
 # Extracts the tenant a request acts for; None for a method that acts for no tenant.
@@ -197,6 +198,13 @@ class TenantTokens:
         current = self._current.get((tenant_id, service))
         if current is None or current[1] - now < self._ttl_s / 2:
             current = (((TENANT_TOKEN_METADATA, self.mint(tenant_id, service, now)),), now + self._ttl_s)
+            if len(self._current) >= VERIFIED_TOKENS_KEPT:
+                # Every tenant ever served would otherwise keep its tokens
+                # (~0.6 KB each) for the router's life: the expired go, and
+                # all of them if that is not enough (each is minted again).
+                self._current = {k: v for k, v in self._current.items() if now < v[1]}
+                if len(self._current) >= VERIFIED_TOKENS_KEPT:
+                    self._current.clear()
             self._current[(tenant_id, service)] = current
         return current[0]
 

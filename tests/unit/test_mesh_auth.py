@@ -79,6 +79,24 @@ def test_the_router_reuses_a_token_until_half_its_life_is_gone():
     assert verifier(clock=clock).tenant(renewed) == "dev"
 
 
+def test_the_router_keeps_a_bounded_number_of_tokens(monkeypatch):
+    monkeypatch.setattr(mesh_auth, "VERIFIED_TOKENS_KEPT", 4)
+    clock = Clock()
+    tokens = mesh_auth.TenantTokens(router_key(), TTL_S, clock=clock)
+    first = tokens.metadata("tenant-0", "context")
+    for n in range(1, 4):
+        tokens.metadata(f"tenant-{n}", "context")
+    assert tokens.metadata("tenant-0", "context") == first
+    # Past the bound the expired go first; then, none being expired, all.
+    clock.now += TTL_S
+    tokens.metadata("tenant-4", "context")
+    assert len(tokens._current) == 1
+    for n in range(5, 9):
+        tokens.metadata(f"tenant-{n}", "context")
+    assert len(tokens._current) <= 4
+    assert verifier(clock=clock).tenant(tokens.metadata("tenant-8", "context")) == "tenant-8"
+
+
 def test_an_expired_token_is_refused_even_after_it_was_verified_once():
     clock = Clock()
     token = mesh_auth.TenantTokens(router_key(), TTL_S).mint("dev", "context", NOW)
