@@ -99,7 +99,9 @@ class Caller:
 
     @property
     def text(self) -> str:
-        return "".join(self.pieces)
+        """The whole answer: the deltas, then what the completion carries
+        (for a request that set completion_may_carry_text)."""
+        return "".join(self.pieces) + (self.completion.text if self.completion else "")
 
     async def cancel(self) -> None:
         self.call.cancel()
@@ -127,11 +129,17 @@ async def settled(count, expected: int, timeout_s: float = 30.0) -> int:
 async def test_identical_concurrent_greedy_requests_cost_one_generation_at_triton(router, triton_generations):
     question = "Why is the sky blue? Answer at length."
     before = await triton_generations()
-    callers = [Caller(router, ask(question, temperature=0.0)) for _ in range(CALLERS)]
+    # Every other caller reads the last text on its completion: one flight serves both kinds.
+    requests = [ask(question, temperature=0.0) for _ in range(CALLERS)]
+    for request in requests[1::2]:
+        request.completion_may_carry_text = True
+    callers = [Caller(router, request) for request in requests]
     await asyncio.wait_for(asyncio.gather(*(caller.task for caller in callers)), 120)
     assert await settled(triton_generations, before + 1) == before + 1
     reference = callers[0]
     assert reference.completion.usage.completion_tokens > 0
+    assert all(caller.completion.text for caller in callers[1::2])
+    assert not any(caller.completion.text for caller in callers[::2])
     for caller in callers:
         assert caller.text == reference.text and caller.text
         # Each caller's completion carries (and is billed) the whole usage.

@@ -140,7 +140,6 @@ ALL_OUTPUTS = dict(
 
 async def test_streamed_deltas_concatenate_to_the_non_streaming_text(client):
     greedy = {"max_tokens": 48, "temperature": 0}
-    started = time.monotonic()
     streamed = await generate(client, generate_inputs(GREEDY_PROMPT, True, greedy, **ALL_OUTPUTS))
     whole = await generate(
         client, generate_inputs(GREEDY_PROMPT, False, greedy, exclude_input_in_output=True, **ALL_OUTPUTS)
@@ -148,8 +147,12 @@ async def test_streamed_deltas_concatenate_to_the_non_streaming_text(client):
 
     assert len(streamed.texts) == 48  # one response per token, the last one final
     assert all(streamed.texts[:-1]), "every token adds text"
-    # Streaming: the first delta comes long before the last, not all at the end.
-    assert streamed.arrivals[0] - started < (streamed.arrivals[-1] - started) / 2
+    # Streaming: the responses arrive over the generation, not together at
+    # its end (48 responses read back to back arrive within a millisecond or
+    # two; generated one by one they take the model's step each, ~1 ms here).
+    # Not against the time to the first one: under load that is mostly a wait
+    # for a core (75 ms once, with all 48 tokens then in 48 ms).
+    assert streamed.arrivals[-1] - streamed.arrivals[0] > 0.010
     assert len(whole.texts) == 1
     assert streamed.text == whole.text
     assert streamed.text.strip()
