@@ -313,6 +313,16 @@ _SUMMARY_OVERHEAD_BYTES = 1024
 _VERSION_BYTES = 36
 
 
+# Sessions summarized at once; more wait their turn, at most
+# MAX_WAITING_SUMMARIES of them (one more is dropped: the next append to it
+# schedules it again). A run holds its session, read whole, for as long as
+# its spans take (model calls of up to context.summary_timeout_s each):
+# unbounded, a burst of appends to many sessions held all of them at once,
+# and sent all their spans to the summary model at once.
+MAX_SUMMARIZING = 8
+MAX_WAITING_SUMMARIES = 65_536
+
+
 def _hot_bytes(summaries: list[Summary], history: list[int | None]) -> int:
     texts = sum(sys.getsizeof(summary.text) + _SUMMARY_OVERHEAD_BYTES for summary in summaries)
     return texts + _VERSION_BYTES * len(history)
@@ -344,6 +354,9 @@ class Summarizer:
         self._model = model
         self._running: dict[tuple[str, str], asyncio.Task] = {}
         self._again: set[tuple[str, str]] = set()
+        # Sessions scheduled while MAX_SUMMARIZING ran, oldest first.
+        self._waiting: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self._closed = False
         # (tenant, session) -> (version, its summaries, its version history,
         # their _hot_bytes), least recently used first.
         self._hot: collections.OrderedDict[
@@ -355,11 +368,17 @@ class Summarizer:
         key = (tenant_id, session_id)
         if key in self._running:
             self._again.add(key)
-            return
-        task = asyncio.create_task(self._run(key))
-        self._running[key] = task
+        elif len(self._running) < MAX_SUMMARIZING:
+            self._start(key)
+        elif key in self._waiting or len(self._waiting) < MAX_WAITING_SUMMARIES:
+            self._waiting[key] = None
+
+    def _start(self, key: tuple[str, str]) -> None:
+        self._running[key] = asyncio.create_task(self._run(key))
 
     async def close(self) -> None:
+        self._closed = True
+        self._waiting.clear()
         for task in list(self._running.values()):
             task.cancel()
         for task in list(self._running.values()):
@@ -382,6 +401,8 @@ class Summarizer:
                     return
         finally:
             self._running.pop(key, None)
+            while self._waiting and not self._closed and len(self._running) < MAX_SUMMARIZING:
+                self.schedule(*self._waiting.popitem(last=False)[0])
 
     async def summarize_due(self, tenant_id: str, session_id: str) -> int:
         """Summarizes the session's due spans that have no summary yet;

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 from meshgate.common.v1 import common_pb2
@@ -10,6 +12,7 @@ from meshgate.context.v1 import context_service_pb2 as pb
 from services.context import summaries, token_counts
 from services.context.assembly import Candidate, SessionCosts, TurnCost, plan, render
 from services.context.servicer import tokens_by_disposition
+from services.context.store import StoredSession
 from services.context.summaries import Summary, SummaryPolicy
 from tests.unit.test_smollm2_tokenizer import build_smollm2_files
 
@@ -222,3 +225,35 @@ async def test_the_summaries_kept_in_memory_are_bounded_in_bytes(monkeypatch) ->
     for _ in range(2):
         await assemble("65536")
     assert sessions.reads == 6
+
+
+class _HeldSessions(_Sessions):
+    """Sessions of no turns, whose reads wait for ``release``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.read_ids: list[str] = []
+
+    async def read(self, tenant_id: str, session_id: str) -> StoredSession:
+        self.read_ids.append(session_id)
+        await self.release.wait()
+        return StoredSession(version=1, create_time_ms=0, update_time_ms=0, turns=[], token_counts={})
+
+
+async def test_at_most_max_summarizing_sessions_run_at_once_the_others_wait() -> None:
+    sessions = _HeldSessions()
+    summarizer = summaries.Summarizer(sessions, _StoredSummaries(), SummaryPolicy(), None)
+    count = 3 * summaries.MAX_SUMMARIZING
+    for n in range(count):
+        summarizer.schedule("t", str(n))
+    await asyncio.sleep(0.01)
+    assert len(sessions.read_ids) == summaries.MAX_SUMMARIZING
+    summarizer.schedule("t", "0")  # reading: once more after this run
+    sessions.release.set()
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if len(sessions.read_ids) == count + 1:
+            break
+    assert sorted(sessions.read_ids, key=int) == ["0", *map(str, range(count))]
+    await summarizer.close()
