@@ -29,6 +29,7 @@ from meshgate.config import (
     hash_api_key,
 )
 from meshgate.errors import error_info
+from meshgate.local.stack import free_port
 from services.inference import app as inference_app
 from tests.integration.conftest import launched_triton, running, running_router, serve_tiny_gpt
 from tests.mesh import mesh_settings, router_channel
@@ -128,7 +129,8 @@ def triton_url(fuzz_triton) -> str:
 
 @pytest.fixture(scope="module")
 async def fuzz_mesh(redis_url, triton_url):
-    """Addresses of the four services: {"router": ..., "context": ..., "cache": ..., "inference": ...}."""
+    """Addresses of the four services: {"router": ..., "context": ..., "cache": ..., "inference": ...},
+    and of the router's HTTP edge ("http")."""
     settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
     settings.router.dev_api_key = API_KEY
@@ -144,6 +146,8 @@ async def fuzz_mesh(redis_url, triton_url):
     ]
     settings.inference.triton_urls = [triton_url]
     settings.inference.health_interval_s = 0.5
+    # The router's OpenAI HTTP edge too: the surface apps reach directly.
+    settings.router.http_listen = f"127.0.0.1:{free_port()}"
     async with contextlib.AsyncExitStack() as stack:
         inference = await stack.enter_async_context(running(inference_app, "inference", settings))
         await _wait_until_serving(inference, "inference")
@@ -155,6 +159,7 @@ async def fuzz_mesh(redis_url, triton_url):
             "context": settings.router.context_address,
             "cache": settings.router.cache_address,
             "inference": inference,
+            "http": settings.router.http_listen,
         }
 
 
