@@ -123,7 +123,8 @@ class Reason(enum.StrEnum):
     """A cache request names no model."""
 
     SCOPE_TOO_LARGE = enum.auto()
-    """A cache request's tenant, model or parameters are larger than any the router sends."""
+    """A cache request's tenant, model or parameters, or a context request's tenant, are larger
+    than any the router sends."""
 
     MISSING_ANSWER = enum.auto()
     """A cache store carries no answer text."""

@@ -195,9 +195,20 @@ def _query_text(messages: collections.abc.Iterable[common_pb2.Message]) -> str:
     return "\n".join(m.content for m in messages if m.role == common_pb2.ROLE_USER)
 
 
+# A tenant id keys the hot sessions, change notices and summaries kept in
+# memory (bounded by count): none the router sends is longer than 128
+# characters (services/router/keys.py); the same room as the cache service's
+# scopes (its MAX_SCOPE_NAME_CHARS).
+MAX_TENANT_ID_CHARS = 512
+
+
 def _check_tenant(tenant_id: str) -> None:
     if not tenant_id:
         raise invalid_argument(Reason.TENANT_REQUIRED, "tenant_id is required")
+    if len(tenant_id) > MAX_TENANT_ID_CHARS:
+        raise invalid_argument(
+            Reason.SCOPE_TOO_LARGE, f"tenant_id must be at most {MAX_TENANT_ID_CHARS} characters"
+        )
 
 
 def _check_session_id(session_id: str) -> None:

@@ -165,6 +165,16 @@ async def test_tenant_is_required(stub) -> None:
         assert (await failure(call))[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "TENANT_REQUIRED")
 
 
+async def test_a_tenant_id_longer_than_any_tenants_is_refused(stub) -> None:
+    # It would key the hot sessions, notices and summaries kept in memory.
+    long = "t" * 513
+    for call in (
+        stub.CreateSession(pb.CreateSessionRequest(tenant_id=long)),
+        stub.AppendTurns(pb.AppendTurnsRequest(tenant_id=long, session_id="s", messages=[msg(USER, "x")])),
+    ):
+        assert (await failure(call))[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "SCOPE_TOO_LARGE")
+
+
 async def test_another_tenants_session_is_not_found(stub, tenant) -> None:
     session_id = await new_session(stub, tenant, msg(USER, "secret"))
     intruder = f"{tenant}-other"
