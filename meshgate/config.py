@@ -404,6 +404,16 @@ class ContextSettings:
     # The most turns a session may hold; an append past it is refused with
     # RESOURCE_EXHAUSTED / SESSION_FULL. 0: no cap.
     max_turns: int = 0
+    # The most bytes a session's stored turns may hold (their serialized
+    # encodings: a turn's text plus a few bytes), counted in Redis by the
+    # script that appends (services/context/store.py, meta's ``bytes``); an
+    # append past it is refused with RESOURCE_EXHAUSTED / SESSION_FULL, unit
+    # ``bytes``. Every whole-session read (a prefetch, a summarizer run, an
+    # assembly that cannot plan from the index) loads at most this much per
+    # session, where the turn bounds alone allowed ~4 GiB (4,096 live turns
+    # of 1 MiB). 64 MiB is 32,768 turns of 2 KiB. Compaction frees what it
+    # empties. 0: no cap.
+    max_session_bytes: int = 64 * 1024 * 1024
     # The soft cap: once a session holds more than this many live turns, its
     # oldest turns already covered by a summary are compacted (their texts
     # and index rows leave Redis; the summary stands for them), so assembly

@@ -229,7 +229,9 @@ class Reason(enum.StrEnum):
 
     SESSION_FULL = enum.auto()
     """RESOURCE_EXHAUSTED: the append would take the session past context.max_turns
-    (metadata ``max_turns``)."""
+    or context.max_session_bytes (metadata ``unit``, ``turns`` or ``bytes``;
+    ``limit``; what the session holds, under the unit's name; and
+    ``max_turns`` for the turn cap)."""
 
     # --- limits (RESOURCE_EXHAUSTED; metadata ``limit`` and ``scope``) -----
     RATE_LIMITED = enum.auto()

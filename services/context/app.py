@@ -63,7 +63,12 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
     # starts; a template the counts cannot follow exactly stops it here.
     counters = token_counts.for_models(settings.models)
     client = await redis_access.connect_checked(settings.redis.url)
-    store = SessionStore(client, settings.context.session_ttl_s, settings.context.max_turns)
+    store = SessionStore(
+        client,
+        settings.context.session_ttl_s,
+        settings.context.max_turns,
+        settings.context.max_session_bytes,
+    )
     hot = HotCache(settings.context.hot_cache_bytes, settings.context.session_ttl_s)
     changes = change_listener(settings.redis.url, hot)
     changes.start()

@@ -10,7 +10,18 @@ the braces make all of them one Redis Cluster hash slot:
   in the model's prompt (see services/context/token_counts.py) as
   little-endian uint32, counted once when the turns were appended; and
   ``tokens:<counter id>.line``, each turn's tokens as a line of adaptive
-  assembly's transcript message (``PromptCounter.line_id``), kept alike.
+  assembly's transcript message (``PromptCounter.line_id``), kept alike;
+  and ``bytes``, what the session's turns hold in ``...:turns`` (their
+  serialized encodings' lengths, summed: what a whole-session read loads),
+  kept by every script that changes the turns, inside it, so concurrent
+  writers never miscount. A compacted turn's emptied body no longer counts;
+  a system or pinned one that keeps its body still does. A session stored
+  before this field has none: the first append that checks
+  ``context.max_session_bytes`` counts its turns once, in its script, and
+  stores the sum (rather than start from 0, which would let such a session
+  pass the cap by everything it already held, and a later revert or
+  compaction subtract more than was ever counted); until then, scripts that
+  remove turns leave the field absent.
 - ``...:turns``, a list of serialized ``common.v1.Message``, oldest first.
 - ``...:turn_ids``, a hash: the idempotency key of every append that gave
   one -> the version that append made, so a retried append is answered
@@ -80,7 +91,8 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 -- Turns left by an expired session of the same id must not leak into this one.
 redis.call('DEL', KEYS[2], KEYS[3])
 redis.call('HSET', KEYS[1], 'version', 0, 'create_time_ms', now, 'update_time_ms', now)
--- Version 0 holds no turns.
+-- Version 0 holds no turns, and so no bytes.
+redis.call('HSET', KEYS[1], 'bytes', 0)
 redis.call('SET', KEYS[4], struct.pack('<I4', 0))
 local ttl = tonumber(ARGV[1])
 if ttl > 0 then
@@ -90,15 +102,36 @@ end
 return now
 """
 
+# Shared by the scripts that keep meta's ``bytes``: the bytes turns
+# ``first`` to ``last`` (inclusive; -1: the last one) hold. Read in slices
+# of 64 turns, so no one reply inside Redis holds more than 64 MiB (a turn's
+# content is at most 1 MiB, services/context/servicer.py).
+_TURN_BYTES = """
+local function turn_bytes(turns_key, first, last)
+  if last < 0 then last = redis.call('LLEN', turns_key) + last end
+  local total = 0
+  for from = first, last, 64 do
+    for _, turn in ipairs(redis.call('LRANGE', turns_key, from, math.min(from + 63, last))) do
+      total = total + #turn
+    end
+  end
+  return total
+end
+"""
+
 # KEYS: meta, turns, turn_ids, versions. ARGV: expected version ("" =
 # append at the end whatever the version), turn id ("" = none), ttl_s, turn
-# count n, the most turns the session may hold (0 = no cap), n turns, then
-# pairs of (counts field, packed counts of the n turns).
+# count n, the most turns the session may hold (0 = no cap), the most bytes
+# its turns may hold (0 = no cap), n turns, then pairs of (counts field,
+# packed counts of the n turns).
 # Returns {1, new version}, {0} if there is no session, {-1, current
 # version} on a version mismatch, {2, version} if the turn id was applied
-# before (nothing is appended again), {-2, turns held} if the n turns would
-# take the session past its cap (nothing is appended).
-_APPEND = """
+# before (nothing is appended again), {-2, turns held} or {-6, bytes held}
+# if the n turns would take the session past its cap of turns or of bytes
+# (nothing is appended).
+_APPEND = (
+    _TURN_BYTES
+    + """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return {0} end
 if ARGV[2] ~= '' then
@@ -112,9 +145,21 @@ local cap = tonumber(ARGV[5])
 -- The cap counts live turns: compacted ones no longer weigh on anything.
 local live = stored - tonumber(redis.call('HGET', KEYS[1], 'compacted') or '0')
 if cap > 0 and live + n > cap then return {-2, live} end
+local max_bytes = tonumber(ARGV[6])
+local added = 0
+for i = 7, 6 + n do added = added + #ARGV[i] end
+local held_bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes'))
+if not held_bytes and max_bytes > 0 then
+  -- Stored before the count (see the module's docstring): counted once, now.
+  held_bytes = turn_bytes(KEYS[2], 0, -1)
+  redis.call('HSET', KEYS[1], 'bytes', held_bytes)
+end
+if max_bytes > 0 and held_bytes + added > max_bytes then return {-6, held_bytes} end
 -- One RPUSH: the turn's messages stay adjacent whatever else is appended.
-redis.call('RPUSH', KEYS[2], unpack(ARGV, 6, 5 + n))
-for i = 6 + n, #ARGV, 2 do
+redis.call('RPUSH', KEYS[2], unpack(ARGV, 7, 6 + n))
+-- Uncounted (an old session, no cap) stays uncounted until a cap needs it.
+if held_bytes then redis.call('HSET', KEYS[1], 'bytes', held_bytes + added) end
+for i = 7 + n, #ARGV, 2 do
   local counts = redis.call('HGET', KEYS[1], ARGV[i]) or ''
   -- Extend only counts that cover every stored turn, so they stay a prefix.
   if #counts == 4 * stored then
@@ -137,6 +182,7 @@ if ttl > 0 then
 end
 return {1, new_version}
 """
+)
 
 # Shared by the scripts that look a version up. Sets `held`, the number of
 # turns the session held at version tonumber(target) of current version
@@ -208,6 +254,7 @@ end
 # {-5, compacted version} if it held fewer turns than were compacted since.
 _REVERT = (
     _TURNS_AT
+    + _TURN_BYTES
     + _CUT_COUNTS
     + _COMPACTED
     + """
@@ -220,6 +267,11 @@ if not held then return {-3, tonumber(version)} end
 local compacted, compacted_version = compacted_at(KEYS[1])
 -- The turns kept stay those the summaries cover: only a revert into them is refused.
 if held < compacted then return {-5, compacted_version} end
+-- The turns past `held` leave: so do their bytes (if counted; see the module's docstring).
+local held_bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes'))
+if held_bytes then
+  redis.call('HSET', KEYS[1], 'bytes', held_bytes - turn_bytes(KEYS[2], held, -1))
+end
 if held == 0 then redis.call('DEL', KEYS[2]) else redis.call('LTRIM', KEYS[2], 0, held - 1) end
 cut_counts(KEYS[1], KEYS[1], held)
 -- The versions after the target name turns that are gone now.
@@ -284,8 +336,9 @@ return {1, turns, counts, redis.call('GETRANGE', KEYS[4], 0, 4 * target + 3)}
 
 # KEYS: the fork's meta, turns, turn_ids, versions. ARGV: version it starts
 # at, ttl_s, its history, turn count n, n turns, then (counts field, counts)
-# pairs. It has no turn ids (those were the source's appends). Returns
-# {1, creation time}, or {-4} if the fork's id is taken.
+# pairs. It has no turn ids (those were the source's appends), and its
+# ``bytes`` are its turns' (a prefix of the source's: never past the
+# source's cap). Returns {1, creation time}, or {-4} if the fork's id is taken.
 _FORK_CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-4} end
 redis.call('DEL', KEYS[2], KEYS[3])
@@ -294,9 +347,12 @@ local n = tonumber(ARGV[4])
 for first = 5, 4 + n, 1000 do
   redis.call('RPUSH', KEYS[2], unpack(ARGV, first, math.min(first + 999, 4 + n)))
 end
+local held_bytes = 0
+for i = 5, 4 + n do held_bytes = held_bytes + #ARGV[i] end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('HSET', KEYS[1], 'version', ARGV[1], 'create_time_ms', now, 'update_time_ms', now)
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'create_time_ms', now, 'update_time_ms', now,
+  'bytes', held_bytes)
 for i = 5 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('SET', KEYS[4], ARGV[3])
 local ttl = tonumber(ARGV[2])
@@ -331,9 +387,15 @@ for i = 3, #ARGV do keep[tonumber(ARGV[i])] = true end
 for _, pin in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do
   if string.sub(pin, 1, 2) == 't:' then keep[tonumber(string.sub(pin, 3))] = true end
 end
+-- An emptied body's bytes leave the count (if counted; see the module's docstring).
+local held_bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes'))
 for i = from, upto - 1 do
-  if not keep[i] then redis.call('LSET', KEYS[2], i, '') end
+  if not keep[i] then
+    if held_bytes then held_bytes = held_bytes - #redis.call('LINDEX', KEYS[2], i) end
+    redis.call('LSET', KEYS[2], i, '')
+  end
 end
+if held_bytes then redis.call('HSET', KEYS[1], 'bytes', held_bytes) end
 -- The vectors string starts at the first live turn (turn_index reads and
 -- writes it so): drop the compacted turns' rows from its front.
 local dim = tonumber(redis.call('HGET', KEYS[4], '\\0dim') or '0')
@@ -481,11 +543,14 @@ def redis_reachable():
 
 
 class SessionStore:
-    def __init__(self, client: redis.Redis, ttl_s: int, max_turns: int = 0) -> None:
+    def __init__(
+        self, client: redis.Redis, ttl_s: int, max_turns: int = 0, max_session_bytes: int = 0
+    ) -> None:
         self._client = client
         self._ttl_s = ttl_s
-        # 0: no cap.
+        # 0: no cap (context.max_turns, context.max_session_bytes).
         self._max_turns = max_turns
+        self._max_session_bytes = max_session_bytes
         self._create = client.register_script(_CREATE)
         self._append = client.register_script(_APPEND)
         self._read = client.register_script(_READ)
@@ -553,7 +618,8 @@ class SessionStore:
         whether ``turn_id`` had been applied before (then nothing is
         appended now). ``token_counts`` maps tokenizer id to the turns' counts."""
         expected = "" if expected_version is None else str(expected_version)
-        args: list[object] = [expected, turn_id, self._ttl_s, len(turns), self._max_turns]
+        caps = (self._max_turns, self._max_session_bytes)
+        args: list[object] = [expected, turn_id, self._ttl_s, len(turns), *caps]
         args.extend(turn.SerializeToString() for turn in turns)
         for tokenizer_id, counts in token_counts.items():
             args.extend((_counts_field(tokenizer_id), _pack(counts)))
@@ -566,7 +632,17 @@ class SessionStore:
                 Reason.SESSION_FULL,
                 f"session {session_id!r} holds {held} live turns; {len(turns)} more would pass its cap of"
                 f" {self._max_turns} (fork it at an earlier version, revert it, or start a new one)",
-                {"session_id": session_id, "turns": held, "max_turns": str(self._max_turns)},
+                _full(session_id, "turns", held, self._max_turns),
+            )
+        if outcome[0] == -6:
+            held = str(outcome[1])
+            raise MeshgateError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Reason.SESSION_FULL,
+                f"session {session_id!r} holds {held} bytes of turns; these {len(turns)} would pass its"
+                f" cap of {self._max_session_bytes} (fork it at an earlier version, revert it, or start a"
+                " new one)",
+                _full(session_id, "bytes", held, self._max_session_bytes),
             )
         _raise_for(outcome, session_id, expected_version)
         return int(outcome[1]), outcome[0] == 2
@@ -646,6 +722,17 @@ class SessionStore:
             deleted = await self._delete(keys=_keys(tenant_id, session_id))
         if not deleted:
             raise session_not_found(session_id)
+
+
+def _full(session_id: str, unit: str, held: str, limit: int) -> dict[str, str]:
+    """SESSION_FULL's metadata, alike for either cap: ``unit`` (``turns`` or
+    ``bytes``), ``limit`` and what the session holds in that unit; and, for
+    the turn cap, ``max_turns``, as callers have read it since before the
+    byte cap."""
+    metadata = {"session_id": session_id, "unit": unit, "limit": str(limit), unit: held}
+    if unit == "turns":
+        metadata["max_turns"] = str(limit)
+    return metadata
 
 
 def _raise_for(outcome: list, session_id: str, expected_version: int | None) -> None:
