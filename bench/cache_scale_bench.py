@@ -14,11 +14,11 @@ indicative of real embeddings, not identical.
 For each size, Redis is emptied and filled through the cache's own Store
 script (``CacheStore.put_semantic``), one partition, one sub-partition. The
 resident index is then rebuilt from Redis as after a restart (the
-service's own ``entries_since`` and ``_apply``, then the first search, which
-hands the rows to a worker thread that adds them to the graph) and timed:
-the whole rebuild, the longest the event loop was held meanwhile (how
-long a lookup of another partition would have waited), and lookups
-answered meanwhile (by the exact scan); then:
+service's own load, ``_synced``, which applies each batch read before the
+next, then the first search, which hands the rows to a worker thread that
+adds them to the graph) and timed: the whole rebuild, the longest the event
+loop was held meanwhile (how long a lookup of another partition would have
+waited), and lookups answered meanwhile (by the exact scan); then:
 
 - lookup latency: the index search of a lookup (``nearest`` with the
   service's candidate count and pre-filter), excluding the embedding and the
@@ -167,7 +167,6 @@ async def main() -> None:
             )
             partition = keys.partition(scope)
             context_id = keys.context_id(partition, settings.embedding_model)
-            index_key = partition.vectors_key(context_id)
             print(
                 "| entries | store (s) | rebuild from Redis (s) | longest loop stall meanwhile (ms) |"
                 " search during rebuild p50 (ms) | approximate | search p50 (ms) |"
@@ -196,9 +195,7 @@ async def main() -> None:
                 servicer = CacheServicer(settings, store, None, Stats(client), indexes, None)
                 stall = asyncio.ensure_future(longest_loop_stall())
                 started = time.perf_counter()
-                rows, _ = await store.entries_since(partition, context_id, 0)
-                index = await servicer._apply(index_key, DIMENSIONS, 0, rows)
-                del rows
+                index, _ = await servicer._synced(partition, context_id, DIMENSIONS)
                 now_ms = time.time_ns() // 1_000_000
                 index.nearest(np.eye(DIMENSIONS, dtype=np.float32)[0], now_ms, 1)
                 assert len(index) == size, (len(index), size)

@@ -121,6 +121,10 @@ class VectorIndex:
         self.max_entries = max(1, max_entries)
         # Every entry with a sequence number up to this one has been applied.
         self.synced_seq = 0
+        # Whether a load from Redis has reached the end of the partition:
+        # until then the index is partial, and lookups wait for the load
+        # (services/cache/servicer.py, ``_synced``) rather than search it.
+        self.loaded = False
         self._vectors = np.empty((1, dimensions), np.float32)
         self._seqs = np.empty(1, np.int64)
         self._expires_ms = np.empty(1, np.int64)

@@ -39,6 +39,7 @@ again, ~5 ms of one core).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import grpc
@@ -55,7 +56,7 @@ from services.cache import conversation, keys
 from services.cache.embedding_memo import EmbeddingMemo
 from services.cache.index import IndexRegistry, Match, VectorIndex
 from services.cache.stats import Stats
-from services.cache.store import CacheStore, SemanticRow, live_answer, split_payload
+from services.cache.store import CacheStore, live_answer, split_payload
 from services.cache.verifier import Verifier, analyze
 
 # Best matches verified per lookup. The best by cosine is often not the one
@@ -64,9 +65,6 @@ from services.cache.verifier import Verifier, analyze
 # candidates whose answer is gone from Redis (evicted, expired, reported)
 # are dropped from the index and the next accepted one is tried.
 MAX_CANDIDATES = 5
-# Rows applied to an index between two yields to the event loop (~10-40 ms
-# of upserts here).
-APPLY_SLICE = 4096
 
 _USER = common_pb2.ROLE_USER
 
@@ -149,6 +147,9 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         # The embedding model's vector size, once a lookup has seen a vector:
         # the first stage loads an index before (or without) embedding.
         self._dimensions: int | None = None
+        # The loads from Redis in flight, by index key: one per sub-partition,
+        # shared by the lookups that find its index not loaded (``_synced``).
+        self._loads: dict[str, asyncio.Task[tuple[VectorIndex, int]]] = {}
         # The replica's own counts for Prometheus; _stats keeps the mesh's totals in Redis.
         self._metrics = metrics.cache()
         self._metrics.resident_rows.set_function(lambda: indexes.resident_rows)
@@ -270,15 +271,20 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         context_id, question = self._semantic_subject(partition, messages)
         if not _matched_by_meaning(question):
             return None
-        index_key = partition.vectors_key(context_id)
-        index = self._indexes.get(index_key)
-        after_seq = index.synced_seq if index is not None else 0
-        if self._embeds_at_once(index, question):
-            # Likely a candidate (or the vector size still unknown): embed
-            # while the index tops itself up.
-            vector, (rows, strictness) = await asyncio.gather(
+        index = self._indexes.get(partition.vectors_key(context_id))
+        if self._dimensions is None:
+            # Rows are read as vectors of the model's size, known from this
+            # process's first vector on.
+            vector = await self._embedder.embed_or_none(question, tenant_id=partition.tenant_id)
+            if vector is None:
+                return None
+            self._dimensions = len(vector)
+            index, strictness = await self._synced(partition, context_id, self._dimensions)
+        elif self._embeds_at_once(index, question):
+            # Likely a candidate: embed while the index tops itself up.
+            vector, (index, strictness) = await asyncio.gather(
                 self._embedder.embed_or_none(question, tenant_id=partition.tenant_id),
-                self._store.entries_since(partition, context_id, after_seq),
+                self._synced(partition, context_id, self._dimensions),
             )
         else:
             # The first stage: no entry the index holds shares enough of the
@@ -287,17 +293,17 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             # that would delay the first token (the router holds its
             # generation's output until the lookup answers); the Store that
             # follows embeds, after the answer went out.
-            rows, strictness = await self._store.entries_since(partition, context_id, after_seq)
-            index = await self._apply(index_key, self._dimensions, after_seq, rows)
+            index, strictness = await self._synced(partition, context_id, self._dimensions)
             if not self._may_match(index, question):
                 self._metrics.misses_without_embedding.inc()
                 return None
-            after_seq, rows = index.synced_seq, []
             vector = await self._embedder.embed_or_none(question, tenant_id=partition.tenant_id)
         if vector is None:
             return None
-        self._dimensions = len(vector)
-        index = await self._apply(index_key, len(vector), after_seq, rows)
+        if len(vector) != index.dimensions:
+            # The embedding model changed under a running service.
+            self._dimensions = len(vector)
+            index, strictness = await self._synced(partition, context_id, self._dimensions)
         accepted = []
         for match in index.nearest(vector, _now_ms(), MAX_CANDIDATES, self._threshold):
             decision = self._verifier.decide(question, vector, match.question, match.vector, strictness)
@@ -331,7 +337,9 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         """Whether a semantic lookup of ``question`` embeds it at once, without
         the first stage: the vector size still unknown, or ``index`` (the
         sub-partition's, if loaded here) passes it (``_may_match``)."""
-        return self._dimensions is None or (index is not None and self._may_match(index, question))
+        return self._dimensions is None or (
+            index is not None and index.loaded and self._may_match(index, question)
+        )
 
     def _may_match(self, index: VectorIndex, question: str) -> bool:
         """The first stage: whether ``question`` is worth embedding to search
@@ -339,8 +347,13 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         return index.may_match(analyze(question).content, self._settings.first_stage_word_share)
 
     async def close(self) -> None:
-        """Cancels the embeddings under way, before the channel they use closes."""
+        """Cancels the embeddings and index loads under way, before the
+        channel and the Redis client they use close."""
         await self._embedder.close()
+        loads = list(self._loads.values())
+        for load in loads:
+            load.cancel()
+        await asyncio.gather(*loads, return_exceptions=True)
 
     def _semantic_subject(self, partition: keys.Partition, messages) -> tuple[str, str]:
         """The sub-partition a prompt's last question is matched in, and the
@@ -349,19 +362,67 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         text, in_context = conversation.resolve(messages)
         return keys.context_id(partition, self._settings.embedding_model, in_context), text
 
-    async def _apply(
-        self, index_key: str, dimensions: int, after_seq: int, rows: list[SemanticRow]
-    ) -> VectorIndex:
+    async def _synced(
+        self, partition: keys.Partition, context_id: str, dimensions: int
+    ) -> tuple[VectorIndex, int]:
+        """The sub-partition's index, holding every entry stored before this
+        call that its bounds keep, and the wrong hits reported there.
+
+        A loaded index tops itself up with what is new since (usually one
+        round trip). One that is not resident, or whose load failed midway,
+        is loaded by one task per sub-partition, which the lookups arriving
+        meanwhile share: each of them would otherwise read the whole
+        partition again. A failed load is not kept; the next lookup starts
+        another, from the rows applied so far.
+        """
+        index_key = partition.vectors_key(context_id)
+        load = self._loads.get(index_key)
+        if load is None:
+            index = self._indexes.get(index_key)
+            if index is not None and index.loaded and index.dimensions == dimensions:
+                return index, await self._top_up(index_key, index, partition, context_id)
+            load = asyncio.ensure_future(self._load(index_key, partition, context_id, dimensions))
+            self._loads[index_key] = load
+            load.add_done_callback(functools.partial(self._load_done, index_key))
+            # Every read of the load begins after this call. Shielded: a
+            # caller that gives up leaves it to the others.
+            return await asyncio.shield(load)
+        index, _ = await asyncio.shield(load)
+        # The load's last read may have begun before this call.
+        return index, await self._top_up(index_key, index, partition, context_id)
+
+    def _load_done(self, index_key: str, load: asyncio.Task) -> None:
+        if self._loads.get(index_key) is load:
+            del self._loads[index_key]
+
+    async def _load(
+        self, index_key: str, partition: keys.Partition, context_id: str, dimensions: int
+    ) -> tuple[VectorIndex, int]:
+        # Resident from the first batch on: a Store meanwhile adds its entry,
+        # an eviction or report removes one, as in a loaded index.
         index = self._indexes.get_or_create(index_key, dimensions)
-        now_ms = _now_ms()
-        for start in range(0, len(rows), APPLY_SLICE):
-            if start:
-                # A large load (a partition after a restart) lets other
-                # requests run between slices. Each upsert is whole, and
-                # an older version never replaces a newer one, so a Store
-                # or another load meanwhile interleaves safely.
-                await asyncio.sleep(0)
-            for row in rows[start : start + APPLY_SLICE]:
+        strictness = await self._top_up(index_key, index, partition, context_id)
+        index.loaded = True
+        return index, strictness
+
+    async def _top_up(
+        self, index_key: str, index: VectorIndex, partition: keys.Partition, context_id: str
+    ) -> int:
+        """Applies the entries stored since ``index.synced_seq``, one round
+        trip's batch at a time; returns the wrong hits reported in the
+        sub-partition.
+
+        Between batches other requests run. Each upsert is whole, and an
+        older version never replaces a newer one, so a Store or another
+        top-up meanwhile interleaves safely; the batches follow each other
+        in the one ``index`` they were read for, so each one's rows are
+        complete on top of the last.
+        """
+        strictness = 0
+        dimensions = index.dimensions
+        async for batch in self._store.batches_since(partition, context_id, index.synced_seq):
+            now_ms = _now_ms()
+            for row in batch.rows:
                 stored = split_payload(row.payload, dimensions)
                 # A longer text (stored before MAX_SEMANTIC_TEXT_BYTES) is not kept resident.
                 fits = len(row.payload) - dimensions * 4 <= MAX_SEMANTIC_TEXT_BYTES
@@ -369,10 +430,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                     vector, question = stored
                     vector = np.frombuffer(vector, "<f4")
                     index.upsert(row.entry_id, row.seq, row.expires_ms, vector, question)
-        # The rows are complete only on top of what the index had when they
-        # were asked for; an index created meanwhile (or pushed out and
-        # recreated) lacks older rows, and must reload from the start.
-        if rows and index.synced_seq >= after_seq:
-            index.mark_synced(rows[-1].seq)
-        self._indexes.settle(index_key)
-        return index
+            index.mark_synced(batch.through_seq)
+            self._indexes.settle(index_key)
+            strictness = batch.strictness
+        return strictness

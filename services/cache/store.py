@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from collections.abc import AsyncIterator
 
 import redis.asyncio as redis
 
@@ -49,7 +50,8 @@ from services.cache import keys
 from services.cache.keys import Partition
 
 _EXPIRY = struct.Struct("<q")
-# Entries per round trip when an index loads: bounds the reply size and the
+# Entries per round trip when an index loads: bounds the reply size, the
+# rows a load holds outside its index (one batch, ~2.7 MB at most), and the
 # time Redis spends on one script.
 SYNC_BATCH = 1024
 _SCAN_COUNT = 1000
@@ -129,6 +131,18 @@ class SemanticRow:
     expires_ms: int
     # The float32 vector, then the question's UTF-8 text (see split_payload).
     payload: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SyncBatch:
+    """One round trip's rows of ``CacheStore.batches_since``."""
+
+    rows: list[SemanticRow]
+    # Every entry up to this sequence number is in ``rows`` or gone from
+    # Redis (an id listed without its vector is not a row).
+    through_seq: int
+    # The wrong hits reported in the sub-partition, as of this round trip.
+    strictness: int
 
 
 def split_payload(payload: bytes, dimensions: int) -> tuple[bytes, str] | None:
@@ -219,23 +233,24 @@ class CacheStore:
             raise _unavailable(error) from error
         return int(seq), [e.decode() for e in evicted]
 
-    async def entries_since(
+    async def batches_since(
         self, partition: Partition, context_id: str, after_seq: int
-    ) -> tuple[list[SemanticRow], int]:
+    ) -> AsyncIterator[SyncBatch]:
         """The semantic entries of a sub-partition stored after ``after_seq``,
-        oldest first, and the number of wrong hits reported in it."""
-        rows: list[SemanticRow] = []
+        oldest first, one round trip at a time: the caller applies each batch
+        before the next is read, so a partition of a million rows is never
+        held whole outside its index. At least one batch, perhaps empty."""
         order_key = partition.order_key(context_id)
         vectors_key = partition.vectors_key(context_id)
         strictness_key = partition.strictness_key(context_id)
         while True:
             try:
-                reply = await self._entries_since(
+                strictness, listed, values = await self._entries_since(
                     keys=[order_key, vectors_key, strictness_key], args=[after_seq, SYNC_BATCH]
                 )
             except CONNECTION_ERRORS as error:
                 raise _unavailable(error) from error
-            strictness, listed, values = reply
+            rows: list[SemanticRow] = []
             for i, value in enumerate(values):
                 after_seq = int(listed[2 * i + 1])
                 # The set and the hash share a TTL but Redis expires them
@@ -245,8 +260,12 @@ class CacheStore:
                     rows.append(
                         SemanticRow(listed[2 * i].decode(), after_seq, expires_ms, value[_EXPIRY.size :])
                     )
-            if len(values) < SYNC_BATCH:
-                return rows, int(strictness)
+            last = len(values) < SYNC_BATCH
+            # Only the rows stay alive while the caller applies them.
+            del listed, values
+            yield SyncBatch(rows, after_seq, int(strictness))
+            if last:
+                return
 
     async def report_wrong(
         self, partition: Partition, context_id: str, entry_id: str, ttl_ms: int

@@ -12,6 +12,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+import redis.asyncio as redis
 
 from meshgate import redis_access
 from meshgate.cache.v1 import cache_service_pb2 as pb
@@ -22,6 +23,7 @@ from meshgate.local.stack import free_port
 from services.cache import index as index_module
 from services.cache import keys
 from services.cache import servicer as servicer_module
+from services.cache import store as store_module
 from services.cache.embedding_memo import EmbeddingMemo
 from services.cache.index import IndexRegistry
 from services.cache.servicer import CacheServicer
@@ -512,6 +514,127 @@ async def redis_client_put(client, partition, context_id: str, question: str, em
         int(time.time() * 1000),
         600_000,
     )
+
+
+class CountedReads:
+    """Stands in for a store's read of one batch of entries (the script
+    behind ``CacheStore.batches_since``): counts the reads, fails those
+    numbered in ``failing``, holds the one numbered ``held`` until ``resume``
+    is set, and records the most rows already read that the sub-partition's
+    index did not hold when another read began."""
+
+    def __init__(
+        self, cache: CacheServicer, index_key: str, failing: tuple[int, ...] = (), held: int = 0
+    ) -> None:
+        self._read = cache._store._entries_since
+        cache._store._entries_since = self
+        self._indexes = cache._indexes
+        self._index_key = index_key
+        self._failing = failing
+        self._held = held
+        self.resume = asyncio.Event()
+        self.reads = 0
+        self.rows_read = 0
+        self.most_held_outside = 0
+
+    async def __call__(self, keys, args):
+        self.reads += 1
+        index = self._indexes.get(self._index_key)
+        held_outside = self.rows_read - (len(index) if index is not None else 0)
+        self.most_held_outside = max(self.most_held_outside, held_outside)
+        if self.reads in self._failing:
+            raise redis.ConnectionError("injected")
+        if self.reads == self._held:
+            await self.resume.wait()
+        reply = await self._read(keys=keys, args=args)
+        self.rows_read += len(reply[2])
+        return reply
+
+
+# Batches of the load in the tests below: 101 rows are 7 reads (the last one short).
+TEST_SYNC_BATCH = 16
+LOAD_READS = 101 // TEST_SYNC_BATCH + 1
+
+
+async def _cold_partition(redis_client, embedder, tenant, monkeypatch) -> tuple[CacheServicer, str]:
+    """A sub-partition of 101 entries, STORED among them, in Redis; and a
+    restarted servicer that has none of it resident, reading batches of
+    ``TEST_SYNC_BATCH``."""
+    monkeypatch.setattr(store_module, "SYNC_BATCH", TEST_SYNC_BATCH)
+    s = scope(tenant)
+    await store(make_servicer(redis_client, embedder, max_entries=1000), s, conversation(STORED))
+    partition = keys.partition(s)
+    context_id = keys.context_id(partition, CacheSettings().embedding_model)
+    await asyncio.gather(
+        *(
+            redis_client_put(redis_client, partition, context_id, f"filler question {i}", embedder)
+            for i in range(100)
+        )
+    )
+    return make_servicer(redis_client, embedder, max_entries=1000), partition.vectors_key(context_id)
+
+
+async def test_a_cold_partition_is_applied_batch_by_batch(redis_client, embedder, tenant, monkeypatch):
+    cache, index_key = await _cold_partition(redis_client, embedder, tenant, monkeypatch)
+    reads = CountedReads(cache, index_key)
+    response = await lookup(cache, scope(tenant), conversation(PARAPHRASE))
+    assert response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    assert len(cache._indexes.get(index_key)) == 101 and reads.reads == LOAD_READS
+    # Each batch was in the index before the next one was read: the load
+    # never holds more than one round trip's rows outside it.
+    assert reads.most_held_outside == 0
+
+
+async def test_concurrent_lookups_of_a_cold_partition_share_one_load(
+    redis_client, embedder, tenant, monkeypatch
+):
+    cache, index_key = await _cold_partition(redis_client, embedder, tenant, monkeypatch)
+    reads = CountedReads(cache, index_key)
+    responses = await asyncio.gather(
+        lookup(cache, scope(tenant), conversation(PARAPHRASE)),
+        lookup(cache, scope(tenant), conversation(PARAPHRASE)),
+    )
+    assert [r.status for r in responses] == [pb.LOOKUP_STATUS_SEMANTIC_HIT] * 2
+    # One load, and the second lookup's own read of what was stored since
+    # it began (the load's last read may have begun before).
+    assert reads.reads == LOAD_READS + 1
+
+
+async def test_a_lookup_that_gives_up_leaves_the_load_running(redis_client, embedder, tenant, monkeypatch):
+    cache, index_key = await _cold_partition(redis_client, embedder, tenant, monkeypatch)
+    reads = CountedReads(cache, index_key, held=2)
+    gives_up = asyncio.ensure_future(lookup(cache, scope(tenant), conversation(PARAPHRASE)))
+    while reads.reads < 2:
+        await asyncio.sleep(0.001)
+    gives_up.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gives_up
+    waits = asyncio.ensure_future(lookup(cache, scope(tenant), conversation(PARAPHRASE)))
+    await asyncio.sleep(0.05)
+    assert not waits.done() and reads.reads == 2
+    reads.resume.set()
+    assert (await waits).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    # The load went on and served the later lookup, which read once more.
+    assert reads.reads == LOAD_READS + 1
+
+
+async def test_a_failed_load_is_shared_and_the_next_lookup_loads_again(
+    redis_client, embedder, tenant, monkeypatch
+):
+    cache, index_key = await _cold_partition(redis_client, embedder, tenant, monkeypatch)
+    reads = CountedReads(cache, index_key, failing=(3,))
+    failures = await asyncio.gather(
+        lookup(cache, scope(tenant), conversation(PARAPHRASE)),
+        lookup(cache, scope(tenant), conversation(PARAPHRASE)),
+        return_exceptions=True,
+    )
+    assert [getattr(f, "code", f) for f in failures] == [grpc.StatusCode.UNAVAILABLE] * 2
+    assert reads.reads == 3
+    response = await lookup(cache, scope(tenant), conversation(PARAPHRASE))
+    assert response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    assert len(cache._indexes.get(index_key)) == 101
+    # The retry resumed after the two batches applied before the failure.
+    assert reads.reads == 3 + (101 - 2 * TEST_SYNC_BATCH) // TEST_SYNC_BATCH + 1
 
 
 async def test_entries_stored_by_another_replica_are_found(redis_client, embedder, tenant):
