@@ -33,6 +33,14 @@ def test_turns_with_numbers_names_or_content_are_not_small_talk(text):
     assert not conversation.is_small_talk(text)
 
 
+def test_a_long_turn_is_not_analysed_to_tell_it_is_not_small_talk(monkeypatch):
+    analysed = []
+    monkeypatch.setattr(conversation, "analyze", lambda text: analysed.append(text) or None)
+    # Every word small talk, but a turn this long says something (and is never read word by word).
+    assert not conversation.is_small_talk("thanks " * 5_000)
+    assert analysed == []
+
+
 def test_the_topic_is_the_latest_user_turn_that_says_something():
     messages = turns(
         "Tell me about the Great Wall of China.",
