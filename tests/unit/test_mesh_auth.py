@@ -97,6 +97,23 @@ def test_the_router_keeps_a_bounded_number_of_tokens(monkeypatch):
     assert verifier(clock=clock).tenant(tokens.metadata("tenant-8", "context")) == "tenant-8"
 
 
+def test_unexpired_tokens_survive_the_purge_of_the_expired(monkeypatch):
+    monkeypatch.setattr(mesh_auth, "VERIFIED_TOKENS_KEPT", 4)
+    clock = Clock()
+    tokens = mesh_auth.TenantTokens(router_key(), TTL_S, clock=clock)
+    old = [tokens.metadata(f"old-{n}", "context") for n in range(2)]
+    clock.now += TTL_S * 3 / 4
+    fresh = [tokens.metadata(f"fresh-{n}", "context") for n in range(2)]
+    # The old have expired; the fresh have more than half their life left.
+    clock.now = NOW + TTL_S + 1
+    tokens.metadata("past-the-bound", "context")
+    assert len(tokens._current) == 3
+    # Reused: the very tokens minted before, not new ones.
+    again = [tokens.metadata(f"fresh-{n}", "context") for n in range(2)]
+    assert all(token is before for token, before in zip(again, fresh, strict=True))
+    assert [tokens.metadata(f"old-{n}", "context") for n in range(2)] != old
+
+
 def test_an_expired_token_is_refused_even_after_it_was_verified_once():
     clock = Clock()
     token = mesh_auth.TenantTokens(router_key(), TTL_S).mint("dev", "context", NOW)
