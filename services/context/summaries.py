@@ -323,7 +323,7 @@ MAX_SUMMARIZING = 8
 MAX_WAITING_SUMMARIES = 65_536
 
 
-def _hot_bytes(summaries: list[Summary], history: list[int | None]) -> int:
+def _summaries_bytes(summaries: list[Summary], history: list[int | None]) -> int:
     texts = sum(sys.getsizeof(summary.text) + _SUMMARY_OVERHEAD_BYTES for summary in summaries)
     return texts + _VERSION_BYTES * len(history)
 
@@ -358,13 +358,16 @@ class Summarizer:
         self._waiting: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._closed = False
         # (tenant, session) -> (version, its summaries, its version history,
-        # their _hot_bytes), least recently used first.
+        # their _summaries_bytes), least recently used first.
         self._hot: collections.OrderedDict[
             tuple[str, str], tuple[int, list[Summary], list[int | None], int]
         ] = collections.OrderedDict()
         self._hot_bytes = 0
 
     def schedule(self, tenant_id: str, session_id: str) -> None:
+        if self._closed:
+            # Shutting down: a run started now would outlive close().
+            return
         key = (tenant_id, session_id)
         if key in self._running:
             self._again.add(key)
@@ -485,7 +488,7 @@ class Summarizer:
         found = [await self._counted(summary) for summary in stored if summary is not None]
         key = (tenant_id, session_id)
         self._drop_hot(key)
-        size = _hot_bytes(found, history)
+        size = _summaries_bytes(found, history)
         if size <= MAX_HOT_BYTES:
             self._hot[key] = (version, found, history, size)
             self._hot_bytes += size

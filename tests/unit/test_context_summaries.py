@@ -257,3 +257,13 @@ async def test_at_most_max_summarizing_sessions_run_at_once_the_others_wait() ->
             break
     assert sorted(sessions.read_ids, key=int) == ["0", *map(str, range(count))]
     await summarizer.close()
+
+
+async def test_nothing_is_summarized_once_closed() -> None:
+    sessions = _HeldSessions()
+    summarizer = summaries.Summarizer(sessions, _StoredSummaries(), SummaryPolicy(), None)
+    await summarizer.close()
+    summarizer.schedule("t", "0")
+    await asyncio.sleep(0.01)
+    assert sessions.read_ids == []
+    assert not summarizer._running
