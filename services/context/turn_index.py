@@ -211,8 +211,8 @@ class IndexedTurns:
         vectors = 0 if self.unit_vectors is None else self.unit_vectors.nbytes
         # A posting list's array plus its key and the objects around them.
         postings = sum(p.nbytes + len(t) + 160 for t, p in self.postings.items())
-        # Pins are not capped in number (a fact is at most 4 KiB): a session
-        # pinned many times must weigh what it holds, or a hot cache keeps it.
+        # Up to MAX_PINS pins of up to 4 KiB each, ~1 MiB: counted, or a hot
+        # cache would keep a much-pinned session as if it weighed its turns alone.
         pins = sum(sys.getsizeof(fact) for fact in self.pinned_facts) + 36 * len(self.pinned_turns)
         arrays = self.roles.nbytes + self.term_counts.nbytes + self.line_counts.nbytes
         return vectors + postings + pins + arrays + 8 * len(self.token_counts)
