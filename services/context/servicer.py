@@ -111,8 +111,9 @@ MAX_FACT_BYTES = 4096
 # Prefetches in flight at most. Each reads a whole session, and
 # PrefetchSession answers before it: without a bound, a burst of those calls
 # held as many sessions in memory at once. A prefetch only warms the hot
-# cache, so one past the bound (or for a session already being prefetched)
-# is skipped; the next assembly reads what it needs either way.
+# cache, so one past the bound is skipped (the next assembly reads what it
+# needs either way), and one for a session already being prefetched makes
+# that one read once more when done, if what it read is no longer current.
 MAX_PREFETCHES = 64
 
 
@@ -279,6 +280,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         self._hot = hot if hot is not None else HotCache(0)
         # Prefetches in flight by session key, held so they are not collected mid-way.
         self._prefetches: dict[str, asyncio.Task] = {}
+        # Sessions asked to be prefetched again while theirs was in flight.
+        self._prefetch_again: set[str] = set()
         # Without one (unit tests), nothing is summarized.
         self._summarizer = summarizer
         self._models = models
@@ -875,26 +878,48 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             )
             if self._hot.put(key, extended, ticket):
                 return
+        # Told at once, not when the notice comes: a prefetch in flight that
+        # read the version before must not cache it in the meantime, or it
+        # would take its hot entry for current and not read this one.
+        self._changed_here(tenant_id, session_id, version)
         self.prefetch(tenant_id, session_id)
 
     def prefetch(self, tenant_id: str, session_id: str) -> None:
         """Reads the session into the hot cache in the background, unless
-        it is being read so already or MAX_PREFETCHES are."""
+        MAX_PREFETCHES are being read. One session is read by one task at a
+        time: asked again meanwhile (an append since its read began), the
+        task reads once more when done if the hot cache lacks the session,
+        as it does when a newer version was announced than the one read."""
         key = session_key(tenant_id, session_id)
-        if key in self._prefetches or len(self._prefetches) >= MAX_PREFETCHES:
+        if key in self._prefetches:
+            self._prefetch_again.add(key)
+            return
+        if len(self._prefetches) >= MAX_PREFETCHES:
             return
 
         async def read() -> None:
             try:
-                await self._read(tenant_id, session_id)
-                await self._attach_index(tenant_id, session_id)
+                while True:
+                    self._prefetch_again.discard(key)
+                    await self._read(tenant_id, session_id)
+                    await self._attach_index(tenant_id, session_id)
+                    # Not live: nothing is cached, so reading again warms nothing.
+                    if (
+                        key not in self._prefetch_again
+                        or not self._hot.live
+                        or self._hot.get(key) is not None
+                    ):
+                        return
             except MeshgateError as error:
                 # Gone or unreachable: the next assembly reads it and reports that.
                 log.debug("prefetch failed", session_id=session_id, reason=error.reason)
+            finally:
+                # Here, not in a done callback: a call between the task's end
+                # and its callback would mark a task that no longer reads.
+                self._prefetches.pop(key, None)
+                self._prefetch_again.discard(key)
 
-        task = asyncio.create_task(read())
-        self._prefetches[key] = task
-        task.add_done_callback(lambda _: self._prefetches.pop(key, None))
+        self._prefetches[key] = asyncio.create_task(read())
 
     async def _attach_index(self, tenant_id: str, session_id: str) -> None:
         """Keeps the whole turn index with the hot session, if it is hot."""

@@ -434,6 +434,67 @@ async def test_prefetches_are_one_per_session_and_bounded_in_number(redis_url: s
     assert reads.count("same") == 1 and len(reads) == MAX_PREFETCHES
 
 
+@pytest.mark.parametrize("notice_first", [True, False], ids=["notice-during-read", "notice-after-read"])
+async def test_an_append_during_a_prefetch_leaves_the_session_hot_at_its_version(
+    redis_url: str, notice_first: bool
+) -> None:
+    """A prefetch reads version 1; an append makes version 2 while it is in
+    flight. Whether the change notice arrives before or after that read ends,
+    the session ends hot at version 2: the append's ask is not dropped."""
+    client = redis.Redis.from_url(redis_url)
+    models = Settings().models
+    hot = HotCache(64 * 1024 * 1024)
+    hot.live = True  # as when the change subscription is up; the notices are delivered below
+    servicer = ContextServicer(SessionStore(client, 0), models, token_counts.for_models(models), hot)
+    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+    read_versions: list[int] = []
+    read_started, release = asyncio.Event(), asyncio.Event()
+    redis_read = servicer._store.read
+
+    async def held_read(*args, **kwargs):
+        stored = await redis_read(*args, **kwargs)
+        read_versions.append(stored.version)
+        read_started.set()
+        await release.wait()
+        return stored
+
+    try:
+        session_id = (
+            await servicer.CreateSession(pb.CreateSessionRequest(tenant_id=tenant), None)
+        ).session.session_id
+        key = store.session_key(tenant, session_id)
+
+        async def append(content: str) -> int:
+            request = pb.AppendTurnsRequest(
+                tenant_id=tenant,
+                session_id=session_id,
+                messages=[common_pb2.Message(role=USER, content=content)],
+                any_version=True,
+            )
+            return (await servicer.AppendTurns(request, NoDeadline())).version
+
+        assert await append("first") == 1
+        # The append's own warming (no hot entry of version 0 to extend) is done.
+        await asyncio.gather(*servicer._prefetches.values())
+        hot.clear()  # so that the prefetch below reads Redis
+        servicer._store.read = held_read
+        servicer.prefetch(tenant, session_id)
+        await read_started.wait()
+        assert await append("second") == 2
+        if notice_first:
+            hot.announce(key, 2)  # what the change listener does with the append's notice
+        release.set()
+        await asyncio.gather(*servicer._prefetches.values())
+        if not notice_first:
+            hot.announce(key, 2)
+    finally:
+        await client.aclose()
+    assert read_versions == [1, 2]
+    cached = hot.get(key)
+    assert cached is not None and cached.version == 2
+    assert [t.content for t in cached.turns] == ["first", "second"]
+
+
 @pytest.fixture(scope="module")
 async def nameless_stub(redis_url: str, inference_address: str):
     """A context service that embeds each question's nameless form with it
