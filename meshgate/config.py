@@ -411,8 +411,15 @@ class ContextSettings:
     # ``bytes``. Every whole-session read (a prefetch, a summarizer run, an
     # assembly that cannot plan from the index) loads at most this much per
     # session, where the turn bounds alone allowed ~4 GiB (4,096 live turns
-    # of 1 MiB). 64 MiB is 32,768 turns of 2 KiB. Compaction frees what it
-    # empties. 0: no cap.
+    # of 1 MiB). 64 MiB is 32,768 turns of 2 KiB. Compaction frees the
+    # bodies it empties, and starts by bytes too: once the turns hold more
+    # than half this, the summarizer's next run (after an append) compacts
+    # the oldest summarized spans until a quarter is left (as
+    # compact_after_turns compacts down to half its cap), or none is left to
+    # take. It never takes the newest summary_hot_window_turns turns, the
+    # incomplete span before them, or a system or pinned turn's body: 47
+    # turns of 1 MiB at the default spans, under the cap, unless system and
+    # pinned turns add more. 0: no cap (and no compaction by bytes).
     max_session_bytes: int = 64 * 1024 * 1024
     # The soft cap: once a session holds more than this many live turns, its
     # oldest turns already covered by a summary are compacted (their texts

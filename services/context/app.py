@@ -46,7 +46,10 @@ def _summarizer(
         store,
         summaries.SummaryStore(client, config.session_ttl_s),
         summaries.SummaryPolicy(
-            config.summary_span_turns, config.summary_hot_window_turns, config.compact_after_turns
+            config.summary_span_turns,
+            config.summary_hot_window_turns,
+            config.compact_after_turns,
+            config.max_session_bytes // 2,
         ),
         model,
         counters.values(),

@@ -21,7 +21,11 @@ the braces make all of them one Redis Cluster hash slot:
   stores the sum (rather than start from 0, which would let such a session
   pass the cap by everything it already held, and a later revert or
   compaction subtract more than was ever counted); until then, scripts that
-  remove turns leave the field absent.
+  remove turns leave the field absent. During a rolling upgrade a replica
+  of the older code appends without adding to the field, so a later revert
+  or compaction may subtract turns never counted: they clamp it at 0, and
+  the count may stay below what the turns hold, by at most what such
+  appends added, for as long as the session lives.
 - ``...:turns``, a list of serialized ``common.v1.Message``, oldest first.
 - ``...:turn_ids``, a hash: the idempotency key of every append that gave
   one -> the version that append made, so a retried append is answered
@@ -270,7 +274,8 @@ if held < compacted then return {-5, compacted_version} end
 -- The turns past `held` leave: so do their bytes (if counted; see the module's docstring).
 local held_bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes'))
 if held_bytes then
-  redis.call('HSET', KEYS[1], 'bytes', held_bytes - turn_bytes(KEYS[2], held, -1))
+  -- Never below 0: see the compaction script.
+  redis.call('HSET', KEYS[1], 'bytes', math.max(0, held_bytes - turn_bytes(KEYS[2], held, -1)))
 end
 if held == 0 then redis.call('DEL', KEYS[2]) else redis.call('LTRIM', KEYS[2], 0, held - 1) end
 cut_counts(KEYS[1], KEYS[1], held)
@@ -387,15 +392,23 @@ for i = 3, #ARGV do keep[tonumber(ARGV[i])] = true end
 for _, pin in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do
   if string.sub(pin, 1, 2) == 't:' then keep[tonumber(string.sub(pin, 3))] = true end
 end
--- An emptied body's bytes leave the count (if counted; see the module's docstring).
+-- An emptied body's bytes leave the count (if counted; see the module's
+-- docstring), read in slices of 64 as turn_bytes does: one LRANGE rather
+-- than an LINDEX a turn, each of which walks the list from its end.
 local held_bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes'))
-for i = from, upto - 1 do
-  if not keep[i] then
-    if held_bytes then held_bytes = held_bytes - #redis.call('LINDEX', KEYS[2], i) end
-    redis.call('LSET', KEYS[2], i, '')
+for slice = from, upto - 1, 64 do
+  local bodies = redis.call('LRANGE', KEYS[2], slice, math.min(slice + 63, upto - 1))
+  for offset, body in ipairs(bodies) do
+    local i = slice + offset - 1
+    if not keep[i] and body ~= '' then
+      if held_bytes then held_bytes = held_bytes - #body end
+      redis.call('LSET', KEYS[2], i, '')
+    end
   end
 end
-if held_bytes then redis.call('HSET', KEYS[1], 'bytes', held_bytes) end
+-- Never below 0: turns an old replica appended (during a rolling upgrade)
+-- were never counted, yet leave the count here.
+if held_bytes then redis.call('HSET', KEYS[1], 'bytes', math.max(0, held_bytes)) end
 -- The vectors string starts at the first live turn (turn_index reads and
 -- writes it so): drop the compacted turns' rows from its front.
 local dim = tonumber(redis.call('HGET', KEYS[4], '\\0dim') or '0')

@@ -263,19 +263,47 @@ class SummaryPolicy:
     hot_window_turns: int = 32
     # The soft cap (config.ContextSettings.compact_after_turns); 0: none.
     compact_after_turns: int = 0
+    # The soft cap in bytes: half of context.max_session_bytes, so a session
+    # of big turns is compacted long before its appends are refused
+    # (SESSION_FULL), as the turn cap alone would not (64 MiB over 4,096
+    # turns is 16 KiB a turn); 0: none.
+    compact_after_bytes: int = 0
 
 
-def compaction_end(turn_count: int, compacted: int, policy: SummaryPolicy) -> int:
+def compaction_end(
+    turn_count: int,
+    compacted: int,
+    policy: SummaryPolicy,
+    freeable: collections.abc.Sequence[int] = (),
+    held_bytes: int = 0,
+) -> int:
     """How many leading turns to have compacted: none more while the live
     turns are within the cap; past it, whole summarized spans until half the
     cap is left live, so that compaction (which rewrites the session's
-    vectors) runs once per half a cap of appends, not on every one."""
-    cap = policy.compact_after_turns
-    if not cap or turn_count - compacted <= cap:
-        return compacted
+    vectors) runs once per half a cap of appends, not on every one.
+
+    Likewise in bytes: once the session's turns hold more than
+    ``compact_after_bytes`` (``held_bytes``), whole summarized spans, oldest
+    first, until what they free (``freeable``: each turn's bytes that
+    compaction would empty, 0 for a system turn, which keeps its body) brings
+    it to half of that, or no summarized span is left. The hot window and the
+    incomplete span after the summarized ones are never compacted, so a
+    session whose newest turns alone hold more stays above it."""
     spans = due_spans(turn_count, policy)
-    ends = [end for _, end in spans if end <= turn_count - cap // 2]
-    return max([compacted, *ends])
+    end = compacted
+    cap = policy.compact_after_turns
+    if cap and turn_count - compacted > cap:
+        end = max([end, *(e for _, e in spans if e <= turn_count - cap // 2)])
+    byte_cap = policy.compact_after_bytes
+    if byte_cap and held_bytes > byte_cap:
+        left = held_bytes - sum(freeable[compacted:end])
+        for first, span_end in spans:
+            if left <= byte_cap // 2:
+                break
+            if span_end > end:
+                left -= sum(freeable[max(first, end) : span_end])
+                end = span_end
+    return end
 
 
 def due_spans(turn_count: int, policy: SummaryPolicy) -> list[tuple[int, int]]:
@@ -443,7 +471,13 @@ class Summarizer:
             summary = await self._counted(summary)
             await self._summaries.put(tenant_id, session_id, digest, summary)
         # Every due span is summarized now: those the soft cap takes are compacted.
-        upto = compaction_end(len(stored.turns), stored.compacted, self._policy)
+        # What each turn holds in Redis (its serialized encoding; a compacted
+        # one's is empty), and so what compacting it would free: all but a
+        # system turn's, whose body stays. A pinned turn's stays too, which
+        # this does not know: its span frees less, and a later run goes on.
+        sizes = [turn.ByteSize() for turn in stored.turns]
+        freeable = [0 if t.role == common_pb2.ROLE_SYSTEM else n for t, n in zip(stored.turns, sizes)]
+        upto = compaction_end(len(stored.turns), stored.compacted, self._policy, freeable, sum(sizes))
         if upto > stored.compacted:
             system = [
                 i for i in range(stored.compacted, upto) if stored.turns[i].role == common_pb2.ROLE_SYSTEM

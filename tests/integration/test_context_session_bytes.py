@@ -1,8 +1,10 @@
 """context.max_session_bytes over a real Redis: the session's byte count
 (meta's ``bytes``, services/context/store.py) is kept by the scripts that
 change its turns, an append past the cap is refused whole, concurrent
-appends near the cap never pass it, and a session stored before the count
-is counted once, by the first append that needs it."""
+appends near the cap never pass it, a session stored before the count
+is counted once, by the first append that needs it, the count never goes
+below 0, and past half the cap the summarizer compacts by bytes, so a
+session of big turns keeps taking appends."""
 
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ import grpc
 import pytest
 import redis.asyncio as redis
 
+from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from services.context import store as session_store
+from services.context.turn_index import TurnIndex
 from tests.integration.test_context_service import (
     ASSISTANT,
     SYSTEM,
@@ -26,7 +30,7 @@ from tests.integration.test_context_service import (
     new_session,
     running,
 )
-from tests.integration.test_context_versions import append, contents
+from tests.integration.test_context_versions import _until, append, contents
 
 pytestmark = pytest.mark.integration
 
@@ -85,6 +89,51 @@ async def test_the_count_follows_appends_compaction_reverts_and_forks(client) ->
     finally:
         await sessions.delete(tenant, session_id)
         await sessions.delete(tenant, fork_id)
+
+
+async def test_a_replayed_append_counts_once_and_a_pinned_turn_kept_through_compaction_counts(client) -> None:
+    sessions = session_store.SessionStore(client, ttl_s=600, max_session_bytes=1 << 20)
+    tenant, session_id = "bytes", uuid.uuid4().hex
+    turns = [msg(USER, "Remember the harbour code 4417." * 10), msg(ASSISTANT, "Noted." * 30)]
+    later = [msg(USER, "And the lighthouse?" * 20)]
+    try:
+        await sessions.create(tenant, session_id)
+        assert await sessions.append(tenant, session_id, 0, turns, {}, turn_id="once") == (1, False)
+        # The retry of the same append (same turn id) is answered, not applied: counted once.
+        assert await sessions.append(tenant, session_id, None, turns, {}, turn_id="once") == (1, True)
+        assert await _counted(client, tenant, session_id) == _size(*turns)
+        await sessions.append(tenant, session_id, 1, later, {})
+
+        # Turn 0 pinned: its body stays through compaction, and so do its bytes.
+        await TurnIndex(client, ttl_s=600).pin(tenant, session_id, "t:0", 0)
+        assert await sessions.compact(tenant, session_id, 2, 2, []) == 2
+        assert await _counted(client, tenant, session_id) == _size(turns[0], *later)
+        assert await _counted(client, tenant, session_id) == await _stored(client, tenant, session_id)
+    finally:
+        await sessions.delete(tenant, session_id)
+
+
+async def test_turns_an_older_replica_appended_uncounted_never_take_the_count_below_0(client) -> None:
+    sessions = session_store.SessionStore(client, ttl_s=600, max_session_bytes=1 << 20)
+    tenant, session_id = "bytes", uuid.uuid4().hex
+    first, second = [msg(USER, "a" * 300)], [msg(ASSISTANT, "b" * 900), msg(USER, "c" * 900)]
+    meta = session_store.key(tenant, session_id, "meta")
+    try:
+        await sessions.create(tenant, session_id)
+        await sessions.append(tenant, session_id, 0, first, {})
+        await sessions.append(tenant, session_id, 1, second, {})
+        # As if an older replica had appended `second`: its turns stored, never counted.
+        await client.hset(meta, "bytes", _size(*first))
+        # The revert drops more than the count holds: 0, not negative.
+        await sessions.revert(tenant, session_id, 1, None)
+        assert await _counted(client, tenant, session_id) == 0
+        await sessions.append(tenant, session_id, None, second, {})
+        await client.hset(meta, "bytes", 100)
+        # Compaction alike.
+        assert await sessions.compact(tenant, session_id, 3, 3, []) == 3
+        assert await _counted(client, tenant, session_id) == 0
+    finally:
+        await sessions.delete(tenant, session_id)
 
 
 async def test_an_append_past_the_cap_is_refused_and_stores_nothing(client) -> None:
@@ -182,3 +231,42 @@ async def test_the_service_refuses_an_append_past_its_byte_cap(redis_url) -> Non
         assert int(metadata["bytes"]) > 3000
         assert await contents(capped, tenant, session_id) == (1, ["q" * 1500, "a" * 1500])
         assert await append(capped, tenant, session_id, "q" * 500) == 2
+
+
+async def test_a_session_of_big_turns_is_compacted_by_bytes_and_keeps_taking_appends(redis_url) -> None:
+    """Turns of ~1 KiB, far under the turn soft cap: compaction starts by
+    bytes, past half the cap, so the session takes many times what the cap
+    alone would allow, its newest turns verbatim, its oldest summarized."""
+    turn_bytes = _size(msg(USER, "q" * 1000))
+    cap = 8 * turn_bytes
+    settings = make_settings(redis_url)
+    settings.context.max_session_bytes = cap
+    settings.context.summary_model = ""
+    settings.context.summary_span_turns = 2
+    settings.context.summary_hot_window_turns = 2
+    tenant = "bytes-compaction"
+    client = redis.Redis.from_url(redis_url)
+    async with running(settings) as stub:
+        session_id = await new_session(stub, tenant)
+        get = pb.GetSessionRequest(tenant_id=tenant, session_id=session_id)
+
+        async def within_half_the_cap() -> bool:
+            return await _counted(client, tenant, session_id) <= cap // 2
+
+        # 40 turns, 5 times what the cap holds: every append succeeds once
+        # the summarizer's run after the one before has compacted.
+        for k in range(20):
+            assert await append(stub, tenant, session_id, f"{k}" + "q" * 999, f"{k}" + "a" * 999) == k + 1
+            await _until(within_half_the_cap, timeout_s=30)
+        session = (await stub.GetSession(get)).session
+        assert session.version == 20
+        assert session.compacted_turns >= 40 - 4
+        texts = [m.content for m in session.messages]
+        assert texts[-2:] == ["19" + "q" * 999, "19" + "a" * 999]
+        assert texts[: session.compacted_turns] == [""] * session.compacted_turns
+        assert await _counted(client, tenant, session_id) == await _stored(client, tenant, session_id)
+        # The compacted turns are covered by summaries, which stand for them.
+        spans = await client.hkeys(session_store.key(tenant, session_id, "summaries"))
+        ends = {int(field.decode().partition("-")[2]) for field in spans}
+        assert session.compacted_turns in ends
+    await client.aclose()

@@ -66,6 +66,32 @@ def test_compaction_waits_for_the_cap_then_takes_summarized_spans_down_to_half_o
     assert summaries.compaction_end(16, 0, wide_window) == 4
 
 
+def test_compaction_by_bytes_takes_summarized_spans_down_to_half_of_its_cap() -> None:
+    policy = SummaryPolicy(span_turns=4, hot_window_turns=4, compact_after_bytes=1000)
+    # 16 turns of 100 bytes: 1,600 held, past 1,000; spans end at 4, 8, 12.
+    freeable = [100] * 16
+    assert summaries.compaction_end(16, 0, policy, freeable, 1600) == 12
+    # Within the cap, nothing; past it, spans of 400 until 500 is left.
+    assert summaries.compaction_end(16, 0, policy, freeable, 1000) == 0
+    assert summaries.compaction_end(16, 0, policy, freeable, 1100) == 8
+    assert summaries.compaction_end(16, 0, policy, freeable, 1400) == 12
+    # A span that frees nothing (system turns keep their bodies) does not
+    # count toward it.
+    system_first = [0] * 4 + [100] * 12
+    assert summaries.compaction_end(16, 0, policy, system_first, 1100) == 12
+    # Compacted turns already freed theirs; the hot window and the
+    # incomplete span are never taken, however much they hold.
+    assert summaries.compaction_end(16, 4, policy, [0] * 4 + [100] * 12, 1200) == 12
+    assert summaries.compaction_end(15, 0, policy, [10] * 8 + [1000] * 7, 7080) == 8
+    # The turn cap's spans first, then more while bytes are still past half.
+    both = SummaryPolicy(span_turns=2, hot_window_turns=2, compact_after_turns=8, compact_after_bytes=600)
+    assert summaries.compaction_end(9, 0, both, [1] * 9, 9) == 4
+    assert summaries.compaction_end(9, 0, both, [100] * 9, 900) == 6
+    # No cap in bytes: bytes start nothing.
+    uncapped = SummaryPolicy(span_turns=4, hot_window_turns=4)
+    assert summaries.compaction_end(16, 0, uncapped, freeable, 10**9) == 0
+
+
 def test_plan_never_keeps_compacted_turns_but_their_system_and_pinned_ones() -> None:
     roles = [common_pb2.ROLE_SYSTEM, USER, ASSISTANT, USER, ASSISTANT, USER]
     costs = SessionCosts(np.array(roles), np.full(6, 5))
