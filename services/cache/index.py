@@ -497,23 +497,30 @@ class IndexRegistry:
             self._counted_rows[key] = 0
         return index
 
+    def holds(self, key: str, index: VectorIndex) -> bool:
+        """Whether ``index`` is still the one resident under ``key`` (not
+        pushed out, nor replaced by one of another size), without marking
+        it used."""
+        return self._indexes.get(key) is index
+
     def settle(self, key: str) -> None:
-        """Accounts for the growth of ``key``'s index and pushes out the
-        least recently used others while over the bounds."""
+        """Accounts for the growth of ``key``'s index, marks it recently
+        used, and pushes out the least recently used others while over the
+        bounds. Marked used: an index loading from Redis settles after each
+        batch, and a long load must not drift to the front of the queue
+        and be pushed out by the very loads it waits beside."""
         index = self._indexes.get(key)
         if index is None:
             return
+        self._indexes.move_to_end(key)
         weight = index.weight_rows
         self._rows += weight - self._counted_rows[key]
         self._counted_rows[key] = weight
         while len(self._indexes) > 1 and (
             self._rows > self._max_rows or len(self._indexes) > self._max_indexes
         ):
-            oldest = next(iter(self._indexes))
-            if oldest == key:
-                self._indexes.move_to_end(key)
-                oldest = next(iter(self._indexes))
-            self._forget(oldest)
+            # ``key`` is last and more than one is resident: never itself.
+            self._forget(next(iter(self._indexes)))
 
     def drop_prefix(self, prefix: str) -> None:
         for key in [k for k in self._indexes if k.startswith(prefix)]:

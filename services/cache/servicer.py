@@ -39,6 +39,7 @@ again, ~5 ms of one core).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 
@@ -149,7 +150,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         self._dimensions: int | None = None
         # The loads from Redis in flight, by index key: one per sub-partition,
         # shared by the lookups that find its index not loaded (``_synced``).
-        self._loads: dict[str, asyncio.Task[tuple[VectorIndex, int]]] = {}
+        self._loads: dict[str, asyncio.Task[tuple[VectorIndex, int | None]]] = {}
         # The replica's own counts for Prometheus; _stats keeps the mesh's totals in Redis.
         self._metrics = metrics.cache()
         self._metrics.resident_rows.set_function(lambda: indexes.resident_rows)
@@ -272,19 +273,22 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         if not _matched_by_meaning(question):
             return None
         index = self._indexes.get(partition.vectors_key(context_id))
-        if self._dimensions is None:
+        # The vector size the index is synced for (``_synced`` returns no
+        # index of another): a concurrent lookup may change self._dimensions.
+        dimensions = self._dimensions
+        if dimensions is None:
             # Rows are read as vectors of the model's size, known from this
             # process's first vector on.
             vector = await self._embedder.embed_or_none(question, tenant_id=partition.tenant_id)
             if vector is None:
                 return None
-            self._dimensions = len(vector)
-            index, strictness = await self._synced(partition, context_id, self._dimensions)
+            dimensions = self._dimensions = len(vector)
+            synced = await self._synced(partition, context_id, dimensions)
         elif self._embeds_at_once(index, question):
             # Likely a candidate: embed while the index tops itself up.
-            vector, (index, strictness) = await asyncio.gather(
+            vector, synced = await asyncio.gather(
                 self._embedder.embed_or_none(question, tenant_id=partition.tenant_id),
-                self._synced(partition, context_id, self._dimensions),
+                self._synced(partition, context_id, dimensions),
             )
         else:
             # The first stage: no entry the index holds shares enough of the
@@ -293,17 +297,20 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             # that would delay the first token (the router holds its
             # generation's output until the lookup answers); the Store that
             # follows embeds, after the answer went out.
-            index, strictness = await self._synced(partition, context_id, self._dimensions)
-            if not self._may_match(index, question):
+            synced = await self._synced(partition, context_id, dimensions)
+            if synced is not None and not self._may_match(synced[0], question):
                 self._metrics.misses_without_embedding.inc()
                 return None
             vector = await self._embedder.embed_or_none(question, tenant_id=partition.tenant_id)
         if vector is None:
             return None
-        if len(vector) != index.dimensions:
+        if len(vector) != dimensions:
             # The embedding model changed under a running service.
-            self._dimensions = len(vector)
-            index, strictness = await self._synced(partition, context_id, self._dimensions)
+            dimensions = self._dimensions = len(vector)
+            synced = await self._synced(partition, context_id, dimensions)
+        if synced is None:
+            return None
+        index, strictness = synced
         accepted = []
         for match in index.nearest(vector, _now_ms(), MAX_CANDIDATES, self._threshold):
             decision = self._verifier.decide(question, vector, match.question, match.vector, strictness)
@@ -364,9 +371,11 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
 
     async def _synced(
         self, partition: keys.Partition, context_id: str, dimensions: int
-    ) -> tuple[VectorIndex, int]:
-        """The sub-partition's index, holding every entry stored before this
-        call that its bounds keep, and the wrong hits reported there.
+    ) -> tuple[VectorIndex, int] | None:
+        """The sub-partition's index, of vectors of ``dimensions``, holding
+        every entry stored before this call that its bounds keep, and the
+        wrong hits reported there; None when no such index could be kept
+        resident (a miss: the lookup is answered without it).
 
         A loaded index tops itself up with what is new since (usually one
         round trip). One that is not resident, or whose load failed midway,
@@ -374,22 +383,36 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         meanwhile share: each of them would otherwise read the whole
         partition again. A failed load is not kept; the next lookup starts
         another, from the rows applied so far.
+
+        An index pushed out of the registry during its load or top-up
+        (other partitions' loads over the bound on rows), or a shared load
+        of vectors of another size (the embedding model changed), is
+        followed by one fresh load. Only one: loads that together exceed
+        the bound push each other out, and a lookup waiting on them in
+        turn would never be answered.
         """
         index_key = partition.vectors_key(context_id)
-        load = self._loads.get(index_key)
-        if load is None:
-            index = self._indexes.get(index_key)
-            if index is not None and index.loaded and index.dimensions == dimensions:
-                return index, await self._top_up(index_key, index, partition, context_id)
-            load = asyncio.ensure_future(self._load(index_key, partition, context_id, dimensions))
-            self._loads[index_key] = load
-            load.add_done_callback(functools.partial(self._load_done, index_key))
-            # Every read of the load begins after this call. Shielded: a
-            # caller that gives up leaves it to the others.
-            return await asyncio.shield(load)
-        index, _ = await asyncio.shield(load)
-        # The load's last read may have begun before this call.
-        return index, await self._top_up(index_key, index, partition, context_id)
+        for _ in range(2):
+            load = self._loads.get(index_key)
+            if load is None:
+                index = self._indexes.get(index_key)
+                if index is not None and index.loaded and index.dimensions == dimensions:
+                    strictness = await self._top_up(index_key, index, partition, context_id)
+                else:
+                    load = asyncio.ensure_future(self._load(index_key, partition, context_id, dimensions))
+                    self._loads[index_key] = load
+                    load.add_done_callback(functools.partial(self._load_done, index_key))
+                    # Every read of the load begins after this call. Shielded:
+                    # a caller that gives up leaves it to the others.
+                    index, strictness = await asyncio.shield(load)
+            else:
+                index, strictness = await asyncio.shield(load)
+                if strictness is not None and index.dimensions == dimensions:
+                    # The load's last read may have begun before this call.
+                    strictness = await self._top_up(index_key, index, partition, context_id)
+            if strictness is not None and index.dimensions == dimensions:
+                return index, strictness
+        return None
 
     def _load_done(self, index_key: str, load: asyncio.Task) -> None:
         if self._loads.get(index_key) is load:
@@ -397,20 +420,23 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
 
     async def _load(
         self, index_key: str, partition: keys.Partition, context_id: str, dimensions: int
-    ) -> tuple[VectorIndex, int]:
+    ) -> tuple[VectorIndex, int | None]:
         # Resident from the first batch on: a Store meanwhile adds its entry,
         # an eviction or report removes one, as in a loaded index.
         index = self._indexes.get_or_create(index_key, dimensions)
         strictness = await self._top_up(index_key, index, partition, context_id)
-        index.loaded = True
+        if strictness is not None:
+            index.loaded = True
         return index, strictness
 
     async def _top_up(
         self, index_key: str, index: VectorIndex, partition: keys.Partition, context_id: str
-    ) -> int:
+    ) -> int | None:
         """Applies the entries stored since ``index.synced_seq``, one round
         trip's batch at a time; returns the wrong hits reported in the
-        sub-partition.
+        sub-partition, or None when ``index`` was pushed out of the
+        registry (or replaced) on the way: it stops there rather than grow
+        a copy of the partition that no bound counts and no lookup finds.
 
         Between batches other requests run. Each upsert is whole, and an
         older version never replaces a newer one, so a Store or another
@@ -420,17 +446,23 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         """
         strictness = 0
         dimensions = index.dimensions
-        async for batch in self._store.batches_since(partition, context_id, index.synced_seq):
-            now_ms = _now_ms()
-            for row in batch.rows:
-                stored = split_payload(row.payload, dimensions)
-                # A longer text (stored before MAX_SEMANTIC_TEXT_BYTES) is not kept resident.
-                fits = len(row.payload) - dimensions * 4 <= MAX_SEMANTIC_TEXT_BYTES
-                if row.expires_ms > now_ms and stored is not None and fits:
-                    vector, question = stored
-                    vector = np.frombuffer(vector, "<f4")
-                    index.upsert(row.entry_id, row.seq, row.expires_ms, vector, question)
-            index.mark_synced(batch.through_seq)
-            self._indexes.settle(index_key)
-            strictness = batch.strictness
+        batches = self._store.batches_since(partition, context_id, index.synced_seq)
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                # Checked after each read: other requests ran during it.
+                if not self._indexes.holds(index_key, index):
+                    return None
+                now_ms = _now_ms()
+                for row in batch.rows:
+                    stored = split_payload(row.payload, dimensions)
+                    # A longer text (stored before MAX_SEMANTIC_TEXT_BYTES) is not kept resident.
+                    fits = len(row.payload) - dimensions * 4 <= MAX_SEMANTIC_TEXT_BYTES
+                    if row.expires_ms > now_ms and stored is not None and fits:
+                        vector, question = stored
+                        vector = np.frombuffer(vector, "<f4")
+                        index.upsert(row.entry_id, row.seq, row.expires_ms, vector, question)
+                index.mark_synced(batch.through_seq)
+                # Never pushes out ``index`` itself.
+                self._indexes.settle(index_key)
+                strictness = batch.strictness
         return strictness

@@ -637,6 +637,139 @@ async def test_a_failed_load_is_shared_and_the_next_lookup_loads_again(
     assert reads.reads == 3 + (101 - 2 * TEST_SYNC_BATCH) // TEST_SYNC_BATCH + 1
 
 
+async def _seeded_other_partition(redis_client, embedder, tenant) -> str:
+    """Another tenant's partition of 30 entries: loading it pushes out
+    a partition under a bound of 40 resident rows."""
+    other = tenant + "-other"
+    seeder = make_servicer(redis_client, embedder, max_entries=1000)
+    for i in range(30):
+        await store(seeder, scope(other), conversation(f"other topic number {i} about gardening"))
+    return other
+
+
+OTHER_QUESTION = "about gardening, other topic number 3"
+
+
+async def test_a_partition_pushed_out_mid_load_is_loaded_afresh(redis_client, embedder, tenant, monkeypatch):
+    _, index_key = await _cold_partition(redis_client, embedder, tenant, monkeypatch)
+    other = await _seeded_other_partition(redis_client, embedder, tenant)
+    cache = make_servicer(redis_client, embedder, max_entries=1000, max_resident_rows=40)
+    reads = CountedReads(cache, index_key, held=2)
+    pushed_out = asyncio.ensure_future(lookup(cache, scope(tenant), conversation(PARAPHRASE)))
+    while reads.reads < 2:
+        await asyncio.sleep(0.001)
+    # The other partition's load goes over the bound and pushes out the
+    # partial index (the least recently used).
+    await lookup(cache, scope(other), conversation(OTHER_QUESTION))
+    assert cache._indexes._indexes.get(index_key) is None
+    reads.resume.set()
+    assert (await pushed_out).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    # The first load stopped at its next batch, and a fresh one loaded the
+    # partition whole into the registry, counted against the bound.
+    index = cache._indexes._indexes[index_key]
+    assert index.loaded and len(index) == 101
+    # (Reads of the other partition's load count too: its 30 rows are 2.)
+    assert reads.reads == 2 + 2 + LOAD_READS
+    assert cache._indexes.resident_rows == index.weight_rows
+    assert (
+        await lookup(cache, scope(tenant), conversation(PARAPHRASE))
+    ).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    # Served by the resident index: one read of what is new, no reload.
+    assert reads.reads == 2 + 2 + LOAD_READS + 1
+
+
+RIVER = "Which river is the longest in Europe?"
+RIVER_PARAPHRASE = "What is the longest river of Europe?"
+
+
+async def test_a_store_during_a_load_is_found_by_a_lookup_after_it(
+    redis_client, embedder, tenant, monkeypatch
+):
+    cache, index_key = await _cold_partition(redis_client, embedder, tenant, monkeypatch)
+    river = np.zeros(DIMS, np.float32)
+    river[2] = 1.0
+    paraphrase = np.zeros(DIMS, np.float32)
+    paraphrase[2], paraphrase[3] = 0.95, np.sqrt(1 - 0.95**2)
+    embedder.table.update({RIVER: river, RIVER_PARAPHRASE: paraphrase})
+    reads = CountedReads(cache, index_key, held=2)
+    loading = asyncio.ensure_future(lookup(cache, scope(tenant), conversation(PARAPHRASE)))
+    while reads.reads < 2:
+        await asyncio.sleep(0.001)
+    stored_id = await store(cache, scope(tenant), conversation(RIVER))
+    reads.resume.set()
+    assert (await loading).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    response = await lookup(cache, scope(tenant), conversation(RIVER_PARAPHRASE))
+    assert response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and response.entry_id == stored_id
+
+
+async def test_close_during_a_load_leaves_no_task_behind(redis_client, embedder, tenant, monkeypatch):
+    cache, index_key = await _cold_partition(redis_client, embedder, tenant, monkeypatch)
+    reads = CountedReads(cache, index_key, held=2)
+    waiting = asyncio.ensure_future(lookup(cache, scope(tenant), conversation(PARAPHRASE)))
+    while reads.reads < 2:
+        await asyncio.sleep(0.001)
+    await cache.close()
+    assert not cache._loads
+    assert not [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "CacheServicer._load"]
+    # The lookup that waited on the load ends with it, rather than hang.
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, timeout=5)
+    assert reads.reads == 2
+
+
+class ResizedEmbedder(FakeEmbedder):
+    """Holds the embeddings of ``gated`` until ``release`` is set; after
+    ``resized`` is set every vector has half the size (the model changed)."""
+
+    def __init__(self, gated: str) -> None:
+        super().__init__()
+        self.gated = gated
+        self.release = asyncio.Event()
+        self.resized = False
+
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
+        if text == self.gated:
+            await self.release.wait()
+        if not self.resized:
+            return await super().embed_or_none(text)
+        seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+        vector = np.random.default_rng(seed).standard_normal(DIMS // 2).astype(np.float32)
+        return vector / np.linalg.norm(vector)
+
+
+async def test_a_lookup_after_the_model_changed_never_searches_an_index_of_the_old_size(
+    redis_client, tenant, monkeypatch
+):
+    embedder = ResizedEmbedder(gated=PARAPHRASE)
+    _, index_key = await _cold_partition(redis_client, embedder, tenant, monkeypatch)
+    other = await _seeded_other_partition(redis_client, embedder, tenant)
+    cache = make_servicer(redis_client, embedder, max_entries=1000, max_resident_rows=40)
+    embedder.release.set()
+    assert (
+        await lookup(cache, scope(tenant), conversation(PARAPHRASE))
+    ).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    embedder.release.clear()
+    # Embeds (held) while the loaded index tops itself up.
+    resized = asyncio.ensure_future(lookup(cache, scope(tenant), conversation(PARAPHRASE)))
+    await asyncio.sleep(0.05)
+    # Meanwhile the index is pushed out, and a lookup of a question that
+    # shares no word with it starts a load at the old size.
+    await lookup(cache, scope(other), conversation(OTHER_QUESTION))
+    reads = CountedReads(cache, index_key, held=2)
+    old_size = asyncio.ensure_future(lookup(cache, scope(tenant), conversation("Any news on the weather?")))
+    while reads.reads < 2:
+        await asyncio.sleep(0.001)
+    # The model changes: the held lookup's vector has the new size, and its
+    # re-sync finds the load at the old size in flight.
+    embedder.resized = True
+    embedder.release.set()
+    await asyncio.sleep(0.05)
+    reads.resume.set()
+    responses = await asyncio.gather(resized, old_size)
+    assert [r.status for r in responses] == [pb.LOOKUP_STATUS_MISS] * 2
+    assert cache._indexes._indexes[index_key].dimensions == DIMS // 2
+
+
 async def test_entries_stored_by_another_replica_are_found(redis_client, embedder, tenant):
     one, two = make_servicer(redis_client, embedder), make_servicer(redis_client, embedder)
     # Replica one loads the (empty) sub-partition, then replica two stores into it.

@@ -111,6 +111,25 @@ def test_registry_pushes_out_the_least_recently_used_index():
     assert len(registry) == 1 and registry.resident_rows == 4
 
 
+def test_an_index_that_settles_is_marked_recently_used():
+    registry = IndexRegistry(max_entries=100, max_rows=10, approximate_from=10**9)
+    loading = registry.get_or_create("loading", DIMS)
+    loading.upsert("l0", 1, FAR_FUTURE, unit(1))
+    registry.settle("loading")
+    registry.get_or_create("b", DIMS).upsert("b0", 2, FAR_FUTURE, unit(1))
+    registry.settle("b")
+    # Its next batch (as a load from Redis settles after each): now the
+    # most recently used, so the next index over the bound pushes out "b".
+    loading.upsert("l1", 3, FAR_FUTURE, unit(1))
+    registry.settle("loading")
+    # 8 rows allocated beside 2 and 1: one of the others must go.
+    crowded = registry.get_or_create("c", DIMS)
+    for i in range(5):
+        crowded.upsert(f"c{i}", 4 + i, FAR_FUTURE, unit(1))
+    registry.settle("c")
+    assert registry.holds("loading", loading) and registry.get("b") is None
+
+
 def test_registry_counts_the_postings_words_as_rows():
     registry = IndexRegistry(max_entries=100, max_rows=16, approximate_from=10**9)
     for name in ("a", "b"):
