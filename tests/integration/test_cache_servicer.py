@@ -678,6 +678,29 @@ async def test_a_partition_pushed_out_mid_load_is_loaded_afresh(redis_client, em
     assert reads.reads == 2 + 2 + LOAD_READS + 1
 
 
+async def test_loads_that_together_exceed_the_bound_still_answer_every_lookup(
+    redis_client, embedder, tenant, monkeypatch
+):
+    # Two cold partitions of 101 rows under a bound of 40: each load's
+    # batches push the other out, again after each one's fresh start.
+    tenants = [tenant, tenant + "-2"]
+    index_keys = [(await _cold_partition(redis_client, embedder, t, monkeypatch))[1] for t in tenants]
+    cache = make_servicer(redis_client, embedder, max_entries=1000, max_resident_rows=40)
+    reads = CountedReads(cache, index_keys[0])  # counts both partitions' reads
+    responses = await asyncio.wait_for(
+        asyncio.gather(*(lookup(cache, scope(t), conversation(PARAPHRASE)) for t in tenants)), timeout=30
+    )
+    # Each lookup waited on two loads at most (its own, one fresh start),
+    # then answered a miss rather than wait on a third; the last load
+    # standing is pushed out by nobody and serves its lookup.
+    statuses = [r.status for r in responses]
+    assert set(statuses) <= {pb.LOOKUP_STATUS_SEMANTIC_HIT, pb.LOOKUP_STATUS_MISS}
+    assert pb.LOOKUP_STATUS_SEMANTIC_HIT in statuses
+    assert reads.reads <= 4 * LOAD_READS
+    registry = cache._indexes
+    assert registry.resident_rows == sum(index.weight_rows for index in registry._indexes.values())
+
+
 RIVER = "Which river is the longest in Europe?"
 RIVER_PARAPHRASE = "What is the longest river of Europe?"
 
