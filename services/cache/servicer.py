@@ -453,11 +453,14 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 if not self._indexes.holds(index_key, index):
                     return None
                 now_ms = _now_ms()
+                # A longer text (stored before MAX_SEMANTIC_TEXT_BYTES) is not kept
+                # resident, nor decoded: its length alone says so.
+                longest_payload = dimensions * 4 + MAX_SEMANTIC_TEXT_BYTES
                 for row in batch.rows:
+                    if row.expires_ms <= now_ms or len(row.payload) > longest_payload:
+                        continue
                     stored = split_payload(row.payload, dimensions)
-                    # A longer text (stored before MAX_SEMANTIC_TEXT_BYTES) is not kept resident.
-                    fits = len(row.payload) - dimensions * 4 <= MAX_SEMANTIC_TEXT_BYTES
-                    if row.expires_ms > now_ms and stored is not None and fits:
+                    if stored is not None:
                         vector, question = stored
                         vector = np.frombuffer(vector, "<f4")
                         index.upsert(row.entry_id, row.seq, row.expires_ms, vector, question)

@@ -51,8 +51,9 @@ from services.cache.keys import Partition
 
 _EXPIRY = struct.Struct("<q")
 # Entries per round trip when an index loads: bounds the reply size, the
-# rows a load holds outside its index (one batch, ~2.7 MB at most), and the
-# time Redis spends on one script.
+# rows a load holds outside its index (one batch: ~2.7 MB for rows within
+# servicer.MAX_SEMANTIC_TEXT_BYTES; rows stored before that bound may be
+# larger), and the time Redis spends on one script.
 SYNC_BATCH = 1024
 _SCAN_COUNT = 1000
 

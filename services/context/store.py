@@ -638,25 +638,9 @@ class SessionStore:
             args.extend((_counts_field(tokenizer_id), _pack(counts)))
         with redis_reachable():
             outcome = await self._append(keys=_keys(tenant_id, session_id), args=args)
-        if outcome[0] == -2:
-            held = str(outcome[1])
-            raise MeshgateError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                Reason.SESSION_FULL,
-                f"session {session_id!r} holds {held} live turns; {len(turns)} more would pass its cap of"
-                f" {self._max_turns} (fork it at an earlier version, revert it, or start a new one)",
-                _full(session_id, "turns", held, self._max_turns),
-            )
-        if outcome[0] == -6:
-            held = str(outcome[1])
-            raise MeshgateError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                Reason.SESSION_FULL,
-                f"session {session_id!r} holds {held} bytes of turns; these {len(turns)} would pass its"
-                f" cap of {self._max_session_bytes} (fork it at an earlier version, revert it, or start a"
-                " new one)",
-                _full(session_id, "bytes", held, self._max_session_bytes),
-            )
+        full = {-2: ("turns", self._max_turns), -6: ("bytes", self._max_session_bytes)}.get(outcome[0])
+        if full is not None:
+            raise _session_full(session_id, *full, str(outcome[1]), len(turns))
         _raise_for(outcome, session_id, expected_version)
         return int(outcome[1]), outcome[0] == 2
 
@@ -737,15 +721,28 @@ class SessionStore:
             raise session_not_found(session_id)
 
 
-def _full(session_id: str, unit: str, held: str, limit: int) -> dict[str, str]:
-    """SESSION_FULL's metadata, alike for either cap: ``unit`` (``turns`` or
-    ``bytes``), ``limit`` and what the session holds in that unit; and, for
-    the turn cap, ``max_turns``, as callers have read it since before the
-    byte cap."""
+# What an append past each cap is told, by unit: the session's holding, and the refused turns.
+_FULL_WORDING = {
+    "turns": "holds {held} live turns; {count} more would pass its cap of {limit}",
+    "bytes": "holds {held} bytes of turns; these {count} would pass its cap of {limit}",
+}
+
+
+def _session_full(session_id: str, unit: str, limit: int, held: str, count: int) -> MeshgateError:
+    """SESSION_FULL, alike for either cap; its metadata: ``unit`` (``turns``
+    or ``bytes``), ``limit`` and what the session holds in that unit; and,
+    for the turn cap, ``max_turns``, as callers have read it since before
+    the byte cap."""
     metadata = {"session_id": session_id, "unit": unit, "limit": str(limit), unit: held}
     if unit == "turns":
         metadata["max_turns"] = str(limit)
-    return metadata
+    wording = _FULL_WORDING[unit].format(held=held, count=count, limit=limit)
+    return MeshgateError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        Reason.SESSION_FULL,
+        f"session {session_id!r} {wording} (fork it at an earlier version, revert it, or start a new one)",
+        metadata,
+    )
 
 
 def _raise_for(outcome: list, session_id: str, expected_version: int | None) -> None:

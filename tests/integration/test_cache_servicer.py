@@ -551,6 +551,18 @@ class CountedReads:
         return reply
 
 
+async def _lookup_held_at_its_second_read(
+    cache: CacheServicer, index_key: str, tenant: str, question: str = PARAPHRASE
+) -> tuple[CountedReads, asyncio.Future]:
+    """A lookup of ``question`` started and held at the second read of its
+    sub-partition's load (until ``reads.resume`` is set), and the reads."""
+    reads = CountedReads(cache, index_key, held=2)
+    held = asyncio.ensure_future(lookup(cache, scope(tenant), conversation(question)))
+    while reads.reads < 2:
+        await asyncio.sleep(0.001)
+    return reads, held
+
+
 # Batches of the load in the tests below: 101 rows are 7 reads (the last one short).
 TEST_SYNC_BATCH = 16
 LOAD_READS = 101 // TEST_SYNC_BATCH + 1
@@ -602,10 +614,7 @@ async def test_concurrent_lookups_of_a_cold_partition_share_one_load(
 
 async def test_a_lookup_that_gives_up_leaves_the_load_running(redis_client, embedder, tenant, monkeypatch):
     cache, index_key = await _cold_partition(redis_client, embedder, tenant, monkeypatch)
-    reads = CountedReads(cache, index_key, held=2)
-    gives_up = asyncio.ensure_future(lookup(cache, scope(tenant), conversation(PARAPHRASE)))
-    while reads.reads < 2:
-        await asyncio.sleep(0.001)
+    reads, gives_up = await _lookup_held_at_its_second_read(cache, index_key, tenant)
     gives_up.cancel()
     with pytest.raises(asyncio.CancelledError):
         await gives_up
@@ -654,10 +663,7 @@ async def test_a_partition_pushed_out_mid_load_is_loaded_afresh(redis_client, em
     _, index_key = await _cold_partition(redis_client, embedder, tenant, monkeypatch)
     other = await _seeded_other_partition(redis_client, embedder, tenant)
     cache = make_servicer(redis_client, embedder, max_entries=1000, max_resident_rows=40)
-    reads = CountedReads(cache, index_key, held=2)
-    pushed_out = asyncio.ensure_future(lookup(cache, scope(tenant), conversation(PARAPHRASE)))
-    while reads.reads < 2:
-        await asyncio.sleep(0.001)
+    reads, pushed_out = await _lookup_held_at_its_second_read(cache, index_key, tenant)
     # The other partition's load goes over the bound and pushes out the
     # partial index (the least recently used).
     await lookup(cache, scope(other), conversation(OTHER_QUESTION))
@@ -714,10 +720,7 @@ async def test_a_store_during_a_load_is_found_by_a_lookup_after_it(
     paraphrase = np.zeros(DIMS, np.float32)
     paraphrase[2], paraphrase[3] = 0.95, np.sqrt(1 - 0.95**2)
     embedder.table.update({RIVER: river, RIVER_PARAPHRASE: paraphrase})
-    reads = CountedReads(cache, index_key, held=2)
-    loading = asyncio.ensure_future(lookup(cache, scope(tenant), conversation(PARAPHRASE)))
-    while reads.reads < 2:
-        await asyncio.sleep(0.001)
+    reads, loading = await _lookup_held_at_its_second_read(cache, index_key, tenant)
     stored_id = await store(cache, scope(tenant), conversation(RIVER))
     reads.resume.set()
     assert (await loading).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
@@ -727,10 +730,7 @@ async def test_a_store_during_a_load_is_found_by_a_lookup_after_it(
 
 async def test_close_during_a_load_leaves_no_task_behind(redis_client, embedder, tenant, monkeypatch):
     cache, index_key = await _cold_partition(redis_client, embedder, tenant, monkeypatch)
-    reads = CountedReads(cache, index_key, held=2)
-    waiting = asyncio.ensure_future(lookup(cache, scope(tenant), conversation(PARAPHRASE)))
-    while reads.reads < 2:
-        await asyncio.sleep(0.001)
+    reads, waiting = await _lookup_held_at_its_second_read(cache, index_key, tenant)
     await cache.close()
     assert not cache._loads
     assert not [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "CacheServicer._load"]
@@ -778,10 +778,9 @@ async def test_a_lookup_after_the_model_changed_never_searches_an_index_of_the_o
     # Meanwhile the index is pushed out, and a lookup of a question that
     # shares no word with it starts a load at the old size.
     await lookup(cache, scope(other), conversation(OTHER_QUESTION))
-    reads = CountedReads(cache, index_key, held=2)
-    old_size = asyncio.ensure_future(lookup(cache, scope(tenant), conversation("Any news on the weather?")))
-    while reads.reads < 2:
-        await asyncio.sleep(0.001)
+    reads, old_size = await _lookup_held_at_its_second_read(
+        cache, index_key, tenant, "Any news on the weather?"
+    )
     # The model changes: the held lookup's vector has the new size, and its
     # re-sync finds the load at the old size in flight.
     embedder.resized = True

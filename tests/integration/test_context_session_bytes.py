@@ -233,7 +233,9 @@ async def test_the_service_refuses_an_append_past_its_byte_cap(redis_url) -> Non
         assert await append(capped, tenant, session_id, "q" * 500) == 2
 
 
-async def test_a_session_of_big_turns_is_compacted_by_bytes_and_keeps_taking_appends(redis_url) -> None:
+async def test_a_session_of_big_turns_is_compacted_by_bytes_and_keeps_taking_appends(
+    redis_url, client
+) -> None:
     """Turns of ~1 KiB, far under the turn soft cap: compaction starts by
     bytes, past half the cap, so the session takes many times what the cap
     alone would allow, its newest turns verbatim, its oldest summarized."""
@@ -245,7 +247,6 @@ async def test_a_session_of_big_turns_is_compacted_by_bytes_and_keeps_taking_app
     settings.context.summary_span_turns = 2
     settings.context.summary_hot_window_turns = 2
     tenant = "bytes-compaction"
-    client = redis.Redis.from_url(redis_url)
     async with running(settings) as stub:
         session_id = await new_session(stub, tenant)
         get = pb.GetSessionRequest(tenant_id=tenant, session_id=session_id)
@@ -269,4 +270,3 @@ async def test_a_session_of_big_turns_is_compacted_by_bytes_and_keeps_taking_app
         spans = await client.hkeys(session_store.key(tenant, session_id, "summaries"))
         ends = {int(field.decode().partition("-")[2]) for field in spans}
         assert session.compacted_turns in ends
-    await client.aclose()
