@@ -147,6 +147,9 @@ class Reason(enum.StrEnum):
     INVALID_TOKEN_BUDGET = enum.auto()
     """The prompt token budget is zero or negative."""
 
+    INVALID_APPEND_RESERVATION = enum.auto()
+    """An assembly's append_reservation is negative, or comes with at_version (a rebuild)."""
+
     UNKNOWN_STRATEGY = enum.auto()
     """An assembly request names a strategy this service does not know."""
 

@@ -137,6 +137,8 @@ class _SessionView:
     compacted: int = 0
     # Every turn's tokens as a transcript line; None: not asked for (no packing).
     line_counts: np.ndarray | None = None
+    # Meta's count of the bytes the turns hold (store.StoredSession.held_bytes).
+    held_bytes: int | None = None
 
 
 def _live_scores(
@@ -222,6 +224,22 @@ def _check_session_id(session_id: str) -> None:
 def _check_version(version: int, field: str) -> None:
     if version < 0:
         raise invalid_argument(Reason.INVALID_VERSION, f"{field} must not be negative", field=field)
+
+
+def _check_reservation(reservation: pb.AppendReservation, session_id: str, at_version: int | None) -> None:
+    """An append reservation is checked against the session as it is now,
+    where the append will land: a stateless assembly or a rebuild at an
+    older version has none to check it against."""
+    if reservation.turn_count < 0 or reservation.size_bytes < 0:
+        raise invalid_argument(
+            Reason.INVALID_APPEND_RESERVATION,
+            "append_reservation's turn_count and size_bytes must not be negative",
+        )
+    if not session_id or at_version is not None:
+        raise invalid_argument(
+            Reason.INVALID_APPEND_RESERVATION,
+            "append_reservation needs a session_id and the current version (no at_version)",
+        )
 
 
 def _check_messages(messages: list[common_pb2.Message], field: str) -> None:
@@ -455,6 +473,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         at_version = request.at_version if request.HasField("at_version") else None
         if at_version is not None:
             _check_version(at_version, "at_version")
+        if request.HasField("append_reservation"):
+            _check_reservation(request.append_reservation, request.session_id, at_version)
         strategy = self._strategy(request, model)
         # The question's embedding is the longest wait of an assembly: it is
         # asked for first, and everything that does not need it (counting
@@ -681,6 +701,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         query = _query_text(c.message for c in new)
         terms = list(relevance.index_terms(query)) if adaptive else []
         view = await self._session_view(request, terms, counter, at_version, packs)
+        if request.HasField("append_reservation"):
+            # Before any scoring or reading of texts: a turn its session
+            # cannot store is refused before its caller generates for it.
+            reservation = request.append_reservation
+            live_turns = len(view.roles) - view.compacted
+            self._store.check_room(
+                session_id, live_turns, view.held_bytes, reservation.turn_count, reservation.size_bytes
+            )
         pinned_facts = [common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=f) for f in view.pinned_facts]
         facts = [
             assembly.Candidate(m, n)
@@ -747,6 +775,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 indexed.pinned_facts,
                 indexed.first_live,
                 lines,
+                hot.held_bytes,
             )
         indexed = None
         if self._index is not None:
@@ -770,6 +799,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 indexed.pinned_facts,
                 indexed.first_live,
                 indexed.line_counts if packs else None,
+                indexed.held_bytes,
             )
         stored = await self._read(tenant_id, session_id, at_version)
         if warm:
@@ -794,6 +824,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             indexed.pinned_facts if indexed else [],
             stored.compacted,
             await self._line_counts(request, stored, counter) if packs else None,
+            stored.held_bytes,
         )
 
     async def _add_summaries(
@@ -869,6 +900,13 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 update_time_ms=int(time.time() * 1000),
                 turns=cached.turns + turns,
                 compacted=cached.compacted,
+                # As the append script counts them. Uncounted stays so until
+                # the session is next read: a check skipped, never a wrong one.
+                held_bytes=(
+                    None
+                    if cached.held_bytes is None
+                    else cached.held_bytes + sum(turn.ByteSize() for turn in turns)
+                ),
                 token_counts={
                     tokenizer: np.concatenate((cached.token_counts.get(tokenizer, NO_COUNTS), counts))
                     for tokenizer, counts in token_counts.items()

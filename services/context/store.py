@@ -475,6 +475,10 @@ class StoredSession:
     # attached by the servicer while the session is hot, so that it is
     # invalidated with the turns it indexes.
     index: typing.Any = None
+    # Meta's ``bytes`` as read (the current version's, whatever version was
+    # asked for); None for a session stored before the count (see the
+    # module's docstring).
+    held_bytes: int | None = None
 
 
 def key(tenant_id: str, session_id: str, part: str) -> str:
@@ -609,6 +613,7 @@ class SessionStore:
             update_time_ms=int(meta[b"update_time_ms"]),
             turns=[common_pb2.Message.FromString(raw) for raw in raw_turns],
             compacted=min(int(meta.get(b"compacted", 0)), held),
+            held_bytes=int(meta[b"bytes"]) if b"bytes" in meta else None,
             # Counts cover a prefix of the current turns; a past version holds fewer.
             token_counts={
                 field[len(_COUNTS_PREFIX) :].decode(): decode_counts(value, held)
@@ -643,6 +648,22 @@ class SessionStore:
             raise _session_full(session_id, *full, str(outcome[1]), len(turns))
         _raise_for(outcome, session_id, expected_version)
         return int(outcome[1]), outcome[0] == 2
+
+    def check_room(
+        self, session_id: str, live_turns: int, held_bytes: int | None, turn_count: int, size_bytes: int
+    ) -> None:
+        """Raises the SESSION_FULL an append of ``turn_count`` turns of
+        ``size_bytes`` (their serialized sizes) would meet now, to a session
+        holding ``live_turns`` live turns and ``held_bytes`` (meta's count):
+        _APPEND's decision on the same caps, turns first, made before the
+        append (an assembly's ``append_reservation``). A session whose bytes
+        were never counted (None: stored before the count) is not checked by
+        bytes here: its append counts it, once, and decides."""
+        if self._max_turns > 0 and live_turns + turn_count > self._max_turns:
+            raise _session_full(session_id, "turns", self._max_turns, str(live_turns), turn_count)
+        max_bytes = self._max_session_bytes
+        if max_bytes > 0 and held_bytes is not None and held_bytes + size_bytes > max_bytes:
+            raise _session_full(session_id, "bytes", max_bytes, str(held_bytes), turn_count)
 
     async def history(self, tenant_id: str, session_id: str) -> list[int | None]:
         """How many turns the session held at each version; None for the

@@ -204,6 +204,9 @@ class IndexedTurns:
     first_live: int = 0
     # The turns' tokens as transcript lines, when asked for (may cover a prefix only).
     line_counts: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    # The session's meta ``bytes`` (store.StoredSession.held_bytes), read in
+    # the same transaction; None: never counted.
+    held_bytes: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -340,7 +343,13 @@ class TurnIndex:
         fields = [_DIMENSIONS_FIELD, *(query_terms or ())]
         with redis_reachable():
             async with self._client.pipeline(transaction=True) as pipe:
-                meta_fields = ["version", f"tokens:{counter_id}", "compacted", f"tokens:{line_counter_id}"]
+                meta_fields = [
+                    "version",
+                    f"tokens:{counter_id}",
+                    "compacted",
+                    f"tokens:{line_counter_id}",
+                    "bytes",
+                ]
                 pipe.hmget(key(tenant_id, session_id, "meta"), meta_fields)
                 pipe.llen(key(tenant_id, session_id, "turns"))
                 pipe.get(roles_key)
@@ -401,6 +410,7 @@ class TurnIndex:
             pinned_facts,
             first_live,
             line_counts,
+            None if meta[4] is None else int(meta[4]),
         )
 
     async def read_turns(

@@ -48,6 +48,13 @@ _APPEND_RETRY_DELAY_S = 0.2
 # once, gRPC's own retries included (they are spent within ~0.15 s).
 _CONTEXT_RESTART_GRACE_S = 3.0
 _GENERATE = "/meshgate.inference.v1.InferenceService/Generate"
+# The least a turn's answer takes in its session: an assistant message with
+# no text. The router reserves that, not a bound derived from max_tokens
+# (AssembleContextRequest.append_reservation): a token's text has no useful
+# byte bound, so any such bound would refuse turns whose answer would have
+# fit. So a turn whose question fits but whose answer then passes the byte
+# cap is still refused by its append, after generation.
+_EMPTY_ANSWER_BYTES = common_pb2.Message(role=common_pb2.ROLE_ASSISTANT).ByteSize()
 
 
 class ContextService:
@@ -101,7 +108,9 @@ class ContextService:
         """A stateless turn needs the context service only to fit the prompt
         to the window, so its outage degrades that turn (the model's own
         window check still refuses a prompt that is too long) instead of
-        failing it. A session turn cannot be answered without its history.
+        failing it. A session turn cannot be answered without its history,
+        nor generated for when its append (the messages and the answer,
+        :meth:`append`) could not fit the session: the assembly says so.
         """
         request = context_pb.AssembleContextRequest(
             tenant_id=turn.tenant.id,
@@ -110,6 +119,11 @@ class ContextService:
             model=turn.model_alias,
             max_prompt_tokens=turn.model.context_window_tokens - turn.max_tokens,
         )
+        if turn.session_id:
+            request.append_reservation.turn_count = len(turn.messages) + 1
+            request.append_reservation.size_bytes = (
+                sum(m.ByteSize() for m in turn.messages) + _EMPTY_ANSWER_BYTES
+            )
         try:
             response = await self._call(
                 self._stub.AssembleContext,

@@ -145,7 +145,7 @@ class AppendTurnsResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class AssembleContextRequest(_message.Message):
-    __slots__ = ("tenant_id", "session_id", "new_messages", "model", "max_prompt_tokens", "at_version", "strategy")
+    __slots__ = ("tenant_id", "session_id", "new_messages", "model", "max_prompt_tokens", "at_version", "strategy", "append_reservation")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,7 @@ class AssembleContextRequest(_message.Message):
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     AT_VERSION_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    APPEND_RESERVATION_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     session_id: str
     new_messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
@@ -160,7 +161,16 @@ class AssembleContextRequest(_message.Message):
     max_prompt_tokens: int
     at_version: int
     strategy: AssemblyStrategy
-    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., new_messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., model: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., at_version: _Optional[int] = ..., strategy: _Optional[_Union[AssemblyStrategy, str]] = ...) -> None: ...
+    append_reservation: AppendReservation
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., new_messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., model: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., at_version: _Optional[int] = ..., strategy: _Optional[_Union[AssemblyStrategy, str]] = ..., append_reservation: _Optional[_Union[AppendReservation, _Mapping]] = ...) -> None: ...
+
+class AppendReservation(_message.Message):
+    __slots__ = ("turn_count", "size_bytes")
+    TURN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    turn_count: int
+    size_bytes: int
+    def __init__(self, turn_count: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class PinToSessionRequest(_message.Message):
     __slots__ = ("tenant_id", "session_id", "message_index", "fact")

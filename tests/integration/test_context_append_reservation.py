@@ -1,0 +1,199 @@
+"""AssembleContext's append_reservation over a real Redis: an assembly for a
+turn whose append could not fit the session is refused as that append
+would be (RESOURCE_EXHAUSTED / SESSION_FULL, the same ErrorInfo), from
+wherever the session is read (a hot session's memory, with no Redis round
+trip; the turn index; a whole read), on the same caps and counts as the
+append: compaction frees turns and bytes for both alike, and a session
+whose bytes were never counted is left to its append."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import redis.asyncio as redis
+
+from meshgate.context.v1 import context_service_pb2 as pb
+from services.context import store as session_store
+from tests.integration.test_context_service import (
+    ASSISTANT,
+    MODEL,
+    USER,
+    failure,
+    make_settings,
+    msg,
+    new_session,
+    running,
+)
+from tests.integration.test_context_versions import (
+    _data_commands,
+    _own_redis,
+    _settled,
+    _until,
+    append,
+    assemble,
+    contents,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def reserving(turn_count: int, size_bytes: int) -> dict:
+    return {"append_reservation": pb.AppendReservation(turn_count=turn_count, size_bytes=size_bytes)}
+
+
+def _size(*texts: str) -> int:
+    """What turns of these texts take in the session (alternating user and assistant)."""
+    return sum(msg(USER if i % 2 == 0 else ASSISTANT, t).ByteSize() for i, t in enumerate(texts))
+
+
+async def test_the_turn_cap_refuses_up_front_as_the_append_does_from_every_read_path(
+    tmp_path, tenant
+) -> None:
+    settings = make_settings("")
+    settings.context.max_turns = 4
+    async with _own_redis(tmp_path) as (url, client):
+        settings.redis.url = url
+        async with running(settings) as stub, running(settings) as cold:
+            session_id = await new_session(stub, tenant)
+            # Room for this turn: it is assembled as ever.
+            assert (await assemble(stub, tenant, session_id, **reserving(2, 10))).session_version == 0
+            await append(stub, tenant, session_id, "q0", "a0")
+            await append(stub, tenant, session_id, "q1", "a1")
+            code, reason, appended = await failure(append(stub, tenant, session_id, "q2", "a2"))
+            assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_FULL")
+
+            # The replica that appended holds the session hot (once its
+            # change notices flow): the refusal then reads nothing from Redis.
+            async def refused_from_memory() -> bool:
+                before = await _settled(client)
+                outcome = await failure(assemble(stub, tenant, session_id, **reserving(2, 10)))
+                assert outcome == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_FULL", appended)
+                return await _data_commands(client) == before
+
+            await _until(refused_from_memory)
+            # A replica that never read it plans from the turn index.
+            assert await failure(assemble(cold, tenant, session_id, **reserving(2, 10))) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "SESSION_FULL",
+                appended,
+            )
+            # A fork (no turn index of its own) is read whole.
+            await stub.ForkSession(
+                pb.ForkSessionRequest(
+                    tenant_id=tenant, session_id=session_id, version=2, new_session_id="fork"
+                )
+            )
+            code, reason, forked = await failure(assemble(cold, tenant, "fork", **reserving(2, 10)))
+            assert (code, reason, forked["turns"], forked["limit"]) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "SESSION_FULL",
+                "4",
+                "4",
+            )
+            # What still fits is not refused, and nothing stored changed.
+            assert (await assemble(cold, tenant, session_id, **reserving(0, 0))).session_version == 2
+            assert await contents(stub, tenant, session_id) == (2, ["q0", "a0", "q1", "a1"])
+
+            # Compaction frees live turns for both checks alike (once its
+            # notice has reached the replicas holding the session hot).
+            sessions = session_store.SessionStore(client, ttl_s=600)
+            assert await sessions.compact(tenant, session_id, 2, 2, []) == 2
+
+            async def fits() -> bool:
+                try:
+                    await assemble(stub, tenant, session_id, **reserving(2, 10))
+                except grpc.aio.AioRpcError as refused:
+                    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    return False
+                return True
+
+            await _until(fits)
+            assert await append(stub, tenant, session_id, "q2", "a2") == 3
+
+
+async def test_the_byte_cap_refuses_up_front_as_the_append_does(tmp_path, tenant) -> None:
+    settings = make_settings("")
+    settings.context.max_session_bytes = 4096
+    async with _own_redis(tmp_path) as (url, client):
+        settings.redis.url = url
+        async with running(settings) as stub:
+            session_id = await new_session(stub, tenant)
+            await append(stub, tenant, session_id, "q" * 1000, "a" * 1000)
+
+            # Hot (once change notices flow): after the next append the
+            # replica holds it again (its entry extended, or read back by the
+            # prefetch the append starts), and the check reads nothing.
+            async def hot() -> bool:
+                before = await _settled(client)
+                await assemble(stub, tenant, session_id)
+                return await _data_commands(client) == before
+
+            await _until(hot)
+            await append(stub, tenant, session_id, "q" * 500, "a" * 500)
+            held = _size("q" * 1000, "a" * 1000, "q" * 500, "a" * 500)
+            room = 4096 - held
+            before = await _settled(client)
+            # Up to the cap exactly: assembled; a byte more: refused; from memory.
+            assert (await assemble(stub, tenant, session_id, **reserving(1, room))).session_version == 2
+            code, reason, reserved = await failure(
+                assemble(stub, tenant, session_id, **reserving(1, room + 1))
+            )
+            assert await _data_commands(client) == before
+            assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_FULL")
+            assert reserved == {
+                "session_id": session_id,
+                "unit": "bytes",
+                "limit": "4096",
+                "bytes": str(held),
+            }
+            # The append of that many bytes is refused with the very same ErrorInfo.
+            overhead = _size("q" * room) - room
+            too_big = "q" * (room + 1 - overhead)
+            assert _size(too_big) == room + 1
+            assert await failure(append(stub, tenant, session_id, too_big)) == (code, reason, reserved)
+            assert (await contents(stub, tenant, session_id))[0] == 2
+
+
+async def test_a_session_whose_bytes_were_never_counted_is_left_to_its_append(redis_url, tenant) -> None:
+    settings = make_settings(redis_url)
+    settings.context.max_session_bytes = 4096
+    async with running(settings) as stub:
+        session_id = await new_session(stub, tenant)
+        await append(stub, tenant, session_id, "q" * 1500, "a" * 1500)
+        # As a session stored before the count: meta has no bytes.
+        client = redis.Redis.from_url(redis_url)
+        await client.hdel(session_store.key(tenant, session_id, "meta"), "bytes")
+        await client.aclose()
+        async with running(settings) as fresh:
+            # Not guessed at: assembled, and the append counts it and decides.
+            assert (await assemble(fresh, tenant, session_id, **reserving(1, 2000))).session_version == 1
+            code, reason, metadata = await failure(append(fresh, tenant, session_id, "q" * 1990))
+            assert (code, reason, metadata["bytes"]) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "SESSION_FULL",
+                str(_size("q" * 1500, "a" * 1500)),
+            )
+
+
+@pytest.mark.parametrize(
+    ("fields", "session"),
+    [
+        (reserving(-1, 0), True),
+        (reserving(1, -5), True),
+        (reserving(1, 10), False),
+        ({**reserving(1, 10), "at_version": 0}, True),
+    ],
+)
+async def test_a_reservation_that_cannot_be_checked_is_invalid(redis_url, tenant, fields, session) -> None:
+    async with running(make_settings(redis_url)) as stub:
+        session_id = await new_session(stub, tenant) if session else ""
+        request = pb.AssembleContextRequest(
+            tenant_id=tenant,
+            session_id=session_id,
+            new_messages=[msg(USER, "and now?")],
+            model=MODEL,
+            max_prompt_tokens=400,
+            **fields,
+        )
+        code, reason, _ = await failure(stub.AssembleContext(request))
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_APPEND_RESERVATION")

@@ -1,0 +1,185 @@
+"""A turn on a full session, through the real router in front of real
+context, cache and inference services (real Redis, real Triton): refused
+with RESOURCE_EXHAUSTED / SESSION_FULL before anything is generated for it
+(no delta reaches the caller, the usage ledger records no token), over gRPC
+and over the HTTP edge (409), nothing stored lost; a turn that fits is
+answered and stored as ever."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+import grpc
+import httpx
+import pytest
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import Settings, TenantSettings, hash_api_key
+from meshgate.context.v1 import context_service_pb2 as context_pb
+from meshgate.context.v1 import context_service_pb2_grpc
+from meshgate.errors import error_info
+from meshgate.local.stack import free_port
+from meshgate.router.v1 import router_service_pb2 as pb
+from meshgate.router.v1 import router_service_pb2_grpc
+from tests.integration.conftest import answer_of, running_router, serve_tiny_gpt
+from tests.mesh import mesh_settings, router_channel
+
+pytestmark = pytest.mark.integration
+
+MAX_TURNS = 4
+MAX_SESSION_BYTES = 2048
+USER, ASSISTANT = common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
+
+
+@pytest.fixture(scope="module")
+async def mesh(redis_url, inference_address):
+    """(router stub, context stub, tenant id, auth metadata, HTTP base URL):
+    sessions capped at MAX_TURNS turns and MAX_SESSION_BYTES bytes, for a
+    tenant of this module's alone (its usage rows are these tests')."""
+    tenant = f"full-{uuid.uuid4().hex[:8]}"
+    key = f"key-{tenant}"
+    settings = Settings(mesh=mesh_settings())
+    settings.redis.url = redis_url
+    settings.cache.inference_address = inference_address
+    settings.context.max_turns = MAX_TURNS
+    settings.context.max_session_bytes = MAX_SESSION_BYTES
+    serve_tiny_gpt(settings, inference_address)
+    settings.router.tenants = [TenantSettings(id=tenant, api_key_sha256=[hash_api_key(key)])]
+    settings.router.http_listen = f"127.0.0.1:{free_port()}"
+    async with contextlib.AsyncExitStack() as stack:
+        address = await stack.enter_async_context(running_router(settings))
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        context_channel = await stack.enter_async_context(
+            router_channel(settings.router.context_address, "context")
+        )
+        yield (
+            router_service_pb2_grpc.RouterServiceStub(channel),
+            context_service_pb2_grpc.ContextServiceStub(context_channel),
+            tenant,
+            (("authorization", f"Bearer {key}"),),
+            f"http://{settings.router.http_listen}/v1",
+        )
+
+
+def turn(session_id: str, text: str) -> pb.ChatRequest:
+    return pb.ChatRequest(
+        model="tiny-gpt",
+        session_id=session_id,
+        messages=[common_pb2.Message(role=USER, content=text)],
+        parameters=common_pb2.GenerationParameters(max_tokens=3, temperature=0.0),
+        cache_policy=pb.CACHE_POLICY_BYPASS,
+    )
+
+
+async def refused(call) -> tuple[grpc.StatusCode, str, dict[str, str]]:
+    """A Chat stream that must fail before any response: its code and ErrorInfo."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for response in call:
+            pytest.fail(f"nothing may reach the caller of a turn its session cannot store: {response}")
+    info = error_info(caught.value)
+    return caught.value.code(), info.reason, dict(info.metadata)
+
+
+async def stored(context, tenant: str, session_id: str) -> tuple[int, list[str]]:
+    request = context_pb.GetSessionRequest(tenant_id=tenant, session_id=session_id)
+    session = (await context.GetSession(request)).session
+    return session.version, [m.content for m in session.messages]
+
+
+async def usage(router, auth) -> pb.UsageRow:
+    """The tenant's tiny-gpt usage, once the ledger holds ``requests`` turns."""
+    response = await router.GetUsage(pb.GetUsageRequest(), metadata=auth, timeout=10)
+    rows = [row for row in response.rows if row.model == "tiny-gpt"]
+    return rows[0] if rows else pb.UsageRow()
+
+
+async def until_requests(router, auth, requests: int) -> pb.UsageRow:
+    """Ledger records are written in batches just after a turn ends."""
+    deadline = asyncio.get_running_loop().time() + 15
+    while (row := await usage(router, auth)).requests < requests:
+        assert asyncio.get_running_loop().time() < deadline, f"the ledger holds {row}"
+        await asyncio.sleep(0.05)
+    return row
+
+
+async def test_a_turn_on_a_session_at_its_turn_cap_is_refused_before_generating(mesh) -> None:
+    router, context, tenant, auth, _ = mesh
+    before = await usage(router, auth)
+    session_id = (await router.CreateSession(pb.CreateSessionRequest(), metadata=auth)).session_id
+    # Room for two turns of a question and its answer: both answered and stored.
+    answers = [await answer_of(router.Chat(turn(session_id, f"question {n}"), metadata=auth)) for n in (1, 2)]
+    assert [completion.session_version for _, completion in answers] == [1, 2]
+    generated = sum(completion.usage.completion_tokens for _, completion in answers)
+    assert generated > 0
+    held = await stored(context, tenant, session_id)
+    assert held == (2, ["question 1", answers[0][0], "question 2", answers[1][0]])
+
+    code, reason, metadata = await refused(router.Chat(turn(session_id, "question 3"), metadata=auth))
+    assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_FULL")
+    assert metadata == {
+        "session_id": session_id,
+        "unit": "turns",
+        "limit": str(MAX_TURNS),
+        "turns": str(MAX_TURNS),
+        "max_turns": str(MAX_TURNS),
+    }
+    assert await stored(context, tenant, session_id) == held
+    # The refused turn is in the ledger as a failure that generated nothing.
+    row = await until_requests(router, auth, before.requests + 3)
+    assert row.failures == before.failures + 1
+    assert row.completion_tokens == before.completion_tokens + generated
+
+
+async def test_a_turn_past_the_byte_cap_is_refused_before_generating_and_a_smaller_one_fits(mesh) -> None:
+    router, context, tenant, auth, _ = mesh
+    session_id = (await router.CreateSession(pb.CreateSessionRequest(), metadata=auth)).session_id
+    old = common_pb2.Message(role=USER, content="x" * 1800)
+    await context.AppendTurns(
+        context_pb.AppendTurnsRequest(
+            tenant_id=tenant, session_id=session_id, any_version=True, messages=[old]
+        )
+    )
+    before = await usage(router, auth)
+    # Its question alone would take the session past the cap: refused, nothing generated.
+    code, reason, metadata = await refused(router.Chat(turn(session_id, "y" * 300), metadata=auth))
+    assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_FULL")
+    assert metadata == {
+        "session_id": session_id,
+        "unit": "bytes",
+        "limit": str(MAX_SESSION_BYTES),
+        "bytes": str(old.ByteSize()),
+    }
+    row = await until_requests(router, auth, before.requests + 1)
+    assert (row.failures, row.completion_tokens) == (before.failures + 1, before.completion_tokens)
+    # A short one still fits, answer included: answered and stored.
+    text, completion = await answer_of(router.Chat(turn(session_id, "and?"), metadata=auth))
+    assert completion.session_version == 2
+    assert await stored(context, tenant, session_id) == (2, ["x" * 1800, "and?", text])
+
+
+async def test_the_http_edge_refuses_a_turn_on_a_full_session_with_409(mesh) -> None:
+    router, context, tenant, auth, base_url = mesh
+    session_id = (await router.CreateSession(pb.CreateSessionRequest(), metadata=auth)).session_id
+    full = [
+        common_pb2.Message(role=USER if n % 2 == 0 else ASSISTANT, content=f"t{n}") for n in range(MAX_TURNS)
+    ]
+    await context.AppendTurns(
+        context_pb.AppendTurnsRequest(
+            tenant_id=tenant, session_id=session_id, any_version=True, messages=full
+        )
+    )
+    body = {
+        "model": "tiny-gpt",
+        "messages": [{"role": "user", "content": "one more?"}],
+        "max_tokens": 3,
+        "session_id": session_id,
+        "stream": True,
+    }
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+        response = await http.post("/chat/completions", json=body, headers=dict(auth))
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("conflict_error", "SESSION_FULL")
+    assert await stored(context, tenant, session_id) == (1, [f"t{n}" for n in range(MAX_TURNS)])

@@ -1,0 +1,133 @@
+"""SessionStore.check_room: the append script's cap decision, made before
+the append (an assembly's append_reservation), on the same caps; and the
+byte count a hot session keeps when an append extends it in memory (the
+store's writes are stand-ins there: tests/integration/
+test_context_append_reservation.py runs the real ones)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import redis.asyncio as redis
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import Settings
+from meshgate.context.v1 import context_service_pb2 as pb
+from meshgate.errors import MeshgateError
+from meshgate.reasons import Reason
+from services.context import token_counts
+from services.context.hot_cache import HotCache
+from services.context.servicer import ContextServicer
+from services.context.store import SessionStore, StoredSession, session_key
+
+
+def _store(max_turns: int = 0, max_session_bytes: int = 0) -> SessionStore:
+    # Never connected: check_room reads nothing from Redis.
+    return SessionStore(redis.Redis(), ttl_s=0, max_turns=max_turns, max_session_bytes=max_session_bytes)
+
+
+def _refusal(store: SessionStore, *args) -> MeshgateError:
+    with pytest.raises(MeshgateError) as refused:
+        store.check_room("s1", *args)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.reason == Reason.SESSION_FULL
+    return refused.value
+
+
+def test_turns_up_to_the_cap_fit_and_one_more_is_refused_as_the_append_is() -> None:
+    store = _store(max_turns=10)
+    store.check_room("s1", 8, 0, 2, 100)
+    refused = _refusal(store, 9, 0, 2, 100)
+    assert refused.metadata == {
+        "session_id": "s1",
+        "unit": "turns",
+        "limit": "10",
+        "turns": "9",
+        "max_turns": "10",
+    }
+
+
+def test_bytes_up_to_the_cap_fit_and_one_more_is_refused_as_the_append_is() -> None:
+    store = _store(max_session_bytes=1000)
+    store.check_room("s1", 3, 900, 2, 100)
+    refused = _refusal(store, 3, 900, 2, 101)
+    assert refused.metadata == {"session_id": "s1", "unit": "bytes", "limit": "1000", "bytes": "900"}
+
+
+def test_the_turn_cap_is_checked_first_as_the_append_checks_it() -> None:
+    refused = _refusal(_store(max_turns=4, max_session_bytes=10), 4, 10, 2, 5)
+    assert refused.metadata["unit"] == "turns"
+
+
+def test_an_uncounted_session_is_not_refused_by_bytes() -> None:
+    # Stored before the count: its append counts it and decides; refusing
+    # here could only guess.
+    _store(max_session_bytes=10).check_room("s1", 1, None, 2, 1_000_000)
+    # Its turns still count.
+    _refusal(_store(max_turns=2, max_session_bytes=10), 1, None, 2, 1)
+
+
+def test_no_cap_refuses_nothing() -> None:
+    _store().check_room("s1", 10**6, 10**12, 1024, 10**9)
+
+
+class AppendingStore(SessionStore):
+    """Its caps and check_room are the real ones; its writes are stand-ins:
+    every append lands as the next version, nothing is stored."""
+
+    def __init__(self, max_session_bytes: int) -> None:
+        super().__init__(redis.Redis(), ttl_s=0, max_session_bytes=max_session_bytes)
+        self.version = 1
+
+    async def append(self, tenant_id, session_id, expected_version, turns, token_counts, turn_id=""):
+        self.version += 1
+        return self.version, False
+
+    async def fill_token_counts(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def counters() -> dict[str, token_counts.PromptCounter]:
+    return token_counts.for_models(Settings().models)
+
+
+async def test_a_hot_session_extended_by_an_append_counts_its_bytes_as_the_append_script_does(
+    counters,
+) -> None:
+    held = [
+        common_pb2.Message(role=common_pb2.ROLE_USER, content="q" * 300),
+        common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="a" * 300),
+    ]
+    held_bytes = sum(len(m.SerializeToString()) for m in held)
+    hot = HotCache(1 << 30)
+    hot.live = True
+    hot.put(session_key("t", "s1"), StoredSession(1, 0, 0, held, {}, held_bytes=held_bytes), hot.ticket())
+    store = AppendingStore(max_session_bytes=4096)
+    servicer = ContextServicer(store, Settings().models, counters, hot=hot)
+    appended = [common_pb2.Message(role=common_pb2.ROLE_USER, content="é" * 200)]
+    await servicer.AppendTurns(
+        pb.AppendTurnsRequest(tenant_id="t", session_id="s1", any_version=True, messages=appended), None
+    )
+    extended = hot.get(session_key("t", "s1"))
+    assert extended.version == 2
+    # What the script adds: the serialized length (UTF-8 bytes, not characters).
+    assert extended.held_bytes == held_bytes + len(appended[0].SerializeToString())
+
+    # An assembly reserving the rest fits; a byte more is refused, from memory.
+    room = 4096 - extended.held_bytes
+
+    def assembly(size_bytes: int) -> pb.AssembleContextRequest:
+        return pb.AssembleContextRequest(
+            tenant_id="t",
+            session_id="s1",
+            new_messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="and now?")],
+            model="tiny-gpt",
+            max_prompt_tokens=400,
+            append_reservation=pb.AppendReservation(turn_count=2, size_bytes=size_bytes),
+        )
+
+    assert (await servicer.AssembleContext(assembly(room), None)).session_version == 2
+    with pytest.raises(MeshgateError) as refused:
+        await servicer.AssembleContext(assembly(room + 1), None)
+    assert refused.value.metadata["bytes"] == str(extended.held_bytes)
