@@ -29,9 +29,13 @@ is on). None of the others gains at 1k and 2k on both splits
 (bench/README.md, "Names the conversation never uses"), so the service uses
 none of them; they live here so that the table can be re-run
 (``context_beam.py --selection-ideas`` prints the selection ideas on BEAM-100k).
+Last, term expansion through the session's own words (:func:`expansion_ideas`,
+issue 8's instance questions: "hobbies" against turns that say "skiing"): no
+variant gains on both splits at 1k and 2k either (bench/README.md, "Term
+expansion through the session's own words"), so it is not in the service.
 
     .venv/bin/python bench/context_bench.py --offline   # once: caches the vectors
-    .venv/bin/python bench/context_misses.py [--ideas]  # 5 s [35 s]
+    .venv/bin/python bench/context_misses.py [--ideas]  # 5 s [65 s, under the bench lock]
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import asyncio
 import collections
 import dataclasses
 import functools
+import hashlib
 import json
 import pathlib
 import re
@@ -649,6 +654,211 @@ SELECTION_IDEAS = (
 )
 
 
+# --- term expansion (2026-12-02, issue 8): a question's words to the session's own words ---------
+# "What are Kate's hobbies?" has evidence turns that say "skiing", "a cooking class": BM25 cannot
+# match them and the sentence vectors do so weakly. Each of the session's keyword terms gets a
+# word vector (minilm on the word alone); a question's content words are matched to the session's
+# terms closest to them, and a turn gains by how close its terms come (:func:`term_expansion`).
+
+# Question words and session terms shorter than this are not expanded (mostly fragments and stems
+# of stop-like words).
+EXPANSION_MIN_CHARS = 3
+
+
+@dataclasses.dataclass
+class SessionTerms:
+    """A session's keyword terms (no entities, no numbers), each with its
+    most frequent written form (lowercase, as a word of the turns) and the
+    turns that have it."""
+
+    terms: list[str]
+    written: list[str]
+    turns: list[np.ndarray]
+
+
+def session_terms(c: Conversation, texts: list[str]) -> SessionTerms:
+    forms: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for text in texts:
+        for _, word in relevance._words(text.replace("’", "'")):
+            lower = word.lower()
+            if lower not in relevance.STOP_WORDS and not lower[0].isdigit():
+                forms[relevance.stem(lower)][lower] += 1
+    terms = sorted(
+        t
+        for t in c.postings
+        if not t.startswith(relevance.ENTITY_MARK)
+        and not t[0].isdigit()
+        and len(t) >= EXPANSION_MIN_CHARS
+        and t in forms
+    )
+    return SessionTerms(
+        terms,
+        [forms[t].most_common(1)[0][0] for t in terms],
+        [(c.postings[t] >> relevance.TF_BITS).astype(np.int64) for t in terms],
+    )
+
+
+def question_words(c: Conversation, q: Question, head_only: bool) -> list[tuple[str, str]]:
+    """The question's content words as (term, written lowercase): not stop
+    words, numbers, participant names or words it capitalizes (names), at
+    least :data:`EXPANSION_MIN_CHARS` long; with ``head_only``, the first
+    one alone ("What are Kate's hobbies?" -> hobbies)."""
+    names = relevance.participant_names(q.terms, c.postings, c.costs.roles)
+    spelled = {relevance.stem(n[len(relevance.ENTITY_MARK) :]) for n in names}
+    words, seen = [], set()
+    for written, word in relevance._words(q.text.replace("’", "'")):
+        lower = word.lower()
+        term = relevance.stem(lower)
+        if (
+            lower in relevance.STOP_WORDS
+            or lower[0].isdigit()
+            or written[0].isupper()
+            or len(term) < EXPANSION_MIN_CHARS
+            or term in spelled
+            or term in seen
+        ):
+            continue
+        seen.add(term)
+        words.append((term, lower))
+    return words[:1] if head_only else words
+
+
+_ASKS_WHICH = re.compile(r"\s*(?:what|which)\b", re.IGNORECASE)
+
+
+def asks_for_instances(question: str, words: list[tuple[str, str]]) -> bool:
+    """Whether the question asks "what / which ..." and its first content
+    word is a plural ("What are Kate's hobbies?", "Which countries has she
+    visited?"): an answer that names instances of it."""
+    first = words[0][1] if words else ""
+    return bool(_ASKS_WHICH.match(question)) and first.endswith("s") and not first.endswith("ss")
+
+
+def cached_word_vectors(cache_name: str):
+    """An embedder of words (``meshgate.minilm`` on each word alone) whose
+    vectors are kept under bench/.cache/ in a file named by ``cache_name``
+    and the words' digest: run once, then read back."""
+
+    def embed(words: list[str]) -> np.ndarray:
+        digest = hashlib.sha256("\n".join(words).encode()).hexdigest()[:16]
+        path = bench.CACHE / f"{cache_name}-{digest}.npz"
+        if path.exists():
+            return np.load(path)["vectors"]
+        from meshgate.minilm import MiniLM
+
+        model = MiniLM(threads=2)
+        vectors = np.vstack([model.embed(words[i : i + 256]) for i in range(0, len(words), 256)])
+        bench.CACHE.mkdir(parents=True, exist_ok=True)
+        np.savez(path, vectors=vectors)
+        return vectors
+
+    return embed
+
+
+class TermVectors:
+    """Word vectors of every session's terms, stemmed and as written, and of
+    every question's content words, from ``embed`` (words in, one row
+    each out: :func:`cached_word_vectors`), called once with them all."""
+
+    def __init__(self, sessions: list[tuple[Conversation, list[str]]], embed) -> None:
+        self.sessions = {id(c): session_terms(c, texts) for c, texts in sessions}
+        words = set()
+        for terms in self.sessions.values():
+            words.update(terms.terms, terms.written)
+        for c, _ in sessions:
+            for q in c.questions:
+                for term, written in question_words(c, q, False):
+                    words.update((term, written))
+        ordered = sorted(words)
+        self.index = {w: i for i, w in enumerate(ordered)}
+        self.vectors = relevance.unit_rows(embed(ordered))
+        self._matrices: dict[tuple[int, bool, bool], tuple[np.ndarray, np.ndarray]] = {}
+
+    def of(self, words: list[str]) -> np.ndarray:
+        return self.vectors[[self.index[w] for w in words]]
+
+    def matrix(self, c: Conversation, written: bool, centred: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The session's term vectors (as written or stemmed) and the mean
+        taken off them (zero unless ``centred``: what every word vector of
+        the session shares, which puts unrelated words at 0.2-0.4 from each
+        other)."""
+        key = (id(c), written, centred)
+        if key not in self._matrices:
+            terms = self.sessions[id(c)]
+            rows = self.of(terms.written if written else terms.terms)
+            mean = rows.mean(axis=0) if centred else np.zeros(rows.shape[1], np.float32)
+            self._matrices[key] = (relevance.unit_rows(rows - mean), mean)
+        return self._matrices[key]
+
+
+def term_expansion(
+    space: TermVectors,
+    weight: float,
+    combine: str = "max",
+    written: bool = True,
+    top: int = 10,
+    floor: float = 0.5,
+    centred: bool = False,
+    head_only: bool = False,
+    instance_questions: bool = False,
+):
+    """The service's ranking plus a signal of the session's terms closest to
+    the question's content words (:func:`question_words`) by word vector:
+    per question word, its ``top`` nearest terms of the session at cosine
+    ``floor`` or more (itself left out: BM25 has it), and per turn
+    ``combine``: "max", the highest cosine of any such term it has;
+    "sum", per question word the highest, summed over the words; "bm25",
+    each such term's BM25 of the turn times its cosine, summed. Scaled as
+    the other signals (:func:`relevance.scaled`) and weighted, before the
+    stretches (:func:`spans_after`). With ``instance_questions``, only
+    questions that ask for instances of a plural noun (:func:`asks_for_instances`)."""
+
+    def extra(c: Conversation, q: Question, score: np.ndarray) -> np.ndarray | float:
+        words = question_words(c, q, head_only)
+        if not words or (instance_questions and not asks_for_instances(q.text, words)):
+            return 0.0
+        terms = space.sessions[id(c)]
+        rows, mean = space.matrix(c, written, centred)
+        asked = relevance.unit_rows(space.of([w if written else t for t, w in words]) - mean)
+        similarity = asked @ rows.T
+        n = len(c.lengths)
+        per_word = np.zeros((len(words), n))
+        for i, (term, _) in enumerate(words):
+            near = np.argsort(-similarity[i])[: top + 1]
+            near = [j for j in near if similarity[i, j] >= floor and terms.terms[j] != term][:top]
+            for j in near:
+                if combine == "bm25":
+                    per_word[i] += similarity[i, j] * relevance.bm25([terms.terms[j]], c.postings, c.lengths)
+                else:
+                    turns = terms.turns[j][terms.turns[j] < n]
+                    per_word[i, turns] = np.maximum(per_word[i, turns], similarity[i, j])
+        value = per_word.max(axis=0) if combine == "max" else per_word.sum(axis=0)
+        return weight * relevance.scaled(value)
+
+    return spans_after(extra)
+
+
+def expansion_ideas(space: TermVectors) -> tuple:
+    """(label, ranking) of :func:`term_expansion`'s variants: a handful, each at three weights."""
+    variants = (
+        ("max, as written, top 10, cosine 0.5+", {}),
+        ("sum over question words, as written, top 10, 0.5+", {"combine": "sum"}),
+        ("BM25 x cosine, as written, top 10, 0.5+", {"combine": "bm25"}),
+        ("max, stems, top 10, 0.5+", {"written": False}),
+        ("max, as written, centred on the session's mean, top 10, 0.4+", {"centred": True, "floor": 0.4}),
+        ("max, as written, the question's first content word only, top 10, 0.5+", {"head_only": True}),
+        (
+            "BM25 x cosine, first content word only, 'what / which' + plural questions only",
+            {"combine": "bm25", "head_only": True, "instance_questions": True},
+        ),
+    )
+    return tuple(
+        (f"term expansion: {label}, weight {weight}", term_expansion(space, weight, **options))
+        for label, options in variants
+        for weight in (0.1, 0.3, 1.0)
+    )
+
+
 def ideas(data: dict[str, Conversation]) -> list[str]:
     base = kept_by_conversation(data, service_scores)
     out = [
@@ -717,6 +927,13 @@ def ideas(data: dict[str, Conversation]) -> list[str]:
         kept_by_conversation(data, with_weights(participant_one_sided=0.9)),
     )
     for label, rank in SELECTION_IDEAS:
+        row(label, kept_by_conversation(data, rank))
+    # Word vectors of every term, embedded once in this process (under a minute: run it under the bench lock).
+    space = TermVectors(
+        [(c, [m.content for m in conversations[n][0]]) for n, c in data.items()],
+        cached_word_vectors("realtalk_term_vectors"),
+    )
+    for label, rank in expansion_ideas(space):
         row(label, kept_by_conversation(data, rank))
     return out
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from meshgate.common.v1 import common_pb2
-from services.context import assembly
+from services.context import assembly, relevance
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "bench"))
 
@@ -50,3 +50,44 @@ def test_a_question_names_the_first_speaker_the_user_the_other_the_assistant() -
     assert context_misses.named_role("Where does Muhhamed work?", names) == ASSISTANT
     assert context_misses.named_role("Do Fahim and Muhhamed both cook?", names) is None
     assert context_misses.named_role("What did they eat?", names) is None
+
+
+def planted_words(words: list[str]) -> np.ndarray:
+    """Word vectors in which the hobby words and the skiing words share a
+    direction (cosine 0.64 between two of them); every other word has a
+    direction of its own (cosine 0)."""
+    rows = np.zeros((len(words), 64), np.float32)
+    for i, word in enumerate(words):
+        rows[i, 1 + i] = 1.0
+        if word in {"hobbies", "hobby", "skiing", "ski"}:
+            rows[i, 1 + i] = 0.6
+            rows[i, 0] = 0.8
+    return rows
+
+
+def test_term_expansion_finds_the_skiing_turn_for_a_question_about_hobbies() -> None:
+    turns = [
+        "I went skiing in the Alps all weekend",
+        "The weather was grey and cold",
+        "Work ran late again on Tuesday",
+        "We should paint the kitchen",
+    ]
+    messages = [common_pb2.Message(role=USER, content=t) for t in turns]
+    postings, lengths, _ = context_misses.bench.offline_index(messages, np.zeros((len(turns), 384)))
+    question = "What are Kate's hobbies?"
+    q = context_misses.Question(
+        1, [0], list(relevance.index_terms(question)), np.zeros(384), [], None, None, question
+    )
+    c = context_misses.Conversation(
+        costs(len(turns)), postings, lengths, np.zeros((len(turns), 384), np.float32), [], [q]
+    )
+    assert context_misses.question_words(c, q, False) == [("hobby", "hobbies")]
+    assert context_misses.asks_for_instances(question, context_misses.question_words(c, q, True))
+    space = context_misses.TermVectors([(c, turns)], planted_words)
+    # No turn shares a word with the question: the service's ranking is its ties, newest first.
+    service = context_misses.ranks(context_misses.service_scores(c, q, nameless=False))
+    assert service[0] == len(turns) - 1
+    assert context_misses.ranks(context_misses.term_expansion(space, 0.3)(c, q))[0] == 0
+    # Above the pair's cosine the floor expands nothing: the service's ranking.
+    unexpanded = context_misses.term_expansion(space, 0.3, floor=0.7)(c, q)
+    assert context_misses.ranks(unexpanded).tolist() == service.tolist()
