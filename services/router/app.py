@@ -14,7 +14,6 @@ from meshgate.router.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
     router_service_pb2,
-    router_service_pb2_grpc,
 )
 from meshgate.serving import Cleanup, Service
 from services.router.admin import AdminServicer
@@ -28,7 +27,7 @@ from services.router.keys import KeyStore
 from services.router.ledger import Ledger
 from services.router.model_selection import Selector
 from services.router.pipeline import Pipeline
-from services.router.servicer import RouterServicer
+from services.router.servicer import RouterServicer, add_to_server
 
 # Settings a running router cannot take over (reload logs that they changed).
 _RESTART_ONLY = (
@@ -121,7 +120,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     keys = KeyStore(redis)
     authenticator = Authenticator(settings.router, keys)
     servicer = RouterServicer(settings, authenticator, pipeline, ledger)
-    router_service_pb2_grpc.add_RouterServiceServicer_to_server(servicer, service.server)
+    add_to_server(servicer, service.server)
     # Keys as data, on the same port, behind the admin credential.
     admin = AdminServicer(authenticator, keys, settings.models)
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, service.server)

@@ -4,6 +4,7 @@ metadata, deadlines and statuses, the pipeline's stages faked; no sockets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import threading
 
@@ -13,13 +14,14 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from meshgate.config import ModelSettings, Settings, TenantSettings, hash_api_key
-from meshgate.errors import MeshgateError
+from meshgate.errors import ErrorInterceptor, MeshgateError
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
+from meshgate.router.v1 import router_service_pb2_grpc
 from services.router.auth import Authenticator
 from services.router.ledger import METRICS
 from services.router.pipeline import Answer, CacheStatus, Hit, Pipeline
-from services.router.servicer import RouterServicer
+from services.router.servicer import RouterServicer, add_to_server
 from tests.unit.test_router_pipeline import FakeCache, FakeContexts, FakeGenerator, request, user
 
 KEY = "unit-key"
@@ -113,6 +115,13 @@ class FakeLedger:
 
 
 def served(loop, cache=None, generator=None, contexts=None, ledger=None):
+    return grpc_testing.server_from_dictionary(
+        {SERVICE: _AsyncBridge(router_servicer(cache, generator, contexts, ledger), loop)},
+        grpc_testing.strict_real_time(),
+    )
+
+
+def router_servicer(cache=None, generator=None, contexts=None, ledger=None) -> RouterServicer:
     settings = Settings()
     settings.router.dev_api_key = KEY
     settings.router.admin_api_key_sha256 = [hash_api_key(ADMIN_KEY)]
@@ -130,10 +139,7 @@ def served(loop, cache=None, generator=None, contexts=None, ledger=None):
         cache or FakeCache(),
         generator or FakeGenerator(),
     )
-    servicer = RouterServicer(settings, Authenticator(settings.router), pipeline, ledger or FakeLedger())
-    return grpc_testing.server_from_dictionary(
-        {SERVICE: _AsyncBridge(servicer, loop)}, grpc_testing.strict_real_time()
-    )
+    return RouterServicer(settings, Authenticator(settings.router), pipeline, ledger or FakeLedger())
 
 
 def drain(rpc) -> list:
@@ -265,6 +271,68 @@ def test_chat_ends_a_failed_turn_with_its_status(loop):
     trailing, code, _ = rpc.termination()
     assert code == grpc.StatusCode.UNAVAILABLE
     assert reason_of(trailing) == Reason.STREAM_ENDED_EARLY
+
+
+class GatedGenerator:
+    """Its first piece, then the last only once ``gate`` is set."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+
+    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
+        yield "Hel"
+        await self.gate.wait()
+        answer.text, answer.prompt_tokens, answer.completion_tokens = "Hello", 5, 2
+        answer.finish_reason, answer.deployment = "stop", "d1"
+        yield "lo"
+
+
+@contextlib.asynccontextmanager
+async def router_stub(servicer: RouterServicer):
+    """The servicer registered as the router registers it, behind the error
+    interceptor, on a real gRPC server on 127.0.0.1; a client's stub to it."""
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    add_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield router_service_pb2_grpc.RouterServiceStub(channel)
+    finally:
+        await server.stop(None)
+
+
+async def test_over_grpc_each_delta_goes_out_as_it_comes_and_the_completion_ends_the_stream():
+    generator = GatedGenerator()
+    async with router_stub(router_servicer(generator=generator)) as stub:
+        call = stub.Chat(request(), metadata=AUTH)
+        # The second piece waits for the first delta to reach the client:
+        # nothing is held back for the completion it goes out with.
+        first = await asyncio.wait_for(call.read(), 10)
+        assert first.delta.text == "Hel"
+        generator.gate.set()
+        rest = []
+        while (response := await call.read()) is not grpc.aio.EOF:
+            rest.append(response)
+        assert await call.code() == grpc.StatusCode.OK
+    assert [r.WhichOneof("event") for r in rest] == ["delta", "completion"]
+    assert rest[0].delta.text == "lo"
+    assert (rest[1].completion.finish_reason, rest[1].completion.usage.completion_tokens) == ("stop", 2)
+
+
+async def test_over_grpc_a_short_hit_is_the_completion_alone_and_a_failure_its_rich_status():
+    hit = Hit(Answer(text="Paris.", completion_tokens=2), CacheStatus.EXACT_HIT, 1.0)
+    async with router_stub(router_servicer(cache=FakeCache(hit))) as stub:
+        responses = [r async for r in stub.Chat(request(completion_may_carry_text=True), metadata=AUTH)]
+    assert [(r.completion.text, r.completion.cache_status) for r in responses] == [
+        ("Paris.", pb.CACHE_STATUS_EXACT_HIT)
+    ]
+    async with router_stub(router_servicer(generator=FakeGenerator(fail_after=1))) as stub:
+        call = stub.Chat(request(), metadata=AUTH)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            [r async for r in call]
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert reason_of(failed.value.trailing_metadata()) == Reason.STREAM_ENDED_EARLY
 
 
 def test_chat_without_a_key_is_unauthenticated(loop):
