@@ -35,6 +35,12 @@ includes the store). With ``--deltas-only`` it is left unset, every text a
 delta, as a client that predates the field reads the answer: the two in
 alternating runs measure the field's effect.
 
+With ``--against TREE`` (with ``--only-hits exact``), the exact hits go
+through two routers on the same stack (the same Redis, cache, context and
+inference), this checkout's and one run from the checkout at TREE, in
+alternating rounds (``--rounds``): an A/B of router code measured in the
+same minutes, which on a shared machine two whole runs in turn are not.
+
 With ``--stream-intervals 0,80``, the streaming comparison runs again with
 the inference service restarted at each of those `inference.stream_interval_ms`
 (Triton direct measured again beside each): the stream interval's effect in
@@ -428,6 +434,8 @@ async def main_async(args, stack: Stack) -> list[str]:
         # is uncased; exact keys keep case).
         for prompt in PROMPTS:
             await through_router(router_stub, prompt, args.max_tokens, pb.CACHE_POLICY_REFRESH)
+        if args.against:
+            return await exact_hits_against(args, stack, router_stub)
         rows.append("")
         rows.append(
             "| cache-hit workload (concurrency 16 unless named) | requests | requests/s | p50 (ms) "
@@ -495,7 +503,7 @@ def _turns_counted(text: str, cache: str) -> float:
 
 
 async def exact_hits_by_h2load(
-    stack: Stack, meter: CpuMeter, max_tokens: int, requests: int
+    stack: Stack, meter: CpuMeter, max_tokens: int, requests: int, router: str = "router"
 ) -> tuple[str, float]:
     """The exact-hit row again with nghttp2's h2load as the load generator:
     a C HTTP/2 client (16 streams on one connection, as the Python client's
@@ -505,7 +513,8 @@ async def exact_hits_by_h2load(
     frames it) and reads every response whole, but checks only the HTTP
     status, not gRPC's status in the trailers nor the messages: the
     router's own count of completed exact hits must therefore grow by
-    exactly the requests sent, or the row is refused."""
+    exactly the requests sent, or the row is refused. ``router``: which of
+    the stack's routers is asked."""
     request = pb.ChatRequest(
         model="tiny-gpt",
         messages=messages(PROMPTS[0]),
@@ -513,7 +522,7 @@ async def exact_hits_by_h2load(
         cache_policy=pb.CACHE_POLICY_USE,
         completion_may_carry_text=CARRY_TEXT,
     ).SerializeToString()
-    metrics_url = f"http://{stack.metrics_address('router')}/metrics"
+    metrics_url = f"http://{stack.metrics_address(router)}/metrics"
 
     def counted() -> float:
         with urllib.request.urlopen(metrics_url, timeout=10) as response:
@@ -526,7 +535,7 @@ async def exact_hits_by_h2load(
             "h2load", "-n", str(requests), "-c", "1", "-m", "16",
             "-H", "content-type: application/grpc", "-H", "te: trailers",
             "-H", f"authorization: Bearer {API_KEY}", "-d", body.name,
-            f"http://{stack.address('router')}/meshgate.router.v1.RouterService/Chat",
+            f"http://{stack.address(router)}/meshgate.router.v1.RouterService/Chat",
         ]  # fmt: skip
         before = counted()
         client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -552,6 +561,100 @@ async def exact_hits_by_h2load(
         f"| {cpu_ms:.2f} | - | {client_ms:.2f} |"
     )
     return row, cpu_ms
+
+
+# The stack's name for the router run from --against's checkout.
+AGAINST = "router-against"
+
+
+def start_router_from(stack: Stack, tree: pathlib.Path) -> None:
+    """One more router, run from the checkout at ``tree`` on the stack's
+    settings file (its Redis, cache, context and inference), on ports of its
+    own; the stack stops it with its own routers."""
+    stack.replica_ports[AGAINST] = free_port()
+    stack.replica_metrics_ports[AGAINST] = free_port()
+    env = dict(
+        os.environ,
+        MESHGATE_CONFIG=str(stack.config_path),
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(tree),
+        MESHGATE_ROUTER__METRICS_LISTEN=stack.metrics_address(AGAINST),
+        MESHGATE_ROUTER__HTTP_LISTEN=f"127.0.0.1:{free_port()}",
+    )
+    env.pop("REDIS_URL", None)
+    with open(stack.log_dir / f"{AGAINST}.log", "ab") as log:
+        stack.processes[AGAINST] = subprocess.Popen(
+            [sys.executable, "-m", "services.router", "--listen", stack.address(AGAINST)],
+            cwd=tree,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    stack.wait_serving(AGAINST)
+
+
+async def exact_hits_against(args, stack: Stack, router_stub) -> list[str]:
+    """--against: exact hits at concurrency 16 through this checkout's router
+    and the other's, in turn, ``args.rounds`` times (which goes first
+    alternates), with the bench's grpc.aio client and, with --h2load, h2load;
+    each router's CPU per hit from /proc (the other services are shared)."""
+    start_router_from(stack, pathlib.Path(args.against).resolve())
+    routers = {"this": "router", "against": AGAINST}
+    rows = [
+        f"exact hits at 16, {args.hits} a round: this checkout's router against {args.against}'s",
+        "",
+        "| round | router | grpc.aio: hits/s | router CPU a hit (ms) | client CPU a hit (ms) "
+        "| h2load: hits/s | router CPU a hit (ms) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    figures = {side: [] for side in routers}
+    async with grpc.aio.insecure_channel(stack.address(AGAINST)) as against_channel:
+        stubs = {"this": router_stub, "against": router_service_pb2_grpc.RouterServiceStub(against_channel)}
+        hits = {
+            side: lambda p, stub=stub: through_router(
+                stub, p, args.max_tokens, pb.CACHE_POLICY_USE, expect="exact hits"
+            )
+            for side, stub in stubs.items()
+        }
+        for one in hits.values():  # each router's hot tier, channels and imports warmed
+            await run_load(one, 16, 100)
+        for round_number in range(1, args.rounds + 1):
+            sides = list(routers) if round_number % 2 else list(reversed(routers))
+            for side in sides:
+                meter = CpuMeter({"router": stack.processes[routers[side]].pid})
+                client_before = time.process_time()
+                meter.start()
+                _, wall = await run_load(hits[side], 16, args.hits)
+                cpu_ms = meter.stop(args.hits)
+                client_ms = (time.process_time() - client_before) / args.hits * 1000
+                rate, h2load_rate, h2load_cpu_ms = args.hits / wall, None, None
+                if args.h2load:
+                    row, h2load_cpu_ms = await exact_hits_by_h2load(
+                        stack, meter, args.max_tokens, args.hits, routers[side]
+                    )
+                    h2load_rate = float(row.split("|")[3])
+                figures[side].append((rate, cpu_ms, h2load_rate, h2load_cpu_ms))
+                h2load = f"{h2load_rate:.0f} | {h2load_cpu_ms:.3f}" if args.h2load else "- | -"
+                rows.append(
+                    f"| {round_number} | {side} | {rate:.0f} | {cpu_ms:.3f} | {client_ms:.3f} | {h2load} |"
+                )
+    rows += ["", "| medians | grpc.aio: hits/s | router CPU a hit (ms) | h2load: hits/s | router CPU (ms) |"]
+    rows.append("|---|---|---|---|---|")
+    clients = {"grpc.aio": 1, "h2load": 3} if args.h2load else {"grpc.aio": 1}
+    for side in routers:
+        rate, cpu_ms, h2load_rate, h2load_cpu_ms = (statistics.median(c) for c in zip(*figures[side]))
+        h2load = f"{h2load_rate:.0f} | {h2load_cpu_ms:.3f}" if args.h2load else "- | -"
+        rows.append(f"| {side} | {rate:.0f} | {cpu_ms:.3f} | {h2load} |")
+    for client, index in clients.items():
+        ratios = [this[index] / other[index] for this, other in zip(figures["this"], figures["against"])]
+        rows.append(
+            f"\n{client}: this router's CPU a hit / the other's, by round: "
+            f"{' '.join(f'{ratio:.2f}' for ratio in ratios)} (median {statistics.median(ratios):.2f}; "
+            f"lower in {sum(ratio < 1 for ratio in ratios)} of {len(ratios)})"
+        )
+    return rows
 
 
 def main() -> None:
@@ -598,6 +701,13 @@ def main() -> None:
         action="store_true",
         help="requests through the router leave completion_may_carry_text unset: every text a delta",
     )
+    parser.add_argument(
+        "--against",
+        metavar="TREE",
+        help="with --only-hits exact: the exact hits through this checkout's router and, in "
+        "alternating rounds, through one run from the checkout at TREE, on the same stack",
+    )
+    parser.add_argument("--rounds", type=int, default=6, help="--against's rounds, each router once a round")
     args = parser.parse_args()
     global CARRY_TEXT
     CARRY_TEXT = not args.deltas_only
@@ -605,6 +715,8 @@ def main() -> None:
         parser.error("--only-hits and --skip-hits leave nothing to run together")
     if args.h2load and args.skip_hits:
         parser.error("--h2load measures exact hits, which --skip-hits skips")
+    if args.against and args.only_hits != "exact":
+        parser.error("--against measures the exact hits alone: give --only-hits exact")
     if args.h2load and shutil.which("h2load") is None:
         parser.error("--h2load needs h2load on PATH (Debian: apt-get install nghttp2-client)")
     ports = Ports(*(free_port() for _ in range(6)))
