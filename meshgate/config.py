@@ -314,6 +314,15 @@ class RouterSettings:
     listen: str = "127.0.0.1:50051"
     # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
     metrics_listen: str = "127.0.0.1:50061"
+    # The most gRPC calls this replica handles at once; one more is refused
+    # with RESOURCE_EXHAUSTED / SERVICE_BUSY before its request is read, as
+    # each may carry up to 32 MiB (meshgate/serving.py). Every open Chat or
+    # ChatSession stream counts, however idle (raise it where clients keep
+    # many ChatSession streams open). A backstop for the process, far above
+    # the 16 calls at a time of bench/mesh_bench.py: admission's limits per
+    # key, tenant and model (services/router/admission.py) stay what refuses
+    # a caller first. Not the HTTP edge's requests (no gRPC call). 0: no bound.
+    max_concurrent_rpcs: int = 4096
     # One address, an address list or a dns:/// name (DeploymentSettings.address).
     context_address: str = "127.0.0.1:50052"
     cache_address: str = "127.0.0.1:50053"
@@ -377,6 +386,7 @@ class RouterSettings:
     templates: list[TemplateSettings] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
+        _check_max_concurrent_rpcs("router", self.max_concurrent_rpcs)
         versions = [(template.name, template.version) for template in self.templates]
         if len(set(versions)) != len(versions):
             raise ConfigError("router.templates: a name and version appear twice")
@@ -389,6 +399,11 @@ class RouterSettings:
 EMBEDDERS = ("local", "inference")
 
 
+def _check_max_concurrent_rpcs(section: str, value: int) -> None:
+    if value < 0:
+        raise ConfigError(f"{section}.max_concurrent_rpcs must not be negative (0: no bound), got {value}")
+
+
 def _check_embedder(section: str, embedder: str) -> None:
     if embedder not in EMBEDDERS:
         raise ConfigError(f"{section}.embedder must be one of {EMBEDDERS}, got {embedder!r}")
@@ -399,6 +414,10 @@ class ContextSettings:
     listen: str = "127.0.0.1:50052"
     # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
     metrics_listen: str = "127.0.0.1:50062"
+    # As router.max_concurrent_rpcs: the router's session turns (an
+    # assembly, then an append, each a short call) from every router
+    # replica. 0: no bound.
+    max_concurrent_rpcs: int = 1024
     # Sessions untouched for this long expire; 0 keeps them forever.
     session_ttl_s: int = 7 * 24 * 3600
     # The most turns a session may hold; an append past it is refused with
@@ -483,6 +502,7 @@ class ContextSettings:
     summary_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
+        _check_max_concurrent_rpcs("context", self.max_concurrent_rpcs)
         _check_embedder("context", self.embedder)
         if not self.append_embed_timeout_s > 0:
             raise ConfigError(
@@ -495,6 +515,9 @@ class CacheSettings:
     listen: str = "127.0.0.1:50053"
     # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
     metrics_listen: str = "127.0.0.1:50063"
+    # As router.max_concurrent_rpcs: every router replica's lookups and
+    # stores, short calls. 0: no bound.
+    max_concurrent_rpcs: int = 1024
     # Where embeddings come from with embedder = "inference" (unused with
     # "local"); an address list or a dns:/// name too
     # (DeploymentSettings.address).
@@ -550,6 +573,7 @@ class CacheSettings:
     approximate_index_from: int = 4_096
 
     def __post_init__(self) -> None:
+        _check_max_concurrent_rpcs("cache", self.max_concurrent_rpcs)
         _check_embedder("cache", self.embedder)
         if not 0.0 <= self.first_stage_word_share <= 1.0:
             raise ConfigError(
@@ -601,6 +625,10 @@ class InferenceSettings:
     listen: str = "127.0.0.1:50054"
     # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
     metrics_listen: str = "127.0.0.1:50064"
+    # As router.max_concurrent_rpcs: every router replica's generations (a
+    # stream each, open as long as the answer takes) and the embeddings the
+    # context and cache services ask for. 0: no bound.
+    max_concurrent_rpcs: int = 1024
     triton_urls: list[str] = dataclasses.field(default_factory=lambda: ["127.0.0.1:8001"])
     models: dict[str, ServedModelSettings] = dataclasses.field(default_factory=_default_served_models)
     embedding_triton_model: str = "minilm"
@@ -669,6 +697,7 @@ class InferenceSettings:
     triton_idle_streams: int = 32
 
     def __post_init__(self) -> None:
+        _check_max_concurrent_rpcs("inference", self.max_concurrent_rpcs)
         # The context service splits an append's Embed calls at this many
         # texts (meshgate/embedding.py, InferenceEmbedder): 0 would split
         # into no calls at all.

@@ -299,7 +299,8 @@ def _wrap_stream_unary(behavior, method, observe: RpcObserver):
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns every failure of a handler into a rich status.
+    """Turns every failure of a handler into a rich status, and bounds the
+    calls of our own services in flight (:meth:`bound`).
 
     Handlers are wrapped once per method and memoized, so the hot path pays
     one dictionary lookup, not a new closure per call.
@@ -309,21 +310,67 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
         # Told of every finished RPC, with the status this interceptor gave it.
         self._observe = observe
+        # Calls of our own services in flight, and the most at once (0: no bound).
+        self._in_flight = 0
+        self._max_calls = 0
+        self._busy: MeshgateError | None = None
+
+    def bound(self, service: str, max_calls: int) -> None:
+        """Refuses a call of our own services that arrives while ``max_calls``
+        are in flight (0: no bound; ``<service>.max_concurrent_rpcs``) with
+        RESOURCE_EXHAUSTED / SERVICE_BUSY, before its request is read: each
+        call may carry a message of up to serving.MAX_MESSAGE_BYTES. gRPC's
+        own ``maximum_concurrent_rpcs`` refuses alike, but with no ErrorInfo.
+        Health checks and reflection are never refused."""
+        self._max_calls = max_calls
+        self._busy = MeshgateError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            Reason.SERVICE_BUSY,
+            f"this {service} replica is handling its most calls at once ({max_calls}); retry later",
+            {
+                "limit": "max_concurrent_rpcs",
+                "scope": "replica",
+                "limit_value": str(max_calls),
+                "service": service,
+            },
+        )
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         wrapped = self._wrapped.get(method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        wrapped = self._wrap(handler, method)
-        if wrapped is not handler:
-            # Only our own services are memoized: health and reflection may
-            # return per-call handlers.
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:
+                return None
+            wrapped = self._wrap(handler, method)
+            if wrapped is handler:
+                # Not ours (health, reflection): never bound, nor memoized
+                # (they may return per-call handlers).
+                return handler
             self._wrapped[method] = wrapped
+        if self._max_calls:
+            if self._in_flight >= self._max_calls:
+                return self._refusal(method)
+            self._in_flight += 1
+            # gRPC runs the whole call, interceptors included, in one task of
+            # its own, done however the call ends (an answer, a failure, the
+            # caller cancelling): counted out then, as gRPC's own limit does.
+            asyncio.current_task().add_done_callback(self._call_done)
         return wrapped
+
+    def _call_done(self, task: asyncio.Task) -> None:
+        self._in_flight -= 1
+
+    def _refusal(self, method: str) -> grpc.RpcMethodHandler:
+        failure, observe, started = self._busy, self._observe, time.perf_counter()
+
+        async def refuse(requests, context) -> None:
+            observe(method, failure.code.name, failure.reason, started)
+            await _abort(failure, context)
+
+        # Request-streaming whatever the method's shape: gRPC then reads no
+        # request message for it (the caller's unary request is left unread).
+        return grpc.stream_unary_rpc_method_handler(refuse)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if not method.startswith("/meshgate."):

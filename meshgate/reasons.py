@@ -246,6 +246,10 @@ class Reason(enum.StrEnum):
     REQUEST_EXCEEDS_LIMIT = enum.auto()
     """This request alone is larger than a limit: retrying cannot help."""
 
+    SERVICE_BUSY = enum.auto()
+    """A service replica is handling its most calls at once (``<service>.max_concurrent_rpcs``;
+    metadata ``limit`` max_concurrent_rpcs, ``scope`` replica, ``limit_value``, ``service``)."""
+
     LIMITS_UNAVAILABLE = enum.auto()
     """UNAVAILABLE: Redis is unreachable and a limit that applies is configured to fail closed."""
 

@@ -328,13 +328,12 @@ class Service:
         self.service_names = list(service_names)
         # Inside the error interceptor, so that its refusals carry ErrorInfo.
         self.guard = mesh_auth.MeshGuard()
+        self.errors = ErrorInterceptor(metrics.RpcObserver(name))
         self.server_credentials: grpc.ServerCredentials | None = None
+        # No maximum_concurrent_rpcs: its refusal carries no ErrorInfo; the
+        # error interceptor bounds the calls instead (bound_calls).
         self.server = grpc.aio.server(
-            interceptors=[
-                *telemetry.server_interceptors(),
-                ErrorInterceptor(metrics.RpcObserver(name)),
-                self.guard,
-            ],
+            interceptors=[*telemetry.server_interceptors(), self.errors, self.guard],
             options=SERVER_OPTIONS,
         )
         self.cleanup: Cleanup = _nothing
@@ -370,6 +369,11 @@ class Service:
         self.server_credentials = mesh.server_credentials()
         verifier = mesh.tenant_verifier() if tenant_of is not None else None
         self.guard.restrict(self.name, callers, verifier, tenant_of)
+
+    def bound_calls(self, max_calls: int) -> None:
+        """Refuses calls past ``max_calls`` in flight with RESOURCE_EXHAUSTED
+        / SERVICE_BUSY (``<service>.max_concurrent_rpcs``; 0: no bound)."""
+        self.errors.bound(self.name, max_calls)
 
     def bind(self, address: str) -> int:
         if self.server_credentials is None:

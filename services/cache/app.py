@@ -40,6 +40,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         raise ConfigError(str(error)) from error
     mesh = mesh_auth.Mesh(settings.mesh, service.name)
     service.restrict_to_mesh(mesh, CALLERS, TENANT_OF)
+    service.bound_calls(settings.cache.max_concurrent_rpcs)
     local_embedder = None
     if config.embedder == "local":
         local_embedder = LocalEmbedder.load_configured(config.embedding_model, setting="cache.embedder")

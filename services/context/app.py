@@ -59,6 +59,7 @@ def _summarizer(
 async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup:
     mesh = mesh_auth.Mesh(settings.mesh, service.name)
     service.restrict_to_mesh(mesh, CALLERS, TENANT_OF)
+    service.bound_calls(settings.context.max_concurrent_rpcs)
     local_embedder = None
     if settings.context.embedder == "local":
         local_embedder = LocalEmbedder.load_configured("minilm", setting="context.embedder")

@@ -25,6 +25,7 @@ CALLERS = ("router", "cache", "context")
 
 async def setup(service: Service, settings: Settings) -> Cleanup:
     service.restrict_to_mesh(mesh_auth.Mesh(settings.mesh, service.name), CALLERS)
+    service.bound_calls(settings.inference.max_concurrent_rpcs)
     config = settings.inference
     for served in config.models.values():
         # Read (and checked) now, so a missing template stops the start, not a request.

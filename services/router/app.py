@@ -85,6 +85,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     # The router's own port stays public (API keys); its calls into the mesh
     # carry its certificate and, per call, a token naming the tenant.
     mesh = mesh_auth.Mesh(settings.mesh, service.name)
+    service.bound_calls(settings.router.max_concurrent_rpcs)
     context_channel = serving.client_channel(settings.router.context_address, mesh.to("context"))
     cache_channel = serving.client_channel(settings.router.cache_address, mesh.to("cache"))
     deployments = DeploymentTable(settings.models, mesh.to("inference"))

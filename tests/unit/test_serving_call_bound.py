@@ -1,0 +1,141 @@
+"""A service's bound on calls in flight (meshgate/serving.py bound_calls,
+meshgate/errors.py ErrorInterceptor.bound), over a real socket: the call
+past the bound is refused with RESOURCE_EXHAUSTED / SERVICE_BUSY and its
+ErrorInfo, health checks are not, and a call that ends however (answered,
+cancelled by its caller) makes room again. The servicer is a stand-in whose
+GetSession waits until released: this is the server's logic alone
+(tests/integration/test_router_call_bound.py runs a real router)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from meshgate import serving
+from meshgate.context.v1 import context_service_pb2 as pb
+from meshgate.context.v1 import context_service_pb2_grpc
+from meshgate.errors import error_info
+from meshgate.reasons import Reason
+
+LIMIT = 2
+
+
+class HeldSessions(context_service_pb2_grpc.ContextServiceServicer):
+    """GetSession answers once ``release`` is set; ``entered`` counts the calls that reached it."""
+
+    def __init__(self) -> None:
+        self.entered = 0
+        self.release = asyncio.Event()
+
+    async def GetSession(self, request, context):
+        self.entered += 1
+        await self.release.wait()
+        return pb.GetSessionResponse(session=pb.Session(session_id=request.session_id))
+
+
+async def nothing() -> None:
+    pass
+
+
+@contextlib.asynccontextmanager
+async def bounded(limit: int):
+    """(a ContextService stub, its servicer, a health stub) on a server bounded at ``limit``."""
+    service = serving.Service("context", ["meshgate.context.v1.ContextService"])
+    servicer = HeldSessions()
+    context_service_pb2_grpc.add_ContextServiceServicer_to_server(servicer, service.server)
+    service.bound_calls(limit)
+    port = await serving.start(service, "127.0.0.1:0", nothing)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield (
+                context_service_pb2_grpc.ContextServiceStub(channel),
+                servicer,
+                health_pb2_grpc.HealthStub(channel),
+            )
+    finally:
+        await serving.stop(service, grace_s=0)
+
+
+def get(stub, name: str):
+    return stub.GetSession(pb.GetSessionRequest(tenant_id="t", session_id=name), timeout=10)
+
+
+async def until(condition) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition never held")
+
+
+async def refusal(stub) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await get(stub, "one-too-many")
+    return refused.value
+
+
+async def test_the_call_past_the_bound_is_refused_with_error_info_then_served_again() -> None:
+    async with bounded(LIMIT) as (stub, servicer, health):
+        held = [get(stub, f"s{n}") for n in range(LIMIT)]
+        await until(lambda: servicer.entered == LIMIT)
+
+        refused = await refusal(stub)
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        info = error_info(refused)
+        assert info.reason == Reason.SERVICE_BUSY
+        assert dict(info.metadata) == {
+            "limit": "max_concurrent_rpcs",
+            "scope": "replica",
+            "limit_value": str(LIMIT),
+            "service": "context",
+        }
+        # Refused before the servicer: it saw only the held calls.
+        assert servicer.entered == LIMIT
+        # Health checks are not ours to bound: a busy replica still says how it is.
+        assert (
+            await health.Check(health_pb2.HealthCheckRequest())
+        ).status == health_pb2.HealthCheckResponse.SERVING
+
+        servicer.release.set()
+        assert [(await call).session.session_id for call in held] == [f"s{n}" for n in range(LIMIT)]
+        # The answered calls made room: served again, up to the bound.
+        answers = await asyncio.gather(*(get(stub, f"again{n}") for n in range(LIMIT)))
+        assert [a.session.session_id for a in answers] == [f"again{n}" for n in range(LIMIT)]
+
+
+async def test_a_call_its_caller_cancelled_makes_room() -> None:
+    async with bounded(LIMIT) as (stub, servicer, _):
+        held = [get(stub, f"s{n}") for n in range(LIMIT)]
+        await until(lambda: servicer.entered == LIMIT)
+        assert (await refusal(stub)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        held[0].cancel()
+
+        async def served() -> bool:
+            call = get(stub, "after-cancel")
+            await until(lambda: servicer.entered > LIMIT or call.done())
+            if call.done():
+                # Refused: the server had not seen the cancellation yet.
+                assert (await call.code()) == grpc.StatusCode.RESOURCE_EXHAUSTED
+                return False
+            servicer.release.set()
+            return (await call).session.session_id == "after-cancel"
+
+        for _ in range(50):
+            if await served():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the cancelled call never made room")
+        await held[1]
+
+
+async def test_no_bound_refuses_nothing() -> None:
+    async with bounded(0) as (stub, servicer, _):
+        held = [get(stub, f"s{n}") for n in range(8 * LIMIT)]
+        await until(lambda: servicer.entered == 8 * LIMIT)
+        servicer.release.set()
+        assert len(await asyncio.gather(*held)) == 8 * LIMIT
