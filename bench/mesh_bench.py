@@ -595,6 +595,21 @@ def start_router_from(stack: Stack, tree: pathlib.Path) -> None:
     stack.wait_serving(AGAINST)
 
 
+def _h2load_cells(rate: float | None, cpu_ms: float | None) -> str:
+    """h2load's two cells of a row: "- | -" when h2load was not run."""
+    return "- | -" if rate is None else f"{rate:.0f} | {cpu_ms:.3f}"
+
+
+def _medians_row(side: str, rounds: list[tuple[float, float, float | None, float | None]]) -> str:
+    """One router's medians over its rounds' (hits/s, router CPU a hit,
+    h2load's hits/s, h2load's router CPU a hit); h2load's columns are None
+    in every round when it was not run, and have no median then."""
+    rate, cpu_ms, h2load_rate, h2load_cpu_ms = (
+        None if None in column else statistics.median(column) for column in zip(*rounds)
+    )
+    return f"| {side} | {rate:.0f} | {cpu_ms:.3f} | {_h2load_cells(h2load_rate, h2load_cpu_ms)} |"
+
+
 async def exact_hits_against(args, stack: Stack, router_stub) -> list[str]:
     """--against: exact hits at concurrency 16 through this checkout's router
     and the other's, in turn, ``args.rounds`` times (which goes first
@@ -636,17 +651,15 @@ async def exact_hits_against(args, stack: Stack, router_stub) -> list[str]:
                     )
                     h2load_rate = float(row.split("|")[3])
                 figures[side].append((rate, cpu_ms, h2load_rate, h2load_cpu_ms))
-                h2load = f"{h2load_rate:.0f} | {h2load_cpu_ms:.3f}" if args.h2load else "- | -"
                 rows.append(
-                    f"| {round_number} | {side} | {rate:.0f} | {cpu_ms:.3f} | {client_ms:.3f} | {h2load} |"
+                    f"| {round_number} | {side} | {rate:.0f} | {cpu_ms:.3f} | {client_ms:.3f} "
+                    f"| {_h2load_cells(h2load_rate, h2load_cpu_ms)} |"
                 )
     rows += ["", "| medians | grpc.aio: hits/s | router CPU a hit (ms) | h2load: hits/s | router CPU (ms) |"]
     rows.append("|---|---|---|---|---|")
     clients = {"grpc.aio": 1, "h2load": 3} if args.h2load else {"grpc.aio": 1}
     for side in routers:
-        rate, cpu_ms, h2load_rate, h2load_cpu_ms = (statistics.median(c) for c in zip(*figures[side]))
-        h2load = f"{h2load_rate:.0f} | {h2load_cpu_ms:.3f}" if args.h2load else "- | -"
-        rows.append(f"| {side} | {rate:.0f} | {cpu_ms:.3f} | {h2load} |")
+        rows.append(_medians_row(side, figures[side]))
     for client, index in clients.items():
         ratios = [this[index] / other[index] for this, other in zip(figures["this"], figures["against"])]
         rows.append(
