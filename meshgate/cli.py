@@ -85,7 +85,7 @@ async def chat(
                     first_token_s = time.perf_counter() - started
                 out.write(response.delta.text)
                 out.flush()
-            else:
+            elif response.HasField("completion"):
                 completion = response.completion
                 if completion.text:
                     if first_token_s is None:

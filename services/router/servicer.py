@@ -4,13 +4,16 @@ events to protobuf (deadline -> Budget, hang-up -> cancellation)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 
 import grpc
+import structlog
+from google.protobuf import message_factory
 
 from meshgate.config import Settings
-from meshgate.errors import MeshgateError, invalid_argument
+from meshgate.errors import MeshgateError, internal_error, invalid_argument
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
@@ -24,6 +27,8 @@ _CACHE_STATUS = {
     CacheStatus.MISS: pb.CACHE_STATUS_MISS,
     CacheStatus.BYPASSED: pb.CACHE_STATUS_BYPASSED,
 }
+
+log = structlog.get_logger(__name__)
 
 
 def completion_proto(completion: Completion) -> pb.ChatCompletion:
@@ -95,13 +100,31 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         CPU that is ours to spare. The client sees the same server stream.
         Serialized here: a unary handler's context has no response serializer,
         so what it writes, and what this returns, goes out as given."""
-        completion = b""
+        completion = None
         async with contextlib.aclosing(self.Chat(request, context)) as responses:
             async for response in responses:
                 if response.HasField("completion"):  # the last message: nothing follows it
                     completion = response.SerializeToString()
-                else:
+                    continue
+                try:
                     await context.write(response.SerializeToString())
+                except grpc.aio.InternalError as error:
+                    # The write's batch failed in gRPC's core, which has
+                    # ended the call: its caller went away (closed its
+                    # connection, or cancelled) while the write was under
+                    # way, before gRPC told this handler. Ended as when gRPC
+                    # tells first: the error interceptor records CANCELLED,
+                    # aborts nothing, logs nothing. (A delta over the send
+                    # limit fails alike: its caller gets core's
+                    # RESOURCE_EXHAUSTED. A yielding handler's writes are
+                    # gRPC's own, which drops a failed write of a call its
+                    # caller closed.)
+                    raise asyncio.CancelledError() from error
+        if completion is None:
+            # The pipeline ends every turn with a completion or a failure:
+            # this is a bug, never an answer to pass off as OK.
+            log.error("Chat ended without a completion", model=request.model)
+            raise internal_error()
         return completion
 
     async def ChatSession(self, request_iterator, context):
@@ -197,28 +220,35 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         )
 
 
-class _Registration:
-    """Stands in for a server to the generated registration, keeping the
-    method handlers it would register."""
+# Each method's handler kind, by whether its requests and its responses stream.
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
 
-    def add_generic_rpc_handlers(self, generic_handlers) -> None:
-        pass
 
-    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
-        self.handlers = dict(handlers)
+def _method_handler(servicer: RouterServicer, method) -> grpc.RpcMethodHandler:
+    """``method`` (a MethodDescriptor) served by the servicer's method of its
+    name, as the generated registration serves it."""
+    make = _HANDLER_KINDS[method.client_streaming, method.server_streaming]
+    return make(
+        getattr(servicer, method.name),
+        request_deserializer=message_factory.GetMessageClass(method.input_type).FromString,
+        response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
+    )
 
 
 def add_to_server(servicer: RouterServicer, server: grpc.aio.Server) -> None:
-    """Registers the RouterService as the generated code does, but with Chat
-    answered by :meth:`RouterServicer.chat_with_status`: a unary-response
-    handler that writes the deltas itself, the same server stream on the wire."""
-    registration = _Registration()
-    router_service_pb2_grpc.add_RouterServiceServicer_to_server(servicer, registration)
-    handlers = registration.handlers | {
-        "Chat": grpc.unary_unary_rpc_method_handler(
-            servicer.chat_with_status, request_deserializer=pb.ChatRequest.FromString
-        )
-    }
-    service = pb.DESCRIPTOR.services_by_name["RouterService"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-    server.add_registered_method_handlers(service, handlers)
+    """Registers every method of the RouterService (from its descriptor) as
+    the generated code does, but with Chat answered by
+    :meth:`RouterServicer.chat_with_status`: a unary-response handler that
+    writes the deltas itself, the same server stream on the wire."""
+    service = pb.DESCRIPTOR.services_by_name["RouterService"]
+    handlers = {method.name: _method_handler(servicer, method) for method in service.methods}
+    handlers["Chat"] = grpc.unary_unary_rpc_method_handler(
+        servicer.chat_with_status, request_deserializer=pb.ChatRequest.FromString
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

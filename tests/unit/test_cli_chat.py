@@ -14,13 +14,22 @@ from meshgate.router.v1 import router_service_pb2_grpc
 
 
 class CutShortRouter(router_service_pb2_grpc.RouterServiceServicer):
+    """A delta, then ``last``: nothing, or a message with neither a delta
+    nor a completion (as a router once sent: an empty serialized completion)."""
+
+    def __init__(self, last: tuple[pb.ChatResponse, ...]) -> None:
+        self.last = last
+
     async def Chat(self, request, context):
         yield pb.ChatResponse(delta=pb.TextDelta(text="The capital of"))
+        for response in self.last:
+            yield response
 
 
-async def test_a_stream_without_its_completion_is_an_error_not_an_answer():
+@pytest.mark.parametrize("last", [(), (pb.ChatResponse(),)], ids=["nothing", "an empty message"])
+async def test_a_stream_without_its_completion_is_an_error_not_an_answer(last):
     server = grpc.aio.server()
-    router_service_pb2_grpc.add_RouterServiceServicer_to_server(CutShortRouter(), server)
+    router_service_pb2_grpc.add_RouterServiceServicer_to_server(CutShortRouter(last), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

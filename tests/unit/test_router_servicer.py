@@ -1,26 +1,34 @@
 """The router's gRPC adapter under grpcio-testing: real protobuf requests,
-metadata, deadlines and statuses, the pipeline's stages faked; no sockets."""
+metadata, deadlines and statuses, the pipeline's stages faked; and, where
+gRPC's own handling matters (Chat's unary-response handler, a caller gone,
+the registration), over a real server on 127.0.0.1 as the router serves it."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import threading
+import types
 
 import grpc
 import grpc_testing
 import pytest
+import structlog.testing
+from google.protobuf import message_factory
 from google.rpc import error_details_pb2, status_pb2
 
+from meshgate import metrics, serving
 from meshgate.config import ModelSettings, Settings, TenantSettings, hash_api_key
-from meshgate.errors import ErrorInterceptor, MeshgateError
+from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
+from services.router.app import SERVICE_NAMES
 from services.router.auth import Authenticator
 from services.router.ledger import METRICS
-from services.router.pipeline import Answer, CacheStatus, Hit, Pipeline
+from services.router.pipeline import Answer, CacheStatus, Delta, Hit, Pipeline
 from services.router.servicer import RouterServicer, add_to_server
 from tests.unit.test_router_pipeline import FakeCache, FakeContexts, FakeGenerator, request, user
 
@@ -288,18 +296,28 @@ class GatedGenerator:
 
 
 @contextlib.asynccontextmanager
-async def router_stub(servicer: RouterServicer):
-    """The servicer registered as the router registers it, behind the error
-    interceptor, on a real gRPC server on 127.0.0.1; a client's stub to it."""
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
-    add_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+async def serving_router(servicer: RouterServicer):
+    """The servicer registered as the router registers it, on a
+    ``serving.Service`` as the router's (its interceptors: telemetry, errors
+    with their RPC metrics, the mesh guard), on 127.0.0.1; yields the port."""
+    service = serving.Service("router", SERVICE_NAMES)
+    add_to_server(servicer, service.server)
+    port = await serving.start(service, "127.0.0.1:0", _nothing)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield router_service_pb2_grpc.RouterServiceStub(channel)
+        yield port
     finally:
-        await server.stop(None)
+        await serving.stop(service, grace_s=0)
+
+
+async def _nothing() -> None:
+    pass
+
+
+@contextlib.asynccontextmanager
+async def router_stub(servicer: RouterServicer):
+    """A client's stub to the servicer served as the router serves it (serving_router)."""
+    async with serving_router(servicer) as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield router_service_pb2_grpc.RouterServiceStub(channel)
 
 
 async def test_over_grpc_each_delta_goes_out_as_it_comes_and_the_completion_ends_the_stream():
@@ -333,6 +351,160 @@ async def test_over_grpc_a_short_hit_is_the_completion_alone_and_a_failure_its_r
             [r async for r in call]
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     assert reason_of(failed.value.trailing_metadata()) == Reason.STREAM_ENDED_EARLY
+
+
+# A method's kind as gRPC names it, by whether its requests and its responses stream.
+KINDS = {
+    (False, False): "unary_unary",
+    (False, True): "unary_stream",
+    (True, False): "stream_unary",
+    (True, True): "stream_stream",
+}
+
+
+class RecordingServer:
+    """Keeps what add_to_server registers, in place of a server."""
+
+    def add_generic_rpc_handlers(self, generic_handlers) -> None:
+        self.generic_handlers = generic_handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def test_every_router_method_is_registered_by_its_kind_and_chat_with_a_unary_response():
+    servicer = router_servicer()
+    server = RecordingServer()
+    add_to_server(servicer, server)
+    assert server.service == SERVICE.full_name
+    assert set(server.handlers) == set(SERVICE.methods_by_name)
+    (generic,) = server.generic_handlers
+    for name, handler in server.handlers.items():
+        method = SERVICE.methods_by_name[name]
+        assert generic.service(types.SimpleNamespace(method=f"/{SERVICE.full_name}/{name}")) is handler
+        behavior = (
+            handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        )
+        if name == "Chat":
+            assert (handler.request_streaming, handler.response_streaming) == (False, False)
+            assert behavior == servicer.chat_with_status
+            assert handler.response_serializer is None  # chat_with_status serializes its messages
+        else:
+            assert (handler.request_streaming, handler.response_streaming) == (
+                method.client_streaming,
+                method.server_streaming,
+            )
+            assert behavior == getattr(servicer, name)
+            response_class = message_factory.GetMessageClass(method.output_type)
+            assert handler.response_serializer == response_class.SerializeToString
+        assert type(handler.request_deserializer(b"")).DESCRIPTOR is method.input_type
+
+
+async def test_every_router_method_is_served():
+    codes = {}
+    async with (
+        serving_router(router_servicer()) as port,
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+    ):
+        for method in SERVICE.methods:
+            kind = KINDS[method.client_streaming, method.server_streaming]
+            call = getattr(channel, kind)(f"/{SERVICE.full_name}/{method.name}")
+            request = iter((b"",)) if method.client_streaming else b""
+            try:
+                result = call(request, timeout=10)
+                if method.server_streaming:
+                    [_ async for _ in result]
+                else:
+                    await result
+            except grpc.aio.AioRpcError as error:
+                codes[method.name] = error.code()
+    # Each reached its handler, which asked for a key: none is unimplemented.
+    assert codes == dict.fromkeys(SERVICE.methods_by_name, grpc.StatusCode.UNAUTHENTICATED)
+
+
+def chat_outcomes() -> collections.Counter:
+    """The router's finished Chat calls so far by status code, as the error
+    interceptor recorded them in the RPC metrics."""
+    return collections.Counter(
+        {
+            sample.labels["code"]: sample.value
+            for family in metrics.REGISTRY.collect()
+            if family.name == "meshgate_rpc_requests"
+            for sample in family.samples
+            if sample.name.endswith("_total")
+            and (sample.labels["service"], sample.labels["method"]) == ("router", "RouterService/Chat")
+        }
+    )
+
+
+async def until(condition, what: str) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never: {what}")
+
+
+class EndlessGenerator:
+    """Pieces of 64 KiB for ever; ``pulled`` counts those asked for."""
+
+    def __init__(self) -> None:
+        self.pulled = 0
+
+    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
+        while True:
+            self.pulled += 1
+            yield "x" * 65536
+
+
+async def test_a_caller_gone_mid_stream_is_cancelled_not_an_internal_error():
+    generator = EndlessGenerator()
+    async with serving_router(router_servicer(generator=generator)) as port:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        call = router_service_pb2_grpc.RouterServiceStub(channel).Chat(request(), metadata=AUTH)
+        assert (await call.read()).delta.text
+        # The caller reads no more: the router's writes fill the stream's
+        # window, and one waits for room when the caller goes.
+        pulled = -1
+        while pulled != generator.pulled:
+            pulled = generator.pulled
+            await asyncio.sleep(0.2)
+        before = chat_outcomes()
+        with structlog.testing.capture_logs() as logs:
+            await channel.close()
+            await until(lambda: chat_outcomes() != before, "the router recorded the call's end")
+    assert chat_outcomes() - before == collections.Counter({"CANCELLED": 1})
+    assert [entry for entry in logs if entry["event"] == "unhandled error"] == []
+
+
+class StopsEarly:
+    """A pipeline whose turn ends after a delta, with neither a completion
+    nor a failure: a bug the router must not pass off as an answer."""
+
+    def run(self, *arguments, **options):
+        async def turn():
+            yield Delta("Hel")
+
+        return turn()
+
+
+async def test_a_chat_that_ends_without_its_completion_is_an_internal_error():
+    settings = Settings()
+    settings.router.dev_api_key = KEY
+    servicer = RouterServicer(settings, Authenticator(settings.router), StopsEarly(), FakeLedger())
+    async with router_stub(servicer) as stub:
+        call = stub.Chat(request(), metadata=AUTH)
+        responses = []
+        with structlog.testing.capture_logs() as logs, pytest.raises(grpc.aio.AioRpcError) as failed:
+            async for response in call:
+                responses.append(response)
+    # The delta, and no empty message after it passed off as the completion.
+    assert [response.WhichOneof("event") for response in responses] == ["delta"]
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+    assert reason_of(failed.value.trailing_metadata()) == Reason.INTERNAL
+    assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == [
+        "Chat ended without a completion"
+    ]
 
 
 def test_chat_without_a_key_is_unauthenticated(loop):
