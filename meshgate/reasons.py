@@ -148,7 +148,7 @@ class Reason(enum.StrEnum):
     """The prompt token budget is zero or negative."""
 
     INVALID_APPEND_RESERVATION = enum.auto()
-    """An assembly's append_reservation is negative, or comes with at_version (a rebuild)."""
+    """An assembly's append_reservation is negative, has no session_id, or has at_version (a rebuild)."""
 
     UNKNOWN_STRATEGY = enum.auto()
     """An assembly request names a strategy this service does not know."""

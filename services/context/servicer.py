@@ -235,11 +235,18 @@ def _check_reservation(reservation: pb.AppendReservation, session_id: str, at_ve
             Reason.INVALID_APPEND_RESERVATION,
             "append_reservation's turn_count and size_bytes must not be negative",
         )
-    if not session_id or at_version is not None:
+    if not session_id:
         raise invalid_argument(
             Reason.INVALID_APPEND_RESERVATION,
-            "append_reservation needs a session_id and the current version (no at_version)",
+            "append_reservation needs a session_id: without a session nothing is appended",
         )
+    if at_version is not None:
+        raise invalid_argument(
+            Reason.INVALID_APPEND_RESERVATION,
+            "append_reservation cannot come with at_version: a rebuild at a past version appends nothing",
+        )
+    if reservation.HasField("expected_version"):
+        _check_version(reservation.expected_version, "append_reservation.expected_version")
 
 
 def _check_messages(messages: list[common_pb2.Message], field: str) -> None:
@@ -383,7 +390,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 if self._pack_older_turns and c.transcript_tokens is not None:
                     token_counts[c.line_id] = await c.count_lines(turns)
             ticket = self._hot.ticket()
-            version, replayed = await self._store.append(
+            version, replayed, held_bytes = await self._store.append(
                 request.tenant_id,
                 request.session_id,
                 None if request.any_version else request.expected_version,
@@ -408,8 +415,10 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                     request.tenant_id, request.session_id, version, turn_features, vectors
                 )
                 if before is not None and before.index is not None and before.version == version - 1:
-                    indexed = before.index.extended(version, first, turn_features, vectors)
-            self._warm(request.tenant_id, request.session_id, version, turns, token_counts, ticket)
+                    indexed = before.index.extended(version, first, turn_features, vectors, held_bytes)
+            self._warm(
+                request.tenant_id, request.session_id, version, turns, token_counts, held_bytes, ticket
+            )
             after = self._hot.get(key)
             if indexed is not None and after is not None and after.version == version:
                 # The hot entry was extended in place of a read: so is its index.
@@ -707,7 +716,15 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             reservation = request.append_reservation
             live_turns = len(view.roles) - view.compacted
             self._store.check_room(
-                session_id, live_turns, view.held_bytes, reservation.turn_count, reservation.size_bytes
+                session_id,
+                live_turns,
+                view.held_bytes,
+                reservation.turn_count,
+                reservation.size_bytes,
+                version=view.version,
+                expected_version=(
+                    reservation.expected_version if reservation.HasField("expected_version") else None
+                ),
             )
         pinned_facts = [common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=f) for f in view.pinned_facts]
         facts = [
@@ -885,11 +902,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         version: int,
         turns: list[common_pb2.Message],
         token_counts: dict[str, list[int]],
+        held_bytes: int | None,
         ticket: int,
     ) -> None:
         """Readies the session for its next assembly: extends the cached
-        entry with what was just appended when it holds the version before,
-        else reads the session in the background (never on the request path)."""
+        entry with what was just appended (``held_bytes``: the session's byte
+        count the append left, SessionStore.append's) when it holds the
+        version before, else reads the session in the background (never on
+        the request path)."""
         key = session_key(tenant_id, session_id)
         cached = self._hot.get(key)
         if cached is not None and cached.version == version - 1:
@@ -900,13 +920,10 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 update_time_ms=int(time.time() * 1000),
                 turns=cached.turns + turns,
                 compacted=cached.compacted,
-                # As the append script counts them. Uncounted stays so until
-                # the session is next read: a check skipped, never a wrong one.
-                held_bytes=(
-                    None
-                    if cached.held_bytes is None
-                    else cached.held_bytes + sum(turn.ByteSize() for turn in turns)
-                ),
+                # The append script's own count, not the cached one extended:
+                # no serializing here, and a count a compaction changed since
+                # the entry was read is not carried on.
+                held_bytes=held_bytes,
                 token_counts={
                     tokenizer: np.concatenate((cached.token_counts.get(tokenizer, NO_COUNTS), counts))
                     for tokenizer, counts in token_counts.items()

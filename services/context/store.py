@@ -128,11 +128,12 @@ end
 # count n, the most turns the session may hold (0 = no cap), the most bytes
 # its turns may hold (0 = no cap), n turns, then pairs of (counts field,
 # packed counts of the n turns).
-# Returns {1, new version}, {0} if there is no session, {-1, current
-# version} on a version mismatch, {2, version} if the turn id was applied
-# before (nothing is appended again), {-2, turns held} or {-6, bytes held}
-# if the n turns would take the session past its cap of turns or of bytes
-# (nothing is appended).
+# Returns {1, new version, bytes held now} ({1, new version} when the
+# session's bytes stay uncounted: stored before the count, no byte cap),
+# {0} if there is no session, {-1, current version} on a version mismatch,
+# {2, version} if the turn id was applied before (nothing is appended
+# again), {-2, turns held} or {-6, bytes held} if the n turns would take
+# the session past its cap of turns or of bytes (nothing is appended).
 _APPEND = (
     _TURN_BYTES
     + """
@@ -162,7 +163,10 @@ if max_bytes > 0 and held_bytes + added > max_bytes then return {-6, held_bytes}
 -- One RPUSH: the turn's messages stay adjacent whatever else is appended.
 redis.call('RPUSH', KEYS[2], unpack(ARGV, 7, 6 + n))
 -- Uncounted (an old session, no cap) stays uncounted until a cap needs it.
-if held_bytes then redis.call('HSET', KEYS[1], 'bytes', held_bytes + added) end
+if held_bytes then
+  held_bytes = held_bytes + added
+  redis.call('HSET', KEYS[1], 'bytes', held_bytes)
+end
 for i = 7 + n, #ARGV, 2 do
   local counts = redis.call('HGET', KEYS[1], ARGV[i]) or ''
   -- Extend only counts that cover every stored turn, so they stay a prefix.
@@ -184,6 +188,9 @@ local ttl = tonumber(ARGV[3])
 if ttl > 0 then
   for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
 end
+-- The count as this append left it, so a hot copy takes it rather than
+-- add sizes of its own to a count a compaction may have changed since.
+if held_bytes then return {1, new_version, held_bytes} end
 return {1, new_version}
 """
 )
@@ -481,6 +488,17 @@ class StoredSession:
     held_bytes: int | None = None
 
 
+class Appended(typing.NamedTuple):
+    """What SessionStore.append did."""
+
+    version: int
+    # The turn id had been applied before: nothing was appended now.
+    replayed: bool
+    # Meta's ``bytes`` as the append left it; None when the session's bytes
+    # stay uncounted (see the module's docstring) or nothing was appended.
+    held_bytes: int | None
+
+
 def key(tenant_id: str, session_id: str, part: str) -> str:
     """One of a session's Redis keys (``meta``, ``turns``, ...): the one place
     their layout is spelled, for this module, the turn index and summaries.
@@ -630,11 +648,10 @@ class SessionStore:
         turns: list[common_pb2.Message],
         token_counts: dict[str, list[int]],
         turn_id: str = "",
-    ) -> tuple[int, bool]:
+    ) -> Appended:
         """Appends if the session is at ``expected_version``, or at the end
-        whatever its version when it is None. Returns the new version and
-        whether ``turn_id`` had been applied before (then nothing is
-        appended now). ``token_counts`` maps tokenizer id to the turns' counts."""
+        whatever its version when it is None. ``token_counts`` maps
+        tokenizer id to the turns' counts."""
         expected = "" if expected_version is None else str(expected_version)
         caps = (self._max_turns, self._max_session_bytes)
         args: list[object] = [expected, turn_id, self._ttl_s, len(turns), *caps]
@@ -647,18 +664,31 @@ class SessionStore:
         if full is not None:
             raise _session_full(session_id, *full, str(outcome[1]), len(turns))
         _raise_for(outcome, session_id, expected_version)
-        return int(outcome[1]), outcome[0] == 2
+        held_bytes = int(outcome[2]) if len(outcome) > 2 else None
+        return Appended(int(outcome[1]), outcome[0] == 2, held_bytes)
 
     def check_room(
-        self, session_id: str, live_turns: int, held_bytes: int | None, turn_count: int, size_bytes: int
+        self,
+        session_id: str,
+        live_turns: int,
+        held_bytes: int | None,
+        turn_count: int,
+        size_bytes: int,
+        *,
+        version: int,
+        expected_version: int | None,
     ) -> None:
-        """Raises the SESSION_FULL an append of ``turn_count`` turns of
-        ``size_bytes`` (their serialized sizes) would meet now, to a session
-        holding ``live_turns`` live turns and ``held_bytes`` (meta's count):
-        _APPEND's decision on the same caps, turns first, made before the
-        append (an assembly's ``append_reservation``). A session whose bytes
-        were never counted (None: stored before the count) is not checked by
-        bytes here: its append counts it, once, and decides."""
+        """Raises what an append of ``turn_count`` turns of ``size_bytes``
+        (their serialized sizes) at ``expected_version`` (None: whatever the
+        version) would meet now, to a session at ``version`` holding
+        ``live_turns`` live turns and ``held_bytes`` (meta's count): _APPEND's
+        decision in _APPEND's order, VERSION_CONFLICT first, then
+        SESSION_FULL on the same caps, turns first; made before the append
+        (an assembly's ``append_reservation``). A session whose bytes were
+        never counted (None: stored before the count) is not checked by bytes
+        here: its append counts it, once, and decides."""
+        if expected_version is not None and version != expected_version:
+            raise _version_conflict(session_id, version, expected_version)
         if self._max_turns > 0 and live_turns + turn_count > self._max_turns:
             raise _session_full(session_id, "turns", self._max_turns, str(live_turns), turn_count)
         max_bytes = self._max_session_bytes
@@ -771,10 +801,13 @@ def _raise_for(outcome: list, session_id: str, expected_version: int | None) -> 
     if outcome[0] == 0:
         raise session_not_found(session_id)
     if outcome[0] == -1:
-        current = str(outcome[1])
-        raise MeshgateError(
-            grpc.StatusCode.ABORTED,
-            Reason.VERSION_CONFLICT,
-            f"session {session_id!r} is at version {current}, not {expected_version}",
-            {"current_version": current},
-        )
+        raise _version_conflict(session_id, int(outcome[1]), expected_version)
+
+
+def _version_conflict(session_id: str, current: int, expected_version: int | None) -> MeshgateError:
+    return MeshgateError(
+        grpc.StatusCode.ABORTED,
+        Reason.VERSION_CONFLICT,
+        f"session {session_id!r} is at version {current}, not {expected_version}",
+        {"current_version": str(current)},
+    )

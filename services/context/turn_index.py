@@ -252,10 +252,17 @@ class IndexedTurns:
         return {t: self.postings[t] for t in terms if t in self.postings}
 
     def extended(
-        self, version: int, first: int, turns: list[TurnFeatures], vectors: np.ndarray | None
+        self,
+        version: int,
+        first: int,
+        turns: list[TurnFeatures],
+        vectors: np.ndarray | None,
+        held_bytes: int | None,
     ) -> IndexedTurns | None:
         """This index with the turns an append stored at ``first``, as
-        :meth:`TurnIndex.write` stored them; None unless they follow on."""
+        :meth:`TurnIndex.write` stored them; None unless they follow on.
+        ``held_bytes``: the session's byte count that append left
+        (store.SessionStore.append's), not this index's plus the turns'."""
         if first != self.count or len(self.roles) != self.count:
             return None
         count = self.count + len(turns)
@@ -287,6 +294,7 @@ class IndexedTurns:
             self.pinned_turns,
             self.pinned_facts,
             self.first_live,
+            held_bytes=held_bytes,
         )
 
 

@@ -124,6 +124,12 @@ class ContextService:
             request.append_reservation.size_bytes = (
                 sum(m.ByteSize() for m in turn.messages) + _EMPTY_ANSWER_BYTES
             )
+            if turn.expected_version is not None:
+                # A strict turn's append requires this version (its
+                # after_version, once the pipeline has checked it): checked
+                # first, as the append checks it, so a stale turn on a full
+                # session is told VERSION_CONFLICT, not SESSION_FULL.
+                request.append_reservation.expected_version = turn.expected_version
         try:
             response = await self._call(
                 self._stub.AssembleContext,

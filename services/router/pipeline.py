@@ -557,6 +557,9 @@ class Pipeline:
             assembled = await self._contexts.assemble(turn)
             if assembled is not None:
                 prompt, version = assembled
+            # The assembly refuses a strict turn at another version itself
+            # (its append_reservation's expected_version); a context service
+            # that predates that field ignores it, and this check stands in.
             if turn.expected_version is not None and version != turn.expected_version:
                 raise version_conflict(session_id, version)
             hit = await self._exact_hit(plan, prompt, turn.budget)

@@ -1,16 +1,16 @@
 """AssembleContext's append_reservation over a real Redis: an assembly for a
-turn whose append could not fit the session is refused as that append
-would be (RESOURCE_EXHAUSTED / SESSION_FULL, the same ErrorInfo), from
+turn whose append would be refused is refused as that append would be (the
+same code and ErrorInfo: VERSION_CONFLICT first, then SESSION_FULL), from
 wherever the session is read (a hot session's memory, with no Redis round
 trip; the turn index; a whole read), on the same caps and counts as the
-append: compaction frees turns and bytes for both alike, and a session
-whose bytes were never counted is left to its append."""
+append: compaction frees turns and bytes for both alike, a session whose
+bytes were never counted is left to its append, and a hot copy takes the
+count its append made."""
 
 from __future__ import annotations
 
 import grpc
 import pytest
-import redis.asyncio as redis
 
 from meshgate.context.v1 import context_service_pb2 as pb
 from services.context import store as session_store
@@ -37,8 +37,11 @@ from tests.integration.test_context_versions import (
 pytestmark = pytest.mark.integration
 
 
-def reserving(turn_count: int, size_bytes: int) -> dict:
-    return {"append_reservation": pb.AppendReservation(turn_count=turn_count, size_bytes=size_bytes)}
+def reserving(turn_count: int, size_bytes: int, expected_version: int | None = None) -> dict:
+    reservation = pb.AppendReservation(turn_count=turn_count, size_bytes=size_bytes)
+    if expected_version is not None:
+        reservation.expected_version = expected_version
+    return {"append_reservation": reservation}
 
 
 def _size(*texts: str) -> int:
@@ -116,7 +119,7 @@ async def test_the_byte_cap_refuses_up_front_as_the_append_does(tmp_path, tenant
     settings.context.max_session_bytes = 4096
     async with _own_redis(tmp_path) as (url, client):
         settings.redis.url = url
-        async with running(settings) as stub:
+        async with running(settings) as stub, running(settings) as cold:
             session_id = await new_session(stub, tenant)
             await append(stub, tenant, session_id, "q" * 1000, "a" * 1000)
 
@@ -146,6 +149,13 @@ async def test_the_byte_cap_refuses_up_front_as_the_append_does(tmp_path, tenant
                 "limit": "4096",
                 "bytes": str(held),
             }
+            # A replica that never read it plans from the turn index: the same
+            # count read there, the same refusal.
+            assert await failure(assemble(cold, tenant, session_id, **reserving(1, room + 1))) == (
+                code,
+                reason,
+                reserved,
+            )
             # The append of that many bytes is refused with the very same ErrorInfo.
             overhead = _size("q" * room) - room
             too_big = "q" * (room + 1 - overhead)
@@ -154,37 +164,89 @@ async def test_the_byte_cap_refuses_up_front_as_the_append_does(tmp_path, tenant
             assert (await contents(stub, tenant, session_id))[0] == 2
 
 
-async def test_a_session_whose_bytes_were_never_counted_is_left_to_its_append(redis_url, tenant) -> None:
-    settings = make_settings(redis_url)
+async def test_a_session_whose_bytes_were_never_counted_is_left_to_its_append(tmp_path, tenant) -> None:
+    settings = make_settings("")
     settings.context.max_session_bytes = 4096
-    async with running(settings) as stub:
+    async with _own_redis(tmp_path) as (url, client):
+        settings.redis.url = url
+        async with running(settings) as stub:
+            session_id = await new_session(stub, tenant)
+            await append(stub, tenant, session_id, "q" * 1500, "a" * 1500)
+            # As a session stored before the count: meta has no bytes.
+            await client.hdel(session_store.key(tenant, session_id, "meta"), "bytes")
+            async with running(settings) as fresh:
+                # Not guessed at: assembled, and the append counts it and decides.
+                assert (await assemble(fresh, tenant, session_id, **reserving(1, 2000))).session_version == 1
+
+                # That assembly's prefetch holds it hot, uncounted as read
+                # (before the append below counts it in Redis, changing no
+                # version: the copy stands).
+                async def hot() -> bool:
+                    before = await _settled(client)
+                    await assemble(fresh, tenant, session_id)
+                    return await _data_commands(client) == before
+
+                await _until(hot)
+                code, reason, metadata = await failure(append(fresh, tenant, session_id, "q" * 1990))
+                assert (code, reason, metadata["bytes"]) == (
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "SESSION_FULL",
+                    str(_size("q" * 1500, "a" * 1500)),
+                )
+                # After an append that fits, the replica holds it hot again
+                # with the count that append's script made (its copy extended,
+                # or read back by the prefetch the append starts): from then
+                # on it is checked by bytes, from memory.
+                assert await append(fresh, tenant, session_id, "q" * 10) == 2
+                held = _size("q" * 1500, "a" * 1500, "q" * 10)
+                before = await _settled(client)
+                refused = await failure(assemble(fresh, tenant, session_id, **reserving(1, 4096 - held + 1)))
+                assert await _data_commands(client) == before
+                assert refused == (
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "SESSION_FULL",
+                    {"session_id": session_id, "unit": "bytes", "limit": "4096", "bytes": str(held)},
+                )
+
+
+async def test_a_stale_expected_version_is_refused_first_as_the_append_refuses_it(redis_url, tenant) -> None:
+    settings = make_settings(redis_url)
+    settings.context.max_turns = 2
+    async with running(settings) as stub, running(settings) as cold:
         session_id = await new_session(stub, tenant)
-        await append(stub, tenant, session_id, "q" * 1500, "a" * 1500)
-        # As a session stored before the count: meta has no bytes.
-        client = redis.Redis.from_url(redis_url)
-        await client.hdel(session_store.key(tenant, session_id, "meta"), "bytes")
-        await client.aclose()
-        async with running(settings) as fresh:
-            # Not guessed at: assembled, and the append counts it and decides.
-            assert (await assemble(fresh, tenant, session_id, **reserving(1, 2000))).session_version == 1
-            code, reason, metadata = await failure(append(fresh, tenant, session_id, "q" * 1990))
-            assert (code, reason, metadata["bytes"]) == (
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "SESSION_FULL",
-                str(_size("q" * 1500, "a" * 1500)),
-            )
+        # At version 0, not full: the version alone refuses it.
+        conflict = await failure(assemble(stub, tenant, session_id, **reserving(2, 10, expected_version=3)))
+        assert conflict == (grpc.StatusCode.ABORTED, "VERSION_CONFLICT", {"current_version": "0"})
+        await append(stub, tenant, session_id, "q0", "a0")
+        # Full and at version 1: an append expecting version 0 is told of
+        # the version, not of the cap, and so is the assembly reserving it,
+        # from a replica that appended and from one that never read it.
+        stale = await failure(append(stub, tenant, session_id, "q1", "a1", version=0))
+        assert stale == (grpc.StatusCode.ABORTED, "VERSION_CONFLICT", {"current_version": "1"})
+        for replica in (stub, cold):
+            reserved = reserving(2, 10, expected_version=0)
+            assert await failure(assemble(replica, tenant, session_id, **reserved)) == stale
+        # At its version, the cap decides, for both alike.
+        full = await failure(append(stub, tenant, session_id, "q1", "a1", version=1))
+        assert full[:2] == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_FULL")
+        reserved = reserving(2, 10, expected_version=1)
+        assert await failure(assemble(cold, tenant, session_id, **reserved)) == full
+        assert await contents(stub, tenant, session_id) == (1, ["q0", "a0"])
 
 
 @pytest.mark.parametrize(
-    ("fields", "session"),
+    ("fields", "session", "refusal"),
     [
-        (reserving(-1, 0), True),
-        (reserving(1, -5), True),
-        (reserving(1, 10), False),
-        ({**reserving(1, 10), "at_version": 0}, True),
+        (reserving(-1, 0), True, "INVALID_APPEND_RESERVATION"),
+        (reserving(1, -5), True, "INVALID_APPEND_RESERVATION"),
+        (reserving(1, 10), False, "INVALID_APPEND_RESERVATION"),
+        ({**reserving(1, 10), "at_version": 0}, True, "INVALID_APPEND_RESERVATION"),
+        (reserving(1, 10, expected_version=-1), True, "INVALID_VERSION"),
     ],
 )
-async def test_a_reservation_that_cannot_be_checked_is_invalid(redis_url, tenant, fields, session) -> None:
+async def test_a_reservation_that_cannot_be_checked_is_invalid(
+    redis_url, tenant, fields, session, refusal
+) -> None:
     async with running(make_settings(redis_url)) as stub:
         session_id = await new_session(stub, tenant) if session else ""
         request = pb.AssembleContextRequest(
@@ -196,4 +258,4 @@ async def test_a_reservation_that_cannot_be_checked_is_invalid(redis_url, tenant
             **fields,
         )
         code, reason, _ = await failure(stub.AssembleContext(request))
-        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_APPEND_RESERVATION")
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, refusal)

@@ -98,9 +98,14 @@ async def test_a_replayed_append_counts_once_and_a_pinned_turn_kept_through_comp
     later = [msg(USER, "And the lighthouse?" * 20)]
     try:
         await sessions.create(tenant, session_id)
-        assert await sessions.append(tenant, session_id, 0, turns, {}, turn_id="once") == (1, False)
+        # The append reports the count it left; its replay appends nothing and reports none.
+        assert await sessions.append(tenant, session_id, 0, turns, {}, turn_id="once") == (
+            1,
+            False,
+            _size(*turns),
+        )
         # The retry of the same append (same turn id) is answered, not applied: counted once.
-        assert await sessions.append(tenant, session_id, None, turns, {}, turn_id="once") == (1, True)
+        assert await sessions.append(tenant, session_id, None, turns, {}, turn_id="once") == (1, True, None)
         assert await _counted(client, tenant, session_id) == _size(*turns)
         await sessions.append(tenant, session_id, 1, later, {})
 
@@ -200,15 +205,15 @@ async def test_a_session_stored_before_the_count_is_counted_by_its_next_append(c
         await uncapped.append(tenant, session_id, 0, old, {})
         # As a session stored before this change: no count.
         await client.hdel(session_store.key(tenant, session_id, "meta"), "bytes")
-        # Without a cap, nothing counts it (nor invents a count from 0).
-        await uncapped.append(tenant, session_id, 1, [msg(USER, "hello")], {})
+        # Without a cap, nothing counts it (nor invents a count from 0), nor reports one.
+        assert (await uncapped.append(tenant, session_id, 1, [msg(USER, "hello")], {})).held_bytes is None
         assert await _counted(client, tenant, session_id) is None
         await uncapped.revert(tenant, session_id, 1, None)
         assert await _counted(client, tenant, session_id) is None
 
         new = msg(ASSISTANT, "v" * 100)
         capped = session_store.SessionStore(client, ttl_s=600, max_session_bytes=_size(*old) + _size(new))
-        assert (await capped.append(tenant, session_id, None, [new], {}))[0] == 4
+        assert await capped.append(tenant, session_id, None, [new], {}) == (4, False, _size(*old, new))
         assert await _counted(client, tenant, session_id) == _size(*old, new)
         # Counted from what it held, not from 0: the next turn would pass the cap.
         with pytest.raises(MeshgateError) as refused:

@@ -183,3 +183,36 @@ async def test_the_http_edge_refuses_a_turn_on_a_full_session_with_409(mesh) -> 
     error = response.json()["error"]
     assert (error["type"], error["code"]) == ("conflict_error", "SESSION_FULL")
     assert await stored(context, tenant, session_id) == (1, [f"t{n}" for n in range(MAX_TURNS)])
+
+
+async def test_a_stale_strict_turn_on_a_full_session_is_refused_as_its_append_would_be(mesh) -> None:
+    router, context, tenant, auth, _ = mesh
+    session_id = (await router.CreateSession(pb.CreateSessionRequest(), metadata=auth)).session_id
+    full = [
+        common_pb2.Message(role=USER if n % 2 == 0 else ASSISTANT, content=f"t{n}") for n in range(MAX_TURNS)
+    ]
+    await context.AppendTurns(
+        context_pb.AppendTurnsRequest(
+            tenant_id=tenant, session_id=session_id, any_version=True, messages=full
+        )
+    )
+    # What the append answers a writer still at version 0: the version, before the cap.
+    with pytest.raises(grpc.aio.AioRpcError) as appended:
+        await context.AppendTurns(
+            context_pb.AppendTurnsRequest(
+                tenant_id=tenant, session_id=session_id, expected_version=0, messages=full[:2]
+            )
+        )
+    info = error_info(appended.value)
+    append_refusal = (appended.value.code(), info.reason, dict(info.metadata))
+    assert append_refusal == (grpc.StatusCode.ABORTED, "VERSION_CONFLICT", {"current_version": "1"})
+
+    stale = turn(session_id, "one more?")
+    stale.expected_session_version = 0
+    assert await refused(router.Chat(stale, metadata=auth)) == append_refusal
+    # At its version, the cap refuses it.
+    current = turn(session_id, "one more?")
+    current.expected_session_version = 1
+    code, reason, metadata = await refused(router.Chat(current, metadata=auth))
+    assert (code, reason, metadata["unit"]) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_FULL", "turns")
+    assert await stored(context, tenant, session_id) == (1, [f"t{n}" for n in range(MAX_TURNS)])

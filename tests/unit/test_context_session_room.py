@@ -1,8 +1,8 @@
-"""SessionStore.check_room: the append script's cap decision, made before
-the append (an assembly's append_reservation), on the same caps; and the
-byte count a hot session keeps when an append extends it in memory (the
-store's writes are stand-ins there: tests/integration/
-test_context_append_reservation.py runs the real ones)."""
+"""SessionStore.check_room: the append script's decision, made before the
+append (an assembly's append_reservation), in the same order on the same
+caps; and the byte count a hot session keeps when an append extends it in
+memory: the script's own (the store's writes are stand-ins there:
+tests/integration/test_context_append_reservation.py runs the real ones)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from meshgate.reasons import Reason
 from services.context import token_counts
 from services.context.hot_cache import HotCache
 from services.context.servicer import ContextServicer
-from services.context.store import SessionStore, StoredSession, session_key
+from services.context.store import Appended, SessionStore, StoredSession, session_key
 
 
 def _store(max_turns: int = 0, max_session_bytes: int = 0) -> SessionStore:
@@ -26,9 +26,17 @@ def _store(max_turns: int = 0, max_session_bytes: int = 0) -> SessionStore:
     return SessionStore(redis.Redis(), ttl_s=0, max_turns=max_turns, max_session_bytes=max_session_bytes)
 
 
-def _refusal(store: SessionStore, *args) -> MeshgateError:
+# The version the session is at, in the checks below.
+VERSION = 3
+
+
+def _check(store: SessionStore, *args, expected_version: int | None = None) -> None:
+    store.check_room("s1", *args, version=VERSION, expected_version=expected_version)
+
+
+def _refusal(store: SessionStore, *args, expected_version: int | None = None) -> MeshgateError:
     with pytest.raises(MeshgateError) as refused:
-        store.check_room("s1", *args)
+        _check(store, *args, expected_version=expected_version)
     assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert refused.value.reason == Reason.SESSION_FULL
     return refused.value
@@ -36,7 +44,7 @@ def _refusal(store: SessionStore, *args) -> MeshgateError:
 
 def test_turns_up_to_the_cap_fit_and_one_more_is_refused_as_the_append_is() -> None:
     store = _store(max_turns=10)
-    store.check_room("s1", 8, 0, 2, 100)
+    _check(store, 8, 0, 2, 100)
     refused = _refusal(store, 9, 0, 2, 100)
     assert refused.metadata == {
         "session_id": "s1",
@@ -49,7 +57,7 @@ def test_turns_up_to_the_cap_fit_and_one_more_is_refused_as_the_append_is() -> N
 
 def test_bytes_up_to_the_cap_fit_and_one_more_is_refused_as_the_append_is() -> None:
     store = _store(max_session_bytes=1000)
-    store.check_room("s1", 3, 900, 2, 100)
+    _check(store, 3, 900, 2, 100)
     refused = _refusal(store, 3, 900, 2, 101)
     assert refused.metadata == {"session_id": "s1", "unit": "bytes", "limit": "1000", "bytes": "900"}
 
@@ -62,26 +70,41 @@ def test_the_turn_cap_is_checked_first_as_the_append_checks_it() -> None:
 def test_an_uncounted_session_is_not_refused_by_bytes() -> None:
     # Stored before the count: its append counts it and decides; refusing
     # here could only guess.
-    _store(max_session_bytes=10).check_room("s1", 1, None, 2, 1_000_000)
+    _check(_store(max_session_bytes=10), 1, None, 2, 1_000_000)
     # Its turns still count.
     _refusal(_store(max_turns=2, max_session_bytes=10), 1, None, 2, 1)
 
 
 def test_no_cap_refuses_nothing() -> None:
-    _store().check_room("s1", 10**6, 10**12, 1024, 10**9)
+    _check(_store(), 10**6, 10**12, 1024, 10**9)
+
+
+def test_another_version_than_the_expected_one_is_refused_first_as_the_append_refuses_it() -> None:
+    # Past both caps and at another version: the append script checks the
+    # version before the caps, and so does the check.
+    store = _store(max_turns=4, max_session_bytes=10)
+    with pytest.raises(MeshgateError) as refused:
+        _check(store, 4, 10, 2, 5, expected_version=VERSION - 1)
+    assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.ABORTED, Reason.VERSION_CONFLICT)
+    assert refused.value.metadata == {"current_version": str(VERSION)}
+    # At its version, the caps decide.
+    assert _refusal(store, 4, 10, 2, 5, expected_version=VERSION).metadata["unit"] == "turns"
+    _check(_store(max_turns=4), 1, 0, 2, 5, expected_version=VERSION)
 
 
 class AppendingStore(SessionStore):
     """Its caps and check_room are the real ones; its writes are stand-ins:
-    every append lands as the next version, nothing is stored."""
+    every append lands as the next version, nothing is stored, and the
+    session's byte count it reports is ``counted`` (the script's count)."""
 
-    def __init__(self, max_session_bytes: int) -> None:
+    def __init__(self, max_session_bytes: int, counted: int) -> None:
         super().__init__(redis.Redis(), ttl_s=0, max_session_bytes=max_session_bytes)
         self.version = 1
+        self.counted = counted
 
     async def append(self, tenant_id, session_id, expected_version, turns, token_counts, turn_id=""):
         self.version += 1
-        return self.version, False
+        return Appended(self.version, False, self.counted)
 
     async def fill_token_counts(self, *args) -> None:
         pass
@@ -92,27 +115,34 @@ def counters() -> dict[str, token_counts.PromptCounter]:
     return token_counts.for_models(Settings().models)
 
 
-async def test_a_hot_session_extended_by_an_append_counts_its_bytes_as_the_append_script_does(
-    counters,
+@pytest.mark.parametrize(
+    "cached_bytes",
+    # Uncounted when read (stored before the count), and a count that is
+    # no longer the session's (read before a compaction whose notice has
+    # not reached this replica yet).
+    [None, 5000],
+)
+async def test_a_hot_session_extended_by_an_append_takes_the_append_scripts_byte_count(
+    counters, cached_bytes
 ) -> None:
     held = [
         common_pb2.Message(role=common_pb2.ROLE_USER, content="q" * 300),
         common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="a" * 300),
     ]
-    held_bytes = sum(len(m.SerializeToString()) for m in held)
     hot = HotCache(1 << 30)
     hot.live = True
-    hot.put(session_key("t", "s1"), StoredSession(1, 0, 0, held, {}, held_bytes=held_bytes), hot.ticket())
-    store = AppendingStore(max_session_bytes=4096)
-    servicer = ContextServicer(store, Settings().models, counters, hot=hot)
+    hot.put(session_key("t", "s1"), StoredSession(1, 0, 0, held, {}, held_bytes=cached_bytes), hot.ticket())
     appended = [common_pb2.Message(role=common_pb2.ROLE_USER, content="é" * 200)]
+    counted = sum(m.ByteSize() for m in (*held, *appended))
+    store = AppendingStore(max_session_bytes=4096, counted=counted)
+    servicer = ContextServicer(store, Settings().models, counters, hot=hot)
     await servicer.AppendTurns(
         pb.AppendTurnsRequest(tenant_id="t", session_id="s1", any_version=True, messages=appended), None
     )
     extended = hot.get(session_key("t", "s1"))
     assert extended.version == 2
-    # What the script adds: the serialized length (UTF-8 bytes, not characters).
-    assert extended.held_bytes == held_bytes + len(appended[0].SerializeToString())
+    # The script's count, whatever the entry held before.
+    assert extended.held_bytes == counted
 
     # An assembly reserving the rest fits; a byte more is refused, from memory.
     room = 4096 - extended.held_bytes

@@ -165,12 +165,14 @@ class AssembleContextRequest(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., new_messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., model: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., at_version: _Optional[int] = ..., strategy: _Optional[_Union[AssemblyStrategy, str]] = ..., append_reservation: _Optional[_Union[AppendReservation, _Mapping]] = ...) -> None: ...
 
 class AppendReservation(_message.Message):
-    __slots__ = ("turn_count", "size_bytes")
+    __slots__ = ("turn_count", "size_bytes", "expected_version")
     TURN_COUNT_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     turn_count: int
     size_bytes: int
-    def __init__(self, turn_count: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    expected_version: int
+    def __init__(self, turn_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., expected_version: _Optional[int] = ...) -> None: ...
 
 class PinToSessionRequest(_message.Message):
     __slots__ = ("tenant_id", "session_id", "message_index", "fact")
