@@ -319,10 +319,23 @@ class RouterSettings:
     # each may carry up to 32 MiB (meshgate/serving.py). Every open Chat or
     # ChatSession stream counts, however idle (raise it where clients keep
     # many ChatSession streams open). A backstop for the process, far above
-    # the 16 calls at a time of bench/mesh_bench.py: admission's limits per
-    # key, tenant and model (services/router/admission.py) stay what refuses
-    # a caller first. Not the HTTP edge's requests (no gRPC call). 0: no bound.
+    # the 16 calls at a time of bench/mesh_bench.py. Admission's limits
+    # (services/router/admission.py) are charged per turn, not per open
+    # stream, so they do not stop one tenant's idle streams from filling it:
+    # max_session_streams_per_tenant does. AdminService calls are never
+    # counted (the operator can still revoke a key). Not the HTTP edge's
+    # requests (no gRPC call). 0: no bound.
     max_concurrent_rpcs: int = 4096
+    # The most ChatSession streams one tenant holds open on this replica; one
+    # more is refused at open with RESOURCE_EXHAUSTED /
+    # TOO_MANY_SESSION_STREAMS (services/router/admission.py SessionStreams).
+    # An open stream costs its tenant nothing until it sends a turn, so
+    # without this cap one key could hold all of max_concurrent_rpcs. 256 is
+    # 1/16 of the default bound: it takes 16 tenants at their cap to fill a
+    # replica, while one client application still keeps 256 conversations
+    # open per replica (times the replicas behind the balancer). Raise it
+    # (and max_concurrent_rpcs with it) where tenants need more. 0: no cap.
+    max_session_streams_per_tenant: int = 256
     # One address, an address list or a dns:/// name (DeploymentSettings.address).
     context_address: str = "127.0.0.1:50052"
     cache_address: str = "127.0.0.1:50053"
@@ -387,6 +400,11 @@ class RouterSettings:
 
     def __post_init__(self) -> None:
         _check_max_concurrent_rpcs("router", self.max_concurrent_rpcs)
+        if self.max_session_streams_per_tenant < 0:
+            raise ConfigError(
+                "router.max_session_streams_per_tenant must not be negative (0: no cap), "
+                f"got {self.max_session_streams_per_tenant}"
+            )
         versions = [(template.name, template.version) for template in self.templates]
         if len(set(versions)) != len(versions):
             raise ConfigError("router.templates: a name and version appear twice")

@@ -314,15 +314,29 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self._in_flight = 0
         self._max_calls = 0
         self._busy: MeshgateError | None = None
+        # Services of ours never counted nor refused, and their methods met so far.
+        self._uncounted_services: tuple[str, ...] = ()
+        self._uncounted: set[str] = set()
 
-    def bound(self, service: str, max_calls: int) -> None:
+    def bound(self, service: str, max_calls: int, uncounted_services: tuple[str, ...] = ()) -> None:
         """Refuses a call of our own services that arrives while ``max_calls``
         are in flight (0: no bound; ``<service>.max_concurrent_rpcs``) with
         RESOURCE_EXHAUSTED / SERVICE_BUSY, before its request is read: each
         call may carry a message of up to serving.MAX_MESSAGE_BYTES. gRPC's
         own ``maximum_concurrent_rpcs`` refuses alike, but with no ErrorInfo.
-        Health checks and reflection are never refused."""
+        Health checks and reflection are never refused, nor the calls of
+        ``uncounted_services`` (full names, such as the router's
+        AdminService: the operator's way in must stay open while callers
+        hold the bound).
+
+        Safe to call again with calls in flight (a reload): a counted call
+        is always counted out, so the count never goes below zero; calls
+        admitted while there was no bound are not counted until they end,
+        so for that while the replica may take a few more than the new
+        bound."""
         self._max_calls = max_calls
+        self._uncounted_services = tuple(f"/{name}/" for name in uncounted_services)
+        self._uncounted = {method for method in self._wrapped if method.startswith(self._uncounted_services)}
         self._busy = MeshgateError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             Reason.SERVICE_BUSY,
@@ -348,7 +362,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 # (they may return per-call handlers).
                 return handler
             self._wrapped[method] = wrapped
-        if self._max_calls:
+            if self._uncounted_services and method.startswith(self._uncounted_services):
+                self._uncounted.add(method)
+        if self._max_calls and method not in self._uncounted:
             if self._in_flight >= self._max_calls:
                 return self._refusal(method)
             self._in_flight += 1

@@ -250,6 +250,11 @@ class Reason(enum.StrEnum):
     """A service replica is handling its most calls at once (``<service>.max_concurrent_rpcs``;
     metadata ``limit`` max_concurrent_rpcs, ``scope`` replica, ``limit_value``, ``service``)."""
 
+    TOO_MANY_SESSION_STREAMS = enum.auto()
+    """The tenant holds its most ChatSession streams open on this router replica
+    (``router.max_session_streams_per_tenant``; metadata ``limit``, ``scope`` tenant,
+    ``limit_value``): one must close first."""
+
     LIMITS_UNAVAILABLE = enum.auto()
     """UNAVAILABLE: Redis is unreachable and a limit that applies is configured to fail closed."""
 

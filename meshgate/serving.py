@@ -370,10 +370,11 @@ class Service:
         verifier = mesh.tenant_verifier() if tenant_of is not None else None
         self.guard.restrict(self.name, callers, verifier, tenant_of)
 
-    def bound_calls(self, max_calls: int) -> None:
+    def bound_calls(self, max_calls: int, uncounted_services: tuple[str, ...] = ()) -> None:
         """Refuses calls past ``max_calls`` in flight with RESOURCE_EXHAUSTED
-        / SERVICE_BUSY (``<service>.max_concurrent_rpcs``; 0: no bound)."""
-        self.errors.bound(self.name, max_calls)
+        / SERVICE_BUSY (``<service>.max_concurrent_rpcs``; 0: no bound);
+        the calls of ``uncounted_services`` (full names) are never counted."""
+        self.errors.bound(self.name, max_calls, uncounted_services)
 
     def bind(self, address: str) -> int:
         if self.server_credentials is None:

@@ -715,3 +715,52 @@ class TurnAdmission:
         await self._admission.drain()
         if self._ledger is not None:
             await self._ledger.drain()
+
+
+class SessionStreams:
+    """The ChatSession streams each tenant holds open on this replica, at
+    most ``router.max_session_streams_per_tenant`` (0: no cap). In this
+    replica's memory, not Redis like the limits above: it keeps one tenant
+    from holding this replica's own ``router.max_concurrent_rpcs``, and an
+    open stream is charged no turn until it sends one."""
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        # Only tenants with a stream open: a tenant whose last one ends is removed.
+        self._open: dict[str, int] = {}
+
+    def reconfigure(self, cap: int) -> None:
+        """A new cap (a reload) applies to streams opened from now on."""
+        self._cap = cap
+
+    def open(self, tenant_id: str, call: asyncio.Task) -> None:
+        """Counts a stream of ``tenant_id`` in, until ``call`` (the task gRPC
+        runs the stream in) is done, however it ends: answered, failed, or
+        cancelled by its caller. Refuses it past the cap with
+        RESOURCE_EXHAUSTED / TOO_MANY_SESSION_STREAMS."""
+        if not self._cap:
+            return
+        held = self._open.get(tenant_id, 0)
+        if held >= self._cap:
+            message = f"the tenant holds its most ChatSession streams open on this replica ({self._cap})"
+            subject = f"tenant:{tenant_id}"
+            violation = error_details_pb2.QuotaFailure.Violation(subject=subject, description=message)
+            raise MeshgateError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Reason.TOO_MANY_SESSION_STREAMS,
+                message + "; close one first",
+                {"limit": "max_session_streams_per_tenant", "scope": "tenant", "limit_value": str(self._cap)},
+                details=[error_details_pb2.QuotaFailure(violations=[violation])],
+            )
+        self._open[tenant_id] = held + 1
+        call.add_done_callback(functools.partial(self._closed, tenant_id))
+
+    def held(self, tenant_id: str) -> int:
+        return self._open.get(tenant_id, 0)
+
+    def _closed(self, tenant_id: str, call: asyncio.Task) -> None:
+        left = self._open[tenant_id] - 1
+        if left:
+            self._open[tenant_id] = left
+        else:
+            del self._open[tenant_id]

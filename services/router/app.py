@@ -47,10 +47,11 @@ _RESTART_ONLY = (
 
 log = structlog.get_logger(__name__)
 
-SERVICE_NAMES = [
-    router_service_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name,
-    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
-]
+ADMIN_SERVICE = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+SERVICE_NAMES = [router_service_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name, ADMIN_SERVICE]
+# Not counted against router.max_concurrent_rpcs: the operator must still be
+# able to revoke a key while that key's streams hold the bound.
+_UNCOUNTED_SERVICES = (ADMIN_SERVICE,)
 
 
 class _PromptEmbeddings:
@@ -85,7 +86,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     # The router's own port stays public (API keys); its calls into the mesh
     # carry its certificate and, per call, a token naming the tenant.
     mesh = mesh_auth.Mesh(settings.mesh, service.name)
-    service.bound_calls(settings.router.max_concurrent_rpcs)
+    service.bound_calls(settings.router.max_concurrent_rpcs, _UNCOUNTED_SERVICES)
     context_channel = serving.client_channel(settings.router.context_address, mesh.to("context"))
     cache_channel = serving.client_channel(settings.router.cache_address, mesh.to("cache"))
     deployments = DeploymentTable(settings.models, mesh.to("inference"))

@@ -17,6 +17,7 @@ from meshgate.errors import MeshgateError, internal_error, invalid_argument
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
+from services.router.admission import SessionStreams
 from services.router.auth import Authenticator
 from services.router.ledger import METRICS, Ledger
 from services.router.pipeline import Budget, CacheStatus, Completion, Delta, Failure, Pipeline
@@ -62,10 +63,12 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         self._auth = authenticator
         self._pipeline = pipeline
         self._ledger = ledger
+        self.session_streams = SessionStreams(settings.router.max_session_streams_per_tenant)
 
     def reconfigure(self, settings: Settings) -> None:
         self._models = settings.models
         self._retention_days = settings.router.usage_retention_days
+        self.session_streams.reconfigure(settings.router.max_session_streams_per_tenant)
 
     async def Chat(self, request: pb.ChatRequest, context):
         tenant = await self._auth.authenticate(context.invocation_metadata())
@@ -130,6 +133,10 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
     async def ChatSession(self, request_iterator, context):
         metadata = context.invocation_metadata()
         tenant = await self._auth.authenticate(metadata)
+        # Counted in until the call's task ends, however it ends: an idle
+        # stream is charged nothing else, and one tenant's must leave room
+        # under router.max_concurrent_rpcs for every other's.
+        self.session_streams.open(tenant.id, asyncio.current_task())
         # A stream opened for an existing session names it up front, so the
         # session is warmed while the caller's first message is still coming;
         # turns that name no session continue it.

@@ -1,8 +1,11 @@
 """router.max_concurrent_rpcs on a real router (in front of real context and
 cache services, real Redis): with its ChatSession streams open up to the
 bound, however idle, the next call is refused with RESOURCE_EXHAUSTED /
-SERVICE_BUSY and its ErrorInfo, and once a stream closes the router serves
-again."""
+SERVICE_BUSY and its ErrorInfo, while AdminService calls are still served
+(not counted), and once a stream closes the router serves again. And
+router.max_session_streams_per_tenant: one tenant's streams past its cap are
+refused at open with TOO_MANY_SESSION_STREAMS, another tenant's are not, and
+a stream cancelled, or whose client went away, frees its slot."""
 
 from __future__ import annotations
 
@@ -12,11 +15,12 @@ import contextlib
 import grpc
 import pytest
 
-from meshgate.config import Settings
+from meshgate.config import Settings, TenantSettings, hash_api_key
 from meshgate.errors import error_info
 from meshgate.reasons import Reason
+from meshgate.router.v1 import admin_service_pb2 as admin_pb
+from meshgate.router.v1 import admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as pb
-from meshgate.router.v1 import router_service_pb2_grpc
 from tests.integration.conftest import running_router
 from tests.mesh import mesh_settings
 
@@ -24,7 +28,12 @@ pytestmark = pytest.mark.integration
 
 KEY = "call-bound-test-key"
 AUTH = (("authorization", f"Bearer {KEY}"),)
+ADMIN_KEY = "call-bound-admin-key"
+ADMIN = (("authorization", f"Bearer {ADMIN_KEY}"),)
+OTHER_KEY = "call-bound-other-tenant-key"
+OTHER = (("authorization", f"Bearer {OTHER_KEY}"),)
 LIMIT = 2
+STREAMS_CAP = 2
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +42,33 @@ async def router(redis_url):
     settings.redis.url = redis_url
     settings.router.dev_api_key = KEY
     settings.router.max_concurrent_rpcs = LIMIT
+    settings.router.admin_api_key_sha256 = [hash_api_key(ADMIN_KEY)]
+    async with contextlib.AsyncExitStack() as stack:
+        address = await stack.enter_async_context(running_router(without_embedder(settings)))
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        yield router_service_pb2_grpc.RouterServiceStub(channel), admin
+
+
+@pytest.fixture(scope="module")
+async def capped_router(redis_url):
+    """(a router whose tenants may each hold STREAMS_CAP ChatSession streams, its address)."""
+    settings = Settings(mesh=mesh_settings())
+    settings.redis.url = redis_url
+    settings.router.dev_api_key = KEY
+    other = TenantSettings(id="other", api_key_sha256=[hash_api_key(OTHER_KEY)], models=["*"])
+    settings.router.tenants = [other]
+    settings.router.max_session_streams_per_tenant = STREAMS_CAP
+    async with contextlib.AsyncExitStack() as stack:
+        address = await stack.enter_async_context(running_router(without_embedder(settings)))
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        yield router_service_pb2_grpc.RouterServiceStub(channel), address
+
+
+def without_embedder(settings: Settings) -> Settings:
     # Nothing here embeds: no model loaded for it.
     settings.context.embedder = settings.cache.embedder = "inference"
-    async with contextlib.AsyncExitStack() as stack:
-        address = await stack.enter_async_context(running_router(settings))
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
-        yield router_service_pb2_grpc.RouterServiceStub(channel)
+    return settings
 
 
 async def list_models(router) -> pb.ListModelsResponse | grpc.aio.AioRpcError:
@@ -49,6 +79,7 @@ async def list_models(router) -> pb.ListModelsResponse | grpc.aio.AioRpcError:
 
 
 async def test_calls_past_the_bound_are_refused_with_service_busy_until_a_stream_closes(router) -> None:
+    router, admin = router
     # Idle streams (no turn sent) count while open. A stream reaches the
     # router a moment after it is opened, so one may arrive after a
     # ListModels of the loop below, and be the call refused: it is then
@@ -73,6 +104,10 @@ async def test_calls_past_the_bound_are_refused_with_service_busy_until_a_stream
         str(LIMIT),
         "router",
     )
+    # The operator's way in is not counted: a key can still be revoked.
+    listed = await admin.ListKeys(admin_pb.ListKeysRequest(tenant_id="dev"), metadata=ADMIN, timeout=10)
+    assert isinstance(listed, admin_pb.ListKeysResponse)
+    assert isinstance(await list_models(router), grpc.aio.AioRpcError), "the streams no longer hold the bound"
     # A stream that ends makes room.
     streams[0].cancel()
     for _ in range(200):
@@ -82,3 +117,60 @@ async def test_calls_past_the_bound_are_refused_with_service_busy_until_a_stream
         await asyncio.sleep(0.025)
     assert served.models, served
     streams[1].cancel()
+
+
+async def admitted(stream) -> pb.ChatSessionResponse | grpc.aio.AioRpcError:
+    """A turn with no messages on ``stream``: an admitted stream answers it
+    with a failure in the stream (it stays open); a refused one has ended
+    with its status."""
+    try:
+        await stream.write(pb.ChatSessionRequest())
+        return await stream.read()
+    except grpc.aio.AioRpcError as error:
+        return error
+
+
+async def test_a_tenant_past_its_session_streams_is_refused_at_open_and_a_stream_ended_frees_its_slot(
+    capped_router,
+) -> None:
+    router, address = capped_router
+    held = [router.ChatSession(metadata=AUTH) for _ in range(STREAMS_CAP - 1)]
+    # One of them through a channel of its own, which goes away as a killed client's would.
+    own_channel = grpc.aio.insecure_channel(address)
+    held.append(router_service_pb2_grpc.RouterServiceStub(own_channel).ChatSession(metadata=AUTH))
+    for stream in held:
+        assert (await admitted(stream)).failure, "a stream under the cap was not admitted"
+
+    refused = await admitted(router.ChatSession(metadata=AUTH))
+    assert isinstance(refused, grpc.aio.AioRpcError), refused
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(refused)
+    assert info.reason == Reason.TOO_MANY_SESSION_STREAMS
+    assert dict(info.metadata) == {
+        "limit": "max_session_streams_per_tenant",
+        "scope": "tenant",
+        "limit_value": str(STREAMS_CAP),
+    }
+    # Another tenant is not held back by this one's streams.
+    others = [router.ChatSession(metadata=OTHER) for _ in range(STREAMS_CAP)]
+    for stream in others:
+        assert (await admitted(stream)).failure
+
+    async def until_admitted() -> grpc.aio.StreamStreamCall:
+        for _ in range(200):
+            stream = router.ChatSession(metadata=AUTH)
+            answer = await admitted(stream)
+            if isinstance(answer, pb.ChatSessionResponse):
+                return stream
+            assert error_info(answer).reason == Reason.TOO_MANY_SESSION_STREAMS
+            await asyncio.sleep(0.025)
+        raise AssertionError("no slot was freed")
+
+    # A cancelled stream frees its slot, and a client gone away frees its own.
+    held[0].cancel()
+    held[0] = await until_admitted()
+    await own_channel.close()
+    held[-1] = await until_admitted()
+    assert isinstance(await admitted(router.ChatSession(metadata=AUTH)), grpc.aio.AioRpcError)
+    for stream in held + others:
+        stream.cancel()

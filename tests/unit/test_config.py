@@ -77,3 +77,10 @@ def test_max_embed_texts_below_one_is_refused():
         load_settings(environ={"MESHGATE_INFERENCE__MAX_EMBED_TEXTS": "0"})
     settings = load_settings(environ={"MESHGATE_INFERENCE__MAX_EMBED_TEXTS": "1"})
     assert settings.inference.max_embed_texts == 1
+
+
+def test_a_negative_cap_on_a_tenants_session_streams_is_refused():
+    with pytest.raises(ConfigError, match="max_session_streams_per_tenant"):
+        load_settings(environ={"MESHGATE_ROUTER__MAX_SESSION_STREAMS_PER_TENANT": "-1"})
+    settings = load_settings(environ={"MESHGATE_ROUTER__MAX_SESSION_STREAMS_PER_TENANT": "0"})
+    assert settings.router.max_session_streams_per_tenant == 0

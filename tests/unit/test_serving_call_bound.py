@@ -42,12 +42,12 @@ async def nothing() -> None:
 
 
 @contextlib.asynccontextmanager
-async def bounded(limit: int):
+async def bounded(limit: int, uncounted_services: tuple[str, ...] = ()):
     """(a ContextService stub, its servicer, a health stub) on a server bounded at ``limit``."""
     service = serving.Service("context", ["meshgate.context.v1.ContextService"])
     servicer = HeldSessions()
     context_service_pb2_grpc.add_ContextServiceServicer_to_server(servicer, service.server)
-    service.bound_calls(limit)
+    service.bound_calls(limit, uncounted_services)
     port = await serving.start(service, "127.0.0.1:0", nothing)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -139,3 +139,12 @@ async def test_no_bound_refuses_nothing() -> None:
         await until(lambda: servicer.entered == 8 * LIMIT)
         servicer.release.set()
         assert len(await asyncio.gather(*held)) == 8 * LIMIT
+
+
+async def test_the_calls_of_an_uncounted_service_are_never_counted_nor_refused() -> None:
+    # As the router's AdminService: the operator's way in stays open.
+    async with bounded(LIMIT, ("meshgate.context.v1.ContextService",)) as (stub, servicer, _):
+        held = [get(stub, f"s{n}") for n in range(4 * LIMIT)]
+        await until(lambda: servicer.entered == 4 * LIMIT)
+        servicer.release.set()
+        assert len(await asyncio.gather(*held)) == 4 * LIMIT
