@@ -20,7 +20,7 @@ from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.common.v1 import common_pb2
 from meshgate.config import RouterSettings
 from meshgate.context.v1 import context_service_pb2 as context_pb
-from meshgate.errors import MeshgateError, from_rpc_error, partly_delivered, unavailable
+from meshgate.errors import DOMAIN, MeshgateError, error_info, from_rpc_error, partly_delivered, unavailable
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.mesh_auth import TenantTokens
 from meshgate.reasons import Reason
@@ -35,8 +35,6 @@ _HIT_STATUS = {
     cache_pb.LOOKUP_STATUS_EXACT_HIT: CacheStatus.EXACT_HIT,
     cache_pb.LOOKUP_STATUS_SEMANTIC_HIT: CacheStatus.SEMANTIC_HIT,
 }
-# Failures that say the context service is down, not that the request is bad.
-_CONTEXT_OUTAGE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 # Attempts to save a turn while the context service is unavailable, and the
 # pause before the first retry (it grows linearly).
 _APPEND_ATTEMPTS = 3
@@ -55,6 +53,27 @@ _GENERATE = "/meshgate.inference.v1.InferenceService/Generate"
 # fit. So a turn whose question fits but whose answer then passes the byte
 # cap is still refused by its append, after generation.
 _EMPTY_ANSWER_BYTES = common_pb2.Message(role=common_pb2.ROLE_ASSISTANT).ByteSize()
+
+
+def _not_taken(error: grpc.aio.AioRpcError) -> bool:
+    """Whether the service never took the call, so another replica, a later
+    attempt or a degraded turn may do instead: UNAVAILABLE, or a replica of
+    our mesh at its max_concurrent_rpcs (RESOURCE_EXHAUSTED / SERVICE_BUSY,
+    refused before its request was read). Any other RESOURCE_EXHAUSTED
+    (SESSION_FULL, a limit) is the service's answer to this request: not
+    retried. Not in the channels' retryableStatusCodes for that reason."""
+    code = error.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    info = error_info(error)
+    return info is not None and info.domain == DOMAIN and info.reason == Reason.SERVICE_BUSY
+
+
+def _context_outage(error: grpc.aio.AioRpcError) -> bool:
+    """A failure that says the context service is down or busy, not that the request is bad."""
+    return _not_taken(error) or error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class ContextService:
@@ -139,8 +158,10 @@ class ContextService:
                 session=bool(turn.session_id),
             )
         except grpc.aio.AioRpcError as error:
-            if not turn.session_id and error.code() in _CONTEXT_OUTAGE:
-                log.warning("context service unreachable; sending the prompt as is", code=error.code().name)
+            if not turn.session_id and _context_outage(error):
+                log.warning(
+                    "context service unreachable or busy; sending the prompt as is", code=error.code().name
+                )
                 return None
             raise from_rpc_error(error, "context") from error
         return list(response.messages), response.session_version
@@ -185,8 +206,9 @@ class ContextService:
                 return response.version
             except grpc.aio.AioRpcError as error:
                 # UNAVAILABLE: the context service or its Redis is restarting;
-                # the turn id makes the retry safe.
-                if error.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < _APPEND_ATTEMPTS:
+                # SERVICE_BUSY: its replica did not read the request. The
+                # turn id makes the retry safe.
+                if _not_taken(error) and attempt + 1 < _APPEND_ATTEMPTS:
                     await asyncio.sleep(_APPEND_RETRY_DELAY_S * (attempt + 1))
                     await self._after_restart(error, turn.budget)
                     continue
@@ -356,13 +378,15 @@ class Deployments:
             except grpc.aio.AioRpcError as error:
                 call_error = error
                 # Another deployment may take it, but only before the caller saw output.
-                if error.code() == grpc.StatusCode.UNAVAILABLE and not pieces:
+                if _not_taken(error) and not pieces:
                     log.warning(
-                        "deployment unavailable, trying the next",
+                        "deployment unavailable or busy, trying the next",
                         deployment=deployment.name,
                         details=error.details(),
                     )
-                    deployment.health.record_failure()
+                    # A busy replica is up: its circuit must not open for it.
+                    if error.code() == grpc.StatusCode.UNAVAILABLE:
+                        deployment.health.record_failure()
                     last_error = error
                     # A completion without text may have come before the
                     # failure: what it filled is not the answer's (a finish

@@ -1,7 +1,8 @@
 """A session turn rides out a context service restart: a call that failed
 UNAVAILABLE waits (bounded) for the router's channel to be ready and is sent
 once more; a stateless turn never waits, and a service that stays away is
-still reported UNAVAILABLE."""
+still reported UNAVAILABLE. A busy replica (SERVICE_BUSY, the request not
+read) is treated as not taken too; any other RESOURCE_EXHAUSTED is not."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from meshgate.config import RouterSettings
 from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.errors import MeshgateError
 from meshgate.mesh_auth import TenantTokens
+from meshgate.reasons import Reason
 from services.router import downstream
 from services.router.auth import Tenant
 from services.router.pipeline import Answer, Budget
@@ -25,6 +27,33 @@ from services.router.pipeline import Answer, Budget
 def unavailable() -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(
         grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details="connection refused"
+    )
+
+
+def rpc_error(error: MeshgateError) -> grpc.aio.AioRpcError:
+    """``error`` as a caller of our services receives it: its ErrorInfo in the trailers."""
+    status = error.to_status()
+    return grpc.aio.AioRpcError(
+        status.code, grpc.aio.Metadata(), grpc.aio.Metadata(*status.trailing_metadata), details=status.details
+    )
+
+
+def busy(domain: str = "meshgate") -> grpc.aio.AioRpcError:
+    """A replica at its max_concurrent_rpcs (meshgate/errors.py ErrorInterceptor.bound)."""
+    return rpc_error(
+        MeshgateError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            Reason.SERVICE_BUSY,
+            "busy",
+            {"limit": "max_concurrent_rpcs", "scope": "replica", "limit_value": "1", "service": "context"},
+            domain,
+        )
+    )
+
+
+def session_full() -> grpc.aio.AioRpcError:
+    return rpc_error(
+        MeshgateError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.SESSION_FULL, "full", {"unit": "bytes"})
     )
 
 
@@ -45,12 +74,14 @@ class Channel:
 
 
 class Method:
-    """A unary stub method failing UNAVAILABLE ``failures`` times, then
-    answering; it notes each request and whether the channel was ready."""
+    """A unary stub method failing ``failures`` times (with ``failure()``,
+    UNAVAILABLE unless told), then answering; it notes each request and
+    whether the channel was ready."""
 
-    def __init__(self, answer, failures: int, channel: Channel) -> None:
+    def __init__(self, answer, failures: int, channel: Channel, failure=unavailable) -> None:
         self.answer = answer
         self.failures = failures
+        self.failure = failure
         self.channel = channel
         self.calls = 0
         self.requests = []
@@ -61,19 +92,24 @@ class Method:
         self.requests.append(request)
         self.ready_when_called.append(self.channel.ready)
         if self.calls <= self.failures:
-            raise unavailable()
+            raise self.failure()
         return self.answer
 
 
-def service(channel: Channel, failures: int) -> tuple[downstream.ContextService, types.SimpleNamespace]:
+def service(
+    channel: Channel, failures: int, failure=unavailable
+) -> tuple[downstream.ContextService, types.SimpleNamespace]:
     stub = types.SimpleNamespace(
-        AssembleContext=Method(context_pb.AssembleContextResponse(session_version=4), failures, channel),
+        AssembleContext=Method(
+            context_pb.AssembleContextResponse(session_version=4), failures, channel, failure
+        ),
         CreateSession=Method(
             context_pb.CreateSessionResponse(session=context_pb.Session(session_id="s-new")),
             failures,
             channel,
+            failure,
         ),
-        AppendTurns=Method(context_pb.AppendTurnsResponse(version=7), failures, channel),
+        AppendTurns=Method(context_pb.AppendTurnsResponse(version=7), failures, channel, failure),
     )
     return downstream.ContextService(stub, TenantTokens(None, 60), RouterSettings(), channel=channel), stub
 
@@ -174,3 +210,39 @@ async def test_an_append_to_a_service_that_stays_away_fails_after_its_attempts(m
         await context.append(turn("s1"), "s1", 3, Answer(text="fine"))
     assert raised.value.code == grpc.StatusCode.UNAVAILABLE
     assert stub.AppendTurns.calls == downstream._APPEND_ATTEMPTS
+
+
+async def test_a_busy_context_replica_degrades_a_stateless_turn():
+    channel = Channel(after_s=0.0)
+    context, stub = service(channel, failures=1, failure=busy)
+    assert await context.assemble(turn("")) is None
+    assert stub.AssembleContext.calls == 1
+
+
+@pytest.mark.parametrize("failure", [session_full, lambda: busy(domain="elsewhere.example")])
+async def test_another_resource_exhausted_neither_degrades_a_stateless_turn_nor_is_sent_again(failure):
+    context, stub = service(Channel(after_s=0.0), failures=5, failure=failure)
+    with pytest.raises(MeshgateError) as raised:
+        await context.assemble(turn(""))
+    assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stub.AssembleContext.calls == 1
+
+
+async def test_an_append_a_busy_replica_refused_is_sent_again_under_its_turn_id(monkeypatch):
+    monkeypatch.setattr(downstream, "_APPEND_RETRY_DELAY_S", 0.0)
+    context, stub = service(Channel(after_s=0.0), failures=2, failure=busy)
+    assert await context.append(turn("s1"), "s1", 3, Answer(text="fine")) == 7
+    assert stub.AppendTurns.calls == 3
+    assert len({request.turn_id for request in stub.AppendTurns.requests}) == 1
+
+
+async def test_an_append_refused_session_full_is_not_sent_again(monkeypatch):
+    monkeypatch.setattr(downstream, "_APPEND_RETRY_DELAY_S", 0.0)
+    context, stub = service(Channel(after_s=0.0), failures=5, failure=session_full)
+    with pytest.raises(MeshgateError) as raised:
+        await context.append(turn("s1"), "s1", 3, Answer(text="fine"))
+    assert (raised.value.code, raised.value.reason) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        Reason.SESSION_FULL,
+    )
+    assert stub.AppendTurns.calls == 1

@@ -8,10 +8,12 @@ import pytest
 
 from meshgate.common.v1 import common_pb2
 from meshgate.config import DeploymentSettings, ModelSettings, RouterSettings
+from meshgate.errors import MeshgateError
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from services.router.deployments import DeploymentTable
 from services.router.downstream import Deployments
 from services.router.pipeline import Answer, Budget
+from tests.unit.test_router_context_restart import busy, session_full
 
 
 def model(strategy: str, *names: str) -> ModelSettings:
@@ -57,7 +59,9 @@ class ScriptedGenerate:
     """An inference service's Generate call: the responses given, then its end."""
 
     def __init__(
-        self, responses: list[inference_pb.GenerateResponse], ends_with: grpc.StatusCode | None = None
+        self,
+        responses: list[inference_pb.GenerateResponse],
+        ends_with: grpc.StatusCode | grpc.aio.AioRpcError | None = None,
     ) -> None:
         self._left = list(responses)
         self._ends_with = ends_with  # None: OK
@@ -72,6 +76,8 @@ class ScriptedGenerate:
         if self._left:
             return self._left.pop(0)
         self._ended = True
+        if isinstance(self._ends_with, grpc.aio.AioRpcError):
+            raise self._ends_with
         if self._ends_with is not None:
             raise grpc.aio.AioRpcError(self._ends_with, grpc.aio.Metadata(), grpc.aio.Metadata(), "scripted")
         return grpc.aio.EOF
@@ -151,3 +157,42 @@ async def test_a_completion_from_a_deployment_that_then_failed_is_not_the_answer
 
     assert seen == [("Hel", ""), ("lo", ""), (" world", "length")]
     assert (answer.text, answer.deployment, answer.completion_tokens) == ("Hello world", "b", 4)
+
+
+async def generated(table: DeploymentTable, answer: Answer) -> str:
+    deployments = Deployments(table, RouterSettings())
+    pieces = deployments.generate("m", [], common_pb2.GenerationParameters(), Budget(), answer, "")
+    return "".join([piece async for piece in pieces])
+
+
+async def test_a_busy_deployment_hands_the_generation_to_the_next_and_its_circuit_stays_closed():
+    table = DeploymentTable({"m": model("least_outstanding", "a", "b")})
+    a, b = table.candidates("m")
+    b.in_flight = 5  # a first
+    try:
+        # As many turns as open a circuit on failures (BreakerPolicy.failures_to_open).
+        for _ in range(3):
+            a.stream_stub = busy_a = ScriptedGenerate([], ends_with=busy())
+            b.stream_stub = ScriptedGenerate(hello_world())
+            answer = Answer()
+            assert await generated(table, answer) == "Hello world"
+            assert busy_a.request is not None and answer.deployment == "b"
+        # A busy replica is up: it is still tried first.
+        assert [d.name for d in table.candidates("m")] == ["a", "b"]
+    finally:
+        await table.close()
+
+
+async def test_another_resource_exhausted_from_a_deployment_is_its_answer_not_handed_on():
+    table = DeploymentTable({"m": model("least_outstanding", "a", "b")})
+    a, b = table.candidates("m")
+    b.in_flight = 5
+    a.stream_stub = ScriptedGenerate([], ends_with=session_full())
+    b.stream_stub = untried = ScriptedGenerate(hello_world())
+    try:
+        with pytest.raises(MeshgateError) as raised:
+            await generated(table, Answer())
+    finally:
+        await table.close()
+    assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert untried.request is None
