@@ -20,12 +20,18 @@ from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
 from meshgate.reasons import Reason
+from meshgate.router.v1 import router_service_pb2 as router_pb
+from meshgate.router.v1 import router_service_pb2_grpc
 
 LIMIT = 2
 
 
-class HeldSessions(context_service_pb2_grpc.ContextServiceServicer):
-    """GetSession answers once ``release`` is set; ``entered`` counts the calls that reached it."""
+class HeldSessions(
+    context_service_pb2_grpc.ContextServiceServicer, router_service_pb2_grpc.RouterServiceServicer
+):
+    """GetSession (unary-unary), Chat (unary-stream) and ChatSession
+    (stream-stream) answer once ``release`` is set; ``entered`` counts the
+    calls that reached them."""
 
     def __init__(self) -> None:
         self.entered = 0
@@ -36,6 +42,16 @@ class HeldSessions(context_service_pb2_grpc.ContextServiceServicer):
         await self.release.wait()
         return pb.GetSessionResponse(session=pb.Session(session_id=request.session_id))
 
+    async def Chat(self, request, context):
+        self.entered += 1
+        await self.release.wait()
+        yield router_pb.ChatResponse()
+
+    async def ChatSession(self, request_iterator, context):
+        self.entered += 1
+        await self.release.wait()
+        yield router_pb.ChatSessionResponse()
+
 
 async def nothing() -> None:
     pass
@@ -43,10 +59,13 @@ async def nothing() -> None:
 
 @contextlib.asynccontextmanager
 async def bounded(limit: int, uncounted_services: tuple[str, ...] = ()):
-    """(a ContextService stub, its servicer, a health stub) on a server bounded at ``limit``."""
+    """(a ContextService stub, its servicer, a health stub, a RouterService
+    stub) on a server bounded at ``limit``; the servicer serves both services
+    (the RouterService for calls of the streaming shapes)."""
     service = serving.Service("context", ["meshgate.context.v1.ContextService"])
     servicer = HeldSessions()
     context_service_pb2_grpc.add_ContextServiceServicer_to_server(servicer, service.server)
+    router_service_pb2_grpc.add_RouterServiceServicer_to_server(servicer, service.server)
     service.bound_calls(limit, uncounted_services)
     port = await serving.start(service, "127.0.0.1:0", nothing)
     try:
@@ -55,6 +74,7 @@ async def bounded(limit: int, uncounted_services: tuple[str, ...] = ()):
                 context_service_pb2_grpc.ContextServiceStub(channel),
                 servicer,
                 health_pb2_grpc.HealthStub(channel),
+                router_service_pb2_grpc.RouterServiceStub(channel),
             )
     finally:
         await serving.stop(service, grace_s=0)
@@ -78,8 +98,22 @@ async def refusal(stub) -> grpc.aio.AioRpcError:
     return refused.value
 
 
+async def holds_the_bound_again(stub, servicer: HeldSessions) -> None:
+    """Once earlier calls have ended, exactly LIMIT calls are admitted again
+    and the next one refused: every call ended was counted out once (a
+    count that went below zero would admit more)."""
+    servicer.release = asyncio.Event()
+    entered = servicer.entered
+    held = [get(stub, f"held-again{n}") for n in range(LIMIT)]
+    await until(lambda: servicer.entered == entered + LIMIT)
+    assert (await refusal(stub)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert servicer.entered == entered + LIMIT
+    servicer.release.set()
+    await asyncio.gather(*held)
+
+
 async def test_the_call_past_the_bound_is_refused_with_error_info_then_served_again() -> None:
-    async with bounded(LIMIT) as (stub, servicer, health):
+    async with bounded(LIMIT) as (stub, servicer, health, _):
         held = [get(stub, f"s{n}") for n in range(LIMIT)]
         await until(lambda: servicer.entered == LIMIT)
 
@@ -105,10 +139,40 @@ async def test_the_call_past_the_bound_is_refused_with_error_info_then_served_ag
         # The answered calls made room: served again, up to the bound.
         answers = await asyncio.gather(*(get(stub, f"again{n}") for n in range(LIMIT)))
         assert [a.session.session_id for a in answers] == [f"again{n}" for n in range(LIMIT)]
+        await holds_the_bound_again(stub, servicer)
+
+
+async def chat(router):
+    """A unary-stream call: its first response."""
+    return await router.Chat(router_pb.ChatRequest(), timeout=10).read()
+
+
+async def chat_session(router):
+    """A stream-stream call: its first response to one request."""
+    call = router.ChatSession(timeout=10)
+    await call.write(router_pb.ChatSessionRequest())
+    return await call.read()
+
+
+@pytest.mark.parametrize("shape", [chat, chat_session], ids=["unary_stream", "stream_stream"])
+async def test_a_streaming_call_past_the_bound_is_refused_too(shape) -> None:
+    async with bounded(LIMIT) as (stub, servicer, _, router):
+        held = [get(stub, f"s{n}") for n in range(LIMIT)]
+        await until(lambda: servicer.entered == LIMIT)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await shape(router)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_info(refused.value).reason == Reason.SERVICE_BUSY
+        assert servicer.entered == LIMIT
+        servicer.release.set()
+        await asyncio.gather(*held)
+        # Admitted once there is room, and counted out when it ends.
+        assert await shape(router) is not None
+        await holds_the_bound_again(stub, servicer)
 
 
 async def test_a_call_its_caller_cancelled_makes_room() -> None:
-    async with bounded(LIMIT) as (stub, servicer, _):
+    async with bounded(LIMIT) as (stub, servicer, _, _):
         held = [get(stub, f"s{n}") for n in range(LIMIT)]
         await until(lambda: servicer.entered == LIMIT)
         assert (await refusal(stub)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -131,10 +195,11 @@ async def test_a_call_its_caller_cancelled_makes_room() -> None:
         else:
             raise AssertionError("the cancelled call never made room")
         await held[1]
+        await holds_the_bound_again(stub, servicer)
 
 
 async def test_no_bound_refuses_nothing() -> None:
-    async with bounded(0) as (stub, servicer, _):
+    async with bounded(0) as (stub, servicer, _, _):
         held = [get(stub, f"s{n}") for n in range(8 * LIMIT)]
         await until(lambda: servicer.entered == 8 * LIMIT)
         servicer.release.set()
@@ -143,7 +208,7 @@ async def test_no_bound_refuses_nothing() -> None:
 
 async def test_the_calls_of_an_uncounted_service_are_never_counted_nor_refused() -> None:
     # As the router's AdminService: the operator's way in stays open.
-    async with bounded(LIMIT, ("meshgate.context.v1.ContextService",)) as (stub, servicer, _):
+    async with bounded(LIMIT, ("meshgate.context.v1.ContextService",)) as (stub, servicer, _, _):
         held = [get(stub, f"s{n}") for n in range(4 * LIMIT)]
         await until(lambda: servicer.entered == 4 * LIMIT)
         servicer.release.set()
