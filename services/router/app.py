@@ -135,13 +135,16 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     started_with = settings
 
     def reload(new: Settings) -> None:
-        """Tenants, keys, limits, prices and model routes from reloaded
-        settings (already checked whole). Each part swaps one reference, with
+        """Tenants, keys, limits, prices, model routes and the bound on calls
+        in flight from reloaded settings (already checked whole). Each part swaps one reference, with
         no await in between: a turn sees the old settings or the new, and a
         stream under way finishes with what it started with."""
         for field in _RESTART_ONLY:
             if _field(started_with, field) != _field(new, field):
                 log.warning("a changed setting applies only after a restart", setting=field)
+        # Safe with calls in flight (ErrorInterceptor.bound): each counted
+        # call is counted out once, whatever the bound is by then.
+        service.bound_calls(new.router.max_concurrent_rpcs, _UNCOUNTED_SERVICES)
         deployments.reconfigure(new.models)
         pipeline.reconfigure(new.router, new.models)
         admission.reconfigure(new.router)
