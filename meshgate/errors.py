@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import structlog
+from google.protobuf import duration_pb2
 from google.protobuf import message as protobuf_message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -121,26 +122,38 @@ def internal_error() -> MeshgateError:
     return MeshgateError(grpc.StatusCode.INTERNAL, Reason.INTERNAL, "internal error")
 
 
-def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
-    """The ErrorInfo a failed call carried, if any."""
+def _detail(error: grpc.aio.AioRpcError | grpc.RpcError, kind: type[protobuf_message.Message]):
+    """The detail of type ``kind`` a failed call's rich status carried, if any."""
     trailing = error.trailing_metadata() or ()
     for key, value in trailing:
         if key == _STATUS_DETAILS_KEY:
             status = status_pb2.Status.FromString(value)
             for detail in status.details:
-                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                    info = error_details_pb2.ErrorInfo()
-                    detail.Unpack(info)
-                    return info
+                if detail.Is(kind.DESCRIPTOR):
+                    found = kind()
+                    detail.Unpack(found)
+                    return found
     return None
+
+
+def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo a failed call carried, if any."""
+    return _detail(error, error_details_pb2.ErrorInfo)
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError, service: str) -> MeshgateError:
     """Re-raises a downstream failure with its code and reason intact."""
     info = error_info(error)
     if info is not None:
+        # When to retry goes on to our caller too (a busy replica's, SERVICE_BUSY).
+        retry = _detail(error, error_details_pb2.RetryInfo)
         return MeshgateError(
-            error.code(), info.reason, error.details() or "", dict(info.metadata), info.domain
+            error.code(),
+            info.reason,
+            error.details() or "",
+            dict(info.metadata),
+            info.domain,
+            [retry] if retry is not None else (),
         )
     # No ErrorInfo: a transport failure or a foreign server. Its details name
     # hosts and ports, which are for our logs, not for callers.
@@ -298,6 +311,13 @@ def _wrap_stream_unary(behavior, method, observe: RpcObserver):
     return handler
 
 
+# When a caller refused SERVICE_BUSY is told to retry (RetryInfo, as the
+# router's limits tell theirs): a call holds its place for milliseconds to a
+# generation's seconds, so a second is when room is likely, and it is the
+# least an HTTP Retry-After says.
+_BUSY_RETRY_AFTER_S = 1
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns every failure of a handler into a rich status, and bounds the
     calls of our own services in flight (:meth:`bound`).
@@ -347,6 +367,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 "limit_value": str(max_calls),
                 "service": service,
             },
+            details=[
+                error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=_BUSY_RETRY_AFTER_S))
+            ],
         )
 
     async def intercept_service(self, continuation, handler_call_details):

@@ -73,6 +73,9 @@ HTTP_ERRORS: dict[tuple[grpc.StatusCode, str | None], tuple[int, str]] = {
     (grpc.StatusCode.RESOURCE_EXHAUSTED, None): (429, "rate_limit_error"),
     # A full session stays full: retrying later does not help.
     (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.SESSION_FULL): (409, "conflict_error"),
+    # A replica at its max_concurrent_rpcs: the service is busy, not the
+    # caller over a limit of its own (with Retry-After, from its RetryInfo).
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.SERVICE_BUSY): (503, "service_unavailable_error"),
     (grpc.StatusCode.UNAVAILABLE, None): (503, "service_unavailable_error"),
     (grpc.StatusCode.DEADLINE_EXCEEDED, None): (504, "timeout_error"),
     (grpc.StatusCode.CANCELLED, None): (503, "service_unavailable_error"),
@@ -103,8 +106,9 @@ _PARAM_OF_REASON = {
 
 
 def http_error(error: MeshgateError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """Status, headers and OpenAI-style body for ``error``; 429s carry
-    Retry-After when the limit said when to retry (RetryInfo)."""
+    """Status, headers and OpenAI-style body for ``error``, with Retry-After
+    when the error said when to retry (RetryInfo: the limits' 429s, a busy
+    replica's 503)."""
     status, kind = HTTP_ERRORS.get((error.code, error.reason)) or HTTP_ERRORS.get(
         (error.code, None), _DEFAULT_HTTP_ERROR
     )

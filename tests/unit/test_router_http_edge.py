@@ -7,11 +7,15 @@ from __future__ import annotations
 import asyncio
 import json
 
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+
 from meshgate.config import ModelSettings, RouterSettings
-from meshgate.errors import unavailable
+from meshgate.errors import MeshgateError, unavailable
 from meshgate.reasons import Reason
 from services.router.auth import Authenticator
-from services.router.http_edge import HttpEdge
+from services.router.http_edge import HttpEdge, http_error
 from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Failure
 
 KEY = "edge-key"
@@ -98,3 +102,23 @@ async def test_a_failure_midway_ends_the_stream_with_an_error_event_after_every_
     assert contents(whole) == ["Hel", "lo"]
     assert whole.index(b'"content":"lo"') < whole.index(b'"error"')
     assert b"[DONE]" not in whole
+
+
+def test_a_busy_replica_is_a_503_with_retry_after_and_a_limit_still_a_429():
+    retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1))
+    busy = MeshgateError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        Reason.SERVICE_BUSY,
+        "busy",
+        {"service": "context"},
+        details=[retry],
+    )
+    status, headers, body = http_error(busy)
+    assert (status, json.loads(body)["error"]["type"]) == (503, "service_unavailable_error")
+    assert (b"retry-after", b"1") in headers
+    limited = MeshgateError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.RATE_LIMITED, "limited", details=[retry]
+    )
+    status, headers, body = http_error(limited)
+    assert (status, json.loads(body)["error"]["type"]) == (429, "rate_limit_error")
+    assert (b"retry-after", b"1") in headers

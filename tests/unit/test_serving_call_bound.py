@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshgate import serving
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
-from meshgate.errors import error_info
+from meshgate.errors import error_info, from_rpc_error
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as router_pb
 from meshgate.router.v1 import router_service_pb2_grpc
@@ -127,6 +127,9 @@ async def test_the_call_past_the_bound_is_refused_with_error_info_then_served_ag
             "limit_value": str(LIMIT),
             "service": "context",
         }
+        # When to retry, as the limits say it, and passed on by a router that meets it.
+        (retry,) = from_rpc_error(refused, "context").details
+        assert retry.retry_delay.seconds == 1
         # Refused before the servicer: it saw only the held calls.
         assert servicer.entered == LIMIT
         # Health checks are not ours to bound: a busy replica still says how it is.
