@@ -23,7 +23,7 @@ from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from services.context import relevance, token_counts
 from services.context.servicer import APPEND_EMBED_S_PER_TURN, APPEND_WRITE_MARGIN_S, ContextServicer
-from services.context.store import StoredSession, session_not_found
+from services.context.store import Appended, StoredSession, session_not_found
 
 MODELS = Settings().models
 
@@ -313,7 +313,7 @@ class RecordingEmbedder:
 
 class AppendingStore:
     async def append(self, tenant_id, session_id, expected_version, turns, token_counts, turn_id=""):
-        return 1, False
+        return Appended(1, False, None)
 
 
 class Index:
