@@ -581,9 +581,10 @@ class CacheSettings:
     # 384 dimensions: the float32 row, its int8 graph copy and links, plus
     # ~1.3 KiB of Python ids and texts; bench/README.md), and in
     # sub-partitions under approximate_index_from the first stage's word
-    # postings, uncounted here: 242-469 B a row (first_stage_word_share),
-    # so 0.3-0.56 GB more at this cap if every row lay in one of those;
-    # the least recently used indexes are pushed out and reload from Redis.
+    # postings (242-469 B a row, first_stage_word_share), each 20 distinct
+    # posted words counted as a row against this bound
+    # (services/cache/index.py, POSTED_WORDS_PER_ROW); the least recently
+    # used indexes are pushed out and reload from Redis.
     max_resident_rows: int = 1_200_000
     # From this many entries on, a sub-partition is searched through an HNSW
     # graph instead of an exact scan: the scan is memory-bound, 0.6 ms p99 at

@@ -166,7 +166,7 @@ class Reason(enum.StrEnum):
     """A text to embed is larger than the limit."""
 
     PROMPT_TOO_LARGE = enum.auto()
-    """The rendered prompt does not fit the model's window with max_tokens."""
+    """The rendered prompt is larger than inference.max_prompt_bytes (UTF-8 bytes)."""
 
     CONTEXT_WINDOW_EXCEEDED = enum.auto()
     """The new messages alone do not fit the model's window."""
