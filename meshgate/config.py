@@ -314,27 +314,32 @@ class RouterSettings:
     listen: str = "127.0.0.1:50051"
     # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
     metrics_listen: str = "127.0.0.1:50061"
-    # The most gRPC calls this replica handles at once; one more is refused
-    # with RESOURCE_EXHAUSTED / SERVICE_BUSY before its request is read, as
-    # each may carry up to 32 MiB (meshgate/serving.py). Every open Chat or
-    # ChatSession stream counts, however idle (raise it where clients keep
-    # many ChatSession streams open). A backstop for the process, far above
-    # the 16 calls at a time of bench/mesh_bench.py. Admission's limits
-    # (services/router/admission.py) are charged per turn, not per open
-    # stream, so they do not stop one tenant's idle streams from filling it:
-    # max_session_streams_per_tenant does. AdminService calls are never
-    # counted (the operator can still revoke a key). Not the HTTP edge's
-    # requests (no gRPC call). 0: no bound.
-    max_concurrent_rpcs: int = 4096
+    # The most gRPC calls this replica handles at once (0: no bound, the
+    # default); one more is refused with RESOURCE_EXHAUSTED / SERVICE_BUSY
+    # before its request is read (meshgate/serving.py). No bound by default
+    # because this is the public port: the count is taken before any
+    # handler, so before the API key is checked, and a caller with no key
+    # that opens calls and never sends their message holds a place each
+    # until it goes: a few such callers lock every tenant out of the
+    # replica. What a caller with a key holds is bounded per key, tenant and
+    # model by admission (services/router/admission.py) and per tenant by
+    # max_session_streams_per_tenant; connections and calls per client
+    # address belong to the load balancer in front. Set it anyway only with
+    # that risk in mind (behind a balancer that limits unauthenticated
+    # callers): every open Chat or ChatSession stream counts, however idle,
+    # and max_session_streams_per_tenant must then be below it. AdminService
+    # calls are never counted (the operator can still revoke a key), nor the
+    # HTTP edge's requests (no gRPC call).
+    max_concurrent_rpcs: int = 0
     # The most ChatSession streams one tenant holds open on this replica; one
     # more is refused at open with RESOURCE_EXHAUSTED /
     # TOO_MANY_SESSION_STREAMS (services/router/admission.py SessionStreams).
     # An open stream costs its tenant nothing until it sends a turn, so
-    # without this cap one key could hold all of max_concurrent_rpcs. 256 is
-    # 1/16 of the default bound: it takes 16 tenants at their cap to fill a
-    # replica, while one client application still keeps 256 conversations
-    # open per replica (times the replicas behind the balancer). Raise it
-    # (and max_concurrent_rpcs with it) where tenants need more. 0: no cap.
+    # without this cap one key could hold as many as it likes (all of
+    # max_concurrent_rpcs where one is set: hence the cap must be below it).
+    # 256 keeps one client application 256 conversations open per replica
+    # (times the replicas behind the balancer). Raise it where tenants need
+    # more. 0: no cap.
     max_session_streams_per_tenant: int = 256
     # One address, an address list or a dns:/// name (DeploymentSettings.address).
     context_address: str = "127.0.0.1:50052"
@@ -405,6 +410,16 @@ class RouterSettings:
                 "router.max_session_streams_per_tenant must not be negative (0: no cap), "
                 f"got {self.max_session_streams_per_tenant}"
             )
+        # Refused, not warned: with the cap off or at the bound, one key's
+        # idle streams can hold every place of the replica, locking out the
+        # tenants the bound was set to protect.
+        streams_cap, bound = self.max_session_streams_per_tenant, self.max_concurrent_rpcs
+        if bound and not 0 < streams_cap < bound:
+            raise ConfigError(
+                "router.max_session_streams_per_tenant must be above 0 and below "
+                f"router.max_concurrent_rpcs ({bound}) when that is set, or one tenant's "
+                f"streams can fill the replica; got {streams_cap}"
+            )
         versions = [(template.name, template.version) for template in self.templates]
         if len(set(versions)) != len(versions):
             raise ConfigError("router.templates: a name and version appear twice")
@@ -432,9 +447,14 @@ class ContextSettings:
     listen: str = "127.0.0.1:50052"
     # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
     metrics_listen: str = "127.0.0.1:50062"
-    # As router.max_concurrent_rpcs: the router's session turns (an
+    # The most gRPC calls this replica handles at once; one more is refused
+    # with RESOURCE_EXHAUSTED / SERVICE_BUSY before its request is read, as
+    # each may carry up to 32 MiB (meshgate/serving.py). A backstop for the
+    # process, far above normal load: the router's session turns (an
     # assembly, then an append, each a short call) from every router
-    # replica. 0: no bound.
+    # replica. Unlike the router's public port, only mesh services can hold
+    # a place: with mesh.tls (the default) a caller without a certificate of
+    # the mesh's CA never completes the handshake. 0: no bound.
     max_concurrent_rpcs: int = 1024
     # Sessions untouched for this long expire; 0 keeps them forever.
     session_ttl_s: int = 7 * 24 * 3600
@@ -533,7 +553,7 @@ class CacheSettings:
     listen: str = "127.0.0.1:50053"
     # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
     metrics_listen: str = "127.0.0.1:50063"
-    # As router.max_concurrent_rpcs: every router replica's lookups and
+    # As context.max_concurrent_rpcs: every router replica's lookups and
     # stores, short calls. 0: no bound.
     max_concurrent_rpcs: int = 1024
     # Where embeddings come from with embedder = "inference" (unused with
@@ -644,7 +664,7 @@ class InferenceSettings:
     listen: str = "127.0.0.1:50054"
     # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
     metrics_listen: str = "127.0.0.1:50064"
-    # As router.max_concurrent_rpcs: every router replica's generations (a
+    # As context.max_concurrent_rpcs: every router replica's generations (a
     # stream each, open as long as the answer takes) and the embeddings the
     # context and cache services ask for. 0: no bound.
     max_concurrent_rpcs: int = 1024

@@ -720,9 +720,11 @@ class TurnAdmission:
 class SessionStreams:
     """The ChatSession streams each tenant holds open on this replica, at
     most ``router.max_session_streams_per_tenant`` (0: no cap). In this
-    replica's memory, not Redis like the limits above: it keeps one tenant
-    from holding this replica's own ``router.max_concurrent_rpcs``, and an
-    open stream is charged no turn until it sends one."""
+    replica's memory, not Redis like the limits above: an open stream is
+    charged no turn until it sends one, so this is what bounds the idle
+    streams one key holds (and, where ``router.max_concurrent_rpcs`` is set,
+    keeps one tenant from holding all of it: the settings refuse a cap not
+    below that bound)."""
 
     def __init__(self, cap: int) -> None:
         self._cap = cap

@@ -134,8 +134,9 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         metadata = context.invocation_metadata()
         tenant = await self._auth.authenticate(metadata)
         # Counted in until the call's task ends, however it ends: an idle
-        # stream is charged nothing else, and one tenant's must leave room
-        # under router.max_concurrent_rpcs for every other's.
+        # stream is charged nothing else, so this bounds what one key holds
+        # (and, where router.max_concurrent_rpcs is set, leaves room under it
+        # for the other tenants: the settings keep the cap below it).
         self.session_streams.open(tenant.id, asyncio.current_task())
         # A stream opened for an existing session names it up front, so the
         # session is warmed while the caller's first message is still coming;

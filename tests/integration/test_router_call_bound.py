@@ -41,7 +41,12 @@ async def router(redis_url):
     settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
     settings.router.dev_api_key = KEY
+    # Set here: the router has no bound by default (meshgate/config.py).
+    # Each tenant's streams below it, as the settings require: the bound is
+    # held by one stream of each of two tenants.
     settings.router.max_concurrent_rpcs = LIMIT
+    settings.router.max_session_streams_per_tenant = LIMIT - 1
+    settings.router.tenants = [other_tenant()]
     settings.router.admin_api_key_sha256 = [hash_api_key(ADMIN_KEY)]
     async with contextlib.AsyncExitStack() as stack:
         address = await stack.enter_async_context(running_router(without_embedder(settings)))
@@ -56,13 +61,16 @@ async def capped_router(redis_url):
     settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
     settings.router.dev_api_key = KEY
-    other = TenantSettings(id="other", api_key_sha256=[hash_api_key(OTHER_KEY)], models=["*"])
-    settings.router.tenants = [other]
+    settings.router.tenants = [other_tenant()]
     settings.router.max_session_streams_per_tenant = STREAMS_CAP
     async with contextlib.AsyncExitStack() as stack:
         address = await stack.enter_async_context(running_router(without_embedder(settings)))
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
         yield router_service_pb2_grpc.RouterServiceStub(channel), address
+
+
+def other_tenant() -> TenantSettings:
+    return TenantSettings(id="other", api_key_sha256=[hash_api_key(OTHER_KEY)], models=["*"])
 
 
 def without_embedder(settings: Settings) -> Settings:
@@ -84,12 +92,14 @@ async def test_calls_past_the_bound_are_refused_with_service_busy_until_a_stream
     # router a moment after it is opened, so one may arrive after a
     # ListModels of the loop below, and be the call refused: it is then
     # opened again, until the bound is held by streams alone.
-    streams: list = []
+    tenants = (AUTH, OTHER)
+    assert len(tenants) == LIMIT
+    streams: list = [None] * LIMIT
     for _ in range(200):
-        streams = [stream for stream in streams if not stream.done()]
-        while len(streams) < LIMIT:
-            streams.append(router.ChatSession(metadata=AUTH))
-            await streams[-1].wait_for_connection()
+        for slot, metadata in enumerate(tenants):
+            if streams[slot] is None or streams[slot].done():
+                streams[slot] = router.ChatSession(metadata=metadata)
+                await streams[slot].wait_for_connection()
         refused = await list_models(router)
         if isinstance(refused, grpc.aio.AioRpcError):
             break

@@ -84,3 +84,16 @@ def test_a_negative_cap_on_a_tenants_session_streams_is_refused():
         load_settings(environ={"MESHGATE_ROUTER__MAX_SESSION_STREAMS_PER_TENANT": "-1"})
     settings = load_settings(environ={"MESHGATE_ROUTER__MAX_SESSION_STREAMS_PER_TENANT": "0"})
     assert settings.router.max_session_streams_per_tenant == 0
+
+
+def test_the_router_has_no_call_bound_by_default():
+    assert load_settings(environ={}).router.max_concurrent_rpcs == 0
+
+
+@pytest.mark.parametrize("streams_cap", ["0", "8", "9"])
+def test_a_router_call_bound_needs_a_tenants_stream_cap_below_it(streams_cap):
+    bound = {"MESHGATE_ROUTER__MAX_CONCURRENT_RPCS": "8"}
+    with pytest.raises(ConfigError, match="max_session_streams_per_tenant must be above 0 and below"):
+        load_settings(environ=bound | {"MESHGATE_ROUTER__MAX_SESSION_STREAMS_PER_TENANT": streams_cap})
+    settings = load_settings(environ=bound | {"MESHGATE_ROUTER__MAX_SESSION_STREAMS_PER_TENANT": "7"})
+    assert (settings.router.max_concurrent_rpcs, settings.router.max_session_streams_per_tenant) == (8, 7)

@@ -11,7 +11,7 @@ import dataclasses
 import grpc
 
 from meshgate import serving
-from meshgate.config import Settings
+from meshgate.config import Settings, TenantSettings, hash_api_key
 from meshgate.errors import error_info
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
@@ -21,14 +21,23 @@ from tests.mesh import mesh_settings
 
 KEY = "reload-call-bound-key"
 AUTH = (("authorization", f"Bearer {KEY}"),)
+OTHER_KEY = "reload-call-bound-other-key"
+OTHER = (("authorization", f"Bearer {OTHER_KEY}"),)
 
 
-def settings_bounded_at(max_calls: int) -> Settings:
+def settings_bounded_at(max_calls: int, streams_cap: int) -> Settings:
     settings = Settings(mesh=mesh_settings())
     # Nothing listens there: nothing here may need Redis.
     settings.redis.url = "redis://127.0.0.1:9/0"
+    other = TenantSettings(id="other", api_key_sha256=[hash_api_key(OTHER_KEY)], models=["*"])
     settings.router = dataclasses.replace(
-        settings.router, dev_api_key=KEY, http_listen="", hot_exact_entries=0, max_concurrent_rpcs=max_calls
+        settings.router,
+        dev_api_key=KEY,
+        tenants=[other],
+        http_listen="",
+        hot_exact_entries=0,
+        max_concurrent_rpcs=max_calls,
+        max_session_streams_per_tenant=streams_cap,
     )
     return settings
 
@@ -46,9 +55,9 @@ async def router(settings: Settings):
         await serving.stop(service, grace_s=0)
 
 
-async def held_stream(stub) -> grpc.aio.StreamStreamCall:
+async def held_stream(stub, metadata=AUTH) -> grpc.aio.StreamStreamCall:
     """A ChatSession stream, admitted (it answered a turn with no model in the stream)."""
-    stream = stub.ChatSession(metadata=AUTH)
+    stream = stub.ChatSession(metadata=metadata)
     await stream.write(pb.ChatSessionRequest())
     assert (await stream.read()).failure
     return stream
@@ -66,16 +75,17 @@ async def busy_limit(stub) -> str | None:
 
 
 async def test_a_reload_applies_a_new_bound_to_a_router_with_calls_in_flight():
-    async with router(settings_bounded_at(1)) as (stub, service):
-        first = await held_stream(stub)
-        assert await busy_limit(stub) == "1"
-        (reload,) = service.reload_hooks
-        reload(settings_bounded_at(2))
-        assert await busy_limit(stub) is None
-        second = await held_stream(stub)
-        # The stream held across the reload still counts: two of two.
+    # Each tenant's streams capped below the bound, as the settings require.
+    async with router(settings_bounded_at(2, streams_cap=1)) as (stub, service):
+        held = [await held_stream(stub), await held_stream(stub, OTHER)]
         assert await busy_limit(stub) == "2"
-        reload(settings_bounded_at(0))
+        (reload,) = service.reload_hooks
+        reload(settings_bounded_at(3, streams_cap=2))
         assert await busy_limit(stub) is None
-        first.cancel()
-        second.cancel()
+        held.append(await held_stream(stub))
+        # The streams held across the reload still count: three of three.
+        assert await busy_limit(stub) == "3"
+        reload(settings_bounded_at(0, streams_cap=2))
+        assert await busy_limit(stub) is None
+        for stream in held:
+            stream.cancel()
