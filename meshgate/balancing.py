@@ -153,6 +153,12 @@ class Health:
         if self.state is BreakerState.HALF_OPEN:
             self._probe_until = self._clock() + self.policy.open_for_s
 
+    def release_probe(self) -> None:
+        """The request sent was never taken (a busy replica refused it
+        unread): it tells nothing of the target's health, so in half-open
+        the next request may probe at once, not after another open_for_s."""
+        self._probe_until = 0.0
+
     def record_success(self) -> None:
         self._outcomes.append(True)
         self._failures = 0

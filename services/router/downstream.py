@@ -384,9 +384,12 @@ class Deployments:
                         deployment=deployment.name,
                         details=error.details(),
                     )
-                    # A busy replica is up: its circuit must not open for it.
+                    # A busy replica is up: its circuit must not open for
+                    # it, nor a half-open probe it refused hold the slot.
                     if error.code() == grpc.StatusCode.UNAVAILABLE:
                         deployment.health.record_failure()
+                    else:
+                        deployment.health.release_probe()
                     last_error = error
                     # A completion without text may have come before the
                     # failure: what it filled is not the answer's (a finish

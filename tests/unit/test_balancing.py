@@ -307,6 +307,20 @@ def test_breaker_opens_after_consecutive_failures_and_probes_half_open():
     assert health.state is BreakerState.HALF_OPEN
 
 
+def test_a_probe_released_untaken_lets_the_next_request_probe_at_once():
+    clock = Clock()
+    health = Health(BreakerPolicy(failures_to_open=1, open_for_s=10.0), clock)
+    health.record_failure()
+    clock.now += 10
+    health.begin()
+    assert not health.admits
+    health.release_probe()  # refused unread (SERVICE_BUSY): no outcome
+    assert health.state is BreakerState.HALF_OPEN and health.admits
+    health.begin()
+    health.record_success()
+    assert health.state is BreakerState.CLOSED
+
+
 def test_a_lost_probe_frees_the_slot():
     clock = Clock()
     health = Health(BreakerPolicy(failures_to_open=1, open_for_s=5.0), clock)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from meshgate.balancing import BreakerPolicy, BreakerState, Health
 from meshgate.common.v1 import common_pb2
 from meshgate.config import DeploymentSettings, ModelSettings, RouterSettings
 from meshgate.errors import MeshgateError
@@ -13,6 +14,7 @@ from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from services.router.deployments import DeploymentTable
 from services.router.downstream import Deployments
 from services.router.pipeline import Answer, Budget
+from tests.unit.test_balancing import Clock
 from tests.unit.test_router_context_restart import busy, session_full
 
 
@@ -181,6 +183,24 @@ async def test_a_busy_deployment_hands_the_generation_to_the_next_and_its_circui
         assert [d.name for d in table.candidates("m")] == ["a", "b"]
     finally:
         await table.close()
+
+
+async def test_a_busy_answer_to_a_half_open_probe_leaves_the_deployment_free_to_probe_again():
+    table = DeploymentTable({"m": model("least_outstanding", "a", "b")})
+    a, b = table.candidates("m")
+    b.in_flight = 5  # a first
+    clock = Clock()
+    a.health = Health(BreakerPolicy(failures_to_open=1, open_for_s=10.0), clock)
+    a.health.record_failure()
+    clock.now += 10  # half-open: the next generation sent to a is its probe
+    a.stream_stub = busy_a = ScriptedGenerate([], ends_with=busy())
+    b.stream_stub = ScriptedGenerate(hello_world())
+    try:
+        assert await generated(table, Answer()) == "Hello world"
+    finally:
+        await table.close()
+    assert busy_a.request is not None
+    assert a.health.state is BreakerState.HALF_OPEN and a.health.admits
 
 
 async def test_another_resource_exhausted_from_a_deployment_is_its_answer_not_handed_on():
