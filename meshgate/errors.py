@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import functools
+import math
 import time
 from typing import Any
 
@@ -141,20 +142,46 @@ def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2
     return _detail(error, error_details_pb2.ErrorInfo)
 
 
+# When a caller refused SERVICE_BUSY is told to retry (RetryInfo, as the
+# router's limits tell theirs): a call holds its place for milliseconds to a
+# generation's seconds, so a second is when room is likely, and it is the
+# least an HTTP Retry-After says.
+BUSY_RETRY_AFTER_S = 1
+
+
+def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    """When to retry, as a RetryInfo detail (at least a millisecond)."""
+    delay = duration_pb2.Duration()
+    delay.FromMilliseconds(max(1, math.ceil(seconds * 1000)))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
+def busy_unavailable(reason: str, message: str, **metadata: str) -> MeshgateError:
+    """Our own answer when the services behind us were busy (SERVICE_BUSY)
+    for good: UNAVAILABLE, which callers retry, with our RetryInfo. Not the
+    replica's refusal itself: its limit is the mesh's business."""
+    return MeshgateError(
+        grpc.StatusCode.UNAVAILABLE, reason, message, metadata, details=[retry_info(BUSY_RETRY_AFTER_S)]
+    )
+
+
 def from_rpc_error(error: grpc.aio.AioRpcError, service: str) -> MeshgateError:
-    """Re-raises a downstream failure with its code and reason intact."""
+    """Re-raises a downstream failure with its code and reason intact, but
+    for a busy replica's (SERVICE_BUSY: see busy_unavailable). Its other
+    details, a RetryInfo included, stay behind: when to retry a downstream
+    call is not when to retry ours (an append failing after the answer
+    streamed must not invite a paid retry of the turn)."""
     info = error_info(error)
     if info is not None:
-        # When to retry goes on to our caller too (a busy replica's, SERVICE_BUSY).
-        retry = _detail(error, error_details_pb2.RetryInfo)
-        return MeshgateError(
-            error.code(),
-            info.reason,
-            error.details() or "",
-            dict(info.metadata),
-            info.domain,
-            [retry] if retry is not None else (),
-        )
+        if info.domain == DOMAIN and info.reason == Reason.SERVICE_BUSY:
+            return busy_unavailable(
+                Reason.DOWNSTREAM_FAILED,
+                f"the {service} service is busy; retry later",
+                service=service,
+                code=grpc.StatusCode.RESOURCE_EXHAUSTED.name,
+            )
+        metadata = dict(info.metadata)
+        return MeshgateError(error.code(), info.reason, error.details() or "", metadata, info.domain)
     # No ErrorInfo: a transport failure or a foreign server. Its details name
     # hosts and ports, which are for our logs, not for callers.
     code = error.code()
@@ -311,13 +338,6 @@ def _wrap_stream_unary(behavior, method, observe: RpcObserver):
     return handler
 
 
-# When a caller refused SERVICE_BUSY is told to retry (RetryInfo, as the
-# router's limits tell theirs): a call holds its place for milliseconds to a
-# generation's seconds, so a second is when room is likely, and it is the
-# least an HTTP Retry-After says.
-_BUSY_RETRY_AFTER_S = 1
-
-
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns every failure of a handler into a rich status, and bounds the
     calls of our own services in flight (:meth:`bound`).
@@ -367,9 +387,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 "limit_value": str(max_calls),
                 "service": service,
             },
-            details=[
-                error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=_BUSY_RETRY_AFTER_S))
-            ],
+            details=[retry_info(BUSY_RETRY_AFTER_S)],
         )
 
     async def intercept_service(self, continuation, handler_call_details):

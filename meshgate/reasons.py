@@ -248,7 +248,9 @@ class Reason(enum.StrEnum):
 
     SERVICE_BUSY = enum.auto()
     """A service replica is handling its most calls at once (``<service>.max_concurrent_rpcs``;
-    metadata ``limit`` max_concurrent_rpcs, ``scope`` replica, ``limit_value``, ``service``)."""
+    metadata ``limit`` max_concurrent_rpcs, ``scope`` replica, ``limit_value``, ``service``).
+    The router passes a busy service behind it on as UNAVAILABLE (DOWNSTREAM_FAILED,
+    NO_DEPLOYMENT_AVAILABLE) with a RetryInfo of its own (meshgate/errors.py busy_unavailable)."""
 
     TOO_MANY_SESSION_STREAMS = enum.auto()
     """The tenant holds its most ChatSession streams open on this router replica
@@ -273,7 +275,8 @@ class Reason(enum.StrEnum):
     in the router); delivered_* metadata says how much went out."""
 
     DOWNSTREAM_FAILED = enum.auto()
-    """A call to another service failed without a meshgate status (a transport failure);
+    """A call to another service failed without a meshgate status (a transport failure), or
+    every attempt found it busy (SERVICE_BUSY: then ``code`` RESOURCE_EXHAUSTED and a RetryInfo);
     metadata ``service`` and ``code`` name it (was <SERVICE>_<CODE>, e.g. CONTEXT_UNAVAILABLE)."""
 
     DEADLINE_EXCEEDED = enum.auto()

@@ -68,14 +68,13 @@ from collections.abc import Callable
 
 import grpc
 import structlog
-from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from meshgate import redis_access
 from meshgate.config import LimitSettings, PriceSettings, RouterSettings
-from meshgate.errors import MeshgateError, unavailable
+from meshgate.errors import MeshgateError, retry_info, unavailable
 from meshgate.reasons import Reason
 from services.router.ledger import Ledger, UsageRecord, run_scripts
 
@@ -373,12 +372,6 @@ def _period_ids(now_s: int) -> tuple[str, str, int, int]:
     )
 
 
-def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
-    delay = duration_pb2.Duration()
-    delay.FromMilliseconds(max(1, math.ceil(seconds * 1000)))
-    return error_details_pb2.RetryInfo(retry_delay=delay)
-
-
 def _refusal(
     check: _Check, limit_value, retry_after_s: float | None, reason: Reason, message: str
 ) -> MeshgateError:
@@ -389,7 +382,7 @@ def _refusal(
         )
     ]
     if retry_after_s is not None:
-        details.append(_retry_info(retry_after_s))
+        details.append(retry_info(retry_after_s))
     return MeshgateError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         reason,

@@ -20,7 +20,15 @@ from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.common.v1 import common_pb2
 from meshgate.config import RouterSettings
 from meshgate.context.v1 import context_service_pb2 as context_pb
-from meshgate.errors import DOMAIN, MeshgateError, error_info, from_rpc_error, partly_delivered, unavailable
+from meshgate.errors import (
+    DOMAIN,
+    MeshgateError,
+    busy_unavailable,
+    error_info,
+    from_rpc_error,
+    partly_delivered,
+    unavailable,
+)
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.mesh_auth import TenantTokens
 from meshgate.reasons import Reason
@@ -55,25 +63,35 @@ _GENERATE = "/meshgate.inference.v1.InferenceService/Generate"
 _EMPTY_ANSWER_BYTES = common_pb2.Message(role=common_pb2.ROLE_ASSISTANT).ByteSize()
 
 
-def _not_taken(error: grpc.aio.AioRpcError) -> bool:
-    """Whether the service never took the call, so another replica, a later
-    attempt or a degraded turn may do instead: UNAVAILABLE, or a replica of
-    our mesh at its max_concurrent_rpcs (RESOURCE_EXHAUSTED / SERVICE_BUSY,
-    refused before its request was read). Any other RESOURCE_EXHAUSTED
-    (SESSION_FULL, a limit) is the service's answer to this request: not
-    retried. Not in the channels' retryableStatusCodes for that reason."""
+def not_taken(error: grpc.aio.AioRpcError, service: str) -> bool:
+    """Whether ``service`` (the one called) never took the call, so another
+    replica, a later attempt or a degraded turn may do instead: UNAVAILABLE,
+    or a replica of that service at its max_concurrent_rpcs
+    (RESOURCE_EXHAUSTED / SERVICE_BUSY, refused before its request was
+    read). A SERVICE_BUSY that names another service (one behind it, passed
+    on) means the called service took the call. Any other
+    RESOURCE_EXHAUSTED (SESSION_FULL, a limit) is the service's answer to
+    this request: not retried. Not in the channels' retryableStatusCodes
+    for that reason."""
     code = error.code()
     if code == grpc.StatusCode.UNAVAILABLE:
         return True
-    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return False
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and _busy(error, service)
+
+
+def _busy(error: grpc.aio.AioRpcError, service: str) -> bool:
     info = error_info(error)
-    return info is not None and info.domain == DOMAIN and info.reason == Reason.SERVICE_BUSY
+    return (
+        info is not None
+        and info.domain == DOMAIN
+        and info.reason == Reason.SERVICE_BUSY
+        and info.metadata.get("service") == service
+    )
 
 
 def _context_outage(error: grpc.aio.AioRpcError) -> bool:
     """A failure that says the context service is down or busy, not that the request is bad."""
-    return _not_taken(error) or error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    return not_taken(error, "context") or error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class ContextService:
@@ -208,7 +226,7 @@ class ContextService:
                 # UNAVAILABLE: the context service or its Redis is restarting;
                 # SERVICE_BUSY: its replica did not read the request. The
                 # turn id makes the retry safe.
-                if _not_taken(error) and attempt + 1 < _APPEND_ATTEMPTS:
+                if not_taken(error, "context") and attempt + 1 < _APPEND_ATTEMPTS:
                     await asyncio.sleep(_APPEND_RETRY_DELAY_S * (attempt + 1))
                     await self._after_restart(error, turn.budget)
                     continue
@@ -378,7 +396,7 @@ class Deployments:
             except grpc.aio.AioRpcError as error:
                 call_error = error
                 # Another deployment may take it, but only before the caller saw output.
-                if _not_taken(error) and not pieces:
+                if not_taken(error, "inference") and not pieces:
                     log.warning(
                         "deployment unavailable or busy, trying the next",
                         deployment=deployment.name,
@@ -440,8 +458,11 @@ class Deployments:
             answer.text = "".join(pieces)
             answer.deployment = deployment.name
             return
+        no_deployment = f"no deployment of {alias!r} could serve"
+        if last_error is not None and last_error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise busy_unavailable(Reason.NO_DEPLOYMENT_AVAILABLE, f"{no_deployment}: busy; retry later")
         detail = last_error.details() if last_error else "no deployment configured"
-        raise unavailable(Reason.NO_DEPLOYMENT_AVAILABLE, f"no deployment of {alias!r} could serve: {detail}")
+        raise unavailable(Reason.NO_DEPLOYMENT_AVAILABLE, f"{no_deployment}: {detail}")
 
 
 def _route_request(strategy: balancing.Strategy | None, prompt, session_id: str) -> balancing.RouteRequest:

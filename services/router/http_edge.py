@@ -46,6 +46,7 @@ from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.auth import Authenticator, Tenant
 from services.router.deployments import DeploymentTable
+from services.router.downstream import not_taken
 from services.router.pipeline import Budget, Completion, Delta, Failure, Pipeline
 from services.router.validation import check_model_allowed
 
@@ -73,9 +74,6 @@ HTTP_ERRORS: dict[tuple[grpc.StatusCode, str | None], tuple[int, str]] = {
     (grpc.StatusCode.RESOURCE_EXHAUSTED, None): (429, "rate_limit_error"),
     # A full session stays full: retrying later does not help.
     (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.SESSION_FULL): (409, "conflict_error"),
-    # A replica at its max_concurrent_rpcs: the service is busy, not the
-    # caller over a limit of its own (with Retry-After, from its RetryInfo).
-    (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.SERVICE_BUSY): (503, "service_unavailable_error"),
     (grpc.StatusCode.UNAVAILABLE, None): (503, "service_unavailable_error"),
     (grpc.StatusCode.DEADLINE_EXCEEDED, None): (504, "timeout_error"),
     (grpc.StatusCode.CANCELLED, None): (503, "service_unavailable_error"),
@@ -598,7 +596,7 @@ class HttpEdge:
                     inference_pb.EmbedRequest(texts=texts), timeout=self._settings.downstream_timeout_s
                 )
             except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                if not not_taken(error, "inference"):
                     raise from_rpc_error(error, "inference") from error
                 last_error = error
         if last_error is not None:

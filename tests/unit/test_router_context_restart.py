@@ -16,7 +16,7 @@ import pytest
 from meshgate.common.v1 import common_pb2
 from meshgate.config import RouterSettings
 from meshgate.context.v1 import context_service_pb2 as context_pb
-from meshgate.errors import MeshgateError
+from meshgate.errors import BUSY_RETRY_AFTER_S, MeshgateError, retry_info
 from meshgate.mesh_auth import TenantTokens
 from meshgate.reasons import Reason
 from services.router import downstream
@@ -38,14 +38,14 @@ def rpc_error(error: MeshgateError) -> grpc.aio.AioRpcError:
     )
 
 
-def busy(domain: str = "meshgate") -> grpc.aio.AioRpcError:
-    """A replica at its max_concurrent_rpcs (meshgate/errors.py ErrorInterceptor.bound)."""
+def busy(domain: str = "meshgate", service: str = "context") -> grpc.aio.AioRpcError:
+    """A ``service`` replica at its max_concurrent_rpcs (meshgate/errors.py ErrorInterceptor.bound)."""
     return rpc_error(
         MeshgateError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             Reason.SERVICE_BUSY,
             "busy",
-            {"limit": "max_concurrent_rpcs", "scope": "replica", "limit_value": "1", "service": "context"},
+            {"limit": "max_concurrent_rpcs", "scope": "replica", "limit_value": "1", "service": service},
             domain,
         )
     )
@@ -234,6 +234,43 @@ async def test_an_append_a_busy_replica_refused_is_sent_again_under_its_turn_id(
     assert await context.append(turn("s1"), "s1", 3, Answer(text="fine")) == 7
     assert stub.AppendTurns.calls == 3
     assert len({request.turn_id for request in stub.AppendTurns.requests}) == 1
+
+
+async def test_a_busy_answer_naming_a_service_behind_the_context_service_is_its_answer():
+    # The context service took the call; the inference replica behind it was busy.
+    context, stub = service(Channel(after_s=0.0), failures=5, failure=lambda: busy(service="inference"))
+    with pytest.raises(MeshgateError):
+        await context.assemble(turn(""))
+    assert stub.AssembleContext.calls == 1
+
+
+async def test_a_final_busy_refusal_is_the_routers_unavailable_with_its_own_retry_info(monkeypatch):
+    monkeypatch.setattr(downstream, "_APPEND_RETRY_DELAY_S", 0.0)
+    context, stub = service(Channel(after_s=0.0), failures=5, failure=busy)
+    with pytest.raises(MeshgateError) as raised:
+        await context.append(turn("s1"), "s1", 3, Answer(text="fine"))
+    assert stub.AppendTurns.calls == downstream._APPEND_ATTEMPTS
+    failure = raised.value
+    assert (failure.code, failure.reason) == (grpc.StatusCode.UNAVAILABLE, Reason.DOWNSTREAM_FAILED)
+    # Nothing of the replica's limit reaches the caller.
+    assert failure.metadata == {"service": "context", "code": "RESOURCE_EXHAUSTED"}
+    assert "max_concurrent_rpcs" not in failure.message
+    assert failure.details == [retry_info(BUSY_RETRY_AFTER_S)]
+
+
+async def test_a_downstream_retry_info_is_not_passed_on():
+    # When to retry the context call is not when to retry the turn.
+    def full_with_retry_info() -> grpc.aio.AioRpcError:
+        full = MeshgateError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.SESSION_FULL, "full", details=[retry_info(1)]
+        )
+        return rpc_error(full)
+
+    context, stub = service(Channel(after_s=0.0), failures=5, failure=full_with_retry_info)
+    with pytest.raises(MeshgateError) as raised:
+        await context.append(turn("s1"), "s1", 3, Answer(text="fine"))
+    assert raised.value.reason == Reason.SESSION_FULL
+    assert list(raised.value.details) == []
 
 
 async def test_an_append_refused_session_full_is_not_sent_again(monkeypatch):

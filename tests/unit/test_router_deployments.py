@@ -9,7 +9,8 @@ import pytest
 from meshgate.balancing import BreakerPolicy, BreakerState, Health
 from meshgate.common.v1 import common_pb2
 from meshgate.config import DeploymentSettings, ModelSettings, RouterSettings
-from meshgate.errors import MeshgateError
+from meshgate.errors import BUSY_RETRY_AFTER_S, MeshgateError, retry_info
+from meshgate.reasons import Reason
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from services.router.deployments import DeploymentTable
 from services.router.downstream import Deployments
@@ -174,7 +175,7 @@ async def test_a_busy_deployment_hands_the_generation_to_the_next_and_its_circui
     try:
         # As many turns as open a circuit on failures (BreakerPolicy.failures_to_open).
         for _ in range(3):
-            a.stream_stub = busy_a = ScriptedGenerate([], ends_with=busy())
+            a.stream_stub = busy_a = ScriptedGenerate([], ends_with=busy(service="inference"))
             b.stream_stub = ScriptedGenerate(hello_world())
             answer = Answer()
             assert await generated(table, answer) == "Hello world"
@@ -193,7 +194,7 @@ async def test_a_busy_answer_to_a_half_open_probe_leaves_the_deployment_free_to_
     a.health = Health(BreakerPolicy(failures_to_open=1, open_for_s=10.0), clock)
     a.health.record_failure()
     clock.now += 10  # half-open: the next generation sent to a is its probe
-    a.stream_stub = busy_a = ScriptedGenerate([], ends_with=busy())
+    a.stream_stub = busy_a = ScriptedGenerate([], ends_with=busy(service="inference"))
     b.stream_stub = ScriptedGenerate(hello_world())
     try:
         assert await generated(table, Answer()) == "Hello world"
@@ -201,6 +202,21 @@ async def test_a_busy_answer_to_a_half_open_probe_leaves_the_deployment_free_to_
         await table.close()
     assert busy_a.request is not None
     assert a.health.state is BreakerState.HALF_OPEN and a.health.admits
+
+
+async def test_deployments_all_busy_are_the_routers_unavailable_with_its_own_retry_info():
+    table = DeploymentTable({"m": model("least_outstanding", "a", "b")})
+    for deployment in table.candidates("m"):
+        deployment.stream_stub = ScriptedGenerate([], ends_with=busy(service="inference"))
+    try:
+        with pytest.raises(MeshgateError) as raised:
+            await generated(table, Answer())
+    finally:
+        await table.close()
+    failure = raised.value
+    assert (failure.code, failure.reason) == (grpc.StatusCode.UNAVAILABLE, Reason.NO_DEPLOYMENT_AVAILABLE)
+    assert failure.message == "no deployment of 'm' could serve: busy; retry later"
+    assert failure.details == [retry_info(BUSY_RETRY_AFTER_S)]
 
 
 async def test_another_resource_exhausted_from_a_deployment_is_its_answer_not_handed_on():

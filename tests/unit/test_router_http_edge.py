@@ -12,11 +12,14 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
 from meshgate.config import ModelSettings, RouterSettings
-from meshgate.errors import MeshgateError, unavailable
+from meshgate.errors import MeshgateError, busy_unavailable, unavailable
+from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
 from services.router.auth import Authenticator
 from services.router.http_edge import HttpEdge, http_error
 from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Failure
+from tests.unit.test_router_context_restart import busy
+from tests.unit.test_router_context_restart import unavailable as unavailable_rpc
 
 KEY = "edge-key"
 
@@ -104,15 +107,67 @@ async def test_a_failure_midway_ends_the_stream_with_an_error_event_after_every_
     assert b"[DONE]" not in whole
 
 
+class EmbedStub:
+    """An inference service's Embed: fails with ``failure`` when given one, else answers one zero vector."""
+
+    def __init__(self, failure: grpc.aio.AioRpcError | None = None) -> None:
+        self.failure = failure
+        self.calls = 0
+
+    async def Embed(self, request, timeout):
+        self.calls += 1
+        if self.failure is not None:
+            raise self.failure
+        return inference_pb.EmbedResponse(dimensions=1, vectors=bytes(4 * len(request.texts)))
+
+
+class InferenceServices:
+    def __init__(self, *stubs: EmbedStub) -> None:
+        self.stubs = stubs
+
+    def inference_stubs(self):
+        return list(self.stubs)
+
+
+async def embeddings(services: InferenceServices) -> tuple[int, dict]:
+    """The status and body of one POST /v1/embeddings."""
+    settings = RouterSettings(dev_api_key=KEY)
+    edge = HttpEdge(settings, {}, Authenticator(settings), ScriptedPipeline([]), services)
+    body = json.dumps({"model": settings.embedding_model, "input": "a cat"}).encode()
+    received = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive():
+        if received:
+            return received.pop(0)
+        await asyncio.Event().wait()
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/embeddings",
+        "headers": [(b"authorization", f"Bearer {KEY}".encode())],
+    }
+    await asyncio.wait_for(edge(scope, receive, send), 5)
+    whole = b"".join(message.get("body", b"") for message in sent)
+    return sent[0]["status"], json.loads(whole)
+
+
+async def test_embeddings_go_to_the_next_inference_service_when_one_is_busy_or_away():
+    busy_one, away, serving = EmbedStub(busy(service="inference")), EmbedStub(unavailable_rpc()), EmbedStub()
+    status, body = await embeddings(InferenceServices(busy_one, away, serving))
+    assert status == 200, body
+    assert body["data"][0]["embedding"] == [0.0]
+    assert (busy_one.calls, away.calls, serving.calls) == (1, 1, 1)
+
+
 def test_a_busy_replica_is_a_503_with_retry_after_and_a_limit_still_a_429():
     retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1))
-    busy = MeshgateError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        Reason.SERVICE_BUSY,
-        "busy",
-        {"service": "context"},
-        details=[retry],
-    )
+    # A busy service behind the router, as the router passes it on (meshgate/errors.py busy_unavailable).
+    busy = busy_unavailable(Reason.DOWNSTREAM_FAILED, "the inference service is busy; retry later")
     status, headers, body = http_error(busy)
     assert (status, json.loads(body)["error"]["type"]) == (503, "service_unavailable_error")
     assert (b"retry-after", b"1") in headers
