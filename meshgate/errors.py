@@ -370,10 +370,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         hold the bound).
 
         Safe to call again with calls in flight (a reload): a counted call
-        is always counted out, so the count never goes below zero; calls
-        admitted while there was no bound are not counted until they end,
-        so for that while the replica may take a few more than the new
-        bound."""
+        is always counted out, so the count never goes below zero. Calls
+        admitted while there was no bound are never counted, so for as long
+        as they run (a long-lived stream: as long as it stays open) the
+        replica may hold that many more than a bound set since."""
         self._max_calls = max_calls
         self._uncounted_services = tuple(f"/{name}/" for name in uncounted_services)
         self._uncounted = {method for method in self._wrapped if method.startswith(self._uncounted_services)}
@@ -403,7 +403,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 # (they may return per-call handlers).
                 return handler
             self._wrapped[method] = wrapped
-            if self._uncounted_services and method.startswith(self._uncounted_services):
+            if method.startswith(self._uncounted_services):
                 self._uncounted.add(method)
         if self._max_calls and method not in self._uncounted:
             if self._in_flight >= self._max_calls:

@@ -373,9 +373,17 @@ def _period_ids(now_s: int) -> tuple[str, str, int, int]:
 
 
 def _refusal(
-    check: _Check, limit_value, retry_after_s: float | None, reason: Reason, message: str
+    kind: str,
+    scope_id: str,
+    limit: str,
+    limit_value,
+    retry_after_s: float | None,
+    reason: Reason,
+    message: str,
 ) -> MeshgateError:
-    subject = f"{check.scope.kind}:{check.scope.id}"
+    """RESOURCE_EXHAUSTED for ``limit`` of the scope ``kind`` ``scope_id``,
+    with a QuotaFailure and, given ``retry_after_s``, a RetryInfo."""
+    subject = f"{kind}:{scope_id}"
     details = [
         error_details_pb2.QuotaFailure(
             violations=[error_details_pb2.QuotaFailure.Violation(subject=subject, description=message)]
@@ -387,7 +395,7 @@ def _refusal(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         reason,
         message,
-        {"limit": check.limit, "scope": check.scope.kind, "limit_value": str(limit_value)},
+        {"limit": limit, "scope": kind, "limit_value": str(limit_value)},
         details=details,
     )
 
@@ -471,7 +479,8 @@ class Admission:
             # A turn no window or budget could ever hold must not wait for one.
             if check.kind != "streams" and cost > check.a:
                 raise _refusal(
-                    check, _limit_value(check), None, Reason.REQUEST_EXCEEDS_LIMIT,
+                    check.scope.kind, check.scope.id, check.limit, _limit_value(check), None,
+                    Reason.REQUEST_EXCEEDS_LIMIT,
                     f"this request alone exceeds {check.scope.kind} limit {check.limit}",
                 )  # fmt: skip
         words = [check.word + str(cost) for check, cost in zip(checks, costs, strict=True)]
@@ -623,11 +632,13 @@ class _Refused:
         if check.kind == "budget":
             period_left_s = check.b - _BUDGET_GRACE_S
             return _refusal(
-                check, _limit_value(check), period_left_s, Reason.BUDGET_EXHAUSTED,
+                check.scope.kind, check.scope.id, check.limit, _limit_value(check), period_left_s,
+                Reason.BUDGET_EXHAUSTED,
                 f"the {check.scope.kind}'s {check.limit} budget is spent until the period ends",
             )  # fmt: skip
         return _refusal(
-            check, _limit_value(check), self.retry_after_ms / 1000, Reason.RATE_LIMITED,
+            check.scope.kind, check.scope.id, check.limit, _limit_value(check), self.retry_after_ms / 1000,
+            Reason.RATE_LIMITED,
             f"{check.scope.kind} limit {check.limit} reached",
         )  # fmt: skip
 
@@ -737,20 +748,18 @@ class SessionStreams:
             return
         held = self._open.get(tenant_id, 0)
         if held >= self._cap:
-            message = f"the tenant holds its most ChatSession streams open on this replica ({self._cap})"
-            subject = f"tenant:{tenant_id}"
-            violation = error_details_pb2.QuotaFailure.Violation(subject=subject, description=message)
-            raise MeshgateError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise _refusal(
+                "tenant", tenant_id, "max_session_streams_per_tenant", self._cap, None,
                 Reason.TOO_MANY_SESSION_STREAMS,
-                message + "; close one first",
-                {"limit": "max_session_streams_per_tenant", "scope": "tenant", "limit_value": str(self._cap)},
-                details=[error_details_pb2.QuotaFailure(violations=[violation])],
-            )
+                f"the tenant holds its most ChatSession streams open on this replica ({self._cap}); "
+                "close one first",
+            )  # fmt: skip
         self._open[tenant_id] = held + 1
         call.add_done_callback(functools.partial(self._closed, tenant_id))
 
     def held(self, tenant_id: str) -> int:
+        """The streams ``tenant_id`` holds open: for the tests to read (the
+        router itself needs only open's refusal)."""
         return self._open.get(tenant_id, 0)
 
     def _closed(self, tenant_id: str, call: asyncio.Task) -> None:
