@@ -156,6 +156,12 @@ def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
     return error_details_pb2.RetryInfo(retry_delay=delay)
 
 
+def retry_after_s(error: grpc.aio.AioRpcError) -> float | None:
+    """The delay a failed call's RetryInfo asked for, if it carried one."""
+    retry = _detail(error, error_details_pb2.RetryInfo)
+    return None if retry is None else retry.retry_delay.ToTimedelta().total_seconds()
+
+
 def busy_unavailable(reason: str, message: str, **metadata: str) -> MeshgateError:
     """Our own answer when the services behind us were busy (SERVICE_BUSY)
     for good: UNAVAILABLE, which callers retry, with our RetryInfo. Not the

@@ -21,12 +21,14 @@ from meshgate.common.v1 import common_pb2
 from meshgate.config import RouterSettings
 from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.errors import (
+    BUSY_RETRY_AFTER_S,
     DOMAIN,
     MeshgateError,
     busy_unavailable,
     error_info,
     from_rpc_error,
     partly_delivered,
+    retry_after_s,
     unavailable,
 )
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
@@ -124,12 +126,33 @@ class ContextService:
         log.info("context call failed UNAVAILABLE; its channel is ready, sending it again")
         return True
 
+    async def _may_send_again(
+        self, error: grpc.aio.AioRpcError, budget: Budget, pause_s: float = 0.0
+    ) -> bool:
+        """Whether a session call that failed with ``error`` may be sent once
+        more, having waited for it: UNAVAILABLE, ``pause_s`` and then a
+        channel ready again (_after_restart); a busy replica (SERVICE_BUSY,
+        the request not read), the delay its RetryInfo asked for, when the
+        turn's budget leaves that much (else the next attempt could only
+        fail on its deadline)."""
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            await asyncio.sleep(budget.within(pause_s))
+            return await self._after_restart(error, budget)
+        if not not_taken(error, "context"):
+            return False
+        delay_s = retry_after_s(error) or BUSY_RETRY_AFTER_S
+        if budget.within(delay_s) < delay_s:
+            return False
+        await asyncio.sleep(delay_s)
+        return True
+
     async def _call(self, method, request, tenant_id: str, budget: Budget, *, session: bool):
-        """One unary call; one for a session rides out a restart (_after_restart)."""
+        """One unary call; one for a session is sent again once if the
+        service did not take it (_may_send_again)."""
         try:
             return await method(request, **self._call_options(tenant_id, budget))
         except grpc.aio.AioRpcError as error:
-            if not session or not await self._after_restart(error, budget):
+            if not session or not await self._may_send_again(error, budget):
                 raise
         return await method(request, **self._call_options(tenant_id, budget))
 
@@ -223,12 +246,12 @@ class ContextService:
                 )
                 return response.version
             except grpc.aio.AioRpcError as error:
-                # UNAVAILABLE: the context service or its Redis is restarting;
+                # UNAVAILABLE: the context service or its Redis is restarting
+                # (the pause is for Redis: the channel is ready at once);
                 # SERVICE_BUSY: its replica did not read the request. The
                 # turn id makes the retry safe.
-                if not_taken(error, "context") and attempt + 1 < _APPEND_ATTEMPTS:
-                    await asyncio.sleep(_APPEND_RETRY_DELAY_S * (attempt + 1))
-                    await self._after_restart(error, turn.budget)
+                pause_s = _APPEND_RETRY_DELAY_S * (attempt + 1)
+                if attempt + 1 < _APPEND_ATTEMPTS and await self._may_send_again(error, turn.budget, pause_s):
                     continue
                 raise from_rpc_error(error, "context") from error
         raise AssertionError("unreachable")

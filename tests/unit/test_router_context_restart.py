@@ -38,8 +38,9 @@ def rpc_error(error: MeshgateError) -> grpc.aio.AioRpcError:
     )
 
 
-def busy(domain: str = "meshgate", service: str = "context") -> grpc.aio.AioRpcError:
-    """A ``service`` replica at its max_concurrent_rpcs (meshgate/errors.py ErrorInterceptor.bound)."""
+def busy(domain: str = "meshgate", service: str = "context", retry_s: float = 0.01) -> grpc.aio.AioRpcError:
+    """A ``service`` replica at its max_concurrent_rpcs (meshgate/errors.py
+    ErrorInterceptor.bound), asking for a retry after ``retry_s``."""
     return rpc_error(
         MeshgateError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -47,6 +48,7 @@ def busy(domain: str = "meshgate", service: str = "context") -> grpc.aio.AioRpcE
             "busy",
             {"limit": "max_concurrent_rpcs", "scope": "replica", "limit_value": "1", "service": service},
             domain,
+            [retry_info(retry_s)],
         )
     )
 
@@ -202,14 +204,36 @@ async def test_an_append_waits_for_the_channel_and_keeps_its_turn_id(monkeypatch
     assert stub.AppendTurns.requests[0].turn_id
 
 
-async def test_an_append_to_a_service_that_stays_away_fails_after_its_attempts(monkeypatch):
+async def test_an_append_to_a_service_that_stays_away_fails_when_its_channel_is_not_ready_in_the_grace(
+    monkeypatch,
+):
+    # Sent again on a channel still not ready, it could only fail at once.
     monkeypatch.setattr(downstream, "_APPEND_RETRY_DELAY_S", 0.0)
     monkeypatch.setattr(downstream, "_CONTEXT_RESTART_GRACE_S", 0.02)
     context, stub = service(Channel(after_s=None), failures=5)
     with pytest.raises(MeshgateError) as raised:
         await context.append(turn("s1"), "s1", 3, Answer(text="fine"))
     assert raised.value.code == grpc.StatusCode.UNAVAILABLE
-    assert stub.AppendTurns.calls == downstream._APPEND_ATTEMPTS
+    assert stub.AppendTurns.calls == 1
+
+
+async def test_a_session_assembly_a_busy_replica_refused_is_sent_again_after_its_retry_info():
+    context, stub = service(Channel(after_s=0.0), failures=1, failure=lambda: busy(retry_s=0.05))
+    started = time.monotonic()
+    assert await context.assemble(turn("s1")) is not None
+    assert stub.AssembleContext.calls == 2
+    # Its RetryInfo's delay, not the default second.
+    assert 0.05 <= time.monotonic() - started < downstream.BUSY_RETRY_AFTER_S
+
+
+async def test_a_busy_replica_is_not_waited_for_past_the_turns_budget():
+    context, stub = service(Channel(after_s=0.0), failures=1, failure=lambda: busy(retry_s=5.0))
+    started = time.monotonic()
+    with pytest.raises(MeshgateError) as raised:
+        await context.assemble(turn("s1", budget_s=1.0))
+    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+    assert stub.AssembleContext.calls == 1
+    assert time.monotonic() - started < 1.0
 
 
 async def test_a_busy_context_replica_degrades_a_stateless_turn():
