@@ -88,6 +88,21 @@ async def stored(context, tenant: str, session_id: str) -> tuple[int, list[str]]
     return session.version, [m.content for m in session.messages]
 
 
+async def fill_to_max_turns(context, tenant: str, session_id: str) -> list[common_pb2.Message]:
+    """Fills the session to MAX_TURNS in one append (t0, t1, ... from the
+    user and the assistant in turn), through the context service; returns
+    the messages."""
+    full = [
+        common_pb2.Message(role=USER if n % 2 == 0 else ASSISTANT, content=f"t{n}") for n in range(MAX_TURNS)
+    ]
+    await context.AppendTurns(
+        context_pb.AppendTurnsRequest(
+            tenant_id=tenant, session_id=session_id, any_version=True, messages=full
+        )
+    )
+    return full
+
+
 async def usage(router, auth) -> pb.UsageRow:
     """The tenant's tiny-gpt usage, once the ledger holds ``requests`` turns."""
     response = await router.GetUsage(pb.GetUsageRequest(), metadata=auth, timeout=10)
@@ -162,14 +177,7 @@ async def test_a_turn_past_the_byte_cap_is_refused_before_generating_and_a_small
 async def test_the_http_edge_refuses_a_turn_on_a_full_session_with_409(mesh) -> None:
     router, context, tenant, auth, base_url = mesh
     session_id = (await router.CreateSession(pb.CreateSessionRequest(), metadata=auth)).session_id
-    full = [
-        common_pb2.Message(role=USER if n % 2 == 0 else ASSISTANT, content=f"t{n}") for n in range(MAX_TURNS)
-    ]
-    await context.AppendTurns(
-        context_pb.AppendTurnsRequest(
-            tenant_id=tenant, session_id=session_id, any_version=True, messages=full
-        )
-    )
+    await fill_to_max_turns(context, tenant, session_id)
     body = {
         "model": "tiny-gpt",
         "messages": [{"role": "user", "content": "one more?"}],
@@ -188,14 +196,7 @@ async def test_the_http_edge_refuses_a_turn_on_a_full_session_with_409(mesh) -> 
 async def test_a_stale_strict_turn_on_a_full_session_is_refused_as_its_append_would_be(mesh) -> None:
     router, context, tenant, auth, _ = mesh
     session_id = (await router.CreateSession(pb.CreateSessionRequest(), metadata=auth)).session_id
-    full = [
-        common_pb2.Message(role=USER if n % 2 == 0 else ASSISTANT, content=f"t{n}") for n in range(MAX_TURNS)
-    ]
-    await context.AppendTurns(
-        context_pb.AppendTurnsRequest(
-            tenant_id=tenant, session_id=session_id, any_version=True, messages=full
-        )
-    )
+    full = await fill_to_max_turns(context, tenant, session_id)
     # What the append answers a writer still at version 0: the version, before the cap.
     with pytest.raises(grpc.aio.AioRpcError) as appended:
         await context.AppendTurns(
