@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshgate import serving
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
-from meshgate.errors import error_info, from_rpc_error
+from meshgate.errors import error_info, from_rpc_error, retry_after_s
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as router_pb
 from meshgate.router.v1 import router_service_pb2_grpc
@@ -127,9 +127,12 @@ async def test_the_call_past_the_bound_is_refused_with_error_info_then_served_ag
             "limit_value": str(LIMIT),
             "service": "context",
         }
-        # When to retry, as the limits say it, and passed on by a router that meets it.
-        (retry,) = from_rpc_error(refused, "context").details
-        assert retry.retry_delay.seconds == 1
+        # When to retry, as the limits say it; a router that meets it for
+        # good answers its caller UNAVAILABLE with a RetryInfo of its own.
+        assert retry_after_s(refused) == 1
+        passed_on = from_rpc_error(refused, "context")
+        assert (passed_on.code, passed_on.reason) == (grpc.StatusCode.UNAVAILABLE, Reason.DOWNSTREAM_FAILED)
+        assert "max_concurrent_rpcs" not in passed_on.message
         # Refused before the servicer: it saw only the held calls.
         assert servicer.entered == LIMIT
         # Health checks are not ours to bound: a busy replica still says how it is.
