@@ -79,6 +79,7 @@ async def refused(call) -> tuple[grpc.StatusCode, str, dict[str, str]]:
         async for response in call:
             pytest.fail(f"nothing may reach the caller of a turn its session cannot store: {response}")
     info = error_info(caught.value)
+    assert info is not None, caught.value
     return caught.value.code(), info.reason, dict(info.metadata)
 
 
