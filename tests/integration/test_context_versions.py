@@ -305,14 +305,16 @@ async def _until(condition, timeout_s: float = 20.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def _settled(client: redis.Redis) -> int:
+async def _settled(client: redis.Redis, timeout_s: float = 10.0) -> int:
     """The data command count once background reads (a prefetch) are done."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
     previous = await _data_commands(client)
     while True:
         await asyncio.sleep(0.1)
         current = await _data_commands(client)
         if current == previous:
             return current
+        assert asyncio.get_running_loop().time() < deadline, "Redis never went quiet"
         previous = current
 
 
