@@ -291,8 +291,10 @@ async def _own_redis(tmp_path):
         redis_server.wait_ready(port)
         url = f"redis://127.0.0.1:{port}/0"
         client = redis.Redis.from_url(url)
-        yield url, client
-        await client.aclose()
+        try:
+            yield url, client
+        finally:
+            await client.aclose()
     finally:
         process.terminate()
         process.wait(10)
