@@ -27,6 +27,7 @@ from tests.integration.test_context_service import (
 from tests.integration.test_context_versions import (
     _data_commands,
     _own_redis,
+    _reads_nothing,
     _settled,
     _until,
     append,
@@ -67,13 +68,11 @@ async def test_the_turn_cap_refuses_up_front_as_the_append_does_from_every_read_
 
             # The replica that appended holds the session hot (once its
             # change notices flow): the refusal then reads nothing from Redis.
-            async def refused_from_memory() -> bool:
-                before = await _settled(client)
+            async def refused() -> None:
                 outcome = await failure(assemble(stub, tenant, session_id, **reserving(2, 10)))
                 assert outcome == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_FULL", appended)
-                return await _data_commands(client) == before
 
-            await _until(refused_from_memory)
+            await _until(lambda: _reads_nothing(client, refused))
             # A replica that never read it plans from the turn index.
             assert await failure(assemble(cold, tenant, session_id, **reserving(2, 10))) == (
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -126,12 +125,7 @@ async def test_the_byte_cap_refuses_up_front_as_the_append_does(tmp_path, tenant
             # Hot (once change notices flow): after the next append the
             # replica holds it again (its entry extended, or read back by the
             # prefetch the append starts), and the check reads nothing.
-            async def hot() -> bool:
-                before = await _settled(client)
-                await assemble(stub, tenant, session_id)
-                return await _data_commands(client) == before
-
-            await _until(hot)
+            await _until(lambda: _reads_nothing(client, lambda: assemble(stub, tenant, session_id)))
             await append(stub, tenant, session_id, "q" * 500, "a" * 500)
             held = _size("q" * 1000, "a" * 1000, "q" * 500, "a" * 500)
             room = 4096 - held
@@ -181,12 +175,7 @@ async def test_a_session_whose_bytes_were_never_counted_is_left_to_its_append(tm
                 # That assembly's prefetch holds it hot, uncounted as read
                 # (before the append below counts it in Redis, changing no
                 # version: the copy stands).
-                async def hot() -> bool:
-                    before = await _settled(client)
-                    await assemble(fresh, tenant, session_id)
-                    return await _data_commands(client) == before
-
-                await _until(hot)
+                await _until(lambda: _reads_nothing(client, lambda: assemble(fresh, tenant, session_id)))
                 code, reason, metadata = await failure(append(fresh, tenant, session_id, "q" * 1990))
                 assert (code, reason, metadata["bytes"]) == (
                     grpc.StatusCode.RESOURCE_EXHAUSTED,

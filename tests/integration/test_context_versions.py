@@ -320,6 +320,14 @@ async def _settled(client: redis.Redis, timeout_s: float = 10.0) -> int:
         previous = current
 
 
+async def _reads_nothing(client: redis.Redis, call) -> bool:
+    """Whether ``call()``, awaited once background reads are done, sends
+    Redis no data command."""
+    before = await _settled(client)
+    await call()
+    return await _data_commands(client) == before
+
+
 async def test_after_a_prefetch_assembly_reads_nothing_from_redis(tmp_path, tenant) -> None:
     async with _own_redis(tmp_path) as (url, client), running(make_settings(url)) as stub:
         warm_up = await new_session(stub, tenant)

@@ -23,7 +23,8 @@ from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from services.context import relevance, token_counts
 from services.context.servicer import APPEND_EMBED_S_PER_TURN, APPEND_WRITE_MARGIN_S, ContextServicer
-from services.context.store import Appended, StoredSession, session_not_found
+from services.context.store import StoredSession, session_not_found
+from tests.unit.test_context_session_room import AppendingStore
 
 MODELS = Settings().models
 
@@ -309,11 +310,6 @@ class RecordingEmbedder:
     async def embed_each_or_none(self, texts: list[str], timeout_s: float | None = None):
         self.timeouts.append(timeout_s)
         return [np.ones(8, np.float32) for _ in texts]
-
-
-class AppendingStore:
-    async def append(self, tenant_id, session_id, expected_version, turns, token_counts, turn_id=""):
-        return Appended(1, False, None)
 
 
 class Index:

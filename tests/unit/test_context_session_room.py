@@ -95,9 +95,10 @@ def test_another_version_than_the_expected_one_is_refused_first_as_the_append_re
 class AppendingStore(SessionStore):
     """Its caps and check_room are the real ones; its writes are stand-ins:
     every append lands as the next version, nothing is stored, and the
-    session's byte count it reports is ``counted`` (the script's count)."""
+    session's byte count it reports is ``counted`` (the script's count;
+    None: uncounted). Uncapped unless given ``max_session_bytes``."""
 
-    def __init__(self, max_session_bytes: int, counted: int) -> None:
+    def __init__(self, max_session_bytes: int = 0, counted: int | None = None) -> None:
         super().__init__(redis.Redis(), ttl_s=0, max_session_bytes=max_session_bytes)
         self.version = 1
         self.counted = counted
