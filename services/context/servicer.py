@@ -415,7 +415,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                     request.tenant_id, request.session_id, version, turn_features, vectors
                 )
                 if before is not None and before.index is not None and before.version == version - 1:
-                    indexed = before.index.extended(version, first, turn_features, vectors, held_bytes)
+                    indexed = before.index.extended(version, first, turn_features, vectors)
             self._warm(
                 request.tenant_id, request.session_id, version, turns, token_counts, held_bytes, ticket
             )

@@ -205,7 +205,9 @@ class IndexedTurns:
     # The turns' tokens as transcript lines, when asked for (may cover a prefix only).
     line_counts: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     # The session's meta ``bytes`` (store.StoredSession.held_bytes), read in
-    # the same transaction; None: never counted.
+    # the same transaction; None: never counted. Set and read only on an
+    # index fresh from TurnIndex.read: one extended for a hot session leaves
+    # it None, as that session's bytes are its hot entry's (StoredSession.held_bytes).
     held_bytes: int | None = None
 
     @property
@@ -257,12 +259,9 @@ class IndexedTurns:
         first: int,
         turns: list[TurnFeatures],
         vectors: np.ndarray | None,
-        held_bytes: int | None,
     ) -> IndexedTurns | None:
         """This index with the turns an append stored at ``first``, as
-        :meth:`TurnIndex.write` stored them; None unless they follow on.
-        ``held_bytes``: the session's byte count that append left
-        (store.SessionStore.append's), not this index's plus the turns'."""
+        :meth:`TurnIndex.write` stored them; None unless they follow on."""
         if first != self.count or len(self.roles) != self.count:
             return None
         count = self.count + len(turns)
@@ -294,7 +293,6 @@ class IndexedTurns:
             self.pinned_turns,
             self.pinned_facts,
             self.first_live,
-            held_bytes=held_bytes,
         )
 
 
