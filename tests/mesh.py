@@ -52,6 +52,40 @@ def tenant_of(request) -> str | None:
     return None
 
 
+CALL_TIMEOUT_S = 60.0
+"""The deadline of a test's call that names none: a stalled server then fails
+that test with DEADLINE_EXCEEDED instead of hanging the suite without a word.
+Generous, as the machine running the suite is shared and a Generate stream's
+deadline covers all of its tokens."""
+
+
+def _bounded(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    """``details``, with CALL_TIMEOUT_S when the caller gave no timeout."""
+    if details.timeout is not None:
+        return details
+    return grpc.aio.ClientCallDetails(
+        details.method, CALL_TIMEOUT_S, details.metadata, details.credentials, details.wait_for_ready
+    )
+
+
+class _UnaryDeadline(grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(_bounded(client_call_details), request)
+
+
+class _ServerStreamDeadline(grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(_bounded(client_call_details), request)
+
+
+def default_deadlines() -> list[grpc.aio.ClientInterceptor]:
+    """A channel's interceptors that give each unary call and server stream
+    made without a timeout CALL_TIMEOUT_S (no test streams requests through
+    these channels). One object per kind: grpc.aio files an interceptor
+    under the first kind it is an instance of and never calls the others."""
+    return [_UnaryDeadline(), _ServerStreamDeadline()]
+
+
 class _AsRouter(grpc.aio.UnaryUnaryClientInterceptor):
     """Adds the router's token for the tenant each request names, as the
     router does after it has authenticated the caller."""
@@ -81,7 +115,7 @@ def router_channel(address: str, service: str, settings: MeshSettings | None = N
     """A channel to ``service`` at ``address`` that acts as the router."""
     mesh = mesh_auth.Mesh(settings or mesh_settings(), "router")
     security = mesh.to(service)
-    interceptors = [_AsRouter(mesh.tenant_tokens(), service)]
+    interceptors = [_AsRouter(mesh.tenant_tokens(), service), *default_deadlines()]
     if security is None:
         return grpc.aio.insecure_channel(address, interceptors=interceptors)
     return grpc.aio.secure_channel(
