@@ -10,8 +10,8 @@ from meshgate.balancing import BreakerPolicy, BreakerState, Health
 from meshgate.common.v1 import common_pb2
 from meshgate.config import DeploymentSettings, ModelSettings, RouterSettings
 from meshgate.errors import BUSY_RETRY_AFTER_S, MeshgateError, retry_info
-from meshgate.reasons import Reason
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
+from meshgate.reasons import Reason
 from services.router.deployments import DeploymentTable
 from services.router.downstream import Deployments
 from services.router.pipeline import Answer, Budget
