@@ -47,7 +47,7 @@ test: lint
 	$(PY) -m pytest -q
 
 # The hermetic tier alone: no Redis, Triton, service or socket (tests/unit's
-# conftest refuses IP sockets), no model weights (tests marked heavy); ~8 s.
+# conftest refuses IP sockets), no model weights (tests marked heavy); ~1 min.
 test-unit: install
 	$(PY) -m pytest -q -m "not heavy" tests/unit
 
