@@ -80,10 +80,21 @@ class _ServerStreamDeadline(grpc.aio.UnaryStreamClientInterceptor):
 
 def default_deadlines() -> list[grpc.aio.ClientInterceptor]:
     """A channel's interceptors that give each unary call and server stream
-    made without a timeout CALL_TIMEOUT_S (no test streams requests through
-    these channels). One object per kind: grpc.aio files an interceptor
-    under the first kind it is an instance of and never calls the others."""
+    made without a timeout CALL_TIMEOUT_S. A ChatSession stream names its
+    own (``timeout=CALL_TIMEOUT_S`` where the test has no tighter one):
+    grpc.aio runs an intercepted stream's writes through a queue, so a
+    write would return once queued and a refused stream would end it with
+    InvalidStateError instead of the server's status, which tests of
+    refusals read. The mesh has no client-streaming unary RPC. One object
+    per kind: grpc.aio files an interceptor under the first kind it is an
+    instance of and never calls the others."""
     return [_UnaryDeadline(), _ServerStreamDeadline()]
+
+
+def bounded_channel(address: str) -> grpc.aio.Channel:
+    """A plain-text channel to ``address`` (a router's public port, a test
+    server) whose calls made without a timeout get CALL_TIMEOUT_S."""
+    return grpc.aio.insecure_channel(address, interceptors=default_deadlines())
 
 
 class _AsRouter(grpc.aio.UnaryUnaryClientInterceptor):

@@ -17,7 +17,7 @@ from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router import app as router_app
-from tests.mesh import mesh_settings
+from tests.mesh import CALL_TIMEOUT_S, bounded_channel, mesh_settings
 
 KEY = "reload-call-bound-key"
 AUTH = (("authorization", f"Bearer {KEY}"),)
@@ -49,7 +49,7 @@ async def router(settings: Settings):
     cleanup = await router_app.setup(service, settings)
     port = await serving.start(service, "127.0.0.1:0", cleanup)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with bounded_channel(f"127.0.0.1:{port}") as channel:
             yield router_service_pb2_grpc.RouterServiceStub(channel), service
     finally:
         await serving.stop(service, grace_s=0)
@@ -57,7 +57,7 @@ async def router(settings: Settings):
 
 async def held_stream(stub, metadata=AUTH) -> grpc.aio.StreamStreamCall:
     """A ChatSession stream, admitted (it answered a turn with no model in the stream)."""
-    stream = stub.ChatSession(metadata=metadata)
+    stream = stub.ChatSession(metadata=metadata, timeout=CALL_TIMEOUT_S)
     await stream.write(pb.ChatSessionRequest())
     assert (await stream.read()).failure
     return stream

@@ -30,6 +30,7 @@ from services.router.auth import Authenticator
 from services.router.ledger import METRICS
 from services.router.pipeline import Answer, CacheStatus, Delta, Hit, Pipeline
 from services.router.servicer import RouterServicer, add_to_server
+from tests.mesh import bounded_channel
 from tests.unit.test_router_pipeline import FakeCache, FakeContexts, FakeGenerator, request, user
 
 KEY = "unit-key"
@@ -316,7 +317,7 @@ async def _nothing() -> None:
 @contextlib.asynccontextmanager
 async def router_stub(servicer: RouterServicer):
     """A client's stub to the servicer served as the router serves it (serving_router)."""
-    async with serving_router(servicer) as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with serving_router(servicer) as port, bounded_channel(f"127.0.0.1:{port}") as channel:
         yield router_service_pb2_grpc.RouterServiceStub(channel)
 
 
@@ -404,7 +405,7 @@ async def test_every_router_method_is_served():
     codes = {}
     async with (
         serving_router(router_servicer()) as port,
-        grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+        bounded_channel(f"127.0.0.1:{port}") as channel,
     ):
         for method in SERVICE.methods:
             kind = KINDS[method.client_streaming, method.server_streaming]
@@ -460,15 +461,19 @@ class EndlessGenerator:
 async def test_a_caller_gone_mid_stream_is_cancelled_not_an_internal_error():
     generator = EndlessGenerator()
     async with serving_router(router_servicer(generator=generator)) as port:
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        channel = bounded_channel(f"127.0.0.1:{port}")
         call = router_service_pb2_grpc.RouterServiceStub(channel).Chat(request(), metadata=AUTH)
         assert (await call.read()).delta.text
         # The caller reads no more: the router's writes fill the stream's
         # window, and one waits for room when the caller goes.
         pulled = -1
-        while pulled != generator.pulled:
+        for _ in range(150):
+            if pulled == generator.pulled:
+                break
             pulled = generator.pulled
             await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("the router kept pulling pieces for 30 s with no one reading")
         before = chat_outcomes()
         with structlog.testing.capture_logs() as logs:
             await channel.close()

@@ -22,6 +22,7 @@ from meshgate.errors import error_info, from_rpc_error, retry_after_s
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as router_pb
 from meshgate.router.v1 import router_service_pb2_grpc
+from tests.mesh import bounded_channel
 
 LIMIT = 2
 
@@ -69,7 +70,7 @@ async def bounded(limit: int, uncounted_services: tuple[str, ...] = ()):
     service.bound_calls(limit, uncounted_services)
     port = await serving.start(service, "127.0.0.1:0", nothing)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with bounded_channel(f"127.0.0.1:{port}") as channel:
             yield (
                 context_service_pb2_grpc.ContextServiceStub(channel),
                 servicer,
