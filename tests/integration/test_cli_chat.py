@@ -9,7 +9,6 @@ import contextlib
 import re
 import sys
 
-import grpc
 import pytest
 
 from meshgate.common.v1 import common_pb2
@@ -18,6 +17,7 @@ from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from tests.integration.conftest import running_router, serve_tiny_gpt, service_settings
+from tests.mesh import bounded_channel
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +82,7 @@ async def grpc_answer(router: str) -> tuple[str, pb.ChatCompletion]:
         parameters=common_pb2.GenerationParameters(max_tokens=MAX_TOKENS, temperature=0.0, top_p=1.0),
         cache_policy=pb.CACHE_POLICY_BYPASS,
     )
-    async with grpc.aio.insecure_channel(router) as channel:
+    async with bounded_channel(router) as channel:
         stub = router_service_pb2_grpc.RouterServiceStub(channel)
         text, completion = [], None
         async for response in stub.Chat(request, metadata=[("authorization", f"Bearer {KEY}")], timeout=60):

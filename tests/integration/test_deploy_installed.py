@@ -26,7 +26,7 @@ from meshgate.config import DEFAULT_DEV_API_KEY, SMOLLM2_CHAT_TEMPLATE, SMOLLM2_
 from meshgate.local.stack import free_port
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from tests.mesh import mesh_settings
+from tests.mesh import bounded_channel, mesh_settings
 from tests.unit.test_deploy_wheel import installed, wheel  # noqa: F401 - the wheel and its venv
 
 pytestmark = pytest.mark.integration
@@ -83,7 +83,7 @@ async def _wait_serving(name: str, health_port: int, process: subprocess.Popen, 
     """As the kubelet's gRPC probe asks: plain text, on the health port."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + START_TIMEOUT_S
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+    async with bounded_channel(f"127.0.0.1:{health_port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             assert process.poll() is None, f"{name} exited {process.returncode}:\n{log.read_text()[-3000:]}"
@@ -153,7 +153,7 @@ async def test_the_installed_services_serve_a_streamed_answer(installed, triton_
             cache_policy=pb.CACHE_POLICY_BYPASS,
         )
         deltas, completion = [], None
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['router']}") as channel:
+        async with bounded_channel(f"127.0.0.1:{ports['router']}") as channel:
             stub = router_service_pb2_grpc.RouterServiceStub(channel)
             metadata = (("authorization", f"Bearer {DEFAULT_DEV_API_KEY}"),)
             async for response in stub.Chat(request, metadata=metadata, timeout=120):

@@ -20,7 +20,7 @@ from meshgate.local import certs
 from meshgate.local.stack import free_port
 from services.inference import app as inference_app
 from tests.integration.conftest import wait_until_serving
-from tests.mesh import mesh_settings
+from tests.mesh import bounded_channel, mesh_settings
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +82,7 @@ async def test_the_plain_text_health_port_tells_the_status_and_serves_nothing_el
     port = await serving.start(service, "127.0.0.1:0", cleanup)
     try:
         await wait_until_serving(service)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+        async with bounded_channel(f"127.0.0.1:{health_port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
@@ -96,13 +96,13 @@ async def test_the_plain_text_health_port_tells_the_status_and_serves_nothing_el
             answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
         # The main port still admits no plain-text caller.
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with bounded_channel(f"127.0.0.1:{port}") as channel:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await serving.stop(service, grace_s=1)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+    async with bounded_channel(f"127.0.0.1:{health_port}") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as closed:
             await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert closed.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -15,7 +15,7 @@ from meshgate.config import Settings
 from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from tests.integration.conftest import running_inference
-from tests.mesh import mesh_settings, router_channel
+from tests.mesh import bounded_channel, mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ async def inference_stub(triton_url: str, memo_entries: int):
 
 @pytest.fixture
 async def triton_stub(triton_url):
-    async with grpc.aio.insecure_channel(triton_url) as channel:
+    async with bounded_channel(triton_url) as channel:
         yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
 

@@ -19,7 +19,7 @@ from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from services.inference import app, triton_protocol
 from tests.integration.conftest import running, triton_cancellations, until_triton_cancels
-from tests.mesh import mesh_settings, router_channel
+from tests.mesh import bounded_channel, mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
 # tiny_gpt's sampled answers sometimes reach the end-of-sequence token early
@@ -155,7 +155,7 @@ async def test_a_long_text_is_cut_before_triton_to_the_same_vector(stub, triton_
     response = await stub.Embed(pb.EmbedRequest(texts=[long_text, "short"]), timeout=60)
     vectors = np.frombuffer(response.vectors, dtype="<f4").reshape(2, response.dimensions)
     # The model given the whole text (it truncates after tokenizing all of it).
-    async with grpc.aio.insecure_channel(triton_url) as channel:
+    async with bounded_channel(triton_url) as channel:
         triton = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         direct = await triton.ModelInfer(triton_protocol.embed_request("minilm", [long_text]), timeout=60)
     whole = np.frombuffer(direct.raw_output_contents[0], dtype="<f4")

@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 from meshgate import serving
+from tests.mesh import CALL_TIMEOUT_S
 
 pytestmark = pytest.mark.integration
 
@@ -123,10 +124,11 @@ async def test_an_idle_open_stream_to_triton_outlives_several_keepalives() -> No
         serving_on(scaled(TRITON_SERVER_OPTIONS)) as (address, peers),
         grpc.aio.insecure_channel(address, options=scaled(serving.TRITON_CHANNEL_OPTIONS)) as channel,
     ):
-        stream = channel.stream_stream("/t.Keepalive/Echo")()
+        keepalive_s = serving.TRITON_MIN_RECV_PING_INTERVAL_MS / SCALE / 1000
+        # Open through the idle time on purpose, and bounded past it.
+        stream = channel.stream_stream("/t.Keepalive/Echo")(timeout=3.5 * keepalive_s + CALL_TIMEOUT_S)
         await stream.write(b"first")
         assert await stream.read() == b"first"
-        keepalive_s = serving.TRITON_MIN_RECV_PING_INTERVAL_MS / SCALE / 1000
         await asyncio.sleep(3.5 * keepalive_s)
         await stream.write(b"after the idle time")
         assert await stream.read() == b"after the idle time"

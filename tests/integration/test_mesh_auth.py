@@ -30,7 +30,7 @@ from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.context import app as context_app
 from tests.integration.conftest import answer_of, running, running_router, service_settings
-from tests.mesh import certs_dir, mesh_settings, router_channel
+from tests.mesh import bounded_channel, certs_dir, mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +66,7 @@ def intruder_certs(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 async def router(mesh):
-    async with grpc.aio.insecure_channel(mesh["router"]) as channel:
+    async with bounded_channel(mesh["router"]) as channel:
         yield router_service_pb2_grpc.RouterServiceStub(channel)
 
 
@@ -146,7 +146,7 @@ async def test_without_a_mesh_certificate_the_handshake_refuses(mesh, router, in
     ):
         address = mesh[service]
         channels = [
-            grpc.aio.insecure_channel(address),
+            bounded_channel(address),
             tls_without_client_certificate(address, service),
             # Names the router, but its CA is not the mesh's.
             as_service("router", address, service, intruder_settings(intruder_certs)),
@@ -228,7 +228,7 @@ async def test_a_poisoned_answer_cannot_be_stored_so_it_is_never_served(mesh, ro
     )
     tokens = mesh_auth.Mesh(mesh_settings(), "router").tenant_tokens()
     attackers = [
-        (grpc.aio.insecure_channel(mesh["cache"]), (), UNAVAILABLE),
+        (bounded_channel(mesh["cache"]), (), UNAVAILABLE),
         (tls_without_client_certificate(mesh["cache"], "cache"), (), UNAVAILABLE),
         (as_service("router", mesh["cache"], "cache", intruder_settings(intruder_certs)), (), UNAVAILABLE),
         (as_service("context", mesh["cache"], "cache"), tokens.metadata("dev", "cache"), PERMISSION_DENIED),
@@ -267,7 +267,7 @@ async def test_with_mesh_tls_off_internal_ports_work_as_before(redis_url):
     settings.redis.url = redis_url
     async with (
         running(context_app, "context", settings) as address,
-        grpc.aio.insecure_channel(address) as channel,
+        bounded_channel(address) as channel,
     ):
         context = context_service_pb2_grpc.ContextServiceStub(channel)
         created = await context.CreateSession(context_pb.CreateSessionRequest(tenant_id="dev"), timeout=10)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import uuid
 
-import grpc
 import pytest
 
 from meshgate.common.v1 import common_pb2
@@ -27,6 +26,7 @@ from meshgate.config import (
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from tests.integration.conftest import answer_of, running_router, service_settings
+from tests.mesh import bounded_channel
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ def _settings(redis_url: str, inference_address: str, embedding_timeout_s: float
 async def _router(settings: Settings):
     async with contextlib.AsyncExitStack() as stack:
         address = await stack.enter_async_context(running_router(settings))
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        channel = await stack.enter_async_context(bounded_channel(address))
         yield router_service_pb2_grpc.RouterServiceStub(channel)
 
 

@@ -30,7 +30,7 @@ from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router.admission import Scope
 from tests.integration.conftest import running_router, serve_tiny_gpt
-from tests.mesh import mesh_settings
+from tests.mesh import bounded_channel, mesh_settings
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ async def accounting(redis_url, inference_address):
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(client.aclose)
         address = await stack.enter_async_context(running_router(settings))
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        channel = await stack.enter_async_context(bounded_channel(address))
         auth = (("authorization", f"Bearer {key}"),)
         yield router_service_pb2_grpc.RouterServiceStub(channel), tenant, auth, client
 

@@ -22,7 +22,7 @@ from meshgate.router.v1 import admin_service_pb2 as admin_pb
 from meshgate.router.v1 import admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as pb
 from tests.integration.conftest import running_router
-from tests.mesh import mesh_settings
+from tests.mesh import CALL_TIMEOUT_S, bounded_channel, mesh_settings
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,7 @@ async def router(redis_url):
     settings.router.admin_api_key_sha256 = [hash_api_key(ADMIN_KEY)]
     async with contextlib.AsyncExitStack() as stack:
         address = await stack.enter_async_context(running_router(without_embedder(settings)))
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        channel = await stack.enter_async_context(bounded_channel(address))
         admin = admin_service_pb2_grpc.AdminServiceStub(channel)
         yield router_service_pb2_grpc.RouterServiceStub(channel), admin
 
@@ -65,7 +65,7 @@ async def capped_router(redis_url):
     settings.router.max_session_streams_per_tenant = STREAMS_CAP
     async with contextlib.AsyncExitStack() as stack:
         address = await stack.enter_async_context(running_router(without_embedder(settings)))
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        channel = await stack.enter_async_context(bounded_channel(address))
         yield router_service_pb2_grpc.RouterServiceStub(channel), address
 
 
@@ -77,6 +77,11 @@ def without_embedder(settings: Settings) -> Settings:
     # Nothing here embeds: no model loaded for it.
     settings.context.embedder = settings.cache.embedder = "inference"
     return settings
+
+
+def open_stream(router, metadata) -> grpc.aio.StreamStreamCall:
+    """A ChatSession stream, bounded as the channels' calls are (tests/mesh.py)."""
+    return router.ChatSession(metadata=metadata, timeout=CALL_TIMEOUT_S)
 
 
 async def list_models(router) -> pb.ListModelsResponse | grpc.aio.AioRpcError:
@@ -98,7 +103,7 @@ async def test_calls_past_the_bound_are_refused_with_service_busy_until_a_stream
     for _ in range(200):
         for slot, metadata in enumerate(tenants):
             if streams[slot] is None or streams[slot].done():
-                streams[slot] = router.ChatSession(metadata=metadata)
+                streams[slot] = open_stream(router, metadata)
                 await streams[slot].wait_for_connection()
         refused = await list_models(router)
         if isinstance(refused, grpc.aio.AioRpcError):
@@ -144,14 +149,14 @@ async def test_a_tenant_past_its_session_streams_is_refused_at_open_and_a_stream
     capped_router,
 ) -> None:
     router, address = capped_router
-    held = [router.ChatSession(metadata=AUTH) for _ in range(STREAMS_CAP - 1)]
+    held = [open_stream(router, AUTH) for _ in range(STREAMS_CAP - 1)]
     # One of them through a channel of its own, which goes away as a killed client's would.
-    own_channel = grpc.aio.insecure_channel(address)
-    held.append(router_service_pb2_grpc.RouterServiceStub(own_channel).ChatSession(metadata=AUTH))
+    own_channel = bounded_channel(address)
+    held.append(open_stream(router_service_pb2_grpc.RouterServiceStub(own_channel), AUTH))
     for stream in held:
         assert (await admitted(stream)).failure, "a stream under the cap was not admitted"
 
-    refused = await admitted(router.ChatSession(metadata=AUTH))
+    refused = await admitted(open_stream(router, AUTH))
     assert isinstance(refused, grpc.aio.AioRpcError), refused
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     info = error_info(refused)
@@ -162,13 +167,13 @@ async def test_a_tenant_past_its_session_streams_is_refused_at_open_and_a_stream
         "limit_value": str(STREAMS_CAP),
     }
     # Another tenant is not held back by this one's streams.
-    others = [router.ChatSession(metadata=OTHER) for _ in range(STREAMS_CAP)]
+    others = [open_stream(router, OTHER) for _ in range(STREAMS_CAP)]
     for stream in others:
         assert (await admitted(stream)).failure
 
     async def until_admitted() -> grpc.aio.StreamStreamCall:
         for _ in range(200):
-            stream = router.ChatSession(metadata=AUTH)
+            stream = open_stream(router, AUTH)
             answer = await admitted(stream)
             if isinstance(answer, pb.ChatSessionResponse):
                 return stream
@@ -181,6 +186,6 @@ async def test_a_tenant_past_its_session_streams_is_refused_at_open_and_a_stream
     held[0] = await until_admitted()
     await own_channel.close()
     held[-1] = await until_admitted()
-    assert isinstance(await admitted(router.ChatSession(metadata=AUTH)), grpc.aio.AioRpcError)
+    assert isinstance(await admitted(open_stream(router, AUTH)), grpc.aio.AioRpcError)
     for stream in held + others:
         stream.cancel()

@@ -23,6 +23,7 @@ from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router import coalescing
 from tests.integration.conftest import running_router, service_settings
+from tests.mesh import bounded_channel
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +52,7 @@ async def router(redis_url, inference_address):
     ]
     async with contextlib.AsyncExitStack() as stack:
         address = await stack.enter_async_context(running_router(settings))
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        channel = await stack.enter_async_context(bounded_channel(address))
         yield router_service_pb2_grpc.RouterServiceStub(channel)
 
 

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import time
 
-import grpc
 import pytest
 from prometheus_client import REGISTRY
 
@@ -20,7 +19,7 @@ from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router import app as router_app
 from tests.integration.conftest import answer_of, running, running_router, service_settings
-from tests.mesh import router_channel
+from tests.mesh import bounded_channel, router_channel
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +45,7 @@ async def replicas(redis_url, inference_address):
         second = await stack.enter_async_context(running(router_app, "router", settings))
         routers = []
         for address in (first, second):
-            channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+            channel = await stack.enter_async_context(bounded_channel(address))
             routers.append(router_service_pb2_grpc.RouterServiceStub(channel))
         cache_channel = await stack.enter_async_context(
             router_channel(settings.router.cache_address, "cache")

@@ -21,7 +21,7 @@ from meshgate.router.v1 import admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router import app as router_app
 from tests.integration.conftest import running
-from tests.mesh import mesh_settings
+from tests.mesh import bounded_channel, mesh_settings
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ async def replicas(redis_url):
         stubs = []
         for _ in range(2):
             address = await stack.enter_async_context(running(router_app, "router", settings))
-            channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+            channel = await stack.enter_async_context(bounded_channel(address))
             stubs.append(
                 (
                     router_service_pb2_grpc.RouterServiceStub(channel),
@@ -103,6 +103,7 @@ async def test_a_key_created_on_one_replica_works_on_the_other_until_revoked(rep
                 Reason.API_KEY_REVOKED,
             )
             break
+        assert time.monotonic() - started < 1.0, "replica B still took the revoked key after a second"
         await asyncio.sleep(0.02)
     assert time.monotonic() - started < 1.0
     assert await refusal(

@@ -30,7 +30,7 @@ from meshgate.router.v1 import router_service_pb2_grpc
 from services.cache import app as cache_app
 from services.context import app as context_app
 from tests.integration.conftest import running
-from tests.mesh import mesh_settings
+from tests.mesh import bounded_channel, mesh_settings
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +82,7 @@ class Replicas:
     async def wait_serving(self, timeout_s: float = 90.0) -> None:
         deadline = time.monotonic() + timeout_s
         for index, address in enumerate(self.addresses):
-            async with grpc.aio.insecure_channel(address) as channel:
+            async with bounded_channel(address) as channel:
                 health = health_pb2_grpc.HealthStub(channel)
                 while True:
                     assert self.processes[index].poll() is None, f"router {index} exited:\n{self.log(index)}"
@@ -189,7 +189,7 @@ async def test_four_replicas_admit_exactly_the_limit(replicas):
     async with contextlib.AsyncExitStack() as stack:
         stubs = [
             router_service_pb2_grpc.RouterServiceStub(
-                await stack.enter_async_context(grpc.aio.insecure_channel(address))
+                await stack.enter_async_context(bounded_channel(address))
             )
             for address in group.addresses
         ]
@@ -213,7 +213,7 @@ async def test_reload_under_a_live_stream_and_a_bad_file_is_refused(replicas):
     async with contextlib.AsyncExitStack() as stack:
         stubs = [
             router_service_pb2_grpc.RouterServiceStub(
-                await stack.enter_async_context(grpc.aio.insecure_channel(address))
+                await stack.enter_async_context(bounded_channel(address))
             )
             for address in group.addresses
         ]

@@ -30,7 +30,7 @@ from tests.integration.conftest import (
     service_settings,
     wait_until_serving,
 )
-from tests.mesh import mesh_settings, router_channel
+from tests.mesh import CALL_TIMEOUT_S, bounded_channel, mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,7 @@ async def mesh(redis_url, inference_address):
     settings.models["with-fallback"] = ModelSettings(deployments=[dead, live])
     async with contextlib.AsyncExitStack() as stack:
         address = await stack.enter_async_context(running_router(settings))
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        channel = await stack.enter_async_context(bounded_channel(address))
         context_channel = await stack.enter_async_context(
             router_channel(settings.router.context_address, "context")
         )
@@ -118,7 +118,7 @@ async def test_chat_session_keeps_one_session_over_a_bidirectional_stream(router
     ]
     completions = []
     deltas_before_completion = 0
-    async for response in router.ChatSession(iter(requests), metadata=AUTH):
+    async for response in router.ChatSession(iter(requests), metadata=AUTH, timeout=CALL_TIMEOUT_S):
         if response.HasField("delta"):
             deltas_before_completion += 1
         else:
@@ -199,7 +199,7 @@ async def test_chat_session_reports_each_failed_turn_and_goes_on(router):
 
     requests = [turn("first"), turn(""), turn("third", temperature=7.0), turn("fourth")]
     outcomes = []
-    async for response in router.ChatSession(iter(requests), metadata=AUTH):
+    async for response in router.ChatSession(iter(requests), metadata=AUTH, timeout=CALL_TIMEOUT_S):
         kind = response.WhichOneof("event")
         if kind == "completion":
             outcomes.append(("ok", response.completion.session_version))
@@ -262,7 +262,7 @@ async def test_a_failure_mid_stream_ends_the_stream_non_ok_without_fallback(redi
             )
         }
         address = await stack.enter_async_context(running_router(settings))
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        channel = await stack.enter_async_context(bounded_channel(address))
         router = router_service_pb2_grpc.RouterServiceStub(channel)
 
         call = router.Chat(
@@ -288,7 +288,7 @@ async def test_stateless_requests_are_served_while_the_context_service_is_down(r
     async with contextlib.AsyncExitStack() as stack:
         settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
         address = await stack.enter_async_context(running(router_app, "router", settings))
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        channel = await stack.enter_async_context(bounded_channel(address))
         router = router_service_pb2_grpc.RouterServiceStub(channel)
 
         text, completion = await answer_of(

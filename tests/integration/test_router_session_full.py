@@ -24,7 +24,7 @@ from meshgate.local.stack import free_port
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from tests.integration.conftest import answer_of, running_router, serve_tiny_gpt
-from tests.mesh import default_deadlines, mesh_settings, router_channel
+from tests.mesh import bounded_channel, mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
 
@@ -50,9 +50,7 @@ async def mesh(redis_url, inference_address):
     settings.router.http_listen = f"127.0.0.1:{free_port()}"
     async with contextlib.AsyncExitStack() as stack:
         address = await stack.enter_async_context(running_router(settings))
-        channel = await stack.enter_async_context(
-            grpc.aio.insecure_channel(address, interceptors=default_deadlines())
-        )
+        channel = await stack.enter_async_context(bounded_channel(address))
         context_channel = await stack.enter_async_context(
             router_channel(settings.router.context_address, "context")
         )

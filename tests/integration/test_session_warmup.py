@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import grpc
 import pytest
 
 from meshgate.common.v1 import common_pb2
@@ -21,7 +20,7 @@ from services.context import app as context_app
 from services.router.servicer import SESSION_METADATA_KEY
 from tests.integration.conftest import running, running_router, service_settings
 from tests.integration.test_context_versions import _data_commands, _own_redis, _settled, _until
-from tests.mesh import router_channel
+from tests.mesh import CALL_TIMEOUT_S, bounded_channel, router_channel
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +44,7 @@ async def _mesh(tmp_path, inference_address):
         settings.context.inference_address = inference_address
         router_address = await stack.enter_async_context(running_router(settings))
         router = router_service_pb2_grpc.RouterServiceStub(
-            await stack.enter_async_context(grpc.aio.insecure_channel(router_address))
+            await stack.enter_async_context(bounded_channel(router_address))
         )
         routers_context = context_service_pb2_grpc.ContextServiceStub(
             await stack.enter_async_context(router_channel(settings.router.context_address, "context"))
@@ -108,7 +107,9 @@ async def test_opening_a_stream_for_a_session_warms_it_and_continues_it(tmp_path
                 cache_policy=pb.CACHE_POLICY_BYPASS,
             )
 
-        stream = router.ChatSession(requests(), metadata=[*AUTH, (SESSION_METADATA_KEY, opened)])
+        stream = router.ChatSession(
+            requests(), metadata=[*AUTH, (SESSION_METADATA_KEY, opened)], timeout=CALL_TIMEOUT_S
+        )
         await stream.wait_for_connection()
         await _settled(client)
         # Asked once each (asking warms too): the stream's session is in
