@@ -19,7 +19,7 @@ from meshgate.errors import error_info
 from meshgate.local.stack import SERVICES, Ports, Stack, free_port
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from tests.mesh import router_channel
+from tests.mesh import bounded_channel, router_channel
 
 pytestmark = pytest.mark.e2e
 
@@ -49,7 +49,7 @@ def stack(tmp_path_factory):
 
 @pytest.fixture
 async def router(stack):
-    async with grpc.aio.insecure_channel(stack.address("router")) as channel:
+    async with bounded_channel(stack.address("router")) as channel:
         yield router_service_pb2_grpc.RouterServiceStub(channel)
 
 
@@ -355,7 +355,7 @@ async def test_bad_input_gets_a_clear_status_and_every_service_stays_up(stack, r
         assert await expect_error(call) == expected
 
     # Invalid UTF-8 in the model field (1), which protobuf refuses to parse.
-    async with grpc.aio.insecure_channel(stack.address("router")) as channel:
+    async with bounded_channel(stack.address("router")) as channel:
         chat_raw = channel.unary_stream(
             "/meshgate.router.v1.RouterService/Chat",
             request_serializer=lambda data: data,
@@ -383,7 +383,7 @@ async def test_bad_input_gets_a_clear_status_and_every_service_stays_up(stack, r
 
 async def test_sigterm_drains_an_in_flight_stream(stack):
     """Stopping the router lets a running answer finish, then refuses new work."""
-    async with grpc.aio.insecure_channel(stack.address("router")) as channel:
+    async with bounded_channel(stack.address("router")) as channel:
         router = router_service_pb2_grpc.RouterServiceStub(channel)
         call = router.Chat(
             ask("A long answer, please.", max_tokens=200, temperature=0.0),

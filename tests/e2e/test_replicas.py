@@ -39,7 +39,7 @@ from meshgate.local.supervisor import Supervisor
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from tests import mesh_load
-from tests.mesh import router_channel
+from tests.mesh import bounded_channel, router_channel
 from tests.mesh_load import REQUEST_TIMEOUT_S
 
 pytestmark = pytest.mark.e2e
@@ -243,7 +243,7 @@ async def test_any_replica_serves_any_request(mesh) -> None:
     stack, _ = mesh
     first, second = (stack.address(replica_name("router", i)) for i in range(REPLICAS))
     # A session begun through one router continues through the other.
-    async with grpc.aio.insecure_channel(first) as a, grpc.aio.insecure_channel(second) as b:
+    async with bounded_channel(first) as a, bounded_channel(second) as b:
         router_a = router_service_pb2_grpc.RouterServiceStub(a)
         router_b = router_service_pb2_grpc.RouterServiceStub(b)
         session_id = (

@@ -16,6 +16,7 @@ from meshgate.local.stack import Ports, Stack, free_port
 from meshgate.local.supervisor import Supervisor
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
+from tests.mesh import bounded_channel
 
 pytestmark = pytest.mark.e2e
 
@@ -50,7 +51,7 @@ async def chat_once(router: str, text: str) -> pb.ChatCompletion:
     """A session turn: it needs every part of the mesh (a stateless request
     is served even while the context service is down)."""
     auth = [("authorization", f"Bearer {KEY}")]
-    async with grpc.aio.insecure_channel(router) as channel:
+    async with bounded_channel(router) as channel:
         stub = router_service_pb2_grpc.RouterServiceStub(channel)
         session = await stub.CreateSession(pb.CreateSessionRequest(), metadata=auth, timeout=20)
         completion = None
