@@ -1,7 +1,11 @@
-"""Fixtures shared by every test: free ports and a real Redis."""
+"""Fixtures shared by every test: free ports and a real Redis; and the
+bound on an async test's own run (async_test_timeout)."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
 import os
 import pathlib
 import subprocess
@@ -30,3 +34,44 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory):
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        "async_test_timeout",
+        "seconds after which a coroutine test is cancelled and fails with TimeoutError (0: never)",
+        type="float",
+        default=0.0,
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Bounds each coroutine test by async_test_timeout. pytest-timeout fails
+    a hung async test too, but from a signal handler: its traceback is the
+    event loop waiting in select, and the test's task is left pending on the
+    session's loop. Cancelled by asyncio.timeout instead, the test fails
+    with the traceback of the await it was stuck in, and the loop is free
+    for the next test. (A Hypothesis test's examples are run by Hypothesis'
+    own synchronous wrapper, not bounded here: the fuzz suite's calls carry
+    deadlines.)"""
+    bound_s = config.getini("async_test_timeout")
+    if not bound_s:
+        return
+    for item in items:
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+            item.obj = _bounded(item.obj, bound_s)
+
+
+def _bounded(test, bound_s: float):
+    @functools.wraps(test)
+    async def bounded(*args, **kwargs):
+        bound = asyncio.timeout(bound_s)
+        try:
+            async with bound:
+                return await test(*args, **kwargs)
+        except TimeoutError as error:
+            if bound.expired():
+                error.add_note(f"cancelled: the test ran past async_test_timeout ({bound_s:g} s)")
+            raise
+
+    return bounded
