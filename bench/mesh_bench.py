@@ -40,6 +40,8 @@ through two routers on the same stack (the same Redis, cache, context and
 inference), this checkout's and one run from the checkout at TREE, in
 alternating rounds (``--rounds``): an A/B of router code measured in the
 same minutes, which on a shared machine two whole runs in turn are not.
+Each round times each router at concurrency 16 and then alone (concurrency
+1, ALONE_HITS calls: issue 13's p50 bound).
 
 With ``--stream-intervals 0,80``, the streaming comparison runs again with
 the inference service restarted at each of those `inference.stream_interval_ms`
@@ -600,14 +602,23 @@ def _h2load_cells(rate: float | None, cpu_ms: float | None) -> str:
     return "- | -" if rate is None else f"{rate:.0f} | {cpu_ms:.3f}"
 
 
-def _medians_row(side: str, rounds: list[tuple[float, float, float | None, float | None]]) -> str:
+# Exact hits timed alone in each --against round: as many as make_bench's
+# concurrency-1 row.
+ALONE_HITS = 300
+
+
+def _medians_row(side: str, rounds: list[tuple[float, ...]]) -> str:
     """One router's medians over its rounds' (hits/s, router CPU a hit,
-    h2load's hits/s, h2load's router CPU a hit); h2load's columns are None
-    in every round when it was not run, and have no median then."""
-    rate, cpu_ms, h2load_rate, h2load_cpu_ms = (
+    h2load's hits/s, h2load's router CPU a hit, p50 alone, router CPU a hit
+    alone); h2load's columns are None in every round when it was not run,
+    and have no median then."""
+    rate, cpu_ms, h2load_rate, h2load_cpu_ms, alone_p50, alone_cpu_ms = (
         None if None in column else statistics.median(column) for column in zip(*rounds)
     )
-    return f"| {side} | {rate:.0f} | {cpu_ms:.3f} | {_h2load_cells(h2load_rate, h2load_cpu_ms)} |"
+    return (
+        f"| {side} | {rate:.0f} | {cpu_ms:.3f} | {_h2load_cells(h2load_rate, h2load_cpu_ms)} "
+        f"| {alone_p50:.2f} | {alone_cpu_ms:.3f} |"
+    )
 
 
 async def exact_hits_against(args, stack: Stack, router_stub) -> list[str]:
@@ -621,8 +632,8 @@ async def exact_hits_against(args, stack: Stack, router_stub) -> list[str]:
         f"exact hits at 16, {args.hits} a round: this checkout's router against {args.against}'s",
         "",
         "| round | router | grpc.aio: hits/s | router CPU a hit (ms) | client CPU a hit (ms) "
-        "| h2load: hits/s | router CPU a hit (ms) |",
-        "|---|---|---|---|---|---|---|",
+        "| h2load: hits/s | router CPU a hit (ms) | alone: p50 (ms) | router CPU a hit (ms) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     figures = {side: [] for side in routers}
     async with grpc.aio.insecure_channel(stack.address(AGAINST)) as against_channel:
@@ -650,14 +661,23 @@ async def exact_hits_against(args, stack: Stack, router_stub) -> list[str]:
                         stack, meter, args.max_tokens, args.hits, routers[side]
                     )
                     h2load_rate = float(row.split("|")[3])
-                figures[side].append((rate, cpu_ms, h2load_rate, h2load_cpu_ms))
+                meter.start()
+                alone, _ = await run_load(hits[side], 1, ALONE_HITS)
+                alone_cpu_ms = meter.stop(ALONE_HITS)
+                alone_p50 = statistics.median(sample.total for sample in alone) * 1000
+                figures[side].append((rate, cpu_ms, h2load_rate, h2load_cpu_ms, alone_p50, alone_cpu_ms))
                 rows.append(
                     f"| {round_number} | {side} | {rate:.0f} | {cpu_ms:.3f} | {client_ms:.3f} "
-                    f"| {_h2load_cells(h2load_rate, h2load_cpu_ms)} |"
+                    f"| {_h2load_cells(h2load_rate, h2load_cpu_ms)} | {alone_p50:.2f} | {alone_cpu_ms:.3f} |"
                 )
-    rows += ["", "| medians | grpc.aio: hits/s | router CPU a hit (ms) | h2load: hits/s | router CPU (ms) |"]
-    rows.append("|---|---|---|---|---|")
+    rows += [
+        "",
+        "| medians | grpc.aio: hits/s | router CPU a hit (ms) | h2load: hits/s | router CPU (ms) "
+        "| alone: p50 (ms) | router CPU a hit (ms) |",
+    ]
+    rows.append("|---|---|---|---|---|---|---|")
     clients = {"grpc.aio": 1, "h2load": 3} if args.h2load else {"grpc.aio": 1}
+    clients["alone"] = 5
     for side in routers:
         rows.append(_medians_row(side, figures[side]))
     for client, index in clients.items():
@@ -667,6 +687,12 @@ async def exact_hits_against(args, stack: Stack, router_stub) -> list[str]:
             f"{' '.join(f'{ratio:.2f}' for ratio in ratios)} (median {statistics.median(ratios):.2f}; "
             f"lower in {sum(ratio < 1 for ratio in ratios)} of {len(ratios)})"
         )
+    ratios = [this[4] / other[4] for this, other in zip(figures["this"], figures["against"])]
+    rows.append(
+        f"\nalone: this router's p50 / the other's, by round: {' '.join(f'{ratio:.2f}' for ratio in ratios)} "
+        f"(median {statistics.median(ratios):.2f}; lower in {sum(ratio < 1 for ratio in ratios)} "
+        f"of {len(ratios)})"
+    )
     return rows
 
 
