@@ -258,6 +258,12 @@ def _ignore(method: str, code: str, reason: str, started: float) -> None:
     pass
 
 
+# Checks a call from its method's full name and its metadata, before its
+# request is read: raises the MeshgateError to refuse it with, or lets it in
+# (ErrorInterceptor.gate).
+CallGate = collections.abc.Callable[[str, collections.abc.Sequence], collections.abc.Awaitable[None]]
+
+
 def _abort_code(context: grpc.aio.ServicerContext) -> str:
     """The code of an RPC the handler itself aborted (the mesh guard)."""
     code = context.code()
@@ -345,8 +351,9 @@ def _wrap_stream_unary(behavior, method, observe: RpcObserver):
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns every failure of a handler into a rich status, and bounds the
-    calls of our own services in flight (:meth:`bound`).
+    """Turns every failure of a handler into a rich status, checks the calls
+    of our own services before their requests are read where a service asks
+    (:meth:`gate`), and bounds those in flight (:meth:`bound`).
 
     Handlers are wrapped once per method and memoized, so the hot path pays
     one dictionary lookup, not a new closure per call.
@@ -363,11 +370,22 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         # Services of ours never counted nor refused, and their methods met so far.
         self._uncounted_services: tuple[str, ...] = ()
         self._uncounted: set[str] = set()
+        self._gate: CallGate | None = None
+
+    def gate(self, check: CallGate) -> None:
+        """Checks every call of our own services with ``check`` (the router's
+        API keys) before its request is read, and before the bound counts it:
+        a refused call is answered with check's status and takes no place,
+        and its caller's message (up to serving.MAX_MESSAGE_BYTES) is never
+        read. ``check`` runs in the call's task, before its handler: a
+        contextvar it sets is the handler's to read."""
+        self._gate = check
 
     def bound(self, service: str, max_calls: int, uncounted_services: tuple[str, ...] = ()) -> None:
         """Refuses a call of our own services that arrives while ``max_calls``
         are in flight (0: no bound; ``<service>.max_concurrent_rpcs``) with
-        RESOURCE_EXHAUSTED / SERVICE_BUSY, before its request is read: each
+        RESOURCE_EXHAUSTED / SERVICE_BUSY, before its request is read (and
+        after :meth:`gate`, so a call it refuses is never counted): each
         call may carry a message of up to serving.MAX_MESSAGE_BYTES. gRPC's
         own ``maximum_concurrent_rpcs`` refuses alike, but with no ErrorInfo.
         Health checks and reflection are never refused, nor the calls of
@@ -411,9 +429,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             self._wrapped[method] = wrapped
             if method.startswith(self._uncounted_services):
                 self._uncounted.add(method)
+        if self._gate is not None:
+            started = time.perf_counter()
+            try:
+                await self._gate(method, handler_call_details.invocation_metadata)
+            except Exception as error:
+                return self._refusal(method, _failure(error, method), started)
+        # Counted after the gate: a call it refuses never holds a place.
         if self._max_calls and method not in self._uncounted:
             if self._in_flight >= self._max_calls:
-                return self._refusal(method)
+                return self._refusal(method, self._busy, time.perf_counter())
             self._in_flight += 1
             # gRPC runs the whole call, interceptors included, in one task of
             # its own, done however the call ends (an answer, a failure, the
@@ -424,8 +449,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def _call_done(self, task: asyncio.Task) -> None:
         self._in_flight -= 1
 
-    def _refusal(self, method: str) -> grpc.RpcMethodHandler:
-        failure, observe, started = self._busy, self._observe, time.perf_counter()
+    def _refusal(self, method: str, failure: MeshgateError, started: float) -> grpc.RpcMethodHandler:
+        observe = self._observe
 
         async def refuse(requests, context) -> None:
             observe(method, failure.code.name, failure.reason, started)

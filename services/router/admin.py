@@ -1,5 +1,6 @@
 """The AdminService's gRPC front end: API keys as data, behind the admin
-credential. The keys themselves live in :mod:`services.router.keys`."""
+credential (checked before a call's request is read: services/router/auth.py
+CallerGate). The keys themselves live in :mod:`services.router.keys`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from meshgate.errors import invalid_argument
 from meshgate.reasons import Reason
 from meshgate.router.v1 import admin_service_pb2 as pb
 from meshgate.router.v1 import admin_service_pb2_grpc
-from services.router.auth import Authenticator
 from services.router.keys import KeyRecord, KeyStore, check_key_request
 
 
@@ -61,8 +61,7 @@ def _expiry(request: pb.CreateKeyRequest) -> float | None:
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
-    def __init__(self, authenticator: Authenticator, keys: KeyStore, models) -> None:
-        self._auth = authenticator
+    def __init__(self, keys: KeyStore, models) -> None:
         self._keys = keys
         # The configured model aliases (a dict a reload replaces wholesale).
         self._models = models
@@ -71,7 +70,6 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         self._models = models
 
     async def CreateKey(self, request: pb.CreateKeyRequest, context) -> pb.CreateKeyResponse:
-        await self._auth.authenticate_admin(context.invocation_metadata())
         expires_at = _expiry(request)
         models, limits = check_key_request(
             request.tenant_id,
@@ -85,15 +83,12 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         return pb.CreateKeyResponse(api_key=secret, key=key_info(record))
 
     async def ListKeys(self, request: pb.ListKeysRequest, context) -> pb.ListKeysResponse:
-        await self._auth.authenticate_admin(context.invocation_metadata())
         records = await self._keys.list(request.tenant_id)
         return pb.ListKeysResponse(keys=[key_info(record) for record in records])
 
     async def RotateKey(self, request: pb.RotateKeyRequest, context) -> pb.RotateKeyResponse:
-        await self._auth.authenticate_admin(context.invocation_metadata())
         secret, successor, previous = await self._keys.rotate(request.key_id)
         return pb.RotateKeyResponse(api_key=secret, key=key_info(successor), previous=key_info(previous))
 
     async def RevokeKey(self, request: pb.RevokeKeyRequest, context) -> pb.RevokeKeyResponse:
-        await self._auth.authenticate_admin(context.invocation_metadata())
         return pb.RevokeKeyResponse(key=key_info(await self._keys.revoke(request.key_id)))

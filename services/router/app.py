@@ -18,7 +18,7 @@ from meshgate.router.v1 import (
 from meshgate.serving import Cleanup, Service
 from services.router.admin import AdminServicer
 from services.router.admission import Admission, TurnAdmission
-from services.router.auth import Authenticator
+from services.router.auth import Authenticator, CallerGate
 from services.router.deployments import DeploymentTable
 from services.router.downstream import CacheService, ContextService, Deployments
 from services.router.hot_exact import HotExactHits, notice_listener
@@ -121,10 +121,13 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     )
     keys = KeyStore(redis)
     authenticator = Authenticator(settings.router, keys)
-    servicer = RouterServicer(settings, authenticator, pipeline, ledger)
+    # Every gRPC call's key is checked before its request is read, and
+    # before the call bound counts it.
+    service.errors.gate(CallerGate(authenticator))
+    servicer = RouterServicer(settings, pipeline, ledger)
     add_to_server(servicer, service.server)
     # Keys as data, on the same port, behind the admin credential.
-    admin = AdminServicer(authenticator, keys, settings.models)
+    admin = AdminServicer(keys, settings.models)
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, service.server)
     # The OpenAI-compatible HTTP edge: the same pipeline, on this event loop.
     edge = HttpEdge(settings.router, settings.models, authenticator, pipeline, deployments)

@@ -3,6 +3,7 @@ stored hashed in Redis (services/router/keys.py)."""
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 
 import grpc
@@ -11,6 +12,7 @@ import structlog
 from meshgate.config import LimitSettings, RouterSettings, hash_api_key
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
+from meshgate.router.v1 import admin_service_pb2, router_service_pb2
 from services.router.keys import KeyStore, key_refusal
 
 _BEARER = "bearer "
@@ -116,6 +118,50 @@ class Authenticator:
                 Reason.ADMIN_REQUIRED,
                 "this call needs the admin credential (router.admin_api_key_sha256)",
             )
+
+
+# The caller of the gRPC call under way, as CallerGate let it in: its
+# tenant, or None for the admin credential. Set in the call's own task, so
+# no other call sees it.
+_CALLER: contextvars.ContextVar[Tenant | None] = contextvars.ContextVar("router_caller")
+
+_ADMIN_METHODS = "/{}/".format(admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name)
+# The one RouterService method the admin credential may call (for any tenant).
+_TENANT_OR_ADMIN_METHODS = frozenset(
+    {"/{}/GetUsage".format(router_service_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name)}
+)
+
+
+class CallerGate:
+    """Authenticates each call of the router's gRPC services from its
+    metadata before its request is read (meshgate/errors.py
+    ErrorInterceptor.gate), so that a caller without a valid key makes the
+    router read none of the up to 32 MiB it sends, and holds no place under
+    router.max_concurrent_rpcs. AdminService calls need the admin
+    credential, GetUsage a tenant's key or it, every other call a tenant's
+    key. The handler reads the caller with :func:`current_caller`."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._auth = authenticator
+
+    async def __call__(self, method: str, metadata) -> None:
+        """Lets the caller of ``method`` (a full method name) in, or raises its refusal."""
+        if method.startswith(_ADMIN_METHODS):
+            await self._auth.authenticate_admin(metadata)
+            caller = None
+        elif method in _TENANT_OR_ADMIN_METHODS:
+            caller = await self._auth.authenticate_caller(metadata)
+        else:
+            caller = await self._auth.authenticate(metadata)
+        _CALLER.set(caller)
+
+
+def current_caller() -> Tenant | None:
+    """The caller CallerGate let in to the gRPC call under way: its tenant,
+    or None for the admin credential (only on the methods that take it).
+    LookupError where no gate ran: a router served without its gate fails
+    closed, with INTERNAL."""
+    return _CALLER.get()
 
 
 def _bearer_key_hash(metadata) -> str:

@@ -1,4 +1,5 @@
-"""The router's gRPC front end: authenticates the caller, hands each turn to
+"""The router's gRPC front end: takes the caller the gate authenticated
+before the request was read (services/router/auth.py CallerGate), hands each turn to
 the transport-free :class:`~services.router.pipeline.Pipeline`, and maps its
 events to protobuf (deadline -> Budget, hang-up -> cancellation)."""
 
@@ -18,7 +19,7 @@ from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router.admission import SessionStreams
-from services.router.auth import Authenticator
+from services.router.auth import current_caller
 from services.router.ledger import METRICS, Ledger
 from services.router.pipeline import Budget, CacheStatus, Completion, Delta, Failure, Pipeline
 
@@ -55,12 +56,9 @@ SESSION_METADATA_KEY = "meshgate-session-id"
 
 
 class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
-    def __init__(
-        self, settings: Settings, authenticator: Authenticator, pipeline: Pipeline, ledger: Ledger
-    ) -> None:
+    def __init__(self, settings: Settings, pipeline: Pipeline, ledger: Ledger) -> None:
         self._models = settings.models
         self._retention_days = settings.router.usage_retention_days
-        self._auth = authenticator
         self._pipeline = pipeline
         self._ledger = ledger
         self.session_streams = SessionStreams(settings.router.max_session_streams_per_tenant)
@@ -71,7 +69,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         self.session_streams.reconfigure(settings.router.max_session_streams_per_tenant)
 
     async def Chat(self, request: pb.ChatRequest, context):
-        tenant = await self._auth.authenticate(context.invocation_metadata())
+        tenant = current_caller()
         budget = Budget.of(context.time_remaining())
         turn = self._pipeline.run(
             request,
@@ -133,8 +131,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         return completion
 
     async def ChatSession(self, request_iterator, context):
-        metadata = context.invocation_metadata()
-        tenant = await self._auth.authenticate(metadata)
+        tenant = current_caller()
         # Counted in until the call's task ends, however it ends: an idle
         # stream is charged nothing else, so this bounds what one key holds
         # (and, where router.max_concurrent_rpcs is set, leaves room under it
@@ -143,7 +140,8 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         # A stream opened for an existing session names it up front, so the
         # session is warmed while the caller's first message is still coming;
         # turns that name no session continue it.
-        session_id = next((value for key, value in metadata or () if key == SESSION_METADATA_KEY), "")
+        metadata = context.invocation_metadata() or ()
+        session_id = next((value for key, value in metadata if key == SESSION_METADATA_KEY), "")
         if session_id:
             self._pipeline.warm_session(tenant, session_id)
         async for request in request_iterator:
@@ -172,12 +170,12 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                             yield pb.ChatSessionResponse(failure=error.to_status_proto().SerializeToString())
 
     async def CreateSession(self, request, context) -> pb.CreateSessionResponse:
-        tenant = await self._auth.authenticate(context.invocation_metadata())
+        tenant = current_caller()
         budget = Budget.of(context.time_remaining())
         return pb.CreateSessionResponse(session_id=await self._pipeline.create_session(tenant, budget))
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
-        tenant = await self._auth.authenticate(context.invocation_metadata())
+        tenant = current_caller()
         return pb.ListModelsResponse(
             models=[
                 pb.ModelInfo(
@@ -191,7 +189,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         )
 
     async def GetUsage(self, request: pb.GetUsageRequest, context) -> pb.GetUsageResponse:
-        caller = await self._auth.authenticate_caller(context.invocation_metadata())
+        caller = current_caller()
         if caller is None:  # the admin credential: any tenant, named
             if not request.tenant_id:
                 raise invalid_argument(Reason.TENANT_REQUIRED, "the admin credential must name a tenant_id")

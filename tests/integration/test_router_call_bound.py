@@ -5,7 +5,9 @@ SERVICE_BUSY and its ErrorInfo, while AdminService calls are still served
 (not counted), and once a stream closes the router serves again. And
 router.max_session_streams_per_tenant: one tenant's streams past its cap are
 refused at open with TOO_MANY_SESSION_STREAMS, another tenant's are not, and
-a stream cancelled, or whose client went away, frees its slot."""
+a stream cancelled, or whose client went away, frees its slot. Calls
+without a valid key are refused before their requests are read and take no
+place under the bound."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import contextlib
 import grpc
 import pytest
 
+from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings, TenantSettings, hash_api_key
 from meshgate.errors import error_info
 from meshgate.reasons import Reason
@@ -41,7 +44,7 @@ async def router(redis_url):
     settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
     settings.router.dev_api_key = KEY
-    # Set here: the router has no bound by default (meshgate/config.py).
+    # A bound small enough to fill here (the default is 1024).
     # Each tenant's streams below it, as the settings require: the bound is
     # held by one stream of each of two tenants.
     settings.router.max_concurrent_rpcs = LIMIT
@@ -52,7 +55,7 @@ async def router(redis_url):
         address = await stack.enter_async_context(running_router(without_embedder(settings)))
         channel = await stack.enter_async_context(bounded_channel(address))
         admin = admin_service_pb2_grpc.AdminServiceStub(channel)
-        yield router_service_pb2_grpc.RouterServiceStub(channel), admin
+        yield router_service_pb2_grpc.RouterServiceStub(channel), admin, channel
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +95,7 @@ async def list_models(router) -> pb.ListModelsResponse | grpc.aio.AioRpcError:
 
 
 async def test_calls_past_the_bound_are_refused_with_service_busy_until_a_stream_closes(router) -> None:
-    router, admin = router
+    router, admin, _ = router
     # Idle streams (no turn sent) count while open. A stream reaches the
     # router a moment after it is opened, so one may arrive after a
     # ListModels of the loop below, and be the call refused: it is then
@@ -132,6 +135,63 @@ async def test_calls_past_the_bound_are_refused_with_service_busy_until_a_stream
         await asyncio.sleep(0.025)
     assert served.models, served
     streams[1].cancel()
+
+
+async def failure_of(call) -> grpc.aio.AioRpcError:
+    try:
+        async for _ in call:
+            pass
+    except grpc.aio.AioRpcError as error:
+        return error
+    raise AssertionError("the call was served")
+
+
+async def test_calls_without_a_valid_key_take_no_place_and_are_refused_before_their_requests(
+    router,
+) -> None:
+    """More calls than the bound, from callers without a valid key (or a
+    tenant's key on the AdminService), each of which never sends its
+    message: each is refused at once, and a tenant's call is served while
+    they are open. Were the key checked after the request was read, they
+    would hold every place until their deadline, and wait for it there."""
+    router, _, channel = router
+    never = asyncio.Event()
+
+    async def nothing_sent():
+        await never.wait()
+        yield b""
+
+    chat = channel.stream_stream(f"/{pb.DESCRIPTOR.services_by_name['RouterService'].full_name}/Chat")
+    admin_service = admin_pb.DESCRIPTOR.services_by_name["AdminService"].full_name
+    list_keys = channel.stream_stream(f"/{admin_service}/ListKeys")
+    refused = [
+        *(chat(nothing_sent(), metadata=(), timeout=CALL_TIMEOUT_S) for _ in range(LIMIT + 1)),
+        chat(nothing_sent(), metadata=(("authorization", "Bearer not-a-key"),), timeout=CALL_TIMEOUT_S),
+        list_keys(nothing_sent(), metadata=AUTH, timeout=CALL_TIMEOUT_S),
+    ]
+    for _ in range(200):
+        served = await list_models(router)
+        if isinstance(served, pb.ListModelsResponse):
+            break
+        # Only the streams of the test before, still being counted out.
+        await asyncio.sleep(0.025)
+    assert served.models, served
+    failures = await asyncio.wait_for(asyncio.gather(*map(failure_of, refused)), 10)
+    assert [(failure.code(), error_info(failure).reason) for failure in failures] == [
+        *[(grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_MISSING)] * (LIMIT + 1),
+        (grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_INVALID),
+        (grpc.StatusCode.PERMISSION_DENIED, Reason.ADMIN_REQUIRED),
+    ]
+    never.set()
+    # A request of 8 MiB from a caller without a key: the same refusal.
+    text = "x" * (8 << 20)
+    big = pb.ChatRequest(model="tiny", messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=text)])
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        [_ async for _ in router.Chat(big, timeout=10)]
+    assert (failed.value.code(), error_info(failed.value).reason) == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        Reason.API_KEY_MISSING,
+    )
 
 
 async def admitted(stream) -> pb.ChatSessionResponse | grpc.aio.AioRpcError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import datetime
 import threading
 import types
@@ -26,9 +27,9 @@ from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router.app import SERVICE_NAMES
-from services.router.auth import Authenticator
+from services.router.auth import Authenticator, CallerGate
 from services.router.ledger import METRICS
-from services.router.pipeline import Answer, CacheStatus, Delta, Hit, Pipeline
+from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Hit, Pipeline
 from services.router.servicer import RouterServicer, add_to_server
 from tests.mesh import bounded_channel
 from tests.unit.test_router_pipeline import FakeCache, FakeContexts, FakeGenerator, request, user
@@ -42,15 +43,28 @@ SERVICE = pb.DESCRIPTOR.services_by_name["RouterService"]
 
 class _AsyncBridge:
     """grpc_testing drives a servicer's methods synchronously on its own
-    threads; this runs the asyncio servicer's on one event loop thread, and
-    ends a call with a MeshgateError's rich status as ErrorInterceptor does."""
+    threads; this runs the asyncio servicer's on one event loop thread,
+    after the router's CallerGate (in the context the handler runs in, as on
+    a server), and ends a call with a MeshgateError's rich status as
+    ErrorInterceptor does."""
 
-    def __init__(self, servicer, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, servicer, gate: CallerGate, loop: asyncio.AbstractEventLoop) -> None:
         self._servicer = servicer
+        self._gate = gate
         self._loop = loop
 
-    def _run(self, awaitable):
-        return asyncio.run_coroutine_threadsafe(awaitable, self._loop).result(30)
+    def _run(self, awaitable, context: contextvars.Context):
+        # Each awaitable runs in a task of its own, with a copy of ``context``.
+        return context.run(asyncio.run_coroutine_threadsafe, awaitable, self._loop).result(30)
+
+    def _admitted(self, name: str, metadata) -> contextvars.Context:
+        """The context the gate left for the handler; raises its refusal."""
+
+        async def gate() -> contextvars.Context:
+            await self._gate(f"/{SERVICE.full_name}/{name}", metadata)
+            return contextvars.copy_context()
+
+        return self._run(gate(), contextvars.Context())
 
     def _requests(self, iterator):
         async def pull():
@@ -72,22 +86,27 @@ class _AsyncBridge:
         handler = getattr(self._servicer, name)
 
         def call(request, context):
+            try:
+                admitted = self._admitted(name, context.invocation_metadata())
+            except MeshgateError as error:
+                self._end_with(error, context)
+                return iter(()) if SERVICE.methods_by_name[name].server_streaming else None
             arguments = request if hasattr(request, "DESCRIPTOR") else self._requests(request)
             result = handler(arguments, context)
             if hasattr(result, "__anext__"):
-                return self._stream(result, context)
+                return self._stream(result, context, admitted)
             try:
-                return self._run(result)
+                return self._run(result, admitted)
             except MeshgateError as error:
                 self._end_with(error, context)
                 return None
 
         return call
 
-    def _stream(self, responses, context):
+    def _stream(self, responses, context, admitted: contextvars.Context):
         while True:
             try:
-                yield self._run(anext(responses))
+                yield self._run(anext(responses), admitted)
             except StopAsyncIteration:
                 return
             except MeshgateError as error:
@@ -124,13 +143,15 @@ class FakeLedger:
 
 
 def served(loop, cache=None, generator=None, contexts=None, ledger=None):
+    servicer = router_servicer(cache, generator, contexts, ledger)
     return grpc_testing.server_from_dictionary(
-        {SERVICE: _AsyncBridge(router_servicer(cache, generator, contexts, ledger), loop)},
+        {SERVICE: _AsyncBridge(servicer, CallerGate(Authenticator(router_settings().router)), loop)},
         grpc_testing.strict_real_time(),
     )
 
 
-def router_servicer(cache=None, generator=None, contexts=None, ledger=None) -> RouterServicer:
+def router_settings() -> Settings:
+    """A dev key (any model), a narrow tenant's (model "m") and the admin credential."""
     settings = Settings()
     settings.router.dev_api_key = KEY
     settings.router.admin_api_key_sha256 = [hash_api_key(ADMIN_KEY)]
@@ -141,6 +162,11 @@ def router_servicer(cache=None, generator=None, contexts=None, ledger=None) -> R
         "m": ModelSettings(context_window_tokens=512, max_output_tokens=64, default_max_tokens=8),
         "other": ModelSettings(max_output_tokens=32, default_max_tokens=8),
     }
+    return settings
+
+
+def router_servicer(cache=None, generator=None, contexts=None, ledger=None) -> RouterServicer:
+    settings = router_settings()
     pipeline = Pipeline(
         settings.router,
         settings.models,
@@ -148,7 +174,7 @@ def router_servicer(cache=None, generator=None, contexts=None, ledger=None) -> R
         cache or FakeCache(),
         generator or FakeGenerator(),
     )
-    return RouterServicer(settings, Authenticator(settings.router), pipeline, ledger or FakeLedger())
+    return RouterServicer(settings, pipeline, ledger or FakeLedger())
 
 
 def drain(rpc) -> list:
@@ -300,8 +326,10 @@ class GatedGenerator:
 async def serving_router(servicer: RouterServicer):
     """The servicer registered as the router registers it, on a
     ``serving.Service`` as the router's (its interceptors: telemetry, errors
-    with their RPC metrics, the mesh guard), on 127.0.0.1; yields the port."""
+    with their RPC metrics and the router's CallerGate, the mesh guard), on
+    127.0.0.1; yields the port."""
     service = serving.Service("router", SERVICE_NAMES)
+    service.errors.gate(CallerGate(Authenticator(router_settings().router)))
     add_to_server(servicer, service.server)
     port = await serving.start(service, "127.0.0.1:0", _nothing)
     try:
@@ -419,23 +447,24 @@ async def test_every_router_method_is_served():
                     await result
             except grpc.aio.AioRpcError as error:
                 codes[method.name] = error.code()
-    # Each reached its handler, which asked for a key: none is unimplemented.
+    # Each was found (none is unimplemented) and refused by the gate, which asked for a key.
     assert codes == dict.fromkeys(SERVICE.methods_by_name, grpc.StatusCode.UNAUTHENTICATED)
 
 
 def chat_outcomes() -> collections.Counter:
     """The router's finished Chat calls so far by status code, as the error
-    interceptor recorded them in the RPC metrics."""
-    return collections.Counter(
-        {
-            sample.labels["code"]: sample.value
-            for family in metrics.REGISTRY.collect()
-            if family.name == "meshgate_rpc_requests"
-            for sample in family.samples
-            if sample.name.endswith("_total")
-            and (sample.labels["service"], sample.labels["method"]) == ("router", "RouterService/Chat")
-        }
-    )
+    interceptor recorded them in the RPC metrics (summed over their reasons)."""
+    outcomes = collections.Counter()
+    for family in metrics.REGISTRY.collect():
+        if family.name == "meshgate_rpc_requests":
+            for sample in family.samples:
+                labels = sample.labels
+                if sample.name.endswith("_total") and (labels["service"], labels["method"]) == (
+                    "router",
+                    "RouterService/Chat",
+                ):
+                    outcomes[labels["code"]] += sample.value
+    return outcomes
 
 
 async def until(condition, what: str) -> None:
@@ -494,9 +523,7 @@ class StopsEarly:
 
 
 async def test_a_chat_that_ends_without_its_completion_is_an_internal_error():
-    settings = Settings()
-    settings.router.dev_api_key = KEY
-    servicer = RouterServicer(settings, Authenticator(settings.router), StopsEarly(), FakeLedger())
+    servicer = RouterServicer(router_settings(), StopsEarly(), FakeLedger())
     async with router_stub(servicer) as stub:
         call = stub.Chat(request(), metadata=AUTH)
         responses = []
@@ -611,3 +638,113 @@ def test_only_the_admin_credential_reads_another_tenants_usage(loop):
 def test_a_usage_period_outside_the_retention_is_invalid(loop, days):
     _, trailing, code, _ = get_usage(served(loop), KEY, days=days)
     assert (code, reason_of(trailing)) == (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_USAGE_PERIOD)
+
+
+class RecordsTurns:
+    """A pipeline that records the tenant of each turn asked of it, and
+    answers each with a completion whose text is that tenant's id."""
+
+    def __init__(self) -> None:
+        self.tenants: list[str] = []
+
+    def run(self, request, tenant, *arguments, **options):
+        self.tenants.append(tenant.id)
+
+        async def turn():
+            yield Completion(Answer(), CacheStatus.MISS, 0.0, "", 0, "", text=tenant.id)
+
+        return turn()
+
+    def warm_session(self, tenant, session_id) -> None:
+        pass
+
+
+WRONG_KEY = (("authorization", "Bearer not-a-key"),)
+ADMIN = (("authorization", f"Bearer {ADMIN_KEY}"),)
+NARROW = (("authorization", f"Bearer {NARROW_KEY}"),)
+# Who is refused, with what reason: the admin credential is no tenant's key.
+REFUSED_CALLERS = [
+    ((), Reason.API_KEY_MISSING),
+    (WRONG_KEY, Reason.API_KEY_INVALID),
+    ((("authorization", f"Basic {KEY}"),), Reason.UNSUPPORTED_AUTH_SCHEME),
+    (ADMIN, Reason.API_KEY_INVALID),
+]
+
+
+async def test_a_chat_without_a_valid_key_is_refused_before_its_8_mib_request_is_read_or_handled():
+    turns = RecordsTurns()
+    big = pb.ChatRequest(model="m", messages=[user("x" * (8 << 20))])
+    before = chat_outcomes()
+    async with router_stub(RouterServicer(router_settings(), turns, FakeLedger())) as stub:
+        for metadata, reason in REFUSED_CALLERS:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                [_ async for _ in stub.Chat(big, metadata=metadata, timeout=10)]
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert reason_of(refused.value.trailing_metadata()) == reason
+        # A key let in reaches the handler, with its tenant.
+        assert [_ async for _ in stub.Chat(request(), metadata=NARROW, timeout=10)]
+    assert turns.tenants == ["narrow"]
+    # Observed in the RPC metrics as every other refusal is.
+    assert chat_outcomes() - before == collections.Counter({"UNAUTHENTICATED": len(REFUSED_CALLERS), "OK": 1})
+
+
+async def test_a_call_without_a_valid_key_is_refused_without_waiting_for_its_request():
+    """A unary Chat whose caller never sends its message: were the key
+    checked by the handler, the router would wait for the message until the
+    call's deadline; the gate refuses it at once."""
+    never = asyncio.Event()
+
+    async def nothing_sent():
+        await never.wait()
+        yield b""
+
+    async with serving_router(router_servicer()) as port, bounded_channel(f"127.0.0.1:{port}") as channel:
+        chat = channel.stream_stream(f"/{SERVICE.full_name}/Chat")
+        for metadata, reason in REFUSED_CALLERS:
+            call = chat(nothing_sent(), metadata=metadata, timeout=30)
+            assert await asyncio.wait_for(call.code(), 10) == grpc.StatusCode.UNAUTHENTICATED
+            assert reason_of(await call.trailing_metadata()) == reason
+    never.set()
+
+
+async def test_each_handler_serves_the_tenant_the_gate_let_into_its_own_call():
+    """The gate's contextvar reaches the handler of every shape (unary,
+    Chat's unary-response handler, a bidirectional stream), and calls of
+    two tenants at once each see their own."""
+    async with router_stub(RouterServicer(router_settings(), RecordsTurns(), FakeLedger())) as stub:
+
+        async def listed(metadata) -> list[str]:
+            response = await stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=10)
+            return [model.alias for model in response.models]
+
+        async def chat(metadata) -> str:
+            responses = [r async for r in stub.Chat(request(), metadata=metadata, timeout=10)]
+            return responses[-1].completion.text
+
+        async def session(metadata) -> list[str]:
+            stream = stub.ChatSession(metadata=metadata, timeout=10)
+            for _ in range(2):
+                await stream.write(pb.ChatSessionRequest(model="m", messages=[user("hi")]))
+            await stream.done_writing()
+            return [response.completion.text async for response in stream]
+
+        callers = (NARROW, AUTH) * 4
+        assert await asyncio.gather(*map(listed, callers)) == [["m"], ["m", "other"]] * 4
+        assert await asyncio.gather(*map(chat, callers)) == ["narrow", "dev"] * 4
+        assert await asyncio.gather(*map(session, callers)) == [["narrow"] * 2, ["dev"] * 2] * 4
+        usage = await stub.GetUsage(pb.GetUsageRequest(tenant_id="narrow"), metadata=ADMIN, timeout=10)
+        assert usage.tenant_id == "narrow"
+
+
+async def test_a_router_served_without_its_gate_fails_closed():
+    service = serving.Service("router", SERVICE_NAMES)
+    add_to_server(router_servicer(), service.server)
+    port = await serving.start(service, "127.0.0.1:0", _nothing)
+    try:
+        async with bounded_channel(f"127.0.0.1:{port}") as channel:
+            stub = router_service_pb2_grpc.RouterServiceStub(channel)
+            with structlog.testing.capture_logs(), pytest.raises(grpc.aio.AioRpcError) as failed:
+                await stub.ListModels(pb.ListModelsRequest(), metadata=AUTH, timeout=10)
+    finally:
+        await serving.stop(service, grace_s=0)
+    assert failed.value.code() == grpc.StatusCode.INTERNAL

@@ -13,18 +13,21 @@ import contextlib
 
 import grpc
 import pytest
+import structlog.testing
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshgate import serving
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
-from meshgate.errors import error_info, from_rpc_error, retry_after_s
+from meshgate.errors import CallGate, MeshgateError, error_info, from_rpc_error, retry_after_s
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as router_pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from tests.mesh import bounded_channel
 
 LIMIT = 2
+# What refuse_without_pass lets in (and every other test's gateless server ignores).
+PASS = (("pass", "yes"),)
 
 
 class HeldSessions(
@@ -59,15 +62,18 @@ async def nothing() -> None:
 
 
 @contextlib.asynccontextmanager
-async def bounded(limit: int, uncounted_services: tuple[str, ...] = ()):
+async def bounded(limit: int, uncounted_services: tuple[str, ...] = (), gate: CallGate | None = None):
     """(a ContextService stub, its servicer, a health stub, a RouterService
-    stub) on a server bounded at ``limit``; the servicer serves both services
-    (the RouterService for calls of the streaming shapes)."""
+    stub) on a server bounded at ``limit``, its calls checked by ``gate``
+    where given; the servicer serves both services (the RouterService for
+    calls of the streaming shapes)."""
     service = serving.Service("context", ["meshgate.context.v1.ContextService"])
     servicer = HeldSessions()
     context_service_pb2_grpc.add_ContextServiceServicer_to_server(servicer, service.server)
     router_service_pb2_grpc.add_RouterServiceServicer_to_server(servicer, service.server)
     service.bound_calls(limit, uncounted_services)
+    if gate is not None:
+        service.errors.gate(gate)
     port = await serving.start(service, "127.0.0.1:0", nothing)
     try:
         async with bounded_channel(f"127.0.0.1:{port}") as channel:
@@ -81,8 +87,9 @@ async def bounded(limit: int, uncounted_services: tuple[str, ...] = ()):
         await serving.stop(service, grace_s=0)
 
 
-def get(stub, name: str):
-    return stub.GetSession(pb.GetSessionRequest(tenant_id="t", session_id=name), timeout=10)
+def get(stub, name: str, metadata=PASS):
+    request = pb.GetSessionRequest(tenant_id="t", session_id=name)
+    return stub.GetSession(request, metadata=metadata, timeout=10)
 
 
 async def until(condition) -> None:
@@ -220,3 +227,48 @@ async def test_the_calls_of_an_uncounted_service_are_never_counted_nor_refused()
         await until(lambda: servicer.entered == 4 * LIMIT)
         servicer.release.set()
         assert len(await asyncio.gather(*held)) == 4 * LIMIT
+
+
+async def refuse_without_pass(method: str, metadata) -> None:
+    """A gate as the router's CallerGate: metadata in, a refusal or nothing out."""
+    if ("pass", "yes") not in tuple(metadata or ()):
+        raise MeshgateError(grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_MISSING, "no pass")
+    if method.endswith("/ChatSession"):
+        raise RuntimeError("a gate's bug")
+
+
+async def test_the_gate_refuses_before_the_bound_counts_and_a_call_it_refuses_takes_no_place() -> None:
+    async with bounded(LIMIT, gate=refuse_without_pass) as (stub, servicer, health, router):
+        # Refused by the gate, before the handler: more of them than the
+        # bound, and the bound still admits LIMIT calls after them.
+        for name in ("a", "b", "c"):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await get(stub, name, metadata=())
+            assert (refused.value.code(), error_info(refused.value).reason) == (
+                grpc.StatusCode.UNAUTHENTICATED,
+                Reason.API_KEY_MISSING,
+            )
+        assert servicer.entered == 0
+        held = [get(stub, f"s{n}") for n in range(LIMIT)]
+        await until(lambda: servicer.entered == LIMIT)
+        # With the bound held, a call the gate refuses is told why, not
+        # that the replica is busy: it was never counted; one it lets in is.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await get(stub, "keyless", metadata=())
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert (await refusal(stub)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # A gate's own failure is an internal error, never a crash; health
+        # checks are not ours to gate.
+        with structlog.testing.capture_logs() as logs, pytest.raises(grpc.aio.AioRpcError) as failed:
+            [_ async for _ in router.ChatSession(iter(()), metadata=PASS, timeout=10)]
+        assert (failed.value.code(), error_info(failed.value).reason) == (
+            grpc.StatusCode.INTERNAL,
+            Reason.INTERNAL,
+        )
+        assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == ["unhandled error"]
+        assert (
+            await health.Check(health_pb2.HealthCheckRequest())
+        ).status == health_pb2.HealthCheckResponse.SERVING
+        servicer.release.set()
+        await asyncio.gather(*held)
+        assert servicer.entered == LIMIT
