@@ -151,9 +151,9 @@ async def test_calls_without_a_valid_key_take_no_place_and_are_refused_before_th
 ) -> None:
     """More calls than the bound, from callers without a valid key (or a
     tenant's key on the AdminService), each of which never sends its
-    message: each is refused at once, and a tenant's call is served while
-    they are open. Were the key checked after the request was read, they
-    would hold every place until their deadline, and wait for it there."""
+    message: each is refused at once, and then a tenant's call is served.
+    Were the key checked after the request was read, each would wait for
+    its message until its deadline, holding a place."""
     router, _, channel = router
     never = asyncio.Event()
 
@@ -169,6 +169,12 @@ async def test_calls_without_a_valid_key_take_no_place_and_are_refused_before_th
         chat(nothing_sent(), metadata=(("authorization", "Bearer not-a-key"),), timeout=CALL_TIMEOUT_S),
         list_keys(nothing_sent(), metadata=AUTH, timeout=CALL_TIMEOUT_S),
     ]
+    failures = await asyncio.wait_for(asyncio.gather(*map(failure_of, refused)), 10)
+    assert [(failure.code(), error_info(failure).reason) for failure in failures] == [
+        *[(grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_MISSING)] * (LIMIT + 1),
+        (grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_INVALID),
+        (grpc.StatusCode.PERMISSION_DENIED, Reason.ADMIN_REQUIRED),
+    ]
     for _ in range(200):
         served = await list_models(router)
         if isinstance(served, pb.ListModelsResponse):
@@ -176,12 +182,6 @@ async def test_calls_without_a_valid_key_take_no_place_and_are_refused_before_th
         # Only the streams of the test before, still being counted out.
         await asyncio.sleep(0.025)
     assert served.models, served
-    failures = await asyncio.wait_for(asyncio.gather(*map(failure_of, refused)), 10)
-    assert [(failure.code(), error_info(failure).reason) for failure in failures] == [
-        *[(grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_MISSING)] * (LIMIT + 1),
-        (grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_INVALID),
-        (grpc.StatusCode.PERMISSION_DENIED, Reason.ADMIN_REQUIRED),
-    ]
     never.set()
     # A request of 8 MiB from a caller without a key: the same refusal.
     text = "x" * (8 << 20)
