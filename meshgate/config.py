@@ -314,29 +314,31 @@ class RouterSettings:
     listen: str = "127.0.0.1:50051"
     # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
     metrics_listen: str = "127.0.0.1:50061"
-    # The most gRPC calls this replica handles at once (0: no bound); one
-    # more is refused with RESOURCE_EXHAUSTED / SERVICE_BUSY before its
-    # request is read (meshgate/serving.py), since each may carry 32 MiB.
-    # Counted only once the API key is checked, itself before the request is
-    # read (services/router/auth.py CallerGate): a caller without a valid
-    # key is refused at once and holds no place, so it cannot lock the
-    # tenants out. 1024, as the internal services' bounds: a backstop for
-    # the process, far above what admission (services/router/admission.py,
-    # per key, tenant and model) lets through. A caller with a key still
-    # holds a place per call open, however idle (a ChatSession stream, or a
-    # Chat whose message it never sends): max_session_streams_per_tenant,
-    # which must be below this bound, caps the streams; the rest is a
-    # tenant's doing, answerable to its key (revocable at once, as
-    # AdminService calls are never counted). The HTTP edge's requests are
-    # not gRPC calls and are not counted.
-    max_concurrent_rpcs: int = 1024
+    # The most gRPC calls this replica handles at once (0: no bound, the
+    # default); one more is refused with RESOURCE_EXHAUSTED / SERVICE_BUSY
+    # before its request is read (meshgate/serving.py), since each may carry
+    # 32 MiB. A call is counted only once its API key is checked, itself
+    # before the request is read (services/router/auth.py CallerGate): a
+    # caller without a valid key is refused at once and holds no place.
+    # Still no bound by default, because one valid key could fill it: each
+    # call it opens holds a place until it ends, however idle (a ChatSession
+    # stream, or a Chat whose message it never sends, held until the call's
+    # deadline); max_session_streams_per_tenant caps a tenant's streams but
+    # nothing caps its unary calls, and revoking the key refuses its new
+    # calls (within a second) but does not end the calls already in.
+    # Connections and calls per client belong to the load balancer in
+    # front. Where a bound is set, max_session_streams_per_tenant must be
+    # above 0 and below it.
+    # AdminService calls are never counted (the operator can still revoke a
+    # key), nor the HTTP edge's requests (no gRPC call).
+    max_concurrent_rpcs: int = 0
     # The most ChatSession streams one tenant holds open on this replica; one
     # more is refused at open with RESOURCE_EXHAUSTED /
     # TOO_MANY_SESSION_STREAMS (services/router/admission.py SessionStreams).
     # An open stream costs its tenant nothing until it sends a turn, so
     # without this cap one key could hold as many as it likes (all of
-    # max_concurrent_rpcs where one is set: hence the cap must be below it,
-    # and 0 here needs max_concurrent_rpcs 0 too).
+    # max_concurrent_rpcs where one is set: hence the cap must then be above
+    # 0 and below it).
     # 256 keeps one client application 256 conversations open per replica
     # (times the replicas behind the balancer). Raise it where tenants need
     # more. 0: no cap.

@@ -433,6 +433,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             try:
                 await self._gate(method, handler_call_details.invocation_metadata)
+            except asyncio.CancelledError:
+                # The caller hung up while the gate awaited (its key's
+                # lookup): observed as a cancelled handler is (_Reported).
+                self._observe(method, "CANCELLED", "", started)
+                raise
             except Exception as error:
                 return self._refusal(method, _failure(error, method), started)
         # Counted after the gate: a call it refuses never holds a place.

@@ -8,6 +8,7 @@ cache or inference service directly does it as the router would, through
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import functools
 import pathlib
@@ -135,3 +136,12 @@ def router_channel(address: str, service: str, settings: MeshSettings | None = N
         options=[*serving.CHANNEL_OPTIONS, *security.channel_options],
         interceptors=interceptors,
     )
+
+
+async def held_back(release: asyncio.Event, message: bytes = b""):
+    """A raw request stream (for a ``channel.stream_stream`` call of any
+    method) whose one ``message`` is sent only once ``release`` is set: a
+    caller that opened its call and holds its request back (never sends it,
+    if ``release`` is never set)."""
+    await release.wait()
+    yield message

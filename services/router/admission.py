@@ -727,8 +727,9 @@ class SessionStreams:
     replica's memory, not Redis like the limits above: an open stream is
     charged no turn until it sends one, so this is what bounds the idle
     streams one key holds (and, where ``router.max_concurrent_rpcs`` is set,
-    keeps one tenant from holding all of it: the settings refuse a cap not
-    below that bound)."""
+    keeps one tenant's streams from holding all of it: the settings refuse a
+    cap not below that bound; its unary calls are not capped here, and
+    several tenants' streams together can still fill the bound)."""
 
     def __init__(self, cap: int) -> None:
         self._cap = cap

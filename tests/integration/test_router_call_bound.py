@@ -25,7 +25,7 @@ from meshgate.router.v1 import admin_service_pb2 as admin_pb
 from meshgate.router.v1 import admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as pb
 from tests.integration.conftest import running_router
-from tests.mesh import CALL_TIMEOUT_S, bounded_channel, mesh_settings
+from tests.mesh import CALL_TIMEOUT_S, bounded_channel, held_back, mesh_settings
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ async def router(redis_url):
     settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
     settings.router.dev_api_key = KEY
-    # A bound small enough to fill here (the default is 1024).
+    # Set here: the router has no bound by default (meshgate/config.py).
     # Each tenant's streams below it, as the settings require: the bound is
     # held by one stream of each of two tenants.
     settings.router.max_concurrent_rpcs = LIMIT
@@ -156,18 +156,13 @@ async def test_calls_without_a_valid_key_take_no_place_and_are_refused_before_th
     its message until its deadline, holding a place."""
     router, _, channel = router
     never = asyncio.Event()
-
-    async def nothing_sent():
-        await never.wait()
-        yield b""
-
     chat = channel.stream_stream(f"/{pb.DESCRIPTOR.services_by_name['RouterService'].full_name}/Chat")
     admin_service = admin_pb.DESCRIPTOR.services_by_name["AdminService"].full_name
     list_keys = channel.stream_stream(f"/{admin_service}/ListKeys")
     refused = [
-        *(chat(nothing_sent(), metadata=(), timeout=CALL_TIMEOUT_S) for _ in range(LIMIT + 1)),
-        chat(nothing_sent(), metadata=(("authorization", "Bearer not-a-key"),), timeout=CALL_TIMEOUT_S),
-        list_keys(nothing_sent(), metadata=AUTH, timeout=CALL_TIMEOUT_S),
+        *(chat(held_back(never), metadata=(), timeout=CALL_TIMEOUT_S) for _ in range(LIMIT + 1)),
+        chat(held_back(never), metadata=(("authorization", "Bearer not-a-key"),), timeout=CALL_TIMEOUT_S),
+        list_keys(held_back(never), metadata=AUTH, timeout=CALL_TIMEOUT_S),
     ]
     failures = await asyncio.wait_for(asyncio.gather(*map(failure_of, refused)), 10)
     assert [(failure.code(), error_info(failure).reason) for failure in failures] == [

@@ -82,15 +82,12 @@ def test_max_embed_texts_below_one_is_refused():
 def test_a_negative_cap_on_a_tenants_session_streams_is_refused():
     with pytest.raises(ConfigError, match="max_session_streams_per_tenant"):
         load_settings(environ={"MESHGATE_ROUTER__MAX_SESSION_STREAMS_PER_TENANT": "-1"})
-    # No cap at all: only without a call bound (one tenant could fill it).
-    unbounded = {"MESHGATE_ROUTER__MAX_CONCURRENT_RPCS": "0"}
-    settings = load_settings(environ=unbounded | {"MESHGATE_ROUTER__MAX_SESSION_STREAMS_PER_TENANT": "0"})
+    settings = load_settings(environ={"MESHGATE_ROUTER__MAX_SESSION_STREAMS_PER_TENANT": "0"})
     assert settings.router.max_session_streams_per_tenant == 0
 
 
-def test_the_router_bounds_its_calls_by_default_with_a_tenants_streams_below_the_bound():
-    router = load_settings(environ={}).router
-    assert (router.max_concurrent_rpcs, router.max_session_streams_per_tenant) == (1024, 256)
+def test_the_router_has_no_call_bound_by_default():
+    assert load_settings(environ={}).router.max_concurrent_rpcs == 0
 
 
 @pytest.mark.parametrize("streams_cap", ["0", "8", "9"])

@@ -31,7 +31,7 @@ from services.router.auth import Authenticator, CallerGate
 from services.router.ledger import METRICS
 from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Hit, Pipeline
 from services.router.servicer import RouterServicer, add_to_server
-from tests.mesh import bounded_channel
+from tests.mesh import bounded_channel, held_back
 from tests.unit.test_router_pipeline import FakeCache, FakeContexts, FakeGenerator, request, user
 
 KEY = "unit-key"
@@ -693,24 +693,19 @@ async def test_a_call_without_a_valid_key_is_refused_without_waiting_for_its_req
     checked by the handler, the router would wait for the message until the
     call's deadline; the gate refuses it at once."""
     never = asyncio.Event()
-
-    async def nothing_sent():
-        await never.wait()
-        yield b""
-
     async with serving_router(router_servicer()) as port, bounded_channel(f"127.0.0.1:{port}") as channel:
         chat = channel.stream_stream(f"/{SERVICE.full_name}/Chat")
         for metadata, reason in REFUSED_CALLERS:
-            call = chat(nothing_sent(), metadata=metadata, timeout=30)
+            call = chat(held_back(never), metadata=metadata, timeout=30)
             assert await asyncio.wait_for(call.code(), 10) == grpc.StatusCode.UNAUTHENTICATED
             assert reason_of(await call.trailing_metadata()) == reason
     never.set()
 
 
 async def test_each_handler_serves_the_tenant_the_gate_let_into_its_own_call():
-    """The gate's contextvar reaches the handler of every shape (unary,
-    Chat's unary-response handler, a bidirectional stream), and calls of
-    two tenants at once each see their own."""
+    """The gate's tenant reaches the handler of every shape (unary, Chat's
+    server stream, a bidirectional stream), with calls of two tenants under
+    way at once."""
     async with router_stub(RouterServicer(router_settings(), RecordsTurns(), FakeLedger())) as stub:
 
         async def listed(metadata) -> list[str]:
@@ -734,6 +729,27 @@ async def test_each_handler_serves_the_tenant_the_gate_let_into_its_own_call():
         assert await asyncio.gather(*map(session, callers)) == [["narrow"] * 2, ["dev"] * 2] * 4
         usage = await stub.GetUsage(pb.GetUsageRequest(tenant_id="narrow"), metadata=ADMIN, timeout=10)
         assert usage.tenant_id == "narrow"
+
+
+async def test_a_call_whose_request_comes_late_serves_its_own_tenant_not_the_call_let_in_since():
+    """A Chat whose caller holds its request back while another tenant's
+    Chat is let in and served: each turn is its own caller's. Its handler
+    starts only once its request has come, after the other call's gate ran,
+    so a caller kept anywhere but the call's own context would be the other
+    tenant's."""
+    turns = RecordsTurns()
+    release = asyncio.Event()
+    servicer = RouterServicer(router_settings(), turns, FakeLedger())
+    async with serving_router(servicer) as port, bounded_channel(f"127.0.0.1:{port}") as channel:
+        chat = channel.stream_stream(f"/{SERVICE.full_name}/Chat")
+        late = chat(held_back(release, request().SerializeToString()), metadata=NARROW, timeout=10)
+        await asyncio.sleep(0.3)  # its gate has let it in; its handler waits for the request
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+        other = [response async for response in stub.Chat(request(), metadata=AUTH, timeout=10)]
+        release.set()
+        answers = [pb.ChatResponse.FromString(response) async for response in late]
+    assert (other[-1].completion.text, answers[-1].completion.text) == ("dev", "narrow")
+    assert turns.tenants == ["dev", "narrow"]
 
 
 async def test_a_router_served_without_its_gate_fails_closed():

@@ -9,6 +9,7 @@ GetSession waits until released: this is the server's logic alone
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 
 import grpc
@@ -16,7 +17,7 @@ import pytest
 import structlog.testing
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshgate import serving
+from meshgate import metrics, serving
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import CallGate, MeshgateError, error_info, from_rpc_error, retry_after_s
@@ -272,3 +273,36 @@ async def test_the_gate_refuses_before_the_bound_counts_and_a_call_it_refuses_ta
         servicer.release.set()
         await asyncio.gather(*held)
         assert servicer.entered == LIMIT
+
+
+def get_session_outcomes() -> collections.Counter:
+    """The context service's finished GetSession calls so far by status
+    code, as the error interceptor recorded them in the RPC metrics."""
+    outcomes = collections.Counter()
+    for family in metrics.REGISTRY.collect():
+        if family.name == "meshgate_rpc_requests":
+            for sample in family.samples:
+                labels = sample.labels
+                if sample.name.endswith("_total") and (labels["service"], labels["method"]) == (
+                    "context",
+                    "ContextService/GetSession",
+                ):
+                    outcomes[labels["code"]] += sample.value
+    return outcomes
+
+
+async def test_a_call_whose_caller_hangs_up_while_the_gate_awaits_is_observed_as_cancelled() -> None:
+    checking = asyncio.Event()
+
+    async def never_answers(method: str, metadata) -> None:
+        """A gate as the router's waiting on its key's lookup, which never comes."""
+        checking.set()
+        await asyncio.Event().wait()
+
+    before = get_session_outcomes()
+    async with bounded(LIMIT, gate=never_answers) as (stub, servicer, _, _):
+        call = get(stub, "hung-up")
+        await asyncio.wait_for(checking.wait(), 10)
+        call.cancel()
+        await until(lambda: get_session_outcomes() - before == collections.Counter({"CANCELLED": 1}))
+        assert servicer.entered == 0
