@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import functools
 import pathlib
 import shutil
@@ -17,7 +18,7 @@ import tempfile
 
 import grpc
 
-from meshgate import mesh_auth, serving
+from meshgate import mesh_auth, metrics, serving
 from meshgate.config import MeshSettings
 from meshgate.local import certs
 
@@ -145,3 +146,18 @@ async def held_back(release: asyncio.Event, message: bytes = b""):
     if ``release`` is never set)."""
     await release.wait()
     yield message
+
+
+def rpc_outcomes(service: str, method: str) -> collections.Counter:
+    """``service``'s finished calls of ``method`` ("RouterService/Chat") so
+    far by status code, as the error interceptor recorded them in this
+    process's RPC metrics (summed over their reasons)."""
+    outcomes = collections.Counter()
+    for family in metrics.REGISTRY.collect():
+        if family.name == "meshgate_rpc_requests":
+            for sample in family.samples:
+                labels = sample.labels
+                ours = (labels["service"], labels["method"]) == (service, method)
+                if ours and sample.name.endswith("_total"):
+                    outcomes[labels["code"]] += sample.value
+    return outcomes

@@ -94,6 +94,17 @@ async def list_models(router) -> pb.ListModelsResponse | grpc.aio.AioRpcError:
         return error
 
 
+async def until_served(router) -> pb.ListModelsResponse:
+    """A ListModels served, once the calls that held the bound have been
+    counted out (within 5 s)."""
+    for _ in range(200):
+        served = await list_models(router)
+        if isinstance(served, pb.ListModelsResponse):
+            return served
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"still refused after 5 s: {served}")
+
+
 async def test_calls_past_the_bound_are_refused_with_service_busy_until_a_stream_closes(router) -> None:
     router, admin, _ = router
     # Idle streams (no turn sent) count while open. A stream reaches the
@@ -128,12 +139,7 @@ async def test_calls_past_the_bound_are_refused_with_service_busy_until_a_stream
     assert isinstance(await list_models(router), grpc.aio.AioRpcError), "the streams no longer hold the bound"
     # A stream that ends makes room.
     streams[0].cancel()
-    for _ in range(200):
-        served = await list_models(router)
-        if isinstance(served, pb.ListModelsResponse):
-            break
-        await asyncio.sleep(0.025)
-    assert served.models, served
+    assert (await until_served(router)).models
     streams[1].cancel()
 
 
@@ -170,13 +176,8 @@ async def test_calls_without_a_valid_key_take_no_place_and_are_refused_before_th
         (grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_INVALID),
         (grpc.StatusCode.PERMISSION_DENIED, Reason.ADMIN_REQUIRED),
     ]
-    for _ in range(200):
-        served = await list_models(router)
-        if isinstance(served, pb.ListModelsResponse):
-            break
-        # Only the streams of the test before, still being counted out.
-        await asyncio.sleep(0.025)
-    assert served.models, served
+    # Only the streams of the test before may still be being counted out.
+    assert (await until_served(router)).models
     never.set()
     # A request of 8 MiB from a caller without a key: the same refusal.
     text = "x" * (8 << 20)

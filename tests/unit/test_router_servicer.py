@@ -20,7 +20,7 @@ import structlog.testing
 from google.protobuf import message_factory
 from google.rpc import error_details_pb2, status_pb2
 
-from meshgate import metrics, serving
+from meshgate import serving
 from meshgate.config import ModelSettings, Settings, TenantSettings, hash_api_key
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
@@ -31,7 +31,7 @@ from services.router.auth import Authenticator, CallerGate
 from services.router.ledger import METRICS
 from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Hit, Pipeline
 from services.router.servicer import RouterServicer, add_to_server
-from tests.mesh import bounded_channel, held_back
+from tests.mesh import bounded_channel, held_back, rpc_outcomes
 from tests.unit.test_router_pipeline import FakeCache, FakeContexts, FakeGenerator, request, user
 
 KEY = "unit-key"
@@ -452,19 +452,7 @@ async def test_every_router_method_is_served():
 
 
 def chat_outcomes() -> collections.Counter:
-    """The router's finished Chat calls so far by status code, as the error
-    interceptor recorded them in the RPC metrics (summed over their reasons)."""
-    outcomes = collections.Counter()
-    for family in metrics.REGISTRY.collect():
-        if family.name == "meshgate_rpc_requests":
-            for sample in family.samples:
-                labels = sample.labels
-                if sample.name.endswith("_total") and (labels["service"], labels["method"]) == (
-                    "router",
-                    "RouterService/Chat",
-                ):
-                    outcomes[labels["code"]] += sample.value
-    return outcomes
+    return rpc_outcomes("router", "RouterService/Chat")
 
 
 async def until(condition, what: str) -> None:

@@ -17,14 +17,14 @@ import pytest
 import structlog.testing
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshgate import metrics, serving
+from meshgate import serving
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import CallGate, MeshgateError, error_info, from_rpc_error, retry_after_s
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as router_pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from tests.mesh import bounded_channel
+from tests.mesh import bounded_channel, rpc_outcomes
 
 LIMIT = 2
 # What refuse_without_pass lets in (and every other test's gateless server ignores).
@@ -276,19 +276,7 @@ async def test_the_gate_refuses_before_the_bound_counts_and_a_call_it_refuses_ta
 
 
 def get_session_outcomes() -> collections.Counter:
-    """The context service's finished GetSession calls so far by status
-    code, as the error interceptor recorded them in the RPC metrics."""
-    outcomes = collections.Counter()
-    for family in metrics.REGISTRY.collect():
-        if family.name == "meshgate_rpc_requests":
-            for sample in family.samples:
-                labels = sample.labels
-                if sample.name.endswith("_total") and (labels["service"], labels["method"]) == (
-                    "context",
-                    "ContextService/GetSession",
-                ):
-                    outcomes[labels["code"]] += sample.value
-    return outcomes
+    return rpc_outcomes("context", "ContextService/GetSession")
 
 
 async def test_a_call_whose_caller_hangs_up_while_the_gate_awaits_is_observed_as_cancelled() -> None:
