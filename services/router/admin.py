@@ -11,6 +11,7 @@ from meshgate.errors import invalid_argument
 from meshgate.reasons import Reason
 from meshgate.router.v1 import admin_service_pb2 as pb
 from meshgate.router.v1 import admin_service_pb2_grpc
+from services.router.auth import admitted_admin
 from services.router.keys import KeyRecord, KeyStore, check_key_request
 
 
@@ -70,6 +71,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         self._models = models
 
     async def CreateKey(self, request: pb.CreateKeyRequest, context) -> pb.CreateKeyResponse:
+        admitted_admin()
         expires_at = _expiry(request)
         models, limits = check_key_request(
             request.tenant_id,
@@ -83,12 +85,15 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         return pb.CreateKeyResponse(api_key=secret, key=key_info(record))
 
     async def ListKeys(self, request: pb.ListKeysRequest, context) -> pb.ListKeysResponse:
+        admitted_admin()
         records = await self._keys.list(request.tenant_id)
         return pb.ListKeysResponse(keys=[key_info(record) for record in records])
 
     async def RotateKey(self, request: pb.RotateKeyRequest, context) -> pb.RotateKeyResponse:
+        admitted_admin()
         secret, successor, previous = await self._keys.rotate(request.key_id)
         return pb.RotateKeyResponse(api_key=secret, key=key_info(successor), previous=key_info(previous))
 
     async def RevokeKey(self, request: pb.RevokeKeyRequest, context) -> pb.RevokeKeyResponse:
+        admitted_admin()
         return pb.RevokeKeyResponse(key=key_info(await self._keys.revoke(request.key_id)))

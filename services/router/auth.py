@@ -156,6 +156,15 @@ class CallerGate:
         _CALLER.set(caller)
 
 
+def admitted_admin() -> None:
+    """Checks that CallerGate let the admin credential in to the AdminService
+    call under way. LookupError where no gate ran, as :func:`current_caller`:
+    an AdminService served without its gate fails closed (INTERNAL) instead
+    of serving every caller."""
+    if _CALLER.get() is not None:
+        raise AssertionError("an AdminService call was let in with a tenant's key")
+
+
 def current_caller() -> Tenant | None:
     """The caller CallerGate let in to the gRPC call under way: its tenant,
     or None for the admin credential (only on the methods that take it).

@@ -24,10 +24,13 @@ from meshgate import serving
 from meshgate.config import ModelSettings, Settings, TenantSettings, hash_api_key
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
+from meshgate.router.v1 import admin_service_pb2 as admin_pb
+from meshgate.router.v1 import admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as pb
-from meshgate.router.v1 import router_service_pb2_grpc
+from services.router.admin import AdminServicer
 from services.router.app import SERVICE_NAMES
 from services.router.auth import Authenticator, CallerGate
+from services.router.keys import KeyStore
 from services.router.ledger import METRICS
 from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Hit, Pipeline
 from services.router.servicer import RouterServicer, add_to_server
@@ -749,6 +752,21 @@ async def test_a_router_served_without_its_gate_fails_closed():
             stub = router_service_pb2_grpc.RouterServiceStub(channel)
             with structlog.testing.capture_logs(), pytest.raises(grpc.aio.AioRpcError) as failed:
                 await stub.ListModels(pb.ListModelsRequest(), metadata=AUTH, timeout=10)
+    finally:
+        await serving.stop(service, grace_s=0)
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+
+
+async def test_an_admin_service_served_without_its_gate_fails_closed():
+    service = serving.Service("router", SERVICE_NAMES)
+    keys = KeyStore(redis=None)  # never reached: the handler refuses first
+    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(keys, {}), service.server)
+    port = await serving.start(service, "127.0.0.1:0", _nothing)
+    try:
+        async with bounded_channel(f"127.0.0.1:{port}") as channel:
+            stub = admin_service_pb2_grpc.AdminServiceStub(channel)
+            with structlog.testing.capture_logs(), pytest.raises(grpc.aio.AioRpcError) as failed:
+                await stub.ListKeys(admin_pb.ListKeysRequest(tenant_id="dev"), timeout=10)
     finally:
         await serving.stop(service, grace_s=0)
     assert failed.value.code() == grpc.StatusCode.INTERNAL
