@@ -41,7 +41,10 @@ inference), this checkout's and one run from the checkout at TREE, in
 alternating rounds (``--rounds``): an A/B of router code measured in the
 same minutes, which on a shared machine two whole runs in turn are not.
 Each round times each router at concurrency 16 and then alone (concurrency
-1, ALONE_HITS calls: issue 13's p50 bound).
+1, ALONE_HITS calls: issue 13's p50 bound). With ``--against TREE
+--skip-hits``, the same alternating rounds stream answers at concurrency 1
+(cache bypassed, ``--requests`` a round), Triton direct beside in every
+round: issue 13's time-to-first-token bound, A/B'd on one stack.
 
 With ``--stream-intervals 0,80``, the streaming comparison runs again with
 the inference service restarted at each of those `inference.stream_interval_ms`
@@ -347,7 +350,7 @@ async def main_async(args, stack: Stack) -> list[str]:
         # prompt in the model (prefix caching). The paths differ in one letter
         # right at the start (no path reuses another's prompt) and count alike
         # (same prompt lengths).
-        numbers = {"D": itertools.count(), "R": itertools.count()}
+        numbers = {"D": itertools.count(), "R": itertools.count(), "A": itertools.count()}
 
         def fresh(path: str, prompt: str) -> str:
             return f"{path}{next(numbers[path])}: {prompt}"
@@ -396,6 +399,8 @@ async def main_async(args, stack: Stack) -> list[str]:
                         f"| {gap_figures(gaps)} | {tokens / (len(gaps) + len(samples)):.1f} |"
                     )
 
+        if args.against and args.skip_hits:
+            return await streaming_against(args, stack, router_stub, paths["Triton direct"], fresh)
         if not args.only_hits:
             await compare(paths)
             for interval_ms in args.stream_intervals:
@@ -696,6 +701,69 @@ async def exact_hits_against(args, stack: Stack, router_stub) -> list[str]:
     return rows
 
 
+async def streaming_against(args, stack: Stack, router_stub, direct, fresh) -> list[str]:
+    """--against with --skip-hits: streamed answers at concurrency 1 (cache
+    bypassed, every prompt new) through this checkout's router and the
+    other's, and straight to Triton, ``args.rounds`` times (which router goes
+    first alternates; Triton direct first in every round); TTFT p50, output
+    tokens/s and each router's own CPU per answer (the other services are
+    shared). An A/B of router code on the streaming path, in the same
+    minutes."""
+    start_router_from(stack, pathlib.Path(args.against).resolve())
+    routers = {"this": "router", "against": AGAINST}
+    rows = [
+        f"streamed answers at concurrency 1, {args.requests} a round, max_tokens {args.max_tokens}: "
+        f"this checkout's router against {args.against}'s, Triton direct beside",
+        "",
+        "| round | path | TTFT p50 (ms) | TTFT p99 (ms) | output tokens/s | router CPU an answer (ms) |",
+        "|---|---|---|---|---|---|",
+    ]
+    figures = {side: [] for side in ("direct", *routers)}
+    async with grpc.aio.insecure_channel(stack.address(AGAINST)) as against_channel:
+        stubs = {"this": router_stub, "against": router_service_pb2_grpc.RouterServiceStub(against_channel)}
+        letters = {"this": "R", "against": "A"}
+        paths = {"direct": direct} | {
+            side: lambda p, stub=stub, letter=letters[side]: through_router(
+                stub, fresh(letter, p), args.max_tokens, model=args.model
+            )
+            for side, stub in stubs.items()
+        }
+        for one in paths.values():  # model caches, channels and lazy imports warmed
+            await run_load(one, 4, 8)
+        for round_number in range(1, args.rounds + 1):
+            order = list(routers) if round_number % 2 else list(reversed(routers))
+            for side in ("direct", *order):
+                meter = CpuMeter({"router": stack.processes[routers[side]].pid}) if side in routers else None
+                if meter:
+                    meter.start()
+                samples, wall = await run_load(paths[side], 1, args.requests)
+                cpu = f"{meter.stop(args.requests):.1f}" if meter else "-"
+                ttfts = [sample.ttft * 1000 for sample in samples]
+                rate = sum(sample.tokens for sample in samples) / wall
+                figures[side].append((statistics.median(ttfts), rate))
+                rows.append(
+                    f"| {round_number} | {side} | {statistics.median(ttfts):.2f} "
+                    f"| {percentile(ttfts, 0.99):.2f} | {rate:.0f} | {cpu} |"
+                )
+    rows += ["", "| by round | " + " | ".join(str(n) for n in range(1, args.rounds + 1)) + " | median |"]
+    rows.append("|---" * (args.rounds + 2) + "|")
+    for side in routers:
+        over = [routed[0] - direct[0] for routed, direct in zip(figures[side], figures["direct"])]
+        rows.append(
+            f"| {side}: TTFT p50 over direct (ms) | "
+            + " | ".join(f"{value:+.2f}" for value in over)
+            + f" | {statistics.median(over):+.2f} |"
+        )
+    for index, figure in enumerate(("TTFT p50", "output tokens/s")):
+        ratios = [this[index] / other[index] for this, other in zip(figures["this"], figures["against"])]
+        rows.append(
+            f"| this / against: {figure} | "
+            + " | ".join(f"{ratio:.3f}" for ratio in ratios)
+            + f" | {statistics.median(ratios):.3f} |"
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=32, help="requests at concurrency 1 (x4 at 16)")
@@ -743,8 +811,9 @@ def main() -> None:
     parser.add_argument(
         "--against",
         metavar="TREE",
-        help="with --only-hits exact: the exact hits through this checkout's router and, in "
-        "alternating rounds, through one run from the checkout at TREE, on the same stack",
+        help="with --only-hits exact (the exact hits) or --skip-hits (streamed answers at concurrency 1): "
+        "through this checkout's router and, in alternating rounds, through one run from the checkout "
+        "at TREE, on the same stack",
     )
     parser.add_argument("--rounds", type=int, default=6, help="--against's rounds, each router once a round")
     args = parser.parse_args()
@@ -754,8 +823,8 @@ def main() -> None:
         parser.error("--only-hits and --skip-hits leave nothing to run together")
     if args.h2load and args.skip_hits:
         parser.error("--h2load measures exact hits, which --skip-hits skips")
-    if args.against and args.only_hits != "exact":
-        parser.error("--against measures the exact hits alone: give --only-hits exact")
+    if args.against and args.only_hits != "exact" and not args.skip_hits:
+        parser.error("--against compares exact hits (--only-hits exact) or streamed answers (--skip-hits)")
     if args.h2load and shutil.which("h2load") is None:
         parser.error("--h2load needs h2load on PATH (Debian: apt-get install nghttp2-client)")
     ports = Ports(*(free_port() for _ in range(6)))
