@@ -13,7 +13,7 @@ from meshgate.config import LimitSettings, RouterSettings, hash_api_key
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from meshgate.router.v1 import admin_service_pb2, router_service_pb2
-from services.router.keys import KeyStore, key_refusal
+from services.router.keys import KeyStore, could_be_stored, key_refusal
 
 _BEARER = "bearer "
 
@@ -89,14 +89,16 @@ class Authenticator:
 
     async def authenticate_caller(self, metadata) -> Tenant | None:
         """The caller's tenant, or None for the admin credential."""
-        key_hash = _bearer_key_hash(metadata)
+        secret = _bearer_key(metadata)
+        key_hash = hash_api_key(secret)
         configured = self._configured
         if key_hash in configured.admin_key_hashes:
             return None
         tenant = configured.tenants_by_key_hash.get(key_hash)
         if tenant is not None:
             return tenant
-        record = await self._keys.lookup(key_hash) if self._keys is not None else None
+        stored = self._keys is not None and could_be_stored(secret)
+        record = await self._keys.lookup(key_hash) if stored else None
         if record is None:
             raise _unauthenticated(Reason.API_KEY_INVALID, "the API key is not valid")
         refusal = key_refusal(record, self._keys.now())
@@ -173,8 +175,8 @@ def current_caller() -> Tenant | None:
     return _CALLER.get()
 
 
-def _bearer_key_hash(metadata) -> str:
-    """The SHA-256 of the caller's Bearer key."""
+def _bearer_key(metadata) -> str:
+    """The caller's Bearer key."""
     header = None
     for key, value in metadata or ():
         if key == "authorization":
@@ -184,4 +186,4 @@ def _bearer_key_hash(metadata) -> str:
         raise _unauthenticated(Reason.API_KEY_MISSING, "send 'authorization: Bearer <api key>'")
     if not header[: len(_BEARER)].lower() == _BEARER:
         raise _unauthenticated(Reason.UNSUPPORTED_AUTH_SCHEME, "the authorization scheme must be Bearer")
-    return hash_api_key(header[len(_BEARER) :].strip())
+    return header[len(_BEARER) :].strip()

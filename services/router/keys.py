@@ -25,12 +25,23 @@ invalidation, which is cheaper per request but loses messages while a
 replica reconnects to Redis, leaving a revoked key working until something
 else evicts it; here the bound holds whatever happened to connections, and
 costs at most two GETs per second per live key per replica.
+
+What a caller sending made-up keys costs (each call's key is checked before
+its request is read, so this is the whole price of a keyless flood): a
+secret not shaped as :func:`new_secret` makes them cannot be stored, and is
+refused with no Redis call (:func:`could_be_stored`); a well-shaped one
+costs one GET, and its absence is cached apart from the records found, so
+however many made-up keys arrive they never push a live key out of the
+cache. Calls that ask for the same key at once share one GET.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import json
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -46,13 +57,19 @@ from meshgate.reasons import Reason
 log = structlog.get_logger(__name__)
 
 _CACHE_TTL_S = 0.5
-# Cached lookups (hits and misses) kept per replica; past it the cache is
-# emptied, so a flood of made-up keys cannot grow memory without bound.
+# Records found, kept per replica; past it they are emptied (live keys are
+# far fewer: 869 B a record, docs/capacity.md).
 _CACHE_MAX_ENTRIES = 100_000
+# Keys looked up and found absent, kept apart from the records so that a
+# flood of made-up keys empties only these; enough for the wrong keys of
+# misconfigured clients retrying, a few hundred bytes each.
+_ABSENT_MAX_ENTRIES = 10_000
 _RECORD = "mg:router:{{apikeys}}:key:{}"
 _TENANT_KEYS = "mg:router:{{apikeys}}:tenant:{}"
 _IDS = "mg:router:{apikeys}:ids"
 _SECRET_PREFIX = "mgk-"
+# new_secret's 32 random bytes are 43 URL-safe base64 characters.
+_STORED_SECRET = re.compile(re.escape(_SECRET_PREFIX) + r"[A-Za-z0-9_-]{43}")
 _MAX_TENANT_ID = 128
 _MAX_LABEL = 256
 # 9999-12-31T23:59:59Z, the last instant a google.protobuf.Timestamp holds.
@@ -89,6 +106,14 @@ class KeyRecord:
 
 def new_secret() -> str:
     return _SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
+def could_be_stored(secret: str) -> bool:
+    """Whether ``secret`` has the shape of the secrets :func:`new_secret`
+    makes, the only ones the KeyStore holds: anything else is no stored key,
+    known without asking Redis. (Keys of the configuration file may have any
+    shape; they are checked before, in memory.)"""
+    return _STORED_SECRET.fullmatch(secret) is not None
 
 
 def check_key_request(
@@ -132,27 +157,57 @@ class KeyStore:
     def __init__(self, redis, clock: Callable[[], float] = time.time) -> None:
         self._redis = redis
         self._clock = clock
-        # key hash -> (record or None, monotonic time it was read)
-        self._cache: dict[str, tuple[KeyRecord | None, float]] = {}
+        # key hash -> (record, monotonic time it was read)
+        self._found: dict[str, tuple[KeyRecord, float]] = {}
+        # key hash -> monotonic time it was read and found absent
+        self._absent: dict[str, float] = {}
+        # key hash -> the GET under way, which callers asking at once share
+        self._reading: dict[str, asyncio.Task] = {}
 
     def now(self) -> float:
         return self._clock()
 
     async def lookup(self, key_hash: str) -> KeyRecord | None:
         """The key's record, at most _CACHE_TTL_S old; None when no such key."""
-        cached = self._cache.get(key_hash)
-        if cached is not None and time.monotonic() - cached[1] < _CACHE_TTL_S:
-            return cached[0]
+        now = time.monotonic()
+        found = self._found.get(key_hash)
+        if found is not None and now - found[1] < _CACHE_TTL_S:
+            return found[0]
+        absent_at = self._absent.get(key_hash)
+        if absent_at is not None and now - absent_at < _CACHE_TTL_S:
+            return None
+        reading = self._reading.get(key_hash)
+        if reading is None:
+            # A task of its own, so that a caller cancelled (its client gone)
+            # ends neither the GET nor the wait of the others sharing it.
+            reading = asyncio.ensure_future(self._read(key_hash))
+            self._reading[key_hash] = reading
+            reading.add_done_callback(functools.partial(self._read_done, key_hash))
+        return await asyncio.shield(reading)
+
+    async def _read(self, key_hash: str) -> KeyRecord | None:
         try:
             raw = await self._redis.get(_RECORD.format(key_hash))
         except redis_access.CONNECTION_ERRORS as error:
             # Fail closed: a revoked key must not come back during an outage.
             raise unavailable(Reason.REDIS_UNAVAILABLE, f"API keys cannot be checked: {error}") from error
-        record = KeyRecord.from_json(raw) if raw is not None else None
-        if len(self._cache) >= _CACHE_MAX_ENTRIES:
-            self._cache.clear()
-        self._cache[key_hash] = (record, time.monotonic())
+        read_at = time.monotonic()
+        if raw is None:
+            if len(self._absent) >= _ABSENT_MAX_ENTRIES:
+                self._absent.clear()
+            self._absent[key_hash] = read_at
+            return None
+        record = KeyRecord.from_json(raw)
+        if len(self._found) >= _CACHE_MAX_ENTRIES:
+            self._found.clear()
+        self._found[key_hash] = (record, read_at)
         return record
+
+    def _read_done(self, key_hash: str, reading: asyncio.Task) -> None:
+        del self._reading[key_hash]
+        if not reading.cancelled():
+            # Retrieved here too: every caller that shared it may have gone.
+            reading.exception()
 
     async def _by_id(self, key_id: str) -> KeyRecord:
         key_hash = await self._call(self._redis.hget(_IDS, key_id)) if key_id else None
@@ -177,7 +232,8 @@ class KeyStore:
             pipe.hset(_IDS, record.key_id, record.key_hash)
         await self._call(pipe.execute())
         for record in records:
-            self._cache.pop(record.key_hash, None)
+            self._found.pop(record.key_hash, None)
+            self._absent.pop(record.key_hash, None)
 
     async def create(
         self,

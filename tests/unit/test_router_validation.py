@@ -6,7 +6,7 @@ from meshgate.config import LimitSettings, ModelSettings, RouterSettings, Tenant
 from meshgate.errors import MeshgateError
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.auth import Authenticator, Tenant
-from services.router.keys import KeyRecord
+from services.router.keys import KeyRecord, new_secret
 from services.router.validation import check_turn, resolve_model
 
 MODEL = ModelSettings(max_output_tokens=100, default_max_tokens=10)
@@ -140,11 +140,13 @@ def stored(secret: str, **fields) -> KeyRecord:
 
 async def test_stored_keys_authenticate_after_configured_ones_and_refuse_when_revoked_or_expired():
     tenant_limits = LimitSettings(requests_per_minute=100)
+    # Stored keys are only ever the AdminService's secrets, in their shape.
+    live, revoked, expired, later = (new_secret() for _ in range(4))
     keys = FakeKeys(
-        stored("live"),
-        stored("revoked", revoked_at=FakeKeys.NOW - 1),
-        stored("expired", expires_at=FakeKeys.NOW - 1),
-        stored("later", expires_at=FakeKeys.NOW + 60),
+        stored(live),
+        stored(revoked, revoked_at=FakeKeys.NOW - 1),
+        stored(expired, expires_at=FakeKeys.NOW - 1),
+        stored(later, expires_at=FakeKeys.NOW + 60),
     )
     auth = Authenticator(
         RouterSettings(
@@ -158,21 +160,49 @@ async def test_stored_keys_authenticate_after_configured_ones_and_refuse_when_re
     def bearer(key):
         return [("authorization", f"Bearer {key}")]
 
-    tenant = await auth.authenticate(bearer("live"))
+    tenant = await auth.authenticate(bearer(live))
     # The stored key's own models and limits, under its tenant's configured limits.
-    assert (tenant.id, tenant.models, tenant.key_id) == ("acme", frozenset({"a"}), hash_api_key("live")[:16])
+    assert (tenant.id, tenant.models, tenant.key_id) == ("acme", frozenset({"a"}), hash_api_key(live)[:16])
     assert tenant.limits == tenant_limits and tenant.key_limits.concurrent_streams == 2
-    assert (await auth.authenticate(bearer("later"))).id == "acme"
+    assert (await auth.authenticate(bearer(later))).id == "acme"
     assert (await auth.authenticate(bearer("file"))).id == "acme"
     unauthenticated = grpc.StatusCode.UNAUTHENTICATED
-    assert await refusal_of(auth.authenticate(bearer("revoked"))) == (unauthenticated, "API_KEY_REVOKED")
-    assert await refusal_of(auth.authenticate(bearer("expired"))) == (unauthenticated, "API_KEY_EXPIRED")
+    assert await refusal_of(auth.authenticate(bearer(revoked))) == (unauthenticated, "API_KEY_REVOKED")
+    assert await refusal_of(auth.authenticate(bearer(expired))) == (unauthenticated, "API_KEY_EXPIRED")
     # The admin credential: admin calls only, and no tenant's turns.
     assert await auth.authenticate_caller(bearer("root")) is None
     await auth.authenticate_admin(bearer("root"))
     assert await refusal_of(auth.authenticate(bearer("root"))) == (unauthenticated, "API_KEY_INVALID")
     denied = grpc.StatusCode.PERMISSION_DENIED
-    assert await refusal_of(auth.authenticate_admin(bearer("live"))) == (denied, "ADMIN_REQUIRED")
+    assert await refusal_of(auth.authenticate_admin(bearer(live))) == (denied, "ADMIN_REQUIRED")
+
+
+async def test_a_key_not_shaped_as_a_stored_secret_is_refused_without_a_lookup():
+    """A made-up key costs no Redis call: only well-shaped secrets are looked up."""
+    lookups = []
+
+    class CountingKeys(FakeKeys):
+        async def lookup(self, key_hash):
+            lookups.append(key_hash)
+            return await super().lookup(key_hash)
+
+    live = new_secret()
+    auth = Authenticator(RouterSettings(dev_tenant=False), CountingKeys(stored(live)))
+    not_stored = ["wrong", live[:-1], live + "x", live.replace("mgk-", "mgx-"), "mgk-" + "!" * 43]
+    for key in not_stored:
+        assert await refusal_of(auth.authenticate([("authorization", f"Bearer {key}")])) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "API_KEY_INVALID",
+        ), key
+    assert lookups == []
+    # A well-shaped one is looked up, found or not.
+    assert (await auth.authenticate([("authorization", f"Bearer {live}")])).id == "acme"
+    absent = new_secret()
+    assert await refusal_of(auth.authenticate([("authorization", f"Bearer {absent}")])) == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        "API_KEY_INVALID",
+    )
+    assert lookups == [hash_api_key(live), hash_api_key(absent)]
 
 
 async def test_a_reload_swaps_the_configured_keys():
