@@ -21,6 +21,7 @@ import grpc
 from meshgate import mesh_auth, metrics, serving
 from meshgate.config import MeshSettings
 from meshgate.local import certs
+from services.router.servicer import ADMITTED_METADATA
 
 
 @functools.cache
@@ -137,6 +138,17 @@ def router_channel(address: str, service: str, settings: MeshSettings | None = N
         options=[*serving.CHANNEL_OPTIONS, *security.channel_options],
         interceptors=interceptors,
     )
+
+
+async def chat_session_admitted(stream: grpc.aio.StreamStreamCall, timeout_s: float = 10.0) -> bool:
+    """Whether the router admitted the ChatSession ``stream``, learnt as its
+    clients should before their first write (services/router/servicer.py
+    ADMITTED_METADATA): False for a stream refused at open, which must then
+    not be written to; reading it raises the router's status. Within
+    ``timeout_s``, since the router sends an admitted stream's initial
+    metadata at once, before any turn."""
+    initial = await asyncio.wait_for(stream.initial_metadata(), timeout_s)
+    return set(ADMITTED_METADATA) <= set(initial)
 
 
 async def held_back(release: asyncio.Event, message: bytes = b""):

@@ -53,6 +53,17 @@ def completion_proto(completion: Completion) -> pb.ChatCompletion:
 
 # Metadata a ChatSession stream may open with: the session it continues.
 SESSION_METADATA_KEY = "meshgate-session-id"
+# The initial metadata of a ChatSession stream the router admitted, sent at
+# once. A stream refused at open (API key, SERVICE_BUSY, its tenant's
+# streams) gets none: its status comes trailers-only, whose initial metadata
+# is empty. So a client that awaits the initial metadata before its first
+# write, and writes only where this is in it, never writes to a call the
+# router has ended: such a write makes grpc.aio report a local INTERNAL
+# ("Internal error from Core") in place of the router's status
+# (grpc/grpc#36066). A marker, not the metadata's arrival alone: whether
+# grpc.aio has the call done by the time a trailers-only response's empty
+# initial metadata is returned is up to its event loop's ordering.
+ADMITTED_METADATA = (("meshgate-admitted", "1"),)
 
 
 class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
@@ -144,6 +155,9 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         session_id = next((value for key, value in metadata if key == SESSION_METADATA_KEY), "")
         if session_id:
             self._pipeline.warm_session(tenant, session_id)
+        # Admitted: the client learns it now, not with the first answer, so
+        # it can wait for this before writing a turn (ADMITTED_METADATA).
+        await context.send_initial_metadata(ADMITTED_METADATA)
         async for request in request_iterator:
             session_id = request.session_id or session_id
             # A failed turn is reported in the stream, which stays open: ending

@@ -7,11 +7,13 @@ router.max_session_streams_per_tenant: one tenant's streams past its cap are
 refused at open with TOO_MANY_SESSION_STREAMS, another tenant's are not, and
 a stream cancelled, or whose client went away, frees its slot. Calls
 without a valid key are refused before their requests are read and take no
-place under the bound."""
+place under the bound. A ChatSession client learns whether its stream was
+admitted before its first write, so it always reads a refusal's status."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 
 import grpc
@@ -25,7 +27,7 @@ from meshgate.router.v1 import admin_service_pb2 as admin_pb
 from meshgate.router.v1 import admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as pb
 from tests.integration.conftest import running_router
-from tests.mesh import CALL_TIMEOUT_S, bounded_channel, held_back, mesh_settings
+from tests.mesh import CALL_TIMEOUT_S, bounded_channel, chat_session_admitted, held_back, mesh_settings
 
 pytestmark = pytest.mark.integration
 
@@ -191,14 +193,29 @@ async def test_calls_without_a_valid_key_take_no_place_and_are_refused_before_th
 
 
 async def admitted(stream) -> pb.ChatSessionResponse | grpc.aio.AioRpcError:
-    """A turn with no messages on ``stream``: an admitted stream answers it
-    with a failure in the stream (it stays open); a refused one has ended
-    with its status."""
+    """A turn with no messages on ``stream``, written only once the router
+    has admitted it (tests/mesh.py chat_session_admitted): an admitted stream
+    answers it with a failure in the stream (it stays open); a refused one
+    is only read, for the status it ended with."""
     try:
-        await stream.write(pb.ChatSessionRequest())
+        if await chat_session_admitted(stream):
+            await stream.write(pb.ChatSessionRequest())
         return await stream.read()
     except grpc.aio.AioRpcError as error:
         return error
+
+
+async def until_admitted(router) -> grpc.aio.StreamStreamCall:
+    """A stream of AUTH's tenant admitted, once the streams it held have
+    been counted out (within 5 s)."""
+    for _ in range(200):
+        stream = open_stream(router, AUTH)
+        answer = await admitted(stream)
+        if isinstance(answer, pb.ChatSessionResponse):
+            return stream
+        assert error_info(answer).reason == Reason.TOO_MANY_SESSION_STREAMS
+        await asyncio.sleep(0.025)
+    raise AssertionError("no slot was freed")
 
 
 async def test_a_tenant_past_its_session_streams_is_refused_at_open_and_a_stream_ended_frees_its_slot(
@@ -227,21 +244,35 @@ async def test_a_tenant_past_its_session_streams_is_refused_at_open_and_a_stream
     for stream in others:
         assert (await admitted(stream)).failure
 
-    async def until_admitted() -> grpc.aio.StreamStreamCall:
-        for _ in range(200):
-            stream = open_stream(router, AUTH)
-            answer = await admitted(stream)
-            if isinstance(answer, pb.ChatSessionResponse):
-                return stream
-            assert error_info(answer).reason == Reason.TOO_MANY_SESSION_STREAMS
-            await asyncio.sleep(0.025)
-        raise AssertionError("no slot was freed")
-
     # A cancelled stream frees its slot, and a client gone away frees its own.
     held[0].cancel()
-    held[0] = await until_admitted()
+    held[0] = await until_admitted(router)
     await own_channel.close()
-    held[-1] = await until_admitted()
+    held[-1] = await until_admitted(router)
     assert isinstance(await admitted(open_stream(router, AUTH)), grpc.aio.AioRpcError)
     for stream in held + others:
+        stream.cancel()
+
+
+async def test_a_client_that_awaits_admission_before_writing_always_reads_the_refusal(capped_router) -> None:
+    """The router tells an admitted stream so before any turn is written,
+    and a refused one nothing (trailers-only): a client that waits for that
+    before its first write never writes to a call already ended, which
+    grpc.aio would report as its own INTERNAL in place of the router's
+    status (grpc/grpc#36066). Without the signal, an admitted stream's
+    initial metadata would come with its first answer, after a turn: the
+    wait for it before writing one times out (chat_session_admitted)."""
+    router, _ = capped_router
+    held = [await until_admitted(router) for _ in range(STREAMS_CAP)]
+    refusals = collections.Counter()
+    for _ in range(50):
+        for metadata in (AUTH, (("authorization", "Bearer not-a-key"),)):
+            refused = await admitted(open_stream(router, metadata))
+            assert isinstance(refused, grpc.aio.AioRpcError), refused
+            refusals[refused.code(), error_info(refused).reason] += 1
+    assert refusals == {
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_SESSION_STREAMS): 50,
+        (grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_INVALID): 50,
+    }
+    for stream in held:
         stream.cancel()

@@ -17,7 +17,7 @@ from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router import app as router_app
-from tests.mesh import CALL_TIMEOUT_S, bounded_channel, mesh_settings
+from tests.mesh import CALL_TIMEOUT_S, bounded_channel, chat_session_admitted, mesh_settings
 
 KEY = "reload-call-bound-key"
 AUTH = (("authorization", f"Bearer {KEY}"),)
@@ -56,8 +56,10 @@ async def router(settings: Settings):
 
 
 async def held_stream(stub, metadata=AUTH) -> grpc.aio.StreamStreamCall:
-    """A ChatSession stream, admitted (it answered a turn with no model in the stream)."""
+    """A ChatSession stream, admitted (it said so before its first turn,
+    and answered a turn with no model in the stream)."""
     stream = stub.ChatSession(metadata=metadata, timeout=CALL_TIMEOUT_S)
+    assert await chat_session_admitted(stream), await stream.code()
     await stream.write(pb.ChatSessionRequest())
     assert (await stream.read()).failure
     return stream

@@ -33,7 +33,7 @@ from services.router.auth import Authenticator, CallerGate
 from services.router.keys import KeyStore
 from services.router.ledger import METRICS
 from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Hit, Pipeline
-from services.router.servicer import RouterServicer, add_to_server
+from services.router.servicer import ADMITTED_METADATA, RouterServicer, add_to_server
 from tests.mesh import bounded_channel, held_back, rpc_outcomes
 from tests.unit.test_router_pipeline import FakeCache, FakeContexts, FakeGenerator, request, user
 
@@ -42,6 +42,20 @@ NARROW_KEY = "narrow-key"
 ADMIN_KEY = "admin-key"
 AUTH = (("authorization", f"Bearer {KEY}"),)
 SERVICE = pb.DESCRIPTOR.services_by_name["RouterService"]
+
+
+class _AioContext:
+    """grpc_testing's servicer context with grpc.aio's awaitable
+    send_initial_metadata."""
+
+    def __init__(self, context) -> None:
+        self._context = context
+
+    async def send_initial_metadata(self, metadata) -> None:
+        self._context.send_initial_metadata(metadata)
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
 
 
 class _AsyncBridge:
@@ -95,7 +109,7 @@ class _AsyncBridge:
                 self._end_with(error, context)
                 return iter(()) if SERVICE.methods_by_name[name].server_streaming else None
             arguments = request if hasattr(request, "DESCRIPTOR") else self._requests(request)
-            result = handler(arguments, context)
+            result = handler(arguments, _AioContext(context))
             if hasattr(result, "__anext__"):
                 return self._stream(result, context, admitted)
             try:
@@ -229,6 +243,17 @@ def test_chat_sends_the_last_piece_on_the_completion_only_to_a_client_that_reads
         assert [r.delta.text for r in responses[:-1]] == deltas
         assert responses[-1].completion.text == carried
         assert responses[-1].completion.finish_reason == "length"
+
+
+def test_chat_session_tells_its_client_it_was_admitted_without_waiting_for_a_turn(loop):
+    """The marker a client awaits before its first write (ADMITTED_METADATA):
+    sent whether or not a turn ever comes, not with the first answer."""
+    server = served(loop)
+    rpc = server.invoke_stream_stream(SERVICE.methods_by_name["ChatSession"], AUTH, 10)
+    rpc.requests_closed()
+    _, code, _ = rpc.termination()
+    assert code == grpc.StatusCode.OK
+    assert set(ADMITTED_METADATA) <= set(rpc.initial_metadata())
 
 
 def test_chat_session_carries_the_last_piece_only_on_the_turns_that_ask(loop):

@@ -83,6 +83,15 @@ class RouterServiceServicer:
         current session. A stream opened with `meshgate-session-id: <id>`
         metadata starts in that session, which is read into memory at once, so
         that the first turn's prompt is assembled without waiting on storage.
+        A stream the router admits (its API key, the replica's bound on calls
+        and the tenant's on open streams passed) gets its initial metadata at
+        once, before any turn, with `meshgate-admitted: 1`; one refused at open
+        gets its status alone (trailers-only). A client that needs the refusal's
+        status awaits the initial metadata before its first write and writes
+        only where it holds `meshgate-admitted`; else it reads the call's
+        status. A write to a call the router has ended makes grpc-python's
+        asyncio client report its own INTERNAL ("Internal error from Core") in
+        place of the router's status and ErrorInfo (grpc/grpc#36066).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
