@@ -29,13 +29,17 @@ is on). None of the others gains at 1k and 2k on both splits
 (bench/README.md, "Names the conversation never uses"), so the service uses
 none of them; they live here so that the table can be re-run
 (``context_beam.py --selection-ideas`` prints the selection ideas on BEAM-100k).
-Last, term expansion through the session's own words (:func:`expansion_ideas`,
+Then term expansion through the session's own words (:func:`expansion_ideas`,
 issue 8's instance questions: "hobbies" against turns that say "skiing"): no
 variant gains on both splits at 1k and 2k either (bench/README.md, "Term
 expansion through the session's own words"), so it is not in the service.
+Last, :data:`TWELFTH_SESSION_IDEAS`: a turn holding the kind of thing the
+question's form asks for (a place, a title, a time), entity chaining from the
+best turns, BM25's k1; none gains on both splits at 1k and 2k (bench/README.md,
+"Answer kinds, entity chaining, BM25's k1").
 
     .venv/bin/python bench/context_bench.py --offline   # once: caches the vectors
-    .venv/bin/python bench/context_misses.py [--ideas]  # 5 s [65 s, under the bench lock]
+    .venv/bin/python bench/context_misses.py [--ideas]  # 5 s [65 s under the bench lock; 5 min, fresh cache]
 """
 
 from __future__ import annotations
@@ -83,6 +87,8 @@ class Conversation:
     rows: np.ndarray  # unit rows, as the index stores them
     terms: list[collections.Counter[str]]  # each turn's index terms (for keyword feedback)
     questions: list[Question]
+    # The turns' texts, for ideas that would index something new at append (answer kinds).
+    texts: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -167,7 +173,8 @@ def prepared() -> dict[str, Conversation]:
             )
         ]
         terms = [relevance.index_terms(m.content) for m in turns]
-        out[name] = Conversation(session_costs(turns), postings, lengths, rows, terms, items)
+        texts = [m.content for m in turns]
+        out[name] = Conversation(session_costs(turns), postings, lengths, rows, terms, items, texts)
     return out
 
 
@@ -859,6 +866,170 @@ def expansion_ideas(space: TermVectors) -> tuple:
     )
 
 
+# --- answer kinds and entity chaining (2026-12-02, twelfth session) ------------------------------
+# Two ideas for the misses that no earlier row measured, and BM25's k1 (its b was tried, bench/
+# README.md "Participant names are not topics"); none gains (bench/README.md, "Answer kinds, entity
+# chaining, BM25's k1"). (1) The question's form says
+# what kind of thing answers it ("where", "which cities" -> a place; "what movies" -> a title;
+# "when", "how long" -> a time): a turn that holds such a thing is likelier to answer. Each turn's
+# kinds (:func:`answer_kinds`) would be computed at append from its text. (2) Multi-hop chaining:
+# the names the best turns mention, other than the question's, lead to the turns that say more
+# about them, if those also match the question's words (:func:`entity_chaining`).
+
+# Question forms and the kind of answer they ask for. A "what / which" question is read by its
+# first word after "what / which" (its head noun, mostly: "What movies ...", "Which country ...").
+_PLACE_HEAD_LIST = """
+city cities country countries place places destination destinations location locations state states
+restaurant restaurants bar bars gallery galleries museum museums town towns
+"""
+_PLACE_HEADS = frozenset(_PLACE_HEAD_LIST.split())
+_TITLE_HEAD_LIST = """
+movie movies film films book books tv show shows series song songs band bands game games anime sitcom
+famous company companies youtube club clubs brand brands artist artists
+"""
+_TITLE_HEADS = frozenset(_TITLE_HEAD_LIST.split())
+_ASKS_WHAT_OR_WHICH = re.compile(r"\s*(?:what|which)\s+(\w+)", re.IGNORECASE)
+_ASKS_WHEN = re.compile(
+    r"\s*(?:when\b|since when\b|how long\b|how often\b|what (?:time|year|date|day|month)\b)", re.I
+)
+_ASKS_WHERE = re.compile(r"\s*(?:where|in which|to which|from which)\b", re.IGNORECASE)
+
+
+def asked_kind(question: str) -> str | None:
+    """The kind of thing the question's form asks for: "place", "title" or
+    "time"; None for the rest ("what are ...", "how does ...", yes / no)."""
+    if _ASKS_WHEN.match(question):
+        return "time"
+    if _ASKS_WHERE.match(question):
+        return "place"
+    head = _ASKS_WHAT_OR_WHICH.match(question)
+    if head:
+        word = head.group(1).lower()
+        if word in _PLACE_HEADS:
+            return "place"
+        if word in _TITLE_HEADS:
+            return "title"
+    return None
+
+
+# A sentence starts after its end mark (or the turn's start): its first word's capital says nothing.
+_SENTENCE_START = re.compile(r"(?:^|[.!?]\s+|\n\s*)$")
+_QUOTED = re.compile(r"[\"“][^\"”]{2,60}[\"”]")
+_DURATION_UNIT_LIST = (
+    "second seconds minute minutes hour hours day days week weeks month months year years ago"
+)
+_DURATION_UNITS = frozenset(_DURATION_UNIT_LIST.split())
+_TIME_WORDS = relevance._TIME_WORDS  # months, weekdays, today, yesterday, weekend, ...
+
+
+def answer_kinds(text: str) -> dict[str, int]:
+    """How many things of each kind a turn holds: "name" (a capitalized
+    word not starting a sentence, not "I" or a time word; or a quoted
+    title), for place and title questions alike, as a turn cannot tell a
+    city from a film by capitals; "time" (a number, a month, weekday or
+    relative day, a duration unit)."""
+    names = len(_QUOTED.findall(text))
+    times = 0
+    for match in relevance.INDEX_WORD.finditer(text.replace("’", "'")):
+        word = match.group()
+        lower = relevance._POSSESSIVE.sub("", word).lower()
+        if word[0].isdigit() or lower in _TIME_WORDS or lower in _DURATION_UNITS:
+            times += 1
+        elif (
+            word[0].isupper()
+            and lower not in relevance.STOP_WORDS
+            and not _SENTENCE_START.search(text[: match.start()])
+        ):
+            names += 1
+    return {"name": names, "time": times}
+
+
+# The turn kind that answers each question kind.
+_ANSWERED_BY = {"place": "name", "title": "name", "time": "time"}
+
+
+def answer_kind_signal(weight: float, counted: bool = False, kinds=("place", "title", "time")):
+    """The service's ranking plus ``weight`` for each turn holding a thing
+    of the kind the question asks for (:func:`asked_kind`, of ``kinds``):
+    1 if it holds one (or, ``counted``, the number of them scaled as the
+    other signals), before the stretches; other questions unchanged."""
+    cache: dict[int, dict[str, np.ndarray]] = {}
+
+    def extra(c: Conversation, q: Question, score: np.ndarray) -> np.ndarray | float:
+        kind = asked_kind(q.text)
+        if kind not in kinds:
+            return 0.0
+        if id(c) not in cache:
+            per_turn = [answer_kinds(t) for t in c.texts]
+            cache[id(c)] = {k: np.array([p[k] for p in per_turn], np.float64) for k in ("name", "time")}
+        held = cache[id(c)][_ANSWERED_BY[kind]]
+        return weight * (relevance.scaled(held) if counted else (held > 0))
+
+    return spans_after(extra)
+
+
+def entity_chaining(weight: float, seeds: int = 10, with_keywords: bool = False):
+    """Multi-hop by the names the best turns mention: the entities (and,
+    ``with_keywords``, the keywords) of the service's ``seeds`` best turns
+    (before the stretches) that the question does not have, and that few
+    turns use (at most 2% of the session's, 3 at least: a topic, not a
+    greeting), make a second BM25 query; a turn gains ``weight`` x its
+    share of that query's best only if it also matches one of the
+    question's own keywords or entities: a chain from the question through
+    a found turn, not a drift toward the found turns' topic (the keyword
+    feedback row's)."""
+
+    def extra(c: Conversation, q: Question, score: np.ndarray) -> np.ndarray | float:
+        n = len(c.lengths)
+        names = relevance.participant_names(q.terms, c.postings, c.costs.roles)
+        spelled = names | {relevance.stem(t[len(relevance.ENTITY_MARK) :]) for t in names}
+        asked = [t for t in q.terms if t not in spelled]
+        matches_question = relevance.bm25(asked, c.postings, c.lengths) > 0
+        best = np.argpartition(-score, seeds - 1)[:seeds]
+        rare = max(3, int(0.02 * n))
+        bridges = set()
+        for i in best:
+            for term in c.terms[i]:
+                entity = term.startswith(relevance.ENTITY_MARK)
+                word = term[len(relevance.ENTITY_MARK) :] if entity else term
+                if (
+                    (entity or with_keywords)
+                    and term not in q.terms
+                    and term not in spelled
+                    and not word[:1].isdigit()
+                    and word not in _TIME_WORDS
+                    and len(c.postings.get(term, ())) <= rare
+                ):
+                    bridges.add(term)
+        if not bridges:
+            return 0.0
+        chained = relevance.bm25(bridges, c.postings, c.lengths) * matches_question
+        return weight * relevance.scaled(chained)
+
+    return spans_after(extra)
+
+
+TWELFTH_SESSION_IDEAS = (
+    *(
+        (f"answer kind: a turn holding what the question's form asks for, +{w}", answer_kind_signal(w))
+        for w in (0.1, 0.2, 0.3)
+    ),
+    *(
+        (
+            f"entity chaining: the 10 best turns' rare entities, turns matching the question too, {w}",
+            entity_chaining(w),
+        )
+        for w in (0.2, 0.5)
+    ),
+    (
+        "entity chaining: the 10 best turns' rare entities and keywords, turns matching the question"
+        " too, 0.2",
+        entity_chaining(0.2, with_keywords=True),
+    ),
+    *((f"BM25 k1 {k1} (the service's 1.2)", with_weights(bm25_k1=k1)) for k1 in (0.6, 2.0)),
+)
+
+
 def ideas(data: dict[str, Conversation]) -> list[str]:
     base = kept_by_conversation(data, service_scores)
     out = [
@@ -934,6 +1105,8 @@ def ideas(data: dict[str, Conversation]) -> list[str]:
         cached_word_vectors("realtalk_term_vectors"),
     )
     for label, rank in expansion_ideas(space):
+        row(label, kept_by_conversation(data, rank))
+    for label, rank in TWELFTH_SESSION_IDEAS:
         row(label, kept_by_conversation(data, rank))
     return out
 
