@@ -72,6 +72,12 @@ def test_the_committed_ranker_is_what_the_training_script_makes() -> None:
     made = training.build_model()
     committed = json.loads(context_ranker.MODEL_PATH.read_text())
     assert made["features"] == committed["features"] and made["trained_on"] == committed["trained_on"]
-    for part in ("mean", "scale", "weights"):
-        # Rounded to 6 decimals when written; another BLAS may differ in the last.
-        assert made[part] == pytest.approx(committed[part], abs=2e-6), part
+    # Rounded to 6 decimals when written; another BLAS, or the cached vectors
+    # of another machine's CPU (Triton's minilm embeds them), move them a
+    # little: on a fresh machine a feature mean read 0.098502 against the
+    # committed 0.098500, and the fitted weights up to 0.3% (5e-4) apart.
+    # A model trained on other features, labels or settings moves them far
+    # more.
+    tolerance = {"mean": {"abs": 1e-5}, "scale": {"abs": 1e-5}, "weights": {"rel": 0.01, "abs": 1e-3}}
+    for part, bound in tolerance.items():
+        assert made[part] == pytest.approx(committed[part], **bound), part
