@@ -314,31 +314,46 @@ class RouterSettings:
     listen: str = "127.0.0.1:50051"
     # Prometheus metrics endpoint (meshgate/metrics.py); "" for none.
     metrics_listen: str = "127.0.0.1:50061"
-    # The most gRPC calls this replica handles at once (0: no bound, the
-    # default); one more is refused with RESOURCE_EXHAUSTED / SERVICE_BUSY
-    # before its request is read (meshgate/serving.py), since each may carry
-    # 32 MiB. A call is counted only once its API key is checked, itself
-    # before the request is read (services/router/auth.py CallerGate): a
-    # caller without a valid key is refused at once and holds no place.
-    # Still no bound by default, because one valid key could fill it: each
-    # call it opens holds a place until it ends, however idle (a ChatSession
-    # stream, or a Chat whose message it never sends, held until the call's
-    # deadline); max_session_streams_per_tenant caps a tenant's streams but
-    # nothing caps its unary calls, and revoking the key refuses its new
-    # calls (within a second) but does not end the calls already in.
+    # The most gRPC calls this replica handles at once; one more is refused
+    # with RESOURCE_EXHAUSTED / SERVICE_BUSY before its request is read
+    # (meshgate/serving.py), since each may carry 32 MiB. A call is counted
+    # only once its API key is checked, itself before the request is read
+    # (services/router/auth.py CallerGate): a caller without a valid key is
+    # refused at once and holds no place. A caller with one holds a place
+    # per call, however idle (a ChatSession stream while open, a Chat whose
+    # message never comes until the call's deadline), and revoking its key
+    # refuses its new calls (within a second) but does not end those in:
+    # max_concurrent_rpcs_per_tenant is what keeps one key from holding them
+    # all, and must be above 0 and below this bound where it is set (as
+    # must max_session_streams_per_tenant). 4,096: eight tenants at their
+    # cap of 512. At the capacity model's peak (docs/capacity.md) a replica
+    # serves ~17 turns a second (694 / 41), ~170 in flight even if each
+    # took 10 s; the rest is room for idle streams, 16 tenants' 256 each.
+    # Raise it where more tenants hold many streams each.
     # Connections and calls per client belong to the load balancer in
-    # front. Where a bound is set, max_session_streams_per_tenant must be
-    # above 0 and below it.
-    # AdminService calls are never counted (the operator can still revoke a
-    # key), nor the HTTP edge's requests (no gRPC call).
-    max_concurrent_rpcs: int = 0
+    # front. AdminService calls are never counted (the operator can still
+    # revoke a key), nor the HTTP edge's requests (no gRPC call). 0: no
+    # bound.
+    max_concurrent_rpcs: int = 4096
+    # The most RouterService calls one tenant has in flight on this replica,
+    # streams included (each holds a place under max_concurrent_rpcs as a
+    # unary call does, so counting both is what keeps one tenant below
+    # that bound); one more is refused before its request is read with
+    # RESOURCE_EXHAUSTED / TOO_MANY_CALLS_IN_FLIGHT
+    # (services/router/admission.py TenantCalls). The admin credential's
+    # calls are never counted. 512: the capacity model's whole peak through
+    # one tenant, ~170 calls in flight a replica (above), beside the 256
+    # idle streams it may hold. 0: no cap (only where max_concurrent_rpcs
+    # is 0).
+    max_concurrent_rpcs_per_tenant: int = 512
     # The most ChatSession streams one tenant holds open on this replica; one
     # more is refused at open with RESOURCE_EXHAUSTED /
     # TOO_MANY_SESSION_STREAMS (services/router/admission.py SessionStreams).
     # An open stream costs its tenant nothing until it sends a turn, so
-    # without this cap one key could hold as many as it likes (all of
-    # max_concurrent_rpcs where one is set: hence the cap must then be above
-    # 0 and below it).
+    # without this cap one key's idle streams could take all of its
+    # max_concurrent_rpcs_per_tenant (each stream is also one of its calls).
+    # Where max_concurrent_rpcs is set, it must be above 0 and below it, as
+    # max_concurrent_rpcs_per_tenant must; at or above that cap it never binds.
     # 256 keeps one client application 256 conversations open per replica
     # (times the replicas behind the balancer). Raise it where tenants need
     # more. 0: no cap.
@@ -407,21 +422,20 @@ class RouterSettings:
 
     def __post_init__(self) -> None:
         _check_max_concurrent_rpcs("router", self.max_concurrent_rpcs)
-        if self.max_session_streams_per_tenant < 0:
-            raise ConfigError(
-                "router.max_session_streams_per_tenant must not be negative (0: no cap), "
-                f"got {self.max_session_streams_per_tenant}"
-            )
-        # Refused, not warned: with the cap off or at the bound, one key's
-        # idle streams can hold every place of the replica, locking out the
-        # tenants the bound was set to protect.
-        streams_cap, bound = self.max_session_streams_per_tenant, self.max_concurrent_rpcs
-        if bound and not 0 < streams_cap < bound:
-            raise ConfigError(
-                "router.max_session_streams_per_tenant must be above 0 and below "
-                f"router.max_concurrent_rpcs ({bound}) when that is set, or one tenant's "
-                f"streams can fill the replica; got {streams_cap}"
-            )
+        # Refused, not warned: with a per-tenant cap off or at the bound, one
+        # key's idle calls can hold every place of the replica, locking out
+        # the tenants the bound was set to protect.
+        bound = self.max_concurrent_rpcs
+        for name in ("max_concurrent_rpcs_per_tenant", "max_session_streams_per_tenant"):
+            cap = getattr(self, name)
+            if cap < 0:
+                raise ConfigError(f"router.{name} must not be negative (0: no cap), got {cap}")
+            if bound and not 0 < cap < bound:
+                raise ConfigError(
+                    f"router.{name} must be above 0 and below router.max_concurrent_rpcs "
+                    f"({bound}) when that is set, or one tenant's calls can fill the replica; "
+                    f"got {cap}"
+                )
         versions = [(template.name, template.version) for template in self.templates]
         if len(set(versions)) != len(versions):
             raise ConfigError("router.templates: a name and version appear twice")

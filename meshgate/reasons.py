@@ -257,6 +257,11 @@ class Reason(enum.StrEnum):
     (``router.max_session_streams_per_tenant``; metadata ``limit``, ``scope`` tenant,
     ``limit_value``): one must close first."""
 
+    TOO_MANY_CALLS_IN_FLIGHT = enum.auto()
+    """The tenant has its most RouterService calls in flight on this router replica, its
+    open streams included (``router.max_concurrent_rpcs_per_tenant``; metadata ``limit``,
+    ``scope`` tenant, ``limit_value``), refused before the request is read: one must end first."""
+
     LIMITS_UNAVAILABLE = enum.auto()
     """UNAVAILABLE: Redis is unreachable and a limit that applies is configured to fail closed."""
 

@@ -721,46 +721,49 @@ class TurnAdmission:
             await self._ledger.drain()
 
 
-class SessionStreams:
-    """The ChatSession streams each tenant holds open on this replica, at
-    most ``router.max_session_streams_per_tenant`` (0: no cap). In this
-    replica's memory, not Redis like the limits above: an open stream is
-    charged no turn until it sends one, so this is what bounds the idle
-    streams one key holds (and, where ``router.max_concurrent_rpcs`` is set,
-    keeps one tenant's streams from holding all of it: the settings refuse a
-    cap not below that bound; its unary calls are not capped here, and
-    several tenants' streams together can still fill the bound)."""
+class _TenantHolds:
+    """What each tenant holds on this replica for as long as a gRPC call of
+    its runs, at most ``cap`` per tenant (0: no cap); one more is refused
+    with RESOURCE_EXHAUSTED, the subclass's reason and a QuotaFailure
+    (metadata ``limit``, ``scope`` tenant, ``limit_value``). In this
+    replica's memory, not Redis like the limits above: what it counts is
+    this replica's calls, and ends with them."""
+
+    # The setting that caps it, the reason a refusal carries, and that
+    # refusal's message (``{cap}``: the cap).
+    _LIMIT: str
+    _REASON: Reason
+    _REFUSAL: str
 
     def __init__(self, cap: int) -> None:
         self._cap = cap
-        # Only tenants with a stream open: a tenant whose last one ends is removed.
+        # Only tenants holding one: a tenant whose last one ends is removed.
         self._open: dict[str, int] = {}
 
     def reconfigure(self, cap: int) -> None:
-        """A new cap (a reload) applies to streams opened from now on."""
+        """A new cap (a reload) applies to what is opened from now on; what
+        is held already still counts."""
         self._cap = cap
 
     def open(self, tenant_id: str, call: asyncio.Task) -> None:
-        """Counts a stream of ``tenant_id`` in, until ``call`` (the task gRPC
-        runs the stream in) is done, however it ends: answered, failed, or
-        cancelled by its caller. Refuses it past the cap with
-        RESOURCE_EXHAUSTED / TOO_MANY_SESSION_STREAMS."""
+        """Counts one of ``tenant_id`` in, until ``call`` (the task gRPC runs
+        the call in) is done, however it ends: answered, failed, or
+        cancelled (its caller cancelled or went away, its deadline passed).
+        Refuses it past the cap."""
         if not self._cap:
             return
         held = self._open.get(tenant_id, 0)
         if held >= self._cap:
             raise _refusal(
-                "tenant", tenant_id, "max_session_streams_per_tenant", self._cap, None,
-                Reason.TOO_MANY_SESSION_STREAMS,
-                f"the tenant holds its most ChatSession streams open on this replica ({self._cap}); "
-                "close one first",
+                "tenant", tenant_id, self._LIMIT, self._cap, None, self._REASON,
+                self._REFUSAL.format(cap=self._cap),
             )  # fmt: skip
         self._open[tenant_id] = held + 1
         call.add_done_callback(functools.partial(self._closed, tenant_id))
 
     def held(self, tenant_id: str) -> int:
-        """The streams ``tenant_id`` holds open: for the tests to read (the
-        router itself needs only open's refusal)."""
+        """What ``tenant_id`` holds: for the tests to read (the router itself
+        needs only open's refusal)."""
         return self._open.get(tenant_id, 0)
 
     def _closed(self, tenant_id: str, call: asyncio.Task) -> None:
@@ -769,3 +772,31 @@ class SessionStreams:
             self._open[tenant_id] = left
         else:
             del self._open[tenant_id]
+
+
+class SessionStreams(_TenantHolds):
+    """The ChatSession streams each tenant holds open on this replica, at
+    most ``router.max_session_streams_per_tenant``; one more is refused at
+    open with TOO_MANY_SESSION_STREAMS. An open stream is charged no turn
+    until it sends one, so this is what bounds the idle streams one key
+    holds. Each stream is also one of its tenant's calls (TenantCalls)."""
+
+    _LIMIT = "max_session_streams_per_tenant"
+    _REASON = Reason.TOO_MANY_SESSION_STREAMS
+    _REFUSAL = "the tenant holds its most ChatSession streams open on this replica ({cap}); close one first"
+
+
+class TenantCalls(_TenantHolds):
+    """The gRPC calls of the RouterService each tenant has in flight on this
+    replica, streams included, at most
+    ``router.max_concurrent_rpcs_per_tenant``; one more is refused before
+    its request is read with TOO_MANY_CALLS_IN_FLIGHT (services/router/auth.py
+    CallerGate counts a call in once its key is checked). Below
+    ``router.max_concurrent_rpcs`` (the settings refuse a cap not below it),
+    so one key cannot hold every place of the replica: a call holds its
+    place however idle, a Chat whose message never comes until its
+    deadline. The admin credential's calls are never counted."""
+
+    _LIMIT = "max_concurrent_rpcs_per_tenant"
+    _REASON = Reason.TOO_MANY_CALLS_IN_FLIGHT
+    _REFUSAL = "the tenant has its most gRPC calls in flight on this replica ({cap}); retry once one ends"

@@ -17,7 +17,7 @@ from meshgate.router.v1 import (
 )
 from meshgate.serving import Cleanup, Service
 from services.router.admin import AdminServicer
-from services.router.admission import Admission, TurnAdmission
+from services.router.admission import Admission, TenantCalls, TurnAdmission
 from services.router.auth import Authenticator, CallerGate
 from services.router.deployments import DeploymentTable
 from services.router.downstream import CacheService, ContextService, Deployments
@@ -122,8 +122,10 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     keys = KeyStore(redis)
     authenticator = Authenticator(settings.router, keys)
     # Every gRPC call's key is checked before its request is read, and
-    # before the call bound counts it.
-    service.errors.gate(CallerGate(authenticator))
+    # before the call bound counts it; a tenant's call is counted against
+    # its own cap there, so that no one key holds the whole bound.
+    tenant_calls = TenantCalls(router.max_concurrent_rpcs_per_tenant)
+    service.errors.gate(CallerGate(authenticator, tenant_calls))
     servicer = RouterServicer(settings, pipeline, ledger)
     add_to_server(servicer, service.server)
     # Keys as data, on the same port, behind the admin credential.
@@ -138,8 +140,9 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     started_with = settings
 
     def reload(new: Settings) -> None:
-        """Tenants, keys, limits, prices, model routes and the bound on calls
-        in flight from reloaded settings (already checked whole). Each part swaps one reference, with
+        """Tenants, keys, limits, prices, model routes and the bounds on calls
+        in flight (the replica's and each tenant's) from reloaded settings
+        (already checked whole). Each part swaps one reference, with
         no await in between: a turn sees the old settings or the new, and a
         stream under way finishes with what it started with."""
         for field in _RESTART_ONLY:
@@ -148,6 +151,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         # Safe with calls in flight (ErrorInterceptor.bound): each counted
         # call is counted out once, whatever the bound is by then.
         service.bound_calls(new.router.max_concurrent_rpcs, _UNCOUNTED_SERVICES)
+        tenant_calls.reconfigure(new.router.max_concurrent_rpcs_per_tenant)
         deployments.reconfigure(new.models)
         pipeline.reconfigure(new.router, new.models)
         admission.reconfigure(new.router)

@@ -3,6 +3,7 @@ stored hashed in Redis (services/router/keys.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import dataclasses
 
@@ -13,6 +14,7 @@ from meshgate.config import LimitSettings, RouterSettings, hash_api_key
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from meshgate.router.v1 import admin_service_pb2, router_service_pb2
+from services.router.admission import TenantCalls
 from services.router.keys import KeyStore, could_be_stored, key_refusal
 
 _BEARER = "bearer "
@@ -141,10 +143,14 @@ class CallerGate:
     router read none of the up to 32 MiB it sends, and holds no place under
     router.max_concurrent_rpcs. AdminService calls need the admin
     credential, GetUsage a tenant's key or it, every other call a tenant's
-    key. The handler reads the caller with :func:`current_caller`."""
+    key. A tenant's call is then counted in ``calls`` (its tenant's cap,
+    router.max_concurrent_rpcs_per_tenant) until it ends, still before its
+    request is read; the admin credential's never are. The handler reads
+    the caller with :func:`current_caller`."""
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, calls: TenantCalls) -> None:
         self._auth = authenticator
+        self._calls = calls
 
     async def __call__(self, method: str, metadata) -> None:
         """Lets the caller of ``method`` (a full method name) in, or raises its refusal."""
@@ -155,6 +161,10 @@ class CallerGate:
             caller = await self._auth.authenticate_caller(metadata)
         else:
             caller = await self._auth.authenticate(metadata)
+        if caller is not None:
+            # gRPC runs the whole call, this gate included, in one task, done
+            # however the call ends: counted out then.
+            self._calls.open(caller.id, asyncio.current_task())
         _CALLER.set(caller)
 
 

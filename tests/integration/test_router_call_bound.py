@@ -5,10 +5,15 @@ SERVICE_BUSY and its ErrorInfo, while AdminService calls are still served
 (not counted), and once a stream closes the router serves again. And
 router.max_session_streams_per_tenant: one tenant's streams past its cap are
 refused at open with TOO_MANY_SESSION_STREAMS, another tenant's are not, and
-a stream cancelled, or whose client went away, frees its slot. Calls
-without a valid key are refused before their requests are read and take no
-place under the bound. A ChatSession client learns whether its stream was
-admitted before its first write, so it always reads a refusal's status."""
+a stream cancelled, or whose client went away, frees its slot. And
+router.max_concurrent_rpcs_per_tenant: a tenant holding its cap of Chat
+calls whose messages never come is refused its next call before its request
+is read with TOO_MANY_CALLS_IN_FLIGHT, another tenant is served, and a held
+call ending (cancelled, its client gone, its deadline passed) frees its
+place. Calls without a valid key are refused before their requests are read
+and take no place under the bound. A ChatSession client learns whether its
+stream was admitted before its first write, so it always reads a refusal's
+status."""
 
 from __future__ import annotations
 
@@ -27,7 +32,14 @@ from meshgate.router.v1 import admin_service_pb2 as admin_pb
 from meshgate.router.v1 import admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as pb
 from tests.integration.conftest import running_router
-from tests.mesh import CALL_TIMEOUT_S, bounded_channel, chat_session_admitted, held_back, mesh_settings
+from tests.mesh import (
+    CALL_TIMEOUT_S,
+    bounded_channel,
+    chat_session_admitted,
+    held_back,
+    mesh_settings,
+    rpc_outcomes,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -37,8 +49,20 @@ ADMIN_KEY = "call-bound-admin-key"
 ADMIN = (("authorization", f"Bearer {ADMIN_KEY}"),)
 OTHER_KEY = "call-bound-other-tenant-key"
 OTHER = (("authorization", f"Bearer {OTHER_KEY}"),)
+# A tenant that holds nothing: its calls probe the router's bound.
+PROBE_KEY = "call-bound-probe-tenant-key"
+PROBE = (("authorization", f"Bearer {PROBE_KEY}"),)
+# A tenant that holds its cap of calls in capped_router.
+HOLDER_KEY = "call-bound-holder-tenant-key"
+HOLDER = (("authorization", f"Bearer {HOLDER_KEY}"),)
 LIMIT = 2
 STREAMS_CAP = 2
+# Room for STREAMS_CAP streams, the one refused past them and a few more
+# opened while refused ones are still being counted out (a call is, a
+# moment after its caller has its status): the stream cap is then what
+# refuses a tenant's streams, not this one.
+CALLS_CAP = STREAMS_CAP + 4
+CHAT = f"/{pb.DESCRIPTOR.services_by_name['RouterService'].full_name}/Chat"
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +70,13 @@ async def router(redis_url):
     settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
     settings.router.dev_api_key = KEY
-    # Set here: the router has no bound by default (meshgate/config.py).
-    # Each tenant's streams below it, as the settings require: the bound is
-    # held by one stream of each of two tenants.
+    # Low enough to fill. Each tenant's calls and streams below it, as the
+    # settings require: the bound is held by one stream of each of two
+    # tenants, and a third one's calls find it full.
     settings.router.max_concurrent_rpcs = LIMIT
+    settings.router.max_concurrent_rpcs_per_tenant = LIMIT - 1
     settings.router.max_session_streams_per_tenant = LIMIT - 1
-    settings.router.tenants = [other_tenant()]
+    settings.router.tenants = [tenant("other", OTHER_KEY), tenant("probe", PROBE_KEY)]
     settings.router.admin_api_key_sha256 = [hash_api_key(ADMIN_KEY)]
     async with contextlib.AsyncExitStack() as stack:
         address = await stack.enter_async_context(running_router(without_embedder(settings)))
@@ -62,20 +87,23 @@ async def router(redis_url):
 
 @pytest.fixture(scope="module")
 async def capped_router(redis_url):
-    """(a router whose tenants may each hold STREAMS_CAP ChatSession streams, its address)."""
+    """(a router whose tenants may each hold STREAMS_CAP ChatSession streams
+    and CALLS_CAP calls in flight, its address); the replica's bound is the
+    default, far above them."""
     settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
     settings.router.dev_api_key = KEY
-    settings.router.tenants = [other_tenant()]
+    settings.router.tenants = [tenant("other", OTHER_KEY), tenant("holder", HOLDER_KEY)]
     settings.router.max_session_streams_per_tenant = STREAMS_CAP
+    settings.router.max_concurrent_rpcs_per_tenant = CALLS_CAP
     async with contextlib.AsyncExitStack() as stack:
         address = await stack.enter_async_context(running_router(without_embedder(settings)))
         channel = await stack.enter_async_context(bounded_channel(address))
         yield router_service_pb2_grpc.RouterServiceStub(channel), address
 
 
-def other_tenant() -> TenantSettings:
-    return TenantSettings(id="other", api_key_sha256=[hash_api_key(OTHER_KEY)], models=["*"])
+def tenant(tenant_id: str, key: str) -> TenantSettings:
+    return TenantSettings(id=tenant_id, api_key_sha256=[hash_api_key(key)], models=["*"])
 
 
 def without_embedder(settings: Settings) -> Settings:
@@ -89,18 +117,18 @@ def open_stream(router, metadata) -> grpc.aio.StreamStreamCall:
     return router.ChatSession(metadata=metadata, timeout=CALL_TIMEOUT_S)
 
 
-async def list_models(router) -> pb.ListModelsResponse | grpc.aio.AioRpcError:
+async def list_models(router, metadata=PROBE) -> pb.ListModelsResponse | grpc.aio.AioRpcError:
     try:
-        return await router.ListModels(pb.ListModelsRequest(), metadata=AUTH, timeout=10)
+        return await router.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=10)
     except grpc.aio.AioRpcError as error:
         return error
 
 
-async def until_served(router) -> pb.ListModelsResponse:
-    """A ListModels served, once the calls that held the bound have been
-    counted out (within 5 s)."""
+async def until_served(router, metadata=PROBE) -> pb.ListModelsResponse:
+    """A ListModels served, once the calls that held the bound (or the
+    caller's cap) have been counted out (within 5 s)."""
     for _ in range(200):
-        served = await list_models(router)
+        served = await list_models(router, metadata)
         if isinstance(served, pb.ListModelsResponse):
             return served
         await asyncio.sleep(0.025)
@@ -164,7 +192,7 @@ async def test_calls_without_a_valid_key_take_no_place_and_are_refused_before_th
     its message until its deadline, holding a place."""
     router, _, channel = router
     never = asyncio.Event()
-    chat = channel.stream_stream(f"/{pb.DESCRIPTOR.services_by_name['RouterService'].full_name}/Chat")
+    chat = channel.stream_stream(CHAT)
     admin_service = admin_pb.DESCRIPTOR.services_by_name["AdminService"].full_name
     list_keys = channel.stream_stream(f"/{admin_service}/ListKeys")
     refused = [
@@ -276,3 +304,75 @@ async def test_a_client_that_awaits_admission_before_writing_always_reads_the_re
     }
     for stream in held:
         stream.cancel()
+
+
+def held_chat(channel: grpc.aio.Channel, timeout: float = CALL_TIMEOUT_S):
+    """Opens a Chat of HOLDER's whose request never comes: its call is open,
+    its message held back, until it is cancelled, its client goes or its
+    deadline passes. A function, so that a refused one can be opened again."""
+    return lambda: channel.stream_stream(CHAT)(held_back(asyncio.Event()), metadata=HOLDER, timeout=timeout)
+
+
+async def until_holder_refused(router, held: list, openers: list) -> grpc.aio.AioRpcError:
+    """HOLDER's ListModels refused, once its calls ``held`` (each opened by
+    the opener at its index) all hold a place (within 5 s). A call reaches
+    the router a moment after it is opened, and one that arrives while a
+    call of HOLDER's that has ended is still being counted out (a ListModels
+    is, a moment after its caller has the answer) is refused: it is then
+    opened again, until the cap is held by ``held`` alone."""
+    for _ in range(200):
+        # First, so that HOLDER's last ListModels is counted out meanwhile.
+        await asyncio.sleep(0.025)
+        for slot, call in enumerate(held):
+            if call.done():
+                held[slot] = openers[slot]()
+        refused = await list_models(router, HOLDER)
+        if isinstance(refused, grpc.aio.AioRpcError):
+            return refused
+    raise AssertionError("HOLDER's ListModels was never refused")
+
+
+async def test_a_tenant_at_its_cap_of_calls_is_refused_before_its_request_until_a_held_call_ends(
+    capped_router,
+) -> None:
+    router, address = capped_router
+    before = rpc_outcomes("router", "RouterService/ListModels")
+    channel = bounded_channel(address)
+    # The last through a channel of its own, which goes away as a killed client's would.
+    own_channel = bounded_channel(address)
+    openers = [held_chat(channel) for _ in range(CALLS_CAP - 1)] + [held_chat(own_channel)]
+    held = [open_call() for open_call in openers]
+    refused = await until_holder_refused(router, held, openers)
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(refused)
+    assert info.reason == Reason.TOO_MANY_CALLS_IN_FLIGHT
+    assert dict(info.metadata) == {
+        "limit": "max_concurrent_rpcs_per_tenant",
+        "scope": "tenant",
+        "limit_value": str(CALLS_CAP),
+    }
+    # Another tenant is not held back by this one's calls.
+    assert (await list_models(router, OTHER)).models
+    # The refusal is in the RPC metrics, as the router's other refusals are.
+    assert (rpc_outcomes("router", "RouterService/ListModels") - before)["RESOURCE_EXHAUSTED"] == 1
+    # A cancelled call frees its place.
+    held[0].cancel()
+    assert (await until_served(router, HOLDER)).models
+    # A call whose deadline passes with its message never sent frees its
+    # place: it held one (the tenant at its cap again) until then.
+    openers[0] = held_chat(channel, timeout=5)
+    held[0] = openers[0]()
+    await until_holder_refused(router, held, openers)
+    with pytest.raises(grpc.aio.AioRpcError) as expired:
+        [_ async for _ in held[0]]
+    assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (await until_served(router, HOLDER)).models
+    # A client gone away frees the places of its calls.
+    openers[0] = held_chat(channel)
+    held[0] = openers[0]()
+    await until_holder_refused(router, held, openers)
+    await own_channel.close()
+    assert (await until_served(router, HOLDER)).models
+    for call in held:
+        call.cancel()
+    await channel.close()

@@ -79,21 +79,35 @@ def test_max_embed_texts_below_one_is_refused():
     assert settings.inference.max_embed_texts == 1
 
 
-def test_a_negative_cap_on_a_tenants_session_streams_is_refused():
-    with pytest.raises(ConfigError, match="max_session_streams_per_tenant"):
-        load_settings(environ={"MESHGATE_ROUTER__MAX_SESSION_STREAMS_PER_TENANT": "-1"})
-    settings = load_settings(environ={"MESHGATE_ROUTER__MAX_SESSION_STREAMS_PER_TENANT": "0"})
-    assert settings.router.max_session_streams_per_tenant == 0
+UNBOUNDED = {"MESHGATE_ROUTER__MAX_CONCURRENT_RPCS": "0"}
+PER_TENANT_CAPS = ("MAX_CONCURRENT_RPCS_PER_TENANT", "MAX_SESSION_STREAMS_PER_TENANT")
 
 
-def test_the_router_has_no_call_bound_by_default():
-    assert load_settings(environ={}).router.max_concurrent_rpcs == 0
+@pytest.mark.parametrize("cap", PER_TENANT_CAPS)
+def test_a_negative_per_tenant_cap_is_refused(cap):
+    with pytest.raises(ConfigError, match=f"{cap.lower()} must not be negative"):
+        load_settings(environ=UNBOUNDED | {f"MESHGATE_ROUTER__{cap}": "-1"})
+    settings = load_settings(environ=UNBOUNDED | {f"MESHGATE_ROUTER__{cap}": "0"})
+    assert getattr(settings.router, cap.lower()) == 0
 
 
-@pytest.mark.parametrize("streams_cap", ["0", "8", "9"])
-def test_a_router_call_bound_needs_a_tenants_stream_cap_below_it(streams_cap):
+def test_the_router_bounds_its_calls_and_each_tenants_below_them_by_default():
+    router = load_settings(environ={}).router
+    assert 0 < router.max_session_streams_per_tenant < router.max_concurrent_rpcs_per_tenant
+    assert router.max_concurrent_rpcs_per_tenant < router.max_concurrent_rpcs
+
+
+@pytest.mark.parametrize("cap", PER_TENANT_CAPS)
+@pytest.mark.parametrize("value", ["0", "8", "9"])
+def test_a_router_call_bound_needs_each_per_tenant_cap_below_it(cap, value):
     bound = {"MESHGATE_ROUTER__MAX_CONCURRENT_RPCS": "8"}
-    with pytest.raises(ConfigError, match="max_session_streams_per_tenant must be above 0 and below"):
-        load_settings(environ=bound | {"MESHGATE_ROUTER__MAX_SESSION_STREAMS_PER_TENANT": streams_cap})
-    settings = load_settings(environ=bound | {"MESHGATE_ROUTER__MAX_SESSION_STREAMS_PER_TENANT": "7"})
-    assert (settings.router.max_concurrent_rpcs, settings.router.max_session_streams_per_tenant) == (8, 7)
+    # The other cap below the bound, so that only ``cap`` is wrong.
+    below = {f"MESHGATE_ROUTER__{name}": "7" for name in PER_TENANT_CAPS}
+    with pytest.raises(ConfigError, match=f"{cap.lower()} must be above 0 and below"):
+        load_settings(environ=bound | below | {f"MESHGATE_ROUTER__{cap}": value})
+    router = load_settings(environ=bound | below).router
+    assert (
+        router.max_concurrent_rpcs,
+        router.max_concurrent_rpcs_per_tenant,
+        router.max_session_streams_per_tenant,
+    ) == (8, 7, 7)

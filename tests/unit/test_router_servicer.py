@@ -28,6 +28,7 @@ from meshgate.router.v1 import admin_service_pb2 as admin_pb
 from meshgate.router.v1 import admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.admin import AdminServicer
+from services.router.admission import TenantCalls
 from services.router.app import SERVICE_NAMES
 from services.router.auth import Authenticator, CallerGate
 from services.router.keys import KeyStore
@@ -162,7 +163,7 @@ class FakeLedger:
 def served(loop, cache=None, generator=None, contexts=None, ledger=None):
     servicer = router_servicer(cache, generator, contexts, ledger)
     return grpc_testing.server_from_dictionary(
-        {SERVICE: _AsyncBridge(servicer, CallerGate(Authenticator(router_settings().router)), loop)},
+        {SERVICE: _AsyncBridge(servicer, caller_gate(), loop)},
         grpc_testing.strict_real_time(),
     )
 
@@ -180,6 +181,12 @@ def router_settings() -> Settings:
         "other": ModelSettings(max_output_tokens=32, default_max_tokens=8),
     }
     return settings
+
+
+def caller_gate() -> CallerGate:
+    """The router's gate over router_settings(), each tenant's calls capped as configured."""
+    settings = router_settings().router
+    return CallerGate(Authenticator(settings), TenantCalls(settings.max_concurrent_rpcs_per_tenant))
 
 
 def router_servicer(cache=None, generator=None, contexts=None, ledger=None) -> RouterServicer:
@@ -357,7 +364,7 @@ async def serving_router(servicer: RouterServicer):
     with their RPC metrics and the router's CallerGate, the mesh guard), on
     127.0.0.1; yields the port."""
     service = serving.Service("router", SERVICE_NAMES)
-    service.errors.gate(CallerGate(Authenticator(router_settings().router)))
+    service.errors.gate(caller_gate())
     add_to_server(servicer, service.server)
     port = await serving.start(service, "127.0.0.1:0", _nothing)
     try:
