@@ -19,15 +19,17 @@ written rarely, and each replica reads one at most twice a second (below),
 so one slot carries them easily.
 
 How a revocation reaches every replica within a second: each replica caches
-a looked-up record (or its absence) for at most ``_CACHE_TTL_S`` (0.5 s) and
-then reads it again; Redis is the one truth. Chosen over pub/sub
+a looked-up record (or its absence) for at most ``_CACHE_TTL_S`` (0.5 s)
+from when it asked Redis and then reads it again (a GET slower than the
+rest of that second stretches it); Redis is the one truth. Chosen over pub/sub
 invalidation, which is cheaper per request but loses messages while a
 replica reconnects to Redis, leaving a revoked key working until something
 else evicts it; here the bound holds whatever happened to connections, and
 costs at most two GETs per second per live key per replica.
 
-What a caller sending made-up keys costs (each call's key is checked before
-its request is read, so this is the whole price of a keyless flood): a
+What a caller sending made-up keys costs (each gRPC call's key is checked
+before its request is read, so this is the whole price of a keyless flood
+on the gRPC port; the HTTP edge reads a request's body first): a
 secret not shaped as :func:`new_secret` makes them cannot be stored, and is
 refused with no Redis call (:func:`could_be_stored`); a well-shaped one
 costs one GET, and its absence is cached apart from the records found, so
@@ -183,15 +185,26 @@ class KeyStore:
             reading = asyncio.ensure_future(self._read(key_hash))
             self._reading[key_hash] = reading
             reading.add_done_callback(functools.partial(self._read_done, key_hash))
-        return await asyncio.shield(reading)
+        try:
+            return await asyncio.shield(reading)
+        except MeshgateError as error:
+            # Each caller's own copy: a raise rewrites the traceback.
+            raise error.copy() from error
 
     async def _read(self, key_hash: str) -> KeyRecord | None:
+        # Aged from when it was asked, not answered: a record is then never
+        # served more than _CACHE_TTL_S after Redis could have changed it.
+        read_at = time.monotonic()
         try:
             raw = await self._redis.get(_RECORD.format(key_hash))
         except redis_access.CONNECTION_ERRORS as error:
             # Fail closed: a revoked key must not come back during an outage.
             raise unavailable(Reason.REDIS_UNAVAILABLE, f"API keys cannot be checked: {error}") from error
-        read_at = time.monotonic()
+        if self._reading.get(key_hash) is not asyncio.current_task():
+            # This replica wrote the key while the GET was under way (a
+            # revocation, say): what it read may predate the write, so it
+            # answers only the callers that asked before, and is not kept.
+            return KeyRecord.from_json(raw) if raw is not None else None
         if raw is None:
             if len(self._absent) >= _ABSENT_MAX_ENTRIES:
                 self._absent.clear()
@@ -204,7 +217,8 @@ class KeyStore:
         return record
 
     def _read_done(self, key_hash: str, reading: asyncio.Task) -> None:
-        del self._reading[key_hash]
+        if self._reading.get(key_hash) is reading:  # not already replaced by a write's
+            del self._reading[key_hash]
         if not reading.cancelled():
             # Retrieved here too: every caller that shared it may have gone.
             reading.exception()
@@ -234,6 +248,9 @@ class KeyStore:
         for record in records:
             self._found.pop(record.key_hash, None)
             self._absent.pop(record.key_hash, None)
+            # A GET under way may have read the record before this write:
+            # callers from now on start their own (_read keeps none of it).
+            self._reading.pop(record.key_hash, None)
 
     async def create(
         self,
