@@ -324,12 +324,12 @@ class RouterSettings:
     # message never comes until the call's deadline), and revoking its key
     # refuses its new calls (within a second) but does not end those in:
     # max_concurrent_rpcs_per_tenant is what keeps one key from holding them
-    # all, and must be above 0 and below this bound where it is set (as
-    # must max_session_streams_per_tenant). 4,096: eight tenants at their
-    # cap of 512. At the capacity model's peak (docs/capacity.md) a replica
-    # serves ~17 turns a second (694 / 41), ~170 in flight even if each
-    # took 10 s; the rest is room for idle streams, 16 tenants' 256 each.
-    # Raise it where more tenants hold many streams each.
+    # all (an eighth of this bound unless set). 4,096: eight tenants at
+    # their cap of 512 fill it. At the capacity model's peak
+    # (docs/capacity.md) a replica serves ~17 turns a second (694 / 41),
+    # ~170 in flight if each took 10 s (an assumption: a turn's time is not
+    # measured there); the rest is room for idle streams, 15 tenants' 256
+    # each beside those. Raise it where more tenants hold many streams each.
     # Connections and calls per client belong to the load balancer in
     # front. AdminService calls are never counted (the operator can still
     # revoke a key), nor the HTTP edge's requests (no gRPC call). 0: no
@@ -341,19 +341,23 @@ class RouterSettings:
     # that bound); one more is refused before its request is read with
     # RESOURCE_EXHAUSTED / TOO_MANY_CALLS_IN_FLIGHT
     # (services/router/admission.py TenantCalls). The admin credential's
-    # calls are never counted. 512: the capacity model's whole peak through
-    # one tenant, ~170 calls in flight a replica (above), beside the 256
-    # idle streams it may hold. 0: no cap (only where max_concurrent_rpcs
-    # is 0).
-    max_concurrent_rpcs_per_tenant: int = 512
+    # calls are never counted, nor the HTTP edge's requests. Unset: an
+    # eighth of max_concurrent_rpcs (512 of the default 4,096: the capacity
+    # model's whole peak through one tenant, ~170 calls in flight a replica
+    # (above), beside the 256 idle streams it may hold), so a bound set
+    # lower brings its own cap; see tenant_call_cap(). Set, it must be
+    # above 0 and below max_concurrent_rpcs where that is set. 0: no cap
+    # (only where max_concurrent_rpcs is 0). A call is counted out when its
+    # task ends, a moment after its caller has the status: a client that
+    # runs exactly at the cap can be refused now and then.
+    max_concurrent_rpcs_per_tenant: int | None = None
     # The most ChatSession streams one tenant holds open on this replica; one
     # more is refused at open with RESOURCE_EXHAUSTED /
     # TOO_MANY_SESSION_STREAMS (services/router/admission.py SessionStreams).
     # An open stream costs its tenant nothing until it sends a turn, so
     # without this cap one key's idle streams could take all of its
-    # max_concurrent_rpcs_per_tenant (each stream is also one of its calls).
-    # Where max_concurrent_rpcs is set, it must be above 0 and below it, as
-    # max_concurrent_rpcs_per_tenant must; at or above that cap it never binds.
+    # max_concurrent_rpcs_per_tenant (each stream is also one of its calls,
+    # so at or above that cap this one never binds).
     # 256 keeps one client application 256 conversations open per replica
     # (times the replicas behind the balancer). Raise it where tenants need
     # more. 0: no cap.
@@ -422,23 +426,33 @@ class RouterSettings:
 
     def __post_init__(self) -> None:
         _check_max_concurrent_rpcs("router", self.max_concurrent_rpcs)
-        # Refused, not warned: with a per-tenant cap off or at the bound, one
-        # key's idle calls can hold every place of the replica, locking out
-        # the tenants the bound was set to protect.
         bound = self.max_concurrent_rpcs
         for name in ("max_concurrent_rpcs_per_tenant", "max_session_streams_per_tenant"):
             cap = getattr(self, name)
-            if cap < 0:
+            if cap is not None and cap < 0:
                 raise ConfigError(f"router.{name} must not be negative (0: no cap), got {cap}")
-            if bound and not 0 < cap < bound:
-                raise ConfigError(
-                    f"router.{name} must be above 0 and below router.max_concurrent_rpcs "
-                    f"({bound}) when that is set, or one tenant's calls can fill the replica; "
-                    f"got {cap}"
-                )
+        # Refused, not warned: with the tenant call cap off or at the bound,
+        # one key's idle calls can hold every place of the replica, locking
+        # out the tenants the bound was set to protect. (The session-stream
+        # cap needs no such rule: its streams are calls this cap counts.)
+        cap = self.max_concurrent_rpcs_per_tenant
+        if bound and cap is not None and not 0 < cap < bound:
+            raise ConfigError(
+                f"router.max_concurrent_rpcs_per_tenant must be above 0 and below "
+                f"router.max_concurrent_rpcs ({bound}) when that is set, or one tenant's calls "
+                f"can fill the replica; got {cap} (unset: {max(1, bound // 8)}, an eighth of it)"
+            )
         versions = [(template.name, template.version) for template in self.templates]
         if len(set(versions)) != len(versions):
             raise ConfigError("router.templates: a name and version appear twice")
+
+    def tenant_call_cap(self) -> int:
+        """max_concurrent_rpcs_per_tenant as set, or else an eighth of
+        max_concurrent_rpcs (at least 1; 0, no cap, where that is 0)."""
+        if self.max_concurrent_rpcs_per_tenant is not None:
+            return self.max_concurrent_rpcs_per_tenant
+        bound = self.max_concurrent_rpcs
+        return max(1, bound // 8) if bound else 0
 
 
 # Who embeds a service's texts (cache.embedder, context.embedder): "local",

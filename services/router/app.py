@@ -124,7 +124,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     # Every gRPC call's key is checked before its request is read, and
     # before the call bound counts it; a tenant's call is counted against
     # its own cap there, so that no one key holds the whole bound.
-    tenant_calls = TenantCalls(router.max_concurrent_rpcs_per_tenant)
+    tenant_calls = TenantCalls(router.tenant_call_cap())
     service.errors.gate(CallerGate(authenticator, tenant_calls))
     servicer = RouterServicer(settings, pipeline, ledger)
     add_to_server(servicer, service.server)
@@ -151,7 +151,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         # Safe with calls in flight (ErrorInterceptor.bound): each counted
         # call is counted out once, whatever the bound is by then.
         service.bound_calls(new.router.max_concurrent_rpcs, _UNCOUNTED_SERVICES)
-        tenant_calls.reconfigure(new.router.max_concurrent_rpcs_per_tenant)
+        tenant_calls.reconfigure(new.router.tenant_call_cap())
         deployments.reconfigure(new.models)
         pipeline.reconfigure(new.router, new.models)
         admission.reconfigure(new.router)

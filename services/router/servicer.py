@@ -144,9 +144,9 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
     async def ChatSession(self, request_iterator, context):
         tenant = current_caller()
         # Counted in until the call's task ends, however it ends: an idle
-        # stream is charged nothing else, so this bounds what one key holds
-        # (and, where router.max_concurrent_rpcs is set, leaves room under it
-        # for the other tenants: the settings keep the cap below it).
+        # stream is charged nothing else, so this bounds the idle streams one
+        # key holds, within its tenant's call cap (which the gate counted it
+        # against: services/router/auth.py CallerGate).
         self.session_streams.open(tenant.id, asyncio.current_task())
         # A stream opened for an existing session names it up front, so the
         # session is warmed while the caller's first message is still coming;

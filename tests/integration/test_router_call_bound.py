@@ -166,7 +166,9 @@ async def test_calls_past_the_bound_are_refused_with_service_busy_until_a_stream
     # The operator's way in is not counted: a key can still be revoked.
     listed = await admin.ListKeys(admin_pb.ListKeysRequest(tenant_id="dev"), metadata=ADMIN, timeout=10)
     assert isinstance(listed, admin_pb.ListKeysResponse)
-    assert isinstance(await list_models(router), grpc.aio.AioRpcError), "the streams no longer hold the bound"
+    still_full = await list_models(router)
+    assert isinstance(still_full, grpc.aio.AioRpcError), "the streams no longer hold the bound"
+    assert error_info(still_full).reason == Reason.SERVICE_BUSY
     # A stream that ends makes room.
     streams[0].cancel()
     assert (await until_served(router)).models

@@ -93,21 +93,32 @@ def test_a_negative_per_tenant_cap_is_refused(cap):
 
 def test_the_router_bounds_its_calls_and_each_tenants_below_them_by_default():
     router = load_settings(environ={}).router
-    assert 0 < router.max_session_streams_per_tenant < router.max_concurrent_rpcs_per_tenant
-    assert router.max_concurrent_rpcs_per_tenant < router.max_concurrent_rpcs
+    assert router.max_concurrent_rpcs == 4096 and router.tenant_call_cap() == 512
+    assert 0 < router.max_session_streams_per_tenant < router.tenant_call_cap()
 
 
-@pytest.mark.parametrize("cap", PER_TENANT_CAPS)
+@pytest.mark.parametrize(("bound", "cap"), [("256", 32), ("1", 1), ("0", 0)])
+def test_an_unset_tenant_call_cap_is_an_eighth_of_the_bound(bound, cap):
+    """A bound set lower brings its own tenant cap: settings that set only
+    the bound (or the streams cap) keep loading."""
+    environ = {
+        "MESHGATE_ROUTER__MAX_CONCURRENT_RPCS": bound,
+        "MESHGATE_ROUTER__MAX_SESSION_STREAMS_PER_TENANT": "128",
+    }
+    assert load_settings(environ=environ).router.tenant_call_cap() == cap
+
+
+@pytest.mark.parametrize("streams", ["0", "5000"])
+def test_the_session_stream_cap_needs_no_rule_beside_the_bound(streams):
+    # Its streams are calls the tenant call cap counts: off or above it, the call cap still binds.
+    router = load_settings(environ={"MESHGATE_ROUTER__MAX_SESSION_STREAMS_PER_TENANT": streams}).router
+    assert router.max_session_streams_per_tenant == int(streams) and router.tenant_call_cap() == 512
+
+
 @pytest.mark.parametrize("value", ["0", "8", "9"])
-def test_a_router_call_bound_needs_each_per_tenant_cap_below_it(cap, value):
+def test_a_router_call_bound_needs_a_tenant_call_cap_set_below_it(value):
     bound = {"MESHGATE_ROUTER__MAX_CONCURRENT_RPCS": "8"}
-    # The other cap below the bound, so that only ``cap`` is wrong.
-    below = {f"MESHGATE_ROUTER__{name}": "7" for name in PER_TENANT_CAPS}
-    with pytest.raises(ConfigError, match=f"{cap.lower()} must be above 0 and below"):
-        load_settings(environ=bound | below | {f"MESHGATE_ROUTER__{cap}": value})
-    router = load_settings(environ=bound | below).router
-    assert (
-        router.max_concurrent_rpcs,
-        router.max_concurrent_rpcs_per_tenant,
-        router.max_session_streams_per_tenant,
-    ) == (8, 7, 7)
+    with pytest.raises(ConfigError, match="max_concurrent_rpcs_per_tenant must be above 0 and below"):
+        load_settings(environ=bound | {"MESHGATE_ROUTER__MAX_CONCURRENT_RPCS_PER_TENANT": value})
+    router = load_settings(environ=bound | {"MESHGATE_ROUTER__MAX_CONCURRENT_RPCS_PER_TENANT": "7"}).router
+    assert (router.max_concurrent_rpcs, router.tenant_call_cap()) == (8, 7)

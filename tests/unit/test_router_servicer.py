@@ -186,7 +186,7 @@ def router_settings() -> Settings:
 def caller_gate() -> CallerGate:
     """The router's gate over router_settings(), each tenant's calls capped as configured."""
     settings = router_settings().router
-    return CallerGate(Authenticator(settings), TenantCalls(settings.max_concurrent_rpcs_per_tenant))
+    return CallerGate(Authenticator(settings), TenantCalls(settings.tenant_call_cap()))
 
 
 def router_servicer(cache=None, generator=None, contexts=None, ledger=None) -> RouterServicer:

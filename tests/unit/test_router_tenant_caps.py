@@ -100,14 +100,20 @@ async def failing(holds) -> None:
 
 @KINDS
 async def test_no_cap_refuses_nothing_and_a_new_cap_applies_to_calls_opened_after(kind) -> None:
-    holds, release = kind(0), asyncio.Event()
-    calls = [await opened(holds, "a", release) for _ in range(8 * CAP)]
-    assert not any(call.done() for call in calls)
+    holds, uncounted_release, release = kind(0), asyncio.Event(), asyncio.Event()
+    uncounted = [await opened(holds, "a", uncounted_release) for _ in range(8 * CAP)]
+    assert not any(call.done() for call in uncounted)
     holds.reconfigure(CAP)
-    calls += [await opened(holds, "a", release) for _ in range(CAP)]
+    calls = [await opened(holds, "a", release) for _ in range(CAP)]
     assert not any(call.done() for call in calls)
     with pytest.raises(MeshgateError):
         await refused_at_once(holds, "a", release)
+    # Those opened with no cap were never counted, so their ends count
+    # nothing out: the cap's calls are all still held.
+    uncounted_release.set()
+    await asyncio.gather(*uncounted)
+    await asyncio.sleep(0)
+    assert holds.held("a") == CAP
     # Lowered with calls in flight: those counted under the old cap are
     # still counted out once each, and the count never goes below zero.
     holds.reconfigure(1)
