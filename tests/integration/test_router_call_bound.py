@@ -222,6 +222,15 @@ async def test_calls_without_a_valid_key_take_no_place_and_are_refused_before_th
     )
 
 
+def assert_tenant_refusal(refused: grpc.aio.AioRpcError, reason: Reason, limit: str, cap: int) -> None:
+    """``refused`` is a tenant cap's refusal: RESOURCE_EXHAUSTED with its
+    reason and the cap in ErrorInfo."""
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(refused)
+    assert info.reason == reason
+    assert dict(info.metadata) == {"limit": limit, "scope": "tenant", "limit_value": str(cap)}
+
+
 async def admitted(stream) -> pb.ChatSessionResponse | grpc.aio.AioRpcError:
     """A turn with no messages on ``stream``, written only once the router
     has admitted it (tests/mesh.py chat_session_admitted): an admitted stream
@@ -261,14 +270,9 @@ async def test_a_tenant_past_its_session_streams_is_refused_at_open_and_a_stream
 
     refused = await admitted(open_stream(router, AUTH))
     assert isinstance(refused, grpc.aio.AioRpcError), refused
-    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    info = error_info(refused)
-    assert info.reason == Reason.TOO_MANY_SESSION_STREAMS
-    assert dict(info.metadata) == {
-        "limit": "max_session_streams_per_tenant",
-        "scope": "tenant",
-        "limit_value": str(STREAMS_CAP),
-    }
+    assert_tenant_refusal(
+        refused, Reason.TOO_MANY_SESSION_STREAMS, "max_session_streams_per_tenant", STREAMS_CAP
+    )
     # Another tenant is not held back by this one's streams.
     others = [open_stream(router, OTHER) for _ in range(STREAMS_CAP)]
     for stream in others:
@@ -345,14 +349,9 @@ async def test_a_tenant_at_its_cap_of_calls_is_refused_before_its_request_until_
     openers = [held_chat(channel) for _ in range(CALLS_CAP - 1)] + [held_chat(own_channel)]
     held = [open_call() for open_call in openers]
     refused = await until_holder_refused(router, held, openers)
-    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    info = error_info(refused)
-    assert info.reason == Reason.TOO_MANY_CALLS_IN_FLIGHT
-    assert dict(info.metadata) == {
-        "limit": "max_concurrent_rpcs_per_tenant",
-        "scope": "tenant",
-        "limit_value": str(CALLS_CAP),
-    }
+    assert_tenant_refusal(
+        refused, Reason.TOO_MANY_CALLS_IN_FLIGHT, "max_concurrent_rpcs_per_tenant", CALLS_CAP
+    )
     # Another tenant is not held back by this one's calls.
     assert (await list_models(router, OTHER)).models
     # The refusal is in the RPC metrics, as the router's other refusals are.
