@@ -341,7 +341,8 @@ class RouterSettings:
     # that bound); one more is refused before its request is read with
     # RESOURCE_EXHAUSTED / TOO_MANY_CALLS_IN_FLIGHT
     # (services/router/admission.py TenantCalls). The admin credential's
-    # calls are never counted, nor the HTTP edge's requests. Unset: an
+    # calls are never counted. The HTTP edge's requests count too, from
+    # when their key is checked (before the body is read). Unset: an
     # eighth of max_concurrent_rpcs (512 of the default 4,096: the capacity
     # model's whole peak through one tenant, ~170 calls in flight a replica
     # (above), beside the 256 idle streams it may hold), so a bound set

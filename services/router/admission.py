@@ -788,7 +788,7 @@ class SessionStreams(_TenantHolds):
 
 class TenantCalls(_TenantHolds):
     """The gRPC calls of the RouterService each tenant has in flight on this
-    replica, streams included, at most
+    replica, streams included, and its HTTP edge requests, at most
     ``router.max_concurrent_rpcs_per_tenant``; one more is refused before
     its request is read with TOO_MANY_CALLS_IN_FLIGHT (services/router/auth.py
     CallerGate counts a call in once its key is checked). Below
@@ -799,4 +799,4 @@ class TenantCalls(_TenantHolds):
 
     _LIMIT = "max_concurrent_rpcs_per_tenant"
     _REASON = Reason.TOO_MANY_CALLS_IN_FLIGHT
-    _REFUSAL = "the tenant has its most gRPC calls in flight on this replica ({cap}); retry once one ends"
+    _REFUSAL = "the tenant has its most calls (gRPC and HTTP) in flight on this replica ({cap}); retry later"

@@ -132,7 +132,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     admin = AdminServicer(keys, settings.models)
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, service.server)
     # The OpenAI-compatible HTTP edge: the same pipeline, on this event loop.
-    edge = HttpEdge(settings.router, settings.models, authenticator, pipeline, deployments)
+    edge = HttpEdge(settings.router, settings.models, authenticator, tenant_calls, pipeline, deployments)
     http = HttpServer(edge, router.http_listen) if router.http_listen else None
     if http is not None:
         await http.start()

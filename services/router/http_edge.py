@@ -44,6 +44,7 @@ from meshgate.errors import MeshgateError, from_rpc_error, internal_error, inval
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
+from services.router.admission import TenantCalls
 from services.router.auth import Authenticator, Tenant
 from services.router.deployments import DeploymentTable
 from services.router.downstream import not_taken
@@ -401,10 +402,12 @@ class HttpEdge:
         settings: RouterSettings,
         models: dict[str, ModelSettings],
         authenticator: Authenticator,
+        calls: TenantCalls,
         pipeline: Pipeline,
         deployments: DeploymentTable,
     ) -> None:
         self._auth = authenticator
+        self._calls = calls
         self._pipeline = pipeline
         self._deployments = deployments
         # OpenAI's "created" of a model: when this router began serving it.
@@ -437,8 +440,15 @@ class HttpEdge:
                     Reason.METHOD_NOT_SUPPORTED,
                     f"{scope['path']} takes {method}",
                 )
+            # The key first, from the headers: a caller without a valid one
+            # makes the router read none of its body, and a tenant's request
+            # counts against its call cap (router.max_concurrent_rpcs_per_tenant,
+            # with its gRPC calls) until this request's task ends, however it
+            # ends (the admin credential is no tenant's and is refused here).
+            tenant = await self._tenant(scope)
+            self._calls.open(tenant.id, asyncio.current_task())
             body = await _read_body(receive, self._settings.http_max_body_bytes)
-            await _until_disconnect(handler(scope, body, response.send), receive, response)
+            await _until_disconnect(handler(tenant, body, response.send), receive, response)
         except _Disconnected:
             return
         except MeshgateError as error:
@@ -460,8 +470,7 @@ class HttpEdge:
         ]
         return await self._auth.authenticate(metadata)
 
-    async def _chat(self, scope, body: bytes, send) -> None:
-        tenant = await self._tenant(scope)
+    async def _chat(self, tenant: Tenant, body: bytes, send) -> None:
         call = ChatCall(_parse_json(body))
         with _tracer.start_as_current_span("POST /v1/chat/completions", kind=trace.SpanKind.SERVER):
             events = self._pipeline.run(
@@ -537,8 +546,7 @@ class HttpEdge:
                 case Failure(error=error):
                     raise error
 
-    async def _models_list(self, scope, body: bytes, send) -> None:
-        tenant = await self._tenant(scope)
+    async def _models_list(self, tenant: Tenant, body: bytes, send) -> None:
         aliases = sorted(alias for alias in self._models if tenant.may_use(alias))
         embedding = self._settings.embedding_model
         if embedding and tenant.may_use(embedding) and embedding not in aliases:
@@ -553,8 +561,7 @@ class HttpEdge:
             data.append(entry)
         await _send_json(send, 200, {"object": "list", "data": data})
 
-    async def _embeddings(self, scope, raw: bytes, send) -> None:
-        tenant = await self._tenant(scope)
+    async def _embeddings(self, tenant: Tenant, raw: bytes, send) -> None:
         body = _parse_json(raw)
         if not isinstance(body, dict):
             raise _bad_request("the body must be a JSON object", "")

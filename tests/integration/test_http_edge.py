@@ -335,3 +335,43 @@ async def test_a_client_that_disconnects_cancels_the_generation(base_url, triton
             if line.startswith("data: "):
                 break  # the first piece arrived: hang up mid-generation
     await until_triton_cancels(log_path, before, timeout_s=10)
+
+
+async def test_each_request_is_counted_against_the_tenants_call_cap_only_while_it_runs(
+    redis_url, inference_address
+):
+    """Through uvicorn, each request in a task of its own: with a cap of one
+    call in flight, requests one after another all pass (each counted out as
+    it ends), and while one request's body is still coming (counted from its
+    headers: the key is checked first) another is refused 429."""
+    settings = service_settings(redis_url, inference_address, KEY)
+    settings.router.max_concurrent_rpcs_per_tenant = 1
+    settings.router.http_listen = f"127.0.0.1:{free_port()}"
+    release = asyncio.Event()
+
+    async def slow_body():
+        yield b'{"model": "tiny-gpt", '
+        await release.wait()
+        yield json.dumps({"messages": question(unique("count me")), "max_tokens": 4}).encode()[1:]
+
+    async with running_router(settings):
+        base = f"http://{settings.router.http_listen}/v1"
+        async with httpx.AsyncClient(base_url=base, headers=AUTH, timeout=60) as http:
+            for _ in range(10):
+                assert (await http.get("/models")).status_code == 200
+            held = asyncio.ensure_future(http.post("/chat/completions", content=slow_body()))
+            # Its headers first (on the pooled connection, while the probes
+            # below open another): a probe in flight when they come would be
+            # the one call, and the held request refused instead.
+            await asyncio.sleep(0.2)
+            for _ in range(200):  # until the held request's headers are in
+                refused = await http.get("/models")
+                if refused.status_code != 200:
+                    break
+                await asyncio.sleep(0.01)
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "TOO_MANY_CALLS_IN_FLIGHT"
+            release.set()
+            answer = await held
+            assert answer.status_code == 200, answer.text
+            assert (await http.get("/models")).status_code == 200

@@ -15,6 +15,7 @@ from meshgate.config import ModelSettings, RouterSettings
 from meshgate.errors import MeshgateError, busy_unavailable, unavailable
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
+from services.router.admission import TenantCalls
 from services.router.auth import Authenticator
 from services.router.http_edge import HttpEdge, http_error
 from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Failure
@@ -41,7 +42,7 @@ async def streamed(events) -> list[dict]:
     """The ASGI messages the edge sends for one streamed chat completion."""
     settings = RouterSettings(dev_api_key=KEY)
     pipeline = ScriptedPipeline(events)
-    edge = HttpEdge(settings, {"m": ModelSettings()}, Authenticator(settings), pipeline, None)
+    edge = HttpEdge(settings, {"m": ModelSettings()}, Authenticator(settings), TenantCalls(0), pipeline, None)
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True})
     received = [{"type": "http.request", "body": body.encode(), "more_body": False}]
     sent: list[dict] = []
@@ -132,7 +133,7 @@ class InferenceServices:
 async def embeddings(services: InferenceServices) -> tuple[int, dict]:
     """The status and body of one POST /v1/embeddings."""
     settings = RouterSettings(dev_api_key=KEY)
-    edge = HttpEdge(settings, {}, Authenticator(settings), ScriptedPipeline([]), services)
+    edge = HttpEdge(settings, {}, Authenticator(settings), TenantCalls(0), ScriptedPipeline([]), services)
     body = json.dumps({"model": settings.embedding_model, "input": "a cat"}).encode()
     received = [{"type": "http.request", "body": body, "more_body": False}]
     sent: list[dict] = []
@@ -177,3 +178,88 @@ def test_a_busy_replica_is_a_503_with_retry_after_and_a_limit_still_a_429():
     status, headers, body = http_error(limited)
     assert (status, json.loads(body)["error"]["type"]) == (429, "rate_limit_error")
     assert (b"retry-after", b"1") in headers
+
+
+class HeldPipeline:
+    """A turn that answers nothing until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def run(self, request, tenant, session_id, budget, create_session=False, carry_last_text=False):
+        await self.release.wait()
+        answer = Answer(text="ok", completion_tokens=1, finish_reason="stop")
+        yield Completion(answer, CacheStatus.MISS, 0.0, "", 0, "", text="ok")
+
+
+def chat_request(key: str, body_reads: list[int]):
+    """(scope, receive) of one POST /v1/chat/completions with ``key``; each
+    read of its body is counted in ``body_reads``; the client stays
+    connected."""
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": [(b"authorization", f"Bearer {key}".encode())],
+    }
+    parts = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if parts:
+            body_reads.append(1)
+            return parts.pop(0)
+        await asyncio.Event().wait()
+
+    return scope, receive
+
+
+def status_and_reason(sent: list[dict]) -> tuple[int, str]:
+    """An error response's HTTP status and its reason (OpenAI's "code")."""
+    start = next(message for message in sent if message["type"] == "http.response.start")
+    body = b"".join(message.get("body", b"") for message in sent)
+    return start["status"], json.loads(body)["error"]["code"]
+
+
+async def test_a_request_without_a_valid_key_is_refused_before_its_body_is_read():
+    settings = RouterSettings(dev_api_key=KEY)
+    edge = HttpEdge(
+        settings, {"m": ModelSettings()}, Authenticator(settings), TenantCalls(0), HeldPipeline(), None
+    )
+    body_reads: list[int] = []
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope, receive = chat_request("wrong-key", body_reads)
+    await asyncio.wait_for(edge(scope, receive, send), 5)
+    assert status_and_reason(sent)[0] == 401 and body_reads == []
+
+
+async def test_a_tenants_http_requests_count_against_its_call_cap_until_they_end():
+    settings = RouterSettings(dev_api_key=KEY)
+    calls, pipeline = TenantCalls(1), HeldPipeline()
+    edge = HttpEdge(settings, {"m": ModelSettings()}, Authenticator(settings), calls, pipeline, None)
+    body_reads: list[int] = []
+    held_sent: list[dict] = []
+
+    async def held_send(message):
+        held_sent.append(message)
+
+    held = asyncio.create_task(edge(*chat_request(KEY, body_reads), held_send))
+    await asyncio.sleep(0.05)
+    assert calls.held("dev") == 1 and not held_sent
+    refused_sent: list[dict] = []
+
+    async def refused_send(message):
+        refused_sent.append(message)
+
+    await asyncio.wait_for(edge(*chat_request(KEY, body_reads), refused_send), 5)
+    assert status_and_reason(refused_sent) == (429, "TOO_MANY_CALLS_IN_FLIGHT")
+    # The refused request's body was never read: only the held one's was.
+    assert body_reads == [1]
+    pipeline.release.set()
+    await asyncio.wait_for(held, 5)
+    await asyncio.sleep(0)
+    assert calls.held("dev") == 0
