@@ -734,6 +734,8 @@ class _TenantHolds:
     _LIMIT: str
     _REASON: Reason
     _REFUSAL: str
+    # A refusal's RetryInfo (and the HTTP edge's Retry-After), if any.
+    _RETRY_AFTER_S: float | None = None
 
     def __init__(self, cap: int) -> None:
         self._cap = cap
@@ -755,7 +757,7 @@ class _TenantHolds:
         held = self._open.get(tenant_id, 0)
         if held >= self._cap:
             raise _refusal(
-                "tenant", tenant_id, self._LIMIT, self._cap, None, self._REASON,
+                "tenant", tenant_id, self._LIMIT, self._cap, self._RETRY_AFTER_S, self._REASON,
                 self._REFUSAL.format(cap=self._cap),
             )  # fmt: skip
         self._open[tenant_id] = held + 1
@@ -800,3 +802,6 @@ class TenantCalls(_TenantHolds):
     _LIMIT = "max_concurrent_rpcs_per_tenant"
     _REASON = Reason.TOO_MANY_CALLS_IN_FLIGHT
     _REFUSAL = "the tenant has its most calls (gRPC and HTTP) in flight on this replica ({cap}); retry later"
+    # Calls end by themselves (unlike open streams, which the client closes):
+    # a short wait, as SERVICE_BUSY's.
+    _RETRY_AFTER_S = 1.0

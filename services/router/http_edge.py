@@ -508,6 +508,7 @@ class HttpEdge:
                     if event.text:
                         body = chunks.delta(event.text) + body
                     await send({"type": "http.response.body", "body": body})
+                    await _to_the_end(events)
                     return
                 case Failure(error=error):
                     # Mid-stream: the status has gone out, so the failure is an
@@ -542,6 +543,7 @@ class HttpEdge:
                         "meshgate": _extension(event),
                     }
                     await _send_json(send, 200, body)
+                    await _to_the_end(events)
                     return
                 case Failure(error=error):
                     raise error
@@ -626,6 +628,15 @@ class _Response:
         if message["type"] == "http.response.body" and not message.get("more_body"):
             self.complete = True
         await self._send(message)
+
+
+async def _to_the_end(events) -> None:
+    """Reads a turn's events past its completion, as the gRPC servicer does:
+    the pipeline then ends the turn as completed. Closed at its completion
+    instead, it would take the close for a caller gone and record the turn
+    cancelled (services/router/pipeline.py)."""
+    async for _ in events:
+        pass
 
 
 async def _until_disconnect(work, receive, response: _Response) -> None:

@@ -27,9 +27,9 @@ replica reconnects to Redis, leaving a revoked key working until something
 else evicts it; here the bound holds whatever happened to connections, and
 costs at most two GETs per second per live key per replica.
 
-What a caller sending made-up keys costs (each gRPC call's key is checked
-before its request is read, so this is the whole price of a keyless flood
-on the gRPC port; the HTTP edge reads a request's body first): a
+What a caller sending made-up keys costs (each gRPC call's and HTTP
+request's key is checked before its request or body is read, so this is
+the whole price of a keyless flood): a
 secret not shaped as :func:`new_secret` makes them cannot be stored, and is
 refused with no Redis call (:func:`could_be_stored`); a well-shaped one
 costs one GET, and its absence is cached apart from the records found, so

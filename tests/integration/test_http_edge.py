@@ -365,6 +365,7 @@ async def test_each_request_is_counted_against_the_tenants_call_cap_only_while_i
             # the one call, and the held request refused instead.
             await asyncio.sleep(0.2)
             for _ in range(200):  # until the held request's headers are in
+                assert not held.done(), (await held).text  # it was the one refused
                 refused = await http.get("/models")
                 if refused.status_code != 200:
                     break

@@ -31,19 +31,24 @@ class ScriptedPipeline:
     def __init__(self, events) -> None:
         self._events = events
         self.carry_last_text: bool | None = None
+        # Whether the edge read the turn to its end (closed at its
+        # completion instead, the pipeline records the turn cancelled).
+        self.read_to_the_end = False
 
     async def run(self, request, tenant, session_id, budget, create_session=False, carry_last_text=False):
         self.carry_last_text = carry_last_text
         for event in self._events:
             yield event
+        self.read_to_the_end = True
 
 
-async def streamed(events) -> list[dict]:
-    """The ASGI messages the edge sends for one streamed chat completion."""
+async def streamed(events, stream: bool = True) -> list[dict]:
+    """The ASGI messages the edge sends for one chat completion, streamed
+    unless ``stream`` is False."""
     settings = RouterSettings(dev_api_key=KEY)
     pipeline = ScriptedPipeline(events)
     edge = HttpEdge(settings, {"m": ModelSettings()}, Authenticator(settings), TenantCalls(0), pipeline, None)
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream})
     received = [{"type": "http.request", "body": body.encode(), "more_body": False}]
     sent: list[dict] = []
 
@@ -63,7 +68,9 @@ async def streamed(events) -> list[dict]:
     }
     await asyncio.wait_for(edge(scope, receive, send), 5)
     # A streamed answer's last piece may come on the completion (one write).
-    assert pipeline.carry_last_text is True
+    assert pipeline.carry_last_text is stream
+    completed = any(isinstance(event, Completion) for event in events)
+    assert pipeline.read_to_the_end == completed
     return sent
 
 
@@ -89,6 +96,14 @@ async def test_the_last_chunk_goes_in_one_write_with_the_streams_end():
     assert contents(bodies[0]) == ["Hel"]
     assert contents(bodies[1])[0] == "lo"
     assert bodies[1].endswith(b"data: [DONE]\n\n") and b'"finish_reason":"length"' in bodies[1]
+
+
+async def test_a_whole_answer_reads_the_turn_to_its_end():
+    answer = Answer(text="Hello", completion_tokens=2, finish_reason="stop")
+    completion = Completion(answer, CacheStatus.MISS, 0.0, "", 0, "")
+    sent = await streamed([Delta("Hel"), Delta("lo"), completion], stream=False)
+    body = json.loads(b"".join(message.get("body", b"") for message in sent))
+    assert body["choices"][0]["message"]["content"] == "Hello"
 
 
 async def test_a_short_hit_on_the_completion_alone_is_one_write():
@@ -257,6 +272,7 @@ async def test_a_tenants_http_requests_count_against_its_call_cap_until_they_end
 
     await asyncio.wait_for(edge(*chat_request(KEY, body_reads), refused_send), 5)
     assert status_and_reason(refused_sent) == (429, "TOO_MANY_CALLS_IN_FLIGHT")
+    assert (b"retry-after", b"1") in refused_sent[0]["headers"]
     # The refused request's body was never read: only the held one's was.
     assert body_reads == [1]
     pipeline.release.set()
