@@ -13,6 +13,7 @@ import numpy as np
 import openai
 import pytest
 
+from meshgate import metrics
 from meshgate.config import (
     LimitSettings,
     ModelSettings,
@@ -376,3 +377,30 @@ async def test_each_request_is_counted_against_the_tenants_call_cap_only_while_i
             answer = await held
             assert answer.status_code == 200, answer.text
             assert (await http.get("/models")).status_code == 200
+
+
+def _turns(outcome: str) -> float:
+    """The router's turns of ``outcome`` so far (the router runs in this process)."""
+    return sum(
+        sample.value
+        for family in metrics.router().turns.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.labels["outcome"] == outcome
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answered_http_chat_turn_is_recorded_completed_not_cancelled(async_client, stream):
+    completed, cancelled = _turns("completed"), _turns("cancelled")
+    answer = await async_client.chat.completions.create(
+        model="tiny-gpt", messages=question(unique("recorded")), max_tokens=4, stream=stream
+    )
+    if stream:
+        async for _ in answer:
+            pass
+    # The turn is settled in the request's task, just after the answer went out.
+    for _ in range(250):
+        if _turns("completed") > completed:
+            break
+        await asyncio.sleep(0.02)
+    assert (_turns("completed") - completed, _turns("cancelled") - cancelled) == (1, 0)
