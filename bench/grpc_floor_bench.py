@@ -4,6 +4,8 @@ CPU per streamed token (issue 13).
     flock /tmp/bench.lock .venv/bin/python bench/grpc_floor_bench.py
     flock /tmp/bench.lock .venv/bin/python bench/grpc_floor_bench.py \\
         --variant baseline --variant throughput:grpc.optimization_target=throughput
+    flock /tmp/bench.lock .venv/bin/python bench/grpc_floor_bench.py --messages 11 --interval-ms 90 \\
+        --calls 2 --repeats 2 --spread --transport tcp --transport unix --rounds 3
 
 No services, no Triton, no protobuf: bare grpc.aio on uvloop with the mesh's
 own server and channel options (meshgate/serving.py) and its mutual TLS
@@ -24,6 +26,11 @@ mutual-TLS hop to a call straight to Triton (plain). Reported: messages the clie
 second, the time to each call's first message (p50: what the hops alone
 add to time to first token, with no service code), and each process's CPU
 (user + system, from /proc) per message the client received.
+
+``--transport unix`` puts every hop on unix socket files instead of
+loopback TCP (the same mutual TLS, checked by the mesh identity as over
+TCP); ``--transport tcp --transport unix --rounds N`` measures each
+variant on both, alternating, N times.
 
 A ``--variant NAME:KEY=VALUE,...`` starts the server and the relay again
 with extra grpc options (their servers' and channels' alike, as if
@@ -90,16 +97,16 @@ async def serve_stream(request: bytes, context):
 
 
 async def run_role(
-    role: str, port: int, upstream: str, certs_dir: pathlib.Path, tls: bool, upstream_tls: bool = True
+    role: str, address: str, upstream: str, certs_dir: pathlib.Path, tls: bool, upstream_tls: bool = True
 ) -> None:
     if role == "server":
         server = grpc.aio.server(options=serving.SERVER_OPTIONS)
         server.add_generic_rpc_handlers([bytes_handler(serve_stream)])
         if tls:
             credentials = Mesh(mesh_settings(certs_dir), SERVER_ROLE).server_credentials()
-            server.add_secure_port(f"127.0.0.1:{port}", credentials)
+            server.add_secure_port(address, credentials)
         else:
-            server.add_insecure_port(f"127.0.0.1:{port}")
+            server.add_insecure_port(address)
     else:
         secure = tls and upstream_tls
         security = Mesh(mesh_settings(certs_dir), RELAY_ROLE).to(SERVER_ROLE) if secure else None
@@ -117,7 +124,7 @@ async def run_role(
 
         server = grpc.aio.server(options=serving.SERVER_OPTIONS)
         server.add_generic_rpc_handlers([bytes_handler(relay)])
-        server.add_insecure_port(f"127.0.0.1:{port}")
+        server.add_insecure_port(address)
     await server.start()
     print("ready", flush=True)
     await server.wait_for_termination()
@@ -129,11 +136,11 @@ def cpu_seconds(pid: int | str) -> float:
 
 
 def start(
-    role: str, port: int, upstream: str, certs_dir: pathlib.Path, args, extra: dict, upstream_plain=False
+    role: str, address: str, upstream: str, certs_dir: pathlib.Path, args, extra: dict, upstream_plain=False
 ) -> subprocess.Popen:
     env = dict(os.environ, **{k: v for k, v in extra.items() if k.isupper()})
     options = [f"{k}={v}" for k, v in extra.items() if not k.isupper()]
-    command = [sys.executable, __file__, "--role", role, "--port", str(port), "--upstream", upstream]
+    command = [sys.executable, __file__, "--role", role, "--address", address, "--upstream", upstream]
     command += ["--certs", str(certs_dir), *(["--no-tls"] if args.no_tls else [])]
     command += ["--upstream-plain"] if upstream_plain else []
     command += [arg for option in options for arg in ("--option", option)]
@@ -188,19 +195,29 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, dict(pair.split("=", 1) for pair in settings.split(",") if pair)
 
 
-def measure(args, certs_dir: pathlib.Path, variant: str, extra: dict) -> list[str]:
-    server_port, relay_port, outer_port = free_port(), free_port(), free_port()
-    server = start("server", server_port, "", certs_dir, args, extra)
-    relay = start("relay", relay_port, f"127.0.0.1:{server_port}", certs_dir, args, extra)
+def addresses(transport: str, directory: pathlib.Path) -> tuple[str, str, str]:
+    """The server's, the relay's and the outer relay's listening addresses:
+    loopback TCP ports, or unix socket files in ``directory`` (a fresh one per
+    measurement, so that no socket file is left from the previous one)."""
+    if transport == "unix":
+        return tuple(f"unix:{directory / name}.sock" for name in ("server", "relay", "outer"))
+    return tuple(f"127.0.0.1:{free_port()}" for _ in range(3))
+
+
+def measure(args, certs_dir: pathlib.Path, variant: str, extra: dict, transport: str) -> list[str]:
+    sockets_dir = pathlib.Path(tempfile.mkdtemp(prefix="sockets-", dir=certs_dir))
+    server_address, relay_address, outer_address = addresses(transport, sockets_dir)
+    server = start("server", server_address, "", certs_dir, args, extra)
+    relay = start("relay", relay_address, server_address, certs_dir, args, extra)
     # In front of the relay, on its plain-text port: the second hop.
-    outer = start("relay", outer_port, f"127.0.0.1:{relay_port}", certs_dir, args, extra, upstream_plain=True)
+    outer = start("relay", outer_address, relay_address, certs_dir, args, extra, upstream_plain=True)
     rows = []
     try:
         client_security = None if args.no_tls else Mesh(mesh_settings(certs_dir), RELAY_ROLE).to(SERVER_ROLE)
         paths = {
-            "direct" + ("" if args.no_tls else " (mTLS)"): (f"127.0.0.1:{server_port}", client_security),
-            "relayed": (f"127.0.0.1:{relay_port}", None),
-            "relayed twice": (f"127.0.0.1:{outer_port}", None),
+            "direct" + ("" if args.no_tls else " (mTLS)"): (server_address, client_security),
+            "relayed": (relay_address, None),
+            "relayed twice": (outer_address, None),
         }
         for concurrency in (1, args.concurrency):
             for path, (target, security) in paths.items():
@@ -218,7 +235,7 @@ def measure(args, certs_dir: pathlib.Path, variant: str, extra: dict) -> list[st
                 # The inner relay's CPU; the outer one's is not read.
                 relay_cell = "-" if path.startswith("direct") else f"{per['relay']:.1f}"
                 rows.append(
-                    f"| {variant} | {path} | {concurrency} | {rate:.0f} | {first_ms:.2f} "
+                    f"| {variant} | {transport} | {path} | {concurrency} | {rate:.0f} | {first_ms:.2f} "
                     f"| {per['server']:.1f} | {relay_cell} | {per['client']:.1f} |"
                 )
     finally:
@@ -245,7 +262,15 @@ def main() -> None:
     )
     # The child processes' own arguments.
     parser.add_argument("--role", choices=("server", "relay"), help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--transport",
+        action="append",
+        choices=("tcp", "unix"),
+        help="between the processes: loopback TCP (default) or unix sockets; both given: "
+        "each variant on each, alternating, --rounds times",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="times every variant and transport is run")
+    parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
     parser.add_argument("--certs", type=pathlib.Path, help=argparse.SUPPRESS)
     parser.add_argument("--option", action="append", default=[], help=argparse.SUPPRESS)
@@ -259,19 +284,22 @@ def main() -> None:
             serving.SERVER_OPTIONS.append((key, value))
             serving.CHANNEL_OPTIONS.append((key, value))
         tls = not args.no_tls
-        uvloop.run(run_role(args.role, args.port, args.upstream, args.certs, tls, not args.upstream_plain))
+        uvloop.run(run_role(args.role, args.address, args.upstream, args.certs, tls, not args.upstream_plain))
         return
     variants = args.variant or [("baseline", {})]
+    transports = args.transport or ["tcp"]
     rows = [
-        "| variant | path | concurrency | messages/s | first message p50 (ms) "
+        "| variant | transport | path | concurrency | messages/s | first message p50 (ms) "
         "| server CPU µs/message | relay | client |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory(prefix="grpc-floor-") as directory:
         certs_dir = pathlib.Path(directory)
         certs.ensure(certs_dir)
-        for name, extra in variants:
-            rows += measure(args, certs_dir, name, extra)
+        for _ in range(args.rounds):
+            for name, extra in variants:
+                for transport in transports:
+                    rows += measure(args, certs_dir, name, extra, transport)
     print(
         f"grpcio {grpc.__version__}, {args.messages} messages of {args.bytes} B per call, "
         f"one every {args.interval_ms:g} ms, {args.calls} calls per worker"
