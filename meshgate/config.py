@@ -406,6 +406,11 @@ class RouterSettings:
     http_listen: str = "127.0.0.1:8080"
     # Larger request bodies are refused with 413 before they are parsed.
     http_max_body_bytes: int = 8 * 1024 * 1024
+    # A request's whole body must arrive within this long of its headers,
+    # or it is answered 408 and its connection closed: a client that stalls
+    # mid-body holds its tenant's call place (max_concurrent_rpcs_per_tenant)
+    # and a connection only this long.
+    http_body_timeout_s: float = 30.0
     # The model name /v1/embeddings answers to: the inference services'
     # embedding model (Embed), reached through the deployments' channels.
     embedding_model: str = "minilm"
@@ -443,6 +448,11 @@ class RouterSettings:
                 f"router.max_concurrent_rpcs ({bound}) when that is set, or one tenant's calls "
                 f"can fill the replica; got {cap} (unset: {max(1, bound // 8)}, an eighth of it)"
             )
+        # NaN compares false with everything, so the range refuses it too;
+        # infinity would be no bound, the gap this setting closes.
+        timeout = self.http_body_timeout_s
+        if isinstance(timeout, bool) or not 0 < timeout < float("inf"):
+            raise ConfigError(f"router.http_body_timeout_s must be positive and finite, got {timeout!r}")
         versions = [(template.name, template.version) for template in self.templates]
         if len(set(versions)) != len(versions):
             raise ConfigError("router.templates: a name and version appear twice")

@@ -187,6 +187,10 @@ class Reason(enum.StrEnum):
     BODY_TOO_LARGE = enum.auto()
     """An HTTP request body is larger than router.http_max_body_bytes (HTTP 413)."""
 
+    REQUEST_BODY_TIMEOUT = enum.auto()
+    """DEADLINE_EXCEEDED: an HTTP request's body did not arrive in full within
+    router.http_body_timeout_s of its headers (HTTP 408; the connection is closed)."""
+
     UNKNOWN_ENDPOINT = enum.auto()
     """UNIMPLEMENTED: the HTTP edge serves no such path (HTTP 404)."""
 

@@ -77,9 +77,16 @@ HTTP_ERRORS: dict[tuple[grpc.StatusCode, str | None], tuple[int, str]] = {
     (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.SESSION_FULL): (409, "conflict_error"),
     (grpc.StatusCode.UNAVAILABLE, None): (503, "service_unavailable_error"),
     (grpc.StatusCode.DEADLINE_EXCEEDED, None): (504, "timeout_error"),
+    # The client's own slowness, not the mesh's: its body did not come in time.
+    (grpc.StatusCode.DEADLINE_EXCEEDED, Reason.REQUEST_BODY_TIMEOUT): (408, "invalid_request_error"),
     (grpc.StatusCode.CANCELLED, None): (503, "service_unavailable_error"),
 }
 _DEFAULT_HTTP_ERROR = (500, "api_error")
+# Answered with "Connection: close": uvicorn would keep the connection after
+# the answer, skipping the body's rest as it comes, and each byte of it
+# cancels uvicorn's keep-alive timer: a client that stalls mid-body would
+# hold the connection for as long as it liked.
+_CLOSES_CONNECTION = {Reason.REQUEST_BODY_TIMEOUT}
 
 # The request field a validation reason is about (OpenAI's error "param").
 _PARAM_OF_REASON = {
@@ -112,6 +119,8 @@ def http_error(error: MeshgateError) -> tuple[int, list[tuple[bytes, bytes]], by
         (error.code, None), _DEFAULT_HTTP_ERROR
     )
     headers = [(b"content-type", b"application/json")]
+    if error.reason in _CLOSES_CONNECTION:
+        headers.append((b"connection", b"close"))
     for detail in error.details:
         if isinstance(detail, error_details_pb2.RetryInfo):
             seconds = detail.retry_delay.seconds + detail.retry_delay.nanos / 1e9
@@ -447,7 +456,9 @@ class HttpEdge:
             # ends (the admin credential is no tenant's and is refused here).
             tenant = await self._tenant(scope)
             self._calls.open(tenant.id, asyncio.current_task())
-            body = await _read_body(receive, self._settings.http_max_body_bytes)
+            body = await _read_body(
+                receive, self._settings.http_max_body_bytes, self._settings.http_body_timeout_s
+            )
             await _until_disconnect(handler(tenant, body, response.send), receive, response)
         except _Disconnected:
             return
@@ -664,21 +675,33 @@ async def _until_disconnect(work, receive, response: _Response) -> None:
         watcher.cancel()
 
 
-async def _read_body(receive, limit: int) -> bytes:
+async def _read_body(receive, limit: int, timeout_s: float) -> bytes:
+    """The whole body, at most ``limit`` bytes, within ``timeout_s``: a
+    client that stalls mid-body would otherwise hold its tenant's place
+    until it hung up."""
     chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _Disconnected
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise invalid_argument(
-                Reason.BODY_TOO_LARGE, f"the body is larger than {limit} bytes", limit=str(limit)
-            )
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise _Disconnected
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise invalid_argument(
+                        Reason.BODY_TOO_LARGE, f"the body is larger than {limit} bytes", limit=str(limit)
+                    )
+                chunks.append(chunk)
+                if not message.get("more_body"):
+                    return b"".join(chunks)
+    except TimeoutError:
+        raise MeshgateError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            Reason.REQUEST_BODY_TIMEOUT,
+            f"the body did not arrive within {timeout_s:g} s ({size} bytes came)",
+            {"timeout_s": f"{timeout_s:g}"},
+        ) from None
 
 
 def _parse_json(body: bytes):

@@ -65,6 +65,15 @@ def test_an_append_embedding_timeout_that_is_not_positive_is_refused():
     assert settings.context.append_embed_timeout_s == 5
 
 
+def test_an_http_body_timeout_that_is_not_positive_and_finite_is_refused():
+    assert load_settings(environ={}).router.http_body_timeout_s == 30
+    for value in ("0", "-1", "inf", "nan"):
+        with pytest.raises(ConfigError, match="http_body_timeout_s"):
+            load_settings(environ={"MESHGATE_ROUTER__HTTP_BODY_TIMEOUT_S": value})
+    settings = load_settings(environ={"MESHGATE_ROUTER__HTTP_BODY_TIMEOUT_S": "0.5"})
+    assert settings.router.http_body_timeout_s == 0.5
+
+
 def test_a_first_stage_word_share_outside_zero_to_one_is_refused():
     with pytest.raises(ConfigError, match="first_stage_word_share"):
         load_settings(environ={"MESHGATE_CACHE__FIRST_STAGE_WORD_SHARE": "1.5"})

@@ -207,11 +207,15 @@ class HeldPipeline:
         yield Completion(answer, CacheStatus.MISS, 0.0, "", 0, "", text="ok")
 
 
-def chat_request(key: str, body_reads: list[int]):
-    """(scope, receive) of one POST /v1/chat/completions with ``key``; each
-    read of its body is counted in ``body_reads``; the client stays
-    connected."""
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+def chat_request(
+    key: str, body_reads: list[int], content: str = "hi", stream: bool = False, pause_s: float | None = None
+):
+    """(scope, receive) of one POST /v1/chat/completions with ``key``, asking
+    ``content``; each read of its body is counted in ``body_reads``; the
+    client stays connected. With ``pause_s``, the body comes in two halves,
+    the second ``pause_s`` after the first."""
+    message = {"role": "user", "content": content}
+    body = json.dumps({"model": "m", "messages": [message], "stream": stream}).encode()
     scope = {
         "type": "http",
         "method": "POST",
@@ -219,10 +223,16 @@ def chat_request(key: str, body_reads: list[int]):
         "headers": [(b"authorization", f"Bearer {key}".encode())],
     }
     parts = [{"type": "http.request", "body": body, "more_body": False}]
+    if pause_s is not None:
+        half = len(body) // 2
+        parts = [{"type": "http.request", "body": body[:half], "more_body": True}] + parts
+        parts[1]["body"] = body[half:]
 
     async def receive():
         if parts:
             body_reads.append(1)
+            if pause_s is not None and len(parts) == 1:
+                await asyncio.sleep(pause_s)
             return parts.pop(0)
         await asyncio.Event().wait()
 
@@ -278,4 +288,39 @@ async def test_a_tenants_http_requests_count_against_its_call_cap_until_they_end
     pipeline.release.set()
     await asyncio.wait_for(held, 5)
     await asyncio.sleep(0)
+    assert calls.held("dev") == 0
+
+
+def edge_with(calls: TenantCalls, pipeline, **settings) -> HttpEdge:
+    router = RouterSettings(dev_api_key=KEY, **settings)
+    return HttpEdge(router, {"m": ModelSettings()}, Authenticator(router), calls, pipeline, None)
+
+
+def recording(sent: list[dict]):
+    """An ASGI send that records each message in ``sent``."""
+
+    async def send(message):
+        sent.append(message)
+
+    return send
+
+
+async def test_a_body_that_stalls_is_answered_408_and_frees_its_place_and_one_in_time_is_served():
+    calls, pipeline = TenantCalls(1), HeldPipeline()
+    pipeline.release.set()
+    edge = edge_with(calls, pipeline, http_body_timeout_s=0.3)
+    in_time: list[dict] = []
+    # Its second half comes after a pause well inside the timeout.
+    await asyncio.wait_for(edge(*chat_request(KEY, [], pause_s=0.05), recording(in_time)), 5)
+    assert in_time[0]["status"] == 200
+    stalled: list[dict] = []
+    started = asyncio.get_running_loop().time()
+    # Its second half would come in an hour: the timeout answers first.
+    await asyncio.wait_for(edge(*chat_request(KEY, [], pause_s=3600), recording(stalled)), 5)
+    assert 0.3 <= asyncio.get_running_loop().time() - started < 2
+    assert status_and_reason(stalled) == (408, "REQUEST_BODY_TIMEOUT")
+    error = json.loads(b"".join(message.get("body", b"") for message in stalled))["error"]
+    assert error["metadata"] == {"timeout_s": "0.3"} and error["type"] == "invalid_request_error"
+    # The rest of the body may still come: the connection goes with the answer.
+    assert (b"connection", b"close") in stalled[0]["headers"]
     assert calls.held("dev") == 0
