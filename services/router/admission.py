@@ -721,6 +721,25 @@ class TurnAdmission:
             await self._ledger.drain()
 
 
+class Hold:
+    """One place a tenant holds (:meth:`_TenantHolds.open`), given back
+    once: by :meth:`release` or when its call's task ends, whichever comes
+    first; the later one does nothing. The HTTP edge releases at its
+    response's end, as uvicorn may start the connection's next request
+    before the task of the one answered has ended."""
+
+    def __init__(self, give_back: Callable[[], None] | None) -> None:
+        # None once given back (or for a place never counted: no cap).
+        self._give_back = give_back
+
+    def release(self, _call: asyncio.Task | None = None) -> None:
+        """Gives the place back, if not yet; also the call task's done
+        callback (``_call``: the task, unused)."""
+        give_back, self._give_back = self._give_back, None
+        if give_back is not None:
+            give_back()
+
+
 class _TenantHolds:
     """What each tenant holds on this replica for as long as a gRPC call of
     its runs, at most ``cap`` per tenant (0: no cap); one more is refused
@@ -747,13 +766,14 @@ class _TenantHolds:
         is held already still counts."""
         self._cap = cap
 
-    def open(self, tenant_id: str, call: asyncio.Task) -> None:
+    def open(self, tenant_id: str, call: asyncio.Task) -> Hold:
         """Counts one of ``tenant_id`` in, until ``call`` (the task gRPC runs
         the call in) is done, however it ends: answered, failed, or
-        cancelled (its caller cancelled or went away, its deadline passed).
+        cancelled (its caller cancelled or went away, its deadline passed),
+        or until the returned hold is released, whichever comes first.
         Refuses it past the cap."""
         if not self._cap:
-            return
+            return Hold(None)
         held = self._open.get(tenant_id, 0)
         if held >= self._cap:
             raise _refusal(
@@ -761,14 +781,16 @@ class _TenantHolds:
                 self._REFUSAL.format(cap=self._cap),
             )  # fmt: skip
         self._open[tenant_id] = held + 1
-        call.add_done_callback(functools.partial(self._closed, tenant_id))
+        hold = Hold(functools.partial(self._closed, tenant_id))
+        call.add_done_callback(hold.release)
+        return hold
 
     def held(self, tenant_id: str) -> int:
         """What ``tenant_id`` holds: for the tests to read (the router itself
         needs only open's refusal)."""
         return self._open.get(tenant_id, 0)
 
-    def _closed(self, tenant_id: str, call: asyncio.Task) -> None:
+    def _closed(self, tenant_id: str) -> None:
         left = self._open[tenant_id] - 1
         if left:
             self._open[tenant_id] = left

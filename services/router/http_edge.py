@@ -44,7 +44,7 @@ from meshgate.errors import MeshgateError, from_rpc_error, internal_error, inval
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
-from services.router.admission import TenantCalls
+from services.router.admission import Hold, TenantCalls
 from services.router.auth import Authenticator, Tenant
 from services.router.deployments import DeploymentTable
 from services.router.downstream import not_taken
@@ -452,10 +452,11 @@ class HttpEdge:
             # The key first, from the headers: a caller without a valid one
             # makes the router read none of its body, and a tenant's request
             # counts against its call cap (router.max_concurrent_rpcs_per_tenant,
-            # with its gRPC calls) until this request's task ends, however it
-            # ends (the admin credential is no tenant's and is refused here).
+            # with its gRPC calls) until its response is complete or this
+            # request's task ends, however it ends, whichever comes first
+            # (the admin credential is no tenant's and is refused here).
             tenant = await self._tenant(scope)
-            self._calls.open(tenant.id, asyncio.current_task())
+            response.hold = self._calls.open(tenant.id, asyncio.current_task())
             body = await _read_body(
                 receive, self._settings.http_max_body_bytes, self._settings.http_body_timeout_s
             )
@@ -464,11 +465,11 @@ class HttpEdge:
             return
         except MeshgateError as error:
             if not response.started:
-                await _send_error(send, error)
+                await _send_error(response.send, error)
         except Exception:  # noqa: BLE001 - a bug fails its request with a 500, nothing of its insides
             log.exception("http request failed", path=scope["path"])
             if not response.started:
-                await _send_error(send, internal_error())
+                await _send_error(response.send, internal_error())
 
     # --- handlers --------------------------------------------------------------
 
@@ -627,18 +628,34 @@ class HttpEdge:
 
 
 class _Response:
-    """Whether the response has started and whether it is complete."""
+    """Whether the response has started and whether it is complete; once
+    complete, it gives back the request's place under its tenant's call cap
+    (``hold``).
+
+    The connection's next request can start before this request's task
+    ends: uvicorn starts a pipelined one as this response's last body
+    message is sent, and a client may send its next one as soon as it has
+    the answer. Held until the task's end, the place would make that next
+    request a 429 at a cap of 1. A chat still reads its turn to the end
+    after its last chunk (_to_the_end) to settle it, but that is the
+    pipeline's short bookkeeping, not the caller's request: the caller has
+    its whole answer."""
 
     def __init__(self, send) -> None:
         self._send = send
         self.started = False
         self.complete = False
+        self.hold = Hold(None)
 
     async def send(self, message) -> None:
         self.started = True
         if message["type"] == "http.response.body" and not message.get("more_body"):
             self.complete = True
         await self._send(message)
+        if self.complete:
+            # In the same step as uvicorn's send, which has only scheduled
+            # the next request's task: that task finds the place free.
+            self.hold.release()
 
 
 async def _to_the_end(events) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import json
 
 import grpc
+import pytest
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
@@ -323,4 +324,52 @@ async def test_a_body_that_stalls_is_answered_408_and_frees_its_place_and_one_in
     assert error["metadata"] == {"timeout_s": "0.3"} and error["type"] == "invalid_request_error"
     # The rest of the body may still come: the connection goes with the answer.
     assert (b"connection", b"close") in stalled[0]["headers"]
+    assert calls.held("dev") == 0
+
+
+class SettlingPipeline:
+    """Answers "ok" (a question "wait": once ``answer`` is set), then keeps
+    the turn settling until ``settle`` is set, as the real pipeline does its
+    bookkeeping after the completion."""
+
+    def __init__(self) -> None:
+        self.answer = asyncio.Event()
+        self.settle = asyncio.Event()
+
+    async def run(self, request, tenant, session_id, budget, create_session=False, carry_last_text=False):
+        if request.messages[-1].content == "wait":
+            await self.answer.wait()
+        answer = Answer(text="ok", completion_tokens=1, finish_reason="stop")
+        yield Completion(answer, CacheStatus.MISS, 0.0, "", 0, "", text="ok")
+        await self.settle.wait()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_requests_place_is_given_back_once_when_its_response_is_complete(stream):
+    """At a cap of 1, the next request of the connection (which uvicorn
+    starts once this response is complete) gets the place while this
+    request's task still settles its turn; that task's end then gives back
+    nothing more."""
+    calls, pipeline = TenantCalls(1), SettlingPipeline()
+    edge = edge_with(calls, pipeline)
+    answered: list[dict] = []
+    settling = asyncio.create_task(edge(*chat_request(KEY, [], "now", stream), recording(answered)))
+    for _ in range(100):
+        if answered and answered[-1]["type"] == "http.response.body" and not answered[-1].get("more_body"):
+            break
+        await asyncio.sleep(0.01)
+    assert answered[0]["status"] == 200
+    assert not settling.done() and calls.held("dev") == 0
+    waiting_sent: list[dict] = []
+    waiting = asyncio.create_task(edge(*chat_request(KEY, [], "wait", stream), recording(waiting_sent)))
+    await asyncio.sleep(0.05)
+    assert not waiting_sent and calls.held("dev") == 1
+    pipeline.settle.set()
+    await asyncio.wait_for(settling, 5)
+    await asyncio.sleep(0)
+    assert calls.held("dev") == 1  # still the waiting request's
+    pipeline.answer.set()
+    await asyncio.wait_for(waiting, 5)
+    assert waiting_sent[0]["status"] == 200
+    await asyncio.sleep(0)
     assert calls.held("dev") == 0

@@ -94,6 +94,39 @@ async def test_a_call_ended_however_frees_its_place_once(kind) -> None:
     await asyncio.gather(*calls)
 
 
+@KINDS
+async def test_a_place_released_early_is_given_back_once_and_its_calls_end_gives_back_nothing(kind) -> None:
+    holds, release = kind(CAP), asyncio.Event()
+    early_hold = None
+
+    async def released_early() -> None:
+        nonlocal early_hold
+        early_hold = holds.open("a", asyncio.current_task())
+        await release.wait()
+
+    early = asyncio.create_task(released_early())
+    other = await opened(holds, "a", release)
+    await asyncio.sleep(0)
+    assert holds.held("a") == CAP
+    early_hold.release()
+    assert holds.held("a") == CAP - 1
+    early_hold.release()
+    assert holds.held("a") == CAP - 1
+    # Its place is free for another while its task still runs.
+    taken = await opened(holds, "a", release)
+    assert not taken.done() and holds.held("a") == CAP
+    # Its task's end counts nothing out: the other two are still held.
+    early.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await early
+    await asyncio.sleep(0)
+    assert holds.held("a") == CAP
+    release.set()
+    await asyncio.gather(other, taken)
+    await asyncio.sleep(0)
+    assert holds.held("a") == 0
+
+
 async def failing(holds) -> None:
     holds.open("a", asyncio.current_task())
     await asyncio.sleep(0.01)
