@@ -379,6 +379,96 @@ async def test_each_request_is_counted_against_the_tenants_call_cap_only_while_i
             assert (await http.get("/models")).status_code == 200
 
 
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response off a raw connection: its status, headers
+    (lower-case names) and body (chunked or of a Content-Length)."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    status_line, *lines = head.split("\r\n")[:-2]
+    headers = {name.lower(): value for name, value in (line.split(": ", 1) for line in lines)}
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+            body += (await reader.readexactly(size + 2))[:-2]
+        await reader.readexactly(2)  # the empty chunk's line end
+    else:
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, body
+
+
+def raw_request(method: str, path: str, body: bytes = b"") -> bytes:
+    """A keep-alive HTTP/1.1 request with the test key, as bytes."""
+    head = f"{method} /v1{path} HTTP/1.1\r\nhost: edge\r\nauthorization: Bearer {KEY}\r\n"
+    if body:
+        head += f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+@pytest.fixture
+async def capped_at_one(redis_url, inference_address):
+    """A router whose tenant may have one call in flight and whose HTTP
+    bodies must arrive within half a second; yields its HTTP (host, port)."""
+    settings = service_settings(redis_url, inference_address, KEY)
+    settings.router.max_concurrent_rpcs_per_tenant = 1
+    settings.router.http_body_timeout_s = 0.5
+    settings.router.http_listen = f"127.0.0.1:{free_port()}"
+    async with running_router(settings):
+        host, _, port = settings.router.http_listen.rpartition(":")
+        yield host, int(port)
+
+
+async def test_a_stalled_body_is_answered_408_its_connection_closed_and_its_place_freed(capped_at_one):
+    host, port = capped_at_one
+    body = json.dumps({"model": "tiny-gpt", "messages": question(unique("stall")), "max_tokens": 4}).encode()
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        # The headers and half the body, then nothing.
+        writer.write(raw_request("POST", "/chat/completions", body)[: -(len(body) // 2)])
+        await writer.drain()
+        stalled_at = asyncio.get_running_loop().time()
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}/v1", headers=AUTH, timeout=60) as http:
+            for _ in range(100):  # until the stalled request's headers are in: it holds the one place
+                refused = await http.get("/models")
+                if refused.status_code != 200:
+                    break
+                await asyncio.sleep(0.01)
+            assert refused.status_code == 429, refused.text
+            status, headers, answer = await asyncio.wait_for(read_response(reader), 10)
+            assert status == 408, answer
+            assert json.loads(answer)["error"]["code"] == "REQUEST_BODY_TIMEOUT"
+            assert headers.get("connection") == "close"
+            # Closed by the router with the answer: not kept until
+            # uvicorn's keep-alive timeout (5 s).
+            assert await asyncio.wait_for(reader.read(), 2) == b""
+            assert asyncio.get_running_loop().time() - stalled_at < 3
+            assert (await http.get("/models")).status_code == 200
+    finally:
+        writer.close()
+
+
+async def test_requests_pipelined_on_one_connection_all_pass_at_a_cap_of_one(capped_at_one):
+    """uvicorn starts each pipelined request as the one before it is
+    answered, while a chat's task still settles its turn."""
+    host, port = capped_at_one
+    streamed = {"model": "tiny-gpt", "messages": question(unique("piped")), "max_tokens": 4, "stream": True}
+    whole = {"model": "tiny-gpt", "messages": question(unique("piped")), "max_tokens": 4}
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(
+            raw_request("POST", "/chat/completions", json.dumps(streamed).encode())
+            + raw_request("GET", "/models")
+            + raw_request("POST", "/chat/completions", json.dumps(whole).encode())
+            + raw_request("GET", "/models")
+        )
+        await writer.drain()
+        answers = [await asyncio.wait_for(read_response(reader), 30) for _ in range(4)]
+    finally:
+        writer.close()
+    assert [status for status, _, _ in answers] == [200] * 4, [body for _, _, body in answers]
+    assert answers[0][2].endswith(b"data: [DONE]\n\n")
+    assert json.loads(answers[2][2])["choices"][0]["finish_reason"] in ("stop", "length")
+    assert json.loads(answers[3][2])["data"]
+
+
 def _turns(outcome: str) -> float:
     """The router's turns of ``outcome`` so far (the router runs in this process)."""
     return sum(
