@@ -406,10 +406,11 @@ class RouterSettings:
     http_listen: str = "127.0.0.1:8080"
     # Larger request bodies are refused with 413 before they are parsed.
     http_max_body_bytes: int = 8 * 1024 * 1024
-    # A request's whole body must arrive within this long of its headers,
-    # or it is answered 408 and its connection closed: a client that stalls
-    # mid-body holds its tenant's call place (max_concurrent_rpcs_per_tenant)
-    # and a connection only this long.
+    # A request's whole body must arrive within this long of its key being
+    # checked, or it is answered 408 and its connection closed: a client that
+    # stalls mid-body holds its tenant's call place (max_concurrent_rpcs_per_tenant)
+    # and its connection only this long. A deadline for the whole body, not
+    # an idle timeout: an 8 MiB body needs ~280 KB/s.
     http_body_timeout_s: float = 30.0
     # The model name /v1/embeddings answers to: the inference services'
     # embedding model (Embed), reached through the deployments' channels.

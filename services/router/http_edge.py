@@ -85,7 +85,12 @@ _DEFAULT_HTTP_ERROR = (500, "api_error")
 # Answered with "Connection: close": uvicorn would keep the connection after
 # the answer, skipping the body's rest as it comes, and each byte of it
 # cancels uvicorn's keep-alive timer: a client that stalls mid-body would
-# hold the connection for as long as it liked.
+# hold the connection for as long as it liked. The other errors answered
+# before the body is read in whole (401, 404, 405, 413, 429) keep their
+# connection: their client may still be sending, and closing a socket with
+# unread bytes resets the connection, which can lose the answer. A client
+# that trickles bytes after one of them holds a connection, but no call
+# place: connection limits belong to the load balancer (docs/capacity.md).
 _CLOSES_CONNECTION = {Reason.REQUEST_BODY_TIMEOUT}
 
 # The request field a validation reason is about (OpenAI's error "param").
@@ -649,12 +654,17 @@ class _Response:
 
     async def send(self, message) -> None:
         self.started = True
-        if message["type"] == "http.response.body" and not message.get("more_body"):
-            self.complete = True
         await self._send(message)
-        if self.complete:
-            # In the same step as uvicorn's send, which has only scheduled
-            # the next request's task: that task finds the place free.
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            # Complete once the last part is written, not as it is handed
+            # over: a client gone while that part waited for the socket to
+            # drain never gets it (uvicorn drops it), and its disconnect,
+            # seen first by _until_disconnect's watcher, must then cancel
+            # the turn rather than find it complete and let it be recorded
+            # completed. Released in the same step as uvicorn's send, which
+            # has only scheduled the next request's task: that task finds
+            # the place free.
+            self.complete = True
             self.hold.release()
 
 

@@ -416,13 +416,18 @@ async def capped_at_one(redis_url, inference_address):
         yield host, int(port)
 
 
-async def test_a_stalled_body_is_answered_408_its_connection_closed_and_its_place_freed(capped_at_one):
+@pytest.mark.parametrize("sent", ["half the body", "no body"])
+async def test_a_stalled_body_is_answered_408_its_connection_closed_and_its_place_freed(capped_at_one, sent):
     host, port = capped_at_one
     body = json.dumps({"model": "tiny-gpt", "messages": question(unique("stall")), "max_tokens": 4}).encode()
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        # The headers and half the body, then nothing.
-        writer.write(raw_request("POST", "/chat/completions", body)[: -(len(body) // 2)])
+        # The headers and half the body, or the headers alone, then nothing.
+        writer.write(
+            raw_request("POST", "/chat/completions", body)[
+                : -(len(body) // 2 if sent == "half the body" else len(body))
+            ]
+        )
         await writer.drain()
         stalled_at = asyncio.get_running_loop().time()
         async with httpx.AsyncClient(base_url=f"http://{host}:{port}/v1", headers=AUTH, timeout=60) as http:
@@ -467,6 +472,21 @@ async def test_requests_pipelined_on_one_connection_all_pass_at_a_cap_of_one(cap
     assert answers[0][2].endswith(b"data: [DONE]\n\n")
     assert json.loads(answers[2][2])["choices"][0]["finish_reason"] in ("stop", "length")
     assert json.loads(answers[3][2])["data"]
+
+
+async def test_an_error_answer_frees_its_place_for_the_next_pipelined_request(capped_at_one):
+    """A request refused after its place was taken (here: a body that is not
+    JSON) gives the place back with its answer, as uvicorn starts the
+    connection's next request, not only when its task ends."""
+    host, port = capped_at_one
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(raw_request("POST", "/chat/completions", b"{not json") + raw_request("GET", "/models"))
+        await writer.drain()
+        answers = [await asyncio.wait_for(read_response(reader), 30) for _ in range(2)]
+    finally:
+        writer.close()
+    assert [status for status, _, _ in answers] == [400, 200], [body for _, _, body in answers]
 
 
 def _turns(outcome: str) -> float:

@@ -373,3 +373,32 @@ async def test_a_requests_place_is_given_back_once_when_its_response_is_complete
     assert waiting_sent[0]["status"] == 200
     await asyncio.sleep(0)
     assert calls.held("dev") == 0
+
+
+async def test_a_client_gone_while_the_last_part_waits_to_be_written_has_its_turn_cancelled():
+    """uvicorn's send waits for the socket to drain, then drops the message
+    if the client went meanwhile; the client's disconnect must then cancel
+    the turn, not find the response complete (it would be recorded
+    completed, answered to nobody)."""
+    answer = Answer(text="ok", completion_tokens=1, finish_reason="stop")
+    pipeline = ScriptedPipeline([Delta("o"), Completion(answer, CacheStatus.MISS, 0.0, "", 0, "", text="k")])
+    edge = edge_with(TenantCalls(1), pipeline)
+    gone = asyncio.Event()
+    scope, body_receive = chat_request(KEY, [], stream=True)
+    body_read = False
+
+    async def receive():
+        nonlocal body_read
+        if not body_read:
+            body_read = True
+            return await body_receive()
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            gone.set()  # the client goes while this last part waits to be written
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(edge(scope, receive, send), 5)
+    assert not pipeline.read_to_the_end
