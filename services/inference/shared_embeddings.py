@@ -15,12 +15,12 @@ them all. Here:
   ``inference.embedding_memo_entries``; 0 keeps none, in-flight texts are
   still shared). Nothing is ever stale: only memory bounds it.
 
-A shared call belongs to no caller. It runs as its own task, and each caller
-waits for it shielded, so a caller that leaves (cancelled, its deadline
-passed) does not end it for the others. When the last one waiting leaves it
-is cancelled: nobody wants its vectors, and cancelling the Triton call
-cancels the request inside Triton. A failure reaches each waiter as its own
-copy of the error, so that no two RPCs raise one exception object.
+A shared call belongs to no caller (``meshgate.single_flight``): a caller
+that leaves (cancelled, its deadline passed) does not end it for the
+others. When the last one waiting leaves it is cancelled: nobody wants its
+vectors, and cancelling the Triton call cancels the request inside Triton.
+A failure reaches each waiter as its own copy of the error, so that no two
+RPCs raise one exception object.
 
 Keys are the memo's digests of the model and the text (16 bytes; a text may
 be up to a megabyte). The cache service's question memo
@@ -43,17 +43,14 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
-import typing
 
 import grpc
-import structlog
 
 from meshgate import metrics
 from meshgate.embedding import VectorMemo
-from meshgate.errors import MeshgateError, internal_error
+from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
-
-log = structlog.get_logger(__name__)
+from meshgate.single_flight import Flight, SingleFlight
 
 # The embedding model's max_batch_size: larger requests are split, and a
 # flight is one ModelInfer of at most this many texts.
@@ -62,17 +59,6 @@ EMBED_BATCH = 64
 # The servicer's Triton work for at most ``batch_size`` texts: one float32
 # vector per text, as bytes.
 Fetch = collections.abc.Callable[[list[str]], collections.abc.Awaitable[list[bytes]]]
-
-
-class _Flight:
-    """One fetch under way: its texts' futures, and who waits for them."""
-
-    __slots__ = ("futures", "task", "waiters")
-
-    def __init__(self, futures: dict[bytes, asyncio.Future]) -> None:
-        self.futures = futures
-        self.task: asyncio.Task | None = None
-        self.waiters = 0
 
 
 class SharedEmbeddings:
@@ -100,8 +86,11 @@ class SharedEmbeddings:
         self._batch_size = batch_size
         self._timeout_s = timeout_s
         self._memo: VectorMemo[bytes] = VectorMemo(model, max_entries)
-        # Each text in flight, and the flight that will answer it.
-        self._in_flight: dict[bytes, _Flight] = {}
+        # Each text in flight, and the fetch that will answer it (with every
+        # text of its chunk); cancelled when the last caller waiting leaves.
+        self._in_flight: SingleFlight[bytes, dict[bytes, bytes]] = SingleFlight(
+            "embedding fetch", cancel_when_abandoned=True
+        )
         counts = metrics.inference().embedding_texts
         self._from_triton = counts.labels("triton")
         self._shared = counts.labels("shared")
@@ -114,7 +103,7 @@ class SharedEmbeddings:
         """Each text's vector, in order."""
         keys = [self._memo.key(text) for text in texts]
         found: dict[bytes, bytes] = {}
-        joined: dict[bytes, _Flight] = {}
+        joined: dict[bytes, Flight[dict[bytes, bytes]]] = {}
         missing: dict[bytes, str] = {}
         for key, text in zip(keys, texts):
             if key in found or key in joined or key in missing:
@@ -122,7 +111,7 @@ class SharedEmbeddings:
             elif (vector := self._memo.get(key)) is not None:
                 found[key] = vector
                 self._from_memo.inc()
-            elif (flight := self._in_flight.get(key)) is not None:
+            elif (flight := self._in_flight.flight(key)) is not None:
                 joined[key] = flight
                 self._shared.inc()
             else:
@@ -132,93 +121,28 @@ class SharedEmbeddings:
             pending = list(missing.items())
             for start in range(0, len(pending), self._batch_size):
                 chunk = dict(pending[start : start + self._batch_size])
-                joined.update(dict.fromkeys(chunk, self._start(chunk)))
+                joined.update(dict.fromkeys(chunk, self._in_flight.start(chunk, self._run(chunk))))
         if joined:
-            found.update(await self._wait(joined))
+            # Each flight once, in the order first needed (its failure first).
+            flights = list(dict.fromkeys(joined.values()))
+            for chunk_vectors in await self._in_flight.wait(flights):
+                found.update(chunk_vectors)
         return [found[key] for key in keys]
 
-    def _start(self, texts: dict[bytes, str]) -> _Flight:
-        loop = asyncio.get_running_loop()
-        flight = _Flight({key: loop.create_future() for key in texts})
-        for key in texts:
-            self._in_flight[key] = flight
-        flight.task = asyncio.create_task(self._run(flight, list(texts.values())))
-        return flight
-
-    async def _run(self, flight: _Flight, texts: list[str]) -> None:
+    async def _run(self, texts: dict[bytes, str]) -> dict[bytes, bytes]:
+        """The chunk's vectors by key, remembered."""
         try:
             async with asyncio.timeout(self._timeout_s):
-                vectors = await self._fetch(texts)
-            if len(vectors) != len(texts):
-                message = f"{len(vectors)} vectors fetched for {len(texts)} texts"
-                raise MeshgateError(grpc.StatusCode.INTERNAL, Reason.BAD_EMBEDDING, message)
-        except asyncio.CancelledError:
-            # Only when nobody waits any more (_leave): no one to tell.
-            for future in flight.futures.values():
-                future.cancel()
-            raise
-        except Exception as error:  # noqa: BLE001 - every waiter gets it, as its own status
-            failure = self._failure(error)
-            for future in flight.futures.values():
-                future.set_exception(failure)
-                # A waiter that left meanwhile never reads it: no "never retrieved" warning.
-                future.exception()
-            return
-        finally:
-            self._land(flight)
-        for (key, future), vector in zip(flight.futures.items(), vectors):
-            future.set_result(vector)
-            self._memo.put(key, vector)
-
-    def _failure(self, error: Exception) -> MeshgateError:
-        """What a failed flight's waiters raise: a status with ErrorInfo,
-        made once here, whatever the fetch raised."""
-        if isinstance(error, MeshgateError):
-            return error
-        if isinstance(error, TimeoutError):
+                vectors = await self._fetch(list(texts.values()))
+        except TimeoutError:
             message = f"the embedding model did not answer within {self._timeout_s} s"
-            return MeshgateError(grpc.StatusCode.DEADLINE_EXCEEDED, Reason.DEADLINE_EXCEEDED, message)
-        # A bug: its details go to the log, not to every caller.
-        log.error("embedding fetch failed", exc_info=error)
-        return internal_error()
-
-    def _land(self, flight: _Flight) -> None:
-        """Its texts are no longer in flight (a later ask starts afresh or finds the memo)."""
-        for key in flight.futures:
-            if self._in_flight.get(key) is flight:
-                del self._in_flight[key]
-
-    async def _wait(self, joined: dict[bytes, _Flight]) -> dict[bytes, bytes]:
-        flights = set(joined.values())
-        for flight in flights:
-            flight.waiters += 1
-        try:
-            futures = [flight.futures[key] for key, flight in joined.items()]
-            # Shielded: leaving must not cancel a future other callers wait on.
-            await asyncio.shield(asyncio.gather(*futures, return_exceptions=True))
-        finally:
-            for flight in flights:
-                self._leave(flight)
-        vectors = {}
-        for key, future in zip(joined, futures):
-            if future.cancelled():
-                raise asyncio.CancelledError
-            if (error := future.exception()) is not None:
-                _raise_own(error)
-            vectors[key] = future.result()
-        return vectors
-
-    def _leave(self, flight: _Flight) -> None:
-        flight.waiters -= 1
-        if flight.waiters == 0 and flight.task is not None and not flight.task.done():
-            # Nobody wants these vectors: out of flight now, so a caller that
-            # comes next starts its own call instead of joining a cancelled one.
-            self._land(flight)
-            flight.task.cancel()
-
-
-def _raise_own(error: BaseException) -> typing.NoReturn:
-    """The same failure as an exception object of this waiter's own (its
-    traceback is its own RPC's); _run made it a MeshgateError."""
-    assert isinstance(error, MeshgateError)
-    raise error.copy() from error
+            raise MeshgateError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, Reason.DEADLINE_EXCEEDED, message
+            ) from None
+        if len(vectors) != len(texts):
+            message = f"{len(vectors)} vectors fetched for {len(texts)} texts"
+            raise MeshgateError(grpc.StatusCode.INTERNAL, Reason.BAD_EMBEDDING, message)
+        by_key = dict(zip(texts, vectors))
+        for key, vector in by_key.items():
+            self._memo.put(key, vector)
+        return by_key

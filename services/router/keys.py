@@ -39,7 +39,6 @@ cache. Calls that ask for the same key at once share one GET.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import json
@@ -55,6 +54,7 @@ from meshgate import redis_access
 from meshgate.config import ConfigError, LimitSettings, hash_api_key
 from meshgate.errors import MeshgateError, invalid_argument, not_found, unavailable
 from meshgate.reasons import Reason
+from meshgate.single_flight import SingleFlight
 
 log = structlog.get_logger(__name__)
 
@@ -164,7 +164,9 @@ class KeyStore:
         # key hash -> monotonic time it was read and found absent
         self._absent: dict[str, float] = {}
         # key hash -> the GET under way, which callers asking at once share
-        self._reading: dict[str, asyncio.Task] = {}
+        self._reading: SingleFlight[str, KeyRecord | None] = SingleFlight(
+            "API key GET", cancel_when_abandoned=False
+        )
 
     def now(self) -> float:
         return self._clock()
@@ -178,18 +180,10 @@ class KeyStore:
         absent_at = self._absent.get(key_hash)
         if absent_at is not None and now - absent_at < _CACHE_TTL_S:
             return None
-        reading = self._reading.get(key_hash)
-        if reading is None:
-            # A task of its own, so that a caller cancelled (its client gone)
-            # ends neither the GET nor the wait of the others sharing it.
-            reading = asyncio.ensure_future(self._read(key_hash))
-            self._reading[key_hash] = reading
-            reading.add_done_callback(functools.partial(self._read_done, key_hash))
-        try:
-            return await asyncio.shield(reading)
-        except MeshgateError as error:
-            # Each caller's own copy: a raise rewrites the traceback.
-            raise error.copy() from error
+        # Calls asking at once share one GET; one that is cancelled (its
+        # client gone) ends neither the GET nor the others' wait, and the GET
+        # runs on when all have gone: what it reads is cached for the next.
+        return await self._reading.join(key_hash, functools.partial(self._read, key_hash))
 
     async def _read(self, key_hash: str) -> KeyRecord | None:
         # Aged from when it was asked, not answered: a record is then never
@@ -200,7 +194,7 @@ class KeyStore:
         except redis_access.CONNECTION_ERRORS as error:
             # Fail closed: a revoked key must not come back during an outage.
             raise unavailable(Reason.REDIS_UNAVAILABLE, f"API keys cannot be checked: {error}") from error
-        if self._reading.get(key_hash) is not asyncio.current_task():
+        if not self._reading.is_current(key_hash):
             # This replica wrote the key while the GET was under way (a
             # revocation, say): what it read may predate the write, so it
             # answers only the callers that asked before, and is not kept.
@@ -215,13 +209,6 @@ class KeyStore:
             self._found.clear()
         self._found[key_hash] = (record, read_at)
         return record
-
-    def _read_done(self, key_hash: str, reading: asyncio.Task) -> None:
-        if self._reading.get(key_hash) is reading:  # not already replaced by a write's
-            del self._reading[key_hash]
-        if not reading.cancelled():
-            # Retrieved here too: every caller that shared it may have gone.
-            reading.exception()
 
     async def _by_id(self, key_id: str) -> KeyRecord:
         key_hash = await self._call(self._redis.hget(_IDS, key_id)) if key_id else None
@@ -250,7 +237,7 @@ class KeyStore:
             self._absent.pop(record.key_hash, None)
             # A GET under way may have read the record before this write:
             # callers from now on start their own (_read keeps none of it).
-            self._reading.pop(record.key_hash, None)
+            self._reading.forget(record.key_hash)
 
     async def create(
         self,
