@@ -162,7 +162,8 @@ class SingleFlight(typing.Generic[K, V]):
 def _own_result(task: asyncio.Task[V]) -> V:
     """The task's value, or its failure as an exception object of this caller's own."""
     if task.cancelled():
-        # Cancelled under a waiter: only the loop shutting down does that.
+        # The work was cancelled while this caller waited: by the loop shutting
+        # down, or by the work itself (a CancelledError raised inside it).
         raise asyncio.CancelledError
     error = task.exception()
     if error is None:

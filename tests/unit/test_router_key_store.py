@@ -103,6 +103,24 @@ async def test_a_cancelled_caller_ends_neither_the_shared_get_nor_the_others_wai
     assert first.cancelled() and len(fake.gets) == 1
 
 
+async def test_a_get_whose_callers_all_left_still_ends_and_is_cached():
+    # Cancelling it would waste the read and send the next caller to Redis again.
+    live = record(new_secret())
+    fake = CountingRedis(live)
+    release = fake.gate = asyncio.Event()
+    store = KeyStore(fake)
+    asks = [asyncio.ensure_future(store.lookup(live.key_hash)) for _ in range(2)]
+    await _until_asked(fake, 1)
+    for ask in asks:
+        ask.cancel()
+    await asyncio.gather(*asks, return_exceptions=True)
+    release.set()
+    for _ in range(10):  # the abandoned GET's task lands a few loop turns later
+        await asyncio.sleep(0)
+    assert await store.lookup(live.key_hash) == live
+    assert all(ask.cancelled() for ask in asks) and len(fake.gets) == 1
+
+
 async def test_a_flood_of_made_up_keys_never_pushes_a_live_key_out_of_the_cache(monkeypatch):
     # Both bounds far below the flood: absences kept with the records found
     # would empty them too.
