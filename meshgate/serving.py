@@ -17,6 +17,7 @@ import json
 import os
 import re
 import signal
+import socket
 
 import grpc
 import structlog
@@ -377,6 +378,7 @@ class Service:
         self.errors.bound(self.name, max_calls, uncounted_services)
 
     def bind(self, address: str) -> int:
+        _refuse_live_unix_socket(self.name, address)
         if self.server_credentials is None:
             port = self.server.add_insecure_port(address)
         else:
@@ -398,6 +400,7 @@ class Service:
         mutual TLS. It tells a status and serves nothing else. Returns its port."""
         self.health_server = grpc.aio.server(options=SERVER_OPTIONS)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        _refuse_live_unix_socket(self.name, address)
         port = self.health_server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"{self.name}: cannot listen on {address} for health checks")
@@ -410,6 +413,30 @@ class Service:
         )
         for name in ("", *self.service_names):
             await self.health.set(name, status)
+
+
+def _refuse_live_unix_socket(name: str, address: str) -> None:
+    """Raises OSError if ``address`` is a unix socket another process serves.
+
+    grpc-core unlinks the file at a ``unix:`` address before it binds: a
+    second replica started on a live one's path would take it over
+    silently, and the first would go on serving nobody. (TCP ports are
+    guarded by ``grpc.so_reuseport`` 0 in SERVER_OPTIONS.) A file nobody
+    accepts on is a dead process's socket, and is taken over."""
+    if not address.startswith("unix:"):
+        return
+    path = address.removeprefix("unix:")
+    if path.startswith("//"):  # unix:///absolute/path
+        path = path[2:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except TimeoutError:
+            pass  # a live server whose backlog is full
+        except OSError:
+            return  # no such file, or nothing accepting on it
+    raise OSError(f"{name}: cannot listen on {address}: another process is serving on it")
 
 
 def parse_args(name: str, argv: list[str] | None) -> argparse.Namespace:
