@@ -4,7 +4,8 @@ A :class:`SingleFlight` maps keys to the work under way for them (a
 :class:`Flight`). The first caller for a key starts the work; a caller
 asking while it runs joins it and waits for the same value. The rules, the
 same for every user (the API key store's GETs, services/router/keys.py; the
-inference service's Triton embedding calls, services/inference/shared_embeddings.py):
+inference service's Triton embedding calls, services/inference/shared_embeddings.py;
+the cache service's question embeddings, services/cache/embedding_memo.py):
 
 - The work runs as a task of its own and belongs to no caller. Each caller
   waits for it without being able to cancel it, so a caller that leaves
@@ -27,6 +28,10 @@ inference service's Triton embedding calls, services/inference/shared_embeddings
   then on start their own, and the work can tell (:meth:`SingleFlight.is_current`)
   that what it made must not be kept (it may predate a write), while it still
   answers the callers that joined before.
+
+Work may also be started with nobody waiting (:meth:`SingleFlight.start`
+alone: the cache's embedding of a question about to be asked); it runs to
+its end whatever ``cancel_when_abandoned`` says, as no waiter ever left it.
 
 One flight may answer for several keys (a batch of texts in one Triton call):
 :meth:`SingleFlight.start` takes them all, and a caller waiting for several
@@ -134,6 +139,14 @@ class SingleFlight(typing.Generic[K, V]):
         once it was forgotten (or replaced), so what it made must not be kept."""
         flight = self._flights.get(key)
         return flight is not None and flight.task is asyncio.current_task()
+
+    async def cancel_all(self) -> None:
+        """Cancels all work still running, forgotten or not, and waits for
+        it to end: before what it uses (a channel) is closed."""
+        running = list(self._running)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
     def _leave(self, flight: Flight[V]) -> None:
         flight.waiters -= 1

@@ -23,12 +23,11 @@ text tenant A asked lately, a timing signal of what another tenant asks.
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 
 from meshgate import metrics
 from meshgate.embedding import EmbedsText, VectorMemo
+from meshgate.single_flight import Flight, SingleFlight
 
 
 class EmbeddingMemo:
@@ -38,7 +37,11 @@ class EmbeddingMemo:
     def __init__(self, embedder: EmbedsText, model: str, max_entries: int) -> None:
         self._embedder = embedder
         self._vectors: VectorMemo[np.ndarray] = VectorMemo(model, max_entries)
-        self._in_flight: dict[bytes, asyncio.Task] = {}
+        # Run to the end when every asker left: what it makes is remembered
+        # for the next (with max_entries 0 it is only lost).
+        self._in_flight: SingleFlight[bytes, np.ndarray | None] = SingleFlight(
+            "question embedding", cancel_when_abandoned=False
+        )
         counts = metrics.cache().embedding_memo
         self._hits = counts.labels("hit")
         self._misses = counts.labels("miss")
@@ -49,10 +52,10 @@ class EmbeddingMemo:
     async def embed_or_none(self, text: str, *, tenant_id: str) -> np.ndarray | None:
         """``text``'s vector for ``tenant_id``: remembered only for that tenant."""
         vector = self._vector_or_flight(text, tenant_id)
-        if isinstance(vector, asyncio.Task):
-            # Shielded: a caller that goes away (its Lookup cancelled) must
-            # not end the call that others wait for too.
-            return await asyncio.shield(vector)
+        if isinstance(vector, Flight):
+            # A caller that goes away (its Lookup cancelled) ends neither the
+            # call nor the others' wait (meshgate/single_flight.py).
+            (vector,) = await self._in_flight.wait((vector,))
         return vector
 
     def embed_ahead(self, text: str, *, tenant_id: str) -> None:
@@ -60,23 +63,20 @@ class EmbeddingMemo:
         remembered or under way; never waits and never fails."""
         self._vector_or_flight(text, tenant_id)
 
-    def _vector_or_flight(self, text: str, tenant_id: str) -> np.ndarray | asyncio.Task:
+    def _vector_or_flight(self, text: str, tenant_id: str) -> np.ndarray | Flight:
         key = self._vectors.key(text, tenant_id)
         vector = self._vectors.get(key)
         if vector is not None:
             self._hits.inc()
             return vector
-        flight = self._in_flight.get(key)
+        flight = self._in_flight.flight(key)
         if flight is not None:
             if self._vectors.enabled:
                 self._hits.inc()  # no Embed call of its own
             return flight
         if self._vectors.enabled:
             self._misses.inc()
-        flight = asyncio.ensure_future(self._fetch(key, text))
-        self._in_flight[key] = flight
-        flight.add_done_callback(lambda done: self._landed(key, done))
-        return flight
+        return self._in_flight.start((key,), self._fetch(key, text))
 
     async def _fetch(self, key: bytes, text: str) -> np.ndarray | None:
         vector = await self._embedder.embed_or_none(text)
@@ -87,18 +87,6 @@ class EmbeddingMemo:
             self._vectors.put(key, vector)
         return vector
 
-    def _landed(self, key: bytes, flight: asyncio.Task) -> None:
-        if self._in_flight.get(key) is flight:
-            del self._in_flight[key]
-        # Retrieved here, so that one started ahead and never asked for
-        # logs no "Task exception was never retrieved"; a waiter still
-        # gets the exception from its await.
-        if not flight.cancelled():
-            flight.exception()
-
     async def close(self) -> None:
         """Cancels the calls under way, before the channel they use closes."""
-        flights = list(self._in_flight.values())
-        for flight in flights:
-            flight.cancel()
-        await asyncio.gather(*flights, return_exceptions=True)
+        await self._in_flight.cancel_all()

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 
 import grpc
@@ -53,6 +52,7 @@ from meshgate.common.v1 import common_pb2
 from meshgate.config import CacheSettings
 from meshgate.errors import invalid_argument
 from meshgate.reasons import Reason
+from meshgate.single_flight import SingleFlight
 from services.cache import conversation, keys
 from services.cache.embedding_memo import EmbeddingMemo
 from services.cache.index import IndexRegistry, Match, VectorIndex
@@ -150,7 +150,10 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         self._dimensions: int | None = None
         # The loads from Redis in flight, by index key: one per sub-partition,
         # shared by the lookups that find its index not loaded (``_synced``).
-        self._loads: dict[str, asyncio.Task[tuple[VectorIndex, int | None]]] = {}
+        # A load whose lookups all gave up goes on: the index stays resident.
+        self._loads: SingleFlight[str, tuple[VectorIndex, int | None]] = SingleFlight(
+            "index load", cancel_when_abandoned=False
+        )
         # The replica's own counts for Prometheus; _stats keeps the mesh's totals in Redis.
         self._metrics = metrics.cache()
         self._metrics.resident_rows.set_function(lambda: indexes.resident_rows)
@@ -357,10 +360,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         """Cancels the embeddings and index loads under way, before the
         channel and the Redis client they use close."""
         await self._embedder.close()
-        loads = list(self._loads.values())
-        for load in loads:
-            load.cancel()
-        await asyncio.gather(*loads, return_exceptions=True)
+        await self._loads.cancel_all()
 
     def _semantic_subject(self, partition: keys.Partition, messages) -> tuple[str, str]:
         """The sub-partition a prompt's last question is matched in, and the
@@ -393,30 +393,26 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         """
         index_key = partition.vectors_key(context_id)
         for _ in range(2):
-            load = self._loads.get(index_key)
+            load = self._loads.flight(index_key)
             if load is None:
                 index = self._indexes.get(index_key)
                 if index is not None and index.loaded and index.dimensions == dimensions:
                     strictness = await self._top_up(index_key, index, partition, context_id)
                 else:
-                    load = asyncio.ensure_future(self._load(index_key, partition, context_id, dimensions))
-                    self._loads[index_key] = load
-                    load.add_done_callback(functools.partial(self._load_done, index_key))
-                    # Every read of the load begins after this call. Shielded:
-                    # a caller that gives up leaves it to the others.
-                    index, strictness = await asyncio.shield(load)
+                    # Every read of the load begins after this call. A caller
+                    # that gives up leaves it to the others (meshgate/single_flight.py).
+                    load = self._loads.start(
+                        (index_key,), self._load(index_key, partition, context_id, dimensions)
+                    )
+                    ((index, strictness),) = await self._loads.wait((load,))
             else:
-                index, strictness = await asyncio.shield(load)
+                ((index, strictness),) = await self._loads.wait((load,))
                 if strictness is not None and index.dimensions == dimensions:
                     # The load's last read may have begun before this call.
                     strictness = await self._top_up(index_key, index, partition, context_id)
             if strictness is not None and index.dimensions == dimensions:
                 return index, strictness
         return None
-
-    def _load_done(self, index_key: str, load: asyncio.Task) -> None:
-        if self._loads.get(index_key) is load:
-            del self._loads[index_key]
 
     async def _load(
         self, index_key: str, partition: keys.Partition, context_id: str, dimensions: int

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import gc
 
+import grpc
 import numpy as np
 import pytest
+import structlog.testing
 
 from meshgate import metrics
 from meshgate.embedding import VectorMemo
+from meshgate.errors import MeshgateError
 from services.cache.embedding_memo import EmbeddingMemo
 
 
@@ -148,24 +151,30 @@ async def test_an_embedding_ahead_that_returns_none_is_asked_again():
     assert embedder.asked == ["down", "down"]
 
 
-async def test_an_embedding_ahead_that_raises_is_asked_again_and_logs_nothing():
+async def test_an_embedding_ahead_that_raises_is_asked_again_and_logged_once_each():
+    """A raise below is a bug: logged once with its traceback by the single
+    flight, never left for the loop to report as never retrieved, and the
+    asker gets an INTERNAL error of its own."""
     embedder = CountingEmbedder(raising=frozenset({"broken"}))
     memo = EmbeddingMemo(embedder, "minilm", 8)
     unretrieved: list[dict] = []
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _, context: unretrieved.append(context))
     try:
-        memo.embed_ahead("broken", tenant_id="acme")
-        await asyncio.sleep(0.01)
-        # The finished flight is gone: an exception never retrieved would be
-        # reported (through the handler above) when the task is collected.
-        gc.collect()
-        with pytest.raises(RuntimeError, match="broke"):
-            await memo.embed_or_none("broken", tenant_id="acme")
+        with structlog.testing.capture_logs() as logged:
+            memo.embed_ahead("broken", tenant_id="acme")
+            await asyncio.sleep(0.01)
+            # The finished flight is gone: an exception never retrieved would be
+            # reported (through the handler above) when the task is collected.
+            gc.collect()
+            with pytest.raises(MeshgateError) as failed:
+                await memo.embed_or_none("broken", tenant_id="acme")
+        assert failed.value.code == grpc.StatusCode.INTERNAL
         assert embedder.asked == ["broken", "broken"]
     finally:
         loop.set_exception_handler(None)
     assert unretrieved == []
+    assert [entry["event"] for entry in logged] == ["shared work failed"] * 2
 
 
 async def test_close_cancels_the_calls_under_way():

@@ -133,6 +133,21 @@ async def test_work_nobody_waits_for_any_more_finishes_and_its_failure_is_retrie
     assert task._log_traceback is False
 
 
+@pytest.mark.parametrize("cancel_when_abandoned", [True, False])
+async def test_work_started_with_nobody_waiting_runs_and_cancel_all_ends_every_run(cancel_when_abandoned):
+    flights: SingleFlight[str, object] = SingleFlight("test", cancel_when_abandoned=cancel_when_abandoned)
+    ahead, forgotten = GatedWork(), GatedWork()
+    flights.start(("ahead",), ahead.run())
+    flights.start(("old",), forgotten.run())
+    flights.forget("old")
+    await settle()
+    # No waiter ever left the work started ahead, so it runs on.
+    assert flights.flight("ahead") is not None and ahead.cancelled == 0
+    await asyncio.wait_for(flights.cancel_all(), 5)
+    assert (ahead.cancelled, forgotten.cancelled) == (1, 1)
+    assert flights.flight("ahead") is None and flights._running == set()
+
+
 async def test_each_caller_gets_its_own_copy_of_a_failure_and_the_next_caller_starts_afresh():
     flights: SingleFlight[str, object] = SingleFlight("test", cancel_when_abandoned=True)
     failure = boom()
