@@ -412,6 +412,22 @@ class RouterSettings:
     # and its connection only this long. A deadline for the whole body, not
     # an idle timeout: an 8 MiB body needs ~280 KB/s.
     http_body_timeout_s: float = 30.0
+    # A request's headers must arrive within this long of its first byte
+    # (a connection's first request: of the connection's opening), else
+    # the connection is closed: the key is read only from whole headers,
+    # so this is how long anyone who reaches the port holds a connection
+    # with nothing or half a request sent. 10 s: a client sends its headers
+    # in one write; this leaves room for a TCP segment resent three times
+    # (1 + 2 + 4 s). nginx's client_header_timeout (60 s) allows for slow
+    # browsers; this port serves API clients and a load balancer.
+    http_header_timeout_s: float = 10.0
+    # The most bytes a request's URL and header names and values may take
+    # (as Node's max-http-header-size counts them; the parser holds at most
+    # this plus one read per connection), else 431 and the connection
+    # closed. 64 KiB: four times Node's and h11's 16 KiB and twice nginx's
+    # 4 x 8 KiB, so no client or proxy header in front is refused (an
+    # openai SDK request's came to 414 bytes).
+    http_max_header_bytes: int = 64 * 1024
     # The model name /v1/embeddings answers to: the inference services'
     # embedding model (Embed), reached through the deployments' channels.
     embedding_model: str = "minilm"
@@ -451,9 +467,14 @@ class RouterSettings:
             )
         # NaN compares false with everything, so the range refuses it too;
         # infinity would be no bound, the gap this setting closes.
-        timeout = self.http_body_timeout_s
-        if isinstance(timeout, bool) or not 0 < timeout < float("inf"):
-            raise ConfigError(f"router.http_body_timeout_s must be positive and finite, got {timeout!r}")
+        for name in ("http_body_timeout_s", "http_header_timeout_s"):
+            timeout = getattr(self, name)
+            if isinstance(timeout, bool) or not 0 < timeout < float("inf"):
+                raise ConfigError(f"router.{name} must be positive and finite, got {timeout!r}")
+        # Below 1 KiB ordinary requests would be refused (a likely unit slip).
+        size = self.http_max_header_bytes
+        if isinstance(size, bool) or size < 1024:
+            raise ConfigError(f"router.http_max_header_bytes must be at least 1024, got {size!r}")
         versions = [(template.name, template.version) for template in self.templates]
         if len(set(versions)) != len(versions):
             raise ConfigError("router.templates: a name and version appear twice")

@@ -187,6 +187,10 @@ class Reason(enum.StrEnum):
     BODY_TOO_LARGE = enum.auto()
     """An HTTP request body is larger than router.http_max_body_bytes (HTTP 413)."""
 
+    HEADERS_TOO_LARGE = enum.auto()
+    """An HTTP request's URL and header fields are larger than
+    router.http_max_header_bytes (HTTP 431; the connection is closed)."""
+
     REQUEST_BODY_TIMEOUT = enum.auto()
     """DEADLINE_EXCEEDED: an HTTP request's body did not arrive in full within
     router.http_body_timeout_s of its headers (HTTP 408; the connection is closed)."""

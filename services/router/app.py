@@ -36,6 +36,8 @@ _RESTART_ONLY = (
     "router.context_address",
     "router.cache_address",
     "router.http_listen",
+    "router.http_header_timeout_s",
+    "router.http_max_header_bytes",
     "router.downstream_timeout_s",
     "router.max_generation_s",
     "router.hot_exact_entries",
@@ -133,7 +135,11 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, service.server)
     # The OpenAI-compatible HTTP edge: the same pipeline, on this event loop.
     edge = HttpEdge(settings.router, settings.models, authenticator, tenant_calls, pipeline, deployments)
-    http = HttpServer(edge, router.http_listen) if router.http_listen else None
+    http = (
+        HttpServer(edge, router.http_listen, router.http_header_timeout_s, router.http_max_header_bytes)
+        if router.http_listen
+        else None
+    )
     if http is not None:
         await http.start()
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
+import http
 import json
 import math
 import socket
@@ -37,6 +39,7 @@ import structlog
 import uvicorn
 from google.rpc import error_details_pb2
 from opentelemetry import trace
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, RouterSettings
@@ -61,6 +64,7 @@ _tracer = trace.get_tracer("meshgate.http")
 HTTP_ERRORS: dict[tuple[grpc.StatusCode, str | None], tuple[int, str]] = {
     (grpc.StatusCode.INVALID_ARGUMENT, None): (400, "invalid_request_error"),
     (grpc.StatusCode.INVALID_ARGUMENT, Reason.BODY_TOO_LARGE): (413, "invalid_request_error"),
+    (grpc.StatusCode.INVALID_ARGUMENT, Reason.HEADERS_TOO_LARGE): (431, "invalid_request_error"),
     (grpc.StatusCode.FAILED_PRECONDITION, None): (400, "invalid_request_error"),
     (grpc.StatusCode.OUT_OF_RANGE, None): (400, "invalid_request_error"),
     (grpc.StatusCode.UNAUTHENTICATED, None): (401, "authentication_error"),
@@ -85,13 +89,14 @@ _DEFAULT_HTTP_ERROR = (500, "api_error")
 # Answered with "Connection: close": uvicorn would keep the connection after
 # the answer, skipping the body's rest as it comes, and each byte of it
 # cancels uvicorn's keep-alive timer: a client that stalls mid-body would
-# hold the connection for as long as it liked. The other errors answered
+# hold the connection for as long as it liked. A header block past its
+# bound (431) has no end the parser could skip to. The other errors answered
 # before the body is read in whole (401, 404, 405, 413, 429) keep their
 # connection: their client may still be sending, and closing a socket with
 # unread bytes resets the connection, which can lose the answer. A client
 # that trickles bytes after one of them holds a connection, but no call
 # place: connection limits belong to the load balancer (docs/capacity.md).
-_CLOSES_CONNECTION = {Reason.REQUEST_BODY_TIMEOUT}
+_CLOSES_CONNECTION = {Reason.REQUEST_BODY_TIMEOUT, Reason.HEADERS_TOO_LARGE}
 
 # The request field a validation reason is about (OpenAI's error "param").
 _PARAM_OF_REASON = {
@@ -752,17 +757,141 @@ async def _send_error(send, error: MeshgateError) -> None:
 # --- the server ----------------------------------------------------------------
 
 
+class _BoundedHeaders(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with what it lacks: each request's
+    header block must arrive within ``header_timeout_s`` and its URL and
+    header fields take at most ``max_header_bytes`` (the bytes Node's
+    max-http-header-size counts), else the connection is closed, over the
+    size with a 431 ``HEADERS_TOO_LARGE``. The API key is read only from
+    complete headers, so without these anyone who reaches the port could
+    hold connections open with nothing or half a request sent, or make the
+    parser hold any number of bytes.
+
+    Built on httptools' parser callbacks (``on_message_begin``, ``on_url``,
+    ``on_header``, ``on_headers_complete``, ``on_body``,
+    ``on_message_complete``) and asyncio's Protocol methods, each calling
+    uvicorn's own; tests/unit/test_router_http_edge.py fails if uvicorn's
+    class stops defining them. uvicorn's keep-alive timeout still governs
+    an idle connection between requests: the deadline starts with the
+    connection and with each request's first byte, not after a response."""
+
+    def __init__(self, *args, header_timeout_s: float, max_header_bytes: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._timeout_s = header_timeout_s
+        self._max_bytes = max_header_bytes
+        self._transport: asyncio.Transport | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._in_headers = False
+        # The current block's URL and complete fields, in bytes.
+        self._block_bytes = 0
+        # Bytes of a field httptools still holds: it passes a header on only
+        # when the next begins, so one value sent without end is counted here.
+        self._held_bytes = 0
+        self._counted_this_read = False
+        self._too_large = False
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._transport = transport
+        self._start_deadline()
+
+    def connection_lost(self, exc) -> None:
+        self._stop_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._counted_this_read = False
+        super().data_received(data)
+        if self._in_headers and not self._counted_this_read:
+            # No field began or ended in this read: all of it extends one.
+            self._held_bytes += len(data)
+            self._too_large |= self._block_bytes + self._held_bytes > self._max_bytes
+        # Answered after the parser is through the read: uvicorn has then
+        # answered (400) and closed anything else wrong in it.
+        if self._too_large and not self._transport.is_closing():
+            self._refuse()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_headers = True
+        self._block_bytes = self._held_bytes = 0
+        self._counted_this_read = True
+        self._start_deadline()
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        # Trailers of a chunked body come here too, after the headers;
+        # this bound is the headers' only (trailers are not bounded yet).
+        if self._in_headers:
+            self._count(len(name) + len(value))
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        self._stop_deadline()
+        # A block over the bound never reaches the app, nor does its body.
+        if not self._too_large:
+            super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._too_large:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._too_large:
+            super().on_message_complete()
+
+    def _count(self, size: int) -> None:
+        self._block_bytes += size
+        self._held_bytes = 0
+        self._counted_this_read = True
+        self._too_large |= self._block_bytes > self._max_bytes
+
+    def _start_deadline(self) -> None:
+        # Kept if running: a connection's first block is due from its opening.
+        if self._deadline is None:
+            self._deadline = asyncio.get_running_loop().call_later(self._timeout_s, self._transport.close)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _refuse(self) -> None:
+        self._stop_deadline()
+        status, headers, body = http_error(
+            invalid_argument(
+                Reason.HEADERS_TOO_LARGE,
+                f"the request's URL and headers are larger than {self._max_bytes} bytes",
+                limit=str(self._max_bytes),
+            )
+        )
+        head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}".encode()]
+        head += [name + b": " + value for name, value in headers]
+        head.append(b"content-length: " + str(len(body)).encode())
+        self._transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self._transport.close()
+
+
 class HttpServer:
     """uvicorn serving an app on the running loop, from a socket bound here
-    (a taken port fails setup with OSError, not uvicorn's sys.exit)."""
+    (a taken port fails setup with OSError, not uvicorn's sys.exit), with
+    each request's headers bounded in time and size (:class:`_BoundedHeaders`)."""
 
-    def __init__(self, app, listen: str, graceful_s: float = 5.0) -> None:
+    def __init__(
+        self, app, listen: str, header_timeout_s: float, max_header_bytes: int, graceful_s: float = 5.0
+    ) -> None:
         host, _, port = listen.rpartition(":")
         self._socket = socket.create_server((host.strip("[]") or "127.0.0.1", int(port)), backlog=1024)
         self.port = self._socket.getsockname()[1]
         config = uvicorn.Config(
             app,
-            http="httptools",
+            http=functools.partial(
+                _BoundedHeaders, header_timeout_s=header_timeout_s, max_header_bytes=max_header_bytes
+            ),
             lifespan="off",
             # The router logs as structlog JSON; uvicorn's own loggers stay quiet.
             log_config=None,

@@ -489,6 +489,156 @@ async def test_an_error_answer_frees_its_place_for_the_next_pipelined_request(ca
     assert [status for status, _, _ in answers] == [400, 200], [body for _, _, body in answers]
 
 
+HEADER_TIMEOUT_S = 0.5
+MAX_HEADER_BYTES = 4096
+
+
+@pytest.fixture(scope="module")
+async def header_bounded(redis_url, inference_address):
+    """A router whose HTTP headers must arrive within half a second and
+    take at most 4 KiB, and whose bodies have 5 s; yields its HTTP (host, port)."""
+    settings = service_settings(redis_url, inference_address, KEY)
+    settings.router.http_header_timeout_s = HEADER_TIMEOUT_S
+    settings.router.http_max_header_bytes = MAX_HEADER_BYTES
+    settings.router.http_body_timeout_s = 5
+    settings.router.http_listen = f"127.0.0.1:{free_port()}"
+    async with running_router(settings):
+        host, _, port = settings.router.http_listen.rpartition(":")
+        yield host, int(port)
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> tuple[bytes, float]:
+    """What the server sent until it closed the connection, and how long
+    that took; fails if it is still open after ``seconds``."""
+    started = asyncio.get_running_loop().time()
+    sent = await asyncio.wait_for(reader.read(), seconds)
+    return sent, asyncio.get_running_loop().time() - started
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"", b"GET /v1/models HTTP/1.1\r\nhost: edge\r\nauthoriz"],
+    ids=["nothing", "half the headers"],
+)
+async def test_a_connection_whose_headers_do_not_come_is_closed_at_the_header_timeout(header_bounded, sent):
+    reader, writer = await asyncio.open_connection(*header_bounded)
+    try:
+        writer.write(sent)
+        await writer.drain()
+        answer, waited = await closed_within(reader, 5)
+    finally:
+        writer.close()
+    assert answer == b""
+    assert HEADER_TIMEOUT_S - 0.1 < waited < 3
+
+
+async def test_headers_dripped_a_byte_at_a_time_are_cut_at_the_header_timeout(header_bounded):
+    """Each byte restarts uvicorn's keep-alive timer, never this deadline."""
+    reader, writer = await asyncio.open_connection(*header_bounded)
+
+    async def drip():
+        for byte in raw_request("GET", "/models"):
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.05)
+
+    dripping = asyncio.ensure_future(drip())
+    try:
+        answer, waited = await closed_within(reader, 5)
+    finally:
+        dripping.cancel()
+        writer.close()
+    assert answer == b""
+    assert waited < 3
+
+
+async def header_block_refusal(host_port, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection(*host_port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(read_response(reader), 5)
+        # Closed with the answer, before the header timeout could.
+        assert await asyncio.wait_for(reader.read(), HEADER_TIMEOUT_S / 2) == b""
+    finally:
+        writer.close()
+    return answer
+
+
+@pytest.mark.parametrize("layout", ["many headers", "one long value"])
+async def test_a_header_block_over_the_bound_is_answered_431_and_closed(header_bounded, layout):
+    if layout == "many headers":
+        extra = "".join(f"x-filler-{index}: {'v' * 40}\r\n" for index in range(100))
+    else:
+        extra = f"x-filler: {'v' * MAX_HEADER_BYTES}\r\n"
+    request = raw_request("GET", "/models").replace(b"\r\n\r\n", f"\r\n{extra}\r\n".encode())
+    status, headers, body = await header_block_refusal(header_bounded, request)
+    assert status == 431, body
+    assert headers["connection"] == "close"
+    error = json.loads(body)["error"]
+    assert (error["code"], error["metadata"]) == ("HEADERS_TOO_LARGE", {"limit": str(MAX_HEADER_BYTES)})
+
+
+async def test_a_header_value_that_never_ends_is_refused_once_past_the_bound(header_bounded):
+    """httptools holds a header value until it ends: one sent in pieces
+    without end is refused once past the bound, not held to the timeout."""
+    reader, writer = await asyncio.open_connection(*header_bounded)
+
+    async def endless():
+        writer.write(b"GET /v1/models HTTP/1.1\r\nx-endless: ")
+        for _ in range(64):
+            writer.write(b"v" * 16384)
+            await asyncio.sleep(0.01)
+
+    sending = asyncio.ensure_future(endless())
+    try:
+        status, _, body = await asyncio.wait_for(read_response(reader), 5)
+    finally:
+        sending.cancel()
+        writer.close()
+    assert status == 431, body
+
+
+async def test_requests_in_bounds_pass_one_by_one_after_idling_and_pipelined(header_bounded):
+    reader, writer = await asyncio.open_connection(*header_bounded)
+    try:
+        writer.write(raw_request("GET", "/models"))
+        assert (await asyncio.wait_for(read_response(reader), 10))[0] == 200
+        # Idle between requests is uvicorn's keep-alive (5 s), not the header timeout.
+        await asyncio.sleep(HEADER_TIMEOUT_S * 3)
+        whole = {"model": "tiny-gpt", "messages": question(unique("bounded")), "max_tokens": 4}
+        writer.write(raw_request("POST", "/chat/completions", json.dumps(whole).encode()))
+        assert (await asyncio.wait_for(read_response(reader), 30))[0] == 200
+        # Headers just under the bound pass.
+        near_bound = raw_request("GET", "/models").replace(
+            b"\r\n\r\n", f"\r\nx-filler: {'v' * (MAX_HEADER_BYTES - 200)}\r\n\r\n".encode()
+        )
+        chat = raw_request("POST", "/chat/completions", json.dumps(whole).encode())
+        writer.write(near_bound + chat + near_bound)
+        answers = [await asyncio.wait_for(read_response(reader), 30) for _ in range(3)]
+    finally:
+        writer.close()
+    assert [status for status, _, _ in answers] == [200] * 3, [body for _, _, body in answers]
+
+
+async def test_a_slow_body_is_bound_by_the_body_timeout_not_the_header_timeout(header_bounded):
+    chat = {"model": "tiny-gpt", "messages": question(unique("slow body")), "max_tokens": 4}
+    body = json.dumps(chat).encode()
+    request = raw_request("POST", "/chat/completions", body)
+    head = len(request) - len(body)
+    reader, writer = await asyncio.open_connection(*header_bounded)
+    started = asyncio.get_running_loop().time()
+    try:
+        writer.write(request[:head])
+        for start in range(0, len(body), len(body) // 4 + 1):
+            await asyncio.sleep(HEADER_TIMEOUT_S)
+            writer.write(body[start : start + len(body) // 4 + 1])
+        status, _, answer = await asyncio.wait_for(read_response(reader), 30)
+    finally:
+        writer.close()
+    assert asyncio.get_running_loop().time() - started > HEADER_TIMEOUT_S * 3
+    assert status == 200, answer
+
+
 def _turns(outcome: str) -> float:
     """The router's turns of ``outcome`` so far (the router runs in this process)."""
     return sum(

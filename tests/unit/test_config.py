@@ -74,6 +74,23 @@ def test_an_http_body_timeout_that_is_not_positive_and_finite_is_refused():
     assert settings.router.http_body_timeout_s == 0.5
 
 
+def test_http_header_bounds_out_of_range_are_refused():
+    router = load_settings(environ={}).router
+    assert (router.http_header_timeout_s, router.http_max_header_bytes) == (10, 65536)
+    for value in ("0", "-1", "inf", "nan"):
+        with pytest.raises(ConfigError, match="http_header_timeout_s"):
+            load_settings(environ={"MESHGATE_ROUTER__HTTP_HEADER_TIMEOUT_S": value})
+    for value in ("0", "1023"):
+        with pytest.raises(ConfigError, match="http_max_header_bytes"):
+            load_settings(environ={"MESHGATE_ROUTER__HTTP_MAX_HEADER_BYTES": value})
+    environ = {
+        "MESHGATE_ROUTER__HTTP_HEADER_TIMEOUT_S": "0.5",
+        "MESHGATE_ROUTER__HTTP_MAX_HEADER_BYTES": "1024",
+    }
+    settings = load_settings(environ=environ)
+    assert (settings.router.http_header_timeout_s, settings.router.http_max_header_bytes) == (0.5, 1024)
+
+
 def test_a_first_stage_word_share_outside_zero_to_one_is_refused():
     with pytest.raises(ConfigError, match="first_stage_word_share"):
         load_settings(environ={"MESHGATE_CACHE__FIRST_STAGE_WORD_SHARE": "1.5"})

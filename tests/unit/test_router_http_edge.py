@@ -11,6 +11,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from meshgate.config import ModelSettings, RouterSettings
 from meshgate.errors import MeshgateError, busy_unavailable, unavailable
@@ -402,3 +403,22 @@ async def test_a_client_gone_while_the_last_part_waits_to_be_written_has_its_tur
 
     await asyncio.wait_for(edge(scope, receive, send), 5)
     assert not pipeline.read_to_the_end
+
+
+def test_uvicorns_httptools_protocol_still_has_what_the_header_bounds_extend():
+    """_BoundedHeaders overrides these and calls uvicorn's own: an uvicorn
+    without one of them would leave the headers unbounded, or break every
+    request (pyproject.toml pins the range where they hold)."""
+    callbacks = (
+        "connection_made",
+        "connection_lost",
+        "data_received",
+        "on_message_begin",
+        "on_url",
+        "on_header",
+        "on_headers_complete",
+        "on_body",
+        "on_message_complete",
+    )
+    missing = [name for name in callbacks if name not in vars(HttpToolsProtocol)]
+    assert missing == [], f"uvicorn's HttpToolsProtocol no longer defines {missing}"
