@@ -760,9 +760,10 @@ async def _send_error(send, error: MeshgateError) -> None:
 class _BoundedHeaders(HttpToolsProtocol):
     """uvicorn's httptools protocol, with what it lacks: each request's
     header block must arrive within ``header_timeout_s`` and its URL and
-    header fields take at most ``max_header_bytes`` (the bytes Node's
-    max-http-header-size counts), else the connection is closed, over the
-    size with a 431 ``HEADERS_TOO_LARGE``. The API key is read only from
+    header fields (a chunked body's trailers too) take at most
+    ``max_header_bytes`` (the bytes Node's max-http-header-size counts),
+    else the connection is closed, over the size with a 431
+    ``HEADERS_TOO_LARGE`` if the headers were. The API key is read only from
     complete headers, so without these anyone who reaches the port could
     hold connections open with nothing or half a request sent, or make the
     parser hold any number of bytes.
@@ -782,13 +783,16 @@ class _BoundedHeaders(HttpToolsProtocol):
         self._transport: asyncio.Transport | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._in_headers = False
-        # The current block's URL and complete fields, in bytes.
+        self._in_message = False
+        # The current request's URL and complete fields, in bytes.
         self._block_bytes = 0
-        # Bytes of a field httptools still holds: it passes a header on only
-        # when the next begins, so one value sent without end is counted here.
+        # Bytes of a field httptools still holds: it passes a header (or a
+        # trailer) on only when the next begins, so one value sent without
+        # end is counted here.
         self._held_bytes = 0
         self._counted_this_read = False
         self._too_large = False
+        self._headers_too_large = False
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -802,10 +806,11 @@ class _BoundedHeaders(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         self._counted_this_read = False
         super().data_received(data)
-        if self._in_headers and not self._counted_this_read:
-            # No field began or ended in this read: all of it extends one.
+        if self._in_message and not self._counted_this_read:
+            # Nothing was passed on from this read: all of it extends a
+            # field (or is a chunk's few bytes of framing).
             self._held_bytes += len(data)
-            self._too_large |= self._block_bytes + self._held_bytes > self._max_bytes
+            self._check_size()
         # Answered after the parser is through the read: uvicorn has then
         # answered (400) and closed anything else wrong in it.
         if self._too_large and not self._transport.is_closing():
@@ -813,7 +818,7 @@ class _BoundedHeaders(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_headers = True
+        self._in_headers = self._in_message = True
         self._block_bytes = self._held_bytes = 0
         self._counted_this_read = True
         self._start_deadline()
@@ -824,10 +829,10 @@ class _BoundedHeaders(HttpToolsProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         super().on_header(name, value)
-        # Trailers of a chunked body come here too, after the headers;
-        # this bound is the headers' only (trailers are not bounded yet).
-        if self._in_headers:
-            self._count(len(name) + len(value))
+        # A chunked body's trailers come here too, after the headers: uvicorn
+        # adds them to the request's headers, and keeps reading them after
+        # an early answer (a 401 ends no connection).
+        self._count(len(name) + len(value))
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
@@ -837,10 +842,12 @@ class _BoundedHeaders(HttpToolsProtocol):
             super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
+        self._counted_this_read = True  # passed on, not held
         if not self._too_large:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         if not self._too_large:
             super().on_message_complete()
 
@@ -848,7 +855,13 @@ class _BoundedHeaders(HttpToolsProtocol):
         self._block_bytes += size
         self._held_bytes = 0
         self._counted_this_read = True
-        self._too_large |= self._block_bytes > self._max_bytes
+        self._check_size()
+
+    def _check_size(self) -> None:
+        if not self._too_large and self._block_bytes + self._held_bytes > self._max_bytes:
+            self._too_large = True
+            # Trailers are not answered: the request's answer may have gone out.
+            self._headers_too_large = self._in_headers
 
     def _start_deadline(self) -> None:
         # Kept if running: a connection's first block is due from its opening.
@@ -862,6 +875,9 @@ class _BoundedHeaders(HttpToolsProtocol):
 
     def _refuse(self) -> None:
         self._stop_deadline()
+        if not self._headers_too_large:
+            self._transport.close()
+            return
         status, headers, body = http_error(
             invalid_argument(
                 Reason.HEADERS_TOO_LARGE,

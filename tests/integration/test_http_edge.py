@@ -598,6 +598,48 @@ async def test_a_header_value_that_never_ends_is_refused_once_past_the_bound(hea
     assert status == 431, body
 
 
+async def test_a_chunked_bodys_endless_trailer_closes_the_connection_even_after_a_401(header_bounded):
+    """uvicorn reads a body's rest after an early answer, and httptools
+    holds a trailer's value until it ends."""
+    reader, writer = await asyncio.open_connection(*header_bounded)
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: edge\r\ntransfer-encoding: chunked\r\n\r\n"
+
+    async def endless_trailer():
+        writer.write(head + b"2\r\n{}\r\n0\r\nx-trailer: ")
+        for _ in range(64):
+            writer.write(b"v" * 16384)
+            await asyncio.sleep(0.01)
+
+    sending = asyncio.ensure_future(endless_trailer())
+    try:
+        status, _, body = await asyncio.wait_for(read_response(reader), 5)
+        assert status == 401, body
+        rest, _ = await closed_within(reader, 5)
+    finally:
+        sending.cancel()
+        writer.close()
+    assert rest == b""
+
+
+async def test_a_chunked_body_with_a_trailer_in_bounds_passes(header_bounded):
+    request = {"model": "tiny-gpt", "messages": question(unique("chunked")), "max_tokens": 4}
+    chat = json.dumps(request).encode()
+    half = len(chat) // 2
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in (chat[:half], chat[half:]))
+    reader, writer = await asyncio.open_connection(*header_bounded)
+    try:
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: edge\r\n"
+            + f"authorization: Bearer {KEY}\r\ntransfer-encoding: chunked\r\n\r\n".encode()
+            + chunks
+            + b"0\r\nx-trailer: small\r\n\r\n"
+        )
+        status, _, answer = await asyncio.wait_for(read_response(reader), 30)
+    finally:
+        writer.close()
+    assert status == 200, answer
+
+
 async def test_requests_in_bounds_pass_one_by_one_after_idling_and_pipelined(header_bounded):
     reader, writer = await asyncio.open_connection(*header_bounded)
     try:
