@@ -774,7 +774,8 @@ class _BoundedHeaders(HttpToolsProtocol):
     uvicorn's own; tests/unit/test_router_http_edge.py fails if uvicorn's
     class stops defining them. uvicorn's keep-alive timeout still governs
     an idle connection between requests: the deadline starts with the
-    connection and with each request's first byte, not after a response."""
+    connection and with each request's first byte, not after a response,
+    and a pipelined request's is put off while an earlier one is answered."""
 
     def __init__(self, *args, header_timeout_s: float, max_header_bytes: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -866,7 +867,21 @@ class _BoundedHeaders(HttpToolsProtocol):
     def _start_deadline(self) -> None:
         # Kept if running: a connection's first block is due from its opening.
         if self._deadline is None:
-            self._deadline = asyncio.get_running_loop().call_later(self._timeout_s, self._transport.close)
+            self._deadline = self.loop.call_later(self._timeout_s, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        if self._answering():
+            # A pipelined request's headers may be held up by the answers
+            # before it (uvicorn stops reading while requests queue), so its
+            # time is counted from when the connection is free again.
+            self._start_deadline()
+            return
+        self._transport.close()
+
+    def _answering(self) -> bool:
+        """Whether an earlier request of this connection is still being answered."""
+        return self.cycle is not None and not self.cycle.response_complete
 
     def _stop_deadline(self) -> None:
         if self._deadline is not None:
@@ -875,7 +890,8 @@ class _BoundedHeaders(HttpToolsProtocol):
 
     def _refuse(self) -> None:
         self._stop_deadline()
-        if not self._headers_too_large:
+        # A 431 written now would land inside an earlier request's answer.
+        if not self._headers_too_large or self._answering():
             self._transport.close()
             return
         status, headers, body = http_error(

@@ -9,9 +9,11 @@ import json
 
 import grpc
 import pytest
+import uvicorn
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
 
 from meshgate.config import ModelSettings, RouterSettings
 from meshgate.errors import MeshgateError, busy_unavailable, unavailable
@@ -19,7 +21,7 @@ from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
 from services.router.admission import TenantCalls
 from services.router.auth import Authenticator
-from services.router.http_edge import HttpEdge, http_error
+from services.router.http_edge import HttpEdge, _BoundedHeaders, http_error
 from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Failure
 from tests.unit.test_router_context_restart import busy
 from tests.unit.test_router_context_restart import unavailable as unavailable_rpc
@@ -422,3 +424,94 @@ def test_uvicorns_httptools_protocol_still_has_what_the_header_bounds_extend():
     )
     missing = [name for name in callbacks if name not in vars(HttpToolsProtocol)]
     assert missing == [], f"uvicorn's HttpToolsProtocol no longer defines {missing}"
+
+
+class _Transport(asyncio.Transport):
+    """What a connection's protocol writes, and whether it closed it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = b""
+        self.closed = False
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 8000) if name in ("sockname", "peername") else default
+
+    def write(self, data) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def bounded_connection(app, header_timeout_s: float, max_header_bytes: int = 4096):
+    config = uvicorn.Config(app, lifespan="off", log_config=None)
+    config.load()
+    protocol = _BoundedHeaders(
+        config=config,
+        server_state=ServerState(),
+        app_state={},
+        _loop=asyncio.get_running_loop(),
+        header_timeout_s=header_timeout_s,
+        max_header_bytes=max_header_bytes,
+    )
+    transport = _Transport()
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+def answering_when(released: asyncio.Event):
+    async def app(scope, receive, send):
+        await released.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+    return app
+
+
+async def test_a_pipelined_requests_header_time_waits_for_the_answer_before_it():
+    """uvicorn stops reading while an earlier request is answered, so the
+    next one's headers may wait on that answer: the connection is not
+    closed under it, and the header timeout counts once it is free."""
+    released = asyncio.Event()
+    protocol, transport = bounded_connection(answering_when(released), header_timeout_s=0.05)
+    protocol.data_received(b"GET /first HTTP/1.1\r\nhost: edge\r\n\r\nGET /second HTTP/1.1\r\nho")
+    await asyncio.sleep(0.2)
+    assert not transport.closed
+    released.set()
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+        if b"/first" in transport.written:
+            break
+    assert b"/first" in transport.written and not transport.closed
+    await asyncio.sleep(0.2)
+    assert transport.closed
+
+
+async def test_a_pipelined_header_block_over_the_bound_closes_without_a_431_inside_an_answer():
+    # The parser holds a value until it ends: its bytes count from the next read.
+    oversized = [b"GET /second HTTP/1.1\r\nx: ", b"v" * 2048]
+    released = asyncio.Event()
+    app = answering_when(released)
+    protocol, transport = bounded_connection(app, header_timeout_s=5, max_header_bytes=1024)
+    protocol.data_received(b"GET /first HTTP/1.1\r\nhost: edge\r\n\r\n" + oversized[0])
+    protocol.data_received(oversized[1])
+    assert transport.closed and transport.written == b""
+    # Alone on its connection, the same block is answered 431.
+    alone, alone_transport = bounded_connection(app, header_timeout_s=5, max_header_bytes=1024)
+    for data in oversized:
+        alone.data_received(data)
+    assert alone_transport.closed and alone_transport.written.startswith(b"HTTP/1.1 431 ")
+    released.set()
+    for connection in (protocol, alone):
+        connection.connection_lost(None)
+    await asyncio.sleep(0.05)  # the first request's task sees its client gone
