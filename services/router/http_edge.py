@@ -93,9 +93,9 @@ _DEFAULT_HTTP_ERROR = (500, "api_error")
 # bound (431) has no end the parser could skip to. The other errors answered
 # before the body is read in whole (401, 404, 405, 413, 429) keep their
 # connection: their client may still be sending, and closing a socket with
-# unread bytes resets the connection, which can lose the answer. A client
-# that trickles bytes after one of them holds a connection, but no call
-# place: connection limits belong to the load balancer (docs/capacity.md).
+# unread bytes resets the connection, which can lose the answer. The rest
+# of their body must come within router.http_header_timeout_s of its first
+# byte after the answer, else the connection is closed (_BoundedHeaders).
 _CLOSES_CONNECTION = {Reason.REQUEST_BODY_TIMEOUT, Reason.HEADERS_TOO_LARGE}
 
 # The request field a validation reason is about (OpenAI's error "param").
@@ -774,8 +774,13 @@ class _BoundedHeaders(HttpToolsProtocol):
     uvicorn's own; tests/unit/test_router_http_edge.py fails if uvicorn's
     class stops defining them. uvicorn's keep-alive timeout still governs
     an idle connection between requests: the deadline starts with the
-    connection and with each request's first byte, not after a response,
-    and a pipelined request's is put off while an earlier one is answered."""
+    connection and with each request's first byte, not after a response.
+    It also bounds bytes nobody else does, each of which cancels uvicorn's
+    keep-alive timer: blank lines between requests (the parser skips them
+    without beginning one) and the rest of a body after an early answer
+    (a 401: uvicorn reads and drops it). A pipelined request's deadline
+    is counted again from when the answers before it end (uvicorn stops
+    reading while they are under way)."""
 
     def __init__(self, *args, header_timeout_s: float, max_header_bytes: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -816,6 +821,9 @@ class _BoundedHeaders(HttpToolsProtocol):
         # answered (400) and closed anything else wrong in it.
         if self._too_large and not self._transport.is_closing():
             self._refuse()
+        elif not self._in_headers and not self._answering():
+            # Bytes no request's headers or app wait for (see the class).
+            self._start_deadline()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -843,9 +851,20 @@ class _BoundedHeaders(HttpToolsProtocol):
             super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
-        self._counted_this_read = True  # passed on, not held
+        # Passed on, not held; the framing read before it (a chunk's size
+        # line) is held no longer either.
+        self._counted_this_read = True
+        self._held_bytes = 0
         if not self._too_large:
             super().on_body(body)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._in_headers and self._deadline is not None:
+            # A pipelined request's headers, held up until now: their time
+            # counts from here.
+            self._stop_deadline()
+            self._start_deadline()
 
     def on_message_complete(self) -> None:
         self._in_message = False
@@ -873,8 +892,8 @@ class _BoundedHeaders(HttpToolsProtocol):
         self._deadline = None
         if self._answering():
             # A pipelined request's headers may be held up by the answers
-            # before it (uvicorn stops reading while requests queue), so its
-            # time is counted from when the connection is free again.
+            # before it (uvicorn stops reading while requests queue):
+            # on_response_complete starts its time again.
             self._start_deadline()
             return
         self._transport.close()
@@ -902,7 +921,7 @@ class _BoundedHeaders(HttpToolsProtocol):
             )
         )
         head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}".encode()]
-        head += [name + b": " + value for name, value in headers]
+        head += [name + b": " + value for name, value in [*self.server_state.default_headers, *headers]]
         head.append(b"content-length: " + str(len(body)).encode())
         self._transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         self._transport.close()

@@ -551,6 +551,33 @@ async def test_headers_dripped_a_byte_at_a_time_are_cut_at_the_header_timeout(he
     assert waited < 3
 
 
+@pytest.mark.parametrize(
+    ("request_bytes", "then"),
+    [
+        (raw_request("GET", "/models"), b"\r\n"),
+        # Refused before its body is read: uvicorn reads and drops the rest.
+        (b"POST /v1/chat/completions HTTP/1.1\r\nhost: edge\r\ncontent-length: 10\r\n\r\n", b"x"),
+    ],
+    ids=["a blank line after an answer", "a body's first byte after a 401"],
+)
+async def test_bytes_after_an_answer_that_begin_no_request_are_bound_by_the_header_timeout(
+    header_bounded, request_bytes, then
+):
+    """Each byte cancels uvicorn's keep-alive timer (5 s), and these start
+    no request: without this deadline one byte held the connection for good."""
+    reader, writer = await asyncio.open_connection(*header_bounded)
+    try:
+        writer.write(request_bytes)
+        status, _, _ = await asyncio.wait_for(read_response(reader), 10)
+        writer.write(then)
+        await writer.drain()
+        answer, waited = await closed_within(reader, 5)
+    finally:
+        writer.close()
+    assert status in (200, 401) and answer == b""
+    assert waited < 3
+
+
 async def header_block_refusal(host_port, request: bytes) -> tuple[int, dict[str, str], bytes]:
     reader, writer = await asyncio.open_connection(*host_port)
     try:
@@ -573,7 +600,7 @@ async def test_a_header_block_over_the_bound_is_answered_431_and_closed(header_b
     request = raw_request("GET", "/models").replace(b"\r\n\r\n", f"\r\n{extra}\r\n".encode())
     status, headers, body = await header_block_refusal(header_bounded, request)
     assert status == 431, body
-    assert headers["connection"] == "close"
+    assert headers["connection"] == "close" and "date" in headers
     error = json.loads(body)["error"]
     assert (error["code"], error["metadata"]) == ("HEADERS_TOO_LARGE", {"limit": str(MAX_HEADER_BYTES)})
 

@@ -421,6 +421,7 @@ def test_uvicorns_httptools_protocol_still_has_what_the_header_bounds_extend():
         "on_headers_complete",
         "on_body",
         "on_message_complete",
+        "on_response_complete",
     )
     missing = [name for name in callbacks if name not in vars(HttpToolsProtocol)]
     assert missing == [], f"uvicorn's HttpToolsProtocol no longer defines {missing}"
@@ -478,14 +479,16 @@ def answering_when(released: asyncio.Event):
     return app
 
 
-async def test_a_pipelined_requests_header_time_waits_for_the_answer_before_it():
+async def test_a_pipelined_requests_header_time_counts_from_the_end_of_the_answer_before_it():
     """uvicorn stops reading while an earlier request is answered, so the
     next one's headers may wait on that answer: the connection is not
-    closed under it, and the header timeout counts once it is free."""
+    closed under it, and the header timeout counts again once it is free."""
+    timeout_s = 0.2
     released = asyncio.Event()
-    protocol, transport = bounded_connection(answering_when(released), header_timeout_s=0.05)
+    protocol, transport = bounded_connection(answering_when(released), header_timeout_s=timeout_s)
     protocol.data_received(b"GET /first HTTP/1.1\r\nhost: edge\r\n\r\nGET /second HTTP/1.1\r\nho")
-    await asyncio.sleep(0.2)
+    # Past the timeout, and close to the deadline's second firing.
+    await asyncio.sleep(timeout_s * 1.75)
     assert not transport.closed
     released.set()
     for _ in range(20):
@@ -493,8 +496,43 @@ async def test_a_pipelined_requests_header_time_waits_for_the_answer_before_it()
         if b"/first" in transport.written:
             break
     assert b"/first" in transport.written and not transport.closed
-    await asyncio.sleep(0.2)
+    # Free for half a timeout: still open, a full timeout later closed.
+    await asyncio.sleep(timeout_s / 2)
+    assert not transport.closed
+    await asyncio.sleep(timeout_s)
     assert transport.closed
+
+
+async def test_chunk_framing_read_apart_from_its_data_is_not_counted_as_header_bytes():
+    """A client that writes each chunk's size line, data and CRLF apart
+    (Nagle off) gives the parser reads that pass nothing on: the bytes of
+    such reads are framing, never a held header value, once data follows."""
+    received = bytearray()
+
+    async def app(scope, receive, send):
+        while True:
+            message = await receive()
+            received.extend(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    protocol, transport = bounded_connection(app, header_timeout_s=5, max_header_bytes=1024)
+    protocol.data_received(b"POST /upload HTTP/1.1\r\nhost: edge\r\ntransfer-encoding: chunked\r\n\r\n")
+    chunk = b"c" * 64
+    for _ in range(256):  # 16 KiB of body in 1.5 KiB of framing, over the bound
+        for piece in (b"40", b"\r\n", chunk, b"\r\n"):
+            protocol.data_received(piece)
+            await asyncio.sleep(0)
+    protocol.data_received(b"0\r\n\r\n")
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+        if transport.written:
+            break
+    assert not transport.closed and transport.written.startswith(b"HTTP/1.1 200 ")
+    assert bytes(received) == chunk * 256
+    protocol.connection_lost(None)
 
 
 async def test_a_pipelined_header_block_over_the_bound_closes_without_a_431_inside_an_answer():
