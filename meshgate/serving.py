@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import urllib.parse
 
 import grpc
 import structlog
@@ -428,14 +429,17 @@ def _refuse_live_unix_socket(name: str, address: str) -> None:
     path = address.removeprefix("unix:")
     if path.startswith("//"):  # unix:///absolute/path
         path = path[2:]
+    path = urllib.parse.unquote(path)  # as grpc reads it: a%20b.sock is "a b.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
+        probe.setblocking(False)
         try:
             probe.connect(path)
-        except TimeoutError:
-            pass  # a live server whose backlog is full
+        except (FileNotFoundError, ConnectionRefusedError):
+            return  # no such file, or a dead process's socket
+        except BlockingIOError:
+            pass  # a live server whose accept queue is full (EAGAIN)
         except OSError:
-            return  # no such file, or nothing accepting on it
+            return  # not a socket, or not this user's to probe: grpc's own bind decides
     raise OSError(f"{name}: cannot listen on {address}: another process is serving on it")
 
 

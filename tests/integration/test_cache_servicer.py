@@ -732,7 +732,7 @@ async def test_close_during_a_load_leaves_no_task_behind(redis_client, embedder,
     cache, index_key = await _cold_partition(redis_client, embedder, tenant, monkeypatch)
     reads, waiting = await _lookup_held_at_its_second_read(cache, index_key, tenant)
     await cache.close()
-    assert cache._loads.flight(index_key) is None and not cache._loads._running
+    assert not cache._loads._flights and not cache._loads._running
     assert not [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "CacheServicer._load"]
     # The lookup that waited on the load ends with it, rather than hang.
     with pytest.raises(asyncio.CancelledError):

@@ -21,9 +21,13 @@ async def health_of(address: str) -> int:
     return answer.status
 
 
-@pytest.mark.parametrize("form", ["unix:{}", "unix://{}"], ids=["unix:path", "unix:///path"])
-async def test_a_second_service_on_a_live_unix_socket_is_refused_and_the_first_keeps_it(tmp_path, form):
-    address = form.format(tmp_path / "context.sock")
+@pytest.mark.parametrize(
+    ("form", "name"),
+    [("unix:{}", "context.sock"), ("unix://{}", "context.sock"), ("unix:{}", "a%20b.sock")],
+    ids=["unix:path", "unix:///path", "percent-encoded"],
+)
+async def test_a_second_service_on_a_live_unix_socket_is_refused_and_the_first_keeps_it(tmp_path, form, name):
+    address = form.format(tmp_path / name)
     first = serving.Service("context", [])
     await serving.start(first, address, serving._nothing)
     try:
@@ -49,3 +53,28 @@ async def test_a_dead_processs_socket_file_is_taken_over(tmp_path):
         assert await health_of(f"unix:{path}") == health_pb2.HealthCheckResponse.SERVING
     finally:
         await service.server.stop(None)
+
+
+def test_a_live_socket_whose_accept_queue_is_full_is_refused(tmp_path):
+    """Connecting to it fails at once (EAGAIN), not as to a dead one's."""
+    path = str(tmp_path / "busy.sock")
+    waiting: list[socket.socket] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+        live.bind(path)
+        live.listen(0)
+        try:
+            for _ in range(8):  # past any backlog of 0: nothing accepts them
+                client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                client.setblocking(False)
+                waiting.append(client)
+                try:
+                    client.connect(path)
+                except BlockingIOError:
+                    break
+            else:
+                pytest.fail("the accept queue never filled")
+            with pytest.raises(OSError, match="another process is serving on it"):
+                serving.Service("context", []).bind(f"unix:{path}")
+        finally:
+            for client in waiting:
+                client.close()
