@@ -63,15 +63,46 @@ def is_small_talk(text: str) -> bool:
     return not (analysis.content - SMALL_TALK - STOPWORDS)
 
 
-def topic_turn(earlier: Sequence[common_pb2.Message]) -> str | None:
-    """The latest earlier user turn that is not small talk, normalized; None
-    when there is none."""
-    for message in reversed(earlier):
+def _topic_at(earlier: Sequence[common_pb2.Message]) -> tuple[int, str] | None:
+    """Where the latest earlier user turn that is not small talk is, and its
+    normalized text; None when there is none."""
+    for at in range(len(earlier) - 1, -1, -1):
+        message = earlier[at]
         if message.role == common_pb2.ROLE_USER:
             text = normalize_text(message.content)
             if text and not is_small_talk(text):
-                return text
+                return at, text
     return None
+
+
+def topic_turn(earlier: Sequence[common_pb2.Message]) -> str | None:
+    """The latest earlier user turn that is not small talk, normalized; None
+    when there is none."""
+    found = _topic_at(earlier)
+    return None if found is None else found[1]
+
+
+def matched_exactly(messages: Sequence[common_pb2.Message]) -> list[common_pb2.Message]:
+    """The earlier messages a prompt's question is only matched among the
+    same of (keys.context_id), not by meaning: every system message, and
+    the first assistant turn after the topic turn.
+
+    A system message says how to answer ("Answer only in French", a
+    persona, a format): the same question under another one has another
+    answer, whatever the words. The assistant's reply to the topic turn is
+    often what a follow-up refers to ("Pick a number" / "7" / "What is it
+    doubled?"): its words decide the answer, and the verifier reads only the
+    user's turns. Only the first reply: later ones are mostly small talk
+    ("Anything else?"), which must not keep a conversation from its match.
+    A conversation reworded with the same reply still shares the entry."""
+    exact = [m for m in messages[:-1] if m.role not in (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)]
+    found = _topic_at(messages[:-1])
+    if found is not None:
+        after = (m for m in messages[found[0] + 1 : -1] if m.role == common_pb2.ROLE_ASSISTANT)
+        reply = next(after, None)
+        if reply is not None:
+            exact.append(reply)
+    return exact
 
 
 def resolve(messages: Sequence[common_pb2.Message]) -> tuple[str, bool]:

@@ -139,15 +139,23 @@ def entry_id(partition: Partition, messages: Sequence[common_pb2.Message]) -> st
     return _conversation_digest(partition, messages, b"mg-cache-entry", b"")
 
 
-def context_id(partition: Partition, embedding_model: str, conversational: bool = False) -> str:
+def context_id(
+    partition: Partition,
+    embedding_model: str,
+    conversational: bool = False,
+    exact: Sequence[common_pb2.Message] = (),
+) -> str:
     """Names the sub-partition a question is matched in semantically: one
     for single questions and one for the last questions of multi-turn
     prompts, which are matched together with the topic turn they refer to
-    (conversation.py) rather than by their exact history.
+    (conversation.py) rather than by their exact history; each apart by
+    the earlier messages that must be the same for an answer to hold
+    (``exact``: conversation.matched_exactly, such as a system message).
+    None gives the same name as before there were any.
 
     The embedding model is part of it: vectors of two models are not
     comparable, so changing the model starts new sub-partitions instead of
     matching against the old vectors.
     """
     person = b"mg-cache-conv" if conversational else b"mg-cache-ctx"
-    return _conversation_digest(partition, [], person, embedding_model.encode())
+    return _conversation_digest(partition, exact, person, embedding_model.encode())

@@ -365,9 +365,11 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
     def _semantic_subject(self, partition: keys.Partition, messages) -> tuple[str, str]:
         """The sub-partition a prompt's last question is matched in, and the
         text it is embedded, stored and verified as: the bare question alone,
-        or with the topic turn it refers to among all multi-turn questions."""
+        or with the topic turn it refers to among all multi-turn questions,
+        among those with the same system messages and reply to the topic."""
         text, in_context = conversation.resolve(messages)
-        return keys.context_id(partition, self._settings.embedding_model, in_context), text
+        exact = conversation.matched_exactly(messages)
+        return keys.context_id(partition, self._settings.embedding_model, in_context, exact), text
 
     async def _synced(
         self, partition: keys.Partition, context_id: str, dimensions: int

@@ -26,6 +26,7 @@ from services.cache import servicer as servicer_module
 from services.cache import store as store_module
 from services.cache.embedding_memo import EmbeddingMemo
 from services.cache.index import IndexRegistry
+from services.cache.keys import normalize_text
 from services.cache.servicer import CacheServicer
 from services.cache.stats import Stats
 from services.cache.store import CacheStore
@@ -386,6 +387,34 @@ async def test_follow_ups_are_matched_with_their_topic_turn(cache, embedder, ten
     chatty = conversation(*paris, "Thanks!", "You're welcome.", PARAPHRASE)
     same = await lookup(cache, scope(tenant), chatty)
     assert same.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+
+
+async def test_a_question_under_another_system_message_is_never_matched_by_meaning(cache, embedder, tenant):
+    """A system message says how to answer: the same question under another
+    one has another answer, however close the words."""
+    french = common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content="Answer only in French.")
+    english = common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content="Answer only in English, as JSON.")
+    await store(cache, scope(tenant), [french, *conversation(STORED)], text="Pratiquez chaque jour.")
+    asked = await lookup(cache, scope(tenant), [english, *conversation(PARAPHRASE)])
+    assert asked.status == pb.LOOKUP_STATUS_MISS
+    # Nor without one; under the same one, the paraphrase is served.
+    assert (await lookup(cache, scope(tenant), conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
+    same = await lookup(cache, scope(tenant), [french, *conversation(PARAPHRASE)])
+    assert same.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and same.answer.text == "Pratiquez chaque jour."
+
+
+async def test_a_follow_up_after_another_reply_to_its_topic_is_not_matched(cache, embedder, tenant):
+    """The reply to the topic turn is often what the follow-up is about."""
+    pick = "Pick a random number between 1 and 10."
+    embedder.table[f"{STORED}{CONTEXT_SEPARATOR}{normalize_text(pick)}"] = _direction(1.0)
+    embedder.table[f"{PARAPHRASE}{CONTEXT_SEPARATOR}{normalize_text(pick)}"] = _direction(0.95)
+    await store(cache, scope(tenant), conversation(pick, "7", STORED), text="14")
+    other_reply = await lookup(cache, scope(tenant), conversation(pick, "3", PARAPHRASE))
+    assert other_reply.status == pb.LOOKUP_STATUS_MISS
+    # Small talk after the same reply still drops out.
+    chatty = conversation(pick, "7", "Thanks!", "Anything else?", PARAPHRASE)
+    same = await lookup(cache, scope(tenant), chatty)
+    assert same.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and same.answer.text == "14"
 
 
 async def test_full_partition_evicts_oldest_first_also_after_a_restart(redis_client, embedder, tenant):

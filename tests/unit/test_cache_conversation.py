@@ -113,3 +113,13 @@ def test_the_same_topic_and_question_is_accepted(verifier):
     vector = unit(3)
     text = f"How do I cancel it?{CONTEXT_SEPARATOR}I'm subscribed to the premium streaming plan."
     assert verifier.decide(text, vector, text, vector).accepted
+
+
+def test_system_messages_and_the_first_reply_to_the_topic_are_matched_exactly():
+    system = common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content="Answer in French.")
+    chat = turns("Hi!", "Hello!", "Pick a number.", "7", "Thanks!", "Anything else?", "Double it?")
+    messages = [system, *chat]
+    assert [m.content for m in conversation.matched_exactly(messages)] == ["Answer in French.", "7"]
+    # No topic turn: no reply is bound; a single question binds nothing.
+    assert [m.content for m in conversation.matched_exactly(turns("Hi!", "Hello!", "Why?"))] == []
+    assert conversation.matched_exactly(turns("Why?")) == []
