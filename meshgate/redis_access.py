@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import contextlib
+import re
 import urllib.parse
 
 import redis.asyncio as redis
 import structlog
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import DefaultParser
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
@@ -68,6 +70,38 @@ def _check_query(url: str) -> None:
         )
 
 
+# What a write refused inside a script reads as on the Redis this project
+# runs (6.x): "ERR Error running script (call to f_...): @user_script:1:
+# @user_script: 1: -OOM command not allowed ...": a plain ResponseError,
+# where the same refusal of a plain command is an OutOfMemoryError or a
+# ReadOnlyError. Redis 7 passes the inner error on as it is.
+_SCRIPT_REFUSAL = re.compile(
+    r"^(?:ERR )?Error running script .*?: -((?:OOM|READONLY|MASTERDOWN|LOADING) .*)$", re.DOTALL
+)
+
+
+class _Parser(DefaultParser):
+    """redis-py's reply parser, but a command a script ran that Redis
+    refused (out of memory under noeviction, a replica's READONLY after a
+    failover, its master down, a dataset loading) raises the refusal's own
+    class, as the same command sent alone would: CONNECTION_ERRORS holds
+    them, so a handler answers UNAVAILABLE (retry later) rather than
+    INTERNAL. Redis refuses a script's first write before it writes
+    anything, so the refused script ran no write. Single-node Redis only:
+    redis-py's cluster client takes no parser class, so on a cluster of
+    Redis 6 a script's refusal still reads as INTERNAL (a plain command's
+    does not)."""
+
+    @classmethod
+    def parse_error(cls, response: str) -> Exception:
+        error = super().parse_error(response)
+        if type(error) is redis_errors.ResponseError:
+            refused = _SCRIPT_REFUSAL.match(response)
+            if refused is not None:
+                return super().parse_error(refused.group(1))
+        return error
+
+
 def connect(url: str) -> Client:
     _check_query(url)
     if is_cluster(url):
@@ -77,6 +111,7 @@ def connect(url: str) -> Client:
         max_connections=MAX_CONNECTIONS,
         timeout=POOL_WAIT_S,
         decode_responses=False,
+        parser_class=_Parser,
         health_check_interval=30,
         socket_connect_timeout=5,
         socket_timeout=10,
@@ -120,6 +155,7 @@ def _connect_cluster(url: str, socket_timeout: float | None = 10) -> RedisCluste
         plain,
         startup_nodes=nodes,
         decode_responses=False,
+        # No parser_class: redis-py's cluster client takes none (_Parser).
         # Per node; past it a command fails with MaxConnectionsError (a
         # cluster pool does not queue like the single node's).
         max_connections=MAX_CONNECTIONS,
@@ -178,7 +214,11 @@ async def connect_checked(url: str) -> Client:
 
 # Errors a handler maps to UNAVAILABLE: the store, not the request, is at
 # fault. The cluster ones mean a command was refused, not run: a failover in
-# progress (CLUSTERDOWN, a slot no master serves yet) or keys being moved.
+# progress (CLUSTERDOWN, a slot no master serves yet) or keys being moved;
+# so do a write refused for memory (maxmemory under noeviction), one sent to
+# a master demoted to a replica (READONLY), a replica whose master is down,
+# and a Redis still loading its dataset (BusyLoadingError is a
+# ConnectionError), inside a script too (_Parser).
 CONNECTION_ERRORS = (
     redis.ConnectionError,
     redis.TimeoutError,
@@ -186,6 +226,9 @@ CONNECTION_ERRORS = (
     redis_errors.ClusterDownError,
     redis_errors.SlotNotCoveredError,
     redis_errors.TryAgainError,
+    redis_errors.OutOfMemoryError,
+    redis_errors.ReadOnlyError,
+    redis_errors.MasterDownError,
 )
 
 

@@ -76,3 +76,23 @@ async def test_other_query_settings_still_reach_the_client() -> None:
     client = redis_access.connect("redis://127.0.0.1:6379/0?socket_timeout=3")
     assert client.connection_pool.connection_kwargs["socket_timeout"] == 3.0
     await client.aclose()
+
+
+_SCRIPT = "ERR Error running script (call to f_8ec4): @user_script:37: @user_script: 37: -"
+
+
+@pytest.mark.parametrize(
+    ("reply", "kind"),
+    [
+        (_SCRIPT + "OOM command not allowed when used memory > 'maxmemory'.", "OutOfMemoryError"),
+        (_SCRIPT + "READONLY You can't write against a read only replica.", "ReadOnlyError"),
+        (_SCRIPT + "MASTERDOWN Link with MASTER is down", "MasterDownError"),
+        (_SCRIPT + "ERR wrong number of arguments for 'set' command", "ResponseError"),
+        ("OOM command not allowed when used memory > 'maxmemory'.", "OutOfMemoryError"),
+        ("ERR unknown command 'FOO'", "ResponseError"),
+    ],
+)
+def test_a_refusal_inside_a_script_is_parsed_as_the_refusal_itself(reply, kind):
+    error = redis_access._Parser.parse_error(reply)
+    assert type(error).__name__ == kind
+    assert isinstance(error, redis_access.CONNECTION_ERRORS) == (kind != "ResponseError")

@@ -1,0 +1,76 @@
+"""Writes Redis refuses, answered UNAVAILABLE (retry later) rather than
+INTERNAL: out of memory under ``noeviction``, and a master demoted to a
+replica (READONLY, what a failover does to the old master). Each service's
+writes are Lua scripts, whose refusals this Redis reports wrapped in a plain
+"Error running script" reply (meshgate/redis_access.py _Parser). A Redis of
+this module's own, as the test changes its configuration."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+
+import grpc
+import pytest
+
+from meshgate import redis_access
+from meshgate.common.v1 import common_pb2
+from meshgate.errors import MeshgateError
+from meshgate.local import redis_server
+from meshgate.local.stack import free_port
+from services.context.store import SessionStore
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory):
+    port = free_port()
+    process = redis_server.launch(port, tmp_path_factory.mktemp("refusals"))
+    try:
+        redis_server.wait_ready(port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@contextlib.asynccontextmanager
+async def out_of_memory(client):
+    await client.config_set("maxmemory-policy", "noeviction")
+    await client.config_set("maxmemory", "1")
+    try:
+        yield
+    finally:
+        await client.config_set("maxmemory", "0")
+
+
+@contextlib.asynccontextmanager
+async def demoted(client):
+    # A replica of a master nobody serves: it refuses writes, as the old
+    # master does once a failover has made it a replica.
+    await client.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+    try:
+        yield
+    finally:
+        await client.execute_command("REPLICAOF", "NO", "ONE")
+
+
+@pytest.mark.parametrize("refusal", [out_of_memory, demoted], ids=["out of memory", "read only"])
+async def test_a_refused_append_is_unavailable_and_stores_nothing(own_redis, refusal):
+    client = redis_access.connect(own_redis)
+    store = SessionStore(client, ttl_s=60)
+    session = uuid.uuid4().hex
+    turn = [common_pb2.Message(role=common_pb2.ROLE_USER, content="hello")]
+    try:
+        await store.create("acme", session)
+        async with refusal(client):
+            with pytest.raises(MeshgateError) as refused:
+                await store.append("acme", session, None, turn, {})
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        assert refused.value.reason == "REDIS_UNAVAILABLE"
+        assert (await store.read("acme", session)).version == 0
+        # Once Redis takes writes again, the same append goes through.
+        assert (await store.append("acme", session, None, turn, {})).version == 1
+    finally:
+        await client.aclose()
