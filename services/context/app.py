@@ -74,13 +74,13 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
         settings.context.max_session_bytes,
     )
     hot = HotCache(settings.context.hot_cache_bytes, settings.context.session_ttl_s)
-    changes = change_listener(settings.redis.url, hot)
-    changes.start()
     # Summaries and (with embedder = "inference") turn and question
     # embeddings act for no tenant: the context service's certificate is
     # enough there.
     channel = serving.client_channel(settings.context.inference_address, mesh.to("inference"))
     summarizer = _summarizer(settings, store, client, channel, counters)
+    changes = change_listener(settings.redis.url, hot, summarizer)
+    changes.start()
     servicer = ContextServicer(
         store,
         settings.models,

@@ -183,16 +183,23 @@ def _parse(data: bytes) -> tuple[str, int] | None:
         return None
 
 
-def change_listener(url: str, cache: HotCache) -> redis_access.ChannelListener:
+def change_listener(url: str, cache: HotCache, summarizer=None) -> redis_access.ChannelListener:
     """Feeds ``cache`` the change notices of every replica, from its own
-    Redis connection; empties and bypasses the cache while disconnected."""
+    Redis connection; empties and bypasses the cache while disconnected.
+    The ``summarizer`` (services/context/summaries.py), if any, hears the
+    deletions and the disconnections too, for the summaries it keeps."""
 
     def on_message(data: bytes) -> None:
         if (notice := _parse(data)) is not None:
             cache.announce(*notice)
+            if summarizer is not None and notice[1] == DELETED:
+                summarizer.drop_hot(notice[0])
 
     def set_live(live: bool) -> None:
         cache.clear()
         cache.live = live
+        if summarizer is not None:
+            summarizer.drop_hot(None)
+            summarizer.notices_live = live
 
     return redis_access.ChannelListener(url, CHANGES_CHANNEL, on_message, set_live)

@@ -9,18 +9,21 @@ extractively (the span's highest-scoring sentences, pure Python).
 
 Redis keys:
 
-- ``mg:context:<tenant>:summary:<sha256 of the span's turns>``: the
-  summary, JSON. Keyed by
-  content, so a fork, or a revert that keeps the span, reuses it, and a
-  span whose turns changed (a revert, then other appends) never gets a
-  summary of turns it no longer holds.
 - the session's ``summaries`` key (store.key), a hash: ``<first>-<end>`` ->
-  that digest, for the spans summarized so far.
+  the summary of that span, JSON, with this session's versions of its
+  turns. In the session's own hash slot, it lives as long as the session
+  does (every write of the session renews it) and goes with it: once a
+  span's turns are compacted it is all that stands for them.
+- ``mg:context:<tenant>:summary:<sha256 of the span's turns>``: the
+  summary's text, JSON, for another session (a fork, turns appended again
+  after a revert) holding the same turns at the same place to reuse without
+  writing it again; never read for a session's own summaries, and never
+  trusted for versions (another session's turns came at other versions).
+  It expires after the session TTL.
 
-The two live in different Redis Cluster slots (a summary is shared by the
-sessions holding its span), so put() writes the summary before the index
-that names it, not in one transaction: a reader never finds a digest
-without its summary, and a summary left unnamed by a crash expires.
+A session stored before its hash held whole summaries names a digest there
+instead: read through the content key, and written whole the next time the
+span is seen with its turns.
 
 A summary records the turns it covers and the session versions of its
 first and last turn's appends (``first_version``, ``end_version``), how
@@ -216,14 +219,32 @@ class SummaryStore:
     def _summary_key(tenant_id: str, digest: str) -> str:
         return f"mg:context:{tenant_id}:summary:{digest}"
 
-    async def spans(self, tenant_id: str, session_id: str) -> dict[tuple[int, int], str]:
-        """(first, end) -> digest of every span summarized for the session."""
+    async def spans(
+        self, tenant_id: str, session_id: str
+    ) -> tuple[dict[tuple[int, int], Summary], dict[tuple[int, int], str]]:
+        """The session's summaries by (first, end), and the digests named
+        instead by a session stored before summaries were kept whole here."""
         raw = await self._client.hgetall(self._index_key(tenant_id, session_id))
-        spans = {}
-        for field, digest in raw.items():
+        whole, named = {}, {}
+        for field, value in raw.items():
             first, _, end = field.decode().partition("-")
-            spans[int(first), int(end)] = digest.decode()
-        return spans
+            span = int(first), int(end)
+            if value.startswith(b"{"):
+                whole[span] = Summary(**json.loads(value))
+            else:
+                named[span] = value.decode()
+        return whole, named
+
+    async def all_of(self, tenant_id: str, session_id: str) -> list[Summary]:
+        """The session's summaries, oldest span first (those named by digest
+        read through their content keys, as far as those still hold)."""
+        whole, named = await self.spans(tenant_id, session_id)
+        if named:
+            spans = list(named)
+            for span, summary in zip(spans, await self.get_many(tenant_id, [named[s] for s in spans])):
+                if summary is not None:
+                    whole[span] = summary
+        return [whole[span] for span in sorted(whole)]
 
     async def get(self, tenant_id: str, digest: str) -> Summary | None:
         raw = await self._client.get(self._summary_key(tenant_id, digest))
@@ -241,12 +262,12 @@ class SummaryStore:
     async def put(self, tenant_id: str, session_id: str, digest: str, summary: Summary) -> None:
         index = self._index_key(tenant_id, session_id)
         ttl = self._ttl_s if self._ttl_s > 0 else None
-        await self._client.set(
-            self._summary_key(tenant_id, digest), json.dumps(dataclasses.asdict(summary)), ex=ttl
-        )
-        # One slot: the session's own keys.
+        encoded = json.dumps(dataclasses.asdict(summary))
+        # Two slots (the content key is any session's): the session's own
+        # copy is what counts, and is written in one transaction of its slot.
+        await self._client.set(self._summary_key(tenant_id, digest), encoded, ex=ttl)
         async with self._client.pipeline(transaction=True) as pipe:
-            pipe.hset(index, f"{summary.first_turn}-{summary.end_turn}", digest)
+            pipe.hset(index, f"{summary.first_turn}-{summary.end_turn}", encoded)
             if ttl:
                 pipe.expire(index, ttl)
             await pipe.execute()
@@ -385,12 +406,19 @@ class Summarizer:
         # Sessions scheduled while MAX_SUMMARIZING ran, oldest first.
         self._waiting: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._closed = False
-        # (tenant, session) -> (version, its summaries, its version history,
-        # their _summaries_bytes), least recently used first.
-        self._hot: collections.OrderedDict[
-            tuple[str, str], tuple[int, list[Summary], list[int | None], int]
-        ] = collections.OrderedDict()
+        # The session's meta key (store.session_key) -> (version, its
+        # summaries, its version history, their _summaries_bytes), least
+        # recently used first. Keyed as the change notices name sessions: a
+        # version number alone does not tell a session deleted on another
+        # replica and created again from the one it was (drop_hot).
+        self._hot: collections.OrderedDict[str, tuple[int, list[Summary], list[int | None], int]] = (
+            collections.OrderedDict()
+        )
         self._hot_bytes = 0
+        # Whether the change notices are heard (hot_cache.change_listener):
+        # a deletion missed meanwhile would leave a summary of another life
+        # of the session in memory, so none is kept while they are not.
+        self.notices_live = True
 
     def schedule(self, tenant_id: str, session_id: str) -> None:
         if self._closed:
@@ -439,7 +467,8 @@ class Summarizer:
         """Summarizes the session's due spans that have no summary yet;
         returns the session version it read."""
         stored = await self._store.read(tenant_id, session_id)
-        done = await self._summaries.spans(tenant_id, session_id)
+        # Spans named by digest only (stored before) are written whole again.
+        done, _ = await self._summaries.spans(tenant_id, session_id)
         history: list[int | None] | None = None
         for first, end in due_spans(len(stored.turns), self._policy):
             if end <= stored.compacted:
@@ -447,14 +476,16 @@ class Summarizer:
                 continue
             span = stored.turns[first:end]
             digest = span_digest(span)
-            if done.get((first, end)) == digest:
+            own = done.get((first, end))
+            if own is not None and own.summary_id == digest[:32]:
                 continue
             summary = await self._summaries.get(tenant_id, digest)
             if summary is None or (summary.first_turn, summary.end_turn) != (first, end):
                 text, method = await self._write(span)
             else:
-                # The same turns at the same place (a fork, or turns appended
-                # again after a revert): the text holds, the versions are this session's.
+                # The same turns at the same place (a fork, turns appended
+                # again after a revert, or this session's own summary named
+                # by digest): the text holds, the versions are this session's.
                 text, method = summary.text, summary.method
             if history is None:
                 history = await self._store.history(tenant_id, session_id)
@@ -507,30 +538,38 @@ class Summarizer:
         return dataclasses.replace(summary, token_counts=counts)
 
     async def forget(self, tenant_id: str, session_id: str) -> None:
-        self._drop_hot((tenant_id, session_id))
+        self._drop_hot(session_store.session_key(tenant_id, session_id))
         await self._summaries.delete(tenant_id, session_id)
+
+    def drop_hot(self, session_key: str | None) -> None:
+        """A change notice that the session of ``session_key`` was deleted
+        (or may have been: a pin), or, for None, that notices were missed."""
+        if session_key is not None:
+            self._drop_hot(session_key)
+            return
+        self._hot.clear()
+        self._hot_bytes = 0
 
     async def _load(
         self, tenant_id: str, session_id: str, version: int
     ) -> tuple[list[Summary], list[int | None]]:
         """The session's summaries and history from Redis, kept for ``version``."""
         # Independent reads, so one round trip's wait rather than two on the assembly's path.
-        spans, history = await asyncio.gather(
-            self._summaries.spans(tenant_id, session_id), self._store.history(tenant_id, session_id)
+        stored, history = await asyncio.gather(
+            self._summaries.all_of(tenant_id, session_id), self._store.history(tenant_id, session_id)
         )
-        stored = await self._summaries.get_many(tenant_id, [digest for _, digest in sorted(spans.items())])
-        found = [await self._counted(summary) for summary in stored if summary is not None]
-        key = (tenant_id, session_id)
+        found = [await self._counted(summary) for summary in stored]
+        key = session_store.session_key(tenant_id, session_id)
         self._drop_hot(key)
         size = _summaries_bytes(found, history)
-        if size <= MAX_HOT_BYTES:
+        if size <= MAX_HOT_BYTES and self.notices_live:
             self._hot[key] = (version, found, history, size)
             self._hot_bytes += size
             while len(self._hot) > MAX_HOT_SESSIONS or self._hot_bytes > MAX_HOT_BYTES:
                 self._drop_hot(next(iter(self._hot)))
         return found, history
 
-    def _drop_hot(self, key: tuple[str, str]) -> None:
+    def _drop_hot(self, key: str) -> None:
         entry = self._hot.pop(key, None)
         if entry is not None:
             self._hot_bytes -= entry[3]
@@ -543,10 +582,11 @@ class Summarizer:
         first: what assembly adds while budget remains."""
         if not excluded:
             return []
-        hot = self._hot.get((tenant_id, session_id))
+        key = session_store.session_key(tenant_id, session_id)
+        hot = self._hot.get(key)
         if hot is not None and hot[0] == version:
             found, history = hot[1], hot[2]
-            self._hot.move_to_end((tenant_id, session_id))
+            self._hot.move_to_end(key)
         else:
             found, history = await self._load(tenant_id, session_id, version)
         starts = [first for first, _ in excluded]

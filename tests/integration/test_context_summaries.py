@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as redis
 
 from meshgate.context.v1 import context_service_pb2 as pb
+from services.context.store import session_key
 from services.context.summaries import SummaryStore
 from tests.integration.test_context_service import (
     ASSISTANT,
@@ -64,9 +65,9 @@ async def wait_for_spans(client: redis.Redis, tenant: str, session_id: str, coun
     store = SummaryStore(client, 0)
     deadline = asyncio.get_running_loop().time() + 120
     while True:
-        spans = await store.spans(tenant, session_id)
+        spans, _ = await store.spans(tenant, session_id)
         if len(spans) >= count:
-            return {span: await store.get(tenant, digest) for span, digest in spans.items()}
+            return spans
         assert asyncio.get_running_loop().time() < deadline, f"only {spans} summarized"
         await asyncio.sleep(0.05)
 
@@ -193,3 +194,98 @@ async def test_after_appends_settle_an_assembly_with_summaries_reads_nothing_fro
         response = await assemble(stub, tenant, session_id)
         assert await _data_commands(client) == before
         assert check_summaries_in(response, summaries) == [(0, 4), (4, 8)]
+
+
+def role_of(i: int) -> int:
+    return USER if i % 2 == 0 else ASSISTANT
+
+
+async def until(condition, timeout_s: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await condition():
+        assert asyncio.get_running_loop().time() < deadline, "never held"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_summary_keeps_its_own_sessions_versions_when_another_session_shares_its_turns(
+    redis_url, tenant
+) -> None:
+    """Session A's turns came one version each, B's (the same turns) in one
+    append: B's summary of the span must not lend A its versions, or a
+    revert of A would keep a summary of turns it undid."""
+    client = redis.Redis.from_url(redis_url)
+    store = SummaryStore(client, 0)
+    async with running(summary_settings(redis_url)) as stub:
+        a = await new_session(stub, tenant)
+        await append_turns(stub, tenant, a, 8)
+        await wait_for_spans(client, tenant, a, 1)
+        b = await new_session(stub, tenant)
+        turns = [msg(role_of(i), turn_text(i)) for i in range(8)]
+        await stub.AppendTurns(pb.AppendTurnsRequest(tenant_id=tenant, session_id=b, messages=turns))
+        b_spans = await wait_for_spans(client, tenant, b, 1)
+        assert (b_spans[0, SPAN].first_version, b_spans[0, SPAN].end_version) == (1, 1)
+        a_spans, _ = await store.spans(tenant, a)
+        assert (a_spans[0, SPAN].first_version, a_spans[0, SPAN].end_version) == (1, SPAN)
+        # A back to version 2 (turns 0 and 1): its summary of turns 0-3 is undone.
+        await stub.RevertSession(
+            pb.RevertSessionRequest(tenant_id=tenant, session_id=a, version=2, any_version=True)
+        )
+        await stub.AppendTurns(
+            pb.AppendTurnsRequest(
+                tenant_id=tenant, session_id=a, any_version=True, messages=[msg(USER, "A new turn two.")]
+            )
+        )
+        response = await assemble(stub, tenant, a, budget=512)
+        assert not response.inputs.summaries
+    await client.aclose()
+
+
+async def test_a_compacted_spans_summary_is_the_sessions_own_not_the_shared_copys(redis_url, tenant) -> None:
+    """Once a span is compacted its summary is all that stands for it: the
+    copy kept by content for other sessions (which expires on its own) is
+    not what the session's prompt reads."""
+    client = redis.Redis.from_url(redis_url)
+    settings = summary_settings(redis_url)
+    settings.context.compact_after_turns = 8
+    async with running(settings) as stub:
+        session_id = await new_session(stub, tenant)
+        await append_turns(stub, tenant, session_id, 12)
+        meta = session_key(tenant, session_id)
+
+        async def compacted():
+            return int(await client.hget(meta, "compacted") or 0) >= SPAN
+
+        await until(compacted)
+        shared = [k async for k in client.scan_iter(match=f"mg:context:{tenant}:summary:*")]
+        assert shared
+        await client.delete(*shared)
+    # A new process: nothing of the session's summaries in memory.
+    async with running(settings) as restarted:
+        response = await assemble(restarted, tenant, session_id, budget=2000)
+        assert (0, SPAN) in [(r.first_turn, r.end_turn) for r in response.inputs.summaries]
+    await client.aclose()
+
+
+async def test_a_session_deleted_on_one_replica_leaves_no_summary_in_anothers(redis_url, tenant) -> None:
+    client = redis.Redis.from_url(redis_url)
+    settings = summary_settings(redis_url)
+    async with running(settings) as one, running(settings) as two:
+        session_id = await new_session(two, tenant)
+        await append_turns(two, tenant, session_id, 12)
+        await wait_for_spans(client, tenant, session_id, 2)
+        old = await assemble(two, tenant, session_id)
+        assert old.inputs.summaries  # held in replica two's memory now, at this version
+        await one.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=session_id))
+        await one.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, session_id=session_id))
+        # The same number of turns, so the same version, nothing else alike; summarized as before.
+        for i in range(12):
+            text = f"Paulo moved box {i} to Porto today." if i != 8 else turn_text(8)
+            request = pb.AppendTurnsRequest(tenant_id=tenant, session_id=session_id, expected_version=i)
+            request.messages.append(msg(role_of(i), text))
+            await one.AppendTurns(request)
+        await wait_for_spans(client, tenant, session_id, 2)
+        response = await assemble(two, tenant, session_id)
+        assert response.session_version == old.session_version
+        summaries = [m.content for m in response.messages if m.content.startswith("Summary of")]
+        assert summaries and not any("Crate" in text for text in summaries), summaries
+    await client.aclose()

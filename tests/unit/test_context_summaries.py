@@ -223,11 +223,15 @@ class _Sessions:
 class _StoredSummaries:
     """A session named "<n>" has n // 16 spans summarized, 1 KB of text each."""
 
-    async def spans(self, tenant_id: str, session_id: str) -> dict[tuple[int, int], str]:
-        return {(first, first + 16): f"{session_id}-{first}" for first in range(0, int(session_id) - 15, 16)}
+    async def spans(self, tenant_id: str, session_id: str) -> tuple[dict[tuple[int, int], Summary], dict]:
+        text = "x" * 1000
+        firsts = range(0, int(session_id) - 15, 16)
+        whole = {(f, f + 16): Summary(f"{session_id}-{f}", f, f + 16, 0, 1, "extract", text) for f in firsts}
+        return whole, {}
 
-    async def get_many(self, tenant_id: str, digests: list[str]) -> list[Summary]:
-        return [Summary(d, 0, 16, 0, 1, "extractive", "x" * 1000) for d in digests]
+    async def all_of(self, tenant_id: str, session_id: str) -> list[Summary]:
+        whole, _ = await self.spans(tenant_id, session_id)
+        return [whole[span] for span in sorted(whole)]
 
 
 async def test_the_summaries_kept_in_memory_are_bounded_in_bytes(monkeypatch) -> None:
