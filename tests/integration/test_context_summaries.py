@@ -289,3 +289,35 @@ async def test_a_session_deleted_on_one_replica_leaves_no_summary_in_anothers(re
         summaries = [m.content for m in response.messages if m.content.startswith("Summary of")]
         assert summaries and not any("Crate" in text for text in summaries), summaries
     await client.aclose()
+
+
+async def test_a_summary_named_by_digest_as_sessions_stored_before_is_read_and_written_whole(
+    redis_url, tenant
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    settings = summary_settings(redis_url)
+    async with running(settings) as stub:
+        session_id = await new_session(stub, tenant)
+        await append_turns(stub, tenant, session_id, 12)
+        summaries = await wait_for_spans(client, tenant, session_id, 2)
+    # As the code before stored it: the hash names the content key's digest.
+    index = session_key(tenant, session_id).removesuffix(":meta") + ":summaries"
+    first = summaries[0, SPAN]
+    shared = [k async for k in client.scan_iter(match=f"mg:context:{tenant}:summary:{first.summary_id}*")]
+    digest = shared[0].decode().rpartition(":")[2]
+    await client.hset(index, f"0-{SPAN}", digest)
+    async with running(settings) as restarted:
+        response = await assemble(restarted, tenant, session_id)
+        assert check_summaries_in(response, summaries) == [(0, SPAN), (SPAN, 2 * SPAN)]
+        # The next run of the summarizer (after an append) writes it whole.
+        await restarted.AppendTurns(
+            pb.AppendTurnsRequest(
+                tenant_id=tenant, session_id=session_id, any_version=True, messages=[msg(USER, "More.")]
+            )
+        )
+
+        async def whole_again():
+            return (await client.hget(index, f"0-{SPAN}")).startswith(b"{")
+
+        await until(whole_again)
+    await client.aclose()
