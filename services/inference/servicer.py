@@ -69,6 +69,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             raise not_found(Reason.MODEL_NOT_FOUND, f"model {request.model!r} is not served here")
         if not request.messages:
             raise invalid_argument(Reason.EMPTY_MESSAGES, "messages must not be empty")
+        validation.check_roles(request.messages)
         max_tokens = validation.check_generation(request.parameters, served, DEFAULT_MAX_TOKENS)
         prompt = triton_protocol.render_chat(request.messages, served.chat_template)
         validation.check_prompt(prompt, self._settings)

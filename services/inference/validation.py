@@ -14,6 +14,7 @@ from meshgate.config import InferenceSettings, ServedModelSettings
 from meshgate.errors import invalid_argument
 from meshgate.reasons import Reason
 from meshgate.sampling import check_sampling
+from meshgate.tokenization import ROLE_NAMES
 
 
 def check_generation(
@@ -35,6 +36,14 @@ def check_generation(
             )
     check_sampling(parameters)
     return max_tokens
+
+
+def check_roles(messages) -> None:
+    """Every message says who speaks: a role the chat template does not
+    know would be rendered as some other one (the router refuses it too)."""
+    for index, message in enumerate(messages):
+        if message.role not in ROLE_NAMES:
+            raise invalid_argument(Reason.INVALID_ROLE, f"messages[{index}] has no valid role")
 
 
 def check_prompt(prompt: str, settings: InferenceSettings) -> None:

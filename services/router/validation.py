@@ -10,9 +10,9 @@ from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2
 from meshgate.sampling import check_sampling
+from meshgate.tokenization import ROLE_NAMES
 from services.router.auth import Tenant
 
-_VALID_ROLES = frozenset({common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT})
 _CACHE_POLICIES = frozenset(router_service_pb2.CachePolicy.values())
 
 
@@ -43,7 +43,7 @@ def check_turn(turn, model: ModelSettings, settings: RouterSettings) -> int:
         raise invalid_argument(Reason.TOO_MANY_MESSAGES, f"at most {settings.max_messages} messages per turn")
     limit = settings.max_message_bytes
     for index, message in enumerate(messages):
-        if message.role not in _VALID_ROLES:
+        if message.role not in ROLE_NAMES:
             raise invalid_argument(Reason.INVALID_ROLE, f"messages[{index}] has no valid role")
         # A character is 1 to 4 UTF-8 bytes: only content whose length leaves
         # the answer open is encoded (admission counts the bytes once more,

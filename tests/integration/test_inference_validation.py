@@ -36,6 +36,10 @@ def generate(text: str = "Hello there", model: str = "tiny-gpt", **parameters) -
     )
 
 
+def spoken_as(role: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(model="tiny-gpt", messages=[common_pb2.Message(role=role, content="hi")])
+
+
 async def drain(call) -> list[pb.GenerateResponse]:
     return [response async for response in call]
 
@@ -90,6 +94,9 @@ async def stub(triton_url):
         (generate(stop=[""]), "INVALID_STOP"),
         (generate("é" * 5_001), "PROMPT_TOO_LARGE"),  # 10,002 UTF-8 bytes
         (pb.GenerateRequest(model="tiny-gpt"), "EMPTY_MESSAGES"),
+        # Rendered as "user" before: a role the template does not know.
+        (spoken_as(99), "INVALID_ROLE"),
+        (spoken_as(common_pb2.ROLE_UNSPECIFIED), "INVALID_ROLE"),
     ],
 )
 async def test_bad_generation_values_are_refused_before_triton(stub, request_, reason):
