@@ -83,25 +83,31 @@ def topic_turn(earlier: Sequence[common_pb2.Message]) -> str | None:
 
 
 def matched_exactly(messages: Sequence[common_pb2.Message]) -> list[common_pb2.Message]:
-    """The earlier messages a prompt's question is only matched among the
-    same of (keys.context_id), not by meaning: every system message, and
-    the first assistant turn after the topic turn.
+    """What of a prompt's earlier messages its question is only matched
+    among the same of (keys.context_id), not by meaning: every system
+    message, and the numbers and names in the first reply to the topic turn.
 
     A system message says how to answer ("Answer only in French", a
     persona, a format): the same question under another one has another
     answer, whatever the words. The assistant's reply to the topic turn is
     often what a follow-up refers to ("Pick a number" / "7" / "What is it
-    doubled?"): its words decide the answer, and the verifier reads only the
-    user's turns. Only the first reply: later ones are mostly small talk
-    ("Anything else?"), which must not keep a conversation from its match.
-    A conversation reworded with the same reply still shares the entry."""
+    doubled?"), and the verifier reads only the user's turns: its numbers
+    and names (as the verifier's structural checks find them) must be the
+    same. Its other words need not be: a reworded acknowledgement ("Noted."
+    / "Of course.") changes nothing a follow-up could mean. Not caught: a
+    referent the analysis does not take for a name, such as a reply of one
+    capitalized word ("Paris.") or a plain word ("blue"). Only the first
+    reply: later ones are mostly small talk ("Anything else?")."""
     exact = [m for m in messages[:-1] if m.role not in (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)]
     found = _topic_at(messages[:-1])
     if found is not None:
         after = (m for m in messages[found[0] + 1 : -1] if m.role == common_pb2.ROLE_ASSISTANT)
         reply = next(after, None)
         if reply is not None:
-            exact.append(reply)
+            analysis = analyze(normalize_text(reply.content))
+            referents = sorted(analysis.names) + sorted(analysis.numbers.elements())
+            if referents:
+                exact.append(common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=" ".join(referents)))
     return exact
 
 

@@ -115,11 +115,16 @@ def test_the_same_topic_and_question_is_accepted(verifier):
     assert verifier.decide(text, vector, text, vector).accepted
 
 
-def test_system_messages_and_the_first_reply_to_the_topic_are_matched_exactly():
+def test_system_messages_and_the_first_replys_numbers_and_names_are_matched_exactly():
     system = common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content="Answer in French.")
-    chat = turns("Hi!", "Hello!", "Pick a number.", "7", "Thanks!", "Anything else?", "Double it?")
+    chat = turns(
+        "Hi!", "Hello!", "Pick a number.", "It is 7, in Lisbon.", "Thanks!", "Anything else?", "Double it?"
+    )
     messages = [system, *chat]
-    assert [m.content for m in conversation.matched_exactly(messages)] == ["Answer in French.", "7"]
+    assert [m.content for m in conversation.matched_exactly(messages)] == ["Answer in French.", "lisbon 7"]
+    # A reply with neither binds nothing: a reworded acknowledgement still matches.
+    acknowledged = turns("I pay for the premium plan.", "Noted, you are on the premium plan.", "Cancel it?")
+    assert conversation.matched_exactly(acknowledged) == []
     # No topic turn: no reply is bound; a single question binds nothing.
-    assert [m.content for m in conversation.matched_exactly(turns("Hi!", "Hello!", "Why?"))] == []
+    assert [m.content for m in conversation.matched_exactly(turns("Hi!", "Hello 7!", "Why?"))] == []
     assert conversation.matched_exactly(turns("Why?")) == []
