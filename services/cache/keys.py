@@ -65,8 +65,9 @@ class Partition:
 
     @property
     def sequence_key(self) -> str:
-        """Numbers the partition's semantic entries in the order stored.
-        Never expires: a few bytes a partition, so sequence numbers only grow."""
+        """The last sequence number given to the partition's semantic
+        entries (store.py's script: Redis's clock in microseconds, so numbers
+        keep growing after this expires with the partition's entries)."""
         return f"{_SEQUENCE_PREFIX}{{{self.digest.hex()}}}"
 
     def exact_key(self, entry_id: str) -> str:

@@ -65,7 +65,15 @@ local ttl = tonumber(ARGV[2])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 -- Announced even when new: see _STORE_EXACT.
 redis.call('PUBLISH', ARGV[7], ARGV[8])
-local seq = redis.call('INCR', KEYS[4])
+-- The entry's sequence number: Redis's clock in microseconds, past the last
+-- one given. It keeps growing after the counter expired with the
+-- partition's entries (a resident index only reads numbers above the last
+-- it applied), and the counter lives no longer than they do.
+local t = redis.call('TIME')
+local last = tonumber(redis.call('GET', KEYS[4]) or '0')
+local seq = string.format('%.0f', math.max(tonumber(t[1]) * 1000000 + tonumber(t[2]), last + 1))
+redis.call('SET', KEYS[4], seq, 'KEEPTTL')
+if redis.call('PTTL', KEYS[4]) < ttl then redis.call('PEXPIRE', KEYS[4], ttl) end
 redis.call('ZADD', KEYS[2], seq, ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
 local evicted = {}

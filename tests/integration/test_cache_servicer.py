@@ -1085,3 +1085,25 @@ async def test_report_wrong_hit_rejects_a_malformed_entry_id(cache, tenant):
             None,
         )
     assert raised.value.reason == "INVALID_ENTRY_ID"
+
+
+async def test_a_partitions_sequence_counter_expires_with_its_entries_and_numbers_keep_growing(
+    redis_client, cache, embedder, tenant
+):
+    """The counter lived for good before: one key left in Redis per
+    partition ever used, a caller's seed or max_tokens each making one. A
+    resident index reads only numbers above the last it applied, so the
+    numbers must keep growing after the counter went."""
+    partition = keys.partition(scope(tenant))
+    await store(cache, scope(tenant), conversation(STORED), text="first", ttl_seconds=1)
+    assert (await lookup(cache, scope(tenant), conversation(PARAPHRASE))).answer.text == "first"
+    assert 0 < await redis_client.pttl(partition.sequence_key) <= 1000
+    for _ in range(100):
+        if not await redis_client.exists(partition.sequence_key):
+            break
+        await asyncio.sleep(0.05)
+    assert not await redis_client.exists(partition.sequence_key)
+    # The same replica, its index of the sub-partition still resident.
+    await store(cache, scope(tenant), conversation(STORED), text="second")
+    response = await lookup(cache, scope(tenant), conversation(PARAPHRASE))
+    assert response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and response.answer.text == "second"
