@@ -347,12 +347,13 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context) -> pb.DeleteSessionResponse:
         _check_tenant(request.tenant_id)
         _check_session_id(request.session_id)
+        # Every key of the session (its pins, turn index and summaries
+        # included) goes in this one script, so a failure after it leaves
+        # nothing for a new session of this id to inherit.
         await self._store.delete(request.tenant_id, request.session_id)
         self._changed_here(request.tenant_id, request.session_id, DELETED)
         if self._summarizer is not None:
             await self._summarizer.forget(request.tenant_id, request.session_id)
-        if self._index is not None:
-            await self._index.delete(request.tenant_id, request.session_id)
         return pb.DeleteSessionResponse()
 
     async def AppendTurns(self, request: pb.AppendTurnsRequest, context) -> pb.AppendTurnsResponse:

@@ -35,6 +35,18 @@ the braces make all of them one Redis Cluster hash slot:
   read, forked or reverted to; 0xFFFFFFFF marks a version a revert undid.
   Sessions stored before this key existed have no history: only their
   current version is readable.
+- ``...:pins`` and the turn index's ``...:ix:roles``, ``...:ix:lengths``,
+  ``...:ix:vectors`` and ``...:ix:postings`` (services/context/turn_index.py),
+  and ``...:summaries`` (services/context/summaries.py).
+
+SESSION_PARTS lists them all, and every script that changes a session
+takes all of them (session_keys), so none outlives or predeceases the
+others: each that changes a live session renews every one's TTL (pins and
+the turn index expired while appends kept the session alive), creating a
+session clears all but ``meta`` (so an expired or deleted one's pins or
+index never come back under its id), and a deletion removes all at once.
+The content-keyed summaries (``mg:context:<tenant>:summary:<digest>``) lie
+in other slots and are never among them: they are shared, and expire.
 
 Compaction (``compact``, the soft cap): the bodies of a session's oldest
 turns, once a summary covers them, are replaced by empty strings in
@@ -87,24 +99,52 @@ log = structlog.get_logger(__name__)
 
 CHANGES_CHANNEL = "mg:context:changes"
 
-# KEYS: meta, turns, turn_ids, versions. ARGV: ttl_s. Returns the creation time, or nil if taken.
-_CREATE = """
+# Every part of a session's keys (see the module's docstring), in the
+# order each script's KEYS hold them (session_keys): KEYS[1] is meta,
+# KEYS[2] turns, KEYS[3] turn_ids, KEYS[4] versions, KEYS[5] pins, KEYS[6]
+# to KEYS[9] the turn index's roles, lengths, vectors and postings,
+# KEYS[10] summaries.
+SESSION_PARTS = (
+    "meta",
+    "turns",
+    "turn_ids",
+    "versions",
+    "pins",
+    "ix:roles",
+    "ix:lengths",
+    "ix:vectors",
+    "ix:postings",
+    "summaries",
+)
+
+# Shared by every script that changes a live session: all of its keys
+# (KEYS) live as long as it does. EXPIRE on an absent key does nothing.
+RENEW = """
+local function renew(ttl)
+  if ttl > 0 then
+    for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
+  end
+end
+"""
+
+# KEYS: session_keys. ARGV: ttl_s. Returns the creation time, or nil if taken.
+_CREATE = (
+    RENEW
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
--- Turns left by an expired session of the same id must not leak into this one.
-redis.call('DEL', KEYS[2], KEYS[3])
+-- Whatever an expired or deleted session of the same id left (turns, pins,
+-- index, summaries) must not leak into this one.
+redis.call('DEL', unpack(KEYS, 2))
 redis.call('HSET', KEYS[1], 'version', 0, 'create_time_ms', now, 'update_time_ms', now)
 -- Version 0 holds no turns, and so no bytes.
 redis.call('HSET', KEYS[1], 'bytes', 0)
 redis.call('SET', KEYS[4], struct.pack('<I4', 0))
-local ttl = tonumber(ARGV[1])
-if ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[4], ttl)
-end
+renew(tonumber(ARGV[1]))
 return now
 """
+)
 
 # Shared by the scripts that keep meta's ``bytes``: the bytes turns
 # ``first`` to ``last`` (inclusive; -1: the last one) hold. Read in slices
@@ -123,7 +163,7 @@ local function turn_bytes(turns_key, first, last)
 end
 """
 
-# KEYS: meta, turns, turn_ids, versions. ARGV: expected version ("" =
+# KEYS: session_keys. ARGV: expected version ("" =
 # append at the end whatever the version), turn id ("" = none), ttl_s, turn
 # count n, the most turns the session may hold (0 = no cap), the most bytes
 # its turns may hold (0 = no cap), n turns, then pairs of (counts field,
@@ -136,6 +176,7 @@ end
 # the session past its cap of turns or of bytes (nothing is appended).
 _APPEND = (
     _TURN_BYTES
+    + RENEW
     + """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return {0} end
@@ -184,10 +225,7 @@ if redis.call('STRLEN', KEYS[4]) == 4 * tonumber(version) + 4 then
   redis.call('APPEND', KEYS[4], struct.pack('<I4', stored + n))
 end
 redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' ' .. new_version)
-local ttl = tonumber(ARGV[3])
-if ttl > 0 then
-  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
-end
+renew(tonumber(ARGV[3]))
 -- The count as this append left it, so a hot copy takes it rather than
 -- add sizes of its own to a count a compaction may have changed since.
 if held_bytes then return {1, new_version, held_bytes} end
@@ -218,7 +256,7 @@ local function compacted_at(meta_key)
 end
 """
 
-# KEYS: meta, turns, turn_ids, versions. ARGV: version to read ("" = the
+# KEYS: session_keys. ARGV: version to read ("" = the
 # current one). Returns {1, version, meta as HGETALL, turns}, {0} if there
 # is no session, {-3, current version} if that version is unknown or undone,
 # {-5, compacted_version} if it was compacted since.
@@ -258,8 +296,10 @@ local function cut_counts(meta_key, target_key, held)
 end
 """
 
-# KEYS: meta, turns, turn_ids, versions. ARGV: version to restore, expected
-# version ("" = whatever the current one), ttl_s. Returns {1, new version},
+# KEYS: session_keys. ARGV: version to restore, expected
+# version ("" = whatever the current one), ttl_s. Pins of the turns it
+# drops go with them (else the turn appended at that index next would be
+# pinned in their place). Returns {1, new version},
 # {0} if there is no session, {-1, current version} on a version mismatch,
 # {-3, current version} if the version to restore is unknown or undone,
 # {-5, compacted version} if it held fewer turns than were compacted since.
@@ -268,6 +308,7 @@ _REVERT = (
     + _TURN_BYTES
     + _CUT_COUNTS
     + _COMPACTED
+    + RENEW
     + """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return {0} end
@@ -285,6 +326,11 @@ if held_bytes then
   redis.call('HSET', KEYS[1], 'bytes', math.max(0, held_bytes - turn_bytes(KEYS[2], held, -1)))
 end
 if held == 0 then redis.call('DEL', KEYS[2]) else redis.call('LTRIM', KEYS[2], 0, held - 1) end
+for _, pin in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do
+  if string.sub(pin, 1, 2) == 't:' and tonumber(string.sub(pin, 3)) >= held then
+    redis.call('LREM', KEYS[5], 0, pin)
+  end
+end
 cut_counts(KEYS[1], KEYS[1], held)
 -- The versions after the target name turns that are gone now.
 local undone = tonumber(version) - target
@@ -301,10 +347,7 @@ local t = redis.call('TIME')
 local new_version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'update_time_ms', t[1] * 1000 + math.floor(t[2] / 1000))
 redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' ' .. new_version)
-local ttl = tonumber(ARGV[3])
-if ttl > 0 then
-  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
-end
+renew(tonumber(ARGV[3]))
 return {1, new_version}
 """
 )
@@ -315,7 +358,7 @@ return {1, new_version}
 # change once written (a revert makes a new version), so the source read in
 # one instant and written into the fork in another is the same.
 #
-# KEYS: the source's meta, turns, turn_ids, versions. ARGV: version to fork
+# KEYS: the source's session_keys. ARGV: version to fork
 # at. Returns {1, turns at that version, flat (counts field, counts of those
 # turns) pairs, the history up to that version}, {0} if there is no source,
 # {-3, current version} if the version is unknown or undone, {-5, compacted
@@ -346,14 +389,17 @@ return {1, turns, counts, redis.call('GETRANGE', KEYS[4], 0, 4 * target + 3)}
 """
 )
 
-# KEYS: the fork's meta, turns, turn_ids, versions. ARGV: version it starts
+# KEYS: the fork's session_keys. ARGV: version it starts
 # at, ttl_s, its history, turn count n, n turns, then (counts field, counts)
 # pairs. It has no turn ids (those were the source's appends), and its
 # ``bytes`` are its turns' (a prefix of the source's: never past the
 # source's cap). Returns {1, creation time}, or {-4} if the fork's id is taken.
-_FORK_CREATE = """
+_FORK_CREATE = (
+    RENEW
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-4} end
-redis.call('DEL', KEYS[2], KEYS[3])
+-- As _CREATE: nothing of an earlier session of this id stays.
+redis.call('DEL', unpack(KEYS, 2))
 local n = tonumber(ARGV[4])
 -- In slices: unpack() of a long list would overflow Lua's stack.
 for first = 5, 4 + n, 1000 do
@@ -367,27 +413,26 @@ redis.call('HSET', KEYS[1], 'version', ARGV[1], 'create_time_ms', now, 'update_t
   'bytes', held_bytes)
 for i = 5 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('SET', KEYS[4], ARGV[3])
-local ttl = tonumber(ARGV[2])
-if ttl > 0 then
-  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
-end
+renew(tonumber(ARGV[2]))
 return {1, now}
 """
+)
 
-# KEYS: meta, turns, the turn index's vectors and postings, pins, versions
-# (services/context/turn_index.py). ARGV: the version the caller read, how
-# many leading turns to compact, then the positions of system turns (their
-# bodies stay, as pinned turns' do). Returns how many turns are compacted
+# KEYS: session_keys. ARGV: the version the caller read, how many leading
+# turns to compact, ttl_s, then the positions of system turns (their bodies
+# stay, as pinned turns' do). Returns how many turns are compacted
 # now, or -1 if those turns may have changed since (nothing done).
-_COMPACT = """
+_COMPACT = (
+    RENEW
+    + """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return -1 end
 local read, upto = tonumber(ARGV[1]), tonumber(ARGV[2])
 if tonumber(version) ~= read then
   -- Appends since the read leave the first turns as they were; a revert to
   -- fewer than `upto` turns does not. A session without a history cannot tell.
-  if redis.call('STRLEN', KEYS[6]) ~= 4 * tonumber(version) + 4 then return -1 end
-  local since = redis.call('GETRANGE', KEYS[6], 4 * (read + 1), -1)
+  if redis.call('STRLEN', KEYS[4]) ~= 4 * tonumber(version) + 4 then return -1 end
+  local since = redis.call('GETRANGE', KEYS[4], 4 * (read + 1), -1)
   for at = 1, #since, 4 do
     if struct.unpack('<I4', string.sub(since, at, at + 3)) < upto then return -1 end
   end
@@ -395,7 +440,7 @@ end
 local from = tonumber(redis.call('HGET', KEYS[1], 'compacted') or '0')
 if upto <= from then return from end
 local keep = {}
-for i = 3, #ARGV do keep[tonumber(ARGV[i])] = true end
+for i = 4, #ARGV do keep[tonumber(ARGV[i])] = true end
 for _, pin in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do
   if string.sub(pin, 1, 2) == 't:' then keep[tonumber(string.sub(pin, 3))] = true end
 end
@@ -418,12 +463,12 @@ end
 if held_bytes then redis.call('HSET', KEYS[1], 'bytes', math.max(0, held_bytes)) end
 -- The vectors string starts at the first live turn (turn_index reads and
 -- writes it so): drop the compacted turns' rows from its front.
-local dim = tonumber(redis.call('HGET', KEYS[4], '\\0dim') or '0')
-if dim > 0 and redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('SET', KEYS[3], redis.call('GETRANGE', KEYS[3], dim * (upto - from), -1), 'KEEPTTL')
+local dim = tonumber(redis.call('HGET', KEYS[9], '\\0dim') or '0')
+if dim > 0 and redis.call('EXISTS', KEYS[8]) == 1 then
+  redis.call('SET', KEYS[8], redis.call('GETRANGE', KEYS[8], dim * (upto - from), -1), 'KEEPTTL')
 end
 -- Postings name live turns only, so a question's read is bounded by them.
-local fields = redis.call('HGETALL', KEYS[4])
+local fields = redis.call('HGETALL', KEYS[9])
 for i = 1, #fields, 2 do
   if string.byte(fields[i], 1) ~= 0 then
     local kept = {}
@@ -433,23 +478,28 @@ for i = 1, #fields, 2 do
         table.insert(kept, string.sub(value, at, at + 3))
       end
     end
-    if #kept == 0 then redis.call('HDEL', KEYS[4], fields[i])
-    elseif #kept * 4 < #value then redis.call('HSET', KEYS[4], fields[i], table.concat(kept)) end
+    if #kept == 0 then redis.call('HDEL', KEYS[9], fields[i])
+    elseif #kept * 4 < #value then redis.call('HSET', KEYS[9], fields[i], table.concat(kept)) end
   end
 end
 redis.call('HSET', KEYS[1], 'compacted', upto, 'compacted_version', version)
 -- No new version (the turns the session holds are the same), but what a
 -- hot copy holds is not: replicas drop it as they would a deleted one.
 redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1')
+renew(tonumber(ARGV[3]))
 return upto
 """
+)
 
-# KEYS: meta, turns, turn_ids, versions. Returns how many existed. A script
-# rather than MULTI with PUBLISH: a cluster transaction takes keyed commands only.
+# KEYS: session_keys. Deletes all of them, whether or not the session
+# exists (what an earlier session of its id left goes too), and returns
+# whether it did. A script rather than MULTI with PUBLISH: a cluster
+# transaction takes keyed commands only.
 _DELETE = """
-local deleted = redis.call('DEL', unpack(KEYS))
+local existed = redis.call('EXISTS', KEYS[1])
+redis.call('DEL', unpack(KEYS))
 redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1')
-return deleted
+return existed
 """
 
 # KEYS: meta. ARGV: version the counts were made at, counts field, packed counts.
@@ -517,8 +567,10 @@ def session_key(tenant_id: str, session_id: str) -> str:
     return key(tenant_id, session_id, "meta")
 
 
-def _keys(tenant_id: str, session_id: str) -> list[str]:
-    return [key(tenant_id, session_id, part) for part in ("meta", "turns", "turn_ids", "versions")]
+def session_keys(tenant_id: str, session_id: str) -> list[str]:
+    """Every key of the session, in SESSION_PARTS' order: what each script
+    over a session takes as its KEYS (one hash slot)."""
+    return [key(tenant_id, session_id, part) for part in SESSION_PARTS]
 
 
 def _counts_field(tokenizer_id: str) -> str:
@@ -599,7 +651,7 @@ class SessionStore:
     async def create(self, tenant_id: str, session_id: str) -> int:
         """Creates an empty session at version 0; returns its creation time."""
         with redis_reachable():
-            now = await self._create(keys=_keys(tenant_id, session_id), args=[self._ttl_s])
+            now = await self._create(keys=session_keys(tenant_id, session_id), args=[self._ttl_s])
         if now is None:
             raise MeshgateError(
                 grpc.StatusCode.ALREADY_EXISTS,
@@ -614,7 +666,7 @@ class SessionStore:
         instant (one script): the current ones, or those of ``at_version``."""
         with redis_reachable():
             outcome = await self._read(
-                keys=_keys(tenant_id, session_id), args=["" if at_version is None else at_version]
+                keys=session_keys(tenant_id, session_id), args=["" if at_version is None else at_version]
             )
         if outcome[0] == 0:
             raise session_not_found(session_id)
@@ -659,7 +711,7 @@ class SessionStore:
         for tokenizer_id, counts in token_counts.items():
             args.extend((_counts_field(tokenizer_id), _pack(counts)))
         with redis_reachable():
-            outcome = await self._append(keys=_keys(tenant_id, session_id), args=args)
+            outcome = await self._append(keys=session_keys(tenant_id, session_id), args=args)
         full = {-2: ("turns", self._max_turns), -6: ("bytes", self._max_session_bytes)}.get(outcome[0])
         if full is not None:
             raise _session_full(session_id, *full, str(outcome[1]), len(turns))
@@ -699,7 +751,7 @@ class SessionStore:
         """How many turns the session held at each version; None for the
         versions a revert undid. Empty for sessions stored before history."""
         with redis_reachable():
-            raw = await self._client.get(_keys(tenant_id, session_id)[3]) or b""
+            raw = await self._client.get(key(tenant_id, session_id, "versions")) or b""
         return [None if held == _UNDONE else held for held in decode_counts(raw, len(raw) // 4).tolist()]
 
     async def revert(
@@ -710,7 +762,7 @@ class SessionStore:
         expected = "" if expected_version is None else str(expected_version)
         with redis_reachable():
             outcome = await self._revert(
-                keys=_keys(tenant_id, session_id), args=[version, expected, self._ttl_s]
+                keys=session_keys(tenant_id, session_id), args=[version, expected, self._ttl_s]
             )
         if outcome[0] == -3:
             raise _version_not_found(session_id, version, outcome[1])
@@ -723,7 +775,7 @@ class SessionStore:
         """Creates ``new_session_id`` with the turns of ``version``, at that
         version; returns its creation time."""
         with redis_reachable():
-            source = await self._fork_source(keys=_keys(tenant_id, session_id), args=[version])
+            source = await self._fork_source(keys=session_keys(tenant_id, session_id), args=[version])
         if source[0] == -3:
             raise _version_not_found(session_id, version, source[1])
         if source[0] == -5:
@@ -732,7 +784,7 @@ class SessionStore:
         _, turns, counts, history = source
         with redis_reachable():
             outcome = await self._fork_create(
-                keys=_keys(tenant_id, new_session_id),
+                keys=session_keys(tenant_id, new_session_id),
                 args=[version, self._ttl_s, history, len(turns), *turns, *counts],
             )
         if outcome[0] == -4:
@@ -751,23 +803,22 @@ class SessionStore:
         docstring), read at ``version``, unless a revert changed them since;
         the bodies of the ``system`` turns and pinned ones stay. Returns how
         many turns are compacted now, -1 if they may have changed."""
-        parts = ("meta", "turns", "ix:vectors", "ix:postings", "pins", "versions")
         with redis_reachable():
-            keys = [key(tenant_id, session_id, part) for part in parts]
-            return int(await self._compact(keys=keys, args=[version, upto, *system]))
+            keys = session_keys(tenant_id, session_id)
+            return int(await self._compact(keys=keys, args=[version, upto, self._ttl_s, *system]))
 
     async def fill_token_counts(
         self, tenant_id: str, session_id: str, version: int, tokenizer_id: str, counts: np.ndarray
     ) -> None:
         """Stores the counts of every turn of ``version``, unless the session
         moved on meanwhile (a later read then fills them)."""
-        meta = _keys(tenant_id, session_id)[0]
+        meta = session_key(tenant_id, session_id)
         with redis_reachable():
             await self._fill_counts(keys=[meta], args=[version, _counts_field(tokenizer_id), _pack(counts)])
 
     async def delete(self, tenant_id: str, session_id: str) -> None:
         with redis_reachable():
-            deleted = await self._delete(keys=_keys(tenant_id, session_id))
+            deleted = await self._delete(keys=session_keys(tenant_id, session_id))
         if not deleted:
             raise session_not_found(session_id)
 

@@ -12,7 +12,11 @@ Beside a session's keys (services/context/store.py), under the same prefix:
   it (the turn is then found by words only).
 - ``...:ix:postings``, a hash: term -> packed uint32 (relevance.pack_posting)
   for every turn holding it; the field ``\\0dim`` holds the vector size.
-- ``...:pins``, a list: ``t:<turn index>`` or ``f:<fact text>``.
+- ``...:pins``, a list: ``t:<turn index>`` or ``f:<fact text>``; a revert
+  drops the pins of the turns it undoes (store._REVERT).
+
+Each script takes every key of the session (store.session_keys) and renews
+them all, as the store's do: the index and pins live as long as the session.
 
 Everything is written by turn offset (SETRANGE), so an index written after a
 revert overwrites the undone turns' entries, and stale postings of the
@@ -35,34 +39,44 @@ from meshgate.common.v1 import common_pb2
 from meshgate.errors import MeshgateError, not_found
 from meshgate.reasons import Reason
 from services.context import relevance
-from services.context.store import decode_counts, key, redis_reachable, session_not_found
+from services.context.store import (
+    RENEW,
+    decode_counts,
+    key,
+    redis_reachable,
+    session_keys,
+    session_not_found,
+)
 
 _DIMENSIONS_FIELD = "\0dim"
 
-# KEYS: roles, lengths, vectors, postings, the session's versions, turns and
-# meta (services/context/store.py). ARGV: the version the append made, dimensions
+# KEYS: store.session_keys. ARGV: the version the append made, dimensions
 # (0 = no vectors), ttl_s, roles bytes, packed lengths, int8 vectors ("" =
 # none), then pairs (term, packed postings to add). The turns' first position
 # is read from the versions history (turns held at that version, less these),
 # so concurrent appends each index their own turns. Returns the first
-# position, or -1 when a revert already undid that version (nothing to index).
-_WRITE = """
+# position, or -1 when a revert already undid that version or the session
+# is gone (nothing to index: its keys would outlive it).
+_WRITE = (
+    RENEW
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local n = #ARGV[4]
 local first
-local raw = redis.call('GETRANGE', KEYS[5], 4 * tonumber(ARGV[1]), 4 * tonumber(ARGV[1]) + 3)
+local raw = redis.call('GETRANGE', KEYS[4], 4 * tonumber(ARGV[1]), 4 * tonumber(ARGV[1]) + 3)
 if #raw == 4 then
   local held = struct.unpack('<I4', raw)
   if held == 4294967295 then return -1 end
   first = held - n
 else
   -- A session stored before version histories: its turns are the last n.
-  first = redis.call('LLEN', KEYS[6]) - n
+  first = redis.call('LLEN', KEYS[2]) - n
 end
-if redis.call('STRLEN', KEYS[1]) > first then
+if redis.call('STRLEN', KEYS[6]) > first then
   -- Positions being written now were a revert's undone turns' (or a later
   -- append indexed first): drop any postings there. Positions past these
   -- are purged by the append that takes them; readers ignore them meanwhile.
-  local fields = redis.call('HGETALL', KEYS[4])
+  local fields = redis.call('HGETALL', KEYS[9])
   for i = 1, #fields, 2 do
     if fields[i] ~= '\\0dim' then
       local kept = {}
@@ -74,18 +88,18 @@ if redis.call('STRLEN', KEYS[1]) > first then
           table.insert(kept, string.sub(value, at, at + 3))
         end
       end
-      if #kept == 0 then redis.call('HDEL', KEYS[4], fields[i])
-      else redis.call('HSET', KEYS[4], fields[i], table.concat(kept)) end
+      if #kept == 0 then redis.call('HDEL', KEYS[9], fields[i])
+      else redis.call('HSET', KEYS[9], fields[i], table.concat(kept)) end
     end
   end
 end
-redis.call('SETRANGE', KEYS[1], first, ARGV[4])
-redis.call('SETRANGE', KEYS[2], 2 * first, ARGV[5])
+redis.call('SETRANGE', KEYS[6], first, ARGV[4])
+redis.call('SETRANGE', KEYS[7], 2 * first, ARGV[5])
 local dim = tonumber(ARGV[2])
-local compacted = tonumber(redis.call('HGET', KEYS[7], 'compacted') or '0')
+local compacted = tonumber(redis.call('HGET', KEYS[1], 'compacted') or '0')
 if dim > 0 and ARGV[6] ~= '' and first >= compacted then
-  redis.call('HSET', KEYS[4], '\\0dim', dim)
-  redis.call('SETRANGE', KEYS[3], dim * (first - compacted), ARGV[6])
+  redis.call('HSET', KEYS[9], '\\0dim', dim)
+  redis.call('SETRANGE', KEYS[8], dim * (first - compacted), ARGV[6])
 end
 local shift = first * 16
 for i = 7, #ARGV, 2 do
@@ -94,15 +108,13 @@ for i = 7, #ARGV, 2 do
   for at = 1, #value, 4 do
     table.insert(shifted, struct.pack('<I4', struct.unpack('<I4', string.sub(value, at, at + 3)) + shift))
   end
-  local current = redis.call('HGET', KEYS[4], ARGV[i]) or ''
-  redis.call('HSET', KEYS[4], ARGV[i], current .. table.concat(shifted))
+  local current = redis.call('HGET', KEYS[9], ARGV[i]) or ''
+  redis.call('HSET', KEYS[9], ARGV[i], current .. table.concat(shifted))
 end
-local ttl = tonumber(ARGV[3])
-if ttl > 0 then
-  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
-end
+renew(tonumber(ARGV[3]))
 return first
 """
+)
 
 
 # Pins a session may hold. Every assembly reads all of them and puts each
@@ -111,11 +123,13 @@ return first
 # without end; 256 facts are at most 1 MiB, a turn's own limit.
 MAX_PINS = 256
 
-# KEYS: meta, turns, pins. ARGV: pin, turn index ("" for a fact), ttl_s,
+# KEYS: store.session_keys. ARGV: pin, turn index ("" for a fact), ttl_s,
 # MAX_PINS. Returns {1, pins held}, {0} if there is no session, {-1, turns
 # held} if the turn does not exist, {-2, compacted version} if its text was
 # compacted, {-3, pins held} if the session holds MAX_PINS already.
-_PIN = """
+_PIN = (
+    RENEW
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 if ARGV[2] ~= '' then
   local index = tonumber(ARGV[2])
@@ -125,16 +139,16 @@ if ARGV[2] ~= '' then
     return {-2, tonumber(redis.call('HGET', KEYS[1], 'compacted_version') or '0')}
   end
 end
-local pins = redis.call('LLEN', KEYS[3])
+local pins = redis.call('LLEN', KEYS[5])
 if pins >= tonumber(ARGV[4]) then return {-3, pins} end
-local count = redis.call('RPUSH', KEYS[3], ARGV[1])
-local ttl = tonumber(ARGV[3])
-if ttl > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
+local count = redis.call('RPUSH', KEYS[5], ARGV[1])
+renew(tonumber(ARGV[3]))
 -- Pins change no version, so hot caches holding the session (and its pins)
 -- are told to drop it as they would a deleted one; the next read refills them.
 redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1')
 return {1, count}
 """
+)
 
 
 # KEYS: meta, turns. ARGV: the turn indices wanted, packed little-endian
@@ -330,9 +344,7 @@ class TurnIndex:
         for term, packed in _packed_postings(turns).items():
             args.extend((term, packed))
         with redis_reachable():
-            keys = [*_keys(tenant_id, session_id), key(tenant_id, session_id, "versions")]
-            keys.extend((key(tenant_id, session_id, "turns"), key(tenant_id, session_id, "meta")))
-            return int(await self._write(keys=keys, args=args))
+            return int(await self._write(keys=session_keys(tenant_id, session_id), args=args))
 
     async def read(
         self,
@@ -440,14 +452,11 @@ class TurnIndex:
         """Adds a pin (``t:<index>`` or ``f:<text>``); returns how many the
         session holds. Raises SESSION_NOT_FOUND, PIN_TARGET_NOT_FOUND for
         a turn the session does not hold, or TOO_MANY_PINS past MAX_PINS."""
-        keys = [
-            key(tenant_id, session_id, "meta"),
-            key(tenant_id, session_id, "turns"),
-            key(tenant_id, session_id, "pins"),
-        ]
         index = "" if message_index is None else message_index
         with redis_reachable():
-            outcome = await self._pin(keys=keys, args=[pin, index, self._ttl_s, MAX_PINS])
+            outcome = await self._pin(
+                keys=session_keys(tenant_id, session_id), args=[pin, index, self._ttl_s, MAX_PINS]
+            )
         if outcome[0] == 0:
             raise session_not_found(session_id)
         if outcome[0] == -1:
@@ -472,7 +481,3 @@ class TurnIndex:
                 {"session_id": session_id, "compacted_version": str(outcome[1])},
             )
         return int(outcome[1])
-
-    async def delete(self, tenant_id: str, session_id: str) -> None:
-        with redis_reachable():
-            await self._client.delete(*_keys(tenant_id, session_id), key(tenant_id, session_id, "pins"))

@@ -1,0 +1,244 @@
+"""A session's keys over a real Redis (store.SESSION_PARTS): every script
+that changes a live session renews all of them, so its pins, turn index
+and summaries never expire while it is in use; creating (or forking into)
+a session id clears what an earlier session of that id left; a deletion
+removes everything at once; and a revert drops the pins of the turns it
+undoes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+import redis.asyncio as redis
+
+from meshgate.context.v1 import context_service_pb2 as pb
+from meshgate.errors import MeshgateError, unavailable
+from meshgate.reasons import Reason
+from services.context import store as session_store
+from services.context import summaries
+from services.context.turn_index import TurnIndex, features
+from tests.integration.test_context_service import (
+    ASSISTANT,
+    MODEL,
+    USER,
+    failure,
+    make_settings,
+    msg,
+    running,
+)
+
+pytestmark = pytest.mark.integration
+
+TTL_S = 600
+# What every key's TTL is cut to before a script runs: as if that much of
+# the session's life had passed since its keys were last renewed.
+SHORTENED_S = 100
+
+
+@pytest.fixture
+async def client(redis_url: str):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+def _parts_of(keys: list[str]) -> set[str]:
+    return {k.decode().rpartition("}:")[2] for k in keys}
+
+
+async def _present(client: redis.Redis, tenant: str, session_id: str) -> set[str]:
+    """The parts of the session that exist in Redis, found by scanning its
+    hash tag: so a key left outside SESSION_PARTS would be seen too."""
+    pattern = session_store.key(tenant, session_id, "*")
+    return _parts_of([k async for k in client.scan_iter(match=pattern)])
+
+
+async def _shorten(client: redis.Redis, tenant: str, session_id: str) -> None:
+    for k in session_store.session_keys(tenant, session_id):
+        await client.expire(k, SHORTENED_S)
+
+
+async def _ttls(client: redis.Redis, tenant: str, session_id: str) -> dict[str, int]:
+    return {
+        part: await client.ttl(session_store.key(tenant, session_id, part))
+        for part in session_store.SESSION_PARTS
+    }
+
+
+async def _write_index(index: TurnIndex, tenant, session_id, version, *turns) -> None:
+    vectors = np.ones((len(turns), 8), np.float32)
+    assert await index.write(tenant, session_id, version, features(list(turns)), vectors) >= 0
+
+
+async def test_every_change_renews_every_key_of_the_session(client, tenant) -> None:
+    sessions = session_store.SessionStore(client, TTL_S)
+    index = TurnIndex(client, TTL_S)
+    sid = "renewed"
+    await sessions.create(tenant, sid)
+    turns = [msg(USER, "Maria signed for crate 101."), msg(ASSISTANT, "Noted, crate 101.")]
+    await sessions.append(tenant, sid, 0, turns, {}, turn_id="first")
+    await _write_index(index, tenant, sid, 1, *turns)
+    await index.pin(tenant, sid, "f:Crates go to Lisbon.", None)
+    await client.hset(session_store.key(tenant, sid, "summaries"), "0-4", "digest")
+    # Every part exists, so each check below covers all of them.
+    assert await _present(client, tenant, sid) == set(session_store.SESSION_PARTS)
+
+    third = msg(USER, "And crate 102?")
+
+    async def pin() -> None:
+        await index.pin(tenant, sid, "t:0", 0)
+
+    changes = {
+        "append": lambda: sessions.append(tenant, sid, 1, [third], {}),
+        "index write": lambda: _write_index(index, tenant, sid, 2, third),
+        "pin": pin,
+        # Back to version 1: its turn id stays, so turn_ids does too.
+        "revert": lambda: sessions.revert(tenant, sid, 1, 2),
+        "compaction": lambda: sessions.compact(tenant, sid, 3, 1, []),
+    }
+    for name, change in changes.items():
+        await _shorten(client, tenant, sid)
+        await change()
+        ttls = await _ttls(client, tenant, sid)
+        assert all(ttl > SHORTENED_S for ttl in ttls.values()), (name, ttls)
+    assert int(await client.hget(session_store.key(tenant, sid, "meta"), "compacted")) == 1
+
+
+async def test_pins_outlive_seconds_of_appends_past_their_ttl(redis_url, client, tenant) -> None:
+    settings = make_settings(redis_url)
+    settings.context.session_ttl_s = 3
+    async with running(settings) as stub:
+        created = await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))
+        sid = created.session.session_id
+        await _append(stub, tenant, sid, msg(USER, "hello"))
+        await stub.PinToSession(pb.PinToSessionRequest(tenant_id=tenant, session_id=sid, fact="PINNED-FACT"))
+        # Four seconds of use, past the pin's own TTL: each append renews it.
+        for i in range(8):
+            await asyncio.sleep(0.5)
+            await _append(stub, tenant, sid, msg(USER, f"turn {i}"))
+        assert await client.lrange(session_store.key(tenant, sid, "pins"), 0, -1) == [b"f:PINNED-FACT"]
+        assert "PINNED-FACT" in await _prompt(stub, tenant, sid)
+
+
+async def test_a_new_session_or_fork_inherits_nothing_of_an_expired_one(client, tenant) -> None:
+    sessions = session_store.SessionStore(client, TTL_S)
+    index = TurnIndex(client, TTL_S)
+    source = "source"
+    await sessions.create(tenant, source)
+    await sessions.append(tenant, source, 0, [msg(USER, "fresh turn")], {})
+    for sid in ("recreated", "forked-into"):
+        await sessions.create(tenant, sid)
+        old = msg(USER, "OLD turn")
+        await sessions.append(tenant, sid, 0, [old], {}, turn_id="old")
+        await _write_index(index, tenant, sid, 1, old)
+        await index.pin(tenant, sid, "f:OLD-FACT", None)
+        await index.pin(tenant, sid, "t:0", 0)
+        await client.hset(session_store.key(tenant, sid, "summaries"), "0-4", "digest")
+        # Expired: its meta gone first (keys renewed apart, or a summary
+        # written after the session's last change, outlive it).
+        await client.delete(session_store.session_key(tenant, sid))
+
+    await sessions.create(tenant, "recreated")
+    assert await _present(client, tenant, "recreated") == {"meta", "versions"}
+    await sessions.fork(tenant, source, 1, "forked-into")
+    assert await _present(client, tenant, "forked-into") == {"meta", "turns", "versions"}
+    for sid in ("recreated", "forked-into"):
+        indexed = await index.read(tenant, sid, None)
+        assert (indexed.pinned_facts, indexed.pinned_turns, len(indexed.roles)) == ([], [], 0)
+
+
+async def test_deleting_an_expired_session_clears_what_it_left(client, tenant) -> None:
+    sessions = session_store.SessionStore(client, TTL_S)
+    index = TurnIndex(client, TTL_S)
+    await sessions.create(tenant, "expired")
+    await index.pin(tenant, "expired", "f:LEFT-FACT", None)
+    await client.delete(session_store.session_key(tenant, "expired"))
+    with pytest.raises(MeshgateError) as caught:
+        await sessions.delete(tenant, "expired")
+    assert caught.value.reason == Reason.SESSION_NOT_FOUND
+    assert await _present(client, tenant, "expired") == set()
+
+
+async def test_a_delete_failing_after_the_store_leaves_nothing_behind(
+    redis_url, client, tenant, monkeypatch
+) -> None:
+    async def failing_forget(self, tenant_id: str, session_id: str) -> None:
+        raise unavailable(Reason.REDIS_UNAVAILABLE, "session store unavailable: injected")
+
+    async with running(make_settings(redis_url)) as stub:
+        sid = "deleted"
+        await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, session_id=sid))
+        await _append(stub, tenant, sid, msg(USER, "hello"))
+        await stub.PinToSession(pb.PinToSessionRequest(tenant_id=tenant, session_id=sid, fact="DELETED-FACT"))
+        await client.hset(session_store.key(tenant, sid, "summaries"), "0-4", "digest")
+        assert {"pins", "ix:roles", "summaries"} <= await _present(client, tenant, sid)
+        monkeypatch.setattr(summaries.Summarizer, "forget", failing_forget)
+        request = pb.DeleteSessionRequest(tenant_id=tenant, session_id=sid)
+        assert (await failure(stub.DeleteSession(request)))[0] == grpc.StatusCode.UNAVAILABLE
+        assert await _present(client, tenant, sid) == set()
+        monkeypatch.undo()
+        assert (await failure(stub.DeleteSession(request)))[:2] == (
+            grpc.StatusCode.NOT_FOUND,
+            "SESSION_NOT_FOUND",
+        )
+        await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, session_id=sid))
+        assert "DELETED-FACT" not in await _prompt(stub, tenant, sid)
+
+
+async def test_a_revert_drops_the_pins_of_the_turns_it_undoes(stub_and_client, tenant) -> None:
+    stub, client = stub_and_client
+    filler = " ".join(f"filler{k}" for k in range(60))
+    created = await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))
+    sid = created.session.session_id
+    await _append(stub, tenant, sid, msg(USER, "q0 " + filler), msg(ASSISTANT, "a0 " + filler), version=0)
+    await _append(stub, tenant, sid, msg(USER, "PINNED-ORIGINAL " + filler), version=1)
+    for pin in (
+        pb.PinToSessionRequest(tenant_id=tenant, session_id=sid, message_index=2),
+        pb.PinToSessionRequest(tenant_id=tenant, session_id=sid, message_index=0),
+        pb.PinToSessionRequest(tenant_id=tenant, session_id=sid, fact="KEPT-FACT"),
+    ):
+        await stub.PinToSession(pin)
+    revert = pb.RevertSessionRequest(tenant_id=tenant, session_id=sid, version=1, expected_version=2)
+    await stub.RevertSession(revert)
+    # The undone turn's pin goes; the kept turn's and the fact stay, in order.
+    assert await client.lrange(session_store.key(tenant, sid, "pins"), 0, -1) == [b"t:0", b"f:KEPT-FACT"]
+    await _append(stub, tenant, sid, msg(USER, "UNRELATED-NEW " + filler), version=3)
+    response = await _assemble(stub, tenant, sid, budget=200)
+    reasons = {e.index: e.reason for e in response.manifest.entries if e.source == pb.SOURCE_SESSION}
+    assert reasons[0] == pb.INCLUSION_REASON_PINNED
+    assert reasons[2] != pb.INCLUSION_REASON_PINNED
+
+
+@pytest.fixture
+async def stub_and_client(redis_url: str, client):
+    async with running(make_settings(redis_url)) as stub:
+        yield stub, client
+
+
+async def _append(stub, tenant: str, sid: str, *messages, version: int | None = None, turn_id: str = ""):
+    request = pb.AppendTurnsRequest(tenant_id=tenant, session_id=sid, messages=messages, turn_id=turn_id)
+    if version is None:
+        request.any_version = True
+    else:
+        request.expected_version = version
+    return await stub.AppendTurns(request)
+
+
+async def _assemble(stub, tenant: str, sid: str, budget: int = 300) -> pb.AssembleContextResponse:
+    return await stub.AssembleContext(
+        pb.AssembleContextRequest(
+            tenant_id=tenant,
+            session_id=sid,
+            new_messages=[msg(USER, "Who signed?")],
+            model=MODEL,
+            max_prompt_tokens=budget,
+            strategy=pb.ASSEMBLY_STRATEGY_NEWEST,
+        )
+    )
+
+
+async def _prompt(stub, tenant: str, sid: str) -> list[str]:
+    return [m.content for m in (await _assemble(stub, tenant, sid)).messages]
