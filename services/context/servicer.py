@@ -405,7 +405,16 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             raise
         log.debug("turns appended", session_id=request.session_id, version=version, replayed=replayed)
         if replayed and embedding is not None:
-            embedding.cancel()
+            # The first try may have stored the turns and then failed to
+            # index them: indexed here, else never (nothing else would).
+            await self._index.write(
+                request.tenant_id,
+                request.session_id,
+                version,
+                features(turns),
+                await embedding,
+                only_unwritten=True,
+            )
         if not replayed:
             key = session_key(request.tenant_id, request.session_id)
             before = self._hot.get(key)

@@ -15,14 +15,19 @@ Beside a session's keys (services/context/store.py), under the same prefix:
 - ``...:pins``, a list: ``t:<turn index>`` or ``f:<fact text>``; a revert
   drops the pins of the turns it undoes (store._REVERT).
 
-Each script takes every key of the session (store.session_keys) and renews
-them all, as the store's do: the index and pins live as long as the session.
+The scripts that write them (_WRITE, _PIN) take every key of the session
+(store.session_keys) and renew them all, as the store's do: the index and
+pins live as long as the session.
 
 Everything is written by turn offset (SETRANGE), so an index written after a
 revert overwrites the undone turns' entries, and stale postings of the
-positions written are purged first. Assembly reads the roles, lengths,
-vectors and only the postings of the question's terms: one round trip whose
-size grows by a few hundred bytes per turn, never the turns' texts.
+positions written are purged first. A position never written reads a role
+of 0, which no turn has: its write was lost (the append stored, then Redis
+failed), so readers take the index to cover the turns before it only, and
+the append's retry (answered as replayed) writes it. Assembly reads the
+roles, lengths, vectors and only the postings of the question's terms: one
+round trip whose size grows by a few hundred bytes per turn, never the
+turns' texts.
 """
 
 from __future__ import annotations
@@ -52,11 +57,13 @@ _DIMENSIONS_FIELD = "\0dim"
 
 # KEYS: store.session_keys. ARGV: the version the append made, dimensions
 # (0 = no vectors), ttl_s, roles bytes, packed lengths, int8 vectors ("" =
-# none), then pairs (term, packed postings to add). The turns' first position
-# is read from the versions history (turns held at that version, less these),
-# so concurrent appends each index their own turns. Returns the first
-# position, or -1 when a revert already undid that version or the session
-# is gone (nothing to index: its keys would outlive it).
+# none), "1" to write only if some of these turns' positions were never
+# written ("" = always), then pairs (term, packed postings to add). The
+# turns' first position is read from the versions history (turns held at
+# that version, less these), so concurrent appends each index their own
+# turns. Returns the first position, or -1 when a revert already undid that
+# version, that version's append held another number of turns, or the
+# session is gone (nothing to index: its keys would outlive it).
 _WRITE = (
     RENEW
     + """
@@ -68,9 +75,22 @@ if #raw == 4 then
   local held = struct.unpack('<I4', raw)
   if held == 4294967295 then return -1 end
   first = held - n
+  local before = tonumber(ARGV[1]) - 1
+  if before >= 0 then
+    raw = redis.call('GETRANGE', KEYS[4], 4 * before, 4 * before + 3)
+    -- A retried append that does not hold the turns its first try stored.
+    if #raw == 4 and struct.unpack('<I4', raw) ~= first then return -1 end
+  end
 else
   -- A session stored before version histories: its turns are the last n.
   first = redis.call('LLEN', KEYS[2]) - n
+end
+if ARGV[7] ~= '' then
+  -- A retried append: its turns are indexed already unless their first
+  -- write was lost, which leaves a position never written, reading 0 (no
+  -- role's value; a later write's SETRANGE zero-fills the gap).
+  local written = redis.call('GETRANGE', KEYS[6], first, first + n - 1)
+  if #written == n and not string.find(written, '\\0', 1, true) then return first end
 end
 if redis.call('STRLEN', KEYS[6]) > first then
   -- Positions being written now were a revert's undone turns' (or a later
@@ -102,7 +122,7 @@ if dim > 0 and ARGV[6] ~= '' and first >= compacted then
   redis.call('SETRANGE', KEYS[8], dim * (first - compacted), ARGV[6])
 end
 local shift = first * 16
-for i = 7, #ARGV, 2 do
+for i = 8, #ARGV, 2 do
   local shifted = {}
   local value = ARGV[i + 1]
   for at = 1, #value, 4 do
@@ -325,11 +345,15 @@ class TurnIndex:
         version: int,
         turns: list[TurnFeatures],
         vectors: np.ndarray | None,
+        *,
+        only_unwritten: bool = False,
     ) -> int:
         """Indexes ``turns``, the ones the append that made ``version`` stored;
         returns the position of the first (-1: a revert already undid them).
         Postings are packed relative to the first; the script, which knows
-        where they landed, shifts them."""
+        where they landed, shifts them. ``only_unwritten``: for a retried
+        append, whose turns are indexed already unless its first try's
+        write was lost; they are then written, else left as they are."""
         lengths = _term_counts(turns).tobytes()
         packed_vectors = b"" if vectors is None else relevance.quantize(vectors).tobytes()
         dimensions = 0 if vectors is None else vectors.shape[1]
@@ -340,6 +364,7 @@ class TurnIndex:
             bytes(t.role for t in turns),
             lengths,
             packed_vectors,
+            "1" if only_unwritten else "",
         ]
         for term, packed in _packed_postings(turns).items():
             args.extend((term, packed))
@@ -385,6 +410,12 @@ class TurnIndex:
         counts = decode_counts(meta[1] or b"", count)
         line_counts = decode_counts((meta[3] or b"") if line_counter_id else b"", count)
         roles_array = np.frombuffer(roles or b"", dtype=np.uint8)[:count]
+        # A position whose write was lost reads 0, no role's value (a later
+        # write's SETRANGE zero-filled it): the index covers the turns before
+        # it only, so it is not usable and assembly reads the turns instead.
+        unwritten = np.flatnonzero(roles_array == 0)
+        if len(unwritten):
+            roles_array = roles_array[: unwritten[0]]
         # Only when every turn has a row can vectors and turns be told apart.
         term_counts = np.frombuffer(lengths or b"", dtype="<u2")[:count].astype(np.float64)
         if query_terms is None:

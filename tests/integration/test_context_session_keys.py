@@ -2,8 +2,9 @@
 that changes a live session renews all of them, so its pins, turn index
 and summaries never expire while it is in use; creating (or forking into)
 a session id clears what an earlier session of that id left; a deletion
-removes everything at once; and a revert drops the pins of the turns it
-undoes."""
+removes everything at once; a revert drops the pins of the turns it
+undoes; and a turn-index write lost after its append stored is made good
+by the append's retry, and read as no index meanwhile."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from services.context.turn_index import TurnIndex, features
 from tests.integration.test_context_service import (
     ASSISTANT,
     MODEL,
+    SYSTEM,
     USER,
     failure,
     make_settings,
@@ -210,6 +212,70 @@ async def test_a_revert_drops_the_pins_of_the_turns_it_undoes(stub_and_client, t
     reasons = {e.index: e.reason for e in response.manifest.entries if e.source == pb.SOURCE_SESSION}
     assert reasons[0] == pb.INCLUSION_REASON_PINNED
     assert reasons[2] != pb.INCLUSION_REASON_PINNED
+
+
+def _lose_the_next_index_write(monkeypatch) -> None:
+    """The next turn-index write fails as a Redis outage would, after its
+    append stored the turns (the client is told UNAVAILABLE)."""
+    original = TurnIndex.write
+    lost = []
+
+    async def write(self, *args, **kwargs):
+        if not lost:
+            lost.append(args)
+            raise unavailable(Reason.REDIS_UNAVAILABLE, "session store unavailable: injected")
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TurnIndex, "write", write)
+
+
+SYSTEM_RULE = msg(SYSTEM, "SYSTEM-RULE: always answer as Bob the pirate.")
+LONG = " ".join(f"word{k}" for k in range(200))
+
+
+async def _system_rule_kept(stub, tenant: str, sid: str) -> bool:
+    """Whether a prompt too small for every turn keeps the system turn."""
+    response = await _assemble(stub, tenant, sid, budget=120)
+    dispositions = {e.disposition for e in response.manifest.entries if e.source == pb.SOURCE_SESSION}
+    assert pb.DISPOSITION_DROPPED in dispositions
+    return SYSTEM_RULE.content in [m.content for m in response.messages]
+
+
+async def test_a_retried_append_indexes_the_turns_its_first_try_could_not(
+    stub_and_client, tenant, monkeypatch
+) -> None:
+    stub, client = stub_and_client
+    sid = (await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))).session.session_id
+    _lose_the_next_index_write(monkeypatch)
+    first_try = _append(stub, tenant, sid, SYSTEM_RULE, turn_id="t0")
+    assert (await failure(first_try))[0] == grpc.StatusCode.UNAVAILABLE
+    assert (await _append(stub, tenant, sid, SYSTEM_RULE, turn_id="t0")).replayed
+    await _append(stub, tenant, sid, msg(USER, "question " + LONG), msg(ASSISTANT, "answer " + LONG))
+    roles = await client.get(session_store.key(tenant, sid, "ix:roles"))
+    assert roles == bytes([SYSTEM, USER, ASSISTANT])
+    indexed = await TurnIndex(client, TTL_S).read(tenant, sid, None)
+    assert len(indexed.roles) == indexed.count == 3
+    assert await _system_rule_kept(stub, tenant, sid)
+    # A replay of turns indexed already leaves the index as it is (were it
+    # rewritten, this retry's other role would show).
+    assert (await _append(stub, tenant, sid, msg(USER, "retried"), turn_id="t0")).replayed
+    assert await client.get(session_store.key(tenant, sid, "ix:roles")) == roles
+
+
+async def test_a_turn_whose_index_write_was_lost_is_read_from_its_text(
+    stub_and_client, tenant, monkeypatch
+) -> None:
+    stub, client = stub_and_client
+    sid = (await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))).session.session_id
+    _lose_the_next_index_write(monkeypatch)
+    assert (await failure(_append(stub, tenant, sid, SYSTEM_RULE)))[0] == grpc.StatusCode.UNAVAILABLE
+    # Never retried: the next append's index write zero-fills the position.
+    await _append(stub, tenant, sid, msg(USER, "question " + LONG), msg(ASSISTANT, "answer " + LONG))
+    assert await client.get(session_store.key(tenant, sid, "ix:roles")) == bytes([0, USER, ASSISTANT])
+    # Covering none but the turns before the lost one: not usable for planning.
+    indexed = await TurnIndex(client, TTL_S).read(tenant, sid, None)
+    assert (len(indexed.roles), indexed.count) == (0, 3)
+    assert await _system_rule_kept(stub, tenant, sid)
 
 
 @pytest.fixture
