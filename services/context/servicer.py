@@ -353,7 +353,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         await self._store.delete(request.tenant_id, request.session_id)
         self._changed_here(request.tenant_id, request.session_id, DELETED)
         if self._summarizer is not None:
-            await self._summarizer.forget(request.tenant_id, request.session_id)
+            self._summarizer.forget(request.tenant_id, request.session_id)
         return pb.DeleteSessionResponse()
 
     async def AppendTurns(self, request: pb.AppendTurnsRequest, context) -> pb.AppendTurnsResponse:

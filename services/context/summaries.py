@@ -272,10 +272,6 @@ class SummaryStore:
                 pipe.expire(index, ttl)
             await pipe.execute()
 
-    async def delete(self, tenant_id: str, session_id: str) -> None:
-        # The content-keyed summaries stay for other sessions holding the same span; they expire.
-        await self._client.delete(self._index_key(tenant_id, session_id))
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SummaryPolicy:
@@ -537,9 +533,10 @@ class Summarizer:
             counts[counter.id] = (await counter.count([message]))[0]
         return dataclasses.replace(summary, token_counts=counts)
 
-    async def forget(self, tenant_id: str, session_id: str) -> None:
+    def forget(self, tenant_id: str, session_id: str) -> None:
+        """Drops what this process keeps of a deleted session's summaries
+        (the session's deletion removed its summaries hash in Redis)."""
         self._drop_hot(session_store.session_key(tenant_id, session_id))
-        await self._summaries.delete(tenant_id, session_id)
 
     def drop_hot(self, session_key: str | None) -> None:
         """A change notice that the session of ``session_key`` was deleted
