@@ -51,8 +51,9 @@ Clock: windows use Redis's TIME unless a clock is injected (tests), so every
 replica measures the same minute; calendar periods follow the caller's
 clock (``time.time`` by default).
 
-When Redis is unreachable, the limits a scope lists in ``fail_closed`` refuse
-the turn with UNAVAILABLE; every other limit is waived (fail open).
+When Redis is unreachable or fails the script (out of memory, a read-only
+replica), the limits a scope lists in ``fail_closed`` refuse the turn with
+UNAVAILABLE; every other limit is waived (fail open).
 """
 
 from __future__ import annotations
@@ -494,7 +495,10 @@ class Admission:
                 await self.flush()
                 await asyncio.sleep(SETTLE_AFTER_S * 2)
                 refused = await self._try_admit(lease_id, tokens, nano_usd, groups)
-        except redis_access.CONNECTION_ERRORS as error:
+        except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
+            # Unreachable, or refusing to run the script (out of memory under
+            # maxmemory, a read-only replica during a failover): either way
+            # the limits cannot be checked, which the policy below decides.
             closed = [c for c in checks if c.limit in c.scope.limits.fail_closed]
             if closed:
                 raise unavailable(

@@ -221,8 +221,9 @@ class Ledger:
             calls = [([STREAM, *(day_key(t, day) for t in tenants)], [*header, "1", "1", *packed])]
         try:
             await run_scripts(self._redis, self._record, calls)
-        except RedisError as error:
-            # The callers have their answers; lost records are logged, not raised.
+        except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
+            # The callers have their answers; lost records are logged, not
+            # raised (a refused connect is an OSError, no RedisError).
             log.error("usage not recorded", records=len(records), tenant=records[0].tenant, error=str(error))
 
     async def usage(
@@ -236,7 +237,7 @@ class Ledger:
         totals: dict[tuple[str, str], dict[str, int]] = {}
         try:
             replies = await pipe.execute()
-        except redis_access.CONNECTION_ERRORS as error:
+        except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
             raise unavailable(Reason.REDIS_UNAVAILABLE, f"usage cannot be read: {error}") from error
         for fields in replies:
             for field, value in fields.items():

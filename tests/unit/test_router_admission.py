@@ -5,9 +5,11 @@ from __future__ import annotations
 import datetime
 import hashlib
 
+import grpc
 import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
+from redis.exceptions import ReadOnlyError, ResponseError
 
 from meshgate.common.v1 import common_pb2
 from meshgate.config import (
@@ -270,3 +272,67 @@ async def test_the_ledger_names_every_key_it_writes_one_slot_per_call_on_a_clust
         assert len(_slots([acme, globex])) == 2
     else:
         assert calls == [[STREAM, acme, globex]]
+
+
+class _RefusingRedis:
+    """Stands in for a Redis client that is up but refuses every command
+    with ``error`` (a ResponseError: out of memory, a read-only replica)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def register_script(self, source: str):
+        async def run(keys, args):
+            raise self.error
+
+        run.sha = hashlib.sha1(source.encode()).hexdigest()
+        return run
+
+    def pipeline(self, transaction: bool):
+        error = self.error
+
+        class Pipeline:
+            def hgetall(self, key):
+                pass
+
+            async def execute(self, raise_on_error: bool = True):
+                raise error
+
+        return Pipeline()
+
+
+_REFUSALS = [
+    ResponseError("OOM command not allowed when used memory > 'maxmemory'."),
+    ReadOnlyError("You can't write against a read only replica."),
+]
+
+
+@pytest.mark.parametrize("error", _REFUSALS, ids=["oom", "read-only"])
+async def test_redis_refusing_the_admit_script_follows_the_outage_policy(error):
+    """A Redis that answers but refuses to run the script cannot check the
+    limits, as an unreachable one cannot: fail open by default, UNAVAILABLE
+    LIMITS_UNAVAILABLE for a limit configured to fail closed (not INTERNAL)."""
+    admission = Admission(_RefusingRedis(error), max_generation_s=60)
+    tenant = Tenant("t1", frozenset({"*"}), "0123456789abcdef", LimitSettings(requests_per_minute=5))
+    opened = await admission.admit(admission_scopes(tenant, "tiny-gpt", RouterSettings()), 1, 1)
+    assert opened.checks == ()
+    closed = LimitSettings(requests_per_minute=5, fail_closed=["requests_per_minute"])
+    tenant = Tenant("t1", frozenset({"*"}), "0123456789abcdef", closed)
+    with pytest.raises(MeshgateError) as refused:
+        await admission.admit(admission_scopes(tenant, "tiny-gpt", RouterSettings()), 1, 1)
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    assert refused.value.reason == "LIMITS_UNAVAILABLE"
+
+
+@pytest.mark.parametrize("error", [*_REFUSALS, ConnectionRefusedError()], ids=["oom", "read-only", "refused"])
+async def test_a_refused_ledger_write_is_logged_and_a_refused_usage_read_is_unavailable(error):
+    """Records are written off the turns' path: a refusal (or a connect
+    failing below redis-py) ends there, logged. GetUsage's read says
+    UNAVAILABLE REDIS_UNAVAILABLE, the store at fault, not a bug."""
+    ledger = Ledger(_RefusingRedis(error), 100, retention_days=1, clock=lambda: 0.0)
+    await ledger.record(UsageRecord("acme", "k", "tiny-gpt", "live", 1, 2, 0, "miss", 3, 4))
+    day = datetime.date(1970, 1, 1)
+    with pytest.raises(MeshgateError) as refused:
+        await ledger.usage("acme", day, day)
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    assert refused.value.reason == "REDIS_UNAVAILABLE"
