@@ -41,7 +41,9 @@ that instant another turn may see the refunded charge and be refused.
 Tokens are reserved at admission: the new messages' UTF-8 bytes (every
 token of either tokenizer covers at least one byte, so this bounds their
 tokens) plus max_tokens; the settlement at the end of the turn (success,
-failure or cancellation) replaces the reservation by the real usage.
+failure or cancellation) replaces the reservation by the real usage. A
+turn whose caller went away while its admit script was in Redis is refunded
+in full when the reply comes (the script may have admitted it).
 Settlements are written within ``SETTLE_AFTER_S``: a stream's lease may
 outlive its stream by that long, so a turn refused for concurrent streams
 first writes this replica's pending settlements, waits out every other
@@ -486,15 +488,18 @@ class Admission:
                 )  # fmt: skip
         words = [check.word + str(cost) for check, cost in zip(checks, costs, strict=True)]
         groups = list(_by_slot(checks, words).values())
+        admitting = asyncio.ensure_future(self._admit_or_refuse(lease_id, tokens, nano_usd, groups))
         try:
-            refused = await self._try_admit(lease_id, tokens, nano_usd, groups)
-            if refused is not None and refused.kind == "streams":
-                # The stream that holds the lease may have ended already, its
-                # release waiting in some replica's batch (this one's too):
-                # write ours, give the others one flush, ask once more.
-                await self.flush()
-                await asyncio.sleep(SETTLE_AFTER_S * 2)
-                refused = await self._try_admit(lease_id, tokens, nano_usd, groups)
+            # Shielded: a caller cancelled once its script went out (hung
+            # up, its deadline passed) must not leave a turn Redis admitted
+            # unsettled, its stream lease held for max_generation_s plus a
+            # margin and its reservation charged. The task reads the reply
+            # and a turn it admitted is refunded (_refund_abandoned).
+            refused = await asyncio.shield(admitting)
+        except asyncio.CancelledError:
+            charged = Reservation(lease_id, tokens, nano_usd, tuple(checks))
+            admitting.add_done_callback(functools.partial(self._refund_abandoned, charged))
+            raise
         except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
             # Unreachable, or refusing to run the script (out of memory under
             # maxmemory, a read-only replica during a failover): either way
@@ -513,6 +518,32 @@ class Admission:
             raise refused.error
         settled = tuple(c for c in checks if c.limit != "requests_per_minute")
         return Reservation(lease_id, tokens, nano_usd, settled)
+
+    async def _admit_or_refuse(
+        self, lease_id: str, tokens: int, nano_usd: int, groups: list[tuple[list[_Check], list[str]]]
+    ) -> _Refused | None:
+        refused = await self._try_admit(lease_id, tokens, nano_usd, groups)
+        if refused is not None and refused.kind == "streams":
+            # The stream that holds the lease may have ended already, its
+            # release waiting in some replica's batch (this one's too):
+            # write ours, give the others one flush, ask once more.
+            await self.flush()
+            await asyncio.sleep(SETTLE_AFTER_S * 2)
+            refused = await self._try_admit(lease_id, tokens, nano_usd, groups)
+        return refused
+
+    def _refund_abandoned(self, charged: Reservation, admitting: asyncio.Task) -> None:
+        """The admit of a caller that went away has answered: a turn it
+        admitted is refunded in full (it never ran: no request either). A
+        refusal was refunded where it was partial (_try_admit); an admit
+        that failed leaves nothing known to refund (a budget cannot be given
+        back blindly: the script may not have run), as for a caller still
+        there (fail open: its stream lease expires on its own)."""
+        if admitting.cancelled() or admitting.exception() is not None or admitting.result() is not None:
+            return
+        task = asyncio.get_running_loop().create_task(self._write_settlements([(charged, 0, 0)], refund=True))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
 
     async def _try_admit(
         self, lease_id: str, tokens: int, nano_usd: int, groups: list[tuple[list[_Check], list[str]]]

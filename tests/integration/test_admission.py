@@ -316,3 +316,52 @@ async def test_pipelined_scripts_run_once_after_redis_forgets_them(redis_client)
     await admission.admit([tenant, model], 1, 1)
     for scope in (tenant, model):
         assert int(await redis_client.get(f"{scope.prefix}:rpm:sum")) == 2
+
+
+# Keeps Redis busy for 300 ms (another client's slow script): replies to
+# every other client wait meanwhile, as under load.
+_BUSY_300_MS = """
+local t = redis.call('TIME')
+local start = t[1] * 1000000 + t[2]
+while true do
+  local now = redis.call('TIME')
+  if now[1] * 1000000 + now[2] - start > 300000 then break end
+end
+return 1
+"""
+
+
+async def test_a_caller_cancelled_while_redis_admits_it_holds_no_stream_and_no_tokens(redis_url):
+    """The admit script is sent, Redis is busy, the caller is cancelled (its
+    deadline passed) before the reply is read; Redis then admits the turn.
+    Its stream lease must not stay held until max_generation_s plus a margin
+    has passed (the key's next turn refused meanwhile), nor its tokens stay
+    charged: the turn is refunded once the reply comes."""
+    clients = [redis_access.connect(redis_url) for _ in range(2)]
+    client, other = clients
+    try:
+        admission = Admission(client, max_generation_s=60)
+        scope = _scope(concurrent_streams=1, tokens_per_day=1_000)
+        # Loads the scripts and proves the limits work: a settled turn.
+        first = await admission.admit([scope], prompt_tokens=10, max_tokens=10)
+        await admission.settle(first, 0, 0)
+        busy = asyncio.ensure_future(other.eval(_BUSY_300_MS, 0))
+        await asyncio.sleep(0.05)
+        asking = asyncio.ensure_future(admission.admit([scope], prompt_tokens=10, max_tokens=10))
+        await asyncio.sleep(0.1)  # sent; its reply waits behind the busy script
+        asking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+        await busy
+        streams = f"{scope.prefix}:streams"
+        day = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+        budget = f"{scope.prefix}:tokens:day:{day}"
+        deadline = asyncio.get_running_loop().time() + 2
+        while await client.zcard(streams) or int(await client.get(budget) or 0):
+            assert asyncio.get_running_loop().time() < deadline, "the cancelled turn's charges stand"
+            await asyncio.sleep(0.02)
+        # The key's next turn gets the stream.
+        await admission.settle(await admission.admit([scope], prompt_tokens=10, max_tokens=10), 0, 0)
+    finally:
+        for each in clients:
+            await each.aclose()

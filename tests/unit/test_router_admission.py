@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
 
@@ -116,11 +117,14 @@ class _RecordingRedis:
     """Stands in for a Redis client: records the KEYS of every script call,
     direct or pipelined; ``admit_reply(keys)`` answers each admit."""
 
-    def __init__(self, admit_reply=lambda keys: [1]) -> None:
+    def __init__(self, admit_reply=lambda keys: [1], admit_answers: asyncio.Event | None = None) -> None:
         # (script, its KEYS): script "admit" or "settle".
         self.calls: list[tuple[str, list[str]]] = []
         self.admit_reply = admit_reply
         self._admit_sha = ""
+        # When given, an admit sent directly is answered once it is set.
+        self.admit_answers = admit_answers
+        self.admits_sent = 0
 
     def _answer(self, sha: str, keys: list[str]):
         admits = sha == self._admit_sha
@@ -133,6 +137,10 @@ class _RecordingRedis:
             self._admit_sha = sha
 
         async def run(keys, args):
+            if sha == self._admit_sha:
+                self.admits_sent += 1
+                if self.admit_answers is not None:
+                    await self.admit_answers.wait()
             return self._answer(sha, list(keys))
 
         run.sha = sha
@@ -255,6 +263,39 @@ async def test_one_redis_instance_takes_a_turn_in_one_atomic_call():
     # Both turns' settlements in one call that names each key once.
     calls = [(script, len(keys)) for script, keys in redis.calls]
     assert calls == [("admit", 27), ("admit", 27), ("settle", 21)]
+
+
+@pytest.mark.parametrize("cancelled", [True, False], ids=["caller-cancelled", "caller-waits"])
+async def test_a_turn_admitted_after_its_caller_went_away_is_refunded(cancelled):
+    """The admit script went out, then its caller was cancelled (hung up,
+    deadline passed) before the reply came: Redis admitted the turn all the
+    same, and nothing would settle it, its stream lease held for
+    max_generation_s plus a margin. The reply is read anyway and the turn
+    refunded, every check of it (requests and the stream too: it never
+    ran). A caller that waits gets its reservation, nothing refunded."""
+    redis = _RecordingRedis(admit_answers=asyncio.Event())
+    admission = Admission(redis, max_generation_s=60, split_by_slot=False)
+    asking = asyncio.ensure_future(admission.admit(_scopes("acme"), 10, 10))
+    while not redis.admits_sent:
+        await asyncio.sleep(0)
+    if cancelled:
+        asking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+    redis.admit_answers.set()
+    if not cancelled:
+        assert len((await asking).checks) == 18  # all but the 3 scopes' requests windows
+    for _ in range(100):
+        await asyncio.sleep(0)
+    await admission.flush()
+    admit_keys = [keys for script, keys in redis.calls if script == "admit"]
+    refunds = [keys for script, keys in redis.calls if script == "settle"]
+    if cancelled:
+        assert len(refunds) == 1, "the turn Redis admitted was never settled"
+        assert refunds == admit_keys  # naming each key the admit charged
+        assert any(key.endswith(":streams") for key in refunds[0])
+    else:
+        assert refunds == []
 
 
 @pytest.mark.parametrize("split_by_slot", [False, True])
