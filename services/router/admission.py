@@ -347,6 +347,36 @@ def cost_nano_usd(price: PriceSettings | None, prompt_tokens: int, completion_to
     return math.ceil(usd_per_million * (NANO_USD // 1_000_000))
 
 
+def used_tokens(turn, outcome) -> tuple[int, int]:
+    """The prompt and completion tokens a turn (pipeline.Turn) is billed,
+    as best known from its end (pipeline.Outcome)."""
+    answer = outcome.answer
+    ended_early = outcome.failure is not None or outcome.cancelled
+    if not ended_early or answer.prompt_tokens or answer.completion_tokens:
+        # The inference service's count, come with its completion (a turn
+        # may fail or be cancelled after it: at its save), or a cached
+        # answer's usage.
+        return answer.prompt_tokens, answer.completion_tokens
+    if not outcome.deltas and not outcome.cancelled:
+        # Failed before any piece came (no deployment could serve, the
+        # context service was down): the turn got nothing, and pays nothing.
+        return 0, 0
+    # Failed or cancelled before the completion's count: the prompt as
+    # admission bounded it (the new messages' bytes; a caller hanging up
+    # before the first piece pays for it too, as the model may have read
+    # it already), and the completion tokens delivered: none before the
+    # first piece; the failure's delivered_tokens where it counted them;
+    # else, as the deltas carry no counts, max_tokens, the reservation's
+    # bound (an overcharge, never an undercharge: a caller reading all but
+    # the end of an answer, then hanging up, must not have it free).
+    prompt_tokens = estimate_prompt_tokens(turn.messages)
+    if not outcome.deltas:
+        return prompt_tokens, 0
+    if outcome.delivered_tokens is not None:
+        return prompt_tokens, outcome.delivered_tokens
+    return prompt_tokens, turn.max_tokens
+
+
 def admission_scopes(tenant, alias: str, settings: RouterSettings) -> list[Scope]:
     """The scopes whose limits a turn of ``tenant`` on ``alias`` must pass."""
     scopes = [
@@ -713,21 +743,22 @@ class TurnAdmission:
 
     async def settle(self, grant: Reservation, turn, outcome) -> None:
         price = self._settings.prices.get(turn.model_alias)
-        answer = outcome.answer
-        full_cost = cost_nano_usd(price, answer.prompt_tokens, answer.completion_tokens)
+        prompt_tokens, completion_tokens = used_tokens(turn, outcome)
+        full_cost = cost_nano_usd(price, prompt_tokens, completion_tokens)
         hit = outcome.cache_status is not None and outcome.cache_status.is_hit
         if hit:
             # A hit spent no model tokens and costs the configured share.
             tokens, nano_usd = 0, math.ceil(full_cost * (price.cache_hit_fraction if price else 0.0))
         else:
-            # Failed or cancelled turns are charged what the answer reached.
-            tokens, nano_usd = answer.prompt_tokens + answer.completion_tokens, full_cost
+            tokens, nano_usd = prompt_tokens + completion_tokens, full_cost
         if self._ledger is not None:
-            self._record(turn, outcome, hit, nano_usd)
+            self._record(turn, outcome, hit, prompt_tokens, completion_tokens, nano_usd)
         # Batched, off the turn's path: it holds for a cancelled turn too.
         self._admission.settle_soon(grant, tokens, nano_usd)
 
-    def _record(self, turn, outcome, hit: bool, nano_usd: int) -> None:
+    def _record(
+        self, turn, outcome, hit: bool, prompt_tokens: int, completion_tokens: int, nano_usd: int
+    ) -> None:
         answer = outcome.answer
         status = outcome.cache_status.value if outcome.cache_status is not None else "none"
         # A hang-up is no error reason: the ledger says "cancelled".
@@ -737,10 +768,10 @@ class TurnAdmission:
             key_id=turn.tenant.key_id,
             model=turn.model_alias,
             deployment=answer.deployment,
-            prompt_tokens=0 if hit else answer.prompt_tokens,
-            completion_tokens=0 if hit else answer.completion_tokens,
+            prompt_tokens=0 if hit else prompt_tokens,
+            completion_tokens=0 if hit else completion_tokens,
             # A hit's cached answer: the tokens it did not spend.
-            saved_tokens=answer.prompt_tokens + answer.completion_tokens if hit else 0,
+            saved_tokens=prompt_tokens + completion_tokens if hit else 0,
             cache_status=status,
             cost_nano_usd=nano_usd,
             latency_ms=round(outcome.elapsed_s * 1000),

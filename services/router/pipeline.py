@@ -211,6 +211,12 @@ class Outcome:
     # The reason it failed; None when it completed.
     failure: str | None = None
     cancelled: bool = False
+    # Pieces of the answer the turn received (generated or replayed): none,
+    # and a turn that ended early generated nothing it is billed for.
+    deltas: int = 0
+    # The completion tokens behind what inference delivered, as the failure
+    # that ended the stream counted them (delivered_tokens), where it did.
+    delivered_tokens: int | None = None
 
 
 # --- stage interfaces --------------------------------------------------------
@@ -428,6 +434,7 @@ class Pipeline:
             yield Failure(internal_error())
             return
         answer, status, failure, cancelled = Answer(), None, None, False
+        deltas, delivered_tokens = 0, None
         span = telemetry.start_genai_span("chat", turn.model_alias, turn.parameters)
         in_flight = metrics.router().streams_in_flight.labels(turn.model_alias)
         in_flight.inc()
@@ -439,6 +446,7 @@ class Pipeline:
             async with contextlib.aclosing(self._admitted(turn, answer, started, early)) as events:
                 async for event in events:
                     if isinstance(event, Delta):
+                        deltas += 1
                         if held is not None:
                             # Never while generators keep their contract
                             # (Generator); if one does not, no text is lost
@@ -456,6 +464,8 @@ class Pipeline:
                     yield event
         except MeshgateError as error:
             failure = error.reason
+            counted = error.metadata.get("delivered_tokens")
+            delivered_tokens = int(counted) if counted else None
             if held is not None:
                 yield held
             yield Failure(error)
@@ -474,7 +484,8 @@ class Pipeline:
             if early is not None and not early.done():
                 early.cancel()
             in_flight.dec()
-            outcome = Outcome(answer, status, time.perf_counter() - started, failure, cancelled)
+            elapsed_s = time.perf_counter() - started
+            outcome = Outcome(answer, status, elapsed_s, failure, cancelled, deltas, delivered_tokens)
             _record_turn(turn, outcome, span)
             await self._settle(grant, turn, outcome)
 
@@ -684,7 +695,11 @@ class Pipeline:
         one generation (see coalescing.py), scoped like the cache's entries.
         Every caller's answer carries the whole generation's usage and is
         billed for it, as if it had generated alone: what a caller pays
-        does not depend on who else happened to ask at the same time."""
+        does not depend on who else happened to ask at the same time. A
+        caller that leaves it early (cancelled, its deadline passed) is
+        billed as an unshared turn cut off there is (TurnAdmission.settle);
+        a shared failure's delivered_tokens counts the whole generation's
+        delivered pieces, at least what that caller received."""
         key = None
         if self._settings.coalesce_generations:
             key = coalescing_key(turn.cache.tenant_id, turn.model_alias, prompt, turn.parameters)

@@ -16,7 +16,7 @@ from meshgate import redis_access
 from meshgate.config import LimitSettings, PriceSettings, RouterSettings
 from meshgate.errors import MeshgateError
 from services.router.admission import Admission, Scope, TurnAdmission
-from services.router.pipeline import CacheStatus
+from services.router.pipeline import Answer, CacheStatus, Outcome
 
 pytestmark = pytest.mark.integration
 
@@ -226,19 +226,37 @@ def _turn(tenant_id: str, max_tokens: int):
     )
 
 
-def _outcome(prompt: int, completion: int, status: str | None, cancelled: bool = False):
-    answer = types.SimpleNamespace(prompt_tokens=prompt, completion_tokens=completion)
+def _outcome(
+    prompt: int,
+    completion: int,
+    status: str | None,
+    failure: str | None = None,
+    cancelled: bool = False,
+    deltas: int = 0,
+    delivered_tokens: int | None = None,
+) -> Outcome:
+    answer = Answer(prompt_tokens=prompt, completion_tokens=completion)
     cache_status = CacheStatus(status) if status else None
-    return types.SimpleNamespace(answer=answer, cache_status=cache_status, cancelled=cancelled)
+    return Outcome(answer, cache_status, 0.1, failure, cancelled, deltas, delivered_tokens)
 
 
 @pytest.mark.parametrize(
     ("outcome", "charged"),
     [
-        (_outcome(12, 30, "miss"), 42),  # completed
-        (_outcome(12, 5, None), 17),  # failed midway: what the answer reached
-        (_outcome(0, 0, None, cancelled=True), 0),  # the caller hung up
-        (_outcome(12, 30, "exact_hit"), 0),  # no model tokens spent
+        (_outcome(12, 30, "miss", deltas=4), 42),  # completed
+        # The count came with the completion, then the save failed.
+        (_outcome(12, 30, "miss", failure="DOWNSTREAM_FAILED", deltas=4), 42),
+        # Failed midway: the 10 prompt bytes reserved, and the tokens the
+        # failure says were delivered.
+        (_outcome(0, 0, None, failure="TRITON_FAILED", deltas=3, delivered_tokens=5), 15),
+        # Failed before any piece: nothing came, nothing is charged.
+        (_outcome(0, 0, None, failure="NO_DEPLOYMENT_AVAILABLE"), 0),
+        # The caller hung up after 3 pieces: the deltas carry no counts, so
+        # the whole reservation (10 + max_tokens 80) stands.
+        (_outcome(0, 0, None, cancelled=True, deltas=3), 90),
+        # ... before any piece: the prompt (the model may have read it).
+        (_outcome(0, 0, None, cancelled=True), 10),
+        (_outcome(12, 30, "exact_hit", deltas=2), 0),  # no model tokens spent
     ],
 )
 async def test_the_pipeline_stages_settle_every_end_of_a_turn(redis_client, outcome, charged):
@@ -251,12 +269,9 @@ async def test_the_pipeline_stages_settle_every_end_of_a_turn(redis_client, outc
     with pytest.raises(MeshgateError):
         await stages.admit(turn)
     await stages.settle(grant, turn, outcome)
+    await stages.drain()  # the settlement's batch written
     prefix = Scope("tenant", turn.tenant.id, turn.tenant.limits).prefix
-    tpm_sum = f"{prefix}:tpm:sum"
-    deadline = asyncio.get_running_loop().time() + 10
-    while int(await redis_client.get(tpm_sum)) != charged:
-        assert asyncio.get_running_loop().time() < deadline, "never settled"
-        await asyncio.sleep(0.02)
+    assert int(await redis_client.get(f"{prefix}:tpm:sum")) == charged
     # The stream was released on every path (in the same batch).
     assert await redis_client.zcard(f"{prefix}:streams") == 0
 

@@ -1,0 +1,191 @@
+"""What a turn is billed, however it ends: the pipeline's settle stage over
+TurnAdmission, with fakes behind the pipeline's other stages and in place
+of Redis (what is settled and recorded is read off them)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from meshgate.config import ModelSettings, PriceSettings, RouterSettings
+from meshgate.errors import partly_delivered, unavailable
+from meshgate.reasons import Reason
+from meshgate.router.v1 import router_service_pb2 as pb
+from services.router.admission import TurnAdmission, estimate_prompt_tokens
+from services.router.pipeline import Budget, Completion, Delta, Failure, Pipeline
+from tests.unit.test_router_pipeline import TENANT, FakeCache, FakeContexts, FakeGenerator, request
+
+MAX_TOKENS = 200
+MODELS = {
+    "m": ModelSettings(context_window_tokens=4096, max_output_tokens=512, default_max_tokens=MAX_TOKENS)
+}
+# 1 USD a million tokens each way: 1000 nano-USD a token.
+PRICES = {"m": PriceSettings(prompt_usd_per_million=1.0, completion_usd_per_million=1.0)}
+PROMPT = estimate_prompt_tokens(request("tell me a long story").messages)
+
+
+def chat() -> pb.ChatRequest:
+    return request("tell me a long story", pb.CACHE_POLICY_BYPASS)
+
+
+async def events_of(turns, asked: pb.ChatRequest | None = None) -> list:
+    return [event async for event in turns.run(asked or chat(), TENANT, "", Budget())]
+
+
+class SettledAdmission:
+    """Admission's settle_soon, recorded: the tokens of each turn."""
+
+    def __init__(self) -> None:
+        self.settled: list[int] = []
+
+    def settle_soon(self, reservation, tokens: int, nano_usd: int) -> None:
+        assert nano_usd == tokens * 1000  # PRICES
+        self.settled.append(tokens)
+
+
+class RecordedLedger:
+    def __init__(self) -> None:
+        self.records: list = []
+
+    def submit(self, usage) -> None:
+        self.records.append(usage)
+
+
+class StallingGenerator(FakeGenerator):
+    """Its pieces, then no completion until ``release`` is set."""
+
+    def __init__(self, pieces) -> None:
+        super().__init__(pieces)
+        self.release = asyncio.Event()
+
+    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
+        self.prompts.append([m.content for m in prompt])
+        self.started.set()
+        for piece in self.pieces:
+            await asyncio.sleep(0)
+            yield piece
+        await self.release.wait()
+        self._finish(answer)
+
+
+class FailingGenerator(FakeGenerator):
+    """Its pieces, then the inference service's failure, which counts the
+    tokens behind what it delivered (None: it does not)."""
+
+    def __init__(self, pieces, delivered_tokens: int | None) -> None:
+        super().__init__(pieces)
+        self.delivered_tokens = delivered_tokens
+
+    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
+        for piece in self.pieces:
+            await asyncio.sleep(0)
+            yield piece
+        failure = unavailable(Reason.STREAM_ENDED_EARLY, "triton died")
+        raise partly_delivered(failure, len(self.pieces), sum(map(len, self.pieces)), self.delivered_tokens)
+
+
+def billed_pipeline(generator, **settings):
+    router_settings = RouterSettings(prices=PRICES, **settings)
+    admission, ledger = SettledAdmission(), RecordedLedger()
+    stages = TurnAdmission(admission, router_settings, ledger)
+
+    async def admit(turn):
+        return "grant"  # opaque to settle; what it settles is recorded above
+
+    stages.admit = admit
+    turns = Pipeline(router_settings, MODELS, FakeContexts(), FakeCache(), generator, stages)
+    return turns, admission, ledger
+
+
+async def read_then_hang_up(turns, pieces: int, asked: pb.ChatRequest | None = None) -> list:
+    """Reads ``pieces`` deltas of a turn, then cancels it, as a caller that
+    hangs up (or whose deadline passes) does."""
+    got: list = []
+
+    async def read() -> None:
+        async for event in turns.run(asked or chat(), TENANT, "", Budget()):
+            got.append(event)
+
+    reading = asyncio.ensure_future(read())
+    async with asyncio.timeout(5):
+        while len(got) < pieces:
+            await asyncio.sleep(0.001)
+    reading.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reading
+    return got
+
+
+async def test_a_caller_hanging_up_before_the_completion_pays_the_reservation_bound():
+    """All but the end of a long answer read, then the caller hangs up: the
+    deltas carry no token counts, so it pays the prompt as reserved and
+    max_tokens, never nothing (it was billed nothing: a budget bypass)."""
+    turns, admission, ledger = billed_pipeline(StallingGenerator(tuple(f"t{i} " for i in range(150))))
+    got = await read_then_hang_up(turns, 150)
+    assert all(isinstance(event, Delta) for event in got)
+    assert admission.settled == [PROMPT + MAX_TOKENS]
+    [record] = ledger.records
+    assert (record.prompt_tokens, record.completion_tokens) == (PROMPT, MAX_TOKENS)
+    assert (record.cost_nano_usd, record.failure) == ((PROMPT + MAX_TOKENS) * 1000, "cancelled")
+
+
+async def test_a_caller_hanging_up_before_any_piece_pays_the_prompt_only():
+    generator = StallingGenerator(())
+    turns, admission, ledger = billed_pipeline(generator)
+    reading = asyncio.ensure_future(events_of(turns))
+    await asyncio.wait_for(generator.started.wait(), 5)
+    reading.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reading
+    await asyncio.sleep(0)
+    assert admission.settled == [PROMPT]
+    assert (ledger.records[0].prompt_tokens, ledger.records[0].completion_tokens) == (PROMPT, 0)
+
+
+async def test_a_stream_failing_midway_pays_what_inference_says_it_delivered():
+    turns, admission, ledger = billed_pipeline(FailingGenerator(("a ", "b ", "c "), delivered_tokens=7))
+    events = await events_of(turns)
+    assert isinstance(events[-1], Failure) and events[-1].error.metadata["delivered_tokens"] == "7"
+    assert admission.settled == [PROMPT + 7]
+    [record] = ledger.records
+    assert (record.prompt_tokens, record.completion_tokens) == (PROMPT, 7)
+    assert record.failure == "STREAM_ENDED_EARLY"
+
+
+async def test_a_stream_failing_midway_without_a_count_pays_the_reservation_bound():
+    turns, admission, _ = billed_pipeline(FailingGenerator(("a ", "b "), delivered_tokens=None))
+    events = await events_of(turns)
+    assert isinstance(events[-1], Failure)
+    assert admission.settled == [PROMPT + MAX_TOKENS]
+
+
+async def test_a_stream_failing_before_any_piece_pays_nothing():
+    turns, admission, ledger = billed_pipeline(FailingGenerator((), delivered_tokens=None))
+    events = await events_of(turns)
+    assert isinstance(events[-1], Failure)
+    assert admission.settled == [0]
+    assert (ledger.records[0].prompt_tokens, ledger.records[0].completion_tokens) == (0, 0)
+
+
+async def test_a_completed_turn_pays_the_inference_count():
+    turns, admission, _ = billed_pipeline(FakeGenerator())
+    events = await events_of(turns)
+    assert isinstance(events[-1], Completion)
+    assert admission.settled == [5 + 3]  # FakeGenerator's usage
+
+
+async def test_a_reader_leaving_a_shared_generation_pays_as_an_unshared_turn_cut_off_there():
+    """Two identical greedy turns share one generation: the one that hangs
+    up after some pieces pays the reservation bound, as it would alone; the
+    one that stays pays the whole generation's count."""
+    generator = StallingGenerator(tuple(f"t{i} " for i in range(40)))
+    turns, admission, _ = billed_pipeline(generator)
+    greedy = chat()
+    greedy.parameters.temperature = 0.0
+    staying = asyncio.ensure_future(asyncio.wait_for(events_of(turns, greedy), 5))
+    await read_then_hang_up(turns, 3, greedy)
+    generator.release.set()
+    events = await staying
+    assert isinstance(events[-1], Completion)
+    assert len(generator.prompts) == 1  # one generation, shared
+    assert sorted(admission.settled) == sorted([PROMPT + MAX_TOKENS, 5 + 40])
