@@ -219,6 +219,15 @@ class Outcome:
     delivered_tokens: int | None = None
 
 
+@dataclasses.dataclass
+class _CacheVerdict:
+    """A turn's cache status, from the moment it is known: a hit is billed
+    as one even when its turn ends before its Completion (the caller
+    hanging up mid-replay, its session's append failing)."""
+
+    status: CacheStatus | None = None
+
+
 # --- stage interfaces --------------------------------------------------------
 
 
@@ -433,7 +442,7 @@ class Pipeline:
             log.exception("turn refused by a bug", model=request.model)
             yield Failure(internal_error())
             return
-        answer, status, failure, cancelled = Answer(), None, None, False
+        answer, verdict, failure, cancelled = Answer(), _CacheVerdict(), None, False
         deltas, delivered_tokens = 0, None
         span = telemetry.start_genai_span("chat", turn.model_alias, turn.parameters)
         in_flight = metrics.router().streams_in_flight.labels(turn.model_alias)
@@ -443,7 +452,7 @@ class Pipeline:
             # Every nested stream is closed explicitly (aclosing): an
             # abandoned async generator's cleanup, such as cancelling its
             # inference call, would otherwise wait for the garbage collector.
-            async with contextlib.aclosing(self._admitted(turn, answer, started, early)) as events:
+            async with contextlib.aclosing(self._admitted(turn, answer, verdict, started, early)) as events:
                 async for event in events:
                     if isinstance(event, Delta):
                         deltas += 1
@@ -456,11 +465,9 @@ class Pipeline:
                         if carry_last_text and event.last:
                             held = event
                             continue
-                    elif isinstance(event, Completion):
-                        status = event.cache_status
-                        if held is not None:
-                            event = dataclasses.replace(event, text=held.text)
-                            held = None
+                    elif isinstance(event, Completion) and held is not None:
+                        event = dataclasses.replace(event, text=held.text)
+                        held = None
                     yield event
         except MeshgateError as error:
             failure = error.reason
@@ -485,7 +492,7 @@ class Pipeline:
                 early.cancel()
             in_flight.dec()
             elapsed_s = time.perf_counter() - started
-            outcome = Outcome(answer, status, elapsed_s, failure, cancelled, deltas, delivered_tokens)
+            outcome = Outcome(answer, verdict.status, elapsed_s, failure, cancelled, deltas, delivered_tokens)
             _record_turn(turn, outcome, span)
             await self._settle(grant, turn, outcome)
 
@@ -537,7 +544,12 @@ class Pipeline:
             log.exception("settling a turn failed", tenant=turn.tenant.id)
 
     async def _admitted(
-        self, turn: Turn, answer: Answer, turn_started: float, early_lookup: asyncio.Future | None = None
+        self,
+        turn: Turn,
+        answer: Answer,
+        verdict: _CacheVerdict,
+        turn_started: float,
+        early_lookup: asyncio.Future | None = None,
     ) -> collections.abc.AsyncIterator[Event]:
         started = time.perf_counter()
         turn_metrics = metrics.router()
@@ -602,6 +614,7 @@ class Pipeline:
                         delivered += 1
         if hit is not None:
             answer.adopt(hit.answer)
+            verdict.status = hit.status
             turn_metrics.time_to_first_token.labels(turn.model_alias, CACHE_DEPLOYMENT).observe(
                 time.perf_counter() - turn_started
             )
@@ -622,6 +635,7 @@ class Pipeline:
         else:
             cache_status = CacheStatus.MISS if plan.writes else CacheStatus.BYPASSED
             similarity = 0.0
+        verdict.status = cache_status
 
         # Persist: store and append concurrently; the completion waits for
         # both, so a follow-up request already finds the turn and the entry.

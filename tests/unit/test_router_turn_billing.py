@@ -12,7 +12,7 @@ from meshgate.errors import partly_delivered, unavailable
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.admission import TurnAdmission, estimate_prompt_tokens
-from services.router.pipeline import Budget, Completion, Delta, Failure, Pipeline
+from services.router.pipeline import Answer, Budget, CacheStatus, Completion, Delta, Failure, Hit, Pipeline
 from tests.unit.test_router_pipeline import TENANT, FakeCache, FakeContexts, FakeGenerator, request
 
 MAX_TOKENS = 200
@@ -84,7 +84,7 @@ class FailingGenerator(FakeGenerator):
         raise partly_delivered(failure, len(self.pieces), sum(map(len, self.pieces)), self.delivered_tokens)
 
 
-def billed_pipeline(generator, **settings):
+def billed_pipeline(generator, contexts=None, cache=None, **settings):
     router_settings = RouterSettings(prices=PRICES, **settings)
     admission, ledger = SettledAdmission(), RecordedLedger()
     stages = TurnAdmission(admission, router_settings, ledger)
@@ -93,7 +93,9 @@ def billed_pipeline(generator, **settings):
         return "grant"  # opaque to settle; what it settles is recorded above
 
     stages.admit = admit
-    turns = Pipeline(router_settings, MODELS, FakeContexts(), FakeCache(), generator, stages)
+    turns = Pipeline(
+        router_settings, MODELS, contexts or FakeContexts(), cache or FakeCache(), generator, stages
+    )
     return turns, admission, ledger
 
 
@@ -189,3 +191,36 @@ async def test_a_reader_leaving_a_shared_generation_pays_as_an_unshared_turn_cut
     assert isinstance(events[-1], Completion)
     assert len(generator.prompts) == 1  # one generation, shared
     assert sorted(admission.settled) == sorted([PROMPT + MAX_TOKENS, 5 + 40])
+
+
+def cached_hit() -> Hit:
+    text = "Paris is the capital of France. " * 10
+    return Hit(
+        Answer(text=text, prompt_tokens=50, completion_tokens=80, finish_reason="stop"),
+        CacheStatus.EXACT_HIT,
+        1.0,
+    )
+
+
+async def test_a_hit_whose_session_append_fails_is_billed_as_a_hit():
+    """The hit's answer went out, then the turn failed at its save: no model
+    token was spent, so it pays a hit's share (0 here), never the cached
+    usage at full price."""
+    contexts = FakeContexts()
+    contexts.append_error = unavailable(Reason.DOWNSTREAM_FAILED, "context down")
+    turns, admission, ledger = billed_pipeline(FakeGenerator(), contexts, FakeCache(cached_hit()))
+    events = [event async for event in turns.run(request("capital of France?"), TENANT, "s1", Budget())]
+    assert isinstance(events[-1], Failure)
+    assert admission.settled == [0]
+    [record] = ledger.records
+    assert (record.cache_status, record.prompt_tokens, record.completion_tokens) == ("exact_hit", 0, 0)
+    assert (record.saved_tokens, record.cost_nano_usd) == (130, 0)
+
+
+async def test_a_hit_whose_caller_hangs_up_mid_replay_is_billed_as_a_hit():
+    generator = FakeGenerator()
+    turns, admission, ledger = billed_pipeline(generator, cache=FakeCache(cached_hit()), replay_pause_s=0.01)
+    await read_then_hang_up(turns, 2, request("capital of France?"))
+    assert not generator.prompts  # answered from the cache alone
+    assert admission.settled == [0]
+    assert (ledger.records[0].cache_status, ledger.records[0].failure) == ("exact_hit", "cancelled")
