@@ -169,9 +169,10 @@ async def test_a_failed_turn_frees_its_stream_and_is_recorded_as_a_failure(accou
     assert row.requests == 1 and row.completion_tokens == 0 and row.cost_nano_usd == 0
 
 
-async def test_a_caller_hanging_up_mid_stream_frees_its_stream(accounting):
+async def test_a_caller_hanging_up_mid_stream_frees_its_stream_and_pays_for_what_it_read(accounting):
     stub, tenant, auth, client = accounting
     key_hash = hash_api_key(f"key-{tenant}")
+    before = await usage_row(stub, auth, "tiny-gpt") or pb.UsageRow()
     call = stub.Chat(ask("tell me a long story", max_tokens=200), metadata=auth, timeout=60)
     async for response in call:
         assert response.HasField("delta")
@@ -187,9 +188,15 @@ async def test_a_caller_hanging_up_mid_stream_frees_its_stream(accounting):
 
     async def cancellation_recorded():
         row = await usage_row(stub, auth, "tiny-gpt")
-        return row is not None and row.requests >= 2 and row.failures >= 1
+        return row if row is not None and row.failures > before.failures else None
 
-    await eventually(cancellation_recorded)
+    row = await eventually(cancellation_recorded)
+    # What it read is billed (before its completion: its prompt bytes and
+    # max_tokens, the deltas carrying no counts), never nothing.
+    assert row.requests == before.requests + 1
+    assert row.prompt_tokens > before.prompt_tokens
+    assert row.completion_tokens > before.completion_tokens
+    assert row.cost_nano_usd > before.cost_nano_usd
     # The key's stream is free again: the next turn is admitted.
     async for response in stub.Chat(ask("and now?"), metadata=auth, timeout=60):
         last = response
