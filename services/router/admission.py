@@ -579,7 +579,8 @@ class Admission:
         self, lease_id: str, tokens: int, nano_usd: int, groups: list[tuple[list[_Check], list[str]]]
     ) -> _Refused | None:
         """One admit script per slot, all in one round trip; a turn some slot
-        refused is refunded in the slots that admitted it."""
+        refused, or failed to run (out of memory, read-only), is refunded in
+        the slots that admitted it; a failure is raised then."""
         now = self._now_arg()
         calls = []
         for checks, words in groups:
@@ -588,16 +589,20 @@ class Admission:
                 indexed.append(f"{word} {len(keys) + 1}")
                 keys += check.keys
             calls.append((keys, [now, lease_id, " ".join(indexed)]))
-        replies = await run_scripts(self._redis, self._admit_script, calls)
-        refused, admitted = None, []
+        replies = await run_scripts(self._redis, self._admit_script, calls, raise_on_error=False)
+        refused, failed, admitted = None, None, []
         for (checks, _), reply in zip(groups, replies, strict=True):
-            if reply[0] == 1:
+            if isinstance(reply, Exception):
+                failed = failed or reply
+            elif reply[0] == 1:
                 admitted += checks
             elif refused is None:
                 refused = _Refused(checks[reply[1] - 1], reply[2])
-        if refused is not None and admitted:
+        if (refused is not None or failed is not None) and admitted:
             refund = Reservation(lease_id, tokens, nano_usd, tuple(admitted))
             await self._write_settlements([(refund, 0, 0)], refund=True)
+        if failed is not None:
+            raise failed
         return refused
 
     async def settle(self, reservation: Reservation, tokens: int, nano_usd: int) -> None:

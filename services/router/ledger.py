@@ -113,9 +113,13 @@ return 1
 )
 
 
-async def run_scripts(redis, script, calls: list[tuple[list[str], list]]) -> list:
+async def run_scripts(
+    redis, script, calls: list[tuple[list[str], list]], raise_on_error: bool = True
+) -> list:
     """Runs ``script`` once per (keys, args), in one round trip: on a Redis
-    Cluster each call goes to the node of its keys' slot."""
+    Cluster each call goes to the node of its keys' slot. A call Redis
+    refused raises, or with ``raise_on_error`` False and several calls, is
+    its reply (the others ran: the caller may have to undo them)."""
     if len(calls) == 1:
         [(keys, args)] = calls
         return [await script(keys=keys, args=args)]
@@ -130,7 +134,7 @@ async def run_scripts(redis, script, calls: list[tuple[list[str], list]]) -> lis
             # Redis lost its scripts (a restart): that call did not run.
             keys, args = calls[index]
             replies[index] = await script(keys=keys, args=args)
-        elif isinstance(reply, Exception):
+        elif isinstance(reply, Exception) and raise_on_error:
             raise reply
     return replies
 

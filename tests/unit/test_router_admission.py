@@ -252,6 +252,25 @@ async def test_a_turn_one_slot_refuses_is_refunded_in_the_slot_that_admitted_it(
     assert any(key.endswith(":rpm") for keys in refunds for key in keys)
 
 
+async def test_a_turn_one_slot_fails_to_run_is_refunded_where_admitted_and_follows_the_outage_policy():
+    """On a cluster, the model's node refuses to run the script (out of
+    memory) while the tenant's admitted the turn: the tenant's charges are
+    refunded (else its stream lease and reservation would stand), and the
+    turn is admitted without limits (fail open), as for an outage."""
+
+    def model_fails(keys):
+        return ResponseError("OOM command not allowed") if ":model:" in keys[0] else [1]
+
+    redis = _RecordingRedis(admit_reply=model_fails)
+    admission = Admission(redis, max_generation_s=60, split_by_slot=True)
+    opened = await admission.admit(_scopes("acme"), 10, 10)
+    assert opened.checks == ()
+    refunds = [keys for script, keys in redis.calls if script == "settle"]
+    assert len(refunds) == 1, "the tenant's charges were not refunded"
+    assert all(":model:" not in key for key in refunds[0])
+    assert any(key.endswith(":streams") for key in refunds[0])
+
+
 async def test_one_redis_instance_takes_a_turn_in_one_atomic_call():
     redis = _RecordingRedis()
     admission = Admission(redis, max_generation_s=60, split_by_slot=False)
