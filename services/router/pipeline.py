@@ -211,8 +211,8 @@ class Outcome:
     # The reason it failed; None when it completed.
     failure: str | None = None
     cancelled: bool = False
-    # Pieces of the answer the turn received (generated or replayed): none,
-    # and a turn that ended early generated nothing it is billed for.
+    # Pieces of the answer the turn received (generated or replayed); a
+    # turn that ended early with none is billed no completion tokens.
     deltas: int = 0
     # The completion tokens behind what inference delivered, as the failure
     # that ended the stream counted them (delivered_tokens), where it did.
