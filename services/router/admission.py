@@ -357,7 +357,7 @@ def used_tokens(turn, outcome) -> tuple[int, int]:
         # may fail or be cancelled after it: at its save), or a cached
         # answer's usage.
         return answer.prompt_tokens, answer.completion_tokens
-    if not outcome.deltas and not outcome.cancelled:
+    if not outcome.delivered_bytes and not outcome.cancelled:
         # Failed before any piece came (no deployment could serve, the
         # context service was down): the turn got nothing, and pays nothing.
         return 0, 0
@@ -366,15 +366,16 @@ def used_tokens(turn, outcome) -> tuple[int, int]:
     # before the first piece pays for it too, as the model may have read
     # it already), and the completion tokens delivered: none before the
     # first piece; the failure's delivered_tokens where it counted them;
-    # else, as the deltas carry no counts, max_tokens, the reservation's
-    # bound (an overcharge, never an undercharge: a caller reading all but
-    # the end of an answer, then hanging up, must not have it free).
+    # else, as the deltas carry no counts, the bytes delivered (no token
+    # is less than a byte), at most max_tokens: an overcharge, never an
+    # undercharge (a caller reading all but the end of an answer, then
+    # hanging up, must not have it free).
     prompt_tokens = estimate_prompt_tokens(turn.messages)
-    if not outcome.deltas:
+    if not outcome.delivered_bytes:
         return prompt_tokens, 0
     if outcome.delivered_tokens is not None:
         return prompt_tokens, outcome.delivered_tokens
-    return prompt_tokens, turn.max_tokens
+    return prompt_tokens, min(turn.max_tokens, outcome.delivered_bytes)
 
 
 def admission_scopes(tenant, alias: str, settings: RouterSettings) -> list[Scope]:

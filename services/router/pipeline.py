@@ -211,9 +211,10 @@ class Outcome:
     # The reason it failed; None when it completed.
     failure: str | None = None
     cancelled: bool = False
-    # Pieces of the answer the turn received (generated or replayed); a
-    # turn that ended early with none is billed no completion tokens.
-    deltas: int = 0
+    # UTF-8 bytes of the answer's pieces the turn received (generated or
+    # replayed); a turn that ended early with none is billed no completion
+    # tokens, one with some at most this many (every token is a byte or more).
+    delivered_bytes: int = 0
     # The completion tokens behind what inference delivered, as the failure
     # that ended the stream counted them (delivered_tokens), where it did.
     delivered_tokens: int | None = None
@@ -443,7 +444,7 @@ class Pipeline:
             yield Failure(internal_error())
             return
         answer, verdict, failure, cancelled = Answer(), _CacheVerdict(), None, False
-        deltas, delivered_tokens = 0, None
+        delivered_bytes, delivered_tokens = 0, None
         span = telemetry.start_genai_span("chat", turn.model_alias, turn.parameters)
         in_flight = metrics.router().streams_in_flight.labels(turn.model_alias)
         in_flight.inc()
@@ -455,7 +456,7 @@ class Pipeline:
             async with contextlib.aclosing(self._admitted(turn, answer, verdict, started, early)) as events:
                 async for event in events:
                     if isinstance(event, Delta):
-                        deltas += 1
+                        delivered_bytes += len(event.text.encode())
                         if held is not None:
                             # Never while generators keep their contract
                             # (Generator); if one does not, no text is lost
@@ -492,7 +493,9 @@ class Pipeline:
                 early.cancel()
             in_flight.dec()
             elapsed_s = time.perf_counter() - started
-            outcome = Outcome(answer, verdict.status, elapsed_s, failure, cancelled, deltas, delivered_tokens)
+            outcome = Outcome(
+                answer, verdict.status, elapsed_s, failure, cancelled, delivered_bytes, delivered_tokens
+            )
             _record_turn(turn, outcome, span)
             await self._settle(grant, turn, outcome)
 

@@ -232,31 +232,33 @@ def _outcome(
     status: str | None,
     failure: str | None = None,
     cancelled: bool = False,
-    deltas: int = 0,
+    delivered_bytes: int = 0,
     delivered_tokens: int | None = None,
 ) -> Outcome:
     answer = Answer(prompt_tokens=prompt, completion_tokens=completion)
     cache_status = CacheStatus(status) if status else None
-    return Outcome(answer, cache_status, 0.1, failure, cancelled, deltas, delivered_tokens)
+    return Outcome(answer, cache_status, 0.1, failure, cancelled, delivered_bytes, delivered_tokens)
 
 
 @pytest.mark.parametrize(
     ("outcome", "charged"),
     [
-        (_outcome(12, 30, "miss", deltas=4), 42),  # completed
+        (_outcome(12, 30, "miss", delivered_bytes=4), 42),  # completed
         # The count came with the completion, then the save failed.
-        (_outcome(12, 30, "miss", failure="DOWNSTREAM_FAILED", deltas=4), 42),
+        (_outcome(12, 30, "miss", failure="DOWNSTREAM_FAILED", delivered_bytes=4), 42),
         # Failed midway: the 10 prompt bytes reserved, and the tokens the
         # failure says were delivered.
-        (_outcome(0, 0, None, failure="TRITON_FAILED", deltas=3, delivered_tokens=5), 15),
+        (_outcome(0, 0, None, failure="TRITON_FAILED", delivered_bytes=3, delivered_tokens=5), 15),
         # Failed before any piece: nothing came, nothing is charged.
         (_outcome(0, 0, None, failure="NO_DEPLOYMENT_AVAILABLE"), 0),
-        # The caller hung up after 3 pieces: the deltas carry no counts, so
-        # the whole reservation (10 + max_tokens 80) stands.
-        (_outcome(0, 0, None, cancelled=True, deltas=3), 90),
+        # The caller hung up after 12 bytes of pieces: the deltas carry no
+        # counts, so the prompt and a token a byte (10 + 12) ...
+        (_outcome(0, 0, None, cancelled=True, delivered_bytes=12), 22),
+        # ... at most max_tokens (10 + 80).
+        (_outcome(0, 0, None, cancelled=True, delivered_bytes=500), 90),
         # ... before any piece: the prompt (the model may have read it).
         (_outcome(0, 0, None, cancelled=True), 10),
-        (_outcome(12, 30, "exact_hit", deltas=2), 0),  # no model tokens spent
+        (_outcome(12, 30, "exact_hit", delivered_bytes=2), 0),  # no model tokens spent
     ],
 )
 async def test_the_pipeline_stages_settle_every_end_of_a_turn(redis_client, outcome, charged):

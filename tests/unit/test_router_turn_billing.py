@@ -120,8 +120,9 @@ async def read_then_hang_up(turns, pieces: int, asked: pb.ChatRequest | None = N
 
 async def test_a_caller_hanging_up_before_the_completion_pays_the_reservation_bound():
     """All but the end of a long answer read, then the caller hangs up: the
-    deltas carry no token counts, so it pays the prompt as reserved and
-    max_tokens, never nothing (it was billed nothing: a budget bypass)."""
+    deltas carry no token counts, so it pays the prompt as reserved and a
+    token a byte delivered, at most max_tokens (here 640 bytes: the bound),
+    never nothing (it was billed nothing: a budget bypass)."""
     turns, admission, ledger = billed_pipeline(StallingGenerator(tuple(f"t{i} " for i in range(150))))
     got = await read_then_hang_up(turns, 150)
     assert all(isinstance(event, Delta) for event in got)
@@ -154,11 +155,11 @@ async def test_a_stream_failing_midway_pays_what_inference_says_it_delivered():
     assert record.failure == "STREAM_ENDED_EARLY"
 
 
-async def test_a_stream_failing_midway_without_a_count_pays_the_reservation_bound():
+async def test_a_stream_failing_midway_without_a_count_pays_a_token_a_byte_delivered():
     turns, admission, _ = billed_pipeline(FailingGenerator(("a ", "b "), delivered_tokens=None))
     events = await events_of(turns)
     assert isinstance(events[-1], Failure)
-    assert admission.settled == [PROMPT + MAX_TOKENS]
+    assert admission.settled == [PROMPT + 4]
 
 
 async def test_a_stream_failing_before_any_piece_pays_nothing():
@@ -178,19 +179,20 @@ async def test_a_completed_turn_pays_the_inference_count():
 
 async def test_a_reader_leaving_a_shared_generation_pays_as_an_unshared_turn_cut_off_there():
     """Two identical greedy turns share one generation: the one that hangs
-    up after some pieces pays the reservation bound, as it would alone; the
-    one that stays pays the whole generation's count."""
+    up after some pieces pays for what it received, as it would alone (a
+    token a byte); the one that stays pays the whole generation's count."""
     generator = StallingGenerator(tuple(f"t{i} " for i in range(40)))
     turns, admission, _ = billed_pipeline(generator)
     greedy = chat()
     greedy.parameters.temperature = 0.0
     staying = asyncio.ensure_future(asyncio.wait_for(events_of(turns, greedy), 5))
-    await read_then_hang_up(turns, 3, greedy)
+    received = await read_then_hang_up(turns, 3, greedy)
     generator.release.set()
     events = await staying
     assert isinstance(events[-1], Completion)
     assert len(generator.prompts) == 1  # one generation, shared
-    assert sorted(admission.settled) == sorted([PROMPT + MAX_TOKENS, 5 + 40])
+    delivered = sum(len(event.text.encode()) for event in received)
+    assert sorted(admission.settled) == sorted([PROMPT + delivered, 5 + 40])
 
 
 def cached_hit() -> Hit:
