@@ -331,6 +331,33 @@ for _, pin in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do
     redis.call('LREM', KEYS[5], 0, pin)
   end
 end
+-- So does their turn index (roles, term counts, vectors, postings): a
+-- later append whose index write is lost must leave its positions reading
+-- unwritten, not as the undone turns'.
+local function keep_prefix(key, bytes)
+  if bytes <= 0 then redis.call('DEL', key)
+  elseif redis.call('STRLEN', key) > bytes then
+    redis.call('SET', key, redis.call('GETRANGE', key, 0, bytes - 1), 'KEEPTTL')
+  end
+end
+keep_prefix(KEYS[6], held)
+keep_prefix(KEYS[7], 2 * held)
+local dim = tonumber(redis.call('HGET', KEYS[9], '\\0dim') or '0')
+if dim > 0 then keep_prefix(KEYS[8], dim * (held - compacted)) end
+local fields = redis.call('HGETALL', KEYS[9])
+for i = 1, #fields, 2 do
+  if string.byte(fields[i], 1) ~= 0 then
+    local kept = {}
+    local value = fields[i + 1]
+    for at = 1, #value, 4 do
+      if math.floor(struct.unpack('<I4', string.sub(value, at, at + 3)) / 16) < held then
+        table.insert(kept, string.sub(value, at, at + 3))
+      end
+    end
+    if #kept == 0 then redis.call('HDEL', KEYS[9], fields[i])
+    elseif #kept * 4 < #value then redis.call('HSET', KEYS[9], fields[i], table.concat(kept)) end
+  end
+end
 cut_counts(KEYS[1], KEYS[1], held)
 -- The versions after the target name turns that are gone now.
 local undone = tonumber(version) - target
@@ -419,14 +446,17 @@ return {1, now}
 )
 
 # KEYS: session_keys. ARGV: the version the caller read, how many leading
-# turns to compact, ttl_s, then the positions of system turns (their bodies
-# stay, as pinned turns' do). Returns how many turns are compacted
+# turns to compact, ttl_s, the create_time_ms it read ("" = unchecked), then
+# the positions of system turns (their bodies stay, as pinned turns' do). Returns how many turns are compacted
 # now, or -1 if those turns may have changed since (nothing done).
 _COMPACT = (
     RENEW
     + """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return -1 end
+-- Another session of the same id (deleted and created again since the
+-- read): its turns are not those the caller summarized.
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'create_time_ms') ~= ARGV[4] then return -1 end
 local read, upto = tonumber(ARGV[1]), tonumber(ARGV[2])
 if tonumber(version) ~= read then
   -- Appends since the read leave the first turns as they were; a revert to
@@ -440,7 +470,7 @@ end
 local from = tonumber(redis.call('HGET', KEYS[1], 'compacted') or '0')
 if upto <= from then return from end
 local keep = {}
-for i = 4, #ARGV do keep[tonumber(ARGV[i])] = true end
+for i = 5, #ARGV do keep[tonumber(ARGV[i])] = true end
 for _, pin in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do
   if string.sub(pin, 1, 2) == 't:' then keep[tonumber(string.sub(pin, 3))] = true end
 end
@@ -797,15 +827,24 @@ class SessionStore:
         return int(outcome[1])
 
     async def compact(
-        self, tenant_id: str, session_id: str, version: int, upto: int, system: list[int]
+        self,
+        tenant_id: str,
+        session_id: str,
+        version: int,
+        upto: int,
+        system: list[int],
+        created_ms: int | None = None,
     ) -> int:
         """Compacts the session's first ``upto`` turns (see the module's
-        docstring), read at ``version``, unless a revert changed them since;
-        the bodies of the ``system`` turns and pinned ones stay. Returns how
-        many turns are compacted now, -1 if they may have changed."""
+        docstring), read at ``version``, unless a revert changed them since
+        or (``created_ms``: the read's create_time_ms) the session read was
+        deleted and another created under its id; the bodies of the
+        ``system`` turns and pinned ones stay. Returns how many turns are
+        compacted now, -1 if they may have changed."""
+        created = "" if created_ms is None else str(created_ms)
         with redis_reachable():
             keys = session_keys(tenant_id, session_id)
-            return int(await self._compact(keys=keys, args=[version, upto, self._ttl_s, *system]))
+            return int(await self._compact(keys=keys, args=[version, upto, self._ttl_s, created, *system]))
 
     async def fill_token_counts(
         self, tenant_id: str, session_id: str, version: int, tokenizer_id: str, counts: np.ndarray

@@ -206,10 +206,24 @@ class ModelSummarizer:
         return text
 
 
+# KEYS: the session's meta, its summaries hash. ARGV: the create_time_ms of
+# the session the summary was made from, the span's field, the summary's
+# JSON, ttl_s. Written only into that same session: one deleted and created
+# again under its id while the summary was being made (a model call) holds
+# other turns. Returns 1 if written, 0 if not.
+_PUT = """
+if redis.call('HGET', KEYS[1], 'create_time_ms') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
+return 1
+"""
+
+
 class SummaryStore:
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self._client = client
         self._ttl_s = ttl_s
+        self._put = client.register_script(_PUT)
 
     @staticmethod
     def _index_key(tenant_id: str, session_id: str) -> str:
@@ -259,18 +273,19 @@ class SummaryStore:
             raw = await pipe.execute()
         return [None if r is None else Summary(**json.loads(r)) for r in raw]
 
-    async def put(self, tenant_id: str, session_id: str, digest: str, summary: Summary) -> None:
-        index = self._index_key(tenant_id, session_id)
+    async def put(
+        self, tenant_id: str, session_id: str, digest: str, summary: Summary, created_ms: int
+    ) -> bool:
+        """Keeps ``summary`` for the session created at ``created_ms`` (not
+        for another one of its id, _PUT); returns whether it was kept."""
         ttl = self._ttl_s if self._ttl_s > 0 else None
         encoded = json.dumps(dataclasses.asdict(summary))
         # Two slots (the content key is any session's): the session's own
-        # copy is what counts, and is written in one transaction of its slot.
+        # copy is what counts, and is written by one script in its slot.
         await self._client.set(self._summary_key(tenant_id, digest), encoded, ex=ttl)
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.hset(index, f"{summary.first_turn}-{summary.end_turn}", encoded)
-            if ttl:
-                pipe.expire(index, ttl)
-            await pipe.execute()
+        keys = [session_store.session_key(tenant_id, session_id), self._index_key(tenant_id, session_id)]
+        field = f"{summary.first_turn}-{summary.end_turn}"
+        return bool(await self._put(keys=keys, args=[created_ms, field, encoded, self._ttl_s]))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -415,6 +430,9 @@ class Summarizer:
         # a deletion missed meanwhile would leave a summary of another life
         # of the session in memory, so none is kept while they are not.
         self.notices_live = True
+        # Deletions heard (drop_hot, forget): a load under way when one comes
+        # may have read the deleted session, and must not be kept.
+        self._deletions_heard = 0
 
     def schedule(self, tenant_id: str, session_id: str) -> None:
         if self._closed:
@@ -496,7 +514,10 @@ class Summarizer:
                 text=text,
             )
             summary = await self._counted(summary)
-            await self._summaries.put(tenant_id, session_id, digest, summary)
+            if not await self._summaries.put(tenant_id, session_id, digest, summary, stored.create_time_ms):
+                # Deleted (and perhaps created again) since it was read: what
+                # is left to do belongs to the next run, for the next session.
+                return stored.version
         # Every due span is summarized now: those the soft cap takes are compacted.
         # What each turn holds in Redis (its serialized encoding; a compacted
         # one's is empty), and so what compacting it would free: all but a
@@ -509,7 +530,9 @@ class Summarizer:
             system = [
                 i for i in range(stored.compacted, upto) if stored.turns[i].role == common_pb2.ROLE_SYSTEM
             ]
-            compacted = await self._store.compact(tenant_id, session_id, stored.version, upto, system)
+            compacted = await self._store.compact(
+                tenant_id, session_id, stored.version, upto, system, created_ms=stored.create_time_ms
+            )
             log.info("session compacted", session_id=session_id, turns=compacted, version=stored.version)
         return stored.version
 
@@ -536,11 +559,13 @@ class Summarizer:
     def forget(self, tenant_id: str, session_id: str) -> None:
         """Drops what this process keeps of a deleted session's summaries
         (the session's deletion removed its summaries hash in Redis)."""
+        self._deletions_heard += 1
         self._drop_hot(session_store.session_key(tenant_id, session_id))
 
     def drop_hot(self, session_key: str | None) -> None:
         """A change notice that the session of ``session_key`` was deleted
         (or may have been: a pin), or, for None, that notices were missed."""
+        self._deletions_heard += 1
         if session_key is not None:
             self._drop_hot(session_key)
             return
@@ -551,6 +576,7 @@ class Summarizer:
         self, tenant_id: str, session_id: str, version: int
     ) -> tuple[list[Summary], list[int | None]]:
         """The session's summaries and history from Redis, kept for ``version``."""
+        deletions_heard = self._deletions_heard
         # Independent reads, so one round trip's wait rather than two on the assembly's path.
         stored, history = await asyncio.gather(
             self._summaries.all_of(tenant_id, session_id), self._store.history(tenant_id, session_id)
@@ -559,7 +585,7 @@ class Summarizer:
         key = session_store.session_key(tenant_id, session_id)
         self._drop_hot(key)
         size = _summaries_bytes(found, history)
-        if size <= MAX_HOT_BYTES and self.notices_live:
+        if size <= MAX_HOT_BYTES and self.notices_live and deletions_heard == self._deletions_heard:
             self._hot[key] = (version, found, history, size)
             self._hot_bytes += size
             while len(self._hot) > MAX_HOT_SESSIONS or self._hot_bytes > MAX_HOT_BYTES:

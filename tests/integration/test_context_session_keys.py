@@ -276,6 +276,30 @@ async def test_a_turn_whose_index_write_was_lost_is_read_from_its_text(
     assert await _system_rule_kept(stub, tenant, sid)
 
 
+async def test_a_revert_drops_the_undone_turns_index_so_a_lost_write_after_it_reads_unwritten(
+    stub_and_client, tenant, monkeypatch
+) -> None:
+    """The undone turns' roles stayed at their positions: the next append's
+    lost index write then left those read as indexed (its SYSTEM turn as
+    the undone USER's), and its retry saw them written and left them."""
+    stub, client = stub_and_client
+    sid = (await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))).session.session_id
+    await _append(stub, tenant, sid, msg(USER, "hello"), msg(ASSISTANT, "hi"), version=0)
+    await _append(stub, tenant, sid, msg(USER, "zebra undone"), msg(USER, "giraffe undone"), version=1)
+    revert = pb.RevertSessionRequest(tenant_id=tenant, session_id=sid, version=1, expected_version=2)
+    await stub.RevertSession(revert)
+    assert await client.get(session_store.key(tenant, sid, "ix:roles")) == bytes([USER, ASSISTANT])
+    _lose_the_next_index_write(monkeypatch)
+    first_try = _append(stub, tenant, sid, SYSTEM_RULE, msg(ASSISTANT, "arr"), turn_id="t1")
+    assert (await failure(first_try))[0] == grpc.StatusCode.UNAVAILABLE
+    indexed = await TurnIndex(client, TTL_S).read(tenant, sid, None)
+    assert (len(indexed.roles), indexed.count) == (2, 4)  # the new turns read unwritten
+    assert (await _append(stub, tenant, sid, SYSTEM_RULE, msg(ASSISTANT, "arr"), turn_id="t1")).replayed
+    roles = await client.get(session_store.key(tenant, sid, "ix:roles"))
+    assert roles == bytes([USER, ASSISTANT, SYSTEM, ASSISTANT])
+    assert "zebra" not in (await TurnIndex(client, TTL_S).read(tenant, sid, ["zebra"])).postings
+
+
 @pytest.fixture
 async def stub_and_client(redis_url: str, client):
     async with running(make_settings(redis_url)) as stub:

@@ -11,6 +11,8 @@ import pytest
 import redis.asyncio as redis
 
 from meshgate.context.v1 import context_service_pb2 as pb
+from services.context import store as session_store
+from services.context import summaries as summaries_lib
 from services.context.store import session_key
 from services.context.summaries import SummaryStore
 from tests.integration.test_context_service import (
@@ -320,4 +322,53 @@ async def test_a_summary_named_by_digest_as_sessions_stored_before_is_read_and_w
             return (await client.hget(index, f"0-{SPAN}")).startswith(b"{")
 
         await until(whole_again)
+    await client.aclose()
+
+
+class GatedModel:
+    """Writes a summary of the span's texts once ``gate`` is set."""
+
+    model = "gated"
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def summarize(self, span) -> str:
+        self.entered.set()
+        await self.gate.wait()
+        return "SUMMARY OF: " + " | ".join(turn.content for turn in span)
+
+
+@pytest.mark.parametrize("compact_after", [0, 2])
+async def test_a_run_spanning_a_delete_and_a_new_session_of_the_id_writes_nothing_into_it(
+    redis_url, tenant, compact_after
+) -> None:
+    """A run read the old session, then the model took a while: what it made
+    of the old turns must not land in the new session, nor compact its turns
+    (it reached the version the run read, so the version check passed)."""
+    client = redis.Redis.from_url(redis_url)
+    sessions = session_store.SessionStore(client, 600)
+    model = GatedModel()
+    policy = summaries_lib.SummaryPolicy(span_turns=2, hot_window_turns=0, compact_after_turns=compact_after)
+    summarizer = summaries_lib.Summarizer(sessions, SummaryStore(client, 600), policy, model)
+    session_id = "reused"
+
+    async def four_turns(tag: str) -> int:
+        turns = [msg(role_of(i), f"{tag} turn {i}") for i in range(4)]
+        return (await sessions.append(tenant, session_id, None, turns, {})).version
+
+    await sessions.create(tenant, session_id)
+    await four_turns("OLD")
+    run = asyncio.ensure_future(summarizer.summarize_due(tenant, session_id))
+    await asyncio.wait_for(model.entered.wait(), 10)
+    await sessions.delete(tenant, session_id)
+    summarizer.forget(tenant, session_id)
+    await sessions.create(tenant, session_id)
+    version = await four_turns("NEW")
+    model.gate.set()
+    await asyncio.wait_for(run, 10)
+    assert await SummaryStore(client, 0).all_of(tenant, session_id) == []
+    assert [t.content for t in (await sessions.read(tenant, session_id)).turns][0] == "NEW turn 0"
+    assert await summarizer.summaries_for(tenant, session_id, version, [(0, 4)]) == []
     await client.aclose()

@@ -12,7 +12,7 @@ from meshgate.context.v1 import context_service_pb2 as pb
 from services.context import summaries, token_counts
 from services.context.assembly import Candidate, SessionCosts, TurnCost, plan, render
 from services.context.servicer import tokens_by_disposition
-from services.context.store import StoredSession
+from services.context.store import StoredSession, session_key
 from services.context.summaries import Summary, SummaryPolicy
 from tests.unit.test_smollm2_tokenizer import build_smollm2_files
 
@@ -297,3 +297,32 @@ async def test_nothing_is_summarized_once_closed() -> None:
     await asyncio.sleep(0.01)
     assert sessions.read_ids == []
     assert not summarizer._running
+
+
+class _HeldSummaries(_StoredSummaries):
+    """Each read of a session's summaries waits for ``release``."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.reading = asyncio.Event()
+
+    async def all_of(self, tenant_id: str, session_id: str) -> list[Summary]:
+        self.reading.set()
+        await self.release.wait()
+        return await super().all_of(tenant_id, session_id)
+
+
+async def test_a_load_under_way_when_a_deletion_is_heard_is_not_kept() -> None:
+    """It may have read the deleted session: kept, it would be served to a
+    new session of that id that reaches the same version."""
+    sessions, stored = _Sessions(), _HeldSummaries()
+    summarizer = summaries.Summarizer(sessions, stored, SummaryPolicy(), None)
+    loading = asyncio.ensure_future(summarizer.summaries_for("t", "32", 1, [(0, 32)]))
+    await asyncio.wait_for(stored.reading.wait(), 5)
+    summarizer.drop_hot(session_key("t", "32"))
+    stored.release.set()
+    assert len(await loading) == 2  # this assembly's own read stands
+    await summarizer.summaries_for("t", "32", 1, [(0, 32)])
+    assert sessions.reads == 2  # read again: the first load was not kept
+    await summarizer.summaries_for("t", "32", 1, [(0, 32)])
+    assert sessions.reads == 2  # ... and this one was
