@@ -55,7 +55,7 @@ async def test_a_dead_processs_socket_file_is_taken_over(tmp_path):
         await service.server.stop(None)
 
 
-def test_a_live_socket_whose_accept_queue_is_full_is_refused(tmp_path):
+async def test_a_live_socket_whose_accept_queue_is_full_is_refused(tmp_path):
     """Connecting to it fails at once (EAGAIN), not as to a dead one's."""
     path = str(tmp_path / "busy.sock")
     waiting: list[socket.socket] = []
