@@ -127,6 +127,28 @@ local function renew(ttl)
 end
 """
 
+# Shared by the scripts that change which turns the postings may name
+# (turn_index.py's write, a revert, a compaction): drops every posting of a
+# turn position in [from, to) from the postings hash (its dimension field
+# aside), and any term left with none.
+DROP_POSTINGS = """
+local function drop_postings(postings_key, from, to)
+  local fields = redis.call('HGETALL', postings_key)
+  for i = 1, #fields, 2 do
+    if string.byte(fields[i], 1) ~= 0 then
+      local kept = {}
+      local value = fields[i + 1]
+      for at = 1, #value, 4 do
+        local position = math.floor(struct.unpack('<I4', string.sub(value, at, at + 3)) / 16)
+        if position < from or position >= to then table.insert(kept, string.sub(value, at, at + 3)) end
+      end
+      if #kept == 0 then redis.call('HDEL', postings_key, fields[i])
+      elseif #kept * 4 < #value then redis.call('HSET', postings_key, fields[i], table.concat(kept)) end
+    end
+  end
+end
+"""
+
 # KEYS: session_keys. ARGV: ttl_s. Returns the creation time, or nil if taken.
 _CREATE = (
     RENEW
@@ -309,6 +331,7 @@ _REVERT = (
     + _CUT_COUNTS
     + _COMPACTED
     + RENEW
+    + DROP_POSTINGS
     + """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return {0} end
@@ -344,20 +367,7 @@ keep_prefix(KEYS[6], held)
 keep_prefix(KEYS[7], 2 * held)
 local dim = tonumber(redis.call('HGET', KEYS[9], '\\0dim') or '0')
 if dim > 0 then keep_prefix(KEYS[8], dim * (held - compacted)) end
-local fields = redis.call('HGETALL', KEYS[9])
-for i = 1, #fields, 2 do
-  if string.byte(fields[i], 1) ~= 0 then
-    local kept = {}
-    local value = fields[i + 1]
-    for at = 1, #value, 4 do
-      if math.floor(struct.unpack('<I4', string.sub(value, at, at + 3)) / 16) < held then
-        table.insert(kept, string.sub(value, at, at + 3))
-      end
-    end
-    if #kept == 0 then redis.call('HDEL', KEYS[9], fields[i])
-    elseif #kept * 4 < #value then redis.call('HSET', KEYS[9], fields[i], table.concat(kept)) end
-  end
-end
+drop_postings(KEYS[9], held, math.huge)
 cut_counts(KEYS[1], KEYS[1], held)
 -- The versions after the target name turns that are gone now.
 local undone = tonumber(version) - target
@@ -451,6 +461,7 @@ return {1, now}
 # now, or -1 if those turns may have changed since (nothing done).
 _COMPACT = (
     RENEW
+    + DROP_POSTINGS
     + """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return -1 end
@@ -498,20 +509,7 @@ if dim > 0 and redis.call('EXISTS', KEYS[8]) == 1 then
   redis.call('SET', KEYS[8], redis.call('GETRANGE', KEYS[8], dim * (upto - from), -1), 'KEEPTTL')
 end
 -- Postings name live turns only, so a question's read is bounded by them.
-local fields = redis.call('HGETALL', KEYS[9])
-for i = 1, #fields, 2 do
-  if string.byte(fields[i], 1) ~= 0 then
-    local kept = {}
-    local value = fields[i + 1]
-    for at = 1, #value, 4 do
-      if math.floor(struct.unpack('<I4', string.sub(value, at, at + 3)) / 16) >= upto then
-        table.insert(kept, string.sub(value, at, at + 3))
-      end
-    end
-    if #kept == 0 then redis.call('HDEL', KEYS[9], fields[i])
-    elseif #kept * 4 < #value then redis.call('HSET', KEYS[9], fields[i], table.concat(kept)) end
-  end
-end
+drop_postings(KEYS[9], 0, upto)
 redis.call('HSET', KEYS[1], 'compacted', upto, 'compacted_version', version)
 -- No new version (the turns the session holds are the same), but what a
 -- hot copy holds is not: replicas drop it as they would a deleted one.

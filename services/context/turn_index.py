@@ -45,6 +45,7 @@ from meshgate.errors import MeshgateError, not_found
 from meshgate.reasons import Reason
 from services.context import relevance
 from services.context.store import (
+    DROP_POSTINGS,
     RENEW,
     decode_counts,
     key,
@@ -66,6 +67,7 @@ _DIMENSIONS_FIELD = "\0dim"
 # session is gone (nothing to index: its keys would outlive it).
 _WRITE = (
     RENEW
+    + DROP_POSTINGS
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local n = #ARGV[4]
@@ -93,25 +95,11 @@ if ARGV[7] ~= '' then
   if #written == n and not string.find(written, '\\0', 1, true) then return first end
 end
 if redis.call('STRLEN', KEYS[6]) > first then
-  -- Positions being written now were a revert's undone turns' (or a later
-  -- append indexed first): drop any postings there. Positions past these
-  -- are purged by the append that takes them; readers ignore them meanwhile.
-  local fields = redis.call('HGETALL', KEYS[9])
-  for i = 1, #fields, 2 do
-    if fields[i] ~= '\\0dim' then
-      local kept = {}
-      local value = fields[i + 1]
-      for at = 1, #value, 4 do
-        local packed = struct.unpack('<I4', string.sub(value, at, at + 3))
-        local position = math.floor(packed / 16)
-        if position < first or position >= first + n then
-          table.insert(kept, string.sub(value, at, at + 3))
-        end
-      end
-      if #kept == 0 then redis.call('HDEL', KEYS[9], fields[i])
-      else redis.call('HSET', KEYS[9], fields[i], table.concat(kept)) end
-    end
-  end
+  -- Positions being written now were written before (a later append
+  -- indexed first, or this append's retry): drop any postings there.
+  -- Positions past these are purged by the append that takes them;
+  -- readers ignore them meanwhile.
+  drop_postings(KEYS[9], first, first + n)
 end
 redis.call('SETRANGE', KEYS[6], first, ARGV[4])
 redis.call('SETRANGE', KEYS[7], 2 * first, ARGV[5])
