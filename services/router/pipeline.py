@@ -193,9 +193,11 @@ class Completion:
 @dataclasses.dataclass(frozen=True)
 class Failure:
     """The turn failed; ``error`` says how (delivered_* metadata when part
-    of the answer went out)."""
+    of the answer went out; ``session_id`` metadata when the turn created a
+    session, which ``session_id`` names too)."""
 
     error: MeshgateError
+    session_id: str = ""
 
 
 Event = Delta | Completion | Failure
@@ -221,12 +223,15 @@ class Outcome:
 
 
 @dataclasses.dataclass
-class _CacheVerdict:
-    """A turn's cache status, from the moment it is known: a hit is billed
-    as one even when its turn ends before its Completion (the caller
-    hanging up mid-replay, its session's append failing)."""
+class _TurnFacts:
+    """What a turn settled on its way, from the moment it is known, for its
+    end however it comes: its cache status (a hit is billed as one even when
+    its turn ends before its Completion: the caller hanging up mid-replay,
+    its session's append failing), and the session it created (a turn that
+    then fails still names it, so the caller can go on with it)."""
 
     status: CacheStatus | None = None
+    created_session_id: str = ""
 
 
 # --- stage interfaces --------------------------------------------------------
@@ -443,7 +448,7 @@ class Pipeline:
             log.exception("turn refused by a bug", model=request.model)
             yield Failure(internal_error())
             return
-        answer, verdict, failure, cancelled = Answer(), _CacheVerdict(), None, False
+        answer, facts, failure, cancelled = Answer(), _TurnFacts(), None, False
         delivered_bytes, delivered_tokens = 0, None
         span = telemetry.start_genai_span("chat", turn.model_alias, turn.parameters)
         in_flight = metrics.router().streams_in_flight.labels(turn.model_alias)
@@ -453,7 +458,7 @@ class Pipeline:
             # Every nested stream is closed explicitly (aclosing): an
             # abandoned async generator's cleanup, such as cancelling its
             # inference call, would otherwise wait for the garbage collector.
-            async with contextlib.aclosing(self._admitted(turn, answer, verdict, started, early)) as events:
+            async with contextlib.aclosing(self._admitted(turn, answer, facts, started, early)) as events:
                 async for event in events:
                     if isinstance(event, Delta):
                         delivered_bytes += len(event.text.encode())
@@ -476,7 +481,7 @@ class Pipeline:
             delivered_tokens = int(counted) if counted else None
             if held is not None:
                 yield held
-            yield Failure(error)
+            yield _failure(error, facts)
         except (asyncio.CancelledError, GeneratorExit):
             # The caller went away: its task was cancelled, or its front end
             # closed this stream unfinished.
@@ -487,14 +492,14 @@ class Pipeline:
             failure = Reason.INTERNAL
             if held is not None:
                 yield held
-            yield Failure(internal_error())
+            yield _failure(internal_error(), facts)
         finally:
             if early is not None and not early.done():
                 early.cancel()
             in_flight.dec()
             elapsed_s = time.perf_counter() - started
             outcome = Outcome(
-                answer, verdict.status, elapsed_s, failure, cancelled, delivered_bytes, delivered_tokens
+                answer, facts.status, elapsed_s, failure, cancelled, delivered_bytes, delivered_tokens
             )
             _record_turn(turn, outcome, span)
             await self._settle(grant, turn, outcome)
@@ -550,7 +555,7 @@ class Pipeline:
         self,
         turn: Turn,
         answer: Answer,
-        verdict: _CacheVerdict,
+        facts: _TurnFacts,
         turn_started: float,
         early_lookup: asyncio.Future | None = None,
     ) -> collections.abc.AsyncIterator[Event]:
@@ -559,6 +564,7 @@ class Pipeline:
         session_id = turn.session_id
         if turn.create_session:
             session_id = await self._contexts.create_session(turn.tenant, turn.budget)
+            facts.created_session_id = session_id
         plan = turn.cache
         stateless = not session_id
         version = 0
@@ -617,7 +623,7 @@ class Pipeline:
                         delivered += 1
         if hit is not None:
             answer.adopt(hit.answer)
-            verdict.status = hit.status
+            facts.status = hit.status
             turn_metrics.time_to_first_token.labels(turn.model_alias, CACHE_DEPLOYMENT).observe(
                 time.perf_counter() - turn_started
             )
@@ -638,7 +644,7 @@ class Pipeline:
         else:
             cache_status = CacheStatus.MISS if plan.writes else CacheStatus.BYPASSED
             similarity = 0.0
-        verdict.status = cache_status
+        facts.status = cache_status
 
         # Persist: store and append concurrently; the completion waits for
         # both, so a follow-up request already finds the turn and the entry.
@@ -782,6 +788,16 @@ def _record_turn(turn: Turn, outcome: Outcome, span) -> None:
         span.set_status(trace.Status(trace.StatusCode.ERROR, outcome.failure))
         span.set_attribute("error.type", outcome.failure)
     span.end()
+
+
+def _failure(error: MeshgateError, facts: _TurnFacts) -> Failure:
+    """The turn's Failure, naming the session it created, if any (in the
+    error's metadata too, for a caller that reads only the status)."""
+    created = facts.created_session_id
+    if created and "session_id" not in error.metadata:
+        error = error.copy()
+        error.metadata["session_id"] = created
+    return Failure(error, created)
 
 
 def _with_session(turn: Turn, session_id: str) -> Turn:

@@ -180,7 +180,10 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                         case Completion():
                             session_id = event.session_id
                             yield pb.ChatSessionResponse(completion=completion_proto(event))
-                        case Failure(error=error):
+                        case Failure(error=error, session_id=created):
+                            # A first turn that created its session, then
+                            # failed: the next turns go on with that session.
+                            session_id = created or session_id
                             yield pb.ChatSessionResponse(failure=error.to_status_proto().SerializeToString())
 
     async def CreateSession(self, request, context) -> pb.CreateSessionResponse:
