@@ -220,6 +220,9 @@ class Outcome:
     # The completion tokens behind what inference delivered, as the failure
     # that ended the stream counted them (delivered_tokens), where it did.
     delivered_tokens: int | None = None
+    # The messages the model was sent, where a session's were assembled
+    # (None: the turn's own): what a turn that ends early pays as its prompt.
+    prompt: list[common_pb2.Message] | None = None
 
 
 @dataclasses.dataclass
@@ -232,6 +235,8 @@ class _TurnFacts:
 
     status: CacheStatus | None = None
     created_session_id: str = ""
+    # The session's assembled prompt, once it is.
+    prompt: list[common_pb2.Message] | None = None
 
 
 # --- stage interfaces --------------------------------------------------------
@@ -499,7 +504,14 @@ class Pipeline:
             in_flight.dec()
             elapsed_s = time.perf_counter() - started
             outcome = Outcome(
-                answer, facts.status, elapsed_s, failure, cancelled, delivered_bytes, delivered_tokens
+                answer,
+                facts.status,
+                elapsed_s,
+                failure,
+                cancelled,
+                delivered_bytes,
+                delivered_tokens,
+                facts.prompt,
             )
             _record_turn(turn, outcome, span)
             await self._settle(grant, turn, outcome)
@@ -589,6 +601,7 @@ class Pipeline:
             assembled = await self._contexts.assemble(turn)
             if assembled is not None:
                 prompt, version = assembled
+                facts.prompt = prompt
             # The assembly refuses a strict turn at another version itself
             # (its append_reservation's expected_version); a context service
             # that predates that field ignores it, and this check stands in.

@@ -226,3 +226,15 @@ async def test_a_hit_whose_caller_hangs_up_mid_replay_is_billed_as_a_hit():
     assert not generator.prompts  # answered from the cache alone
     assert admission.settled == [0]
     assert (ledger.records[0].cache_status, ledger.records[0].failure) == ("exact_hit", "cancelled")
+
+
+async def test_a_session_turn_failing_midway_pays_the_assembled_prompt_the_model_read():
+    """Its history went to the model with its new message: the prompt it
+    pays is the assembled one's bytes, not the new message's alone."""
+    contexts = FakeContexts()  # assembles [user("earlier"), *new messages]
+    turns, admission, ledger = billed_pipeline(FailingGenerator(("a ", "b "), delivered_tokens=3), contexts)
+    events = [event async for event in turns.run(chat(), TENANT, "s1", Budget())]
+    assert isinstance(events[-1], Failure)
+    assembled = PROMPT + len("earlier")
+    assert admission.settled == [assembled + 3]
+    assert (ledger.records[0].prompt_tokens, ledger.records[0].completion_tokens) == (assembled, 3)
