@@ -559,8 +559,7 @@ class Summarizer:
     def forget(self, tenant_id: str, session_id: str) -> None:
         """Drops what this process keeps of a deleted session's summaries
         (the session's deletion removed its summaries hash in Redis)."""
-        self._deletions_heard += 1
-        self._drop_hot(session_store.session_key(tenant_id, session_id))
+        self.drop_hot(session_store.session_key(tenant_id, session_id))
 
     def drop_hot(self, session_key: str | None) -> None:
         """A change notice that the session of ``session_key`` was deleted

@@ -786,7 +786,6 @@ class _BoundedHeaders(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._timeout_s = header_timeout_s
         self._max_bytes = max_header_bytes
-        self._transport: asyncio.Transport | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._in_headers = False
         self._in_message = False
@@ -802,7 +801,6 @@ class _BoundedHeaders(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._transport = transport
         self._start_deadline()
 
     def connection_lost(self, exc) -> None:
@@ -819,7 +817,7 @@ class _BoundedHeaders(HttpToolsProtocol):
             self._check_size()
         # Answered after the parser is through the read: uvicorn has then
         # answered (400) and closed anything else wrong in it.
-        if self._too_large and not self._transport.is_closing():
+        if self._too_large and not self.transport.is_closing():
             self._refuse()
         elif not self._in_headers and not self._answering():
             # Bytes no request's headers or app wait for (see the class).
@@ -896,7 +894,7 @@ class _BoundedHeaders(HttpToolsProtocol):
             # on_response_complete starts its time again.
             self._start_deadline()
             return
-        self._transport.close()
+        self.transport.close()
 
     def _answering(self) -> bool:
         """Whether an earlier request of this connection is still being answered."""
@@ -911,7 +909,7 @@ class _BoundedHeaders(HttpToolsProtocol):
         self._stop_deadline()
         # A 431 written now would land inside an earlier request's answer.
         if not self._headers_too_large or self._answering():
-            self._transport.close()
+            self.transport.close()
             return
         status, headers, body = http_error(
             invalid_argument(
@@ -923,8 +921,8 @@ class _BoundedHeaders(HttpToolsProtocol):
         head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}".encode()]
         head += [name + b": " + value for name, value in [*self.server_state.default_headers, *headers]]
         head.append(b"content-length: " + str(len(body)).encode())
-        self._transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        self._transport.close()
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self.transport.close()
 
 
 class HttpServer:

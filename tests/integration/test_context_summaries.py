@@ -303,7 +303,7 @@ async def test_a_summary_named_by_digest_as_sessions_stored_before_is_read_and_w
         await append_turns(stub, tenant, session_id, 12)
         summaries = await wait_for_spans(client, tenant, session_id, 2)
     # As the code before stored it: the hash names the content key's digest.
-    index = session_key(tenant, session_id).removesuffix(":meta") + ":summaries"
+    index = session_store.key(tenant, session_id, "summaries")
     first = summaries[0, SPAN]
     shared = [k async for k in client.scan_iter(match=f"mg:context:{tenant}:summary:{first.summary_id}*")]
     digest = shared[0].decode().rpartition(":")[2]

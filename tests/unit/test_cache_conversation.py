@@ -128,3 +128,12 @@ def test_system_messages_and_the_first_replys_numbers_and_names_are_matched_exac
     # No topic turn: no reply is bound; a single question binds nothing.
     assert [m.content for m in conversation.matched_exactly(turns("Hi!", "Hello 7!", "Why?"))] == []
     assert conversation.matched_exactly(turns("Why?")) == []
+
+
+def test_a_reply_too_long_to_analyse_is_bound_by_its_whole_text(monkeypatch):
+    analysed, analyze = [], conversation.analyze
+    monkeypatch.setattr(conversation, "analyze", lambda text: analysed.append(text) or analyze(text))
+    reply = "word " * conversation.REPLY_ANALYSIS_MAX_CHARS
+    bound = conversation.matched_exactly(turns("Tell me about Lisbon.", reply, "And its size?"))
+    assert [m.content for m in bound] == [reply.strip()]
+    assert analysed == ["Tell me about Lisbon."]  # the topic turn's small-talk check alone
