@@ -139,6 +139,8 @@ class _SessionView:
     line_counts: np.ndarray | None = None
     # Meta's count of the bytes the turns hold (store.StoredSession.held_bytes).
     held_bytes: int | None = None
+    # Which life of the session id this is (store.StoredSession.create_time_ms).
+    create_time_ms: int = 0
 
 
 def _live_scores(
@@ -570,19 +572,18 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         budget = min(request.max_prompt_tokens, model.context_window_tokens)
         packs = self._packs(strategy, counter)
         if request.session_id:
-            response, version, turns, chosen, compacted = await self._assemble_session(
+            response, view, turns, chosen = await self._assemble_session(
                 request, new, budget, counter, at_version, strategy, packs, query_vector
             )
+            version = view.version
         else:
             required = [assembly.TurnCost(c.message.role, c.tokens) for c in new]
             turns = assembly.SessionCosts.of([])
             chosen = assembly.plan(turns, required, budget, counter.template_tokens)
-            response, version, compacted = assembly.render(chosen, turns, {}, new), 0, 0
+            response, view, version = assembly.render(chosen, turns, {}, new), None, 0
         summarized: list[summaries_lib.Summary] = []
-        if self._summarizer is not None and request.session_id:
-            summarized = await self._add_summaries(
-                request, response, chosen, version, budget, counter, compacted
-            )
+        if self._summarizer is not None and view is not None:
+            summarized = await self._add_summaries(request, response, chosen, view, budget, counter)
         response.manifest.tokenizer = counter.spec
         response.session_version = version
         inputs = response.inputs
@@ -705,7 +706,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         strategy: int,
         packs: bool,
         query_vector: asyncio.Task | None,
-    ) -> tuple[pb.AssembleContextResponse, int, assembly.SessionCosts, assembly.Plan, int]:
+    ) -> tuple[pb.AssembleContextResponse, _SessionView, assembly.SessionCosts, assembly.Plan]:
         """Plans from the turns' index (roles, counts, vectors, the query's
         postings) and reads only the chosen turns' texts; a session whose
         index is incomplete (stored before it, forked, or an older version
@@ -767,7 +768,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 )
         rendered = assembly.render(chosen, costs, texts, new, facts, scores)
         rendered.inputs.MergeFrom(scoring)
-        return rendered, view.version, costs, chosen, view.compacted
+        return rendered, view, costs, chosen
 
     async def _session_view(
         self,
@@ -803,6 +804,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 indexed.first_live,
                 lines,
                 hot.held_bytes,
+                hot.create_time_ms,
             )
         indexed = None
         if self._index is not None:
@@ -827,6 +829,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 indexed.first_live,
                 indexed.line_counts if packs else None,
                 indexed.held_bytes,
+                indexed.create_time_ms,
             )
         stored = await self._read(tenant_id, session_id, at_version)
         if warm:
@@ -852,6 +855,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             stored.compacted,
             await self._line_counts(request, stored, counter) if packs else None,
             stored.held_bytes,
+            stored.create_time_ms,
         )
 
     async def _add_summaries(
@@ -859,14 +863,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         request: pb.AssembleContextRequest,
         response: pb.AssembleContextResponse,
         chosen: assembly.Plan,
-        version: int,
+        view: _SessionView,
         budget: int,
         counter: PromptCounter,
-        compacted: int,
     ) -> list[summaries_lib.Summary]:
         """Adds summaries of the spans the assembly left out, while budget
         remains; returns those added."""
         reasons = chosen.reasons
+        compacted = view.compacted
         if compacted:
             # System and pinned turns keep their texts when their span is
             # compacted: its summary stands for the others beside them.
@@ -874,7 +878,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         excluded = summaries_lib.excluded_ranges(reasons)
         try:
             found = await self._summarizer.summaries_for(
-                request.tenant_id, request.session_id, version, excluded
+                request.tenant_id, request.session_id, view.version, view.create_time_ms, excluded
             )
         except redis_access.CONNECTION_ERRORS as error:
             # The prompt stands without them; the turns it holds were read.

@@ -417,14 +417,16 @@ class Summarizer:
         # Sessions scheduled while MAX_SUMMARIZING ran, oldest first.
         self._waiting: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._closed = False
-        # The session's meta key (store.session_key) -> (version, its
-        # summaries, its version history, their _summaries_bytes), least
-        # recently used first. Keyed as the change notices name sessions: a
-        # version number alone does not tell a session deleted on another
-        # replica and created again from the one it was (drop_hot).
-        self._hot: collections.OrderedDict[str, tuple[int, list[Summary], list[int | None], int]] = (
-            collections.OrderedDict()
-        )
+        # The session's meta key (store.session_key) -> ((version,
+        # create_time_ms), its summaries, its version history, their
+        # _summaries_bytes), least recently used first. Keyed as the change
+        # notices name sessions, and served only to the same life of the
+        # session: a version number alone does not tell a session deleted
+        # on another replica (drop_hot) or expired (no notice at all) and
+        # created again from the one it was.
+        self._hot: collections.OrderedDict[
+            str, tuple[tuple[int, int], list[Summary], list[int | None], int]
+        ] = collections.OrderedDict()
         self._hot_bytes = 0
         # Whether the change notices are heard (hot_cache.change_listener):
         # a deletion missed meanwhile would leave a summary of another life
@@ -463,8 +465,8 @@ class Summarizer:
             while True:
                 self._again.discard(key)
                 try:
-                    version = await self.summarize_due(*key)
-                    await self._load(*key, version)
+                    version, created_ms = await self.summarize_due(*key)
+                    await self._load(*key, version, created_ms)
                 except MeshgateError as error:
                     # Gone, or Redis away: the next append schedules it again.
                     log.debug("summaries skipped", session_id=key[1], reason=error.reason)
@@ -477,9 +479,9 @@ class Summarizer:
             while self._waiting and not self._closed and len(self._running) < MAX_SUMMARIZING:
                 self.schedule(*self._waiting.popitem(last=False)[0])
 
-    async def summarize_due(self, tenant_id: str, session_id: str) -> int:
+    async def summarize_due(self, tenant_id: str, session_id: str) -> tuple[int, int]:
         """Summarizes the session's due spans that have no summary yet;
-        returns the session version it read."""
+        returns the version and create_time_ms of the session it read."""
         stored = await self._store.read(tenant_id, session_id)
         # Spans named by digest only (stored before) are written whole again.
         done, _ = await self._summaries.spans(tenant_id, session_id)
@@ -517,7 +519,7 @@ class Summarizer:
             if not await self._summaries.put(tenant_id, session_id, digest, summary, stored.create_time_ms):
                 # Deleted (and perhaps created again) since it was read: what
                 # is left to do belongs to the next run, for the next session.
-                return stored.version
+                return stored.version, stored.create_time_ms
         # Every due span is summarized now: those the soft cap takes are compacted.
         # What each turn holds in Redis (its serialized encoding; a compacted
         # one's is empty), and so what compacting it would free: all but a
@@ -534,7 +536,7 @@ class Summarizer:
                 tenant_id, session_id, stored.version, upto, system, created_ms=stored.create_time_ms
             )
             log.info("session compacted", session_id=session_id, turns=compacted, version=stored.version)
-        return stored.version
+        return stored.version, stored.create_time_ms
 
     async def _write(self, span: list[common_pb2.Message]) -> tuple[str, str]:
         """The summary's text and how it was made."""
@@ -572,9 +574,10 @@ class Summarizer:
         self._hot_bytes = 0
 
     async def _load(
-        self, tenant_id: str, session_id: str, version: int
+        self, tenant_id: str, session_id: str, version: int, created_ms: int
     ) -> tuple[list[Summary], list[int | None]]:
-        """The session's summaries and history from Redis, kept for ``version``."""
+        """The session's summaries and history from Redis, kept for
+        ``version`` of the session created at ``created_ms``."""
         deletions_heard = self._deletions_heard
         # Independent reads, so one round trip's wait rather than two on the assembly's path.
         stored, history = await asyncio.gather(
@@ -585,7 +588,7 @@ class Summarizer:
         self._drop_hot(key)
         size = _summaries_bytes(found, history)
         if size <= MAX_HOT_BYTES and self.notices_live and deletions_heard == self._deletions_heard:
-            self._hot[key] = (version, found, history, size)
+            self._hot[key] = ((version, created_ms), found, history, size)
             self._hot_bytes += size
             while len(self._hot) > MAX_HOT_SESSIONS or self._hot_bytes > MAX_HOT_BYTES:
                 self._drop_hot(next(iter(self._hot)))
@@ -597,20 +600,26 @@ class Summarizer:
             self._hot_bytes -= entry[3]
 
     async def summaries_for(
-        self, tenant_id: str, session_id: str, version: int, excluded: list[tuple[int, int]]
+        self,
+        tenant_id: str,
+        session_id: str,
+        version: int,
+        created_ms: int,
+        excluded: list[tuple[int, int]],
     ) -> list[Summary]:
         """Summaries of spans wholly inside the ``excluded`` turn ranges
-        ([first, end)) that hold for the session at ``version``, oldest
-        first: what assembly adds while budget remains."""
+        ([first, end)) that hold for the session at ``version`` (of its life
+        created at ``created_ms``), oldest first: what assembly adds while
+        budget remains."""
         if not excluded:
             return []
         key = session_store.session_key(tenant_id, session_id)
         hot = self._hot.get(key)
-        if hot is not None and hot[0] == version:
+        if hot is not None and hot[0] == (version, created_ms):
             found, history = hot[1], hot[2]
             self._hot.move_to_end(key)
         else:
-            found, history = await self._load(tenant_id, session_id, version)
+            found, history = await self._load(tenant_id, session_id, version, created_ms)
         starts = [first for first, _ in excluded]
 
         def left_out(summary: Summary) -> bool:

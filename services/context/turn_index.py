@@ -231,6 +231,10 @@ class IndexedTurns:
     # index fresh from TurnIndex.read: one extended for a hot session leaves
     # it None, as that session's bytes are its hot entry's (StoredSession.held_bytes).
     held_bytes: int | None = None
+    # The session's meta ``create_time_ms``, read in the same transaction,
+    # which tells one life of a session id from the next; like held_bytes,
+    # only on an index fresh from TurnIndex.read (0 on one extended).
+    create_time_ms: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -380,6 +384,7 @@ class TurnIndex:
                     "compacted",
                     f"tokens:{line_counter_id}",
                     "bytes",
+                    "create_time_ms",
                 ]
                 pipe.hmget(key(tenant_id, session_id, "meta"), meta_fields)
                 pipe.llen(key(tenant_id, session_id, "turns"))
@@ -448,6 +453,7 @@ class TurnIndex:
             first_live,
             line_counts,
             None if meta[4] is None else int(meta[4]),
+            int(meta[5] or 0),
         )
 
     async def read_turns(

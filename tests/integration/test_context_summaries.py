@@ -369,6 +369,38 @@ async def test_a_run_spanning_a_delete_and_a_new_session_of_the_id_writes_nothin
     model.gate.set()
     await asyncio.wait_for(run, 10)
     assert await SummaryStore(client, 0).all_of(tenant, session_id) == []
-    assert [t.content for t in (await sessions.read(tenant, session_id)).turns][0] == "NEW turn 0"
-    assert await summarizer.summaries_for(tenant, session_id, version, [(0, 4)]) == []
+    now = await sessions.read(tenant, session_id)
+    assert [t.content for t in now.turns][0] == "NEW turn 0"
+    assert await summarizer.summaries_for(tenant, session_id, version, now.create_time_ms, [(0, 4)]) == []
+    await client.aclose()
+
+
+async def test_a_session_expired_and_created_again_is_not_given_its_earlier_lifes_summaries(
+    redis_url, tenant
+) -> None:
+    """Expiry publishes no deletion notice: the summaries a replica keeps in
+    memory for the session's first life must not be served to a second life
+    of the id that has reached the same version."""
+    client = redis.Redis.from_url(redis_url)
+    sessions = session_store.SessionStore(client, 600)
+    policy = summaries_lib.SummaryPolicy(span_turns=2, hot_window_turns=0, compact_after_turns=0)
+    summarizer = summaries_lib.Summarizer(sessions, SummaryStore(client, 600), policy, None)
+    session_id = "expired"
+
+    async def four_turns(tag: str) -> tuple[int, int]:
+        await sessions.create(tenant, session_id)
+        turns = [msg(role_of(i), f"{tag} turn {i} names the {tag} harbour.") for i in range(4)]
+        await sessions.append(tenant, session_id, None, turns, {})
+        return await summarizer.summarize_due(tenant, session_id)
+
+    version, created_ms = await four_turns("OLD")
+    first_life = await summarizer.summaries_for(tenant, session_id, version, created_ms, [(0, 4)])
+    assert [s.text for s in first_life] and all("OLD" in s.text for s in first_life)
+    # Gone as a TTL takes it: every key at once, no notice to any replica.
+    await client.delete(*session_store.session_keys(tenant, session_id))
+    await asyncio.sleep(0.005)
+    again_version, again_created_ms = await four_turns("NEW")
+    assert again_version == version and again_created_ms != created_ms
+    second_life = await summarizer.summaries_for(tenant, session_id, version, again_created_ms, [(0, 4)])
+    assert [s.text for s in second_life] and all("NEW" in s.text for s in second_life)
     await client.aclose()

@@ -241,7 +241,7 @@ async def test_the_summaries_kept_in_memory_are_bounded_in_bytes(monkeypatch) ->
     summarizer = summaries.Summarizer(sessions, _StoredSummaries(), SummaryPolicy(), None)
 
     async def assemble(session_id: str) -> None:
-        await summarizer.summaries_for("t", session_id, 1, [(0, 16)])
+        await summarizer.summaries_for("t", session_id, 1, 0, [(0, 16)])
 
     for session_id in ("4096", "4097", "4098"):
         await assemble(session_id)
@@ -317,12 +317,12 @@ async def test_a_load_under_way_when_a_deletion_is_heard_is_not_kept() -> None:
     new session of that id that reaches the same version."""
     sessions, stored = _Sessions(), _HeldSummaries()
     summarizer = summaries.Summarizer(sessions, stored, SummaryPolicy(), None)
-    loading = asyncio.ensure_future(summarizer.summaries_for("t", "32", 1, [(0, 32)]))
+    loading = asyncio.ensure_future(summarizer.summaries_for("t", "32", 1, 0, [(0, 32)]))
     await asyncio.wait_for(stored.reading.wait(), 5)
     summarizer.drop_hot(session_key("t", "32"))
     stored.release.set()
     assert len(await loading) == 2  # this assembly's own read stands
-    await summarizer.summaries_for("t", "32", 1, [(0, 32)])
+    await summarizer.summaries_for("t", "32", 1, 0, [(0, 32)])
     assert sessions.reads == 2  # read again: the first load was not kept
-    await summarizer.summaries_for("t", "32", 1, [(0, 32)])
+    await summarizer.summaries_for("t", "32", 1, 0, [(0, 32)])
     assert sessions.reads == 2  # ... and this one was
