@@ -62,6 +62,25 @@ SMALL_TALK_MAX_CHARS = 256
 REPLY_ANALYSIS_MAX_CHARS = 1024
 
 
+# Words that acknowledge rather than answer: a reply's words among these
+# (besides SMALL_TALK and stopwords) are never a referent ("Of course." and
+# "Sure, I can help with that." bind the same nothing).
+ACKNOWLEDGEMENTS = _words(
+    """course certainly absolutely definitely noted understood gladly indeed done happy assist
+    sounds good let me tell more anything else"""
+)
+
+
+# A reply whose words new to the topic turn are at most this many is an
+# answer in a word or a phrase ("Paris.", "Blue, definitely.", "The red
+# one."): those words are what a follow-up ("What is its population?")
+# refers to, names or not, so they are bound. A longer reply's new words
+# change with every rewording of the same answer; only its names and
+# numbers are bound, and a plain-word referent inside one ("I'd pick blue,
+# it suits the room") is not caught.
+SHORT_REPLY_WORDS = 4
+
+
 def is_small_talk(text: str) -> bool:
     if len(text) > SMALL_TALK_MAX_CHARS:
         return False
@@ -101,11 +120,12 @@ def matched_exactly(messages: Sequence[common_pb2.Message]) -> list[common_pb2.M
     often what a follow-up refers to ("Pick a number" / "7" / "What is it
     doubled?"), and the verifier reads only the user's turns: its numbers
     and names (as the verifier's structural checks find them) must be the
-    same. Its other words need not be: a reworded acknowledgement ("Noted."
-    / "Of course.") changes nothing a follow-up could mean. Not caught: a
-    referent the analysis does not take for a name, such as a reply of one
-    capitalized word ("Paris.") or a plain word ("blue"). Only the first
-    reply: later ones are mostly small talk ("Anything else?")."""
+    same. So must the words of a short reply (SHORT_REPLY_WORDS) that its
+    topic turn does not already say, names or not ("Name a city." /
+    "Paris."; "Pick a colour." / "blue"). A longer reply's other words need
+    not be, nor an acknowledgement's ("Noted, you are on the premium plan."
+    / "Of course."): they change nothing a follow-up could mean. Only the
+    first reply: later ones are mostly small talk ("Anything else?")."""
     exact = [m for m in messages[:-1] if m.role not in (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)]
     found = _topic_at(messages[:-1])
     if found is not None:
@@ -119,6 +139,10 @@ def matched_exactly(messages: Sequence[common_pb2.Message]) -> list[common_pb2.M
                 return exact
             analysis = analyze(text)
             referents = sorted(analysis.names) + sorted(analysis.numbers.elements())
+            new_words = analysis.content - analyze(found[1]).content - SMALL_TALK - ACKNOWLEDGEMENTS
+            if len(new_words) <= SHORT_REPLY_WORDS:
+                # Numbers are bound above already, as they were written.
+                referents += sorted(new_words - analysis.numbers.keys() - analysis.names)
             if referents:
                 exact.append(common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=" ".join(referents)))
     return exact

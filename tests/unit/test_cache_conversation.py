@@ -130,6 +130,25 @@ def test_system_messages_and_the_first_replys_numbers_and_names_are_matched_exac
     assert conversation.matched_exactly(turns("Why?")) == []
 
 
+def test_a_short_replys_words_are_matched_exactly_names_or_not():
+    """The answer in a word is what the follow-up refers to: "Paris." opens
+    its sentence and "blue" is no name, yet another city or colour has
+    another population or reason."""
+    bound = [m.content for m in conversation.matched_exactly(turns("Name a city.", "Paris.", "Its size?"))]
+    other = [m.content for m in conversation.matched_exactly(turns("Name a city.", "Lyon.", "Its size?"))]
+    assert bound and other and bound != other
+    colour = turns("Pick a colour for my room.", "Blue, definitely.", "Why that one?")
+    assert [m.content for m in conversation.matched_exactly(colour)] == ["blue"]
+    # What the topic turn already says is the verifier's to compare, and an
+    # acknowledgement binds nothing, so reworded ones still match.
+    for reply in ("Sure, I can help with that.", "Of course, happy to help.", "Noted: the premium plan."):
+        assert conversation.matched_exactly(turns("I pay for the premium plan.", reply, "Cancel it?")) == []
+    # A longer reply's plain words change with its wording: only its names and numbers count.
+    long_reply = "Try Lisbon: steep hills, yellow trams, custard tarts and fado music everywhere."
+    trip = turns("Where should I travel this spring?", long_reply, "How do I get there?")
+    assert [m.content for m in conversation.matched_exactly(trip)] == ["lisbon"]
+
+
 def test_a_reply_too_long_to_analyse_is_bound_by_its_whole_text(monkeypatch):
     analysed, analyze = [], conversation.analyze
     monkeypatch.setattr(conversation, "analyze", lambda text: analysed.append(text) or analyze(text))
