@@ -834,8 +834,105 @@ def load_settings(
             raw = tomllib.load(f)
     _apply_environment(raw, environ)
     settings = _build(Settings, raw, "")
+    _check_numbers(settings, "")
+    _check_addresses(settings)
     check_router_models(settings)
     return settings
+
+
+# Settings that must be above zero, not only not negative: at zero what
+# they time or size stops working (a tenant token expired when signed,
+# Triton probed in a busy loop, no prompt or output allowed at all).
+_POSITIVE = frozenset(
+    {
+        "tenant_token_ttl_s",
+        "health_interval_s",
+        "embed_timeout_s",
+        "downstream_timeout_s",
+        "max_generation_s",
+        "summary_timeout_s",
+        "context_window_tokens",
+        "max_output_tokens",
+        "max_message_bytes",
+        "max_messages",
+        "http_max_body_bytes",
+        "replay_piece_chars",
+        "max_prompt_bytes",
+        "max_embed_text_bytes",
+        "embedding_max_tokens",
+        "prefix_block_tokens",
+        "summary_span_turns",
+    }
+)
+
+
+def _check_numbers(node: Any, where: str) -> None:
+    """Every number in the settings is finite and not negative, and those
+    named in _POSITIVE above zero. No setting means anything below zero, yet
+    a negative value loaded and then failed far from its cause, or never:
+    inference.health_interval_s = -1 probed Triton in a busy loop (4.7 s of
+    CPU in 5 s, idle), mesh.tenant_token_ttl_s = -60 refused every tenant
+    call as an expired token."""
+    if dataclasses.is_dataclass(node):
+        for field in dataclasses.fields(node):
+            value = getattr(node, field.name)
+            name = f"{where}{field.name}"
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                _check_numbers(value, name + ".")
+            elif not (0 <= value < float("inf")) or (field.name in _POSITIVE and value == 0):
+                wanted = "positive" if field.name in _POSITIVE else "zero or more"
+                raise ConfigError(f"{name} must be {wanted} and finite, got {value!r}")
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            _check_numbers(value, f"{where}{key}.")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_numbers(value, f"{where.rstrip('.')}[{i}].")
+
+
+def _check_listen(name: str, address: str) -> None:
+    """A listen address is ``unix:path`` or ``host:port`` with a port of 0
+    (any free one) to 65535: grpc binds a larger port modulo 65536 (99999
+    listened on 34463), and says nothing."""
+    if not address or address.startswith("unix:"):
+        return
+    _, colon, port = address.rpartition(":")
+    if not (colon and port.isdigit() and int(port) <= 65535):
+        raise ConfigError(
+            f"{name} must be host:port with a port from 0 to 65535, or unix:path; got {address!r}"
+        )
+
+
+def _check_addresses(settings: Settings) -> None:
+    """Every listen address and every address a service dials, checked at
+    load: a reloaded file with an address the router cannot dial (a list of
+    names, not ip:port) loaded, then failed the reload's hook half-way."""
+    # Imported here: serving imports this module.
+    from meshgate.serving import channel_target
+
+    dialled = [
+        ("router.context_address", settings.router.context_address),
+        ("router.cache_address", settings.router.cache_address),
+        ("context.inference_address", settings.context.inference_address),
+        ("cache.inference_address", settings.cache.inference_address),
+    ]
+    for alias, model in settings.models.items():
+        dialled += [(f"models.{alias}.deployments.address", d.address) for d in model.deployments]
+    for name, address in dialled:
+        try:
+            channel_target(address)
+        except ValueError as error:
+            raise ConfigError(f"{name}: {error}") from None
+        if not address.strip():
+            raise ConfigError(f"{name} must not be empty")
+    for section in ("router", "context", "cache", "inference"):
+        part = getattr(settings, section)
+        for field in ("listen", "metrics_listen", "http_listen"):
+            if hasattr(part, field):
+                _check_listen(f"{section}.{field}", getattr(part, field))
+    _check_listen("mesh.health_listen", settings.mesh.health_listen)
+    if not settings.inference.triton_urls:
+        raise ConfigError("inference.triton_urls must name at least one Triton server")
 
 
 def check_router_models(settings: Settings) -> None:
@@ -884,19 +981,39 @@ def _apply_environment(raw: dict[str, Any], environ: typing.Mapping[str, str]) -
     for name, value in environ.items():
         if not name.startswith("MESHGATE_") or "__" not in name:
             continue
-        section, _, key_path = name[len("MESHGATE_") :].lower().partition("__")
-        node = raw.setdefault(section, {})
-        *parents, leaf = key_path.split("__")
+        node = raw
+        *parents, leaf = name[len("MESHGATE_") :].split("__")
         for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = _parse_scalar(value)
+            node = node.setdefault(_existing_key(node, parent), {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{name}: {parent!r} is not a table")
+        node[_existing_key(node, leaf)] = _EnvironmentText(value)
+
+
+def _existing_key(table: dict[str, Any], name: str) -> str:
+    """The key of ``table`` that ``name`` names, whatever its case (a
+    variable's name is written in capitals, a table key such as a model alias
+    ``Llama3`` may not be); else ``name`` lowercased, as setting names are.
+    Lowercasing alone made MESHGATE_MODELS__LLAMA3__... a new alias
+    ``llama3`` beside the file's ``Llama3``, which it left unchanged."""
+    if name in table:
+        return name
+    folded = name.lower()
+    return next((key for key in table if key.lower() == folded), folded)
+
+
+class _EnvironmentText(str):
+    """A value from an environment variable: read as TOML, but where the
+    setting takes a string, text that reads as something else stays text
+    (MESHGATE_ROUTER__DEV_API_KEY=12345 is the key "12345", not a number
+    refused as one)."""
 
 
 def _parse_scalar(value: str) -> Any:
     try:
         return tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
-        return value
+        return str(value)  # bare text (a path, a host:port): as it is
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
@@ -919,6 +1036,10 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         # ``X | None``: TOML has no null, so a present value is an X.
         (hint,) = (arg for arg in typing.get_args(hint) if arg is not type(None))
         origin = typing.get_origin(hint)
+    if isinstance(value, _EnvironmentText):
+        parsed = _parse_scalar(value)
+        # Quoted ('"a:1"') or bare (a:1), text stays text, even digits.
+        value = str(value) if hint is str and not isinstance(parsed, str) else parsed
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where + ".")
     if origin is list:

@@ -148,3 +148,75 @@ def test_a_router_call_bound_needs_a_tenant_call_cap_set_below_it(value):
         load_settings(environ=bound | {"MESHGATE_ROUTER__MAX_CONCURRENT_RPCS_PER_TENANT": value})
     router = load_settings(environ=bound | {"MESHGATE_ROUTER__MAX_CONCURRENT_RPCS_PER_TENANT": "7"}).router
     assert (router.max_concurrent_rpcs, router.tenant_call_cap()) == (8, 7)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "refused"),
+    [
+        ("MESHGATE_INFERENCE__HEALTH_INTERVAL_S", "-1", "inference.health_interval_s must be positive"),
+        ("MESHGATE_INFERENCE__HEALTH_INTERVAL_S", "0", "inference.health_interval_s must be positive"),
+        ("MESHGATE_MESH__TENANT_TOKEN_TTL_S", "-60", "mesh.tenant_token_ttl_s must be positive"),
+        ("MESHGATE_ROUTER__DOWNSTREAM_TIMEOUT_S", "nan", "router.downstream_timeout_s must be positive"),
+        ("MESHGATE_ROUTER__USAGE_RETENTION_DAYS", "-1", "router.usage_retention_days must be zero or more"),
+        ("MESHGATE_INFERENCE__STREAM_INTERVAL_MS", "inf", "stream_interval_ms must be zero or more"),
+        ("MESHGATE_MODELS__TINY-GPT__MAX_OUTPUT_TOKENS", "-5", "models.tiny-gpt.max_output_tokens"),
+    ],
+)
+def test_negative_infinite_or_meaningless_zero_numbers_are_refused_at_load(variable, value, refused):
+    with pytest.raises(ConfigError, match=refused.replace(".", r"\.")):
+        load_settings(environ={variable: value})
+
+
+def test_zero_where_it_means_none_or_off_still_loads():
+    settings = load_settings(
+        environ={
+            "MESHGATE_ROUTER__REPLAY_PAUSE_S": "0",
+            "MESHGATE_CONTEXT__MAX_TURNS": "0",
+            "MESHGATE_INFERENCE__STREAM_INTERVAL_MS": "0",
+            "MESHGATE_ROUTER__HOT_EXACT_ENTRIES": "0",
+        }
+    )
+    assert settings.router.replay_pause_s == 0 and settings.inference.stream_interval_ms == 0
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("MESHGATE_ROUTER__LISTEN", '"127.0.0.1:99999"'),
+        ("MESHGATE_CACHE__METRICS_LISTEN", '"127.0.0.1:-1"'),
+        ("MESHGATE_ROUTER__HTTP_LISTEN", '"localhost"'),
+        ("MESHGATE_ROUTER__CONTEXT_ADDRESS", '"context-a:50052,context-b:50052"'),
+        ("MESHGATE_INFERENCE__TRITON_URLS", "[]"),
+    ],
+)
+def test_an_address_no_process_could_listen_on_or_dial_is_refused_at_load(variable, value):
+    """grpc binds a port above 65535 modulo 65536, and a list of names is only
+    found out when a channel is made: at a reload, half-way through its hooks."""
+    with pytest.raises(ConfigError, match=variable.removeprefix("MESHGATE_").split("__")[-1].lower()):
+        load_settings(environ={variable: value})
+
+
+def test_a_deployment_address_list_of_names_is_refused_at_load(tmp_path):
+    path = tmp_path / "models.toml"
+    path.write_text(
+        '[models.big]\ndeployments = [{ name = "a", address = "inference-a:50054,inference-b:50054" }]\n'
+    )
+    with pytest.raises(ConfigError, match=r"models\.big\.deployments\.address"):
+        load_settings(path, environ={})
+    assert load_settings(environ={"MESHGATE_ROUTER__LISTEN": '"unix:/tmp/router.sock"'}).router.listen
+
+
+def test_an_environment_override_finds_a_table_key_whatever_its_case(tmp_path):
+    path = tmp_path / "models.toml"
+    path.write_text(
+        '[models.Llama3]\nmax_output_tokens = 512\ndeployments = [{ name = "a", address = "h:1" }]\n'
+    )
+    models = load_settings(path, environ={"MESHGATE_MODELS__LLAMA3__MAX_OUTPUT_TOKENS": "64"}).models
+    assert models["Llama3"].max_output_tokens == 64
+    assert "llama3" not in models
+
+
+def test_an_environment_value_that_looks_like_a_number_is_text_where_the_setting_is_text():
+    settings = load_settings(environ={"MESHGATE_ROUTER__DEV_API_KEY": "12345"})
+    assert settings.router.dev_api_key == "12345"
+    assert load_settings(environ={"MESHGATE_CACHE__TTL_S": "120"}).cache.ttl_s == 120
