@@ -347,6 +347,9 @@ class Service:
         # settings when it is read again (a service without hooks never is).
         self.config_path: str | None = None
         self.reload_hooks: list[ReloadHook] = []
+        # The settings the hooks last took whole (main's at start, then each
+        # reload's): given back to them when a reload fails half-way.
+        self.settings_in_use: Settings | None = None
         # The Prometheus endpoint, when one is open (serve_metrics).
         self.metrics_server = None
         # The plain-text health port, when one is open (serve_plain_health).
@@ -484,14 +487,38 @@ async def stop(service: Service, grace_s: float = 10.0) -> None:
 def reload_configuration(service: Service) -> bool:
     """Reads the settings file again and hands it to the reload hooks; a file
     that does not load (bad TOML, a refused value) is refused with a log
-    line, and the settings in use stay, whole."""
+    line, and the settings in use stay, whole.
+
+    load_settings checks what the hooks take, but a hook that raises anyway
+    must not leave a half-applied reload behind (a router's new call cap in
+    force, its new keys not), nor end the file watcher: the hooks it reached
+    are given the settings in use again, whole."""
+    if not (service.config_path and service.reload_hooks):
+        log.info("nothing to reload", path=service.config_path)
+        return False
     try:
         settings = load_settings(service.config_path)
     except Exception as error:  # noqa: BLE001 - whatever is wrong with the file, the service stays up
         log.error("configuration refused; keeping the one in use", path=service.config_path, error=str(error))
         return False
-    for hook in service.reload_hooks:
-        hook(settings)
+    reached = []
+    try:
+        for hook in service.reload_hooks:
+            reached.append(hook)
+            hook(settings)
+    except Exception as error:  # noqa: BLE001 - the service stays up on the settings in use
+        log.error(
+            "configuration refused by the service; keeping the one in use",
+            path=service.config_path,
+            error=repr(error),
+        )
+        if service.settings_in_use is None:
+            log.error("no settings in use to go back to: the reload may be half-applied")
+        else:
+            for hook in reached:
+                hook(service.settings_in_use)
+        return False
+    service.settings_in_use = settings
     log.info("configuration reloaded", path=service.config_path)
     return True
 
@@ -522,16 +549,20 @@ async def serve_until_signalled(service: Service, listen: str, cleanup: Cleanup)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    # Always handled: a fleet-wide "HUP to reload" must not kill, undrained,
+    # the services that have nothing to reload (its default action).
+    loop.add_signal_handler(signal.SIGHUP, reload_configuration, service)
     watcher = None
     if service.config_path and service.reload_hooks:
-        loop.add_signal_handler(signal.SIGHUP, reload_configuration, service)
         watcher = asyncio.create_task(watch_configuration(service))
-    await stopping.wait()
-    if watcher is not None:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-    await stop(service)
+    try:
+        await stopping.wait()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        await stop(service)
 
 
 def main(
@@ -552,6 +583,7 @@ def main(
     async def run() -> None:
         service = Service(name, service_names)
         service.config_path = args.config or os.environ.get("MESHGATE_CONFIG")
+        service.settings_in_use = settings
         cleanup = await setup(service, settings)
         if settings.telemetry.metrics and metrics_listen:
             service.serve_metrics(metrics_listen)
