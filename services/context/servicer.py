@@ -709,7 +709,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
     ) -> tuple[pb.AssembleContextResponse, _SessionView, assembly.SessionCosts, assembly.Plan]:
         """Plans from the turns' index (roles, counts, vectors, the query's
         postings) and reads only the chosen turns' texts; a session whose
-        index is incomplete (stored before it, forked, or an older version
+        index is incomplete (stored before it, a write lost, or an older version
         asked for) is read whole and scored from its texts. ``query_vector``
         is the new messages' embedding on its way (_embed_query), awaited
         only once nothing else is left before scoring; ``packs``, whether it
@@ -781,7 +781,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         """What planning needs, from the cheapest place that has it: a hot
         session's memory; else the turn index in Redis (texts read later,
         for the chosen turns only); else, for a session the index does not
-        cover (stored before it, forked, or an older version asked for), the
+        cover (stored before it, a write lost, or an older version asked for), the
         whole session, scored from its texts. With ``packs``, also the turns'
         transcript-line counts (a session stored before they existed is read
         whole once, to count and store them)."""

@@ -94,10 +94,15 @@ from meshgate import redis_access
 from meshgate.common.v1 import common_pb2
 from meshgate.errors import MeshgateError, not_found, unavailable
 from meshgate.reasons import Reason
+from services.context import relevance
 
 log = structlog.get_logger(__name__)
 
 CHANGES_CHANNEL = "mg:context:changes"
+
+# The turn index's postings field that holds its vectors' size
+# (services/context/turn_index.py), not a term.
+DIMENSIONS_FIELD = "\0dim"
 
 # Every part of a session's keys (see the module's docstring), in the
 # order each script's KEYS hold them (session_keys): KEYS[1] is meta,
@@ -395,9 +400,20 @@ return {1, new_version}
 # change once written (a revert makes a new version), so the source read in
 # one instant and written into the fork in another is the same.
 #
+# The fork takes the source's turn index (services/context/turn_index.py)
+# of the turns it copies, so its first assembly plans from the index as the
+# source's would, instead of reading and scoring every turn's text on every
+# call (a fork's appends index only their own turns). The positions below
+# the fork's turn count hold what the source wrote for those turns: a
+# version's turns never change, and a revert below them would have undone
+# the version forked at. Postings name later positions too; fork() keeps
+# only the copied turns' ones, or the fork's own later turns would inherit them.
+#
 # KEYS: the source's session_keys. ARGV: version to fork
 # at. Returns {1, turns at that version, flat (counts field, counts of those
-# turns) pairs, the history up to that version}, {0} if there is no source,
+# turns) pairs, the history up to that version, then the index of those
+# turns: roles, lengths, vector dimensions ('' for none), vectors, flat
+# (term, packed postings) pairs}, {0} if there is no source,
 # {-3, current version} if the version is unknown or undone, {-5, compacted
 # version} if it holds compacted turns (the fork would have neither their
 # texts nor the summaries standing for them).
@@ -422,13 +438,25 @@ for i = 1, #fields, 2 do
     counts[#counts + 1] = string.sub(fields[i + 1], 1, 4 * held)
   end
 end
-return {1, turns, counts, redis.call('GETRANGE', KEYS[4], 0, 4 * target + 3)}
+local roles, lengths, vectors, postings = '', '', '', {}
+local dim = redis.call('HGET', KEYS[9], '\\0dim') or ''
+if held > 0 then
+  -- GETRANGE 0 -1 would be the whole string: only with turns to copy.
+  roles = redis.call('GETRANGE', KEYS[6], 0, held - 1)
+  lengths = redis.call('GETRANGE', KEYS[7], 0, 2 * held - 1)
+  if dim ~= '' then vectors = redis.call('GETRANGE', KEYS[8], 0, tonumber(dim) * held - 1) end
+  postings = redis.call('HGETALL', KEYS[9])
+end
+return {1, turns, counts, redis.call('GETRANGE', KEYS[4], 0, 4 * target + 3),
+  roles, lengths, dim, vectors, postings}
 """
 )
 
 # KEYS: the fork's session_keys. ARGV: version it starts
-# at, ttl_s, its history, turn count n, n turns, then (counts field, counts)
-# pairs. It has no turn ids (those were the source's appends), and its
+# at, ttl_s, its history, turn count n, its index's roles, lengths, vector
+# dimensions ('' for none) and vectors, the number c of (counts field,
+# counts) pairs, n turns, c such pairs, then (term, packed postings) pairs.
+# It has no turn ids (those were the source's appends), and its
 # ``bytes`` are its turns' (a prefix of the source's: never past the
 # source's cap). Returns {1, creation time}, or {-4} if the fork's id is taken.
 _FORK_CREATE = (
@@ -438,18 +466,27 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return {-4} end
 -- As _CREATE: nothing of an earlier session of this id stays.
 redis.call('DEL', unpack(KEYS, 2))
 local n = tonumber(ARGV[4])
+local turns_at = 10
+local counts_at = turns_at + n
+local postings_at = counts_at + 2 * tonumber(ARGV[9])
 -- In slices: unpack() of a long list would overflow Lua's stack.
-for first = 5, 4 + n, 1000 do
-  redis.call('RPUSH', KEYS[2], unpack(ARGV, first, math.min(first + 999, 4 + n)))
+for first = turns_at, counts_at - 1, 1000 do
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, first, math.min(first + 999, counts_at - 1)))
 end
 local held_bytes = 0
-for i = 5, 4 + n do held_bytes = held_bytes + #ARGV[i] end
+for i = turns_at, counts_at - 1 do held_bytes = held_bytes + #ARGV[i] end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('HSET', KEYS[1], 'version', ARGV[1], 'create_time_ms', now, 'update_time_ms', now,
   'bytes', held_bytes)
-for i = 5 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = counts_at, postings_at - 1, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('SET', KEYS[4], ARGV[3])
+-- The index of the copied turns; nothing is written where there is none.
+if ARGV[5] ~= '' then redis.call('SET', KEYS[6], ARGV[5]) end
+if ARGV[6] ~= '' then redis.call('SET', KEYS[7], ARGV[6]) end
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[9], '\\0dim', ARGV[7]) end
+if ARGV[8] ~= '' then redis.call('SET', KEYS[8], ARGV[8]) end
+for i = postings_at, #ARGV, 2 do redis.call('HSET', KEYS[9], ARGV[i], ARGV[i + 1]) end
 renew(tonumber(ARGV[2]))
 return {1, now}
 """
@@ -575,6 +612,24 @@ class Appended(typing.NamedTuple):
     # Meta's ``bytes`` as the append left it; None when the session's bytes
     # stay uncounted (see the module's docstring) or nothing was appended.
     held_bytes: int | None
+
+
+def _postings_below(flat: list[bytes], turn_count: int) -> list[bytes]:
+    """Flat (term, packed postings) pairs of the turns before
+    ``turn_count`` (relevance.pack_posting: the turn above the TF_BITS low
+    bits), terms left with none dropped; the vector size field is the
+    caller's. Done here rather than in the script: Redis runs no other
+    command while a script runs, and a long session holds ~20 postings a turn."""
+    kept: list[bytes] = []
+    limit = np.uint32(turn_count << relevance.TF_BITS)
+    for term, packed in zip(flat[::2], flat[1::2], strict=True):
+        if term == DIMENSIONS_FIELD.encode():
+            continue
+        values = np.frombuffer(packed, dtype="<u4")
+        below = values[values < limit]
+        if len(below):
+            kept += [term, below.tobytes()]
+    return kept
 
 
 def key(tenant_id: str, session_id: str, part: str) -> str:
@@ -809,11 +864,24 @@ class SessionStore:
         if source[0] == -5:
             raise _version_compacted(session_id, version, source[1], "be forked at")
         _raise_for(source, session_id, None)
-        _, turns, counts, history = source
+        _, turns, counts, history, roles, lengths, dimensions, vectors, postings = source
         with redis_reachable():
             outcome = await self._fork_create(
                 keys=session_keys(tenant_id, new_session_id),
-                args=[version, self._ttl_s, history, len(turns), *turns, *counts],
+                args=[
+                    version,
+                    self._ttl_s,
+                    history,
+                    len(turns),
+                    roles,
+                    lengths,
+                    dimensions,
+                    vectors,
+                    len(counts) // 2,
+                    *turns,
+                    *counts,
+                    *_postings_below(postings, len(turns)),
+                ],
             )
         if outcome[0] == -4:
             raise MeshgateError(

@@ -1,4 +1,5 @@
-"""Each turn's retrieval index in Redis, written once at append, and pins.
+"""Each turn's retrieval index in Redis, written once at append (a fork
+takes its source's, store._FORK_SOURCE), and pins.
 
 Beside a session's keys (services/context/store.py), under the same prefix:
 
@@ -45,6 +46,7 @@ from meshgate.errors import MeshgateError, not_found
 from meshgate.reasons import Reason
 from services.context import relevance
 from services.context.store import (
+    DIMENSIONS_FIELD,
     DROP_POSTINGS,
     RENEW,
     decode_counts,
@@ -53,8 +55,6 @@ from services.context.store import (
     session_keys,
     session_not_found,
 )
-
-_DIMENSIONS_FIELD = "\0dim"
 
 # KEYS: store.session_keys. ARGV: the version the append made, dimensions
 # (0 = no vectors), ttl_s, roles bytes, packed lengths, int8 vectors ("" =
@@ -251,7 +251,7 @@ class IndexedTurns:
     def usable(self, at_version: int | None) -> bool:
         """Whether assembly can plan from this alone: the current version
         asked for, every turn indexed (turns stored before the index
-        existed, or copied by a fork, are not) and counted."""
+        existed, or whose write was lost, are not) and counted."""
         return (
             (at_version is None or at_version == self.version)
             and len(self.roles) == self.count
@@ -375,7 +375,7 @@ class TurnIndex:
         ``query_terms`` only (None: all, to keep in memory), and the counts of
         ``counter_id`` (and of ``line_counter_id`` when given). Raises SESSION_NOT_FOUND."""
         roles_key, lengths_key, vectors_key, postings_key = _keys(tenant_id, session_id)
-        fields = [_DIMENSIONS_FIELD, *(query_terms or ())]
+        fields = [DIMENSIONS_FIELD, *(query_terms or ())]
         with redis_reachable():
             async with self._client.pipeline(transaction=True) as pipe:
                 meta_fields = [
@@ -413,8 +413,8 @@ class TurnIndex:
         term_counts = np.frombuffer(lengths or b"", dtype="<u2")[:count].astype(np.float64)
         if query_terms is None:
             everything = {term.decode(): value for term, value in posting_values.items()}
-            query_terms = [t for t in everything if t != _DIMENSIONS_FIELD]
-            posting_values = [everything.get(_DIMENSIONS_FIELD), *(everything[t] for t in query_terms)]
+            query_terms = [t for t in everything if t != DIMENSIONS_FIELD]
+            posting_values = [everything.get(DIMENSIONS_FIELD), *(everything[t] for t in query_terms)]
         dimensions = int(posting_values[0] or 0)
         first_live = min(int(meta[2] or 0), count)
         live = len(roles_array) - first_live

@@ -330,3 +330,36 @@ async def _assemble(stub, tenant: str, sid: str, budget: int = 300) -> pb.Assemb
 
 async def _prompt(stub, tenant: str, sid: str) -> list[str]:
     return [m.content for m in (await _assemble(stub, tenant, sid)).messages]
+
+
+async def test_a_fork_takes_the_index_of_the_turns_it_copies_and_no_later_postings(client, tenant) -> None:
+    """Without its source's index a fork's index never covered its copied
+    turns: every assembly of it read and scored all their texts. With it,
+    the fork reads as the source did at that version, and a turn it appends
+    where the source has a later one is found by its own words only."""
+    sessions = session_store.SessionStore(client, TTL_S)
+    index = TurnIndex(client, TTL_S)
+    source = "indexed-source"
+    await sessions.create(tenant, source)
+    copied = [msg(USER, "Maria signed for crate 101 in Lisbon."), msg(ASSISTANT, "Crate 101 is noted.")]
+    later = [msg(USER, "Crate 202 went to Porto.")]
+    await sessions.append(tenant, source, 0, copied, {})
+    await _write_index(index, tenant, source, 1, *copied)
+    await sessions.append(tenant, source, 1, later, {})
+    await _write_index(index, tenant, source, 2, *later)
+
+    await sessions.fork(tenant, source, 1, "indexed-fork")
+    forked = await index.read(tenant, "indexed-fork", None)
+    assert (forked.count, list(forked.roles)) == (2, [USER, ASSISTANT])
+    assert forked.unit_vectors is not None and len(forked.unit_vectors) == 2
+    assert set(forked.postings) >= {"crate", "maria", "lisbon"}
+    # The source's later turn (position 2) is not the fork's.
+    assert "porto" not in forked.postings
+    assert all((forked.postings[t] >> 4 < 2).all() for t in forked.postings)
+
+    own = [msg(USER, "Crate 303 stays in Faro.")]
+    await sessions.append(tenant, "indexed-fork", 1, own, {})
+    await _write_index(index, tenant, "indexed-fork", 2, *own)
+    grown = await index.read(tenant, "indexed-fork", None)
+    assert "porto" not in grown.postings and list(grown.postings["faro"] >> 4) == [2]
+    assert len(grown.roles) == grown.count == 3
