@@ -119,7 +119,8 @@ async def run_scripts(
     """Runs ``script`` once per (keys, args), in one round trip: on a Redis
     Cluster each call goes to the node of its keys' slot. A call Redis
     refused raises, or with ``raise_on_error`` False and several calls, is
-    its reply (the others ran: the caller may have to undo them)."""
+    its reply (the others ran: the caller may have to undo them), also when
+    it was refused on its second try, after Redis had lost the script."""
     if len(calls) == 1:
         [(keys, args)] = calls
         return [await script(keys=keys, args=args)]
@@ -133,7 +134,12 @@ async def run_scripts(
         if isinstance(reply, NoScriptError):
             # Redis lost its scripts (a restart): that call did not run.
             keys, args = calls[index]
-            replies[index] = await script(keys=keys, args=args)
+            try:
+                replies[index] = await script(keys=keys, args=args)
+            except RedisError as error:
+                if raise_on_error:
+                    raise
+                replies[index] = error
         elif isinstance(reply, Exception) and raise_on_error:
             raise reply
     return replies
