@@ -476,6 +476,8 @@ class Admission:
         self._unsettled: list[tuple[Reservation, int, int]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task] = set()
+        # Admits whose callers were cancelled while Redis answered (admit).
+        self._abandoned: set[asyncio.Future] = set()
 
     def _now_s(self) -> float:
         return self._clock() if self._clock else time.time()
@@ -531,6 +533,10 @@ class Admission:
         except asyncio.CancelledError:
             charged = Reservation(lease_id, tokens, nano_usd, tuple(checks))
             admitting.add_done_callback(functools.partial(self._refund_abandoned, charged))
+            # Awaited by drain(), before its last flush: a router stopping
+            # must not leave the refund unwritten.
+            self._abandoned.add(admitting)
+            admitting.add_done_callback(self._abandoned.discard)
             raise
         except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
             # Unreachable, or refusing to run the script (out of memory under
@@ -650,6 +656,10 @@ class Admission:
             await asyncio.gather(*self._flushing, return_exceptions=True)
 
     async def drain(self) -> None:
+        """Writes every pending settlement, once the admits of callers that
+        went away have answered (and queued their refunds)."""
+        if self._abandoned:
+            await asyncio.gather(*self._abandoned, return_exceptions=True)
         await self.flush()
 
     async def _write_settlements(

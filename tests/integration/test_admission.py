@@ -382,3 +382,35 @@ async def test_a_caller_cancelled_while_redis_admits_it_holds_no_stream_and_no_t
     finally:
         for each in clients:
             await each.aclose()
+
+
+async def test_a_drain_waits_for_an_abandoned_admit_and_writes_its_refund(redis_url):
+    """A router stopping right after a caller went away mid-admit: drain()
+    must wait for the admit's reply and write its refund before it returns,
+    or the stream lease and tokens stay charged after the process is gone."""
+    clients = [redis_access.connect(redis_url) for _ in range(2)]
+    client, other = clients
+    try:
+        admission = Admission(client, max_generation_s=60)
+        scope = _scope(concurrent_streams=1, tokens_per_day=1_000)
+        await admission.settle(await admission.admit([scope], prompt_tokens=10, max_tokens=10), 0, 0)
+        _busy = asyncio.ensure_future(other.eval(_BUSY_300_MS, 0))
+        await asyncio.sleep(0.05)
+        asking = asyncio.ensure_future(admission.admit([scope], prompt_tokens=10, max_tokens=10))
+        await asyncio.sleep(0.1)  # sent; its reply waits behind the busy script
+        asking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+        await admission.drain()
+        # The process ends: whatever drain() left running is cancelled.
+        for task in asyncio.all_tasks():
+            if task is not asyncio.current_task():
+                task.cancel()
+        await asyncio.sleep(0.5)  # the busy script and the admit behind it have run
+        async with redis_access.connect(redis_url) as fresh:
+            day = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+            assert await fresh.zcard(f"{scope.prefix}:streams") == 0
+            assert int(await fresh.get(f"{scope.prefix}:tokens:day:{day}") or 0) == 0
+    finally:
+        for each in clients:
+            await each.aclose()
