@@ -17,7 +17,7 @@ from meshgate.router.v1 import admin_service_pb2, router_service_pb2
 from services.router.admission import TenantCalls
 from services.router.keys import KeyStore, could_be_stored, key_refusal
 
-_BEARER = "bearer "
+_BEARER = "bearer"
 
 log = structlog.get_logger(__name__)
 
@@ -194,6 +194,11 @@ def _bearer_key(metadata) -> str:
             break
     if not header:
         raise _unauthenticated(Reason.API_KEY_MISSING, "send 'authorization: Bearer <api key>'")
-    if not header[: len(_BEARER)].lower() == _BEARER:
+    scheme, _, key = header.strip().partition(" ")
+    if scheme.lower() != _BEARER:
         raise _unauthenticated(Reason.UNSUPPORTED_AUTH_SCHEME, "the authorization scheme must be Bearer")
-    return header[len(_BEARER) :].strip()
+    key = key.strip()
+    if not key:
+        # "Bearer" alone names the right scheme and leaves out the key.
+        raise _unauthenticated(Reason.API_KEY_MISSING, "send 'authorization: Bearer <api key>'")
+    return key

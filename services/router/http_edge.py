@@ -1,6 +1,7 @@
 """The router's OpenAI-compatible HTTP edge: ``POST /v1/chat/completions``
-(server-sent events or one JSON body), ``GET /v1/models`` and
-``POST /v1/embeddings``, in the router process, on its event loop.
+(server-sent events or one JSON body), ``GET /v1/models`` (and
+``/v1/models/{id}``) and ``POST /v1/embeddings``, in the router process, on
+its event loop.
 
 It is a second front end over the same :class:`Pipeline` as the gRPC
 servicer: the same Bearer keys and tenants, limits, cache and sessions. It
@@ -38,7 +39,7 @@ import grpc
 import structlog
 import uvicorn
 from google.rpc import error_details_pb2
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from meshgate.common.v1 import common_pb2
@@ -121,14 +122,23 @@ _PARAM_OF_REASON = {
 }
 
 
+def _status_and_kind(error: MeshgateError) -> tuple[int, str]:
+    """The HTTP status and OpenAI error type of ``error``: its reason's own
+    row, else its code's."""
+    return HTTP_ERRORS.get((error.code, error.reason)) or HTTP_ERRORS.get(
+        (error.code, None), _DEFAULT_HTTP_ERROR
+    )
+
+
 def http_error(error: MeshgateError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """Status, headers and OpenAI-style body for ``error``, with Retry-After
     when the error said when to retry (RetryInfo: the limits' 429s, a busy
     replica's 503)."""
-    status, kind = HTTP_ERRORS.get((error.code, error.reason)) or HTTP_ERRORS.get(
-        (error.code, None), _DEFAULT_HTTP_ERROR
-    )
+    status, kind = _status_and_kind(error)
     headers = [(b"content-type", b"application/json")]
+    if status == 401:
+        # RFC 6750 §3: a 401 names the scheme the caller should use.
+        headers.append((b"www-authenticate", b"Bearer"))
     if error.reason in _CLOSES_CONNECTION:
         headers.append((b"connection", b"close"))
     for detail in error.details:
@@ -139,17 +149,26 @@ def http_error(error: MeshgateError) -> tuple[int, list[tuple[bytes, bytes]], by
 
 
 def error_body(error: MeshgateError, kind: str | None = None) -> dict:
+    """OpenAI's error object for ``error``; ``kind`` (OpenAI's type) as
+    http_error looks it up unless given. The message and metadata are
+    clipped as the gRPC status clips them (MeshgateError.to_status_proto):
+    they may echo the caller's input (a 1 MB model name), which an error
+    body must not send back whole."""
     if kind is None:
-        kind = (HTTP_ERRORS.get((error.code, None)) or _DEFAULT_HTTP_ERROR)[1]
+        kind = _status_and_kind(error)[1]
+    status = error.to_status_proto()
+    info = error_details_pb2.ErrorInfo()
+    status.details[0].Unpack(info)
+    metadata = {key: info.metadata[key] for key in error.metadata}
     body = {
-        "message": error.message,
+        "message": status.message,
         "type": kind,
         # The ErrorInfo reason, spelled as every other front end spells it.
         "code": error.reason,
-        "param": error.metadata.get("param") or _PARAM_OF_REASON.get(error.reason),
+        "param": metadata.get("param") or _PARAM_OF_REASON.get(error.reason),
     }
-    if error.metadata:
-        body["metadata"] = {key: value for key, value in error.metadata.items() if key != "param"}
+    if metadata:
+        body["metadata"] = {key: value for key, value in metadata.items() if key != "param"}
     return {"error": body}
 
 
@@ -185,12 +204,35 @@ CACHE_POLICIES = {
 }
 
 
+def is_text(value) -> bool:
+    """Whether ``value`` is a string a protobuf string field takes: JSON's
+    ``\\ud800`` escape reads as a lone surrogate, a str that has no UTF-8
+    form (building the request would fail on it)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text(value, message: str, param: str) -> str:
+    """``value`` if it is a string with a UTF-8 form (:func:`is_text`), else a
+    400 saying ``message`` about ``param``."""
+    if not is_text(value):
+        raise _bad_request(message, param)
+    return value
+
+
 def _integer(body: dict, name: str, upper: int) -> int | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not -upper <= value <= upper:
+    if isinstance(value, bool) or not isinstance(value, int):
         raise _bad_request(f"{name} must be an integer", name)
+    if not -upper <= value <= upper:
+        raise _bad_request(f"{name} is out of range (its magnitude is at most {upper})", name)
     return value
 
 
@@ -200,19 +242,24 @@ def _number(body: dict, name: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _bad_request(f"{name} must be a number", name)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer past a double's range
+        raise _bad_request(f"{name} is out of range", name) from None
 
 
 def _text_of(content, index: int) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
-        return content
+        return _text(content, f"messages[{index}].content must be UTF-8 text", "messages")
     if isinstance(content, list):
         parts = []
         for part in content:
             text = part.get("text") if isinstance(part, dict) and part.get("type") == "text" else None
-            if not isinstance(text, str):
+            if isinstance(text, str):
+                text = _text(text, f"messages[{index}].content must be UTF-8 text", "messages")
+            else:
                 raise _bad_request(
                     f"messages[{index}].content: only text parts are supported",
                     "messages",
@@ -230,7 +277,9 @@ def _messages(raw) -> list[common_pb2.Message]:
     for index, message in enumerate(raw):
         if not isinstance(message, dict):
             raise _bad_request(f"messages[{index}] must be an object", "messages")
-        role = _ROLES.get(message.get("role"))
+        role = message.get("role")
+        # Looked up only as a string: an array or object is unhashable.
+        role = _ROLES.get(role) if isinstance(role, str) else None
         if role is None:
             raise _bad_request(
                 f"messages[{index}].role must be system, developer, user or assistant",
@@ -241,11 +290,15 @@ def _messages(raw) -> list[common_pb2.Message]:
     return messages
 
 
+def max_tokens_field(body: dict) -> str:
+    """The field that sets the answer's length: max_completion_tokens (OpenAI's
+    current name) over max_tokens when both are sent."""
+    return "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+
+
 def _parameters(body: dict) -> common_pb2.GenerationParameters:
     parameters = common_pb2.GenerationParameters()
-    max_tokens = _integer(body, "max_completion_tokens", _INT32_MAX)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", _INT32_MAX)
+    max_tokens = _integer(body, max_tokens_field(body), _INT32_MAX)
     if max_tokens is not None:
         parameters.max_tokens = max_tokens
     for name in ("temperature", "top_p"):
@@ -256,9 +309,9 @@ def _parameters(body: dict) -> common_pb2.GenerationParameters:
     if seed is not None:
         parameters.seed = seed
     stop = body.get("stop")
-    if isinstance(stop, str):
+    if is_text(stop):
         parameters.stop.append(stop)
-    elif isinstance(stop, list) and all(isinstance(item, str) for item in stop):
+    elif isinstance(stop, list) and all(is_text(item) for item in stop):
         parameters.stop.extend(stop)
     elif stop is not None:
         raise _bad_request("stop must be a string or an array of strings", "stop")
@@ -269,7 +322,8 @@ def _refuse_unsupported(body: dict) -> None:
     for name in _UNSUPPORTED:
         if body.get(name) not in (None, [], {}):
             raise _bad_request(f"{name} is not supported", name, Reason.UNSUPPORTED_PARAMETER)
-    if body.get("n", 1) != 1:
+    # OpenAI's n is an integer or null (1).
+    if body.get("n") not in (None, 1):
         raise _bad_request("n must be 1", "n", Reason.UNSUPPORTED_PARAMETER)
     if body.get("logprobs"):
         raise _bad_request("logprobs are not supported", "logprobs", Reason.UNSUPPORTED_PARAMETER)
@@ -293,14 +347,17 @@ class ChatCall:
         if not isinstance(body, dict):
             raise _bad_request("the body must be a JSON object", "")
         _refuse_unsupported(body)
-        model = body.get("model")
-        if not isinstance(model, str):
-            raise _bad_request("model must be a string", "model")
-        session_id = body.get("session_id", "")
-        if not isinstance(session_id, str):
-            raise _bad_request("session_id must be a string", "session_id")
-        cache_policy = body.get("cache_policy", "use")
-        if cache_policy not in CACHE_POLICIES:
+        model = _text(body.get("model"), "model must be a string", "model")
+        # null stands for the default, as OpenAI's own optional fields.
+        session_id = body.get("session_id")
+        if session_id is None:
+            session_id = ""
+        session_id = _text(session_id, "session_id must be a string", "session_id")
+        cache_policy = body.get("cache_policy")
+        if cache_policy is None:
+            cache_policy = "use"
+        # Looked up only as a string: an array or object is unhashable.
+        if not isinstance(cache_policy, str) or cache_policy not in CACHE_POLICIES:
             raise _bad_request(
                 "cache_policy must be use, bypass or refresh", "cache_policy", Reason.INVALID_CACHE_POLICY
             )
@@ -313,8 +370,18 @@ class ChatCall:
             parameters=_parameters(body),
             cache_policy=CACHE_POLICIES[cache_policy],
         )
-        self.stream = body.get("stream") is True
-        options = body.get("stream_options") or {}
+        # The field the answer's length came in, for a refusal of its value.
+        self.max_tokens_field = max_tokens_field(body)
+        stream = body.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            # Not truthiness: "false" would stream, "true" would not.
+            raise _bad_request("stream must be a boolean", "stream")
+        self.stream = stream is True
+        options = body.get("stream_options")
+        if options is not None and not self.stream:
+            # As OpenAI: the options would be silently ignored otherwise.
+            raise _bad_request("stream_options is only allowed when stream is true", "stream_options")
+        options = options or {}
         if not isinstance(options, dict):
             raise _bad_request("stream_options must be an object", "stream_options")
         self.include_usage = self.stream and options.get("include_usage") is True
@@ -352,14 +419,19 @@ class _Chunks:
     into a prefix built once per stream: one json.dumps of the text per
     piece, not of the whole object."""
 
-    def __init__(self, completion_id: str, created: int, model: str) -> None:
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool = False) -> None:
         self._head = {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
         }
+        self._include_usage = include_usage
         self._delta_prefix = _json(self._head)[:-1] + b',"choices":[{"index":0,"delta":{'
+        # With include_usage, OpenAI's chunks before the last carry "usage": null.
+        self._delta_end = b'},"logprobs":null,"finish_reason":null}]' + (
+            b',"usage":null}\n\n' if include_usage else b"}\n\n"
+        )
         self._role_sent = False
 
     def delta(self, text: str) -> bytes:
@@ -372,21 +444,27 @@ class _Chunks:
             + role
             + b'"content":'
             + json.dumps(text, ensure_ascii=False).encode()
-            + b'},"logprobs":null,"finish_reason":null}]}\n\n'
+            + self._delta_end
         )
 
-    def finish(self, completion: Completion, include_usage: bool) -> bytes:
+    def finish(self, completion: Completion, text: str = "") -> bytes:
+        """The stream's end: the answer's last ``text`` (if any), its finish,
+        its usage if asked for, and [DONE]. The role goes with the first
+        chunk, whichever that is: an answer in one piece (a short cache
+        hit) has it on that piece, an empty answer on an empty one."""
         events = []
-        if not self._role_sent:  # an empty answer still says who spoke
-            events.append(self.delta(""))
+        if text or not self._role_sent:
+            events.append(self.delta(text))
         choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(completion)}
         finish = dict(
             self._head,
             choices=[choice],
             meshgate=_extension(completion),
         )
+        if self._include_usage:
+            finish["usage"] = None
         events.append(b"data: " + _json(finish) + b"\n\n")
-        if include_usage:
+        if self._include_usage:
             events.append(b"data: " + _json(dict(self._head, choices=[], usage=_usage(completion))) + b"\n\n")
         events.append(b"data: [DONE]\n\n")
         return b"".join(events)
@@ -405,6 +483,8 @@ _SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+# GET /v1/models/{id}: the id is the rest of the path.
+_MODEL_PATH = "/v1/models/"
 
 
 class _Disconnected(Exception):
@@ -445,9 +525,11 @@ class HttpEdge:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":  # lifespan is off; websockets are not served
             return
-        response = _Response(send)
+        response = _Response(send, uuid.uuid4().hex)
         try:
             route = self._routes.get(scope["path"])
+            if route is None and scope["path"].startswith(_MODEL_PATH):
+                route = ("GET", functools.partial(self._model, scope["path"][len(_MODEL_PATH) :]))
             if route is None:
                 raise MeshgateError(
                     grpc.StatusCode.UNIMPLEMENTED, Reason.UNKNOWN_ENDPOINT, f"no endpoint {scope['path']}"
@@ -470,14 +552,14 @@ class HttpEdge:
             body = await _read_body(
                 receive, self._settings.http_max_body_bytes, self._settings.http_body_timeout_s
             )
-            await _until_disconnect(handler(tenant, body, response.send), receive, response)
+            await _until_disconnect(handler(tenant, body, response, scope), receive, response)
         except _Disconnected:
             return
         except MeshgateError as error:
             if not response.started:
                 await _send_error(response.send, error)
         except Exception:  # noqa: BLE001 - a bug fails its request with a 500, nothing of its insides
-            log.exception("http request failed", path=scope["path"])
+            log.exception("http request failed", path=scope["path"], request_id=response.request_id)
             if not response.started:
                 await _send_error(response.send, internal_error())
 
@@ -492,26 +574,37 @@ class HttpEdge:
         ]
         return await self._auth.authenticate(metadata)
 
-    async def _chat(self, tenant: Tenant, body: bytes, send) -> None:
+    async def _chat(self, tenant: Tenant, body: bytes, response: _Response, scope) -> None:
         call = ChatCall(_parse_json(body))
-        with _tracer.start_as_current_span("POST /v1/chat/completions", kind=trace.SpanKind.SERVER):
-            events = self._pipeline.run(
-                call.request,
-                tenant,
-                call.session_id,
-                Budget(),
-                create_session=call.create_session,
-                # Streamed, the last chunk goes in one write with the end.
-                carry_last_text=call.stream,
-            )
-            async with contextlib.aclosing(events):
-                if call.stream:
-                    await self._stream(call, events, send)
-                else:
-                    await self._whole(call, events, send)
+        completion_id = f"chatcmpl-{response.request_id}"
+        try:
+            with _tracer.start_as_current_span(
+                "POST /v1/chat/completions", context=_caller_context(scope), kind=trace.SpanKind.SERVER
+            ):
+                events = self._pipeline.run(
+                    call.request,
+                    tenant,
+                    call.session_id,
+                    Budget(),
+                    create_session=call.create_session,
+                    # Streamed, the last chunk goes in one write with the end.
+                    carry_last_text=call.stream,
+                )
+                async with contextlib.aclosing(events):
+                    if call.stream:
+                        await self._stream(call, events, response.send, completion_id)
+                    else:
+                        await self._whole(call, events, response.send, completion_id)
+        except MeshgateError as error:
+            if call.max_tokens_field != "max_tokens" and _PARAM_OF_REASON.get(error.reason) == "max_tokens":
+                # The pipeline judges the value as max_tokens; the caller sent the other name.
+                error = error.copy()
+                error.metadata["param"] = call.max_tokens_field
+                raise error from None
+            raise
 
-    async def _stream(self, call: ChatCall, events, send) -> None:
-        chunks = _Chunks(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), call.request.model)
+    async def _stream(self, call: ChatCall, events, send, completion_id: str) -> None:
+        chunks = _Chunks(completion_id, int(time.time()), call.request.model, call.include_usage)
         # The status waits for the first event: a turn refused before any
         # output (validation, limits, no deployment) gets its HTTP status.
         first = await anext(events)
@@ -526,9 +619,7 @@ class HttpEdge:
                 case Completion():
                     # The answer's last chunk, if it came on the completion,
                     # in the same write as the stream's end.
-                    body = chunks.finish(event, call.include_usage)
-                    if event.text:
-                        body = chunks.delta(event.text) + body
+                    body = chunks.finish(event, event.text)
                     await send({"type": "http.response.body", "body": body})
                     await _to_the_end(events)
                     return
@@ -536,12 +627,13 @@ class HttpEdge:
                     # Mid-stream: the status has gone out, so the failure is an
                     # error event (the openai SDK raises it) and the stream
                     # ends without [DONE]: never a silent short answer.
+                    # The same type as the error would have had as a status.
                     body = b"data: " + _json(error_body(error)) + b"\n\n"
                     await send({"type": "http.response.body", "body": body})
                     return
             event = await anext(events)
 
-    async def _whole(self, call: ChatCall, events, send) -> None:
+    async def _whole(self, call: ChatCall, events, send, completion_id: str) -> None:
         pieces = []
         async for event in events:
             match event:
@@ -549,7 +641,7 @@ class HttpEdge:
                     pieces.append(text)
                 case Completion():
                     body = {
-                        "id": f"chatcmpl-{uuid.uuid4().hex}",
+                        "id": completion_id,
                         "object": "chat.completion",
                         "created": int(time.time()),
                         "model": call.request.model,
@@ -570,53 +662,67 @@ class HttpEdge:
                 case Failure(error=error):
                     raise error
 
-    async def _models_list(self, tenant: Tenant, body: bytes, send) -> None:
+    def _model_ids(self, tenant: Tenant) -> list[str]:
+        """The models ``tenant`` may use: its chat models, then the embedding model."""
         aliases = sorted(alias for alias in self._models if tenant.may_use(alias))
         embedding = self._settings.embedding_model
         if embedding and tenant.may_use(embedding) and embedding not in aliases:
             aliases.append(embedding)
-        data = []
-        for alias in aliases:
-            entry = {"id": alias, "object": "model", "created": self._started, "owned_by": "meshgate"}
-            model = self._models.get(alias)
-            if model is not None:
-                entry["context_window"] = model.context_window_tokens
-                entry["max_output_tokens"] = model.max_output_tokens
-            data.append(entry)
-        await _send_json(send, 200, {"object": "list", "data": data})
+        return aliases
 
-    async def _embeddings(self, tenant: Tenant, raw: bytes, send) -> None:
+    def _model_entry(self, alias: str) -> dict:
+        entry = {"id": alias, "object": "model", "created": self._started, "owned_by": "meshgate"}
+        model = self._models.get(alias)
+        if model is not None:
+            entry["context_window"] = model.context_window_tokens
+            entry["max_output_tokens"] = model.max_output_tokens
+        return entry
+
+    async def _models_list(self, tenant: Tenant, body: bytes, response: _Response, scope) -> None:
+        data = [self._model_entry(alias) for alias in self._model_ids(tenant)]
+        await _send_json(response.send, 200, {"object": "list", "data": data})
+
+    async def _model(self, model_id: str, tenant: Tenant, body: bytes, response: _Response, scope) -> None:
+        """``GET /v1/models/{id}``: one entry of the tenant's list; a model it
+        may not use is as unknown as one that does not exist (as OpenAI)."""
+        if model_id not in self._model_ids(tenant):
+            raise not_found(Reason.MODEL_NOT_FOUND, f"the model {model_id!r} does not exist", model=model_id)
+        await _send_json(response.send, 200, self._model_entry(model_id))
+
+    async def _embeddings(self, tenant: Tenant, raw: bytes, response: _Response, scope) -> None:
         body = _parse_json(raw)
         if not isinstance(body, dict):
             raise _bad_request("the body must be a JSON object", "")
-        model = body.get("model")
-        if not isinstance(model, str) or not model or model != self._settings.embedding_model:
+        model = _text(body.get("model"), "model must be a string", "model")
+        if not model or model != self._settings.embedding_model:
             raise not_found(Reason.MODEL_NOT_FOUND, f"unknown embedding model {model!r}", model=str(model))
         check_model_allowed(model, tenant)
         texts = body.get("input")
         if isinstance(texts, str):
             texts = [texts]
-        if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+        if not isinstance(texts, list) or not all(is_text(text) for text in texts):
             raise _bad_request("input must be a string or an array of strings (token arrays: no)", "input")
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise _bad_request("encoding_format must be float or base64", "encoding_format")
         if body.get("dimensions") is not None:
             raise _bad_request("dimensions is not supported", "dimensions", Reason.UNSUPPORTED_PARAMETER)
-        with _tracer.start_as_current_span("POST /v1/embeddings", kind=trace.SpanKind.SERVER):
-            response = await self._embed(texts)
-        dimensions = response.dimensions
+        with _tracer.start_as_current_span(
+            "POST /v1/embeddings", context=_caller_context(scope), kind=trace.SpanKind.SERVER
+        ):
+            embedded = await self._embed(texts)
+        dimensions = embedded.dimensions
         row_bytes = 4 * dimensions
         data = []
         for index in range(len(texts)):
-            row = response.vectors[index * row_bytes : (index + 1) * row_bytes]
+            row = embedded.vectors[index * row_bytes : (index + 1) * row_bytes]
             if encoding == "base64":
                 # OpenAI's base64 is these very bytes: little-endian float32.
                 embedding = base64.b64encode(row).decode()
             else:
                 embedding = memoryview(row).cast("f").tolist()
             data.append({"object": "embedding", "index": index, "embedding": embedding})
-        await _send_json(send, 200, {"object": "list", "data": data, "model": model})
+        await _send_json(response.send, 200, {"object": "list", "data": data, "model": model})
 
     async def _embed(self, texts: list[str]) -> inference_pb.EmbedResponse:
         """Embed on the first inference service that answers."""
@@ -651,14 +757,19 @@ class _Response:
     pipeline's short bookkeeping, not the caller's request: the caller has
     its whole answer."""
 
-    def __init__(self, send) -> None:
+    def __init__(self, send, request_id: str) -> None:
         self._send = send
+        # Sent as x-request-id on every answer, and the completion's id.
+        self.request_id = request_id
         self.started = False
         self.complete = False
         self.hold = Hold(None)
 
     async def send(self, message) -> None:
         self.started = True
+        if message["type"] == "http.response.start":
+            headers = [*message.get("headers", ()), (b"x-request-id", self.request_id.encode())]
+            message = dict(message, headers=headers)
         await self._send(message)
         if message["type"] == "http.response.body" and not message.get("more_body"):
             # Complete once the last part is written, not as it is handed
@@ -680,6 +791,13 @@ async def _to_the_end(events) -> None:
     cancelled (services/router/pipeline.py)."""
     async for _ in events:
         pass
+
+
+def _caller_context(scope):
+    """The caller's W3C trace context (traceparent, tracestate headers), so
+    that the request's spans join its trace, as the gRPC port's do."""
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+    return propagate.extract(headers)
 
 
 async def _until_disconnect(work, receive, response: _Response) -> None:
@@ -739,7 +857,9 @@ async def _read_body(receive, limit: int, timeout_s: float) -> bytes:
 def _parse_json(body: bytes):
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+    # ValueError: JSONDecodeError, UnicodeDecodeError, and an integer of
+    # more digits than Python converts (sys.get_int_max_str_digits()).
+    except (ValueError, RecursionError) as error:
         raise _bad_request(f"the body is not valid JSON: {error}", "") from None
 
 
@@ -925,6 +1045,20 @@ class _BoundedHeaders(HttpToolsProtocol):
         self.transport.close()
 
 
+def _listening_socket(listen: str) -> socket.socket:
+    """A socket listening on ``listen`` (host:port, an IPv6 host in brackets
+    as gRPC's listen takes it): IPv6 for an IPv6 host, and for ``[::]``
+    IPv4 too where the system can (as gRPC's ``[::]`` does)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if ":" not in host:
+        return socket.create_server((host, int(port)), backlog=1024)
+    dualstack = host == "::" and socket.has_dualstack_ipv6()
+    return socket.create_server(
+        (host, int(port)), family=socket.AF_INET6, backlog=1024, dualstack_ipv6=dualstack
+    )
+
+
 class HttpServer:
     """uvicorn serving an app on the running loop, from a socket bound here
     (a taken port fails setup with OSError, not uvicorn's sys.exit), with
@@ -933,8 +1067,7 @@ class HttpServer:
     def __init__(
         self, app, listen: str, header_timeout_s: float, max_header_bytes: int, graceful_s: float = 5.0
     ) -> None:
-        host, _, port = listen.rpartition(":")
-        self._socket = socket.create_server((host.strip("[]") or "127.0.0.1", int(port)), backlog=1024)
+        self._socket = _listening_socket(listen)
         self.port = self._socket.getsockname()[1]
         config = uvicorn.Config(
             app,

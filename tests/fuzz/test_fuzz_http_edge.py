@@ -23,13 +23,26 @@ from tests.fuzz.strategies import GARBAGE, TEXT
 
 pytestmark = [pytest.mark.integration, pytest.mark.fuzz]
 
+# Text with a lone surrogate: JSON's "\ud800" escape reads as one, a str
+# with no UTF-8 form that protobuf refuses (st.text() never draws them).
+SURROGATE_TEXT = st.builds(
+    lambda before, surrogate, after: before + surrogate + after,
+    st.text(max_size=8),
+    st.sampled_from(["\ud800", "\udbff", "\udc00", "\udfff"]),
+    st.text(max_size=8),
+)
+# Integers past a double (float() overflows) yet under Python's 4,300 digits
+# json.dumps writes; longer ones are in HUGE_INT_BODIES.
+HUGE_INTS = st.sampled_from([10**400, -(10**400), 2**1100])
 # Any JSON value, nested a little.
 JUNK = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(-(2**70), 2**70)
     | st.floats()  # NaN and infinities too: Python's json writes and reads them
-    | st.text(max_size=20),
+    | st.text(max_size=20)
+    | SURROGATE_TEXT
+    | HUGE_INTS,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
@@ -37,12 +50,17 @@ NUMBER = st.one_of(
     st.integers(-3, 40),
     st.sampled_from([0, -1, 2**31, 2**63, 10**30, 1e308, 0.5, 2.5]),
     st.floats(),
+    HUGE_INTS,
 )
-ROLE = st.sampled_from(
-    ["user", "system", "developer", "assistant", "tool", "function", "", "USER"]
-) | st.text(max_size=10)
+# Strings, and what is looked up as one: arrays and objects are unhashable.
+ROLE = (
+    st.sampled_from(["user", "system", "developer", "assistant", "tool", "function", "", "USER"])
+    | st.text(max_size=10)
+    | JUNK
+)
 CONTENT = st.one_of(
     TEXT,
+    SURROGATE_TEXT,
     st.none(),
     st.lists(
         st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "input_audio"]), "text": TEXT}),
@@ -53,7 +71,7 @@ CONTENT = st.one_of(
 MESSAGE = st.fixed_dictionaries({"role": ROLE, "content": CONTENT}, optional={"name": JUNK}) | JUNK
 FUZZY_CHAT = st.fixed_dictionaries(
     {
-        "model": st.sampled_from(["tiny-gpt", "tiny-gpt", "no-such-model"]) | JUNK,
+        "model": st.sampled_from(["tiny-gpt", "tiny-gpt", "no-such-model"]) | SURROGATE_TEXT | JUNK,
         "messages": st.lists(MESSAGE, max_size=3) | JUNK,
     },
     optional={
@@ -62,10 +80,10 @@ FUZZY_CHAT = st.fixed_dictionaries(
         "temperature": NUMBER | JUNK,
         "top_p": NUMBER,
         "seed": NUMBER,
-        "stop": st.text(max_size=70) | st.lists(st.text(max_size=70), max_size=10) | JUNK,
+        "stop": st.text(max_size=70) | st.lists(st.text(max_size=70) | SURROGATE_TEXT, max_size=10) | JUNK,
         "stream": st.booleans() | JUNK,
         "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans() | JUNK}) | JUNK,
-        "n": NUMBER,
+        "n": NUMBER | st.none(),
         "tools": JUNK,
         "response_format": JUNK,
         "session_id": st.sampled_from(["", "new"]) | st.text(max_size=40) | JUNK,
@@ -99,9 +117,19 @@ CHAT = PLAUSIBLE_CHAT | FUZZY_CHAT
 EMBEDDINGS = st.fixed_dictionaries(
     {
         "model": st.sampled_from(["minilm", "tiny-gpt"]) | JUNK,
-        "input": TEXT | st.lists(TEXT, max_size=4) | JUNK,
+        "input": TEXT | SURROGATE_TEXT | st.lists(TEXT | SURROGATE_TEXT, max_size=4) | JUNK,
     },
     optional={"encoding_format": st.sampled_from(["float", "base64", "int8"]) | JUNK, "dimensions": NUMBER},
+)
+# Bodies with an integer of more digits than Python converts (4,300):
+# json.loads raises ValueError; json.dumps cannot write them, so raw bytes.
+HUGE_INT_BODIES = st.builds(
+    lambda field, digits: (
+        b'{"model":"tiny-gpt","messages":[{"role":"user","content":"hi"}],"%s":%s}'
+        % (field.encode(), b"9" * digits)
+    ),
+    st.sampled_from(["max_tokens", "temperature", "seed", "n"]),
+    st.sampled_from([4301, 5000, 20_000]),
 )
 ENDPOINTS = {"/v1/chat/completions": CHAT, "/v1/embeddings": EMBEDDINGS}
 AUTHORIZATION = st.sampled_from(
@@ -142,6 +170,8 @@ def _check_stream(content: bytes) -> None:
     last = payloads[-1]
     if last == "[DONE]":
         chunks = [json.loads(payload) for payload in payloads[:-1]]
+        # The role comes on the first chunk, whatever the answer's pieces.
+        assert chunks[0]["choices"][0]["delta"].get("role") == "assistant", chunks[0]
         finishes = [c for c in chunks if c.get("choices") and c["choices"][0].get("finish_reason")]
         assert len(finishes) == 1, "one finish chunk, before [DONE]"
     else:
@@ -174,7 +204,7 @@ def _check_answer(path: str, response: httpx.Response, stream: bool) -> None:
 @given(
     path=st.sampled_from(sorted(ENDPOINTS)),
     data=st.data(),
-    raw=st.none() | st.none() | st.none() | GARBAGE,
+    raw=st.none() | st.none() | st.none() | GARBAGE | HUGE_INT_BODIES,
     authorization=AUTHORIZATION,
 )
 async def test_any_body_gets_an_openai_answer_or_error(http, outcomes, path, data, raw, authorization):

@@ -243,6 +243,12 @@ async def test_a_forbidden_model_is_403(base_url):
         ({"n": 2}, "UNSUPPORTED_PARAMETER", "n"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "UNSUPPORTED_PARAMETER", "tools"),
         ({"max_tokens": "many"}, "MALFORMED_REQUEST", "max_tokens"),
+        # The refusal names the field the caller sent, not the one the pipeline checks.
+        ({"max_completion_tokens": 0}, "INVALID_MAX_TOKENS", "max_completion_tokens"),
+        # A string is no boolean: "true" was served as a non-streamed answer.
+        ({"extra_body": {"stream": "true"}}, "MALFORMED_REQUEST", "stream"),
+        # Without stream, OpenAI refuses stream_options rather than ignore them.
+        ({"stream_options": {"include_usage": True}}, "MALFORMED_REQUEST", "stream_options"),
     ],
 )
 async def test_invalid_parameters_are_400(async_client, fields, reason, param):
@@ -282,6 +288,173 @@ async def test_malformed_bodies_and_paths(base_url):
         assert missing.json()["error"]["code"] == "API_KEY_MISSING"
 
 
+# --- what the edge sends back, and how it reads what it is sent -----------------------------
+
+
+# Bodies that failed with a 500 and a traceback before they were checked:
+# JSON's \ud800 escape reads as a lone surrogate, which protobuf cannot
+# take; json.loads refuses an int of over 4,300 digits with ValueError;
+# float() overflows on one of 400.
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        (
+            "/chat/completions",
+            b'{"model":"tiny-gpt","messages":[{"role":"user","content":"hi \\ud800"}]}',
+            "messages",
+        ),
+        ("/chat/completions", b'{"model":"\\udc00","messages":[{"role":"user","content":"hi"}]}', "model"),
+        (
+            "/chat/completions",
+            b'{"model":"tiny-gpt","messages":[{"role":"user","content":"hi"}],"stop":"\\ud800"}',
+            "stop",
+        ),
+        (
+            "/chat/completions",
+            b'{"model":"tiny-gpt","messages":[{"role":["user"],"content":"hi"}]}',
+            "messages",
+        ),
+        ("/chat/completions", b'{"model":"tiny-gpt","messages":[],"cache_policy":["use"]}', "cache_policy"),
+        (
+            "/chat/completions",
+            b'{"model":"tiny-gpt","messages":[],"temperature":' + b"1" * 400 + b"}",
+            "temperature",
+        ),
+        ("/chat/completions", b'{"model":"tiny-gpt","messages":[],"max_tokens":' + b"1" * 5000 + b"}", ""),
+        ("/embeddings", b'{"model":"minilm","input":"a \\ud800"}', "input"),
+        ("/embeddings", b'{"model":"\\ud800","input":"a cat"}', "model"),
+    ],
+    ids=[
+        "surrogate content",
+        "surrogate model",
+        "surrogate stop",
+        "role array",
+        "cache_policy array",
+        "temperature of 400 digits",
+        "integer of 5000 digits",
+        "surrogate embeddings input",
+        "surrogate embeddings model",
+    ],
+)
+async def test_bodies_python_or_protobuf_cannot_take_are_400_about_their_field(base_url, path, body, param):
+    async with httpx.AsyncClient(base_url=base_url, headers=AUTH, timeout=60) as http:
+        answer = await http.post(path, content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["code"] in ("MALFORMED_REQUEST", "INVALID_ROLE", "INVALID_CACHE_POLICY")
+    assert (error["param"] or "") == param
+
+
+async def test_null_n_session_id_and_cache_policy_are_their_defaults(base_url):
+    # OpenAI's n is "integer or null"; SDKs and proxies send explicit nulls.
+    body = {
+        "model": "tiny-gpt",
+        "messages": question(unique("nulls")),
+        "max_tokens": 2,
+        "n": None,
+        "session_id": None,
+        "cache_policy": None,
+    }
+    async with httpx.AsyncClient(base_url=base_url, headers=AUTH, timeout=60) as http:
+        answer = await http.post("/chat/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["meshgate"]["session_id"] == ""
+
+
+async def test_a_stream_in_one_piece_says_who_speaks_on_its_first_chunk(async_client):
+    """max_tokens=1, and then the same question from the cache, each come
+    whole on the completion: the role went after the content."""
+    messages = question(unique("one piece"))
+    for expected_cache in ("miss", "exact_hit"):
+        stream = await async_client.chat.completions.create(
+            model="tiny-gpt", messages=messages, max_tokens=1, temperature=0, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[0].choices[0].delta.content
+        assert [chunk.choices[0].delta.role for chunk in chunks[1:]] == [None] * (len(chunks) - 1)
+        assert chunks[-1].meshgate["cache_status"] == expected_cache
+
+
+async def test_an_error_does_not_echo_a_huge_input_whole(base_url):
+    """A 1 MB model name made a 2 MB 404; the body is clipped as the gRPC
+    status is (512 characters of message, 128 of each metadata value)."""
+    name = "m" * 1_000_000
+    async with httpx.AsyncClient(base_url=base_url, headers=AUTH, timeout=60) as http:
+        for path, body in (
+            ("/chat/completions", {"model": name, "messages": question("hi")}),
+            ("/embeddings", {"model": name, "input": "hi"}),
+        ):
+            answer = await http.post(path, json=body)
+            assert answer.status_code == 404, answer.text[:300]
+            assert len(answer.content) < 2048
+            assert answer.json()["error"]["code"] == "MODEL_NOT_FOUND"
+
+
+async def test_the_callers_traceparent_is_continued(base_url):
+    """The request's spans join the caller's W3C trace, as on the gRPC port.
+    (No tracer is installed here: the API's no-op spans still carry the
+    parent's trace id, which the answer reports.)"""
+    trace_id = uuid.uuid4().hex
+    headers = {**AUTH, "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+    body = {"model": "tiny-gpt", "messages": question(unique("traced")), "max_tokens": 2}
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+        answer = await http.post("/chat/completions", json=body, headers=headers)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["meshgate"]["trace_id"] == trace_id
+
+
+async def test_one_model_is_retrieved_as_its_entry_in_the_list(async_client, base_url):
+    listed = {model.id: model for model in (await async_client.models.list()).data}
+    for model_id in ("tiny-gpt", "minilm"):
+        assert await async_client.models.retrieve(model_id) == listed[model_id]
+    with pytest.raises(openai.NotFoundError) as raised:
+        await async_client.models.retrieve("no-such-model")
+    assert (raised.value.code, raised.value.param) == ("MODEL_NOT_FOUND", "model")
+    # A model the tenant may not use is not found either, as in its list.
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=NARROW_KEY, max_retries=0) as narrow:
+        assert (await narrow.models.retrieve("other")).id == "other"
+        with pytest.raises(openai.NotFoundError):
+            await narrow.models.retrieve("tiny-gpt")
+
+
+async def test_a_bearer_without_a_key_is_a_missing_key_and_a_401_names_the_scheme(base_url):
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+        for authorization in (None, "Bearer"):
+            headers = {} if authorization is None else {"authorization": authorization}
+            refused = await http.get("/models", headers=headers)
+            assert refused.status_code == 401
+            assert refused.json()["error"]["code"] == "API_KEY_MISSING"
+            assert refused.headers["www-authenticate"] == "Bearer"
+
+
+async def test_every_answer_has_a_request_id_and_a_completion_is_named_by_it(base_url):
+    body = {"model": "tiny-gpt", "messages": question(unique("request id")), "max_tokens": 2}
+    async with httpx.AsyncClient(base_url=base_url, headers=AUTH, timeout=60) as http:
+        answered = await http.post("/chat/completions", json=body)
+        refused = await http.post("/chat/completions", json={"model": "tiny-gpt"})
+        again = await http.post("/chat/completions", json=body)
+    ids = [response.headers["x-request-id"] for response in (answered, refused, again)]
+    assert len(set(ids)) == 3 and all(ids)
+    assert answered.json()["id"] == f"chatcmpl-{ids[0]}"
+
+
+async def test_the_http_edge_listens_on_ipv6_and_on_both_families_for_the_any_address(
+    redis_url, inference_address
+):
+    """router.http_listen takes an IPv6 host as gRPC's listen does ("[::]:port"):
+    it was bound as IPv4 and the router failed to start."""
+    settings = service_settings(redis_url, inference_address, KEY)
+    port = free_port()
+    settings.router.http_listen = f"[::]:{port}"
+    async with running_router(settings):
+        for host in ("[::1]", "127.0.0.1"):
+            async with httpx.AsyncClient(
+                base_url=f"http://{host}:{port}/v1", headers=AUTH, timeout=60
+            ) as http:
+                assert (await http.get("/models")).status_code == 200
+
+
 # --- raw SSE framing and disconnects ---------------------------------------------
 
 
@@ -312,6 +485,9 @@ async def test_raw_sse_framing(base_url):
     chunks = [json.loads(payload) for payload in payloads[:-1]]
     assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    # With include_usage, OpenAI's chunks before the last say "usage": null
+    # (clients that read chunk["usage"] fail on an absent key).
+    assert all("usage" in chunk and chunk["usage"] is None for chunk in chunks[:-1])
     finish = chunks[-2]
     assert finish["choices"][0]["finish_reason"] in ("stop", "length")
     assert finish["meshgate"]["cache_status"] == "miss"

@@ -1,0 +1,252 @@
+"""The HTTP edge's reading of OpenAI bodies and the shape of what it sends
+back, without a mesh: whatever JSON a caller sends is either a request or a
+400 with the field it is about (never a 500 from building the protobuf),
+and the stream and error details OpenAI clients rely on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import pytest
+
+from meshgate.config import ModelSettings, RouterSettings
+from meshgate.errors import MeshgateError, not_found
+from meshgate.reasons import Reason
+from services.router.admission import TenantCalls
+from services.router.auth import Authenticator
+from services.router.http_edge import (
+    CACHE_POLICIES,
+    ChatCall,
+    HttpEdge,
+    _Chunks,
+    _parse_json,
+    error_body,
+    http_error,
+)
+from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Failure
+from tests.unit.test_router_http_edge import KEY, ScriptedPipeline, streamed
+
+USER = {"role": "user", "content": "hi"}
+# JSON's escape for half a UTF-16 pair: Python reads it as a lone surrogate,
+# which has no UTF-8 form, so protobuf refuses it when the request is built.
+SURROGATE = "\ud800"
+# More digits than a float holds (float() overflows), fewer than Python's
+# limit on converting digits to an int (4,300).
+HUGE_INT = int("1" * 400)
+
+
+def chat(**fields) -> dict:
+    return {"model": "m", "messages": [USER], **fields}
+
+
+def refusal(body) -> tuple[str, str | None, str]:
+    """(reason, param, message) of the 400 that ``body`` gets."""
+    with pytest.raises(MeshgateError) as raised:
+        ChatCall(body)
+    error = raised.value
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    answer = error_body(error)["error"]
+    return answer["code"], answer["param"], answer["message"]
+
+
+async def answered(events, body: dict) -> tuple[int, dict]:
+    """The status and JSON body of one non-streamed POST /v1/chat/completions
+    of ``body``, whose turn yields ``events``."""
+    settings = RouterSettings(dev_api_key=KEY)
+    edge = HttpEdge(
+        settings,
+        {"m": ModelSettings()},
+        Authenticator(settings),
+        TenantCalls(0),
+        ScriptedPipeline(events),
+        None,
+    )
+    received = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive():
+        if received:
+            return received.pop(0)
+        await asyncio.Event().wait()
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": [(b"authorization", f"Bearer {KEY}".encode())],
+    }
+    await asyncio.wait_for(edge(scope, receive, send), 5)
+    return sent[0]["status"], json.loads(b"".join(message.get("body", b"") for message in sent))
+
+
+# --- values that failed as the protobuf was built (500s) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "reason", "param"),
+    [
+        (chat(messages=[{"role": "user", "content": f"hi {SURROGATE}"}]), "MALFORMED_REQUEST", "messages"),
+        (
+            chat(messages=[{"role": "user", "content": [{"type": "text", "text": SURROGATE}]}]),
+            "MALFORMED_REQUEST",
+            "messages",
+        ),
+        (chat(model=SURROGATE), "MALFORMED_REQUEST", "model"),
+        (chat(stop=SURROGATE), "MALFORMED_REQUEST", "stop"),
+        (chat(stop=["ok", SURROGATE]), "MALFORMED_REQUEST", "stop"),
+        (chat(session_id=SURROGATE), "MALFORMED_REQUEST", "session_id"),
+        # Unhashable where a string was looked up in a dict (TypeError).
+        (chat(messages=[{"role": ["user"], "content": "hi"}]), "INVALID_ROLE", "messages"),
+        (chat(messages=[{"role": {}, "content": "hi"}]), "INVALID_ROLE", "messages"),
+        (chat(cache_policy=["use"]), "INVALID_CACHE_POLICY", "cache_policy"),
+        # float() of an int past a double's range (OverflowError).
+        (chat(temperature=HUGE_INT), "MALFORMED_REQUEST", "temperature"),
+        (chat(top_p=-HUGE_INT), "MALFORMED_REQUEST", "top_p"),
+    ],
+    ids=[
+        "surrogate content",
+        "surrogate text part",
+        "surrogate model",
+        "surrogate stop",
+        "surrogate stop item",
+        "surrogate session_id",
+        "role array",
+        "role object",
+        "cache_policy array",
+        "temperature huge int",
+        "top_p huge int",
+    ],
+)
+def test_a_value_protobuf_or_python_cannot_take_is_a_400_about_its_field(body, reason, param):
+    assert refusal(body)[:2] == (reason, param)
+
+
+def test_an_integer_of_more_digits_than_python_converts_is_malformed_json_not_a_500():
+    # json.loads raises ValueError past sys.get_int_max_str_digits() (4,300).
+    body = b'{"model":"m","messages":[],"max_tokens":' + b"1" * 5000 + b"}"
+    with pytest.raises(MeshgateError) as raised:
+        _parse_json(body)
+    assert raised.value.reason == Reason.MALFORMED_REQUEST
+
+
+def test_an_escaped_surrogate_in_a_json_body_is_refused_where_it_was_sent():
+    # As a client sends it: the escape, not the character (json.dumps writes it so).
+    body = _parse_json(b'{"model":"m","messages":[{"role":"user","content":"\\udc00"}]}')
+    assert refusal(body)[:2] == ("MALFORMED_REQUEST", "messages")
+
+
+# --- null and types as OpenAI takes them ----------------------------------------------------
+
+
+def test_null_n_session_id_and_cache_policy_are_their_defaults():
+    call = ChatCall(chat(n=None, session_id=None, cache_policy=None))
+    assert (call.session_id, call.create_session) == ("", False)
+    assert call.request.cache_policy == CACHE_POLICIES["use"]
+
+
+@pytest.mark.parametrize("stream", ["true", "false", 1, 0, {}])
+def test_stream_must_be_a_boolean(stream):
+    # "false" used to be read as not streamed, "true" too: neither is what was meant.
+    assert refusal(chat(stream=stream))[:2] == ("MALFORMED_REQUEST", "stream")
+
+
+@pytest.mark.parametrize("stream", [None, False])
+def test_stream_options_without_stream_are_refused_as_openai_does(stream):
+    body = chat(stream_options={"include_usage": True}, **({} if stream is None else {"stream": stream}))
+    assert refusal(body)[:2] == ("MALFORMED_REQUEST", "stream_options")
+
+
+def test_a_max_tokens_past_int32_is_out_of_range_not_said_to_be_no_integer():
+    reason, param, message = refusal(chat(max_tokens=2**31))
+    assert (reason, param) == ("MALFORMED_REQUEST", "max_tokens")
+    assert "out of range" in message and "must be an integer" not in message
+
+
+def test_a_max_completion_tokens_refused_at_the_edge_names_max_completion_tokens():
+    assert refusal(chat(max_completion_tokens=2**40))[1] == "max_completion_tokens"
+    assert refusal(chat(max_completion_tokens="many"))[1] == "max_completion_tokens"
+
+
+async def test_a_max_completion_tokens_the_pipeline_refuses_names_the_field_sent():
+    """The pipeline judges the value as max_tokens (INVALID_MAX_TOKENS); the
+    caller sent max_completion_tokens and must be told about that."""
+    error = MeshgateError(
+        grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_MAX_TOKENS, "max_tokens must be > 0"
+    )
+    for field, param in (("max_completion_tokens", "max_completion_tokens"), ("max_tokens", "max_tokens")):
+        status, body = await answered([Failure(error)], chat(**{field: 0}))
+        assert (status, body["error"]["param"]) == (400, param)
+
+
+# --- streams ------------------------------------------------------------------------------------
+
+
+def events_of(body: bytes) -> list[dict]:
+    return [
+        json.loads(event[len("data: ") :])
+        for event in body.decode().split("\n\n")
+        if event.startswith("data: {")
+    ]
+
+
+async def test_an_answer_in_one_piece_carries_the_role_on_its_first_chunk():
+    """A short exact hit (or max_tokens=1) comes whole on the completion:
+    its one content chunk is the stream's first and says who speaks (the
+    openai SDK and others take the role from the first chunk)."""
+    answer = Answer(text="Paris.", completion_tokens=2, finish_reason="stop")
+    sent = await streamed([Completion(answer, CacheStatus.EXACT_HIT, 1.0, "", 0, "", text="Paris.")])
+    chunks = events_of(b"".join(message.get("body", b"") for message in sent))
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "Paris."}
+    assert all("role" not in chunk["choices"][0]["delta"] for chunk in chunks[1:])
+
+
+def test_with_include_usage_every_chunk_before_the_last_says_usage_null():
+    answer = Answer(text="Hello", prompt_tokens=3, completion_tokens=2, finish_reason="stop")
+    chunks = _Chunks("chatcmpl-x", 0, "m", include_usage=True)
+    body = chunks.delta("Hel") + chunks.finish(Completion(answer, CacheStatus.MISS, 0.0, "", 0, ""), "lo")
+    events = events_of(body)
+    assert [event["usage"] for event in events[:-1]] == [None] * (len(events) - 1)
+    assert events[-1]["usage"]["total_tokens"] == 5 and events[-1]["choices"] == []
+    # Without it, no chunk has the key (as OpenAI).
+    plain = _Chunks("chatcmpl-x", 0, "m")
+    body = plain.delta("Hel") + plain.finish(Completion(answer, CacheStatus.MISS, 0.0, "", 0, ""), "lo")
+    assert all("usage" not in event for event in events_of(body))
+
+
+async def test_a_failure_midway_has_the_type_its_status_would_have():
+    """A full session is a 409 conflict_error as a status (it stays full);
+    mid-stream its error event said rate_limit_error, its code's default."""
+    full = MeshgateError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.SESSION_FULL, "the session is full")
+    sent = await streamed([Delta("Hel"), Failure(full)])
+    error = events_of(b"".join(message.get("body", b"") for message in sent))[-1]["error"]
+    assert (error["code"], error["type"]) == ("SESSION_FULL", "conflict_error")
+    status, _, body = http_error(full)
+    assert (status, json.loads(body)["error"]["type"]) == (409, error["type"])
+
+
+# --- error bodies ---------------------------------------------------------------------------------
+
+
+def test_an_error_body_clips_what_it_echoes_as_the_grpc_status_does():
+    """A 1 MB model name made a 2 MB 404: the body now carries the message
+    and metadata as MeshgateError.to_status_proto clips them."""
+    name = "m" * 1_000_000
+    error = not_found(Reason.MODEL_NOT_FOUND, f"unknown model {name!r}", model=name)
+    status, _, body = http_error(error)
+    proto = error.to_status_proto()
+    answer = json.loads(body)["error"]
+    assert status == 404 and len(body) < 2048
+    assert answer["message"] == proto.message
+    assert answer["metadata"]["model"].startswith("mmm") and len(answer["metadata"]["model"]) <= 128
+    assert (answer["code"], answer["param"]) == ("MODEL_NOT_FOUND", "model")
+
+
+def test_a_401_names_the_bearer_scheme():
+    error = MeshgateError(grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_MISSING, "no key")
+    assert (b"www-authenticate", b"Bearer") in http_error(error)[1]
+    assert not any(name == b"www-authenticate" for name, _ in http_error(not_found("X", "x"))[1])
