@@ -4,6 +4,7 @@ it, `top` watches it."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import signal
@@ -126,6 +127,12 @@ def _router_address(address: str) -> str:
     return address
 
 
+def _describe_rpc_error(error: grpc.aio.AioRpcError) -> str:
+    info = error_info(error)
+    reason = f" [{info.reason}]" if info else ""
+    return f"{error.code().name}{reason}: {error.details()}"
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     try:
         uvloop.run(
@@ -142,9 +149,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             )
         )
     except grpc.aio.AioRpcError as error:
-        info = error_info(error)
-        reason = f" [{info.reason}]" if info else ""
-        print(f"error: {error.code().name}{reason}: {error.details()}", file=sys.stderr)
+        print(f"error: {_describe_rpc_error(error)}", file=sys.stderr)
         return 1
     except IncompleteAnswer as error:
         print(f"error: {error}", file=sys.stderr)
@@ -182,9 +187,33 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+# What stops `meshgate up`, each the same ordered stop: Ctrl-C, SIGTERM (a
+# service manager, `timeout`), SIGHUP (its terminal closed, its ssh session
+# dropped) and SIGQUIT (Ctrl-\). Its children lead their own sessions, so
+# none of these reaches them: only the ordered stop ends them.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def _say(text: str, file=None) -> None:
+    """print() that never fails: after SIGHUP the terminal is gone and every
+    write to it fails (EIO), which must not break off the stop it reports."""
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=file or sys.stdout, flush=True)
+
+
+def _start_failure(error: Exception, log_dir: pathlib.Path) -> str:
+    """A failed start in one line. The stack's own RuntimeErrors say what to
+    do (a port taken) or name the log to read (a child that died); anything
+    else (a timeout, a missing binary, a failed build script) is named by
+    its type and pointed at the logs."""
+    if isinstance(error, RuntimeError):
+        return str(error)
+    return f"{type(error).__name__}: {error} (logs: {log_dir})"
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     try:
-        from meshgate.local.stack import Stack
+        from meshgate.local.stack import Stack, stack_owned_overrides
         from meshgate.local.supervisor import Supervisor
     except ModuleNotFoundError:
         return _needs_checkout("up")
@@ -195,37 +224,61 @@ def _cmd_up(args: argparse.Namespace) -> int:
     telemetry.setup("meshgate-up", TelemetrySettings())
 
     stack = Stack(
-        pathlib.Path(args.state_dir), redis_url=os.environ.get("REDIS_URL"), dev_api_key=args.api_key
+        pathlib.Path(args.state_dir),
+        redis_url=os.environ.get("REDIS_URL"),
+        dev_api_key=args.api_key,
+        # Its addresses, TLS, Redis and key are what it writes and prints:
+        # an override of one left in this shell would make the services
+        # disagree with it. MESHGATE_DEV_API_KEY is --api-key's default, so
+        # it still counts through that.
+        owns_settings=True,
     )
     supervisor = Supervisor(stack)
+    ignored = [name for name in stack_owned_overrides(os.environ) if name != "MESHGATE_DEV_API_KEY"]
+    if ignored:
+        _say(
+            f"meshgate up: not passing {', '.join(ignored)} on to the services: the stack sets "
+            f"addresses, TLS, Redis and the API key itself ({stack.config_path})",
+            file=sys.stderr,
+        )
 
     stopping = False
 
     def request_stop(signum, frame):
         # Only the first signal interrupts: a second Ctrl-C (or a signal sent
         # to the whole process group, as `timeout` does) must not break off
-        # the ordered stop half-way and orphan every child.
+        # the ordered stop half-way and orphan every child; nor may the first
+        # break off the stop that a failed start runs on its own.
         nonlocal stopping
-        if stopping:
-            print("already stopping ...", flush=True)
+        if stopping or stack.stopping:
+            _say("already stopping ...")
             return
         stopping = True
         raise KeyboardInterrupt
 
     # Installed explicitly: a shell that starts us in the background leaves
-    # SIGINT ignored, and Python would then never raise KeyboardInterrupt.
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    print("starting Redis, Triton and the four services ...", flush=True)
+    # SIGINT and SIGQUIT ignored, and Python would then never raise
+    # KeyboardInterrupt. An ignored SIGHUP is left so: `nohup meshgate up`
+    # asks to outlive its terminal.
+    for signum in STOP_SIGNALS:
+        if signum != signal.SIGHUP or signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, request_stop)
+    _say("starting Redis, Triton and the four services ...")
     started = time.monotonic()
     try:
         stack.start()
-    except RuntimeError as error:  # the stack has stopped what it had started
-        print(f"meshgate up: {error}", file=sys.stderr, flush=True)
-        return 1
     except KeyboardInterrupt:
-        print("\nstopped while starting.", flush=True)
+        stopping = True
+        # Stack.start has stopped what it had started; again only in case
+        # the signal came before its own stop began.
+        stack.stop()
+        _say("\nstopped while starting.")
         return 0
+    except Exception as error:  # noqa: BLE001 - a port taken, a child that died, a timeout, a missing binary
+        stopping = True
+        stack.stop()
+        _say(f"meshgate up: {_start_failure(error, stack.log_dir)}", file=sys.stderr)
+        return 1
     try:
         supervisor.start()
         print(f"\nmeshgate is up ({time.monotonic() - started:.1f} s):")
@@ -242,19 +295,27 @@ def _cmd_up(args: argparse.Namespace) -> int:
         if not args.no_demo:
             prompt = "What is the capital of France?"
             print(f"demo> {prompt}")
-            uvloop.run(chat(stack.address("router"), args.api_key, prompt))
+            try:
+                uvloop.run(chat(stack.address("router"), args.api_key, prompt))
+            except (grpc.aio.AioRpcError, IncompleteAnswer) as error:
+                # The mesh is up and supervised: a demo that failed (a model
+                # still warming up, a busy machine) is no reason to stop it.
+                cause = _describe_rpc_error(error) if isinstance(error, grpc.aio.AioRpcError) else error
+                print(f"\nwarning: the demo question failed: {cause} (see {stack.log_dir})", file=sys.stderr)
             print(f'try:  .venv/bin/meshgate chat --api-key {args.api_key} "your question"')
         print("Ctrl-C stops everything; a process that exits is restarted.", flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
-        print("\nstopping: draining in-flight requests ...", flush=True)
+        _say("\nstopping: draining in-flight requests ...")
         return 0
     finally:
+        # From here on every signal is a repeat: the stop below runs to its end.
+        stopping = True
         # Supervision ends first, so no restart races the ordered stop.
         supervisor.stop()
         stack.stop()
-        print("stopped.", flush=True)
+        _say("stopped.")
 
 
 def _cmd_top(args: argparse.Namespace) -> int:

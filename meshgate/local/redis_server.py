@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 
 
 def binary() -> str:
@@ -27,10 +28,17 @@ def binary() -> str:
     return found
 
 
-def launch(port: int, data_dir: pathlib.Path, log_file: pathlib.Path | None = None) -> subprocess.Popen:
+def launch(
+    port: int,
+    data_dir: pathlib.Path,
+    log_file: pathlib.Path | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> subprocess.Popen:
+    """``preexec_fn``: run in the child before redis-server starts (the
+    stack's makes it end with its parent: meshgate.local.stack.ended_with_parent)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     output = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
-    return _start(_command(port, data_dir), output)
+    return _start(_command(port, data_dir), output, preexec_fn)
 
 
 def _command(port: int, data_dir: pathlib.Path, *options: str) -> list[str]:
@@ -56,10 +64,12 @@ def _command(port: int, data_dir: pathlib.Path, *options: str) -> list[str]:
     ]
 
 
-def _start(command: list[str], output) -> subprocess.Popen:
+def _start(command: list[str], output, preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen:
     # Its own process group, like Triton's: a Ctrl-C meant for the caller
     # must not stop Redis before the caller shuts the mesh down in order.
-    return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec_fn
+    )
 
 
 def wait_ready(port: int, timeout_s: float = 15.0) -> None:

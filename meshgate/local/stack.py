@@ -8,14 +8,19 @@ it by hand.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Mapping
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -80,6 +85,67 @@ def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+# Settings the stack writes and relies on itself: where each process listens
+# and what it dials (the stack waits on those ports and prints them), the
+# mesh's TLS and certificates (it dials its services with them), Redis (its
+# own, or REDIS_URL) and the dev API key (--api-key). An environment override
+# of one has the services disagree with the stack: MESHGATE_MESH__TLS=false
+# had them listen in plain text while the stack dialled them with mutual TLS
+# and waited 180 s for nothing. Other overrides (a cache threshold, a limit)
+# are the services' own business and pass on.
+_STACK_OWNED = re.compile(
+    r"MESHGATE_(DEV_API_KEY|MESH__.+|REDIS__.+|ROUTER__DEV_API_KEY"
+    r"|[^_]+__(.+_)?(LISTEN|ADDRESS|TRITON_URLS)|MODELS__.+__DEPLOYMENTS.*)",
+    re.IGNORECASE,
+)
+
+
+def stack_owned_overrides(environ: Mapping[str, str]) -> list[str]:
+    """The variables of ``environ`` that would override a setting the stack
+    owns (_STACK_OWNED; REDIS_URL it never passes on)."""
+    return sorted(name for name in environ if _STACK_OWNED.fullmatch(name))
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    # Looked up once, in the parent: the child, between fork and exec, only calls it.
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def ended_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the child SIGTERM when the
+    process starting it dies, so a `meshgate up` killed with SIGKILL (no
+    handler runs) leaves no mesh behind: its children lead their own
+    sessions, so no hang-up or Ctrl-C reaches them either. SIGTERM lets Redis
+    flush its append-only file and Triton end its stubs.
+
+    None (no backstop) off Linux, and outside the main thread: the signal
+    comes when the *thread* that started the child ends, and a child the
+    supervisor's thread restarted would get it the moment supervision stops,
+    ahead of the ordered stop."""
+    prctl = _prctl()
+    if prctl is None or threading.current_thread() is not threading.main_thread():
+        return None
+    parent = os.getpid()
+    signum = int(signal.SIGTERM)
+    argument = ctypes.c_ulong(signum)
+
+    def set_parent_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, argument)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signum)
+
+    return set_parent_death_signal
+
+
 class Stack:
     def __init__(
         self,
@@ -92,6 +158,7 @@ class Stack:
         log_level: str = "info",
         triton_models: tuple[str, ...] = triton.DEFAULT_MODELS,
         replicas: int = 1,
+        owns_settings: bool = False,
     ) -> None:
         self.state_dir = state_dir.resolve()
         self.ports = ports or Ports()
@@ -133,6 +200,16 @@ class Stack:
         # start, reused by later ones.
         self.certs_dir = self.state_dir / "certs"
         self.processes: dict[str, subprocess.Popen] = {}
+        # Whether the services are kept from reading the environment's
+        # overrides of the settings the stack owns (stack_owned_overrides()):
+        # `meshgate up`, whose settings file and printed addresses and key
+        # must be what its services run with. The fault suite and the
+        # benchmarks point a service elsewhere through exactly those.
+        self.owns_settings = owns_settings
+        # True while stop() runs: a caller's signal handler leaves an ordered
+        # stop alone rather than break it off (meshgate/cli.py), whether the
+        # caller or a failed start() began it.
+        self.stopping = False
 
     @property
     def redis_url(self) -> str:
@@ -268,9 +345,15 @@ triton_urls = ["127.0.0.1:{p.triton}"]
         """Starts one child, "redis", "triton" or a service, without waiting
         for it: how start() brings each up and how a supervisor restarts one
         (Redis on the same port and append-only file, so no data is lost)."""
+        # Again on each launch: a restart must not fail for good because
+        # someone cleared the logs while the mesh ran.
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         if name == "redis":
             self.processes["redis"] = redis_server.launch(
-                self.ports.redis, self.state_dir / "redis", self.log_dir / "redis.log"
+                self.ports.redis,
+                self.state_dir / "redis",
+                self.log_dir / "redis.log",
+                preexec_fn=ended_with_parent(),
             )
         elif name == "triton":
             self.processes["triton"] = triton.launch(
@@ -279,6 +362,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
                 state_dir=self.state_dir / "triton",
                 log_file=self.log_dir / "triton.log",
                 models=self.triton_models,
+                preexec_fn=ended_with_parent(),
             )
         else:
             self.start_service(name)
@@ -312,7 +396,11 @@ triton_urls = ["127.0.0.1:{p.triton}"]
     def start_service(self, name: str) -> None:
         """Starts a service's replica ("router", "router-2", ...)."""
         service = self.service_of(name)
-        env = dict(os.environ, MESHGATE_CONFIG=str(self.config_path), PYTHONUNBUFFERED="1")
+        env = dict(os.environ)
+        if self.owns_settings:
+            for variable in stack_owned_overrides(env):
+                del env[variable]
+        env.update(MESHGATE_CONFIG=str(self.config_path), PYTHONUNBUFFERED="1")
         env.pop("REDIS_URL", None)  # the settings file is the one source of truth here
         command = [sys.executable, "-m", f"services.{service}"]
         if name != service:
@@ -322,6 +410,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
             env[section + "METRICS_LISTEN"] = f"127.0.0.1:{self.replica_metrics_ports[name]}"
             if service == "router":
                 env[section + "HTTP_LISTEN"] = f"127.0.0.1:{self.replica_http_ports[name]}"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         self.processes[name] = subprocess.Popen(
             command,
@@ -331,6 +420,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=ended_with_parent(),
         )
         log.close()
 
@@ -366,14 +456,18 @@ triton_urls = ["127.0.0.1:{p.triton}"]
             return process.wait(5)
 
     def stop(self) -> None:
-        # Front door first so in-flight streams drain through the services
-        # behind it, then the stores and Triton last.
-        for service in ("router", "cache", "context", "inference"):
-            for name in self.replicas_of(service):
-                self.stop_service(name)
-        if "triton" in self.processes:
-            triton.terminate(self.processes.pop("triton"))
-        self.stop_service("redis")
+        self.stopping = True
+        try:
+            # Front door first so in-flight streams drain through the services
+            # behind it, then the stores and Triton last.
+            for service in ("router", "cache", "context", "inference"):
+                for name in self.replicas_of(service):
+                    self.stop_service(name)
+            if "triton" in self.processes:
+                triton.terminate(self.processes.pop("triton"))
+            self.stop_service("redis")
+        finally:
+            self.stopping = False
 
     def __enter__(self) -> Stack:
         self.start()

@@ -50,10 +50,19 @@ class RestartPolicy:
         self._started_at = now
 
     def next_delay(self, exited_at: float) -> float:
-        """Counts one more failure (or the first of a new run, after a
-        healthy period) and returns the delay before the restart."""
+        """Counts the exit of a child that ran as one more failure (or the
+        first of a new run, after a healthy period) and returns the delay
+        before the restart."""
         if exited_at - self._started_at >= self._backoff.reset_after_s:
             self.attempt = 0
+        self.attempt += 1
+        return self._backoff.delay(self.attempt)
+
+    def launch_failed(self) -> float:
+        """Counts a restart that started no child as one more failure and
+        returns the delay before the next try. Never a new run: the healthy
+        period was the last child's, and measured from its start every try
+        after it would count as the first again, and come as soon."""
         self.attempt += 1
         return self._backoff.delay(self.attempt)
 
@@ -151,7 +160,7 @@ class Supervisor:
         try:
             self._stack.launch(name)
         except Exception as error:  # noqa: BLE001 - e.g. a port still taken; try again later
-            delay = policy.next_delay(now)
+            delay = policy.launch_failed()
             self._due[name] = now + delay
             log.warning(
                 "restart failed", child=name, error=str(error), attempt=policy.attempt, restart_in_s=delay

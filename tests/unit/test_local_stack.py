@@ -1,0 +1,139 @@
+"""How the local stack starts its children: their environment, their log
+folder, and which of them end with the process that started them. `sleep`
+processes stand in for the children (a real stack is tests/e2e's)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from meshgate.local import redis_server
+from meshgate.local import stack as stack_module
+from meshgate.local.stack import Ports, Stack
+from meshgate.local.supervisor import Backoff, Supervisor
+
+# Given in full, so that no free port is looked for (the unit tier opens no socket).
+PORTS = Ports(1, 2, 3, 4, 5, 6, http=7, metrics={"router": 8, "context": 9, "cache": 10, "inference": 11})
+
+
+class Launched:
+    """subprocess.Popen as the stack calls it: records each call and starts
+    `sleep` instead."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._popen = subprocess.Popen
+        self.calls: list[tuple[list[str], dict]] = []
+        self.processes: list[subprocess.Popen] = []
+        monkeypatch.setattr(subprocess, "Popen", self)
+
+    def __call__(self, command, **kwargs) -> subprocess.Popen:
+        self.calls.append((command, kwargs))
+        process = self._popen(["sleep", "60"], start_new_session=True, preexec_fn=kwargs.get("preexec_fn"))
+        self.processes.append(process)
+        return process
+
+    def kill(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    launched = Launched(monkeypatch)
+    yield launched
+    launched.kill()
+
+
+def _stack(tmp_path, **kwargs) -> Stack:
+    stack = Stack(tmp_path / "state", PORTS, redis_url="redis://127.0.0.1:1/0", **kwargs)
+    stack.log_dir.mkdir(parents=True)
+    return stack
+
+
+OWNED = {
+    "MESHGATE_INFERENCE__TRITON_URLS": '["127.0.0.1:9001"]',
+    "MESHGATE_MESH__TLS": "false",
+    "MESHGATE_DEV_API_KEY": "env-key",
+    "MESHGATE_ROUTER__CONTEXT_ADDRESS": "127.0.0.1:9002",
+    "MESHGATE_CACHE__LISTEN": "127.0.0.1:9003",
+}
+# The services' own business: passed on whoever starts them.
+TUNING = {"MESHGATE_CACHE__SEMANTIC_THRESHOLD": "0.85", "MESHGATE_ROUTER__MAX_MESSAGES": "64"}
+
+
+def test_a_service_inherits_every_override_by_default(tmp_path, launched, monkeypatch) -> None:
+    """The fault suite points the inference service at a second Triton this
+    way, and the benchmarks tune the services so."""
+    for name, value in {**OWNED, **TUNING}.items():
+        monkeypatch.setenv(name, value)
+    _stack(tmp_path).start_service("inference")
+    (_, kwargs) = launched.calls[0]
+    assert {name: kwargs["env"].get(name) for name in {**OWNED, **TUNING}} == {**OWNED, **TUNING}
+
+
+def test_a_stack_that_owns_its_settings_passes_on_only_the_services_own(
+    tmp_path, launched, monkeypatch
+) -> None:
+    for name, value in {**OWNED, **TUNING}.items():
+        monkeypatch.setenv(name, value)
+    # Not a setting: where SmolLM2's files are, which the settings file names after it.
+    monkeypatch.setenv("MESHGATE_SMOLLM2_FILES", "/opt/smollm2")
+    # A second replica's ports, without looking for free ones.
+    monkeypatch.setattr(stack_module, "free_port", iter(range(20000, 20100)).__next__)
+    stack = _stack(tmp_path, owns_settings=True, replicas=2)
+    stack.start_service("inference")
+    stack.start_service("router-2")
+    for _, kwargs in launched.calls:
+        env = kwargs["env"]
+        assert not set(OWNED) & set(env)
+        assert {name: env.get(name) for name in TUNING} == TUNING
+        assert env["MESHGATE_CONFIG"] == str(stack.config_path)
+        assert env["MESHGATE_SMOLLM2_FILES"] == "/opt/smollm2"
+    # A second replica's own ports still come through the environment.
+    (_, replica) = launched.calls[1]
+    assert replica["env"]["MESHGATE_ROUTER__METRICS_LISTEN"] == stack.metrics_address("router-2")
+
+
+@pytest.mark.parametrize("name", ["redis", "router"])
+def test_a_child_comes_back_after_its_log_folder_was_removed(tmp_path, launched, name) -> None:
+    """Someone cleared .meshgate/logs while the mesh ran: the restart must
+    not fail for good on the missing folder."""
+    stack = _stack(tmp_path)
+    shutil.rmtree(stack.log_dir)
+    stack.launch(name)
+    assert stack.processes[name].poll() is None
+    assert (stack.log_dir / f"{name}.log").is_file()
+
+
+def test_a_child_the_supervisor_restarted_outlives_supervision(tmp_path, monkeypatch) -> None:
+    """The children started from the main thread end with the process (the
+    kernel signals them when the thread that started them ends); one the
+    supervisor's thread restarted must not, or it would be signalled the
+    moment supervision stops, ahead of the ordered stop."""
+    monkeypatch.setattr(redis_server, "_command", lambda port, data_dir: ["sleep", "60"])
+    stack = _stack(tmp_path)
+    stack.launch("redis")
+    first = stack.processes["redis"]
+    supervisor = Supervisor(stack, Backoff(initial_s=0.01), poll_interval_s=0.01)
+    supervisor.start()
+    try:
+        first.kill()
+        first.wait()
+        deadline = time.monotonic() + 10
+        while stack.processes["redis"] is first and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        supervisor.stop()
+    restarted = stack.processes["redis"]
+    try:
+        assert restarted is not first
+        with pytest.raises(subprocess.TimeoutExpired):
+            restarted.wait(0.5)
+    finally:
+        restarted.kill()
+        restarted.wait()
