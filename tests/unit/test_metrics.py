@@ -68,3 +68,24 @@ async def test_the_interceptor_reports_each_rpc_with_its_code_and_reason():
         ("/meshgate.x.v1.S/M", "OK", ""),
         ("/meshgate.x.v1.S/M", "INVALID_ARGUMENT", "EMPTY_MESSAGES"),
     ]
+
+
+async def test_a_stream_closed_before_its_end_is_reported_cancelled_not_ok():
+    """grpc abandons a streaming handler cancelled while a message was being
+    sent; its generator is closed (GeneratorExit) when collected."""
+    seen = []
+    interceptor = ErrorInterceptor(lambda method, code, reason, started: seen.append(code))
+
+    async def tokens(request, context):
+        for _ in range(3):
+            yield "token"
+
+    handler = interceptor._wrap(  # noqa: SLF001 - the wrapper every served method gets
+        grpc.unary_stream_rpc_method_handler(tokens), "/meshgate.x.v1.S/Stream"
+    )
+    stream = handler.unary_stream(b"", _Context())
+    assert await anext(stream) == "token"
+    await stream.aclose()
+    whole = handler.unary_stream(b"", _Context())
+    assert [token async for token in whole] == ["token"] * 3
+    assert seen == ["CANCELLED", "OK"]
