@@ -54,11 +54,11 @@ SMALL_TALK = _words(
 SMALL_TALK_MAX_CHARS = 256
 
 
-# The longest reply to a topic turn whose numbers and names are read
-# (matched_exactly): an analysis grows with its text (a 256 KiB turn took
-# 110-180 ms, above), and this one runs on every conversational lookup and
-# store. A longer reply is bound by its whole text instead: never matched
-# across replies that differ, at the cost of reuse where only words do.
+# The longest reply to a topic turn, and the longest topic turn, that are
+# analysed (matched_exactly): an analysis grows with its text (a 256 KiB turn
+# took 110-180 ms, above), and this one runs on every conversational lookup
+# and store. A longer reply is bound by its whole text without analysis; a
+# longer topic turn is not read for the words a reply shares with it.
 REPLY_ANALYSIS_MAX_CHARS = 1024
 
 
@@ -72,12 +72,13 @@ ACKNOWLEDGEMENTS = _words(
 
 
 # A reply whose words new to the topic turn are at most this many is an
-# answer in a word or a phrase ("Paris.", "Blue, definitely.", "The red
-# one."): those words are what a follow-up ("What is its population?")
-# refers to, names or not, so they are bound. A longer reply's new words
-# change with every rewording of the same answer; only its names and
-# numbers are bound, and a plain-word referent inside one ("I'd pick blue,
-# it suits the room") is not caught.
+# acknowledgement or an answer in a word or a phrase ("Paris.", "Blue,
+# definitely.", "The red one."): its new words are what a follow-up ("What
+# is its population?") refers to, names or not, so they are bound, and the
+# rest of its wording may differ. A reply with more to say of its own (a
+# poem, a slogan, code, a summary) may itself be what the follow-up is about
+# ("Make it shorter", "Translate that into French"): it is bound whole, so
+# only a conversation with the same reply is served.
 SHORT_REPLY_WORDS = 4
 
 
@@ -112,39 +113,48 @@ def topic_turn(earlier: Sequence[common_pb2.Message]) -> str | None:
 def matched_exactly(messages: Sequence[common_pb2.Message]) -> list[common_pb2.Message]:
     """What of a prompt's earlier messages its question is only matched
     among the same of (keys.context_id), not by meaning: every system
-    message, and the numbers and names in the first reply to the topic turn.
+    message, and the first reply to the topic turn as far as a follow-up may
+    refer to it.
 
     A system message says how to answer ("Answer only in French", a
     persona, a format): the same question under another one has another
     answer, whatever the words. The assistant's reply to the topic turn is
-    often what a follow-up refers to ("Pick a number" / "7" / "What is it
-    doubled?"), and the verifier reads only the user's turns: its numbers
-    and names (as the verifier's structural checks find them) must be the
-    same. So must the words of a short reply (SHORT_REPLY_WORDS) that its
-    topic turn does not already say, names or not ("Name a city." /
-    "Paris."; "Pick a colour." / "blue"). A longer reply's other words need
-    not be, nor an acknowledgement's ("Noted, you are on the premium plan."
-    / "Of course."): they change nothing a follow-up could mean. Only the
-    first reply: later ones are mostly small talk ("Anything else?")."""
+    often what a follow-up refers to, and the verifier reads only the user's
+    turns. A short reply (SHORT_REPLY_WORDS) binds its numbers and names and
+    the words the topic turn does not already say ("Pick a number." / "7" /
+    "What is it doubled?"; "Name a city." / "Paris."); an acknowledgement
+    ("Noted, you are on the premium plan." / "Of course.") binds nothing, so
+    a reworded one still matches. A longer reply binds its whole text: two
+    poems answered to "Write a poem about cats" make "Make it shorter" two
+    questions (one was served the other's answer). Only the first reply:
+    later ones are mostly small talk ("Anything else?")."""
     exact = [m for m in messages[:-1] if m.role not in (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)]
     found = _topic_at(messages[:-1])
-    if found is not None:
-        after = (m for m in messages[found[0] + 1 : -1] if m.role == common_pb2.ROLE_ASSISTANT)
-        reply = next(after, None)
-        if reply is not None:
-            text = normalize_text(reply.content)
-            if len(text) > REPLY_ANALYSIS_MAX_CHARS:
-                # Bound whole, not analysed on every lookup and store.
-                exact.append(common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=text))
-                return exact
-            analysis = analyze(text)
-            referents = sorted(analysis.names) + sorted(analysis.numbers.elements())
-            new_words = analysis.content - analyze(found[1]).content - SMALL_TALK - ACKNOWLEDGEMENTS
-            if len(new_words) <= SHORT_REPLY_WORDS:
-                # Numbers are bound above already, as they were written.
-                referents += sorted(new_words - analysis.numbers.keys() - analysis.names)
-            if referents:
-                exact.append(common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=" ".join(referents)))
+    if found is None:
+        return exact
+    after = (m for m in messages[found[0] + 1 : -1] if m.role == common_pb2.ROLE_ASSISTANT)
+    reply = next(after, None)
+    if reply is None:
+        return exact
+    text = normalize_text(reply.content)
+    whole = common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=text)
+    if len(text) > REPLY_ANALYSIS_MAX_CHARS:
+        # Bound whole, not analysed on every lookup and store.
+        exact.append(whole)
+        return exact
+    analysis = analyze(text)
+    topic = found[1]
+    # A topic turn too long to analyse shares no word: the reply's are all new (the stricter side).
+    said = analyze(topic).content if len(topic) <= REPLY_ANALYSIS_MAX_CHARS else frozenset()
+    new_words = analysis.content - said - SMALL_TALK - ACKNOWLEDGEMENTS
+    if len(new_words) > SHORT_REPLY_WORDS:
+        exact.append(whole)
+        return exact
+    # Numbers as written ("7", "seven": the analysis's own form), then the other words.
+    referents = sorted(analysis.names) + sorted(analysis.numbers.elements())
+    referents += sorted(new_words - analysis.numbers.keys() - analysis.names)
+    if referents:
+        exact.append(common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=" ".join(referents)))
     return exact
 
 
