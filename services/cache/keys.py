@@ -82,6 +82,9 @@ class Partition:
     def strictness_key(self, context_id: str) -> str:
         return f"{self.key_prefix}w:{context_id}"
 
+    def reported_key(self, context_id: str) -> str:
+        return f"{self.key_prefix}r:{context_id}"
+
 
 def normalize_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFC", text).split())

@@ -174,7 +174,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         if messages[-1].role == _USER and not request.semantic:
             self._embed_ahead(partition, messages)
         if request.semantic and messages[-1].role == _USER:
-            hit = await self._semantic_lookup(partition, messages)
+            hit = await self._semantic_lookup(partition, messages, entry_id)
             if hit is not None:
                 match, answer = hit
                 self._stats.pending["semantic_hits"] += 1
@@ -197,8 +197,15 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         _require_messages(messages)
         if not request.HasField("answer"):
             raise invalid_argument(Reason.MISSING_ANSWER, "answer is required")
-        if request.ttl_seconds < 0:
-            raise invalid_argument(Reason.INVALID_TTL, "ttl_seconds must not be negative")
+        # At most the configured TTL: an entry (and the keys of its whole
+        # sub-partition, which live as long as their longest entry) asked to
+        # live 68 years would, and an operator's cache.ttl_s is the bound.
+        if not 0 <= request.ttl_seconds <= self._settings.ttl_s:
+            raise invalid_argument(
+                Reason.INVALID_TTL,
+                f"ttl_seconds must be 0 (the default) to cache.ttl_s ({self._settings.ttl_s})",
+                limit=str(self._settings.ttl_s),
+            )
         ttl_ms = (request.ttl_seconds or self._settings.ttl_s) * 1000
         entry_id = keys.entry_id(partition, messages)
         answer = request.answer.SerializeToString()
@@ -262,8 +269,9 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         # A semantic hit comes from the sub-partition the lookup was matched
         # in, so that is where the entry and its neighbours live.
         context_id, _ = self._semantic_subject(partition, request.messages)
+        asked_id = keys.entry_id(partition, request.messages)
         removed, reports = await self._store.report_wrong(
-            partition, context_id, request.entry_id, self._settings.ttl_s * 1000
+            partition, context_id, request.entry_id, asked_id, self._settings.ttl_s * 1000
         )
         index = self._indexes.get(partition.vectors_key(context_id))
         if index is not None:
@@ -271,7 +279,11 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         self._stats.pending["wrong_hit_reports"] += 1
         return pb.ReportWrongHitResponse(entry_removed=removed, reports_in_partition=reports)
 
-    async def _semantic_lookup(self, partition: keys.Partition, messages) -> tuple[Match, bytes] | None:
+    async def _semantic_lookup(
+        self, partition: keys.Partition, messages, asked_id: str
+    ) -> tuple[Match, bytes] | None:
+        """The best verified neighbour of the prompt (``asked_id``: its own
+        entry id) with its answer, never one reported wrong for it."""
         context_id, question = self._semantic_subject(partition, messages)
         if not _matched_by_meaning(question):
             return None
@@ -324,7 +336,12 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 self._metrics.verifier_rejections.inc()
         accepted.sort(key=lambda scored: -scored[0])
         for _, match in accepted:
-            answer = live_answer(await self._store.get(partition, match.entry_id), _now_ms())
+            value, reported = await self._store.get_unless_reported(
+                partition, context_id, match.entry_id, asked_id
+            )
+            if reported:
+                continue  # another prompt's answer still, but never this one's
+            answer = live_answer(value, _now_ms())
             if answer is not None:
                 return match, answer
             index.remove(match.entry_id, match.seq)

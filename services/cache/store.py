@@ -12,6 +12,10 @@
   reads; entries stored before it was kept end after the vector).
 - ``P w:<context id>``: integer, wrong hits reported in the sub-partition:
   each one makes the verifier stricter there. Expires with the entries.
+- ``P r:<context id>``: set of ``<asked entry id> <served entry id>``, the
+  wrong hits reported there: that prompt is never served that entry again,
+  though the entry comes back (the report deletes it, and the next answer
+  to its own prompt is stored under the same id). Expires with the entries.
 - ``mg:cache:seq:{<partition digest>}``: the partition's sequence counter,
   outside ``P`` so that an Invalidate never restarts it while some index
   still remembers higher numbers.
@@ -57,6 +61,10 @@ _EXPIRY = struct.Struct("<q")
 SYNC_BATCH = 1024
 _SCAN_COUNT = 1000
 
+# Expired rows a Store looks for among its sub-partition's oldest: more
+# than one, so that trimming outpaces expiry wherever entries share a TTL.
+_EXPIRED_TRIM = 16
+
 _STORE_SEMANTIC = """
 -- KEYS: exact key, order zset, vectors hash, sequence counter
 -- ARGV: entry value, ttl ms, entry id, vector value, max entries, exact key prefix,
@@ -77,6 +85,24 @@ if redis.call('PTTL', KEYS[4]) < ttl then redis.call('PEXPIRE', KEYS[4], ttl) en
 redis.call('ZADD', KEYS[2], seq, ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
 local evicted = {}
+-- Rows whose entry has expired, a few of the oldest each Store: the keys
+-- of a sub-partition in use live as long as its newest entry, so without
+-- this its dead rows stayed (8 Stores of 2 s entries, a second apart, left
+-- 8 rows for 1 live entry) until max entries pushed them out, and every
+-- index load read them. A row's value starts with its expiry (ms).
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local oldest_ids = redis.call('ZRANGE', KEYS[2], 0, EXPIRED_TRIM - 1)
+if #oldest_ids > 0 then
+  local rows = redis.call('HMGET', KEYS[3], unpack(oldest_ids))
+  for i = 1, #oldest_ids do
+    local row = rows[i]
+    if (not row) or (#row >= 8 and struct.unpack('<i8', row) <= now_ms) then
+      redis.call('ZREM', KEYS[2], oldest_ids[i])
+      redis.call('HDEL', KEYS[3], oldest_ids[i])
+      evicted[#evicted + 1] = oldest_ids[i]
+    end
+  end
+end
 local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[5])
 if excess > 0 then
   local oldest = redis.call('ZPOPMIN', KEYS[2], excess)
@@ -91,7 +117,7 @@ for i = 2, 3 do
   if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
 end
 return {seq, evicted}
-"""
+""".replace("EXPIRED_TRIM", str(_EXPIRED_TRIM))
 
 # One round trip, as a plain SET was (PUBLISH may not go in a cluster
 # pipeline). The notice goes out on every Store, not only one replacing an
@@ -120,8 +146,11 @@ return {strictness, listed, redis.call('HMGET', KEYS[2], unpack(ids))}
 """
 
 _REPORT_WRONG = """
--- KEYS: exact key, order zset, vectors hash, wrong-hit counter
--- ARGV: entry id, ttl ms, notices channel, the notice of the entry's tenant and model
+-- KEYS: exact key, order zset, vectors hash, wrong-hit counter, reported pairs
+-- ARGV: entry id, ttl ms, notices channel, the notice of the entry's tenant and model,
+--       the reported pair (asked entry id, space, entry id)
+redis.call('SADD', KEYS[5], ARGV[5])
+redis.call('PEXPIRE', KEYS[5], ARGV[2])
 local removed = redis.call('DEL', KEYS[1])
 -- Even when the key had gone: a router may still hold a copy of it.
 redis.call('PUBLISH', ARGV[3], ARGV[4])
@@ -131,6 +160,10 @@ local strictness = redis.call('INCR', KEYS[4])
 redis.call('PEXPIRE', KEYS[4], ARGV[2])
 return {removed, strictness}
 """
+
+
+def _pair(asked_id: str, entry_id: str) -> str:
+    return f"{asked_id} {entry_id}"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -193,6 +226,20 @@ class CacheStore:
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
 
+    async def get_unless_reported(
+        self, partition: Partition, context_id: str, entry_id: str, asked_id: str
+    ) -> tuple[bytes | None, bool]:
+        """The entry, and whether it was reported as a wrong answer to the
+        prompt of ``asked_id``, in one round trip (keys of one slot)."""
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.get(partition.exact_key(entry_id))
+                pipe.sismember(partition.reported_key(context_id), _pair(asked_id, entry_id))
+                value, reported = await pipe.execute()
+        except CONNECTION_ERRORS as error:
+            raise _unavailable(error) from error
+        return value, bool(reported)
+
     async def put_exact(
         self, partition: Partition, entry_id: str, answer: bytes, now_ms: int, ttl_ms: int
     ) -> None:
@@ -217,7 +264,8 @@ class CacheStore:
         ttl_ms: int,
     ) -> tuple[int, list[str]]:
         """Stores an entry with its question vector and text; returns its
-        sequence number and the ids of the entries evicted to make room."""
+        sequence number and the ids of the entries evicted to make room
+        or found expired."""
         expiry = _EXPIRY.pack(now_ms + ttl_ms)
         try:
             seq, evicted = await self._store_semantic(
@@ -277,10 +325,11 @@ class CacheStore:
                 return
 
     async def report_wrong(
-        self, partition: Partition, context_id: str, entry_id: str, ttl_ms: int
+        self, partition: Partition, context_id: str, entry_id: str, asked_id: str, ttl_ms: int
     ) -> tuple[bool, int]:
-        """Deletes an entry served as a wrong answer and counts the report in
-        its sub-partition; returns whether the entry was there and the
+        """Deletes an entry served as a wrong answer to the prompt of
+        ``asked_id``, remembers the pair, and counts the report in its
+        sub-partition; returns whether the entry was there and the
         sub-partition's count of reports.
 
         The notice names the whole tenant and model, not the entry alone:
@@ -295,12 +344,14 @@ class CacheStore:
                     partition.order_key(context_id),
                     partition.vectors_key(context_id),
                     partition.strictness_key(context_id),
+                    partition.reported_key(context_id),
                 ],
                 args=[
                     entry_id,
                     ttl_ms,
                     cache_notices.CHANNEL,
                     cache_notices.scope_notice(partition.tenant_id, partition.model),
+                    _pair(asked_id, entry_id),
                 ],
             )
         except CONNECTION_ERRORS as error:

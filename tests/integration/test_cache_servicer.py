@@ -953,6 +953,16 @@ async def test_redis_down_is_unavailable(embedder):
             ),
             "INVALID_TTL",
         ),
+        # Past cache.ttl_s (a day by default): the entry and its sub-partition would outlive the bound.
+        (
+            pb.StoreRequest(
+                scope=pb.CacheScope(tenant_id="t", model="m"),
+                messages=conversation("q"),
+                answer=pb.CachedAnswer(text="a"),
+                ttl_seconds=2**31 - 1,
+            ),
+            "INVALID_TTL",
+        ),
         (pb.InvalidateRequest(model="m"), "TENANT_REQUIRED"),
         # A scope of megabytes would be kept by count-bounded memos: refused.
         (
@@ -1107,3 +1117,61 @@ async def test_a_partitions_sequence_counter_expires_with_its_entries_and_number
     await store(cache, scope(tenant), conversation(STORED), text="second")
     response = await lookup(cache, scope(tenant), conversation(PARAPHRASE))
     assert response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and response.answer.text == "second"
+
+
+async def test_a_store_trims_its_sub_partitions_expired_rows(cache, redis_client, tenant):
+    """A sub-partition in use lives as long as its newest entry: without a
+    trim, rows of entries long expired stayed in Redis (and in every index
+    load) until max entries pushed them out."""
+    s = scope(tenant)
+    # Each Store keeps the sub-partition's keys alive past the entry before it.
+    await store(cache, s, conversation("Who wrote Hamlet?"), ttl_seconds=1)
+    await asyncio.sleep(0.6)
+    await store(cache, s, conversation("How far is the Moon?"), ttl_seconds=1)
+    await asyncio.sleep(0.6)  # Hamlet's entry has expired, the Moon's not
+    await store(cache, s, conversation(STORED), ttl_seconds=60)
+    partition = keys.partition(s)
+    context_id = keys.context_id(partition, CacheSettings().embedding_model)
+    assert await redis_client.zcard(partition.order_key(context_id)) == 2
+    assert await redis_client.hlen(partition.vectors_key(context_id)) == 2
+    assert (await lookup(cache, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+
+
+class StrictnessBlindVerifier(AcceptingVerifier):
+    """Accepts whatever the sub-partition's strictness: the real verifier's
+    stricter threshold still passes a candidate that scores high enough (a
+    reported pair hit again at bounds 0.01 to 0.1), which is what this
+    test needs to see handled by something other than strictness."""
+
+    def decide(self, query, query_vector, candidate, candidate_vector, strictness=0) -> Decision:
+        self.seen.append((query, candidate, strictness))
+        return Decision(True, float(query_vector @ candidate_vector), None)
+
+
+async def test_a_reported_pair_is_never_served_again_after_its_entry_is_stored_again(
+    redis_client, embedder, tenant
+):
+    """The report deletes the entry, but the next answer to its own prompt
+    is stored under the same id: the prompt reported must still not get it."""
+    another = "How do I learn Python fast?"
+    embedder.table[another] = _direction(0.96)
+    cache = make_servicer(redis_client, embedder)
+    cache._verifier = StrictnessBlindVerifier()
+    entry_id = await store(cache, scope(tenant), conversation(STORED), text="Practice daily.")
+    assert (await lookup(cache, scope(tenant), conversation(PARAPHRASE))).entry_id == entry_id
+    await cache.ReportWrongHit(
+        pb.ReportWrongHitRequest(scope=scope(tenant), messages=conversation(PARAPHRASE), entry_id=entry_id),
+        None,
+    )
+    assert await store(cache, scope(tenant), conversation(STORED), text="Practice daily.") == entry_id
+    for servicer in (cache, make_servicer(redis_client, embedder)):  # this replica, and one restarted
+        servicer._verifier = StrictnessBlindVerifier()
+        assert (
+            await lookup(servicer, scope(tenant), conversation(PARAPHRASE))
+        ).status == pb.LOOKUP_STATUS_MISS
+        # The entry is its own prompt's answer still, and another's by meaning.
+        assert (
+            await lookup(servicer, scope(tenant), conversation(STORED))
+        ).status == pb.LOOKUP_STATUS_EXACT_HIT
+        other = await lookup(servicer, scope(tenant), conversation(another))
+        assert other.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and other.entry_id == entry_id
