@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
 
 
 def binary() -> str:
@@ -28,17 +27,10 @@ def binary() -> str:
     return found
 
 
-def launch(
-    port: int,
-    data_dir: pathlib.Path,
-    log_file: pathlib.Path | None = None,
-    preexec_fn: Callable[[], None] | None = None,
-) -> subprocess.Popen:
-    """``preexec_fn``: run in the child before redis-server starts (the
-    stack's makes it end with its parent: meshgate.local.stack.ended_with_parent)."""
+def launch(port: int, data_dir: pathlib.Path, log_file: pathlib.Path | None = None) -> subprocess.Popen:
     data_dir.mkdir(parents=True, exist_ok=True)
     output = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
-    return _start(_command(port, data_dir), output, preexec_fn)
+    return _start(_command(port, data_dir), output)
 
 
 def _command(port: int, data_dir: pathlib.Path, *options: str) -> list[str]:
@@ -64,12 +56,10 @@ def _command(port: int, data_dir: pathlib.Path, *options: str) -> list[str]:
     ]
 
 
-def _start(command: list[str], output, preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen:
+def _start(command: list[str], output) -> subprocess.Popen:
     # Its own process group, like Triton's: a Ctrl-C meant for the caller
     # must not stop Redis before the caller shuts the mesh down in order.
-    return subprocess.Popen(
-        command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec_fn
-    )
+    return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_ready(port: int, timeout_s: float = 15.0) -> None:

@@ -38,7 +38,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 # A checkout's model repository (a Triton image brings its own: deploy/docker/triton.Dockerfile).
@@ -247,12 +247,9 @@ def launch(
     log_file: str | os.PathLike[str] | None = None,
     stub_env_dir: str | os.PathLike[str] | None = None,
     models: Sequence[str] = DEFAULT_MODELS,
-    preexec_fn: Callable[[], None] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start tritonserver in the background with `models` loaded; pair with
-    wait_ready() (given the same models) and terminate(). `preexec_fn` runs
-    in the child before tritonserver starts (the stack's makes it end with
-    its parent: meshgate.local.stack.ended_with_parent)."""
+    wait_ready() (given the same models) and terminate()."""
     state_dir = (
         Path(state_dir) if state_dir is not None else Path(tempfile.mkdtemp(prefix="meshgate-triton-"))
     )
@@ -266,7 +263,6 @@ def launch(
         # Its own process group: a Ctrl-C meant for the caller must not
         # reach Triton before the caller shuts it down in order.
         start_new_session=True,
-        preexec_fn=preexec_fn,
     )
 
 

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 from meshgate.common.v1 import common_pb2
 from services.cache.keys import normalize_text
-from services.cache.verifier import CONTEXT_SEPARATOR, STOPWORDS, analyze
+from services.cache.verifier import CONTEXT_SEPARATOR, NUMBER_WORDS, STOPWORDS, analyze, singular
 
 
 def _words(text: str) -> frozenset[str]:
@@ -69,6 +69,15 @@ ACKNOWLEDGEMENTS = _words(
     """course certainly absolutely definitely noted understood gladly indeed done happy assist
     sounds good let me tell more anything else"""
 )
+
+
+# Answers in a word that SMALL_TALK would drop: "Is it open on Sunday?" /
+# "No." is another conversation than with "Yes.".
+POLARITY = _words("yes yeah yep no nope not never")
+
+# What a reply's words are matched against, as analyze() gives them
+# (singular: "sounds" is "sound", "cheers" is "cheer").
+_REPLY_FILLER = frozenset(singular(w) for w in (SMALL_TALK | ACKNOWLEDGEMENTS) - POLARITY)
 
 
 # A reply whose words new to the topic turn are at most this many is an
@@ -138,21 +147,26 @@ def matched_exactly(messages: Sequence[common_pb2.Message]) -> list[common_pb2.M
         return exact
     text = normalize_text(reply.content)
     whole = common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=text)
-    if len(text) > REPLY_ANALYSIS_MAX_CHARS:
-        # Bound whole, not analysed on every lookup and store.
+    if len(text) > REPLY_ANALYSIS_MAX_CHARS or not text.isascii():
+        # Bound whole: not analysed on every lookup and store, nor read by
+        # an analysis that sees ASCII letters only ("東京" and "大阪" had no
+        # words, "Zürich" was "z rich").
         exact.append(whole)
         return exact
     analysis = analyze(text)
     topic = found[1]
     # A topic turn too long to analyse shares no word: the reply's are all new (the stricter side).
     said = analyze(topic).content if len(topic) <= REPLY_ANALYSIS_MAX_CHARS else frozenset()
-    new_words = analysis.content - said - SMALL_TALK - ACKNOWLEDGEMENTS
+    new_words = analysis.content - said - _REPLY_FILLER
     if len(new_words) > SHORT_REPLY_WORDS:
         exact.append(whole)
         return exact
-    # Numbers as written ("7", "seven": the analysis's own form), then the other words.
-    referents = sorted(analysis.names) + sorted(analysis.numbers.elements())
-    referents += sorted(new_words - analysis.numbers.keys() - analysis.names)
+    # Names as the content words spell them, so "Paris." (no name: it opens
+    # the sentence) and "It's Paris." bind the same; numbers as the analysis
+    # writes them ("7", "seven" -> "7").
+    words = {singular(name) for name in analysis.names} | new_words
+    words -= analysis.numbers.keys() | NUMBER_WORDS.keys()
+    referents = sorted(words) + sorted(analysis.numbers.elements())
     if referents:
         exact.append(common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=" ".join(referents)))
     return exact

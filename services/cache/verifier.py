@@ -244,7 +244,7 @@ class Analysis:
     sentences: int
 
 
-def _singular(word: str) -> str:
+def singular(word: str) -> str:
     return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
 
 
@@ -314,8 +314,8 @@ def analyze_uncached(text: str) -> Analysis:
             numbers[f"{NUMBER_WORDS[token]:g}"] += 1
         elif token in CALENDAR_WORDS:
             numbers[token] += 1
-        elif _singular(token) in UNIT_WORDS or token in UNIT_WORDS:
-            unit = token if token in UNIT_WORDS else _singular(token)
+        elif singular(token) in UNIT_WORDS or token in UNIT_WORDS:
+            unit = token if token in UNIT_WORDS else singular(token)
             units.add(UNIT_SYNONYMS.get(unit, unit))
     negations = sum(1 for t in tokens if t in NEGATIONS) - len(_NEUTRAL_NEGATION.findall(text))
     padded = ("", *tokens, "")
@@ -331,7 +331,7 @@ def analyze_uncached(text: str) -> Analysis:
     return Analysis(
         tokens=tuple(tokens),
         token_set=frozenset(tokens),
-        content=frozenset(_singular(t) for t in tokens if t not in STOPWORDS and not t[0].isdigit()),
+        content=frozenset(singular(t) for t in tokens if t not in STOPWORDS and not t[0].isdigit()),
         numbers=numbers,
         units=frozenset(units),
         negations=negations,
@@ -364,8 +364,8 @@ def number_veto(a: Analysis, b: Analysis) -> bool:
 
 def _has_negated_form(words: frozenset[str], other: frozenset[str]) -> bool:
     # Compared in singular form: "advantage" vs "disadvantages".
-    words = frozenset(_singular(w) for w in words)
-    other = frozenset(_singular(w) for w in other)
+    words = frozenset(singular(w) for w in words)
+    other = frozenset(singular(w) for w in other)
     for word in words:
         if word in _ANTONYM_OF and _ANTONYM_OF[word] in other and word not in other:
             return True

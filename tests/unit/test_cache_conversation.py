@@ -172,3 +172,29 @@ def test_a_reply_too_long_to_analyse_is_bound_by_its_whole_text(monkeypatch):
     bound = conversation.matched_exactly(turns("Tell me about Lisbon.", reply, "And its size?"))
     assert [m.content for m in bound] == [reply.strip()]
     assert analysed == ["Tell me about Lisbon."]  # the topic turn's small-talk check alone
+
+
+def test_yes_no_and_letters_the_analysis_cannot_read_are_bound_too():
+    """ "No." after "Is it open on Sunday?" is another conversation than
+    "Yes."; "東京" and "大阪" had no words the analysis reads."""
+
+    def bound(topic: str, reply: str) -> list[str]:
+        return [m.content for m in conversation.matched_exactly(turns(topic, reply, "When should I go?"))]
+
+    assert bound("Is the shop open on Sunday?", "No.") != bound("Is the shop open on Sunday?", "Yes.")
+    assert bound("Name a city in Japan.", "東京") == ["東京"]
+    assert bound("Name a city in Japan.", "東京") != bound("Name a city in Japan.", "大阪")
+
+
+def test_a_short_reply_binds_the_same_whatever_its_wording():
+    """Singular forms throughout: 'Paris.' (no name at a sentence's start)
+    and "It's Paris." bind alike, 'Seven.' and '7' alike, and 'Sounds
+    good!' or 'Cheers!' (plural forms of filler words) nothing."""
+
+    def bound(topic: str, reply: str) -> list[str]:
+        return [m.content for m in conversation.matched_exactly(turns(topic, reply, "And then?"))]
+
+    assert bound("Name a city in France.", "Paris.") == bound("Name a city in France.", "It's Paris.")
+    assert bound("Pick a number.", "Seven.") == bound("Pick a number.", "7") == ["7"]
+    for filler in ("Sounds good!", "Cheers!"):
+        assert bound("I pay for the premium plan.", filler) == []
