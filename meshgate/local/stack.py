@@ -8,9 +8,7 @@ it by hand.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import functools
 import os
 import pathlib
 import re
@@ -18,9 +16,8 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -88,13 +85,15 @@ def _toml_string(value: str) -> str:
 # Settings the stack writes and relies on itself: where each process listens
 # and what it dials (the stack waits on those ports and prints them), the
 # mesh's TLS and certificates (it dials its services with them), Redis (its
-# own, or REDIS_URL) and the dev API key (--api-key). An environment override
-# of one has the services disagree with the stack: MESHGATE_MESH__TLS=false
+# own, or REDIS_URL) and the dev tenant and its API key (--api-key, which it
+# prints); the mesh's tunables (mesh.tenant_token_ttl_s) are not its own. An
+# environment override of one has the services disagree with the stack: MESHGATE_MESH__TLS=false
 # had them listen in plain text while the stack dialled them with mutual TLS
 # and waited 180 s for nothing. Other overrides (a cache threshold, a limit)
 # are the services' own business and pass on.
 _STACK_OWNED = re.compile(
-    r"MESHGATE_(DEV_API_KEY|MESH__.+|REDIS__.+|ROUTER__DEV_API_KEY"
+    r"MESHGATE_(DEV_API_KEY|MESH__(TLS|CA_FILE|CERT_FILE|KEY_FILE|ROUTER_CERT_FILE)|REDIS__.+"
+    r"|ROUTER__DEV_API_KEY|ROUTER__DEV_TENANT"
     r"|[^_]+__(.+_)?(LISTEN|ADDRESS|TRITON_URLS)|MODELS__.+__DEPLOYMENTS.*)",
     re.IGNORECASE,
 )
@@ -104,46 +103,6 @@ def stack_owned_overrides(environ: Mapping[str, str]) -> list[str]:
     """The variables of ``environ`` that would override a setting the stack
     owns (_STACK_OWNED; REDIS_URL it never passes on)."""
     return sorted(name for name in environ if _STACK_OWNED.fullmatch(name))
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-@functools.cache
-def _prctl() -> Callable[..., int] | None:
-    # Looked up once, in the parent: the child, between fork and exec, only calls it.
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-def ended_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has the kernel send the child SIGTERM when the
-    process starting it dies, so a `meshgate up` killed with SIGKILL (no
-    handler runs) leaves no mesh behind: its children lead their own
-    sessions, so no hang-up or Ctrl-C reaches them either. SIGTERM lets Redis
-    flush its append-only file and Triton end its stubs.
-
-    None (no backstop) off Linux, and outside the main thread: the signal
-    comes when the *thread* that started the child ends, and a child the
-    supervisor's thread restarted would get it the moment supervision stops,
-    ahead of the ordered stop."""
-    prctl = _prctl()
-    if prctl is None or threading.current_thread() is not threading.main_thread():
-        return None
-    parent = os.getpid()
-    signum = int(signal.SIGTERM)
-    argument = ctypes.c_ulong(signum)
-
-    def set_parent_death_signal() -> None:
-        prctl(_PR_SET_PDEATHSIG, argument)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signum)
-
-    return set_parent_death_signal
 
 
 class Stack:
@@ -353,7 +312,6 @@ triton_urls = ["127.0.0.1:{p.triton}"]
                 self.ports.redis,
                 self.state_dir / "redis",
                 self.log_dir / "redis.log",
-                preexec_fn=ended_with_parent(),
             )
         elif name == "triton":
             self.processes["triton"] = triton.launch(
@@ -362,7 +320,6 @@ triton_urls = ["127.0.0.1:{p.triton}"]
                 state_dir=self.state_dir / "triton",
                 log_file=self.log_dir / "triton.log",
                 models=self.triton_models,
-                preexec_fn=ended_with_parent(),
             )
         else:
             self.start_service(name)
@@ -420,7 +377,6 @@ triton_urls = ["127.0.0.1:{p.triton}"]
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=ended_with_parent(),
         )
         log.close()
 

@@ -1,19 +1,16 @@
-"""How the local stack starts its children: their environment, their log
-folder, and which of them end with the process that started them. `sleep`
-processes stand in for the children (a real stack is tests/e2e's)."""
+"""How the local stack starts its children: their environment and their log
+folder. `sleep` processes stand in for the children (a real stack is
+tests/e2e's)."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 
 import pytest
 
-from meshgate.local import redis_server
 from meshgate.local import stack as stack_module
 from meshgate.local.stack import Ports, Stack
-from meshgate.local.supervisor import Backoff, Supervisor
 
 # Given in full, so that no free port is looked for (the unit tier opens no socket).
 PORTS = Ports(1, 2, 3, 4, 5, 6, http=7, metrics={"router": 8, "context": 9, "cache": 10, "inference": 11})
@@ -31,7 +28,7 @@ class Launched:
 
     def __call__(self, command, **kwargs) -> subprocess.Popen:
         self.calls.append((command, kwargs))
-        process = self._popen(["sleep", "60"], start_new_session=True, preexec_fn=kwargs.get("preexec_fn"))
+        process = self._popen(["sleep", "60"], start_new_session=True)
         self.processes.append(process)
         return process
 
@@ -61,9 +58,14 @@ OWNED = {
     "MESHGATE_DEV_API_KEY": "env-key",
     "MESHGATE_ROUTER__CONTEXT_ADDRESS": "127.0.0.1:9002",
     "MESHGATE_CACHE__LISTEN": "127.0.0.1:9003",
+    "MESHGATE_ROUTER__DEV_TENANT": "false",
 }
 # The services' own business: passed on whoever starts them.
-TUNING = {"MESHGATE_CACHE__SEMANTIC_THRESHOLD": "0.85", "MESHGATE_ROUTER__MAX_MESSAGES": "64"}
+TUNING = {
+    "MESHGATE_CACHE__SEMANTIC_THRESHOLD": "0.85",
+    "MESHGATE_ROUTER__MAX_MESSAGES": "64",
+    "MESHGATE_MESH__TENANT_TOKEN_TTL_S": "60",
+}
 
 
 def test_a_service_inherits_every_override_by_default(tmp_path, launched, monkeypatch) -> None:
@@ -108,32 +110,3 @@ def test_a_child_comes_back_after_its_log_folder_was_removed(tmp_path, launched,
     stack.launch(name)
     assert stack.processes[name].poll() is None
     assert (stack.log_dir / f"{name}.log").is_file()
-
-
-def test_a_child_the_supervisor_restarted_outlives_supervision(tmp_path, monkeypatch) -> None:
-    """The children started from the main thread end with the process (the
-    kernel signals them when the thread that started them ends); one the
-    supervisor's thread restarted must not, or it would be signalled the
-    moment supervision stops, ahead of the ordered stop."""
-    monkeypatch.setattr(redis_server, "_command", lambda port, data_dir: ["sleep", "60"])
-    stack = _stack(tmp_path)
-    stack.launch("redis")
-    first = stack.processes["redis"]
-    supervisor = Supervisor(stack, Backoff(initial_s=0.01), poll_interval_s=0.01)
-    supervisor.start()
-    try:
-        first.kill()
-        first.wait()
-        deadline = time.monotonic() + 10
-        while stack.processes["redis"] is first and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        supervisor.stop()
-    restarted = stack.processes["redis"]
-    try:
-        assert restarted is not first
-        with pytest.raises(subprocess.TimeoutExpired):
-            restarted.wait(0.5)
-    finally:
-        restarted.kill()
-        restarted.wait()
