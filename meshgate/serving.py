@@ -514,9 +514,14 @@ def reload_configuration(service: Service) -> bool:
         )
         if service.settings_in_use is None:
             log.error("no settings in use to go back to: the reload may be half-applied")
-        else:
+            return False
+        try:
             for hook in reached:
                 hook(service.settings_in_use)
+        except Exception as again:  # noqa: BLE001 - nothing better to go back to; the watcher lives on
+            log.error(
+                "the settings in use could not be put back: the reload is half-applied", error=repr(again)
+            )
         return False
     service.settings_in_use = settings
     log.info("configuration reloaded", path=service.config_path)

@@ -136,7 +136,7 @@ async def run_scripts(
             keys, args = calls[index]
             try:
                 replies[index] = await script(keys=keys, args=args)
-            except RedisError as error:
+            except (RedisError, *redis_access.CONNECTION_ERRORS) as error:
                 if raise_on_error:
                     raise
                 replies[index] = error

@@ -53,3 +53,19 @@ async def test_with_raise_on_error_the_second_refusal_raises():
     redis = Redis([NoScriptError("NOSCRIPT No matching script."), [1]])
     with pytest.raises(ResponseError, match="OOM"):
         await run_scripts(redis, RefusingScript(), [(["a"], []), (["b"], [])])
+
+
+class BrokenConnectionScript(RefusingScript):
+    async def __call__(self, keys: list[str], args: list) -> list:
+        self.calls.append(keys)
+        raise ConnectionResetError("connection reset by peer")
+
+
+async def test_a_call_whose_retry_lost_its_connection_is_its_reply_too():
+    """A raw socket error on the second try is one of CONNECTION_ERRORS
+    (OSError), not a RedisError: it must not escape either."""
+    redis = Redis([NoScriptError("NOSCRIPT No matching script."), [1]])
+    replies = await run_scripts(
+        redis, BrokenConnectionScript(), [(["a"], []), (["b"], [])], raise_on_error=False
+    )
+    assert isinstance(replies[0], ConnectionResetError) and replies[1] == [1]

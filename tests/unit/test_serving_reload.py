@@ -71,3 +71,18 @@ def test_a_service_without_reload_hooks_reloads_nothing(tmp_path):
     path = tmp_path / "meshgate.toml"
     write_ttl(path, 60)
     assert not serving.reload_configuration(service_with(path))
+
+
+def test_a_hook_that_refuses_the_settings_in_use_too_is_logged_not_raised(tmp_path):
+    """Putting the settings in use back can fail too (a hook that raises
+    whatever it is given): the reload says so and the service stays up."""
+    path = tmp_path / "meshgate.toml"
+    write_ttl(path, 60)
+
+    def always_refuses(settings: Settings) -> None:
+        raise RuntimeError("refused")
+
+    service = service_with(path, always_refuses)
+    write_ttl(path, 90)
+    assert not serving.reload_configuration(service)
+    assert service.settings_in_use.cache.ttl_s == 60
