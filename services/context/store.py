@@ -486,7 +486,10 @@ if ARGV[5] ~= '' then redis.call('SET', KEYS[6], ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('SET', KEYS[7], ARGV[6]) end
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[9], '\\0dim', ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('SET', KEYS[8], ARGV[8]) end
-for i = postings_at, #ARGV, 2 do redis.call('HSET', KEYS[9], ARGV[i], ARGV[i + 1]) end
+-- In slices, as the turns: one HSET per term cost ~160 ms for 60k terms.
+for first = postings_at, #ARGV, 1000 do
+  redis.call('HSET', KEYS[9], unpack(ARGV, first, math.min(first + 999, #ARGV)))
+end
 renew(tonumber(ARGV[2]))
 return {1, now}
 """
@@ -618,18 +621,31 @@ def _postings_below(flat: list[bytes], turn_count: int) -> list[bytes]:
     """Flat (term, packed postings) pairs of the turns before
     ``turn_count`` (relevance.pack_posting: the turn above the TF_BITS low
     bits), terms left with none dropped; the vector size field is the
-    caller's. Done here rather than in the script: Redis runs no other
-    command while a script runs, and a long session holds ~20 postings a turn."""
-    kept: list[bytes] = []
-    limit = np.uint32(turn_count << relevance.TF_BITS)
-    for term, packed in zip(flat[::2], flat[1::2], strict=True):
-        if term == DIMENSIONS_FIELD.encode():
-            continue
-        values = np.frombuffer(packed, dtype="<u4")
-        below = values[values < limit]
-        if len(below):
-            kept += [term, below.tobytes()]
-    return kept
+    caller's. Done here rather than in the script (Redis runs nothing else
+    while a script runs), and in one pass over all postings at once: a long
+    session holds tens of thousands of terms, and a loop per term held the
+    event loop for ~0.2 s (10,000 turns, ~60k terms)."""
+    terms = flat[::2]
+    values = flat[1::2]
+    dimensions = DIMENSIONS_FIELD.encode()
+    kept = [i for i, term in enumerate(terms) if term != dimensions]
+    if not kept:
+        return []
+    packed = [values[i] for i in kept]
+    everything = np.frombuffer(b"".join(packed), dtype="<u4")
+    lengths = np.fromiter((len(value) // 4 for value in packed), dtype=np.int64, count=len(packed))
+    below = everything < np.uint32(turn_count << relevance.TF_BITS)
+    # Not a prefix of each term's run: after a revert, a position taken
+    # again is appended after later, stale ones.
+    owners = np.repeat(np.arange(len(packed)), lengths)[below]
+    counts = np.bincount(owners, minlength=len(packed))
+    joined = everything[below].tobytes()
+    offsets = np.concatenate(([0], np.cumsum(counts) * 4)).tolist()
+    pairs: list[bytes] = []
+    for i, count in enumerate(counts.tolist()):
+        if count:
+            pairs += [terms[kept[i]], joined[offsets[i] : offsets[i + 1]]]
+    return pairs
 
 
 def key(tenant_id: str, session_id: str, part: str) -> str:
