@@ -10,7 +10,9 @@ request, ``queue_ms`` from Triton's statistics) and reports outcomes to its
 :class:`Health`. :func:`order` ranks the targets a request may go to: those
 whose health admits traffic in the strategy's order, then the rest as
 last-resort fallbacks (a circuit open on every target must not refuse a
-request one of them might now serve).
+request one of them might now serve). A target of weight 0 is drained: it
+is ranked after every other target that admits traffic, whatever the
+strategy, so it serves only when none of those is left.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import enum
 import hashlib
 import itertools
+import math
 import random
 import statistics
 import time
@@ -42,6 +45,8 @@ class Ewma:
 
 class Target(Protocol):
     key: str  # stable identity: a deployment's name, a Triton server's address
+    # Relative capacity (not negative; config.py refuses one). 0: drained,
+    # a last resort only (order()).
     weight: float
     in_flight: int
     # Prompt tokens (or characters, where the caller has no tokenizer) of the
@@ -95,13 +100,22 @@ class BreakerPolicy:
     # outcomes, a target with at least min_requests whose success rate is
     # below the group's mean by more than `margin` (and below
     # min_success_rate) is ejected for eject_for_s times its ejections so
-    # far; never more than max_ejected_fraction of a group (at least one
-    # target always stays in).
+    # far, never longer than max_eject_s; never more than
+    # max_ejected_fraction of a group (at least one target always stays in).
+    # Each eject_decay_s a target spends back in rotation without being
+    # ejected again forgives one ejection, so a target that misbehaved once
+    # long ago starts again from eject_for_s. Without the cap and the decay
+    # every ejection lasted longer than the last, for good: the tenth
+    # ejection of a target, months apart, took it out for 5 minutes, the
+    # fortieth for 20. 300 s is Envoy's max_ejection_time default; Envoy
+    # lowers the multiplier likewise while a host stays in.
     window: int = 50
     min_requests: int = 10
     margin: float = 0.2
     min_success_rate: float = 0.8
     eject_for_s: float = 30.0
+    max_eject_s: float = 300.0
+    eject_decay_s: float = 30.0
     max_ejected_fraction: float = 0.5
 
 
@@ -113,6 +127,11 @@ class Health:
     through as a probe; its success closes the circuit, its failure opens it
     again for twice as long. A probe whose outcome never comes (its caller
     vanished) frees the slot after open_for_s, so it cannot wedge the target.
+
+    A caller that probes its targets actively (the router's health checks of
+    its deployments) may also mark one down: open for as long as it stays
+    down, whatever the open time, then half-open once marked up, so that one
+    request tries it before the rest follow.
     """
 
     def __init__(self, policy: BreakerPolicy | None = None, clock: Callable[[], float] = time.monotonic):
@@ -125,9 +144,12 @@ class Health:
         self._outcomes: collections.deque[bool] = collections.deque(maxlen=self.policy.window)
         self.ejected_until = 0.0
         self.ejections = 0
+        self.down = False
 
     @property
     def state(self) -> BreakerState:
+        if self.down:
+            return BreakerState.OPEN
         if self._open_until == 0.0:
             return BreakerState.CLOSED
         if self._clock() < self._open_until:
@@ -176,6 +198,19 @@ class Health:
         if state is BreakerState.CLOSED and self._failures >= self.policy.failures_to_open:
             self._open(self._open_for)
 
+    def mark_down(self) -> None:
+        """Its health probes fail: open until mark_up()."""
+        self.down = True
+
+    def mark_up(self) -> None:
+        """Its health probes answer again: half-open at once, so the next
+        request probes it and its outcome closes the circuit or opens it
+        again (for twice the open time, as a failed probe does)."""
+        if self.down:
+            self.down = False
+            self._open_until = self._clock()
+            self._probe_until = 0.0
+
     def _open(self, seconds: float) -> None:
         self._open_until = self._clock() + seconds
         self._probe_until = 0.0
@@ -187,8 +222,16 @@ class Health:
         return sum(self._outcomes) / len(self._outcomes)
 
     def eject(self) -> None:
-        self.ejections += 1
-        self.ejected_until = self._clock() + self.policy.eject_for_s * self.ejections
+        policy = self.policy
+        now = self._clock()
+        if self.ejections and now > self.ejected_until:
+            forgiven = int((now - self.ejected_until) // policy.eject_decay_s)
+            self.ejections = max(self.ejections - forgiven, 0)
+        # No count past the one that reaches the cap: more would only take
+        # longer to forgive.
+        most = max(math.ceil(policy.max_eject_s / policy.eject_for_s), 1)
+        self.ejections = min(self.ejections + 1, most)
+        self.ejected_until = now + min(policy.eject_for_s * self.ejections, policy.max_eject_s)
         # Fresh evidence after the ejection: the old window would eject it again at once.
         self._outcomes.clear()
 
@@ -355,7 +398,9 @@ class Weighted(Strategy):
 
 
 class LeastOutstanding(Strategy):
-    """Fewest requests in flight per unit of weight; ties rotate."""
+    """Fewest requests in flight per unit of weight, counting the one to
+    send: idle, the heaviest first; under load, requests in flight settle
+    in proportion to the weights. Ties rotate."""
 
     name = "least_outstanding"
 
@@ -367,13 +412,16 @@ class LeastOutstanding(Strategy):
 
 
 def _outstanding(target: Target) -> float:
-    return target.in_flight / max(target.weight, 1e-9)
+    # The request to send counts: with in_flight alone every idle target
+    # scored 0 whatever its weight, and the weight only mattered under load.
+    return (target.in_flight + 1) / max(target.weight, 1e-9)
 
 
 class PowerOfTwoTtft(Strategy):
     """Two targets drawn at random, the one with the lower expected time to
-    first token first: its TTFT EWMA scaled by the requests ahead. A target
-    with no TTFT yet scores 0, so a new one gets tried."""
+    first token first: its TTFT EWMA scaled by the requests ahead per unit
+    of weight (_outstanding). A target with no TTFT yet scores 0, so a new
+    one gets tried; between equal scores, the least outstanding."""
 
     name = "p2c_ttft"
 
@@ -390,16 +438,19 @@ class PowerOfTwoTtft(Strategy):
         return [first, *rest]
 
 
-def _expected_ttft(target: Target) -> float:
-    return (target.ttft.value or 0.0) * (1 + target.in_flight)
+def _expected_ttft(target: Target) -> tuple[float, float]:
+    outstanding = _outstanding(target)
+    return ((target.ttft.value or 0.0) * outstanding, outstanding)
 
 
 class SessionAffinity(Strategy):
     """Rendezvous (highest random weight) hashing of the session id: a
     session stays on its target while that admits traffic and moves to its
     next-ranked one otherwise (order() puts a broken target last), and adding
-    or removing a target moves only the sessions it wins or held. Requests
-    without a session go to the least outstanding."""
+    or removing a target moves only the sessions it wins or held. Weighted
+    rendezvous (score -weight / ln(hash in (0, 1))): a target's share of
+    sessions follows its weight, and with equal weights the ranking is the
+    hash's own. Requests without a session go to the least outstanding."""
 
     name = "session_affinity"
 
@@ -409,13 +460,16 @@ class SessionAffinity(Strategy):
     def rank(self, targets, request):
         if not request.affinity_key:
             return self._fallback.rank(targets, request)
-        return sorted(targets, key=lambda t: _rendezvous(t.key, request.affinity_key), reverse=True)
+        return sorted(targets, key=lambda t: _rendezvous(t.key, request.affinity_key, t.weight), reverse=True)
 
 
-def _rendezvous(target_key: str, affinity_key: str) -> int:
+def _rendezvous(target_key: str, affinity_key: str, weight: float = 1.0) -> float:
     # Stable across processes (unlike hash() of str), so every router replica agrees.
     digest = hashlib.blake2b(f"{target_key}\0{affinity_key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
+    # Its top 52 bits as a number strictly inside (0, 1) (exact in a float),
+    # so the logarithm is finite and below zero.
+    unit = ((int.from_bytes(digest, "big") >> 12) + 0.5) / 2**52
+    return -max(weight, 1e-9) / math.log(unit)
 
 
 class QueueAware(Strategy):
@@ -548,9 +602,29 @@ def build(name: str, block_size: int = 32, prefix_ttl_s: float = 600.0, max_bloc
 
 def order(strategy: Strategy, targets: Sequence[T], request: RouteRequest) -> list[T]:
     """The targets in the order to try them: the strategy's ranking of those
-    whose health admits traffic, then the others (open, ejected, probing) as
-    last-resort fallbacks."""
+    whose health admits traffic, then the drained ones (weight 0) that admit
+    it, fewest in flight first, then the others (open, ejected, probing) as
+    last-resort fallbacks, drained ones last.
+
+    Drained is decided here, not by each strategy's arithmetic: a weight of
+    0 made a load score 0 / 1e-9 = 0, as good as any idle target's, so most
+    strategies sent a drained deployment its share of traffic."""
     eject_outliers(targets)
-    admitted = [t for t in targets if t.health.admits]
+    admitted: list[T] = []
+    drained: list[T] = []
+    refusing: list[T] = []
+    for target in targets:
+        if not target.health.admits:
+            refusing.append(target)
+        elif target.weight > 0:
+            admitted.append(target)
+        else:
+            drained.append(target)
     ranked = strategy.rank(admitted, request) if admitted else []
-    return ranked + [t for t in targets if not t.health.admits]
+    if drained:
+        # Not ranked by the strategy: a second rank() would turn its
+        # rotation (or draw) twice per request.
+        ranked += sorted(drained, key=lambda t: t.in_flight)
+    if refusing:
+        ranked += sorted(refusing, key=lambda t: t.weight <= 0)
+    return ranked

@@ -93,6 +93,10 @@ class DeploymentSettings:
     address: str = "127.0.0.1:50054"
     # The model name at that inference service.
     model: str = "tiny-gpt"
+    # Its share of the alias's traffic, relative to the other deployments'
+    # (every routing strategy weighs it; meshgate/balancing.py). 0: drained,
+    # sent requests only while no deployment of a positive weight admits
+    # traffic. Not negative (refused at load, as every number is).
     weight: float = 1.0
 
 
@@ -377,6 +381,17 @@ class RouterSettings:
     # generation; a caller's shorter deadline wins.
     downstream_timeout_s: float = 10.0
     max_generation_s: float = 300.0
+    # How often the router health-checks each deployment's inference service
+    # (grpc.health.v1 over the channel its calls use, each check bounded by
+    # 2 s; services/router/deployments.py). Three failed checks in a row take
+    # a deployment out of rotation; three without any answer (a host stopped
+    # or wedged: the kernel still accepts its connections, so nothing fails
+    # fast, and when the keepalive drops one the next hangs in its TLS
+    # handshake) also end the calls open on it, as UNAVAILABLE: one with no
+    # text yet goes to the next deployment. So a hung deployment is left
+    # within about 3 x (2 + this) s, 12 s by default, where every call sent
+    # to it waited out its whole deadline. Restart only.
+    deployment_health_interval_s: float = 2.0
     # A cache hit streams in pieces of whole words of about this many
     # characters (a few tokens), optionally this far apart (0: no pacing).
     replay_piece_chars: int = 16
@@ -847,6 +862,7 @@ _POSITIVE = frozenset(
     {
         "tenant_token_ttl_s",
         "health_interval_s",
+        "deployment_health_interval_s",
         "embed_timeout_s",
         "downstream_timeout_s",
         "max_generation_s",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import numpy as np
 import structlog
 
@@ -40,6 +43,7 @@ _RESTART_ONLY = (
     "router.http_max_header_bytes",
     "router.downstream_timeout_s",
     "router.max_generation_s",
+    "router.deployment_health_interval_s",
     "router.hot_exact_entries",
     "router.hot_exact_max_age_s",
     "redis.url",
@@ -142,6 +146,10 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     )
     if http is not None:
         await http.start()
+    # Health checks of the deployments' inference services: a silent one
+    # leaves rotation and its calls end (services/router/deployments.py).
+    # Started last, so that a failed start leaves no task behind.
+    deployment_checks = asyncio.create_task(deployments.watch(router.deployment_health_interval_s))
 
     started_with = settings
 
@@ -173,6 +181,9 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         # channels below.
         if http is not None:
             await http.stop()
+        deployment_checks.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await deployment_checks
         await deployments.close()
         if listener is not None:
             await listener.close()

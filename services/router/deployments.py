@@ -1,21 +1,122 @@
-"""Where a model alias is served: a routing strategy per alias, fallbacks, circuit breaking."""
+"""Where a model alias is served: a routing strategy per alias, fallbacks,
+circuit breaking, and health checks of each deployment's inference service."""
 
 from __future__ import annotations
 
+import asyncio
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from meshgate import balancing, mesh_auth, serving
 from meshgate.config import DeploymentSettings, ModelSettings
-from meshgate.inference.v1 import inference_service_pb2_grpc
+from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
+
+log = structlog.get_logger(__name__)
 
 # A prefix strategy here hashes the prompt's characters (the router has no
 # tokenizer on its path): ~4 characters a token, so blocks of about the
 # models' 32 tokens.
 PREFIX_BLOCK_CHARS = 128
 
+# The health checks of an inference service (probe_all): each bounded by
+# PROBE_TIMEOUT_S (a live service answers one in a millisecond or two, from
+# its event loop), and PROBES_TO_MARK_DOWN failed in a row take its
+# deployments out of rotation, as the inference service does with a Triton
+# server (services/inference/backends.py): one late answer from a loaded
+# service must not. A check of the service's name: it says NOT_SERVING while
+# none of its Triton servers is ready, and while it drains.
+PROBE_TIMEOUT_S = 2.0
+PROBES_TO_MARK_DOWN = 3
+_INFERENCE_SERVICE = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+# A check that ended so got no answer at all: the service is stopped, wedged
+# or gone (an answer of any kind, NOT_SERVING included, means it is running).
+_SILENT = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+
+
+class OpenCalls:
+    """The Generate calls open on one inference service, so that they can be
+    ended when its health checks find it silent.
+
+    An inference service that stops answering with its connections up (its
+    host stopped, the process wedged) fails nothing fast: the kernel still
+    accepts its connections, and when the keepalive drops one, the next
+    hangs in its TLS handshake. Each call sent there waited out its whole
+    deadline (max_generation_s, 300 s, without a client deadline), and with
+    no failure to count its circuit never opened: about half of a
+    two-deployment alias's turns. Such calls are cancelled instead and read
+    as UNAVAILABLE (Deployments.generate): sent to the next deployment
+    before any text, ended UNAVAILABLE after some.
+
+    add() and discard() are the whole cost on a call's path: a set each.
+    """
+
+    def __init__(self) -> None:
+        self._open: set = set()
+        self._ended: set = set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, call) -> None:
+        self._open.add(call)
+
+    def discard(self, call) -> None:
+        self._open.discard(call)
+        if self._ended:
+            self._ended.discard(call)
+
+    def end(self) -> int:
+        """Cancels the open calls; returns how many. A call that already
+        finished is not marked (cancel() is False): its own end stands."""
+        ended = 0
+        for call in list(self._open):
+            if call.cancel():
+                self._ended.add(call)
+                ended += 1
+        return ended
+
+    def ended_by_probes(self, call) -> bool:
+        """Whether ``call``'s cancellation (grpc raises CancelledError for a
+        call cancelled here) was end()'s, not its caller's: a caller that
+        leaves cancels the task, which then reads as cancelling, and that
+        cancel must go on."""
+        if call not in self._ended:
+            return False
+        task = asyncio.current_task()
+        return not (task is not None and task.cancelling())
+
+
+def left_rotation() -> grpc.aio.AioRpcError:
+    """What a call OpenCalls.end() cancelled fails with: UNAVAILABLE, as on
+    an inference service that died."""
+    metadata = grpc.aio.Metadata()
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        metadata,
+        metadata,
+        "the deployment left rotation with the call open: its health checks got no answer",
+    )
+
+
+class _Address:
+    """One inference service address: its health checks' state and its open
+    calls, shared by every deployment there."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.health = health_pb2_grpc.HealthStub(channel)
+        self.calls = OpenCalls()
+        # Checks in a row that failed (any way), and that got no answer at all.
+        self.failed = 0
+        self.silent = 0
+        self.down = False
+
 
 class Deployment:
     """One deployment as a balancing target (meshgate/balancing.Target)."""
 
-    def __init__(self, settings: DeploymentSettings, stub, stream_stub=None) -> None:
+    def __init__(self, settings: DeploymentSettings, stub, stream_stub=None, calls=None) -> None:
         self.name = self.key = settings.name
         self.address = settings.address
         self.model = settings.model
@@ -29,6 +130,9 @@ class Deployment:
         self.queued_prefill_tokens = 0
         self.ttft = balancing.Ewma()
         self.health = balancing.Health()
+        # Its inference service's open Generate calls (shared by every
+        # deployment at its address), which its health checks may end.
+        self.calls = calls if calls is not None else OpenCalls()
 
     def queue_ms(self, model: str) -> float:
         # An inference service reports no queue of its own; its Triton
@@ -45,6 +149,7 @@ class DeploymentTable:
         self._security = security
         self._channels = {}
         self._stream_channels = {}
+        self._addresses: dict[str, _Address] = {}
         self._by_alias: dict[str, list[Deployment]] = {}
         self._strategies: dict[str, balancing.Strategy] = {}
         self.reconfigure(models)
@@ -79,14 +184,20 @@ class DeploymentTable:
                     self._stream_channels[settings.address] = serving.client_channel(
                         settings.address, self._security, traced=False
                     )
+                    # Checked over the channel the generations use: its
+                    # connection is the one that may hang.
+                    self._addresses[settings.address] = _Address(self._stream_channels[settings.address])
                 stream_channel = self._stream_channels[settings.address]
-                deployments.append(
-                    Deployment(
-                        settings,
-                        inference_service_pb2_grpc.InferenceServiceStub(channel),
-                        inference_service_pb2_grpc.InferenceServiceStub(stream_channel),
-                    )
+                address = self._addresses[settings.address]
+                deployment = Deployment(
+                    settings,
+                    inference_service_pb2_grpc.InferenceServiceStub(channel),
+                    inference_service_pb2_grpc.InferenceServiceStub(stream_channel),
+                    address.calls,
                 )
+                if address.down:
+                    deployment.health.mark_down()
+                deployments.append(deployment)
             by_alias[alias] = deployments
         self._by_alias = by_alias
         self._strategies = strategies
@@ -113,6 +224,60 @@ class DeploymentTable:
         if strategy is None:
             return list(deployments)
         return balancing.order(strategy, deployments, request or balancing.RouteRequest())
+
+    async def probe_all(self) -> None:
+        """Health-checks every inference service a deployment is routed to,
+        all at once (a silent one must not delay the others' checks), and
+        takes deployments out of rotation or back in (_Address)."""
+        routed = {d.address for deployments in self._by_alias.values() for d in deployments}
+        await asyncio.gather(*(self._probe(address) for address in routed))
+
+    async def _probe(self, address: str) -> None:
+        state = self._addresses[address]
+        try:
+            answer = await state.health.Check(
+                health_pb2.HealthCheckRequest(service=_INFERENCE_SERVICE), timeout=PROBE_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as error:
+            serving, silent, failure = False, error.code() in _SILENT, error.code().name
+        else:
+            serving = answer.status == health_pb2.HealthCheckResponse.SERVING
+            silent, failure = False, health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+        state.failed = 0 if serving else state.failed + 1
+        state.silent = state.silent + 1 if silent else 0
+        deployments = [d for ds in self._by_alias.values() for d in ds if d.address == address]
+        if serving:
+            if state.down:
+                state.down = False
+                for deployment in deployments:
+                    deployment.health.mark_up()
+                log.info("deployment back in rotation", address=address)
+            return
+        if state.failed < PROBES_TO_MARK_DOWN:
+            return
+        if not state.down:
+            state.down = True
+            for deployment in deployments:
+                deployment.health.mark_down()
+            log.warning(
+                "deployment out of rotation: its health checks failed", address=address, check=failure
+            )
+        # Only a service that answers nothing strands its calls; one that
+        # says NOT_SERVING (no Triton ready, or draining) still ends them
+        # itself, and they may yet finish. Every round while it stays
+        # silent: a call sent there as a last resort is ended too.
+        if state.silent >= PROBES_TO_MARK_DOWN and (ended := state.calls.end()):
+            log.warning("calls ended on a deployment that answers nothing", address=address, calls=ended)
+
+    async def watch(self, interval_s: float) -> None:
+        """probe_all() every ``interval_s`` until cancelled."""
+        while True:
+            try:
+                await self.probe_all()
+            except Exception:
+                # A watcher that died would leave every deployment as it last was.
+                log.exception("deployment health checks failed")
+            await asyncio.sleep(interval_s)
 
     async def close(self) -> None:
         for channel in (*self._channels.values(), *self._stream_channels.values()):

@@ -35,7 +35,7 @@ from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.mesh_auth import TenantTokens
 from meshgate.reasons import Reason
 from services.router.auth import Tenant
-from services.router.deployments import PREFIX_BLOCK_CHARS, DeploymentTable
+from services.router.deployments import PREFIX_BLOCK_CHARS, DeploymentTable, left_rotation
 from services.router.hot_exact import HotExactHits
 from services.router.pipeline import Answer, Budget, CachePlan, CacheStatus, Hit, Turn
 
@@ -381,6 +381,9 @@ class Deployments:
             pieces: list[str] = []
             completed = False
             prefill = strategy.prefill_left(deployment, route) if strategy is not None else 0
+            # Open where the deployment's health checks can end it (OpenCalls).
+            calls = deployment.calls
+            calls.add(call)
             deployment.health.begin()
             if strategy is not None:
                 strategy.routed(deployment, route)
@@ -389,33 +392,45 @@ class Deployments:
             deployment.queued_prefill_tokens += prefill
             started = time.monotonic()
             try:
-                # Deltas that arrived together go on as one piece (a delta
-                # may carry several tokens): one trip through the pipeline
-                # and one message to the caller instead of one each.
-                async for batch in streaming.batches(call, read_ahead):
-                    texts = []
-                    for response in batch:
-                        if response.HasField("delta"):
-                            texts.append(response.delta.text)
-                        else:
-                            completion = response.completion
-                            if completion.text:
-                                texts.append(completion.text)
-                            answer.prompt_tokens = completion.usage.prompt_tokens
-                            answer.completion_tokens = completion.usage.completion_tokens
-                            answer.finish_reason = completion.finish_reason
-                            completed = True
-                    if not texts:
-                        continue
-                    if not pieces:
-                        # Output fixes the deployment (no other is tried
-                        # after it): the turn's latency metrics name it.
-                        answer.deployment = deployment.name
-                        deployment.ttft.add(time.monotonic() - started)
-                        deployment.queued_prefill_tokens -= prefill
-                    text = texts[0] if len(texts) == 1 else "".join(texts)
-                    pieces.append(text)
-                    yield text
+                try:
+                    # Deltas that arrived together go on as one piece (a
+                    # delta may carry several tokens): one trip through the
+                    # pipeline and one message to the caller instead of one each.
+                    async for batch in streaming.batches(call, read_ahead):
+                        texts = []
+                        for response in batch:
+                            if response.HasField("delta"):
+                                texts.append(response.delta.text)
+                            else:
+                                completion = response.completion
+                                if completion.text:
+                                    texts.append(completion.text)
+                                answer.prompt_tokens = completion.usage.prompt_tokens
+                                answer.completion_tokens = completion.usage.completion_tokens
+                                answer.finish_reason = completion.finish_reason
+                                completed = True
+                        if not texts:
+                            continue
+                        if not pieces:
+                            # Output fixes the deployment (no other is tried
+                            # after it): the turn's latency metrics name it.
+                            answer.deployment = deployment.name
+                            deployment.ttft.add(time.monotonic() - started)
+                            deployment.queued_prefill_tokens -= prefill
+                        text = texts[0] if len(texts) == 1 else "".join(texts)
+                        pieces.append(text)
+                        yield text
+                except asyncio.CancelledError as cancelled:
+                    if not calls.ended_by_probes(call):
+                        raise
+                    # Not our caller's cancel: the deployment's health checks
+                    # got no answer and ended its calls. UNAVAILABLE, as if it
+                    # had died: the next deployment before any text, a
+                    # stream ended UNAVAILABLE after some (never a short
+                    # answer). After the completion the whole answer is
+                    # here: the checks only cut short the wait for the end.
+                    if not completed:
+                        raise left_rotation() from cancelled
             except grpc.aio.AioRpcError as error:
                 call_error = error
                 # Another deployment may take it, but only before the caller saw output.
@@ -461,6 +476,7 @@ class Deployments:
                 # call that ended needs none (a cancel costs a trip into core).
                 if not call.done():
                     call.cancel()
+                calls.discard(call)
                 deployment.in_flight -= 1
                 deployment.active_tokens -= route.prompt_units
                 if not pieces:

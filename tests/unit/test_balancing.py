@@ -440,3 +440,151 @@ def test_the_inference_metrics_export_each_backends_circuit_state_and_streams_op
     assert 'meshgate_inference_backend_circuit{backend="b:1",state="closed"} 0.0' in text
     assert 'meshgate_inference_triton_streams_opened_total{backend="a:1"} 0.0' in text
     assert 'meshgate_inference_triton_streams_opened_total{backend="b:1"} 1.0' in text
+
+
+# --- weights: drained targets, and weight counting when idle -------------------------------
+
+
+def requests_of_every_kind(n: int) -> list[RouteRequest]:
+    """Sessions and prompts that differ, so no strategy answers all alike by chance."""
+    return [
+        RouteRequest(affinity_key=f"session-{i}", prefix_blocks=blocks(2, start=i * 100), prompt_units=40)
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("name", balancing.STRATEGIES)
+def test_a_drained_target_is_a_last_resort_under_every_strategy(name):
+    """Weight 0 is how a deployment is drained. It got a third of idle
+    traffic beside two others under least_outstanding, queue_aware,
+    prefix_affinity, p2c_ttft and session_affinity: its load score, 0 / 1e-9,
+    was as good as any idle target's."""
+    clock = Clock()
+    strategy = balancing.build(name, block_size=16)
+    a, b = FakeTarget("a", clock=clock), FakeTarget("b", clock=clock)
+    drained = FakeTarget("drained", weight=0.0, clock=clock)
+    for request in requests_of_every_kind(200):
+        # Drained after serving this prompt: a prefix strategy believes it
+        # holds the prompt's blocks, and must still not send it there.
+        strategy.routed(drained, request)
+        ranked = balancing.order(strategy, [drained, a, b], request)
+        assert ranked[-1] is drained
+    # With every weighted target refusing traffic, the drained one that
+    # admits it goes before them; and it is still listed when it refuses too.
+    for target in (a, b):
+        for _ in range(3):
+            target.health.record_failure()
+    assert balancing.order(strategy, [a, b, drained], RouteRequest(affinity_key="s"))[0] is drained
+    for _ in range(3):
+        drained.health.record_failure()
+    assert keys(balancing.order(strategy, [drained, a, b], RouteRequest()))[-1] == "drained"
+
+
+@pytest.mark.parametrize(
+    "name", ["least_outstanding", "queue_aware", "prefix_affinity", "kv_cost", "p2c_ttft"]
+)
+def test_weight_counts_between_idle_targets(name):
+    """Ranked by in-flight requests per unit of weight, every idle target
+    scored 0 and the weight counted only under load: the request to send
+    counts now, so an idle heavier target goes first."""
+    strategy = balancing.build(name, block_size=16)
+    heavy, light = FakeTarget("heavy", weight=3.0), FakeTarget("light", weight=1.0)
+    for request in requests_of_every_kind(20):
+        assert balancing.order(strategy, [light, heavy], request)[0] is heavy
+
+
+def test_least_outstanding_settles_requests_in_flight_in_proportion_to_weight():
+    heavy, light = FakeTarget("heavy", weight=3.0), FakeTarget("light", weight=1.0)
+    strategy = balancing.LeastOutstanding()
+    for _ in range(40):  # none finishes
+        balancing.order(strategy, [light, heavy], RouteRequest())[0].in_flight += 1
+    assert (heavy.in_flight, light.in_flight) == (30, 10)
+
+
+def test_session_affinity_gives_a_target_sessions_in_proportion_to_its_weight():
+    heavy, light = FakeTarget("heavy", weight=3.0), FakeTarget("light", weight=1.0)
+    strategy = balancing.SessionAffinity()
+    homes = [strategy.rank([heavy, light], RouteRequest(affinity_key=f"s{i}"))[0].key for i in range(4000)]
+    assert 0.72 < homes.count("heavy") / len(homes) < 0.78
+
+
+def test_session_affinity_with_equal_weights_keeps_the_homes_it_gave_before():
+    """Weighted rendezvous ranks as the bare hash does when weights are equal:
+    no session moved on upgrading a router whose deployments weigh alike."""
+    targets = [FakeTarget(f"t{i}", weight=2.0) for i in range(4)]
+    strategy = balancing.SessionAffinity()
+    for i in range(300):
+        session = f"session-{i}"
+        by_hash = max(targets, key=lambda t, s=session: _bare_rendezvous(t.key, s))
+        assert strategy.rank(targets, RouteRequest(affinity_key=session))[0] is by_hash
+
+
+def _bare_rendezvous(target_key: str, session: str) -> int:
+    import hashlib
+
+    digest = hashlib.blake2b(f"{target_key}\0{session}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+# --- health: marked down by active checks, and ejection's cap and decay --------------------
+
+
+def test_a_target_marked_down_refuses_traffic_until_marked_up_then_probes_half_open():
+    clock = Clock()
+    health = Health(BreakerPolicy(failures_to_open=3, open_for_s=10.0), clock)
+    health.mark_down()
+    assert health.state is BreakerState.OPEN and not health.admits
+    # Down is not timed: it lasts past any open time, successes included.
+    clock.now += 600
+    health.record_success()
+    assert health.state is BreakerState.OPEN and not health.admits
+    health.mark_up()
+    assert health.state is BreakerState.HALF_OPEN and health.admits
+    health.begin()
+    assert not health.admits  # one request at a time probes it
+    health.record_success()
+    assert health.state is BreakerState.CLOSED
+    # A failed first request after coming back opens it again, for twice as long.
+    health.mark_down()
+    health.mark_up()
+    health.begin()
+    health.record_failure()
+    assert health.state is BreakerState.OPEN
+    clock.now += 19
+    assert health.state is BreakerState.OPEN
+    clock.now += 1
+    assert health.state is BreakerState.HALF_OPEN
+    # Marking up a target that was not down changes nothing.
+    health.record_success()
+    health.mark_up()
+    assert health.state is BreakerState.CLOSED
+
+
+def test_ejection_time_is_capped():
+    """Each ejection lasted eject_for_s times the ejections so far, without
+    bound: the eleventh took a target out for 330 s, the fortieth for 20
+    minutes. Envoy caps it at max_ejection_time, 300 s by default."""
+    clock = Clock()
+    health = Health(BreakerPolicy(), clock)  # 30 s a time, up to 300 s
+    for _ in range(40):
+        health.eject()  # ejected again the moment it is back
+        lasted = health.ejected_until - clock.now
+        clock.now = health.ejected_until
+    assert lasted == 300.0
+
+
+def test_ejections_are_forgiven_after_a_while_back_in_rotation():
+    clock = Clock()
+    health = Health(BreakerPolicy(), clock)  # 30 s a time; one forgiven each 30 s back
+    for _ in range(4):
+        health.eject()
+        clock.now = health.ejected_until
+    assert health.ejections == 4
+    # Back for 65 s: two decay periods forgive two of the four ejections.
+    clock.now += 65
+    health.eject()
+    assert health.ejected_until - clock.now == 3 * 30.0
+    # A long time well: the next ejection is a first one again.
+    clock.now = health.ejected_until + 3600
+    health.eject()
+    assert health.ejected_until - clock.now == 30.0

@@ -3,16 +3,19 @@ deployment last), and how a generation's responses become the answer."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from meshgate.balancing import BreakerPolicy, BreakerState, Health
 from meshgate.common.v1 import common_pb2
-from meshgate.config import DeploymentSettings, ModelSettings, RouterSettings
+from meshgate.config import ConfigError, DeploymentSettings, ModelSettings, RouterSettings, load_settings
 from meshgate.errors import BUSY_RETRY_AFTER_S, MeshgateError, retry_info
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
-from services.router.deployments import DeploymentTable
+from services.router.deployments import PROBES_TO_MARK_DOWN, DeploymentTable
 from services.router.downstream import Deployments
 from services.router.pipeline import Answer, Budget
 from tests.unit.test_balancing import Clock
@@ -232,3 +235,207 @@ async def test_another_resource_exhausted_from_a_deployment_is_its_answer_not_ha
         await table.close()
     assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert untried.request is None
+
+
+# --- health checks of the deployments' inference services ----------------------------------
+
+
+class HangingGenerate:
+    """A Generate call to an inference service that stopped answering with
+    its connection up: the responses given, then nothing, until cancelled
+    (grpc then raises asyncio.CancelledError from the pending read)."""
+
+    def __init__(self, responses: list[inference_pb.GenerateResponse] | None = None) -> None:
+        self._left = list(responses or [])
+        self._cancelled = asyncio.Event()
+        self.request: inference_pb.GenerateRequest | None = None
+
+    def Generate(self, request, timeout=None, metadata=None):
+        self.request = request
+        return self
+
+    async def read(self):
+        if self._left:
+            return self._left.pop(0)
+        await self._cancelled.wait()
+        raise asyncio.CancelledError
+
+    def done(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> bool:
+        if self._cancelled.is_set():
+            return False
+        self._cancelled.set()
+        return True
+
+
+class ScriptedHealth:
+    """grpc.health.v1 Check answers: SERVING, NOT_SERVING, or no answer (a
+    status code such as DEADLINE_EXCEEDED)."""
+
+    def __init__(self, answer="SERVING") -> None:
+        self.answer = answer
+        self.checks = 0
+
+    async def Check(self, request, timeout=None):
+        self.checks += 1
+        if isinstance(self.answer, grpc.StatusCode):
+            raise grpc.aio.AioRpcError(self.answer, grpc.aio.Metadata(), grpc.aio.Metadata(), "scripted")
+        return health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.ServingStatus.Value(self.answer)
+        )
+
+
+def checked(table: DeploymentTable, deployment, answer) -> ScriptedHealth:
+    """Makes ``deployment``'s inference service answer health checks so."""
+    health = table._addresses[deployment.address].health = ScriptedHealth(answer)
+    return health
+
+
+async def until(condition, timeout_s: float = 5.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0)
+
+
+async def test_a_deployment_whose_checks_get_no_answer_leaves_rotation_and_its_waiting_call_moves_on():
+    """Its inference service stopped with its connection up: a call sent
+    there waited its whole deadline (300 s without a client deadline), and
+    recorded nothing, so the circuit never opened and every other turn
+    waited too. Its checks now end that call, as UNAVAILABLE before any
+    text: the next deployment answers the turn."""
+    table = DeploymentTable({"m": model("least_outstanding", "a", "b")})
+    a, b = table.candidates("m")
+    b.in_flight = 5  # a first
+    a.stream_stub = stuck = HangingGenerate()
+    b.stream_stub = ScriptedGenerate(hello_world())
+    checked(table, a, grpc.StatusCode.DEADLINE_EXCEEDED)
+    checked(table, b, "SERVING")
+    answer = Answer()
+    try:
+        turn = asyncio.create_task(generated(table, answer))
+        await until(lambda: stuck.request is not None and len(a.calls) == 1)
+        for _ in range(PROBES_TO_MARK_DOWN - 1):
+            await table.probe_all()
+        # A check or two unanswered (a loaded service): nothing happens yet.
+        assert a.health.admits and not turn.done()
+        await table.probe_all()
+        assert await asyncio.wait_for(turn, 5) == "Hello world"
+        assert answer.deployment == "b"
+        assert a.health.state is BreakerState.OPEN and not a.health.admits
+        b.in_flight = 5
+        assert [d.name for d in table.candidates("m")] == ["b", "a"]
+        assert len(a.calls) == 0
+    finally:
+        await table.close()
+
+
+async def test_a_stream_on_a_deployment_gone_silent_ends_unavailable_not_as_a_short_answer():
+    table = DeploymentTable({"m": model("least_outstanding", "a", "b")})
+    a, b = table.candidates("m")
+    b.in_flight = 5
+    a.stream_stub = HangingGenerate(hello_world()[:2])  # "Hel", "lo", then silence
+    b.stream_stub = untried = ScriptedGenerate(hello_world())
+    checked(table, a, grpc.StatusCode.DEADLINE_EXCEEDED)
+    deployments = Deployments(table, RouterSettings())
+    pieces = []
+    answer = Answer()
+    try:
+
+        async def consume():
+            async for piece in deployments.generate(
+                "m", [], common_pb2.GenerationParameters(), Budget(), answer, "", read_ahead=False
+            ):
+                pieces.append(piece)
+
+        turn = asyncio.create_task(consume())
+        await until(lambda: len(pieces) == 2)
+        for _ in range(PROBES_TO_MARK_DOWN):
+            await table.probe_all()
+        with pytest.raises(MeshgateError) as raised:
+            await asyncio.wait_for(turn, 5)
+    finally:
+        await table.close()
+    failure = raised.value
+    assert failure.code == grpc.StatusCode.UNAVAILABLE
+    assert (failure.metadata["delivered_deltas"], failure.metadata["delivered_chars"]) == ("2", "5")
+    assert untried.request is None, "output had gone out: no other deployment may start over"
+    assert answer.text == ""
+
+
+async def test_a_deployment_saying_not_serving_leaves_rotation_but_its_calls_run_on():
+    """NOT_SERVING (no Triton ready, or draining) is an answer: the service
+    ends its own calls, and a draining one finishes them."""
+    table = DeploymentTable({"m": model("least_outstanding", "a", "b")})
+    a, b = table.candidates("m")
+    b.in_flight = 5
+    a.stream_stub = stuck = HangingGenerate()
+    checked(table, a, "NOT_SERVING")
+    try:
+        turn = asyncio.create_task(generated(table, Answer()))
+        await until(lambda: len(a.calls) == 1)
+        for _ in range(2 * PROBES_TO_MARK_DOWN):
+            await table.probe_all()
+        assert not a.health.admits
+        assert not stuck.done() and not turn.done()
+        turn.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await turn
+        assert stuck.done() and len(a.calls) == 0
+    finally:
+        await table.close()
+
+
+async def test_a_deployment_answering_again_is_half_open_and_closes_on_its_first_answer():
+    table = DeploymentTable({"m": model("least_outstanding", "a", "b")})
+    a, b = table.candidates("m")
+    health = checked(table, a, grpc.StatusCode.UNAVAILABLE)
+    checked(table, b, "SERVING")
+    try:
+        for _ in range(PROBES_TO_MARK_DOWN):
+            await table.probe_all()
+        assert a.health.state is BreakerState.OPEN
+        # Reconfigured while down: its deployments stay out, new ones included.
+        table.reconfigure({"m": model("least_outstanding", "a", "b"), "n": model("weighted", "a")})
+        (a_of_n,) = table.candidates("n")
+        assert not a_of_n.health.admits
+        health.answer = "SERVING"
+        await table.probe_all()
+        assert a.health.state is BreakerState.HALF_OPEN and a.health.admits and a_of_n.health.admits
+        b.in_flight = 5
+        a.stream_stub = ScriptedGenerate(hello_world())
+        answer = Answer()
+        assert await generated(table, answer) == "Hello world" and answer.deployment == "a"
+        assert a.health.state is BreakerState.CLOSED
+    finally:
+        await table.close()
+
+
+async def test_a_callers_cancel_is_not_taken_for_the_checks_ending_the_call():
+    """The probes and the caller may end the same call at once: the caller's
+    cancel must go on, not become a retry on the next deployment."""
+    table = DeploymentTable({"m": model("least_outstanding", "a", "b")})
+    a, b = table.candidates("m")
+    b.in_flight = 5
+    a.stream_stub = HangingGenerate()
+    b.stream_stub = untried = ScriptedGenerate(hello_world())
+    try:
+        turn = asyncio.create_task(generated(table, Answer()))
+        await until(lambda: len(a.calls) == 1)
+        a.calls.end()
+        turn.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await turn
+        assert untried.request is None
+    finally:
+        await table.close()
+
+
+def test_a_negative_weight_is_refused_at_load(tmp_path):
+    path = tmp_path / "settings.toml"
+    path.write_text('[models.m]\ndeployments = [{ name = "a", address = "h:1", model = "m", weight = -1 }]\n')
+    with pytest.raises(ConfigError, match=r"models\.m\.deployments\[0\]\.weight must be zero or more"):
+        load_settings(path, environ={})
+    path.write_text('[models.m]\ndeployments = [{ name = "a", address = "h:1", model = "m", weight = 0 }]\n')
+    assert load_settings(path, environ={}).models["m"].deployments[0].weight == 0.0
