@@ -71,7 +71,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         self._models = models
 
     async def CreateKey(self, request: pb.CreateKeyRequest, context) -> pb.CreateKeyResponse:
-        admitted_admin()
+        authenticator = admitted_admin()
         expires_at = _expiry(request)
         models, limits = check_key_request(
             request.tenant_id,
@@ -80,6 +80,8 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             self._models,
             expires_at,
             self._keys.now(),
+            # A configured tenant's models bound its keys'.
+            authenticator.tenant_models(request.tenant_id),
         )
         secret, record = await self._keys.create(request.tenant_id, models, limits, expires_at, request.label)
         return pb.CreateKeyResponse(api_key=secret, key=key_info(record))

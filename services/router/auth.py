@@ -15,7 +15,7 @@ from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from meshgate.router.v1 import admin_service_pb2, router_service_pb2
 from services.router.admission import TenantCalls
-from services.router.keys import KeyStore, could_be_stored, key_refusal
+from services.router.keys import KeyRecord, KeyStore, could_be_stored, key_refusal, usable_models
 
 _BEARER = "bearer"
 
@@ -26,7 +26,9 @@ log = structlog.get_logger(__name__)
 class Tenant:
     id: str
     models: frozenset[str]
-    # The caller's key (first 16 hex digits of its SHA-256), for per-key limits.
+    # The caller's key (first 16 hex digits of its SHA-256), for per-key
+    # limits and usage; for a stored key, its accounting id (a rotated key
+    # keeps the first key's: services/router/keys.py KeyRecord).
     key_id: str = ""
     limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
     key_limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
@@ -41,6 +43,10 @@ def _unauthenticated(reason: str, message: str) -> MeshgateError:
     return MeshgateError(grpc.StatusCode.UNAUTHENTICATED, reason, message)
 
 
+def _invalid_key() -> MeshgateError:
+    return _unauthenticated(Reason.API_KEY_INVALID, "the API key is not valid")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Configured:
     """What the configuration file says about callers, swapped as one value
@@ -49,6 +55,7 @@ class _Configured:
     tenants_by_key_hash: dict[str, Tenant]
     tenant_limits: dict[str, LimitSettings]
     tenant_tiers: dict[str, str]
+    tenant_models: dict[str, frozenset[str]]
     admin_key_hashes: frozenset[str]
 
 
@@ -80,40 +87,61 @@ class Authenticator:
             tenants_by_key_hash,
             {tenant.id: tenant.limits for tenant in settings.tenants},
             {tenant.id: tenant.tier for tenant in settings.tenants},
+            {tenant.id: frozenset(tenant.models) for tenant in settings.tenants},
             frozenset(digest.lower() for digest in settings.admin_api_key_sha256),
         )
+
+    def tenant_models(self, tenant_id: str) -> frozenset[str] | None:
+        """The models of ``tenant_id`` as configured, which bound its stored
+        keys'; None for a tenant not configured."""
+        return self._configured.tenant_models.get(tenant_id)
 
     async def authenticate(self, metadata) -> Tenant:
         tenant = await self.authenticate_caller(metadata)
         if tenant is None:  # the admin credential is no tenant's key
-            raise _unauthenticated(Reason.API_KEY_INVALID, "the API key is not valid")
+            raise _invalid_key()
         return tenant
 
     async def authenticate_caller(self, metadata) -> Tenant | None:
         """The caller's tenant, or None for the admin credential."""
+        return (await self.identify(metadata))[0]
+
+    async def identify(self, metadata) -> tuple[Tenant | None, str]:
+        """The caller's tenant (None for the admin credential), and the hash
+        of its key where that is a stored key ("" otherwise), which
+        :meth:`check_stored_key` checks again later in a long call."""
         secret = _bearer_key(metadata)
         key_hash = hash_api_key(secret)
         configured = self._configured
         if key_hash in configured.admin_key_hashes:
-            return None
+            return None, ""
         tenant = configured.tenants_by_key_hash.get(key_hash)
         if tenant is not None:
-            return tenant
-        stored = self._keys is not None and could_be_stored(secret)
-        record = await self._keys.lookup(key_hash) if stored else None
-        if record is None:
-            raise _unauthenticated(Reason.API_KEY_INVALID, "the API key is not valid")
-        refusal = key_refusal(record, self._keys.now())
-        if refusal is not None:
-            raise refusal
-        return Tenant(
+            return tenant, ""
+        if self._keys is None or not could_be_stored(secret):
+            raise _invalid_key()
+        record = await self.check_stored_key(key_hash)
+        tenant = Tenant(
             record.tenant_id,
-            frozenset(record.models),
-            record.key_id,
+            usable_models(record.models, configured.tenant_models.get(record.tenant_id)),
+            record.accounting_id,
             configured.tenant_limits.get(record.tenant_id, LimitSettings()),
             record.limits,
             configured.tenant_tiers.get(record.tenant_id, ""),
         )
+        return tenant, key_hash
+
+    async def check_stored_key(self, key_hash: str) -> KeyRecord:
+        """The stored key's record, or the refusal of a key that is unknown,
+        revoked or expired (UNAUTHENTICATED); UNAVAILABLE where Redis cannot
+        tell. From the KeyStore's cache: a record at most 0.5 s old."""
+        record = await self._keys.lookup(key_hash)
+        if record is None:
+            raise _invalid_key()
+        refusal = key_refusal(record, self._keys.now())
+        if refusal is not None:
+            raise refusal
+        return record
 
     async def authenticate_admin(self, metadata) -> None:
         if await self.authenticate_caller(metadata) is not None:
@@ -128,6 +156,12 @@ class Authenticator:
 # tenant, or None for the admin credential. Set in the call's own task, so
 # no other call sees it.
 _CALLER: contextvars.ContextVar[Tenant | None] = contextvars.ContextVar("router_caller")
+# The authenticator that let that caller in, and the hash of its key where
+# that is a stored key ("" otherwise), for check_caller_key.
+_CALLER_KEY: contextvars.ContextVar[tuple[Authenticator, str]] = contextvars.ContextVar("router_caller_key")
+# Where no gate ran there is no key to check again (current_caller has
+# already failed the call closed).
+_NO_CALLER_KEY = (None, "")
 
 _ADMIN_METHODS = "/{}/".format(admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name)
 # The one RouterService method the admin credential may call (for any tenant).
@@ -146,7 +180,8 @@ class CallerGate:
     key. A tenant's call is then counted in ``calls`` (its tenant's cap,
     router.max_concurrent_rpcs_per_tenant) until it ends, still before its
     request is read; the admin credential's never are. The handler reads
-    the caller with :func:`current_caller`."""
+    the caller with :func:`current_caller`; a call that lasts checks a
+    stored key again with :func:`check_caller_key`."""
 
     def __init__(self, authenticator: Authenticator, calls: TenantCalls) -> None:
         self._auth = authenticator
@@ -156,25 +191,42 @@ class CallerGate:
         """Lets the caller of ``method`` (a full method name) in, or raises its refusal."""
         if method.startswith(_ADMIN_METHODS):
             await self._auth.authenticate_admin(metadata)
-            caller = None
-        elif method in _TENANT_OR_ADMIN_METHODS:
-            caller = await self._auth.authenticate_caller(metadata)
+            caller, stored_key = None, ""
         else:
-            caller = await self._auth.authenticate(metadata)
+            caller, stored_key = await self._auth.identify(metadata)
+            if caller is None and method not in _TENANT_OR_ADMIN_METHODS:
+                raise _invalid_key()  # the admin credential is no tenant's key
         if caller is not None:
             # gRPC runs the whole call, this gate included, in one task, done
             # however the call ends: counted out then.
             self._calls.open(caller.id, asyncio.current_task())
         _CALLER.set(caller)
+        _CALLER_KEY.set((self._auth, stored_key))
 
 
-def admitted_admin() -> None:
+def admitted_admin() -> Authenticator:
     """Checks that CallerGate let the admin credential in to the AdminService
-    call under way. LookupError where no gate ran, as :func:`current_caller`:
-    an AdminService served without its gate fails closed (INTERNAL) instead
-    of serving every caller."""
+    call under way, and returns the authenticator that did (the configured
+    tenants as it knows them). LookupError where no gate ran, as
+    :func:`current_caller`: an AdminService served without its gate fails
+    closed (INTERNAL) instead of serving every caller."""
     if _CALLER.get() is not None:
         raise AssertionError("an AdminService call was let in with a tenant's key")
+    return _CALLER_KEY.get()[0]
+
+
+async def check_caller_key() -> None:
+    """Checks again the key that CallerGate let the call under way in with,
+    for a call that outlives that check (a ChatSession stream, turn after
+    turn): raises the refusal a new call would get (UNAUTHENTICATED) where
+    it is a stored key revoked or expired since, UNAVAILABLE where Redis
+    cannot tell. From the KeyStore's cache, so at most one GET per key and
+    half second however many turns. A key of the configuration file is not
+    checked again: a reload leaves calls already in as they are
+    (:meth:`Authenticator.reconfigure`)."""
+    authenticator, key_hash = _CALLER_KEY.get(_NO_CALLER_KEY)
+    if key_hash:
+        await authenticator.check_stored_key(key_hash)
 
 
 def current_caller() -> Tenant | None:

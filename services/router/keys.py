@@ -5,18 +5,32 @@ file, which keep working without Redis.
 Redis keys, all with the hash tag ``{apikeys}``:
 
 - ``mg:router:{apikeys}:key:<sha256>``: the key's record, JSON (tenant,
-  models, limits, created, expires and revoked times, label). Only the
-  SHA-256 of a secret is ever stored.
+  models, limits, created, expires and revoked times, label, and for a key
+  rotated from another the id it accounts under). Only the SHA-256 of a
+  secret is ever stored.
 - ``mg:router:{apikeys}:tenant:<tenant>``: a sorted set of the tenant's key
   hashes, scored by creation time, for listing.
 - ``mg:router:{apikeys}:ids``: a hash from key id (the first 16 hex digits
   of the SHA-256) to the full hash, for rotating and revoking by id.
 
-Every write (create, rotate, revoke) is one MULTI/EXEC transaction, so a
-failed write leaves nothing half-applied. On a Redis Cluster a transaction
-must stay in one slot, hence the one tag for every API key: they are few,
-written rarely, and each replica reads one at most twice a second (below),
-so one slot carries them easily.
+Every write (create, rotate, revoke) is one script (``_WRITE_IF_UNCHANGED``),
+so a failed write leaves nothing half-applied, and it writes only if the
+record it was decided from is still the one stored: two rotations of one
+key at once, on two replicas, end as they would one after the other (the
+second is refused, the key being revoked by the first), never with two
+live successors. On a Redis Cluster a script's keys must stay in one slot,
+hence the one tag for every API key: they are few, written rarely, and
+each replica reads one at most twice a second (below), so one slot carries
+them easily.
+
+A key's limits and usage are counted under its accounting id
+(:attr:`KeyRecord.accounting_id`): its own key id, but for a key rotated
+from another, the first key's id, carried to every successor, so that
+rotating a key keeps what it spent today and this month.
+
+A stored key of a tenant in the configuration file (router.tenants) uses
+only the models both allow (:func:`usable_models`): the tenant's list
+bounds its keys as it bounds the tenant's own.
 
 How a revocation reaches every replica within a second: each replica caches
 a looked-up record (or its absence) for at most ``_CACHE_TTL_S`` (0.5 s)
@@ -77,6 +91,25 @@ _MAX_LABEL = 256
 # 9999-12-31T23:59:59Z, the last instant a google.protobuf.Timestamp holds.
 _LAST_TIMESTAMP_S = 253_402_300_799
 
+# Writes records only if one record is still what the writer read (a
+# compare-and-set: Redis runs a script whole, with nothing in between).
+# KEYS[1]: the record checked; ARGV[1]: what the writer read there, "" for
+# absent (a record is never ""). KEYS[2]: the ids hash. Then per record
+# written, KEYS: its record and its tenant's set; ARGV: its JSON, creation
+# time, hash and id. Returns 1 when written, 0 when the record had changed.
+_WRITE_IF_UNCHANGED = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then
+  return 0
+end
+for i = 3, #KEYS, 2 do
+  local a = 2 * i - 4
+  redis.call('SET', KEYS[i], ARGV[a])
+  redis.call('ZADD', KEYS[i + 1], ARGV[a + 1], ARGV[a + 2])
+  redis.call('HSET', KEYS[2], ARGV[a + 3], ARGV[a + 2])
+end
+return 1
+"""
+
 
 @dataclasses.dataclass(frozen=True)
 class KeyRecord:
@@ -88,6 +121,14 @@ class KeyRecord:
     expires_at: float | None = None
     revoked_at: float | None = None
     label: str = ""
+    # The id the key's limits and usage are counted under: the id of the
+    # first key of its rotations, carried to every successor. Given as ""
+    # (a new key; a record stored before this field), the key's own id.
+    accounting_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.accounting_id:
+            object.__setattr__(self, "accounting_id", self.key_id)
 
     @property
     def key_id(self) -> str:
@@ -96,6 +137,10 @@ class KeyRecord:
     def to_json(self) -> str:
         fields = dataclasses.asdict(self)
         fields["models"] = list(self.models)
+        if self.accounting_id == self.key_id:
+            # Stored only where it says something: a key never rotated
+            # keeps the record layout a replica from before this field reads.
+            del fields["accounting_id"]
         return json.dumps(fields)
 
     @classmethod
@@ -118,10 +163,30 @@ def could_be_stored(secret: str) -> bool:
     return _STORED_SECRET.fullmatch(secret) is not None
 
 
+def usable_models(key_models, tenant_models: frozenset[str] | None) -> frozenset[str]:
+    """The models a stored key may use: those both its own list and its
+    tenant's (router.tenants[].models; None for a tenant not configured,
+    which bounds nothing) allow. "*" on either side stands for the other's."""
+    key_models = frozenset(key_models)
+    if tenant_models is None or "*" in tenant_models:
+        return key_models
+    if "*" in key_models:
+        return tenant_models
+    return key_models & tenant_models
+
+
 def check_key_request(
-    tenant_id: str, models: list[str], limits: dict, known_models, expires_at: float | None, now: float
+    tenant_id: str,
+    models: list[str],
+    limits: dict,
+    known_models,
+    expires_at: float | None,
+    now: float,
+    tenant_models: frozenset[str] | None = None,
 ) -> tuple[tuple[str, ...], LimitSettings]:
-    """A key's tenant, models, limits and expiry, checked before anything is written."""
+    """A key's tenant, models, limits and expiry, checked before anything is
+    written. ``tenant_models``: the tenant's own models where it is
+    configured, which a key may not go beyond ("*" on the key means them)."""
     if not tenant_id:
         raise invalid_argument(Reason.TENANT_REQUIRED, "name the key's tenant_id")
     if len(tenant_id) > _MAX_TENANT_ID or not tenant_id.isprintable() or any(c.isspace() for c in tenant_id):
@@ -134,6 +199,16 @@ def check_key_request(
         raise not_found(
             Reason.MODEL_NOT_FOUND, f"no model alias {unknown[0]!r} is configured", model=unknown[0]
         )
+    if tenant_models is not None and "*" not in tenant_models:
+        # Refused rather than stored and left unusable: a key's models are
+        # what its holder was told it may use.
+        outside = sorted({m for m in models if m != "*" and m not in tenant_models})
+        if outside:
+            raise invalid_argument(
+                Reason.MODEL_NOT_ALLOWED,
+                f"tenant {tenant_id!r} may not use model {outside[0]!r} (router.tenants[].models)",
+                model=outside[0],
+            )
     try:
         limit_settings = LimitSettings(**limits)
     except ConfigError as error:
@@ -167,6 +242,7 @@ class KeyStore:
         self._reading: SingleFlight[str, KeyRecord | None] = SingleFlight(
             "API key GET", cancel_when_abandoned=False
         )
+        self._write_script = None  # registered on the first write
 
     def now(self) -> float:
         return self._clock()
@@ -210,12 +286,13 @@ class KeyStore:
         self._found[key_hash] = (record, read_at)
         return record
 
-    async def _by_id(self, key_id: str) -> KeyRecord:
+    async def _by_id(self, key_id: str) -> tuple[KeyRecord, bytes]:
+        """The key's record, and what Redis held for it (for _write to check)."""
         key_hash = await self._call(self._redis.hget(_IDS, key_id)) if key_id else None
         raw = await self._call(self._redis.get(_RECORD.format(key_hash.decode()))) if key_hash else None
         if raw is None:
             raise not_found(Reason.API_KEY_NOT_FOUND, "no stored API key has this id", key_id=key_id)
-        return KeyRecord.from_json(raw)
+        return KeyRecord.from_json(raw), raw
 
     @staticmethod
     async def _call(awaitable):
@@ -224,20 +301,40 @@ class KeyStore:
         except redis_access.CONNECTION_ERRORS as error:
             raise unavailable(Reason.REDIS_UNAVAILABLE, f"API keys cannot be reached: {error}") from error
 
-    async def _write(self, *records: KeyRecord) -> None:
-        """Writes the records (new or changed) in one transaction."""
-        pipe = self._redis.pipeline(transaction=True)
+    async def _write(self, checked_hash: str, read: bytes | None, *records: KeyRecord) -> bool:
+        """Writes the records (new or changed) at once, if the record of
+        ``checked_hash`` is still ``read`` (None: still absent); False, and
+        nothing written, where it has changed since."""
+        if self._write_script is None:
+            self._write_script = self._redis.register_script(_WRITE_IF_UNCHANGED)
+        keys = [_RECORD.format(checked_hash), _IDS]
+        args: list = [read or ""]
         for record in records:
-            pipe.set(_RECORD.format(record.key_hash), record.to_json())
-            pipe.zadd(_TENANT_KEYS.format(record.tenant_id), {record.key_hash: record.created_at})
-            pipe.hset(_IDS, record.key_id, record.key_hash)
-        await self._call(pipe.execute())
+            keys += [_RECORD.format(record.key_hash), _TENANT_KEYS.format(record.tenant_id)]
+            args += [record.to_json(), record.created_at, record.key_hash, record.key_id]
+        if not await self._call(self._write_script(keys=keys, args=args)):
+            return False
         for record in records:
             self._found.pop(record.key_hash, None)
             self._absent.pop(record.key_hash, None)
             # A GET under way may have read the record before this write:
             # callers from now on start their own (_read keeps none of it).
             self._reading.forget(record.key_hash)
+        return True
+
+    async def _change(self, key_id: str, change: Callable[[KeyRecord], tuple[tuple[KeyRecord, ...], object]]):
+        """Applies ``change`` to the key's record as one check-and-write:
+        ``change`` is given the record as stored and returns the records to
+        write (none: nothing to change) and its answer. Where the record
+        changed between the read and the write (another replica rotated or
+        revoked the key), nothing is written and ``change`` decides again
+        from the new record, as if it had come second. That ends: every
+        change revokes the record, and a revoked one is never written again."""
+        while True:
+            record, read = await self._by_id(key_id)
+            writes, answer = change(record)
+            if not writes or await self._write(record.key_hash, read, *writes):
+                return answer
 
     async def create(
         self,
@@ -249,12 +346,15 @@ class KeyStore:
     ) -> tuple[str, KeyRecord]:
         if len(label) > _MAX_LABEL:
             raise invalid_argument(Reason.INVALID_KEY_SPEC, f"label is longer than {_MAX_LABEL} characters")
-        secret = new_secret()
-        record = KeyRecord(
-            hash_api_key(secret), tenant_id, models, limits, self.now(), expires_at, None, label
-        )
-        await self._write(record)
-        return secret, record
+        while True:
+            secret = new_secret()
+            record = KeyRecord(
+                hash_api_key(secret), tenant_id, models, limits, self.now(), expires_at, None, label
+            )
+            # Written only where no key has this hash: never taken, in
+            # practice (256 random bits), and then drawn again.
+            if await self._write(record.key_hash, None, record):
+                return secret, record
 
     async def list(self, tenant_id: str) -> list[KeyRecord]:
         if not tenant_id:
@@ -266,23 +366,27 @@ class KeyStore:
         return [KeyRecord.from_json(raw) for raw in raws if raw is not None]
 
     async def revoke(self, key_id: str) -> KeyRecord:
-        record = await self._by_id(key_id)
-        if record.revoked_at is not None:
-            return record
-        revoked = dataclasses.replace(record, revoked_at=self.now())
-        await self._write(revoked)
-        return revoked
+        def revoke(record: KeyRecord):
+            if record.revoked_at is not None:
+                return (), record
+            revoked = dataclasses.replace(record, revoked_at=self.now())
+            return (revoked,), revoked
+
+        return await self._change(key_id, revoke)
 
     async def rotate(self, key_id: str) -> tuple[str, KeyRecord, KeyRecord]:
-        record = await self._by_id(key_id)
-        refusal = key_refusal(record, self.now())
-        if refusal is not None:
-            raise MeshgateError(
-                grpc.StatusCode.FAILED_PRECONDITION, refusal.reason, f"cannot rotate: {refusal.message}"
-            )
-        secret = new_secret()
-        now = self.now()
-        successor = dataclasses.replace(record, key_hash=hash_api_key(secret), created_at=now)
-        revoked = dataclasses.replace(record, revoked_at=now)
-        await self._write(successor, revoked)
-        return secret, successor, revoked
+        def rotate(record: KeyRecord):
+            refusal = key_refusal(record, self.now())
+            if refusal is not None:
+                raise MeshgateError(
+                    grpc.StatusCode.FAILED_PRECONDITION, refusal.reason, f"cannot rotate: {refusal.message}"
+                )
+            secret = new_secret()
+            now = self.now()
+            # The successor keeps the record's accounting id (replace copies
+            # it), so its limits and usage go on where the key's left off.
+            successor = dataclasses.replace(record, key_hash=hash_api_key(secret), created_at=now)
+            revoked = dataclasses.replace(record, revoked_at=now)
+            return (successor, revoked), (secret, successor, revoked)
+
+        return await self._change(key_id, rotate)

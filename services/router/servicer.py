@@ -19,7 +19,7 @@ from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router.admission import SessionStreams
-from services.router.auth import current_caller
+from services.router.auth import check_caller_key, current_caller
 from services.router.ledger import METRICS, Ledger
 from services.router.pipeline import Budget, CacheStatus, Completion, Delta, Failure, Pipeline
 
@@ -160,6 +160,23 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         await context.send_initial_metadata(ADMITTED_METADATA)
         async for request in request_iterator:
             session_id = request.session_id or session_id
+            # The key was checked when the stream opened, and a stream may
+            # stay open for hours: each turn checks it again, from the key
+            # cache (no Redis call while its record is under 0.5 s old), so a
+            # key revoked or expired since is refused within a second, as a
+            # new call with it is. That turn fails in the stream, then the
+            # call ends with the same status: no later turn could be served.
+            # (A client pipelining turns may read that status as grpc's local
+            # INTERNAL, grpc/grpc#36066 below: the failure carries the reason
+            # either way.) Where Redis cannot tell (UNAVAILABLE) the turn
+            # fails closed and the stream goes on, as after any failed turn.
+            try:
+                await check_caller_key()
+            except MeshgateError as error:
+                yield pb.ChatSessionResponse(failure=error.to_status_proto().SerializeToString())
+                if error.code == grpc.StatusCode.UNAUTHENTICATED:
+                    raise
+                continue
             # A failed turn is reported in the stream, which stays open: ending
             # the call while the client is still sending pipelined turns lets
             # grpc's asyncio client replace our status with "Internal error

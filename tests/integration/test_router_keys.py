@@ -6,20 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from meshgate import redis_access
-from meshgate.config import Settings, hash_api_key
-from meshgate.errors import error_info
+from meshgate.common.v1 import common_pb2
+from meshgate.config import LimitSettings, RouterSettings, Settings, TenantSettings, hash_api_key
+from meshgate.errors import MeshgateError, error_info
 from meshgate.reasons import Reason
 from meshgate.router.v1 import admin_service_pb2 as admin_pb
 from meshgate.router.v1 import admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router import app as router_app
+from services.router.admission import Admission, admission_scopes
+from services.router.auth import Authenticator
+from services.router.keys import KeyRecord, KeyStore, new_secret
 from tests.integration.conftest import running
 from tests.mesh import bounded_channel, mesh_settings
 
@@ -207,3 +213,207 @@ async def test_admin_calls_need_the_admin_credential(replicas):
         grpc.StatusCode.UNAUTHENTICATED,
         Reason.API_KEY_INVALID,
     )
+
+
+def turn_failure(response: pb.ChatSessionResponse) -> tuple[grpc.StatusCode, str]:
+    """The code and ErrorInfo reason of a ChatSession turn that failed in the stream."""
+    status = status_pb2.Status.FromString(response.failure)
+    info = error_details_pb2.ErrorInfo()
+    next(detail for detail in status.details if detail.Unpack(info))
+    code = next(code for code in grpc.StatusCode if code.value[0] == status.code)
+    return code, info.reason
+
+
+@pytest.mark.parametrize("ended_by", ["revocation", "expiry"])
+async def test_a_chat_session_open_when_its_key_is_revoked_or_expires_refuses_its_next_turn_and_ends(
+    replicas, ended_by
+):
+    # A stream is authenticated when it opens and may stay open for hours:
+    # without a check per turn, it went on being admitted, and charged to
+    # the key, after the key was refused to every new call.
+    (router_a, admin_a), (router_b, _) = replicas
+    create = admin_pb.CreateKeyRequest(tenant_id=f"t-{uuid.uuid4().hex[:8]}")
+    if ended_by == "expiry":
+        create.expires_at.FromNanoseconds(int((time.time() + 1.0) * 1e9))
+    created = await admin_a.CreateKey(create, metadata=ADMIN, timeout=10)
+    stream = router_b.ChatSession(metadata=bearer(created.api_key), timeout=30)
+    try:
+        # The stream is open and answers turns (this one is refused for its
+        # own fault, which needs no other service).
+        await stream.write(pb.ChatSessionRequest(model="tiny-gpt"))
+        assert turn_failure(await stream.read()) == (grpc.StatusCode.INVALID_ARGUMENT, Reason.EMPTY_MESSAGES)
+        if ended_by == "revocation":  # on the other replica
+            await admin_a.RevokeKey(admin_pb.RevokeKeyRequest(key_id=created.key.key_id), metadata=ADMIN)
+            expected = (grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_REVOKED)
+        else:
+            expected = (grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_EXPIRED)
+        await asyncio.sleep(1.1)  # "within a second", on every replica
+        await stream.write(
+            pb.ChatSessionRequest(
+                model="tiny-gpt", messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="hi")]
+            )
+        )
+        # The turn fails in the stream, as every turn does, with what a new
+        # call with the key gets; then the call ends with the same status.
+        assert turn_failure(await stream.read()) == expected
+        assert await refusal(stream.read()) == expected
+    finally:
+        stream.cancel()
+
+
+async def test_a_rotated_key_keeps_its_daily_budget_and_its_usage_id(redis_url):
+    # Limits and usage were counted under the key's own id, which rotation
+    # changes: the successor started the day with a fresh budget.
+    client = redis_access.connect(redis_url)
+    try:
+        keys = KeyStore(client)
+        auth = Authenticator(RouterSettings(dev_tenant=False), keys)
+        admission = Admission(client, max_generation_s=60)
+        secret, record = await keys.create(
+            f"t-{uuid.uuid4().hex[:8]}", ("*",), LimitSettings(tokens_per_day=500), None, ""
+        )
+
+        async def admit(secret: str):
+            tenant = await auth.authenticate(bearer(secret))
+            return tenant, await admission.admit(
+                admission_scopes(tenant, "tiny-gpt", RouterSettings()), 10, 40
+            )
+
+        tenant, spent = await admit(secret)
+        await admission.settle(spent, 500, 0)  # the whole day's budget
+        new_secret, successor, _ = await keys.rotate(record.key_id)
+        with pytest.raises(MeshgateError) as refused:
+            await admit(new_secret)
+        assert refused.value.reason == Reason.BUDGET_EXHAUSTED
+        # Its limits and its usage rows go on under the first key's id.
+        successor_tenant = await auth.authenticate(bearer(new_secret))
+        assert successor_tenant.key_id == tenant.key_id == record.key_id != successor.key_id
+        # ...down every rotation.
+        third_secret, _, _ = await keys.rotate(successor.key_id)
+        assert (await auth.authenticate(bearer(third_secret))).key_id == record.key_id
+    finally:
+        await client.aclose()
+
+
+async def test_a_key_stored_before_rotations_kept_their_id_reads_and_rotates(redis_url):
+    # Its record has no accounting id: it counts under its own, and so do
+    # its successors.
+    client = redis_access.connect(redis_url)
+    try:
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        secret = new_secret()
+        key_hash = hash_api_key(secret)
+        old = {
+            "key_hash": key_hash,
+            "tenant_id": tenant,
+            "models": ["*"],
+            "limits": {"tokens_per_day": 500},
+            "created_at": time.time() - 60,
+            "expires_at": None,
+            "revoked_at": None,
+            "label": "old",
+        }
+        await client.set(f"mg:router:{{apikeys}}:key:{key_hash}", json.dumps(old))
+        await client.zadd(f"mg:router:{{apikeys}}:tenant:{tenant}", {key_hash: old["created_at"]})
+        await client.hset("mg:router:{apikeys}:ids", key_hash[:16], key_hash)
+        keys = KeyStore(client)
+        auth = Authenticator(RouterSettings(dev_tenant=False), keys)
+        assert (await auth.authenticate(bearer(secret))).key_id == key_hash[:16]
+        successor_secret, successor, _ = await keys.rotate(key_hash[:16])
+        assert (await auth.authenticate(bearer(successor_secret))).key_id == key_hash[:16]
+        assert successor.limits.tokens_per_day == 500 and successor.label == "old"
+    finally:
+        await client.aclose()
+
+
+async def test_a_stored_key_of_a_configured_tenant_uses_only_the_tenants_models(redis_url):
+    # A stored key took its tenant's limits and tier from the settings but
+    # not its models: it could use every alias the tenant may not.
+    settings = Settings(mesh=mesh_settings())
+    settings.redis.url = redis_url
+    settings.router.admin_api_key_sha256 = [hash_api_key("keys-admin")]
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    settings.router.tenants = [TenantSettings(id=tenant, models=["tiny-gpt"])]
+    assert {"tiny-gpt", "smollm2"} <= set(settings.models)
+    async with contextlib.AsyncExitStack() as stack:
+        address = await stack.enter_async_context(running(router_app, "router", settings))
+        channel = await stack.enter_async_context(bounded_channel(address))
+        router = router_service_pb2_grpc.RouterServiceStub(channel)
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+
+        async def usable(secret: str) -> list[str]:
+            listed = await router.ListModels(pb.ListModelsRequest(), metadata=bearer(secret), timeout=10)
+            return [model.alias for model in listed.models]
+
+        # "*" (or no models) on the key means its tenant's models.
+        every = await admin.CreateKey(admin_pb.CreateKeyRequest(tenant_id=tenant), metadata=ADMIN)
+        assert list(every.key.models) == ["*"] and await usable(every.api_key) == ["tiny-gpt"]
+        named = admin_pb.CreateKeyRequest(tenant_id=tenant, models=["tiny-gpt"])
+        assert await usable((await admin.CreateKey(named, metadata=ADMIN)).api_key) == ["tiny-gpt"]
+        # A model the tenant may not use is refused before anything is written.
+        for models in (["smollm2"], ["tiny-gpt", "smollm2"]):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await admin.CreateKey(
+                    admin_pb.CreateKeyRequest(tenant_id=tenant, models=models), metadata=ADMIN
+                )
+            info = error_info(refused.value)
+            assert (refused.value.code(), info.reason, info.metadata["model"]) == (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                Reason.MODEL_NOT_ALLOWED,
+                "smollm2",
+            )
+        listed = await admin.ListKeys(admin_pb.ListKeysRequest(tenant_id=tenant), metadata=ADMIN)
+        assert len(listed.keys) == 2
+
+
+async def test_two_rotations_of_one_key_at_once_leave_one_successor(redis_url):
+    # Each read the record, found it live, and wrote a successor: two live
+    # keys where the operator asked for one. Two replicas' stores, each on
+    # its own connection, as in production.
+    clients = [redis_access.connect(redis_url) for _ in range(2)]
+    try:
+        first, second = (KeyStore(client) for client in clients)
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        for _ in range(3):  # the race without the check was lost 3 of 3 times
+            _, record = await first.create(tenant, ("*",), LimitSettings(), None, "")
+            results = await asyncio.gather(
+                first.rotate(record.key_id), second.rotate(record.key_id), return_exceptions=True
+            )
+            refusals = [r for r in results if isinstance(r, Exception)]
+            # As one after the other: the second finds the key rotated away.
+            assert len(refusals) == 1, results
+            assert isinstance(refusals[0], MeshgateError)
+            assert (refusals[0].code, refusals[0].reason) == (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                Reason.API_KEY_REVOKED,
+            )
+        live = [k for k in await first.list(tenant) if k.revoked_at is None]
+        assert len(live) == 3
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+async def test_a_revocation_racing_a_rotation_ends_as_one_after_the_other(redis_url):
+    clients = [redis_access.connect(redis_url) for _ in range(2)]
+    try:
+        first, second = (KeyStore(client) for client in clients)
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        for _ in range(3):
+            _, record = await first.create(tenant, ("*",), LimitSettings(), None, "")
+            rotated, revoked = await asyncio.gather(
+                first.rotate(record.key_id), second.revoke(record.key_id), return_exceptions=True
+            )
+            assert isinstance(revoked, KeyRecord), revoked
+            if isinstance(rotated, Exception):  # the revocation came first
+                assert (rotated.code, rotated.reason) == (
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    Reason.API_KEY_REVOKED,
+                )
+            else:  # the rotation came first: the revocation found it revoked
+                assert revoked.revoked_at == rotated[2].revoked_at
+            stored = await first.lookup(record.key_hash)
+            assert stored.revoked_at == revoked.revoked_at
+    finally:
+        for client in clients:
+            await client.aclose()

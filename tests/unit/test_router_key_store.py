@@ -41,26 +41,21 @@ class CountingRedis:
     async def hget(self, name: str, key: str):
         return self.ids.get(key)
 
-    def pipeline(self, transaction: bool):
-        return _Transaction(self)
+    def register_script(self, source: str):
+        assert source == keys_module._WRITE_IF_UNCHANGED
 
+        async def write_if_unchanged(keys, args):
+            # The script, in memory: the records are written only if the one
+            # checked still holds what the writer read ("" for absent).
+            if self.values.get(keys[0], "") != args[0]:
+                return 0
+            for i in range(2, len(keys), 2):
+                value, _, key_hash, key_id = args[2 * i - 3 : 2 * i + 1]
+                self.values[keys[i]] = value
+                self.ids[key_id] = key_hash.encode()
+            return 1
 
-class _Transaction:
-    def __init__(self, fake: CountingRedis) -> None:
-        self._fake, self._writes = fake, []
-
-    def set(self, name, value):
-        self._writes.append((name, value))
-
-    def zadd(self, name, mapping):
-        pass
-
-    def hset(self, name, key, value):
-        self._fake.ids[key] = value.encode()
-
-    async def execute(self):
-        self._fake.values.update(self._writes)
-        return []
+        return write_if_unchanged
 
 
 async def _until_asked(fake: CountingRedis, gets: int) -> None:

@@ -1,0 +1,186 @@
+"""Stored keys past the gate (services/router/auth.py): checked again on
+every ChatSession turn from the KeyStore's cache, and bounded by their
+configured tenant's models. Redis is a fake that answers each GET in turn
+(tests/integration/test_router_keys.py covers a real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+
+import grpc
+import grpc_testing
+import pytest
+import redis.exceptions
+from google.rpc import status_pb2
+
+from meshgate.config import LimitSettings, RouterSettings, TenantSettings, hash_api_key
+from meshgate.errors import MeshgateError
+from meshgate.reasons import Reason
+from meshgate.router.v1 import router_service_pb2 as pb
+from services.router import keys as keys_module
+from services.router.admission import TenantCalls
+from services.router.auth import Authenticator, CallerGate, check_caller_key
+from services.router.keys import KeyRecord, KeyStore, new_secret, usable_models
+from tests.unit.test_router_pipeline import user
+
+# The servicer's grpcio-testing harness: a ChatSession as the router serves
+# it, after its gate.
+from tests.unit.test_router_servicer import (
+    SERVICE,
+    _AsyncBridge,
+    _reason,
+    drain,
+    reason_of,
+    router_servicer,
+    router_settings,
+)
+
+CHAT_SESSION = f"/{SERVICE.full_name}/ChatSession"
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """The event loop the harness runs the servicer on, in a thread of its own."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
+
+
+class ScriptedRedis:
+    """A KeyStore's GETs, each answered by the next of ``answers``: a
+    record, None (no such key) or DOWN; the last answer repeats."""
+
+    DOWN = object()
+
+    def __init__(self, *answers) -> None:
+        self.answers = list(answers)
+        self.gets = 0
+
+    async def get(self, name: str):
+        answer = self.answers[min(self.gets, len(self.answers) - 1)]
+        self.gets += 1
+        if answer is self.DOWN:
+            raise redis.exceptions.ConnectionError("connection refused")
+        return answer.to_json() if answer is not None else None
+
+
+def stored(secret: str, tenant_id: str = "acme", models=("*",)) -> KeyRecord:
+    return KeyRecord(hash_api_key(secret), tenant_id, tuple(models), LimitSettings(), created_at=1.0)
+
+
+def turn_failure(response: pb.ChatSessionResponse) -> tuple[grpc.StatusCode, str]:
+    status = status_pb2.Status.FromString(response.failure)
+    code = next(code for code in grpc.StatusCode if code.value[0] == status.code)
+    return code, _reason(status)
+
+
+def bearer(secret: str):
+    return (("authorization", f"Bearer {secret}"),)
+
+
+async def test_a_stored_keys_check_per_turn_costs_no_redis_call_while_its_record_is_cached():
+    secret = new_secret()
+    live = stored(secret)
+    fake = ScriptedRedis(live, dataclasses.replace(live, revoked_at=2.0))
+    auth = Authenticator(RouterSettings(dev_api_key="file-key"), KeyStore(fake))
+    gate = CallerGate(auth, TenantCalls(0))
+
+    async def call(metadata, turns: int) -> None:
+        await gate(CHAT_SESSION, metadata)
+        for _ in range(turns):
+            await check_caller_key()
+
+    # One GET at the gate; the turns right after it read the cache.
+    await asyncio.create_task(call(bearer(secret), 5))
+    assert fake.gets == 1
+    # A key of the configuration file is not looked up at all.
+    await asyncio.create_task(call(bearer("file-key"), 5))
+    assert fake.gets == 1
+
+
+def test_a_chat_session_turn_fails_closed_while_redis_cannot_check_its_key_and_ends_once_it_is_revoked(
+    loop, monkeypatch
+):
+    # Every turn reads Redis (no cache), so that each of its answers reaches a turn.
+    monkeypatch.setattr(keys_module, "_CACHE_TTL_S", 0.0)
+    secret = new_secret()
+    live = stored(secret)
+    fake = ScriptedRedis(live, ScriptedRedis.DOWN, live, dataclasses.replace(live, revoked_at=2.0))
+    settings = router_settings().router
+    gate = CallerGate(Authenticator(settings, KeyStore(fake)), TenantCalls(settings.tenant_call_cap()))
+    server = grpc_testing.server_from_dictionary(
+        {SERVICE: _AsyncBridge(router_servicer(), gate, loop)}, grpc_testing.strict_real_time()
+    )
+    rpc = server.invoke_stream_stream(SERVICE.methods_by_name["ChatSession"], bearer(secret), 10)
+    for text in ("Redis is down", "Redis is back", "the key is revoked", "never served"):
+        rpc.send_request(pb.ChatSessionRequest(model="m", messages=[user(text)]))
+    rpc.requests_closed()
+    trailing_metadata, code, _ = rpc.termination()
+    responses = drain(rpc)
+    # Redis cannot tell: that turn fails closed, in the stream, which goes on.
+    assert turn_failure(responses[0]) == (grpc.StatusCode.UNAVAILABLE, Reason.REDIS_UNAVAILABLE)
+    assert responses[-2].HasField("completion")
+    # Revoked: the turn fails as a new call would, and so does the call.
+    assert turn_failure(responses[-1]) == (grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_REVOKED)
+    assert (code, reason_of(trailing_metadata)) == (grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_REVOKED)
+    assert fake.gets == 4  # the turn after the refusal was never read
+
+
+@pytest.mark.parametrize(
+    ("key_models", "tenant_models", "usable"),
+    [
+        (("*",), None, {"*"}),  # a tenant not configured bounds nothing
+        (("a", "b"), None, {"a", "b"}),
+        (("*",), {"*"}, {"*"}),
+        (("a",), {"*"}, {"a"}),
+        (("*",), {"a", "b"}, {"a", "b"}),  # "*" on the key: its tenant's models
+        (("a", "c"), {"a", "b"}, {"a"}),  # both must allow it
+        (("c",), {"a", "b"}, set()),  # the tenant's list shrank since: nothing
+    ],
+)
+def test_a_stored_key_may_use_the_models_both_it_and_its_tenant_allow(key_models, tenant_models, usable):
+    bound = frozenset(tenant_models) if tenant_models is not None else None
+    assert usable_models(key_models, bound) == frozenset(usable)
+
+
+async def test_a_reload_that_narrows_a_tenants_models_narrows_its_stored_keys():
+    secret = new_secret()
+    fake = ScriptedRedis(stored(secret, models=("a", "b")))
+    auth = Authenticator(
+        RouterSettings(dev_tenant=False, tenants=[TenantSettings(id="acme")]), KeyStore(fake)
+    )
+    assert (await auth.authenticate(bearer(secret))).models == {"a", "b"}
+    auth.reconfigure(RouterSettings(dev_tenant=False, tenants=[TenantSettings(id="acme", models=["b"])]))
+    tenant = await auth.authenticate(bearer(secret))
+    assert tenant.may_use("b") and not tenant.may_use("a")
+
+
+def test_a_key_never_rotated_is_stored_as_before_and_a_successor_carries_its_accounting_id():
+    # A replica from before accounting ids reads every record it could: only
+    # a rotated key's record says more than it did.
+    record = stored(new_secret())
+    assert "accounting_id" not in record.to_json()
+    assert KeyRecord.from_json(record.to_json()) == record
+    assert record.accounting_id == record.key_id
+    successor = dataclasses.replace(record, key_hash=hash_api_key(new_secret()))
+    assert successor.accounting_id == record.key_id != successor.key_id
+    assert KeyRecord.from_json(successor.to_json()).accounting_id == record.key_id
+
+
+def test_check_key_request_refuses_a_model_outside_the_configured_tenants():
+    known = {"a": None, "b": None}
+    with pytest.raises(MeshgateError) as refused:
+        keys_module.check_key_request("acme", ["a", "b"], {}, known, None, 0.0, frozenset({"a"}))
+    assert (refused.value.code, refused.value.reason, refused.value.metadata) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        Reason.MODEL_NOT_ALLOWED,
+        {"model": "b"},
+    )
+    # "*" (or none) on the key means the tenant's models: accepted as stored.
+    assert keys_module.check_key_request("acme", [], {}, known, None, 0.0, frozenset({"a"}))[0] == ("*",)
