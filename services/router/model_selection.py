@@ -82,8 +82,14 @@ _TASK_VERBS = frozenset(
     ]
 )  # fmt: skip
 _WHY_HOW = frozenset({"why", "how"})
+# Every pattern here runs on the router's event loop over text a caller
+# sent (up to router.max_message_bytes), so each must take time linear in
+# it: "\w+\.\w+\(" tried from every letter of a long word (2.2 s for 32k
+# letters), and "^\s*" from every line start of a run of blank lines across
+# all the lines after it (16.6 s for 32k newlines), freezing every tenant's
+# calls. Hence the leading \b and the "^[ \t]*", which match what they did.
 _CODE = re.compile(
-    r"```|\bdef |\bclass |\bimport |\breturn\b|[{};]\s*$|\bfunction\b|\bSELECT\b|=>|\(\)|\w+\.\w+\(",
+    r"```|\bdef |\bclass |\bimport |\breturn\b|[{};]\s*$|\bfunction\b|\bSELECT\b|=>|\(\)|\b\w+\.\w+\(",
     re.MULTILINE,
 )
 _MATH = re.compile(
@@ -93,7 +99,7 @@ _MATH = re.compile(
 )
 _MULTI_STEP = re.compile(
     r"\b(?:step[- ]by[- ]step|steps?|first(?:ly)?|then|next|finally|afterwards|after that|"
-    r"and also|as well as|in addition|followed by)\b|^\s*(?:\d+[.)]|[-*•])\s",
+    r"and also|as well as|in addition|followed by)\b|^[ \t]*(?:\d+[.)]|[-*•])\s",
     re.IGNORECASE | re.MULTILINE,
 )
 _CONSTRAINT = re.compile(
@@ -129,14 +135,24 @@ def prompt_text(messages: collections.abc.Sequence) -> str:
     return ""
 
 
+# The prompt's patterns are counted in its first this many characters: the
+# scan is linear but still ~1 ms per 1,000 characters of the event loop,
+# and a prompt that long is long enough for the length features to speak.
+FEATURE_SCAN_CHARS = 8192
+
+
 def features(text: str) -> np.ndarray:
+    """The classifier's features of ``text``: lengths over all of it, the
+    patterns over its first FEATURE_SCAN_CHARS characters."""
+    length = len(text)
+    text = text[:FEATURE_SCAN_CHARS]
     words = _WORD.findall(text)
     lowered = [w.lower() for w in words]
     first = lowered[0] if lowered else ""
     characters = max(1, len(text))
     return np.array(
         [
-            math.log1p(len(text)),
+            math.log1p(length),
             math.log1p(len(words)),
             math.log1p(len(_SENTENCE_END.findall(text))),
             math.log1p(text.count("?")),

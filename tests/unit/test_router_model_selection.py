@@ -6,6 +6,7 @@ chosen model. No sockets: the embedding is a fake callable."""
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import sys
 
@@ -76,6 +77,27 @@ def test_features_see_code_math_steps_and_constraints():
         assert loaded[index] > plain[index], name
     assert plain[names.index("factoid_opener")] == 1.0
     assert loaded[names.index("factoid_opener")] == 0.0
+
+
+@pytest.mark.parametrize("unit", ["a", "\n", "\t \n", "1 ", "a.b"])
+def test_a_long_prompts_patterns_are_counted_in_its_first_characters_only(unit):
+    """The patterns run on the router's event loop over text a caller sent:
+    a run of 32k letters or newlines took 2.2 s and 16.6 s before the
+    patterns were made linear, and a whole 256 KiB message is still read
+    for its length only."""
+    text = unit * (model_selection.FEATURE_SCAN_CHARS * 4 // len(unit))
+    head = text[: model_selection.FEATURE_SCAN_CHARS]
+    whole, first = features(text), features(head)
+    length = model_selection.FEATURE_NAMES.index("log_chars")
+    assert whole[length] > first[length]
+    assert [x for i, x in enumerate(whole) if i != length] == [x for i, x in enumerate(first) if i != length]
+
+
+def test_linear_patterns_still_count_list_items_after_blank_lines_and_method_calls():
+    counted = features("Do this:\n\n\n  1. first\n\t- then\nCall obj.method() and x.y(2)")
+    names = model_selection.FEATURE_NAMES
+    assert counted[names.index("multi_step_markers")] >= math.log1p(2)
+    assert counted[names.index("code_markers")] >= math.log1p(2)
 
 
 @pytest.mark.parametrize("text", EASY)
