@@ -38,12 +38,23 @@ model's refuses (or the reverse) is refunded right away by a settlement to
 nothing: no limit is ever exceeded (each is checked atomically), but for
 that instant another turn may see the refunded charge and be refused.
 
-Tokens are reserved at admission: the new messages' UTF-8 bytes (every
-token of either tokenizer covers at least one byte, so this bounds their
-tokens) plus max_tokens; the settlement at the end of the turn (success,
-failure or cancellation) replaces the reservation by the real usage. A
-turn whose caller went away while its admit script was in Redis is refunded
-in full when the reply comes (the script may have admitted it).
+Tokens are reserved at admission: a bound on what inference will bill as
+the prompt, the chat template rendered over the new messages (their UTF-8
+bytes and the template's own, prompt_bound.py: every token of either
+tokenizer covers at least one byte of the rendering), plus max_tokens. A
+session turn's history, which the model reads and inference bills too, is
+known only once assembled: the pipeline then grows the reservation to the
+assembled prompt's bound (``top_up``, one more script call, only for a turn
+a token or cost limit charges), before anything is generated, or the turn
+is refused as admission would have refused it, and settles to nothing. So a
+turn's settlement stays within what its limits were checked for; where it
+cannot (the README lists where: a template that cannot be measured, a cache
+hit's share of a longer prompt's answer, prices raised by a reload, fail
+open), the whole use is still charged and the excess logged. The settlement
+at the end of the turn (success, failure or cancellation) replaces the
+reservation by the real usage. A turn whose caller went away while its
+admit (or top-up) script was in Redis is refunded in full (its growth given
+back) when the reply comes (the script may have run).
 Settlements are written within ``SETTLE_AFTER_S``: a stream's lease may
 outlive its stream by that long, so a turn refused for concurrent streams
 first writes this replica's pending settlements, waits out every other
@@ -80,6 +91,7 @@ from meshgate.config import LimitSettings, PriceSettings, RouterSettings
 from meshgate.errors import MeshgateError, retry_info, unavailable
 from meshgate.reasons import Reason
 from services.router.ledger import Ledger, UsageRecord, run_scripts
+from services.router.prompt_bound import PromptBound, bound_of
 
 log = structlog.get_logger(__name__)
 
@@ -126,6 +138,28 @@ local function parse(words)
   end
   return checks
 end
+-- A window's entries that left it give their cost back (housekeeping, not
+-- a charge: done even if a later check refuses).
+local function expire(key, sum_key, b)
+  local expired = redis.call('ZRANGEBYSCORE', key, '-inf', now - b)
+  if #expired > 0 then
+    local freed = 0
+    for _, member in ipairs(expired) do freed = freed + entry_cost(member) end
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - b)
+    redis.call('DECRBY', sum_key, freed)
+  end
+end
+-- A window refusal's retry delay (ms): when enough of the oldest entries
+-- to free ``need`` will have left.
+local function retry_after(key, need, b)
+  local freed = 0
+  local entries = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+  for j = 1, #entries, 2 do
+    freed = freed + entry_cost(entries[j])
+    if freed >= need then return math.ceil(tonumber(entries[j + 1]) + b - now) end
+  end
+  return b
+end
 """
 
 # One turn: returns {1} when every check admits (all are then charged), else
@@ -139,26 +173,9 @@ for i, check in ipairs(checks) do
   local kind, a, b, key, sum_key = check.kind, check.a, check.b, check.key, check.sum_key
   local cost = tonumber(check.cost)
   if kind == 'w' then
-    -- Entries that left the window give their cost back (housekeeping,
-    -- not a charge: done even if a later check refuses).
-    local expired = redis.call('ZRANGEBYSCORE', key, '-inf', now - b)
-    if #expired > 0 then
-      local freed = 0
-      for _, member in ipairs(expired) do freed = freed + entry_cost(member) end
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', now - b)
-      redis.call('DECRBY', sum_key, freed)
-    end
+    expire(key, sum_key, b)
     local used = tonumber(redis.call('GET', sum_key)) or 0
-    if used + cost > a then
-      -- The retry delay: when enough of the oldest entries will have left.
-      local need, freed = used + cost - a, 0
-      local entries = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-      for j = 1, #entries, 2 do
-        freed = freed + entry_cost(entries[j])
-        if freed >= need then return {0, i, math.ceil(tonumber(entries[j + 1]) + b - now)} end
-      end
-      return {0, i, b}
-    end
+    if used + cost > a then return {0, i, retry_after(key, used + cost - a, b)} end
   elseif kind == 'b' then
     local used = tonumber(redis.call('GET', key)) or 0
     if used + cost > a then return {0, i, 0} end
@@ -214,6 +231,59 @@ for t = 2, #ARGV, 2 do
   end
 end
 return 1
+"""
+)
+
+
+# One admitted turn's reservation grows (Admission.top_up): its lease, then
+# one word "kind a b reserved grown k" per window or budget that charges it
+# more, its key KEYS[k]. Returns {1} when every check holds the growth (all
+# are then charged: a window's entry is rewritten to the grown cost, kept at
+# its admission time), else {0, index of the first refusing check, retry
+# after ms}, charging nothing: the turn's reservation stands as admitted.
+_TOP_UP = (
+    _PARSE
+    + """
+local lease = ARGV[2]
+local checks = {}
+for kind, a, b, reserved, grown, k in
+    string.gmatch(ARGV[3], '(%a) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%d+)') do
+  k = tonumber(k)
+  checks[#checks + 1] = {
+    kind = kind, a = tonumber(a), b = tonumber(b), key = KEYS[k], sum_key = KEYS[k + 1],
+    member = lease .. ':' .. reserved, grown_member = lease .. ':' .. grown,
+    more = tonumber(grown) - tonumber(reserved), grown = tonumber(grown),
+  }
+end
+for i, check in ipairs(checks) do
+  if check.kind == 'w' then
+    expire(check.key, check.sum_key, check.b)
+    -- The turn's entry; gone when it has left the window (admitted more
+    -- than a window ago): then the grown cost is charged anew, from now.
+    check.score = redis.call('ZSCORE', check.key, check.member)
+    if not check.score then check.more = check.grown end
+    local used = tonumber(redis.call('GET', check.sum_key)) or 0
+    if used + check.more > check.a then
+      return {0, i, retry_after(check.key, used + check.more - check.a, check.b)}
+    end
+  else
+    local used = tonumber(redis.call('GET', check.key)) or 0
+    if used + check.more > check.a then return {0, i, 0} end
+  end
+end
+for _, check in ipairs(checks) do
+  if check.kind == 'w' then
+    if check.score then redis.call('ZREM', check.key, check.member) end
+    redis.call('ZADD', check.key, check.score or now, check.grown_member)
+    redis.call('INCRBY', check.sum_key, check.more)
+    redis.call('PEXPIRE', check.key, check.b)
+    redis.call('PEXPIRE', check.sum_key, check.b)
+  else
+    redis.call('INCRBY', check.key, check.more)
+    redis.call('EXPIRE', check.key, check.b)
+  end
+end
+return {1}
 """
 )
 
@@ -469,6 +539,7 @@ class Admission:
         self._split_by_slot = isinstance(redis, RedisCluster) if split_by_slot is None else split_by_slot
         self._admit_script = redis.register_script(_ADMIT)
         self._settle_script = redis.register_script(_SETTLE)
+        self._top_up_script = redis.register_script(_TOP_UP)
         self._lease_ms = int(max_generation_s * 1000) + _LEASE_MARGIN_MS
         self._clock = clock
         self._plans: dict[tuple[str, str, str], _Plan] = {}
@@ -476,7 +547,8 @@ class Admission:
         self._unsettled: list[tuple[Reservation, int, int]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task] = set()
-        # Admits whose callers were cancelled while Redis answered (admit).
+        # Admits (and top-ups) whose callers were cancelled while Redis
+        # answered (admit, top_up).
         self._abandoned: set[asyncio.Future] = set()
 
     def _now_s(self) -> float:
@@ -613,6 +685,126 @@ class Admission:
             raise failed
         return refused
 
+    async def top_up(self, reservation: Reservation, tokens: int, nano_usd: int) -> None:
+        """Grows an admitted turn's reservation to ``tokens`` and
+        ``nano_usd`` (a bound learnt after admission: a session turn's
+        assembled prompt), or raises the refusal of the first limit that
+        cannot hold it, as admit would have (the reservation then stands as
+        admitted: the turn's settlement refunds it). One round trip, only
+        where a token or cost limit is charged more; none for a turn whose
+        limits are requests and streams alone, or that was admitted without
+        Redis (fail open: it has no checks)."""
+        if reservation.settled or not reservation.checks:
+            return
+        reserved_tokens, reserved_nano_usd = reservation.reserved_tokens, reservation.reserved_nano_usd
+        tokens, nano_usd = max(tokens, reserved_tokens), max(nano_usd, reserved_nano_usd)
+        grown = [
+            check
+            for check in reservation.checks
+            if check.kind != "streams"
+            and check.cost(tokens, nano_usd) != check.cost(reserved_tokens, reserved_nano_usd)
+        ]
+        for check in grown:
+            if check.cost(tokens, nano_usd) > check.a:
+                raise _refusal(
+                    check.scope.kind, check.scope.id, check.limit, _limit_value(check), None,
+                    Reason.REQUEST_EXCEEDS_LIMIT,
+                    f"this request alone exceeds {check.scope.kind} limit {check.limit}",
+                )  # fmt: skip
+        if grown:
+            before = (reserved_tokens, reserved_nano_usd)
+            growing = asyncio.ensure_future(
+                self._grow_or_refuse(reservation.lease_id, grown, before, tokens, nano_usd)
+            )
+            try:
+                # Shielded, as admit's script: a caller cancelled while the
+                # script is in Redis must not leave the growth charged (a
+                # budget would keep it: the turn settles from what was
+                # reserved before). It is given back once Redis answers.
+                refused = await asyncio.shield(growing)
+            except asyncio.CancelledError:
+                grew = Reservation(reservation.lease_id, tokens, nano_usd, tuple(grown))
+                growing.add_done_callback(functools.partial(self._undo_abandoned_growth, grew, before))
+                self._abandoned.add(growing)
+                growing.add_done_callback(self._abandoned.discard)
+                raise
+            except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
+                # As at admission: the limits cannot be checked. Failing open,
+                # the turn goes on with what admission reserved; if the
+                # script did run, its growth stays charged (an overcharge).
+                closed = [c for c in grown if c.limit in c.scope.limits.fail_closed]
+                if closed:
+                    raise unavailable(
+                        Reason.LIMITS_UNAVAILABLE,
+                        f"limits cannot be checked and {closed[0].limit} is configured to fail closed",
+                        limit=closed[0].limit,
+                        scope=closed[0].scope.kind,
+                    ) from error
+                log.warning("limits unavailable; the turn keeps what admission reserved", error=str(error))
+                return
+            if refused is not None:
+                raise refused.error
+        reservation.reserved_tokens, reservation.reserved_nano_usd = tokens, nano_usd
+
+    async def _grow_or_refuse(
+        self,
+        lease_id: str,
+        grown: list[_Check],
+        before: tuple[int, int],
+        tokens: int,
+        nano_usd: int,
+    ) -> _Refused | None:
+        """One top-up script per slot, in one round trip; where some slot
+        refused or failed, the slots that grew are given the growth back
+        (a settlement from grown to ``before``, the tokens and nano-USD
+        reserved) and a failure is raised."""
+        reserved_tokens, reserved_nano_usd = before
+        now = self._now_arg()
+        words = [
+            f"{_KIND_CODE[check.kind]} {check.a} {check.b}"
+            f" {check.cost(reserved_tokens, reserved_nano_usd)} {check.cost(tokens, nano_usd)}"
+            for check in grown
+        ]
+        groups = list(_by_slot(grown, words).values())
+        calls = []
+        for checks, slot_words in groups:
+            keys, indexed = [], []
+            for check, word in zip(checks, slot_words, strict=True):
+                indexed.append(f"{word} {len(keys) + 1}")
+                keys += check.keys
+            calls.append((keys, [now, lease_id, " ".join(indexed)]))
+        replies = await run_scripts(self._redis, self._top_up_script, calls, raise_on_error=False)
+        refused, failed, charged = None, None, []
+        for (checks, _), reply in zip(groups, replies, strict=True):
+            if isinstance(reply, Exception):
+                failed = failed or reply
+            elif reply[0] == 1:
+                charged += checks
+            elif refused is None:
+                refused = _Refused(checks[reply[1] - 1], reply[2])
+        if (refused is not None or failed is not None) and charged:
+            grew = Reservation(lease_id, tokens, nano_usd, tuple(charged))
+            await self._write_settlements([(grew, *before)])
+        if failed is not None:
+            raise failed
+        return refused
+
+    def _undo_abandoned_growth(
+        self, grew: Reservation, before: tuple[int, int], growing: asyncio.Task
+    ) -> None:
+        """The top-up of a caller that went away has answered: growth it
+        charged goes back to what was reserved, so the turn's settlement
+        (from what was reserved) leaves the real use. Written whichever
+        comes first: a window entry the settlement missed (renamed by the
+        growth) keeps what was reserved until it leaves its window, an
+        overcharge; budgets end exact."""
+        if growing.cancelled() or growing.exception() is not None or growing.result() is not None:
+            return
+        write = self._write_settlements([(grew, *before)])
+        task = asyncio.get_running_loop().create_task(write)
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
     async def settle(self, reservation: Reservation, tokens: int, nano_usd: int) -> None:
         """Replaces the reservation by what the turn used and frees its
         stream, now."""
@@ -620,6 +812,8 @@ class Admission:
             return
         reservation.settled = True
         if reservation.checks:
+            if tokens > reservation.reserved_tokens or nano_usd > reservation.reserved_nano_usd:
+                _warn_over(reservation, tokens, nano_usd)
             await self._write_settlements([(reservation, tokens, nano_usd)])
 
     def settle_soon(self, reservation: Reservation, tokens: int, nano_usd: int) -> None:
@@ -631,6 +825,8 @@ class Admission:
         reservation.settled = True
         if not reservation.checks:
             return
+        if tokens > reservation.reserved_tokens or nano_usd > reservation.reserved_nano_usd:
+            _warn_over(reservation, tokens, nano_usd)
         self._unsettled.append((reservation, tokens, nano_usd))
         if len(self._unsettled) >= _SETTLE_BATCH:
             self._start_flush()
@@ -699,6 +895,20 @@ class Admission:
             log.warning("settlement failed; the reservations stand", turns=len(batch), error=str(error))
 
 
+def _warn_over(reservation: Reservation, tokens: int, nano_usd: int) -> None:
+    """A turn billed more than it reserved: its limits were checked against
+    less than it used. Its settlement still charges the whole use (later
+    turns see it), but the overshoot it may have made is told here: only
+    where the README says it can happen ("Limits, usage and keys")."""
+    log.warning(
+        "a turn used more than admission reserved; its limits may be overshot by the difference",
+        reserved_tokens=reservation.reserved_tokens,
+        used_tokens=tokens,
+        reserved_nano_usd=reservation.reserved_nano_usd,
+        used_nano_usd=nano_usd,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class _Refused:
     check: _Check
@@ -739,11 +949,17 @@ class TurnAdmission:
         self._settings = settings
         # Records each turn, batched off the caller's critical path.
         self._ledger = ledger
+        # Chat template (ModelSettings.chat_template) -> its PromptBound,
+        # measured at its first limited turn; None: it cannot be measured.
+        self._bounds: dict[str, PromptBound | None] = {}
 
     def reconfigure(self, settings: RouterSettings) -> None:
         """New limits and prices (a reload) apply from the next turn; a turn
-        already admitted settles against the scopes it was admitted with."""
+        already admitted settles against the scopes it was admitted with.
+        Templates are measured again as turns use them (only those in use
+        are kept)."""
         self._settings = settings
+        self._bounds = {}
 
     def waits(self, turn) -> bool:
         """Whether some limit applies to ``turn`` (admit then asks Redis)."""
@@ -751,12 +967,49 @@ class TurnAdmission:
         return any(scope.limits.configured() for scope in scopes)
 
     async def admit(self, turn) -> Reservation:
+        scopes = [
+            scope
+            for scope in admission_scopes(turn.tenant, turn.model_alias, self._settings)
+            if scope.limits.configured()
+        ]
+        prompt_tokens = estimate_prompt_tokens(turn.messages)
+        if scopes:
+            # Inference bills the rendered prompt: the template's own text
+            # too. Only for a turn some limit charges (the others reserve
+            # nothing), so a turn without limits measures nothing more.
+            prompt_tokens += self._template_tokens(turn, len(turn.messages))
         return await self._admission.admit(
-            admission_scopes(turn.tenant, turn.model_alias, self._settings),
-            estimate_prompt_tokens(turn.messages),
-            turn.max_tokens,
-            self._settings.prices.get(turn.model_alias),
+            scopes, prompt_tokens, turn.max_tokens, self._settings.prices.get(turn.model_alias)
         )
+
+    async def reserve_prompt(self, grant: Reservation, turn, prompt) -> None:
+        """Grows ``grant`` to cover ``prompt``, the messages the model will
+        be sent, where they may cost more than admission reserved for the
+        turn's own (a session's assembled history), or raises the refusal of
+        the limit that cannot hold them (the turn then settles the grant to
+        nothing). No round trip unless a token or cost limit charged the
+        turn and the prompt's bound is above the reservation."""
+        if not isinstance(grant, Reservation) or not grant.checks:
+            return  # no limit charged the turn (or admitted failing open)
+        prompt_tokens = estimate_prompt_tokens(prompt) + self._template_tokens(turn, len(prompt))
+        tokens = prompt_tokens + turn.max_tokens
+        if tokens <= grant.reserved_tokens:
+            return
+        price = self._settings.prices.get(turn.model_alias)
+        await self._admission.top_up(grant, tokens, cost_nano_usd(price, prompt_tokens, turn.max_tokens))
+
+    def _template_tokens(self, turn, message_count: int) -> int:
+        """At most how many tokens the turn's chat template adds to a prompt
+        of ``message_count`` messages (prompt_bound.py: a token is a byte or
+        more of the rendering, as of its content). 0 for a template that
+        cannot be measured: its turns reserve their content alone (the
+        README says so, and pipeline's prompt_bounds logs it)."""
+        template = turn.model.chat_template
+        try:
+            bound = self._bounds[template]
+        except KeyError:
+            bound = self._bounds[template] = bound_of(template, turn.model_alias)
+        return 0 if bound is None else bound.template_bytes(message_count)
 
     async def settle(self, grant: Reservation, turn, outcome) -> None:
         price = self._settings.prices.get(turn.model_alias)

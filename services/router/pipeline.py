@@ -301,6 +301,15 @@ class Admission(Protocol):
 
     async def settle(self, grant: Any, turn: Turn, outcome: Outcome) -> None: ...
 
+    # Optional (an admission that reserves no tokens, Unlimited or a test's
+    # fake, leaves it out):
+    #
+    # async def reserve_prompt(self, grant: Any, turn: Turn, prompt) -> None:
+    #     """Grows the grant to cover ``prompt``, the messages the model will
+    #     be sent, when they may cost more than admission reserved for the
+    #     turn's own (a session's assembled history), or refuses the turn
+    #     as admit would (raising); called before anything is generated."""
+
 
 class Unlimited:
     """Admits every turn and records nothing."""
@@ -358,6 +367,8 @@ class Pipeline:
         self._cache = cache
         self._generator = generator
         self._admission = admission or Unlimited()
+        # Admission's reserve_prompt (Admission), where it has one.
+        self._reserve_prompt = getattr(self._admission, "reserve_prompt", None)
         # Without a way to embed, selection decides on cheap features alone.
         self._selector = selector or Selector(_no_embedding)
         self._templates = Templates(settings.templates)
@@ -463,7 +474,8 @@ class Pipeline:
             # Every nested stream is closed explicitly (aclosing): an
             # abandoned async generator's cleanup, such as cancelling its
             # inference call, would otherwise wait for the garbage collector.
-            async with contextlib.aclosing(self._admitted(turn, answer, facts, started, early)) as events:
+            admitted = self._admitted(turn, grant, answer, facts, started, early)
+            async with contextlib.aclosing(admitted) as events:
                 async for event in events:
                     if isinstance(event, Delta):
                         delivered_bytes += len(event.text.encode())
@@ -566,6 +578,7 @@ class Pipeline:
     async def _admitted(
         self,
         turn: Turn,
+        grant: Any,
         answer: Answer,
         facts: _TurnFacts,
         turn_started: float,
@@ -601,12 +614,28 @@ class Pipeline:
             assembled = await self._contexts.assemble(turn)
             if assembled is not None:
                 prompt, version = assembled
-                facts.prompt = prompt
             # The assembly refuses a strict turn at another version itself
             # (its append_reservation's expected_version); a context service
             # that predates that field ignores it, and this check stands in.
             if turn.expected_version is not None and version != turn.expected_version:
                 raise version_conflict(session_id, version)
+            if self._reserve_prompt is not None:
+                # Admission reserved the new messages' bound, but the model
+                # reads (and inference bills) the history too, only known
+                # now: reserved before any hit or generation, as admission
+                # reserves a stateless turn's before its lookup answers. A
+                # stateless turn needs none: its assembly sends its messages
+                # as they are (or their system ones first), which is what
+                # admission reserved (context assembly.render).
+                try:
+                    await self._reserve_prompt(grant, turn, prompt)
+                except MeshgateError as error:
+                    _count_refusal(error)
+                    raise
+            # What a turn ending early pays as its prompt from now on (the
+            # model may read it): not before it is reserved, so a caller
+            # hanging up while it is being reserved is not billed past it.
+            facts.prompt = prompt
             hit = await self._exact_hit(plan, prompt, turn.budget)
             if hit is None:
                 lookup = self._semantic_lookup(plan, prompt, turn.budget)

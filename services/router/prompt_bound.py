@@ -23,6 +23,11 @@ bounded from the template: each message adds its content between fixed
 strings (the frames the context service also derives), the prompt adds a
 fixed prefix, default system prompt and generation cue; both are measured
 here by rendering probes, so no setting can drift from the template.
+
+Admission reserves the same bound (content bytes plus template_bytes) for a
+turn a token or cost limit charges: inference bills the rendered prompt's
+tokens, so the bound keeps what a turn settles to within what its limits
+were checked for (services/router/admission.py).
 """
 
 from __future__ import annotations
@@ -68,13 +73,20 @@ class PromptBound:
         added = max(size([("system", _PROBE), (role, _PROBE)], False) - system for role in roles)
         return cls(alone, added - len(_PROBE))
 
+    def template_bytes(self, message_count: int) -> int:
+        """At most how many bytes the template's own text (everything but
+        the messages' content) adds to a prompt of ``message_count``
+        messages: with the content's UTF-8 bytes, a bound on the prompt's
+        tokens (admission reserves it, services/router/admission.py)."""
+        return self.fixed_bytes + max(message_count - 1, 0) * self.message_bytes
+
     def fits(self, messages: collections.abc.Sequence[common_pb2.Message], tokens: int) -> bool:
         """Whether the rendered prompt of ``messages`` surely has at most
         ``tokens`` tokens. Content is encoded only when four bytes a
         character would not fit."""
         if not messages:
             return False
-        room = tokens - self.fixed_bytes - (len(messages) - 1) * self.message_bytes
+        room = tokens - self.template_bytes(len(messages))
         chars = sum(len(message.content) for message in messages)
         if _UTF8_MAX_BYTES_PER_CHAR * chars <= room:
             return True
@@ -89,11 +101,26 @@ def prompt_bounds(models: dict[str, ModelSettings]) -> dict[str, PromptBound]:
     here) always has its prompts fitted by the context service."""
     bounds: dict[str, PromptBound] = {}
     for alias, model in models.items():
-        try:
-            bounds[alias] = PromptBound.of(tokenization.load_chat_template(model.chat_template))
-        except (OSError, jinja2.TemplateError) as error:
-            log.warning("no prompt bound; its prompts are always assembled", model=alias, error=str(error))
+        bound = bound_of(model.chat_template, alias)
+        if bound is not None:
+            bounds[alias] = bound
     return bounds
+
+
+def bound_of(chat_template: str, alias: str = "") -> PromptBound | None:
+    """The bound of the chat template ``chat_template`` (ModelSettings'),
+    measured now; None (logged) when it cannot be: its template refuses a
+    probe, or its file is missing here."""
+    try:
+        return PromptBound.of(tokenization.load_chat_template(chat_template))
+    except (OSError, jinja2.TemplateError) as error:
+        log.warning(
+            "no prompt bound; its prompts are always assembled, and admission reserves their content alone",
+            model=alias,
+            chat_template=chat_template,
+            error=str(error),
+        )
+        return None
 
 
 def in_assembly_order(messages: collections.abc.Sequence[common_pb2.Message]) -> bool:

@@ -12,11 +12,16 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from meshgate import redis_access
-from meshgate.config import LimitSettings, PriceSettings, RouterSettings
+from meshgate import redis_access, tokenization
+from meshgate.common.v1 import common_pb2
+from meshgate.config import LimitSettings, ModelSettings, PriceSettings, RouterSettings, Settings
 from meshgate.errors import MeshgateError
+from meshgate.reasons import Reason
+from meshgate.router.v1 import router_service_pb2 as router_pb
 from services.router.admission import Admission, Scope, TurnAdmission
-from services.router.pipeline import Answer, CacheStatus, Outcome
+from services.router.auth import Tenant
+from services.router.pipeline import Answer, Budget, CacheStatus, Completion, Failure, Outcome, Pipeline
+from services.router.prompt_bound import prompt_bounds
 
 pytestmark = pytest.mark.integration
 
@@ -210,19 +215,21 @@ async def test_redis_outage_fails_open_unless_the_limit_fails_closed():
         await dead.aclose()
 
 
-def _turn(tenant_id: str, max_tokens: int):
-    from meshgate.common.v1 import common_pb2
-    from services.router.auth import Tenant
+# What tiny-gpt's chat template adds to a one-message prompt, at most (its
+# bytes: prompt_bound.py), which admission reserves with the content.
+_TINY_GPT_TEMPLATE_BYTES = prompt_bounds({"tiny-gpt": ModelSettings()})["tiny-gpt"].template_bytes(1)
 
+
+def _turn(tenant_id: str, max_tokens: int):
     tenant = Tenant(
         tenant_id,
         frozenset({"*"}),
         "k" + tenant_id,
-        LimitSettings(tokens_per_minute=100, concurrent_streams=1),
+        LimitSettings(tokens_per_minute=150, concurrent_streams=1),
     )
     messages = [common_pb2.Message(role=common_pb2.ROLE_USER, content="0123456789")]
     return types.SimpleNamespace(
-        tenant=tenant, model_alias="tiny-gpt", messages=messages, max_tokens=max_tokens
+        tenant=tenant, model_alias="tiny-gpt", model=ModelSettings(), messages=messages, max_tokens=max_tokens
     )
 
 
@@ -266,8 +273,9 @@ async def test_the_pipeline_stages_settle_every_end_of_a_turn(redis_client, outc
     stages = TurnAdmission(Admission(redis_client, max_generation_s=60), settings)
     turn = _turn(uuid.uuid4().hex[:12], max_tokens=80)
     grant = await stages.admit(turn)
-    assert grant.reserved_tokens == 90
-    # The stream is held and 90 of 100 tokens reserved: a second turn waits.
+    # The prompt's 10 bytes and its template's, and max_tokens.
+    assert grant.reserved_tokens == 10 + _TINY_GPT_TEMPLATE_BYTES + 80
+    # The stream is held and most of the 150 tokens reserved: a second turn waits.
     with pytest.raises(MeshgateError):
         await stages.admit(turn)
     await stages.settle(grant, turn, outcome)
@@ -411,6 +419,269 @@ async def test_a_drain_waits_for_an_abandoned_admit_and_writes_its_refund(redis_
             day = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
             assert await fresh.zcard(f"{scope.prefix}:streams") == 0
             assert int(await fresh.get(f"{scope.prefix}:tokens:day:{day}") or 0) == 0
+    finally:
+        for each in clients:
+            await each.aclose()
+
+
+# --- a reservation bounds what its turn is billed -----------------------------
+#
+# Inference bills a turn's prompt as it counts it: the chat template rendered
+# over every message the model read (a session's history too), not only the
+# new messages' content. Admission reserves a bound of that (prompt_bound.py),
+# so turns admitted together never settle past a limit.
+
+_MODELS = Settings().models
+
+
+def _rendered_tokens(model: ModelSettings, messages) -> int:
+    """What inference bills as the prompt: the tokens of the model's chat
+    template rendered over ``messages``, as its tokenizer counts them."""
+    template = tokenization.load_chat_template(model.chat_template)
+    return tokenization.count(tokenization.load(model.tokenizer), [template.render_messages(messages)])[0]
+
+
+def _limited_tenant(limits: LimitSettings) -> Tenant:
+    tenant_id = uuid.uuid4().hex[:12]
+    return Tenant(tenant_id, frozenset({"*"}), "k" + tenant_id, limits)
+
+
+def _day_key(scope: Scope, name: str = "tokens") -> str:
+    return f"{scope.prefix}:{name}:day:{datetime.datetime.now(datetime.UTC):%Y-%m-%d}"
+
+
+@pytest.mark.parametrize(("alias", "limit"), [("tiny-gpt", 100), ("smollm2", 400)])
+async def test_concurrent_stateless_turns_never_settle_a_window_or_budget_past_its_limit(
+    redis_client, alias, limit
+):
+    """Twenty turns of "hi" at once against a small per-minute and per-day
+    limit, each billed what inference counts (its rendered prompt, several
+    times its 2 bytes of content, and max_tokens): what they settle to
+    stays within the limits, as the reservations they were admitted on
+    bound it."""
+    model = _MODELS[alias]
+    limits = LimitSettings(tokens_per_minute=limit, tokens_per_day=limit)
+    stages = TurnAdmission(Admission(redis_client, max_generation_s=60), RouterSettings())
+    messages = [common_pb2.Message(role=common_pb2.ROLE_USER, content="hi")]
+    turn = types.SimpleNamespace(
+        tenant=_limited_tenant(limits), model_alias=alias, model=model, messages=messages, max_tokens=8
+    )
+    billed_prompt = _rendered_tokens(model, messages)
+    assert billed_prompt > len("hi")  # the template's own tokens: what was not reserved
+    results = await asyncio.gather(*(stages.admit(turn) for _ in range(20)), return_exceptions=True)
+    grants = [result for result in results if not isinstance(result, BaseException)]
+    assert grants, results
+    for grant in grants:
+        outcome = Outcome(Answer(prompt_tokens=billed_prompt, completion_tokens=8), CacheStatus.MISS, 0.1)
+        await stages.settle(grant, turn, outcome)
+    await stages.drain()
+    scope = Scope("tenant", turn.tenant.id, limits)
+    assert (
+        int(await redis_client.get(f"{scope.prefix}:tpm:sum")) == len(grants) * (billed_prompt + 8) <= limit
+    )
+    assert int(await redis_client.get(_day_key(scope))) <= limit
+
+
+class _SessionContexts:
+    """Sessions whose history is ``history`` (one message): assembly puts it
+    before the turn's new messages, as the context service would."""
+
+    def __init__(self, history: str) -> None:
+        self.history = common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=history)
+        self.appended: list[str] = []
+
+    async def create_session(self, tenant, budget) -> str:
+        return uuid.uuid4().hex
+
+    async def assemble(self, turn):
+        return [self.history, *turn.messages], 1
+
+    async def append(self, turn, session_id, after_version, answer) -> int:
+        self.appended.append(session_id)
+        return after_version + 1
+
+    async def prefetch(self, tenant, session_id) -> None:
+        return None
+
+
+class _BillingGenerator:
+    """Stands in for the inference service: one piece, then the completion,
+    billed as inference bills it (the rendered prompt's tokens, and
+    max_tokens generated), once ``release`` is set."""
+
+    def __init__(self, model: ModelSettings) -> None:
+        self.model = model
+        self.prompts: list = []
+        self.release = asyncio.Event()
+
+    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
+        self.prompts.append(list(prompt))
+        await self.release.wait()
+        answer.text, answer.finish_reason, answer.deployment = "x", "length", "d"
+        answer.prompt_tokens = _rendered_tokens(self.model, prompt)
+        answer.completion_tokens = parameters.max_tokens
+        yield "x"
+
+
+def _session_pipeline(redis_client, history: str):
+    """A pipeline over real admission (this Redis) and fakes of the other
+    stages, for tiny-gpt at 1,000 USD a million tokens (1 USD a thousand);
+    its contexts and generator."""
+    model = ModelSettings(context_window_tokens=4096, max_output_tokens=64, default_max_tokens=8)
+    price = PriceSettings(prompt_usd_per_million=1_000.0, completion_usd_per_million=1_000.0)
+    settings = RouterSettings(prices={"m": price})
+    contexts, generator = _SessionContexts(history), _BillingGenerator(model)
+    stages = TurnAdmission(Admission(redis_client, max_generation_s=60), settings)
+    turns = Pipeline(settings, {"m": model}, contexts, _NoCache(), generator, stages)
+    return turns, stages, contexts, generator
+
+
+class _NoCache:
+    async def lookup(self, plan, messages, budget, semantic):
+        return None
+
+    async def store(self, plan, messages, answer, budget) -> None:
+        return None
+
+
+def _session_turn() -> router_pb.ChatRequest:
+    return router_pb.ChatRequest(
+        model="m", messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="hi")]
+    )
+
+
+async def _events(turns: Pipeline, tenant: Tenant, session_id: str) -> list:
+    return [event async for event in turns.run(_session_turn(), tenant, session_id, Budget())]
+
+
+# 600 punctuation marks: 600 tokens for tiny-gpt's tokenizer (one a mark),
+# as many as their bytes, so the reservation's bound is close to the bill.
+_HISTORY = "!" * 600
+
+
+async def test_concurrent_session_turns_settle_within_their_budgets(redis_client):
+    """Ten session turns at once, each with 600 tokens of history the model
+    reads and inference bills, against a day's 1,000 tokens and 1 USD: the
+    history is reserved once assembled, before anything is generated, so
+    the turns that cannot have it are refused then, and what the others
+    settle to stays within both budgets."""
+    turns, stages, contexts, generator = _session_pipeline(redis_client, _HISTORY)
+    limits = LimitSettings(tokens_per_day=1_000, cost_usd_per_day=1.0)
+    tenant = _limited_tenant(limits)
+    running = [asyncio.ensure_future(_events(turns, tenant, uuid.uuid4().hex)) for _ in range(10)]
+    # Every turn either generating or refused before generation is let go:
+    # all of them were admitted (or not) together.
+    async with asyncio.timeout(10):
+        while len(generator.prompts) + sum(task.done() for task in running) < len(running):
+            await asyncio.sleep(0.01)
+    generator.release.set()
+    outcomes = [events[-1] for events in await asyncio.gather(*running)]
+    await stages.drain()
+    completed = [event for event in outcomes if isinstance(event, Completion)]
+    refused = [event for event in outcomes if isinstance(event, Failure)]
+    assert completed, outcomes
+    # Refused before generation: nothing was generated for them, nor stored.
+    assert len(generator.prompts) == len(completed) == len(contexts.appended)
+    for failure in refused:
+        assert failure.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert failure.error.reason == Reason.BUDGET_EXHAUSTED
+    scope = Scope("tenant", tenant.id, limits)
+    billed = sum(event.answer.prompt_tokens + event.answer.completion_tokens for event in completed)
+    assert billed > 600 * len(completed)  # the history was billed
+    assert int(await redis_client.get(_day_key(scope))) == billed <= 1_000
+    assert int(await redis_client.get(_day_key(scope, "cost"))) == billed * 1_000_000 <= 1_000_000_000
+
+
+async def test_a_session_turn_whose_history_exceeds_the_remaining_budget_is_refused_before_generation(
+    redis_client,
+):
+    """A day's 1,000 tokens, a first session turn spends about half: the
+    next one's new message alone fits what is left, but with its assembled
+    history it does not. It is refused with the budget's own refusal once
+    the history is known, before anything is generated, and what was
+    reserved for it is given back."""
+    turns, stages, contexts, generator = _session_pipeline(redis_client, "!" * 450)
+    generator.release.set()
+    limits = LimitSettings(tokens_per_day=1_000)
+    tenant = _limited_tenant(limits)
+    first = (await _events(turns, tenant, "s1"))[-1]
+    assert isinstance(first, Completion)
+    await stages.drain()
+    scope = Scope("tenant", tenant.id, limits)
+    spent = first.answer.prompt_tokens + first.answer.completion_tokens
+    assert int(await redis_client.get(_day_key(scope))) == spent
+    assert 1_000 - spent < 600 + 8  # the next turn's history and max_tokens do not fit
+
+    contexts.history.content = _HISTORY
+    refused = (await _events(turns, tenant, "s2"))[-1]
+    assert isinstance(refused, Failure), refused
+    assert refused.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.error.reason == Reason.BUDGET_EXHAUSTED
+    assert refused.error.metadata["limit"] == "tokens_per_day"
+    assert len(generator.prompts) == 1 and contexts.appended == ["s1"]
+    await stages.drain()
+    assert int(await redis_client.get(_day_key(scope))) == spent
+
+
+@pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
+async def test_a_top_up_one_limit_refuses_charges_no_other(redis_client, split_by_slot):
+    """A reservation grows (a session's history) where the tenant's budget
+    has room and the model's has not: refused by the model's, and the
+    tenant's is left as admitted (on a cluster, its growth given back)."""
+    admission = Admission(redis_client, max_generation_s=60, split_by_slot=split_by_slot)
+    tenant = _scope(tokens_per_day=10_000, tokens_per_minute=10_000)
+    model = Scope("model", uuid.uuid4().hex[:12], LimitSettings(tokens_per_day=500))
+    grant = await admission.admit([tenant, model], prompt_tokens=10, max_tokens=10)
+    with pytest.raises(MeshgateError) as refused:
+        await admission.top_up(grant, tokens=600, nano_usd=0)
+    assert refused.value.reason == Reason.REQUEST_EXCEEDS_LIMIT  # 600 > 500: never fits
+    # Another turn: with this one's 20, 480 of the model's 500 are reserved.
+    await admission.admit([model], prompt_tokens=400, max_tokens=60)
+    with pytest.raises(MeshgateError) as refused:
+        await admission.top_up(grant, tokens=100, nano_usd=0)
+    assert (refused.value.reason, refused.value.metadata["scope"]) == (Reason.BUDGET_EXHAUSTED, "model")
+    assert grant.reserved_tokens == 20
+    assert int(await redis_client.get(_day_key(tenant))) == 20
+    assert int(await redis_client.get(f"{tenant.prefix}:tpm:sum")) == 20
+    # Grown where it fits: the window's entry and the budgets hold the growth,
+    # and the settlement moves them from it to the real use.
+    await admission.top_up(grant, tokens=40, nano_usd=0)
+    assert grant.reserved_tokens == 40
+    assert int(await redis_client.get(_day_key(tenant))) == 40
+    assert int(await redis_client.get(f"{tenant.prefix}:tpm:sum")) == 40
+    await admission.settle(grant, tokens=33, nano_usd=0)
+    assert int(await redis_client.get(_day_key(tenant))) == 33
+    assert int(await redis_client.get(f"{tenant.prefix}:tpm:sum")) == 33
+    assert int(await redis_client.get(_day_key(model))) == 460 + 33
+
+
+async def test_a_caller_cancelled_while_its_reservation_grows_keeps_no_growth(redis_url):
+    """The top-up script is sent, Redis is busy, the caller goes away and
+    its turn settles from what admission reserved; Redis then grows the
+    reservation. The growth is given back once its reply comes, so the
+    budget ends at the turn's real use."""
+    clients = [redis_access.connect(redis_url) for _ in range(2)]
+    client, other = clients
+    try:
+        admission = Admission(client, max_generation_s=60)
+        scope = _scope(tokens_per_day=1_000)
+        grant = await admission.admit([scope], prompt_tokens=10, max_tokens=10)
+        await admission.top_up(grant, tokens=30, nano_usd=0)  # loads the script
+        busy = asyncio.ensure_future(other.eval(_BUSY_300_MS, 0))
+        await asyncio.sleep(0.05)
+        growing = asyncio.ensure_future(admission.top_up(grant, tokens=500, nano_usd=0))
+        await asyncio.sleep(0.1)  # sent; its reply waits behind the busy script
+        growing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await growing
+        assert grant.reserved_tokens == 30
+        admission.settle_soon(grant, 25, 0)
+        await busy
+        await admission.drain()
+        deadline = asyncio.get_running_loop().time() + 2
+        while int(await client.get(_day_key(scope))) != 25:
+            assert asyncio.get_running_loop().time() < deadline, "the abandoned growth stays charged"
+            await asyncio.sleep(0.02)
     finally:
         for each in clients:
             await each.aclose()

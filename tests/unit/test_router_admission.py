@@ -12,10 +12,12 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 from redis.exceptions import ReadOnlyError, ResponseError
 
+from meshgate import tokenization
 from meshgate.common.v1 import common_pb2
 from meshgate.config import (
     ConfigError,
     LimitSettings,
+    ModelSettings,
     PriceSettings,
     RouterSettings,
     Settings,
@@ -24,6 +26,9 @@ from meshgate.config import (
 )
 from meshgate.errors import MeshgateError
 from services.router.admission import (
+    _ADMIT,
+    _SETTLE,
+    _TOP_UP,
     Admission,
     TurnAdmission,
     _period_ids,
@@ -33,6 +38,7 @@ from services.router.admission import (
 )
 from services.router.auth import Tenant
 from services.router.ledger import STREAM, Ledger, UsageRecord, day_key
+from services.router.prompt_bound import prompt_bounds
 
 
 def _utc(*fields) -> float:
@@ -115,25 +121,38 @@ def test_prices_are_checked():
 
 class _RecordingRedis:
     """Stands in for a Redis client: records the KEYS of every script call,
-    direct or pipelined; ``admit_reply(keys)`` answers each admit."""
+    direct or pipelined; ``admit_reply(keys)`` answers each admit and
+    ``top_up_reply(keys)`` each top-up."""
 
-    def __init__(self, admit_reply=lambda keys: [1], admit_answers: asyncio.Event | None = None) -> None:
-        # (script, its KEYS): script "admit" or "settle".
+    def __init__(
+        self,
+        admit_reply=lambda keys: [1],
+        admit_answers: asyncio.Event | None = None,
+        top_up_reply=lambda keys: [1],
+    ) -> None:
+        # (script, its KEYS): script "admit", "settle", "top_up" or "other"
+        # (the ledger's).
         self.calls: list[tuple[str, list[str]]] = []
         self.admit_reply = admit_reply
+        self.top_up_reply = top_up_reply
         self._admit_sha = ""
+        # sha -> the script's name.
+        self._names: dict[str, str] = {}
         # When given, an admit sent directly is answered once it is set.
         self.admit_answers = admit_answers
         self.admits_sent = 0
 
     def _answer(self, sha: str, keys: list[str]):
-        admits = sha == self._admit_sha
-        self.calls.append(("admit" if admits else "settle", keys))
-        return self.admit_reply(keys) if admits else 1
+        name = self._names[sha]
+        self.calls.append((name, keys))
+        if name == "admit":
+            return self.admit_reply(keys)
+        return self.top_up_reply(keys) if name == "top_up" else 1
 
     def register_script(self, source: str):
         sha = hashlib.sha1(source.encode()).hexdigest()
-        if "return {1}" in source:
+        self._names[sha] = {_ADMIT: "admit", _SETTLE: "settle", _TOP_UP: "top_up"}.get(source, "other")
+        if source == _ADMIT:
             self._admit_sha = sha
 
         async def run(keys, args):
@@ -396,3 +415,90 @@ async def test_a_refused_ledger_write_is_logged_and_a_refused_usage_read_is_unav
         await ledger.usage("acme", day, day)
     assert refused.value.code == grpc.StatusCode.UNAVAILABLE
     assert refused.value.reason == "REDIS_UNAVAILABLE"
+
+
+# --- the reservation bounds the rendered prompt --------------------------------
+
+
+class _PromptTurn:
+    """A turn as TurnAdmission reads it (pipeline.Turn's fields)."""
+
+    def __init__(self, tenant: Tenant, messages, model: ModelSettings | None = None) -> None:
+        self.tenant, self.model_alias, self.model = tenant, "tiny-gpt", model or ModelSettings()
+        self.messages, self.max_tokens = messages, 8
+
+
+def _hello() -> list[common_pb2.Message]:
+    return [common_pb2.Message(role=common_pb2.ROLE_USER, content="hello")]
+
+
+async def test_a_turn_without_limits_reserves_its_content_and_measures_no_template():
+    """The hot path of a turn no limit charges stays as it was: no Redis,
+    and no chat template read or measured (this one could not be)."""
+    redis = _RecordingRedis()
+    stages = TurnAdmission(Admission(redis, max_generation_s=60), RouterSettings())
+    lost = ModelSettings(chat_template="/nonexistent/template.jinja")
+    tenant = Tenant("t1", frozenset({"*"}), "0123456789abcdef", LimitSettings())
+    grant = await stages.admit(_PromptTurn(tenant, _hello(), lost))
+    assert grant.reserved_tokens == len("hello") + 8
+    assert redis.calls == [] and stages._bounds == {}
+
+
+async def test_a_limited_turn_reserves_its_prompt_as_the_chat_template_renders_it():
+    """Inference bills the rendered prompt (the template's text around each
+    message, its prefix and generation cue): admission reserves its bound,
+    not only the content's bytes."""
+    stages = TurnAdmission(Admission(_RecordingRedis(), max_generation_s=60), RouterSettings())
+    tenant = Tenant("t1", frozenset({"*"}), "0123456789abcdef", LimitSettings(tokens_per_minute=1_000))
+    messages = [*_hello(), common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="hi"), *_hello()]
+    grant = await stages.admit(_PromptTurn(tenant, messages))
+    template = prompt_bounds({"tiny-gpt": ModelSettings()})["tiny-gpt"].template_bytes(3)
+    assert grant.reserved_tokens == len("hellohihello") + template + 8
+    rendered = tokenization.load_chat_template("").render_messages(messages)
+    assert len(rendered.encode()) <= grant.reserved_tokens - 8
+
+
+async def test_a_prompt_the_reservation_covers_or_no_token_limit_charges_grows_nothing():
+    """reserve_prompt goes to Redis only for a prompt above what admission
+    reserved and a token or cost limit that charges it: a stateless turn's
+    own messages, or a turn limited by requests and streams alone, make no
+    round trip."""
+    redis = _RecordingRedis()
+    stages = TurnAdmission(Admission(redis, max_generation_s=60), RouterSettings())
+    history = common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="x" * 500)
+    for limits in (LimitSettings(tokens_per_day=10_000), LimitSettings(concurrent_streams=2)):
+        tenant = Tenant("t1", frozenset({"*"}), "0123456789abcdef", limits)
+        turn = _PromptTurn(tenant, _hello())
+        grant = await stages.admit(turn)
+        await stages.reserve_prompt(grant, turn, turn.messages)
+        if limits.tokens_per_day is None:
+            await stages.reserve_prompt(grant, turn, [history, *turn.messages])
+    assert [script for script, _ in redis.calls] == ["admit", "admit"]
+    # A history above the reservation, under a token limit: one top-up.
+    tenant = Tenant("t1", frozenset({"*"}), "0123456789abcdef", LimitSettings(tokens_per_day=10_000))
+    turn = _PromptTurn(tenant, _hello())
+    grant = await stages.admit(turn)
+    await stages.reserve_prompt(grant, turn, [history, *turn.messages])
+    assert [script for script, _ in redis.calls][-1] == "top_up"
+    assert grant.reserved_tokens > 500 + len("hello") + 8
+
+
+async def test_a_top_up_one_slot_refuses_is_given_back_in_the_other_without_freeing_its_stream():
+    """On a cluster the model's budget refuses a session's history, the
+    tenant's grew: the tenant's growth is given back by a settlement that
+    names its token and cost counters only (its stream stays held: the turn
+    still runs until it fails and settles), and the model's refusal stands."""
+
+    def model_refuses(keys):
+        return [0, 1, 0] if ":model:" in keys[0] else [1]
+
+    redis = _RecordingRedis(top_up_reply=model_refuses)
+    admission = Admission(redis, max_generation_s=60, split_by_slot=True)
+    grant = await admission.admit(_scopes("acme"), 10, 10)
+    with pytest.raises(MeshgateError) as refused:
+        await admission.top_up(grant, 2_000, 0)
+    assert refused.value.metadata["scope"] == "model"
+    assert grant.reserved_tokens == 20  # as admitted: the turn settles from it
+    give_backs = [keys for script, keys in redis.calls if script == "settle"]
+    assert len(give_backs) == 1
+    assert all(":model:" not in key and not key.endswith(":streams") for key in give_backs[0])

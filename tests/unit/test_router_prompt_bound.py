@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from meshgate import tokenization
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, Settings
+from services.router.admission import estimate_prompt_tokens
 from services.router.prompt_bound import PromptBound, in_assembly_order, prompt_bounds
 
 MODELS = Settings().models
@@ -52,6 +53,19 @@ def test_a_prompt_that_fits_the_bound_has_at_most_that_many_tokens(alias, turns)
     assert not bound.fits(messages, tokens - 1)
     content_bytes = sum(len(m.content.encode()) for m in messages)
     assert bound.fits(messages, bound.fixed_bytes + (len(messages) - 1) * bound.message_bytes + content_bytes)
+
+
+@pytest.mark.parametrize("alias", sorted(MODELS))
+@settings(max_examples=150, deadline=None)
+@given(turns=st.lists(st.tuples(st.sampled_from(_ROLES), _TEXT), min_size=1, max_size=6))
+def test_what_admission_reserves_for_a_prompt_is_never_below_what_inference_bills(alias, turns):
+    """Admission reserves a prompt's content bytes and its template's
+    (services/router/admission.py); inference bills the rendered prompt's
+    tokens: the reservation must cover them, whatever the text and roles."""
+    messages = [common_pb2.Message(role=role, content=content) for role, content in turns]
+    bound = prompt_bounds(MODELS)[alias]
+    reserved = estimate_prompt_tokens(messages) + bound.template_bytes(len(messages))
+    assert _tokens(MODELS[alias], messages) <= reserved
 
 
 def test_the_bound_is_the_rendered_bytes_for_a_single_message():
