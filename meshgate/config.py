@@ -196,6 +196,12 @@ LIMIT_NAMES = (
 )
 
 
+# The largest limits (LimitSettings): far above any real one, and within
+# what the counters hold exactly.
+MAX_LIMIT_COUNT = 2**53
+MAX_COST_USD = 1e9
+
+
 @dataclasses.dataclass
 class LimitSettings:
     """Limits of one scope (a tenant, an API key or a model alias), enforced
@@ -223,6 +229,14 @@ class LimitSettings:
             # NaN compares false with everything: "not > 0" refuses it too.
             if value is not None and (isinstance(value, bool) or not value > 0 or value == float("inf")):
                 raise ConfigError(f"{name} must be positive (leave it out for no limit), got {value!r}")
+            # Counted in Redis as 64-bit integers (a cost in nano-dollars),
+            # through Lua's doubles: exact up to 2^53. 1e300 dollars made
+            # every turn of its key fail INTERNAL (an overflow to infinity).
+            most = MAX_COST_USD if name.startswith("cost_") else MAX_LIMIT_COUNT
+            if value is not None and value > most:
+                raise ConfigError(
+                    f"{name} must be at most {most:g} (leave it out for no limit), got {value!r}"
+                )
         unknown = set(self.fail_closed) - set(LIMIT_NAMES)
         if unknown:
             raise ConfigError(f"fail_closed names unknown limit(s) {sorted(unknown)}")
@@ -907,10 +921,10 @@ def _check_numbers(node: Any, where: str) -> None:
 
 
 def _check_listen(name: str, address: str) -> None:
-    """A listen address is ``unix:path`` or ``host:port`` with a port of 0
+    """A listen address is ``unix:path`` (or grpc's ``unix-abstract:``) or ``host:port`` with a port of 0
     (any free one) to 65535: grpc binds a larger port modulo 65536 (99999
     listened on 34463), and says nothing."""
-    if not address or address.startswith("unix:"):
+    if not address or address.startswith(("unix:", "unix-abstract:")):
         return
     _, colon, port = address.rpartition(":")
     if not (colon and port.isdigit() and int(port) <= 65535):
@@ -930,8 +944,10 @@ def _check_addresses(settings: Settings) -> None:
         ("router.context_address", settings.router.context_address),
         ("router.cache_address", settings.router.cache_address),
         ("context.inference_address", settings.context.inference_address),
-        ("cache.inference_address", settings.cache.inference_address),
     ]
+    if settings.cache.embedder == "inference":
+        # Else never dialled: "" is how such a cache says so.
+        dialled.append(("cache.inference_address", settings.cache.inference_address))
     for alias, model in settings.models.items():
         dialled += [(f"models.{alias}.deployments.address", d.address) for d in model.deployments]
     for name, address in dialled:
@@ -994,13 +1010,19 @@ def _apply_environment(raw: dict[str, Any], environ: typing.Mapping[str, str]) -
         raw.setdefault("redis", {})["url"] = url
     if key := environ.get("MESHGATE_DEV_API_KEY"):
         raw.setdefault("router", {})["dev_api_key"] = key
-    for name, value in environ.items():
+    # Whole tables before keys inside them, whatever the environment's order.
+    for name, value in sorted(environ.items(), key=lambda item: item[0].count("__")):
         if not name.startswith("MESHGATE_") or "__" not in name:
             continue
         node = raw
         *parents, leaf = name[len("MESHGATE_") :].split("__")
         for parent in parents:
-            node = node.setdefault(_existing_key(node, parent), {})
+            key = _existing_key(node, parent)
+            if isinstance(node.get(key), _EnvironmentText):
+                # A whole table set by another variable (MESHGATE_ROUTER__PRICES='{...}'):
+                # read now, so that this one sets a key inside it.
+                node[key] = _parse_scalar(node[key])
+            node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{name}: {parent!r} is not a table")
         node[_existing_key(node, leaf)] = _EnvironmentText(value)

@@ -1,6 +1,6 @@
 import pytest
 
-from meshgate.config import ConfigError, hash_api_key, load_settings
+from meshgate.config import ConfigError, LimitSettings, hash_api_key, load_settings
 
 
 def test_defaults_describe_a_working_local_mesh():
@@ -220,3 +220,35 @@ def test_an_environment_value_that_looks_like_a_number_is_text_where_the_setting
     settings = load_settings(environ={"MESHGATE_ROUTER__DEV_API_KEY": "12345"})
     assert settings.router.dev_api_key == "12345"
     assert load_settings(environ={"MESHGATE_CACHE__TTL_S": "120"}).cache.ttl_s == 120
+
+
+def test_a_table_set_whole_and_a_key_inside_it_both_apply_whatever_their_order():
+    for order in (1, -1):
+        variables = [
+            ("MESHGATE_ROUTER__PRICES", "{smollm2 = {prompt_usd_per_million = 2.0}}"),
+            ("MESHGATE_ROUTER__PRICES__TINY-GPT__PROMPT_USD_PER_MILLION", "1.0"),
+        ][::order]
+        prices = load_settings(environ=dict(variables)).router.prices
+        assert prices["smollm2"].prompt_usd_per_million == 2.0
+        assert prices["tiny-gpt"].prompt_usd_per_million == 1.0
+
+
+def test_what_loaded_before_the_address_checks_still_loads():
+    """An address a cache with the local embedder never dials may be empty,
+    and grpc's abstract unix sockets are listen addresses too."""
+    settings = load_settings(
+        environ={
+            "MESHGATE_CACHE__EMBEDDER": "local",
+            "MESHGATE_CACHE__INFERENCE_ADDRESS": '""',
+            "MESHGATE_CONTEXT__LISTEN": "unix-abstract:meshgate-context",
+        }
+    )
+    assert settings.cache.inference_address == ""
+
+
+def test_a_limit_too_large_for_the_counters_is_refused():
+    with pytest.raises(ConfigError, match="cost_usd_per_day must be at most"):
+        LimitSettings(cost_usd_per_day=1e300)
+    with pytest.raises(ConfigError, match="tokens_per_day must be at most"):
+        LimitSettings(tokens_per_day=10**30)
+    assert LimitSettings(cost_usd_per_day=1e6, tokens_per_day=10**12).configured()
