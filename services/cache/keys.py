@@ -1,13 +1,17 @@
 """What makes two prompts the same entry, and the Redis keys they live under.
 
-Normalization collapses whitespace runs and trims (after Unicode NFC), but
-keeps case. The exact tier promises "this very prompt was answered before",
+Normalization (after Unicode NFC) trims the text and folds runs of spaces
+and tabs inside each line, but keeps case, line breaks and each line's
+indentation. The exact tier promises "this very prompt was answered before",
 and case can change the right answer (``US`` vs ``us``, identifiers in code,
-"convert 'HELLO' to lowercase"). Nothing is lost by keeping it: the embedding
-model is uncased, so a question differing only in case is a semantic hit with
-similarity 1.0 whenever the caller allows semantic matches. Collapsing
-whitespace does merge code that differs only in indentation; a caller whose
-prompts carry whitespace-sensitive code should not cache them.
+"convert 'HELLO' to lowercase"), as can indentation: folding all whitespace
+made two Python functions that differ only in it one entry, and the second
+was served "It returns 2." for a body that returns None. Nothing is lost by
+keeping them: the embedding model is uncased and reads no whitespace, so a
+question differing only in case or line breaks is a semantic hit with
+similarity 1.0 whenever the caller allows semantic matches. Spaces inside a
+line still fold (a string literal's ``'a    b'`` is ``'a b'``): rare next to
+the typing slips the folding forgives.
 
 Tenant and model appear hex-encoded in key names, so that Invalidate can SCAN
 for them with a pattern no tenant id can break (``*``, ``?``, ``[`` and ``:``
@@ -87,7 +91,10 @@ class Partition:
 
 
 def normalize_text(text: str) -> str:
-    return " ".join(unicodedata.normalize("NFC", text).split())
+    lines = unicodedata.normalize("NFC", text).strip().splitlines()
+    # A line's indentation as it is; the rest of it folded (split() also
+    # takes the trailing whitespace). Blank lines stay as empty ones.
+    return "\n".join(line[: len(line) - len(line.lstrip())] + " ".join(line.split()) for line in lines)
 
 
 def tenant_prefix(tenant_id: str, model: str = "") -> str:

@@ -25,8 +25,9 @@ def entry(s: pb.CacheScope, *messages: common_pb2.Message) -> str:
     return keys.entry_id(keys.partition(s), messages)
 
 
-def test_normalization_collapses_whitespace_and_keeps_case():
-    assert keys.normalize_text("  What is\tthe\n\n capital   of France? ") == "What is the capital of France?"
+def test_normalization_folds_spaces_in_a_line_and_keeps_case_lines_and_indentation():
+    assert keys.normalize_text("  What is\tthe  capital   of France? \n") == "What is the capital of France?"
+    assert keys.normalize_text("def f(x):\n    return  2 \n") == "def f(x):\n    return 2"
     assert keys.normalize_text("Python") != keys.normalize_text("python")
     # Composed and decomposed forms of one character are one text.
     assert keys.normalize_text("caf\u00e9") == keys.normalize_text("cafe\u0301")
@@ -35,7 +36,7 @@ def test_normalization_collapses_whitespace_and_keeps_case():
 def test_whitespace_variants_share_an_entry_but_case_and_role_do_not():
     s = scope()
     base = entry(s, msg("What is the capital of France?"))
-    assert entry(s, msg("  What is the   capital of\nFrance?  ")) == base
+    assert entry(s, msg("  What is the   capital of France?  ")) == base
     assert entry(s, msg("what is the capital of france?")) != base
     assert entry(s, msg("What is the capital of France?", SYSTEM)) != base
 
@@ -103,3 +104,11 @@ def test_tenant_prefix_is_glob_safe_and_exact():
     assert p.exact_key("x").startswith(keys.tenant_prefix("acme", "tiny-gpt"))
     assert p.exact_key("x").startswith(keys.tenant_prefix("acme"))
     assert not p.exact_key("x").startswith(keys.tenant_prefix("acme", "tiny"))
+
+
+def test_code_that_differs_only_in_indentation_is_two_entries():
+    """One returns 2, the other None: one entry served the first's answer to both."""
+    s = scope()
+    returns_two = "What does this return?\ndef f():\n    x = 2\n    return x"
+    returns_none = "What does this return?\ndef f():\n    x = 2\nreturn x"
+    assert entry(s, msg(returns_two)) != entry(s, msg(returns_none))
