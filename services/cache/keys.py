@@ -107,18 +107,22 @@ def tenant_prefix(tenant_id: str, model: str = "") -> str:
 def partition(scope: cache_service_pb2.CacheScope) -> Partition:
     # Callers send the same few scopes over and over: normalizing once per
     # distinct scope keeps the parameter copy and sort off the hot path.
-    return _partition(scope.tenant_id, scope.model, scope.parameters.SerializeToString())
+    return _partition(scope.tenant_id, scope.model, scope.parameters.SerializeToString(), scope.route)
 
 
 @functools.lru_cache(maxsize=4096)
-def _partition(tenant_id: str, model: str, parameters: bytes) -> Partition:
+def _partition(tenant_id: str, model: str, parameters: bytes, route: str = "") -> Partition:
     normalized = common_pb2.GenerationParameters.FromString(parameters)
     # Stop sequences are a set: order and repeats do not change an answer.
     stops = sorted(set(normalized.stop))
     del normalized.stop[:]
     normalized.stop.extend(stops)
     digest = hashlib.blake2b(digest_size=_DIGEST_BYTES, person=b"mg-cache-part")
-    for part in (tenant_id.encode(), model.encode(), normalized.SerializeToString(deterministic=True)):
+    parts = [tenant_id.encode(), model.encode(), normalized.SerializeToString(deterministic=True)]
+    if route:
+        # Only when set: the partitions of scopes without one stay as they were.
+        parts.append(route.encode())
+    for part in parts:
         digest.update(_LENGTH.pack(len(part)))
         digest.update(part)
     partition_digest = digest.digest()

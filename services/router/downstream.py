@@ -273,7 +273,9 @@ class CacheService:
 
     @staticmethod
     def _scope(plan: CachePlan) -> cache_pb.CacheScope:
-        return cache_pb.CacheScope(tenant_id=plan.tenant_id, model=plan.model, parameters=plan.parameters)
+        return cache_pb.CacheScope(
+            tenant_id=plan.tenant_id, model=plan.model, parameters=plan.parameters, route=plan.route
+        )
 
     async def lookup(self, plan: CachePlan, messages, budget: Budget, semantic: bool) -> Hit | None:
         hot = self._hot

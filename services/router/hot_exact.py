@@ -124,6 +124,7 @@ class HotExactHits:
         parts = (
             plan.tenant_id.encode(),
             plan.model.encode(),
+            plan.route.encode(),
             plan.parameters.SerializeToString(deterministic=True),
             *(message.SerializeToString(deterministic=True) for message in messages),
         )

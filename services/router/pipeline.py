@@ -126,6 +126,9 @@ class CachePlan:
     tenant_id: str
     model: str
     parameters: common_pb2.GenerationParameters
+    # What answers under the alias (route_of): entries of an alias a reload
+    # pointed at another model are not its answers any more.
+    route: str = ""
     # The router's hot exact key of a prompt under this plan, computed once
     # per turn though the exact lookup, the semantic lookup and the store
     # all ask for it (hot_exact.py): id(prompt) -> (prompt, key). The prompt
@@ -134,6 +137,16 @@ class CachePlan:
     hot_exact_keys: dict[int, tuple[Any, bytes]] = dataclasses.field(
         default_factory=dict, init=False, compare=False, repr=False
     )
+
+
+def route_of(model: ModelSettings, models: dict[str, ModelSettings]) -> str:
+    """The models that answer an alias, as a cache scope's route: its
+    deployments' model names, or for an alias that selects, those of the
+    aliases it selects between."""
+    if model.selection is not None:
+        chosen = (models.get(model.selection.fast), models.get(model.selection.strong))
+        return "|".join(route_of(m, models) if m is not None and m.selection is None else "" for m in chosen)
+    return ",".join(sorted({deployment.model for deployment in model.deployments}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,6 +439,7 @@ class Pipeline:
                 tenant_id=tenant.id,
                 model=request.model,
                 parameters=parameters,
+                route=route_of(model, self._models),
             ),
             budget=budget,
         )
@@ -565,7 +579,7 @@ class Pipeline:
             turn,
             model_alias=selection.model,
             model=model,
-            cache=dataclasses.replace(turn.cache, model=selection.model),
+            cache=dataclasses.replace(turn.cache, model=selection.model, route=route_of(model, self._models)),
             selection=selection,
         )
 

@@ -64,9 +64,13 @@ def ask(text: str) -> pb.ChatRequest:
 
 def scope() -> cache_pb.CacheScope:
     # The router's scope for ask(): tenant "dev" (the dev key's), the alias,
-    # the parameters as sent (max_tokens given, so nothing is resolved).
+    # the parameters as sent (max_tokens given, so nothing is resolved), and
+    # the alias's route (its deployments' model).
     return cache_pb.CacheScope(
-        tenant_id="dev", model="tiny-gpt", parameters=common_pb2.GenerationParameters(max_tokens=MAX_TOKENS)
+        tenant_id="dev",
+        model="tiny-gpt",
+        parameters=common_pb2.GenerationParameters(max_tokens=MAX_TOKENS),
+        route="tiny-gpt",
     )
 
 

@@ -112,3 +112,12 @@ def test_code_that_differs_only_in_indentation_is_two_entries():
     returns_two = "What does this return?\ndef f():\n    x = 2\n    return x"
     returns_none = "What does this return?\ndef f():\n    x = 2\nreturn x"
     assert entry(s, msg(returns_two)) != entry(s, msg(returns_none))
+
+
+def test_a_scopes_route_separates_partitions_and_its_absence_changes_nothing():
+    unrouted = keys.partition(scope())
+    assert keys.partition(pb.CacheScope(tenant_id="acme", model="tiny-gpt", route="")) == unrouted
+    routed = [keys.partition(pb.CacheScope(tenant_id="acme", model="tiny-gpt", route=r)) for r in ("a", "b")]
+    assert routed[0].digest != routed[1].digest != unrouted.digest
+    # Invalidate of the alias still finds every route's entries: the key prefix names the alias.
+    assert routed[0].key_prefix.startswith(keys.tenant_prefix("acme", "tiny-gpt"))

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from meshgate import telemetry
 from meshgate.common.v1 import common_pb2
-from meshgate.config import ModelSettings, RouterSettings
+from meshgate.config import DeploymentSettings, ModelSettings, RouterSettings
 from meshgate.errors import MeshgateError, unavailable
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
@@ -585,3 +585,21 @@ async def test_a_bug_in_admission_fails_only_that_turn():
     assert [type(e) for e in events] == [Failure]
     assert events[0].error.code == grpc.StatusCode.INTERNAL
     assert parts["generator"].prompts == [] and admission.settled == []
+
+
+def test_an_alias_pointed_at_another_model_by_a_reload_gets_another_cache_scope():
+    """Cache and hot-copy keys named the alias alone: re-pointed from
+    tiny-gpt to smollm2, it went on serving tiny-gpt's answers for a day."""
+    built, _ = pipeline()
+    tenant = Tenant("t", frozenset({"*"}))
+    before = built.validate(request(), tenant, "", Budget(), False).cache
+    repointed = ModelSettings(
+        context_window_tokens=512,
+        max_output_tokens=64,
+        default_max_tokens=8,
+        deployments=[DeploymentSettings(model="smollm2")],
+    )
+    built.reconfigure(RouterSettings(), {"m": repointed})
+    after = built.validate(request(), tenant, "", Budget(), False).cache
+    assert (before.model, before.route) == ("m", "tiny-gpt")
+    assert (after.model, after.route) == ("m", "smollm2")

@@ -20,14 +20,16 @@ LOOKUP_STATUS_SEMANTIC_HIT: LookupStatus
 LOOKUP_STATUS_MISS: LookupStatus
 
 class CacheScope(_message.Message):
-    __slots__ = ("tenant_id", "model", "parameters")
+    __slots__ = ("tenant_id", "model", "parameters", "route")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     model: str
     parameters: _common_pb2.GenerationParameters
-    def __init__(self, tenant_id: _Optional[str] = ..., model: _Optional[str] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ...) -> None: ...
+    route: str
+    def __init__(self, tenant_id: _Optional[str] = ..., model: _Optional[str] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., route: _Optional[str] = ...) -> None: ...
 
 class CachedAnswer(_message.Message):
     __slots__ = ("text", "usage", "deployment", "finish_reason")
