@@ -305,7 +305,7 @@ class CacheService:
             finish_reason=cached.finish_reason,
             deployment=cached.deployment,
         )
-        hit = Hit(answer, status, response.similarity)
+        hit = Hit(answer, status, response.similarity, response.entry_id)
         if hot is not None:
             # A semantic hit too: the cache's verdict on this very prompt
             # stands while its entry and its partition's strictness do, and
@@ -341,6 +341,20 @@ class CacheService:
             )
         except grpc.aio.AioRpcError as error:
             log.warning("cache store failed", code=error.code().name, details=error.details())
+
+    async def report_wrong(self, plan: CachePlan, messages, entry_id: str, budget: Budget) -> bool:
+        # This router's copy goes at once; the others' with the cache's notice.
+        if self._hot is not None:
+            self._hot.forget(self._hot.key(plan, messages))
+        try:
+            response = await self._stub.ReportWrongHit(
+                cache_pb.ReportWrongHitRequest(scope=self._scope(plan), messages=messages, entry_id=entry_id),
+                timeout=budget.within(self._timeout_s),
+                metadata=self._tokens.metadata(plan.tenant_id, "cache"),
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, "cache") from error
+        return response.entry_removed
 
 
 class Deployments:

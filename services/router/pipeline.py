@@ -46,7 +46,14 @@ from opentelemetry import trace
 from meshgate import metrics, telemetry
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, RouterSettings
-from meshgate.errors import MeshgateError, aborted, internal_error, not_found, partly_delivered
+from meshgate.errors import (
+    MeshgateError,
+    aborted,
+    internal_error,
+    invalid_argument,
+    not_found,
+    partly_delivered,
+)
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as router_pb
 from services.router.auth import Tenant
@@ -113,6 +120,8 @@ class Hit:
     answer: Answer
     status: CacheStatus
     similarity: float
+    # The cache entry that answered (ReportWrongHit names it).
+    entry_id: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +210,8 @@ class Completion:
     # The answer's last piece, for a front end that asked for it here
     # (Pipeline.run's carry_last_text): the deltas before hold the rest.
     text: str = ""
+    # For a hit, the entry that answered.
+    cache_entry_id: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +288,10 @@ class Cache(Protocol):
         Exact matches only unless ``semantic``."""
 
     async def store(self, plan: CachePlan, messages, answer: Answer, budget: Budget) -> None: ...
+
+    async def report_wrong(self, plan: CachePlan, messages, entry_id: str, budget: Budget) -> bool:
+        """Reports the entry as a wrong answer to ``messages``; whether it
+        was there to remove. Raises the cache's refusal."""
 
 
 class Generator(Protocol):
@@ -696,10 +711,10 @@ class Pipeline:
                     await asyncio.sleep(pause_s)
 
         if hit is not None:
-            cache_status, similarity = hit.status, hit.similarity
+            cache_status, similarity, entry_id = hit.status, hit.similarity, hit.entry_id
         else:
             cache_status = CacheStatus.MISS if plan.writes else CacheStatus.BYPASSED
-            similarity = 0.0
+            similarity, entry_id = 0.0, ""
         facts.status = cache_status
 
         # Persist: store and append concurrently; the completion waits for
@@ -737,7 +752,22 @@ class Pipeline:
             telemetry.current_trace_id(),
             turn.model_alias,
             turn.selection,
+            cache_entry_id=entry_id,
         )
+
+    async def report_wrong_hit(self, request, tenant: Tenant, entry_id: str, budget: Budget) -> bool:
+        """Reports the cache entry ``entry_id`` as a wrong answer to
+        ``request``, a stateless turn as it was sent: validated and its model
+        selected as run() does, so the report names the very scope and
+        messages its lookup matched."""
+        if request.session_id:
+            raise invalid_argument(
+                Reason.UNSUPPORTED_PARAMETER,
+                "a session turn's hit cannot be reported: it was matched on the session's history",
+                param="session_id",
+            )
+        turn = await self._select(self.validate(request, tenant, "", budget, False))
+        return await self._cache.report_wrong(turn.cache, turn.messages, entry_id, budget)
 
     async def _exact_hit(self, plan: CachePlan, messages, budget: Budget) -> Hit | None:
         if not plan.reads:

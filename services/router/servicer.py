@@ -48,6 +48,7 @@ def completion_proto(completion: Completion) -> pb.ChatCompletion:
         selected_model=completion.model,
         selection_reason=completion.selection.reason if completion.selection else "",
         selection_score=completion.selection.score if completion.selection else 0.0,
+        cache_entry_id=completion.cache_entry_id,
     )
 
 
@@ -221,6 +222,19 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 if tenant.may_use(alias)
             ]
         )
+
+    async def ReportWrongHit(self, request: pb.ReportWrongHitRequest, context) -> pb.ReportWrongHitResponse:
+        tenant = current_caller()
+        if tenant is None:  # the admin credential has no hits of its own
+            raise invalid_argument(Reason.TENANT_REQUIRED, "report a hit with its tenant's key")
+        if not request.cache_entry_id:
+            raise invalid_argument(
+                Reason.INVALID_ENTRY_ID, "cache_entry_id must be a hit's ChatCompletion.cache_entry_id"
+            )
+        removed = await self._pipeline.report_wrong_hit(
+            request.request, tenant, request.cache_entry_id, Budget.of(context.time_remaining())
+        )
+        return pb.ReportWrongHitResponse(entry_removed=removed)
 
     async def GetUsage(self, request: pb.GetUsageRequest, context) -> pb.GetUsageResponse:
         caller = current_caller()

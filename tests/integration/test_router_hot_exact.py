@@ -9,12 +9,14 @@ import asyncio
 import contextlib
 import time
 
+import grpc
 import pytest
 from prometheus_client import REGISTRY
 
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
+from meshgate.errors import error_info
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router import app as router_app
@@ -234,3 +236,38 @@ async def test_a_semantic_hit_is_kept_for_its_prompt_until_a_report_in_its_scope
                 break  # asked the cache service again: the copy is gone
             assert time.monotonic() - started < NOTICE_BOUND_S, "a replica kept its semantic copy"
             await asyncio.sleep(0.02)
+
+
+async def test_a_tenant_reports_a_wrong_hit_through_the_router(replicas):
+    """The caller of a hit, not only the router's own code, can say it was
+    wrong: the completion names the entry, the report takes it away from
+    that request on every replica, and the cache keeps it from it after."""
+    routers, cache = replicas
+    old = await warmed(routers, "hot exact report through the router")
+    served, hit = await chat(routers[1], "hot exact report through the router")
+    assert (served, hit.cache_status) == (old, pb.CACHE_STATUS_EXACT_HIT) and hit.cache_entry_id
+    _, generated = await chat(routers[0], "a question asked once through the router")
+    assert generated.cache_status == pb.CACHE_STATUS_MISS and not generated.cache_entry_id
+
+    report = await routers[0].ReportWrongHit(
+        pb.ReportWrongHitRequest(
+            request=ask("hot exact report through the router"), cache_entry_id=hit.cache_entry_id
+        ),
+        metadata=AUTH,
+        timeout=30,
+    )
+    assert report.entry_removed
+    await every_replica_stops_serving(routers, "hot exact report through the router", old)
+
+    # A session turn's hit was matched on its history: not reportable so.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await routers[0].ReportWrongHit(
+            pb.ReportWrongHitRequest(
+                request=pb.ChatRequest(model="tiny-gpt", session_id="s", messages=ask("x").messages),
+                cache_entry_id=hit.cache_entry_id,
+            ),
+            metadata=AUTH,
+            timeout=30,
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(refused.value).reason == "UNSUPPORTED_PARAMETER"

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from meshgate.common.v1 import common_pb2 as meshgate_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'meshgate/router/v1/router_service.proto\x12\x12meshgate.router.v1\x1a\x1fmeshgate/common/v1/common.proto\"\xf5\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12-\n\x08messages\x18\x03 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12<\n\nparameters\x18\x04 \x01(\x0b\x32(.meshgate.common.v1.GenerationParameters\x12\x35\n\x0c\x63\x61\x63he_policy\x18\x05 \x01(\x0e\x32\x1f.meshgate.router.v1.CachePolicy\x12%\n\x18\x65xpected_session_version\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x38\n\x08template\x18\x07 \x01(\x0b\x32&.meshgate.router.v1.TemplateInvocation\x12!\n\x19\x63ompletion_may_carry_text\x18\x08 \x01(\x08\x42\x1b\n\x19_expected_session_version\"\xc0\x01\n\x12TemplateInvocation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x07version\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12H\n\tvariables\x18\x03 \x03(\x0b\x32\x35.meshgate.router.v1.TemplateInvocation.VariablesEntry\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08_version\"\x81\x01\n\x0c\x43hatResponse\x12.\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1d.meshgate.router.v1.TextDeltaH\x00\x12\x38\n\ncompletion\x18\x02 \x01(\x0b\x32\".meshgate.router.v1.ChatCompletionH\x00\x42\x07\n\x05\x65vent\"\xc2\x02\n\x12\x43hatSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12-\n\x08messages\x18\x03 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12<\n\nparameters\x18\x04 \x01(\x0b\x32(.meshgate.common.v1.GenerationParameters\x12\x35\n\x0c\x63\x61\x63he_policy\x18\x05 \x01(\x0e\x32\x1f.meshgate.router.v1.CachePolicy\x12%\n\x18\x65xpected_session_version\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12!\n\x19\x63ompletion_may_carry_text\x18\x07 \x01(\x08\x42\x1b\n\x19_expected_session_version\"\x9b\x01\n\x13\x43hatSessionResponse\x12.\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1d.meshgate.router.v1.TextDeltaH\x00\x12\x38\n\ncompletion\x18\x02 \x01(\x0b\x32\".meshgate.router.v1.ChatCompletionH\x00\x12\x11\n\x07\x66\x61ilure\x18\x03 \x01(\x0cH\x00\x42\x07\n\x05\x65vent\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xce\x02\n\x0e\x43hatCompletion\x12(\n\x05usage\x18\x01 \x01(\x0b\x32\x19.meshgate.common.v1.Usage\x12\x35\n\x0c\x63\x61\x63he_status\x18\x02 \x01(\x0e\x32\x1f.meshgate.router.v1.CacheStatus\x12\x18\n\x10\x63\x61\x63he_similarity\x18\x03 \x01(\x02\x12\x12\n\ndeployment\x18\x04 \x01(\t\x12\x10\n\x08trace_id\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x17\n\x0fsession_version\x18\x07 \x01(\x03\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\x12\x16\n\x0eselected_model\x18\t \x01(\t\x12\x18\n\x10selection_reason\x18\n \x01(\t\x12\x17\n\x0fselection_score\x18\x0b \x01(\x02\x12\x0c\n\x04text\x18\x0c \x01(\t\"\x16\n\x14\x43reateSessionRequest\"+\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"C\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.meshgate.router.v1.ModelInfo\"T\n\tModelInfo\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x1d\n\x15\x63ontext_window_tokens\x18\x02 \x01(\x05\x12\x19\n\x11max_output_tokens\x18\x03 \x01(\x05\"2\n\x0fGetUsageRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ys\x18\x02 \x01(\x05\"v\n\x10GetUsageResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tfirst_day\x18\x02 \x01(\t\x12\x10\n\x08last_day\x18\x03 \x01(\t\x12*\n\x04rows\x18\x04 \x03(\x0b\x32\x1c.meshgate.router.v1.UsageRow\"\xda\x01\n\x08UsageRow\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x03\x12\x10\n\x08\x66\x61ilures\x18\x04 \x01(\x03\x12\x12\n\ncache_hits\x18\x05 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\x03\x12\x14\n\x0csaved_tokens\x18\x08 \x01(\x03\x12\x15\n\rcost_nano_usd\x18\t \x01(\x03\x12\x18\n\x10latency_ms_total\x18\n \x01(\x03*t\n\x0b\x43\x61\x63hePolicy\x12\x1c\n\x18\x43\x41\x43HE_POLICY_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43\x41\x43HE_POLICY_USE\x10\x01\x12\x17\n\x13\x43\x41\x43HE_POLICY_BYPASS\x10\x02\x12\x18\n\x14\x43\x41\x43HE_POLICY_REFRESH\x10\x03*\x98\x01\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43\x41\x43HE_STATUS_EXACT_HIT\x10\x01\x12\x1d\n\x19\x43\x41\x43HE_STATUS_SEMANTIC_HIT\x10\x02\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x03\x12\x19\n\x15\x43\x41\x43HE_STATUS_BYPASSED\x10\x04\x32\xda\x03\n\rRouterService\x12K\n\x04\x43hat\x12\x1f.meshgate.router.v1.ChatRequest\x1a .meshgate.router.v1.ChatResponse0\x01\x12\x62\n\x0b\x43hatSession\x12&.meshgate.router.v1.ChatSessionRequest\x1a\'.meshgate.router.v1.ChatSessionResponse(\x01\x30\x01\x12\x64\n\rCreateSession\x12(.meshgate.router.v1.CreateSessionRequest\x1a).meshgate.router.v1.CreateSessionResponse\x12[\n\nListModels\x12%.meshgate.router.v1.ListModelsRequest\x1a&.meshgate.router.v1.ListModelsResponse\x12U\n\x08GetUsage\x12#.meshgate.router.v1.GetUsageRequest\x1a$.meshgate.router.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'meshgate/router/v1/router_service.proto\x12\x12meshgate.router.v1\x1a\x1fmeshgate/common/v1/common.proto\"\xf5\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12-\n\x08messages\x18\x03 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12<\n\nparameters\x18\x04 \x01(\x0b\x32(.meshgate.common.v1.GenerationParameters\x12\x35\n\x0c\x63\x61\x63he_policy\x18\x05 \x01(\x0e\x32\x1f.meshgate.router.v1.CachePolicy\x12%\n\x18\x65xpected_session_version\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x38\n\x08template\x18\x07 \x01(\x0b\x32&.meshgate.router.v1.TemplateInvocation\x12!\n\x19\x63ompletion_may_carry_text\x18\x08 \x01(\x08\x42\x1b\n\x19_expected_session_version\"\xc0\x01\n\x12TemplateInvocation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x07version\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12H\n\tvariables\x18\x03 \x03(\x0b\x32\x35.meshgate.router.v1.TemplateInvocation.VariablesEntry\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08_version\"\x81\x01\n\x0c\x43hatResponse\x12.\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1d.meshgate.router.v1.TextDeltaH\x00\x12\x38\n\ncompletion\x18\x02 \x01(\x0b\x32\".meshgate.router.v1.ChatCompletionH\x00\x42\x07\n\x05\x65vent\"\xc2\x02\n\x12\x43hatSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12-\n\x08messages\x18\x03 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12<\n\nparameters\x18\x04 \x01(\x0b\x32(.meshgate.common.v1.GenerationParameters\x12\x35\n\x0c\x63\x61\x63he_policy\x18\x05 \x01(\x0e\x32\x1f.meshgate.router.v1.CachePolicy\x12%\n\x18\x65xpected_session_version\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12!\n\x19\x63ompletion_may_carry_text\x18\x07 \x01(\x08\x42\x1b\n\x19_expected_session_version\"\x9b\x01\n\x13\x43hatSessionResponse\x12.\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1d.meshgate.router.v1.TextDeltaH\x00\x12\x38\n\ncompletion\x18\x02 \x01(\x0b\x32\".meshgate.router.v1.ChatCompletionH\x00\x12\x11\n\x07\x66\x61ilure\x18\x03 \x01(\x0cH\x00\x42\x07\n\x05\x65vent\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xe6\x02\n\x0e\x43hatCompletion\x12(\n\x05usage\x18\x01 \x01(\x0b\x32\x19.meshgate.common.v1.Usage\x12\x35\n\x0c\x63\x61\x63he_status\x18\x02 \x01(\x0e\x32\x1f.meshgate.router.v1.CacheStatus\x12\x18\n\x10\x63\x61\x63he_similarity\x18\x03 \x01(\x02\x12\x12\n\ndeployment\x18\x04 \x01(\t\x12\x10\n\x08trace_id\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x17\n\x0fsession_version\x18\x07 \x01(\x03\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\x12\x16\n\x0eselected_model\x18\t \x01(\t\x12\x18\n\x10selection_reason\x18\n \x01(\t\x12\x17\n\x0fselection_score\x18\x0b \x01(\x02\x12\x0c\n\x04text\x18\x0c \x01(\t\x12\x16\n\x0e\x63\x61\x63he_entry_id\x18\r \x01(\t\"\x16\n\x14\x43reateSessionRequest\"+\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"C\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.meshgate.router.v1.ModelInfo\"T\n\tModelInfo\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x1d\n\x15\x63ontext_window_tokens\x18\x02 \x01(\x05\x12\x19\n\x11max_output_tokens\x18\x03 \x01(\x05\"a\n\x15ReportWrongHitRequest\x12\x30\n\x07request\x18\x01 \x01(\x0b\x32\x1f.meshgate.router.v1.ChatRequest\x12\x16\n\x0e\x63\x61\x63he_entry_id\x18\x02 \x01(\t\"/\n\x16ReportWrongHitResponse\x12\x15\n\rentry_removed\x18\x01 \x01(\x08\"2\n\x0fGetUsageRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ys\x18\x02 \x01(\x05\"v\n\x10GetUsageResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tfirst_day\x18\x02 \x01(\t\x12\x10\n\x08last_day\x18\x03 \x01(\t\x12*\n\x04rows\x18\x04 \x03(\x0b\x32\x1c.meshgate.router.v1.UsageRow\"\xda\x01\n\x08UsageRow\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x03\x12\x10\n\x08\x66\x61ilures\x18\x04 \x01(\x03\x12\x12\n\ncache_hits\x18\x05 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\x03\x12\x14\n\x0csaved_tokens\x18\x08 \x01(\x03\x12\x15\n\rcost_nano_usd\x18\t \x01(\x03\x12\x18\n\x10latency_ms_total\x18\n \x01(\x03*t\n\x0b\x43\x61\x63hePolicy\x12\x1c\n\x18\x43\x41\x43HE_POLICY_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43\x41\x43HE_POLICY_USE\x10\x01\x12\x17\n\x13\x43\x41\x43HE_POLICY_BYPASS\x10\x02\x12\x18\n\x14\x43\x41\x43HE_POLICY_REFRESH\x10\x03*\x98\x01\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43\x41\x43HE_STATUS_EXACT_HIT\x10\x01\x12\x1d\n\x19\x43\x41\x43HE_STATUS_SEMANTIC_HIT\x10\x02\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x03\x12\x19\n\x15\x43\x41\x43HE_STATUS_BYPASSED\x10\x04\x32\xc3\x04\n\rRouterService\x12K\n\x04\x43hat\x12\x1f.meshgate.router.v1.ChatRequest\x1a .meshgate.router.v1.ChatResponse0\x01\x12\x62\n\x0b\x43hatSession\x12&.meshgate.router.v1.ChatSessionRequest\x1a\'.meshgate.router.v1.ChatSessionResponse(\x01\x30\x01\x12\x64\n\rCreateSession\x12(.meshgate.router.v1.CreateSessionRequest\x1a).meshgate.router.v1.CreateSessionResponse\x12[\n\nListModels\x12%.meshgate.router.v1.ListModelsRequest\x1a&.meshgate.router.v1.ListModelsResponse\x12U\n\x08GetUsage\x12#.meshgate.router.v1.GetUsageRequest\x1a$.meshgate.router.v1.GetUsageResponse\x12g\n\x0eReportWrongHit\x12).meshgate.router.v1.ReportWrongHitRequest\x1a*.meshgate.router.v1.ReportWrongHitResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TEMPLATEINVOCATION_VARIABLESENTRY']._loaded_options = None
   _globals['_TEMPLATEINVOCATION_VARIABLESENTRY']._serialized_options = b'8\001'
-  _globals['_CACHEPOLICY']._serialized_start=2284
-  _globals['_CACHEPOLICY']._serialized_end=2400
-  _globals['_CACHESTATUS']._serialized_start=2403
-  _globals['_CACHESTATUS']._serialized_end=2555
+  _globals['_CACHEPOLICY']._serialized_start=2456
+  _globals['_CACHEPOLICY']._serialized_end=2572
+  _globals['_CACHESTATUS']._serialized_start=2575
+  _globals['_CACHESTATUS']._serialized_end=2727
   _globals['_CHATREQUEST']._serialized_start=97
   _globals['_CHATREQUEST']._serialized_end=470
   _globals['_TEMPLATEINVOCATION']._serialized_start=473
@@ -53,23 +53,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TEXTDELTA']._serialized_start=1282
   _globals['_TEXTDELTA']._serialized_end=1307
   _globals['_CHATCOMPLETION']._serialized_start=1310
-  _globals['_CHATCOMPLETION']._serialized_end=1644
-  _globals['_CREATESESSIONREQUEST']._serialized_start=1646
-  _globals['_CREATESESSIONREQUEST']._serialized_end=1668
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=1670
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=1713
-  _globals['_LISTMODELSREQUEST']._serialized_start=1715
-  _globals['_LISTMODELSREQUEST']._serialized_end=1734
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1736
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1803
-  _globals['_MODELINFO']._serialized_start=1805
-  _globals['_MODELINFO']._serialized_end=1889
-  _globals['_GETUSAGEREQUEST']._serialized_start=1891
-  _globals['_GETUSAGEREQUEST']._serialized_end=1941
-  _globals['_GETUSAGERESPONSE']._serialized_start=1943
-  _globals['_GETUSAGERESPONSE']._serialized_end=2061
-  _globals['_USAGEROW']._serialized_start=2064
-  _globals['_USAGEROW']._serialized_end=2282
-  _globals['_ROUTERSERVICE']._serialized_start=2558
-  _globals['_ROUTERSERVICE']._serialized_end=3032
+  _globals['_CHATCOMPLETION']._serialized_end=1668
+  _globals['_CREATESESSIONREQUEST']._serialized_start=1670
+  _globals['_CREATESESSIONREQUEST']._serialized_end=1692
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=1694
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=1737
+  _globals['_LISTMODELSREQUEST']._serialized_start=1739
+  _globals['_LISTMODELSREQUEST']._serialized_end=1758
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1760
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1827
+  _globals['_MODELINFO']._serialized_start=1829
+  _globals['_MODELINFO']._serialized_end=1913
+  _globals['_REPORTWRONGHITREQUEST']._serialized_start=1915
+  _globals['_REPORTWRONGHITREQUEST']._serialized_end=2012
+  _globals['_REPORTWRONGHITRESPONSE']._serialized_start=2014
+  _globals['_REPORTWRONGHITRESPONSE']._serialized_end=2061
+  _globals['_GETUSAGEREQUEST']._serialized_start=2063
+  _globals['_GETUSAGEREQUEST']._serialized_end=2113
+  _globals['_GETUSAGERESPONSE']._serialized_start=2115
+  _globals['_GETUSAGERESPONSE']._serialized_end=2233
+  _globals['_USAGEROW']._serialized_start=2236
+  _globals['_USAGEROW']._serialized_end=2454
+  _globals['_ROUTERSERVICE']._serialized_start=2730
+  _globals['_ROUTERSERVICE']._serialized_end=3309
 # @@protoc_insertion_point(module_scope)

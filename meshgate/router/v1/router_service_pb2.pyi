@@ -112,7 +112,7 @@ class TextDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ...) -> None: ...
 
 class ChatCompletion(_message.Message):
-    __slots__ = ("usage", "cache_status", "cache_similarity", "deployment", "trace_id", "session_id", "session_version", "finish_reason", "selected_model", "selection_reason", "selection_score", "text")
+    __slots__ = ("usage", "cache_status", "cache_similarity", "deployment", "trace_id", "session_id", "session_version", "finish_reason", "selected_model", "selection_reason", "selection_score", "text", "cache_entry_id")
     USAGE_FIELD_NUMBER: _ClassVar[int]
     CACHE_STATUS_FIELD_NUMBER: _ClassVar[int]
     CACHE_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,7 @@ class ChatCompletion(_message.Message):
     SELECTION_REASON_FIELD_NUMBER: _ClassVar[int]
     SELECTION_SCORE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
     usage: _common_pb2.Usage
     cache_status: CacheStatus
     cache_similarity: float
@@ -137,7 +138,8 @@ class ChatCompletion(_message.Message):
     selection_reason: str
     selection_score: float
     text: str
-    def __init__(self, usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cache_status: _Optional[_Union[CacheStatus, str]] = ..., cache_similarity: _Optional[float] = ..., deployment: _Optional[str] = ..., trace_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_version: _Optional[int] = ..., finish_reason: _Optional[str] = ..., selected_model: _Optional[str] = ..., selection_reason: _Optional[str] = ..., selection_score: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
+    cache_entry_id: str
+    def __init__(self, usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cache_status: _Optional[_Union[CacheStatus, str]] = ..., cache_similarity: _Optional[float] = ..., deployment: _Optional[str] = ..., trace_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_version: _Optional[int] = ..., finish_reason: _Optional[str] = ..., selected_model: _Optional[str] = ..., selection_reason: _Optional[str] = ..., selection_score: _Optional[float] = ..., text: _Optional[str] = ..., cache_entry_id: _Optional[str] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ()
@@ -168,6 +170,20 @@ class ModelInfo(_message.Message):
     context_window_tokens: int
     max_output_tokens: int
     def __init__(self, alias: _Optional[str] = ..., context_window_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ...) -> None: ...
+
+class ReportWrongHitRequest(_message.Message):
+    __slots__ = ("request", "cache_entry_id")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    request: ChatRequest
+    cache_entry_id: str
+    def __init__(self, request: _Optional[_Union[ChatRequest, _Mapping]] = ..., cache_entry_id: _Optional[str] = ...) -> None: ...
+
+class ReportWrongHitResponse(_message.Message):
+    __slots__ = ("entry_removed",)
+    ENTRY_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    entry_removed: bool
+    def __init__(self, entry_removed: _Optional[bool] = ...) -> None: ...
 
 class GetUsageRequest(_message.Message):
     __slots__ = ("tenant_id", "days")

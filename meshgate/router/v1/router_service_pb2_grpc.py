@@ -61,6 +61,11 @@ class RouterServiceStub:
                 request_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.ReportWrongHit = channel.unary_unary(
+                '/meshgate.router.v1.RouterService/ReportWrongHit',
+                request_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.ReportWrongHitRequest.SerializeToString,
+                response_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.ReportWrongHitResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -119,6 +124,16 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportWrongHit(self, request, context):
+        """Reports a cache hit (ChatCompletion.cache_entry_id) as a wrong answer to
+        the request it answered: that request is never served the entry again,
+        the entry is removed, and matching where it was found grows stricter.
+        With the tenant's key, for its own hits; stateless requests only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +161,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.GetUsageRequest.FromString,
                     response_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'ReportWrongHit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportWrongHit,
+                    request_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.ReportWrongHitRequest.FromString,
+                    response_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.ReportWrongHitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -285,6 +305,33 @@ class RouterService:
             '/meshgate.router.v1.RouterService/GetUsage',
             meshgate_dot_router_dot_v1_dot_router__service__pb2.GetUsageRequest.SerializeToString,
             meshgate_dot_router_dot_v1_dot_router__service__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportWrongHit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.router.v1.RouterService/ReportWrongHit',
+            meshgate_dot_router_dot_v1_dot_router__service__pb2.ReportWrongHitRequest.SerializeToString,
+            meshgate_dot_router_dot_v1_dot_router__service__pb2.ReportWrongHitResponse.FromString,
             options,
             channel_credentials,
             insecure,
