@@ -11,6 +11,7 @@ from meshgate.config import Settings, load_settings
 
 
 def service_with(path, *hooks) -> serving.Service:
+    # Called from async tests only: grpc.aio's server wants a running loop.
     service = serving.Service("router", [])
     service.config_path = str(path)
     service.reload_hooks.extend(hooks)
@@ -22,7 +23,7 @@ def write_ttl(path, ttl_s: int) -> None:
     path.write_text(f"[cache]\nttl_s = {ttl_s}\n")
 
 
-def test_a_hook_that_raises_part_way_leaves_every_hook_on_the_settings_in_use(tmp_path):
+async def test_a_hook_that_raises_part_way_leaves_every_hook_on_the_settings_in_use(tmp_path):
     path = tmp_path / "meshgate.toml"
     write_ttl(path, 60)
     taken: list[int] = []
@@ -67,13 +68,13 @@ async def test_the_file_watcher_outlives_a_hook_that_raises(tmp_path):
         watcher.cancel()
 
 
-def test_a_service_without_reload_hooks_reloads_nothing(tmp_path):
+async def test_a_service_without_reload_hooks_reloads_nothing(tmp_path):
     path = tmp_path / "meshgate.toml"
     write_ttl(path, 60)
     assert not serving.reload_configuration(service_with(path))
 
 
-def test_a_hook_that_refuses_the_settings_in_use_too_is_logged_not_raised(tmp_path):
+async def test_a_hook_that_refuses_the_settings_in_use_too_is_logged_not_raised(tmp_path):
     """Putting the settings in use back can fail too (a hook that raises
     whatever it is given): the reload says so and the service stays up."""
     path = tmp_path / "meshgate.toml"
