@@ -4,15 +4,18 @@ CallerGate). The keys themselves live in :mod:`services.router.keys`."""
 
 from __future__ import annotations
 
+import grpc
 from google.protobuf import timestamp_pb2
 
 from meshgate.config import LIMIT_NAMES, LimitSettings
-from meshgate.errors import invalid_argument
+from meshgate.errors import MeshgateError, invalid_argument
 from meshgate.reasons import Reason
 from meshgate.router.v1 import admin_service_pb2 as pb
 from meshgate.router.v1 import admin_service_pb2_grpc
 from services.router.auth import admitted_admin
+from services.router.downstream import CacheService
 from services.router.keys import KeyRecord, KeyStore, check_key_request
+from services.router.pipeline import Budget
 
 
 def _limits_request(limits: pb.KeyLimits) -> dict:
@@ -62,8 +65,10 @@ def _expiry(request: pb.CreateKeyRequest) -> float | None:
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
-    def __init__(self, keys: KeyStore, models) -> None:
+    def __init__(self, keys: KeyStore, models, cache: CacheService | None = None) -> None:
         self._keys = keys
+        # The cache service, for InvalidateCache (None: a router built without one).
+        self._cache = cache
         # The configured model aliases (a dict a reload replaces wholesale).
         self._models = models
 
@@ -99,3 +104,15 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     async def RevokeKey(self, request: pb.RevokeKeyRequest, context) -> pb.RevokeKeyResponse:
         admitted_admin()
         return pb.RevokeKeyResponse(key=key_info(await self._keys.revoke(request.key_id)))
+
+    async def InvalidateCache(
+        self, request: pb.InvalidateCacheRequest, context
+    ) -> pb.InvalidateCacheResponse:
+        admitted_admin()
+        if not request.tenant_id:
+            raise invalid_argument(Reason.TENANT_REQUIRED, "name the tenant whose cached answers to remove")
+        if self._cache is None:
+            raise MeshgateError(grpc.StatusCode.UNIMPLEMENTED, Reason.UNKNOWN_ENDPOINT, "no cache here")
+        budget = Budget.of(context.time_remaining())
+        removed = await self._cache.invalidate(request.tenant_id, request.model, budget)
+        return pb.InvalidateCacheResponse(entries_removed=removed)

@@ -109,6 +109,9 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         hot_exact = HotExactHits(router.hot_exact_entries, router.hot_exact_max_age_s)
         listener = notice_listener(settings.redis.url, hot_exact)
         listener.start()
+    cache = CacheService(
+        cache_service_pb2_grpc.CacheServiceStub(cache_channel), tenant_tokens, settings.router, hot_exact
+    )
     pipeline = Pipeline(
         settings.router,
         settings.models,
@@ -118,9 +121,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
             settings.router,
             channel=context_channel,
         ),
-        CacheService(
-            cache_service_pb2_grpc.CacheServiceStub(cache_channel), tenant_tokens, settings.router, hot_exact
-        ),
+        cache,
         Deployments(deployments, settings.router),
         admission,
         Selector(_PromptEmbeddings(deployments)),
@@ -135,7 +136,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     servicer = RouterServicer(settings, pipeline, ledger)
     add_to_server(servicer, service.server)
     # Keys as data, on the same port, behind the admin credential.
-    admin = AdminServicer(keys, settings.models)
+    admin = AdminServicer(keys, settings.models, cache)
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, service.server)
     # The OpenAI-compatible HTTP edge: the same pipeline, on this event loop.
     edge = HttpEdge(settings.router, settings.models, authenticator, tenant_calls, pipeline, deployments)

@@ -342,6 +342,19 @@ class CacheService:
         except grpc.aio.AioRpcError as error:
             log.warning("cache store failed", code=error.code().name, details=error.details())
 
+    async def invalidate(self, tenant_id: str, model: str, budget: Budget) -> int:
+        """Removes the tenant's entries (of ``model``, or all); how many.
+        Every router's copies go with the cache's notice."""
+        try:
+            response = await self._stub.Invalidate(
+                cache_pb.InvalidateRequest(tenant_id=tenant_id, model=model),
+                timeout=budget.within(self._timeout_s),
+                metadata=self._tokens.metadata(tenant_id, "cache"),
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, "cache") from error
+        return response.entries_removed
+
     async def report_wrong(self, plan: CachePlan, messages, entry_id: str, budget: Budget) -> bool:
         # This router's copy goes at once; the others' with the cache's notice.
         if self._hot is not None:

@@ -16,9 +16,10 @@ from prometheus_client import REGISTRY
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
+from meshgate.config import hash_api_key
 from meshgate.errors import error_info
+from meshgate.router.v1 import admin_service_pb2, admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as pb
-from meshgate.router.v1 import router_service_pb2_grpc
 from services.router import app as router_app
 from tests.integration.conftest import answer_of, running, running_router, service_settings
 from tests.mesh import bounded_channel, router_channel
@@ -27,6 +28,8 @@ pytestmark = pytest.mark.integration
 
 KEY = "hot-exact-key"
 AUTH = [("authorization", f"Bearer {KEY}")]
+ADMIN_KEY = "hot-exact-admin-key"
+ADMIN = [("authorization", f"Bearer {ADMIN_KEY}")]
 MAX_TOKENS = 6
 # How soon every replica must stop serving a copy after the cache service
 # answered the report: generous for a shared, loaded machine, and far below
@@ -38,9 +41,10 @@ COPY_MAX_AGE_S = 600.0
 @pytest.fixture(scope="module")
 async def replicas(redis_url, inference_address):
     """Two routers sharing one cache and context service; yields (router
-    stubs, cache stub)."""
+    stubs, cache stub, the first router's AdminService stub)."""
     settings = service_settings(redis_url, inference_address, KEY)
     settings.router.hot_exact_max_age_s = COPY_MAX_AGE_S
+    settings.router.admin_api_key_sha256 = [hash_api_key(ADMIN_KEY)]
     async with contextlib.AsyncExitStack() as stack:
         # The first router starts the context and cache services both share.
         first = await stack.enter_async_context(running_router(settings))
@@ -49,10 +53,12 @@ async def replicas(redis_url, inference_address):
         for address in (first, second):
             channel = await stack.enter_async_context(bounded_channel(address))
             routers.append(router_service_pb2_grpc.RouterServiceStub(channel))
+            if address == first:
+                admin = admin_service_pb2_grpc.AdminServiceStub(channel)
         cache_channel = await stack.enter_async_context(
             router_channel(settings.router.cache_address, "cache")
         )
-        yield routers, cache_service_pb2_grpc.CacheServiceStub(cache_channel)
+        yield routers, cache_service_pb2_grpc.CacheServiceStub(cache_channel), admin
 
 
 def ask(text: str) -> pb.ChatRequest:
@@ -120,7 +126,7 @@ async def every_replica_stops_serving(routers, text: str, old: str) -> None:
 
 
 async def test_a_reported_wrong_hit_stops_every_replicas_copy(replicas):
-    routers, cache = replicas
+    routers, cache, _ = replicas
     old = await warmed(routers, "hot exact report")
     question = [common_pb2.Message(role=common_pb2.ROLE_USER, content="hot exact report")]
     lookup = await cache.Lookup(cache_pb.LookupRequest(scope=scope(), messages=question))
@@ -137,7 +143,7 @@ async def test_a_reported_wrong_hit_stops_every_replicas_copy(replicas):
 
 
 async def test_an_invalidate_stops_every_replicas_copies(replicas):
-    routers, cache = replicas
+    routers, cache, _ = replicas
     old = {text: await warmed(routers, text) for text in ("hot exact one", "hot exact two")}
     invalidated = await cache.Invalidate(cache_pb.InvalidateRequest(tenant_id="dev", model="tiny-gpt"))
     assert invalidated.entries_removed >= 2
@@ -170,7 +176,7 @@ async def every_replica_serves_the_refresh(routers, text: str, old: str, new: st
 
 
 async def test_a_refresh_replaces_every_replicas_copy(replicas):
-    routers, _ = replicas
+    routers, _, _ = replicas
     old = await warmed(routers, "hot exact refresh")
     new = await refreshed(routers[0], "hot exact refresh")
     await every_replica_serves_the_refresh(routers, "hot exact refresh", old, new)
@@ -180,7 +186,7 @@ async def test_a_refresh_of_a_prompt_with_a_semantic_hit_replaces_every_replicas
     """The copy is kept under the asked prompt's key but served the matched
     entry's answer; the refresh stores a new entry for the prompt itself,
     replacing nothing, and its notice must still reach the other replica."""
-    routers, _ = replicas
+    routers, _, _ = replicas
     old, first = await chat(routers[0], "Why is the ocean salty?")
     assert first.cache_status == pb.CACHE_STATUS_MISS
     variant = "why is the ocean salty"
@@ -204,7 +210,7 @@ async def test_a_semantic_hit_is_kept_for_its_prompt_until_a_report_in_its_scope
     lowercased variant, as mesh_bench's semantic row asks it), and a report
     of any wrong hit of that tenant and model drops it on every replica: the
     report makes the verifier stricter, so the verdict may no longer hold."""
-    routers, cache = replicas
+    routers, cache, _ = replicas
     stored, first = await chat(routers[0], "Why is the sky blue?")
     assert first.cache_status == pb.CACHE_STATUS_MISS
     variant = "why is the sky blue"
@@ -242,7 +248,7 @@ async def test_a_tenant_reports_a_wrong_hit_through_the_router(replicas):
     """The caller of a hit, not only the router's own code, can say it was
     wrong: the completion names the entry, the report takes it away from
     that request on every replica, and the cache keeps it from it after."""
-    routers, cache = replicas
+    routers, cache, _ = replicas
     old = await warmed(routers, "hot exact report through the router")
     served, hit = await chat(routers[1], "hot exact report through the router")
     assert (served, hit.cache_status) == (old, pb.CACHE_STATUS_EXACT_HIT) and hit.cache_entry_id
@@ -271,3 +277,20 @@ async def test_a_tenant_reports_a_wrong_hit_through_the_router(replicas):
         )
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(refused.value).reason == "UNSUPPORTED_PARAMETER"
+
+
+async def test_the_admin_credential_invalidates_a_tenants_cache_through_the_router(replicas):
+    routers, _, admin = replicas
+    old = await warmed(routers, "hot exact admin invalidate")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await admin.InvalidateCache(
+            admin_service_pb2.InvalidateCacheRequest(tenant_id="dev"), metadata=AUTH, timeout=30
+        )
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # a tenant's key is no admin's
+    removed = await admin.InvalidateCache(
+        admin_service_pb2.InvalidateCacheRequest(tenant_id="dev", model="tiny-gpt"),
+        metadata=ADMIN,
+        timeout=30,
+    )
+    assert removed.entries_removed >= 1
+    await every_replica_stops_serving(routers, "hot exact admin invalidate", old)

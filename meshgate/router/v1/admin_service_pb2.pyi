@@ -110,3 +110,17 @@ class RevokeKeyResponse(_message.Message):
     KEY_FIELD_NUMBER: _ClassVar[int]
     key: KeyInfo
     def __init__(self, key: _Optional[_Union[KeyInfo, _Mapping]] = ...) -> None: ...
+
+class InvalidateCacheRequest(_message.Message):
+    __slots__ = ("tenant_id", "model")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    model: str
+    def __init__(self, tenant_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class InvalidateCacheResponse(_message.Message):
+    __slots__ = ("entries_removed",)
+    ENTRIES_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    entries_removed: int
+    def __init__(self, entries_removed: _Optional[int] = ...) -> None: ...

@@ -60,6 +60,11 @@ class AdminServiceStub:
                 request_serializer=meshgate_dot_router_dot_v1_dot_admin__service__pb2.RevokeKeyRequest.SerializeToString,
                 response_deserializer=meshgate_dot_router_dot_v1_dot_admin__service__pb2.RevokeKeyResponse.FromString,
                 _registered_method=True)
+        self.InvalidateCache = channel.unary_unary(
+                '/meshgate.router.v1.AdminService/InvalidateCache',
+                request_serializer=meshgate_dot_router_dot_v1_dot_admin__service__pb2.InvalidateCacheRequest.SerializeToString,
+                response_deserializer=meshgate_dot_router_dot_v1_dot_admin__service__pb2.InvalidateCacheResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -101,6 +106,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InvalidateCache(self, request, context):
+        """Removes a tenant's cached answers (of one model alias, or of all), on
+        every router replica's copies too, as soon as its notice arrives.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +136,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RevokeKey,
                     request_deserializer=meshgate_dot_router_dot_v1_dot_admin__service__pb2.RevokeKeyRequest.FromString,
                     response_serializer=meshgate_dot_router_dot_v1_dot_admin__service__pb2.RevokeKeyResponse.SerializeToString,
+            ),
+            'InvalidateCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.InvalidateCache,
+                    request_deserializer=meshgate_dot_router_dot_v1_dot_admin__service__pb2.InvalidateCacheRequest.FromString,
+                    response_serializer=meshgate_dot_router_dot_v1_dot_admin__service__pb2.InvalidateCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -239,6 +257,33 @@ class AdminService:
             '/meshgate.router.v1.AdminService/RevokeKey',
             meshgate_dot_router_dot_v1_dot_admin__service__pb2.RevokeKeyRequest.SerializeToString,
             meshgate_dot_router_dot_v1_dot_admin__service__pb2.RevokeKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InvalidateCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.router.v1.AdminService/InvalidateCache',
+            meshgate_dot_router_dot_v1_dot_admin__service__pb2.InvalidateCacheRequest.SerializeToString,
+            meshgate_dot_router_dot_v1_dot_admin__service__pb2.InvalidateCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,
