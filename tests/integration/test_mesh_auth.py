@@ -105,11 +105,13 @@ def ask(text: str, session_id: str = "") -> pb.ChatRequest:
 
 
 def dev_scope() -> cache_pb.CacheScope:
-    # What the router sends for ask(): max_tokens filled in, the rest as asked.
+    # What the router sends for ask(): max_tokens filled in, the rest as
+    # asked, and the alias's route (its deployments' model).
     return cache_pb.CacheScope(
         tenant_id="dev",
         model="tiny-gpt",
         parameters=common_pb2.GenerationParameters(max_tokens=4, temperature=0.0),
+        route="tiny-gpt",
     )
 
 
