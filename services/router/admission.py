@@ -661,6 +661,21 @@ class Admission:
         """One admit script per slot, all in one round trip; a turn some slot
         refused, or failed to run (out of memory, read-only), is refunded in
         the slots that admitted it; a failure is raised then."""
+        refused, failed, admitted = await self._per_slot(self._admit_script, lease_id, groups)
+        if (refused is not None or failed is not None) and admitted:
+            refund = Reservation(lease_id, tokens, nano_usd, tuple(admitted))
+            await self._write_settlements([(refund, 0, 0)], refund=True)
+        if failed is not None:
+            raise failed
+        return refused
+
+    async def _per_slot(
+        self, script, lease_id: str, groups: list[tuple[list[_Check], list[str]]]
+    ) -> tuple[_Refused | None, BaseException | None, list[_Check]]:
+        """Runs ``script`` (admit or top-up: the same KEYS and ARGV layout)
+        once per slot's checks and words, in one round trip; returns the
+        first refusal, the first failure, and the checks of the slots that
+        charged the turn (to give back when another refused or failed)."""
         now = self._now_arg()
         calls = []
         for checks, words in groups:
@@ -669,21 +684,16 @@ class Admission:
                 indexed.append(f"{word} {len(keys) + 1}")
                 keys += check.keys
             calls.append((keys, [now, lease_id, " ".join(indexed)]))
-        replies = await run_scripts(self._redis, self._admit_script, calls, raise_on_error=False)
-        refused, failed, admitted = None, None, []
+        replies = await run_scripts(self._redis, script, calls, raise_on_error=False)
+        refused, failed, charged = None, None, []
         for (checks, _), reply in zip(groups, replies, strict=True):
             if isinstance(reply, Exception):
                 failed = failed or reply
             elif reply[0] == 1:
-                admitted += checks
+                charged += checks
             elif refused is None:
                 refused = _Refused(checks[reply[1] - 1], reply[2])
-        if (refused is not None or failed is not None) and admitted:
-            refund = Reservation(lease_id, tokens, nano_usd, tuple(admitted))
-            await self._write_settlements([(refund, 0, 0)], refund=True)
-        if failed is not None:
-            raise failed
-        return refused
+        return refused, failed, charged
 
     async def top_up(self, reservation: Reservation, tokens: int, nano_usd: int) -> None:
         """Grows an admitted turn's reservation to ``tokens`` and
@@ -759,29 +769,13 @@ class Admission:
         (a settlement from grown to ``before``, the tokens and nano-USD
         reserved) and a failure is raised."""
         reserved_tokens, reserved_nano_usd = before
-        now = self._now_arg()
         words = [
             f"{_KIND_CODE[check.kind]} {check.a} {check.b}"
             f" {check.cost(reserved_tokens, reserved_nano_usd)} {check.cost(tokens, nano_usd)}"
             for check in grown
         ]
         groups = list(_by_slot(grown, words).values())
-        calls = []
-        for checks, slot_words in groups:
-            keys, indexed = [], []
-            for check, word in zip(checks, slot_words, strict=True):
-                indexed.append(f"{word} {len(keys) + 1}")
-                keys += check.keys
-            calls.append((keys, [now, lease_id, " ".join(indexed)]))
-        replies = await run_scripts(self._redis, self._top_up_script, calls, raise_on_error=False)
-        refused, failed, charged = None, None, []
-        for (checks, _), reply in zip(groups, replies, strict=True):
-            if isinstance(reply, Exception):
-                failed = failed or reply
-            elif reply[0] == 1:
-                charged += checks
-            elif refused is None:
-                refused = _Refused(checks[reply[1] - 1], reply[2])
+        refused, failed, charged = await self._per_slot(self._top_up_script, lease_id, groups)
         if (refused is not None or failed is not None) and charged:
             grew = Reservation(lease_id, tokens, nano_usd, tuple(charged))
             await self._write_settlements([(grew, *before)])
