@@ -36,13 +36,18 @@ def test_exit_codes_and_signals_are_told_apart() -> None:
 
 
 class _Stack:
-    """Just what the supervisor uses of a Stack, over real processes."""
+    """Just what the supervisor uses of a Stack, over real processes, and a
+    launch that fails while ``broken`` (as a port still taken, or a log
+    folder removed, made Stack.launch raise)."""
 
     def __init__(self) -> None:
         self.processes: dict[str, subprocess.Popen] = {}
         self.launched: list[str] = []
+        self.broken = False
 
     def launch(self, name: str) -> None:
+        if self.broken:
+            raise FileNotFoundError("logs/redis.log")
         self.launched.append(name)
         self.processes[name] = subprocess.Popen(["sleep", "60"], start_new_session=True)
 
@@ -97,3 +102,35 @@ def test_nothing_is_restarted_once_stopped(stack) -> None:
     supervisor.stop()
     supervisor.check(now=100.0)
     assert stack.launched == ["triton"]
+
+
+def test_failed_relaunches_after_a_healthy_run_keep_backing_off(stack) -> None:
+    """Measured from the healthy child's start, every failed try after it
+    counted as the first of a new run: retried every 0.5 s for good."""
+    supervisor = Supervisor(stack, Backoff(initial_s=0.5, factor=2.0, max_s=30.0, reset_after_s=60.0))
+    stack.launch("redis")
+    # Dies at once after its first start, and is restarted at t = 1.5 s.
+    _kill(stack.processes["redis"])
+    supervisor.check(now=1.0)
+    supervisor.check(now=1.5)
+    assert supervisor.restarts == {"redis": 1}
+
+    # Runs healthy for minutes, dies, and now cannot be started again.
+    _kill(stack.processes["redis"])
+    stack.broken = True
+    now = 200.0
+    supervisor.check(now)
+    delays = []
+    for _ in range(5):
+        due = supervisor._due["redis"]
+        delays.append(due - now)
+        now = due
+        supervisor.check(now)
+    # A first failure after a healthy run, then failures in a row.
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0]
+
+    # Once it can start again, it does, at its due time.
+    stack.broken = False
+    supervisor.check(supervisor._due["redis"])
+    assert supervisor.restarts == {"redis": 2}
+    assert stack.processes["redis"].poll() is None
