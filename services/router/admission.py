@@ -614,14 +614,7 @@ class Admission:
             # Unreachable, or refusing to run the script (out of memory under
             # maxmemory, a read-only replica during a failover): either way
             # the limits cannot be checked, which the policy below decides.
-            closed = [c for c in checks if c.limit in c.scope.limits.fail_closed]
-            if closed:
-                raise unavailable(
-                    Reason.LIMITS_UNAVAILABLE,
-                    f"limits cannot be checked and {closed[0].limit} is configured to fail closed",
-                    limit=closed[0].limit,
-                    scope=closed[0].scope.kind,
-                ) from error
+            _refuse_if_fail_closed(checks, error)
             log.warning("limits unavailable; admitting (fail open)", error=str(error))
             return Reservation(lease_id, tokens, nano_usd, ())
         if refused is not None:
@@ -742,14 +735,7 @@ class Admission:
                 # As at admission: the limits cannot be checked. Failing open,
                 # the turn goes on with what admission reserved; if the
                 # script did run, its growth stays charged (an overcharge).
-                closed = [c for c in grown if c.limit in c.scope.limits.fail_closed]
-                if closed:
-                    raise unavailable(
-                        Reason.LIMITS_UNAVAILABLE,
-                        f"limits cannot be checked and {closed[0].limit} is configured to fail closed",
-                        limit=closed[0].limit,
-                        scope=closed[0].scope.kind,
-                    ) from error
+                _refuse_if_fail_closed(grown, error)
                 log.warning("limits unavailable; the turn keeps what admission reserved", error=str(error))
                 return
             if refused is not None:
@@ -901,6 +887,19 @@ def _warn_over(reservation: Reservation, tokens: int, nano_usd: int) -> None:
         reserved_nano_usd=reservation.reserved_nano_usd,
         used_nano_usd=nano_usd,
     )
+
+
+def _refuse_if_fail_closed(checks: list[_Check], error: Exception) -> None:
+    """Redis could not check ``checks``: UNAVAILABLE if one of their limits
+    is configured to fail closed; else the caller goes on (fail open)."""
+    closed = [c for c in checks if c.limit in c.scope.limits.fail_closed]
+    if closed:
+        raise unavailable(
+            Reason.LIMITS_UNAVAILABLE,
+            f"limits cannot be checked and {closed[0].limit} is configured to fail closed",
+            limit=closed[0].limit,
+            scope=closed[0].scope.kind,
+        ) from error
 
 
 @dataclasses.dataclass(frozen=True)
