@@ -5,7 +5,6 @@ and the stream and error details OpenAI clients rely on."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import grpc
@@ -26,7 +25,7 @@ from services.router.http_edge import (
     http_error,
 )
 from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Failure
-from tests.unit.test_router_http_edge import KEY, ScriptedPipeline, streamed
+from tests.unit.test_router_http_edge import KEY, ScriptedPipeline, posted, streamed
 
 USER = {"role": "user", "content": "hi"}
 # JSON's escape for half a UTF-16 pair: Python reads it as a lone surrogate,
@@ -63,25 +62,7 @@ async def answered(events, body: dict) -> tuple[int, dict]:
         ScriptedPipeline(events),
         None,
     )
-    received = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
-    sent: list[dict] = []
-
-    async def receive():
-        if received:
-            return received.pop(0)
-        await asyncio.Event().wait()
-
-    async def send(message):
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "headers": [(b"authorization", f"Bearer {KEY}".encode())],
-    }
-    await asyncio.wait_for(edge(scope, receive, send), 5)
-    return sent[0]["status"], json.loads(b"".join(message.get("body", b"") for message in sent))
+    return await posted(edge, "/v1/chat/completions", body)
 
 
 # --- values that failed as the protobuf was built (500s) ----------------------------------

@@ -149,12 +149,10 @@ class InferenceServices:
         return list(self.stubs)
 
 
-async def embeddings(services: InferenceServices) -> tuple[int, dict]:
-    """The status and body of one POST /v1/embeddings."""
-    settings = RouterSettings(dev_api_key=KEY)
-    edge = HttpEdge(settings, {}, Authenticator(settings), TenantCalls(0), ScriptedPipeline([]), services)
-    body = json.dumps({"model": settings.embedding_model, "input": "a cat"}).encode()
-    received = [{"type": "http.request", "body": body, "more_body": False}]
+async def posted(edge: HttpEdge, path: str, body: dict) -> tuple[int, dict]:
+    """The status and JSON body of one POST of ``body`` to ``path`` with
+    the development key, straight through the edge's ASGI callable."""
+    received = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
     sent: list[dict] = []
 
     async def receive():
@@ -168,12 +166,18 @@ async def embeddings(services: InferenceServices) -> tuple[int, dict]:
     scope = {
         "type": "http",
         "method": "POST",
-        "path": "/v1/embeddings",
+        "path": path,
         "headers": [(b"authorization", f"Bearer {KEY}".encode())],
     }
     await asyncio.wait_for(edge(scope, receive, send), 5)
-    whole = b"".join(message.get("body", b"") for message in sent)
-    return sent[0]["status"], json.loads(whole)
+    return sent[0]["status"], json.loads(b"".join(message.get("body", b"") for message in sent))
+
+
+async def embeddings(services: InferenceServices) -> tuple[int, dict]:
+    """The status and body of one POST /v1/embeddings."""
+    settings = RouterSettings(dev_api_key=KEY)
+    edge = HttpEdge(settings, {}, Authenticator(settings), TenantCalls(0), ScriptedPipeline([]), services)
+    return await posted(edge, "/v1/embeddings", {"model": settings.embedding_model, "input": "a cat"})
 
 
 async def test_embeddings_go_to_the_next_inference_service_when_one_is_busy_or_away():
