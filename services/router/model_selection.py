@@ -255,14 +255,20 @@ class Selector:
         max_tokens: int,
         strong_price: PriceSettings | None,
         timeout_s: float,
+        strong_template_bytes: int = 0,
     ) -> Selection:
+        """The model for the turn, by the first rule that decides.
+        ``strong_template_bytes``: what the strong model's chat template adds
+        to the prompt (prompt_bound.PromptBound.template_bytes), so the cost
+        cap judges the bound admission reserves for a stateless turn (a
+        session turn's history is not known before the model is chosen)."""
         if tier and tier in rules.strong_tiers:
             return Selection(rules.strong, SelectionReason.TIER)
         if tier and tier in rules.fast_tiers:
             return Selection(rules.fast, SelectionReason.TIER)
         if rules.max_strong_cost_usd is not None:
             # Admission's own prompt bound, so the cap judges what it reserves.
-            prompt_bytes = estimate_prompt_tokens(messages)
+            prompt_bytes = estimate_prompt_tokens(messages) + strong_template_bytes
             if strong_cost_bound_usd(prompt_bytes, max_tokens, strong_price) > rules.max_strong_cost_usd:
                 return Selection(rules.fast, SelectionReason.COST_CAP)
         text = prompt_text(messages)

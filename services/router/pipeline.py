@@ -577,6 +577,7 @@ class Pipeline:
         rules = turn.model.selection
         if rules is None:
             return turn
+        strong_bound = self._prompt_bounds.get(rules.strong)
         selection = await self._selector.select(
             rules,
             turn.tenant.tier,
@@ -584,6 +585,8 @@ class Pipeline:
             turn.max_tokens,
             self._settings.prices.get(rules.strong),
             turn.budget.within(rules.embedding_timeout_s),
+            # What the strong model's chat template adds, as admission reserves it.
+            strong_bound.template_bytes(len(turn.messages)) if strong_bound is not None else 0,
         )
         metrics.router().model_selections.labels(turn.model_alias, selection.model, selection.reason).inc()
         model = self._models.get(selection.model)

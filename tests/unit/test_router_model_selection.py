@@ -25,6 +25,7 @@ from meshgate.config import (
 )
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router import http_edge, model_selection
+from services.router.admission import estimate_prompt_tokens
 from services.router.auth import Tenant
 from services.router.model_selection import Classifier, Selection, SelectionReason, Selector, features
 from services.router.pipeline import Answer, Budget, CacheStatus, Completion, Pipeline
@@ -160,6 +161,21 @@ async def test_a_turn_over_the_cost_cap_goes_to_the_fast_model():
     # Under the cap (or without prices) the classifier decides.
     assert (await select(HARD[0], rules=capped, price=price, max_tokens=1)).reason != SelectionReason.COST_CAP
     assert (await select(HARD[0], rules=capped, price=None)).model == "strong"
+
+
+async def test_the_cost_cap_counts_the_strong_models_chat_template_as_admission_reserves_it():
+    """The cap judged the content's bytes alone, while admission reserves
+    (and inference bills) the rendered prompt: a turn just under the cap
+    by its content could cost the strong model more than the cap."""
+    price = PriceSettings(prompt_usd_per_million=1_000_000.0)  # a dollar a prompt byte
+    prompt = messages("hi")
+    content = estimate_prompt_tokens(prompt)
+    capped = SelectionSettings(fast="fast", strong="strong", max_strong_cost_usd=content + 0.5)
+    selector = Selector(FakeEmbed())
+    content_only = await selector.select(capped, "", prompt, 0, price, 5.0)
+    assert content_only.reason != SelectionReason.COST_CAP
+    with_template = await selector.select(capped, "", prompt, 0, price, 5.0, strong_template_bytes=40)
+    assert (with_template.model, with_template.reason) == ("fast", SelectionReason.COST_CAP)
 
 
 async def test_the_pipeline_sends_the_turn_to_the_chosen_model_and_says_why():
