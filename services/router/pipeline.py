@@ -158,6 +158,11 @@ def route_of(model: ModelSettings, models: dict[str, ModelSettings]) -> str:
     return ",".join(sorted({deployment.model for deployment in model.deployments}))
 
 
+def _routes(models: dict[str, ModelSettings]) -> dict[str, str]:
+    """Every alias's route, made once per configuration, not per turn."""
+    return {alias: route_of(model, models) for alias, model in models.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Turn:
     """A validated turn: everything the later stages need, nothing of the transport."""
@@ -401,6 +406,7 @@ class Pipeline:
         self._selector = selector or Selector(_no_embedding)
         self._templates = Templates(settings.templates)
         self._prompt_bounds = prompt_bounds(models)
+        self._routes = _routes(models)
         self._coalescer = Coalescer()
         # Session warm-ups in flight, held so they are not collected mid-way.
         self._warming: set[asyncio.Task] = set()
@@ -412,6 +418,7 @@ class Pipeline:
         self._models = models
         self._templates = Templates(settings.templates)
         self._prompt_bounds = prompt_bounds(models)
+        self._routes = _routes(models)
 
     async def create_session(self, tenant: Tenant, budget: Budget) -> str:
         return await self._contexts.create_session(tenant, budget)
@@ -454,7 +461,7 @@ class Pipeline:
                 tenant_id=tenant.id,
                 model=request.model,
                 parameters=parameters,
-                route=route_of(model, self._models),
+                route=self._routes[request.model],
             ),
             budget=budget,
         )
@@ -597,7 +604,7 @@ class Pipeline:
             turn,
             model_alias=selection.model,
             model=model,
-            cache=dataclasses.replace(turn.cache, model=selection.model, route=route_of(model, self._models)),
+            cache=dataclasses.replace(turn.cache, model=selection.model, route=self._routes[selection.model]),
             selection=selection,
         )
 
