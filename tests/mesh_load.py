@@ -81,8 +81,9 @@ class Load:
         self._stopping.set()
         await asyncio.gather(*self._tasks)
 
-    def failed(self, phase: Any, error: grpc.aio.AioRpcError, text: str) -> None:
-        """A request failed after delivering ``text`` ("" before any delta)."""
+    def failed(self, phase: Any, error: grpc.aio.AioRpcError, text: str, began: float) -> None:
+        """A request that started at ``began`` (monotonic) failed after
+        delivering ``text`` ("" before any delta)."""
         raise NotImplementedError
 
     def answered(self, phase: Any, kind: str, began: float) -> None:
@@ -116,7 +117,7 @@ class Load:
                         pb.CreateSessionRequest(), metadata=self._metadata, timeout=REQUEST_TIMEOUT_S
                     )
                 except grpc.aio.AioRpcError as error:
-                    self.failed(phase, error, "")
+                    self.failed(phase, error, "", began)
                     await asyncio.sleep(FAILURE_PAUSE_S)
                     continue
                 session_id = created.session_id
@@ -131,7 +132,7 @@ class Load:
                     else:
                         completion = response.completion
             except grpc.aio.AioRpcError as error:
-                self.failed(phase, error, text)
+                self.failed(phase, error, text, began)
                 await asyncio.sleep(FAILURE_PAUSE_S)
                 continue
             short = short_answer(text, completion, request.parameters.max_tokens)
