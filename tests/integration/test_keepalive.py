@@ -42,8 +42,8 @@ TRITON_SERVER_OPTIONS = [
 REPLY_BYTES = 100_000
 
 
-def scaled(options: list[tuple[str, object]]) -> list[tuple[str, object]]:
-    return [(key, value // SCALE if key in _INTERVALS else value) for key, value in options]
+def scaled(options: list[tuple[str, object]], scale: int = SCALE) -> list[tuple[str, object]]:
+    return [(key, value // scale if key in _INTERVALS else value) for key, value in options]
 
 
 @contextlib.asynccontextmanager
@@ -117,14 +117,16 @@ async def test_an_idle_open_stream_to_triton_outlives_several_keepalives() -> No
     # The inference service keeps ModelStreamInfer calls open and idle
     # between requests (services/inference/backends.py, TritonStreams): an
     # open call, so the channel pings every keepalive (5 minutes, scaled to
-    # 15 s), which Triton's default policy allows while a call is open. (By
+    # 5 s), which Triton's default policy allows while a call is open. (By
     # hand: pinging 4 times as often, with grpc.http2.max_pings_without_data
-    # 0, this stream was closed with GOAWAY too_many_pings.)
+    # 0, this stream was closed with GOAWAY too_many_pings; so it was at this
+    # test's scale, 60, whose 17.5 s of idle time took 52 s at SCALE.)
+    scale = 60
     async with (
-        serving_on(scaled(TRITON_SERVER_OPTIONS)) as (address, peers),
-        grpc.aio.insecure_channel(address, options=scaled(serving.TRITON_CHANNEL_OPTIONS)) as channel,
+        serving_on(scaled(TRITON_SERVER_OPTIONS, scale)) as (address, peers),
+        grpc.aio.insecure_channel(address, options=scaled(serving.TRITON_CHANNEL_OPTIONS, scale)) as channel,
     ):
-        keepalive_s = serving.TRITON_MIN_RECV_PING_INTERVAL_MS / SCALE / 1000
+        keepalive_s = serving.TRITON_MIN_RECV_PING_INTERVAL_MS / scale / 1000
         # Open through the idle time on purpose, and bounded past it.
         stream = channel.stream_stream("/t.Keepalive/Echo")(timeout=3.5 * keepalive_s + CALL_TIMEOUT_S)
         await stream.write(b"first")
