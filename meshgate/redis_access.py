@@ -87,10 +87,8 @@ class _Parser(DefaultParser):
     class, as the same command sent alone would: CONNECTION_ERRORS holds
     them, so a handler answers UNAVAILABLE (retry later) rather than
     INTERNAL. Redis refuses a script's first write before it writes
-    anything, so the refused script ran no write. Single-node Redis only:
-    redis-py's cluster client takes no parser class, so on a cluster of
-    Redis 6 a script's refusal still reads as INTERNAL (a plain command's
-    does not)."""
+    anything, so the refused script ran no write. On a cluster too
+    (_connect_cluster gives it to every node's connections)."""
 
     @classmethod
     def parse_error(cls, response: str) -> Exception:
@@ -151,11 +149,10 @@ def _cluster_nodes(url: str) -> tuple[str, list[ClusterNode]]:
 
 def _connect_cluster(url: str, socket_timeout: float | None = 10) -> RedisCluster:
     plain, nodes = _cluster_nodes(url)
-    return RedisCluster.from_url(
+    client = RedisCluster.from_url(
         plain,
         startup_nodes=nodes,
         decode_responses=False,
-        # No parser_class: redis-py's cluster client takes none (_Parser).
         # Per node; past it a command fails with MaxConnectionsError (a
         # cluster pool does not queue like the single node's).
         max_connections=MAX_CONNECTIONS,
@@ -176,6 +173,16 @@ def _connect_cluster(url: str, socket_timeout: float | None = 10) -> RedisCluste
         retry=Retry(NoBackoff(), 0),
         maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
+    # redis-py's cluster client takes no parser_class argument, and without
+    # _Parser a write script Redis 6 refused (out of memory, READONLY on a
+    # demoted master) read as INTERNAL instead of UNAVAILABLE. Its nodes'
+    # connections are made lazily from these kwargs (the nodes manager's for
+    # nodes found later, each startup node's own copy): the way redis-py
+    # itself adds its maintenance-notification handler after construction.
+    client.nodes_manager.connection_kwargs["parser_class"] = _Parser
+    for node in client.nodes_manager.startup_nodes.values():
+        node.connection_kwargs["parser_class"] = _Parser
+    return client
 
 
 async def connect_subscriber(url: str) -> Client:

@@ -344,6 +344,28 @@ async def test_admission_limits_are_exact_across_masters(cluster: Cluster) -> No
             await client.aclose()
 
 
+async def test_a_write_script_refused_by_a_master_is_unavailable(cluster: Cluster, client, tenant) -> None:
+    """A master out of memory under noeviction refuses a script's first write,
+    which Redis 6 reports as a plain "Error running script" reply: the
+    cluster client reads it as the refusal (redis_access._Parser), so the
+    append is UNAVAILABLE (retry later), not INTERNAL, and stores nothing."""
+    sessions = store.SessionStore(client, ttl_s=60)
+    session_id = uuid.uuid4().hex
+    await sessions.create(tenant, session_id)
+    turn = [msg(USER, "hello")]
+    with cluster.node(cluster.master_of(context_slot(tenant, session_id))) as master:
+        master.config_set("maxmemory-policy", "noeviction")
+        master.config_set("maxmemory", "1")
+        try:
+            with pytest.raises(MeshgateError) as refused:
+                await sessions.append(tenant, session_id, None, turn, {})
+        finally:
+            master.config_set("maxmemory", "0")
+    assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.UNAVAILABLE, "REDIS_UNAVAILABLE")
+    assert (await sessions.read(tenant, session_id)).version == 0
+    assert (await sessions.append(tenant, session_id, None, turn, {})).version == 1
+
+
 async def test_no_acknowledged_turn_is_lost_in_a_master_failover(cluster: Cluster, tenant) -> None:
     """Writers append to sessions on every master, each turn with a turn id
     and retried with it until acknowledged; meanwhile one master's replica
