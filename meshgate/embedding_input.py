@@ -58,7 +58,8 @@ class EmbeddingTruncator:
         """``tokenizer`` must not truncate; ``max_tokens`` counts the special
         tokens the model adds, as the model's own truncation does."""
         self._tokenizer = tokenizer
-        self._budget = max_tokens - tokenizer.num_special_tokens_to_add(False)
+        self._special_tokens = tokenizer.num_special_tokens_to_add(False)
+        self._budget = max_tokens - self._special_tokens
         if self._budget <= 0:
             raise ValueError(f"embedding_max_tokens {max_tokens} leaves no room for text")
         self._bytes_bound_tokens = _at_most_one_token_per_byte(tokenizer)
@@ -87,6 +88,17 @@ class EmbeddingTruncator:
             for index, cut in zip(long, self.cut_by_tokens([texts[i] for i in long])):
                 result[index] = cut
         return result
+
+    def count_tokens(self, texts: list[str]) -> int:
+        """The tokens the model reads of ``texts``, summed: each text's own
+        up to the budget (a cut may keep a few more, which the model drops),
+        and the special tokens it adds to each. Tokenizes every text: for a
+        caller that bills them (EmbedRequest.count_tokens), not on the
+        mesh's own embeddings."""
+        encodings = self._tokenizer.encode_batch(self.truncate(texts), add_special_tokens=False)
+        return sum(
+            min(len(encoding.ids), self._budget) for encoding in encodings
+        ) + self._special_tokens * len(texts)
 
     def cut_by_tokens(self, texts: list[str]) -> list[str]:
         """:meth:`truncate` by tokenizing every text, however short."""

@@ -185,10 +185,20 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             async with asyncio.timeout(remaining):
                 # Texts in flight or embedded lately are not sent again (shared_embeddings.py).
                 vectors = await self._embeddings.vectors(request.texts)
+                input_tokens = await self._input_tokens(request) if request.count_tokens else 0
         except TimeoutError:
             raise _embed_deadline_passed() from None
         # float32: dimensions are a vector's bytes over 4.
-        return pb.EmbedResponse(dimensions=len(vectors[0]) // 4, vectors=b"".join(vectors))
+        return pb.EmbedResponse(
+            dimensions=len(vectors[0]) // 4, vectors=b"".join(vectors), input_tokens=input_tokens
+        )
+
+    async def _input_tokens(self, request: pb.EmbedRequest) -> int:
+        texts = list(request.texts)
+        if any(self._truncator.needs_tokenizing(text) for text in texts):
+            # Long texts are CPU work in Rust: off the event loop, as their cut is.
+            return await asyncio.to_thread(self._truncator.count_tokens, texts)
+        return self._truncator.count_tokens(texts)
 
     async def _embed_texts(self, texts: list[str]) -> list[bytes]:
         """Each text's vector from Triton, for SharedEmbeddings (at most

@@ -1019,6 +1019,38 @@ class TurnAdmission:
         # Batched, off the turn's path: it holds for a cancelled turn too.
         self._admission.settle_soon(grant, tokens, nano_usd)
 
+    async def admit_embedding(self, tenant, model: str, input_tokens_bound: int) -> Reservation:
+        """An embedding request's admission (services/router/embeddings.py):
+        the scopes of a turn on ``model``, reserving ``input_tokens_bound``
+        and nothing to generate."""
+        scopes = [
+            scope for scope in admission_scopes(tenant, model, self._settings) if scope.limits.configured()
+        ]
+        return await self._admission.admit(scopes, input_tokens_bound, 0, self._settings.prices.get(model))
+
+    def settle_embedding(
+        self, grant: Reservation, tenant, model: str, input_tokens: int, elapsed_s: float, failure: str
+    ) -> None:
+        """Settles an embedding request to the tokens the model read (0 for
+        one that failed or was abandoned) and records it in the ledger."""
+        nano_usd = cost_nano_usd(self._settings.prices.get(model), input_tokens, 0)
+        if self._ledger is not None:
+            usage = UsageRecord(
+                tenant=tenant.id,
+                key_id=tenant.key_id,
+                model=model,
+                deployment="",
+                prompt_tokens=input_tokens,
+                completion_tokens=0,
+                saved_tokens=0,
+                cache_status="none",
+                cost_nano_usd=nano_usd,
+                latency_ms=round(elapsed_s * 1000),
+                failure=failure,
+            )
+            self._ledger.submit(usage)
+        self._admission.settle_soon(grant, input_tokens, nano_usd)
+
     def _record(
         self, turn, outcome, hit: bool, prompt_tokens: int, completion_tokens: int, nano_usd: int
     ) -> None:

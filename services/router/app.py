@@ -24,6 +24,7 @@ from services.router.admission import Admission, TenantCalls, TurnAdmission
 from services.router.auth import Authenticator, CallerGate
 from services.router.deployments import DeploymentTable
 from services.router.downstream import CacheService, ContextService, Deployments
+from services.router.embeddings import Embeddings
 from services.router.hot_exact import HotExactHits, notice_listener
 from services.router.http_edge import HttpEdge, HttpServer
 from services.router.keys import KeyStore
@@ -139,7 +140,8 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     admin = AdminServicer(keys, settings.models, cache)
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, service.server)
     # The OpenAI-compatible HTTP edge: the same pipeline, on this event loop.
-    edge = HttpEdge(settings.router, settings.models, authenticator, tenant_calls, pipeline, deployments)
+    embeddings = Embeddings(settings.router, deployments, admission)
+    edge = HttpEdge(settings.router, settings.models, authenticator, tenant_calls, pipeline, embeddings)
     http = (
         HttpServer(edge, router.http_listen, router.http_header_timeout_s, router.http_max_header_bytes)
         if router.http_listen
@@ -174,6 +176,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         servicer.reconfigure(new)
         admin.reconfigure(new.models)
         edge.reconfigure(new.router, new.models)
+        embeddings.reconfigure(new.router)
 
     service.reload_hooks.append(reload)
 

@@ -44,16 +44,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, RouterSettings
-from meshgate.errors import MeshgateError, from_rpc_error, internal_error, invalid_argument, not_found
-from meshgate.inference.v1 import inference_service_pb2 as inference_pb
+from meshgate.errors import MeshgateError, internal_error, invalid_argument, not_found
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.admission import Hold, TenantCalls
 from services.router.auth import Authenticator, Tenant
-from services.router.deployments import DeploymentTable
-from services.router.downstream import not_taken
+from services.router.embeddings import Embeddings
 from services.router.pipeline import Budget, Completion, Delta, Failure, Pipeline
-from services.router.validation import check_model_allowed
 
 log = structlog.get_logger(__name__)
 _tracer = trace.get_tracer("meshgate.http")
@@ -503,12 +500,12 @@ class HttpEdge:
         authenticator: Authenticator,
         calls: TenantCalls,
         pipeline: Pipeline,
-        deployments: DeploymentTable,
+        embeddings: Embeddings | None,
     ) -> None:
         self._auth = authenticator
         self._calls = calls
         self._pipeline = pipeline
-        self._deployments = deployments
+        self._embeddings_core = embeddings
         # OpenAI's "created" of a model: when this router began serving it.
         self._started = int(time.time())
         self.reconfigure(settings, models)
@@ -694,9 +691,9 @@ class HttpEdge:
         if not isinstance(body, dict):
             raise _bad_request("the body must be a JSON object", "")
         model = _text(body.get("model"), "model must be a string", "model")
-        if not model or model != self._settings.embedding_model:
-            raise not_found(Reason.MODEL_NOT_FOUND, f"unknown embedding model {model!r}", model=str(model))
-        check_model_allowed(model, tenant)
+        if self._embeddings_core is None:
+            raise not_found(Reason.MODEL_NOT_FOUND, "no embedding model is served here", model=model)
+        self._embeddings_core.check_model(model, tenant)
         texts = body.get("input")
         if isinstance(texts, str):
             texts = [texts]
@@ -710,7 +707,7 @@ class HttpEdge:
         with _tracer.start_as_current_span(
             "POST /v1/embeddings", context=_caller_context(scope), kind=trace.SpanKind.SERVER
         ):
-            embedded = await self._embed(texts)
+            embedded = await self._embeddings_core.embed(tenant, model, texts)
         dimensions = embedded.dimensions
         row_bytes = 4 * dimensions
         data = []
@@ -722,25 +719,8 @@ class HttpEdge:
             else:
                 embedding = memoryview(row).cast("f").tolist()
             data.append({"object": "embedding", "index": index, "embedding": embedding})
-        await _send_json(response.send, 200, {"object": "list", "data": data, "model": model})
-
-    async def _embed(self, texts: list[str]) -> inference_pb.EmbedResponse:
-        """Embed on the first inference service that answers."""
-        last_error: grpc.aio.AioRpcError | None = None
-        for stub in self._deployments.inference_stubs():
-            try:
-                return await stub.Embed(
-                    inference_pb.EmbedRequest(texts=texts), timeout=self._settings.downstream_timeout_s
-                )
-            except grpc.aio.AioRpcError as error:
-                if not not_taken(error, "inference"):
-                    raise from_rpc_error(error, "inference") from error
-                last_error = error
-        if last_error is not None:
-            raise from_rpc_error(last_error, "inference") from last_error
-        raise MeshgateError(
-            grpc.StatusCode.UNAVAILABLE, Reason.NO_DEPLOYMENT_AVAILABLE, "no inference service is configured"
-        )
+        usage = {"prompt_tokens": embedded.input_tokens, "total_tokens": embedded.input_tokens}
+        await _send_json(response.send, 200, {"object": "list", "data": data, "model": model, "usage": usage})
 
 
 class _Response:

@@ -21,12 +21,16 @@ from meshgate.config import (
     hash_api_key,
 )
 from meshgate.local.stack import free_port
+from meshgate.router.v1 import router_service_pb2 as router_pb
+from meshgate.router.v1 import router_service_pb2_grpc
 from tests.integration.conftest import (
     running_router,
     service_settings,
     triton_cancellations,
     until_triton_cancels,
 )
+from tests.integration.test_router_accounting import eventually
+from tests.mesh import bounded_channel
 
 pytestmark = pytest.mark.integration
 
@@ -35,10 +39,12 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 LIMITED_KEY = "http-edge-limited-key"
 NARROW_KEY = "http-edge-narrow-key"
 LIMITED_RPM = 2
+EMBED_LIMITED_KEY = "http-edge-embed-limited-key"
 
 
 @pytest.fixture(scope="module")
-async def base_url(redis_url, inference_address):
+async def edge(redis_url, inference_address):
+    """The edge's base URL and the router's gRPC address."""
     settings = service_settings(redis_url, inference_address, KEY)
     settings.router.tenants = [
         TenantSettings(
@@ -46,13 +52,23 @@ async def base_url(redis_url, inference_address):
             api_key_sha256=[hash_api_key(LIMITED_KEY)],
             limits=LimitSettings(requests_per_minute=LIMITED_RPM),
         ),
+        TenantSettings(
+            id=f"embed-limited-{uuid.uuid4().hex[:8]}",
+            api_key_sha256=[hash_api_key(EMBED_LIMITED_KEY)],
+            limits=LimitSettings(requests_per_minute=LIMITED_RPM),
+        ),
         TenantSettings(id="narrow", api_key_sha256=[hash_api_key(NARROW_KEY)], models=["other"]),
     ]
     (live,) = settings.models["tiny-gpt"].deployments
     settings.models["other"] = ModelSettings(deployments=[live])
     settings.router.http_listen = f"127.0.0.1:{free_port()}"
-    async with running_router(settings):
-        yield f"http://{settings.router.http_listen}/v1"
+    async with running_router(settings) as router_address:
+        yield f"http://{settings.router.http_listen}/v1", router_address
+
+
+@pytest.fixture(scope="module")
+def base_url(edge):
+    return edge[0]
 
 
 @pytest.fixture
@@ -202,6 +218,31 @@ async def test_embeddings_float_and_base64(async_client):
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
     floats = await async_client.embeddings.create(model="minilm", input="a cat", encoding_format="float")
     assert np.allclose(floats.data[0].embedding, vectors[0], atol=1e-6)
+
+
+async def test_embeddings_pass_the_tenants_limits_and_are_billed_in_the_ledger(edge):
+    base_url, router_address = edge
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=EMBED_LIMITED_KEY, max_retries=0) as limited:
+        for _ in range(LIMITED_RPM):
+            result = await limited.embeddings.create(model="minilm", input=["a cat", "a dog"])
+            # [CLS] a cat [SEP], twice: the tokens the model read.
+            assert (result.usage.prompt_tokens, result.usage.total_tokens) == (8, 8)
+        # Before, embeddings passed no limit: a tenant held to 2 requests a
+        # minute embedded without bound, and none of it was billed.
+        with pytest.raises(openai.RateLimitError) as refused:
+            await limited.embeddings.create(model="minilm", input="a cat")
+    assert refused.value.code == "RATE_LIMITED"
+    auth = [("authorization", f"Bearer {EMBED_LIMITED_KEY}")]
+    async with bounded_channel(router_address) as channel:
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+
+        async def billed():
+            usage = await stub.GetUsage(router_pb.GetUsageRequest(), metadata=auth, timeout=10)
+            rows = [row for row in usage.rows if row.model == "minilm"]
+            return rows if rows and rows[0].requests == LIMITED_RPM else None
+
+        (row,) = await eventually(billed)
+    assert (row.prompt_tokens, row.completion_tokens, row.failures) == (16, 0, 0)
 
 
 # --- errors --------------------------------------------------------------------

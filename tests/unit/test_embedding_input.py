@@ -40,6 +40,14 @@ def test_the_model_reads_the_same_tokens_from_the_cut(texts, max_tokens):
         assert tokens_read(kept, max_tokens) == tokens_read(text, max_tokens)
 
 
+@settings(max_examples=100, deadline=None)
+@given(texts=st.lists(TEXTS, min_size=1, max_size=4), max_tokens=st.integers(3, 40))
+def test_the_tokens_counted_are_those_the_model_reads(texts, max_tokens):
+    # The model truncates to max_tokens with its [CLS] and [SEP] kept.
+    read = sum(min(len(TOKENIZER.encode(text).ids), max_tokens) for text in texts)
+    assert EmbeddingTruncator(TOKENIZER, max_tokens).count_tokens(texts) == read
+
+
 def test_long_text_is_cut_to_about_the_budget_and_short_text_is_untouched():
     truncator = EmbeddingTruncator(TOKENIZER, 256)
     huge = "How do transformers work? " * 200_000  # 5.2 MB, 1.2M tokens

@@ -21,6 +21,7 @@ from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
 from services.router.admission import TenantCalls
 from services.router.auth import Authenticator
+from services.router.embeddings import Embeddings
 from services.router.http_edge import HttpEdge, _BoundedHeaders, http_error
 from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Failure
 from tests.unit.test_router_context_restart import busy
@@ -176,7 +177,8 @@ async def posted(edge: HttpEdge, path: str, body: dict) -> tuple[int, dict]:
 async def embeddings(services: InferenceServices) -> tuple[int, dict]:
     """The status and body of one POST /v1/embeddings."""
     settings = RouterSettings(dev_api_key=KEY)
-    edge = HttpEdge(settings, {}, Authenticator(settings), TenantCalls(0), ScriptedPipeline([]), services)
+    core = Embeddings(settings, services, None)
+    edge = HttpEdge(settings, {}, Authenticator(settings), TenantCalls(0), ScriptedPipeline([]), core)
     return await posted(edge, "/v1/embeddings", {"model": settings.embedding_model, "input": "a cat"})
 
 

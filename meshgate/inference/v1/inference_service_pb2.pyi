@@ -46,18 +46,22 @@ class GenerateCompletion(_message.Message):
     def __init__(self, usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., finish_reason: _Optional[str] = ..., backend: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("texts",)
+    __slots__ = ("texts", "count_tokens")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
+    COUNT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
+    count_tokens: bool
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., count_tokens: _Optional[bool] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("dimensions", "vectors")
+    __slots__ = ("dimensions", "vectors", "input_tokens")
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     dimensions: int
     vectors: bytes
-    def __init__(self, dimensions: _Optional[int] = ..., vectors: _Optional[bytes] = ...) -> None: ...
+    input_tokens: int
+    def __init__(self, dimensions: _Optional[int] = ..., vectors: _Optional[bytes] = ..., input_tokens: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,106 @@
+"""Embeddings through the router, transport-free: the tenant's model check,
+its limits and budgets, the inference services' Embed, and what was used.
+The HTTP edge's ``POST /v1/embeddings`` adapts it (http_edge.py).
+
+An embedding request passes the same limits as a chat turn on the embedding
+model (the tenant's, its key's, the model's: requests, tokens and cost a
+minute and a day) and lands in the usage ledger, so that a tenant held to
+ten requests a minute cannot embed without bound and its bill counts what
+it embedded. Admission reserves a bound of the input tokens (every text's
+UTF-8 bytes, no WordPiece or byte-level BPE token being shorter, plus its
+special tokens); the request settles to the tokens the model read, which
+the inference service counts (EmbedRequest.count_tokens)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import grpc
+
+from meshgate.config import RouterSettings
+from meshgate.errors import MeshgateError, from_rpc_error, not_found
+from meshgate.inference.v1 import inference_service_pb2 as inference_pb
+from meshgate.reasons import Reason
+from services.router.admission import TurnAdmission
+from services.router.downstream import not_taken
+from services.router.validation import check_model_allowed
+
+# Reserved for each text beside its bytes: BERT's [CLS] and [SEP]; a model
+# adding more is settled to its real count, above the reservation.
+SPECIAL_TOKENS_PER_TEXT = 2
+
+
+@dataclasses.dataclass
+class Embedded:
+    dimensions: int
+    # len(texts) * dimensions little-endian float32 values, row-major.
+    vectors: bytes
+    input_tokens: int
+
+
+class Embeddings:
+    def __init__(self, settings: RouterSettings, deployments, admission: TurnAdmission | None) -> None:
+        # deployments: its inference_stubs() are the inference services to ask.
+        self._deployments = deployments
+        self._admission = admission
+        self.reconfigure(settings)
+
+    def reconfigure(self, settings: RouterSettings) -> None:
+        self._settings = settings
+
+    def check_model(self, model: str, tenant) -> None:
+        """Raises MeshgateError unless ``model`` is the embedding model and
+        ``tenant`` may use it: before a caller reads the rest of a request."""
+        if not model or model != self._settings.embedding_model:
+            raise not_found(Reason.MODEL_NOT_FOUND, f"unknown embedding model {model!r}", model=model)
+        check_model_allowed(model, tenant)
+
+    async def embed(self, tenant, model: str, texts: list[str]) -> Embedded:
+        """``texts``' vectors from the embedding ``model``; raises
+        MeshgateError (an unknown or forbidden model, a limit's refusal, or
+        the inference services')."""
+        self.check_model(model, tenant)
+        if self._admission is None:
+            answer = await self._embed(texts)
+            return Embedded(answer.dimensions, answer.vectors, answer.input_tokens)
+        bound = sum(len(text.encode()) + SPECIAL_TOKENS_PER_TEXT for text in texts)
+        grant = await self._admission.admit_embedding(tenant, model, bound)
+        started = time.monotonic()
+        failure: str = Reason.INTERNAL
+        input_tokens = 0
+        try:
+            answer = await self._embed(texts)
+            input_tokens, failure = answer.input_tokens, ""
+        except MeshgateError as error:
+            failure = error.reason
+            raise
+        except asyncio.CancelledError:
+            # A hang-up is no error reason: the ledger says "cancelled".
+            failure = "cancelled"
+            raise
+        finally:
+            # Whatever the end, settled once: a failed or abandoned request
+            # read nothing it is billed for.
+            self._admission.settle_embedding(
+                grant, tenant, model, input_tokens, time.monotonic() - started, failure
+            )
+        return Embedded(answer.dimensions, answer.vectors, input_tokens)
+
+    async def _embed(self, texts: list[str]) -> inference_pb.EmbedResponse:
+        """Embed on the first inference service that answers."""
+        request = inference_pb.EmbedRequest(texts=texts, count_tokens=True)
+        last_error: grpc.aio.AioRpcError | None = None
+        for stub in self._deployments.inference_stubs():
+            try:
+                return await stub.Embed(request, timeout=self._settings.downstream_timeout_s)
+            except grpc.aio.AioRpcError as error:
+                if not not_taken(error, "inference"):
+                    raise from_rpc_error(error, "inference") from error
+                last_error = error
+        if last_error is not None:
+            raise from_rpc_error(last_error, "inference") from last_error
+        raise MeshgateError(
+            grpc.StatusCode.UNAVAILABLE, Reason.NO_DEPLOYMENT_AVAILABLE, "no inference service is configured"
+        )

@@ -1,0 +1,118 @@
+"""The embeddings core (services/router/embeddings.py): what an embedding
+request reserves, settles and records, however it ends."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from meshgate.config import PriceSettings, RouterSettings
+from meshgate.errors import MeshgateError
+from meshgate.inference.v1 import inference_service_pb2 as inference_pb
+from services.router.admission import Reservation, TurnAdmission
+from services.router.auth import Tenant
+from services.router.embeddings import Embeddings
+from tests.unit.test_router_context_restart import unavailable as unavailable_rpc
+
+
+class Admission:
+    """Admission's admit and settle_soon, recorded."""
+
+    def __init__(self) -> None:
+        self.admitted: list[tuple[int, int]] = []
+        self.settled: list[tuple[int, int]] = []
+
+    async def admit(self, scopes, prompt_tokens, max_tokens, price=None) -> Reservation:
+        self.admitted.append((prompt_tokens, max_tokens))
+        return Reservation("lease", prompt_tokens + max_tokens, 0, ())
+
+    def settle_soon(self, reservation, tokens, nano_usd) -> None:
+        self.settled.append((tokens, nano_usd))
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.records = []
+
+    def submit(self, record) -> None:
+        self.records.append(record)
+
+
+class Inference:
+    """One inference service's Embed: answers, fails with ``failure``, or
+    holds until cancelled (``hold``)."""
+
+    def __init__(self, failure: grpc.aio.AioRpcError | None = None, hold: bool = False) -> None:
+        self.failure = failure
+        self.hold = hold
+        self.requests: list[inference_pb.EmbedRequest] = []
+
+    async def Embed(self, request, timeout):
+        self.requests.append(request)
+        if self.hold:
+            await asyncio.Event().wait()
+        if self.failure is not None:
+            raise self.failure
+        return inference_pb.EmbedResponse(dimensions=1, vectors=bytes(4 * len(request.texts)), input_tokens=9)
+
+    def inference_stubs(self):
+        return [self]
+
+
+def core(inference: Inference) -> tuple[Embeddings, Admission, Ledger]:
+    settings = RouterSettings(prices={"minilm": PriceSettings(prompt_usd_per_million=1000.0)})
+    admission, ledger = Admission(), Ledger()
+    return Embeddings(settings, inference, TurnAdmission(admission, settings, ledger)), admission, ledger
+
+
+TENANT = Tenant("acme", frozenset({"*"}), "key1")
+
+
+async def test_a_request_reserves_a_bound_of_its_tokens_and_settles_to_what_the_model_read():
+    inference = Inference()
+    embeddings, admission, ledger = core(inference)
+    embedded = await embeddings.embed(TENANT, "minilm", ["a cat", "naïve"])
+    assert embedded.input_tokens == 9
+    assert inference.requests[0].count_tokens
+    # Each text's UTF-8 bytes (no token is shorter) and its two special tokens.
+    assert admission.admitted == [(5 + 2 + 6 + 2, 0)]
+    # 9 tokens at $1,000 a million: 9,000,000 billionths of a dollar.
+    assert admission.settled == [(9, 9_000_000)]
+    (record,) = ledger.records
+    assert (record.tenant, record.key_id, record.model) == ("acme", "key1", "minilm")
+    assert (record.prompt_tokens, record.completion_tokens, record.cost_nano_usd, record.failure) == (
+        9,
+        0,
+        9_000_000,
+        "",
+    )
+
+
+async def test_a_failed_request_is_refunded_and_recorded_with_its_reason():
+    embeddings, admission, ledger = core(Inference(unavailable_rpc()))
+    with pytest.raises(MeshgateError) as failed:
+        await embeddings.embed(TENANT, "minilm", ["a cat"])
+    assert admission.settled == [(0, 0)]
+    assert ledger.records[0].failure == failed.value.reason
+    assert ledger.records[0].prompt_tokens == 0
+
+
+async def test_an_abandoned_request_is_refunded_and_recorded_as_cancelled():
+    embeddings, admission, ledger = core(Inference(hold=True))
+    task = asyncio.create_task(embeddings.embed(TENANT, "minilm", ["a cat"]))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert admission.settled == [(0, 0)]
+    assert ledger.records[0].failure == "cancelled"
+
+
+async def test_another_model_is_not_found_before_any_admission():
+    embeddings, admission, _ = core(Inference())
+    with pytest.raises(MeshgateError) as refused:
+        await embeddings.embed(TENANT, "tiny-gpt", ["a cat"])
+    assert refused.value.code == grpc.StatusCode.NOT_FOUND
+    assert admission.admitted == []
