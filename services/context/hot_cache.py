@@ -154,6 +154,15 @@ class HotCache:
         deleted_sequence = previous.deleted_sequence if previous else 0
         if version == DELETED:
             deleted_sequence = self._sequence
+        elif previous is not None and previous.version > version:
+            # Notices of one life's versions may come out of order: two
+            # appends on this replica each announce as they end, the first
+            # last when its index write is slow. An older notice replacing a
+            # newer one let a read of the older version, in flight across
+            # both, be cached as current (GetSession then missed the newer
+            # turn). Versions only grow within a life, and a deletion between
+            # lives is a notice of its own (above).
+            version = previous.version
         self._announced[key] = _Announcement(self._sequence, version, deleted_sequence)
         if len(self._announced) > _MAX_ANNOUNCED:
             _, forgotten = self._announced.popitem(last=False)

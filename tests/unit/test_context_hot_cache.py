@@ -57,6 +57,15 @@ def test_a_read_that_raced_a_change_is_not_cached() -> None:
     assert cache.get("k").version == 5
 
 
+def test_an_older_version_announced_after_a_newer_one_does_not_let_a_stale_read_in() -> None:
+    cache = live_cache()
+    ticket = cache.ticket()  # a read that will see version 6
+    cache.announce("k", 7)
+    cache.announce("k", 6)  # this replica's own earlier append, announced last
+    assert not cache.put("k", session(6, "stale"), ticket)
+    assert cache.put("k", session(7, "fresh"), ticket)
+
+
 def test_a_deletion_while_reading_refuses_any_version() -> None:
     cache = live_cache()
     ticket = cache.ticket()
