@@ -204,6 +204,8 @@ class TritonBackend:
         # and whether it reports the prompt tokens it served from its cache.
         self.batched: dict[str, bool] = {}
         self.reports_cached_tokens: dict[str, bool] = {}
+        # Models whose config is read again at their next ready answer.
+        self._config_stale: set[str] = set()
         # What is probed, and Triton's queue and compute figures, for metrics.
         self.models: list[str] = []
         self.statistics: dict[str, TritonStatistics] = {}
@@ -239,7 +241,15 @@ class TritonBackend:
                     service_pb2.ModelReadyRequest(name=model), timeout=PROBE_TIMEOUT_S
                 )
                 answers[model] = answer.ready
-                if answer.ready and model not in self.batched:
+                if not answer.ready:
+                    # Its config is read again when it answers ready: a model
+                    # reloaded or a Triton restarted with another config
+                    # (max_batch_size, its inputs) had every request refused
+                    # INTERNAL until this service restarted. The last one
+                    # read serves meanwhile: a not-ready blip changes nothing.
+                    self._config_stale.add(model)
+                elif model not in self.batched or model in self._config_stale:
+                    self._config_stale.discard(model)
                     config = await self._probe_stub.ModelConfig(
                         service_pb2.ModelConfigRequest(name=model), timeout=PROBE_TIMEOUT_S
                     )
@@ -251,6 +261,8 @@ class TritonBackend:
             answers = dict.fromkeys(models, False)
             live = ready = None
             failure = error.code().name
+            # No answer: the server may be restarting, perhaps with new configs.
+            self._config_stale.update(models)
         else:
             failure = None
         self.models = models
@@ -259,11 +271,14 @@ class TritonBackend:
         self._silent_rounds = 0 if failure is None else self._silent_rounds + 1
         was_ready = self.ready
         out: set[str] = set()
+        left: set[str] = set()
         for model, is_ready in answers.items():
             self._misses[model] = 0 if is_ready else self._misses.get(model, 0) + 1
             if is_ready:
                 self.ready_models.add(model)
             elif self._misses[model] >= PROBES_TO_MARK_DOWN:
+                if model in self.ready_models:
+                    left.add(model)
                 self.ready_models.discard(model)
                 out.add(model)
         # Only a server that answers nothing strands its calls; one that says
@@ -276,13 +291,19 @@ class TritonBackend:
         silent = self._silent_rounds >= PROBES_TO_MARK_DOWN
         if out and silent and (ended := self.calls.end(out)):
             log.warning("calls ended on a backend out of rotation", backend=self.address, calls=ended)
-        if out:
+        if left or silent:
             # Idle streams on a server leaving rotation are likely dead, and
             # hold its connection's resources if it is not: new ones are
-            # opened when it is back.
+            # opened when it is back. Only as a model leaves (or while the
+            # server answers nothing), not on every round a model stays out:
+            # a configured model this server does not load (smollm2 beside a
+            # tiny_gpt-only Triton) cancelled every idle stream each round.
             self.streams.drop()
         self.live = live.live if live is not None else bool(self.ready_models)
-        self.ready = ready.ready if ready is not None else bool(self.ready_models)
+        # Ready to serve: Triton's ServerReady stays true with every model
+        # unloaded (explicit model control), which GetBackendHealth reported
+        # as ready.
+        self.ready = (ready.ready if ready is not None else True) and bool(self.ready_models)
         if was_ready and not self.ready_models:
             log.warning("triton backend down", backend=self.address, error=failure)
         elif not was_ready and self.ready:

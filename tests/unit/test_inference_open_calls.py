@@ -41,6 +41,9 @@ class ProbedTriton:
     def __init__(self, ready: set[str], stuck: bool = False) -> None:
         self.ready = ready
         self.stuck = stuck
+        # Every model's config.max_batch_size, and its config reads.
+        self.max_batch_size = 0
+        self.config_reads = 0
 
     def _answer(self, response):
         if self.stuck:
@@ -58,7 +61,10 @@ class ProbedTriton:
         return self._answer(service_pb2.ModelReadyResponse(ready=request.name in self.ready))
 
     async def ModelConfig(self, request, timeout):
-        return self._answer(service_pb2.ModelConfigResponse())
+        self.config_reads += 1
+        response = service_pb2.ModelConfigResponse()
+        response.config.max_batch_size = self.max_batch_size
+        return self._answer(response)
 
     async def ModelStatistics(self, request, timeout):
         return self._answer(service_pb2.ModelStatisticsResponse())
@@ -155,6 +161,74 @@ async def test_calls_of_a_model_out_of_rotation_end_once_its_server_stops_answer
     # Then the server wedges: the calls it still held would wait forever.
     await backend.probe(models)
     assert generation.cancelled() and backend.calls.ended_by_probes(generation)
+
+
+async def test_a_models_config_is_read_again_after_it_was_not_ready(backend):
+    models = [GENERATION_MODEL]
+    backend._probe_stub = ProbedTriton(set(models))
+    backend._probe_stub.max_batch_size = 8
+    await backend.probe(models)
+    await backend.probe(models)
+    assert backend.batched[GENERATION_MODEL] and backend._probe_stub.config_reads == 1
+    # A not-ready blip: the config read before still serves meanwhile.
+    backend._probe_stub.ready = set()
+    await backend.probe(models)
+    assert backend.batched[GENERATION_MODEL]
+    # Back with another config (a Triton restarted after a model update).
+    backend._probe_stub.ready = set(models)
+    backend._probe_stub.max_batch_size = 0
+    await backend.probe(models)
+    assert not backend.batched[GENERATION_MODEL]
+    # A round that got no answer at all: read again too.
+    backend._probe_stub.stuck = True
+    await backend.probe(models)
+    backend._probe_stub.stuck = False
+    backend._probe_stub.max_batch_size = 4
+    await backend.probe(models)
+    assert backend.batched[GENERATION_MODEL] and backend._probe_stub.config_reads == 3
+
+
+class IdleCall:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def done(self) -> bool:
+        return self.cancelled
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+async def test_idle_streams_are_dropped_as_a_model_leaves_not_while_one_never_loaded_stays_out():
+    backend = TritonBackend("127.0.0.1:1", idle_streams=4)
+    try:
+        # smollm2 is configured but this server loads only tiny_gpt.
+        models = [GENERATION_MODEL, "smollm2"]
+        backend._probe_stub = ProbedTriton({GENERATION_MODEL})
+        idle = [IdleCall(), IdleCall()]
+        for call in idle:
+            assert backend.streams.give_back(call)
+        for _ in range(PROBES_TO_MARK_DOWN + 2):
+            await backend.probe(models)
+        assert len(backend.streams) == 2, "every round cancelled the idle streams"
+        # tiny_gpt leaves rotation: its idle streams are likely dead.
+        backend._probe_stub.ready = set()
+        await probe_until_down(backend, models)
+        assert len(backend.streams) == 0 and all(call.cancelled for call in idle)
+    finally:
+        await backend.close()
+
+
+async def test_a_server_with_no_model_ready_is_not_reported_ready(backend):
+    models = [GENERATION_MODEL]
+    backend._probe_stub = ProbedTriton(set(models))
+    await backend.probe(models)
+    assert backend.ready
+    # Every model unloaded: Triton's ServerReady still says ready.
+    backend._probe_stub.ready = set()
+    await probe_until_down(backend, models)
+    assert backend.live and not backend.ready
 
 
 async def test_a_stream_with_output_ends_unavailable_with_its_counts_when_the_probes_end_it():
