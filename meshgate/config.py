@@ -534,6 +534,13 @@ def _check_embedder(section: str, embedder: str) -> None:
         raise ConfigError(f"{section}.embedder must be one of {EMBEDDERS}, got {embedder!r}")
 
 
+# The most bytes of turns context.max_session_bytes may allow: GetSession's
+# answer holds them all, and must fit the mesh's 32 MiB message bound
+# (meshgate/serving.py MAX_MESSAGE_BYTES) with room for each message's
+# framing and the session's own fields.
+MAX_READABLE_SESSION_BYTES = 28 * 1024 * 1024
+
+
 @dataclasses.dataclass
 class ContextSettings:
     listen: str = "127.0.0.1:50052"
@@ -560,16 +567,21 @@ class ContextSettings:
     # ``bytes``. Every whole-session read (a prefetch, a summarizer run, an
     # assembly that cannot plan from the index) loads at most this much per
     # session, where the turn bounds alone allowed ~4 GiB (4,096 live turns
-    # of 1 MiB). 64 MiB is 32,768 turns of 2 KiB. Compaction frees the
-    # bodies it empties, and starts by bytes too: once the turns hold more
-    # than half this, the summarizer's next run (after an append) compacts
-    # the oldest summarized spans until a quarter is left (as
-    # compact_after_turns compacts down to half its cap), or none is left to
-    # take. It never takes the newest summary_hot_window_turns turns, the
-    # incomplete span before them, or a system or pinned turn's body: 47
-    # turns of 1 MiB at the default spans, under the cap, unless system and
-    # pinned turns add more. 0: no cap (and no compaction by bytes).
-    max_session_bytes: int = 64 * 1024 * 1024
+    # of 1 MiB). 24 MiB is 12,288 turns of 2 KiB. At most
+    # MAX_READABLE_SESSION_BYTES: GetSession answers with every turn in one
+    # message, and a session of 40 MiB (under the former 64 MiB default)
+    # could be stored but never read (gRPC's 32 MiB bound refused the answer
+    # without ErrorInfo). Compaction frees the bodies it empties, and starts
+    # by bytes too: once the turns hold more than half this, the
+    # summarizer's next run (after an append) compacts the oldest
+    # summarized spans until a quarter is left (as compact_after_turns
+    # compacts down to half its cap), or none is left to take. It never
+    # takes the newest summary_hot_window_turns turns, the incomplete span
+    # before them, or a system or pinned turn's body (47 turns at the
+    # default spans: a session of turns near 1 MiB each can fill the cap
+    # with them). 0: no cap (and no compaction by bytes; GetSession then
+    # refuses a session too large to send, RESPONSE_TOO_LARGE).
+    max_session_bytes: int = 24 * 1024 * 1024
     # The soft cap: once a session holds more than this many live turns, its
     # oldest turns already covered by a summary are compacted (their texts
     # and index rows leave Redis; the summary stands for them), so assembly
@@ -634,6 +646,11 @@ class ContextSettings:
     def __post_init__(self) -> None:
         _check_max_concurrent_rpcs("context", self.max_concurrent_rpcs)
         _check_embedder("context", self.embedder)
+        if self.max_session_bytes > MAX_READABLE_SESSION_BYTES:
+            raise ConfigError(
+                f"context.max_session_bytes must be at most {MAX_READABLE_SESSION_BYTES} (a session "
+                f"GetSession can still send in one gRPC message), got {self.max_session_bytes!r}"
+            )
         if not self.append_embed_timeout_s > 0:
             raise ConfigError(
                 f"context.append_embed_timeout_s must be positive, got {self.append_embed_timeout_s!r}"

@@ -238,6 +238,11 @@ class Reason(enum.StrEnum):
     pinning that turn, needs the texts of turns compacted into summaries
     since (metadata ``compacted_version``)."""
 
+    RESPONSE_TOO_LARGE = enum.auto()
+    """RESOURCE_EXHAUSTED: the answer would pass the mesh's message bound
+    (GetSession of a session held under context.max_session_bytes = 0;
+    metadata ``bytes``, ``limit``)."""
+
     SESSION_FULL = enum.auto()
     """RESOURCE_EXHAUSTED: the append would take the session past context.max_turns
     or context.max_session_bytes (metadata ``unit``, ``turns`` or ``bytes``;

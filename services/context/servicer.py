@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import structlog
 
-from meshgate import metrics, redis_access
+from meshgate import metrics, redis_access, serving
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ContextSettings, ModelSettings
 from meshgate.context.v1 import context_service_pb2 as pb
@@ -344,7 +344,19 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             update_time_ms=stored.update_time_ms,
             compacted_turns=stored.compacted,
         )
-        return pb.GetSessionResponse(session=session)
+        answer = pb.GetSessionResponse(session=session)
+        # Within context.max_session_bytes it fits (config.py); past it (no
+        # cap, or many tiny turns' framing) a clear refusal, where gRPC
+        # would end the call RESOURCE_EXHAUSTED without ErrorInfo.
+        if (size := answer.ByteSize()) > serving.MAX_MESSAGE_BYTES:
+            raise MeshgateError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Reason.RESPONSE_TOO_LARGE,
+                f"the session's {size} bytes are more than one answer may carry "
+                f"({serving.MAX_MESSAGE_BYTES}): it cannot be read whole",
+                {"bytes": str(size), "limit": str(serving.MAX_MESSAGE_BYTES)},
+            )
+        return answer
 
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context) -> pb.DeleteSessionResponse:
         _check_tenant(request.tenant_id)

@@ -15,6 +15,7 @@ import grpc
 import pytest
 import redis.asyncio as redis
 
+from meshgate import serving
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
@@ -236,6 +237,26 @@ async def test_the_service_refuses_an_append_past_its_byte_cap(redis_url) -> Non
         assert int(metadata["bytes"]) > 3000
         assert await contents(capped, tenant, session_id) == (1, ["q" * 1500, "a" * 1500])
         assert await append(capped, tenant, session_id, "q" * 500) == 2
+
+
+async def test_a_session_too_large_to_send_is_refused_with_error_info(redis_url) -> None:
+    """With no byte cap (0), a session may outgrow one gRPC answer: GetSession
+    says so, where gRPC ended the call without ErrorInfo. Within the cap it
+    cannot (ContextSettings refuses a cap above MAX_READABLE_SESSION_BYTES)."""
+    settings = make_settings(redis_url)
+    settings.context.max_session_bytes = 0
+    settings.context.compact_after_turns = 0
+    tenant = "bytes-too-large"
+    async with running(settings) as uncapped:
+        session_id = await new_session(uncapped, tenant)
+        turn = "x" * (1 << 20)
+        for _ in range(4):
+            await append(uncapped, tenant, session_id, *[turn] * 9)
+        code, reason, metadata = await failure(
+            uncapped.GetSession(pb.GetSessionRequest(tenant_id=tenant, session_id=session_id))
+        )
+    assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RESPONSE_TOO_LARGE")
+    assert int(metadata["bytes"]) > int(metadata["limit"]) == serving.MAX_MESSAGE_BYTES
 
 
 async def test_a_session_of_big_turns_is_compacted_by_bytes_and_keeps_taking_appends(

@@ -1,6 +1,14 @@
 import pytest
 
-from meshgate.config import ConfigError, LimitSettings, hash_api_key, load_settings
+from meshgate import serving
+from meshgate.config import (
+    MAX_READABLE_SESSION_BYTES,
+    ConfigError,
+    ContextSettings,
+    LimitSettings,
+    hash_api_key,
+    load_settings,
+)
 
 
 def test_defaults_describe_a_working_local_mesh():
@@ -252,3 +260,13 @@ def test_a_limit_too_large_for_the_counters_is_refused():
     with pytest.raises(ConfigError, match="tokens_per_day must be at most"):
         LimitSettings(tokens_per_day=10**30)
     assert LimitSettings(cost_usd_per_day=1e6, tokens_per_day=10**12).configured()
+
+
+def test_a_session_byte_cap_must_leave_the_session_readable_in_one_answer(tmp_path) -> None:
+    # A session under the former 64 MiB default could be stored but never
+    # read: GetSession's answer passed gRPC's 32 MiB bound.
+    assert ContextSettings().max_session_bytes <= MAX_READABLE_SESSION_BYTES < serving.MAX_MESSAGE_BYTES
+    config = tmp_path / "meshgate.toml"
+    config.write_text(f"[context]\nmax_session_bytes = {64 * 1024 * 1024}\n")
+    with pytest.raises(ConfigError, match="max_session_bytes must be at most"):
+        load_settings(str(config))
