@@ -297,8 +297,8 @@ class SummaryPolicy:
     compact_after_turns: int = 0
     # The soft cap in bytes: half of context.max_session_bytes, so a session
     # of big turns is compacted long before its appends are refused
-    # (SESSION_FULL), as the turn cap alone would not (64 MiB over 4,096
-    # turns is 16 KiB a turn); 0: none.
+    # (SESSION_FULL), as the turn cap alone would not (24 MiB over 4,096
+    # turns is 6 KiB a turn); 0: none.
     compact_after_bytes: int = 0
 
 
@@ -480,20 +480,45 @@ class Summarizer:
                 self.schedule(*self._waiting.popitem(last=False)[0])
 
     async def summarize_due(self, tenant_id: str, session_id: str) -> tuple[int, int]:
-        """Summarizes the session's due spans that have no summary yet;
-        returns the version and create_time_ms of the session it read."""
+        """Summarizes the session's due spans that have no summary holding
+        at the version it read (valid_at); returns the version and
+        create_time_ms of the session it read."""
         stored = await self._store.read(tenant_id, session_id)
         # Spans named by digest only (stored before) are written whole again.
         done, _ = await self._summaries.spans(tenant_id, session_id)
         history: list[int | None] | None = None
+        # The leading turns that compaction may empty: those compacted
+        # already and then those of spans whose summary holds at the version
+        # read, for assembly serves no other (valid_at) and, once compacted,
+        # a span's summary is all that stands for its turns.
+        covered = stored.compacted
         for first, end in due_spans(len(stored.turns), self._policy):
             if end <= stored.compacted:
                 # Summarized before it was compacted: its texts are gone.
                 continue
             span = stored.turns[first:end]
             digest = span_digest(span)
+            if history is None:
+                history = await self._store.history(tenant_id, session_id)
             own = done.get((first, end))
             if own is not None and own.summary_id == digest[:32]:
+                # A session without history (stored before it) has no
+                # summary valid at any version: writing it again changes nothing.
+                if not history or valid_at(own, history, stored.version):
+                    summary = own
+                else:
+                    # These very turns, summarized before a revert undid the
+                    # version of their appends and appended again since: the
+                    # text holds (and its tokens), the versions are the new ones.
+                    first_version, end_version = versions_of_span(history, first, end, stored.version)
+                    summary = dataclasses.replace(own, first_version=first_version, end_version=end_version)
+                    if not await self._summaries.put(
+                        tenant_id, session_id, digest, summary, stored.create_time_ms
+                    ):
+                        # Deleted since it was read, as below.
+                        return stored.version, stored.create_time_ms
+                if first <= covered and valid_at(summary, history, stored.version):
+                    covered = end
                 continue
             summary = await self._summaries.get(tenant_id, digest)
             if summary is None or (summary.first_turn, summary.end_turn) != (first, end):
@@ -503,8 +528,6 @@ class Summarizer:
                 # again after a revert, or this session's own summary named
                 # by digest): the text holds, the versions are this session's.
                 text, method = summary.text, summary.method
-            if history is None:
-                history = await self._store.history(tenant_id, session_id)
             first_version, end_version = versions_of_span(history, first, end, stored.version)
             summary = Summary(
                 summary_id=digest[:32],
@@ -520,14 +543,19 @@ class Summarizer:
                 # Deleted (and perhaps created again) since it was read: what
                 # is left to do belongs to the next run, for the next session.
                 return stored.version, stored.create_time_ms
-        # Every due span is summarized now: those the soft cap takes are compacted.
+            if first <= covered and valid_at(summary, history, stored.version):
+                covered = end
+        # Every due span is summarized now: those the soft cap takes are
+        # compacted, as far as summaries that hold stand for them (covered).
         # What each turn holds in Redis (its serialized encoding; a compacted
         # one's is empty), and so what compacting it would free: all but a
         # system turn's, whose body stays. A pinned turn's stays too, which
         # this does not know: its span frees less, and a later run goes on.
         sizes = [turn.ByteSize() for turn in stored.turns]
         freeable = [0 if t.role == common_pb2.ROLE_SYSTEM else n for t, n in zip(stored.turns, sizes)]
-        upto = compaction_end(len(stored.turns), stored.compacted, self._policy, freeable, sum(sizes))
+        upto = min(
+            compaction_end(len(stored.turns), stored.compacted, self._policy, freeable, sum(sizes)), covered
+        )
         if upto > stored.compacted:
             system = [
                 i for i in range(stored.compacted, upto) if stored.turns[i].role == common_pb2.ROLE_SYSTEM
