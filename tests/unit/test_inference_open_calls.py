@@ -188,38 +188,6 @@ async def test_a_models_config_is_read_again_after_it_was_not_ready(backend):
     assert backend.batched[GENERATION_MODEL] and backend._probe_stub.config_reads == 3
 
 
-class IdleCall:
-    def __init__(self) -> None:
-        self.cancelled = False
-
-    def done(self) -> bool:
-        return self.cancelled
-
-    def cancel(self) -> bool:
-        self.cancelled = True
-        return True
-
-
-async def test_idle_streams_are_dropped_as_a_model_leaves_not_while_one_never_loaded_stays_out():
-    backend = TritonBackend("127.0.0.1:1", idle_streams=4)
-    try:
-        # smollm2 is configured but this server loads only tiny_gpt.
-        models = [GENERATION_MODEL, "smollm2"]
-        backend._probe_stub = ProbedTriton({GENERATION_MODEL})
-        idle = [IdleCall(), IdleCall()]
-        for call in idle:
-            assert backend.streams.give_back(call)
-        for _ in range(PROBES_TO_MARK_DOWN + 2):
-            await backend.probe(models)
-        assert len(backend.streams) == 2, "every round cancelled the idle streams"
-        # tiny_gpt leaves rotation: its idle streams are likely dead.
-        backend._probe_stub.ready = set()
-        await probe_until_down(backend, models)
-        assert len(backend.streams) == 0 and all(call.cancelled for call in idle)
-    finally:
-        await backend.close()
-
-
 async def test_a_server_with_no_model_ready_is_not_reported_ready(backend):
     models = [GENERATION_MODEL]
     backend._probe_stub = ProbedTriton(set(models))
@@ -503,6 +471,19 @@ async def test_idle_streams_are_dropped_when_the_probes_take_the_server_out(back
     backend._probe_stub.ready = set()
     await probe_until_down(backend, models)
     assert idle.cancelled and len(backend.streams) == 0
+
+
+async def test_idle_streams_are_kept_while_a_model_this_server_does_not_load_stays_out(backend):
+    # smollm2 is configured, but this server loads only tiny_gpt: each round
+    # it stayed out cancelled every idle stream (reuse lost).
+    models = [GENERATION_MODEL, "smollm2"]
+    backend._probe_stub = ProbedTriton({GENERATION_MODEL})
+    idle = ScriptedCall()
+    backend.streams = TritonStreams(lambda: idle, idle_limit=4)
+    backend.streams.give_back(backend.streams.take()[0])
+    for _ in range(PROBES_TO_MARK_DOWN + 2):
+        await backend.probe(models)
+    assert not idle.cancelled and len(backend.streams) == 1
 
 
 async def test_a_pooled_stream_whose_server_answers_with_an_error_is_not_replaced_on_that_server():
