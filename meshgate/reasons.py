@@ -220,6 +220,9 @@ class Reason(enum.StrEnum):
     PIN_TARGET_NOT_FOUND = enum.auto()
     """A pin names a turn the session does not hold (metadata ``turns``: how many it holds)."""
 
+    PIN_NOT_FOUND = enum.auto()
+    """NOT_FOUND: an unpin names a pin the session does not hold."""
+
     PIN_UNAVAILABLE = enum.auto()
     """This context service keeps no turn index, so it cannot pin."""
 

@@ -140,7 +140,7 @@ _RETRY_POLICY = {
 # attempt (services/router/downstream.py), so a retry after a lost reply is
 # answered, not applied twice, and gRPC retrying it too would multiply the
 # attempts; DeleteSession, ForkSession, RevertSession, PinToSession,
-# Invalidate, ReportWrongHit, the router's ChatSession (a stream of turns)
+# UnpinFromSession, Invalidate, ReportWrongHit, the router's ChatSession (a stream of turns)
 # and the admin writes are not retried.
 RETRYABLE_METHODS = {
     # Chat: the router streams before it writes; the turn is appended to its

@@ -27,6 +27,7 @@ TENANT_OF = {
     "ForkSession": lambda request: request.tenant_id,
     "RevertSession": lambda request: request.tenant_id,
     "PinToSession": lambda request: request.tenant_id,
+    "UnpinFromSession": lambda request: request.tenant_id,
     "PrefetchSession": lambda request: request.tenant_id,
 }
 

@@ -93,6 +93,35 @@ def tokens_by_disposition(
     }
 
 
+def _pin_of(request: pb.PinToSessionRequest | pb.UnpinFromSessionRequest) -> str:
+    """The pin as the turn index stores it: ``t:<index>`` or ``f:<fact>``."""
+    kind = request.WhichOneof("pin")
+    if kind is None:
+        raise invalid_argument(Reason.INVALID_PIN, "name a message_index or a fact")
+    if kind == "message_index":
+        return f"t:{request.message_index}"
+    fact = request.fact
+    if not fact.strip() or len(fact) > MAX_FACT_BYTES or len(fact.encode()) > MAX_FACT_BYTES:
+        raise invalid_argument(
+            Reason.INVALID_PIN,
+            f"a pinned fact must be 1 to {MAX_FACT_BYTES} bytes of text",
+            limit=str(MAX_FACT_BYTES),
+        )
+    return "f:" + fact
+
+
+def _pins_digest(pinned_turns: list[int], pinned_facts: list[str]) -> str:
+    """AssemblyInputs.pins_sha256: each part length-prefixed, so no two
+    lists of pins read as the same bytes."""
+    digest = hashlib.sha256()
+    for index in pinned_turns:
+        digest.update(b"t" + int(index).to_bytes(8, "little", signed=True))
+    for fact in pinned_facts:
+        encoded = fact.encode()
+        digest.update(b"f" + len(encoded).to_bytes(8, "little") + encoded)
+    return digest.hexdigest()
+
+
 def _record_assembly(strategy: str, started: float, tokens: dict[str, int]) -> None:
     assembly_metrics = metrics.context()
     assembly_metrics.assembly.labels(strategy).observe(time.perf_counter() - started)
@@ -612,6 +641,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             serialized = message.SerializeToString(deterministic=True)
             digest.update(len(serialized).to_bytes(8, "little") + serialized)
         inputs.new_messages_sha256 = digest.hexdigest()
+        if view is not None and (view.pinned_turns or view.pinned_facts):
+            inputs.pins_sha256 = _pins_digest(view.pinned_turns, view.pinned_facts)
         response.assembly_id = hashlib.sha256(inputs.SerializeToString(deterministic=True)).hexdigest()
         tokens = tokens_by_disposition(response.manifest, turns, chosen, summarized)
         _record_assembly(inputs.strategy, started, tokens)
@@ -624,25 +655,25 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             raise MeshgateError(
                 grpc.StatusCode.UNIMPLEMENTED, Reason.PIN_UNAVAILABLE, "this service keeps no turn index"
             )
-        kind = request.WhichOneof("pin")
-        if kind is None:
-            raise invalid_argument(Reason.INVALID_PIN, "name a message_index or a fact to pin")
-        if kind == "fact":
-            fact = request.fact
-            if not fact.strip() or len(fact) > MAX_FACT_BYTES or len(fact.encode()) > MAX_FACT_BYTES:
-                raise invalid_argument(
-                    Reason.INVALID_PIN,
-                    f"a pinned fact must be 1 to {MAX_FACT_BYTES} bytes of text",
-                    limit=str(MAX_FACT_BYTES),
-                )
-            pin = "f:" + fact
-        else:
-            pin = f"t:{request.message_index}"
-        message_index = request.message_index if kind == "message_index" else None
+        pin = _pin_of(request)
+        message_index = request.message_index if request.WhichOneof("pin") == "message_index" else None
         pin_count = await self._index.pin(request.tenant_id, request.session_id, pin, message_index)
         # Pins are part of what the hot entry holds: drop it, as the notice does.
         self._changed_here(request.tenant_id, request.session_id, DELETED)
         return pb.PinToSessionResponse(pin_count=pin_count)
+
+    async def UnpinFromSession(
+        self, request: pb.UnpinFromSessionRequest, context
+    ) -> pb.UnpinFromSessionResponse:
+        _check_tenant(request.tenant_id)
+        _check_session_id(request.session_id)
+        if self._index is None:
+            raise MeshgateError(
+                grpc.StatusCode.UNIMPLEMENTED, Reason.PIN_UNAVAILABLE, "this service keeps no turn index"
+            )
+        pin_count = await self._index.unpin(request.tenant_id, request.session_id, _pin_of(request))
+        self._changed_here(request.tenant_id, request.session_id, DELETED)
+        return pb.UnpinFromSessionResponse(pin_count=pin_count)
 
     async def PrefetchSession(
         self, request: pb.PrefetchSessionRequest, context

@@ -159,6 +159,20 @@ return {1, count}
 )
 
 
+# KEYS: as _PIN. ARGV: the pin, the session TTL. Returns {0} (no session),
+# {-1, pins} (no such pin) or {1, pins left}; one copy of the pin goes.
+_UNPIN = (
+    RENEW
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+if redis.call('LREM', KEYS[5], 1, ARGV[1]) == 0 then return {-1, redis.call('LLEN', KEYS[5])} end
+renew(tonumber(ARGV[2]))
+redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1')
+return {1, redis.call('LLEN', KEYS[5])}
+"""
+)
+
+
 # KEYS: meta, turns. ARGV: the turn indices wanted, packed little-endian
 # uint32. Returns the session's version (nil: no session), then each turn's
 # stored body (nil past the list's end): one command and one reply, where a
@@ -328,6 +342,7 @@ class TurnIndex:
         self._ttl_s = ttl_s
         self._write = client.register_script(_WRITE)
         self._pin = client.register_script(_PIN)
+        self._unpin = client.register_script(_UNPIN)
         self._read_turns = client.register_script(_READ_TURNS)
 
     async def write(
@@ -504,5 +519,21 @@ class TurnIndex:
                 f"turn {message_index} of session {session_id!r} was compacted into a summary at"
                 f" version {outcome[1]}: its text is gone (pin the fact it held instead)",
                 {"session_id": session_id, "compacted_version": str(outcome[1])},
+            )
+        return int(outcome[1])
+
+    async def unpin(self, tenant_id: str, session_id: str, pin: str) -> int:
+        """Removes a pin as :meth:`pin` wrote it; returns how many the session
+        holds. Raises SESSION_NOT_FOUND, or PIN_NOT_FOUND for a pin it does
+        not hold."""
+        with redis_reachable():
+            outcome = await self._unpin(keys=session_keys(tenant_id, session_id), args=[pin, self._ttl_s])
+        if outcome[0] == 0:
+            raise session_not_found(session_id)
+        if outcome[0] == -1:
+            raise not_found(
+                Reason.PIN_NOT_FOUND,
+                f"session {session_id!r} holds no such pin ({outcome[1]} pins)",
+                pins=str(outcome[1]),
             )
         return int(outcome[1])

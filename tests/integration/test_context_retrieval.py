@@ -209,6 +209,61 @@ async def test_every_manifest_entry_says_why_it_is_in(stub) -> None:
     } <= reasons
 
 
+async def test_a_pin_changes_the_assembly_id_and_a_rebuild_names_the_pins_it_took(stub) -> None:
+    async with session_with(stub, conversation(repeats=1)) as (tenant, session_id):
+        before = await assemble(stub, tenant, session_id, "Tell me a joke.", 500)
+        assert before.inputs.pins_sha256 == ""
+        fact = "The user's daughter is called Mirela."
+        await stub.PinToSession(pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, fact=fact))
+        after = await assemble(stub, tenant, session_id, "Tell me a joke.", 500)
+        assert fact in [m.content for m in after.messages] and after.messages != before.messages
+        # The same session version, another prompt: another id (it was the same).
+        assert after.inputs.session_version == before.inputs.session_version
+        assert after.inputs.pins_sha256 and after.assembly_id != before.assembly_id
+        rebuilt = await stub.AssembleContext(
+            pb.AssembleContextRequest(
+                tenant_id=tenant,
+                session_id=session_id,
+                new_messages=[common_pb2.Message(role=USER, content="Tell me a joke.")],
+                model=MODEL,
+                max_prompt_tokens=500,
+                at_version=after.inputs.session_version,
+            )
+        )
+        assert rebuilt.messages == after.messages and rebuilt.assembly_id == after.assembly_id
+
+
+async def test_a_pin_no_prompt_can_hold_is_removed_by_unpinning_it(stub) -> None:
+    async with session_with(stub, conversation(repeats=1)) as (tenant, session_id):
+        # 4 KiB of digits: more tokens than the whole budget.
+        fact = "0123456789 " * 372
+        await stub.PinToSession(pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, fact=fact))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await assemble(stub, tenant, session_id, "hi", 500)
+        assert error_info(caught.value).reason == "CONTEXT_WINDOW_EXCEEDED"
+        # Before, nothing took the pin away (a revert keeps fact pins): every
+        # later assembly of the session failed.
+        unpinned = await stub.UnpinFromSession(
+            pb.UnpinFromSessionRequest(tenant_id=tenant, session_id=session_id, fact=fact)
+        )
+        assert unpinned.pin_count == 0
+        assert fact not in [m.content for m in (await assemble(stub, tenant, session_id, "hi", 500)).messages]
+        here = {"tenant_id": tenant, "session_id": session_id}
+        for request, reason in (
+            (pb.UnpinFromSessionRequest(**here, fact=fact), "PIN_NOT_FOUND"),
+            (pb.UnpinFromSessionRequest(**here, message_index=0), "PIN_NOT_FOUND"),
+            (pb.UnpinFromSessionRequest(**here), "INVALID_PIN"),
+            (pb.UnpinFromSessionRequest(tenant_id=tenant, session_id="nope", fact="x"), "SESSION_NOT_FOUND"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.UnpinFromSession(request)
+            assert error_info(caught.value).reason == reason, request
+        # A pinned turn goes the same way.
+        await stub.PinToSession(pb.PinToSessionRequest(**here, message_index=1))
+        unpinned = await stub.UnpinFromSession(pb.UnpinFromSessionRequest(**here, message_index=1))
+        assert unpinned.pin_count == 0
+
+
 @pytest.mark.parametrize("budget", [60, 120, 500, 4000])
 async def test_a_pinned_fact_and_turn_survive_any_budget(stub, budget: int) -> None:
     turns = conversation(repeats=3)

@@ -186,6 +186,24 @@ class PinToSessionRequest(_message.Message):
     fact: str
     def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., message_index: _Optional[int] = ..., fact: _Optional[str] = ...) -> None: ...
 
+class UnpinFromSessionRequest(_message.Message):
+    __slots__ = ("tenant_id", "session_id", "message_index", "fact")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FACT_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    session_id: str
+    message_index: int
+    fact: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., message_index: _Optional[int] = ..., fact: _Optional[str] = ...) -> None: ...
+
+class UnpinFromSessionResponse(_message.Message):
+    __slots__ = ("pin_count",)
+    PIN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    pin_count: int
+    def __init__(self, pin_count: _Optional[int] = ...) -> None: ...
+
 class PrefetchSessionRequest(_message.Message):
     __slots__ = ("tenant_id", "session_id")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -237,7 +255,7 @@ class SummaryRef(_message.Message):
     def __init__(self, summary_id: _Optional[str] = ..., first_turn: _Optional[int] = ..., end_turn: _Optional[int] = ..., first_version: _Optional[int] = ..., end_version: _Optional[int] = ..., method: _Optional[str] = ...) -> None: ...
 
 class AssemblyInputs(_message.Message):
-    __slots__ = ("tenant_id", "session_id", "session_version", "model", "max_prompt_tokens", "strategy", "tokenizer", "new_messages_sha256", "summaries", "packs_older_turns", "ranking", "dense_scored")
+    __slots__ = ("tenant_id", "session_id", "session_version", "model", "max_prompt_tokens", "strategy", "tokenizer", "new_messages_sha256", "summaries", "packs_older_turns", "ranking", "dense_scored", "pins_sha256")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +268,7 @@ class AssemblyInputs(_message.Message):
     PACKS_OLDER_TURNS_FIELD_NUMBER: _ClassVar[int]
     RANKING_FIELD_NUMBER: _ClassVar[int]
     DENSE_SCORED_FIELD_NUMBER: _ClassVar[int]
+    PINS_SHA256_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     session_id: str
     session_version: int
@@ -262,7 +281,8 @@ class AssemblyInputs(_message.Message):
     packs_older_turns: bool
     ranking: str
     dense_scored: bool
-    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_version: _Optional[int] = ..., model: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., strategy: _Optional[str] = ..., tokenizer: _Optional[str] = ..., new_messages_sha256: _Optional[str] = ..., summaries: _Optional[_Iterable[_Union[SummaryRef, _Mapping]]] = ..., packs_older_turns: _Optional[bool] = ..., ranking: _Optional[str] = ..., dense_scored: _Optional[bool] = ...) -> None: ...
+    pins_sha256: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_version: _Optional[int] = ..., model: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., strategy: _Optional[str] = ..., tokenizer: _Optional[str] = ..., new_messages_sha256: _Optional[str] = ..., summaries: _Optional[_Iterable[_Union[SummaryRef, _Mapping]]] = ..., packs_older_turns: _Optional[bool] = ..., ranking: _Optional[str] = ..., dense_scored: _Optional[bool] = ..., pins_sha256: _Optional[str] = ...) -> None: ...
 
 class ForkSessionRequest(_message.Message):
     __slots__ = ("tenant_id", "session_id", "version", "new_session_id")

@@ -76,6 +76,11 @@ class ContextServiceStub:
                 request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PinToSessionRequest.SerializeToString,
                 response_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PinToSessionResponse.FromString,
                 _registered_method=True)
+        self.UnpinFromSession = channel.unary_unary(
+                '/meshgate.context.v1.ContextService/UnpinFromSession',
+                request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.UnpinFromSessionRequest.SerializeToString,
+                response_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.UnpinFromSessionResponse.FromString,
+                _registered_method=True)
         self.PrefetchSession = channel.unary_unary(
                 '/meshgate.context.v1.ContextService/PrefetchSession',
                 request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PrefetchSessionRequest.SerializeToString,
@@ -150,6 +155,15 @@ class ContextServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UnpinFromSession(self, request, context):
+        """Removes a pin PinToSession added (the same message_index or fact);
+        NOT_FOUND, PIN_NOT_FOUND, if the session holds no such pin. The way out
+        for a pin that no model's window can hold beside the rest of a prompt.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PrefetchSession(self, request, context):
         """Warms the session for its next assembly (the router calls it when a
         ChatSession stream opens for an existing session): the read happens in
@@ -202,6 +216,11 @@ def add_ContextServiceServicer_to_server(servicer, server):
                     servicer.PinToSession,
                     request_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PinToSessionRequest.FromString,
                     response_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PinToSessionResponse.SerializeToString,
+            ),
+            'UnpinFromSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpinFromSession,
+                    request_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.UnpinFromSessionRequest.FromString,
+                    response_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.UnpinFromSessionResponse.SerializeToString,
             ),
             'PrefetchSession': grpc.unary_unary_rpc_method_handler(
                     servicer.PrefetchSession,
@@ -427,6 +446,33 @@ class ContextService:
             '/meshgate.context.v1.ContextService/PinToSession',
             meshgate_dot_context_dot_v1_dot_context__service__pb2.PinToSessionRequest.SerializeToString,
             meshgate_dot_context_dot_v1_dot_context__service__pb2.PinToSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpinFromSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.context.v1.ContextService/UnpinFromSession',
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.UnpinFromSessionRequest.SerializeToString,
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.UnpinFromSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
