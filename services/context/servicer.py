@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import contextlib
 import dataclasses
 import hashlib
 import re
@@ -133,6 +134,9 @@ def _record_assembly(strategy: str, started: float, tokens: dict[str, int]) -> N
 # Event-loop turns a unary gRPC call through client interceptors takes to
 # be sent: the calling task's, the interceptors' task's, the call's own.
 _TURNS_TO_SEND = 3
+
+# GetSession's answer beside its turns: ids, version, times (GetSession).
+_SESSION_FIELDS_BYTES = 64 * 1024
 
 # A pinned fact is a system message in every later prompt: kept short.
 MAX_FACT_BYTES = 4096
@@ -376,8 +380,15 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         answer = pb.GetSessionResponse(session=session)
         # Within context.max_session_bytes it fits (config.py); past it (no
         # cap, or many tiny turns' framing) a clear refusal, where gRPC
-        # would end the call RESOURCE_EXHAUSTED without ErrorInfo.
-        if (size := answer.ByteSize()) > serving.MAX_MESSAGE_BYTES:
+        # would end the call RESOURCE_EXHAUSTED without ErrorInfo. Measured
+        # only where meta's count leaves a doubt: ByteSize walks every turn
+        # (~0.1 s for 24 MB, on the event loop); a turn's framing is at most
+        # 6 bytes beside its encoding, and the session's own fields are small.
+        roomy = (
+            stored.held_bytes is not None
+            and stored.held_bytes + 6 * len(stored.turns) + _SESSION_FIELDS_BYTES <= serving.MAX_MESSAGE_BYTES
+        )
+        if not roomy and (size := answer.ByteSize()) > serving.MAX_MESSAGE_BYTES:
             raise MeshgateError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 Reason.RESPONSE_TOO_LARGE,
@@ -434,14 +445,15 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 if self._pack_older_turns and c.transcript_tokens is not None:
                     token_counts[c.line_id] = await c.count_lines(turns)
             ticket = self._hot.ticket()
-            version, replayed, held_bytes = await self._store.append(
-                request.tenant_id,
-                request.session_id,
-                None if request.any_version else request.expected_version,
-                turns,
-                token_counts,
-                turn_id=request.turn_id,
-            )
+            with self._compacting_when_full(request.tenant_id, request.session_id):
+                version, replayed, held_bytes = await self._store.append(
+                    request.tenant_id,
+                    request.session_id,
+                    None if request.any_version else request.expected_version,
+                    turns,
+                    token_counts,
+                    turn_id=request.turn_id,
+                )
         except BaseException:
             if embedding is not None:
                 embedding.cancel()
@@ -479,6 +491,20 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             if self._summarizer is not None:
                 self._summarizer.schedule(request.tenant_id, request.session_id)
         return pb.AppendTurnsResponse(version=version, replayed=replayed)
+
+    @contextlib.contextmanager
+    def _compacting_when_full(self, tenant_id: str, session_id: str):
+        """A session refused as full gets a summarizer run, which compacts
+        what its soft caps allow. Runs are otherwise started only by appends
+        that succeed: a session already past its cap (stored under a larger
+        context.max_session_bytes, as before the default went from 64 to
+        24 MiB) took no append, so it was never compacted and stayed full."""
+        try:
+            yield
+        except MeshgateError as error:
+            if error.reason == Reason.SESSION_FULL and self._summarizer is not None:
+                self._summarizer.schedule(tenant_id, session_id)
+            raise
 
     async def ForkSession(self, request: pb.ForkSessionRequest, context) -> pb.ForkSessionResponse:
         _check_tenant(request.tenant_id)
@@ -769,17 +795,18 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             # cannot store is refused before its caller generates for it.
             reservation = request.append_reservation
             live_turns = len(view.roles) - view.compacted
-            self._store.check_room(
-                session_id,
-                live_turns,
-                view.held_bytes,
-                reservation.turn_count,
-                reservation.size_bytes,
-                version=view.version,
-                expected_version=(
-                    reservation.expected_version if reservation.HasField("expected_version") else None
-                ),
-            )
+            with self._compacting_when_full(tenant_id, session_id):
+                self._store.check_room(
+                    session_id,
+                    live_turns,
+                    view.held_bytes,
+                    reservation.turn_count,
+                    reservation.size_bytes,
+                    version=view.version,
+                    expected_version=(
+                        reservation.expected_version if reservation.HasField("expected_version") else None
+                    ),
+                )
         pinned_facts = [common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=f) for f in view.pinned_facts]
         facts = [
             assembly.Candidate(m, n)

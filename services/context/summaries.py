@@ -502,9 +502,7 @@ class Summarizer:
                 history = await self._store.history(tenant_id, session_id)
             own = done.get((first, end))
             if own is not None and own.summary_id == digest[:32]:
-                # A session without history (stored before it) has no
-                # summary valid at any version: writing it again changes nothing.
-                if not history or valid_at(own, history, stored.version):
+                if valid_at(own, history, stored.version):
                     summary = own
                 else:
                     # These very turns, summarized before a revert undid the
@@ -731,7 +729,13 @@ def valid_at(summary: Summary, history: list[int | None], version: int) -> bool:
     """Whether the turns a summary covers are the session's at ``version``:
     its last turn's version is at most that one and no revert undid it
     (a revert undoes every version after the one it restores, so the turns
-    up to a version it kept are untouched)."""
+    up to a version it kept are untouched). A session stored before version
+    history was kept has none, and RevertSession refuses it (no version of
+    it is known): nothing was undone, so every version up to now stands.
+    Without this its summaries were never served, and compaction never
+    went past them (its soft caps did nothing)."""
+    if not history:
+        return summary.end_version <= version
     return (
         summary.end_version <= version
         and summary.end_version < len(history)

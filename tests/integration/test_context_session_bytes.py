@@ -259,6 +259,35 @@ async def test_a_session_too_large_to_send_is_refused_with_error_info(redis_url,
     assert int(metadata["bytes"]) > int(metadata["limit"]) == serving.MAX_MESSAGE_BYTES
 
 
+async def test_a_session_stored_past_a_lowered_cap_is_compacted_and_takes_appends_again(
+    redis_url, client
+) -> None:
+    """A session stored under a larger cap (the default went from 64 to 24
+    MiB) is past the new one: its next append is refused, and before, only
+    an append that succeeded started the summarizer, so it stayed full."""
+    turn_bytes = _size(msg(USER, "q" * 1000))
+    settings = make_settings(redis_url)
+    settings.context.max_session_bytes = 10 * turn_bytes
+    settings.context.summary_model = ""
+    settings.context.summary_span_turns = 2
+    settings.context.summary_hot_window_turns = 2
+    tenant = "bytes-lowered-cap"
+    async with running(settings) as stub:
+        session_id = await new_session(stub, tenant)
+        turns = [msg(USER if i % 2 == 0 else ASSISTANT, f"{i}" + "q" * 999) for i in range(12)]
+        await session_store.SessionStore(client, ttl_s=600).append(tenant, session_id, None, turns, {})
+        code, reason, _ = await failure(append(stub, tenant, session_id, "hi", "there"))
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_FULL")
+
+        get = pb.GetSessionRequest(tenant_id=tenant, session_id=session_id)
+
+        async def compacted() -> bool:
+            return (await stub.GetSession(get)).session.compacted_turns > 0
+
+        await _until(compacted, timeout_s=30)
+        assert await append(stub, tenant, session_id, "hi", "there") == 2
+
+
 async def test_a_session_of_big_turns_is_compacted_by_bytes_and_keeps_taking_appends(
     redis_url, client
 ) -> None:

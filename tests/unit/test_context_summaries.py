@@ -126,6 +126,12 @@ def test_valid_at_needs_the_summarys_versions_intact() -> None:
     assert not summaries.valid_at(_summary(0, 2, 9), history, 9)
 
 
+def test_a_session_stored_before_version_history_has_its_summaries_served() -> None:
+    # No history: no revert (RevertSession refuses such a session) undid anything.
+    assert summaries.valid_at(_summary(0, 2, 2), [], 5)
+    assert not summaries.valid_at(_summary(0, 2, 9), [], 5)
+
+
 def _assembled(dispositions: list[int], tokens: int, messages: list[common_pb2.Message]):
     response = pb.AssembleContextResponse()
     for index, disposition in enumerate(dispositions):
