@@ -46,6 +46,9 @@ import json
 
 import tokenizers
 
+from meshgate.errors import invalid_argument
+from meshgate.reasons import Reason
+
 # A first prefix of this many characters per token of budget settles
 # ordinary text (about 4-5 characters per token) in one round.
 _FIRST_PREFIX_CHARS_PER_TOKEN = 8
@@ -144,3 +147,22 @@ def _at_most_one_token_per_byte(tokenizer: tokenizers.Tokenizer) -> bool:
         and (parts.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer"
         and parts["model"].get("type") == "WordPiece"
     )
+
+
+def check_texts(texts, max_texts: int, max_text_bytes: int) -> None:
+    """An Embed call's texts as callers must send them (inference.max_embed_texts,
+    max_embed_text_bytes): checked by the inference service, and by the
+    router before it admits an embedding request against the tenant's limits."""
+    if not texts:
+        raise invalid_argument(Reason.EMPTY_TEXTS, "texts must not be empty")
+    if len(texts) > max_texts:
+        raise invalid_argument(
+            Reason.TOO_MANY_TEXTS, f"at most {max_texts} texts per call", limit=str(max_texts)
+        )
+    for index, text in enumerate(texts):
+        if len(text) > max_text_bytes or len(text.encode()) > max_text_bytes:
+            raise invalid_argument(
+                Reason.TEXT_TOO_LARGE,
+                f"texts[{index}] is larger than {max_text_bytes} bytes",
+                limit=str(max_text_bytes),
+            )

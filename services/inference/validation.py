@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from meshgate.common.v1 import common_pb2
 from meshgate.config import InferenceSettings, ServedModelSettings
+from meshgate.embedding_input import check_texts
 from meshgate.errors import invalid_argument
 from meshgate.reasons import Reason
 from meshgate.sampling import check_sampling
@@ -56,14 +57,4 @@ def check_prompt(prompt: str, settings: InferenceSettings) -> None:
 
 
 def check_embed_texts(texts, settings: InferenceSettings) -> None:
-    if not texts:
-        raise invalid_argument(Reason.EMPTY_TEXTS, "texts must not be empty")
-    if len(texts) > settings.max_embed_texts:
-        limit = str(settings.max_embed_texts)
-        raise invalid_argument(Reason.TOO_MANY_TEXTS, f"at most {limit} texts per call", limit=limit)
-    limit = settings.max_embed_text_bytes
-    for index, text in enumerate(texts):
-        if len(text) > limit or len(text.encode()) > limit:
-            raise invalid_argument(
-                Reason.TEXT_TOO_LARGE, f"texts[{index}] is larger than {limit} bytes", limit=str(limit)
-            )
+    check_texts(texts, settings.max_embed_texts, settings.max_embed_text_bytes)

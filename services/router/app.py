@@ -140,7 +140,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     admin = AdminServicer(keys, settings.models, cache)
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, service.server)
     # The OpenAI-compatible HTTP edge: the same pipeline, on this event loop.
-    embeddings = Embeddings(settings.router, deployments, admission)
+    embeddings = Embeddings(settings.router, settings.inference, deployments, admission)
     edge = HttpEdge(settings.router, settings.models, authenticator, tenant_calls, pipeline, embeddings)
     http = (
         HttpServer(edge, router.http_listen, router.http_header_timeout_s, router.http_max_header_bytes)
@@ -176,7 +176,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         servicer.reconfigure(new)
         admin.reconfigure(new.models)
         edge.reconfigure(new.router, new.models)
-        embeddings.reconfigure(new.router)
+        embeddings.reconfigure(new.router, new.inference)
 
     service.reload_hooks.append(reload)
 

@@ -8,8 +8,9 @@ minute and a day) and lands in the usage ledger, so that a tenant held to
 ten requests a minute cannot embed without bound and its bill counts what
 it embedded. Admission reserves a bound of the input tokens (every text's
 UTF-8 bytes, no WordPiece or byte-level BPE token being shorter, plus its
-special tokens); the request settles to the tokens the model read, which
-the inference service counts (EmbedRequest.count_tokens)."""
+special tokens, at most the tokens the model reads of a text); the request
+settles to the tokens the model read, which the inference service counts
+(EmbedRequest.count_tokens)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import time
 
 import grpc
 
-from meshgate.config import RouterSettings
+from meshgate.config import InferenceSettings, RouterSettings
+from meshgate.embedding_input import check_texts
 from meshgate.errors import MeshgateError, from_rpc_error, not_found
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
@@ -41,14 +43,25 @@ class Embedded:
 
 
 class Embeddings:
-    def __init__(self, settings: RouterSettings, deployments, admission: TurnAdmission | None) -> None:
+    def __init__(
+        self,
+        settings: RouterSettings,
+        inference: InferenceSettings,
+        deployments,
+        admission: TurnAdmission | None,
+    ) -> None:
         # deployments: its inference_stubs() are the inference services to ask.
         self._deployments = deployments
         self._admission = admission
-        self.reconfigure(settings)
+        self.reconfigure(settings, inference)
 
-    def reconfigure(self, settings: RouterSettings) -> None:
+    def reconfigure(self, settings: RouterSettings, inference: InferenceSettings) -> None:
+        """``inference``: the inference services' limits on texts and the
+        tokens the model reads of each, as this router's configuration
+        names them (the same file in a local stack; keep them alike in
+        services deployed apart: the inference service checks its own)."""
         self._settings = settings
+        self._inference = inference
 
     def check_model(self, model: str, tenant) -> None:
         """Raises MeshgateError unless ``model`` is the embedding model and
@@ -62,10 +75,17 @@ class Embeddings:
         MeshgateError (an unknown or forbidden model, a limit's refusal, or
         the inference services')."""
         self.check_model(model, tenant)
+        # Before admission: a request the inference service would refuse
+        # must not take a request from the tenant's limits (nor be billed).
+        check_texts(texts, self._inference.max_embed_texts, self._inference.max_embed_text_bytes)
         if self._admission is None:
             answer = await self._embed(texts)
             return Embedded(answer.dimensions, answer.vectors, answer.input_tokens)
-        bound = sum(len(text.encode()) + SPECIAL_TOKENS_PER_TEXT for text in texts)
+        # The model reads at most embedding_max_tokens of a text: a long
+        # document reserved its whole length (a 200 KB text was refused
+        # REQUEST_EXCEEDS_LIMIT under 100,000 tokens a minute, for 256 read).
+        cap = self._inference.embedding_max_tokens
+        bound = sum(min(len(text.encode()) + SPECIAL_TOKENS_PER_TEXT, cap) for text in texts)
         grant = await self._admission.admit_embedding(tenant, model, bound)
         started = time.monotonic()
         failure: str = Reason.INTERNAL

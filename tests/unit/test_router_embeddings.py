@@ -8,7 +8,7 @@ import asyncio
 import grpc
 import pytest
 
-from meshgate.config import PriceSettings, RouterSettings
+from meshgate.config import InferenceSettings, PriceSettings, RouterSettings
 from meshgate.errors import MeshgateError
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from services.router.admission import Reservation, TurnAdmission
@@ -64,7 +64,9 @@ class Inference:
 def core(inference: Inference) -> tuple[Embeddings, Admission, Ledger]:
     settings = RouterSettings(prices={"minilm": PriceSettings(prompt_usd_per_million=1000.0)})
     admission, ledger = Admission(), Ledger()
-    return Embeddings(settings, inference, TurnAdmission(admission, settings, ledger)), admission, ledger
+    limits = InferenceSettings(max_embed_texts=4, max_embed_text_bytes=1 << 20, embedding_max_tokens=256)
+    embeddings = Embeddings(settings, limits, inference, TurnAdmission(admission, settings, ledger))
+    return embeddings, admission, ledger
 
 
 TENANT = Tenant("acme", frozenset({"*"}), "key1")
@@ -116,3 +118,23 @@ async def test_another_model_is_not_found_before_any_admission():
         await embeddings.embed(TENANT, "tiny-gpt", ["a cat"])
     assert refused.value.code == grpc.StatusCode.NOT_FOUND
     assert admission.admitted == []
+
+
+async def test_a_long_text_reserves_no_more_than_the_model_reads():
+    # A 200 KB document: the model reads its first 256 tokens.
+    embeddings, admission, _ = core(Inference())
+    await embeddings.embed(TENANT, "minilm", ["x" * 200_000, "a cat"])
+    assert admission.admitted == [(256 + 5 + 2, 0)]
+
+
+@pytest.mark.parametrize(
+    ("texts", "reason"),
+    [([], "EMPTY_TEXTS"), (["a"] * 5, "TOO_MANY_TEXTS"), (["x" * ((1 << 20) + 1)], "TEXT_TOO_LARGE")],
+)
+async def test_texts_the_inference_service_would_refuse_are_refused_before_admission(texts, reason):
+    inference = Inference()
+    embeddings, admission, ledger = core(inference)
+    with pytest.raises(MeshgateError) as refused:
+        await embeddings.embed(TENANT, "minilm", texts)
+    assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, reason)
+    assert (admission.admitted, ledger.records, inference.requests) == ([], [], [])

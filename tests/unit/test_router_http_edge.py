@@ -15,7 +15,7 @@ from google.rpc import error_details_pb2
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from meshgate.config import ModelSettings, RouterSettings
+from meshgate.config import InferenceSettings, ModelSettings, RouterSettings
 from meshgate.errors import MeshgateError, busy_unavailable, unavailable
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
@@ -177,7 +177,7 @@ async def posted(edge: HttpEdge, path: str, body: dict) -> tuple[int, dict]:
 async def embeddings(services: InferenceServices) -> tuple[int, dict]:
     """The status and body of one POST /v1/embeddings."""
     settings = RouterSettings(dev_api_key=KEY)
-    core = Embeddings(settings, services, None)
+    core = Embeddings(settings, InferenceSettings(), services, None)
     edge = HttpEdge(settings, {}, Authenticator(settings), TenantCalls(0), ScriptedPipeline([]), core)
     return await posted(edge, "/v1/embeddings", {"model": settings.embedding_model, "input": "a cat"})
 
