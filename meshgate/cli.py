@@ -104,10 +104,13 @@ async def chat(
         if completion.cache_status == pb.CACHE_STATUS_SEMANTIC_HIT
         else ""
     )
+    # An answer cut at max_tokens (the model's default_max_tokens unless
+    # --max-tokens says) ends mid-sentence: say why.
+    cut = " (cut at max_tokens; --max-tokens for more)" if completion.finish_reason == "length" else ""
     out.write(
         f"cache: {pb.CacheStatus.Name(completion.cache_status).removeprefix('CACHE_STATUS_').lower()}"
         f"{similarity}\n"
-        f"tokens: {usage.prompt_tokens} prompt + {usage.completion_tokens} completion\n"
+        f"tokens: {usage.prompt_tokens} prompt + {usage.completion_tokens} completion{cut}\n"
         f"time to first token: {(first_token_s or total_s) * 1000:.1f} ms\n"
         f"total time: {total_s * 1000:.1f} ms\n"
         f"deployment: {completion.deployment or '-'}   trace: {completion.trace_id}\n"
