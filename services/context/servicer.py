@@ -4,6 +4,7 @@ the session store and the assembly policy."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import collections.abc
 import contextlib
 import dataclasses
@@ -134,6 +135,10 @@ def _record_assembly(strategy: str, started: float, tokens: dict[str, int]) -> N
 # Event-loop turns a unary gRPC call through client interceptors takes to
 # be sent: the calling task's, the interceptors' task's, the call's own.
 _TURNS_TO_SEND = 3
+
+# Sessions past their cap whose refusal started a compaction run, with what
+# they held then (_compacting_when_full).
+_COMPACTIONS_ASKED_KEPT = 10_000
 
 # GetSession's answer beside its turns: ids, version, times (GetSession).
 _SESSION_FIELDS_BYTES = 64 * 1024
@@ -344,6 +349,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         self._prefetch_again: set[str] = set()
         # Without one (unit tests), nothing is summarized.
         self._summarizer = summarizer
+        self._compaction_asked: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
         self._models = models
         self._counters = counters
         # Every turn is counted for every configured tokenizer and template
@@ -494,16 +500,27 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
 
     @contextlib.contextmanager
     def _compacting_when_full(self, tenant_id: str, session_id: str):
-        """A session refused as full gets a summarizer run, which compacts
-        what its soft caps allow. Runs are otherwise started only by appends
-        that succeed: a session already past its cap (stored under a larger
-        context.max_session_bytes, as before the default went from 64 to
-        24 MiB) took no append, so it was never compacted and stayed full."""
+        """A session refused as full that already holds more than its cap
+        gets a summarizer run, which compacts what its soft caps allow. Runs
+        are otherwise started only by appends that succeed, so a session
+        stored under a larger cap (context.max_session_bytes went from 64 to
+        24 MiB) took no append and stayed full. Only past the cap (a session
+        under it compacts after its appends, as ever) and once per amount
+        held: a run reads the whole session, and one that could free nothing
+        must not be repeated for every refused turn."""
         try:
             yield
         except MeshgateError as error:
             if error.reason == Reason.SESSION_FULL and self._summarizer is not None:
-                self._summarizer.schedule(tenant_id, session_id)
+                unit = error.metadata.get("unit", "")
+                held = int(error.metadata.get(unit, "0"))
+                key = (tenant_id, session_id)
+                if held > int(error.metadata.get("limit", "0")) and self._compaction_asked.get(key) != held:
+                    self._compaction_asked[key] = held
+                    self._compaction_asked.move_to_end(key)
+                    if len(self._compaction_asked) > _COMPACTIONS_ASKED_KEPT:
+                        self._compaction_asked.popitem(last=False)
+                    self._summarizer.schedule(tenant_id, session_id)
             raise
 
     async def ForkSession(self, request: pb.ForkSessionRequest, context) -> pb.ForkSessionResponse:
