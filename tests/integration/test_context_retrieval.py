@@ -93,7 +93,7 @@ async def session_with(stub, turns: list[common_pb2.Message]):
     yield tenant, session_id
 
 
-async def assemble(stub, tenant, session_id, question: str, budget: int, strategy=0):
+async def assemble(stub, tenant, session_id, question: str, budget: int, strategy=0, at_version=None):
     return await stub.AssembleContext(
         pb.AssembleContextRequest(
             tenant_id=tenant,
@@ -102,6 +102,7 @@ async def assemble(stub, tenant, session_id, question: str, budget: int, strateg
             model=MODEL,
             max_prompt_tokens=budget,
             strategy=strategy,
+            at_version=at_version,
         )
     )
 
@@ -220,16 +221,8 @@ async def test_a_pin_changes_the_assembly_id_and_a_rebuild_names_the_pins_it_too
         # The same session version, another prompt: another id (it was the same).
         assert after.inputs.session_version == before.inputs.session_version
         assert after.inputs.pins_sha256 and after.assembly_id != before.assembly_id
-        rebuilt = await stub.AssembleContext(
-            pb.AssembleContextRequest(
-                tenant_id=tenant,
-                session_id=session_id,
-                new_messages=[common_pb2.Message(role=USER, content="Tell me a joke.")],
-                model=MODEL,
-                max_prompt_tokens=500,
-                at_version=after.inputs.session_version,
-            )
-        )
+        at = after.inputs.session_version
+        rebuilt = await assemble(stub, tenant, session_id, "Tell me a joke.", 500, at_version=at)
         assert rebuilt.messages == after.messages and rebuilt.assembly_id == after.assembly_id
 
 

@@ -259,18 +259,24 @@ async def test_a_session_too_large_to_send_is_refused_with_error_info(redis_url,
     assert int(metadata["bytes"]) > int(metadata["limit"]) == serving.MAX_MESSAGE_BYTES
 
 
+def _compacting(redis_url: str, cap: int):
+    """Settings whose summarizer (extractive) spans and hot window are 2
+    turns, so that a session of a few big turns is compacted by bytes."""
+    settings = make_settings(redis_url)
+    settings.context.max_session_bytes = cap
+    settings.context.summary_model = ""
+    settings.context.summary_span_turns = 2
+    settings.context.summary_hot_window_turns = 2
+    return settings
+
+
 async def test_a_session_stored_past_a_lowered_cap_is_compacted_and_takes_appends_again(
     redis_url, client
 ) -> None:
     """A session stored under a larger cap (the default went from 64 to 24
     MiB) is past the new one: its next append is refused, and before, only
     an append that succeeded started the summarizer, so it stayed full."""
-    turn_bytes = _size(msg(USER, "q" * 1000))
-    settings = make_settings(redis_url)
-    settings.context.max_session_bytes = 10 * turn_bytes
-    settings.context.summary_model = ""
-    settings.context.summary_span_turns = 2
-    settings.context.summary_hot_window_turns = 2
+    settings = _compacting(redis_url, 10 * _size(msg(USER, "q" * 1000)))
     tenant = "bytes-lowered-cap"
     async with running(settings) as stub:
         session_id = await new_session(stub, tenant)
@@ -294,13 +300,8 @@ async def test_a_session_of_big_turns_is_compacted_by_bytes_and_keeps_taking_app
     """Turns of ~1 KiB, far under the turn soft cap: compaction starts by
     bytes, past half the cap, so the session takes many times what the cap
     alone would allow, its newest turns verbatim, its oldest summarized."""
-    turn_bytes = _size(msg(USER, "q" * 1000))
-    cap = 8 * turn_bytes
-    settings = make_settings(redis_url)
-    settings.context.max_session_bytes = cap
-    settings.context.summary_model = ""
-    settings.context.summary_span_turns = 2
-    settings.context.summary_hot_window_turns = 2
+    cap = 8 * _size(msg(USER, "q" * 1000))
+    settings = _compacting(redis_url, cap)
     tenant = "bytes-compaction"
     async with running(settings) as stub:
         session_id = await new_session(stub, tenant)
