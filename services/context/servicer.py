@@ -692,15 +692,9 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         return response
 
     async def PinToSession(self, request: pb.PinToSessionRequest, context) -> pb.PinToSessionResponse:
-        _check_tenant(request.tenant_id)
-        _check_session_id(request.session_id)
-        if self._index is None:
-            raise MeshgateError(
-                grpc.StatusCode.UNIMPLEMENTED, Reason.PIN_UNAVAILABLE, "this service keeps no turn index"
-            )
-        pin = _pin_of(request)
+        index, pin = self._pin_request(request)
         message_index = request.message_index if request.WhichOneof("pin") == "message_index" else None
-        pin_count = await self._index.pin(request.tenant_id, request.session_id, pin, message_index)
+        pin_count = await index.pin(request.tenant_id, request.session_id, pin, message_index)
         # Pins are part of what the hot entry holds: drop it, as the notice does.
         self._changed_here(request.tenant_id, request.session_id, DELETED)
         return pb.PinToSessionResponse(pin_count=pin_count)
@@ -708,15 +702,23 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
     async def UnpinFromSession(
         self, request: pb.UnpinFromSessionRequest, context
     ) -> pb.UnpinFromSessionResponse:
+        index, pin = self._pin_request(request)
+        pin_count = await index.unpin(request.tenant_id, request.session_id, pin)
+        self._changed_here(request.tenant_id, request.session_id, DELETED)
+        return pb.UnpinFromSessionResponse(pin_count=pin_count)
+
+    def _pin_request(
+        self, request: pb.PinToSessionRequest | pb.UnpinFromSessionRequest
+    ) -> tuple[TurnIndex, str]:
+        """The turn index pins live in, and the pin as it stores it; raises
+        for a request or a service that cannot pin."""
         _check_tenant(request.tenant_id)
         _check_session_id(request.session_id)
         if self._index is None:
             raise MeshgateError(
                 grpc.StatusCode.UNIMPLEMENTED, Reason.PIN_UNAVAILABLE, "this service keeps no turn index"
             )
-        pin_count = await self._index.unpin(request.tenant_id, request.session_id, _pin_of(request))
-        self._changed_here(request.tenant_id, request.session_id, DELETED)
-        return pb.UnpinFromSessionResponse(pin_count=pin_count)
+        return self._index, _pin_of(request)
 
     async def PrefetchSession(
         self, request: pb.PrefetchSessionRequest, context

@@ -1022,10 +1022,8 @@ class TurnAdmission:
     async def admit_embedding(self, tenant, model: str, input_tokens_bound: int) -> Reservation:
         """An embedding request's admission (services/router/embeddings.py):
         the scopes of a turn on ``model``, reserving ``input_tokens_bound``
-        and nothing to generate."""
-        scopes = [
-            scope for scope in admission_scopes(tenant, model, self._settings) if scope.limits.configured()
-        ]
+        and nothing to generate (Admission.admit leaves out unlimited scopes)."""
+        scopes = admission_scopes(tenant, model, self._settings)
         return await self._admission.admit(scopes, input_tokens_bound, 0, self._settings.prices.get(model))
 
     def settle_embedding(

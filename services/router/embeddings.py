@@ -48,7 +48,7 @@ class Embeddings:
         settings: RouterSettings,
         inference: InferenceSettings,
         deployments,
-        admission: TurnAdmission | None,
+        admission: TurnAdmission,
     ) -> None:
         # deployments: its inference_stubs() are the inference services to ask.
         self._deployments = deployments
@@ -78,9 +78,6 @@ class Embeddings:
         # Before admission: a request the inference service would refuse
         # must not take a request from the tenant's limits (nor be billed).
         check_texts(texts, self._inference.max_embed_texts, self._inference.max_embed_text_bytes)
-        if self._admission is None:
-            answer = await self._embed(texts)
-            return Embedded(answer.dimensions, answer.vectors, answer.input_tokens)
         # The model reads at most embedding_max_tokens of a text: a long
         # document reserved its whole length (a 200 KB text was refused
         # REQUEST_EXCEEDS_LIMIT under 100,000 tokens a minute, for 256 read).

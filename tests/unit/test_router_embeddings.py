@@ -61,7 +61,9 @@ class Inference:
         return [self]
 
 
-def core(inference: Inference) -> tuple[Embeddings, Admission, Ledger]:
+def core(inference) -> tuple[Embeddings, Admission, Ledger]:
+    """The embeddings core over ``inference`` (any object with inference_stubs()),
+    its admission and ledger recorded."""
     settings = RouterSettings(prices={"minilm": PriceSettings(prompt_usd_per_million=1000.0)})
     admission, ledger = Admission(), Ledger()
     limits = InferenceSettings(max_embed_texts=4, max_embed_text_bytes=1 << 20, embedding_max_tokens=256)

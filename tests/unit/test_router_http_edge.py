@@ -15,17 +15,17 @@ from google.rpc import error_details_pb2
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from meshgate.config import InferenceSettings, ModelSettings, RouterSettings
+from meshgate.config import ModelSettings, RouterSettings
 from meshgate.errors import MeshgateError, busy_unavailable, unavailable
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
 from services.router.admission import TenantCalls
 from services.router.auth import Authenticator
-from services.router.embeddings import Embeddings
 from services.router.http_edge import HttpEdge, _BoundedHeaders, http_error
 from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Failure
 from tests.unit.test_router_context_restart import busy
 from tests.unit.test_router_context_restart import unavailable as unavailable_rpc
+from tests.unit.test_router_embeddings import core as embeddings_core
 
 KEY = "edge-key"
 
@@ -177,7 +177,7 @@ async def posted(edge: HttpEdge, path: str, body: dict) -> tuple[int, dict]:
 async def embeddings(services: InferenceServices) -> tuple[int, dict]:
     """The status and body of one POST /v1/embeddings."""
     settings = RouterSettings(dev_api_key=KEY)
-    core = Embeddings(settings, InferenceSettings(), services, None)
+    core, _, _ = embeddings_core(services)
     edge = HttpEdge(settings, {}, Authenticator(settings), TenantCalls(0), ScriptedPipeline([]), core)
     return await posted(edge, "/v1/embeddings", {"model": settings.embedding_model, "input": "a cat"})
 
