@@ -30,7 +30,7 @@ from services.context import summaries as summaries_lib
 from services.context.hot_cache import DELETED, HotCache
 from services.context.store import NO_COUNTS, SessionStore, StoredSession, session_key
 from services.context.token_counts import PromptCounter
-from services.context.turn_index import IndexedTurns, TurnIndex, features
+from services.context.turn_index import IndexedTurns, TurnFeatures, TurnIndex, features
 
 log = structlog.get_logger(__name__)
 
@@ -153,6 +153,21 @@ MAX_FACT_BYTES = 4096
 # needs either way), and one for a session already being prefetched makes
 # that one read once more when done, if what it read is no longer current.
 MAX_PREFETCHES = 64
+
+# Turn-index repairs (_repair_index) in flight at most, and the most turns
+# one indexes again: a lost write is one append's worth; a session stored
+# before the index existed is indexed that many turns per repair, each
+# asked for by a read that finds it not covered.
+MAX_INDEX_REPAIRS = 4
+INDEX_REPAIR_TURNS = 512
+# Pauses between a repair's tries while Redis is unreachable; after the last
+# one it waits for the next read of the session to ask again.
+INDEX_REPAIR_DELAYS_S = (0.5, 2.0, 8.0)
+# Sessions whose repair a read asked for, with the turns they held then, so
+# that a session no repair can cover (a lost write of turns compacted since,
+# a session stored before version history) is not read again by every
+# assembly of it, only after it changes.
+_INDEX_REPAIRS_ASKED_KEPT = 10_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -347,6 +362,9 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         self._prefetches: dict[str, asyncio.Task] = {}
         # Sessions asked to be prefetched again while theirs was in flight.
         self._prefetch_again: set[str] = set()
+        # Turn-index repairs in flight by session key, and what reads asked for.
+        self._index_repairs: dict[str, asyncio.Task] = {}
+        self._index_repairs_asked: collections.OrderedDict[str, int] = collections.OrderedDict()
         # Without one (unit tests), nothing is summarized.
         self._summarizer = summarizer
         self._compaction_asked: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
@@ -467,13 +485,13 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         log.debug("turns appended", session_id=request.session_id, version=version, replayed=replayed)
         if replayed and embedding is not None:
             # The first try may have stored the turns and then failed to
-            # index them: indexed here, else never (nothing else would).
-            await self._index.write(
+            # index them: indexed here unless they are already.
+            await self._write_index(
                 request.tenant_id,
                 request.session_id,
                 version,
                 features(turns),
-                await embedding,
+                embedding,
                 only_unwritten=True,
             )
         if not replayed:
@@ -481,12 +499,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             before = self._hot.get(key)
             indexed = None
             if embedding is not None:
-                turn_features, vectors = features(turns), await embedding
-                first = await self._index.write(
-                    request.tenant_id, request.session_id, version, turn_features, vectors
+                turn_features = features(turns)
+                written = await self._write_index(
+                    request.tenant_id, request.session_id, version, turn_features, embedding
                 )
-                if before is not None and before.index is not None and before.version == version - 1:
-                    indexed = before.index.extended(version, first, turn_features, vectors)
+                if written is not None and before is not None and before.index is not None:
+                    first, vectors = written
+                    if before.version == version - 1:
+                        indexed = before.index.extended(version, first, turn_features, vectors)
             self._warm(
                 request.tenant_id, request.session_id, version, turns, token_counts, held_bytes, ticket
             )
@@ -497,6 +517,99 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             if self._summarizer is not None:
                 self._summarizer.schedule(request.tenant_id, request.session_id)
         return pb.AppendTurnsResponse(version=version, replayed=replayed)
+
+    async def _write_index(
+        self,
+        tenant_id: str,
+        session_id: str,
+        version: int,
+        turn_features: list[TurnFeatures],
+        embedding: asyncio.Task,
+        only_unwritten: bool = False,
+    ) -> tuple[int, np.ndarray | None] | None:
+        """Indexes an append's stored turns; returns where they landed and
+        their vectors, or None when Redis failed meanwhile. The turns are
+        stored by then, so the append is answered OK either way: answered
+        UNAVAILABLE, a caller's retry without a turn id would store them
+        twice. A lost write leaves positions reading unwritten (assembly
+        reads the turns' texts meanwhile) and is retried in the background."""
+        vectors = await embedding
+        try:
+            first = await self._index.write(
+                tenant_id, session_id, version, turn_features, vectors, only_unwritten=only_unwritten
+            )
+        except MeshgateError as error:
+            if error.code != grpc.StatusCode.UNAVAILABLE:
+                raise
+            log.warning("turn index write failed; retrying in the background", session_id=session_id)
+            self._repair_index(tenant_id, session_id)
+            return None
+        return first, vectors
+
+    def _repair_index(self, tenant_id: str, session_id: str, turns_read: int | None = None) -> None:
+        """Indexes again, in the background, the appends whose index write
+        was lost (turn_index.unwritten_appends), as they are stored now.
+
+        ``turns_read``: asked by a read that found the session's index not
+        covering its turns, which held that many. That read may have come
+        between an append's store and its index write (the turns' embedding
+        runs until then, for up to context.append_embed_timeout_s): so the
+        repair waits that long, and looks at those turns only, never at an
+        append that began after the read. Asked once per count, as a
+        session no repair can cover would otherwise be read again by every
+        assembly of it. At most MAX_INDEX_REPAIRS at once, one per session."""
+        key = session_key(tenant_id, session_id)
+        # One in flight or too many: not noted as asked, so a later read asks again.
+        if key in self._index_repairs or len(self._index_repairs) >= MAX_INDEX_REPAIRS:
+            return
+        if turns_read is not None:
+            if self._index_repairs_asked.get(key) == turns_read:
+                return
+            self._index_repairs_asked[key] = turns_read
+            self._index_repairs_asked.move_to_end(key)
+            if len(self._index_repairs_asked) > _INDEX_REPAIRS_ASKED_KEPT:
+                self._index_repairs_asked.popitem(last=False)
+
+        async def repair() -> None:
+            try:
+                if turns_read is not None:
+                    await asyncio.sleep(self._append_embed_timeout_s + APPEND_WRITE_MARGIN_S)
+                for pause_s in (*INDEX_REPAIR_DELAYS_S, None):
+                    try:
+                        await self._index_again(tenant_id, session_id, turns_read)
+                        return
+                    except MeshgateError as error:
+                        if error.code != grpc.StatusCode.UNAVAILABLE or pause_s is None:
+                            log.warning(
+                                "turn index repair failed", session_id=session_id, reason=error.reason
+                            )
+                            return
+                    await asyncio.sleep(pause_s)
+            finally:
+                self._index_repairs.pop(key, None)
+
+        self._index_repairs[key] = asyncio.create_task(repair())
+
+    async def _index_again(self, tenant_id: str, session_id: str, below: int | None) -> None:
+        version, appends = await self._index.unwritten(tenant_id, session_id, INDEX_REPAIR_TURNS, below)
+        for append in appends:
+            indices = list(range(append.first, append.first + append.count))
+            stored = await self._index.read_turns(tenant_id, session_id, indices, version)
+            if stored is None:
+                # Reverted or compacted meanwhile: the next read asks again.
+                return
+            turns = [stored[i] for i in indices]
+            vectors = await self._embed(turns, tenant_id)
+            first = await self._index.write(
+                tenant_id, session_id, append.version, features(turns), vectors, only_unwritten=True
+            )
+            if first < 0:
+                return
+        if appends:
+            log.info("turn index repaired", session_id=session_id, appends=len(appends))
+            # More may be left (INDEX_REPAIR_TURNS): the next read asks again.
+            self._index_repairs_asked.pop(session_key(tenant_id, session_id), None)
+            await self._attach_index(tenant_id, session_id)
 
     @contextlib.contextmanager
     def _compacting_when_full(self, tenant_id: str, session_id: str):
@@ -900,6 +1013,9 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             indexed = await self._index.read(
                 tenant_id, session_id, terms, counter.id, counter.line_id if packs else ""
             )
+        if indexed is not None and len(indexed.roles) < indexed.count:
+            # A lost write, or turns stored before the index existed.
+            self._repair_index(tenant_id, session_id, indexed.count)
         # Not hot, or hot without its index yet: next time it will be.
         warm = indexed is not None and at_version is None and self._hot.live
         if indexed is not None and indexed.usable(at_version) and (not packs or indexed.lines_usable()):

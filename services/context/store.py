@@ -580,7 +580,7 @@ return 0
 
 _COUNTS_PREFIX = b"tokens:"
 # The turn count ...:versions records for a version a revert undid.
-_UNDONE = 0xFFFFFFFF
+UNDONE = 0xFFFFFFFF
 
 
 @dataclasses.dataclass(slots=True)
@@ -851,7 +851,7 @@ class SessionStore:
         versions a revert undid. Empty for sessions stored before history."""
         with redis_reachable():
             raw = await self._client.get(key(tenant_id, session_id, "versions")) or b""
-        return [None if held == _UNDONE else held for held in decode_counts(raw, len(raw) // 4).tolist()]
+        return [None if held == UNDONE else held for held in decode_counts(raw, len(raw) // 4).tolist()]
 
     async def revert(
         self, tenant_id: str, session_id: str, version: int, expected_version: int | None

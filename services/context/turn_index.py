@@ -24,8 +24,10 @@ Everything is written by turn offset (SETRANGE), so an index written after a
 revert overwrites the undone turns' entries, and stale postings of the
 positions written are purged first. A position never written reads a role
 of 0, which no turn has: its write was lost (the append stored, then Redis
-failed), so readers take the index to cover the turns before it only, and
-the append's retry (answered as replayed) writes it. Assembly reads the
+failed), so readers take the index to cover the turns before it only until
+it is written again: the append retries it in the background, and a read
+that finds such a position asks for the same (unwritten_appends says which
+appends' turns to index again). Assembly reads the
 roles, lengths, vectors and only the postings of the question's terms: one
 round trip whose size grows by a few hundred bytes per turn, never the
 turns' texts.
@@ -49,6 +51,7 @@ from services.context.store import (
     DIMENSIONS_FIELD,
     DROP_POSTINGS,
     RENEW,
+    UNDONE,
     decode_counts,
     key,
     redis_reachable,
@@ -214,6 +217,53 @@ def _packed_postings(turns: list[TurnFeatures]) -> dict[str, bytes]:
 
 def _term_counts(turns: list[TurnFeatures]) -> np.ndarray:
     return np.array([min(sum(t.terms.values()), 0xFFFF) for t in turns], dtype="<u2")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UnwrittenAppend:
+    """An append whose turns hold a position the index never wrote."""
+
+    version: int
+    first: int
+    count: int
+
+
+def unwritten_appends(
+    roles: bytes, history: bytes, count: int, compacted: int, max_turns: int
+) -> list[UnwrittenAppend]:
+    """Which appends to index again so that every position of a session of
+    ``count`` turns reads written: those that last stored a turn at a
+    position whose role byte is 0 or past ``roles``' end, oldest first,
+    while their turns add up to ``max_turns`` (at least one append).
+
+    ``history`` is the session's versions string (store: turns held at each
+    version). An append at version v stored positions [held(v-1), held(v));
+    a later one that stored some of them again (after a revert) owns them
+    now, and a version a revert undid owns nothing. Compacted positions
+    are left out (their texts are gone, a summary stands for them), and so
+    are positions no recorded append owns (a session stored before version
+    history): nothing can tell which write they belonged to."""
+    held = np.frombuffer(history[: len(history) // 4 * 4], dtype="<u4").astype(np.int64)
+    owner = np.full(count, -1, np.int64)
+    for version in range(1, len(held)):
+        before, after = held[version - 1], held[version]
+        if before != UNDONE and after != UNDONE and after > before:
+            owner[before : min(after, count)] = version
+    written = np.zeros(count, bool)
+    stored_roles = np.frombuffer(roles, dtype=np.uint8)[:count]
+    written[: len(stored_roles)] = stored_roles != 0
+    written[:compacted] = True
+    appends: list[UnwrittenAppend] = []
+    turns = 0
+    for version in dict.fromkeys(owner[~written & (owner >= 0)].tolist()):
+        first, n = int(held[version - 1]), int(held[version] - held[version - 1])
+        if first < compacted or first + n > count:
+            continue
+        if appends and turns + n > max_turns:
+            break
+        appends.append(UnwrittenAppend(version, first, n))
+        turns += n
+    return appends
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -470,6 +520,26 @@ class TurnIndex:
             None if meta[4] is None else int(meta[4]),
             int(meta[5] or 0),
         )
+
+    async def unwritten(
+        self, tenant_id: str, session_id: str, max_turns: int, below: int | None = None
+    ) -> tuple[int, list[UnwrittenAppend]]:
+        """The session's version and, as of it, the appends to index again
+        (unwritten_appends), of its first ``below`` turns only when given.
+        Raises SESSION_NOT_FOUND."""
+        with redis_reachable():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hmget(key(tenant_id, session_id, "meta"), ["version", "compacted"])
+                pipe.llen(key(tenant_id, session_id, "turns"))
+                pipe.get(key(tenant_id, session_id, "ix:roles"))
+                pipe.get(key(tenant_id, session_id, "versions"))
+                (version, compacted), count, roles, history = await pipe.execute()
+        if version is None:
+            raise session_not_found(session_id)
+        if below is not None:
+            count = min(count, below)
+        appends = unwritten_appends(roles or b"", history or b"", count, int(compacted or 0), max_turns)
+        return int(version), appends
 
     async def read_turns(
         self, tenant_id: str, session_id: str, indices: list[int], version: int

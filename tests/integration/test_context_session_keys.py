@@ -3,8 +3,9 @@ that changes a live session renews all of them, so its pins, turn index
 and summaries never expire while it is in use; creating (or forking into)
 a session id clears what an earlier session of that id left; a deletion
 removes everything at once; a revert drops the pins of the turns it
-undoes; and a turn-index write lost after its append stored is made good
-by the append's retry, and read as no index meanwhile."""
+undoes; and a turn-index write lost after its append stored is read as no
+index until it is made good: in the background, by a read that finds it,
+or by the append's retry."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import redis.asyncio as redis
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError, unavailable
 from meshgate.reasons import Reason
+from services.context import servicer as context_servicer
 from services.context import store as session_store
 from services.context.turn_index import TurnIndex, features
 from tests.integration.test_context_service import (
@@ -212,19 +214,51 @@ async def test_a_revert_drops_the_pins_of_the_turns_it_undoes(stub_and_client, t
     assert reasons[2] != pb.INCLUSION_REASON_PINNED
 
 
-def _lose_the_next_index_write(monkeypatch) -> None:
-    """The next turn-index write fails as a Redis outage would, after its
-    append stored the turns (the client is told UNAVAILABLE)."""
-    original = TurnIndex.write
-    lost = []
+class _IndexOutage:
+    """Turn-index writes fail as a Redis outage would, after their append
+    stored the turns: the next ``failing`` of them (None: until ``end``)."""
 
-    async def write(self, *args, **kwargs):
-        if not lost:
-            lost.append(args)
-            raise unavailable(Reason.REDIS_UNAVAILABLE, "session store unavailable: injected")
-        return await original(self, *args, **kwargs)
+    def __init__(self, monkeypatch, failing: int | None = 1) -> None:
+        self.failing = failing
+        self.failed = 0
+        original = TurnIndex.write
+        outage = self
 
-    monkeypatch.setattr(TurnIndex, "write", write)
+        async def write(index, *args, **kwargs):
+            if outage.failing is None or outage.failed < outage.failing:
+                outage.failed += 1
+                raise unavailable(Reason.REDIS_UNAVAILABLE, "session store unavailable: injected")
+            return await original(index, *args, **kwargs)
+
+        monkeypatch.setattr(TurnIndex, "write", write)
+        # The background repair's tries, quickly.
+        monkeypatch.setattr(context_servicer, "INDEX_REPAIR_DELAYS_S", (0.01,))
+
+    async def background_tries_spent(self) -> None:
+        """Waits until the append's write and its repair's two tries failed."""
+
+        async def spent() -> bool:
+            return self.failed >= 3
+
+        await _eventually(spent)
+
+    def end(self) -> None:
+        self.failing = 0
+
+
+async def _eventually(condition, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await condition():
+        assert asyncio.get_running_loop().time() < deadline, "not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def _roles(client, tenant: str, sid: str) -> bytes | None:
+    return await client.get(session_store.key(tenant, sid, "ix:roles"))
+
+
+async def _roles_are(client, tenant: str, sid: str, expected: bytes) -> bool:
+    return await _roles(client, tenant, sid) == expected
 
 
 SYSTEM_RULE = msg(SYSTEM, "SYSTEM-RULE: always answer as Bob the pirate.")
@@ -239,41 +273,64 @@ async def _system_rule_kept(stub, tenant: str, sid: str) -> bool:
     return SYSTEM_RULE.content in [m.content for m in response.messages]
 
 
+async def test_an_append_whose_index_write_is_lost_is_answered_and_indexed_in_the_background(
+    stub_and_client, tenant, monkeypatch
+) -> None:
+    """Answered UNAVAILABLE after its turns were stored, a caller's retry
+    without a turn id stored them twice; the index stayed unwritten unless
+    a retry came."""
+    stub, client = stub_and_client
+    sid = (await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))).session.session_id
+    outage = _IndexOutage(monkeypatch)
+    assert (await _append(stub, tenant, sid, SYSTEM_RULE)).version == 1
+    await _eventually(lambda: _roles_are(client, tenant, sid, bytes([SYSTEM])))
+    assert outage.failed == 1
+    await _append(stub, tenant, sid, msg(USER, "question " + LONG), msg(ASSISTANT, "answer " + LONG))
+    indexed = await TurnIndex(client, TTL_S).read(tenant, sid, None)
+    assert len(indexed.roles) == indexed.count == 3
+    assert await _system_rule_kept(stub, tenant, sid)
+
+
+async def test_a_lost_index_write_never_retried_is_made_good_after_a_read_finds_it(
+    redis_url, client, tenant, monkeypatch
+) -> None:
+    settings = make_settings(redis_url)
+    # How long a read's repair waits for an append in flight to index its turns.
+    settings.context.append_embed_timeout_s = 0.05
+    async with running(settings) as stub:
+        sid = (await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))).session.session_id
+        outage = _IndexOutage(monkeypatch, failing=None)
+        assert (await _append(stub, tenant, sid, SYSTEM_RULE)).version == 1
+        await outage.background_tries_spent()
+        outage.end()
+        # The next append's index write zero-fills the lost position.
+        await _append(stub, tenant, sid, msg(USER, "question " + LONG), msg(ASSISTANT, "answer " + LONG))
+        assert await _roles(client, tenant, sid) == bytes([0, USER, ASSISTANT])
+        # Covering none but the turns before the lost one: not usable for
+        # planning, so the texts are read (the system turn is kept) ...
+        indexed = await TurnIndex(client, TTL_S).read(tenant, sid, None)
+        assert (len(indexed.roles), indexed.count) == (0, 3)
+        assert await _system_rule_kept(stub, tenant, sid)
+        # ... and that read asked for the lost write to be made again.
+        await _eventually(lambda: _roles_are(client, tenant, sid, bytes([SYSTEM, USER, ASSISTANT])))
+        assert await _system_rule_kept(stub, tenant, sid)
+
+
 async def test_a_retried_append_indexes_the_turns_its_first_try_could_not(
     stub_and_client, tenant, monkeypatch
 ) -> None:
     stub, client = stub_and_client
     sid = (await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))).session.session_id
-    _lose_the_next_index_write(monkeypatch)
-    first_try = _append(stub, tenant, sid, SYSTEM_RULE, turn_id="t0")
-    assert (await failure(first_try))[0] == grpc.StatusCode.UNAVAILABLE
+    outage = _IndexOutage(monkeypatch, failing=None)
+    assert not (await _append(stub, tenant, sid, SYSTEM_RULE, turn_id="t0")).replayed
+    await outage.background_tries_spent()
+    outage.end()
     assert (await _append(stub, tenant, sid, SYSTEM_RULE, turn_id="t0")).replayed
-    await _append(stub, tenant, sid, msg(USER, "question " + LONG), msg(ASSISTANT, "answer " + LONG))
-    roles = await client.get(session_store.key(tenant, sid, "ix:roles"))
-    assert roles == bytes([SYSTEM, USER, ASSISTANT])
-    indexed = await TurnIndex(client, TTL_S).read(tenant, sid, None)
-    assert len(indexed.roles) == indexed.count == 3
-    assert await _system_rule_kept(stub, tenant, sid)
+    assert await _roles(client, tenant, sid) == bytes([SYSTEM])
     # A replay of turns indexed already leaves the index as it is (were it
     # rewritten, this retry's other role would show).
     assert (await _append(stub, tenant, sid, msg(USER, "retried"), turn_id="t0")).replayed
-    assert await client.get(session_store.key(tenant, sid, "ix:roles")) == roles
-
-
-async def test_a_turn_whose_index_write_was_lost_is_read_from_its_text(
-    stub_and_client, tenant, monkeypatch
-) -> None:
-    stub, client = stub_and_client
-    sid = (await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))).session.session_id
-    _lose_the_next_index_write(monkeypatch)
-    assert (await failure(_append(stub, tenant, sid, SYSTEM_RULE)))[0] == grpc.StatusCode.UNAVAILABLE
-    # Never retried: the next append's index write zero-fills the position.
-    await _append(stub, tenant, sid, msg(USER, "question " + LONG), msg(ASSISTANT, "answer " + LONG))
-    assert await client.get(session_store.key(tenant, sid, "ix:roles")) == bytes([0, USER, ASSISTANT])
-    # Covering none but the turns before the lost one: not usable for planning.
-    indexed = await TurnIndex(client, TTL_S).read(tenant, sid, None)
-    assert (len(indexed.roles), indexed.count) == (0, 3)
-    assert await _system_rule_kept(stub, tenant, sid)
+    assert await _roles(client, tenant, sid) == bytes([SYSTEM])
 
 
 async def test_a_revert_drops_the_undone_turns_index_so_a_lost_write_after_it_reads_unwritten(
@@ -288,15 +345,15 @@ async def test_a_revert_drops_the_undone_turns_index_so_a_lost_write_after_it_re
     await _append(stub, tenant, sid, msg(USER, "zebra undone"), msg(USER, "giraffe undone"), version=1)
     revert = pb.RevertSessionRequest(tenant_id=tenant, session_id=sid, version=1, expected_version=2)
     await stub.RevertSession(revert)
-    assert await client.get(session_store.key(tenant, sid, "ix:roles")) == bytes([USER, ASSISTANT])
-    _lose_the_next_index_write(monkeypatch)
-    first_try = _append(stub, tenant, sid, SYSTEM_RULE, msg(ASSISTANT, "arr"), turn_id="t1")
-    assert (await failure(first_try))[0] == grpc.StatusCode.UNAVAILABLE
+    assert await _roles(client, tenant, sid) == bytes([USER, ASSISTANT])
+    outage = _IndexOutage(monkeypatch, failing=None)
+    await _append(stub, tenant, sid, SYSTEM_RULE, msg(ASSISTANT, "arr"), turn_id="t1")
+    await outage.background_tries_spent()
+    outage.end()
     indexed = await TurnIndex(client, TTL_S).read(tenant, sid, None)
     assert (len(indexed.roles), indexed.count) == (2, 4)  # the new turns read unwritten
     assert (await _append(stub, tenant, sid, SYSTEM_RULE, msg(ASSISTANT, "arr"), turn_id="t1")).replayed
-    roles = await client.get(session_store.key(tenant, sid, "ix:roles"))
-    assert roles == bytes([USER, ASSISTANT, SYSTEM, ASSISTANT])
+    assert await _roles(client, tenant, sid) == bytes([USER, ASSISTANT, SYSTEM, ASSISTANT])
     assert "zebra" not in (await TurnIndex(client, TTL_S).read(tenant, sid, ["zebra"])).postings
 
 

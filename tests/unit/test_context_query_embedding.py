@@ -316,7 +316,7 @@ class Index:
     def __init__(self) -> None:
         self.vectors = None
 
-    async def write(self, tenant_id, session_id, version, features, vectors):
+    async def write(self, tenant_id, session_id, version, features, vectors, only_unwritten=False):
         self.vectors = vectors
         return 0
 
