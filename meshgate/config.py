@@ -865,6 +865,10 @@ class Settings:
     inference: InferenceSettings = dataclasses.field(default_factory=InferenceSettings)
 
 
+# Tables of models whose aliases start from the built-in ones they name (_over_built_ins).
+_BUILT_IN_TABLES: dict[type, tuple[str, ...]] = {Settings: ("models",), InferenceSettings: ("models",)}
+
+
 class ConfigError(ValueError):
     pass
 
@@ -1082,7 +1086,25 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     values = {}
     for name, value in raw.items():
         values[name] = _convert(hints[name], value, f"{where}{name}")
+        if name in _BUILT_IN_TABLES.get(cls, ()):
+            values[name] = _over_built_ins(fields[name].default_factory(), value, values[name])
     return cls(**values)
+
+
+def _over_built_ins(built_ins: dict[str, Any], raw: dict[str, Any], tables: dict[str, Any]) -> dict[str, Any]:
+    """A table of models lists every alias served (an operator's models are
+    all there is, not the demo's beside them); an alias it shares with the
+    built-ins keeps their settings for every field it leaves out, so that
+    ``[models.smollm2] deployments = [...]`` moves smollm2 without making
+    it a bare model (a 512-token window, another tokenizer and template)."""
+    merged = {}
+    for alias, table in tables.items():
+        built_in = built_ins.get(alias)
+        if built_in is None:
+            merged[alias] = table
+        else:
+            merged[alias] = dataclasses.replace(built_in, **{k: getattr(table, k) for k in raw[alias]})
+    return merged
 
 
 def _convert(hint: Any, value: Any, where: str) -> Any:

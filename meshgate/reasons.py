@@ -130,7 +130,7 @@ class Reason(enum.StrEnum):
     """A cache store carries no answer text."""
 
     INVALID_TTL = enum.auto()
-    """A cache entry's time to live is negative."""
+    """A cache entry's time to live is outside 0..cache.ttl_s."""
 
     INVALID_ENTRY_ID = enum.auto()
     """The cache entry id is not one the cache issues."""

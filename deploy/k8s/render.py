@@ -167,10 +167,10 @@ def settings_file(overlay: Overlay) -> str:
         "[mesh]",
         f'health_listen = "0.0.0.0:{HEALTH_PORT}"',
         "",
+        # Each model keeps its built-in settings (meshgate/config.py; the
+        # image's MESHGATE_SMOLLM2_FILES finds smollm2's tokenizer and
+        # template) but for where it runs.
         "[models.smollm2]",
-        "context_window_tokens = 8192",
-        "max_output_tokens = 1024",
-        "default_max_tokens = 256",
         deployments("smollm2"),
         "",
         '[models."tiny-gpt"]',

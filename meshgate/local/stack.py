@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshgate import mesh_auth
-from meshgate.config import DEFAULT_DEV_API_KEY, SMOLLM2_CHAT_TEMPLATE, SMOLLM2_TOKENIZER, MeshSettings
+from meshgate.config import DEFAULT_DEV_API_KEY, MeshSettings
 from meshgate.local import certs, redis_server, triton
 
 SERVICES = ("inference", "context", "cache", "router")
@@ -235,17 +235,11 @@ ca_file = {_toml_string(mesh.ca_file)}
 cert_file = {_toml_string(mesh.cert_file)}
 key_file = {_toml_string(mesh.key_file)}
 
+# Each model keeps its built-in settings (meshgate/config.py) but for where it runs.
 [models.smollm2]
-context_window_tokens = 8192
-max_output_tokens = 1024
-default_max_tokens = 256
-tokenizer = {_toml_string(SMOLLM2_TOKENIZER)}
-chat_template = {_toml_string(SMOLLM2_CHAT_TEMPLATE)}
 deployments = [{{ name = "local", address = "{self.addresses("inference")}", model = "smollm2" }}]
 
 [models.tiny-gpt]
-context_window_tokens = 512
-max_output_tokens = 256
 deployments = [{{ name = "local", address = "{self.addresses("inference")}", model = "tiny-gpt" }}]
 
 [router]

@@ -61,6 +61,31 @@ def test_nested_model_tables(tmp_path):
     assert big.deployments[0].weight == 3.0
 
 
+def test_a_models_table_lists_the_aliases_served_and_a_built_in_it_names_keeps_its_settings(tmp_path):
+    """``[models.smollm2] deployments = [...]`` made smollm2 a bare model:
+    a 512-token window, minilm's tokenizer, no chat template, so its
+    counts and bounds were another model's."""
+    built_in = load_settings(environ={}).models["smollm2"]
+    path = tmp_path / "models.toml"
+    path.write_text('[models.smollm2]\ndeployments = [{ name = "a", address = "h:1", model = "smollm2" }]\n')
+    for settings in (
+        load_settings(path, environ={}),
+        load_settings(environ={"MESHGATE_MODELS__SMOLLM2__DEPLOYMENTS": path.read_text().split("= ", 1)[1]}),
+    ):
+        assert list(settings.models) == ["smollm2"]
+        moved = settings.models["smollm2"]
+        assert moved.deployments[0].address == "h:1"
+        assert (moved.context_window_tokens, moved.tokenizer, moved.chat_template) == (
+            built_in.context_window_tokens,
+            built_in.tokenizer,
+            built_in.chat_template,
+        )
+    served = load_settings(environ={"MESHGATE_INFERENCE__MODELS__SMOLLM2__TRITON_MODEL": "other"}).inference
+    assert list(served.models) == ["smollm2"]
+    assert served.models["smollm2"].triton_model == "other"
+    assert served.models["smollm2"].context_window_tokens == 8192
+
+
 def test_api_key_hash_is_sha256_hex():
     assert hash_api_key("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 

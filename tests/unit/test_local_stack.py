@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from meshgate.config import load_settings
 from meshgate.local import stack as stack_module
 from meshgate.local.stack import Ports, Stack
 
@@ -110,3 +111,18 @@ def test_a_child_comes_back_after_its_log_folder_was_removed(tmp_path, launched,
     stack.launch(name)
     assert stack.processes[name].poll() is None
     assert (stack.log_dir / f"{name}.log").is_file()
+
+
+def test_the_stacks_settings_serve_the_built_in_models_at_its_inference_service(tmp_path) -> None:
+    stack = _stack(tmp_path)
+    stack._write_settings()
+    settings = load_settings(stack.config_path, environ={})
+    built_in = load_settings(environ={}).models
+    assert sorted(settings.models) == ["smollm2", "tiny-gpt"]
+    for alias, model in settings.models.items():
+        assert [d.address for d in model.deployments] == [stack.addresses("inference")]
+        assert (model.context_window_tokens, model.tokenizer, model.chat_template) == (
+            built_in[alias].context_window_tokens,
+            built_in[alias].tokenizer,
+            built_in[alias].chat_template,
+        )
