@@ -409,11 +409,15 @@ return {1, new_version}
 # the version forked at. Postings name later positions too; fork() keeps
 # only the copied turns' ones, or the fork's own later turns would inherit them.
 #
+# The fork takes the source's pins as they are now (pins have no versions):
+# its facts, and its pins of turns the fork holds; pins of later turns stay
+# behind, as a revert drops the pins of the turns it undoes.
+#
 # KEYS: the source's session_keys. ARGV: version to fork
 # at. Returns {1, turns at that version, flat (counts field, counts of those
 # turns) pairs, the history up to that version, then the index of those
 # turns: roles, lengths, vector dimensions ('' for none), vectors, flat
-# (term, packed postings) pairs}, {0} if there is no source,
+# (term, packed postings) pairs, then the pins the fork takes}, {0} if there is no source,
 # {-3, current version} if the version is unknown or undone, {-5, compacted
 # version} if it holds compacted turns (the fork would have neither their
 # texts nor the summaries standing for them).
@@ -447,15 +451,20 @@ if held > 0 then
   if dim ~= '' then vectors = redis.call('GETRANGE', KEYS[8], 0, tonumber(dim) * held - 1) end
   postings = redis.call('HGETALL', KEYS[9])
 end
+local pins = {}
+for _, pin in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do
+  if string.sub(pin, 1, 2) ~= 't:' or tonumber(string.sub(pin, 3)) < held then pins[#pins + 1] = pin end
+end
 return {1, turns, counts, redis.call('GETRANGE', KEYS[4], 0, 4 * target + 3),
-  roles, lengths, dim, vectors, postings}
+  roles, lengths, dim, vectors, postings, pins}
 """
 )
 
 # KEYS: the fork's session_keys. ARGV: version it starts
 # at, ttl_s, its history, turn count n, its index's roles, lengths, vector
 # dimensions ('' for none) and vectors, the number c of (counts field,
-# counts) pairs, n turns, c such pairs, then (term, packed postings) pairs.
+# counts) pairs, the number p of pins, n turns, c such pairs, p pins, then
+# (term, packed postings) pairs.
 # It has no turn ids (those were the source's appends), and its
 # ``bytes`` are its turns' (a prefix of the source's: never past the
 # source's cap). Returns {1, creation time}, or {-4} if the fork's id is taken.
@@ -466,9 +475,10 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return {-4} end
 -- As _CREATE: nothing of an earlier session of this id stays.
 redis.call('DEL', unpack(KEYS, 2))
 local n = tonumber(ARGV[4])
-local turns_at = 10
+local turns_at = 11
 local counts_at = turns_at + n
-local postings_at = counts_at + 2 * tonumber(ARGV[9])
+local pins_at = counts_at + 2 * tonumber(ARGV[9])
+local postings_at = pins_at + tonumber(ARGV[10])
 -- In slices: unpack() of a long list would overflow Lua's stack.
 for first = turns_at, counts_at - 1, 1000 do
   redis.call('RPUSH', KEYS[2], unpack(ARGV, first, math.min(first + 999, counts_at - 1)))
@@ -479,7 +489,8 @@ local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('HSET', KEYS[1], 'version', ARGV[1], 'create_time_ms', now, 'update_time_ms', now,
   'bytes', held_bytes)
-for i = counts_at, postings_at - 1, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = counts_at, pins_at - 1, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if postings_at > pins_at then redis.call('RPUSH', KEYS[5], unpack(ARGV, pins_at, postings_at - 1)) end
 redis.call('SET', KEYS[4], ARGV[3])
 -- The index of the copied turns; nothing is written where there is none.
 if ARGV[5] ~= '' then redis.call('SET', KEYS[6], ARGV[5]) end
@@ -872,7 +883,8 @@ class SessionStore:
 
     async def fork(self, tenant_id: str, session_id: str, version: int, new_session_id: str) -> int:
         """Creates ``new_session_id`` with the turns of ``version``, at that
-        version; returns its creation time."""
+        version, and the source's pins of them and its facts; returns its
+        creation time."""
         with redis_reachable():
             source = await self._fork_source(keys=session_keys(tenant_id, session_id), args=[version])
         if source[0] == -3:
@@ -880,7 +892,7 @@ class SessionStore:
         if source[0] == -5:
             raise _version_compacted(session_id, version, source[1], "be forked at")
         _raise_for(source, session_id, None)
-        _, turns, counts, history, roles, lengths, dimensions, vectors, postings = source
+        _, turns, counts, history, roles, lengths, dimensions, vectors, postings, pins = source
         with redis_reachable():
             outcome = await self._fork_create(
                 keys=session_keys(tenant_id, new_session_id),
@@ -894,8 +906,10 @@ class SessionStore:
                     dimensions,
                     vectors,
                     len(counts) // 2,
+                    len(pins),
                     *turns,
                     *counts,
+                    *pins,
                     *_postings_below(postings, len(turns)),
                 ],
             )

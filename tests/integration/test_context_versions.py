@@ -89,6 +89,33 @@ async def test_fork_takes_the_turns_of_a_version_and_leaves_the_source(stub, ten
     assert await contents(stub, tenant, empty.session.session_id) == (0, [])
 
 
+async def test_a_fork_takes_the_sources_facts_and_its_pins_of_the_turns_it_holds(stub, tenant) -> None:
+    """A fork dropped every pin: a fact the user pinned was gone from the
+    fork's prompts, with nothing saying so."""
+    source = await new_session(stub, tenant)
+    for i in range(3):
+        await append(stub, tenant, source, f"q{i}", f"a{i}")
+    here = {"tenant_id": tenant, "session_id": source}
+    for pin in (
+        pb.PinToSessionRequest(**here, message_index=5),
+        pb.PinToSessionRequest(**here, fact="FACT"),
+        pb.PinToSessionRequest(**here, message_index=1),
+    ):
+        await stub.PinToSession(pin)
+    await stub.ForkSession(pb.ForkSessionRequest(**here, version=2, new_session_id="pinned-fork"))
+    prompt = [m.content for m in (await assemble(stub, tenant, "pinned-fork")).messages]
+    assert "FACT" in prompt and "a0" in prompt and "a2" not in prompt
+    fork = {"tenant_id": tenant, "session_id": "pinned-fork"}
+    # Turn 5 is not the fork's: its pin stayed behind; the others came, once.
+    behind = stub.UnpinFromSession(pb.UnpinFromSessionRequest(**fork, message_index=5))
+    code, reason, _ = await failure(behind)
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "PIN_NOT_FOUND")
+    assert (await stub.UnpinFromSession(pb.UnpinFromSessionRequest(**fork, fact="FACT"))).pin_count == 1
+    assert (await stub.UnpinFromSession(pb.UnpinFromSessionRequest(**fork, message_index=1))).pin_count == 0
+    # The source keeps its three.
+    assert (await stub.UnpinFromSession(pb.UnpinFromSessionRequest(**here, fact="FACT"))).pin_count == 2
+
+
 async def test_revert_is_a_new_version_and_undone_versions_are_gone(stub, tenant) -> None:
     session_id = await new_session(stub, tenant)
     for i in range(3):

@@ -129,8 +129,9 @@ class ContextServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ForkSession(self, request, context):
-        """A new session holding the turns a session had at one of its versions;
-        the source is unchanged.
+        """A new session holding the turns a session had at one of its versions,
+        with the source's pins as they are now: its pinned facts and its pins
+        of those turns (pins have no versions). The source is unchanged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
