@@ -139,7 +139,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                             backend.health.record_failure()
                         _with_progress(error, stream)
                         raise
-                    if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    if _server_fault(error):
                         backend.health.record_failure()
                     # Retry elsewhere only if nothing reached the caller yet (AIP-194).
                     if error.code() == grpc.StatusCode.UNAVAILABLE and not stream.started:
@@ -223,10 +223,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 backend.health.record_success()
                 break
             except grpc.aio.AioRpcError as error:
+                if _server_fault(error):
+                    backend.health.record_failure()
                 # A unary call that failed sent nothing back: another server
                 # may answer (AIP-194), as for Generate before its first token.
                 if error.code() == grpc.StatusCode.UNAVAILABLE:
-                    backend.health.record_failure()
                     log.warning("triton unavailable, embedding on another", backend=backend.address)
                     continue
                 raise triton_failure(error, model, Reason.INVALID_EMBEDDING_REQUEST) from error
@@ -532,6 +533,22 @@ async def _write(call, request: service_pb2.ModelStreamInferRequest) -> None:
         raise triton_status(
             grpc.StatusCode.UNAVAILABLE, "the Triton stream failed before the request went out"
         ) from failed
+
+
+def _server_fault(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed Triton call counts against its server's breaker and
+    outlier ejection (meshgate/balancing.Health): a server gone
+    (UNAVAILABLE), and a model failing inside it (INTERNAL: a Python
+    backend's stub that died answers "Stub process ... is not healthy" to
+    every request while the server and model still read ready, so probes
+    never took such a server out and it failed its share of the traffic for
+    good). A request that fails so on every server (a prompt that breaks the
+    model) opens every breaker at worst, and balancing.order then still
+    tries them, ejected ones last, so no caller is refused for it; the
+    outlier ejection never takes out more than its fraction of the servers.
+    The caller's mistakes, cancellations and deadlines say nothing of the
+    server."""
+    return error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 
 
 def triton_failure(error: grpc.aio.AioRpcError, model: str, invalid_reason: str) -> MeshgateError:

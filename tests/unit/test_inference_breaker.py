@@ -1,0 +1,127 @@
+"""A Triton server whose model fails every request while it reads ready
+(a Python backend whose stub died answers "Stub process ... is not healthy")
+leaves rotation by its breaker, as one that refuses connections does; the
+caller's own mistakes count against no server. Triton is a scripted fake
+(the servicer's balancing alone; tests/integration runs it on Triton)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from tritonclient.grpc import service_pb2
+
+from meshgate import balancing
+from meshgate.config import InferenceSettings
+from meshgate.errors import MeshgateError
+from meshgate.inference.v1 import inference_service_pb2 as pb
+from meshgate.reasons import Reason
+from services.inference.backends import BackendPool
+from services.inference.servicer import InferenceServicer
+from tests.unit.test_inference_embed import DIMENSIONS, FakeContext, embedding_response
+from tests.unit.test_inference_stream import ScriptedCall, answer
+
+STUB_DIED = "Failed to process the request(s) for model 'tiny_gpt_0_0', message: Stub process is not healthy."
+
+
+class FailingEmbeddings:
+    def __init__(self, code: grpc.StatusCode | None) -> None:
+        self.code = code
+        self.calls = 0
+
+    async def ModelInfer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        self.calls += 1
+        if self.code is not None:
+            metadata = grpc.aio.Metadata()
+            raise grpc.aio.AioRpcError(self.code, metadata, metadata, STUB_DIED)
+        return embedding_response(request)
+
+
+class AnsweringCall(ScriptedCall):
+    """A ModelStreamInfer call that answers each request it is written,
+    with ``error`` (a model's error_message) or with a short answer."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__()
+        self.error = error
+
+    async def write(self, request) -> None:
+        await super().write(request)
+        if self.error:
+            self.send(service_pb2.ModelStreamInferResponse(error_message=self.error))
+        else:
+            answer(self)
+
+    async def done_writing(self) -> None:
+        await super().done_writing()
+        self.send(grpc.aio.EOF)
+
+
+class StreamingTriton:
+    def __init__(self, error: str = "") -> None:
+        self.error = error
+        self.calls = 0
+
+    def ModelStreamInfer(self) -> AnsweringCall:
+        self.calls += 1
+        return AnsweringCall(self.error)
+
+
+@pytest.fixture
+async def two_servers():
+    settings = InferenceSettings(triton_urls=["127.0.0.1:1", "127.0.0.1:2"])
+    pool = BackendPool(settings.triton_urls, ["tiny_gpt", settings.embedding_triton_model])
+    for backend in pool.backends:
+        backend.ready_models = {"tiny_gpt", settings.embedding_triton_model}
+    yield InferenceServicer(settings, pool), pool.backends
+    await pool.close()
+
+
+async def _generate(servicer: InferenceServicer, text: str) -> list[pb.GenerateResponse]:
+    request = pb.GenerateRequest(model="tiny-gpt", messages=[{"role": "ROLE_USER", "content": text}])
+    return [response async for response in servicer.Generate(request, FakeContext(None))]
+
+
+async def test_a_server_whose_model_fails_every_generation_leaves_rotation(two_servers) -> None:
+    servicer, (failing, answering) = two_servers
+    failing.stream_stub, answering.stream_stub = StreamingTriton(STUB_DIED), StreamingTriton()
+    to_open = failing.health.policy.failures_to_open
+    failed = 0
+    for i in range(20):
+        try:
+            responses = await _generate(servicer, f"question {i}")
+        except MeshgateError as error:
+            assert (error.code, error.reason) == (grpc.StatusCode.INTERNAL, Reason.MODEL_ERROR)
+            failed += 1
+        else:
+            assert responses[-1].completion.finish_reason == "stop"
+    # Without the breaker, about half of the 20 failed, for as long as it ran.
+    assert failed == failing.stream_stub.calls == to_open
+    assert failing.health.state is balancing.BreakerState.OPEN
+    assert answering.health.state is balancing.BreakerState.CLOSED
+
+
+async def test_a_server_whose_model_fails_every_embedding_leaves_rotation(two_servers) -> None:
+    servicer, (failing, answering) = two_servers
+    failing.stub, answering.stub = FailingEmbeddings(grpc.StatusCode.INTERNAL), FailingEmbeddings(None)
+    failed = 0
+    for i in range(12):
+        try:
+            response = await servicer.Embed(pb.EmbedRequest(texts=[f"question {i}"]), FakeContext(None))
+        except MeshgateError as error:
+            assert error.code == grpc.StatusCode.INTERNAL
+            failed += 1
+        else:
+            assert response.dimensions == DIMENSIONS
+    assert failed == failing.stub.calls == failing.health.policy.failures_to_open
+    assert failing.health.state is balancing.BreakerState.OPEN
+
+
+async def test_requests_the_model_refuses_count_against_no_server(two_servers) -> None:
+    servicer, backends = two_servers
+    for backend in backends:
+        backend.stream_stub = StreamingTriton("tiny_gpt: invalid request: stop is too long")
+    for i in range(10):
+        with pytest.raises(MeshgateError) as refused:
+            await _generate(servicer, f"question {i}")
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert all(b.health.state is balancing.BreakerState.CLOSED for b in backends)
