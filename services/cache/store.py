@@ -11,11 +11,12 @@
   question embedding, then the question's UTF-8 text (which the verifier
   reads; entries stored before it was kept end after the vector).
 - ``P w:<context id>``: integer, wrong hits reported in the sub-partition:
-  each one makes the verifier stricter there. Expires with the entries.
+  each one makes the verifier stricter there. Lives as long as the
+  sub-partition's entries (each semantic Store extends it with them).
 - ``P r:<context id>``: set of ``<asked entry id> <served entry id>``, the
   wrong hits reported there: that prompt is never served that entry again,
   though the entry comes back (the report deletes it, and the next answer
-  to its own prompt is stored under the same id). Expires with the entries.
+  to its own prompt is stored under the same id). Lives as long as ``w:``.
 - ``mg:cache:seq:{<partition digest>}``: the partition's sequence counter,
   outside ``P`` so that an Invalidate never restarts it while some index
   still remembers higher numbers.
@@ -66,7 +67,7 @@ _SCAN_COUNT = 1000
 _EXPIRED_TRIM = 16
 
 _STORE_SEMANTIC = """
--- KEYS: exact key, order zset, vectors hash, sequence counter
+-- KEYS: exact key, order zset, vectors hash, sequence counter, wrong-hit counter, reported pairs
 -- ARGV: entry value, ttl ms, entry id, vector value, max entries, exact key prefix,
 --       notices channel, the entry's notice
 local ttl = tonumber(ARGV[2])
@@ -112,8 +113,11 @@ if excess > 0 then
     evicted[#evicted + 1] = oldest[i]
   end
 end
--- A sub-partition lives as long as its longest-lived entry.
-for i = 2, 3 do
+-- A sub-partition lives as long as its longest-lived entry, and so do its
+-- reports (a missing key is left missing): the pairs reported expired
+-- while the entry they name was stored again, and it was then served to
+-- the prompt it had been reported for.
+for _, i in ipairs({2, 3, 5, 6}) do
   if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
 end
 return {seq, evicted}
@@ -150,14 +154,16 @@ _REPORT_WRONG = """
 -- ARGV: entry id, ttl ms, notices channel, the notice of the entry's tenant and model,
 --       the reported pair (asked entry id, space, entry id)
 redis.call('SADD', KEYS[5], ARGV[5])
-redis.call('PEXPIRE', KEYS[5], ARGV[2])
+-- As long as the sub-partition's entries, at least: see _STORE_SEMANTIC.
+local keep = math.max(tonumber(ARGV[2]), redis.call('PTTL', KEYS[2]), redis.call('PTTL', KEYS[3]))
+if redis.call('PTTL', KEYS[5]) < keep then redis.call('PEXPIRE', KEYS[5], keep) end
 local removed = redis.call('DEL', KEYS[1])
 -- Even when the key had gone: a router may still hold a copy of it.
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 local strictness = redis.call('INCR', KEYS[4])
-redis.call('PEXPIRE', KEYS[4], ARGV[2])
+if redis.call('PTTL', KEYS[4]) < keep then redis.call('PEXPIRE', KEYS[4], keep) end
 return {removed, strictness}
 """
 
@@ -274,6 +280,8 @@ class CacheStore:
                     partition.order_key(context_id),
                     partition.vectors_key(context_id),
                     partition.sequence_key,
+                    partition.strictness_key(context_id),
+                    partition.reported_key(context_id),
                 ],
                 args=[
                     expiry + answer,

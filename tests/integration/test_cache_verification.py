@@ -3,6 +3,9 @@ real minilm embeddings (inference service in front of Triton)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+
 import pytest
 
 from meshgate.cache.v1 import cache_service_pb2 as pb
@@ -70,3 +73,23 @@ async def test_a_reported_wrong_entry_is_never_served_again(stub, tenant):
     stats = await stub.GetStats(pb.GetStatsRequest())
     assert stats.wrong_hit_reports >= 1
     assert 0 < stats.expected_false_hit_rate <= stats.max_false_hit_rate == pytest.approx(0.01)
+
+
+async def test_a_reported_pair_outlives_its_ttl_while_the_entry_is_stored_again(settings, tenant):
+    """The pair reported expired cache.ttl_s after the report even when the
+    entry it names was stored again meanwhile: the prompt reported was then
+    served that entry once more (and the partition's strictness reset)."""
+    settings = dataclasses.replace(settings, cache=dataclasses.replace(settings.cache, ttl_s=2))
+    stored, asked = "What is the quickest way to learn Python?", "How can I learn Python fast?"
+    async with running(settings) as stub:
+        entry_id = await store(stub, tenant, conversation(stored))
+        assert (await lookup(stub, tenant, conversation(asked))).entry_id == entry_id
+        wrong = {"scope": scope(tenant), "messages": conversation(asked), "entry_id": entry_id}
+        assert (await stub.ReportWrongHit(pb.ReportWrongHitRequest(**wrong))).entry_removed
+        await asyncio.sleep(1.0)
+        # Stored again by its own prompt: it lives 2 s from now.
+        assert await store(stub, tenant, conversation(stored)) == entry_id
+        await asyncio.sleep(1.5)
+        # The report's own 2 s are over; the entry's are not.
+        assert (await lookup(stub, tenant, conversation(stored))).entry_id == entry_id
+        assert (await lookup(stub, tenant, conversation(asked))).status == pb.LOOKUP_STATUS_MISS
