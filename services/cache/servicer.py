@@ -187,6 +187,9 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 )
                 response.answer.MergeFromString(answer)
                 return response
+        if request.semantic_follows and not request.semantic:
+            # The semantic lookup that follows counts this prompt.
+            return pb.LookupResponse(status=pb.LOOKUP_STATUS_MISS)
         self._stats.pending["misses"] += 1
         self._metrics.lookups.labels("miss").inc()
         return pb.LookupResponse(status=pb.LOOKUP_STATUS_MISS)

@@ -287,7 +287,13 @@ class CacheService:
             ticket = hot.ticket()
         try:
             response = await self._stub.Lookup(
-                cache_pb.LookupRequest(scope=self._scope(plan), messages=messages, semantic=semantic),
+                cache_pb.LookupRequest(
+                    scope=self._scope(plan),
+                    messages=messages,
+                    semantic=semantic,
+                    # The pipeline follows every exact miss with a semantic lookup.
+                    semantic_follows=not semantic,
+                ),
                 timeout=budget.within(self._timeout_s),
                 metadata=self._tokens.metadata(plan.tenant_id, "cache"),
             )

@@ -276,6 +276,23 @@ async def test_stats_count_every_outcome(stub, settings, tenant):
     assert after.semantic_threshold == pytest.approx(settings.cache.semantic_threshold)
 
 
+async def test_an_exact_lookup_the_caller_follows_with_a_semantic_one_counts_once(stub, tenant):
+    """The router looks each prompt up exactly, then semantically after a
+    miss: both misses were counted, so a generated turn counted two and a
+    semantic hit one miss and one hit (the dashboards' hit rate 2/5 for
+    three turns that hit twice)."""
+    asked = conversation("Who sculpted the Thinker, and when?")
+    scope_ = scope(tenant)
+    before = await stub.GetStats(pb.GetStatsRequest())
+    first = await stub.Lookup(pb.LookupRequest(scope=scope_, messages=asked, semantic_follows=True))
+    assert first.status == pb.LOOKUP_STATUS_MISS
+    assert (await stub.GetStats(pb.GetStatsRequest())).misses == before.misses
+    assert (await lookup(stub, tenant, asked)).status == pb.LOOKUP_STATUS_MISS
+    # An exact lookup nothing follows is a miss of its own.
+    await stub.Lookup(pb.LookupRequest(scope=scope_, messages=asked))
+    assert (await stub.GetStats(pb.GetStatsRequest())).misses - before.misses == 2
+
+
 async def test_invalid_requests_are_rejected_with_a_reason(stub):
     no_tenant = pb.LookupRequest(scope=pb.CacheScope(model="m"), messages=conversation("q"))
     assert await failure(stub.Lookup(no_tenant)) == (grpc.StatusCode.INVALID_ARGUMENT, "TENANT_REQUIRED")
