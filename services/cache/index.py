@@ -29,6 +29,7 @@ removals wait in a list applied when the worker is done.
 from __future__ import annotations
 
 import array
+import asyncio
 import collections
 import dataclasses
 import math
@@ -101,6 +102,20 @@ class _GraphBatch:
         return self._done.wait(timeout)
 
 
+@dataclasses.dataclass(slots=True)
+class TopUps:
+    """How an index's top-ups from Redis follow each other (the cache
+    servicer's ``_top_up``): one at a time, and a caller that waited for
+    one begun after it asked takes its outcome instead of reading again."""
+
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    # Top-ups begun, and the number of the last one that finished whole,
+    # with the wrong-hit count it read.
+    begun: int = 0
+    finished: int = 0
+    strictness: int = 0
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Match:
     entry_id: str
@@ -125,6 +140,7 @@ class VectorIndex:
         # until then the index is partial, and lookups wait for the load
         # (services/cache/servicer.py, ``_synced``) rather than search it.
         self.loaded = False
+        self.top_ups = TopUps()
         self._vectors = np.empty((1, dimensions), np.float32)
         self._seqs = np.empty(1, np.int64)
         self._expires_ms = np.empty(1, np.int64)

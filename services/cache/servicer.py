@@ -456,12 +456,34 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         registry (or replaced) on the way: it stops there rather than grow
         a copy of the partition that no bound counts and no lookup finds.
 
-        Between batches other requests run. Each upsert is whole, and an
-        older version never replaces a newer one, so a Store or another
-        top-up meanwhile interleaves safely; the batches follow each other
-        in the one ``index`` they were read for, so each one's rows are
-        complete on top of the last.
+        One top-up of an index at a time: concurrent lookups on an index
+        behind Redis each read the whole backlog (a bug hunt: 32 lookups
+        over 8,192 new rows, 226 round trips applying 198,656 rows, 2.3 s,
+        where one top-up takes 9). A lookup that waited for a top-up begun
+        after it asked takes that one's outcome, which holds every entry
+        stored before it asked: under load one round trip serves the
+        lookups that arrived while the last one ran.
         """
+        top_ups = index.top_ups
+        asked = top_ups.begun
+        async with top_ups.lock:
+            if top_ups.finished > asked:
+                return top_ups.strictness
+            top_ups.begun += 1
+            number = top_ups.begun
+            strictness = await self._apply_new_rows(index_key, index, partition, context_id)
+            if strictness is not None:
+                top_ups.finished, top_ups.strictness = number, strictness
+            return strictness
+
+    async def _apply_new_rows(
+        self, index_key: str, index: VectorIndex, partition: keys.Partition, context_id: str
+    ) -> int | None:
+        """_top_up's reading. Between batches other requests run. Each
+        upsert is whole, and an older version never replaces a newer one,
+        so a Store meanwhile interleaves safely; the batches follow each
+        other in the one ``index`` they were read for, so each one's rows
+        are complete on top of the last."""
         strictness = 0
         dimensions = index.dimensions
         batches = self._store.batches_since(partition, context_id, index.synced_seq)
