@@ -189,8 +189,13 @@ class CacheMetrics:
         )
         # Resident only: counting every entry in Redis takes a full SCAN,
         # which GetStats does on demand, never a scrape.
-        self.resident_rows = make.gauge(
+        self.resident_entries = make.gauge(
             "meshgate_cache_resident_entries", "Semantic entries held in this replica's vector indexes."
+        )
+        self.resident_rows = make.gauge(
+            "meshgate_cache_resident_rows",
+            "What cache.max_resident_rows bounds: the indexes' rows allocated (they grow by doubling) "
+            "and their posted words, counted as rows of the same memory.",
         )
         self.resident_indexes = make.gauge(
             "meshgate_cache_resident_indexes", "Vector indexes (sub-partitions) held in memory."

@@ -492,6 +492,11 @@ class IndexRegistry:
         return len(self._indexes)
 
     @property
+    def resident_entries(self) -> int:
+        """The entries the indexes hold (a scrape's sum: up to MAX_RESIDENT_INDEXES of them)."""
+        return sum(len(index) for index in self._indexes.values())
+
+    @property
     def resident_rows(self) -> int:
         """The indexes' rows, their postings' words counted as rows (``VectorIndex.weight_rows``)."""
         return self._rows

@@ -156,6 +156,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         )
         # The replica's own counts for Prometheus; _stats keeps the mesh's totals in Redis.
         self._metrics = metrics.cache()
+        self._metrics.resident_entries.set_function(lambda: indexes.resident_entries)
         self._metrics.resident_rows.set_function(lambda: indexes.resident_rows)
         self._metrics.resident_indexes.set_function(lambda: len(indexes))
 
