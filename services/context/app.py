@@ -103,6 +103,7 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
 
     async def cleanup() -> None:
         await changes.close()
+        await servicer.close()
         await summarizer.close()
         if local_embedder is not None:
             local_embedder.close()

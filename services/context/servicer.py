@@ -1158,6 +1158,17 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         self._changed_here(tenant_id, session_id, version)
         self.prefetch(tenant_id, session_id)
 
+    async def close(self) -> None:
+        """Ends the background work (prefetches, turn-index repairs) before
+        the Redis client and the embedder it uses are closed. A repair left
+        undone is asked for again by the next read that finds it."""
+        tasks = [*self._prefetches.values(), *self._index_repairs.values()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     def prefetch(self, tenant_id: str, session_id: str) -> None:
         """Reads the session into the hot cache in the background, unless
         MAX_PREFETCHES are being read. One session is read by one task at a

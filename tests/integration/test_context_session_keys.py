@@ -316,6 +316,26 @@ async def test_a_lost_index_write_never_retried_is_made_good_after_a_read_finds_
         assert await _system_rule_kept(stub, tenant, sid)
 
 
+async def test_a_stopping_service_ends_its_index_repairs(redis_url, tenant, monkeypatch) -> None:
+    """A repair waiting out Redis outlived the service's stop, and would
+    have written through a closed client."""
+
+    def repairs() -> list[asyncio.Task]:
+        return [t for t in asyncio.all_tasks() if "_repair_index" in t.get_coro().__qualname__]
+
+    async with running(make_settings(redis_url)) as stub:
+        sid = (await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))).session.session_id
+        outage = _IndexOutage(monkeypatch, failing=None)
+        monkeypatch.setattr(context_servicer, "INDEX_REPAIR_DELAYS_S", (60.0,))
+        await _append(stub, tenant, sid, SYSTEM_RULE)
+
+        async def waiting() -> bool:
+            return outage.failed >= 2 and bool(repairs())
+
+        await _eventually(waiting)
+    assert not repairs()
+
+
 async def test_a_retried_append_indexes_the_turns_its_first_try_could_not(
     stub_and_client, tenant, monkeypatch
 ) -> None:
