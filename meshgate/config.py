@@ -1003,6 +1003,21 @@ def check_router_models(settings: Settings) -> None:
                 f"router.templates {template.name!r}: unknown model alias(es) {sorted(unknown)}"
             )
     for alias, model in settings.models.items():
+        # A request without max_tokens gets default_max_tokens, which
+        # validation never checks against the cap; and an answer must leave
+        # its prompt at least a token of the window. A built-in alias keeps
+        # its own values for the keys a table leaves out, so lowering one of
+        # them alone can break either.
+        if model.default_max_tokens > model.max_output_tokens:
+            raise ConfigError(
+                f"models.{alias}.default_max_tokens ({model.default_max_tokens}) exceeds its "
+                f"max_output_tokens ({model.max_output_tokens})"
+            )
+        if model.max_output_tokens >= model.context_window_tokens:
+            raise ConfigError(
+                f"models.{alias}.max_output_tokens ({model.max_output_tokens}) leaves no room in its "
+                f"context_window_tokens ({model.context_window_tokens})"
+            )
         if model.selection is None:
             continue
         for role in ("fast", "strong"):
@@ -1097,14 +1112,22 @@ def _over_built_ins(built_ins: dict[str, Any], raw: dict[str, Any], tables: dict
     built-ins keeps their settings for every field it leaves out, so that
     ``[models.smollm2] deployments = [...]`` moves smollm2 without making
     it a bare model (a 512-token window, another tokenizer and template)."""
+    raw = _parsed(raw)
     merged = {}
     for alias, table in tables.items():
         built_in = built_ins.get(alias)
         if built_in is None:
             merged[alias] = table
         else:
-            merged[alias] = dataclasses.replace(built_in, **{k: getattr(table, k) for k in raw[alias]})
+            named = _parsed(raw[alias])
+            merged[alias] = dataclasses.replace(built_in, **{k: getattr(table, k) for k in named})
     return merged
+
+
+def _parsed(value: Any) -> Any:
+    """A table as _convert read it: one an environment variable gave whole
+    (MESHGATE_MODELS__SMOLLM2='{ deployments = [...] }') is still its text."""
+    return _parse_scalar(value) if isinstance(value, _EnvironmentText) else value
 
 
 def _convert(hint: Any, value: Any, where: str) -> Any:

@@ -86,6 +86,26 @@ def test_a_models_table_lists_the_aliases_served_and_a_built_in_it_names_keeps_i
     assert served.models["smollm2"].context_window_tokens == 8192
 
 
+def test_a_built_in_alias_given_whole_by_a_variable_keeps_its_settings_too():
+    """Such a table was still its text when its keys were read: AttributeError at start."""
+    table = '{ deployments = [{ name = "a", address = "h:1", model = "smollm2" }] }'
+    moved = load_settings(environ={"MESHGATE_MODELS__SMOLLM2": table}).models["smollm2"]
+    assert moved.deployments[0].address == "h:1" and moved.context_window_tokens == 8192
+    served = load_settings(environ={"MESHGATE_INFERENCE__MODELS": '{ smollm2 = { triton_model = "x" } }'})
+    assert served.inference.models["smollm2"].triton_model == "x"
+
+
+def test_a_models_output_bounds_must_fit_its_default_and_its_window():
+    """A built-in alias keeps the keys a table leaves out: lowering its cap
+    alone left the default of 256 above it, which no request check sees."""
+    with pytest.raises(ConfigError, match="default_max_tokens"):
+        load_settings(environ={"MESHGATE_MODELS__SMOLLM2__MAX_OUTPUT_TOKENS": "128"})
+    with pytest.raises(ConfigError, match="context_window_tokens"):
+        load_settings(environ={"MESHGATE_MODELS__SMOLLM2__CONTEXT_WINDOW_TOKENS": "1024"})
+    lowered = {"MESHGATE_MODELS__SMOLLM2": "{ max_output_tokens = 128, default_max_tokens = 64 }"}
+    assert load_settings(environ=lowered).models["smollm2"].max_output_tokens == 128
+
+
 def test_api_key_hash_is_sha256_hex():
     assert hash_api_key("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
