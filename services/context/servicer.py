@@ -571,12 +571,13 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 self._index_repairs_asked.popitem(last=False)
 
         async def repair() -> None:
+            settled = False
             try:
                 if turns_read is not None:
                     await asyncio.sleep(self._append_embed_timeout_s + APPEND_WRITE_MARGIN_S)
                 for pause_s in (*INDEX_REPAIR_DELAYS_S, None):
                     try:
-                        await self._index_again(tenant_id, session_id, turns_read)
+                        settled = await self._index_again(tenant_id, session_id, turns_read)
                         return
                     except MeshgateError as error:
                         if error.code != grpc.StatusCode.UNAVAILABLE or pause_s is None:
@@ -587,29 +588,37 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                     await asyncio.sleep(pause_s)
             finally:
                 self._index_repairs.pop(key, None)
+                if not settled:
+                    # The next read at this count asks again (Redis may be back).
+                    self._index_repairs_asked.pop(key, None)
 
         self._index_repairs[key] = asyncio.create_task(repair())
 
-    async def _index_again(self, tenant_id: str, session_id: str, below: int | None) -> None:
+    async def _index_again(self, tenant_id: str, session_id: str, below: int | None) -> bool:
+        """Writes the index of the appends unwritten_appends names; returns
+        whether nothing is left that this repair could write (False: the
+        session changed meanwhile, or INDEX_REPAIR_TURNS left some)."""
         version, appends = await self._index.unwritten(tenant_id, session_id, INDEX_REPAIR_TURNS, below)
         for append in appends:
             indices = list(range(append.first, append.first + append.count))
             stored = await self._index.read_turns(tenant_id, session_id, indices, version)
             if stored is None:
-                # Reverted or compacted meanwhile: the next read asks again.
-                return
+                return False  # reverted or compacted meanwhile
             turns = [stored[i] for i in indices]
-            vectors = await self._embed(turns, tenant_id)
+            # As long as the append itself would have had (no caller's deadline here).
+            timeout_s = append_embed_timeout(len(turns), None, self._append_embed_timeout_s)
+            vectors = await self._embed(turns, tenant_id, timeout_s)
             first = await self._index.write(
                 tenant_id, session_id, append.version, features(turns), vectors, only_unwritten=True
             )
             if first < 0:
-                return
-        if appends:
-            log.info("turn index repaired", session_id=session_id, appends=len(appends))
-            # More may be left (INDEX_REPAIR_TURNS): the next read asks again.
-            self._index_repairs_asked.pop(session_key(tenant_id, session_id), None)
-            await self._attach_index(tenant_id, session_id)
+                return False
+        if not appends:
+            return True
+        log.info("turn index repaired", session_id=session_id, appends=len(appends))
+        await self._attach_index(tenant_id, session_id)
+        # INDEX_REPAIR_TURNS may have left some: the next read asks again.
+        return False
 
     @contextlib.contextmanager
     def _compacting_when_full(self, tenant_id: str, session_id: str):

@@ -244,18 +244,25 @@ def unwritten_appends(
     are positions no recorded append owns (a session stored before version
     history): nothing can tell which write they belonged to."""
     held = np.frombuffer(history[: len(history) // 4 * 4], dtype="<u4").astype(np.int64)
-    owner = np.full(count, -1, np.int64)
-    for version in range(1, len(held)):
-        before, after = held[version - 1], held[version]
-        if before != UNDONE and after != UNDONE and after > before:
-            owner[before : min(after, count)] = version
     written = np.zeros(count, bool)
     stored_roles = np.frombuffer(roles, dtype=np.uint8)[:count]
     written[: len(stored_roles)] = stored_roles != 0
     written[:compacted] = True
+    unwritten = np.flatnonzero(~written)
+    # The appends whose turns the session holds: a revert marks the versions
+    # it undoes, so the blocks left follow each other without overlapping,
+    # in version order (the append after a revert stores from where the
+    # version it restored ended). One searchsorted finds each position's.
+    before, after = held[:-1], held[1:]
+    kept = (before != UNDONE) & (after != UNDONE) & (after > before)
+    versions = np.flatnonzero(kept) + 1
+    starts, ends = before[kept], after[kept]
+    block = np.searchsorted(starts, unwritten, side="right") - 1
+    owned = block >= 0
+    owned[owned] = ends[block[owned]] > unwritten[owned]
     appends: list[UnwrittenAppend] = []
     turns = 0
-    for version in dict.fromkeys(owner[~written & (owner >= 0)].tolist()):
+    for version in dict.fromkeys(versions[block[owned]].tolist()):
         first, n = int(held[version - 1]), int(held[version] - held[version - 1])
         if first < compacted or first + n > count:
             continue

@@ -316,6 +316,29 @@ async def test_a_lost_index_write_never_retried_is_made_good_after_a_read_finds_
         assert await _system_rule_kept(stub, tenant, sid)
 
 
+async def test_a_repair_a_read_asked_for_in_vain_is_asked_for_again_by_the_next_read(
+    redis_url, client, tenant, monkeypatch
+) -> None:
+    """A read's repair that failed (Redis still away) was noted as asked
+    for that turn count: no later read asked again until the session changed."""
+    settings = make_settings(redis_url)
+    settings.context.append_embed_timeout_s = 0.05
+    async with running(settings) as stub:
+        sid = (await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))).session.session_id
+        outage = _IndexOutage(monkeypatch, failing=None)
+        await _append(stub, tenant, sid, SYSTEM_RULE)
+        await outage.background_tries_spent()
+        await _assemble(stub, tenant, sid)
+
+        async def read_repair_spent() -> bool:
+            return outage.failed >= 5
+
+        await _eventually(read_repair_spent)
+        outage.end()
+        await _assemble(stub, tenant, sid)
+        await _eventually(lambda: _roles_are(client, tenant, sid, bytes([SYSTEM])))
+
+
 async def test_a_stopping_service_ends_its_index_repairs(redis_url, tenant, monkeypatch) -> None:
     """A repair waiting out Redis outlived the service's stop, and would
     have written through a closed client."""

@@ -4,6 +4,8 @@ those that last stored a turn at a position whose index write was lost."""
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.context.store import UNDONE
 from services.context.turn_index import UnwrittenAppend, unwritten_appends
@@ -64,3 +66,49 @@ def test_a_repair_takes_at_most_max_turns_but_always_one_append() -> None:
 def test_turns_past_the_count_asked_for_are_not_looked_at() -> None:
     # A read saw 2 turns; an append storing 2-3 since is still indexing them.
     assert unwritten_appends(bytes([USER, ASSISTANT]), _history(0, 2, 4), 2, 0, 512) == []
+
+
+def _last_writers(roles: bytes, held: list[int], count: int, compacted: int) -> list[int]:
+    """The appends to write again, found the plain way: every append in
+    version order claims its positions, a later one over an earlier one."""
+    owner = [-1] * count
+    for version in range(1, len(held)):
+        before, after = held[version - 1], held[version]
+        if before != UNDONE and after != UNDONE and after > before:
+            for position in range(before, min(after, count)):
+                owner[position] = version
+    unwritten = [p for p in range(compacted, count) if p >= len(roles) or roles[p] == 0]
+    return list(dict.fromkeys(owner[p] for p in unwritten if owner[p] >= 0))
+
+
+@st.composite
+def _sessions(draw):
+    """A session's versions history after appends and reverts, as the store
+    writes it, with some positions' index writes lost."""
+    held = [0]
+    for _ in range(draw(st.integers(0, 12))):
+        current = len(held) - 1
+        live = [v for v in range(current) if held[v] != UNDONE]
+        if live and draw(st.booleans()) and current > 0:
+            target = draw(st.sampled_from(live))
+            for version in range(target + 1, current + 1):
+                held[version] = UNDONE
+            held.append(held[target])
+        else:
+            held.append(held[-1] + draw(st.integers(1, 4)))
+    count = held[-1]
+    roles = bytes(draw(st.lists(st.sampled_from([0, USER]), min_size=0, max_size=count)))
+    return roles, held, count, draw(st.integers(0, count))
+
+
+@given(_sessions())
+def test_the_appends_named_are_those_that_last_wrote_each_unwritten_position(session) -> None:
+    roles, held, count, compacted = session
+    found = unwritten_appends(roles, _history(*held), count, compacted, 10**6)
+    expected = [v for v in _last_writers(roles, held, count, compacted) if held[v - 1] >= compacted]
+    assert [a.version for a in found] == expected
+    for append in found:
+        assert (append.first, append.count) == (
+            held[append.version - 1],
+            held[append.version] - held[append.version - 1],
+        )
