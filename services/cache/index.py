@@ -493,8 +493,12 @@ class IndexRegistry:
 
     @property
     def resident_entries(self) -> int:
-        """The entries the indexes hold (a scrape's sum: up to MAX_RESIDENT_INDEXES of them)."""
-        return sum(len(index) for index in self._indexes.values())
+        """The entries the indexes hold (a scrape's sum: up to MAX_RESIDENT_INDEXES of them).
+        Read on the metrics server's thread while lookups reorder the
+        registry on the event loop's: list() copies the indexes in one C
+        call, under the GIL, where iterating the live view raised
+        'OrderedDict mutated during iteration' and failed the scrape."""
+        return sum(len(index) for index in list(self._indexes.values()))
 
     @property
     def resident_rows(self) -> int:

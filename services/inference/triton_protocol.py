@@ -189,7 +189,10 @@ def stream_error_code(error_message: str, triton_model: str) -> grpc.StatusCode:
 # A wrong INVALID_ARGUMENT blames the caller for the server's failure (a 400
 # at the HTTP edge) and would show an outage (every request failing) as bad
 # callers; a wrong UNAVAILABLE retries a refusal on every server and counts
-# against each one's breaker; a wrong INTERNAL fails just that request. So a
+# against each one's breaker; a wrong INTERNAL fails that request and counts
+# once against its server's breaker (servicer._server_fault), which a
+# request failing so on every server opens on each at worst, with traffic
+# still tried there (balancing.order). So a
 # wording maps only where nothing but that cause produces it; anything
 # ambiguous stays INTERNAL. Left INTERNAL
 # on purpose: vLLM backend's "Error generating stream: 'NoneType' object has

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import hypothesis
 import numpy as np
@@ -497,3 +498,35 @@ def test_postings_always_equal_a_recomputation_from_the_live_entries(
             assert len(holders) >= 2 and len(set(holders)) == len(holders)
             postings[word] = set(holders)
     assert postings == expected
+
+
+def test_the_entries_gauge_reads_while_lookups_reorder_the_registry():
+    """A scrape runs on the metrics server's thread while lookups reorder
+    the registry (get): iterating it there raised 'OrderedDict mutated
+    during iteration', and the whole scrape failed (HTTP 500)."""
+    registry = IndexRegistry(max_entries=10, max_rows=10**9, approximate_from=10**9)
+    for i in range(20_000):
+        registry.get_or_create(f"p:{i}", DIMS)
+    failures: list[Exception] = []
+    done = threading.Event()
+
+    def scrape() -> None:
+        while not done.is_set():
+            try:
+                assert registry.resident_entries == 0
+            except RuntimeError as error:
+                failures.append(error)
+                return
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        deadline = time.monotonic() + 1.0
+        i = 0
+        while time.monotonic() < deadline and not failures:
+            registry.get(f"p:{i % 20_000}")
+            i += 1
+    finally:
+        done.set()
+        scraper.join()
+    assert not failures
