@@ -134,9 +134,15 @@ def check_prompt_fits(prompt_tokens: int, max_tokens: int, max_context: int) -> 
         )
 
 
+# Temperatures below this sample greedily, as vLLM's _SAMPLING_EPS: the
+# logits divided by a tiny one overflowed to inf (1e-320 over logits near
+# 10), which left no distribution and failed the request as a model error.
+GREEDY_BELOW = 1e-5
+
+
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0, else temperature, then top-k, then top-p (nucleus)."""
-    if params.temperature == 0.0:
+    """Greedy at temperature 0 (below GREEDY_BELOW), else temperature, then top-k, then top-p (nucleus)."""
+    if params.temperature < GREEDY_BELOW:
         token = int(np.argmax(logits))
         if not np.isfinite(logits[token]):
             raise ValueError("no finite logit to choose from")

@@ -96,6 +96,15 @@ def test_greedy_is_argmax_and_sampling_is_seeded(engine):
     assert {engine.sample(logits, top_1, rng) for _ in range(20)} == {1}
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-320, 5e-6])
+def test_a_tiny_positive_temperature_samples_greedily_rather_than_failing(engine, temperature):
+    """Logits over 1e-320 overflowed to inf: 'no valid distribution', and
+    the request failed as a model error (INTERNAL)."""
+    logits = np.array([0.1, 9.0, 0.2, 8.9], np.float32)
+    sampling = params(engine, temperature=temperature)
+    assert engine.sample(logits, sampling, np.random.default_rng(1)) == 1
+
+
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (1.0, 0.5), (0.0, 1.0)])
 def test_sampling_never_returns_a_token_outside_the_vocabulary(engine, temperature, top_p):
     nan_logits = np.full(10, np.nan, np.float32)
