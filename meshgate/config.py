@@ -1004,19 +1004,13 @@ def check_router_models(settings: Settings) -> None:
             )
     for alias, model in settings.models.items():
         # A request without max_tokens gets default_max_tokens, which
-        # validation never checks against the cap; and an answer must leave
-        # its prompt at least a token of the window. A built-in alias keeps
-        # its own values for the keys a table leaves out, so lowering one of
-        # them alone can break either.
+        # validation never checks against the cap. A built-in alias keeps
+        # its own default for the keys a table leaves out, so lowering its
+        # cap alone left the default above it.
         if model.default_max_tokens > model.max_output_tokens:
             raise ConfigError(
                 f"models.{alias}.default_max_tokens ({model.default_max_tokens}) exceeds its "
                 f"max_output_tokens ({model.max_output_tokens})"
-            )
-        if model.max_output_tokens >= model.context_window_tokens:
-            raise ConfigError(
-                f"models.{alias}.max_output_tokens ({model.max_output_tokens}) leaves no room in its "
-                f"context_window_tokens ({model.context_window_tokens})"
             )
         if model.selection is None:
             continue

@@ -95,13 +95,11 @@ def test_a_built_in_alias_given_whole_by_a_variable_keeps_its_settings_too():
     assert served.inference.models["smollm2"].triton_model == "x"
 
 
-def test_a_models_output_bounds_must_fit_its_default_and_its_window():
+def test_a_models_default_max_tokens_must_be_within_its_cap():
     """A built-in alias keeps the keys a table leaves out: lowering its cap
     alone left the default of 256 above it, which no request check sees."""
     with pytest.raises(ConfigError, match="default_max_tokens"):
         load_settings(environ={"MESHGATE_MODELS__SMOLLM2__MAX_OUTPUT_TOKENS": "128"})
-    with pytest.raises(ConfigError, match="context_window_tokens"):
-        load_settings(environ={"MESHGATE_MODELS__SMOLLM2__CONTEXT_WINDOW_TOKENS": "1024"})
     lowered = {"MESHGATE_MODELS__SMOLLM2": "{ max_output_tokens = 128, default_max_tokens = 64 }"}
     assert load_settings(environ=lowered).models["smollm2"].max_output_tokens == 128
 
