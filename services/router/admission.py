@@ -74,6 +74,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import fractions
 import functools
 import math
 import time
@@ -203,9 +204,10 @@ return {1}
 """
 )
 
-# Any number of turns, each check's word being "kind reserved used 0 k": a
-# window entry and a budget move from what was reserved to the real use; a
-# stream's lease is released. An entry already out of its window is left
+# Any number of turns, each check's word being "kind reserved used when k"
+# (when: a budget's _Check.expires_at_s, 0 for the others): a window entry
+# and a budget move from what was reserved to the real use; a stream's
+# lease is released. An entry already out of its window is left
 # alone: that window has passed.
 _SETTLE = (
     _PARSE
@@ -224,7 +226,15 @@ for t = 2, #ARGV, 2 do
         redis.call('INCRBY', check.sum_key, used - reserved)
       end
     elseif kind == 'b' and used ~= reserved then
-      if redis.call('EXISTS', key) == 1 then redis.call('INCRBY', key, used - reserved) end
+      if redis.call('EXISTS', key) == 1 then
+        redis.call('INCRBY', key, used - reserved)
+      elseif used > reserved and tonumber(check.cost) * 1000 > now then
+        -- Admitted without Redis (nothing reserved), or the key gone: the
+        -- use is charged anew, kept to its period's end (cost: when), as
+        -- long from now as admission's keep-time is (the router's clock).
+        redis.call('INCRBY', key, used - reserved)
+        redis.call('EXPIRE', key, math.ceil(tonumber(check.cost) - now / 1000))
+      end
     elseif kind == 's' then
       redis.call('ZREM', key, lease)
     end
@@ -330,6 +340,10 @@ class _Check:
     charges: str
     # Which script call of a turn the check goes in (see Admission).
     slot: str
+    # A budget's period end plus its grace, in epoch seconds: a settlement
+    # that finds its key gone (or never made: admitted without Redis)
+    # makes it anew until then (_SETTLE).
+    expires_at_s: int = 0
 
     @property
     def key(self) -> str:
@@ -381,7 +395,8 @@ class _Plan:
                 continue
             limit = round(value * NANO_USD) if charges == "cost" else value
             keys = tuple(f"{prefix}:{suffix}" for suffix in suffixes)
-            checks.append(_Check(self.scope, name, keys, kind, limit, b, charges, slot))
+            expires_at_s = second + b if kind == "budget" else 0
+            checks.append(_Check(self.scope, name, keys, kind, limit, b, charges, slot, expires_at_s))
         return tuple(checks)
 
 
@@ -392,10 +407,18 @@ class Reservation:
     lease_id: str
     reserved_tokens: int
     reserved_nano_usd: int
-    # Checks to settle: token rates, budgets, streams. Empty when admitted
-    # without Redis (fail open): nothing was charged, nothing to settle.
+    # Checks to settle: token rates, budgets, streams. Admitted without
+    # Redis (fail open): nothing was charged, and its budgets alone, charged
+    # the whole use when it settles, so later turns see it.
     checks: tuple[_Check, ...]
     settled: bool = False
+    # The UTC day (YYYY-MM-DD) of its admission: its budgets' day, and the
+    # ledger's for its record, whenever it ends (a turn admitted at
+    # 23:59:59 and ended after midnight was in one day's budget and the
+    # next day's ledger).
+    day: str = ""
+    # Admitted without Redis: its reservation is nothing (fail open).
+    unchecked: bool = False
 
 
 def estimate_prompt_tokens(messages) -> int:
@@ -409,12 +432,39 @@ def estimate_prompt_tokens(messages) -> int:
 
 
 def cost_nano_usd(price: PriceSettings | None, prompt_tokens: int, completion_tokens: int) -> int:
+    """What the tokens cost, in whole nano-USD rounded up, in exact
+    arithmetic: through binary floats, 3 tokens at $0.1 a million came to
+    301 nano-USD (0.1 * 3 * 1000 = 300.00000000000006), about one turn in
+    eight was billed a nano-USD over, and a budget of exactly the cost
+    refused it."""
     if price is None:
         return 0
-    usd_per_million = (
-        prompt_tokens * price.prompt_usd_per_million + completion_tokens * price.completion_usd_per_million
-    )
-    return math.ceil(usd_per_million * (NANO_USD // 1_000_000))
+    prompt_num, prompt_den = _nano_usd_per_token(price.prompt_usd_per_million)
+    completion_num, completion_den = _nano_usd_per_token(price.completion_usd_per_million)
+    cost = prompt_tokens * prompt_num * completion_den + completion_tokens * completion_num * prompt_den
+    return -(-cost // (prompt_den * completion_den))
+
+
+def share_nano_usd(cost: int, fraction: float) -> int:
+    """``fraction`` of ``cost`` (a cache hit's cache_hit_fraction), rounded up, exactly."""
+    numerator, denominator = _exact(fraction)
+    return -(-cost * numerator // denominator)
+
+
+@functools.lru_cache(maxsize=1024)
+def _exact(value: float) -> tuple[int, int]:
+    """A configured number as the decimal the operator wrote (its shortest
+    round-trip form), as a fraction: 0.1 is 1/10, not the binary float's
+    3602879701896397/36028797018963968."""
+    exact = fractions.Fraction(repr(value))
+    return exact.numerator, exact.denominator
+
+
+@functools.lru_cache(maxsize=1024)
+def _nano_usd_per_token(usd_per_million: float) -> tuple[int, int]:
+    numerator, denominator = _exact(usd_per_million)
+    exact = fractions.Fraction(numerator * (NANO_USD // 1_000_000), denominator)
+    return exact.numerator, exact.denominator
 
 
 def used_tokens(turn, outcome) -> tuple[int, int]:
@@ -422,11 +472,18 @@ def used_tokens(turn, outcome) -> tuple[int, int]:
     as best known from its end (pipeline.Outcome)."""
     answer = outcome.answer
     ended_early = outcome.failure is not None or outcome.cancelled
-    if not ended_early or answer.prompt_tokens or answer.completion_tokens:
-        # The inference service's count, come with its completion (a turn
-        # may fail or be cancelled after it: at its save), or a cached
-        # answer's usage.
+    if not ended_early:
+        # The inference service's count, come with its completion, or a
+        # cached answer's usage.
         return answer.prompt_tokens, answer.completion_tokens
+    if answer.prompt_tokens or answer.completion_tokens:
+        # Counted, then ended (at its save, or by its caller): a caller that
+        # got no piece of it was not given the completion. A speculative
+        # generation (pipeline._Race) may finish before the caller hangs
+        # up while the semantic lookup still decides, and its 200 tokens
+        # were billed to a caller who received nothing.
+        completion_tokens = answer.completion_tokens if outcome.delivered_bytes else 0
+        return answer.prompt_tokens, completion_tokens
     if not outcome.delivered_bytes and not outcome.cancelled:
         # Failed before any piece came (no deployment could serve, the
         # context service was down): the turn got nothing, and pays nothing.
@@ -577,11 +634,12 @@ class Admission:
         tokens = prompt_tokens + max_tokens
         nano_usd = cost_nano_usd(price, prompt_tokens, max_tokens)
         lease_id = uuid.uuid4().hex
-        scopes = [scope for scope in scopes if scope.limits.configured()]
-        if not scopes:
-            return Reservation(lease_id, tokens, nano_usd, ())
         # Whole seconds: every turn of a second shares its checks.
         second = int(self._now_s())
+        day = _period_ids(second)[0]
+        scopes = [scope for scope in scopes if scope.limits.configured()]
+        if not scopes:
+            return Reservation(lease_id, tokens, nano_usd, (), day=day)
         checks = [check for scope in scopes for check in self._plan(scope).checks(second)]
         costs = [check.cost(tokens, nano_usd) for check in checks]
         for check, cost in zip(checks, costs, strict=True):
@@ -603,7 +661,7 @@ class Admission:
             # and a turn it admitted is refunded (_refund_abandoned).
             refused = await asyncio.shield(admitting)
         except asyncio.CancelledError:
-            charged = Reservation(lease_id, tokens, nano_usd, tuple(checks))
+            charged = Reservation(lease_id, tokens, nano_usd, tuple(checks), day=day)
             admitting.add_done_callback(functools.partial(self._refund_abandoned, charged))
             # Awaited by drain(), before its last flush: a router stopping
             # must not leave the refund unwritten.
@@ -616,11 +674,12 @@ class Admission:
             # the limits cannot be checked, which the policy below decides.
             _refuse_if_fail_closed(checks, error)
             log.warning("limits unavailable; admitting (fail open)", error=str(error))
-            return Reservation(lease_id, tokens, nano_usd, ())
+            budgets = tuple(c for c in checks if c.kind == "budget")
+            return Reservation(lease_id, 0, 0, budgets, day=day, unchecked=True)
         if refused is not None:
             raise refused.error
         settled = tuple(c for c in checks if c.limit != "requests_per_minute")
-        return Reservation(lease_id, tokens, nano_usd, settled)
+        return Reservation(lease_id, tokens, nano_usd, settled, day=day)
 
     async def _admit_or_refuse(
         self, lease_id: str, tokens: int, nano_usd: int, groups: list[tuple[list[_Check], list[str]]]
@@ -697,7 +756,7 @@ class Admission:
         where a token or cost limit is charged more; none for a turn whose
         limits are requests and streams alone, or that was admitted without
         Redis (fail open: it has no checks)."""
-        if reservation.settled or not reservation.checks:
+        if reservation.settled or not reservation.checks or reservation.unchecked:
             return
         reserved_tokens, reserved_nano_usd = reservation.reserved_tokens, reservation.reserved_nano_usd
         tokens, nano_usd = max(tokens, reserved_tokens), max(nano_usd, reserved_nano_usd)
@@ -792,7 +851,7 @@ class Admission:
             return
         reservation.settled = True
         if reservation.checks:
-            if tokens > reservation.reserved_tokens or nano_usd > reservation.reserved_nano_usd:
+            if _over(reservation, tokens, nano_usd):
                 _warn_over(reservation, tokens, nano_usd)
             await self._write_settlements([(reservation, tokens, nano_usd)])
 
@@ -805,7 +864,7 @@ class Admission:
         reservation.settled = True
         if not reservation.checks:
             return
-        if tokens > reservation.reserved_tokens or nano_usd > reservation.reserved_nano_usd:
+        if _over(reservation, tokens, nano_usd):
             _warn_over(reservation, tokens, nano_usd)
         self._unsettled.append((reservation, tokens, nano_usd))
         if len(self._unsettled) >= _SETTLE_BATCH:
@@ -852,7 +911,7 @@ class Admission:
             reserved_tokens, reserved_nano_usd = reservation.reserved_tokens, reservation.reserved_nano_usd
             words = [
                 f"{_KIND_CODE[check.kind]} {check.cost(reserved_tokens, reserved_nano_usd)}"
-                f" {0 if refund else check.cost(tokens, nano_usd)} 0"
+                f" {0 if refund else check.cost(tokens, nano_usd)} {check.expires_at_s}"
                 for check in reservation.checks
             ]
             for slot, (checks, slot_words) in _by_slot(reservation.checks, words).items():
@@ -873,6 +932,14 @@ class Admission:
             # and the streams' leases expire on their own. Nobody awaits a
             # batch written off the turns' path: its failure ends here.
             log.warning("settlement failed; the reservations stand", turns=len(batch), error=str(error))
+
+
+def _over(reservation: Reservation, tokens: int, nano_usd: int) -> bool:
+    """Whether a turn checked against its reservation used more (one
+    admitted without Redis was checked against nothing, and said so then)."""
+    if reservation.unchecked:
+        return False
+    return tokens > reservation.reserved_tokens or nano_usd > reservation.reserved_nano_usd
 
 
 def _warn_over(reservation: Reservation, tokens: int, nano_usd: int) -> None:
@@ -1011,11 +1078,11 @@ class TurnAdmission:
         hit = outcome.cache_status is not None and outcome.cache_status.is_hit
         if hit:
             # A hit spent no model tokens and costs the configured share.
-            tokens, nano_usd = 0, math.ceil(full_cost * (price.cache_hit_fraction if price else 0.0))
+            tokens, nano_usd = 0, share_nano_usd(full_cost, price.cache_hit_fraction) if price else 0
         else:
             tokens, nano_usd = prompt_tokens + completion_tokens, full_cost
         if self._ledger is not None:
-            self._record(turn, outcome, hit, prompt_tokens, completion_tokens, nano_usd)
+            self._record(turn, outcome, hit, prompt_tokens, completion_tokens, nano_usd, grant.day)
         # Batched, off the turn's path: it holds for a cancelled turn too.
         self._admission.settle_soon(grant, tokens, nano_usd)
 
@@ -1045,12 +1112,13 @@ class TurnAdmission:
                 cost_nano_usd=nano_usd,
                 latency_ms=round(elapsed_s * 1000),
                 failure=failure,
+                day=grant.day,
             )
             self._ledger.submit(usage)
         self._admission.settle_soon(grant, input_tokens, nano_usd)
 
     def _record(
-        self, turn, outcome, hit: bool, prompt_tokens: int, completion_tokens: int, nano_usd: int
+        self, turn, outcome, hit: bool, prompt_tokens: int, completion_tokens: int, nano_usd: int, day: str
     ) -> None:
         answer = outcome.answer
         status = outcome.cache_status.value if outcome.cache_status is not None else "none"
@@ -1069,6 +1137,7 @@ class TurnAdmission:
             cost_nano_usd=nano_usd,
             latency_ms=round(outcome.elapsed_s * 1000),
             failure=failure,
+            day=day,
         )
         self._ledger.submit(usage)
 

@@ -66,13 +66,18 @@ class UsageRecord:
     cost_nano_usd: int
     latency_ms: int
     failure: str = ""
+    # The UTC day (YYYY-MM-DD) its totals go to: its admission's, the day
+    # its budgets were charged (admission.Reservation.day); "" for the day
+    # it is written.
+    day: str = ""
 
 
 _FIELD_NAMES = tuple(field.name for field in dataclasses.fields(UsageRecord))
 
 # KEYS: every key written: the stream first when ARGV[4] is "1", then the
-# day hash of each tenant whose totals are written (when ARGV[5] is "1").
-# ARGV: stream max length, retention s, the UTC day (YYYY-MM-DD), the two
+# day hash of each tenant and day whose totals are written (when ARGV[5] is
+# "1"). ARGV: stream max length, retention s, the UTC day (YYYY-MM-DD) of
+# records that name none, the two
 # flags, then one argument per record: the UsageRecord's values in field
 # order, joined by _SEPARATOR. The aggregates are derived here from the
 # values; a tenant's day hash is named as day_key() names it.
@@ -100,7 +105,8 @@ for r = 6, #ARGV do
       saved_tokens = values.saved_tokens, cost_nano_usd = values.cost_nano_usd,
       latency_ms = values.latency_ms,
     }
-    local day_key = 'mg:router:usage:{t:' .. values.tenant .. '}:' .. ARGV[3]
+    local day = values.day ~= '' and values.day or ARGV[3]
+    local day_key = 'mg:router:usage:{t:' .. values.tenant .. '}:' .. day
     local prefix = values.key_id .. '|' .. values.model .. '|'
     for metric, increment in pairs(increments) do
       if tonumber(increment) ~= 0 then redis.call('HINCRBY', day_key, prefix .. metric, increment) end
@@ -218,17 +224,21 @@ class Ledger:
             _SEPARATOR.join(str(getattr(usage, name)).replace(_SEPARATOR, "") for name in _FIELD_NAMES)
             for usage in records
         ]
-        day = f"{self.today():%Y-%m-%d}"
-        header = [self._stream_max_len, self._retention_s, day]
-        tenants = {usage.tenant.replace(_SEPARATOR, ""): None for usage in records}
+        today = f"{self.today():%Y-%m-%d}"
+        header = [self._stream_max_len, self._retention_s, today]
+        # The day hash of each record: its own day's, else today's.
+        hashes = [
+            day_key(usage.tenant.replace(_SEPARATOR, ""), usage.day.replace(_SEPARATOR, "") or today)
+            for usage in records
+        ]
         if self._split_by_slot:
-            by_tenant: dict[str, list[str]] = {tenant: [] for tenant in tenants}
-            for usage, values in zip(records, packed, strict=True):
-                by_tenant[usage.tenant.replace(_SEPARATOR, "")].append(values)
+            by_hash: dict[str, list[str]] = {}
+            for key, values in zip(hashes, packed, strict=True):
+                by_hash.setdefault(key, []).append(values)
             calls = [([STREAM], [*header, "1", "0", *packed])]
-            calls += [([day_key(t, day)], [*header, "0", "1", *rows]) for t, rows in by_tenant.items()]
+            calls += [([key], [*header, "0", "1", *rows]) for key, rows in by_hash.items()]
         else:
-            calls = [([STREAM, *(day_key(t, day) for t in tenants)], [*header, "1", "1", *packed])]
+            calls = [([STREAM, *dict.fromkeys(hashes)], [*header, "1", "1", *packed])]
         try:
             await run_scripts(self._redis, self._record, calls)
         except (*redis_access.CONNECTION_ERRORS, RedisError) as error:

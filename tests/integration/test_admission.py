@@ -10,6 +10,7 @@ import uuid
 
 import grpc
 import pytest
+import redis
 from google.rpc import error_details_pb2
 
 from meshgate import redis_access, tokenization
@@ -18,8 +19,10 @@ from meshgate.config import LimitSettings, ModelSettings, PriceSettings, RouterS
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as router_pb
+from services.router import admission as admission_module
 from services.router.admission import Admission, Scope, TurnAdmission
 from services.router.auth import Tenant
+from services.router.ledger import Ledger
 from services.router.pipeline import Answer, Budget, CacheStatus, Completion, Failure, Outcome, Pipeline
 from services.router.prompt_bound import prompt_bounds
 
@@ -213,6 +216,60 @@ async def test_redis_outage_fails_open_unless_the_limit_fails_closed():
         assert refused.value.metadata["limit"] == "cost_usd_per_day"
     finally:
         await dead.aclose()
+
+
+async def test_a_turn_admitted_while_redis_was_unreachable_is_charged_its_use_when_it_settles(
+    redis_client, monkeypatch
+):
+    """Fail open admitted it with no checks and its settlement charged
+    nothing: its use reached the ledger but no budget, and a tenant held to
+    1,000 tokens a day used 1,200 (a bug hunt's repro)."""
+    clock = Clock(datetime.datetime(2026, 5, 31, 12, 0, 0, tzinfo=datetime.UTC).timestamp())
+    admission = Admission(redis_client, max_generation_s=60, clock=clock)
+    scope = _scope(tokens_per_day=1000)
+    key = f"{scope.prefix}:tokens:day:2026-05-31"
+    admit_in_redis = admission._admit_or_refuse
+
+    async def unreachable(*args, **kwargs):
+        raise redis.exceptions.ConnectionError("Redis is restarting")
+
+    monkeypatch.setattr(admission, "_admit_or_refuse", unreachable)
+    opened = await admission.admit([scope], prompt_tokens=100, max_tokens=300)
+    monkeypatch.setattr(admission, "_admit_or_refuse", admit_in_redis)
+    assert opened.unchecked and opened.reserved_tokens == 0
+    # Redis is back when the turn ends: its whole use is charged, kept to the
+    # day's end (and its grace), the key made anew as no turn made it today.
+    await admission.settle(opened, 400, 0)
+    assert int(await redis_client.get(key)) == 400
+    # 12 hours of the day left, and the budgets' grace.
+    assert 12 * 3600 <= await redis_client.ttl(key) <= 12 * 3600 + admission_module._BUDGET_GRACE_S
+    second = await admission.admit([scope], prompt_tokens=100, max_tokens=300)
+    await admission.settle(second, 400, 0)
+    with pytest.raises(MeshgateError) as refused:
+        await admission.admit([scope], prompt_tokens=100, max_tokens=300)
+    assert refused.value.reason == "BUDGET_EXHAUSTED"
+
+
+async def test_a_turn_crossing_midnight_is_in_its_admission_days_budget_and_ledger(redis_client):
+    """The budget took the admission's day and the ledger the day it was
+    written: May's budget held a turn May's ledger did not show."""
+    admitted_at = datetime.datetime(2026, 5, 31, 23, 59, 59, tzinfo=datetime.UTC).timestamp()
+    ended_at = Clock(admitted_at + 6)
+    settings = RouterSettings(prices={"tiny-gpt": PriceSettings(1.0, 1.0)})
+    ledger = Ledger(redis_client, 1000, 30, clock=ended_at)
+    stages = TurnAdmission(
+        Admission(redis_client, max_generation_s=60, clock=Clock(admitted_at)), settings, ledger
+    )
+    turn = _turn(uuid.uuid4().hex[:12], max_tokens=80)
+    turn.tenant = Tenant(turn.tenant.id, frozenset({"*"}), "k1", LimitSettings(tokens_per_month=10_000))
+    grant = await stages.admit(turn)
+    await stages.settle(grant, turn, _outcome(40, 60, "miss", delivered_bytes=4))
+    await stages.drain()
+    prefix = Scope("tenant", turn.tenant.id, turn.tenant.limits).prefix
+    assert int(await redis_client.get(f"{prefix}:tokens:month:2026-05")) == 100
+    may = await ledger.usage(turn.tenant.id, datetime.date(2026, 5, 31), datetime.date(2026, 5, 31))
+    june = await ledger.usage(turn.tenant.id, datetime.date(2026, 6, 1), datetime.date(2026, 6, 1))
+    assert may[("k1", "tiny-gpt")]["completion_tokens"] == 60 and not june
 
 
 # What tiny-gpt's chat template adds to a one-message prompt, at most (its

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import math
 
 import grpc
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.crc import key_slot
 from redis.exceptions import ReadOnlyError, ResponseError
@@ -35,6 +38,7 @@ from services.router.admission import (
     admission_scopes,
     cost_nano_usd,
     estimate_prompt_tokens,
+    share_nano_usd,
 )
 from services.router.auth import Tenant
 from services.router.ledger import STREAM, Ledger, UsageRecord, day_key
@@ -61,6 +65,26 @@ def test_cost_is_exact_nano_usd_and_free_without_prices():
     # 1000 * 0.15 + 10 * 0.6 = 156 USD per million tokens -> 156e-6 USD.
     assert cost_nano_usd(price, 1000, 10) == 156_000
     assert cost_nano_usd(None, 1000, 10) == 0
+
+
+@hypothesis.given(
+    st.integers(0, 10**6),
+    st.integers(0, 10**6),
+    st.decimals(0, 1000, places=4, allow_nan=False),
+    st.decimals(0, 1000, places=4, allow_nan=False),
+    st.decimals(0, 1, places=3, allow_nan=False),
+)
+def test_costs_and_a_hits_share_are_the_exact_decimal_rounded_up(
+    prompt_tokens, completion_tokens, prompt_price, completion_price, fraction
+):
+    """Binary floats billed 3 tokens at $0.1 a million 301 nano-USD, and
+    10% of 300 nano-USD 31: about one turn in eight a nano-USD over."""
+    price = PriceSettings(float(prompt_price), float(completion_price), float(fraction))
+    exact = (prompt_tokens * prompt_price + completion_tokens * completion_price) * 1000
+    cost = cost_nano_usd(price, prompt_tokens, completion_tokens)
+    assert cost == math.ceil(exact)
+    assert share_nano_usd(cost, price.cache_hit_fraction) == math.ceil(cost * fraction)
+    assert cost_nano_usd(PriceSettings(0.1, 0.0), 3, 0) == 300
 
 
 def test_the_estimate_bounds_tokens_by_utf8_bytes():
@@ -283,7 +307,9 @@ async def test_a_turn_one_slot_fails_to_run_is_refunded_where_admitted_and_follo
     redis = _RecordingRedis(admit_reply=model_fails)
     admission = Admission(redis, max_generation_s=60, split_by_slot=True)
     opened = await admission.admit(_scopes("acme"), 10, 10)
-    assert opened.checks == ()
+    # Nothing reserved; its budgets are charged its whole use when it settles.
+    assert opened.unchecked and (opened.reserved_tokens, opened.reserved_nano_usd) == (0, 0)
+    assert opened.checks and {check.kind for check in opened.checks} == {"budget"}
     refunds = [keys for script, keys in redis.calls if script == "settle"]
     assert len(refunds) == 1, "the tenant's charges were not refunded"
     assert all(":model:" not in key for key in refunds[0])

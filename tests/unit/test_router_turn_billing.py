@@ -11,7 +11,7 @@ from meshgate.config import ModelSettings, PriceSettings, RouterSettings
 from meshgate.errors import partly_delivered, unavailable
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
-from services.router.admission import TurnAdmission, estimate_prompt_tokens
+from services.router.admission import Reservation, TurnAdmission, estimate_prompt_tokens
 from services.router.pipeline import Answer, Budget, CacheStatus, Completion, Delta, Failure, Hit, Pipeline
 from tests.unit.test_router_pipeline import TENANT, FakeCache, FakeContexts, FakeGenerator, request
 
@@ -90,7 +90,8 @@ def billed_pipeline(generator, contexts=None, cache=None, **settings):
     stages = TurnAdmission(admission, router_settings, ledger)
 
     async def admit(turn):
-        return "grant"  # opaque to settle; what it settles is recorded above
+        # What it settles is recorded by SettledAdmission; the day is the ledger's.
+        return Reservation("lease", 0, 0, (), day="2026-12-03")
 
     stages.admit = admit
     turns = Pipeline(
@@ -143,6 +144,46 @@ async def test_a_caller_hanging_up_before_any_piece_pays_the_prompt_only():
     await asyncio.sleep(0)
     assert admission.settled == [PROMPT]
     assert (ledger.records[0].prompt_tokens, ledger.records[0].completion_tokens) == (PROMPT, 0)
+
+
+class OneBatch(FakeGenerator):
+    """The whole answer in one batch: the completion's count, then its text."""
+
+    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
+        self.started.set()
+        answer.text = "x" * 200
+        answer.prompt_tokens, answer.completion_tokens = PROMPT, 200
+        answer.finish_reason, answer.deployment = "length", "d1"
+        yield answer.text
+
+
+async def test_a_caller_hanging_up_while_the_lookup_decides_pays_no_speculative_completion():
+    """The speculative generation finished (its one batch carries the
+    count) while the semantic lookup was still out, and the caller hung up
+    before it answered, having received nothing: it was billed the 200
+    completion tokens too (a bug hunt's repro)."""
+    cache = FakeCache()
+    cache.answered.clear()  # the semantic lookup never answers
+    generator = OneBatch(())
+    turns, admission, ledger = billed_pipeline(generator, cache=cache)
+    got: list = []
+
+    asked = request("tell me a long story", pb.CACHE_POLICY_USE)
+
+    async def read() -> None:
+        async for event in turns.run(asked, TENANT, "", Budget()):
+            got.append(event)
+
+    reading = asyncio.ensure_future(read())
+    await asyncio.wait_for(generator.started.wait(), 5)
+    await asyncio.sleep(0.05)
+    reading.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reading
+    assert got == []
+    assert admission.settled == [PROMPT]
+    [record] = ledger.records
+    assert (record.prompt_tokens, record.completion_tokens, record.failure) == (PROMPT, 0, "cancelled")
 
 
 async def test_a_stream_failing_midway_pays_what_inference_says_it_delivered():
