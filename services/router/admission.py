@@ -66,7 +66,11 @@ clock (``time.time`` by default).
 
 When Redis is unreachable or fails the script (out of memory, a read-only
 replica), the limits a scope lists in ``fail_closed`` refuse the turn with
-UNAVAILABLE; every other limit is waived (fail open).
+UNAVAILABLE; every other limit is waived (fail open). A turn so admitted
+reserved nothing, and its settlement charges its budgets its whole use
+(once Redis is back); where the script may have run before the failure (a
+timeout, a connection lost after the call was sent) what it charged stands
+instead, as admitted (_never_ran).
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ import datetime
 import fractions
 import functools
 import math
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -85,7 +90,7 @@ import grpc
 import structlog
 from google.rpc import error_details_pb2
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError, SlotNotCoveredError
 
 from meshgate import redis_access
 from meshgate.config import LimitSettings, PriceSettings, RouterSettings
@@ -674,6 +679,11 @@ class Admission:
             # the limits cannot be checked, which the policy below decides.
             _refuse_if_fail_closed(checks, error)
             log.warning("limits unavailable; admitting (fail open)", error=str(error))
+            if not _never_ran(error):
+                # A timeout, or the connection lost after the call was sent:
+                # the script may have charged the turn, which then stands
+                # (an overcharge); charging its use on top would count it twice.
+                return Reservation(lease_id, tokens, nano_usd, (), day=day)
             budgets = tuple(c for c in checks if c.kind == "budget")
             return Reservation(lease_id, 0, 0, budgets, day=day, unchecked=True)
         if refused is not None:
@@ -717,7 +727,9 @@ class Admission:
         if (refused is not None or failed is not None) and admitted:
             refund = Reservation(lease_id, tokens, nano_usd, tuple(admitted))
             await self._write_settlements([(refund, 0, 0)], refund=True)
-        if failed is not None:
+        # A limit that refused the turn wins over one that could not be
+        # checked: raised, the failure let a turn past a spent budget (fail open).
+        if refused is None and failed is not None:
             raise failed
         return refused
 
@@ -932,6 +944,22 @@ class Admission:
             # and the streams' leases expire on their own. Nobody awaits a
             # batch written off the turns' path: its failure ends here.
             log.warning("settlement failed; the reservations stand", turns=len(batch), error=str(error))
+
+
+def _never_ran(error: BaseException) -> bool:
+    """Whether Redis certainly did not run a script that failed so: it
+    refused it (an error reply: out of memory, read-only, busy), the client
+    found no node for its slot, or no connection was made (refused, or a
+    name that does not resolve). A timeout, or a connection lost once the
+    call was sent, may come after the script ran."""
+    if isinstance(error, ResponseError | SlotNotCoveredError):
+        return True
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError | socket.gaierror):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _over(reservation: Reservation, tokens: int, nano_usd: int) -> bool:

@@ -231,7 +231,11 @@ async def test_a_turn_admitted_while_redis_was_unreachable_is_charged_its_use_wh
     admit_in_redis = admission._admit_or_refuse
 
     async def unreachable(*args, **kwargs):
-        raise redis.exceptions.ConnectionError("Redis is restarting")
+        # As redis-py fails a connect Redis refuses: the script never ran.
+        try:
+            raise ConnectionRefusedError(111, "Connect call failed")
+        except ConnectionRefusedError:
+            raise redis.exceptions.ConnectionError("Error 111 connecting: Connection refused") from None
 
     monkeypatch.setattr(admission, "_admit_or_refuse", unreachable)
     opened = await admission.admit([scope], prompt_tokens=100, max_tokens=300)
@@ -248,6 +252,25 @@ async def test_a_turn_admitted_while_redis_was_unreachable_is_charged_its_use_wh
     with pytest.raises(MeshgateError) as refused:
         await admission.admit([scope], prompt_tokens=100, max_tokens=300)
     assert refused.value.reason == "BUDGET_EXHAUSTED"
+
+
+async def test_a_turn_whose_admission_reply_was_lost_is_not_charged_twice(redis_client, monkeypatch):
+    """A timeout (or a connection lost once the call was sent) may come after
+    the script charged the turn: that reservation stands, and the use is not
+    charged on top of it (1,300 for a turn that reserved 1,000 and used 300)."""
+    admission = Admission(redis_client, max_generation_s=60)
+    scope = _scope(tokens_per_day=5000)
+    admit_in_redis = admission._admit_or_refuse
+
+    async def lost_reply(*args, **kwargs):
+        await admit_in_redis(*args, **kwargs)
+        raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(admission, "_admit_or_refuse", lost_reply)
+    opened = await admission.admit([scope], prompt_tokens=100, max_tokens=900)
+    assert not opened.unchecked and opened.checks == ()
+    await admission.settle(opened, 300, 0)
+    assert int(await redis_client.get(_day_key(scope))) == 1000
 
 
 async def test_a_turn_crossing_midnight_is_in_its_admission_days_budget_and_ledger(redis_client):

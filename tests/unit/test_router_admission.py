@@ -316,6 +316,22 @@ async def test_a_turn_one_slot_fails_to_run_is_refunded_where_admitted_and_follo
     assert any(key.endswith(":streams") for key in refunds[0])
 
 
+async def test_a_limit_that_refuses_wins_over_a_slot_that_fails():
+    """The tenant's slot refused (its budget spent) while the model's node
+    was read-only: the failure was raised, and the turn admitted (fail
+    open) past the tenant's spent budget."""
+
+    def replies(keys):
+        if ":model:" in keys[0]:
+            return ReadOnlyError("You can't write against a read only replica.")
+        return [0, 1, 0]  # the tenant's first check refuses
+
+    admission = Admission(_RecordingRedis(admit_reply=replies), max_generation_s=60, split_by_slot=True)
+    with pytest.raises(MeshgateError) as refused:
+        await admission.admit(_scopes("acme"), 10, 10)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 async def test_one_redis_instance_takes_a_turn_in_one_atomic_call():
     redis = _RecordingRedis()
     admission = Admission(redis, max_generation_s=60, split_by_slot=False)
