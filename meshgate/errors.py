@@ -299,8 +299,9 @@ class _Reported:
                 # cancelled while a message is being sent (not inside the
                 # handler), and it is closed later, when collected: that is
                 # a cancelled call, not an OK one (3 of 10 streams cancelled
-                # mid-answer were counted OK).
-                code = "CANCELLED"
+                # mid-answer were counted OK). gRPC cancels the call's task
+                # at its deadline too, which the caller sees as such.
+                code = "DEADLINE_EXCEEDED" if _deadline_passed(self._context) else "CANCELLED"
             elif not isinstance(error, Exception):
                 return False  # KeyboardInterrupt, SystemExit: not the call's
             elif isinstance(error, grpc.aio.AbortError):
@@ -312,6 +313,14 @@ class _Reported:
             return False
         finally:
             self._observe(self._method, code, reason, self._started)
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    try:
+        remaining = context.time_remaining()
+    except Exception:  # noqa: BLE001 - a context that cannot tell: not a deadline
+        return False
+    return remaining is not None and remaining <= 0
 
 
 def _checked(request: Any) -> Any:

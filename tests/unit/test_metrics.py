@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import grpc
 import pytest
 
@@ -37,8 +40,12 @@ def test_switching_metrics_off_and_on_again_registers_nothing_twice():
 
 
 class _Context:
-    def __init__(self) -> None:
+    def __init__(self, time_remaining: float | None = None) -> None:
         self.aborted_with = None
+        self.remaining = time_remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
 
     async def abort(self, code, details, trailing_metadata):
         self.aborted_with = code
@@ -89,3 +96,29 @@ async def test_a_stream_closed_before_its_end_is_reported_cancelled_not_ok():
     whole = handler.unary_stream(b"", _Context())
     assert [token async for token in whole] == ["token"] * 3
     assert seen == ["CANCELLED", "OK"]
+
+
+async def test_a_call_its_deadline_ended_is_reported_deadline_exceeded_not_cancelled():
+    """gRPC cancels a call's task at its deadline as at a hang-up: both were
+    counted CANCELLED, where the caller saw DEADLINE_EXCEEDED."""
+    seen = []
+    interceptor = ErrorInterceptor(lambda method, code, reason, started: seen.append(code))
+
+    async def tokens(request, context):
+        yield "token"
+        await asyncio.sleep(3600)
+        yield "never"
+
+    handler = interceptor._wrap(  # noqa: SLF001 - the wrapper every served method gets
+        grpc.unary_stream_rpc_method_handler(tokens), "/meshgate.x.v1.S/Stream"
+    )
+    for remaining in (0.0, 5.0, None):
+        stream = handler.unary_stream(b"", _Context(remaining))
+        reading = asyncio.ensure_future(anext(stream))
+        assert await reading == "token"
+        reading = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.01)
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+    assert seen == ["DEADLINE_EXCEEDED", "CANCELLED", "CANCELLED"]
