@@ -84,7 +84,11 @@ class RouterServiceServicer:
     def ChatSession(self, request_iterator, context):
         """Many turns over one stream. Each request is one turn, answered like Chat,
         except that a failed turn is reported by a `failure` event and the
-        stream stays open. Turns without a session id continue the stream's
+        stream stays open. A request that is not a valid message (invalid UTF-8
+        in a string; INVALID_ARGUMENT, MALFORMED_REQUEST) or one over the
+        router's message size (RESOURCE_EXHAUSTED, from gRPC itself) ends the
+        stream instead, after the turns before it: the turns written after it
+        are not read. Turns without a session id continue the stream's
         current session. A stream opened with `meshgate-session-id: <id>`
         metadata starts in that session, which is read into memory at once, so
         that the first turn's prompt is assembled without waiting on storage.
