@@ -301,7 +301,8 @@ class _Reported:
                 # a cancelled call, not an OK one (3 of 10 streams cancelled
                 # mid-answer were counted OK). gRPC cancels the call's task
                 # at its deadline too, which the caller sees as such.
-                code = "DEADLINE_EXCEEDED" if _deadline_passed(self._context) else "CANCELLED"
+                deadline = _deadline_passed(self._context)
+                code = grpc.StatusCode.DEADLINE_EXCEEDED.name if deadline else "CANCELLED"
             elif not isinstance(error, Exception):
                 return False  # KeyboardInterrupt, SystemExit: not the call's
             elif isinstance(error, grpc.aio.AbortError):
