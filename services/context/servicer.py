@@ -170,6 +170,29 @@ INDEX_REPAIR_DELAYS_S = (0.5, 2.0, 8.0)
 _INDEX_REPAIRS_ASKED_KEPT = 10_000
 
 
+class _AskedOnce:
+    """Work asked for once per key and value (a session and what it held):
+    a key asked again at the value it was noted with is not asked again.
+    The oldest keys are forgotten past ``kept``."""
+
+    def __init__(self, kept: int) -> None:
+        self._asked: collections.OrderedDict[object, int] = collections.OrderedDict()
+        self._kept = kept
+
+    def first(self, key: object, value: int) -> bool:
+        """Whether ``key`` is asked at ``value`` for the first time; notes it."""
+        if self._asked.get(key) == value:
+            return False
+        self._asked[key] = value
+        self._asked.move_to_end(key)
+        if len(self._asked) > self._kept:
+            self._asked.popitem(last=False)
+        return True
+
+    def forget(self, key: object) -> None:
+        self._asked.pop(key, None)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _SessionView:
     """A session as assembly plans from it."""
@@ -364,10 +387,10 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         self._prefetch_again: set[str] = set()
         # Turn-index repairs in flight by session key, and what reads asked for.
         self._index_repairs: dict[str, asyncio.Task] = {}
-        self._index_repairs_asked: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._index_repairs_asked = _AskedOnce(_INDEX_REPAIRS_ASKED_KEPT)
         # Without one (unit tests), nothing is summarized.
         self._summarizer = summarizer
-        self._compaction_asked: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
+        self._compaction_asked = _AskedOnce(_COMPACTIONS_ASKED_KEPT)
         self._models = models
         self._counters = counters
         # Every turn is counted for every configured tokenizer and template
@@ -562,13 +585,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         # One in flight or too many: not noted as asked, so a later read asks again.
         if key in self._index_repairs or len(self._index_repairs) >= MAX_INDEX_REPAIRS:
             return
-        if turns_read is not None:
-            if self._index_repairs_asked.get(key) == turns_read:
-                return
-            self._index_repairs_asked[key] = turns_read
-            self._index_repairs_asked.move_to_end(key)
-            if len(self._index_repairs_asked) > _INDEX_REPAIRS_ASKED_KEPT:
-                self._index_repairs_asked.popitem(last=False)
+        if turns_read is not None and not self._index_repairs_asked.first(key, turns_read):
+            return
 
         async def repair() -> None:
             settled = False
@@ -590,7 +608,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 self._index_repairs.pop(key, None)
                 if not settled:
                     # The next read at this count asks again (Redis may be back).
-                    self._index_repairs_asked.pop(key, None)
+                    self._index_repairs_asked.forget(key)
 
         self._index_repairs[key] = asyncio.create_task(repair())
 
@@ -637,11 +655,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 unit = error.metadata.get("unit", "")
                 held = int(error.metadata.get(unit, "0"))
                 key = (tenant_id, session_id)
-                if held > int(error.metadata.get("limit", "0")) and self._compaction_asked.get(key) != held:
-                    self._compaction_asked[key] = held
-                    self._compaction_asked.move_to_end(key)
-                    if len(self._compaction_asked) > _COMPACTIONS_ASKED_KEPT:
-                        self._compaction_asked.popitem(last=False)
+                if held > int(error.metadata.get("limit", "0")) and self._compaction_asked.first(key, held):
                     self._summarizer.schedule(tenant_id, session_id)
             raise
 
