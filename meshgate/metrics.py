@@ -160,6 +160,14 @@ class RouterMetrics:
         self.streams_in_flight = make.gauge(
             "meshgate_router_streams_in_flight", "Turns under way.", ("model",)
         )
+        self.deferred_writes = make.counter(
+            "meshgate_router_deferred_writes",
+            "Writes of what turns used (write: settlement, ledger) by outcome: deferred (Redis "
+            "refused it or was unreachable; held to be written again), written_late, given_up "
+            "(held too long or too much, the router stopped, or a failure after which it may "
+            "have been written).",
+            ("write", "outcome"),
+        )
 
 
 class CacheMetrics:

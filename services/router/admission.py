@@ -68,9 +68,10 @@ When Redis is unreachable or fails the script (out of memory, a read-only
 replica), the limits a scope lists in ``fail_closed`` refuse the turn with
 UNAVAILABLE; every other limit is waived (fail open). A turn so admitted
 reserved nothing, and its settlement charges its budgets its whole use
-(once Redis is back); where the script may have run before the failure (a
+(once Redis is back: a settlement Redis refuses is written again,
+script_calls.Backlog); where the script may have run before the failure (a
 timeout, a connection lost after the call was sent) what it charged stands
-instead, as admitted (_never_ran).
+instead, as admitted (never_ran).
 """
 
 from __future__ import annotations
@@ -81,7 +82,6 @@ import datetime
 import fractions
 import functools
 import math
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -90,14 +90,15 @@ import grpc
 import structlog
 from google.rpc import error_details_pb2
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError, ResponseError, SlotNotCoveredError
+from redis.exceptions import RedisError
 
 from meshgate import redis_access
 from meshgate.config import LimitSettings, PriceSettings, RouterSettings
 from meshgate.errors import MeshgateError, retry_info, unavailable
 from meshgate.reasons import Reason
-from services.router.ledger import Ledger, UsageRecord, run_scripts
+from services.router.ledger import Ledger, UsageRecord
 from services.router.prompt_bound import PromptBound, bound_of
+from services.router.script_calls import Backlog, never_ran, run_scripts
 
 log = structlog.get_logger(__name__)
 
@@ -600,7 +601,7 @@ class Admission:
         # takes all of a turn's keys in one call, atomic across its scopes.
         self._split_by_slot = isinstance(redis, RedisCluster) if split_by_slot is None else split_by_slot
         self._admit_script = redis.register_script(_ADMIT)
-        self._settle_script = redis.register_script(_SETTLE)
+        self._settlements = Backlog(redis, redis.register_script(_SETTLE), "settlement")
         self._top_up_script = redis.register_script(_TOP_UP)
         self._lease_ms = int(max_generation_s * 1000) + _LEASE_MARGIN_MS
         self._clock = clock
@@ -679,7 +680,7 @@ class Admission:
             # the limits cannot be checked, which the policy below decides.
             _refuse_if_fail_closed(checks, error)
             log.warning("limits unavailable; admitting (fail open)", error=str(error))
-            if not _never_ran(error):
+            if not never_ran(error):
                 # A timeout, or the connection lost after the call was sent:
                 # the script may have charged the turn, which then stands
                 # (an overcharge); charging its use on top would count it twice.
@@ -908,6 +909,7 @@ class Admission:
         if self._abandoned:
             await asyncio.gather(*self._abandoned, return_exceptions=True)
         await self.flush()
+        await self._settlements.drain()
 
     async def _write_settlements(
         self, batch: list[tuple[Reservation, int, int]], refund: bool = False
@@ -936,30 +938,10 @@ class Admission:
                         keys += check.keys
                     indexed.append(f"{word} {k}")
                 args += [reservation.lease_id, " ".join(indexed)]
-        try:
-            scripts = [(keys, args) for keys, _, args in calls.values()]
-            await run_scripts(self._redis, self._settle_script, scripts)
-        except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
-            # The reservations stand (an overcharge, never an undercharge),
-            # and the streams' leases expire on their own. Nobody awaits a
-            # batch written off the turns' path: its failure ends here.
-            log.warning("settlement failed; the reservations stand", turns=len(batch), error=str(error))
-
-
-def _never_ran(error: BaseException) -> bool:
-    """Whether Redis certainly did not run a script that failed so: it
-    refused it (an error reply: out of memory, read-only, busy), the client
-    found no node for its slot, or no connection was made (refused, or a
-    name that does not resolve). A timeout, or a connection lost once the
-    call was sent, may come after the script ran."""
-    if isinstance(error, ResponseError | SlotNotCoveredError):
-        return True
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, ConnectionRefusedError | socket.gaierror):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
+        # A call Redis refused is written again later (script_calls); one
+        # that may have run is logged: its reservations stand (an
+        # overcharge), and the streams' leases expire on their own.
+        await self._settlements.run([(keys, args) for keys, _, args in calls.values()])
 
 
 def _over(reservation: Reservation, tokens: int, nano_usd: int) -> bool:

@@ -24,15 +24,13 @@ import datetime
 import time
 from collections.abc import Callable
 
-import structlog
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from meshgate import redis_access
 from meshgate.errors import unavailable
 from meshgate.reasons import Reason
-
-log = structlog.get_logger(__name__)
+from services.router.script_calls import Backlog
 
 STREAM = "mg:router:usage:log"
 METRICS = (
@@ -119,38 +117,6 @@ return 1
 )
 
 
-async def run_scripts(
-    redis, script, calls: list[tuple[list[str], list]], raise_on_error: bool = True
-) -> list:
-    """Runs ``script`` once per (keys, args), in one round trip: on a Redis
-    Cluster each call goes to the node of its keys' slot. A call Redis
-    refused raises, or with ``raise_on_error`` False and several calls, is
-    its reply (the others ran: the caller may have to undo them), also when
-    it was refused on its second try, after Redis had lost the script."""
-    if len(calls) == 1:
-        [(keys, args)] = calls
-        return [await script(keys=keys, args=args)]
-    pipe = redis.pipeline(transaction=False)
-    for keys, args in calls:
-        # Not pipe.evalsha: redis-py refuses that method on a cluster's
-        # pipeline, while the command itself is routed by its keys' slot.
-        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-    replies = await pipe.execute(raise_on_error=False)
-    for index, reply in enumerate(replies):
-        if isinstance(reply, NoScriptError):
-            # Redis lost its scripts (a restart): that call did not run.
-            keys, args = calls[index]
-            try:
-                replies[index] = await script(keys=keys, args=args)
-            except (RedisError, *redis_access.CONNECTION_ERRORS) as error:
-                if raise_on_error:
-                    raise
-                replies[index] = error
-        elif isinstance(reply, Exception) and raise_on_error:
-            raise reply
-    return replies
-
-
 def day_key(tenant: str, day: str) -> str:
     """A tenant's totals of one UTC day (YYYY-MM-DD), in its limits' slot."""
     return f"mg:router:usage:{{t:{tenant}}}:{day}"
@@ -176,7 +142,7 @@ class Ledger:
         # A Redis Cluster takes the log and each tenant's totals in their own
         # calls (their keys are in different slots); one instance, one call.
         self._split_by_slot = isinstance(redis, RedisCluster) if split_by_slot is None else split_by_slot
-        self._record = redis.register_script(_RECORD)
+        self._backlog = Backlog(redis, redis.register_script(_RECORD), "ledger")
         self._stream_max_len = stream_max_len
         self._retention_s = retention_days * 24 * 3600
         self._clock = clock
@@ -216,6 +182,7 @@ class Ledger:
         self._flush()
         if self._flushing:
             await asyncio.gather(*self._flushing, return_exceptions=True)
+        await self._backlog.drain()
 
     async def _write(self, records: list[UsageRecord]) -> None:
         # A separator inside a value (a tenant id could hold one) would shift
@@ -239,12 +206,9 @@ class Ledger:
             calls += [([key], [*header, "0", "1", *rows]) for key, rows in by_hash.items()]
         else:
             calls = [([STREAM, *dict.fromkeys(hashes)], [*header, "1", "1", *packed])]
-        try:
-            await run_scripts(self._redis, self._record, calls)
-        except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
-            # The callers have their answers; lost records are logged, not
-            # raised (a refused connect is an OSError, no RedisError).
-            log.error("usage not recorded", records=len(records), tenant=records[0].tenant, error=str(error))
+        # The callers have their answers: a call Redis refused is written
+        # again later, one that may have run is logged (script_calls).
+        await self._backlog.run(calls)
 
     async def usage(
         self, tenant: str, first_day: datetime.date, last_day: datetime.date

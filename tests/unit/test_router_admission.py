@@ -13,7 +13,7 @@ import pytest
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.crc import key_slot
-from redis.exceptions import ReadOnlyError, ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError
 
 from meshgate import tokenization
 from meshgate.common.v1 import common_pb2
@@ -302,7 +302,7 @@ async def test_a_turn_one_slot_fails_to_run_is_refunded_where_admitted_and_follo
     turn is admitted without limits (fail open), as for an outage."""
 
     def model_fails(keys):
-        return ResponseError("OOM command not allowed") if ":model:" in keys[0] else [1]
+        return OutOfMemoryError("OOM command not allowed") if ":model:" in keys[0] else [1]
 
     redis = _RecordingRedis(admit_reply=model_fails)
     admission = Admission(redis, max_generation_s=60, split_by_slot=True)
@@ -423,7 +423,7 @@ class _RefusingRedis:
 
 
 _REFUSALS = [
-    ResponseError("OOM command not allowed when used memory > 'maxmemory'."),
+    OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory'."),
     ReadOnlyError("You can't write against a read only replica."),
 ]
 
@@ -446,12 +446,17 @@ async def test_redis_refusing_the_admit_script_follows_the_outage_policy(error):
 
 
 @pytest.mark.parametrize("error", [*_REFUSALS, ConnectionRefusedError()], ids=["oom", "read-only", "refused"])
-async def test_a_refused_ledger_write_is_logged_and_a_refused_usage_read_is_unavailable(error):
+async def test_a_refused_ledger_write_is_held_and_a_refused_usage_read_is_unavailable(error):
     """Records are written off the turns' path: a refusal (or a connect
-    failing below redis-py) ends there, logged. GetUsage's read says
-    UNAVAILABLE REDIS_UNAVAILABLE, the store at fault, not a bug."""
+    failing below redis-py) raises nothing there; the record is held to be
+    written again (script_calls.Backlog) and given up when the router stops.
+    GetUsage's read says UNAVAILABLE REDIS_UNAVAILABLE, the store at fault,
+    not a bug."""
     ledger = Ledger(_RefusingRedis(error), 100, retention_days=1, clock=lambda: 0.0)
     await ledger.record(UsageRecord("acme", "k", "tiny-gpt", "live", 1, 2, 0, "miss", 3, 4))
+    assert len(ledger._backlog) == 1
+    await ledger.drain()
+    assert len(ledger._backlog) == 0
     day = datetime.date(1970, 1, 1)
     with pytest.raises(MeshgateError) as refused:
         await ledger.usage("acme", day, day)

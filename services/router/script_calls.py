@@ -1,0 +1,274 @@
+"""The router's Lua script calls: one per hash slot, in one round trip
+(:func:`run_scripts`), and the writes of what turns used that Redis
+certainly did not run, kept and written again (:class:`Backlog`).
+
+What a turn used is written after its answer, off its path: its settlement
+(admission's reservation replaced by its use) and its ledger record. Both
+scripts add (INCRBY, HINCRBY, XADD); none sets. So a failed call can be
+written again only where it certainly did not run (:func:`never_ran`):
+Redis refused it before running it (out of memory, a read-only replica, a
+master down, a dataset loading, a cluster failover under way) or no
+connection was made (refused: a Redis restarting). Such calls are what a
+Redis restart or failover fails, and they were lost: a settlement's
+reservation stood (an overcharge; a turn admitted without Redis was charged
+nothing), a ledger record was missing from GetUsage. A call that may have
+run (a timeout, a connection lost after it was sent) cannot be written
+again without the risk of counting it twice: it is logged as lost, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import re
+import socket
+import time
+from collections.abc import Callable
+
+import structlog
+from redis import exceptions as redis_errors
+from redis.exceptions import NoScriptError, RedisError
+
+from meshgate import metrics, redis_access
+
+log = structlog.get_logger(__name__)
+
+# Error replies with which Redis refuses a command before running any of it.
+# Inside a script a write refused for memory or a read-only replica is
+# refused at the script's first write (Redis checks only until one was
+# made), so nothing of it was written either. Not ResponseError at large: a
+# script failing midway (a wrong type) keeps the writes made before.
+_REFUSALS = (
+    redis_errors.OutOfMemoryError,
+    redis_errors.ReadOnlyError,
+    redis_errors.MasterDownError,
+    redis_errors.BusyLoadingError,
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.SlotNotCoveredError,
+)
+
+
+# How redis-py words a connect that failed (utils.format_error_message, and
+# its connect timeout): no connection, so nothing was sent. The socket error
+# is not always in the chain: a pooled connection found closed (a Redis
+# restarted) is connected anew inside the handler of that finding, and the
+# refusal's context is then the finding, not the OSError.
+_CONNECT_FAILED = re.compile(r"^(?:Error (?:\S+ )?connecting to |Timeout connecting to server)")
+
+
+def never_ran(error: BaseException) -> bool:
+    """Whether Redis certainly did not run a call that failed so: it refused
+    it (_REFUSALS), or no connection was made (refused, timed out, or a name
+    that does not resolve). A timeout reading the reply, or a connection
+    lost once the call was sent, may come after the script ran."""
+    if isinstance(error, _REFUSALS):
+        return True
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError | socket.gaierror):
+            return True
+        if isinstance(cause, redis_errors.ConnectionError | redis_errors.TimeoutError) and (
+            _CONNECT_FAILED.match(str(cause))
+        ):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+async def run_scripts(
+    redis, script, calls: list[tuple[list[str], list]], raise_on_error: bool = True
+) -> list:
+    """Runs ``script`` once per (keys, args), in one round trip: on a Redis
+    Cluster each call goes to the node of its keys' slot. A call Redis
+    refused raises, or with ``raise_on_error`` False and several calls, is
+    its reply (the others ran: the caller may have to undo them), also when
+    it was refused on its second try, after Redis had lost the script."""
+    if len(calls) == 1:
+        [(keys, args)] = calls
+        return [await script(keys=keys, args=args)]
+    pipe = redis.pipeline(transaction=False)
+    for keys, args in calls:
+        # Not pipe.evalsha: redis-py refuses that method on a cluster's
+        # pipeline, while the command itself is routed by its keys' slot.
+        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+    replies = await pipe.execute(raise_on_error=False)
+    for index, reply in enumerate(replies):
+        if isinstance(reply, NoScriptError):
+            # Redis lost its scripts (a restart): that call did not run.
+            keys, args = calls[index]
+            try:
+                replies[index] = await script(keys=keys, args=args)
+            except (RedisError, *redis_access.CONNECTION_ERRORS) as error:
+                if raise_on_error:
+                    raise
+                replies[index] = error
+        elif isinstance(reply, Exception) and raise_on_error:
+            raise reply
+    return replies
+
+
+# After a call Redis did not run, the backlog tries again after each of
+# these in turn, then every last one: a local Redis restarts in about a
+# second, a cluster's failover takes its node timeout (15 s by default).
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+# A call still not written this long after it first failed is given up
+# (logged and counted lost): Redis has been gone longer than any restart or
+# failover takes, and a router that kept every turn's write for good would
+# run out of memory first.
+MAX_AGE_S = 600.0
+# Bound on the keys' and arguments' characters held (about their memory):
+# past it the oldest calls are given up. A ledger record is ~150 characters,
+# so ~100,000 turns' records.
+MAX_HELD_CHARS = 16 << 20
+
+
+@dataclasses.dataclass(slots=True)
+class _Held:
+    keys: list[str]
+    args: list
+    # When it first failed (the backlog's clock).
+    since: float
+    chars: int = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.chars = sum(len(str(part)) for part in (*self.keys, *self.args))
+
+
+class Backlog:
+    """Runs a writing script's calls; holds those Redis certainly did not
+    run and runs them again, in the order they failed, until they are
+    written or given up (MAX_AGE_S, MAX_HELD_CHARS, the router stopping).
+
+    A call is held exactly as it was made, so it writes what it would have
+    (a settlement as of the router's clock then, a record in the day it
+    was made for); run again only after a refusal, it is written once.
+    """
+
+    def __init__(
+        self,
+        redis,
+        script,
+        write: str,
+        clock: Callable[[], float] = time.monotonic,
+        delays_s: tuple[float, ...] = RETRY_DELAYS_S,
+        max_age_s: float = MAX_AGE_S,
+        max_held_chars: int = MAX_HELD_CHARS,
+    ) -> None:
+        self._redis = redis
+        self._script = script
+        # What the calls write, for logs and metrics ("settlement", "ledger").
+        self._write = write
+        self._clock = clock
+        self._delays_s = delays_s
+        self._max_age_s = max_age_s
+        self._max_held_chars = max_held_chars
+        self._held: collections.deque[_Held] = collections.deque()
+        self._held_chars = 0
+        self._retrying: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
+        self._outcomes = metrics.router().deferred_writes
+
+    def __len__(self) -> int:
+        """Calls held to be run again."""
+        return len(self._held)
+
+    async def run(self, calls: list[tuple[list[str], list]]) -> None:
+        """Runs ``calls`` in one round trip. Those Redis certainly did not
+        run are held and run again later; other failures are logged and
+        given up. Raises nothing: nobody waits on what a turn used."""
+        failures = await self._try(calls)
+        if not any(failures):
+            return
+        now = self._clock()
+        held = self._unwritten([_Held(keys, args, now) for keys, args in calls], failures)
+        if held:
+            self._outcomes.labels(self._write, "deferred").inc(len(held))
+            self._hold(held)
+            if self._retrying is None:
+                self._retrying = asyncio.get_running_loop().create_task(self._retry())
+
+    async def drain(self) -> None:
+        """Runs what is held once more, now, and gives up what is still not
+        written (the router is stopping)."""
+        self._stopping.set()
+        if self._retrying is not None:
+            await self._retrying
+
+    async def _retry(self) -> None:
+        try:
+            attempt = 0
+            while self._held:
+                if not self._stopping.is_set():
+                    delay = self._delays_s[min(attempt, len(self._delays_s) - 1)]
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), delay)
+                attempt += 1
+                held = self._take()
+                now = self._clock()
+                expired = [call for call in held if now - call.since > self._max_age_s]
+                if expired:
+                    self._give_up(len(expired), f"not written within {self._max_age_s:g} s")
+                    held = [call for call in held if now - call.since <= self._max_age_s]
+                if not held:
+                    continue
+                again = self._unwritten(held, await self._try([(c.keys, c.args) for c in held]))
+                if len(again) < len(held):
+                    self._outcomes.labels(self._write, "written_late").inc(len(held) - len(again))
+                    log.info("held usage writes written", write=self._write, calls=len(held) - len(again))
+                # In front of what failed since: the order they failed in.
+                self._hold(again, front=True)
+                if self._stopping.is_set():
+                    self._give_up(len(self._take()), "the router stopped")
+        finally:
+            self._retrying = None
+
+    async def _try(self, calls: list[tuple[list[str], list]]) -> list[BaseException | None]:
+        """Each call's failure (None: written), in one round trip."""
+        try:
+            replies = await run_scripts(self._redis, self._script, calls, raise_on_error=False)
+        except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
+            if len(calls) > 1 and never_ran(error):
+                # A pipeline of several calls (one per cluster node) may
+                # have run some before another node's connect was refused:
+                # none is known not to have run.
+                error = RuntimeError(f"a pipeline failed part-way: {error}")
+            return [error] * len(calls)
+        return [reply if isinstance(reply, Exception) else None for reply in replies]
+
+    def _unwritten(self, calls: list[_Held], failures: list[BaseException | None]) -> list[_Held]:
+        """The calls to hold again: those that failed and certainly did not
+        run. Those that may have run are given up."""
+        again, maybe_run = [], [f for f in failures if f is not None and not never_ran(f)]
+        for call, failure in zip(calls, failures, strict=True):
+            if failure is not None and never_ran(failure):
+                again.append(call)
+        if maybe_run:
+            self._give_up(len(maybe_run), f"may have been written: {maybe_run[0]}")
+        return again
+
+    def _hold(self, calls: list[_Held], front: bool = False) -> None:
+        if front:
+            self._held.extendleft(reversed(calls))
+        else:
+            self._held.extend(calls)
+        self._held_chars += sum(call.chars for call in calls)
+        dropped = 0
+        while self._held_chars > self._max_held_chars and self._held:
+            self._held_chars -= self._held.popleft().chars
+            dropped += 1
+        if dropped:
+            self._give_up(dropped, f"more than {self._max_held_chars} characters held")
+
+    def _take(self) -> list[_Held]:
+        held = list(self._held)
+        self._held.clear()
+        self._held_chars = 0
+        return held
+
+    def _give_up(self, calls: int, why: str) -> None:
+        if calls:
+            self._outcomes.labels(self._write, "given_up").inc(calls)
+            log.error("usage writes given up", write=self._write, calls=calls, why=why)

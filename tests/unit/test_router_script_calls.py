@@ -1,0 +1,288 @@
+"""script_calls.run_scripts over a stand-in Redis: a call refused on its second
+try (Redis had lost the script, then refused the call) is that call's
+reply when the caller asked for replies, as a first refusal is, so the
+caller can undo what the other calls did. Then the backlog of writes
+Redis certainly did not run: held, run again once, in order, or given up."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from redis import exceptions as redis_errors
+from redis.exceptions import NoScriptError, ResponseError
+
+from services.router.script_calls import Backlog, never_ran, run_scripts
+
+
+class Pipeline:
+    def __init__(self, replies: list) -> None:
+        self._replies = replies
+
+    def execute_command(self, *args) -> None:
+        pass
+
+    async def execute(self, raise_on_error: bool = True) -> list:
+        return list(self._replies)
+
+
+class Redis:
+    def __init__(self, replies: list) -> None:
+        self._replies = replies
+
+    def pipeline(self, transaction: bool = True) -> Pipeline:
+        return Pipeline(self._replies)
+
+
+class RefusingScript:
+    sha = "0" * 40
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    async def __call__(self, keys: list[str], args: list) -> list:
+        self.calls.append(keys)
+        raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+
+
+async def test_a_call_refused_after_its_script_was_reloaded_is_its_reply_not_a_raise():
+    script = RefusingScript()
+    redis = Redis([NoScriptError("NOSCRIPT No matching script."), [1]])
+    replies = await run_scripts(redis, script, [(["a"], []), (["b"], [])], raise_on_error=False)
+    assert isinstance(replies[0], ResponseError) and replies[1] == [1]
+    assert script.calls == [["a"]]
+
+
+async def test_with_raise_on_error_the_second_refusal_raises():
+    redis = Redis([NoScriptError("NOSCRIPT No matching script."), [1]])
+    with pytest.raises(ResponseError, match="OOM"):
+        await run_scripts(redis, RefusingScript(), [(["a"], []), (["b"], [])])
+
+
+class BrokenConnectionScript(RefusingScript):
+    async def __call__(self, keys: list[str], args: list) -> list:
+        self.calls.append(keys)
+        raise ConnectionResetError("connection reset by peer")
+
+
+async def test_a_call_whose_retry_lost_its_connection_is_its_reply_too():
+    """A raw socket error on the second try is one of CONNECTION_ERRORS
+    (OSError), not a RedisError: it must not escape either."""
+    redis = Redis([NoScriptError("NOSCRIPT No matching script."), [1]])
+    replies = await run_scripts(
+        redis, BrokenConnectionScript(), [(["a"], []), (["b"], [])], raise_on_error=False
+    )
+    assert isinstance(replies[0], ConnectionResetError) and replies[1] == [1]
+
+
+# --- the backlog of writes Redis did not run -----------------------------------
+
+
+def _refused() -> Exception:
+    """As redis-py fails a connect Redis refuses (restarting): nothing ran."""
+    try:
+        raise ConnectionRefusedError(111, "Connect call failed")
+    except ConnectionRefusedError:
+        try:
+            raise redis_errors.ConnectionError("Error 111 connecting: Connection refused") from None
+        except redis_errors.ConnectionError as error:
+            return error
+
+
+class StoreStandIn:
+    """A Redis whose script adds each call's key to ``written`` unless the
+    failure set for its key (or for every call) is raised instead; its
+    pipeline runs each call as the script does, failing per call."""
+
+    def __init__(self) -> None:
+        self.written: list[str] = []
+        self.failures: dict[str, Exception] = {}
+        self.pipeline_failure: Exception | None = None
+        self.sha = "0" * 40
+
+    def _run(self, keys: list[str]) -> list:
+        failure = self.failures.get(keys[0]) or self.failures.get("*")
+        if failure is not None:
+            raise failure
+        self.written.append(keys[0])
+        return [1]
+
+    async def __call__(self, keys: list[str], args: list) -> list:
+        return self._run(keys)
+
+    def pipeline(self, transaction: bool = True):
+        store = self
+
+        class Pipe:
+            def __init__(self) -> None:
+                self.keys: list[list[str]] = []
+
+            def execute_command(self, name, sha, count, *rest) -> None:
+                self.keys.append(list(rest[:count]))
+
+            async def execute(self, raise_on_error: bool = True) -> list:
+                if store.pipeline_failure is not None:
+                    raise store.pipeline_failure
+                replies = []
+                for keys in self.keys:
+                    try:
+                        replies.append(store._run(keys))
+                    except Exception as error:  # noqa: BLE001 - a reply, as redis-py gives it
+                        replies.append(error)
+                return replies
+
+        return Pipe()
+
+
+def _backlog(store: StoreStandIn, clock=None, **bounds) -> Backlog:
+    return Backlog(store, store, "ledger", clock=clock or time.monotonic, delays_s=(0.01,), **bounds)
+
+
+async def _settled(backlog: Backlog) -> None:
+    """Until the backlog holds nothing (bounded: a test must not hang)."""
+    for _ in range(500):
+        if not len(backlog):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(backlog)} calls still held")
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        _refused(),
+        redis_errors.OutOfMemoryError("OOM command not allowed"),
+        redis_errors.ReadOnlyError("READONLY"),
+    ],
+    ids=["connect-refused", "oom", "read-only"],
+)
+async def test_a_call_redis_did_not_run_is_written_once_it_can_be(refusal):
+    store = StoreStandIn()
+    backlog = _backlog(store)
+    store.failures["*"] = refusal
+    await backlog.run([(["a"], [1]), (["b"], [2])])
+    await backlog.run([(["c"], [3])])
+    assert len(backlog) == 3 and store.written == []
+    await asyncio.sleep(0.05)
+    assert len(backlog) == 3, "a refused retry is held again"
+    del store.failures["*"]
+    await _settled(backlog)
+    # Each once, in the order they failed.
+    assert store.written == ["a", "b", "c"]
+    await backlog.drain()
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        redis_errors.TimeoutError("Timeout reading from socket"),
+        redis_errors.ConnectionError("Connection closed by server."),
+        redis_errors.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+    ],
+    ids=["timeout", "connection-lost", "script-error"],
+)
+async def test_a_call_that_may_have_run_is_not_written_again(failure):
+    """A timeout, a connection lost after the call was sent, a script that
+    failed midway: the call may have written part or all of it, and the
+    scripts add, so running it again could count it twice."""
+    store = StoreStandIn()
+    backlog = _backlog(store)
+    store.failures["a"] = failure
+    await backlog.run([(["a"], [])])
+    assert len(backlog) == 0
+    del store.failures["a"]
+    await asyncio.sleep(0.05)
+    assert store.written == []
+
+
+async def test_in_a_pipeline_only_the_refused_call_is_held():
+    """On a cluster a batch is one call per node: the one a node refused
+    is held, the others ran and are not run again."""
+    store = StoreStandIn()
+    backlog = _backlog(store)
+    store.failures["b"] = redis_errors.ClusterDownError("CLUSTERDOWN The cluster is down")
+    await backlog.run([(["a"], []), (["b"], []), (["c"], [])])
+    assert store.written == ["a", "c"] and len(backlog) == 1
+    del store.failures["b"]
+    await _settled(backlog)
+    assert store.written == ["a", "c", "b"]
+
+
+async def test_a_pipeline_failing_as_a_whole_is_given_up():
+    """A pipeline of several calls that raises (one node's connect refused
+    after others ran theirs) says of no call that it did not run."""
+    store = StoreStandIn()
+    backlog = _backlog(store)
+    store.pipeline_failure = _refused()
+    await backlog.run([(["a"], []), (["b"], [])])
+    assert len(backlog) == 0
+
+
+async def test_held_calls_are_given_up_past_their_age_and_past_the_bound_on_memory():
+    now = [0.0]
+    store = StoreStandIn()
+    store.failures["*"] = _refused()
+    backlog = _backlog(store, clock=lambda: now[0], max_age_s=60, max_held_chars=32)
+    await backlog.run([(["old"], ["x" * 10])])
+    now[0] = 30
+    await backlog.run([(["newer"], ["y" * 10])])
+    assert len(backlog) == 2
+    # Over the bound on memory: the oldest goes.
+    now[0] = 50
+    await backlog.run([(["newest"], ["z" * 10])])
+    assert len(backlog) == 2
+    now[0] = 95  # "newer" is past its age; "newest" (failed at 50) is not
+    await asyncio.sleep(0.05)
+    assert len(backlog) == 1
+    del store.failures["*"]
+    await _settled(backlog)
+    assert store.written == ["newest"]
+
+
+async def test_drain_runs_what_is_held_once_more_then_gives_it_up():
+    store = StoreStandIn()
+    backlog = Backlog(store, store, "settlement", delays_s=(3600.0,))
+    store.failures["*"] = _refused()
+    await backlog.run([(["a"], [])])
+    del store.failures["*"]
+    await asyncio.wait_for(backlog.drain(), 5)
+    assert store.written == ["a"] and len(backlog) == 0
+    store.failures["*"] = _refused()
+    backlog = Backlog(store, store, "settlement", delays_s=(3600.0,))
+    await backlog.run([(["b"], [])])
+    await asyncio.wait_for(backlog.drain(), 5)
+    assert store.written == ["a"] and len(backlog) == 0
+
+
+@pytest.mark.parametrize(
+    ("error", "ran"),
+    [
+        # redis-py's words for a connect that failed: nothing was sent.
+        (redis_errors.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connect call failed."), False),
+        (redis_errors.ConnectionError("Error -2 connecting to redis:6379. Name not known."), False),
+        (redis_errors.TimeoutError("Timeout connecting to server"), False),
+        (redis_errors.OutOfMemoryError("OOM command not allowed"), False),
+        (redis_errors.BusyLoadingError("LOADING Redis is loading the dataset in memory"), False),
+        # Sent, and then: the reply lost, or the script failed midway.
+        (redis_errors.TimeoutError("Timeout reading from socket"), True),
+        (redis_errors.ConnectionError("Connection closed by server."), True),
+        (redis_errors.ConnectionError("Error while reading from 127.0.0.1:6379 : (104, 'reset')"), True),
+        (redis_errors.ResponseError("WRONGTYPE Operation against a key holding the wrong kind"), True),
+    ],
+)
+def test_never_ran_only_where_nothing_was_sent_or_redis_refused_it(error, ran):
+    assert never_ran(error) is not ran
+
+
+def test_a_refused_connect_found_through_a_stale_pooled_connection_never_ran():
+    """The chain redis-py 8 gives when a pooled connection is found closed
+    and connecting anew is refused: the socket error is not in it."""
+    try:
+        try:
+            raise redis_errors.ConnectionError("Connection has data") from None
+        except redis_errors.ConnectionError:
+            # Implicitly chained, as redis-py raises it.
+            raise redis_errors.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connect call failed.")  # noqa: B904
+    except redis_errors.ConnectionError as error:
+        assert never_ran(error)
