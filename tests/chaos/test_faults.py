@@ -49,8 +49,8 @@ MAX_TOKENS = {"session": 48, "stateless": 12, "long": 200}
 # as other work shares this machine's two cores.
 RECOVERY_TARGET_S = 15.0
 RECOVERY_BOUND_S = 45.0
-STEADY_S = 2.0
-SETTLE_AFTER_RECOVERY_S = 2.0
+STEADY_S = 1.0
+SETTLE_AFTER_RECOVERY_S = 1.0
 # The inference service's default probe interval: a restarted Triton is in
 # rotation at most this long after it reports ready.
 HEALTH_INTERVAL_S = 2.0

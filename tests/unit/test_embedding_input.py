@@ -31,7 +31,7 @@ def tokens_read(text: str, max_tokens: int) -> list[int]:
     return TOKENIZER.encode(text, add_special_tokens=False).ids[: max_tokens - 2]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(texts=st.lists(TEXTS, min_size=1, max_size=4), max_tokens=st.integers(3, 40))
 def test_the_model_reads_the_same_tokens_from_the_cut(texts, max_tokens):
     cut = EmbeddingTruncator(TOKENIZER, max_tokens).truncate(texts)
@@ -100,7 +100,7 @@ def test_no_text_has_more_tokens_than_utf8_bytes(text):
     assert len(TOKENIZER.encode(text, add_special_tokens=False).ids) <= len(text.encode())
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(texts=st.lists(st.one_of(NEAR_THE_BOUND, TEXTS, st.text(max_size=300)), min_size=1, max_size=4))
 def test_the_fast_path_answers_as_tokenizing_does(texts):
     truncator = EmbeddingTruncator(TOKENIZER, 256)
