@@ -29,7 +29,7 @@ the braces make all of them one Redis Cluster hash slot:
 - ``...:turns``, a list of serialized ``common.v1.Message``, oldest first.
 - ``...:turn_ids``, a hash: the idempotency key of every append that gave
   one -> the version that append made, so a retried append is answered
-  instead of applied twice.
+  instead of applied twice; kept until a compaction empties all its turns.
 - ``...:versions``, a string: for every version v, at offset 4v, how many
   turns the session held at v (little-endian uint32), so any version can be
   read, forked or reverted to; 0xFFFFFFFF marks a version a revert undid.
@@ -562,6 +562,20 @@ end
 -- Postings name live turns only, so a question's read is bounded by them.
 drop_postings(KEYS[9], 0, upto)
 redis.call('HSET', KEYS[1], 'compacted', upto, 'compacted_version', version)
+-- An append's turn id goes once all its turns are compacted (the version it
+-- made held no more than `upto` turns): the ids would otherwise grow with
+-- the session's age, ~80 bytes an append, for retries that cannot come so
+-- late (one would be appended again). Ids of undone versions are gone
+-- already (a revert drops them); a session without history keeps its ids.
+if redis.call('STRLEN', KEYS[4]) == 4 * tonumber(version) + 4 then
+  local applied = redis.call('HGETALL', KEYS[3])
+  for i = 1, #applied, 2 do
+    local at = 4 * tonumber(applied[i + 1])
+    if struct.unpack('<I4', redis.call('GETRANGE', KEYS[4], at, at + 3)) <= upto then
+      redis.call('HDEL', KEYS[3], applied[i])
+    end
+  end
+end
 -- No new version (the turns the session holds are the same), but what a
 -- hot copy holds is not: replicas drop it as they would a deleted one.
 redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1')

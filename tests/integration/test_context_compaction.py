@@ -54,7 +54,11 @@ async def test_a_session_past_its_soft_cap_is_compacted_and_stays_consistent(
         for k in range(APPENDS):
             await stub.AppendTurns(
                 pb.AppendTurnsRequest(
-                    tenant_id=tenant, session_id=session_id, expected_version=k, messages=_pair(k)
+                    tenant_id=tenant,
+                    session_id=session_id,
+                    expected_version=k,
+                    messages=_pair(k),
+                    turn_id=f"turn-{k}",
                 )
             )
         get = pb.GetSessionRequest(tenant_id=tenant, session_id=session_id)
@@ -86,6 +90,21 @@ async def test_a_session_past_its_soft_cap_is_compacted_and_stays_consistent(
             for at in range(0, len(value), 4)
         ]
         assert positions and min(positions) >= compacted_turns
+        # The turn ids of appends all of whose turns are compacted are gone
+        # (they grew with the session's age); a live one's retry is still
+        # answered, not appended again.
+        turn_ids = await client.hgetall(session_store.key(tenant, session_id, "turn_ids"))
+        assert sorted(turn_ids) == [f"turn-{k}".encode() for k in range(compacted_turns // 2, APPENDS)]
+        retried = await stub.AppendTurns(
+            pb.AppendTurnsRequest(
+                tenant_id=tenant,
+                session_id=session_id,
+                messages=_pair(APPENDS - 1),
+                turn_id=f"turn-{APPENDS - 1}",
+            )
+        )
+        assert retried.version == APPENDS
+        assert (await stub.GetSession(get)).session.version == APPENDS
 
         # Assembly: the system turn verbatim, the compacted spans by their
         # summaries, the live turns; a question about a compacted turn's
