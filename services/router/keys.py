@@ -56,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import re
 import secrets
 import time
@@ -91,21 +92,45 @@ _MAX_LABEL = 256
 # 9999-12-31T23:59:59Z, the last instant a google.protobuf.Timestamp holds.
 _LAST_TIMESTAMP_S = 253_402_300_799
 
+# A revoked key's record is kept this long after its revocation, an
+# expiring key's this long after it expires, for ListKeys and audits; then
+# it goes (each rotation revokes one: kept for good they grew without
+# bound, every one listed). Its entries in its tenant's set and the ids hash
+# go when a listing or a lookup by id finds the record gone (_FORGET_GONE).
+RETIRED_KEY_RETENTION_S = 30 * 24 * 3600
+
 # Writes records only if one record is still what the writer read (a
 # compare-and-set: Redis runs a script whole, with nothing in between).
 # KEYS[1]: the record checked; ARGV[1]: what the writer read there, "" for
 # absent (a record is never ""). KEYS[2]: the ids hash. Then per record
 # written, KEYS: its record and its tenant's set; ARGV: its JSON, creation
-# time, hash and id. Returns 1 when written, 0 when the record had changed.
+# time, hash, id and when the record goes (unix s; 0: never). Returns 1 when
+# written, 0 when the record had changed.
 _WRITE_IF_UNCHANGED = """
 if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then
   return 0
 end
 for i = 3, #KEYS, 2 do
-  local a = 2 * i - 4
+  local a = 5 * (i - 3) / 2 + 2
   redis.call('SET', KEYS[i], ARGV[a])
+  if tonumber(ARGV[a + 4]) > 0 then redis.call('EXPIREAT', KEYS[i], ARGV[a + 4]) end
   redis.call('ZADD', KEYS[i + 1], ARGV[a + 1], ARGV[a + 2])
   redis.call('HSET', KEYS[2], ARGV[a + 3], ARGV[a + 2])
+end
+return 1
+"""
+
+# Forgets keys whose records are gone (retention passed): KEYS[1] the
+# tenant's set, KEYS[2] the ids hash, then each record's key; ARGV: per
+# record, its hash and id. Only where the record is still absent, and the
+# id still names that hash.
+_FORGET_GONE = """
+for i = 3, #KEYS do
+  local key_hash, key_id = ARGV[2 * i - 5], ARGV[2 * i - 4]
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    redis.call('ZREM', KEYS[1], key_hash)
+    if redis.call('HGET', KEYS[2], key_id) == key_hash then redis.call('HDEL', KEYS[2], key_id) end
+  end
 end
 return 1
 """
@@ -133,6 +158,13 @@ class KeyRecord:
     @property
     def key_id(self) -> str:
         return self.key_hash[:16]
+
+    @property
+    def kept_until(self) -> float | None:
+        """When its record leaves Redis: RETIRED_KEY_RETENTION_S after it
+        was revoked or expires; None for a key live for good."""
+        ends = [t for t in (self.revoked_at, self.expires_at) if t is not None]
+        return min(ends) + RETIRED_KEY_RETENTION_S if ends else None
 
     def to_json(self) -> str:
         fields = dataclasses.asdict(self)
@@ -243,6 +275,7 @@ class KeyStore:
             "API key GET", cancel_when_abandoned=False
         )
         self._write_script = None  # registered on the first write
+        self._forget_script = None
 
     def now(self) -> float:
         return self._clock()
@@ -291,8 +324,19 @@ class KeyStore:
         key_hash = await self._call(self._redis.hget(_IDS, key_id)) if key_id else None
         raw = await self._call(self._redis.get(_RECORD.format(key_hash.decode()))) if key_hash else None
         if raw is None:
+            if key_hash is not None:
+                await self._forget_gone(None, [key_hash.decode()])
             raise not_found(Reason.API_KEY_NOT_FOUND, "no stored API key has this id", key_id=key_id)
         return KeyRecord.from_json(raw), raw
+
+    async def _forget_gone(self, tenant_id: str | None, key_hashes: list[str]) -> None:
+        """Drops keys whose records are gone from the tenant's set (when
+        known) and the ids hash."""
+        if self._forget_script is None:
+            self._forget_script = self._redis.register_script(_FORGET_GONE)
+        keys = [_TENANT_KEYS.format(tenant_id or ""), _IDS, *(_RECORD.format(h) for h in key_hashes)]
+        args = [part for key_hash in key_hashes for part in (key_hash, key_hash[:16])]
+        await self._call(self._forget_script(keys=keys, args=args))
 
     @staticmethod
     async def _call(awaitable):
@@ -311,7 +355,14 @@ class KeyStore:
         args: list = [read or ""]
         for record in records:
             keys += [_RECORD.format(record.key_hash), _TENANT_KEYS.format(record.tenant_id)]
-            args += [record.to_json(), record.created_at, record.key_hash, record.key_id]
+            kept_until = record.kept_until
+            args += [
+                record.to_json(),
+                record.created_at,
+                record.key_hash,
+                record.key_id,
+                0 if kept_until is None else math.ceil(kept_until),
+            ]
         if not await self._call(self._write_script(keys=keys, args=args)):
             return False
         for record in records:
@@ -363,6 +414,9 @@ class KeyStore:
         if not hashes:
             return []
         raws = await self._call(self._redis.mget([_RECORD.format(h.decode()) for h in hashes]))
+        gone = [h.decode() for h, raw in zip(hashes, raws, strict=True) if raw is None]
+        if gone:
+            await self._forget_gone(tenant_id, gone)
         return [KeyRecord.from_json(raw) for raw in raws if raw is not None]
 
     async def revoke(self, key_id: str) -> KeyRecord:

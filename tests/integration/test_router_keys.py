@@ -23,6 +23,7 @@ from meshgate.router.v1 import admin_service_pb2 as admin_pb
 from meshgate.router.v1 import admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router import app as router_app
+from services.router import keys as keys_module
 from services.router.admission import Admission, admission_scopes
 from services.router.auth import Authenticator
 from services.router.keys import KeyRecord, KeyStore, new_secret
@@ -417,3 +418,50 @@ async def test_a_revocation_racing_a_rotation_ends_as_one_after_the_other(redis_
     finally:
         for client in clients:
             await client.aclose()
+
+
+async def test_retired_key_records_leave_redis_after_their_retention_and_their_listing_with_them(redis_url):
+    """A bug hunt's finding: revoked, rotated and expired keys' records were
+    kept for good (200 rotations: 201 records listed, one usable). Now a
+    record is kept RETIRED_KEY_RETENTION_S past its revocation or expiry;
+    once gone, the tenant's listing and the ids hash forget it."""
+    client = redis_access.connect(redis_url)
+    try:
+        keys = KeyStore(client)
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        _, live = await keys.create(tenant, ("*",), LimitSettings(), None, "live")
+        expires_at = time.time() + 3600
+        _, expiring = await keys.create(tenant, ("*",), LimitSettings(), expires_at, "expiring")
+        _, rotated = await keys.create(tenant, ("*",), LimitSettings(), None, "rotated")
+        _, successor, retired = await keys.rotate(rotated.key_id)
+        revoked = await keys.revoke(
+            (await keys.create(tenant, ("*",), LimitSettings(), None, "revoked"))[1].key_id
+        )
+
+        def record_key(record: KeyRecord) -> str:
+            return f"mg:router:{{apikeys}}:key:{record.key_hash}"
+
+        retention = keys_module.RETIRED_KEY_RETENTION_S
+        assert await client.ttl(record_key(live)) == -1
+        assert await client.ttl(record_key(successor)) == -1
+        assert abs(await client.ttl(record_key(expiring)) - (expires_at - time.time() + retention)) < 5
+        for gone_later in (retired, revoked):
+            assert retention - 5 < await client.ttl(record_key(gone_later)) <= retention + 1
+        assert len(await keys.list(tenant)) == 5
+
+        # Their retention passed (as Redis would expire them).
+        await client.delete(record_key(retired), record_key(revoked))
+        listed = await keys.list(tenant)
+        assert {r.label for r in listed} == {"live", "expiring", "rotated"}  # the successor keeps the label
+        assert await client.zcard(f"mg:router:{{apikeys}}:tenant:{tenant}") == 3
+        ids = "mg:router:{apikeys}:ids"
+        assert (
+            await client.hget(ids, retired.key_id) is None and await client.hget(ids, revoked.key_id) is None
+        )
+        assert await client.hget(ids, live.key_id) == live.key_hash.encode()
+        # A lookup by id of a gone key is not found, as before.
+        with pytest.raises(MeshgateError) as missing:
+            await keys.revoke(retired.key_id)
+        assert missing.value.reason == Reason.API_KEY_NOT_FOUND
+    finally:
+        await client.aclose()
