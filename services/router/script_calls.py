@@ -169,11 +169,15 @@ class Backlog:
         self._held_chars = 0
         self._retrying: asyncio.Task | None = None
         self._stopping = asyncio.Event()
-        self._outcomes = metrics.router().deferred_writes
 
     def __len__(self) -> int:
         """Calls held to be run again."""
         return len(self._held)
+
+    @property
+    def _outcomes(self):
+        # Read when counted (rarely), so the process's metrics setting applies.
+        return metrics.router().deferred_writes
 
     async def run(self, calls: list[tuple[list[str], list]]) -> None:
         """Runs ``calls`` in one round trip. Those Redis certainly did not
@@ -212,12 +216,22 @@ class Backlog:
                 if expired:
                     self._give_up(len(expired), f"not written within {self._max_age_s:g} s")
                     held = [call for call in held if now - call.since <= self._max_age_s]
-                if not held:
-                    continue
-                again = self._unwritten(held, await self._try([(c.keys, c.args) for c in held]))
-                if len(again) < len(held):
-                    self._outcomes.labels(self._write, "written_late").inc(len(held) - len(again))
-                    log.info("held usage writes written", write=self._write, calls=len(held) - len(again))
+                # One call at a time, so each failure is that call's alone (a
+                # pipeline's says nothing of which calls ran); the first one
+                # Redis still refuses keeps the rest for the next round.
+                written, again = 0, []
+                for index, call in enumerate(held):
+                    [failure] = await self._try([(call.keys, call.args)])
+                    if failure is None:
+                        written += 1
+                    elif never_ran(failure):
+                        again = held[index:]
+                        break
+                    else:
+                        self._give_up(1, f"may have been written: {failure}")
+                if written:
+                    self._outcomes.labels(self._write, "written_late").inc(written)
+                    log.info("held usage writes written", write=self._write, calls=written)
                 # In front of what failed since: the order they failed in.
                 self._hold(again, front=True)
                 if self._stopping.is_set():

@@ -56,6 +56,9 @@ async def test_a_settlement_and_a_record_refused_while_redis_restarts_are_writte
         record = UsageRecord(scope.id, "k1", "tiny-gpt", "live", 100, 200, 0, "miss", 7, 50)
         await ledger.record(record)
         assert len(admission._settlements) == 1 and len(ledger._backlog) == 1
+        # Down for a while: the first rounds of retries are refused too.
+        await asyncio.sleep(1.8)
+        assert len(admission._settlements) == 1 and len(ledger._backlog) == 1
 
         process = redis_server.launch(port, tmp_path)
         redis_server.wait_ready(port)

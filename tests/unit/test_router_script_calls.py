@@ -286,3 +286,21 @@ def test_a_refused_connect_found_through_a_stale_pooled_connection_never_ran():
             raise redis_errors.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connect call failed.")  # noqa: B904
     except redis_errors.ConnectionError as error:
         assert never_ran(error)
+
+
+async def test_held_calls_stay_held_while_redis_still_refuses_them():
+    """Held calls are run again one at a time: a pipeline of several that
+    fails as a whole (a refused connect) says nothing of which ran, and was
+    read as 'may have run', so every held call was given up at the first
+    round Redis was still down."""
+    store = StoreStandIn()
+    backlog = _backlog(store)
+    store.failures["*"] = store.pipeline_failure = _refused()
+    for key in "abc":
+        await backlog.run([([key], [])])
+    await asyncio.sleep(0.1)  # several rounds, each refused
+    assert len(backlog) == 3
+    store.failures.clear()
+    store.pipeline_failure = None
+    await _settled(backlog)
+    assert store.written == ["a", "b", "c"]
