@@ -514,17 +514,22 @@ class Pipeline:
             async with contextlib.aclosing(admitted) as events:
                 async for event in events:
                     if isinstance(event, Delta):
-                        delivered_bytes += len(event.text.encode())
                         if held is not None:
                             # Never while generators keep their contract
                             # (Generator); if one does not, no text is lost
                             # nor reordered for it.
+                            delivered_bytes += len(held.text.encode())
                             yield held
                             held = None
                         if carry_last_text and event.last:
+                            # Counted as delivered only as it goes out: a
+                            # caller gone while the turn saves (the cache's
+                            # Store, the session's append) never had it.
                             held = event
                             continue
+                        delivered_bytes += len(event.text.encode())
                     elif isinstance(event, Completion) and held is not None:
+                        delivered_bytes += len(held.text.encode())
                         event = dataclasses.replace(event, text=held.text)
                         held = None
                     yield event
@@ -533,6 +538,7 @@ class Pipeline:
             counted = error.metadata.get("delivered_tokens")
             delivered_tokens = int(counted) if counted else None
             if held is not None:
+                delivered_bytes += len(held.text.encode())
                 yield held
             yield _failure(error, facts)
         except (asyncio.CancelledError, GeneratorExit):
@@ -544,6 +550,7 @@ class Pipeline:
             log.exception("turn failed", model=turn.model_alias)
             failure = Reason.INTERNAL
             if held is not None:
+                delivered_bytes += len(held.text.encode())
                 yield held
             yield _failure(internal_error(), facts)
         finally:

@@ -186,6 +186,46 @@ async def test_a_caller_hanging_up_while_the_lookup_decides_pays_no_speculative_
     assert (record.prompt_tokens, record.completion_tokens, record.failure) == (PROMPT, 0, "cancelled")
 
 
+class SlowStoreCache(FakeCache):
+    """A cache whose Store (after a generated answer) does not return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storing = asyncio.Event()
+
+    async def store(self, plan, messages, answer, budget) -> None:
+        self.storing.set()
+        await asyncio.Event().wait()
+
+
+async def test_a_caller_gone_while_the_last_piece_waits_for_the_completion_pays_no_completion():
+    """A caller whose completion may carry the last text (the HTTP edge's
+    SSE, completion_may_carry_text) has that piece held while the turn
+    saves; gone meanwhile, it received nothing, yet the held piece counted
+    as delivered and it paid the whole completion (a bug hunt's repro:
+    (5, 1) for a one-piece answer never received)."""
+    cache = SlowStoreCache()
+    generator = FakeGenerator(("Paris.",), finish_before_last=True)
+    turns, admission, ledger = billed_pipeline(generator, cache=cache)
+    got: list = []
+    asked = request("tell me a long story", pb.CACHE_POLICY_USE)
+
+    async def read() -> None:
+        async for event in turns.run(asked, TENANT, "", Budget(), carry_last_text=True):
+            got.append(event)
+
+    reading = asyncio.ensure_future(read())
+    await asyncio.wait_for(cache.storing.wait(), 5)
+    reading.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reading
+    assert got == []
+    # Its prompt as inference counted it (FakeGenerator: 5), no completion.
+    assert admission.settled == [5]
+    [record] = ledger.records
+    assert (record.prompt_tokens, record.completion_tokens, record.failure) == (5, 0, "cancelled")
+
+
 async def test_a_stream_failing_midway_pays_what_inference_says_it_delivered():
     turns, admission, ledger = billed_pipeline(FailingGenerator(("a ", "b ", "c "), delivered_tokens=7))
     events = await events_of(turns)
