@@ -601,7 +601,7 @@ class Admission:
         # takes all of a turn's keys in one call, atomic across its scopes.
         self._split_by_slot = isinstance(redis, RedisCluster) if split_by_slot is None else split_by_slot
         self._admit_script = redis.register_script(_ADMIT)
-        self._settlements = Backlog(redis, redis.register_script(_SETTLE), "settlement")
+        self._settlements = Backlog(redis.register_script(_SETTLE), "settlement")
         self._top_up_script = redis.register_script(_TOP_UP)
         self._lease_ms = int(max_generation_s * 1000) + _LEASE_MARGIN_MS
         self._clock = clock

@@ -142,7 +142,7 @@ class Ledger:
         # A Redis Cluster takes the log and each tenant's totals in their own
         # calls (their keys are in different slots); one instance, one call.
         self._split_by_slot = isinstance(redis, RedisCluster) if split_by_slot is None else split_by_slot
-        self._backlog = Backlog(redis, redis.register_script(_RECORD), "ledger")
+        self._backlog = Backlog(redis.register_script(_RECORD), "ledger")
         self._stream_max_len = stream_max_len
         self._retention_s = retention_days * 24 * 3600
         self._clock = clock

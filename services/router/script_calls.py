@@ -1,6 +1,7 @@
-"""The router's Lua script calls: one per hash slot, in one round trip
-(:func:`run_scripts`), and the writes of what turns used that Redis
-certainly did not run, kept and written again (:class:`Backlog`).
+"""The router's Lua script calls: admission's, one per hash slot in one
+round trip (:func:`run_scripts`), and the writes of what turns used, whose
+calls Redis certainly did not run are held and written again
+(:class:`Backlog`).
 
 What a turn used is written after its answer, off its path: its settlement
 (admission's reservation replaced by its use) and its ledger record. Both
@@ -13,7 +14,8 @@ Redis restart or failover fails, and they were lost: a settlement's
 reservation stood (an overcharge; a turn admitted without Redis was charged
 nothing), a ledger record was missing from GetUsage. A call that may have
 run (a timeout, a connection lost after it was sent) cannot be written
-again without the risk of counting it twice: it is logged as lost, as before.
+again without the risk of counting it twice: it is given up (logged and
+counted), as it was lost before.
 """
 
 from __future__ import annotations
@@ -149,7 +151,6 @@ class Backlog:
 
     def __init__(
         self,
-        redis,
         script,
         write: str,
         clock: Callable[[], float] = time.monotonic,
@@ -157,7 +158,6 @@ class Backlog:
         max_age_s: float = MAX_AGE_S,
         max_held_chars: int = MAX_HELD_CHARS,
     ) -> None:
-        self._redis = redis
         self._script = script
         # What the calls write, for logs and metrics ("settlement", "ledger").
         self._write = write
@@ -180,7 +180,7 @@ class Backlog:
         return metrics.router().deferred_writes
 
     async def run(self, calls: list[tuple[list[str], list]]) -> None:
-        """Runs ``calls`` in one round trip. Those Redis certainly did not
+        """Runs ``calls`` at once. Those Redis certainly did not
         run are held and run again later; other failures are logged and
         given up. Raises nothing: nobody waits on what a turn used."""
         failures = await self._try(calls)
@@ -216,9 +216,8 @@ class Backlog:
                 if expired:
                     self._give_up(len(expired), f"not written within {self._max_age_s:g} s")
                     held = [call for call in held if now - call.since <= self._max_age_s]
-                # One call at a time, so each failure is that call's alone (a
-                # pipeline's says nothing of which calls ran); the first one
-                # Redis still refuses keeps the rest for the next round.
+                # One call at a time, in order; the first one Redis still
+                # refuses keeps the rest for the next round.
                 written, again = 0, []
                 for index, call in enumerate(held):
                     [failure] = await self._try([(call.keys, call.args)])
@@ -240,16 +239,16 @@ class Backlog:
             self._retrying = None
 
     async def _try(self, calls: list[tuple[list[str], list]]) -> list[BaseException | None]:
-        """Each call's failure (None: written), in one round trip."""
-        try:
-            replies = await run_scripts(self._redis, self._script, calls, raise_on_error=False)
-        except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
-            if len(calls) > 1 and never_ran(error):
-                # A pipeline of several calls (one per cluster node) may
-                # have run some before another node's connect was refused:
-                # none is known not to have run.
-                error = RuntimeError(f"a pipeline failed part-way: {error}")
-            return [error] * len(calls)
+        """Each call's failure (None: written). Several calls (one per
+        cluster slot) run at once, each alone: a cluster pipeline that one
+        node's refused connect fails as a whole says nothing of which calls
+        the other nodes ran."""
+        replies = await asyncio.gather(
+            *(self._script(keys=keys, args=args) for keys, args in calls), return_exceptions=True
+        )
+        for reply in replies:
+            if isinstance(reply, BaseException) and not isinstance(reply, Exception):
+                raise reply  # cancelled: the caller's, not a failure of the call
         return [reply if isinstance(reply, Exception) else None for reply in replies]
 
     def _unwritten(self, calls: list[_Held], failures: list[BaseException | None]) -> list[_Held]:
