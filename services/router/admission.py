@@ -90,7 +90,7 @@ import grpc
 import structlog
 from google.rpc import error_details_pb2
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from meshgate import redis_access
 from meshgate.config import LimitSettings, PriceSettings, RouterSettings
@@ -674,10 +674,12 @@ class Admission:
             self._abandoned.add(admitting)
             admitting.add_done_callback(self._abandoned.discard)
             raise
-        except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
-            # Unreachable, or refusing to run the script (out of memory under
-            # maxmemory, a read-only replica during a failover): either way
-            # the limits cannot be checked, which the policy below decides.
+        except (*redis_access.CONNECTION_ERRORS, RedisError, RedisClusterException) as error:
+            # Unreachable (a cluster none of whose nodes answers raises
+            # RedisClusterException), or refusing to run the script (out of
+            # memory under maxmemory, a read-only replica during a failover):
+            # either way the limits cannot be checked, which the policy
+            # below decides.
             _refuse_if_fail_closed(checks, error)
             log.warning("limits unavailable; admitting (fail open)", error=str(error))
             if not never_ran(error):
@@ -749,7 +751,7 @@ class Admission:
                 indexed.append(f"{word} {len(keys) + 1}")
                 keys += check.keys
             calls.append((keys, [now, lease_id, " ".join(indexed)]))
-        replies = await run_scripts(self._redis, script, calls, raise_on_error=False)
+        replies = await run_scripts(script, calls, raise_on_error=False)
         refused, failed, charged = None, None, []
         for (checks, _), reply in zip(groups, replies, strict=True):
             if isinstance(reply, Exception):
@@ -803,7 +805,7 @@ class Admission:
                 self._abandoned.add(growing)
                 growing.add_done_callback(self._abandoned.discard)
                 raise
-            except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
+            except (*redis_access.CONNECTION_ERRORS, RedisError, RedisClusterException) as error:
                 # As at admission: the limits cannot be checked. Failing open,
                 # the turn goes on with what admission reserved; if the
                 # script did run, its growth stays charged (an overcharge).

@@ -1,5 +1,5 @@
-"""The router's Lua script calls: admission's, one per hash slot in one
-round trip (:func:`run_scripts`), and the writes of what turns used, whose
+"""The router's Lua script calls: admission's, one per hash slot, all at
+once (:func:`run_scripts`), and the writes of what turns used, whose
 calls Redis certainly did not run are held and written again
 (:class:`Backlog`).
 
@@ -31,9 +31,8 @@ from collections.abc import Callable
 
 import structlog
 from redis import exceptions as redis_errors
-from redis.exceptions import NoScriptError, RedisError
 
-from meshgate import metrics, redis_access
+from meshgate import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +58,14 @@ _REFUSALS = (
 # restarted) is connected anew inside the handler of that finding, and the
 # refusal's context is then the finding, not the OSError.
 _CONNECT_FAILED = re.compile(r"^(?:Error (?:\S+ )?connecting to |Timeout connecting to server)")
+# Failures of redis-py before any command went out: no pooled connection
+# free in time (the single node's pool, a cluster node's), a cluster whose
+# nodes could not be reached or whose slots no node serves, and a command
+# redirected (MOVED, ASK, TRYAGAIN: each not run) until its tries ran out.
+_NOT_SENT = re.compile(
+    r"^(?:No connection available\.|Redis Cluster cannot be connected"
+    r"|All slots are not covered|TTL exhausted\.)"
+)
 
 
 def never_ran(error: BaseException) -> bool:
@@ -66,7 +73,7 @@ def never_ran(error: BaseException) -> bool:
     it (_REFUSALS), or no connection was made (refused, timed out, or a name
     that does not resolve). A timeout reading the reply, or a connection
     lost once the call was sent, may come after the script ran."""
-    if isinstance(error, _REFUSALS):
+    if isinstance(error, (*_REFUSALS, redis_errors.MaxConnectionsError)):
         return True
     cause: BaseException | None = error
     while cause is not None:
@@ -76,39 +83,38 @@ def never_ran(error: BaseException) -> bool:
             _CONNECT_FAILED.match(str(cause))
         ):
             return True
+        if isinstance(cause, redis_errors.RedisError | redis_errors.RedisClusterException) and (
+            _NOT_SENT.match(str(cause))
+        ):
+            return True
         cause = cause.__cause__ or cause.__context__
     return False
 
 
-async def run_scripts(
-    redis, script, calls: list[tuple[list[str], list]], raise_on_error: bool = True
-) -> list:
-    """Runs ``script`` once per (keys, args), in one round trip: on a Redis
-    Cluster each call goes to the node of its keys' slot. A call Redis
-    refused raises, or with ``raise_on_error`` False and several calls, is
-    its reply (the others ran: the caller may have to undo them), also when
-    it was refused on its second try, after Redis had lost the script."""
+async def run_scripts(script, calls: list[tuple[list[str], list]], raise_on_error: bool = True) -> list:
+    """Runs ``script`` once per (keys, args), all at once, each call alone
+    (on a Redis Cluster, on its slot's node), so that each call's failure
+    is its own: redis-py's cluster pipeline raises as a whole when one
+    node's connect fails (ClusterNode.execute_pipeline sends outside its
+    per-command handling), after the other nodes may have run theirs, and a
+    caller could then tell neither what to give back nor what to run again.
+    A failed call raises (the first, once every call has answered), or with
+    ``raise_on_error`` False is its reply (the others ran: the caller may
+    have to undo them). redis-py's Script loads itself again where Redis
+    lost it (a restart)."""
     if len(calls) == 1:
         [(keys, args)] = calls
         return [await script(keys=keys, args=args)]
-    pipe = redis.pipeline(transaction=False)
-    for keys, args in calls:
-        # Not pipe.evalsha: redis-py refuses that method on a cluster's
-        # pipeline, while the command itself is routed by its keys' slot.
-        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-    replies = await pipe.execute(raise_on_error=False)
-    for index, reply in enumerate(replies):
-        if isinstance(reply, NoScriptError):
-            # Redis lost its scripts (a restart): that call did not run.
-            keys, args = calls[index]
-            try:
-                replies[index] = await script(keys=keys, args=args)
-            except (RedisError, *redis_access.CONNECTION_ERRORS) as error:
-                if raise_on_error:
-                    raise
-                replies[index] = error
-        elif isinstance(reply, Exception) and raise_on_error:
-            raise reply
+    replies = await asyncio.gather(
+        *(script(keys=keys, args=args) for keys, args in calls), return_exceptions=True
+    )
+    for reply in replies:
+        if isinstance(reply, BaseException) and not isinstance(reply, Exception):
+            raise reply  # cancelled: the caller's, not a failure of a call
+    if raise_on_error:
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
     return replies
 
 
@@ -145,8 +151,9 @@ class Backlog:
     written or given up (MAX_AGE_S, MAX_HELD_CHARS, the router stopping).
 
     A call is held exactly as it was made, so it writes what it would have
-    (a settlement as of the router's clock then, a record in the day it
-    was made for); run again only after a refusal, it is written once.
+    (a record in the day it was made for; a settlement's deltas, which
+    commute with those written since); run again only after a refusal, it
+    is written once.
     """
 
     def __init__(
@@ -239,16 +246,11 @@ class Backlog:
             self._retrying = None
 
     async def _try(self, calls: list[tuple[list[str], list]]) -> list[BaseException | None]:
-        """Each call's failure (None: written). Several calls (one per
-        cluster slot) run at once, each alone: a cluster pipeline that one
-        node's refused connect fails as a whole says nothing of which calls
-        the other nodes ran."""
-        replies = await asyncio.gather(
-            *(self._script(keys=keys, args=args) for keys, args in calls), return_exceptions=True
-        )
-        for reply in replies:
-            if isinstance(reply, BaseException) and not isinstance(reply, Exception):
-                raise reply  # cancelled: the caller's, not a failure of the call
+        """Each call's failure (None: written); several at once, each alone."""
+        try:
+            replies = await run_scripts(self._script, calls, raise_on_error=False)
+        except Exception as error:  # noqa: BLE001 - one call's failure, raised by run_scripts
+            return [error]
         return [reply if isinstance(reply, Exception) else None for reply in replies]
 
     def _unwritten(self, calls: list[_Held], failures: list[BaseException | None]) -> list[_Held]:

@@ -1,8 +1,8 @@
-"""script_calls.run_scripts over a stand-in Redis: a call refused on its second
-try (Redis had lost the script, then refused the call) is that call's
-reply when the caller asked for replies, as a first refusal is, so the
-caller can undo what the other calls did. Then the backlog of writes
-Redis certainly did not run: held, run again once, in order, or given up."""
+"""script_calls over stand-ins for a Redis script: run_scripts runs a
+turn's calls (one per cluster slot) each alone, so each failure is its own
+reply; the backlog holds writes Redis certainly did not run, runs them
+again once, in order, or gives them up; never_ran tells those from writes
+that may have run."""
 
 from __future__ import annotations
 
@@ -11,69 +11,43 @@ import time
 
 import pytest
 from redis import exceptions as redis_errors
-from redis.exceptions import NoScriptError, ResponseError
 
 from services.router.script_calls import Backlog, never_ran, run_scripts
 
 
-class Pipeline:
-    def __init__(self, replies: list) -> None:
-        self._replies = replies
+class SlotScript:
+    """A script whose call on ``failing_key`` fails with ``error`` (as a
+    cluster node whose connect is refused); the others run."""
 
-    def execute_command(self, *args) -> None:
-        pass
-
-    async def execute(self, raise_on_error: bool = True) -> list:
-        return list(self._replies)
-
-
-class Redis:
-    def __init__(self, replies: list) -> None:
-        self._replies = replies
-
-    def pipeline(self, transaction: bool = True) -> Pipeline:
-        return Pipeline(self._replies)
-
-
-class RefusingScript:
-    sha = "0" * 40
-
-    def __init__(self) -> None:
-        self.calls: list[list[str]] = []
+    def __init__(self, failing_key: str, error: BaseException) -> None:
+        self.failing_key, self.error = failing_key, error
+        self.ran: list[str] = []
 
     async def __call__(self, keys: list[str], args: list) -> list:
-        self.calls.append(keys)
-        raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+        await asyncio.sleep(0)
+        if keys[0] == self.failing_key:
+            raise self.error
+        self.ran.append(keys[0])
+        return [1]
 
 
-async def test_a_call_refused_after_its_script_was_reloaded_is_its_reply_not_a_raise():
-    script = RefusingScript()
-    redis = Redis([NoScriptError("NOSCRIPT No matching script."), [1]])
-    replies = await run_scripts(redis, script, [(["a"], []), (["b"], [])], raise_on_error=False)
-    assert isinstance(replies[0], ResponseError) and replies[1] == [1]
-    assert script.calls == [["a"]]
+async def test_each_call_of_several_fails_alone_and_the_others_run():
+    """A cluster pipeline raised as a whole when one node's connect was
+    refused, after the other nodes may have run theirs (a review's repro:
+    a turn over two slots charged 1,300 for a use of 300)."""
+    refused = redis_errors.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connect call failed.")
+    script = SlotScript("model", refused)
+    calls = [(["tenant"], []), (["model"], []), (["key"], [])]
+    replies = await run_scripts(script, calls, raise_on_error=False)
+    assert replies[0] == replies[2] == [1] and replies[1] is refused
+    assert sorted(script.ran) == ["key", "tenant"]
 
 
-async def test_with_raise_on_error_the_second_refusal_raises():
-    redis = Redis([NoScriptError("NOSCRIPT No matching script."), [1]])
-    with pytest.raises(ResponseError, match="OOM"):
-        await run_scripts(redis, RefusingScript(), [(["a"], []), (["b"], [])])
-
-
-class BrokenConnectionScript(RefusingScript):
-    async def __call__(self, keys: list[str], args: list) -> list:
-        self.calls.append(keys)
-        raise ConnectionResetError("connection reset by peer")
-
-
-async def test_a_call_whose_retry_lost_its_connection_is_its_reply_too():
-    """A raw socket error on the second try is one of CONNECTION_ERRORS
-    (OSError), not a RedisError: it must not escape either."""
-    redis = Redis([NoScriptError("NOSCRIPT No matching script."), [1]])
-    replies = await run_scripts(
-        redis, BrokenConnectionScript(), [(["a"], []), (["b"], [])], raise_on_error=False
-    )
-    assert isinstance(replies[0], ConnectionResetError) and replies[1] == [1]
+async def test_with_raise_on_error_a_failed_call_raises_once_all_have_answered():
+    script = SlotScript("b", redis_errors.OutOfMemoryError("OOM command not allowed"))
+    with pytest.raises(redis_errors.OutOfMemoryError):
+        await run_scripts(script, [(["a"], []), (["b"], []), (["c"], [])])
+    assert sorted(script.ran) == ["a", "c"]
 
 
 # --- the backlog of writes Redis did not run -----------------------------------
@@ -266,3 +240,18 @@ async def test_held_calls_stay_held_while_redis_still_refuses_them():
     store.failures.clear()
     await _settled(backlog)
     assert store.written == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis_errors.ConnectionError("No connection available."),
+        redis_errors.MaxConnectionsError("Too many connections"),
+        redis_errors.RedisClusterException("Redis Cluster cannot be connected. Please provide one node"),
+        redis_errors.RedisClusterException("All slots are not covered after query all startup_nodes."),
+        redis_errors.ClusterError("TTL exhausted."),
+    ],
+    ids=["pool-wait", "cluster-pool", "no-node", "slots-uncovered", "redirected-out"],
+)
+def test_failures_before_anything_was_sent_never_ran(error):
+    assert never_ran(error)
