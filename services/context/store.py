@@ -507,9 +507,16 @@ return {1, now}
 )
 
 # KEYS: session_keys. ARGV: the version the caller read, how many leading
-# turns to compact, ttl_s, the create_time_ms it read ("" = unchecked), then
-# the positions of system turns (their bodies stay, as pinned turns' do). Returns how many turns are compacted
-# now, or -1 if those turns may have changed since (nothing done).
+# turns to compact, ttl_s, the create_time_ms it read ("" = unchecked), how
+# many of the newest versions keep their appends' turn ids (TURN_IDS_KEPT),
+# then the positions of system turns (their bodies stay, as pinned turns'
+# do). Returns how many turns are compacted now, or -1 if those turns may
+# have changed since (nothing done).
+# The newest appends whose turn ids a compaction keeps, whatever it empties:
+# a retry after a lost reply comes within seconds, 64 appends later at the
+# most in any session seen.
+TURN_IDS_KEPT = 64
+
 _COMPACT = (
     RENEW
     + DROP_POSTINGS
@@ -532,7 +539,7 @@ end
 local from = tonumber(redis.call('HGET', KEYS[1], 'compacted') or '0')
 if upto <= from then return from end
 local keep = {}
-for i = 5, #ARGV do keep[tonumber(ARGV[i])] = true end
+for i = 6, #ARGV do keep[tonumber(ARGV[i])] = true end
 for _, pin in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do
   if string.sub(pin, 1, 2) == 't:' then keep[tonumber(string.sub(pin, 3))] = true end
 end
@@ -563,15 +570,19 @@ end
 drop_postings(KEYS[9], 0, upto)
 redis.call('HSET', KEYS[1], 'compacted', upto, 'compacted_version', version)
 -- An append's turn id goes once all its turns are compacted (the version it
--- made held no more than `upto` turns): the ids would otherwise grow with
--- the session's age, ~80 bytes an append, for retries that cannot come so
--- late (one would be appended again). Ids of undone versions are gone
--- already (a revert drops them); a session without history keeps its ids.
+-- made held no more than `upto` turns) and ARGV[5] newer versions followed it:
+-- the ids would otherwise grow with the session's age, ~80 bytes an append,
+-- for retries that cannot come so late (one would be appended again). The
+-- newest appends keep theirs whatever is compacted (a hot window of 0 turns
+-- compacts up to the last one, whose reply may have been lost). Ids of
+-- undone versions are gone already (a revert drops them); a session without
+-- history keeps its ids.
 if redis.call('STRLEN', KEYS[4]) == 4 * tonumber(version) + 4 then
   local applied = redis.call('HGETALL', KEYS[3])
   for i = 1, #applied, 2 do
-    local at = 4 * tonumber(applied[i + 1])
-    if struct.unpack('<I4', redis.call('GETRANGE', KEYS[4], at, at + 3)) <= upto then
+    local made = tonumber(applied[i + 1])
+    if made <= tonumber(version) - tonumber(ARGV[5])
+        and struct.unpack('<I4', redis.call('GETRANGE', KEYS[4], 4 * made, 4 * made + 3)) <= upto then
       redis.call('HDEL', KEYS[3], applied[i])
     end
   end
@@ -954,7 +965,8 @@ class SessionStore:
         created = "" if created_ms is None else str(created_ms)
         with redis_reachable():
             keys = session_keys(tenant_id, session_id)
-            return int(await self._compact(keys=keys, args=[version, upto, self._ttl_s, created, *system]))
+            args = [version, upto, self._ttl_s, created, TURN_IDS_KEPT, *system]
+            return int(await self._compact(keys=keys, args=args))
 
     async def fill_token_counts(
         self, tenant_id: str, session_id: str, version: int, tokenizer_id: str, counts: np.ndarray

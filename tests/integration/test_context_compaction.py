@@ -46,9 +46,11 @@ def _pair(k: int) -> list:
 
 
 async def test_a_session_past_its_soft_cap_is_compacted_and_stays_consistent(
-    tmp_path, inference_address
+    tmp_path, inference_address, monkeypatch
 ) -> None:
     tenant = "compaction"
+    # Eight appends: the newest two keep their turn ids whatever is compacted.
+    monkeypatch.setattr(session_store, "TURN_IDS_KEPT", 2)
     async with _own_redis(tmp_path) as (url, client), running(_settings(url, inference_address)) as stub:
         session_id = (await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))).session.session_id
         for k in range(APPENDS):
@@ -90,9 +92,9 @@ async def test_a_session_past_its_soft_cap_is_compacted_and_stays_consistent(
             for at in range(0, len(value), 4)
         ]
         assert positions and min(positions) >= compacted_turns
-        # The turn ids of appends all of whose turns are compacted are gone
-        # (they grew with the session's age); a live one's retry is still
-        # answered, not appended again.
+        # The turn ids of appends all of whose turns are compacted (and with
+        # two newer appends) are gone (they grew with the session's age); a
+        # live one's retry is still answered, not appended again.
         turn_ids = await client.hgetall(session_store.key(tenant, session_id, "turn_ids"))
         assert sorted(turn_ids) == [f"turn-{k}".encode() for k in range(compacted_turns // 2, APPENDS)]
         retried = await stub.AppendTurns(
