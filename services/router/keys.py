@@ -92,8 +92,8 @@ _MAX_LABEL = 256
 # 9999-12-31T23:59:59Z, the last instant a google.protobuf.Timestamp holds.
 _LAST_TIMESTAMP_S = 253_402_300_799
 
-# A revoked key's record is kept this long after its revocation, an
-# expiring key's this long after it expires, for ListKeys and audits; then
+# A key's record is kept this long after it was revoked or expired,
+# whichever came first, for ListKeys and audits; then
 # it goes (each rotation revokes one: kept for good they grew without
 # bound, every one listed). Its entries in its tenant's set and the ids hash
 # go when a listing or a lookup by id finds the record gone (_FORGET_GONE).
@@ -361,7 +361,10 @@ class KeyStore:
                 record.created_at,
                 record.key_hash,
                 record.key_id,
-                0 if kept_until is None else math.ceil(kept_until),
+                # At least an hour on: a record written past its retention
+                # (a key stored before it, expired long ago, revoked now) is
+                # still answered and listed for a while, not deleted at once.
+                0 if kept_until is None else math.ceil(max(kept_until, self.now() + 3600)),
             ]
         if not await self._call(self._write_script(keys=keys, args=args)):
             return False
