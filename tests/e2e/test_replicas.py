@@ -54,7 +54,7 @@ REPLICAS = 2
 # an inference replica finds a stream in the middle.
 KINDS = ("session", "session", "stateless", "stateless", "long")
 MAX_TOKENS = {"session": 24, "stateless": 12, "long": 120}
-STEADY_S = 2.0
+STEADY_S = 1.0
 # How long a killed replica may take to be restarted, serve again and be
 # picked again by the channels (generous: two shared cores).
 BACK_IN_ROTATION_BOUND_S = 45.0

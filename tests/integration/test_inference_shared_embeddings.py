@@ -70,9 +70,10 @@ async def test_an_embed_of_a_text_in_flight_joins_its_triton_call(triton_url, tr
     async with inference_stub(triton_url, memo_entries=0) as stub:
         await stub.Embed(pb.EmbedRequest(texts=["warm up"]), timeout=60)
         requests_before, texts_before = await minilm_counts(triton_stub)
-        # 63 long texts and the shared one: one Triton call of 64 (EMBED_BATCH).
+        # 23 long texts and the shared one: one Triton call of 24, a few
+        # seconds of minilm on two cores.
         first = asyncio.ensure_future(
-            stub.Embed(pb.EmbedRequest(texts=[*long_texts(63, "busy"), SHARED]), timeout=120)
+            stub.Embed(pb.EmbedRequest(texts=[*long_texts(23, "busy"), SHARED]), timeout=120)
         )
         # Wait until that call is inside Triton, then ask for the shared text alone.
         health = pb.GetBackendHealthRequest()
@@ -83,10 +84,10 @@ async def test_an_embed_of_a_text_in_flight_joins_its_triton_call(triton_url, tr
         first = await first
         requests_after, texts_after = await minilm_counts(triton_stub)
 
-    assert (requests_after - requests_before, texts_after - texts_before) == (1, 64)
+    assert (requests_after - requests_before, texts_after - texts_before) == (1, 24)
     dimensions = first.dimensions
     assert second.dimensions == dimensions
-    first_vectors = np.frombuffer(first.vectors, "<f4").reshape(64, dimensions)
+    first_vectors = np.frombuffer(first.vectors, "<f4").reshape(24, dimensions)
     assert np.array_equal(np.frombuffer(second.vectors, "<f4"), first_vectors[-1])
 
 
@@ -107,7 +108,7 @@ async def test_a_caller_whose_deadline_passes_leaves_the_shared_call_to_the_othe
         await stub.Embed(pb.EmbedRequest(texts=["warm up"]), timeout=60)
         requests_before, _ = await minilm_counts(triton_stub)
         first = asyncio.ensure_future(
-            stub.Embed(pb.EmbedRequest(texts=[*long_texts(63, "deadline"), SHARED + " (2)"]), timeout=120)
+            stub.Embed(pb.EmbedRequest(texts=[*long_texts(23, "deadline"), SHARED + " (2)"]), timeout=120)
         )
         health = pb.GetBackendHealthRequest()
         while not any(b.in_flight for b in (await stub.GetBackendHealth(health, timeout=10)).backends):
@@ -121,5 +122,5 @@ async def test_a_caller_whose_deadline_passes_leaves_the_shared_call_to_the_othe
         # tests/unit/test_inference_embed.py; over gRPC, a client's own timer
         # could not be told from the service's refusal.)
         requests_after, _ = await minilm_counts(triton_stub)
-    assert len(first.vectors) == 64 * 4 * first.dimensions
+    assert len(first.vectors) == 24 * 4 * first.dimensions
     assert requests_after - requests_before == 1
