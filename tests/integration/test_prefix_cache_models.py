@@ -190,8 +190,8 @@ async def test_concurrent_identical_and_shared_prefix_requests_answer_as_the_unc
     longest = prefix + "and so the story goes on"
     probe = generate_inputs(longest, True, {"max_tokens": 1}, return_num_input_tokens=True)
     prompt_tokens = (await generate(client, probe, model="tiny_gpt_uncached")).input_tokens
-    requests = [(prefix, 200)] * 7 + [(longest, window - prompt_tokens)]
-    requests += [(prefix + f"part {i} " + "of the tale " * i, 200) for i in range(8)]
+    requests = [(prefix, 64)] * 7 + [(longest, window - prompt_tokens)]
+    requests += [(prefix + f"part {i} " + "of the tale " * i, 64) for i in range(8)]
 
     waves = await answers_match_the_uncached_model(client, server, "tiny_gpt", requests)
 
