@@ -560,3 +560,80 @@ def test_held_streams_carry_exactly_the_unheld_text_and_tokens(
         # Never held before the first text: the time to first token is unchanged.
         first_text = [when for text, _, _, when in stream.sent if text]
         assert first_text[:1] == [when for text, _, _, when in alone.sent if text][:1]
+
+
+class PieceCounter:
+    """A model that records the prompt pieces its prefill is given; every
+    step's logits pick token 1."""
+
+    class Cache:
+        def __init__(self):
+            self.length = 0
+
+    def __init__(self):
+        self.pieces: list[int] = []
+
+    def new_cache(self, tokens):
+        return self.Cache()
+
+    def prefill(self, token_ids, cache):
+        self.pieces.append(len(token_ids))
+        cache.length += len(token_ids)
+        return self._logits()
+
+    def decode(self, token_ids, caches):
+        return np.stack([self._logits() for _ in caches])
+
+    @staticmethod
+    def _logits():
+        logits = np.zeros(4, np.float32)
+        logits[1] = 1.0
+        return logits
+
+
+class CancelledAfterFirstPiece(Recorder):
+    def __init__(self, model: PieceCounter):
+        super().__init__()
+        self.model = model
+
+    def is_cancelled(self) -> bool:
+        return bool(self.model.pieces)
+
+
+def test_a_request_cancelled_while_its_long_prompt_is_read_stops_at_the_next_piece(engine):
+    """A bug hunt: 2,000 prompt tokens of smollm2 were read whole, ~11 s,
+    after their caller had gone, every other sequence waiting."""
+    chunk = engine.PREFILL_CHUNK_TOKENS
+    model = PieceCounter()
+    sampling = params(engine, max_tokens=3, temperature=0)
+    gone = generation(engine, [2] * (3 * chunk + 10), sampling, name="gone")
+    gone.sender = CancelledAfterFirstPiece(model)
+    scheduler = engine.Scheduler("test", model, vocabulary(engine), max_active=8)
+    scheduler.submit(gone)
+    scheduler.start()
+    try:
+        assert gone.sender.done.wait(10)
+        assert gone.sender.error == ("request was cancelled", "cancelled")
+        assert model.pieces == [chunk]
+        # The scheduler serves the next request, and a long prompt not
+        # cancelled is read in pieces, whole.
+        model.pieces.clear()
+        kept = generation(engine, [2] * (chunk + 10), sampling, name="kept")
+        scheduler.submit(kept)
+        assert kept.sender.done.wait(10)
+        assert kept.sender.error is None and kept.sender.tokens == 3
+        assert model.pieces == [chunk, 10]
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_prompt_read_in_pieces_gives_the_logits_of_the_whole(engine):
+    core = model_repository_modules.load("tiny_gpt/1/tiny_gpt_core.py")
+    config = core.GPTConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_context=700)
+    model = core.TinyGPT(core.init_weights(config, seed=5), config)
+    prompt = np.random.default_rng(3).integers(1, 50, 600).tolist()
+    whole = model.prefill(prompt, model.new_cache(len(prompt)))
+    cache, chunk = model.new_cache(len(prompt)), engine.PREFILL_CHUNK_TOKENS
+    for start in range(0, len(prompt), chunk):
+        pieces = model.prefill(prompt[start : start + chunk], cache)
+    np.testing.assert_allclose(pieces, whole, rtol=1e-4, atol=1e-5)
