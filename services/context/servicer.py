@@ -30,7 +30,7 @@ from services.context import summaries as summaries_lib
 from services.context.hot_cache import DELETED, HotCache
 from services.context.store import NO_COUNTS, SessionStore, StoredSession, session_key
 from services.context.token_counts import PromptCounter
-from services.context.turn_index import IndexedTurns, TurnFeatures, TurnIndex, features
+from services.context.turn_index import IndexedTurns, TurnFeatures, TurnIndex, features, term_counts
 
 log = structlog.get_logger(__name__)
 
@@ -263,12 +263,12 @@ def _postings_of(
     for sessions whose index does not cover them."""
     wanted = set(query_terms)
     postings: dict[str, list[int]] = {}
-    term_counts = np.zeros(len(turns))
-    for index, turn in enumerate(features(turns)):
-        term_counts[index] = sum(turn.terms.values())
+    turn_features = features(turns)
+    for index, turn in enumerate(turn_features):
         for term in wanted.intersection(turn.terms):
             postings.setdefault(term, []).append(relevance.pack_posting(index, turn.terms[term]))
-    return {t: np.array(p, dtype=np.uint32) for t, p in postings.items()}, term_counts
+    counts = term_counts(turn_features).astype(np.float64)
+    return {t: np.array(p, dtype=np.uint32) for t, p in postings.items()}, counts
 
 
 def _query_text(messages: collections.abc.Iterable[common_pb2.Message]) -> str:

@@ -215,7 +215,12 @@ def _packed_postings(turns: list[TurnFeatures]) -> dict[str, bytes]:
     return {term: bytes(packed) for term, packed in postings.items()}
 
 
-def _term_counts(turns: list[TurnFeatures]) -> np.ndarray:
+def term_counts(turns: list[TurnFeatures]) -> np.ndarray:
+    """Each turn's term count as the index stores it (uint16, capped), and
+    as the paths that read turns' texts must count it too: BM25's average
+    length over the session is part of every score, so a count capped on
+    one path and not on another gave the same assembly inputs two rankings
+    (a turn of 500,000 terms; a bug hunt)."""
     return np.array([min(sum(t.terms.values()), 0xFFFF) for t in turns], dtype="<u2")
 
 
@@ -384,7 +389,7 @@ class IndexedTurns:
             count,
             np.zeros(0, np.int64),
             np.concatenate([self.roles, np.array([t.role for t in turns], np.uint8)]),
-            np.concatenate([self.term_counts, _term_counts(turns).astype(np.float64)]),
+            np.concatenate([self.term_counts, term_counts(turns).astype(np.float64)]),
             rows,
             postings,
             self.pinned_turns,
@@ -418,7 +423,7 @@ class TurnIndex:
         where they landed, shifts them. ``only_unwritten``: for a retried
         append, whose turns are indexed already unless its first try's
         write was lost; they are then written, else left as they are."""
-        lengths = _term_counts(turns).tobytes()
+        lengths = term_counts(turns).tobytes()
         packed_vectors = b"" if vectors is None else relevance.quantize(vectors).tobytes()
         dimensions = 0 if vectors is None else vectors.shape[1]
         args: list[object] = [

@@ -7,8 +7,10 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
+from meshgate.common.v1 import common_pb2
+from services.context import servicer
 from services.context.store import UNDONE
-from services.context.turn_index import UnwrittenAppend, unwritten_appends
+from services.context.turn_index import UnwrittenAppend, features, term_counts, unwritten_appends
 
 USER, ASSISTANT = 1, 2
 
@@ -112,3 +114,17 @@ def test_the_appends_named_are_those_that_last_wrote_each_unwritten_position(ses
             held[append.version - 1],
             held[append.version] - held[append.version - 1],
         )
+
+
+def test_the_paths_that_read_turn_texts_count_terms_as_the_index_stores_them():
+    """The index stores a turn's term count capped at 65,535 (uint16); the
+    whole-session path counted it uncapped, so BM25's average length, and
+    with it the ranking, differed between a live assembly and its rebuild
+    under the same assembly_id (a bug hunt: a turn of 499,000 terms)."""
+    turns = [
+        common_pb2.Message(role=common_pb2.ROLE_USER, content="7 " * 70_000),
+        common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="The storage is near."),
+    ]
+    _, counted = servicer._postings_of(turns, ["storag"])
+    assert counted.tolist() == term_counts(features(turns)).tolist()
+    assert counted[0] == 0xFFFF
