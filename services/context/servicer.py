@@ -822,6 +822,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         inputs.new_messages_sha256 = digest.hexdigest()
         if view is not None and (view.pinned_turns or view.pinned_facts):
             inputs.pins_sha256 = _pins_digest(view.pinned_turns, view.pinned_facts)
+        if view is not None:
+            inputs.compacted_turns = view.compacted
         response.assembly_id = hashlib.sha256(inputs.SerializeToString(deterministic=True)).hexdigest()
         tokens = tokens_by_disposition(response.manifest, turns, chosen, summarized)
         _record_assembly(inputs.strategy, started, tokens)

@@ -259,3 +259,53 @@ async def test_an_assemblys_index_read_is_bounded_by_the_live_turns_not_the_sess
         assert old - young <= 7 * compacted_more + 64
         # Uncompacted, each of those turns would have cost its 384-byte vector at least.
         assert old - young < 384 * compacted_more // 10
+
+
+async def test_a_compaction_under_the_same_version_changes_the_assembly_id(
+    tmp_path, inference_address
+) -> None:
+    """A compaction makes no new version but takes turns out of the prompt:
+    a bug hunt assembled the same session at the same version before and
+    after one and got the same assembly_id for two prompts (the planted
+    turn INCLUDED, then DROPPED). The inputs now carry compacted_turns."""
+    tenant = "compaction-id"
+    async with _own_redis(tmp_path) as (url, client):
+        settings = _settings(url, inference_address)
+        settings.context.compact_after_turns = 0  # compacted below, by hand
+        async with running(settings) as stub:
+            created = await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))
+            session_id = created.session.session_id
+            for k in range(APPENDS):
+                await stub.AppendTurns(
+                    pb.AppendTurnsRequest(
+                        tenant_id=tenant, session_id=session_id, expected_version=k, messages=_pair(k)
+                    )
+                )
+
+            async def assemble(**at) -> pb.AssembleContextResponse:
+                return await stub.AssembleContext(
+                    pb.AssembleContextRequest(
+                        tenant_id=tenant,
+                        session_id=session_id,
+                        new_messages=[msg(USER, "What is my cat zebulon called?")],
+                        model=MODEL,
+                        max_prompt_tokens=2000,
+                        **at,
+                    )
+                )
+
+            before = await assemble()
+            assert before.inputs.compacted_turns == 0
+            store = session_store.SessionStore(redis.Redis.from_url(url), settings.context.session_ttl_s)
+            assert await store.compact(tenant, session_id, APPENDS, 8, [0]) == 8
+            await _settled(client)
+
+            async def compacted_seen() -> bool:
+                return (await assemble()).inputs.compacted_turns == 8
+
+            await _until(compacted_seen, timeout_s=30)
+            after = await assemble()
+            assert after.session_version == before.session_version == APPENDS
+            assert after.assembly_id != before.assembly_id
+            rebuilt = await assemble(at_version=APPENDS)
+            assert (rebuilt.assembly_id, list(rebuilt.messages)) == (after.assembly_id, list(after.messages))
