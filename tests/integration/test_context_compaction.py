@@ -296,7 +296,7 @@ async def test_a_compaction_under_the_same_version_changes_the_assembly_id(
 
             before = await assemble()
             assert before.inputs.compacted_turns == 0
-            store = session_store.SessionStore(redis.Redis.from_url(url), settings.context.session_ttl_s)
+            store = session_store.SessionStore(client, settings.context.session_ttl_s)
             assert await store.compact(tenant, session_id, APPENDS, 8, [0]) == 8
             await _settled(client)
 
