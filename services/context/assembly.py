@@ -182,10 +182,16 @@ def plan(
         if not reasons[index]:
             reasons[index] = pb.INCLUSION_REASON_PINNED
     any_system = bool(is_system.any()) or any(t.role == common_pb2.ROLE_SYSTEM for t in required)
+    # The template adds its default system prompt before the first message,
+    # so a prompt of no message at all does not pay it: until something is
+    # kept, the first turn kept pays it (``unpaid``).
+    default_system = 0 if any_system else template.default_system
+    unpaid = 0 if required or (reasons > 0).any() else default_system
     needed = (
         template.prompt_prefix
         + template.generation_prompt
-        + (0 if any_system else template.default_system)
+        + default_system
+        - unpaid
         + sum(t.tokens for t in required)
         + int(turns.tokens[reasons > 0].sum())
     )
@@ -213,9 +219,11 @@ def plan(
         floor_tokens = int(remaining * RECENCY_FLOOR_SHARE)
     # The floor stops at the first turn that does not fit in it (counts are
     # not negative, so those that fit are a prefix).
-    floor = floor[np.cumsum(turns.tokens[floor]) <= floor_tokens]
+    floor = floor[np.cumsum(turns.tokens[floor]) + unpaid <= floor_tokens]
     reasons[floor] = pb.INCLUSION_REASON_RECENCY
-    remaining -= int(turns.tokens[floor].sum())
+    if len(floor):
+        remaining -= int(turns.tokens[floor].sum()) + unpaid
+        unpaid = 0
     packed: list[int] = []
     # Paid with the first turn packed, so a prompt packing nothing pays nothing.
     opening = transcript_tokens if pack else 0
@@ -229,12 +237,13 @@ def plan(
         # Once less than the cheapest turn is left, nothing more fits.
         cheapest = int(costs.min()) if len(costs) else 0
         for index, cost, relevant in zip(order.tolist(), costs.tolist(), (relevance[order] > 0).tolist()):
-            if remaining < cheapest + opening:
+            if remaining < cheapest + opening + unpaid:
                 break
-            if cost + opening > remaining:
+            if cost + opening + unpaid > remaining:
                 continue
             reasons[index] = pb.INCLUSION_REASON_RELEVANCE if relevant else pb.INCLUSION_REASON_RECENCY
-            remaining -= cost + opening
+            remaining -= cost + opening + unpaid
+            unpaid = 0
             if pack:
                 packed.append(index)
                 opening = 0

@@ -680,10 +680,15 @@ def add_summaries(
     ``summary_tokens`` are the summaries' messages as the chat template
     renders them; a template that adds a default system prompt when no
     system message is present (``default_system_tokens``) stops adding it
-    once a summary is one, which this accounts for. Returns those added.
+    once a summary is one, which this accounts for (a prompt of no message
+    had not paid it: assembly.plan). Returns those added.
     """
     manifest = response.manifest
-    has_system = any(m.role == common_pb2.ROLE_SYSTEM for m in response.messages)
+    # What the plan paid for the template's default system prompt, which the
+    # first summary (a system message) takes the place of.
+    default_paid = bool(response.messages) and all(
+        m.role != common_pb2.ROLE_SYSTEM for m in response.messages
+    )
     insert_at = 0
     while insert_at < len(response.messages) and response.messages[insert_at].role == common_pb2.ROLE_SYSTEM:
         insert_at += 1
@@ -692,7 +697,7 @@ def add_summaries(
     added: list[common_pb2.Message] = []
     summarized: list[Summary] = []
     for summary, tokens in zip(summaries, summary_tokens, strict=True):
-        cost = tokens - (0 if has_system or added else default_system_tokens)
+        cost = tokens - (default_system_tokens if default_paid and not added else 0)
         if used + cost > budget:
             break
         used += cost

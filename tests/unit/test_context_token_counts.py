@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from meshgate import tokenization
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ConfigError, Settings
-from services.context import assembly, token_counts
+from services.context import assembly, summaries, token_counts
 from tests.unit.test_smollm2_tokenizer import build_smollm2_files
 
 SYSTEM, USER, ASSISTANT = common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
@@ -138,6 +139,61 @@ def test_counts_are_exact_for_any_conversation(counters, session, new) -> None:
         session_messages = [msg(role, content) for role, content in session]
         new_messages = [msg(role, content) for role, content in new]
         response = assemble(counters[alias], session_messages, new_messages)
+        assert response.manifest.prompt_tokens == prompt_length(alias, list(response.messages)), alias
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    session=st.lists(st.tuples(st.sampled_from([SYSTEM, USER, ASSISTANT]), _CONTENT), max_size=8),
+    new=st.lists(st.tuples(st.sampled_from([SYSTEM, USER, ASSISTANT]), _CONTENT), max_size=2),
+    spare=st.integers(0, 120),
+    adaptive=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_counts_are_exact_for_any_budget_and_strategy(counters, session, new, spare, adaptive, seed) -> None:
+    """Whatever is kept, nothing included: the prompt costs what it renders
+    to, for both strategies and the transcript; a prompt of no message does
+    not pay the template's default system prompt, and a summary added to it
+    then costs all its tokens."""
+    for alias in ("smollm2", "tiny-gpt"):
+        counter = counters[alias]
+        session_messages = [msg(role, content) for role, content in session]
+        new_messages = [msg(role, content) for role, content in new]
+        counts = asyncio.run(counter.count(session_messages))
+        lines = asyncio.run(counter.count_lines(session_messages))
+        new_counts = asyncio.run(counter.count(new_messages))
+        turns = assembly.SessionCosts.of(
+            [assembly.TurnCost(m.role, n, line) for m, n, line in zip(session_messages, counts, lines)]
+        )
+        required = [assembly.TurnCost(m.role, n) for m, n in zip(new_messages, new_counts)]
+        template = counter.template_tokens
+        budget = template.prompt_prefix + template.generation_prompt + sum(new_counts) + spare
+        options = {}
+        if adaptive:
+            options = {
+                "relevance": np.random.default_rng(seed).random(len(session_messages)),
+                "recency_floor": 1,
+                "transcript_tokens": counter.transcript_tokens,
+            }
+        try:
+            chosen = assembly.plan(turns, required, budget, template, **options)
+        except Exception as error:  # noqa: BLE001 - only the refusal of what must be kept is expected
+            assert "budget" in str(error), alias
+            continue
+        candidates = [assembly.Candidate(m, n) for m, n in zip(new_messages, new_counts)]
+        response = assembly.render(chosen, turns, session_messages, candidates)
+        assert response.manifest.prompt_tokens == prompt_length(alias, list(response.messages)), alias
+        assert response.manifest.prompt_tokens <= budget
+        left_out = summaries.excluded_ranges(chosen.reasons)
+        if not left_out:
+            continue
+        first, end = left_out[0]
+        summary = summaries.Summary("s", first, end, first + 1, end, "extractive", "A said 12.")
+        summary_tokens = asyncio.run(counter.count([summary.message()]))
+        added = summaries.add_summaries(
+            response, [summary], summary_tokens, budget + summary_tokens[0], template.default_system
+        )
+        assert added == [summary], alias
         assert response.manifest.prompt_tokens == prompt_length(alias, list(response.messages)), alias
 
 
