@@ -311,6 +311,10 @@ class IndexedTurns:
     # which tells one life of a session id from the next; like held_bytes,
     # only on an index fresh from TurnIndex.read (0 on one extended).
     create_time_ms: int = 0
+    # The version the first_live turns were compacted at (meta
+    # ``compacted_version``); -1 when none was. Kept by one extended: a
+    # compaction makes a hot session reload.
+    compacted_version: int = -1
 
     @property
     def nbytes(self) -> int:
@@ -327,7 +331,13 @@ class IndexedTurns:
     def usable(self, at_version: int | None) -> bool:
         """Whether assembly can plan from this alone: the current version
         asked for, every turn indexed (turns stored before the index
-        existed, or whose write was lost, are not) and counted."""
+        existed, or whose write was lost, are not) and counted. A version
+        asked for by number that a compaction came at or after (a compaction
+        makes no version) is not: its first assembly may have held the
+        compacted turns verbatim, so the store refuses it (VERSION_COMPACTED)
+        as for any older one, and this path must not answer otherwise."""
+        if at_version is not None and self.first_live > 0 and at_version <= self.compacted_version:
+            return False
         return (
             (at_version is None or at_version == self.version)
             and len(self.roles) == self.count
@@ -395,6 +405,7 @@ class IndexedTurns:
             self.pinned_turns,
             self.pinned_facts,
             self.first_live,
+            compacted_version=self.compacted_version,
         )
 
 
@@ -462,6 +473,7 @@ class TurnIndex:
                     f"tokens:{line_counter_id}",
                     "bytes",
                     "create_time_ms",
+                    "compacted_version",
                 ]
                 pipe.hmget(key(tenant_id, session_id, "meta"), meta_fields)
                 pipe.llen(key(tenant_id, session_id, "turns"))
@@ -531,6 +543,7 @@ class TurnIndex:
             line_counts,
             None if meta[4] is None else int(meta[4]),
             int(meta[5] or 0),
+            -1 if meta[6] is None else int(meta[6]),
         )
 
     async def unwritten(
