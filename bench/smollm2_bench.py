@@ -11,6 +11,15 @@ SmolLM2's ChatML template, greedily over gRPC ModelStreamInfer: `--rounds`
 sequential requests at concurrency 1, and `--rounds` waves of 8 concurrent
 requests. SmolLM2 ends its answers itself, so streams may stop before
 max_tokens; tokens/s counts the tokens actually streamed.
+
+    .venv/bin/python bench/smollm2_bench.py --long-prompt [--prompt-tokens 2000]
+
+instead measures what a long prompt costs the streams already running: one
+stream runs, and after its third response a request with a prompt of about
+`--prompt-tokens` tokens arrives; it prints the running stream's gaps
+between responses before that request and while its prompt is read (the
+engine reads PREFILL_CHUNK_TOKENS a pass between decoding steps), and the
+long request's time to first token.
 """
 
 from __future__ import annotations
@@ -129,10 +138,64 @@ async def measure(url: str, max_tokens: int, rounds: int) -> list[tuple]:
     return rows
 
 
+LONG_ANSWER = "Write a long story about a lighthouse keeper and a storm, with many details."
+
+
+async def long_prompt_stall(url: str, prompt_tokens: int) -> dict:
+    """The running stream's gaps (seconds) before and during a long prompt's
+    read, and that request's time to first token."""
+    from meshgate import config, tokenization
+
+    tokenizer = tokenization.load(config.SMOLLM2_TOKENIZER)
+    paragraph = " ".join(PROMPTS) + " "
+    text = paragraph
+    while len(tokenizer.encode(chatml("Summarize: " + text), add_special_tokens=False).ids) < prompt_tokens:
+        text += paragraph
+    long_prompt = chatml("Summarize: " + text)
+    counted = len(tokenizer.encode(long_prompt, add_special_tokens=False).ids)
+    arrivals: list[float] = []
+    third = asyncio.Event()
+
+    async with grpcaio.InferenceServerClient(url) as client:
+        await stream(client, chatml("Hi."), 4)  # warm-up
+
+        async def running():
+            async def requests():
+                yield {"model_name": "smollm2", "inputs": inputs(chatml(LONG_ANSWER), 400)}
+
+            async for _, error in client.stream_infer(requests(), stream_timeout=600):
+                if error is not None:
+                    raise error
+                arrivals.append(time.monotonic())
+                if len(arrivals) == 3:
+                    third.set()
+
+        task = asyncio.create_task(running())
+        await third.wait()
+        sent = time.monotonic()
+        ttft, _, _ = await stream(client, long_prompt, 4)
+        read_until = sent + ttft
+        await task
+    gaps = np.diff(arrivals)
+    before = gaps[:2]
+    during = [b - a for a, b in zip(arrivals, arrivals[1:]) if b > sent and a < read_until]
+    return {
+        "prompt_tokens": counted,
+        "ttft_s": ttft,
+        "gap_before_s": float(np.median(before)),
+        "gaps_during": len(during),
+        "gap_during_max_s": max(during) if during else float("nan"),
+        "gap_during_p50_s": float(np.median(during)) if during else float("nan"),
+        "running_tokens": len(arrivals),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--long-prompt", action="store_true")
+    parser.add_argument("--prompt-tokens", type=int, default=2000)
     args = parser.parse_args()
 
     build_model_weights()
@@ -144,9 +207,28 @@ def main() -> None:
         triton.wait_ready(f"127.0.0.1:{port}", timeout=300, process=process)
         ready_s = time.monotonic() - started
         memory = {pid: (rss_mib(pid), command) for pid, command in process_tree(process.pid).items()}
-        rows = asyncio.run(measure(f"127.0.0.1:{port}", args.max_tokens, args.rounds))
+        if args.long_prompt:
+            stall = asyncio.run(long_prompt_stall(f"127.0.0.1:{port}", args.prompt_tokens))
+        else:
+            rows = asyncio.run(measure(f"127.0.0.1:{port}", args.max_tokens, args.rounds))
     finally:
         triton.terminate(process)
+
+    if args.long_prompt:
+        print(f"smollm2, greedy: one stream running, then a prompt of {stall['prompt_tokens']} tokens")
+        print(
+            "\n| running stream: gap p50 before (ms) | gaps while the prompt is read | their p50 (ms) |"
+            " their max (ms) | long prompt's TTFT (s) |"
+        )
+        print("|---|---|---|---|---|")
+        gap_before, during_p50, during_max = (
+            stall[name] * 1000 for name in ("gap_before_s", "gap_during_p50_s", "gap_during_max_s")
+        )
+        print(
+            f"| {gap_before:.0f} | {stall['gaps_during']} | {during_p50:.0f} | {during_max:.0f}"
+            f" | {stall['ttft_s']:.2f} |"
+        )
+        return
 
     print(f"Triton with {', '.join(triton.DEFAULT_MODELS)}: ready in {ready_s:.1f} s")
     print("\n| process | VmRSS (MiB) |\n|---|---|")

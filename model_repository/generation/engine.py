@@ -139,9 +139,10 @@ def check_prompt_fits(prompt_tokens: int, max_tokens: int, max_context: int) -> 
 # 10), which left no distribution and failed the request as a model error.
 GREEDY_BELOW = 1e-5
 
-# A prompt is read this many tokens at a time, its request's cancellation
-# checked between pieces (Scheduler._prefill): ~1.4 s of smollm2 on 2 shared
-# cores, the longest a caller gone mid-prompt holds the scheduler.
+# At most this many prompt tokens are read between two decoding steps
+# (Scheduler._prefill_pieces, vLLM's chunked prefill): ~1.4 s of smollm2 on
+# 2 shared cores, the longest a long prompt stalls the streams already
+# running, and the longest a caller gone mid-prompt holds the scheduler.
 PREFILL_CHUNK_TOKENS = 256
 
 
@@ -262,6 +263,8 @@ class Generation:
     rng: np.random.Generator = field(init=False)
     cache: object | None = None
     cached_tokens: int = 0
+    # Prompt tokens in the cache so far (the reused prefix's included).
+    read_tokens: int = 0
     next_logits: np.ndarray | None = None
     # Set at prefill, behind the prompt's last Vocabulary.decode_context tokens.
     detokenizer: Detokenizer | None = None
@@ -302,6 +305,8 @@ class Scheduler(threading.Thread):
         self.on_prefill = on_prefill
         self._inbox: queue.SimpleQueue[Generation] = queue.SimpleQueue()
         self._stopping = threading.Event()
+        # Admitted, their prompts being read, oldest first; then active.
+        self._prefilling: list[Generation] = []
         self._active: list[Generation] = []
         self.stream_interval = stream_interval
         self._clock = clock
@@ -323,20 +328,28 @@ class Scheduler(threading.Thread):
     def run(self) -> None:
         while not self._stopping.is_set():
             try:
-                self._admit()
-                if self._active:
-                    self._step()
-                else:
-                    self._step_began = None  # idle time is no step's duration
+                self._loop_once()
             except Exception:  # a bug outside the per-sequence guards: keep serving
                 log.exception(f"{self.model_name}: scheduler step failed")
-                for generation in self._active:
+                for generation in self._prefilling + self._active:
                     self._fail(generation, None)
+                self._prefilling.clear()
                 self._active.clear()
-        for generation in self._active + self._drain_inbox():
+        for generation in self._prefilling + self._active + self._drain_inbox():
             # Worded for the inference service, which reads it as UNAVAILABLE
             # (services/inference/triton_protocol.stream_error_code).
             generation.sender.fail(f"{self.model_name}: model is shutting down", "unavailable")
+
+    def _loop_once(self) -> None:
+        """Admits what waits, reads a piece of the waiting prompts, and takes
+        one decoding step; waits for a request (briefly) when idle."""
+        self._admit()
+        if self._prefilling:
+            self._prefill_pieces()
+        if self._active:
+            self._step()
+        elif not self._prefilling:
+            self._step_began = None  # idle time is no step's duration
 
     def _drain_inbox(self) -> list[Generation]:
         drained = []
@@ -347,42 +360,69 @@ class Scheduler(threading.Thread):
                 return drained
 
     def _admit(self) -> None:
-        while len(self._active) < self.max_active:
+        while len(self._prefilling) + len(self._active) < self.max_active:
+            busy = self._prefilling or self._active
             try:
                 # Idle: wait (briefly, to notice shutdown); busy: never stall the running batch.
-                generation = self._inbox.get(timeout=0.1) if not self._active else self._inbox.get_nowait()
+                generation = self._inbox.get_nowait() if busy else self._inbox.get(timeout=0.1)
             except queue.Empty:
                 return
+            if not self._cancelled(generation):
+                self._prefilling.append(generation)
+
+    def _start(self, generation: Generation) -> None:
+        """A new cache for the request, holding what the prefix cache has of
+        its prompt: looked up when its first piece is due, not at admission,
+        so it finds the blocks of the prompts read before it, a burst of
+        identical prompts included."""
+        cache = self.model.new_cache(len(generation.prompt_ids))
+        if self.prefix_cache is not None:
+            self.model.load_kv(cache, self.prefix_cache.lookup(generation.prompt_ids))
+            generation.cached_tokens = generation.read_tokens = cache.length
+        generation.cache = cache
+
+    def _prefill_pieces(self) -> None:
+        """Reads at most PREFILL_CHUNK_TOKENS prompt tokens, oldest request
+        first, then lets the running streams take a step (vLLM's chunked
+        prefill): a long prompt read whole held every other sequence of the
+        model for its whole length (2,000 tokens of smollm2: ~11 s without a
+        token), now for one piece at a time. Short prompts that arrive
+        together are read in the same pass, up to the same total, so a burst
+        of them costs the running streams one pause, not one per prompt.
+
+        The models' prefill appends after what the cache holds, as it does
+        after a reused prefix, so the pieces give the logits the whole prompt
+        gives, up to the rounding of the matrix products. Each request's
+        cancellation is checked before each of its pieces (it may have waited
+        behind other prompts since admission); a request that fails or is
+        cancelled mid-prompt is answered alone and leaves the queue."""
+        budget = PREFILL_CHUNK_TOKENS
+        while budget > 0 and self._prefilling:
+            generation = self._prefilling[0]
+            prompt = generation.prompt_ids
             try:
-                if self._cancelled(generation) or not self._prefill(generation):
+                if self._cancelled(generation):
+                    self._prefilling.pop(0)
                     continue
+                if generation.cache is None:
+                    self._start(generation)
+                piece = prompt[generation.read_tokens : generation.read_tokens + budget]
+                generation.next_logits = self.model.prefill(piece, generation.cache)
+                generation.read_tokens += len(piece)
+                budget -= len(piece)
+                if generation.read_tokens < len(prompt):
+                    return  # the budget is spent: the rest after a decoding step
+                self._prefilling.pop(0)
+                self._prefilled(generation)
             except Exception as error:
+                if self._prefilling and self._prefilling[0] is generation:
+                    self._prefilling.pop(0)
                 self._fail(generation, error)
                 continue
             self._active.append(generation)
 
-    def _prefill(self, generation: Generation) -> bool:
-        """Reads the prompt into a new cache; False when the request was
-        cancelled meanwhile (it is then answered so, and not admitted).
-
-        A long prompt is read PREFILL_CHUNK_TOKENS at a time, the request's
-        cancellation checked between pieces: read whole, 2,000 tokens of
-        smollm2 held the scheduler ~11 s after their caller had gone (a bug
-        hunt), every other sequence of the model waiting. The models' prefill
-        appends after what the cache holds, as it does after a reused prefix,
-        so the pieces give the logits the whole prompt gives, up to the
-        rounding of the matrix products; a prompt of one piece or less is
-        read as before."""
-        prompt, cache = generation.prompt_ids, self.model.new_cache(len(generation.prompt_ids))
-        if self.prefix_cache is not None:
-            blocks = self.prefix_cache.lookup(prompt)
-            self.model.load_kv(cache, blocks)
-            generation.cached_tokens = cache.length
-        for start in range(generation.cached_tokens, len(prompt), PREFILL_CHUNK_TOKENS):
-            if start > generation.cached_tokens and self._cancelled(generation):
-                return False
-            generation.next_logits = self.model.prefill(prompt[start : start + PREFILL_CHUNK_TOKENS], cache)
-        generation.cache = cache
+    def _prefilled(self, generation: Generation) -> None:
+        prompt, cache = generation.prompt_ids, generation.cache
         generation.detokenizer = Detokenizer(
             self.vocabulary.decode, prompt[len(prompt) - self.vocabulary.decode_context :]
         )
@@ -393,7 +433,6 @@ class Scheduler(threading.Thread):
                 log.warning(f"{self.model_name}: could not cache the prompt's blocks", exc_info=True)
         if self.on_prefill is not None:
             self.on_prefill()
-        return True
 
     def _step(self) -> None:
         if self.stream_interval.seconds > 0:
@@ -509,8 +548,8 @@ class Scheduler(threading.Thread):
         before. So the oldest held token waits less than the interval plus
         one step: at the last step that held it, it had waited less than the
         interval minus that guess, and the next step's own length comes on
-        top. A step that admits requests includes their prefills (a long
-        prompt: many steps' time), which delay held text as they delay the
+        top. A step that reads prompts includes their pieces (at most
+        PREFILL_CHUNK_TOKENS tokens a step), which delay held text as they delay the
         next token of every stream. Flushing before each admission pass would
         bound the wait by a decode step, but under staggered arrivals (a
         pass every few steps at 16 streams) it roughly halved the tokens a

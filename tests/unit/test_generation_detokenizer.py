@@ -161,11 +161,11 @@ def generate(engine, model: Model, prompt, script, max_tokens, stop, stream=True
         stream=stream,
         prepend_prompt=False,
     )
-    # The scheduler's own steps, on this thread: admit, then one token per step until it finishes.
+    # The scheduler's own loop, on this thread: admit and read, then one token per step until it finishes.
     scheduler.submit(generation)
-    scheduler._admit()
-    while scheduler._active:
-        scheduler._step()
+    scheduler._loop_once()
+    while scheduler._active or scheduler._prefilling:
+        scheduler._loop_once()
     assert generation.sender.error is None
     return generation.sender.texts, generation.sender.finish_reason
 

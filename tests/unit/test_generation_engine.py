@@ -396,17 +396,15 @@ def stream_scripts(
         waiting.append((arrivals[k] if arrivals else 0, k, g))
         streams.append(g.sender)
     # The scheduler's loop (Scheduler.run), on this thread: deterministic.
-    # _admit only when something arrived (an idle one waits for the inbox);
+    # Only when busy or something arrived (an idle one waits for the inbox);
     # at most 6 scripts: all fit at once.
     waiting.sort(key=lambda arrival: arrival[:2])
     loop_pass = 0
-    while scheduler._active or waiting:
-        if waiting and waiting[0][0] <= loop_pass:
-            while waiting and waiting[0][0] <= loop_pass:
-                scheduler.submit(waiting.pop(0)[2])
-            scheduler._admit()
-        if scheduler._active:
-            scheduler._step()
+    while scheduler._active or scheduler._prefilling or waiting:
+        while waiting and waiting[0][0] <= loop_pass:
+            scheduler.submit(waiting.pop(0)[2])
+        if scheduler._active or scheduler._prefilling or scheduler._inbox.qsize():
+            scheduler._loop_once()
         else:
             scheduler._step_began = None  # as Scheduler.run: idle time is no step's duration
         loop_pass += 1
@@ -625,6 +623,100 @@ def test_a_request_cancelled_while_its_long_prompt_is_read_stops_at_the_next_pie
         assert model.pieces == [chunk, 10]
     finally:
         scheduler.shutdown()
+
+
+class StepLog(PieceCounter):
+    """A PieceCounter that also logs each batched decoding step's size, in
+    order with the prefill pieces."""
+
+    def __init__(self):
+        super().__init__()
+        self.log: list[tuple[str, int]] = []
+
+    def prefill(self, token_ids, cache):
+        self.log.append(("prefill", len(token_ids)))
+        return super().prefill(token_ids, cache)
+
+    def decode(self, token_ids, caches):
+        self.log.append(("decode", len(caches)))
+        return super().decode(token_ids, caches)
+
+
+def scheduler_passes(scheduler, passes: int) -> None:
+    """Scheduler.run's loop, on this thread: deterministic."""
+    for _ in range(passes):
+        scheduler._loop_once()
+
+
+def test_a_long_prompt_is_read_between_the_running_streams_steps(engine):
+    """Read whole, a long prompt held every running stream of the model for
+    its whole length (2,000 tokens of smollm2: ~11 s without a token); the
+    running streams now take a step after each piece."""
+    chunk = engine.PREFILL_CHUNK_TOKENS
+    model = StepLog()
+    scheduler = engine.Scheduler("test", model, vocabulary(engine), max_active=8)
+    sampling = params(engine, max_tokens=20, temperature=0)
+    running = generation(engine, [2, 3], sampling, name="running")
+    scheduler.submit(running)
+    scheduler_passes(scheduler, 1)
+    assert model.log == [("prefill", 2), ("decode", 1)]
+    model.log.clear()
+    long = generation(engine, [2] * (3 * chunk + 10), sampling, name="long")
+    scheduler.submit(long)
+    scheduler_passes(scheduler, 4)
+    pieces = [("prefill", chunk), ("decode", 1)] * 3
+    assert model.log == [*pieces, ("prefill", 10), ("decode", 2)]
+    # One token a pass for the running stream, none for the long one until read.
+    assert running.sender.tokens == 5 and long.sender.tokens == 1
+    assert running.sender.error is None and long.sender.error is None
+
+
+class Leaves(Recorder):
+    def __init__(self):
+        super().__init__()
+        self.gone = False
+
+    def is_cancelled(self) -> bool:
+        return self.gone
+
+
+def test_a_request_whose_client_left_while_it_waited_behind_a_long_prompt_is_not_read(engine):
+    chunk = engine.PREFILL_CHUNK_TOKENS
+    model = StepLog()
+    scheduler = engine.Scheduler("test", model, vocabulary(engine), max_active=8)
+    sampling = params(engine, max_tokens=2, temperature=0)
+    long = generation(engine, [2] * (2 * chunk), sampling, name="long")
+    waiting = generation(engine, [3] * 7, sampling, name="waiting")
+    waiting.sender = Leaves()
+    scheduler.submit(long)
+    scheduler.submit(waiting)
+    scheduler_passes(scheduler, 1)
+    assert model.log == [("prefill", chunk)]
+    waiting.sender.gone = True
+    scheduler_passes(scheduler, 3)
+    assert waiting.sender.error == ("request was cancelled", "cancelled")
+    assert ("prefill", 7) not in model.log
+    assert long.sender.done.is_set() and long.sender.error is None
+
+
+def test_short_prompts_that_arrive_together_are_read_in_one_pause(engine):
+    chunk = engine.PREFILL_CHUNK_TOKENS
+    model = StepLog()
+    scheduler = engine.Scheduler("test", model, vocabulary(engine), max_active=8)
+    sampling = params(engine, max_tokens=5, temperature=0)
+    third = chunk // 3
+    for k in range(4):
+        scheduler.submit(generation(engine, [2] * third, sampling, name=f"g{k}"))
+    scheduler_passes(scheduler, 2)
+    # Three fit the pass's budget whole, the fourth's first piece fills it.
+    rest = chunk - 3 * third
+    assert model.log == [
+        *[("prefill", third)] * 3,
+        ("prefill", rest),
+        ("decode", 3),
+        ("prefill", third - rest),
+        ("decode", 4),
+    ]
 
 
 def test_a_prompt_read_in_pieces_gives_the_logits_of_the_whole(engine):

@@ -329,15 +329,20 @@ class LeavingClient(Recorder):
 
     The scheduler asks once at admission, before the prefill, then once per
     step: with checks=1 the prompt is prefilled (and its blocks cached), then
-    the request is cancelled before its first token.
+    the request is cancelled before its first token. It also asks before each
+    piece of the prompt (engine.PREFILL_CHUNK_TOKENS a pass, shared by the
+    prompts being read): how many depends on what the cache holds, so those
+    checks find the client still there and count for nothing, and a batch
+    ends the same with the cache on and off.
     """
 
     def __init__(self, checks: int | None):
         super().__init__()
         self.checks = checks
+        self.generation = self.scheduler = None  # set once the request is made
 
     def is_cancelled(self) -> bool:
-        if self.checks is None:
+        if self.checks is None or any(g is self.generation for g in self.scheduler._prefilling):
             return False
         self.checks -= 1
         return self.checks < 0
@@ -361,6 +366,7 @@ def admitted_together(engine, model, cache, requests, max_active=None) -> list[t
     ]
     # Queued before the thread starts, so its first admission takes them all.
     for generation in generations:
+        generation.sender.generation, generation.sender.scheduler = generation, scheduler
         scheduler.submit(generation)
     scheduler.start()
     try:
