@@ -133,6 +133,25 @@ MAX_AGE_S = 600.0
 MAX_HELD_CHARS = 16 << 20
 
 
+def node_of(script) -> Callable[[list[str]], str]:
+    """Names the Redis node a call of ``script`` goes to (by its first key;
+    a call's keys share a slot): the cluster node serving its slot, or the
+    slot itself while no node does; one name for a single Redis. What one
+    refusal says is down, so a retry round tries no other call there."""
+    client = getattr(script, "registered_client", None)
+    locate = getattr(client, "get_node_from_key", None)
+    if locate is None:
+        return lambda keys: ""
+
+    def node(keys: list[str]) -> str:
+        try:
+            return locate(keys[0]).name
+        except redis_errors.SlotNotCoveredError:
+            return f"slot {client.keyslot(keys[0])}"
+
+    return node
+
+
 @dataclasses.dataclass(slots=True)
 class _Held:
     keys: list[str]
@@ -149,6 +168,8 @@ class Backlog:
     """Runs a writing script's calls; holds those Redis certainly did not
     run and runs them again, in the order they failed, until they are
     written or given up (MAX_AGE_S, MAX_HELD_CHARS, the router stopping).
+    A retry round stops trying a node at its first refusal: a cluster shard
+    still down holds back only its own calls.
 
     A call is held exactly as it was made, so it writes what it would have
     (a record in the day it was made for; a settlement's deltas, which
@@ -164,10 +185,13 @@ class Backlog:
         delays_s: tuple[float, ...] = RETRY_DELAYS_S,
         max_age_s: float = MAX_AGE_S,
         max_held_chars: int = MAX_HELD_CHARS,
+        node: Callable[[list[str]], str] | None = None,
     ) -> None:
         self._script = script
         # What the calls write, for logs and metrics ("settlement", "ledger").
         self._write = write
+        # Which Redis node a call goes to (node_of; a test's stand-in).
+        self._node = node or node_of(script)
         self._clock = clock
         self._delays_s = delays_s
         self._max_age_s = max_age_s
@@ -223,16 +247,22 @@ class Backlog:
                 if expired:
                     self._give_up(len(expired), f"not written within {self._max_age_s:g} s")
                     held = [call for call in held if now - call.since <= self._max_age_s]
-                # One call at a time, in order; the first one Redis still
-                # refuses keeps the rest for the next round.
-                written, again = 0, []
-                for index, call in enumerate(held):
+                # One call at a time, in order. A call a node still refuses
+                # keeps the rest of that node's for the next round, untried
+                # (one failed attempt a round against a Redis still down);
+                # those of other nodes (a cluster's shards that are back) go on.
+                written, again, down = 0, [], set()
+                for call in held:
+                    node = self._node(call.keys)
+                    if node in down:
+                        again.append(call)
+                        continue
                     [failure] = await self._try([(call.keys, call.args)])
                     if failure is None:
                         written += 1
                     elif never_ran(failure):
-                        again = held[index:]
-                        break
+                        again.append(call)
+                        down.add(node)
                     else:
                         self._give_up(1, f"may have been written: {failure}")
                 if written:

@@ -33,6 +33,7 @@ from services.context.hot_cache import HotCache, change_listener
 from services.router.admission import Admission, Scope
 from services.router.keys import KeyStore
 from services.router.ledger import Ledger, UsageRecord
+from services.router.script_calls import node_of
 from tests.integration.test_cache_servicer import (
     PARAPHRASE,
     STORED,
@@ -301,6 +302,14 @@ async def test_usage_ledger_on_the_cluster(client) -> None:
     for tenant in tenants:
         totals = await ledger.usage(tenant, ledger.today(), ledger.today())
         assert totals[("key1", "tiny-gpt")]["prompt_tokens"] == 10
+
+
+async def test_the_backlog_names_the_master_serving_a_calls_slot(cluster: Cluster, client) -> None:
+    node = node_of(client.register_script("return 1"))
+    keys = [f"mg:usage:tenant-{i}" for i in range(12)]
+    for key in keys:
+        assert node([key]) == f"127.0.0.1:{cluster.master_of(key_slot(key.encode()))}"
+    assert len({node([key]) for key in keys}) > 1
 
 
 async def test_admission_limits_are_exact_across_masters(cluster: Cluster) -> None:

@@ -10,9 +10,10 @@ import asyncio
 import time
 
 import pytest
+import redis.asyncio as redis
 from redis import exceptions as redis_errors
 
-from services.router.script_calls import Backlog, never_ran, run_scripts
+from services.router.script_calls import Backlog, never_ran, node_of, run_scripts
 
 
 class SlotScript:
@@ -71,8 +72,10 @@ class StoreStandIn:
     def __init__(self) -> None:
         self.written: list[str] = []
         self.failures: dict[str, Exception] = {}
+        self.tried: list[str] = []
 
     async def __call__(self, keys: list[str], args: list) -> list:
+        self.tried.append(keys[0])
         await asyncio.sleep(0)
         failure = self.failures.get(keys[0]) or self.failures.get("*")
         if failure is not None:
@@ -255,3 +258,34 @@ async def test_held_calls_stay_held_while_redis_still_refuses_them():
 )
 def test_failures_before_anything_was_sent_never_ran(error):
     assert never_ran(error)
+
+
+async def test_a_round_tries_no_more_calls_of_a_node_still_down_and_goes_on_with_the_others():
+    """A cluster shard still down held back every call after its first one,
+    those of shards already back included, until it came back or they aged
+    out; and a round tries a node that refuses once, not once per call."""
+    store = StoreStandIn()
+    # The node is the key's letter: "a1" and "a2" on node a.
+    backlog = Backlog(store, "ledger", delays_s=(0.01,), node=lambda keys: keys[0][0])
+    store.failures["*"] = _refused()
+    await backlog.run([(["a1"], []), (["b1"], []), (["a2"], []), (["b2"], [])])
+    assert len(backlog) == 4
+    del store.failures["*"]
+    store.failures["a1"] = store.failures["a2"] = _refused()
+    store.tried.clear()
+    for _ in range(500):
+        if store.written == ["b1", "b2"]:
+            break
+        await asyncio.sleep(0.01)
+    assert store.written == ["b1", "b2"] and len(backlog) == 2
+    # Every round since: a1 once, never a2 behind it.
+    assert "a2" not in store.tried and store.tried.count("a1") >= 1
+    store.failures.clear()
+    await _settled(backlog)
+    assert store.written == ["b1", "b2", "a1", "a2"]
+
+
+def test_a_single_redis_is_one_node():
+    script = redis.Redis().register_script("return 1")
+    node = node_of(script)
+    assert node(["mg:usage:t1"]) == node(["mg:limits:t2:x"]) == ""
