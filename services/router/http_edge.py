@@ -138,6 +138,9 @@ def http_error(error: MeshgateError) -> tuple[int, list[tuple[bytes, bytes]], by
         headers.append((b"www-authenticate", b"Bearer"))
     if error.reason in _CLOSES_CONNECTION:
         headers.append((b"connection", b"close"))
+    if status == 405 and "allow" in error.metadata:
+        # RFC 9110 §15.5.6: a 405 lists the methods the resource takes.
+        headers.append((b"allow", error.metadata["allow"].encode()))
     for detail in error.details:
         if isinstance(detail, error_details_pb2.RetryInfo):
             seconds = detail.retry_delay.seconds + detail.retry_delay.nanos / 1e9
@@ -164,8 +167,9 @@ def error_body(error: MeshgateError, kind: str | None = None) -> dict:
         "code": error.reason,
         "param": metadata.get("param") or _PARAM_OF_REASON.get(error.reason),
     }
-    if metadata:
-        body["metadata"] = {key: value for key, value in metadata.items() if key != "param"}
+    # Always an object ({} when the error has none), as the README says:
+    # a client reads it without checking that it is there.
+    body["metadata"] = {key: value for key, value in metadata.items() if key != "param"}
     return {"error": body}
 
 
@@ -191,6 +195,8 @@ _INT64_MAX = 2**63 - 1
 # refused, never silently ignored. (Penalties and logit_bias at their
 # neutral values are accepted, as SDKs send them.)
 _UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "audio", "modalities", "prediction")
+# A message's fields of tool use (an assistant's calls, a tool's answer).
+_TOOL_FIELDS = ("tool_calls", "function_call", "tool_call_id")
 # A session_id asking for a new session.
 NEW_SESSION = "new"
 # The cache_policy extension's values.
@@ -283,6 +289,16 @@ def _messages(raw) -> list[common_pb2.Message]:
                 "messages",
                 Reason.INVALID_ROLE,
             )
+        for name in _TOOL_FIELDS:
+            if message.get(name) not in (None, [], {}):
+                # Dropped, the call would leave an empty assistant turn and
+                # change the answer with nothing said; role "tool" and
+                # top-level tools are refused alike.
+                raise _bad_request(
+                    f"messages[{index}].{name}: tool calls are not supported",
+                    "messages",
+                    Reason.UNSUPPORTED_PARAMETER,
+                )
         messages.append(common_pb2.Message(role=role, content=_text_of(message.get("content"), index)))
     return messages
 
@@ -295,7 +311,10 @@ def max_tokens_field(body: dict) -> str:
 
 def _parameters(body: dict) -> common_pb2.GenerationParameters:
     parameters = common_pb2.GenerationParameters()
-    max_tokens = _integer(body, max_tokens_field(body), _INT32_MAX)
+    # Both are checked, though only one is used: a bad value is a bad
+    # request whichever field wins (as OpenAI answers it).
+    lengths = {name: _integer(body, name, _INT32_MAX) for name in ("max_tokens", "max_completion_tokens")}
+    max_tokens = lengths[max_tokens_field(body)]
     if max_tokens is not None:
         parameters.max_tokens = max_tokens
     for name in ("temperature", "top_p"):
@@ -319,11 +338,15 @@ def _refuse_unsupported(body: dict) -> None:
     for name in _UNSUPPORTED:
         if body.get(name) not in (None, [], {}):
             raise _bad_request(f"{name} is not supported", name, Reason.UNSUPPORTED_PARAMETER)
-    # OpenAI's n is an integer or null (1).
-    if body.get("n") not in (None, 1):
+    # OpenAI's n is an integer or null (1); true == 1 in Python, not in JSON.
+    n = body.get("n")
+    if isinstance(n, bool) or n not in (None, 1):
         raise _bad_request("n must be 1", "n", Reason.UNSUPPORTED_PARAMETER)
     if body.get("logprobs"):
         raise _bad_request("logprobs are not supported", "logprobs", Reason.UNSUPPORTED_PARAMETER)
+    if body.get("top_logprobs") is not None:
+        # OpenAI refuses it without logprobs, which are refused above.
+        raise _bad_request("top_logprobs is not supported", "top_logprobs", Reason.UNSUPPORTED_PARAMETER)
     response_format = body.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
         raise _bad_request(
@@ -378,10 +401,15 @@ class ChatCall:
         if options is not None and not self.stream:
             # As OpenAI: the options would be silently ignored otherwise.
             raise _bad_request("stream_options is only allowed when stream is true", "stream_options")
-        options = options or {}
+        if options is None:
+            options = {}
         if not isinstance(options, dict):
             raise _bad_request("stream_options must be an object", "stream_options")
-        self.include_usage = self.stream and options.get("include_usage") is True
+        include_usage = options.get("include_usage")
+        if include_usage is not None and not isinstance(include_usage, bool):
+            # Not truthiness: "yes" or 1 would silently send no usage.
+            raise _bad_request("stream_options.include_usage must be a boolean", "stream_options")
+        self.include_usage = self.stream and include_usage is True
 
 
 # --- responses ---------------------------------------------------------------
@@ -537,6 +565,7 @@ class HttpEdge:
                     grpc.StatusCode.UNIMPLEMENTED,
                     Reason.METHOD_NOT_SUPPORTED,
                     f"{scope['path']} takes {method}",
+                    {"allow": method},
                 )
             # The key first, from the headers: a caller without a valid one
             # makes the router read none of its body, and a tenant's request
@@ -1019,6 +1048,8 @@ class _BoundedHeaders(HttpToolsProtocol):
             )
         )
         head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}".encode()]
+        # Every answer carries an x-request-id, this one written outside _Response.
+        headers.append((b"x-request-id", uuid.uuid4().hex.encode()))
         head += [name + b": " + value for name, value in [*self.server_state.default_headers, *headers]]
         head.append(b"content-length: " + str(len(body)).encode())
         self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)

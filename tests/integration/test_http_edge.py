@@ -323,10 +323,14 @@ async def test_malformed_bodies_and_paths(base_url):
         array = await http.post("/chat/completions", json=[1, 2], headers=headers)
         assert array.status_code == 400
         assert (await http.get("/nothing-here", headers=headers)).status_code == 404
-        assert (await http.get("/chat/completions", headers=headers)).status_code == 405
+        wrong_method = await http.get("/chat/completions", headers=headers)
+        # RFC 9110: a 405 says which method the resource takes.
+        assert (wrong_method.status_code, wrong_method.headers.get("allow")) == (405, "POST")
         missing = await http.get("/models")
         assert missing.status_code == 401
         assert missing.json()["error"]["code"] == "API_KEY_MISSING"
+        # metadata is always an object, {} when the error has none.
+        assert missing.json()["error"]["metadata"] == {}
 
 
 # --- what the edge sends back, and how it reads what it is sent -----------------------------
@@ -818,6 +822,8 @@ async def test_a_header_block_over_the_bound_is_answered_431_and_closed(header_b
     status, headers, body = await header_block_refusal(header_bounded, request)
     assert status == 431, body
     assert headers["connection"] == "close" and "date" in headers
+    # Written outside the app's responses, it still carries a request id.
+    assert len(headers["x-request-id"]) == 32
     error = json.loads(body)["error"]
     assert (error["code"], error["metadata"]) == ("HEADERS_TOO_LARGE", {"limit": str(MAX_HEADER_BYTES)})
 

@@ -142,6 +142,61 @@ def test_stream_options_without_stream_are_refused_as_openai_does(stream):
     assert refusal(body)[:2] == ("MALFORMED_REQUEST", "stream_options")
 
 
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (chat(stream=True, stream_options=[]), "stream_options"),
+        (chat(stream=True, stream_options=False), "stream_options"),
+        (chat(stream=True, stream_options=0), "stream_options"),
+        (chat(stream=True, stream_options={"include_usage": "yes"}), "stream_options"),
+        (chat(stream=True, stream_options={"include_usage": 1}), "stream_options"),
+        (chat(max_tokens="abc", max_completion_tokens=5), "max_tokens"),
+    ],
+    ids=["options array", "options false", "options 0", "usage yes", "usage 1", "bad max_tokens beside"],
+)
+def test_a_value_of_the_wrong_type_is_refused_not_read_as_its_default(body, param):
+    """A hunt: these were taken (no usage chunk; the bad max_tokens unread)."""
+    assert refusal(body)[:2] == ("MALFORMED_REQUEST", param)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (chat(n=True), "n"),
+        (chat(top_logprobs=5), "top_logprobs"),
+        (chat(top_logprobs=0, logprobs=False), "top_logprobs"),
+        (
+            chat(
+                messages=[
+                    {"role": "user", "content": "What's the weather in Paris?"},
+                    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+                    {"role": "user", "content": "And tomorrow?"},
+                ]
+            ),
+            "messages",
+        ),
+        (chat(messages=[{"role": "assistant", "content": "", "function_call": {"name": "f"}}]), "messages"),
+        (chat(messages=[{"role": "user", "content": "hi", "tool_call_id": "c1"}]), "messages"),
+    ],
+    ids=["n true", "top_logprobs", "top_logprobs 0", "assistant tool_calls", "function_call", "tool_call_id"],
+)
+def test_what_would_be_dropped_silently_is_refused(body, param):
+    """A hunt: an assistant's tool calls became an empty assistant turn (the
+    answer changed, nothing said); top_logprobs and n: true were taken."""
+    assert refusal(body)[:2] == ("UNSUPPORTED_PARAMETER", param)
+
+
+def test_include_usage_false_and_empty_options_stream_without_usage():
+    assert not ChatCall(chat(stream=True, stream_options={"include_usage": False})).include_usage
+    assert not ChatCall(chat(stream=True, stream_options={})).include_usage
+    assert ChatCall(chat(stream=True, stream_options={"include_usage": True})).include_usage
+
+
+def test_an_error_without_metadata_has_an_empty_metadata_object():
+    error = MeshgateError(grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_INVALID, "the API key is not valid")
+    assert json.loads(http_error(error)[2])["error"]["metadata"] == {}
+
+
 def test_a_max_tokens_past_int32_is_out_of_range_not_said_to_be_no_integer():
     reason, param, message = refusal(chat(max_tokens=2**31))
     assert (reason, param) == ("MALFORMED_REQUEST", "max_tokens")
