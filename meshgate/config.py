@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import os
 import pathlib
+import re
 import string
 import tomllib
 import types
@@ -261,6 +262,39 @@ class PriceSettings:
             raise ConfigError(f"cache_hit_fraction must be within [0, 1], got {self.cache_hit_fraction}")
 
 
+# What a tenant id may be, configured ([[router.tenants]]) or given to
+# CreateKey alike: 1-128 printable characters without whitespace (ids go
+# into logs, metadata and the Redis keys named after them), and no brace:
+# the keys of a tenant share a Redis Cluster hash tag, {t:<tenant id>}, which
+# a brace in the id would end early or move, putting its keys in another
+# tenant's slot or under another tenant's name.
+MAX_TENANT_ID_CHARS = 128
+
+
+def tenant_id_problem(tenant_id: str) -> str | None:
+    """What is wrong with ``tenant_id`` as a tenant id, or None."""
+    if not 1 <= len(tenant_id) <= MAX_TENANT_ID_CHARS:
+        return f"must be 1-{MAX_TENANT_ID_CHARS} characters"
+    if not tenant_id.isprintable() or any(c.isspace() for c in tenant_id):
+        return "must be printable characters without whitespace"
+    if "{" in tenant_id or "}" in tenant_id:
+        return "must not contain { or } (they would move its keys' Redis Cluster hash tag)"
+    return None
+
+
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _key_digests(digests: list[str], where: str) -> list[str]:
+    """``digests`` in lower case, each checked to be a SHA-256 hex digest:
+    another string (a key pasted in place of its digest, a digest cut short)
+    would silently never match a key."""
+    for digest in digests:
+        if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
+            raise ConfigError(f"{where}: {digest!r} is not a SHA-256 hex digest (64 hex digits)")
+    return [digest.lower() for digest in digests]
+
+
 @dataclasses.dataclass
 class TenantSettings:
     id: str = ""
@@ -274,6 +308,12 @@ class TenantSettings:
     key_limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
     # A name that model selection rules may refer to (SelectionSettings).
     tier: str = ""
+
+    def __post_init__(self) -> None:
+        problem = tenant_id_problem(self.id) if isinstance(self.id, str) else "must be a string"
+        if problem:
+            raise ConfigError(f"router.tenants: the id {str(self.id)[:80]!r} {problem}")
+        self.api_key_sha256 = _key_digests(self.api_key_sha256, f"router.tenants {self.id!r}: api_key_sha256")
 
 
 # Roles a template's message may have (the API's roles, lower case).
@@ -507,6 +547,28 @@ class RouterSettings:
         versions = [(template.name, template.version) for template in self.templates]
         if len(set(versions)) != len(versions):
             raise ConfigError("router.templates: a name and version appear twice")
+        self._check_tenants()
+
+    def _check_tenants(self) -> None:
+        """A tenant id or a key digest named twice is refused: the last
+        would silently win (a key listed under two tenants authenticated as
+        the last; one also listed as the admin credential became it)."""
+        ids = [tenant.id for tenant in self.tenants]
+        twice = sorted({tenant_id for tenant_id in ids if ids.count(tenant_id) > 1})
+        if twice:
+            raise ConfigError(f"router.tenants: the id {twice[0]!r} appears twice")
+        self.admin_api_key_sha256 = _key_digests(self.admin_api_key_sha256, "router.admin_api_key_sha256")
+        owners: dict[str, str] = {}
+        named = [(digest, "the admin credential") for digest in self.admin_api_key_sha256]
+        if self.dev_tenant:
+            named.append((hash_api_key(self.dev_api_key), "the dev tenant's key (router.dev_api_key)"))
+        named += [(digest, f"tenant {t.id!r}") for t in self.tenants for digest in t.api_key_sha256]
+        for digest, owner in named:
+            if digest in owners and owners[digest] != owner:
+                raise ConfigError(
+                    f"router: the key digest {digest[:16]}... is both {owners[digest]} and {owner}"
+                )
+            owners[digest] = owner
 
     def tenant_call_cap(self) -> int:
         """max_concurrent_rpcs_per_tenant as set, or else an eighth of

@@ -66,7 +66,7 @@ import grpc
 import structlog
 
 from meshgate import redis_access
-from meshgate.config import ConfigError, LimitSettings, hash_api_key
+from meshgate.config import ConfigError, LimitSettings, hash_api_key, tenant_id_problem
 from meshgate.errors import MeshgateError, invalid_argument, not_found, unavailable
 from meshgate.reasons import Reason
 from meshgate.single_flight import SingleFlight
@@ -87,7 +87,6 @@ _IDS = "mg:router:{apikeys}:ids"
 _SECRET_PREFIX = "mgk-"
 # new_secret's 32 random bytes are 43 URL-safe base64 characters.
 _STORED_SECRET = re.compile(re.escape(_SECRET_PREFIX) + r"[A-Za-z0-9_-]{43}")
-_MAX_TENANT_ID = 128
 _MAX_LABEL = 256
 # 9999-12-31T23:59:59Z, the last instant a google.protobuf.Timestamp holds.
 _LAST_TIMESTAMP_S = 253_402_300_799
@@ -221,10 +220,9 @@ def check_key_request(
     configured, which a key may not go beyond ("*" on the key means them)."""
     if not tenant_id:
         raise invalid_argument(Reason.TENANT_REQUIRED, "name the key's tenant_id")
-    if len(tenant_id) > _MAX_TENANT_ID or not tenant_id.isprintable() or any(c.isspace() for c in tenant_id):
-        raise invalid_argument(
-            Reason.INVALID_KEY_SPEC, f"tenant_id must be 1-{_MAX_TENANT_ID} printable characters, no spaces"
-        )
+    problem = tenant_id_problem(tenant_id)
+    if problem:
+        raise invalid_argument(Reason.INVALID_KEY_SPEC, f"tenant_id {problem}")
     models = tuple(models) or ("*",)
     unknown = sorted({m for m in models if m != "*" and m not in known_models})
     if unknown:

@@ -313,3 +313,77 @@ def test_a_session_byte_cap_must_leave_the_session_readable_in_one_answer(tmp_pa
     config.write_text(f"[context]\nmax_session_bytes = {64 * 1024 * 1024}\n")
     with pytest.raises(ConfigError, match="max_session_bytes must be at most"):
         load_settings(str(config))
+
+
+def _tenants_toml(tmp_path, text: str):
+    path = tmp_path / "tenants.toml"
+    path.write_text(text)
+    return load_settings(path, environ={})
+
+
+DIGEST_A, DIGEST_B = hash_api_key("key-a"), hash_api_key("key-b")
+
+
+@pytest.mark.parametrize(
+    ("tenant_id", "problem"),
+    [
+        ("", "1-128 characters"),
+        ("x" * 129, "1-128 characters"),
+        ("odd\\u001fname", "printable"),
+        ("two words", "printable"),
+        ("a{b}", "hash tag"),
+        ("tenant-b}:x", "hash tag"),
+    ],
+    ids=["empty", "129", "unit separator", "space", "braces", "closing brace"],
+)
+def test_a_configured_tenant_id_follows_the_rule_createkey_applies(tmp_path, tenant_id, problem):
+    """A bug hunt: an id with a unit separator was billed into another
+    tenant's usage (the ledger strips it), an empty or 600-character one was
+    loaded and every call of its key failed; ids with braces move the keys'
+    Redis Cluster hash tag."""
+    with pytest.raises(ConfigError, match=problem):
+        _tenants_toml(tmp_path, f'[[router.tenants]]\nid = "{tenant_id}"\napi_key_sha256 = ["{DIGEST_A}"]\n')
+
+
+def test_a_key_digest_must_be_a_sha256_hex_digest_and_is_read_in_lower_case(tmp_path):
+    with pytest.raises(ConfigError, match="not a SHA-256 hex digest"):
+        _tenants_toml(tmp_path, '[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["key-a"]\n')
+    with pytest.raises(ConfigError, match="admin_api_key_sha256"):
+        _tenants_toml(tmp_path, f'[router]\nadmin_api_key_sha256 = ["{DIGEST_A[:40]}"]\n')
+    settings = _tenants_toml(
+        tmp_path, f'[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["{DIGEST_A.upper()}"]\n'
+    )
+    assert settings.router.tenants[0].api_key_sha256 == [DIGEST_A]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            f'[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["{DIGEST_A}"]\n'
+            f'[[router.tenants]]\nid = "globex"\napi_key_sha256 = ["{DIGEST_B}", "{DIGEST_A.upper()}"]\n',
+            "both tenant 'acme' and tenant 'globex'",
+        ),
+        (
+            f'[router]\nadmin_api_key_sha256 = ["{DIGEST_A}"]\n'
+            f'[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["{DIGEST_A}"]\n',
+            "both the admin credential and tenant 'acme'",
+        ),
+        (
+            '[router]\ndev_api_key = "key-a"\n'
+            f'[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["{DIGEST_A}"]\n',
+            "both the dev tenant's key",
+        ),
+        (
+            f'[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["{DIGEST_A}"]\n'
+            f'[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["{DIGEST_B}"]\n',
+            "'acme' appears twice",
+        ),
+    ],
+    ids=["two tenants", "tenant and admin", "tenant and dev key", "one id twice"],
+)
+def test_a_key_or_tenant_named_twice_is_refused_not_won_by_the_last(tmp_path, text, message):
+    """A bug hunt: a digest under two tenants authenticated as the last one,
+    and one also listed as the admin credential made the tenant's key admin."""
+    with pytest.raises(ConfigError, match=message):
+        _tenants_toml(tmp_path, text)
