@@ -3,7 +3,13 @@
 `make run` (through :class:`meshgate.local.stack.Stack`) and `meshgate certs --out
 DIR` call :func:`ensure`: the first time it creates a CA and a certificate
 for every service; later it reuses them, and issues again only what is
-missing, about to expire, or not from the CA in the folder. Files:
+missing, about to expire, or not from the CA in the folder, keeping the
+service's key where its file holds one: the router's key signs the tenant
+tokens that the other services verify with the router certificate's key as
+they read it at start, so a renewal that changed it would make a restarted
+router's calls UNAUTHENTICATED at every service not restarted after it (as
+the Kubernetes manifests keep it: `rotationPolicy: Never`). To change keys,
+delete the ``.key`` files, then restart every service. Files:
 ``ca.pem`` / ``ca.key`` and ``<service>.pem`` / ``<service>.key``, the names
 the ``[mesh]`` settings expect by default. A production mesh may use its own
 PKI instead: any CA works whose certificates name ``meshgate-<service>`` as a
@@ -58,9 +64,8 @@ def ensure(directory: pathlib.Path, services: tuple[str, ...] = MESH_SERVICES) -
         existing = _load_valid(cert_path(directory, service), key_path(directory, service))
         if existing is not None and _issued_by(existing[1], ca_cert):
             continue
-        written += _write(
-            cert_path(directory, service), key_path(directory, service), *_issue(ca_key, ca_cert, service)
-        )
+        issued = _issue(ca_key, ca_cert, service, _load_key(key_path(directory, service)))
+        written += _write(cert_path(directory, service), key_path(directory, service), *issued)
     return written
 
 
@@ -108,9 +113,13 @@ def _new_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
 
 
 def _issue(
-    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, service: str
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    service: str,
+    key: ec.EllipticCurvePrivateKey | None = None,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = _new_key()
+    """A certificate for ``service``, for ``key`` (a new one if None)."""
+    key = key or _new_key()
     now = _now()
     cert = (
         x509.CertificateBuilder()
@@ -150,6 +159,17 @@ def _issue(
         .sign(ca_key, hashes.SHA256())
     )
     return key, cert
+
+
+def _load_key(key_file: pathlib.Path) -> ec.EllipticCurvePrivateKey | None:
+    """The P-256 key in ``key_file``, or None (no file, or another key)."""
+    try:
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError):
+        return None
+    if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
+        return key
+    return None
 
 
 def _load_valid(

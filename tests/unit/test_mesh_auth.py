@@ -218,6 +218,28 @@ def test_certificates_are_made_once_then_reused_and_renewed_when_gone(tmp_path: 
         assert mesh_auth.Mesh(settings, service).to("context").server_identity == "meshgate-context"
 
 
+def test_a_renewal_keeps_each_services_key(tmp_path: pathlib.Path, monkeypatch):
+    """A bug hunt: a certificate renewed within 30 days of its end got a new
+    key, so a router restarted on it signed tokens the services not yet
+    restarted refused (TENANT_TOKEN_INVALID): they verify with the router
+    key they read at start."""
+    certs.ensure(tmp_path)
+    before = {s: certs.key_path(tmp_path, s).read_bytes() for s in mesh_auth.MESH_SERVICES}
+    old_router = certs.cert_path(tmp_path, "router").read_bytes()
+    later = certs._now() + certs.datetime.timedelta(days=certs.SERVICE_DAYS - 10)
+    monkeypatch.setattr(certs, "_now", lambda: later)
+    renewed = {p.name for p in certs.ensure(tmp_path)}
+    assert "router.pem" in renewed
+    assert certs.cert_path(tmp_path, "router").read_bytes() != old_router
+    for service in mesh_auth.MESH_SERVICES:
+        assert certs.key_path(tmp_path, service).read_bytes() == before[service], service
+    # A token of the renewed router verifies with the key the others started with.
+    public = serialization.load_pem_private_key(before["router"], None).public_key()
+    renewed_key = serialization.load_pem_private_key(certs.key_path(tmp_path, "router").read_bytes(), None)
+    metadata = mesh_auth.TenantTokens(renewed_key, TTL_S, clock=Clock()).metadata("acme", "context")
+    assert mesh_auth.TenantVerifier(public, "context", leeway_s=0, clock=Clock()).tenant(metadata) == "acme"
+
+
 @pytest.mark.parametrize(
     ("descriptor", "tenant_of"),
     [
