@@ -367,7 +367,12 @@ class Scheduler(threading.Thread):
                 generation = self._inbox.get_nowait() if busy else self._inbox.get(timeout=0.1)
             except queue.Empty:
                 return
-            if not self._cancelled(generation):
+            try:
+                cancelled = self._cancelled(generation)
+            except Exception as error:  # the sender's own failure: this request alone
+                self._fail(generation, error)
+                continue
+            if not cancelled:
                 self._prefilling.append(generation)
 
     def _start(self, generation: Generation) -> None:

@@ -699,6 +699,28 @@ def test_a_request_whose_client_left_while_it_waited_behind_a_long_prompt_is_not
     assert long.sender.done.is_set() and long.sender.error is None
 
 
+class BrokenSender(Recorder):
+    def is_cancelled(self) -> bool:
+        raise RuntimeError("the response sender is gone")
+
+
+def test_a_sender_that_fails_at_admission_fails_its_request_alone(engine):
+    """A review: the admission check outside any guard lost the request
+    (never answered) and failed every other request of the model."""
+    model = StepLog()
+    scheduler = engine.Scheduler("test", model, vocabulary(engine), max_active=8)
+    sampling = params(engine, max_tokens=6, temperature=0)
+    running = generation(engine, [2, 3], sampling, name="running")
+    scheduler.submit(running)
+    scheduler_passes(scheduler, 1)
+    broken = generation(engine, [2, 3], sampling, name="broken")
+    broken.sender = BrokenSender()
+    scheduler.submit(broken)
+    scheduler_passes(scheduler, 6)
+    assert broken.sender.error == ("test: internal error during generation", "internal")
+    assert running.sender.error is None and running.sender.tokens == 6
+
+
 def test_short_prompts_that_arrive_together_are_read_in_one_pause(engine):
     chunk = engine.PREFILL_CHUNK_TOKENS
     model = StepLog()
