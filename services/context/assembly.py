@@ -207,7 +207,7 @@ def plan(
     candidate = reasons == 0
     candidate[:compacted] = False
     pack = relevance is not None and transcript_tokens is not None and turns.lines is not None
-    if pack and int(turns.tokens[candidate].sum()) <= remaining:
+    if pack and int(turns.tokens[candidate].sum()) + unpaid <= remaining:
         # Everything fits as the conversation it was: nothing to gain.
         pack = False
     newest_first = np.flatnonzero(candidate)[::-1]
@@ -216,7 +216,9 @@ def plan(
         floor_tokens = remaining
     else:
         floor = newest_first[: max(recency_floor, 0)]
-        floor_tokens = int(remaining * RECENCY_FLOOR_SHARE)
+        # A share of what the turns may have: the default system prompt
+        # the first of them pays is not theirs.
+        floor_tokens = int(max(remaining - unpaid, 0) * RECENCY_FLOOR_SHARE) + unpaid
     # The floor stops at the first turn that does not fit in it (counts are
     # not negative, so those that fit are a prefix).
     floor = floor[np.cumsum(turns.tokens[floor]) + unpaid <= floor_tokens]

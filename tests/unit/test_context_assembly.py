@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import grpc
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshgate.common.v1 import common_pb2
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError
-from services.context.assembly import Candidate, TemplateTokens, assemble
+from services.context.assembly import Candidate, SessionCosts, TemplateTokens, assemble, plan
 
 SYSTEM, USER, ASSISTANT = common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
 
@@ -144,3 +147,45 @@ def test_template_tokens_take_room_from_the_history() -> None:
     with pytest.raises(MeshgateError) as caught:
         assemble([], new, budget=32, template=CHATML)
     assert caught.value.metadata == {"tokens": "33", "budget": "32"}
+
+
+_ROLES = [common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tokens=st.lists(st.integers(1, 40), max_size=12),
+    lines=st.lists(st.integers(1, 40), min_size=12, max_size=12),
+    spare=st.integers(0, 300),
+    adaptive=st.booleans(),
+    floor=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_a_prompt_of_no_new_message_keeps_what_it_would_with_the_default_system_prompt_paid_up_front(
+    tokens, lines, spare, adaptive, floor, seed
+) -> None:
+    """With no new message, the first turn kept pays the template's default
+    system prompt (a prompt of no message does not have one). A review found
+    the recency floor and the packing decision leaving that out, so such a
+    prompt kept fewer turns than paying it up front does: it must keep the
+    same ones, and cost the same but for the default when nothing is kept."""
+    default = TemplateTokens(prompt_prefix=1, generation_prompt=4, default_system=21)
+    up_front = TemplateTokens(prompt_prefix=1 + 21, generation_prompt=4, default_system=0)
+    turns = SessionCosts(
+        np.array([_ROLES[i % 2] for i in range(len(tokens))], dtype=np.int64),
+        np.array(tokens, dtype=np.int64),
+        np.array(lines[: len(tokens)], dtype=np.int64),
+    )
+    options = {}
+    if adaptive:
+        options = {
+            "relevance": np.random.default_rng(seed).random(len(tokens)),
+            "recency_floor": floor,
+            "transcript_tokens": 11,
+        }
+    budget = 1 + 21 + 4 + spare
+    deferred = plan(turns, [], budget, default, **options)
+    paid = plan(turns, [], budget, up_front, **options)
+    assert (deferred.reasons, deferred.packed) == (paid.reasons, paid.packed)
+    kept_any = any(deferred.reasons)
+    assert deferred.prompt_tokens == paid.prompt_tokens - (0 if kept_any else 21)
