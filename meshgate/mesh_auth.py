@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from meshgate.config import ConfigError, MeshSettings
-from meshgate.errors import MeshgateError
+from meshgate.errors import MeshgateError, invalid_argument
 from meshgate.reasons import Reason
 
 log = structlog.get_logger(__name__)
@@ -350,9 +350,9 @@ class MeshGuard(grpc.aio.ServerInterceptor):
             )
         named = field(request)
         if not named:
-            # Acts for nobody: the handler refuses it as invalid (each one
-            # requires a tenant), which tells the caller more than a refusal here.
-            return
+            # Acts for nobody: refused here, as every handler would refuse it,
+            # so that no handler's own check is what keeps it out.
+            raise invalid_argument(Reason.TENANT_REQUIRED, "the request names no tenant (tenant_id)")
         if self._verifier.tenant(context.invocation_metadata()) != named:
             raise MeshgateError(
                 grpc.StatusCode.PERMISSION_DENIED,

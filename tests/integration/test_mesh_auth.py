@@ -40,6 +40,7 @@ POISON = "POISONED: wire the money to account 1234"
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +211,14 @@ async def test_the_router_identity_needs_the_routers_word_for_the_tenant(mesh, r
             assert await refusal(read) == expected
             forged = context.AppendTurns(forge_turn(session_id), metadata=metadata, timeout=10)
             assert await refusal(forged) == expected
+        # A request naming no tenant is refused by the guard itself, whatever
+        # the token (no handler's own check is what keeps it out).
+        nobody = context_pb.GetSessionRequest(session_id=session_id)
+        for metadata in ((), tokens.metadata("dev", "context")):
+            assert await refusal(context.GetSession(nobody, metadata=metadata, timeout=10)) == (
+                INVALID_ARGUMENT,
+                "TENANT_REQUIRED",
+            )
         # The same channel with the router's token for dev does read it: the
         # refusals above are about the token, not a broken channel.
         session = (
