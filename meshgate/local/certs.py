@@ -64,8 +64,11 @@ def ensure(directory: pathlib.Path, services: tuple[str, ...] = MESH_SERVICES) -
         existing = _load_valid(cert_path(directory, service), key_path(directory, service))
         if existing is not None and _issued_by(existing[1], ca_cert):
             continue
-        issued = _issue(ca_key, ca_cert, service, _load_key(key_path(directory, service)))
-        written += _write(cert_path(directory, service), key_path(directory, service), *issued)
+        kept = _load_key(key_path(directory, service))
+        issued = _issue(ca_key, ca_cert, service, kept)
+        written += _write(
+            cert_path(directory, service), key_path(directory, service), *issued, key_kept=kept is not None
+        )
     return written
 
 
@@ -197,15 +200,38 @@ def _issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
 
 
 def _write(
-    cert_file: pathlib.Path, key_file: pathlib.Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate
+    cert_file: pathlib.Path,
+    key_file: pathlib.Path,
+    key: ec.EllipticCurvePrivateKey,
+    cert: x509.Certificate,
+    key_kept: bool = False,
 ) -> list[pathlib.Path]:
-    key_bytes = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    # Created owner-only, never briefly readable by others.
-    key_file.unlink(missing_ok=True)
-    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key_bytes)
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return [cert_file, key_file]
+    """Writes the pair, each file whole or not at all (a full disk or a
+    kill midway leaves the old one); a kept key's file is not written again,
+    so a renewal cannot lose it."""
+    written = []
+    if not key_kept:
+        key_bytes = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        # Created owner-only, never briefly readable by others.
+        written.append(_replace(key_file, key_bytes, 0o600))
+    written.append(_replace(cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644))
+    return written
+
+
+def _replace(path: pathlib.Path, data: bytes, mode: int) -> pathlib.Path:
+    """``path`` holding ``data``, by a new file renamed over it."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path

@@ -204,10 +204,13 @@ def test_certificates_are_made_once_then_reused_and_renewed_when_gone(tmp_path: 
         assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600, key_file
     assert certs.ensure(tmp_path) == []
     certs.cert_path(tmp_path, "cache").unlink()
+    # Issued again for the key it had (c7d0d36: keys are kept).
+    assert {p.name for p in certs.ensure(tmp_path)} == {"cache.pem"}
+    certs.key_path(tmp_path, "cache").unlink()
     assert {p.name for p in certs.ensure(tmp_path)} == {"cache.pem", "cache.key"}
     # A new CA makes every service certificate from the old one useless.
     certs.ca_path(tmp_path).unlink()
-    assert len(certs.ensure(tmp_path)) == 2 + 2 * len(mesh_auth.MESH_SERVICES)
+    assert len(certs.ensure(tmp_path)) == 2 + len(mesh_auth.MESH_SERVICES)
     # Each service loads its own, named after it.
     settings = MeshSettings(
         ca_file=str(certs.ca_path(tmp_path)),
@@ -238,6 +241,30 @@ def test_a_renewal_keeps_each_services_key(tmp_path: pathlib.Path, monkeypatch):
     renewed_key = serialization.load_pem_private_key(certs.key_path(tmp_path, "router").read_bytes(), None)
     metadata = mesh_auth.TenantTokens(renewed_key, TTL_S, clock=Clock()).metadata("acme", "context")
     assert mesh_auth.TenantVerifier(public, "context", leeway_s=0, clock=Clock()).tenant(metadata) == "acme"
+
+
+def test_a_renewal_that_fails_midway_leaves_the_key_and_the_old_certificate(
+    tmp_path: pathlib.Path, monkeypatch
+):
+    """A review: the key file was deleted and written again on every
+    renewal, so a full disk midway lost the key the renewal meant to keep."""
+    certs.ensure(tmp_path)
+    key, cert = (
+        certs.key_path(tmp_path, "router").read_bytes(),
+        certs.cert_path(tmp_path, "router").read_bytes(),
+    )
+    later = certs._now() + certs.datetime.timedelta(days=certs.SERVICE_DAYS - 10)
+    monkeypatch.setattr(certs, "_now", lambda: later)
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(certs.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        certs.ensure(tmp_path)
+    assert certs.key_path(tmp_path, "router").read_bytes() == key
+    assert certs.cert_path(tmp_path, "router").read_bytes() == cert
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 @pytest.mark.parametrize(
