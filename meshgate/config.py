@@ -269,6 +269,8 @@ class PriceSettings:
 # a brace in the id would end early or move, putting its keys in another
 # tenant's slot or under another tenant's name.
 MAX_TENANT_ID_CHARS = 128
+# The tenant of router.dev_api_key while router.dev_tenant is on.
+DEV_TENANT_ID = "dev"
 
 
 def tenant_id_problem(tenant_id: str) -> str | None:
@@ -553,10 +555,15 @@ class RouterSettings:
         """A tenant id or a key digest named twice is refused: the last
         would silently win (a key listed under two tenants authenticated as
         the last; one also listed as the admin credential became it)."""
-        ids = [tenant.id for tenant in self.tenants]
+        ids = [tenant.id for tenant in self.tenants] + ([DEV_TENANT_ID] if self.dev_tenant else [])
         twice = sorted({tenant_id for tenant_id in ids if ids.count(tenant_id) > 1})
         if twice:
-            raise ConfigError(f"router.tenants: the id {twice[0]!r} appears twice")
+            dev = (
+                " (the dev tenant's, router.dev_tenant)"
+                if self.dev_tenant and twice[0] == DEV_TENANT_ID
+                else ""
+            )
+            raise ConfigError(f"router.tenants: the id {twice[0]!r}{dev} appears twice")
         self.admin_api_key_sha256 = _key_digests(self.admin_api_key_sha256, "router.admin_api_key_sha256")
         owners: dict[str, str] = {}
         named = [(digest, "the admin credential") for digest in self.admin_api_key_sha256]

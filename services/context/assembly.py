@@ -218,7 +218,7 @@ def plan(
         floor = newest_first[: max(recency_floor, 0)]
         # A share of what the turns may have: the default system prompt
         # the first of them pays is not theirs.
-        floor_tokens = int(max(remaining - unpaid, 0) * RECENCY_FLOOR_SHARE) + unpaid
+        floor_tokens = int(max(remaining - unpaid, 0) * RECENCY_FLOOR_SHARE) + min(unpaid, remaining)
     # The floor stops at the first turn that does not fit in it (counts are
     # not negative, so those that fit are a prefix).
     floor = floor[np.cumsum(turns.tokens[floor]) + unpaid <= floor_tokens]

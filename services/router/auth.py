@@ -10,7 +10,7 @@ import dataclasses
 import grpc
 import structlog
 
-from meshgate.config import LimitSettings, RouterSettings, hash_api_key
+from meshgate.config import DEV_TENANT_ID, LimitSettings, RouterSettings, hash_api_key
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from meshgate.router.v1 import admin_service_pb2, router_service_pb2
@@ -82,7 +82,7 @@ class Authenticator:
                     tenant.tier,
                 )
         if settings.dev_tenant:
-            tenants_by_key_hash[hash_api_key(settings.dev_api_key)] = Tenant("dev", frozenset({"*"}))
+            tenants_by_key_hash[hash_api_key(settings.dev_api_key)] = Tenant(DEV_TENANT_ID, frozenset({"*"}))
         self._configured = _Configured(
             tenants_by_key_hash,
             {tenant.id: tenant.limits for tenant in settings.tenants},

@@ -379,11 +379,25 @@ def test_a_key_digest_must_be_a_sha256_hex_digest_and_is_read_in_lower_case(tmp_
             f'[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["{DIGEST_B}"]\n',
             "'acme' appears twice",
         ),
+        # The dev tenant (on by default) is "dev": configured too, its key
+        # authenticated as an unlimited "dev" beside the limited one.
+        (
+            f'[[router.tenants]]\nid = "dev"\napi_key_sha256 = ["{DIGEST_A}"]\nmodels = ["tiny-gpt"]\n',
+            "'dev' \\(the dev tenant's",
+        ),
     ],
-    ids=["two tenants", "tenant and admin", "tenant and dev key", "one id twice"],
+    ids=["two tenants", "tenant and admin", "tenant and dev key", "one id twice", "the dev tenant's id"],
 )
 def test_a_key_or_tenant_named_twice_is_refused_not_won_by_the_last(tmp_path, text, message):
     """A bug hunt: a digest under two tenants authenticated as the last one,
     and one also listed as the admin credential made the tenant's key admin."""
     with pytest.raises(ConfigError, match=message):
         _tenants_toml(tmp_path, text)
+
+
+def test_a_tenant_named_dev_is_fine_once_the_dev_tenant_is_off(tmp_path):
+    settings = _tenants_toml(
+        tmp_path,
+        f'[router]\ndev_tenant = false\n[[router.tenants]]\nid = "dev"\napi_key_sha256 = ["{DIGEST_A}"]\n',
+    )
+    assert settings.router.tenants[0].id == "dev"
