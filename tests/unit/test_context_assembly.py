@@ -189,3 +189,26 @@ def test_a_prompt_of_no_new_message_keeps_what_it_would_with_the_default_system_
     assert (deferred.reasons, deferred.packed) == (paid.reasons, paid.packed)
     kept_any = any(deferred.reasons)
     assert deferred.prompt_tokens == paid.prompt_tokens - (0 if kept_any else 21)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tokens=st.lists(st.integers(0, 3), max_size=6),
+    short_by=st.integers(0, 21),
+    floor=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_with_less_left_than_the_default_system_prompt_the_plan_stays_within_its_budget(
+    tokens, short_by, floor, seed
+) -> None:
+    """A review's fuzz: the floor's share added the whole unpaid default, so
+    a zero-token turn passed it with less than that left (budget 16, 24)."""
+    template = TemplateTokens(prompt_prefix=1, generation_prompt=4, default_system=21)
+    roles = np.array([_ROLES[i % 2] for i in range(len(tokens))], dtype=np.int64)
+    turns = SessionCosts(roles, np.array(tokens, dtype=np.int64))
+    budget = 1 + 4 + 21 - short_by
+    relevance = np.random.default_rng(seed).random(len(tokens))
+    chosen = plan(turns, [], budget, template, relevance=relevance, recency_floor=floor)
+    kept = [i for i, reason in enumerate(chosen.reasons) if reason]
+    assert chosen.prompt_tokens == 1 + 4 + (21 + sum(tokens[i] for i in kept) if kept else 0)
+    assert chosen.prompt_tokens <= budget
