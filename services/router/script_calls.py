@@ -133,21 +133,33 @@ MAX_AGE_S = 600.0
 MAX_HELD_CHARS = 16 << 20
 
 
-def node_of(script) -> Callable[[list[str]], str]:
-    """Names the Redis node a call of ``script`` goes to (by its first key;
-    a call's keys share a slot): the cluster node serving its slot, or the
-    slot itself while no node does; one name for a single Redis. What one
-    refusal says is down, so a retry round tries no other call there."""
+# A call Redis did not run for one of these says no node of the cluster
+# can be reached or serves its slots: the round ends, the rest kept.
+_CLUSTER_WIDE = re.compile(r"^(?:Redis Cluster cannot be connected|All slots are not covered)")
+
+
+def _cluster_wide(error: BaseException) -> bool:
+    return isinstance(error, redis_errors.ClusterDownError) or bool(_CLUSTER_WIDE.match(str(error)))
+
+
+def node_of(script) -> Callable[[list[str]], tuple[str, int]]:
+    """Where a call of ``script`` goes (by its first key; a call's keys
+    share a slot): the cluster node serving its slot, or "uncovered" for
+    every slot no node serves as far as the client knows (one name: a client
+    that never got a slot map knows none), and the slot; one name and one
+    slot for a single Redis. What one refusal says is down, so a retry round
+    tries no other call there."""
     client = getattr(script, "registered_client", None)
     locate = getattr(client, "get_node_from_key", None)
     if locate is None:
-        return lambda keys: ""
+        return lambda keys: ("", 0)
 
-    def node(keys: list[str]) -> str:
+    def node(keys: list[str]) -> tuple[str, int]:
+        slot = client.keyslot(keys[0])
         try:
-            return locate(keys[0]).name
+            return locate(keys[0]).name, slot
         except redis_errors.SlotNotCoveredError:
-            return f"slot {client.keyslot(keys[0])}"
+            return "uncovered", slot
 
     return node
 
@@ -185,7 +197,7 @@ class Backlog:
         delays_s: tuple[float, ...] = RETRY_DELAYS_S,
         max_age_s: float = MAX_AGE_S,
         max_held_chars: int = MAX_HELD_CHARS,
-        node: Callable[[list[str]], str] | None = None,
+        node: Callable[[list[str]], tuple[str, int]] | None = None,
     ) -> None:
         self._script = script
         # What the calls write, for logs and metrics ("settlement", "ledger").
@@ -247,14 +259,18 @@ class Backlog:
                 if expired:
                     self._give_up(len(expired), f"not written within {self._max_age_s:g} s")
                     held = [call for call in held if now - call.since <= self._max_age_s]
-                # One call at a time, in order. A call a node still refuses
-                # keeps the rest of that node's for the next round, untried
-                # (one failed attempt a round against a Redis still down);
-                # those of other nodes (a cluster's shards that are back) go on.
-                written, again, down = 0, [], set()
-                for call in held:
-                    node = self._node(call.keys)
-                    if node in down:
+                # One call at a time, in order. A call still refused keeps
+                # the rest of its node's and of its slot's for the next round,
+                # untried: one failed attempt a round against a node that is
+                # down, and a slot's calls in their order even where a
+                # failover moved it to another node meanwhile (the client's
+                # slot map refreshed by another call). Those of other nodes (a
+                # cluster's shards that are back) go on; a failure of the
+                # whole cluster, or one while stopping, ends the round.
+                written, again, down_nodes, down_slots = 0, [], set(), set()
+                for index, call in enumerate(held):
+                    node, slot = self._node(call.keys)
+                    if node in down_nodes or slot in down_slots:
                         again.append(call)
                         continue
                     [failure] = await self._try([(call.keys, call.args)])
@@ -262,7 +278,11 @@ class Backlog:
                         written += 1
                     elif never_ran(failure):
                         again.append(call)
-                        down.add(node)
+                        if _cluster_wide(failure) or self._stopping.is_set():
+                            again += held[index + 1 :]
+                            break
+                        down_nodes.add(node)
+                        down_slots.add(slot)
                     else:
                         self._give_up(1, f"may have been written: {failure}")
                 if written:

@@ -308,8 +308,9 @@ async def test_the_backlog_names_the_master_serving_a_calls_slot(cluster: Cluste
     node = node_of(client.register_script("return 1"))
     keys = [f"mg:usage:tenant-{i}" for i in range(12)]
     for key in keys:
-        assert node([key]) == f"127.0.0.1:{cluster.master_of(key_slot(key.encode()))}"
-    assert len({node([key]) for key in keys}) > 1
+        slot = key_slot(key.encode())
+        assert node([key]) == (f"127.0.0.1:{cluster.master_of(slot)}", slot)
+    assert len({node([key])[0] for key in keys}) > 1
 
 
 async def test_admission_limits_are_exact_across_masters(cluster: Cluster) -> None:

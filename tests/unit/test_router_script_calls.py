@@ -265,8 +265,8 @@ async def test_a_round_tries_no_more_calls_of_a_node_still_down_and_goes_on_with
     those of shards already back included, until it came back or they aged
     out; and a round tries a node that refuses once, not once per call."""
     store = StoreStandIn()
-    # The node is the key's letter: "a1" and "a2" on node a.
-    backlog = Backlog(store, "ledger", delays_s=(0.01,), node=lambda keys: keys[0][0])
+    # The node is the key's letter, the slot the key: "a1" and "a2" on node a.
+    backlog = Backlog(store, "ledger", delays_s=(0.01,), node=lambda keys: (keys[0][0], hash(keys[0])))
     store.failures["*"] = _refused()
     await backlog.run([(["a1"], []), (["b1"], []), (["a2"], []), (["b2"], [])])
     assert len(backlog) == 4
@@ -285,7 +285,60 @@ async def test_a_round_tries_no_more_calls_of_a_node_still_down_and_goes_on_with
     assert store.written == ["b1", "b2", "a1", "a2"]
 
 
+async def test_a_slot_refused_keeps_its_later_calls_behind_it_when_a_failover_moves_it():
+    """A review: the round remembered only the refusing node's name, and a
+    failover that moved the slot (the client's map refreshed by another
+    call) let a later call of the same slot be written before the refused
+    one: the ledger's stream out of order."""
+    store = StoreStandIn()
+    where = {"a1": ("old-master", 7), "b1": ("other", 9), "a2": ("old-master", 7)}
+
+    def node(keys):
+        return where[keys[0]]
+
+    backlog = Backlog(store, "ledger", delays_s=(0.01,), node=node)
+    store.failures["*"] = _refused()
+    await backlog.run([(["a1"], []), (["b1"], []), (["a2"], [])])
+    del store.failures["*"]
+    store.failures["a1"] = _refused()
+    store.tried.clear()
+    # Slot 7 now on the promoted replica, as the refreshed map says.
+    where["a2"] = ("new-master", 7)
+    for _ in range(500):
+        if store.written == ["b1"] and store.tried.count("a1") >= 2:
+            break
+        await asyncio.sleep(0.01)
+    assert store.written == ["b1"] and "a2" not in store.tried
+    store.failures.clear()
+    await _settled(backlog)
+    assert store.written == ["b1", "a1", "a2"]
+
+
+async def test_a_failure_of_the_whole_cluster_ends_the_round():
+    """A review: a router that never reached the cluster named every call
+    by its own slot, so a round made one slow attempt per held call."""
+    store = StoreStandIn()
+    backlog = Backlog(store, "ledger", delays_s=(0.01,), node=lambda keys: (keys[0], hash(keys[0])))
+    store.failures["*"] = redis_errors.RedisClusterException(
+        "Redis Cluster cannot be connected. Please provide at least one reachable node"
+    )
+    await backlog.run([([key], []) for key in ("k1", "k2", "k3", "k4")])
+    store.tried.clear()
+    await asyncio.sleep(0.1)  # several rounds
+    assert store.tried and set(store.tried) == {"k1"}
+    store.failures.clear()
+    await _settled(backlog)
+    assert store.written == ["k1", "k2", "k3", "k4"]
+
+
 def test_a_single_redis_is_one_node():
     script = redis.Redis().register_script("return 1")
     node = node_of(script)
-    assert node(["mg:usage:t1"]) == node(["mg:limits:t2:x"]) == ""
+    assert node(["mg:usage:t1"]) == node(["mg:limits:t2:x"]) == ("", 0)
+
+
+def test_a_cluster_client_without_a_slot_map_names_every_slot_uncovered():
+    client = redis.RedisCluster(host="127.0.0.1", port=1)  # never connected: no slot map
+    node = node_of(client.register_script("return 1"))
+    assert {node([f"mg:usage:t{i}"])[0] for i in range(20)} == {"uncovered"}
+    assert node(["mg:usage:t1"])[1] == client.keyslot("mg:usage:t1")
