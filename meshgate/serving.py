@@ -281,6 +281,7 @@ def channel_target(address: str) -> str:
 Cleanup = collections.abc.Callable[[], collections.abc.Awaitable[None]]
 # Takes settings read again from the file; must not fail (they are checked).
 ReloadHook = collections.abc.Callable[[Settings], None]
+Drain = collections.abc.Callable[[float], collections.abc.Awaitable[None]]
 # How often a watched settings file is checked for a change.
 CONFIG_POLL_S = 1.0
 
@@ -339,6 +340,9 @@ class Service:
             options=SERVER_OPTIONS,
         )
         self.cleanup: Cleanup = _nothing
+        # Other servers of the service (the router's HTTP edge), drained
+        # with the gRPC server, each given the same grace.
+        self.drains: list[Drain] = []
         # A service whose readiness depends on others reports it itself,
         # and must stop doing so once the service drains.
         self.serving_when_started = True
@@ -472,7 +476,9 @@ async def stop(service: Service, grace_s: float = 10.0) -> None:
     service.draining = True
     await service.set_serving(False)
     log.info("draining", grace_s=grace_s)
-    await service.server.stop(grace_s)
+    # At once: a stream on another server gets the whole grace too, not
+    # what is left once the gRPC calls are done.
+    await asyncio.gather(service.server.stop(grace_s), *(drain(grace_s) for drain in service.drains))
     if service.health_server is not None:
         # After the drain: until then probes see NOT_SERVING, not a refused port.
         await service.health_server.stop(None)

@@ -149,6 +149,8 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     )
     if http is not None:
         await http.start()
+        # Drained with the gRPC server, with its grace (serving.stop).
+        service.drains.append(http.stop)
     # Health checks of the deployments' inference services: a silent one
     # leaves rotation and its calls end (services/router/deployments.py).
     # Started last, so that a failed start leaves no task behind.
@@ -181,8 +183,9 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     service.reload_hooks.append(reload)
 
     async def cleanup() -> None:
-        # The HTTP edge first: its streams under way finish over the
-        # channels below.
+        # The HTTP edge first (drained already when the service stopped,
+        # serving.stop; not when its start failed): its streams under way
+        # finish over the channels below.
         if http is not None:
             await http.stop()
         deployment_checks.cancel()

@@ -44,7 +44,14 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, RouterSettings
-from meshgate.errors import MeshgateError, internal_error, invalid_argument, not_found
+from meshgate.errors import (
+    MeshgateError,
+    internal_error,
+    invalid_argument,
+    not_found,
+    partly_delivered,
+    unavailable,
+)
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.admission import Hold, TenantCalls
@@ -536,6 +543,9 @@ class HttpEdge:
         self._embeddings_core = embeddings
         # OpenAI's "created" of a model: when this router began serving it.
         self._started = int(time.time())
+        # Set as the router stops (drain): a stream its grace cuts ends
+        # with an error event.
+        self._draining = False
         self.reconfigure(settings, models)
         self._routes = {
             "/v1/chat/completions": ("POST", self._chat),
@@ -546,6 +556,10 @@ class HttpEdge:
     def reconfigure(self, settings: RouterSettings, models: dict[str, ModelSettings]) -> None:
         self._settings = settings
         self._models = models
+
+    def drain(self) -> None:
+        """The router is stopping: streams cut when its grace ends say so."""
+        self._draining = True
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":  # lifespan is off; websockets are not served
@@ -637,11 +651,29 @@ class HttpEdge:
         if isinstance(first, Failure):
             raise first.error
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-        event = first
+        sent = [0, 0]  # deltas and characters written
+        try:
+            await self._stream_events(chunks, first, events, send, sent)
+        except asyncio.CancelledError:
+            if self._draining:
+                # The router's grace ran out (HttpServer.stop): the stream
+                # ends with an error event, as a failure midway does, never
+                # as a silent short answer.
+                error = unavailable(
+                    Reason.STREAM_ENDED_EARLY, "the router stopped before the answer was complete"
+                )
+                body = b"data: " + _json(error_body(partly_delivered(error, *sent))) + b"\n\n"
+                with contextlib.suppress(Exception):
+                    await send({"type": "http.response.body", "body": body})
+            raise
+
+    async def _stream_events(self, chunks: _Chunks, event, events, send, sent: list[int]) -> None:
         while True:
             match event:
                 case Delta(text=text):
                     await send({"type": "http.response.body", "body": chunks.delta(text), "more_body": True})
+                    sent[0] += 1
+                    sent[1] += len(text)
                 case Completion():
                     # The answer's last chunk, if it came on the completion,
                     # in the same write as the stream's end.
@@ -1078,8 +1110,10 @@ class HttpServer:
     def __init__(
         self, app, listen: str, header_timeout_s: float, max_header_bytes: int, graceful_s: float = 5.0
     ) -> None:
+        self._app = app
         self._socket = _listening_socket(listen)
         self.port = self._socket.getsockname()[1]
+        self._stopped = False
         config = uvicorn.Config(
             app,
             http=functools.partial(
@@ -1104,9 +1138,18 @@ class HttpServer:
         # The tick loop refreshes the Date header and notices should_exit.
         self._ticks = asyncio.ensure_future(self._server.main_loop())
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float | None = None) -> None:
         """Stops accepting, lets responses under way finish (for at most
-        the graceful period), then closes."""
+        ``grace_s``, else the graceful period it was made with), then
+        closes; the app is told first (``drain``), so that a stream cut then
+        ends with an error event. Again: nothing more."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if grace_s is not None:
+            self._server.config.timeout_graceful_shutdown = grace_s
+        if (drain := getattr(self._app, "drain", None)) is not None:
+            drain()
         self._server.should_exit = True
         if self._ticks is not None:
             await self._ticks
