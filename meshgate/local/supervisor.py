@@ -19,6 +19,7 @@ import time
 
 import structlog
 
+from meshgate.local import triton
 from meshgate.local.stack import Stack
 
 log = structlog.get_logger(__name__)
@@ -84,6 +85,8 @@ def _kill_leftovers(process: subprocess.Popen) -> None:
     long as a group of that id exists."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
+    # A killed Triton's shared memory (nothing for other children).
+    triton.remove_shared_memory(process)
 
 
 class Supervisor:

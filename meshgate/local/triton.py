@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import importlib.util
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -202,8 +203,11 @@ def build_command(
     backend_dir: str | os.PathLike[str],
     log_file: str | os.PathLike[str] | None = None,
     models: Sequence[str] = DEFAULT_MODELS,
+    shm_prefix: str | None = None,
 ) -> list[str]:
-    """Command line for tritonserver serving `models`; a port of None turns that endpoint off."""
+    """Command line for tritonserver serving `models`; a port of None turns
+    that endpoint off; `shm_prefix` names its Python backend's shared-memory
+    regions (/dev/shm/<prefix>*; Triton's own default if None)."""
     if not models:
         raise ValueError("tritonserver needs at least one model to load")
     command = [
@@ -233,6 +237,8 @@ def build_command(
             "--metrics-address=127.0.0.1",
             f"--metrics-port={metrics_port}",
         ]
+    if shm_prefix is not None:
+        command.append(f"--backend-config=python,shm-region-prefix-name={shm_prefix}")
     if log_file is not None:
         command.append(f"--log-file={log_file}")
     return command
@@ -253,10 +259,20 @@ def launch(
     state_dir = (
         Path(state_dir) if state_dir is not None else Path(tempfile.mkdtemp(prefix="meshgate-triton-"))
     )
+    # Its own name for its shared memory, so that what a killed server
+    # leaves in /dev/shm can be told from others' and removed (terminate).
+    shm_prefix = f"meshgate_triton_{os.getpid()}_{secrets.token_hex(4)}_"
     command = build_command(
-        model_repository, grpc_port, http_port, metrics_port, prepare_backend_dir(state_dir), log_file, models
+        model_repository,
+        grpc_port,
+        http_port,
+        metrics_port,
+        prepare_backend_dir(state_dir),
+        log_file,
+        models,
+        shm_prefix,
     )
-    return subprocess.Popen(
+    process = subprocess.Popen(
         command,
         env=triton_environment(prepare_stub_environment(stub_env_dir)),
         stdin=subprocess.DEVNULL,
@@ -264,6 +280,28 @@ def launch(
         # reach Triton before the caller shuts it down in order.
         start_new_session=True,
     )
+    process.shm_prefix = shm_prefix
+    return process
+
+
+# Where the Python backend's shared-memory regions live.
+SHARED_MEMORY_DIR = Path("/dev/shm")
+
+
+def remove_shared_memory(process: subprocess.Popen[bytes]) -> list[Path]:
+    """Removes the shared-memory regions of a launch() that has exited: a
+    server killed with SIGKILL leaves them (1 MiB or more a model, in RAM,
+    one set more at every restart); one that stopped in order removed its
+    own. Returns those removed; nothing for a process launch() did not make."""
+    prefix = getattr(process, "shm_prefix", None)
+    if not prefix or process.poll() is None:
+        return []
+    removed = []
+    for region in SHARED_MEMORY_DIR.glob(f"{prefix}*"):
+        with contextlib.suppress(FileNotFoundError):
+            region.unlink()
+            removed.append(region)
+    return removed
 
 
 def wait_ready(
@@ -311,6 +349,7 @@ def terminate(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
     # group (launch() starts it as a session leader), so end the group too.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
+    remove_shared_memory(process)
     return process.returncode
 
 
