@@ -1,9 +1,17 @@
 """What makes two prompts the same entry, and the Redis keys they live under.
 
-Normalization (after Unicode NFC) trims the text and folds runs of spaces
-and tabs inside each line, but keeps case, line breaks and each line's
-indentation. The exact tier promises "this very prompt was answered before",
-and case can change the right answer (``US`` vs ``us``, identifiers in code,
+Normalization (after Unicode NFC) drops blank lines at both ends, spaces
+and tabs at each line's end and the indentation every line shares (as
+``textwrap.dedent``), reads a CRLF line break as LF, and folds runs of
+spaces and tabs inside each line, but keeps case, every other character
+(no-break and other spaces, other line separators, form feeds), line breaks
+and each line's indentation relative to the others. A bug hunt: the whole
+text was trimmed, so "  if ready:\n  launch()" and "if ready:\n  launch()",
+an IndentationError and a valid block, were one entry; and Python's
+whitespace folding made 'a\xa0b' and 'a b' one.
+
+The exact tier promises "this very prompt was answered before", and case
+can change the right answer (``US`` vs ``us``, identifiers in code,
 "convert 'HELLO' to lowercase"), as can indentation: folding all whitespace
 made two Python functions that differ only in it one entry, and the second
 was served "It returns 2." for a body that returns None. Nothing is lost by
@@ -35,6 +43,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import os
+import re
 import struct
 import unicodedata
 from collections.abc import Sequence
@@ -50,6 +60,15 @@ _SEQUENCE_PREFIX = KEY_PREFIX + "seq:"
 ENTRY_PATTERN = f"{KEY_PREFIX}*:*:x:*"
 
 _DIGEST_BYTES = 16
+# The digests of normalized texts, named for the normalization: when it
+# changes, what the old one made equal must not stay so through the entries
+# stored under it (a prompt that now differs would be served the other's
+# answer until they expired), so every text-keyed name changes with it ("2":
+# indentation of the first line and only spaces and tabs folded). Entries
+# stored before are never served again and expire.
+_ENTRY_PERSON = b"mg-cache-entry2"
+_CONTEXT_PERSON = b"mg-cache-ctx2"
+_CONVERSATION_PERSON = b"mg-cache-conv2"
 _LENGTH = struct.Struct("<I")
 _MESSAGE_HEADER = struct.Struct("<iI")
 
@@ -90,11 +109,27 @@ class Partition:
         return f"{self.key_prefix}r:{context_id}"
 
 
+# What folds inside a line: spaces and tabs, nothing else.
+_BLANKS = " \t"
+_RUN = re.compile(r"[ \t]+")
+
+
 def normalize_text(text: str) -> str:
-    lines = unicodedata.normalize("NFC", text).strip().splitlines()
-    # A line's indentation as it is; the rest of it folded (split() also
-    # takes the trailing whitespace). Blank lines stay as empty ones.
-    return "\n".join(line[: len(line) - len(line.lstrip())] + " ".join(line.split()) for line in lines)
+    lines = unicodedata.normalize("NFC", text).replace("\r\n", "\n").split("\n")
+    start, end = 0, len(lines)
+    while start < end and not lines[start].strip(_BLANKS):
+        start += 1
+    while end > start and not lines[end - 1].strip(_BLANKS):
+        end -= 1
+    lines = lines[start:end]
+    indentations = [line[: len(line) - len(line.lstrip(_BLANKS))] for line in lines]
+    shared = len(os.path.commonprefix([i for i, line in zip(indentations, lines) if line.strip(_BLANKS)]))
+    normalized = []
+    for line, indentation in zip(lines, indentations):
+        body = line.strip(_BLANKS)
+        # A line's own indentation as it is, the rest folded; a blank line empty.
+        normalized.append(indentation[shared:] + _RUN.sub(" ", body) if body else "")
+    return "\n".join(normalized)
 
 
 def tenant_prefix(tenant_id: str, model: str = "") -> str:
@@ -151,7 +186,7 @@ def is_entry_id(text: str) -> bool:
 
 def entry_id(partition: Partition, messages: Sequence[common_pb2.Message]) -> str:
     """Names the entry of a whole prompt: its exact-match key."""
-    return _conversation_digest(partition, messages, b"mg-cache-entry", b"")
+    return _conversation_digest(partition, messages, _ENTRY_PERSON, b"")
 
 
 def context_id(
@@ -172,5 +207,5 @@ def context_id(
     comparable, so changing the model starts new sub-partitions instead of
     matching against the old vectors.
     """
-    person = b"mg-cache-conv" if conversational else b"mg-cache-ctx"
+    person = _CONVERSATION_PERSON if conversational else _CONTEXT_PERSON
     return _conversation_digest(partition, exact, person, embedding_model.encode())

@@ -33,6 +33,32 @@ def test_normalization_folds_spaces_in_a_line_and_keeps_case_lines_and_indentati
     assert keys.normalize_text("caf\u00e9") == keys.normalize_text("cafe\u0301")
 
 
+def test_relative_indentation_and_characters_other_than_spaces_and_tabs_are_kept():
+    """A bug hunt: the text was trimmed before its lines were read, so two
+    blocks differing in their first line's indentation were one entry (an
+    IndentationError and a valid block), and str.split() folded no-break
+    spaces, form feeds and other separators as spaces or line breaks."""
+    n = keys.normalize_text
+    assert n("  if ready:\n  launch()") != n("if ready:\n  launch()")
+    # The indentation all lines share goes, as textwrap.dedent does.
+    assert n("    if ready:\n      launch()\n") == n("if ready:\n  launch()")
+    assert n("Is 'a\u00a0b' == 'a b'?") != n("Is 'a b' == 'a b'?")
+    assert n("a\fb") != n("a\nb") and n("a\u2028b") != n("a\nb") and n("a\rb") != n("a\nb")
+    # A Windows line break is a line break.
+    assert n("line one\r\n  line two\r\n") == n("line one\n  line two")
+    # Blank lines: dropped at the ends, kept (empty) inside.
+    assert n("\n \t\nfirst\n   \nsecond\n\n") == "first\n\nsecond"
+
+
+def test_entries_stored_under_the_former_normalization_are_never_reached():
+    """It made texts equal that differ: the names of normalized texts
+    changed with it, so no entry stored under it answers a prompt now."""
+    s = scope()
+    assert entry(s, msg("if ready:\n  launch()")) != keys._conversation_digest(
+        keys.partition(s), [msg("if ready:\n  launch()")], b"mg-cache-entry", b""
+    )
+
+
 def test_whitespace_variants_share_an_entry_but_case_and_role_do_not():
     s = scope()
     base = entry(s, msg("What is the capital of France?"))
