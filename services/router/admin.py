@@ -114,5 +114,18 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         if self._cache is None:
             raise MeshgateError(grpc.StatusCode.UNIMPLEMENTED, Reason.UNKNOWN_ENDPOINT, "no cache here")
         budget = Budget.of(context.time_remaining())
-        removed = await self._cache.invalidate(request.tenant_id, request.model, budget)
+        removed = 0
+        for model in self._cached_under(request.model):
+            removed += await self._cache.invalidate(request.tenant_id, model, budget)
         return pb.InvalidateCacheResponse(entries_removed=removed)
+
+    def _cached_under(self, alias: str) -> list[str]:
+        """The models whose partitions hold ``alias``'s answers: an alias that
+        selects a model per turn stores each under the model chosen (a bug
+        hunt: invalidating it removed nothing, and its answers went on being
+        served), so both of its models' go, with those of direct use of
+        them (more removed is a miss; less, a stale answer)."""
+        selection = getattr(self._models.get(alias), "selection", None) if alias else None
+        if selection is None:
+            return [alias]
+        return list(dict.fromkeys((selection.fast, selection.strong)))

@@ -23,8 +23,8 @@ from meshgate.config import (
     TenantSettings,
     hash_api_key,
 )
+from meshgate.router.v1 import admin_service_pb2, admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as pb
-from meshgate.router.v1 import router_service_pb2_grpc
 from tests.integration.conftest import answer_of, running_router, service_settings
 from tests.mesh import bounded_channel
 
@@ -136,3 +136,38 @@ async def test_without_the_embedding_in_time_the_features_decide_and_the_turn_is
             assert text
             assert completion.selected_model == model
             assert completion.selection_reason == "complexity_features_only"
+
+
+async def test_invalidating_a_selecting_alias_removes_the_answers_it_stored(redis_url, inference_address):
+    """A bug hunt: answers of "auto" are stored under the model it chose,
+    so InvalidateCache of "auto" removed nothing and they went on being
+    served. Both of its models' answers go now."""
+    settings = _settings(redis_url, inference_address, embedding_timeout_s=5.0)
+    settings.router.admin_api_key_sha256 = [hash_api_key("selection-admin")]
+    admin_auth = [("authorization", "Bearer selection-admin")]
+    question = f"{EASY} ({uuid.uuid4().hex})"
+
+    async def ask(stub) -> pb.ChatCompletion:
+        request = pb.ChatRequest(
+            model="auto",
+            messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=question)],
+            parameters=common_pb2.GenerationParameters(max_tokens=4, temperature=0.0),
+        )
+        return (
+            await answer_of(stub.Chat(request, metadata=[("authorization", f"Bearer {KEY}")], timeout=60))
+        )[1]
+
+    async with contextlib.AsyncExitStack() as stack:
+        address = await stack.enter_async_context(running_router(settings))
+        channel = await stack.enter_async_context(bounded_channel(address))
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        assert (await ask(stub)).cache_status == pb.CACHE_STATUS_MISS
+        assert (await ask(stub)).cache_status == pb.CACHE_STATUS_EXACT_HIT
+        removed = await admin.InvalidateCache(
+            admin_service_pb2.InvalidateCacheRequest(tenant_id="dev", model="auto"),
+            metadata=admin_auth,
+            timeout=30,
+        )
+        assert removed.entries_removed >= 1
+        assert (await ask(stub)).cache_status == pb.CACHE_STATUS_MISS
