@@ -1,14 +1,16 @@
 """What makes two prompts the same entry, and the Redis keys they live under.
 
-Normalization (after Unicode NFC) drops blank lines at both ends, spaces
-and tabs at each line's end and the indentation every line shares (as
-``textwrap.dedent``), reads a CRLF line break as LF, and folds runs of
-spaces and tabs inside each line, but keeps case, every other character
-(no-break and other spaces, other line separators, form feeds), line breaks
-and each line's indentation relative to the others. A bug hunt: the whole
-text was trimmed, so "  if ready:\n  launch()" and "if ready:\n  launch()",
-an IndentationError and a valid block, were one entry; and Python's
-whitespace folding made 'a\xa0b' and 'a b' one.
+Normalization (after Unicode NFC) drops blank lines at both ends and
+spaces, tabs and carriage returns at each line's end (so a CRLF line break
+reads as LF), and folds runs of spaces and tabs inside each line, but keeps
+case, every other character (no-break and other spaces, other line
+separators, form feeds), line breaks and each line's indentation, the first
+line's included. A bug hunt: the whole text was trimmed, so "  if ready:\n
+launch()" with both lines indented and "if ready:\n  launch()", an
+IndentationError and a valid block, were one entry; and Python's whitespace
+folding made 'a\xa0b' and 'a b' one. (Removing the indentation all lines
+share instead, as textwrap.dedent, made an indented block and the same block
+unindented one entry: the same error.) Normalizing twice changes nothing.
 
 The exact tier promises "this very prompt was answered before", and case
 can change the right answer (``US`` vs ``us``, identifiers in code,
@@ -43,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import os
 import re
 import struct
 import unicodedata
@@ -64,7 +65,7 @@ _DIGEST_BYTES = 16
 # changes, what the old one made equal must not stay so through the entries
 # stored under it (a prompt that now differs would be served the other's
 # answer until they expired), so every text-keyed name changes with it ("2":
-# indentation of the first line and only spaces and tabs folded). Entries
+# the first line's indentation kept, only spaces and tabs folded). Entries
 # stored before are never served again and expire.
 _ENTRY_PERSON = b"mg-cache-entry2"
 _CONTEXT_PERSON = b"mg-cache-ctx2"
@@ -111,24 +112,24 @@ class Partition:
 
 # What folds inside a line: spaces and tabs, nothing else.
 _BLANKS = " \t"
+# What a line's end loses: those, and the CR of a CRLF line break.
+_LINE_END = " \t\r"
 _RUN = re.compile(r"[ \t]+")
 
 
 def normalize_text(text: str) -> str:
-    lines = unicodedata.normalize("NFC", text).replace("\r\n", "\n").split("\n")
+    lines = unicodedata.normalize("NFC", text).split("\n")
     start, end = 0, len(lines)
-    while start < end and not lines[start].strip(_BLANKS):
+    while start < end and not lines[start].strip(_LINE_END):
         start += 1
-    while end > start and not lines[end - 1].strip(_BLANKS):
+    while end > start and not lines[end - 1].strip(_LINE_END):
         end -= 1
-    lines = lines[start:end]
-    indentations = [line[: len(line) - len(line.lstrip(_BLANKS))] for line in lines]
-    shared = len(os.path.commonprefix([i for i, line in zip(indentations, lines) if line.strip(_BLANKS)]))
     normalized = []
-    for line, indentation in zip(lines, indentations):
-        body = line.strip(_BLANKS)
-        # A line's own indentation as it is, the rest folded; a blank line empty.
-        normalized.append(indentation[shared:] + _RUN.sub(" ", body) if body else "")
+    for line in lines[start:end]:
+        line = line.rstrip(_LINE_END)
+        body = line.lstrip(_BLANKS)
+        # A line's indentation as it is, the rest folded; a blank line empty.
+        normalized.append(line[: len(line) - len(body)] + _RUN.sub(" ", body) if body else "")
     return "\n".join(normalized)
 
 
