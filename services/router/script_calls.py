@@ -272,6 +272,9 @@ class Backlog:
                     node, slot = self._node(call.keys)
                     if node in down_nodes or slot in down_slots:
                         again.append(call)
+                        # Its slot waits too: were the slot to move to a node
+                        # that answers, its later calls must not go first.
+                        down_slots.add(slot)
                         continue
                     [failure] = await self._try([(call.keys, call.args)])
                     if failure is None:

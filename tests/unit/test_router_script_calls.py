@@ -314,6 +314,42 @@ async def test_a_slot_refused_keeps_its_later_calls_behind_it_when_a_failover_mo
     assert store.written == ["b1", "a1", "a2"]
 
 
+async def test_a_call_skipped_for_its_node_holds_its_slot_too():
+    """A review: only a refused call's slot was held, so a call skipped for
+    its node (X down) let a later call of its slot through once the slot had
+    moved to a node that answers, written before it."""
+    where = {"A": ("X", 7), "B": ("X", 8), "D": ("Z", 9), "C": ("X", 8)}
+
+    class MovesSlot8(StoreStandIn):
+        armed = False
+
+        async def __call__(self, keys, args):
+            if self.armed and keys[0] == "D":
+                where["C"] = where["B"] = ("Y", 8)  # a failover, seen by the client now
+            return await super().__call__(keys, args)
+
+    store = MovesSlot8()
+    backlog = Backlog(store, "ledger", delays_s=(0.01,), node=lambda keys: where[keys[0]])
+    store.failures["*"] = _refused()
+    await backlog.run([(["A"], []), (["B"], []), (["D"], []), (["C"], [])])
+    del store.failures["*"]
+    store.failures["A"] = _refused()
+    store.armed = True
+    for _ in range(500):
+        if "D" in store.written:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # more rounds: A still refused
+    # The round that wrote D skipped B (node X down) and so held slot 8: C
+    # waited for B, which the next round wrote, now on Y.
+    assert store.written[0] == "D"
+    assert store.written.index("B") < store.written.index("C") if "C" in store.written else True
+    store.failures.clear()
+    await _settled(backlog)
+    assert store.written.index("B") < store.written.index("C")
+    assert sorted(store.written) == ["A", "B", "C", "D"]
+
+
 async def test_a_failure_of_the_whole_cluster_ends_the_round():
     """A review: a router that never reached the cluster named every call
     by its own slot, so a round made one slow attempt per held call."""
