@@ -519,6 +519,11 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 _MODEL_PATH = "/v1/models/"
 
 
+def _stopped() -> MeshgateError:
+    """What a request the router's grace cuts ends with (HttpServer.stop)."""
+    return unavailable(Reason.STREAM_ENDED_EARLY, "the router stopped before the answer was complete")
+
+
 class _Disconnected(Exception):
     """The client hung up before the response was complete."""
 
@@ -595,6 +600,14 @@ class HttpEdge:
             await _until_disconnect(handler(tenant, body, response, scope), receive, response)
         except _Disconnected:
             return
+        except asyncio.CancelledError:
+            if not self._draining or response.started or response.gone:
+                raise
+            # Cut by the router's grace before its answer began (a whole
+            # answer, or a stream before its first piece): a 503 in OpenAI's
+            # shape, not uvicorn's plain-text 500; then ended as answered.
+            with contextlib.suppress(Exception):
+                await _send_error(response.send, partly_delivered(_stopped(), 0, 0))
         except MeshgateError as error:
             if not response.started:
                 await _send_error(response.send, error)
@@ -632,7 +645,7 @@ class HttpEdge:
                 )
                 async with contextlib.aclosing(events):
                     if call.stream:
-                        await self._stream(call, events, response.send, completion_id)
+                        await self._stream(call, events, response, completion_id)
                     else:
                         await self._whole(call, events, response.send, completion_id)
         except MeshgateError as error:
@@ -643,7 +656,8 @@ class HttpEdge:
                 raise error from None
             raise
 
-    async def _stream(self, call: ChatCall, events, send, completion_id: str) -> None:
+    async def _stream(self, call: ChatCall, events, response: _Response, completion_id: str) -> None:
+        send = response.send
         chunks = _Chunks(completion_id, int(time.time()), call.request.model, call.include_usage)
         # The status waits for the first event: a turn refused before any
         # output (validation, limits, no deployment) gets its HTTP status.
@@ -655,17 +669,15 @@ class HttpEdge:
         try:
             await self._stream_events(chunks, first, events, send, sent)
         except asyncio.CancelledError:
-            if self._draining:
-                # The router's grace ran out (HttpServer.stop): the stream
-                # ends with an error event, as a failure midway does, never
-                # as a silent short answer.
-                error = unavailable(
-                    Reason.STREAM_ENDED_EARLY, "the router stopped before the answer was complete"
-                )
-                body = b"data: " + _json(error_body(partly_delivered(error, *sent))) + b"\n\n"
-                with contextlib.suppress(Exception):
-                    await send({"type": "http.response.body", "body": body})
-            raise
+            if not self._draining or response.gone:
+                raise
+            # The router's grace ran out (HttpServer.stop): the stream ends
+            # with an error event, as a failure midway does, never as a
+            # silent short answer. The request then ends as answered: raised
+            # on, the cancellation would be logged as an error of the app.
+            body = b"data: " + _json(error_body(partly_delivered(_stopped(), *sent))) + b"\n\n"
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": body})
 
     async def _stream_events(self, chunks: _Chunks, event, events, send, sent: list[int]) -> None:
         while True:
@@ -804,6 +816,9 @@ class _Response:
         self.request_id = request_id
         self.started = False
         self.complete = False
+        # The client went away before the response was complete (its
+        # request's task is then cancelled: _until_disconnect).
+        self.gone = False
         self.hold = Hold(None)
 
     async def send(self, message) -> None:
@@ -852,6 +867,7 @@ async def _until_disconnect(work, receive, response: _Response) -> None:
             message = await receive()
             if message["type"] == "http.disconnect":
                 if not response.complete:
+                    response.gone = True
                     task.cancel()
                 return
 
@@ -859,7 +875,7 @@ async def _until_disconnect(work, receive, response: _Response) -> None:
     try:
         await task
     except asyncio.CancelledError:
-        if watcher.done() and not response.complete:
+        if response.gone:
             raise _Disconnected from None
         raise
     finally:

@@ -18,6 +18,15 @@ from tests.unit.test_router_http_edge import KEY, ScriptedPipeline
 pytestmark = pytest.mark.integration
 
 
+def _app_errors(caplog) -> list[str]:
+    """Errors logged but uvicorn's own notice that its grace ran out."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelname == "ERROR" and "timeout graceful shutdown exceeded" not in r.getMessage()
+    ]
+
+
 class EndlessPipeline(ScriptedPipeline):
     """A turn that streams a delta every 10 ms and never completes."""
 
@@ -30,7 +39,7 @@ class EndlessPipeline(ScriptedPipeline):
             await asyncio.sleep(0.01)
 
 
-async def test_a_stream_the_routers_grace_cuts_ends_with_an_error_event_after_the_whole_grace():
+async def test_a_stream_the_routers_grace_cuts_ends_with_an_error_event_after_the_whole_grace(caplog):
     """A bug hunt: the HTTP edge was stopped after the gRPC drain with a
     5 s grace of its own (10 s for gRPC), and a stream it cut ended as a
     silent short answer (an ordinary chunk, then EOF). Now it drains with
@@ -64,3 +73,63 @@ async def test_a_stream_the_routers_grace_cuts_ends_with_an_error_event_after_th
     error = json.loads(events[-1][len("data: ") :])["error"]
     assert error["code"] == "STREAM_ENDED_EARLY" and int(error["metadata"]["delivered_deltas"]) > 10
     assert "data: [DONE]" not in answer.decode(errors="replace")
+    assert not _app_errors(caplog)
+
+
+async def _serving():
+    settings = RouterSettings(dev_api_key=KEY)
+    edge = HttpEdge(
+        settings, {"m": ModelSettings()}, Authenticator(settings), TenantCalls(0), EndlessPipeline(), None
+    )
+    server = HttpServer(edge, "127.0.0.1:0", 5.0, 65536, graceful_s=30.0)
+    await server.start()
+    return server
+
+
+def _chat_request(stream: bool) -> bytes:
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream})
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: edge\r\nauthorization: Bearer {KEY}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+
+
+async def test_a_whole_answer_the_grace_cuts_is_a_503_in_openais_shape(caplog):
+    """A review: uvicorn's plain-text 500 answered a non-streamed chat the
+    router's grace cut."""
+    server = await _serving()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(_chat_request(stream=False))
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the turn under way, nothing sent yet
+        await asyncio.wait_for(server.stop(0.3), 5)
+        answer = (await asyncio.wait_for(reader.read(), 5)).decode()
+    finally:
+        writer.close()
+    head, _, chunked = answer.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 503") and "application/json" in head
+    body = chunked.split("\r\n")[1]  # one chunk: its size line, then its data
+    error = json.loads(body)["error"]
+    assert (error["code"], error["type"]) == ("STREAM_ENDED_EARLY", "service_unavailable_error")
+    assert not _app_errors(caplog)
+
+
+async def test_a_client_gone_while_the_router_drains_is_a_disconnect_not_an_error(caplog):
+    """A review: the error event written for the drain marked the response
+    complete, so a client that left during it surfaced as an ASGI exception
+    (an ERROR with a traceback) instead of a disconnect."""
+    server = await _serving()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(_chat_request(stream=True))
+    await writer.drain()
+    await asyncio.wait_for(reader.readuntil(b"word"), 5)
+    stopping = asyncio.ensure_future(server.stop(3.0))
+    await asyncio.sleep(0.1)
+    writer.close()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await asyncio.wait_for(stopping, 10)
+    # The stream ended with its client, not at the grace's end.
+    assert loop.time() - began < 2
+    assert not _app_errors(caplog)
