@@ -642,6 +642,12 @@ class StepLog(PieceCounter):
         return super().decode(token_ids, caches)
 
 
+def logged_scheduler(engine) -> tuple[StepLog, object]:
+    """A scheduler over a StepLog model, driven by scheduler_passes."""
+    model = StepLog()
+    return model, engine.Scheduler("test", model, vocabulary(engine), max_active=8)
+
+
 def scheduler_passes(scheduler, passes: int) -> None:
     """Scheduler.run's loop, on this thread: deterministic."""
     for _ in range(passes):
@@ -653,8 +659,7 @@ def test_a_long_prompt_is_read_between_the_running_streams_steps(engine):
     its whole length (2,000 tokens of smollm2: ~11 s without a token); the
     running streams now take a step after each piece."""
     chunk = engine.PREFILL_CHUNK_TOKENS
-    model = StepLog()
-    scheduler = engine.Scheduler("test", model, vocabulary(engine), max_active=8)
+    model, scheduler = logged_scheduler(engine)
     sampling = params(engine, max_tokens=20, temperature=0)
     running = generation(engine, [2, 3], sampling, name="running")
     scheduler.submit(running)
@@ -682,8 +687,7 @@ class Leaves(Recorder):
 
 def test_a_request_whose_client_left_while_it_waited_behind_a_long_prompt_is_not_read(engine):
     chunk = engine.PREFILL_CHUNK_TOKENS
-    model = StepLog()
-    scheduler = engine.Scheduler("test", model, vocabulary(engine), max_active=8)
+    model, scheduler = logged_scheduler(engine)
     sampling = params(engine, max_tokens=2, temperature=0)
     long = generation(engine, [2] * (2 * chunk), sampling, name="long")
     waiting = generation(engine, [3] * 7, sampling, name="waiting")
@@ -707,8 +711,7 @@ class BrokenSender(Recorder):
 def test_a_sender_that_fails_at_admission_fails_its_request_alone(engine):
     """A review: the admission check outside any guard lost the request
     (never answered) and failed every other request of the model."""
-    model = StepLog()
-    scheduler = engine.Scheduler("test", model, vocabulary(engine), max_active=8)
+    model, scheduler = logged_scheduler(engine)
     sampling = params(engine, max_tokens=6, temperature=0)
     running = generation(engine, [2, 3], sampling, name="running")
     scheduler.submit(running)
@@ -723,8 +726,7 @@ def test_a_sender_that_fails_at_admission_fails_its_request_alone(engine):
 
 def test_short_prompts_that_arrive_together_are_read_in_one_pause(engine):
     chunk = engine.PREFILL_CHUNK_TOKENS
-    model = StepLog()
-    scheduler = engine.Scheduler("test", model, vocabulary(engine), max_active=8)
+    model, scheduler = logged_scheduler(engine)
     sampling = params(engine, max_tokens=5, temperature=0)
     third = chunk // 3
     for k in range(4):
