@@ -4,11 +4,12 @@ Normalization (after Unicode NFC) drops blank lines at both ends and
 spaces, tabs and carriage returns at each line's end (so a CRLF line break
 reads as LF), and folds runs of spaces and tabs inside each line, but keeps
 case, every other character (no-break and other spaces, other line
-separators, form feeds), line breaks and each line's indentation, the first
-line's included. A bug hunt: the whole text was trimmed, so "  if ready:\n
-launch()" with both lines indented and "if ready:\n  launch()", an
-IndentationError and a valid block, were one entry; and Python's whitespace
-folding made 'a\xa0b' and 'a b' one. (Removing the indentation all lines
+separators, form feeds), line breaks and, in a text of several lines, every
+line's indentation, the first line's included (a one-line text loses its
+leading spaces and tabs: a typing slip far more often than code). A bug
+hunt: the whole text was trimmed, so "  if ready:\n  launch()" and "if
+ready:\n  launch()", an IndentationError and a valid block, were one entry;
+and Python's whitespace folding made 'a\xa0b' and 'a b' one. (Removing the indentation all lines
 share instead, as textwrap.dedent, made an indented block and the same block
 unindented one entry: the same error.) Normalizing twice changes nothing.
 
@@ -125,7 +126,10 @@ def normalize_text(text: str) -> str:
     while end > start and not lines[end - 1].strip(_LINE_END):
         end -= 1
     normalized = []
-    for line in lines[start:end]:
+    lines = lines[start:end]
+    if len(lines) == 1:
+        lines = [lines[0].lstrip(_BLANKS)]
+    for line in lines:
         line = line.rstrip(_LINE_END)
         body = line.lstrip(_BLANKS)
         # A line's indentation as it is, the rest folded; a blank line empty.
