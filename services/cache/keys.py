@@ -9,9 +9,10 @@ line's indentation, the first line's included (a one-line text loses its
 leading spaces and tabs: a typing slip far more often than code). A bug
 hunt: the whole text was trimmed, so "  if ready:\n  launch()" and "if
 ready:\n  launch()", an IndentationError and a valid block, were one entry;
-and Python's whitespace folding made 'a\xa0b' and 'a b' one. (Removing the indentation all lines
-share instead, as textwrap.dedent, made an indented block and the same block
-unindented one entry: the same error.) Normalizing twice changes nothing.
+and Python's whitespace folding made 'a\xa0b' and 'a b' one. (Removing the
+indentation all lines share instead, as textwrap.dedent, made an indented
+block and the same block unindented one entry: the same error.) Normalizing
+twice changes nothing.
 
 The exact tier promises "this very prompt was answered before", and case
 can change the right answer (``US`` vs ``us``, identifiers in code,
@@ -66,7 +67,8 @@ _DIGEST_BYTES = 16
 # changes, what the old one made equal must not stay so through the entries
 # stored under it (a prompt that now differs would be served the other's
 # answer until they expired), so every text-keyed name changes with it ("2":
-# the first line's indentation kept, only spaces and tabs folded). Entries
+# a text of several lines keeps every line's indentation, only spaces and
+# tabs fold). Entries
 # stored before are never served again and expire.
 _ENTRY_PERSON = b"mg-cache-entry2"
 _CONTEXT_PERSON = b"mg-cache-ctx2"
@@ -125,10 +127,10 @@ def normalize_text(text: str) -> str:
         start += 1
     while end > start and not lines[end - 1].strip(_LINE_END):
         end -= 1
-    normalized = []
     lines = lines[start:end]
     if len(lines) == 1:
         lines = [lines[0].lstrip(_BLANKS)]
+    normalized = []
     for line in lines:
         line = line.rstrip(_LINE_END)
         body = line.lstrip(_BLANKS)
