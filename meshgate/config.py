@@ -512,9 +512,12 @@ class RouterSettings:
     # at most this long after it was fetched; an Invalidate, a Store of the
     # entry (or of a semantic hit's asked prompt) or a reported wrong hit
     # (which drops every copy of its tenant and model) stops them as soon
-    # as its notice arrives.
+    # as its notice arrives. ``hot_exact_max_bytes`` bounds the answers'
+    # text held (an answer over a sixteenth of it is not kept): a model with
+    # a long output limit would otherwise hold hundreds of MiB in copies.
     hot_exact_entries: int = 4096
     hot_exact_max_age_s: float = 2.0
+    hot_exact_max_bytes: int = 64 * 1024 * 1024
     # Prompt templates, invoked by name (and optionally version) through Chat.
     templates: list[TemplateSettings] = dataclasses.field(default_factory=list)
 
@@ -546,6 +549,9 @@ class RouterSettings:
         size = self.http_max_header_bytes
         if isinstance(size, bool) or size < 1024:
             raise ConfigError(f"router.http_max_header_bytes must be at least 1024, got {size!r}")
+        size = self.hot_exact_max_bytes
+        if isinstance(size, bool) or size < 1024 * 1024:
+            raise ConfigError(f"router.hot_exact_max_bytes must be at least 1 MiB (1048576), got {size!r}")
         versions = [(template.name, template.version) for template in self.templates]
         if len(set(versions)) != len(versions):
             raise ConfigError("router.templates: a name and version appear twice")

@@ -47,6 +47,7 @@ _RESTART_ONLY = (
     "router.deployment_health_interval_s",
     "router.hot_exact_entries",
     "router.hot_exact_max_age_s",
+    "router.hot_exact_max_bytes",
     "redis.url",
     "mesh",
     "telemetry",
@@ -107,7 +108,9 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     admission = TurnAdmission(Admission(redis, router.max_generation_s), router, ledger)
     hot_exact = listener = None
     if router.hot_exact_entries > 0:
-        hot_exact = HotExactHits(router.hot_exact_entries, router.hot_exact_max_age_s)
+        hot_exact = HotExactHits(
+            router.hot_exact_entries, router.hot_exact_max_age_s, max_bytes=router.hot_exact_max_bytes
+        )
         listener = notice_listener(settings.redis.url, hot_exact)
         listener.start()
     cache = CacheService(

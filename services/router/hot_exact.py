@@ -55,6 +55,7 @@ import collections
 import dataclasses
 import hashlib
 import struct
+import sys
 import time
 
 import structlog
@@ -79,18 +80,32 @@ class _Copy:
     tenant_id: str
     model: str
     fetched_at: float
+    # What holding it costs, about: the answer's text as Python holds it.
+    size: int
 
 
 class HotExactHits:
-    """An LRU of at most ``max_entries`` hits (exact and semantic), each
-    served for at most ``max_age_s`` after it was fetched, and only while
-    ``live``."""
+    """An LRU of at most ``max_entries`` hits (exact and semantic) holding
+    at most ``max_bytes`` of answer text, each served for at most
+    ``max_age_s`` after it was fetched, and only while ``live``.
+
+    The byte bound is what keeps the router's memory flat: 4,096 answers of
+    a model with a long output limit are hundreds of MiB. An answer larger
+    than a sixteenth of it is not kept at all (it would push out many small
+    ones, and its hop is a small part of streaming it)."""
 
     def __init__(
-        self, max_entries: int, max_age_s: float, clock=time.monotonic, recent_notices: int = RECENT_NOTICES
+        self,
+        max_entries: int,
+        max_age_s: float,
+        clock=time.monotonic,
+        recent_notices: int = RECENT_NOTICES,
+        max_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self._max_entries = max_entries
         self._max_age_s = max_age_s
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._clock = clock
         self._copies: collections.OrderedDict[bytes, _Copy] = collections.OrderedDict()
         self._by_entry: dict[str, set[bytes]] = collections.defaultdict(set)
@@ -110,6 +125,10 @@ class HotExactHits:
 
     def __len__(self) -> int:
         return len(self._copies)
+
+    @property
+    def bytes_held(self) -> int:
+        return self._bytes
 
     @staticmethod
     def key(plan: CachePlan, messages) -> bytes:
@@ -180,10 +199,14 @@ class HotExactHits:
         if ticket < self._floor or any(self._recent.get(what, -1) > ticket for what in concerns):
             return
         self._drop(key)
-        self._copies[key] = _Copy(hit, entry_ids, tenant_id, model, self._clock())
+        size = sys.getsizeof(hit.answer.text)
+        if size > self._max_bytes // 16:
+            return
+        self._copies[key] = _Copy(hit, entry_ids, tenant_id, model, self._clock(), size)
+        self._bytes += size
         for filed_under in entry_ids:
             self._by_entry[filed_under].add(key)
-        while len(self._copies) > self._max_entries:
+        while len(self._copies) > self._max_entries or self._bytes > self._max_bytes:
             self._drop(next(iter(self._copies)))
 
     def forget(self, key: bytes) -> None:
@@ -220,6 +243,7 @@ class HotExactHits:
         self._recent.clear()
         self._copies.clear()
         self._by_entry.clear()
+        self._bytes = 0
 
     def _note(self, what: tuple) -> None:
         self._sequence += 1
@@ -233,6 +257,7 @@ class HotExactHits:
         copy = self._copies.pop(key, None)
         if copy is None:
             return
+        self._bytes -= copy.size
         for entry_id in copy.entry_ids:
             keys = self._by_entry.get(entry_id)
             if keys is not None:

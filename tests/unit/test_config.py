@@ -142,6 +142,15 @@ def test_http_header_bounds_out_of_range_are_refused():
     assert (settings.router.http_header_timeout_s, settings.router.http_max_header_bytes) == (0.5, 1024)
 
 
+def test_a_hot_exact_byte_bound_below_a_mebibyte_is_refused():
+    assert load_settings(environ={}).router.hot_exact_max_bytes == 64 * 1024 * 1024
+    for value in ("0", "-1", "1048575"):
+        with pytest.raises(ConfigError, match="hot_exact_max_bytes"):
+            load_settings(environ={"MESHGATE_ROUTER__HOT_EXACT_MAX_BYTES": value})
+    settings = load_settings(environ={"MESHGATE_ROUTER__HOT_EXACT_MAX_BYTES": "1048576"})
+    assert settings.router.hot_exact_max_bytes == 1048576
+
+
 def test_a_first_stage_word_share_outside_zero_to_one_is_refused():
     with pytest.raises(ConfigError, match="first_stage_word_share"):
         load_settings(environ={"MESHGATE_CACHE__FIRST_STAGE_WORD_SHARE": "1.5"})

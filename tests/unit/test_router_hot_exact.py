@@ -192,6 +192,37 @@ def test_the_least_recently_served_copy_goes_first():
     assert len(hits) == 2
 
 
+def test_the_answers_held_stay_under_the_byte_bound_least_recent_going_first():
+    hits = HotExactHits(64, 10.0, Clock(), max_bytes=1024 * 1024)
+    hits.live = True
+    large = "x" * (60 * 1024)  # under a sixteenth of the bound: kept
+    keys = []
+    for number in range(20):
+        key = hits.key(plan(), messages(f"q{number}"))
+        hits.put(key, hits.ticket(), hit(large), f"e{number}", "t1", "m1")
+        keys.append(key)
+        assert hits.bytes_held <= 1024 * 1024
+    # The bound holds 17 of them (49 bytes of str header each); the entry
+    # cap (64) is not what binds.
+    assert len(hits) == 1024 * 1024 // (60 * 1024 + 49) == 17
+    assert hits.get(keys[0]) is None and hits.get(keys[-1]) is not None
+    # What was dropped (by notice, age or bound) gives its bytes back.
+    hits.announce(cache_notices.entry_notice("e19"))
+    assert hits.bytes_held == len(hits) * (60 * 1024 + 49)
+    hits.clear()
+    assert hits.bytes_held == 0
+
+
+def test_an_answer_over_a_sixteenth_of_the_byte_bound_is_not_kept():
+    hits = HotExactHits(16, 10.0, Clock(), max_bytes=1024 * 1024)
+    hits.live = True
+    small = stored(hits, "small", "e1")
+    key = hits.key(plan(), messages("huge"))
+    hits.put(key, hits.ticket(), hit("x" * (64 * 1024)), "e2", "t1", "m1")
+    assert hits.get(key) is None
+    assert hits.get(small) is not None
+
+
 def test_notices_round_trip_and_malformed_ones_parse_to_none():
     assert cache_notices.parse(cache_notices.entry_notice("ab12")) == cache_notices.EntryNotice("ab12")
     scope = cache_notices.ScopeNotice("a b:*", "")
