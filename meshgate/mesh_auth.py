@@ -52,6 +52,9 @@ VERIFIED_TOKENS_KEPT = 4096
 
 # Extracts the tenant a request acts for; None for a method that acts for no tenant.
 TenantField = collections.abc.Callable[[Any], str] | None
+# The auth context property gRPC takes a peer's identities from when its
+# certificate has subject alternative names.
+_SAN = "x509_subject_alternative_name"
 # A method missing from a service's tenant fields: refused, so that a method
 # added later cannot slip past the check.
 _UNDECLARED = object()
@@ -331,7 +334,12 @@ class MeshGuard(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _admit(self, field, request, context: grpc.aio.ServicerContext) -> None:
-        peer = context.peer_identities() or ()
+        # gRPC names a certificate without subject alternative names by its
+        # common name. The mesh's identities are alternative names (checked
+        # at load, written so by ``meshgate certs``); a certificate the CA
+        # signed for something else with the identity as its common name is
+        # not the service it names.
+        peer = (context.peer_identities() or ()) if context.peer_identity_key() == _SAN else ()
         if self._callers.isdisjoint(peer):
             name = b",".join(peer).decode(errors="replace") or "unknown"
             raise MeshgateError(

@@ -7,12 +7,17 @@ router's word for a tenant gets nothing, and a poisoned answer is never served.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import pathlib
 import time
 import uuid
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshgate import mesh_auth, serving
@@ -184,6 +189,58 @@ async def test_a_mesh_service_that_may_not_call_is_refused(mesh):
     async with as_service("cache", mesh["context"], "context") as channel:
         health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+INFERENCE = "meshgate.inference.v1.InferenceService"
+
+
+def common_name_only(identity: str) -> tuple[bytes, bytes]:
+    """A certificate of the mesh's own CA naming ``identity`` in its common
+    name only (no subject alternative name), and its key, as PEM."""
+    directory = certs_dir()
+    ca_key = serialization.load_pem_private_key(certs.key_path(directory, "ca").read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(certs.ca_path(directory).read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+async def test_a_certificate_naming_the_router_in_its_common_name_only_is_not_the_router(mesh):
+    """gRPC reports a certificate's common name as its identity when it has
+    no subject alternative name; the mesh's names are alternative names
+    (``meshgate certs`` writes them so), and a common name is not checked
+    by anyone: a certificate some other tool had the mesh's CA sign for
+    "meshgate-router" must not pass for the router."""
+    cert, key = common_name_only(mesh_auth.identity("router"))
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=certs.ca_path(certs_dir()).read_bytes(), private_key=key, certificate_chain=cert
+    )
+    for service, request, method in (
+        ("cache", cache_pb.GetStatsRequest(), "/meshgate.cache.v1.CacheService/GetStats"),
+        ("inference", inference_pb.EmbedRequest(texts=["hi"]), f"/{INFERENCE}/Embed"),
+    ):
+        options = [("grpc.ssl_target_name_override", mesh_auth.identity(service))]
+        async with grpc.aio.secure_channel(mesh[service], credentials, options=options) as channel:
+            call = channel.unary_unary(method, request_serializer=type(request).SerializeToString)
+            refused = await refusal(call(request, timeout=10))
+            assert refused == (PERMISSION_DENIED, "PEER_NOT_ALLOWED"), service
 
 
 async def test_the_router_identity_needs_the_routers_word_for_the_tenant(mesh, router):
