@@ -272,6 +272,90 @@ async def test_cache_partitions_spread_over_the_cluster(cluster: Cluster, client
     assert hit.status == cache_pb.LOOKUP_STATUS_SEMANTIC_HIT
 
 
+async def test_a_cache_partition_whose_slot_is_being_resharded_is_unavailable(
+    cluster: Cluster, client
+) -> None:
+    """While resharding moves a slot (MIGRATING on its master, IMPORTING on
+    the new one, keys not all moved yet), a script whose keys are not all on
+    one side is answered ASK, then TRYAGAIN, until redis-py gives up with
+    ClusterError: Store, a semantic lookup and a report must be UNAVAILABLE
+    (retry later), not INTERNAL; the exact lookup (one key) is served."""
+    servicer = make_servicer(client, FakeEmbedder())
+    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+    await cache_store(servicer, scope(tenant), conversation(STORED))
+    slot = key_slot(cache_keys.partition(scope(tenant)).exact_key("x").encode())
+    owner = cluster.master_of(slot)
+    target = next(port for port in cluster.masters() if port != owner)
+    with cluster.node(owner) as source, cluster.node(target) as destination:
+        destination.execute_command(
+            "CLUSTER SETSLOT", slot, "IMPORTING", source.execute_command("CLUSTER MYID")
+        )
+        source.execute_command(
+            "CLUSTER SETSLOT", slot, "MIGRATING", destination.execute_command("CLUSTER MYID")
+        )
+        try:
+            exact = await lookup(servicer, scope(tenant), conversation(STORED), semantic=False)
+            assert exact.status == cache_pb.LOOKUP_STATUS_EXACT_HIT
+            report = cache_pb.ReportWrongHitRequest(
+                scope=scope(tenant), messages=conversation(PARAPHRASE), entry_id=hit_entry(tenant)
+            )
+            for call in (
+                lambda: servicer.Lookup(
+                    cache_pb.LookupRequest(
+                        scope=scope(tenant), messages=conversation(PARAPHRASE), semantic=True
+                    ),
+                    None,
+                ),
+                lambda: cache_store(servicer, scope(tenant), conversation("Who wrote Hamlet?")),
+                lambda: servicer.ReportWrongHit(report, None),
+            ):
+                with pytest.raises(MeshgateError) as refused:
+                    await call()
+                assert (refused.value.code, refused.value.reason) == (
+                    grpc.StatusCode.UNAVAILABLE,
+                    "REDIS_UNAVAILABLE",
+                )
+        finally:
+            for node in (source, destination):
+                node.execute_command("CLUSTER SETSLOT", slot, "STABLE")
+    hit = await lookup(servicer, scope(tenant), conversation(PARAPHRASE))
+    assert hit.status == cache_pb.LOOKUP_STATUS_SEMANTIC_HIT
+
+
+async def test_every_node_down_is_unavailable_to_the_cache_and_the_context_store(tmp_path) -> None:
+    """A cluster none of whose nodes answers (a cluster restart): redis-py
+    raises RedisClusterException, which is not a RedisError; the cache and
+    the session store answer UNAVAILABLE, not INTERNAL."""
+    ports = redis_server.free_cluster_ports(3)
+    processes = redis_server.launch_cluster(ports, tmp_path, replicas_per_master=0)
+    connected = None
+    try:
+        connected = await redis_access.connect_checked(f"redis+cluster://127.0.0.1:{ports[0]}")
+        servicer = make_servicer(connected, FakeEmbedder())
+        sessions = store.SessionStore(connected, ttl_s=60)
+        tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+        await cache_store(servicer, scope(tenant), conversation(STORED))
+        await sessions.create(tenant, "s1")
+        for process in processes:
+            process.kill()
+            process.wait()
+        for call in (
+            lambda: lookup(servicer, scope(tenant), conversation(STORED), semantic=False),
+            lambda: cache_store(servicer, scope(tenant), conversation("Who wrote Hamlet?")),
+            lambda: sessions.read(tenant, "s1"),
+        ):
+            with pytest.raises(MeshgateError) as refused:
+                await call()
+            assert (refused.value.code, refused.value.reason) == (
+                grpc.StatusCode.UNAVAILABLE,
+                "REDIS_UNAVAILABLE",
+            )
+    finally:
+        if connected is not None:
+            await connected.aclose()
+        redis_server.stop_all(processes)
+
+
 def hit_entry(tenant: str) -> str:
     return cache_keys.entry_id(cache_keys.partition(scope(tenant)), conversation(STORED))
 
