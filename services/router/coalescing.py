@@ -67,11 +67,19 @@ def is_deterministic(parameters: common_pb2.GenerationParameters) -> bool:
 
 
 def coalescing_key(
-    scope: str, alias: str, prompt: collections.abc.Sequence[common_pb2.Message], parameters
+    scope: str,
+    alias: str,
+    prompt: collections.abc.Sequence[common_pb2.Message],
+    parameters,
+    route: str = "",
 ) -> bytes | None:
     """What identifies a generation's output, or None when it must not be
-    shared (not deterministic). Every part is length-prefixed, so no two
-    different inputs run together into the same bytes."""
+    shared (not deterministic). ``route`` names the models that answer the
+    alias (pipeline.route_of): a turn validated after a reload pointed the
+    alias at another model must not join a generation of the old one (it
+    would get, and store in the cache under the new route, the old model's
+    answer). Every part is length-prefixed, so no two different inputs run
+    together into the same bytes."""
     if not is_deterministic(parameters):
         return None
     digest = hashlib.sha256()
@@ -82,6 +90,7 @@ def coalescing_key(
 
     part(scope.encode())
     part(alias.encode())
+    part(route.encode())
     part(parameters.SerializeToString(deterministic=True))
     for message in prompt:
         part(message.SerializeToString(deterministic=True))

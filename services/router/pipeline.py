@@ -828,7 +828,9 @@ class Pipeline:
         delivered pieces, at least what that caller received."""
         key = None
         if self._settings.coalesce_generations:
-            key = coalescing_key(turn.cache.tenant_id, turn.model_alias, prompt, turn.parameters)
+            key = coalescing_key(
+                turn.cache.tenant_id, turn.model_alias, prompt, turn.parameters, turn.cache.route
+            )
 
         def start(filling: Answer, deadline: float | None) -> collections.abc.AsyncIterator[str]:
             budget = Budget(deadline)

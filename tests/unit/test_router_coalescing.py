@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 
 import grpc
 
 from meshgate.common.v1 import common_pb2
-from meshgate.config import RouterSettings
+from meshgate.config import DeploymentSettings, ModelSettings, RouterSettings
 from meshgate.errors import unavailable
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
@@ -140,6 +141,8 @@ def test_the_key_separates_everything_that_changes_the_output():
         coalescing_key("t1", "m", prompt, common_pb2.GenerationParameters(temperature=0.0, max_tokens=3)),
         coalescing_key("t1", "m", prompt, common_pb2.GenerationParameters(temperature=0.0, stop=["x"])),
         coalescing_key("t1", "m", [user("h"), user("i")], GREEDY),
+        # The same alias answered by another model (a reload re-pointed it).
+        coalescing_key("t1", "m", prompt, GREEDY, route="other-model"),
     ]
     assert base not in different and len(set(different)) == len(different)
     # Lengths are part of the key: "t1"+"m" never equals "t"+"1m".
@@ -305,6 +308,26 @@ async def test_other_tenants_sampled_turns_and_a_disabled_setting_do_not_share()
         await settle_all(first, second)
         assert generator.calls == 2, (first_chat, second_caller, settings)
         assert first.text == second.text == "".join(PIECES)
+
+
+async def test_a_turn_after_a_reload_pointed_the_alias_at_another_model_does_not_join_the_old_generation():
+    """The old model's answer would reach the new turn's caller and its
+    cache entry, under the new route."""
+
+    def answered_by(model: str) -> dict[str, ModelSettings]:
+        deployment = DeploymentSettings(name="d", address="127.0.0.1:1", model=model)
+        return {"m": dataclasses.replace(MODELS["m"], deployments=[deployment])}
+
+    generator = GatedGenerator()
+    turns = Pipeline(RouterSettings(), answered_by("old"), FakeContexts(), FakeCache(), generator)
+    before = Caller(turns, chat())
+    await asyncio.sleep(0.01)
+    turns.reconfigure(RouterSettings(), answered_by("new"))
+    after = Caller(turns, chat())
+    await asyncio.sleep(0.01)
+    generator.open()
+    await settle_all(before, after)
+    assert generator.calls == 2
 
 
 async def test_callers_with_different_deadlines_share_and_each_deadline_ends_only_its_caller():
