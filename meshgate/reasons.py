@@ -119,6 +119,10 @@ class Reason(enum.StrEnum):
     TENANT_REQUIRED = enum.auto()
     """An internal request names no tenant (was also MISSING_TENANT in cache)."""
 
+    INVALID_TENANT_ID = enum.auto()
+    """An admin call names a tenant id no tenant can have (1-128 printable
+    characters, no whitespace or braces)."""
+
     MISSING_MODEL = enum.auto()
     """A cache request names no model."""
 

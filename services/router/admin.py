@@ -14,7 +14,7 @@ from meshgate.router.v1 import admin_service_pb2 as pb
 from meshgate.router.v1 import admin_service_pb2_grpc
 from services.router.auth import admitted_admin
 from services.router.downstream import CacheService
-from services.router.keys import KeyRecord, KeyStore, check_key_request
+from services.router.keys import KeyRecord, KeyStore, check_key_request, check_tenant_id
 from services.router.pipeline import Budget
 
 
@@ -93,6 +93,8 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
 
     async def ListKeys(self, request: pb.ListKeysRequest, context) -> pb.ListKeysResponse:
         admitted_admin()
+        if request.tenant_id:
+            check_tenant_id(request.tenant_id)
         records = await self._keys.list(request.tenant_id)
         return pb.ListKeysResponse(keys=[key_info(record) for record in records])
 
@@ -111,6 +113,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         admitted_admin()
         if not request.tenant_id:
             raise invalid_argument(Reason.TENANT_REQUIRED, "name the tenant whose cached answers to remove")
+        check_tenant_id(request.tenant_id)
         if self._cache is None:
             raise MeshgateError(grpc.StatusCode.UNIMPLEMENTED, Reason.UNKNOWN_ENDPOINT, "no cache here")
         budget = Budget.of(context.time_remaining())

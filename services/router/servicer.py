@@ -20,6 +20,7 @@ from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router.admission import SessionStreams
 from services.router.auth import check_caller_key, current_caller
+from services.router.keys import check_tenant_id
 from services.router.ledger import METRICS, Ledger
 from services.router.pipeline import Budget, CacheStatus, Completion, Delta, Failure, Pipeline
 
@@ -241,7 +242,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         if caller is None:  # the admin credential: any tenant, named
             if not request.tenant_id:
                 raise invalid_argument(Reason.TENANT_REQUIRED, "the admin credential must name a tenant_id")
-            tenant_id = request.tenant_id
+            tenant_id = check_tenant_id(request.tenant_id)
         elif request.tenant_id and request.tenant_id != caller.id:
             raise MeshgateError(
                 grpc.StatusCode.PERMISSION_DENIED,

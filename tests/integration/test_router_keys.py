@@ -221,6 +221,18 @@ async def test_admin_calls_need_the_admin_credential(replicas):
     )
 
 
+async def test_admin_reads_naming_a_tenant_id_no_tenant_can_have_are_refused(replicas):
+    """Unchecked, the id went into Redis key names as given: GetUsage of a
+    512 KiB id over 400 days held ~1 GB of key names in the router."""
+    router, admin = replicas[0]
+    tenant_id = "x" * (512 * 1024)
+    invalid = (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_TENANT_ID)
+    assert await refusal(router.GetUsage(pb.GetUsageRequest(tenant_id=tenant_id), metadata=ADMIN)) == invalid
+    assert await refusal(admin.ListKeys(admin_pb.ListKeysRequest(tenant_id="a}b"), metadata=ADMIN)) == invalid
+    invalidate = admin_pb.InvalidateCacheRequest(tenant_id="a b")
+    assert await refusal(admin.InvalidateCache(invalidate, metadata=ADMIN)) == invalid
+
+
 def turn_failure(response: pb.ChatSessionResponse) -> tuple[grpc.StatusCode, str]:
     """The code and ErrorInfo reason of a ChatSession turn that failed in the stream."""
     status = status_pb2.Status.FromString(response.failure)

@@ -184,3 +184,22 @@ def test_check_key_request_refuses_a_model_outside_the_configured_tenants():
     )
     # "*" (or none) on the key means the tenant's models: accepted as stored.
     assert keys_module.check_key_request("acme", [], {}, known, None, 0.0, frozenset({"a"}))[0] == ("*",)
+
+
+def test_a_key_names_each_model_once_however_often_the_request_repeats_it():
+    known = {"a": None, "b": None}
+    models = keys_module.check_key_request(
+        "acme", ["*"] * 100_000 + ["a", "b", "a"], {}, known, None, 0.0, None
+    )[0]
+    assert models == ("*", "a", "b")
+
+
+@pytest.mark.parametrize("tenant_id", ["x" * 129, "a b", "a}b{c", "bell\x07", "x" * 512 * 1024])
+def test_an_admin_call_naming_a_tenant_id_no_tenant_can_have_is_refused(tenant_id):
+    with pytest.raises(MeshgateError) as refused:
+        keys_module.check_tenant_id(tenant_id)
+    assert (refused.value.code, refused.value.reason) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        Reason.INVALID_TENANT_ID,
+    )
+    assert keys_module.check_tenant_id("acme-1") == "acme-1"
