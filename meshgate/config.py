@@ -988,6 +988,10 @@ _POSITIVE = frozenset(
         "embedding_max_tokens",
         "prefix_block_tokens",
         "summary_span_turns",
+        # At zero every day's totals expired as written, and the usage
+        # stream kept no record.
+        "usage_retention_days",
+        "usage_stream_max_len",
     }
 )
 

@@ -178,6 +178,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         pipeline.reconfigure(new.router, new.models)
         admission.reconfigure(new.router)
         authenticator.reconfigure(new.router)
+        ledger.reconfigure(new.router.usage_stream_max_len, new.router.usage_retention_days)
         servicer.reconfigure(new)
         admin.reconfigure(new.models)
         edge.reconfigure(new.router, new.models)

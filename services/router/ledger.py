@@ -150,6 +150,13 @@ class Ledger:
         self._flushing: set[asyncio.Task] = set()
         self._timer: asyncio.TimerHandle | None = None
 
+    def reconfigure(self, stream_max_len: int, retention_days: int) -> None:
+        """Reloaded bounds, for the records written from now on: GetUsage
+        answers for the new retention (RouterServicer.reconfigure), so the
+        totals written after a reload must be kept as long."""
+        self._stream_max_len = stream_max_len
+        self._retention_s = retention_days * 24 * 3600
+
     def today(self) -> datetime.date:
         """The current UTC day, as the ledger files records."""
         return datetime.datetime.fromtimestamp(self._clock(), datetime.UTC).date()

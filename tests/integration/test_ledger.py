@@ -59,6 +59,23 @@ async def test_turns_are_logged_and_aggregated_per_key_model_and_day(redis_url, 
         await client.aclose()
 
 
+async def test_a_reloaded_retention_applies_to_the_totals_written_after_it(redis_url):
+    """GetUsage answers for the reloaded retention at once; the totals
+    written after the reload must be kept that long (they kept the start's)."""
+    client = redis_access.connect(redis_url)
+    now = datetime.datetime(2026, 5, 1, 12, tzinfo=datetime.UTC).timestamp()
+    ledger = Ledger(client, stream_max_len=10_000, retention_days=2, clock=lambda: now)
+    tenant = uuid.uuid4().hex[:12]
+    try:
+        await ledger.record(UsageRecord(tenant, "k1", "tiny-gpt", "live", 4, 2, 0, "miss", 0, 10))
+        assert 0 < await client.ttl(day_key(tenant, "2026-05-01")) <= 2 * 24 * 3600
+        ledger.reconfigure(10_000, 400)
+        await ledger.record(UsageRecord(tenant, "k1", "tiny-gpt", "live", 4, 2, 0, "miss", 0, 10))
+        assert 399 * 24 * 3600 < await client.ttl(day_key(tenant, "2026-05-01")) <= 400 * 24 * 3600
+    finally:
+        await client.aclose()
+
+
 async def test_submitted_records_are_written_in_batches_and_drained(redis_url):
     client = redis_access.connect(redis_url)
     ledger = Ledger(client, stream_max_len=10_000, retention_days=2)

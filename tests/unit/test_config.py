@@ -217,7 +217,10 @@ def test_a_router_call_bound_needs_a_tenant_call_cap_set_below_it(value):
         ("MESHGATE_INFERENCE__HEALTH_INTERVAL_S", "0", "inference.health_interval_s must be positive"),
         ("MESHGATE_MESH__TENANT_TOKEN_TTL_S", "-60", "mesh.tenant_token_ttl_s must be positive"),
         ("MESHGATE_ROUTER__DOWNSTREAM_TIMEOUT_S", "nan", "router.downstream_timeout_s must be positive"),
-        ("MESHGATE_ROUTER__USAGE_RETENTION_DAYS", "-1", "router.usage_retention_days must be zero or more"),
+        ("MESHGATE_ROUTER__USAGE_RETENTION_DAYS", "-1", "router.usage_retention_days must be positive"),
+        # At zero each day's usage totals expired as they were written.
+        ("MESHGATE_ROUTER__USAGE_RETENTION_DAYS", "0", "router.usage_retention_days must be positive"),
+        ("MESHGATE_ROUTER__USAGE_STREAM_MAX_LEN", "0", "router.usage_stream_max_len must be positive"),
         ("MESHGATE_INFERENCE__STREAM_INTERVAL_MS", "inf", "stream_interval_ms must be zero or more"),
         ("MESHGATE_MODELS__TINY-GPT__MAX_OUTPUT_TOKENS", "-5", "models.tiny-gpt.max_output_tokens"),
     ],
