@@ -144,8 +144,10 @@ _RETRY_POLICY = {
 # and the admin writes are not retried.
 RETRYABLE_METHODS = {
     # Chat: the router streams before it writes; the turn is appended to its
-    # session only after its answer has streamed, so a Chat that got no
-    # response message wrote nothing to retry over. (A router that died
+    # session only after its answer has streamed, and the router sends the
+    # call's headers before it appends (a one-piece answer held for the
+    # completion has sent nothing yet), which commits the call: a Chat that
+    # got no response wrote nothing to retry over. (A router that died
     # mid-turn leaves its admission reservation unsettled, retried or not:
     # its stream lease expires, its reserved tokens stay charged;
     # services/router/admission.py.)

@@ -474,12 +474,17 @@ class Pipeline:
         budget: Budget,
         create_session: bool = False,
         carry_last_text: bool = False,
+        before_saving: collections.abc.Callable[[], collections.abc.Awaitable[None]] | None = None,
     ) -> collections.abc.AsyncIterator[Event]:
         """The turn's events: deltas, then a Completion or a Failure.
         ``carry_last_text``: the answer's last piece, when known (Delta.last),
         comes on the Completion (``text``) instead of as a delta, for a front
         end that sends the two as one message or write; before a Failure it
-        still comes as a delta (the failure counts it delivered)."""
+        still comes as a delta (the failure counts it delivered).
+        ``before_saving`` is awaited before a session turn is appended: from
+        then on the turn may be stored, so a front end whose transport may
+        resend a call that sent nothing yet (gRPC's retry policy) commits
+        it there; a turn held whole for the completion has sent nothing."""
         started = time.perf_counter()
         turn = early = None
         try:
@@ -510,7 +515,7 @@ class Pipeline:
             # Every nested stream is closed explicitly (aclosing): an
             # abandoned async generator's cleanup, such as cancelling its
             # inference call, would otherwise wait for the garbage collector.
-            admitted = self._admitted(turn, grant, answer, facts, started, early)
+            admitted = self._admitted(turn, grant, answer, facts, started, early, before_saving)
             async with contextlib.aclosing(admitted) as events:
                 async for event in events:
                     if isinstance(event, Delta):
@@ -629,6 +634,7 @@ class Pipeline:
         facts: _TurnFacts,
         turn_started: float,
         early_lookup: asyncio.Future | None = None,
+        before_saving: collections.abc.Callable[[], collections.abc.Awaitable[None]] | None = None,
     ) -> collections.abc.AsyncIterator[Event]:
         started = time.perf_counter()
         turn_metrics = metrics.router()
@@ -743,6 +749,8 @@ class Pipeline:
                 self._cache.store(plan, turn.messages if stateless else prompt, answer, turn.budget)
             )
         if not stateless:
+            if before_saving is not None:
+                await before_saving()
             saving.append(self._contexts.append(turn, session_id, version, answer))
         try:
             saved = await asyncio.gather(*saving)

@@ -84,12 +84,28 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
     async def Chat(self, request: pb.ChatRequest, context):
         tenant = current_caller()
         budget = Budget.of(context.time_remaining())
+        sent = False
+
+        async def commit() -> None:
+            """Chat is in the mesh's retry policy (serving.RETRYABLE_METHODS):
+            a client's channel resends a call that got nothing back, to
+            another router. A session turn about to be appended must not be
+            resent: it would be stored (and charged) twice. Its headers go
+            out now, which commits the call; a one-piece answer held for the
+            completion has written nothing yet."""
+            if not sent:
+                try:
+                    await context.send_initial_metadata(())
+                except grpc.aio.InternalError as error:  # its caller went away (chat_with_status)
+                    raise asyncio.CancelledError() from error
+
         turn = self._pipeline.run(
             request,
             tenant,
             request.session_id,
             budget,
             carry_last_text=request.completion_may_carry_text,
+            before_saving=commit,
         )
         # Closed on the way out, however the call ends: the turn settles at
         # once, not whenever the abandoned generator is collected.
@@ -97,6 +113,9 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             async for event in events:
                 match event:
                     case Delta(text=text):
+                        # Written before this generator resumes: by
+                        # chat_with_status, or by gRPC for a yielding handler.
+                        sent = True
                         yield pb.ChatResponse(delta=pb.TextDelta(text=text))
                     case Completion():
                         yield pb.ChatResponse(completion=completion_proto(event))
