@@ -272,6 +272,11 @@ class Reason(enum.StrEnum):
     The router passes a busy service behind it on as UNAVAILABLE (DOWNSTREAM_FAILED,
     NO_DEPLOYMENT_AVAILABLE) with a RetryInfo of its own (meshgate/errors.py busy_unavailable)."""
 
+    SERVICE_STOPPING = enum.auto()
+    """The replica is stopping (draining): a ChatSession stream ends between
+    turns, a turn it read then not begun (metadata ``session_id`` and, after
+    a turn, ``session_version``); open the stream again, another replica answers."""
+
     TOO_MANY_SESSION_STREAMS = enum.auto()
     """The tenant holds its most ChatSession streams open on this router replica
     (``router.max_session_streams_per_tenant``; metadata ``limit``, ``scope`` tenant,

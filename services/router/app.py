@@ -138,6 +138,8 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     tenant_calls = TenantCalls(router.tenant_call_cap())
     service.errors.gate(CallerGate(authenticator, tenant_calls))
     servicer = RouterServicer(settings, pipeline, ledger)
+    # ChatSession streams end between turns once the router stops (serving.stop).
+    service.drains.append(servicer.drain)
     add_to_server(servicer, service.server)
     # Keys as data, on the same port, behind the admin credential.
     admin = AdminServicer(keys, settings.models, cache)

@@ -75,6 +75,50 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         self._pipeline = pipeline
         self._ledger = ledger
         self.session_streams = SessionStreams(settings.router.max_session_streams_per_tenant)
+        # Set once the router starts to stop (drain): ChatSession streams
+        # end between turns instead of holding the grace open, idle.
+        self._stopping: asyncio.Future | None = None
+
+    async def drain(self, grace_s: float) -> None:
+        """serving.stop's drain (services/router/app.py): an idle ChatSession
+        stream ends at once and one in a turn after that turn, each with
+        SERVICE_STOPPING and where its session stands, so the client opens
+        it again elsewhere and goes on from there. Left to the grace, every
+        stream held the router for all of it and then ended with gRPC's bare
+        UNAVAILABLE, a turn stored or not: a client resending it stored it
+        twice."""
+        stopping = self._stopping_future()
+        if not stopping.done():  # a second stop
+            stopping.set_result(None)
+
+    def _stopping_future(self) -> asyncio.Future:
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_future()
+        return self._stopping
+
+    async def _next_turn(self, requests, session_id: str, version: int | None):
+        """The stream's next request, None at its end; SERVICE_STOPPING once
+        the router stops, whether it was idle or a request had just come
+        (not begun: the client sends it again, elsewhere)."""
+        stopping = self._stopping_future()
+        if not stopping.done():
+            reading = asyncio.ensure_future(anext(requests, None))
+            try:
+                await asyncio.wait((reading, stopping), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not reading.done():
+                    reading.cancel()
+            if not stopping.done():
+                return reading.result()
+        metadata = {"session_id": session_id} if session_id else {}
+        if version is not None:
+            metadata["session_version"] = str(version)
+        raise MeshgateError(
+            grpc.StatusCode.UNAVAILABLE,
+            Reason.SERVICE_STOPPING,
+            "the router is stopping; open the session's stream again (another replica answers)",
+            metadata,
+        )
 
     def reconfigure(self, settings: Settings) -> None:
         self._models = settings.models
@@ -179,7 +223,9 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         # Admitted: the client learns it now, not with the first answer, so
         # it can wait for this before writing a turn (ADMITTED_METADATA).
         await context.send_initial_metadata(ADMITTED_METADATA)
-        async for request in request_iterator:
+        requests = aiter(request_iterator)
+        version = None  # the session's, after a turn of this stream
+        while (request := await self._next_turn(requests, session_id, version)) is not None:
             session_id = request.session_id or session_id
             # The key was checked when the stream opened, and a stream may
             # stay open for hours: each turn checks it again, from the key
@@ -216,7 +262,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                         case Delta(text=text):
                             yield pb.ChatSessionResponse(delta=pb.TextDelta(text=text))
                         case Completion():
-                            session_id = event.session_id
+                            session_id, version = event.session_id, event.session_version
                             yield pb.ChatSessionResponse(completion=completion_proto(event))
                         case Failure(error=error, session_id=created):
                             # A first turn that created its session, then

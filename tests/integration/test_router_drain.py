@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import grpc
 import pytest
@@ -14,6 +15,7 @@ from meshgate import serving
 from meshgate.common.v1 import common_pb2
 from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.context.v1 import context_service_pb2_grpc
+from meshgate.errors import error_info
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.cache import app as cache_app
@@ -21,7 +23,7 @@ from services.context import app as context_app
 from services.context import store as session_store
 from services.router import app as router_app
 from tests.integration.conftest import running, service_settings
-from tests.mesh import router_channel
+from tests.mesh import bounded_channel, router_channel
 
 pytestmark = pytest.mark.integration
 
@@ -118,3 +120,65 @@ async def test_a_session_chat_cut_by_a_drain_while_its_turn_is_saved_is_not_sent
         assert await call == grpc.StatusCode.UNAVAILABLE
     await asyncio.sleep(1.5)  # a resent call would have been appended by now
     assert (await session_messages(settings, session_id)).count("only once please") == 1
+
+
+def refusal_of(error: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str, dict]:
+    info = error_info(error)
+    return error.code(), info.reason, dict(info.metadata)
+
+
+async def test_chat_session_streams_end_between_turns_once_the_router_stops(two_routers, monkeypatch):
+    """An idle stream ends at once and one in a turn after that turn, each
+    with SERVICE_STOPPING and where its session stands, instead of holding
+    the router for the whole grace and then ending with a bare UNAVAILABLE
+    (its turn stored or not)."""
+    _, (service, address), _ = two_routers
+    appending = asyncio.Event()
+    append = session_store.SessionStore.append
+
+    async def slow_reply(self, *args, **kwargs):
+        stored = await append(self, *args, **kwargs)
+        if not appending.is_set():
+            appending.set()
+            await asyncio.sleep(1.0)  # the turn is under way when the router stops
+        return stored
+
+    monkeypatch.setattr(session_store.SessionStore, "append", slow_reply)
+    async with bounded_channel(address) as channel:
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+        idle = stub.ChatSession(metadata=AUTH, timeout=60)
+        busy = stub.ChatSession(metadata=AUTH, timeout=60)
+        for stream in (idle, busy):
+            await stream.initial_metadata()
+        await busy.write(
+            pb.ChatSessionRequest(
+                model="tiny-gpt",
+                messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="hello there")],
+                parameters=common_pb2.GenerationParameters(max_tokens=4),
+                cache_policy=pb.CACHE_POLICY_BYPASS,
+            )
+        )
+        await asyncio.wait_for(appending.wait(), 30)
+        started = time.monotonic()
+        stopping = asyncio.ensure_future(serving.stop(service, grace_s=20))
+
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await idle.read()
+        code, reason, metadata = refusal_of(ended.value)
+        assert (code, reason, metadata) == (grpc.StatusCode.UNAVAILABLE, "SERVICE_STOPPING", {})
+
+        completion = None
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while True:
+                response = await busy.read()
+                if response.HasField("completion"):
+                    completion = response.completion
+        assert completion is not None, "the turn under way finished"
+        code, reason, metadata = refusal_of(ended.value)
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "SERVICE_STOPPING")
+        assert metadata == {
+            "session_id": completion.session_id,
+            "session_version": str(completion.session_version),
+        }
+        await stopping
+        assert time.monotonic() - started < 10, "the streams did not hold the router for its grace"
