@@ -206,7 +206,8 @@ async def connect_subscriber(url: str) -> Client:
 
 async def connect_checked(url: str) -> Client:
     """A client whose Redis answered a PING: a service fails fast at start-up
-    with a clear message instead of on its first request."""
+    with a clear message instead of on its first request. A Redis that may
+    evict keys is logged loudly (:func:`eviction_policy`)."""
     client = connect(url)
     try:
         await client.ping()
@@ -216,7 +217,38 @@ async def connect_checked(url: str) -> Client:
     except BaseException:
         await client.aclose()
         raise
+    policy = await eviction_policy(client)
+    if policy is not None:
+        log.error(
+            "Redis may evict the mesh's keys: set maxmemory-policy noeviction",
+            maxmemory_policy=policy,
+            consequence=(
+                "sessions, their turn indexes and a cache entry's wrong-hit report can disappear "
+                "(a reported answer served again); noeviction refuses writes instead (UNAVAILABLE)"
+            ),
+        )
     return client
+
+
+async def eviction_policy(client: Client) -> str | None:
+    """The eviction policy of a Redis (each master of a cluster) that has a
+    memory limit and may evict keys under it, else None. Every key the mesh
+    writes has a TTL, so even the volatile-* policies reach all of them, and
+    they do not evict together: a cache entry outlives its wrong-hit report,
+    a session its turn index. Unknown (CONFIG refused, as managed Redis
+    services do) counts as None: nothing to say."""
+    try:
+        if isinstance(client, RedisCluster):
+            replies = (await client.config_get("maxmemory*", target_nodes=RedisCluster.PRIMARIES)).values()
+        else:
+            replies = [await client.config_get("maxmemory*")]
+    except (*CONNECTION_ERRORS, redis_errors.ResponseError):
+        return None
+    for reply in replies:
+        policy = reply.get("maxmemory-policy", "noeviction")
+        if int(reply.get("maxmemory", 0) or 0) > 0 and policy != "noeviction":
+            return str(policy)
+    return None
 
 
 # Errors a handler maps to UNAVAILABLE: the store, not the request, is at

@@ -12,6 +12,7 @@ import uuid
 
 import grpc
 import pytest
+import structlog.testing
 
 from meshgate import redis_access
 from meshgate.common.v1 import common_pb2
@@ -73,4 +74,26 @@ async def test_a_refused_append_is_unavailable_and_stores_nothing(own_redis, ref
         # Once Redis takes writes again, the same append goes through.
         assert (await store.append("acme", session, None, turn, {})).version == 1
     finally:
+        await client.aclose()
+
+
+async def test_a_redis_that_may_evict_the_meshs_keys_is_named_at_start(own_redis):
+    """Every key the mesh writes has a TTL, so a volatile-* policy reaches
+    them all, and not together: a cache entry outlived its wrong-hit report
+    and was served again. Said at start, loudly; noeviction (or no memory
+    limit) says nothing."""
+    client = await redis_access.connect_checked(own_redis)
+    try:
+        assert await redis_access.eviction_policy(client) is None
+        await client.config_set("maxmemory-policy", "volatile-lru")
+        assert await redis_access.eviction_policy(client) is None  # no memory limit: nothing is evicted
+        await client.config_set("maxmemory", "1gb")
+        assert await redis_access.eviction_policy(client) == "volatile-lru"
+        with structlog.testing.capture_logs() as logs:
+            await (await redis_access.connect_checked(own_redis)).aclose()
+        said = [entry["maxmemory_policy"] for entry in logs if entry["log_level"] == "error"]
+        assert said == ["volatile-lru"]
+    finally:
+        await client.config_set("maxmemory", "0")
+        await client.config_set("maxmemory-policy", "noeviction")
         await client.aclose()
