@@ -353,6 +353,13 @@ class VectorIndex:
             seq = int(self._seqs[row])
             self._graph_rows[seq] = row
             self._graph_pending.append(seq)
+            # Only a search adds the pending numbers: Stores with no lookup
+            # between them (exact traffic, a load) grew the list by one per
+            # Store without bound. Those of removed or replaced versions go.
+            if len(self._graph_pending) > 2 * len(self._ids) + 1024:
+                self._graph_pending = list(
+                    dict.fromkeys(seq for seq in self._graph_pending if seq in self._graph_rows)
+                )
 
     def _graph_forget(self, row: int) -> None:
         if self._graph is None:

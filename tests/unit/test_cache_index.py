@@ -172,6 +172,24 @@ def test_registry_replaces_an_index_of_another_size():
     assert new is not old and new.dimensions == 2 * DIMS and len(new) == 0
 
 
+def test_stores_with_no_search_between_them_keep_the_graphs_pending_list_bounded():
+    """Only a search adds the graph's pending rows; a replica storing again
+    and again with no lookup (exact traffic, replaced entries) grew the
+    list by one number per Store."""
+    rng = np.random.default_rng(5)
+    index = VectorIndex(16, max_entries=100, approximate_from=50)
+    vectors = _random_units(rng, 100, 16)
+    for i, vector in enumerate(vectors):
+        index.upsert(f"e{i}", i + 1, FAR_FUTURE, vector)
+    for seq in range(101, 20_001):
+        index.upsert(f"e{seq % 100}", seq, FAR_FUTURE, vectors[seq % 100])
+    assert len(index._graph_pending) <= 2 * len(index) + 1024
+    # What is pending is still added: the newest version of each entry is found.
+    index.nearest(vectors[7], 0, 1)
+    assert index.wait_for_graph(timeout=120)
+    assert index.nearest(vectors[7], 0, 1)[0].entry_id == "e7"
+
+
 @pytest.fixture
 def deterministic_graph_builds(monkeypatch):
     """Builds graphs with one thread. With two, usearch links concurrent
