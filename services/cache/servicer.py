@@ -229,8 +229,10 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             index_key = partition.vectors_key(context_id)
             index = self._indexes.get(index_key)
             if index is not None and index.dimensions == len(vector):
-                for evicted_id in evicted:
-                    index.remove(evicted_id)
+                for evicted_id, evicted_seq in evicted:
+                    # That version only: a later Store of the same entry
+                    # whose reply came first must keep its row.
+                    index.remove(evicted_id, evicted_seq)
                 index.upsert(entry_id, seq, now_ms + ttl_ms, vector, text)
                 self._indexes.settle(index_key)
         self._stats.pending["stores"] += 1

@@ -92,8 +92,13 @@ local evicted = {}
 -- 8 rows for 1 live entry) until max entries pushed them out, and every
 -- index load read them. A row's value starts with its expiry (ms).
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local oldest_ids = redis.call('ZRANGE', KEYS[2], 0, EXPIRED_TRIM - 1)
-if #oldest_ids > 0 then
+-- Each evicted entry goes with its sequence number: a replica removes
+-- that version only, never one a later Store (whose reply it may have
+-- applied first) put back.
+local oldest = redis.call('ZRANGE', KEYS[2], 0, EXPIRED_TRIM - 1, 'WITHSCORES')
+if #oldest > 0 then
+  local oldest_ids = {}
+  for i = 1, #oldest, 2 do oldest_ids[#oldest_ids + 1] = oldest[i] end
   local rows = redis.call('HMGET', KEYS[3], unpack(oldest_ids))
   for i = 1, #oldest_ids do
     local row = rows[i]
@@ -101,16 +106,18 @@ if #oldest_ids > 0 then
       redis.call('ZREM', KEYS[2], oldest_ids[i])
       redis.call('HDEL', KEYS[3], oldest_ids[i])
       evicted[#evicted + 1] = oldest_ids[i]
+      evicted[#evicted + 1] = oldest[2 * i]
     end
   end
 end
 local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[5])
 if excess > 0 then
-  local oldest = redis.call('ZPOPMIN', KEYS[2], excess)
-  for i = 1, #oldest, 2 do
-    redis.call('HDEL', KEYS[3], oldest[i])
-    redis.call('DEL', ARGV[6] .. oldest[i])
-    evicted[#evicted + 1] = oldest[i]
+  local popped = redis.call('ZPOPMIN', KEYS[2], excess)
+  for i = 1, #popped, 2 do
+    redis.call('HDEL', KEYS[3], popped[i])
+    redis.call('DEL', ARGV[6] .. popped[i])
+    evicted[#evicted + 1] = popped[i]
+    evicted[#evicted + 1] = popped[i + 1]
   end
 end
 -- A sub-partition lives as long as its longest-lived entry, and so do its
@@ -268,10 +275,10 @@ class CacheStore:
         question: str,
         now_ms: int,
         ttl_ms: int,
-    ) -> tuple[int, list[str]]:
+    ) -> tuple[int, list[tuple[str, int]]]:
         """Stores an entry with its question vector and text; returns its
-        sequence number and the ids of the entries evicted to make room
-        or found expired."""
+        sequence number and the entries evicted to make room or found
+        expired, each as (id, sequence number)."""
         expiry = _EXPIRY.pack(now_ms + ttl_ms)
         try:
             seq, evicted = await self._store_semantic(
@@ -296,7 +303,9 @@ class CacheStore:
             )
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
-        return int(seq), [e.decode() for e in evicted]
+        # Scores come back as strings of doubles; a sequence number (µs) is exact in one.
+        pairs = zip(evicted[::2], evicted[1::2], strict=True)
+        return int(seq), [(entry_id.decode(), int(float(score))) for entry_id, score in pairs]
 
     async def batches_since(
         self, partition: Partition, context_id: str, after_seq: int

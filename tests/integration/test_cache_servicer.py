@@ -1208,3 +1208,38 @@ async def test_a_reported_pair_is_never_served_again_after_its_entry_is_stored_a
         ).status == pb.LOOKUP_STATUS_EXACT_HIT
         other = await lookup(servicer, scope(tenant), conversation(another))
         assert other.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and other.entry_id == entry_id
+
+
+async def test_an_eviction_applied_after_a_later_store_of_the_same_entry_keeps_the_new_row(
+    redis_client, embedder, tenant
+):
+    """Store C's script evicts A; Store A's, after it, stores A again. When
+    this replica applies A's reply first and C's after, C's eviction must
+    remove the version it evicted, not the row A's Store just put back: the
+    replica then never found A by meaning again (a missed hit for as long
+    as the index lived)."""
+    cache = make_servicer(redis_client, embedder, max_entries=2)
+    s = scope(tenant)
+    first, second, third = (conversation(q) for q in ("Who wrote Hamlet?", "How far is the Moon?", STORED))
+    entry_a = await store(cache, s, first)
+    await store(cache, s, second)
+    await lookup(cache, s, conversation(PARAPHRASE))  # this replica's index of them, loaded
+    put_semantic = cache._store.put_semantic
+    c_ran, a_stored = asyncio.Event(), asyncio.Event()
+
+    async def reply_after_a(partition, context_id, entry_id, *args):
+        reply = await put_semantic(partition, context_id, entry_id, *args)
+        if entry_id != entry_a:  # C's Store: its script ran; its reply waits for A's
+            c_ran.set()
+            await a_stored.wait()
+        return reply
+
+    cache._store.put_semantic = reply_after_a
+    storing_c = asyncio.ensure_future(store(cache, s, third))
+    await c_ran.wait()
+    await store(cache, s, first)
+    a_stored.set()
+    await storing_c
+    partition = keys.partition(s)
+    context_id, _ = cache._semantic_subject(partition, first)
+    assert entry_a in cache._indexes.get(partition.vectors_key(context_id))
