@@ -136,6 +136,10 @@ class Reason(enum.StrEnum):
     INVALID_TTL = enum.auto()
     """A cache entry's time to live is outside 0..cache.ttl_s."""
 
+    INVALID_SELECTED_MODEL = enum.auto()
+    """ReportWrongHit's selected_model is not one the request's alias selects
+    between (or the alias selects nothing)."""
+
     INVALID_ENTRY_ID = enum.auto()
     """The cache entry id is not one the cache issues."""
 

@@ -608,15 +608,18 @@ class Pipeline:
             strong_bound.template_bytes(len(turn.messages)) if strong_bound is not None else 0,
         )
         metrics.router().model_selections.labels(turn.model_alias, selection.model, selection.reason).inc()
-        model = self._models.get(selection.model)
+        return self._as_selected(turn, selection.model, selection)
+
+    def _as_selected(self, turn: Turn, alias: str, selection: Selection | None) -> Turn:
+        """``turn`` sent to ``alias``, one its selecting alias chose."""
+        model = self._models.get(alias)
         if model is None:  # settings reloaded since validation, without it
-            unknown = selection.model
-            raise not_found(Reason.MODEL_NOT_FOUND, f"unknown model {unknown!r}", model=unknown)
+            raise not_found(Reason.MODEL_NOT_FOUND, f"unknown model {alias!r}", model=alias)
         return dataclasses.replace(
             turn,
-            model_alias=selection.model,
+            model_alias=alias,
             model=model,
-            cache=dataclasses.replace(turn.cache, model=selection.model, route=self._routes[selection.model]),
+            cache=dataclasses.replace(turn.cache, model=alias, route=self._routes[alias]),
             selection=selection,
         )
 
@@ -780,18 +783,35 @@ class Pipeline:
             cache_entry_id=entry_id,
         )
 
-    async def report_wrong_hit(self, request, tenant: Tenant, entry_id: str, budget: Budget) -> bool:
+    async def report_wrong_hit(
+        self, request, tenant: Tenant, entry_id: str, budget: Budget, selected_model: str = ""
+    ) -> bool:
         """Reports the cache entry ``entry_id`` as a wrong answer to
-        ``request``, a stateless turn as it was sent: validated and its model
-        selected as run() does, so the report names the very scope and
-        messages its lookup matched."""
+        ``request``, a stateless turn as it was sent: validated as run()
+        does, under the model the hit's completion named (``selected_model``)
+        or else selected again, so the report names the scope and messages
+        its lookup matched."""
         if request.session_id:
             raise invalid_argument(
                 Reason.UNSUPPORTED_PARAMETER,
                 "a session turn's hit cannot be reported: it was matched on the session's history",
                 param="session_id",
             )
-        turn = await self._select(self.validate(request, tenant, "", budget, False))
+        turn = self.validate(request, tenant, "", budget, False)
+        if not selected_model:
+            turn = await self._select(turn)
+        elif turn.model.selection is None or selected_model not in (
+            turn.model.selection.fast,
+            turn.model.selection.strong,
+        ):
+            raise invalid_argument(
+                Reason.INVALID_SELECTED_MODEL,
+                f"{request.model!r} does not select {selected_model!r}: pass the hit's "
+                "ChatCompletion.selected_model, empty when it had none",
+                param="selected_model",
+            )
+        else:
+            turn = self._as_selected(turn, selected_model, None)
         return await self._cache.report_wrong(turn.cache, turn.messages, entry_id, budget)
 
     async def _exact_hit(self, plan: CachePlan, messages, budget: Budget) -> Hit | None:

@@ -298,7 +298,11 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 Reason.INVALID_ENTRY_ID, "cache_entry_id must be a hit's ChatCompletion.cache_entry_id"
             )
         removed = await self._pipeline.report_wrong_hit(
-            request.request, tenant, request.cache_entry_id, Budget.of(context.time_remaining())
+            request.request,
+            tenant,
+            request.cache_entry_id,
+            Budget.of(context.time_remaining()),
+            request.selected_model,
         )
         return pb.ReportWrongHitResponse(entry_removed=removed)
 

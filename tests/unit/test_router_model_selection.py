@@ -23,6 +23,8 @@ from meshgate.config import (
     SelectionSettings,
     load_settings,
 )
+from meshgate.errors import MeshgateError
+from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router import http_edge, model_selection
 from services.router.admission import estimate_prompt_tokens
@@ -209,6 +211,40 @@ async def test_the_pipeline_sends_the_turn_to_the_chosen_model_and_says_why():
     plain = pb.ChatRequest(model="fast", messages=[user(HARD[0])])
     completion = (await events_of(built.run(plain, premium, "", budget=_budget())))[-1]
     assert (completion.model, completion.selection) == ("fast", None)
+
+
+class ReportedCache(FakeCache):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reported: list[str] = []
+
+    async def report_wrong(self, plan, messages, entry_id, budget) -> bool:
+        self.reported.append(plan.model)
+        return True
+
+
+async def test_a_report_goes_to_the_model_the_hit_named_not_to_a_new_selection():
+    """Selection is not repeatable: the prompt's embedding came in time for
+    the turn (strong) and not for the report (fast, from the features), so
+    the report named the fast model's entries and the wrong one stayed."""
+    models = {
+        "auto": ModelSettings(max_output_tokens=64, default_max_tokens=8, selection=RULES),
+        "fast": ModelSettings(max_output_tokens=64, default_max_tokens=8),
+        "strong": ModelSettings(max_output_tokens=256, default_max_tokens=16),
+    }
+    cache = ReportedCache()
+    built = Pipeline(RouterSettings(), models, FakeContexts(), cache, FakeGenerator())
+    tenant = Tenant("t1", frozenset({"*"}))
+    easy = pb.ChatRequest(model="auto", messages=[user(EASY[0])])  # the features choose fast
+    await built.report_wrong_hit(easy, tenant, "e1", _budget(), selected_model="strong")
+    assert cache.reported == ["strong"]
+    await built.report_wrong_hit(easy, tenant, "e1", _budget())  # not named: selected again
+    assert cache.reported == ["strong", "fast"]
+    for request, named in ((easy, "other"), (pb.ChatRequest(model="fast", messages=[user("hi")]), "strong")):
+        with pytest.raises(MeshgateError) as refused:
+            await built.report_wrong_hit(request, tenant, "e1", _budget(), selected_model=named)
+        assert refused.value.reason == Reason.INVALID_SELECTED_MODEL
+    assert cache.reported == ["strong", "fast"]
 
 
 class RecordingGenerator(FakeGenerator):

@@ -172,12 +172,14 @@ class ModelInfo(_message.Message):
     def __init__(self, alias: _Optional[str] = ..., context_window_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ...) -> None: ...
 
 class ReportWrongHitRequest(_message.Message):
-    __slots__ = ("request", "cache_entry_id")
+    __slots__ = ("request", "cache_entry_id", "selected_model")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     CACHE_ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_MODEL_FIELD_NUMBER: _ClassVar[int]
     request: ChatRequest
     cache_entry_id: str
-    def __init__(self, request: _Optional[_Union[ChatRequest, _Mapping]] = ..., cache_entry_id: _Optional[str] = ...) -> None: ...
+    selected_model: str
+    def __init__(self, request: _Optional[_Union[ChatRequest, _Mapping]] = ..., cache_entry_id: _Optional[str] = ..., selected_model: _Optional[str] = ...) -> None: ...
 
 class ReportWrongHitResponse(_message.Message):
     __slots__ = ("entry_removed",)
