@@ -1075,6 +1075,19 @@ def check_router_models(settings: Settings) -> None:
         unknown = set(getattr(settings.router, section)) - set(settings.models)
         if unknown:
             raise ConfigError(f"router.{section}: unknown model alias(es) {sorted(unknown)}")
+        # Admission and billing take the alias a selecting alias chose
+        # (services/router/model_selection.py), never the selecting one: its
+        # limits and prices would load and then never apply.
+        selecting = sorted(
+            alias
+            for alias in getattr(settings.router, section)
+            if settings.models[alias].selection is not None
+        )
+        if selecting:
+            raise ConfigError(
+                f"router.{section}: {selecting} select another model per turn, and the chosen one's "
+                f"{section} apply; set them on the selection's fast and strong aliases instead"
+            )
     for template in settings.router.templates:
         unknown = set(template.models) - set(settings.models)
         if unknown:

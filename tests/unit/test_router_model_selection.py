@@ -317,6 +317,31 @@ def test_bad_selection_settings_are_refused(tmp_path, body, complaint):
         _load(tmp_path, "[models.x]\n" + body)
 
 
+SELECTING = """
+[models.fast]
+[models.strong]
+max_output_tokens = 1024
+[models.auto]
+max_output_tokens = 128
+[models.auto.selection]
+fast = "fast"
+strong = "strong"
+"""
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        "[router.model_limits.auto]\nrequests_per_minute = 1",
+        "[router.prices.auto]\nprompt_usd_per_million = 1.0",
+    ],
+)
+def test_limits_and_prices_of_a_selecting_alias_are_refused(tmp_path, table):
+    # Admission and billing take the chosen alias: these loaded and never applied.
+    with pytest.raises(ConfigError, match=r"\['auto'\].*fast and strong aliases"):
+        _load(tmp_path, SELECTING + table)
+
+
 @pytest.mark.heavy
 def test_the_committed_selector_is_what_the_training_script_makes():
     import model_selection_data as data
