@@ -117,8 +117,9 @@ class SelectionSettings:
     # Tenant tiers (router.tenants[].tier) that always get one model.
     strong_tiers: list[str] = dataclasses.field(default_factory=list)
     fast_tiers: list[str] = dataclasses.field(default_factory=list)
-    # A turn whose worst-case cost on the strong model (router.prices) is
-    # above this many US dollars goes to the fast one; unset: no cap.
+    # A turn whose worst-case cost on the strong model (router.prices, which
+    # must price it: check_router_models) is above this many US dollars goes
+    # to the fast one; unset: no cap.
     max_strong_cost_usd: float | None = None
     # The prompt's embedding is one extra call; past this, the classifier
     # decides on the cheap features alone.
@@ -1119,6 +1120,14 @@ def check_router_models(settings: Settings) -> None:
                     f"models.{alias}.max_output_tokens must not exceed that of {target!r} "
                     f"({settings.models[target].max_output_tokens})"
                 )
+        # The cap weighs a turn's cost at the strong model's prices: without
+        # them every turn costs 0 there and no cap, not even 0.0, ever applies.
+        strong = model.selection.strong
+        if model.selection.max_strong_cost_usd is not None and strong not in settings.router.prices:
+            raise ConfigError(
+                f"models.{alias}.selection.max_strong_cost_usd needs router.prices.{strong} "
+                "(the strong model's prices), else the cap never applies"
+            )
 
 
 def hash_api_key(key: str) -> str:

@@ -283,6 +283,8 @@ strong = "strong"
 threshold = 0.6
 strong_tiers = ["premium"]
 max_strong_cost_usd = 0.5
+[router.prices.strong]
+prompt_usd_per_million = 1.0
 [[router.tenants]]
 id = "acme"
 tier = "premium"
@@ -340,6 +342,16 @@ def test_limits_and_prices_of_a_selecting_alias_are_refused(tmp_path, table):
     # Admission and billing take the chosen alias: these loaded and never applied.
     with pytest.raises(ConfigError, match=r"\['auto'\].*fast and strong aliases"):
         _load(tmp_path, SELECTING + table)
+
+
+def test_a_strong_cost_cap_needs_the_strong_models_prices(tmp_path):
+    # Without them every turn cost 0 on the strong model: even a cap of 0.0
+    # sent a 5,000-byte prompt there.
+    capped = SELECTING + "max_strong_cost_usd = 0.0\n"
+    with pytest.raises(ConfigError, match=r"max_strong_cost_usd needs router.prices.strong"):
+        _load(tmp_path, capped)
+    priced = _load(tmp_path, capped + "[router.prices.strong]\ncompletion_usd_per_million = 2.0\n")
+    assert priced.models["auto"].selection.max_strong_cost_usd == 0.0
 
 
 @pytest.mark.heavy
