@@ -23,6 +23,9 @@ import types
 import typing
 from typing import Any
 
+if typing.TYPE_CHECKING:
+    from meshgate.common.v1 import common_pb2
+
 DEFAULT_DEV_API_KEY = "mg-dev-local-key"
 
 # SmolLM2's tokenizer and chat template, built from its GGUF at install time
@@ -343,6 +346,44 @@ class TemplateParameterSettings:
     seed: int | None = None
     stop: list[str] = dataclasses.field(default_factory=list)
 
+    def generation_parameters(self, where: str) -> common_pb2.GenerationParameters:
+        """These defaults as the API's GenerationParameters, checked as a
+        request's own are (meshgate/sampling.py; max_tokens against each
+        model in check_router_models). Unchecked, a default out of range
+        loaded and then failed every invocation that left it unset, blaming
+        the caller (INVALID_TOP_P for the template's top_p = 7.0), and one
+        outside the field's protobuf type failed the router's start
+        (Templates()) with a bare ValueError."""
+        # Imported here: loading a configuration needs neither protobuf nor grpc.
+        from google.protobuf.descriptor import FieldDescriptor
+
+        from meshgate.common.v1 import common_pb2
+        from meshgate.errors import MeshgateError
+        from meshgate.sampling import check_sampling
+
+        parameters = common_pb2.GenerationParameters()
+        for name in ("max_tokens", "temperature", "top_p", "seed"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                setattr(parameters, name, value)
+            except ValueError:
+                field = parameters.DESCRIPTOR.fields_by_name[name]
+                kind = {FieldDescriptor.TYPE_INT32: "an int32", FieldDescriptor.TYPE_INT64: "an int64"}
+                raise ConfigError(
+                    f"{where}: parameters.{name} = {value} is out of range for the API's "
+                    f"GenerationParameters.{name} ({kind.get(field.type, 'its type')})"
+                ) from None
+        parameters.stop.extend(self.stop)
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"{where}: parameters.max_tokens must be positive, got {self.max_tokens}")
+        try:
+            check_sampling(parameters)
+        except MeshgateError as error:
+            raise ConfigError(f"{where}: parameters: {error.message}") from None
+        return parameters
+
 
 @dataclasses.dataclass
 class TemplateSettings:
@@ -368,6 +409,7 @@ class TemplateSettings:
                 raise ConfigError(f"{where}: messages[{index}].role must be one of {TEMPLATE_ROLES}")
             if not string.Template(message.content).is_valid():
                 raise ConfigError(f"{where}: messages[{index}] has a malformed $variable")
+        self.parameters.generation_parameters(where)
 
 
 @dataclasses.dataclass
@@ -1094,6 +1136,18 @@ def check_router_models(settings: Settings) -> None:
         if unknown:
             raise ConfigError(
                 f"router.templates {template.name!r}: unknown model alias(es) {sorted(unknown)}"
+            )
+        # Validation holds an invocation's max_tokens, the template's default
+        # where it sets none, to the alias's cap: a default above it failed
+        # every invocation on that model that left max_tokens unset.
+        max_tokens = template.parameters.max_tokens
+        over = [
+            alias for alias in template.models if settings.models[alias].max_output_tokens < (max_tokens or 0)
+        ]
+        if over:
+            raise ConfigError(
+                f"router.templates {template.name!r} version {template.version}: parameters.max_tokens "
+                f"({max_tokens}) exceeds the max_output_tokens of {over}"
             )
     for alias, model in settings.models.items():
         # A request without max_tokens gets default_max_tokens, which

@@ -43,17 +43,13 @@ def _compile(settings: TemplateSettings) -> _Template:
     messages = tuple(
         (_ROLES[message.role], string.Template(message.content)) for message in settings.messages
     )
-    defaults = settings.parameters
-    given = {name: getattr(defaults, name) for name in _SCALAR_PARAMETERS}
-    parameters = common_pb2.GenerationParameters(
-        **{name: value for name, value in given.items() if value is not None}, stop=defaults.stop
-    )
     return _Template(
         name=settings.name,
         version=settings.version,
         messages=messages,
         variables=frozenset(name for _, template in messages for name in template.get_identifiers()),
-        defaults=parameters,
+        # Checked when the settings were made (TemplateSettings): never raises here.
+        defaults=settings.parameters.generation_parameters(f"template {settings.name!r}"),
         models=tuple(settings.models),
     )
 

@@ -208,3 +208,56 @@ def test_templates_are_checked_when_the_configuration_loads(tmp_path):
     config.write_text(config.read_text().replace("no-such-model", "tiny-gpt"))
     (template,) = load_settings(config, environ={}).router.templates
     assert template.name == "ask" and template.messages[0].role == "user"
+
+
+@pytest.mark.parametrize(
+    ("parameters", "complaint"),
+    [
+        ({"top_p": 7.0}, "top_p"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"seed": -1}, "seed"),
+        ({"max_tokens": 0}, "max_tokens must be positive"),
+        ({"stop": ["."] * 9}, "stop strings"),
+        # Outside the API's int32 and int64: Templates() raised a bare ValueError at the router's start.
+        ({"max_tokens": 3_000_000_000}, r"max_tokens = 3000000000 is out of range .*int32"),
+        ({"seed": 99999999999999999999}, r"seed = 99999999999999999999 is out of range .*int64"),
+    ],
+)
+def test_a_templates_default_parameters_are_checked_as_a_requests_are(parameters, complaint):
+    # Unchecked, these loaded, then every invocation leaving them unset failed
+    # INVALID_ARGUMENT for a parameter its caller never sent.
+    with pytest.raises(ConfigError, match=f"template 'summarize' version 1: parameters.*{complaint}"):
+        TemplateSettings(
+            name="summarize",
+            messages=[TemplateMessageSettings(content="$text")],
+            parameters=TemplateParameterSettings(**parameters),
+            models=["m"],
+        )
+
+
+def test_a_templates_default_max_tokens_must_fit_every_model_it_lists(tmp_path):
+    config = tmp_path / "meshgate.toml"
+    text = """
+[models.small]
+max_output_tokens = 64
+default_max_tokens = 8
+[models.large]
+max_output_tokens = 1024
+[[router.templates]]
+name = "t"
+models = ["large", "small"]
+[router.templates.parameters]
+max_tokens = 1000
+[[router.templates.messages]]
+content = "Say $x"
+"""
+    config.write_text(text)
+    with pytest.raises(
+        ConfigError, match=r"'t' version 1: parameters.max_tokens \(1000\) exceeds .*\['small'\]"
+    ):
+        load_settings(config, environ={})
+    config.write_text(text.replace("max_tokens = 1000", "max_tokens = 64"))
+    (template,) = load_settings(config, environ={}).router.templates
+    assert template.parameters.max_tokens == 64
