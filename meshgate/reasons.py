@@ -107,6 +107,11 @@ class Reason(enum.StrEnum):
     TEMPLATE_MODEL_NOT_ALLOWED = enum.auto()
     """The request's model is not one of the template's models (metadata ``model``)."""
 
+    TEMPLATE_RENDER_TOO_LARGE = enum.auto()
+    """A template's message, filled with the request's variables, would be
+    larger than the router's max_message_bytes (metadata ``template``,
+    ``variable``: the one making most of it, ``limit``); refused before filling."""
+
     INVALID_USAGE_PERIOD = enum.auto()
     """A usage query's days are negative or beyond the ledger's retention."""
 

@@ -404,7 +404,7 @@ class Pipeline:
         self._reserve_prompt = getattr(self._admission, "reserve_prompt", None)
         # Without a way to embed, selection decides on cheap features alone.
         self._selector = selector or Selector(_no_embedding)
-        self._templates = Templates(settings.templates)
+        self._templates = Templates(settings.templates, settings.max_message_bytes)
         self._prompt_bounds = prompt_bounds(models)
         self._routes = _routes(models)
         self._coalescer = Coalescer()
@@ -416,7 +416,7 @@ class Pipeline:
         the model it was validated with."""
         self._settings = settings
         self._models = models
-        self._templates = Templates(settings.templates)
+        self._templates = Templates(settings.templates, settings.max_message_bytes)
         self._prompt_bounds = prompt_bounds(models)
         self._routes = _routes(models)
 

@@ -3,6 +3,8 @@ its stages; and their checks at configuration load."""
 
 from __future__ import annotations
 
+import string
+
 import grpc
 import pytest
 
@@ -16,10 +18,12 @@ from meshgate.config import (
     TemplateSettings,
     load_settings,
 )
+from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.auth import Tenant
 from services.router.pipeline import Budget, Completion, Failure, Pipeline
+from services.router.templates import Templates
 from tests.unit.test_router_pipeline import TENANT, FakeCache, FakeContexts, FakeGenerator, user
 
 MODELS = {
@@ -55,9 +59,9 @@ class RecordingGenerator(FakeGenerator):
             yield piece
 
 
-def pipeline(*templates: TemplateSettings) -> tuple[Pipeline, RecordingGenerator]:
+def pipeline(*templates: TemplateSettings, **settings) -> tuple[Pipeline, RecordingGenerator]:
     generator = RecordingGenerator()
-    settings = RouterSettings(templates=list(templates))
+    settings = RouterSettings(templates=list(templates), **settings)
     return Pipeline(settings, MODELS, FakeContexts(), FakeCache(), generator), generator
 
 
@@ -169,7 +173,7 @@ async def test_the_rendered_turn_passes_the_usual_checks_and_permissions():
     error = await failure_of(turns, invoke(style="s", audience="a", text="t"), only_big)
     assert error.reason == Reason.MODEL_NOT_ALLOWED
     huge = "x" * (RouterSettings().max_message_bytes + 1)
-    error = await failure_of(turns, invoke(style="s", audience="a", text=huge))
+    error = await failure_of(turns, invoke(messages=[user(huge)], style="s", audience="a", text="t"))
     assert error.reason == Reason.MESSAGE_TOO_LARGE
     ends_with_assistant = invoke(
         messages=[common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="Done.")],
@@ -178,6 +182,54 @@ async def test_the_rendered_turn_passes_the_usual_checks_and_permissions():
         text="t",
     )
     assert (await failure_of(turns, ends_with_assistant)).reason == Reason.LAST_MESSAGE_NOT_USER
+
+
+def repeats(times: int) -> TemplateSettings:
+    return TemplateSettings(
+        name="repeat",
+        messages=[
+            TemplateMessageSettings(role="system", content="Be $tone."),
+            TemplateMessageSettings(content=" ".join(["$x"] * times) + " ${tone}$$"),
+        ],
+        models=["m"],
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "refused"),
+    [
+        # messages[1] is 4 copies of x, 4 spaces, "calm" and "$": 9 bytes beside them.
+        ("x" * 22, False),  # 97 bytes
+        ("x" * 23, True),  # 101 bytes
+        ("é" * 11, False),  # 97 bytes in 53 characters
+        ("é" * 12, True),  # 105 bytes in 57 characters: counted in bytes, as validation does
+    ],
+)
+async def test_a_filled_message_over_the_size_limit_is_refused_naming_the_variable(value, refused):
+    turns, generator = pipeline(repeats(4), max_message_bytes=100)
+    events = await run(turns, invoke(name="repeat", tone="calm", x=value))
+    if not refused:
+        assert isinstance(events[-1], Completion)
+        assert len(generator.prompts[0][1].encode()) == 97
+        return
+    (failure,) = events
+    error = failure.error
+    # Filled first, this was MESSAGE_TOO_LARGE naming messages[1], which the caller never sent.
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, Reason.TEMPLATE_RENDER_TOO_LARGE)
+    assert error.metadata == {"template": "repeat", "variable": "x", "limit": "100"}
+    assert "'x'" in error.message and "used 4 times" in error.message and "messages[1]" in error.message
+    assert generator.prompts == []
+
+
+def test_a_filled_message_is_measured_before_it_is_filled(monkeypatch):
+    # An 8 MiB value used 8 times built a 64 MiB message before it was refused.
+    templates = Templates([repeats(8)], max_message_bytes=RouterSettings().max_message_bytes)
+    filled = []
+    monkeypatch.setattr(string.Template, "substitute", lambda *a, **k: filled.append(a) or "")
+    with pytest.raises(MeshgateError) as refused:
+        templates.expand(invoke(name="repeat", tone="calm", x="é" * (4 << 20)))
+    assert refused.value.reason == Reason.TEMPLATE_RENDER_TOO_LARGE
+    assert filled == []
 
 
 async def test_templates_reload_with_the_router_settings():
