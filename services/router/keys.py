@@ -411,6 +411,11 @@ class KeyStore:
     ) -> tuple[str, KeyRecord]:
         if len(label) > _MAX_LABEL:
             raise invalid_argument(Reason.INVALID_KEY_SPEC, f"label is longer than {_MAX_LABEL} characters")
+        # Shown by ListKeys and `meshgate keys list`: a control character
+        # (an escape sequence, a newline) would rewrite what an operator's
+        # terminal or a log line shows.
+        if not label.isprintable():
+            raise invalid_argument(Reason.INVALID_KEY_SPEC, "label must be printable characters")
         while True:
             secret = new_secret()
             record = KeyRecord(

@@ -178,6 +178,11 @@ async def test_an_expired_key_is_refused(replicas, redis_url):
             admin_pb.CreateKeyRequest(tenant_id="x", expires_at={"seconds": 1}),
             (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_KEY_SPEC),
         ),
+        # A label is shown to operators: no escape sequences or newlines.
+        (
+            admin_pb.CreateKeyRequest(tenant_id="x", label="ci\x1b[2Jrunner"),
+            (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_KEY_SPEC),
+        ),
         # A brace would move the hash tag of the tenant's Redis keys.
         (
             admin_pb.CreateKeyRequest(tenant_id="x}:key:k"),
