@@ -62,6 +62,23 @@ async def two_routers(redis_url, inference_address):
         yield settings, one, two
 
 
+def late_first_append_reply(monkeypatch, delay_s: float) -> asyncio.Event:
+    """Makes the context service answer the next append ``delay_s`` late,
+    once it is stored; the event is set when that append has been stored."""
+    appended = asyncio.Event()
+    append = session_store.SessionStore.append
+
+    async def late_reply(self, *args, **kwargs):
+        stored = await append(self, *args, **kwargs)
+        if not appended.is_set():
+            appended.set()
+            await asyncio.sleep(delay_s)
+        return stored
+
+    monkeypatch.setattr(session_store.SessionStore, "append", late_reply)
+    return appended
+
+
 async def session_messages(settings, session_id: str) -> list[str]:
     async with router_channel(settings.router.context_address, "context") as channel:
         stub = context_service_pb2_grpc.ContextServiceStub(channel)
@@ -80,17 +97,7 @@ async def test_a_session_chat_cut_by_a_drain_while_its_turn_is_saved_is_not_sent
     the other router: the turn was stored twice. The router commits the call
     before it appends, so gRPC does not resend it."""
     settings, (one_service, one), (two_service, two) = two_routers
-    appending = asyncio.Event()
-    append = session_store.SessionStore.append
-
-    async def slow_reply(self, *args, **kwargs):
-        stored = await append(self, *args, **kwargs)
-        if not appending.is_set():
-            appending.set()
-            await asyncio.sleep(1.5)  # stored; the reply is late
-        return stored
-
-    monkeypatch.setattr(session_store.SessionStore, "append", slow_reply)
+    appending = late_first_append_reply(monkeypatch, 1.5)
     async with serving.client_channel(f"{one},{two}", traced=False) as channel:
         stub = router_service_pb2_grpc.RouterServiceStub(channel)
         created = await stub.CreateSession(pb.CreateSessionRequest(), metadata=AUTH, timeout=10)
@@ -133,17 +140,7 @@ async def test_chat_session_streams_end_between_turns_once_the_router_stops(two_
     the router for the whole grace and then ending with a bare UNAVAILABLE
     (its turn stored or not)."""
     _, (service, address), _ = two_routers
-    appending = asyncio.Event()
-    append = session_store.SessionStore.append
-
-    async def slow_reply(self, *args, **kwargs):
-        stored = await append(self, *args, **kwargs)
-        if not appending.is_set():
-            appending.set()
-            await asyncio.sleep(1.0)  # the turn is under way when the router stops
-        return stored
-
-    monkeypatch.setattr(session_store.SessionStore, "append", slow_reply)
+    appending = late_first_append_reply(monkeypatch, 1.0)  # the turn is under way when the router stops
     async with bounded_channel(address) as channel:
         stub = router_service_pb2_grpc.RouterServiceStub(channel)
         idle = stub.ChatSession(metadata=AUTH, timeout=60)

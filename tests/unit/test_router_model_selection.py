@@ -180,12 +180,17 @@ async def test_the_cost_cap_counts_the_strong_models_chat_template_as_admission_
     assert (with_template.model, with_template.reason) == ("fast", SelectionReason.COST_CAP)
 
 
-async def test_the_pipeline_sends_the_turn_to_the_chosen_model_and_says_why():
-    models = {
+def selecting_models() -> dict[str, ModelSettings]:
+    """ "auto" selecting between "fast" and "strong" (RULES)."""
+    return {
         "auto": ModelSettings(max_output_tokens=64, default_max_tokens=8, selection=RULES),
         "fast": ModelSettings(max_output_tokens=64, default_max_tokens=8),
         "strong": ModelSettings(max_output_tokens=256, default_max_tokens=16),
     }
+
+
+async def test_the_pipeline_sends_the_turn_to_the_chosen_model_and_says_why():
+    models = selecting_models()
     generator, cache = RecordingGenerator(), FakeCache()
     built = Pipeline(RouterSettings(), models, FakeContexts(), cache, generator)
     selections = metrics.router().model_selections
@@ -227,11 +232,7 @@ async def test_a_report_goes_to_the_model_the_hit_named_not_to_a_new_selection()
     """Selection is not repeatable: the prompt's embedding came in time for
     the turn (strong) and not for the report (fast, from the features), so
     the report named the fast model's entries and the wrong one stayed."""
-    models = {
-        "auto": ModelSettings(max_output_tokens=64, default_max_tokens=8, selection=RULES),
-        "fast": ModelSettings(max_output_tokens=64, default_max_tokens=8),
-        "strong": ModelSettings(max_output_tokens=256, default_max_tokens=16),
-    }
+    models = selecting_models()
     cache = ReportedCache()
     built = Pipeline(RouterSettings(), models, FakeContexts(), cache, FakeGenerator())
     tenant = Tenant("t1", frozenset({"*"}))
