@@ -272,6 +272,13 @@ async def test_cache_partitions_spread_over_the_cluster(cluster: Cluster, client
     assert hit.status == cache_pb.LOOKUP_STATUS_SEMANTIC_HIT
 
 
+async def redis_unavailable(call) -> None:
+    """``call()`` is refused UNAVAILABLE REDIS_UNAVAILABLE (retry later), not INTERNAL."""
+    with pytest.raises(MeshgateError) as refused:
+        await call()
+    assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.UNAVAILABLE, "REDIS_UNAVAILABLE")
+
+
 async def test_a_cache_partition_whose_slot_is_being_resharded_is_unavailable(
     cluster: Cluster, client
 ) -> None:
@@ -309,12 +316,7 @@ async def test_a_cache_partition_whose_slot_is_being_resharded_is_unavailable(
                 lambda: cache_store(servicer, scope(tenant), conversation("Who wrote Hamlet?")),
                 lambda: servicer.ReportWrongHit(report, None),
             ):
-                with pytest.raises(MeshgateError) as refused:
-                    await call()
-                assert (refused.value.code, refused.value.reason) == (
-                    grpc.StatusCode.UNAVAILABLE,
-                    "REDIS_UNAVAILABLE",
-                )
+                await redis_unavailable(call)
         finally:
             for node in (source, destination):
                 node.execute_command("CLUSTER SETSLOT", slot, "STABLE")
@@ -344,12 +346,7 @@ async def test_every_node_down_is_unavailable_to_the_cache_and_the_context_store
             lambda: cache_store(servicer, scope(tenant), conversation("Who wrote Hamlet?")),
             lambda: sessions.read(tenant, "s1"),
         ):
-            with pytest.raises(MeshgateError) as refused:
-                await call()
-            assert (refused.value.code, refused.value.reason) == (
-                grpc.StatusCode.UNAVAILABLE,
-                "REDIS_UNAVAILABLE",
-            )
+            await redis_unavailable(call)
     finally:
         if connected is not None:
             await connected.aclose()
