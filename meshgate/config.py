@@ -395,9 +395,16 @@ class TemplateSettings:
     parameters: TemplateParameterSettings = dataclasses.field(default_factory=TemplateParameterSettings)
     # The model aliases it may run on; the first is used when a request names none.
     models: list[str] = dataclasses.field(default_factory=list)
+    # The tenants that may invoke it (empty: every tenant). A template may
+    # hold one tenant's system prompt: another tenant asking for it is told
+    # no such template exists.
+    tenants: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         where = f"template {self.name!r} version {self.version}"
+        for tenant_id in self.tenants:
+            if problem := tenant_id_problem(tenant_id):
+                raise ConfigError(f"{where}: tenants: {tenant_id!r} {problem}")
         if not self.name:
             raise ConfigError("a template needs a name")
         if self.version < 1:

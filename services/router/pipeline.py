@@ -438,7 +438,7 @@ class Pipeline:
         fields (ChatRequest, ChatSessionRequest). A template invocation
         becomes the plain request it stands for first."""
         if invokes_template(request):
-            request = self._templates.expand(request)
+            request = self._templates.expand(request, tenant.id)
         model = resolve_model(request.model, tenant, self._models)
         max_tokens = check_turn(request, model, self._settings)
         parameters = common_pb2.GenerationParameters()

@@ -51,6 +51,8 @@ class _Template:
     variables: frozenset[str]
     defaults: common_pb2.GenerationParameters
     models: tuple[str, ...]
+    # Who may invoke it; empty: everyone.
+    tenants: frozenset[str]
 
 
 def _compile(settings: TemplateSettings) -> _Template:
@@ -66,6 +68,7 @@ def _compile(settings: TemplateSettings) -> _Template:
         # Checked when the settings were made (TemplateSettings): never raises here.
         defaults=settings.parameters.generation_parameters(f"template {settings.name!r}"),
         models=tuple(settings.models),
+        tenants=frozenset(settings.tenants),
     )
 
 
@@ -95,13 +98,14 @@ class Templates:
         for template in map(_compile, settings):
             self._versions.setdefault(template.name, {})[template.version] = template
 
-    def expand(self, request: router_pb.ChatRequest) -> router_pb.ChatRequest:
+    def expand(self, request: router_pb.ChatRequest, tenant_id: str) -> router_pb.ChatRequest:
         """The plain request ``request``'s template invocation stands for:
         the template's messages, filled, then the request's own; its default
         parameters under the request's; its first model unless the request
-        names one of its models."""
+        names one of its models. A template ``tenant_id`` may not invoke is
+        not found, as one that does not exist."""
         invocation = request.template
-        template = self._find(invocation)
+        template = self._find(invocation, tenant_id)
         variables = dict(invocation.variables)
         for name in sorted(set(variables) - template.variables):
             raise invalid_argument(
@@ -171,9 +175,13 @@ class Templates:
     def _bytes(size: _Size, variables: dict[str, str]) -> int:
         return size.text_bytes + sum(n * len(variables[name].encode()) for name, n in size.uses.items())
 
-    def _find(self, invocation: router_pb.TemplateInvocation) -> _Template:
-        versions = self._versions.get(invocation.name)
-        if versions is not None:
+    def _find(self, invocation: router_pb.TemplateInvocation, tenant_id: str) -> _Template:
+        versions = {
+            version: template
+            for version, template in self._versions.get(invocation.name, {}).items()
+            if not template.tenants or tenant_id in template.tenants
+        }
+        if versions:
             if not invocation.HasField("version"):
                 return versions[max(versions)]
             if invocation.version in versions:

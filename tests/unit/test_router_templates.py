@@ -227,9 +227,25 @@ def test_a_filled_message_is_measured_before_it_is_filled(monkeypatch):
     filled = []
     monkeypatch.setattr(string.Template, "substitute", lambda *a, **k: filled.append(a) or "")
     with pytest.raises(MeshgateError) as refused:
-        templates.expand(invoke(name="repeat", tone="calm", x="é" * (4 << 20)))
+        templates.expand(invoke(name="repeat", tone="calm", x="é" * (4 << 20)), TENANT.id)
     assert refused.value.reason == Reason.TEMPLATE_RENDER_TOO_LARGE
     assert filled == []
+
+
+async def test_a_template_kept_for_some_tenants_is_not_found_by_the_others():
+    """A template may hold one tenant's system prompt: any tenant could run
+    it (and ask the model to repeat it)."""
+    own = summarize(2, "Acme's own $style.")
+    own.tenants = ["acme"]
+    turns, generator = pipeline(summarize(1, "Shared $style."), own)
+    acme, other = Tenant("acme", frozenset({"*"})), Tenant("globex", frozenset({"*"}))
+    await run(turns, invoke(style="s", audience="a", text="t"), acme)
+    await run(turns, invoke(style="s", audience="a", text="t"), other)  # the highest it may use
+    assert [prompt[0] for prompt in generator.prompts] == ["Acme's own s.", "Shared s."]
+    refused = await failure_of(turns, invoke(version=2, style="s", audience="a", text="t"), other)
+    assert (refused.code, refused.reason) == (grpc.StatusCode.NOT_FOUND, Reason.TEMPLATE_NOT_FOUND)
+    with pytest.raises(ConfigError, match="tenants"):
+        TemplateSettings(name="t", messages=own.messages, models=["m"], tenants=["a b"])
 
 
 async def test_templates_reload_with_the_router_settings():
