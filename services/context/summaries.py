@@ -70,6 +70,13 @@ _INSTRUCTION = (
 # (the model's window is 8k tokens, and the summary is worth little more).
 MAX_TRANSCRIPT_CHARS = 12_000
 MAX_SUMMARY_TOKENS = 160
+# The most tokens a model's summary may take framed as a message, by any
+# configured counter: its answer is capped at MAX_SUMMARY_TOKENS of its own
+# tokens, which another tokenizer may count as more. An answer past this
+# (a server that ignores max_tokens, one that streams on) is not kept: once
+# its span is compacted the summary is all that stands for its turns, and
+# one that fits no prompt left them out of every prompt for good.
+MAX_SUMMARY_MESSAGE_TOKENS = 2 * MAX_SUMMARY_TOKENS
 EXTRACTIVE_SENTENCES = 3
 MAX_SENTENCE_CHARS = 300
 
@@ -568,10 +575,28 @@ class Summarizer:
         """The summary's text and how it was made."""
         if self._model is not None:
             try:
-                return await self._model.summarize(span), f"model:{self._model.model}"
+                text = await self._model.summarize(span)
             except MeshgateError as error:
                 log.warning("model summary failed; extractive instead", reason=error.reason)
+            else:
+                if await self._sane(text, span):
+                    return text, f"model:{self._model.model}"
+                log.warning("model summary too long; extractive instead", chars=len(text))
         return extractive_summary(span), "extractive"
+
+    async def _sane(self, text: str, span: list[common_pb2.Message]) -> bool:
+        """Whether a model's answer can stand for ``span``: shorter than the
+        span's own text (one that repeats the transcript saves nothing, and
+        compaction would keep it in place of the turns), and within
+        MAX_SUMMARY_MESSAGE_TOKENS by every counter. Characters first, so
+        that a runaway answer is never tokenized."""
+        if len(text) >= sum(len(turn.content) for turn in span):
+            return False
+        message = common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=text)
+        for counter in self._counters:
+            if (await counter.count([message]))[0] > MAX_SUMMARY_MESSAGE_TOKENS:
+                return False
+        return True
 
     async def _counted(self, summary: Summary) -> Summary:
         """``summary`` with its message's tokens for every counter."""

@@ -10,9 +10,11 @@ import asyncio
 import pytest
 import redis.asyncio as redis
 
+from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as pb
 from services.context import store as session_store
 from services.context import summaries as summaries_lib
+from services.context import token_counts
 from services.context.store import session_key
 from services.context.summaries import SummaryStore
 from tests.integration.test_context_service import (
@@ -173,7 +175,13 @@ async def test_the_chat_model_writes_summaries_through_the_inference_service(
     settings.context.inference_address = inference_address
     async with running(settings) as stub:
         session_id = await new_session(stub, tenant)
-        await append_turns(stub, tenant, session_id, 12)
+        # Turns long enough that its answer (up to MAX_SUMMARY_TOKENS) is
+        # shorter than their span: one that is not is not kept (extractive).
+        for i in range(12):
+            text = " ".join(f"{turn_text(i)} Note {k}." for k in range(3))
+            request = pb.AppendTurnsRequest(tenant_id=tenant, session_id=session_id, expected_version=i)
+            request.messages.append(msg(role_of(i), text))
+            await stub.AppendTurns(request)
         summaries = await wait_for_spans(client, tenant, session_id, 2)
         assert {s.method for s in summaries.values()} == {"model:tiny-gpt"}
         assert all(s.text.strip() for s in summaries.values())
@@ -403,4 +411,38 @@ async def test_a_session_expired_and_created_again_is_not_given_its_earlier_life
     assert again_version == version and again_created_ms != created_ms
     second_life = await summarizer.summaries_for(tenant, session_id, version, again_created_ms, [(0, 4)])
     assert [s.text for s in second_life] and all("NEW" in s.text for s in second_life)
+    await client.aclose()
+
+
+class RunawayModel:
+    """Answers a span with ~400 KB: a server that ignores max_tokens."""
+
+    model = "runaway"
+
+    async def summarize(self, span) -> str:
+        return "x " * 200_000
+
+
+async def test_a_runaway_model_answer_is_not_what_stands_for_compacted_turns(redis_url, tenant) -> None:
+    """Stored as the spans' summaries (~200,000 tokens each), compaction
+    emptied turns 0-15 and no prompt could hold what stood for them: they
+    were left out of every prompt for good."""
+    client = redis.Redis.from_url(redis_url)
+    sessions = session_store.SessionStore(client, 600)
+    counters = list(token_counts.for_models(Settings().models).values())
+    policy = summaries_lib.SummaryPolicy(span_turns=4, hot_window_turns=4, compact_after_turns=8)
+    stored_summaries = SummaryStore(client, 600)
+    summarizer = summaries_lib.Summarizer(sessions, stored_summaries, policy, RunawayModel(), counters)
+    session_id = "runaway"
+    await sessions.create(tenant, session_id)
+    turns = [msg(role_of(i), turn_text(i)) for i in range(20)]
+    await sessions.append(tenant, session_id, None, turns, {})
+    version, created_ms = await summarizer.summarize_due(tenant, session_id)
+    stored = await sessions.read(tenant, session_id)
+    assert stored.compacted == 16
+    standing = await summarizer.summaries_for(tenant, session_id, version, created_ms, [(0, 16)])
+    assert [(s.first_turn, s.end_turn) for s in standing] == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    for summary in standing:
+        assert summary.method == "extractive"
+        assert max(summary.token_counts.values()) <= summaries_lib.MAX_SUMMARY_MESSAGE_TOKENS
     await client.aclose()

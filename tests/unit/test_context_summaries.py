@@ -332,3 +332,39 @@ async def test_a_load_under_way_when_a_deletion_is_heard_is_not_kept() -> None:
     assert sessions.reads == 2  # read again: the first load was not kept
     await summarizer.summaries_for("t", "32", 1, 0, [(0, 32)])
     assert sessions.reads == 2  # ... and this one was
+
+
+class _AnsweringModel:
+    """A summary model stand-in that answers ``answer(span)``."""
+
+    model = "stand-in"
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+
+    async def summarize(self, span: list[common_pb2.Message]) -> str:
+        return self.answer(span)
+
+
+async def test_a_model_summary_too_long_to_stand_for_its_span_is_extractive_instead() -> None:
+    """Once its span is compacted, a summary is all that stands for its
+    turns: one that fits no prompt (a 400 KB answer) left them out of every
+    prompt, and one that repeats the span saved nothing."""
+    build_smollm2_files()
+    counters = list(token_counts.for_models(Settings().models).values())
+    span = [
+        msg(USER if i % 2 == 0 else ASSISTANT, f"Crate {100 + i} went to dock {i} in Lisbon. " * 8)
+        for i in range(16)
+    ]
+
+    async def written(answer) -> tuple[str, str]:
+        summarizer = summaries.Summarizer(None, None, SummaryPolicy(), _AnsweringModel(answer), counters)
+        return await summarizer._write(span)
+
+    short = "Crates 100 to 115 went to docks 0 to 15 in Lisbon."
+    assert await written(lambda _: short) == (short, "model:stand-in")
+    extractive = (summaries.extractive_summary(span), "extractive")
+    # Huge; the transcript echoed; shorter than the span but past the tokens.
+    assert await written(lambda _: "x " * 200_000) == extractive
+    assert await written(summaries.transcript) == extractive
+    assert await written(lambda _: "Lisbon dock crate. " * 200) == extractive
