@@ -124,6 +124,25 @@ class Summary:
         )
 
 
+_FIELDS = frozenset(field.name for field in dataclasses.fields(Summary))
+
+
+def decode(raw: bytes) -> Summary | None:
+    """A stored summary, or None (logged) for one that will not decode.
+
+    Fields this code does not know are left out: a newer replica writes
+    them during a rolling upgrade, and refusing them failed every assembly
+    of the session that needed summaries and every summarizer run of it
+    (no summaries, no compaction). One that will not decode at all stands
+    for nothing here: skipped rather than failing the session."""
+    try:
+        fields = json.loads(raw)
+        return Summary(**{name: value for name, value in fields.items() if name in _FIELDS})
+    except (ValueError, TypeError, AttributeError) as error:
+        log.warning("stored summary skipped: undecodable", error=str(error))
+        return None
+
+
 def span_digest(turns: list[common_pb2.Message]) -> str:
     digest = hashlib.sha256()
     for turn in turns:
@@ -250,10 +269,10 @@ class SummaryStore:
         for field, value in raw.items():
             first, _, end = field.decode().partition("-")
             span = int(first), int(end)
-            if value.startswith(b"{"):
-                whole[span] = Summary(**json.loads(value))
-            else:
+            if not value.startswith(b"{"):
                 named[span] = value.decode()
+            elif (summary := decode(value)) is not None:
+                whole[span] = summary
         return whole, named
 
     async def all_of(self, tenant_id: str, session_id: str) -> list[Summary]:
@@ -269,7 +288,7 @@ class SummaryStore:
 
     async def get(self, tenant_id: str, digest: str) -> Summary | None:
         raw = await self._client.get(self._summary_key(tenant_id, digest))
-        return None if raw is None else Summary(**json.loads(raw))
+        return None if raw is None else decode(raw)
 
     async def get_many(self, tenant_id: str, digests: list[str]) -> list[Summary | None]:
         """One round trip for all: a pipeline rather than MGET, which a
@@ -278,7 +297,7 @@ class SummaryStore:
             for digest in digests:
                 pipe.get(self._summary_key(tenant_id, digest))
             raw = await pipe.execute()
-        return [None if r is None else Summary(**json.loads(r)) for r in raw]
+        return [None if r is None else decode(r) for r in raw]
 
     async def put(
         self, tenant_id: str, session_id: str, digest: str, summary: Summary, created_ms: int
@@ -479,6 +498,12 @@ class Summarizer:
                     log.debug("summaries skipped", session_id=key[1], reason=error.reason)
                 except redis_access.CONNECTION_ERRORS as error:
                     log.warning("summaries skipped: redis unavailable", error=str(error))
+                except Exception:
+                    # A bug, or data this code cannot read: logged here, as
+                    # nothing awaits the task, and the session's next run
+                    # (its next append) tries again rather than the task
+                    # dying unseen ("Task exception was never retrieved").
+                    log.exception("summaries failed", session_id=key[1])
                 if key not in self._again:
                     return
         finally:

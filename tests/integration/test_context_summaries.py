@@ -6,6 +6,7 @@ named in the manifest, kept across a restart and dropped by a revert."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import redis.asyncio as redis
@@ -445,4 +446,36 @@ async def test_a_runaway_model_answer_is_not_what_stands_for_compacted_turns(red
     for summary in standing:
         assert summary.method == "extractive"
         assert max(summary.token_counts.values()) <= summaries_lib.MAX_SUMMARY_MESSAGE_TOKENS
+    await client.aclose()
+
+
+async def test_a_stored_summary_with_a_field_this_code_does_not_know_is_served_and_summarizing_goes_on(
+    redis_url, tenant
+) -> None:
+    """What a newer replica may write in a rolling upgrade: refused, it
+    failed every assembly needing the session's summaries (INTERNAL) and
+    every summarizer run of it (no summaries, no compaction)."""
+    client = redis.Redis.from_url(redis_url)
+    settings = summary_settings(redis_url)
+    async with running(settings) as stub:
+        session_id = await new_session(stub, tenant)
+        await append_turns(stub, tenant, session_id, 12)
+        summaries = await wait_for_spans(client, tenant, session_id, 2)
+    index = session_store.key(tenant, session_id, "summaries")
+    newer = json.loads(await client.hget(index, f"0-{SPAN}"))
+    await client.hset(index, f"0-{SPAN}", json.dumps({**newer, "quality": 0.9}))
+    # A new process: nothing of the session's summaries in memory.
+    async with running(settings) as restarted:
+        response = await assemble(restarted, tenant, session_id)
+        assert check_summaries_in(response, summaries) == [(0, SPAN), (SPAN, 2 * SPAN)]
+        for i in range(12, 16):
+            await restarted.AppendTurns(
+                pb.AppendTurnsRequest(
+                    tenant_id=tenant,
+                    session_id=session_id,
+                    any_version=True,
+                    messages=[msg(role_of(i), turn_text(i))],
+                )
+            )
+        assert (2 * SPAN, 3 * SPAN) in await wait_for_spans(client, tenant, session_id, 3)
     await client.aclose()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 
 import numpy as np
 
@@ -368,3 +370,41 @@ async def test_a_model_summary_too_long_to_stand_for_its_span_is_extractive_inst
     assert await written(lambda _: "x " * 200_000) == extractive
     assert await written(summaries.transcript) == extractive
     assert await written(lambda _: "Lisbon dock crate. " * 200) == extractive
+
+
+def test_a_stored_summary_decodes_with_the_fields_this_code_knows() -> None:
+    stored = _summary(0, 4, 4, "Maria signed.")
+    encoded = json.dumps(dataclasses.asdict(stored))
+    assert summaries.decode(encoded.encode()) == stored
+    # A newer replica's field, as in a rolling upgrade: left out.
+    newer = json.dumps({**dataclasses.asdict(stored), "quality": 0.9})
+    assert summaries.decode(newer.encode()) == stored
+    # What will not decode at all stands for nothing.
+    missing = json.dumps({k: v for k, v in dataclasses.asdict(stored).items() if k != "text"})
+    for raw in (missing, "{not json", "[1, 2]"):
+        assert summaries.decode(raw.encode()) is None
+
+
+class _BrokenSessions(_HeldSessions):
+    """Reads that raise what no handler names (a bug, data this code cannot read)."""
+
+    async def read(self, tenant_id: str, session_id: str) -> StoredSession:
+        self.read_ids.append(session_id)
+        await self.release.wait()
+        raise TypeError("Summary.__init__() got an unexpected keyword argument 'quality'")
+
+
+async def test_a_run_that_fails_on_any_exception_is_logged_and_runs_again_if_asked() -> None:
+    """It died with the exception ("Task exception was never retrieved"),
+    and the run an append asked for meanwhile never came."""
+    sessions = _BrokenSessions()
+    summarizer = summaries.Summarizer(sessions, _StoredSummaries(), SummaryPolicy(), None)
+    summarizer.schedule("t", "0")
+    task = summarizer._running["t", "0"]
+    await asyncio.sleep(0.01)
+    summarizer.schedule("t", "0")  # an append while it runs
+    sessions.release.set()
+    await asyncio.wait_for(asyncio.wait([task]), 5)
+    assert task.exception() is None
+    assert sessions.read_ids == ["0", "0"]
+    assert not summarizer._running
