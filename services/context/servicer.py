@@ -666,6 +666,13 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         _check_session_id(new_session_id)
         _check_version(request.version, "version")
         now = await self._store.fork(request.tenant_id, request.session_id, request.version, new_session_id)
+        if self._summarizer is not None:
+            # Runs are otherwise started by appends: a fork left alone had
+            # no summary of its old turns (the source's are the source's),
+            # and its prompts left them out with nothing in their place.
+            # The run reuses the source's texts (the same turns at the same
+            # place), so this costs no model call.
+            self._summarizer.schedule(request.tenant_id, new_session_id)
         session = pb.Session(
             session_id=new_session_id,
             tenant_id=request.tenant_id,
@@ -687,6 +694,10 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             None if request.any_version else request.expected_version,
         )
         self._changed_here(request.tenant_id, request.session_id, version)
+        if self._summarizer is not None:
+            # As after an append: the summarizer's view of the session (its
+            # summaries and history in memory) follows its new version.
+            self._summarizer.schedule(request.tenant_id, request.session_id)
         return pb.RevertSessionResponse(version=version)
 
     def _changed_here(self, tenant_id: str, session_id: str, version: int) -> None:

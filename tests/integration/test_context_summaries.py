@@ -479,3 +479,26 @@ async def test_a_stored_summary_with_a_field_this_code_does_not_know_is_served_a
             )
         assert (2 * SPAN, 3 * SPAN) in await wait_for_spans(client, tenant, session_id, 3)
     await client.aclose()
+
+
+async def test_a_fork_is_summarized_without_an_append(redis_url, tenant) -> None:
+    """No run was started for a fork: its prompts left its old turns out
+    with no summary in their place until something was appended to it."""
+    client = redis.Redis.from_url(redis_url)
+    async with running(summary_settings(redis_url)) as stub:
+        session_id = await new_session(stub, tenant)
+        await append_turns(stub, tenant, session_id, 12)
+        await wait_for_spans(client, tenant, session_id, 2)
+        fork = await stub.ForkSession(
+            pb.ForkSessionRequest(tenant_id=tenant, session_id=session_id, version=12, new_session_id="fork")
+        )
+        store = SummaryStore(client, 0)
+
+        async def summarized() -> bool:
+            return len((await store.spans(tenant, "fork"))[0]) == 2
+
+        await until(summarized, timeout_s=20)
+        spans, _ = await store.spans(tenant, "fork")
+        response = await assemble(stub, tenant, fork.session.session_id)
+        assert check_summaries_in(response, spans) == [(0, SPAN), (SPAN, 2 * SPAN)]
+    await client.aclose()

@@ -13,7 +13,7 @@ from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as pb
 from services.context import summaries, token_counts
 from services.context.assembly import Candidate, SessionCosts, TurnCost, plan, render
-from services.context.servicer import tokens_by_disposition
+from services.context.servicer import ContextServicer, tokens_by_disposition
 from services.context.store import StoredSession, session_key
 from services.context.summaries import Summary, SummaryPolicy
 from tests.unit.test_smollm2_tokenizer import build_smollm2_files
@@ -408,3 +408,32 @@ async def test_a_run_that_fails_on_any_exception_is_logged_and_runs_again_if_ask
     assert task.exception() is None
     assert sessions.read_ids == ["0", "0"]
     assert not summarizer._running
+
+
+class _ForkingStore:
+    async def fork(self, tenant_id: str, session_id: str, version: int, new_session_id: str) -> int:
+        return 1
+
+    async def revert(self, tenant_id: str, session_id: str, version: int, expected: int | None) -> int:
+        return version + 1
+
+
+class _RecordingSummarizer:
+    def __init__(self) -> None:
+        self.scheduled: list[tuple[str, str]] = []
+
+    def schedule(self, tenant_id: str, session_id: str) -> None:
+        self.scheduled.append((tenant_id, session_id))
+
+
+async def test_a_fork_and_a_revert_schedule_a_summarizer_run() -> None:
+    """Runs were started by appends only: a fork had no summary of its old
+    turns, and its prompts left them out, until something was appended."""
+    summarizer = _RecordingSummarizer()
+    servicer = ContextServicer(_ForkingStore(), Settings().models, {}, summarizer=summarizer)
+    await servicer.ForkSession(
+        pb.ForkSessionRequest(tenant_id="t", session_id="s", version=3, new_session_id="f"), None
+    )
+    assert summarizer.scheduled == [("t", "f")]
+    await servicer.RevertSession(pb.RevertSessionRequest(tenant_id="t", session_id="s", version=2), None)
+    assert summarizer.scheduled == [("t", "f"), ("t", "s")]
