@@ -408,6 +408,25 @@ _VERSION_BYTES = 36
 MAX_SUMMARIZING = 8
 MAX_WAITING_SUMMARIES = 65_536
 
+# A model that timed out or was unavailable is not asked again for the rest
+# of that run, nor by any run for this long: spans are summarized one after
+# another and compaction waits for them all, so a hung model held each run
+# for context.summary_timeout_s (120 s by default) per span, and with
+# MAX_SUMMARIZING runs held no other session was summarized or compacted at
+# all. Their spans are summarized extractively meanwhile.
+MODEL_REST_S = 30.0
+_MODEL_DOWN = frozenset(
+    {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+
+
+@dataclasses.dataclass(slots=True)
+class _Run:
+    """What one summarizer run learned on the way."""
+
+    # False once the model timed out or was unavailable (_MODEL_DOWN).
+    model: bool = True
+
 
 def _summaries_bytes(summaries: list[Summary], history: list[int | None]) -> int:
     texts = sum(sys.getsizeof(summary.text) + _SUMMARY_OVERHEAD_BYTES for summary in summaries)
@@ -461,6 +480,8 @@ class Summarizer:
         # Deletions heard (drop_hot, forget): a load under way when one comes
         # may have read the deleted session, and must not be kept.
         self._deletions_heard = 0
+        # The event loop's time until which no run asks the model (MODEL_REST_S).
+        self._model_rests_until = 0.0
 
     def schedule(self, tenant_id: str, session_id: str) -> None:
         if self._closed:
@@ -524,6 +545,7 @@ class Summarizer:
         # read, for assembly serves no other (valid_at) and, once compacted,
         # a span's summary is all that stands for its turns.
         covered = stored.compacted
+        run = _Run()
         for first, end in due_spans(len(stored.turns), self._policy):
             if end <= stored.compacted:
                 # Summarized before it was compacted: its texts are gone.
@@ -552,7 +574,7 @@ class Summarizer:
                 continue
             summary = await self._summaries.get(tenant_id, digest)
             if summary is None or (summary.first_turn, summary.end_turn) != (first, end):
-                text, method = await self._write(span)
+                text, method = await self._write(span, run)
             else:
                 # The same turns at the same place (a fork, turns appended
                 # again after a revert, or this session's own summary named
@@ -596,13 +618,19 @@ class Summarizer:
             log.info("session compacted", session_id=session_id, turns=compacted, version=stored.version)
         return stored.version, stored.create_time_ms
 
-    async def _write(self, span: list[common_pb2.Message]) -> tuple[str, str]:
+    async def _write(self, span: list[common_pb2.Message], run: _Run) -> tuple[str, str]:
         """The summary's text and how it was made."""
-        if self._model is not None:
+        loop = asyncio.get_running_loop()
+        if self._model is not None and run.model and loop.time() >= self._model_rests_until:
             try:
                 text = await self._model.summarize(span)
             except MeshgateError as error:
-                log.warning("model summary failed; extractive instead", reason=error.reason)
+                if error.code in _MODEL_DOWN:
+                    run.model = False
+                    self._model_rests_until = loop.time() + MODEL_REST_S
+                log.warning(
+                    "model summary failed; extractive instead", reason=error.reason, code=error.code.name
+                )
             else:
                 if await self._sane(text, span):
                     return text, f"model:{self._model.model}"

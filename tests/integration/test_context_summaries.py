@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 
+import grpc
 import pytest
 import redis.asyncio as redis
 
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as pb
+from meshgate.inference.v1 import inference_service_pb2_grpc
 from services.context import store as session_store
 from services.context import summaries as summaries_lib
 from services.context import token_counts
@@ -502,3 +504,49 @@ async def test_a_fork_is_summarized_without_an_append(redis_url, tenant) -> None
         response = await assemble(stub, tenant, fork.session.session_id)
         assert check_summaries_in(response, spans) == [(0, SPAN), (SPAN, 2 * SPAN)]
     await client.aclose()
+
+
+class HungInference(inference_service_pb2_grpc.InferenceServiceServicer):
+    """An inference service whose Generate never answers."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def Generate(self, request, context):
+        self.calls += 1
+        await asyncio.sleep(3600)
+        yield  # an async generator, as a streaming method is
+
+
+async def test_a_hung_summary_model_holds_a_run_for_one_timeout_not_one_per_span(redis_url, tenant) -> None:
+    """Spans were summarized one after another, each waiting the model's
+    timeout, and compaction waited for them all: 120 s a span by default."""
+    inference = HungInference()
+    server = grpc.aio.server()
+    inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(inference, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            model = summaries_lib.ModelSummarizer(
+                inference_service_pb2_grpc.InferenceServiceStub(channel), "hung", timeout_s=0.5
+            )
+            sessions = session_store.SessionStore(client, 600)
+            policy = summaries_lib.SummaryPolicy(span_turns=4, hot_window_turns=4, compact_after_turns=8)
+            summarizer = summaries_lib.Summarizer(sessions, SummaryStore(client, 600), policy, model)
+            for session_id in ("first", "second"):
+                await sessions.create(tenant, session_id)
+                # Other turns each: none reuses the other's summaries.
+                turns = [msg(role_of(i), f"In the {session_id} session: {turn_text(i)}") for i in range(24)]
+                await sessions.append(tenant, session_id, None, turns, {})
+                await summarizer.summarize_due(tenant, session_id)
+                written = await SummaryStore(client, 0).all_of(tenant, session_id)
+                assert len(written) == 5 and {s.method for s in written} == {"extractive"}
+                assert (await sessions.read(tenant, session_id)).compacted == 20
+            # One timeout for the first session's five spans; the second, run
+            # while the model rests, asked it nothing.
+            assert inference.calls == 1
+    finally:
+        await server.stop(0)
+        await client.aclose()

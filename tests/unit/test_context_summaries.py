@@ -6,11 +6,14 @@ import asyncio
 import dataclasses
 import json
 
+import grpc
 import numpy as np
 
 from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as pb
+from meshgate.errors import MeshgateError
+from meshgate.reasons import Reason
 from services.context import summaries, token_counts
 from services.context.assembly import Candidate, SessionCosts, TurnCost, plan, render
 from services.context.servicer import ContextServicer, tokens_by_disposition
@@ -361,7 +364,7 @@ async def test_a_model_summary_too_long_to_stand_for_its_span_is_extractive_inst
 
     async def written(answer) -> tuple[str, str]:
         summarizer = summaries.Summarizer(None, None, SummaryPolicy(), _AnsweringModel(answer), counters)
-        return await summarizer._write(span)
+        return await summarizer._write(span, summaries._Run())
 
     short = "Crates 100 to 115 went to docks 0 to 15 in Lisbon."
     assert await written(lambda _: short) == (short, "model:stand-in")
@@ -437,3 +440,37 @@ async def test_a_fork_and_a_revert_schedule_a_summarizer_run() -> None:
     assert summarizer.scheduled == [("t", "f")]
     await servicer.RevertSession(pb.RevertSessionRequest(tenant_id="t", session_id="s", version=2), None)
     assert summarizer.scheduled == [("t", "f"), ("t", "s")]
+
+
+class _HungModel:
+    """A model that never answers: each call ends at its deadline, as
+    ModelSummarizer's does (DEADLINE_EXCEEDED)."""
+
+    model = "hung"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def summarize(self, span: list[common_pb2.Message]) -> str:
+        self.calls += 1
+        await asyncio.sleep(0.01)
+        raise MeshgateError(grpc.StatusCode.DEADLINE_EXCEEDED, Reason.DOWNSTREAM_FAILED, "deadline")
+
+
+async def test_after_the_model_times_out_a_run_and_the_next_ones_summarize_extractively() -> None:
+    """Each span waited its own timeout (120 s by default), one after another,
+    and compaction waited for all of them."""
+    model = _HungModel()
+    summarizer = summaries.Summarizer(None, None, SummaryPolicy(), model)
+    spans = [[msg(USER, f"Crate {i} went to dock {i} in Lisbon today.")] for i in range(3)]
+    run = summaries._Run()
+    for span in spans:
+        assert await summarizer._write(span, run) == (summaries.extractive_summary(span), "extractive")
+    assert model.calls == 1
+    # Another run meanwhile does not wait for it either ...
+    assert (await summarizer._write(spans[0], summaries._Run()))[1] == "extractive"
+    assert model.calls == 1
+    # ... until it has rested.
+    summarizer._model_rests_until = 0.0
+    await summarizer._write(spans[0], summaries._Run())
+    assert model.calls == 2
