@@ -80,8 +80,14 @@ MAX_SUMMARY_MESSAGE_TOKENS = 2 * MAX_SUMMARY_TOKENS
 EXTRACTIVE_SENTENCES = 3
 MAX_SENTENCE_CHARS = 300
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
-_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'_-]*")
+# Sentences end at . ! ? and a space, or at the full-width 。！？ of Chinese
+# and Japanese, which need none. Words are runs of letters and digits of any
+# script (a Latin-only pattern found no word in a Russian span, whose names
+# and numbers were then lost), but for Chinese characters and kana, each
+# a word of its own: those scripts put no space between words.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*|\n+")
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_WORD = re.compile(rf"[{_CJK}]|[^\W_{_CJK}](?:[^\W{_CJK}]|['-])*")
 _STOPWORDS = frozenset(
     re.findall(
         r"\S+",
@@ -188,7 +194,10 @@ def extractive_summary(turns: list[common_pb2.Message], sentences: int = EXTRACT
         specific = sum(1 for w in words[1:] if w[0].isupper() or w[0].isdigit())
         return (topical + 3 * specific) / len(words) ** 0.5
 
-    ranked = sorted(range(len(candidates)), key=lambda i: (-score(candidates[i]), i))
+    # A sentence said again counts toward its words' frequency, but is
+    # picked once: three copies of one sentence summarize nothing more.
+    first_of = {sentence: i for i, sentence in reversed(list(enumerate(candidates)))}
+    ranked = sorted(first_of.values(), key=lambda i: (-score(candidates[i]), i))
     return " ".join(candidates[i] for i in sorted(ranked[:sentences]))
 
 

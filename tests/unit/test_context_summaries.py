@@ -44,6 +44,32 @@ def test_extractive_summary_keeps_the_specific_sentences_in_order() -> None:
     assert "helpful assistant" not in summaries.extractive_summary(turns)
 
 
+def test_extractive_summary_finds_the_words_and_sentences_of_any_script() -> None:
+    """A Latin-only word pattern found one sentence of three or more words
+    in a Russian span, and none in a Chinese one (whose summary was then its
+    first 300 characters, which compaction kept in place of the rest)."""
+    russian = [
+        msg(
+            USER, "Привет! Меня зовут Мария, я живу в Лиссабоне уже пять лет. Мой код доступа к складу 4471."
+        ),
+        msg(ASSISTANT, "Понял, Мария. Я запомню, что код доступа 4471 и что вы в Лиссабоне."),
+        msg(USER, "Груз 103 прибыл в док 7 в понедельник. Его подписал Педро в три часа дня."),
+        msg(ASSISTANT, "Записал: груз 103, док 7, понедельник, подпись Педро, 15:00."),
+    ]
+    assert summaries.extractive_summary(russian) == (
+        "Я запомню, что код доступа 4471 и что вы в Лиссабоне. Груз 103 прибыл в док 7 в понедельник."
+        " Записал: груз 103, док 7, понедельник, подпись Педро, 15:00."
+    )
+    chinese = [
+        msg(USER, "我叫玛丽亚，我住在里斯本。" * 30),
+        msg(ASSISTANT, "货物103号星期一到达7号码头，佩德罗下午三点签收。"),
+    ]
+    # Sentences end at 。 with no space; one said thirty times is picked once.
+    assert summaries.extractive_summary(chinese) == (
+        "我叫玛丽亚，我住在里斯本。 货物103号星期一到达7号码头，佩德罗下午三点签收。"
+    )
+
+
 def test_extractive_summary_of_fragments_is_their_text() -> None:
     assert summaries.extractive_summary([msg(USER, "hi"), msg(ASSISTANT, "yo")]) == "hi yo"
 
