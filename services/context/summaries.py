@@ -722,8 +722,8 @@ class Summarizer:
     ) -> list[Summary]:
         """Summaries of spans wholly inside the ``excluded`` turn ranges
         ([first, end)) that hold for the session at ``version`` (of its life
-        created at ``created_ms``), oldest first: what assembly adds while
-        budget remains."""
+        created at ``created_ms``), no two covering the same turn, oldest
+        first: what assembly adds while budget remains."""
         if not excluded:
             return []
         key = session_store.session_key(tenant_id, session_id)
@@ -740,7 +740,21 @@ class Summarizer:
             at = bisect.bisect_right(starts, summary.first_turn) - 1
             return at >= 0 and summary.end_turn <= excluded[at][1]
 
-        return [summary for summary in found if left_out(summary) and valid_at(summary, history, version)]
+        # At most one summary per turn: after a restart with another
+        # summary_span_turns the session holds summaries of both spans
+        # (those of the old ones stand for turns compacted meanwhile), and
+        # overlapping ones in one prompt told its turns twice, and each
+        # turn's manifest entry names one summary (add_summaries), so the
+        # manifest no longer said what was sent. Oldest first turn first;
+        # of two starting together the shorter, whose end the next span of
+        # its own length starts at.
+        chosen: list[Summary] = []
+        end = 0
+        for summary in found:
+            if summary.first_turn >= end and left_out(summary) and valid_at(summary, history, version):
+                chosen.append(summary)
+                end = summary.end_turn
+        return chosen
 
 
 def excluded_ranges(reasons: collections.abc.Sequence[int]) -> list[tuple[int, int]]:

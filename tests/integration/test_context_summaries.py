@@ -550,3 +550,29 @@ async def test_a_hung_summary_model_holds_a_run_for_one_timeout_not_one_per_span
     finally:
         await server.stop(0)
         await client.aclose()
+
+
+async def test_after_a_restart_with_another_span_length_a_prompt_gets_no_two_summaries_of_a_turn(
+    redis_url, tenant
+) -> None:
+    """Summaries of spans of 4 and of 6 turns overlapped in one prompt, and
+    the manifest named only the later one for the turns both covered."""
+    client = redis.Redis.from_url(redis_url)
+    async with running(summary_settings(redis_url)) as stub:
+        session_id = await new_session(stub, tenant)
+        await append_turns(stub, tenant, session_id, 16)
+        await wait_for_spans(client, tenant, session_id, 3)
+    settings = summary_settings(redis_url)
+    settings.context.summary_span_turns = 6
+    async with running(settings) as restarted:
+        request = pb.AppendTurnsRequest(tenant_id=tenant, session_id=session_id, expected_version=16)
+        request.messages.append(msg(USER, turn_text(16)))
+        await restarted.AppendTurns(request)
+        summaries = await wait_for_spans(client, tenant, session_id, 5)
+        assert {(0, 6), (6, 12)} < set(summaries)
+        for budget in (300, 400, 512, 2000):
+            response = await assemble(restarted, tenant, session_id, budget=budget)
+            included = check_summaries_in(response, summaries)
+            covered = [turn for first, end in included for turn in range(first, end)]
+            assert len(covered) == len(set(covered)), (budget, included)
+    await client.aclose()

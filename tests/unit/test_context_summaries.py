@@ -500,3 +500,26 @@ async def test_after_the_model_times_out_a_run_and_the_next_ones_summarize_extra
     summarizer._model_rests_until = 0.0
     await summarizer._write(spans[0], summaries._Run())
     assert model.calls == 2
+
+
+class _OverlappingSummaries(_StoredSummaries):
+    """Spans of 4 turns and, after a restart with summary_span_turns = 6, of 6."""
+
+    async def all_of(self, tenant_id: str, session_id: str) -> list[Summary]:
+        spans = [(0, 4), (0, 6), (4, 8), (6, 12), (8, 12), (12, 18), (16, 20)]
+        return [Summary(f"id{f}-{e}", f, e, 1, 1, "extractive", f"s{f}-{e}") for f, e in spans]
+
+
+async def test_a_prompt_gets_no_two_summaries_of_the_same_turn() -> None:
+    """After a restart with another span length, summaries of both overlapped
+    in one prompt, and the manifest named the later one for the turns both
+    covered: it no longer said what was sent."""
+    summarizer = summaries.Summarizer(_Sessions(), _OverlappingSummaries(), SummaryPolicy(), None)
+    found = await summarizer.summaries_for("t", "32", 1, 0, [(0, 20)])
+    assert [(s.first_turn, s.end_turn) for s in found] == [(0, 4), (4, 8), (8, 12), (12, 18)]
+    response = _assembled([DROPPED] * 20 + [INCLUDED], 40, [msg(USER, "t20"), msg(USER, "new")])
+    added = summaries.add_summaries(response, found, [5] * len(found), budget=1000, default_system_tokens=0)
+    assert added == found
+    marked = [e.summary_id for e in response.manifest.entries[:20]]
+    expected = [s.summary_id for s in found for _ in range(s.first_turn, s.end_turn)]
+    assert marked == expected + [""] * 2
