@@ -227,7 +227,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     backend.health.record_failure()
                 # A unary call that failed sent nothing back: another server
                 # may answer (AIP-194), as for Generate before its first token.
-                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                # Triton answers a model whose stub died INTERNAL, but the
+                # request never ran there and another server's model is alive.
+                if error.code() == grpc.StatusCode.UNAVAILABLE or triton_protocol.stub_died(
+                    error.details() or ""
+                ):
                     log.warning("triton unavailable, embedding on another", backend=backend.address)
                     continue
                 raise triton_failure(error, model, Reason.INVALID_EMBEDDING_REQUEST) from error
@@ -538,11 +542,12 @@ async def _write(call, request: service_pb2.ModelStreamInferRequest) -> None:
 def _server_fault(error: grpc.aio.AioRpcError) -> bool:
     """Whether a failed Triton call counts against its server's breaker and
     outlier ejection (meshgate/balancing.Health): a server gone
-    (UNAVAILABLE), and a model failing inside it (INTERNAL: a Python
-    backend's stub that died answers "Stub process ... is not healthy" to
-    every request while the server and model still read ready, so probes
-    never took such a server out and it failed its share of the traffic for
-    good). A request that fails so on every server (a prompt that breaks the
+    (UNAVAILABLE; also a Python backend's stub that died, which answers
+    "Stub process ... is not healthy" to every request while the server and
+    model still read ready, so probes never took such a server out: read as
+    UNAVAILABLE, triton_protocol.stub_died), and a model failing inside it
+    (INTERNAL, which fails its share of the traffic as long as it lasts).
+    A request that fails so on every server (a prompt that breaks the
     model) opens every breaker at worst, and balancing.order then still
     tries them, ejected ones last, so no caller is refused for it; the
     outlier ejection never takes out more than its fraction of the servers.

@@ -149,7 +149,9 @@ def stream_error_code(error_message: str, triton_model: str) -> grpc.StatusCode:
     server if nothing went out yet; the model's own "request was cancelled",
     CANCELLED; then the real vLLM and TensorRT-LLM backends' wording
     (_BACKEND_WORDING), also as TensorRT-LLM's BLS model relays it inside a
-    Python traceback; anything else, a failure of the model: INTERNAL.
+    Python traceback; a Python-backend model whose stub process died
+    (stub_died), UNAVAILABLE too; anything else, a failure of the model:
+    INTERNAL.
 
     The code a backend gives its error (pb_utils.TritonError's) is not in
     the text: Triton streams TRITONSERVER_ErrorMessage alone (server
@@ -163,6 +165,8 @@ def stream_error_code(error_message: str, triton_model: str) -> grpc.StatusCode:
         return grpc.StatusCode.UNAVAILABLE
     if error_message == "request was cancelled":
         return grpc.StatusCode.CANCELLED
+    if stub_died(error_message):
+        return grpc.StatusCode.UNAVAILABLE
     raised = _raised_in_traceback(error_message)
     if raised is not None:
         exception, text = raised
@@ -177,6 +181,27 @@ def stream_error_code(error_message: str, triton_model: str) -> grpc.StatusCode:
         if wording.match(error_message):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+# What Triton's Python backend answers, without running the model, to a
+# request for a model instance whose stub process died (killed: the OOM
+# killer's SIGKILL): the instance's name, as tritonserver 2.51 sent it here
+# on streams and unary calls alike, or python_backend src/python_be.cc
+# SendMessageToStub's wording inside the backend's "Failed to process the
+# request(s)". The instance stays dead, and reads ready, until the model is
+# loaded again; another server's instance is not dead with it.
+_STUB_DIED = re.compile(
+    r"(?:Stub process '[^']*' is not healthy\.|Failed to process the request\(s\) for model '[^']*', "
+    r"message: Stub process is not healthy\.)\Z"
+)
+
+
+def stub_died(error_message: str) -> bool:
+    """Whether a Triton error (a stream's error_message, a unary call's
+    details) says the model's Python-backend stub process died: the request
+    never ran, so another server may take it, and every other request of
+    that model on this server is stranded (Triton sends them nothing more)."""
+    return _STUB_DIED.match(error_message) is not None
 
 
 # The wording of the real backends' errors, as read in their source

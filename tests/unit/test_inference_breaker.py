@@ -1,8 +1,10 @@
 """A Triton server whose model fails every request while it reads ready
-(a Python backend whose stub died answers "Stub process ... is not healthy")
-leaves rotation by its breaker, as one that refuses connections does; the
-caller's own mistakes count against no server. Triton is a scripted fake
-(the servicer's balancing alone; tests/integration runs it on Triton)."""
+(a model broken inside; a Python backend whose stub died answers "Stub
+process ... is not healthy") leaves rotation by its breaker, as one that
+refuses connections does; a request a dead stub refused goes to another
+server; the caller's own mistakes count against no server. Triton is a
+scripted fake (the servicer's balancing alone; tests/integration runs it on
+Triton)."""
 
 from __future__ import annotations
 
@@ -21,18 +23,22 @@ from tests.unit.test_inference_embed import DIMENSIONS, FakeContext, embedding_r
 from tests.unit.test_inference_stream import ScriptedCall, answer
 
 STUB_DIED = "Failed to process the request(s) for model 'tiny_gpt_0_0', message: Stub process is not healthy."
+# As tritonserver 2.51 answers, on a stream and to ModelInfer (INTERNAL) alike.
+STUB_DIED_NAMED = "Stub process 'minilm_0_0' is not healthy."
+MODEL_BROKE = "tiny_gpt: internal error during generation"
 
 
 class FailingEmbeddings:
-    def __init__(self, code: grpc.StatusCode | None) -> None:
+    def __init__(self, code: grpc.StatusCode | None, details: str = MODEL_BROKE) -> None:
         self.code = code
+        self.details = details
         self.calls = 0
 
     async def ModelInfer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
         self.calls += 1
         if self.code is not None:
             metadata = grpc.aio.Metadata()
-            raise grpc.aio.AioRpcError(self.code, metadata, metadata, STUB_DIED)
+            raise grpc.aio.AioRpcError(self.code, metadata, metadata, self.details)
         return embedding_response(request)
 
 
@@ -83,7 +89,7 @@ async def _generate(servicer: InferenceServicer, text: str) -> list[pb.GenerateR
 
 async def test_a_server_whose_model_fails_every_generation_leaves_rotation(two_servers) -> None:
     servicer, (failing, answering) = two_servers
-    failing.stream_stub, answering.stream_stub = StreamingTriton(STUB_DIED), StreamingTriton()
+    failing.stream_stub, answering.stream_stub = StreamingTriton(MODEL_BROKE), StreamingTriton()
     to_open = failing.health.policy.failures_to_open
     failed = 0
     for i in range(20):
@@ -114,6 +120,31 @@ async def test_a_server_whose_model_fails_every_embedding_leaves_rotation(two_se
             assert response.dimensions == DIMENSIONS
     assert failed == failing.stub.calls == failing.health.policy.failures_to_open
     assert failing.health.state is balancing.BreakerState.OPEN
+
+
+@pytest.mark.parametrize("stub_died", [STUB_DIED, "Stub process 'tiny_gpt_0_0' is not healthy."])
+async def test_a_generation_a_dead_stub_refused_goes_to_another_server_and_counts_against_its_own(
+    two_servers, stub_died
+) -> None:
+    # It failed INTERNAL (MODEL_ERROR) with a healthy server beside it.
+    servicer, (dead, answering) = two_servers
+    dead.stream_stub, answering.stream_stub = StreamingTriton(stub_died), StreamingTriton()
+    for i in range(10):
+        responses = await _generate(servicer, f"question {i}")
+        assert responses[-1].completion.backend == answering.address
+    assert dead.stream_stub.calls == dead.health.policy.failures_to_open
+    assert dead.health.state is balancing.BreakerState.OPEN
+
+
+async def test_an_embedding_a_dead_stub_refused_goes_to_another_server(two_servers) -> None:
+    servicer, (dead, answering) = two_servers
+    dead.stub = FailingEmbeddings(grpc.StatusCode.INTERNAL, STUB_DIED_NAMED)
+    answering.stub = FailingEmbeddings(None)
+    for i in range(10):
+        response = await servicer.Embed(pb.EmbedRequest(texts=[f"question {i}"]), FakeContext(None))
+        assert response.dimensions == DIMENSIONS
+    assert dead.stub.calls == dead.health.policy.failures_to_open
+    assert dead.health.state is balancing.BreakerState.OPEN
 
 
 async def test_requests_the_model_refuses_count_against_no_server(two_servers) -> None:

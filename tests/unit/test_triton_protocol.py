@@ -174,6 +174,14 @@ def test_a_template_cannot_reach_python_internals(tmp_path):
         ("Request for unknown model: 'tiny_gpt' has no available versions", grpc.StatusCode.UNAVAILABLE),
         ("Server not ready", grpc.StatusCode.UNAVAILABLE),
         ("request was cancelled", grpc.StatusCode.CANCELLED),
+        # The model's Python-backend stub died: the request never ran, another server may take it.
+        ("Stub process 'tiny_gpt_0_0' is not healthy.", grpc.StatusCode.UNAVAILABLE),
+        (
+            "Failed to process the request(s) for model 'tiny_gpt_0_0', message: "
+            "Stub process is not healthy.",
+            grpc.StatusCode.UNAVAILABLE,
+        ),
+        ("tiny_gpt: internal error: Stub process 'tiny_gpt_0_0' is not healthy.", grpc.StatusCode.INTERNAL),
         ("tiny_gpt: internal error during generation", grpc.StatusCode.INTERNAL),
         # Another model's wording, or the words quoted inside a message, are no refusal of this one.
         ("smollm2: invalid request: temperature must be >= 0, got -1.0", grpc.StatusCode.INTERNAL),
