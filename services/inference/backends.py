@@ -20,6 +20,8 @@ log = structlog.get_logger(__name__)
 PROBE_TIMEOUT_S = 2.0
 # Consecutive failed probes before a model (or a whole server) leaves rotation.
 PROBES_TO_MARK_DOWN = 3
+# Why the calls OpenCalls.end() cancels for the probes fail.
+LEFT_ROTATION = "the Triton server left rotation with the call open: its health probes failed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +35,8 @@ class TritonStatistics:
 
 class OpenCalls:
     """The calls open on one Triton server, each with its model, so that they
-    can be ended when the probes take the server out of rotation.
+    can be ended when the probes take the server out of rotation, or when
+    the model's stub process died under them (TritonBackend.stub_died).
 
     A server that stops answering with its connection up (stopped, wedged)
     is noticed by the probes within PROBES_TO_MARK_DOWN rounds of
@@ -47,7 +50,8 @@ class OpenCalls:
 
     def __init__(self) -> None:
         self._model_of: dict[object, str] = {}
-        self._ended: set[object] = set()
+        # The calls end() cancelled, with why.
+        self._ended: dict[object, str] = {}
 
     def __len__(self) -> int:
         return len(self._model_of)
@@ -57,25 +61,30 @@ class OpenCalls:
 
     def discard(self, call) -> None:
         self._model_of.pop(call, None)
-        self._ended.discard(call)
+        self._ended.pop(call, None)
 
-    def end(self, models: set[str]) -> int:
-        """Cancels the open calls for ``models``; returns how many. A call
-        that already finished is not marked: the error it ended with (a
-        model's INVALID_ARGUMENT, a deadline) is its own, not UNAVAILABLE."""
+    def end(self, models: set[str], why: str = LEFT_ROTATION) -> int:
+        """Cancels the open calls for ``models``, which then fail UNAVAILABLE
+        saying ``why`` (ended_here); returns how many. A call that already
+        finished is not marked: the error it ended with (a model's
+        INVALID_ARGUMENT, a deadline) is its own, not UNAVAILABLE."""
         ended = 0
         for call, model in list(self._model_of.items()):
             if model in models and call.cancel():
-                self._ended.add(call)
+                self._ended[call] = why
                 ended += 1
         return ended
 
-    def ended_by_probes(self, call) -> bool:
-        """Whether ``call``'s cancellation (grpc raises CancelledError for a
-        call cancelled here) was end()'s, not its caller's: a caller that
-        leaves cancels the task, which then reads as cancelling."""
+    def ended_here(self, call) -> grpc.aio.AioRpcError | None:
+        """What ``call`` fails with if its cancellation (grpc raises
+        CancelledError for a call cancelled here) was end()'s, not its
+        caller's (a caller that leaves cancels the task, which then reads as
+        cancelling): UNAVAILABLE, as on a server that died. None otherwise."""
+        why = self._ended.get(call)
         task = asyncio.current_task()
-        return call in self._ended and not (task is not None and task.cancelling())
+        if why is None or (task is not None and task.cancelling()):
+            return None
+        return triton_status(grpc.StatusCode.UNAVAILABLE, why)
 
     async def answer(self, call, model: str):
         """A unary call's response, with ``call`` open here until it comes."""
@@ -83,8 +92,8 @@ class OpenCalls:
         try:
             return await call
         except asyncio.CancelledError as cancelled:
-            if self.ended_by_probes(call):
-                raise left_rotation() from cancelled
+            if (failure := self.ended_here(call)) is not None:
+                raise failure from cancelled
             raise
         finally:
             self.discard(call)
@@ -155,15 +164,6 @@ def triton_status(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, metadata, metadata, details)
 
 
-def left_rotation() -> grpc.aio.AioRpcError:
-    """What a call OpenCalls.end() cancelled fails with: UNAVAILABLE, as on
-    a server that died."""
-    return triton_status(
-        grpc.StatusCode.UNAVAILABLE,
-        "the Triton server left rotation with the call open: its health probes failed",
-    )
-
-
 class TritonBackend:
     """One Triton server, as a balancing target (meshgate/balancing.Target)."""
 
@@ -221,6 +221,18 @@ class TritonBackend:
         # A model's error then comes as a response's error_message, which
         # triton_protocol.stream_error_code reads as a status code.
         return self.stream_stub.ModelStreamInfer()
+
+    def stub_died(self, model: str, error_message: str) -> None:
+        """A request of ``model`` here was refused because the model's
+        Python-backend stub process died (triton_protocol.stub_died): the
+        requests it was running are lost, and Triton sends them nothing more,
+        no error and no final response, while the server and the model still
+        read ready, so the probes never end them; each waited for its
+        caller's deadline, or forever. They end now, as UNAVAILABLE: one that
+        had sent nothing goes to another server, one that had ends saying how
+        much (servicer.Generate)."""
+        if ended := self.calls.end({model}, f"the model's stub process died: {error_message}"):
+            log.warning("calls ended: the model's stub process died", backend=self.address, calls=ended)
 
     def queue_ms(self, model: str) -> float:
         return self._recent_queue_ms.get(model, 0.0)

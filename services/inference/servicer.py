@@ -21,7 +21,7 @@ from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.reasons import Reason
 from services.inference import triton_protocol, validation
-from services.inference.backends import BackendPool, TritonBackend, left_rotation, triton_status
+from services.inference.backends import BackendPool, TritonBackend, triton_status
 from services.inference.shared_embeddings import EMBED_BATCH, SharedEmbeddings
 
 log = structlog.get_logger(__name__)
@@ -141,6 +141,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                         raise
                     if _server_fault(error):
                         backend.health.record_failure()
+                    if triton_protocol.stub_died(error.details() or ""):
+                        backend.stub_died(served.triton_model, error.details())
                     # Retry elsewhere only if nothing reached the caller yet (AIP-194).
                     if error.code() == grpc.StatusCode.UNAVAILABLE and not stream.started:
                         log.warning("triton unavailable, trying another", backend=backend.address)
@@ -225,13 +227,14 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             except grpc.aio.AioRpcError as error:
                 if _server_fault(error):
                     backend.health.record_failure()
+                stub_died = triton_protocol.stub_died(error.details() or "")
+                if stub_died:
+                    backend.stub_died(model, error.details())
                 # A unary call that failed sent nothing back: another server
                 # may answer (AIP-194), as for Generate before its first token.
                 # Triton answers a model whose stub died INTERNAL, but the
                 # request never ran there and another server's model is alive.
-                if error.code() == grpc.StatusCode.UNAVAILABLE or triton_protocol.stub_died(
-                    error.details() or ""
-                ):
+                if error.code() == grpc.StatusCode.UNAVAILABLE or stub_died:
                     log.warning("triton unavailable, embedding on another", backend=backend.address)
                     continue
                 raise triton_failure(error, model, Reason.INVALID_EMBEDDING_REQUEST) from error
@@ -494,18 +497,22 @@ class _TritonStream:
                     pass
         except asyncio.CancelledError as cancelled:
             failure = cancelled
-            if pooled or not backend.calls.ended_by_probes(call):
+            ended = None if pooled else backend.calls.ended_here(call)
+            if ended is None:
                 # Also when the probes ended the call but the caller's own
                 # task is cancelling too: that cancel must not be swallowed.
                 raise
             # Not the caller's cancel: the probes took the server out of
-            # rotation (backends.OpenCalls).
+            # rotation, or the model's stub died (backends.OpenCalls).
             if final_seen:
                 # The whole answer went out; the probes only cut short the
                 # wait for Triton to close the stream.
                 failure = None
                 return
-            failure = left_rotation()
+            # Triton had the request: this stream did not die idle unnoticed,
+            # so Generate does not try another on the same server.
+            self.heard = True
+            failure = ended
             raise failure from cancelled
         except BaseException as error:
             failure = error

@@ -119,7 +119,8 @@ async def test_a_server_that_stops_answering_has_its_calls_ended_once_the_probes
 
     assert not backend.ready_models
     assert generation.cancelled() and embedding.cancelled()
-    assert backend.calls.ended_by_probes(generation) and backend.calls.ended_by_probes(embedding)
+    assert backend.calls.ended_here(generation) is not None
+    assert backend.calls.ended_here(embedding) is not None
 
 
 async def test_a_model_that_answers_not_ready_leaves_rotation_with_its_calls_left_to_the_server(backend):
@@ -160,7 +161,7 @@ async def test_calls_of_a_model_out_of_rotation_end_once_its_server_stops_answer
 
     # Then the server wedges: the calls it still held would wait forever.
     await backend.probe(models)
-    assert generation.cancelled() and backend.calls.ended_by_probes(generation)
+    assert generation.cancelled() and backend.calls.ended_here(generation) is not None
 
 
 async def test_a_models_config_is_read_again_after_it_was_not_ready(backend):
@@ -264,7 +265,7 @@ async def test_a_call_that_already_ended_is_not_marked_as_ended_by_the_probes():
     finished.exception()  # retrieved: no "never retrieved" warning
     calls.add(finished, GENERATION_MODEL)
     assert calls.end({GENERATION_MODEL}) == 0
-    assert not calls.ended_by_probes(finished)
+    assert calls.ended_here(finished) is None
 
 
 async def test_an_embedding_on_a_server_the_probes_take_out_is_retried_on_another():
@@ -310,6 +311,91 @@ async def test_an_embedding_whose_only_server_the_probes_take_out_ends_unavailab
         assert failure.value.code == grpc.StatusCode.UNAVAILABLE
         assert failure.value.reason == Reason.NO_READY_BACKEND
         assert len(stopped.stub.requests) == 1, "not asked again"
+    finally:
+        await pool.close()
+
+
+STUB_DIED = "Stub process 'tiny_gpt_0_0' is not healthy."
+
+
+async def test_requests_stranded_by_a_dead_stub_end_when_another_request_is_refused_for_it():
+    # Triton sends the requests a killed stub was running nothing more: they
+    # waited for their callers' deadlines, or forever, the server and model
+    # reading ready all along. Another request's refusal says why.
+    settings = InferenceSettings(triton_urls=["127.0.0.1:1", "127.0.0.1:2"])
+    pool = BackendPool(settings.triton_urls, [GENERATION_MODEL])
+    try:
+        dead, alive = pool.backends
+        dead.ready_models = {GENERATION_MODEL}
+        on_dead, on_alive = scripted_streams(dead), scripted_streams(alive)
+        servicer = InferenceServicer(settings, pool)
+        request = pb.GenerateRequest(
+            model="tiny-gpt", messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="hi")]
+        )
+        started = aiter(servicer.Generate(request, NO_DEADLINE))
+        first = asyncio.ensure_future(anext(started))
+        await until(lambda: on_dead and on_dead[0].requests)
+        on_dead[0].send(triton_response("partial", 2))
+        assert (await asyncio.wait_for(first, 5)).delta.text == "partial"
+        unstarted = asyncio.ensure_future(anext(aiter(servicer.Generate(request, NO_DEADLINE))))
+        await until(lambda: len(on_dead) == 2 and on_dead[1].requests)
+        refused = asyncio.ensure_future(anext(aiter(servicer.Generate(request, NO_DEADLINE))))
+        await until(lambda: len(on_dead) == 3 and on_dead[2].requests)
+        # Only the dead stub's server had the model when those three came.
+        alive.ready_models = {GENERATION_MODEL}
+        on_dead[2].send(service_pb2.ModelStreamInferResponse(error_message=STUB_DIED))
+
+        with pytest.raises(MeshgateError) as failure:
+            await asyncio.wait_for(anext(started), 5)
+        assert failure.value.code == grpc.StatusCode.UNAVAILABLE
+        assert failure.value.metadata["delivered_chars"] == str(len("partial"))
+        # Nothing had gone out for the other two: the live server answers them.
+        await until(lambda: len(on_alive) == 2)
+        for call in on_alive:
+            call.send(triton_response("fine", 1))
+        assert (await asyncio.wait_for(unstarted, 5)).delta.text == "fine"
+        assert (await asyncio.wait_for(refused, 5)).delta.text == "fine"
+        assert on_dead[0].cancelled and on_dead[1].cancelled
+        assert (dead.in_flight, len(dead.calls)) == (0, 0)
+    finally:
+        await pool.close()
+
+
+class StubDiedTriton(EmbeddingTriton):
+    """ModelInfer whose first call never answers (the stub died under it)
+    and whose later ones are refused, as Triton refuses them, once ``refuse`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(silent=True)
+        self.refuse = asyncio.Event()
+
+    async def _answer(self, request):
+        if len(self.requests) > 1:
+            await self.refuse.wait()
+            metadata = grpc.aio.Metadata()
+            raise grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, metadata, metadata, STUB_DIED)
+        await asyncio.Event().wait()
+
+
+async def test_an_embedding_stranded_by_a_dead_stub_goes_to_another_server_when_another_is_refused():
+    settings = InferenceSettings(triton_urls=["127.0.0.1:1", "127.0.0.1:2"])
+    pool = BackendPool(settings.triton_urls, [EMBEDDING_MODEL])
+    try:
+        dead, alive = pool.backends
+        dead.stub, alive.stub = StubDiedTriton(), EmbeddingTriton(silent=False)
+        dead.ready_models = {EMBEDDING_MODEL}
+        servicer = InferenceServicer(settings, pool)
+        stranded = asyncio.create_task(servicer.Embed(pb.EmbedRequest(texts=["one"]), NO_DEADLINE))
+        await until(lambda: len(dead.stub.requests) == 1)
+        refused = asyncio.create_task(servicer.Embed(pb.EmbedRequest(texts=["two"]), NO_DEADLINE))
+        await until(lambda: len(dead.stub.requests) == 2)
+        alive.ready_models = {EMBEDDING_MODEL}
+        dead.stub.refuse.set()
+
+        for embed in (stranded, refused):
+            assert (await asyncio.wait_for(embed, 5)).dimensions == DIMENSIONS
+        assert dead.stub.requests[0].cancelled() and len(alive.stub.requests) == 2
+        assert (dead.in_flight, len(dead.calls)) == (0, 0)
     finally:
         await pool.close()
 
