@@ -931,6 +931,18 @@ class InferenceSettings:
     # DEADLINE_EXCEEDED (services/inference/shared_embeddings.py); 30 s is
     # generous, for a loaded CPU-only Triton.
     embed_timeout_s: float = 30.0
+    # The longest a generation waits for Triton's next response once Triton
+    # sent its first (services/inference/servicer._TritonStream): then the
+    # request is cancelled and the stream ends UNAVAILABLE STREAM_ENDED_EARLY,
+    # a fault of the server. A model that stops answering with its server
+    # and itself still ready (its Python-backend stub killed or wedged: the
+    # probes see nothing wrong) left a stream waiting for its caller's
+    # deadline, or for good. A running stream's longest normal silence is a
+    # neighbour's prompt read beside it: 1.6 s for smollm2 on CPU
+    # (bench/README.md, "A long prompt beside a running stream"), so 30 s
+    # is generous; the prompt's own prefill, before the first response, is
+    # not bounded here (the caller's deadline bounds it).
+    stream_stall_s: float = 30.0
     # The prefix index of the prefix-aware strategies: tokens per block (the
     # bundled models' prefix-cache blocks, model_repository/generation/
     # prefix_cache.py, so a block routed is a block cached), how long a
@@ -1024,6 +1036,7 @@ _POSITIVE = frozenset(
         "health_interval_s",
         "deployment_health_interval_s",
         "embed_timeout_s",
+        "stream_stall_s",
         "downstream_timeout_s",
         "max_generation_s",
         "summary_timeout_s",

@@ -105,6 +105,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     strategy.uses_prefix,
                     self._stream_hold_s if self._stream_interval_s > 0 else None,
                     request.completion_may_carry_text,
+                    self._settings.stream_stall_s,
                 )
                 backend.health.begin()
                 strategy.routed(backend, route)
@@ -318,6 +319,7 @@ class _TritonStream:
         wants_cached_tokens: bool = False,
         hold_s: collections.abc.Callable[[], float] | None = None,
         completion_carries_text: bool = False,
+        stall_s: float | None = None,
     ) -> None:
         self._backend = backend
         self._model = model
@@ -342,6 +344,9 @@ class _TritonStream:
             wants_cached_tokens and backend.reports_cached_tokens.get(model, False),
         )
         self._hold_s = hold_s
+        # The longest wait for Triton's next response once it sent one
+        # (inference.stream_stall_s); None: unbounded.
+        self._stall_s = stall_s
         self.started = False
         # Whether the stream was idle in the pool: if it died there unnoticed,
         # the servicer tries a new one on the same server (Generate).
@@ -400,9 +405,32 @@ class _TritonStream:
         pooled = False
         failure: BaseException | None = None
         own_id = self._request.id
+        # A model that stops answering while it and its server read ready
+        # (its Python-backend stub killed or wedged) sends nothing more, and
+        # nothing else ends the wait: from Triton's first response on, a
+        # watchdog cancels the call once this has waited stall_s for the next
+        # one. A wait that the caller's slow reading causes (the yield below)
+        # is not Triton's, and one timer a stream, moved on only when it
+        # fires, costs no timer per token.
+        loop = asyncio.get_running_loop()
+        waiting_since: float | None = None
+        watchdog: asyncio.TimerHandle | None = None
+        stalled = False
+
+        def watch() -> None:
+            nonlocal watchdog, stalled
+            waited = 0.0 if waiting_since is None else loop.time() - waiting_since
+            if waited < self._stall_s:
+                watchdog = loop.call_later(self._stall_s - waited, watch)
+            elif call.cancel():
+                stalled = True
+
         try:
             await _write(call, self._request)
             async for batch in arrivals:
+                waiting_since = None
+                if watchdog is None and self._stall_s is not None:
+                    watchdog = loop.call_later(self._stall_s, watch)
                 texts = []
                 model_error = ""
                 self.heard = True
@@ -460,6 +488,10 @@ class _TritonStream:
                     raise triton_status(code, model_error)
                 if final_seen:
                     break
+                waiting_since = loop.time()
+            if watchdog is not None:
+                # The stream may carry the next request from here on.
+                watchdog.cancel()
             if not final_seen:
                 raise MeshgateError(
                     grpc.StatusCode.UNAVAILABLE,
@@ -497,6 +529,16 @@ class _TritonStream:
                     pass
         except asyncio.CancelledError as cancelled:
             failure = cancelled
+            task = asyncio.current_task()
+            if stalled and not (task is not None and task.cancelling()):
+                # The watchdog's cancel, not the caller's.
+                failure = MeshgateError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    Reason.STREAM_ENDED_EARLY,
+                    f"Triton sent nothing more for this request in {self._stall_s:g} s",
+                    {"backend": backend.address},
+                )
+                raise failure from cancelled
             ended = None if pooled else backend.calls.ended_here(call)
             if ended is None:
                 # Also when the probes ended the call but the caller's own
@@ -518,6 +560,8 @@ class _TritonStream:
             failure = error
             raise
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             backend.in_flight -= 1
             backend.active_tokens -= self._prompt_tokens
             if prefill_queued:

@@ -88,7 +88,12 @@ class ScriptedCall:
 
 
 def stream_on(
-    call: ScriptedCall, hold_s=None, timeout=10.0, idle_streams: int = 0, completion_carries_text=False
+    call: ScriptedCall,
+    hold_s=None,
+    timeout=10.0,
+    idle_streams: int = 0,
+    completion_carries_text=False,
+    stall_s=None,
 ) -> tuple[_TritonStream, types.SimpleNamespace]:
     """A stream on a backend whose pool opens ``call``, then new ScriptedCalls
     (all in ``backend.opened``), and keeps up to ``idle_streams`` idle."""
@@ -110,10 +115,12 @@ def stream_on(
         queued_prefill_tokens=0,
         ttft=balancing.Ewma(),
     )
-    return next_stream(backend, hold_s, timeout, completion_carries_text), backend
+    return next_stream(backend, hold_s, timeout, completion_carries_text, stall_s), backend
 
 
-def next_stream(backend, hold_s=None, timeout=10.0, completion_carries_text=False) -> _TritonStream:
+def next_stream(
+    backend, hold_s=None, timeout=10.0, completion_carries_text=False, stall_s=None
+) -> _TritonStream:
     return _TritonStream(
         backend,
         "tiny_gpt",
@@ -123,6 +130,7 @@ def next_stream(backend, hold_s=None, timeout=10.0, completion_carries_text=Fals
         prompt_tokens=7,
         hold_s=hold_s,
         completion_carries_text=completion_carries_text,
+        stall_s=stall_s,
     )
 
 
@@ -376,6 +384,50 @@ async def test_with_the_stream_interval_nothing_is_held_past_the_callers_deadlin
     # not for the interval: the caller still gets it.
     assert (await asyncio.wait_for(anext(deltas), deadline_s + 1.0)).delta.text == " two"
     await deltas.aclose()
+
+
+STALL_S = 0.2
+
+
+async def test_a_stream_whose_model_stops_answering_midway_ends_unavailable_with_its_counts():
+    # A model whose stub was killed sends nothing more, and its server and
+    # itself read ready: the stream waited for its caller's deadline, or forever.
+    call = ScriptedCall()
+    stream, backend = stream_on(call, idle_streams=2, stall_s=STALL_S)
+    deltas = aiter(stream)
+    call.send(triton_response("partial", 2))
+    assert (await asyncio.wait_for(anext(deltas), 5)).delta.text == "partial"
+    with pytest.raises(MeshgateError) as failure:
+        await asyncio.wait_for(anext(deltas), 5)
+    assert (failure.value.code, failure.value.reason) == (
+        grpc.StatusCode.UNAVAILABLE,
+        Reason.STREAM_ENDED_EARLY,
+    )
+    assert (stream.started, stream.delivered_deltas, stream.delivered_tokens) == (True, 1, 2)
+    assert call.cancelled, "the request inside Triton is cancelled"
+    assert (len(backend.streams), backend.in_flight, len(backend.calls)) == (0, 0, 0)
+
+
+async def test_neither_the_prompts_prefill_nor_a_slow_caller_nor_a_pooled_stream_is_a_stall():
+    call = ScriptedCall()
+    stream, backend = stream_on(call, idle_streams=2, stall_s=STALL_S)
+    deltas = aiter(stream)
+    first = asyncio.ensure_future(anext(deltas))
+    # A long prompt is read before the first response: not bounded here.
+    await asyncio.sleep(3 * STALL_S)
+    call.send(triton_response("one", 1))
+    assert (await asyncio.wait_for(first, 5)).delta.text == "one"
+    # The caller reads slowly (its writes wait): Triton is not what is slow.
+    call.send(triton_response(" two", 1))
+    await asyncio.sleep(3 * STALL_S)
+    assert (await asyncio.wait_for(anext(deltas), 5)).delta.text == " two"
+    call.send(triton_response("", 0, final=True, finish_reason="stop", prompt_tokens=3))
+    assert (await asyncio.wait_for(anext(deltas), 5)).HasField("completion")
+    with pytest.raises(StopAsyncIteration):
+        await anext(deltas)
+    # Idle in the pool, the stream is no request's: nothing ends it.
+    await asyncio.sleep(3 * STALL_S)
+    assert not call.cancelled and len(backend.streams) == 1
 
 
 def answer(call: ScriptedCall, text: str = "hi") -> None:
