@@ -1,0 +1,131 @@
+"""A model whose Python-backend stub process is killed (SIGKILL, as the OOM
+killer sends) with a second Triton configured. Triton then sends the
+requests the stub was running nothing more, and refuses every later one
+("Stub process ... is not healthy"), while the server and the model still
+read ready, so the health probes see nothing wrong. Streams it was answering
+end UNAVAILABLE saying how much they delivered (they hung to their
+deadline), and requests it refuses go to the other server (they failed
+INTERNAL)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+
+import grpc
+import pytest
+
+from meshgate.config import Settings
+from meshgate.errors import error_info
+from meshgate.inference.v1 import inference_service_pb2 as pb
+from meshgate.inference.v1 import inference_service_pb2_grpc
+from meshgate.reasons import Reason
+from tests.integration.conftest import running_inference
+from tests.integration.test_triton_failover import generate, two_tritons  # noqa: F401 (a fixture)
+from tests.mesh import mesh_settings, router_channel
+
+pytestmark = pytest.mark.integration
+
+STREAMS = 4
+# Far above a refusal's ~1-2 s, so that what ends the stranded streams first
+# is the refusal, and short enough for the last part to wait out.
+STALL_S = 10.0
+
+
+def kill_stub(triton: subprocess.Popen, model: str) -> None:
+    """SIGKILLs the stub process of ``model``'s one instance, the child of
+    Triton whose command line names the model."""
+    children = subprocess.run(
+        ["ps", "-ww", "--ppid", str(triton.pid), "-o", "pid=,args="],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    (pid,) = [int(line.split()[0]) for line in children.splitlines() if model in line]
+    os.kill(pid, signal.SIGKILL)
+
+
+def assert_partly_delivered(text: str, completion, error, reason: str) -> None:
+    assert completion is None and error is not None, "the stream finished on a dead stub"
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+    info = error_info(error)
+    assert info is not None and info.reason == reason, error
+    assert int(info.metadata["delivered_chars"]) == len(text) > 0
+
+
+async def test_a_killed_stubs_streams_end_with_counts_and_what_it_refuses_goes_to_the_other_server(
+    two_tritons,  # noqa: F811
+) -> None:
+    urls, processes = two_tritons
+    settings = Settings(mesh=mesh_settings())
+    settings.inference.triton_urls = urls
+    settings.inference.health_interval_s = 0.5
+    settings.inference.stream_stall_s = STALL_S
+    # A random draw: fresh requests reach the dead stub's server too, however
+    # many streams it holds.
+    settings.inference.models["tiny-gpt"].routing_strategy = "weighted"
+    loop = asyncio.get_running_loop()
+    async with running_inference(settings) as address, router_channel(address, "inference") as channel:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+
+        async def in_flight() -> dict[str, int]:
+            health = await stub.GetBackendHealth(pb.GetBackendHealthRequest(), timeout=5)
+            return {b.address: b.in_flight for b in health.backends}
+
+        all_started = asyncio.Event()
+        started = 0
+
+        def count_start():
+            nonlocal started
+            started += 1
+            if started == STREAMS:
+                all_started.set()
+
+        streams = [
+            asyncio.create_task(generate(stub, f"story {n}", 400, count_start)) for n in range(STREAMS)
+        ]
+        await asyncio.wait_for(all_started.wait(), 60)
+        load = await in_flight()
+        dead_url = max(urls, key=load.get)
+        (live_url,) = [url for url in urls if url != dead_url]
+        kill_stub(processes[urls.index(dead_url)], "tiny_gpt")
+        killed_at = loop.time()
+        fresh = [await generate(stub, f"question {n}", 4) for n in range(12)]
+        finished = await asyncio.gather(*streams)
+        stranded_for_s = loop.time() - killed_at
+
+        # The other server's stub killed under its one stream, with no
+        # request after it: only the stall bound ends that stream.
+        answering = asyncio.Event()
+        lone = asyncio.create_task(generate(stub, "a long story", 400, answering.set))
+        await asyncio.wait_for(answering.wait(), 30)
+        kill_stub(processes[urls.index(live_url)], "tiny_gpt")
+        killed_at = loop.time()
+        lone_text, lone_completion, lone_error = await lone
+        stalled_for_s = loop.time() - killed_at
+
+        # Embeddings: the server that answers generations still embeds, and
+        # comes first (the other one's breaker is open); its minilm dies.
+        kill_stub(processes[urls.index(live_url)], "minilm")
+        embeddings = [
+            await stub.Embed(pb.EmbedRequest(texts=[f"a text to embed, number {n}"]), timeout=30)
+            for n in range(6)
+        ]
+        left_open = await in_flight()
+
+    print(f"stranded streams ended {stranded_for_s:.1f} s after the kill; the lone one {stalled_for_s:.1f} s")
+    for text, completion, error in fresh:
+        assert error is None, error
+        assert completion.backend == live_url and text
+    stranded = [result for result in finished if result[1] is None or result[1].backend == dead_url]
+    assert stranded, "the dead stub answered none of the streams"
+    for text, completion, error in stranded:
+        # Ended by the first refusal (a stall would be STREAM_ENDED_EARLY).
+        assert_partly_delivered(text, completion, error, Reason.DOWNSTREAM_FAILED)
+    assert stranded_for_s < STALL_S
+    assert all(e.dimensions > 0 for e in embeddings)
+    assert left_open == {dead_url: 0, live_url: 0}
+    assert_partly_delivered(lone_text, lone_completion, lone_error, Reason.STREAM_ENDED_EARLY)
+    assert STALL_S <= stalled_for_s < STALL_S + 10
