@@ -239,15 +239,18 @@ async def eviction_policy(client: Client) -> str | None:
     services do) counts as None: nothing to say."""
     try:
         if isinstance(client, RedisCluster):
-            replies = (await client.config_get("maxmemory*", target_nodes=RedisCluster.PRIMARIES)).values()
+            reply = await client.config_get("maxmemory*", target_nodes=RedisCluster.PRIMARIES)
+            # A reply per master, by node; redis-py answers a cluster of one
+            # master with that master's reply alone.
+            replies = list(reply.values()) if all(isinstance(r, dict) for r in reply.values()) else [reply]
         else:
             replies = [await client.config_get("maxmemory*")]
-    except (*CONNECTION_ERRORS, redis_errors.ResponseError):
+        for reply in replies:
+            policy = reply.get("maxmemory-policy", "noeviction")
+            if int(reply.get("maxmemory", 0) or 0) > 0 and policy != "noeviction":
+                return str(policy)
+    except Exception:  # noqa: BLE001 - a warning's input: no answer says nothing, and never stops a start
         return None
-    for reply in replies:
-        policy = reply.get("maxmemory-policy", "noeviction")
-        if int(reply.get("maxmemory", 0) or 0) > 0 and policy != "noeviction":
-            return str(policy)
     return None
 
 

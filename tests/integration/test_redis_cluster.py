@@ -544,3 +544,24 @@ async def test_no_acknowledged_turn_is_lost_in_a_master_failover(cluster: Cluste
     while not cluster.all_ok():
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+async def test_a_cluster_of_one_master_says_whether_it_may_evict(tmp_path) -> None:
+    """redis-py answers a command sent to every master of a one-master
+    cluster with that master's reply alone, not one per node: read as one
+    per node, the check raised and the context and cache services did not
+    start on such a cluster (a common managed setup)."""
+    ports = redis_server.free_cluster_ports(1)
+    processes = redis_server.launch_cluster(ports, tmp_path, replicas_per_master=0)
+    try:
+        client = await redis_access.connect_checked(f"redis+cluster://127.0.0.1:{ports[0]}")
+        try:
+            assert await redis_access.eviction_policy(client) is None
+            with redis.Redis(host="127.0.0.1", port=ports[0]) as node:
+                node.config_set("maxmemory", "1gb")
+                node.config_set("maxmemory-policy", "allkeys-lru")
+            assert await redis_access.eviction_policy(client) == "allkeys-lru"
+        finally:
+            await client.aclose()
+    finally:
+        redis_server.stop_all(processes)
