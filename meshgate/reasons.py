@@ -142,8 +142,8 @@ class Reason(enum.StrEnum):
     """A cache entry's time to live is outside 0..cache.ttl_s."""
 
     INVALID_SELECTED_MODEL = enum.auto()
-    """ReportWrongHit's selected_model is not one the request's alias selects
-    between (or the alias selects nothing)."""
+    """ReportWrongHit's selected_model is not one the request's alias answers
+    as: one of the two it selects between, or the alias itself."""
 
     INVALID_ENTRY_ID = enum.auto()
     """The cache entry id is not one the cache issues."""

@@ -798,16 +798,16 @@ class Pipeline:
                 param="session_id",
             )
         turn = self.validate(request, tenant, "", budget, False)
+        rules = turn.model.selection
         if not selected_model:
             turn = await self._select(turn)
-        elif turn.model.selection is None or selected_model not in (
-            turn.model.selection.fast,
-            turn.model.selection.strong,
-        ):
+        elif rules is None and selected_model == turn.model_alias:
+            pass  # an alias that selects nothing answers as itself (ChatCompletion.selected_model)
+        elif rules is None or selected_model not in (rules.fast, rules.strong):
             raise invalid_argument(
                 Reason.INVALID_SELECTED_MODEL,
-                f"{request.model!r} does not select {selected_model!r}: pass the hit's "
-                "ChatCompletion.selected_model, empty when it had none",
+                f"{request.model!r} does not answer as {selected_model!r}: pass the hit's "
+                "ChatCompletion.selected_model",
                 param="selected_model",
             )
         else:

@@ -241,11 +241,15 @@ async def test_a_report_goes_to_the_model_the_hit_named_not_to_a_new_selection()
     assert cache.reported == ["strong"]
     await built.report_wrong_hit(easy, tenant, "e1", _budget())  # not named: selected again
     assert cache.reported == ["strong", "fast"]
-    for request, named in ((easy, "other"), (pb.ChatRequest(model="fast", messages=[user("hi")]), "strong")):
+    # An alias that selects nothing is its own selected_model, as its completion says.
+    plain = pb.ChatRequest(model="fast", messages=[user("hi")])
+    await built.report_wrong_hit(plain, tenant, "e1", _budget(), selected_model="fast")
+    assert cache.reported == ["strong", "fast", "fast"]
+    for request, named in ((easy, "other"), (plain, "strong")):
         with pytest.raises(MeshgateError) as refused:
             await built.report_wrong_hit(request, tenant, "e1", _budget(), selected_model=named)
         assert refused.value.reason == Reason.INVALID_SELECTED_MODEL
-    assert cache.reported == ["strong", "fast"]
+    assert cache.reported == ["strong", "fast", "fast"]
 
 
 class RecordingGenerator(FakeGenerator):
