@@ -264,8 +264,12 @@ async def eviction_policy(client: Client) -> str | None:
 # retries a refused or redirected command itself and then raises its own
 # errors: ClusterError ("TTL exhausted.": a slot being resharded answers a
 # script whose keys are not all on one side TRYAGAIN until its keys have
-# moved) and RedisClusterException (no node reachable, slots not covered;
-# its other uses are misuse of the client, which the cluster tests run).
+# moved) and RedisClusterException (no node reachable, slots not covered).
+# Its other uses are misuse of the client (keys of one script in two slots),
+# a bug that would read as an outage here: the cluster tests
+# (tests/integration/test_redis_cluster.py) run every script and key layout
+# on a real cluster so that none ships. Telling them apart by message at
+# every handler, or inside redis-py's node manager, costs more than it buys.
 CONNECTION_ERRORS = (
     redis.ConnectionError,
     redis.TimeoutError,

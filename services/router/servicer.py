@@ -110,6 +110,8 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                     reading.cancel()
             if not stopping.done():
                 return reading.result()
+            if not reading.cancelled():
+                reading.exception()  # retrieved: the stream ends for the stop, not for it
         metadata = {"session_id": session_id} if session_id else {}
         if version is not None:
             metadata["session_version"] = str(version)
