@@ -276,12 +276,16 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         # in, so that is where the entry and its neighbours live.
         context_id, _ = self._semantic_subject(partition, request.messages)
         asked_id = keys.entry_id(partition, request.messages)
-        removed, reports = await self._store.report_wrong(
+        removed, reports, seq = await self._store.report_wrong(
             partition, context_id, request.entry_id, asked_id, self._settings.ttl_s * 1000
         )
         index = self._indexes.get(partition.vectors_key(context_id))
-        if index is not None:
-            index.remove(request.entry_id)
+        if index is not None and seq is not None:
+            # That version only: a Store of the entry after the report, its
+            # reply applied here first, keeps its row (the pair stays
+            # reported). With no row in Redis there is none to drop: a
+            # lookup drops a row whose entry it finds gone.
+            index.remove(request.entry_id, seq)
         self._stats.pending["wrong_hit_reports"] += 1
         return pb.ReportWrongHitResponse(entry_removed=removed, reports_in_partition=reports)
 

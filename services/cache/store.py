@@ -167,11 +167,14 @@ if redis.call('PTTL', KEYS[5]) < keep then redis.call('PEXPIRE', KEYS[5], keep) 
 local removed = redis.call('DEL', KEYS[1])
 -- Even when the key had gone: a router may still hold a copy of it.
 redis.call('PUBLISH', ARGV[3], ARGV[4])
+-- The version removed, so that a replica drops that one only (as a Store's
+-- evictions): false when the entry had no row.
+local seq = redis.call('ZSCORE', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 local strictness = redis.call('INCR', KEYS[4])
 if redis.call('PTTL', KEYS[4]) < keep then redis.call('PEXPIRE', KEYS[4], keep) end
-return {removed, strictness}
+return {removed, strictness, seq}
 """
 
 
@@ -343,11 +346,12 @@ class CacheStore:
 
     async def report_wrong(
         self, partition: Partition, context_id: str, entry_id: str, asked_id: str, ttl_ms: int
-    ) -> tuple[bool, int]:
+    ) -> tuple[bool, int, int | None]:
         """Deletes an entry served as a wrong answer to the prompt of
         ``asked_id``, remembers the pair, and counts the report in its
-        sub-partition; returns whether the entry was there and the
-        sub-partition's count of reports.
+        sub-partition; returns whether the entry was there, the
+        sub-partition's count of reports, and the version of its row
+        removed (None: it had none).
 
         The notice names the whole tenant and model, not the entry alone:
         the count makes the verifier stricter in the sub-partition, so the
@@ -355,7 +359,7 @@ class CacheStore:
         verdicts the cache would give (hot_exact.py). Reports are rare next
         to hits: the copies of that model are fetched again, one hop each."""
         try:
-            removed, strictness = await self._report_wrong(
+            removed, strictness, *row = await self._report_wrong(
                 keys=[
                     partition.exact_key(entry_id),
                     partition.order_key(context_id),
@@ -373,7 +377,9 @@ class CacheStore:
             )
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
-        return bool(removed), int(strictness)
+        # Lua's false comes back as nil, which ends the reply early.
+        seq = int(float(row[0])) if row and row[0] is not None else None
+        return bool(removed), int(strictness), seq
 
     async def invalidate(self, tenant_id: str, model: str) -> int:
         """Deletes every key of a tenant, or of one of its models (``model``

@@ -1243,3 +1243,35 @@ async def test_an_eviction_applied_after_a_later_store_of_the_same_entry_keeps_t
     partition = keys.partition(s)
     context_id, _ = cache._semantic_subject(partition, first)
     assert entry_a in cache._indexes.get(partition.vectors_key(context_id))
+
+
+async def test_a_report_applied_after_a_later_store_of_the_same_entry_keeps_the_new_row(
+    redis_client, embedder, tenant
+):
+    """As for evictions: the report's script ran first and a Store of the
+    entry after it, but this replica applied the Store's reply first; the
+    report's then removed the row the Store had put back."""
+    cache = make_servicer(redis_client, embedder)
+    s = scope(tenant)
+    stored = conversation(STORED)
+    entry_id = await store(cache, s, stored)
+    await lookup(cache, s, conversation(PARAPHRASE))  # this replica's index, loaded
+    report_wrong = cache._store.report_wrong
+    report_ran, stored_again = asyncio.Event(), asyncio.Event()
+
+    async def reply_after_the_store(*args):
+        reply = await report_wrong(*args)
+        report_ran.set()
+        await stored_again.wait()
+        return reply
+
+    cache._store.report_wrong = reply_after_the_store
+    request = pb.ReportWrongHitRequest(scope=s, messages=conversation(PARAPHRASE), entry_id=entry_id)
+    reporting = asyncio.ensure_future(cache.ReportWrongHit(request, None))
+    await report_ran.wait()
+    await store(cache, s, stored)
+    stored_again.set()
+    assert (await reporting).entry_removed
+    partition = keys.partition(s)
+    context_id, _ = cache._semantic_subject(partition, stored)
+    assert entry_id in cache._indexes.get(partition.vectors_key(context_id))
