@@ -606,8 +606,16 @@ class HttpEdge:
             # Cut by the router's grace before its answer began (a whole
             # answer, or a stream before its first piece): a 503 in OpenAI's
             # shape, not uvicorn's plain-text 500; then ended as answered.
+            stopped = partly_delivered(_stopped(), 0, 0)
+            extra: list[tuple[bytes, bytes]] = []
+            if response.saving:
+                # A session turn cut while it was being stored may be
+                # stored: the OpenAI SDKs resend a 503 unless told not to,
+                # and a resent turn would be stored twice.
+                stopped.metadata["turn_may_be_stored"] = "true"
+                extra.append((b"x-should-retry", b"false"))
             with contextlib.suppress(Exception):
-                await _send_error(response.send, partly_delivered(_stopped(), 0, 0))
+                await _send_error(response.send, stopped, extra)
         except MeshgateError as error:
             if not response.started:
                 await _send_error(response.send, error)
@@ -634,6 +642,10 @@ class HttpEdge:
             with _tracer.start_as_current_span(
                 "POST /v1/chat/completions", context=_caller_context(scope), kind=trace.SpanKind.SERVER
             ):
+
+                async def saving() -> None:
+                    response.saving = True
+
                 events = self._pipeline.run(
                     call.request,
                     tenant,
@@ -642,6 +654,7 @@ class HttpEdge:
                     create_session=call.create_session,
                     # Streamed, the last chunk goes in one write with the end.
                     carry_last_text=call.stream,
+                    before_saving=saving,
                 )
                 async with contextlib.aclosing(events):
                     if call.stream:
@@ -819,6 +832,8 @@ class _Response:
         # The client went away before the response was complete (its
         # request's task is then cancelled: _until_disconnect).
         self.gone = False
+        # A session turn is being stored (Pipeline.run's before_saving).
+        self.saving = False
         self.hold = Hold(None)
 
     async def send(self, message) -> None:
@@ -925,8 +940,9 @@ async def _send_json(send, status: int, body) -> None:
     await send({"type": "http.response.body", "body": _json(body)})
 
 
-async def _send_error(send, error: MeshgateError) -> None:
+async def _send_error(send, error: MeshgateError, extra_headers=()) -> None:
     status, headers, body = http_error(error)
+    headers = [*headers, *extra_headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

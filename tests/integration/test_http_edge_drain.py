@@ -33,7 +33,9 @@ class EndlessPipeline(ScriptedPipeline):
     def __init__(self) -> None:
         super().__init__([])
 
-    async def run(self, request, tenant, session_id, budget, create_session=False, carry_last_text=False):
+    async def run(
+        self, request, tenant, session_id, budget, create_session=False, carry_last_text=False, **_
+    ):
         while True:
             yield Delta("word ")
             await asyncio.sleep(0.01)
@@ -132,4 +134,42 @@ async def test_a_client_gone_while_the_router_drains_is_a_disconnect_not_an_erro
     await asyncio.wait_for(stopping, 10)
     # The stream ended with its client, not at the grace's end.
     assert loop.time() - began < 2
+    assert not _app_errors(caplog)
+
+
+class SavingPipeline(ScriptedPipeline):
+    """A session turn whose whole answer is ready and which is being stored
+    when the router stops: it never finishes storing."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    async def run(self, request, tenant, session_id, budget, before_saving, **_):
+        await before_saving()
+        await asyncio.sleep(3600)
+        yield Delta("never")
+
+
+async def test_a_session_turn_cut_while_it_is_stored_tells_the_client_not_to_resend_it(caplog):
+    """The OpenAI SDKs resend a 503 by default; a session turn cut while its
+    turn was being stored may be stored, and resent it would be stored twice."""
+    settings = RouterSettings(dev_api_key=KEY)
+    edge = HttpEdge(
+        settings, {"m": ModelSettings()}, Authenticator(settings), TenantCalls(0), SavingPipeline(), None
+    )
+    server = HttpServer(edge, "127.0.0.1:0", 5.0, 65536, graceful_s=30.0)
+    await server.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(_chat_request(stream=False))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        await asyncio.wait_for(server.stop(0.3), 5)
+        answer = (await asyncio.wait_for(reader.read(), 5)).decode()
+    finally:
+        writer.close()
+    head, _, chunked = answer.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 503") and "x-should-retry: false" in head.lower()
+    error = json.loads(chunked.split("\r\n")[1])["error"]
+    assert error["code"] == "STREAM_ENDED_EARLY" and error["metadata"]["turn_may_be_stored"] == "true"
     assert not _app_errors(caplog)

@@ -40,7 +40,9 @@ class ScriptedPipeline:
         # completion instead, the pipeline records the turn cancelled).
         self.read_to_the_end = False
 
-    async def run(self, request, tenant, session_id, budget, create_session=False, carry_last_text=False):
+    async def run(
+        self, request, tenant, session_id, budget, create_session=False, carry_last_text=False, **_
+    ):
         self.carry_last_text = carry_last_text
         for event in self._events:
             yield event
@@ -211,7 +213,9 @@ class HeldPipeline:
     def __init__(self) -> None:
         self.release = asyncio.Event()
 
-    async def run(self, request, tenant, session_id, budget, create_session=False, carry_last_text=False):
+    async def run(
+        self, request, tenant, session_id, budget, create_session=False, carry_last_text=False, **_
+    ):
         await self.release.wait()
         answer = Answer(text="ok", completion_tokens=1, finish_reason="stop")
         yield Completion(answer, CacheStatus.MISS, 0.0, "", 0, "", text="ok")
@@ -345,7 +349,9 @@ class SettlingPipeline:
         self.answer = asyncio.Event()
         self.settle = asyncio.Event()
 
-    async def run(self, request, tenant, session_id, budget, create_session=False, carry_last_text=False):
+    async def run(
+        self, request, tenant, session_id, budget, create_session=False, carry_last_text=False, **_
+    ):
         if request.messages[-1].content == "wait":
             await self.answer.wait()
         answer = Answer(text="ok", completion_tokens=1, finish_reason="stop")
