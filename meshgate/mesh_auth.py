@@ -52,9 +52,10 @@ VERIFIED_TOKENS_KEPT = 4096
 
 # Extracts the tenant a request acts for; None for a method that acts for no tenant.
 TenantField = collections.abc.Callable[[Any], str] | None
-# The auth context property gRPC takes a peer's identities from when its
-# certificate has subject alternative names.
-_SAN = "x509_subject_alternative_name"
+# The auth context property holding a peer certificate's DNS subject
+# alternative names (grpc core's GRPC_PEER_DNS_PROPERTY_NAME), the names the
+# mesh's identities are.
+_DNS_NAMES = "peer_dns"
 # A method missing from a service's tenant fields: refused, so that a method
 # added later cannot slip past the check.
 _UNDECLARED = object()
@@ -334,12 +335,13 @@ class MeshGuard(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _admit(self, field, request, context: grpc.aio.ServicerContext) -> None:
-        # gRPC names a certificate without subject alternative names by its
-        # common name. The mesh's identities are alternative names (checked
-        # at load, written so by ``meshgate certs``); a certificate the CA
-        # signed for something else with the identity as its common name is
-        # not the service it names.
-        peer = (context.peer_identities() or ()) if context.peer_identity_key() == _SAN else ()
+        # The mesh's identities are DNS subject alternative names (checked at
+        # load, written so by ``meshgate certs``). gRPC's peer identities are
+        # the common name of a certificate without alternative names, and
+        # every alternative name of any type otherwise: a certificate the CA
+        # signed for something else, naming the identity as its common name
+        # or as a URI or e-mail name, is not the service it names.
+        peer = context.auth_context().get(_DNS_NAMES, ())
         if self._callers.isdisjoint(peer):
             name = b",".join(peer).decode(errors="replace") or "unknown"
             raise MeshgateError(

@@ -194,9 +194,10 @@ async def test_a_mesh_service_that_may_not_call_is_refused(mesh):
 INFERENCE = "meshgate.inference.v1.InferenceService"
 
 
-def common_name_only(identity: str) -> tuple[bytes, bytes]:
+def naming(identity: str, alternative_name: x509.GeneralName | None = None) -> tuple[bytes, bytes]:
     """A certificate of the mesh's own CA naming ``identity`` in its common
-    name only (no subject alternative name), and its key, as PEM."""
+    name, and in no subject alternative name but ``alternative_name``, and
+    its key, as PEM."""
     directory = certs_dir()
     ca_key = serialization.load_pem_private_key(certs.key_path(directory, "ca").read_bytes(), None)
     ca_cert = x509.load_pem_x509_certificate(certs.ca_path(directory).read_bytes())
@@ -214,21 +215,28 @@ def common_name_only(identity: str) -> tuple[bytes, bytes]:
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
-        .sign(ca_key, hashes.SHA256())
     )
+    if alternative_name is not None:
+        cert = cert.add_extension(x509.SubjectAlternativeName([alternative_name]), critical=False)
+    cert = cert.sign(ca_key, hashes.SHA256())
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-async def test_a_certificate_naming_the_router_in_its_common_name_only_is_not_the_router(mesh):
+@pytest.mark.parametrize(
+    "alternative_name",
+    [None, x509.UniformResourceIdentifier("meshgate-router"), x509.RFC822Name("meshgate-router")],
+    ids=["common name only", "URI name", "e-mail name"],
+)
+async def test_a_certificate_naming_the_router_not_as_a_dns_name_is_not_the_router(mesh, alternative_name):
     """gRPC reports a certificate's common name as its identity when it has
-    no subject alternative name; the mesh's names are alternative names
-    (``meshgate certs`` writes them so), and a common name is not checked
-    by anyone: a certificate some other tool had the mesh's CA sign for
+    no subject alternative name, and every alternative name of any type when
+    it has some; the mesh's names are DNS names (``meshgate certs`` writes
+    them so): a certificate some other tool had the mesh's CA sign for
     "meshgate-router" must not pass for the router."""
-    cert, key = common_name_only(mesh_auth.identity("router"))
+    cert, key = naming(mesh_auth.identity("router"), alternative_name)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=certs.ca_path(certs_dir()).read_bytes(), private_key=key, certificate_chain=cert
     )
