@@ -50,14 +50,13 @@ from meshgate.errors import (
     invalid_argument,
     not_found,
     partly_delivered,
-    unavailable,
 )
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.admission import Hold, TenantCalls
 from services.router.auth import Authenticator, Tenant
 from services.router.embeddings import Embeddings
-from services.router.pipeline import Budget, Completion, Delta, Failure, Pipeline
+from services.router.pipeline import Budget, Completion, Delta, Failure, Pipeline, stopped
 
 log = structlog.get_logger(__name__)
 _tracer = trace.get_tracer("meshgate.http")
@@ -519,11 +518,6 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 _MODEL_PATH = "/v1/models/"
 
 
-def _stopped() -> MeshgateError:
-    """What a request the router's grace cuts ends with (HttpServer.stop)."""
-    return unavailable(Reason.STREAM_ENDED_EARLY, "the router stopped before the answer was complete")
-
-
 class _Disconnected(Exception):
     """The client hung up before the response was complete."""
 
@@ -606,16 +600,16 @@ class HttpEdge:
             # Cut by the router's grace before its answer began (a whole
             # answer, or a stream before its first piece): a 503 in OpenAI's
             # shape, not uvicorn's plain-text 500; then ended as answered.
-            stopped = partly_delivered(_stopped(), 0, 0)
+            cut = partly_delivered(stopped(), 0, 0)
             extra: list[tuple[bytes, bytes]] = []
             if response.saving:
                 # A session turn cut while it was being stored may be
                 # stored: the OpenAI SDKs resend a 503 unless told not to,
                 # and a resent turn would be stored twice.
-                stopped.metadata["turn_may_be_stored"] = "true"
+                cut.metadata["turn_may_be_stored"] = "true"
                 extra.append((b"x-should-retry", b"false"))
             with contextlib.suppress(Exception):
-                await _send_error(response.send, stopped, extra)
+                await _send_error(response.send, cut, extra)
         except MeshgateError as error:
             if not response.started:
                 await _send_error(response.send, error)
@@ -688,7 +682,7 @@ class HttpEdge:
             # with an error event, as a failure midway does, never as a
             # silent short answer. The request then ends as answered: raised
             # on, the cancellation would be logged as an error of the app.
-            body = b"data: " + _json(error_body(partly_delivered(_stopped(), *sent))) + b"\n\n"
+            body = b"data: " + _json(error_body(partly_delivered(stopped(), *sent))) + b"\n\n"
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": body})
 

@@ -53,6 +53,7 @@ from meshgate.errors import (
     invalid_argument,
     not_found,
     partly_delivered,
+    unavailable,
 )
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as router_pb
@@ -230,6 +231,12 @@ class Failure:
 
 
 Event = Delta | Completion | Failure
+
+
+def stopped() -> MeshgateError:
+    """What a turn the router's stop cuts, when its grace ends, fails with
+    (the front ends add delivered_*: partly_delivered)."""
+    return unavailable(Reason.STREAM_ENDED_EARLY, "the router stopped before the answer was complete")
 
 
 @dataclasses.dataclass(frozen=True)

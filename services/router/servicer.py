@@ -14,7 +14,7 @@ import structlog
 from google.protobuf import message_factory
 
 from meshgate.config import Settings
-from meshgate.errors import MeshgateError, internal_error, invalid_argument
+from meshgate.errors import MeshgateError, internal_error, invalid_argument, partly_delivered
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
@@ -22,7 +22,7 @@ from services.router.admission import SessionStreams
 from services.router.auth import check_caller_key, current_caller
 from services.router.keys import check_tenant_id
 from services.router.ledger import METRICS, Ledger
-from services.router.pipeline import Budget, CacheStatus, Completion, Delta, Failure, Pipeline
+from services.router.pipeline import Budget, CacheStatus, Completion, Delta, Failure, Pipeline, stopped
 
 _CACHE_STATUS = {
     CacheStatus.EXACT_HIT: pb.CACHE_STATUS_EXACT_HIT,
@@ -68,6 +68,50 @@ SESSION_METADATA_KEY = "meshgate-session-id"
 ADMITTED_METADATA = (("meshgate-admitted", "1"),)
 
 
+class _Turns:
+    """The Chat and ChatSession calls open on this router, so that a stop can
+    end those still in a turn just before its grace runs out, each with a
+    status that says how much of the answer went out (STREAM_ENDED_EARLY,
+    delivered_*), where gRPC would cancel them with a bare UNAVAILABLE
+    ("Cancelling all calls")."""
+
+    def __init__(self) -> None:
+        self._open: set[asyncio.Task] = set()
+        self._cut: set[asyncio.Task] = set()
+        self._none_open = asyncio.Event()
+
+    @contextlib.contextmanager
+    def open(self):
+        task = asyncio.current_task()
+        self._open.add(task)
+        try:
+            yield
+        finally:
+            self._open.discard(task)
+            self._cut.discard(task)
+            if not self._open:
+                self._none_open.set()
+
+    def cut_here(self) -> bool:
+        """Whether the cancellation being handled is :meth:`cut_after`'s
+        (then taken back: the call ends with its own status instead)."""
+        task = asyncio.current_task()
+        if task not in self._cut:
+            return False
+        task.uncancel()
+        return True
+
+    async def cut_after(self, seconds: float) -> None:
+        """Cancels the calls still open after ``seconds`` (none left: sooner)."""
+        if self._open:
+            self._none_open.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._none_open.wait(), max(0.0, seconds))
+        for task in list(self._open):
+            self._cut.add(task)
+            task.cancel()
+
+
 class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
     def __init__(self, settings: Settings, pipeline: Pipeline, ledger: Ledger) -> None:
         self._models = settings.models
@@ -78,6 +122,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         # Set once the router starts to stop (drain): ChatSession streams
         # end between turns instead of holding the grace open, idle.
         self._stopping: asyncio.Future | None = None
+        self._turns = _Turns()
 
     async def drain(self, grace_s: float) -> None:
         """serving.stop's drain (services/router/app.py): an idle ChatSession
@@ -90,6 +135,9 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         stopping = self._stopping_future()
         if not stopping.done():  # a second stop
             stopping.set_result(None)
+        # A turn still running near the grace's end (a long generation) is
+        # ended here, saying how much went out, before gRPC cancels it bare.
+        await self._turns.cut_after(grace_s - min(1.0, grace_s / 4))
 
     def _stopping_future(self) -> asyncio.Future:
         if self._stopping is None:
@@ -110,7 +158,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                     reading.cancel()
             if not stopping.done():
                 return reading.result()
-            if not reading.cancelled():
+            if reading.done() and not reading.cancelled():
                 reading.exception()  # retrieved: the stream ends for the stop, not for it
         metadata = {"session_id": session_id} if session_id else {}
         if version is not None:
@@ -182,25 +230,35 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         Serialized here: a unary handler's context has no response serializer,
         so what it writes, and what this returns, goes out as given."""
         completion = None
-        async with contextlib.aclosing(self.Chat(request, context)) as responses:
-            async for response in responses:
-                if response.HasField("completion"):  # the last message: nothing follows it
-                    completion = response.SerializeToString()
-                    continue
-                try:
-                    await context.write(response.SerializeToString())
-                except grpc.aio.InternalError as error:
-                    # The write's batch failed in gRPC's core, which has
-                    # ended the call: its caller went away (closed its
-                    # connection, or cancelled) while the write was under
-                    # way, before gRPC told this handler. Ended as when gRPC
-                    # tells first: the error interceptor records CANCELLED,
-                    # aborts nothing, logs nothing. (A delta over the send
-                    # limit fails alike: its caller gets core's
-                    # RESOURCE_EXHAUSTED. A yielding handler's writes are
-                    # gRPC's own, which drops a failed write of a call its
-                    # caller closed.)
-                    raise asyncio.CancelledError() from error
+        deltas = chars = 0
+        with self._turns.open():
+            try:
+                async with contextlib.aclosing(self.Chat(request, context)) as responses:
+                    async for response in responses:
+                        if response.HasField("completion"):  # the last message: nothing follows it
+                            completion = response.SerializeToString()
+                            continue
+                        try:
+                            await context.write(response.SerializeToString())
+                        except grpc.aio.InternalError as error:
+                            # The write's batch failed in gRPC's core, which
+                            # has ended the call: its caller went away (closed
+                            # its connection, or cancelled) while the write was
+                            # under way, before gRPC told this handler. Ended
+                            # as when gRPC tells first: the error interceptor
+                            # records CANCELLED, aborts nothing, logs nothing.
+                            # (A delta over the send limit fails alike: its
+                            # caller gets core's RESOURCE_EXHAUSTED. A yielding
+                            # handler's writes are gRPC's own, which drops a
+                            # failed write of a call its caller closed.)
+                            raise asyncio.CancelledError() from error
+                        deltas += 1
+                        chars += len(response.delta.text)
+            except asyncio.CancelledError:
+                if not self._turns.cut_here():
+                    raise
+                # The router's stop, near its grace's end (drain).
+                raise partly_delivered(stopped(), deltas, chars) from None
         if completion is None:
             # The pipeline ends every turn with a completion or a failure:
             # this is a bug, never an answer to pass off as OK.
@@ -225,52 +283,67 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         # Admitted: the client learns it now, not with the first answer, so
         # it can wait for this before writing a turn (ADMITTED_METADATA).
         await context.send_initial_metadata(ADMITTED_METADATA)
-        requests = aiter(request_iterator)
-        version = None  # the session's, after a turn of this stream
-        while (request := await self._next_turn(requests, session_id, version)) is not None:
-            session_id = request.session_id or session_id
-            # The key was checked when the stream opened, and a stream may
-            # stay open for hours: each turn checks it again, from the key
-            # cache (no Redis call while its record is under 0.5 s old), so a
-            # key revoked or expired since is refused within a second, as a
-            # new call with it is. That turn fails in the stream, then the
-            # call ends with the same status: no later turn could be served.
-            # (A client pipelining turns may read that status as grpc's local
-            # INTERNAL, grpc/grpc#36066 below: the failure carries the reason
-            # either way.) Where Redis cannot tell (UNAVAILABLE) the turn
-            # fails closed and the stream goes on, as after any failed turn.
-            try:
-                await check_caller_key()
-            except MeshgateError as error:
-                yield pb.ChatSessionResponse(failure=error.to_status_proto().SerializeToString())
-                if error.code == grpc.StatusCode.UNAUTHENTICATED:
-                    raise
-                continue
-            # A failed turn is reported in the stream, which stays open: ending
-            # the call while the client is still sending pipelined turns lets
-            # grpc's asyncio client replace our status with "Internal error
-            # from Core" (grpc/grpc#36066), and the next turn may well succeed.
-            turn = self._pipeline.run(
-                request,
-                tenant,
-                session_id,
-                Budget.of(context.time_remaining()),
-                create_session=not session_id,
-                carry_last_text=request.completion_may_carry_text,
-            )
-            async with contextlib.aclosing(turn) as events:
-                async for event in events:
-                    match event:
-                        case Delta(text=text):
-                            yield pb.ChatSessionResponse(delta=pb.TextDelta(text=text))
-                        case Completion():
-                            session_id, version = event.session_id, event.session_version
-                            yield pb.ChatSessionResponse(completion=completion_proto(event))
-                        case Failure(error=error, session_id=created):
-                            # A first turn that created its session, then
-                            # failed: the next turns go on with that session.
-                            session_id = created or session_id
-                            yield pb.ChatSessionResponse(failure=error.to_status_proto().SerializeToString())
+        with self._turns.open():
+            requests = aiter(request_iterator)
+            version = None  # the session's, after a turn of this stream
+            while (request := await self._next_turn(requests, session_id, version)) is not None:
+                session_id = request.session_id or session_id
+                # The key was checked when the stream opened, and a stream may
+                # stay open for hours: each turn checks it again, from the key
+                # cache (no Redis call while its record is under 0.5 s old), so a
+                # key revoked or expired since is refused within a second, as a
+                # new call with it is. That turn fails in the stream, then the
+                # call ends with the same status: no later turn could be served.
+                # (A client pipelining turns may read that status as grpc's local
+                # INTERNAL, grpc/grpc#36066 below: the failure carries the reason
+                # either way.) Where Redis cannot tell (UNAVAILABLE) the turn
+                # fails closed and the stream goes on, as after any failed turn.
+                try:
+                    await check_caller_key()
+                except MeshgateError as error:
+                    yield pb.ChatSessionResponse(failure=error.to_status_proto().SerializeToString())
+                    if error.code == grpc.StatusCode.UNAUTHENTICATED:
+                        raise
+                    continue
+                # A failed turn is reported in the stream, which stays open: ending
+                # the call while the client is still sending pipelined turns lets
+                # grpc's asyncio client replace our status with "Internal error
+                # from Core" (grpc/grpc#36066), and the next turn may well succeed.
+                turn = self._pipeline.run(
+                    request,
+                    tenant,
+                    session_id,
+                    Budget.of(context.time_remaining()),
+                    create_session=not session_id,
+                    carry_last_text=request.completion_may_carry_text,
+                )
+                deltas = chars = 0
+                try:
+                    async with contextlib.aclosing(turn) as events:
+                        async for event in events:
+                            match event:
+                                case Delta(text=text):
+                                    yield pb.ChatSessionResponse(delta=pb.TextDelta(text=text))
+                                    deltas += 1
+                                    chars += len(text)
+                                case Completion():
+                                    session_id, version = event.session_id, event.session_version
+                                    yield pb.ChatSessionResponse(completion=completion_proto(event))
+                                case Failure(error=error, session_id=created):
+                                    # A first turn that created its session, then
+                                    # failed: the next turns go on with that session.
+                                    session_id = created or session_id
+                                    failure = error.to_status_proto().SerializeToString()
+                                    yield pb.ChatSessionResponse(failure=failure)
+                except asyncio.CancelledError:
+                    if not self._turns.cut_here():
+                        raise
+                    # The router's stop, near its grace's end (drain): the
+                    # turn may be stored if its answer had all gone out.
+                    cut = partly_delivered(stopped(), deltas, chars)
+                    if session_id:
+                        cut.metadata["session_id"] = session_id
+                    raise cut from None
 
     async def CreateSession(self, request, context) -> pb.CreateSessionResponse:
         tenant = current_caller()

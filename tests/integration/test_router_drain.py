@@ -62,15 +62,16 @@ async def two_routers(redis_url, inference_address):
         yield settings, one, two
 
 
-def late_first_append_reply(monkeypatch, delay_s: float) -> asyncio.Event:
-    """Makes the context service answer the next append ``delay_s`` late,
-    once it is stored; the event is set when that append has been stored."""
+def late_first_append_reply(monkeypatch, delay_s: float, every: bool = False) -> asyncio.Event:
+    """Makes the context service answer the next append (``every`` one)
+    ``delay_s`` late, once it is stored; the event is set when that append
+    has been stored."""
     appended = asyncio.Event()
     append = session_store.SessionStore.append
 
     async def late_reply(self, *args, **kwargs):
         stored = await append(self, *args, **kwargs)
-        if not appended.is_set():
+        if every or not appended.is_set():
             appended.set()
             await asyncio.sleep(delay_s)
         return stored
@@ -179,3 +180,41 @@ async def test_chat_session_streams_end_between_turns_once_the_router_stops(two_
         }
         await stopping
         assert time.monotonic() - started < 10, "the streams did not hold the router for its grace"
+
+
+async def test_turns_still_running_when_the_grace_ends_say_how_much_went_out(two_routers, monkeypatch):
+    """A turn longer than the grace (a long generation; here an append whose
+    reply is late) was cancelled by gRPC with a bare UNAVAILABLE ("Cancelling
+    all calls", no ErrorInfo); the router now ends it just before, saying
+    how much of the answer went out."""
+    _, (service, address), _ = two_routers
+    appended = late_first_append_reply(monkeypatch, 30.0, every=True)
+    turn = {
+        "model": "tiny-gpt",
+        "messages": [common_pb2.Message(role=common_pb2.ROLE_USER, content="hello there")],
+        "parameters": common_pb2.GenerationParameters(max_tokens=4),
+        "cache_policy": pb.CACHE_POLICY_BYPASS,
+    }
+    async with bounded_channel(address) as channel:
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+        created = await stub.CreateSession(pb.CreateSessionRequest(), metadata=AUTH, timeout=10)
+        chat = stub.Chat(pb.ChatRequest(session_id=created.session_id, **turn), metadata=AUTH, timeout=60)
+        session = stub.ChatSession(metadata=AUTH, timeout=60)
+        await session.write(pb.ChatSessionRequest(**turn))
+
+        async def refusal(call) -> tuple[grpc.StatusCode, str, dict]:
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                async for _ in call:
+                    pass
+            return refusal_of(ended.value)
+
+        await asyncio.wait_for(appended.wait(), 30)
+        await asyncio.sleep(0.5)  # both turns are being stored
+        started = time.monotonic()
+        stopping = asyncio.ensure_future(serving.stop(service, grace_s=2.0))
+        for call in (chat, session):
+            code, reason, metadata = await refusal(call)
+            assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "STREAM_ENDED_EARLY"), call
+            assert int(metadata["delivered_deltas"]) >= 0 and "delivered_chars" in metadata
+        assert time.monotonic() - started < 2.0, "ended by the router before the grace ran out"
+        await stopping
