@@ -637,7 +637,7 @@ class HttpEdge:
                 "POST /v1/chat/completions", context=_caller_context(scope), kind=trace.SpanKind.SERVER
             ):
 
-                async def saving() -> None:
+                async def saving(session_id: str) -> None:
                     response.saving = True
 
                 events = self._pipeline.run(

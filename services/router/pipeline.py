@@ -481,15 +481,16 @@ class Pipeline:
         budget: Budget,
         create_session: bool = False,
         carry_last_text: bool = False,
-        before_saving: collections.abc.Callable[[], collections.abc.Awaitable[None]] | None = None,
+        before_saving: collections.abc.Callable[[str], collections.abc.Awaitable[None]] | None = None,
     ) -> collections.abc.AsyncIterator[Event]:
         """The turn's events: deltas, then a Completion or a Failure.
         ``carry_last_text``: the answer's last piece, when known (Delta.last),
         comes on the Completion (``text``) instead of as a delta, for a front
         end that sends the two as one message or write; before a Failure it
         still comes as a delta (the failure counts it delivered).
-        ``before_saving`` is awaited before a session turn is appended: from
-        then on the turn may be stored, so a front end whose transport may
+        ``before_saving(session_id)`` is awaited before a session turn is
+        appended (the session created for it, if it was): from then on the
+        turn may be stored, so a front end whose transport may
         resend a call that sent nothing yet (gRPC's retry policy) commits
         it there; a turn held whole for the completion has sent nothing."""
         started = time.perf_counter()
@@ -644,7 +645,7 @@ class Pipeline:
         facts: _TurnFacts,
         turn_started: float,
         early_lookup: asyncio.Future | None = None,
-        before_saving: collections.abc.Callable[[], collections.abc.Awaitable[None]] | None = None,
+        before_saving: collections.abc.Callable[[str], collections.abc.Awaitable[None]] | None = None,
     ) -> collections.abc.AsyncIterator[Event]:
         started = time.perf_counter()
         turn_metrics = metrics.router()
@@ -760,7 +761,7 @@ class Pipeline:
             )
         if not stateless:
             if before_saving is not None:
-                await before_saving()
+                await before_saving(session_id)
             saving.append(self._contexts.append(turn, session_id, version, answer))
         try:
             saved = await asyncio.gather(*saving)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 
 import grpc
@@ -68,6 +69,38 @@ SESSION_METADATA_KEY = "meshgate-session-id"
 ADMITTED_METADATA = (("meshgate-admitted", "1"),)
 
 
+@dataclasses.dataclass(slots=True)
+class _Call:
+    """A Chat or ChatSession call as the stop sees it (_Turns)."""
+
+    task: asyncio.Task
+    # The router's stop asked this call to end (cut_after).
+    cut: bool = False
+    # A ChatSession is between handing gRPC a message and gRPC taking the
+    # next: cancelled there, gRPC's own write would take the cancel and
+    # close the handler unseen (a bare status). The cut waits for it.
+    writing: bool = False
+    # The turn is being stored, or is: a cut turn may be stored.
+    saving: bool = False
+    # The session a turn created, once it is known (before it is stored).
+    session_id: str = ""
+
+    def failure(self, deltas: int, chars: int, session_id: str = "") -> MeshgateError:
+        """The status a turn the stop cut ends with: how much went out, and
+        whether it may be stored (then the client must not resend it)."""
+        cut = partly_delivered(stopped(), deltas, chars)
+        if session_id or self.session_id:
+            cut.metadata["session_id"] = session_id or self.session_id
+        if self.saving:
+            cut.metadata["turn_may_be_stored"] = "true"
+        return cut
+
+    async def saving_turn(self, session_id: str) -> None:
+        """Pipeline.run's before_saving."""
+        self.saving = True
+        self.session_id = session_id
+
+
 class _Turns:
     """The Chat and ChatSession calls open on this router, so that a stop can
     end those still in a turn just before its grace runs out, each with a
@@ -76,40 +109,41 @@ class _Turns:
     ("Cancelling all calls")."""
 
     def __init__(self) -> None:
-        self._open: set[asyncio.Task] = set()
-        self._cut: set[asyncio.Task] = set()
+        self._open: dict[asyncio.Task, _Call] = {}
         self._none_open = asyncio.Event()
 
     @contextlib.contextmanager
     def open(self):
         task = asyncio.current_task()
-        self._open.add(task)
+        call = self._open[task] = _Call(task)
         try:
-            yield
+            yield call
         finally:
-            self._open.discard(task)
-            self._cut.discard(task)
+            del self._open[task]
             if not self._open:
                 self._none_open.set()
 
-    def cut_here(self) -> bool:
+    @staticmethod
+    def cut_here(call: _Call) -> bool:
         """Whether the cancellation being handled is :meth:`cut_after`'s
         (then taken back: the call ends with its own status instead)."""
-        task = asyncio.current_task()
-        if task not in self._cut:
+        if not call.cut:
             return False
-        task.uncancel()
+        call.task.uncancel()
         return True
 
     async def cut_after(self, seconds: float) -> None:
-        """Cancels the calls still open after ``seconds`` (none left: sooner)."""
+        """Ends the calls still open after ``seconds`` (none left: sooner):
+        cancels each, but one in a gRPC write, which sees the cut when the
+        write is done."""
         if self._open:
             self._none_open.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._none_open.wait(), max(0.0, seconds))
-        for task in list(self._open):
-            self._cut.add(task)
-            task.cancel()
+        for call in list(self._open.values()):
+            call.cut = True
+            if not call.writing:
+                call.task.cancel()
 
 
 class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
@@ -175,18 +209,20 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         self._retention_days = settings.router.usage_retention_days
         self.session_streams.reconfigure(settings.router.max_session_streams_per_tenant)
 
-    async def Chat(self, request: pb.ChatRequest, context):
+    async def Chat(self, request: pb.ChatRequest, context, call: _Call | None = None):
         tenant = current_caller()
         budget = Budget.of(context.time_remaining())
         sent = False
 
-        async def commit() -> None:
+        async def commit(session_id: str) -> None:
             """Chat is in the mesh's retry policy (serving.RETRYABLE_METHODS):
             a client's channel resends a call that got nothing back, to
             another router. A session turn about to be appended must not be
             resent: it would be stored (and charged) twice. Its headers go
             out now, which commits the call; a one-piece answer held for the
             completion has written nothing yet."""
+            if call is not None:
+                await call.saving_turn(session_id)
             if not sent:
                 try:
                     await context.send_initial_metadata(())
@@ -231,13 +267,17 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         so what it writes, and what this returns, goes out as given."""
         completion = None
         deltas = chars = 0
-        with self._turns.open():
+        with self._turns.open() as call:
             try:
-                async with contextlib.aclosing(self.Chat(request, context)) as responses:
+                async with contextlib.aclosing(self.Chat(request, context, call)) as responses:
                     async for response in responses:
                         if response.HasField("completion"):  # the last message: nothing follows it
                             completion = response.SerializeToString()
                             continue
+                        # Counted before it goes: a write the cut lands in
+                        # still completes in gRPC's core.
+                        deltas += 1
+                        chars += len(response.delta.text)
                         try:
                             await context.write(response.SerializeToString())
                         except grpc.aio.InternalError as error:
@@ -252,13 +292,14 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                             # handler's writes are gRPC's own, which drops a
                             # failed write of a call its caller closed.)
                             raise asyncio.CancelledError() from error
-                        deltas += 1
-                        chars += len(response.delta.text)
             except asyncio.CancelledError:
-                if not self._turns.cut_here():
+                if not self._turns.cut_here(call):
                     raise
-                # The router's stop, near its grace's end (drain).
-                raise partly_delivered(stopped(), deltas, chars) from None
+                # The router's stop, near its grace's end (drain); the
+                # answer is whole once its completion is here (the turn was
+                # settling).
+                if completion is None:
+                    raise call.failure(deltas, chars) from None
         if completion is None:
             # The pipeline ends every turn with a completion or a failure:
             # this is a bug, never an answer to pass off as OK.
@@ -283,7 +324,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         # Admitted: the client learns it now, not with the first answer, so
         # it can wait for this before writing a turn (ADMITTED_METADATA).
         await context.send_initial_metadata(ADMITTED_METADATA)
-        with self._turns.open():
+        with self._turns.open() as call:
             requests = aiter(request_iterator)
             version = None  # the session's, after a turn of this stream
             while (request := await self._next_turn(requests, session_id, version)) is not None:
@@ -309,6 +350,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 # the call while the client is still sending pipelined turns lets
                 # grpc's asyncio client replace our status with "Internal error
                 # from Core" (grpc/grpc#36066), and the next turn may well succeed.
+                call.saving, call.session_id = False, ""
                 turn = self._pipeline.run(
                     request,
                     tenant,
@@ -316,34 +358,43 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                     Budget.of(context.time_remaining()),
                     create_session=not session_id,
                     carry_last_text=request.completion_may_carry_text,
+                    before_saving=call.saving_turn,
                 )
                 deltas = chars = 0
+                done = False  # its completion or failure went out
                 try:
                     async with contextlib.aclosing(turn) as events:
                         async for event in events:
                             match event:
                                 case Delta(text=text):
-                                    yield pb.ChatSessionResponse(delta=pb.TextDelta(text=text))
+                                    message = pb.ChatSessionResponse(delta=pb.TextDelta(text=text))
                                     deltas += 1
                                     chars += len(text)
                                 case Completion():
                                     session_id, version = event.session_id, event.session_version
-                                    yield pb.ChatSessionResponse(completion=completion_proto(event))
+                                    message = pb.ChatSessionResponse(completion=completion_proto(event))
+                                    done = True
                                 case Failure(error=error, session_id=created):
                                     # A first turn that created its session, then
                                     # failed: the next turns go on with that session.
                                     session_id = created or session_id
                                     failure = error.to_status_proto().SerializeToString()
-                                    yield pb.ChatSessionResponse(failure=failure)
+                                    message = pb.ChatSessionResponse(failure=failure)
+                                    done = True
+                            # gRPC writes it while this waits (_Call.writing).
+                            call.writing = True
+                            yield message
+                            call.writing = False
+                            if call.cut:
+                                if done:
+                                    break  # the turn is whole: the stop's status comes next
+                                raise call.failure(deltas, chars, session_id)
                 except asyncio.CancelledError:
-                    if not self._turns.cut_here():
+                    if not self._turns.cut_here(call):
                         raise
-                    # The router's stop, near its grace's end (drain): the
-                    # turn may be stored if its answer had all gone out.
-                    cut = partly_delivered(stopped(), deltas, chars)
-                    if session_id:
-                        cut.metadata["session_id"] = session_id
-                    raise cut from None
+                    # The router's stop, near its grace's end (drain).
+                    if not done:
+                        raise call.failure(deltas, chars, session_id) from None
 
     async def CreateSession(self, request, context) -> pb.CreateSessionResponse:
         tenant = current_caller()

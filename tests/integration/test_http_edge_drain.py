@@ -145,7 +145,7 @@ class SavingPipeline(ScriptedPipeline):
         super().__init__([])
 
     async def run(self, request, tenant, session_id, budget, before_saving, **_):
-        await before_saving()
+        await before_saving("session-1")
         await asyncio.sleep(3600)
         yield Delta("never")
 

@@ -202,19 +202,26 @@ async def test_turns_still_running_when_the_grace_ends_say_how_much_went_out(two
         session = stub.ChatSession(metadata=AUTH, timeout=60)
         await session.write(pb.ChatSessionRequest(**turn))
 
-        async def refusal(call) -> tuple[grpc.StatusCode, str, dict]:
+        async def refusal(call) -> tuple[grpc.StatusCode, str, dict, list[str]]:
+            deltas = []
             with pytest.raises(grpc.aio.AioRpcError) as ended:
-                async for _ in call:
-                    pass
-            return refusal_of(ended.value)
+                async for response in call:
+                    deltas.append(response.delta.text)
+            return (*refusal_of(ended.value), deltas)
 
         await asyncio.wait_for(appended.wait(), 30)
         await asyncio.sleep(0.5)  # both turns are being stored
         started = time.monotonic()
         stopping = asyncio.ensure_future(serving.stop(service, grace_s=2.0))
         for call in (chat, session):
-            code, reason, metadata = await refusal(call)
+            code, reason, metadata, deltas = await refusal(call)
             assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "STREAM_ENDED_EARLY"), call
-            assert int(metadata["delivered_deltas"]) >= 0 and "delivered_chars" in metadata
+            # How much went out, and that the turn may be stored: the
+            # client must not send it again.
+            assert int(metadata["delivered_deltas"]) == len(deltas) > 0
+            assert int(metadata["delivered_chars"]) == len("".join(deltas))
+            assert metadata["turn_may_be_stored"] == "true"
+        # The ChatSession's turn created its session: the client learns which.
+        assert metadata["session_id"]
         assert time.monotonic() - started < 2.0, "ended by the router before the grace ran out"
         await stopping
