@@ -44,7 +44,14 @@ lint: install
 	else echo "buf breaking: no main branch to compare with"; fi
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not stub_faults"
+
+# A real Triton's Python-backend stub killed under streams (tests marked
+# stub_faults, ~40 s): behind its own target since it was seen to fail under
+# a full suite's load on 2 cores (one of two Tritons dropped its connections
+# at the test's start; passes alone).
+test-stub-faults: install
+	$(PY) -m pytest -q -m stub_faults tests/integration
 
 # The hermetic tier alone: no Redis, Triton, service or socket (tests/unit's
 # conftest refuses IP sockets), no model weights (tests marked heavy); ~1 min.

@@ -26,7 +26,11 @@ from tests.integration.conftest import running_inference
 from tests.integration.test_triton_failover import generate, two_tritons  # noqa: F401 (a fixture)
 from tests.mesh import mesh_settings, router_channel
 
-pytestmark = pytest.mark.integration
+# Not in `make test`: under a full suite's load on 2 cores one of the two
+# Tritons once dropped its connections as the streams started (its process
+# alive, its log silent), before any stub was killed; alone it passes
+# (make test-stub-faults). The units behind it are tested in tests/unit.
+pytestmark = [pytest.mark.integration, pytest.mark.stub_faults]
 
 STREAMS = 4
 # Far above a refusal's ~1-2 s, so that what ends the stranded streams first
