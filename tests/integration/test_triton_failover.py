@@ -43,6 +43,23 @@ def generate_request(text: str, max_tokens: int) -> pb.GenerateRequest:
     )
 
 
+async def streaming(stub, count: int) -> list[asyncio.Task]:
+    """``count`` long generations ("story <n>", 400 tokens), once each has
+    sent its first delta; each task ends as :func:`generate`."""
+    all_started = asyncio.Event()
+    started = 0
+
+    def count_start():
+        nonlocal started
+        started += 1
+        if started == count:
+            all_started.set()
+
+    streams = [asyncio.create_task(generate(stub, f"story {n}", 400, count_start)) for n in range(count)]
+    await asyncio.wait_for(all_started.wait(), 60)
+    return streams
+
+
 async def generate(stub, text: str, max_tokens: int, on_first_delta=None):
     """One Generate to its end: (text delivered, completion or None, error or None)."""
     delivered, completion = "", None
@@ -67,20 +84,8 @@ async def test_killed_triton_ends_its_streams_with_counts_and_loses_no_new_reque
     # Both backends in rotation before the load starts.
     async with running_inference(settings) as address, router_channel(address, "inference") as channel:
         stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
-        all_started = asyncio.Event()
-        started = 0
-
-        def count_start():
-            nonlocal started
-            started += 1
-            if started == IN_FLIGHT:
-                all_started.set()
-
         # Long answers, so every stream is still running at the kill.
-        in_flight = [
-            asyncio.create_task(generate(stub, f"story {n}", 400, count_start)) for n in range(IN_FLIGHT)
-        ]
-        await asyncio.wait_for(all_started.wait(), 60)
+        in_flight = await streaming(stub, IN_FLIGHT)
         killed = processes[0]
         killed.send_signal(signal.SIGKILL)
         # Sent right after the kill, before the health probes notice it:

@@ -23,7 +23,7 @@ from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.reasons import Reason
 from tests.integration.conftest import running_inference
-from tests.integration.test_triton_failover import generate, two_tritons  # noqa: F401 (a fixture)
+from tests.integration.test_triton_failover import generate, streaming, two_tritons  # noqa: F401 (a fixture)
 from tests.mesh import mesh_settings, router_channel
 
 # Not in `make test`: under a full suite's load on 2 cores one of the two
@@ -78,19 +78,7 @@ async def test_a_killed_stubs_streams_end_with_counts_and_what_it_refuses_goes_t
             health = await stub.GetBackendHealth(pb.GetBackendHealthRequest(), timeout=5)
             return {b.address: b.in_flight for b in health.backends}
 
-        all_started = asyncio.Event()
-        started = 0
-
-        def count_start():
-            nonlocal started
-            started += 1
-            if started == STREAMS:
-                all_started.set()
-
-        streams = [
-            asyncio.create_task(generate(stub, f"story {n}", 400, count_start)) for n in range(STREAMS)
-        ]
-        await asyncio.wait_for(all_started.wait(), 60)
+        streams = await streaming(stub, STREAMS)
         load = await in_flight()
         dead_url = max(urls, key=load.get)
         (live_url,) = [url for url in urls if url != dead_url]
