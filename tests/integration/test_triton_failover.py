@@ -43,6 +43,12 @@ def generate_request(text: str, max_tokens: int) -> pb.GenerateRequest:
     )
 
 
+async def in_flight(stub) -> dict[str, int]:
+    """Each Triton server's calls in flight, as the inference service counts them."""
+    health = await stub.GetBackendHealth(pb.GetBackendHealthRequest(), timeout=5)
+    return {b.address: b.in_flight for b in health.backends}
+
+
 async def streaming(stub, count: int) -> list[asyncio.Task]:
     """``count`` long generations ("story <n>", 400 tokens), once each has
     sent its first delta; each task ends as :func:`generate`."""
@@ -85,13 +91,13 @@ async def test_killed_triton_ends_its_streams_with_counts_and_loses_no_new_reque
     async with running_inference(settings) as address, router_channel(address, "inference") as channel:
         stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
         # Long answers, so every stream is still running at the kill.
-        in_flight = await streaming(stub, IN_FLIGHT)
+        streams = await streaming(stub, IN_FLIGHT)
         killed = processes[0]
         killed.send_signal(signal.SIGKILL)
         # Sent right after the kill, before the health probes notice it:
         # those given to the dead server must go to the other one.
         fresh = await asyncio.gather(*(generate(stub, f"story {100 + n}", 4) for n in range(NOT_YET_STARTED)))
-        finished = await asyncio.gather(*in_flight)
+        finished = await asyncio.gather(*streams)
         killed.wait(10)
 
     lost = [error for text, _, error in fresh if error is not None]
@@ -128,14 +134,10 @@ async def test_a_stopped_triton_ends_its_calls_once_the_probes_take_it_out(two_t
     async with running_inference(settings) as address, router_channel(address, "inference") as channel:
         stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
 
-        async def in_flight() -> dict[str, int]:
-            health = await stub.GetBackendHealth(pb.GetBackendHealthRequest(), timeout=5)
-            return {b.address: b.in_flight for b in health.backends}
-
         answering = asyncio.Event()
         long_stream = asyncio.create_task(generate(stub, "a long story", 400, answering.set))
         await asyncio.wait_for(answering.wait(), 60)
-        (stopped_url,) = [url for url, calls in (await in_flight()).items() if calls]
+        (stopped_url,) = [url for url, calls in (await in_flight(stub)).items() if calls]
         (live_url,) = [url for url in urls if url != stopped_url]
         stopped = processes[urls.index(stopped_url)]
         try:
@@ -144,14 +146,14 @@ async def test_a_stopped_triton_ends_its_calls_once_the_probes_take_it_out(two_t
             fresh = [asyncio.create_task(generate(stub, f"question {n}", 8)) for n in range(3)]
             # One of them waits on the stopped server, with no response yet.
             async with asyncio.timeout(5):
-                while (await in_flight())[stopped_url] < 2:
+                while (await in_flight(stub))[stopped_url] < 2:
                     await asyncio.sleep(0.05)
 
             text, completion, error = await long_stream
             ended_after_s = loop.time() - stopped_at
             answers = await asyncio.gather(*fresh)
             after = await generate(stub, "one more question", 8)
-            left_open = (await in_flight())[stopped_url]
+            left_open = (await in_flight(stub))[stopped_url]
         finally:
             os.kill(stopped.pid, signal.SIGCONT)
 

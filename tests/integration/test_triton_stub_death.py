@@ -23,7 +23,12 @@ from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.reasons import Reason
 from tests.integration.conftest import running_inference
-from tests.integration.test_triton_failover import generate, streaming, two_tritons  # noqa: F401 (a fixture)
+from tests.integration.test_triton_failover import (  # noqa: F401 (two_tritons: a fixture)
+    generate,
+    in_flight,
+    streaming,
+    two_tritons,
+)
 from tests.mesh import mesh_settings, router_channel
 
 # Not in `make test`: under a full suite's load on 2 cores one of the two
@@ -74,12 +79,8 @@ async def test_a_killed_stubs_streams_end_with_counts_and_what_it_refuses_goes_t
     async with running_inference(settings) as address, router_channel(address, "inference") as channel:
         stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
 
-        async def in_flight() -> dict[str, int]:
-            health = await stub.GetBackendHealth(pb.GetBackendHealthRequest(), timeout=5)
-            return {b.address: b.in_flight for b in health.backends}
-
         streams = await streaming(stub, STREAMS)
-        load = await in_flight()
+        load = await in_flight(stub)
         dead_url = max(urls, key=load.get)
         (live_url,) = [url for url in urls if url != dead_url]
         kill_stub(processes[urls.index(dead_url)], "tiny_gpt")
@@ -105,7 +106,7 @@ async def test_a_killed_stubs_streams_end_with_counts_and_what_it_refuses_goes_t
             await stub.Embed(pb.EmbedRequest(texts=[f"a text to embed, number {n}"]), timeout=30)
             for n in range(6)
         ]
-        left_open = await in_flight()
+        left_open = await in_flight(stub)
 
     print(f"stranded streams ended {stranded_for_s:.1f} s after the kill; the lone one {stalled_for_s:.1f} s")
     for text, completion, error in fresh:
