@@ -844,6 +844,18 @@ class CacheSettings:
     # graph instead of an exact scan: the scan is memory-bound, 0.6 ms p99 at
     # 4k rows but 4 ms at 8k here (bench/cache_scale_bench.py).
     approximate_index_from: int = 4_096
+    # A ReportWrongHit answers once its write is also on this many replicas
+    # of the Redis master that took it (all of those online, if fewer; none
+    # online: no wait), or once report_replication_timeout_s has passed
+    # (then still OK: the write is on the master, and a retry would count
+    # the report twice; logged and counted). Redis replicates
+    # asynchronously: a master that fails right after acknowledging a
+    # report may hand over to a replica without it, which serves the
+    # reported answer again. Sentinel and Redis Cluster promote the replica
+    # furthest along (Sentinel among replicas of one priority), so one is
+    # enough unless replica priorities say otherwise. 0: no wait.
+    report_replicas: int = 1
+    report_replication_timeout_s: float = 1.0
 
     def __post_init__(self) -> None:
         _check_max_concurrent_rpcs("cache", self.max_concurrent_rpcs)
@@ -1039,6 +1051,8 @@ _POSITIVE = frozenset(
         "stream_stall_s",
         "downstream_timeout_s",
         "max_generation_s",
+        # Redis's WAIT reads a timeout of 0 as none at all.
+        "report_replication_timeout_s",
         "summary_timeout_s",
         "context_window_tokens",
         "max_output_tokens",

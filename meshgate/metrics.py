@@ -190,6 +190,11 @@ class CacheMetrics:
             "cache.first_stage_word_share of the question's content words), unembedded.",
         )
         self.stores = make.counter("meshgate_cache_stores", "Answers stored.")
+        self.unreplicated_reports = make.counter(
+            "meshgate_cache_unreplicated_reports",
+            "Wrong-hit reports answered before cache.report_replicas of Redis's replicas had them "
+            "(within cache.report_replication_timeout_s): a failover then may lose them.",
+        )
         self.embedding_memo = make.counter(
             "meshgate_cache_embedding_memo_lookups",
             "Question embeddings asked of the memo, by result: hit (no Embed call) or miss.",

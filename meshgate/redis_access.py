@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import contextlib
+import dataclasses
 import re
+import typing
 import urllib.parse
 
 import redis.asyncio as redis
@@ -228,6 +230,54 @@ async def connect_checked(url: str) -> Client:
             ),
         )
     return client
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Replicated:
+    """What :func:`run_script_replicated` returns."""
+
+    reply: typing.Any
+    # Replicas the write was waited for on, and how many had it in time.
+    wanted: int
+    acknowledged: int
+
+
+async def run_script_replicated(
+    client: Client, script, keys: list, args: list, replicas: int, timeout_s: float
+) -> Replicated:
+    """Runs a write ``script`` and answers once its writes are also on
+    ``replicas`` replicas of the master that ran it (all those online, if
+    fewer), or once ``timeout_s`` has passed. Redis replicates
+    asynchronously: a master that dies right after acknowledging a plain
+    write may be replaced by a replica that never got it.
+
+    WAIT counts the writes of its own connection, so it goes in one
+    pipeline with the script: one connection, and on a cluster the master
+    of the keys' slot (WAIT has no key to route it by). EVAL, not EVALSHA:
+    a cluster pipeline does not load a script Redis lost (a restart, a
+    promoted replica), and the callers are rare writes. With no replica
+    online (ROLE lists those in sync) nothing is waited for: WAIT would
+    block for its whole timeout."""
+    target: dict[str, ClusterNode] = {}
+    if isinstance(client, RedisCluster):
+        await client.initialize()
+        target["target_nodes"] = client.get_node_from_key(keys[0])
+    role = await client.execute_command("ROLE", **target)
+    wanted = min(replicas, len(role[2])) if role[0] == b"master" else 0
+    if wanted == 0:
+        return Replicated(await script(keys=keys, args=args), 0, 0)
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.eval(script.script, len(keys), *keys, *args)
+        # In milliseconds, where 0 would wait for ever.
+        pipe.wait(wanted, max(1, round(timeout_s * 1000)), **target)
+        reply, acknowledged = await pipe.execute(raise_on_error=False)
+    if isinstance(reply, Exception):
+        raise reply
+    if isinstance(acknowledged, Exception):
+        # The script ran (a cluster follows a MOVED reply on its own) but
+        # the node waited on no longer served its slot: nothing is known.
+        acknowledged = 0
+    return Replicated(reply, wanted, int(acknowledged))
 
 
 async def eviction_policy(client: Client) -> str | None:

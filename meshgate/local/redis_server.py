@@ -27,10 +27,14 @@ def binary() -> str:
     return found
 
 
-def launch(port: int, data_dir: pathlib.Path, log_file: pathlib.Path | None = None) -> subprocess.Popen:
+def launch(
+    port: int, data_dir: pathlib.Path, log_file: pathlib.Path | None = None, replica_of: int | None = None
+) -> subprocess.Popen:
+    """A redis-server; with ``replica_of``, a replica of the one on that port."""
     data_dir.mkdir(parents=True, exist_ok=True)
     output = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
-    return _start(_command(port, data_dir), output)
+    options = ("--replicaof", "127.0.0.1", str(replica_of)) if replica_of is not None else ()
+    return _start(_command(port, data_dir, *options), output)
 
 
 def _command(port: int, data_dir: pathlib.Path, *options: str) -> list[str]:

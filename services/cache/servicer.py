@@ -44,6 +44,7 @@ import time
 
 import grpc
 import numpy as np
+import structlog
 
 from meshgate import metrics
 from meshgate.cache.v1 import cache_service_pb2 as pb
@@ -68,6 +69,8 @@ from services.cache.verifier import Verifier, analyze
 MAX_CANDIDATES = 5
 
 _USER = common_pb2.ROLE_USER
+
+log = structlog.get_logger(__name__)
 
 
 def _now_ms() -> int:
@@ -276,18 +279,35 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         # in, so that is where the entry and its neighbours live.
         context_id, _ = self._semantic_subject(partition, request.messages)
         asked_id = keys.entry_id(partition, request.messages)
-        removed, reports, seq = await self._store.report_wrong(
-            partition, context_id, request.entry_id, asked_id, self._settings.ttl_s * 1000
+        report = await self._store.report_wrong(
+            partition,
+            context_id,
+            request.entry_id,
+            asked_id,
+            self._settings.ttl_s * 1000,
+            self._settings.report_replicas,
+            self._settings.report_replication_timeout_s,
         )
         index = self._indexes.get(partition.vectors_key(context_id))
-        if index is not None and seq is not None:
+        if index is not None and report.seq is not None:
             # That version only: a Store of the entry after the report, its
             # reply applied here first, keeps its row (the pair stays
             # reported). With no row in Redis there is none to drop: a
             # lookup drops a row whose entry it finds gone.
-            index.remove(request.entry_id, seq)
+            index.remove(request.entry_id, report.seq)
+        if report.replicas_acknowledged < report.replicas_wanted:
+            # Still OK: the report holds on the master, and a retry would
+            # count it twice. Only a failover before the replicas catch up
+            # loses it.
+            self._metrics.unreplicated_reports.inc()
+            log.warning(
+                "wrong-hit report not yet on Redis's replicas",
+                replicas_wanted=report.replicas_wanted,
+                replicas_acknowledged=report.replicas_acknowledged,
+                timeout_s=self._settings.report_replication_timeout_s,
+            )
         self._stats.pending["wrong_hit_reports"] += 1
-        return pb.ReportWrongHitResponse(entry_removed=removed, reports_in_partition=reports)
+        return pb.ReportWrongHitResponse(entry_removed=report.removed, reports_in_partition=report.strictness)
 
     async def _semantic_lookup(
         self, partition: keys.Partition, messages, asked_id: str

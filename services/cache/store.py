@@ -50,7 +50,7 @@ import redis.asyncio as redis
 from meshgate import cache_notices
 from meshgate.errors import MeshgateError, unavailable
 from meshgate.reasons import Reason
-from meshgate.redis_access import CONNECTION_ERRORS
+from meshgate.redis_access import CONNECTION_ERRORS, run_script_replicated
 from services.cache import keys
 from services.cache.keys import Partition
 
@@ -203,6 +203,20 @@ class SyncBatch:
     strictness: int
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class WrongHitReport:
+    """What ``CacheStore.report_wrong`` did."""
+
+    # Whether the entry was there, and the sub-partition's count of reports.
+    removed: bool
+    strictness: int
+    # The version of the entry's row removed; None: it had none.
+    seq: int | None
+    # Replicas the report was waited for on, and how many had it in time.
+    replicas_wanted: int
+    replicas_acknowledged: int
+
+
 def split_payload(payload: bytes, dimensions: int) -> tuple[bytes, str] | None:
     """The vector bytes and question of a stored row, or None when the row
     holds a vector of another size."""
@@ -345,13 +359,20 @@ class CacheStore:
                 return
 
     async def report_wrong(
-        self, partition: Partition, context_id: str, entry_id: str, asked_id: str, ttl_ms: int
-    ) -> tuple[bool, int, int | None]:
+        self,
+        partition: Partition,
+        context_id: str,
+        entry_id: str,
+        asked_id: str,
+        ttl_ms: int,
+        replicas: int,
+        replication_timeout_s: float,
+    ) -> WrongHitReport:
         """Deletes an entry served as a wrong answer to the prompt of
         ``asked_id``, remembers the pair, and counts the report in its
-        sub-partition; returns whether the entry was there, the
-        sub-partition's count of reports, and the version of its row
-        removed (None: it had none).
+        sub-partition, then waits until that is on ``replicas`` replicas of
+        the master (at most ``replication_timeout_s``): a report lost in a
+        failover would serve the wrong answer again.
 
         The notice names the whole tenant and model, not the entry alone:
         the count makes the verifier stricter in the sub-partition, so the
@@ -359,7 +380,9 @@ class CacheStore:
         verdicts the cache would give (hot_exact.py). Reports are rare next
         to hits: the copies of that model are fetched again, one hop each."""
         try:
-            removed, strictness, *row = await self._report_wrong(
+            replicated = await run_script_replicated(
+                self._client,
+                self._report_wrong,
                 keys=[
                     partition.exact_key(entry_id),
                     partition.order_key(context_id),
@@ -374,12 +397,15 @@ class CacheStore:
                     cache_notices.scope_notice(partition.tenant_id, partition.model),
                     _pair(asked_id, entry_id),
                 ],
+                replicas=replicas,
+                timeout_s=replication_timeout_s,
             )
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
+        removed, strictness, *row = replicated.reply
         # Lua's false comes back as nil, which ends the reply early.
         seq = int(float(row[0])) if row and row[0] is not None else None
-        return bool(removed), int(strictness), seq
+        return WrongHitReport(bool(removed), int(strictness), seq, replicated.wanted, replicated.acknowledged)
 
     async def invalidate(self, tenant_id: str, model: str) -> int:
         """Deletes every key of a tenant, or of one of its models (``model``

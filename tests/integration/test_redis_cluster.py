@@ -272,6 +272,36 @@ async def test_cache_partitions_spread_over_the_cluster(cluster: Cluster, client
     assert hit.status == cache_pb.LOOKUP_STATUS_SEMANTIC_HIT
 
 
+async def test_a_report_waits_for_the_replica_of_its_slots_master(cluster: Cluster, client) -> None:
+    """A report's WAIT runs on the connection of its write, on the master of
+    its partition's slot: the replica of that master is made to sleep, and
+    the report is answered only once that replica has it. WAIT sent to any
+    other master would have been answered at once, and one sent on another
+    connection counts none of the report's writes."""
+    servicer = make_servicer(client, FakeEmbedder(), report_replication_timeout_s=10.0)
+    tenants_by_master: dict[int, str] = {}
+    while len(tenants_by_master) < len(cluster.masters()):
+        tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+        slot = key_slot(cache_keys.partition(scope(tenant)).exact_key("x").encode())
+        tenants_by_master.setdefault(cluster.master_of(slot), tenant)
+    for master, tenant in tenants_by_master.items():
+        await cache_store(servicer, scope(tenant), conversation(STORED))
+        with cluster.node(cluster.replica_of(master)) as replica:
+            sleeping = asyncio.create_task(asyncio.to_thread(replica.execute_command, "DEBUG", "SLEEP", "1"))
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            report = await servicer.ReportWrongHit(
+                cache_pb.ReportWrongHitRequest(
+                    scope=scope(tenant), messages=conversation(PARAPHRASE), entry_id=hit_entry(tenant)
+                ),
+                None,
+            )
+            waited_s = time.monotonic() - started
+            await sleeping
+        assert report.entry_removed
+        assert 0.5 <= waited_s < 5.0, (master, waited_s)
+
+
 async def redis_unavailable(call) -> None:
     """``call()`` is refused UNAVAILABLE REDIS_UNAVAILABLE (retry later), not INTERNAL."""
     with pytest.raises(MeshgateError) as refused:

@@ -1,0 +1,213 @@
+"""A ReportWrongHit against a real Redis master with a real replica, whose
+replication link runs through a proxy in this test that can hold the
+master's stream back: what a replica behind a slow or broken link sees.
+The first test fails the master over once the report is acknowledged (the
+master killed, the replica promoted) and looks the prompt up on the
+promoted replica: before the report waited for the replica (Redis's WAIT),
+the report was acknowledged while the replica had not got it, and the
+promoted replica served the reported answer again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import pathlib
+import subprocess
+import time
+
+import pytest
+from prometheus_client import REGISTRY
+
+from meshgate import redis_access
+from meshgate.cache.v1 import cache_service_pb2 as pb
+from meshgate.local import redis_server
+from meshgate.local.stack import free_port
+from tests.integration.test_cache_servicer import (
+    PARAPHRASE,
+    STORED,
+    FakeEmbedder,
+    conversation,
+    lookup,
+    make_servicer,
+    scope,
+    store,
+)
+
+pytestmark = pytest.mark.integration
+
+
+class HeldLink:
+    """A TCP proxy for one replication link. ``hold()`` keeps the master's
+    bytes from the replica (the replica's acknowledgements still reach the
+    master, with nothing new to acknowledge); ``release()`` sends them on;
+    ``cut()`` closes both sides, dropping what was held, as a master that
+    died before its stream left it."""
+
+    def __init__(self, master_port: int) -> None:
+        self._master_port = master_port
+        self._server: asyncio.Server | None = None
+        self._released = asyncio.Event()
+        self._released.set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._pumps: set[asyncio.Task] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self._server.sockets[0].getsockname()[1]
+
+    def hold(self) -> None:
+        self._released.clear()
+
+    def release(self) -> None:
+        self._released.set()
+
+    async def cut(self) -> None:
+        for pump in self._pumps:
+            pump.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _accept(self, replica_reader, replica_writer) -> None:
+        master_reader, master_writer = await asyncio.open_connection("127.0.0.1", self._master_port)
+        self._writers += [replica_writer, master_writer]
+        for pump in (
+            self._pump(replica_reader, master_writer, held=False),
+            self._pump(master_reader, replica_writer, held=True),
+        ):
+            task = asyncio.create_task(pump)
+            self._pumps.add(task)
+
+    async def _pump(self, reader, writer, held: bool) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                if held:
+                    await self._released.wait()
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+
+@dataclasses.dataclass
+class MasterAndReplica:
+    master: subprocess.Popen
+    master_port: int
+    replica_port: int
+    link: HeldLink
+
+
+async def _linked(port: int, timeout_s: float = 15.0) -> None:
+    client = redis_access.connect(f"redis://127.0.0.1:{port}/0")
+    try:
+        deadline = time.monotonic() + timeout_s
+        while (await client.info("replication")).get("master_link_status") != "up":
+            assert time.monotonic() < deadline, "the replica never linked to its master"
+            await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def master_and_replica(tmp_path: pathlib.Path):
+    master_port, replica_port = free_port(), free_port()
+    master = redis_server.launch(master_port, tmp_path / "master")
+    link = HeldLink(master_port)
+    replica = None
+    try:
+        redis_server.wait_ready(master_port)
+        link_port = await link.start()
+        replica = redis_server.launch(replica_port, tmp_path / "replica", replica_of=link_port)
+        redis_server.wait_ready(replica_port)
+        await _linked(replica_port)
+        yield MasterAndReplica(master, master_port, replica_port, link)
+    finally:
+        await link.cut()
+        redis_server.stop_all([p for p in (master, replica) if p is not None])
+
+
+def _report(entry_id: str, tenant: str) -> pb.ReportWrongHitRequest:
+    return pb.ReportWrongHitRequest(scope=scope(tenant), messages=conversation(PARAPHRASE), entry_id=entry_id)
+
+
+async def _served_entry(cache, tenant: str) -> str:
+    await store(cache, scope(tenant), conversation(STORED))
+    hit = await lookup(cache, scope(tenant), conversation(PARAPHRASE))
+    assert hit.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    return hit.entry_id
+
+
+async def test_a_report_acknowledged_before_a_failover_is_not_lost(master_and_replica, tenant) -> None:
+    master_client = redis_access.connect(f"redis://127.0.0.1:{master_and_replica.master_port}/0")
+    try:
+        cache = make_servicer(master_client, FakeEmbedder(), report_replication_timeout_s=10.0)
+        entry_id = await _served_entry(cache, tenant)
+        # The stored entry is on the replica before the link is held.
+        assert await master_client.wait(1, 5000) == 1
+
+        master_and_replica.link.hold()
+        reporting = asyncio.ensure_future(cache.ReportWrongHit(_report(entry_id, tenant), None))
+        done, _ = await asyncio.wait([reporting], timeout=0.5)
+        if not done:
+            # Unanswered while the replica cannot have the report: once the
+            # link is back, answered when the replica acknowledged it.
+            master_and_replica.link.release()
+        report = await asyncio.wait_for(reporting, timeout=10)
+        assert report.entry_removed
+        # The master dies right after acknowledging the report, and what it
+        # had not sent its replica with it.
+        master_and_replica.master.kill()
+        master_and_replica.master.wait()
+        await master_and_replica.link.cut()
+    finally:
+        await master_client.aclose()
+
+    promoted = redis_access.connect(f"redis://127.0.0.1:{master_and_replica.replica_port}/0")
+    try:
+        await promoted.execute_command("REPLICAOF", "NO", "ONE")
+        after_failover = make_servicer(promoted, FakeEmbedder())
+        again = await lookup(after_failover, scope(tenant), conversation(PARAPHRASE))
+        assert again.status == pb.LOOKUP_STATUS_MISS, "the promoted replica served the reported answer"
+    finally:
+        await promoted.aclose()
+
+
+async def test_a_report_the_replicas_do_not_acknowledge_in_time_is_answered_and_counted(
+    master_and_replica, tenant
+) -> None:
+    """OK after the timeout: the report holds on the master, and a retry
+    would count it twice in the sub-partition."""
+    client = redis_access.connect(f"redis://127.0.0.1:{master_and_replica.master_port}/0")
+    try:
+        cache = make_servicer(client, FakeEmbedder(), report_replication_timeout_s=0.3)
+        entry_id = await _served_entry(cache, tenant)
+        before = REGISTRY.get_sample_value("meshgate_cache_unreplicated_reports_total") or 0.0
+        master_and_replica.link.hold()
+        started = time.monotonic()
+        report = await cache.ReportWrongHit(_report(entry_id, tenant), None)
+        waited_s = time.monotonic() - started
+        assert report.entry_removed and report.reports_in_partition == 1
+        assert 0.3 <= waited_s < 3.0
+        assert REGISTRY.get_sample_value("meshgate_cache_unreplicated_reports_total") == before + 1
+        assert (await lookup(cache, scope(tenant), conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
+    finally:
+        master_and_replica.link.release()
+        await client.aclose()
+
+
+async def test_a_report_waits_for_no_replica_where_there_is_none(redis_url, tenant) -> None:
+    """The test Redis has no replica: WAIT 1 there would block for its whole
+    timeout on every report."""
+    client = redis_access.connect(redis_url)
+    try:
+        cache = make_servicer(client, FakeEmbedder(), report_replication_timeout_s=5.0)
+        entry_id = await _served_entry(cache, tenant)
+        started = time.monotonic()
+        report = await cache.ReportWrongHit(_report(entry_id, tenant), None)
+        assert report.entry_removed
+        assert time.monotonic() - started < 1.0
+    finally:
+        await client.aclose()
