@@ -1,6 +1,8 @@
 """A ReportWrongHit against a real Redis master with a real replica, whose
 replication link runs through a proxy in this test that can hold the
-master's stream back: what a replica behind a slow or broken link sees.
+master's stream back (the replica's acknowledgements still reach the
+master, with nothing new to acknowledge): what a replica behind a slow or
+broken link sees.
 The first test fails the master over once the report is acknowledged (the
 master killed, the replica promoted) and looks the prompt up on the
 promoted replica: before the report waited for the replica (Redis's WAIT),
@@ -10,7 +12,6 @@ promoted replica served the reported answer again."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import pathlib
 import subprocess
@@ -33,63 +34,9 @@ from tests.integration.test_cache_servicer import (
     scope,
     store,
 )
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
-
-
-class HeldLink:
-    """A TCP proxy for one replication link. ``hold()`` keeps the master's
-    bytes from the replica (the replica's acknowledgements still reach the
-    master, with nothing new to acknowledge); ``release()`` sends them on;
-    ``cut()`` closes both sides, dropping what was held, as a master that
-    died before its stream left it."""
-
-    def __init__(self, master_port: int) -> None:
-        self._master_port = master_port
-        self._server: asyncio.Server | None = None
-        self._released = asyncio.Event()
-        self._released.set()
-        self._writers: list[asyncio.StreamWriter] = []
-        self._pumps: set[asyncio.Task] = set()
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return self._server.sockets[0].getsockname()[1]
-
-    def hold(self) -> None:
-        self._released.clear()
-
-    def release(self) -> None:
-        self._released.set()
-
-    async def cut(self) -> None:
-        for pump in self._pumps:
-            pump.cancel()
-        await asyncio.gather(*self._pumps, return_exceptions=True)
-        for writer in self._writers:
-            writer.close()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _accept(self, replica_reader, replica_writer) -> None:
-        master_reader, master_writer = await asyncio.open_connection("127.0.0.1", self._master_port)
-        self._writers += [replica_writer, master_writer]
-        for pump in (
-            self._pump(replica_reader, master_writer, held=False),
-            self._pump(master_reader, replica_writer, held=True),
-        ):
-            task = asyncio.create_task(pump)
-            self._pumps.add(task)
-
-    async def _pump(self, reader, writer, held: bool) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                if held:
-                    await self._released.wait()
-                writer.write(data)
-                await writer.drain()
-        writer.close()
 
 
 @dataclasses.dataclass
@@ -97,7 +44,7 @@ class MasterAndReplica:
     master: subprocess.Popen
     master_port: int
     replica_port: int
-    link: HeldLink
+    link: TcpProxy
 
 
 async def _linked(port: int, timeout_s: float = 15.0) -> None:
@@ -115,7 +62,7 @@ async def _linked(port: int, timeout_s: float = 15.0) -> None:
 async def master_and_replica(tmp_path: pathlib.Path):
     master_port, replica_port = free_port(), free_port()
     master = redis_server.launch(master_port, tmp_path / "master")
-    link = HeldLink(master_port)
+    link = TcpProxy(master_port)
     replica = None
     try:
         redis_server.wait_ready(master_port)
@@ -125,7 +72,7 @@ async def master_and_replica(tmp_path: pathlib.Path):
         await _linked(replica_port)
         yield MasterAndReplica(master, master_port, replica_port, link)
     finally:
-        await link.cut()
+        await link.close()
         redis_server.stop_all([p for p in (master, replica) if p is not None])
 
 
@@ -161,7 +108,7 @@ async def test_a_report_acknowledged_before_a_failover_is_not_lost(master_and_re
         # had not sent its replica with it.
         master_and_replica.master.kill()
         master_and_replica.master.wait()
-        await master_and_replica.link.cut()
+        await master_and_replica.link.close()
     finally:
         await master_client.aclose()
 

@@ -1,0 +1,82 @@
+"""A TCP proxy on loopback, run in the test's own event loop, that holds
+traffic back the ways a network or a peer does: a Redis replica behind a
+slow replication link, a client connection that stalls while the others
+flow."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+class TcpProxy:
+    """Forwards each connection to ``port`` on loopback.
+
+    ``hold()`` keeps the server's bytes from every client until
+    ``release()`` (the clients' own bytes still go through);
+    ``stall_when_sent(marker)`` stops for good the first connection whose
+    client sends a read holding ``marker`` (checked per read: a marker
+    split across two reads is missed); ``close()`` closes every connection,
+    dropping what was held, as a server that died before sending it."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._server: asyncio.Server | None = None
+        self._released = asyncio.Event()
+        self._released.set()
+        self._stall_marker: bytes | None = None
+        self.stalled = 0
+        self._writers: list[asyncio.StreamWriter] = []
+        self._pumps: set[asyncio.Task] = set()
+
+    async def start(self) -> int:
+        """Starts listening; returns the proxy's port."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self._server.sockets[0].getsockname()[1]
+
+    def hold(self) -> None:
+        self._released.clear()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def stall_when_sent(self, marker: bytes) -> None:
+        self._stall_marker = marker
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for pump in self._pumps:
+            pump.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _accept(self, client_reader, client_writer) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self._port)
+        self._writers += [client_writer, server_writer]
+        for pump in (self._sent(client_reader, server_writer), self._replied(server_reader, client_writer)):
+            task = asyncio.create_task(pump)
+            self._pumps.add(task)
+            task.add_done_callback(self._pumps.discard)
+
+    async def _sent(self, reader, writer) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                if self._stall_marker is not None and self._stall_marker in data:
+                    self._stall_marker = None
+                    self.stalled += 1
+                    await asyncio.Event().wait()
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def _replied(self, reader, writer) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                await self._released.wait()
+                writer.write(data)
+                await writer.drain()
+        writer.close()
