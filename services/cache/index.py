@@ -114,6 +114,10 @@ class TopUps:
     begun: int = 0
     finished: int = 0
     strictness: int = 0
+    # When the top-up holding the lock began or last had a reply from Redis
+    # (the event loop's clock): one whose read has hung (a stalled
+    # connection) is waited for no longer than the servicer's bound.
+    progress_at: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

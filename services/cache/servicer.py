@@ -56,7 +56,7 @@ from meshgate.reasons import Reason
 from meshgate.single_flight import SingleFlight
 from services.cache import conversation, keys
 from services.cache.embedding_memo import EmbeddingMemo
-from services.cache.index import IndexRegistry, Match, VectorIndex
+from services.cache.index import IndexRegistry, Match, TopUps, VectorIndex
 from services.cache.stats import Stats
 from services.cache.store import CacheStore, live_answer, split_payload
 from services.cache.verifier import Verifier, analyze
@@ -69,6 +69,14 @@ from services.cache.verifier import Verifier, analyze
 MAX_CANDIDATES = 5
 
 _USER = common_pb2.ROLE_USER
+
+# How long lookups wait for a top-up of their index that has had no reply
+# from Redis, before each reads for itself (``_queue_for_top_up``). A round
+# trip of a top-up takes milliseconds (at most SYNC_BATCH rows, ~1.6 MB at
+# 384 dimensions); one hung on a stalled connection held every semantic
+# lookup of its sub-partition until the holder's deadline (the router's:
+# 10 s) or the socket timeout (10 s) ended it.
+STALLED_TOP_UP_S = 0.5
 
 log = structlog.get_logger(__name__)
 
@@ -483,7 +491,8 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         registry (or replaced) on the way: it stops there rather than grow
         a copy of the partition that no bound counts and no lookup finds.
 
-        One top-up of an index at a time: concurrent lookups on an index
+        One top-up of an index at a time (a hung one is waited for
+        STALLED_TOP_UP_S at most): concurrent lookups on an index
         behind Redis each read the whole backlog (a bug hunt: 32 lookups
         over 8,192 new rows, 226 round trips applying 198,656 rows, 2.3 s,
         where one top-up takes 9). A lookup that waited for a top-up begun
@@ -493,20 +502,51 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         """
         top_ups = index.top_ups
         asked = top_ups.begun
-        async with top_ups.lock:
+        if not await self._queue_for_top_up(top_ups):
+            return await self._apply_new_rows(index_key, index, partition, context_id)
+        try:
             if top_ups.finished > asked:
                 return top_ups.strictness
             top_ups.begun += 1
             number = top_ups.begun
-            strictness = await self._apply_new_rows(index_key, index, partition, context_id)
+            top_ups.progress_at = asyncio.get_running_loop().time()
+            strictness = await self._apply_new_rows(index_key, index, partition, context_id, top_ups)
             if strictness is not None:
                 top_ups.finished, top_ups.strictness = number, strictness
             return strictness
+        finally:
+            top_ups.lock.release()
+
+    @staticmethod
+    async def _queue_for_top_up(top_ups: TopUps) -> bool:
+        """Takes ``top_ups.lock`` (True), or gives up waiting for it (False)
+        once the top-up holding it has had no reply from Redis for
+        STALLED_TOP_UP_S: its read hangs (one stalled connection, while
+        Redis answers the others), and every lookup of the sub-partition
+        would wait for it, up to their deadlines, until the holder's own
+        deadline or socket timeout ended it. Reading alone is safe (each
+        upsert is whole and never replaces a newer version), only not
+        shared."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async with asyncio.timeout(STALLED_TOP_UP_S):
+                    await top_ups.lock.acquire()
+                return True
+            except TimeoutError:
+                if loop.time() - top_ups.progress_at >= STALLED_TOP_UP_S:
+                    return False
 
     async def _apply_new_rows(
-        self, index_key: str, index: VectorIndex, partition: keys.Partition, context_id: str
+        self,
+        index_key: str,
+        index: VectorIndex,
+        partition: keys.Partition,
+        context_id: str,
+        progress: TopUps | None = None,
     ) -> int | None:
-        """_top_up's reading. Between batches other requests run. Each
+        """_top_up's reading (noting each reply in ``progress``, the top-ups
+        it holds the lock of). Between batches other requests run. Each
         upsert is whole, and an older version never replaces a newer one,
         so a Store meanwhile interleaves safely; the batches follow each
         other in the one ``index`` they were read for, so each one's rows
@@ -516,6 +556,8 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         batches = self._store.batches_since(partition, context_id, index.synced_seq)
         async with contextlib.aclosing(batches):
             async for batch in batches:
+                if progress is not None:
+                    progress.progress_at = asyncio.get_running_loop().time()
                 # Checked after each read: other requests ran during it.
                 if not self._indexes.holds(index_key, index):
                     return None

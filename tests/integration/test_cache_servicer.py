@@ -31,6 +31,7 @@ from services.cache.servicer import CacheServicer
 from services.cache.stats import Stats
 from services.cache.store import CacheStore
 from services.cache.verifier import CONTEXT_SEPARATOR, Decision
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -861,6 +862,42 @@ async def test_concurrent_lookups_on_an_index_behind_redis_read_its_backlog_once
     # waited for it begun before them read what is new since, once more.
     assert sum(rows) == backlog
     assert len(round_trips) <= 2 * (backlog // store_module.SYNC_BATCH + 1)
+
+
+async def test_lookups_do_not_wait_out_a_top_up_hung_on_a_stalled_connection(
+    redis_url, redis_client, embedder, tenant
+):
+    """One pooled connection stalls (a proxy holds it) during a top-up,
+    while Redis answers every other connection at once: the lookups of the
+    same sub-partition arriving meanwhile waited for the hung one's own
+    deadline (the router's: 10 s) behind its lock; they now read for
+    themselves after servicer.STALLED_TOP_UP_S, and find the entry stored
+    since."""
+    proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0")
+    try:
+        writer, reader = make_servicer(redis_client, embedder), make_servicer(proxied, embedder)
+        await store(writer, scope(tenant), conversation("Who wrote Hamlet?"))
+        # Loads the reader's index (and opens pooled connections).
+        assert (await lookup(reader, scope(tenant), conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
+        stored = await store(writer, scope(tenant), conversation(STORED))
+        proxy.stall_when_sent(reader._store._entries_since.sha.encode())
+        hung = asyncio.ensure_future(lookup(reader, scope(tenant), conversation(PARAPHRASE)))
+        await asyncio.sleep(0.1)
+        assert proxy.stalled == 1 and not hung.done()
+        started = time.monotonic()
+        behind = await asyncio.wait_for(
+            asyncio.gather(*(lookup(reader, scope(tenant), conversation(PARAPHRASE)) for _ in range(4))),
+            timeout=5,
+        )
+        waited_s = time.monotonic() - started
+        assert [(r.status, r.entry_id) for r in behind] == [(pb.LOOKUP_STATUS_SEMANTIC_HIT, stored)] * 4
+        assert waited_s < servicer_module.STALLED_TOP_UP_S + 1.0
+        assert not hung.done()
+        hung.cancel()
+    finally:
+        await proxied.aclose()
+        await proxy.close()
 
 
 async def test_expired_entries_are_never_returned(cache, tenant):
