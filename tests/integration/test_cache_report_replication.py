@@ -158,3 +158,27 @@ async def test_a_report_waits_for_no_replica_where_there_is_none(redis_url, tena
         assert time.monotonic() - started < 1.0
     finally:
         await client.aclose()
+
+
+async def test_a_report_goes_through_where_role_is_not_allowed(redis_url, tenant) -> None:
+    """A managed Redis may refuse ROLE to the mesh's user (an ACL, a renamed
+    command): the report is still written, with nothing waited for."""
+    if "@" in redis_url:
+        pytest.skip("REDIS_URL names its own user")
+    admin = redis_access.connect(redis_url)
+    user = f"no-role-{time.monotonic_ns()}"
+    await admin.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-role")
+    url = redis_url.replace("redis://", f"redis://{user}:pw@", 1)
+    client = redis_access.connect(url)
+    try:
+        with pytest.raises(redis_access.redis_errors.ResponseError):
+            await client.execute_command("ROLE")
+        cache = make_servicer(client, FakeEmbedder())
+        entry_id = await _served_entry(cache, tenant)
+        report = await cache.ReportWrongHit(_report(entry_id, tenant), None)
+        assert report.entry_removed
+        assert (await lookup(cache, scope(tenant), conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
+    finally:
+        await client.aclose()
+        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.aclose()
