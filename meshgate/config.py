@@ -762,7 +762,10 @@ class ContextSettings:
     # Older turns are summarized in spans of this many turns, once a span is
     # wholly older than the newest summary_hot_window_turns turns
     # (services/context/summaries.py), by summary_model through the
-    # inference service; "" or an unreachable model: extractively.
+    # inference service; "" or an unreachable model: extractively. A change
+    # applies from where a session's summaries end: turns already summarized
+    # (and perhaps compacted) are not summarized again in spans of the new
+    # length.
     summary_span_turns: int = 16
     summary_hot_window_turns: int = 32
     summary_model: str = "smollm2"

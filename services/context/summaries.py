@@ -1,11 +1,13 @@
 """Summaries of older spans of a session, written off the request path.
 
-A session's turns are cut into spans of ``span_turns`` turns: span k covers
-turns [k * span_turns, (k + 1) * span_turns). Once a span is complete and
-older than the hot window (the newest ``hot_window_turns`` turns), a
-background task per session summarizes it: with the chat model through the
-inference service's ``Generate`` when one is configured and answers, else
-extractively (the span's highest-scoring sentences, pure Python).
+A session's turns are cut into spans of ``span_turns`` turns, from where
+its summaries' coverage ends (``coverage``): span k covers turns
+[k * span_turns, (k + 1) * span_turns) while the setting stays the same.
+Once a span is complete and older than the hot window (the newest
+``hot_window_turns`` turns), a background task per session summarizes it:
+with the chat model through the inference service's ``Generate`` when one
+is configured and answers, else extractively (the span's highest-scoring
+sentences, pure Python).
 
 Redis keys:
 
@@ -338,6 +340,7 @@ class SummaryPolicy:
 
 
 def compaction_end(
+    spans: collections.abc.Sequence[tuple[int, int]],
     turn_count: int,
     compacted: int,
     policy: SummaryPolicy,
@@ -345,9 +348,10 @@ def compaction_end(
     held_bytes: int = 0,
 ) -> int:
     """How many leading turns to have compacted: none more while the live
-    turns are within the cap; past it, whole summarized spans until half the
-    cap is left live, so that compaction (which rewrites the session's
-    vectors) runs once per half a cap of appends, not on every one.
+    turns are within the cap; past it, whole spans of ``spans`` (the
+    summarized ones older than the hot window, contiguous, oldest first)
+    until half the cap is left live, so that compaction (which rewrites the
+    session's vectors) runs once per half a cap of appends, not on every one.
 
     Likewise in bytes: once the session's turns hold more than
     ``compact_after_bytes`` (``held_bytes``), whole summarized spans, oldest
@@ -356,7 +360,6 @@ def compaction_end(
     it to half of that, or no summarized span is left. The hot window and the
     incomplete span after the summarized ones are never compacted, so a
     session whose newest turns alone hold more stays above it."""
-    spans = due_spans(turn_count, policy)
     end = compacted
     cap = policy.compact_after_turns
     if cap and turn_count - compacted > cap:
@@ -373,11 +376,72 @@ def compaction_end(
     return end
 
 
-def due_spans(turn_count: int, policy: SummaryPolicy) -> list[tuple[int, int]]:
-    """Complete spans wholly older than the hot window."""
+def due_spans(turn_count: int, policy: SummaryPolicy, start: int = 0) -> list[tuple[int, int]]:
+    """Complete spans from turn ``start`` wholly older than the hot window."""
     older = max(0, turn_count - policy.hot_window_turns)
-    starts = range(0, older - policy.span_turns + 1, policy.span_turns)
+    starts = range(start, older - policy.span_turns + 1, policy.span_turns)
     return [(first, first + policy.span_turns) for first in starts]
+
+
+def coverage(summaries: collections.abc.Iterable[Summary]) -> list[Summary]:
+    """The summaries that stand for the session's turns, no two of one turn,
+    oldest first: from turn 0, a run of summaries each starting where the
+    one before ends, as far as any such run reaches; after a turn that no
+    summary starts at, the same from the next one that does.
+
+    One rule for the summarizer and for assembly, so that what compaction
+    empties is what prompts are given summaries of. The summarizer starts
+    its new spans where the run from turn 0 ends, and compacts no further:
+    a span cut on a grid from turn 0 began inside compacted turns after a
+    restart with another summary_span_turns (compacted 4 with spans of 4,
+    (0, 6) was summarized from emptied texts), and a prompt choosing the
+    spans of one length could hold none of turns compacted on the strength
+    of the other's. A span cut from the run's end instead starts at or past
+    the compacted turns (they lie inside the run) on turns whose texts are
+    all there, and compaction goes on past it as it did; with one setting
+    all along the spans are those from turn 0. Summaries of spans of two
+    lengths over the same turns (written before, or by two replicas set
+    differently at once) are both kept: the run that reaches furthest takes
+    one of them, so every turn compacted on the strength of either is still
+    covered (compaction stops at an end of a run, and a run's turns never
+    lose their summaries: a revert cannot go below compacted turns).
+
+    ``summaries`` are those that hold at the version read (valid_at)."""
+    ordered = sorted(summaries, key=lambda s: (s.first_turn, s.end_turn))
+    chosen: list[Summary] = []
+    at = 0
+    while at < len(ordered):
+        root = ordered[at].first_turn
+        # Each turn a run from ``root`` reaches -> the summary ending there on
+        # the first such run found (None for the root itself). Ordered by
+        # first turn, every summary that ends at a turn comes before those
+        # starting there, so whether a summary's first turn is reached is
+        # known when it comes.
+        reached: dict[int, Summary | None] = {root: None}
+        furthest = root
+        while at < len(ordered) and ordered[at].first_turn <= furthest:
+            summary = ordered[at]
+            if summary.first_turn in reached and summary.end_turn not in reached:
+                reached[summary.end_turn] = summary
+                furthest = max(furthest, summary.end_turn)
+            at += 1
+        run = []
+        turn = furthest
+        while (summary := reached[turn]) is not None:
+            run.append(summary)
+            turn = summary.first_turn
+        chosen.extend(reversed(run))
+    return chosen
+
+
+def covered_end(chosen: collections.abc.Sequence[Summary]) -> int:
+    """Where the run of ``chosen`` (coverage) from turn 0 ends."""
+    end = 0
+    for summary in chosen:
+        if summary.first_turn != end:
+            break
+        end = summary.end_turn
+    return end
 
 
 def versions_of_span(history: list[int | None], first: int, end: int, current: int) -> tuple[int, int]:
@@ -546,19 +610,28 @@ class Summarizer:
         at the version it read (valid_at); returns the version and
         create_time_ms of the session it read."""
         stored = await self._store.read(tenant_id, session_id)
-        # Spans named by digest only (stored before) are written whole again.
+        # Spans named by digest only (stored before) are written whole again:
+        # left out here, the run from turn 0 stops before them.
         done, _ = await self._summaries.spans(tenant_id, session_id)
         history: list[int | None] | None = None
-        # The leading turns that compaction may empty: those compacted
-        # already and then those of spans whose summary holds at the version
-        # read, for assembly serves no other (valid_at) and, once compacted,
-        # a span's summary is all that stands for its turns.
-        covered = stored.compacted
+        standing: list[Summary] = []
+        if done:
+            history = await self._store.history(tenant_id, session_id)
+            standing = coverage(s for s in done.values() if valid_at(s, history, stored.version))
+        # The leading turns that compaction may empty: those of the run of
+        # summaries from turn 0 (coverage) that hold at the version read, for
+        # assembly serves no other (valid_at) and, once compacted, a span's
+        # summary is all that stands for its turns. The compacted turns lie
+        # inside that run (the max() only guards a session whose summaries of
+        # them, named by digest, are gone: no span starts in emptied texts).
+        covered = max(covered_end(standing), stored.compacted)
+        # The run's summaries older than the hot window, then the spans cut
+        # from its end: where compaction may stop.
+        older = len(stored.turns) - self._policy.hot_window_turns
+        spans = [(s.first_turn, s.end_turn) for s in standing if s.end_turn <= min(covered, older)]
         run = _Run()
-        for first, end in due_spans(len(stored.turns), self._policy):
-            if end <= stored.compacted:
-                # Summarized before it was compacted: its texts are gone.
-                continue
+        for first, end in due_spans(len(stored.turns), self._policy, start=covered):
+            spans.append((first, end))
             span = stored.turns[first:end]
             digest = span_digest(span)
             if history is None:
@@ -615,7 +688,8 @@ class Summarizer:
         sizes = [turn.ByteSize() for turn in stored.turns]
         freeable = [0 if t.role == common_pb2.ROLE_SYSTEM else n for t, n in zip(stored.turns, sizes)]
         upto = min(
-            compaction_end(len(stored.turns), stored.compacted, self._policy, freeable, sum(sizes)), covered
+            compaction_end(spans, len(stored.turns), stored.compacted, self._policy, freeable, sum(sizes)),
+            covered,
         )
         if upto > stored.compacted:
             system = [
@@ -740,21 +814,14 @@ class Summarizer:
             at = bisect.bisect_right(starts, summary.first_turn) - 1
             return at >= 0 and summary.end_turn <= excluded[at][1]
 
-        # At most one summary per turn: after a restart with another
-        # summary_span_turns the session holds summaries of both spans
-        # (those of the old ones stand for turns compacted meanwhile), and
+        # At most one summary per turn (coverage): a session may hold
+        # summaries of spans of two lengths over the same turns, and
         # overlapping ones in one prompt told its turns twice, and each
         # turn's manifest entry names one summary (add_summaries), so the
-        # manifest no longer said what was sent. Oldest first turn first;
-        # of two starting together the shorter, whose end the next span of
-        # its own length starts at.
-        chosen: list[Summary] = []
-        end = 0
-        for summary in found:
-            if summary.first_turn >= end and left_out(summary) and valid_at(summary, history, version):
-                chosen.append(summary)
-                end = summary.end_turn
-        return chosen
+        # manifest no longer said what was sent. The same choice as the
+        # summarizer's, so every compacted turn has its summary here.
+        standing = coverage(summary for summary in found if valid_at(summary, history, version))
+        return [summary for summary in standing if left_out(summary)]
 
 
 def excluded_ranges(reasons: collections.abc.Sequence[int]) -> list[tuple[int, int]]:

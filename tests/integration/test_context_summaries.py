@@ -55,8 +55,9 @@ def turn_text(i: int) -> str:
     )
 
 
-async def append_turns(stub, tenant: str, session_id: str, count: int) -> None:
-    for i in range(count):
+async def append_turns(stub, tenant: str, session_id: str, count: int, first: int = 0) -> None:
+    """Appends turns ``first`` to ``count - 1``, turn i at version i + 1."""
+    for i in range(first, count):
         role = USER if i % 2 == 0 else ASSISTANT
         await stub.AppendTurns(
             pb.AppendTurnsRequest(
@@ -556,7 +557,10 @@ async def test_after_a_restart_with_another_span_length_a_prompt_gets_no_two_sum
     redis_url, tenant
 ) -> None:
     """Summaries of spans of 4 and of 6 turns overlapped in one prompt, and
-    the manifest named only the later one for the turns both covered."""
+    the manifest named only the later one for the turns both covered. The
+    spans of 6 now start where those of 4 end, so none is written over
+    turns already summarized (summaries.coverage chooses among overlapping
+    ones, as sessions summarized before may hold: unit tests)."""
     client = redis.Redis.from_url(redis_url)
     async with running(summary_settings(redis_url)) as stub:
         session_id = await new_session(stub, tenant)
@@ -565,14 +569,51 @@ async def test_after_a_restart_with_another_span_length_a_prompt_gets_no_two_sum
     settings = summary_settings(redis_url)
     settings.context.summary_span_turns = 6
     async with running(settings) as restarted:
-        request = pb.AppendTurnsRequest(tenant_id=tenant, session_id=session_id, expected_version=16)
-        request.messages.append(msg(USER, turn_text(16)))
-        await restarted.AppendTurns(request)
-        summaries = await wait_for_spans(client, tenant, session_id, 5)
-        assert {(0, 6), (6, 12)} < set(summaries)
+        await append_turns(restarted, tenant, session_id, 22, first=16)
+        summaries = await wait_for_spans(client, tenant, session_id, 4)
+        assert set(summaries) == {(0, 4), (4, 8), (8, 12), (12, 18)}
         for budget in (300, 400, 512, 2000):
             response = await assemble(restarted, tenant, session_id, budget=budget)
             included = check_summaries_in(response, summaries)
             covered = [turn for first, end in included for turn in range(first, end)]
             assert len(covered) == len(set(covered)), (budget, included)
+    await client.aclose()
+
+
+async def test_after_a_restart_with_another_span_length_no_summary_is_made_of_compacted_turns(
+    redis_url, tenant
+) -> None:
+    """Compacted to turn 4 with spans of 4, then restarted with spans of 6:
+    the span (0, 6) was summarized from turns 0-3 already emptied, then
+    (6, 12) and compaction went on to 12 on their strength, while a prompt,
+    which takes (0, 4) and (4, 8), could hold no summary of turns 8-11: they
+    were compacted and left out of every prompt (manifest DROPPED)."""
+    client = redis.Redis.from_url(redis_url)
+    settings = summary_settings(redis_url)
+    settings.context.compact_after_turns = 8
+
+    def compacted_to(turns: int):
+        async def holds() -> bool:
+            return int(await client.hget(session_key(tenant, session_id), "compacted") or 0) == turns
+
+        return holds
+
+    async with running(settings) as stub:
+        session_id = await new_session(stub, tenant)
+        await append_turns(stub, tenant, session_id, 12)
+        await wait_for_spans(client, tenant, session_id, 2)
+        await until(compacted_to(4))
+    settings.context.summary_span_turns = 6
+    async with running(settings) as restarted:
+        await append_turns(restarted, tenant, session_id, 18, first=12)
+        summaries = await wait_for_spans(client, tenant, session_id, 3)
+        # The new spans start where the summaries of the compacted turns end.
+        assert set(summaries) == {(0, 4), (4, 8), (8, 14)}
+        await until(compacted_to(14))
+        for budget in (300, 2000):
+            response = await assemble(restarted, tenant, session_id, budget=budget)
+            included = check_summaries_in(response, summaries)
+            covered = [turn for first, end in included for turn in range(first, end)]
+            # Every compacted turn is told once, by the summary the manifest names.
+            assert covered == list(range(14)), (budget, included)
     await client.aclose()

@@ -79,48 +79,92 @@ def test_due_spans_are_complete_and_older_than_the_hot_window() -> None:
     assert summaries.due_spans(7, policy) == []
     assert summaries.due_spans(8, policy) == [(0, 4)]
     assert summaries.due_spans(13, policy) == [(0, 4), (4, 8)]
+    # Cut from where the summaries' coverage ends.
+    assert summaries.due_spans(18, policy, start=6) == [(6, 10), (10, 14)]
+
+
+def _summaries_of(*spans: tuple[int, int]) -> list[Summary]:
+    return [Summary(f"id{f}-{e}", f, e, 1, 1, "extractive", f"s{f}-{e}") for f, e in spans]
+
+
+def _spans(chosen: list[Summary]) -> list[tuple[int, int]]:
+    return [(s.first_turn, s.end_turn) for s in chosen]
+
+
+def test_coverage_with_one_span_length_is_every_summary() -> None:
+    chosen = summaries.coverage(_summaries_of((8, 12), (0, 4), (4, 8)))
+    assert _spans(chosen) == [(0, 4), (4, 8), (8, 12)]
+    assert summaries.covered_end(chosen) == 12
+    assert summaries.coverage([]) == [] and summaries.covered_end([]) == 0
+
+
+def test_coverage_reaches_as_far_as_any_run_of_summaries_does() -> None:
+    """Spans of 4 summarized to 16 and, after a restart with spans of 6 (as
+    the code before cut them, from turn 0), to 24, compaction going to 24 on
+    the strength of the latter: the greedy choice, shortest first, took the
+    spans of 4 to 16, then none of (12, 18), and turns 16-17, compacted,
+    were in no prompt."""
+    stored = _summaries_of((0, 4), (4, 8), (8, 12), (12, 16), (0, 6), (6, 12), (12, 18), (18, 24))
+    chosen = summaries.coverage(stored)
+    assert _spans(chosen) == [(0, 6), (6, 12), (12, 18), (18, 24)]
+    assert summaries.covered_end(chosen) == 24
+
+
+def test_coverage_goes_on_after_a_turn_no_summary_starts_at() -> None:
+    """A span named by digest whose content key is gone leaves a gap: the
+    summaries after it still stand for their turns, but the run from turn 0
+    (where the summarizer cuts new spans) ends before it."""
+    chosen = summaries.coverage(_summaries_of((0, 4), (8, 12), (10, 14), (12, 16)))
+    assert _spans(chosen) == [(0, 4), (8, 12), (12, 16)]
+    assert summaries.covered_end(chosen) == 4
+
+
+def _compaction_end(turn_count: int, compacted: int, policy: SummaryPolicy, *bytes_held) -> int:
+    """compaction_end over the spans from turn 0 (one span length all along)."""
+    spans = summaries.due_spans(turn_count, policy)
+    return summaries.compaction_end(spans, turn_count, compacted, policy, *bytes_held)
 
 
 def test_compaction_waits_for_the_cap_then_takes_summarized_spans_down_to_half_of_it() -> None:
     policy = SummaryPolicy(span_turns=4, hot_window_turns=4, compact_after_turns=8)
     # Within the cap (live turns), nothing; no cap, never.
-    assert summaries.compaction_end(8, 0, policy) == 0
-    assert summaries.compaction_end(16, 8, policy) == 8
-    assert summaries.compaction_end(100, 0, SummaryPolicy(span_turns=4, hot_window_turns=4)) == 0
+    assert _compaction_end(8, 0, policy) == 0
+    assert _compaction_end(16, 8, policy) == 8
+    assert _compaction_end(100, 0, SummaryPolicy(span_turns=4, hot_window_turns=4)) == 0
     # Past it: whole spans, leaving at least half the cap live.
-    assert summaries.compaction_end(9, 0, policy) == 4
-    assert summaries.compaction_end(14, 0, policy) == 8
-    assert summaries.compaction_end(16, 0, policy) == 12
-    assert summaries.compaction_end(17, 8, policy) == 12
+    assert _compaction_end(9, 0, policy) == 4
+    assert _compaction_end(14, 0, policy) == 8
+    assert _compaction_end(16, 0, policy) == 12
+    assert _compaction_end(17, 8, policy) == 12
     # Only summarized spans go: the hot window is never compacted.
     wide_window = SummaryPolicy(span_turns=4, hot_window_turns=12, compact_after_turns=8)
-    assert summaries.compaction_end(16, 0, wide_window) == 4
+    assert _compaction_end(16, 0, wide_window) == 4
 
 
 def test_compaction_by_bytes_takes_summarized_spans_down_to_half_of_its_cap() -> None:
     policy = SummaryPolicy(span_turns=4, hot_window_turns=4, compact_after_bytes=1000)
     # 16 turns of 100 bytes: 1,600 held, past 1,000; spans end at 4, 8, 12.
     freeable = [100] * 16
-    assert summaries.compaction_end(16, 0, policy, freeable, 1600) == 12
+    assert _compaction_end(16, 0, policy, freeable, 1600) == 12
     # Within the cap, nothing; past it, spans of 400 until 500 is left.
-    assert summaries.compaction_end(16, 0, policy, freeable, 1000) == 0
-    assert summaries.compaction_end(16, 0, policy, freeable, 1100) == 8
-    assert summaries.compaction_end(16, 0, policy, freeable, 1400) == 12
+    assert _compaction_end(16, 0, policy, freeable, 1000) == 0
+    assert _compaction_end(16, 0, policy, freeable, 1100) == 8
+    assert _compaction_end(16, 0, policy, freeable, 1400) == 12
     # A span that frees nothing (system turns keep their bodies) does not
     # count toward it.
     system_first = [0] * 4 + [100] * 12
-    assert summaries.compaction_end(16, 0, policy, system_first, 1100) == 12
+    assert _compaction_end(16, 0, policy, system_first, 1100) == 12
     # Compacted turns already freed theirs; the hot window and the
     # incomplete span are never taken, however much they hold.
-    assert summaries.compaction_end(16, 4, policy, [0] * 4 + [100] * 12, 1200) == 12
-    assert summaries.compaction_end(15, 0, policy, [10] * 8 + [1000] * 7, 7080) == 8
+    assert _compaction_end(16, 4, policy, [0] * 4 + [100] * 12, 1200) == 12
+    assert _compaction_end(15, 0, policy, [10] * 8 + [1000] * 7, 7080) == 8
     # The turn cap's spans first, then more while bytes are still past half.
     both = SummaryPolicy(span_turns=2, hot_window_turns=2, compact_after_turns=8, compact_after_bytes=600)
-    assert summaries.compaction_end(9, 0, both, [1] * 9, 9) == 4
-    assert summaries.compaction_end(9, 0, both, [100] * 9, 900) == 6
+    assert _compaction_end(9, 0, both, [1] * 9, 9) == 4
+    assert _compaction_end(9, 0, both, [100] * 9, 900) == 6
     # No cap in bytes: bytes start nothing.
     uncapped = SummaryPolicy(span_turns=4, hot_window_turns=4)
-    assert summaries.compaction_end(16, 0, uncapped, freeable, 10**9) == 0
+    assert _compaction_end(16, 0, uncapped, freeable, 10**9) == 0
 
 
 def test_plan_never_keeps_compacted_turns_but_their_system_and_pinned_ones() -> None:
@@ -516,7 +560,7 @@ async def test_a_prompt_gets_no_two_summaries_of_the_same_turn() -> None:
     covered: it no longer said what was sent."""
     summarizer = summaries.Summarizer(_Sessions(), _OverlappingSummaries(), SummaryPolicy(), None)
     found = await summarizer.summaries_for("t", "32", 1, 0, [(0, 20)])
-    assert [(s.first_turn, s.end_turn) for s in found] == [(0, 4), (4, 8), (8, 12), (12, 18)]
+    assert [(s.first_turn, s.end_turn) for s in found] == [(0, 6), (6, 12), (12, 18)]
     response = _assembled([DROPPED] * 20 + [INCLUDED], 40, [msg(USER, "t20"), msg(USER, "new")])
     added = summaries.add_summaries(response, found, [5] * len(found), budget=1000, default_system_tokens=0)
     assert added == found
