@@ -1098,6 +1098,14 @@ class TurnAdmission:
         # Batched, off the turn's path: it holds for a cancelled turn too.
         self._admission.settle_soon(grant, tokens, nano_usd)
 
+    def refused(self, turn, outcome) -> None:
+        """Records a turn admission refused: a failure that used nothing, on
+        the day it was refused, as ``settle`` records one refused by
+        reserve_prompt (GetUsage counts a tenant's refused turns however far
+        they got)."""
+        if self._ledger is not None:
+            self._record(turn, outcome, False, 0, 0, 0, "")
+
     async def admit_embedding(self, tenant, model: str, input_tokens_bound: int) -> Reservation:
         """An embedding request's admission (services/router/embeddings.py):
         the scopes of a turn on ``model``, reserving ``input_tokens_bound``

@@ -341,6 +341,12 @@ class Admission(Protocol):
 
     async def settle(self, grant: Any, turn: Turn, outcome: Outcome) -> None: ...
 
+    def refused(self, turn: Turn, outcome: Outcome) -> None:
+        """A turn ``admit`` refused (it reserved nothing, so nothing is
+        settled), for the usage ledger: recorded as a turn refused once its
+        session's history is known (reserve_prompt) is by ``settle``, as a
+        failure that used nothing, for the two are one event to the tenant."""
+
     # Optional (an admission that reserves no tokens, Unlimited or a test's
     # fake, leaves it out):
     #
@@ -361,6 +367,9 @@ class Unlimited:
         return False
 
     async def settle(self, grant: None, turn: Turn, outcome: Outcome) -> None:
+        return None
+
+    def refused(self, turn: Turn, outcome: Outcome) -> None:
         return None
 
 
@@ -506,7 +515,11 @@ class Pipeline:
                 raise
         except MeshgateError as error:
             if turn is not None:
+                # Refused by admission (validation and selection set no turn).
                 _count_refusal(error)
+                self._admission.refused(
+                    turn, Outcome(Answer(), None, time.perf_counter() - started, error.reason)
+                )
             yield Failure(error)
             return
         except Exception:  # noqa: BLE001 - as below: a bug fails this turn only

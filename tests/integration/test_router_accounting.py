@@ -24,13 +24,16 @@ from meshgate.config import (
     TenantSettings,
     hash_api_key,
 )
+from meshgate.context.v1 import context_service_pb2 as context_pb
+from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router.admission import Scope
+from services.router.ledger import STREAM
 from tests.integration.conftest import running_router, serve_tiny_gpt
-from tests.mesh import bounded_channel, mesh_settings
+from tests.mesh import bounded_channel, mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
 
@@ -217,3 +220,61 @@ async def test_a_second_concurrent_stream_of_the_key_is_refused_with_quota_failu
         assert (info.reason, info.metadata["limit"]) == (Reason.RATE_LIMITED, "concurrent_streams")
     finally:
         first.cancel()
+
+
+async def test_a_turn_refused_at_admission_is_in_the_ledger_as_one_refused_once_its_history_is_known(
+    redis_url,
+):
+    """A day's 200 tokens: a stateless turn of 300 bytes is refused at
+    admission, a session turn of two bytes over a history of 300 (within
+    the model's window) once assembled (the reservation's top-up). The
+    second was in GetUsage as a failure and the first not at all: the
+    tenant's refused traffic counted by the stage that refused it. Both are now, as failures that used
+    nothing, and the log names each one's reason. Needs no model: neither
+    reaches inference."""
+    tenant = f"refused-{uuid.uuid4().hex[:8]}"
+    key = f"key-{tenant}"
+    settings = Settings(mesh=mesh_settings())
+    settings.redis.url = redis_url
+    settings.router.tenants = [
+        TenantSettings(
+            id=tenant, api_key_sha256=[hash_api_key(key)], limits=LimitSettings(tokens_per_day=200)
+        )
+    ]
+    auth = (("authorization", f"Bearer {key}"),)
+    history = common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="!" * 300)
+    client = redis_access.connect(redis_url)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(client.aclose)
+        address = await stack.enter_async_context(running_router(settings))
+        stub = router_service_pb2_grpc.RouterServiceStub(
+            await stack.enter_async_context(bounded_channel(address))
+        )
+        context = context_service_pb2_grpc.ContextServiceStub(
+            await stack.enter_async_context(router_channel(settings.router.context_address, "context"))
+        )
+        session_id = (await stub.CreateSession(pb.CreateSessionRequest(), metadata=auth)).session_id
+        await context.AppendTurns(
+            context_pb.AppendTurnsRequest(
+                tenant_id=tenant, session_id=session_id, any_version=True, messages=[history]
+            )
+        )
+        session_turn = ask("hi")
+        session_turn.session_id = session_id
+        reasons = []
+        for request in (ask("?" * 300), session_turn):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for response in stub.Chat(request, metadata=auth, timeout=30):
+                    pytest.fail(f"a refused turn sends nothing: {response}")
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+            reasons.append(error_info(refused.value).reason)
+
+        async def both_recorded():
+            row = await usage_row(stub, auth, "tiny-gpt")
+            return row if row is not None and row.requests == 2 else None
+
+        row = await eventually(both_recorded)
+        assert row.failures == 2
+        assert (row.prompt_tokens, row.completion_tokens, row.cost_nano_usd) == (0, 0, 0)
+        logged = [fields for _, fields in await client.xrange(STREAM) if fields[b"tenant"].decode() == tenant]
+        assert [fields[b"failure"].decode() for fields in logged] == reasons

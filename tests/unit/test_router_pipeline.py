@@ -143,6 +143,7 @@ class RecordingAdmission:
         self.round_trip = round_trip
         self.admitting = asyncio.Event()
         self.settled: list = []
+        self.refusals: list = []
 
     def waits(self, turn) -> bool:
         return self.round_trip is not None
@@ -157,6 +158,9 @@ class RecordingAdmission:
 
     async def settle(self, grant, turn, outcome) -> None:
         self.settled.append((grant, outcome))
+
+    def refused(self, turn, outcome) -> None:
+        self.refusals.append(outcome)
 
 
 def pipeline(contexts=None, cache=None, generator=None, admission=None, **settings):
@@ -430,7 +434,7 @@ async def test_a_generation_failing_during_a_hit_does_not_matter():
     assert events[-1].similarity == pytest.approx(0.93)
 
 
-async def test_a_refused_turn_does_no_work_and_needs_no_settling():
+async def test_a_refused_turn_does_no_work_needs_no_settling_and_is_recorded_as_refused():
     refusal = MeshgateError(grpc.StatusCode.RESOURCE_EXHAUSTED, "LIMIT", "over the limit")
     admission = RecordingAdmission(refuse=refusal)
     turns, parts = pipeline(admission=admission)
@@ -438,6 +442,9 @@ async def test_a_refused_turn_does_no_work_and_needs_no_settling():
     assert events == [Failure(refusal)]
     assert parts["contexts"].created == [] and parts["generator"].prompts == []
     assert admission.settled == []
+    # For the usage ledger, as a turn refused once its history is known is.
+    [outcome] = admission.refusals
+    assert outcome.failure == "LIMIT" and outcome.answer.prompt_tokens == 0 and not outcome.cancelled
 
 
 async def test_settle_sees_a_completion_once():
