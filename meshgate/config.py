@@ -956,7 +956,9 @@ class InferenceSettings:
     # neighbour's prompt read beside it: 1.6 s for smollm2 on CPU
     # (bench/README.md, "A long prompt beside a running stream"), so 30 s
     # is generous; the prompt's own prefill, before the first response, is
-    # not bounded here (the caller's deadline bounds it).
+    # not bounded here (the caller's deadline bounds it), but a call
+    # unanswered this long gets its model a canary request, which ends it if
+    # the model's stub died (services/inference/backends.py).
     stream_stall_s: float = 30.0
     # The prefix index of the prefix-aware strategies: tokens per block (the
     # bundled models' prefix-cache blocks, model_repository/generation/

@@ -31,7 +31,15 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         # Read (and checked) now, so a missing template stops the start, not a request.
         tokenization.load_chat_template(served.chat_template)
     models = sorted({m.triton_model for m in config.models.values()} | {config.embedding_triton_model})
-    pool = BackendPool(config.triton_urls, models, config.triton_idle_streams)
+    pool = BackendPool(
+        config.triton_urls,
+        models,
+        config.triton_idle_streams,
+        config.embedding_triton_model,
+        # A call unanswered this long (a generation's longest wait between
+        # two responses) gets its model a canary: its stub may have died.
+        config.stream_stall_s,
+    )
     metrics.watch_backends(pool)
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
         InferenceServicer(config, pool), service.server

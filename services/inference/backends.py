@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import dataclasses
+import time
 
 import grpc
 import structlog
@@ -22,6 +23,14 @@ PROBE_TIMEOUT_S = 2.0
 PROBES_TO_MARK_DOWN = 3
 # Why the calls OpenCalls.end() cancels for the probes fail.
 LEFT_ROTATION = "the Triton server left rotation with the call open: its health probes failed"
+# The canary (TritonBackend.canary): one real request of a model, as small as
+# it gets: a one-word prompt and one token, or one word to embed. Triton
+# refused a dead stub's request in ~1 s here; a live tiny_gpt answers in
+# milliseconds, and the model it probes has no other traffic on that server
+# while it is out. One that takes longer proves nothing either way.
+CANARY_TIMEOUT_S = 5.0
+CANARY_TEXT = "ok"
+CANARY_SAMPLING = '{"max_tokens":1}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,20 +57,36 @@ class OpenCalls:
     ended UNAVAILABLE after some.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: collections.abc.Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._model_of: dict[object, str] = {}
         # The calls end() cancelled, with why.
         self._ended: dict[object, str] = {}
+        # When each call that Triton has not answered yet was sent.
+        self._unanswered_since: dict[object, float] = {}
 
     def __len__(self) -> int:
         return len(self._model_of)
 
     def add(self, call, model: str) -> None:
         self._model_of[call] = model
+        self._unanswered_since[call] = self._clock()
+
+    def answered(self, call) -> None:
+        """Triton sent ``call`` its first response."""
+        self._unanswered_since.pop(call, None)
 
     def discard(self, call) -> None:
         self._model_of.pop(call, None)
         self._ended.pop(call, None)
+        self._unanswered_since.pop(call, None)
+
+    def unanswered_for(self, seconds: float) -> set[str]:
+        """The models of the calls that have waited over ``seconds`` for
+        Triton's first response (TritonBackend.probe sends their model a
+        canary: its stub may have died under them)."""
+        sent_before = self._clock() - seconds
+        return {self._model_of[call] for call, sent in self._unanswered_since.items() if sent < sent_before}
 
     def end(self, models: set[str], why: str = LEFT_ROTATION) -> int:
         """Cancels the open calls for ``models``, which then fail UNAVAILABLE
@@ -169,7 +194,17 @@ class TritonBackend:
 
     weight = 1.0
 
-    def __init__(self, address: str, idle_streams: int = 0) -> None:
+    def __init__(
+        self,
+        address: str,
+        idle_streams: int = 0,
+        embedding_model: str = "",
+        unanswered_canary_s: float | None = None,
+    ) -> None:
+        """``embedding_model`` is canaried with an embedding, every other
+        model with a generation; ``unanswered_canary_s``: how long a call may
+        wait for Triton's first response before its model is canaried
+        (inference.stream_stall_s; None: never)."""
         self.address = self.key = address
         # Inference goes over a traced channel, so the Triton call is a client
         # span of the request's trace and Triton receives its traceparent.
@@ -187,7 +222,16 @@ class TritonBackend:
         self._probe_stub = service_pb2_grpc.GRPCInferenceServiceStub(self._probe_channel)
         self.live = False
         self.ready = False
+        # The models requests may go to here: ready by the probes, and their
+        # stub not known dead.
         self.ready_models: set[str] = set()
+        # Models whose Python-backend stub died here, with why they are out
+        # of rotation (stub_died), until a canary of theirs is answered.
+        self.stub_dead: dict[str, str] = {}
+        self._embedding_model = embedding_model
+        self._unanswered_canary_s = unanswered_canary_s
+        # What the last probe round failed with (a status code's name), if it did.
+        self._probe_failure: str | None = None
         self.in_flight = 0
         self.calls = OpenCalls()
         # Prompt tokens of the generations in flight here (their KV is what
@@ -230,9 +274,92 @@ class TritonBackend:
         read ready, so the probes never end them; each waited for its
         caller's deadline, or forever. They end now, as UNAVAILABLE: one that
         had sent nothing goes to another server, one that had ends saying how
-        much (servicer.Generate)."""
+        much (servicer.Generate).
+
+        Triton (2.51) refuses every later request of the model and never
+        starts the stub again by itself; unloading and loading the model
+        does (a load alone is a no-op while its files are unchanged). So
+        the model leaves rotation here, though Triton still reads it ready:
+        health reports it not ready, and requests go to other servers (or
+        fail NO_READY_BACKEND at once) instead of each paying a refusal
+        first. It comes back when a canary of it is answered (probe)."""
+        if model not in self.stub_dead:
+            log.warning("model out of rotation: its stub process died", backend=self.address, model=model)
+        self.stub_dead[model] = (
+            f"its Python-backend stub process died ({error_message}); Triton refuses its requests "
+            "until the model is unloaded and loaded again; a canary request retries it every probe round"
+        )
+        self.ready_models.discard(model)
+        self.ready = self.ready and bool(self.ready_models)
         if ended := self.calls.end({model}, f"the model's stub process died: {error_message}"):
             log.warning("calls ended: the model's stub process died", backend=self.address, calls=ended)
+
+    def not_ready_reason(self, model: str) -> str:
+        """Why requests of ``model`` do not go here, for an operator; "" if they do."""
+        if model in self.ready_models:
+            return ""
+        if model in self.stub_dead:
+            return self.stub_dead[model]
+        if self._probe_failure is not None:
+            return f"the server does not answer its health probes ({self._probe_failure})"
+        return "Triton reports the model not ready"
+
+    async def canary(self, model: str) -> str | None:
+        """Sends ``model`` here one real request, as small as it gets
+        (CANARY_TEXT): None if it was answered, else what it failed with.
+        ModelReady cannot tell a dead stub (Triton reads it ready); only a
+        request that reaches the stub can. A generation goes as a stream
+        (the generation models are decoupled: ModelInfer refuses them)."""
+        try:
+            if model == self._embedding_model:
+                request = triton_protocol.embed_request(model, [CANARY_TEXT])
+                await self._probe_stub.ModelInfer(request, timeout=CANARY_TIMEOUT_S)
+                return None
+            request = triton_protocol.generate_request(
+                model, "meshgate-canary", CANARY_TEXT, CANARY_SAMPLING, self.batched.get(model, False)
+            )
+            call = self._probe_stub.ModelStreamInfer(timeout=CANARY_TIMEOUT_S)
+            try:
+                await call.write(request)
+                await call.done_writing()
+                while (message := await call.read()) is not grpc.aio.EOF:
+                    if message.error_message:
+                        return message.error_message
+                    if triton_protocol.ends_stream(message):
+                        return None
+            finally:
+                call.cancel()
+            return "Triton closed the stream before the final response"
+        except grpc.aio.AioRpcError as error:
+            return error.details() or error.code().name
+        except asyncio.InvalidStateError:
+            # A write on a stream that already ended (servicer._write).
+            return "the stream ended before the request went out"
+
+    async def _canary_models(self, answers: dict[str, bool]) -> None:
+        """Canaries, among the models Triton just read ready, those whose
+        stub died here, and those with a call that has waited longer than
+        unanswered_canary_s for Triton's first response: a stub that died
+        under a request before it answered leaves it waiting for its
+        caller's deadline when no later request of the model comes here to
+        be refused (stub_died). An answered canary puts a model whose stub
+        died back in rotation; one refused by a dead stub takes it out.
+        At most one request a model each probe round, all at once, so a
+        round takes at most CANARY_TIMEOUT_S longer, and none while every
+        stub answers."""
+        suspects = set(self.stub_dead)
+        if self._unanswered_canary_s is not None:
+            suspects |= self.calls.unanswered_for(self._unanswered_canary_s)
+        canaried = sorted(model for model in suspects if answers.get(model))
+        failures = await asyncio.gather(*(self.canary(model) for model in canaried))
+        for model, failure in zip(canaried, failures, strict=True):
+            if failure is None:
+                if self.stub_dead.pop(model, None) is not None:
+                    log.info(
+                        "model back in rotation: a canary was answered", backend=self.address, model=model
+                    )
+            elif triton_protocol.stub_died(failure):
+                self.stub_died(model, failure)
 
     def queue_ms(self, model: str) -> float:
         return self._recent_queue_ms.get(model, 0.0)
@@ -278,8 +405,10 @@ class TritonBackend:
         else:
             failure = None
         self.models = models
+        self._probe_failure = failure
         if failure is None:
             await self._read_statistics(models)
+            await self._canary_models(answers)
         self._silent_rounds = 0 if failure is None else self._silent_rounds + 1
         was_ready = self.ready
         out: set[str] = set()
@@ -287,7 +416,8 @@ class TritonBackend:
         for model, is_ready in answers.items():
             self._misses[model] = 0 if is_ready else self._misses.get(model, 0) + 1
             if is_ready:
-                self.ready_models.add(model)
+                if model not in self.stub_dead:
+                    self.ready_models.add(model)
             elif self._misses[model] >= PROBES_TO_MARK_DOWN:
                 if model in self.ready_models:
                     left.add(model)
@@ -354,8 +484,17 @@ class TritonBackend:
 class BackendPool:
     """The Triton servers, and the choice among those with a model ready."""
 
-    def __init__(self, addresses: list[str], models: list[str], idle_streams: int = 0) -> None:
-        self.backends = [TritonBackend(a, idle_streams) for a in addresses]
+    def __init__(
+        self,
+        addresses: list[str],
+        models: list[str],
+        idle_streams: int = 0,
+        embedding_model: str = "",
+        unanswered_canary_s: float | None = None,
+    ) -> None:
+        self.backends = [
+            TritonBackend(a, idle_streams, embedding_model, unanswered_canary_s) for a in addresses
+        ]
         self._models = models
         # For calls that name no strategy (embeddings).
         self._least_outstanding = balancing.LeastOutstanding()

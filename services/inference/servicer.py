@@ -267,7 +267,20 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     async def GetBackendHealth(self, request, context) -> pb.GetBackendHealthResponse:
         return pb.GetBackendHealthResponse(
             backends=[
-                pb.Backend(address=b.address, live=b.live, ready=b.ready, in_flight=b.in_flight)
+                pb.Backend(
+                    address=b.address,
+                    live=b.live,
+                    ready=b.ready,
+                    in_flight=b.in_flight,
+                    models=[
+                        pb.BackendModel(
+                            name=model,
+                            ready=model in b.ready_models,
+                            not_ready_reason=b.not_ready_reason(model),
+                        )
+                        for model in b.models
+                    ],
+                )
                 for b in self._pool.backends
             ]
         )
@@ -433,7 +446,9 @@ class _TritonStream:
                     watchdog = loop.call_later(self._stall_s, watch)
                 texts = []
                 model_error = ""
-                self.heard = True
+                if not self.heard:
+                    backend.calls.answered(call)
+                    self.heard = True
                 for message in batch:
                     answering = message.infer_response.id
                     if answering != own_id and answering:

@@ -123,17 +123,20 @@ async def test_a_server_whose_model_fails_every_embedding_leaves_rotation(two_se
 
 
 @pytest.mark.parametrize("stub_died", [STUB_DIED, "Stub process 'tiny_gpt_0_0' is not healthy."])
-async def test_a_generation_a_dead_stub_refused_goes_to_another_server_and_counts_against_its_own(
+async def test_a_generation_a_dead_stub_refused_goes_to_another_server_and_takes_the_model_out_there(
     two_servers, stub_died
 ) -> None:
-    # It failed INTERNAL (MODEL_ERROR) with a healthy server beside it.
+    # It failed INTERNAL (MODEL_ERROR) with a healthy server beside it; then
+    # each request was refused there until its breaker opened (3 of them),
+    # and again at each half-open probe, the model reading ready meanwhile.
     servicer, (dead, answering) = two_servers
     dead.stream_stub, answering.stream_stub = StreamingTriton(stub_died), StreamingTriton()
     for i in range(10):
         responses = await _generate(servicer, f"question {i}")
         assert responses[-1].completion.backend == answering.address
-    assert dead.stream_stub.calls == dead.health.policy.failures_to_open
-    assert dead.health.state is balancing.BreakerState.OPEN
+    assert dead.stream_stub.calls == 1
+    assert dead.ready_models == {"minilm"} and "stub process died" in dead.not_ready_reason("tiny_gpt")
+    assert dead.health.state is balancing.BreakerState.CLOSED
 
 
 async def test_an_embedding_a_dead_stub_refused_goes_to_another_server(two_servers) -> None:
@@ -143,8 +146,8 @@ async def test_an_embedding_a_dead_stub_refused_goes_to_another_server(two_serve
     for i in range(10):
         response = await servicer.Embed(pb.EmbedRequest(texts=[f"question {i}"]), FakeContext(None))
         assert response.dimensions == DIMENSIONS
-    assert dead.stub.calls == dead.health.policy.failures_to_open
-    assert dead.health.state is balancing.BreakerState.OPEN
+    assert dead.stub.calls == 1
+    assert dead.ready_models == {"tiny_gpt"}
 
 
 async def test_requests_the_model_refuses_count_against_no_server(two_servers) -> None:

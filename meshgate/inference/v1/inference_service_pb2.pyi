@@ -96,13 +96,25 @@ class GetBackendHealthResponse(_message.Message):
     def __init__(self, backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ...) -> None: ...
 
 class Backend(_message.Message):
-    __slots__ = ("address", "live", "ready", "in_flight")
+    __slots__ = ("address", "live", "ready", "in_flight", "models")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     address: str
     live: bool
     ready: bool
     in_flight: int
-    def __init__(self, address: _Optional[str] = ..., live: _Optional[bool] = ..., ready: _Optional[bool] = ..., in_flight: _Optional[int] = ...) -> None: ...
+    models: _containers.RepeatedCompositeFieldContainer[BackendModel]
+    def __init__(self, address: _Optional[str] = ..., live: _Optional[bool] = ..., ready: _Optional[bool] = ..., in_flight: _Optional[int] = ..., models: _Optional[_Iterable[_Union[BackendModel, _Mapping]]] = ...) -> None: ...
+
+class BackendModel(_message.Message):
+    __slots__ = ("name", "ready", "not_ready_reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    NOT_READY_REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    ready: bool
+    not_ready_reason: str
+    def __init__(self, name: _Optional[str] = ..., ready: _Optional[bool] = ..., not_ready_reason: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,219 @@
+"""A model whose Python-backend stub died on one Triton server (Triton keeps
+reading it ready and refuses its every request) leaves rotation there when
+a refusal says so: health reports it not ready, with why, and requests go
+elsewhere. A canary (one tiny real request each probe round) brings it back
+once it is answered, and is also sent when a call has waited too long for
+its first response, whose stub may have died under it with no later
+request there to be refused. Triton is a scripted fake
+(tests/integration/test_triton_stub_death.py kills a real stub)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import pytest
+from tritonclient.grpc import service_pb2
+
+from meshgate.config import InferenceSettings
+from meshgate.errors import MeshgateError
+from meshgate.inference.v1 import inference_service_pb2 as pb
+from meshgate.reasons import Reason
+from services.inference.backends import BackendPool, OpenCalls, TritonBackend
+from services.inference.servicer import InferenceServicer
+from tests.unit.test_inference_breaker import STUB_DIED_NAMED, AnsweringCall
+from tests.unit.test_inference_embed import embedding_response
+from tests.unit.test_inference_open_calls import EMBEDDING_MODEL, GENERATION_MODEL, ProbedTriton
+from tests.unit.test_inference_stream import ScriptedCall, stream_on, triton_response
+
+MODELS = [GENERATION_MODEL, EMBEDDING_MODEL]
+GENERATION_STUB_DIED = "Stub process 'tiny_gpt_0_0' is not healthy."
+
+
+class CanariedTriton(ProbedTriton):
+    """Every model reads ready, as Triton reads a model whose stub died; each
+    request (a canary) is refused with ``refusal`` ("": answered), a
+    model's error message, or ``code``'s status when set."""
+
+    def __init__(self, refusal: str = "", code: grpc.StatusCode | None = None) -> None:
+        super().__init__(set(MODELS))
+        self.refusal = refusal
+        self.code = code
+        self.canaries: list[service_pb2.ModelInferRequest] = []
+        self.timeouts: list[float] = []
+
+    def _fail(self) -> None:
+        if self.code is not None:
+            metadata = grpc.aio.Metadata()
+            raise grpc.aio.AioRpcError(self.code, metadata, metadata, self.refusal)
+
+    def ModelStreamInfer(self, timeout: float) -> AnsweringCall:
+        self.timeouts.append(timeout)
+        self._fail()
+        call = AnsweringCall(self.refusal)
+        original_write = call.write
+
+        async def write(request) -> None:
+            self.canaries.append(request)
+            await original_write(request)
+
+        call.write = write
+        return call
+
+    async def ModelInfer(self, request, timeout: float):
+        self.canaries.append(request)
+        self.timeouts.append(timeout)
+        self._fail()
+        if self.refusal:
+            metadata = grpc.aio.Metadata()
+            raise grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, metadata, metadata, self.refusal)
+        return embedding_response(request)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def backend():
+    backend = TritonBackend("127.0.0.1:1", embedding_model=EMBEDDING_MODEL, unanswered_canary_s=30.0)
+    backend._probe_stub = CanariedTriton()
+    await backend.probe(MODELS)
+    assert backend.ready_models == set(MODELS)
+    yield backend
+    await backend.close()
+
+
+@pytest.mark.parametrize(
+    ("model", "refusal"), [(GENERATION_MODEL, GENERATION_STUB_DIED), (EMBEDDING_MODEL, STUB_DIED_NAMED)]
+)
+async def test_a_model_whose_stub_died_stays_out_until_a_canary_is_answered(backend, model, refusal):
+    triton = backend._probe_stub
+    triton.refusal = refusal
+    backend.stub_died(model, refusal)
+    assert backend.ready_models == set(MODELS) - {model}
+    assert backend.ready, "the other model still serves"
+    assert refusal in backend.not_ready_reason(model)
+    assert "stub process died" in backend.not_ready_reason(model)
+
+    # Triton reads it ready, but its canaries are refused: it stays out.
+    for _ in range(3):
+        await backend.probe(MODELS)
+    assert model not in backend.ready_models and len(triton.canaries) == 3
+    assert all(canary.model_name == model for canary in triton.canaries)
+
+    triton.refusal = ""  # the model loaded again
+    await backend.probe(MODELS)
+    assert backend.ready_models == set(MODELS) and backend.not_ready_reason(model) == ""
+    await backend.probe(MODELS)
+    assert len(triton.canaries) == 4, "no canary once it is back"
+
+
+async def test_a_generation_canary_is_one_token_of_a_one_word_prompt_on_a_deadline(backend):
+    triton = backend._probe_stub
+    backend.stub_died(GENERATION_MODEL, GENERATION_STUB_DIED)
+    await backend.probe(MODELS)
+    (canary,) = triton.canaries
+    sampling = canary.raw_input_contents[[i.name for i in canary.inputs].index("sampling_parameters")]
+    assert json.loads(sampling[4:]) == {"max_tokens": 1}
+    assert len(canary.raw_input_contents[0]) < 16, "a tiny prompt"
+    assert triton.timeouts == [pytest.approx(5.0)]
+
+
+@pytest.mark.parametrize(
+    ("code", "refusal"),
+    [
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"),
+        (None, "tiny_gpt: internal error during generation"),
+    ],
+)
+async def test_only_an_answered_canary_brings_the_model_back(backend, code, refusal):
+    triton = backend._probe_stub
+    backend.stub_died(GENERATION_MODEL, GENERATION_STUB_DIED)
+    triton.code, triton.refusal = code, refusal
+    await backend.probe(MODELS)
+    assert GENERATION_MODEL not in backend.ready_models
+    assert GENERATION_STUB_DIED in backend.not_ready_reason(GENERATION_MODEL)
+
+
+async def test_no_canary_while_no_stub_is_dead_and_no_call_waits_long(backend):
+    backend.calls = OpenCalls(clock := Clock())
+    backend.calls.add(asyncio.Future(), GENERATION_MODEL)
+    clock.now += 29
+    for _ in range(3):
+        await backend.probe(MODELS)
+    assert backend._probe_stub.canaries == []
+
+
+async def test_a_call_long_unanswered_has_its_model_canaried_and_ends_if_the_stub_died(backend):
+    # Its stub died under it before it answered: no later request came here
+    # to be refused, so it waited for its caller's deadline.
+    triton = backend._probe_stub
+    backend.calls = OpenCalls(clock := Clock())
+    stranded, answering, other_model = asyncio.Future(), asyncio.Future(), asyncio.Future()
+    backend.calls.add(stranded, GENERATION_MODEL)
+    backend.calls.add(answering, GENERATION_MODEL)
+    backend.calls.add(other_model, EMBEDDING_MODEL)
+    # Answered: what it waits for now, the stall bound covers.
+    backend.calls.answered(other_model)
+    clock.now += 31
+    backend.calls.add(asyncio.Future(), EMBEDDING_MODEL)  # just sent
+
+    # A slow model that answers the canary keeps its calls.
+    await backend.probe(MODELS)
+    assert [c.model_name for c in triton.canaries] == [GENERATION_MODEL]
+    assert not stranded.cancelled() and backend.ready_models == set(MODELS)
+
+    triton.refusal = GENERATION_STUB_DIED
+    await backend.probe(MODELS)
+    assert stranded.cancelled() and answering.cancelled() and not other_model.cancelled()
+    assert backend.calls.ended_here(stranded).code() == grpc.StatusCode.UNAVAILABLE
+    assert backend.ready_models == {EMBEDDING_MODEL}
+
+
+async def test_a_stream_is_unanswered_until_tritons_first_response():
+    call = ScriptedCall()
+    stream, backend = stream_on(call)
+    responses = aiter(stream)
+    first = asyncio.create_task(anext(responses))
+    await asyncio.sleep(0.01)
+    assert backend.calls.unanswered_for(-1) == {GENERATION_MODEL}
+    call.send(triton_response("Hi", 1))
+    assert (await asyncio.wait_for(first, 5)).delta.text == "Hi"
+    assert backend.calls.unanswered_for(-1) == set()
+    await responses.aclose()
+
+
+async def test_health_says_which_model_is_out_where_and_why_and_requests_go_elsewhere():
+    settings = InferenceSettings(triton_urls=["127.0.0.1:1", "127.0.0.1:2"])
+    pool = BackendPool(settings.triton_urls, MODELS, embedding_model=EMBEDDING_MODEL)
+    try:
+        for each in pool.backends:
+            each._probe_stub = CanariedTriton(GENERATION_STUB_DIED)
+        await pool.probe_all()
+        dead, alive = pool.backends
+        dead.stub_died(GENERATION_MODEL, GENERATION_STUB_DIED)
+        await pool.probe_all()
+        servicer = InferenceServicer(settings, pool)
+
+        health = await servicer.GetBackendHealth(pb.GetBackendHealthRequest(), None)
+        models = {(b.address, m.name): m for b in health.backends for m in b.models}
+        assert len(models) == 4
+        out = models[(dead.address, GENERATION_MODEL)]
+        assert not out.ready and GENERATION_STUB_DIED in out.not_ready_reason
+        others = [m for key, m in models.items() if key != (dead.address, GENERATION_MODEL)]
+        assert all(m.ready and not m.not_ready_reason for m in others)
+        assert all(b.ready for b in health.backends), "each still serves a model"
+        assert all(pool.choose(GENERATION_MODEL) is alive for _ in range(10))
+
+        alive.stub_died(GENERATION_MODEL, GENERATION_STUB_DIED)
+        with pytest.raises(MeshgateError) as refused:
+            pool.choose(GENERATION_MODEL)
+        assert refused.value.reason == Reason.NO_READY_BACKEND
+    finally:
+        await pool.close()
