@@ -2,10 +2,14 @@
 killer sends) with a second Triton configured. Triton then sends the
 requests the stub was running nothing more, and refuses every later one
 ("Stub process ... is not healthy"), while the server and the model still
-read ready, so the health probes see nothing wrong. Streams it was answering
+read ready, so the health probes see nothing wrong, and never starts the stub
+again by itself (loading the model again does). Streams it was answering
 end UNAVAILABLE saying how much they delivered (they hung to their
-deadline), and requests it refuses go to the other server (they failed
-INTERNAL)."""
+deadline), requests it refuses go to the other server (they failed
+INTERNAL), and the first refusal takes the model out of rotation on that
+server: health reports it not ready there, with why (it read ready, and
+every request went on paying a refusal first), until a canary is answered
+once the model is loaded again."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import subprocess
 
 import grpc
 import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from meshgate.config import Settings
 from meshgate.errors import error_info
@@ -56,6 +61,24 @@ def kill_stub(triton: subprocess.Popen, model: str) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+async def model_health(stub) -> dict[tuple[str, str], pb.BackendModel]:
+    """Each (server, Triton model)'s health, as GetBackendHealth reports it."""
+    health = await stub.GetBackendHealth(pb.GetBackendHealthRequest(), timeout=5)
+    return {(b.address, m.name): m for b in health.backends for m in b.models}
+
+
+async def load_again(url: str, model: str) -> None:
+    """What an operator does for a model whose stub died: unloaded and
+    loaded again, it gets a new stub. A load alone is a no-op while the
+    model's files are unchanged (Triton reloads only a modified model)."""
+    async with grpc.aio.insecure_channel(url) as channel:
+        triton = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        await triton.RepositoryModelUnload(
+            service_pb2.RepositoryModelUnloadRequest(model_name=model), timeout=60
+        )
+        await triton.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name=model), timeout=60)
+
+
 def assert_partly_delivered(text: str, completion, error, reason: str) -> None:
     assert completion is None and error is not None, "the stream finished on a dead stub"
     assert error.code() == grpc.StatusCode.UNAVAILABLE, error
@@ -88,6 +111,7 @@ async def test_a_killed_stubs_streams_end_with_counts_and_what_it_refuses_goes_t
         fresh = [await generate(stub, f"question {n}", 4) for n in range(12)]
         finished = await asyncio.gather(*streams)
         stranded_for_s = loop.time() - killed_at
+        after_kill = await model_health(stub)
 
         # The other server's stub killed under its one stream, with no
         # request after it: only the stall bound ends that stream.
@@ -107,6 +131,16 @@ async def test_a_killed_stubs_streams_end_with_counts_and_what_it_refuses_goes_t
             for n in range(6)
         ]
         left_open = await in_flight(stub)
+        minilm_killed = (await model_health(stub))[(live_url, "minilm")]
+
+        # Loaded again, the model is back in rotation there once the next
+        # probe round's canary is answered, and serves.
+        await load_again(dead_url, "tiny_gpt")
+        reloaded_at = loop.time()
+        while not (await model_health(stub))[(dead_url, "tiny_gpt")].ready:
+            assert loop.time() - reloaded_at < 10, "not back in rotation 10 s after the reload"
+            await asyncio.sleep(0.1)
+        after_reload = await generate(stub, "after the reload", 4)
 
     print(f"stranded streams ended {stranded_for_s:.1f} s after the kill; the lone one {stalled_for_s:.1f} s")
     for text, completion, error in fresh:
@@ -122,3 +156,17 @@ async def test_a_killed_stubs_streams_end_with_counts_and_what_it_refuses_goes_t
     assert left_open == {dead_url: 0, live_url: 0}
     assert_partly_delivered(lone_text, lone_completion, lone_error, Reason.STREAM_ENDED_EARLY)
     assert STALL_S <= stalled_for_s < STALL_S + 10
+
+    # The refusal took tiny_gpt out on the dead stub's server, and only there.
+    dead_model = after_kill[(dead_url, "tiny_gpt")]
+    assert not dead_model.ready
+    assert "stub process died" in dead_model.not_ready_reason
+    assert "is not healthy" in dead_model.not_ready_reason
+    assert after_kill[(live_url, "tiny_gpt")].ready and after_kill[(dead_url, "minilm")].ready
+    assert not minilm_killed.ready and "stub process died" in minilm_killed.not_ready_reason
+
+    # The other server's tiny_gpt stub is dead too (the lone stream's), so
+    # the reloaded server answers, perhaps after one refusal there.
+    text, completion, error = after_reload
+    assert error is None, error
+    assert completion.backend == dead_url and text
