@@ -3,13 +3,15 @@ killer sends) with a second Triton configured. Triton then sends the
 requests the stub was running nothing more, and refuses every later one
 ("Stub process ... is not healthy"), while the server and the model still
 read ready, so the health probes see nothing wrong, and never starts the stub
-again by itself (loading the model again does). Streams it was answering
-end UNAVAILABLE saying how much they delivered (they hung to their
-deadline), requests it refuses go to the other server (they failed
+again by itself (unloading and loading the model does). Streams it was
+answering end UNAVAILABLE saying how much they delivered (they hung to
+their deadline), requests it refuses go to the other server (they failed
 INTERNAL), and the first refusal takes the model out of rotation on that
 server: health reports it not ready there, with why (it read ready, and
 every request went on paying a refusal first), until a canary is answered
-once the model is loaded again."""
+once the model is loaded again. A request the model took but had not
+answered, with no later one to be refused, ends when the canary its long
+wait earns is refused (it waited for its deadline)."""
 
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ from tests.mesh import mesh_settings, router_channel
 pytestmark = [pytest.mark.integration, pytest.mark.stub_faults]
 
 STREAMS = 4
+# tiny_gpt's max_active_sequences: a request beyond them waits in the model.
+MODEL_SLOTS = 16
 # Far above a refusal's ~1-2 s, so that what ends the stranded streams first
 # is the refusal, and short enough for the last part to wait out.
 STALL_S = 10.0
@@ -113,25 +117,32 @@ async def test_a_killed_stubs_streams_end_with_counts_and_what_it_refuses_goes_t
         stranded_for_s = loop.time() - killed_at
         after_kill = await model_health(stub)
 
-        # The other server's stub killed under its one stream, with no
-        # request after it: only the stall bound ends that stream.
-        answering = asyncio.Event()
-        lone = asyncio.create_task(generate(stub, "a long story", 400, answering.set))
-        await asyncio.wait_for(answering.wait(), 30)
+        # The other server's stub killed under as many streams as the model
+        # runs at once, and one more request that the model took but has not
+        # started (it waits for a slot), with no request after them: the
+        # stall bound ends the streams, and the waiting one (it waited for
+        # its deadline) ends when the canary its long wait earns is refused.
+        full = await streaming(stub, MODEL_SLOTS)
+        answered_at = []
+        waiting = asyncio.create_task(generate(stub, "a question", 4, lambda: answered_at.append(1)))
+        await asyncio.sleep(0.5)
+        assert not answered_at, "the model had a free slot"
         kill_stub(processes[urls.index(live_url)], "tiny_gpt")
         killed_at = loop.time()
-        lone_text, lone_completion, lone_error = await lone
+        waited_text, waited_completion, waited_error = await waiting
+        waited_for_s = loop.time() - killed_at
+        stalled = await asyncio.gather(*full)
         stalled_for_s = loop.time() - killed_at
 
-        # Embeddings: the server that answers generations still embeds, and
-        # comes first (the other one's breaker is open); its minilm dies.
-        kill_stub(processes[urls.index(live_url)], "minilm")
+        # Embeddings: the first dead stub's server still embeds, and comes first (the
+        # stalls opened the other one's breaker); its minilm dies.
+        kill_stub(processes[urls.index(dead_url)], "minilm")
         embeddings = [
             await stub.Embed(pb.EmbedRequest(texts=[f"a text to embed, number {n}"]), timeout=30)
             for n in range(6)
         ]
         left_open = await in_flight(stub)
-        minilm_killed = (await model_health(stub))[(live_url, "minilm")]
+        minilm_killed = (await model_health(stub))[(dead_url, "minilm")]
 
         # Loaded again, the model is back in rotation there once the next
         # probe round's canary is answered, and serves.
@@ -142,7 +153,10 @@ async def test_a_killed_stubs_streams_end_with_counts_and_what_it_refuses_goes_t
             await asyncio.sleep(0.1)
         after_reload = await generate(stub, "after the reload", 4)
 
-    print(f"stranded streams ended {stranded_for_s:.1f} s after the kill; the lone one {stalled_for_s:.1f} s")
+    print(
+        f"stranded streams ended {stranded_for_s:.1f} s after the kill; the stalled ones "
+        f"{stalled_for_s:.1f} s, the waiting request {waited_for_s:.1f} s"
+    )
     for text, completion, error in fresh:
         assert error is None, error
         assert completion.backend == live_url and text
@@ -154,7 +168,13 @@ async def test_a_killed_stubs_streams_end_with_counts_and_what_it_refuses_goes_t
     assert stranded_for_s < STALL_S
     assert all(e.dimensions > 0 for e in embeddings)
     assert left_open == {dead_url: 0, live_url: 0}
-    assert_partly_delivered(lone_text, lone_completion, lone_error, Reason.STREAM_ENDED_EARLY)
+    # Retried, but the only other server's tiny_gpt is out (its stub died).
+    assert waited_for_s < STALL_S + 10, "it waited for its deadline"
+    assert waited_text == "" and waited_completion is None and waited_error is not None
+    assert waited_error.code() == grpc.StatusCode.UNAVAILABLE, waited_error
+    assert error_info(waited_error).reason == Reason.NO_READY_BACKEND
+    for text, completion, error in stalled:
+        assert_partly_delivered(text, completion, error, Reason.STREAM_ENDED_EARLY)
     assert STALL_S <= stalled_for_s < STALL_S + 10
 
     # The refusal took tiny_gpt out on the dead stub's server, and only there.
@@ -165,7 +185,7 @@ async def test_a_killed_stubs_streams_end_with_counts_and_what_it_refuses_goes_t
     assert after_kill[(live_url, "tiny_gpt")].ready and after_kill[(dead_url, "minilm")].ready
     assert not minilm_killed.ready and "stub process died" in minilm_killed.not_ready_reason
 
-    # The other server's tiny_gpt stub is dead too (the lone stream's), so
+    # The other server's tiny_gpt stub is dead too (killed under the full model), so
     # the reloaded server answers, perhaps after one refusal there.
     text, completion, error = after_reload
     assert error is None, error
