@@ -189,7 +189,8 @@ def stream_error_code(error_message: str, triton_model: str) -> grpc.StatusCode:
 # on streams and unary calls alike, or python_backend src/python_be.cc
 # SendMessageToStub's wording inside the backend's "Failed to process the
 # request(s)". The instance stays dead, and reads ready, until the model is
-# loaded again; another server's instance is not dead with it.
+# unloaded and loaded again (a load alone is a no-op while its files are
+# unchanged); another server's instance is not dead with it.
 _STUB_DIED = re.compile(
     r"(?:Stub process '[^']*' is not healthy\.|Failed to process the request\(s\) for model '[^']*', "
     r"message: Stub process is not healthy\.)\Z"
