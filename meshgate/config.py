@@ -770,6 +770,12 @@ class ContextSettings:
     summary_hot_window_turns: int = 32
     summary_model: str = "smollm2"
     summary_timeout_s: float = 120.0
+    # Sessions summarized at once by this replica, each asking summary_model
+    # for one span at a time: at most this many of its generations run for
+    # summaries. 8 took all of smollm2's 8 slots, and a tenant's turns on it
+    # waited for the summaries of another's sessions (0.17 s -> 48 s to the
+    # first token). More sessions wait their turn.
+    max_concurrent_summaries: int = 2
 
     def __post_init__(self) -> None:
         _check_max_concurrent_rpcs("context", self.max_concurrent_rpcs)
@@ -1070,6 +1076,7 @@ _POSITIVE = frozenset(
         "embedding_max_tokens",
         "prefix_block_tokens",
         "summary_span_turns",
+        "max_concurrent_summaries",
         # At zero every day's totals expired as written, and the usage
         # stream kept no record.
         "usage_retention_days",

@@ -54,6 +54,7 @@ def _summarizer(
         ),
         model,
         counters.values(),
+        config.max_concurrent_summaries,
     )
 
 

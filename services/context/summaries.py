@@ -53,6 +53,7 @@ import structlog
 
 from meshgate import redis_access
 from meshgate.common.v1 import common_pb2
+from meshgate.config import ContextSettings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError, from_rpc_error
 from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
@@ -472,20 +473,20 @@ _SUMMARY_OVERHEAD_BYTES = 1024
 _VERSION_BYTES = 36
 
 
-# Sessions summarized at once; more wait their turn, at most
-# MAX_WAITING_SUMMARIES of them (one more is dropped: the next append to it
-# schedules it again). A run holds its session, read whole, for as long as
-# its spans take (model calls of up to context.summary_timeout_s each):
-# unbounded, a burst of appends to many sessions held all of them at once,
-# and sent all their spans to the summary model at once.
-MAX_SUMMARIZING = 8
+# Sessions summarized at once: context.max_concurrent_summaries; more wait
+# their turn, at most MAX_WAITING_SUMMARIES of them (one more is dropped:
+# the next append to it schedules it again). A run holds its session, read
+# whole, for as long as its spans take (model calls of up to
+# context.summary_timeout_s each): unbounded, a burst of appends to many
+# sessions held all of them at once, and sent all their spans to the
+# summary model at once, taking every generation slot it has.
 MAX_WAITING_SUMMARIES = 65_536
 
 # A model that timed out or was unavailable is not asked again for the rest
 # of that run, nor by any run for this long: spans are summarized one after
 # another and compaction waits for them all, so a hung model held each run
 # for context.summary_timeout_s (120 s by default) per span, and with
-# MAX_SUMMARIZING runs held no other session was summarized or compacted at
+# every run held so no other session was summarized or compacted at
 # all. Their spans are summarized extractively meanwhile.
 MODEL_REST_S = 30.0
 _MODEL_DOWN = frozenset(
@@ -523,8 +524,10 @@ class Summarizer:
         policy: SummaryPolicy,
         model: ModelSummarizer | None,
         counters: collections.abc.Sequence[PromptCounter] = (),
+        max_summarizing: int = ContextSettings.max_concurrent_summaries,
     ) -> None:
         self._store = store
+        self._max_summarizing = max_summarizing
         # Every summary's message is counted with each, once.
         self._counters = list({c.id: c for c in counters}.values())
         self._summaries = summaries
@@ -532,7 +535,7 @@ class Summarizer:
         self._model = model
         self._running: dict[tuple[str, str], asyncio.Task] = {}
         self._again: set[tuple[str, str]] = set()
-        # Sessions scheduled while MAX_SUMMARIZING ran, oldest first.
+        # Sessions scheduled while max_summarizing ran, oldest first.
         self._waiting: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._closed = False
         # The session's meta key (store.session_key) -> ((version,
@@ -563,7 +566,7 @@ class Summarizer:
         key = (tenant_id, session_id)
         if key in self._running:
             self._again.add(key)
-        elif len(self._running) < MAX_SUMMARIZING:
+        elif len(self._running) < self._max_summarizing:
             self._start(key)
         elif key in self._waiting or len(self._waiting) < MAX_WAITING_SUMMARIES:
             self._waiting[key] = None
@@ -602,7 +605,7 @@ class Summarizer:
                     return
         finally:
             self._running.pop(key, None)
-            while self._waiting and not self._closed and len(self._running) < MAX_SUMMARIZING:
+            while self._waiting and not self._closed and len(self._running) < self._max_summarizing:
                 self.schedule(*self._waiting.popitem(last=False)[0])
 
     async def summarize_due(self, tenant_id: str, session_id: str) -> tuple[int, int]:

@@ -354,12 +354,12 @@ class _HeldSessions(_Sessions):
 
 async def test_at_most_max_summarizing_sessions_run_at_once_the_others_wait() -> None:
     sessions = _HeldSessions()
-    summarizer = summaries.Summarizer(sessions, _StoredSummaries(), SummaryPolicy(), None)
-    count = 3 * summaries.MAX_SUMMARIZING
+    summarizer = summaries.Summarizer(sessions, _StoredSummaries(), SummaryPolicy(), None, max_summarizing=3)
+    count = 3 * 3
     for n in range(count):
         summarizer.schedule("t", str(n))
     await asyncio.sleep(0.01)
-    assert len(sessions.read_ids) == summaries.MAX_SUMMARIZING
+    assert len(sessions.read_ids) == 3
     summarizer.schedule("t", "0")  # reading: once more after this run
     sessions.release.set()
     for _ in range(100):
