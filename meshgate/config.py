@@ -774,7 +774,8 @@ class ContextSettings:
     # for one span at a time: at most this many of its generations run for
     # summaries. 8 took all of smollm2's 8 slots, and a tenant's turns on it
     # waited for the summaries of another's sessions (0.17 s -> 48 s to the
-    # first token). More sessions wait their turn.
+    # first token); the inference service also keeps background work to a
+    # quarter of a model's slots. More sessions wait their turn.
     max_concurrent_summaries: int = 2
 
     def __post_init__(self) -> None:
@@ -889,6 +890,15 @@ class ServedModelSettings:
     # How a request picks among the Triton servers (meshgate/balancing.py);
     # kv_cost weighs the prompt prefix each server holds against its load.
     routing_strategy: str = "kv_cost"
+    # The generations each Triton server runs of this model at once: the
+    # inference service admits at most that many, summed over the servers
+    # with the model ready, and queues the rest per tenant, sharing freed
+    # slots among tenants in turn (services/inference/generation_slots.py).
+    # 0: what the model's config says (the bundled models'
+    # max_active_sequences parameter); a model whose config says nothing
+    # (vLLM's backend) is then not bounded here. Served models naming the
+    # same Triton model share its slots, counted by the first one's setting.
+    generation_slots: int = 0
 
     def __post_init__(self) -> None:
         _check_strategy(self.routing_strategy)
@@ -1003,6 +1013,13 @@ class InferenceSettings:
     # reused stream carries no request's W3C trace context (one call, many
     # requests): Triton's own tracing, if started, cannot join our traces.
     triton_idle_streams: int = 32
+    # Generations of one tenant (or of background work) that may wait for
+    # one model's generation slots (ServedModelSettings.generation_slots) in
+    # this process; one more is refused RESOURCE_EXHAUSTED
+    # TOO_MANY_QUEUED_GENERATIONS, so that no tenant's queue takes all of
+    # max_concurrent_rpcs. Calls without a tenant (a router that predates
+    # GenerateRequest.tenant_id) share one queue.
+    max_queued_generations_per_tenant: int = 256
 
     def __post_init__(self) -> None:
         _check_max_concurrent_rpcs("inference", self.max_concurrent_rpcs)
@@ -1077,6 +1094,7 @@ _POSITIVE = frozenset(
         "prefix_block_tokens",
         "summary_span_turns",
         "max_concurrent_summaries",
+        "max_queued_generations_per_tenant",
         # At zero every day's totals expired as written, and the usage
         # stream kept no record.
         "usage_retention_days",

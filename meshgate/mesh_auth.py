@@ -11,10 +11,11 @@ the mesh's CA does not get past the handshake.
 The tenant a call acts for is asserted by the router, the one service that
 authenticates callers (by API key, on its public port): per downstream call
 it sends a short-lived token in metadata (a JWT: tenant, the service it is
-for, expiry) signed with its certificate's key, which the context and cache
-services verify with the router's certificate and compare with the tenant
-the request names. So a mesh certificate alone does not make anyone a
-tenant, and no other service can assert one.
+for, expiry) signed with its certificate's key, which the context, cache and
+inference services verify with the router's certificate and compare with
+the tenant the request names (the inference service's generations may act
+for no tenant: OptionalTenant). So a mesh certificate alone does not make
+anyone a tenant, and no other service can assert one.
 
 ``mesh.tls = false`` turns all of this off, for development only.
 """
@@ -50,8 +51,20 @@ CLOCK_LEEWAY_S = 5.0
 # the number of active tenants.
 VERIFIED_TOKENS_KEPT = 4096
 
+
+@dataclasses.dataclass(frozen=True)
+class OptionalTenant:
+    """The tenant field of a method that may act for a tenant or for none
+    (the inference service's Generate: a tenant's turn, or the mesh's own
+    background work): a request naming a tenant must carry the router's
+    token for it, one naming none is admitted as acting for nobody (which
+    claims nothing a caller could gain by)."""
+
+    field: collections.abc.Callable[[Any], str]
+
+
 # Extracts the tenant a request acts for; None for a method that acts for no tenant.
-TenantField = collections.abc.Callable[[Any], str] | None
+TenantField = collections.abc.Callable[[Any], str] | OptionalTenant | None
 # The auth context property holding a peer certificate's DNS subject
 # alternative names (grpc core's GRPC_PEER_DNS_PROPERTY_NAME), the names the
 # mesh's identities are.
@@ -358,7 +371,12 @@ class MeshGuard(grpc.aio.ServerInterceptor):
                 Reason.METHOD_NOT_ALLOWED,
                 "this method does not say which tenant it acts for",
             )
-        named = field(request)
+        if isinstance(field, OptionalTenant):
+            named = field.field(request)
+            if not named:
+                return
+        else:
+            named = field(request)
         if not named:
             # Acts for nobody: refused here, as every handler would refuse it,
             # so that no handler's own check is what keeps it out.

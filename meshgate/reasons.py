@@ -296,6 +296,11 @@ class Reason(enum.StrEnum):
     open streams included (``router.max_concurrent_rpcs_per_tenant``; metadata ``limit``,
     ``scope`` tenant, ``limit_value``), refused before the request is read: one must end first."""
 
+    TOO_MANY_QUEUED_GENERATIONS = enum.auto()
+    """The tenant has its most generations waiting for a model's generation slots on an
+    inference replica (``inference.max_queued_generations_per_tenant``; metadata ``limit``,
+    ``scope`` tenant, ``limit_value``, ``model``): one must start or end first."""
+
     LIMITS_UNAVAILABLE = enum.auto()
     """UNAVAILABLE: Redis is unreachable and a limit that applies is configured to fail closed."""
 

@@ -53,6 +53,9 @@ CALLERS = {
 }
 # The services that keep state in Redis.
 USES_REDIS = ("router", "context", "cache")
+# The services that verify the router's tenant tokens (meshgate/mesh_auth.py):
+# they mount the router's certificate, never its key.
+VERIFIES_TENANT_TOKENS = ("context", "cache", "inference")
 # The metric each service scales on besides CPU, per pod, as the Prometheus
 # adapter serves it (deploy/k8s/README.md has its rules): the work under way.
 SCALING_METRICS = {
@@ -207,15 +210,15 @@ def settings_file(overlay: Overlay) -> str:
 
 def container_environment(service: str) -> dict[str, str | dict]:
     """The container's environment: the certificate files cert-manager
-    mounts, Redis's URL from its Secret, and (context, cache) the router's
-    certificate that verifies tenant tokens."""
+    mounts, Redis's URL from its Secret, and (context, cache, inference) the
+    router's certificate that verifies tenant tokens."""
     env: dict[str, str | dict] = {
         "MESHGATE_CONFIG": f"{CONFIG_DIR}/meshgate.toml",
         "MESHGATE_MESH__CA_FILE": f"{CERTS_DIR}/ca.crt",
         "MESHGATE_MESH__CERT_FILE": f"{CERTS_DIR}/tls.crt",
         "MESHGATE_MESH__KEY_FILE": f"{CERTS_DIR}/tls.key",
     }
-    if service in ("context", "cache"):
+    if service in VERIFIES_TENANT_TOKENS:
         env["MESHGATE_MESH__ROUTER_CERT_FILE"] = f"{ROUTER_CERT_DIR}/tls.crt"
     if service in USES_REDIS:
         env["REDIS_URL"] = {"secretKeyRef": {"name": "meshgate-redis", "key": "url"}}
@@ -254,7 +257,7 @@ def deployment(service: str, overlay: Overlay) -> dict[str, Any]:
         {"name": "mesh-cert", "secret": {"secretName": f"{_name(service)}-tls"}},
         {"name": "tmp", "emptyDir": {}},
     ]
-    if service in ("context", "cache"):
+    if service in VERIFIES_TENANT_TOKENS:
         # Only the router's certificate (public), never its key.
         mounts.append({"name": "router-cert", "mountPath": ROUTER_CERT_DIR, "readOnly": True})
         volumes.append(

@@ -78,7 +78,7 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
     hot = HotCache(settings.context.hot_cache_bytes, settings.context.session_ttl_s)
     # Summaries and (with embedder = "inference") turn and question
     # embeddings act for no tenant: the context service's certificate is
-    # enough there.
+    # enough there. Summaries go as background work (GenerateRequest.background).
     channel = serving.client_channel(settings.context.inference_address, mesh.to("inference"))
     summarizer = _summarizer(settings, store, client, channel, counters)
     changes = change_listener(settings.redis.url, hot, summarizer)

@@ -224,6 +224,8 @@ class ModelSummarizer:
             # Greedy: the same span gets the same summary.
             parameters=common_pb2.GenerationParameters(max_tokens=MAX_SUMMARY_TOKENS, temperature=0.0),
             completion_may_carry_text=True,
+            # No caller waits on a summary: tenants' generations go first.
+            background=True,
         )
         pieces: list[str] = []
         completed = False

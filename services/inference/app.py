@@ -19,12 +19,20 @@ log = structlog.get_logger(__name__)
 SERVICE_NAMES = [inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name]
 
 # The router generates; the cache embeds; the context service embeds and
-# summarizes. No method acts for a tenant.
+# summarizes. A generation may act for a tenant (the router's, whose token
+# must assert it: it decides the generation's place among tenants waiting
+# for the model's slots) or for none (summaries); nothing else acts for one.
 CALLERS = ("router", "cache", "context")
+TENANT_OF = {
+    "Generate": mesh_auth.OptionalTenant(lambda request: request.tenant_id),
+    "Embed": None,
+    "ListModels": None,
+    "GetBackendHealth": None,
+}
 
 
 async def setup(service: Service, settings: Settings) -> Cleanup:
-    service.restrict_to_mesh(mesh_auth.Mesh(settings.mesh, service.name), CALLERS)
+    service.restrict_to_mesh(mesh_auth.Mesh(settings.mesh, service.name), CALLERS, TENANT_OF)
     service.bound_calls(settings.inference.max_concurrent_rpcs)
     config = settings.inference
     for served in config.models.values():
@@ -41,9 +49,8 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         config.stream_stall_s,
     )
     metrics.watch_backends(pool)
-    inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(config, pool), service.server
-    )
+    servicer = InferenceServicer(config, pool)
+    inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, service.server)
 
     async def watch_backends() -> None:
         # Health mirrors the backends: balancers stop sending work here while
@@ -51,6 +58,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         while True:
             try:
                 await pool.probe_all()
+                servicer.count_generation_slots()
                 if not service.draining:
                     await service.set_serving(pool.any_ready)
             except Exception:

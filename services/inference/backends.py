@@ -248,6 +248,9 @@ class TritonBackend:
         # and whether it reports the prompt tokens it served from its cache.
         self.batched: dict[str, bool] = {}
         self.reports_cached_tokens: dict[str, bool] = {}
+        # The sequences a model runs at once here, where its config says
+        # (triton_protocol.GENERATION_SLOTS_PARAMETER): its generation slots.
+        self.generation_slots: dict[str, int] = {}
         # Models whose config is read again at their next ready answer.
         self._config_stale: set[str] = set()
         # What is probed, and Triton's queue and compute figures, for metrics.
@@ -361,6 +364,18 @@ class TritonBackend:
             elif triton_protocol.stub_died(failure):
                 self.stub_died(model, failure)
 
+    def _read_generation_slots(self, model: str, config) -> None:
+        parameter = config.parameters.get(triton_protocol.GENERATION_SLOTS_PARAMETER)
+        try:
+            slots = int(parameter.string_value) if parameter is not None else 0
+        except ValueError:
+            slots = 0
+        if slots > 0:
+            self.generation_slots[model] = slots
+        else:
+            # Not said (vLLM's backend), or not a count: unknown, not a bound.
+            self.generation_slots.pop(model, None)
+
     def queue_ms(self, model: str) -> float:
         return self._recent_queue_ms.get(model, 0.0)
 
@@ -396,6 +411,7 @@ class TritonBackend:
                     self.reports_cached_tokens[model] = any(
                         tensor.name == triton_protocol.CACHED_TOKENS_FLAG for tensor in config.config.input
                     )
+                    self._read_generation_slots(model, config.config)
         except grpc.aio.AioRpcError as error:
             answers = dict.fromkeys(models, False)
             live = ready = None
@@ -516,6 +532,16 @@ class BackendPool:
         return balancing.order(
             strategy or self._least_outstanding, candidates, request or balancing.RouteRequest(model=model)
         )[0]
+
+    def generation_slots(self, model: str, per_server: int = 0) -> int:
+        """The generations the servers with ``model`` ready run at once:
+        ``per_server`` each (a setting), or what each one's config says
+        (0 for a server whose config says nothing)."""
+        return sum(
+            per_server or backend.generation_slots.get(model, 0)
+            for backend in self.backends
+            if model in backend.ready_models
+        )
 
     @property
     def any_ready(self) -> bool:

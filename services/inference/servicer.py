@@ -22,6 +22,7 @@ from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.reasons import Reason
 from services.inference import triton_protocol, validation
 from services.inference.backends import BackendPool, TritonBackend, triton_status
+from services.inference.generation_slots import BACKGROUND, ModelSlots
 from services.inference.shared_embeddings import EMBED_BATCH, SharedEmbeddings
 
 log = structlog.get_logger(__name__)
@@ -58,6 +59,16 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             )
             for name, served in settings.models.items()
         }
+        # Each generation model's slots, shared fairly among tenants
+        # (generation_slots.py); served models naming one Triton model share them.
+        self._slots: dict[str, ModelSlots] = {}
+        self._slots_per_server: dict[str, int] = {}
+        for served in settings.models.values():
+            if served.triton_model not in self._slots:
+                self._slots[served.triton_model] = ModelSlots(
+                    served.triton_model, settings.max_queued_generations_per_tenant
+                )
+                self._slots_per_server[served.triton_model] = served.generation_slots
         # Generate calls under way in this process: the stream interval
         # holds deltas only while there are enough (_stream_hold_s).
         self._generations = 0
@@ -79,6 +90,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         span.set_attributes(telemetry.genai_request_attributes("chat", request.model, request.parameters))
         span.set_attribute("gen_ai.request.max_tokens", max_tokens)
 
+        # Background work names no tenant; a tenant's generation waits in its own queue.
+        tenant = BACKGROUND if request.background else request.tenant_id
+        slots = self._slots[served.triton_model]
+        if not slots.try_take(tenant):
+            await slots.wait(tenant, context.time_remaining())
         self._generations += 1
         try:
             strategy = self._strategies[request.model]
@@ -152,6 +168,18 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     raise _with_progress(failure, stream) from error
         finally:
             self._generations -= 1
+            slots.give_back(tenant)
+
+    def count_generation_slots(self) -> None:
+        """Each model's slots, from the servers with it ready (after each
+        probe round): a server that comes or goes changes them. While no
+        server has a model ready its count stays as it was: its calls
+        fail at once (NO_READY_BACKEND) and hold no slot for long."""
+        for model, slots in self._slots.items():
+            capacity = self._pool.generation_slots(model, self._slots_per_server[model])
+            if capacity and capacity != slots.capacity:
+                log.info("generation slots", model=model, slots=capacity)
+                slots.set_capacity(capacity)
 
     def _stream_hold_s(self) -> float:
         """How long a stream's next deltas may be held (streaming.batches):

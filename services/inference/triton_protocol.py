@@ -71,6 +71,10 @@ def _add_input(request, name: str, datatype: str, shape: list[int], raw: bytes) 
 # An input of the bundled models only (vLLM's backend has no such input and
 # Triton refuses unknown ones), so it is sent to a model that declares it.
 CACHED_TOKENS_FLAG = "return_num_cached_tokens"
+# The parameter of the bundled generation models' configs saying how many
+# sequences one instance runs at once (model_repository/generation/engine.py):
+# the model's generation slots on that server (generation_slots.py).
+GENERATION_SLOTS_PARAMETER = "max_active_sequences"
 
 
 def generate_request(

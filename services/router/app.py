@@ -126,7 +126,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
             channel=context_channel,
         ),
         cache,
-        Deployments(deployments, settings.router),
+        Deployments(deployments, settings.router, tenant_tokens),
         admission,
         Selector(_PromptEmbeddings(deployments)),
     )

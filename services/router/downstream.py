@@ -379,9 +379,12 @@ class CacheService:
 class Deployments:
     """Routes a generation to a model's deployments, in the table's order."""
 
-    def __init__(self, table: DeploymentTable, settings: RouterSettings) -> None:
+    def __init__(self, table: DeploymentTable, settings: RouterSettings, tenant_tokens: TenantTokens) -> None:
         self._table = table
         self._limit_s = settings.max_generation_s
+        # The inference service shares a model's generation slots fairly
+        # among the tenants these tokens assert.
+        self._tokens = tenant_tokens
 
     async def generate(
         self,
@@ -392,10 +395,12 @@ class Deployments:
         answer: Answer,
         session_id: str = "",
         read_ahead: bool = True,
+        tenant_id: str = "",
     ):
         last_error: grpc.aio.AioRpcError | None = None
         strategy = self._table.strategy(alias)
         route = _route_request(strategy, prompt, session_id)
+        tenant_token = self._tokens.metadata(tenant_id, "inference") if tenant_id else ()
         for deployment in self._table.candidates(alias, route):
             # Over the untraced channel, with one client span per call (not
             # two more async generators per streamed message); its trace
@@ -408,9 +413,10 @@ class Deployments:
                     parameters=parameters,
                     # The last text on the completion: one message fewer per answer.
                     completion_may_carry_text=True,
+                    tenant_id=tenant_id,
                 ),
                 timeout=budget.within(self._limit_s),
-                metadata=metadata,
+                metadata=metadata + tenant_token,
             )
             call_error: BaseException | None = None
             pieces: list[str] = []

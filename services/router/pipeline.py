@@ -316,11 +316,13 @@ class Generator(Protocol):
         answer: Answer,
         session_id: str = "",
         read_ahead: bool = True,
+        tenant_id: str = "",
     ) -> collections.abc.AsyncIterator[str]:
         """Streams the answer's pieces from the first deployment that takes
         it, filling ``answer``; fails with delivered_* metadata mid-stream.
         ``read_ahead``: pieces that arrive while the consumer is busy come
         joined (for a consumer that is not itself reading ahead).
+        ``tenant_id``: whom the model's generation slots are shared with.
         ``answer.finish_reason`` is set only when no piece follows: the
         pipeline reads it after each piece, to mark the last one."""
 
@@ -894,6 +896,8 @@ class Pipeline:
                 filling,
                 session_id=turn.session_id,
                 read_ahead=key is None,
+                # A shared generation is one tenant's: its key is scoped by tenant.
+                tenant_id=turn.tenant.id,
             )
 
         return self._coalescer.generate(key, start, answer, Answer, turn.budget.deadline)

@@ -600,7 +600,9 @@ class _BillingGenerator:
         self.prompts: list = []
         self.release = asyncio.Event()
 
-    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
+    async def generate(
+        self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True, tenant_id=""
+    ):
         self.prompts.append(list(prompt))
         await self.release.wait()
         answer.text, answer.finish_reason, answer.deployment = "x", "length", "d"

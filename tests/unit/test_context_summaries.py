@@ -13,6 +13,7 @@ from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError
+from meshgate.inference.v1 import inference_service_pb2
 from meshgate.reasons import Reason
 from services.context import summaries, token_counts
 from services.context.assembly import Candidate, SessionCosts, TurnCost, plan, render
@@ -567,3 +568,32 @@ async def test_a_prompt_gets_no_two_summaries_of_the_same_turn() -> None:
     marked = [e.summary_id for e in response.manifest.entries[:20]]
     expected = [s.summary_id for s in found for _ in range(s.first_turn, s.end_turn)]
     assert marked == expected + [""] * 2
+
+
+class _RecordingInference:
+    """An inference stub whose Generate answers at once and keeps the request."""
+
+    def __init__(self) -> None:
+        self.requests: list[inference_service_pb2.GenerateRequest] = []
+
+    async def _answer(self):
+        yield inference_service_pb2.GenerateResponse(
+            completion=inference_service_pb2.GenerateCompletion(text="Alice met Bob.", finish_reason="stop")
+        )
+
+    def Generate(self, request, timeout=None):
+        self.requests.append(request)
+        return self._answer()
+
+
+async def test_a_model_summary_is_asked_for_as_background_work() -> None:
+    """Summaries take a model's slots only when no tenant's generation
+    waits (services/inference/generation_slots.py); a summary asked for as
+    a tenant's would stand in line with that tenant's own turns."""
+    inference = _RecordingInference()
+    model = summaries.ModelSummarizer(inference, "smollm2", timeout_s=5)
+    turns = [common_pb2.Message(role=common_pb2.ROLE_USER, content="Alice met Bob in Paris.")]
+    assert await model.summarize(turns) == "Alice met Bob."
+    (request,) = inference.requests
+    assert request.background
+    assert not request.tenant_id

@@ -20,9 +20,11 @@ from meshgate.cache.v1 import cache_service_pb2
 from meshgate.config import ConfigError, MeshSettings
 from meshgate.context.v1 import context_service_pb2
 from meshgate.errors import MeshgateError
+from meshgate.inference.v1 import inference_service_pb2
 from meshgate.local import certs
 from services.cache import app as cache_app
 from services.context import app as context_app
+from services.inference import app as inference_app
 from tests.mesh import certs_dir, mesh_settings
 
 NOW = 1_900_000_000.0
@@ -272,6 +274,7 @@ def test_a_renewal_that_fails_midway_leaves_the_key_and_the_old_certificate(
     [
         (context_service_pb2.DESCRIPTOR.services_by_name["ContextService"], context_app.TENANT_OF),
         (cache_service_pb2.DESCRIPTOR.services_by_name["CacheService"], cache_app.TENANT_OF),
+        (inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"], inference_app.TENANT_OF),
     ],
 )
 def test_every_method_of_a_tenant_service_says_where_its_tenant_is(descriptor, tenant_of):

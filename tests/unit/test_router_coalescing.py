@@ -43,7 +43,9 @@ class GatedGenerator:
         for gate in self.gates[:count]:
             gate.set()
 
-    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
+    async def generate(
+        self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True, tenant_id=""
+    ):
         self.calls += 1
         try:
             for index, piece in enumerate(self.pieces):

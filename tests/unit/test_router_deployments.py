@@ -14,6 +14,7 @@ from meshgate.common.v1 import common_pb2
 from meshgate.config import ConfigError, DeploymentSettings, ModelSettings, RouterSettings, load_settings
 from meshgate.errors import BUSY_RETRY_AFTER_S, MeshgateError, retry_info
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
+from meshgate.mesh_auth import TenantTokens
 from meshgate.reasons import Reason
 from services.router.deployments import PROBES_TO_MARK_DOWN, DeploymentTable
 from services.router.downstream import Deployments
@@ -116,7 +117,7 @@ async def test_the_text_on_the_completion_follows_the_deltas_and_is_part_of_the_
     deployment.stream_stub = inference = ScriptedGenerate(hello_world())
     answer = Answer()
     try:
-        deployments = Deployments(table, RouterSettings())
+        deployments = Deployments(table, RouterSettings(), TenantTokens(None, 60.0))
         pieces = [
             piece
             async for piece in deployments.generate(
@@ -151,7 +152,7 @@ async def test_a_completion_from_a_deployment_that_then_failed_is_not_the_answer
     b.stream_stub = ScriptedGenerate(hello_world())
     answer = Answer()
     try:
-        deployments = Deployments(table, RouterSettings())
+        deployments = Deployments(table, RouterSettings(), TenantTokens(None, 60.0))
         seen = [
             (piece, answer.finish_reason)
             async for piece in deployments.generate(
@@ -166,7 +167,7 @@ async def test_a_completion_from_a_deployment_that_then_failed_is_not_the_answer
 
 
 async def generated(table: DeploymentTable, answer: Answer) -> str:
-    deployments = Deployments(table, RouterSettings())
+    deployments = Deployments(table, RouterSettings(), TenantTokens(None, 60.0))
     pieces = deployments.generate("m", [], common_pb2.GenerationParameters(), Budget(), answer, "")
     return "".join([piece async for piece in pieces])
 
@@ -338,7 +339,7 @@ async def test_a_stream_on_a_deployment_gone_silent_ends_unavailable_not_as_a_sh
     a.stream_stub = HangingGenerate(hello_world()[:2])  # "Hel", "lo", then silence
     b.stream_stub = untried = ScriptedGenerate(hello_world())
     checked(table, a, grpc.StatusCode.DEADLINE_EXCEEDED)
-    deployments = Deployments(table, RouterSettings())
+    deployments = Deployments(table, RouterSettings(), TenantTokens(None, 60.0))
     pieces = []
     answer = Answer()
     try:

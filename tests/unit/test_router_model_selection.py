@@ -257,7 +257,9 @@ class RecordingGenerator(FakeGenerator):
         super().__init__()
         self.aliases: list[str] = []
 
-    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
+    async def generate(
+        self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True, tenant_id=""
+    ):
         self.aliases.append(alias)
         async for piece in super().generate(alias, prompt, parameters, budget, answer):
             yield piece

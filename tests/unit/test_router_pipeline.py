@@ -114,7 +114,9 @@ class FakeGenerator:
         self.started = asyncio.Event()
         self.closed = False
 
-    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
+    async def generate(
+        self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True, tenant_id=""
+    ):
         self.prompts.append([m.content for m in prompt])
         self.session_ids.append(session_id)
         self.started.set()
@@ -388,7 +390,9 @@ class EveryPieceMarkedLast(FakeGenerator):
     """Breaks Generator's contract (a finish reason only when no piece
     follows), as a retried call's leftover completion once did."""
 
-    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
+    async def generate(
+        self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True, tenant_id=""
+    ):
         answer.finish_reason = "stop"
         async for piece in super().generate(
             alias, prompt, parameters, budget, answer, session_id, read_ahead

@@ -349,7 +349,9 @@ class GatedGenerator:
     def __init__(self) -> None:
         self.gate = asyncio.Event()
 
-    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
+    async def generate(
+        self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True, tenant_id=""
+    ):
         yield "Hel"
         await self.gate.wait()
         answer.text, answer.prompt_tokens, answer.completion_tokens = "Hello", 5, 2
@@ -504,7 +506,9 @@ class EndlessGenerator:
     def __init__(self) -> None:
         self.pulled = 0
 
-    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
+    async def generate(
+        self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True, tenant_id=""
+    ):
         while True:
             self.pulled += 1
             yield "x" * 65536

@@ -52,7 +52,9 @@ class RecordingGenerator(FakeGenerator):
         self.parameters: list[common_pb2.GenerationParameters] = []
         self.aliases: list[str] = []
 
-    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
+    async def generate(
+        self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True, tenant_id=""
+    ):
         self.parameters.append(parameters)
         self.aliases.append(alias)
         async for piece in super().generate(alias, prompt, parameters, budget, answer):

@@ -58,7 +58,9 @@ class StallingGenerator(FakeGenerator):
         super().__init__(pieces)
         self.release = asyncio.Event()
 
-    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
+    async def generate(
+        self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True, tenant_id=""
+    ):
         self.prompts.append([m.content for m in prompt])
         self.started.set()
         for piece in self.pieces:
@@ -76,7 +78,9 @@ class FailingGenerator(FakeGenerator):
         super().__init__(pieces)
         self.delivered_tokens = delivered_tokens
 
-    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
+    async def generate(
+        self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True, tenant_id=""
+    ):
         for piece in self.pieces:
             await asyncio.sleep(0)
             yield piece
@@ -149,7 +153,9 @@ async def test_a_caller_hanging_up_before_any_piece_pays_the_prompt_only():
 class OneBatch(FakeGenerator):
     """The whole answer in one batch: the completion's count, then its text."""
 
-    async def generate(self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True):
+    async def generate(
+        self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True, tenant_id=""
+    ):
         self.started.set()
         answer.text = "x" * 200
         answer.prompt_tokens, answer.completion_tokens = PROMPT, 200
