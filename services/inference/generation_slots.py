@@ -71,14 +71,14 @@ class ModelSlots:
     def try_take(self, tenant: str | None) -> bool:
         """Takes a slot at once if one is free and no one it must yield to
         waits: the whole cost of an uncontended generation."""
-        if self.capacity is None:
-            return True
-        if self.active >= self.capacity or self._tenants:
+        bounded = self.capacity is not None
+        if bounded and (self.active >= self.capacity or self._tenants):
             return False
         if tenant is BACKGROUND:
-            if self._background or self.background_active >= self._background_capacity:
+            if bounded and (self._background or self.background_active >= self._background_capacity):
                 return False
             self.background_active += 1
+        # Counted unbounded too: a count known later must see what runs.
         self.active += 1
         return True
 

@@ -62,10 +62,17 @@ def test_an_uncontended_generation_takes_a_slot_at_once_and_gives_it_back() -> N
     assert model.active == 0
 
 
-def test_without_a_known_capacity_nothing_is_bounded() -> None:
+def test_without_a_known_capacity_nothing_is_bounded_but_all_is_counted() -> None:
     model = slots(None)
     assert all(model.try_take("a") for _ in range(100))
     assert model.try_take(BACKGROUND)
+    # The count, once known, sees the generations already running.
+    model.set_capacity(100)
+    assert model.active == 101 and model.background_active == 1
+    assert not model.try_take("b")
+    model.give_back("a")
+    model.give_back(BACKGROUND)
+    assert model.try_take("b")
 
 
 async def test_freed_slots_go_to_the_waiting_tenants_in_turn_not_first_come() -> None:
