@@ -224,7 +224,8 @@ def _config(**parameters: str) -> service_pb2.ModelConfigResponse:
     return response
 
 
-def test_a_models_slots_are_what_its_config_says_summed_over_the_servers_with_it_ready() -> None:
+async def test_a_models_slots_are_what_its_config_says_summed_over_the_servers_with_it_ready() -> None:
+    # Async: BackendPool opens grpc.aio channels, which need a running loop.
     pool = BackendPool(["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], ["tiny_gpt"])
     first, second, third = pool.backends
     first._read_generation_slots("tiny_gpt", _config(max_active_sequences="16").config)
