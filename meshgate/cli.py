@@ -14,7 +14,7 @@ import time
 import grpc
 import uvloop
 
-from meshgate import serving
+from meshgate import redis_access, serving
 from meshgate.common.v1 import common_pb2
 from meshgate.config import DEFAULT_DEV_API_KEY
 from meshgate.errors import error_info
@@ -287,7 +287,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"\nmeshgate is up ({time.monotonic() - started:.1f} s):")
         for name in ("router", "context", "cache", "inference", "triton"):
             print(f"  {name:<10} {stack.address(name)}")
-        print(f"  {'redis':<10} {stack.redis_url}")
+        print(f"  {'redis':<10} {redis_access.redacted(stack.redis_url)}")
         print(f"  {'http':<10} http://{stack.address('http')}/v1  (OpenAI-compatible, in the router)")
         print(f"metrics (Prometheus; `meshgate top --config {stack.config_path}` shows them):")
         for name in ("router", "context", "cache", "inference"):

@@ -33,6 +33,7 @@ from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
+from meshgate.config import ConfigError
 from meshgate.errors import unavailable
 from meshgate.reasons import Reason
 
@@ -55,6 +56,22 @@ def is_cluster(url: str) -> bool:
     return urllib.parse.urlsplit(url).scheme in CLUSTER_SCHEMES
 
 
+def redacted(url: str) -> str:
+    """``url`` as a message may name it: its password (``user:password@``,
+    or a ``password=`` query) replaced by ``***``. A deployment's Redis URL
+    comes from a secret (deploy/k8s), and what names it reaches logs."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<a Redis URL that cannot be parsed>"
+    netloc = parts.netloc
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
+    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
 # Query keys that would undo what connect() sets on purpose (masters only, no
 # command retried): redis-py lets a URL's query override the keyword
 # arguments, so ``?read_from_replicas=true`` would turn replica reads on.
@@ -66,7 +83,7 @@ _FIXED_QUERY_KEYS = frozenset(
 def _check_query(url: str) -> None:
     fixed = sorted(_FIXED_QUERY_KEYS.intersection(urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)))
     if fixed:
-        raise ValueError(
+        raise ConfigError(
             f"redis URL: {', '.join(fixed)} cannot be set in the URL: meshgate reads from masters "
             "only and retries no command, so that every acknowledged write is read and none runs twice"
         )
@@ -142,7 +159,7 @@ def _cluster_nodes(url: str) -> tuple[str, list[ClusterNode]]:
     for host_port in hosts.split(","):
         host, _, port = host_port.rpartition(":")
         if not host or not port.isdigit():
-            raise ValueError(f"redis URL {url!r}: name each cluster node as host:port")
+            raise ConfigError(f"redis URL {redacted(url)!r}: name each cluster node as host:port")
         nodes.append(ClusterNode(host, int(port)))
     first = f"{credentials}@{hosts.split(',')[0]}" if credentials else hosts.split(",")[0]
     plain = urllib.parse.urlunsplit((CLUSTER_SCHEMES[parts.scheme], first, parts.path, parts.query, ""))
@@ -215,7 +232,9 @@ async def connect_checked(url: str) -> Client:
         await client.ping()
     except CONNECTION_ERRORS as error:
         await client.aclose()
-        raise unavailable(Reason.REDIS_UNAVAILABLE, f"cannot reach Redis at {url}: {error}") from error
+        raise unavailable(
+            Reason.REDIS_UNAVAILABLE, f"cannot reach Redis at {redacted(url)}: {error}"
+        ) from error
     except BaseException:
         await client.aclose()
         raise

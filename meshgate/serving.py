@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import typing
 import urllib.parse
 
 import grpc
@@ -27,8 +28,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from meshgate import mesh_auth, metrics, telemetry
-from meshgate.config import Settings, load_settings
-from meshgate.errors import ErrorInterceptor
+from meshgate.config import Settings, TelemetrySettings, load_settings
+from meshgate.errors import ErrorInterceptor, MeshgateError
 
 log = structlog.get_logger(__name__)
 
@@ -556,8 +557,8 @@ async def watch_configuration(service: Service, poll_s: float = CONFIG_POLL_S) -
             reload_configuration(service)
 
 
-async def serve_until_signalled(service: Service, listen: str, cleanup: Cleanup) -> None:
-    await start(service, listen, cleanup)
+async def serve_until_signalled(service: Service) -> None:
+    """Serves a started service until SIGTERM or SIGINT, then drains it."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -578,6 +579,27 @@ async def serve_until_signalled(service: Service, listen: str, cleanup: Cleanup)
         await stop(service)
 
 
+# What stops a start that its own message says in full: the settings (a
+# ConfigError, a TOML or URL that does not parse: ValueError), a port or a
+# file (OSError), a store or model the service needs not answering
+# (MeshgateError). Anything else is a bug, and keeps its traceback.
+_START_REFUSALS = (ValueError, OSError, MeshgateError)
+
+# The exit status of a service that could not start.
+START_FAILED = 1
+
+
+def _refuse_start(error: Exception) -> typing.NoReturn:
+    """Ends a start that failed: one JSON log line, as every other line the
+    service writes (a log pipeline parses it; a traceback on stderr was many
+    lines of plain text), and exit status START_FAILED."""
+    if isinstance(error, _START_REFUSALS):
+        log.critical("cannot start", error=str(error), error_type=type(error).__name__)
+    else:
+        log.critical("cannot start", exc_info=error)
+    raise SystemExit(START_FAILED)
+
+
 def main(
     name: str,
     service_names: collections.abc.Iterable[str],
@@ -587,7 +609,12 @@ def main(
 ) -> None:
     """Entry point shared by every service's ``__main__``."""
     args = parse_args(name, argv)
-    settings = load_settings(args.config)
+    try:
+        settings = load_settings(args.config)
+    except Exception as error:  # noqa: BLE001 - reported as every failed start is
+        # Logging as the default settings have it: there are no others.
+        telemetry.setup(f"meshgate-{name}", TelemetrySettings()).shutdown()
+        _refuse_start(error)
     provider = telemetry.setup(f"meshgate-{name}", settings.telemetry)
     # Before any service code asks for its metrics: off, they count nothing.
     metrics.configure(settings.telemetry.metrics)
@@ -597,12 +624,16 @@ def main(
         service = Service(name, service_names)
         service.config_path = args.config or os.environ.get("MESHGATE_CONFIG")
         service.settings_in_use = settings
-        cleanup = await setup(service, settings)
-        if settings.telemetry.metrics and metrics_listen:
-            service.serve_metrics(metrics_listen)
-        if settings.mesh.health_listen:
-            service.serve_plain_health(settings.mesh.health_listen)
-        await serve_until_signalled(service, args.listen or listen_of(settings), cleanup)
+        try:
+            cleanup = await setup(service, settings)
+            if settings.telemetry.metrics and metrics_listen:
+                service.serve_metrics(metrics_listen)
+            if settings.mesh.health_listen:
+                service.serve_plain_health(settings.mesh.health_listen)
+            await start(service, args.listen or listen_of(settings), cleanup)
+        except Exception as error:  # noqa: BLE001 - every failed start ends the same way
+            _refuse_start(error)
+        await serve_until_signalled(service)
 
     try:
         uvloop.run(run())

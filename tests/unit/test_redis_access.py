@@ -8,6 +8,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection
 
 from meshgate import redis_access
+from meshgate.config import ConfigError
 
 
 async def test_a_plain_url_gets_one_node_client() -> None:
@@ -96,3 +97,26 @@ def test_a_refusal_inside_a_script_is_parsed_as_the_refusal_itself(reply, kind):
     error = redis_access._Parser.parse_error(reply)
     assert type(error).__name__ == kind
     assert isinstance(error, redis_access.CONNECTION_ERRORS) == (kind != "ResponseError")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://default:S3cret@10.0.0.1:6379/0", "redis://default:***@10.0.0.1:6379/0"),
+        ("redis://:S3cret@h:1/0", "redis://:***@h:1/0"),
+        # A password holding what separates the parts of a URL.
+        ("rediss+cluster://u:p@ss:w@h1:1,h2:2", "rediss+cluster://u:***@h1:1,h2:2"),
+        ("redis://h:1/0?db=1&password=S3cret", "redis://h:1/0?db=1&password=***"),
+        ("redis://user@h:1/0", "redis://user@h:1/0"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://[S3cret", "<a Redis URL that cannot be parsed>"),
+    ],
+)
+def test_a_url_named_in_a_message_shows_no_password(url: str, shown: str) -> None:
+    assert redis_access.redacted(url) == shown
+
+
+def test_a_refused_cluster_url_is_named_without_its_password() -> None:
+    with pytest.raises(ConfigError) as refused:
+        redis_access.connect("redis+cluster://default:S3cret@127.0.0.1")
+    assert "S3cret" not in str(refused.value) and "default:***@127.0.0.1" in str(refused.value)

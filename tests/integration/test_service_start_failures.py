@@ -1,0 +1,64 @@
+"""A service process that cannot start: one JSON log line says why, and it
+exits 1, where a traceback of plain text on stderr said it before. The
+Redis URL it names shows no password: a deployment's comes from a secret,
+and a pod's log is read by more people than the secret."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from meshgate import serving
+from meshgate.local.stack import free_port
+
+pytestmark = pytest.mark.integration
+
+PASSWORD = "S3cretRedisPassw0rd"
+
+
+def started(service: str, **environ: str) -> tuple[int, list[dict]]:
+    """Starts ``service`` as the deployments do, on the environment alone;
+    returns its exit status and its log lines, each read as JSON."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHGATE_") and k != "REDIS_URL"}
+    env |= {"MESHGATE_MESH__TLS": "false", "MESHGATE_TELEMETRY__METRICS": "false", **environ}
+    done = subprocess.run(
+        [sys.executable, "-m", f"services.{service}", "--listen", "127.0.0.1:0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout == ""
+    return done.returncode, [json.loads(line) for line in done.stderr.splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("service", "environ"),
+    [
+        ("cache", {"MESHGATE_CACHE__EMBEDDER": "inference"}),
+        ("context", {"MESHGATE_CONTEXT__EMBEDDER": "inference"}),
+    ],
+)
+def test_a_service_whose_redis_does_not_answer_says_so_without_its_password(service, environ) -> None:
+    port = free_port()  # nobody listens there
+    code, lines = started(service, REDIS_URL=f"redis://default:{PASSWORD}@127.0.0.1:{port}/0", **environ)
+    assert code == serving.START_FAILED
+    assert PASSWORD not in json.dumps(lines)
+    last = lines[-1]
+    assert (last["event"], last["level"], last["service"]) == (
+        "cannot start",
+        "critical",
+        f"meshgate-{service}",
+    )
+    assert last["error"].startswith(f"cannot reach Redis at redis://default:***@127.0.0.1:{port}/0: ")
+
+
+def test_settings_refused_at_load_are_reported_the_same_way() -> None:
+    code, lines = started("context", MESHGATE_CONTEXT__SESSION_TTL_S="-1")
+    assert code == serving.START_FAILED
+    assert [(line["event"], line["error_type"]) for line in lines] == [("cannot start", "ConfigError")]
+    assert "context.session_ttl_s" in lines[0]["error"]

@@ -1,0 +1,43 @@
+"""A service that cannot start says why in one JSON log line (the process's
+logging is JSON) and exits START_FAILED; tests/integration/
+test_service_start_failures.py runs the services themselves."""
+
+from __future__ import annotations
+
+import pytest
+import structlog
+
+from meshgate import serving
+from meshgate.config import ConfigError
+from meshgate.errors import unavailable
+from meshgate.reasons import Reason
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConfigError("context.session_ttl_s must be zero or more and finite, got -1"),
+        OSError("router: cannot listen on 127.0.0.1:50051"),
+        unavailable(Reason.REDIS_UNAVAILABLE, "cannot reach Redis at redis://h:1/0: Error 111"),
+    ],
+)
+def test_a_start_refused_for_a_stated_reason_logs_that_reason_alone(error: Exception) -> None:
+    with structlog.testing.capture_logs() as logs, pytest.raises(SystemExit) as exited:
+        serving._refuse_start(error)
+    assert exited.value.code == serving.START_FAILED != 0
+    assert logs == [
+        {
+            "event": "cannot start",
+            "error": str(error),
+            "error_type": type(error).__name__,
+            "log_level": "critical",
+        }
+    ]
+
+
+def test_a_start_ended_by_a_bug_keeps_its_traceback_in_the_log_line() -> None:
+    bug = KeyError("no such thing")
+    with structlog.testing.capture_logs() as logs, pytest.raises(SystemExit) as exited:
+        serving._refuse_start(bug)
+    assert exited.value.code == serving.START_FAILED
+    assert logs == [{"event": "cannot start", "exc_info": bug, "log_level": "critical"}]
