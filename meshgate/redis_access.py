@@ -34,7 +34,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
 from meshgate.config import ConfigError
-from meshgate.errors import unavailable
+from meshgate.errors import MeshgateError, unavailable
 from meshgate.reasons import Reason
 
 log = structlog.get_logger(__name__)
@@ -70,6 +70,16 @@ def redacted(url: str) -> str:
         netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
     query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def outage(message: str, error: BaseException) -> MeshgateError:
+    """What a caller is told of a Redis failure (CONNECTION_ERRORS and the like):
+    UNAVAILABLE / REDIS_UNAVAILABLE with ``message`` alone. The error's own
+    text names Redis's host and port (a cluster's nodes), which are for our
+    logs, not for callers (as errors.from_rpc_error says of a downstream
+    call's): it is logged here, with the call's trace id."""
+    log.warning("redis unavailable", message=message, error=str(error))
+    return unavailable(Reason.REDIS_UNAVAILABLE, message)
 
 
 # Query keys that would undo what connect() sets on purpose (masters only, no

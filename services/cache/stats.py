@@ -13,9 +13,7 @@ import contextlib
 import redis.asyncio as redis
 import structlog
 
-from meshgate.errors import unavailable
-from meshgate.reasons import Reason
-from meshgate.redis_access import CONNECTION_ERRORS
+from meshgate.redis_access import CONNECTION_ERRORS, outage
 from services.cache import keys
 
 log = structlog.get_logger(__name__)
@@ -66,7 +64,7 @@ class Stats:
             await self.flush()
             stored = await self._client.hgetall(keys.STATS_KEY)
         except CONNECTION_ERRORS as error:
-            raise unavailable(Reason.REDIS_UNAVAILABLE, f"cache store unavailable: {error}") from error
+            raise outage("cache store unavailable", error) from error
         return {name: int(stored.get(name.encode(), 0)) for name in FIELDS}
 
     async def _flush_periodically(self) -> None:

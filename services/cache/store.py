@@ -48,9 +48,8 @@ from collections.abc import AsyncIterator
 import redis.asyncio as redis
 
 from meshgate import cache_notices
-from meshgate.errors import MeshgateError, unavailable
-from meshgate.reasons import Reason
-from meshgate.redis_access import CONNECTION_ERRORS, run_script_replicated
+from meshgate.errors import MeshgateError
+from meshgate.redis_access import CONNECTION_ERRORS, outage, run_script_replicated
 from services.cache import keys
 from services.cache.keys import Partition
 
@@ -227,7 +226,7 @@ def split_payload(payload: bytes, dimensions: int) -> tuple[bytes, str] | None:
 
 
 def _unavailable(error: Exception) -> MeshgateError:
-    return unavailable(Reason.REDIS_UNAVAILABLE, f"cache store unavailable: {error}")
+    return outage("cache store unavailable", error)
 
 
 def live_answer(value: bytes | None, now_ms: int) -> bytes | None:

@@ -92,7 +92,7 @@ import structlog
 
 from meshgate import redis_access
 from meshgate.common.v1 import common_pb2
-from meshgate.errors import MeshgateError, not_found, unavailable
+from meshgate.errors import MeshgateError, not_found
 from meshgate.reasons import Reason
 from services.context import relevance
 
@@ -760,8 +760,7 @@ def redis_reachable():
     try:
         yield
     except redis_access.CONNECTION_ERRORS as error:
-        log.warning("redis unavailable", error=str(error))
-        raise unavailable(Reason.REDIS_UNAVAILABLE, f"session store unavailable: {error}") from error
+        raise redis_access.outage("session store unavailable", error) from error
 
 
 class SessionStore:

@@ -541,7 +541,10 @@ class Deployments:
         no_deployment = f"no deployment of {alias!r} could serve"
         if last_error is not None and last_error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
             raise busy_unavailable(Reason.NO_DEPLOYMENT_AVAILABLE, f"{no_deployment}: busy; retry later")
-        detail = last_error.details() if last_error else "no deployment configured"
+        # The last refusal's own message where it carries one (a replica's
+        # NO_READY_BACKEND); a transport failure's names the deployment's
+        # host and port, for our logs only (from_rpc_error).
+        detail = from_rpc_error(last_error, "inference").message if last_error else "no deployment configured"
         raise unavailable(Reason.NO_DEPLOYMENT_AVAILABLE, f"{no_deployment}: {detail}")
 
 

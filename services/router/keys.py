@@ -67,7 +67,7 @@ import structlog
 
 from meshgate import redis_access
 from meshgate.config import ConfigError, LimitSettings, hash_api_key, tenant_id_problem
-from meshgate.errors import MeshgateError, invalid_argument, not_found, unavailable
+from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.reasons import Reason
 from meshgate.single_flight import SingleFlight
 
@@ -313,7 +313,7 @@ class KeyStore:
             raw = await self._redis.get(_RECORD.format(key_hash))
         except redis_access.CONNECTION_ERRORS as error:
             # Fail closed: a revoked key must not come back during an outage.
-            raise unavailable(Reason.REDIS_UNAVAILABLE, f"API keys cannot be checked: {error}") from error
+            raise redis_access.outage("API keys cannot be checked", error) from error
         if not self._reading.is_current(key_hash):
             # This replica wrote the key while the GET was under way (a
             # revocation, say): what it read may predate the write, so it
@@ -354,7 +354,7 @@ class KeyStore:
         try:
             return await awaitable
         except redis_access.CONNECTION_ERRORS as error:
-            raise unavailable(Reason.REDIS_UNAVAILABLE, f"API keys cannot be reached: {error}") from error
+            raise redis_access.outage("API keys cannot be reached", error) from error
 
     async def _write(self, checked_hash: str, read: bytes | None, *records: KeyRecord) -> bool:
         """Writes the records (new or changed) at once, if the record of

@@ -28,8 +28,6 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from meshgate import redis_access
-from meshgate.errors import unavailable
-from meshgate.reasons import Reason
 from services.router.script_calls import Backlog
 
 STREAM = "mg:router:usage:log"
@@ -229,7 +227,7 @@ class Ledger:
         try:
             replies = await pipe.execute()
         except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
-            raise unavailable(Reason.REDIS_UNAVAILABLE, f"usage cannot be read: {error}") from error
+            raise redis_access.outage("usage cannot be read", error) from error
         for fields in replies:
             for field, value in fields.items():
                 key_id, rest = field.decode().split("|", 1)

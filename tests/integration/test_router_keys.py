@@ -11,6 +11,7 @@ import time
 import uuid
 
 import grpc
+import httpx
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
@@ -18,6 +19,8 @@ from meshgate import redis_access
 from meshgate.common.v1 import common_pb2
 from meshgate.config import LimitSettings, RouterSettings, Settings, TenantSettings, hash_api_key
 from meshgate.errors import MeshgateError, error_info
+from meshgate.local import redis_server
+from meshgate.local.stack import free_port
 from meshgate.reasons import Reason
 from meshgate.router.v1 import admin_service_pb2 as admin_pb
 from meshgate.router.v1 import admin_service_pb2_grpc, router_service_pb2_grpc
@@ -487,3 +490,51 @@ async def test_retired_key_records_leave_redis_after_their_retention_and_their_l
         assert missing.value.reason == Reason.API_KEY_NOT_FOUND
     finally:
         await client.aclose()
+
+
+async def test_with_redis_stopped_callers_learn_it_is_unavailable_but_not_where_it_runs(tmp_path):
+    """Redis's host and port are for the router's logs: neither a caller
+    with a made-up key of the stored shape (nobody, unauthenticated) nor a
+    tenant reading its usage is told them, over gRPC or the HTTP edge."""
+    port = free_port()
+    process = redis_server.launch(port, tmp_path)
+    settings = Settings(mesh=mesh_settings())
+    settings.redis.url = f"redis://127.0.0.1:{port}/0"
+    settings.router.dev_api_key = "redis-down-dev-key"
+    settings.router.http_listen = f"127.0.0.1:{free_port()}"
+    made_up = "mgk-" + "Q" * 43
+    try:
+        await asyncio.to_thread(redis_server.wait_ready, port)
+        async with running(router_app, "router", settings) as address, bounded_channel(address) as channel:
+            process.terminate()
+            await asyncio.to_thread(process.wait, 10)
+            router = router_service_pb2_grpc.RouterServiceStub(channel)
+            refused = {}
+            for name, call in (
+                ("unknown key", router.ListModels(pb.ListModelsRequest(), metadata=bearer(made_up))),
+                (
+                    "tenant's usage",
+                    router.GetUsage(pb.GetUsageRequest(), metadata=bearer("redis-down-dev-key")),
+                ),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call
+                refused[name] = (caught.value.code(), error_info(caught.value).reason, caught.value.details())
+            async with httpx.AsyncClient(timeout=30) as http:
+                answer = await http.post(
+                    f"http://{settings.router.http_listen}/v1/chat/completions",
+                    json={"model": "tiny-gpt", "messages": [{"role": "user", "content": "hi"}]},
+                    headers={"authorization": f"Bearer {made_up}"},
+                )
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    unavailable = grpc.StatusCode.UNAVAILABLE
+    assert refused == {
+        "unknown key": (unavailable, Reason.REDIS_UNAVAILABLE, "API keys cannot be checked"),
+        "tenant's usage": (unavailable, Reason.REDIS_UNAVAILABLE, "usage cannot be read"),
+    }
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == Reason.REDIS_UNAVAILABLE
+    assert str(port) not in answer.text and "127.0.0.1" not in answer.text, answer.text

@@ -3,12 +3,16 @@ connects: redis-py's clients open connections on their first command."""
 
 from __future__ import annotations
 
+import grpc
 import pytest
+import redis.asyncio as redis
+import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection
 
 from meshgate import redis_access
 from meshgate.config import ConfigError
+from meshgate.reasons import Reason
 
 
 async def test_a_plain_url_gets_one_node_client() -> None:
@@ -120,3 +124,16 @@ def test_a_refused_cluster_url_is_named_without_its_password() -> None:
     with pytest.raises(ConfigError) as refused:
         redis_access.connect("redis+cluster://default:S3cret@127.0.0.1")
     assert "S3cret" not in str(refused.value) and "default:***@127.0.0.1" in str(refused.value)
+
+
+def test_an_outage_tells_the_caller_what_failed_and_the_log_why() -> None:
+    error = redis.ConnectionError("Error 111 connecting to 10.0.0.7:6379. Connection refused.")
+    with structlog.testing.capture_logs() as logs:
+        failure = redis_access.outage("usage cannot be read", error)
+    assert (failure.code, failure.reason, failure.message) == (
+        grpc.StatusCode.UNAVAILABLE,
+        Reason.REDIS_UNAVAILABLE,
+        "usage cannot be read",
+    )
+    assert not failure.metadata
+    assert [(log["event"], log["error"]) for log in logs] == [("redis unavailable", str(error))]

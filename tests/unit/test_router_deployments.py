@@ -444,3 +444,19 @@ def test_a_negative_weight_is_refused_at_load(tmp_path):
         load_settings(path, environ={})
     path.write_text('[models.m]\ndeployments = [{ name = "a", address = "h:1", model = "m", weight = 0 }]\n')
     assert load_settings(path, environ={}).models["m"].deployments[0].weight == 0.0
+
+
+async def test_no_deployment_answering_tells_the_caller_nothing_of_their_addresses(tmp_path):
+    """A deployment nobody listens at fails the call with gRPC's transport
+    error, which names its address: the caller learns that no deployment
+    could serve and the code, never where the mesh runs. (A unix socket
+    nobody serves: the unit tier opens no IP socket.)"""
+    address = f"unix:{tmp_path / 'nobody-listens.sock'}"
+    table = DeploymentTable({"m": ModelSettings(deployments=[DeploymentSettings(name="a", address=address)])})
+    try:
+        with pytest.raises(MeshgateError) as raised:
+            await generated(table, Answer())
+    finally:
+        await table.close()
+    assert raised.value.reason == Reason.NO_DEPLOYMENT_AVAILABLE
+    assert raised.value.message == "no deployment of 'm' could serve: inference call failed: UNAVAILABLE"
