@@ -204,6 +204,20 @@ def _say(text: str, file=None) -> None:
         print(text, file=file or sys.stdout, flush=True)
 
 
+# Where `meshgate chat` (and `up`) read an API key other than the
+# development default from: unlike --api-key, it is in no process list
+# (`ps`) and no shell history.
+API_KEY_VARIABLE = "MESHGATE_DEV_API_KEY"
+
+
+def _chat_suggestion(api_key: str) -> str:
+    """The `meshgate chat` to try against a stack serving ``api_key``."""
+    command = '.venv/bin/meshgate chat "your question"'
+    if api_key == DEFAULT_DEV_API_KEY:
+        return command
+    return f"{command}  (with {API_KEY_VARIABLE} set to the development API key above)"
+
+
 def _start_failure(error: Exception, log_dir: pathlib.Path) -> str:
     """A failed start in one line. The stack's own RuntimeErrors say what to
     do (a port taken) or name the log to read (a child that died); anything
@@ -237,7 +251,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         owns_settings=True,
     )
     supervisor = Supervisor(stack)
-    ignored = [name for name in stack_owned_overrides(os.environ) if name != "MESHGATE_DEV_API_KEY"]
+    ignored = [name for name in stack_owned_overrides(os.environ) if name != API_KEY_VARIABLE]
     if ignored:
         _say(
             f"meshgate up: not passing {', '.join(ignored)} on to the services: the stack sets "
@@ -305,7 +319,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                 # still warming up, a busy machine) is no reason to stop it.
                 cause = _describe_rpc_error(error) if isinstance(error, grpc.aio.AioRpcError) else error
                 print(f"\nwarning: the demo question failed: {cause} (see {stack.log_dir})", file=sys.stderr)
-            print(f'try:  .venv/bin/meshgate chat --api-key {args.api_key} "your question"')
+            print(f"try:  {_chat_suggestion(args.api_key)}")
         print("Ctrl-C stops everything; a process that exits is restarted.", flush=True)
         while True:
             time.sleep(1)
@@ -338,7 +352,11 @@ def main(argv: list[str] | None = None) -> int:
 
     up = commands.add_parser("up", help="run Redis, Triton and the four services locally")
     up.add_argument("--state-dir", default=".meshgate", help="logs, traces, Redis data")
-    up.add_argument("--api-key", default=os.environ.get("MESHGATE_DEV_API_KEY", DEFAULT_DEV_API_KEY))
+    up.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_VARIABLE, DEFAULT_DEV_API_KEY),
+        help=f"the development tenant's API key (default: ${API_KEY_VARIABLE}, else {DEFAULT_DEV_API_KEY})",
+    )
     up.add_argument("--no-demo", action="store_true", help="skip the demo question")
     up.set_defaults(run=_cmd_up)
 
@@ -366,7 +384,12 @@ def main(argv: list[str] | None = None) -> int:
         type=_router_address,
         help="host:port, a comma-separated list of ip:port replicas (balanced), or dns:///name:port",
     )
-    chat_parser.add_argument("--api-key", default=os.environ.get("MESHGATE_DEV_API_KEY", DEFAULT_DEV_API_KEY))
+    chat_parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_VARIABLE, DEFAULT_DEV_API_KEY),
+        help=f"default: ${API_KEY_VARIABLE}, else {DEFAULT_DEV_API_KEY}; "
+        "the variable keeps a key out of `ps` and shell history",
+    )
     chat_parser.add_argument("--model", default=DEFAULT_MODEL)
     chat_parser.add_argument("--session", default="", help="continue a server-side session")
     chat_parser.add_argument("--max-tokens", type=int)

@@ -215,13 +215,15 @@ def _write(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         # Created owner-only, never briefly readable by others.
-        written.append(_replace(key_file, key_bytes, 0o600))
-    written.append(_replace(cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644))
+        written.append(replace_file(key_file, key_bytes, 0o600))
+    written.append(replace_file(cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644))
     return written
 
 
-def _replace(path: pathlib.Path, data: bytes, mode: int) -> pathlib.Path:
-    """``path`` holding ``data``, by a new file renamed over it."""
+def replace_file(path: pathlib.Path, data: bytes, mode: int) -> pathlib.Path:
+    """``path`` holding ``data``, by a new file of ``mode`` (less the umask)
+    renamed over it: a reader never sees it half-written, and an older file's
+    mode does not carry over."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.unlink(missing_ok=True)
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)

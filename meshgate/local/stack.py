@@ -220,8 +220,9 @@ class Stack:
     def _write_settings(self) -> None:
         p = self.ports
         mesh = self.mesh_settings
-        self.config_path.write_text(
-            f"""# Written by meshgate.local.stack for this local run.
+        # Readable by its owner alone: it holds the development API key, and
+        # the Redis URL with any password REDIS_URL gave it.
+        settings = f"""# Written by meshgate.local.stack for this local run.
 [telemetry]
 exporter = "{"jsonl" if self.tracing else "none"}"
 jsonl_path = {_toml_string(str(self.traces_path))}
@@ -265,7 +266,7 @@ listen = "127.0.0.1:{p.inference}"
 metrics_listen = "{self.metrics_address("inference")}"
 triton_urls = ["127.0.0.1:{p.triton}"]
 {self.extra_settings}"""
-        )
+        certs.replace_file(self.config_path, settings.encode(), 0o600)
 
     def start(self, timeout_s: float = 180.0) -> None:
         self._refuse_taken_ports()

@@ -225,3 +225,32 @@ def test_the_services_run_with_the_settings_file_whatever_the_shell_exports(
     err = capsys.readouterr().err
     assert err.count("MESHGATE_MESH__TLS") == 1
     assert "MESHGATE_DEV_API_KEY" not in err
+
+
+@pytest.mark.parametrize(
+    ("key", "suggestion"),
+    [
+        ("mg-dev-local-key", 'try:  .venv/bin/meshgate chat "your question"\n'),
+        (
+            "my-own-dev-key",
+            'try:  .venv/bin/meshgate chat "your question"  '
+            "(with MESHGATE_DEV_API_KEY set to the development API key above)\n",
+        ),
+    ],
+)
+def test_the_chat_it_suggests_takes_the_key_from_the_environment_not_the_command_line(
+    children, tmp_path, monkeypatch, capsys, key, suggestion
+) -> None:
+    """A key on a command line is in `ps` and the shell's history; `meshgate
+    chat` reads MESHGATE_DEV_API_KEY, and the default key needs neither. The
+    key itself is printed once, as the development stack's."""
+
+    async def answered(*args, **kwargs):
+        return None
+
+    monkeypatch.setattr(cli, "chat", answered)
+    assert cli.main(["up", "--state-dir", str(tmp_path / "state"), "--api-key", key]) == 0
+    out = capsys.readouterr().out
+    assert suggestion in out
+    assert "--api-key" not in out
+    assert out.count(key) == 1 and f"development API key: {key}\n" in out

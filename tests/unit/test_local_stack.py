@@ -5,6 +5,7 @@ tests/e2e's)."""
 from __future__ import annotations
 
 import shutil
+import stat
 import subprocess
 
 import pytest
@@ -126,3 +127,14 @@ def test_the_stacks_settings_serve_the_built_in_models_at_its_inference_service(
             built_in[alias].tokenizer,
             built_in[alias].chat_template,
         )
+
+
+def test_the_stacks_settings_file_is_its_owners_alone(tmp_path) -> None:
+    """It holds the development API key (and a Redis URL's password); an
+    older file readable by others is replaced, not rewritten in place."""
+    stack = _stack(tmp_path)
+    stack.config_path.write_text("# an older run's\n")
+    stack.config_path.chmod(0o644)
+    stack._write_settings()
+    assert stat.S_IMODE(stack.config_path.stat().st_mode) == 0o600
+    assert load_settings(stack.config_path, environ={}).router.dev_api_key == stack.dev_api_key
