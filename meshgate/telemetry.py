@@ -212,7 +212,10 @@ def genai_request_attributes(operation: str, model: str, parameters) -> dict[str
     if parameters.HasField("seed"):
         attributes["gen_ai.request.seed"] = parameters.seed
     if parameters.stop:
-        attributes["gen_ai.request.stop_sequences"] = list(parameters.stop)
+        # How many, not which: the sequences are the caller's text, which no
+        # span carries (the conventions' gen_ai.request.stop_sequences would
+        # send it to every trace back end; prompts and answers stay out too).
+        attributes["meshgate.request.stop_sequence_count"] = len(parameters.stop)
     return attributes
 
 
