@@ -487,11 +487,8 @@ class _TritonStream:
                         # the stream is not what we think, so it ends here,
                         # never back in the pool, and the server counts a
                         # failure (Generate).
-                        raise MeshgateError(
-                            grpc.StatusCode.UNAVAILABLE,
-                            Reason.STREAM_ENDED_EARLY,
-                            "Triton answered another request on this request's stream",
-                            {"backend": backend.address},
+                        raise _ended_early(
+                            "Triton answered another request on this request's stream", backend
                         )
                     if message.error_message:
                         # The text before it still goes out (below), then the error.
@@ -536,12 +533,7 @@ class _TritonStream:
                 # The stream may carry the next request from here on.
                 watchdog.cancel()
             if not final_seen:
-                raise MeshgateError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    Reason.STREAM_ENDED_EARLY,
-                    "Triton closed the stream before the final response",
-                    {"backend": backend.address},
-                )
+                raise _ended_early("Triton closed the stream before the final response", backend)
             self.started = True
             # The request is over and nothing is left reading the stream
             # (batches' ``ends``): it may carry the next one at once. Idle, it
@@ -575,11 +567,8 @@ class _TritonStream:
             task = asyncio.current_task()
             if stalled and not (task is not None and task.cancelling()):
                 # The watchdog's cancel, not the caller's.
-                failure = MeshgateError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    Reason.STREAM_ENDED_EARLY,
-                    f"Triton sent nothing more for this request in {self._stall_s:g} s",
-                    {"backend": backend.address},
+                failure = _ended_early(
+                    f"Triton sent nothing more for this request in {self._stall_s:g} s", backend
                 )
                 raise failure from cancelled
             ended = None if pooled else backend.calls.ended_here(call)
@@ -648,6 +637,15 @@ def _server_fault(error: grpc.aio.AioRpcError) -> bool:
     The caller's mistakes, cancellations and deadlines say nothing of the
     server."""
     return error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+
+
+def _ended_early(message: str, backend) -> MeshgateError:
+    """A Triton stream that ended before its final response, as the caller
+    sees it (UNAVAILABLE / STREAM_ENDED_EARLY); which server it was goes to
+    this service's log only: the router passes ErrorInfo metadata on to its
+    public callers, who have no business with the mesh's addresses."""
+    log.warning("triton stream ended early", backend=backend.address, error=message)
+    return MeshgateError(grpc.StatusCode.UNAVAILABLE, Reason.STREAM_ENDED_EARLY, message)
 
 
 def triton_failure(error: grpc.aio.AioRpcError, model: str, invalid_reason: str) -> MeshgateError:

@@ -12,6 +12,7 @@ import types
 
 import grpc
 import pytest
+import structlog
 from tritonclient.grpc import service_pb2
 
 from meshgate import balancing
@@ -242,11 +243,17 @@ async def test_a_stream_that_ends_without_its_final_response_is_an_error():
     call = ScriptedCall()
     call.send(triton_response("cut", 1))
     call.send(grpc.aio.EOF)
-    stream, _ = stream_on(call)
-    with pytest.raises(MeshgateError) as failure:
+    stream, backend = stream_on(call)
+    with structlog.testing.capture_logs() as logs, pytest.raises(MeshgateError) as failure:
         async for _ in stream:
             pass
     assert failure.value.reason == Reason.STREAM_ENDED_EARLY
+    # Which Triton server it was is this service's to log: the router passes
+    # ErrorInfo metadata on to its public callers.
+    assert backend.address not in str(failure.value.to_status_proto())
+    assert {"event": "triton stream ended early", "backend": backend.address} in [
+        {"event": log["event"], "backend": log.get("backend")} for log in logs
+    ]
 
 
 async def test_leaving_early_cancels_the_triton_call():
