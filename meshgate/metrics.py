@@ -261,10 +261,15 @@ class BackendCollector(Collector):
         "meshgate_triton_inferences",
         "meshgate_inference_backend_circuit",
         "meshgate_inference_triton_streams_opened",
+        "meshgate_inference_generation_slots",
+        "meshgate_inference_generation_slots_in_use",
+        "meshgate_inference_generations_queued",
     )
 
-    def __init__(self, pool=None) -> None:
+    def __init__(self, pool=None, slots=None) -> None:
         self._pool = pool
+        # The servicer's ModelSlots by Triton model (generation_slots.py).
+        self._slots = slots if slots is not None else {}
 
     def describe(self):
         return list(self._families())
@@ -307,6 +312,25 @@ class BackendCollector(Collector):
             "the reuse saves.",
             labels=["backend"],
         )
+        # Fair admission (services/inference/generation_slots.py): a model's
+        # slots full with generations queued is where another tenant waits.
+        capacity = GaugeMetricFamily(
+            self.NAMES[9],
+            "Generations of the model this service lets into Triton at once (0: no known bound).",
+            labels=["model"],
+        )
+        in_use = GaugeMetricFamily(
+            self.NAMES[10], "Generations of the model in Triton now, from this service.", labels=["model"]
+        )
+        queued = GaugeMetricFamily(
+            self.NAMES[11],
+            "Generations waiting here for a slot of the model, tenants' and background work's.",
+            labels=["model"],
+        )
+        for model, slots in self._slots.items():
+            capacity.add_metric([model], float(slots.capacity or 0))
+            in_use.add_metric([model], float(slots.active))
+            queued.add_metric([model], float(slots.queued))
         for backend in self._pool.backends if self._pool is not None else ():
             address = backend.address
             state = "ejected" if backend.health.ejected else backend.health.state.value
@@ -323,7 +347,20 @@ class BackendCollector(Collector):
                 compute.add_metric([address, model], figures.compute_ns / 1e9)
                 inferences.add_metric([address, model], figures.successes)
         return iter(
-            (live, ready, in_flight, model_ready, queue, compute, inferences, circuit, streams_opened)
+            (
+                live,
+                ready,
+                in_flight,
+                model_ready,
+                queue,
+                compute,
+                inferences,
+                circuit,
+                streams_opened,
+                capacity,
+                in_use,
+                queued,
+            )
         )
 
 
@@ -370,10 +407,11 @@ def inference() -> InferenceMetrics:
     return _group(InferenceMetrics)
 
 
-def watch_backends(pool) -> None:
-    """Exports ``pool``'s backends (the inference service, once)."""
+def watch_backends(pool, slots=None) -> None:
+    """Exports ``pool``'s backends and the generation ``slots`` of each
+    model (the inference service, once)."""
     if _enabled and BackendCollector not in _groups:
-        collector = _groups[BackendCollector] = BackendCollector(pool)
+        collector = _groups[BackendCollector] = BackendCollector(pool, slots)
         REGISTRY.register(collector)
 
 

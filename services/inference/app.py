@@ -48,8 +48,8 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         # two responses) gets its model a canary: its stub may have died.
         config.stream_stall_s,
     )
-    metrics.watch_backends(pool)
     servicer = InferenceServicer(config, pool)
+    metrics.watch_backends(pool, servicer.generation_slots)
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, service.server)
 
     async def watch_backends() -> None:

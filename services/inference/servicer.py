@@ -61,11 +61,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         }
         # Each generation model's slots, shared fairly among tenants
         # (generation_slots.py); served models naming one Triton model share them.
-        self._slots: dict[str, ModelSlots] = {}
+        self.generation_slots: dict[str, ModelSlots] = {}
         self._slots_per_server: dict[str, int] = {}
         for served in settings.models.values():
-            if served.triton_model not in self._slots:
-                self._slots[served.triton_model] = ModelSlots(
+            if served.triton_model not in self.generation_slots:
+                self.generation_slots[served.triton_model] = ModelSlots(
                     served.triton_model, settings.max_queued_generations_per_tenant
                 )
                 self._slots_per_server[served.triton_model] = served.generation_slots
@@ -92,7 +92,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
         # Background work names no tenant; a tenant's generation waits in its own queue.
         tenant = BACKGROUND if request.background else request.tenant_id
-        slots = self._slots[served.triton_model]
+        slots = self.generation_slots[served.triton_model]
         if not slots.try_take(tenant):
             await slots.wait(tenant, context.time_remaining())
         self._generations += 1
@@ -175,7 +175,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         probe round): a server that comes or goes changes them. While no
         server has a model ready its count stays as it was: its calls
         fail at once (NO_READY_BACKEND) and hold no slot for long."""
-        for model, slots in self._slots.items():
+        for model, slots in self.generation_slots.items():
             capacity = self._pool.generation_slots(model, self._slots_per_server[model])
             if capacity and capacity != slots.capacity:
                 log.info("generation slots", model=model, slots=capacity)

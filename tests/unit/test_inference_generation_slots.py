@@ -10,8 +10,10 @@ import asyncio
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from tritonclient.grpc import service_pb2
 
+from meshgate import metrics
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from services.inference.backends import BackendPool
@@ -240,3 +242,23 @@ async def test_a_models_slots_are_what_its_config_says_summed_over_the_servers_w
     # A setting counts per server with the model ready.
     assert pool.generation_slots("tiny_gpt", per_server=4) == 12
     assert pool.generation_slots("smollm2") == 0
+
+
+async def test_the_slots_are_exported_for_an_operator() -> None:
+    """Full slots with generations queued is where another tenant waits:
+    the gauges say so per model at scrape time."""
+    slots = ModelSlots("tiny_gpt", max_queued_per_tenant=4)
+    slots.set_capacity(1)
+    assert slots.try_take("a")
+    waiting = asyncio.ensure_future(slots.wait("b", None))
+    await asyncio.sleep(0)
+    registry = CollectorRegistry()
+    registry.register(metrics.BackendCollector(None, {"tiny_gpt": slots}))
+    text = generate_latest(registry).decode()
+    assert 'meshgate_inference_generation_slots{model="tiny_gpt"} 1.0' in text
+    assert 'meshgate_inference_generation_slots_in_use{model="tiny_gpt"} 1.0' in text
+    assert 'meshgate_inference_generations_queued{model="tiny_gpt"} 1.0' in text
+    slots.give_back("a")
+    await waiting
+    text = generate_latest(registry).decode()
+    assert 'meshgate_inference_generations_queued{model="tiny_gpt"} 0.0' in text
