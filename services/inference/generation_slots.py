@@ -1,7 +1,7 @@
 """Fair shares of a model's generation slots among tenants.
 
 A generation model runs a fixed number of sequences at once (the bundled
-models' ``max_active_sequences``, model_repository/generation/engine.py)
+models' ``max_active_sequences``, the generation engine's config parameter)
 and queues the rest in one first-in, first-out inbox: a tenant with 64
 streams open took all 16 of tiny_gpt's slots, and another tenant's first
 request waited behind its whole queue (18.8 s for an 8-token answer that
