@@ -72,7 +72,7 @@ def _add_input(request, name: str, datatype: str, shape: list[int], raw: bytes) 
 # Triton refuses unknown ones), so it is sent to a model that declares it.
 CACHED_TOKENS_FLAG = "return_num_cached_tokens"
 # The parameter of the bundled generation models' configs saying how many
-# sequences one instance runs at once (model_repository/generation/engine.py):
+# sequences one instance runs at once (the bundled generation engine):
 # the model's generation slots on that server (generation_slots.py).
 GENERATION_SLOTS_PARAMETER = "max_active_sequences"
 
