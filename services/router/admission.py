@@ -1104,7 +1104,9 @@ class TurnAdmission:
         reserve_prompt (GetUsage counts a tenant's refused turns however far
         they got)."""
         if self._ledger is not None:
-            self._record(turn, outcome, False, 0, 0, 0, "")
+            # In the totals, not the log: a refusal costs its caller nothing,
+            # and the log's length is every tenant's (ledger.py).
+            self._record(turn, outcome, False, 0, 0, 0, "", logged=False)
 
     async def admit_embedding(self, tenant, model: str, input_tokens_bound: int) -> Reservation:
         """An embedding request's admission (services/router/embeddings.py):
@@ -1138,7 +1140,15 @@ class TurnAdmission:
         self._admission.settle_soon(grant, input_tokens, nano_usd)
 
     def _record(
-        self, turn, outcome, hit: bool, prompt_tokens: int, completion_tokens: int, nano_usd: int, day: str
+        self,
+        turn,
+        outcome,
+        hit: bool,
+        prompt_tokens: int,
+        completion_tokens: int,
+        nano_usd: int,
+        day: str,
+        logged: bool = True,
     ) -> None:
         answer = outcome.answer
         status = outcome.cache_status.value if outcome.cache_status is not None else "none"
@@ -1159,7 +1169,7 @@ class TurnAdmission:
             failure=failure,
             day=day,
         )
-        self._ledger.submit(usage)
+        self._ledger.submit(usage, logged)
 
     async def drain(self) -> None:
         """Waits for settlements and ledger records still in flight (before

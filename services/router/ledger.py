@@ -9,7 +9,10 @@ one round trip (a call that fails leaves the others written):
   id, model alias, deployment, prompt and completion tokens, tokens a cache
   hit saved, cache status, cost (nano-USD), latency (ms) and the failure
   reason ("" when it completed); trimmed to about
-  ``router.usage_stream_max_len`` entries.
+  ``router.usage_stream_max_len`` entries. A turn refused at admission is
+  counted in the totals only (``submit(..., logged=False)``): refusals cost
+  the caller almost nothing, and a tenant hammering past its limit would
+  otherwise fill the log and trim every tenant's real records out of it.
 - ``mg:router:usage:{t:<tenant>}:<YYYY-MM-DD>``, a hash per tenant and UTC
   day (hash-tagged into the slot of the tenant's limit counters): field
   ``<key id>|<model>|<metric>`` -> running total, for the metrics in
@@ -144,7 +147,8 @@ class Ledger:
         self._stream_max_len = stream_max_len
         self._retention_s = retention_days * 24 * 3600
         self._clock = clock
-        self._buffer: list[UsageRecord] = []
+        # Records to write, each with whether it goes to the log too.
+        self._buffer: list[tuple[UsageRecord, bool]] = []
         self._flushing: set[asyncio.Task] = set()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -161,12 +165,13 @@ class Ledger:
 
     async def record(self, usage: UsageRecord) -> None:
         """Writes one record now."""
-        await self._write([usage])
+        await self._write([(usage, True)])
 
-    def submit(self, usage: UsageRecord) -> None:
+    def submit(self, usage: UsageRecord, logged: bool = True) -> None:
         """Writes a record soon (within _FLUSH_AFTER_S), batched with others:
-        how the router records turns, off their critical path."""
-        self._buffer.append(usage)
+        how the router records turns, off their critical path; one not
+        ``logged`` goes to the totals only, not to the log."""
+        self._buffer.append((usage, logged))
         if len(self._buffer) >= _BATCH:
             self._flush()
         elif self._timer is None:
@@ -189,28 +194,40 @@ class Ledger:
             await asyncio.gather(*self._flushing, return_exceptions=True)
         await self._backlog.drain()
 
-    async def _write(self, records: list[UsageRecord]) -> None:
+    async def _write(self, records: list[tuple[UsageRecord, bool]]) -> None:
         # A separator inside a value (a tenant id could hold one) would shift
         # every value after it: it is dropped.
         packed = [
             _SEPARATOR.join(str(getattr(usage, name)).replace(_SEPARATOR, "") for name in _FIELD_NAMES)
-            for usage in records
+            for usage, _ in records
         ]
         today = f"{self.today():%Y-%m-%d}"
         header = [self._stream_max_len, self._retention_s, today]
         # The day hash of each record: its own day's, else today's.
         hashes = [
             day_key(usage.tenant.replace(_SEPARATOR, ""), usage.day.replace(_SEPARATOR, "") or today)
-            for usage in records
+            for usage, _ in records
         ]
+        logged = [values for values, (_, to_log) in zip(packed, records, strict=True) if to_log]
         if self._split_by_slot:
             by_hash: dict[str, list[str]] = {}
             for key, values in zip(hashes, packed, strict=True):
                 by_hash.setdefault(key, []).append(values)
-            calls = [([STREAM], [*header, "1", "0", *packed])]
+            calls = [([STREAM], [*header, "1", "0", *logged])] if logged else []
             calls += [([key], [*header, "0", "1", *rows]) for key, rows in by_hash.items()]
-        else:
+        elif len(logged) == len(packed):
             calls = [([STREAM, *dict.fromkeys(hashes)], [*header, "1", "1", *packed])]
+        else:
+            # The script's two flags hold for a whole call: the records that
+            # go to the log in one, those that do not in another.
+            calls = []
+            in_log = [to_log for _, to_log in records]
+            for part, flag in ((True, "1"), (False, "0")):
+                keys = [key for key, to_log in zip(hashes, in_log, strict=True) if to_log is part]
+                rows = [values for values, to_log in zip(packed, in_log, strict=True) if to_log is part]
+                if rows:
+                    stream = [STREAM] if part else []
+                    calls.append(([*stream, *dict.fromkeys(keys)], [*header, flag, "1", *rows]))
         # The callers have their answers: a call Redis refused is written
         # again later, one that may have run is logged (script_calls).
         await self._backlog.run(calls)

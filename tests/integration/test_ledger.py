@@ -99,3 +99,26 @@ async def test_submitted_records_are_written_in_batches_and_drained(redis_url):
             await asyncio.sleep(0.01)
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("split_by_slot", [False, True])
+async def test_records_kept_out_of_the_log_count_in_the_totals_only(redis_url, split_by_slot):
+    """Turns refused at admission (admission.TurnAdmission.refused): a tenant
+    hammering past its limit must not fill the log, whose length bounds every
+    tenant's records, yet GetUsage counts its refusals."""
+    client = redis_access.connect(redis_url)
+    ledger = Ledger(client, stream_max_len=10_000, retention_days=2, split_by_slot=split_by_slot)
+    tenant = uuid.uuid4().hex[:12]
+    try:
+        before = await client.xlen(STREAM)
+        ledger.submit(UsageRecord(tenant, "k1", "tiny-gpt", "live", 3, 4, 0, "miss", 10, 1))
+        for _ in range(5):
+            refused = UsageRecord(tenant, "k1", "tiny-gpt", "", 0, 0, 0, "none", 0, 0, "RATE_LIMITED")
+            ledger.submit(refused, logged=False)
+        await ledger.drain()
+        assert await client.xlen(STREAM) == before + 1
+        today = ledger.today()
+        totals = (await ledger.usage(tenant, today, today))[("k1", "tiny-gpt")]
+        assert (totals["requests"], totals["failures"], totals["prompt_tokens"]) == (6, 5, 3)
+    finally:
+        await client.aclose()

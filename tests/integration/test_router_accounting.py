@@ -230,7 +230,9 @@ async def test_a_turn_refused_at_admission_is_in_the_ledger_as_one_refused_once_
     the model's window) once assembled (the reservation's top-up). The
     second was in GetUsage as a failure and the first not at all: the
     tenant's refused traffic counted by the stage that refused it. Both are now, as failures that used
-    nothing, and the log names each one's reason. Needs no model: neither
+    nothing; the log names the second's reason, and not the first (a refusal
+    at admission costs its caller nothing, and a tenant hammering past its
+    limit would fill the log every tenant shares). Needs no model: neither
     reaches inference."""
     tenant = f"refused-{uuid.uuid4().hex[:8]}"
     key = f"key-{tenant}"
@@ -277,4 +279,4 @@ async def test_a_turn_refused_at_admission_is_in_the_ledger_as_one_refused_once_
         assert row.failures == 2
         assert (row.prompt_tokens, row.completion_tokens, row.cost_nano_usd) == (0, 0, 0)
         logged = [fields for _, fields in await client.xrange(STREAM) if fields[b"tenant"].decode() == tenant]
-        assert [fields[b"failure"].decode() for fields in logged] == reasons
+        assert [fields[b"failure"].decode() for fields in logged] == reasons[1:]

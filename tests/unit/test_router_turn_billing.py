@@ -47,7 +47,7 @@ class RecordedLedger:
     def __init__(self) -> None:
         self.records: list = []
 
-    def submit(self, usage) -> None:
+    def submit(self, usage, logged: bool = True) -> None:
         self.records.append(usage)
 
 
