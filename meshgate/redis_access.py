@@ -285,8 +285,11 @@ async def run_script_replicated(
     of the keys' slot (WAIT has no key to route it by). EVAL, not EVALSHA:
     a cluster pipeline does not load a script Redis lost (a restart, a
     promoted replica), and the callers are rare writes. With no replica
-    online (ROLE lists those in sync) nothing is waited for: WAIT would
+    online (ROLE lists those whose link is up, past their first sync) nothing is waited for: WAIT would
     block for its whole timeout."""
+    if replicas <= 0:
+        # Not asked to wait: no ROLE round trip either.
+        return Replicated(await script(keys=keys, args=args), 0, 0)
     target: dict[str, ClusterNode] = {}
     if isinstance(client, RedisCluster):
         await client.initialize()

@@ -75,8 +75,11 @@ _USER = common_pb2.ROLE_USER
 # trip of a top-up takes milliseconds (at most SYNC_BATCH rows, ~1.6 MB at
 # 384 dimensions); one hung on a stalled connection held every semantic
 # lookup of its sub-partition until the holder's deadline (the router's:
-# 10 s) or the socket timeout (10 s) ended it.
-STALLED_TOP_UP_S = 0.5
+# 10 s) or the socket timeout (10 s) ended it. A second, not less: a
+# busy event loop delays the holder's turn after a reply has come, and
+# waiters that gave up too early would each read the whole backlog, the
+# stampede the shared top-up is for.
+STALLED_TOP_UP_S = 1.0
 
 log = structlog.get_logger(__name__)
 
@@ -577,4 +580,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 # Never pushes out ``index`` itself.
                 self._indexes.settle(index_key)
                 strictness = batch.strictness
+                if progress is not None:
+                    # Applying a batch is progress too (up to SYNC_BATCH rows).
+                    progress.progress_at = asyncio.get_running_loop().time()
         return strictness

@@ -137,3 +137,20 @@ def test_an_outage_tells_the_caller_what_failed_and_the_log_why() -> None:
     )
     assert not failure.metadata
     assert [(log["event"], log["error"]) for log in logs] == [("redis unavailable", str(error))]
+
+
+async def test_a_write_asked_to_wait_for_no_replica_sends_only_its_script() -> None:
+    """cache.report_replicas = 0: no ROLE round trip, no WAIT."""
+    sent: list[str] = []
+
+    class Client:
+        async def execute_command(self, *args, **options):
+            sent.append(args[0])
+
+    async def script(keys, args):
+        sent.append("script")
+        return 7
+
+    result = await redis_access.run_script_replicated(Client(), script, ["k"], [], 0, 1.0)
+    assert (result.reply, result.wanted, result.acknowledged) == (7, 0, 0)
+    assert sent == ["script"]
