@@ -416,21 +416,26 @@ def coverage(summaries: collections.abc.Iterable[Summary]) -> list[Summary]:
     while at < len(ordered):
         root = ordered[at].first_turn
         # Each turn a run from ``root`` reaches -> the summary ending there on
-        # the first such run found (None for the root itself). Ordered by
-        # first turn, every summary that ends at a turn comes before those
-        # starting there, so whether a summary's first turn is reached is
-        # known when it comes.
-        reached: dict[int, Summary | None] = {root: None}
+        # the run of the most summaries found (None for the root itself), and
+        # that count. Ordered by first turn, every summary that ends at a
+        # turn comes before those starting there, so how a summary's first
+        # turn is reached is settled when it comes. The finer run of two
+        # reaching one turn ((0, 4), (4, 8) rather than (0, 8)): assembly
+        # gives a summary only to a span it leaves out whole, so a prompt
+        # keeping turns 4-7 still gets the summary of compacted 0-3.
+        reached: dict[int, tuple[Summary | None, int]] = {root: (None, 0)}
         furthest = root
         while at < len(ordered) and ordered[at].first_turn <= furthest:
             summary = ordered[at]
-            if summary.first_turn in reached and summary.end_turn not in reached:
-                reached[summary.end_turn] = summary
+            if summary.first_turn in reached:
+                pieces = reached[summary.first_turn][1] + 1
+                if pieces > reached.get(summary.end_turn, (None, 0))[1]:
+                    reached[summary.end_turn] = (summary, pieces)
                 furthest = max(furthest, summary.end_turn)
             at += 1
         run = []
         turn = furthest
-        while (summary := reached[turn]) is not None:
+        while (summary := reached[turn][0]) is not None:
             run.append(summary)
             turn = summary.first_turn
         chosen.extend(reversed(run))

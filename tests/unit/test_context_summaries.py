@@ -107,8 +107,18 @@ def test_coverage_reaches_as_far_as_any_run_of_summaries_does() -> None:
     were in no prompt."""
     stored = _summaries_of((0, 4), (4, 8), (8, 12), (12, 16), (0, 6), (6, 12), (12, 18), (18, 24))
     chosen = summaries.coverage(stored)
-    assert _spans(chosen) == [(0, 6), (6, 12), (12, 18), (18, 24)]
+    # To 12 the finer run of the two (the next test says why).
+    assert _spans(chosen) == [(0, 4), (4, 8), (8, 12), (12, 18), (18, 24)]
     assert summaries.covered_end(chosen) == 24
+
+
+def test_coverage_takes_the_finer_of_two_runs_to_one_turn() -> None:
+    """(0, 8) beside (0, 4), (4, 8): a prompt keeping turns 4-7 gives a
+    summary only to a span it leaves out whole, so with (0, 8) chosen the
+    turns 0-3, compacted, were in no prompt."""
+    chosen = summaries.coverage(_summaries_of((0, 4), (4, 8), (0, 8)))
+    assert _spans(chosen) == [(0, 4), (4, 8)]
+    assert summaries.covered_end(chosen) == 8
 
 
 def test_coverage_goes_on_after_a_turn_no_summary_starts_at() -> None:
@@ -561,7 +571,7 @@ async def test_a_prompt_gets_no_two_summaries_of_the_same_turn() -> None:
     covered: it no longer said what was sent."""
     summarizer = summaries.Summarizer(_Sessions(), _OverlappingSummaries(), SummaryPolicy(), None)
     found = await summarizer.summaries_for("t", "32", 1, 0, [(0, 20)])
-    assert [(s.first_turn, s.end_turn) for s in found] == [(0, 6), (6, 12), (12, 18)]
+    assert [(s.first_turn, s.end_turn) for s in found] == [(0, 4), (4, 8), (8, 12), (12, 18)]
     response = _assembled([DROPPED] * 20 + [INCLUDED], 40, [msg(USER, "t20"), msg(USER, "new")])
     added = summaries.add_summaries(response, found, [5] * len(found), budget=1000, default_system_tokens=0)
     assert added == found
