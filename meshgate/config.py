@@ -1013,21 +1013,52 @@ class InferenceSettings:
     # reused stream carries no request's W3C trace context (one call, many
     # requests): Triton's own tracing, if started, cannot join our traces.
     triton_idle_streams: int = 32
-    # Generations of one tenant (or of background work) that may wait for
-    # one model's generation slots (ServedModelSettings.generation_slots) in
-    # this process; one more is refused RESOURCE_EXHAUSTED
-    # TOO_MANY_QUEUED_GENERATIONS, so that no tenant's queue takes all of
-    # max_concurrent_rpcs. Calls without a tenant (a router that predates
-    # GenerateRequest.tenant_id) share one queue.
-    max_queued_generations_per_tenant: int = 256
+    # Generations of one tenant (or of background work: every call naming
+    # no tenant) that may wait for one model's generation slots
+    # (ServedModelSettings.generation_slots) in this process; one more is
+    # refused RESOURCE_EXHAUSTED TOO_MANY_QUEUED_GENERATIONS. Each waiting
+    # generation holds one of max_concurrent_rpcs, so one tenant's queues,
+    # over all the models, hold at most an eighth of that bound: at 256 a
+    # model, four tenants filled the default 1,024 and every Embed call was
+    # refused SERVICE_BUSY. Unset: that eighth shared among the models (64
+    # a model of 1,024 over the default two); set, it must fit in it (a
+    # configuration error otherwise). Unset where max_concurrent_rpcs is 0
+    # (no bound): 256. Read through queued_generations_cap().
+    max_queued_generations_per_tenant: int | None = None
 
     def __post_init__(self) -> None:
         _check_max_concurrent_rpcs("inference", self.max_concurrent_rpcs)
+        cap = self.max_queued_generations_per_tenant
+        share = self._tenant_share_of_calls()
+        if cap is not None and share is not None and cap > share:
+            raise ConfigError(
+                f"inference.max_queued_generations_per_tenant ({cap}) times the "
+                f"{len(self._generation_models())} generation model(s) must be at most an eighth of "
+                f"inference.max_concurrent_rpcs ({self.max_concurrent_rpcs}): at most {share}, or "
+                "one tenant's queued generations take the calls every other caller needs"
+            )
         # The context service splits an append's Embed calls at this many
         # texts (meshgate/embedding.py, InferenceEmbedder): 0 would split
         # into no calls at all.
         if self.max_embed_texts < 1:
             raise ConfigError(f"inference.max_embed_texts must be at least 1, got {self.max_embed_texts}")
+
+    def _generation_models(self) -> set[str]:
+        return {served.triton_model for served in self.models.values()}
+
+    def _tenant_share_of_calls(self) -> int | None:
+        """One model's part of the eighth of max_concurrent_rpcs one tenant's
+        queued generations may hold (at least 1); None where calls are not bounded."""
+        if not self.max_concurrent_rpcs:
+            return None
+        return max(1, self.max_concurrent_rpcs // 8 // max(1, len(self._generation_models())))
+
+    def queued_generations_cap(self) -> int:
+        """max_queued_generations_per_tenant as set, or else derived (see it)."""
+        if self.max_queued_generations_per_tenant is not None:
+            return self.max_queued_generations_per_tenant
+        share = self._tenant_share_of_calls()
+        return 256 if share is None else share
 
 
 @dataclasses.dataclass

@@ -171,12 +171,21 @@ def busy_unavailable(reason: str, message: str, **metadata: str) -> MeshgateErro
     )
 
 
+# Downstream refusals whose RetryInfo is the caller's: they refuse the
+# caller's own request, before any of it ran, for its own tenant's load (a
+# generation past the tenant's queue at the inference service), so when it
+# may come back is when the caller may retry; the HTTP edge says it as
+# Retry-After, as for the router's own limits.
+_RETRY_PASSED_ON = frozenset({Reason.TOO_MANY_QUEUED_GENERATIONS})
+
+
 def from_rpc_error(error: grpc.aio.AioRpcError, service: str) -> MeshgateError:
     """Re-raises a downstream failure with its code and reason intact, but
     for a busy replica's (SERVICE_BUSY: see busy_unavailable). Its other
-    details, a RetryInfo included, stay behind: when to retry a downstream
-    call is not when to retry ours (an append failing after the answer
-    streamed must not invite a paid retry of the turn)."""
+    details, a RetryInfo included, stay behind (but for _RETRY_PASSED_ON):
+    when to retry a downstream call is not when to retry ours (an append
+    failing after the answer streamed must not invite a paid retry of the
+    turn)."""
     info = error_info(error)
     if info is not None:
         if info.domain == DOMAIN and info.reason == Reason.SERVICE_BUSY:
@@ -187,7 +196,14 @@ def from_rpc_error(error: grpc.aio.AioRpcError, service: str) -> MeshgateError:
                 code=grpc.StatusCode.RESOURCE_EXHAUSTED.name,
             )
         metadata = dict(info.metadata)
-        return MeshgateError(error.code(), info.reason, error.details() or "", metadata, info.domain)
+        details = []
+        if info.domain == DOMAIN and info.reason in _RETRY_PASSED_ON:
+            delay_s = retry_after_s(error)
+            if delay_s is not None:
+                details.append(retry_info(delay_s))
+        return MeshgateError(
+            error.code(), info.reason, error.details() or "", metadata, info.domain, details=details
+        )
     # No ErrorInfo: a transport failure or a foreign server. Its details name
     # hosts and ports, which are for our logs, not for callers.
     code = error.code()

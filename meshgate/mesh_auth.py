@@ -57,8 +57,10 @@ class OptionalTenant:
     """The tenant field of a method that may act for a tenant or for none
     (the inference service's Generate: a tenant's turn, or the mesh's own
     background work): a request naming a tenant must carry the router's
-    token for it, one naming none is admitted as acting for nobody (which
-    claims nothing a caller could gain by)."""
+    token for it; one naming none is admitted without a token, as acting
+    for nobody, which the handler must rank below every tenant (Generate
+    queues it as background work, whatever else it says): any mesh peer
+    may send one, so naming none must gain it nothing."""
 
     field: collections.abc.Callable[[Any], str]
 

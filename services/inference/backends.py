@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import collections.abc
 import dataclasses
 import time
@@ -31,6 +32,8 @@ LEFT_ROTATION = "the Triton server left rotation with the call open: its health 
 CANARY_TIMEOUT_S = 5.0
 CANARY_TEXT = "ok"
 CANARY_SAMPLING = '{"max_tokens":1}'
+# Why the calls TritonBackend.stub_died cancels fail (before the stub's own words).
+STUB_DIED_UNDER_CALL = "the model's stub process died: "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +185,11 @@ class TritonStreams:
         return dropped
 
 
+def ended_by_stub_death(details: str) -> bool:
+    """Whether a failed call's details say TritonBackend.stub_died ended it."""
+    return details.startswith(STUB_DIED_UNDER_CALL)
+
+
 def triton_status(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     """What a Triton call that ended with ``code`` raises, for a failure
     seen otherwise: the retry and mapping rules for that code apply as they are."""
@@ -228,6 +236,11 @@ class TritonBackend:
         # Models whose Python-backend stub died here, with why they are out
         # of rotation (stub_died), until a canary of theirs is answered.
         self.stub_dead: dict[str, str] = {}
+        # How many times each model was marked stub-dead here: a canary
+        # answered clears only a mark set before it was sent.
+        self._stub_deaths: collections.Counter[str] = collections.Counter()
+        # The canary in flight for each model, at most one (_start_canaries).
+        self._canaries: dict[str, asyncio.Task] = {}
         self._embedding_model = embedding_model
         self._unanswered_canary_s = unanswered_canary_s
         # What the last probe round failed with (a status code's name), if it did.
@@ -288,13 +301,14 @@ class TritonBackend:
         first. It comes back when a canary of it is answered (probe)."""
         if model not in self.stub_dead:
             log.warning("model out of rotation: its stub process died", backend=self.address, model=model)
+        self._stub_deaths[model] += 1
         self.stub_dead[model] = (
             f"its Python-backend stub process died ({error_message}); Triton refuses its requests "
             "until the model is unloaded and loaded again; a canary request retries it every probe round"
         )
         self.ready_models.discard(model)
         self.ready = self.ready and bool(self.ready_models)
-        if ended := self.calls.end({model}, f"the model's stub process died: {error_message}"):
+        if ended := self.calls.end({model}, STUB_DIED_UNDER_CALL + error_message):
             log.warning("calls ended: the model's stub process died", backend=self.address, calls=ended)
 
     def not_ready_reason(self, model: str) -> str:
@@ -339,30 +353,42 @@ class TritonBackend:
             # A write on a stream that already ended (servicer._write).
             return "the stream ended before the request went out"
 
-    async def _canary_models(self, answers: dict[str, bool]) -> None:
+    def _start_canaries(self, answers: dict[str, bool]) -> None:
         """Canaries, among the models Triton just read ready, those whose
         stub died here, and those with a call that has waited longer than
         unanswered_canary_s for Triton's first response: a stub that died
         under a request before it answered leaves it waiting for its
         caller's deadline when no later request of the model comes here to
-        be refused (stub_died). An answered canary puts a model whose stub
-        died back in rotation; one refused by a dead stub takes it out.
-        At most one request a model each probe round, all at once, so a
-        round takes at most CANARY_TIMEOUT_S longer, and none while every
-        stub answers."""
+        be refused (stub_died). None while every stub answers.
+
+        Each goes as a task of its own, at most one in flight per model,
+        which the probe round does not wait for: a busy but live model's
+        canary waits in Triton's queue up to CANARY_TIMEOUT_S, and awaited
+        here it delayed every server's round (probe_all gathers them), so a
+        dead server left rotation ~21 s late instead of ~6 s, and slot
+        counts and serving status lagged as long."""
         suspects = set(self.stub_dead)
         if self._unanswered_canary_s is not None:
             suspects |= self.calls.unanswered_for(self._unanswered_canary_s)
-        canaried = sorted(model for model in suspects if answers.get(model))
-        failures = await asyncio.gather(*(self.canary(model) for model in canaried))
-        for model, failure in zip(canaried, failures, strict=True):
-            if failure is None:
-                if self.stub_dead.pop(model, None) is not None:
-                    log.info(
-                        "model back in rotation: a canary was answered", backend=self.address, model=model
-                    )
-            elif triton_protocol.stub_died(failure):
-                self.stub_died(model, failure)
+        for model in sorted(suspects):
+            if answers.get(model) and model not in self._canaries:
+                # The marks so far are read now: the task starts later.
+                task = asyncio.create_task(self._canary_and_mark(model, self._stub_deaths[model]))
+                self._canaries[model] = task
+                task.add_done_callback(lambda _, model=model: self._canaries.pop(model, None))
+
+    async def _canary_and_mark(self, model: str, deaths_before: int) -> None:
+        """One canary of ``model``: answered, it puts a model whose stub died
+        back in rotation (at the next probe round that reads it ready)
+        unless its stub was marked dead again since ``deaths_before`` marks
+        (a refusal while the canary was in flight is newer news); refused by
+        a dead stub, it takes the model out."""
+        failure = await self.canary(model)
+        if failure is None:
+            if self._stub_deaths[model] == deaths_before and self.stub_dead.pop(model, None) is not None:
+                log.info("model back in rotation: a canary was answered", backend=self.address, model=model)
+        elif triton_protocol.stub_died(failure):
+            self.stub_died(model, failure)
 
     def _read_generation_slots(self, model: str, config) -> None:
         parameter = config.parameters.get(triton_protocol.GENERATION_SLOTS_PARAMETER)
@@ -424,7 +450,7 @@ class TritonBackend:
         self._probe_failure = failure
         if failure is None:
             await self._read_statistics(models)
-            await self._canary_models(answers)
+            self._start_canaries(answers)
         self._silent_rounds = 0 if failure is None else self._silent_rounds + 1
         was_ready = self.ready
         out: set[str] = set()
@@ -491,6 +517,10 @@ class TritonBackend:
                 self.statistics[stats.name] = latest
 
     async def close(self) -> None:
+        canaries = list(self._canaries.values())
+        for canary in canaries:
+            canary.cancel()
+        await asyncio.gather(*canaries, return_exceptions=True)
         self.streams.drop()
         await self._channel.close()
         await self._stream_channel.close()
@@ -533,15 +563,28 @@ class BackendPool:
             strategy or self._least_outstanding, candidates, request or balancing.RouteRequest(model=model)
         )[0]
 
-    def generation_slots(self, model: str, per_server: int = 0) -> int:
-        """The generations the servers with ``model`` ready run at once:
-        ``per_server`` each (a setting), or what each one's config says
-        (0 for a server whose config says nothing)."""
-        return sum(
-            per_server or backend.generation_slots.get(model, 0)
-            for backend in self.backends
-            if model in backend.ready_models
-        )
+    def generation_slots(self, model: str, per_server: int = 0) -> int | None:
+        """The generations ``model`` runs at once on the servers choose()
+        sends it to: ``per_server`` each (a setting), or what each one's
+        config says. Those are the servers with it ready whose breaker
+        admits traffic (balancing.order), or all with it ready where none
+        does (choose() then falls back to them): counting a server whose
+        breaker is open, or that is ejected, admitted its slots' worth of
+        generations into the others' queues exactly when it failed. None
+        (not known: no bound) where one of them has no count and no setting
+        applies (vLLM's config says nothing): the sum of the others
+        under-admitted such a fleet. 0 where no server has it ready.
+
+        Counted after each probe round: a breaker that opens between two
+        rounds over-admits into the others until the next (a few seconds),
+        while its failing calls mostly go elsewhere anyway; reacting to each
+        breaker change would tie balancing.Health to this service's slots."""
+        ready = [backend for backend in self.backends if model in backend.ready_models]
+        chosen = [backend for backend in ready if backend.health.admits] or ready
+        if per_server:
+            return per_server * len(chosen)
+        counts = [backend.generation_slots.get(model) for backend in chosen]
+        return None if None in counts else sum(counts)
 
     @property
     def any_ready(self) -> bool:

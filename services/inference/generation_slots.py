@@ -12,9 +12,12 @@ that has a generation waiting: one tenant's queue never stands in front
 of another's first request, which waits for at most one freed slot per
 other tenant waiting.
 
-The mesh's own background work (the context service's summaries) takes a
-slot only when no tenant's generation waits, and holds at most a quarter
-of a model's slots (at least one), so it never fills a model.
+The mesh's own background work (the context service's summaries, and any
+generation that names no tenant: no router vouched for it) takes a slot
+when no tenant's generation waits, or once it has waited while a model's
+capacity of tenant grants went by (so it cannot starve behind a steady
+stream of tenants), and holds at most a quarter of a model's slots (at
+least one), so it never fills a model.
 
 The uncontended path costs a comparison and a counter: ``try_take``.
 """
@@ -55,6 +58,9 @@ class ModelSlots:
             collections.OrderedDict()
         )
         self._background: collections.deque[asyncio.Future] = collections.deque()
+        # Slots granted to tenants while background work waited since it was
+        # last granted one (aging: _next_waiter).
+        self._tenant_grants_passed = 0
 
     @property
     def queued(self) -> int:
@@ -95,6 +101,9 @@ class ModelSlots:
                 queue = self._tenants[tenant] = collections.deque()
         if len(queue) >= self._max_queued:
             raise self._queue_full()
+        if tenant is BACKGROUND and not queue:
+            # Background work starts waiting: its age counts from here.
+            self._tenant_grants_passed = 0
         granted = asyncio.get_running_loop().create_future()
         queue.append(granted)
         try:
@@ -110,7 +119,7 @@ class ModelSlots:
                 raise MeshgateError(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     Reason.DEADLINE_EXCEEDED,
-                    f"the deadline passed while the generation waited for a slot of model {self.model!r}",
+                    "the deadline passed while the generation waited for a slot of its model",
                 ) from None
             raise
 
@@ -132,8 +141,18 @@ class ModelSlots:
 
     def _next_waiter(self) -> asyncio.Future | None:
         """The next waiter to grant, out of its queue: a tenant's in turn,
-        else background work's within its share. A waiter whose caller is
-        leaving (cancelled, not yet out of its queue) is passed over."""
+        else background work's within its share. Background work that has
+        waited while ``capacity`` tenant grants went by goes first, within
+        its share: with tenants always waiting it never got a slot, and a
+        summary waited its whole deadline (the context service's
+        summary_timeout_s, 120 s) before its model was rested. ``capacity``
+        grants are about one generation's time (every slot turned over
+        once), so a waiting summary starts within about one generation
+        while tenants still get ``capacity`` of every ``capacity + 1``
+        grants. A waiter whose caller is leaving (cancelled, not yet out of
+        its queue) is passed over."""
+        if self._tenant_grants_passed >= (self.capacity or 0) and (granted := self._next_background()):
+            return granted
         while self._tenants:
             tenant, queue = next(iter(self._tenants.items()))
             granted = queue.popleft()
@@ -144,13 +163,21 @@ class ModelSlots:
             if queue:
                 # Its turn is over: the other waiting tenants go first.
                 self._tenants.move_to_end(tenant)
+            if self._background:
+                self._tenant_grants_passed += 1
             return granted
+        return self._next_background()
+
+    def _next_background(self) -> asyncio.Future | None:
+        """Background work's next waiter, within its share; None if none or
+        at its share."""
         while self._background and (
             self.capacity is None or self.background_active < self._background_capacity
         ):
             granted = self._background.popleft()
             if not granted.done():
                 self.background_active += 1
+                self._tenant_grants_passed = 0
                 return granted
         return None
 
@@ -161,16 +188,18 @@ class ModelSlots:
             del self._tenants[tenant]
 
     def _queue_full(self) -> MeshgateError:
+        # The router passes this on to public callers (with its RetryInfo:
+        # errors.from_rpc_error): it names no Triton model, an internal name;
+        # the caller knows the model it asked for.
         return MeshgateError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             Reason.TOO_MANY_QUEUED_GENERATIONS,
-            f"this tenant has its most generations ({self._max_queued}) waiting for a slot of model "
-            f"{self.model!r} here; one must start or end first",
+            f"this tenant has its most generations ({self._max_queued}) waiting for a slot of this "
+            "model here; one must start or end first",
             {
                 "limit": "max_queued_generations_per_tenant",
                 "scope": "tenant",
                 "limit_value": str(self._max_queued),
-                "model": self.model,
             },
             details=[retry_info(QUEUE_FULL_RETRY_AFTER_S)],
         )

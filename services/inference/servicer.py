@@ -21,7 +21,7 @@ from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.reasons import Reason
 from services.inference import triton_protocol, validation
-from services.inference.backends import BackendPool, TritonBackend, triton_status
+from services.inference.backends import BackendPool, TritonBackend, ended_by_stub_death, triton_status
 from services.inference.generation_slots import BACKGROUND, ModelSlots
 from services.inference.shared_embeddings import EMBED_BATCH, SharedEmbeddings
 
@@ -66,7 +66,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         for served in settings.models.values():
             if served.triton_model not in self.generation_slots:
                 self.generation_slots[served.triton_model] = ModelSlots(
-                    served.triton_model, settings.max_queued_generations_per_tenant
+                    served.triton_model, settings.queued_generations_cap()
                 )
                 self._slots_per_server[served.triton_model] = served.generation_slots
         # Generate calls under way in this process: the stream interval
@@ -90,8 +90,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         span.set_attributes(telemetry.genai_request_attributes("chat", request.model, request.parameters))
         span.set_attribute("gen_ai.request.max_tokens", max_tokens)
 
-        # Background work names no tenant; a tenant's generation waits in its own queue.
-        tenant = BACKGROUND if request.background else request.tenant_id
+        # A tenant's generation waits in its own queue. One naming no tenant
+        # is background work whatever its flag: it passed the mesh guard
+        # with no router's token (mesh_auth.OptionalTenant), so a tenant's
+        # place would be any mesh peer's for the asking.
+        tenant = request.tenant_id if request.tenant_id and not request.background else BACKGROUND
         slots = self.generation_slots[served.triton_model]
         if not slots.try_take(tenant):
             await slots.wait(tenant, context.time_remaining())
@@ -171,13 +174,15 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             slots.give_back(tenant)
 
     def count_generation_slots(self) -> None:
-        """Each model's slots, from the servers with it ready (after each
-        probe round): a server that comes or goes changes them. While no
-        server has a model ready its count stays as it was: its calls
-        fail at once (NO_READY_BACKEND) and hold no slot for long."""
+        """Each model's slots, from the servers the balancer would send it
+        to (after each probe round): a server that comes or goes, or whose
+        breaker opens or closes, changes them; None where one of them has
+        no known count. While no server has a model ready its count stays
+        as it was: its calls fail at once (NO_READY_BACKEND) and hold no
+        slot for long."""
         for model, slots in self.generation_slots.items():
             capacity = self._pool.generation_slots(model, self._slots_per_server[model])
-            if capacity and capacity != slots.capacity:
+            if capacity != 0 and capacity != slots.capacity:
                 log.info("generation slots", model=model, slots=capacity)
                 slots.set_capacity(capacity)
 
@@ -625,17 +630,22 @@ async def _write(call, request: service_pb2.ModelStreamInferRequest) -> None:
 def _server_fault(error: grpc.aio.AioRpcError) -> bool:
     """Whether a failed Triton call counts against its server's breaker and
     outlier ejection (meshgate/balancing.Health): a server gone
-    (UNAVAILABLE; also a Python backend's stub that died, which answers
-    "Stub process ... is not healthy" to every request while the server and
-    model still read ready, so probes never took such a server out: read as
-    UNAVAILABLE, triton_protocol.stub_died), and a model failing inside it
-    (INTERNAL, which fails its share of the traffic as long as it lasts).
+    (UNAVAILABLE), and a model failing inside it (INTERNAL, which fails its
+    share of the traffic as long as it lasts). Not a Python backend's stub
+    that died (its refusal, triton_protocol.stub_died, and each call its
+    death ended, backends.ended_by_stub_death): that is one model's, which
+    TritonBackend.stub_died takes out of rotation on that server; counted
+    here, the calls it ended (three are enough) opened the breaker and took
+    the server's every other model out too.
     A request that fails so on every server (a prompt that breaks the
     model) opens every breaker at worst, and balancing.order then still
     tries them, ejected ones last, so no caller is refused for it; the
     outlier ejection never takes out more than its fraction of the servers.
     The caller's mistakes, cancellations and deadlines say nothing of the
     server."""
+    details = error.details() or ""
+    if triton_protocol.stub_died(details) or ended_by_stub_death(details):
+        return False
     return error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 
 

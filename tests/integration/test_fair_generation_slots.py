@@ -92,7 +92,9 @@ async def test_a_tenant_filling_a_models_slots_does_not_queue_another_tenants_re
 
 async def test_a_generation_naming_a_tenant_needs_the_routers_word_for_it(inference_address):
     """A mesh peer cannot claim a tenant's place among those waiting for a
-    model's slots; naming none (the mesh's own work) needs no token."""
+    model's slots; naming none needs no token, and waits as background work
+    (below every tenant, within background work's share), background flag
+    or not (tests/unit/test_inference_generation_slots.py)."""
     tokens = mesh_auth.Mesh(mesh_settings(), "router").tenant_tokens()
 
     def generate(tenant_id: str, background: bool = False) -> inference_pb.GenerateRequest:
@@ -128,6 +130,7 @@ async def test_a_generation_naming_a_tenant_needs_the_routers_word_for_it(infere
         for metadata, request in (
             (tokens.metadata("acme", "inference"), generate("acme")),
             ((), generate("", background=True)),
+            # Background work too, though it does not say so.
             ((), generate("")),
         ):
             responses = [r async for r in stub.Generate(request, metadata=metadata, timeout=30)]

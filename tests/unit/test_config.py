@@ -413,3 +413,23 @@ def test_a_tenant_named_dev_is_fine_once_the_dev_tenant_is_off(tmp_path):
         f'[router]\ndev_tenant = false\n[[router.tenants]]\nid = "dev"\napi_key_sha256 = ["{DIGEST_A}"]\n',
     )
     assert settings.router.tenants[0].id == "dev"
+
+
+def test_a_tenants_queued_generations_leave_most_of_the_inference_call_bound_to_others():
+    # At 256 a model, four tenants' queues filled the default 1,024 calls,
+    # and every Embed was refused SERVICE_BUSY.
+    inference = load_settings(environ={}).inference
+    assert inference.max_concurrent_rpcs == 1024 and len(inference.models) == 2
+    assert inference.queued_generations_cap() == 64
+    with pytest.raises(ConfigError, match="max_queued_generations_per_tenant .* at most 64"):
+        load_settings(environ={"MESHGATE_INFERENCE__MAX_QUEUED_GENERATIONS_PER_TENANT": "256"})
+    assert (
+        load_settings(
+            environ={"MESHGATE_INFERENCE__MAX_QUEUED_GENERATIONS_PER_TENANT": "64"}
+        ).inference.queued_generations_cap()
+        == 64
+    )
+    unbounded = {"MESHGATE_INFERENCE__MAX_CONCURRENT_RPCS": "0"}
+    assert load_settings(environ=unbounded).inference.queued_generations_cap() == 256
+    set_high = unbounded | {"MESHGATE_INFERENCE__MAX_QUEUED_GENERATIONS_PER_TENANT": "5000"}
+    assert load_settings(environ=set_high).inference.queued_generations_cap() == 5000

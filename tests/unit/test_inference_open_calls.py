@@ -328,6 +328,7 @@ async def test_requests_stranded_by_a_dead_stub_end_when_another_request_is_refu
         dead, alive = pool.backends
         dead.ready_models = {GENERATION_MODEL}
         on_dead, on_alive = scripted_streams(dead), scripted_streams(alive)
+        failures = spy_on_failures(dead)
         servicer = InferenceServicer(settings, pool)
         request = pb.GenerateRequest(
             model="tiny-gpt", messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="hi")]
@@ -357,6 +358,10 @@ async def test_requests_stranded_by_a_dead_stub_end_when_another_request_is_refu
         assert (await asyncio.wait_for(refused, 5)).delta.text == "fine"
         assert on_dead[0].cancelled and on_dead[1].cancelled
         assert (dead.in_flight, len(dead.calls)) == (0, 0)
+        # The model's stub died, not the server: the mark took the model out,
+        # and neither the refusal nor the calls it ended count against the
+        # server's breaker (three did, which took its every model out).
+        assert failures == []
     finally:
         await pool.close()
 
@@ -384,6 +389,7 @@ async def test_an_embedding_stranded_by_a_dead_stub_goes_to_another_server_when_
         dead, alive = pool.backends
         dead.stub, alive.stub = StubDiedTriton(), EmbeddingTriton(silent=False)
         dead.ready_models = {EMBEDDING_MODEL}
+        failures = spy_on_failures(dead)
         servicer = InferenceServicer(settings, pool)
         stranded = asyncio.create_task(servicer.Embed(pb.EmbedRequest(texts=["one"]), NO_DEADLINE))
         await until(lambda: len(dead.stub.requests) == 1)
@@ -396,6 +402,7 @@ async def test_an_embedding_stranded_by_a_dead_stub_goes_to_another_server_when_
             assert (await asyncio.wait_for(embed, 5)).dimensions == DIMENSIONS
         assert dead.stub.requests[0].cancelled() and len(alive.stub.requests) == 2
         assert (dead.in_flight, len(dead.calls)) == (0, 0)
+        assert failures == [], "a stub's death is its model's, not its server's"
     finally:
         await pool.close()
 

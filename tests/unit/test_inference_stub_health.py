@@ -71,12 +71,39 @@ class CanariedTriton(ProbedTriton):
         return embedding_response(request)
 
 
+class HeldCanaries(CanariedTriton):
+    """A generation canary waits (in Triton's queue, behind a busy but live
+    model's slots) until ``release`` is set, then is answered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    def ModelStreamInfer(self, timeout: float) -> AnsweringCall:
+        call = super().ModelStreamInfer(timeout)
+        write = call.write
+
+        async def held(request) -> None:
+            await self.release.wait()
+            await write(request)
+
+        call.write = held
+        return call
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
 
     def __call__(self) -> float:
         return self.now
+
+
+async def probe_round(backend: TritonBackend) -> None:
+    """A probe round, and the canaries it started, to their end (they run
+    off the round: backends.TritonBackend._start_canaries)."""
+    await backend.probe(MODELS)
+    await asyncio.gather(*backend._canaries.values())
 
 
 @pytest.fixture
@@ -103,21 +130,23 @@ async def test_a_model_whose_stub_died_stays_out_until_a_canary_is_answered(back
 
     # Triton reads it ready, but its canaries are refused: it stays out.
     for _ in range(3):
-        await backend.probe(MODELS)
+        await probe_round(backend)
     assert model not in backend.ready_models and len(triton.canaries) == 3
     assert all(canary.model_name == model for canary in triton.canaries)
 
     triton.refusal = ""  # the model loaded again
-    await backend.probe(MODELS)
+    await probe_round(backend)
+    assert model not in backend.stub_dead
+    # Back at the next round that reads it ready.
+    await probe_round(backend)
     assert backend.ready_models == set(MODELS) and backend.not_ready_reason(model) == ""
-    await backend.probe(MODELS)
     assert len(triton.canaries) == 4, "no canary once it is back"
 
 
 async def test_a_generation_canary_is_one_token_of_a_one_word_prompt_on_a_deadline(backend):
     triton = backend._probe_stub
     backend.stub_died(GENERATION_MODEL, GENERATION_STUB_DIED)
-    await backend.probe(MODELS)
+    await probe_round(backend)
     (canary,) = triton.canaries
     sampling = canary.raw_input_contents[[i.name for i in canary.inputs].index("sampling_parameters")]
     assert json.loads(sampling[4:]) == {"max_tokens": 1}
@@ -136,7 +165,7 @@ async def test_only_an_answered_canary_brings_the_model_back(backend, code, refu
     triton = backend._probe_stub
     backend.stub_died(GENERATION_MODEL, GENERATION_STUB_DIED)
     triton.code, triton.refusal = code, refusal
-    await backend.probe(MODELS)
+    await probe_round(backend)
     assert GENERATION_MODEL not in backend.ready_models
     assert GENERATION_STUB_DIED in backend.not_ready_reason(GENERATION_MODEL)
 
@@ -146,7 +175,7 @@ async def test_no_canary_while_no_stub_is_dead_and_no_call_waits_long(backend):
     backend.calls.add(asyncio.Future(), GENERATION_MODEL)
     clock.now += 29
     for _ in range(3):
-        await backend.probe(MODELS)
+        await probe_round(backend)
     assert backend._probe_stub.canaries == []
 
 
@@ -165,12 +194,12 @@ async def test_a_call_long_unanswered_has_its_model_canaried_and_ends_if_the_stu
     backend.calls.add(asyncio.Future(), EMBEDDING_MODEL)  # just sent
 
     # A slow model that answers the canary keeps its calls.
-    await backend.probe(MODELS)
+    await probe_round(backend)
     assert [c.model_name for c in triton.canaries] == [GENERATION_MODEL]
     assert not stranded.cancelled() and backend.ready_models == set(MODELS)
 
     triton.refusal = GENERATION_STUB_DIED
-    await backend.probe(MODELS)
+    await probe_round(backend)
     assert stranded.cancelled() and answering.cancelled() and not other_model.cancelled()
     assert backend.calls.ended_here(stranded).code() == grpc.StatusCode.UNAVAILABLE
     assert backend.ready_models == {EMBEDDING_MODEL}
@@ -217,3 +246,29 @@ async def test_health_says_which_model_is_out_where_and_why_and_requests_go_else
         assert refused.value.reason == Reason.NO_READY_BACKEND
     finally:
         await pool.close()
+
+
+async def test_a_canary_in_flight_holds_up_no_probe_round_and_goes_once_at_a_time(backend):
+    """Awaited in the round, a busy model's canary (up to CANARY_TIMEOUT_S)
+    delayed every server's probes: a dead one left rotation ~21 s late."""
+    backend._probe_stub = triton = HeldCanaries()
+    backend.stub_died(GENERATION_MODEL, GENERATION_STUB_DIED)
+    for _ in range(3):
+        await asyncio.wait_for(backend.probe(MODELS), 1)
+    assert len(triton.timeouts) == 1, "one canary in flight a model"
+    canary = backend._canaries[GENERATION_MODEL]
+    await backend.close()
+    assert canary.cancelled(), "closed with its backend"
+
+
+async def test_an_answered_canary_clears_only_a_stub_death_marked_before_it_was_sent(backend):
+    backend._probe_stub = triton = HeldCanaries()
+    backend.stub_died(GENERATION_MODEL, GENERATION_STUB_DIED)
+    await backend.probe(MODELS)
+    # Refused again while the canary waits: newer than what the canary can tell.
+    backend.stub_died(GENERATION_MODEL, GENERATION_STUB_DIED)
+    triton.release.set()
+    await asyncio.gather(*backend._canaries.values())
+    assert GENERATION_MODEL in backend.stub_dead
+    await probe_round(backend)
+    assert GENERATION_MODEL not in backend.stub_dead
