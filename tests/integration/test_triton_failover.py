@@ -12,6 +12,7 @@ import signal
 import grpc
 import pytest
 
+from meshgate import mesh_auth
 from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings
 from meshgate.errors import error_info
@@ -35,12 +36,22 @@ def two_tritons(tmp_path):
         yield [url for url, _, _ in servers], [process for _, _, process in servers]
 
 
+# A tenant's generations, as the router sends them: one naming no tenant is
+# background work, which holds at most a quarter of a model's slots.
+TENANT = "acme"
+
+
 def generate_request(text: str, max_tokens: int) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         model="tiny-gpt",
         messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=text)],
         parameters=common_pb2.GenerationParameters(max_tokens=max_tokens, temperature=0.0),
+        tenant_id=TENANT,
     )
+
+
+# The router's word for TENANT (mesh_auth.OptionalTenant).
+_TENANT_TOKEN = mesh_auth.Mesh(mesh_settings(), "router").tenant_tokens().metadata(TENANT, "inference")
 
 
 async def in_flight(stub) -> dict[str, int]:
@@ -70,7 +81,8 @@ async def generate(stub, text: str, max_tokens: int, on_first_delta=None):
     """One Generate to its end: (text delivered, completion or None, error or None)."""
     delivered, completion = "", None
     try:
-        async for response in stub.Generate(generate_request(text, max_tokens), timeout=60):
+        request = generate_request(text, max_tokens)
+        async for response in stub.Generate(request, metadata=_TENANT_TOKEN, timeout=60):
             if response.HasField("delta"):
                 if not delivered and on_first_delta:
                     on_first_delta()
