@@ -15,8 +15,9 @@ the cache is trusted only while its subscription is up: it is emptied and
 bypassed from the moment the subscription breaks until it is back.
 
 A read that was in flight while a change was announced must not put the
-older state back: ``put`` is refused when a newer version (or a deletion)
-was announced for that session after the reader's ``ticket()``.
+older state back: ``put`` (and ``attach_index``, for a turn index read
+apart from the turns) is refused when a newer version (or a deletion) was
+announced for that session after the reader's ``ticket()``.
 
 Expiry publishes nothing, so an entry is not served past the moment its
 session may have expired in Redis (its last write plus the session TTL).
@@ -118,13 +119,28 @@ class HotCache:
             self._drop(oldest)
         return True
 
-    def attach_index(self, key: str, session: StoredSession, index) -> None:
-        """Keeps ``index`` (services/context/turn_index.IndexedTurns) with
-        ``session``, if that is still the entry cached for ``key``, its bytes
-        counted against the bound like the turns'."""
+    def attach_index(self, key: str, session: StoredSession, index, ticket: int) -> bool:
+        """Keeps ``index`` (services/context/turn_index.IndexedTurns, read
+        after ``ticket``) with ``session``, its bytes counted against the
+        bound like the turns'; returns whether it did. Only when ``session``
+        is still the entry cached for ``key`` and the index describes it: the
+        same version, life (``create_time_ms``) and compacted prefix, and no
+        change announced since the ticket that the version does not show. A
+        compaction, a pin and a deletion change no version, and while the
+        index was read one of them could drop the entry and a later read
+        cache the session as it became, at the same version: the index, as
+        it was before, then told assembly fewer turns were compacted (their
+        emptied texts went into prompts), or held the deleted life's pins."""
         entry = self._entries.get(key)
-        if entry is None or entry[0] is not session:
-            return
+        if (
+            entry is None
+            or entry[0] is not session
+            or not self._current(key, session.version, ticket)
+            or index.version != session.version
+            or index.create_time_ms != session.create_time_ms
+            or index.first_live != session.compacted
+        ):
+            return False
         session.index = index
         size = _size(session)
         self._bytes += size - entry[1]
@@ -132,6 +148,7 @@ class HotCache:
         self._entries.move_to_end(key)
         while self._bytes > self._max_bytes:
             self._drop(next(iter(self._entries)))
+        return True
 
     def _may_have_expired(self, session: StoredSession) -> bool:
         if not self._session_ttl_ms:

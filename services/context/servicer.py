@@ -518,25 +518,24 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 only_unwritten=True,
             )
         if not replayed:
-            key = session_key(request.tenant_id, request.session_id)
-            before = self._hot.get(key)
             indexed = None
             if embedding is not None:
                 turn_features = features(turns)
                 written = await self._write_index(
                     request.tenant_id, request.session_id, version, turn_features, embedding
                 )
-                if written is not None and before is not None and before.index is not None:
-                    first, vectors = written
-                    if before.version == version - 1:
-                        indexed = before.index.extended(version, first, turn_features, vectors)
+                if written is not None:
+                    indexed = (*written, turn_features)
             self._warm(
-                request.tenant_id, request.session_id, version, turns, token_counts, held_bytes, ticket
+                request.tenant_id,
+                request.session_id,
+                version,
+                turns,
+                token_counts,
+                held_bytes,
+                ticket,
+                indexed,
             )
-            after = self._hot.get(key)
-            if indexed is not None and after is not None and after.version == version:
-                # The hot entry was extended in place of a read: so is its index.
-                self._hot.attach_index(key, after, indexed)
             if self._summarizer is not None:
                 self._summarizer.schedule(request.tenant_id, request.session_id)
         return pb.AppendTurnsResponse(version=version, replayed=replayed)
@@ -1159,15 +1158,26 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         token_counts: dict[str, list[int]],
         held_bytes: int | None,
         ticket: int,
+        indexed: tuple[int, np.ndarray | None, list[TurnFeatures]] | None = None,
     ) -> None:
         """Readies the session for its next assembly: extends the cached
         entry with what was just appended (``held_bytes``: the session's byte
         count the append left, SessionStore.append's) when it holds the
         version before, else reads the session in the background (never on
-        the request path)."""
+        the request path). ``indexed``: where the append's turns were
+        indexed, their vectors (_write_index's) and features, to extend the
+        entry's index alike."""
         key = session_key(tenant_id, session_id)
         cached = self._hot.get(key)
         if cached is not None and cached.version == version - 1:
+            # The index of this very entry, never one taken before the index
+            # write's wait: the entry cached then may have been dropped
+            # meanwhile (a compaction changes no version) and the session
+            # cached again as it became, which that index no longer described.
+            index = None
+            if indexed is not None and cached.index is not None:
+                first, vectors, turn_features = indexed
+                index = cached.index.extended(version, first, turn_features, vectors)
             extended = StoredSession(
                 version=version,
                 create_time_ms=cached.create_time_ms,
@@ -1185,6 +1195,9 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                     # Counts stay a prefix: extend only those covering every turn.
                     if len(cached.token_counts.get(tokenizer, NO_COUNTS)) == len(cached.turns)
                 },
+                # Under the ticket, as the turns are: any change since the
+                # append began (compaction, pin, deletion) refuses both.
+                index=index,
             )
             if self._hot.put(key, extended, ticket):
                 return
@@ -1250,10 +1263,13 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         hot = self._hot.get(key)
         if hot is None or (hot.index is not None and hot.index.version == hot.version):
             return
+        # Before the read: a change announced during it (a compaction or a
+        # pin, which make no version) refuses the attach (HotCache.attach_index).
+        ticket = self._hot.ticket()
         indexed = await self._index.read(tenant_id, session_id, None)
         hot = self._hot.get(key)
-        if hot is not None and indexed.version == hot.version and len(indexed.roles) == indexed.count:
-            self._hot.attach_index(key, hot, indexed)
+        if hot is not None and len(indexed.roles) == indexed.count:
+            self._hot.attach_index(key, hot, indexed, ticket)
 
     async def _line_counts(
         self, request: pb.AssembleContextRequest, stored: StoredSession, counter: PromptCounter

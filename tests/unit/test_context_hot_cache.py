@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -112,9 +113,19 @@ def test_an_entry_is_not_served_once_its_session_may_have_expired() -> None:
     assert cache.get("k") is not None
 
 
+@dataclasses.dataclass
 class _Index:
-    def __init__(self, nbytes: int) -> None:
-        self.nbytes = nbytes
+    """What attach_index reads of a turn index (turn_index.IndexedTurns)."""
+
+    nbytes: int
+    version: int = 1
+    create_time_ms: int = 0
+    first_live: int = 0
+
+
+def index_of(entry: StoredSession, nbytes: int = 100, **differing) -> _Index:
+    fields = {"version": entry.version, "create_time_ms": entry.create_time_ms, "first_live": entry.compacted}
+    return _Index(nbytes, **(fields | differing))
 
 
 def test_an_index_weighs_its_pinned_facts() -> None:
@@ -133,14 +144,61 @@ def test_an_attached_index_counts_against_the_bound() -> None:
     cache.put("older", older, cache.ticket())
     cache.put("newer", newer, cache.ticket())
     before = cache.bytes
-    cache.attach_index("newer", newer, _Index(3_000))
+    assert cache.attach_index("newer", newer, index_of(newer, 3_000), cache.ticket())
     assert cache.bytes == before + 3_000 and cache.get("newer").index.nbytes == 3_000
     # Past the bound, the least recently used entry goes.
-    cache.attach_index("newer", newer, _Index(9_000))
+    cache.attach_index("newer", newer, index_of(newer, 9_000), cache.ticket())
     assert cache.get("older") is None and cache.get("newer") is not None
     assert cache.bytes <= 10_000
     # Not the entry cached any more (replaced by a newer read): nothing attached.
     replaced = session(2, "b")
     cache.put("newer", replaced, cache.ticket())
-    cache.attach_index("newer", newer, _Index(1))
+    assert not cache.attach_index("newer", newer, index_of(newer, 1), cache.ticket())
     assert replaced.index is None
+
+
+def test_an_index_read_across_a_change_that_made_no_version_is_not_attached() -> None:
+    # A compaction, a pin, a deletion: each announces -1, at no new version.
+    cache = live_cache()
+    ticket = cache.ticket()  # the index is read (before the compaction)...
+    cache.announce("k", -1)
+    compacted = session(6, "", "b")
+    compacted.compacted = 1
+    # ...and the session as compacted is read and cached meanwhile.
+    assert cache.put("k", compacted, cache.ticket())
+    assert not cache.attach_index("k", compacted, index_of(compacted), ticket)
+    assert compacted.index is None
+    # An index read after the change is.
+    assert cache.attach_index("k", compacted, index_of(compacted), cache.ticket())
+
+
+def test_an_index_read_across_a_newer_version_is_not_attached_the_entrys_own_is() -> None:
+    cache = live_cache()
+    entry = session(4, "a")
+    cache.put("k", entry, cache.ticket())
+    ticket = cache.ticket()
+    cache.announce("k", 4)  # this replica's own append, echoed back
+    assert cache.attach_index("k", entry, index_of(entry), ticket)
+    ticket = cache.ticket()
+    cache.announce("k", 5)
+    assert cache.get("k") is None
+    # Were an entry of version 4 cached again anyway, an index read before
+    # the notice is not attached to it.
+    entry_again = session(4, "a")
+    assert cache.put("k", entry_again, cache.ticket())
+    assert not cache.attach_index("k", entry_again, index_of(entry_again), ticket)
+
+
+def test_an_index_of_another_version_life_or_compacted_prefix_is_not_attached() -> None:
+    cache = live_cache()
+    entry = session(3, "", "b", "c")
+    entry.compacted = 1
+    cache.put("k", entry, cache.ticket())
+    ticket = cache.ticket()
+    assert not cache.attach_index("k", entry, index_of(entry, version=2), ticket)
+    assert not cache.attach_index(
+        "k", entry, index_of(entry, create_time_ms=entry.create_time_ms - 1), ticket
+    )
+    assert not cache.attach_index("k", entry, index_of(entry, first_live=0), ticket)
+    assert entry.index is None
+    assert cache.attach_index("k", entry, index_of(entry), ticket)
