@@ -493,7 +493,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                     token_counts[c.line_id] = await c.count_lines(turns)
             ticket = self._hot.ticket()
             with self._compacting_when_full(request.tenant_id, request.session_id):
-                version, replayed, held_bytes = await self._store.append(
+                version, replayed, held_bytes, created_ms = await self._store.append(
                     request.tenant_id,
                     request.session_id,
                     None if request.any_version else request.expected_version,
@@ -513,6 +513,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 request.tenant_id,
                 request.session_id,
                 version,
+                created_ms,
                 features(turns),
                 embedding,
                 only_unwritten=True,
@@ -522,7 +523,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             if embedding is not None:
                 turn_features = features(turns)
                 written = await self._write_index(
-                    request.tenant_id, request.session_id, version, turn_features, embedding
+                    request.tenant_id, request.session_id, version, created_ms, turn_features, embedding
                 )
                 if written is not None:
                     indexed = (*written, turn_features)
@@ -545,11 +546,13 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         tenant_id: str,
         session_id: str,
         version: int,
+        created_ms: int,
         turn_features: list[TurnFeatures],
         embedding: asyncio.Task,
         only_unwritten: bool = False,
     ) -> tuple[int, np.ndarray | None] | None:
-        """Indexes an append's stored turns; returns where they landed and
+        """Indexes an append's stored turns (in the session created at
+        ``created_ms``: never a later one of its id); returns where they landed and
         their vectors, or None when Redis failed meanwhile. The turns are
         stored by then, so the append is answered OK either way: answered
         UNAVAILABLE, a caller's retry without a turn id would store them
@@ -558,7 +561,13 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         vectors = await embedding
         try:
             first = await self._index.write(
-                tenant_id, session_id, version, turn_features, vectors, only_unwritten=only_unwritten
+                tenant_id,
+                session_id,
+                version,
+                turn_features,
+                vectors,
+                created_ms=created_ms,
+                only_unwritten=only_unwritten,
             )
         except MeshgateError as error:
             if error.code != grpc.StatusCode.UNAVAILABLE:
@@ -615,7 +624,9 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         """Writes the index of the appends unwritten_appends names; returns
         whether nothing is left that this repair could write (False: the
         session changed meanwhile, or INDEX_REPAIR_TURNS left some)."""
-        version, appends = await self._index.unwritten(tenant_id, session_id, INDEX_REPAIR_TURNS, below)
+        version, created_ms, appends = await self._index.unwritten(
+            tenant_id, session_id, INDEX_REPAIR_TURNS, below
+        )
         for append in appends:
             indices = list(range(append.first, append.first + append.count))
             stored = await self._index.read_turns(tenant_id, session_id, indices, version)
@@ -626,7 +637,13 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             timeout_s = append_embed_timeout(len(turns), None, self._append_embed_timeout_s)
             vectors = await self._embed(turns, tenant_id, timeout_s)
             first = await self._index.write(
-                tenant_id, session_id, append.version, features(turns), vectors, only_unwritten=True
+                tenant_id,
+                session_id,
+                append.version,
+                features(turns),
+                vectors,
+                created_ms=created_ms,
+                only_unwritten=True,
             )
             if first < 0:
                 return False
@@ -1295,7 +1312,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         # The same version's entry in the hot cache, if that is where it came from.
         stored.token_counts[counts_id] = counts
         await self._store.fill_token_counts(
-            request.tenant_id, request.session_id, stored.version, counts_id, counts
+            request.tenant_id, request.session_id, stored.version, stored.create_time_ms, counts_id, counts
         )
         return counts
 

@@ -195,11 +195,11 @@ end
 # count n, the most turns the session may hold (0 = no cap), the most bytes
 # its turns may hold (0 = no cap), n turns, then pairs of (counts field,
 # packed counts of the n turns).
-# Returns {1, new version, bytes held now} ({1, new version} when the
-# session's bytes stay uncounted: stored before the count, no byte cap),
+# Returns {1, new version, bytes held now (false when the session's bytes
+# stay uncounted: stored before the count, no byte cap), create_time_ms},
 # {0} if there is no session, {-1, current version} on a version mismatch,
-# {2, version} if the turn id was applied before (nothing is appended
-# again), {-2, turns held} or {-6, bytes held} if the n turns would take
+# {2, version, create_time_ms} if the turn id was applied before (nothing
+# is appended again), {-2, turns held} or {-6, bytes held} if the n turns would take
 # the session past its cap of turns or of bytes (nothing is appended).
 _APPEND = (
     _TURN_BYTES
@@ -209,7 +209,7 @@ local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return {0} end
 if ARGV[2] ~= '' then
   local applied = redis.call('HGET', KEYS[3], ARGV[2])
-  if applied then return {2, tonumber(applied)} end
+  if applied then return {2, tonumber(applied), redis.call('HGET', KEYS[1], 'create_time_ms')} end
 end
 if ARGV[1] ~= '' and version ~= ARGV[1] then return {-1, tonumber(version)} end
 local n = tonumber(ARGV[4])
@@ -255,8 +255,8 @@ redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' ' .. new_version)
 renew(tonumber(ARGV[3]))
 -- The count as this append left it, so a hot copy takes it rather than
 -- add sizes of its own to a count a compaction may have changed since.
-if held_bytes then return {1, new_version, held_bytes} end
-return {1, new_version}
+-- The life it landed in, for the index write that follows (turn_index._WRITE).
+return {1, new_version, held_bytes or false, redis.call('HGET', KEYS[1], 'create_time_ms')}
 """
 )
 
@@ -606,9 +606,13 @@ redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1')
 return existed
 """
 
-# KEYS: meta. ARGV: version the counts were made at, counts field, packed counts.
+# KEYS: meta. ARGV: version the counts were made at, counts field, packed
+# counts, the create_time_ms of the session they were made for: the version
+# alone does not tell a session from the next one of its id (deleted and
+# created again meanwhile), whose turns at that version are others.
 _FILL_COUNTS = """
-if redis.call('HGET', KEYS[1], 'version') == ARGV[1] then
+if redis.call('HGET', KEYS[1], 'version') == ARGV[1]
+    and redis.call('HGET', KEYS[1], 'create_time_ms') == ARGV[4] then
   redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
 end
 return 0
@@ -651,6 +655,9 @@ class Appended(typing.NamedTuple):
     # Meta's ``bytes`` as the append left it; None when the session's bytes
     # stay uncounted (see the module's docstring) or nothing was appended.
     held_bytes: int | None
+    # The life of the session id it applied to (StoredSession.create_time_ms),
+    # which its turn index write checks (turn_index.TurnIndex.write).
+    create_time_ms: int
 
 
 def _postings_below(flat: list[bytes], turn_count: int) -> list[bytes]:
@@ -850,8 +857,9 @@ class SessionStore:
         if full is not None:
             raise _session_full(session_id, *full, str(outcome[1]), len(turns))
         _raise_for(outcome, session_id, expected_version)
-        held_bytes = int(outcome[2]) if len(outcome) > 2 else None
-        return Appended(int(outcome[1]), outcome[0] == 2, held_bytes)
+        replayed = outcome[0] == 2
+        held_bytes = None if replayed or outcome[2] is None else int(outcome[2])
+        return Appended(int(outcome[1]), replayed, held_bytes, int(outcome[-1]))
 
     def check_room(
         self,
@@ -968,13 +976,21 @@ class SessionStore:
             return int(await self._compact(keys=keys, args=args))
 
     async def fill_token_counts(
-        self, tenant_id: str, session_id: str, version: int, tokenizer_id: str, counts: np.ndarray
+        self,
+        tenant_id: str,
+        session_id: str,
+        version: int,
+        created_ms: int,
+        tokenizer_id: str,
+        counts: np.ndarray,
     ) -> None:
-        """Stores the counts of every turn of ``version``, unless the session
-        moved on meanwhile (a later read then fills them)."""
+        """Stores the counts of every turn of ``version`` of the session
+        created at ``created_ms``, unless the session moved on meanwhile (a
+        later read then fills them)."""
         meta = session_key(tenant_id, session_id)
+        args = [version, _counts_field(tokenizer_id), _pack(counts), created_ms]
         with redis_reachable():
-            await self._fill_counts(keys=[meta], args=[version, _counts_field(tokenizer_id), _pack(counts)])
+            await self._fill_counts(keys=[meta], args=args)
 
     async def delete(self, tenant_id: str, session_id: str) -> None:
         with redis_reachable():

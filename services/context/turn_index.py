@@ -62,17 +62,22 @@ from services.context.store import (
 # KEYS: store.session_keys. ARGV: the version the append made, dimensions
 # (0 = no vectors), ttl_s, roles bytes, packed lengths, int8 vectors ("" =
 # none), "1" to write only if some of these turns' positions were never
-# written ("" = always), then pairs (term, packed postings to add). The
-# turns' first position is read from the versions history (turns held at
-# that version, less these), so concurrent appends each index their own
-# turns. Returns the first position, or -1 when a revert already undid that
-# version, that version's append held another number of turns, or the
-# session is gone (nothing to index: its keys would outlive it).
+# written ("" = always), the create_time_ms of the session the append
+# stored them in ("" = unchecked), then pairs (term, packed postings to
+# add). The turns' first position is read from the versions history (turns
+# held at that version, less these), so concurrent appends each index their
+# own turns. Returns the first position, or -1 when a revert already undid
+# that version, that version's append held another number of turns, or the
+# session is gone (nothing to index: its keys would outlive it) or is
+# another life of its id: an append whose write waited on its embedding
+# while the session was deleted and created again, its version history
+# matching, overwrote the new session's index with the old one's turns.
 _WRITE = (
     RENEW
     + DROP_POSTINGS
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local created = redis.call('HGET', KEYS[1], 'create_time_ms')
+if not created or (ARGV[8] ~= '' and created ~= ARGV[8]) then return -1 end
 local n = #ARGV[4]
 local first
 local raw = redis.call('GETRANGE', KEYS[4], 4 * tonumber(ARGV[1]), 4 * tonumber(ARGV[1]) + 3)
@@ -113,7 +118,7 @@ if dim > 0 and ARGV[6] ~= '' and first >= compacted then
   redis.call('SETRANGE', KEYS[8], dim * (first - compacted), ARGV[6])
 end
 local shift = first * 16
-for i = 8, #ARGV, 2 do
+for i = 9, #ARGV, 2 do
   local shifted = {}
   local value = ARGV[i + 1]
   for at = 1, #value, 4 do
@@ -426,10 +431,13 @@ class TurnIndex:
         turns: list[TurnFeatures],
         vectors: np.ndarray | None,
         *,
+        created_ms: int | None,
         only_unwritten: bool = False,
     ) -> int:
-        """Indexes ``turns``, the ones the append that made ``version`` stored;
-        returns the position of the first (-1: a revert already undid them).
+        """Indexes ``turns``, the ones the append that made ``version`` stored
+        in the session created at ``created_ms`` (None: unchecked, for tools
+        and tests); returns the position of the first (-1: a revert already
+        undid them, or the session is gone or another life of its id).
         Postings are packed relative to the first; the script, which knows
         where they landed, shifts them. ``only_unwritten``: for a retried
         append, whose turns are indexed already unless its first try's
@@ -445,6 +453,7 @@ class TurnIndex:
             lengths,
             packed_vectors,
             "1" if only_unwritten else "",
+            "" if created_ms is None else created_ms,
         ]
         for term, packed in _packed_postings(turns).items():
             args.extend((term, packed))
@@ -548,23 +557,24 @@ class TurnIndex:
 
     async def unwritten(
         self, tenant_id: str, session_id: str, max_turns: int, below: int | None = None
-    ) -> tuple[int, list[UnwrittenAppend]]:
-        """The session's version and, as of it, the appends to index again
-        (unwritten_appends), of its first ``below`` turns only when given.
-        Raises SESSION_NOT_FOUND."""
+    ) -> tuple[int, int, list[UnwrittenAppend]]:
+        """The session's version, its create_time_ms (for the writes, so that
+        none lands in a later life of its id) and, as of them, the appends to
+        index again (unwritten_appends), of its first ``below`` turns only
+        when given. Raises SESSION_NOT_FOUND."""
         with redis_reachable():
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hmget(key(tenant_id, session_id, "meta"), ["version", "compacted"])
+                pipe.hmget(key(tenant_id, session_id, "meta"), ["version", "compacted", "create_time_ms"])
                 pipe.llen(key(tenant_id, session_id, "turns"))
                 pipe.get(key(tenant_id, session_id, "ix:roles"))
                 pipe.get(key(tenant_id, session_id, "versions"))
-                (version, compacted), count, roles, history = await pipe.execute()
+                (version, compacted, created), count, roles, history = await pipe.execute()
         if version is None:
             raise session_not_found(session_id)
         if below is not None:
             count = min(count, below)
         appends = unwritten_appends(roles or b"", history or b"", count, int(compacted or 0), max_turns)
-        return int(version), appends
+        return int(version), int(created), appends
 
     async def read_turns(
         self, tenant_id: str, session_id: str, indices: list[int], version: int

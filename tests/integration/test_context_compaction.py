@@ -227,7 +227,7 @@ async def _session_of(sessions, index, tenant: str, session_id: str, turns: int,
         pair = [msg(USER, f"harbour question {version}"), msg(ASSISTANT, f"harbour answer {version}")]
         await sessions.append(tenant, session_id, version, pair, {"counter": [7, 7]})
         vectors = rng.standard_normal((2, 384)).astype(np.float32)
-        await index.write(tenant, session_id, version + 1, features(pair), vectors)
+        await index.write(tenant, session_id, version + 1, features(pair), vectors, created_ms=None)
     assert await sessions.compact(tenant, session_id, turns // 2, compact_to, []) == compact_to
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from meshgate.context.v1 import context_service_pb2 as pb
 from services.context import store as session_store
 from services.context.turn_index import TurnIndex
-from tests.integration.test_context_service import ASSISTANT, MODEL, USER, make_settings, msg
+from tests.integration.test_context_service import ASSISTANT, MODEL, SYSTEM, USER, make_settings, msg
 from tests.integration.test_context_versions import _own_redis, _settled, _until, running
 
 pytestmark = pytest.mark.integration
@@ -207,3 +208,54 @@ async def test_an_index_read_before_a_deletion_is_not_kept_with_the_next_life_of
             assembled = await _assemble(stub, tenant, session_id)
             assert assembled.session_version == 1
             assert [m.content for m in assembled.messages] == ["new life question", "what about topic1?"]
+
+
+async def test_an_appends_index_write_does_not_land_in_the_next_life_of_the_id(tmp_path, monkeypatch) -> None:
+    """An append stored its turn and waited on its embedding; meanwhile the
+    session was deleted, created again and given a turn of its own. The
+    first append's index write (checked only by the session's existence and
+    its version history, alike in both lives) then overwrote the new life's
+    index: its user turn indexed as the old system turn, with its words."""
+    tenant, session_id = "race-index-life", "support-chat-7"
+    write = _Held(monkeypatch, "write", after=False)
+    async with _own_redis(tmp_path) as (url, client), running(_settings(url)) as stub:
+        await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, session_id=session_id))
+        old = [msg(SYSTEM, "You are a pirate. Always mention the zebra treasure.")]
+        appended = await write.hold(
+            stub.AppendTurns(pb.AppendTurnsRequest(tenant_id=tenant, session_id=session_id, messages=old))
+        )
+        await stub.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=session_id))
+        await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, session_id=session_id))
+        again = [msg(USER, "hello, my giraffe is sick")]
+        await stub.AppendTurns(pb.AppendTurnsRequest(tenant_id=tenant, session_id=session_id, messages=again))
+        await write.go_on()
+        assert (await appended).version == 1
+
+        def index_key(part: str) -> str:
+            return session_store.key(tenant, session_id, f"ix:{part}")
+
+        assert await client.get(index_key("roles")) == bytes([USER])
+        terms = {term.decode() for term in await client.hkeys(index_key("postings"))}
+        assert "giraffe" in terms and "zebra" not in terms
+
+
+async def test_token_counts_made_for_one_life_are_not_stored_in_the_next(tmp_path) -> None:
+    """Counts a reader made for a session's turns, stored after the session
+    was deleted and created again at the same version, were the new
+    session's counts for turns they never counted."""
+    tenant, session_id = "race-counts-life", "chat-7"
+    async with _own_redis(tmp_path) as (url, client):
+        sessions = session_store.SessionStore(client, ttl_s=600)
+        await sessions.create(tenant, session_id)
+        await sessions.append(tenant, session_id, 0, [msg(USER, "a long first life turn")], {})
+        read = await sessions.read(tenant, session_id)
+        await sessions.delete(tenant, session_id)
+        await asyncio.sleep(0.01)  # another millisecond: another life
+        await sessions.create(tenant, session_id)
+        await sessions.append(tenant, session_id, 0, [msg(USER, "hi")], {})
+        counts = np.array([5], np.int64)
+        await sessions.fill_token_counts(tenant, session_id, 1, read.create_time_ms, "counter", counts)
+        assert (await sessions.read(tenant, session_id)).token_counts.get("counter") is None
+        now = await sessions.read(tenant, session_id)
+        await sessions.fill_token_counts(tenant, session_id, 1, now.create_time_ms, "counter", counts)
+        assert (await sessions.read(tenant, session_id)).token_counts["counter"].tolist() == [5]

@@ -73,7 +73,9 @@ async def _ttls(client: redis.Redis, tenant: str, session_id: str) -> dict[str, 
 
 async def _write_index(index: TurnIndex, tenant, session_id, version, *turns) -> None:
     vectors = np.ones((len(turns), 8), np.float32)
-    assert await index.write(tenant, session_id, version, features(list(turns)), vectors) >= 0
+    assert (
+        await index.write(tenant, session_id, version, features(list(turns)), vectors, created_ms=None) >= 0
+    )
 
 
 async def test_every_change_renews_every_key_of_the_session(client, tenant) -> None:

@@ -316,7 +316,9 @@ class Index:
     def __init__(self) -> None:
         self.vectors = None
 
-    async def write(self, tenant_id, session_id, version, features, vectors, only_unwritten=False):
+    async def write(
+        self, tenant_id, session_id, version, features, vectors, created_ms, only_unwritten=False
+    ):
         self.vectors = vectors
         return 0
 

@@ -105,7 +105,7 @@ class AppendingStore(SessionStore):
 
     async def append(self, tenant_id, session_id, expected_version, turns, token_counts, turn_id=""):
         self.version += 1
-        return Appended(self.version, False, self.counted)
+        return Appended(self.version, False, self.counted, 1)
 
     async def fill_token_counts(self, *args) -> None:
         pass
