@@ -50,8 +50,10 @@ def generate_request(text: str, max_tokens: int) -> pb.GenerateRequest:
     )
 
 
-# The router's word for TENANT (mesh_auth.OptionalTenant).
-_TENANT_TOKEN = mesh_auth.Mesh(mesh_settings(), "router").tenant_tokens().metadata(TENANT, "inference")
+# The router's word for TENANT (mesh_auth.OptionalTenant), minted per call as
+# the router does: a token lives mesh.tenant_token_ttl_s (30 s), and one made
+# at import had expired by the time the whole suite reached these tests.
+_TENANT_TOKENS = mesh_auth.Mesh(mesh_settings(), "router").tenant_tokens()
 
 
 async def in_flight(stub) -> dict[str, int]:
@@ -82,7 +84,8 @@ async def generate(stub, text: str, max_tokens: int, on_first_delta=None):
     delivered, completion = "", None
     try:
         request = generate_request(text, max_tokens)
-        async for response in stub.Generate(request, metadata=_TENANT_TOKEN, timeout=60):
+        token = _TENANT_TOKENS.metadata(TENANT, "inference")
+        async for response in stub.Generate(request, metadata=token, timeout=60):
             if response.HasField("delta"):
                 if not delivered and on_first_delta:
                     on_first_delta()
