@@ -191,9 +191,12 @@ class HotCache:
     def clear(self) -> None:
         self._entries.clear()
         self._bytes = 0
-        # Reads in flight began before whatever was missed: refuse them all.
+        # Reads in flight began before whatever was missed: refuse them all,
+        # those of sessions with a remembered notice too (one older than
+        # their ticket would let them through).
         self._sequence += 1
         self._forgotten_sequence = self._sequence
+        self._announced.clear()
 
     def _drop(self, key: str) -> None:
         entry = self._entries.pop(key, None)
