@@ -41,6 +41,11 @@ def _size(*turns) -> int:
     return sum(len(turn.SerializeToString()) for turn in turns)
 
 
+def _counts(appended: session_store.Appended) -> tuple[int, bool, int | None]:
+    """What an append reports about the count (not which life of the session it wrote)."""
+    return appended.version, appended.replayed, appended.held_bytes
+
+
 async def _counted(client: redis.Redis, tenant: str, session_id: str) -> int | None:
     raw = await client.hget(session_store.key(tenant, session_id, "meta"), "bytes")
     return None if raw is None else int(raw)
@@ -100,13 +105,17 @@ async def test_a_replayed_append_counts_once_and_a_pinned_turn_kept_through_comp
     try:
         await sessions.create(tenant, session_id)
         # The append reports the count it left; its replay appends nothing and reports none.
-        assert await sessions.append(tenant, session_id, 0, turns, {}, turn_id="once") == (
+        assert _counts(await sessions.append(tenant, session_id, 0, turns, {}, turn_id="once")) == (
             1,
             False,
             _size(*turns),
         )
         # The retry of the same append (same turn id) is answered, not applied: counted once.
-        assert await sessions.append(tenant, session_id, None, turns, {}, turn_id="once") == (1, True, None)
+        assert _counts(await sessions.append(tenant, session_id, None, turns, {}, turn_id="once")) == (
+            1,
+            True,
+            None,
+        )
         assert await _counted(client, tenant, session_id) == _size(*turns)
         await sessions.append(tenant, session_id, 1, later, {})
 
@@ -214,7 +223,11 @@ async def test_a_session_stored_before_the_count_is_counted_by_its_next_append(c
 
         new = msg(ASSISTANT, "v" * 100)
         capped = session_store.SessionStore(client, ttl_s=600, max_session_bytes=_size(*old) + _size(new))
-        assert await capped.append(tenant, session_id, None, [new], {}) == (4, False, _size(*old, new))
+        assert _counts(await capped.append(tenant, session_id, None, [new], {})) == (
+            4,
+            False,
+            _size(*old, new),
+        )
         assert await _counted(client, tenant, session_id) == _size(*old, new)
         # Counted from what it held, not from 0: the next turn would pass the cap.
         with pytest.raises(MeshgateError) as refused:
