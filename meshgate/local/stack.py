@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import random
 import re
 import signal
 import socket
@@ -29,6 +30,13 @@ from meshgate.local import certs, redis_server, triton
 SERVICES = ("inference", "context", "cache", "router")
 
 
+def _last_lines(path: pathlib.Path, count: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-count:])
+    except OSError as error:
+        return f"(unreadable: {error})"
+
+
 def replica_name(service: str, index: int) -> str:
     """The first replica of a service is named after it ("router"), as in a
     stack of one replica each; the others "router-2", "router-3", ..."""
@@ -40,11 +48,51 @@ def replica_name(service: str, index: int) -> str:
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    """A port nothing listens on right now, for runs that must not collide."""
+# Where free_port looks first: below the kernel's ephemeral range. A port the
+# kernel picks for bind(0) comes from that range, the same one it picks an
+# outgoing connection's local end from: in a long test run (thousands of
+# connections) one such port was taken between being chosen and the service
+# binding it, and the service failed to start.
+_FIRST_CHOSEN_PORT = 20000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default; elsewhere only a starting point
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    """A port nothing listens on right now, for runs that must not collide:
+    outside the ephemeral range where one is free (see _FIRST_CHOSEN_PORT),
+    and never one this process handed out before (two stacks of one test run
+    would otherwise share it before either binds)."""
+    low, _ = _ephemeral_ports()
+    candidates = list(range(_FIRST_CHOSEN_PORT, low))
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        if port not in _handed_out and _bindable(port):
+            _handed_out.add(port)
+            return port
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 @dataclasses.dataclass
@@ -382,8 +430,12 @@ triton_urls = ["127.0.0.1:{p.triton}"]
             while True:
                 process = self.processes.get(name)
                 if process is not None and process.poll() is not None:
+                    log = self.log_dir / (name + ".log")
+                    # Its last lines in the error itself: in CI the log
+                    # directory is gone by the time anyone reads the failure.
                     raise RuntimeError(
-                        f"{name} exited with code {process.returncode}; see {self.log_dir / (name + '.log')}"
+                        f"{name} exited with code {process.returncode}; see {log}; it ended:\n"
+                        + _last_lines(log, 20)
                     )
                 try:
                     answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)

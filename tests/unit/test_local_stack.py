@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -138,3 +139,37 @@ def test_the_stacks_settings_file_is_its_owners_alone(tmp_path) -> None:
     stack._write_settings()
     assert stat.S_IMODE(stack.config_path.stat().st_mode) == 0o600
     assert load_settings(stack.config_path, environ={}).router.dev_api_key == stack.dev_api_key
+
+
+def test_free_ports_are_distinct_and_below_the_range_the_kernel_gives_outgoing_connections(
+    monkeypatch,
+) -> None:
+    tried = []
+
+    def bindable(port: int) -> bool:
+        tried.append(port)
+        return port % 3 != 0  # some are taken
+
+    monkeypatch.setattr(stack_module, "_bindable", bindable)
+    low, _ = stack_module._ephemeral_ports()
+    ports = [stack_module.free_port() for _ in range(50)]
+    assert len(set(ports)) == len(ports)
+    assert all(stack_module._FIRST_CHOSEN_PORT <= port < low and port % 3 for port in ports), ports
+    assert set(tried) > set(ports)
+
+
+def test_a_service_that_dies_at_start_is_reported_with_the_end_of_its_log(tmp_path) -> None:
+    stack = _stack(tmp_path)
+    stack_module.certs.ensure(stack.certs_dir)  # its health checks go over the mesh's TLS
+    (stack.log_dir / "context.log").write_text(
+        "".join(f"line {n}\n" for n in range(30)) + "cannot start: port\n"
+    )
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    dead.wait()
+    stack.processes["context"] = dead
+    with pytest.raises(RuntimeError) as failure:
+        stack.wait_serving("context", timeout_s=5)
+    message = str(failure.value)
+    assert message.startswith("context exited with code 1")
+    assert message.endswith("line 29\ncannot start: port")
+    assert "line 10\n" not in message
