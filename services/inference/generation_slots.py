@@ -188,9 +188,10 @@ class ModelSlots:
             del self._tenants[tenant]
 
     def _queue_full(self) -> MeshgateError:
-        # The router passes this on to public callers (with its RetryInfo:
-        # errors.from_rpc_error): it names no Triton model, an internal name;
-        # the caller knows the model it asked for.
+        # The router tries the model's other deployments first, then passes
+        # this on to public callers (with its RetryInfo: errors.from_rpc_error):
+        # it names no Triton model, an internal name; the caller knows the
+        # model it asked for.
         return MeshgateError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             Reason.TOO_MANY_QUEUED_GENERATIONS,

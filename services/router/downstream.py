@@ -9,6 +9,7 @@ intact (``from_rpc_error``); nothing of gRPC leaves this module.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 
@@ -73,8 +74,9 @@ def not_taken(error: grpc.aio.AioRpcError, service: str) -> bool:
     read). A SERVICE_BUSY that names another service (one behind it, passed
     on) means the called service took the call. Any other
     RESOURCE_EXHAUSTED (SESSION_FULL, a limit) is the service's answer to
-    this request: not retried. Not in the channels' retryableStatusCodes
-    for that reason."""
+    this request: not retried (but for a deployment's refusal for the
+    tenant's full queue there: Deployments.generate). Not in the channels'
+    retryableStatusCodes for that reason."""
     code = error.code()
     if code == grpc.StatusCode.UNAVAILABLE:
         return True
@@ -89,6 +91,18 @@ def _busy(error: grpc.aio.AioRpcError, service: str) -> bool:
         and info.reason == Reason.SERVICE_BUSY
         and info.metadata.get("service") == service
     )
+
+
+def _tenants_queue_full(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a deployment's inference service refused a generation because
+    the tenant already has its most waiting there for the model's slots
+    (TOO_MANY_QUEUED_GENERATIONS, generation_slots.py): refused before any
+    of it ran, for that replica's queue only, so another deployment (another
+    inference service, other Triton servers) may have room for it."""
+    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    info = error_info(error)
+    return info is not None and info.domain == DOMAIN and info.reason == Reason.TOO_MANY_QUEUED_GENERATIONS
 
 
 def _context_outage(error: grpc.aio.AioRpcError) -> bool:
@@ -398,6 +412,8 @@ class Deployments:
         tenant_id: str = "",
     ):
         last_error: grpc.aio.AioRpcError | None = None
+        # The deployments' refusals for the tenant's full queue there.
+        queue_full: list[grpc.aio.AioRpcError] = []
         strategy = self._table.strategy(alias)
         route = _route_request(strategy, prompt, session_id)
         tenant_token = self._tokens.metadata(tenant_id, "inference") if tenant_id else ()
@@ -474,20 +490,27 @@ class Deployments:
                         raise left_rotation() from cancelled
             except grpc.aio.AioRpcError as error:
                 call_error = error
-                # Another deployment may take it, but only before the caller saw output.
-                if not_taken(error, "inference") and not pieces:
+                # Another deployment may take it, but only before the caller
+                # saw output. The tenant's full queue at one inference service
+                # is refused before any work began, as a busy replica's call.
+                queue_full_here = _tenants_queue_full(error)
+                if (queue_full_here or not_taken(error, "inference")) and not pieces:
                     log.warning(
                         "deployment unavailable or busy, trying the next",
                         deployment=deployment.name,
                         details=error.details(),
                     )
-                    # A busy replica is up: its circuit must not open for
-                    # it, nor a half-open probe it refused hold the slot.
+                    # A busy replica (or one full for this tenant) is up: its
+                    # circuit must not open for it, nor a half-open probe it
+                    # refused hold the slot.
                     if error.code() == grpc.StatusCode.UNAVAILABLE:
                         deployment.health.record_failure()
                     else:
                         deployment.health.release_probe()
-                    last_error = error
+                    if queue_full_here:
+                        queue_full.append(error)
+                    else:
+                        last_error = error
                     # A completion without text may have come before the
                     # failure: what it filled is not the answer's (a finish
                     # reason says the next piece is the last, Generator).
@@ -538,6 +561,12 @@ class Deployments:
             answer.text = "".join(pieces)
             answer.deployment = deployment.name
             return
+        if queue_full:
+            # The tenant's own load, where any others were down or busy: the
+            # refusal is the caller's to act on, with the soonest a
+            # deployment may have room as its RetryInfo (from_rpc_error
+            # passes that on).
+            raise from_rpc_error(min(queue_full, key=_retry_wait_s), "inference")
         no_deployment = f"no deployment of {alias!r} could serve"
         if last_error is not None and last_error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
             raise busy_unavailable(Reason.NO_DEPLOYMENT_AVAILABLE, f"{no_deployment}: busy; retry later")
@@ -546,6 +575,12 @@ class Deployments:
         # host and port, for our logs only (from_rpc_error).
         detail = from_rpc_error(last_error, "inference").message if last_error else "no deployment configured"
         raise unavailable(Reason.NO_DEPLOYMENT_AVAILABLE, f"{no_deployment}: {detail}")
+
+
+def _retry_wait_s(refusal: grpc.aio.AioRpcError) -> float:
+    """The wait a refusal's RetryInfo asks for; one without ranks last."""
+    wait_s = retry_after_s(refusal)
+    return math.inf if wait_s is None else wait_s
 
 
 def _route_request(strategy: balancing.Strategy | None, prompt, session_id: str) -> balancing.RouteRequest:

@@ -20,7 +20,7 @@ from services.router.deployments import PROBES_TO_MARK_DOWN, DeploymentTable
 from services.router.downstream import Deployments
 from services.router.pipeline import Answer, Budget
 from tests.unit.test_balancing import Clock
-from tests.unit.test_router_context_restart import busy, session_full
+from tests.unit.test_router_context_restart import busy, rpc_error, session_full, unavailable
 
 
 def model(strategy: str, *names: str) -> ModelSettings:
@@ -172,25 +172,55 @@ async def generated(table: DeploymentTable, answer: Answer) -> str:
     return "".join([piece async for piece in pieces])
 
 
-async def test_a_busy_deployment_hands_the_generation_to_the_next_and_its_circuit_stays_closed():
+def tenants_queue_full(retry_s: float = 1.0) -> grpc.aio.AioRpcError:
+    """An inference service's refusal of a generation for the tenant's full
+    queue there (generation_slots.ModelSlots), asking for a retry after ``retry_s``."""
+    return rpc_error(
+        MeshgateError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            Reason.TOO_MANY_QUEUED_GENERATIONS,
+            "this tenant has its most generations (1) waiting for a slot of this model here",
+            {"limit": "max_queued_generations_per_tenant", "scope": "tenant", "limit_value": "1"},
+            details=[retry_info(retry_s)],
+        )
+    )
+
+
+def inference_busy() -> grpc.aio.AioRpcError:
+    return busy(service="inference")
+
+
+# Refusals of a replica that is up but has no room (for anyone, or for this
+# tenant): refused before any of the generation ran.
+NO_ROOM = [inference_busy, tenants_queue_full]
+
+
+@pytest.mark.parametrize("no_room", NO_ROOM)
+async def test_a_deployment_without_room_hands_the_generation_to_the_next_and_its_circuit_stays_closed(
+    no_room,
+):
     table = DeploymentTable({"m": model("least_outstanding", "a", "b")})
     a, b = table.candidates("m")
     b.in_flight = 5  # a first
     try:
         # As many turns as open a circuit on failures (BreakerPolicy.failures_to_open).
         for _ in range(3):
-            a.stream_stub = busy_a = ScriptedGenerate([], ends_with=busy(service="inference"))
+            a.stream_stub = busy_a = ScriptedGenerate([], ends_with=no_room())
             b.stream_stub = ScriptedGenerate(hello_world())
             answer = Answer()
             assert await generated(table, answer) == "Hello world"
             assert busy_a.request is not None and answer.deployment == "b"
-        # A busy replica is up: it is still tried first.
+        # A replica without room is up: it is still tried first.
         assert [d.name for d in table.candidates("m")] == ["a", "b"]
+        assert a.health.state is BreakerState.CLOSED and a.health.success_rate() is None
     finally:
         await table.close()
 
 
-async def test_a_busy_answer_to_a_half_open_probe_leaves_the_deployment_free_to_probe_again():
+@pytest.mark.parametrize("no_room", NO_ROOM)
+async def test_a_refusal_for_want_of_room_to_a_half_open_probe_leaves_the_deployment_free_to_probe_again(
+    no_room,
+):
     table = DeploymentTable({"m": model("least_outstanding", "a", "b")})
     a, b = table.candidates("m")
     b.in_flight = 5  # a first
@@ -198,7 +228,7 @@ async def test_a_busy_answer_to_a_half_open_probe_leaves_the_deployment_free_to_
     a.health = Health(BreakerPolicy(failures_to_open=1, open_for_s=10.0), clock)
     a.health.record_failure()
     clock.now += 10  # half-open: the next generation sent to a is its probe
-    a.stream_stub = busy_a = ScriptedGenerate([], ends_with=busy(service="inference"))
+    a.stream_stub = busy_a = ScriptedGenerate([], ends_with=no_room())
     b.stream_stub = ScriptedGenerate(hello_world())
     try:
         assert await generated(table, Answer()) == "Hello world"
@@ -221,6 +251,53 @@ async def test_deployments_all_busy_are_the_routers_unavailable_with_its_own_ret
     assert (failure.code, failure.reason) == (grpc.StatusCode.UNAVAILABLE, Reason.NO_DEPLOYMENT_AVAILABLE)
     assert failure.message == "no deployment of 'm' could serve: busy; retry later"
     assert failure.details == [retry_info(BUSY_RETRY_AFTER_S)]
+
+
+@pytest.mark.parametrize(
+    "refusals",
+    [
+        # The shortest wait is the caller's, wherever it came from.
+        [tenants_queue_full(2.0), tenants_queue_full(0.5), tenants_queue_full(1.0)],
+        # The others down or busy: the tenant's own load is what it can act on.
+        [unavailable(), tenants_queue_full(0.5), inference_busy()],
+    ],
+)
+async def test_the_tenants_queue_full_wherever_it_was_tried_is_the_callers_with_the_soonest_retry(refusals):
+    table = DeploymentTable({"m": model("least_outstanding", "a", "b", "c")})
+    # Tried in this order: a, b, c.
+    for in_flight, (deployment, refusal) in enumerate(zip(table.candidates("m"), refusals, strict=True)):
+        deployment.stream_stub = ScriptedGenerate([], ends_with=refusal)
+        deployment.in_flight = in_flight
+    try:
+        with pytest.raises(MeshgateError) as raised:
+            await generated(table, Answer())
+    finally:
+        await table.close()
+    failure = raised.value
+    assert (failure.code, failure.reason) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        Reason.TOO_MANY_QUEUED_GENERATIONS,
+    )
+    assert failure.metadata["limit"] == "max_queued_generations_per_tenant"
+    assert failure.details == [retry_info(0.5)]
+
+
+async def test_a_full_queue_after_output_ends_the_stream_there():
+    """Never another deployment once the caller has text: it would answer
+    again from the start."""
+    table = DeploymentTable({"m": model("least_outstanding", "a", "b")})
+    a, b = table.candidates("m")
+    b.in_flight = 5  # a first
+    a.stream_stub = ScriptedGenerate(hello_world()[:1], ends_with=tenants_queue_full())
+    b.stream_stub = untried = ScriptedGenerate(hello_world())
+    try:
+        with pytest.raises(MeshgateError) as raised:
+            await generated(table, Answer())
+    finally:
+        await table.close()
+    assert raised.value.reason == Reason.TOO_MANY_QUEUED_GENERATIONS
+    assert raised.value.metadata["delivered_deltas"] == "1"
+    assert untried.request is None
 
 
 async def test_another_resource_exhausted_from_a_deployment_is_its_answer_not_handed_on():
