@@ -12,7 +12,7 @@ import grpc
 
 from meshgate.common.v1 import common_pb2
 from meshgate.config import DeploymentSettings, ModelSettings, RouterSettings
-from meshgate.errors import unavailable
+from meshgate.errors import MeshgateError, retry_info, unavailable
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.auth import Tenant
@@ -28,9 +28,16 @@ class GatedGenerator:
     """Yields each piece only once its gate opens, so a test decides who
     joins when; counts the generations it was asked for."""
 
-    def __init__(self, pieces=PIECES, fail_at: int | None = None, finish_before_last=False) -> None:
+    def __init__(
+        self,
+        pieces=PIECES,
+        fail_at: int | None = None,
+        finish_before_last=False,
+        fails_with: MeshgateError | None = None,
+    ) -> None:
         self.pieces = pieces
         self.fail_at = fail_at
+        self.fails_with = fails_with or unavailable(Reason.STREAM_ENDED_EARLY, "backend died")
         # As FakeGenerator's (test_router_pipeline): the answer filled before
         # the last piece, as when the completion brings the last text.
         self.finish_before_last = finish_before_last
@@ -51,7 +58,7 @@ class GatedGenerator:
             for index, piece in enumerate(self.pieces):
                 await self.gates[index].wait()
                 if index == self.fail_at:
-                    raise unavailable(Reason.STREAM_ENDED_EARLY, "backend died")
+                    raise self.fails_with
                 answer.deployment = "d1"
                 if self.finish_before_last and index == len(self.pieces) - 1:
                     self._finish(answer)
@@ -288,6 +295,35 @@ async def test_a_failure_fails_every_caller_with_what_it_received():
         assert failure.error.metadata["delivered_chars"] == str(len("".join(PIECES[:2])))
     # Each caller holds its own error, not one shared object.
     assert first.events[-1].error is not late.events[-1].error
+
+
+async def test_a_refusal_before_any_piece_reaches_every_caller_with_when_to_retry():
+    """Every deployment refused the shared generation for the tenant's full
+    queue (Deployments.generate): each caller gets that refusal, its
+    RetryInfo included, and no delivered_* (it received nothing)."""
+    queue_full = MeshgateError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        Reason.TOO_MANY_QUEUED_GENERATIONS,
+        "this tenant has its most generations waiting",
+        {"limit": "max_queued_generations_per_tenant"},
+        details=[retry_info(0.5)],
+    )
+    generator = GatedGenerator(fail_at=0, fails_with=queue_full)
+    turns = pipeline(generator)
+    callers = [Caller(turns, chat()) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    generator.open()
+    await settle_all(*callers)
+    assert generator.calls == 1
+    for caller in callers:
+        (failure,) = caller.events
+        assert isinstance(failure, Failure)
+        assert (failure.error.code, failure.error.reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            Reason.TOO_MANY_QUEUED_GENERATIONS,
+        )
+        assert failure.error.details == [retry_info(0.5)]
+        assert "delivered_deltas" not in failure.error.metadata
 
 
 # --- what is never shared ------------------------------------------------------
