@@ -28,7 +28,7 @@ import redis.asyncio as redis
 import structlog
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import DefaultParser
+from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS, DefaultParser
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
@@ -56,20 +56,63 @@ def is_cluster(url: str) -> bool:
     return urllib.parse.urlsplit(url).scheme in CLUSTER_SCHEMES
 
 
+# What redacted() shows in place of a URL it cannot show safely.
+UNSHOWN_URL = "<a Redis URL not shown: it does not parse safely (percent-encode / ? # @ [ ] in a password)>"
+
+# Query settings whose values cannot be a secret (numbers, flags, versions):
+# the ones redis-py itself parses by type. Every other item may be one
+# (password=, username=, or the tail of a password holding an unencoded '&').
+_SHOWN_QUERY_SETTINGS = frozenset(URL_QUERY_ARGUMENT_PARSERS)
+
+# One node of the host part: a name or [IPv6] with an optional numeric port,
+# or nothing (a unix:// socket's). A host part that is not a list of these
+# may be the start of a password cut short by an unencoded '/', '?' or '#'.
+_NODE = re.compile(r"(?:\[[^\[\]]*\]|[^:\[\]]+)(?::\d*)?|")
+
+
 def redacted(url: str) -> str:
-    """``url`` as a message may name it: its password (``user:password@``,
-    or a ``password=`` query) replaced by ``***``. A deployment's Redis URL
-    comes from a secret (deploy/k8s), and what names it reaches logs."""
+    """``url`` as a message may name it: scheme, hosts, ports and database
+    shown, anything that may be a secret replaced by ``***``. A deployment's
+    Redis URL comes from a secret (deploy/k8s), and what names it reaches logs.
+
+    Hidden: the password of ``user:password@`` (the user stays: it names the
+    ACL user); a lone ``credential@`` whole, which many clients read as the
+    password (the IANA scheme's ``[[user:]password@]``) and redis-py as the
+    user, which deployments set to a token; every query item but
+    _SHOWN_QUERY_SETTINGS (``password=``, ``username=``, however encoded);
+    the fragment, which redis-py ignores. A URL whose credential an unencoded
+    character cut short (its ``@`` past the host part, or a host part that
+    is no list of hosts) is not shown at all: where the secret ends cannot
+    be told."""
     try:
         parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<a Redis URL that cannot be parsed>"
-    netloc = parts.netloc
-    userinfo, at, hosts = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
-    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:  # an unencoded '[' or ']' in the password
+        return UNSHOWN_URL
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    cut_short = "@" in parts.path or "@" in parts.query or "@" in parts.fragment
+    if cut_short or not all(_NODE.fullmatch(node) for node in hosts.split(",")):
+        return UNSHOWN_URL
+    shown = f"{parts.scheme}://"
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        shown += f"{user}:***@" if colon else "***@"
+    shown += hosts + parts.path
+    if parts.query:
+        shown += "?" + "&".join(_redacted_query_item(item) for item in parts.query.split("&"))
+    if parts.fragment:
+        shown += "#***"
+    return shown
+
+
+def _redacted_query_item(item: str) -> str:
+    raw_name, equals, _ = item.partition("=")
+    # Decoded as redis-py decodes it: pass%77ord= is a password too.
+    name = urllib.parse.unquote_plus(raw_name)
+    if name in _SHOWN_QUERY_SETTINGS:
+        return item
+    if name in ("password", "username") and equals:
+        return f"{raw_name}=***"
+    return "***"
 
 
 def outage(message: str, error: BaseException) -> MeshgateError:
@@ -90,8 +133,18 @@ _FIXED_QUERY_KEYS = frozenset(
 )
 
 
-def _check_query(url: str) -> None:
-    fixed = sorted(_FIXED_QUERY_KEYS.intersection(urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)))
+def _check_url(url: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if not is_cluster(url):  # _cluster_nodes reads a cluster's ports
+        try:
+            parts.port  # noqa: B018 - read for the ValueError redis-py would raise
+        except ValueError:
+            # urllib's own message quotes the "port", which is the piece of
+            # a password after an unencoded '/', '?' or '#' (":pa/ss@h").
+            raise ConfigError(
+                f"redis URL {redacted(url)!r}: its port is not a number from 0 to 65535"
+            ) from None
+    fixed = sorted(_FIXED_QUERY_KEYS.intersection(urllib.parse.parse_qs(parts.query)))
     if fixed:
         raise ConfigError(
             f"redis URL: {', '.join(fixed)} cannot be set in the URL: meshgate reads from masters "
@@ -130,7 +183,7 @@ class _Parser(DefaultParser):
 
 
 def connect(url: str) -> Client:
-    _check_query(url)
+    _check_url(url)
     if is_cluster(url):
         return _connect_cluster(url)
     pool = redis.BlockingConnectionPool.from_url(
@@ -220,7 +273,7 @@ async def connect_subscriber(url: str) -> Client:
     on whichever node the client picks (the master of the channel's slot)
     hears every service's notices; the client must know the cluster's nodes
     before it can pick one."""
-    _check_query(url)
+    _check_url(url)
     if not is_cluster(url):
         return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
     client = _connect_cluster(url, socket_timeout=None)

@@ -57,6 +57,26 @@ def test_a_service_whose_redis_does_not_answer_says_so_without_its_password(serv
     assert last["error"].startswith(f"cannot reach Redis at redis://default:***@127.0.0.1:{port}/0: ")
 
 
+@pytest.mark.parametrize(
+    ("credential", "error"),
+    [
+        # A token given as the user (or a password, to clients that follow
+        # the IANA scheme's [[user:]password@]).
+        (f"{PASSWORD}@", "cannot reach Redis at redis://***@127.0.0.1:{port}/0: "),
+        # An unencoded '/' cuts the password short: the rest reads as a port.
+        (f":Xq7/{PASSWORD}@", "redis URL '<a Redis URL not shown"),
+    ],
+)
+def test_no_form_of_credential_is_named_when_the_service_cannot_start(credential, error) -> None:
+    port = free_port()
+    code, lines = started(
+        "context", REDIS_URL=f"redis://{credential}127.0.0.1:{port}/0", MESHGATE_CONTEXT__EMBEDDER="inference"
+    )
+    assert code == serving.START_FAILED
+    assert PASSWORD not in json.dumps(lines) and "Xq7" not in json.dumps(lines)
+    assert lines[-1]["error"].startswith(error.format(port=port))
+
+
 def test_settings_refused_at_load_are_reported_the_same_way() -> None:
     code, lines = started("context", MESHGATE_CONTEXT__SESSION_TTL_S="-1")
     assert code == serving.START_FAILED

@@ -3,10 +3,14 @@ connects: redis-py's clients open connections on their first command."""
 
 from __future__ import annotations
 
+import urllib.parse
+
 import grpc
+import hypothesis
 import pytest
 import redis.asyncio as redis
 import structlog
+from hypothesis import strategies as st
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection
 
@@ -111,19 +115,96 @@ def test_a_refusal_inside_a_script_is_parsed_as_the_refusal_itself(reply, kind):
         # A password holding what separates the parts of a URL.
         ("rediss+cluster://u:p@ss:w@h1:1,h2:2", "rediss+cluster://u:***@h1:1,h2:2"),
         ("redis://h:1/0?db=1&password=S3cret", "redis://h:1/0?db=1&password=***"),
-        ("redis://user@h:1/0", "redis://user@h:1/0"),
+        # A lone credential: redis-py's user name (a token, in some
+        # deployments), the password to clients that follow the IANA scheme.
+        ("redis://S3cret@h:1/0", "redis://***@h:1/0"),
+        ("rediss://S3cret@h:1/0", "rediss://***@h:1/0"),
+        ("redis+cluster://S3cret@h1:1,h2:2", "redis+cluster://***@h1:1,h2:2"),
+        ("redis://h:1/0?username=S3cret", "redis://h:1/0?username=***"),
+        # Decoded as redis-py decodes the query: still the password.
+        ("redis://h:1/0?pass%77ord=S3cret", "redis://h:1/0?pass%77ord=***"),
+        ("unix:///run/redis.sock?db=2&password=S3cret", "unix:///run/redis.sock?db=2&password=***"),
+        ("unix://:S3cret@/run/redis.sock", "unix://:***@/run/redis.sock"),
+        ("redis://:S3cret@[::1]:6379/0", "redis://:***@[::1]:6379/0"),
+        ("redis://:p%40ss%2Fw%3F@[fe80::1%25eth0]:6379/3", "redis://:***@[fe80::1%25eth0]:6379/3"),
+        # The tail of a password holding an unencoded '&' or '#'.
+        ("redis://h:1/0?password=S3&cret", "redis://h:1/0?password=***&***"),
+        ("redis://h:1/0?password=S3#cret", "redis://h:1/0?password=***#***"),
+        ("redis://h:1/0?socket_timeout=3&client_name=S3cret", "redis://h:1/0?socket_timeout=3&***"),
+        # A password holding an unencoded '/', '?', '#' or '[' ends the
+        # host part early: where the secret ends cannot be told.
+        ("redis://:S3/cret@h:1/0", redis_access.UNSHOWN_URL),
+        ("redis://:S3?cret@h:1/0", redis_access.UNSHOWN_URL),
+        ("redis://:S3#cret@h:1/0", redis_access.UNSHOWN_URL),
+        ("redis://u:S3@c/ret@h:1/0", redis_access.UNSHOWN_URL),
+        ("redis://S3/cret@h:1/0", redis_access.UNSHOWN_URL),
+        ("redis://:12/34@h:1/0", redis_access.UNSHOWN_URL),
+        ("redis://[S3cret", redis_access.UNSHOWN_URL),
         ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
-        ("redis://[S3cret", "<a Redis URL that cannot be parsed>"),
+        ("redis+cluster://10.0.0.1:6379,10.0.0.2:6379", "redis+cluster://10.0.0.1:6379,10.0.0.2:6379"),
     ],
 )
 def test_a_url_named_in_a_message_shows_no_password(url: str, shown: str) -> None:
     assert redis_access.redacted(url) == shown
 
 
+# Any password, written as a URL must write it (percent-encoded), in every
+# place a Redis URL can carry one: hidden, and where the Redis is stays shown.
+_PASSWORDS = st.text(st.characters(exclude_categories=("Cs",)), min_size=1)
+
+
+@hypothesis.given(password=_PASSWORDS)
+def test_an_encoded_password_is_hidden_wherever_the_url_holds_it(password: str) -> None:
+    secret = urllib.parse.quote(password, safe="")
+    forms = {
+        f"redis://:{secret}@redis.internal:6379/0": "redis://:***@redis.internal:6379/0",
+        f"rediss://default:{secret}@redis.internal:6380/1": "rediss://default:***@redis.internal:6380/1",
+        f"redis://{secret}@redis.internal:6379/0": "redis://***@redis.internal:6379/0",
+        f"redis://[::1]:6379/0?db=1&password={secret}": "redis://[::1]:6379/0?db=1&password=***",
+        f"unix://:{secret}@/run/redis.sock?db=1": "unix://:***@/run/redis.sock?db=1",
+        f"rediss+cluster://u:{secret}@10.0.0.1:7000,[::2]:7001": "rediss+cluster://u:***@10.0.0.1:7000,[::2]:7001",
+    }
+    for url, shown in forms.items():
+        assert redis_access.redacted(url) == shown
+
+
+# As an operator may paste it: unencoded, any of the characters that end a
+# part of a URL. Secrets are upper case, all else lower case, so any leak of
+# any piece of one shows.
+_RAW_PASSWORDS = st.text(st.sampled_from("SECRT/?#@:[]%&=,+ "), min_size=1)
+
+
+@hypothesis.given(password=_RAW_PASSWORDS)
+def test_an_unencoded_password_is_hidden_or_the_url_not_shown(password: str) -> None:
+    urls = [
+        f"redis://:{password}@redis.internal:6379/0",
+        f"redis://user:{password}@redis.internal:6379/0",
+        f"redis+cluster://u:{password}@node.a:7000,node.b:7001",
+        f"redis://redis.internal:6379/0?db=1&password={password}",
+    ]
+    if ":" not in password:
+        # With one, a lone credential is user:password to every client.
+        urls.append(f"redis://{password}@redis.internal:6379/0")
+    for url in urls:
+        shown = redis_access.redacted(url)
+        assert shown == redis_access.UNSHOWN_URL or shown == shown.lower(), (url, shown)
+
+
 def test_a_refused_cluster_url_is_named_without_its_password() -> None:
     with pytest.raises(ConfigError) as refused:
         redis_access.connect("redis+cluster://default:S3cret@127.0.0.1")
     assert "S3cret" not in str(refused.value) and "default:***@127.0.0.1" in str(refused.value)
+
+
+@pytest.mark.parametrize("url", ["redis://:Xq7/S3cret@h:1/0", "rediss://u:Xq7#S3cret@h:1/0"])
+async def test_a_password_that_cuts_the_host_part_short_is_refused_without_naming_it(url: str) -> None:
+    # urllib's own error quotes the "port", which is the password's first piece.
+    with pytest.raises(ConfigError, match="port is not a number") as refused:
+        redis_access.connect(url)
+    with pytest.raises(ConfigError, match="port is not a number") as refused_too:
+        await redis_access.connect_subscriber(url)
+    for error in (refused.value, refused_too.value):
+        assert "Xq7" not in str(error) and "S3cret" not in str(error)
 
 
 def test_an_outage_tells_the_caller_what_failed_and_the_log_why() -> None:
