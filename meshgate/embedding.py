@@ -12,7 +12,6 @@ import collections
 import concurrent.futures
 import hashlib
 import threading
-import time
 import typing
 from collections.abc import AsyncIterator
 
@@ -115,13 +114,10 @@ class _ThrottledWarning:
     instead of one per request."""
 
     def __init__(self) -> None:
-        self._last = float("-inf")
+        self._log = telemetry.ThrottledLog(log, _WARNING_INTERVAL_S)
 
     def __call__(self, error: Exception) -> None:
-        now = time.monotonic()
-        if now - self._last >= _WARNING_INTERVAL_S:
-            self._last = now
-            log.warning("embeddings unavailable, matching without them", error=str(error) or repr(error))
+        self._log.warning("embeddings unavailable, matching without them", error=str(error) or repr(error))
 
 
 class InferenceEmbedder:

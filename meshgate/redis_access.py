@@ -36,6 +36,7 @@ from redis.retry import Retry
 from meshgate.config import ConfigError
 from meshgate.errors import MeshgateError, unavailable
 from meshgate.reasons import Reason
+from meshgate.telemetry import ThrottledLog
 
 log = structlog.get_logger(__name__)
 
@@ -115,13 +116,23 @@ def _redacted_query_item(item: str) -> str:
     return "***"
 
 
+# During an outage every request that touches Redis fails here: one line
+# each was thousands of identical lines a second under load, drowning the
+# log pipeline. Per message (what failed), the first failure is logged, then
+# one line per this many seconds with the count left unlogged in between;
+# each caller still gets its own error.
+OUTAGE_LOG_INTERVAL_S = 10.0
+_outage_log = ThrottledLog(log, OUTAGE_LOG_INTERVAL_S)
+
+
 def outage(message: str, error: BaseException) -> MeshgateError:
     """What a caller is told of a Redis failure (CONNECTION_ERRORS and the like):
     UNAVAILABLE / REDIS_UNAVAILABLE with ``message`` alone. The error's own
     text names Redis's host and port (a cluster's nodes), which are for our
     logs, not for callers (as errors.from_rpc_error says of a downstream
-    call's): it is logged here, with the call's trace id."""
-    log.warning("redis unavailable", message=message, error=str(error))
+    call's): it is logged here (throttled: OUTAGE_LOG_INTERVAL_S), with the
+    call's trace id."""
+    _outage_log.warning("redis unavailable", per=message, message=message, error=str(error))
     return unavailable(Reason.REDIS_UNAVAILABLE, message)
 
 

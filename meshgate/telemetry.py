@@ -13,7 +13,8 @@ import json
 import logging
 import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Hashable, Sequence
 
 import grpc
 import structlog
@@ -300,3 +301,29 @@ def end_grpc_client_span(span: trace.Span, error: BaseException | None) -> None:
 def current_trace_id() -> str:
     context = trace.get_current_span().get_span_context()
     return format(context.trace_id, "032x") if context.is_valid else ""
+
+
+class ThrottledLog:
+    """A warning that a failure repeats for every request while it lasts
+    (thousands of identical lines a second under load, drowning the log
+    pipeline): per ``per`` key, the first is logged, then at most one line
+    per ``interval_s``, whose ``suppressed`` says how many went unlogged
+    since the key's last line. Those of a burst's end are counted in the
+    key's next line, whenever it comes: a timer to flush them would be a
+    task per key for a count."""
+
+    def __init__(self, logger, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = logger
+        self._interval_s = interval_s
+        self._clock = clock
+        self._logged_at: dict[Hashable, float] = {}
+        self._suppressed: dict[Hashable, int] = {}
+
+    def warning(self, event: str, per: Hashable = None, **fields) -> None:
+        now = self._clock()
+        logged_at = self._logged_at.get(per)
+        if logged_at is not None and now - logged_at < self._interval_s:
+            self._suppressed[per] = self._suppressed.get(per, 0) + 1
+            return
+        self._logged_at[per] = now
+        self._log.warning(event, suppressed=self._suppressed.pop(per, 0), **fields)

@@ -17,6 +17,7 @@ from redis.asyncio.connection import SSLConnection
 from meshgate import redis_access
 from meshgate.config import ConfigError
 from meshgate.reasons import Reason
+from meshgate.telemetry import ThrottledLog
 
 
 async def test_a_plain_url_gets_one_node_client() -> None:
@@ -207,7 +208,25 @@ async def test_a_password_that_cuts_the_host_part_short_is_refused_without_namin
         assert "Xq7" not in str(error) and "S3cret" not in str(error)
 
 
-def test_an_outage_tells_the_caller_what_failed_and_the_log_why() -> None:
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    """The outage log, fresh (another test's outage would have spent its
+    first line) and on a clock the test moves."""
+    clock = Clock()
+    outage_log = ThrottledLog(redis_access.log, redis_access.OUTAGE_LOG_INTERVAL_S, clock)
+    monkeypatch.setattr(redis_access, "_outage_log", outage_log)
+    return clock
+
+
+def test_an_outage_tells_the_caller_what_failed_and_the_log_why(clock) -> None:
     error = redis.ConnectionError("Error 111 connecting to 10.0.0.7:6379. Connection refused.")
     with structlog.testing.capture_logs() as logs:
         failure = redis_access.outage("usage cannot be read", error)
@@ -218,6 +237,38 @@ def test_an_outage_tells_the_caller_what_failed_and_the_log_why() -> None:
     )
     assert not failure.metadata
     assert [(log["event"], log["error"]) for log in logs] == [("redis unavailable", str(error))]
+
+
+def test_an_outage_logs_its_first_failure_then_one_line_per_interval_with_how_many_went_unlogged(
+    clock,
+) -> None:
+    """Every request fails during an outage: thousands of identical lines a
+    second drowned the log pipeline. Each caller still gets its own error."""
+    interval_s = redis_access.OUTAGE_LOG_INTERVAL_S
+    error = redis.ConnectionError("Error 111 connecting to 10.0.0.7:6379. Connection refused.")
+    failures = []
+
+    def fail(message: str, times: int = 1) -> None:
+        failures.extend(redis_access.outage(message, error) for _ in range(times))
+
+    with structlog.testing.capture_logs() as logs:
+        fail("usage cannot be read", times=50)
+        clock.now += interval_s - 0.001
+        fail("usage cannot be read", times=30)
+        fail("API keys cannot be checked")  # another failure: its own first line
+        clock.now += 0.001
+        fail("usage cannot be read", times=2)
+        clock.now += interval_s
+        fail("usage cannot be read")
+    assert [(log["event"], log["message"], log["suppressed"], log["error"]) for log in logs] == [
+        ("redis unavailable", "usage cannot be read", 0, str(error)),
+        ("redis unavailable", "API keys cannot be checked", 0, str(error)),
+        ("redis unavailable", "usage cannot be read", 49 + 30, str(error)),
+        ("redis unavailable", "usage cannot be read", 1, str(error)),
+    ]
+    assert len(failures) == 84 and len({id(failure) for failure in failures}) == 84
+    assert {(f.code, f.reason) for f in failures} == {(grpc.StatusCode.UNAVAILABLE, Reason.REDIS_UNAVAILABLE)}
+    assert [f.message for f in failures].count("API keys cannot be checked") == 1
 
 
 async def test_a_write_asked_to_wait_for_no_replica_sends_only_its_script() -> None:
