@@ -48,6 +48,16 @@ def _invalid_key() -> MeshgateError:
 
 
 @dataclasses.dataclass(frozen=True)
+class CallerKey:
+    """A tenant's key as the router keeps it past the gate: its SHA-256,
+    and whether its secret has the shape of a stored key (only such a key
+    is looked up in Redis)."""
+
+    key_hash: str
+    may_be_stored: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class _Configured:
     """What the configuration file says about callers, swapped as one value
     on a reload."""
@@ -69,7 +79,9 @@ class Authenticator:
 
     def reconfigure(self, settings: RouterSettings) -> None:
         """Takes the tenants, keys and admin credential of new settings; a
-        call already authenticated keeps the tenant it got."""
+        call already authenticated keeps the tenant it got, but for a
+        ChatSession's next turn, which resolves its key again
+        (:func:`current_tenant`)."""
         tenants_by_key_hash: dict[str, Tenant] = {}
         for tenant in settings.tenants:
             for digest in tenant.api_key_sha256:
@@ -106,22 +118,30 @@ class Authenticator:
         """The caller's tenant, or None for the admin credential."""
         return (await self.identify(metadata))[0]
 
-    async def identify(self, metadata) -> tuple[Tenant | None, str]:
-        """The caller's tenant (None for the admin credential), and the hash
-        of its key where that is a stored key ("" otherwise), which
-        :meth:`check_stored_key` checks again later in a long call."""
+    async def identify(self, metadata) -> tuple[Tenant | None, CallerKey | None]:
+        """The caller's tenant (None for the admin credential), and its key
+        as :meth:`tenant_of` takes it (None for the admin credential), for
+        a long call to resolve again later (:func:`current_tenant`)."""
         secret = _bearer_key(metadata)
         key_hash = hash_api_key(secret)
+        if key_hash in self._configured.admin_key_hashes:
+            return None, None
+        key = CallerKey(key_hash, could_be_stored(secret))
+        return await self.tenant_of(key), key
+
+    async def tenant_of(self, key: CallerKey) -> Tenant:
+        """The tenant ``key`` names now: in the configuration in use, else
+        as a stored key (not unknown, revoked or expired; from the
+        KeyStore's cache, a record at most 0.5 s old), with its tenant's
+        configured limits, models and tier; else the key's refusal."""
         configured = self._configured
-        if key_hash in configured.admin_key_hashes:
-            return None, ""
-        tenant = configured.tenants_by_key_hash.get(key_hash)
+        tenant = configured.tenants_by_key_hash.get(key.key_hash)
         if tenant is not None:
-            return tenant, ""
-        if self._keys is None or not could_be_stored(secret):
+            return tenant
+        if self._keys is None or not key.may_be_stored:
             raise _invalid_key()
-        record = await self.check_stored_key(key_hash)
-        tenant = Tenant(
+        record = await self.check_stored_key(key.key_hash)
+        return Tenant(
             record.tenant_id,
             usable_models(record.models, configured.tenant_models.get(record.tenant_id)),
             record.accounting_id,
@@ -129,7 +149,6 @@ class Authenticator:
             record.limits,
             configured.tenant_tiers.get(record.tenant_id, ""),
         )
-        return tenant, key_hash
 
     async def check_stored_key(self, key_hash: str) -> KeyRecord:
         """The stored key's record, or the refusal of a key that is unknown,
@@ -156,12 +175,11 @@ class Authenticator:
 # tenant, or None for the admin credential. Set in the call's own task, so
 # no other call sees it.
 _CALLER: contextvars.ContextVar[Tenant | None] = contextvars.ContextVar("router_caller")
-# The authenticator that let that caller in, and the hash of its key where
-# that is a stored key ("" otherwise), for check_caller_key.
-_CALLER_KEY: contextvars.ContextVar[tuple[Authenticator, str]] = contextvars.ContextVar("router_caller_key")
-# Where no gate ran there is no key to check again (current_caller has
-# already failed the call closed).
-_NO_CALLER_KEY = (None, "")
+# The authenticator that let that caller in, and the caller's key (None for
+# the admin credential), for current_tenant.
+_CALLER_KEY: contextvars.ContextVar[tuple[Authenticator, CallerKey | None]] = contextvars.ContextVar(
+    "router_caller_key"
+)
 
 _ADMIN_METHODS = "/{}/".format(admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name)
 # The one RouterService method the admin credential may call (for any tenant).
@@ -180,8 +198,8 @@ class CallerGate:
     key. A tenant's call is then counted in ``calls`` (its tenant's cap,
     router.max_concurrent_rpcs_per_tenant) until it ends, still before its
     request is read; the admin credential's never are. The handler reads
-    the caller with :func:`current_caller`; a call that lasts checks a
-    stored key again with :func:`check_caller_key`."""
+    the caller with :func:`current_caller`; a call that lasts resolves its
+    key again with :func:`current_tenant`."""
 
     def __init__(self, authenticator: Authenticator, calls: TenantCalls) -> None:
         self._auth = authenticator
@@ -191,9 +209,9 @@ class CallerGate:
         """Lets the caller of ``method`` (a full method name) in, or raises its refusal."""
         if method.startswith(_ADMIN_METHODS):
             await self._auth.authenticate_admin(metadata)
-            caller, stored_key = None, ""
+            caller, key = None, None
         else:
-            caller, stored_key = await self._auth.identify(metadata)
+            caller, key = await self._auth.identify(metadata)
             if caller is None and method not in _TENANT_OR_ADMIN_METHODS:
                 raise _invalid_key()  # the admin credential is no tenant's key
         if caller is not None:
@@ -201,7 +219,7 @@ class CallerGate:
             # however the call ends: counted out then.
             self._calls.open(caller.id, asyncio.current_task())
         _CALLER.set(caller)
-        _CALLER_KEY.set((self._auth, stored_key))
+        _CALLER_KEY.set((self._auth, key))
 
 
 def admitted_admin() -> Authenticator:
@@ -215,18 +233,24 @@ def admitted_admin() -> Authenticator:
     return _CALLER_KEY.get()[0]
 
 
-async def check_caller_key() -> None:
-    """Checks again the key that CallerGate let the call under way in with,
-    for a call that outlives that check (a ChatSession stream, turn after
-    turn): raises the refusal a new call would get (UNAUTHENTICATED) where
-    it is a stored key revoked or expired since, UNAVAILABLE where Redis
-    cannot tell. From the KeyStore's cache, so at most one GET per key and
-    half second however many turns. A key of the configuration file is not
-    checked again: a reload leaves calls already in as they are
-    (:meth:`Authenticator.reconfigure`)."""
-    authenticator, key_hash = _CALLER_KEY.get(_NO_CALLER_KEY)
-    if key_hash:
-        await authenticator.check_stored_key(key_hash)
+async def current_tenant() -> Tenant:
+    """The tenant of the call under way as its key names it now, for a call
+    that outlives the gate's check (a ChatSession stream, turn after turn):
+    the configuration in use (a reload's tenants, keys, limits and models
+    apply from the next turn, as they do to new calls) or the key's stored
+    record. Raises the refusal a new call with the key would get
+    (UNAUTHENTICATED) where the key has left the configuration, or is a
+    stored key revoked or expired since; UNAVAILABLE where Redis cannot
+    tell. A key that now names another tenant is refused too: the call's
+    session and its place under its tenant's caps are the first tenant's.
+    A stored key's record comes from the KeyStore's cache, so at most one
+    GET per key and half second however many turns; a configured key's
+    costs no Redis call."""
+    authenticator, key = _CALLER_KEY.get()
+    tenant = await authenticator.tenant_of(key)
+    if tenant.id != _CALLER.get().id:
+        raise _unauthenticated(Reason.API_KEY_INVALID, "the API key now names another tenant; call again")
+    return tenant
 
 
 def current_caller() -> Tenant | None:

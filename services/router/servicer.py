@@ -20,7 +20,7 @@ from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router.admission import SessionStreams
-from services.router.auth import check_caller_key, current_caller
+from services.router.auth import current_caller, current_tenant
 from services.router.keys import check_tenant_id
 from services.router.ledger import METRICS, Ledger
 from services.router.pipeline import Budget, CacheStatus, Completion, Delta, Failure, Pipeline, stopped
@@ -330,17 +330,19 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             while (request := await self._next_turn(requests, session_id, version)) is not None:
                 session_id = request.session_id or session_id
                 # The key was checked when the stream opened, and a stream may
-                # stay open for hours: each turn checks it again, from the key
-                # cache (no Redis call while its record is under 0.5 s old), so a
-                # key revoked or expired since is refused within a second, as a
-                # new call with it is. That turn fails in the stream, then the
-                # call ends with the same status: no later turn could be served.
-                # (A client pipelining turns may read that status as grpc's local
-                # INTERNAL, grpc/grpc#36066 below: the failure carries the reason
-                # either way.) Where Redis cannot tell (UNAVAILABLE) the turn
-                # fails closed and the stream goes on, as after any failed turn.
+                # stay open for hours: each turn resolves it again (a stored
+                # key's record from the key cache, no Redis call while it is
+                # under 0.5 s old), so a key revoked or expired since, or gone
+                # from a reloaded configuration, is refused as a new call with it
+                # is, and a reload's limits and models apply from the next turn.
+                # That turn fails in the stream, then the call ends with the same
+                # status: no later turn could be served. (A client pipelining
+                # turns may read that status as grpc's local INTERNAL,
+                # grpc/grpc#36066 below: the failure carries the reason either
+                # way.) Where Redis cannot tell (UNAVAILABLE) the turn fails
+                # closed and the stream goes on, as after any failed turn.
                 try:
-                    await check_caller_key()
+                    tenant = await current_tenant()
                 except MeshgateError as error:
                     yield pb.ChatSessionResponse(failure=error.to_status_proto().SerializeToString())
                     if error.code == grpc.StatusCode.UNAUTHENTICATED:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import time
 import uuid
 
@@ -31,6 +32,7 @@ from services.router.admission import Admission, admission_scopes
 from services.router.auth import Authenticator
 from services.router.keys import KeyRecord, KeyStore, new_secret
 from tests.integration.conftest import running
+from tests.integration.test_router_replicas import Replicas
 from tests.mesh import bounded_channel, mesh_settings
 
 pytestmark = pytest.mark.integration
@@ -285,6 +287,89 @@ async def test_a_chat_session_open_when_its_key_is_revoked_or_expires_refuses_it
         assert await refusal(stream.read()) == expected
     finally:
         stream.cancel()
+
+
+async def test_a_chat_session_turn_after_a_reload_meets_the_reloaded_keys_and_limits(redis_url, tmp_path):
+    """A bug hunt's finding: a ChatSession kept the tenant it opened with,
+    so a key taken out of the settings file (a leaked one) went on being
+    served turn after turn, and a limit the reload set never applied to it,
+    while every new call with the key was refused: the README says a
+    reload's keys and limits apply from the next turn."""
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    # One router process with a settings file; no other service: a turn
+    # with no messages is refused for its own fault, and one with messages
+    # is admitted, then fails on the context service it cannot reach.
+    group = Replicas(
+        tmp_path,
+        f"""
+[telemetry]
+exporter = "none"
+[redis]
+url = "{redis_url}"
+[mesh]
+tls = false
+[models.tiny-gpt]
+deployments = [{{ name = "none", address = "127.0.0.1:{free_port()}", model = "tiny-gpt" }}]
+[router]
+metrics_listen = ""
+context_address = "127.0.0.1:{free_port()}"
+cache_address = "127.0.0.1:{free_port()}"
+dev_tenant = false
+http_listen = ""
+[[router.tenants]]
+id = "{tenant}"
+""",
+    )
+
+    def keys_and_limits(keys: list[str], limits: str = "") -> str:
+        return f"api_key_sha256 = {[hash_api_key(key) for key in keys]}\n{limits}\n"
+
+    group.write(keys_and_limits(["leaked-key", "kept-key"]))
+    group.start(count=1)
+    try:
+        await group.wait_serving()
+        async with bounded_channel(group.addresses[0]) as channel:
+            router = router_service_pb2_grpc.RouterServiceStub(channel)
+            leaked = router.ChatSession(metadata=bearer("leaked-key"), timeout=60)
+            kept = router.ChatSession(metadata=bearer("kept-key"), timeout=60)
+            for stream in (leaked, kept):
+                await stream.write(pb.ChatSessionRequest(model="tiny-gpt"))
+                assert turn_failure(await stream.read()) == (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    Reason.EMPTY_MESSAGES,
+                )
+
+            group.write(keys_and_limits(["kept-key"], "limits = { requests_per_minute = 1 }"))
+            group.processes[0].send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    await router.ListModels(pb.ListModelsRequest(), metadata=bearer("leaked-key"), timeout=5)
+                except grpc.aio.AioRpcError:
+                    break  # a new call with the key is refused: the reload applied
+                assert time.monotonic() < deadline, "the reload never applied"
+                await asyncio.sleep(0.05)
+
+            gone = (grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_INVALID)
+            await leaked.write(pb.ChatSessionRequest(model="tiny-gpt"))
+            assert turn_failure(await leaked.read()) == gone
+            assert await refusal(leaked.read()) == gone
+            # The kept key's stream: its tenant's new limit admits one turn a
+            # minute (admitted, it fails on the context service).
+            turn = pb.ChatSessionRequest(
+                model="tiny-gpt", messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="hi")]
+            )
+            outcomes = []
+            for _ in range(2):
+                await kept.write(turn)
+                outcomes.append(turn_failure(await kept.read()))
+            assert outcomes == [
+                (grpc.StatusCode.UNAVAILABLE, Reason.DOWNSTREAM_FAILED),
+                (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.RATE_LIMITED),
+            ]
+            kept.cancel()
+    finally:
+        group.stop()
 
 
 async def test_a_rotated_key_keeps_its_daily_budget_and_its_usage_id(redis_url):

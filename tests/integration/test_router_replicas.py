@@ -58,11 +58,11 @@ class Replicas:
         staging.write_text(self.base_settings + tenants)
         staging.replace(self.config_path)
 
-    def start(self) -> None:
+    def start(self, count: int = REPLICAS) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("REDIS_URL", None)  # the settings file is the one source of truth
         env.pop("MESHGATE_CONFIG", None)
-        for index in range(REPLICAS):
+        for index in range(count):
             address = f"127.0.0.1:{free_port()}"
             log = open(self.directory / f"router-{index}.log", "ab")  # noqa: SIM115 - owned by the child
             self.processes.append(

@@ -21,7 +21,7 @@ from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router import keys as keys_module
 from services.router.admission import TenantCalls
-from services.router.auth import Authenticator, CallerGate, check_caller_key
+from services.router.auth import Authenticator, CallerGate, current_tenant
 from services.router.keys import KeyRecord, KeyStore, new_secret, usable_models
 from tests.unit.test_router_pipeline import user
 
@@ -94,7 +94,7 @@ async def test_a_stored_keys_check_per_turn_costs_no_redis_call_while_its_record
     async def call(metadata, turns: int) -> None:
         await gate(CHAT_SESSION, metadata)
         for _ in range(turns):
-            await check_caller_key()
+            await current_tenant()
 
     # One GET at the gate; the turns right after it read the cache.
     await asyncio.create_task(call(bearer(secret), 5))
@@ -159,6 +159,37 @@ async def test_a_reload_that_narrows_a_tenants_models_narrows_its_stored_keys():
     auth.reconfigure(RouterSettings(dev_tenant=False, tenants=[TenantSettings(id="acme", models=["b"])]))
     tenant = await auth.authenticate(bearer(secret))
     assert tenant.may_use("b") and not tenant.may_use("a")
+
+
+async def test_a_long_calls_key_is_resolved_again_in_the_settings_a_reload_made():
+    # ChatSession turns (current_tenant): a reload's limits reach the next
+    # turn; a key moved to another tenant is refused, since the stream's
+    # session and its place under the caps are its first tenant's.
+    def settings(tenant_id: str, rpm: int) -> RouterSettings:
+        tenant = TenantSettings(
+            id=tenant_id,
+            api_key_sha256=[hash_api_key("file-key")],
+            limits=LimitSettings(requests_per_minute=rpm),
+        )
+        return RouterSettings(dev_tenant=False, tenants=[tenant])
+
+    auth = Authenticator(settings("acme", 10))
+    gate = CallerGate(auth, TenantCalls(0))
+
+    async def call() -> None:
+        await gate(CHAT_SESSION, bearer("file-key"))
+        assert (await current_tenant()).limits.requests_per_minute == 10
+        auth.reconfigure(settings("acme", 1))
+        assert (await current_tenant()).limits.requests_per_minute == 1
+        auth.reconfigure(settings("globex", 1))
+        with pytest.raises(MeshgateError) as refused:
+            await current_tenant()
+        assert (refused.value.code, refused.value.reason) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            Reason.API_KEY_INVALID,
+        )
+
+    await asyncio.create_task(call())
 
 
 def test_a_key_never_rotated_is_stored_as_before_and_a_successor_carries_its_accounting_id():
