@@ -208,6 +208,30 @@ async def test_a_bad_key_request_is_refused_and_writes_nothing(replicas, redis_u
     assert len(after.keys) == len(before.keys)
 
 
+async def test_a_key_lists_each_fail_closed_limit_once_however_often_the_request_repeats_it(
+    replicas, redis_url
+):
+    """A bug hunt's finding: the copies were all stored (a million of one
+    name: a 23 MB record, which every call with the key read and parsed)."""
+    _, admin = replicas[0]
+    repeated = ["requests_per_minute", "tokens_per_day"] * 50_000
+    created = await admin.CreateKey(
+        admin_pb.CreateKeyRequest(
+            tenant_id=f"t-{uuid.uuid4().hex[:8]}",
+            limits=admin_pb.KeyLimits(requests_per_minute=5, tokens_per_day=100, fail_closed=repeated),
+        ),
+        metadata=ADMIN,
+        timeout=30,
+    )
+    assert list(created.key.limits.fail_closed) == ["requests_per_minute", "tokens_per_day"]
+    client = redis_access.connect(redis_url)
+    try:
+        record = await client.get(f"mg:router:{{apikeys}}:key:{hash_api_key(created.api_key)}")
+    finally:
+        await client.aclose()
+    assert json.loads(record)["limits"]["fail_closed"] == ["requests_per_minute", "tokens_per_day"]
+
+
 async def test_admin_calls_need_the_admin_credential(replicas):
     router, admin = replicas[0]
     created = await admin.CreateKey(admin_pb.CreateKeyRequest(tenant_id="t"), metadata=ADMIN)
