@@ -49,6 +49,7 @@ def key_info(record: KeyRecord) -> pb.KeyInfo:
         expires_at=_timestamp(record.expires_at),
         revoked_at=_timestamp(record.revoked_at),
         label=record.label,
+        usage_key_id=record.accounting_id,
     )
 
 

@@ -145,6 +145,27 @@ async def test_rotation_issues_a_new_secret_and_retires_the_old_one(replicas):
     assert {k.key_id for k in keys.keys} == {created.key.key_id, rotated.key.key_id}
 
 
+async def test_the_live_key_spending_under_a_usage_rows_key_id_is_found_by_listing(replicas):
+    """A bug hunt's finding: usage and limits of a rotated key go on under
+    the first key's id, which ListKeys showed only as that first key's,
+    revoked: an operator revoking the id a usage row named got OK, and the
+    key spending under it went on, with nothing listed to find it by."""
+    (_, admin_a), (_, admin_b) = replicas
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    first = await admin_a.CreateKey(admin_pb.CreateKeyRequest(tenant_id=tenant), metadata=ADMIN)
+    assert first.key.usage_key_id == first.key.key_id
+    second = await admin_a.RotateKey(admin_pb.RotateKeyRequest(key_id=first.key.key_id), metadata=ADMIN)
+    third = await admin_b.RotateKey(admin_pb.RotateKeyRequest(key_id=second.key.key_id), metadata=ADMIN)
+    assert third.previous.usage_key_id == third.key.usage_key_id == first.key.key_id
+    # A usage row of the key names the first id (test_a_rotated_key_keeps_its_daily_budget_and_its_usage_id):
+    # the listing leads from it to the one live key.
+    listed = await admin_b.ListKeys(admin_pb.ListKeysRequest(tenant_id=tenant), metadata=ADMIN)
+    spending = [
+        k.key_id for k in listed.keys if k.usage_key_id == first.key.key_id and not k.HasField("revoked_at")
+    ]
+    assert spending == [third.key.key_id]
+
+
 async def test_an_expired_key_is_refused(replicas, redis_url):
     (router_a, admin_a), _ = replicas
     soon = admin_pb.CreateKeyRequest(tenant_id="expiring")

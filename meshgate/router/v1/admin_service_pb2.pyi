@@ -30,7 +30,7 @@ class KeyLimits(_message.Message):
     def __init__(self, requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., concurrent_streams: _Optional[int] = ..., tokens_per_day: _Optional[int] = ..., tokens_per_month: _Optional[int] = ..., cost_usd_per_day: _Optional[float] = ..., cost_usd_per_month: _Optional[float] = ..., fail_closed: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class KeyInfo(_message.Message):
-    __slots__ = ("key_id", "tenant_id", "models", "limits", "created_at", "expires_at", "revoked_at", "label")
+    __slots__ = ("key_id", "tenant_id", "models", "limits", "created_at", "expires_at", "revoked_at", "label", "usage_key_id")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class KeyInfo(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    USAGE_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     tenant_id: str
     models: _containers.RepeatedScalarFieldContainer[str]
@@ -47,7 +48,8 @@ class KeyInfo(_message.Message):
     expires_at: _timestamp_pb2.Timestamp
     revoked_at: _timestamp_pb2.Timestamp
     label: str
-    def __init__(self, key_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[KeyLimits, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., label: _Optional[str] = ...) -> None: ...
+    usage_key_id: str
+    def __init__(self, key_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[KeyLimits, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., label: _Optional[str] = ..., usage_key_id: _Optional[str] = ...) -> None: ...
 
 class CreateKeyRequest(_message.Message):
     __slots__ = ("tenant_id", "models", "limits", "expires_at", "label")
