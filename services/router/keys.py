@@ -411,7 +411,7 @@ class KeyStore:
     ) -> tuple[str, KeyRecord]:
         if len(label) > _MAX_LABEL:
             raise invalid_argument(Reason.INVALID_KEY_SPEC, f"label is longer than {_MAX_LABEL} characters")
-        # Shown by ListKeys and `meshgate keys list`: a control character
+        # Shown by ListKeys, to operators' terminals: a control character
         # (an escape sequence, a newline) would rewrite what an operator's
         # terminal or a log line shows.
         if not label.isprintable():
