@@ -464,15 +464,46 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                     load = self._loads.start(
                         (index_key,), self._load(index_key, partition, context_id, dimensions)
                     )
-                    ((index, strictness),) = await self._loads.wait((load,))
+                    index, strictness, _ = await self._wait_for_load(load, index_key, partition, context_id)
             else:
-                ((index, strictness),) = await self._loads.wait((load,))
-                if strictness is not None and index.dimensions == dimensions:
+                index, strictness, alone = await self._wait_for_load(load, index_key, partition, context_id)
+                if strictness is not None and index.dimensions == dimensions and not alone:
                     # The load's last read may have begun before this call.
                     strictness = await self._top_up(index_key, index, partition, context_id)
             if strictness is not None and index.dimensions == dimensions:
                 return index, strictness
         return None
+
+    async def _wait_for_load(
+        self, load, index_key: str, partition: keys.Partition, context_id: str
+    ) -> tuple[VectorIndex, int | None, bool]:
+        """The load's outcome; or, once it has had no reply from Redis for
+        STALLED_TOP_UP_S, this lookup's own read into the index the load
+        fills, as a top-up's waiters do (_queue_for_top_up): a first load
+        whose read hung on one stalled pooled connection, while Redis
+        answered the others, held every lookup of the sub-partition until
+        the socket timeout (10 s) ended it. The load itself goes on; the
+        lookups arriving while it hangs each read for themselves. Last:
+        whether this lookup read alone (a read begun after it asked)."""
+        loop = asyncio.get_running_loop()
+        waiting = asyncio.ensure_future(self._loads.wait((load,)))
+        try:
+            while True:
+                # Until the bound past the load's last reply (a load not yet
+                # begun has had none: a whole bound from now).
+                index = self._indexes.get(index_key)
+                last_reply_at = loop.time() if index is None else index.top_ups.progress_at
+                timeout = max(last_reply_at + STALLED_TOP_UP_S - loop.time(), 0.01)
+                done, _ = await asyncio.wait((waiting,), timeout=timeout)
+                if done:
+                    ((index, strictness),) = waiting.result()
+                    return index, strictness, False
+                index = self._indexes.get(index_key)
+                if index is not None and loop.time() - index.top_ups.progress_at >= STALLED_TOP_UP_S:
+                    # Alone, as past a stalled top-up: its lock is the hung load's.
+                    return index, await self._apply_new_rows(index_key, index, partition, context_id), True
+        finally:
+            waiting.cancel()
 
     async def _load(
         self, index_key: str, partition: keys.Partition, context_id: str, dimensions: int

@@ -900,6 +900,40 @@ async def test_lookups_do_not_wait_out_a_top_up_hung_on_a_stalled_connection(
         await proxy.close()
 
 
+async def test_lookups_do_not_wait_out_a_first_load_hung_on_a_stalled_connection(
+    redis_url, redis_client, embedder, tenant
+):
+    """The same stall during the sub-partition's first load, which the
+    lookups arriving meanwhile share (a single flight): they waited for the
+    hung read until the socket timeout (10 s) ended it; now, after
+    servicer.STALLED_TOP_UP_S without a reply, each reads for itself."""
+    proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0")
+    try:
+        writer, reader = make_servicer(redis_client, embedder), make_servicer(proxied, embedder)
+        stored = await store(writer, scope(tenant), conversation(STORED))
+        # Another partition's lookup: the reader learns the vectors' size and
+        # opens pooled connections, but has not loaded this one's index.
+        await lookup(reader, scope(tenant, model="smollm2"), conversation(PARAPHRASE))
+        proxy.stall_when_sent(reader._store._entries_since.sha.encode())
+        started = time.monotonic()
+        first = asyncio.ensure_future(lookup(reader, scope(tenant), conversation(PARAPHRASE)))
+        await asyncio.sleep(0.1)
+        assert proxy.stalled == 1 and not first.done()
+        answered = await asyncio.wait_for(
+            asyncio.gather(
+                first, *(lookup(reader, scope(tenant), conversation(PARAPHRASE)) for _ in range(4))
+            ),
+            timeout=5,
+        )
+        waited_s = time.monotonic() - started
+        assert [(r.status, r.entry_id) for r in answered] == [(pb.LOOKUP_STATUS_SEMANTIC_HIT, stored)] * 5
+        assert waited_s < servicer_module.STALLED_TOP_UP_S + 1.0
+    finally:
+        await proxied.aclose()
+        await proxy.close()
+
+
 async def test_expired_entries_are_never_returned(cache, tenant):
     await store(cache, scope(tenant), conversation(STORED), ttl_seconds=1)
     assert (
