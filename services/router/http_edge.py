@@ -102,6 +102,14 @@ _DEFAULT_HTTP_ERROR = (500, "api_error")
 # byte after the answer, else the connection is closed (_BoundedHeaders).
 _CLOSES_CONNECTION = {Reason.REQUEST_BODY_TIMEOUT, Reason.HEADERS_TOO_LARGE}
 
+# The OpenAI SDKs resend a 408, 409, 429 or 5xx answer (twice by default,
+# after a backoff) unless its "x-should-retry: false" says not to. Every 409
+# here fails the same way however often it is resent (a stale
+# expected_version, a session that exists, a full session), as does a 429
+# for a request larger than the limit itself: each resend costs the caller
+# its backoff and the router a refused call, for the same answer.
+_NOT_WORTH_RESENDING = {Reason.REQUEST_EXCEEDS_LIMIT}
+
 # The request field a validation reason is about (OpenAI's error "param").
 _PARAM_OF_REASON = {
     Reason.MODEL_NOT_FOUND: "model",
@@ -144,6 +152,8 @@ def http_error(error: MeshgateError) -> tuple[int, list[tuple[bytes, bytes]], by
         headers.append((b"www-authenticate", b"Bearer"))
     if error.reason in _CLOSES_CONNECTION:
         headers.append((b"connection", b"close"))
+    if status == 409 or error.reason in _NOT_WORTH_RESENDING:
+        headers.append((b"x-should-retry", b"false"))
     if status == 405 and "allow" in error.metadata:
         # RFC 9110 §15.5.6: a 405 lists the methods the resource takes.
         headers.append((b"allow", error.metadata["allow"].encode()))

@@ -40,6 +40,8 @@ LIMITED_KEY = "http-edge-limited-key"
 NARROW_KEY = "http-edge-narrow-key"
 LIMITED_RPM = 2
 EMBED_LIMITED_KEY = "http-edge-embed-limited-key"
+# A tenant whose minute holds fewer tokens than any turn reserves.
+TINY_KEY = "http-edge-tiny-limit-key"
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,11 @@ async def edge(redis_url, inference_address):
             limits=LimitSettings(requests_per_minute=LIMITED_RPM),
         ),
         TenantSettings(id="narrow", api_key_sha256=[hash_api_key(NARROW_KEY)], models=["other"]),
+        TenantSettings(
+            id=f"tiny-{uuid.uuid4().hex[:8]}",
+            api_key_sha256=[hash_api_key(TINY_KEY)],
+            limits=LimitSettings(tokens_per_minute=8),
+        ),
     ]
     (live,) = settings.models["tiny-gpt"].deployments
     settings.models["other"] = ModelSettings(deployments=[live])
@@ -271,6 +278,25 @@ async def test_a_forbidden_model_is_403(base_url):
         with pytest.raises(openai.PermissionDeniedError) as raised:
             await narrow.chat.completions.create(model="tiny-gpt", messages=question("hi"), stream=True)
     assert raised.value.code == "MODEL_NOT_ALLOWED"
+
+
+async def test_a_request_larger_than_the_limit_itself_is_not_resent_by_the_sdk(base_url):
+    """A 429 the SDKs would resend twice (after their backoff) for the same
+    answer: the edge's x-should-retry: false keeps it to one request."""
+    sent = []
+
+    async def count(request: httpx.Request) -> None:
+        sent.append(request.url.path)
+
+    async with (
+        httpx.AsyncClient(event_hooks={"request": [count]}) as http,
+        openai.AsyncOpenAI(base_url=base_url, api_key=TINY_KEY, max_retries=2, http_client=http) as sdk,
+    ):
+        with pytest.raises(openai.RateLimitError) as refused:
+            await sdk.chat.completions.create(model="tiny-gpt", messages=question("hi"), max_tokens=64)
+    assert refused.value.code == "REQUEST_EXCEEDS_LIMIT"
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    assert sent == ["/v1/chat/completions"]
 
 
 @pytest.mark.parametrize(

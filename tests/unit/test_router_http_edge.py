@@ -207,6 +207,31 @@ def test_a_busy_replica_is_a_503_with_retry_after_and_a_limit_still_a_429():
     assert (b"retry-after", b"1") in headers
 
 
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (MeshgateError(grpc.StatusCode.ABORTED, Reason.VERSION_CONFLICT, "stale"), 409),
+        (MeshgateError(grpc.StatusCode.ALREADY_EXISTS, Reason.SESSION_EXISTS, "exists"), 409),
+        (MeshgateError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.SESSION_FULL, "full"), 409),
+        (MeshgateError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.REQUEST_EXCEEDS_LIMIT, "too big"), 429),
+    ],
+)
+def test_an_answer_a_resend_would_get_again_tells_the_openai_sdks_not_to_resend_it(error, status):
+    answered, headers, _ = http_error(error)
+    assert answered == status
+    assert (b"x-should-retry", b"false") in headers
+
+
+def test_a_rate_limit_or_a_busy_service_leaves_the_sdks_to_retry():
+    retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1))
+    for error in (
+        MeshgateError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.RATE_LIMITED, "limited", details=[retry]),
+        busy_unavailable(Reason.DOWNSTREAM_FAILED, "busy"),
+    ):
+        _, headers, _ = http_error(error)
+        assert not [name for name, _ in headers if name == b"x-should-retry"]
+
+
 class HeldPipeline:
     """A turn that answers nothing until ``release`` is set."""
 
