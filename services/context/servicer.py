@@ -493,7 +493,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                     token_counts[c.line_id] = await c.count_lines(turns)
             ticket = self._hot.ticket()
             with self._compacting_when_full(request.tenant_id, request.session_id):
-                version, replayed, held_bytes, created_ms = await self._store.append(
+                appended = await self._store.append(
                     request.tenant_id,
                     request.session_id,
                     None if request.any_version else request.expected_version,
@@ -505,6 +505,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             if embedding is not None:
                 embedding.cancel()
             raise
+        version, replayed, created_ms = appended.version, appended.replayed, appended.create_time_ms
+        held_bytes = appended.held_bytes
         log.debug("turns appended", session_id=request.session_id, version=version, replayed=replayed)
         if replayed and embedding is not None:
             # The first try may have stored the turns and then failed to
@@ -539,7 +541,11 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             )
             if self._summarizer is not None:
                 self._summarizer.schedule(request.tenant_id, request.session_id)
-        return pb.AppendTurnsResponse(version=version, replayed=replayed)
+        return pb.AppendTurnsResponse(
+            version=version,
+            replayed=replayed,
+            summary_usage=[pb.SummaryUsage(**spend._asdict()) for spend in appended.unbilled],
+        )
 
     async def _write_index(
         self,

@@ -25,7 +25,16 @@ the braces make all of them one Redis Cluster hash slot:
   of the older code appends without adding to the field, so a later revert
   or compaction may subtract turns never counted: they clamp it at 0, and
   the count may stay below what the turns hold, by at most what such
-  appends added, for as long as the session lives.
+  appends added, for as long as the session lives. And ``unbilled``: what
+  the session's summaries spent on models that no append has reported yet,
+  JSON ``{"<model>": [prompt tokens, completion tokens, summaries]}``,
+  added to by the script that writes each summary
+  (services/context/summaries.py) and taken whole by the next append that
+  applies (``_APPEND``), which reports it for the tenant's usage; then
+  ``unbilled_taken``, ``<turn id> <what it took>``, so a retry of that
+  append after a lost reply reports it too (the router bills what a reply
+  tells, and never saw the first). A session that is deleted or expires
+  before another append takes its ``unbilled`` with it, never billed.
 - ``...:turns``, a list of serialized ``common.v1.Message``, oldest first.
 - ``...:turn_ids``, a hash: the idempotency key of every append that gave
   one -> the version that append made, so a retried append is answered
@@ -83,6 +92,7 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import dataclasses
+import json
 import typing
 
 import grpc
@@ -196,11 +206,14 @@ end
 # its turns may hold (0 = no cap), n turns, then pairs of (counts field,
 # packed counts of the n turns).
 # Returns {1, new version, bytes held now (false when the session's bytes
-# stay uncounted: stored before the count, no byte cap), create_time_ms},
+# stay uncounted: stored before the count, no byte cap), create_time_ms,
+# the unbilled usage it took ('' for none)},
 # {0} if there is no session, {-1, current version} on a version mismatch,
-# {2, version, create_time_ms} if the turn id was applied before (nothing
-# is appended again), {-2, turns held} or {-6, bytes held} if the n turns would take
-# the session past its cap of turns or of bytes (nothing is appended).
+# {2, version, create_time_ms, the unbilled usage its first application
+# took ('' for none, or when another append came since)} if the turn id was
+# applied before (nothing is appended again, nor taken), {-2, turns held} or
+# {-6, bytes held} if the n turns would take the session past its cap of
+# turns or of bytes (nothing is appended).
 _APPEND = (
     _TURN_BYTES
     + RENEW
@@ -209,7 +222,12 @@ local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return {0} end
 if ARGV[2] ~= '' then
   local applied = redis.call('HGET', KEYS[3], ARGV[2])
-  if applied then return {2, tonumber(applied), redis.call('HGET', KEYS[1], 'create_time_ms')} end
+  if applied then
+    local taken = redis.call('HGET', KEYS[1], 'unbilled_taken') or ''
+    local by = ARGV[2] .. ' '
+    taken = string.sub(taken, 1, #by) == by and string.sub(taken, #by + 1) or ''
+    return {2, tonumber(applied), redis.call('HGET', KEYS[1], 'create_time_ms'), taken}
+  end
 end
 if ARGV[1] ~= '' and version ~= ARGV[1] then return {-1, tonumber(version)} end
 local n = tonumber(ARGV[4])
@@ -246,6 +264,15 @@ local t = redis.call('TIME')
 local new_version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'update_time_ms', t[1] * 1000 + math.floor(t[2] / 1000))
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[3], ARGV[2], new_version) end
+-- The summaries' usage no append has reported yet: this one reports it,
+-- and so does its retry (its reply lost), until another append comes: an
+-- earlier append's retry never reports it (no double billing), and loses
+-- what that append took once another came between (the README's bound).
+local unbilled = redis.call('HGET', KEYS[1], 'unbilled') or ''
+redis.call('HDEL', KEYS[1], 'unbilled', 'unbilled_taken')
+if unbilled ~= '' and ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'unbilled_taken', ARGV[2] .. ' ' .. unbilled)
+end
 -- Extend the history only where it covers every version (not for sessions
 -- stored before it existed), so offset 4v always means version v.
 if redis.call('STRLEN', KEYS[4]) == 4 * tonumber(version) + 4 then
@@ -256,7 +283,7 @@ renew(tonumber(ARGV[3]))
 -- The count as this append left it, so a hot copy takes it rather than
 -- add sizes of its own to a count a compaction may have changed since.
 -- The life it landed in, for the index write that follows (turn_index._WRITE).
-return {1, new_version, held_bytes or false, redis.call('HGET', KEYS[1], 'create_time_ms')}
+return {1, new_version, held_bytes or false, redis.call('HGET', KEYS[1], 'create_time_ms'), unbilled}
 """
 )
 
@@ -646,6 +673,22 @@ class StoredSession:
     held_bytes: int | None = None
 
 
+class SummarySpend(typing.NamedTuple):
+    """What a session's summaries spent on one model, unbilled until taken."""
+
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    summaries: int
+
+
+def _spends(raw: bytes) -> tuple[SummarySpend, ...]:
+    """meta's ``unbilled`` as _APPEND took it (b"" for nothing)."""
+    if not raw:
+        return ()
+    return tuple(SummarySpend(model, *map(int, counts)) for model, counts in sorted(json.loads(raw).items()))
+
+
 class Appended(typing.NamedTuple):
     """What SessionStore.append did."""
 
@@ -658,6 +701,10 @@ class Appended(typing.NamedTuple):
     # The life of the session id it applied to (StoredSession.create_time_ms),
     # which its turn index write checks (turn_index.TurnIndex.write).
     create_time_ms: int
+    # What the session's summaries spent on models that it took to report
+    # (a replay: what its first application took, if reported again): the
+    # tenant's usage, once.
+    unbilled: tuple[SummarySpend, ...] = ()
 
 
 def _postings_below(flat: list[bytes], turn_count: int) -> list[bytes]:
@@ -858,8 +905,12 @@ class SessionStore:
             raise _session_full(session_id, *full, str(outcome[1]), len(turns))
         _raise_for(outcome, session_id, expected_version)
         replayed = outcome[0] == 2
-        held_bytes = None if replayed or outcome[2] is None else int(outcome[2])
-        return Appended(int(outcome[1]), replayed, held_bytes, int(outcome[-1]))
+        if replayed:
+            _, version, created_ms, unbilled = outcome
+            return Appended(int(version), True, None, int(created_ms), _spends(unbilled))
+        _, version, held_bytes, created_ms, unbilled = outcome
+        held_bytes = None if held_bytes is None else int(held_bytes)
+        return Appended(int(version), False, held_bytes, int(created_ms), _spends(unbilled))
 
     def check_room(
         self,

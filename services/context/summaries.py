@@ -204,6 +204,26 @@ def extractive_summary(turns: list[common_pb2.Message], sentences: int = EXTRACT
     return " ".join(candidates[i] for i in sorted(ranked[:sentences]))
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelSpend:
+    """Tokens a model spent on one summary (the inference service's count,
+    from its completion), which the session's tenant is billed for: counted
+    with the summary when it is written (SummaryStore.put). ``model`` as the
+    inference service names it."""
+
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelAnswer:
+    """A model's summary of a span, and what it spent."""
+
+    text: str
+    spent: ModelSpend
+
+
 class ModelSummarizer:
     """Summaries written by a chat model through the inference service."""
 
@@ -214,7 +234,7 @@ class ModelSummarizer:
         self.model = model
         self._timeout_s = timeout_s
 
-    async def summarize(self, turns: list[common_pb2.Message]) -> str:
+    async def summarize(self, turns: list[common_pb2.Message]) -> ModelAnswer:
         request = inference_service_pb2.GenerateRequest(
             model=self.model,
             messages=[
@@ -228,31 +248,47 @@ class ModelSummarizer:
             background=True,
         )
         pieces: list[str] = []
-        completed = False
+        completion = None
         try:
             async for response in self._stub.Generate(request, timeout=self._timeout_s):
                 if response.HasField("delta"):
                     pieces.append(response.delta.text)
                 elif response.HasField("completion"):
-                    pieces.append(response.completion.text)
-                    completed = True
+                    completion = response.completion
+                    pieces.append(completion.text)
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, "inference") from error
         text = "".join(pieces).strip()
-        if not completed or not text:
+        if completion is None or not text:
             raise MeshgateError(
                 grpc.StatusCode.UNAVAILABLE, Reason.DOWNSTREAM_FAILED, "inference returned no summary"
             )
-        return text
+        usage = completion.usage
+        return ModelAnswer(text, ModelSpend(self.model, usage.prompt_tokens, usage.completion_tokens))
 
 
 # KEYS: the session's meta, its summaries hash. ARGV: the create_time_ms of
 # the session the summary was made from, the span's field, the summary's
-# JSON, ttl_s. Written only into that same session: one deleted and created
-# again under its id while the summary was being made (a model call) holds
-# other turns. Returns 1 if written, 0 if not.
+# JSON, ttl_s, the summary's id, then what a model spent on it: the model
+# ("" for nothing), its prompt and completion tokens. Written only into that
+# same session: one deleted and created again under its id while the summary
+# was being made (a model call) holds other turns. The tokens join meta's
+# ``unbilled`` (the store module's docstring) in the same step, unless the span
+# already holds this very summary (another replica's run made it too: its
+# tenant pays for a span's summary once). Returns 1 if written, 0 if not.
 _PUT = """
 if redis.call('HGET', KEYS[1], 'create_time_ms') ~= ARGV[1] then return 0 end
+if ARGV[6] ~= '' then
+  local held = redis.call('HGET', KEYS[2], ARGV[2])
+  local ok, before = pcall(cjson.decode, held or '')
+  if not (ok and type(before) == 'table' and before.summary_id == ARGV[5]) then
+    local raw = redis.call('HGET', KEYS[1], 'unbilled')
+    local unbilled = raw and cjson.decode(raw) or {}
+    local spent = unbilled[ARGV[6]] or {0, 0, 0}
+    unbilled[ARGV[6]] = {spent[1] + tonumber(ARGV[7]), spent[2] + tonumber(ARGV[8]), spent[3] + 1}
+    redis.call('HSET', KEYS[1], 'unbilled', cjson.encode(unbilled))
+  end
+end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
 return 1
@@ -314,10 +350,17 @@ class SummaryStore:
         return [None if r is None else decode(r) for r in raw]
 
     async def put(
-        self, tenant_id: str, session_id: str, digest: str, summary: Summary, created_ms: int
+        self,
+        tenant_id: str,
+        session_id: str,
+        digest: str,
+        summary: Summary,
+        created_ms: int,
+        spent: ModelSpend | None = None,
     ) -> bool:
         """Keeps ``summary`` for the session created at ``created_ms`` (not
-        for another one of its id, _PUT); returns whether it was kept."""
+        for another one of its id, _PUT), and what a model ``spent`` on it as
+        the session's unbilled usage, with it; returns whether it was kept."""
         ttl = self._ttl_s if self._ttl_s > 0 else None
         encoded = json.dumps(dataclasses.asdict(summary))
         # Two slots (the content key is any session's): the session's own
@@ -325,7 +368,12 @@ class SummaryStore:
         await self._client.set(self._summary_key(tenant_id, digest), encoded, ex=ttl)
         keys = [session_store.session_key(tenant_id, session_id), self._index_key(tenant_id, session_id)]
         field = f"{summary.first_turn}-{summary.end_turn}"
-        return bool(await self._put(keys=keys, args=[created_ms, field, encoded, self._ttl_s]))
+        args = [created_ms, field, encoded, self._ttl_s, summary.summary_id]
+        if spent is None:
+            args += ["", 0, 0]
+        else:
+            args += [spent.model, spent.prompt_tokens, spent.completion_tokens]
+        return bool(await self._put(keys=keys, args=args))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -665,12 +713,14 @@ class Summarizer:
                     covered = end
                 continue
             summary = await self._summaries.get(tenant_id, digest)
+            spent = None
             if summary is None or (summary.first_turn, summary.end_turn) != (first, end):
-                text, method = await self._write(span, run)
+                text, method, spent = await self._write(span, run)
             else:
                 # The same turns at the same place (a fork, turns appended
                 # again after a revert, or this session's own summary named
-                # by digest): the text holds, the versions are this session's.
+                # by digest): the text holds, the versions are this session's,
+                # and no model spent anything on it now.
                 text, method = summary.text, summary.method
             first_version, end_version = versions_of_span(history, first, end, stored.version)
             summary = Summary(
@@ -683,7 +733,9 @@ class Summarizer:
                 text=text,
             )
             summary = await self._counted(summary)
-            if not await self._summaries.put(tenant_id, session_id, digest, summary, stored.create_time_ms):
+            if not await self._summaries.put(
+                tenant_id, session_id, digest, summary, stored.create_time_ms, spent
+            ):
                 # Deleted (and perhaps created again) since it was read: what
                 # is left to do belongs to the next run, for the next session.
                 return stored.version, stored.create_time_ms
@@ -711,12 +763,16 @@ class Summarizer:
             log.info("session compacted", session_id=session_id, turns=compacted, version=stored.version)
         return stored.version, stored.create_time_ms
 
-    async def _write(self, span: list[common_pb2.Message], run: _Run) -> tuple[str, str]:
-        """The summary's text and how it was made."""
+    async def _write(self, span: list[common_pb2.Message], run: _Run) -> tuple[str, str, ModelSpend | None]:
+        """The summary's text, how it was made, and what a model spent on it:
+        also when its answer was not kept (too long: extractive instead), as
+        its tokens were spent all the same. None when no model answered (an
+        extractive summary uses none; a call that failed midway reports no
+        count)."""
         loop = asyncio.get_running_loop()
         if self._model is not None and run.model and loop.time() >= self._model_rests_until:
             try:
-                text = await self._model.summarize(span)
+                answer = await self._model.summarize(span)
             except MeshgateError as error:
                 if error.code in _MODEL_DOWN:
                     run.model = False
@@ -725,10 +781,11 @@ class Summarizer:
                     "model summary failed; extractive instead", reason=error.reason, code=error.code.name
                 )
             else:
-                if await self._sane(text, span):
-                    return text, f"model:{self._model.model}"
-                log.warning("model summary too long; extractive instead", chars=len(text))
-        return extractive_summary(span), "extractive"
+                if await self._sane(answer.text, span):
+                    return answer.text, f"model:{self._model.model}", answer.spent
+                log.warning("model summary too long; extractive instead", chars=len(answer.text))
+                return extractive_summary(span), "extractive", answer.spent
+        return extractive_summary(span), "extractive", None
 
     async def _sane(self, text: str, span: list[common_pb2.Message]) -> bool:
         """Whether a model's answer can stand for ``span``: shorter than the

@@ -346,10 +346,13 @@ class GatedModel:
         self.gate = asyncio.Event()
         self.entered = asyncio.Event()
 
-    async def summarize(self, span) -> str:
+    async def summarize(self, span) -> summaries_lib.ModelAnswer:
         self.entered.set()
         await self.gate.wait()
-        return "SUMMARY OF: " + " | ".join(turn.content for turn in span)
+        return summaries_lib.ModelAnswer(
+            "SUMMARY OF: " + " | ".join(turn.content for turn in span),
+            summaries_lib.ModelSpend(self.model, 40, 10),
+        )
 
 
 @pytest.mark.parametrize("compact_after", [0, 2])
@@ -423,8 +426,8 @@ class RunawayModel:
 
     model = "runaway"
 
-    async def summarize(self, span) -> str:
-        return "x " * 200_000
+    async def summarize(self, span) -> summaries_lib.ModelAnswer:
+        return summaries_lib.ModelAnswer("x " * 200_000, summaries_lib.ModelSpend(self.model, 300, 200_000))
 
 
 async def test_a_runaway_model_answer_is_not_what_stands_for_compacted_turns(redis_url, tenant) -> None:

@@ -428,8 +428,8 @@ class _AnsweringModel:
     def __init__(self, answer) -> None:
         self.answer = answer
 
-    async def summarize(self, span: list[common_pb2.Message]) -> str:
-        return self.answer(span)
+    async def summarize(self, span: list[common_pb2.Message]) -> summaries.ModelAnswer:
+        return summaries.ModelAnswer(self.answer(span), summaries.ModelSpend(self.model, 900, 40))
 
 
 async def test_a_model_summary_too_long_to_stand_for_its_span_is_extractive_instead() -> None:
@@ -443,13 +443,15 @@ async def test_a_model_summary_too_long_to_stand_for_its_span_is_extractive_inst
         for i in range(16)
     ]
 
-    async def written(answer) -> tuple[str, str]:
+    async def written(answer) -> tuple[str, str, summaries.ModelSpend | None]:
         summarizer = summaries.Summarizer(None, None, SummaryPolicy(), _AnsweringModel(answer), counters)
         return await summarizer._write(span, summaries._Run())
 
+    # The model's tokens were spent whether or not its answer is kept.
+    spent = summaries.ModelSpend("stand-in", 900, 40)
     short = "Crates 100 to 115 went to docks 0 to 15 in Lisbon."
-    assert await written(lambda _: short) == (short, "model:stand-in")
-    extractive = (summaries.extractive_summary(span), "extractive")
+    assert await written(lambda _: short) == (short, "model:stand-in", spent)
+    extractive = (summaries.extractive_summary(span), "extractive", spent)
     # Huge; the transcript echoed; shorter than the span but past the tokens.
     assert await written(lambda _: "x " * 200_000) == extractive
     assert await written(summaries.transcript) == extractive
@@ -532,7 +534,7 @@ class _HungModel:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def summarize(self, span: list[common_pb2.Message]) -> str:
+    async def summarize(self, span: list[common_pb2.Message]) -> summaries.ModelAnswer:
         self.calls += 1
         await asyncio.sleep(0.01)
         raise MeshgateError(grpc.StatusCode.DEADLINE_EXCEEDED, Reason.DOWNSTREAM_FAILED, "deadline")
@@ -546,7 +548,8 @@ async def test_after_the_model_times_out_a_run_and_the_next_ones_summarize_extra
     spans = [[msg(USER, f"Crate {i} went to dock {i} in Lisbon today.")] for i in range(3)]
     run = summaries._Run()
     for span in spans:
-        assert await summarizer._write(span, run) == (summaries.extractive_summary(span), "extractive")
+        # No answer, no count of what the model spent: nothing to bill.
+        assert await summarizer._write(span, run) == (summaries.extractive_summary(span), "extractive", None)
     assert model.calls == 1
     # Another run meanwhile does not wait for it either ...
     assert (await summarizer._write(spans[0], summaries._Run()))[1] == "extractive"
@@ -588,7 +591,11 @@ class _RecordingInference:
 
     async def _answer(self):
         yield inference_service_pb2.GenerateResponse(
-            completion=inference_service_pb2.GenerateCompletion(text="Alice met Bob.", finish_reason="stop")
+            completion=inference_service_pb2.GenerateCompletion(
+                text="Alice met Bob.",
+                finish_reason="stop",
+                usage=common_pb2.Usage(prompt_tokens=61, completion_tokens=5),
+            )
         )
 
     def Generate(self, request, timeout=None):
@@ -603,7 +610,10 @@ async def test_a_model_summary_is_asked_for_as_background_work() -> None:
     inference = _RecordingInference()
     model = summaries.ModelSummarizer(inference, "smollm2", timeout_s=5)
     turns = [common_pb2.Message(role=common_pb2.ROLE_USER, content="Alice met Bob in Paris.")]
-    assert await model.summarize(turns) == "Alice met Bob."
+    # With what inference counted, for the session's tenant's usage.
+    assert await model.summarize(turns) == summaries.ModelAnswer(
+        "Alice met Bob.", summaries.ModelSpend("smollm2", 61, 5)
+    )
     (request,) = inference.requests
     assert request.background
     assert not request.tenant_id

@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from meshgate.common.v1 import common_pb2 as meshgate_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)meshgate/context/v1/context_service.proto\x12\x13meshgate.context.v1\x1a\x1fmeshgate/common/v1/common.proto\"\xb9\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12-\n\x08messages\x18\x04 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12\x16\n\x0e\x63reate_time_ms\x18\x05 \x01(\x03\x12\x16\n\x0eupdate_time_ms\x18\x06 \x01(\x03\x12\x17\n\x0f\x63ompacted_turns\x18\x07 \x01(\x05\"=\n\x14\x43reateSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"F\n\x15\x43reateSessionResponse\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.meshgate.context.v1.Session\":\n\x11GetSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"C\n\x12GetSessionResponse\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.meshgate.context.v1.Session\"=\n\x14\x44\x65leteSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"\xaa\x01\n\x12\x41ppendTurnsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x03\x12-\n\x08messages\x18\x04 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12\x13\n\x0b\x61ny_version\x18\x05 \x01(\x08\x12\x0f\n\x07turn_id\x18\x06 \x01(\t\"8\n\x13\x41ppendTurnsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"\xc1\x02\n\x16\x41ssembleContextRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x31\n\x0cnew_messages\x18\x03 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12\r\n\x05model\x18\x04 \x01(\t\x12\x19\n\x11max_prompt_tokens\x18\x05 \x01(\x05\x12\x17\n\nat_version\x18\x14 \x01(\x03H\x00\x88\x01\x01\x12\x37\n\x08strategy\x18\x1e \x01(\x0e\x32%.meshgate.context.v1.AssemblyStrategy\x12\x42\n\x12\x61ppend_reservation\x18( \x01(\x0b\x32&.meshgate.context.v1.AppendReservationB\r\n\x0b_at_version\"o\n\x11\x41ppendReservation\x12\x12\n\nturn_count\x18\x01 \x01(\x05\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"l\n\x13PinToSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x17\n\rmessage_index\x18\x03 \x01(\x05H\x00\x12\x0e\n\x04\x66\x61\x63t\x18\x04 \x01(\tH\x00\x42\x05\n\x03pin\"p\n\x17UnpinFromSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x17\n\rmessage_index\x18\x03 \x01(\x05H\x00\x12\x0e\n\x04\x66\x61\x63t\x18\x04 \x01(\tH\x00\x42\x05\n\x03pin\"-\n\x18UnpinFromSessionResponse\x12\x11\n\tpin_count\x18\x01 \x01(\x05\"?\n\x16PrefetchSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\".\n\x17PrefetchSessionResponse\x12\x13\n\x0b\x61lready_hot\x18\x01 \x01(\x08\")\n\x14PinToSessionResponse\x12\x11\n\tpin_count\x18\x01 \x01(\x05\"\xe3\x01\n\x17\x41ssembleContextResponse\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12\x36\n\x08manifest\x18\x02 \x01(\x0b\x32$.meshgate.context.v1.ContextManifest\x12\x17\n\x0fsession_version\x18\x03 \x01(\x03\x12\x33\n\x06inputs\x18\x14 \x01(\x0b\x32#.meshgate.context.v1.AssemblyInputs\x12\x13\n\x0b\x61ssembly_id\x18\x15 \x01(\t\"\x82\x01\n\nSummaryRef\x12\x12\n\nsummary_id\x18\x01 \x01(\t\x12\x12\n\nfirst_turn\x18\x02 \x01(\x05\x12\x10\n\x08\x65nd_turn\x18\x03 \x01(\x05\x12\x15\n\rfirst_version\x18\x04 \x01(\x03\x12\x13\n\x0b\x65nd_version\x18\x05 \x01(\x03\x12\x0e\n\x06method\x18\x06 \x01(\t\"\xe0\x02\n\x0e\x41ssemblyInputs\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x17\n\x0fsession_version\x18\x03 \x01(\x03\x12\r\n\x05model\x18\x04 \x01(\t\x12\x19\n\x11max_prompt_tokens\x18\x05 \x01(\x05\x12\x10\n\x08strategy\x18\x06 \x01(\t\x12\x11\n\ttokenizer\x18\x07 \x01(\t\x12\x1b\n\x13new_messages_sha256\x18\x08 \x01(\t\x12\x32\n\tsummaries\x18\t \x03(\x0b\x32\x1f.meshgate.context.v1.SummaryRef\x12\x19\n\x11packs_older_turns\x18\n \x01(\x08\x12\x0f\n\x07ranking\x18\x0b \x01(\t\x12\x14\n\x0c\x64\x65nse_scored\x18\x0c \x01(\x08\x12\x13\n\x0bpins_sha256\x18\r \x01(\t\x12\x17\n\x0f\x63ompacted_turns\x18\x0e \x01(\x03\"d\n\x12\x46orkSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x16\n\x0enew_session_id\x18\x04 \x01(\t\"D\n\x13\x46orkSessionResponse\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.meshgate.context.v1.Session\"}\n\x14RevertSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x18\n\x10\x65xpected_version\x18\x04 \x01(\x03\x12\x13\n\x0b\x61ny_version\x18\x05 \x01(\x08\"(\n\x15RevertSessionResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\xa7\x02\n\rManifestEntry\x12+\n\x06source\x18\x01 \x01(\x0e\x32\x1b.meshgate.context.v1.Source\x12\r\n\x05index\x18\x02 \x01(\x05\x12&\n\x04role\x18\x03 \x01(\x0e\x32\x18.meshgate.common.v1.Role\x12\x0e\n\x06tokens\x18\x04 \x01(\x05\x12\x35\n\x0b\x64isposition\x18\x05 \x01(\x0e\x32 .meshgate.context.v1.Disposition\x12\x12\n\nsummary_id\x18\x14 \x01(\t\x12\x34\n\x06reason\x18\x1e \x01(\x0e\x32$.meshgate.context.v1.InclusionReason\x12\x11\n\trelevance\x18\x1f \x01(\x02\x12\x0e\n\x06packed\x18  \x01(\x08\"\x87\x01\n\x0f\x43ontextManifest\x12\x33\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\".meshgate.context.v1.ManifestEntry\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x15\n\rbudget_tokens\x18\x03 \x01(\x05\x12\x11\n\ttokenizer\x18\x04 \x01(\t*s\n\x10\x41ssemblyStrategy\x12!\n\x1d\x41SSEMBLY_STRATEGY_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x41SSEMBLY_STRATEGY_ADAPTIVE\x10\x01\x12\x1c\n\x18\x41SSEMBLY_STRATEGY_NEWEST\x10\x02*y\n\x0b\x44isposition\x12\x1b\n\x17\x44ISPOSITION_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44ISPOSITION_INCLUDED\x10\x01\x12\x1a\n\x16\x44ISPOSITION_SUMMARIZED\x10\x02\x12\x17\n\x13\x44ISPOSITION_DROPPED\x10\x03*\x8b\x01\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSOURCE_SESSION\x10\x01\x12\x12\n\x0eSOURCE_REQUEST\x10\x02\x12\x12\n\x0eSOURCE_SUMMARY\x10\n\x12\x16\n\x12SOURCE_PINNED_FACT\x10\x1e\x12\x15\n\x11SOURCE_TRANSCRIPT\x10(*\x88\x02\n\x0fInclusionReason\x12 \n\x1cINCLUSION_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17INCLUSION_REASON_SYSTEM\x10\x01\x12\x1c\n\x18INCLUSION_REASON_REQUEST\x10\x02\x12\x1c\n\x18INCLUSION_REASON_RECENCY\x10\x03\x12\x1e\n\x1aINCLUSION_REASON_RELEVANCE\x10\x04\x12\x1b\n\x17INCLUSION_REASON_PINNED\x10\x05\x12\x1c\n\x18INCLUSION_REASON_SUMMARY\x10\x06\x12\x1f\n\x1bINCLUSION_REASON_TRANSCRIPT\x10\x07\x32\x9d\x08\n\x0e\x43ontextService\x12\x66\n\rCreateSession\x12).meshgate.context.v1.CreateSessionRequest\x1a*.meshgate.context.v1.CreateSessionResponse\x12]\n\nGetSession\x12&.meshgate.context.v1.GetSessionRequest\x1a\'.meshgate.context.v1.GetSessionResponse\x12\x66\n\rDeleteSession\x12).meshgate.context.v1.DeleteSessionRequest\x1a*.meshgate.context.v1.DeleteSessionResponse\x12`\n\x0b\x41ppendTurns\x12\'.meshgate.context.v1.AppendTurnsRequest\x1a(.meshgate.context.v1.AppendTurnsResponse\x12l\n\x0f\x41ssembleContext\x12+.meshgate.context.v1.AssembleContextRequest\x1a,.meshgate.context.v1.AssembleContextResponse\x12`\n\x0b\x46orkSession\x12\'.meshgate.context.v1.ForkSessionRequest\x1a(.meshgate.context.v1.ForkSessionResponse\x12\x66\n\rRevertSession\x12).meshgate.context.v1.RevertSessionRequest\x1a*.meshgate.context.v1.RevertSessionResponse\x12\x63\n\x0cPinToSession\x12(.meshgate.context.v1.PinToSessionRequest\x1a).meshgate.context.v1.PinToSessionResponse\x12o\n\x10UnpinFromSession\x12,.meshgate.context.v1.UnpinFromSessionRequest\x1a-.meshgate.context.v1.UnpinFromSessionResponse\x12l\n\x0fPrefetchSession\x12+.meshgate.context.v1.PrefetchSessionRequest\x1a,.meshgate.context.v1.PrefetchSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)meshgate/context/v1/context_service.proto\x12\x13meshgate.context.v1\x1a\x1fmeshgate/common/v1/common.proto\"\xb9\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12-\n\x08messages\x18\x04 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12\x16\n\x0e\x63reate_time_ms\x18\x05 \x01(\x03\x12\x16\n\x0eupdate_time_ms\x18\x06 \x01(\x03\x12\x17\n\x0f\x63ompacted_turns\x18\x07 \x01(\x05\"=\n\x14\x43reateSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"F\n\x15\x43reateSessionResponse\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.meshgate.context.v1.Session\":\n\x11GetSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"C\n\x12GetSessionResponse\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.meshgate.context.v1.Session\"=\n\x14\x44\x65leteSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"\xaa\x01\n\x12\x41ppendTurnsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x03\x12-\n\x08messages\x18\x04 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12\x13\n\x0b\x61ny_version\x18\x05 \x01(\x08\x12\x0f\n\x07turn_id\x18\x06 \x01(\t\"r\n\x13\x41ppendTurnsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x10\n\x08replayed\x18\x02 \x01(\x08\x12\x38\n\rsummary_usage\x18\x03 \x03(\x0b\x32!.meshgate.context.v1.SummaryUsage\"b\n\x0cSummaryUsage\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x03\x12\x11\n\tsummaries\x18\x04 \x01(\x03\"\xc1\x02\n\x16\x41ssembleContextRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x31\n\x0cnew_messages\x18\x03 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12\r\n\x05model\x18\x04 \x01(\t\x12\x19\n\x11max_prompt_tokens\x18\x05 \x01(\x05\x12\x17\n\nat_version\x18\x14 \x01(\x03H\x00\x88\x01\x01\x12\x37\n\x08strategy\x18\x1e \x01(\x0e\x32%.meshgate.context.v1.AssemblyStrategy\x12\x42\n\x12\x61ppend_reservation\x18( \x01(\x0b\x32&.meshgate.context.v1.AppendReservationB\r\n\x0b_at_version\"o\n\x11\x41ppendReservation\x12\x12\n\nturn_count\x18\x01 \x01(\x05\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"l\n\x13PinToSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x17\n\rmessage_index\x18\x03 \x01(\x05H\x00\x12\x0e\n\x04\x66\x61\x63t\x18\x04 \x01(\tH\x00\x42\x05\n\x03pin\"p\n\x17UnpinFromSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x17\n\rmessage_index\x18\x03 \x01(\x05H\x00\x12\x0e\n\x04\x66\x61\x63t\x18\x04 \x01(\tH\x00\x42\x05\n\x03pin\"-\n\x18UnpinFromSessionResponse\x12\x11\n\tpin_count\x18\x01 \x01(\x05\"?\n\x16PrefetchSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\".\n\x17PrefetchSessionResponse\x12\x13\n\x0b\x61lready_hot\x18\x01 \x01(\x08\")\n\x14PinToSessionResponse\x12\x11\n\tpin_count\x18\x01 \x01(\x05\"\xe3\x01\n\x17\x41ssembleContextResponse\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12\x36\n\x08manifest\x18\x02 \x01(\x0b\x32$.meshgate.context.v1.ContextManifest\x12\x17\n\x0fsession_version\x18\x03 \x01(\x03\x12\x33\n\x06inputs\x18\x14 \x01(\x0b\x32#.meshgate.context.v1.AssemblyInputs\x12\x13\n\x0b\x61ssembly_id\x18\x15 \x01(\t\"\x82\x01\n\nSummaryRef\x12\x12\n\nsummary_id\x18\x01 \x01(\t\x12\x12\n\nfirst_turn\x18\x02 \x01(\x05\x12\x10\n\x08\x65nd_turn\x18\x03 \x01(\x05\x12\x15\n\rfirst_version\x18\x04 \x01(\x03\x12\x13\n\x0b\x65nd_version\x18\x05 \x01(\x03\x12\x0e\n\x06method\x18\x06 \x01(\t\"\xe0\x02\n\x0e\x41ssemblyInputs\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x17\n\x0fsession_version\x18\x03 \x01(\x03\x12\r\n\x05model\x18\x04 \x01(\t\x12\x19\n\x11max_prompt_tokens\x18\x05 \x01(\x05\x12\x10\n\x08strategy\x18\x06 \x01(\t\x12\x11\n\ttokenizer\x18\x07 \x01(\t\x12\x1b\n\x13new_messages_sha256\x18\x08 \x01(\t\x12\x32\n\tsummaries\x18\t \x03(\x0b\x32\x1f.meshgate.context.v1.SummaryRef\x12\x19\n\x11packs_older_turns\x18\n \x01(\x08\x12\x0f\n\x07ranking\x18\x0b \x01(\t\x12\x14\n\x0c\x64\x65nse_scored\x18\x0c \x01(\x08\x12\x13\n\x0bpins_sha256\x18\r \x01(\t\x12\x17\n\x0f\x63ompacted_turns\x18\x0e \x01(\x03\"d\n\x12\x46orkSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x16\n\x0enew_session_id\x18\x04 \x01(\t\"D\n\x13\x46orkSessionResponse\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.meshgate.context.v1.Session\"}\n\x14RevertSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x18\n\x10\x65xpected_version\x18\x04 \x01(\x03\x12\x13\n\x0b\x61ny_version\x18\x05 \x01(\x08\"(\n\x15RevertSessionResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\xa7\x02\n\rManifestEntry\x12+\n\x06source\x18\x01 \x01(\x0e\x32\x1b.meshgate.context.v1.Source\x12\r\n\x05index\x18\x02 \x01(\x05\x12&\n\x04role\x18\x03 \x01(\x0e\x32\x18.meshgate.common.v1.Role\x12\x0e\n\x06tokens\x18\x04 \x01(\x05\x12\x35\n\x0b\x64isposition\x18\x05 \x01(\x0e\x32 .meshgate.context.v1.Disposition\x12\x12\n\nsummary_id\x18\x14 \x01(\t\x12\x34\n\x06reason\x18\x1e \x01(\x0e\x32$.meshgate.context.v1.InclusionReason\x12\x11\n\trelevance\x18\x1f \x01(\x02\x12\x0e\n\x06packed\x18  \x01(\x08\"\x87\x01\n\x0f\x43ontextManifest\x12\x33\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\".meshgate.context.v1.ManifestEntry\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x15\n\rbudget_tokens\x18\x03 \x01(\x05\x12\x11\n\ttokenizer\x18\x04 \x01(\t*s\n\x10\x41ssemblyStrategy\x12!\n\x1d\x41SSEMBLY_STRATEGY_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x41SSEMBLY_STRATEGY_ADAPTIVE\x10\x01\x12\x1c\n\x18\x41SSEMBLY_STRATEGY_NEWEST\x10\x02*y\n\x0b\x44isposition\x12\x1b\n\x17\x44ISPOSITION_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44ISPOSITION_INCLUDED\x10\x01\x12\x1a\n\x16\x44ISPOSITION_SUMMARIZED\x10\x02\x12\x17\n\x13\x44ISPOSITION_DROPPED\x10\x03*\x8b\x01\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSOURCE_SESSION\x10\x01\x12\x12\n\x0eSOURCE_REQUEST\x10\x02\x12\x12\n\x0eSOURCE_SUMMARY\x10\n\x12\x16\n\x12SOURCE_PINNED_FACT\x10\x1e\x12\x15\n\x11SOURCE_TRANSCRIPT\x10(*\x88\x02\n\x0fInclusionReason\x12 \n\x1cINCLUSION_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17INCLUSION_REASON_SYSTEM\x10\x01\x12\x1c\n\x18INCLUSION_REASON_REQUEST\x10\x02\x12\x1c\n\x18INCLUSION_REASON_RECENCY\x10\x03\x12\x1e\n\x1aINCLUSION_REASON_RELEVANCE\x10\x04\x12\x1b\n\x17INCLUSION_REASON_PINNED\x10\x05\x12\x1c\n\x18INCLUSION_REASON_SUMMARY\x10\x06\x12\x1f\n\x1bINCLUSION_REASON_TRANSCRIPT\x10\x07\x32\x9d\x08\n\x0e\x43ontextService\x12\x66\n\rCreateSession\x12).meshgate.context.v1.CreateSessionRequest\x1a*.meshgate.context.v1.CreateSessionResponse\x12]\n\nGetSession\x12&.meshgate.context.v1.GetSessionRequest\x1a\'.meshgate.context.v1.GetSessionResponse\x12\x66\n\rDeleteSession\x12).meshgate.context.v1.DeleteSessionRequest\x1a*.meshgate.context.v1.DeleteSessionResponse\x12`\n\x0b\x41ppendTurns\x12\'.meshgate.context.v1.AppendTurnsRequest\x1a(.meshgate.context.v1.AppendTurnsResponse\x12l\n\x0f\x41ssembleContext\x12+.meshgate.context.v1.AssembleContextRequest\x1a,.meshgate.context.v1.AssembleContextResponse\x12`\n\x0b\x46orkSession\x12\'.meshgate.context.v1.ForkSessionRequest\x1a(.meshgate.context.v1.ForkSessionResponse\x12\x66\n\rRevertSession\x12).meshgate.context.v1.RevertSessionRequest\x1a*.meshgate.context.v1.RevertSessionResponse\x12\x63\n\x0cPinToSession\x12(.meshgate.context.v1.PinToSessionRequest\x1a).meshgate.context.v1.PinToSessionResponse\x12o\n\x10UnpinFromSession\x12,.meshgate.context.v1.UnpinFromSessionRequest\x1a-.meshgate.context.v1.UnpinFromSessionResponse\x12l\n\x0fPrefetchSession\x12+.meshgate.context.v1.PrefetchSessionRequest\x1a,.meshgate.context.v1.PrefetchSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshgate.context.v1.context_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ASSEMBLYSTRATEGY']._serialized_start=3229
-  _globals['_ASSEMBLYSTRATEGY']._serialized_end=3344
-  _globals['_DISPOSITION']._serialized_start=3346
-  _globals['_DISPOSITION']._serialized_end=3467
-  _globals['_SOURCE']._serialized_start=3470
-  _globals['_SOURCE']._serialized_end=3609
-  _globals['_INCLUSIONREASON']._serialized_start=3612
-  _globals['_INCLUSIONREASON']._serialized_end=3876
+  _globals['_ASSEMBLYSTRATEGY']._serialized_start=3387
+  _globals['_ASSEMBLYSTRATEGY']._serialized_end=3502
+  _globals['_DISPOSITION']._serialized_start=3504
+  _globals['_DISPOSITION']._serialized_end=3625
+  _globals['_SOURCE']._serialized_start=3628
+  _globals['_SOURCE']._serialized_end=3767
+  _globals['_INCLUSIONREASON']._serialized_start=3770
+  _globals['_INCLUSIONREASON']._serialized_end=4034
   _globals['_SESSION']._serialized_start=100
   _globals['_SESSION']._serialized_end=285
   _globals['_CREATESESSIONREQUEST']._serialized_start=287
@@ -57,41 +57,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPENDTURNSREQUEST']._serialized_start=640
   _globals['_APPENDTURNSREQUEST']._serialized_end=810
   _globals['_APPENDTURNSRESPONSE']._serialized_start=812
-  _globals['_APPENDTURNSRESPONSE']._serialized_end=868
-  _globals['_ASSEMBLECONTEXTREQUEST']._serialized_start=871
-  _globals['_ASSEMBLECONTEXTREQUEST']._serialized_end=1192
-  _globals['_APPENDRESERVATION']._serialized_start=1194
-  _globals['_APPENDRESERVATION']._serialized_end=1305
-  _globals['_PINTOSESSIONREQUEST']._serialized_start=1307
-  _globals['_PINTOSESSIONREQUEST']._serialized_end=1415
-  _globals['_UNPINFROMSESSIONREQUEST']._serialized_start=1417
-  _globals['_UNPINFROMSESSIONREQUEST']._serialized_end=1529
-  _globals['_UNPINFROMSESSIONRESPONSE']._serialized_start=1531
-  _globals['_UNPINFROMSESSIONRESPONSE']._serialized_end=1576
-  _globals['_PREFETCHSESSIONREQUEST']._serialized_start=1578
-  _globals['_PREFETCHSESSIONREQUEST']._serialized_end=1641
-  _globals['_PREFETCHSESSIONRESPONSE']._serialized_start=1643
-  _globals['_PREFETCHSESSIONRESPONSE']._serialized_end=1689
-  _globals['_PINTOSESSIONRESPONSE']._serialized_start=1691
-  _globals['_PINTOSESSIONRESPONSE']._serialized_end=1732
-  _globals['_ASSEMBLECONTEXTRESPONSE']._serialized_start=1735
-  _globals['_ASSEMBLECONTEXTRESPONSE']._serialized_end=1962
-  _globals['_SUMMARYREF']._serialized_start=1965
-  _globals['_SUMMARYREF']._serialized_end=2095
-  _globals['_ASSEMBLYINPUTS']._serialized_start=2098
-  _globals['_ASSEMBLYINPUTS']._serialized_end=2450
-  _globals['_FORKSESSIONREQUEST']._serialized_start=2452
-  _globals['_FORKSESSIONREQUEST']._serialized_end=2552
-  _globals['_FORKSESSIONRESPONSE']._serialized_start=2554
-  _globals['_FORKSESSIONRESPONSE']._serialized_end=2622
-  _globals['_REVERTSESSIONREQUEST']._serialized_start=2624
-  _globals['_REVERTSESSIONREQUEST']._serialized_end=2749
-  _globals['_REVERTSESSIONRESPONSE']._serialized_start=2751
-  _globals['_REVERTSESSIONRESPONSE']._serialized_end=2791
-  _globals['_MANIFESTENTRY']._serialized_start=2794
-  _globals['_MANIFESTENTRY']._serialized_end=3089
-  _globals['_CONTEXTMANIFEST']._serialized_start=3092
-  _globals['_CONTEXTMANIFEST']._serialized_end=3227
-  _globals['_CONTEXTSERVICE']._serialized_start=3879
-  _globals['_CONTEXTSERVICE']._serialized_end=4932
+  _globals['_APPENDTURNSRESPONSE']._serialized_end=926
+  _globals['_SUMMARYUSAGE']._serialized_start=928
+  _globals['_SUMMARYUSAGE']._serialized_end=1026
+  _globals['_ASSEMBLECONTEXTREQUEST']._serialized_start=1029
+  _globals['_ASSEMBLECONTEXTREQUEST']._serialized_end=1350
+  _globals['_APPENDRESERVATION']._serialized_start=1352
+  _globals['_APPENDRESERVATION']._serialized_end=1463
+  _globals['_PINTOSESSIONREQUEST']._serialized_start=1465
+  _globals['_PINTOSESSIONREQUEST']._serialized_end=1573
+  _globals['_UNPINFROMSESSIONREQUEST']._serialized_start=1575
+  _globals['_UNPINFROMSESSIONREQUEST']._serialized_end=1687
+  _globals['_UNPINFROMSESSIONRESPONSE']._serialized_start=1689
+  _globals['_UNPINFROMSESSIONRESPONSE']._serialized_end=1734
+  _globals['_PREFETCHSESSIONREQUEST']._serialized_start=1736
+  _globals['_PREFETCHSESSIONREQUEST']._serialized_end=1799
+  _globals['_PREFETCHSESSIONRESPONSE']._serialized_start=1801
+  _globals['_PREFETCHSESSIONRESPONSE']._serialized_end=1847
+  _globals['_PINTOSESSIONRESPONSE']._serialized_start=1849
+  _globals['_PINTOSESSIONRESPONSE']._serialized_end=1890
+  _globals['_ASSEMBLECONTEXTRESPONSE']._serialized_start=1893
+  _globals['_ASSEMBLECONTEXTRESPONSE']._serialized_end=2120
+  _globals['_SUMMARYREF']._serialized_start=2123
+  _globals['_SUMMARYREF']._serialized_end=2253
+  _globals['_ASSEMBLYINPUTS']._serialized_start=2256
+  _globals['_ASSEMBLYINPUTS']._serialized_end=2608
+  _globals['_FORKSESSIONREQUEST']._serialized_start=2610
+  _globals['_FORKSESSIONREQUEST']._serialized_end=2710
+  _globals['_FORKSESSIONRESPONSE']._serialized_start=2712
+  _globals['_FORKSESSIONRESPONSE']._serialized_end=2780
+  _globals['_REVERTSESSIONREQUEST']._serialized_start=2782
+  _globals['_REVERTSESSIONREQUEST']._serialized_end=2907
+  _globals['_REVERTSESSIONRESPONSE']._serialized_start=2909
+  _globals['_REVERTSESSIONRESPONSE']._serialized_end=2949
+  _globals['_MANIFESTENTRY']._serialized_start=2952
+  _globals['_MANIFESTENTRY']._serialized_end=3247
+  _globals['_CONTEXTMANIFEST']._serialized_start=3250
+  _globals['_CONTEXTMANIFEST']._serialized_end=3385
+  _globals['_CONTEXTSERVICE']._serialized_start=4037
+  _globals['_CONTEXTSERVICE']._serialized_end=5090
 # @@protoc_insertion_point(module_scope)

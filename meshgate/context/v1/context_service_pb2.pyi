@@ -137,12 +137,26 @@ class AppendTurnsRequest(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., expected_version: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., any_version: _Optional[bool] = ..., turn_id: _Optional[str] = ...) -> None: ...
 
 class AppendTurnsResponse(_message.Message):
-    __slots__ = ("version", "replayed")
+    __slots__ = ("version", "replayed", "summary_usage")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_USAGE_FIELD_NUMBER: _ClassVar[int]
     version: int
     replayed: bool
-    def __init__(self, version: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    summary_usage: _containers.RepeatedCompositeFieldContainer[SummaryUsage]
+    def __init__(self, version: _Optional[int] = ..., replayed: _Optional[bool] = ..., summary_usage: _Optional[_Iterable[_Union[SummaryUsage, _Mapping]]] = ...) -> None: ...
+
+class SummaryUsage(_message.Message):
+    __slots__ = ("model", "prompt_tokens", "completion_tokens", "summaries")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARIES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    summaries: int
+    def __init__(self, model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., summaries: _Optional[int] = ...) -> None: ...
 
 class AssembleContextRequest(_message.Message):
     __slots__ = ("tenant_id", "session_id", "new_messages", "model", "max_prompt_tokens", "at_version", "strategy", "append_reservation")
