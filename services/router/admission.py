@@ -96,7 +96,7 @@ from meshgate import redis_access
 from meshgate.config import LimitSettings, PriceSettings, RouterSettings
 from meshgate.errors import MeshgateError, retry_info, unavailable
 from meshgate.reasons import Reason
-from services.router.ledger import Ledger, UsageRecord
+from services.router.ledger import SUMMARY_USAGE, Ledger, UsageRecord
 from services.router.prompt_bound import PromptBound, bound_of
 from services.router.script_calls import Backlog, never_ran, run_scripts
 
@@ -859,6 +859,28 @@ class Admission:
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
 
+    def charge_spent(self, scopes: list[Scope], tokens: int, nano_usd: int) -> str:
+        """Charges use no turn was admitted for (a session's summaries, made
+        in the background) to the scopes' day and month budgets, as a turn
+        admitted without Redis settles: nothing reserved, the whole use
+        charged, whatever budget it passes (it is spent already; later turns
+        see it). Not the per-minute windows: those pace the tenant's own
+        requests, and the use came at no one request's time. Batched, as
+        settle_soon. Returns the UTC day charged (the ledger's for it)."""
+        second = int(self._now_s())
+        day = _period_ids(second)[0]
+        budgets = tuple(
+            check
+            for scope in scopes
+            if scope.limits.configured()
+            for check in self._plan(scope).checks(second)
+            if check.kind == "budget"
+        )
+        if budgets:
+            spent = Reservation(uuid.uuid4().hex, 0, 0, budgets, day=day, unchecked=True)
+            self.settle_soon(spent, tokens, nano_usd)
+        return day
+
     async def settle(self, reservation: Reservation, tokens: int, nano_usd: int) -> None:
         """Replaces the reservation by what the turn used and frees its
         stream, now."""
@@ -1107,6 +1129,36 @@ class TurnAdmission:
             # In the totals, not the log: a refusal costs its caller nothing,
             # and the log's length is every tenant's (ledger.py).
             self._record(turn, outcome, False, 0, 0, 0, "", logged=False)
+
+    def summaries_spent(self, turn, spends) -> None:
+        """What the summaries of the turn's session spent on each model
+        (pipeline.SummarySpend), reported by the turn's append: billed to the
+        turn's tenant and key as that model's usage (its alias's prices and
+        limits: the summary model's name as an alias), to their budgets after
+        the fact (Admission.charge_spent), and to the ledger as a summary
+        record, not a request."""
+        for spend in spends:
+            price = self._settings.prices.get(spend.model)
+            nano_usd = cost_nano_usd(price, spend.prompt_tokens, spend.completion_tokens)
+            scopes = admission_scopes(turn.tenant, spend.model, self._settings)
+            tokens = spend.prompt_tokens + spend.completion_tokens
+            day = self._admission.charge_spent(scopes, tokens, nano_usd)
+            if self._ledger is not None:
+                usage = UsageRecord(
+                    tenant=turn.tenant.id,
+                    key_id=turn.tenant.key_id,
+                    model=spend.model,
+                    deployment="",
+                    prompt_tokens=spend.prompt_tokens,
+                    completion_tokens=spend.completion_tokens,
+                    saved_tokens=0,
+                    cache_status=SUMMARY_USAGE,
+                    cost_nano_usd=nano_usd,
+                    latency_ms=0,
+                    day=day,
+                    summaries=spend.summaries,
+                )
+                self._ledger.submit(usage)
 
     async def admit_embedding(self, tenant, model: str, input_tokens_bound: int) -> Reservation:
         """An embedding request's admission (services/router/embeddings.py):

@@ -38,7 +38,7 @@ from meshgate.reasons import Reason
 from services.router.auth import Tenant
 from services.router.deployments import PREFIX_BLOCK_CHARS, DeploymentTable, left_rotation
 from services.router.hot_exact import HotExactHits
-from services.router.pipeline import Answer, Budget, CachePlan, CacheStatus, Hit, Turn
+from services.router.pipeline import Answer, Appended, Budget, CachePlan, CacheStatus, Hit, SummarySpend, Turn
 
 log = structlog.get_logger(__name__)
 
@@ -233,7 +233,7 @@ class ContextService:
         except grpc.aio.AioRpcError as error:
             log.debug("session warm-up failed", session_id=session_id, code=error.code().name)
 
-    async def append(self, turn: Turn, session_id: str, after_version: int, answer: Answer) -> int:
+    async def append(self, turn: Turn, session_id: str, after_version: int, answer: Answer) -> Appended:
         """Appends the turn's messages and the answer as one adjacent block.
 
         Strict turns append only at the version they were answered from
@@ -258,7 +258,13 @@ class ContextService:
                 response = await self._stub.AppendTurns(
                     request, **self._call_options(turn.tenant.id, turn.budget)
                 )
-                return response.version
+                # A retry's reply carries what the first attempt took, if it
+                # did (its reply was lost): billed once, from this one.
+                spends = tuple(
+                    SummarySpend(u.model, u.prompt_tokens, u.completion_tokens, u.summaries)
+                    for u in response.summary_usage
+                )
+                return Appended(response.version, spends)
             except grpc.aio.AioRpcError as error:
                 # UNAVAILABLE: the context service or its Redis is restarting
                 # (the pause is for Redis: the channel is ready at once);

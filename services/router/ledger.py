@@ -8,7 +8,9 @@ one round trip (a call that fails leaves the others written):
 - ``mg:router:usage:log``, a stream: one entry per turn with tenant, key
   id, model alias, deployment, prompt and completion tokens, tokens a cache
   hit saved, cache status, cost (nano-USD), latency (ms) and the failure
-  reason ("" when it completed); trimmed to about
+  reason ("" when it completed), and for the usage of a session's summaries
+  (cache status ``summary``, billed with the session's next turn: no
+  request) how many summaries it was; trimmed to about
   ``router.usage_stream_max_len`` entries. A turn refused at admission is
   counted in the totals only (``submit(..., logged=False)``): refusals cost
   the caller almost nothing, and a tenant hammering past its limit would
@@ -43,7 +45,15 @@ METRICS = (
     "saved_tokens",
     "cost_nano_usd",
     "latency_ms",
+    # What the context service's summaries of the tenant's sessions used, of
+    # the prompt and completion tokens above (pipeline.SummarySpend).
+    "summaries",
+    "summary_prompt_tokens",
+    "summary_completion_tokens",
 )
+# The cache status of a record of a session's summaries' usage: not a turn
+# (no request), tokens a model spent on the session in the background.
+SUMMARY_USAGE = "summary"
 
 # Separates a record's values in the one argument that carries them all:
 # one argument instead of 42 (redis-py's encoding of each argument was most
@@ -69,6 +79,9 @@ class UsageRecord:
     # its budgets were charged (admission.Reservation.day); "" for the day
     # it is written.
     day: str = ""
+    # A record of a session's summaries' usage (cache_status SUMMARY_USAGE):
+    # how many summaries; 0 for a turn.
+    summaries: int = 0
 
 
 _FIELD_NAMES = tuple(field.name for field in dataclasses.fields(UsageRecord))
@@ -96,8 +109,14 @@ for r = 6, #ARGV do
   end
   if log then redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(entry)) end
   if totals then
+    local summary = values.cache_status == '"""
+    + SUMMARY_USAGE
+    + """'
     local increments = {
-      requests = 1,
+      requests = summary and 0 or 1,
+      summaries = values.summaries,
+      summary_prompt_tokens = summary and values.prompt_tokens or 0,
+      summary_completion_tokens = summary and values.completion_tokens or 0,
       failures = values.failure ~= '' and 1 or 0,
       cache_hits = string.sub(values.cache_status, -3) == 'hit' and 1 or 0,
       prompt_tokens = values.prompt_tokens, completion_tokens = values.completion_tokens,

@@ -275,6 +275,29 @@ class _TurnFacts:
     prompt: list[common_pb2.Message] | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class SummarySpend:
+    """What the context service's summaries of a session spent on one model
+    (context.v1.SummaryUsage): the session's tenant's usage, though no turn
+    of it asked for them."""
+
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    summaries: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Appended:
+    """What a turn's append to its session did."""
+
+    version: int
+    # The session's summaries' spend no append had reported: this one took
+    # it, and the router bills it to the tenant (Admission.summaries_spent),
+    # or no one will.
+    summary_spend: tuple[SummarySpend, ...] = ()
+
+
 # --- stage interfaces --------------------------------------------------------
 
 
@@ -287,8 +310,9 @@ class Contexts(Protocol):
         """The prompt and the session version it was built from; None when a
         stateless turn should go out as sent (context service unreachable)."""
 
-    async def append(self, turn: Turn, session_id: str, after_version: int, answer: Answer) -> int:
-        """Appends the turn and its answer; returns the new version."""
+    async def append(self, turn: Turn, session_id: str, after_version: int, answer: Answer) -> Appended:
+        """Appends the turn and its answer; returns the new version, and
+        what the session's summaries spent that the append took to bill."""
 
     async def prefetch(self, tenant: Tenant, session_id: str) -> None:
         """Asks that the session be readied for its next assembly; never fails."""
@@ -349,6 +373,11 @@ class Admission(Protocol):
         session's history is known (reserve_prompt) is by ``settle``, as a
         failure that used nothing, for the two are one event to the tenant."""
 
+    def summaries_spent(self, turn: Turn, spends: tuple[SummarySpend, ...]) -> None:
+        """What the summaries of ``turn``'s session spent, reported by its
+        append: the tenant's usage and budgets, charged after the fact (the
+        turn itself is not refused for it)."""
+
     # Optional (an admission that reserves no tokens, Unlimited or a test's
     # fake, leaves it out):
     #
@@ -372,6 +401,9 @@ class Unlimited:
         return None
 
     def refused(self, turn: Turn, outcome: Outcome) -> None:
+        return None
+
+    def summaries_spent(self, turn: Turn, spends: tuple[SummarySpend, ...]) -> None:
         return None
 
 
@@ -785,7 +817,10 @@ class Pipeline:
             # non-OK, saying how much of it the caller holds.
             raise partly_delivered(failure, delivered, len(answer.text), answer.completion_tokens) from None
         if not stateless:
-            version = saved[-1]
+            appended = saved[-1]
+            version = appended.version
+            if appended.summary_spend:
+                self._admission.summaries_spent(turn, appended.summary_spend)
         log.info(
             "turn",
             tenant=turn.tenant.id,

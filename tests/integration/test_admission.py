@@ -23,7 +23,16 @@ from services.router import admission as admission_module
 from services.router.admission import Admission, Scope, TurnAdmission
 from services.router.auth import Tenant
 from services.router.ledger import Ledger
-from services.router.pipeline import Answer, Budget, CacheStatus, Completion, Failure, Outcome, Pipeline
+from services.router.pipeline import (
+    Answer,
+    Appended,
+    Budget,
+    CacheStatus,
+    Completion,
+    Failure,
+    Outcome,
+    Pipeline,
+)
 from services.router.prompt_bound import prompt_bounds
 
 pytestmark = pytest.mark.integration
@@ -582,9 +591,9 @@ class _SessionContexts:
     async def assemble(self, turn):
         return [self.history, *turn.messages], 1
 
-    async def append(self, turn, session_id, after_version, answer) -> int:
+    async def append(self, turn, session_id, after_version, answer) -> Appended:
         self.appended.append(session_id)
-        return after_version + 1
+        return Appended(after_version + 1)
 
     async def prefetch(self, tenant, session_id) -> None:
         return None

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from meshgate import redis_access
-from services.router.ledger import STREAM, Ledger, UsageRecord, day_key
+from services.router.ledger import STREAM, SUMMARY_USAGE, Ledger, UsageRecord, day_key
 
 pytestmark = pytest.mark.integration
 
@@ -27,11 +27,13 @@ async def test_turns_are_logged_and_aggregated_per_key_model_and_day(redis_url, 
         completed = UsageRecord(tenant, "k1", "tiny-gpt", "live", 40, 20, 0, "miss", 9_000, 120)
         hit = UsageRecord(tenant, "k1", "tiny-gpt", "live", 0, 0, 60, "exact_hit", 900, 5)
         failed = UsageRecord(tenant, "k2", "tiny-gpt", "live", 0, 3, 0, "miss", 0, 50, "DEADLINE_EXCEEDED")
-        for record in (completed, hit, failed):
+        # Two summaries of a session of k1's turns: the tokens, but no request.
+        summaries = UsageRecord(tenant, "k1", "tiny-gpt", "", 300, 30, 0, SUMMARY_USAGE, 360, 0, summaries=2)
+        for record in (completed, hit, failed, summaries):
             await ledger.record(record)
         now[0] += 120  # the next UTC day
         await ledger.record(completed)
-        assert await client.xlen(STREAM) == before + 4
+        assert await client.xlen(STREAM) == before + 5
         last = (await client.xrevrange(STREAM, count=1))[0][1]
         assert last[b"tenant"] == tenant.encode() and last[b"prompt_tokens"] == b"40"
 
@@ -41,16 +43,19 @@ async def test_turns_are_logged_and_aggregated_per_key_model_and_day(redis_url, 
             "requests": 2,
             "failures": 0,
             "cache_hits": 1,
-            "prompt_tokens": 40,
-            "completion_tokens": 20,
+            "prompt_tokens": 340,
+            "completion_tokens": 50,
             "saved_tokens": 60,
-            "cost_nano_usd": 9_900,
+            "cost_nano_usd": 10_260,
             "latency_ms": 125,
+            "summaries": 2,
+            "summary_prompt_tokens": 300,
+            "summary_completion_tokens": 30,
         }
         assert first_day[("k2", "tiny-gpt")]["failures"] == 1
         both = await ledger.usage(tenant, may_1, may_2)
         assert both[("k1", "tiny-gpt")]["requests"] == 3
-        assert both[("k1", "tiny-gpt")]["prompt_tokens"] == 80
+        assert both[("k1", "tiny-gpt")]["prompt_tokens"] == 380
         # Kept for the retention period, not forever, under the key the
         # router names (in KEYS) for its cluster slot.
         assert 0 < await client.ttl(day_key(tenant, "2026-05-01")) <= 2 * 24 * 3600

@@ -21,7 +21,7 @@ from meshgate.mesh_auth import TenantTokens
 from meshgate.reasons import Reason
 from services.router import downstream
 from services.router.auth import Tenant
-from services.router.pipeline import Answer, Budget
+from services.router.pipeline import Answer, Appended, Budget, SummarySpend
 
 
 def unavailable() -> grpc.aio.AioRpcError:
@@ -111,7 +111,17 @@ def service(
             channel,
             failure,
         ),
-        AppendTurns=Method(context_pb.AppendTurnsResponse(version=7), failures, channel, failure),
+        AppendTurns=Method(
+            context_pb.AppendTurnsResponse(
+                version=7,
+                summary_usage=[
+                    context_pb.SummaryUsage(model="m", prompt_tokens=90, completion_tokens=9, summaries=1)
+                ],
+            ),
+            failures,
+            channel,
+            failure,
+        ),
     )
     return downstream.ContextService(stub, TenantTokens(None, 60), RouterSettings(), channel=channel), stub
 
@@ -195,7 +205,10 @@ async def test_an_append_waits_for_the_channel_and_keeps_its_turn_id(monkeypatch
     monkeypatch.setattr(downstream, "_APPEND_RETRY_DELAY_S", 0.0)
     channel = Channel(after_s=0.01)
     context, stub = service(channel, failures=2)
-    assert await context.append(turn("s1"), "s1", 3, Answer(text="fine")) == 7
+    # The reply of the attempt that got one: the summaries' spend its first
+    # application took (a reply lost to the restart) comes with it, to bill.
+    spend = SummarySpend("m", 90, 9, 1)
+    assert await context.append(turn("s1"), "s1", 3, Answer(text="fine")) == Appended(7, (spend,))
     # Its own three attempts, the later ones once the channel is ready,
     # all under one turn id: a reply lost to the restart is answered, not applied twice.
     assert stub.AppendTurns.calls == 3
@@ -255,7 +268,7 @@ async def test_another_resource_exhausted_neither_degrades_a_stateless_turn_nor_
 async def test_an_append_a_busy_replica_refused_is_sent_again_under_its_turn_id(monkeypatch):
     monkeypatch.setattr(downstream, "_APPEND_RETRY_DELAY_S", 0.0)
     context, stub = service(Channel(after_s=0.0), failures=2, failure=busy)
-    assert await context.append(turn("s1"), "s1", 3, Answer(text="fine")) == 7
+    assert (await context.append(turn("s1"), "s1", 3, Answer(text="fine"))).version == 7
     assert stub.AppendTurns.calls == 3
     assert len({request.turn_id for request in stub.AppendTurns.requests}) == 1
 

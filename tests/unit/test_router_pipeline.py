@@ -23,6 +23,7 @@ from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.auth import Tenant
 from services.router.pipeline import (
     Answer,
+    Appended,
     Budget,
     CacheStatus,
     Completion,
@@ -30,6 +31,7 @@ from services.router.pipeline import (
     Failure,
     Hit,
     Pipeline,
+    SummarySpend,
     replay_pieces,
 )
 
@@ -53,6 +55,8 @@ class FakeContexts:
         self.assembled: list[str] = []
         self.appended: list[tuple[str, int, str]] = []
         self.append_error: MeshgateError | None = None
+        # What the session's summaries spent, for the next append to report.
+        self.summary_spend: tuple[SummarySpend, ...] = ()
 
     async def create_session(self, tenant, budget) -> str:
         self.created.append(tenant.id)
@@ -65,11 +69,12 @@ class FakeContexts:
         history = [user("earlier")] if turn.session_id else []
         return [*history, *turn.messages], self.version if turn.session_id else 0
 
-    async def append(self, turn, session_id, after_version, answer) -> int:
+    async def append(self, turn, session_id, after_version, answer) -> Appended:
         if self.append_error is not None:
             raise self.append_error
         self.appended.append((session_id, after_version, answer.text))
-        return after_version + 1
+        spend, self.summary_spend = self.summary_spend, ()
+        return Appended(after_version + 1, spend)
 
 
 class FakeCache:
@@ -146,6 +151,7 @@ class RecordingAdmission:
         self.admitting = asyncio.Event()
         self.settled: list = []
         self.refusals: list = []
+        self.summary_spends: list = []
 
     def waits(self, turn) -> bool:
         return self.round_trip is not None
@@ -163,6 +169,9 @@ class RecordingAdmission:
 
     def refused(self, turn, outcome) -> None:
         self.refusals.append(outcome)
+
+    def summaries_spent(self, turn, spends) -> None:
+        self.summary_spends.append((turn.tenant.id, spends))
 
 
 def pipeline(contexts=None, cache=None, generator=None, admission=None, **settings):
@@ -332,6 +341,20 @@ async def test_a_session_turn_answers_from_its_history_and_appends():
     assert (events[-1].session_id, events[-1].session_version) == ("s9", 4)
     # Routing sees the session (session affinity over deployments).
     assert parts["generator"].session_ids == ["s9"]
+
+
+async def test_what_a_sessions_summaries_spent_is_billed_to_the_tenant_of_the_turn_whose_append_took_it():
+    contexts = FakeContexts(version=3)
+    spend = (SummarySpend("summarizer", 400, 60, 2),)
+    contexts.summary_spend = spend
+    admission = RecordingAdmission()
+    turns, _ = pipeline(contexts=contexts, admission=admission)
+    await events_of(turns.run(request("next"), TENANT, "s9", Budget()))
+    assert admission.summary_spends == [(TENANT.id, spend)]
+    # The turn itself settles as before; the next append took nothing more.
+    assert len(admission.settled) == 1
+    await events_of(turns.run(request("again"), TENANT, "s9", Budget()))
+    assert admission.summary_spends == [(TENANT.id, spend)]
 
 
 async def test_a_strict_turn_at_another_version_is_refused_before_generating():

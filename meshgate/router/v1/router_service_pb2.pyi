@@ -208,7 +208,7 @@ class GetUsageResponse(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ..., first_day: _Optional[str] = ..., last_day: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ...) -> None: ...
 
 class UsageRow(_message.Message):
-    __slots__ = ("key_id", "model", "requests", "failures", "cache_hits", "prompt_tokens", "completion_tokens", "saved_tokens", "cost_nano_usd", "latency_ms_total")
+    __slots__ = ("key_id", "model", "requests", "failures", "cache_hits", "prompt_tokens", "completion_tokens", "saved_tokens", "cost_nano_usd", "latency_ms_total", "summaries", "summary_prompt_tokens", "summary_completion_tokens")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +219,9 @@ class UsageRow(_message.Message):
     SAVED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COST_NANO_USD_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SUMMARIES_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     model: str
     requests: int
@@ -229,4 +232,7 @@ class UsageRow(_message.Message):
     saved_tokens: int
     cost_nano_usd: int
     latency_ms_total: int
-    def __init__(self, key_id: _Optional[str] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., cache_hits: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., saved_tokens: _Optional[int] = ..., cost_nano_usd: _Optional[int] = ..., latency_ms_total: _Optional[int] = ...) -> None: ...
+    summaries: int
+    summary_prompt_tokens: int
+    summary_completion_tokens: int
+    def __init__(self, key_id: _Optional[str] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., cache_hits: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., saved_tokens: _Optional[int] = ..., cost_nano_usd: _Optional[int] = ..., latency_ms_total: _Optional[int] = ..., summaries: _Optional[int] = ..., summary_prompt_tokens: _Optional[int] = ..., summary_completion_tokens: _Optional[int] = ...) -> None: ...
