@@ -122,8 +122,7 @@ def topic_turn(earlier: Sequence[common_pb2.Message]) -> str | None:
 def matched_exactly(messages: Sequence[common_pb2.Message]) -> list[common_pb2.Message]:
     """What of a prompt's earlier messages its question is only matched
     among the same of (keys.context_id), not by meaning: every system
-    message, and the first reply to the topic turn as far as a follow-up may
-    refer to it.
+    message, and what the assistant said that a follow-up may refer to.
 
     A system message says how to answer ("Answer only in French", a
     persona, a format): the same question under another one has another
@@ -136,40 +135,56 @@ def matched_exactly(messages: Sequence[common_pb2.Message]) -> list[common_pb2.M
     a reworded one still matches. A longer reply binds its whole text: two
     poems answered to "Write a poem about cats" make "Make it shorter" two
     questions (one was served the other's answer). Only the first reply:
-    later ones are mostly small talk ("Anything else?")."""
+    later ones are mostly small talk ("Anything else?").
+
+    With no topic turn (a question after small talk only, or after a
+    prompt's opening assistant message), the assistant's messages are all
+    the question can refer to, so each binds as a reply does: a bug hunt
+    served "When will it arrive?" after "Your order 4521 has shipped" the
+    answer given after "Your order 7788 was cancelled" (and to the bare
+    question), at similarity 1.0. A greeting ("Hello! How can I help you
+    today?") binds nothing, so conversations opening with one still share."""
     exact = [m for m in messages[:-1] if m.role not in (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)]
     found = _topic_at(messages[:-1])
     if found is None:
-        return exact
-    after = (m for m in messages[found[0] + 1 : -1] if m.role == common_pb2.ROLE_ASSISTANT)
-    reply = next(after, None)
-    if reply is None:
-        return exact
-    text = normalize_text(reply.content)
+        topic = ""
+        replies = [m for m in messages[:-1] if m.role == common_pb2.ROLE_ASSISTANT]
+    else:
+        at, topic = found
+        after = (m for m in messages[at + 1 : -1] if m.role == common_pb2.ROLE_ASSISTANT)
+        replies = [reply] if (reply := next(after, None)) is not None else []
+    for reply in replies:
+        bound = _bound_by_reply(normalize_text(reply.content), topic)
+        if bound is not None:
+            exact.append(bound)
+    return exact
+
+
+def _bound_by_reply(text: str, topic: str) -> common_pb2.Message | None:
+    """What an assistant's reply (normalized) to ``topic`` (normalized; ""
+    for none) binds: its whole text, its referents, or nothing (an
+    acknowledgement)."""
     whole = common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=text)
     if len(text) > REPLY_ANALYSIS_MAX_CHARS or not text.isascii():
         # Bound whole: not analysed on every lookup and store, nor read by
         # an analysis that sees ASCII letters only ("東京" and "大阪" had no
         # words, "Zürich" was "z rich").
-        exact.append(whole)
-        return exact
+        return whole
     analysis = analyze(text)
-    topic = found[1]
     # A topic turn too long to analyse shares no word: the reply's are all new (the stricter side).
     said = analyze(topic).content if len(topic) <= REPLY_ANALYSIS_MAX_CHARS else frozenset()
     new_words = analysis.content - said - _REPLY_FILLER
     if len(new_words) > SHORT_REPLY_WORDS:
-        exact.append(whole)
-        return exact
+        return whole
     # Names as the content words spell them, so "Paris." (no name: it opens
     # the sentence) and "It's Paris." bind the same; numbers as the analysis
     # writes them ("7", "seven" -> "7").
     words = {singular(name) for name in analysis.names} | new_words
     words -= analysis.numbers.keys() | NUMBER_WORDS.keys()
     referents = sorted(words) + sorted(analysis.numbers.elements())
-    if referents:
-        exact.append(common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=" ".join(referents)))
-    return exact
+    if not referents:
+        return None
+    return common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=" ".join(referents))
 
 
 def resolve(messages: Sequence[common_pb2.Message]) -> tuple[str, bool]:

@@ -202,6 +202,27 @@ async def test_a_conversation_whose_context_changed_is_not_served(stub, tenant):
     assert (await lookup(stub, tenant, conversation(CANCEL))).status == pb.LOOKUP_STATUS_MISS
 
 
+async def test_a_question_after_other_assistant_news_and_no_topic_turn_is_not_served(stub, tenant):
+    """No user turn says anything before the question, so it refers to what
+    the assistant said: the answer given after one order's news was served
+    after another's, and to the bare question, at similarity 1.0."""
+
+    def after(*said: str) -> list[common_pb2.Message]:
+        return [
+            *(common_pb2.Message(role=ASSISTANT, content=text) for text in said),
+            common_pb2.Message(role=USER, content="When will it arrive?"),
+        ]
+
+    shipped = "Your order 4521 has shipped and arrives Monday."
+    await store(stub, tenant, after(shipped), text="On Monday.")
+    for messages in (after("Your order 7788 was cancelled and refunded."), after()):
+        response = await lookup(stub, tenant, messages)
+        assert response.status == pb.LOOKUP_STATUS_MISS, messages[0].content
+    # The same news after a greeting: served.
+    again = await lookup(stub, tenant, [*conversation("Hi!", shipped, "When will it arrive?")])
+    assert again.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and again.answer.text == "On Monday."
+
+
 async def test_expired_entries_are_gone(stub, tenant):
     await store(stub, tenant, conversation(STORED), ttl_seconds=1)
     assert (await lookup(stub, tenant, conversation(STORED))).status == pb.LOOKUP_STATUS_EXACT_HIT

@@ -125,9 +125,28 @@ def test_system_messages_and_the_first_replys_numbers_and_names_are_matched_exac
     # A reply with neither binds nothing: a reworded acknowledgement still matches.
     acknowledged = turns("I pay for the premium plan.", "Noted, you are on the premium plan.", "Cancel it?")
     assert conversation.matched_exactly(acknowledged) == []
-    # No topic turn: no reply is bound; a single question binds nothing.
-    assert [m.content for m in conversation.matched_exactly(turns("Hi!", "Hello 7!", "Why?"))] == []
+    # A single question binds nothing.
     assert conversation.matched_exactly(turns("Why?")) == []
+
+
+def test_with_no_topic_turn_every_assistant_message_binds_as_a_reply():
+    """After small talk only, or an opening assistant message, what the
+    assistant said is all the question can refer to (one was served the
+    answer given after another order's news)."""
+
+    def bound(*messages: common_pb2.Message) -> list[str]:
+        return [m.content for m in conversation.matched_exactly([*messages, turns("Where is it now?")[0]])]
+
+    def said(text: str) -> common_pb2.Message:
+        return common_pb2.Message(role=ASSISTANT, content=text)
+
+    hi = turns("Hi!")[0]
+    assert bound(said("Your order 4521 has shipped.")) != bound(said("Your order 7788 has shipped."))
+    assert bound(hi, said("Hello 7!")) == ["7"]
+    news = bound(hi, said("Hello!"), hi, said("Order 4521 has shipped."))
+    assert news == bound(said("Order 4521 shipped."))
+    # A greeting binds nothing: conversations opening with one still share.
+    assert bound(said("Hello! How can I help you today?")) == bound(hi, said("Hi there!")) == []
 
 
 def test_a_short_replys_words_are_matched_exactly_names_or_not():
