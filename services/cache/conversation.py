@@ -126,37 +126,36 @@ def matched_exactly(messages: Sequence[common_pb2.Message]) -> list[common_pb2.M
 
     A system message says how to answer ("Answer only in French", a
     persona, a format): the same question under another one has another
-    answer, whatever the words. The assistant's reply to the topic turn is
-    often what a follow-up refers to, and the verifier reads only the user's
-    turns. A short reply (SHORT_REPLY_WORDS) binds its numbers and names and
-    the words the topic turn does not already say ("Pick a number." / "7" /
-    "What is it doubled?"; "Name a city." / "Paris."); an acknowledgement
-    ("Noted, you are on the premium plan." / "Of course.") binds nothing, so
-    a reworded one still matches. A longer reply binds its whole text: two
-    poems answered to "Write a poem about cats" make "Make it shorter" two
-    questions (one was served the other's answer). Only the first reply:
-    later ones are mostly small talk ("Anything else?").
+    answer, whatever the words. The assistant's replies since the topic
+    turn are often what a follow-up refers to, and the verifier reads only
+    the user's turns. A short reply (SHORT_REPLY_WORDS) binds its numbers
+    and names and the words the topic turn does not already say ("Pick a
+    number." / "7" / "What is it doubled?"; "Name a city." / "Paris."); an
+    acknowledgement ("Noted, you are on the premium plan." / "Of course.")
+    binds nothing, so a reworded one still matches. A longer reply binds its
+    whole text: two poems answered to "Write a poem about cats" make "Make
+    it shorter" two questions (one was served the other's answer).
 
-    With no topic turn (a question after small talk only, or after a
-    prompt's opening assistant message), the assistant's messages are all
-    the question can refer to, so each binds as a reply does: a bug hunt
-    served "When will it arrive?" after "Your order 4521 has shipped" the
-    answer given after "Your order 7788 was cancelled" (and to the bare
-    question), at similarity 1.0. A greeting ("Hello! How can I help you
-    today?") binds nothing, so conversations opening with one still share."""
+    Every reply since the topic turn binds, not only the first: the user's
+    turns after it are small talk, whose replies ("Anything else?") bind
+    nothing, but one may still correct or add to the answer ("Oops, I meant
+    9."), and a bug hunt served "What is it doubled?" the answer given
+    after another correction, at similarity 1.0. With no topic turn (a
+    question after small talk only, or after a prompt's opening assistant
+    message), every assistant message binds so: they are all the question
+    can refer to ("When will it arrive?" after "Your order 4521 has
+    shipped" was served the answer given after "Your order 7788 was
+    cancelled", and so was the bare question). A greeting ("Hello! How can
+    I help you today?") binds nothing, so conversations opening with one
+    still share."""
     exact = [m for m in messages[:-1] if m.role not in (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)]
     found = _topic_at(messages[:-1])
-    if found is None:
-        topic = ""
-        replies = [m for m in messages[:-1] if m.role == common_pb2.ROLE_ASSISTANT]
-    else:
-        at, topic = found
-        after = (m for m in messages[at + 1 : -1] if m.role == common_pb2.ROLE_ASSISTANT)
-        replies = [reply] if (reply := next(after, None)) is not None else []
-    for reply in replies:
-        bound = _bound_by_reply(normalize_text(reply.content), topic)
-        if bound is not None:
-            exact.append(bound)
+    at, topic = (-1, "") if found is None else found
+    for reply in messages[at + 1 : -1]:
+        if reply.role == common_pb2.ROLE_ASSISTANT:
+            bound = _bound_by_reply(normalize_text(reply.content), topic)
+            if bound is not None:
+                exact.append(bound)
     return exact
 
 

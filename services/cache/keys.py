@@ -70,13 +70,13 @@ _DIGEST_BYTES = 16
 # a text of several lines keeps every line's indentation, only spaces and
 # tabs fold). Entries
 # stored before are never served again and expire. So too when what binds a
-# sub-partition changes: "3" for single questions, since an assistant's
-# message before a question with no topic turn binds it
-# (conversation.matched_exactly); the "2" ones hold answers given after such
-# messages, which the bare question would be served.
+# sub-partition changes ("3": every assistant message since the topic turn,
+# or before a question with none, binds it: conversation.matched_exactly);
+# the "2" ones hold answers given after messages that bound nothing then,
+# which prompts without them would go on being served.
 _ENTRY_PERSON = b"mg-cache-entry2"
 _CONTEXT_PERSON = b"mg-cache-ctx3"
-_CONVERSATION_PERSON = b"mg-cache-conv2"
+_CONVERSATION_PERSON = b"mg-cache-conv3"
 _LENGTH = struct.Struct("<I")
 _MESSAGE_HEADER = struct.Struct("<iI")
 

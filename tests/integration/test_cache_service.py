@@ -202,6 +202,21 @@ async def test_a_conversation_whose_context_changed_is_not_served(stub, tenant):
     assert (await lookup(stub, tenant, conversation(CANCEL))).status == pb.LOOKUP_STATUS_MISS
 
 
+async def test_a_conversation_whose_later_reply_differs_is_not_served(stub, tenant):
+    """A reply after the first may correct it: the answer given after
+    "Oops, I meant 9." was served after "Oops, I meant 12.", at similarity 1.0."""
+
+    def corrected(correction: str, thanks: str = "Thanks!") -> list[common_pb2.Message]:
+        return conversation("Pick a number for me.", "7", thanks, correction, "What is it doubled?")
+
+    await store(stub, tenant, corrected("Oops, I meant 9."), text="18.")
+    other = await lookup(stub, tenant, corrected("Oops, I meant 12."))
+    assert other.status == pb.LOOKUP_STATUS_MISS
+    # The same correction after other small talk: served.
+    same = await lookup(stub, tenant, corrected("Oops, I meant 9.", thanks="Ok, thank you."))
+    assert same.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and same.answer.text == "18."
+
+
 async def test_a_question_after_other_assistant_news_and_no_topic_turn_is_not_served(stub, tenant):
     """No user turn says anything before the question, so it refers to what
     the assistant said: the answer given after one order's news was served

@@ -149,6 +149,18 @@ def test_with_no_topic_turn_every_assistant_message_binds_as_a_reply():
     assert bound(said("Hello! How can I help you today?")) == bound(hi, said("Hi there!")) == []
 
 
+def test_every_reply_since_the_topic_turn_binds():
+    """A later reply may correct the first ("Oops, I meant 9."): one was
+    served the answer given after another correction, at similarity 1.0."""
+
+    def bound(correction: str) -> list[str]:
+        chat = turns("Pick a number for me.", "7", "Thanks!", correction, "What is it doubled?")
+        return [m.content for m in conversation.matched_exactly(chat)]
+
+    assert bound("Oops, I meant 9.") != bound("Oops, I meant 12.")
+    assert bound("You're welcome!") == bound("Anything else?") == ["7"]
+
+
 def test_a_short_replys_words_are_matched_exactly_names_or_not():
     """The answer in a word is what the follow-up refers to: "Paris." opens
     its sentence and "blue" is no name, yet another city or colour has
