@@ -170,15 +170,21 @@ class Health:
             state is BreakerState.HALF_OPEN and self._clock() >= self._probe_until
         )
 
-    def begin(self) -> None:
-        """A request is sent here: in half-open it is the probe."""
-        if self.state is BreakerState.HALF_OPEN:
+    def begin(self) -> bool:
+        """A request is sent here: in half-open it is the probe, unless one
+        is under way (a request tried here last, when every other target
+        refused it). Returns whether it took the probe's slot."""
+        if self.state is BreakerState.HALF_OPEN and self._clock() >= self._probe_until:
             self._probe_until = self._clock() + self.policy.open_for_s
+            return True
+        return False
 
     def release_probe(self) -> None:
-        """The request sent was never taken (a busy replica refused it
-        unread): it tells nothing of the target's health, so in half-open
-        the next request may probe at once, not after another open_for_s."""
+        """The probe sent (begin() returned True) was never taken (a busy
+        replica refused it unread): it tells nothing of the target's
+        health, so in half-open the next request may probe at once, not
+        after another open_for_s. Only the probe's own caller may: another
+        request's refusal would let a second probe in beside the first."""
         self._probe_until = 0.0
 
     def record_success(self) -> None:

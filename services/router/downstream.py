@@ -447,7 +447,7 @@ class Deployments:
             # Open where the deployment's health checks can end it (OpenCalls).
             calls = deployment.calls
             calls.add(call)
-            deployment.health.begin()
+            probing = deployment.health.begin()
             if strategy is not None:
                 strategy.routed(deployment, route)
             deployment.in_flight += 1
@@ -511,7 +511,7 @@ class Deployments:
                     # refused hold the slot.
                     if error.code() == grpc.StatusCode.UNAVAILABLE:
                         deployment.health.record_failure()
-                    else:
+                    elif probing:
                         deployment.health.release_probe()
                     if queue_full_here:
                         queue_full.append(error)

@@ -321,6 +321,22 @@ def test_a_probe_released_untaken_lets_the_next_request_probe_at_once():
     assert health.state is BreakerState.CLOSED
 
 
+def test_a_request_sent_beside_the_probe_takes_no_slot_and_frees_none():
+    clock = Clock()
+    health = Health(BreakerPolicy(failures_to_open=1, open_for_s=10.0), clock)
+    health.record_failure()
+    clock.now += 10
+    assert health.begin()  # the probe, a long generation
+    # Another request tried here last (every other target refused it) and
+    # refused unread: it was no probe, and must not free the probe's slot.
+    assert not health.begin()
+    assert not health.admits
+    clock.now += 9
+    assert not health.admits  # the probe's slot was not extended either
+    clock.now += 1
+    assert health.admits
+
+
 def test_a_lost_probe_frees_the_slot():
     clock = Clock()
     health = Health(BreakerPolicy(failures_to_open=1, open_for_s=5.0), clock)
