@@ -84,14 +84,18 @@ def redacted(url: str) -> str:
     the fragment, which redis-py ignores. A URL whose credential an unencoded
     character cut short (its ``@`` past the host part, or a host part that
     is no list of hosts) is not shown at all: where the secret ends cannot
-    be told."""
+    be told. An unencoded ``&`` in a ``password=`` value followed by the name
+    of a shown setting (``password=ab&db=12``) shows that tail: percent-encode
+    ``&`` in a password given in the query."""
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:  # an unencoded '[' or ']' in the password
         return UNSHOWN_URL
     userinfo, at, hosts = parts.netloc.rpartition("@")
     cut_short = "@" in parts.path or "@" in parts.query or "@" in parts.fragment
-    if cut_short or not all(_NODE.fullmatch(node) for node in hosts.split(",")):
+    # With no "@" anywhere there is no credential to cut short: a mistyped
+    # port ("host:6379x") is shown, for the operator to see the typo.
+    if "@" in url and (cut_short or not all(_NODE.fullmatch(node) for node in hosts.split(","))):
         return UNSHOWN_URL
     shown = f"{parts.scheme}://"
     if at:

@@ -142,6 +142,8 @@ def test_a_refusal_inside_a_script_is_parsed_as_the_refusal_itself(reply, kind):
         ("redis://:12/34@h:1/0", redis_access.UNSHOWN_URL),
         ("redis://[S3cret", redis_access.UNSHOWN_URL),
         ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        # No "@" anywhere: no credential to cut short; a mistyped port is shown.
+        ("redis://redis.internal:6379x/0", "redis://redis.internal:6379x/0"),
         ("redis+cluster://10.0.0.1:6379,10.0.0.2:6379", "redis+cluster://10.0.0.1:6379,10.0.0.2:6379"),
     ],
 )
@@ -206,6 +208,12 @@ async def test_a_password_that_cuts_the_host_part_short_is_refused_without_namin
         await redis_access.connect_subscriber(url)
     for error in (refused.value, refused_too.value):
         assert "Xq7" not in str(error) and "S3cret" not in str(error)
+
+
+def test_a_mistyped_port_is_refused_naming_the_url() -> None:
+    with pytest.raises(ConfigError, match="port is not a number") as refused:
+        redis_access.connect("redis://redis.internal:6379x/0")
+    assert "redis://redis.internal:6379x/0" in str(refused.value)
 
 
 class Clock:
