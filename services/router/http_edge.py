@@ -81,7 +81,8 @@ HTTP_ERRORS: dict[tuple[grpc.StatusCode, str | None], tuple[int, str]] = {
     (grpc.StatusCode.ABORTED, None): (409, "conflict_error"),
     (grpc.StatusCode.ALREADY_EXISTS, None): (409, "conflict_error"),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, None): (429, "rate_limit_error"),
-    # A full session stays full: retrying later does not help.
+    # A full session is no rate limit, with no window to wait out: a conflict
+    # (background compaction may make room, unannounced).
     (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.SESSION_FULL): (409, "conflict_error"),
     (grpc.StatusCode.UNAVAILABLE, None): (503, "service_unavailable_error"),
     (grpc.StatusCode.DEADLINE_EXCEEDED, None): (504, "timeout_error"),
@@ -103,12 +104,13 @@ _DEFAULT_HTTP_ERROR = (500, "api_error")
 _CLOSES_CONNECTION = {Reason.REQUEST_BODY_TIMEOUT, Reason.HEADERS_TOO_LARGE}
 
 # The OpenAI SDKs resend a 408, 409, 429 or 5xx answer (twice by default,
-# after a backoff) unless its "x-should-retry: false" says not to. Every 409
-# here fails the same way however often it is resent (a stale
-# expected_version, a session that exists, a full session), as does a 429
-# for a request larger than the limit itself: each resend costs the caller
-# its backoff and the router a refused call, for the same answer.
-_NOT_WORTH_RESENDING = {Reason.REQUEST_EXCEEDS_LIMIT}
+# after a backoff) unless its "x-should-retry: false" says not to. These fail
+# the same way however often they are resent (a stale expected_version, a
+# session that exists, a request larger than the limit itself): each resend
+# costs the caller its backoff and the router a refused call, for the same
+# answer. Not SESSION_FULL: a session over its cap is compacted in the
+# background, and a resend seconds later may find room.
+_NOT_WORTH_RESENDING = {Reason.VERSION_CONFLICT, Reason.SESSION_EXISTS, Reason.REQUEST_EXCEEDS_LIMIT}
 
 # The request field a validation reason is about (OpenAI's error "param").
 _PARAM_OF_REASON = {
@@ -152,7 +154,7 @@ def http_error(error: MeshgateError) -> tuple[int, list[tuple[bytes, bytes]], by
         headers.append((b"www-authenticate", b"Bearer"))
     if error.reason in _CLOSES_CONNECTION:
         headers.append((b"connection", b"close"))
-    if status == 409 or error.reason in _NOT_WORTH_RESENDING:
+    if error.reason in _NOT_WORTH_RESENDING:
         headers.append((b"x-should-retry", b"false"))
     if status == 405 and "allow" in error.metadata:
         # RFC 9110 §15.5.6: a 405 lists the methods the resource takes.
