@@ -32,7 +32,12 @@ from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router.admission import Scope
 from services.router.ledger import STREAM
-from tests.integration.conftest import running_router, serve_tiny_gpt
+from tests.integration.conftest import (
+    running_router,
+    serve_tiny_gpt,
+    triton_cancellations,
+    until_triton_cancels,
+)
 from tests.mesh import bounded_channel, mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
@@ -100,6 +105,19 @@ async def usage_row(stub, auth, model: str, **request) -> pb.UsageRow | None:
     usage = await stub.GetUsage(pb.GetUsageRequest(**request), metadata=auth, timeout=10)
     rows = [row for row in usage.rows if row.model == model]
     return rows[0] if rows else None
+
+
+async def settled_usage_row(stub, auth, model: str) -> pb.UsageRow | None:
+    """The row once the earlier tests' records are in (the ledger writes
+    them in batches, just after each turn): two reads alike."""
+    previous = await usage_row(stub, auth, model)
+    for _ in range(50):
+        await asyncio.sleep(0.2)
+        current = await usage_row(stub, auth, model)
+        if current == previous:
+            return current
+        previous = current
+    raise AssertionError("usage kept changing")
 
 
 async def test_a_completed_turn_settles_to_its_real_use_and_is_billed_in_the_ledger(accounting):
@@ -204,6 +222,44 @@ async def test_a_caller_hanging_up_mid_stream_frees_its_stream_and_pays_for_what
     async for response in stub.Chat(ask("and now?"), metadata=auth, timeout=60):
         last = response
     assert last.HasField("completion")
+
+
+async def test_a_session_stream_cancelled_mid_turn_ends_its_generation_and_frees_its_stream(
+    accounting, triton_server
+):
+    """ChatSession, a yielding handler whose writes are gRPC's own: the
+    client cancelling mid-turn still cancels the turn's request inside
+    Triton, gives back the key's one stream, and bills what it read."""
+    stub, tenant, auth, client = accounting
+    _, log_path = triton_server
+    key_hash = hash_api_key(f"key-{tenant}")
+    before = await settled_usage_row(stub, auth, "tiny-gpt") or pb.UsageRow()
+    cancelled_before = triton_cancellations(log_path)
+    call = stub.ChatSession(metadata=auth, timeout=60)
+    await call.initial_metadata()
+    turn = ask("tell me a long story about a session", max_tokens=200)
+    await call.write(
+        pb.ChatSessionRequest(model=turn.model, messages=turn.messages, parameters=turn.parameters)
+    )
+    assert (await call.read()).HasField("delta")
+    assert await client.zcard(limit_key(tenant, key_hash, "streams")) == 1
+    call.cancel()
+
+    await until_triton_cancels(log_path, cancelled_before)
+
+    async def freed():
+        return await client.zcard(limit_key(tenant, key_hash, "streams")) == 0
+
+    await eventually(freed)
+
+    async def cancellation_recorded():
+        row = await usage_row(stub, auth, "tiny-gpt")
+        return row if row is not None and row.failures > before.failures else None
+
+    row = await eventually(cancellation_recorded)
+    assert row.requests == before.requests + 1
+    assert row.prompt_tokens > before.prompt_tokens
+    assert row.completion_tokens > before.completion_tokens
 
 
 async def test_a_second_concurrent_stream_of_the_key_is_refused_with_quota_failure(accounting):
