@@ -1095,6 +1095,11 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 indexed.create_time_ms,
             )
         stored = await self._read(tenant_id, session_id, at_version)
+        if indexed is not None and indexed.create_time_ms != stored.create_time_ms:
+            # Deleted and created again between the two reads, perhaps at the
+            # same version: the index's pins (and vectors) are another
+            # life's, and would go into this one's prompt. Read both again.
+            return await self._session_view(request, terms, counter, at_version, packs)
         if warm:
             # Only now: _read has just cached the session, so the prefetch
             # attaches its index rather than read the whole session again.

@@ -259,3 +259,58 @@ async def test_token_counts_made_for_one_life_are_not_stored_in_the_next(tmp_pat
         now = await sessions.read(tenant, session_id)
         await sessions.fill_token_counts(tenant, session_id, 1, now.create_time_ms, "counter", counts)
         assert (await sessions.read(tenant, session_id)).token_counts["counter"].tolist() == [5]
+
+
+def _assembly_index_read(tenant_id, session_id, query_terms, *rest) -> bool:
+    # An assembly's read (the question's postings only), not a prefetch's.
+    return query_terms is not None
+
+
+async def _two_lives(stub, tenant: str, session_id: str, life: str, fact: str) -> None:
+    """Creates the session (a new life of its id) with two turns and a fact."""
+    await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, session_id=session_id))
+    for k in range(2):
+        turn = [msg(USER, f"{life} turn {k} about topic1")]
+        await stub.AppendTurns(
+            pb.AppendTurnsRequest(tenant_id=tenant, session_id=session_id, expected_version=k, messages=turn)
+        )
+    await stub.PinToSession(pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, fact=fact))
+
+
+async def _assembled_across_a_new_life(stub, client, tenant, session_id, read, at_version=None):
+    """An assembly whose index read is held while the session is deleted
+    and created again (same turn count, same versions, another fact)."""
+    await _two_lives(stub, tenant, session_id, "OLD", "OLD LIFE FACT")
+    await _settled(client)
+    request = pb.AssembleContextRequest(
+        tenant_id=tenant,
+        session_id=session_id,
+        new_messages=[msg(USER, "what about topic1?")],
+        model=MODEL,
+        max_prompt_tokens=1500,
+    )
+    if at_version is not None:
+        request.at_version = at_version
+    assembling = await read.hold(stub.AssembleContext(request))
+    await stub.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=session_id))
+    await asyncio.sleep(0.01)  # another millisecond: another life
+    await _two_lives(stub, tenant, session_id, "NEW", "NEW LIFE FACT")
+    await read.go_on()
+    return await assembling
+
+
+async def test_an_assembly_at_an_older_version_takes_its_pins_from_the_life_it_reads(
+    tmp_path, monkeypatch
+) -> None:
+    """The suspicion of the manifest hunt, reproduced: an assembly at an
+    older version plans from the whole session (the index holds the
+    current one), which it reads after the turn index. Across a deletion
+    and a new session of the id between the two, it sent the new life's
+    turns with the deleted life's pinned fact, and named that fact in its
+    pins digest."""
+    tenant, session_id = "race-pins-life", "chat-9"
+    read = _Held(monkeypatch, "read", after=True, matching=_assembly_index_read)
+    async with _own_redis(tmp_path) as (url, client), running(_settings(url)) as stub:
+        assembled = await _assembled_across_a_new_life(stub, client, tenant, session_id, read, at_version=1)
+        texts = [m.content for m in assembled.messages]
+        assert texts == ["NEW LIFE FACT", "NEW turn 0 about topic1", "what about topic1?"], texts
