@@ -635,9 +635,9 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         )
         for append in appends:
             indices = list(range(append.first, append.first + append.count))
-            stored = await self._index.read_turns(tenant_id, session_id, indices, version)
+            stored = await self._index.read_turns(tenant_id, session_id, indices, version, created_ms)
             if stored is None:
-                return False  # reverted or compacted meanwhile
+                return False  # reverted, compacted or deleted meanwhile
             turns = [stored[i] for i in indices]
             # As long as the append itself would have had (no caller's deadline here).
             timeout_s = append_embed_timeout(len(turns), None, self._append_embed_timeout_s)
@@ -1020,9 +1020,12 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         )
         texts = view.texts
         if texts is None:
-            texts = await self._index.read_turns(tenant_id, session_id, chosen.kept(), view.version)
+            texts = await self._index.read_turns(
+                tenant_id, session_id, chosen.kept(), view.version, view.create_time_ms
+            )
             if texts is None:
-                # A revert or a compaction changed the session between the two reads: plan again.
+                # A revert, a compaction or a new life of the id changed the
+                # session between the two reads: plan again.
                 return await self._assemble_session(
                     request, new, budget, counter, at_version, strategy, packs, query_vector
                 )

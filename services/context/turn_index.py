@@ -182,12 +182,12 @@ return {1, redis.call('LLEN', KEYS[5])}
 
 
 # KEYS: meta, turns. ARGV: the turn indices wanted, packed little-endian
-# uint32. Returns the session's version (nil: no session), then each turn's
-# stored body (nil past the list's end): one command and one reply, where a
-# pipeline of one LINDEX per chosen turn (a hundred at 2k tokens) cost the
-# client a command to pack and a reply to parse each.
+# uint32. Returns the session's version (nil: no session) and create_time_ms,
+# then each turn's stored body (nil past the list's end): one command and
+# one reply, where a pipeline of one LINDEX per chosen turn (a hundred at
+# 2k tokens) cost the client a command to pack and a reply to parse each.
 _READ_TURNS = """
-local out = {redis.call('HGET', KEYS[1], 'version')}
+local out = {redis.call('HGET', KEYS[1], 'version'), redis.call('HGET', KEYS[1], 'create_time_ms')}
 local wanted = ARGV[1]
 for at = 1, #wanted, 4 do
   local index = struct.unpack('<I4', string.sub(wanted, at, at + 3))
@@ -577,19 +577,21 @@ class TurnIndex:
         return int(version), int(created), appends
 
     async def read_turns(
-        self, tenant_id: str, session_id: str, indices: list[int], version: int
+        self, tenant_id: str, session_id: str, indices: list[int], version: int, created_ms: int
     ) -> dict[int, common_pb2.Message] | None:
         """The texts of the chosen turns only, or None when the session is no
-        longer at ``version`` (appends do not move turns, a revert may) or
-        one of them was compacted meanwhile."""
+        longer at ``version`` of the life created at ``created_ms`` (appends
+        do not move turns, a revert may; a deletion and a new session of the
+        id may reach the same version with other turns) or one of them was
+        compacted meanwhile."""
         keys = [key(tenant_id, session_id, "meta"), key(tenant_id, session_id, "turns")]
         wanted = np.asarray(indices, dtype="<u4").tobytes()
         with redis_reachable():
-            current, *raw = await self._read_turns(keys=keys, args=[wanted])
+            current, created, *raw = await self._read_turns(keys=keys, args=[wanted])
         if current is None:
             raise session_not_found(session_id)
         # An empty body: compacted since the plan was made (store.SessionStore.compact).
-        if int(current) != version or not all(raw):
+        if int(current) != version or int(created) != created_ms or not all(raw):
             return None
         return {i: common_pb2.Message.FromString(r) for i, r in zip(indices, raw, strict=True)}
 

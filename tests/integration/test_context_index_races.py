@@ -68,8 +68,11 @@ def _whole_index_read(tenant_id, session_id, query_terms, *rest) -> bool:
     return query_terms is None
 
 
-def _settings(url: str):
+def _settings(url: str, hot_cache_bytes: int | None = None):
     settings = make_settings(url)
+    if hot_cache_bytes is not None:
+        # None hot: every assembly plans from the turn index.
+        settings.context.hot_cache_bytes = hot_cache_bytes
     settings.context.summary_model = ""
     settings.context.compact_after_turns = 0  # compacted by hand below
     return settings
@@ -314,3 +317,21 @@ async def test_an_assembly_at_an_older_version_takes_its_pins_from_the_life_it_r
         assembled = await _assembled_across_a_new_life(stub, client, tenant, session_id, read, at_version=1)
         texts = [m.content for m in assembled.messages]
         assert texts == ["NEW LIFE FACT", "NEW turn 0 about topic1", "what about topic1?"], texts
+
+
+async def test_an_assembly_reads_the_texts_of_the_life_it_planned_from(tmp_path, monkeypatch) -> None:
+    """An assembly plans from the turn index, then reads the chosen turns'
+    texts checked by version alone: across a deletion and a new session of
+    the id at the same version, it sent the deleted life's pinned fact with
+    the new life's turns, counted as the old ones' tokens."""
+    tenant, session_id = "race-texts-life", "chat-10"
+    read = _Held(monkeypatch, "read", after=True, matching=_assembly_index_read)
+    async with _own_redis(tmp_path) as (url, client), running(_settings(url, hot_cache_bytes=0)) as stub:
+        assembled = await _assembled_across_a_new_life(stub, client, tenant, session_id, read)
+        texts = [m.content for m in assembled.messages]
+        assert texts == [
+            "NEW LIFE FACT",
+            "NEW turn 0 about topic1",
+            "NEW turn 1 about topic1",
+            "what about topic1?",
+        ], texts
