@@ -24,7 +24,16 @@ from meshgate.errors import error_info
 from meshgate.reasons import Reason
 from services.context import assembly
 from services.context.summaries import SummaryStore
-from tests.integration.test_context_service import ASSISTANT, MODEL, SYSTEM, USER, make_settings, msg, running
+from tests.integration.test_context_service import (
+    ASSISTANT,
+    MODEL,
+    SYSTEM,
+    USER,
+    make_settings,
+    msg,
+    prompt_length,
+    running,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -99,6 +108,8 @@ def _check_manifest(response: pb.AssembleContextResponse, turns: list[common_pb2
     assert len(transcripts) == (1 if packed else 0)
     prompt = "".join(m.content for m in response.messages)
     for entry, turn in zip(session_entries, turns, strict=True):
+        if "\u27e7" not in turn.content:
+            continue  # no text to look for: its caller checks it by its message
         mark = turn.content[: turn.content.index("\u27e7") + 1]
         if entry.disposition == pb.DISPOSITION_INCLUDED:
             assert prompt.count(mark) == 1, (entry, prompt)
@@ -115,6 +126,8 @@ def _check_manifest(response: pb.AssembleContextResponse, turns: list[common_pb2
             assert mark not in prompt, (entry, prompt)
     for fact in facts:
         assert list(response.messages).count(msg(SYSTEM, fact)) == 1
+    # And its count is the prompt's length as the model's template renders it.
+    assert manifest.prompt_tokens == prompt_length(response.messages)
 
 
 def _request(
@@ -223,3 +236,40 @@ async def test_the_manifest_says_what_the_prompt_holds(stub, client, data) -> No
     else:
         # Only a summary written since may tell them apart.
         assert rebuilt.inputs.summaries != response.inputs.summaries, (rebuilt.inputs, response.inputs)
+
+
+async def test_edge_turns_are_in_the_prompt_as_the_manifest_says(stub) -> None:
+    """Turns with no text, only whitespace, only a NUL or a right-to-left
+    mark, a system message in the middle of the history and a turn larger
+    than the whole budget: packed or not, kept or dropped, each where its
+    manifest entry says, and counted exactly."""
+    session_id = uuid.uuid4().hex
+    await stub.CreateSession(pb.CreateSessionRequest(tenant_id=_TENANT, session_id=session_id))
+    turns = [
+        msg(USER, _marker("0") + " what is in crate 7?"),
+        msg(ASSISTANT, ""),
+        msg(USER, _marker("2") + " \u200f\u05d0 crate 7 \u202e"),
+        msg(ASSISTANT, "   \n\t"),
+        msg(SYSTEM, _marker("4") + " speak of crates only"),
+        msg(USER, "\x00"),
+        msg(ASSISTANT, _marker("6") + " crate 7 holds" + " crate 7 holds more" * 400),
+        msg(USER, _marker("7") + " and crate 8? \x00 crate 7 again"),
+        msg(ASSISTANT, _marker("8") + " crate 8 holds pears"),
+    ]
+    await stub.AppendTurns(pb.AppendTurnsRequest(tenant_id=_TENANT, session_id=session_id, messages=turns))
+    for strategy in (pb.ASSEMBLY_STRATEGY_ADAPTIVE, pb.ASSEMBLY_STRATEGY_NEWEST):
+        for budget in (60, 90, 150, 512):
+            response = await stub.AssembleContext(_request(session_id, "crate 7?", budget, strategy))
+            entries = {e.index: e for e in response.manifest.entries if e.source == pb.SOURCE_SESSION}
+            # The turn larger than the budget is never sent.
+            assert entries[6].disposition == pb.DISPOSITION_DROPPED
+            # The unmarked turns (no text to find) by their messages or lines.
+            for index in (1, 3, 5):
+                if entries[index].disposition != pb.DISPOSITION_INCLUDED:
+                    assert turns[index] not in response.messages
+                elif entries[index].packed:
+                    transcript = next(m for m in response.messages if m.content.startswith("Earlier"))
+                    assert assembly.transcript_line(turns[index]) in transcript.content
+                else:
+                    assert list(response.messages).count(turns[index]) == 1
+            _check_manifest(response, turns, facts=[])
