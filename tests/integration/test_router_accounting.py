@@ -190,6 +190,30 @@ async def test_a_failed_turn_frees_its_stream_and_is_recorded_as_a_failure(accou
     assert row.requests == 1 and row.completion_tokens == 0 and row.cost_nano_usd == 0
 
 
+async def freed_and_billed_for_what_it_read(accounting, before):
+    """After a caller hung up mid-turn: the key's one stream is given back
+    and the turn is recorded as a failure billed for what it read (before
+    its completion: its prompt bytes and max_tokens, the deltas carrying no
+    counts), never nothing."""
+    stub, tenant, auth, client = accounting
+    streams = limit_key(tenant, hash_api_key(f"key-{tenant}"), "streams")
+
+    async def freed():
+        return await client.zcard(streams) == 0
+
+    await eventually(freed)
+
+    async def cancellation_recorded():
+        row = await usage_row(stub, auth, "tiny-gpt")
+        return row if row is not None and row.failures > before.failures else None
+
+    row = await eventually(cancellation_recorded)
+    assert row.requests == before.requests + 1
+    assert row.prompt_tokens > before.prompt_tokens
+    assert row.completion_tokens > before.completion_tokens
+    assert row.cost_nano_usd > before.cost_nano_usd
+
+
 async def test_a_caller_hanging_up_mid_stream_frees_its_stream_and_pays_for_what_it_read(accounting):
     stub, tenant, auth, client = accounting
     key_hash = hash_api_key(f"key-{tenant}")
@@ -202,22 +226,7 @@ async def test_a_caller_hanging_up_mid_stream_frees_its_stream_and_pays_for_what
     assert await client.zcard(limit_key(tenant, key_hash, "streams")) == 1
     call.cancel()
 
-    async def freed():
-        return await client.zcard(limit_key(tenant, key_hash, "streams")) == 0
-
-    await eventually(freed)
-
-    async def cancellation_recorded():
-        row = await usage_row(stub, auth, "tiny-gpt")
-        return row if row is not None and row.failures > before.failures else None
-
-    row = await eventually(cancellation_recorded)
-    # What it read is billed (before its completion: its prompt bytes and
-    # max_tokens, the deltas carrying no counts), never nothing.
-    assert row.requests == before.requests + 1
-    assert row.prompt_tokens > before.prompt_tokens
-    assert row.completion_tokens > before.completion_tokens
-    assert row.cost_nano_usd > before.cost_nano_usd
+    await freed_and_billed_for_what_it_read(accounting, before)
     # The key's stream is free again: the next turn is admitted.
     async for response in stub.Chat(ask("and now?"), metadata=auth, timeout=60):
         last = response
@@ -246,20 +255,7 @@ async def test_a_session_stream_cancelled_mid_turn_ends_its_generation_and_frees
     call.cancel()
 
     await until_triton_cancels(log_path, cancelled_before)
-
-    async def freed():
-        return await client.zcard(limit_key(tenant, key_hash, "streams")) == 0
-
-    await eventually(freed)
-
-    async def cancellation_recorded():
-        row = await usage_row(stub, auth, "tiny-gpt")
-        return row if row is not None and row.failures > before.failures else None
-
-    row = await eventually(cancellation_recorded)
-    assert row.requests == before.requests + 1
-    assert row.prompt_tokens > before.prompt_tokens
-    assert row.completion_tokens > before.completion_tokens
+    await freed_and_billed_for_what_it_read(accounting, before)
 
 
 async def test_a_second_concurrent_stream_of_the_key_is_refused_with_quota_failure(accounting):
