@@ -124,6 +124,9 @@ class Reason(enum.StrEnum):
     TENANT_REQUIRED = enum.auto()
     """An internal request names no tenant (was also MISSING_TENANT in cache)."""
 
+    INVALID_REQUEST_ID = enum.auto()
+    """CreateKey's or RotateKey's request_id is not a UUID4 in its 36-character form (AIP-155)."""
+
     INVALID_TENANT_ID = enum.auto()
     """An admin call names a tenant id no tenant can have (1-128 printable
     characters, no whitespace or braces)."""
@@ -229,6 +232,10 @@ class Reason(enum.StrEnum):
 
     SESSION_EXISTS = enum.auto()
     """A session with this id already exists."""
+
+    REQUEST_ID_REUSED = enum.auto()
+    """ALREADY_EXISTS: a CreateKey or RotateKey request_id already answered another
+    request (another body or method) within its retention: draw a new id."""
 
     PIN_TARGET_NOT_FOUND = enum.auto()
     """A pin names a turn the session does not hold (metadata ``turns``: how many it holds)."""

@@ -12,10 +12,11 @@ from meshgate.errors import MeshgateError, invalid_argument
 from meshgate.reasons import Reason
 from meshgate.router.v1 import admin_service_pb2 as pb
 from meshgate.router.v1 import admin_service_pb2_grpc
-from services.router.auth import admitted_admin
+from services.router.auth import Authenticator, admitted_admin
 from services.router.downstream import CacheService
 from services.router.keys import KeyRecord, KeyStore, check_key_request, check_tenant_id
 from services.router.pipeline import Budget
+from services.router.request_ids import RequestId
 
 
 def _limits_request(limits: pb.KeyLimits) -> dict:
@@ -78,6 +79,17 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
 
     async def CreateKey(self, request: pb.CreateKeyRequest, context) -> pb.CreateKeyResponse:
         authenticator = admitted_admin()
+        request_id = RequestId.of(request)
+        # Looked up before the request is checked: a resend gets the first
+        # answer even where the request would now be refused (its expires_at
+        # passed since, a reload took a model out).
+        answered = await self._keys.answered(request_id)
+        secret, record = answered or await self._create(request, request_id, authenticator)
+        return pb.CreateKeyResponse(api_key=secret, key=key_info(record))
+
+    async def _create(
+        self, request: pb.CreateKeyRequest, request_id: RequestId | None, authenticator: Authenticator
+    ) -> tuple[str, KeyRecord]:
         expires_at = _expiry(request)
         models, limits = check_key_request(
             request.tenant_id,
@@ -89,8 +101,9 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             # A configured tenant's models bound its keys'.
             authenticator.tenant_models(request.tenant_id),
         )
-        secret, record = await self._keys.create(request.tenant_id, models, limits, expires_at, request.label)
-        return pb.CreateKeyResponse(api_key=secret, key=key_info(record))
+        return await self._keys.create(
+            request.tenant_id, models, limits, expires_at, request.label, request_id
+        )
 
     async def ListKeys(self, request: pb.ListKeysRequest, context) -> pb.ListKeysResponse:
         admitted_admin()
@@ -101,7 +114,9 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
 
     async def RotateKey(self, request: pb.RotateKeyRequest, context) -> pb.RotateKeyResponse:
         admitted_admin()
-        secret, successor, previous = await self._keys.rotate(request.key_id)
+        # A resend finds the key revoked by its first send; rotate then
+        # answers as that send did.
+        secret, successor, previous = await self._keys.rotate(request.key_id, RequestId.of(request))
         return pb.RotateKeyResponse(api_key=secret, key=key_info(successor), previous=key_info(previous))
 
     async def RevokeKey(self, request: pb.RevokeKeyRequest, context) -> pb.RevokeKeyResponse:

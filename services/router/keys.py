@@ -12,13 +12,22 @@ Redis keys, all with the hash tag ``{apikeys}``:
   hashes, scored by creation time, for listing.
 - ``mg:router:{apikeys}:ids``: a hash from key id (the first 16 hex digits
   of the SHA-256) to the full hash, for rotating and revoking by id.
+- ``mg:router:{apikeys}:request:<name>``: the answer to a CreateKey or
+  RotateKey that carried a request id (AIP-155), sealed, for a resend to
+  get again; named and sealed by values derived from the request id
+  (:mod:`services.router.request_ids`), for REQUEST_ID_RETENTION_S.
 
 Every write (create, rotate, revoke) is one script (``_WRITE_IF_UNCHANGED``),
 so a failed write leaves nothing half-applied, and it writes only if the
 record it was decided from is still the one stored: two rotations of one
 key at once, on two replicas, end as they would one after the other (the
 second is refused, the key being revoked by the first), never with two
-live successors. On a Redis Cluster a script's keys must stay in one slot,
+live successors. A write for a request id stores its answer in the same
+script, and writes nothing where a send of that id has stored one: of
+sends of one id at once, on any replicas, the first to write makes the key
+and the others answer as it did (with no pending marker to wait on, nor
+one left behind by a replica that died between making a key and storing
+its answer). On a Redis Cluster a script's keys must stay in one slot,
 hence the one tag for every API key: they are few, written rarely, and
 each replica reads one at most twice a second (below), so one slot carries
 them easily.
@@ -70,6 +79,7 @@ from meshgate.config import ConfigError, LimitSettings, hash_api_key, tenant_id_
 from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.reasons import Reason
 from meshgate.single_flight import SingleFlight
+from services.router.request_ids import RequestId
 
 log = structlog.get_logger(__name__)
 
@@ -84,6 +94,7 @@ _ABSENT_MAX_ENTRIES = 10_000
 _RECORD = "mg:router:{{apikeys}}:key:{}"
 _TENANT_KEYS = "mg:router:{{apikeys}}:tenant:{}"
 _IDS = "mg:router:{apikeys}:ids"
+_REQUEST = "mg:router:{{apikeys}}:request:{}"
 _SECRET_PREFIX = "mgk-"
 # new_secret's 32 random bytes are 43 URL-safe base64 characters.
 _STORED_SECRET = re.compile(re.escape(_SECRET_PREFIX) + r"[A-Za-z0-9_-]{43}")
@@ -98,24 +109,40 @@ _LAST_TIMESTAMP_S = 253_402_300_799
 # go when a listing or a lookup by id finds the record gone (_FORGET_GONE).
 RETIRED_KEY_RETENTION_S = 30 * 24 * 3600
 
+# How long a CreateKey's or RotateKey's answer is kept for a resend with
+# its request id: a client whose reply was lost sends again within seconds,
+# or after its own restart or an operator's look; a day covers both and an
+# overnight batch job's retries, while the sealed secret leaves Redis soon.
+# Past it, a resend acts anew (a second key; a rotation refused as revoked).
+REQUEST_ID_RETENTION_S = 24 * 3600
+
 # Writes records only if one record is still what the writer read (a
 # compare-and-set: Redis runs a script whole, with nothing in between).
 # KEYS[1]: the record checked; ARGV[1]: what the writer read there, "" for
-# absent (a record is never ""). KEYS[2]: the ids hash. Then per record
-# written, KEYS: its record and its tenant's set; ARGV: its JSON, creation
-# time, hash, id and when the record goes (unix s; 0: never). Returns 1 when
-# written, 0 when the record had changed.
+# absent (a record is never ""). KEYS[2]: the ids hash. KEYS[3]: the record
+# of the call's request id, ARGV[2]: the answer to store there (sealed),
+# ARGV[3]: for how long (s); ARGV[2] "" for a call without one (KEYS[3] is
+# then not touched: any key of the slot). Then per record written, KEYS:
+# its record and its tenant's set; ARGV: its JSON, creation time, hash, id
+# and when the record goes (unix s; 0: never). Returns 1 when written, 0
+# when the record had changed, and the answer stored for the request id
+# where a send of it came first (nothing written: the key is that send's).
 _WRITE_IF_UNCHANGED = """
+if ARGV[2] ~= '' then
+  local answered = redis.call('GET', KEYS[3])
+  if answered then return answered end
+end
 if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then
   return 0
 end
-for i = 3, #KEYS, 2 do
-  local a = 5 * (i - 3) / 2 + 2
+for i = 4, #KEYS, 2 do
+  local a = 5 * (i - 4) / 2 + 4
   redis.call('SET', KEYS[i], ARGV[a])
   if tonumber(ARGV[a + 4]) > 0 then redis.call('EXPIREAT', KEYS[i], ARGV[a + 4]) end
   redis.call('ZADD', KEYS[i + 1], ARGV[a + 1], ARGV[a + 2])
   redis.call('HSET', KEYS[2], ARGV[a + 3], ARGV[a + 2])
 end
+if ARGV[2] ~= '' then redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3]) end
 return 1
 """
 
@@ -180,6 +207,17 @@ class KeyRecord:
         fields["models"] = tuple(fields["models"])
         fields["limits"] = LimitSettings(**fields["limits"])
         return cls(**fields)
+
+
+def _answer_fields(answer: tuple) -> list[str]:
+    """A create's or rotate's answer (a secret, then records) as sealed for its request id."""
+    secret, *records = answer
+    return [secret, *(record.to_json() for record in records)]
+
+
+def _opened(request: RequestId, sealed: bytes) -> tuple:
+    secret, *records = request.open(sealed)
+    return (secret, *(KeyRecord.from_json(record) for record in records))
 
 
 def new_secret() -> str:
@@ -356,14 +394,29 @@ class KeyStore:
         except redis_access.CONNECTION_ERRORS as error:
             raise redis_access.outage("API keys cannot be reached", error) from error
 
-    async def _write(self, checked_hash: str, read: bytes | None, *records: KeyRecord) -> bool:
+    async def _write(
+        self,
+        checked_hash: str,
+        read: bytes | None,
+        *records: KeyRecord,
+        answer,
+        request: RequestId | None = None,
+    ):
         """Writes the records (new or changed) at once, if the record of
-        ``checked_hash`` is still ``read`` (None: still absent); False, and
-        nothing written, where it has changed since."""
+        ``checked_hash`` is still ``read`` (None: still absent), and returns
+        ``answer``, the call's; None, and nothing written, where it has
+        changed since. With a ``request`` id, stores ``answer`` (a secret,
+        then records) for it in the same write; where a send of that id
+        stored its answer first, writes nothing and returns that answer."""
         if self._write_script is None:
             self._write_script = self._redis.register_script(_WRITE_IF_UNCHANGED)
-        keys = [_RECORD.format(checked_hash), _IDS]
-        args: list = [read or ""]
+        checked = _RECORD.format(checked_hash)
+        if request is None:
+            keys = [checked, _IDS, checked]
+            args: list = [read or "", "", 0]
+        else:
+            keys = [checked, _IDS, _REQUEST.format(request.name)]
+            args = [read or "", request.seal(_answer_fields(answer)), REQUEST_ID_RETENTION_S]
         for record in records:
             keys += [_RECORD.format(record.key_hash), _TENANT_KEYS.format(record.tenant_id)]
             kept_until = record.kept_until
@@ -377,29 +430,59 @@ class KeyStore:
                 # still answered and listed for a while, not deleted at once.
                 0 if kept_until is None else math.ceil(max(kept_until, self.now() + 3600)),
             ]
-        if not await self._call(self._write_script(keys=keys, args=args)):
-            return False
+        outcome = await self._call(self._write_script(keys=keys, args=args))
+        if isinstance(outcome, bytes):
+            return _opened(request, outcome)
+        if not outcome:
+            return None
         for record in records:
             self._found.pop(record.key_hash, None)
             self._absent.pop(record.key_hash, None)
             # A GET under way may have read the record before this write:
             # callers from now on start their own (_read keeps none of it).
             self._reading.forget(record.key_hash)
-        return True
+        return answer
 
-    async def _change(self, key_id: str, change: Callable[[KeyRecord], tuple[tuple[KeyRecord, ...], object]]):
+    async def _change(
+        self,
+        key_id: str,
+        change: Callable[[KeyRecord], tuple[tuple[KeyRecord, ...], object]],
+        request: RequestId | None = None,
+    ):
         """Applies ``change`` to the key's record as one check-and-write:
         ``change`` is given the record as stored and returns the records to
         write (none: nothing to change) and its answer. Where the record
         changed between the read and the write (another replica rotated or
         revoked the key), nothing is written and ``change`` decides again
         from the new record, as if it had come second. That ends: every
-        change revokes the record, and a revoked one is never written again."""
+        change revokes the record, and a revoked one is never written again.
+        With a ``request`` id, the answer a send of it stored is the answer."""
         while True:
             record, read = await self._by_id(key_id)
-            writes, answer = change(record)
-            if not writes or await self._write(record.key_hash, read, *writes):
+            try:
+                writes, answer = change(record)
+            except MeshgateError:
+                # Refused (revoked) where an earlier send of this request
+                # id rotated the key, this one a resend or sent at once: that
+                # send's answer, stored in the same write, is this one's.
+                answered = await self.answered(request)
+                if answered is None:
+                    raise
+                return answered
+            if not writes:
                 return answer
+            answered = await self._write(record.key_hash, read, *writes, answer=answer, request=request)
+            if answered is not None:
+                return answered
+
+    async def answered(self, request: RequestId | None) -> tuple | None:
+        """The answer stored for a send of the request id, as create or
+        rotate returned it; None where none is (any more), or no id.
+        ALREADY_EXISTS REQUEST_ID_REUSED where the id answered another request."""
+        if request is None:
+            return None
+        sealed = await self._call(self._redis.get(_REQUEST.format(request.name)))
+        return None if sealed is None else _opened(request, sealed)
 
     async def create(
         self,
@@ -408,6 +491,7 @@ class KeyStore:
         limits: LimitSettings,
         expires_at: float | None,
         label: str,
+        request: RequestId | None = None,
     ) -> tuple[str, KeyRecord]:
         if len(label) > _MAX_LABEL:
             raise invalid_argument(Reason.INVALID_KEY_SPEC, f"label is longer than {_MAX_LABEL} characters")
@@ -423,8 +507,11 @@ class KeyStore:
             )
             # Written only where no key has this hash: never taken, in
             # practice (256 random bits), and then drawn again.
-            if await self._write(record.key_hash, None, record):
-                return secret, record
+            answered = await self._write(
+                record.key_hash, None, record, answer=(secret, record), request=request
+            )
+            if answered is not None:
+                return answered
 
     async def list(self, tenant_id: str) -> list[KeyRecord]:
         if not tenant_id:
@@ -447,7 +534,7 @@ class KeyStore:
 
         return await self._change(key_id, revoke)
 
-    async def rotate(self, key_id: str) -> tuple[str, KeyRecord, KeyRecord]:
+    async def rotate(self, key_id: str, request: RequestId | None = None) -> tuple[str, KeyRecord, KeyRecord]:
         def rotate(record: KeyRecord):
             refusal = key_refusal(record, self.now())
             if refusal is not None:
@@ -462,4 +549,4 @@ class KeyStore:
             revoked = dataclasses.replace(record, revoked_at=now)
             return (successor, revoked), (secret, successor, revoked)
 
-        return await self._change(key_id, rotate)
+        return await self._change(key_id, rotate, request)

@@ -46,11 +46,14 @@ class CountingRedis:
 
         async def write_if_unchanged(keys, args):
             # The script, in memory: the records are written only if the one
-            # checked still holds what the writer read ("" for absent).
+            # checked still holds what the writer read ("" for absent). These
+            # tests send no request ids (keys[2], args[1:3]).
+            assert args[1] == ""
             if self.values.get(keys[0], "") != args[0]:
                 return 0
-            for i in range(2, len(keys), 2):
-                value, _, key_hash, key_id = args[2 * i - 3 : 2 * i + 1]
+            for i in range(3, len(keys), 2):
+                first = 3 + 5 * (i - 3) // 2
+                value, _, key_hash, key_id = args[first : first + 4]
                 self.values[keys[i]] = value
                 self.ids[key_id] = key_hash.encode()
             return 1

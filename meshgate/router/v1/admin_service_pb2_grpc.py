@@ -30,8 +30,9 @@ class AdminServiceStub:
     the admin credential (a key whose SHA-256 is in
     router.admin_api_key_sha256) as `authorization: Bearer <key>`; a tenant's
     key is refused with PERMISSION_DENIED. Keys are stored hashed in Redis; a
-    key's secret is returned once, by CreateKey or RotateKey. Keys in the
-    configuration file are not listed here and keep working.
+    key's secret is returned once, by CreateKey or RotateKey (and to a resend
+    with its request_id). Keys in the configuration file are not listed here
+    and keep working.
     """
 
     def __init__(self, channel):
@@ -72,8 +73,9 @@ class AdminServiceServicer:
     the admin credential (a key whose SHA-256 is in
     router.admin_api_key_sha256) as `authorization: Bearer <key>`; a tenant's
     key is refused with PERMISSION_DENIED. Keys are stored hashed in Redis; a
-    key's secret is returned once, by CreateKey or RotateKey. Keys in the
-    configuration file are not listed here and keep working.
+    key's secret is returned once, by CreateKey or RotateKey (and to a resend
+    with its request_id). Keys in the configuration file are not listed here
+    and keep working.
     """
 
     def CreateKey(self, request, context):
@@ -155,8 +157,9 @@ class AdminService:
     the admin credential (a key whose SHA-256 is in
     router.admin_api_key_sha256) as `authorization: Bearer <key>`; a tenant's
     key is refused with PERMISSION_DENIED. Keys are stored hashed in Redis; a
-    key's secret is returned once, by CreateKey or RotateKey. Keys in the
-    configuration file are not listed here and keep working.
+    key's secret is returned once, by CreateKey or RotateKey (and to a resend
+    with its request_id). Keys in the configuration file are not listed here
+    and keep working.
     """
 
     @staticmethod

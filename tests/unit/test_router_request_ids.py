@@ -1,0 +1,72 @@
+"""AIP-155 request ids (services/router/request_ids.py): which ids are taken,
+what tells two requests apart, and that a sealed answer opens only with its
+own request id (the store's use of them: tests/integration/test_router_key_request_ids.py)."""
+
+import uuid
+
+import grpc
+import pytest
+from cryptography.exceptions import InvalidTag
+
+from meshgate.errors import MeshgateError
+from meshgate.reasons import Reason
+from meshgate.router.v1 import admin_service_pb2 as admin_pb
+from services.router.request_ids import RequestId
+
+
+def test_no_request_id_is_none_and_one_id_in_either_case_is_one():
+    assert RequestId.of(admin_pb.CreateKeyRequest(tenant_id="acme")) is None
+    request_id = str(uuid.uuid4())
+    lower = RequestId.of(admin_pb.CreateKeyRequest(tenant_id="acme", request_id=request_id))
+    upper = RequestId.of(admin_pb.CreateKeyRequest(tenant_id="acme", request_id=request_id.upper()))
+    assert lower == upper
+
+
+def test_the_digest_tells_bodies_and_methods_apart_but_not_the_id():
+    request_id = str(uuid.uuid4())
+    create = RequestId.of(admin_pb.CreateKeyRequest(tenant_id="acme", label="a", request_id=request_id))
+    relabelled = RequestId.of(admin_pb.CreateKeyRequest(tenant_id="acme", label="b", request_id=request_id))
+    rotate = RequestId.of(admin_pb.RotateKeyRequest(key_id="acme", request_id=request_id))
+    other_id = RequestId.of(
+        admin_pb.CreateKeyRequest(tenant_id="acme", label="a", request_id=str(uuid.uuid4()))
+    )
+    assert len({create.request_digest, relabelled.request_digest, rotate.request_digest}) == 3
+    assert create.request_digest == other_id.request_digest and create.name != other_id.name
+
+
+def test_a_sealed_answer_opens_with_its_request_id_only_and_for_its_request_only():
+    request_id = str(uuid.uuid4())
+    create = RequestId.of(admin_pb.CreateKeyRequest(tenant_id="acme", request_id=request_id))
+    sealed = create.seal(["mgk-secret", "{}"])
+    assert b"mgk-secret" not in sealed and create.sealing_key.hex() != create.name
+    assert create.open(sealed) == ["mgk-secret", "{}"]
+    relabelled = RequestId.of(admin_pb.CreateKeyRequest(tenant_id="acme", label="b", request_id=request_id))
+    with pytest.raises(MeshgateError) as refused:
+        relabelled.open(sealed)
+    assert (refused.value.code, refused.value.reason) == (
+        grpc.StatusCode.ALREADY_EXISTS,
+        Reason.REQUEST_ID_REUSED,
+    )
+    stranger = RequestId.of(admin_pb.CreateKeyRequest(tenant_id="acme", request_id=str(uuid.uuid4())))
+    with pytest.raises(InvalidTag):
+        stranger.open(sealed)
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    [
+        "x",
+        str(uuid.uuid1()),
+        str(uuid.UUID(int=0)),
+        uuid.uuid4().hex,
+        f"{{{uuid.uuid4()}}}",
+        f"urn:uuid:{uuid.uuid4()}",
+    ],
+)
+def test_only_a_uuid4_in_its_36_character_form_is_taken(request_id):
+    with pytest.raises(MeshgateError) as refused:
+        RequestId.of(admin_pb.RotateKeyRequest(key_id="k", request_id=request_id))
+    assert (refused.value.code, refused.value.reason) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        Reason.INVALID_REQUEST_ID,
+    )
