@@ -27,12 +27,14 @@ from meshgate.config import LimitSettings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError
 from meshgate.local import redis_server
+from meshgate.router.v1 import admin_service_pb2 as admin_pb
 from services.cache import keys as cache_keys
 from services.context import store
 from services.context.hot_cache import HotCache, change_listener
 from services.router.admission import Admission, Scope
 from services.router.keys import KeyStore
 from services.router.ledger import Ledger, UsageRecord
+from services.router.request_ids import RequestId
 from services.router.script_calls import node_of
 from tests.integration.test_cache_servicer import (
     PARAPHRASE,
@@ -397,6 +399,14 @@ async def test_api_keys_on_the_cluster(client, tenant) -> None:
     listed = await keys.list(tenant)
     assert {r.key_hash for r in listed} == {record.key_hash, successor.key_hash}
     assert (await keys.revoke(successor.key_id)).revoked_at is not None
+    # With request ids, each answer is stored in the keys' slot, in the same
+    # script as the key (a record in another slot: CROSSSLOT).
+    create = RequestId.of(admin_pb.CreateKeyRequest(tenant_id=tenant, request_id=str(uuid.uuid4())))
+    answer = await keys.create(tenant, ("*",), LimitSettings(), None, "", create)
+    assert await keys.create(tenant, ("*",), LimitSettings(), None, "", create) == answer
+    rotation = RequestId.of(admin_pb.RotateKeyRequest(key_id=answer[1].key_id, request_id=str(uuid.uuid4())))
+    rotated = await keys.rotate(answer[1].key_id, rotation)
+    assert await keys.rotate(answer[1].key_id, rotation) == rotated
 
 
 # services/router/ledger.py's run_scripts sends a turn's per-slot script
