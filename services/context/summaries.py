@@ -267,17 +267,26 @@ class ModelSummarizer:
         return ModelAnswer(text, ModelSpend(self.model, usage.prompt_tokens, usage.completion_tokens))
 
 
-# KEYS: the session's meta, its summaries hash. ARGV: the create_time_ms of
-# the session the summary was made from, the span's field, the summary's
-# JSON, ttl_s, the summary's id, then what a model spent on it: the model
-# ("" for nothing), its prompt and completion tokens. Written only into that
-# same session: one deleted and created again under its id while the summary
-# was being made (a model call) holds other turns. The tokens join meta's
+# KEYS: the session's meta, its summaries hash, its versions. ARGV: the
+# create_time_ms of the session the summary was made from, the span's field,
+# the summary's JSON, ttl_s, the summary's id, then what a model spent on it:
+# the model ("" for nothing), its prompt and completion tokens, then the
+# summary's end_version. Written only into that same session: one deleted and
+# created again under its id while the summary was being made (a model call)
+# holds other turns. Nor once a revert has undone its end_version: its turns
+# are gone, and the span's field may already hold the summary of the turns
+# appended there since, which compaction may have relied on (one of undone
+# turns holds at no version, valid_at, so the compacted turns had none, for
+# good: no span is summarized again below them). The tokens join meta's
 # ``unbilled`` (the store module's docstring) in the same step, unless the span
 # already holds this very summary (another replica's run made it too: its
 # tenant pays for a span's summary once). Returns 1 if written, 0 if not.
 _PUT = """
 if redis.call('HGET', KEYS[1], 'create_time_ms') ~= ARGV[1] then return 0 end
+local at = 4 * tonumber(ARGV[9])
+local held = redis.call('GETRANGE', KEYS[3], at, at + 3)
+-- A session stored before its versions were kept has none to undo.
+if #held == 4 and struct.unpack('<I4', held) == 4294967295 then return 0 end
 if ARGV[6] ~= '' then
   local held = redis.call('HGET', KEYS[2], ARGV[2])
   local ok, before = pcall(cjson.decode, held or '')
@@ -359,20 +368,26 @@ class SummaryStore:
         spent: ModelSpend | None = None,
     ) -> bool:
         """Keeps ``summary`` for the session created at ``created_ms`` (not
-        for another one of its id, _PUT), and what a model ``spent`` on it as
-        the session's unbilled usage, with it; returns whether it was kept."""
+        for another one of its id, nor once a revert undid its turns: _PUT),
+        and what a model ``spent`` on it as the session's unbilled usage,
+        with it; returns whether it was kept."""
         ttl = self._ttl_s if self._ttl_s > 0 else None
         encoded = json.dumps(dataclasses.asdict(summary))
         # Two slots (the content key is any session's): the session's own
         # copy is what counts, and is written by one script in its slot.
         await self._client.set(self._summary_key(tenant_id, digest), encoded, ex=ttl)
-        keys = [session_store.session_key(tenant_id, session_id), self._index_key(tenant_id, session_id)]
+        keys = [
+            session_store.session_key(tenant_id, session_id),
+            self._index_key(tenant_id, session_id),
+            session_store.key(tenant_id, session_id, "versions"),
+        ]
         field = f"{summary.first_turn}-{summary.end_turn}"
         args = [created_ms, field, encoded, self._ttl_s, summary.summary_id]
         if spent is None:
             args += ["", 0, 0]
         else:
             args += [spent.model, spent.prompt_tokens, spent.completion_tokens]
+        args.append(summary.end_version)
         return bool(await self._put(keys=keys, args=args))
 
 
@@ -707,7 +722,7 @@ class Summarizer:
                     if not await self._summaries.put(
                         tenant_id, session_id, digest, summary, stored.create_time_ms
                     ):
-                        # Deleted since it was read, as below.
+                        # Deleted, or reverted below the span, since it was read: as below.
                         return stored.version, stored.create_time_ms
                 if first <= covered and valid_at(summary, history, stored.version):
                     covered = end
@@ -736,8 +751,10 @@ class Summarizer:
             if not await self._summaries.put(
                 tenant_id, session_id, digest, summary, stored.create_time_ms, spent
             ):
-                # Deleted (and perhaps created again) since it was read: what
-                # is left to do belongs to the next run, for the next session.
+                # Deleted (and perhaps created again), or reverted below the
+                # span, since it was read: what is left to do belongs to the
+                # next run (the revert's, or the next append's), of the
+                # session as it is then.
                 return stored.version, stored.create_time_ms
             if first <= covered and valid_at(summary, history, stored.version):
                 covered = end

@@ -6,6 +6,8 @@ compaction must never empty turns that no served summary stands for."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import redis.asyncio as redis
 
@@ -13,6 +15,7 @@ from services.context import store as session_store
 from services.context import summaries as summaries_lib
 from services.context.summaries import SummaryStore
 from tests.integration.test_context_service import ASSISTANT, USER, msg
+from tests.integration.test_context_summaries import GatedModel
 
 pytestmark = pytest.mark.integration
 
@@ -61,4 +64,46 @@ async def test_turns_appended_again_after_a_revert_below_their_summary_are_summa
         assert stored.compacted == 2 * SPAN
     # Every compacted turn has a summary that assembly serves standing for it.
     assert all(any(s.first_turn <= i < s.end_turn for s in served) for i in range(stored.compacted))
+    await client.aclose()
+
+
+async def test_a_summary_made_before_a_revert_below_it_never_replaces_the_one_compaction_relied_on(
+    redis_url, tenant
+) -> None:
+    """Two replicas: one's model call was still summarizing the turns a
+    revert then undid when the other summarized the turns appended since
+    and compacted them. The late write replaced the summary that stood for
+    the compacted turns with one of the undone turns (valid at no version
+    since), and as spans start past the compacted turns none was ever made
+    again: the compacted turns had nothing standing for them, for good."""
+    client = redis.Redis.from_url(redis_url)
+    sessions = session_store.SessionStore(client, 600)
+    summary_store = SummaryStore(client, 600)
+    policy = summaries_lib.SummaryPolicy(span_turns=SPAN, hot_window_turns=4, compact_after_turns=8)
+    model = GatedModel()
+    slow = summaries_lib.Summarizer(sessions, summary_store, policy, model)
+    prompt = summaries_lib.Summarizer(sessions, summary_store, policy, None)
+    session_id = "reverted-under-a-model-call"
+    await sessions.create(tenant, session_id)
+    await sessions.append(tenant, session_id, None, turns(12), {})
+    late = asyncio.ensure_future(slow.summarize_due(tenant, session_id))
+    await asyncio.wait_for(model.entered.wait(), 10)
+
+    await sessions.revert(tenant, session_id, 0, None)
+    again = [msg(t.role, t.content.replace("Lisbon", "Porto")) for t in turns(12)]
+    await sessions.append(tenant, session_id, None, again, {})
+    version, created_ms = await prompt.summarize_due(tenant, session_id)
+    assert (await sessions.read(tenant, session_id)).compacted == 2 * SPAN
+
+    model.gate.set()
+    await asyncio.wait_for(late, 10)
+    # Nothing of the late run was compacted (its turns are gone) ...
+    assert (await sessions.read(tenant, session_id)).compacted == 2 * SPAN
+    # ... and the compacted turns still have the summaries of their own
+    # texts, also once a later run has been (it starts past them).
+    version, created_ms = await prompt.summarize_due(tenant, session_id)
+    fresh = summaries_lib.Summarizer(sessions, summary_store, policy, None)
+    served = await fresh.summaries_for(tenant, session_id, version, created_ms, [(0, 12)])
+    assert [(s.first_turn, s.end_turn) for s in served] == [(0, SPAN), (SPAN, 2 * SPAN)]
+    assert all("Porto" in s.text and "Lisbon" not in s.text for s in served)
     await client.aclose()
