@@ -136,7 +136,7 @@ def _record_assembly(strategy: str, started: float, tokens: dict[str, int]) -> N
 # be sent: the calling task's, the interceptors' task's, the call's own.
 _TURNS_TO_SEND = 3
 
-# Sessions past their cap whose refusal started a compaction run, with what
+# Sessions refused as full whose refusal started a compaction run, with what
 # they held then (_compacting_when_full).
 _COMPACTIONS_ASKED_KEPT = 10_000
 
@@ -662,22 +662,22 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
 
     @contextlib.contextmanager
     def _compacting_when_full(self, tenant_id: str, session_id: str):
-        """A session refused as full that already holds more than its cap
-        gets a summarizer run, which compacts what its soft caps allow. Runs
-        are otherwise started only by appends that succeed, so a session
+        """A session refused as full gets a summarizer run, which compacts
+        what its soft caps allow. Runs are otherwise started only by appends
+        that succeed, so a full session whose run after its last append never
+        came to compact it took no append and stayed full for good: one
         stored under a larger cap (context.max_session_bytes went from 64 to
-        24 MiB) took no append and stayed full. Only past the cap (a session
-        under it compacts after its appends, as ever) and once per amount
-        held: a run reads the whole session, and one that could free nothing
-        must not be repeated for every refused turn."""
+        24 MiB), or one whose run a restart of the service cut short (at its
+        cap, not past it). Once per amount held: a run reads the whole
+        session, and one that could free nothing (the hot window fills the
+        cap) must not be repeated for every refused turn."""
         try:
             yield
         except MeshgateError as error:
             if error.reason == Reason.SESSION_FULL and self._summarizer is not None:
                 unit = error.metadata.get("unit", "")
                 held = int(error.metadata.get(unit, "0"))
-                key = (tenant_id, session_id)
-                if held > int(error.metadata.get("limit", "0")) and self._compaction_asked.first(key, held):
+                if self._compaction_asked.first((tenant_id, session_id), held):
                     self._summarizer.schedule(tenant_id, session_id)
             raise
 

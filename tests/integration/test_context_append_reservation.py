@@ -129,6 +129,10 @@ async def test_the_byte_cap_refuses_up_front_as_the_append_does(tmp_path, tenant
             await append(stub, tenant, session_id, "q" * 500, "a" * 500)
             held = _size("q" * 1000, "a" * 1000, "q" * 500, "a" * 500)
             room = 4096 - held
+            # A session's first refusal at what it holds starts a summarizer
+            # run (servicer._compacting_when_full), which reads it in the
+            # background: settled before the count.
+            await failure(assemble(stub, tenant, session_id, **reserving(1, room + 1)))
             before = await _settled(client)
             # Up to the cap exactly: assembled; a byte more: refused; from memory.
             assert (await assemble(stub, tenant, session_id, **reserving(1, room))).session_version == 2
@@ -188,6 +192,9 @@ async def test_a_session_whose_bytes_were_never_counted_is_left_to_its_append(tm
                 # on it is checked by bytes, from memory.
                 assert await append(fresh, tenant, session_id, "q" * 10) == 2
                 held = _size("q" * 1500, "a" * 1500, "q" * 10)
+                # The first refusal at this amount starts a summarizer run
+                # (servicer._compacting_when_full): settled before the count.
+                await failure(assemble(fresh, tenant, session_id, **reserving(1, 4096 - held + 1)))
                 before = await _settled(client)
                 refused = await failure(assemble(fresh, tenant, session_id, **reserving(1, 4096 - held + 1)))
                 assert await _data_commands(client) == before

@@ -6,6 +6,7 @@ what would need their texts is refused with VERSION_COMPACTED."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import grpc
@@ -17,7 +18,8 @@ from meshgate.context.v1 import context_service_pb2 as pb
 from services.context import store as session_store
 from services.context.turn_index import TurnIndex, features
 from tests.integration.test_context_service import ASSISTANT, MODEL, SYSTEM, USER, failure, make_settings, msg
-from tests.integration.test_context_versions import _own_redis, _settled, _until, running
+from tests.integration.test_context_versions import _own_redis, _settled, _until, append, contents, running
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -315,3 +317,51 @@ async def test_a_compaction_under_the_same_version_changes_the_assembly_id(
             code, reason, metadata = await failure(assemble(at_version=APPENDS))
             assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "VERSION_COMPACTED")
             assert metadata["compacted_version"] == str(APPENDS)
+
+
+async def test_a_session_at_its_cap_whose_run_a_restart_cut_short_is_compacted_once_an_append_is_refused(
+    redis_url, inference_address, tenant
+) -> None:
+    """Only an append that succeeds starts the summarizer. The service
+    stopped while the run after the append that filled the session waited on
+    its model: after the restart every append was refused SESSION_FULL, and a
+    refusal started a run only for a session past its cap, not at it, so
+    nothing ever compacted it and it stayed full for good."""
+    host, port = inference_address.rsplit(":", 1)
+    assert host == "127.0.0.1"
+    model_link = TcpProxy(int(port))
+    # The model never answers: the run is still in its model call at the stop.
+    model_link.hold()
+    hung = _settings(redis_url, f"127.0.0.1:{await model_link.start()}")
+    hung.context.summary_model = "tiny-gpt"
+    hung.context.max_turns = 12
+    turns = [_pair(k)[i] for k in range(6) for i in range(2)]
+    try:
+        async with running(hung) as stub:
+            session_id = (
+                await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))
+            ).session.session_id
+            request = pb.AppendTurnsRequest(tenant_id=tenant, session_id=session_id, any_version=True)
+            request.messages.extend(turns)
+            await stub.AppendTurns(request)
+            await asyncio.sleep(0.5)
+    finally:
+        await model_link.close()
+
+    restarted = _settings(redis_url, inference_address)
+    restarted.context.max_turns = 12
+    async with running(restarted) as stub:
+        code, reason, metadata = await failure(append(stub, tenant, session_id, "one more", "and its answer"))
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_FULL")
+        assert (metadata["unit"], metadata["turns"], metadata["limit"]) == ("turns", "12", "12")
+        get = pb.GetSessionRequest(tenant_id=tenant, session_id=session_id)
+
+        async def compacted() -> bool:
+            return (await stub.GetSession(get)).session.compacted_turns > 0
+
+        await _until(compacted, timeout_s=15)
+        assert await append(stub, tenant, session_id, "one more", "and its answer") == 2
+        _, texts = await contents(stub, tenant, session_id)
+        # Nothing stored was lost: the system turn and the live ones keep their texts.
+        assert texts[0] == turns[0].content
+        assert texts[8:] == [t.content for t in turns[8:]] + ["one more", "and its answer"]
