@@ -7,7 +7,8 @@ stops being the one to serve: a wrong hit reported (the entry is deleted
 and its sub-partition's verifier made stricter, so the notice names its
 tenant and model), an Invalidate of a tenant or of one of its models, any
 Store (one replacing an entry, or one giving a prompt that had semantic
-hits its own answer). Expiry and eviction publish nothing: the answer a
+hits its own answer), and a Store undone because its scope was invalidated
+after its lookup (``StoreRequest.store_fence``). Expiry and eviction publish nothing: the answer a
 router still holds was a right one, and a router keeps a copy only for a
 short, fixed age (``router.hot_exact_max_age_s``).
 

@@ -56,9 +56,10 @@ from meshgate.cache.v1 import cache_service_pb2
 from meshgate.common.v1 import common_pb2
 
 KEY_PREFIX = "mg:cache:"
-# Hex never spells "stats" or "seq", so no tenant pattern reaches these.
+# Hex never spells "stats", "seq" or "invalidated", so no tenant pattern reaches these.
 STATS_KEY = KEY_PREFIX + "stats"
 _SEQUENCE_PREFIX = KEY_PREFIX + "seq:"
+_INVALIDATED_PREFIX = KEY_PREFIX + "invalidated:"
 # Every exact-match entry of every tenant.
 ENTRY_PATTERN = f"{KEY_PREFIX}*:*:x:*"
 
@@ -148,6 +149,13 @@ def tenant_prefix(tenant_id: str, model: str = "") -> str:
     if model:
         return f"{KEY_PREFIX}{tenant_id.encode().hex()}:{model.encode().hex()}:"
     return f"{KEY_PREFIX}{tenant_id.encode().hex()}:"
+
+
+def invalidated_key(tenant_id: str) -> str:
+    """When the tenant's entries (field "") and each of its models' (the
+    model's hex) were last invalidated: outside the tenant's prefix, so that
+    an Invalidate's SCAN never deletes it (store.py, ``store_fence``)."""
+    return f"{_INVALIDATED_PREFIX}{tenant_id.encode().hex()}"
 
 
 def partition(scope: cache_service_pb2.CacheScope) -> Partition:

@@ -179,7 +179,8 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         messages = request.messages
         _require_messages(messages)
         entry_id = keys.entry_id(partition, messages)
-        answer = live_answer(await self._store.get(partition, entry_id), _now_ms())
+        value, store_fence = await self._store.get_with_fence(partition, entry_id)
+        answer = live_answer(value, _now_ms())
         if answer is not None:
             self._stats.pending["exact_hits"] += 1
             self._metrics.lookups.labels("exact_hit").inc()
@@ -204,10 +205,10 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 return response
         if request.semantic_follows and not request.semantic:
             # The semantic lookup that follows counts this prompt.
-            return pb.LookupResponse(status=pb.LOOKUP_STATUS_MISS)
+            return pb.LookupResponse(status=pb.LOOKUP_STATUS_MISS, store_fence=store_fence)
         self._stats.pending["misses"] += 1
         self._metrics.lookups.labels("miss").inc()
-        return pb.LookupResponse(status=pb.LOOKUP_STATUS_MISS)
+        return pb.LookupResponse(status=pb.LOOKUP_STATUS_MISS, store_fence=store_fence)
 
     async def Store(self, request: pb.StoreRequest, context: grpc.aio.ServicerContext) -> pb.StoreResponse:
         partition = _partition(request.scope)
@@ -236,10 +237,16 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         now_ms = _now_ms()
         if vector is None:
             await self._store.put_exact(partition, entry_id, answer, now_ms, ttl_ms)
+            if await self._invalidated_since(partition, request.store_fence):
+                await self._store.undo_store(partition, entry_id, answer, now_ms + ttl_ms)
+                return pb.StoreResponse(entry_id=entry_id, invalidated_since_lookup=True)
         else:
             seq, evicted = await self._store.put_semantic(
                 partition, context_id, entry_id, answer, vector.tobytes(), text, now_ms, ttl_ms
             )
+            invalidated = await self._invalidated_since(partition, request.store_fence)
+            if invalidated:
+                await self._store.undo_store(partition, entry_id, answer, now_ms + ttl_ms, context_id, seq)
             index_key = partition.vectors_key(context_id)
             index = self._indexes.get(index_key)
             if index is not None and index.dimensions == len(vector):
@@ -247,11 +254,19 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                     # That version only: a later Store of the same entry
                     # whose reply came first must keep its row.
                     index.remove(evicted_id, evicted_seq)
-                index.upsert(entry_id, seq, now_ms + ttl_ms, vector, text)
+                if not invalidated:
+                    index.upsert(entry_id, seq, now_ms + ttl_ms, vector, text)
                 self._indexes.settle(index_key)
+            if invalidated:
+                return pb.StoreResponse(entry_id=entry_id, invalidated_since_lookup=True)
         self._stats.pending["stores"] += 1
         self._metrics.stores.inc()
         return pb.StoreResponse(entry_id=entry_id)
+
+    async def _invalidated_since(self, partition: keys.Partition, store_fence: str) -> bool:
+        """Whether the scope was invalidated after the lookup that gave
+        ``store_fence`` (read after the Store wrote: store.py says why)."""
+        return bool(store_fence) and await self._store.store_fence(partition) != store_fence
 
     async def Invalidate(
         self, request: pb.InvalidateRequest, context: grpc.aio.ServicerContext
@@ -260,7 +275,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             raise invalid_argument(Reason.TENANT_REQUIRED, "tenant_id is required")
         _check_scope_names(request.tenant_id, request.model)
         prefix = keys.tenant_prefix(request.tenant_id, request.model)
-        removed = await self._store.invalidate(request.tenant_id, request.model)
+        removed = await self._store.invalidate(request.tenant_id, request.model, self._settings.ttl_s * 1000)
         # After the deletion, so that no index reloaded during the scan keeps
         # rows of deleted entries (those would only cost a GET, not a wrong hit).
         self._indexes.drop_prefix(prefix)

@@ -20,6 +20,16 @@
 - ``mg:cache:seq:{<partition digest>}``: the partition's sequence counter,
   outside ``P`` so that an Invalidate never restarts it while some index
   still remembers higher numbers.
+- ``mg:cache:invalidated:<tenant hex>``: hash, "" (the whole tenant) or a
+  model's hex -> when it was last invalidated (Redis's clock in
+  microseconds, past the last mark). A Lookup's miss returns the marks of
+  its scope as a ``store_fence``; the Store of the answer generated after
+  it passes the fence back and is undone if the marks moved meanwhile: a
+  turn generating across an Invalidate stored its answer after it (a bug
+  hunt: the very next ask was an exact hit of the answer from before).
+  Invalidate marks before it scans and the Store reads the marks after it
+  wrote, so either the Store sees the mark or the SCAN, begun after the
+  mark, finds what the Store wrote.
 
 A semantic Store is one Lua script, so the entry, its vector and the
 eviction of the oldest entries are applied together or not at all. The
@@ -177,8 +187,50 @@ return {removed, strictness, seq}
 """
 
 
+# Set before an Invalidate scans (see the module docstring); the key lives
+# at least a day, far longer than a turn (router.max_generation_s), so a
+# fence read before it expired never matches the marks read after.
+_MARK_INVALIDATED = """
+-- KEYS: the tenant's invalidation marks; ARGV: field ('' or the model's hex), ttl ms
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+redis.call('HSET', KEYS[1], ARGV[1], string.format('%.0f', math.max(now, last + 1)))
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+_MIN_MARK_TTL_MS = 24 * 3600 * 1000
+
+# Undoes a Store whose fence no longer holds: only what that Store wrote
+# (a later Store of the entry, with its own fence, keeps its answer and row),
+# and announced, as the Store was: a router may have copied the answer since.
+_UNDO_STORE = """
+-- KEYS: exact key[, order zset, vectors hash]
+-- ARGV: the entry value stored, notices channel, the entry's notice[, entry id, its sequence number]
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if #KEYS == 3 then
+  local seq = redis.call('ZSCORE', KEYS[2], ARGV[4])
+  if seq and tonumber(seq) == tonumber(ARGV[5]) then
+    redis.call('ZREM', KEYS[2], ARGV[4])
+    redis.call('HDEL', KEYS[3], ARGV[4])
+  end
+end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+
+
 def _pair(asked_id: str, entry_id: str) -> str:
     return f"{asked_id} {entry_id}"
+
+
+def _marks_of(tenant_id: str, model: str) -> tuple[str, str, str]:
+    """HMGET's arguments for a scope's invalidation marks: the tenant's and the model's."""
+    return keys.invalidated_key(tenant_id), "", model.encode().hex()
+
+
+def _fence(marks: list[bytes | None]) -> str:
+    return "/".join((mark or b"0").decode() for mark in marks)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -248,10 +300,49 @@ class CacheStore:
         self._store_semantic = client.register_script(_STORE_SEMANTIC)
         self._entries_since = client.register_script(_ENTRIES_SINCE)
         self._report_wrong = client.register_script(_REPORT_WRONG)
+        self._mark_invalidated = client.register_script(_MARK_INVALIDATED)
+        self._undo_store = client.register_script(_UNDO_STORE)
 
-    async def get(self, partition: Partition, entry_id: str) -> bytes | None:
+    async def get_with_fence(self, partition: Partition, entry_id: str) -> tuple[bytes | None, str]:
+        """The entry, and the ``store_fence`` of its scope, in one round trip."""
         try:
-            return await self._client.get(partition.exact_key(entry_id))
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.get(partition.exact_key(entry_id))
+                pipe.hmget(*_marks_of(partition.tenant_id, partition.model))
+                value, marks = await pipe.execute()
+        except CONNECTION_ERRORS as error:
+            raise _unavailable(error) from error
+        return value, _fence(marks)
+
+    async def store_fence(self, partition: Partition) -> str:
+        try:
+            return _fence(await self._client.hmget(*_marks_of(partition.tenant_id, partition.model)))
+        except CONNECTION_ERRORS as error:
+            raise _unavailable(error) from error
+
+    async def undo_store(
+        self,
+        partition: Partition,
+        entry_id: str,
+        answer: bytes,
+        expires_ms: int,
+        context_id: str = "",
+        seq: int = 0,
+    ) -> None:
+        """Removes what one Store wrote (``answer`` expiring at ``expires_ms``
+        under ``entry_id``, and for a semantic one its row of sequence number
+        ``seq`` in ``context_id``'s sub-partition), if nothing replaced it since."""
+        keys_ = [partition.exact_key(entry_id)]
+        args: list[bytes | str | int] = [
+            _EXPIRY.pack(expires_ms) + answer,
+            cache_notices.CHANNEL,
+            cache_notices.entry_notice(entry_id),
+        ]
+        if context_id:
+            keys_ += [partition.order_key(context_id), partition.vectors_key(context_id)]
+            args += [entry_id, seq]
+        try:
+            await self._undo_store(keys=keys_, args=args)
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
 
@@ -406,12 +497,15 @@ class CacheStore:
         seq = int(float(row[0])) if row and row[0] is not None else None
         return WrongHitReport(bool(removed), int(strictness), seq, replicated.wanted, replicated.acknowledged)
 
-    async def invalidate(self, tenant_id: str, model: str) -> int:
+    async def invalidate(self, tenant_id: str, model: str, ttl_ms: int) -> int:
         """Deletes every key of a tenant, or of one of its models (``model``
-        set), and announces it; returns how many were entries.
+        set), and announces it; returns how many were entries. ``ttl_ms``:
+        the longest an entry lives (the mark lives at least as long).
 
         SCAN walks the keyspace in slices, so Redis keeps serving meanwhile;
-        entries stored while it runs may survive. The notice goes out after
+        entries stored while it runs may survive, but only answers whose
+        lookup came after the mark (a Store with an older ``store_fence`` is
+        undone). The notice goes out after
         the deletion: a router that drops its copies on hearing it finds
         nothing left to fetch again.
         """
@@ -420,6 +514,11 @@ class CacheStore:
         removed = 0
         batch: list[bytes] = []
         try:
+            # Before the SCAN: see the module docstring.
+            await self._mark_invalidated(
+                keys=[keys.invalidated_key(tenant_id)],
+                args=[model.encode().hex(), max(ttl_ms, _MIN_MARK_TTL_MS)],
+            )
             async for key in self._client.scan_iter(match=f"{prefix}*", count=_SCAN_COUNT):
                 batch.append(key)
                 if len(batch) >= _SCAN_COUNT:

@@ -322,6 +322,11 @@ class CacheService:
             return None
         status = _HIT_STATUS.get(response.status)
         if status is None:
+            if not semantic:
+                # The exact lookup answers before the generation starts; the
+                # semantic one may read after an Invalidate the generation
+                # began before.
+                plan.store_fence[:] = [response.store_fence]
             return None
         cached = response.answer
         answer = Answer(
@@ -361,7 +366,12 @@ class CacheService:
         )
         try:
             await self._stub.Store(
-                cache_pb.StoreRequest(scope=self._scope(plan), messages=messages, answer=cached),
+                cache_pb.StoreRequest(
+                    scope=self._scope(plan),
+                    messages=messages,
+                    answer=cached,
+                    store_fence="".join(plan.store_fence),
+                ),
                 timeout=budget.within(self._timeout_s),
                 metadata=self._tokens.metadata(plan.tenant_id, "cache"),
             )

@@ -147,6 +147,11 @@ class CachePlan:
     hot_exact_keys: dict[int, tuple[Any, bytes]] = dataclasses.field(
         default_factory=dict, init=False, compare=False, repr=False
     )
+    # What the cache's exact lookup said about its scope's invalidations
+    # (LookupResponse.store_fence), passed back with the Store of the answer
+    # generated after it: an Invalidate meanwhile keeps that answer out. A
+    # list of at most one, set once the lookup answers (the plan is frozen).
+    store_fence: list[str] = dataclasses.field(default_factory=list, init=False, compare=False, repr=False)
 
 
 def route_of(model: ModelSettings, models: dict[str, ModelSettings]) -> str:

@@ -1124,6 +1124,91 @@ async def test_invalidate_a_model_then_the_tenant(cache, tenant):
     ).status == pb.LOOKUP_STATUS_EXACT_HIT
 
 
+async def fenced_store(cache, s, messages, text: str, store_fence: str) -> pb.StoreResponse:
+    return await cache.Store(
+        pb.StoreRequest(
+            scope=s, messages=messages, answer=pb.CachedAnswer(text=text), store_fence=store_fence
+        ),
+        None,
+    )
+
+
+async def exact_miss_fence(cache, s, messages) -> str:
+    """The store_fence of an exact-only lookup's miss, as the router's turn reads it before generating."""
+    missed = await cache.Lookup(
+        pb.LookupRequest(scope=s, messages=messages, semantic=False, semantic_follows=True), None
+    )
+    assert missed.status == pb.LOOKUP_STATUS_MISS and missed.store_fence
+    return missed.store_fence
+
+
+@pytest.mark.parametrize(
+    "semantic", [True, False], ids=["with its question's vector", "exact only (no embedding)"]
+)
+async def test_an_answer_generated_across_an_invalidate_is_not_kept(cache, embedder, tenant, semantic):
+    """A turn misses, generates, and stores its answer: an Invalidate of its
+    tenant or model between the miss and the Store kept that answer from
+    before it, served as an exact hit (and by meaning) right after; now the
+    Store passes its lookup's fence and is undone, row included."""
+    embedder.available = semantic
+    s = scope(tenant)
+    for invalidated in (tenant, ""), (tenant, "tiny-gpt"):
+        fence = await exact_miss_fence(cache, s, conversation(STORED))
+        await cache.Invalidate(pb.InvalidateRequest(tenant_id=invalidated[0], model=invalidated[1]), None)
+        stored = await fenced_store(cache, s, conversation(STORED), "from before", fence)
+        assert stored.invalidated_since_lookup
+        assert (await lookup(cache, s, conversation(STORED))).status == pb.LOOKUP_STATUS_MISS
+        embedder.available = True
+        assert (await lookup(cache, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
+        embedder.available = semantic
+
+    # Another model's Invalidate, or another tenant's, leaves the fence standing.
+    fence = await exact_miss_fence(cache, s, conversation(STORED))
+    await cache.Invalidate(pb.InvalidateRequest(tenant_id=tenant, model="another-model"), None)
+    await cache.Invalidate(pb.InvalidateRequest(tenant_id=f"{tenant}-other"), None)
+    stored = await fenced_store(cache, s, conversation(STORED), "generated after", fence)
+    assert not stored.invalidated_since_lookup
+    hit = await lookup(cache, s, conversation(STORED))
+    assert (hit.status, hit.answer.text) == (pb.LOOKUP_STATUS_EXACT_HIT, "generated after")
+    if semantic:
+        assert (await lookup(cache, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+
+
+async def test_undoing_a_fenced_store_keeps_a_later_store_of_the_entry(cache, redis_client, tenant):
+    """The undo removes what its own Store wrote, not an answer (and row)
+    stored since by a turn whose lookup came after the Invalidate; and it is
+    announced, for the routers' copies fetched in between."""
+    s = scope(tenant)
+    stale_fence = await exact_miss_fence(cache, s, conversation(STORED))
+    await cache.Invalidate(pb.InvalidateRequest(tenant_id=tenant), None)
+    fresh_fence = await exact_miss_fence(cache, s, conversation(STORED))
+    put_semantic = cache._store.put_semantic
+
+    async def a_fresh_store_lands_after_this_write(*args):
+        written = await put_semantic(*args)
+        cache._store.put_semantic = put_semantic
+        assert not (
+            await fenced_store(cache, s, conversation(STORED), "fresh", fresh_fence)
+        ).invalidated_since_lookup
+        return written
+
+    cache._store.put_semantic = a_fresh_store_lands_after_this_write
+    entry_id = keys.entry_id(keys.partition(s), conversation(STORED))
+    async with redis_client.pubsub() as notices:
+        await notices.subscribe(store_module.cache_notices.CHANNEL)
+        assert (await notices.get_message(timeout=5.0))["type"] == "subscribe"
+        stored = await fenced_store(cache, s, conversation(STORED), "stale", stale_fence)
+        heard = []
+        while (message := await notices.get_message(timeout=0.5)) is not None:
+            heard.append(message["data"])
+    assert stored.invalidated_since_lookup
+    # The stale Store's notice, the fresh one's, then the undo's.
+    assert heard.count(store_module.cache_notices.entry_notice(entry_id)) == 3
+    hit = await lookup(cache, s, conversation(STORED))
+    assert (hit.status, hit.answer.text) == (pb.LOOKUP_STATUS_EXACT_HIT, "fresh")
+    assert (await lookup(cache, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+
+
 async def test_racing_stores_and_lookups_keep_the_index_consistent(redis_client, embedder, tenant):
     cache = make_servicer(redis_client, embedder, max_entries=20)
     questions = [f"Question number {i}?" for i in range(60)]

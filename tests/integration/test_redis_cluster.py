@@ -41,6 +41,8 @@ from tests.integration.test_cache_servicer import (
     STORED,
     FakeEmbedder,
     conversation,
+    exact_miss_fence,
+    fenced_store,
     lookup,
     make_servicer,
     scope,
@@ -272,6 +274,34 @@ async def test_cache_partitions_spread_over_the_cluster(cluster: Cluster, client
     await cache_store(one, scope(tenants[2]), conversation(STORED))
     hit = await lookup(two, scope(tenants[2]), conversation(PARAPHRASE))
     assert hit.status == cache_pb.LOOKUP_STATUS_SEMANTIC_HIT
+
+
+async def test_an_invalidate_undoes_a_store_whose_lookup_came_before_it(cluster: Cluster, client) -> None:
+    """The tenant's invalidation marks and its partitions' keys live in
+    other slots (the mark is read in the lookup's pipeline and after the
+    Store's script): on every master, a Store fenced before an Invalidate is
+    undone, one fenced after it kept."""
+    servicer = make_servicer(client, FakeEmbedder())
+    tenants_by_master: dict[int, str] = {}
+    while len(tenants_by_master) < len(cluster.masters()):
+        tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+        slot = key_slot(cache_keys.partition(scope(tenant)).exact_key("x").encode())
+        tenants_by_master.setdefault(cluster.master_of(slot), tenant)
+    for tenant in tenants_by_master.values():
+        stale = await exact_miss_fence(servicer, scope(tenant), conversation(STORED))
+        await servicer.Invalidate(cache_pb.InvalidateRequest(tenant_id=tenant), None)
+        assert (
+            await fenced_store(servicer, scope(tenant), conversation(STORED), "stale", stale)
+        ).invalidated_since_lookup
+        assert (
+            await lookup(servicer, scope(tenant), conversation(PARAPHRASE))
+        ).status == cache_pb.LOOKUP_STATUS_MISS
+        fresh = await exact_miss_fence(servicer, scope(tenant), conversation(STORED))
+        assert not (
+            await fenced_store(servicer, scope(tenant), conversation(STORED), "fresh", fresh)
+        ).invalidated_since_lookup
+        hit = await lookup(servicer, scope(tenant), conversation(PARAPHRASE))
+        assert (hit.status, hit.answer.text) == (cache_pb.LOOKUP_STATUS_SEMANTIC_HIT, "fresh")
 
 
 async def test_a_report_waits_for_the_replica_of_its_slots_master(cluster: Cluster, client) -> None:

@@ -294,3 +294,25 @@ async def test_the_admin_credential_invalidates_a_tenants_cache_through_the_rout
     )
     assert removed.entries_removed >= 1
     await every_replica_stops_serving(routers, "hot exact admin invalidate", old)
+
+
+async def test_a_turn_generating_across_an_invalidate_does_not_store_its_answer(replicas):
+    """The turn's lookup missed before the Invalidate and its Store came
+    after: the answer from before was kept and the next ask was an exact
+    hit of it. The router passes its lookup's store_fence to the Store,
+    which the cache undoes."""
+    routers, _, admin = replicas
+    request = ask("hot exact invalidated mid-generation")
+    request.parameters.max_tokens = 64
+    call = routers[0].Chat(request, metadata=AUTH)
+    first = await call.read()
+    assert first.HasField("delta")  # generating: the lookup missed, the Store is still to come
+    await admin.InvalidateCache(
+        admin_service_pb2.InvalidateCacheRequest(tenant_id="dev", model="tiny-gpt"),
+        metadata=ADMIN,
+        timeout=30,
+    )
+    _, completion = await answer_of(call)
+    assert completion.cache_status == pb.CACHE_STATUS_MISS
+    _, again = await answer_of(routers[1].Chat(request, metadata=AUTH))
+    assert again.cache_status == pb.CACHE_STATUS_MISS

@@ -56,36 +56,42 @@ class LookupRequest(_message.Message):
     def __init__(self, scope: _Optional[_Union[CacheScope, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., semantic: _Optional[bool] = ..., semantic_follows: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("status", "answer", "similarity", "entry_id", "asked_entry_id")
+    __slots__ = ("status", "answer", "similarity", "entry_id", "asked_entry_id", "store_fence")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
     ASKED_ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    STORE_FENCE_FIELD_NUMBER: _ClassVar[int]
     status: LookupStatus
     answer: CachedAnswer
     similarity: float
     entry_id: str
     asked_entry_id: str
-    def __init__(self, status: _Optional[_Union[LookupStatus, str]] = ..., answer: _Optional[_Union[CachedAnswer, _Mapping]] = ..., similarity: _Optional[float] = ..., entry_id: _Optional[str] = ..., asked_entry_id: _Optional[str] = ...) -> None: ...
+    store_fence: str
+    def __init__(self, status: _Optional[_Union[LookupStatus, str]] = ..., answer: _Optional[_Union[CachedAnswer, _Mapping]] = ..., similarity: _Optional[float] = ..., entry_id: _Optional[str] = ..., asked_entry_id: _Optional[str] = ..., store_fence: _Optional[str] = ...) -> None: ...
 
 class StoreRequest(_message.Message):
-    __slots__ = ("scope", "messages", "answer", "ttl_seconds")
+    __slots__ = ("scope", "messages", "answer", "ttl_seconds", "store_fence")
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STORE_FENCE_FIELD_NUMBER: _ClassVar[int]
     scope: CacheScope
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
     answer: CachedAnswer
     ttl_seconds: int
-    def __init__(self, scope: _Optional[_Union[CacheScope, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., answer: _Optional[_Union[CachedAnswer, _Mapping]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+    store_fence: str
+    def __init__(self, scope: _Optional[_Union[CacheScope, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., answer: _Optional[_Union[CachedAnswer, _Mapping]] = ..., ttl_seconds: _Optional[int] = ..., store_fence: _Optional[str] = ...) -> None: ...
 
 class StoreResponse(_message.Message):
-    __slots__ = ("entry_id",)
+    __slots__ = ("entry_id", "invalidated_since_lookup")
     ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    INVALIDATED_SINCE_LOOKUP_FIELD_NUMBER: _ClassVar[int]
     entry_id: str
-    def __init__(self, entry_id: _Optional[str] = ...) -> None: ...
+    invalidated_since_lookup: bool
+    def __init__(self, entry_id: _Optional[str] = ..., invalidated_since_lookup: _Optional[bool] = ...) -> None: ...
 
 class InvalidateRequest(_message.Message):
     __slots__ = ("tenant_id", "model")
