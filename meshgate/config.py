@@ -423,6 +423,15 @@ class TemplateSettings:
         self.parameters.generation_parameters(where)
 
 
+# The longest router.usage_retention_days: GetUsage may ask for every day
+# kept, and reads one hash per day in one pipeline on the router's event
+# loop (~14 us a day: 3,660 days 52 ms). Unbounded, a key's GetUsage of
+# 700,000 days held its replica 13 s, and beyond the calendar's year 1 it
+# failed INTERNAL (an OverflowError). Ten years covers billing records
+# kept for the usual seven.
+MAX_USAGE_RETENTION_DAYS = 3660
+
+
 @dataclasses.dataclass
 class RouterSettings:
     listen: str = "127.0.0.1:50051"
@@ -603,6 +612,11 @@ class RouterSettings:
         size = self.http_max_header_bytes
         if isinstance(size, bool) or size < 1024:
             raise ConfigError(f"router.http_max_header_bytes must be at least 1024, got {size!r}")
+        if self.usage_retention_days > MAX_USAGE_RETENTION_DAYS:
+            raise ConfigError(
+                f"router.usage_retention_days must be at most {MAX_USAGE_RETENTION_DAYS} (GetUsage reads "
+                f"a day's totals at a time), got {self.usage_retention_days!r}"
+            )
         size = self.hot_exact_max_bytes
         if isinstance(size, bool) or size < 1024 * 1024:
             raise ConfigError(f"router.hot_exact_max_bytes must be at least 1 MiB (1048576), got {size!r}")

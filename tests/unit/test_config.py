@@ -3,6 +3,7 @@ import pytest
 from meshgate import serving
 from meshgate.config import (
     MAX_READABLE_SESSION_BYTES,
+    MAX_USAGE_RETENTION_DAYS,
     ConfigError,
     ContextSettings,
     LimitSettings,
@@ -149,6 +150,19 @@ def test_a_hot_exact_byte_bound_below_a_mebibyte_is_refused():
             load_settings(environ={"MESHGATE_ROUTER__HOT_EXACT_MAX_BYTES": value})
     settings = load_settings(environ={"MESHGATE_ROUTER__HOT_EXACT_MAX_BYTES": "1048576"})
     assert settings.router.hot_exact_max_bytes == 1048576
+
+
+def test_a_usage_retention_longer_than_getusage_can_read_is_refused():
+    """A bug hunt's finding: any positive retention loaded, and GetUsage may
+    ask for every day kept, one Redis read a day on the router's loop: 1e6
+    days loaded, GetUsage of 700,000 days held the replica 13 s, and of
+    800,000 failed INTERNAL (before the calendar's year 1)."""
+    most = MAX_USAGE_RETENTION_DAYS
+    for value in (most + 1, 1_000_000):
+        with pytest.raises(ConfigError, match=f"router.usage_retention_days must be at most {most}"):
+            load_settings(environ={"MESHGATE_ROUTER__USAGE_RETENTION_DAYS": str(value)})
+    settings = load_settings(environ={"MESHGATE_ROUTER__USAGE_RETENTION_DAYS": str(most)})
+    assert settings.router.usage_retention_days == most
 
 
 def test_a_first_stage_word_share_outside_zero_to_one_is_refused():
