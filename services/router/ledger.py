@@ -268,6 +268,11 @@ class Ledger:
             for field, value in fields.items():
                 key_id, rest = field.decode().split("|", 1)
                 model, metric = rest.rsplit("|", 1)
+                if metric not in METRICS:
+                    # A newer replica's (a rolling upgrade that adds one, as
+                    # the summaries' did): left out, not the whole read
+                    # failed INTERNAL on this one's KeyError.
+                    continue
                 row = totals.setdefault((key_id, model), dict.fromkeys(METRICS, 0))
                 row[metric] += int(value)
         return totals

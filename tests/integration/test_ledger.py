@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from meshgate import redis_access
-from services.router.ledger import STREAM, SUMMARY_USAGE, Ledger, UsageRecord, day_key
+from services.router.ledger import METRICS, STREAM, SUMMARY_USAGE, Ledger, UsageRecord, day_key
 
 pytestmark = pytest.mark.integration
 
@@ -125,5 +125,28 @@ async def test_records_kept_out_of_the_log_count_in_the_totals_only(redis_url, s
         today = ledger.today()
         totals = (await ledger.usage(tenant, today, today))[("k1", "tiny-gpt")]
         assert (totals["requests"], totals["failures"], totals["prompt_tokens"]) == (6, 5, 3)
+    finally:
+        await client.aclose()
+
+
+async def test_totals_a_newer_replica_adds_a_metric_to_are_read_without_it(redis_url):
+    """A bug hunt's finding: every field of a day's hash had to be a metric
+    this replica knows, so during a rolling upgrade that adds one (as the
+    summaries' did) the replicas not yet replaced failed GetUsage INTERNAL
+    (a KeyError) for every tenant and day the new metric was written to."""
+    client = redis_access.connect(redis_url)
+    ledger = Ledger(client, stream_max_len=10_000, retention_days=2)
+    tenant = uuid.uuid4().hex[:12]
+    today = ledger.today()
+    try:
+        await ledger.record(UsageRecord(tenant, "k1", "tiny-gpt", "live", 40, 20, 0, "miss", 9_000, 120))
+        # What a newer replica writes beside this one's metrics, and for a
+        # model only it has recorded.
+        await client.hincrby(day_key(tenant, f"{today:%Y-%m-%d}"), "k1|tiny-gpt|reasoning_tokens", 7)
+        await client.hincrby(day_key(tenant, f"{today:%Y-%m-%d}"), "k1|new-model|reasoning_tokens", 7)
+        totals = await ledger.usage(tenant, today, today)
+        assert list(totals) == [("k1", "tiny-gpt")]
+        assert totals[("k1", "tiny-gpt")]["prompt_tokens"] == 40
+        assert set(totals[("k1", "tiny-gpt")]) == set(METRICS)
     finally:
         await client.aclose()
