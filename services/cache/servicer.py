@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 
 import grpc
@@ -179,8 +180,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         messages = request.messages
         _require_messages(messages)
         entry_id = keys.entry_id(partition, messages)
-        value, store_fence = await self._store.get_with_fence(partition, entry_id)
-        answer = live_answer(value, _now_ms())
+        answer = live_answer(await self._store.get(partition, entry_id), _now_ms())
         if answer is not None:
             self._stats.pending["exact_hits"] += 1
             self._metrics.lookups.labels("exact_hit").inc()
@@ -203,6 +203,10 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 )
                 response.answer.MergeFromString(answer)
                 return response
+        # The fence the Store of this prompt's answer will carry: only the
+        # exact lookup's, which answers before the generation starts (a
+        # semantic one may read after an Invalidate it began before).
+        store_fence = "" if request.semantic else await self._store.store_fence(partition)
         if request.semantic_follows and not request.semantic:
             # The semantic lookup that follows counts this prompt.
             return pb.LookupResponse(status=pb.LOOKUP_STATUS_MISS, store_fence=store_fence)
@@ -234,19 +238,24 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             if _matched_by_meaning(text):
                 # Usually remembered from the lookup that missed just before.
                 vector = await self._embedder.embed_or_none(text, tenant_id=partition.tenant_id)
+        if await self._invalidated_since(partition, request.store_fence):
+            # Seen before writing (the usual case: an Invalidate during a
+            # generation of seconds): nothing to undo.
+            return pb.StoreResponse(entry_id=entry_id, invalidated_since_lookup=True)
         now_ms = _now_ms()
         if vector is None:
             await self._store.put_exact(partition, entry_id, answer, now_ms, ttl_ms)
-            if await self._invalidated_since(partition, request.store_fence):
-                await self._store.undo_store(partition, entry_id, answer, now_ms + ttl_ms)
+            undo = functools.partial(self._store.undo_store, partition, entry_id, answer, now_ms + ttl_ms)
+            if await self._undone_if_invalidated(partition, request.store_fence, undo):
                 return pb.StoreResponse(entry_id=entry_id, invalidated_since_lookup=True)
         else:
             seq, evicted = await self._store.put_semantic(
                 partition, context_id, entry_id, answer, vector.tobytes(), text, now_ms, ttl_ms
             )
-            invalidated = await self._invalidated_since(partition, request.store_fence)
-            if invalidated:
-                await self._store.undo_store(partition, entry_id, answer, now_ms + ttl_ms, context_id, seq)
+            undo = functools.partial(
+                self._store.undo_store, partition, entry_id, answer, now_ms + ttl_ms, context_id, seq
+            )
+            invalidated = await self._undone_if_invalidated(partition, request.store_fence, undo)
             index_key = partition.vectors_key(context_id)
             index = self._indexes.get(index_key)
             if index is not None and index.dimensions == len(vector):
@@ -265,8 +274,22 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
 
     async def _invalidated_since(self, partition: keys.Partition, store_fence: str) -> bool:
         """Whether the scope was invalidated after the lookup that gave
-        ``store_fence`` (read after the Store wrote: store.py says why)."""
+        ``store_fence``."""
         return bool(store_fence) and await self._store.store_fence(partition) != store_fence
+
+    async def _undone_if_invalidated(self, partition: keys.Partition, store_fence: str, undo) -> bool:
+        """After the write, the marks again (store.py says why this closes the
+        race with an Invalidate's SCAN), and ``undo`` if they moved.
+        Shielded: a Store cancelled here (the router's deadline, its caller
+        gone) would otherwise leave a stale answer for the entry's whole TTL."""
+
+        async def check_and_undo() -> bool:
+            if not await self._invalidated_since(partition, store_fence):
+                return False
+            await undo()
+            return True
+
+        return await asyncio.shield(check_and_undo())
 
     async def Invalidate(
         self, request: pb.InvalidateRequest, context: grpc.aio.ServicerContext

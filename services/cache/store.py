@@ -303,18 +303,17 @@ class CacheStore:
         self._mark_invalidated = client.register_script(_MARK_INVALIDATED)
         self._undo_store = client.register_script(_UNDO_STORE)
 
-    async def get_with_fence(self, partition: Partition, entry_id: str) -> tuple[bytes | None, str]:
-        """The entry, and the ``store_fence`` of its scope, in one round trip."""
+    async def get(self, partition: Partition, entry_id: str) -> bytes | None:
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.get(partition.exact_key(entry_id))
-                pipe.hmget(*_marks_of(partition.tenant_id, partition.model))
-                value, marks = await pipe.execute()
+            return await self._client.get(partition.exact_key(entry_id))
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
-        return value, _fence(marks)
 
     async def store_fence(self, partition: Partition) -> str:
+        """The scope's invalidation marks. Read apart from the entry, and only
+        by an exact lookup that missed (the one whose fence a Store carries):
+        hits never pay for it, and on a cluster a tenant's marks key (one
+        slot) is not read by every one of its lookups."""
         try:
             return _fence(await self._client.hmget(*_marks_of(partition.tenant_id, partition.model)))
         except CONNECTION_ERRORS as error:
@@ -500,7 +499,9 @@ class CacheStore:
     async def invalidate(self, tenant_id: str, model: str, ttl_ms: int) -> int:
         """Deletes every key of a tenant, or of one of its models (``model``
         set), and announces it; returns how many were entries. ``ttl_ms``:
-        the longest an entry lives (the mark lives at least as long).
+        the longest an entry lives; the marks key is kept at least that long
+        and at least a day (_MIN_MARK_TTL_MS), though what the fence needs is
+        only that a mark outlive the turns under way when it was set.
 
         SCAN walks the keyspace in slices, so Redis keeps serving meanwhile;
         entries stored while it runs may survive, but only answers whose

@@ -1142,19 +1142,47 @@ async def exact_miss_fence(cache, s, messages) -> str:
     return missed.store_fence
 
 
+def invalidating_before_the_write(cache, semantic: bool, invalidate, after_write=None):
+    """Makes the next Store's write (exact, or semantic with its row) land
+    after ``invalidate`` has marked and scanned: past the Store's first look
+    at the marks, so only its look after the write can undo it. Then
+    ``after_write``, before that look."""
+    name = "put_semantic" if semantic else "put_exact"
+    put = getattr(cache._store, name)
+
+    async def write(*args):
+        setattr(cache._store, name, put)
+        await invalidate()
+        written = await put(*args)
+        if after_write is not None:
+            await after_write()
+        return written
+
+    setattr(cache._store, name, write)
+
+
 @pytest.mark.parametrize(
     "semantic", [True, False], ids=["with its question's vector", "exact only (no embedding)"]
 )
-async def test_an_answer_generated_across_an_invalidate_is_not_kept(cache, embedder, tenant, semantic):
+@pytest.mark.parametrize("when", ["before the store", "while it writes"])
+async def test_an_answer_generated_across_an_invalidate_is_not_kept(cache, embedder, tenant, semantic, when):
     """A turn misses, generates, and stores its answer: an Invalidate of its
     tenant or model between the miss and the Store kept that answer from
     before it, served as an exact hit (and by meaning) right after; now the
-    Store passes its lookup's fence and is undone, row included."""
+    Store passes its lookup's fence and writes nothing (the Invalidate came
+    before it), or is undone, row included (the Invalidate's SCAN passed
+    before the write landed)."""
     embedder.available = semantic
     s = scope(tenant)
     for invalidated in (tenant, ""), (tenant, "tiny-gpt"):
         fence = await exact_miss_fence(cache, s, conversation(STORED))
-        await cache.Invalidate(pb.InvalidateRequest(tenant_id=invalidated[0], model=invalidated[1]), None)
+        request = pb.InvalidateRequest(tenant_id=invalidated[0], model=invalidated[1])
+        if when == "before the store":
+            await cache.Invalidate(request, None)
+        else:
+            invalidating_before_the_write(
+                cache, semantic, lambda request=request: cache.Invalidate(request, None)
+            )
         stored = await fenced_store(cache, s, conversation(STORED), "from before", fence)
         assert stored.invalidated_since_lookup
         assert (await lookup(cache, s, conversation(STORED))).status == pb.LOOKUP_STATUS_MISS
@@ -1180,19 +1208,17 @@ async def test_undoing_a_fenced_store_keeps_a_later_store_of_the_entry(cache, re
     announced, for the routers' copies fetched in between."""
     s = scope(tenant)
     stale_fence = await exact_miss_fence(cache, s, conversation(STORED))
-    await cache.Invalidate(pb.InvalidateRequest(tenant_id=tenant), None)
-    fresh_fence = await exact_miss_fence(cache, s, conversation(STORED))
-    put_semantic = cache._store.put_semantic
+    fresh_fence = []
 
-    async def a_fresh_store_lands_after_this_write(*args):
-        written = await put_semantic(*args)
-        cache._store.put_semantic = put_semantic
-        assert not (
-            await fenced_store(cache, s, conversation(STORED), "fresh", fresh_fence)
-        ).invalidated_since_lookup
-        return written
+    async def an_invalidate_then_a_fresh_lookup():
+        await cache.Invalidate(pb.InvalidateRequest(tenant_id=tenant), None)
+        fresh_fence.append(await exact_miss_fence(cache, s, conversation(STORED)))
 
-    cache._store.put_semantic = a_fresh_store_lands_after_this_write
+    async def a_fresh_store_lands():
+        stored = await fenced_store(cache, s, conversation(STORED), "fresh", fresh_fence[0])
+        assert not stored.invalidated_since_lookup
+
+    invalidating_before_the_write(cache, True, an_invalidate_then_a_fresh_lookup, a_fresh_store_lands)
     entry_id = keys.entry_id(keys.partition(s), conversation(STORED))
     async with redis_client.pubsub() as notices:
         await notices.subscribe(store_module.cache_notices.CHANNEL)
@@ -1207,6 +1233,35 @@ async def test_undoing_a_fenced_store_keeps_a_later_store_of_the_entry(cache, re
     hit = await lookup(cache, s, conversation(STORED))
     assert (hit.status, hit.answer.text) == (pb.LOOKUP_STATUS_EXACT_HIT, "fresh")
     assert (await lookup(cache, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+
+
+async def test_a_store_cancelled_while_undoing_still_undoes(cache, embedder, tenant):
+    """The router's deadline or its caller's hang-up cancels a Store: one
+    cancelled after its write, while it undoes it, must not leave the answer
+    from before an Invalidate for the entry's whole TTL."""
+    embedder.available = False
+    s = scope(tenant)
+    fence = await exact_miss_fence(cache, s, conversation(STORED))
+    invalidating_before_the_write(
+        cache, False, lambda: cache.Invalidate(pb.InvalidateRequest(tenant_id=tenant), None)
+    )
+    undo_store = cache._store.undo_store
+    undoing, undone = asyncio.Event(), asyncio.Event()
+
+    async def slow_undo(*args):
+        undoing.set()
+        await asyncio.sleep(0.3)
+        await undo_store(*args)
+        undone.set()
+
+    cache._store.undo_store = slow_undo
+    storing = asyncio.ensure_future(fenced_store(cache, s, conversation(STORED), "from before", fence))
+    await asyncio.wait_for(undoing.wait(), 10)
+    storing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await storing
+    await asyncio.wait_for(undone.wait(), 10)
+    assert (await lookup(cache, s, conversation(STORED), semantic=False)).status == pb.LOOKUP_STATUS_MISS
 
 
 async def test_racing_stores_and_lookups_keep_the_index_consistent(redis_client, embedder, tenant):
