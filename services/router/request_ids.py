@@ -47,13 +47,28 @@ def _derived(request_id: str, label: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label).derive(request_id.encode())
 
 
+def _sort_repeated_strings(message: Message) -> None:
+    """Every repeated string of these requests is a set (models,
+    fail_closed): a resend that lists them in another order (a client that
+    rebuilt its request from a set) is the same request."""
+    for field, value in message.ListFields():
+        if field.message_type is not None:
+            if field.label == field.LABEL_REPEATED:
+                for item in value:
+                    _sort_repeated_strings(item)
+            else:
+                _sort_repeated_strings(value)
+        elif field.label == field.LABEL_REPEATED and field.type == field.TYPE_STRING:
+            value.sort()
+
+
 @dataclasses.dataclass(frozen=True)
 class RequestId:
     # What names the request's record in Redis (64 hex digits).
     name: str
     sealing_key: bytes = dataclasses.field(repr=False)
-    # SHA-256 of the request's message type and body without its request_id:
-    # what a resend must match to be given the answer.
+    # SHA-256 of the request's message type and body without its request_id
+    # (its sets in order): what a resend must match to be given the answer.
     request_digest: str
 
     @classmethod
@@ -76,6 +91,7 @@ class RequestId:
         body = type(request)()
         body.CopyFrom(request)
         body.ClearField("request_id")
+        _sort_repeated_strings(body)
         digest = hashlib.sha256(
             request.DESCRIPTOR.full_name.encode() + b"\0" + body.SerializeToString(deterministic=True)
         ).hexdigest()

@@ -34,6 +34,24 @@ def test_the_digest_tells_bodies_and_methods_apart_but_not_the_id():
     assert create.request_digest == other_id.request_digest and create.name != other_id.name
 
 
+def test_sets_listed_in_another_order_are_the_same_request_but_other_members_are_not():
+    """models and fail_closed are sets: a client rebuilding its resend from a
+    set may list them in another order and is still answered."""
+    request_id = str(uuid.uuid4())
+
+    def digest(models, fail_closed):
+        limits = admin_pb.KeyLimits(fail_closed=fail_closed)
+        request = admin_pb.CreateKeyRequest(
+            tenant_id="acme", models=models, limits=limits, request_id=request_id
+        )
+        return RequestId.of(request).request_digest
+
+    first = digest(["tiny-gpt", "smollm2"], ["tokens_per_minute", "daily_budget_usd"])
+    assert digest(["smollm2", "tiny-gpt"], ["daily_budget_usd", "tokens_per_minute"]) == first
+    assert digest(["smollm2"], ["daily_budget_usd", "tokens_per_minute"]) != first
+    assert digest(["smollm2", "tiny-gpt"], ["daily_budget_usd"]) != first
+
+
 def test_a_sealed_answer_opens_with_its_request_id_only_and_for_its_request_only():
     request_id = str(uuid.uuid4())
     create = RequestId.of(admin_pb.CreateKeyRequest(tenant_id="acme", request_id=request_id))
