@@ -136,9 +136,16 @@ def _record_assembly(strategy: str, started: float, tokens: dict[str, int]) -> N
 # be sent: the calling task's, the interceptors' task's, the call's own.
 _TURNS_TO_SEND = 3
 
-# Sessions refused as full whose refusal started a compaction run, with what
-# they held then (_compacting_when_full).
+# Sessions refused as full whose refusal started a compaction run, by the cap
+# that refused them, with what they held then (_compacting_when_full); and
+# for how long such a note stands. The servicer hears nothing of the run:
+# one that failed (Redis away) or was dropped from the summarizer's waiting
+# queue compacted nothing, and noted for good the session stayed full for
+# good. Past this a refusal at the same amount asks again: a run that can
+# free nothing reads the session once a minute while it is being refused,
+# not once per refused turn.
 _COMPACTIONS_ASKED_KEPT = 10_000
+COMPACTION_ASKED_FOR_S = 60.0
 
 # GetSession's answer beside its turns: ids, version, times (GetSession).
 _SESSION_FIELDS_BYTES = 64 * 1024
@@ -172,18 +179,24 @@ _INDEX_REPAIRS_ASKED_KEPT = 10_000
 
 class _AskedOnce:
     """Work asked for once per key and value (a session and what it held):
-    a key asked again at the value it was noted with is not asked again.
-    The oldest keys are forgotten past ``kept``."""
+    a key asked again at the value it was noted with is not asked again
+    for ``noted_for_s`` seconds. The oldest keys are forgotten past
+    ``kept``."""
 
-    def __init__(self, kept: int) -> None:
-        self._asked: collections.OrderedDict[object, int] = collections.OrderedDict()
+    def __init__(self, kept: int, noted_for_s: float = float("inf")) -> None:
+        # key -> (value, time.monotonic() until which the note stands)
+        self._asked: collections.OrderedDict[object, tuple[int, float]] = collections.OrderedDict()
         self._kept = kept
+        self._noted_for_s = noted_for_s
 
     def first(self, key: object, value: int) -> bool:
-        """Whether ``key`` is asked at ``value`` for the first time; notes it."""
-        if self._asked.get(key) == value:
+        """Whether ``key`` is asked at ``value`` for the first time (or its
+        note expired); notes it."""
+        now = time.monotonic()
+        noted_value, noted_until = self._asked.get(key, (None, now))
+        if noted_value == value and now < noted_until:
             return False
-        self._asked[key] = value
+        self._asked[key] = (value, now + self._noted_for_s)
         self._asked.move_to_end(key)
         if len(self._asked) > self._kept:
             self._asked.popitem(last=False)
@@ -390,7 +403,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         self._index_repairs_asked = _AskedOnce(_INDEX_REPAIRS_ASKED_KEPT)
         # Without one (unit tests), nothing is summarized.
         self._summarizer = summarizer
-        self._compaction_asked = _AskedOnce(_COMPACTIONS_ASKED_KEPT)
+        self._compaction_asked = _AskedOnce(_COMPACTIONS_ASKED_KEPT, COMPACTION_ASKED_FOR_S)
         self._models = models
         self._counters = counters
         # Every turn is counted for every configured tokenizer and template
@@ -670,14 +683,17 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         24 MiB), or one whose run a restart of the service cut short (at its
         cap, not past it). Once per amount held: a run reads the whole
         session, and one that could free nothing (the hot window fills the
-        cap) must not be repeated for every refused turn."""
+        cap) must not be repeated for every refused turn. Noted per cap:
+        requests refused on turns and on bytes in turn would otherwise replace
+        each other's note and each ask again; and for COMPACTION_ASKED_FOR_S,
+        as a run asked for may fail or be dropped unheard."""
         try:
             yield
         except MeshgateError as error:
             if error.reason == Reason.SESSION_FULL and self._summarizer is not None:
                 unit = error.metadata.get("unit", "")
                 held = int(error.metadata.get(unit, "0"))
-                if self._compaction_asked.first((tenant_id, session_id), held):
+                if self._compaction_asked.first((tenant_id, session_id, unit), held):
                     self._summarizer.schedule(tenant_id, session_id)
             raise
 

@@ -1,10 +1,14 @@
 """SessionStore.check_room: the append script's decision, made before the
 append (an assembly's append_reservation), in the same order on the same
-caps; and the byte count a hot session keeps when an append extends it in
+caps; the byte count a hot session keeps when an append extends it in
 memory: the script's own (the store's writes are stand-ins there:
-tests/integration/test_context_append_reservation.py runs the real ones)."""
+tests/integration/test_context_append_reservation.py runs the real ones);
+and the compaction runs a refusal asks for."""
 
 from __future__ import annotations
+
+import time
+import types
 
 import grpc
 import pytest
@@ -15,6 +19,7 @@ from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
+from services.context import servicer as servicer_module
 from services.context import token_counts
 from services.context.hot_cache import HotCache
 from services.context.servicer import ContextServicer
@@ -162,3 +167,91 @@ async def test_a_hot_session_extended_by_an_append_takes_the_append_scripts_byte
     with pytest.raises(MeshgateError) as refused:
         await servicer.AssembleContext(assembly(room + 1), None)
     assert refused.value.metadata["bytes"] == str(extended.held_bytes)
+
+
+class FullStore(SessionStore):
+    """A session at ``live_turns`` holding ``held_bytes``: its appends meet
+    the real check_room on its caps, as the append script decides; none
+    fits (the tests below only refuse)."""
+
+    def __init__(self, live_turns: int, held_bytes: int, max_turns: int, max_session_bytes: int) -> None:
+        super().__init__(redis.Redis(), ttl_s=0, max_turns=max_turns, max_session_bytes=max_session_bytes)
+        self.live_turns = live_turns
+        self.held_bytes = held_bytes
+
+    async def append(self, tenant_id, session_id, expected_version, turns, token_counts, turn_id=""):
+        size = sum(turn.ByteSize() for turn in turns)
+        self.check_room(
+            session_id, self.live_turns, self.held_bytes, len(turns), size, version=1, expected_version=None
+        )
+        raise AssertionError(f"{len(turns)} turns of {size} bytes fit")
+
+
+class CountingSummarizer:
+    """Counts the runs asked for; runs none (as a run that failed)."""
+
+    def __init__(self) -> None:
+        self.scheduled = 0
+
+    def schedule(self, tenant_id: str, session_id: str) -> None:
+        self.scheduled += 1
+
+
+def _full_servicer(counters, store: FullStore) -> tuple[ContextServicer, CountingSummarizer]:
+    summarizer = CountingSummarizer()
+    return ContextServicer(store, Settings().models, counters, summarizer=summarizer), summarizer
+
+
+async def _refused_on(servicer: ContextServicer, *contents: str) -> str:
+    """The unit an append of ``contents`` is refused on."""
+    messages = [common_pb2.Message(role=common_pb2.ROLE_USER, content=c) for c in contents]
+    request = pb.AppendTurnsRequest(tenant_id="t", session_id="s1", any_version=True, messages=messages)
+    with pytest.raises(MeshgateError) as refused:
+        await servicer.AppendTurns(request, None)
+    assert refused.value.reason == Reason.SESSION_FULL
+    return refused.value.metadata["unit"]
+
+
+async def test_refusals_alternating_between_the_caps_ask_for_one_run_per_amount_held(counters) -> None:
+    """A session one turn short of its turn cap and a few bytes short of its
+    byte cap: one turn is refused on bytes, two on turns. Noted per session
+    alone, each refusal replaced the other cap's note, and every one of them
+    asked for a run reading the whole session."""
+    store = FullStore(live_turns=99, held_bytes=990, max_turns=100, max_session_bytes=1000)
+    servicer, summarizer = _full_servicer(counters, store)
+    for _ in range(3):
+        assert await _refused_on(servicer, "q" * 20) == "bytes"
+        assert await _refused_on(servicer, "q", "a") == "turns"
+    assert summarizer.scheduled == 2
+    # A new amount held is asked for again, on either cap.
+    store.held_bytes = 995
+    assert await _refused_on(servicer, "q" * 20) == "bytes"
+    assert await _refused_on(servicer, "q", "a") == "turns"
+    assert summarizer.scheduled == 3
+    store.live_turns = 98
+    assert await _refused_on(servicer, "q", "a", "q") == "turns"
+    assert summarizer.scheduled == 4
+
+
+async def test_a_refusal_at_an_amount_already_asked_for_asks_again_once_the_note_expires(
+    counters, monkeypatch
+) -> None:
+    """A run asked for may never compact the session: one that failed on a
+    Redis error, one dropped from the summarizer's waiting queue. Noted for
+    good, the session stayed full for good at that amount."""
+    now = [1000.0]
+    monkeypatch.setattr(
+        servicer_module,
+        "time",
+        types.SimpleNamespace(monotonic=lambda: now[0], perf_counter=time.perf_counter, time=time.time),
+    )
+    servicer, summarizer = _full_servicer(counters, FullStore(10, 0, max_turns=10, max_session_bytes=0))
+    await _refused_on(servicer, "q")
+    now[0] += servicer_module.COMPACTION_ASKED_FOR_S - 1
+    await _refused_on(servicer, "q")
+    assert summarizer.scheduled == 1
+    now[0] += 1
+    await _refused_on(servicer, "q")
+    assert summarizer.scheduled == 2
+    await _refused_on(servicer, "q")
+    assert summarizer.scheduled == 2
