@@ -389,14 +389,11 @@ class Service:
         self.errors.bound(self.name, max_calls, uncounted_services)
 
     def bind(self, address: str) -> int:
-        _refuse_live_unix_socket(self.name, address)
         if self.server_credentials is None:
-            port = self.server.add_insecure_port(address)
-        else:
-            port = self.server.add_secure_port(address, self.server_credentials)
-        if port == 0:
-            raise OSError(f"{self.name}: cannot listen on {address}")
-        return port
+            return _add_port(self.name, address, self.server.add_insecure_port)
+        return _add_port(
+            self.name, address, lambda at: self.server.add_secure_port(at, self.server_credentials)
+        )
 
     def serve_metrics(self, address: str) -> int:
         """Opens the process's Prometheus endpoint; returns its port."""
@@ -411,10 +408,7 @@ class Service:
         mutual TLS. It tells a status and serves nothing else. Returns its port."""
         self.health_server = grpc.aio.server(options=SERVER_OPTIONS)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-        _refuse_live_unix_socket(self.name, address)
-        port = self.health_server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"{self.name}: cannot listen on {address} for health checks")
+        port = _add_port(f"{self.name} (health checks)", address, self.health_server.add_insecure_port)
         log.info("health", address=address, port=port)
         return port
 
@@ -424,6 +418,56 @@ class Service:
         )
         for name in ("", *self.service_names):
             await self.health.set(name, status)
+
+
+def _add_port(name: str, address: str, add: collections.abc.Callable[[str], int]) -> int:
+    """Has a grpc server listen on ``address`` (``add``: its add_*_port);
+    returns the port, or raises OSError saying why not.
+
+    grpc's own refusal is a RuntimeError that names no reason ("Failed to
+    bind", whether the port is in use, the host is not this one's, or the
+    TLS credentials are unusable), its cause on a separate line of plain
+    text: a service started on a port in use ended with a traceback.
+    The address is tried first here, so that the common reasons are said
+    in the one line a failed start writes (_refuse_start)."""
+    _refuse_live_unix_socket(name, address)
+    _refuse_unbindable_address(name, address)
+    try:
+        port = add(address)
+    except RuntimeError as error:  # grpc's "Failed to bind to address ..."
+        raise OSError(f"{name}: cannot listen on {address} ({error})") from None
+    if port == 0:  # older grpcio says so instead of raising
+        raise OSError(f"{name}: cannot listen on {address}")
+    return port
+
+
+def _refuse_unbindable_address(name: str, address: str) -> None:
+    """Raises OSError if ``host:port`` does not resolve, or none of its
+    addresses can be bound (in use by another process, or not this host's).
+
+    As grpc-core binds: every address the host resolves to, with
+    SO_REUSEADDR; one that binds is enough. Nothing is held: grpc binds
+    the address itself right after (a process taking it meanwhile is
+    refused by grpc, and reported by _add_port)."""
+    if address.startswith(("unix:", "unix-abstract:", "vsock:")):
+        return
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or None  # ":50051", "[::]:50051"
+    try:
+        resolved = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, ValueError) as error:
+        raise OSError(f"{name}: cannot listen on {address}: {error}") from None
+    refusal = None
+    for family, kind, protocol, _, socket_address in resolved:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(socket_address)
+            except OSError as error:
+                refusal = refusal or error
+                continue
+        return
+    raise OSError(f"{name}: cannot listen on {address}: {refusal.strerror}")
 
 
 def _refuse_live_unix_socket(name: str, address: str) -> None:

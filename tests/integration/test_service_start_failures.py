@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -20,13 +21,13 @@ pytestmark = pytest.mark.integration
 PASSWORD = "S3cretRedisPassw0rd"
 
 
-def started(service: str, **environ: str) -> tuple[int, list[dict]]:
+def started(service: str, listen: str = "127.0.0.1:0", **environ: str) -> tuple[int, list[dict]]:
     """Starts ``service`` as the deployments do, on the environment alone;
     returns its exit status and its log lines, each read as JSON."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHGATE_") and k != "REDIS_URL"}
     env |= {"MESHGATE_MESH__TLS": "false", "MESHGATE_TELEMETRY__METRICS": "false", **environ}
     done = subprocess.run(
-        [sys.executable, "-m", f"services.{service}", "--listen", "127.0.0.1:0"],
+        [sys.executable, "-m", f"services.{service}", "--listen", listen],
         env=env,
         capture_output=True,
         text=True,
@@ -82,3 +83,33 @@ def test_settings_refused_at_load_are_reported_the_same_way() -> None:
     assert code == serving.START_FAILED
     assert [(line["event"], line["error_type"]) for line in lines] == [("cannot start", "ConfigError")]
     assert "context.session_ttl_s" in lines[0]["error"]
+
+
+@pytest.mark.parametrize(
+    ("service", "port_setting"),
+    [("router", "--listen"), ("inference", "MESHGATE_MESH__HEALTH_LISTEN")],
+    ids=["service port", "health port"],
+)
+def test_a_port_in_use_is_said_in_the_one_line_without_a_traceback(service, port_setting) -> None:
+    """grpc refused the port with a RuntimeError naming no reason, and its
+    cause on a line of plain text: the start ended in a traceback."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        held = f"127.0.0.1:{holder.getsockname()[1]}"
+        if port_setting == "--listen":
+            code, lines = started(service, listen=held)
+        else:
+            code, lines = started(service, **{port_setting: held})
+    assert code == serving.START_FAILED
+    assert [
+        (line["event"], line["error_type"]) for line in lines if line["level"] in ("error", "critical")
+    ] == [("cannot start", "OSError")]
+    assert lines[-1]["error"].endswith(f"cannot listen on {held}: Address already in use")
+
+
+def test_a_listen_host_that_does_not_resolve_is_said_in_the_one_line() -> None:
+    code, lines = started("router", listen="no-such-host.invalid:50051")
+    assert code == serving.START_FAILED
+    assert lines[-1]["error_type"] == "OSError"
+    assert lines[-1]["error"].startswith("router: cannot listen on no-such-host.invalid:50051: ")
