@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import datetime
 import pathlib
 import time
 from typing import Any
@@ -32,6 +33,7 @@ import grpc
 import jwt
 import structlog
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -114,6 +116,14 @@ def _certificate(pem: bytes, where: str) -> x509.Certificate:
         raise ConfigError(f"{where}: not a PEM certificate ({error})") from error
 
 
+def issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
 def _names(certificate: x509.Certificate) -> list[str]:
     try:
         san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
@@ -152,8 +162,42 @@ class Mesh:
         self._key = _read(self._for_service(settings.key_file, service), "mesh.key_file")
         # A service started with another's certificate would fail every
         # handshake with an obscure error; say so at start instead.
-        if identity(service) not in _names(_certificate(self._cert, cert_file)):
+        certificate = _certificate(self._cert, cert_file)
+        if identity(service) not in _names(certificate):
             raise ConfigError(f"mesh.cert_file {cert_file!r} does not name {identity(service)!r}")
+        self._check_pair(
+            settings.ca_file, cert_file, certificate, self._for_service(settings.key_file, service)
+        )
+
+    def _check_pair(self, ca_file: str, cert_file: str, certificate: x509.Certificate, key_file: str) -> None:
+        """Refuses a key that is not the certificate's, a CA file without a
+        certificate, and a certificate that is expired or not from the CA.
+
+        grpc found the first two only when the server bound its port, and
+        said "Failed to bind to address" (a traceback, and nothing about
+        the files); with the others the service started, and every
+        handshake with it failed (its peers trust the same CA file)."""
+        try:
+            key = serialization.load_pem_private_key(self._key, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as error:
+            raise ConfigError(
+                f"mesh.key_file {key_file!r}: not an unencrypted PEM private key ({error})"
+            ) from None
+        if key.public_key() != certificate.public_key():
+            raise ConfigError(f"mesh.key_file {key_file!r} is not the key of mesh.cert_file {cert_file!r}")
+        try:
+            authorities = x509.load_pem_x509_certificates(self._ca)
+        except ValueError as error:
+            raise ConfigError(f"mesh.ca_file {ca_file!r}: not a PEM certificate ({error})") from None
+        if certificate.not_valid_after_utc < datetime.datetime.now(datetime.UTC):
+            raise ConfigError(
+                f"mesh.cert_file {cert_file!r} expired at {certificate.not_valid_after_utc.isoformat()}"
+            )
+        # The certificate file may carry intermediates after it: one of
+        # them issued by the CA file's will do.
+        chain = x509.load_pem_x509_certificates(self._cert)
+        if not any(issued_by(link, authority) for link in chain for authority in authorities):
+            raise ConfigError(f"mesh.cert_file {cert_file!r} is not issued by mesh.ca_file {ca_file!r}")
 
     @staticmethod
     def _for_service(template: str, service: str) -> str:

@@ -23,12 +23,11 @@ import os
 import pathlib
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from meshgate.mesh_auth import MESH_SERVICES, identity
+from meshgate.mesh_auth import MESH_SERVICES, identity, issued_by
 
 CA_NAME = "meshgate local CA"
 CA_DAYS = 10 * 365
@@ -62,7 +61,7 @@ def ensure(directory: pathlib.Path, services: tuple[str, ...] = MESH_SERVICES) -
     ca_key, ca_cert = ca
     for service in services:
         existing = _load_valid(cert_path(directory, service), key_path(directory, service))
-        if existing is not None and _issued_by(existing[1], ca_cert):
+        if existing is not None and issued_by(existing[1], ca_cert):
             continue
         kept = _load_key(key_path(directory, service))
         issued = _issue(ca_key, ca_cert, service, kept)
@@ -189,14 +188,6 @@ def _load_valid(
     if cert.not_valid_after_utc - RENEW_BEFORE < _now():
         return None
     return key, cert
-
-
-def _issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def _write(

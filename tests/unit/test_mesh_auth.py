@@ -195,6 +195,70 @@ def test_a_service_started_with_another_services_certificate_stops_at_once():
         mesh_auth.Mesh(settings, "context")
 
 
+def _context_settings_with(directory: pathlib.Path, **files: str) -> MeshSettings:
+    settings = mesh_settings(directory)
+    for name, path in files.items():
+        setattr(settings, name, path)
+    return settings
+
+
+@pytest.mark.parametrize(
+    ("files", "refusal"),
+    [
+        # grpc refused these only when the server bound its port: a
+        # traceback of "Failed to bind to address", nothing about the files.
+        ({"key_file": "{dir}/cache.key"}, "is not the key of mesh.cert_file"),
+        ({"key_file": "{dir}/context.pem"}, "not an unencrypted PEM private key"),
+        ({"ca_file": "{dir}/ca.key"}, "mesh.ca_file .* not a PEM certificate"),
+        # With this one the service started, and every handshake failed.
+        ({"ca_file": "{other}/ca.pem"}, "is not issued by mesh.ca_file"),
+    ],
+    ids=["another key", "a certificate as the key", "a key as the CA", "another CA"],
+)
+def test_a_key_or_ca_that_does_not_go_with_the_certificate_stops_the_start(files, refusal, tmp_path):
+    directory, other = certs_dir(), tmp_path
+    certs.ensure(other)
+    paths = {name: path.format(dir=directory, other=other) for name, path in files.items()}
+    with pytest.raises(ConfigError, match=refusal):
+        mesh_auth.Mesh(_context_settings_with(directory, **paths), "context")
+
+
+def test_an_expired_certificate_stops_the_start(tmp_path: pathlib.Path, monkeypatch):
+    """Every peer would refuse its handshakes: the service served nothing."""
+    issued_at = certs._now() - certs.datetime.timedelta(days=certs.SERVICE_DAYS + 1)
+    monkeypatch.setattr(certs, "_now", lambda: issued_at)
+    certs.ensure(tmp_path)
+    with pytest.raises(ConfigError, match="expired at"):
+        mesh_auth.Mesh(mesh_settings(tmp_path), "context")
+
+
+def test_a_certificate_file_with_its_intermediate_is_accepted(tmp_path: pathlib.Path):
+    """cert-manager's tls.crt may carry the chain after the certificate; the
+    CA file need only hold the root that issued the intermediate."""
+    root_key, root = certs._new_ca()
+    intermediate_key, intermediate = certs._issue(root_key, root, "context")
+    # A CA certificate for the intermediate key, issued by the root.
+    intermediate = (
+        certs.x509.CertificateBuilder()
+        .subject_name(certs.x509.Name([certs.x509.NameAttribute(certs.NameOID.COMMON_NAME, "intermediate")]))
+        .issuer_name(root.subject)
+        .public_key(intermediate_key.public_key())
+        .serial_number(certs.x509.random_serial_number())
+        .not_valid_before(intermediate.not_valid_before_utc)
+        .not_valid_after(intermediate.not_valid_after_utc)
+        .add_extension(certs.x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(root_key, certs.hashes.SHA256())
+    )
+    key, leaf = certs._issue(intermediate_key, intermediate, "context")
+    pem = serialization.Encoding.PEM
+    (tmp_path / "ca.pem").write_bytes(root.public_bytes(pem))
+    (tmp_path / "context.pem").write_bytes(leaf.public_bytes(pem) + intermediate.public_bytes(pem))
+    (tmp_path / "context.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    assert mesh_auth.Mesh(mesh_settings(tmp_path), "context").server_credentials() is not None
+
+
 def test_certificates_are_made_once_then_reused_and_renewed_when_gone(tmp_path: pathlib.Path):
     written = certs.ensure(tmp_path)
     assert {p.name for p in written} == {
