@@ -452,6 +452,10 @@ def _refuse_unbindable_address(name: str, address: str) -> None:
     if address.startswith(("unix:", "unix-abstract:", "vsock:")):
         return
     host, _, port = address.rpartition(":")
+    if port == "0":
+        # Any free port: none is in use. A host that is not this one's is
+        # still refused, by grpc (_add_port), in fewer words.
+        return
     host = host.strip("[]") or None  # ":50051", "[::]:50051"
     try:
         resolved = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
