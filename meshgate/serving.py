@@ -326,6 +326,15 @@ def triton_channel(address: str, traced: bool = True) -> grpc.aio.Channel:
     )
 
 
+# The health service name that answers SERVING for as long as the process
+# serves, ready or not, draining or not: for a liveness probe (deploy/k8s).
+# The other names say whether the service is ready: the inference service's
+# are NOT_SERVING while no Triton server is ready, and a liveness probe that
+# read them restarted every replica of it during a Triton outage (and at
+# its first start, Triton loading its models), which serves nothing sooner.
+LIVENESS_SERVICE = "liveness"
+
+
 class Service:
     """One running gRPC server with health and reflection."""
 
@@ -514,6 +523,7 @@ async def start(service: Service, listen: str, cleanup: Cleanup) -> int:
     # grpc's health servicer starts out saying SERVING for the whole server;
     # a service that is not ready yet must not look ready for a moment.
     await service.set_serving(service.serving_when_started)
+    await service.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await service.server.start()
     if service.health_server is not None:
         await service.health_server.start()

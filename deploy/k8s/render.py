@@ -232,9 +232,18 @@ def probe_port(service: str) -> int:
     return GRPC_PORTS["router"] if service == "router" else HEALTH_PORT
 
 
-def _probe(service: str, failure_threshold: int, period_s: int) -> dict[str, Any]:
+# The health service name that stays SERVING while the process serves
+# (meshgate/serving.py LIVENESS_SERVICE): what the startup and liveness
+# probes ask. The readiness probe asks for the service's readiness (no
+# name): NOT_SERVING while it cannot answer (an inference service with no
+# Triton server ready) or drains, which must take it out of its Service's
+# endpoints, not restart it.
+LIVENESS_SERVICE = "liveness"
+
+
+def _probe(service: str, failure_threshold: int, period_s: int, health_service: str = "") -> dict[str, Any]:
     return {
-        "grpc": {"port": probe_port(service)},
+        "grpc": {"port": probe_port(service), **({"service": health_service} if health_service else {})},
         "periodSeconds": period_s,
         "timeoutSeconds": 2,
         "failureThreshold": failure_threshold,
@@ -288,9 +297,9 @@ def deployment(service: str, overlay: Overlay) -> dict[str, Any]:
             "limits": {"memory": size.memory_limit},
         },
         # Loading tokenizers and (cache) vector indexes takes a while; liveness starts after it.
-        "startupProbe": _probe(service, failure_threshold=30, period_s=2),
+        "startupProbe": _probe(service, failure_threshold=30, period_s=2, health_service=LIVENESS_SERVICE),
         "readinessProbe": _probe(service, failure_threshold=1, period_s=5),
-        "livenessProbe": _probe(service, failure_threshold=3, period_s=10),
+        "livenessProbe": _probe(service, failure_threshold=3, period_s=10, health_service=LIVENESS_SERVICE),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_PAUSE_S}}},
         "securityContext": {
             "allowPrivilegeEscalation": False,

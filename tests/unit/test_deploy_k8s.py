@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from meshgate import mesh_auth, metrics
+from meshgate import mesh_auth, metrics, serving
 from meshgate.config import load_settings
 from services.cache import app as cache_app
 from services.context import app as context_app
@@ -95,10 +95,15 @@ def test_each_service_has_its_deployment_probes_drain_and_requests(overlay):
         pod = deployments[f"meshgate-{service}"]["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         assert container["image"].endswith(f"/meshgate-{service}:{render.Overlay.load(overlay).image_tag}")
-        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-            # Kubernetes' own gRPC probe; an internal service's on its plain-text health port.
-            assert container[probe]["grpc"] == {"port": render.probe_port(service)}
-            assert render.probe_port(service) in {port["containerPort"] for port in container["ports"]}
+        # Kubernetes' own gRPC probe; an internal service's on its plain-text
+        # health port. Readiness asks whether the service can answer; startup
+        # and liveness whether the process serves (an inference service with
+        # no Triton ready yet is not ready, and a restart would not help it).
+        port = render.probe_port(service)
+        assert container["readinessProbe"]["grpc"] == {"port": port}
+        for probe in ("livenessProbe", "startupProbe"):
+            assert container[probe]["grpc"] == {"port": port, "service": serving.LIVENESS_SERVICE}
+        assert port in {port["containerPort"] for port in container["ports"]}
         assert container["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
         # The pause and the service's drain both fit before the kill.
         assert pod["terminationGracePeriodSeconds"] > render.PRESTOP_PAUSE_S + render.DRAIN_GRACE_S
