@@ -53,12 +53,12 @@ def _sort_repeated_strings(message: Message) -> None:
     rebuilt its request from a set) is the same request."""
     for field, value in message.ListFields():
         if field.message_type is not None:
-            if field.label == field.LABEL_REPEATED:
+            if field.is_repeated:
                 for item in value:
                     _sort_repeated_strings(item)
             else:
                 _sort_repeated_strings(value)
-        elif field.label == field.LABEL_REPEATED and field.type == field.TYPE_STRING:
+        elif field.is_repeated and field.type == field.TYPE_STRING:
             value.sort()
 
 
