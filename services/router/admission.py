@@ -1170,8 +1170,9 @@ class TurnAdmission:
     def settle_embedding(
         self, grant: Reservation, tenant, model: str, input_tokens: int, elapsed_s: float, failure: str
     ) -> None:
-        """Settles an embedding request to the tokens the model read (0 for
-        one that failed or was abandoned) and records it in the ledger."""
+        """Settles an embedding request to ``input_tokens`` (the tokens the
+        model read; 0 for one that failed, the reservation's bound for one
+        abandoned: embeddings.py) and records it in the ledger."""
         nano_usd = cost_nano_usd(self._settings.prices.get(model), input_tokens, 0)
         if self._ledger is not None:
             usage = UsageRecord(

@@ -10,7 +10,8 @@ it embedded. Admission reserves a bound of the input tokens (every text's
 UTF-8 bytes, no WordPiece or byte-level BPE token being shorter, plus its
 special tokens, at most the tokens the model reads of a text); the request
 settles to the tokens the model read, which the inference service counts
-(EmbedRequest.count_tokens)."""
+(EmbedRequest.count_tokens); one whose caller hangs up first, to its
+reservation; a failed one, to nothing."""
 
 from __future__ import annotations
 
@@ -94,12 +95,18 @@ class Embeddings:
             failure = error.reason
             raise
         except asyncio.CancelledError:
-            # A hang-up is no error reason: the ledger says "cancelled".
+            # A hang-up is no error reason: the ledger says "cancelled". Its
+            # texts were sent, and the model may have read them already (a
+            # Triton call in progress runs to its end): billed the bound it
+            # reserved, as a chat turn hung up on before its count is billed
+            # its prompt's (admission.used_tokens). Free, a client could
+            # have every embedding computed and hang up just before the answer.
             failure = "cancelled"
+            input_tokens = bound
             raise
         finally:
-            # Whatever the end, settled once: a failed or abandoned request
-            # read nothing it is billed for.
+            # Whatever the end, settled once: a failed request read nothing
+            # it is billed for.
             self._admission.settle_embedding(
                 grant, tenant, model, input_tokens, time.monotonic() - started, failure
             )

@@ -20,6 +20,8 @@ from meshgate.config import (
     TenantSettings,
     hash_api_key,
 )
+from meshgate.inference.v1 import inference_service_pb2 as inference_pb
+from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.local.stack import free_port
 from meshgate.router.v1 import router_service_pb2 as router_pb
 from meshgate.router.v1 import router_service_pb2_grpc
@@ -30,7 +32,7 @@ from tests.integration.conftest import (
     until_triton_cancels,
 )
 from tests.integration.test_router_accounting import eventually
-from tests.mesh import bounded_channel
+from tests.mesh import bounded_channel, router_channel
 
 pytestmark = pytest.mark.integration
 
@@ -40,6 +42,7 @@ LIMITED_KEY = "http-edge-limited-key"
 NARROW_KEY = "http-edge-narrow-key"
 LIMITED_RPM = 2
 EMBED_LIMITED_KEY = "http-edge-embed-limited-key"
+EMBED_HANGUP_KEY = "http-edge-embed-hangup-key"
 # A tenant whose minute holds fewer tokens than any turn reserves.
 TINY_KEY = "http-edge-tiny-limit-key"
 
@@ -58,6 +61,9 @@ async def edge(redis_url, inference_address):
             id=f"embed-limited-{uuid.uuid4().hex[:8]}",
             api_key_sha256=[hash_api_key(EMBED_LIMITED_KEY)],
             limits=LimitSettings(requests_per_minute=LIMITED_RPM),
+        ),
+        TenantSettings(
+            id=f"embed-hangup-{uuid.uuid4().hex[:8]}", api_key_sha256=[hash_api_key(EMBED_HANGUP_KEY)]
         ),
         TenantSettings(id="narrow", api_key_sha256=[hash_api_key(NARROW_KEY)], models=["other"]),
         TenantSettings(
@@ -250,6 +256,47 @@ async def test_embeddings_pass_the_tenants_limits_and_are_billed_in_the_ledger(e
 
         (row,) = await eventually(billed)
     assert (row.prompt_tokens, row.completion_tokens, row.failures) == (16, 0, 0)
+
+
+async def test_an_embedding_request_hung_up_on_is_billed_what_it_reserved(edge, inference_address):
+    """A client that hangs up while the model reads its texts pays for them,
+    as a chat turn hung up on pays its prompt: billed nothing, every
+    embedding could be had by hanging up just before the answer."""
+    base_url, router_address = edge
+    tag = uuid.uuid4().hex
+    # Texts of over 256 bytes each (each reserves the 256 tokens the model
+    # reads at most): a batch keeps minilm busy for a second or more.
+    texts = [f"{tag} {index}: " + " ".join(f"word{index}x{n}" for n in range(80)) for index in range(16)]
+    headers = {"authorization": f"Bearer {EMBED_HANGUP_KEY}"}
+    async with (
+        httpx.AsyncClient(base_url=base_url, timeout=60) as http,
+        router_channel(inference_address, "inference") as inference_channel,
+    ):
+        inference = inference_service_pb2_grpc.InferenceServiceStub(inference_channel)
+
+        async def in_triton():
+            health = await inference.GetBackendHealth(inference_pb.GetBackendHealthRequest(), timeout=10)
+            return any(backend.in_flight for backend in health.backends)
+
+        request = asyncio.ensure_future(
+            http.post("/embeddings", json={"model": "minilm", "input": texts}, headers=headers)
+        )
+        await eventually(in_triton)
+        request.cancel()  # closes the connection: the edge cancels the request
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    async with bounded_channel(router_address) as channel:
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+
+        async def billed():
+            usage = await stub.GetUsage(
+                router_pb.GetUsageRequest(), metadata=list(headers.items()), timeout=10
+            )
+            return [row for row in usage.rows if row.model == "minilm"]
+
+        (row,) = await eventually(billed)
+    assert (row.requests, row.failures) == (1, 1)
+    assert row.prompt_tokens == 16 * 256
 
 
 # --- errors --------------------------------------------------------------------

@@ -103,15 +103,21 @@ async def test_a_failed_request_is_refunded_and_recorded_with_its_reason():
     assert ledger.records[0].prompt_tokens == 0
 
 
-async def test_an_abandoned_request_is_refunded_and_recorded_as_cancelled():
-    embeddings, admission, ledger = core(Inference(hold=True))
+async def test_an_abandoned_request_is_billed_its_reservation_and_recorded_as_cancelled():
+    # Its texts were sent: the model may have read them. Billed nothing, a
+    # caller could have every embedding computed and hang up before the answer.
+    inference = Inference(hold=True)
+    embeddings, admission, ledger = core(inference)
     task = asyncio.create_task(embeddings.embed(TENANT, "minilm", ["a cat"]))
-    await asyncio.sleep(0.01)
+    while not inference.requests:
+        await asyncio.sleep(0.001)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert admission.settled == [(0, 0)]
-    assert ledger.records[0].failure == "cancelled"
+    # "a cat" and its two special tokens, at $1,000 a million.
+    assert admission.settled == [(7, 7_000_000)]
+    (record,) = ledger.records
+    assert (record.failure, record.prompt_tokens, record.cost_nano_usd) == ("cancelled", 7, 7_000_000)
 
 
 async def test_another_model_is_not_found_before_any_admission():
