@@ -118,7 +118,12 @@ class Embeddings:
         last_error: grpc.aio.AioRpcError | None = None
         for stub in self._deployments.inference_stubs():
             try:
-                return await stub.Embed(request, timeout=self._settings.downstream_timeout_s)
+                # Model work, budgeted as a generation is: a request at the
+                # documented most (inference.max_embed_texts texts of
+                # embedding_max_tokens each) took over 10 s on 2 CPU cores,
+                # past downstream_timeout_s, and was refused 504 however
+                # long its caller would wait. A caller who hangs up cancels it.
+                return await stub.Embed(request, timeout=self._settings.max_generation_s)
             except grpc.aio.AioRpcError as error:
                 if not not_taken(error, "inference"):
                     raise from_rpc_error(error, "inference") from error

@@ -48,9 +48,11 @@ class Inference:
         self.failure = failure
         self.hold = hold
         self.requests: list[inference_pb.EmbedRequest] = []
+        self.timeouts: list[float] = []
 
     async def Embed(self, request, timeout):
         self.requests.append(request)
+        self.timeouts.append(timeout)
         if self.hold:
             await asyncio.Event().wait()
         if self.failure is not None:
@@ -92,6 +94,17 @@ async def test_a_request_reserves_a_bound_of_its_tokens_and_settles_to_what_the_
         9_000_000,
         "",
     )
+
+
+async def test_the_model_gets_a_generations_budget_not_a_unary_calls():
+    """A request at the documented most of texts and tokens runs for
+    seconds on CPU: downstream_timeout_s (10 s) refused it 504."""
+    inference = Inference()
+    embeddings, _, _ = core(inference)
+    await embeddings.embed(TENANT, "minilm", ["a cat"])
+    settings = RouterSettings()
+    assert settings.max_generation_s > settings.downstream_timeout_s
+    assert inference.timeouts == [settings.max_generation_s]
 
 
 async def test_a_failed_request_is_refunded_and_recorded_with_its_reason():
