@@ -143,6 +143,11 @@ def _require_messages(messages) -> None:
         raise invalid_argument(Reason.EMPTY_MESSAGES, "messages must not be empty")
 
 
+def _log_fenced_write_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("cache store's write or its undo failed", error=str(task.exception()))
+
+
 class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
     def __init__(
         self,
@@ -244,18 +249,27 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             return pb.StoreResponse(entry_id=entry_id, invalidated_since_lookup=True)
         now_ms = _now_ms()
         if vector is None:
-            await self._store.put_exact(partition, entry_id, answer, now_ms, ttl_ms)
-            undo = functools.partial(self._store.undo_store, partition, entry_id, answer, now_ms + ttl_ms)
-            if await self._undone_if_invalidated(partition, request.store_fence, undo):
+            write = functools.partial(self._store.put_exact, partition, entry_id, answer, now_ms, ttl_ms)
+
+            def undo(_written):
+                return self._store.undo_store(partition, entry_id, answer, now_ms + ttl_ms)
+
+            _, invalidated = await self._fenced_write(partition, request.store_fence, write, undo)
+            if invalidated:
                 return pb.StoreResponse(entry_id=entry_id, invalidated_since_lookup=True)
         else:
-            seq, evicted = await self._store.put_semantic(
-                partition, context_id, entry_id, answer, vector.tobytes(), text, now_ms, ttl_ms
+            write = functools.partial(
+                self._store.put_semantic,
+                partition, context_id, entry_id, answer, vector.tobytes(), text, now_ms, ttl_ms,
+            )  # fmt: skip
+
+            def undo(written):
+                seq, _ = written
+                return self._store.undo_store(partition, entry_id, answer, now_ms + ttl_ms, context_id, seq)
+
+            (seq, evicted), invalidated = await self._fenced_write(
+                partition, request.store_fence, write, undo
             )
-            undo = functools.partial(
-                self._store.undo_store, partition, entry_id, answer, now_ms + ttl_ms, context_id, seq
-            )
-            invalidated = await self._undone_if_invalidated(partition, request.store_fence, undo)
             index_key = partition.vectors_key(context_id)
             index = self._indexes.get(index_key)
             if index is not None and index.dimensions == len(vector):
@@ -277,19 +291,24 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         ``store_fence``."""
         return bool(store_fence) and await self._store.store_fence(partition) != store_fence
 
-    async def _undone_if_invalidated(self, partition: keys.Partition, store_fence: str, undo) -> bool:
-        """After the write, the marks again (store.py says why this closes the
-        race with an Invalidate's SCAN), and ``undo`` if they moved.
-        Shielded: a Store cancelled here (the router's deadline, its caller
-        gone) would otherwise leave a stale answer for the entry's whole TTL."""
+    async def _fenced_write(self, partition: keys.Partition, store_fence: str, write, undo):
+        """``write()``, then the marks again (store.py says why this closes
+        the race with an Invalidate's SCAN), and ``undo(written)`` if they
+        moved; returns (written, whether undone). Shielded as one: a Store
+        cancelled once its write went out (the router's deadline, its caller
+        gone after the last delta) would otherwise leave a stale answer for
+        the entry's whole TTL. A failure after its caller left is logged."""
 
-        async def check_and_undo() -> bool:
+        async def write_check_undo():
+            written = await write()
             if not await self._invalidated_since(partition, store_fence):
-                return False
-            await undo()
-            return True
+                return written, False
+            await undo(written)
+            return written, True
 
-        return await asyncio.shield(check_and_undo())
+        task = asyncio.ensure_future(write_check_undo())
+        task.add_done_callback(_log_fenced_write_failure)
+        return await asyncio.shield(task)
 
     async def Invalidate(
         self, request: pb.InvalidateRequest, context: grpc.aio.ServicerContext

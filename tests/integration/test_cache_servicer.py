@@ -1235,28 +1235,35 @@ async def test_undoing_a_fenced_store_keeps_a_later_store_of_the_entry(cache, re
     assert (await lookup(cache, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
 
 
-async def test_a_store_cancelled_while_undoing_still_undoes(cache, embedder, tenant):
+@pytest.mark.parametrize("cancelled", ["while it writes", "while it undoes"])
+async def test_a_store_cancelled_after_the_invalidate_still_undoes(cache, embedder, tenant, cancelled):
     """The router's deadline or its caller's hang-up cancels a Store: one
-    cancelled after its write, while it undoes it, must not leave the answer
-    from before an Invalidate for the entry's whole TTL."""
+    cancelled once its write went out, or while it undoes it, must not leave
+    the answer from before an Invalidate for the entry's whole TTL."""
     embedder.available = False
     s = scope(tenant)
     fence = await exact_miss_fence(cache, s, conversation(STORED))
-    invalidating_before_the_write(
-        cache, False, lambda: cache.Invalidate(pb.InvalidateRequest(tenant_id=tenant), None)
-    )
+    in_flight = asyncio.Event()
+
+    async def invalidate_then_hold_the_write():
+        await cache.Invalidate(pb.InvalidateRequest(tenant_id=tenant), None)
+        if cancelled == "while it writes":
+            in_flight.set()
+            await asyncio.sleep(0.3)
+
+    invalidating_before_the_write(cache, False, invalidate_then_hold_the_write)
     undo_store = cache._store.undo_store
-    undoing, undone = asyncio.Event(), asyncio.Event()
+    undone = asyncio.Event()
 
     async def slow_undo(*args):
-        undoing.set()
+        in_flight.set()
         await asyncio.sleep(0.3)
         await undo_store(*args)
         undone.set()
 
     cache._store.undo_store = slow_undo
     storing = asyncio.ensure_future(fenced_store(cache, s, conversation(STORED), "from before", fence))
-    await asyncio.wait_for(undoing.wait(), 10)
+    await asyncio.wait_for(in_flight.wait(), 10)
     storing.cancel()
     with pytest.raises(asyncio.CancelledError):
         await storing
