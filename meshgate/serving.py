@@ -472,13 +472,15 @@ def _refuse_unbindable_address(name: str, address: str) -> None:
         raise OSError(f"{name}: cannot listen on {address}: {error}") from None
     refusal = None
     for family, kind, protocol, _, socket_address in resolved:
-        with socket.socket(family, kind, protocol) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
+        try:
+            # Made inside: a family the kernel lacks ("[::]" with IPv6
+            # disabled, which grpc serves on IPv4) is skipped like a refusal.
+            with socket.socket(family, kind, protocol) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(socket_address)
-            except OSError as error:
-                refusal = refusal or error
-                continue
+        except OSError as error:
+            refusal = refusal or error
+            continue
         return
     raise OSError(f"{name}: cannot listen on {address}: {refusal.strerror}")
 
