@@ -47,19 +47,16 @@ def _derived(request_id: str, label: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label).derive(request_id.encode())
 
 
-def _sort_repeated_strings(message: Message) -> None:
-    """Every repeated string of these requests is a set (models,
-    fail_closed): a resend that lists them in another order (a client that
-    rebuilt its request from a set) is the same request."""
-    for field, value in message.ListFields():
-        if field.message_type is not None:
-            if field.is_repeated:
-                for item in value:
-                    _sort_repeated_strings(item)
-            else:
-                _sort_repeated_strings(value)
-        elif field.is_repeated and field.type == field.TYPE_STRING:
-            value.sort()
+def _sort_repeated_strings(request: Message) -> None:
+    """CreateKey's models and fail_closed are sets: a resend that lists them
+    in another order (a client that rebuilt its request from a set) is the
+    same request. Named, not every repeated field: a list whose order means
+    something must still tell two requests apart."""
+    if request.DESCRIPTOR.name != "CreateKeyRequest":
+        return
+    request.models.sort()
+    if request.HasField("limits"):
+        request.limits.fail_closed.sort()
 
 
 @dataclasses.dataclass(frozen=True)
