@@ -473,16 +473,21 @@ def _refuse_unbindable_address(name: str, address: str) -> None:
     refusal = None
     for family, kind, protocol, _, socket_address in resolved:
         try:
-            # Made inside: a family the kernel lacks ("[::]" with IPv6
-            # disabled, which grpc serves on IPv4) is skipped like a refusal.
-            with socket.socket(family, kind, protocol) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind(socket_address)
-        except OSError as error:
-            refusal = refusal or error
+            probe = socket.socket(family, kind, protocol)
+        except OSError:
+            # A family the kernel lacks ("[::]" with IPv6 disabled, which
+            # grpc serves on IPv4): not this check's to refuse.
             continue
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(socket_address)
+            except OSError as error:
+                refusal = refusal or error
+                continue
         return
-    raise OSError(f"{name}: cannot listen on {address}: {refusal.strerror}")
+    if refusal is not None:
+        raise OSError(f"{name}: cannot listen on {address}: {refusal.strerror}")
 
 
 def _refuse_live_unix_socket(name: str, address: str) -> None:

@@ -4,6 +4,9 @@ test_service_start_failures.py runs the services themselves."""
 
 from __future__ import annotations
 
+import errno
+import socket
+
 import pytest
 import structlog
 
@@ -41,3 +44,20 @@ def test_a_start_ended_by_a_bug_keeps_its_traceback_in_the_log_line() -> None:
         serving._refuse_start(bug)
     assert exited.value.code == serving.START_FAILED
     assert logs == [{"event": "cannot start", "exc_info": bug, "log_level": "critical"}]
+
+
+def test_an_address_family_the_kernel_lacks_is_left_to_grpc(monkeypatch) -> None:
+    """ "[::]" on a kernel with IPv6 disabled resolves to an IPv6 address only,
+    which no socket can be made for; grpc then listens on IPv4, so the
+    pre-bind must not refuse the start (it refused with a bare Errno 97)."""
+    monkeypatch.setattr(
+        socket,
+        "getaddrinfo",
+        lambda *args, **kwargs: [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::", 50051, 0, 0))],
+    )
+
+    def no_ipv6(*args, **kwargs):
+        raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    serving._refuse_unbindable_address("router", "[::]:50051")
