@@ -50,7 +50,9 @@ async def router(redis_url, inference_address):
 
 
 async def first_token_at(router, key: str, max_tokens: int, started: asyncio.Event | None = None) -> float:
-    """When the turn's first text came (time.monotonic); reads it to its end."""
+    """When the turn's first answer came (time.monotonic): its first text, or
+    its completion when sampling ended it at once on the end-of-text token
+    (a turn of no text); reads it to its end."""
     request = pb.ChatRequest(
         model="tiny-gpt",
         messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=f"Tell a story {uuid.uuid4().hex}")],
@@ -59,12 +61,14 @@ async def first_token_at(router, key: str, max_tokens: int, started: asyncio.Eve
         cache_policy=pb.CACHE_POLICY_BYPASS,
     )
     first = None
+    completed = False
     async for response in router.Chat(request, metadata=[("authorization", f"Bearer {key}")], timeout=120):
-        if first is None and response.HasField("delta"):
+        if first is None:
             first = time.monotonic()
             if started is not None:
                 started.set()
-    assert first is not None
+        completed = response.HasField("completion")
+    assert first is not None and completed
     return first
 
 
@@ -73,12 +77,17 @@ async def test_a_tenant_filling_a_models_slots_does_not_queue_another_tenants_re
     a_turns = [asyncio.create_task(first_token_at(router, KEY_A, A_TOKENS, e)) for e in a_started]
     try:
         # A holds every slot; its other turns wait (for the inference
-        # service's slots with the fix, in Triton's queue without).
+        # service's slots with the fix, in Triton's queue without). A turn
+        # sampled to its end at once frees its slot for a waiting one, so
+        # count the turns running, not those started.
+        def running() -> int:
+            return sum(e.is_set() and not t.done() for e, t in zip(a_started, a_turns, strict=True))
+
         async with asyncio.timeout(60):
-            while sum(e.is_set() for e in a_started) < TINY_GPT_SLOTS:
+            while running() < TINY_GPT_SLOTS:
                 await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)
-        assert sum(e.is_set() for e in a_started) == TINY_GPT_SLOTS
+        assert running() == TINY_GPT_SLOTS
         b_first = await first_token_at(router, KEY_B, 4)
         a_firsts = await asyncio.gather(*a_turns)
     finally:
