@@ -66,6 +66,10 @@ class EmbeddingTruncator:
         if self._budget <= 0:
             raise ValueError(f"embedding_max_tokens {max_tokens} leaves no room for text")
         self._bytes_bound_tokens = _at_most_one_token_per_byte(tokenizer)
+        # An added token ([MASK]) is matched in the raw text: one begun in a
+        # prefix's last characters but ending past it is not in the prefix.
+        added = tokenizer.get_added_tokens_decoder().values()
+        self._added_token_reach = max((len(token.content) for token in added), default=1) - 1
 
     def needs_tokenizing(self, text: str) -> bool:
         """Whether ``text`` might hold more tokens than the model reads; if
@@ -118,7 +122,7 @@ class EmbeddingTruncator:
                     if len(encoding.ids) > self._budget:
                         result[index] = prefix[: encoding.offsets[self._budget - 1][1]]
                     continue
-                cut = self._cut(encoding)
+                cut = self._cut(encoding, len(prefix) - self._added_token_reach)
                 if cut is None:
                     undecided.append(index)
                 else:
@@ -127,12 +131,15 @@ class EmbeddingTruncator:
             prefix_chars *= 4
         return result
 
-    def _cut(self, encoding: tokenizers.Encoding) -> int | None:
+    def _cut(self, encoding: tokenizers.Encoding, settled_chars: int) -> int | None:
         """Where the text ends for the model, or None if this prefix cannot tell."""
-        # The prefix's last word may go on past it; only earlier words are final.
-        word_ids = encoding.word_ids
+        # The prefix's last word may go on past it, and so may an added token
+        # begun after settled_chars: only words ending before both are final.
+        word_ids, offsets = encoding.word_ids, encoding.offsets
         final = len(word_ids)
-        while final and word_ids[final - 1] == word_ids[-1]:
+        while final and (word_ids[final - 1] == word_ids[-1] or offsets[final - 1][1] > settled_chars):
+            final -= 1
+        while 0 < final < len(word_ids) and word_ids[final - 1] == word_ids[final]:
             final -= 1
         if final >= self._budget:
             return encoding.offsets[self._budget - 1][1]

@@ -65,6 +65,13 @@ def test_whitespace_runs_take_more_rounds_but_stay_exact():
     assert len(kept) < len(text)
 
 
+def test_an_added_token_across_the_first_prefix_end_is_read_as_the_model_reads_it():
+    # The first prefix (8 characters per token of budget) ends inside [MASK].
+    for text, max_tokens in [("   [MASK]", 3), ("a " * 253 + " " * 1523 + "[MASK]" + " b" * 10, 256)]:
+        (kept,) = EmbeddingTruncator(TOKENIZER, max_tokens).truncate([text])
+        assert tokens_read(kept, max_tokens) == tokens_read(text, max_tokens)
+
+
 def test_a_budget_without_room_for_text_is_refused():
     with pytest.raises(ValueError, match="no room"):
         EmbeddingTruncator(TOKENIZER, 2)
