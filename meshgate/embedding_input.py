@@ -38,11 +38,22 @@ cut would leave it whole. The test also checks the bound itself on
 arbitrary text, and that the fast path answers as tokenizing does. Another
 tokenizer may break the bound (a SentencePiece word-start marker is a token
 of no byte of the text): any tokenizer not built so has every text tokenized.
+
+Some texts have few tokens in many characters: one word of a megabyte (a
+word of over ``max_input_chars_per_word`` = 100 characters is one [UNK],
+however long), a run of whitespace or of combining marks (none). No prefix
+tells their cut, so the search would tokenize all of them, and the model
+then again. A text the first prefix leaves undecided is first shortened
+where shortening leaves its tokens as they were (:class:`_RunShortener`),
+so such a text is sent as a few hundred characters that read as its first
+tokens, not as a prefix of it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 
 import tokenizers
 
@@ -70,6 +81,9 @@ class EmbeddingTruncator:
         # prefix's last characters but ending past it is not in the prefix.
         added = tokenizer.get_added_tokens_decoder().values()
         self._added_token_reach = max((len(token.content) for token in added), default=1) - 1
+        self._shortener = (
+            _RunShortener.for_tokenizer(tokenizer, self._budget) if self._bytes_bound_tokens else None
+        )
 
     def needs_tokenizing(self, text: str) -> bool:
         """Whether ``text`` might hold more tokens than the model reads; if
@@ -87,7 +101,8 @@ class EmbeddingTruncator:
         the texts that might be longer than that are tokenized.
 
         The model then sees the same first tokens (it may see a few more from
-        the cut's last character, which its own truncation drops).
+        the cut's last character, which its own truncation drops). A text
+        shortened first (module docstring) is not a prefix of the original.
         """
         long = [index for index, text in enumerate(texts) if self.needs_tokenizing(text)]
         result = list(texts)
@@ -109,9 +124,10 @@ class EmbeddingTruncator:
 
     def cut_by_tokens(self, texts: list[str]) -> list[str]:
         """:meth:`truncate` by tokenizing every text, however short."""
+        texts = list(texts)
         result = list(texts)
         pending = list(range(len(texts)))
-        prefix_chars = self._budget * _FIRST_PREFIX_CHARS_PER_TOKEN
+        prefix_chars = first_prefix_chars = self._budget * _FIRST_PREFIX_CHARS_PER_TOKEN
         while pending:
             prefixes = [texts[i][:prefix_chars] for i in pending]
             encodings = self._tokenizer.encode_batch(prefixes, add_special_tokens=False)
@@ -127,6 +143,10 @@ class EmbeddingTruncator:
                     undecided.append(index)
                 else:
                     result[index] = prefix[:cut]
+            if self._shortener is not None and prefix_chars == first_prefix_chars:
+                # Ordinary text is settled by now; what is left may be long runs of few tokens.
+                for index in undecided:
+                    texts[index] = result[index] = self._shortener.shorten(texts[index])
             pending = undecided
             prefix_chars *= 4
         return result
@@ -144,6 +164,133 @@ class EmbeddingTruncator:
         if final >= self._budget:
             return encoding.offsets[self._budget - 1][1]
         return None
+
+
+# Candidates for the shortening's classes, each kept only where the tokenizer
+# itself treats the character so (its Unicode tables may be older than Python's):
+# Unicode's whitespace (and the separators Python calls space),
+_SPACE_CANDIDATES = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680"
+    + "".join(map(chr, range(0x2000, 0x200B)))
+    + "\u2028\u2029\u202f\u205f\u3000"
+)
+# control characters, zero-width ones and the combining diacritical marks,
+_DROPPED_CANDIDATES = "".join(
+    map(chr, [*range(0x00, 0x20), *range(0x7F, 0xA0), *range(0x0300, 0x0370), *range(0x200B, 0x2010), 0xFEFF])
+)
+# and letters, digits and emoji (hex dumps, keys, emoji runs).
+_WORD_CANDIDATES = "".join(
+    map(
+        chr,
+        [
+            *range(0x30, 0x3A),
+            *range(0x41, 0x5B),
+            *range(0x61, 0x7B),
+            *range(0x2600, 0x27C0),
+            *range(0x1F300, 0x1FA00),
+        ],
+    )
+)
+# Two marks the normalizer keeps that NFD's canonical ordering swaps (classes
+# 226 then 216) unless a character of class 0 stands between them.
+_SWAPPED_MARKS = "\U0001d16d", "\U0001d165"
+
+
+class _RunShortener:
+    """Shortens a text so that BERT's tokenizer makes the same tokens of it,
+    the first ``budget`` at least, where the text's characters are few
+    kinds repeated:
+
+    - a run of more than ``keep`` = max(budget, max_input_chars_per_word) + 1
+      copies of one character is cut to ``keep`` copies. A copy that the
+      normalizer drops or makes a space is no token however many there are;
+      one that is part of a word keeps the word over 100 characters, one
+      [UNK]; one that starts a word or is one (punctuation, CJK) leaves
+      ``keep`` - 1 > budget tokens before the run's end;
+    - a word of letters, digits and emoji over 100 of them (marks between
+      them) keeps its first 101: it is one [UNK] either way;
+    - a whitespace run keeps one space (the pre-tokenizer splits on any
+      number), and a run of dropped characters its first: the dropped ones
+      here are each removed before NFD or a mark of class > 0, so they part
+      no two marks that NFD's ordering would otherwise sort together.
+
+    Every run keeps a character, and the tokenizer's added tokens (matched
+    in the raw text) have no whitespace or dropped character, begin and end
+    with no letter, digit or emoji here, are not one character repeated and
+    are shorter than any run kept of those: no added token is made or unmade.
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, budget: int, max_word_chars: int) -> None:
+        normalize = tokenizer.normalizer.normalize_str
+        spaces = "".join(c for c in _SPACE_CANDIDATES if normalize(c) == " ")
+        marks_sorted = normalize("".join(_SWAPPED_MARKS))
+        dropped = ""
+        if marks_sorted != "".join(_SWAPPED_MARKS):
+            dropped = "".join(
+                c
+                for c in _DROPPED_CANDIDATES
+                if normalize(c) == "" and normalize(c.join(_SWAPPED_MARKS)) == marks_sorted
+            )
+        pre_tokenize = tokenizer.pre_tokenizer.pre_tokenize_str
+        words = "".join(
+            c
+            for c in _WORD_CANDIDATES
+            if (normalized := normalize(c)) and [word for word, _ in pre_tokenize(normalized)] == [normalized]
+        )
+        self.run_characters, self.word_characters = spaces + dropped, words
+        space, drop, word = map(_any_of, (spaces, dropped, words))
+        keep = max(budget, max_word_chars) + 1
+        self._rules = [
+            (re.compile(rf"((.)\2{{{keep - 1}}})\2+", re.DOTALL), r"\1"),
+            (re.compile(rf"{space}(?:{_any_of(spaces + dropped)}*{space})?"), " "),
+            (re.compile(rf"({drop}){drop}+"), r"\1"),
+            (
+                re.compile(
+                    rf"(?<!{word})(?<!{drop})((?:{drop}?+{word}){{{max_word_chars + 1}}})"
+                    rf"{_any_of(words + dropped)}*+"
+                ),
+                r"\1",
+            ),
+        ]
+
+    @staticmethod
+    @functools.cache
+    def for_tokenizer(tokenizer: tokenizers.Tokenizer, budget: int) -> _RunShortener | None:
+        """One per tokenizer (checking its characters takes milliseconds), or
+        None if shortening could make or unmake one of its added tokens."""
+        max_word_chars = json.loads(tokenizer.to_str())["model"]["max_input_chars_per_word"]
+        shortener = _RunShortener(tokenizer, budget, max_word_chars)
+        for added in tokenizer.get_added_tokens_decoder().values():
+            content = added.content
+            if (
+                any(c in shortener.run_characters for c in content)
+                or content[0] in shortener.word_characters
+                or content[-1] in shortener.word_characters
+                or len(set(content)) == 1
+                or len(content) > max_word_chars
+            ):
+                return None
+        return shortener
+
+    def shorten(self, text: str) -> str:
+        for pattern, replacement in self._rules:
+            text = pattern.sub(replacement, text)
+        return text
+
+
+def _any_of(characters: str) -> str:
+    """A regular expression for one of ``characters``; none if there are none.
+    In ranges: the regex engine reads a list of characters beyond the BMP
+    (emoji) one by one."""
+    if not characters:
+        return "(?!)"
+    ranges: list[list[int]] = []
+    for code_point in sorted(map(ord, set(characters))):
+        if ranges and ranges[-1][1] == code_point - 1:
+            ranges[-1][1] = code_point
+        else:
+            ranges.append([code_point, code_point])
+    return "[" + "".join(f"{re.escape(chr(first))}-{re.escape(chr(last))}" for first, last in ranges) + "]"
 
 
 def _at_most_one_token_per_byte(tokenizer: tokenizers.Tokenizer) -> bool:

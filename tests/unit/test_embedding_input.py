@@ -25,6 +25,23 @@ PIECES = st.one_of(
 )
 TEXTS = st.lists(PIECES, max_size=120).map(" ".join)
 
+# Runs the cut shortens before it tokenizes: giant words of letters, digits,
+# emoji and marks, one character repeated (of any kind: word, space, mark,
+# control, punctuation, CJK), whitespace and dropped characters mixed; and
+# short runs and mixed scripts between them. (Added tokens: below.)
+EMOJI = "".join(map(chr, range(0x1F600, 0x1F650))) + "☀✂🦀"
+MARKS = "".join(map(chr, range(0x0300, 0x0370))) + "\U0001d165\U0001d16d"
+RUN_PIECES = st.one_of(
+    PIECES,
+    st.text(alphabet="0123456789abcdefXYZ" + EMOJI + MARKS, min_size=90, max_size=400),
+    st.tuples(st.characters(codec="utf-8"), st.integers(1, 700)).map(lambda run: run[0] * run[1]),
+    st.text(
+        alphabet=" \t\n\r\x0b\x0c\x1c\x00\x85\xa0\u2003\u3000\u200b\u034f\u0301", min_size=1, max_size=400
+    ),
+    st.sampled_from(["é", "東京", "Ωμέγα", "\u0915\u0941", "a" * 101]),
+)
+RUN_TEXTS = st.lists(RUN_PIECES, max_size=40).map("".join)
+
 
 def tokens_read(text: str, max_tokens: int) -> list[int]:
     """What the embedding model reads: its tokenizer truncates with special tokens counted."""
@@ -36,8 +53,60 @@ def tokens_read(text: str, max_tokens: int) -> list[int]:
 def test_the_model_reads_the_same_tokens_from_the_cut(texts, max_tokens):
     cut = EmbeddingTruncator(TOKENIZER, max_tokens).truncate(texts)
     for text, kept in zip(texts, cut):
-        assert text.startswith(kept)
+        # A prefix, or where shortened first (whitespace runs here), shorter.
+        assert len(kept) <= len(text)
         assert tokens_read(kept, max_tokens) == tokens_read(text, max_tokens)
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(RUN_TEXTS, min_size=1, max_size=4), max_tokens=st.sampled_from([3, 16, 40, 256]))
+def test_texts_shortened_before_the_cut_read_as_the_same_tokens(texts, max_tokens):
+    truncator = EmbeddingTruncator(TOKENIZER, max_tokens)
+    for text, kept in zip(texts, truncator.truncate(texts)):
+        assert len(kept) <= len(text)
+        assert tokens_read(kept, max_tokens) == tokens_read(text, max_tokens)
+    read = sum(min(len(TOKENIZER.encode(text).ids), max_tokens) for text in texts)
+    assert truncator.count_tokens(texts) == read
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        "a" * 3000,
+        "x" + "😀🦀" * 1500,
+        " " * 3000,
+        " \t\x0b\u3000" * 1000,
+        "\u0301" * 3000,
+        "\x00" * 3000,
+        "[" * 3000,
+    ],
+)
+def test_shortening_makes_and_unmakes_no_added_token(run):
+    # [MASK], [SEP], ... are matched in the raw text, before the normalizer.
+    for text in ["[MASK" + run + "]", "[" + run + "MASK]", "[MASK]" + run + "[SEP]", run + "[MASK]" + run]:
+        (kept,) = EmbeddingTruncator(TOKENIZER, 256).truncate([text])
+        assert len(kept) < 700
+        assert tokens_read(kept, 256) == tokens_read(text, 256)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a" * 1_000_000,
+        "".join("0123456789abcdef"[i * 7 % 16] for i in range(1_000_000)),
+        "start " + " \t\n\u3000" * 250_000 + " end",
+        "😀" * 250_000,
+        "".join(map(chr, range(0x1F600, 0x1F650))) * 3_000,
+        "a" + "\u0301" * 1_000_000,
+        "a" + "".join(map(chr, range(0x0300, 0x034F))) * 10_000,
+        "!" * 1_000_000,
+    ],
+    ids=["giant-word", "hex-dump", "whitespace", "one-emoji", "emoji", "one-mark", "marks", "punctuation"],
+)
+def test_a_megabyte_of_few_tokens_is_sent_as_a_short_text(text):
+    (kept,) = EmbeddingTruncator(TOKENIZER, 256).truncate([text])
+    assert len(kept) <= 300
+    assert tokens_read(kept, 256) == tokens_read(text, 256)
 
 
 @settings(max_examples=100, deadline=None)
@@ -58,11 +127,11 @@ def test_long_text_is_cut_to_about_the_budget_and_short_text_is_untouched():
     assert len(TOKENIZER.encode(kept, add_special_tokens=False).ids) == 254
 
 
-def test_whitespace_runs_take_more_rounds_but_stay_exact():
+def test_whitespace_runs_are_shortened_and_stay_exact():
     text = " " * 100_000 + "tail words here " * 300
     (kept,) = EmbeddingTruncator(TOKENIZER, 16).truncate([text])
     assert tokens_read(kept, 16) == tokens_read(text, 16)
-    assert len(kept) < len(text)
+    assert len(kept) < 100
 
 
 def test_an_added_token_across_the_first_prefix_end_is_read_as_the_model_reads_it():
