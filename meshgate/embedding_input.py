@@ -54,6 +54,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import unicodedata
 
 import tokenizers
 
@@ -136,9 +137,11 @@ class EmbeddingTruncator:
                 if len(prefix) == len(texts[index]):
                     # The whole text: cut only if it holds more than the model reads.
                     if len(encoding.ids) > self._budget:
-                        result[index] = prefix[: encoding.offsets[self._budget - 1][1]]
+                        result[index] = prefix[
+                            : self._past_combining_marks(prefix, encoding.offsets[self._budget - 1][1])
+                        ]
                     continue
-                cut = self._cut(encoding, len(prefix) - self._added_token_reach)
+                cut = self._cut(prefix, encoding, len(prefix) - self._added_token_reach)
                 if cut is None:
                     undecided.append(index)
                 else:
@@ -151,7 +154,28 @@ class EmbeddingTruncator:
             prefix_chars *= 4
         return result
 
-    def _cut(self, encoding: tokenizers.Encoding, settled_chars: int) -> int | None:
+    def _past_combining_marks(self, text: str, cut: int) -> int:
+        """``cut`` moved past the combining marks that follow it, and the
+        characters the normalizer drops between them. NFD sorts a run of
+        marks by combining class, and the tokenizer's offsets follow the
+        sorted order: of U+0300 then U+1D16D (classes 230, 226) the kept
+        mark U+1D16D is normalized first, so its [UNK] is placed on the
+        stripped U+0300 and a cut there would drop it; a zero-width space
+        between them is removed before NFD and parts nothing. Marks moved
+        into the cut are stripped (no token) or join the cut's last word,
+        whose tokens past the budget the model drops."""
+        normalizer = self._tokenizer.normalizer
+        end = scan = cut
+        while scan < len(text):
+            character = text[scan]
+            if unicodedata.combining(unicodedata.normalize("NFD", character)[0]):
+                end = scan + 1
+            elif normalizer is None or normalizer.normalize_str(character):
+                break
+            scan += 1
+        return end
+
+    def _cut(self, prefix: str, encoding: tokenizers.Encoding, settled_chars: int) -> int | None:
         """Where the text ends for the model, or None if this prefix cannot tell."""
         # The prefix's last word may go on past it, and so may an added token
         # begun after settled_chars: only words ending before both are final.
@@ -162,7 +186,7 @@ class EmbeddingTruncator:
         while 0 < final < len(word_ids) and word_ids[final - 1] == word_ids[final]:
             final -= 1
         if final >= self._budget:
-            return encoding.offsets[self._budget - 1][1]
+            return self._past_combining_marks(prefix, encoding.offsets[self._budget - 1][1])
         return None
 
 

@@ -141,6 +141,23 @@ def test_an_added_token_across_the_first_prefix_end_is_read_as_the_model_reads_i
         assert tokens_read(kept, max_tokens) == tokens_read(text, max_tokens)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        # NFD puts U+1D16D (class 226) before U+0300 (230, stripped): the
+        # tokenizer places U+1D16D's [UNK] on U+0300.
+        "\u0300\U0001d16d#",
+        # A zero-width space, removed before NFD, does not part them.
+        "\u0300\u200b\U0001d165-",
+        "a " * 253 + "\u0300\u200b\U0001d165-" + " b" * 300,
+    ],
+)
+def test_a_cut_does_not_part_combining_marks_that_nfd_reorders(text):
+    for max_tokens in (3, 256):
+        (kept,) = EmbeddingTruncator(TOKENIZER, max_tokens).truncate([text])
+        assert tokens_read(kept, max_tokens) == tokens_read(text, max_tokens)
+
+
 def test_a_budget_without_room_for_text_is_refused():
     with pytest.raises(ValueError, match="no room"):
         EmbeddingTruncator(TOKENIZER, 2)
