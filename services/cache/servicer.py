@@ -182,6 +182,10 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
 
     async def Lookup(self, request: pb.LookupRequest, context: grpc.aio.ServicerContext) -> pb.LookupResponse:
         partition = _partition(request.scope)
+        if request.fence_only:
+            return pb.LookupResponse(
+                status=pb.LOOKUP_STATUS_MISS, store_fence=await self._store.store_fence(partition)
+            )
         messages = request.messages
         _require_messages(messages)
         entry_id = keys.entry_id(partition, messages)

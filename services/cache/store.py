@@ -22,8 +22,9 @@
   still remembers higher numbers.
 - ``mg:cache:invalidated:<tenant hex>``: hash, "" (the whole tenant) or a
   model's hex -> when it was last invalidated (Redis's clock in
-  microseconds, past the last mark). A Lookup's miss returns the marks of
-  its scope as a ``store_fence``; the Store of the answer generated after
+  microseconds, past the last mark). A Lookup's miss (or a fence-only
+  Lookup, for a Store with no lookup before it) returns the marks of its
+  scope as a ``store_fence``; the Store of the answer generated after
   it passes the fence back and is undone if the marks moved meanwhile: a
   turn generating across an Invalidate stored its answer after it (a bug
   hunt: the very next ask was an exact hit of the answer from before).
@@ -311,9 +312,9 @@ class CacheStore:
 
     async def store_fence(self, partition: Partition) -> str:
         """The scope's invalidation marks. Read apart from the entry, and only
-        by an exact lookup that missed (the one whose fence a Store carries):
-        hits never pay for it, and on a cluster a tenant's marks key (one
-        slot) is not read by every one of its lookups."""
+        by an exact lookup that missed or a fence-only one (those whose fence
+        a Store carries): hits never pay for it, and on a cluster a tenant's
+        marks key (one slot) is not read by every one of its lookups."""
         try:
             return _fence(await self._client.hmget(*_marks_of(partition.tenant_id, partition.model)))
         except CONNECTION_ERRORS as error:

@@ -1202,6 +1202,39 @@ async def test_an_answer_generated_across_an_invalidate_is_not_kept(cache, embed
         assert (await lookup(cache, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
 
 
+async def test_a_fence_only_lookup_reads_no_entry_counts_nothing_and_fences_the_store(
+    cache, embedder, tenant
+):
+    """A turn that stores without looking up (the router's
+    CACHE_POLICY_REFRESH) reads the fence alone before it generates: an
+    Invalidate after it keeps the answer out, as after an exact miss."""
+    s = scope(tenant)
+    await store(cache, s, conversation(STORED), text="the old answer")
+    before = await cache.GetStats(pb.GetStatsRequest(), None)
+    embeddings = len(embedder.calls)
+    fenced = await cache.Lookup(pb.LookupRequest(scope=s, fence_only=True), None)
+    assert fenced.status == pb.LOOKUP_STATUS_MISS and fenced.store_fence
+    assert not fenced.HasField("answer") and not fenced.entry_id
+    after = await cache.GetStats(pb.GetStatsRequest(), None)
+    assert (after.exact_hits, after.semantic_hits, after.misses) == (
+        before.exact_hits,
+        before.semantic_hits,
+        before.misses,
+    )
+    assert len(embedder.calls) == embeddings
+
+    await cache.Invalidate(pb.InvalidateRequest(tenant_id=tenant), None)
+    stored = await fenced_store(cache, s, conversation(STORED), "from before", fenced.store_fence)
+    assert stored.invalidated_since_lookup
+    assert (await lookup(cache, s, conversation(STORED))).status == pb.LOOKUP_STATUS_MISS
+
+    fenced = await cache.Lookup(pb.LookupRequest(scope=s, fence_only=True), None)
+    stored = await fenced_store(cache, s, conversation(STORED), "generated after", fenced.store_fence)
+    assert not stored.invalidated_since_lookup
+    hit = await lookup(cache, s, conversation(STORED))
+    assert (hit.status, hit.answer.text) == (pb.LOOKUP_STATUS_EXACT_HIT, "generated after")
+
+
 async def test_undoing_a_fenced_store_keeps_a_later_store_of_the_entry(cache, redis_client, tenant):
     """The undo removes what its own Store wrote, not an answer (and row)
     stored since by a turn whose lookup came after the Invalidate; and it is

@@ -44,16 +44,18 @@ class CachedAnswer(_message.Message):
     def __init__(self, text: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., deployment: _Optional[str] = ..., finish_reason: _Optional[str] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("scope", "messages", "semantic", "semantic_follows")
+    __slots__ = ("scope", "messages", "semantic", "semantic_follows", "fence_only")
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SEMANTIC_FIELD_NUMBER: _ClassVar[int]
     SEMANTIC_FOLLOWS_FIELD_NUMBER: _ClassVar[int]
+    FENCE_ONLY_FIELD_NUMBER: _ClassVar[int]
     scope: CacheScope
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
     semantic: bool
     semantic_follows: bool
-    def __init__(self, scope: _Optional[_Union[CacheScope, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., semantic: _Optional[bool] = ..., semantic_follows: _Optional[bool] = ...) -> None: ...
+    fence_only: bool
+    def __init__(self, scope: _Optional[_Union[CacheScope, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., semantic: _Optional[bool] = ..., semantic_follows: _Optional[bool] = ..., fence_only: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("status", "answer", "similarity", "entry_id", "asked_entry_id", "store_fence")
