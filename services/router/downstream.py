@@ -353,9 +353,34 @@ class CacheService:
             )
         return hit
 
+    async def read_fence(self, plan: CachePlan, messages, budget: Budget) -> None:
+        """For a turn that stores without looking up: the scope's
+        store_fence alone (LookupRequest.fence_only), read before it
+        generates, as an exact lookup's miss would give it. Unread when the
+        cache fails: the answer is then not stored (:meth:`store`)."""
+        try:
+            response = await self._stub.Lookup(
+                # The messages only for a cache that predates fence_only.
+                cache_pb.LookupRequest(scope=self._scope(plan), messages=messages, fence_only=True),
+                timeout=budget.within(self._timeout_s),
+                metadata=self._tokens.metadata(plan.tenant_id, "cache"),
+            )
+        except grpc.aio.AioRpcError as error:
+            log.warning("cache fence read failed", code=error.code().name, details=error.details())
+            return
+        plan.store_fence[:] = [response.store_fence]
+
     async def store(self, plan: CachePlan, messages, answer: Answer, budget: Budget) -> None:
         if self._hot is not None:
             self._hot.forget(self._hot.key(plan, messages))
+        if not plan.store_fence:
+            # No lookup or fence read answered before the answer was
+            # generated (the cache failed then): an Invalidate since then
+            # would not stop this Store, which would keep an answer from
+            # before it. The turn's answer is not cached, which is all the
+            # cache's outage costs it.
+            log.info("answer not cached: the cache gave no store_fence before it was generated")
+            return
         cached = cache_pb.CachedAnswer(
             text=answer.text,
             usage=common_pb2.Usage(

@@ -147,10 +147,12 @@ class CachePlan:
     hot_exact_keys: dict[int, tuple[Any, bytes]] = dataclasses.field(
         default_factory=dict, init=False, compare=False, repr=False
     )
-    # What the cache's exact lookup said about its scope's invalidations
+    # What the cache's exact lookup (or a turn's fence read, when it does
+    # not read the cache) said about its scope's invalidations
     # (LookupResponse.store_fence), passed back with the Store of the answer
     # generated after it: an Invalidate meanwhile keeps that answer out. A
-    # list of at most one, set once the lookup answers (the plan is frozen).
+    # list of at most one, set once the lookup answers (the plan is frozen);
+    # empty, the lookup failed and the answer is not stored.
     store_fence: list[str] = dataclasses.field(default_factory=list, init=False, compare=False, repr=False)
 
 
@@ -637,12 +639,12 @@ class Pipeline:
             await self._settle(grant, turn, outcome)
 
     def _exact_lookup_beside_admission(self, turn: Turn) -> asyncio.Future | None:
-        """A stateless turn's exact lookup, started while admission makes its
-        round trip: a read, which decides nothing before admission has (no
-        hit goes out, and no generation starts, until the turn is admitted).
-        Only then: a task where admission answers at once would cost a loop
-        hop per turn for nothing."""
-        if turn.session_id or turn.create_session or not turn.cache.reads:
+        """A stateless turn's exact lookup (or fence read), started while
+        admission makes its round trip: a read, which decides nothing before
+        admission has (no hit goes out, and no generation starts, until the
+        turn is admitted). Only then: a task where admission answers at once
+        would cost a loop hop per turn for nothing."""
+        if turn.session_id or turn.create_session or not (turn.cache.reads or turn.cache.writes):
             return None
         if not self._admission.waits(turn):
             return None
@@ -878,7 +880,12 @@ class Pipeline:
         return await self._cache.report_wrong(turn.cache, turn.messages, entry_id, budget)
 
     async def _exact_hit(self, plan: CachePlan, messages, budget: Budget) -> Hit | None:
+        """The exact lookup, before the turn generates. A turn that stores
+        without reading (CACHE_POLICY_REFRESH) reads the store_fence alone
+        there: its Store must carry one as well (CachePlan.store_fence)."""
         if not plan.reads:
+            if plan.writes:
+                await self._cache.read_fence(plan, messages, budget)
             return None
         return await self._cache.lookup(plan, messages, budget, semantic=False)
 

@@ -1,6 +1,8 @@
 """A Redis restart under running context and cache services: the requests
 right after it succeed, on every pooled connection, and nothing written
-before it is lost (same port, same append-only file)."""
+before it is lost (same port, same append-only file); and a turn whose
+cache lookup failed while Redis was down does not store its answer once
+it is back."""
 
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.local import redis_server
 from meshgate.local.stack import free_port
+from meshgate.router.v1 import router_service_pb2 as router_pb
+from meshgate.router.v1 import router_service_pb2_grpc
 from services.cache import app as cache_app
 from services.context import app as context_app
-from tests.integration.conftest import running
-from tests.mesh import mesh_settings, router_channel
+from tests.integration.conftest import answer_of, running, running_router, service_settings
+from tests.mesh import bounded_channel, mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
 
@@ -143,5 +147,46 @@ async def test_requests_right_after_a_redis_restart_succeed(tmp_path: pathlib.Pa
             versions = await asyncio.gather(*(append(s, "after", 1) for s in session_ids))
             assert versions == [2] * CONCURRENCY
             assert await get(session_ids[0]) == ["before", "after"]
+    finally:
+        store.stop()
+
+
+async def test_a_turn_whose_lookup_failed_does_not_store_an_answer_generated_across_an_invalidate(
+    tmp_path: pathlib.Path, inference_address: str
+) -> None:
+    """The lookup failed (the cache's Redis down), so the turn had no
+    store_fence; Redis came back and the tenant was invalidated while it
+    generated, and its unfenced Store kept the answer from before the
+    Invalidate: the next ask was an exact hit of it."""
+    store = Redis(tmp_path)
+    store.start()
+    key = "redis-restart-key"
+    settings = service_settings(f"redis://127.0.0.1:{store.port}/0", inference_address, key)
+    auth = [("authorization", f"Bearer {key}")]
+    request = router_pb.ChatRequest(
+        model="tiny-gpt",
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="asked while the cache was down")],
+        # Long enough that Redis restarts and the Invalidate lands while it generates.
+        parameters=common_pb2.GenerationParameters(max_tokens=256),
+        cache_policy=router_pb.CACHE_POLICY_USE,
+    )
+    try:
+        async with (
+            running_router(settings) as router_address,
+            bounded_channel(router_address) as channel,
+            router_channel(settings.router.cache_address, "cache") as cache_channel,
+        ):
+            router = router_service_pb2_grpc.RouterServiceStub(channel)
+            cache = cache_service_pb2_grpc.CacheServiceStub(cache_channel)
+            await asyncio.to_thread(store.kill)
+            call = router.Chat(request, metadata=auth)
+            first = await call.read()
+            assert first.HasField("delta")  # the lookups failed: generated, the Store still to come
+            await asyncio.to_thread(store.start)
+            await cache.Invalidate(cache_pb.InvalidateRequest(tenant_id="dev", model="tiny-gpt"), timeout=10)
+            _, completion = await answer_of(call)
+            assert completion.cache_status == router_pb.CACHE_STATUS_MISS
+            _, again = await answer_of(router.Chat(request, metadata=auth))
+            assert again.cache_status == router_pb.CACHE_STATUS_MISS
     finally:
         store.stop()

@@ -316,3 +316,27 @@ async def test_a_turn_generating_across_an_invalidate_does_not_store_its_answer(
     assert completion.cache_status == pb.CACHE_STATUS_MISS
     _, again = await answer_of(routers[1].Chat(request, metadata=AUTH))
     assert again.cache_status == pb.CACHE_STATUS_MISS
+
+
+async def test_a_refresh_generating_across_an_invalidate_does_not_store_its_answer(replicas):
+    """A CACHE_POLICY_REFRESH turn looks nothing up, so it had no lookup's
+    store_fence: its Store, after the Invalidate, kept the answer generated
+    before it, and the next ask was an exact hit of it. The router reads
+    the fence alone before such a turn generates."""
+    routers, _, admin = replicas
+    request = ask("hot exact refreshed across an invalidate")
+    request.parameters.max_tokens = 64
+    request.cache_policy = pb.CACHE_POLICY_REFRESH
+    call = routers[0].Chat(request, metadata=AUTH)
+    first = await call.read()
+    assert first.HasField("delta")  # generating: the Store is still to come
+    await admin.InvalidateCache(
+        admin_service_pb2.InvalidateCacheRequest(tenant_id="dev", model="tiny-gpt"),
+        metadata=ADMIN,
+        timeout=30,
+    )
+    _, completion = await answer_of(call)
+    assert completion.cache_status == pb.CACHE_STATUS_MISS  # generated, to be stored
+    request.cache_policy = pb.CACHE_POLICY_USE
+    _, again = await answer_of(routers[1].Chat(request, metadata=AUTH))
+    assert again.cache_status == pb.CACHE_STATUS_MISS

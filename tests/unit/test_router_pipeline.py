@@ -87,6 +87,7 @@ class FakeCache:
         self.answered.set()
         self.exact_lookups: list[list[str]] = []
         self.lookups: list[list[str]] = []  # the semantic ones
+        self.fence_reads: list[list[str]] = []
         self.stored: list[tuple[list[str], str]] = []
 
     async def lookup(self, plan, messages, budget, semantic):
@@ -97,6 +98,9 @@ class FakeCache:
         self.lookups.append([m.content for m in messages])
         await self.answered.wait()
         return self.hit
+
+    async def read_fence(self, plan, messages, budget) -> None:
+        self.fence_reads.append([m.content for m in messages])
 
     async def store(self, plan, messages, answer, budget) -> None:
         self.stored.append(([m.content for m in messages], answer.text))
@@ -276,6 +280,31 @@ async def test_bypass_skips_the_lookup_and_the_store():
     events = await events_of(turns.run(request(policy=pb.CACHE_POLICY_BYPASS), TENANT, "", Budget()))
     assert events[-1].cache_status is CacheStatus.BYPASSED
     assert parts["cache"].lookups == parts["cache"].exact_lookups == [] and parts["cache"].stored == []
+
+
+@pytest.mark.parametrize("session_id", ["", "s1"], ids=["stateless", "session turn"])
+async def test_a_refresh_reads_its_store_fence_before_generating_and_looks_nothing_up(session_id):
+    """Its Store must carry a fence read before the answer was generated,
+    as a lookup's miss gives one (CachePlan.store_fence)."""
+    generator = FakeGenerator()
+    generating_at_the_read = []
+
+    class Fencing(FakeCache):
+        async def read_fence(self, plan, messages, budget) -> None:
+            generating_at_the_read.append(generator.started.is_set())
+            await super().read_fence(plan, messages, budget)
+
+    cache = Fencing()
+    turns, _ = pipeline(cache=cache, generator=generator)
+    stream = turns.run(request(policy=pb.CACHE_POLICY_REFRESH), TENANT, session_id, Budget())
+    assert (await anext(stream)) == Delta("Hel")
+    prompt = ["earlier", "hello"] if session_id else ["hello"]
+    assert cache.fence_reads == [prompt] and generating_at_the_read == [False]
+    assert generator.prompts == [prompt]
+    events = await events_of(stream)
+    assert events[-1].cache_status is CacheStatus.MISS
+    assert cache.exact_lookups == cache.lookups == []
+    assert cache.stored == [(prompt, "Hello there")]
 
 
 async def test_the_genai_span_covers_the_whole_turn_and_carries_its_usage(monkeypatch):
