@@ -280,13 +280,11 @@ class ModelSummarizer:
 # good: no span is summarized again below them). The tokens join meta's
 # ``unbilled`` (the store module's docstring) in the same step, unless the span
 # already holds this very summary (another replica's run made it too: its
-# tenant pays for a span's summary once). Returns 1 if written, 0 if not.
+# tenant pays for a span's summary once); also when a revert refuses the
+# summary, as the model spent them on the session all the same. Returns 1 if
+# written, 0 if not.
 _PUT = """
 if redis.call('HGET', KEYS[1], 'create_time_ms') ~= ARGV[1] then return 0 end
-local at = 4 * tonumber(ARGV[9])
-local held = redis.call('GETRANGE', KEYS[3], at, at + 3)
--- A session stored before its versions were kept has none to undo.
-if #held == 4 and struct.unpack('<I4', held) == 4294967295 then return 0 end
 if ARGV[6] ~= '' then
   local held = redis.call('HGET', KEYS[2], ARGV[2])
   local ok, before = pcall(cjson.decode, held or '')
@@ -298,6 +296,10 @@ if ARGV[6] ~= '' then
     redis.call('HSET', KEYS[1], 'unbilled', cjson.encode(unbilled))
   end
 end
+local at = 4 * tonumber(ARGV[9])
+local held = redis.call('GETRANGE', KEYS[3], at, at + 3)
+-- A session stored before its versions were kept has none to undo.
+if #held == 4 and struct.unpack('<I4', held) == 4294967295 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
 return 1
@@ -370,7 +372,7 @@ class SummaryStore:
         """Keeps ``summary`` for the session created at ``created_ms`` (not
         for another one of its id, nor once a revert undid its turns: _PUT),
         and what a model ``spent`` on it as the session's unbilled usage,
-        with it; returns whether it was kept."""
+        with it (also when a revert refuses it); returns whether it was kept."""
         ttl = self._ttl_s if self._ttl_s > 0 else None
         encoded = json.dumps(dataclasses.asdict(summary))
         # Two slots (the content key is any session's): the session's own

@@ -1,10 +1,13 @@
 """What a session's summaries spend on a model, over a real Redis: counted
 on the session with the summary, in the script that writes it (once per
-summary, not at all for one not written or made without a model), and
+summary, not at all for one made without a model or written into
+another life of the session, but for one a revert refused), and
 taken by the session's next append, in its script, to report for the
 tenant's usage: once, a replay taking nothing more."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 import redis.asyncio as redis
@@ -16,7 +19,7 @@ from services.context import summaries as summaries_lib
 from services.context.store import SummarySpend
 from services.context.summaries import ModelAnswer, ModelSpend, SummaryStore
 from tests.integration.test_context_service import msg
-from tests.integration.test_context_summaries import role_of
+from tests.integration.test_context_summaries import GatedModel, role_of
 
 pytestmark = pytest.mark.integration
 
@@ -154,3 +157,20 @@ async def test_a_fork_leaves_the_sources_unbilled_usage_with_the_source(client, 
     await sessions.fork(tenant, "source", version, "fork")
     assert (await sessions.append(tenant, "fork", None, turns(4, 1), {})).unbilled == ()
     assert len((await sessions.append(tenant, "source", None, turns(4, 1), {})).unbilled) == 1
+
+
+async def test_a_models_summary_refused_for_a_revert_below_its_span_is_still_counted(client, tenant) -> None:
+    """The model spent its tokens on the session before the revert undid the
+    span's turns: the summary is not kept (summaries._PUT), its usage is."""
+    sessions = session_store.SessionStore(client, 600)
+    model = GatedModel()
+    await sessions.create(tenant, "reverted")
+    await sessions.append(tenant, "reverted", None, turns(0, 2), {})
+    run = asyncio.ensure_future(summarizer_of(client, model).summarize_due(tenant, "reverted"))
+    await asyncio.wait_for(model.entered.wait(), 10)
+    await sessions.revert(tenant, "reverted", 0, None)
+    model.gate.set()
+    await asyncio.wait_for(run, 10)
+    assert await SummaryStore(client, 0).all_of(tenant, "reverted") == []
+    taken = await sessions.append(tenant, "reverted", None, turns(0, 1, tag="Again "), {})
+    assert taken.unbilled == (SummarySpend(GatedModel.model, 40, 10, 1),)
