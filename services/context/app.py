@@ -29,6 +29,7 @@ TENANT_OF = {
     "PinToSession": lambda request: request.tenant_id,
     "UnpinFromSession": lambda request: request.tenant_id,
     "PrefetchSession": lambda request: request.tenant_id,
+    "TakeSummaryUsage": lambda request: request.tenant_id,
 }
 
 

@@ -28,7 +28,7 @@ from meshgate.reasons import Reason
 from services.context import assembly, relevance
 from services.context import summaries as summaries_lib
 from services.context.hot_cache import DELETED, HotCache
-from services.context.store import NO_COUNTS, SessionStore, StoredSession, session_key
+from services.context.store import NO_COUNTS, SessionStore, StoredSession, SummarySpend, session_key
 from services.context.token_counts import PromptCounter
 from services.context.turn_index import IndexedTurns, TurnFeatures, TurnIndex, features, term_counts
 
@@ -312,6 +312,10 @@ def _check_session_id(session_id: str) -> None:
         )
 
 
+def _summary_usage(spends: tuple[SummarySpend, ...]) -> list[pb.SummaryUsage]:
+    return [pb.SummaryUsage(**spend._asdict()) for spend in spends]
+
+
 def _check_version(version: int, field: str) -> None:
     if version < 0:
         raise invalid_argument(Reason.INVALID_VERSION, f"{field} must not be negative", field=field)
@@ -557,7 +561,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         return pb.AppendTurnsResponse(
             version=version,
             replayed=replayed,
-            summary_usage=[pb.SummaryUsage(**spend._asdict()) for spend in appended.unbilled],
+            summary_usage=_summary_usage(appended.unbilled),
         )
 
     async def _write_index(
@@ -920,6 +924,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             # In the background: the caller (a stream being opened) waits for nothing.
             self.prefetch(request.tenant_id, request.session_id)
         return pb.PrefetchSessionResponse(already_hot=already_hot)
+
+    async def TakeSummaryUsage(
+        self, request: pb.TakeSummaryUsageRequest, context
+    ) -> pb.TakeSummaryUsageResponse:
+        _check_tenant(request.tenant_id)
+        _check_session_id(request.session_id)
+        taken = await self._store.take_unbilled(request.tenant_id, request.session_id)
+        return pb.TakeSummaryUsageResponse(summary_usage=_summary_usage(taken))
 
     def _strategy(self, request: pb.AssembleContextRequest, model: ModelSettings) -> int:
         if request.strategy == pb.ASSEMBLY_STRATEGY_UNSPECIFIED:

@@ -33,8 +33,11 @@ the braces make all of them one Redis Cluster hash slot:
   applies (``_APPEND``), which reports it for the tenant's usage; then
   ``unbilled_taken``, ``<turn id> <what it took>``, so a retry of that
   append after a lost reply reports it too (the router bills what a reply
-  tells, and never saw the first). A session that is deleted or expires
-  before another append takes its ``unbilled`` with it, never billed.
+  tells, and never saw the first). Where no append comes, the router takes
+  it (``_TAKE_UNBILLED``: a session's last append is followed by a take,
+  again later, as its summaries are written after it). A session that is
+  deleted or expires before either takes its ``unbilled`` with it, never
+  billed.
 - ``...:turns``, a list of serialized ``common.v1.Message``, oldest first.
 - ``...:turn_ids``, a hash: the idempotency key of every append that gave
   one -> the version that append made, so a retried append is answered
@@ -286,6 +289,17 @@ renew(tonumber(ARGV[3]))
 return {1, new_version, held_bytes or false, redis.call('HGET', KEYS[1], 'create_time_ms'), unbilled}
 """
 )
+
+# KEYS: meta. Takes the session's ``unbilled`` for the router to bill when
+# no append comes to take it (the module's docstring). ``unbilled_taken``
+# stays: it is an append's, for that append's retry to report again.
+# Returns {1, what it took ('' for nothing)}, or {0} if there is no session.
+_TAKE_UNBILLED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local unbilled = redis.call('HGET', KEYS[1], 'unbilled') or ''
+redis.call('HDEL', KEYS[1], 'unbilled')
+return {1, unbilled}
+"""
 
 # Shared by the scripts that look a version up. Sets `held`, the number of
 # turns the session held at version tonumber(target) of current version
@@ -835,6 +849,7 @@ class SessionStore:
         self._fill_counts = client.register_script(_FILL_COUNTS)
         self._delete = client.register_script(_DELETE)
         self._compact = client.register_script(_COMPACT)
+        self._take_unbilled = client.register_script(_TAKE_UNBILLED)
 
     async def create(self, tenant_id: str, session_id: str) -> int:
         """Creates an empty session at version 0; returns its creation time."""
@@ -1042,6 +1057,15 @@ class SessionStore:
         args = [version, _counts_field(tokenizer_id), _pack(counts), created_ms]
         with redis_reachable():
             await self._fill_counts(keys=[meta], args=args)
+
+    async def take_unbilled(self, tenant_id: str, session_id: str) -> tuple[SummarySpend, ...]:
+        """What the session's summaries spent that no append took, taken now
+        (_TAKE_UNBILLED), for the caller to bill once."""
+        with redis_reachable():
+            outcome = await self._take_unbilled(keys=[session_key(tenant_id, session_id)])
+        if outcome[0] == 0:
+            raise session_not_found(session_id)
+        return _spends(outcome[1])
 
     async def delete(self, tenant_id: str, session_id: str) -> None:
         with redis_reachable():

@@ -174,3 +174,26 @@ async def test_a_models_summary_refused_for_a_revert_below_its_span_is_still_cou
     assert await SummaryStore(client, 0).all_of(tenant, "reverted") == []
     taken = await sessions.append(tenant, "reverted", None, turns(0, 1, tag="Again "), {})
     assert taken.unbilled == (SummarySpend(GatedModel.model, 40, 10, 1),)
+
+
+async def test_a_take_and_an_append_each_take_what_the_other_did_not_once(client, tenant) -> None:
+    sessions = session_store.SessionStore(client, 600)
+    model = CountingModel()
+    summarizer = summarizer_of(client, model)
+    one = SummarySpend("counting", PROMPT_TOKENS, COMPLETION_TOKENS, 1)
+    await sessions.create(tenant, "s")
+    await sessions.append(tenant, "s", None, turns(0, 2), {}, turn_id="first")
+    await summarizer.summarize_due(tenant, "s")
+    # No append came: the take has it, and again finds nothing.
+    assert await sessions.take_unbilled(tenant, "s") == (one,)
+    assert await sessions.take_unbilled(tenant, "s") == ()
+    assert (await sessions.append(tenant, "s", None, turns(2, 2), {}, turn_id="second")).unbilled == ()
+    await summarizer.summarize_due(tenant, "s")
+    # An append came first: it has it, the take nothing; the append's
+    # retry (its reply lost) still reports what it took, once.
+    assert (await sessions.append(tenant, "s", None, turns(4, 1), {}, turn_id="third")).unbilled == (one,)
+    assert await sessions.take_unbilled(tenant, "s") == ()
+    assert (await sessions.append(tenant, "s", None, turns(4, 1), {}, turn_id="third")).unbilled == (one,)
+    with pytest.raises(MeshgateError) as gone:
+        await sessions.take_unbilled(tenant, "absent")
+    assert gone.value.reason == Reason.SESSION_NOT_FOUND

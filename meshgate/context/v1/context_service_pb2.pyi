@@ -158,6 +158,20 @@ class SummaryUsage(_message.Message):
     summaries: int
     def __init__(self, model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., summaries: _Optional[int] = ...) -> None: ...
 
+class TakeSummaryUsageRequest(_message.Message):
+    __slots__ = ("tenant_id", "session_id")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    session_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class TakeSummaryUsageResponse(_message.Message):
+    __slots__ = ("summary_usage",)
+    SUMMARY_USAGE_FIELD_NUMBER: _ClassVar[int]
+    summary_usage: _containers.RepeatedCompositeFieldContainer[SummaryUsage]
+    def __init__(self, summary_usage: _Optional[_Iterable[_Union[SummaryUsage, _Mapping]]] = ...) -> None: ...
+
 class AssembleContextRequest(_message.Message):
     __slots__ = ("tenant_id", "session_id", "new_messages", "model", "max_prompt_tokens", "at_version", "strategy", "append_reservation")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -86,6 +86,11 @@ class ContextServiceStub:
                 request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PrefetchSessionRequest.SerializeToString,
                 response_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PrefetchSessionResponse.FromString,
                 _registered_method=True)
+        self.TakeSummaryUsage = channel.unary_unary(
+                '/meshgate.context.v1.ContextService/TakeSummaryUsage',
+                request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.TakeSummaryUsageRequest.SerializeToString,
+                response_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.TakeSummaryUsageResponse.FromString,
+                _registered_method=True)
 
 
 class ContextServiceServicer:
@@ -175,6 +180,18 @@ class ContextServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TakeSummaryUsage(self, request, context):
+        """Takes what the session's summaries spent on models that no append has
+        taken (AppendTurnsResponse.summary_usage), for the caller to bill: the
+        router asks after a session's last append, as summaries are written in
+        the background and no further append may come to take them. An append
+        and this take each take what the other has not, once. NOT_FOUND,
+        SESSION_NOT_FOUND, for a session that does not exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContextServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -227,6 +244,11 @@ def add_ContextServiceServicer_to_server(servicer, server):
                     servicer.PrefetchSession,
                     request_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PrefetchSessionRequest.FromString,
                     response_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.PrefetchSessionResponse.SerializeToString,
+            ),
+            'TakeSummaryUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.TakeSummaryUsage,
+                    request_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.TakeSummaryUsageRequest.FromString,
+                    response_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.TakeSummaryUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -501,6 +523,33 @@ class ContextService:
             '/meshgate.context.v1.ContextService/PrefetchSession',
             meshgate_dot_context_dot_v1_dot_context__service__pb2.PrefetchSessionRequest.SerializeToString,
             meshgate_dot_context_dot_v1_dot_context__service__pb2.PrefetchSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TakeSummaryUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.context.v1.ContextService/TakeSummaryUsage',
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.TakeSummaryUsageRequest.SerializeToString,
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.TakeSummaryUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
