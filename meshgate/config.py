@@ -531,6 +531,11 @@ class RouterSettings:
     # daily aggregates are kept for usage_retention_days).
     usage_stream_max_len: int = 1_000_000
     usage_retention_days: int = 400
+    # How long after a session's latest turn the router takes, and bills,
+    # what the session's summaries spent that no append took (they are
+    # written in the background, and another turn may never come); asked
+    # again at 4, 16 and 64 times this (services/router/summary_usage.py).
+    summary_usage_collect_s: float = 30.0
     # SHA-256 hex digests of the admin credential(s): Bearer keys that may
     # read any tenant's usage and manage API keys (AdminService). None by
     # default: the admin RPCs then refuse every caller.
@@ -1131,6 +1136,7 @@ _POSITIVE = frozenset(
         # Redis's WAIT reads a timeout of 0 as none at all.
         "report_replication_timeout_s",
         "summary_timeout_s",
+        "summary_usage_collect_s",
         "context_window_tokens",
         "max_output_tokens",
         "max_message_bytes",

@@ -1130,23 +1130,23 @@ class TurnAdmission:
             # and the log's length is every tenant's (ledger.py).
             self._record(turn, outcome, False, 0, 0, 0, "", logged=False)
 
-    def summaries_spent(self, turn, spends) -> None:
-        """What the summaries of the turn's session spent on each model
-        (pipeline.SummarySpend), reported by the turn's append: billed to the
-        turn's tenant and key as that model's usage (its alias's prices and
-        limits: the summary model's name as an alias), to their budgets after
-        the fact (Admission.charge_spent), and to the ledger as a summary
-        record, not a request."""
+    def summaries_spent(self, tenant, spends) -> None:
+        """What the summaries of a session of ``tenant`` spent on each model
+        (pipeline.SummarySpend), reported by a turn's append or taken later
+        (summary_usage.py): billed to the tenant and key as that model's
+        usage (its alias's prices and limits: the summary model's name as an
+        alias), to their budgets after the fact (Admission.charge_spent), and
+        to the ledger as a summary record, not a request."""
         for spend in spends:
             price = self._settings.prices.get(spend.model)
             nano_usd = cost_nano_usd(price, spend.prompt_tokens, spend.completion_tokens)
-            scopes = admission_scopes(turn.tenant, spend.model, self._settings)
+            scopes = admission_scopes(tenant, spend.model, self._settings)
             tokens = spend.prompt_tokens + spend.completion_tokens
             day = self._admission.charge_spent(scopes, tokens, nano_usd)
             if self._ledger is not None:
                 usage = UsageRecord(
-                    tenant=turn.tenant.id,
-                    key_id=turn.tenant.key_id,
+                    tenant=tenant.id,
+                    key_id=tenant.key_id,
                     model=spend.model,
                     deployment="",
                     prompt_tokens=spend.prompt_tokens,

@@ -32,6 +32,7 @@ from services.router.ledger import Ledger
 from services.router.model_selection import Selector
 from services.router.pipeline import Pipeline
 from services.router.servicer import RouterServicer, add_to_server
+from services.router.summary_usage import SummaryUsageCollector
 
 # Settings a running router cannot take over (reload logs that they changed).
 _RESTART_ONLY = (
@@ -45,6 +46,7 @@ _RESTART_ONLY = (
     "router.downstream_timeout_s",
     "router.max_generation_s",
     "router.deployment_health_interval_s",
+    "router.summary_usage_collect_s",
     "router.hot_exact_entries",
     "router.hot_exact_max_age_s",
     "router.hot_exact_max_bytes",
@@ -116,19 +118,24 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     cache = CacheService(
         cache_service_pb2_grpc.CacheServiceStub(cache_channel), tenant_tokens, settings.router, hot_exact
     )
+    contexts = ContextService(
+        context_service_pb2_grpc.ContextServiceStub(context_channel),
+        tenant_tokens,
+        settings.router,
+        channel=context_channel,
+    )
+    summary_usage = SummaryUsageCollector(
+        contexts.take_summary_usage, admission.summaries_spent, router.summary_usage_collect_s
+    )
     pipeline = Pipeline(
         settings.router,
         settings.models,
-        ContextService(
-            context_service_pb2_grpc.ContextServiceStub(context_channel),
-            tenant_tokens,
-            settings.router,
-            channel=context_channel,
-        ),
+        contexts,
         cache,
         Deployments(deployments, settings.router, tenant_tokens),
         admission,
         Selector(_PromptEmbeddings(deployments)),
+        summary_usage,
     )
     keys = KeyStore(redis)
     authenticator = Authenticator(settings.router, keys)
@@ -200,6 +207,8 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         await deployments.close()
         if listener is not None:
             await listener.close()
+        # Its last asks go over the context channel, and bill through admission.
+        await summary_usage.close()
         await context_channel.close()
         await cache_channel.close()
         # Settlements and usage records still in flight finish first.

@@ -260,11 +260,7 @@ class ContextService:
                 )
                 # A retry's reply carries what the first attempt took, if it
                 # did (its reply was lost): billed once, from this one.
-                spends = tuple(
-                    SummarySpend(u.model, u.prompt_tokens, u.completion_tokens, u.summaries)
-                    for u in response.summary_usage
-                )
-                return Appended(response.version, spends)
+                return Appended(response.version, _spends(response.summary_usage))
             except grpc.aio.AioRpcError as error:
                 # UNAVAILABLE: the context service or its Redis is restarting
                 # (the pause is for Redis: the channel is ready at once);
@@ -275,6 +271,25 @@ class ContextService:
                     continue
                 raise from_rpc_error(error, "context") from error
         raise AssertionError("unreachable")
+
+    async def take_summary_usage(self, tenant: Tenant, session_id: str) -> tuple[SummarySpend, ...]:
+        """What the session's summaries spent that no append took, taken
+        for the caller to bill (summary_usage.py). Sent once: the caller asks
+        again later anyway, and a take's lost reply cannot be told from one
+        not taken."""
+        request = context_pb.TakeSummaryUsageRequest(tenant_id=tenant.id, session_id=session_id)
+        try:
+            response = await self._stub.TakeSummaryUsage(
+                request, timeout=self._timeout_s, metadata=self._tokens.metadata(tenant.id, "context")
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, "context") from error
+        return _spends(response.summary_usage)
+
+
+def _spends(usage) -> tuple[SummarySpend, ...]:
+    """context.v1.SummaryUsage entries as the pipeline bills them."""
+    return tuple(SummarySpend(u.model, u.prompt_tokens, u.completion_tokens, u.summaries) for u in usage)
 
 
 class CacheService:

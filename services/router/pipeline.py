@@ -38,7 +38,7 @@ import dataclasses
 import enum
 import re
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from opentelemetry import trace
@@ -63,6 +63,10 @@ from services.router.model_selection import Selection, Selector
 from services.router.prompt_bound import in_assembly_order, prompt_bounds
 from services.router.templates import Templates, invokes_template
 from services.router.validation import check_turn, resolve_model
+
+if TYPE_CHECKING:
+    # It bills through this module's SummarySpend: imported for types only.
+    from services.router.summary_usage import SummaryUsageCollector
 
 log = structlog.get_logger(__name__)
 
@@ -380,10 +384,11 @@ class Admission(Protocol):
         session's history is known (reserve_prompt) is by ``settle``, as a
         failure that used nothing, for the two are one event to the tenant."""
 
-    def summaries_spent(self, turn: Turn, spends: tuple[SummarySpend, ...]) -> None:
-        """What the summaries of ``turn``'s session spent, reported by its
-        append: the tenant's usage and budgets, charged after the fact (the
-        turn itself is not refused for it)."""
+    def summaries_spent(self, tenant: Tenant, spends: tuple[SummarySpend, ...]) -> None:
+        """What the summaries of a session of ``tenant`` (the key of the turn
+        that took it) spent, reported by an append or taken later
+        (summary_usage.py): the tenant's usage and budgets, charged after the
+        fact (the turn that took it is not refused for it)."""
 
     # Optional (an admission that reserves no tokens, Unlimited or a test's
     # fake, leaves it out):
@@ -410,7 +415,7 @@ class Unlimited:
     def refused(self, turn: Turn, outcome: Outcome) -> None:
         return None
 
-    def summaries_spent(self, turn: Turn, spends: tuple[SummarySpend, ...]) -> None:
+    def summaries_spent(self, tenant: Tenant, spends: tuple[SummarySpend, ...]) -> None:
         return None
 
 
@@ -450,8 +455,10 @@ class Pipeline:
         generator: Generator,
         admission: Admission | None = None,
         selector: Selector | None = None,
+        summary_usage: SummaryUsageCollector | None = None,
     ) -> None:
         self._settings = settings
+        self._summary_usage = summary_usage
         self._models = models
         self._contexts = contexts
         self._cache = cache
@@ -827,7 +834,11 @@ class Pipeline:
             appended = saved[-1]
             version = appended.version
             if appended.summary_spend:
-                self._admission.summaries_spent(turn, appended.summary_spend)
+                self._admission.summaries_spent(turn.tenant, appended.summary_spend)
+            if self._summary_usage is not None:
+                # Summaries this append starts may land after the session's
+                # last turn: asked for later, if no append takes them first.
+                self._summary_usage.schedule(turn.tenant, session_id)
         log.info(
             "turn",
             tenant=turn.tenant.id,

@@ -148,3 +148,82 @@ async def test_a_sessions_summary_tokens_are_billed_to_its_tenant_with_its_next_
         assert (after.summaries, after.summary_prompt_tokens) == (1, prompt_tokens)
         turn_prompt = sum(t.usage.prompt_tokens for t in turns)
         assert after.prompt_tokens == turn_prompt + prompt_tokens
+
+
+async def test_a_sessions_summary_tokens_are_billed_once_though_no_turn_follows(
+    redis_url, inference_address
+) -> None:
+    """The summary of turns 0-3 is written after the fourth turn, the
+    session's last for a while: the router takes its tokens from the
+    session itself (TakeSummaryUsage) and bills them; the next turn's
+    append then finds nothing to bill again."""
+    tenant = f"idle-{uuid.uuid4().hex[:8]}"
+    key = f"key-{tenant}"
+    settings = Settings(mesh=mesh_settings())
+    settings.redis.url = redis_url
+    settings.cache.inference_address = inference_address
+    serve_tiny_gpt(settings, inference_address)
+    settings.context.inference_address = inference_address
+    settings.context.summary_model = MODEL
+    settings.context.summary_span_turns = 4
+    settings.context.summary_hot_window_turns = 4
+    settings.router.summary_usage_collect_s = 0.5
+    settings.router.tenants = [
+        TenantSettings(
+            id=tenant, api_key_sha256=[hash_api_key(key)], limits=LimitSettings(tokens_per_day=10_000_000)
+        )
+    ]
+    settings.router.prices = {
+        MODEL: PriceSettings(prompt_usd_per_million=1.0, completion_usd_per_million=2.0)
+    }
+    client = redis_access.connect(redis_url)
+    auth = (("authorization", f"Bearer {key}"),)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(client.aclose)
+        address = await stack.enter_async_context(running_router(settings))
+        channel = await stack.enter_async_context(bounded_channel(address))
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+
+        async def chat(i: int) -> pb.ChatCompletion:
+            completion = None
+            async for response in stub.Chat(turn(session_id, i), metadata=auth, timeout=60):
+                if response.HasField("completion"):
+                    completion = response.completion
+            assert completion is not None
+            return completion
+
+        session_id = (await stub.CreateSession(pb.CreateSessionRequest(), metadata=auth)).session_id
+        turns = [await chat(i) for i in range(4)]
+
+        async def billed():
+            row = await usage_row(stub, auth, MODEL)
+            return row if row is not None and row.summaries == 1 else None
+
+        # No fifth turn: the router asks (0.5, 2, 8 and 32 s after the fourth).
+        row = await eventually(billed, timeout_s=45.0)
+        assert row.summary_prompt_tokens > 0 and row.summary_completion_tokens > 0
+        assert row.requests == 4 and row.key_id == hash_api_key(key)[:16]
+        assert row.prompt_tokens == sum(t.usage.prompt_tokens for t in turns) + row.summary_prompt_tokens
+        assert await client.hget(session_store.session_key(tenant, session_id), "unbilled") is None
+        logged = [
+            fields
+            for _, fields in await client.xrevrange(STREAM, count=1000)
+            if fields[b"tenant"] == tenant.encode() and fields[b"cache_status"] == b"summary"
+        ]
+        assert len(logged) == 1 and int(logged[0][b"prompt_tokens"]) == row.summary_prompt_tokens
+
+        # The next turn's append takes nothing more (no span is due after it).
+        await chat(4)
+
+        async def five_requests():
+            after = await usage_row(stub, auth, MODEL)
+            return after if after.requests == 5 else None
+
+        await eventually(five_requests)
+        await asyncio.sleep(1.0)
+        after = await usage_row(stub, auth, MODEL)
+        assert (after.summaries, after.summary_prompt_tokens, after.summary_completion_tokens) == (
+            1,
+            row.summary_prompt_tokens,
+            row.summary_completion_tokens,
+        )

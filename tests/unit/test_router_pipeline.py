@@ -174,8 +174,8 @@ class RecordingAdmission:
     def refused(self, turn, outcome) -> None:
         self.refusals.append(outcome)
 
-    def summaries_spent(self, turn, spends) -> None:
-        self.summary_spends.append((turn.tenant.id, spends))
+    def summaries_spent(self, tenant, spends) -> None:
+        self.summary_spends.append((tenant.id, spends))
 
 
 def pipeline(contexts=None, cache=None, generator=None, admission=None, **settings):
