@@ -534,7 +534,8 @@ class RouterSettings:
     # How long after a session's latest turn the router takes, and bills,
     # what the session's summaries spent that no append took (they are
     # written in the background, and another turn may never come); asked
-    # again at 4, 16 and 64 times this (services/router/summary_usage.py).
+    # again 4, 16 and 64 times this after each ask before
+    # (services/router/summary_usage.py).
     summary_usage_collect_s: float = 30.0
     # SHA-256 hex digests of the admin credential(s): Bearer keys that may
     # read any tenant's usage and manage API keys (AdminService). None by

@@ -7,12 +7,13 @@ it and the router bills it (Pipeline, TurnAdmission.summaries_spent). A
 session whose tenant never appends again would keep it, billed to no one:
 so after each session turn, this router asks the context service for it
 (TakeSummaryUsage) once the session has been quiet for
-``router.summary_usage_collect_s``, and then at 4, 16 and 64 times that,
-as its summaries may land well after the append (a queue of sessions to
-summarize, one model call per span of up to ``context.summary_timeout_s``).
-A later turn of the session starts the count again. The take is one Redis
-script, as an append's is: whichever comes first takes the usage, so it is
-billed once, to the tenant and key of the session's latest turn here.
+``router.summary_usage_collect_s``, then again 4, 16 and 64 times that
+after each ask before (about 42 minutes in all at the default), as its
+summaries may land well after the append (a queue of sessions to summarize,
+one model call per span of up to ``context.summary_timeout_s``). A later
+turn of the session starts the count again. The take is one Redis script,
+as an append's is: whichever comes first takes the usage, so it is billed
+once, to the tenant and key of the session's latest turn here.
 
 The bound: what lands after the last ask, and what a router stopped or
 killed outright had yet to ask for (a stopping router asks once for every
@@ -36,7 +37,8 @@ from services.router.pipeline import SummarySpend
 
 log = structlog.get_logger(__name__)
 
-# The asks after a session's latest turn, as multiples of the first delay.
+# The delays of the asks after a session's latest turn, each from the one
+# before, as multiples of the first.
 ASKS = (1, 4, 16, 64)
 # Sessions waited on at once; past it the longest waiting is asked now,
 # once (its usage so far is billed; what lands later waits for an append).
