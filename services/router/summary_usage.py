@@ -17,7 +17,8 @@ once, to the tenant and key of the session's latest turn here.
 
 The bound: what lands after the last ask, and what a router stopped or
 killed outright had yet to ask for (a stopping router asks once for every
-session it was waiting on), waits for the session's next append; a take
+session it was waiting on, MAX_CONCURRENT_ASKS at a time, within
+CLOSE_TIMEOUT_S), waits for the session's next append; a take
 whose reply is lost is billed to no one, as an append's.
 """
 
@@ -43,6 +44,10 @@ ASKS = (1, 4, 16, 64)
 # Sessions waited on at once; past it the longest waiting is asked now,
 # once (its usage so far is billed; what lands later waits for an append).
 MAX_WAITING_SESSIONS = 100_000
+# Asks in flight at once: sessions gone quiet together (or all of them, when
+# the router stops) ask a few at a time, not in one burst at the context
+# service.
+MAX_CONCURRENT_ASKS = 16
 # How long a stopping router waits for its last asks.
 CLOSE_TIMEOUT_S = 5.0
 
@@ -70,6 +75,7 @@ class SummaryUsageCollector:
         # (tenant id, session id) -> its wait, the longest waiting first.
         self._waiting: collections.OrderedDict[tuple[str, str], _Waiting] = collections.OrderedDict()
         self._asking: set[asyncio.Task] = set()
+        self._ask_slots = asyncio.Semaphore(MAX_CONCURRENT_ASKS)
         self._closed = False
 
     def schedule(self, tenant: Tenant, session_id: str) -> None:
@@ -107,7 +113,8 @@ class SummaryUsageCollector:
     async def _ask(self, key: tuple[str, str], waiting: _Waiting, last: bool) -> None:
         tenant, session_id = waiting.tenant, key[1]
         try:
-            spends = await self._take(tenant, session_id)
+            async with self._ask_slots:
+                spends = await self._take(tenant, session_id)
         except MeshgateError as error:
             if error.code == grpc.StatusCode.NOT_FOUND:
                 # Deleted or expired: nothing is left to take, now or later.

@@ -86,3 +86,26 @@ async def test_a_stopping_router_asks_once_for_every_session_it_waits_on() -> No
     usage.schedule(ALICE, "s")
     await asyncio.sleep(0)
     assert session.asks == 1
+
+
+async def test_a_stopping_router_asks_a_few_sessions_at_a_time() -> None:
+    in_flight = most = 0
+    release = asyncio.Event()
+
+    async def take(tenant: Tenant, session_id: str) -> tuple[SummarySpend, ...]:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await release.wait()
+        in_flight -= 1
+        return ()
+
+    usage = SummaryUsageCollector(take, lambda t, s: None, first_after_s=3600)
+    for index in range(3 * summary_usage.MAX_CONCURRENT_ASKS):
+        usage.schedule(ALICE, f"s{index}")
+    closing = asyncio.create_task(usage.close())
+    await asyncio.sleep(0.05)
+    assert most == summary_usage.MAX_CONCURRENT_ASKS
+    release.set()
+    await closing
+    assert in_flight == 0
