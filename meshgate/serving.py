@@ -13,8 +13,10 @@ import argparse
 import asyncio
 import collections.abc
 import contextlib
+import hashlib
 import json
 import os
+import pathlib
 import re
 import signal
 import socket
@@ -366,6 +368,10 @@ class Service:
         # The settings the hooks last took whole (main's at start, then each
         # reload's): given back to them when a reload fails half-way.
         self.settings_in_use: Settings | None = None
+        # The digest of the settings file's content a reload last refused
+        # (None once one is taken): the file watch and a SIGHUP for the same
+        # edit read the same file, and its refusal is logged once.
+        self.refused_config_digest: bytes | None = None
         # The Prometheus endpoint, when one is open (serve_metrics).
         self.metrics_server = None
         # The plain-text health port, when one is open (serve_plain_health).
@@ -561,7 +567,9 @@ async def stop(service: Service, grace_s: float = 10.0) -> None:
 def reload_configuration(service: Service) -> bool:
     """Reads the settings file again and hands it to the reload hooks; a file
     that does not load (bad TOML, a refused value) is refused with a log
-    line, and the settings in use stay, whole.
+    line, and the settings in use stay, whole. The same content is refused
+    once: the file watch and a SIGHUP for one edit both come here, and the
+    second says only that it is unchanged.
 
     load_settings checks what the hooks take, but a hook that raises anyway
     must not leave a half-applied reload behind (a router's new call cap in
@@ -570,9 +578,18 @@ def reload_configuration(service: Service) -> bool:
     if not (service.config_path and service.reload_hooks):
         log.info("nothing to reload", path=service.config_path)
         return False
+    # Read before the file is loaded: a change made in between differs from
+    # it, so the watcher's next look reloads (and judges) that change too.
+    digest = _content_digest(service.config_path)
+    if digest is not None and digest == service.refused_config_digest:
+        log.info(
+            "configuration unchanged since it was refused; keeping the one in use", path=service.config_path
+        )
+        return False
     try:
         settings = load_settings(service.config_path)
     except Exception as error:  # noqa: BLE001 - whatever is wrong with the file, the service stays up
+        service.refused_config_digest = digest
         log.error("configuration refused; keeping the one in use", path=service.config_path, error=str(error))
         return False
     reached = []
@@ -581,6 +598,7 @@ def reload_configuration(service: Service) -> bool:
             reached.append(hook)
             hook(settings)
     except Exception as error:  # noqa: BLE001 - the service stays up on the settings in use
+        service.refused_config_digest = digest
         log.error(
             "configuration refused by the service; keeping the one in use",
             path=service.config_path,
@@ -598,8 +616,18 @@ def reload_configuration(service: Service) -> bool:
             )
         return False
     service.settings_in_use = settings
+    service.refused_config_digest = None
     log.info("configuration reloaded", path=service.config_path)
     return True
+
+
+def _content_digest(path: str) -> bytes | None:
+    """The SHA-256 of the file's content; None if it cannot be read (the
+    load that follows says why)."""
+    try:
+        return hashlib.sha256(pathlib.Path(path).read_bytes()).digest()
+    except OSError:
+        return None
 
 
 def _file_state(path: str) -> tuple[int, int] | None:

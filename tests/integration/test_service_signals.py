@@ -1,11 +1,13 @@
 """Signals to a real service process: SIGHUP is the reload signal, never a
 kill. A service with nothing to reload (here the inference service, no
 Triton behind it: it reports NOT_SERVING, which is enough) keeps serving
-through one, then drains on SIGTERM and exits 0."""
+through one, then drains on SIGTERM and exits 0. A router refuses a bad
+edit of its file once, though the file watch and a SIGHUP both read it."""
 
 from __future__ import annotations
 
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -29,6 +31,26 @@ def health_status(address: str) -> int | None:
             return None
 
 
+def started(service: str, config: pathlib.Path, address: str, log: pathlib.Path) -> subprocess.Popen:
+    """The service as a process on ``config``, once its health answers at ``address``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHGATE_") and k != "REDIS_URL"}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{service}", "--config", str(config)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while health_status(address) is None:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            pytest.fail(f"{service} did not start:\n{log.read_text()}")
+        time.sleep(0.2)
+    return process
+
+
 def test_sighup_to_a_service_without_reload_hooks_neither_kills_it_nor_skips_its_drain(tmp_path):
     address = f"127.0.0.1:{free_port()}"
     config = tmp_path / "meshgate.toml"
@@ -36,20 +58,9 @@ def test_sighup_to_a_service_without_reload_hooks_neither_kills_it_nor_skips_its
         f'[mesh]\ntls = false\n[telemetry]\nmetrics = false\n[inference]\nlisten = "{address}"\n'
         f'triton_urls = ["127.0.0.1:{free_port()}"]\n'
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHGATE_") and k != "REDIS_URL"}
     log = tmp_path / "inference.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.inference", "--config", str(config)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    process = started("inference", config, address, log)
     try:
-        deadline = time.monotonic() + 60
-        while health_status(address) is None:
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
         process.send_signal(signal.SIGHUP)
         time.sleep(1.0)
         assert process.poll() is None, log.read_text()
@@ -57,6 +68,39 @@ def test_sighup_to_a_service_without_reload_hooks_neither_kills_it_nor_skips_its
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0, log.read_text()
         assert "nothing to reload" in log.read_text() and "draining" in log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_one_bad_edit_is_refused_once_though_the_file_watch_and_sighup_both_read_it(tmp_path):
+    """The operator's edit, then the SIGHUP the README says reloads: both
+    read the same file, and two identical refusal lines said it twice."""
+    address = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "meshgate.toml"
+    settings = (
+        # No HTTP edge, and no Redis notices listener to fill the log while Redis is away.
+        f'[mesh]\ntls = false\n[telemetry]\nmetrics = false\n[router]\nlisten = "{address}"\n'
+        'http_listen = ""\nhot_exact_entries = 0\n'
+    )
+    config.write_text(settings)
+    log = tmp_path / "router.log"
+    process = started("router", config, address, log)
+    refused = "configuration refused; keeping the one in use"
+    try:
+        config.write_text(settings + "[cache]\nttl_s = -5\n")
+        deadline = time.monotonic() + 30
+        while refused not in log.read_text():  # the file watch's look (every second)
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGHUP)
+        while "unchanged since it was refused" not in log.read_text() and log.read_text().count(refused) < 2:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert log.read_text().count(refused) == 1, log.read_text()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, log.read_text()
     finally:
         if process.poll() is None:
             process.kill()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import structlog
+
 from meshgate import serving
 from meshgate.config import Settings, load_settings
 
@@ -87,3 +89,65 @@ async def test_a_hook_that_refuses_the_settings_in_use_too_is_logged_not_raised(
     write_ttl(path, 90)
     assert not serving.reload_configuration(service)
     assert service.settings_in_use.cache.ttl_s == 60
+
+
+REFUSED = "configuration refused; keeping the one in use"
+UNCHANGED = "configuration unchanged since it was refused; keeping the one in use"
+
+
+async def test_one_refused_edit_is_logged_once_whether_the_watcher_or_sighup_reads_it(tmp_path):
+    """The file watch reloads an edit, and so does the SIGHUP an operator
+    sends after it: one bad edit logged two identical refusals."""
+    path = tmp_path / "meshgate.toml"
+    write_ttl(path, 60)
+    service = service_with(path, lambda settings: None)
+    write_ttl(path, -5)
+    with structlog.testing.capture_logs() as logs:
+        # The watcher's reload, then SIGHUP's, of the same content.
+        assert not serving.reload_configuration(service)
+        assert not serving.reload_configuration(service)
+    assert [entry["event"] for entry in logs] == [REFUSED, UNCHANGED]
+    # Another bad edit is refused in its own words.
+    path.write_text("[cache]\nttl_s = -6\n")
+    with structlog.testing.capture_logs() as logs:
+        assert not serving.reload_configuration(service)
+    assert [entry["event"] for entry in logs] == [REFUSED]
+    assert "-6" in logs[0]["error"]
+
+
+async def test_a_refused_edit_made_again_after_a_good_one_is_refused_again(tmp_path):
+    path = tmp_path / "meshgate.toml"
+    write_ttl(path, 60)
+    service = service_with(path, lambda settings: None)
+    write_ttl(path, -5)
+    assert not serving.reload_configuration(service)
+    write_ttl(path, 90)
+    assert serving.reload_configuration(service)
+    write_ttl(path, -5)
+    with structlog.testing.capture_logs() as logs:
+        assert not serving.reload_configuration(service)
+    assert [entry["event"] for entry in logs] == [REFUSED]
+    assert service.settings_in_use.cache.ttl_s == 90
+
+
+async def test_an_edit_a_hook_refused_is_logged_once_too(tmp_path):
+    path = tmp_path / "meshgate.toml"
+    write_ttl(path, 60)
+    taken: list[int] = []
+
+    def refuses_ttl_120(settings: Settings) -> None:
+        taken.append(settings.cache.ttl_s)
+        if settings.cache.ttl_s == 120:
+            raise ValueError("a value load_settings let through")
+
+    service = service_with(path, refuses_ttl_120)
+    write_ttl(path, 120)
+    with structlog.testing.capture_logs() as logs:
+        assert not serving.reload_configuration(service)
+        assert not serving.reload_configuration(service)
+    assert [entry["event"] for entry in logs] == [
+        "configuration refused by the service; keeping the one in use",
+        UNCHANGED,
+    ]
+    # The second reload did not hand the refused settings to the hook again.
+    assert taken == [120, 60]
