@@ -1183,16 +1183,26 @@ def _check_numbers(node: Any, where: str) -> None:
             _check_numbers(value, f"{where.rstrip('.')}[{i}].")
 
 
-def _check_listen(name: str, address: str) -> None:
+def check_listen(name: str, address: str) -> None:
     """A listen address is ``unix:path`` (or grpc's ``unix-abstract:``) or ``host:port`` with a port of 0
     (any free one) to 65535: grpc binds a larger port modulo 65536 (99999
-    listened on 34463), and says nothing."""
+    listened on 34463), and says nothing.
+
+    The host is never left out: grpc refuses ``:50051`` ("Failed to bind",
+    naming no setting), while the HTTP and metrics servers took it for
+    loopback, and Go and Python's own servers read it as every interface.
+    An operator writing it may mean either, so it is refused, naming both."""
     if not address or address.startswith(("unix:", "unix-abstract:")):
         return
-    _, colon, port = address.rpartition(":")
+    host, colon, port = address.rpartition(":")
     if not (colon and port.isdigit() and int(port) <= 65535):
         raise ConfigError(
             f"{name} must be host:port with a port from 0 to 65535, or unix:path; got {address!r}"
+        )
+    if not host:
+        raise ConfigError(
+            f"{name} must name a host; {address!r} names none (0.0.0.0:{port} or [::]:{port} listens "
+            f"on every interface, 127.0.0.1:{port} on this host only)"
         )
 
 
@@ -1224,8 +1234,8 @@ def _check_addresses(settings: Settings) -> None:
         part = getattr(settings, section)
         for field in ("listen", "metrics_listen", "http_listen"):
             if hasattr(part, field):
-                _check_listen(f"{section}.{field}", getattr(part, field))
-    _check_listen("mesh.health_listen", settings.mesh.health_listen)
+                check_listen(f"{section}.{field}", getattr(part, field))
+    check_listen("mesh.health_listen", settings.mesh.health_listen)
     if not settings.inference.triton_urls:
         raise ConfigError("inference.triton_urls must name at least one Triton server")
 

@@ -435,9 +435,7 @@ def serve(address: str) -> tuple[object, int]:
     """Starts the metrics endpoint on ``host:port`` (port 0: any free one) in
     a background thread; returns the server (``shutdown()`` stops it) and its port."""
     host, _, port = address.rpartition(":")
-    server, _thread = prometheus_client.start_http_server(
-        int(port), addr=host or "127.0.0.1", registry=REGISTRY
-    )
+    server, _thread = prometheus_client.start_http_server(int(port), addr=host, registry=REGISTRY)
     return server, server.server_address[1]
 
 

@@ -29,7 +29,7 @@ def probe_address(listen: str) -> str:
     """Where a probe inside the service's pod dials: a wildcard listen
     address (0.0.0.0, [::]) is reached on loopback."""
     host, _, port = listen.rpartition(":")
-    if host in ("", "0.0.0.0", "[::]", "::"):
+    if host in ("0.0.0.0", "[::]", "::"):
         host = "127.0.0.1"
     return f"{host}:{port}"
 

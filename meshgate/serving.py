@@ -30,7 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from meshgate import mesh_auth, metrics, telemetry
-from meshgate.config import Settings, TelemetrySettings, load_settings
+from meshgate.config import ConfigError, Settings, TelemetrySettings, check_listen, load_settings
 from meshgate.errors import ErrorInterceptor, MeshgateError
 
 log = structlog.get_logger(__name__)
@@ -445,6 +445,11 @@ def _add_port(name: str, address: str, add: collections.abc.Callable[[str], int]
     text: a service started on a port in use ended with a traceback.
     The address is tried first here, so that the common reasons are said
     in the one line a failed start writes (_refuse_start)."""
+    try:
+        # The settings were checked at load; --listen and callers in code were not.
+        check_listen(name, address)
+    except ConfigError as error:
+        raise OSError(str(error)) from None
     _refuse_live_unix_socket(name, address)
     _refuse_unbindable_address(name, address)
     try:
@@ -471,7 +476,7 @@ def _refuse_unbindable_address(name: str, address: str) -> None:
         # Any free port: none is in use. A host that is not this one's is
         # still refused, by grpc (_add_port), in fewer words.
         return
-    host = host.strip("[]") or None  # ":50051", "[::]:50051"
+    host = host.strip("[]")  # "[::]:50051"
     try:
         resolved = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, ValueError) as error:

@@ -1131,7 +1131,7 @@ def _listening_socket(listen: str) -> socket.socket:
     as gRPC's listen takes it): IPv6 for an IPv6 host, and for ``[::]``
     IPv4 too where the system can (as gRPC's ``[::]`` does)."""
     host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
+    host = host.strip("[]")
     if ":" not in host:
         return socket.create_server((host, int(port)), backlog=1024)
     dualstack = host == "::" and socket.has_dualstack_ipv6()

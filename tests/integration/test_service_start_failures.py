@@ -113,3 +113,29 @@ def test_a_listen_host_that_does_not_resolve_is_said_in_the_one_line() -> None:
     assert code == serving.START_FAILED
     assert lines[-1]["error_type"] == "OSError"
     assert lines[-1]["error"].startswith("router: cannot listen on no-such-host.invalid:50051: ")
+
+
+@pytest.mark.parametrize(
+    ("how", "error_type", "error"),
+    [
+        ("--listen", "OSError", "router must name a host; ':{port}' names none (0.0.0.0:{port} "),
+        (
+            "MESHGATE_MESH__HEALTH_LISTEN",
+            "ConfigError",
+            "mesh.health_listen must name a host; ':{port}' names none",
+        ),
+    ],
+)
+def test_a_listen_address_without_a_host_is_refused_in_the_one_line(how, error_type, error) -> None:
+    """grpc refused ':port' with "Failed to bind" and a line of plain text
+    of its own ("host must not be empty"): no setting named, no JSON."""
+    port = free_port()
+    if how == "--listen":
+        code, lines = started("router", listen=f":{port}")
+    else:
+        code, lines = started("inference", **{how: f":{port}"})
+    assert code == serving.START_FAILED
+    assert [(line["event"], line["error_type"]) for line in lines if line["level"] == "critical"] == [
+        ("cannot start", error_type)
+    ]
+    assert lines[-1]["error"].startswith(error.format(port=port))

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from meshgate import serving
@@ -281,6 +283,21 @@ def test_a_deployment_address_list_of_names_is_refused_at_load(tmp_path):
     with pytest.raises(ConfigError, match=r"models\.big\.deployments\.address"):
         load_settings(path, environ={})
     assert load_settings(environ={"MESHGATE_ROUTER__LISTEN": '"unix:/tmp/router.sock"'}).router.listen
+
+
+@pytest.mark.parametrize(
+    "setting", ["router.listen", "context.metrics_listen", "router.http_listen", "mesh.health_listen"]
+)
+def test_a_listen_address_without_a_host_is_refused_naming_the_setting(setting):
+    """grpc refuses ':50051' in words naming no setting; the HTTP and metrics
+    servers took it for loopback, where Go's and Python's take every interface."""
+    section, field = setting.split(".")
+    variable = f"MESHGATE_{section.upper()}__{field.upper()}"
+    with pytest.raises(ConfigError, match=rf"^{re.escape(setting)} must name a host; ':50051' names none"):
+        load_settings(environ={variable: ":50051"})
+    for address in ("0.0.0.0:50051", "[::]:50051", "127.0.0.1:50051"):
+        settings = load_settings(environ={variable: address})
+        assert getattr(getattr(settings, section), field) == address
 
 
 def test_an_environment_override_finds_a_table_key_whatever_its_case(tmp_path):
