@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshgate import serving
+from meshgate import mesh_auth, serving
 from meshgate.config import Settings
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb2
 from meshgate.inference.v1 import inference_service_pb2_grpc as inference_pb2_grpc
@@ -25,10 +25,11 @@ from tests.mesh import bounded_channel, mesh_settings
 pytestmark = pytest.mark.integration
 
 
-def _settings_file(directory: pathlib.Path, mesh) -> pathlib.Path:
+def _settings_file(directory: pathlib.Path, mesh, extra: str = "") -> pathlib.Path:
     path = directory / "meshgate.toml"
     path.write_text(
         f'[mesh]\nca_file = "{mesh.ca_file}"\ncert_file = "{mesh.cert_file}"\nkey_file = "{mesh.key_file}"\n'
+        + extra
     )
     return path
 
@@ -68,6 +69,25 @@ async def test_the_probe_fails_when_nothing_listens(tmp_path):
     code, stderr = await _probe("inference", "--config", str(config), "--address", address, "--timeout", "1")
     assert code == 1
     assert stderr.splitlines()[-1].startswith("inference: ")
+
+
+@pytest.mark.parametrize("form", ["unix:{}", "unix://{}"], ids=["unix:path", "unix:///path"])
+async def test_the_probe_dials_a_unix_socket_listen_address_as_it_is(tmp_path, form):
+    """With no --address, the probe dials the service's own listen setting:
+    a unix socket's too, over the mesh's TLS (checked by name, not by the
+    socket's path)."""
+    listen = form.format(tmp_path / "inference.sock")
+    mesh = mesh_settings()
+    service = serving.Service("inference", [])
+    service.restrict_to_mesh(mesh_auth.Mesh(mesh, "inference"), ["router"])
+    await serving.start(service, listen, serving._nothing)
+    try:
+        config = _settings_file(tmp_path, mesh, f'[inference]\nlisten = "{listen}"\n')
+        assert await _probe("inference", "--config", str(config)) == (0, "")
+    finally:
+        await serving.stop(service, grace_s=1)
+    code, stderr = await _probe("inference", "--config", str(config), "--timeout", "1")
+    assert code == 1 and stderr.splitlines()[-1].startswith("inference: UNAVAILABLE")
 
 
 async def test_the_plain_text_health_port_tells_the_status_and_serves_nothing_else(triton_url):
