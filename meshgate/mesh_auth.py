@@ -95,6 +95,11 @@ class ChannelSecurity:
     def channel_options(self) -> list[tuple[str, str]]:
         # Verify the server's certificate against its mesh identity instead of
         # the address dialled (an IP or a host name no certificate needs to name).
+        # grpc-core matches it against the certificate's DNS names, or its
+        # common name where it has none: unlike MeshGuard's check of callers,
+        # a CA-signed certificate naming the identity only as its common name
+        # passes. grpc's Python client offers no hook to refuse that (no
+        # verify callback, no auth context on a call); README says so.
         return [("grpc.ssl_target_name_override", self.server_identity)]
 
 

@@ -191,6 +191,22 @@ async def test_a_mesh_service_that_may_not_call_is_refused(mesh):
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
+async def test_a_mesh_client_accepts_only_the_service_it_means_not_any_mesh_certificate(mesh):
+    """The router's channel to the inference service asks for meshgate-inference
+    (mesh_auth.ChannelSecurity): a process holding another service's mesh
+    certificate, here the real cache service answering where the router
+    believes inference is, fails the handshake instead of being served to."""
+    health = health_pb2.HealthCheckRequest()
+    for service in ("inference", "cache", "context"):
+        async with as_service("router", mesh[service], service) as channel:
+            answer = await health_pb2_grpc.HealthStub(channel).Check(health, timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
+    for impostor, meant in (("cache", "inference"), ("context", "inference"), ("inference", "cache")):
+        async with as_service("router", mesh[impostor], meant) as channel:
+            code, _ = await refusal(health_pb2_grpc.HealthStub(channel).Check(health, timeout=10))
+            assert code == UNAVAILABLE, (impostor, meant)
+
+
 INFERENCE = "meshgate.inference.v1.InferenceService"
 
 
