@@ -388,13 +388,14 @@ class CacheService:
     async def store(self, plan: CachePlan, messages, answer: Answer, budget: Budget) -> None:
         if self._hot is not None:
             self._hot.forget(self._hot.key(plan, messages))
-        if not plan.store_fence:
-            # No lookup or fence read answered before the answer was
-            # generated (the cache failed then): an Invalidate since then
-            # would not stop this Store, which would keep an answer from
-            # before it. The turn's answer is not cached, which is all the
-            # cache's outage costs it.
-            log.info("answer not cached: the cache gave no store_fence before it was generated")
+        if answer.store_fence is None:
+            # No lookup or fence read answered before the answer's
+            # generation began (the cache failed then, or the turn that
+            # began it used no cache): an Invalidate since then would not
+            # stop this Store, which would keep an answer from before it.
+            # The answer is not cached, which is all the cache's outage
+            # costs the turn.
+            log.info("answer not cached: no store_fence was read before it was generated")
             return
         cached = cache_pb.CachedAnswer(
             text=answer.text,
@@ -410,7 +411,7 @@ class CacheService:
                     scope=self._scope(plan),
                     messages=messages,
                     answer=cached,
-                    store_fence="".join(plan.store_fence),
+                    store_fence=answer.store_fence,
                 ),
                 timeout=budget.within(self._timeout_s),
                 metadata=self._tokens.metadata(plan.tenant_id, "cache"),

@@ -113,6 +113,13 @@ class Answer:
     completion_tokens: int = 0
     finish_reason: str = ""
     deployment: str = ""
+    # For a generated answer, the store_fence read before its generation
+    # began (CachePlan.store_fence of the turn that began it), which its
+    # Store passes back; None when none was: it is then not stored. A turn
+    # that joined an identical turn's generation under way (coalescing.py)
+    # stores with this one, not its own: it read its own after the
+    # generation began, maybe after an Invalidate that the answer predates.
+    store_fence: str | None = None
 
     def adopt(self, other: Answer) -> None:
         """Becomes ``other``, in place: the turn's outcome holds this object."""
@@ -154,9 +161,10 @@ class CachePlan:
     # What the cache's exact lookup (or a turn's fence read, when it does
     # not read the cache) said about its scope's invalidations
     # (LookupResponse.store_fence), passed back with the Store of the answer
-    # generated after it: an Invalidate meanwhile keeps that answer out. A
-    # list of at most one, set once the lookup answers (the plan is frozen);
-    # empty, the lookup failed and the answer is not stored.
+    # generated after it (the generation takes it: Answer.store_fence): an
+    # Invalidate meanwhile keeps that answer out. A list of at most one, set
+    # once the lookup answers (the plan is frozen); empty, the lookup failed
+    # (or the turn reads and writes no cache) and the answer is not stored.
     store_fence: list[str] = dataclasses.field(default_factory=list, init=False, compare=False, repr=False)
 
 
@@ -943,6 +951,10 @@ class Pipeline:
 
         def start(filling: Answer, deadline: float | None) -> collections.abc.AsyncIterator[str]:
             budget = Budget(deadline)
+            # Read before this generation begins (the turn's exact lookup or
+            # fence read is done before it asks for one): what every turn
+            # sharing it stores with.
+            filling.store_fence = turn.cache.store_fence[0] if turn.cache.store_fence else None
             # A shared generation is read by the coalescer's own task, which
             # joins what piles up for each caller: a read-ahead below it
             # would be one more task wake-up per token.

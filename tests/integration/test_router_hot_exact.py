@@ -21,6 +21,7 @@ from meshgate.errors import error_info
 from meshgate.router.v1 import admin_service_pb2, admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router import app as router_app
+from services.router import coalescing, downstream
 from tests.integration.conftest import answer_of, running, running_router, service_settings
 from tests.mesh import bounded_channel, router_channel
 
@@ -338,5 +339,62 @@ async def test_a_refresh_generating_across_an_invalidate_does_not_store_its_answ
     _, completion = await answer_of(call)
     assert completion.cache_status == pb.CACHE_STATUS_MISS  # generated, to be stored
     request.cache_policy = pb.CACHE_POLICY_USE
+    _, again = await answer_of(routers[1].Chat(request, metadata=AUTH))
+    assert again.cache_status == pb.CACHE_STATUS_MISS
+
+
+async def test_a_turn_joining_a_generation_begun_before_an_invalidate_does_not_store_its_answer(
+    replicas, monkeypatch
+):
+    """A greedy turn joined an identical one's generation that had begun
+    before an InvalidateCache; its own lookup came after it, so its Store's
+    fence held while the first turn's was refused, and the answer from
+    before the Invalidate was the next ask's exact hit. A shared
+    generation's answer carries the fence its starting turn read before it
+    began."""
+    routers, _, admin = replicas
+    request = ask("hot exact shared across an invalidate")
+    request.parameters.temperature = 0.0  # greedy: identical turns share one generation
+
+    # The shared generation holds after its first piece until the joiner is
+    # in, so the joiner surely joins it (tiny-gpt could finish first).
+    joiner_in = asyncio.Event()
+    real_generate = downstream.Deployments.generate
+
+    async def held_generate(self, *args, **kwargs):
+        async with contextlib.aclosing(real_generate(self, *args, **kwargs)) as pieces:
+            async for text in pieces:
+                yield text
+                await joiner_in.wait()
+
+    monkeypatch.setattr(downstream.Deployments, "generate", held_generate)
+    # Whether each turn found the generation under way (the routers run in
+    # this process, so their coalescers are this module's class).
+    joined: list[bool] = []
+    real_join = coalescing.Coalescer.generate
+
+    def recording_join(self, flight_key, *args):
+        joined.append(flight_key is not None and flight_key in self._flights)  # noqa: SLF001
+        return real_join(self, flight_key, *args)
+
+    monkeypatch.setattr(coalescing.Coalescer, "generate", recording_join)
+
+    starter = routers[0].Chat(request, metadata=AUTH)
+    first = await starter.read()
+    assert first.HasField("delta")  # generating: its lookup missed, the Store is still to come
+    await admin.InvalidateCache(
+        admin_service_pb2.InvalidateCacheRequest(tenant_id="dev", model="tiny-gpt"),
+        metadata=ADMIN,
+        timeout=30,
+    )
+    joiner = routers[0].Chat(request, metadata=AUTH)
+    caught_up = await joiner.read()
+    assert caught_up.HasField("delta") and caught_up.delta.text == first.delta.text
+    assert joined == [False, True], "the second turn did not join the generation under way"
+    joiner_in.set()
+    started_text, started = await answer_of(starter)
+    joined_text, joined_completion = await answer_of(joiner)
+    assert started_text == joined_text
+    assert started.cache_status == joined_completion.cache_status == pb.CACHE_STATUS_MISS
     _, again = await answer_of(routers[1].Chat(request, metadata=AUTH))
     assert again.cache_status == pb.CACHE_STATUS_MISS

@@ -9,6 +9,7 @@ import dataclasses
 import time
 
 import grpc
+import pytest
 
 from meshgate.common.v1 import common_pb2
 from meshgate.config import DeploymentSettings, ModelSettings, RouterSettings
@@ -324,6 +325,105 @@ async def test_a_refusal_before_any_piece_reaches_every_caller_with_when_to_retr
         )
         assert failure.error.details == [retry_info(0.5)]
         assert "delivered_deltas" not in failure.error.metadata
+
+
+# --- what a shared answer is stored with ------------------------------------------
+
+
+class FencingCache(FakeCache):
+    """Gives each exact lookup or fence read the store_fence of that moment,
+    as the cache service does (``invalidate`` moves it), unless
+    ``fence_fails``; records the fence each Store carries."""
+
+    def __init__(self, fence_fails: bool = False) -> None:
+        super().__init__()
+        self.fence_fails = fence_fails
+        self.invalidations = 0
+        self.stored_fences: list[str | None] = []
+
+    def invalidate(self) -> None:
+        self.invalidations += 1
+
+    def _read_fence(self, plan) -> None:
+        if not self.fence_fails:
+            plan.store_fence[:] = [f"fence {self.invalidations}"]
+
+    async def lookup(self, plan, messages, budget, semantic):
+        if not semantic:
+            self._read_fence(plan)
+        return await super().lookup(plan, messages, budget, semantic)
+
+    async def read_fence(self, plan, messages, budget) -> None:
+        self._read_fence(plan)
+        await super().read_fence(plan, messages, budget)
+
+    async def store(self, plan, messages, answer, budget) -> None:
+        self.stored_fences.append(answer.store_fence)
+        await super().store(plan, messages, answer, budget)
+
+
+async def test_a_turn_joining_a_generation_begun_before_an_invalidate_stores_with_the_fence_read_before_it():
+    """The joiner's own lookup came after the Invalidate: its fence held, so
+    its Store kept the answer generated before it, which the starter's was
+    refused for."""
+    generator = GatedGenerator()
+    cache = FencingCache()
+    turns = Pipeline(RouterSettings(), MODELS, FakeContexts(), cache, generator)
+    starter = Caller(turns, chat(policy=pb.CACHE_POLICY_USE))
+    generator.open(1)
+    await starter.until_pieces(1)
+    cache.invalidate()
+    joiner = Caller(turns, chat(policy=pb.CACHE_POLICY_USE))
+    await joiner.until_pieces(1)
+    generator.open()
+    await settle_all(starter, joiner)
+    assert generator.calls == 1
+    assert isinstance(starter.events[-1], Completion) and isinstance(joiner.events[-1], Completion)
+    assert cache.stored_fences == ["fence 0", "fence 0"]
+
+
+async def test_a_joiner_of_a_generation_whose_starter_left_stores_with_the_starters_fence():
+    generator = GatedGenerator()
+    cache = FencingCache()
+    turns = Pipeline(RouterSettings(), MODELS, FakeContexts(), cache, generator)
+    starter = Caller(turns, chat(policy=pb.CACHE_POLICY_USE))
+    generator.open(1)
+    await starter.until_pieces(1)
+    cache.invalidate()
+    joiner = Caller(turns, chat(policy=pb.CACHE_POLICY_USE))
+    await joiner.until_pieces(1)
+    await starter.cancel()
+    generator.open()
+    await settle_all(joiner)
+    assert generator.calls == 1 and joiner.text == "".join(PIECES)
+    assert cache.stored_fences == ["fence 0"]
+
+
+@pytest.mark.parametrize(
+    ("starter_policy", "fence_fails", "stores"),
+    [(pb.CACHE_POLICY_BYPASS, False, 1), (pb.CACHE_POLICY_REFRESH, True, 2)],
+    ids=["bypassing starter", "starter whose fence read failed"],
+)
+async def test_a_joiner_of_a_generation_begun_without_a_fence_does_not_store(
+    starter_policy, fence_fails, stores
+):
+    """Nothing read before the generation began would refuse its answer's
+    Store after an Invalidate: the joiner's Store carries no fence, as its
+    starter's does (CacheService.store then sends nothing)."""
+    generator = GatedGenerator()
+    cache = FencingCache(fence_fails=fence_fails)
+    turns = Pipeline(RouterSettings(), MODELS, FakeContexts(), cache, generator)
+    starter = Caller(turns, chat(policy=starter_policy))
+    generator.open(1)
+    await starter.until_pieces(1)
+    cache.invalidate()
+    cache.fence_fails = False
+    joiner = Caller(turns, chat(policy=pb.CACHE_POLICY_USE))
+    await joiner.until_pieces(1)
+    generator.open()
+    await settle_all(starter, joiner)
+    assert generator.calls == 1 and joiner.text == "".join(PIECES)
+    assert cache.stored_fences == [None] * stores
 
 
 # --- what is never shared ------------------------------------------------------
