@@ -331,8 +331,10 @@ class Reason(enum.StrEnum):
     metadata ``service`` and ``code`` name it (was <SERVICE>_<CODE>, e.g. CONTEXT_UNAVAILABLE)."""
 
     DEADLINE_EXCEEDED = enum.auto()
-    """The caller's deadline passed before Triton answered, or a shared embedding call
-    outlived ``inference.embed_timeout_s``."""
+    """The caller's deadline passed before Triton answered, a shared embedding call
+    outlived ``inference.embed_timeout_s``, or an embeddings request's
+    ``router.max_generation_s`` (metadata ``max_generation_s``) passed before another
+    inference service could be tried."""
 
     TRITON_CANCELLED = enum.auto()
     """Triton cancelled the request."""

@@ -28,11 +28,18 @@ from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
 from services.router.admission import TurnAdmission
 from services.router.downstream import not_taken
+from services.router.pipeline import Budget
 from services.router.validation import check_model_allowed
 
 # Reserved for each text beside its bytes: BERT's [CLS] and [SEP]; a model
 # adding more is settled to its real count, above the reservation.
 SPECIAL_TOKENS_PER_TEXT = 2
+# Less of the request's budget than this is not worth another inference
+# service's try: an Embed of one short text through an inference service
+# takes about 10 ms (bench/README: a cache miss's embedding through
+# inference, +9 to +10 ms), so such a try could only fail on its deadline,
+# after sending the model work nobody waits for.
+_LEAST_TRY_S = 0.01
 
 
 @dataclasses.dataclass
@@ -75,6 +82,11 @@ class Embeddings:
         """``texts``' vectors from the embedding ``model``; raises
         MeshgateError (an unknown or forbidden model, a limit's refusal, or
         the inference services')."""
+        # One budget for the whole request, whichever inference services it
+        # takes: one failing late (UNAVAILABLE after minutes) leaves the next
+        # what is left, not a fresh max_generation_s, so no request lasts a
+        # multiple of it.
+        budget = Budget.of(self._settings.max_generation_s)
         self.check_model(model, tenant)
         # Before admission: a request the inference service would refuse
         # must not take a request from the tenant's limits (nor be billed).
@@ -89,7 +101,7 @@ class Embeddings:
         failure: str = Reason.INTERNAL
         input_tokens = 0
         try:
-            answer = await self._embed(texts)
+            answer = await self._embed(texts, budget)
             input_tokens, failure = answer.input_tokens, ""
         except MeshgateError as error:
             failure = error.reason
@@ -112,18 +124,30 @@ class Embeddings:
             )
         return Embedded(answer.dimensions, answer.vectors, input_tokens)
 
-    async def _embed(self, texts: list[str]) -> inference_pb.EmbedResponse:
-        """Embed on the first inference service that answers."""
+    async def _embed(self, texts: list[str], budget: Budget) -> inference_pb.EmbedResponse:
+        """Embed on the first inference service that takes it (as a
+        generation fails over: another only where one did not take the call,
+        downstream.not_taken), each try within what is left of ``budget``."""
         request = inference_pb.EmbedRequest(texts=texts, count_tokens=True)
+        limit_s = self._settings.max_generation_s
         last_error: grpc.aio.AioRpcError | None = None
         for stub in self._deployments.inference_stubs():
+            # Model work, budgeted as a generation is: a request at the
+            # documented most (inference.max_embed_texts texts of
+            # embedding_max_tokens each) took over 10 s on 2 CPU cores,
+            # past downstream_timeout_s, and was refused 504 however
+            # long its caller would wait. A caller who hangs up cancels it.
+            timeout_s = budget.within(limit_s)
+            if timeout_s < _LEAST_TRY_S:
+                raise MeshgateError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    Reason.DEADLINE_EXCEEDED,
+                    f"the request's {limit_s:g} s (router.max_generation_s) passed before an inference"
+                    " service answered",
+                    {"max_generation_s": f"{limit_s:g}"},
+                )
             try:
-                # Model work, budgeted as a generation is: a request at the
-                # documented most (inference.max_embed_texts texts of
-                # embedding_max_tokens each) took over 10 s on 2 CPU cores,
-                # past downstream_timeout_s, and was refused 504 however
-                # long its caller would wait. A caller who hangs up cancels it.
-                return await stub.Embed(request, timeout=self._settings.max_generation_s)
+                return await stub.Embed(request, timeout=timeout_s)
             except grpc.aio.AioRpcError as error:
                 if not not_taken(error, "inference"):
                     raise from_rpc_error(error, "inference") from error

@@ -4,6 +4,7 @@ request reserves, settles and records, however it ends."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -63,10 +64,41 @@ class Inference:
         return [self]
 
 
-def core(inference) -> tuple[Embeddings, Admission, Ledger]:
+class LateFailure:
+    """An inference service that fails UNAVAILABLE ``after_s`` into a call
+    (a replica going away while it embeds), unless the call's own timeout
+    comes first: DEADLINE_EXCEEDED then, as gRPC ends such a call."""
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self.timeouts: list[float] = []
+
+    async def Embed(self, request, timeout):
+        self.timeouts.append(timeout)
+        if timeout < self.after_s:
+            await asyncio.sleep(timeout)
+            passed = grpc.StatusCode.DEADLINE_EXCEEDED
+            raise grpc.aio.AioRpcError(passed, grpc.aio.Metadata(), grpc.aio.Metadata(), "Deadline Exceeded")
+        await asyncio.sleep(self.after_s)
+        raise unavailable_rpc()
+
+
+class Replicas:
+    """Inference services tried in this order."""
+
+    def __init__(self, *stubs) -> None:
+        self.stubs = stubs
+
+    def inference_stubs(self):
+        return list(self.stubs)
+
+
+def core(inference, max_generation_s: float = 300.0) -> tuple[Embeddings, Admission, Ledger]:
     """The embeddings core over ``inference`` (any object with inference_stubs()),
     its admission and ledger recorded."""
-    settings = RouterSettings(prices={"minilm": PriceSettings(prompt_usd_per_million=1000.0)})
+    settings = RouterSettings(
+        prices={"minilm": PriceSettings(prompt_usd_per_million=1000.0)}, max_generation_s=max_generation_s
+    )
     admission, ledger = Admission(), Ledger()
     limits = InferenceSettings(max_embed_texts=4, max_embed_text_bytes=1 << 20, embedding_max_tokens=256)
     embeddings = Embeddings(settings, limits, inference, TurnAdmission(admission, settings, ledger))
@@ -104,7 +136,8 @@ async def test_the_model_gets_a_generations_budget_not_a_unary_calls():
     await embeddings.embed(TENANT, "minilm", ["a cat"])
     settings = RouterSettings()
     assert settings.max_generation_s > settings.downstream_timeout_s
-    assert inference.timeouts == [settings.max_generation_s]
+    (timeout_s,) = inference.timeouts
+    assert settings.downstream_timeout_s < timeout_s <= settings.max_generation_s
 
 
 async def test_a_failed_request_is_refunded_and_recorded_with_its_reason():
@@ -159,3 +192,33 @@ async def test_texts_the_inference_service_would_refuse_are_refused_before_admis
         await embeddings.embed(TENANT, "minilm", texts)
     assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, reason)
     assert (admission.admitted, ledger.records, inference.requests) == ([], [], [])
+
+
+async def test_a_replica_failing_late_leaves_the_next_what_is_left_of_the_requests_budget():
+    """max_generation_s bounds the whole request: each replica that failed
+    UNAVAILABLE late handed the next a fresh one, so two failing 0.3 s into
+    a 0.5 s budget made a request of 0.6 s, answered by a third replica."""
+    first, second, third = LateFailure(0.3), LateFailure(0.3), Inference()
+    embeddings, admission, ledger = core(Replicas(first, second, third), max_generation_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(MeshgateError) as failed:
+        await embeddings.embed(TENANT, "minilm", ["a cat"])
+    assert failed.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 0.5 + 0.1
+    assert second.timeouts[0] <= 0.5 - 0.3
+    assert third.requests == []
+    assert admission.settled == [(0, 0)]
+
+
+async def test_no_replica_is_tried_with_too_little_of_the_requests_budget_left():
+    # The first fails as the budget runs out: the next cannot answer in the
+    # few milliseconds left, and is not asked (nor made to do the work).
+    first, second = LateFailure(0.295), Inference()
+    embeddings, _, ledger = core(Replicas(first, second), max_generation_s=0.3)
+    with pytest.raises(MeshgateError) as failed:
+        await embeddings.embed(TENANT, "minilm", ["a cat"])
+    assert failed.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert failed.value.reason == "DEADLINE_EXCEEDED"
+    assert failed.value.metadata["max_generation_s"] == "0.3"
+    assert second.requests == []
+    assert ledger.records[0].failure == "DEADLINE_EXCEEDED"
