@@ -14,9 +14,10 @@ class TcpProxy:
 
     ``hold()`` keeps the server's bytes from every client until
     ``release()`` (the clients' own bytes still go through);
-    ``stall_when_sent(marker)`` stops for good the first connection whose
-    client sends a read holding ``marker`` (checked per read: a marker
-    split across two reads is missed); ``close()`` closes every connection,
+    ``stall_when_sent(marker)`` stops the first connection whose client
+    sends a read holding ``marker`` (checked per read: a marker split
+    across two reads is missed), for good or until ``unstall()`` lets that
+    read go on, late (after what other connections sent meanwhile); ``close()`` closes every connection,
     dropping what was held, as a server that died before sending it."""
 
     def __init__(self, port: int) -> None:
@@ -25,6 +26,7 @@ class TcpProxy:
         self._released = asyncio.Event()
         self._released.set()
         self._stall_marker: bytes | None = None
+        self._unstalled = asyncio.Event()
         self.stalled = 0
         self._writers: list[asyncio.StreamWriter] = []
         self._pumps: set[asyncio.Task] = set()
@@ -42,6 +44,9 @@ class TcpProxy:
 
     def stall_when_sent(self, marker: bytes) -> None:
         self._stall_marker = marker
+
+    def unstall(self) -> None:
+        self._unstalled.set()
 
     async def close(self) -> None:
         if self._server is not None:
@@ -68,7 +73,7 @@ class TcpProxy:
                 if self._stall_marker is not None and self._stall_marker in data:
                     self._stall_marker = None
                     self.stalled += 1
-                    await asyncio.Event().wait()
+                    await self._unstalled.wait()
                 writer.write(data)
                 await writer.drain()
         writer.close()

@@ -28,6 +28,9 @@ every tenant shares, in another (``{m:<alias>}``):
 - ``...:streams``: a sorted set of the open streams' lease ids, scored by
   when the lease expires (the longest a generation may last, plus a
   margin), so a replica that dies holding streams frees them eventually.
+- ``mg:router:limit:{<tag>}:admit:<lease>``: a turn's mark, per script call,
+  where a limit of the turn fails closed: "1" once its admit charged it, "0"
+  once a release ran (below), kept as long as a stream's lease.
 
 One round trip per turn on the hot path: the admit scripts of a turn (one
 per slot: the tenant's, and the model's when it has limits) go in one
@@ -71,7 +74,11 @@ reserved nothing, and its settlement charges its budgets its whole use
 (once Redis is back: a settlement Redis refuses is written again,
 script_calls.Backlog); where the script may have run before the failure (a
 timeout, a connection lost after the call was sent) what it charged stands
-instead, as admitted (never_ran).
+instead, as admitted (never_ran). A turn a limit failing closed refuses so
+is charged nothing in the end: its admit may have run, so the router sends
+a release (``_RELEASE``, run again until Redis answers it) that gives back
+what the admit charged only where the turn's mark says it did, and marks
+it released, so that an admit still on its way charges nothing.
 """
 
 from __future__ import annotations
@@ -84,7 +91,7 @@ import functools
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 
 import grpc
 import structlog
@@ -176,6 +183,12 @@ _ADMIT = (
     + """
 local lease = ARGV[2]
 local checks = parse(ARGV[3])
+-- A turn a limit failing closed applies to is marked (KEYS' last, kept
+-- ARGV[4] ms), for its release (_RELEASE). Released before this ran: its
+-- caller gave up on it, and nobody reads this reply. (A mark "1" is a
+-- charge refunded since, its turn asking again: _admit_or_refuse.)
+local mark_ms = ARGV[4]
+if mark_ms and redis.call('GET', KEYS[#KEYS]) == '0' then return {2} end
 for i, check in ipairs(checks) do
   local kind, a, b, key, sum_key = check.kind, check.a, check.b, check.key, check.sum_key
   local cost = tonumber(check.cost)
@@ -206,21 +219,18 @@ for _, check in ipairs(checks) do
     redis.call('PEXPIRE', key, b)
   end
 end
+if mark_ms then redis.call('SET', KEYS[#KEYS], '1', 'PX', mark_ms) end
 return {1}
 """
 )
 
-# Any number of turns, each check's word being "kind reserved used when k"
+# One turn's settlement, each check's word being "kind reserved used when k"
 # (when: a budget's _Check.expires_at_s, 0 for the others): a window entry
 # and a budget move from what was reserved to the real use; a stream's
 # lease is released. An entry already out of its window is left
 # alone: that window has passed.
-_SETTLE = (
-    _PARSE
-    + """
-for t = 2, #ARGV, 2 do
-  local lease = ARGV[t]
-  local checks = parse(ARGV[t + 1])
+_SETTLE_TURN = """
+local function settle(lease, checks)
   for _, check in ipairs(checks) do
     local kind, reserved, used, key = check.kind, check.a, check.b, check.key
     if kind == 'w' and used ~= reserved then
@@ -246,6 +256,32 @@ for t = 2, #ARGV, 2 do
     end
   end
 end
+"""
+
+# Any number of turns: ARGV is now_ms, then per turn its lease and its words.
+_SETTLE = (
+    _PARSE
+    + _SETTLE_TURN
+    + """
+for t = 2, #ARGV, 2 do
+  settle(ARGV[t], parse(ARGV[t + 1]))
+end
+return 1
+"""
+)
+
+# A turn refused where its admit may have run (a timeout): ARGV now_ms, its
+# lease, its words settling it to nothing, and how long to keep its mark
+# (KEYS' last). What the admit charged is given back only where the mark
+# says it did; then the mark says released, so a second release does
+# nothing and an admit run after it charges nothing.
+_RELEASE = (
+    _PARSE
+    + _SETTLE_TURN
+    + """
+local mark = KEYS[#KEYS]
+if redis.call('GET', mark) == '1' then settle(ARGV[2], parse(ARGV[3])) end
+redis.call('SET', mark, '0', 'PX', ARGV[4])
 return 1
 """
 )
@@ -602,6 +638,7 @@ class Admission:
         self._split_by_slot = isinstance(redis, RedisCluster) if split_by_slot is None else split_by_slot
         self._admit_script = redis.register_script(_ADMIT)
         self._settlements = Backlog(redis.register_script(_SETTLE), "settlement")
+        self._releases = Backlog(redis.register_script(_RELEASE), "release", idempotent=True)
         self._top_up_script = redis.register_script(_TOP_UP)
         self._lease_ms = int(max_generation_s * 1000) + _LEASE_MARGIN_MS
         self._clock = clock
@@ -658,7 +695,10 @@ class Admission:
                 )  # fmt: skip
         words = [check.word + str(cost) for check, cost in zip(checks, costs, strict=True)]
         groups = list(_by_slot(checks, words).values())
-        admitting = asyncio.ensure_future(self._admit_or_refuse(lease_id, tokens, nano_usd, groups))
+        # Where a failure refuses the turn (fail closed), its calls mark it,
+        # so that what one that may have run charged can be released.
+        marked = any(check.limit in check.scope.limits.fail_closed for check in checks)
+        admitting = asyncio.ensure_future(self._admit_or_refuse(lease_id, tokens, nano_usd, groups, marked))
         try:
             # Shielded: a caller cancelled once its script went out (hung
             # up, its deadline passed) must not leave a turn Redis admitted
@@ -695,16 +735,21 @@ class Admission:
         return Reservation(lease_id, tokens, nano_usd, settled, day=day)
 
     async def _admit_or_refuse(
-        self, lease_id: str, tokens: int, nano_usd: int, groups: list[tuple[list[_Check], list[str]]]
+        self,
+        lease_id: str,
+        tokens: int,
+        nano_usd: int,
+        groups: list[tuple[list[_Check], list[str]]],
+        marked: bool,
     ) -> _Refused | None:
-        refused = await self._try_admit(lease_id, tokens, nano_usd, groups)
+        refused = await self._try_admit(lease_id, tokens, nano_usd, groups, marked)
         if refused is not None and refused.kind == "streams":
             # The stream that holds the lease may have ended already, its
             # release waiting in some replica's batch (this one's too):
             # write ours, give the others one flush, ask once more.
             await self.flush()
             await asyncio.sleep(SETTLE_AFTER_S * 2)
-            refused = await self._try_admit(lease_id, tokens, nano_usd, groups)
+            refused = await self._try_admit(lease_id, tokens, nano_usd, groups, marked)
         return refused
 
     def _refund_abandoned(self, charged: Reservation, admitting: asyncio.Task) -> None:
@@ -713,23 +758,42 @@ class Admission:
         refusal was refunded where it was partial (_try_admit); an admit
         that failed leaves nothing known to refund (a budget cannot be given
         back blindly: the script may not have run), as for a caller still
-        there (fail open: its stream lease expires on its own)."""
+        there (fail open: its stream lease expires on its own; fail closed:
+        released by its mark, _try_admit)."""
         if admitting.cancelled() or admitting.exception() is not None or admitting.result() is not None:
             return
-        task = asyncio.get_running_loop().create_task(self._write_settlements([(charged, 0, 0)], refund=True))
+        self._write_soon(self._write_settlements([(charged, 0, 0)], refund=True))
+
+    def _write_soon(self, write: Coroutine) -> asyncio.Task:
+        """Runs ``write`` off the caller's path; flush() and drain() wait for it."""
+        task = asyncio.get_running_loop().create_task(write)
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
+        return task
 
     async def _try_admit(
-        self, lease_id: str, tokens: int, nano_usd: int, groups: list[tuple[list[_Check], list[str]]]
+        self,
+        lease_id: str,
+        tokens: int,
+        nano_usd: int,
+        groups: list[tuple[list[_Check], list[str]]],
+        marked: bool,
     ) -> _Refused | None:
         """One admit script per slot, all in one round trip; a turn some slot
         refused, or failed to run (out of memory, read-only), is refunded in
-        the slots that admitted it; a failure is raised then."""
-        refused, failed, admitted = await self._per_slot(self._admit_script, lease_id, groups)
+        the slots that admitted it; a failure is raised then. A ``marked``
+        turn's calls that may have run (a timeout) are released: the turn is
+        refused (fail closed), and was charged for nothing."""
+        refused, failed, admitted, unsure = await self._per_slot(self._admit_script, lease_id, groups, marked)
         if (refused is not None or failed is not None) and admitted:
             refund = Reservation(lease_id, tokens, nano_usd, tuple(admitted))
             await self._write_settlements([(refund, 0, 0)], refund=True)
+        if marked and unsure:
+            self._release(Reservation(lease_id, tokens, nano_usd, tuple(unsure)))
+            # Refused UNAVAILABLE, whatever another slot answered: a second
+            # try under the same lease (_admit_or_refuse) would be undone
+            # by the release.
+            raise failed
         # A limit that refused the turn wins over one that could not be
         # checked: raised, the failure let a turn past a spent budget (fail open).
         if refused is None and failed is not None:
@@ -737,30 +801,52 @@ class Admission:
         return refused
 
     async def _per_slot(
-        self, script, lease_id: str, groups: list[tuple[list[_Check], list[str]]]
-    ) -> tuple[_Refused | None, BaseException | None, list[_Check]]:
+        self, script, lease_id: str, groups: list[tuple[list[_Check], list[str]]], marked: bool = False
+    ) -> tuple[_Refused | None, BaseException | None, list[_Check], list[_Check]]:
         """Runs ``script`` (admit or top-up: the same KEYS and ARGV layout)
-        once per slot's checks and words, in one round trip; returns the
-        first refusal, the first failure, and the checks of the slots that
-        charged the turn (to give back when another refused or failed)."""
+        once per slot's checks and words, in one round trip (an admit's,
+        ``marked``, with the turn's mark); returns the first refusal, the
+        first failure, the checks of the slots that charged the turn (to
+        give back when another refused or failed), and those of the slots
+        whose call failed but may have run (a timeout)."""
         now = self._now_arg()
         calls = []
         for checks, words in groups:
-            keys, indexed = [], []
-            for check, word in zip(checks, words, strict=True):
-                indexed.append(f"{word} {len(keys) + 1}")
-                keys += check.keys
-            calls.append((keys, [now, lease_id, " ".join(indexed)]))
-        replies = await run_scripts(script, calls, raise_on_error=False)
-        refused, failed, charged = None, None, []
+            keys, indexed = _one_turns_call(checks, words)
+            args = [now, lease_id, indexed]
+            if marked:
+                keys.append(_mark_key(checks[0], lease_id))
+                args.append(self._lease_ms)
+            calls.append((keys, args))
+        try:
+            replies = await run_scripts(script, calls, raise_on_error=False)
+        except Exception as error:  # noqa: BLE001 - a lone call's failure, raised by run_scripts
+            replies = [error]
+        refused, failed, charged, unsure = None, None, [], []
         for (checks, _), reply in zip(groups, replies, strict=True):
             if isinstance(reply, Exception):
                 failed = failed or reply
+                if not never_ran(reply):
+                    unsure += checks
             elif reply[0] == 1:
                 charged += checks
             elif refused is None:
                 refused = _Refused(checks[reply[1] - 1], reply[2])
-        return refused, failed, charged
+        return refused, failed, charged, unsure
+
+    def _release(self, refused: Reservation) -> None:
+        """Gives back, off the caller's path, what admit calls that may have
+        run charged ``refused`` (a turn refused: its checks those of the
+        calls), where its marks say they did (_RELEASE); run again until
+        Redis answers, as a release run twice releases once."""
+        now = self._now_arg()
+        words = _settlement_words(refused, 0, 0, refund=True)
+        calls = []
+        for checks, slot_words in _by_slot(list(refused.checks), words).values():
+            keys, indexed = _one_turns_call(checks, slot_words)
+            keys.append(_mark_key(checks[0], refused.lease_id))
+            calls.append((keys, [now, refused.lease_id, indexed, self._lease_ms]))
+        self._write_soon(self._releases.run(calls))
 
     async def top_up(self, reservation: Reservation, tokens: int, nano_usd: int) -> None:
         """Grows an admitted turn's reservation to ``tokens`` and
@@ -835,7 +921,7 @@ class Admission:
             for check in grown
         ]
         groups = list(_by_slot(grown, words).values())
-        refused, failed, charged = await self._per_slot(self._top_up_script, lease_id, groups)
+        refused, failed, charged, _ = await self._per_slot(self._top_up_script, lease_id, groups)
         if (refused is not None or failed is not None) and charged:
             grew = Reservation(lease_id, tokens, nano_usd, tuple(charged))
             await self._write_settlements([(grew, *before)])
@@ -854,10 +940,7 @@ class Admission:
         overcharge; budgets end exact."""
         if growing.cancelled() or growing.exception() is not None or growing.result() is not None:
             return
-        write = self._write_settlements([(grew, *before)])
-        task = asyncio.get_running_loop().create_task(write)
-        self._flushing.add(task)
-        task.add_done_callback(self._flushing.discard)
+        self._write_soon(self._write_settlements([(grew, *before)]))
 
     def charge_spent(self, scopes: list[Scope], tokens: int, nano_usd: int) -> str:
         """Charges use no turn was admitted for (a session's summaries, made
@@ -916,10 +999,7 @@ class Admission:
         batch, self._unsettled = self._unsettled, []
         if not batch:
             return None
-        task = asyncio.get_running_loop().create_task(self._write_settlements(batch))
-        self._flushing.add(task)
-        task.add_done_callback(self._flushing.discard)
-        return task
+        return self._write_soon(self._write_settlements(batch))
 
     async def flush(self) -> None:
         """Writes every pending settlement."""
@@ -934,6 +1014,7 @@ class Admission:
             await asyncio.gather(*self._abandoned, return_exceptions=True)
         await self.flush()
         await self._settlements.drain()
+        await self._releases.drain()
 
     async def _write_settlements(
         self, batch: list[tuple[Reservation, int, int]], refund: bool = False
@@ -946,12 +1027,7 @@ class Admission:
         # Per slot: its KEYS, where each key is in them, its ARGV.
         calls: dict[str, tuple[list[str], dict[str, int], list[str]]] = {}
         for reservation, tokens, nano_usd in batch:
-            reserved_tokens, reserved_nano_usd = reservation.reserved_tokens, reservation.reserved_nano_usd
-            words = [
-                f"{_KIND_CODE[check.kind]} {check.cost(reserved_tokens, reserved_nano_usd)}"
-                f" {0 if refund else check.cost(tokens, nano_usd)} {check.expires_at_s}"
-                for check in reservation.checks
-            ]
+            words = _settlement_words(reservation, tokens, nano_usd, refund)
             for slot, (checks, slot_words) in _by_slot(reservation.checks, words).items():
                 keys, index, args = calls.setdefault(slot, ([], {}, [now]))
                 indexed = []
@@ -966,6 +1042,34 @@ class Admission:
         # that may have run is logged: its reservations stand (an
         # overcharge), and the streams' leases expire on their own.
         await self._settlements.run([(keys, args) for keys, _, args in calls.values()])
+
+
+def _settlement_words(reservation: Reservation, tokens: int, nano_usd: int, refund: bool) -> list[str]:
+    """Each of the reservation's checks' word in a settlement (_SETTLE_TURN),
+    from what was reserved to ``tokens`` and ``nano_usd`` (a refund: to
+    nothing, requests too)."""
+    reserved_tokens, reserved_nano_usd = reservation.reserved_tokens, reservation.reserved_nano_usd
+    return [
+        f"{_KIND_CODE[check.kind]} {check.cost(reserved_tokens, reserved_nano_usd)}"
+        f" {0 if refund else check.cost(tokens, nano_usd)} {check.expires_at_s}"
+        for check in reservation.checks
+    ]
+
+
+def _one_turns_call(checks: list[_Check], words: list[str]) -> tuple[list[str], str]:
+    """The KEYS of one turn's script call over ``checks`` and its checks'
+    words, each given its key's index in them."""
+    keys, indexed = [], []
+    for check, word in zip(checks, words, strict=True):
+        indexed.append(f"{word} {len(keys) + 1}")
+        keys += check.keys
+    return keys, " ".join(indexed)
+
+
+def _mark_key(check: _Check, lease_id: str) -> str:
+    """A turn's mark, in the slot of the call ``check`` is in (on a Redis
+    Cluster, a call's checks share their scope's hash tag)."""
+    return f"mg:router:limit:{check.scope.slot_tag}:admit:{lease_id}"
 
 
 def _over(reservation: Reservation, tokens: int, nano_usd: int) -> bool:

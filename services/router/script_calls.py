@@ -15,7 +15,9 @@ reservation stood (an overcharge; a turn admitted without Redis was charged
 nothing), a ledger record was missing from GetUsage. A call that may have
 run (a timeout, a connection lost after it was sent) cannot be written
 again without the risk of counting it twice: it is given up (logged and
-counted), as it was lost before.
+counted), as it was lost before; but for a script whose second run does
+nothing more (``idempotent``: admission's release of a refused turn), which
+is run again however it failed.
 """
 
 from __future__ import annotations
@@ -178,7 +180,8 @@ class _Held:
 
 class Backlog:
     """Runs a writing script's calls; holds those Redis certainly did not
-    run and runs them again, in the order they failed, until they are
+    run (any that failed, for an ``idempotent`` script) and runs them again,
+    in the order they failed, until they are
     written or given up (MAX_AGE_S, MAX_HELD_CHARS, the router stopping).
     A retry round stops trying a node at its first refusal: a cluster shard
     still down holds back only its own calls.
@@ -198,8 +201,12 @@ class Backlog:
         max_age_s: float = MAX_AGE_S,
         max_held_chars: int = MAX_HELD_CHARS,
         node: Callable[[list[str]], tuple[str, int]] | None = None,
+        idempotent: bool = False,
     ) -> None:
         self._script = script
+        # A call run twice writes what it wrote once: one that may have run
+        # (a timeout) is held and run again too.
+        self._idempotent = idempotent
         # What the calls write, for logs and metrics ("settlement", "ledger").
         self._write = write
         # Which Redis node a call goes to (node_of; a test's stand-in).
@@ -279,7 +286,7 @@ class Backlog:
                     [failure] = await self._try([(call.keys, call.args)])
                     if failure is None:
                         written += 1
-                    elif never_ran(failure):
+                    elif self._again(failure):
                         again.append(call)
                         if _cluster_wide(failure) or self._stopping.is_set():
                             again += held[index + 1 :]
@@ -306,12 +313,16 @@ class Backlog:
             return [error]
         return [reply if isinstance(reply, Exception) else None for reply in replies]
 
+    def _again(self, failure: BaseException) -> bool:
+        """Whether a call that failed so is held to be run again."""
+        return self._idempotent or never_ran(failure)
+
     def _unwritten(self, calls: list[_Held], failures: list[BaseException | None]) -> list[_Held]:
         """The calls to hold again: those that failed and certainly did not
-        run. Those that may have run are given up."""
-        again, maybe_run = [], [f for f in failures if f is not None and not never_ran(f)]
+        run (or any, idempotent). Those that may have run are given up."""
+        again, maybe_run = [], [f for f in failures if f is not None and not self._again(f)]
         for call, failure in zip(calls, failures, strict=True):
-            if failure is not None and never_ran(failure):
+            if failure is not None and self._again(failure):
                 again.append(call)
         if maybe_run:
             self._give_up(len(maybe_run), f"may have been written: {maybe_run[0]}")

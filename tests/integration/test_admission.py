@@ -34,6 +34,7 @@ from services.router.pipeline import (
     Pipeline,
 )
 from services.router.prompt_bound import prompt_bounds
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -280,6 +281,83 @@ async def test_a_turn_whose_admission_reply_was_lost_is_not_charged_twice(redis_
     assert not opened.unchecked and opened.checks == ()
     await admission.settle(opened, 300, 0)
     assert int(await redis_client.get(_day_key(scope))) == 1000
+
+
+@pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
+async def test_a_fail_closed_turn_whose_admit_timed_out_after_redis_ran_it_keeps_no_charge(
+    redis_url, split_by_slot
+):
+    """The admit's reply comes after the client's socket timeout (a proxy
+    holds it back: Redis ran the script), so a limit failing closed refuses
+    the turn UNAVAILABLE; what the script charged stood: its request and
+    tokens in the windows for a minute, its reservation in the day's budget
+    for good, and its stream lease for max_generation_s plus a minute, the
+    key's next turn refused by concurrent_streams = 1 all that while. Also
+    where the model's limits are in a call of their own (a Redis Cluster)."""
+    proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0?socket_timeout=0.3")
+    direct = redis_access.connect(redis_url)
+    try:
+        admission = Admission(proxied, max_generation_s=60, split_by_slot=split_by_slot)
+        limits = {"requests_per_minute": 5, "concurrent_streams": 1, "tokens_per_day": 1_000}
+        scope = _scope(**limits, fail_closed=["tokens_per_day"])
+        model = Scope("model", uuid.uuid4().hex[:12], LimitSettings(tokens_per_day=1_000))
+        # Loads the script: a turn admitted and settled to nothing.
+        first = await admission.admit([scope, model], prompt_tokens=10, max_tokens=10)
+        await admission.settle(first, 0, 0)
+        proxy.hold()
+        with pytest.raises(MeshgateError) as refused:
+            await admission.admit([scope, model], prompt_tokens=10, max_tokens=10)
+        assert refused.value.reason == "LIMITS_UNAVAILABLE"
+        # Redis ran it: its stream is held.
+        assert await direct.zcard(f"{scope.prefix}:streams") == 1
+        proxy.release()
+        await admission.drain()
+        assert await direct.zcard(f"{scope.prefix}:streams") == 0
+        assert int(await direct.get(_day_key(scope)) or 0) == 0
+        assert int(await direct.get(_day_key(model)) or 0) == 0
+        assert int(await direct.get(f"{scope.prefix}:rpm:sum")) == 1
+        # The key's next turn gets the stream.
+        await admission.settle(await admission.admit([scope, model], prompt_tokens=10, max_tokens=10), 0, 0)
+    finally:
+        for client in (proxied, direct):
+            await client.aclose()
+        await proxy.close()
+
+
+async def test_a_fail_closed_admit_reaching_redis_after_its_release_charges_nothing(redis_url):
+    """The release of a turn whose admit timed out may reach Redis first (the
+    admit held up on its way): it finds nothing charged, and the admit,
+    run after it, must then charge nothing either."""
+    proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0?socket_timeout=0.3")
+    direct = redis_access.connect(redis_url)
+    try:
+        admission = Admission(proxied, max_generation_s=60)
+        scope = _scope(concurrent_streams=1, tokens_per_day=1_000, fail_closed=["concurrent_streams"])
+        await admission.settle(await admission.admit([scope], prompt_tokens=10, max_tokens=10), 0, 0)
+        proxy.stall_when_sent(admission._admit_script.sha.encode())
+        with pytest.raises(MeshgateError) as refused:
+            await admission.admit([scope], prompt_tokens=10, max_tokens=10)
+        assert refused.value.reason == "LIMITS_UNAVAILABLE"
+        await admission.drain()  # the release has run: nothing to give back yet
+        admits_run = await _script_calls(direct)
+        proxy.unstall()
+        deadline = asyncio.get_running_loop().time() + 5
+        while await _script_calls(direct) == admits_run:
+            assert asyncio.get_running_loop().time() < deadline, "the held admit never reached Redis"
+            await asyncio.sleep(0.01)
+        assert await direct.zcard(f"{scope.prefix}:streams") == 0
+        assert int(await direct.get(_day_key(scope)) or 0) == 0
+    finally:
+        for client in (proxied, direct):
+            await client.aclose()
+        await proxy.close()
+
+
+async def _script_calls(client) -> int:
+    """How many EVALSHA calls Redis has run, for any client."""
+    return (await client.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
 
 
 async def test_a_turn_crossing_midnight_is_in_its_admission_days_budget_and_ledger(redis_client):

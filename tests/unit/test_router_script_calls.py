@@ -145,6 +145,23 @@ async def test_a_call_that_may_have_run_is_not_written_again(failure):
     assert store.written == []
 
 
+async def test_an_idempotent_call_that_may_have_run_is_run_again():
+    """A release (admission's _RELEASE) timing out while Redis is still
+    stalled: given up, it left a refused turn charged; run twice, it
+    releases once, so it is run again until Redis answers."""
+    store = StoreStandIn()
+    backlog = Backlog(store, "release", delays_s=(0.01,), idempotent=True)
+    store.failures["a"] = redis_errors.TimeoutError("Timeout reading from socket")
+    await backlog.run([(["a"], [])])
+    assert len(backlog) == 1
+    await asyncio.sleep(0.05)
+    assert len(backlog) == 1, "a retry that timed out again is held again"
+    del store.failures["a"]
+    await _settled(backlog)
+    assert store.written == ["a"]
+    await backlog.drain()
+
+
 async def test_of_a_batch_only_the_refused_call_is_held():
     """On a cluster a batch is one call per slot, run at once, each alone:
     the one a node refused is held, the others ran and are not run again
