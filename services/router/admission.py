@@ -818,10 +818,7 @@ class Admission:
                 keys.append(_mark_key(checks[0], lease_id))
                 args.append(self._lease_ms)
             calls.append((keys, args))
-        try:
-            replies = await run_scripts(script, calls, raise_on_error=False)
-        except Exception as error:  # noqa: BLE001 - a lone call's failure, raised by run_scripts
-            replies = [error]
+        replies = await run_scripts(script, calls, raise_on_error=False)
         refused, failed, charged, unsure = None, None, [], []
         for (checks, _), reply in zip(groups, replies, strict=True):
             if isinstance(reply, Exception):

@@ -106,7 +106,12 @@ async def run_scripts(script, calls: list[tuple[list[str], list]], raise_on_erro
     lost it (a restart)."""
     if len(calls) == 1:
         [(keys, args)] = calls
-        return [await script(keys=keys, args=args)]
+        try:
+            return [await script(keys=keys, args=args)]
+        except Exception as error:
+            if raise_on_error:
+                raise
+            return [error]
     replies = await asyncio.gather(
         *(script(keys=keys, args=args) for keys, args in calls), return_exceptions=True
     )
@@ -307,10 +312,7 @@ class Backlog:
 
     async def _try(self, calls: list[tuple[list[str], list]]) -> list[BaseException | None]:
         """Each call's failure (None: written); several at once, each alone."""
-        try:
-            replies = await run_scripts(self._script, calls, raise_on_error=False)
-        except Exception as error:  # noqa: BLE001 - one call's failure, raised by run_scripts
-            return [error]
+        replies = await run_scripts(self._script, calls, raise_on_error=False)
         return [reply if isinstance(reply, Exception) else None for reply in replies]
 
     def _again(self, failure: BaseException) -> bool:

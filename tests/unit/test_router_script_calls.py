@@ -44,6 +44,14 @@ async def test_each_call_of_several_fails_alone_and_the_others_run():
     assert sorted(script.ran) == ["key", "tenant"]
 
 
+async def test_a_lone_call_fails_as_several_do():
+    refused = redis_errors.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connect call failed.")
+    script = SlotScript("model", refused)
+    assert await run_scripts(script, [(["model"], [])], raise_on_error=False) == [refused]
+    with pytest.raises(redis_errors.ConnectionError):
+        await run_scripts(script, [(["model"], [])])
+
+
 async def test_with_raise_on_error_a_failed_call_raises_once_all_have_answered():
     script = SlotScript("b", redis_errors.OutOfMemoryError("OOM command not allowed"))
     with pytest.raises(redis_errors.OutOfMemoryError):
