@@ -569,6 +569,20 @@ class RouterSettings:
     # 4 x 8 KiB, so no client or proxy header in front is refused (an
     # openai SDK request's came to 414 bytes).
     http_max_header_bytes: int = 64 * 1024
+    # A client that acknowledges none of the router's bytes for this long
+    # while some are unacknowledged or unsent has its connection dropped,
+    # and the generation it was waiting for is cancelled (billed as a
+    # caller hanging up is): its machine or network is gone without a FIN
+    # or RST, or it stopped reading and its receive window stayed shut.
+    # Judged from the kernel's count of acknowledged bytes (Linux; elsewhere
+    # nothing is dropped), checked every quarter of this: the cut comes
+    # between this and 1.5 times it after the last acknowledgement. A client
+    # that reads, however slowly, acknowledges the room it makes and is not
+    # cut; one whose kernel takes the rest of the answer unread (into its
+    # receive buffer) acknowledges it all and is not noticed. 30 s: the gRPC
+    # port drops a silent caller within 40 s (a keepalive ping after 30 s,
+    # 10 s for its answer); room for a network handover or lost resends.
+    http_stalled_client_timeout_s: float = 30.0
     # The model name /v1/embeddings answers to: the inference services'
     # embedding model (Embed), reached through the deployments' channels.
     embedding_model: str = "minilm"
@@ -611,7 +625,7 @@ class RouterSettings:
             )
         # NaN compares false with everything, so the range refuses it too;
         # infinity would be no bound, the gap this setting closes.
-        for name in ("http_body_timeout_s", "http_header_timeout_s"):
+        for name in ("http_body_timeout_s", "http_header_timeout_s", "http_stalled_client_timeout_s"):
             timeout = getattr(self, name)
             if isinstance(timeout, bool) or not 0 < timeout < float("inf"):
                 raise ConfigError(f"router.{name} must be positive and finite, got {timeout!r}")

@@ -155,7 +155,13 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     embeddings = Embeddings(settings.router, settings.inference, deployments, admission)
     edge = HttpEdge(settings.router, settings.models, authenticator, tenant_calls, pipeline, embeddings)
     http = (
-        HttpServer(edge, router.http_listen, router.http_header_timeout_s, router.http_max_header_bytes)
+        HttpServer(
+            edge,
+            router.http_listen,
+            router.http_header_timeout_s,
+            router.http_max_header_bytes,
+            router.http_stalled_client_timeout_s,
+        )
         if router.http_listen
         else None
     )

@@ -32,6 +32,8 @@ import http
 import json
 import math
 import socket
+import struct
+import sys
 import time
 import uuid
 
@@ -956,6 +958,80 @@ async def _send_error(send, error: MeshgateError, extra_headers=()) -> None:
 # --- the server ----------------------------------------------------------------
 
 
+# struct tcp_info (linux/tcp.h, Linux 4.6 on): tcpi_unacked (segments sent,
+# not acknowledged) at byte 24, tcpi_bytes_acked at 120, tcpi_notsent_bytes
+# (written, not yet sent: the peer's window is shut) at 144.
+_TCP_INFO = struct.Struct("=24xI92xQ16xI")
+# How often a connection's acknowledgements are looked at, per stall timeout.
+_STALL_CHECKS_PER_TIMEOUT = 4
+
+
+def _acknowledgements(sock) -> tuple[int, bool] | None:
+    """The bytes the peer of TCP socket ``sock`` has acknowledged so far,
+    and whether any written are still unacknowledged or unsent; None where
+    the kernel does not tell (not Linux, or before 4.6) or there is no
+    socket (a transport over something else)."""
+    if sys.platform != "linux" or sock is None:
+        return None
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO.size)
+    if len(info) < _TCP_INFO.size:
+        return None
+    unacked_segments, bytes_acked, notsent_bytes = _TCP_INFO.unpack(info)
+    return bytes_acked, bool(unacked_segments or notsent_bytes)
+
+
+class _StalledPeerCut:
+    """Aborts a connection whose peer acknowledges none of its bytes for
+    ``timeout_s`` while some are unacknowledged or unsent
+    (router.http_stalled_client_timeout_s): a client gone without a FIN or
+    RST, or one that stopped reading. uvicorn then reports the disconnect
+    and the request's task is cancelled, its generation with it, as for a
+    client that hangs up. Neither uvicorn nor asyncio notices either case:
+    the kernel takes the writes (MiBs of them) long before a write blocks,
+    and a vanished peer's connection lives on in resends for some 15
+    minutes (Linux's tcp_retries2). Not TCP_USER_TIMEOUT: since Linux 5.11
+    it also counts the time a peer's window stays too small for the next
+    queued segment, and on Linux 6.18 it cut a client reading steadily at
+    10 KB/s (tests/integration/test_http_edge.py's slow reader)."""
+
+    def __init__(self, transport, timeout_s: float, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._socket = transport.get_extra_info("socket")
+        self._timeout_s = timeout_s
+        self._loop = loop
+        self._acked = -1
+        self._progress_at = loop.time()
+        self._timer: asyncio.TimerHandle | None = None
+        self._check()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        try:
+            state = _acknowledgements(self._socket)
+        except OSError:  # closed under us: connection_lost stops this
+            return
+        if state is None:
+            return
+        acked, outstanding = state
+        now = self._loop.time()
+        if acked != self._acked or not outstanding:
+            self._acked, self._progress_at = acked, now
+        elif now - self._progress_at >= self._timeout_s:
+            log.info(
+                "http client stalled: connection dropped",
+                peer=str(self._transport.get_extra_info("peername")),
+                stalled_s=round(now - self._progress_at, 3),
+            )
+            self._transport.abort()
+            return
+        self._timer = self._loop.call_later(self._timeout_s / _STALL_CHECKS_PER_TIMEOUT, self._check)
+
+
 class _BoundedHeaders(HttpToolsProtocol):
     """uvicorn's httptools protocol, with what it lacks: each request's
     header block must arrive within ``header_timeout_s`` and its URL and
@@ -979,11 +1055,16 @@ class _BoundedHeaders(HttpToolsProtocol):
     without beginning one) and the rest of a body after an early answer
     (a 401: uvicorn reads and drops it). A pipelined request's deadline
     is counted again from when the answers before it end (uvicorn stops
-    reading while they are under way)."""
+    reading while they are under way). A client that stops acknowledging
+    the answers is dropped too (:class:`_StalledPeerCut`)."""
 
-    def __init__(self, *args, header_timeout_s: float, max_header_bytes: int, **kwargs) -> None:
+    def __init__(
+        self, *args, header_timeout_s: float, max_header_bytes: int, stalled_client_timeout_s: float, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._timeout_s = header_timeout_s
+        self._stalled_client_timeout_s = stalled_client_timeout_s
+        self._stall_cut: _StalledPeerCut | None = None
         self._max_bytes = max_header_bytes
         self._deadline: asyncio.TimerHandle | None = None
         self._in_headers = False
@@ -1001,9 +1082,12 @@ class _BoundedHeaders(HttpToolsProtocol):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._start_deadline()
+        self._stall_cut = _StalledPeerCut(transport, self._stalled_client_timeout_s, self.loop)
 
     def connection_lost(self, exc) -> None:
         self._stop_deadline()
+        if self._stall_cut is not None:
+            self._stall_cut.stop()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -1143,10 +1227,17 @@ def _listening_socket(listen: str) -> socket.socket:
 class HttpServer:
     """uvicorn serving an app on the running loop, from a socket bound here
     (a taken port fails setup with OSError, not uvicorn's sys.exit), with
-    each request's headers bounded in time and size (:class:`_BoundedHeaders`)."""
+    each request's headers bounded in time and size and stalled clients
+    dropped (:class:`_BoundedHeaders`)."""
 
     def __init__(
-        self, app, listen: str, header_timeout_s: float, max_header_bytes: int, graceful_s: float = 5.0
+        self,
+        app,
+        listen: str,
+        header_timeout_s: float,
+        max_header_bytes: int,
+        stalled_client_timeout_s: float,
+        graceful_s: float = 5.0,
     ) -> None:
         self._app = app
         self._socket = _listening_socket(listen)
@@ -1155,7 +1246,10 @@ class HttpServer:
         config = uvicorn.Config(
             app,
             http=functools.partial(
-                _BoundedHeaders, header_timeout_s=header_timeout_s, max_header_bytes=max_header_bytes
+                _BoundedHeaders,
+                header_timeout_s=header_timeout_s,
+                max_header_bytes=max_header_bytes,
+                stalled_client_timeout_s=stalled_client_timeout_s,
             ),
             lifespan="off",
             # The router logs as structlog JSON; uvicorn's own loggers stay quiet.

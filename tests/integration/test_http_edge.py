@@ -5,7 +5,9 @@ real Redis), through the official openai SDK and through raw httpx."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import uuid
 
 import httpx
@@ -689,9 +691,9 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
     return int(status_line.split()[1]), headers, body
 
 
-def raw_request(method: str, path: str, body: bytes = b"") -> bytes:
-    """A keep-alive HTTP/1.1 request with the test key, as bytes."""
-    head = f"{method} /v1{path} HTTP/1.1\r\nhost: edge\r\nauthorization: Bearer {KEY}\r\n"
+def raw_request(method: str, path: str, body: bytes = b"", key: str = KEY) -> bytes:
+    """A keep-alive HTTP/1.1 request with ``key`` (the test key), as bytes."""
+    head = f"{method} /v1{path} HTTP/1.1\r\nhost: edge\r\nauthorization: Bearer {key}\r\n"
     if body:
         head += f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
     return head.encode() + b"\r\n" + body
@@ -1029,3 +1031,136 @@ async def test_an_answered_http_chat_turn_is_recorded_completed_not_cancelled(as
             break
         await asyncio.sleep(0.02)
     assert (_turns("completed") - completed, _turns("cancelled") - cancelled) == (1, 0)
+
+
+STALL_TIMEOUT_S = 0.5
+# A client socket's receive buffer: its window shuts after a few KiB unread.
+SMALL_RECEIVE_BUFFER = 4096
+# A tenant of its own, whose usage holds the stalled turn alone.
+STALL_KEY = "http-edge-stall-key"
+
+
+@pytest.fixture(scope="module")
+async def stall_bounded(redis_url, inference_address):
+    """A router that drops an HTTP client which acknowledges none of its
+    bytes for half a second, whose tenant may have one call in flight, and
+    whose tiny-gpt answers run to 480 tokens (a generation of a second or
+    more); yields its HTTP (host, port) and its gRPC address."""
+    settings = service_settings(redis_url, inference_address, KEY)
+    settings.router.tenants = [
+        TenantSettings(id=f"stall-{uuid.uuid4().hex[:8]}", api_key_sha256=[hash_api_key(STALL_KEY)])
+    ]
+    settings.router.http_stalled_client_timeout_s = STALL_TIMEOUT_S
+    settings.router.max_concurrent_rpcs_per_tenant = 1
+    settings.models["tiny-gpt"].max_output_tokens = 480
+    settings.router.http_listen = f"127.0.0.1:{free_port()}"
+    async with running_router(settings) as router_address:
+        host, _, port = settings.router.http_listen.rpartition(":")
+        yield (host, int(port)), router_address
+
+
+async def streaming_socket(host_port, text: str, key: str = KEY) -> socket.socket:
+    """A raw connection with a small receive buffer that has sent a long
+    streamed chat request (480 tokens, greedy, past the cache)."""
+    loop = asyncio.get_running_loop()
+    connection = socket.socket()
+    # Set before connecting: the window the router sees is fixed then.
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RECEIVE_BUFFER)
+    connection.setblocking(False)
+    await loop.sock_connect(connection, host_port)
+    body = {
+        "model": "tiny-gpt",
+        "messages": question(unique(text)),
+        "max_tokens": 480,
+        "temperature": 0,
+        "stream": True,
+        "cache_policy": "bypass",
+    }
+    request = raw_request("POST", "/chat/completions", json.dumps(body).encode(), key)
+    await loop.sock_sendall(connection, request)
+    return connection
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_its_generation_cancelled(
+    stall_bounded, triton_server
+):
+    """No FIN, no RST: the client reads the answer's start, then nothing. Its
+    receive window shuts, the router's bytes go unacknowledged, and the
+    router drops it at its stall timeout: the generation is cancelled
+    (recorded so, billed for what was generated), the tenant's one call
+    place freed, though the answer would have gone on for 480 tokens."""
+    _, log_path = triton_server
+    loop = asyncio.get_running_loop()
+    cancelled_in_triton, cancelled, completed = (
+        triton_cancellations(log_path),
+        *map(_turns, ("cancelled", "completed")),
+    )
+    host_port, router_address = stall_bounded
+    connection = await streaming_socket(host_port, "Write a long essay", STALL_KEY)
+    try:
+        received = b""
+        while b"data: " not in received:
+            received += await asyncio.wait_for(loop.sock_recv(connection, 1024), 30)
+        assert received.startswith(b"HTTP/1.1 200"), received
+        stopped_at = loop.time()  # and reads nothing more
+        await until_triton_cancels(log_path, cancelled_in_triton, timeout_s=10)
+        assert loop.time() - stopped_at < STALL_TIMEOUT_S * 1.5 + 1
+        for _ in range(250):
+            if _turns("cancelled") > cancelled:
+                break
+            await asyncio.sleep(0.02)
+        assert (_turns("cancelled") - cancelled, _turns("completed") - completed) == (1, 0)
+        # The connection was dropped: what was sent before ends with no [DONE].
+        rest = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := await asyncio.wait_for(loop.sock_recv(connection, 65536), 5):
+                rest += chunk
+        assert b"data: [DONE]" not in received + rest
+    finally:
+        connection.close()
+    auth = {"authorization": f"Bearer {STALL_KEY}"}
+    async with httpx.AsyncClient(base_url="http://{}:{}/v1".format(*host_port), headers=auth) as http:
+        assert (await http.get("/models")).status_code == 200  # the one call place is free
+    async with bounded_channel(router_address) as channel:
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+
+        async def billed():
+            usage = await stub.GetUsage(router_pb.GetUsageRequest(), metadata=list(auth.items()), timeout=10)
+            return [row for row in usage.rows if row.model == "tiny-gpt"]
+
+        (row,) = await eventually(billed)
+    # Ended early, as a turn whose caller hangs up: billed its prompt and
+    # what was generated.
+    assert (row.requests, row.failures) == (1, 1)
+    assert row.prompt_tokens > 0 and row.completion_tokens > 0
+
+
+async def test_a_client_that_reads_slowly_but_steadily_gets_its_whole_answer(stall_bounded):
+    """At 10 KB/s, a quarter of the pace the answer is generated at, through
+    the same small window: the router's bytes back up, but each read makes
+    room for more, acknowledged within the stall timeout. (TCP_USER_TIMEOUT
+    at the same timeout cut this client: the kernel counts its window, too
+    small for the next queued segment, as shut.)"""
+    loop = asyncio.get_running_loop()
+    completed = _turns("completed")
+    connection = await streaming_socket(stall_bounded[0], "Write a long essay, slowly read")
+    received = b""
+    try:
+        started = loop.time()
+        while not received.endswith(b"\r\n0\r\n\r\n"):  # the chunked body's end
+            chunk = await asyncio.wait_for(loop.sock_recv(connection, 512), 30)
+            assert chunk, received[-200:]  # closed before the answer's end
+            received += chunk
+            await asyncio.sleep(0.05)
+        took = loop.time() - started
+    finally:
+        connection.close()
+    assert received.startswith(b"HTTP/1.1 200"), received[:200]
+    assert received.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), received[-200:]
+    # Longer than the stall timeout several times over: it was slow throughout.
+    assert took > STALL_TIMEOUT_S * 3, took
+    for _ in range(250):
+        if _turns("completed") > completed:
+            break
+        await asyncio.sleep(0.02)
+    assert _turns("completed") - completed == 1

@@ -51,7 +51,7 @@ async def test_a_stream_the_routers_grace_cuts_ends_with_an_error_event_after_th
     edge = HttpEdge(
         settings, {"m": ModelSettings()}, Authenticator(settings), TenantCalls(0), EndlessPipeline(), None
     )
-    server = HttpServer(edge, "127.0.0.1:0", 5.0, 65536, graceful_s=30.0)
+    server = HttpServer(edge, "127.0.0.1:0", 5.0, 65536, stalled_client_timeout_s=30.0, graceful_s=30.0)
     await server.start()
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True})
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
@@ -83,7 +83,7 @@ async def _serving():
     edge = HttpEdge(
         settings, {"m": ModelSettings()}, Authenticator(settings), TenantCalls(0), EndlessPipeline(), None
     )
-    server = HttpServer(edge, "127.0.0.1:0", 5.0, 65536, graceful_s=30.0)
+    server = HttpServer(edge, "127.0.0.1:0", 5.0, 65536, stalled_client_timeout_s=30.0, graceful_s=30.0)
     await server.start()
     return server
 
@@ -157,7 +157,7 @@ async def test_a_session_turn_cut_while_it_is_stored_tells_the_client_not_to_res
     edge = HttpEdge(
         settings, {"m": ModelSettings()}, Authenticator(settings), TenantCalls(0), SavingPipeline(), None
     )
-    server = HttpServer(edge, "127.0.0.1:0", 5.0, 65536, graceful_s=30.0)
+    server = HttpServer(edge, "127.0.0.1:0", 5.0, 65536, stalled_client_timeout_s=30.0, graceful_s=30.0)
     await server.start()
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:

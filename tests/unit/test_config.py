@@ -128,6 +128,15 @@ def test_an_http_body_timeout_that_is_not_positive_and_finite_is_refused():
     assert settings.router.http_body_timeout_s == 0.5
 
 
+def test_an_http_stalled_client_timeout_that_is_not_positive_and_finite_is_refused():
+    assert load_settings(environ={}).router.http_stalled_client_timeout_s == 30
+    for value in ("0", "-1", "inf", "nan"):
+        with pytest.raises(ConfigError, match="http_stalled_client_timeout_s"):
+            load_settings(environ={"MESHGATE_ROUTER__HTTP_STALLED_CLIENT_TIMEOUT_S": value})
+    settings = load_settings(environ={"MESHGATE_ROUTER__HTTP_STALLED_CLIENT_TIMEOUT_S": "0.5"})
+    assert settings.router.http_stalled_client_timeout_s == 0.5
+
+
 def test_http_header_bounds_out_of_range_are_refused():
     router = load_settings(environ={}).router
     assert (router.http_header_timeout_s, router.http_max_header_bytes) == (10, 65536)

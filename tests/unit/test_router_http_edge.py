@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 
 import grpc
 import pytest
@@ -21,7 +22,7 @@ from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
 from services.router.admission import TenantCalls
 from services.router.auth import Authenticator
-from services.router.http_edge import HttpEdge, _BoundedHeaders, http_error
+from services.router.http_edge import _TCP_INFO, HttpEdge, _BoundedHeaders, _StalledPeerCut, http_error
 from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Failure
 from tests.unit.test_router_context_restart import busy
 from tests.unit.test_router_context_restart import unavailable as unavailable_rpc
@@ -502,6 +503,7 @@ def bounded_connection(app, header_timeout_s: float, max_header_bytes: int = 409
         _loop=asyncio.get_running_loop(),
         header_timeout_s=header_timeout_s,
         max_header_bytes=max_header_bytes,
+        stalled_client_timeout_s=30.0,
     )
     transport = _Transport()
     protocol.connection_made(transport)
@@ -591,3 +593,67 @@ async def test_a_pipelined_header_block_over_the_bound_closes_without_a_431_insi
     for connection in (protocol, alone):
         connection.connection_lost(None)
     await asyncio.sleep(0.05)  # the first request's task sees its client gone
+
+
+class _TcpInfoSocket:
+    """A socket whose TCP_INFO tells what a test sets: bytes acknowledged,
+    segments unacknowledged and bytes not yet sent."""
+
+    def __init__(self, unacked: int, acked: int, notsent: int) -> None:
+        self.unacked, self.acked, self.notsent = unacked, acked, notsent
+
+    def getsockopt(self, level, name, size):
+        return _TCP_INFO.pack(self.unacked, self.acked, self.notsent)
+
+
+class _AbortableTransport(_Transport):
+    def __init__(self, sock) -> None:
+        super().__init__()
+        self.sock = sock
+        self.aborted_at: float | None = None
+
+    def get_extra_info(self, name, default=None):
+        return self.sock if name == "socket" else super().get_extra_info(name, default)
+
+    def abort(self) -> None:
+        self.aborted_at = asyncio.get_running_loop().time()
+
+
+STALL_S = 0.2
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="read from Linux's TCP_INFO")
+@pytest.mark.parametrize(
+    "unacked, notsent", [(3, 0), (0, 4096), (2, 4096)], ids=["unacknowledged", "window shut", "both"]
+)
+async def test_a_peer_that_acknowledges_nothing_outstanding_is_aborted_after_the_timeout(unacked, notsent):
+    transport = _AbortableTransport(_TcpInfoSocket(unacked, acked=1000, notsent=notsent))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    cut = _StalledPeerCut(transport, STALL_S, loop)
+    try:
+        while transport.aborted_at is None and loop.time() - started < 2:
+            await asyncio.sleep(0.01)
+    finally:
+        cut.stop()
+    assert transport.aborted_at is not None
+    assert STALL_S <= transport.aborted_at - started < STALL_S * 1.5 + 0.1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="read from Linux's TCP_INFO")
+@pytest.mark.parametrize("case", ["acknowledging slowly", "nothing outstanding"])
+async def test_a_peer_that_acknowledges_or_has_nothing_to_acknowledge_is_kept(case):
+    sock = _TcpInfoSocket(unacked=3, acked=1000, notsent=4096)
+    if case == "nothing outstanding":  # a whole answer being generated: nothing written
+        sock.unacked = sock.notsent = 0
+    transport = _AbortableTransport(sock)
+    loop = asyncio.get_running_loop()
+    cut = _StalledPeerCut(transport, STALL_S, loop)
+    try:
+        for _ in range(10):  # five timeouts long
+            await asyncio.sleep(STALL_S / 2)
+            if case == "acknowledging slowly":
+                sock.acked += 1
+    finally:
+        cut.stop()
+    assert transport.aborted_at is None
