@@ -497,8 +497,9 @@ class RouterSettings:
     max_message_bytes: int = 256 * 1024
     max_messages: int = 256
     # Budget of each unary call to another service, and of one whole
-    # generation, or of one embeddings request over every inference service
-    # it tries; a caller's shorter deadline wins.
+    # generation over every deployment it tries (from its first try), or of
+    # one embeddings request over every inference service it tries; a
+    # caller's shorter deadline wins.
     downstream_timeout_s: float = 10.0
     max_generation_s: float = 300.0
     # How often the router health-checks each deployment's inference service

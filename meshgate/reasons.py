@@ -332,9 +332,9 @@ class Reason(enum.StrEnum):
 
     DEADLINE_EXCEEDED = enum.auto()
     """The caller's deadline passed before Triton answered, a shared embedding call
-    outlived ``inference.embed_timeout_s``, or an embeddings request's
+    outlived ``inference.embed_timeout_s``, or a generation's or an embeddings request's
     ``router.max_generation_s`` (metadata ``max_generation_s``) passed before another
-    inference service could be tried."""
+    deployment or inference service could be tried."""
 
     TRITON_CANCELLED = enum.auto()
     """Triton cancelled the request."""

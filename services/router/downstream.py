@@ -64,6 +64,12 @@ _GENERATE = "/meshgate.inference.v1.InferenceService/Generate"
 # fit. So a turn whose question fits but whose answer then passes the byte
 # cap is still refused by its append, after generation.
 _EMPTY_ANSWER_BYTES = common_pb2.Message(role=common_pb2.ROLE_ASSISTANT).ByteSize()
+# Less of a generation's or an embeddings request's budget than this is not
+# worth another inference service's try: the quickest work there (an Embed
+# of one short text) takes about 10 ms (bench/README: a cache miss's
+# embedding through inference, +9 to +10 ms), so such a try could only fail
+# on its deadline, after sending the model work nobody waits for.
+_LEAST_TRY_S = 0.01
 
 
 def not_taken(error: grpc.aio.AioRpcError, service: str) -> bool:
@@ -81,6 +87,23 @@ def not_taken(error: grpc.aio.AioRpcError, service: str) -> bool:
     if code == grpc.StatusCode.UNAVAILABLE:
         return True
     return code == grpc.StatusCode.RESOURCE_EXHAUSTED and _busy(error, service)
+
+
+def time_for_a_try(budget: Budget, limit_s: float, spent: str) -> float:
+    """The timeout of one more inference service's try within ``budget``,
+    which every try of one generation or embeddings request shares (at most
+    ``limit_s``, router.max_generation_s); one failing late leaves the next
+    what is left, not a fresh limit. Where under _LEAST_TRY_S is left, fails
+    DEADLINE_EXCEEDED saying ``spent``."""
+    timeout_s = budget.within(limit_s)
+    if timeout_s < _LEAST_TRY_S:
+        raise MeshgateError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            Reason.DEADLINE_EXCEEDED,
+            spent,
+            {"max_generation_s": f"{limit_s:g}"},
+        )
+    return timeout_s
 
 
 def _busy(error: grpc.aio.AioRpcError, service: str) -> bool:
@@ -468,6 +491,14 @@ class Deployments:
         read_ahead: bool = True,
         tenant_id: str = "",
     ):
+        # One budget for the whole generation, whichever deployments it
+        # takes, from its start: without a caller's deadline (the HTTP edge,
+        # a gRPC caller that set none, a shared generation) each try got a
+        # fresh max_generation_s, so a deployment failing late before any
+        # output (a Triton server dying under a waiting request; the health
+        # checks end only the calls of a service that answers nothing) made
+        # the turn last a multiple of it, past its admission lease too.
+        budget = Budget.of(budget.within(self._limit_s))
         last_error: grpc.aio.AioRpcError | None = None
         # The deployments' refusals for the tenant's full queue there.
         queue_full: list[grpc.aio.AioRpcError] = []
@@ -475,6 +506,12 @@ class Deployments:
         route = _route_request(strategy, prompt, session_id)
         tenant_token = self._tokens.metadata(tenant_id, "inference") if tenant_id else ()
         for deployment in self._table.candidates(alias, route):
+            timeout_s = time_for_a_try(
+                budget,
+                self._limit_s,
+                f"the generation's time (router.max_generation_s, {self._limit_s:g} s, or the caller's"
+                " shorter deadline) passed before a deployment answered",
+            )
             # Over the untraced channel, with one client span per call (not
             # two more async generators per streamed message); its trace
             # context goes along, so the inference service's spans join.
@@ -488,7 +525,7 @@ class Deployments:
                     completion_may_carry_text=True,
                     tenant_id=tenant_id,
                 ),
-                timeout=budget.within(self._limit_s),
+                timeout=timeout_s,
                 metadata=metadata + tenant_token,
             )
             call_error: BaseException | None = None

@@ -27,19 +27,13 @@ from meshgate.errors import MeshgateError, from_rpc_error, not_found
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
 from services.router.admission import TurnAdmission
-from services.router.downstream import not_taken
+from services.router.downstream import not_taken, time_for_a_try
 from services.router.pipeline import Budget
 from services.router.validation import check_model_allowed
 
 # Reserved for each text beside its bytes: BERT's [CLS] and [SEP]; a model
 # adding more is settled to its real count, above the reservation.
 SPECIAL_TOKENS_PER_TEXT = 2
-# Less of the request's budget than this is not worth another inference
-# service's try: an Embed of one short text through an inference service
-# takes about 10 ms (bench/README: a cache miss's embedding through
-# inference, +9 to +10 ms), so such a try could only fail on its deadline,
-# after sending the model work nobody waits for.
-_LEAST_TRY_S = 0.01
 
 
 @dataclasses.dataclass
@@ -137,15 +131,12 @@ class Embeddings:
             # embedding_max_tokens each) took over 10 s on 2 CPU cores,
             # past downstream_timeout_s, and was refused 504 however
             # long its caller would wait. A caller who hangs up cancels it.
-            timeout_s = budget.within(limit_s)
-            if timeout_s < _LEAST_TRY_S:
-                raise MeshgateError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    Reason.DEADLINE_EXCEEDED,
-                    f"the request's {limit_s:g} s (router.max_generation_s) passed before an inference"
-                    " service answered",
-                    {"max_generation_s": f"{limit_s:g}"},
-                )
+            timeout_s = time_for_a_try(
+                budget,
+                limit_s,
+                f"the request's {limit_s:g} s (router.max_generation_s) passed before an inference"
+                " service answered",
+            )
             try:
                 return await stub.Embed(request, timeout=timeout_s)
             except grpc.aio.AioRpcError as error:

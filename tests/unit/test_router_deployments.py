@@ -4,6 +4,7 @@ deployment last), and how a generation's responses become the answer."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -74,9 +75,10 @@ class ScriptedGenerate:
         self._ends_with = ends_with  # None: OK
         self._ended = False
         self.request: inference_pb.GenerateRequest | None = None
+        self.timeout: float | None = None
 
     def Generate(self, request, timeout=None, metadata=None):
-        self.request = request
+        self.request, self.timeout = request, timeout
         return self
 
     async def read(self):
@@ -346,6 +348,86 @@ class HangingGenerate:
             return False
         self._cancelled.set()
         return True
+
+
+class LateUnavailable(ScriptedGenerate):
+    """A Generate call that fails UNAVAILABLE ``after_s`` in, before any
+    response (a Triton server dying under a request still waiting there)."""
+
+    def __init__(self, after_s: float) -> None:
+        super().__init__([], ends_with=grpc.StatusCode.UNAVAILABLE)
+        self._after_s = after_s
+
+    async def read(self):
+        await asyncio.sleep(self._after_s)
+        return await super().read()
+
+
+def late_failures(limit_s: float, *fail_after_s: float) -> tuple[DeploymentTable, Deployments, list]:
+    """Deployments "d0".. of alias "m", tried in that order, each of the
+    first failing UNAVAILABLE so late, the last answering "Hello world";
+    router.max_generation_s ``limit_s``. Returns their calls too."""
+    names = [f"d{i}" for i in range(len(fail_after_s) + 1)]
+    table = DeploymentTable({"m": model("least_outstanding", *names)})
+    calls = [LateUnavailable(after_s) for after_s in fail_after_s] + [ScriptedGenerate(hello_world())]
+    for order, (deployment, call) in enumerate(zip(table.candidates("m"), calls, strict=True)):
+        deployment.in_flight = order  # in the order named
+        deployment.stream_stub = call
+    return (
+        table,
+        Deployments(table, RouterSettings(max_generation_s=limit_s), TenantTokens(None, 60.0)),
+        calls,
+    )
+
+
+async def test_a_deployment_failing_late_leaves_the_next_what_is_left_of_the_generations_budget():
+    """Without a caller's deadline (the HTTP edge, a gRPC caller that set
+    none, a shared generation) each try got a fresh max_generation_s, so a
+    turn whose deployments failed late lasted a multiple of it."""
+    table, deployments, calls = late_failures(0.5, 0.2)
+    answer = Answer()
+    try:
+        pieces = deployments.generate("m", [], common_pb2.GenerationParameters(), Budget(), answer)
+        assert "".join([piece async for piece in pieces]) == "Hello world"
+    finally:
+        await table.close()
+    assert calls[0].timeout == pytest.approx(0.5, abs=0.01)
+    assert calls[1].timeout <= 0.5 - 0.2
+    assert answer.deployment == "d1"
+
+
+async def test_a_generation_whose_budget_is_spent_tries_no_other_deployment():
+    # The first fails as the generation's time runs out: the next could only
+    # fail on its deadline after starting the model's work, and is not asked.
+    table, deployments, calls = late_failures(0.3, 0.295)
+    answer = Answer()
+    started = time.monotonic()
+    try:
+        pieces = deployments.generate("m", [], common_pb2.GenerationParameters(), Budget(), answer)
+        with pytest.raises(MeshgateError) as failed:
+            async for _ in pieces:
+                pass
+    finally:
+        await table.close()
+    assert time.monotonic() - started < 0.3 + 0.1
+    assert (failed.value.code, failed.value.reason) == (
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        Reason.DEADLINE_EXCEEDED,
+    )
+    assert failed.value.metadata["max_generation_s"] == "0.3"
+    assert calls[1].request is None
+    assert answer.text == ""
+
+
+async def test_a_callers_shorter_deadline_bounds_the_generation():
+    table, deployments, calls = late_failures(300.0, 0.1)
+    try:
+        pieces = deployments.generate("m", [], common_pb2.GenerationParameters(), Budget.of(0.4), Answer())
+        assert "".join([piece async for piece in pieces]) == "Hello world"
+    finally:
+        await table.close()
+    assert calls[0].timeout <= 0.4
+    assert calls[1].timeout <= 0.4 - 0.1
 
 
 class ScriptedHealth:
