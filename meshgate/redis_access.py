@@ -450,7 +450,10 @@ class ChannelListener:
     SUBSCRIBE and its confirmation would be lost), ``set_live(False)`` the
     moment the connection breaks; each call must also forget what the copy
     holds, since whatever changed meanwhile is unknown. Reconnects every
-    ``retry_s``.
+    ``retry_s``; an outage is logged once as it begins (a warning) and once
+    as it ends (info), its reconnects in between at debug level: one
+    warning per retry was two lines a second for as long as Redis was
+    down, in every router and context replica.
     """
 
     def __init__(
@@ -468,6 +471,9 @@ class ChannelListener:
         self._retry_s = retry_s
         self._task: asyncio.Task | None = None
         self.subscribed = asyncio.Event()
+        # Whether the subscription is down and that was logged: the next
+        # failure is the same outage's, the next subscription its end.
+        self._outage = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -497,12 +503,21 @@ class ChannelListener:
                         elif message["type"] == "subscribe":
                             self._set_live(True)
                             self.subscribed.set()
+                            if self._outage:
+                                self._outage = False
+                                log.info("notices heard again; local copy in use", channel=self._channel)
             except asyncio.CancelledError:
                 raise
             except (*CONNECTION_ERRORS, redis.RedisError) as error:
-                log.warning(
-                    "notices lost; local copy bypassed until back", channel=self._channel, error=str(error)
-                )
+                if self._outage:
+                    log.debug("notices still lost; reconnecting", channel=self._channel, error=str(error))
+                else:
+                    self._outage = True
+                    log.warning(
+                        "notices lost; local copy bypassed until back",
+                        channel=self._channel,
+                        error=str(error),
+                    )
             finally:
                 self._set_live(False)
                 self.subscribed.clear()

@@ -1,19 +1,23 @@
 """A Redis restart under running context and cache services: the requests
 right after it succeed, on every pooled connection, and nothing written
-before it is lost (same port, same append-only file); and a turn whose
+before it is lost (same port, same append-only file); a turn whose
 cache lookup failed while Redis was down does not store its answer once
-it is back."""
+it is back; and the services' pub/sub listeners log the outage once as it
+begins and once as it ends."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
 import signal
 import subprocess
 import uuid
 
 import pytest
+import structlog
 
+from meshgate import cache_notices
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
@@ -26,6 +30,7 @@ from meshgate.router.v1 import router_service_pb2 as router_pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.cache import app as cache_app
 from services.context import app as context_app
+from services.context.store import CHANGES_CHANNEL
 from tests.integration.conftest import answer_of, running, running_router, service_settings
 from tests.mesh import bounded_channel, mesh_settings, router_channel
 
@@ -190,3 +195,39 @@ async def test_a_turn_whose_lookup_failed_does_not_store_an_answer_generated_acr
             assert again.cache_status == router_pb.CACHE_STATUS_MISS
     finally:
         store.stop()
+
+
+async def test_a_redis_outage_is_logged_once_as_it_begins_and_once_as_it_ends_by_each_listener(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The router's (cache notices) and the context service's (session
+    changes) pub/sub listeners retry every 0.5 s while Redis is down, and
+    each retry logged a warning: two lines a second per listener, per
+    replica, for as long as the outage lasted."""
+    store = Redis(tmp_path)
+    store.start()
+    settings = service_settings(f"redis://127.0.0.1:{store.port}/0", f"127.0.0.1:{free_port()}", "outage-key")
+    # No model of the cache's own to load: nothing here embeds.
+    settings.cache.embedder = "inference"
+    lost, back = "notices lost; local copy bypassed until back", "notices heard again; local copy in use"
+    channels = (cache_notices.CHANNEL, CHANGES_CHANNEL)
+    try:
+        async with running_router(settings):
+            with structlog.testing.capture_logs() as logs:
+                await asyncio.to_thread(store.kill)
+                # Several retries' worth of outage.
+                await asyncio.sleep(2.5)
+                await asyncio.to_thread(store.start)
+                # Until both listeners say so (within a retry and a
+                # reconnect); checked below either way.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(10):
+                        while sum(log["event"] == back for log in logs) < len(channels):
+                            await asyncio.sleep(0.1)
+    finally:
+        store.stop()
+    for channel in channels:
+        told = [(log["log_level"], log["event"]) for log in logs if log.get("channel") == channel]
+        assert [entry for entry in told if entry[0] != "debug"] == [("warning", lost), ("info", back)], told
+        # The retries in between were made (each at debug level), not skipped.
+        assert len(told) > 3, told
