@@ -14,10 +14,13 @@ class TcpProxy:
 
     ``hold()`` keeps the server's bytes from every client until
     ``release()`` (the clients' own bytes still go through);
-    ``stall_when_sent(marker)`` stops the first connection whose client
-    sends a read holding ``marker`` (checked per read: a marker split
-    across two reads is missed), for good or until ``unstall()`` lets that
-    read go on, late (after what other connections sent meanwhile); ``close()`` closes every connection,
+    ``hold_when_sent(marker)`` does so for the first connection whose
+    client sends a read holding ``marker`` alone, from that read on (the
+    server has it: a call run, its reply late); ``stall_when_sent(marker)``
+    stops the first connection whose client sends a read holding ``marker``
+    (checked per read: a marker split across two reads is missed), for good
+    or until ``unstall()`` lets that read go on, late (after what other
+    connections sent meanwhile); ``close()`` closes every connection,
     dropping what was held, as a server that died before sending it."""
 
     def __init__(self, port: int) -> None:
@@ -26,6 +29,9 @@ class TcpProxy:
         self._released = asyncio.Event()
         self._released.set()
         self._stall_marker: bytes | None = None
+        self._hold_marker: bytes | None = None
+        # Per connection: set while its server's bytes may go to its client.
+        self._connection_gates: list[asyncio.Event] = []
         self._unstalled = asyncio.Event()
         self.stalled = 0
         self._writers: list[asyncio.StreamWriter] = []
@@ -41,6 +47,11 @@ class TcpProxy:
 
     def release(self) -> None:
         self._released.set()
+        for gate in self._connection_gates:
+            gate.set()
+
+    def hold_when_sent(self, marker: bytes) -> None:
+        self._hold_marker = marker
 
     def stall_when_sent(self, marker: bytes) -> None:
         self._stall_marker = marker
@@ -62,14 +73,23 @@ class TcpProxy:
     async def _accept(self, client_reader, client_writer) -> None:
         server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self._port)
         self._writers += [client_writer, server_writer]
-        for pump in (self._sent(client_reader, server_writer), self._replied(server_reader, client_writer)):
+        gate = asyncio.Event()
+        gate.set()
+        self._connection_gates.append(gate)
+        for pump in (
+            self._sent(client_reader, server_writer, gate),
+            self._replied(server_reader, client_writer, gate),
+        ):
             task = asyncio.create_task(pump)
             self._pumps.add(task)
             task.add_done_callback(self._pumps.discard)
 
-    async def _sent(self, reader, writer) -> None:
+    async def _sent(self, reader, writer, gate: asyncio.Event) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(65536):
+                if self._hold_marker is not None and self._hold_marker in data:
+                    self._hold_marker = None
+                    gate.clear()
                 if self._stall_marker is not None and self._stall_marker in data:
                     self._stall_marker = None
                     self.stalled += 1
@@ -78,10 +98,11 @@ class TcpProxy:
                 await writer.drain()
         writer.close()
 
-    async def _replied(self, reader, writer) -> None:
+    async def _replied(self, reader, writer, gate: asyncio.Event) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(65536):
                 await self._released.wait()
+                await gate.wait()
                 writer.write(data)
                 await writer.drain()
         writer.close()
