@@ -29,8 +29,10 @@ every tenant shares, in another (``{m:<alias>}``):
   when the lease expires (the longest a generation may last, plus a
   margin), so a replica that dies holding streams frees them eventually.
 - ``mg:router:limit:{<tag>}:admit:<lease>``: a turn's mark, per script call,
-  where a limit of the turn fails closed: "1" once its admit charged it, "0"
-  once a release ran (below), kept as long as a stream's lease.
+  where the turn may be refused while a call of it may have run (a limit of
+  it fails closed, or its calls are two: one slot may refuse while the
+  other's times out): "1" once its admit charged it, "2" once its top-up
+  grew it, "0" once a release ran (below), kept as long as a stream's lease.
 
 One round trip per turn on the hot path: the admit scripts of a turn (one
 per slot: the tenant's, and the model's when it has limits) go in one
@@ -38,8 +40,9 @@ pipeline, and settlements are written in batches off the turn's path (one
 script call per slot and flush, for many turns). A model's limits are
 checked in their own script, so a turn the tenant's script admits and the
 model's refuses (or the reverse) is refunded right away by a settlement to
-nothing: no limit is ever exceeded (each is checked atomically), but for
-that instant another turn may see the refunded charge and be refused.
+nothing (by a release, below, where the other call timed out): no limit is
+ever exceeded (each is checked atomically), but for that instant another
+turn may see the refunded charge and be refused.
 
 Tokens are reserved at admission: a bound on what inference will bill as
 the prompt, the chat template rendered over the new messages (their UTF-8
@@ -74,11 +77,15 @@ reserved nothing, and its settlement charges its budgets its whole use
 (once Redis is back: a settlement Redis refuses is written again,
 script_calls.Backlog); where the script may have run before the failure (a
 timeout, a connection lost after the call was sent) what it charged stands
-instead, as admitted (never_ran). A turn a limit failing closed refuses so
-is charged nothing in the end: its admit may have run, so the router sends
-a release (``_RELEASE``, run again until Redis answers it) that gives back
-what the admit charged only where the turn's mark says it did, and marks
-it released, so that an admit still on its way charges nothing.
+instead, as admitted (never_ran). A turn refused where a call of it may
+have run (a limit failing closed refuses it on that failure, or another
+slot's limit refuses it) is charged nothing in the end: the router sends a
+release (``_RELEASE``, run again until Redis answers it) that gives back
+what the admit charged, or the top-up grew, only where the turn's mark says
+it did, and marks it released, so that a call still on its way charges
+nothing. (A top-up's growth given back after the turn's settlement, which
+then missed the window entry the growth renamed, leaves that entry at what
+was reserved until it leaves its window, as ``_undo_abandoned_growth``'s.)
 """
 
 from __future__ import annotations
@@ -183,10 +190,11 @@ _ADMIT = (
     + """
 local lease = ARGV[2]
 local checks = parse(ARGV[3])
--- A turn a limit failing closed applies to is marked (KEYS' last, kept
--- ARGV[4] ms), for its release (_RELEASE). Released before this ran: its
--- caller gave up on it, and nobody reads this reply. (A mark "1" is a
--- charge refunded since, its turn asking again: _admit_or_refuse.)
+-- A turn that may be refused while a call of it may have run is marked
+-- (KEYS' last, set to ARGV[5], kept ARGV[4] ms: Admission._run_or_refuse),
+-- for its release (_RELEASE). Released before this ran: its caller gave
+-- up on it, and nobody reads this reply. (A mark "admitted" is a charge
+-- refunded since, its turn asking again: _admit_or_refuse.)
 local mark_ms = ARGV[4]
 if mark_ms and redis.call('GET', KEYS[#KEYS]) == '0' then return {2} end
 for i, check in ipairs(checks) do
@@ -219,7 +227,7 @@ for _, check in ipairs(checks) do
     redis.call('PEXPIRE', key, b)
   end
 end
-if mark_ms then redis.call('SET', KEYS[#KEYS], '1', 'PX', mark_ms) end
+if mark_ms then redis.call('SET', KEYS[#KEYS], ARGV[5], 'PX', mark_ms) end
 return {1}
 """
 )
@@ -270,17 +278,19 @@ return 1
 """
 )
 
-# A turn refused where its admit may have run (a timeout): ARGV now_ms, its
-# lease, its words settling it to nothing, and how long to keep its mark
-# (KEYS' last). What the admit charged is given back only where the mark
-# says it did; then the mark says released, so a second release does
-# nothing and an admit run after it charges nothing.
+# A turn refused where its admit or top-up may have run (a timeout): ARGV
+# now_ms, its lease, its words giving back what that call charged (an
+# admit's: to nothing; a top-up's: to what was reserved before), how long
+# to keep its mark (KEYS' last), and the mark that call sets. The charge is
+# given back only where the mark says the call ran; then the mark says
+# released ("0"), so a second release does nothing and an admit or top-up
+# run after it charges nothing.
 _RELEASE = (
     _PARSE
     + _SETTLE_TURN
     + """
 local mark = KEYS[#KEYS]
-if redis.call('GET', mark) == '1' then settle(ARGV[2], parse(ARGV[3])) end
+if redis.call('GET', mark) == ARGV[5] then settle(ARGV[2], parse(ARGV[3])) end
 redis.call('SET', mark, '0', 'PX', ARGV[4])
 return 1
 """
@@ -289,14 +299,18 @@ return 1
 
 # One admitted turn's reservation grows (Admission.top_up): its lease, then
 # one word "kind a b reserved grown k" per window or budget that charges it
-# more, its key KEYS[k]. Returns {1} when every check holds the growth (all
-# are then charged: a window's entry is rewritten to the grown cost, kept at
-# its admission time), else {0, index of the first refusing check, retry
-# after ms}, charging nothing: the turn's reservation stands as admitted.
+# more, its key KEYS[k], and as _ADMIT's its mark's keep-time and value
+# (a marked turn: KEYS' last). Returns {1} when every check holds the
+# growth (all are then charged: a window's entry is rewritten to the grown
+# cost, kept at its admission time), else {0, index of the first refusing
+# check, retry after ms}, charging nothing: the turn's reservation stands
+# as admitted; {2} where its growth was released before this ran.
 _TOP_UP = (
     _PARSE
     + """
 local lease = ARGV[2]
+local mark_ms = ARGV[4]
+if mark_ms and redis.call('GET', KEYS[#KEYS]) == '0' then return {2} end
 local checks = {}
 for kind, a, b, reserved, grown, k in
     string.gmatch(ARGV[3], '(%a) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%d+)') do
@@ -335,6 +349,7 @@ for _, check in ipairs(checks) do
     redis.call('EXPIRE', check.key, check.b)
   end
 end
+if mark_ms then redis.call('SET', KEYS[#KEYS], ARGV[5], 'PX', mark_ms) end
 return {1}
 """
 )
@@ -605,6 +620,10 @@ def _refusal(
 
 
 _KIND_CODE = {"window": "w", "budget": "b", "streams": "s"}
+# What a turn's mark (_mark_key) says once a call of it ran: its admit
+# charged it, its top-up grew it (a release sets "0", the scripts' own).
+_MARK_ADMITTED = "1"
+_MARK_GROWN = "2"
 # Scope plans kept at most: one per tenant, key and model alias in use.
 _PLANS_KEPT = 4096
 
@@ -695,10 +714,7 @@ class Admission:
                 )  # fmt: skip
         words = [check.word + str(cost) for check, cost in zip(checks, costs, strict=True)]
         groups = list(_by_slot(checks, words).values())
-        # Where a failure refuses the turn (fail closed), its calls mark it,
-        # so that what one that may have run charged can be released.
-        marked = any(check.limit in check.scope.limits.fail_closed for check in checks)
-        admitting = asyncio.ensure_future(self._admit_or_refuse(lease_id, tokens, nano_usd, groups, marked))
+        admitting = asyncio.ensure_future(self._admit_or_refuse(lease_id, tokens, nano_usd, groups))
         try:
             # Shielded: a caller cancelled once its script went out (hung
             # up, its deadline passed) must not leave a turn Redis admitted
@@ -740,26 +756,25 @@ class Admission:
         tokens: int,
         nano_usd: int,
         groups: list[tuple[list[_Check], list[str]]],
-        marked: bool,
     ) -> _Refused | None:
-        refused = await self._try_admit(lease_id, tokens, nano_usd, groups, marked)
+        refused = await self._try_admit(lease_id, tokens, nano_usd, groups)
         if refused is not None and refused.kind == "streams":
             # The stream that holds the lease may have ended already, its
             # release waiting in some replica's batch (this one's too):
             # write ours, give the others one flush, ask once more.
             await self.flush()
             await asyncio.sleep(SETTLE_AFTER_S * 2)
-            refused = await self._try_admit(lease_id, tokens, nano_usd, groups, marked)
+            refused = await self._try_admit(lease_id, tokens, nano_usd, groups)
         return refused
 
     def _refund_abandoned(self, charged: Reservation, admitting: asyncio.Task) -> None:
         """The admit of a caller that went away has answered: a turn it
         admitted is refunded in full (it never ran: no request either). A
-        refusal was refunded where it was partial (_try_admit); an admit
+        refusal was refunded where it was partial (_run_or_refuse); an admit
         that failed leaves nothing known to refund (a budget cannot be given
         back blindly: the script may not have run), as for a caller still
-        there (fail open: its stream lease expires on its own; fail closed:
-        released by its mark, _try_admit)."""
+        there (admitted failing open: its stream lease expires on its own;
+        refused: released by its mark, _run_or_refuse)."""
         if admitting.cancelled() or admitting.exception() is not None or admitting.result() is not None:
             return
         self._write_soon(self._write_settlements([(charged, 0, 0)], refund=True))
@@ -777,38 +792,45 @@ class Admission:
         tokens: int,
         nano_usd: int,
         groups: list[tuple[list[_Check], list[str]]],
-        marked: bool,
     ) -> _Refused | None:
-        """One admit script per slot, all in one round trip; a turn some slot
-        refused, or failed to run (out of memory, read-only), is refunded in
-        the slots that admitted it; a failure is raised then. A ``marked``
-        turn's calls that may have run (a timeout) are released: the turn is
-        refused (fail closed), and was charged for nothing."""
-        refused, failed, admitted, unsure = await self._per_slot(self._admit_script, lease_id, groups, marked)
-        if (refused is not None or failed is not None) and admitted:
-            refund = Reservation(lease_id, tokens, nano_usd, tuple(admitted))
-            await self._write_settlements([(refund, 0, 0)], refund=True)
-        if marked and unsure:
-            self._release(Reservation(lease_id, tokens, nano_usd, tuple(unsure)))
-            # Refused UNAVAILABLE, whatever another slot answered: a second
-            # try under the same lease (_admit_or_refuse) would be undone
-            # by the release.
-            raise failed
-        # A limit that refused the turn wins over one that could not be
-        # checked: raised, the failure let a turn past a spent budget (fail open).
-        if refused is None and failed is not None:
-            raise failed
-        return refused
+        """One admit script per slot, all in one round trip (_run_or_refuse:
+        a turn refused keeps no charge in any slot, a failure is raised)."""
+        charge = Reservation(lease_id, tokens, nano_usd, ())
+        return await self._run_or_refuse(
+            self._admit_script, _MARK_ADMITTED, groups, charge, (0, 0), refund=True
+        )
 
-    async def _per_slot(
-        self, script, lease_id: str, groups: list[tuple[list[_Check], list[str]]], marked: bool = False
-    ) -> tuple[_Refused | None, BaseException | None, list[_Check], list[_Check]]:
+    async def _run_or_refuse(
+        self,
+        script,
+        mark: str,
+        groups: list[tuple[list[_Check], list[str]]],
+        charge: Reservation,
+        back_to: tuple[int, int],
+        refund: bool = False,
+    ) -> _Refused | None:
         """Runs ``script`` (admit or top-up: the same KEYS and ARGV layout)
-        once per slot's checks and words, in one round trip (an admit's,
-        ``marked``, with the turn's mark); returns the first refusal, the
-        first failure, the checks of the slots that charged the turn (to
-        give back when another refused or failed), and those of the slots
-        whose call failed but may have run (a timeout)."""
+        once per slot's checks and words, in one round trip, for the turn
+        whose lease and charge (tokens, nano-USD) ``charge`` holds; returns
+        the first refusal, or raises the first failure (a limit that refused
+        the turn wins over one that could not be checked: raised, the failure
+        would let it past a spent limit, failing open).
+
+        A turn so refused, or failed where a limit of it fails closed, is
+        served nothing, so what its calls charged is given back, from the
+        charge to ``back_to`` (tokens, nano-USD; ``refund``: to nothing,
+        requests too): a call that answered by a settlement now, one that
+        failed but may have run (a timeout) by a release (_RELEASE) where
+        the turn's ``mark``, which its calls then carry, says it ran. Such a
+        refusal is raised: a second try under the same lease
+        (_admit_or_refuse) would be undone by the release. A failure that
+        fails open leaves a call that may have run as it is: the turn is
+        served, and what it charged stands, as admitted."""
+        fails_closed = any(_failing_closed(checks) for checks, _ in groups)
+        # Where the turn may be refused while a call of it may have run: on
+        # a failure, failing closed; or by another call's refusal.
+        marked = fails_closed or len(groups) > 1
+        lease_id = charge.lease_id
         now = self._now_arg()
         calls = []
         for checks, words in groups:
@@ -816,7 +838,7 @@ class Admission:
             args = [now, lease_id, indexed]
             if marked:
                 keys.append(_mark_key(checks[0], lease_id))
-                args.append(self._lease_ms)
+                args += [self._lease_ms, mark]
             calls.append((keys, args))
         replies = await run_scripts(script, calls, raise_on_error=False)
         refused, failed, charged, unsure = None, None, [], []
@@ -829,20 +851,29 @@ class Admission:
                 charged += checks
             elif refused is None:
                 refused = _Refused(checks[reply[1] - 1], reply[2])
-        return refused, failed, charged, unsure
+        if (refused is not None or failed is not None) and charged:
+            given_back = dataclasses.replace(charge, checks=tuple(charged))
+            await self._write_settlements([(given_back, *back_to)], refund)
+        if unsure and (refused is not None or fails_closed):
+            self._release(dataclasses.replace(charge, checks=tuple(unsure)), back_to, refund, mark)
+            raise failed if refused is None else refused.error
+        if refused is None and failed is not None:
+            raise failed
+        return refused
 
-    def _release(self, refused: Reservation) -> None:
-        """Gives back, off the caller's path, what admit calls that may have
-        run charged ``refused`` (a turn refused: its checks those of the
-        calls), where its marks say they did (_RELEASE); run again until
-        Redis answers, as a release run twice releases once."""
+    def _release(self, charged: Reservation, back_to: tuple[int, int], refund: bool, mark: str) -> None:
+        """Gives back, off the caller's path, what calls that may have run
+        charged (a turn refused: ``charged``'s checks those of the calls),
+        from the charge to ``back_to`` (``refund``: to nothing), where the
+        turn's marks say ``mark`` (_RELEASE); run again until Redis answers,
+        as a release run twice releases once."""
         now = self._now_arg()
-        words = _settlement_words(refused, 0, 0, refund=True)
+        words = _settlement_words(charged, *back_to, refund)
         calls = []
-        for checks, slot_words in _by_slot(list(refused.checks), words).values():
+        for checks, slot_words in _by_slot(list(charged.checks), words).values():
             keys, indexed = _one_turns_call(checks, slot_words)
-            keys.append(_mark_key(checks[0], refused.lease_id))
-            calls.append((keys, [now, refused.lease_id, indexed, self._lease_ms]))
+            keys.append(_mark_key(checks[0], charged.lease_id))
+            calls.append((keys, [now, charged.lease_id, indexed, self._lease_ms, mark]))
         self._write_soon(self._releases.run(calls))
 
     async def top_up(self, reservation: Reservation, tokens: int, nano_usd: int) -> None:
@@ -907,10 +938,9 @@ class Admission:
         tokens: int,
         nano_usd: int,
     ) -> _Refused | None:
-        """One top-up script per slot, in one round trip; where some slot
-        refused or failed, the slots that grew are given the growth back
-        (a settlement from grown to ``before``, the tokens and nano-USD
-        reserved) and a failure is raised."""
+        """One top-up script per slot, in one round trip (_run_or_refuse:
+        where the growth is refused, every slot's growth is given back, to
+        ``before``, the tokens and nano-USD reserved; a failure is raised)."""
         reserved_tokens, reserved_nano_usd = before
         words = [
             f"{_KIND_CODE[check.kind]} {check.a} {check.b}"
@@ -918,13 +948,8 @@ class Admission:
             for check in grown
         ]
         groups = list(_by_slot(grown, words).values())
-        refused, failed, charged, _ = await self._per_slot(self._top_up_script, lease_id, groups)
-        if (refused is not None or failed is not None) and charged:
-            grew = Reservation(lease_id, tokens, nano_usd, tuple(charged))
-            await self._write_settlements([(grew, *before)])
-        if failed is not None:
-            raise failed
-        return refused
+        charge = Reservation(lease_id, tokens, nano_usd, ())
+        return await self._run_or_refuse(self._top_up_script, _MARK_GROWN, groups, charge, before)
 
     def _undo_abandoned_growth(
         self, grew: Reservation, before: tuple[int, int], growing: asyncio.Task
@@ -1091,10 +1116,15 @@ def _warn_over(reservation: Reservation, tokens: int, nano_usd: int) -> None:
     )
 
 
+def _failing_closed(checks: list[_Check]) -> list[_Check]:
+    """Those of ``checks`` whose limits refuse a turn they cannot check."""
+    return [c for c in checks if c.limit in c.scope.limits.fail_closed]
+
+
 def _refuse_if_fail_closed(checks: list[_Check], error: Exception) -> None:
     """Redis could not check ``checks``: UNAVAILABLE if one of their limits
     is configured to fail closed; else the caller goes on (fail open)."""
-    closed = [c for c in checks if c.limit in c.scope.limits.fail_closed]
+    closed = _failing_closed(checks)
     if closed:
         raise unavailable(
             Reason.LIMITS_UNAVAILABLE,

@@ -355,6 +355,150 @@ async def test_a_fail_closed_admit_reaching_redis_after_its_release_charges_noth
         await proxy.close()
 
 
+async def test_a_turn_one_slot_refuses_while_anothers_admit_timed_out_keeps_no_charge(redis_url):
+    """On a Redis Cluster the tenant's admit and the model's go to two
+    slots: the model's budget refuses the turn while the tenant's call,
+    which Redis ran, times out (its reply held back). Nobody is served, yet
+    the tenant's charge stood: its stream for max_generation_s plus a
+    minute (the key's next turn refused by concurrent_streams = 1), its
+    reservation in the day's budget for good. No limit fails closed here."""
+    proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0?socket_timeout=0.3")
+    direct = redis_access.connect(redis_url)
+    try:
+        admission = Admission(proxied, max_generation_s=60, split_by_slot=True)
+        scope = _scope(requests_per_minute=5, concurrent_streams=1, tokens_per_day=1_000)
+        model = Scope("model", uuid.uuid4().hex[:12], LimitSettings(tokens_per_day=1_000))
+        # Loads the script: a turn admitted and settled to nothing.
+        await admission.settle(await admission.admit([scope, model], prompt_tokens=10, max_tokens=10), 0, 0)
+        await admission.admit([model], prompt_tokens=900, max_tokens=90)  # another tenant's turn
+        proxy.hold_when_sent(scope.id.encode())
+        with pytest.raises(MeshgateError) as refused:
+            await admission.admit([scope, model], prompt_tokens=10, max_tokens=10)
+        assert (refused.value.reason, refused.value.metadata["scope"]) == (Reason.BUDGET_EXHAUSTED, "model")
+        # Redis ran the tenant's call: its stream is held.
+        assert await direct.zcard(f"{scope.prefix}:streams") == 1
+        proxy.release()
+        await admission.drain()
+        assert await direct.zcard(f"{scope.prefix}:streams") == 0
+        assert int(await direct.get(_day_key(scope)) or 0) == 0
+        assert int(await direct.get(f"{scope.prefix}:rpm:sum")) == 1  # the first turn's
+        assert int(await direct.get(_day_key(model))) == 990
+        # The key's next turn gets the stream.
+        await admission.settle(await admission.admit([scope], prompt_tokens=10, max_tokens=10), 0, 0)
+    finally:
+        for client in (proxied, direct):
+            await client.aclose()
+        await proxy.close()
+
+
+@pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
+async def test_a_fail_closed_turn_whose_top_up_timed_out_after_redis_ran_it_keeps_no_growth(
+    redis_url, split_by_slot
+):
+    """A session turn's reservation grows to its history (top_up); the
+    reply comes after the socket timeout (Redis ran it), so the limit
+    failing closed refuses the turn UNAVAILABLE and it settles to nothing
+    from what admission reserved. The growth stood: in the day's budget for
+    good, and the window's entry (renamed to the grown cost, which the
+    settlement no longer finds) for a minute."""
+    proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0?socket_timeout=0.3")
+    direct = redis_access.connect(redis_url)
+    try:
+        admission = Admission(proxied, max_generation_s=60, split_by_slot=split_by_slot)
+        scope = _scope(tokens_per_minute=10_000, tokens_per_day=10_000, fail_closed=["tokens_per_day"])
+        model = Scope("model", uuid.uuid4().hex[:12], LimitSettings(tokens_per_day=10_000))
+        # Loads the scripts: a turn admitted, grown and settled to nothing.
+        first = await admission.admit([scope, model], prompt_tokens=10, max_tokens=10)
+        await admission.top_up(first, tokens=30, nano_usd=0)
+        await admission.settle(first, 0, 0)
+        grant = await admission.admit([scope, model], prompt_tokens=10, max_tokens=10)
+        proxy.hold()
+        with pytest.raises(MeshgateError) as refused:
+            await admission.top_up(grant, tokens=500, nano_usd=0)
+        assert refused.value.reason == "LIMITS_UNAVAILABLE"
+        assert int(await direct.get(_day_key(scope))) == 500  # Redis ran it
+        admission.settle_soon(grant, 0, 0)  # the pipeline's, for a turn refused so
+        proxy.release()
+        await admission.drain()
+        for each in (scope, model):
+            assert int(await direct.get(_day_key(each))) == 0
+        assert int(await direct.get(f"{scope.prefix}:tpm:sum")) == 0
+    finally:
+        for client in (proxied, direct):
+            await client.aclose()
+        await proxy.close()
+
+
+async def test_a_fail_closed_top_up_reaching_redis_after_its_release_grows_nothing(redis_url):
+    """The top-up held up on its way times out, the turn is refused and its
+    growth released before Redis has it: run after the release, it must
+    not charge the growth (nothing would give it back)."""
+    proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0?socket_timeout=0.3")
+    direct = redis_access.connect(redis_url)
+    try:
+        admission = Admission(proxied, max_generation_s=60)
+        scope = _scope(tokens_per_day=10_000, fail_closed=["tokens_per_day"])
+        first = await admission.admit([scope], prompt_tokens=10, max_tokens=10)
+        await admission.top_up(first, tokens=30, nano_usd=0)  # loads the script
+        await admission.settle(first, 0, 0)
+        grant = await admission.admit([scope], prompt_tokens=10, max_tokens=10)
+        proxy.stall_when_sent(admission._top_up_script.sha.encode())
+        with pytest.raises(MeshgateError) as refused:
+            await admission.top_up(grant, tokens=500, nano_usd=0)
+        assert refused.value.reason == "LIMITS_UNAVAILABLE"
+        await admission.drain()  # the release has run: nothing grown yet
+        calls_run = await _script_calls(direct)
+        proxy.unstall()
+        deadline = asyncio.get_running_loop().time() + 5
+        while await _script_calls(direct) == calls_run:
+            assert asyncio.get_running_loop().time() < deadline, "the held top-up never reached Redis"
+            await asyncio.sleep(0.01)
+        assert int(await direct.get(_day_key(scope))) == 20
+        await admission.settle(grant, 0, 0)
+        assert int(await direct.get(_day_key(scope))) == 0
+    finally:
+        for client in (proxied, direct):
+            await client.aclose()
+        await proxy.close()
+
+
+async def test_a_top_up_one_slot_refuses_while_anothers_timed_out_is_refused_and_keeps_no_growth(redis_url):
+    """On a Redis Cluster the tenant's top-up and the model's go to two
+    slots: the model's budget refuses the growth while the tenant's call,
+    which Redis ran, times out. The refusal stands (as at admission: a
+    limit that refused wins over one that could not be checked), and the
+    tenant's growth is given back; the turn had gone on failing open, past
+    the model's spent budget, its growth charged to the tenant for good."""
+    proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0?socket_timeout=0.3")
+    direct = redis_access.connect(redis_url)
+    try:
+        admission = Admission(proxied, max_generation_s=60, split_by_slot=True)
+        scope = _scope(tokens_per_day=10_000)
+        model = Scope("model", uuid.uuid4().hex[:12], LimitSettings(tokens_per_day=500))
+        first = await admission.admit([scope, model], prompt_tokens=10, max_tokens=10)
+        await admission.top_up(first, tokens=30, nano_usd=0)  # loads the script
+        await admission.settle(first, 0, 0)
+        grant = await admission.admit([scope, model], prompt_tokens=10, max_tokens=10)
+        await admission.admit([model], prompt_tokens=400, max_tokens=60)  # another tenant's turn
+        proxy.hold_when_sent(scope.id.encode())
+        with pytest.raises(MeshgateError) as refused:
+            await admission.top_up(grant, tokens=100, nano_usd=0)
+        assert (refused.value.reason, refused.value.metadata["scope"]) == (Reason.BUDGET_EXHAUSTED, "model")
+        assert int(await direct.get(_day_key(scope))) == 100  # Redis ran the tenant's
+        proxy.release()
+        await admission.drain()
+        assert int(await direct.get(_day_key(scope))) == 20
+        assert int(await direct.get(_day_key(model))) == 480
+    finally:
+        for client in (proxied, direct):
+            await client.aclose()
+        await proxy.close()
+
+
 async def _script_calls(client) -> int:
     """How many EVALSHA calls Redis has run, for any client."""
     return (await client.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
