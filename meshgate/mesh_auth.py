@@ -6,7 +6,9 @@ service has a certificate from the mesh's CA naming its identity,
 only the identities allowed to call it (:class:`MeshGuard`), and a caller
 asks for the identity of the service it means to reach, so neither end
 depends on host names or addresses. A process without a certificate from
-the mesh's CA does not get past the handshake.
+the mesh's CA does not get past the handshake. A server reads its files
+again when they change (:class:`ServerCertificates`); channels keep the
+client certificate they were made with.
 
 The tenant a call acts for is asserted by the router, the one service that
 authenticates callers (by API key, on its public port): per downstream call
@@ -25,7 +27,9 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import datetime
+import os
 import pathlib
+import threading
 import time
 from typing import Any
 
@@ -150,6 +154,110 @@ def _algorithm(key: Any) -> str:
     raise ConfigError(f"the router's key ({type(key).__name__}) cannot sign tenant tokens")
 
 
+def _checked_files(service: str, ca_file: str, cert_file: str, key_file: str) -> tuple[bytes, bytes, bytes]:
+    """The CA, certificate and key files' contents; refuses (ConfigError) a
+    certificate that does not name the service, a key that is not the
+    certificate's, a CA file without a certificate, and a certificate that
+    is expired or not from the CA.
+
+    A service started with another's certificate would fail every handshake
+    with an obscure error; grpc found a wrong key or CA file only when the
+    server bound its port, and said "Failed to bind to address" (a
+    traceback, and nothing about the files); with the others the service
+    started, and every handshake with it failed (its peers trust the same
+    CA file)."""
+    ca = _read(ca_file, "mesh.ca_file")
+    cert = _read(cert_file, "mesh.cert_file")
+    key_pem = _read(key_file, "mesh.key_file")
+    certificate = _certificate(cert, cert_file)
+    if identity(service) not in _names(certificate):
+        raise ConfigError(f"mesh.cert_file {cert_file!r} does not name {identity(service)!r}")
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as error:
+        raise ConfigError(
+            f"mesh.key_file {key_file!r}: not an unencrypted PEM private key ({error})"
+        ) from None
+    if key.public_key() != certificate.public_key():
+        raise ConfigError(f"mesh.key_file {key_file!r} is not the key of mesh.cert_file {cert_file!r}")
+    try:
+        authorities = x509.load_pem_x509_certificates(ca)
+    except ValueError as error:
+        raise ConfigError(f"mesh.ca_file {ca_file!r}: not a PEM certificate ({error})") from None
+    if certificate.not_valid_after_utc < datetime.datetime.now(datetime.UTC):
+        raise ConfigError(
+            f"mesh.cert_file {cert_file!r} expired at {certificate.not_valid_after_utc.isoformat()}"
+        )
+    # The certificate file may carry intermediates after it: one of
+    # them issued by the CA file's will do.
+    chain = x509.load_pem_x509_certificates(cert)
+    if not any(issued_by(link, authority) for link in chain for authority in authorities):
+        raise ConfigError(f"mesh.cert_file {cert_file!r} is not issued by mesh.ca_file {ca_file!r}")
+    return ca, cert, key_pem
+
+
+class ServerCertificates:
+    """What a service's server presents and whom it trusts: its certificate,
+    key and CA files, read and checked at start, and again whenever they
+    change, so that a renewed certificate (cert-manager's, ``meshgate
+    certs``) is served without a restart.
+
+    grpc asks :meth:`changed` before each new handshake; connections already
+    made keep theirs. A file is read only when one of the three changed
+    (inode, size or mtime: a Secret volume or a rename replaces the file), and
+    files that fail the start's checks (:func:`_checked_files`) leave the
+    ones in use serving, with one error logged per change, not per
+    handshake: half of a renewal (a new certificate beside the old key) is
+    refused until the other half arrives."""
+
+    def __init__(self, service: str, ca_file: str, cert_file: str, key_file: str) -> None:
+        self._service = service
+        self._files = (ca_file, cert_file, key_file)
+        # grpc may ask from several threads at once; one reads the files.
+        self._lock = threading.Lock()
+        # Taken before reading: a file replaced meanwhile is read again.
+        self._seen = self._versions()
+        self.ca, self.cert, self.key = _checked_files(service, *self._files)
+
+    def _versions(self) -> tuple[tuple[int, int, int, int] | None, ...]:
+        versions = []
+        for path in self._files:
+            try:
+                found = os.stat(path)
+            except OSError:
+                versions.append(None)
+            else:
+                versions.append((found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns))
+        return tuple(versions)
+
+    def configuration(self) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(self.key, self.cert)], root_certificates=self.ca)
+
+    def changed(self) -> grpc.ServerCertificateConfiguration | None:
+        """The files' new configuration, or None to keep the one in use
+        (unchanged, or refused)."""
+        with self._lock:
+            versions = self._versions()
+            if versions == self._seen:
+                return None
+            self._seen = versions
+            try:
+                self.ca, self.cert, self.key = _checked_files(self._service, *self._files)
+            except ConfigError as error:
+                log.error(
+                    "mesh certificate files changed but are refused; serving the ones in use",
+                    error=str(error),
+                )
+                return None
+            certificate = x509.load_pem_x509_certificate(self.cert)
+            log.info(
+                "mesh certificate reloaded",
+                serial=f"{certificate.serial_number:x}",
+                not_after=certificate.not_valid_after_utc.isoformat(),
+            )
+            return self.configuration()
+
+
 class Mesh:
     """One process's place in the mesh: its certificate and whom it trusts,
     from the ``[mesh]`` settings and its service name."""
@@ -161,48 +269,18 @@ class Mesh:
         if not self.tls:
             log.warning("mesh.tls is off: internal ports trust whoever reaches them (development only)")
             return
-        self._ca = _read(settings.ca_file, "mesh.ca_file")
-        cert_file = self._for_service(settings.cert_file, service)
-        self._cert = _read(cert_file, "mesh.cert_file")
-        self._key = _read(self._for_service(settings.key_file, service), "mesh.key_file")
-        # A service started with another's certificate would fail every
-        # handshake with an obscure error; say so at start instead.
-        certificate = _certificate(self._cert, cert_file)
-        if identity(service) not in _names(certificate):
-            raise ConfigError(f"mesh.cert_file {cert_file!r} does not name {identity(service)!r}")
-        self._check_pair(
-            settings.ca_file, cert_file, certificate, self._for_service(settings.key_file, service)
+        self._server_certificates = ServerCertificates(
+            service,
+            settings.ca_file,
+            self._for_service(settings.cert_file, service),
+            self._for_service(settings.key_file, service),
         )
-
-    def _check_pair(self, ca_file: str, cert_file: str, certificate: x509.Certificate, key_file: str) -> None:
-        """Refuses a key that is not the certificate's, a CA file without a
-        certificate, and a certificate that is expired or not from the CA.
-
-        grpc found the first two only when the server bound its port, and
-        said "Failed to bind to address" (a traceback, and nothing about
-        the files); with the others the service started, and every
-        handshake with it failed (its peers trust the same CA file)."""
-        try:
-            key = serialization.load_pem_private_key(self._key, password=None)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as error:
-            raise ConfigError(
-                f"mesh.key_file {key_file!r}: not an unencrypted PEM private key ({error})"
-            ) from None
-        if key.public_key() != certificate.public_key():
-            raise ConfigError(f"mesh.key_file {key_file!r} is not the key of mesh.cert_file {cert_file!r}")
-        try:
-            authorities = x509.load_pem_x509_certificates(self._ca)
-        except ValueError as error:
-            raise ConfigError(f"mesh.ca_file {ca_file!r}: not a PEM certificate ({error})") from None
-        if certificate.not_valid_after_utc < datetime.datetime.now(datetime.UTC):
-            raise ConfigError(
-                f"mesh.cert_file {cert_file!r} expired at {certificate.not_valid_after_utc.isoformat()}"
-            )
-        # The certificate file may carry intermediates after it: one of
-        # them issued by the CA file's will do.
-        chain = x509.load_pem_x509_certificates(self._cert)
-        if not any(issued_by(link, authority) for link in chain for authority in authorities):
-            raise ConfigError(f"mesh.cert_file {cert_file!r} is not issued by mesh.ca_file {ca_file!r}")
+        # The files as they were at start, for channels to other services and
+        # the router's tenant tokens: grpc's Python channels take a client
+        # certificate once, when made (README: a renewed client certificate
+        # is used from the next restart).
+        certificates = self._server_certificates
+        self._ca, self._cert, self._key = certificates.ca, certificates.cert, certificates.key
 
     @staticmethod
     def _for_service(template: str, service: str) -> str:
@@ -220,8 +298,9 @@ class Mesh:
     def server_credentials(self) -> grpc.ServerCredentials | None:
         if not self.tls:
             return None
-        return grpc.ssl_server_credentials(
-            [(self._key, self._cert)], root_certificates=self._ca, require_client_auth=True
+        certificates = self._server_certificates
+        return grpc.dynamic_ssl_server_credentials(
+            certificates.configuration(), certificates.changed, require_client_authentication=True
         )
 
     def tenant_tokens(self) -> TenantTokens:

@@ -32,6 +32,14 @@ def certs_dir() -> pathlib.Path:
     return directory
 
 
+def renew(directory: pathlib.Path, service: str) -> None:
+    """A new key and certificate for ``service`` in ``directory``, from the
+    CA there, each file renamed into place: ``meshgate certs`` after the
+    service's key file was deleted."""
+    certs.key_path(directory, service).unlink()
+    certs.ensure(directory, (service,))
+
+
 def mesh_settings(directory: pathlib.Path | None = None) -> MeshSettings:
     directory = directory or certs_dir()
     return MeshSettings(

@@ -7,11 +7,14 @@ import base64
 import json
 import os
 import pathlib
+import re
+import shutil
 import stat
 
 import grpc
 import jwt
 import pytest
+import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -25,7 +28,7 @@ from meshgate.local import certs
 from services.cache import app as cache_app
 from services.context import app as context_app
 from services.inference import app as inference_app
-from tests.mesh import certs_dir, mesh_settings
+from tests.mesh import certs_dir, mesh_settings, renew
 
 NOW = 1_900_000_000.0
 TTL_S = 30.0
@@ -257,6 +260,96 @@ def test_a_certificate_file_with_its_intermediate_is_accepted(tmp_path: pathlib.
         key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     assert mesh_auth.Mesh(mesh_settings(tmp_path), "context").server_credentials() is not None
+
+
+def _served_by_context(directory: pathlib.Path) -> mesh_auth.ServerCertificates:
+    return mesh_auth.ServerCertificates(
+        "context",
+        str(certs.ca_path(directory)),
+        str(certs.cert_path(directory, "context")),
+        str(certs.key_path(directory, "context")),
+    )
+
+
+def _renewed(directory: pathlib.Path, scratch: pathlib.Path) -> pathlib.Path:
+    """``scratch``: a copy of ``directory`` whose context pair is new, from the same CA."""
+    shutil.copytree(directory, scratch)
+    renew(scratch, "context")
+    return scratch
+
+
+def _another_mesh(directory: pathlib.Path) -> pathlib.Path:
+    """``directory``, holding a mesh's certificates from a CA of its own."""
+    certs.ensure(directory)
+    return directory
+
+
+def _replace_cert(directory: pathlib.Path, source: pathlib.Path, service: str = "context") -> None:
+    """context's certificate in ``directory`` replaced by ``service``'s from ``source``."""
+    certs.replace_file(
+        certs.cert_path(directory, "context"), certs.cert_path(source, service).read_bytes(), 0o644
+    )
+
+
+def _replace_pair(directory: pathlib.Path, source: pathlib.Path, service: str = "context") -> None:
+    _replace_cert(directory, source, service)
+    certs.replace_file(
+        certs.key_path(directory, "context"), certs.key_path(source, service).read_bytes(), 0o600
+    )
+
+
+def _expired_pair(directory: pathlib.Path, monkeypatch) -> None:
+    """An expired certificate and its key for context, from the CA in ``directory``."""
+    issued_at = certs._now() - certs.datetime.timedelta(days=certs.SERVICE_DAYS + 1)
+    with monkeypatch.context() as earlier:
+        earlier.setattr(certs, "_now", lambda: issued_at)
+        renew(directory, "context")
+
+
+@pytest.mark.parametrize(
+    ("rotate", "refusal"),
+    [
+        (lambda served, tmp, _: _replace_pair(served, served, "cache"), "does not name 'meshgate-context'"),
+        (
+            lambda served, tmp, _: _replace_pair(served, _another_mesh(tmp / "other")),
+            "is not issued by mesh.ca_file",
+        ),
+        (
+            lambda served, tmp, _: _replace_cert(served, _renewed(served, tmp / "renewed")),
+            "is not the key of mesh.cert_file",
+        ),
+        (lambda served, tmp, patch: _expired_pair(served, patch), "expired at"),
+        (
+            lambda served, tmp, _: certs.key_path(served, "context").unlink(),
+            "mesh.key_file .* cannot be read",
+        ),
+    ],
+    ids=["another service's", "another CA's", "a key not the certificate's", "expired", "no key file"],
+)
+def test_rotated_files_that_fail_the_starts_checks_keep_the_certificate_in_use(
+    rotate, refusal, tmp_path: pathlib.Path, monkeypatch
+):
+    """What a service refuses to start with, it refuses to switch to: the
+    files in use keep serving, and the refusal is logged once, not at every
+    handshake (grpc asks before each)."""
+    served = tmp_path / "served"
+    shutil.copytree(certs_dir(), served)
+    certificates = _served_by_context(served)
+    in_use = certificates.cert
+    assert certificates.changed() is None
+
+    rotate(served, tmp_path, monkeypatch)
+    with structlog.testing.capture_logs() as logs:
+        assert [certificates.changed() for _ in range(3)] == [None, None, None]
+    assert [entry["log_level"] for entry in logs] == ["error"]
+    assert re.search(refusal, logs[0]["error"]), logs[0]["error"]
+    assert certificates.cert == in_use
+
+    # A good pair afterwards is taken, once.
+    _replace_pair(served, _renewed(certs_dir(), tmp_path / "good"))
+    assert isinstance(certificates.changed(), grpc.ServerCertificateConfiguration)
+    assert certificates.cert == certs.cert_path(served, "context").read_bytes() != in_use
+    assert certificates.changed() is None
 
 
 def test_certificates_are_made_once_then_reused_and_renewed_when_gone(tmp_path: pathlib.Path):
