@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import uuid
@@ -46,21 +47,45 @@ def turn(session_id: str, i: int) -> pb.ChatRequest:
     )
 
 
-async def test_a_sessions_summary_tokens_are_billed_to_its_tenant_with_its_next_turn_once(
-    redis_url, inference_address
-) -> None:
-    tenant = f"sum-{uuid.uuid4().hex[:8]}"
+@dataclasses.dataclass
+class SummarizedSession:
+    """A session of a fresh tenant through a real router whose context
+    service summarizes spans of 4 turns with tiny-gpt once 4 newer turns
+    follow: after the fourth turn (its question and answer are two turns)."""
+
+    tenant: str
+    key: str
+    stub: router_service_pb2_grpc.RouterServiceStub
+    client: object
+    session_id: str = ""
+
+    @property
+    def auth(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.key}"),)
+
+    async def chat(self, i: int) -> pb.ChatCompletion:
+        completion = None
+        async for response in self.stub.Chat(turn(self.session_id, i), metadata=self.auth, timeout=60):
+            if response.HasField("completion"):
+                completion = response.completion
+        assert completion is not None
+        return completion
+
+
+@contextlib.asynccontextmanager
+async def summarized_session(redis_url, inference_address, prefix: str, collect_s: float | None = None):
+    tenant = f"{prefix}-{uuid.uuid4().hex[:8]}"
     key = f"key-{tenant}"
     settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
     settings.cache.inference_address = inference_address
     serve_tiny_gpt(settings, inference_address)
-    # Spans of 4 turns summarized by tiny-gpt once 4 newer turns follow:
-    # after the fourth turn (its question and answer are two turns).
     settings.context.inference_address = inference_address
     settings.context.summary_model = MODEL
     settings.context.summary_span_turns = 4
     settings.context.summary_hot_window_turns = 4
+    if collect_s is not None:
+        settings.router.summary_usage_collect_s = collect_s
     settings.router.tenants = [
         TenantSettings(
             id=tenant, api_key_sha256=[hash_api_key(key)], limits=LimitSettings(tokens_per_day=10_000_000)
@@ -69,22 +94,28 @@ async def test_a_sessions_summary_tokens_are_billed_to_its_tenant_with_its_next_
     price = PriceSettings(prompt_usd_per_million=1.0, completion_usd_per_million=2.0)
     settings.router.prices = {MODEL: price}
     client = redis_access.connect(redis_url)
-    auth = (("authorization", f"Bearer {key}"),)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(client.aclose)
         address = await stack.enter_async_context(running_router(settings))
         channel = await stack.enter_async_context(bounded_channel(address))
-        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+        session = SummarizedSession(tenant, key, router_service_pb2_grpc.RouterServiceStub(channel), client)
+        created = await session.stub.CreateSession(pb.CreateSessionRequest(), metadata=session.auth)
+        session.session_id = created.session_id
+        yield session
 
-        async def chat(i: int) -> pb.ChatCompletion:
-            completion = None
-            async for response in stub.Chat(turn(session_id, i), metadata=auth, timeout=60):
-                if response.HasField("completion"):
-                    completion = response.completion
-            assert completion is not None
-            return completion
 
-        session_id = (await stub.CreateSession(pb.CreateSessionRequest(), metadata=auth)).session_id
+async def test_a_sessions_summary_tokens_are_billed_to_its_tenant_with_its_next_turn_once(
+    redis_url, inference_address
+) -> None:
+    async with summarized_session(redis_url, inference_address, "sum") as session:
+        tenant, key, stub, auth, client = (
+            session.tenant,
+            session.key,
+            session.stub,
+            session.auth,
+            session.client,
+        )
+        session_id, chat = session.session_id, session.chat
         turns = [await chat(i) for i in range(4)]
         meta = session_store.session_key(tenant, session_id)
 
@@ -157,42 +188,15 @@ async def test_a_sessions_summary_tokens_are_billed_once_though_no_turn_follows(
     session's last for a while: the router takes its tokens from the
     session itself (TakeSummaryUsage) and bills them; the next turn's
     append then finds nothing to bill again."""
-    tenant = f"idle-{uuid.uuid4().hex[:8]}"
-    key = f"key-{tenant}"
-    settings = Settings(mesh=mesh_settings())
-    settings.redis.url = redis_url
-    settings.cache.inference_address = inference_address
-    serve_tiny_gpt(settings, inference_address)
-    settings.context.inference_address = inference_address
-    settings.context.summary_model = MODEL
-    settings.context.summary_span_turns = 4
-    settings.context.summary_hot_window_turns = 4
-    settings.router.summary_usage_collect_s = 0.5
-    settings.router.tenants = [
-        TenantSettings(
-            id=tenant, api_key_sha256=[hash_api_key(key)], limits=LimitSettings(tokens_per_day=10_000_000)
+    async with summarized_session(redis_url, inference_address, "idle", collect_s=0.5) as session:
+        tenant, key, stub, auth, client = (
+            session.tenant,
+            session.key,
+            session.stub,
+            session.auth,
+            session.client,
         )
-    ]
-    settings.router.prices = {
-        MODEL: PriceSettings(prompt_usd_per_million=1.0, completion_usd_per_million=2.0)
-    }
-    client = redis_access.connect(redis_url)
-    auth = (("authorization", f"Bearer {key}"),)
-    async with contextlib.AsyncExitStack() as stack:
-        stack.push_async_callback(client.aclose)
-        address = await stack.enter_async_context(running_router(settings))
-        channel = await stack.enter_async_context(bounded_channel(address))
-        stub = router_service_pb2_grpc.RouterServiceStub(channel)
-
-        async def chat(i: int) -> pb.ChatCompletion:
-            completion = None
-            async for response in stub.Chat(turn(session_id, i), metadata=auth, timeout=60):
-                if response.HasField("completion"):
-                    completion = response.completion
-            assert completion is not None
-            return completion
-
-        session_id = (await stub.CreateSession(pb.CreateSessionRequest(), metadata=auth)).session_id
+        session_id, chat = session.session_id, session.chat
         turns = [await chat(i) for i in range(4)]
 
         async def billed():
