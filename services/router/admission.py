@@ -31,8 +31,9 @@ every tenant shares, in another (``{m:<alias>}``):
 - ``mg:router:limit:{<tag>}:admit:<lease>``: a turn's mark, per script call,
   where the turn may be refused while a call of it may have run (a limit of
   it fails closed, or its calls are two: one slot may refuse while the
-  other's times out): "1" once its admit charged it, "2" once its top-up
-  grew it, "0" once a release ran (below), kept as long as a stream's lease.
+  other's times out): "1" once its admit charged it ("3" its second admit,
+  after a streams refusal), "2" once its top-up grew it, "0" once a
+  release ran (below), kept as long as a stream's lease.
 
 One round trip per turn on the hot path: the admit scripts of a turn (one
 per slot: the tenant's, and the model's when it has limits) go in one
@@ -193,8 +194,9 @@ local checks = parse(ARGV[3])
 -- A turn that may be refused while a call of it may have run is marked
 -- (KEYS' last, set to ARGV[5], kept ARGV[4] ms: Admission._run_or_refuse),
 -- for its release (_RELEASE). Released before this ran: its caller gave
--- up on it, and nobody reads this reply. (A mark "admitted" is a charge
--- refunded since, its turn asking again: _admit_or_refuse.)
+-- up on it, and nobody reads this reply (_run_or_refuse would take it for
+-- a failure). (A mark of the first admit is a charge refunded since, its
+-- turn asking again with another mark: _admit_or_refuse.)
 local mark_ms = ARGV[4]
 if mark_ms and redis.call('GET', KEYS[#KEYS]) == '0' then return {2} end
 for i, check in ipairs(checks) do
@@ -621,8 +623,12 @@ def _refusal(
 
 _KIND_CODE = {"window": "w", "budget": "b", "streams": "s"}
 # What a turn's mark (_mark_key) says once a call of it ran: its admit
-# charged it, its top-up grew it (a release sets "0", the scripts' own).
+# charged it, its second admit (after a streams refusal) did, its top-up
+# grew it (a release sets "0", the scripts' own). The second admit has its
+# own: the first's "1" may stand for a charge refunded since, which a
+# release looking for "1" would give back again.
 _MARK_ADMITTED = "1"
+_MARK_ADMITTED_AGAIN = "3"
 _MARK_GROWN = "2"
 # Scope plans kept at most: one per tenant, key and model alias in use.
 _PLANS_KEPT = 4096
@@ -764,7 +770,7 @@ class Admission:
             # write ours, give the others one flush, ask once more.
             await self.flush()
             await asyncio.sleep(SETTLE_AFTER_S * 2)
-            refused = await self._try_admit(lease_id, tokens, nano_usd, groups)
+            refused = await self._try_admit(lease_id, tokens, nano_usd, groups, _MARK_ADMITTED_AGAIN)
         return refused
 
     def _refund_abandoned(self, charged: Reservation, admitting: asyncio.Task) -> None:
@@ -792,13 +798,12 @@ class Admission:
         tokens: int,
         nano_usd: int,
         groups: list[tuple[list[_Check], list[str]]],
+        mark: str = _MARK_ADMITTED,
     ) -> _Refused | None:
         """One admit script per slot, all in one round trip (_run_or_refuse:
         a turn refused keeps no charge in any slot, a failure is raised)."""
         charge = Reservation(lease_id, tokens, nano_usd, ())
-        return await self._run_or_refuse(
-            self._admit_script, _MARK_ADMITTED, groups, charge, (0, 0), refund=True
-        )
+        return await self._run_or_refuse(self._admit_script, mark, groups, charge, (0, 0), refund=True)
 
     async def _run_or_refuse(
         self,
@@ -849,6 +854,10 @@ class Admission:
                     unsure += checks
             elif reply[0] == 1:
                 charged += checks
+            elif reply[0] == 2:
+                # Released before it ran: charged nothing. Only a call whose
+                # caller gave up on it is released, so no reply is read so.
+                failed = failed or RuntimeError(f"{lease_id}'s call ran after its release")
             elif refused is None:
                 refused = _Refused(checks[reply[1] - 1], reply[2])
         if (refused is not None or failed is not None) and charged:

@@ -77,6 +77,7 @@ class SummaryUsageCollector:
         self._asking: set[asyncio.Task] = set()
         self._ask_slots = asyncio.Semaphore(MAX_CONCURRENT_ASKS)
         self._closed = False
+        self._said_unimplemented = False
 
     def schedule(self, tenant: Tenant, session_id: str) -> None:
         """After a turn's append to ``session_id``: its asks start again."""
@@ -121,7 +122,14 @@ class SummaryUsageCollector:
                 self._forget(key, waiting)
                 return
             # Nothing taken (or a lost reply: the bound); the next ask tries again.
-            log.warning("summary usage not taken", session_id=session_id, reason=error.reason)
+            if error.code != grpc.StatusCode.UNIMPLEMENTED:
+                log.warning("summary usage not taken", session_id=session_id, reason=error.reason)
+            elif not self._said_unimplemented:
+                # A context service older than TakeSummaryUsage (an upgrade
+                # under way) answers every ask so: said once, not four
+                # times per session turn.
+                self._said_unimplemented = True
+                log.warning("summary usage not taken: the context service has no TakeSummaryUsage")
         except Exception:
             # A bug: logged here, as nothing awaits the task.
             log.exception("summary usage not taken", session_id=session_id)

@@ -499,6 +499,49 @@ async def test_a_top_up_one_slot_refuses_while_anothers_timed_out_is_refused_and
         await proxy.close()
 
 
+async def test_a_second_admit_after_a_streams_refusal_is_released_apart_from_the_first(
+    redis_client, monkeypatch
+):
+    """On a Redis Cluster the first admit's model slot charged the turn while
+    the tenant's refused it on its one stream: that charge was refunded, and
+    its mark stood. The second admit's model call then timed out without
+    running: its release took that old mark for its own and refunded the
+    model's budget a second time (a review's repro: the holder's 20 tokens
+    counted as 0)."""
+    admission = Admission(redis_client, max_generation_s=60, split_by_slot=True)
+    tenant = _scope(concurrent_streams=1)
+    model = Scope("model", uuid.uuid4().hex[:12], LimitSettings(tokens_per_day=10_000))
+    holder = await admission.admit([tenant, model], prompt_tokens=10, max_tokens=10)
+    assert int(await redis_client.get(_day_key(model))) == 20
+    run_scripts = admission_module.run_scripts
+    tries = 0
+
+    async def second_model_call_lost(script, calls, raise_on_error=True):
+        nonlocal tries
+        tries += 1
+        if tries != 2:
+            return await run_scripts(script, calls, raise_on_error)
+        # The tenant's call runs; the model's is never sent, and times out.
+        return [
+            redis.exceptions.TimeoutError("Timeout reading from socket")
+            if any(key.startswith(model.prefix) for key in keys)
+            else (await run_scripts(script, [(keys, args)], raise_on_error=False))[0]
+            for keys, args in calls
+        ]
+
+    monkeypatch.setattr(admission_module, "run_scripts", second_model_call_lost)
+    with pytest.raises(MeshgateError):
+        await admission.admit([tenant, model], prompt_tokens=10, max_tokens=10)
+    monkeypatch.setattr(admission_module, "run_scripts", run_scripts)
+    await admission.drain()
+    assert tries == 2
+    assert int(await redis_client.get(_day_key(model))) == 20
+    # The holder's settlement then leaves its use, not less.
+    await admission.settle(holder, 15, 0)
+    await admission.flush()
+    assert int(await redis_client.get(_day_key(model))) == 15
+
+
 async def _script_calls(client) -> int:
     """How many EVALSHA calls Redis has run, for any client."""
     return (await client.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)

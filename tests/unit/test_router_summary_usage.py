@@ -109,3 +109,17 @@ async def test_a_stopping_router_asks_a_few_sessions_at_a_time() -> None:
     release.set()
     await closing
     assert in_flight == 0
+
+
+async def test_a_context_service_without_the_take_is_said_once(monkeypatch) -> None:
+    warnings: list[str] = []
+    monkeypatch.setattr(summary_usage.log, "warning", lambda event, **fields: warnings.append(event))
+
+    async def take(tenant: Tenant, session_id: str) -> tuple[SummarySpend, ...]:
+        raise MeshgateError(grpc.StatusCode.UNIMPLEMENTED, Reason.DOWNSTREAM_FAILED, "no such method")
+
+    usage = SummaryUsageCollector(take, lambda t, s: None, first_after_s=3600)
+    for index in range(3):
+        usage.schedule(ALICE, f"s{index}")
+    await usage.close()
+    assert warnings == ["summary usage not taken: the context service has no TakeSummaryUsage"]
