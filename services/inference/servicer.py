@@ -266,9 +266,15 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     backend.stub_died(model, error.details())
                 # A unary call that failed sent nothing back: another server
                 # may answer (AIP-194), as for Generate before its first token.
-                # Triton answers a model whose stub died INTERNAL, but the
-                # request never ran there and another server's model is alive.
-                if error.code() == grpc.StatusCode.UNAVAILABLE or stub_died:
+                # Triton answers a model whose stub died INTERNAL, and one it
+                # unloaded (the probes take it out of rotation rounds later)
+                # NOT_FOUND, but the request never ran there and another
+                # server's model may be alive.
+                if (
+                    error.code() == grpc.StatusCode.UNAVAILABLE
+                    or stub_died
+                    or triton_protocol.model_not_here(error.details() or "")
+                ):
                     log.warning("triton unavailable, embedding on another", backend=backend.address)
                     continue
                 raise triton_failure(error, model, Reason.INVALID_EMBEDDING_REQUEST) from error

@@ -163,9 +163,7 @@ def stream_error_code(error_message: str, triton_model: str) -> grpc.StatusCode:
     tritonclient prints in front of an exception."""
     if error_message.startswith(f"{triton_model}: invalid request: "):
         return grpc.StatusCode.INVALID_ARGUMENT
-    if error_message == f"{triton_model}: model is shutting down" or error_message.startswith(
-        ("Request for unknown model", "Server not ready")
-    ):
+    if error_message == f"{triton_model}: model is shutting down" or model_not_here(error_message):
         return grpc.StatusCode.UNAVAILABLE
     if error_message == "request was cancelled":
         return grpc.StatusCode.CANCELLED
@@ -185,6 +183,16 @@ def stream_error_code(error_message: str, triton_model: str) -> grpc.StatusCode:
         if wording.match(error_message):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+def model_not_here(error_message: str) -> bool:
+    """Whether a Triton error (a stream's error_message, a unary call's
+    details) says this server has no such model ready just now (unloaded,
+    loading, or the server not ready): the request never ran, and another
+    server may have it. A unary call gets it as NOT_FOUND ("Request for
+    unknown model: 'minilm' has no available versions", tritonserver 2.51),
+    which would otherwise read as the caller's mistake."""
+    return error_message.startswith(("Request for unknown model", "Server not ready"))
 
 
 # What Triton's Python backend answers, without running the model, to a

@@ -11,6 +11,7 @@ import signal
 
 import grpc
 import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from meshgate import mesh_auth
 from meshgate.common.v1 import common_pb2
@@ -183,3 +184,25 @@ async def test_a_stopped_triton_ends_its_calls_once_the_probes_take_it_out(two_t
         assert failure is None, failure
         assert answer.backend == live_url and answer_text
     assert left_open == 0
+
+
+async def test_an_embedding_model_unloaded_on_one_server_is_embedded_on_the_other(two_tritons) -> None:
+    """Triton answers a unary call for a model it unloaded NOT_FOUND: before
+    the probes take the model out of rotation there, such a call must go to
+    the server that still has it, not fail its caller as NOT_FOUND."""
+    urls, _ = two_tritons
+    settings = Settings(mesh=mesh_settings())
+    settings.inference.triton_urls = urls
+    # No probe round between the unload and the calls: the balancer still
+    # believes both servers have the model.
+    settings.inference.health_interval_s = 60
+    async with running_inference(settings) as address, router_channel(address, "inference") as channel:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        async with grpc.aio.insecure_channel(urls[0]) as triton_channel:
+            triton = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
+            await triton.RepositoryModelUnload(service_pb2.RepositoryModelUnloadRequest(model_name="minilm"))
+        # One at a time, texts never embedded before (no memo, no sharing):
+        # least-outstanding balancing sends some to the unloaded server.
+        for n in range(6):
+            answer = await stub.Embed(pb.EmbedRequest(texts=[f"unloaded on one server {n}"]), timeout=10)
+            assert answer.dimensions > 0
