@@ -328,7 +328,11 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             requests = aiter(request_iterator)
             version = None  # the session's, after a turn of this stream
             while (request := await self._next_turn(requests, session_id, version)) is not None:
-                session_id = request.session_id or session_id
+                if request.session_id and request.session_id != session_id:
+                    # Another session from here on: the version known is
+                    # the last one's, which the stop must not give as this
+                    # one's (its completion sets this one's).
+                    session_id, version = request.session_id, None
                 # The key was checked when the stream opened, and a stream may
                 # stay open for hours: each turn resolves it again (a stored
                 # key's record from the key cache, no Redis call while it is

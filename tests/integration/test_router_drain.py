@@ -182,6 +182,47 @@ async def test_chat_session_streams_end_between_turns_once_the_router_stops(two_
         assert time.monotonic() - started < 10, "the streams did not hold the router for its grace"
 
 
+async def test_a_stream_stopped_after_a_failed_turn_on_another_session_names_no_version_of_the_first(
+    two_routers,
+):
+    """A stream whose turn named another session, and failed there, went
+    on with that session, but its SERVICE_STOPPING still gave the version
+    the first session had reached: a client resuming the second session
+    with it as its expected_session_version is refused. The version given
+    is only ever the named session's own."""
+    _, (service, address), _ = two_routers
+
+    def turn(text: str, **fields) -> pb.ChatSessionRequest:
+        return pb.ChatSessionRequest(
+            model="tiny-gpt",
+            messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=text)],
+            parameters=common_pb2.GenerationParameters(max_tokens=2),
+            cache_policy=pb.CACHE_POLICY_BYPASS,
+            **fields,
+        )
+
+    async with bounded_channel(address) as channel:
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+        other = (await stub.CreateSession(pb.CreateSessionRequest(), metadata=AUTH, timeout=10)).session_id
+        stream = stub.ChatSession(metadata=AUTH, timeout=60)
+        await stream.initial_metadata()
+        await stream.write(turn("first, in a session of its own"))
+        while not (response := await stream.read()).HasField("completion"):
+            pass
+        assert response.completion.session_version == 1
+        # The other session is at version 0: this strict turn fails there.
+        await stream.write(turn("then the other one", session_id=other, expected_session_version=1))
+        while not (response := await stream.read()).HasField("failure"):
+            pass
+        stopping = asyncio.ensure_future(serving.stop(service, grace_s=5))
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await stream.read()
+        await stopping
+    code, reason, metadata = refusal_of(ended.value)
+    assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "SERVICE_STOPPING")
+    assert metadata == {"session_id": other}
+
+
 async def test_turns_still_running_when_the_grace_ends_say_how_much_went_out(two_routers, monkeypatch):
     """A turn longer than the grace (a long generation; here an append whose
     reply is late) was cancelled by gRPC with a bare UNAVAILABLE ("Cancelling
