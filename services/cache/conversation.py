@@ -188,8 +188,15 @@ def _bound_by_reply(text: str, topic: str) -> common_pb2.Message | None:
 
 def resolve(messages: Sequence[common_pb2.Message]) -> tuple[str, bool]:
     """The text a prompt's last question is embedded, stored and verified
-    as, and whether it carries a topic turn (else it is the bare question)."""
-    question = normalize_text(messages[-1].content)
+    as, and whether it carries a topic turn (else it is the bare question).
+
+    The question's own line breaks read as spaces: the verifier takes the
+    first line break for CONTEXT_SEPARATOR, so a question of several lines
+    was split into a question and a made-up topic turn, and refused its
+    duplicates of one line (and they it) as of another context. The
+    embedding and the verifier's analysis read a line break as a space
+    anyway; the exact tier keeps them (keys.py)."""
+    question = normalize_text(messages[-1].content).replace(CONTEXT_SEPARATOR, " ")
     topic = topic_turn(messages[:-1])
     if topic is None:
         return question, False

@@ -359,6 +359,34 @@ async def test_the_local_embedder_needs_no_inference_service(redis_url, tenant):
     assert response.entry_id == entry_id
 
 
+@pytest.mark.parametrize(
+    ("stored", "asked"),
+    [
+        (
+            "Translate into French:\nGood morning, how are you?",
+            "Translate into French: Good morning, how are you?",
+        ),
+        (
+            "Translate into French: Good morning, how are you?",
+            "Translate into French:\nGood morning, how are you?",
+        ),
+    ],
+)
+async def test_a_question_differing_only_in_line_breaks_is_a_semantic_hit(redis_url, tenant, stored, asked):
+    """Line breaks keep two prompts apart exactly (keys.py) but not by
+    meaning: the embedding reads no whitespace. The verifier read a line
+    break inside a question as the start of a topic turn, and refused the
+    pair as of other contexts."""
+    settings = make_settings(redis_url, f"127.0.0.1:{free_port()}")
+    settings.cache.embedder = "local"
+    async with running(settings) as local_stub:
+        entry_id = await store(local_stub, tenant, conversation(stored), text="Bonjour, comment allez-vous ?")
+        response = await lookup(local_stub, tenant, conversation(asked))
+    assert response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    assert response.entry_id == entry_id
+    assert response.similarity > 0.99
+
+
 async def test_redis_outage_is_unavailable(tmp_path: pathlib.Path, inference_address, tenant):
     port = free_port()
     process = redis_server.launch(port, tmp_path)

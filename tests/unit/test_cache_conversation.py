@@ -56,6 +56,17 @@ def test_the_topic_is_the_latest_user_turn_that_says_something():
     assert text == f"How do I cancel it?{CONTEXT_SEPARATOR}I'm subscribed to the premium streaming plan."
 
 
+def test_a_question_of_several_lines_is_one_question_to_the_verifier():
+    """Its line breaks are not the separator of a topic turn: the same
+    question on one line is served its answer, alone and in context."""
+    verifier = Verifier.load(CacheSettings().max_false_hit_rate)
+    vector = np.ones(verifier.dimensions, np.float32) / np.sqrt(verifier.dimensions)
+    for earlier in ((), ("I'm subscribed to the premium streaming plan.", "Noted.")):
+        stored, _ = conversation.resolve(turns(*earlier, "Translate into French:\nHow do I cancel it?"))
+        asked, _ = conversation.resolve(turns(*earlier, "Translate into French: How do I cancel it?"))
+        assert verifier.decide(asked, vector, stored, vector).accepted
+
+
 def test_a_single_question_or_one_after_only_small_talk_is_matched_bare():
     assert conversation.resolve(turns("How do I cancel it?")) == ("How do I cancel it?", False)
     after_greetings = turns("Hi!", "Hello!", "How do I cancel it?")
