@@ -156,6 +156,10 @@ if ARGV[2] ~= '' then
   end
 end
 local pins = redis.call('LLEN', KEYS[5])
+-- Pinned already (a retry after a lost reply, or a caller pinning it
+-- twice): it stays one pin, else a fact went into every prompt twice, and
+-- the one UnpinFromSession left it pinned.
+if redis.call('LPOS', KEYS[5], ARGV[1]) then return {1, pins} end
 if pins >= tonumber(ARGV[4]) then return {-3, pins} end
 local count = redis.call('RPUSH', KEYS[5], ARGV[1])
 renew(tonumber(ARGV[3]))
@@ -168,12 +172,13 @@ return {1, count}
 
 
 # KEYS: as _PIN. ARGV: the pin, the session TTL. Returns {0} (no session),
-# {-1, pins} (no such pin) or {1, pins left}; one copy of the pin goes.
+# {-1, pins} (no such pin) or {1, pins left}; every copy of the pin goes (a
+# session pinned before _PIN kept pins single may hold one twice).
 _UNPIN = (
     RENEW
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
-if redis.call('LREM', KEYS[5], 1, ARGV[1]) == 0 then return {-1, redis.call('LLEN', KEYS[5])} end
+if redis.call('LREM', KEYS[5], 0, ARGV[1]) == 0 then return {-1, redis.call('LLEN', KEYS[5])} end
 renew(tonumber(ARGV[2]))
 redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1')
 return {1, redis.call('LLEN', KEYS[5])}
@@ -596,9 +601,10 @@ class TurnIndex:
         return {i: common_pb2.Message.FromString(r) for i, r in zip(indices, raw, strict=True)}
 
     async def pin(self, tenant_id: str, session_id: str, pin: str, message_index: int | None) -> int:
-        """Adds a pin (``t:<index>`` or ``f:<text>``); returns how many the
-        session holds. Raises SESSION_NOT_FOUND, PIN_TARGET_NOT_FOUND for
-        a turn the session does not hold, or TOO_MANY_PINS past MAX_PINS."""
+        """Adds a pin (``t:<index>`` or ``f:<text>``) unless the session
+        holds it already; returns how many the session holds. Raises
+        SESSION_NOT_FOUND, PIN_TARGET_NOT_FOUND for a turn the session does
+        not hold, or TOO_MANY_PINS past MAX_PINS."""
         index = "" if message_index is None else message_index
         with redis_reachable():
             outcome = await self._pin(

@@ -216,6 +216,34 @@ async def test_a_revert_drops_the_pins_of_the_turns_it_undoes(stub_and_client, t
     assert reasons[2] != pb.INCLUSION_REASON_PINNED
 
 
+async def test_a_pin_made_twice_is_one_pin_and_one_unpin_removes_it(stub_and_client, tenant) -> None:
+    """Pinning what is pinned already (a retry after a lost reply) changes
+    nothing. It pushed a second copy: the fact went into every prompt twice,
+    and after UnpinFromSession, the way out of a pin, it was still pinned."""
+    stub, client = stub_and_client
+    created = await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))
+    sid = created.session.session_id
+    await _append(stub, tenant, sid, msg(USER, "Who signed the lease?"), msg(ASSISTANT, "Ana did."))
+    here = {"tenant_id": tenant, "session_id": sid}
+    fact = "The lease runs until May."
+    for _ in range(2):
+        assert (await stub.PinToSession(pb.PinToSessionRequest(**here, fact=fact))).pin_count == 1
+    for _ in range(2):
+        assert (await stub.PinToSession(pb.PinToSessionRequest(**here, message_index=1))).pin_count == 2
+    pins_key = session_store.key(tenant, sid, "pins")
+    assert await client.lrange(pins_key, 0, -1) == [b"f:" + fact.encode(), b"t:1"]
+    assert [m.content for m in (await _assemble(stub, tenant, sid)).messages].count(fact) == 1
+    unpinned = await stub.UnpinFromSession(pb.UnpinFromSessionRequest(**here, fact=fact))
+    assert unpinned.pin_count == 1
+    assert fact not in [m.content for m in (await _assemble(stub, tenant, sid)).messages]
+    # A session pinned twice before pins were kept single loses every copy at once.
+    await client.rpush(pins_key, b"t:1")
+    unpinned = await stub.UnpinFromSession(pb.UnpinFromSessionRequest(**here, message_index=1))
+    assert unpinned.pin_count == 0 and await client.lrange(pins_key, 0, -1) == []
+    response = await _assemble(stub, tenant, sid)
+    assert all(e.reason != pb.INCLUSION_REASON_PINNED for e in response.manifest.entries)
+
+
 class _IndexOutage:
     """Turn-index writes fail as a Redis outage would, after their append
     stored the turns: the next ``failing`` of them (None: until ``end``)."""

@@ -156,6 +156,7 @@ class ContextServiceServicer:
         """Pins a session turn (by index) or a free-text fact to a session: every
         later assembly includes it, whatever the budget, counted against it.
         A session holds at most 256 pins (FAILED_PRECONDITION, TOO_MANY_PINS).
+        Pinning what the session holds pinned already changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
