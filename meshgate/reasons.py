@@ -158,7 +158,7 @@ class Reason(enum.StrEnum):
     """A session version is negative."""
 
     INVALID_TURN_ID = enum.auto()
-    """A turn id is empty or too long."""
+    """A turn id is too long (over 128 bytes) or holds whitespace (AppendTurns)."""
 
     INVALID_TOKEN_BUDGET = enum.auto()
     """The prompt token budget is zero or negative."""

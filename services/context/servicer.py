@@ -483,6 +483,12 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             raise invalid_argument(
                 Reason.INVALID_TURN_ID, f"turn_id is longer than {MAX_TURN_ID_BYTES} bytes"
             )
+        if any(character.isspace() for character in request.turn_id):
+            # The append that takes a session's unbilled summary usage
+            # records it as "<turn id> <usage>" for its retry to find: with
+            # a space in ids, a retry of "t" read the record of "t x" (its
+            # usage, or JSON that does not parse: INTERNAL).
+            raise invalid_argument(Reason.INVALID_TURN_ID, "turn_id must not contain whitespace")
         if not request.messages:
             raise invalid_argument(Reason.EMPTY_MESSAGES, "messages must not be empty")
         turns = list(request.messages)

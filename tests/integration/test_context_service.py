@@ -302,10 +302,14 @@ async def test_appends_at_any_version_all_land_and_a_replayed_turn_id_is_not_app
 async def test_invalid_appends_are_rejected(stub, tenant) -> None:
     session_id = await new_session(stub, tenant)
 
-    async def reason_of(messages, version: int = 0) -> str:
+    async def reason_of(messages, version: int = 0, turn_id: str = "") -> str:
         call = stub.AppendTurns(
             pb.AppendTurnsRequest(
-                tenant_id=tenant, session_id=session_id, expected_version=version, messages=messages
+                tenant_id=tenant,
+                session_id=session_id,
+                expected_version=version,
+                messages=messages,
+                turn_id=turn_id,
             )
         )
         code, reason, _ = await failure(call)
@@ -319,6 +323,10 @@ async def test_invalid_appends_are_rejected(stub, tenant) -> None:
     assert await reason_of([msg(USER, "é" * (512 * 1024 + 1))]) == "MESSAGE_TOO_LARGE"
     assert await reason_of([msg(USER, "x")], version=-1) == "INVALID_VERSION"
     assert await reason_of([msg(USER, "x")] * 1025) == "TOO_MANY_MESSAGES"
+    assert await reason_of([msg(USER, "x")], turn_id="t" * 129) == "INVALID_TURN_ID"
+    # A retry of "t" would read the usage record of "t x" (store.py's unbilled_taken).
+    assert await reason_of([msg(USER, "x")], turn_id="t x") == "INVALID_TURN_ID"
+    assert await reason_of([msg(USER, "x")], turn_id="t\tx") == "INVALID_TURN_ID"
     # Nothing was stored by the rejected calls; exactly 1 MiB is accepted.
     ok = pb.AppendTurnsRequest(
         tenant_id=tenant,
