@@ -233,10 +233,12 @@ def admitted_admin() -> Authenticator:
     return _CALLER_KEY.get()[0]
 
 
-async def current_tenant() -> Tenant:
+async def current_tenant() -> Tenant | None:
     """The tenant of the call under way as its key names it now, for a call
-    that outlives the gate's check (a ChatSession stream, turn after turn):
-    the configuration in use (a reload's tenants, keys, limits and models
+    that outlives the gate's check: a ChatSession stream, turn after turn,
+    and a unary call once its request is in (its caller may send it long
+    after the gate let the call in, past a revocation of its key): the
+    configuration in use (a reload's tenants, keys, limits and models
     apply from the next turn, as they do to new calls) or the key's stored
     record. Raises the refusal a new call with the key would get
     (UNAUTHENTICATED) where the key has left the configuration, or is a
@@ -245,8 +247,11 @@ async def current_tenant() -> Tenant:
     session and its place under its tenant's caps are the first tenant's.
     A stored key's record comes from the KeyStore's cache, so at most one
     GET per key and half second however many turns; a configured key's
-    costs no Redis call."""
+    costs no Redis call. None for the admin credential (on the methods that
+    take it), which is not resolved again."""
     authenticator, key = _CALLER_KEY.get()
+    if key is None:
+        return None
     tenant = await authenticator.tenant_of(key)
     if tenant.id != _CALLER.get().id:
         raise _unauthenticated(Reason.API_KEY_INVALID, "the API key now names another tenant; call again")

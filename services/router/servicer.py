@@ -210,7 +210,10 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         self.session_streams.reconfigure(settings.router.max_session_streams_per_tenant)
 
     async def Chat(self, request: pb.ChatRequest, context, call: _Call | None = None):
-        tenant = current_caller()
+        # The key was checked before the request was read, which its caller
+        # may send long after (a call opened before its key was revoked):
+        # resolved again now that it is in, as a ChatSession's next turn is.
+        tenant = await current_tenant()
         budget = Budget.of(context.time_remaining())
         sent = False
 
@@ -403,12 +406,12 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                         raise call.failure(deltas, chars, session_id) from None
 
     async def CreateSession(self, request, context) -> pb.CreateSessionResponse:
-        tenant = current_caller()
+        tenant = await current_tenant()
         budget = Budget.of(context.time_remaining())
         return pb.CreateSessionResponse(session_id=await self._pipeline.create_session(tenant, budget))
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
-        tenant = current_caller()
+        tenant = await current_tenant()
         return pb.ListModelsResponse(
             models=[
                 pb.ModelInfo(
@@ -422,7 +425,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         )
 
     async def ReportWrongHit(self, request: pb.ReportWrongHitRequest, context) -> pb.ReportWrongHitResponse:
-        tenant = current_caller()
+        tenant = await current_tenant()
         if tenant is None:  # the admin credential has no hits of its own
             raise invalid_argument(Reason.TENANT_REQUIRED, "report a hit with its tenant's key")
         if not request.cache_entry_id:
@@ -439,7 +442,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         return pb.ReportWrongHitResponse(entry_removed=removed)
 
     async def GetUsage(self, request: pb.GetUsageRequest, context) -> pb.GetUsageResponse:
-        caller = current_caller()
+        caller = await current_tenant()
         if caller is None:  # the admin credential: any tenant, named
             if not request.tenant_id:
                 raise invalid_argument(Reason.TENANT_REQUIRED, "the admin credential must name a tenant_id")

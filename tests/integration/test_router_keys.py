@@ -334,6 +334,52 @@ async def test_a_chat_session_open_when_its_key_is_revoked_or_expires_refuses_it
         stream.cancel()
 
 
+@pytest.mark.parametrize(
+    ("method", "request_", "ended_by"),
+    [
+        ("Chat", pb.ChatRequest(model="tiny-gpt"), "revocation"),
+        ("ListModels", pb.ListModelsRequest(), "expiry"),
+    ],
+)
+async def test_a_call_whose_request_comes_after_its_key_was_revoked_or_expired_is_refused(
+    redis_url, method, request_, ended_by
+):
+    """A bug hunt's finding: a call's key is checked from its metadata,
+    before its request is read, and the handler took the tenant of that
+    check: a client that opened calls (with no deadline, they stay open)
+    and sent their requests after its key was revoked or had expired had
+    each served, a Chat turn generated and billed, however long after."""
+    settings = Settings(mesh=mesh_settings())
+    settings.redis.url = redis_url
+    settings.router.admin_api_key_sha256 = [hash_api_key("keys-admin")]
+    async with running(router_app, "router", settings) as address, bounded_channel(address) as channel:
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        create = admin_pb.CreateKeyRequest(tenant_id=f"t-{uuid.uuid4().hex[:8]}")
+        if ended_by == "expiry":
+            create.expires_at.FromNanoseconds(int((time.time() + 1.0) * 1e9))
+        created = await admin.CreateKey(create, metadata=ADMIN, timeout=10)
+        # Opened as a stream, to hold the request back: the metadata goes now
+        # and the key is checked (and found good) while the request is unsent.
+        opened = channel.stream_stream(
+            f"/meshgate.router.v1.RouterService/{method}",
+            request_serializer=type(request_).SerializeToString,
+        )(metadata=bearer(created.api_key), timeout=30)
+        try:
+            await asyncio.sleep(0.3)
+            if ended_by == "revocation":
+                await admin.RevokeKey(admin_pb.RevokeKeyRequest(key_id=created.key.key_id), metadata=ADMIN)
+                expected = (grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_REVOKED)
+            else:
+                expected = (grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_EXPIRED)
+            await asyncio.sleep(1.1)  # "within a second", past the key cache's half second
+            await opened.write(request_)
+            await opened.done_writing()
+            # Not the request's own answer (a Chat without messages: EMPTY_MESSAGES).
+            assert await refusal(opened.read()) == expected
+        finally:
+            opened.cancel()
+
+
 async def test_a_chat_session_turn_after_a_reload_meets_the_reloaded_keys_and_limits(redis_url, tmp_path):
     """A bug hunt's finding: a ChatSession kept the tenant it opened with,
     so a key taken out of the settings file (a leaked one) went on being
