@@ -605,6 +605,16 @@ class HttpEdge:
             body = await _read_body(
                 receive, self._settings.http_max_body_bytes, self._settings.http_body_timeout_s
             )
+            # The body may come up to http_body_timeout_s after the headers:
+            # the key is resolved again now (from the key cache, as a gRPC
+            # call's once its request is in), so one revoked or expired
+            # meanwhile is refused, not served.
+            if (await self._tenant(scope)).id != tenant.id:
+                raise MeshgateError(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    Reason.API_KEY_INVALID,
+                    "the API key now names another tenant; send the request again",
+                )
             await _until_disconnect(handler(tenant, body, response, scope), receive, response)
         except _Disconnected:
             return

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 import uuid
 
 import httpx
@@ -25,8 +26,9 @@ from meshgate.config import (
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.local.stack import free_port
+from meshgate.router.v1 import admin_service_pb2 as admin_pb
+from meshgate.router.v1 import admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as router_pb
-from meshgate.router.v1 import router_service_pb2_grpc
 from tests.integration.conftest import (
     running_router,
     service_settings,
@@ -1004,6 +1006,36 @@ async def test_a_slow_body_is_bound_by_the_body_timeout_not_the_header_timeout(h
         writer.close()
     assert asyncio.get_running_loop().time() - started > HEADER_TIMEOUT_S * 3
     assert status == 200, answer
+
+
+async def test_a_body_that_comes_after_its_key_expired_is_refused(redis_url, inference_address):
+    """A bug hunt's finding, as for gRPC calls (tests/integration/test_router_keys.py):
+    the key is checked from the headers, and the body may come up to
+    router.http_body_timeout_s later; a key expired (or revoked) meanwhile
+    was served."""
+    settings = service_settings(redis_url, inference_address, KEY)
+    settings.router.admin_api_key_sha256 = [hash_api_key("edge-admin")]
+    settings.router.http_listen = f"127.0.0.1:{free_port()}"
+    async with running_router(settings) as address, bounded_channel(address) as channel:
+        create = admin_pb.CreateKeyRequest(tenant_id=f"t-{uuid.uuid4().hex[:8]}")
+        create.expires_at.FromNanoseconds(int((time.time() + 1.0) * 1e9))
+        created = await admin_service_pb2_grpc.AdminServiceStub(channel).CreateKey(
+            create, metadata=(("authorization", "Bearer edge-admin"),), timeout=10
+        )
+        body = json.dumps({"model": "tiny-gpt", "messages": question(unique("late body")), "max_tokens": 4})
+        request = raw_request("POST", "/chat/completions", body.encode(), key=created.api_key)
+        host, _, port = settings.router.http_listen.rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(request[:-10])
+            await writer.drain()
+            await asyncio.sleep(1.6)  # past the expiry and the key cache's half second
+            writer.write(request[-10:])
+            status, _, answer = await asyncio.wait_for(read_response(reader), 30)
+        finally:
+            writer.close()
+    assert status == 401, answer
+    assert json.loads(answer)["error"]["code"] == "API_KEY_EXPIRED", answer
 
 
 def _turns(outcome: str) -> float:
