@@ -263,8 +263,9 @@ class Reason(enum.StrEnum):
 
     RESPONSE_TOO_LARGE = enum.auto()
     """RESOURCE_EXHAUSTED: the answer would pass the mesh's message bound
-    (GetSession of a session held under context.max_session_bytes = 0;
-    metadata ``bytes``, ``limit``)."""
+    (GetSession of a session held under context.max_session_bytes = 0, or a
+    cache Store of an answer no Lookup could return; metadata ``bytes``,
+    ``limit``)."""
 
     SESSION_FULL = enum.auto()
     """RESOURCE_EXHAUSTED: the append would take the session past context.max_turns

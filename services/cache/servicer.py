@@ -47,12 +47,12 @@ import grpc
 import numpy as np
 import structlog
 
-from meshgate import metrics
+from meshgate import metrics, serving
 from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
 from meshgate.config import CacheSettings
-from meshgate.errors import invalid_argument
+from meshgate.errors import MeshgateError, invalid_argument
 from meshgate.reasons import Reason
 from meshgate.single_flight import SingleFlight
 from services.cache import conversation, keys
@@ -96,6 +96,11 @@ def _now_ms() -> int:
 # resident indexes, so a caller that sent megabytes of scope would hold that
 # much memory per scope: refused before anything keeps it. The bounds leave
 # room above what the router sends.
+# The most an answer stored may take, serialized: a Lookup's reply carries
+# it whole, with the entry ids (64 hex characters each), the similarity, a
+# status and a fence beside it, well inside the room left here, and must
+# pass the mesh's message bound.
+MAX_ANSWER_BYTES = serving.MAX_MESSAGE_BYTES - 4096
 MAX_SCOPE_NAME_CHARS = 512
 MAX_SCOPE_PARAMETERS_BYTES = 8192
 
@@ -241,6 +246,15 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         ttl_ms = (request.ttl_seconds or self._settings.ttl_s) * 1000
         entry_id = keys.entry_id(partition, messages)
         answer = request.answer.SerializeToString()
+        if len(answer) > MAX_ANSWER_BYTES:
+            # Every Lookup of it would fail in grpc's own words (its reply
+            # carries the answer and a few fields more), for the entry's TTL.
+            raise MeshgateError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Reason.RESPONSE_TOO_LARGE,
+                f"the answer's {len(answer)} bytes are more than a lookup may return ({MAX_ANSWER_BYTES})",
+                {"bytes": str(len(answer)), "limit": str(MAX_ANSWER_BYTES)},
+            )
         vector = None
         if messages[-1].role == _USER:
             context_id, text = self._semantic_subject(partition, messages)

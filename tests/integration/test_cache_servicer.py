@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import redis.asyncio as redis
 
-from meshgate import redis_access
+from meshgate import redis_access, serving
 from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.common.v1 import common_pb2
 from meshgate.config import CacheSettings
@@ -1100,6 +1100,29 @@ async def test_invalid_requests(cache, request_, reason):
         await method(request_, None)
     assert failure.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert failure.value.reason == reason
+
+
+async def test_an_answer_no_lookup_could_return_is_not_stored(cache, tenant):
+    """A hunt's finding: a Store just under the mesh's 32 MiB message bound
+    was taken, and every Lookup of its prompt then failed RESOURCE_EXHAUSTED
+    in grpc's words, without ErrorInfo, for the entry's TTL (the reply
+    carries the answer and more)."""
+    text = "a" * servicer_module.MAX_ANSWER_BYTES
+    request = pb.StoreRequest(
+        scope=scope(tenant), messages=conversation(STORED), answer=pb.CachedAnswer(text=text)
+    )
+    assert request.answer.ByteSize() > servicer_module.MAX_ANSWER_BYTES
+    with pytest.raises(MeshgateError) as failure:
+        await cache.Store(request, None)
+    assert failure.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert failure.value.reason == "RESPONSE_TOO_LARGE"
+    assert (await lookup(cache, scope(tenant), conversation(STORED))).status == pb.LOOKUP_STATUS_MISS
+    # At the bound, stored and returned.
+    request.answer.text = "a" * (servicer_module.MAX_ANSWER_BYTES - 5)
+    assert request.answer.ByteSize() <= servicer_module.MAX_ANSWER_BYTES
+    await cache.Store(request, None)
+    found = await lookup(cache, scope(tenant), conversation(STORED))
+    assert found.status == pb.LOOKUP_STATUS_EXACT_HIT and found.ByteSize() < serving.MAX_MESSAGE_BYTES
 
 
 async def test_invalidate_a_model_then_the_tenant(cache, tenant):
