@@ -161,9 +161,16 @@ class DeploymentTable:
         self.reconfigure(models)
 
     def reconfigure(self, models: dict[str, ModelSettings]) -> None:
-        """New routes from the next request on. A deployment configured as
-        before keeps its circuit; channels are kept until close(), since a
-        stream in flight may still use one that is no longer routed to."""
+        """New routes from the next request on. A deployment at the same
+        place as before (name, model, address) stays the same target: its
+        circuit, its requests in flight and its TTFT, under its new weight.
+        Rebuilt for a new weight, it came back with a closed circuit and none
+        in flight, so a re-weight (draining one to 0 included) sent traffic
+        to a deployment whose circuit was open, and least_outstanding sent
+        the re-weighted one every request until its old streams ended, as
+        if idle; those streams counted down on the object no longer routed.
+        Channels are kept until close(), since a stream in flight may still
+        use one that is no longer routed to."""
         previous = {
             (alias, d.name, d.model, d.address): d for alias, ds in self._by_alias.items() for d in ds
         }
@@ -179,7 +186,8 @@ class DeploymentTable:
             deployments = []
             for settings in model.deployments:
                 kept = previous.get((alias, settings.name, settings.model, settings.address))
-                if kept is not None and kept.weight == settings.weight:
+                if kept is not None:
+                    kept.weight = settings.weight
                     deployments.append(kept)
                     continue
                 channel = self._channels.get(settings.address)

@@ -63,6 +63,47 @@ async def test_reconfiguring_keeps_what_a_strategy_learned_unless_it_changes():
         await table.close()
 
 
+def weighted(strategy: str, **weights: float) -> ModelSettings:
+    return ModelSettings(
+        routing_strategy=strategy,
+        deployments=[
+            DeploymentSettings(name=name, address=f"127.0.0.1:{5000 + i}", weight=weight)
+            for i, (name, weight) in enumerate(weights.items())
+        ],
+    )
+
+
+async def test_a_reweighted_deployment_keeps_its_open_circuit_and_its_streams_in_flight():
+    """A reload that changed only a deployment's weight rebuilt it: its open
+    circuit came back closed (traffic again to a deployment failing every
+    call) and its streams under way no longer counted, so least_outstanding
+    took it for idle and sent it every request until they ended."""
+    table = DeploymentTable({"m": weighted("least_outstanding", a=1.0, b=1.0, c=1.0)})
+    a, b, c = sorted(table.candidates("m"), key=lambda d: d.name)
+    a.stream_stub = stuck = HangingGenerate()
+    b.in_flight = c.in_flight = 5  # a first
+    for _ in range(3):
+        b.health.record_failure()
+    turn = asyncio.create_task(generated(table, Answer()))
+    try:
+        await until(lambda: stuck.request is not None)
+        b.in_flight = c.in_flight = 0
+        table.reconfigure({"m": weighted("least_outstanding", a=1.5, b=2.0, c=1.0)})
+        # a's stream counts: (1 + 1) / 1.5 against c's idle (0 + 1) / 1; b's circuit is open.
+        assert [d.name for d in table.candidates("m")] == ["c", "a", "b"]
+        reweighted_a, reweighted_b, _ = sorted(table.candidates("m"), key=lambda d: d.name)
+        assert (reweighted_a.weight, reweighted_a.in_flight) == (1.5, 1)
+        assert reweighted_b.health.state is BreakerState.OPEN
+        turn.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await turn
+        # The stream's end is counted on the deployment still routed to.
+        assert reweighted_a.in_flight == 0
+    finally:
+        turn.cancel()
+        await table.close()
+
+
 class ScriptedGenerate:
     """An inference service's Generate call: the responses given, then its end."""
 
