@@ -218,14 +218,21 @@ class DeploymentTable:
 
     def inference_stubs(self) -> list:
         """One stub per inference service the deployments reach, for calls
-        that name no model alias (Embed): routed models' services first."""
-        stubs, seen = [], set()
+        that name no model alias (Embed): those in rotation first, those
+        whose health checks failed (_Address.down) last. Listed in the
+        configuration's order alone, a service gone silent stayed first, and
+        every embeddings request waited its whole max_generation_s there
+        (300 s) before any other was tried, its checks having long taken it
+        out of rotation."""
+        one_per_address, seen = [], set()
         for deployments in self._by_alias.values():
             for deployment in deployments:
                 if deployment.address not in seen:
                     seen.add(deployment.address)
-                    stubs.append(deployment.stub)
-        return stubs
+                    one_per_address.append(deployment)
+        # Stable: the configuration's order within each group.
+        one_per_address.sort(key=lambda deployment: self._addresses[deployment.address].down)
+        return [deployment.stub for deployment in one_per_address]
 
     def strategy(self, alias: str) -> balancing.Strategy | None:
         return self._strategies.get(alias)

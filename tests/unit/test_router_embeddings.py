@@ -9,13 +9,21 @@ import time
 import grpc
 import pytest
 
-from meshgate.config import InferenceSettings, PriceSettings, RouterSettings
+from meshgate.config import (
+    DeploymentSettings,
+    InferenceSettings,
+    ModelSettings,
+    PriceSettings,
+    RouterSettings,
+)
 from meshgate.errors import MeshgateError
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from services.router.admission import Reservation, TurnAdmission
 from services.router.auth import Tenant
+from services.router.deployments import PROBES_TO_MARK_DOWN, DeploymentTable
 from services.router.embeddings import Embeddings
 from tests.unit.test_router_context_restart import unavailable as unavailable_rpc
+from tests.unit.test_router_deployments import checked
 
 
 class Admission:
@@ -222,3 +230,29 @@ async def test_no_replica_is_tried_with_too_little_of_the_requests_budget_left()
     assert failed.value.metadata["max_generation_s"] == "0.3"
     assert second.requests == []
     assert ledger.records[0].failure == "DEADLINE_EXCEEDED"
+
+
+async def test_an_inference_service_out_of_rotation_is_asked_last():
+    """The inference services were asked in the configuration's order: one
+    that stopped answering (its host stopped, the process wedged) held every
+    embeddings request for its whole max_generation_s, long after its health
+    checks had taken it out of rotation."""
+    table = DeploymentTable(
+        {
+            "first": ModelSettings(deployments=[DeploymentSettings(name="a", address="127.0.0.1:5000")]),
+            "second": ModelSettings(deployments=[DeploymentSettings(name="b", address="127.0.0.1:5001")]),
+        }
+    )
+    (a,), (b,) = table.candidates("first"), table.candidates("second")
+    a.stub, b.stub = silent, answering = Inference(hold=True), Inference()
+    checked(table, a, grpc.StatusCode.DEADLINE_EXCEEDED)
+    checked(table, b, "SERVING")
+    embeddings, _, _ = core(table)
+    try:
+        for _ in range(PROBES_TO_MARK_DOWN):
+            await table.probe_all()
+        answer = await asyncio.wait_for(embeddings.embed(TENANT, "minilm", ["a cat"]), 5)
+    finally:
+        await table.close()
+    assert answer.input_tokens == 9
+    assert (len(silent.requests), len(answering.requests)) == (0, 1)
