@@ -1305,6 +1305,17 @@ def check_router_models(settings: Settings) -> None:
                 f"models.{alias}.default_max_tokens ({model.default_max_tokens}) exceeds its "
                 f"max_output_tokens ({model.max_output_tokens})"
             )
+        # A deployment's name is what routing tells it by: session affinity
+        # hashes it (two unnamed ones, both "local", tied on every session,
+        # and all went to the first), the prefix strategies index by it, and
+        # answers and metrics name it.
+        names = [deployment.name for deployment in model.deployments]
+        if len(set(names)) != len(names):
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise ConfigError(
+                f"models.{alias}.deployments: each needs a name of its own; {twice} name more than one"
+                " (a deployment left unnamed is 'local')"
+            )
         if model.selection is None:
             continue
         for role in ("fast", "strong"):

@@ -294,6 +294,22 @@ def test_a_deployment_address_list_of_names_is_refused_at_load(tmp_path):
     assert load_settings(environ={"MESHGATE_ROUTER__LISTEN": '"unix:/tmp/router.sock"'}).router.listen
 
 
+def test_two_deployments_of_one_alias_under_one_name_are_refused_at_load(tmp_path):
+    """A hunt's finding: two unnamed deployments are both 'local', and
+    session affinity (which hashes the name) sent every session to the first."""
+    path = tmp_path / "models.toml"
+    path.write_text(
+        '[models.big]\ndeployments = [{ address = "inference-a:50054" }, { address = "inference-b:50054" }]\n'
+    )
+    with pytest.raises(ConfigError, match=r"models\.big\.deployments: .*\['local'\]"):
+        load_settings(path, environ={})
+    path.write_text(
+        '[models.big]\ndeployments = [{ name = "a", address = "inference-a:50054" },'
+        ' { name = "b", address = "inference-b:50054" }]\n'
+    )
+    assert [d.name for d in load_settings(path, environ={}).models["big"].deployments] == ["a", "b"]
+
+
 @pytest.mark.parametrize(
     "setting", ["router.listen", "context.metrics_listen", "router.http_listen", "mesh.health_listen"]
 )
