@@ -193,9 +193,7 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 # What stops `meshgate up`, each the same ordered stop: Ctrl-C, SIGTERM (a
 # service manager, `timeout`), SIGHUP (its terminal closed, its ssh session
 # dropped) and SIGQUIT (Ctrl-\). Its children lead their own sessions, so
-# none of these reaches them: only the ordered stop ends them (or, if
-# `meshgate up` is killed outright, the SIGTERM each asked the kernel for:
-# meshgate/local/children.py).
+# none of these reaches them: only the ordered stop ends them.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 

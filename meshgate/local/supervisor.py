@@ -99,19 +99,22 @@ class Supervisor:
         self._due: dict[str, float] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
         self.restarts: dict[str, int] = {}
 
     def start(self) -> None:
         now = time.monotonic()
         for name in self._stack.processes:
             self._policies[name] = RestartPolicy(self._backoff, now)
-        threading.Thread(target=self._watch, name="meshgate-supervisor", daemon=True).start()
+        self._thread = threading.Thread(target=self._watch, name="meshgate-supervisor", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
-        """Ends supervision; returns once no restart is in progress (check()
-        restarts under the lock taken here, and none begins after)."""
+        """Ends supervision; returns once no restart is in progress."""
         with self._lock:
             self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
 
     def __enter__(self) -> Supervisor:
         self.start()
@@ -127,11 +130,6 @@ class Supervisor:
             except Exception:
                 # A watcher that died would leave the mesh unsupervised for good.
                 log.exception("supervision pass failed")
-        # Parked, not ended, until the process exits: a child this thread
-        # restarted is sent SIGTERM when the thread that started it ends
-        # (meshgate/local/children.py), and must stop in the stack's order,
-        # after supervision, not the moment supervision stops.
-        threading.Event().wait()
 
     def check(self, now: float) -> None:
         """One pass: notices exits, and restarts the children whose delay is over."""

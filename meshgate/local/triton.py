@@ -42,8 +42,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from meshgate.local import children
-
 # A checkout's model repository (a Triton image brings its own: deploy/docker/triton.Dockerfile).
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
@@ -274,10 +272,13 @@ def launch(
         models,
         shm_prefix,
     )
-    process = children.start(
+    process = subprocess.Popen(
         command,
         env=triton_environment(prepare_stub_environment(stub_env_dir)),
         stdin=subprocess.DEVNULL,
+        # Its own process group: a Ctrl-C meant for the caller must not
+        # reach Triton before the caller shuts it down in order.
+        start_new_session=True,
     )
     process.shm_prefix = shm_prefix
     return process
