@@ -145,10 +145,14 @@ def _status_and_kind(error: MeshgateError) -> tuple[int, str]:
     )
 
 
-def http_error(error: MeshgateError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+def http_error(
+    error: MeshgateError, turn_may_be_stored: bool = False
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """Status, headers and OpenAI-style body for ``error``, with Retry-After
     when the error said when to retry (RetryInfo: the limits' 429s, a busy
-    replica's 503)."""
+    replica's 503). ``turn_may_be_stored``: the error ends a session turn
+    that had begun to be stored (Pipeline.run's before_saving), which a
+    resend would store again."""
     status, kind = _status_and_kind(error)
     headers = [(b"content-type", b"application/json")]
     if status == 401:
@@ -156,7 +160,7 @@ def http_error(error: MeshgateError) -> tuple[int, list[tuple[bytes, bytes]], by
         headers.append((b"www-authenticate", b"Bearer"))
     if error.reason in _CLOSES_CONNECTION:
         headers.append((b"connection", b"close"))
-    if error.reason in _NOT_WORTH_RESENDING:
+    if error.reason in _NOT_WORTH_RESENDING or turn_may_be_stored:
         headers.append((b"x-should-retry", b"false"))
     if status == 405 and "allow" in error.metadata:
         # RFC 9110 §15.5.6: a 405 lists the methods the resource takes.
@@ -625,22 +629,23 @@ class HttpEdge:
             # answer, or a stream before its first piece): a 503 in OpenAI's
             # shape, not uvicorn's plain-text 500; then ended as answered.
             cut = partly_delivered(stopped(), 0, 0)
-            extra: list[tuple[bytes, bytes]] = []
             if response.saving:
-                # A session turn cut while it was being stored may be
-                # stored: the OpenAI SDKs resend a 503 unless told not to,
-                # and a resent turn would be stored twice.
+                # A session turn cut while it was being stored may be stored.
                 cut.metadata["turn_may_be_stored"] = "true"
-                extra.append((b"x-should-retry", b"false"))
             with contextlib.suppress(Exception):
-                await _send_error(response.send, cut, extra)
+                await _send_error(response.send, cut, response.saving)
         except MeshgateError as error:
+            # A failure once the turn began to be stored (its append timed
+            # out, say, after the context service's Redis took it) may leave
+            # it stored: the OpenAI SDKs resend a 5xx unless told not to, and
+            # a resent turn would be stored twice. (gRPC's Chat commits its
+            # call there for the same reason: no channel resends it.)
             if not response.started:
-                await _send_error(response.send, error)
+                await _send_error(response.send, error, response.saving)
         except Exception:  # noqa: BLE001 - a bug fails its request with a 500, nothing of its insides
             log.exception("http request failed", path=scope["path"], request_id=response.request_id)
             if not response.started:
-                await _send_error(response.send, internal_error())
+                await _send_error(response.send, internal_error(), response.saving)
 
     # --- handlers --------------------------------------------------------------
 
@@ -958,9 +963,8 @@ async def _send_json(send, status: int, body) -> None:
     await send({"type": "http.response.body", "body": _json(body)})
 
 
-async def _send_error(send, error: MeshgateError, extra_headers=()) -> None:
-    status, headers, body = http_error(error)
-    headers = [*headers, *extra_headers]
+async def _send_error(send, error: MeshgateError, turn_may_be_stored: bool = False) -> None:
+    status, headers, body = http_error(error, turn_may_be_stored)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import socket
 import time
@@ -18,18 +19,25 @@ import pytest
 
 from meshgate import metrics
 from meshgate.config import (
+    DEV_TENANT_ID,
     LimitSettings,
     ModelSettings,
     TenantSettings,
     hash_api_key,
 )
+from meshgate.context.v1 import context_service_pb2 as context_pb
+from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.local.stack import free_port
 from meshgate.router.v1 import admin_service_pb2 as admin_pb
 from meshgate.router.v1 import admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as router_pb
+from services.cache import app as cache_app
+from services.context import app as context_app
+from services.router import app as router_app
 from tests.integration.conftest import (
+    running,
     running_router,
     service_settings,
     triton_cancellations,
@@ -37,6 +45,7 @@ from tests.integration.conftest import (
 )
 from tests.integration.test_router_accounting import eventually
 from tests.mesh import bounded_channel, router_channel
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -1036,6 +1045,75 @@ async def test_a_body_that_comes_after_its_key_expired_is_refused(redis_url, inf
             writer.close()
     assert status == 401, answer
     assert json.loads(answer)["error"]["code"] == "API_KEY_EXPIRED", answer
+
+
+async def test_a_session_turn_that_failed_as_it_was_stored_is_not_resent_by_the_sdk(
+    redis_url, inference_address
+):
+    """A bug hunt's finding: a non-streamed session turn whose append failed
+    ambiguously (the context service's Redis took it, its reply came after
+    the router's downstream_timeout_s) was a 504 the openai SDK resent, and
+    the resend stored the turn a second time (beside another answer). Once a
+    turn begins to be stored, no answer invites a resend, as gRPC's Chat
+    commits its call there."""
+    redis_host, redis_port = redis_url.removeprefix("redis://").split("/")[0].rsplit(":", 1)
+    assert redis_host == "127.0.0.1"
+    context_redis = TcpProxy(int(redis_port))
+    settings = service_settings(redis_url, inference_address, KEY)
+    settings.router.downstream_timeout_s = 2.0
+    settings.router.http_listen = f"127.0.0.1:{free_port()}"
+    # The context service alone reaches Redis through the proxy.
+    context_settings = copy.deepcopy(settings)
+    context_settings.redis.url = f"redis://127.0.0.1:{await context_redis.start()}/0"
+    sent = []
+
+    async def count(request: httpx.Request) -> None:
+        sent.append(request.url.path)
+
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(context_redis.close)
+        stack.callback(context_redis.release)
+        settings.router.context_address = await stack.enter_async_context(
+            running(context_app, "context", context_settings)
+        )
+        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
+        await stack.enter_async_context(running(router_app, "router", settings))
+        http = await stack.enter_async_context(httpx.AsyncClient(event_hooks={"request": [count]}))
+        sdk = await stack.enter_async_context(
+            openai.AsyncOpenAI(
+                base_url=f"http://{settings.router.http_listen}/v1",
+                api_key=KEY,
+                max_retries=2,
+                http_client=http,
+            )
+        )
+        first = await sdk.chat.completions.create(
+            model="tiny-gpt", messages=question("first"), max_tokens=2, extra_body={"session_id": "new"}
+        )
+        session_id = first.meshgate["session_id"]
+        marker = unique("stored once")
+        # Redis runs the append; its reply is held past the router's timeout.
+        context_redis.hold_when_sent(marker.encode())
+        sent.clear()
+        with pytest.raises(openai.InternalServerError) as failed:
+            await sdk.chat.completions.create(
+                model="tiny-gpt",
+                messages=question(marker),
+                max_tokens=2,
+                extra_body={"session_id": session_id},
+            )
+        context_redis.release()
+        context = context_service_pb2_grpc.ContextServiceStub(
+            await stack.enter_async_context(router_channel(settings.router.context_address, "context"))
+        )
+        session = await context.GetSession(
+            context_pb.GetSessionRequest(tenant_id=DEV_TENANT_ID, session_id=session_id), timeout=10
+        )
+    assert (failed.value.status_code, failed.value.code) == (504, "DOWNSTREAM_FAILED")
+    assert failed.value.response.headers["x-should-retry"] == "false"
+    assert sent == ["/v1/chat/completions"]
+    # The first attempt's append landed: the turn is stored, once.
+    assert [message.content for message in session.session.messages].count(marker) == 1
 
 
 def _turns(outcome: str) -> float:

@@ -50,11 +50,23 @@ class ScriptedPipeline:
         self.read_to_the_end = True
 
 
-async def streamed(events, stream: bool = True) -> list[dict]:
+class SavingPipeline(ScriptedPipeline):
+    """Begins to store the turn (Pipeline.run's before_saving), then yields
+    the given events."""
+
+    async def run(
+        self, request, tenant, session_id, budget, create_session=False, carry_last_text=False, **rest
+    ):
+        await rest["before_saving"](session_id)
+        async for event in super().run(request, tenant, session_id, budget, create_session, carry_last_text):
+            yield event
+
+
+async def streamed(events, stream: bool = True, pipeline_class=ScriptedPipeline) -> list[dict]:
     """The ASGI messages the edge sends for one chat completion, streamed
     unless ``stream`` is False."""
     settings = RouterSettings(dev_api_key=KEY)
-    pipeline = ScriptedPipeline(events)
+    pipeline = pipeline_class(events)
     edge = HttpEdge(settings, {"m": ModelSettings()}, Authenticator(settings), TenantCalls(0), pipeline, None)
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream})
     received = [{"type": "http.request", "body": body.encode(), "more_body": False}]
@@ -220,6 +232,23 @@ def test_an_answer_a_resend_would_get_again_tells_the_openai_sdks_not_to_resend_
     answered, headers, _ = http_error(error)
     assert answered == status
     assert (b"x-should-retry", b"false") in headers
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_turn_that_failed_once_it_began_to_be_stored_tells_the_openai_sdks_not_to_resend_it(stream):
+    """Its append may have landed (timed out after the context service's
+    Redis took it): a resend would store the turn twice. (Streamed, an
+    empty answer: its status has not gone out.)"""
+    timed_out = MeshgateError(
+        grpc.StatusCode.DEADLINE_EXCEEDED, Reason.DOWNSTREAM_FAILED, "context timed out"
+    )
+    stored_maybe = (await streamed([Failure(timed_out)], stream, SavingPipeline))[0]
+    assert stored_maybe["status"] == 504
+    assert (b"x-should-retry", b"false") in stored_maybe["headers"]
+    # Failed before it was being stored, the turn is the SDKs' to resend.
+    not_stored = (await streamed([Failure(timed_out)], stream))[0]
+    assert not_stored["status"] == 504
+    assert b"x-should-retry" not in dict(not_stored["headers"])
 
 
 def test_a_rate_limit_a_busy_service_or_a_full_session_leaves_the_sdks_to_retry():
