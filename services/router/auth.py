@@ -252,10 +252,17 @@ async def current_tenant() -> Tenant | None:
     authenticator, key = _CALLER_KEY.get()
     if key is None:
         return None
-    tenant = await authenticator.tenant_of(key)
-    if tenant.id != _CALLER.get().id:
+    return same_tenant(_CALLER.get(), await authenticator.tenant_of(key))
+
+
+def same_tenant(first: Tenant, now: Tenant) -> Tenant:
+    """``now``, what a call's key names when resolved again, where it is
+    still ``first``'s tenant: a key a reload moved to another tenant is
+    refused, as the call's place under its tenant's caps (and a stream's
+    session) are the first tenant's."""
+    if now.id != first.id:
         raise _unauthenticated(Reason.API_KEY_INVALID, "the API key now names another tenant; call again")
-    return tenant
+    return now
 
 
 def current_caller() -> Tenant | None:

@@ -56,7 +56,7 @@ from meshgate.errors import (
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.admission import Hold, TenantCalls
-from services.router.auth import Authenticator, Tenant
+from services.router.auth import Authenticator, Tenant, same_tenant
 from services.router.embeddings import Embeddings
 from services.router.pipeline import Budget, Completion, Delta, Failure, Pipeline, stopped
 
@@ -613,12 +613,7 @@ class HttpEdge:
             # the key is resolved again now (from the key cache, as a gRPC
             # call's once its request is in), so one revoked or expired
             # meanwhile is refused, not served.
-            if (await self._tenant(scope)).id != tenant.id:
-                raise MeshgateError(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    Reason.API_KEY_INVALID,
-                    "the API key now names another tenant; send the request again",
-                )
+            same_tenant(tenant, await self._tenant(scope))
             await _until_disconnect(handler(tenant, body, response, scope), receive, response)
         except _Disconnected:
             return
