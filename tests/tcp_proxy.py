@@ -20,7 +20,11 @@ class TcpProxy:
     stops the first connection whose client sends a read holding ``marker``
     (checked per read: a marker split across two reads is missed), for good
     or until ``unstall()`` lets that read go on, late (after what other
-    connections sent meanwhile); ``close()`` closes every connection,
+    connections sent meanwhile); ``watch(marker)`` notes, from then on,
+    each connection whose client sends a read holding ``marker``, and
+    ``hold_watched()`` holds the server's bytes to those connections alone
+    until ``release()`` (a subscription whose notices come late while the
+    client's other connections flow); ``close()`` closes every connection,
     dropping what was held, as a server that died before sending it."""
 
     def __init__(self, port: int) -> None:
@@ -32,6 +36,8 @@ class TcpProxy:
         self._hold_marker: bytes | None = None
         # Per connection: set while its server's bytes may go to its client.
         self._connection_gates: list[asyncio.Event] = []
+        self._watch_marker: bytes | None = None
+        self._watched_gates: list[asyncio.Event] = []
         self._unstalled = asyncio.Event()
         self.stalled = 0
         self._writers: list[asyncio.StreamWriter] = []
@@ -55,6 +61,15 @@ class TcpProxy:
 
     def stall_when_sent(self, marker: bytes) -> None:
         self._stall_marker = marker
+
+    def watch(self, marker: bytes) -> None:
+        self._watch_marker = marker
+
+    def hold_watched(self) -> int:
+        """Returns how many connections it holds."""
+        for gate in self._watched_gates:
+            gate.clear()
+        return len(self._watched_gates)
 
     def unstall(self) -> None:
         self._unstalled.set()
@@ -87,6 +102,9 @@ class TcpProxy:
     async def _sent(self, reader, writer, gate: asyncio.Event) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(65536):
+                watched = self._watch_marker is not None and self._watch_marker in data
+                if watched and gate not in self._watched_gates:
+                    self._watched_gates.append(gate)
                 if self._hold_marker is not None and self._hold_marker in data:
                     self._hold_marker = None
                     gate.clear()

@@ -556,6 +556,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 request.tenant_id,
                 request.session_id,
                 version,
+                created_ms,
                 turns,
                 token_counts,
                 held_bytes,
@@ -1219,6 +1220,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         tenant_id: str,
         session_id: str,
         version: int,
+        created_ms: int,
         turns: list[common_pb2.Message],
         token_counts: dict[str, list[int]],
         held_bytes: int | None,
@@ -1228,12 +1230,21 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         """Readies the session for its next assembly: extends the cached
         entry with what was just appended (``held_bytes``: the session's byte
         count the append left, SessionStore.append's) when it holds the
-        version before, else reads the session in the background (never on
-        the request path). ``indexed``: where the append's turns were
-        indexed, their vectors (_write_index's) and features, to extend the
-        entry's index alike."""
+        version before in the life the append landed in (``created_ms``),
+        else reads the session in the background (never on the request
+        path). ``indexed``: where the append's turns were indexed, their
+        vectors (_write_index's) and features, to extend the entry's index
+        alike."""
         key = session_key(tenant_id, session_id)
         cached = self._hot.get(key)
+        if cached is not None and cached.create_time_ms != created_ms:
+            # An older life of the id: deleted (and created again) on another
+            # replica, whose notices have not come yet. Its versions say
+            # nothing of this life's: extended, the entry held the deleted
+            # turns before the appended ones; kept, it was read as the version
+            # this append made. Dropped as the deletion's notice drops it.
+            self._changed_here(tenant_id, session_id, DELETED)
+            cached = None
         if cached is not None and cached.version == version - 1:
             # The index of this very entry, never one taken before the index
             # write's wait: the entry cached then may have been dropped

@@ -26,6 +26,7 @@ from tests.integration.test_context_service import (
     new_session,
     running,
 )
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -467,3 +468,55 @@ async def test_another_replicas_change_reaches_the_cache(tmp_path, tenant) -> No
             return False
 
         await _until(two_sees_it_gone)
+
+
+@pytest.mark.parametrize("behind", [0, 1], ids=["as-long", "shorter"])
+async def test_an_append_never_extends_a_hot_session_of_a_life_deleted_elsewhere(
+    tmp_path, tenant, behind
+) -> None:
+    """A replica whose change notices come late (its subscription held at a
+    proxy) holds a session hot; another replica deletes it and creates it
+    again under the same id, with turns of its own. The first replica's
+    next append landed in the new life, and its hot entry of the old one
+    was taken for the version before: where the new life had reached the
+    old one's version, the entry was extended with the appended turn, and
+    reads there gave the deleted life's turns followed by the new one's
+    (GetSession, and the prompt); where it had not, the old life's entry
+    stayed, read as the session at the version the append had just made."""
+    session_id = "chat-7"
+    async with _own_redis(tmp_path) as (url, client):
+        proxy = TcpProxy(int(url.rsplit(":", 1)[1].split("/")[0]))
+        proxy.watch(b"SUBSCRIBE")
+        late_url = f"redis://127.0.0.1:{await proxy.start()}/0"
+        try:
+            async with running(make_settings(late_url)) as late, running(make_settings(url)) as other:
+                await late.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, session_id=session_id))
+                await append(late, tenant, session_id, "OLD q0", "OLD a0", version=0)
+
+                # Hot on the late replica (once its notices flow): read from memory.
+                async def hot() -> bool:
+                    await append(late, tenant, session_id, "OLD q", "OLD a")
+                    return await _reads_nothing(client, lambda: contents(late, tenant, session_id))
+
+                await _until(hot)
+                old_version, _ = await contents(late, tenant, session_id)
+                assert old_version >= 2
+                assert proxy.hold_watched() == 1  # the late replica's subscription
+
+                await other.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=session_id))
+                await asyncio.sleep(0.01)  # another millisecond: another life
+                await other.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, session_id=session_id))
+                # Up to the old life's version, or the one before it.
+                new_turns = [f"NEW {k}" for k in range(old_version - behind)]
+                for k, turn in enumerate(new_turns):
+                    await append(other, tenant, session_id, turn, version=k)
+                version = await append(late, tenant, session_id, "NEW last")
+                assert version == len(new_turns) + 1
+
+                expected = (version, [*new_turns, "NEW last"])
+                assert await contents(other, tenant, session_id) == expected
+                assert await contents(late, tenant, session_id) == expected
+                prompt = await assemble(late, tenant, session_id)
+                assert [m.content for m in prompt.messages] == [*new_turns, "NEW last", "and now?"]
+        finally:
+            await proxy.close()
