@@ -62,7 +62,7 @@ from services.router.coalescing import Coalescer, coalescing_key
 from services.router.model_selection import Selection, Selector
 from services.router.prompt_bound import in_assembly_order, prompt_bounds
 from services.router.templates import Templates, invokes_template
-from services.router.validation import check_turn, resolve_model
+from services.router.validation import check_expected_version, check_turn, resolve_model
 
 if TYPE_CHECKING:
     # It bills through this module's SummarySpend: imported for types only.
@@ -524,9 +524,7 @@ class Pipeline:
             parameters=parameters,
             session_id=session_id,
             create_session=create_session,
-            expected_version=(
-                request.expected_session_version if request.HasField("expected_session_version") else None
-            ),
+            expected_version=check_expected_version(request, create_session),
             cache=CachePlan(
                 reads=request.cache_policy in _READS_CACHE,
                 writes=request.cache_policy != router_pb.CACHE_POLICY_BYPASS,

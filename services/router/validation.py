@@ -6,7 +6,7 @@ import grpc
 
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, RouterSettings
-from meshgate.errors import MeshgateError, invalid_argument, not_found
+from meshgate.errors import MeshgateError, aborted, invalid_argument, not_found
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2
 from meshgate.sampling import check_sampling
@@ -75,3 +75,26 @@ def check_turn(turn, model: ModelSettings, settings: RouterSettings) -> int:
             )
     check_sampling(parameters)
     return max_tokens
+
+
+def check_expected_version(turn, create_session: bool) -> int | None:
+    """A strict turn's expected session version (None: not strict), checked
+    before the session a first turn creates is: that session starts at
+    version 0, so any other is refused here, as its assembly would refuse
+    it, rather than after the session was created (it stayed, empty)."""
+    if not turn.HasField("expected_session_version"):
+        return None
+    expected = turn.expected_session_version
+    if expected < 0:
+        raise invalid_argument(
+            Reason.INVALID_VERSION,
+            "expected_session_version must not be negative",
+            field="expected_session_version",
+        )
+    if create_session and expected != 0:
+        raise aborted(
+            Reason.VERSION_CONFLICT,
+            "the session this turn creates starts at version 0",
+            current_version="0",
+        )
+    return expected

@@ -177,6 +177,39 @@ async def test_a_refused_first_turn_creates_no_session(router, redis_url):
     await client.aclose()
 
 
+@pytest.mark.parametrize(
+    ("expected", "code", "reason"),
+    [
+        (3, grpc.StatusCode.ABORTED, "VERSION_CONFLICT"),
+        (-1, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_VERSION"),
+    ],
+    ids=["later", "negative"],
+)
+async def test_a_strict_first_turn_at_another_version_creates_no_session(
+    router, redis_url, expected, code, reason
+):
+    """A ChatSession's first turn, which creates its session, expecting a
+    version the new session is not at (it starts at 0): the session was
+    created, then the turn's assembly refused the version, and the empty
+    session stayed, named in the failure for the stream to go on with."""
+    client = redis_access.connect(redis_url)
+
+    async def sessions_of_dev() -> int:
+        return len([key async for key in client.scan_iter(match=session_store.key("dev", "*", "meta"))])
+
+    before = await sessions_of_dev()
+    turn = pb.ChatSessionRequest(
+        model="tiny-gpt",
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="strict first turn")],
+        expected_session_version=expected,
+    )
+    responses = [r async for r in router.ChatSession(iter([turn]), metadata=AUTH, timeout=CALL_TIMEOUT_S)]
+    assert [r.WhichOneof("event") for r in responses] == ["failure"]
+    assert failure_of(responses[0]) == (code.value[0], reason)
+    assert await sessions_of_dev() == before
+    await client.aclose()
+
+
 def failure_of(response: pb.ChatSessionResponse) -> tuple[int, str]:
     """The code and ErrorInfo reason of a ChatSession failure event."""
     status = status_pb2.Status.FromString(response.failure)

@@ -408,6 +408,26 @@ async def test_a_first_session_turn_creates_its_session_only_once_valid():
     assert parts["generator"].session_ids == ["s1", "s2"]
 
 
+async def test_a_strict_first_session_turn_at_another_version_creates_no_session():
+    """The session a first turn creates starts at version 0: a turn expecting
+    another is refused before it is created, not by its assembly after."""
+    contexts = FakeContexts(version=0)
+    turns, _ = pipeline(contexts=contexts)
+    refused = []
+    for expected in (2, -1):
+        strict = request(expected_session_version=expected)
+        refused += await events_of(turns.run(strict, TENANT, "", Budget(), create_session=True))
+    errors = [(e.error.code, e.error.reason, e.error.metadata) for e in refused if isinstance(e, Failure)]
+    assert errors == [
+        (grpc.StatusCode.ABORTED, Reason.VERSION_CONFLICT, {"current_version": "0"}),
+        (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_VERSION, {"field": "expected_session_version"}),
+    ]
+    assert contexts.created == contexts.assembled == []
+    first = request(expected_session_version=0)
+    events = await events_of(turns.run(first, TENANT, "", Budget(), create_session=True))
+    assert (events[-1].session_id, events[-1].session_version) == ("s1", 1)
+
+
 @pytest.mark.parametrize("finish_before_last", [False, True])
 async def test_only_a_piece_the_generation_said_was_its_last_is_marked_last(finish_before_last):
     turns, _ = pipeline(generator=FakeGenerator(finish_before_last=finish_before_last))
