@@ -216,9 +216,21 @@ _ROLES = {
 _INT32_MAX = 2**31 - 1
 _INT64_MAX = 2**63 - 1
 # Fields whose use would change the answer in ways the mesh does not do:
-# refused, never silently ignored. (Penalties and logit_bias at their
-# neutral values are accepted, as SDKs send them.)
-_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "audio", "modalities", "prediction")
+# refused, never silently ignored. Each is accepted absent, null or empty,
+# and at the values listed, which ask for what the mesh does anyway (no
+# tool or function calls; text alone): SDKs and proxies send them, as they
+# send penalties and logit_bias at their neutral values (accepted below).
+# A tool_choice of "auto", "required" or a named tool asks for tools to be
+# offered, which they cannot be: refused.
+_UNSUPPORTED: dict[str, tuple] = {
+    "tools": (),
+    "functions": (),
+    "tool_choice": ("none",),
+    "function_call": ("none",),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+}
 # A message's fields of tool use (an assistant's calls, a tool's answer).
 _TOOL_FIELDS = ("tool_calls", "function_call", "tool_call_id")
 # A session_id asking for a new session.
@@ -359,9 +371,15 @@ def _parameters(body: dict) -> common_pb2.GenerationParameters:
 
 
 def _refuse_unsupported(body: dict) -> None:
-    for name in _UNSUPPORTED:
-        if body.get(name) not in (None, [], {}):
-            raise _bad_request(f"{name} is not supported", name, Reason.UNSUPPORTED_PARAMETER)
+    for name, accepted in _UNSUPPORTED.items():
+        value = body.get(name)
+        if value in (None, [], {}) or value in accepted:
+            continue
+        message = f"{name} is not supported"
+        if accepted:
+            values = " or ".join(_json(other).decode() for other in accepted)
+            message = f"{name} is supported only as {values}"
+        raise _bad_request(message, name, Reason.UNSUPPORTED_PARAMETER)
     # OpenAI's n is an integer or null (1); true == 1 in Python, not in JSON.
     n = body.get("n")
     if isinstance(n, bool) or n not in (None, 1):

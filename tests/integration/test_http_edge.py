@@ -369,6 +369,9 @@ async def test_a_request_larger_than_the_limit_itself_is_not_resent_by_the_sdk(b
         ({"messages": [{"role": "tool", "content": "x"}]}, "INVALID_ROLE", "messages"),
         ({"n": 2}, "UNSUPPORTED_PARAMETER", "n"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "UNSUPPORTED_PARAMETER", "tools"),
+        # Without tools there is nothing to call: "auto" and "required" cannot be served.
+        ({"tool_choice": "required"}, "UNSUPPORTED_PARAMETER", "tool_choice"),
+        ({"modalities": ["text", "audio"]}, "UNSUPPORTED_PARAMETER", "modalities"),
         ({"max_tokens": "many"}, "MALFORMED_REQUEST", "max_tokens"),
         # The refusal names the field the caller sent, not the one the pipeline checks.
         ({"max_completion_tokens": 0}, "INVALID_MAX_TOKENS", "max_completion_tokens"),
@@ -385,6 +388,28 @@ async def test_invalid_parameters_are_400(async_client, fields, reason, param):
     assert raised.value.code == reason
     assert raised.value.param == param
     assert raised.value.type == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"modalities": ["text"]},
+        {"modalities": None},
+        {"tool_choice": "none"},
+        {"tool_choice": None},
+        {"tools": [], "tool_choice": "none"},
+        {"function_call": "none"},
+    ],
+    ids=["text", "null modalities", "no tool calls", "null tool_choice", "no tools", "no function call"],
+)
+async def test_fields_that_ask_for_what_the_mesh_does_anyway_are_served(base_url, fields):
+    """SDKs and proxies send these: refused, they failed requests that ask
+    for nothing the mesh does not do."""
+    body = {"model": "tiny-gpt", "messages": question(unique("harmless")), "max_tokens": 2, **fields}
+    async with httpx.AsyncClient(base_url=base_url, headers=AUTH, timeout=60) as http:
+        answer = await http.post("/chat/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["role"] == "assistant"
 
 
 async def test_a_limit_is_429_with_retry_after(base_url):

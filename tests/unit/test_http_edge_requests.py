@@ -186,6 +186,48 @@ def test_what_would_be_dropped_silently_is_refused(body, param):
     assert refusal(body)[:2] == ("UNSUPPORTED_PARAMETER", param)
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"modalities": ["text"]},
+        {"modalities": None},
+        {"modalities": []},
+        {"tool_choice": "none"},
+        {"tool_choice": None},
+        {"tools": [], "tool_choice": "none"},
+        {"functions": [], "function_call": "none"},
+    ],
+)
+def test_fields_that_ask_for_what_the_mesh_does_anyway_are_accepted(fields):
+    assert ChatCall(chat(**fields)).request.messages[0].content == "hi"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        ({"modalities": ["text", "audio"]}, "modalities", 'modalities is supported only as ["text"]'),
+        ({"modalities": ["audio"]}, "modalities", 'modalities is supported only as ["text"]'),
+        ({"modalities": "text"}, "modalities", 'modalities is supported only as ["text"]'),
+        ({"tool_choice": "auto"}, "tool_choice", 'tool_choice is supported only as "none"'),
+        ({"tool_choice": "required"}, "tool_choice", 'tool_choice is supported only as "none"'),
+        (
+            {"tools": [], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+            "tool_choice",
+            'tool_choice is supported only as "none"',
+        ),
+        ({"function_call": "auto"}, "function_call", 'function_call is supported only as "none"'),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"},
+            "tools",
+            "tools is not supported",
+        ),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "audio is not supported"),
+    ],
+)
+def test_fields_that_ask_for_more_than_text_without_tools_are_refused_by_name(fields, param, message):
+    assert refusal(chat(**fields)) == ("UNSUPPORTED_PARAMETER", param, message)
+
+
 def test_include_usage_false_and_empty_options_stream_without_usage():
     assert not ChatCall(chat(stream=True, stream_options={"include_usage": False})).include_usage
     assert not ChatCall(chat(stream=True, stream_options={})).include_usage
