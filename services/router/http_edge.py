@@ -1,7 +1,7 @@
 """The router's OpenAI-compatible HTTP edge: ``POST /v1/chat/completions``
 (server-sent events or one JSON body), ``GET /v1/models`` (and
-``/v1/models/{id}``) and ``POST /v1/embeddings``, in the router process, on
-its event loop.
+``/v1/models/{id}``; HEAD too) and ``POST /v1/embeddings``, in the router
+process, on its event loop.
 
 It is a second front end over the same :class:`Pipeline` as the gRPC
 servicer: the same Bearer keys and tenants, limits, cache and sessions. It
@@ -552,6 +552,10 @@ _SSE_HEADERS = [
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 # GET /v1/models/{id}: the id is the rest of the path.
 _MODEL_PATH = "/v1/models/"
+# The methods a route takes. A GET route takes HEAD too, answered as GET:
+# uvicorn sends no body for a HEAD (RFC 9110 §9.3.2).
+_POST = ("POST",)
+_GET = ("GET", "HEAD")
 
 
 class _Disconnected(Exception):
@@ -583,9 +587,9 @@ class HttpEdge:
         self._draining = False
         self.reconfigure(settings, models)
         self._routes = {
-            "/v1/chat/completions": ("POST", self._chat),
-            "/v1/models": ("GET", self._models_list),
-            "/v1/embeddings": ("POST", self._embeddings),
+            "/v1/chat/completions": (_POST, self._chat),
+            "/v1/models": (_GET, self._models_list),
+            "/v1/embeddings": (_POST, self._embeddings),
         }
 
     def reconfigure(self, settings: RouterSettings, models: dict[str, ModelSettings]) -> None:
@@ -603,18 +607,18 @@ class HttpEdge:
         try:
             route = self._routes.get(scope["path"])
             if route is None and scope["path"].startswith(_MODEL_PATH):
-                route = ("GET", functools.partial(self._model, scope["path"][len(_MODEL_PATH) :]))
+                route = (_GET, functools.partial(self._model, scope["path"][len(_MODEL_PATH) :]))
             if route is None:
                 raise MeshgateError(
                     grpc.StatusCode.UNIMPLEMENTED, Reason.UNKNOWN_ENDPOINT, f"no endpoint {scope['path']}"
                 )
-            method, handler = route
-            if scope["method"] != method:
+            methods, handler = route
+            if scope["method"] not in methods:
                 raise MeshgateError(
                     grpc.StatusCode.UNIMPLEMENTED,
                     Reason.METHOD_NOT_SUPPORTED,
-                    f"{scope['path']} takes {method}",
-                    {"allow": method},
+                    f"{scope['path']} takes {' or '.join(methods)}",
+                    {"allow": ", ".join(methods)},
                 )
             # The key first, from the headers: a caller without a valid one
             # makes the router read none of its body, and a tenant's request

@@ -437,6 +437,11 @@ async def test_malformed_bodies_and_paths(base_url):
         wrong_method = await http.get("/chat/completions", headers=headers)
         # RFC 9110: a 405 says which method the resource takes.
         assert (wrong_method.status_code, wrong_method.headers.get("allow")) == (405, "POST")
+        # POST does not read a GET resource, nor HEAD a POST one.
+        posted_to_models = await http.post("/models", json={}, headers=headers)
+        assert (posted_to_models.status_code, posted_to_models.headers.get("allow")) == (405, "GET, HEAD")
+        head_of_chat = await http.head("/chat/completions", headers=headers)
+        assert (head_of_chat.status_code, head_of_chat.headers.get("allow")) == (405, "POST")
         missing = await http.get("/models")
         assert missing.status_code == 401
         assert missing.json()["error"]["code"] == "API_KEY_MISSING"
@@ -572,6 +577,20 @@ async def test_one_model_is_retrieved_as_its_entry_in_the_list(async_client, bas
         assert (await narrow.models.retrieve("other")).id == "other"
         with pytest.raises(openai.NotFoundError):
             await narrow.models.retrieve("tiny-gpt")
+
+
+@pytest.mark.parametrize("path", ["/models", "/models/tiny-gpt", "/models/no-such-model"])
+async def test_head_is_answered_as_get_without_a_body(base_url, path):
+    """HEAD (link checkers, load balancers' probes, curl -I) was a 405."""
+    async with httpx.AsyncClient(base_url=base_url, headers=AUTH, timeout=60) as http:
+        got = await http.get(path)
+        head = await http.head(path)
+        without_key = await http.head(path, headers={"authorization": ""})
+    assert (head.status_code, head.headers["content-type"]) == (got.status_code, got.headers["content-type"])
+    assert (head.content, bool(got.content)) == (b"", True)
+    assert head.headers["x-request-id"]
+    # Then the same connection's next request: the HEAD answer's framing held.
+    assert without_key.status_code == 401
 
 
 async def test_a_bearer_without_a_key_is_a_missing_key_and_a_401_names_the_scheme(base_url):
