@@ -201,6 +201,15 @@ class ContextService:
             raise from_rpc_error(error, "context") from error
         return response.session.session_id
 
+    async def delete_session(self, tenant: Tenant, session_id: str) -> None:
+        """Within the router's own timeout, not a turn's budget: the turn
+        that created the session may have ended for want of time."""
+        request = context_pb.DeleteSessionRequest(tenant_id=tenant.id, session_id=session_id)
+        try:
+            await self._call(self._stub.DeleteSession, request, tenant.id, Budget(), session=True)
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, "context") from error
+
     async def assemble(self, turn: Turn) -> tuple[list[common_pb2.Message], int] | None:
         """A stateless turn needs the context service only to fit the prompt
         to the window, so its outage degrades that turn (the model's own

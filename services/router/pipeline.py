@@ -194,8 +194,11 @@ class Turn:
     # With max_tokens resolved to the model's default when unset.
     parameters: common_pb2.GenerationParameters
     session_id: str
-    # A ChatSession's first turn without a session: one is created once the
-    # turn is admitted, so a refused turn leaves no empty session behind.
+    # A turn that starts a session (a ChatSession's first without one, an
+    # HTTP session_id "new"): it is created once the turn is admitted, so a
+    # refused turn leaves no empty session behind, and deleted if the turn
+    # ends before it begins to be stored, so a failed one leaves none either
+    # (its client's resend would create another each time).
     create_session: bool
     # Strict turns answer only from, and append only at, this version.
     expected_version: int | None
@@ -285,11 +288,14 @@ class _TurnFacts:
     """What a turn settled on its way, from the moment it is known, for its
     end however it comes: its cache status (a hit is billed as one even when
     its turn ends before its Completion: the caller hanging up mid-replay,
-    its session's append failing), and the session it created (a turn that
-    then fails still names it, so the caller can go on with it)."""
+    its session's append failing), the session it created, and whether it
+    began to be stored in its session (a turn that then fails names the
+    session it created, so the caller can go on with it; one that ends
+    before has that session deleted: nothing is in it)."""
 
     status: CacheStatus | None = None
     created_session_id: str = ""
+    saving: bool = False
     # The session's assembled prompt, once it is.
     prompt: list[common_pb2.Message] | None = None
 
@@ -324,6 +330,8 @@ class Contexts(Protocol):
     """Sessions and prompt assembly (the context service)."""
 
     async def create_session(self, tenant: Tenant, budget: Budget) -> str: ...
+
+    async def delete_session(self, tenant: Tenant, session_id: str) -> None: ...
 
     async def assemble(self, turn: Turn) -> tuple[list[common_pb2.Message], int] | None:
         """The prompt and the session version it was built from; None when a
@@ -480,8 +488,9 @@ class Pipeline:
         self._prompt_bounds = prompt_bounds(models)
         self._routes = _routes(models)
         self._coalescer = Coalescer()
-        # Session warm-ups in flight, held so they are not collected mid-way.
-        self._warming: set[asyncio.Task] = set()
+        # Session calls no turn waits for (warm-ups, deletions of sessions
+        # that failed turns created), held so they are not collected mid-way.
+        self._background: set[asyncio.Task] = set()
 
     def reconfigure(self, settings: RouterSettings, models: dict[str, ModelSettings]) -> None:
         """Reloaded settings, from the next turn on; a turn under way keeps
@@ -499,9 +508,29 @@ class Pipeline:
         """A ChatSession stream opened for an existing session: the context
         service reads it into memory meanwhile, so the first turn's assembly
         finds it there. In the background: the stream waits for nothing."""
-        task = asyncio.create_task(self._contexts.prefetch(tenant, session_id))
-        self._warming.add(task)
-        task.add_done_callback(self._warming.discard)
+        self._in_background(self._contexts.prefetch(tenant, session_id))
+
+    def _in_background(self, call: collections.abc.Coroutine) -> None:
+        task = asyncio.create_task(call)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _delete_unused_session(self, tenant: Tenant, session_id: str) -> None:
+        """Deletes the session a turn created and ended without storing
+        anything in: only this router knows its id (no answer named it), so
+        nothing else can be using it. A failure is logged; the empty session
+        then expires unused (context.session_ttl_s)."""
+        try:
+            await self._contexts.delete_session(tenant, session_id)
+        except MeshgateError as error:  # the context service away, say
+            log.warning(
+                "the session a failed turn created was not deleted",
+                tenant=tenant.id,
+                session_id=session_id,
+                reason=error.reason,
+            )
+        except Exception:  # noqa: BLE001 - a bug: the turn has ended, and nothing waits for this
+            log.exception("deleting the session a failed turn created failed", tenant=tenant.id)
 
     def validate(
         self, request, tenant: Tenant, session_id: str, budget: Budget, create_session: bool
@@ -649,6 +678,9 @@ class Pipeline:
                 facts.prompt,
             )
             _record_turn(turn, outcome, span)
+            if facts.created_session_id and not facts.saving:
+                # Not awaited: the turn's failure or cancellation goes on at once.
+                self._in_background(self._delete_unused_session(turn.tenant, facts.created_session_id))
             await self._settle(grant, turn, outcome)
 
     def _exact_lookup_beside_admission(self, turn: Turn) -> asyncio.Future | None:
@@ -827,6 +859,7 @@ class Pipeline:
                 self._cache.store(plan, turn.messages if stateless else prompt, answer, turn.budget)
             )
         if not stateless:
+            facts.saving = True
             if before_saving is not None:
                 await before_saving(session_id)
             saving.append(self._contexts.append(turn, session_id, version, answer))
@@ -1017,9 +1050,10 @@ def _record_turn(turn: Turn, outcome: Outcome, span) -> None:
 
 
 def _failure(error: MeshgateError, facts: _TurnFacts) -> Failure:
-    """The turn's Failure, naming the session it created, if any (in the
-    error's metadata too, for a caller that reads only the status)."""
-    created = facts.created_session_id
+    """The turn's Failure, naming the session it created, if the turn began
+    to be stored in it (in the error's metadata too, for a caller that reads
+    only the status); one it did not begin to be stored in is deleted."""
+    created = facts.created_session_id if facts.saving else ""
     if created and "session_id" not in error.metadata:
         error = error.copy()
         error.metadata["session_id"] = created

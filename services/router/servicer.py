@@ -384,8 +384,10 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                                     message = pb.ChatSessionResponse(completion=completion_proto(event))
                                     done = True
                                 case Failure(error=error, session_id=created):
-                                    # A first turn that created its session, then
-                                    # failed: the next turns go on with that session.
+                                    # A first turn that created its session and
+                                    # failed as it was being stored: the next turns
+                                    # go on with that session (one that failed
+                                    # before names none: the pipeline deleted it).
                                     session_id = created or session_id
                                     failure = error.to_status_proto().SerializeToString()
                                     message = pb.ChatSessionResponse(failure=failure)

@@ -853,6 +853,9 @@ class _SessionContexts:
     async def create_session(self, tenant, budget) -> str:
         return uuid.uuid4().hex
 
+    async def delete_session(self, tenant, session_id) -> None:
+        return None
+
     async def assemble(self, turn):
         return [self.history, *turn.messages], 1
 

@@ -17,9 +17,10 @@ import numpy as np
 import openai
 import pytest
 
-from meshgate import metrics
+from meshgate import metrics, redis_access
 from meshgate.config import (
     DEV_TENANT_ID,
+    DeploymentSettings,
     LimitSettings,
     ModelSettings,
     TenantSettings,
@@ -35,6 +36,7 @@ from meshgate.router.v1 import admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as router_pb
 from services.cache import app as cache_app
 from services.context import app as context_app
+from services.context import store as session_store
 from services.router import app as router_app
 from tests.integration.conftest import (
     running,
@@ -1158,6 +1160,71 @@ async def test_a_session_turn_that_failed_as_it_was_stored_is_not_resent_by_the_
     assert sent == ["/v1/chat/completions"]
     # The first attempt's append landed: the turn is stored, once.
     assert [message.content for message in session.session.messages].count(marker) == 1
+
+
+async def test_a_new_session_turn_that_fails_before_it_is_stored_leaves_no_session(
+    redis_url, inference_address
+):
+    """A turn with session_id "new" whose generation failed (its model's one
+    deployment is down) left the session it had created, empty, for
+    context.session_ttl_s, and the openai SDK resends a 503: an empty session
+    per try. Nothing was stored in it and only the router knew its id (no
+    answer had named it): it is deleted, and the failure names none."""
+    tenant = f"new-session-{uuid.uuid4().hex[:8]}"
+    key = f"key-{tenant}"
+    settings = service_settings(redis_url, inference_address, KEY)
+    settings.router.tenants = [TenantSettings(id=tenant, api_key_sha256=[hash_api_key(key)])]
+    dead = DeploymentSettings(name="dead", address="127.0.0.1:1", model="tiny-gpt")
+    settings.models["nowhere"] = ModelSettings(deployments=[dead])
+    settings.router.http_listen = f"127.0.0.1:{free_port()}"
+    redis = redis_access.connect(redis_url)
+    sent = []
+
+    async def count(request: httpx.Request) -> None:
+        sent.append(request.url.path)
+
+    async def sessions() -> list[bytes]:
+        return [name async for name in redis.scan_iter(match=session_store.key(tenant, "*", "meta"))]
+
+    async def none_left() -> bool:
+        return not await sessions()
+
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(redis.aclose)
+        await stack.enter_async_context(running_router(settings))
+        http = await stack.enter_async_context(httpx.AsyncClient(event_hooks={"request": [count]}))
+        sdk = await stack.enter_async_context(
+            openai.AsyncOpenAI(
+                base_url=f"http://{settings.router.http_listen}/v1",
+                api_key=key,
+                max_retries=2,
+                http_client=http,
+            )
+        )
+        failures = []
+        for stream in (False, True):
+            with pytest.raises(openai.InternalServerError) as failed:
+                await sdk.chat.completions.create(
+                    model="nowhere",
+                    messages=question("hello"),
+                    max_tokens=2,
+                    stream=stream,
+                    extra_body={"session_id": "new"},
+                )
+            failures.append(failed.value)
+        await eventually(none_left)
+        # A turn that is stored keeps the session it created (and this
+        # scan finds one).
+        answered = await sdk.chat.completions.create(
+            model="tiny-gpt", messages=question("hello"), max_tokens=2, extra_body={"session_id": "new"}
+        )
+        kept = await sessions()
+    # The SDK sent each request three times (two resends of the 503).
+    assert sent == ["/v1/chat/completions"] * 7
+    for failure in failures:
+        assert (failure.status_code, failure.code) == (503, "NO_DEPLOYMENT_AVAILABLE")
+        assert "session_id" not in failure.body["metadata"]
+    assert kept == [session_store.key(tenant, answered.meshgate["session_id"], "meta").encode()]
 
 
 def _turns(outcome: str) -> float:

@@ -52,6 +52,7 @@ class FakeContexts:
         self.version = version
         self.outage = outage
         self.created: list[str] = []
+        self.deleted: list[str] = []
         self.assembled: list[str] = []
         self.appended: list[tuple[str, int, str]] = []
         self.append_error: MeshgateError | None = None
@@ -61,6 +62,9 @@ class FakeContexts:
     async def create_session(self, tenant, budget) -> str:
         self.created.append(tenant.id)
         return f"s{len(self.created)}"
+
+    async def delete_session(self, tenant, session_id) -> None:
+        self.deleted.append(session_id)
 
     async def assemble(self, turn):
         self.assembled.append(turn.session_id)
@@ -426,6 +430,66 @@ async def test_a_strict_first_session_turn_at_another_version_creates_no_session
     first = request(expected_session_version=0)
     events = await events_of(turns.run(first, TENANT, "", Budget(), create_session=True))
     assert (events[-1].session_id, events[-1].session_version) == ("s1", 1)
+
+
+async def until_deleted(contexts: FakeContexts) -> list[str]:
+    """The sessions deleted, once the pipeline's deletion in the background has run."""
+    for _ in range(100):
+        if contexts.deleted:
+            break
+        await asyncio.sleep(0)
+    return contexts.deleted
+
+
+async def test_a_session_a_turn_created_and_failed_before_storing_anything_in_is_deleted_unnamed():
+    """Left, it was an empty session per failed try of a session_id "new"
+    turn (the openai SDK resends a 5xx): nothing was stored in it, and no
+    answer had named it."""
+    turns, parts = pipeline(generator=FakeGenerator(fail_after=1))
+    events = await events_of(turns.run(request(), TENANT, "", Budget(), create_session=True))
+    assert isinstance(events[-1], Failure) and events[-1].session_id == ""
+    assert "session_id" not in events[-1].error.metadata
+    assert await until_deleted(parts["contexts"]) == ["s1"]
+    assert parts["contexts"].appended == []
+
+
+async def test_a_session_a_cancelled_turn_created_is_deleted():
+    generator = FakeGenerator(pieces=("a ",) * 1000)
+    turns, parts = pipeline(generator=generator)
+
+    async def consume():
+        async with contextlib.aclosing(
+            turns.run(request(), TENANT, "", Budget(), create_session=True)
+        ) as events:
+            async for event in events:
+                if isinstance(event, Delta):
+                    await asyncio.sleep(3600)  # the caller stops reading
+
+    task = asyncio.ensure_future(consume())
+    await asyncio.wait_for(generator.started.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await until_deleted(parts["contexts"]) == ["s1"]
+
+
+async def test_a_session_a_turn_created_and_began_to_store_in_is_kept_and_named():
+    """Its append failed, but may have landed: the session may hold the
+    turn, and the failure names it so the caller can go on with it."""
+    contexts = FakeContexts()
+    contexts.append_error = unavailable(Reason.REDIS_UNAVAILABLE, "down")
+    turns, _ = pipeline(contexts=contexts)
+    events = await events_of(turns.run(request(), TENANT, "", Budget(), create_session=True))
+    assert isinstance(events[-1], Failure) and events[-1].session_id == "s1"
+    assert events[-1].error.metadata["session_id"] == "s1"
+    # A completed turn keeps its session too.
+    contexts.append_error = None
+    assert (await events_of(turns.run(request(), TENANT, "", Budget(), create_session=True)))[
+        -1
+    ].session_id == "s2"
+    for _ in range(10):  # time for a deletion in the background, were there one
+        await asyncio.sleep(0)
+    assert contexts.deleted == []
 
 
 @pytest.mark.parametrize("finish_before_last", [False, True])

@@ -595,10 +595,35 @@ def test_chat_session_reports_a_failed_turn_in_the_stream_and_goes_on(loop):
     assert completion.session_version == 4  # FakeContexts' session is at 3
 
 
-def test_a_chat_session_goes_on_with_the_session_its_failed_first_turn_created(loop):
-    """The first turn created s1, then its generation died: the next turn,
-    naming no session, continues s1 (it created a second one, s1 left
-    unknown to its client), and the failure names s1 for the client."""
+def test_a_chat_session_goes_on_with_the_session_its_first_turn_created_and_may_have_stored_in(loop):
+    """The first turn created s1 and its append failed (it may have landed):
+    the next turn, naming no session, continues s1 (it created a second one,
+    s1 left unknown to its client), and the failure names s1 for the client."""
+    contexts = FakeContexts()
+    contexts.append_error = MeshgateError(grpc.StatusCode.UNAVAILABLE, Reason.REDIS_UNAVAILABLE, "down")
+    server = served(loop, contexts=contexts)
+    rpc = server.invoke_stream_stream(SERVICE.methods_by_name["ChatSession"], AUTH, 10)
+    rpc.send_request(pb.ChatSessionRequest(model="m", messages=[user("first")]))
+    # Read up to the first turn's failure (after its three deltas) before the next turn is sent.
+    responses = [rpc.take_response() for _ in range(4)]
+    contexts.append_error = None
+    rpc.send_request(pb.ChatSessionRequest(model="m", messages=[user("second")]))
+    rpc.requests_closed()
+    _, code, _ = rpc.termination()
+    responses += drain(rpc)
+    assert code == grpc.StatusCode.OK
+    failure = status_pb2.Status.FromString(responses[3].failure)
+    info = error_details_pb2.ErrorInfo()
+    failure.details[0].Unpack(info)
+    assert (info.reason, info.metadata["session_id"]) == (Reason.REDIS_UNAVAILABLE, "s1")
+    assert responses[-1].completion.session_id == "s1"
+    assert (contexts.created, contexts.deleted) == (["dev"], [])
+
+
+def test_a_chat_sessions_first_turn_that_failed_before_storing_leaves_no_session(loop):
+    """The first turn created s1, then its generation died before anything
+    was stored: s1 is deleted, the failure names no session, and the next
+    turn starts one."""
     contexts = FakeContexts()
     generator = FakeGenerator(fail_after=1)
     server = served(loop, generator=generator, contexts=contexts)
@@ -615,9 +640,10 @@ def test_a_chat_session_goes_on_with_the_session_its_failed_first_turn_created(l
     failure = status_pb2.Status.FromString(responses[1].failure)
     info = error_details_pb2.ErrorInfo()
     failure.details[0].Unpack(info)
-    assert (info.reason, info.metadata["session_id"]) == (Reason.STREAM_ENDED_EARLY, "s1")
-    assert responses[-1].completion.session_id == "s1"
-    assert len(contexts.created) == 1
+    assert info.reason == Reason.STREAM_ENDED_EARLY
+    assert "session_id" not in info.metadata
+    assert responses[-1].completion.session_id == "s2"
+    assert contexts.deleted == ["s1"]
 
 
 def test_create_session_and_list_models(loop):
