@@ -131,6 +131,13 @@ class Reason(enum.StrEnum):
     """An admin call names a tenant id no tenant can have (1-128 printable
     characters, no whitespace or braces)."""
 
+    INVALID_PAGE_SIZE = enum.auto()
+    """A listing's page_size is negative (AIP-158)."""
+
+    INVALID_PAGE_TOKEN = enum.auto()
+    """A listing's page_token is not a next_page_token of a listing with the
+    request's filters (another tenant's, altered, or made up)."""
+
     MISSING_MODEL = enum.auto()
     """A cache request names no model."""
 

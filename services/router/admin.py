@@ -14,7 +14,14 @@ from meshgate.router.v1 import admin_service_pb2 as pb
 from meshgate.router.v1 import admin_service_pb2_grpc
 from services.router.auth import Authenticator, admitted_admin
 from services.router.downstream import CacheService
-from services.router.keys import KeyRecord, KeyStore, check_key_request, check_tenant_id
+from services.router.keys import (
+    KeyRecord,
+    KeyStore,
+    PageCursor,
+    check_key_request,
+    check_tenant_id,
+    page_size,
+)
 from services.router.pipeline import Budget
 from services.router.request_ids import RequestId
 
@@ -107,10 +114,16 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
 
     async def ListKeys(self, request: pb.ListKeysRequest, context) -> pb.ListKeysResponse:
         admitted_admin()
-        if request.tenant_id:
-            check_tenant_id(request.tenant_id)
-        records = await self._keys.list(request.tenant_id)
-        return pb.ListKeysResponse(keys=[key_info(record) for record in records])
+        if not request.tenant_id:
+            raise invalid_argument(Reason.TENANT_REQUIRED, "name the tenant_id whose keys to list")
+        check_tenant_id(request.tenant_id)
+        size = page_size(request.page_size)
+        after = PageCursor.of_token(request.page_token, request.tenant_id) if request.page_token else None
+        page = await self._keys.list(request.tenant_id, size, after)
+        return pb.ListKeysResponse(
+            keys=[key_info(record) for record in page.records],
+            next_page_token=page.following.token(request.tenant_id) if page.following else "",
+        )
 
     async def RotateKey(self, request: pb.RotateKeyRequest, context) -> pb.RotateKeyResponse:
         admitted_admin()

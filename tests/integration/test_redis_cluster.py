@@ -426,8 +426,13 @@ async def test_api_keys_on_the_cluster(client, tenant) -> None:
     assert found is not None and (found.tenant_id, found.key_id) == (tenant, record.key_id)
     new_secret, successor, revoked = await keys.rotate(record.key_id)
     assert new_secret != secret and revoked.revoked_at is not None
-    listed = await keys.list(tenant)
+    listed = (await keys.list(tenant)).records
     assert {r.key_hash for r in listed} == {record.key_hash, successor.key_hash}
+    # A later page's two ranges go in one pipeline, to the keys' slot.
+    first = await keys.list(tenant, 1)
+    second = await keys.list(tenant, 1, first.following)
+    assert [r.key_hash for r in first.records + second.records] == [record.key_hash, successor.key_hash]
+    assert second.following is None
     assert (await keys.revoke(successor.key_id)).revoked_at is not None
     # With request ids, each answer is stored in the keys' slot, in the same
     # script as the key (a record in another slot: CROSSSLOT).

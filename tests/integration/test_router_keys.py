@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import signal
 import time
 import uuid
@@ -286,6 +287,149 @@ async def test_admin_reads_naming_a_tenant_id_no_tenant_can_have_are_refused(rep
     assert await refusal(admin.ListKeys(admin_pb.ListKeysRequest(tenant_id="a}b"), metadata=ADMIN)) == invalid
     invalidate = admin_pb.InvalidateCacheRequest(tenant_id="a b")
     assert await refusal(admin.InvalidateCache(invalidate, metadata=ADMIN)) == invalid
+
+
+async def test_a_listing_in_pages_lists_each_key_that_stayed_once_whatever_changes_between_pages(
+    replicas, redis_url
+):
+    """ListKeys returned every key of a tenant in one answer: 50,000 keys
+    made 4.8 MB, which a client refuses (4 MiB by default), every time.
+    Now pages, here of 7 from either replica in turn, with keys created,
+    revoked, rotated and forgotten (retention passed) between them, the
+    key the token names among them."""
+    (_, admin_a), (_, admin_b) = replicas
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+
+    async def create(label: str) -> admin_pb.KeyInfo:
+        request = admin_pb.CreateKeyRequest(tenant_id=tenant, label=label)
+        return (await admin_a.CreateKey(request, metadata=ADMIN, timeout=10)).key
+
+    before = [await create(f"before-{i}") for i in range(300)]
+    # Unset: 100; above the 300 there are, all.
+    first = await admin_b.ListKeys(admin_pb.ListKeysRequest(tenant_id=tenant), metadata=ADMIN)
+    assert len(first.keys) == 100 and first.next_page_token
+    whole = await admin_b.ListKeys(admin_pb.ListKeysRequest(tenant_id=tenant, page_size=5000), metadata=ADMIN)
+    assert [k.key_id for k in whole.keys] == [k.key_id for k in before] and not whole.next_page_token
+
+    client = redis_access.connect(redis_url)
+    listed: list[admin_pb.KeyInfo] = []
+    forgotten: set[str] = set()
+    revoked_ahead: set[str] = set()
+    rotated: set[str] = set()
+    rng = random.Random(7)
+
+    async def forget(key: admin_pb.KeyInfo, from_listing: bool) -> None:
+        # Its retention passed: Redis expired its record. A listing that
+        # meets it, or a lookup by id, then takes it out of the tenant's set.
+        key_hash = await client.hget("mg:router:{apikeys}:ids", key.key_id)
+        await client.delete(f"mg:router:{{apikeys}}:key:{key_hash.decode()}")
+        if from_listing:
+            await client.zrem(f"mg:router:{{apikeys}}:tenant:{tenant}", key_hash)
+        forgotten.add(key.key_id)
+
+    try:
+        token, pages, short_pages = "", 0, 0
+        while True:
+            request = admin_pb.ListKeysRequest(tenant_id=tenant, page_size=7, page_token=token)
+            page = await (admin_a, admin_b)[pages % 2].ListKeys(request, metadata=ADMIN, timeout=10)
+            assert len(page.keys) <= 7
+            listed += page.keys
+            pages += 1
+            token = page.next_page_token
+            if not token:
+                break
+            short_pages += len(page.keys) < 7
+            seen = {k.key_id for k in listed}
+            await create(f"during-{pages}")
+            ahead = [k for k in before if k.key_id not in seen | forgotten | revoked_ahead]
+            if ahead:
+                revoke = rng.choice(ahead)
+                await admin_b.RevokeKey(admin_pb.RevokeKeyRequest(key_id=revoke.key_id), metadata=ADMIN)
+                revoked_ahead.add(revoke.key_id)
+            gone_or_rotated = forgotten | rotated
+            behind = [k for k in listed if k.key_id not in gone_or_rotated and not k.HasField("revoked_at")]
+            rotate = rng.choice(behind)
+            await admin_a.RotateKey(admin_pb.RotateKeyRequest(key_id=rotate.key_id), metadata=ADMIN)
+            rotated.add(rotate.key_id)
+            if pages % 5 == 0 and page.keys:
+                # The key the token names, as a rule (not where the page's
+                # last was a record found gone).
+                await forget(page.keys[-1], from_listing=True)
+            not_revoked = [k for k in ahead if k.key_id not in revoked_ahead]
+            if pages % 7 == 0 and not_revoked:
+                await forget(rng.choice(not_revoked), from_listing=False)
+    finally:
+        await client.aclose()
+
+    ids = [k.key_id for k in listed]
+    assert len(ids) == len(set(ids)), "a key was listed twice"
+    stayed = {k.key_id for k in before} - forgotten
+    assert stayed <= set(ids), "a key that stayed was skipped"
+    assert len(forgotten) > 10 and len(revoked_ahead) > 20 and pages > 40 and short_pages > 0
+    # Each page read the records as they were then: those revoked before
+    # they were reached are listed revoked.
+    assert all(k.HasField("revoked_at") for k in listed if k.key_id in revoked_ahead)
+    order = [(k.created_at.ToNanoseconds(), k.key_id) for k in listed]
+    assert order == sorted(order)
+
+
+async def test_a_listing_refuses_a_negative_page_size_and_any_token_it_did_not_give(replicas):
+    _, admin = replicas[0]
+    tenant, other = (f"t-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    for owner in (tenant, other, tenant):
+        await admin.CreateKey(admin_pb.CreateKeyRequest(tenant_id=owner), metadata=ADMIN)
+
+    def listing(**fields) -> admin_pb.ListKeysRequest:
+        return admin_pb.ListKeysRequest(**{"tenant_id": tenant, **fields})
+
+    assert await refusal(admin.ListKeys(listing(page_size=-1), metadata=ADMIN)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        Reason.INVALID_PAGE_SIZE,
+    )
+    first = await admin.ListKeys(listing(page_size=1), metadata=ADMIN)
+    token = first.next_page_token
+    altered = token[:20] + ("B" if token[20] == "A" else "A") + token[21:]
+    invalid = (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_PAGE_TOKEN)
+    for refused in (
+        listing(tenant_id=other, page_token=token),
+        listing(page_token=altered),
+        listing(page_token=token[:-1]),
+        listing(page_token="next"),
+    ):
+        assert await refusal(admin.ListKeys(refused, metadata=ADMIN)) == invalid
+    second = await admin.ListKeys(listing(page_size=5, page_token=token), metadata=ADMIN)
+    assert len(second.keys) == 1 and not second.next_page_token
+    assert second.keys[0].key_id != first.keys[0].key_id
+    # No tenant: TENANT_REQUIRED, whatever the token.
+    assert await refusal(admin.ListKeys(listing(tenant_id="", page_token=token), metadata=ADMIN)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        Reason.TENANT_REQUIRED,
+    )
+
+
+async def test_keys_created_at_one_instant_are_paged_by_hash_none_skipped_or_repeated(redis_url):
+    """A page ends after its last key's score and hash: of keys sharing
+    that score, the next page starts after that hash (a clock that reads
+    the same twice; here one that stands still)."""
+    client = redis_access.connect(redis_url)
+    try:
+        keys = KeyStore(client, clock=lambda: 1_764_862_706.5)
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        created = [(await keys.create(tenant, ("*",), LimitSettings(), None, ""))[1] for _ in range(20)]
+        listed, after = [], None
+        while True:
+            page = await keys.list(tenant, 3, after)
+            listed += [record.key_hash for record in page.records]
+            if page.following is None:
+                break
+            after = page.following
+            # One more at that instant, between pages: listed once or not at all.
+            created.append((await keys.create(tenant, ("*",), LimitSettings(), None, ""))[1])
+        later = {record.key_hash for record in created[20:]}
+        assert [h for h in listed if h not in later] == sorted(r.key_hash for r in created[:20])
+        assert listed == sorted(set(listed))
+    finally:
+        await client.aclose()
 
 
 def turn_failure(response: pb.ChatSessionResponse) -> tuple[grpc.StatusCode, str]:
@@ -589,7 +733,7 @@ async def test_two_rotations_of_one_key_at_once_leave_one_successor(redis_url):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 Reason.API_KEY_REVOKED,
             )
-        live = [k for k in await first.list(tenant) if k.revoked_at is None]
+        live = [k for k in (await first.list(tenant)).records if k.revoked_at is None]
         assert len(live) == 3
     finally:
         for client in clients:
@@ -648,11 +792,11 @@ async def test_retired_key_records_leave_redis_after_their_retention_and_their_l
         assert abs(await client.ttl(record_key(expiring)) - (expires_at - time.time() + retention)) < 5
         for gone_later in (retired, revoked):
             assert retention - 5 < await client.ttl(record_key(gone_later)) <= retention + 1
-        assert len(await keys.list(tenant)) == 5
+        assert len((await keys.list(tenant)).records) == 5
 
         # Their retention passed (as Redis would expire them).
         await client.delete(record_key(retired), record_key(revoked))
-        listed = await keys.list(tenant)
+        listed = (await keys.list(tenant)).records
         assert {r.label for r in listed} == {"live", "expiring", "rotated"}  # the successor keeps the label
         assert await client.zcard(f"mg:router:{{apikeys}}:tenant:{tenant}") == 3
         ids = "mg:router:{apikeys}:ids"

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&meshgate/router/v1/admin_service.proto\x12\x12meshgate.router.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x98\x03\n\tKeyLimits\x12 \n\x13requests_per_minute\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x1e\n\x11tokens_per_minute\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x1f\n\x12\x63oncurrent_streams\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x1b\n\x0etokens_per_day\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x1d\n\x10tokens_per_month\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x1d\n\x10\x63ost_usd_per_day\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1f\n\x12\x63ost_usd_per_month\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x13\n\x0b\x66\x61il_closed\x18\x08 \x03(\tB\x16\n\x14_requests_per_minuteB\x14\n\x12_tokens_per_minuteB\x15\n\x13_concurrent_streamsB\x11\n\x0f_tokens_per_dayB\x13\n\x11_tokens_per_monthB\x13\n\x11_cost_usd_per_dayB\x15\n\x13_cost_usd_per_month\"\xa0\x02\n\x07KeyInfo\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12-\n\x06limits\x18\x04 \x01(\x0b\x32\x1d.meshgate.router.v1.KeyLimits\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05label\x18\x08 \x01(\t\x12\x14\n\x0cusage_key_id\x18\t \x01(\t\"\xb7\x01\n\x10\x43reateKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06models\x18\x02 \x03(\t\x12-\n\x06limits\x18\x03 \x01(\x0b\x32\x1d.meshgate.router.v1.KeyLimits\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05label\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"N\n\x11\x43reateKeyResponse\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12(\n\x03key\x18\x02 \x01(\x0b\x32\x1b.meshgate.router.v1.KeyInfo\"$\n\x0fListKeysRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"=\n\x10ListKeysResponse\x12)\n\x04keys\x18\x01 \x03(\x0b\x32\x1b.meshgate.router.v1.KeyInfo\"6\n\x10RotateKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"}\n\x11RotateKeyResponse\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12(\n\x03key\x18\x02 \x01(\x0b\x32\x1b.meshgate.router.v1.KeyInfo\x12-\n\x08previous\x18\x03 \x01(\x0b\x32\x1b.meshgate.router.v1.KeyInfo\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"=\n\x11RevokeKeyResponse\x12(\n\x03key\x18\x01 \x01(\x0b\x32\x1b.meshgate.router.v1.KeyInfo\":\n\x16InvalidateCacheRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"2\n\x17InvalidateCacheResponse\x12\x17\n\x0f\x65ntries_removed\x18\x01 \x01(\x03\x32\xdf\x03\n\x0c\x41\x64minService\x12X\n\tCreateKey\x12$.meshgate.router.v1.CreateKeyRequest\x1a%.meshgate.router.v1.CreateKeyResponse\x12U\n\x08ListKeys\x12#.meshgate.router.v1.ListKeysRequest\x1a$.meshgate.router.v1.ListKeysResponse\x12X\n\tRotateKey\x12$.meshgate.router.v1.RotateKeyRequest\x1a%.meshgate.router.v1.RotateKeyResponse\x12X\n\tRevokeKey\x12$.meshgate.router.v1.RevokeKeyRequest\x1a%.meshgate.router.v1.RevokeKeyResponse\x12j\n\x0fInvalidateCache\x12*.meshgate.router.v1.InvalidateCacheRequest\x1a+.meshgate.router.v1.InvalidateCacheResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&meshgate/router/v1/admin_service.proto\x12\x12meshgate.router.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x98\x03\n\tKeyLimits\x12 \n\x13requests_per_minute\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x1e\n\x11tokens_per_minute\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x1f\n\x12\x63oncurrent_streams\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x1b\n\x0etokens_per_day\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x1d\n\x10tokens_per_month\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x1d\n\x10\x63ost_usd_per_day\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1f\n\x12\x63ost_usd_per_month\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x13\n\x0b\x66\x61il_closed\x18\x08 \x03(\tB\x16\n\x14_requests_per_minuteB\x14\n\x12_tokens_per_minuteB\x15\n\x13_concurrent_streamsB\x11\n\x0f_tokens_per_dayB\x13\n\x11_tokens_per_monthB\x13\n\x11_cost_usd_per_dayB\x15\n\x13_cost_usd_per_month\"\xa0\x02\n\x07KeyInfo\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12-\n\x06limits\x18\x04 \x01(\x0b\x32\x1d.meshgate.router.v1.KeyLimits\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05label\x18\x08 \x01(\t\x12\x14\n\x0cusage_key_id\x18\t \x01(\t\"\xb7\x01\n\x10\x43reateKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06models\x18\x02 \x03(\t\x12-\n\x06limits\x18\x03 \x01(\x0b\x32\x1d.meshgate.router.v1.KeyLimits\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05label\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"N\n\x11\x43reateKeyResponse\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12(\n\x03key\x18\x02 \x01(\x0b\x32\x1b.meshgate.router.v1.KeyInfo\"K\n\x0fListKeysRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x10ListKeysResponse\x12)\n\x04keys\x18\x01 \x03(\x0b\x32\x1b.meshgate.router.v1.KeyInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x10RotateKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"}\n\x11RotateKeyResponse\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12(\n\x03key\x18\x02 \x01(\x0b\x32\x1b.meshgate.router.v1.KeyInfo\x12-\n\x08previous\x18\x03 \x01(\x0b\x32\x1b.meshgate.router.v1.KeyInfo\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"=\n\x11RevokeKeyResponse\x12(\n\x03key\x18\x01 \x01(\x0b\x32\x1b.meshgate.router.v1.KeyInfo\":\n\x16InvalidateCacheRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"2\n\x17InvalidateCacheResponse\x12\x17\n\x0f\x65ntries_removed\x18\x01 \x01(\x03\x32\xdf\x03\n\x0c\x41\x64minService\x12X\n\tCreateKey\x12$.meshgate.router.v1.CreateKeyRequest\x1a%.meshgate.router.v1.CreateKeyResponse\x12U\n\x08ListKeys\x12#.meshgate.router.v1.ListKeysRequest\x1a$.meshgate.router.v1.ListKeysResponse\x12X\n\tRotateKey\x12$.meshgate.router.v1.RotateKeyRequest\x1a%.meshgate.router.v1.RotateKeyResponse\x12X\n\tRevokeKey\x12$.meshgate.router.v1.RevokeKeyRequest\x1a%.meshgate.router.v1.RevokeKeyResponse\x12j\n\x0fInvalidateCache\x12*.meshgate.router.v1.InvalidateCacheRequest\x1a+.meshgate.router.v1.InvalidateCacheResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,21 +41,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEKEYRESPONSE']._serialized_start=983
   _globals['_CREATEKEYRESPONSE']._serialized_end=1061
   _globals['_LISTKEYSREQUEST']._serialized_start=1063
-  _globals['_LISTKEYSREQUEST']._serialized_end=1099
-  _globals['_LISTKEYSRESPONSE']._serialized_start=1101
-  _globals['_LISTKEYSRESPONSE']._serialized_end=1162
-  _globals['_ROTATEKEYREQUEST']._serialized_start=1164
-  _globals['_ROTATEKEYREQUEST']._serialized_end=1218
-  _globals['_ROTATEKEYRESPONSE']._serialized_start=1220
-  _globals['_ROTATEKEYRESPONSE']._serialized_end=1345
-  _globals['_REVOKEKEYREQUEST']._serialized_start=1347
-  _globals['_REVOKEKEYREQUEST']._serialized_end=1381
-  _globals['_REVOKEKEYRESPONSE']._serialized_start=1383
-  _globals['_REVOKEKEYRESPONSE']._serialized_end=1444
-  _globals['_INVALIDATECACHEREQUEST']._serialized_start=1446
-  _globals['_INVALIDATECACHEREQUEST']._serialized_end=1504
-  _globals['_INVALIDATECACHERESPONSE']._serialized_start=1506
-  _globals['_INVALIDATECACHERESPONSE']._serialized_end=1556
-  _globals['_ADMINSERVICE']._serialized_start=1559
-  _globals['_ADMINSERVICE']._serialized_end=2038
+  _globals['_LISTKEYSREQUEST']._serialized_end=1138
+  _globals['_LISTKEYSRESPONSE']._serialized_start=1140
+  _globals['_LISTKEYSRESPONSE']._serialized_end=1226
+  _globals['_ROTATEKEYREQUEST']._serialized_start=1228
+  _globals['_ROTATEKEYREQUEST']._serialized_end=1282
+  _globals['_ROTATEKEYRESPONSE']._serialized_start=1284
+  _globals['_ROTATEKEYRESPONSE']._serialized_end=1409
+  _globals['_REVOKEKEYREQUEST']._serialized_start=1411
+  _globals['_REVOKEKEYREQUEST']._serialized_end=1445
+  _globals['_REVOKEKEYRESPONSE']._serialized_start=1447
+  _globals['_REVOKEKEYRESPONSE']._serialized_end=1508
+  _globals['_INVALIDATECACHEREQUEST']._serialized_start=1510
+  _globals['_INVALIDATECACHEREQUEST']._serialized_end=1568
+  _globals['_INVALIDATECACHERESPONSE']._serialized_start=1570
+  _globals['_INVALIDATECACHERESPONSE']._serialized_end=1620
+  _globals['_ADMINSERVICE']._serialized_start=1623
+  _globals['_ADMINSERVICE']._serialized_end=2102
 # @@protoc_insertion_point(module_scope)

@@ -86,7 +86,8 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListKeys(self, request, context):
-        """A tenant's keys (revoked ones included), without their secrets.
+        """A tenant's keys (revoked ones included), without their secrets, a page
+        at a time (AIP-158): call again with next_page_token until it is empty.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,115 @@
+"""ListKeys' pages (AIP-158, services/router/keys.py): the page size a
+request gets, and page tokens, which name a place in one tenant's listing
+and nothing else. The pages themselves, on a real Redis, are covered by
+tests/integration/test_router_keys.py."""
+
+import base64
+import math
+import string
+
+import grpc
+import pytest
+
+from meshgate.config import hash_api_key
+from meshgate.errors import MeshgateError
+from meshgate.reasons import Reason
+from services.router import keys as keys_module
+from services.router.keys import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageCursor, page_size
+
+# Fixed: a failure reads the same each run.
+CURSOR = PageCursor(1_764_862_706.123456, hash_api_key("mgk-" + "k" * 43))
+TOKEN = CURSOR.token("acme")
+BASE64_URL = string.ascii_letters + string.digits + "-_"
+
+
+def refused(token: str, tenant_id: str = "acme") -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(MeshgateError) as caught:
+        PageCursor.of_token(token, tenant_id)
+    return caught.value.code, caught.value.reason
+
+
+INVALID_TOKEN = (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_PAGE_TOKEN)
+
+
+@pytest.mark.parametrize(("requested", "size"), [(0, DEFAULT_PAGE_SIZE), (1, 1), (7, 7), (1000, 1000)])
+def test_a_page_holds_what_page_size_asks_and_zero_means_the_default(requested, size):
+    assert page_size(requested) == size
+
+
+@pytest.mark.parametrize("requested", [MAX_PAGE_SIZE + 1, 2**31 - 1])
+def test_a_page_size_over_the_maximum_is_the_maximum(requested):
+    assert page_size(requested) == MAX_PAGE_SIZE == 1000
+
+
+@pytest.mark.parametrize("requested", [-1, -(2**31)])
+def test_a_negative_page_size_is_refused(requested):
+    with pytest.raises(MeshgateError) as caught:
+        page_size(requested)
+    assert (caught.value.code, caught.value.reason) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        Reason.INVALID_PAGE_SIZE,
+    )
+
+
+@pytest.mark.parametrize("created_at", [CURSOR.created_at, 0.0, 5e-324, 1.0 / 3, 253_402_300_799.999999])
+def test_a_token_names_its_place_exactly(created_at):
+    # Exactly: a score one ulp off would skip or repeat keys created at it.
+    cursor = PageCursor(created_at, CURSOR.key_hash)
+    assert PageCursor.of_token(cursor.token("acme"), "acme") == cursor
+
+
+def test_a_token_is_opaque_and_url_safe():
+    assert set(TOKEN) <= set(BASE64_URL)
+    assert CURSOR.key_hash not in TOKEN and CURSOR.key_hash[:16] not in TOKEN
+    assert b"acme" not in base64.urlsafe_b64decode(TOKEN + "==")
+
+
+def test_a_token_of_another_tenants_listing_is_refused():
+    assert refused(TOKEN, "other") == INVALID_TOKEN
+    # Nor one tenant's id a prefix of the other's.
+    assert refused(TOKEN, "acme2") == INVALID_TOKEN
+
+
+def test_every_change_of_one_character_is_refused():
+    """Including those of the last character's padding bits alone (base64
+    decodes them to the same bytes): a token has one spelling."""
+    for position, original in enumerate(TOKEN):
+        for replacement in BASE64_URL.replace(original, ""):
+            altered = TOKEN[:position] + replacement + TOKEN[position + 1 :]
+            assert refused(altered) == INVALID_TOKEN, (position, replacement)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("x", id="one character"),
+        pytest.param("not a token", id="words"),
+        pytest.param("é" * len(TOKEN), id="not ASCII"),
+        pytest.param(TOKEN[:-1], id="cut short"),
+        pytest.param(TOKEN + "A", id="one more"),
+        pytest.param(TOKEN + "==", id="padded"),
+        # Characters base64 decoding would skip.
+        pytest.param(TOKEN[:10] + "!" + TOKEN[10:], id="a stray character"),
+        pytest.param(TOKEN[:10] + "\n" + TOKEN[10:], id="a newline"),
+        pytest.param("A" * 100_000, id="100k characters"),
+    ],
+)
+def test_what_no_listing_gave_is_refused(token):
+    assert refused(token) == INVALID_TOKEN
+
+
+def _checked(version: int, created_at: float, tenant_id: str = "acme") -> str:
+    """A token made as a listing makes one, of any version and score: what
+    one who read this code could forge."""
+    cursor = keys_module._PAGE_CURSOR.pack(version, created_at, bytes.fromhex(CURSOR.key_hash))
+    check = keys_module._page_check(tenant_id, cursor)
+    return base64.urlsafe_b64encode(cursor + check).decode().rstrip("=")
+
+
+def test_a_forged_token_still_names_only_a_finite_place_of_this_layout():
+    assert PageCursor.of_token(_checked(1, 2.5), "acme") == PageCursor(2.5, CURSOR.key_hash)
+    assert refused(_checked(2, 2.5)) == INVALID_TOKEN
+    # Redis refuses a NaN score: that would be an INTERNAL error, not the caller's.
+    for created_at in (math.nan, math.inf, -math.inf):
+        assert refused(_checked(1, created_at)) == INVALID_TOKEN
