@@ -6,9 +6,10 @@ service has a certificate from the mesh's CA naming its identity,
 only the identities allowed to call it (:class:`MeshGuard`), and a caller
 asks for the identity of the service it means to reach, so neither end
 depends on host names or addresses. A process without a certificate from
-the mesh's CA does not get past the handshake. A server reads its files
-again when they change (:class:`ServerCertificates`); channels keep the
-client certificate they were made with.
+the mesh's CA does not get past the handshake. A service reads its files
+again when they change (:class:`CertificateFiles`): its server for its next
+handshakes (:class:`ServerCertificates`), its channels to other services for
+their next calls (``meshgate.serving.MeshChannel``).
 
 The tenant a call acts for is asserted by the router, the one service that
 authenticates callers (by API key, on its public port): per downstream call
@@ -89,11 +90,18 @@ def identity(service: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ChannelSecurity:
-    """What a channel to one mesh service needs: our certificate, and the
-    identity the server must prove."""
+    """What a channel to one mesh service needs: our certificate files, and
+    the identity the server must prove."""
 
-    credentials: grpc.ChannelCredentials
+    files: CertificateFiles
     server_identity: str
+
+    @property
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Credentials of the files as last read: for a channel that lives
+        as long as a check (a probe); the services' own channels follow the
+        files (``meshgate.serving.MeshChannel``)."""
+        return self.files.current.channel_credentials()
 
     @property
     def channel_options(self) -> list[tuple[str, str]]:
@@ -196,28 +204,55 @@ def _checked_files(service: str, ca_file: str, cert_file: str, key_file: str) ->
     return ca, cert, key_pem
 
 
-class ServerCertificates:
-    """What a service's server presents and whom it trusts: its certificate,
-    key and CA files, read and checked at start, and again whenever they
-    change, so that a renewed certificate (cert-manager's, ``meshgate
-    certs``) is served without a restart.
+# How long a channel may go on with the files as it last saw them: a call
+# looks at the files again (three stats) once this long after the last look,
+# whichever channel of the process makes it.
+CERTIFICATE_LOOK_S = 1.0
 
-    grpc asks :meth:`changed` before each new handshake; connections already
-    made keep theirs. A file is read only when one of the three changed
-    (inode, size or mtime: a Secret volume or a rename replaces the file), and
-    files that fail the start's checks (:func:`_checked_files`) leave the
-    ones in use serving, with one error logged per change, not per
-    handshake: half of a renewal (a new certificate beside the old key) is
-    refused until the other half arrives."""
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Certificates:
+    """One reading of a service's CA, certificate and key files, checked
+    (:func:`_checked_files`). A new reading is a new object: whoever holds
+    one knows the files changed when :class:`CertificateFiles` hands out
+    another."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
+
+    def server_configuration(self) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(self.key, self.cert)], root_certificates=self.ca)
+
+
+class CertificateFiles:
+    """A service's certificate, key and CA files, read and checked at start,
+    and again whenever they change, so that a renewed certificate
+    (cert-manager's, ``meshgate certs``) or a new CA file is used without a
+    restart, by the service's server (:class:`ServerCertificates`) and by its
+    channels to the others (``meshgate.serving.MeshChannel``) alike.
+
+    A file is read only when one of the three changed (inode, size or
+    mtime: a Secret volume or a rename replaces the file), and files that
+    fail the start's checks (:func:`_checked_files`) leave the ones in use,
+    with one error logged per change, not per look: half of a renewal (a new
+    certificate beside the old key) is refused until the other half
+    arrives."""
 
     def __init__(self, service: str, ca_file: str, cert_file: str, key_file: str) -> None:
         self._service = service
         self._files = (ca_file, cert_file, key_file)
-        # grpc may ask from several threads at once; one reads the files.
+        # grpc's handshakes may look from several threads at once; one reads the files.
         self._lock = threading.Lock()
         # Taken before reading: a file replaced meanwhile is read again.
         self._seen = self._versions()
-        self.ca, self.cert, self.key = _checked_files(service, *self._files)
+        self.current = Certificates(*_checked_files(service, *self._files))
+        self._next_look = time.monotonic() + CERTIFICATE_LOOK_S
 
     def _versions(self) -> tuple[tuple[int, int, int, int] | None, ...]:
         versions = []
@@ -230,32 +265,61 @@ class ServerCertificates:
                 versions.append((found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns))
         return tuple(versions)
 
-    def configuration(self) -> grpc.ServerCertificateConfiguration:
-        return grpc.ssl_server_certificate_configuration([(self.key, self.cert)], root_certificates=self.ca)
-
-    def changed(self) -> grpc.ServerCertificateConfiguration | None:
-        """The files' new configuration, or None to keep the one in use
-        (unchanged, or refused)."""
+    def refresh(self) -> Certificates:
+        """The files' certificates: a new reading if they changed and pass
+        the checks, else the one in use."""
         with self._lock:
             versions = self._versions()
             if versions == self._seen:
-                return None
+                return self.current
             self._seen = versions
             try:
-                self.ca, self.cert, self.key = _checked_files(self._service, *self._files)
+                self.current = Certificates(*_checked_files(self._service, *self._files))
             except ConfigError as error:
                 log.error(
-                    "mesh certificate files changed but are refused; serving the ones in use",
+                    "mesh certificate files changed but are refused; keeping the ones in use",
                     error=str(error),
                 )
-                return None
-            certificate = x509.load_pem_x509_certificate(self.cert)
+                return self.current
+            certificate = x509.load_pem_x509_certificate(self.current.cert)
             log.info(
                 "mesh certificate reloaded",
                 serial=f"{certificate.serial_number:x}",
                 not_after=certificate.not_valid_after_utc.isoformat(),
             )
-            return self.configuration()
+            return self.current
+
+    def latest(self) -> Certificates:
+        """:meth:`refresh` at most once per CERTIFICATE_LOOK_S, else the
+        reading in use: a clock read, on every call a channel makes."""
+        now = time.monotonic()
+        if now < self._next_look:
+            return self.current
+        self._next_look = now + CERTIFICATE_LOOK_S
+        return self.refresh()
+
+
+class ServerCertificates:
+    """What a service's server presents and whom it trusts: its
+    :class:`CertificateFiles`, looked at before each new handshake (grpc asks
+    :meth:`changed`); connections already made keep theirs."""
+
+    def __init__(self, files: CertificateFiles) -> None:
+        self._files = files
+        self._served = files.current
+
+    def configuration(self) -> grpc.ServerCertificateConfiguration:
+        return self._served.server_configuration()
+
+    def changed(self) -> grpc.ServerCertificateConfiguration | None:
+        """The files' new configuration, or None to keep the one in use
+        (unchanged, or refused). Two handshakes asking at once may both get
+        the new one: grpc takes the same configuration twice."""
+        certificates = self._files.refresh()
+        if certificates is self._served:
+            return None
+        self._served = certificates
+        return certificates.server_configuration()
 
 
 class Mesh:
@@ -269,18 +333,16 @@ class Mesh:
         if not self.tls:
             log.warning("mesh.tls is off: internal ports trust whoever reaches them (development only)")
             return
-        self._server_certificates = ServerCertificates(
+        self.files = CertificateFiles(
             service,
             settings.ca_file,
             self._for_service(settings.cert_file, service),
             self._for_service(settings.key_file, service),
         )
-        # The files as they were at start, for channels to other services and
-        # the router's tenant tokens: grpc's Python channels take a client
-        # certificate once, when made (README: a renewed client certificate
-        # is used from the next restart).
-        certificates = self._server_certificates
-        self._ca, self._cert, self._key = certificates.ca, certificates.cert, certificates.key
+        # The router's key as read at start signs its tenant tokens for the
+        # process's life: the others verify them with the router's
+        # certificate as they read it at start (a renewal keeps the key).
+        self._started_with = self.files.current
 
     @staticmethod
     def _for_service(template: str, service: str) -> str:
@@ -290,15 +352,12 @@ class Mesh:
         """How to reach another mesh service; None with TLS off."""
         if not self.tls:
             return None
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=self._ca, private_key=self._key, certificate_chain=self._cert
-        )
-        return ChannelSecurity(credentials, identity(service))
+        return ChannelSecurity(self.files, identity(service))
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         if not self.tls:
             return None
-        certificates = self._server_certificates
+        certificates = ServerCertificates(self.files)
         return grpc.dynamic_ssl_server_credentials(
             certificates.configuration(), certificates.changed, require_client_authentication=True
         )
@@ -309,7 +368,7 @@ class Mesh:
             return TenantTokens(None, self._settings.tenant_token_ttl_s)
         if self.service != ROUTER:
             raise ConfigError("only the router asserts tenants")
-        key = serialization.load_pem_private_key(self._key, password=None)
+        key = serialization.load_pem_private_key(self._started_with.key, password=None)
         return TenantTokens(key, self._settings.tenant_token_ttl_s)
 
     def tenant_verifier(self) -> TenantVerifier:

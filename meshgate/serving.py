@@ -301,21 +301,140 @@ def client_channel(
     """A traced, balanced channel to a meshgate service at ``address`` (see
     :func:`channel_target`): over mutual TLS with the ``security`` of
     :meth:`meshgate.mesh_auth.Mesh.to` (its identity is checked by name, so
-    any replica's address will do), else in plain text (a mesh whose TLS is
-    off). For Triton, :func:`triton_channel`. Untraced (``traced=False``) for
-    streams whose caller makes the client span per call itself
+    any replica's address will do), with the certificate files as they are
+    at each call (:class:`MeshChannel`), else in plain text (a mesh whose TLS
+    is off). For Triton, :func:`triton_channel`. Untraced (``traced=False``)
+    for streams whose caller makes the client span per call itself
     (telemetry.start_grpc_client_span): the interceptor would wrap every
     streamed message in two more async generators."""
     target = channel_target(address)
     interceptors = telemetry.client_interceptors() if traced else None
     if security is None:
         return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
-    return grpc.aio.secure_channel(
-        target,
-        security.credentials,
-        options=[*CHANNEL_OPTIONS, *_MESH_PEER_OPTIONS, *security.channel_options],
-        interceptors=interceptors,
-    )
+    options = [*CHANNEL_OPTIONS, *_MESH_PEER_OPTIONS, *security.channel_options]
+
+    def secure_channel(credentials: grpc.ChannelCredentials) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+
+    return MeshChannel(security.files, secure_channel)
+
+
+# How long a channel replaced by MeshChannel may finish the calls it carries
+# before they are cancelled: longer than any call of the mesh lasts (a
+# generation's is bounded by router.max_generation_s, 300 s by default). It
+# is closed as soon as its last call ends.
+REPLACED_CHANNEL_GRACE_S = 3600.0
+
+
+class MeshChannel(grpc.aio.Channel):
+    """A channel to a mesh service that presents the certificate files as
+    they are now, not as they were when it was made.
+
+    grpc's channels take their credentials once: every connection a channel
+    made, reconnections included, presented the client certificate and
+    trusted the CA of the service's start, so after a renewal the service
+    kept presenting the old certificate until restarted, and once that
+    expired (or the peers' CA file moved to a new CA) each new connection's
+    handshake failed, and with it every call to that peer once its open
+    connections ended (a restart of the peer, grpc.max_connection_age_ms).
+
+    Each call here first asks the files for their latest reading
+    (mesh_auth.CertificateFiles.latest: a clock read; three stats once a
+    second per process). After a change, the next calls go to a new channel
+    made with the new files, and the one replaced is closed once the calls
+    it carries have ended (REPLACED_CHANNEL_GRACE_S at most): its
+    connections are good until then. Stubs made on this channel follow it
+    (_FollowingMethod)."""
+
+    def __init__(
+        self,
+        files: mesh_auth.CertificateFiles,
+        make: collections.abc.Callable[[grpc.ChannelCredentials], grpc.aio.Channel],
+    ) -> None:
+        self._files = files
+        self._make = make
+        self._certificates = files.current
+        self._channel = make(self._certificates.channel_credentials())
+        # The replaced channels' closings (each ends once its calls have).
+        self._closing: dict[asyncio.Task, grpc.aio.Channel] = {}
+        # Once closed, calls fail on the closed channel, as on any closed
+        # channel: none is made again after the service's cleanup.
+        self._closed = False
+
+    def current(self) -> grpc.aio.Channel:
+        """The channel of the files' latest reading."""
+        certificates = self._files.latest()
+        if certificates is not self._certificates and not self._closed:
+            replaced = self._channel
+            self._certificates = certificates
+            self._channel = self._make(certificates.channel_credentials())
+            closing = asyncio.get_running_loop().create_task(replaced.close(REPLACED_CHANNEL_GRACE_S))
+            self._closing[closing] = replaced
+            closing.add_done_callback(self._replaced_closed)
+        return self._channel
+
+    def _replaced_closed(self, closing: asyncio.Task) -> None:
+        self._closing.pop(closing, None)
+        if not closing.cancelled() and closing.exception() is not None:
+            log.warning("a replaced mesh channel failed to close", error=repr(closing.exception()))
+
+    async def close(self, grace: float | None = None) -> None:
+        """Closes this channel and those it replaced that still carry calls,
+        all with ``grace``."""
+        self._closed = True
+        replaced = list(self._closing.values())
+        for closing in list(self._closing):
+            closing.cancel()
+        await asyncio.gather(*(channel.close(grace) for channel in (*replaced, self._channel)))
+
+    async def __aenter__(self) -> MeshChannel:
+        return self
+
+    async def __aexit__(self, exc_type, exc_val, exc_tb) -> None:
+        await self.close(None)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self.current().get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self.current().wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self.current().channel_ready()
+
+    def unary_unary(self, *args, **kwargs):
+        return _FollowingMethod(self, "unary_unary", args, kwargs)
+
+    def unary_stream(self, *args, **kwargs):
+        return _FollowingMethod(self, "unary_stream", args, kwargs)
+
+    def stream_unary(self, *args, **kwargs):
+        return _FollowingMethod(self, "stream_unary", args, kwargs)
+
+    def stream_stream(self, *args, **kwargs):
+        return _FollowingMethod(self, "stream_stream", args, kwargs)
+
+
+class _FollowingMethod:
+    """A stub's method on a MeshChannel: each call goes on the channel in
+    use, the method made again there after the channel was replaced."""
+
+    __slots__ = ("_arguments", "_channel", "_kind", "_method", "_on")
+
+    def __init__(self, channel: MeshChannel, kind: str, args: tuple, kwargs: dict) -> None:
+        self._channel = channel
+        self._kind = kind
+        self._arguments = (args, kwargs)
+        self._on: grpc.aio.Channel | None = None
+        self._method = None
+
+    def __call__(self, *args, **kwargs):
+        channel = self._channel.current()
+        if channel is not self._on:
+            made_with, named = self._arguments
+            self._method = getattr(channel, self._kind)(*made_with, **named)
+            self._on = channel
+        return self._method(*args, **kwargs)
 
 
 def triton_channel(address: str, traced: bool = True) -> grpc.aio.Channel:

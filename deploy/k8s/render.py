@@ -453,14 +453,13 @@ def network_policy(service: str, overlay: Overlay) -> dict[str, Any]:
 
 
 def key_rotation(service: str) -> str:
-    """cert-manager's key policy at each renewal. A server takes a renewed
-    certificate at its next handshakes, but a service's channels keep the
-    client certificate it started with, and context, cache and inference
-    verify tenant tokens with the router's certificate as it was then: the
-    router keeps its key across renewals, so tokens it signs after one still
-    verify in pods started before it, until the old certificate expires
-    (renewBefore: 15 days to restart them). Every other key is new at each
-    renewal."""
+    """cert-manager's key policy at each renewal. A service takes a renewed
+    certificate without a restart (its server at its next handshakes, its
+    channels at their next calls), but context, cache and inference verify
+    tenant tokens with the router's certificate as it was when they
+    started: the router keeps its key across renewals, so tokens it signs
+    after one still verify in pods started before it. Every other key is
+    new at each renewal."""
     return "Never" if service == "router" else "Always"
 
 

@@ -112,8 +112,8 @@ async def wait_until_serving(service: serving.Service, timeout_s: float = 30.0) 
 
 
 @contextlib.asynccontextmanager
-async def running(app_module, name: str, settings: Settings):
-    """A service in-process on a free port; yields its address."""
+async def running(app_module, name: str, settings: Settings, listen: str = "127.0.0.1:0"):
+    """A service in-process on ``listen`` (a free port by default); yields its address."""
     if name == "router" and settings.router.http_listen == RouterSettings.http_listen:
         # A router's HTTP edge on a free port too, not the shared default
         # (tests/integration/test_http_edge.py picks its own).
@@ -122,7 +122,7 @@ async def running(app_module, name: str, settings: Settings):
         )
     service = serving.Service(name, app_module.SERVICE_NAMES)
     cleanup = await app_module.setup(service, settings)
-    port = await serving.start(service, "127.0.0.1:0", cleanup)
+    port = await serving.start(service, listen, cleanup)
     try:
         yield f"127.0.0.1:{port}"
     finally:

@@ -2,11 +2,18 @@
 days) is the one its next TLS handshake presents, without a restart: the
 real context service over real Redis, its files replaced under it, seen by
 a client's handshake. Its open connections keep working, and files that
-fail the checks of its start keep the certificate it serves."""
+fail the checks of its start keep the certificate it serves.
+
+The same holds for the service as a client: the real router, its files
+renewed under it (``meshgate certs``), presents its renewed certificate and
+trusts a new CA file on the connections it makes afterwards, while a call
+open on a connection made before finishes there."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import pathlib
 import shutil
 import ssl
@@ -16,18 +23,23 @@ import structlog
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshgate import mesh_auth
+from meshgate import mesh_auth, serving
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.local import certs
+from meshgate.local.stack import free_port
+from meshgate.router.v1 import router_service_pb2 as router_pb
+from meshgate.router.v1 import router_service_pb2_grpc
 from services.context import app as context_app
+from services.router import app as router_app
 from tests.integration.conftest import running
-from tests.mesh import certs_dir, mesh_settings, renew, router_channel
+from tests.mesh import bounded_channel, certs_dir, mesh_settings, renew, router_channel
 
 pytestmark = pytest.mark.integration
 
 SERVICE = "context"
+ROUTER_KEY = "cert-rotation-test-key"
 
 
 @pytest.fixture
@@ -48,8 +60,8 @@ async def context_service(served_certs: pathlib.Path, redis_url: str):
         yield address
 
 
-def certificate_in(directory: pathlib.Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate(certs.cert_path(directory, SERVICE).read_bytes())
+def certificate_in(directory: pathlib.Path, service: str = SERVICE) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(certs.cert_path(directory, service).read_bytes())
 
 
 async def presented(address: str, directory: pathlib.Path) -> x509.Certificate:
@@ -135,3 +147,123 @@ async def test_a_key_that_is_not_the_renewed_certificates_keeps_the_one_in_use(
         scratch
     ).serial_number
     await answers(context_service, served_certs, tenant)
+
+
+def context_settings(directory: pathlib.Path, redis_url: str) -> Settings:
+    settings = Settings(mesh=mesh_settings(directory))
+    settings.redis.url = redis_url
+    return settings
+
+
+def router_settings(directory: pathlib.Path, redis_url: str, context_address: str) -> Settings:
+    """A router whose sessions are the context service's at ``context_address``
+    (its cache service and models are not called here)."""
+    settings = context_settings(directory, redis_url)
+    settings.router.dev_api_key = ROUTER_KEY
+    settings.router.context_address = context_address
+    settings.router.cache_address = f"127.0.0.1:{free_port()}"
+    return settings
+
+
+async def session_through(router: str) -> str:
+    """A session created through the router: a call of the router's to the
+    context service."""
+    async with bounded_channel(router) as channel:
+        created = await router_service_pb2_grpc.RouterServiceStub(channel).CreateSession(
+            router_pb.CreateSessionRequest(), metadata=[("authorization", f"Bearer {ROUTER_KEY}")], timeout=20
+        )
+    return created.session_id
+
+
+def reissue_router_certificate(directory: pathlib.Path, lasting: datetime.timedelta, monkeypatch) -> None:
+    """The router's certificate issued again by ``meshgate certs``, its key
+    kept (the context service verifies tenant tokens with it), ending
+    ``lasting`` from now."""
+    issued_at = certs._now() - datetime.timedelta(days=certs.SERVICE_DAYS) + lasting
+    certs.cert_path(directory, "router").unlink()
+    with monkeypatch.context() as earlier:
+        earlier.setattr(certs, "_now", lambda: issued_at)
+        certs.ensure(directory, ("router",))
+
+
+async def test_the_router_presents_its_renewed_certificate_to_a_restarted_service(
+    served_certs, redis_url, monkeypatch
+):
+    """The router's certificate is renewed on disk before it expires; once it
+    has expired, a context service restarted (or any new connection: grpc's
+    max_connection_age closes each after ~5 minutes) gets the renewed one.
+    A router presenting the certificate it started with was refused at the
+    handshake: every session call failed until the router was restarted."""
+    context_address = f"127.0.0.1:{free_port()}"
+    async with contextlib.AsyncExitStack() as first_context:
+        await first_context.enter_async_context(
+            running(context_app, SERVICE, context_settings(served_certs, redis_url), context_address)
+        )
+        reissue_router_certificate(served_certs, datetime.timedelta(seconds=8), monkeypatch)
+        started_with = certificate_in(served_certs, "router")
+        settings = router_settings(served_certs, redis_url, context_address)
+        async with running(router_app, "router", settings) as router:
+            assert await session_through(router)
+
+            # `meshgate certs` renews what expires within 30 days, keeping the key.
+            assert certs.ensure(served_certs) == [certs.cert_path(served_certs, "router")]
+            await first_context.aclose()
+            expired_in = started_with.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+            await asyncio.sleep(expired_in.total_seconds() + 1)
+
+            async with running(
+                context_app, SERVICE, context_settings(served_certs, redis_url), context_address
+            ):
+                assert await session_through(router)
+
+
+async def test_the_router_follows_its_files_to_a_new_ca(served_certs, redis_url):
+    """The mesh moves to a new CA (every certificate issued again from it,
+    keys kept): a context service started on the new files refuses the old
+    CA's certificates, and the router, which trusted only the old CA, reaches
+    it with its new files without a restart."""
+    context_address = f"127.0.0.1:{free_port()}"
+    async with contextlib.AsyncExitStack() as first_context:
+        await first_context.enter_async_context(
+            running(context_app, SERVICE, context_settings(served_certs, redis_url), context_address)
+        )
+        settings = router_settings(served_certs, redis_url, context_address)
+        async with running(router_app, "router", settings) as router:
+            assert await session_through(router)
+
+            # `meshgate certs` once the old CA's files are deleted.
+            certs.ca_path(served_certs).unlink()
+            certs.key_path(served_certs, "ca").unlink()
+            certs.ensure(served_certs)
+            await first_context.aclose()
+            async with running(
+                context_app, SERVICE, context_settings(served_certs, redis_url), context_address
+            ):
+                await asyncio.sleep(mesh_auth.CERTIFICATE_LOOK_S)
+                assert await session_through(router)
+
+
+async def test_a_call_open_when_the_files_change_finishes_on_the_channel_it_started_on(
+    context_service, served_certs
+):
+    """A call opened before the files changed goes on over its connection
+    (good until it ends, whatever the files say now) while new calls go on
+    a new channel, with the new files: the context service, on a new CA,
+    refuses the old CA's certificates at new handshakes. (The replaced
+    channel is closed once its last call ends: tests/unit/test_serving_channels.py.)"""
+    health = health_pb2.HealthCheckRequest()
+    serving_status = health_pb2.HealthCheckResponse.SERVING
+    mesh = mesh_auth.Mesh(mesh_settings(served_certs), "router")
+    async with serving.client_channel(context_service, mesh.to(SERVICE)) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        watch = stub.Watch(health, timeout=60)
+        assert (await watch.read()).status == serving_status
+
+        certs.ca_path(served_certs).unlink()
+        certs.key_path(served_certs, "ca").unlink()
+        certs.ensure(served_certs)
+        await asyncio.sleep(mesh_auth.CERTIFICATE_LOOK_S)
+        for _ in range(3):
+            assert (await stub.Check(health, timeout=10)).status == serving_status
+        assert not watch.done()
+        watch.cancel()

@@ -262,8 +262,8 @@ def test_a_certificate_file_with_its_intermediate_is_accepted(tmp_path: pathlib.
     assert mesh_auth.Mesh(mesh_settings(tmp_path), "context").server_credentials() is not None
 
 
-def _served_by_context(directory: pathlib.Path) -> mesh_auth.ServerCertificates:
-    return mesh_auth.ServerCertificates(
+def _context_files(directory: pathlib.Path) -> mesh_auth.CertificateFiles:
+    return mesh_auth.CertificateFiles(
         "context",
         str(certs.ca_path(directory)),
         str(certs.cert_path(directory, "context")),
@@ -334,8 +334,9 @@ def test_rotated_files_that_fail_the_starts_checks_keep_the_certificate_in_use(
     handshake (grpc asks before each)."""
     served = tmp_path / "served"
     shutil.copytree(certs_dir(), served)
-    certificates = _served_by_context(served)
-    in_use = certificates.cert
+    files = _context_files(served)
+    certificates = mesh_auth.ServerCertificates(files)
+    in_use = files.current.cert
     assert certificates.changed() is None
 
     rotate(served, tmp_path, monkeypatch)
@@ -343,13 +344,49 @@ def test_rotated_files_that_fail_the_starts_checks_keep_the_certificate_in_use(
         assert [certificates.changed() for _ in range(3)] == [None, None, None]
     assert [entry["log_level"] for entry in logs] == ["error"]
     assert re.search(refusal, logs[0]["error"]), logs[0]["error"]
-    assert certificates.cert == in_use
+    assert files.current.cert == in_use
 
     # A good pair afterwards is taken, once.
     _replace_pair(served, _renewed(certs_dir(), tmp_path / "good"))
     assert isinstance(certificates.changed(), grpc.ServerCertificateConfiguration)
-    assert certificates.cert == certs.cert_path(served, "context").read_bytes() != in_use
+    assert files.current.cert == certs.cert_path(served, "context").read_bytes() != in_use
     assert certificates.changed() is None
+
+
+def test_channels_look_at_the_files_once_per_look_interval_not_per_call(tmp_path: pathlib.Path, monkeypatch):
+    """Every call a mesh channel makes asks CertificateFiles.latest()
+    (serving.MeshChannel): a clock read; the files are looked at (a stat
+    each) once per CERTIFICATE_LOOK_S, whichever channel asks, and read
+    again only when they changed."""
+    served = tmp_path / "served"
+    shutil.copytree(certs_dir(), served)
+    now = 1000.0
+    monkeypatch.setattr(mesh_auth.time, "monotonic", lambda: now)
+    files = _context_files(served)
+    started_with = files.current
+    _replace_pair(served, _renewed(certs_dir(), tmp_path / "renewed"))
+    looked_at = []
+    stat_file = os.stat
+
+    def counted(path, *args, **kwargs):
+        if str(path).startswith(str(served)):
+            looked_at.append(path)
+        return stat_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(mesh_auth.os, "stat", counted)
+
+    assert all(files.latest() is started_with for _ in range(1000))
+    assert looked_at == []
+    now += mesh_auth.CERTIFICATE_LOOK_S
+    renewed = files.latest()
+    assert renewed is not started_with
+    assert renewed.cert == certs.cert_path(served, "context").read_bytes()
+    assert len(looked_at) == 3
+    assert all(files.latest() is renewed for _ in range(1000))
+    now += mesh_auth.CERTIFICATE_LOOK_S
+    # Unchanged: looked at, not read again.
+    assert files.latest() is renewed
+    assert len(looked_at) == 6
 
 
 def test_certificates_are_made_once_then_reused_and_renewed_when_gone(tmp_path: pathlib.Path):
