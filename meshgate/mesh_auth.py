@@ -107,11 +107,13 @@ class ChannelSecurity:
     def channel_options(self) -> list[tuple[str, str]]:
         # Verify the server's certificate against its mesh identity instead of
         # the address dialled (an IP or a host name no certificate needs to name).
-        # grpc-core matches it against the certificate's DNS names, or its
-        # common name where it has none: unlike MeshGuard's check of callers,
-        # a CA-signed certificate naming the identity only as its common name
-        # passes. grpc's Python client offers no hook to refuse that (no
-        # verify callback, no auth context on a call); README says so.
+        # grpc-core matches it against every subject alternative name of the
+        # certificate, whatever its type, or its common name where it has
+        # none: unlike MeshGuard's check of callers, a CA-signed certificate
+        # naming the identity only as its common name, or as a URI or e-mail
+        # name, passes. grpc's Python client offers no hook to refuse that
+        # (no verify callback, no auth context on a call, none in a metadata
+        # plugin's context); README says so.
         return [("grpc.ssl_target_name_override", self.server_identity)]
 
 
