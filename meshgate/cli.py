@@ -193,7 +193,9 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 # What stops `meshgate up`, each the same ordered stop: Ctrl-C, SIGTERM (a
 # service manager, `timeout`), SIGHUP (its terminal closed, its ssh session
 # dropped) and SIGQUIT (Ctrl-\). Its children lead their own sessions, so
-# none of these reaches them: only the ordered stop ends them.
+# none of these reaches them: only the ordered stop ends them (or, if
+# `meshgate up` is killed outright, the SIGTERM each has the kernel send it:
+# meshgate/local/children.py).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 

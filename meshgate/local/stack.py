@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshgate import mesh_auth
 from meshgate.config import DEFAULT_DEV_API_KEY, MeshSettings
-from meshgate.local import certs, redis_server, triton
+from meshgate.local import certs, children, redis_server, triton
 
 SERVICES = ("inference", "context", "cache", "router")
 
@@ -412,14 +412,13 @@ triton_urls = ["127.0.0.1:{p.triton}"]
                 env[section + "HTTP_LISTEN"] = f"127.0.0.1:{self.replica_http_ports[name]}"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        self.processes[name] = subprocess.Popen(
+        self.processes[name] = children.start(
             command,
             cwd=REPO_ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
         log.close()
 

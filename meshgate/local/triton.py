@@ -42,6 +42,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from meshgate.local import children
+
 # A checkout's model repository (a Triton image brings its own: deploy/docker/triton.Dockerfile).
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
@@ -272,13 +274,10 @@ def launch(
         models,
         shm_prefix,
     )
-    process = subprocess.Popen(
+    process = children.start(
         command,
         env=triton_environment(prepare_stub_environment(stub_env_dir)),
         stdin=subprocess.DEVNULL,
-        # Its own process group: a Ctrl-C meant for the caller must not
-        # reach Triton before the caller shuts it down in order.
-        start_new_session=True,
     )
     process.shm_prefix = shm_prefix
     return process

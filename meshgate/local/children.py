@@ -1,0 +1,120 @@
+"""How the local stack starts each of its children: Redis, Triton, a service.
+
+Each leads its own session, so that a Ctrl-C meant for the stack's process
+reaches only its ordered stop (router first, Redis last). That also put them
+out of reach of anything that ends the stack's process outright: a `meshgate
+up` or a test run killed with SIGKILL (the OOM killer, a CI job's timeout)
+left Redis, Triton and the four services running, unowned, on the ports the
+next start then refused as taken. So on Linux each child asks the kernel for
+SIGTERM when the stack's process dies (PR_SET_PDEATHSIG), and stops as it
+would on the stack's own stop (Redis writes its append-only file, a service
+drains, Triton ends its model stubs), though all at once, not in order.
+
+No preexec_fn asks for it: one makes subprocess fork() and run Python in the
+child of a process that has grpc's threads, and twice children so started
+died of SIGABRT or SIGSEGV before exec. The child is a fresh interpreter
+instead (_LAUNCHER) that asks and then execs the program in its own place:
+the same pid, so the stack's signals, waits and exit statuses are the
+program's own.
+
+The kernel's parent is the *thread* that started the child: the signal comes
+when that thread ends, though the process lives on. A child the supervisor's
+thread restarted would be stopped when supervision stops, ahead of the
+ordered stop, and one a test started through asyncio.to_thread when its
+event loop closes. So every child is started from one thread that lives as
+long as the process (_Spawner).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+
+# Run as `python -I -S -c _LAUNCHER <stack pid> <program> <arguments...>`:
+# without site and PYTHON* variables it starts in about 20 ms. Before the
+# exec it undoes what the interpreter's own start changed: it ignores
+# SIGPIPE and SIGXFSZ (subprocess had reset both for the program, and an
+# ignored signal stays ignored across exec), and under the C locale it sets
+# LC_CTYPE (PEP 538); the environment as subprocess gave it is still in /proc.
+_LAUNCHER = """
+import ctypes, os, signal, sys
+PR_SET_PDEATHSIG = 1
+if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+    raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("the stack exited before this child started")  # so no signal will come
+for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+    signal.signal(signum, signal.SIG_DFL)
+with open("/proc/self/environ", "rb") as given:
+    environ = dict(entry.split(b"=", 1) for entry in given.read().split(b"\\0") if entry)
+os.execvpe(sys.argv[2], sys.argv[2:], environ)
+"""
+
+
+def start(command: list[str], **options) -> subprocess.Popen:
+    """subprocess.Popen(command, **options) for a child of the stack: in a
+    session of its own and, on Linux, sent SIGTERM when this process dies."""
+    options["start_new_session"] = True
+    if sys.platform != "linux":
+        return subprocess.Popen(command, **options)
+    launched = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(os.getpid()), *command]
+    return _spawner().popen(launched, options)
+
+
+class _Spawner:
+    """A thread that starts children and never ends (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="meshgate-children", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            started, command, options = self._requests.get()
+            try:
+                started.set_result(subprocess.Popen(command, **options))
+            except BaseException as error:  # noqa: BLE001 - raised in the caller's thread
+                started.set_exception(error)
+
+    def popen(self, command: list[str], options: dict) -> subprocess.Popen:
+        started: concurrent.futures.Future[subprocess.Popen] = concurrent.futures.Future()
+        self._requests.put((started, command, options))
+        try:
+            return started.result()
+        except BaseException:
+            # Either Popen failed, or the caller was interrupted (Ctrl-C, a
+            # test's timeout) while the child starts: then no one will ever
+            # own that child, so it is killed as soon as it exists.
+            started.add_done_callback(_end_unowned)
+            raise
+
+
+def _end_unowned(started: concurrent.futures.Future[subprocess.Popen]) -> None:
+    """Kills the child a start left to no caller, and whatever it started in
+    its process group (it leads one), if the start made a child at all."""
+    if started.exception() is None:
+        process = started.result()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+_the_spawner: _Spawner | None = None
+_the_spawner_lock = threading.Lock()
+
+
+def _spawner() -> _Spawner:
+    global _the_spawner
+    with _the_spawner_lock:
+        # Made on first use; again in a forked child, which has none of its
+        # parent's threads.
+        if _the_spawner is None or _the_spawner.pid != os.getpid():
+            _the_spawner = _Spawner()
+        return _the_spawner

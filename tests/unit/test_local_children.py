@@ -1,0 +1,111 @@
+"""How the local stack starts a child (meshgate/local/children.py): through
+a launcher that has the kernel stop it with the stack's process, yet as the
+program itself, the same as a direct start. That it stops with a SIGKILLed
+stack is tests/integration/test_local_stack_children.py's."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from meshgate.local import children
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the launcher is Linux's alone")
+
+
+def _sleeping(process: subprocess.Popen) -> subprocess.Popen:
+    """``process`` once the launcher has made its request and exec'd
+    `sleep 60` in its own place (the pid is the program's)."""
+    deadline = time.monotonic() + 10
+    while pathlib.Path(f"/proc/{process.pid}/cmdline").read_bytes() != b"sleep\x0060\x00":
+        assert time.monotonic() < deadline, "the launcher did not exec the program"
+        time.sleep(0.01)
+    return process
+
+
+def test_a_child_sees_what_a_direct_start_would_give_it() -> None:
+    """Its dispositions (the launcher's interpreter ignores SIGPIPE and
+    SIGXFSZ), its environment (no LANG: under the C locale the interpreter
+    sets LC_CTYPE) and its exit status, a signal's included."""
+    environment = {"PATH": os.environ["PATH"], "MESHGATE_PROBE": "1"}
+    command = ["sh", "-c", 'grep -E "^Sig(Blk|Ign)" /proc/self/status; cat /proc/self/environ; kill -TERM $$']
+    direct = subprocess.run(command, env=environment, capture_output=True, start_new_session=True)
+    process = children.start(command, env=environment, stdout=subprocess.PIPE)
+    output, _ = process.communicate(timeout=10)
+    assert b"MESHGATE_PROBE=1" in output
+    assert output == direct.stdout
+    assert process.returncode == direct.returncode == -signal.SIGTERM
+
+
+def test_the_stacks_signals_reach_the_program_itself() -> None:
+    process = children.start(["sleep", "60"])
+    try:
+        _sleeping(process)
+        assert os.getsid(process.pid) == process.pid
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == -signal.SIGINT
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_child_outlives_the_thread_that_started_it() -> None:
+    """The kernel signals a child when the *thread* that started it ends: a
+    child the supervisor's thread restarted would otherwise stop with
+    supervision, ahead of the ordered stop."""
+    started: list[subprocess.Popen] = []
+    # Ends once the child runs: one that ended sooner, before the launcher's
+    # request, would have its children signalled by no one.
+    thread = threading.Thread(target=lambda: started.append(_sleeping(children.start(["sleep", "60"]))))
+    thread.start()
+    thread.join()
+    (process,) = started
+    try:
+        time.sleep(0.5)
+        assert process.poll() is None
+    finally:
+        process.kill()
+        process.wait()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_child_whose_caller_was_interrupted_while_it_started_is_not_left_running(monkeypatch) -> None:
+    """A Ctrl-C (or a test's timeout) while the child starts: no caller gets
+    the child, so it must not run on, holding its port, until the process
+    exits."""
+    popen = subprocess.Popen
+    made: list[subprocess.Popen] = []
+
+    def slow_popen(*args, **kwargs) -> subprocess.Popen:
+        time.sleep(0.5)
+        made.append(popen(*args, **kwargs))
+        return made[-1]
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    monkeypatch.setattr(subprocess, "Popen", slow_popen)
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1))
+    try:
+        timer.start()
+        with pytest.raises(Interrupted):
+            children.start(["sleep", "60"])
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+    deadline = time.monotonic() + 10
+    while not (made and made[0].returncode is not None) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (process,) = made
+    assert process.returncode == -signal.SIGKILL
