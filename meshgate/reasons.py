@@ -339,10 +339,13 @@ class Reason(enum.StrEnum):
     metadata ``service`` and ``code`` name it (was <SERVICE>_<CODE>, e.g. CONTEXT_UNAVAILABLE)."""
 
     DEADLINE_EXCEEDED = enum.auto()
-    """The caller's deadline passed before Triton answered, a shared embedding call
-    outlived ``inference.embed_timeout_s``, or a generation's or an embeddings request's
-    ``router.max_generation_s`` (metadata ``max_generation_s``) passed before another
-    deployment or inference service could be tried."""
+    """The caller's own time is spent: its deadline passed before Triton answered or
+    during the router's call to another service (metadata ``service``), a shared embedding
+    call outlived ``inference.embed_timeout_s``, or a generation's or an embeddings
+    request's ``router.max_generation_s`` (metadata ``max_generation_s``) passed before
+    another deployment or inference service could be tried, or during a try. A call that
+    ran past its own ``router.downstream_timeout_s`` with the caller's time left is
+    DOWNSTREAM_FAILED."""
 
     TRITON_CANCELLED = enum.auto()
     """Triton cancelled the request."""

@@ -3,7 +3,9 @@ inference deployments, called as the caller's tenant (a router-signed token
 per call), within the turn's budget.
 
 Each failure of another service becomes a MeshgateError with its reason
-intact (``from_rpc_error``); nothing of gRPC leaves this module.
+intact (``from_rpc_error``), but for a call the caller's own time ran out
+in, which is DEADLINE_EXCEEDED (``failure_within``); nothing of gRPC leaves
+this module.
 """
 
 from __future__ import annotations
@@ -106,6 +108,35 @@ def time_for_a_try(budget: Budget, limit_s: float, spent: str) -> float:
     return timeout_s
 
 
+def failure_within(
+    error: grpc.aio.AioRpcError, service: str, budget: Budget, spent: str = "", **metadata: str
+) -> MeshgateError:
+    """A call's failure as from_rpc_error says it, but for a call our own
+    timer ended because ``budget`` (the caller's deadline, or a generation's
+    or an embeddings request's max_generation_s within it) ran out during
+    it: the caller's time spent, as when too little is left for a try
+    (time_for_a_try), so DEADLINE_EXCEEDED with the reason DEADLINE_EXCEEDED,
+    ``spent`` as its message and metadata ``service`` (the call it ran out
+    in) and ``metadata``. Said before as DOWNSTREAM_FAILED: one condition,
+    two reasons for a caller to key on. A call that ran past its own cap
+    (router.downstream_timeout_s) with the budget left stays the service's
+    failure (DOWNSTREAM_FAILED), and a status the service gave keeps its
+    reason."""
+    if (
+        error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        and error_info(error) is None
+        # What time_for_a_try leaves no try: a timer may fire a hair early.
+        and budget.within(math.inf) < _LEAST_TRY_S
+    ):
+        return MeshgateError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            Reason.DEADLINE_EXCEEDED,
+            spent or f"the caller's deadline passed before the {service} service answered",
+            {"service": service, **metadata},
+        )
+    return from_rpc_error(error, service)
+
+
 def _busy(error: grpc.aio.AioRpcError, service: str) -> bool:
     info = error_info(error)
     return (
@@ -198,7 +229,7 @@ class ContextService:
         try:
             response = await self._call(self._stub.CreateSession, request, tenant.id, budget, session=True)
         except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, "context") from error
+            raise failure_within(error, "context", budget) from error
         return response.session.session_id
 
     async def delete_session(self, tenant: Tenant, session_id: str) -> None:
@@ -250,7 +281,7 @@ class ContextService:
                     "context service unreachable or busy; sending the prompt as is", code=error.code().name
                 )
                 return None
-            raise from_rpc_error(error, "context") from error
+            raise failure_within(error, "context", turn.budget) from error
         return list(response.messages), response.session_version
 
     async def prefetch(self, tenant: Tenant, session_id: str) -> None:
@@ -301,7 +332,7 @@ class ContextService:
                 pause_s = _APPEND_RETRY_DELAY_S * (attempt + 1)
                 if attempt + 1 < _APPEND_ATTEMPTS and await self._may_send_again(error, turn.budget, pause_s):
                     continue
-                raise from_rpc_error(error, "context") from error
+                raise failure_within(error, "context", turn.budget) from error
         raise AssertionError("unreachable")
 
     async def take_summary_usage(self, tenant: Tenant, session_id: str) -> tuple[SummarySpend, ...]:
@@ -470,7 +501,7 @@ class CacheService:
                 metadata=self._tokens.metadata(tenant_id, "cache"),
             )
         except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, "cache") from error
+            raise failure_within(error, "cache", budget) from error
         return response.entries_removed
 
     async def report_wrong(self, plan: CachePlan, messages, entry_id: str, budget: Budget) -> bool:
@@ -484,7 +515,7 @@ class CacheService:
                 metadata=self._tokens.metadata(plan.tenant_id, "cache"),
             )
         except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, "cache") from error
+            raise failure_within(error, "cache", budget) from error
         return response.entry_removed
 
 
@@ -523,13 +554,12 @@ class Deployments:
         strategy = self._table.strategy(alias)
         route = _route_request(strategy, prompt, session_id)
         tenant_token = self._tokens.metadata(tenant_id, "inference") if tenant_id else ()
+        spent = (
+            f"the generation's time (router.max_generation_s, {self._limit_s:g} s, or the caller's"
+            " shorter deadline) passed before a deployment answered"
+        )
         for deployment in self._table.candidates(alias, route):
-            timeout_s = time_for_a_try(
-                budget,
-                self._limit_s,
-                f"the generation's time (router.max_generation_s, {self._limit_s:g} s, or the caller's"
-                " shorter deadline) passed before a deployment answered",
-            )
+            timeout_s = time_for_a_try(budget, self._limit_s, spent)
             # Over the untraced channel, with one client span per call (not
             # two more async generators per streamed message); its trace
             # context goes along, so the inference service's spans join.
@@ -631,7 +661,9 @@ class Deployments:
                     continue
                 if error.code() == grpc.StatusCode.UNAVAILABLE:
                     deployment.health.record_failure()
-                failure = from_rpc_error(error, "inference")
+                failure = failure_within(
+                    error, "inference", budget, spent, max_generation_s=f"{self._limit_s:g}"
+                )
                 if pieces:
                     # Our own count of what reached our caller (every piece
                     # was yielded before the next read failed); the tokens

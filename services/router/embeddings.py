@@ -27,7 +27,7 @@ from meshgate.errors import MeshgateError, from_rpc_error, not_found
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
 from services.router.admission import TurnAdmission
-from services.router.downstream import not_taken, time_for_a_try
+from services.router.downstream import failure_within, not_taken, time_for_a_try
 from services.router.pipeline import Budget
 from services.router.validation import check_model_allowed
 
@@ -125,23 +125,24 @@ class Embeddings:
         request = inference_pb.EmbedRequest(texts=texts, count_tokens=True)
         limit_s = self._settings.max_generation_s
         last_error: grpc.aio.AioRpcError | None = None
+        spent = (
+            f"the request's {limit_s:g} s (router.max_generation_s) passed before an inference"
+            " service answered"
+        )
         for stub in self._deployments.inference_stubs():
             # Model work, budgeted as a generation is: a request at the
             # documented most (inference.max_embed_texts texts of
             # embedding_max_tokens each) took over 10 s on 2 CPU cores,
             # past downstream_timeout_s, and was refused 504 however
             # long its caller would wait. A caller who hangs up cancels it.
-            timeout_s = time_for_a_try(
-                budget,
-                limit_s,
-                f"the request's {limit_s:g} s (router.max_generation_s) passed before an inference"
-                " service answered",
-            )
+            timeout_s = time_for_a_try(budget, limit_s, spent)
             try:
                 return await stub.Embed(request, timeout=timeout_s)
             except grpc.aio.AioRpcError as error:
                 if not not_taken(error, "inference"):
-                    raise from_rpc_error(error, "inference") from error
+                    raise failure_within(
+                        error, "inference", budget, spent, max_generation_s=f"{limit_s:g}"
+                    ) from error
                 last_error = error
         if last_error is not None:
             raise from_rpc_error(last_error, "inference") from last_error
