@@ -774,8 +774,25 @@ async def watch_configuration(service: Service, poll_s: float = CONFIG_POLL_S) -
             reload_configuration(service)
 
 
-async def serve_until_signalled(service: Service) -> None:
-    """Serves a started service until SIGTERM or SIGINT, then drains it."""
+class EarlyHangup:
+    """Notes a SIGHUP that comes while a service starts, before
+    :func:`serve_until_signalled` handles it: its default action kills the
+    process, and a start may wait seconds on a Redis or a Triton slow to
+    answer (a fleet-wide "HUP to reload" then killed the services starting).
+    Made first thing in :func:`main`; its constructor takes the signal."""
+
+    def __init__(self) -> None:
+        self.came = False
+        signal.signal(signal.SIGHUP, self._note)
+
+    def _note(self, signum: int, frame) -> None:
+        self.came = True
+
+
+async def serve_until_signalled(service: Service, early_hangup: EarlyHangup | None = None) -> None:
+    """Serves a started service until SIGTERM or SIGINT, then drains it. A
+    SIGHUP that ``early_hangup`` noted during the start is the reload it
+    asked for, done now: the file may have changed since it was read."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -783,6 +800,11 @@ async def serve_until_signalled(service: Service) -> None:
     # Always handled: a fleet-wide "HUP to reload" must not kill, undrained,
     # the services that have nothing to reload (its default action).
     loop.add_signal_handler(signal.SIGHUP, reload_configuration, service)
+    # Read once the loop's handler has taken the signal: a SIGHUP is either
+    # noted before this or handled after it, never lost between.
+    if early_hangup is not None and early_hangup.came:
+        log.info("SIGHUP came during the start; handling it now")
+        reload_configuration(service)
     watcher = None
     if service.config_path and service.reload_hooks:
         watcher = asyncio.create_task(watch_configuration(service))
@@ -825,6 +847,8 @@ def main(
     argv: list[str] | None = None,
 ) -> None:
     """Entry point shared by every service's ``__main__``."""
+    # Before anything slow: the settings, telemetry, the service's setup.
+    early_hangup = EarlyHangup()
     args = parse_args(name, argv)
     try:
         settings = load_settings(args.config)
@@ -850,7 +874,7 @@ def main(
             await start(service, args.listen or listen_of(settings), cleanup)
         except Exception as error:  # noqa: BLE001 - every failed start ends the same way
             _refuse_start(error)
-        await serve_until_signalled(service)
+        await serve_until_signalled(service, early_hangup)
 
     try:
         uvloop.run(run())

@@ -40,6 +40,8 @@ class TcpProxy:
         self._watched_gates: list[asyncio.Event] = []
         self._unstalled = asyncio.Event()
         self.stalled = 0
+        # Connections accepted so far: a client that has begun to connect.
+        self.accepted = 0
         self._writers: list[asyncio.StreamWriter] = []
         self._pumps: set[asyncio.Task] = set()
 
@@ -86,6 +88,7 @@ class TcpProxy:
             await self._server.wait_closed()
 
     async def _accept(self, client_reader, client_writer) -> None:
+        self.accepted += 1
         server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self._port)
         self._writers += [client_writer, server_writer]
         gate = asyncio.Event()

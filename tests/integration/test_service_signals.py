@@ -1,11 +1,13 @@
 """Signals to a real service process: SIGHUP is the reload signal, never a
 kill. A service with nothing to reload (here the inference service, no
 Triton behind it: it reports NOT_SERVING, which is enough) keeps serving
-through one, then drains on SIGTERM and exits 0. A router refuses a bad
-edit of its file once, though the file watch and a SIGHUP both read it."""
+through one, then drains on SIGTERM and exits 0; so does one that gets it
+while its start waits on a slow Redis. A router refuses a bad edit of its
+file once, though the file watch and a SIGHUP both read it."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
 import signal
@@ -18,6 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshgate.local.stack import free_port
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -72,6 +75,54 @@ def test_sighup_to_a_service_without_reload_hooks_neither_kills_it_nor_skips_its
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+async def test_sighup_while_a_service_waits_on_a_slow_redis_to_start_is_not_a_kill(tmp_path, redis_url):
+    """The context service's start waits for its Redis to answer a PING; a
+    SIGHUP then (a fleet-wide "HUP to reload") came before the service's
+    handler was installed, and its default action killed the process. It
+    is noted instead, and handled as a reload once the service serves."""
+    redis = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    redis_port = await redis.start()
+    redis.hold()
+    address = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "meshgate.toml"
+    config.write_text(
+        f'[mesh]\ntls = false\n[telemetry]\nmetrics = false\n[redis]\nurl = "redis://127.0.0.1:{redis_port}/0"\n'
+        f'[context]\nlisten = "{address}"\n'
+    )
+    log = tmp_path / "context.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHGATE_") and k != "REDIS_URL"}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.context", "--config", str(config)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        async with asyncio.timeout(60):
+            while not redis.accepted:  # its start is waiting on Redis's answer
+                assert process.poll() is None, log.read_text()
+                await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        assert process.poll() is None, f"exited {process.returncode}:\n{log.read_text()}"
+        redis.release()
+        async with asyncio.timeout(60):
+            while await asyncio.to_thread(health_status, address) is None:
+                assert process.poll() is None, log.read_text()
+                await asyncio.sleep(0.1)
+            while "nothing to reload" not in log.read_text():  # the SIGHUP, handled once serving
+                await asyncio.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 30) == 0, log.read_text()
+        assert log.read_text().count("nothing to reload") == 1, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        await redis.close()
 
 
 def test_one_bad_edit_is_refused_once_though_the_file_watch_and_sighup_both_read_it(tmp_path):
