@@ -669,23 +669,50 @@ async def start(service: Service, listen: str, cleanup: Cleanup) -> int:
     return port
 
 
+class StopFailed(Exception):
+    """Some of a service's stop steps failed (each is logged); all of them ran."""
+
+
 async def stop(service: Service, grace_s: float = 10.0) -> None:
+    """Drains the service and releases what it holds, in order. Every step
+    runs though one before it failed: a cleanup that raised skipped the
+    metrics endpoint's shutdown, a drain that raised the cleanup. Each
+    failure is logged; then StopFailed says there was one (:func:`main`
+    exits STOP_FAILED on it)."""
+    failed = []
+
+    async def step(name: str, run: collections.abc.Awaitable) -> None:
+        try:
+            await run
+        except Exception:  # noqa: BLE001 - logged here, reported as StopFailed once every step ran
+            log.exception("stop step failed", step=name)
+            failed.append(name)
+
     # Tell balancers first, then let in-flight calls (streams included) finish.
     service.draining = True
-    await service.set_serving(False)
+    await step("not serving", service.set_serving(False))
     log.info("draining", grace_s=grace_s)
     # At once: a stream on another server gets the whole grace too, not
     # what is left once the gRPC calls are done.
-    await asyncio.gather(service.server.stop(grace_s), *(drain(grace_s) for drain in service.drains))
+    await asyncio.gather(
+        step("grpc server", service.server.stop(grace_s)),
+        *(step("drain", drain(grace_s)) for drain in service.drains),
+    )
     if service.health_server is not None:
         # After the drain: until then probes see NOT_SERVING, not a refused port.
-        await service.health_server.stop(None)
-    await service.cleanup()
+        await step("health server", service.health_server.stop(None))
+    await step("cleanup", service.cleanup())
     if service.metrics_server is not None:
         # Last, so a final scrape still sees the drained calls.
-        service.metrics_server.shutdown()
-        service.metrics_server.server_close()
+        await step("metrics server", _close_metrics(service.metrics_server))
     log.info("stopped")
+    if failed:
+        raise StopFailed(f"{service.name}: stop steps failed: {', '.join(failed)}")
+
+
+async def _close_metrics(server) -> None:
+    server.shutdown()
+    server.server_close()
 
 
 def reload_configuration(service: Service) -> bool:
@@ -826,6 +853,9 @@ _START_REFUSALS = (ValueError, OSError, MeshgateError)
 
 # The exit status of a service that could not start.
 START_FAILED = 1
+# The exit status of a service some of whose stop steps failed (stop):
+# its supervisor sees that the stop was not clean.
+STOP_FAILED = 1
 
 
 def _refuse_start(error: Exception) -> typing.NoReturn:
@@ -878,5 +908,9 @@ def main(
 
     try:
         uvloop.run(run())
+    except StopFailed as failure:
+        # Each failed step is logged with its traceback already.
+        log.critical("stopped with failures", error=str(failure))
+        raise SystemExit(STOP_FAILED) from None
     finally:
         provider.shutdown()

@@ -8,6 +8,7 @@ file once, though the file watch and a SIGHUP both read it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pathlib
 import signal
@@ -19,6 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from meshgate import serving
 from meshgate.local.stack import free_port
 from tests.tcp_proxy import TcpProxy
 
@@ -123,6 +125,54 @@ async def test_sighup_while_a_service_waits_on_a_slow_redis_to_start_is_not_a_ki
             process.kill()
             process.wait()
         await redis.close()
+
+
+# A service whose cleanup fails as it stops (argv: listen address, settings file).
+_FAILING_CLEANUP = """
+import sys
+from meshgate import serving
+
+async def setup(service, settings):
+    async def cleanup():
+        raise RuntimeError("the store would not close")
+    return cleanup
+
+serving.main("cache", [], lambda settings: sys.argv[1], setup, ["--config", sys.argv[2]])
+"""
+
+
+def test_a_stop_whose_cleanup_fails_runs_to_its_end_and_exits_stop_failed(tmp_path):
+    """Before, the cleanup's exception ended the stop there (the metrics
+    endpoint's shutdown and the "stopped" line skipped) and the process
+    with a plain-text traceback."""
+    address = f"unix:{tmp_path / 'service.sock'}"
+    config = tmp_path / "meshgate.toml"
+    config.write_text("[mesh]\ntls = false\n[telemetry]\nmetrics = false\n")
+    log = tmp_path / "service.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _FAILING_CLEANUP, address, str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while '"serving"' not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == serving.STOP_FAILED != 0, log.read_text()
+        lines = [json.loads(line) for line in log.read_text().splitlines()]
+        assert [line["event"] for line in lines[-3:]] == [
+            "stop step failed",
+            "stopped",
+            "stopped with failures",
+        ]
+        assert lines[-3]["step"] == "cleanup" and "the store would not close" in lines[-3]["exception"]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_one_bad_edit_is_refused_once_though_the_file_watch_and_sighup_both_read_it(tmp_path):

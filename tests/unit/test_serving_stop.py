@@ -1,0 +1,70 @@
+"""A service's stop runs every step though one fails: a cleanup that raises
+skipped the metrics endpoint's shutdown after it (its port stayed open, its
+thread ran on), a drain that raised skipped the cleanup. Each failure is
+logged, the rest still run, and the stop then fails with StopFailed, which
+a service process ends on with STOP_FAILED. A real gRPC server (on a unix
+socket); the metrics endpoint, a TCP port, is a recorder of its shutdown."""
+
+from __future__ import annotations
+
+import pytest
+import structlog
+
+from meshgate import serving
+
+
+class MetricsServer:
+    """What serve_metrics keeps: prometheus_client's HTTP server."""
+
+    def __init__(self) -> None:
+        self.shut_down = self.closed = False
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+    def server_close(self) -> None:
+        self.closed = True
+
+
+async def started(tmp_path, cleanup: serving.Cleanup) -> tuple[serving.Service, MetricsServer]:
+    """A service serving on a unix socket, with a metrics endpoint."""
+    service = serving.Service("cache", ["meshgate.cache.v1.CacheService"])
+    service.metrics_server = metrics = MetricsServer()
+    await serving.start(service, f"unix:{tmp_path / 'cache.sock'}", cleanup)
+    return service, metrics
+
+
+async def test_a_cleanup_that_raises_still_lets_the_metrics_endpoint_shut_down(tmp_path):
+    async def failing_cleanup() -> None:
+        raise RuntimeError("redis client would not close")
+
+    service, metrics = await started(tmp_path, failing_cleanup)
+    with structlog.testing.capture_logs() as logs, pytest.raises(serving.StopFailed):
+        await serving.stop(service, grace_s=0)
+    assert metrics.shut_down and metrics.closed
+    failures = [entry for entry in logs if entry["log_level"] == "error"]
+    assert [(entry["event"], entry["step"]) for entry in failures] == [("stop step failed", "cleanup")]
+    assert logs[-1]["event"] == "stopped"
+
+
+async def test_a_drain_that_raises_still_lets_the_cleanup_and_the_rest_run(tmp_path):
+    cleaned = []
+
+    async def cleanup() -> None:
+        cleaned.append(True)
+
+    async def failing_drain(grace_s: float) -> None:
+        raise OSError("the HTTP edge's socket was already gone")
+
+    service, metrics = await started(tmp_path, cleanup)
+    service.drains.append(failing_drain)
+    with pytest.raises(serving.StopFailed):
+        await serving.stop(service, grace_s=0)
+    assert cleaned == [True]
+    assert metrics.shut_down and metrics.closed
+
+
+async def test_a_clean_stop_raises_nothing(tmp_path):
+    service, metrics = await started(tmp_path, serving._nothing)
+    await serving.stop(service, grace_s=0)
+    assert metrics.shut_down and metrics.closed
