@@ -67,13 +67,11 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     cache_service_pb2_grpc.add_CacheServiceServicer_to_server(servicer, service.server)
     stats.start()
 
-    async def cleanup() -> None:
-        await servicer.close()
-        await stats.close()
-        if local_embedder is not None:
-            local_embedder.close()
-        if channel is not None:
-            await channel.close()
-        await client.aclose()
-
-    return cleanup
+    return serving.cleanup_steps(
+        ("servicer", servicer.close),
+        # Hit and miss counts still in flight reach Redis before it closes.
+        ("stats", stats.close),
+        ("local embedder", local_embedder.close if local_embedder is not None else None),
+        ("inference channel", channel.close if channel is not None else None),
+        ("redis", client.aclose),
+    )

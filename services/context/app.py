@@ -103,13 +103,11 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
     )
     context_service_pb2_grpc.add_ContextServiceServicer_to_server(servicer, service.server)
 
-    async def cleanup() -> None:
-        await changes.close()
-        await servicer.close()
-        await summarizer.close()
-        if local_embedder is not None:
-            local_embedder.close()
-        await channel.close()
-        await client.aclose()
-
-    return cleanup
+    return serving.cleanup_steps(
+        ("session notices", changes.close),
+        ("servicer", servicer.close),
+        ("summarizer", summarizer.close),
+        ("local embedder", local_embedder.close if local_embedder is not None else None),
+        ("inference channel", channel.close),
+        ("redis", client.aclose),
+    )

@@ -10,7 +10,7 @@ import structlog
 from meshgate import mesh_auth, metrics, tokenization
 from meshgate.config import Settings
 from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
-from meshgate.serving import Cleanup, Service
+from meshgate.serving import Cleanup, Service, cleanup_steps
 from services.inference.backends import BackendPool
 from services.inference.servicer import InferenceServicer
 
@@ -69,10 +69,9 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     service.serving_when_started = False
     watcher = asyncio.create_task(watch_backends())
 
-    async def cleanup() -> None:
+    async def stop_watcher() -> None:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
-        await pool.close()
 
-    return cleanup
+    return cleanup_steps(("triton watcher", stop_watcher), ("triton pool", pool.close))

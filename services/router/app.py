@@ -201,24 +201,25 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
 
     service.reload_hooks.append(reload)
 
-    async def cleanup() -> None:
-        # The HTTP edge first (drained already when the service stopped,
-        # serving.stop; not when its start failed): its streams under way
-        # finish over the channels below.
-        if http is not None:
-            await http.stop()
+    async def stop_deployment_checks() -> None:
         deployment_checks.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await deployment_checks
-        await deployments.close()
-        if listener is not None:
-            await listener.close()
-        # Its last asks go over the context channel, and bill through admission.
-        await summary_usage.close()
-        await context_channel.close()
-        await cache_channel.close()
-        # Settlements and usage records still in flight finish first.
-        await admission.drain()
-        await redis.aclose()
 
-    return cleanup
+    return serving.cleanup_steps(
+        # The HTTP edge first (drained already when the service stopped,
+        # serving.stop; not when its start failed): its streams under way
+        # finish over the channels below.
+        ("http edge", http.stop if http is not None else None),
+        ("deployment checks", stop_deployment_checks),
+        ("deployments", deployments.close),
+        ("cache notices", listener.close if listener is not None else None),
+        # Its last asks go over the context channel, and bill through admission.
+        ("summary usage", summary_usage.close),
+        ("context channel", context_channel.close),
+        ("cache channel", cache_channel.close),
+        # Settlements and usage records still in flight finish first, though
+        # a step before failed: they are what the tenants are billed.
+        ("admission", admission.drain),
+        ("redis", redis.aclose),
+    )

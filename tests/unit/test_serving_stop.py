@@ -68,3 +68,42 @@ async def test_a_clean_stop_raises_nothing(tmp_path):
     service, metrics = await started(tmp_path, serving._nothing)
     await serving.stop(service, grace_s=0)
     assert metrics.shut_down and metrics.closed
+
+
+async def test_a_cleanup_step_that_raises_leaves_the_later_steps_to_run():
+    """The router's cleanup closed its channels and summary collector before
+    admission's drain, in one coroutine: a close that raised lost the
+    settlements and usage records still in flight."""
+    ran = []
+
+    async def summary_usage_close() -> None:
+        ran.append("summary usage")
+        raise RuntimeError("the context channel was already closed")
+
+    def cancel_checks() -> None:  # a step may be a plain function
+        ran.append("checks")
+
+    async def admission_drain() -> None:
+        ran.append("admission")
+
+    cleanup = serving.cleanup_steps(
+        ("checks", cancel_checks),
+        ("http edge", None),  # a part this service runs without
+        ("summary usage", summary_usage_close),
+        ("admission", admission_drain),
+    )
+    with structlog.testing.capture_logs() as logs, pytest.raises(serving.StopFailed, match="summary usage"):
+        await cleanup()
+    assert ran == ["checks", "summary usage", "admission"]
+    failures = [(entry["event"], entry["step"]) for entry in logs if entry["log_level"] == "error"]
+    assert failures == [("cleanup step failed", "summary usage")]
+
+
+async def test_a_cleanup_of_steps_that_all_succeed_raises_nothing():
+    ran = []
+
+    async def close() -> None:
+        ran.append("closed")
+
+    await serving.cleanup_steps(("one", close), ("two", close))()
+    assert ran == ["closed", "closed"]
