@@ -137,7 +137,8 @@ async def test_a_hot_session_extended_by_an_append_takes_the_append_scripts_byte
     ]
     hot = HotCache(1 << 30)
     hot.live = True
-    hot.put(session_key("t", "s1"), StoredSession(1, 0, 0, held, {}, held_bytes=cached_bytes), hot.ticket())
+    # Created at 1 ms, the life the fake store's append lands in.
+    hot.put(session_key("t", "s1"), StoredSession(1, 1, 0, held, {}, held_bytes=cached_bytes), hot.ticket())
     appended = [common_pb2.Message(role=common_pb2.ROLE_USER, content="é" * 200)]
     counted = sum(m.ByteSize() for m in (*held, *appended))
     store = AppendingStore(max_session_bytes=4096, counted=counted)
