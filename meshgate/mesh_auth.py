@@ -14,25 +14,31 @@ their next calls (``meshgate.serving.MeshChannel``).
 The tenant a call acts for is asserted by the router, the one service that
 authenticates callers (by API key, on its public port): per downstream call
 it sends a short-lived token in metadata (a JWT: tenant, the service it is
-for, expiry) signed with its certificate's key, which the context, cache and
-inference services verify with the router's certificate and compare with
-the tenant the request names (the inference service's generations may act
-for no tenant: OptionalTenant). So a mesh certificate alone does not make
-anyone a tenant, and no other service can assert one.
+for, expiry, and the id of the key that signed it) signed with its
+certificate's key, which the context, cache and inference services verify
+with the router's certificate and compare with the tenant the request names
+(the inference service's generations may act for no tenant:
+OptionalTenant). So a mesh certificate alone does not make anyone a tenant,
+and no other service can assert one. Both ends follow their files: the
+router signs with the key it reads now, and the others verify with the
+router's certificates they read now (:class:`RouterCertificates`), and with
+a key gone from them for the overlap of a rotation (:class:`TenantVerifier`).
 
 ``mesh.tls = false`` turns all of this off, for development only.
 """
 
 from __future__ import annotations
 
+import base64
 import collections.abc
 import dataclasses
 import datetime
+import hashlib
 import os
 import pathlib
 import threading
 import time
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 import jwt
@@ -164,6 +170,22 @@ def _algorithm(key: Any) -> str:
     raise ConfigError(f"the router's key ({type(key).__name__}) cannot sign tenant tokens")
 
 
+def key_id(public_key: Any) -> str:
+    """The id a tenant token names its key by (its ``kid``): the SHA-256 of
+    the key's SubjectPublicKeyInfo, so a renewal that keeps the key keeps it."""
+    spki = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.urlsafe_b64encode(hashlib.sha256(spki).digest()).rstrip(b"=").decode()
+
+
+def _authorities(ca: bytes, ca_file: str) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(ca)
+    except ValueError as error:
+        raise ConfigError(f"mesh.ca_file {ca_file!r}: not a PEM certificate ({error})") from None
+
+
 def _checked_files(service: str, ca_file: str, cert_file: str, key_file: str) -> tuple[bytes, bytes, bytes]:
     """The CA, certificate and key files' contents; refuses (ConfigError) a
     certificate that does not name the service, a key that is not the
@@ -190,10 +212,11 @@ def _checked_files(service: str, ca_file: str, cert_file: str, key_file: str) ->
         ) from None
     if key.public_key() != certificate.public_key():
         raise ConfigError(f"mesh.key_file {key_file!r} is not the key of mesh.cert_file {cert_file!r}")
-    try:
-        authorities = x509.load_pem_x509_certificates(ca)
-    except ValueError as error:
-        raise ConfigError(f"mesh.ca_file {ca_file!r}: not a PEM certificate ({error})") from None
+    if service == ROUTER:
+        # It signs tenant tokens: a key that cannot is refused here, at
+        # start or at a renewal, not at the next turn.
+        _algorithm(key)
+    authorities = _authorities(ca, ca_file)
     if certificate.not_valid_after_utc < datetime.datetime.now(datetime.UTC):
         raise ConfigError(
             f"mesh.cert_file {cert_file!r} expired at {certificate.not_valid_after_utc.isoformat()}"
@@ -232,29 +255,36 @@ class Certificates:
         return grpc.ssl_server_certificate_configuration([(self.key, self.cert)], root_certificates=self.ca)
 
 
-class CertificateFiles:
-    """A service's certificate, key and CA files, read and checked at start,
-    and again whenever they change, so that a renewed certificate
-    (cert-manager's, ``meshgate certs``) or a new CA file is used without a
-    restart, by the service's server (:class:`ServerCertificates`) and by its
-    channels to the others (``meshgate.serving.MeshChannel``) alike.
+_Reading = TypeVar("_Reading")
 
-    A file is read only when one of the three changed (inode, size or
-    mtime: a Secret volume or a rename replaces the file), and files that
-    fail the start's checks (:func:`_checked_files`) leave the ones in use,
-    with one error logged per change, not per look: half of a renewal (a new
-    certificate beside the old key) is refused until the other half
-    arrives."""
 
-    def __init__(self, service: str, ca_file: str, cert_file: str, key_file: str) -> None:
-        self._service = service
-        self._files = (ca_file, cert_file, key_file)
+class WatchedFiles(Generic[_Reading]):
+    """Files read and checked at start (:meth:`_read`), and again whenever
+    they change, so that a renewal (cert-manager's, ``meshgate certs``) is
+    taken without a restart.
+
+    The files are read only when one of them changed (inode, size or mtime:
+    a Secret volume or a rename replaces the file), and files that fail the
+    start's checks leave the reading in use, with one error logged per
+    change, not per look: half of a renewal (a new certificate beside the
+    old key) is refused until the other half arrives."""
+
+    def __init__(self, files: tuple[str, ...]) -> None:
+        self._files = files
         # grpc's handshakes may look from several threads at once; one reads the files.
         self._lock = threading.Lock()
         # Taken before reading: a file replaced meanwhile is read again.
         self._seen = self._versions()
-        self.current = Certificates(*_checked_files(service, *self._files))
+        self.current: _Reading = self._read()
         self._next_look = time.monotonic() + CERTIFICATE_LOOK_S
+
+    def _read(self) -> _Reading:
+        """The files' contents, checked; ConfigError when they fail a check."""
+        raise NotImplementedError
+
+    def _taken(self, reading: _Reading) -> None:
+        """Says what a new reading brought (it is taken when this is called)."""
+        raise NotImplementedError
 
     def _versions(self) -> tuple[tuple[int, int, int, int] | None, ...]:
         versions = []
@@ -267,38 +297,129 @@ class CertificateFiles:
                 versions.append((found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns))
         return tuple(versions)
 
-    def refresh(self) -> Certificates:
-        """The files' certificates: a new reading if they changed and pass
-        the checks, else the one in use."""
+    def refresh(self) -> _Reading:
+        """The files' reading: a new one if they changed and pass the
+        checks, else the one in use."""
         with self._lock:
             versions = self._versions()
             if versions == self._seen:
                 return self.current
             self._seen = versions
             try:
-                self.current = Certificates(*_checked_files(self._service, *self._files))
+                self.current = self._read()
             except ConfigError as error:
                 log.error(
                     "mesh certificate files changed but are refused; keeping the ones in use",
                     error=str(error),
                 )
                 return self.current
-            certificate = x509.load_pem_x509_certificate(self.current.cert)
-            log.info(
-                "mesh certificate reloaded",
-                serial=f"{certificate.serial_number:x}",
-                not_after=certificate.not_valid_after_utc.isoformat(),
-            )
+            self._taken(self.current)
             return self.current
 
-    def latest(self) -> Certificates:
+    def latest(self) -> _Reading:
         """:meth:`refresh` at most once per CERTIFICATE_LOOK_S, else the
-        reading in use: a clock read, on every call a channel makes."""
+        reading in use: a clock read, for what asks at every call (a
+        channel, the router's tokens)."""
         now = time.monotonic()
         if now < self._next_look:
             return self.current
         self._next_look = now + CERTIFICATE_LOOK_S
         return self.refresh()
+
+
+class CertificateFiles(WatchedFiles[Certificates]):
+    """A service's certificate, key and CA files (:func:`_checked_files`),
+    followed as they change: a renewed certificate or a new CA file is used
+    without a restart by the service's server (:class:`ServerCertificates`),
+    by its channels to the others (``meshgate.serving.MeshChannel``) and,
+    in the router, to sign tenant tokens (:class:`TenantTokens`)."""
+
+    def __init__(self, service: str, ca_file: str, cert_file: str, key_file: str) -> None:
+        self._service = service
+        super().__init__((ca_file, cert_file, key_file))
+
+    def _read(self) -> Certificates:
+        return Certificates(*_checked_files(self._service, *self._files))
+
+    def _taken(self, reading: Certificates) -> None:
+        certificate = x509.load_pem_x509_certificate(reading.cert)
+        log.info(
+            "mesh certificate reloaded",
+            serial=f"{certificate.serial_number:x}",
+            not_after=certificate.not_valid_after_utc.isoformat(),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterKey:
+    """A key of the router's that signs tenant tokens, as a verifier holds it."""
+
+    id: str
+    public_key: Any
+    algorithm: str
+
+    @classmethod
+    def of(cls, public_key: Any) -> RouterKey:
+        return cls(key_id(public_key), public_key, _algorithm(public_key))
+
+
+def _is_authority(certificate: x509.Certificate) -> bool:
+    try:
+        return certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _router_keys(ca_file: str, cert_file: str) -> tuple[RouterKey, ...]:
+    """The keys of the router's certificates in ``cert_file``, in the file's
+    order: every certificate there that names the router (several while a
+    rotation is staged), each issued by the CA file's authorities, directly
+    or by an intermediate the file carries that they issued. Certificates
+    naming something else (intermediates) are skipped; a file naming the
+    router nowhere, or with a certificate naming it from elsewhere, is
+    refused (ConfigError)."""
+    setting = "mesh.router_cert_file"
+    pem = _read(cert_file, setting)
+    try:
+        chain = x509.load_pem_x509_certificates(pem)
+    except ValueError as error:
+        raise ConfigError(f"{setting} {cert_file!r}: not a PEM certificate ({error})") from None
+    routers = [certificate for certificate in chain if identity(ROUTER) in _names(certificate)]
+    if not routers:
+        raise ConfigError(f"{setting} {cert_file!r} does not name {identity(ROUTER)!r}")
+    authorities = _authorities(_read(ca_file, "mesh.ca_file"), ca_file)
+    intermediates = [
+        link
+        for link in chain
+        if _is_authority(link) and any(issued_by(link, authority) for authority in authorities)
+    ]
+    keys: dict[str, RouterKey] = {}
+    for certificate in routers:
+        if not any(issued_by(certificate, issuer) for issuer in (*authorities, *intermediates)):
+            raise ConfigError(
+                f"{setting} {cert_file!r}: the certificate of serial {certificate.serial_number:x} "
+                f"is not issued by mesh.ca_file {ca_file!r}"
+            )
+        key = RouterKey.of(certificate.public_key())
+        keys.setdefault(key.id, key)
+    return tuple(keys.values())
+
+
+class RouterCertificates(WatchedFiles[tuple[RouterKey, ...]]):
+    """The router's certificates a service verifies tenant tokens with
+    (``mesh.router_cert_file``, checked against ``mesh.ca_file``:
+    :func:`_router_keys`), followed as they change: the router's key changes
+    at a renewal that makes a new key pair (cert-manager's rotationPolicy
+    Always, ``meshgate certs`` after its key was deleted)."""
+
+    def __init__(self, ca_file: str, cert_file: str) -> None:
+        super().__init__((ca_file, cert_file))
+
+    def _read(self) -> tuple[RouterKey, ...]:
+        return _router_keys(*self._files)
+
+    def _taken(self, reading: tuple[RouterKey, ...]) -> None:
+        log.info("router certificates reloaded", key_ids=[key.id for key in reading])
 
 
 class ServerCertificates:
@@ -341,10 +462,6 @@ class Mesh:
             self._for_service(settings.cert_file, service),
             self._for_service(settings.key_file, service),
         )
-        # The router's key as read at start signs its tenant tokens for the
-        # process's life: the others verify them with the router's
-        # certificate as they read it at start (a renewal keeps the key).
-        self._started_with = self.files.current
 
     @staticmethod
     def _for_service(template: str, service: str) -> str:
@@ -370,38 +487,60 @@ class Mesh:
             return TenantTokens(None, self._settings.tenant_token_ttl_s)
         if self.service != ROUTER:
             raise ConfigError("only the router asserts tenants")
-        key = serialization.load_pem_private_key(self._started_with.key, password=None)
-        return TenantTokens(key, self._settings.tenant_token_ttl_s)
+        return TenantTokens(self.files, self._settings.tenant_token_ttl_s)
 
     def tenant_verifier(self) -> TenantVerifier:
         path = self._settings.router_cert_file or self._for_service(self._settings.cert_file, ROUTER)
-        router_cert = _certificate(_read(path, "mesh.router_cert_file"), path)
-        if identity(ROUTER) not in _names(router_cert):
-            raise ConfigError(f"mesh.router_cert_file {path!r} does not name {identity(ROUTER)!r}")
-        return TenantVerifier(router_cert.public_key(), self.service)
+        router = RouterCertificates(self._settings.ca_file, path)
+        return TenantVerifier(router, self.service, self._settings.tenant_token_ttl_s)
 
 
 class TenantTokens:
     """The router's side: tokens saying which tenant a downstream call acts for.
 
     A token names the tenant, the service it is for (one seen by the cache is
-    no good at the context service) and an expiry. One token per (tenant,
-    service) is reused while at least half its life is left: a signature per
-    call would cost the hot path an ECDSA signature here and a verification
-    there, and a token is worth nothing without a mesh certificate anyway.
+    no good at the context service), an expiry, and in its header the id of
+    the key that signed it. One token per (tenant, service) is reused while
+    at least half its life is left: a signature per call would cost the hot
+    path an ECDSA signature here and a verification there, and a token is
+    worth nothing without a mesh certificate anyway.
+
+    The key is the one of the router's files as last read (``files``, None:
+    TLS is off, nothing is signed): after a renewal with a new key pair the
+    next calls carry tokens signed with the new key, since a service started
+    on the new files knows no other.
     """
 
-    def __init__(self, private_key: Any | None, ttl_s: float, clock=time.time) -> None:
-        self._key = private_key
-        self._algorithm = _algorithm(private_key) if private_key is not None else ""
+    def __init__(self, files: CertificateFiles | None, ttl_s: float, clock=time.time) -> None:
+        self._files = files
         self._ttl_s = ttl_s
         self._clock = clock
         self._current: dict[tuple[str, str], tuple[tuple[tuple[str, str], ...], float]] = {}
+        self._signing_with: Certificates | None = None
+        self._key: Any = None
+        self._algorithm = self._key_id = ""
+        if files is not None:
+            self._sign_with(files.current)
+
+    def _sign_with(self, certificates: Certificates) -> None:
+        """Signs with the key of ``certificates`` from now on (checked by
+        _checked_files: it is the certificate's, and it can sign)."""
+        self._signing_with = certificates
+        key = serialization.load_pem_private_key(certificates.key, password=None)
+        signer = key_id(key.public_key())
+        if signer == self._key_id:
+            return  # a renewal that kept the key
+        self._key, self._algorithm, self._key_id = key, _algorithm(key), signer
+        # The tokens kept were signed with the key replaced.
+        self._current.clear()
 
     def metadata(self, tenant_id: str, service: str) -> tuple[tuple[str, str], ...]:
         """Metadata for one call to ``service`` acting for ``tenant_id``."""
-        if self._key is None:
+        if self._files is None:
             return ()
+        certificates = self._files.latest()
+        if certificates is not self._signing_with:
+            self._sign_with(certificates)
         now = self._clock()
         current = self._current.get((tenant_id, service))
         if current is None or current[1] - now < self._ttl_s / 2:
@@ -424,21 +563,43 @@ class TenantTokens:
             "iat": int(now),
             "exp": int(now + self._ttl_s),
         }
-        return jwt.encode(claims, self._key, algorithm=self._algorithm)
+        return jwt.encode(claims, self._key, algorithm=self._algorithm, headers={"kid": self._key_id})
 
 
 class TenantVerifier:
     """A service's side: the tenant a call's token asserts, verified once per
-    token and remembered until it expires (cache hits are a hot path)."""
+    token and remembered until it expires (cache hits are a hot path: they
+    look at no file and at no key).
+
+    A token is verified with the key it names (its ``kid``) among the
+    router's certificates as last read (``router``: each of them while a
+    rotation is staged), or among those that left them less than the
+    rotation's overlap ago; a token naming no key (a router from before key
+    ids) with the current keys first."""
 
     def __init__(
-        self, router_public_key: Any, service: str, leeway_s: float = CLOCK_LEEWAY_S, clock=time.time
+        self,
+        router: RouterCertificates,
+        service: str,
+        ttl_s: float,
+        leeway_s: float = CLOCK_LEEWAY_S,
+        clock=time.time,
     ) -> None:
-        self._key = router_public_key
-        self._algorithm = _algorithm(router_public_key)
+        self._router = router
         self._audience = identity(service)
         self._leeway_s = leeway_s
+        # How long a key gone from the router's certificates is still taken,
+        # from when this service sees it gone: the router signs with its new
+        # key within CERTIFICATE_LOOK_S of its files changing (when both read
+        # one file), and a token signed just before is good for ttl_s and
+        # the leeway more. A router whose files change later than ours needs
+        # the new certificate staged beside the old here first (README).
+        self._overlap_s = ttl_s + leeway_s + CERTIFICATE_LOOK_S
         self._clock = clock
+        self._reading = router.current
+        self._keys = {key.id: key for key in self._reading}
+        # Keys gone from the router's certificates, and until when they are taken.
+        self._retired: dict[str, tuple[RouterKey, float]] = {}
         self._verified: dict[str, tuple[str, float]] = {}
 
     def tenant(self, metadata: collections.abc.Iterable[tuple[str, Any]] | None) -> str:
@@ -461,18 +622,77 @@ class TenantVerifier:
         self._verified[token] = (tenant, expires)
         return tenant
 
-    def _verify(self, token: str, now: float) -> tuple[str, float]:
+    def _follow(self, reading: tuple[RouterKey, ...], now: float) -> None:
+        """Verifies with the keys of ``reading`` from now on, and with those
+        it dropped for the overlap of a rotation."""
+        if reading is self._reading:
+            return
+        keys = {key.id: key for key in reading}
+        retired = {kid: kept for kid, kept in self._retired.items() if now < kept[1] and kid not in keys}
+        for kid, key in self._keys.items():
+            if kid not in keys:
+                retired[kid] = (key, now + self._overlap_s)
+                log.info("a router key left mesh.router_cert_file", key_id=kid, taken_for_s=self._overlap_s)
+        self._reading, self._keys, self._retired = reading, keys, retired
+
+    def _key(self, kid: str, now: float) -> RouterKey | None:
+        key = self._keys.get(kid)
+        if key is not None:
+            return key
+        retired = self._retired.get(kid)
+        return retired[0] if retired is not None and now < retired[1] else None
+
+    def _candidates(self, token: str, now: float) -> list[RouterKey]:
+        """The keys that may have signed ``token``, the likeliest first."""
         try:
-            # Expiry is checked below against our clock, which tests can set;
-            # iat is informational.
-            claims = jwt.decode(
-                token,
-                self._key,
-                algorithms=[self._algorithm],
-                audience=self._audience,
-                issuer=identity(ROUTER),
-                options={"require": ["iss", "sub", "aud", "exp"], "verify_exp": False, "verify_iat": False},
+            # PyJWT refuses a key id that is not a string.
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError as error:
+            raise _invalid_token(f"the tenant token is not valid: {error}") from error
+        kid = header.get("kid")
+        if kid is None:
+            taken = [*self._keys.values(), *(key for key, until in self._retired.values() if now < until)]
+            keys = [key for key in taken if key.algorithm == header.get("alg")]
+            if not keys:
+                raise _invalid_token("the tenant token is not signed with the algorithm of a router key")
+            return keys
+        key = self._key(kid, now)
+        if key is None:
+            # The router may have taken a new key an instant before we look
+            # at the files (once a second at most, else): look now.
+            self._follow(self._router.refresh(), now)
+            key = self._key(kid, now)
+        if key is None:
+            raise _invalid_token(
+                "the tenant token is signed with the key of no router certificate in "
+                "mesh.router_cert_file, nor of one that left it within a rotation's overlap"
             )
+        return [key]
+
+    def _decode(self, token: str, key: RouterKey) -> dict[str, Any]:
+        # Expiry is checked by _verify against our clock, which tests can
+        # set; iat is informational.
+        return jwt.decode(
+            token,
+            key.public_key,
+            algorithms=[key.algorithm],
+            audience=self._audience,
+            issuer=identity(ROUTER),
+            options={"require": ["iss", "sub", "aud", "exp"], "verify_exp": False, "verify_iat": False},
+        )
+
+    def _verify(self, token: str, now: float) -> tuple[str, float]:
+        self._follow(self._router.latest(), now)
+        *others, last = self._candidates(token, now)
+        try:
+            for key in others:
+                try:
+                    claims = self._decode(token, key)
+                    break
+                except jwt.InvalidSignatureError:
+                    continue  # another key may have signed it
+            else:
+                claims = self._decode(token, last)
         except jwt.InvalidTokenError as error:
             raise _invalid_token(f"the tenant token is not valid: {error}") from error
         expires = claims["exp"]

@@ -455,11 +455,13 @@ def network_policy(service: str, overlay: Overlay) -> dict[str, Any]:
 def key_rotation(service: str) -> str:
     """cert-manager's key policy at each renewal. A service takes a renewed
     certificate without a restart (its server at its next handshakes, its
-    channels at their next calls), but context, cache and inference verify
-    tenant tokens with the router's certificate as it was when they
-    started: the router keeps its key across renewals, so tokens it signs
-    after one still verify in pods started before it. Every other key is
-    new at each renewal."""
+    channels at their next calls, the router's tokens at once), and context,
+    cache and inference follow the router's certificate they verify tenant
+    tokens with, but they read it from the router's Secret, which kubelet
+    refreshes in each pod at its own moment: a new router key would be
+    signing before some replicas know it. So the router keeps its key across
+    renewals; a change of it is staged (README, "The router's key changes
+    without a restart"). Every other key is new at each renewal."""
     return "Never" if service == "router" else "Always"
 
 

@@ -17,7 +17,9 @@ import datetime
 import pathlib
 import shutil
 import ssl
+import uuid
 
+import grpc
 import pytest
 import structlog
 from cryptography import x509
@@ -27,6 +29,7 @@ from meshgate import mesh_auth, serving
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.context.v1 import context_service_pb2_grpc
+from meshgate.errors import error_info
 from meshgate.local import certs
 from meshgate.local.stack import free_port
 from meshgate.router.v1 import router_service_pb2 as router_pb
@@ -267,3 +270,64 @@ async def test_a_call_open_when_the_files_change_finishes_on_the_channel_it_star
             assert (await stub.Check(health, timeout=10)).status == serving_status
         assert not watch.done()
         watch.cancel()
+
+
+async def test_a_context_service_restarted_after_the_routers_key_changed_takes_its_tokens(
+    served_certs, redis_url
+):
+    """The router's certificate renewed with a new key pair (cert-manager's
+    rotationPolicy Always; ``meshgate certs`` after its key was deleted),
+    and the context service restarted on the new files: the router, not
+    restarted, signs with its new key at once. It signed with the key of
+    its start until restarted, which the restarted service refused: every
+    turn was UNAUTHENTICATED TENANT_TOKEN_INVALID."""
+    context_address = f"127.0.0.1:{free_port()}"
+    async with contextlib.AsyncExitStack() as first_context:
+        await first_context.enter_async_context(
+            running(context_app, SERVICE, context_settings(served_certs, redis_url), context_address)
+        )
+        settings = router_settings(served_certs, redis_url, context_address)
+        async with running(router_app, "router", settings) as router:
+            assert await session_through(router)
+
+            renew(served_certs, "router")
+            await first_context.aclose()
+            async with running(
+                context_app, SERVICE, context_settings(served_certs, redis_url), context_address
+            ):
+                await asyncio.sleep(mesh_auth.CERTIFICATE_LOOK_S)
+                assert await session_through(router)
+
+
+async def test_services_that_kept_running_follow_the_routers_new_key_and_retire_the_old(
+    served_certs, redis_url
+):
+    """The router's key renewed and the router restarted on it: the context
+    service, not restarted, verifies its tokens with the key of the renewed
+    certificate (it read the router's certificate once, at start, and
+    refused every token of the restarted router), and accepts tokens of the
+    previous key only for the overlap of a rotation (it accepted them for
+    as long as it ran)."""
+    context = context_settings(served_certs, redis_url)
+    context.mesh.tenant_token_ttl_s = 1.0
+    async with running(context_app, SERVICE, context) as context_address:
+        settings = router_settings(served_certs, redis_url, context_address)
+        async with running(router_app, "router", settings) as router:
+            assert await session_through(router)
+        retired = served_certs.parent / "retired"
+        shutil.copytree(served_certs, retired)
+
+        renew(served_certs, "router")
+        await asyncio.sleep(mesh_auth.CERTIFICATE_LOOK_S)
+        async with running(router_app, "router", settings) as router:
+            assert await session_through(router)
+
+        # Tokens signed with the previous key: taken during the overlap, refused after it.
+        tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+        await answers(context_address, retired, tenant)
+        overlap_s = context.mesh.tenant_token_ttl_s + mesh_auth.CLOCK_LEEWAY_S + mesh_auth.CERTIFICATE_LOOK_S
+        await asyncio.sleep(overlap_s)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await answers(context_address, retired, tenant)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert error_info(refused.value).reason == "TENANT_TOKEN_INVALID"

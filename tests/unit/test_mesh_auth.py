@@ -46,8 +46,18 @@ def router_key():
     return serialization.load_pem_private_key(certs.key_path(certs_dir(), "router").read_bytes(), None)
 
 
+def router_tokens(clock: Clock | None = None) -> mesh_auth.TenantTokens:
+    """The router's tokens, as its files sign them."""
+    return mesh_auth.TenantTokens(
+        mesh_auth.Mesh(mesh_settings(), "router").files, TTL_S, clock=clock or Clock()
+    )
+
+
 def verifier(service: str = "context", clock: Clock | None = None) -> mesh_auth.TenantVerifier:
-    return mesh_auth.TenantVerifier(router_key().public_key(), service, leeway_s=0, clock=clock or Clock())
+    router = mesh_auth.RouterCertificates(
+        str(certs.ca_path(certs_dir())), str(certs.cert_path(certs_dir(), "router"))
+    )
+    return mesh_auth.TenantVerifier(router, service, TTL_S, leeway_s=0, clock=clock or Clock())
 
 
 def token_metadata(token: str) -> list[tuple[str, str]]:
@@ -61,7 +71,7 @@ def refusal(call) -> tuple[grpc.StatusCode, str]:
 
 
 def test_a_minted_token_names_its_tenant_for_its_service_only():
-    tokens = mesh_auth.TenantTokens(router_key(), TTL_S, clock=Clock())
+    tokens = router_tokens()
     metadata = tokens.metadata("dev", "context")
     assert verifier("context").tenant(metadata) == "dev"
     # Taken from a call to the context service, it is no good at the cache.
@@ -73,7 +83,7 @@ def test_a_minted_token_names_its_tenant_for_its_service_only():
 
 def test_the_router_reuses_a_token_until_half_its_life_is_gone():
     clock = Clock()
-    tokens = mesh_auth.TenantTokens(router_key(), TTL_S, clock=clock)
+    tokens = router_tokens(clock)
     first = tokens.metadata("dev", "context")
     clock.now += TTL_S / 2 - 1
     assert tokens.metadata("dev", "context") == first
@@ -87,7 +97,7 @@ def test_the_router_reuses_a_token_until_half_its_life_is_gone():
 def test_the_router_keeps_a_bounded_number_of_tokens(monkeypatch):
     monkeypatch.setattr(mesh_auth, "VERIFIED_TOKENS_KEPT", 4)
     clock = Clock()
-    tokens = mesh_auth.TenantTokens(router_key(), TTL_S, clock=clock)
+    tokens = router_tokens(clock)
     first = tokens.metadata("tenant-0", "context")
     for n in range(1, 4):
         tokens.metadata(f"tenant-{n}", "context")
@@ -105,7 +115,7 @@ def test_the_router_keeps_a_bounded_number_of_tokens(monkeypatch):
 def test_unexpired_tokens_survive_the_purge_of_the_expired(monkeypatch):
     monkeypatch.setattr(mesh_auth, "VERIFIED_TOKENS_KEPT", 4)
     clock = Clock()
-    tokens = mesh_auth.TenantTokens(router_key(), TTL_S, clock=clock)
+    tokens = router_tokens(clock)
     old = [tokens.metadata(f"old-{n}", "context") for n in range(2)]
     clock.now += TTL_S * 3 / 4
     fresh = [tokens.metadata(f"fresh-{n}", "context") for n in range(2)]
@@ -121,7 +131,7 @@ def test_unexpired_tokens_survive_the_purge_of_the_expired(monkeypatch):
 
 def test_an_expired_token_is_refused_even_after_it_was_verified_once():
     clock = Clock()
-    token = mesh_auth.TenantTokens(router_key(), TTL_S).mint("dev", "context", NOW)
+    token = router_tokens().mint("dev", "context", NOW)
     check = verifier(clock=clock)
     assert check.tenant(token_metadata(token)) == "dev"
     clock.now = NOW + TTL_S
@@ -148,7 +158,7 @@ def _with_claims(token: str, **changes) -> str:
 
 
 def test_tampered_forged_and_unsigned_tokens_are_refused():
-    token = mesh_auth.TenantTokens(router_key(), TTL_S).mint("dev", "context", NOW)
+    token = router_tokens().mint("dev", "context", NOW)
     cache_key = serialization.load_pem_private_key(certs.key_path(certs_dir(), "cache").read_bytes(), None)
     claims = {"iss": "meshgate-router", "sub": "dev", "aud": "meshgate-context", "exp": int(NOW + 60)}
     forged = [
@@ -235,12 +245,9 @@ def test_an_expired_certificate_stops_the_start(tmp_path: pathlib.Path, monkeypa
         mesh_auth.Mesh(mesh_settings(tmp_path), "context")
 
 
-def test_a_certificate_file_with_its_intermediate_is_accepted(tmp_path: pathlib.Path):
-    """cert-manager's tls.crt may carry the chain after the certificate; the
-    CA file need only hold the root that issued the intermediate."""
-    root_key, root = certs._new_ca()
+def _intermediate(root_key, root):
+    """A CA certificate issued by ``root``, and its key."""
     intermediate_key, intermediate = certs._issue(root_key, root, "context")
-    # A CA certificate for the intermediate key, issued by the root.
     intermediate = (
         certs.x509.CertificateBuilder()
         .subject_name(certs.x509.Name([certs.x509.NameAttribute(certs.NameOID.COMMON_NAME, "intermediate")]))
@@ -252,6 +259,14 @@ def test_a_certificate_file_with_its_intermediate_is_accepted(tmp_path: pathlib.
         .add_extension(certs.x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(root_key, certs.hashes.SHA256())
     )
+    return intermediate_key, intermediate
+
+
+def test_a_certificate_file_with_its_intermediate_is_accepted(tmp_path: pathlib.Path):
+    """cert-manager's tls.crt may carry the chain after the certificate; the
+    CA file need only hold the root that issued the intermediate."""
+    root_key, root = certs._new_ca()
+    intermediate_key, intermediate = _intermediate(root_key, root)
     key, leaf = certs._issue(intermediate_key, intermediate, "context")
     pem = serialization.Encoding.PEM
     (tmp_path / "ca.pem").write_bytes(root.public_bytes(pem))
@@ -432,11 +447,16 @@ def test_a_renewal_keeps_each_services_key(tmp_path: pathlib.Path, monkeypatch):
     assert certs.cert_path(tmp_path, "router").read_bytes() != old_router
     for service in mesh_auth.MESH_SERVICES:
         assert certs.key_path(tmp_path, service).read_bytes() == before[service], service
-    # A token of the renewed router verifies with the key the others started with.
-    public = serialization.load_pem_private_key(before["router"], None).public_key()
-    renewed_key = serialization.load_pem_private_key(certs.key_path(tmp_path, "router").read_bytes(), None)
-    metadata = mesh_auth.TenantTokens(renewed_key, TTL_S, clock=Clock()).metadata("acme", "context")
-    assert mesh_auth.TenantVerifier(public, "context", leeway_s=0, clock=Clock()).tenant(metadata) == "acme"
+    # A token of the renewed router verifies with the certificate the others started with.
+    started_with = tmp_path / "router-at-start.pem"
+    started_with.write_bytes(old_router)
+    router = mesh_auth.RouterCertificates(str(certs.ca_path(tmp_path)), str(started_with))
+    files = mesh_auth.Mesh(mesh_settings(tmp_path), "router").files
+    metadata = mesh_auth.TenantTokens(files, TTL_S, clock=Clock()).metadata("acme", "context")
+    assert (
+        mesh_auth.TenantVerifier(router, "context", TTL_S, leeway_s=0, clock=Clock()).tenant(metadata)
+        == "acme"
+    )
 
 
 def test_a_renewal_that_fails_midway_leaves_the_key_and_the_old_certificate(
@@ -474,3 +494,277 @@ def test_a_renewal_that_fails_midway_leaves_the_key_and_the_old_certificate(
 def test_every_method_of_a_tenant_service_says_where_its_tenant_is(descriptor, tenant_of):
     # A method missing here would be refused at run time; this says which.
     assert set(tenant_of) == {m.name for m in descriptor.methods}
+
+
+def _router_mesh(
+    directory: pathlib.Path, clock: Clock
+) -> tuple[mesh_auth.TenantTokens, mesh_auth.TenantVerifier]:
+    """The router's tokens from its files in ``directory``, and the context
+    service's verifier of them (``router.pem`` there unless the test points
+    it elsewhere), both following their files at every look."""
+    tokens = mesh_auth.TenantTokens(
+        mesh_auth.Mesh(mesh_settings(directory), "router").files, TTL_S, clock=clock
+    )
+    return tokens, _verifier_of(directory, certs.cert_path(directory, "router"), clock)
+
+
+def _verifier_of(
+    directory: pathlib.Path, router_cert: pathlib.Path, clock: Clock
+) -> mesh_auth.TenantVerifier:
+    router = mesh_auth.RouterCertificates(str(certs.ca_path(directory)), str(router_cert))
+    return mesh_auth.TenantVerifier(router, "context", TTL_S, leeway_s=0, clock=clock)
+
+
+def _key_id_of(metadata) -> str:
+    return jwt.get_unverified_header(dict(metadata)[mesh_auth.TENANT_TOKEN_METADATA])["kid"]
+
+
+def _router_key_id(directory: pathlib.Path) -> str:
+    certificate = certs.x509.load_pem_x509_certificate(certs.cert_path(directory, "router").read_bytes())
+    return mesh_auth.key_id(certificate.public_key())
+
+
+@pytest.fixture
+def every_look(monkeypatch) -> None:
+    """Files are looked at on every call, not once per CERTIFICATE_LOOK_S."""
+    monkeypatch.setattr(mesh_auth, "CERTIFICATE_LOOK_S", 0.0)
+
+
+def test_the_router_signs_with_its_renewed_key_at_once(tmp_path: pathlib.Path, every_look):
+    """A renewal with a new key pair: the router's next calls carry tokens
+    signed with it and naming it, not the tokens it kept (a service started
+    on the new files knows only the new key); a renewal that keeps the key
+    keeps the tokens."""
+    served = tmp_path / "served"
+    shutil.copytree(certs_dir(), served)
+    clock = Clock()
+    tokens, _ = _router_mesh(served, clock)
+    before = tokens.metadata("acme", "context")
+    assert _key_id_of(before) == _router_key_id(served)
+
+    renew(served, "router")
+    renewed = tokens.metadata("acme", "context")
+    assert renewed != before
+    assert _key_id_of(renewed) == _router_key_id(served) != _key_id_of(before)
+    restarted = _verifier_of(served, certs.cert_path(served, "router"), clock)
+    assert restarted.tenant(renewed) == "acme"
+    assert refusal(lambda: restarted.tenant(before)) == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TENANT_TOKEN_INVALID",
+    )
+
+    certs.cert_path(served, "router").unlink()
+    certs.ensure(served, ("router",))  # issued again for the same key
+    assert tokens.metadata("acme", "context") is renewed
+
+
+def test_a_router_key_gone_from_its_certificate_is_taken_for_the_overlap_only(
+    tmp_path: pathlib.Path, every_look
+):
+    """The router's certificate renewed with a new key: a service that kept
+    running verifies the new key's tokens, and the previous key's for the
+    token TTL (and the leeway, and one look at the files) from when it saw
+    the change, no longer."""
+    served = tmp_path / "served"
+    shutil.copytree(certs_dir(), served)
+    clock = Clock()
+    tokens, verifier = _router_mesh(served, clock)
+    assert verifier.tenant(tokens.metadata("acme", "context")) == "acme"
+    previous = router_tokens(clock)  # certs_dir(): the key served had
+
+    renew(served, "router")
+    assert verifier.tenant(tokens.metadata("acme", "context")) == "acme"
+    seen_at = clock.now
+    overlap_s = TTL_S + mesh_auth.CERTIFICATE_LOOK_S
+    clock.now = seen_at + overlap_s - 1
+    assert verifier.tenant(previous.metadata("dev", "context")) == "dev"
+    clock.now = seen_at + overlap_s
+    assert refusal(lambda: verifier.tenant(previous.metadata("old", "context"))) == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TENANT_TOKEN_INVALID",
+    )
+    assert verifier.tenant(tokens.metadata("acme", "context")) == "acme"
+
+
+def test_every_router_certificate_of_a_bundle_is_taken_while_a_rotation_is_staged(
+    tmp_path: pathlib.Path, every_look
+):
+    """README's order: the new certificate staged beside the old in the
+    verifiers' router certificate file, then the router renewed, then the
+    old dropped. Tokens of either key verify for as long as both are in the
+    file, and the old one's for the overlap once it is dropped."""
+    served, staged = tmp_path / "served", tmp_path / "staged"
+    shutil.copytree(certs_dir(), served)
+    shutil.copytree(served, staged)
+    renew(staged, "router")
+    bundle = tmp_path / "router-bundle.pem"
+    old, new = (certs.cert_path(d, "router").read_bytes() for d in (served, staged))
+    certs.replace_file(bundle, old, 0o644)
+    clock = Clock()
+    verifier = _verifier_of(served, bundle, clock)
+    tokens, _ = _router_mesh(served, clock)
+    previous = router_tokens(clock)  # certs_dir(): the key served had
+    assert verifier.tenant(tokens.metadata("acme", "context")) == "acme"
+
+    certs.replace_file(bundle, old + new, 0o644)  # staged
+    assert verifier.tenant(tokens.metadata("acme", "context")) == "acme"
+    for name, mode in (("pem", 0o644), ("key", 0o600)):  # the router renewed with the staged pair
+        certs.replace_file(served / f"router.{name}", (staged / f"router.{name}").read_bytes(), mode)
+    renewed = tokens.metadata("dev", "context")
+    assert _key_id_of(renewed) == _router_key_id(staged)
+    assert verifier.tenant(renewed) == "dev"
+    clock.now += 10 * TTL_S
+    assert verifier.tenant(previous.metadata("late", "context")) == "late"
+
+    certs.replace_file(bundle, new, 0o644)  # the old dropped
+    assert verifier.tenant(tokens.metadata("dev", "context")) == "dev"
+    assert verifier.tenant(previous.metadata("old", "context")) == "old"
+    clock.now += TTL_S + mesh_auth.CERTIFICATE_LOOK_S
+    assert (
+        refusal(lambda: verifier.tenant(previous.metadata("older", "context")))[1] == "TENANT_TOKEN_INVALID"
+    )
+    assert verifier.tenant(tokens.metadata("dev", "context")) == "dev"
+
+
+def test_a_bundle_takes_only_router_certificates_from_the_mesh_ca(tmp_path: pathlib.Path, every_look):
+    """Another service's certificate in the file is not the router's (its
+    tokens are refused); a router certificate from another CA refuses the
+    file: at start, and at a change, which keeps the keys in use."""
+    bundle = tmp_path / "router-bundle.pem"
+    cache_cert = certs.cert_path(certs_dir(), "cache").read_bytes()
+    router_cert = certs.cert_path(certs_dir(), "router").read_bytes()
+    certs.replace_file(bundle, cache_cert + router_cert, 0o644)
+    clock = Clock()
+    verifier = _verifier_of(certs_dir(), bundle, clock)
+    cache_key = serialization.load_pem_private_key(certs.key_path(certs_dir(), "cache").read_bytes(), None)
+    claims = {"iss": "meshgate-router", "sub": "dev", "aud": "meshgate-context", "exp": int(NOW + 60)}
+    by_cache = jwt.encode(
+        claims, cache_key, algorithm="ES256", headers={"kid": mesh_auth.key_id(cache_key.public_key())}
+    )
+    assert refusal(lambda: verifier.tenant(token_metadata(by_cache)))[1] == "TENANT_TOKEN_INVALID"
+    assert verifier.tenant(router_tokens(clock).metadata("dev", "context")) == "dev"
+
+    intruder = _another_mesh(tmp_path / "other")
+    forged = router_cert + certs.cert_path(intruder, "router").read_bytes()
+    certs.replace_file(bundle, forged, 0o644)
+    with structlog.testing.capture_logs() as logs:
+        assert verifier.tenant(router_tokens(clock).metadata("acme", "context")) == "acme"
+        intruders = mesh_auth.TenantTokens(
+            mesh_auth.Mesh(mesh_settings(intruder), "router").files, TTL_S, clock=clock
+        )
+        for tenant in ("dev", "acme"):
+            assert (
+                refusal(lambda t=tenant: verifier.tenant(intruders.metadata(t, "context")))[1]
+                == "TENANT_TOKEN_INVALID"
+            )
+    assert [entry["log_level"] for entry in logs] == ["error"]
+    assert "is not issued by mesh.ca_file" in logs[0]["error"]
+    with pytest.raises(ConfigError, match="is not issued by mesh.ca_file"):
+        _verifier_of(certs_dir(), bundle, clock)
+    certs.replace_file(bundle, cache_cert, 0o644)
+    with pytest.raises(ConfigError, match="does not name 'meshgate-router'"):
+        _verifier_of(certs_dir(), bundle, clock)
+
+
+def test_a_router_certificate_issued_by_an_intermediate_it_carries_is_taken(tmp_path: pathlib.Path):
+    """As the router's own file may carry its chain (cert-manager's tls.crt),
+    so may a verifier's copy of it; an intermediate the CA did not issue
+    does not make its certificates the mesh's."""
+    root_key, root = certs._new_ca()
+    intermediate_key, intermediate = _intermediate(root_key, root)
+    key, router = certs._issue(intermediate_key, intermediate, "router")
+    pem = serialization.Encoding.PEM
+    (tmp_path / "ca.pem").write_bytes(root.public_bytes(pem))
+    chain = tmp_path / "router.pem"
+    chain.write_bytes(router.public_bytes(pem) + intermediate.public_bytes(pem))
+    claims = {"iss": "meshgate-router", "sub": "dev", "aud": "meshgate-context", "exp": int(NOW + 60)}
+    token = jwt.encode(claims, key, algorithm="ES256", headers={"kid": mesh_auth.key_id(key.public_key())})
+    assert _verifier_of(tmp_path, chain, Clock()).tenant(token_metadata(token)) == "dev"
+
+    elsewhere_key, elsewhere = _intermediate(*certs._new_ca())
+    _, stray = certs._issue(elsewhere_key, elsewhere, "router")
+    chain.write_bytes(stray.public_bytes(pem) + elsewhere.public_bytes(pem))
+    with pytest.raises(ConfigError, match="is not issued by mesh.ca_file"):
+        _verifier_of(tmp_path, chain, Clock())
+
+
+def test_a_token_of_a_key_not_yet_seen_looks_at_the_files_at_once(tmp_path: pathlib.Path, monkeypatch):
+    """A verifier looks at the router's certificate at most once per
+    CERTIFICATE_LOOK_S, and the router may take its new key (the same file)
+    an instant before: a token naming a key it does not know makes it look
+    now, rather than refuse the router's first tokens after a rotation."""
+    monkeypatch.setattr(mesh_auth.time, "monotonic", lambda: 1000.0)
+    served = tmp_path / "served"
+    shutil.copytree(certs_dir(), served)
+    tokens, verifier = _router_mesh(served, Clock())
+    assert verifier.tenant(tokens.metadata("acme", "context")) == "acme"
+    renew(served, "router")
+    renewed = mesh_auth.TenantTokens(
+        mesh_auth.Mesh(mesh_settings(served), "router").files, TTL_S, clock=Clock()
+    )
+    assert verifier.tenant(renewed.metadata("acme", "context")) == "acme"
+
+
+def _segment(value: dict) -> bytes:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=")
+
+
+def _signed(claims: dict, header: dict) -> str:
+    """``claims`` signed by the router's key under ``header``, as written
+    (jwt.encode refuses some headers a forger may send)."""
+    signing_input = _segment(header) + b"." + _segment(claims)
+    algorithm = jwt.algorithms.ECAlgorithm(jwt.algorithms.ECAlgorithm.SHA256)
+    signature = base64.urlsafe_b64encode(algorithm.sign(signing_input, router_key())).rstrip(b"=")
+    return (signing_input + b"." + signature).decode()
+
+
+def test_a_token_is_verified_with_the_key_it_names(tmp_path: pathlib.Path):
+    """With several keys, the one the token names verifies it: a token
+    signed by one key naming another is refused, as is one naming a key of
+    no router certificate, or naming it by something else than a string; a
+    token naming none (a router from before key ids) is tried with each."""
+    staged = tmp_path / "staged"
+    shutil.copytree(certs_dir(), staged)
+    renew(staged, "router")
+    bundle = tmp_path / "router-bundle.pem"
+    old, new = (certs.cert_path(d, "router").read_bytes() for d in (certs_dir(), staged))
+    bundle.write_bytes(new + old)
+    verifier = _verifier_of(certs_dir(), bundle, Clock())
+    claims = {"iss": "meshgate-router", "sub": "dev", "aud": "meshgate-context", "exp": int(NOW + 60)}
+    old_id, new_id = _router_key_id(certs_dir()), _router_key_id(staged)
+    for kid, verified in (
+        (old_id, True),
+        (new_id, False),
+        ("unknown", False),
+        (["a", "list"], False),
+        (None, True),
+    ):
+        token = _signed(claims, {"alg": "ES256", "typ": "JWT", **({} if kid is None else {"kid": kid})})
+        if verified:
+            assert verifier.tenant(token_metadata(token)) == "dev", kid
+        else:
+            assert refusal(lambda t=token: verifier.tenant(token_metadata(t)))[1] == "TENANT_TOKEN_INVALID", (
+                kid
+            )
+
+
+def test_a_verified_token_looks_at_no_file_again(monkeypatch, every_look):
+    """Cache hits are the hot path: a token verified once is taken again
+    without a look at the router's certificate file, even when every call
+    may look at it (every_look); a new token looks (the CA and the
+    router's certificate)."""
+    looked_at = []
+    stat_file = os.stat
+
+    def counted(path, *args, **kwargs):
+        looked_at.append(path)
+        return stat_file(path, *args, **kwargs)
+
+    clock = Clock()
+    verifier = _verifier_of(certs_dir(), certs.cert_path(certs_dir(), "router"), clock)
+    metadata = router_tokens(clock).metadata("dev", "context")
+    monkeypatch.setattr(mesh_auth.os, "stat", counted)
+    assert verifier.tenant(metadata) == "dev"
+    assert len(looked_at) == 2
+    assert all(verifier.tenant(metadata) == "dev" for _ in range(1000))
+    assert len(looked_at) == 2
