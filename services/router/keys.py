@@ -61,7 +61,7 @@ cache. Calls that ask for the same key at once share one GET.
 
 How ListKeys pages (AIP-158): in the order of the tenant's set (creation
 time, then hash), each page after the last key of the one before, which
-its page token names by that key's score and hash (:class:`PageCursor`): a
+its page token names by that key's score and id (:class:`PageCursor`): a
 place, not a snapshot, so nothing is held in Redis between pages and a
 token works on any replica. A key's score never changes (a revocation or
 rotation writes its record again with its own creation time), so a key
@@ -134,7 +134,7 @@ MAX_PAGE_SIZE = 1000
 # A page token: its layout's version, the score and the hash (raw) of the
 # last key of the page before, then a check of those and the tenant.
 _PAGE_TOKEN_VERSION = 1
-_PAGE_CURSOR = struct.Struct(">Bd32s")
+_PAGE_CURSOR = struct.Struct(">Bd8s")
 _PAGE_CHECK_BYTES = 8
 _PAGE_CHECK_KEY = b"meshgate ListKeys page token"
 
@@ -260,15 +260,18 @@ def _page_check(tenant_id: str, cursor: bytes) -> bytes:
 @dataclasses.dataclass(frozen=True)
 class PageCursor:
     """Where a listing of a tenant's keys goes on: after the key scored
-    ``created_at`` with hash ``key_hash`` in the tenant's set, whether or
-    not that key is still there."""
+    ``created_at`` whose hash begins with ``key_id`` in the tenant's set,
+    whether or not that key is still there. The key's id, not its whole
+    hash: a token shows no more of a key than ListKeys does (two keys of a
+    tenant created at one clock reading whose hashes share their first 64
+    bits are beyond chance)."""
 
     created_at: float
-    key_hash: str
+    key_id: str
 
     def token(self, tenant_id: str) -> str:
         """The page token naming this place in ``tenant_id``'s listing."""
-        cursor = _PAGE_CURSOR.pack(_PAGE_TOKEN_VERSION, self.created_at, bytes.fromhex(self.key_hash))
+        cursor = _PAGE_CURSOR.pack(_PAGE_TOKEN_VERSION, self.created_at, bytes.fromhex(self.key_id))
         return base64.urlsafe_b64encode(cursor + _page_check(tenant_id, cursor)).decode().rstrip("=")
 
     @classmethod
@@ -286,8 +289,8 @@ class PageCursor:
         cursor, check = raw[: _PAGE_CURSOR.size], raw[_PAGE_CURSOR.size :]
         if len(cursor) != _PAGE_CURSOR.size or check != _page_check(tenant_id, cursor):
             raise refusal
-        version, created_at, key_hash = _PAGE_CURSOR.unpack(cursor)
-        place = cls(created_at, key_hash.hex())
+        version, created_at, key_id = _PAGE_CURSOR.unpack(cursor)
+        place = cls(created_at, key_id.hex())
         # One spelling per token: base64 decoding skips characters outside
         # its alphabet, and padding's bits.
         if version != _PAGE_TOKEN_VERSION or not math.isfinite(created_at) or place.token(tenant_id) != token:
@@ -621,7 +624,7 @@ class KeyStore:
         if gone:
             await self._forget_gone(tenant_id, gone)
         # The one member past the page says whether another follows.
-        following = PageCursor(page[-1][1], page[-1][0]) if len(members) > size else None
+        following = PageCursor(page[-1][1], page[-1][0][:16]) if len(members) > size else None
         return KeyPage([KeyRecord.from_json(raw) for raw in raws if raw is not None], following)
 
     async def _members(self, tenant_id: str, count: int, after: PageCursor | None) -> list[tuple[str, float]]:
@@ -639,7 +642,7 @@ class KeyStore:
                 pipe.zrangebyscore(name, after.created_at, after.created_at, withscores=True)
                 pipe.zrangebyscore(name, f"({after.created_at!r}", "+inf", 0, count, withscores=True)
                 tied, later = await self._call(pipe.execute())
-            found = [(key_hash, score) for key_hash, score in tied if key_hash.decode() > after.key_hash]
+            found = [(key_hash, score) for key_hash, score in tied if key_hash.decode()[:16] > after.key_id]
             found += later
         return [(key_hash.decode(), score) for key_hash, score in found[:count]]
 

@@ -17,7 +17,7 @@ from services.router import keys as keys_module
 from services.router.keys import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageCursor, page_size
 
 # Fixed: a failure reads the same each run.
-CURSOR = PageCursor(1_764_862_706.123456, hash_api_key("mgk-" + "k" * 43))
+CURSOR = PageCursor(1_764_862_706.123456, hash_api_key("mgk-" + "k" * 43)[:16])
 TOKEN = CURSOR.token("acme")
 BASE64_URL = string.ascii_letters + string.digits + "-_"
 
@@ -54,14 +54,18 @@ def test_a_negative_page_size_is_refused(requested):
 @pytest.mark.parametrize("created_at", [CURSOR.created_at, 0.0, 5e-324, 1.0 / 3, 253_402_300_799.999999])
 def test_a_token_names_its_place_exactly(created_at):
     # Exactly: a score one ulp off would skip or repeat keys created at it.
-    cursor = PageCursor(created_at, CURSOR.key_hash)
+    cursor = PageCursor(created_at, CURSOR.key_id)
     assert PageCursor.of_token(cursor.token("acme"), "acme") == cursor
 
 
 def test_a_token_is_opaque_and_url_safe():
     assert set(TOKEN) <= set(BASE64_URL)
-    assert CURSOR.key_hash not in TOKEN and CURSOR.key_hash[:16] not in TOKEN
-    assert b"acme" not in base64.urlsafe_b64decode(TOKEN + "==")
+    assert CURSOR.key_id not in TOKEN
+    raw = base64.urlsafe_b64decode(TOKEN + "==")
+    assert b"acme" not in raw
+    # No more of the key's hash than its id, which ListKeys shows anyway.
+    assert bytes.fromhex(CURSOR.key_id) in raw
+    assert bytes.fromhex(hash_api_key("mgk-" + "k" * 43))[8:16] not in raw
 
 
 def test_a_token_of_another_tenants_listing_is_refused():
@@ -102,13 +106,13 @@ def test_what_no_listing_gave_is_refused(token):
 def _checked(version: int, created_at: float, tenant_id: str = "acme") -> str:
     """A token made as a listing makes one, of any version and score: what
     one who read this code could forge."""
-    cursor = keys_module._PAGE_CURSOR.pack(version, created_at, bytes.fromhex(CURSOR.key_hash))
+    cursor = keys_module._PAGE_CURSOR.pack(version, created_at, bytes.fromhex(CURSOR.key_id))
     check = keys_module._page_check(tenant_id, cursor)
     return base64.urlsafe_b64encode(cursor + check).decode().rstrip("=")
 
 
 def test_a_forged_token_still_names_only_a_finite_place_of_this_layout():
-    assert PageCursor.of_token(_checked(1, 2.5), "acme") == PageCursor(2.5, CURSOR.key_hash)
+    assert PageCursor.of_token(_checked(1, 2.5), "acme") == PageCursor(2.5, CURSOR.key_id)
     assert refused(_checked(2, 2.5)) == INVALID_TOKEN
     # Redis refuses a NaN score: that would be an INTERNAL error, not the caller's.
     for created_at in (math.nan, math.inf, -math.inf):
