@@ -7,9 +7,10 @@ import asyncio
 import json
 import shutil
 
+import grpc
 import pytest
 from google.protobuf import descriptor_pool
-from grpc_health.v1 import health_pb2  # noqa: F401 - registers grpc.health.v1
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshgate import mesh_auth, serving
 from meshgate.cache.v1 import cache_service_pb2  # noqa: F401 - registers the services
@@ -85,22 +86,37 @@ def test_keepalive_pings_are_no_more_frequent_than_each_peer_accepts() -> None:
     assert "grpc.http2.max_pings_without_data" not in triton
 
 
+class _Call:
+    """A call a _Channel made: open until the test ends it."""
+
+    def __init__(self) -> None:
+        self.ended = asyncio.Event()
+
+    def done(self) -> bool:
+        return self.ended.is_set()
+
+    async def code(self) -> grpc.StatusCode:
+        await self.ended.wait()
+        return grpc.StatusCode.OK
+
+
 class _Channel:
-    """What MeshChannel makes: it records the calls made on it and its close."""
+    """What MeshChannel makes: it records the calls made on it and its closes."""
 
     def __init__(self, credentials) -> None:
         self.credentials = credentials
-        self.calls: list[str] = []
+        self.calls: list[_Call] = []
         self.closed_with: list[float | None] = []
-        self.calls_end = asyncio.Event()
 
     def unary_unary(self, method, *args, **kwargs):
-        return lambda request, **options: self.calls.append(method)
+        def call(request, **options) -> _Call:
+            self.calls.append(_Call())
+            return self.calls[-1]
+
+        return call
 
     async def close(self, grace=None):
         self.closed_with.append(grace)
-        if grace:
-            await self.calls_end.wait()
 
 
 async def _settled() -> None:
@@ -111,9 +127,9 @@ async def _settled() -> None:
 
 async def test_a_mesh_channel_moves_to_renewed_files_and_closes_the_one_it_replaced(tmp_path, monkeypatch):
     """The channel's logic, the files' changes real: calls go to a channel of
-    the files as they are now; the replaced one is closed with the calls it
-    carries given REPLACED_CHANNEL_GRACE_S to end; once the mesh channel is
-    closed, it closes them all and makes none again."""
+    the files as they are now; the replaced one is closed once the calls it
+    carries have ended; once the mesh channel is closed, it closes those
+    still carrying calls with its own grace, and makes none again."""
     served = tmp_path / "served"
     shutil.copytree(certs_dir(), served)
     now = 1000.0
@@ -130,28 +146,67 @@ async def test_a_mesh_channel_moves_to_renewed_files_and_closes_the_one_it_repla
     check(b"")
     renew(served, "router")
     check(b"")
-    assert len(made) == 1 and made[0].calls == ["/grpc.health.v1.Health/Check"] * 2
+    assert len(made) == 1 and len(made[0].calls) == 2
 
+    made[0].calls[0].ended.set()
     now += mesh_auth.CERTIFICATE_LOOK_S
     check(b"")
     first, second = made
-    assert second.calls == ["/grpc.health.v1.Health/Check"]
+    assert len(second.calls) == 1
     await _settled()
-    assert first.closed_with == [serving.REPLACED_CHANNEL_GRACE_S]
+    # One of its calls is still open.
+    assert first.closed_with == []
+    first.calls[1].ended.set()
+    await _settled()
+    assert first.closed_with == [None]
 
     renew(served, "router")
     now += mesh_auth.CERTIFICATE_LOOK_S
     check(b"")
     third = made[2]
-    second.calls_end.set()
     await _settled()
-    # The first still carries calls: closed again, now, with the grace given.
+    assert second.closed_with == []
     await channel.close(None)
-    assert first.closed_with == [serving.REPLACED_CHANNEL_GRACE_S, None]
-    assert second.closed_with == [serving.REPLACED_CHANNEL_GRACE_S]
+    # The second still carried a call: closed now, with the grace given.
+    assert first.closed_with == [None]
+    assert second.closed_with == [None]
     assert third.closed_with == [None]
 
     renew(served, "router")
     now += mesh_auth.CERTIFICATE_LOOK_S
     check(b"")
-    assert len(made) == 3 and third.calls == ["/grpc.health.v1.Health/Check"] * 2
+    assert len(made) == 3 and len(third.calls) == 2
+
+
+async def test_a_call_open_on_a_replaced_channel_ends_with_the_mesh_channels_close(tmp_path):
+    """Real channels and server: a stream opened before the files changed
+    goes on over the replaced channel, and a close of the mesh channel
+    (its service's cleanup) ends it, as a close of any channel ends its
+    calls. grpc's own close(grace) of the replaced channel, begun at once,
+    could not be cut short: the close found it closed already, and the
+    stream went on."""
+    served = tmp_path / "served"
+    shutil.copytree(certs_dir(), served)
+    address = f"unix:{tmp_path / 'context.sock'}"
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    server.add_secure_port(address, mesh_auth.Mesh(mesh_settings(served), "context").server_credentials())
+    await server.start()
+    request = health_pb2.HealthCheckRequest()
+    try:
+        security = mesh_auth.Mesh(mesh_settings(served), "router").to("context")
+        channel = serving.client_channel(address, security)
+        stub = health_pb2_grpc.HealthStub(channel)
+        watch = stub.Watch(request, timeout=60)
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        renew(served, "router")
+        await asyncio.sleep(mesh_auth.CERTIFICATE_LOOK_S)
+        # On a new channel, with the renewed certificate.
+        assert (await stub.Check(request, timeout=10)).status == health_pb2.HealthCheckResponse.SERVING
+        await asyncio.sleep(0.2)
+        assert not watch.done()
+
+        await channel.close(None)
+        assert await asyncio.wait_for(watch.code(), 5) == grpc.StatusCode.CANCELLED
+    finally:
+        await server.stop(None)
