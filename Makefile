@@ -44,7 +44,7 @@ lint: install
 	else echo "buf breaking: no main branch to compare with"; fi
 
 test: lint
-	$(PY) -m pytest -q -m "not stub_faults"
+	$(PY) -m pytest -q -m "not stub_faults" --durations=25
 
 # A real Triton's Python-backend stub killed under streams (tests marked
 # stub_faults, ~40 s): behind its own target since it was seen to fail under
