@@ -720,7 +720,8 @@ class ContextSettings:
     # a place: with mesh.tls (the default) a caller without a certificate of
     # the mesh's CA never completes the handshake. 0: no bound.
     max_concurrent_rpcs: int = 1024
-    # Sessions untouched for this long expire; 0 keeps them forever.
+    # Sessions untouched for this long expire; 0 keeps them forever (one last
+    # written under a TTL keeps that one until its next write).
     session_ttl_s: int = 7 * 24 * 3600
     # The most turns a session may hold; an append past it is refused with
     # RESOURCE_EXHAUSTED / SESSION_FULL. 0: no cap.

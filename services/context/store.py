@@ -137,10 +137,15 @@ SESSION_PARTS = (
 
 # Shared by every script that changes a live session: all of its keys
 # (KEYS) live as long as it does. EXPIRE on an absent key does nothing.
+# With no TTL (0: sessions are kept forever) the keys are made persistent:
+# a session written while a TTL was configured carries it, and doing
+# nothing left it to expire that long after its last write under the old
+# setting, mid-conversation, leaving behind (for good) its keys created
+# since, as its pins.
 RENEW = """
 local function renew(ttl)
-  if ttl > 0 then
-    for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
+  for i = 1, #KEYS do
+    if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) else redis.call('PERSIST', KEYS[i]) end
   end
 end
 """

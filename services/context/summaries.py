@@ -301,7 +301,13 @@ local held = redis.call('GETRANGE', KEYS[3], at, at + 3)
 -- A session stored before its versions were kept has none to undo.
 if #held == 4 and struct.unpack('<I4', held) == 4294967295 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
+if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[4])
+else
+  -- No TTL configured: as long as the session, whose keys may still carry
+  -- one set before (store.RENEW makes them persistent at its next write).
+  local left = redis.call('PTTL', KEYS[1])
+  if left > 0 then redis.call('PEXPIRE', KEYS[2], left) else redis.call('PERSIST', KEYS[2]) end
+end
 return 1
 """
 

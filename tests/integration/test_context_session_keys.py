@@ -21,6 +21,7 @@ from meshgate.errors import MeshgateError, unavailable
 from meshgate.reasons import Reason
 from services.context import servicer as context_servicer
 from services.context import store as session_store
+from services.context import summaries as summaries_lib
 from services.context.turn_index import TurnIndex, features
 from tests.integration.test_context_service import (
     ASSISTANT,
@@ -110,6 +111,54 @@ async def test_every_change_renews_every_key_of_the_session(client, tenant) -> N
         ttls = await _ttls(client, tenant, sid)
         assert all(ttl > SHORTENED_S for ttl in ttls.values()), (name, ttls)
     assert int(await client.hget(session_store.key(tenant, sid, "meta"), "compacted")) == 1
+
+
+async def test_with_no_ttl_every_change_makes_every_key_of_the_session_persistent(client, tenant) -> None:
+    """A session written while a TTL was configured, then changed under
+    session_ttl_s = 0 (kept forever): every change left the old TTL on its
+    keys, so it expired that long after its last write under the old
+    setting, mid-conversation (reproduced over gRPC: appended under 2 s,
+    appended and pinned under 0, gone 2 s later, its new pins key left
+    behind for good)."""
+    sid = "kept-forever"
+    before = session_store.SessionStore(client, TTL_S)
+    await before.create(tenant, sid)
+    turns = [msg(USER, "Maria signed for crate 101."), msg(ASSISTANT, "Noted, crate 101.")]
+    await before.append(tenant, sid, 0, turns, {}, turn_id="first")
+    await _write_index(TurnIndex(client, TTL_S), tenant, sid, 1, *turns)
+    await TurnIndex(client, TTL_S).pin(tenant, sid, "f:Crates go to Lisbon.", None)
+    await client.hset(session_store.key(tenant, sid, "summaries"), "0-2", "digest")
+    assert await _present(client, tenant, sid) == set(session_store.SESSION_PARTS)
+
+    forever = session_store.SessionStore(client, 0)
+    index = TurnIndex(client, 0)
+    third = msg(USER, "And crate 102?")
+    changes = {
+        "append": lambda: forever.append(tenant, sid, 1, [third], {}),
+        "index write": lambda: _write_index(index, tenant, sid, 2, third),
+        "pin": lambda: index.pin(tenant, sid, "t:0", 0),
+        "unpin": lambda: index.unpin(tenant, sid, "t:0"),
+        "revert": lambda: forever.revert(tenant, sid, 1, 2),
+        "compaction": lambda: forever.compact(tenant, sid, 3, 1, []),
+    }
+    for name, change in changes.items():
+        await _shorten(client, tenant, sid)
+        await change()
+        assert set((await _ttls(client, tenant, sid)).values()) == {-1}, name
+
+    # A summary is kept as long as its session: for good here; and where the
+    # session still carries a TTL (no change since the setting's), with that
+    # one, not for good once the session is gone.
+    summaries = summaries_lib.SummaryStore(client, 0)
+    created_ms = (await forever.read(tenant, sid)).create_time_ms
+    summary = summaries_lib.Summary("id", 0, 2, 1, 1, "extractive", "Maria signed for crate 101.")
+    summaries_key = session_store.key(tenant, sid, "summaries")
+    assert await summaries.put(tenant, sid, "digest", summary, created_ms)
+    assert await client.ttl(summaries_key) == -1
+    await _shorten(client, tenant, sid)
+    await client.delete(summaries_key)
+    assert await summaries.put(tenant, sid, "digest", summary, created_ms)
+    assert 0 < await client.ttl(summaries_key) <= SHORTENED_S
 
 
 async def test_pins_outlive_seconds_of_appends_past_their_ttl(redis_url, client, tenant) -> None:
