@@ -24,8 +24,12 @@ class TcpProxy:
     each connection whose client sends a read holding ``marker``, and
     ``hold_watched()`` holds the server's bytes to those connections alone
     until ``release()`` (a subscription whose notices come late while the
-    client's other connections flow); ``close()`` closes every connection,
-    dropping what was held, as a server that died before sending it."""
+    client's other connections flow); ``stall_at_half_close()`` is
+    ``stall_when_sent`` at the first read that half-closes a streaming call
+    (an empty HTTP/2 DATA frame ending its stream: what ``done_writing()``
+    sends; a unary request ends its stream on its message); ``close()``
+    closes every connection, dropping what was held, as a server that died
+    before sending it."""
 
     def __init__(self, port: int) -> None:
         self._port = port
@@ -33,6 +37,7 @@ class TcpProxy:
         self._released = asyncio.Event()
         self._released.set()
         self._stall_marker: bytes | None = None
+        self._stall_at_half_close = False
         self._hold_marker: bytes | None = None
         # Per connection: set while its server's bytes may go to its client.
         self._connection_gates: list[asyncio.Event] = []
@@ -63,6 +68,9 @@ class TcpProxy:
 
     def stall_when_sent(self, marker: bytes) -> None:
         self._stall_marker = marker
+
+    def stall_at_half_close(self) -> None:
+        self._stall_at_half_close = True
 
     def watch(self, marker: bytes) -> None:
         self._watch_marker = marker
@@ -103,16 +111,20 @@ class TcpProxy:
             task.add_done_callback(self._pumps.discard)
 
     async def _sent(self, reader, writer, gate: asyncio.Event) -> None:
+        frames = _ClientFrames()
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(65536):
+                half_closes = frames.half_closes(data)
                 watched = self._watch_marker is not None and self._watch_marker in data
                 if watched and gate not in self._watched_gates:
                     self._watched_gates.append(gate)
                 if self._hold_marker is not None and self._hold_marker in data:
                     self._hold_marker = None
                     gate.clear()
-                if self._stall_marker is not None and self._stall_marker in data:
+                marked = self._stall_marker is not None and self._stall_marker in data
+                if marked or (self._stall_at_half_close and half_closes):
                     self._stall_marker = None
+                    self._stall_at_half_close = False
                     self.stalled += 1
                     await self._unstalled.wait()
                 writer.write(data)
@@ -127,3 +139,38 @@ class TcpProxy:
                 writer.write(data)
                 await writer.drain()
         writer.close()
+
+
+_PREFACE_BYTES = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+_FRAME_HEADER_BYTES = 9
+_DATA, _END_STREAM = 0x0, 0x1
+
+
+class _ClientFrames:
+    """The HTTP/2 frame headers in what one client sends, read by read."""
+
+    def __init__(self) -> None:
+        self._header = b""  # a frame header split across reads
+        self._skip = _PREFACE_BYTES  # bytes before the next frame header
+
+    def half_closes(self, data: bytes) -> bool:
+        """Whether ``data`` holds an empty DATA frame that ends its stream."""
+        found = False
+        position = 0
+        while position < len(data):
+            if self._skip:
+                taken = min(self._skip, len(data) - position)
+                self._skip -= taken
+                position += taken
+                continue
+            wanted = _FRAME_HEADER_BYTES - len(self._header)
+            self._header += data[position : position + wanted]
+            position += wanted
+            if len(self._header) < _FRAME_HEADER_BYTES:
+                break
+            length = int.from_bytes(self._header[:3], "big")
+            kind, flags = self._header[3], self._header[4]
+            found = found or (kind == _DATA and bool(flags & _END_STREAM) and length == 0)
+            self._header = b""
+            self._skip = length
+        return found

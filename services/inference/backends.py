@@ -34,6 +34,10 @@ CANARY_TEXT = "ok"
 CANARY_SAMPLING = '{"max_tokens":1}'
 # Why the calls TritonBackend.stub_died cancels fail (before the stub's own words).
 STUB_DIED_UNDER_CALL = "the model's stub process died: "
+# The longest a stream the pool does not keep may take to close cleanly once
+# its request is answered (TritonStreams.retire): Triton ends it a round trip
+# after the half-close; one that has not by then is cancelled.
+STREAM_CLOSE_TIMEOUT_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +153,8 @@ class TritonStreams:
         self._open = open_stream
         self._idle_limit = idle_limit
         self._idle: list = []
+        # Closing the calls not kept (retire), each a task of its own.
+        self._closing: set[asyncio.Task] = set()
         # Calls opened: what reuse saves shows as fewer of these than requests
         # (exported as meshgate_inference_triton_streams_opened_total).
         self.opened = 0
@@ -176,6 +182,33 @@ class TritonStreams:
         self._idle.append(call)
         return True
 
+    def retire(self, call) -> None:
+        """Closes ``call``, whose last request ended with its final response
+        and which the pool does not keep, in a task of its own: half-closed
+        and read to its end, which closes it cleanly, where a cancel would
+        reach Triton as one. Its request's answer is out: awaited in the
+        request's handler, this wait held the caller's status until Triton
+        ended the stream, and a connection that dropped or stalled there
+        ended a whole answer UNAVAILABLE or DEADLINE_EXCEEDED."""
+        if call.done():
+            return
+        task = asyncio.ensure_future(self._close_cleanly(call))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_cleanly(self, call) -> None:
+        try:
+            async with asyncio.timeout(STREAM_CLOSE_TIMEOUT_S):
+                await call.done_writing()
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+        except (TimeoutError, grpc.aio.AioRpcError) as error:
+            # No request of ours rides it: nobody's failure.
+            log.info("triton stream did not close cleanly after its answer", error=repr(error))
+        finally:
+            if not call.done():
+                call.cancel()
+
     def drop(self) -> int:
         """Cancels the idle streams (no request rides them); returns how many."""
         dropped = len(self._idle)
@@ -183,6 +216,14 @@ class TritonStreams:
             call.cancel()
         self._idle.clear()
         return dropped
+
+    async def close(self) -> None:
+        """Cancels every stream here, idle or closing, and waits for the closes."""
+        self.drop()
+        closing = list(self._closing)
+        for task in closing:
+            task.cancel()
+        await asyncio.gather(*closing, return_exceptions=True)
 
 
 def ended_by_stub_death(details: str) -> bool:
@@ -521,7 +562,7 @@ class TritonBackend:
         for canary in canaries:
             canary.cancel()
         await asyncio.gather(*canaries, return_exceptions=True)
-        self.streams.drop()
+        await self.streams.close()
         await self._channel.close()
         await self._stream_channel.close()
         await self._probe_channel.close()

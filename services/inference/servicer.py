@@ -454,7 +454,9 @@ class _TritonStream:
         finish_reason = ""
         final_seen = False
         last_text = ""
-        pooled = False
+        # Whether the call went back to the pool, its request answered:
+        # kept for the next request or closed there (TritonStreams.retire).
+        handed_back = False
         failure: BaseException | None = None
         own_id = self._request.id
         # A model that stops answering while it and its server read ready
@@ -549,11 +551,13 @@ class _TritonStream:
             # The request is over and nothing is left reading the stream
             # (batches' ``ends``): it may carry the next one at once. Idle, it
             # is no open call (the probes must not end it under its next
-            # request's owner); one not kept stays open until closed below.
+            # request's owner); one not kept is closed by the pool, and the
+            # caller's status waits for nothing of Triton's from here on.
             await arrivals.aclose()
-            pooled = backend.streams.give_back(call)
-            if pooled:
-                backend.calls.discard(call)
+            if not backend.streams.give_back(call):
+                backend.streams.retire(call)
+            handed_back = True
+            backend.calls.discard(call)
             finish_reason = finish_reason or "stop"
             trace.get_current_span().set_attributes(
                 telemetry.genai_usage_attributes(prompt_tokens, completion_tokens, finish_reason, self._model)
@@ -566,13 +570,6 @@ class _TritonStream:
                     text=last_text,
                 )
             )
-            if not pooled:
-                # No room in the pool: half-close and read on to the call's
-                # end, which closes it cleanly, where a cancel would reach
-                # Triton as one.
-                await call.done_writing()
-                while await call.read() is not grpc.aio.EOF:
-                    pass
         except asyncio.CancelledError as cancelled:
             failure = cancelled
             task = asyncio.current_task()
@@ -582,18 +579,13 @@ class _TritonStream:
                     f"Triton sent nothing more for this request in {self._stall_s:g} s", backend
                 )
                 raise failure from cancelled
-            ended = None if pooled else backend.calls.ended_here(call)
+            ended = None if handed_back else backend.calls.ended_here(call)
             if ended is None:
                 # Also when the probes ended the call but the caller's own
                 # task is cancelling too: that cancel must not be swallowed.
                 raise
             # Not the caller's cancel: the probes took the server out of
             # rotation, or the model's stub died (backends.OpenCalls).
-            if final_seen:
-                # The whole answer went out; the probes only cut short the
-                # wait for Triton to close the stream.
-                failure = None
-                return
             # Triton had the request: this stream did not die idle unnoticed,
             # so Generate does not try another on the same server.
             self.heard = True
@@ -609,7 +601,7 @@ class _TritonStream:
             backend.active_tokens -= self._prompt_tokens
             if prefill_queued:
                 backend.queued_prefill_tokens -= self._prefill_tokens
-            if not pooled:
+            if not handed_back:
                 # A pooled stream may be carrying another request by now.
                 backend.calls.discard(call)
                 await arrivals.aclose()

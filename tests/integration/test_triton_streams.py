@@ -35,6 +35,7 @@ from services.inference import app
 from services.inference.backends import BackendPool
 from tests.integration.conftest import running_inference, triton_cancellations, until_triton_cancels
 from tests.mesh import mesh_settings, router_channel
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -189,6 +190,34 @@ async def test_refused_requests_beside_concurrent_generations_leave_triton_runni
             await asyncio.gather(*workers)
         assert answered >= 4
         assert await text_of(stub, "Hello there") == first
+
+
+async def test_a_stream_closed_after_its_answer_neither_holds_up_nor_fails_the_generation(triton_url, pools):
+    # With no room in the pool, a stream is half-closed after its request's
+    # final response and read to its end. Awaited before the generation
+    # ended, Triton's connection stalling there held the whole answer's
+    # status to its deadline (DEADLINE_EXCEEDED), and dropping there ended
+    # it UNAVAILABLE.
+    proxy = TcpProxy(int(triton_url.rsplit(":", 1)[1]))
+    proxy_url = f"127.0.0.1:{await proxy.start()}"
+    try:
+        async with serving(settings_for(proxy_url, idle_streams=0)) as stub:
+            proxy.stall_at_half_close()
+
+            async def drop_once_stalled() -> None:
+                async with asyncio.timeout(30):
+                    while not proxy.stalled:
+                        await asyncio.sleep(0.01)
+                await proxy.close()
+
+            dropping = asyncio.create_task(drop_once_stalled())
+            call = stub.Generate(generate("Hello there"), timeout=30)
+            responses = [response async for response in call]
+            assert await call.code() == grpc.StatusCode.OK
+            assert responses[-1].HasField("completion")
+            await dropping
+    finally:
+        await proxy.close()
 
 
 async def test_a_triton_restarted_under_an_idle_stream_does_not_fail_the_next_generation(tmp_path, pools):

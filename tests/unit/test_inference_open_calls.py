@@ -216,48 +216,6 @@ async def test_a_stream_with_output_ends_unavailable_with_its_counts_when_the_pr
     assert (backend.in_flight, len(backend.calls)) == (0, 0)
 
 
-async def test_a_stream_whose_answer_went_out_ends_ok_when_the_probes_end_it_before_triton_closes():
-    call = ScriptedCall()
-    call.send(triton_response("whole", 1))
-    call.send(triton_response("", 0, final=True, finish_reason="stop", prompt_tokens=3))
-    stream, backend = stream_on(call)
-    delivered = []
-    async with asyncio.timeout(5):
-        async for response in stream:
-            delivered.append(response)
-            if response.HasField("completion"):
-                # Triton has not closed the stream yet (no EOF sent).
-                assert backend.calls.end({GENERATION_MODEL}) == 1
-    assert kinds(delivered) == ["delta", "completion"]
-    assert delivered[0].delta.text == "whole"
-    assert (backend.in_flight, len(backend.calls)) == (0, 0)
-
-
-async def test_a_caller_that_leaves_as_the_probes_end_its_answered_stream_is_cancelled():
-    call = ScriptedCall()
-    call.send(triton_response("whole", 1))
-    call.send(triton_response("", 0, final=True, finish_reason="stop", prompt_tokens=3))
-    stream, backend = stream_on(call)
-    delivered = []
-
-    async def read_all():
-        async for response in stream:
-            delivered.append(response)
-
-    reading = asyncio.create_task(read_all())
-    await until(lambda: len(delivered) == 2)
-    for _ in range(10):  # on to waiting for Triton to close the stream
-        await asyncio.sleep(0)
-    assert backend.calls.end({GENERATION_MODEL}) == 1
-    reading.cancel()
-    # Only the probes' cancel is the quiet end of an answered stream; the
-    # caller's own must still cancel its task.
-    with pytest.raises(asyncio.CancelledError):
-        await reading
-    assert reading.cancelled() and kinds(delivered) == ["delta", "completion"]
-    assert (backend.in_flight, len(backend.calls)) == (0, 0)
-
-
 async def test_a_call_that_already_ended_is_not_marked_as_ended_by_the_probes():
     calls = OpenCalls()
     finished = asyncio.Future()

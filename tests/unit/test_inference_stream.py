@@ -18,6 +18,7 @@ from tritonclient.grpc import service_pb2
 from meshgate import balancing
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
+from services.inference import backends
 from services.inference.backends import OpenCalls, TritonStreams
 from services.inference.servicer import _TritonStream
 from tests.unit.test_streaming import until
@@ -461,10 +462,35 @@ async def test_without_room_in_the_pool_a_stream_is_closed_cleanly_not_cancelled
     call = ScriptedCall()
     stream, backend = stream_on(call, idle_streams=0)
     answer(call)
+    # Triton has not ended the stream yet: the answer waits for none of it.
+    async with asyncio.timeout(5):
+        assert kinds([r async for r in stream]) == ["delta", "completion"]
+    assert (backend.in_flight, len(backend.calls)) == (0, 0)
+    await until(lambda: call.half_closed)
     call.send(grpc.aio.EOF)
-    assert kinds([r async for r in stream]) == ["delta", "completion"]
-    assert call.half_closed and not call.cancelled
+    await until(call.done)
+    assert not call.cancelled
     assert len(backend.streams) == 0
+
+
+async def test_a_stream_that_fails_or_hangs_as_it_closes_after_its_answer_fails_no_generation(monkeypatch):
+    # What Triton's connection does after the final response (it dropped:
+    # the status UNAVAILABLE; it stalled: the wait for the stream's end,
+    # until the caller's deadline) ended whole answers with an error.
+    monkeypatch.setattr(backends, "STREAM_CLOSE_TIMEOUT_S", 0.05)
+    dropped = ScriptedCall()
+    stream, backend = stream_on(dropped, idle_streams=0)
+    answer(dropped)
+    failed_with_unavailable(dropped)
+    assert kinds([r async for r in stream]) == ["delta", "completion"]
+
+    stalled = ScriptedCall()
+    stream, backend = stream_on(stalled, idle_streams=0)
+    answer(stalled)
+    async with asyncio.timeout(5):
+        assert kinds([r async for r in stream]) == ["delta", "completion"]
+    # Past its close's time it is cancelled, not left open.
+    await until(lambda: stalled.cancelled)
 
 
 def failed_with_unavailable(call: ScriptedCall) -> None:
