@@ -340,7 +340,10 @@ def read_generate_response(response: service_pb2.ModelInferResponse) -> Generate
         if output.name == "text_output":
             event.text = _first_bytes_element(raw).decode("utf-8", errors="replace")
         elif output.name == "finish_reason":
-            reason = _first_bytes_element(raw).decode()
+            # Replaced, as the text is: a strict decode of a foreign model's
+            # bytes raised out of the stream as a bare INTERNAL, without the
+            # counts delivered (a review of the inference service).
+            reason = _first_bytes_element(raw).decode("utf-8", errors="replace")
             # vLLM sends str(None) until the sequence has finished.
             event.finish_reason = "" if reason == "None" else reason
         elif output.name == "num_input_tokens":

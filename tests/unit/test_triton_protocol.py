@@ -55,6 +55,13 @@ def test_reads_deltas_counts_and_final_flag():
     assert event.input_tokens is None
 
 
+def test_a_finish_reason_that_is_not_utf8_is_read_not_raised():
+    response = service_pb2.ModelInferResponse()
+    response.outputs.add(name="finish_reason", datatype="BYTES", shape=[1])
+    response.raw_output_contents.append(struct.pack("<I", 4) + b"st\xffp")
+    assert triton_protocol.read_generate_response(response).finish_reason == "st\ufffdp"
+
+
 def _stream_message(tokens: int | None, final: bool = False, error: str = ""):
     message = service_pb2.ModelStreamInferResponse(error_message=error)
     response = message.infer_response
