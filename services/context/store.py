@@ -65,7 +65,8 @@ turns, once a summary covers them, are replaced by empty strings in
 ``...:turns`` (positions stay, so indices, pins and summaries keep their
 meaning), their rows leave the turn index's vectors, and ``meta`` records
 ``compacted`` (how many leading turns) and ``compacted_version`` (the
-version it happened at). System and pinned turns keep their bodies. What
+version it happened at). System and pinned turns keep their bodies; a
+pinned one loses its own when it is unpinned (turn_index._UNPIN). What
 needed those bodies is refused with FAILED_PRECONDITION / VERSION_COMPACTED,
 never answered differently: reading (assembling) at a version not after
 ``compacted_version`` (a prompt built then may have held them verbatim), a

@@ -14,7 +14,8 @@ Beside a session's keys (services/context/store.py), under the same prefix:
 - ``...:ix:postings``, a hash: term -> packed uint32 (relevance.pack_posting)
   for every turn holding it; the field ``\\0dim`` holds the vector size.
 - ``...:pins``, a list: ``t:<turn index>`` or ``f:<fact text>``; a revert
-  drops the pins of the turns it undoes (store._REVERT).
+  drops the pins of the turns it undoes (store._REVERT), and the unpin of a
+  turn compaction kept for its pin empties its body then (_UNPIN).
 
 The scripts that write them (_WRITE, _PIN) take every key of the session
 (store.session_keys) and renew them all, as the store's do: the index and
@@ -171,14 +172,38 @@ return {1, count}
 )
 
 
-# KEYS: as _PIN. ARGV: the pin, the session TTL. Returns {0} (no session),
-# {-1, pins} (no such pin) or {1, pins left}; every copy of the pin goes (a
-# session pinned before _PIN kept pins single may hold one twice).
+# What a system turn's stored encoding starts with: its role, field 1, which
+# serialization writes first.
+_SYSTEM_PREFIX = common_pb2.Message(role=common_pb2.ROLE_SYSTEM).SerializeToString()
+
+# KEYS: as _PIN. ARGV: the pin, the session TTL, _SYSTEM_PREFIX. Returns {0}
+# (no session), {-1, pins} (no such pin) or {1, pins left}; every copy of the
+# pin goes (a session pinned before _PIN kept pins single may hold one twice).
+# A turn compaction kept only for its pin (store._COMPACT) is compacted now,
+# as it would have been unpinned: its body is emptied and its bytes leave
+# meta's count (if counted), else it stayed verbatim for good, counted
+# against the session's byte cap though no prompt uses it (the summary of
+# its span stands for it). Its index rows went with the compaction already.
+# No version, as for the compaction and any pin: the turns a version's
+# prompt used are the same; the notice drops every replica's hot copy.
 _UNPIN = (
     RENEW
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 if redis.call('LREM', KEYS[5], 0, ARGV[1]) == 0 then return {-1, redis.call('LLEN', KEYS[5])} end
+if string.sub(ARGV[1], 1, 2) == 't:' then
+  local index = tonumber(string.sub(ARGV[1], 3))
+  if index < tonumber(redis.call('HGET', KEYS[1], 'compacted') or '0') then
+    local body = redis.call('LINDEX', KEYS[2], index)
+    -- A system turn keeps its body through compaction, pinned or not.
+    if body and body ~= '' and string.sub(body, 1, #ARGV[3]) ~= ARGV[3] then
+      redis.call('LSET', KEYS[2], index, '')
+      local held_bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes'))
+      -- Never below 0: see the compaction script.
+      if held_bytes then redis.call('HSET', KEYS[1], 'bytes', math.max(0, held_bytes - #body)) end
+    end
+  end
+end
 renew(tonumber(ARGV[2]))
 redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1')
 return {1, redis.call('LLEN', KEYS[5])}
@@ -636,11 +661,14 @@ class TurnIndex:
         return int(outcome[1])
 
     async def unpin(self, tenant_id: str, session_id: str, pin: str) -> int:
-        """Removes a pin as :meth:`pin` wrote it; returns how many the session
-        holds. Raises SESSION_NOT_FOUND, or PIN_NOT_FOUND for a pin it does
-        not hold."""
+        """Removes a pin as :meth:`pin` wrote it (and the body of a turn
+        compaction kept only for it, see _UNPIN); returns how many the
+        session holds. Raises SESSION_NOT_FOUND, or PIN_NOT_FOUND for a pin
+        it does not hold."""
         with redis_reachable():
-            outcome = await self._unpin(keys=session_keys(tenant_id, session_id), args=[pin, self._ttl_s])
+            outcome = await self._unpin(
+                keys=session_keys(tenant_id, session_id), args=[pin, self._ttl_s, _SYSTEM_PREFIX]
+            )
         if outcome[0] == 0:
             raise session_not_found(session_id)
         if outcome[0] == -1:

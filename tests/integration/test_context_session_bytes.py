@@ -31,7 +31,7 @@ from tests.integration.test_context_service import (
     new_session,
     running,
 )
-from tests.integration.test_context_versions import _until, append, contents
+from tests.integration.test_context_versions import _settled, _until, append, contents
 
 pytestmark = pytest.mark.integration
 
@@ -339,3 +339,61 @@ async def test_a_session_of_big_turns_is_compacted_by_bytes_and_keeps_taking_app
         spans = await client.hkeys(session_store.key(tenant, session_id, "summaries"))
         ends = {int(field.decode().partition("-")[2]) for field in spans}
         assert session.compacted_turns in ends
+
+
+async def test_unpinning_a_turn_compaction_kept_compacts_it_and_frees_its_bytes_on_every_replica(
+    redis_url, client
+) -> None:
+    """Compaction keeps a pinned turn's body (and its bytes); unpinned, the
+    turn was left verbatim for good: counted against the cap, its text in
+    GetSession though no prompt could use it. Its unpin now empties it as
+    the compaction would have, in one script: the count drops by its bytes,
+    no version is made (as for a compaction, or any pin), and another
+    replica's hot copy shows it empty too. A system turn keeps its body
+    pinned or not, and an emptied turn cannot be pinned again."""
+    settings = _compacting(redis_url, 8 * _size(msg(USER, "q" * 1000)))
+    tenant = "bytes-unpin"
+    system, pinned = msg(SYSTEM, "You answer tersely."), msg(USER, "pinned" + "p" * 994)
+    async with running(settings) as stub, running(settings) as other:
+        session_id = await new_session(stub, tenant, system, pinned)
+        for index in (0, 1):
+            await stub.PinToSession(
+                pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, message_index=index)
+            )
+        get = pb.GetSessionRequest(tenant_id=tenant, session_id=session_id)
+
+        async def compacted_past_the_pins() -> bool:
+            return (await stub.GetSession(get)).session.compacted_turns > 2
+
+        for k in range(1, 6):
+            await append(stub, tenant, session_id, f"{k}" + "q" * 999, f"{k}" + "a" * 999)
+        await _until(compacted_past_the_pins, timeout_s=30)
+        await _settled(client)
+        version, texts = await contents(stub, tenant, session_id)
+        assert texts[:3] == [system.content, pinned.content, ""]
+        # Hot on the other replica, pinned turn and all.
+        assert (await contents(other, tenant, session_id))[1][1] == pinned.content
+        held = await _counted(client, tenant, session_id)
+        assert held == await _stored(client, tenant, session_id)
+
+        unpin = pb.UnpinFromSessionRequest(tenant_id=tenant, session_id=session_id, message_index=1)
+        assert (await stub.UnpinFromSession(unpin)).pin_count == 1
+        assert await contents(stub, tenant, session_id) == (version, [system.content, "", *texts[2:]])
+        assert await _counted(client, tenant, session_id) == held - _size(pinned)
+        assert await _counted(client, tenant, session_id) == await _stored(client, tenant, session_id)
+
+        async def emptied_on_the_other_replica() -> bool:
+            return (await contents(other, tenant, session_id))[1][1] == ""
+
+        await _until(emptied_on_the_other_replica)
+
+        # The system turn keeps its body (and bytes) unpinned, as compaction keeps it.
+        unpin.message_index = 0
+        assert (await stub.UnpinFromSession(unpin)).pin_count == 0
+        assert (await contents(stub, tenant, session_id))[1][0] == system.content
+        assert await _counted(client, tenant, session_id) == held - _size(pinned)
+        # The emptied turn's text is gone: pinning it again is refused, not a pin of nothing.
+        pin = stub.PinToSession(
+            pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, message_index=1)
+        )
+        assert (await failure(pin))[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "VERSION_COMPACTED")

@@ -166,6 +166,9 @@ class ContextServiceServicer:
         """Removes a pin PinToSession added (the same message_index or fact);
         NOT_FOUND, PIN_NOT_FOUND, if the session holds no such pin. The way out
         for a pin that no model's window can hold beside the rest of a prompt.
+        A turn compaction kept for its pin (see Session.compacted_turns) is
+        compacted as it unpins: its text is emptied and its bytes freed, no
+        version made, and it cannot be pinned again (VERSION_COMPACTED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
