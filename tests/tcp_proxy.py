@@ -48,6 +48,8 @@ class TcpProxy:
         # Connections accepted so far: a client that has begun to connect.
         self.accepted = 0
         self._writers: list[asyncio.StreamWriter] = []
+        # Per connection: its gate, and its client's and server's writers.
+        self._connections: list[tuple[asyncio.Event, asyncio.StreamWriter, asyncio.StreamWriter]] = []
         self._pumps: set[asyncio.Task] = set()
 
     async def start(self) -> int:
@@ -84,6 +86,16 @@ class TcpProxy:
     def unstall(self) -> None:
         self._unstalled.set()
 
+    def drop_held(self) -> int:
+        """Returns how many connections it closed."""
+        held = [connection for connection in self._connections if not connection[0].is_set()]
+        for gate, client_writer, server_writer in held:
+            client_writer.close()
+            server_writer.close()
+            # What was held goes nowhere now: the closed writer drops it.
+            gate.set()
+        return len(held)
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -102,6 +114,7 @@ class TcpProxy:
         gate = asyncio.Event()
         gate.set()
         self._connection_gates.append(gate)
+        self._connections.append((gate, client_writer, server_writer))
         for pump in (
             self._sent(client_reader, server_writer, gate),
             self._replied(server_reader, client_writer, gate),
