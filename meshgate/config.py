@@ -533,11 +533,9 @@ class RouterSettings:
     # daily aggregates are kept for usage_retention_days).
     usage_stream_max_len: int = 1_000_000
     usage_retention_days: int = 400
-    # How long after a session's latest turn the router takes, and bills,
-    # what the session's summaries spent that no append took (they are
-    # written in the background, and another turn may never come); asked
-    # again 4, 16 and 64 times this after each ask before
-    # (services/router/summary_usage.py).
+    # How often (±50 %) the router sweeps the sessions whose summaries spent
+    # usage no take has billed, and how long such a session has owed before
+    # it is taken (services/router/summary_usage.py).
     summary_usage_collect_s: float = 30.0
     # SHA-256 hex digests of the admin credential(s): Bearer keys that may
     # read any tenant's usage and manage API keys (AdminService). None by

@@ -38,8 +38,12 @@ log = structlog.get_logger(__name__)
 # service tokenize without limit.
 MAX_CONTENT_BYTES = 1024 * 1024
 MAX_MESSAGES_PER_CALL = 1024
-# A turn id is a key in the session's hash of applied appends.
+# A turn id is a key in the session's hash of applied appends; a take id
+# (TakeSummaryUsage) is kept in its meta hash: as long.
 MAX_TURN_ID_BYTES = 128
+# What ClaimOwedSummaryUsage names at most, and for a max_sessions of 0.
+MAX_CLAIMED_SESSIONS = 1000
+DEFAULT_CLAIMED_SESSIONS = 100
 # Question vectors kept from assembly for the append of the same user turn
 # right after it (the router appends the question it assembled for), per
 # tenant (a remembered text answers faster). With context.embedder =
@@ -59,6 +63,8 @@ APPEND_WRITE_MARGIN_S = 0.25
 APPEND_EMBED_S_PER_TURN = 0.010
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# A hex SHA-256, as the router writes an API key's (config.hash_api_key).
+_KEY_SHA256 = re.compile(r"[0-9a-f]{64}")
 _ROLES = frozenset((common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT))
 
 
@@ -312,6 +318,18 @@ def _check_session_id(session_id: str) -> None:
         )
 
 
+def _check_request_id(value: str, field: str, reason: Reason) -> None:
+    """A turn id or take id: at most MAX_TURN_ID_BYTES, no whitespace (the
+    take that records a take id as "<take id> <usage>" for its retry to
+    find would, with a space in ids, answer a retry of "t" with the record
+    of "t x": its usage, or JSON that does not parse, INTERNAL; turn ids
+    were recorded so by appends before, and keep the rule they were given)."""
+    if len(value.encode()) > MAX_TURN_ID_BYTES:
+        raise invalid_argument(reason, f"{field} is longer than {MAX_TURN_ID_BYTES} bytes")
+    if any(character.isspace() for character in value):
+        raise invalid_argument(reason, f"{field} must not contain whitespace")
+
+
 def _summary_usage(spends: tuple[SummarySpend, ...]) -> list[pb.SummaryUsage]:
     return [pb.SummaryUsage(**spend._asdict()) for spend in spends]
 
@@ -479,16 +497,11 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         _check_session_id(request.session_id)
         if request.expected_version < 0:
             raise invalid_argument(Reason.INVALID_VERSION, "expected_version must not be negative")
-        if len(request.turn_id.encode()) > MAX_TURN_ID_BYTES:
+        _check_request_id(request.turn_id, "turn_id", Reason.INVALID_TURN_ID)
+        if request.key_sha256 and not _KEY_SHA256.fullmatch(request.key_sha256):
             raise invalid_argument(
-                Reason.INVALID_TURN_ID, f"turn_id is longer than {MAX_TURN_ID_BYTES} bytes"
+                Reason.INVALID_KEY_SHA256, "key_sha256 must be empty or 64 lower-case hex digits"
             )
-        if any(character.isspace() for character in request.turn_id):
-            # The append that takes a session's unbilled summary usage
-            # records it as "<turn id> <usage>" for its retry to find: with
-            # a space in ids, a retry of "t" read the record of "t x" (its
-            # usage, or JSON that does not parse: INTERNAL).
-            raise invalid_argument(Reason.INVALID_TURN_ID, "turn_id must not contain whitespace")
         if not request.messages:
             raise invalid_argument(Reason.EMPTY_MESSAGES, "messages must not be empty")
         turns = list(request.messages)
@@ -523,6 +536,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                     turns,
                     token_counts,
                     turn_id=request.turn_id,
+                    key_sha256=request.key_sha256,
                 )
         except BaseException:
             if embedding is not None:
@@ -565,11 +579,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             )
             if self._summarizer is not None:
                 self._summarizer.schedule(request.tenant_id, request.session_id)
-        return pb.AppendTurnsResponse(
-            version=version,
-            replayed=replayed,
-            summary_usage=_summary_usage(appended.unbilled),
-        )
+        return pb.AppendTurnsResponse(version=version, replayed=replayed)
 
     async def _write_index(
         self,
@@ -937,8 +947,18 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
     ) -> pb.TakeSummaryUsageResponse:
         _check_tenant(request.tenant_id)
         _check_session_id(request.session_id)
-        taken = await self._store.take_unbilled(request.tenant_id, request.session_id)
+        _check_request_id(request.take_id, "take_id", Reason.INVALID_TAKE_ID)
+        taken = await self._store.take_unbilled(request.tenant_id, request.session_id, request.take_id)
         return pb.TakeSummaryUsageResponse(summary_usage=_summary_usage(taken))
+
+    async def ClaimOwedSummaryUsage(
+        self, request: pb.ClaimOwedSummaryUsageRequest, context
+    ) -> pb.ClaimOwedSummaryUsageResponse:
+        most = min(request.max_sessions or DEFAULT_CLAIMED_SESSIONS, MAX_CLAIMED_SESSIONS)
+        owed = await self._store.owed.claim(request.owed_for_ms, most)
+        return pb.ClaimOwedSummaryUsageResponse(
+            sessions=[pb.OwedSummaryUsage(**session._asdict()) for session in owed]
+        )
 
     def _strategy(self, request: pb.AssembleContextRequest, model: ModelSettings) -> int:
         if request.strategy == pb.ASSEMBLY_STRATEGY_UNSPECIFIED:

@@ -26,17 +26,20 @@ the braces make all of them one Redis Cluster hash slot:
   or compaction may subtract turns never counted: they clamp it at 0, and
   the count may stay below what the turns hold, by at most what such
   appends added, for as long as the session lives. And ``unbilled``: what
-  the session's summaries spent on models that no append has reported yet,
+  the session's summaries spent on models that no take has taken yet,
   JSON ``{"<model>": [prompt tokens, completion tokens, summaries]}``,
   added to by the script that writes each summary
-  (services/context/summaries.py) and taken whole by the next append that
-  applies (``_APPEND``), which reports it for the tenant's usage; then
-  ``unbilled_taken``, ``<turn id> <what it took>``, so a retry of that
-  append after a lost reply reports it too (the router bills what a reply
-  tells, and never saw the first). Where no append comes, the router takes
-  it (``_TAKE_UNBILLED``: a session's last append is followed by a take,
-  again later, as its summaries are written after it). A session that is
-  deleted or expires before either takes its ``unbilled`` with it, never
+  (services/context/summaries.py), which marks the session owing first
+  (below), and taken whole by TakeSummaryUsage (``_TAKE_UNBILLED``) for the
+  router to bill; then ``unbilled_take``, ``<take id> <what it took>``, so
+  that a take sent again with its take id after a lost reply answers the
+  same and takes nothing more (the router bills what a reply tells, and
+  never saw the first), until another take comes between. And
+  ``latest_key``: the SHA-256 of the API key of the session's latest
+  append (AppendTurnsRequest.key_sha256), whom its summaries' usage is
+  billed to. (``unbilled_taken``, what an append took, is left by versions
+  whose appends took ``unbilled``; nothing reads it now.) A session that is
+  deleted or expires before a take takes its ``unbilled`` with it, never
   billed.
 - ``...:turns``, a list of serialized ``common.v1.Message``, oldest first.
 - ``...:turn_ids``, a hash: the idempotency key of every append that gave
@@ -59,6 +62,29 @@ session clears all but ``meta`` (so an expired or deleted one's pins or
 index never come back under its id), and a deletion removes all at once.
 The content-keyed summaries (``mg:context:<tenant>:summary:<digest>``) lie
 in other slots and are never among them: they are shared, and expire.
+
+Sessions owing summaries' usage are listed in ``mg:context:summary_usage:owed``
+(OWED_KEY), one sorted set for every session of every tenant, so that one
+read finds them all: member ``["<tenant>", "<session id>"]`` (JSON), scored
+in ms of Redis's clock. It lies outside every session's slot, so no script
+over a session can write it; its writes are ordered against theirs instead:
+
+- A summary's writer marks its session (``_MARK_OWED``: the score becomes
+  now, and always changes) before the script that adds to ``unbilled``.
+- A claim (``_CLAIM_OWED``, ContextService.ClaimOwedSummaryUsage) names the
+  sessions scored at least ``owed_for_ms`` ago and scores them now, so that
+  no other claim names them for as long (routers sweeping at once take
+  different sessions; one that stops before its take leaves the session
+  to a claim after that), and reads their ``unbilled``. A session with none
+  (taken, or deleted or expired) leaves the set (``_DROP_OWED``) if its
+  score is still the one the claim gave it: a writer that marked it since
+  changed it, so a session whose ``unbilled`` a writer added to after the
+  claim read it stays.
+- The gap: a writer that stalled for more than ``owed_for_ms`` between its
+  mark and its write, while a claim found the session with no ``unbilled``
+  and dropped it. An append that finds ``unbilled`` marks its session too
+  (keeping the score of one listed already), which also lists what a
+  replica of a version before the set counted.
 
 Compaction (``compact``, the soft cap): the bodies of a session's oldest
 turns, once a summary covers them, are replaced by empty strings in
@@ -212,17 +238,16 @@ end
 # KEYS: session_keys. ARGV: expected version ("" =
 # append at the end whatever the version), turn id ("" = none), ttl_s, turn
 # count n, the most turns the session may hold (0 = no cap), the most bytes
-# its turns may hold (0 = no cap), n turns, then pairs of (counts field,
-# packed counts of the n turns).
+# its turns may hold (0 = no cap), the SHA-256 of the turn's API key ("" =
+# none), n turns, then pairs of (counts field, packed counts of the n turns).
 # Returns {1, new version, bytes held now (false when the session's bytes
 # stay uncounted: stored before the count, no byte cap), create_time_ms,
-# the unbilled usage it took ('' for none)},
+# 1 if the session holds ``unbilled`` (else 0)},
 # {0} if there is no session, {-1, current version} on a version mismatch,
-# {2, version, create_time_ms, the unbilled usage its first application
-# took ('' for none, or when another append came since)} if the turn id was
-# applied before (nothing is appended again, nor taken), {-2, turns held} or
-# {-6, bytes held} if the n turns would take the session past its cap of
-# turns or of bytes (nothing is appended).
+# {2, version, create_time_ms} if the turn id was applied before (nothing
+# is appended again), {-2, turns held} or {-6, bytes held} if the n turns
+# would take the session past its cap of turns or of bytes (nothing is
+# appended).
 _APPEND = (
     _TURN_BYTES
     + RENEW
@@ -231,12 +256,7 @@ local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return {0} end
 if ARGV[2] ~= '' then
   local applied = redis.call('HGET', KEYS[3], ARGV[2])
-  if applied then
-    local taken = redis.call('HGET', KEYS[1], 'unbilled_taken') or ''
-    local by = ARGV[2] .. ' '
-    taken = string.sub(taken, 1, #by) == by and string.sub(taken, #by + 1) or ''
-    return {2, tonumber(applied), redis.call('HGET', KEYS[1], 'create_time_ms'), taken}
-  end
+  if applied then return {2, tonumber(applied), redis.call('HGET', KEYS[1], 'create_time_ms')} end
 end
 if ARGV[1] ~= '' and version ~= ARGV[1] then return {-1, tonumber(version)} end
 local n = tonumber(ARGV[4])
@@ -247,7 +267,7 @@ local live = stored - tonumber(redis.call('HGET', KEYS[1], 'compacted') or '0')
 if cap > 0 and live + n > cap then return {-2, live} end
 local max_bytes = tonumber(ARGV[6])
 local added = 0
-for i = 7, 6 + n do added = added + #ARGV[i] end
+for i = 8, 7 + n do added = added + #ARGV[i] end
 local held_bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes'))
 if not held_bytes and max_bytes > 0 then
   -- Stored before the count (see the module's docstring): counted once, now.
@@ -256,13 +276,13 @@ if not held_bytes and max_bytes > 0 then
 end
 if max_bytes > 0 and held_bytes + added > max_bytes then return {-6, held_bytes} end
 -- One RPUSH: the turn's messages stay adjacent whatever else is appended.
-redis.call('RPUSH', KEYS[2], unpack(ARGV, 7, 6 + n))
+redis.call('RPUSH', KEYS[2], unpack(ARGV, 8, 7 + n))
 -- Uncounted (an old session, no cap) stays uncounted until a cap needs it.
 if held_bytes then
   held_bytes = held_bytes + added
   redis.call('HSET', KEYS[1], 'bytes', held_bytes)
 end
-for i = 7 + n, #ARGV, 2 do
+for i = 8 + n, #ARGV, 2 do
   local counts = redis.call('HGET', KEYS[1], ARGV[i]) or ''
   -- Extend only counts that cover every stored turn, so they stay a prefix.
   if #counts == 4 * stored then
@@ -273,15 +293,8 @@ local t = redis.call('TIME')
 local new_version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'update_time_ms', t[1] * 1000 + math.floor(t[2] / 1000))
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[3], ARGV[2], new_version) end
--- The summaries' usage no append has reported yet: this one reports it,
--- and so does its retry (its reply lost), until another append comes: an
--- earlier append's retry never reports it (no double billing), and loses
--- what that append took once another came between (the README's bound).
-local unbilled = redis.call('HGET', KEYS[1], 'unbilled') or ''
-redis.call('HDEL', KEYS[1], 'unbilled', 'unbilled_taken')
-if unbilled ~= '' and ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[1], 'unbilled_taken', ARGV[2] .. ' ' .. unbilled)
-end
+-- Whom the session's summaries' usage is billed to from now on.
+redis.call('HSET', KEYS[1], 'latest_key', ARGV[7])
 -- Extend the history only where it covers every version (not for sessions
 -- stored before it existed), so offset 4v always means version v.
 if redis.call('STRLEN', KEYS[4]) == 4 * tonumber(version) + 4 then
@@ -292,19 +305,72 @@ renew(tonumber(ARGV[3]))
 -- The count as this append left it, so a hot copy takes it rather than
 -- add sizes of its own to a count a compaction may have changed since.
 -- The life it landed in, for the index write that follows (turn_index._WRITE).
-return {1, new_version, held_bytes or false, redis.call('HGET', KEYS[1], 'create_time_ms'), unbilled}
+-- Whether summaries' usage waits, for the owed set's backstop (the module's docstring).
+return {
+  1, new_version, held_bytes or false, redis.call('HGET', KEYS[1], 'create_time_ms'),
+  redis.call('HEXISTS', KEYS[1], 'unbilled')
+}
 """
 )
 
-# KEYS: meta. Takes the session's ``unbilled`` for the router to bill when
-# no append comes to take it (the module's docstring). ``unbilled_taken``
-# stays: it is an append's, for that append's retry to report again.
-# Returns {1, what it took ('' for nothing)}, or {0} if there is no session.
+# KEYS: meta. ARGV: the take id ("" = none). Takes the session's
+# ``unbilled`` for the router to bill, and keeps what it took for a take of
+# the same id, which answers it again and takes nothing more (the module's
+# docstring). Returns {1, what it took ('' for nothing)}, or {0} if there is
+# no session.
 _TAKE_UNBILLED = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+if ARGV[1] ~= '' then
+  local last = redis.call('HGET', KEYS[1], 'unbilled_take') or ''
+  local by = ARGV[1] .. ' '
+  if string.sub(last, 1, #by) == by then return {1, string.sub(last, #by + 1)} end
+end
 local unbilled = redis.call('HGET', KEYS[1], 'unbilled') or ''
-redis.call('HDEL', KEYS[1], 'unbilled')
+redis.call('HDEL', KEYS[1], 'unbilled', 'unbilled_take')
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'unbilled_take', ARGV[1] .. ' ' .. unbilled) end
 return {1, unbilled}
+"""
+
+# The owed set (the module's docstring): its key, and its scripts, each over
+# it alone. Their clock is Redis's, in ms, as the sessions' times are.
+OWED_KEY = "mg:context:summary_usage:owed"
+# The claim scripts one claim runs at most, each in place of the sessions the
+# one before found owing nothing (OwedSessions.claim).
+CLAIM_ROUNDS = 8
+
+# KEYS: the owed set. ARGV: the session's member, "1" to keep the score of a
+# member the set holds (an append's mark) or "" to move it to now, to a
+# score other than its last (a summary writer's). Returns nothing.
+_MARK_OWED = """
+local before = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if before and ARGV[2] == '1' then return end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if before then now = math.max(now, tonumber(before) + 1) end
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+"""
+
+# KEYS: the owed set. ARGV: owed_for_ms, the most members to name. Returns
+# {now, the members scored at least owed_for_ms ago, longest owing first},
+# each of them scored now (claimed until owed_for_ms from now).
+_CLAIM_OWED = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local due = redis.call(
+  'ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2])
+)
+for _, member in ipairs(due) do redis.call('ZADD', KEYS[1], now, member) end
+return {now, unpack(due)}
+"""
+
+# KEYS: the owed set. ARGV: the score a claim gave, then members it found
+# owing nothing. Removes each still scored so (no summary writer marked it
+# since the claim).
+_DROP_OWED = """
+for i = 2, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) == tonumber(ARGV[1]) then redis.call('ZREM', KEYS[1], ARGV[i]) end
+end
 """
 
 # Shared by the scripts that look a version up. Sets `held`, the number of
@@ -703,7 +769,7 @@ class SummarySpend(typing.NamedTuple):
 
 
 def _spends(raw: bytes) -> tuple[SummarySpend, ...]:
-    """meta's ``unbilled`` as _APPEND took it (b"" for nothing)."""
+    """meta's ``unbilled`` as _TAKE_UNBILLED took it (b"" for nothing)."""
     if not raw:
         return ()
     return tuple(SummarySpend(model, *map(int, counts)) for model, counts in sorted(json.loads(raw).items()))
@@ -721,10 +787,6 @@ class Appended(typing.NamedTuple):
     # The life of the session id it applied to (StoredSession.create_time_ms),
     # which its turn index write checks (turn_index.TurnIndex.write).
     create_time_ms: int
-    # What the session's summaries spent on models that it took to report
-    # (a replay: what its first application took, if reported again): the
-    # tenant's usage, once.
-    unbilled: tuple[SummarySpend, ...] = ()
 
 
 def _postings_below(flat: list[bytes], turn_count: int) -> list[bytes]:
@@ -756,6 +818,15 @@ def _postings_below(flat: list[bytes], turn_count: int) -> list[bytes]:
         if count:
             pairs += [terms[kept[i]], joined[offsets[i] : offsets[i + 1]]]
     return pairs
+
+
+class Owed(typing.NamedTuple):
+    """A session whose summaries' usage no take has taken (OwedSessions.claim)."""
+
+    tenant_id: str
+    session_id: str
+    # Meta's ``latest_key``: whom the usage is billed to ("" for no key).
+    key_sha256: str
 
 
 def key(tenant_id: str, session_id: str, part: str) -> str:
@@ -856,6 +927,7 @@ class SessionStore:
         self._delete = client.register_script(_DELETE)
         self._compact = client.register_script(_COMPACT)
         self._take_unbilled = client.register_script(_TAKE_UNBILLED)
+        self.owed = OwedSessions(client)
 
     async def create(self, tenant_id: str, session_id: str) -> int:
         """Creates an empty session at version 0; returns its creation time."""
@@ -909,13 +981,15 @@ class SessionStore:
         turns: list[common_pb2.Message],
         token_counts: dict[str, list[int]],
         turn_id: str = "",
+        key_sha256: str = "",
     ) -> Appended:
         """Appends if the session is at ``expected_version``, or at the end
         whatever its version when it is None. ``token_counts`` maps
-        tokenizer id to the turns' counts."""
+        tokenizer id to the turns' counts; ``key_sha256``, the turn's API
+        key, is whom the session's summaries' usage is billed to from now on."""
         expected = "" if expected_version is None else str(expected_version)
         caps = (self._max_turns, self._max_session_bytes)
-        args: list[object] = [expected, turn_id, self._ttl_s, len(turns), *caps]
+        args: list[object] = [expected, turn_id, self._ttl_s, len(turns), *caps, key_sha256]
         args.extend(turn.SerializeToString() for turn in turns)
         for tokenizer_id, counts in token_counts.items():
             args.extend((_counts_field(tokenizer_id), _pack(counts)))
@@ -925,13 +999,14 @@ class SessionStore:
         if full is not None:
             raise _session_full(session_id, *full, str(outcome[1]), len(turns))
         _raise_for(outcome, session_id, expected_version)
-        replayed = outcome[0] == 2
-        if replayed:
-            _, version, created_ms, unbilled = outcome
-            return Appended(int(version), True, None, int(created_ms), _spends(unbilled))
-        _, version, held_bytes, created_ms, unbilled = outcome
+        if outcome[0] == 2:
+            _, version, created_ms = outcome
+            return Appended(int(version), True, None, int(created_ms))
+        _, version, held_bytes, created_ms, owes = outcome
+        if owes:
+            await self.owed.mark_if_unlisted(tenant_id, session_id)
         held_bytes = None if held_bytes is None else int(held_bytes)
-        return Appended(int(version), False, held_bytes, int(created_ms), _spends(unbilled))
+        return Appended(int(version), False, held_bytes, int(created_ms))
 
     def check_room(
         self,
@@ -1064,11 +1139,14 @@ class SessionStore:
         with redis_reachable():
             await self._fill_counts(keys=[meta], args=args)
 
-    async def take_unbilled(self, tenant_id: str, session_id: str) -> tuple[SummarySpend, ...]:
-        """What the session's summaries spent that no append took, taken now
-        (_TAKE_UNBILLED), for the caller to bill once."""
+    async def take_unbilled(
+        self, tenant_id: str, session_id: str, take_id: str = ""
+    ) -> tuple[SummarySpend, ...]:
+        """What the session's summaries spent that no take took, taken now
+        (_TAKE_UNBILLED), for the caller to bill once; or, for the
+        ``take_id`` of the session's latest take, what that take took."""
         with redis_reachable():
-            outcome = await self._take_unbilled(keys=[session_key(tenant_id, session_id)])
+            outcome = await self._take_unbilled(keys=[session_key(tenant_id, session_id)], args=[take_id])
         if outcome[0] == 0:
             raise session_not_found(session_id)
         return _spends(outcome[1])
@@ -1078,6 +1156,76 @@ class SessionStore:
             deleted = await self._delete(keys=session_keys(tenant_id, session_id))
         if not deleted:
             raise session_not_found(session_id)
+
+
+class OwedSessions:
+    """The owed set: the sessions whose summaries' usage waits for a take
+    (the module's docstring)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._mark = client.register_script(_MARK_OWED)
+        self._claim = client.register_script(_CLAIM_OWED)
+        self._drop = client.register_script(_DROP_OWED)
+
+    async def mark(self, tenant_id: str, session_id: str) -> None:
+        """Before a summary's usage is added to the session's ``unbilled``."""
+        with redis_reachable():
+            await self._mark(keys=[OWED_KEY], args=[_owed_member(tenant_id, session_id), ""])
+
+    async def mark_if_unlisted(self, tenant_id: str, session_id: str) -> None:
+        """After an append that found ``unbilled``: lists the session if
+        nothing did (the module's docstring), keeping the score of one
+        listed. The append is done: a Redis that fails now costs this mark
+        alone, logged."""
+        try:
+            await self._mark(keys=[OWED_KEY], args=[_owed_member(tenant_id, session_id), "1"])
+        except redis_access.CONNECTION_ERRORS as error:
+            log.warning("session owing summary usage not listed", session_id=session_id, error=str(error))
+
+    async def claim(self, owed_for_ms: int, most: int) -> list[Owed]:
+        """Up to ``most`` sessions owing for at least ``owed_for_ms``, the
+        longest owing first, claimed for as long. Those found owing nothing
+        (each session a take has taken is, at the claim after) leave the set,
+        and more are claimed in their place, for up to CLAIM_ROUNDS rounds:
+        a claim that names fewer than ``most`` found no more due, or as
+        good as none (its caller waits before the next)."""
+        owed: list[Owed] = []
+        with redis_reachable():
+            for _ in range(CLAIM_ROUNDS):
+                wanted = most - len(owed)
+                named, read = await self._claim_round(owed_for_ms, wanted)
+                owed += named
+                if read < wanted or len(owed) == most:
+                    break
+        return owed
+
+    async def _claim_round(self, owed_for_ms: int, most: int) -> tuple[list[Owed], int]:
+        """The sessions of one claim script found owing, and how many it named."""
+        now, *members = await self._claim(keys=[OWED_KEY], args=[owed_for_ms, most])
+        if not members:
+            return [], 0
+        sessions = [json.loads(member) for member in members]
+        # One round trip; a pipeline, as the sessions lie in many slots.
+        async with self._client.pipeline(transaction=False) as pipe:
+            for tenant_id, session_id in sessions:
+                pipe.hmget(session_key(tenant_id, session_id), "unbilled", "latest_key")
+            states = await pipe.execute()
+        owed, settled = [], []
+        for member, (tenant_id, session_id), (unbilled, key_sha256) in zip(
+            members, sessions, states, strict=True
+        ):
+            if unbilled:
+                owed.append(Owed(tenant_id, session_id, (key_sha256 or b"").decode()))
+            else:
+                settled.append(member)
+        if settled:
+            await self._drop(keys=[OWED_KEY], args=[now, *settled])
+        return owed, len(members)
+
+
+def _owed_member(tenant_id: str, session_id: str) -> str:
+    return json.dumps([tenant_id, session_id], separators=(",", ":"))
 
 
 # What an append past each cap is told, by unit: the session's holding, and the refused turns.

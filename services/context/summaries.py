@@ -317,6 +317,7 @@ class SummaryStore:
         self._client = client
         self._ttl_s = ttl_s
         self._put = client.register_script(_PUT)
+        self._owed = session_store.OwedSessions(client)
 
     @staticmethod
     def _index_key(tenant_id: str, session_id: str) -> str:
@@ -378,7 +379,12 @@ class SummaryStore:
         """Keeps ``summary`` for the session created at ``created_ms`` (not
         for another one of its id, nor once a revert undid its turns: _PUT),
         and what a model ``spent`` on it as the session's unbilled usage,
-        with it (also when a revert refuses it); returns whether it was kept."""
+        with it (also when a revert refuses it), the session marked owing
+        first (the store module's owed set); returns whether it was kept."""
+        if spent is not None:
+            # Before the write: a claim that reads the session in between
+            # finds the mark newer than its own and leaves it listed.
+            await self._owed.mark(tenant_id, session_id)
         ttl = self._ttl_s if self._ttl_s > 0 else None
         encoded = json.dumps(dataclasses.asdict(summary))
         # Two slots (the content key is any session's): the session's own

@@ -1272,8 +1272,8 @@ class TurnAdmission:
 
     def summaries_spent(self, tenant, spends) -> None:
         """What the summaries of a session of ``tenant`` spent on each model
-        (pipeline.SummarySpend), reported by a turn's append or taken later
-        (summary_usage.py): billed to the tenant and key as that model's
+        (pipeline.SummarySpend), taken by a sweep (summary_usage.py) or
+        reported by an older context service's append: billed to the tenant and key as that model's
         usage (its alias's prices and limits: the summary model's name as an
         alias), to their budgets after the fact (Admission.charge_spent), and
         to the ledger as a summary record, not a request."""

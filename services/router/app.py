@@ -32,7 +32,7 @@ from services.router.ledger import Ledger
 from services.router.model_selection import Selector
 from services.router.pipeline import Pipeline
 from services.router.servicer import RouterServicer, add_to_server
-from services.router.summary_usage import SummaryUsageCollector
+from services.router.summary_usage import SummaryUsageSweeper
 
 # Settings a running router cannot take over (reload logs that they changed).
 _RESTART_ONLY = (
@@ -124,9 +124,6 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         settings.router,
         channel=context_channel,
     )
-    summary_usage = SummaryUsageCollector(
-        contexts.take_summary_usage, admission.summaries_spent, router.summary_usage_collect_s
-    )
     pipeline = Pipeline(
         settings.router,
         settings.models,
@@ -135,10 +132,16 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         Deployments(deployments, settings.router, tenant_tokens),
         admission,
         Selector(_PromptEmbeddings(deployments)),
-        summary_usage,
     )
     keys = KeyStore(redis)
     authenticator = Authenticator(settings.router, keys)
+    summary_usage = SummaryUsageSweeper(
+        contexts.claim_owed_summary_usage,
+        contexts.take_summary_usage,
+        authenticator.billed_tenant,
+        admission.summaries_spent,
+        router.summary_usage_collect_s,
+    )
     # Every gRPC call's key is checked before its request is read, and
     # before the call bound counts it; a tenant's call is counted against
     # its own cap there, so that no one key holds the whole bound.
@@ -173,6 +176,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     # leaves rotation and its calls end (services/router/deployments.py).
     # Started last, so that a failed start leaves no task behind.
     deployment_checks = asyncio.create_task(deployments.watch(router.deployment_health_interval_s))
+    summary_usage.start()
 
     started_with = settings
 
@@ -214,7 +218,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         ("deployment checks", stop_deployment_checks),
         ("deployments", deployments.close),
         ("cache notices", listener.close if listener is not None else None),
-        # Its last asks go over the context channel, and bill through admission.
+        # A sweep under way takes over the context channel, and bills through admission.
         ("summary usage", summary_usage.close),
         ("context channel", context_channel.close),
         ("cache channel", cache_channel.close),

@@ -34,6 +34,9 @@ class Tenant:
     key_limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
     # For model selection rules (router.tenants[].tier).
     tier: str = ""
+    # The SHA-256 of the caller's key itself: a session keeps its latest
+    # turn's, whom its summaries' usage is billed to (Authenticator.billed_tenant).
+    key_sha256: str = ""
 
     def may_use(self, alias: str) -> bool:
         return "*" in self.models or alias in self.models
@@ -92,9 +95,11 @@ class Authenticator:
                     tenant.limits,
                     tenant.key_limits,
                     tenant.tier,
+                    digest.lower(),
                 )
         if settings.dev_tenant:
-            tenants_by_key_hash[hash_api_key(settings.dev_api_key)] = Tenant(DEV_TENANT_ID, frozenset({"*"}))
+            dev_key = hash_api_key(settings.dev_api_key)
+            tenants_by_key_hash[dev_key] = Tenant(DEV_TENANT_ID, frozenset({"*"}), key_sha256=dev_key)
         self._configured = _Configured(
             tenants_by_key_hash,
             {tenant.id: tenant.limits for tenant in settings.tenants},
@@ -141,6 +146,12 @@ class Authenticator:
         if self._keys is None or not key.may_be_stored:
             raise _invalid_key()
         record = await self.check_stored_key(key.key_hash)
+        return self._stored_tenant(record, key.key_hash)
+
+    def _stored_tenant(self, record: KeyRecord, key_hash: str) -> Tenant:
+        """A stored key's tenant: the key's record, with its tenant's
+        configured limits, models and tier."""
+        configured = self._configured
         return Tenant(
             record.tenant_id,
             usable_models(record.models, configured.tenant_models.get(record.tenant_id)),
@@ -148,6 +159,31 @@ class Authenticator:
             configured.tenant_limits.get(record.tenant_id, LimitSettings()),
             record.limits,
             configured.tenant_tiers.get(record.tenant_id, ""),
+            key_hash,
+        )
+
+    async def billed_tenant(self, tenant_id: str, key_sha256: str) -> Tenant:
+        """Whom usage of ``tenant_id`` that no request of it carries (a
+        session's summaries', services/router/summary_usage.py) is billed
+        to: the key of ``key_sha256`` (the session's latest turn's) as
+        :meth:`tenant_of` resolves it now, but a stored key that has been
+        revoked or has expired since is billed all the same (the usage is
+        from its time); else, a key no longer known or now another tenant's,
+        or none, the tenant with no key (its configured limits). UNAVAILABLE
+        where Redis cannot tell a stored key."""
+        configured = self._configured
+        tenant = configured.tenants_by_key_hash.get(key_sha256)
+        if tenant is not None and tenant.id == tenant_id:
+            return tenant
+        if self._keys is not None and key_sha256:
+            record = await self._keys.lookup(key_sha256)
+            if record is not None and record.tenant_id == tenant_id:
+                return self._stored_tenant(record, key_sha256)
+        return Tenant(
+            tenant_id,
+            configured.tenant_models.get(tenant_id, frozenset()),
+            limits=configured.tenant_limits.get(tenant_id, LimitSettings()),
+            tier=configured.tenant_tiers.get(tenant_id, ""),
         )
 
     async def check_stored_key(self, key_hash: str) -> KeyRecord:

@@ -41,6 +41,7 @@ from services.router.auth import Tenant
 from services.router.deployments import PREFIX_BLOCK_CHARS, DeploymentTable, left_rotation
 from services.router.hot_exact import HotExactHits
 from services.router.pipeline import Answer, Appended, Budget, CachePlan, CacheStatus, Hit, SummarySpend, Turn
+from services.router.summary_usage import OwedSummaries
 
 log = structlog.get_logger(__name__)
 
@@ -311,6 +312,7 @@ class ContextService:
             expected_version=after_version,
             any_version=turn.expected_version is None,
             turn_id=uuid.uuid4().hex,
+            key_sha256=turn.tenant.key_sha256,
             messages=[
                 *turn.messages,
                 common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=answer.text),
@@ -321,8 +323,10 @@ class ContextService:
                 response = await self._stub.AppendTurns(
                     request, **self._call_options(turn.tenant.id, turn.budget)
                 )
-                # A retry's reply carries what the first attempt took, if it
-                # did (its reply was lost): billed once, from this one.
+                # Only a context service before TakeSummaryUsage took the
+                # session's summaries' usage: still billed here, during a
+                # rolling upgrade (a retry's reply carries what the first
+                # attempt took, if it did).
                 return Appended(response.version, _spends(response.summary_usage))
             except grpc.aio.AioRpcError as error:
                 # UNAVAILABLE: the context service or its Redis is restarting
@@ -335,26 +339,42 @@ class ContextService:
                 raise failure_within(error, "context", turn.budget) from error
         raise AssertionError("unreachable")
 
-    async def take_summary_usage(self, tenant: Tenant, session_id: str) -> tuple[SummarySpend, ...]:
-        """What the session's summaries spent that no append took, taken
-        for the caller to bill (summary_usage.py). Sent once: the caller asks
-        again later anyway, and a take's lost reply cannot be told from one
-        not taken."""
-        request = context_pb.TakeSummaryUsageRequest(tenant_id=tenant.id, session_id=session_id)
+    async def claim_owed_summary_usage(self, owed_for_s: float, most: int) -> list[OwedSummaries]:
+        """Sessions of any tenant whose summaries' usage waits for a take,
+        owing for at least ``owed_for_s`` and claimed for as long
+        (summary_usage.py). For no tenant: no tenant token."""
+        request = context_pb.ClaimOwedSummaryUsageRequest(
+            owed_for_ms=round(owed_for_s * 1000), max_sessions=most
+        )
         try:
-            response = await self._stub.TakeSummaryUsage(
-                request, timeout=self._timeout_s, metadata=self._tokens.metadata(tenant.id, "context")
-            )
+            response = await self._stub.ClaimOwedSummaryUsage(request, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.UNIMPLEMENTED:
                 # A context service older than the RPC (an upgrade under
-                # way): not logged per ask here; the collector says it once.
+                # way): not logged per claim here; the sweeper says it once.
                 raise MeshgateError(
                     error.code(),
                     Reason.DOWNSTREAM_FAILED,
-                    "the context service has no TakeSummaryUsage",
+                    "the context service has no ClaimOwedSummaryUsage",
                     {"service": "context", "code": error.code().name},
                 ) from error
+            raise from_rpc_error(error, "context") from error
+        return [OwedSummaries(s.tenant_id, s.session_id, s.key_sha256) for s in response.sessions]
+
+    async def take_summary_usage(
+        self, tenant_id: str, session_id: str, take_id: str
+    ) -> tuple[SummarySpend, ...]:
+        """What the session's summaries spent that no take took, taken for
+        the caller to bill (summary_usage.py); sent once: the caller sends
+        it again, with the same ``take_id``, when its reply is lost."""
+        request = context_pb.TakeSummaryUsageRequest(
+            tenant_id=tenant_id, session_id=session_id, take_id=take_id
+        )
+        try:
+            response = await self._stub.TakeSummaryUsage(
+                request, timeout=self._timeout_s, metadata=self._tokens.metadata(tenant_id, "context")
+            )
+        except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, "context") from error
         return _spends(response.summary_usage)
 

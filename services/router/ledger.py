@@ -9,8 +9,8 @@ one round trip (a call that fails leaves the others written):
   id, model alias, deployment, prompt and completion tokens, tokens a cache
   hit saved, cache status, cost (nano-USD), latency (ms) and the failure
   reason ("" when it completed), and for the usage of a session's summaries
-  (cache status ``summary``, billed with the session's next turn or taken
-  after its latest, services/router/summary_usage.py: no request) how many
+  (cache status ``summary``, taken from the session by a router's sweep,
+  services/router/summary_usage.py: no request) how many
   summaries it was; trimmed to about
   ``router.usage_stream_max_len`` entries. A turn refused at admission is
   counted in the totals only (``submit(..., logged=False)``): refusals cost

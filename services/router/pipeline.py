@@ -38,7 +38,7 @@ import dataclasses
 import enum
 import re
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import structlog
 from opentelemetry import trace
@@ -63,10 +63,6 @@ from services.router.model_selection import Selection, Selector
 from services.router.prompt_bound import in_assembly_order, prompt_bounds
 from services.router.templates import Templates, invokes_template
 from services.router.validation import check_expected_version, check_turn, resolve_model
-
-if TYPE_CHECKING:
-    # It bills through this module's SummarySpend: imported for types only.
-    from services.router.summary_usage import SummaryUsageCollector
 
 log = structlog.get_logger(__name__)
 
@@ -317,9 +313,10 @@ class Appended:
     """What a turn's append to its session did."""
 
     version: int
-    # The session's summaries' spend no append had reported: this one took
-    # it, and the router bills it to the tenant (Admission.summaries_spent),
-    # or no one will.
+    # The session's summaries' spend, taken by the append of a context
+    # service older than TakeSummaryUsage (during a rolling upgrade; a
+    # current one's sweep takes it: summary_usage.py): the router bills it to
+    # the tenant (Admission.summaries_spent), or no one will.
     summary_spend: tuple[SummarySpend, ...] = ()
 
 
@@ -401,10 +398,11 @@ class Admission(Protocol):
         failure that used nothing, for the two are one event to the tenant."""
 
     def summaries_spent(self, tenant: Tenant, spends: tuple[SummarySpend, ...]) -> None:
-        """What the summaries of a session of ``tenant`` (the key of the turn
-        that took it) spent, reported by an append or taken later
-        (summary_usage.py): the tenant's usage and budgets, charged after the
-        fact (the turn that took it is not refused for it)."""
+        """What the summaries of a session of ``tenant`` (the key of its
+        latest turn, or of the turn whose append took it) spent, taken by a
+        sweep (summary_usage.py) or reported by an older context service's
+        append: the tenant's usage and budgets, charged after the fact (the
+        turn that took it is not refused for it)."""
 
     # Optional (an admission that reserves no tokens, Unlimited or a test's
     # fake, leaves it out):
@@ -471,10 +469,8 @@ class Pipeline:
         generator: Generator,
         admission: Admission | None = None,
         selector: Selector | None = None,
-        summary_usage: SummaryUsageCollector | None = None,
     ) -> None:
         self._settings = settings
-        self._summary_usage = summary_usage
         self._models = models
         self._contexts = contexts
         self._cache = cache
@@ -874,10 +870,6 @@ class Pipeline:
             version = appended.version
             if appended.summary_spend:
                 self._admission.summaries_spent(turn.tenant, appended.summary_spend)
-            if self._summary_usage is not None:
-                # Summaries this append starts may land after the session's
-                # last turn: asked for later, if no append takes them first.
-                self._summary_usage.schedule(turn.tenant, session_id)
         log.info(
             "turn",
             tenant=turn.tenant.id,

@@ -1,32 +1,46 @@
-"""Billing a session's summaries when no further append comes to take them.
+"""Billing what the context service's summaries of a session spend.
 
-The context service summarizes a session's older turns in the background,
-after an append, and counts what the model spent on the session (its
-``unbilled``, services/context/store.py); the session's next append takes
-it and the router bills it (Pipeline, TurnAdmission.summaries_spent). A
-session whose tenant never appends again would keep it, billed to no one:
-so after each session turn, this router asks the context service for it
-(TakeSummaryUsage) once the session has been quiet for
-``router.summary_usage_collect_s``, then again 4, 16 and 64 times that
-after each ask before (about 42 minutes in all at the default), as its
-summaries may land well after the append (a queue of sessions to summarize,
-one model call per span of up to ``context.summary_timeout_s``). A later
-turn of the session starts the count again. The take is one Redis script,
-as an append's is: whichever comes first takes the usage, so it is billed
-once, to the tenant and key of the session's latest turn here.
+The context service summarizes a session's older turns in the background
+and counts what the model spent on the session (its ``unbilled``), having
+marked the session owing in Redis first (the owed set,
+services/context/store.py). Every router sweeps that set: every
+``router.summary_usage_collect_s`` (by JITTER more or less, so routers
+started together do not sweep together) it claims the sessions owing for
+at least that long (ClaimOwedSummaryUsage: a claim keeps the other
+routers off them for as long, so each router takes different ones), up to
+CLAIM_SIZE (a full claim is followed by another at once), and takes each
+one's usage (TakeSummaryUsage), MAX_CONCURRENT_TAKES at a time, billing what
+it took (Admission.summaries_spent) to the session's tenant and the key of
+the session's latest turn (the session keeps its SHA-256; a key no longer
+known, or none, bills the tenant with no key: Authenticator.billed_tenant).
 
-The bound: what lands after the last ask, and what a router stopped or
-killed outright had yet to ask for (a stopping router asks once for every
-session it was waiting on, MAX_CONCURRENT_ASKS at a time, within
-CLOSE_TIMEOUT_S), waits for the session's next append; a take
-whose reply is lost is billed to no one, as an append's.
+A router keeps nothing of it in memory but the takes under way, so a
+summary's usage waits for no turn that may never come and for no router
+that served the session: it is billed however long after the session's
+latest turn it lands, by whichever router sweeps first, however the others
+stopped. A take whose reply is lost (UNAVAILABLE, DEADLINE_EXCEEDED) is sent
+again with its take id, which answers what that take took and takes
+nothing more: after each of TAKE_RETRY_DELAYS_S, then at each later sweep
+(up to MAX_UNANSWERED_TAKES held), until it is answered or its session is
+gone.
+
+The bound: a session deleted or expired before a sweep takes its usage
+(one sweep comes at least ``router.summary_usage_collect_s`` after its
+latest summary); a router killed between a take and its ledger write (as a
+turn's own usage record: services/router/ledger.py), or while it held a
+take for a later sweep; a take of the same session between a take and its
+retry (the session keeps its latest take's answer alone: another router's
+claim after a new summary, or the ask of a router older than the sweep).
+What the owed set itself may miss is in its module's docstring.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
+import dataclasses
+import random
+import uuid
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -38,128 +52,161 @@ from services.router.pipeline import SummarySpend
 
 log = structlog.get_logger(__name__)
 
-# The delays of the asks after a session's latest turn, each from the one
-# before, as multiples of the first.
-ASKS = (1, 4, 16, 64)
-# Sessions waited on at once; past it the longest waiting is asked now,
-# once (its usage so far is billed; what lands later waits for an append).
-MAX_WAITING_SESSIONS = 100_000
-# Asks in flight at once: sessions gone quiet together (or all of them, when
-# the router stops) ask a few at a time, not in one burst at the context
-# service.
-MAX_CONCURRENT_ASKS = 16
-# How long a stopping router waits for its last asks.
+# Sessions one claim names at most.
+CLAIM_SIZE = 100
+# Takes in flight at once, so a claim's sessions reach the context service a
+# few at a time, not in one burst.
+MAX_CONCURRENT_TAKES = 16
+# The pauses before a take whose reply was lost is sent again, in its sweep.
+TAKE_RETRY_DELAYS_S = (0.5, 1.0, 2.0)
+# Takes held for the next sweep, their every send's reply lost; past this
+# many one is dropped (and its usage, if it took any, billed to no one).
+MAX_UNANSWERED_TAKES = 10_000
+# A sweep comes every summary_usage_collect_s times 1 ± this.
+JITTER = 0.5
+# How long a stopping router waits for a sweep under way.
 CLOSE_TIMEOUT_S = 5.0
 
-Take = Callable[[Tenant, str], Awaitable[tuple[SummarySpend, ...]]]
+# A take that failed so may have run, its reply lost: sent again.
+_REPLY_LOST = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+@dataclasses.dataclass(frozen=True)
+class OwedSummaries:
+    """A session whose summaries' usage waits for a take
+    (context.v1.OwedSummaryUsage)."""
+
+    tenant_id: str
+    session_id: str
+    # The SHA-256 of the key of the session's latest turn ("" for none).
+    key_sha256: str
+
+
+Claim = Callable[[float, int], Awaitable[list[OwedSummaries]]]
+Take = Callable[[str, str, str], Awaitable[tuple[SummarySpend, ...]]]
+TenantOf = Callable[[str, str], Awaitable[Tenant]]
 Bill = Callable[[Tenant, tuple[SummarySpend, ...]], None]
 
 
-class _Waiting:
-    """A session waited on: the tenant (and key) its latest turn here came
-    with, and which ask comes next."""
-
-    __slots__ = ("ask", "tenant", "timer")
-
-    def __init__(self, tenant: Tenant) -> None:
-        self.tenant = tenant
-        self.ask = 0
-        self.timer: asyncio.TimerHandle | None = None
+@dataclasses.dataclass(frozen=True)
+class _Take:
+    owed: OwedSummaries
+    take_id: str
+    # Whom what it takes is billed to.
+    tenant: Tenant
 
 
-class SummaryUsageCollector:
-    def __init__(self, take: Take, bill: Bill, first_after_s: float) -> None:
+class SummaryUsageSweeper:
+    def __init__(self, claim: Claim, take: Take, tenant_of: TenantOf, bill: Bill, every_s: float) -> None:
+        self._claim = claim
         self._take = take
+        self._tenant_of = tenant_of
         self._bill = bill
-        self._first_after_s = first_after_s
-        # (tenant id, session id) -> its wait, the longest waiting first.
-        self._waiting: collections.OrderedDict[tuple[str, str], _Waiting] = collections.OrderedDict()
-        self._asking: set[asyncio.Task] = set()
-        self._ask_slots = asyncio.Semaphore(MAX_CONCURRENT_ASKS)
-        self._closed = False
+        self._every_s = every_s
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT_TAKES)
+        # (tenant id, session id) -> a take whose replies were all lost.
+        self._unanswered: dict[tuple[str, str], _Take] = {}
+        self._running: asyncio.Task | None = None
+        self._sweeping: asyncio.Task | None = None
         self._said_unimplemented = False
 
-    def schedule(self, tenant: Tenant, session_id: str) -> None:
-        """After a turn's append to ``session_id``: its asks start again."""
-        if self._closed:
-            return
-        key = (tenant.id, session_id)
-        before = self._waiting.pop(key, None)
-        if before is not None and before.timer is not None:
-            before.timer.cancel()
-        waiting = self._waiting[key] = _Waiting(tenant)
-        self._arm(key, waiting)
-        if len(self._waiting) > MAX_WAITING_SESSIONS:
-            oldest, dropped = self._waiting.popitem(last=False)
-            if dropped.timer is not None:
-                dropped.timer.cancel()
-            self._start(oldest, dropped, last=True)
+    def start(self) -> None:
+        self._running = asyncio.get_running_loop().create_task(self._run())
 
-    def _arm(self, key: tuple[str, str], waiting: _Waiting) -> None:
-        delay_s = self._first_after_s * ASKS[waiting.ask]
-        waiting.timer = asyncio.get_running_loop().call_later(delay_s, self._due, key, waiting)
+    async def _run(self) -> None:
+        full = False
+        while True:
+            if not full:
+                await asyncio.sleep(self._every_s * random.uniform(1 - JITTER, 1 + JITTER))
+            self._sweeping = asyncio.get_running_loop().create_task(self._sweep_logged())
+            # Shielded: a stopping router lets a sweep under way finish (close).
+            full = await asyncio.shield(self._sweeping)
 
-    def _due(self, key: tuple[str, str], waiting: _Waiting) -> None:
-        waiting.timer = None
-        last = waiting.ask + 1 == len(ASKS)
-        if last:
-            self._waiting.pop(key, None)
-        self._start(key, waiting, last)
-
-    def _start(self, key: tuple[str, str], waiting: _Waiting, last: bool) -> None:
-        task = asyncio.get_running_loop().create_task(self._ask(key, waiting, last))
-        self._asking.add(task)
-        task.add_done_callback(self._asking.discard)
-
-    async def _ask(self, key: tuple[str, str], waiting: _Waiting, last: bool) -> None:
-        tenant, session_id = waiting.tenant, key[1]
+    async def _sweep_logged(self) -> bool:
         try:
-            async with self._ask_slots:
-                spends = await self._take(tenant, session_id)
+            return await self.sweep()
         except MeshgateError as error:
-            if error.code == grpc.StatusCode.NOT_FOUND:
-                # Deleted or expired: nothing is left to take, now or later.
-                self._forget(key, waiting)
-                return
-            # Nothing taken (or a lost reply: the bound); the next ask tries again.
             if error.code != grpc.StatusCode.UNIMPLEMENTED:
-                log.warning("summary usage not taken", session_id=session_id, reason=error.reason)
+                log.warning("summary usage not swept", reason=error.reason, message=error.message)
             elif not self._said_unimplemented:
-                # A context service older than TakeSummaryUsage (an upgrade
-                # under way) answers every ask so: said once, not four
-                # times per session turn.
+                # A context service older than the claim (an upgrade under
+                # way) answers every sweep so: said once.
                 self._said_unimplemented = True
-                log.warning("summary usage not taken: the context service has no TakeSummaryUsage")
+                log.warning("summary usage not swept: the context service has no ClaimOwedSummaryUsage")
+        except Exception:
+            # A bug: logged here, as nothing awaits the task.
+            log.exception("summary usage not swept")
+        return False
+
+    async def sweep(self) -> bool:
+        """Sends again the takes held from sweeps before (first: no other
+        take of their session may come between), then takes and bills what
+        the sessions claimed now owe; returns whether the claim was full."""
+        held, self._unanswered = self._unanswered, {}
+        await asyncio.gather(*(self._settle(take) for take in held.values()))
+        owed = await self._claim(self._every_s, CLAIM_SIZE)
+        await asyncio.gather(*(self._take_owed(session) for session in owed))
+        return len(owed) == CLAIM_SIZE
+
+    async def _take_owed(self, owed: OwedSummaries) -> None:
+        try:
+            tenant = await self._tenant_of(owed.tenant_id, owed.key_sha256)
+        except MeshgateError as error:
+            # Nothing taken: a claim after this one's names the session again.
+            log.warning("summary usage not taken", session_id=owed.session_id, reason=error.reason)
+            return
+        await self._settle(_Take(owed, uuid.uuid4().hex, tenant))
+
+    async def _settle(self, take: _Take) -> None:
+        session_id = take.owed.session_id
+        try:
+            async with self._slots:
+                spends = await self._send(take)
+        except MeshgateError as error:
+            if error.code in _REPLY_LOST:
+                self._hold(take)
+            elif error.code != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: gone, nothing to take
+                log.warning("summary usage not taken", session_id=session_id, reason=error.reason)
+            return
         except Exception:
             # A bug: logged here, as nothing awaits the task.
             log.exception("summary usage not taken", session_id=session_id)
-        else:
-            if spends:
-                self._bill(tenant, spends)
-        # A later turn of the session replaced this wait (and armed its own).
-        if not last and self._waiting.get(key) is waiting and not self._closed:
-            waiting.ask += 1
-            self._arm(key, waiting)
+            return
+        if spends:
+            self._bill(take.tenant, spends)
 
-    def _forget(self, key: tuple[str, str], waiting: _Waiting) -> None:
-        if self._waiting.get(key) is waiting:
-            del self._waiting[key]
-            if waiting.timer is not None:
-                waiting.timer.cancel()
+    async def _send(self, take: _Take) -> tuple[SummarySpend, ...]:
+        """The take, sent again with its take id after each pause while its
+        reply is lost."""
+        owed = take.owed
+        for pause_s in TAKE_RETRY_DELAYS_S:
+            try:
+                return await self._take(owed.tenant_id, owed.session_id, take.take_id)
+            except MeshgateError as error:
+                if error.code not in _REPLY_LOST:
+                    raise
+            await asyncio.sleep(pause_s)
+        return await self._take(owed.tenant_id, owed.session_id, take.take_id)
+
+    def _hold(self, take: _Take) -> None:
+        if len(self._unanswered) >= MAX_UNANSWERED_TAKES:
+            log.warning("summary usage take dropped, its reply lost", session_id=take.owed.session_id)
+            return
+        log.warning(
+            "summary usage take held for the next sweep, its reply lost", session_id=take.owed.session_id
+        )
+        self._unanswered[(take.owed.tenant_id, take.owed.session_id)] = take
 
     async def close(self) -> None:
-        """Asks once more for every session waited on (its usage so far is
-        billed), within CLOSE_TIMEOUT_S, before the context channel closes."""
-        self._closed = True
-        waiting, self._waiting = self._waiting, collections.OrderedDict()
-        for key, wait in waiting.items():
-            if wait.timer is not None:
-                wait.timer.cancel()
-            self._start(key, wait, last=True)
-        if self._asking:
-            _, pending = await asyncio.wait(set(self._asking), timeout=CLOSE_TIMEOUT_S)
-            for task in pending:
-                task.cancel()
-            for task in pending:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        """Stops sweeping; a sweep under way finishes, within
+        CLOSE_TIMEOUT_S, before the context channel closes."""
+        if self._running is None:
+            return
+        self._running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._running
+        if self._sweeping is not None and not self._sweeping.done():
+            await asyncio.wait({self._sweeping}, timeout=CLOSE_TIMEOUT_S)
+            self._sweeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeping

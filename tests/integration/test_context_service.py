@@ -302,7 +302,7 @@ async def test_appends_at_any_version_all_land_and_a_replayed_turn_id_is_not_app
 async def test_invalid_appends_are_rejected(stub, tenant) -> None:
     session_id = await new_session(stub, tenant)
 
-    async def reason_of(messages, version: int = 0, turn_id: str = "") -> str:
+    async def reason_of(messages, version: int = 0, turn_id: str = "", key_sha256: str = "") -> str:
         call = stub.AppendTurns(
             pb.AppendTurnsRequest(
                 tenant_id=tenant,
@@ -310,6 +310,7 @@ async def test_invalid_appends_are_rejected(stub, tenant) -> None:
                 expected_version=version,
                 messages=messages,
                 turn_id=turn_id,
+                key_sha256=key_sha256,
             )
         )
         code, reason, _ = await failure(call)
@@ -324,9 +325,11 @@ async def test_invalid_appends_are_rejected(stub, tenant) -> None:
     assert await reason_of([msg(USER, "x")], version=-1) == "INVALID_VERSION"
     assert await reason_of([msg(USER, "x")] * 1025) == "TOO_MANY_MESSAGES"
     assert await reason_of([msg(USER, "x")], turn_id="t" * 129) == "INVALID_TURN_ID"
-    # A retry of "t" would read the usage record of "t x" (store.py's unbilled_taken).
     assert await reason_of([msg(USER, "x")], turn_id="t x") == "INVALID_TURN_ID"
     assert await reason_of([msg(USER, "x")], turn_id="t\tx") == "INVALID_TURN_ID"
+    # Only a key's SHA-256 as the router writes it: the session keeps it.
+    assert await reason_of([msg(USER, "x")], key_sha256="A" * 64) == "INVALID_KEY_SHA256"
+    assert await reason_of([msg(USER, "x")], key_sha256="a" * 65) == "INVALID_KEY_SHA256"
     # Nothing was stored by the rejected calls; exactly 1 MiB is accepted.
     ok = pb.AppendTurnsRequest(
         tenant_id=tenant,
@@ -335,6 +338,42 @@ async def test_invalid_appends_are_rejected(stub, tenant) -> None:
         messages=[msg(USER, "a" * 1024 * 1024)],
     )
     assert (await stub.AppendTurns(ok)).version == 1
+
+
+async def test_a_take_id_is_checked_as_a_turn_id_is_and_a_claim_names_a_sessions_key(
+    stub, tenant, redis_url
+) -> None:
+    session_id = await new_session(stub, tenant)
+    for take_id in ("t" * 129, "t x"):
+        call = stub.TakeSummaryUsage(
+            pb.TakeSummaryUsageRequest(tenant_id=tenant, session_id=session_id, take_id=take_id)
+        )
+        assert (await failure(call))[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TAKE_ID")
+    key = "c" * 64
+    await stub.AppendTurns(
+        pb.AppendTurnsRequest(
+            tenant_id=tenant,
+            session_id=session_id,
+            any_version=True,
+            messages=[msg(USER, "x")],
+            key_sha256=key,
+        )
+    )
+    # What a summary's writer does (summaries.SummaryStore.put), without a model.
+    client = redis.Redis.from_url(redis_url)
+    try:
+        await store.OwedSessions(client).mark(tenant, session_id)
+        await client.hset(store.session_key(tenant, session_id), "unbilled", '{"m": [5, 1, 1]}')
+    finally:
+        await client.aclose()
+    claimed = await stub.ClaimOwedSummaryUsage(pb.ClaimOwedSummaryUsageRequest(owed_for_ms=0))
+    assert pb.OwedSummaryUsage(tenant_id=tenant, session_id=session_id, key_sha256=key) in claimed.sessions
+    taken = await stub.TakeSummaryUsage(
+        pb.TakeSummaryUsageRequest(tenant_id=tenant, session_id=session_id, take_id="once")
+    )
+    assert [(u.model, u.prompt_tokens, u.completion_tokens, u.summaries) for u in taken.summary_usage] == [
+        ("m", 5, 1, 1)
+    ]
 
 
 async def test_append_to_missing_session_is_not_found(stub, tenant) -> None:

@@ -1,13 +1,16 @@
 """What a session's summaries spend on a model, over a real Redis: counted
 on the session with the summary, in the script that writes it (once per
 summary, not at all for one made without a model or written into
-another life of the session, but for one a revert refused), and
-taken by the session's next append, in its script, to report for the
-tenant's usage: once, a replay taking nothing more."""
+another life of the session, but for one a revert refused), the session
+listed owing first; taken by a take alone (no append takes it), once, a
+take sent again with its take id answering the same; and named by a claim
+of the sessions owing (the store's owed set) until a take has taken it."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.parse
 
 import pytest
 import redis.asyncio as redis
@@ -55,6 +58,18 @@ async def unbilled(client: redis.Redis, tenant: str, session_id: str) -> bytes |
     return await client.hget(session_store.session_key(tenant, session_id), "unbilled")
 
 
+async def listed(client: redis.Redis, tenant: str, session_id: str) -> float | None:
+    """The session's score in the owed set; None when it is not listed."""
+    return await client.zscore(
+        session_store.OWED_KEY, json.dumps([tenant, session_id], separators=(",", ":"))
+    )
+
+
+def mine(owed: list[session_store.Owed], tenant: str) -> list[session_store.Owed]:
+    """A claim's sessions of ``tenant``: the owed set holds every test's."""
+    return [session for session in owed if session.tenant_id == tenant]
+
+
 def summarizer_of(client: redis.Redis, model) -> summaries_lib.Summarizer:
     policy = summaries_lib.SummaryPolicy(span_turns=2, hot_window_turns=0)
     sessions = session_store.SessionStore(client, 600)
@@ -67,9 +82,7 @@ def turns(first: int, count: int, tag: str = "") -> list:
     ]
 
 
-async def test_a_models_summaries_are_counted_with_them_once_and_taken_by_the_next_append_once(
-    client, tenant
-) -> None:
+async def test_a_models_summaries_are_counted_with_them_once_and_taken_once(client, tenant) -> None:
     sessions = session_store.SessionStore(client, 600)
     model = CountingModel()
     summarizer = summarizer_of(client, model)
@@ -93,40 +106,29 @@ async def test_a_models_summaries_are_counted_with_them_once_and_taken_by_the_ne
     # Nor one whose write is refused (its session is another life of the id).
     assert not await stored.put(tenant, "s", digest, summary, created_ms + 1, spent)
 
+    # An append takes nothing: the usage waits for a take.
     first = await sessions.append(tenant, "s", None, turns(4, 2), {}, turn_id="first")
-    assert first.unbilled == (two,)
+    assert not first.replayed
+    assert await unbilled(client, tenant, "s") is not None
+    assert await sessions.take_unbilled(tenant, "s", "a") == (two,)
     assert await unbilled(client, tenant, "s") is None
-    # Spent since: the next append's, not a replay's.
+    # Spent since: the next take's.
     await summarizer.summarize_due(tenant, "s")
     assert model.calls == 3
     one = SummarySpend("counting", PROMPT_TOKENS, COMPLETION_TOKENS, 1)
-    # The first append's reply was lost: its retry reports what it took, and
-    # takes nothing more.
-    replay = await sessions.append(tenant, "s", None, turns(4, 2), {}, turn_id="first")
-    assert replay.replayed and replay.version == first.version and replay.unbilled == (two,)
+    # The take's reply was lost: sent again with its take id, it answers
+    # what it took, and takes nothing more.
+    assert await sessions.take_unbilled(tenant, "s", "a") == (two,)
     assert await unbilled(client, tenant, "s") is not None
-    second = await sessions.append(tenant, "s", None, turns(6, 1), {}, turn_id="second")
-    assert second.unbilled == (one,)
-    # A later append came: the first's reply was seen (no retry comes this
-    # late), and its retry reports nothing.
-    late = await sessions.append(tenant, "s", None, turns(4, 2), {}, turn_id="first")
-    assert late.replayed and late.unbilled == ()
-    third = await sessions.append(tenant, "s", None, turns(7, 1), {}, turn_id="third")
-    assert third.unbilled == ()
-    again = await sessions.append(tenant, "s", None, turns(7, 1), {}, turn_id="third")
-    assert again.replayed and again.unbilled == ()
-
-
-async def test_a_refused_append_takes_nothing(client, tenant) -> None:
-    sessions = session_store.SessionStore(client, 600)
-    await sessions.create(tenant, "s")
-    await sessions.append(tenant, "s", None, turns(0, 4), {})
-    await summarizer_of(client, CountingModel()).summarize_due(tenant, "s")
-    with pytest.raises(MeshgateError) as refused:
-        await sessions.append(tenant, "s", 0, turns(4, 1), {}, turn_id="stale")
-    assert refused.value.reason == Reason.VERSION_CONFLICT
-    taken = await sessions.append(tenant, "s", None, turns(4, 1), {}, turn_id="next")
-    assert taken.unbilled == (SummarySpend("counting", 2 * PROMPT_TOKENS, 2 * COMPLETION_TOKENS, 2),)
+    assert await sessions.take_unbilled(tenant, "s", "b") == (one,)
+    assert await sessions.take_unbilled(tenant, "s", "b") == (one,)
+    # Another take came between: the session keeps the latest take's answer
+    # alone, and "a" is a take of what is left now (nothing).
+    assert await sessions.take_unbilled(tenant, "s", "a") == ()
+    assert await sessions.take_unbilled(tenant, "s", "b") == ()
+    with pytest.raises(MeshgateError) as gone:
+        await sessions.take_unbilled(tenant, "absent", "a")
+    assert gone.value.reason == Reason.SESSION_NOT_FOUND
 
 
 async def test_extractive_summaries_cost_nothing_but_a_models_answer_not_kept_does(client, tenant) -> None:
@@ -135,7 +137,8 @@ async def test_extractive_summaries_cost_nothing_but_a_models_answer_not_kept_do
     await sessions.append(tenant, "extractive", None, turns(0, 4), {})
     await summarizer_of(client, None).summarize_due(tenant, "extractive")
     assert len(await SummaryStore(client, 0).all_of(tenant, "extractive")) == 2
-    assert (await sessions.append(tenant, "extractive", None, turns(4, 1), {})).unbilled == ()
+    assert await sessions.take_unbilled(tenant, "extractive") == ()
+    assert await listed(client, tenant, "extractive") is None
 
     # An answer longer than its span is not kept (extractive instead), but
     # the model spent its tokens on the session all the same.
@@ -145,8 +148,8 @@ async def test_extractive_summaries_cost_nothing_but_a_models_answer_not_kept_do
     await summarizer_of(client, CountingModel("x " * 500)).summarize_due(tenant, "runaway")
     (summary,) = await SummaryStore(client, 0).all_of(tenant, "runaway")
     assert summary.method == "extractive"
-    taken = await sessions.append(tenant, "runaway", None, turns(2, 1), {})
-    assert taken.unbilled == (SummarySpend("counting", PROMPT_TOKENS, COMPLETION_TOKENS, 1),)
+    taken = await sessions.take_unbilled(tenant, "runaway")
+    assert taken == (SummarySpend("counting", PROMPT_TOKENS, COMPLETION_TOKENS, 1),)
 
 
 async def test_a_fork_leaves_the_sources_unbilled_usage_with_the_source(client, tenant) -> None:
@@ -155,8 +158,8 @@ async def test_a_fork_leaves_the_sources_unbilled_usage_with_the_source(client, 
     version = (await sessions.append(tenant, "source", None, turns(0, 4), {})).version
     await summarizer_of(client, CountingModel()).summarize_due(tenant, "source")
     await sessions.fork(tenant, "source", version, "fork")
-    assert (await sessions.append(tenant, "fork", None, turns(4, 1), {})).unbilled == ()
-    assert len((await sessions.append(tenant, "source", None, turns(4, 1), {})).unbilled) == 1
+    assert await sessions.take_unbilled(tenant, "fork") == ()
+    assert len(await sessions.take_unbilled(tenant, "source")) == 1
 
 
 async def test_a_models_summary_refused_for_a_revert_below_its_span_is_still_counted(client, tenant) -> None:
@@ -172,28 +175,100 @@ async def test_a_models_summary_refused_for_a_revert_below_its_span_is_still_cou
     model.gate.set()
     await asyncio.wait_for(run, 10)
     assert await SummaryStore(client, 0).all_of(tenant, "reverted") == []
-    taken = await sessions.append(tenant, "reverted", None, turns(0, 1, tag="Again "), {})
-    assert taken.unbilled == (SummarySpend(GatedModel.model, 40, 10, 1),)
+    assert await sessions.take_unbilled(tenant, "reverted") == (SummarySpend(GatedModel.model, 40, 10, 1),)
 
 
-async def test_a_take_and_an_append_each_take_what_the_other_did_not_once(client, tenant) -> None:
+async def test_a_claim_names_a_session_owing_with_its_latest_key_until_a_take_takes_it(
+    client, tenant
+) -> None:
     sessions = session_store.SessionStore(client, 600)
-    model = CountingModel()
-    summarizer = summarizer_of(client, model)
-    one = SummarySpend("counting", PROMPT_TOKENS, COMPLETION_TOKENS, 1)
+    owed = sessions.owed
     await sessions.create(tenant, "s")
-    await sessions.append(tenant, "s", None, turns(0, 2), {}, turn_id="first")
-    await summarizer.summarize_due(tenant, "s")
-    # No append came: the take has it, and again finds nothing.
-    assert await sessions.take_unbilled(tenant, "s") == (one,)
-    assert await sessions.take_unbilled(tenant, "s") == ()
-    assert (await sessions.append(tenant, "s", None, turns(2, 2), {}, turn_id="second")).unbilled == ()
-    await summarizer.summarize_due(tenant, "s")
-    # An append came first: it has it, the take nothing; the append's
-    # retry (its reply lost) still reports what it took, once.
-    assert (await sessions.append(tenant, "s", None, turns(4, 1), {}, turn_id="third")).unbilled == (one,)
-    assert await sessions.take_unbilled(tenant, "s") == ()
-    assert (await sessions.append(tenant, "s", None, turns(4, 1), {}, turn_id="third")).unbilled == (one,)
-    with pytest.raises(MeshgateError) as gone:
-        await sessions.take_unbilled(tenant, "absent")
-    assert gone.value.reason == Reason.SESSION_NOT_FOUND
+    await sessions.append(tenant, "s", None, turns(0, 2), {}, key_sha256="a" * 64)
+    await sessions.append(tenant, "s", None, turns(2, 2), {}, key_sha256="b" * 64)
+    # Nothing owed yet: not listed.
+    assert await listed(client, tenant, "s") is None
+    await summarizer_of(client, CountingModel()).summarize_due(tenant, "s")
+    assert await listed(client, tenant, "s") is not None
+
+    # Not owing for a minute yet: not named.
+    assert mine(await owed.claim(60_000, 1000), tenant) == []
+    claimed = mine(await owed.claim(0, 1000), tenant)
+    assert claimed == [session_store.Owed(tenant, "s", "b" * 64)]
+    # Claimed for as long as it had to owe: no other claim of that names it.
+    assert mine(await owed.claim(60_000, 1000), tenant) == []
+    # Not taken yet (the claimer stopped, say): a later claim names it again.
+    assert mine(await owed.claim(0, 1000), tenant) == claimed
+    assert len(await sessions.take_unbilled(tenant, "s", "t")) == 1
+    # Taken: the next claim finds it owing nothing, and drops it.
+    assert mine(await owed.claim(0, 1000), tenant) == []
+    assert await listed(client, tenant, "s") is None
+
+
+async def test_a_claim_keeps_a_session_a_summary_marked_while_it_looked(client, tenant) -> None:
+    """A summary's writer marks the session, then adds to its unbilled: a
+    claim that read no unbilled in between must not drop the session."""
+    sessions = session_store.SessionStore(client, 600)
+    owed = sessions.owed
+    await sessions.create(tenant, "s")
+    await sessions.append(tenant, "s", None, turns(0, 2), {})
+    await owed.mark(tenant, "s")  # a writer's mark, its write still to come
+    drop = owed._drop
+
+    async def writer_lands_first(keys, args):
+        # The writer marks again and writes after the claim read the session.
+        await SummaryStore(client, 600).put(
+            tenant,
+            "s",
+            "d",
+            summaries_lib.Summary("x", 0, 2, 1, 1, "model:counting", "Lisbon."),
+            (await sessions.read(tenant, "s")).create_time_ms,
+            ModelSpend("counting", PROMPT_TOKENS, COMPLETION_TOKENS),
+        )
+        return await drop(keys=keys, args=args)
+
+    owed._drop = writer_lands_first
+    assert mine(await owed.claim(0, 1000), tenant) == []
+    assert await listed(client, tenant, "s") is not None
+    owed._drop = drop
+    assert mine(await owed.claim(0, 1000), tenant) == [session_store.Owed(tenant, "s", "")]
+
+
+async def test_an_append_lists_a_session_holding_usage_nothing_listed(client, tenant) -> None:
+    """Usage a replica of a version before the owed set counted (it marked
+    nothing): the session's next append lists it, keeping the score of one
+    listed already."""
+    sessions = session_store.SessionStore(client, 600)
+    await sessions.create(tenant, "s")
+    await client.hset(session_store.session_key(tenant, "s"), "unbilled", '{"counting": [50, 7, 1]}')
+    await sessions.append(tenant, "s", None, turns(0, 1), {})
+    first_ms = await listed(client, tenant, "s")
+    assert first_ms is not None
+    await asyncio.sleep(0.01)
+    await sessions.append(tenant, "s", None, turns(1, 1), {})
+    assert await listed(client, tenant, "s") == first_ms
+    assert mine(await sessions.owed.claim(0, 1000), tenant) == [session_store.Owed(tenant, "s", "")]
+
+
+async def test_a_claim_names_owing_sessions_in_place_of_those_found_owing_nothing(redis_url, tenant) -> None:
+    """Each session a take has taken is found owing nothing at the claim
+    after: those must not fill a claim's page and hide the owing ones."""
+    # A database of its own: no other test's sessions in its owed set.
+    client = redis.Redis.from_url(urllib.parse.urlsplit(redis_url)._replace(path="/15").geturl())
+    try:
+        await client.flushdb()
+        sessions = session_store.SessionStore(client, 600)
+        # Listed in this order, a millisecond apart: the claim reads the taken first.
+        for session_id in ("taken-1", "taken-2", "owing"):
+            await sessions.create(tenant, session_id)
+            await sessions.owed.mark(tenant, session_id)
+            await asyncio.sleep(0.002)
+            await client.hset(session_store.session_key(tenant, session_id), "unbilled", '{"m": [5, 1, 1]}')
+        for session_id in ("taken-1", "taken-2"):
+            assert len(await sessions.take_unbilled(tenant, session_id)) == 1
+        assert await sessions.owed.claim(0, 1) == [session_store.Owed(tenant, "owing", "")]
+        for session_id in ("taken-1", "taken-2"):
+            assert await listed(client, tenant, session_id) is None
+    finally:
+        await client.flushdb()
+        await client.aclose()

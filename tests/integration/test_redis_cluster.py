@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import json
 import pathlib
 import time
 import uuid
@@ -208,6 +209,29 @@ async def test_context_sessions_on_every_master(cluster: Cluster, tenant: str) -
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.GetSession(pb.GetSessionRequest(tenant_id=tenant, session_id=session_id))
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_sessions_owing_summary_usage_on_every_master_are_claimed(
+    cluster: Cluster, client, tenant
+) -> None:
+    """The owed set lies in one slot, its sessions in every master's: a
+    claim reads them all (a pipeline across nodes), names those owing and
+    drops those whose usage a take took."""
+    ids = [
+        session_id for (session_id,) in session_ids_on_every_master(cluster, tenant, per_master=1).values()
+    ]
+    sessions = store.SessionStore(client, ttl_s=600)
+    for session_id in ids:
+        await sessions.create(tenant, session_id)
+        await sessions.append(tenant, session_id, None, [msg(USER, "x")], {}, key_sha256="d" * 64)
+        # What a summary's writer does (summaries.SummaryStore.put), without a model.
+        await sessions.owed.mark(tenant, session_id)
+        await client.hset(store.session_key(tenant, session_id), "unbilled", '{"m": [5, 1, 1]}')
+    assert len(await sessions.take_unbilled(tenant, ids[0], "t")) == 1
+    claimed = [owed for owed in await sessions.owed.claim(0, 1000) if owed.tenant_id == tenant]
+    assert sorted(claimed) == sorted(store.Owed(tenant, session_id, "d" * 64) for session_id in ids[1:])
+    member = json.dumps([tenant, ids[0]], separators=(",", ":"))
+    assert await client.zscore(store.OWED_KEY, member) is None
 
 
 async def test_change_notices_from_every_master_reach_a_subscriber(cluster: Cluster, client, tenant) -> None:

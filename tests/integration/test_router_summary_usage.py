@@ -1,9 +1,12 @@
 """The tokens the context service spends summarizing a tenant's session are
-that tenant's usage: through a real router, context and inference service
+that tenant's usage: through real routers, context and inference service
 (tiny-gpt on a real Triton writing the summaries), Redis underneath. A
-summary's tokens wait on the session until its next turn's append takes
-them; the router then bills them, once, under that turn's key: in GetUsage
-(not as a request), in the usage log, and in the tenant's token budget."""
+summary's tokens wait on the session, which is listed as owing them, until a
+router's sweep takes them (services/router/summary_usage.py): billed once,
+under the key of the session's latest turn, in GetUsage (not as a
+request), in the usage log, and in the tenant's token budget; by any router,
+not only the one that served the session; and once though a take's reply
+is lost."""
 
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
+import urllib.parse
 import uuid
 
 import pytest
@@ -22,11 +27,13 @@ from meshgate.config import LimitSettings, PriceSettings, Settings, TenantSettin
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.context import store as session_store
+from services.router import app as router_app
 from services.router.admission import Scope
 from services.router.ledger import STREAM
-from tests.integration.conftest import running_router, serve_tiny_gpt
+from tests.integration.conftest import running, running_router, serve_tiny_gpt
 from tests.integration.test_router_accounting import eventually, usage_row
 from tests.mesh import bounded_channel, mesh_settings
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -47,48 +54,73 @@ def turn(session_id: str, i: int) -> pb.ChatRequest:
     )
 
 
+def bearer(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
 @dataclasses.dataclass
 class SummarizedSession:
-    """A session of a fresh tenant through a real router whose context
-    service summarizes spans of 4 turns with tiny-gpt once 4 newer turns
-    follow: after the fourth turn (its question and answer are two turns)."""
+    """A session of a fresh tenant (two keys) through a real router whose
+    context service summarizes spans of 4 turns with tiny-gpt once 4 newer
+    turns follow: after the fourth turn (its question and answer are two
+    turns)."""
 
     tenant: str
-    key: str
+    keys: tuple[str, str]
     stub: router_service_pb2_grpc.RouterServiceStub
     client: object
+    settings: Settings
     session_id: str = ""
 
     @property
     def auth(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.key}"),)
+        return bearer(self.keys[0])
 
-    async def chat(self, i: int) -> pb.ChatCompletion:
+    async def chat(self, i: int, key: str = "", stub=None) -> pb.ChatCompletion:
         completion = None
-        async for response in self.stub.Chat(turn(self.session_id, i), metadata=self.auth, timeout=60):
+        call = (stub or self.stub).Chat(
+            turn(self.session_id, i), metadata=bearer(key or self.keys[0]), timeout=60
+        )
+        async for response in call:
             if response.HasField("completion"):
                 completion = response.completion
         assert completion is not None
         return completion
 
+    async def unbilled(self) -> dict | None:
+        raw = await self.client.hget(session_store.session_key(self.tenant, self.session_id), "unbilled")
+        return json.loads(raw) if raw else None
+
+    async def summaries_logged(self) -> list[dict]:
+        return [
+            fields
+            for _, fields in await self.client.xrevrange(STREAM, count=1000)
+            if fields[b"tenant"] == self.tenant.encode() and fields[b"cache_status"] == b"summary"
+        ]
+
 
 @contextlib.asynccontextmanager
-async def summarized_session(redis_url, inference_address, prefix: str, collect_s: float | None = None):
+async def summarized_session(
+    redis_url, inference_address, prefix: str, collect_s: float, services_redis_url=""
+):
+    """``services_redis_url``: the Redis the services reach (a proxy of
+    ``redis_url``, the test's own)."""
     tenant = f"{prefix}-{uuid.uuid4().hex[:8]}"
-    key = f"key-{tenant}"
+    keys = (f"key-{tenant}", f"other-key-{tenant}")
     settings = Settings(mesh=mesh_settings())
-    settings.redis.url = redis_url
+    settings.redis.url = services_redis_url or redis_url
     settings.cache.inference_address = inference_address
     serve_tiny_gpt(settings, inference_address)
     settings.context.inference_address = inference_address
     settings.context.summary_model = MODEL
     settings.context.summary_span_turns = 4
     settings.context.summary_hot_window_turns = 4
-    if collect_s is not None:
-        settings.router.summary_usage_collect_s = collect_s
+    settings.router.summary_usage_collect_s = collect_s
     settings.router.tenants = [
         TenantSettings(
-            id=tenant, api_key_sha256=[hash_api_key(key)], limits=LimitSettings(tokens_per_day=10_000_000)
+            id=tenant,
+            api_key_sha256=[hash_api_key(key) for key in keys],
+            limits=LimitSettings(tokens_per_day=10_000_000),
         )
     ]
     price = PriceSettings(prompt_usd_per_million=1.0, completion_usd_per_million=2.0)
@@ -98,57 +130,43 @@ async def summarized_session(redis_url, inference_address, prefix: str, collect_
         stack.push_async_callback(client.aclose)
         address = await stack.enter_async_context(running_router(settings))
         channel = await stack.enter_async_context(bounded_channel(address))
-        session = SummarizedSession(tenant, key, router_service_pb2_grpc.RouterServiceStub(channel), client)
-        created = await session.stub.CreateSession(pb.CreateSessionRequest(), metadata=session.auth)
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+        session = SummarizedSession(tenant, keys, stub, client, settings)
+        created = await stub.CreateSession(pb.CreateSessionRequest(), metadata=session.auth)
         session.session_id = created.session_id
         yield session
 
 
-async def test_a_sessions_summary_tokens_are_billed_to_its_tenant_with_its_next_turn_once(
+async def test_a_sessions_summary_tokens_are_billed_once_though_no_turn_follows(
     redis_url, inference_address
 ) -> None:
-    async with summarized_session(redis_url, inference_address, "sum") as session:
+    """The summary of turns 0-3 is written after the fourth turn, the
+    session's last for a while: a sweep takes its tokens from the session
+    and bills them; the next turn bills nothing more."""
+    async with summarized_session(redis_url, inference_address, "sum", collect_s=0.5) as session:
         tenant, key, stub, auth, client = (
             session.tenant,
-            session.key,
+            session.keys[0],
             session.stub,
             session.auth,
             session.client,
         )
-        session_id, chat = session.session_id, session.chat
-        turns = [await chat(i) for i in range(4)]
-        meta = session_store.session_key(tenant, session_id)
-
-        async def unbilled():
-            raw = await client.hget(meta, "unbilled")
-            return json.loads(raw) if raw else None
-
-        # The summary of turns 0-3 is written in the background: its tokens
-        # wait on the session, billed to no one yet.
-        spent = await eventually(unbilled, timeout_s=60.0)
-        assert list(spent) == [MODEL]
-        prompt_tokens, completion_tokens, summaries = spent[MODEL]
-        assert prompt_tokens > 0 and completion_tokens > 0 and summaries == 1
-        before = await usage_row(stub, auth, MODEL)
-        assert before.summaries == 0 and before.summary_prompt_tokens == 0
-
-        # The next turn's append takes them, and the router bills them.
-        turns.append(await chat(4))
-        assert await unbilled() is None
+        turns = [await session.chat(i) for i in range(4)]
 
         async def billed():
             row = await usage_row(stub, auth, MODEL)
-            return row if row.requests == 5 and row.summaries == 1 else None
+            return row if row is not None and row.summaries == 1 else None
 
-        row = await eventually(billed)
-        assert row.summary_prompt_tokens == prompt_tokens
-        assert row.summary_completion_tokens == completion_tokens
+        # No fifth turn: a sweep takes them 0.5 s or more after they were written.
+        row = await eventually(billed, timeout_s=60.0)
+        assert row.summary_prompt_tokens > 0 and row.summary_completion_tokens > 0
+        assert row.requests == 4 and row.key_id == hash_api_key(key)[:16]
         turn_prompt = sum(t.usage.prompt_tokens for t in turns)
         turn_completion = sum(t.usage.completion_tokens for t in turns)
-        assert row.prompt_tokens == turn_prompt + prompt_tokens
-        assert row.completion_tokens == turn_completion + completion_tokens
+        assert row.prompt_tokens == turn_prompt + row.summary_prompt_tokens
+        assert row.completion_tokens == turn_completion + row.summary_completion_tokens
         assert row.cost_nano_usd == row.prompt_tokens * 1000 + row.completion_tokens * 2000
-        assert row.key_id == hash_api_key(key)[:16]
+        assert await session.unbilled() is None
         # The tenant's day budget is charged them too, after the fact.
         day = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d}"
         budget = f"{Scope('tenant', tenant, LimitSettings()).prefix}:tokens:day:{day}"
@@ -158,76 +176,95 @@ async def test_a_sessions_summary_tokens_are_billed_to_its_tenant_with_its_next_
             return int(await client.get(budget) or 0) == used
 
         await eventually(charged, timeout_s=5.0)
-        logged = [
-            fields
-            for _, fields in await client.xrevrange(STREAM, count=1000)
-            if fields[b"tenant"] == tenant.encode() and fields[b"cache_status"] == b"summary"
-        ]
-        assert len(logged) == 1 and int(logged[0][b"prompt_tokens"]) == prompt_tokens
-
-        # Once: the turn after bills no summary again (the next span is due
-        # only after it).
-        turns.append(await chat(5))
-
-        async def six_requests():
-            row = await usage_row(stub, auth, MODEL)
-            return row if row.requests == 6 else None
-
-        await eventually(six_requests)
-        await asyncio.sleep(0.2)
-        after = await usage_row(stub, auth, MODEL)
-        assert (after.summaries, after.summary_prompt_tokens) == (1, prompt_tokens)
-        turn_prompt = sum(t.usage.prompt_tokens for t in turns)
-        assert after.prompt_tokens == turn_prompt + prompt_tokens
-
-
-async def test_a_sessions_summary_tokens_are_billed_once_though_no_turn_follows(
-    redis_url, inference_address
-) -> None:
-    """The summary of turns 0-3 is written after the fourth turn, the
-    session's last for a while: the router takes its tokens from the
-    session itself (TakeSummaryUsage) and bills them; the next turn's
-    append then finds nothing to bill again."""
-    async with summarized_session(redis_url, inference_address, "idle", collect_s=0.5) as session:
-        tenant, key, stub, auth, client = (
-            session.tenant,
-            session.key,
-            session.stub,
-            session.auth,
-            session.client,
-        )
-        session_id, chat = session.session_id, session.chat
-        turns = [await chat(i) for i in range(4)]
-
-        async def billed():
-            row = await usage_row(stub, auth, MODEL)
-            return row if row is not None and row.summaries == 1 else None
-
-        # No fifth turn: the router asks (0.5, 2, 8 and 32 s after the fourth).
-        row = await eventually(billed, timeout_s=45.0)
-        assert row.summary_prompt_tokens > 0 and row.summary_completion_tokens > 0
-        assert row.requests == 4 and row.key_id == hash_api_key(key)[:16]
-        assert row.prompt_tokens == sum(t.usage.prompt_tokens for t in turns) + row.summary_prompt_tokens
-        assert await client.hget(session_store.session_key(tenant, session_id), "unbilled") is None
-        logged = [
-            fields
-            for _, fields in await client.xrevrange(STREAM, count=1000)
-            if fields[b"tenant"] == tenant.encode() and fields[b"cache_status"] == b"summary"
-        ]
+        logged = await session.summaries_logged()
         assert len(logged) == 1 and int(logged[0][b"prompt_tokens"]) == row.summary_prompt_tokens
 
-        # The next turn's append takes nothing more (no span is due after it).
-        await chat(4)
+        # Once: the next turn, and the sweeps after it, bill no summary
+        # again (the next span is due only after it).
+        await session.chat(4)
 
         async def five_requests():
             after = await usage_row(stub, auth, MODEL)
             return after if after.requests == 5 else None
 
         await eventually(five_requests)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.5)
         after = await usage_row(stub, auth, MODEL)
         assert (after.summaries, after.summary_prompt_tokens, after.summary_completion_tokens) == (
             1,
             row.summary_prompt_tokens,
             row.summary_completion_tokens,
         )
+
+
+async def test_any_router_bills_a_summary_under_the_key_of_the_sessions_latest_turn(
+    redis_url, inference_address
+) -> None:
+    """The router that served the session sweeps only once an hour (as good
+    as stopped, or as a router whose asks for the session were over): a
+    router that never served it bills the summary, to the key of its latest
+    turn."""
+    async with summarized_session(redis_url, inference_address, "other", collect_s=3600) as session:
+        first_key, latest_key = session.keys
+        for i in range(3):
+            await session.chat(i, first_key)
+        await session.chat(3, latest_key)
+        sweeping = dataclasses.replace(
+            session.settings, router=dataclasses.replace(session.settings.router, summary_usage_collect_s=0.2)
+        )
+        async with running(router_app, "router", sweeping) as address, bounded_channel(address) as channel:
+            other = router_service_pb2_grpc.RouterServiceStub(channel)
+
+            async def billed():
+                usage = await other.GetUsage(pb.GetUsageRequest(), metadata=bearer(latest_key), timeout=10)
+                return [row for row in usage.rows if row.summaries]
+
+            (row,) = await eventually(billed, timeout_s=60.0)
+        assert row.key_id == hash_api_key(latest_key)[:16] and row.summaries == 1
+        assert row.summary_prompt_tokens > 0 and row.requests == 1
+        assert await session.unbilled() is None
+        assert len(await session.summaries_logged()) == 1
+
+
+async def test_a_take_whose_reply_is_lost_is_billed_once(redis_url, inference_address) -> None:
+    """The context service's take of the session's summaries' usage runs in
+    Redis, and its reply never comes back (the connection breaks): the
+    router sends the take again with its take id, which answers what the
+    first took."""
+    proxy = TcpProxy(urllib.parse.urlsplit(redis_url).port)
+    proxied = f"redis://127.0.0.1:{await proxy.start()}/0"
+    take_script = session_store._TAKE_UNBILLED
+    try:
+        async with summarized_session(
+            redis_url, inference_address, "lost", collect_s=1.0, services_redis_url=proxied
+        ) as session:
+            # Loaded, so that the take runs on its first send (EVALSHA).
+            await session.client.script_load(take_script)
+            for i in range(4):
+                await session.chat(i)
+            spent = await eventually(session.unbilled, timeout_s=60.0)
+            # A sweep takes it 1 s or more after it was written: its reply is held.
+            proxy.hold_when_sent(hashlib.sha1(take_script.encode()).hexdigest().encode())
+
+            async def taken():
+                return await session.unbilled() is None
+
+            await eventually(taken, timeout_s=10.0)
+            assert proxy.drop_held() == 1
+
+            async def billed():
+                row = await usage_row(session.stub, session.auth, MODEL)
+                return row if row.summaries else None
+
+            row = await eventually(billed, timeout_s=10.0)
+            ((prompt_tokens, completion_tokens, summaries),) = spent.values()
+            assert (row.summaries, row.summary_prompt_tokens, row.summary_completion_tokens) == (
+                summaries,
+                prompt_tokens,
+                completion_tokens,
+            )
+            # Once: the router's later sweeps find nothing more to bill.
+            await asyncio.sleep(2.5)
+            assert len(await session.summaries_logged()) == 1
+    finally:
+        await proxy.close()

@@ -108,7 +108,9 @@ class AppendingStore(SessionStore):
         self.version = 1
         self.counted = counted
 
-    async def append(self, tenant_id, session_id, expected_version, turns, token_counts, turn_id=""):
+    async def append(
+        self, tenant_id, session_id, expected_version, turns, token_counts, turn_id="", key_sha256=""
+    ):
         self.version += 1
         return Appended(self.version, False, self.counted, 1)
 
@@ -180,7 +182,9 @@ class FullStore(SessionStore):
         self.live_turns = live_turns
         self.held_bytes = held_bytes
 
-    async def append(self, tenant_id, session_id, expected_version, turns, token_counts, turn_id=""):
+    async def append(
+        self, tenant_id, session_id, expected_version, turns, token_counts, turn_id="", key_sha256=""
+    ):
         size = sum(turn.ByteSize() for turn in turns)
         self.check_room(
             session_id, self.live_turns, self.held_bytes, len(turns), size, version=1, expected_version=None

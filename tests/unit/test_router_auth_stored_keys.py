@@ -234,3 +234,52 @@ def test_an_admin_call_naming_a_tenant_id_no_tenant_can_have_is_refused(tenant_i
         Reason.INVALID_TENANT_ID,
     )
     assert keys_module.check_tenant_id("acme-1") == "acme-1"
+
+
+async def test_summaries_usage_is_billed_to_the_sessions_latest_key_while_it_names_the_tenant() -> None:
+    """Authenticator.billed_tenant: a configured key; a stored key, revoked
+    since (its usage is from its time) and with a rotated key's accounting
+    id; else (a key unknown now, another tenant's, or none) the tenant with
+    no key, and its configured limits."""
+    limits = LimitSettings(tokens_per_day=1000)
+    key_limits = LimitSettings(tokens_per_day=10)
+    settings = RouterSettings(
+        dev_tenant=False,
+        tenants=[
+            TenantSettings(
+                id="acme", api_key_sha256=[hash_api_key("file-key")], limits=limits, key_limits=key_limits
+            ),
+            TenantSettings(id="other", api_key_sha256=[hash_api_key("other-key")]),
+        ],
+    )
+    secret = new_secret()
+    revoked = dataclasses.replace(
+        stored(secret), revoked_at=2.0, accounting_id="first-key-id", limits=key_limits
+    )
+    fake = ScriptedRedis(revoked)
+    auth = Authenticator(settings, KeyStore(fake))
+
+    configured = await auth.billed_tenant("acme", hash_api_key("file-key"))
+    assert (configured.key_id, configured.limits, configured.key_limits) == (
+        hash_api_key("file-key")[:16],
+        limits,
+        key_limits,
+    )
+    billed = await auth.billed_tenant("acme", hash_api_key(secret))
+    assert (billed.id, billed.key_id, billed.limits, billed.key_limits) == (
+        "acme",
+        "first-key-id",
+        limits,
+        key_limits,
+    )
+    # Redis knows no other key (the secret's record is in the KeyStore's cache).
+    fake.answers = [None]
+    for tenant_id, key_sha256 in (
+        ("acme", hash_api_key("other-key")),
+        ("acme", ""),
+        ("other", hash_api_key(secret)),
+    ):
+        keyless = await auth.billed_tenant(tenant_id, key_sha256)
+        assert (keyless.id, keyless.key_id, keyless.key_limits) == (tenant_id, "", LimitSettings())
+    assert (await auth.billed_tenant("acme", "")).limits == limits
+    assert (await auth.billed_tenant("acme", hash_api_key(new_secret()))).key_id == ""

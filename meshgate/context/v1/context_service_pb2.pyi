@@ -121,20 +121,22 @@ class DeleteSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class AppendTurnsRequest(_message.Message):
-    __slots__ = ("tenant_id", "session_id", "expected_version", "messages", "any_version", "turn_id")
+    __slots__ = ("tenant_id", "session_id", "expected_version", "messages", "any_version", "turn_id", "key_sha256")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     ANY_VERSION_FIELD_NUMBER: _ClassVar[int]
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHA256_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     session_id: str
     expected_version: int
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
     any_version: bool
     turn_id: str
-    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., expected_version: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., any_version: _Optional[bool] = ..., turn_id: _Optional[str] = ...) -> None: ...
+    key_sha256: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., expected_version: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., any_version: _Optional[bool] = ..., turn_id: _Optional[str] = ..., key_sha256: _Optional[str] = ...) -> None: ...
 
 class AppendTurnsResponse(_message.Message):
     __slots__ = ("version", "replayed", "summary_usage")
@@ -159,18 +161,44 @@ class SummaryUsage(_message.Message):
     def __init__(self, model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., summaries: _Optional[int] = ...) -> None: ...
 
 class TakeSummaryUsageRequest(_message.Message):
-    __slots__ = ("tenant_id", "session_id")
+    __slots__ = ("tenant_id", "session_id", "take_id")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TAKE_ID_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     session_id: str
-    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+    take_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., take_id: _Optional[str] = ...) -> None: ...
 
 class TakeSummaryUsageResponse(_message.Message):
     __slots__ = ("summary_usage",)
     SUMMARY_USAGE_FIELD_NUMBER: _ClassVar[int]
     summary_usage: _containers.RepeatedCompositeFieldContainer[SummaryUsage]
     def __init__(self, summary_usage: _Optional[_Iterable[_Union[SummaryUsage, _Mapping]]] = ...) -> None: ...
+
+class ClaimOwedSummaryUsageRequest(_message.Message):
+    __slots__ = ("owed_for_ms", "max_sessions")
+    OWED_FOR_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    owed_for_ms: int
+    max_sessions: int
+    def __init__(self, owed_for_ms: _Optional[int] = ..., max_sessions: _Optional[int] = ...) -> None: ...
+
+class ClaimOwedSummaryUsageResponse(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[OwedSummaryUsage]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[OwedSummaryUsage, _Mapping]]] = ...) -> None: ...
+
+class OwedSummaryUsage(_message.Message):
+    __slots__ = ("tenant_id", "session_id", "key_sha256")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHA256_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    session_id: str
+    key_sha256: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., key_sha256: _Optional[str] = ...) -> None: ...
 
 class AssembleContextRequest(_message.Message):
     __slots__ = ("tenant_id", "session_id", "new_messages", "model", "max_prompt_tokens", "at_version", "strategy", "append_reservation")

@@ -91,6 +91,11 @@ class ContextServiceStub:
                 request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.TakeSummaryUsageRequest.SerializeToString,
                 response_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.TakeSummaryUsageResponse.FromString,
                 _registered_method=True)
+        self.ClaimOwedSummaryUsage = channel.unary_unary(
+                '/meshgate.context.v1.ContextService/ClaimOwedSummaryUsage',
+                request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.ClaimOwedSummaryUsageRequest.SerializeToString,
+                response_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.ClaimOwedSummaryUsageResponse.FromString,
+                _registered_method=True)
 
 
 class ContextServiceServicer:
@@ -185,12 +190,28 @@ class ContextServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def TakeSummaryUsage(self, request, context):
-        """Takes what the session's summaries spent on models that no append has
-        taken (AppendTurnsResponse.summary_usage), for the caller to bill: the
-        router asks after a session's last append, as summaries are written in
-        the background and no further append may come to take them. An append
-        and this take each take what the other has not, once. NOT_FOUND,
-        SESSION_NOT_FOUND, for a session that does not exist.
+        """Takes what the session's summaries spent on models that no take has
+        taken yet, for the caller to bill (the router, for sessions that
+        ClaimOwedSummaryUsage named). Each summary's usage is taken once; a take
+        with the take_id of the session's latest take takes nothing more and
+        answers what that take took, so a take whose reply was lost is sent
+        again with its take_id. NOT_FOUND, SESSION_NOT_FOUND, for a session that
+        does not exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimOwedSummaryUsage(self, request, context):
+        """The sessions, of any tenant, whose summaries spent usage that no take
+        has taken, marked owing at least owed_for_ms ago, the longest owing
+        first: each named is claimed for owed_for_ms (no claim names it again
+        before then), so routers sweeping at once take different sessions, and
+        one that stops before taking leaves it to the next claim after that.
+        A session found owing nothing (taken since) leaves the list, and another
+        is named in its place: fewer than max_sessions named means no more are
+        due, or nearly none. Acts for no tenant (the router's mesh certificate,
+        no tenant token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -253,6 +274,11 @@ def add_ContextServiceServicer_to_server(servicer, server):
                     servicer.TakeSummaryUsage,
                     request_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.TakeSummaryUsageRequest.FromString,
                     response_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.TakeSummaryUsageResponse.SerializeToString,
+            ),
+            'ClaimOwedSummaryUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimOwedSummaryUsage,
+                    request_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.ClaimOwedSummaryUsageRequest.FromString,
+                    response_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.ClaimOwedSummaryUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -554,6 +580,33 @@ class ContextService:
             '/meshgate.context.v1.ContextService/TakeSummaryUsage',
             meshgate_dot_context_dot_v1_dot_context__service__pb2.TakeSummaryUsageRequest.SerializeToString,
             meshgate_dot_context_dot_v1_dot_context__service__pb2.TakeSummaryUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimOwedSummaryUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.context.v1.ContextService/ClaimOwedSummaryUsage',
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.ClaimOwedSummaryUsageRequest.SerializeToString,
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.ClaimOwedSummaryUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
