@@ -357,10 +357,16 @@ class RouterKey:
     id: str
     public_key: Any
     algorithm: str
+    # When the last certificate naming it expires (seconds since the epoch):
+    # a certificate left in a bundle after a rotation stops vouching for its
+    # key then, as it would in a TLS handshake.
+    not_after: float
 
     @classmethod
-    def of(cls, public_key: Any) -> RouterKey:
-        return cls(key_id(public_key), public_key, _algorithm(public_key))
+    def of(cls, certificate: x509.Certificate) -> RouterKey:
+        public_key = certificate.public_key()
+        not_after = certificate.not_valid_after_utc.timestamp()
+        return cls(key_id(public_key), public_key, _algorithm(public_key), not_after)
 
 
 def _is_authority(certificate: x509.Certificate) -> bool:
@@ -400,8 +406,10 @@ def _router_keys(ca_file: str, cert_file: str) -> tuple[RouterKey, ...]:
                 f"{setting} {cert_file!r}: the certificate of serial {certificate.serial_number:x} "
                 f"is not issued by mesh.ca_file {ca_file!r}"
             )
-        key = RouterKey.of(certificate.public_key())
-        keys.setdefault(key.id, key)
+        key = RouterKey.of(certificate)
+        # A renewal that kept the key staged beside the certificate it renews.
+        if key.id not in keys or keys[key.id].not_after < key.not_after:
+            keys[key.id] = key
     return tuple(keys.values())
 
 
@@ -574,8 +582,10 @@ class TenantVerifier:
     A token is verified with the key it names (its ``kid``) among the
     router's certificates as last read (``router``: each of them while a
     rotation is staged), or among those that left them less than the
-    rotation's overlap ago; a token naming no key (a router from before key
-    ids) with the current keys first."""
+    rotation's overlap ago, while a certificate of it has not expired; a
+    token naming no key (a router from before key ids) with the current keys
+    first. Remembered no longer than the router's tokens live, nor than the
+    key that verified it is taken."""
 
     def __init__(
         self,
@@ -587,6 +597,7 @@ class TenantVerifier:
     ) -> None:
         self._router = router
         self._audience = identity(service)
+        self._ttl_s = ttl_s
         self._leeway_s = leeway_s
         # How long a key gone from the router's certificates is still taken,
         # from when this service sees it gone: the router signs with its new
@@ -635,12 +646,20 @@ class TenantVerifier:
                 log.info("a router key left mesh.router_cert_file", key_id=kid, taken_for_s=self._overlap_s)
         self._reading, self._keys, self._retired = reading, keys, retired
 
+    def _taken_until(self, key: RouterKey) -> float:
+        """Until when tokens of ``key`` are taken: while a certificate of it
+        has not expired (by the leeway: clocks differ), and once it left the
+        router's certificates, for the overlap only."""
+        until = key.not_after + self._leeway_s
+        if key.id not in self._keys:
+            until = min(until, self._retired[key.id][1])
+        return until
+
     def _key(self, kid: str, now: float) -> RouterKey | None:
         key = self._keys.get(kid)
-        if key is not None:
-            return key
-        retired = self._retired.get(kid)
-        return retired[0] if retired is not None and now < retired[1] else None
+        if key is None and kid in self._retired:
+            key = self._retired[kid][0]
+        return key if key is not None and now < self._taken_until(key) else None
 
     def _candidates(self, token: str, now: float) -> list[RouterKey]:
         """The keys that may have signed ``token``, the likeliest first."""
@@ -651,8 +670,10 @@ class TenantVerifier:
             raise _invalid_token(f"the tenant token is not valid: {error}") from error
         kid = header.get("kid")
         if kid is None:
-            taken = [*self._keys.values(), *(key for key, until in self._retired.values() if now < until)]
-            keys = [key for key in taken if key.algorithm == header.get("alg")]
+            held = [*self._keys.values(), *(key for key, _ in self._retired.values())]
+            keys = [
+                key for key in held if now < self._taken_until(key) and key.algorithm == header.get("alg")
+            ]
             if not keys:
                 raise _invalid_token("the tenant token is not signed with the algorithm of a router key")
             return keys
@@ -664,7 +685,7 @@ class TenantVerifier:
             key = self._key(kid, now)
         if key is None:
             raise _invalid_token(
-                "the tenant token is signed with the key of no router certificate in "
+                "the tenant token is signed with the key of no unexpired router certificate in "
                 "mesh.router_cert_file, nor of one that left it within a rotation's overlap"
             )
         return [key]
@@ -683,16 +704,17 @@ class TenantVerifier:
 
     def _verify(self, token: str, now: float) -> tuple[str, float]:
         self._follow(self._router.latest(), now)
-        *others, last = self._candidates(token, now)
+        *others, signer = self._candidates(token, now)
         try:
             for key in others:
                 try:
                     claims = self._decode(token, key)
+                    signer = key
                     break
                 except jwt.InvalidSignatureError:
                     continue  # another key may have signed it
             else:
-                claims = self._decode(token, last)
+                claims = self._decode(token, signer)
         except jwt.InvalidTokenError as error:
             raise _invalid_token(f"the tenant token is not valid: {error}") from error
         expires = claims["exp"]
@@ -704,7 +726,11 @@ class TenantVerifier:
         tenant = claims["sub"]
         if not isinstance(tenant, str) or not tenant:
             raise _invalid_token("the tenant token names no tenant")
-        return tenant, expires
+        # Taken unverified (tenant()) no longer than the router's tokens live,
+        # nor than its key is: the expiry is the signer's word, and a token
+        # of a key that left the router's certificates or whose certificate
+        # expired, minted to expire much later, outlived the key otherwise.
+        return tenant, min(expires, now + self._ttl_s + self._leeway_s, self._taken_until(signer))
 
 
 def _invalid_token(message: str) -> MeshgateError:

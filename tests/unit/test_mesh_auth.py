@@ -10,6 +10,7 @@ import pathlib
 import re
 import shutil
 import stat
+import time
 
 import grpc
 import jwt
@@ -30,7 +31,9 @@ from services.context import app as context_app
 from services.inference import app as inference_app
 from tests.mesh import certs_dir, mesh_settings, renew
 
-NOW = 1_900_000_000.0
+# Now, whole seconds: a router certificate vouches for its key while it has
+# not expired, on the verifier's clock.
+NOW = float(int(time.time()))
 TTL_S = 30.0
 
 
@@ -584,6 +587,75 @@ def test_a_router_key_gone_from_its_certificate_is_taken_for_the_overlap_only(
         "TENANT_TOKEN_INVALID",
     )
     assert verifier.tenant(tokens.metadata("acme", "context")) == "acme"
+
+
+def _router_signed(directory: pathlib.Path, tenant: str, expires: float, kid: bool = True) -> list:
+    """Metadata of a token for ``tenant`` signed with the router key in
+    ``directory``, expiring at ``expires`` (whoever holds a key chooses it)."""
+    key = serialization.load_pem_private_key(certs.key_path(directory, "router").read_bytes(), None)
+    claims = {"iss": "meshgate-router", "sub": tenant, "aud": "meshgate-context", "exp": int(expires)}
+    headers = {"kid": mesh_auth.key_id(key.public_key())} if kid else None
+    return token_metadata(jwt.encode(claims, key, algorithm="ES256", headers=headers))
+
+
+def test_a_token_of_a_key_gone_from_its_certificate_is_not_taken_past_the_overlap(
+    tmp_path: pathlib.Path, every_look
+):
+    """A token verified within the overlap is remembered until it expires,
+    but its expiry is the signer's word: one minted by the previous key to
+    expire much later (a key rotated out for having leaked) is refused once
+    the overlap has passed, as a token verified then would be."""
+    served = tmp_path / "served"
+    shutil.copytree(certs_dir(), served)
+    clock = Clock()
+    tokens, verifier = _router_mesh(served, clock)
+    assert verifier.tenant(tokens.metadata("acme", "context")) == "acme"
+    previous = tmp_path / "previous"
+    shutil.copytree(served, previous)
+
+    renew(served, "router")
+    assert verifier.tenant(tokens.metadata("acme", "context")) == "acme"
+    lasting = _router_signed(previous, "evil", NOW + 365 * 86400)
+    assert verifier.tenant(lasting) == "evil"  # within the overlap
+    clock.now += TTL_S + mesh_auth.CERTIFICATE_LOOK_S
+    assert refusal(lambda: verifier.tenant(lasting)) == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        "TENANT_TOKEN_INVALID",
+    )
+    assert verifier.tenant(tokens.metadata("acme", "context")) == "acme"
+
+
+def test_an_expired_router_certificate_vouches_for_no_key(tmp_path: pathlib.Path, monkeypatch):
+    """An old certificate left in the bundle after a rotation: once it has
+    expired its key's tokens are refused (with a key id or without), as its
+    TLS handshakes would be; so are a current one's once it expires while
+    the file stays as it is, tokens verified before it included."""
+    expired = tmp_path / "expired"
+    shutil.copytree(certs_dir(), expired)
+    issued_at = certs._now() - certs.datetime.timedelta(days=certs.SERVICE_DAYS + 1)
+    with monkeypatch.context() as earlier:
+        earlier.setattr(certs, "_now", lambda: issued_at)
+        renew(expired, "router")
+    bundle = tmp_path / "router-bundle.pem"
+    current = certs.cert_path(certs_dir(), "router")
+    bundle.write_bytes(current.read_bytes() + certs.cert_path(expired, "router").read_bytes())
+    clock = Clock()
+    verifier = _verifier_of(certs_dir(), bundle, clock)
+    for kid in (True, False):
+        assert (
+            refusal(lambda k=kid: verifier.tenant(_router_signed(expired, "evil", NOW + 60, k)))[1]
+            == "TENANT_TOKEN_INVALID"
+        )
+    not_after = certs.x509.load_pem_x509_certificate(current.read_bytes()).not_valid_after_utc.timestamp()
+    verified = _router_signed(certs_dir(), "dev", not_after + 3600)
+    assert verifier.tenant(verified) == "dev"
+
+    clock.now = not_after
+    assert refusal(lambda: verifier.tenant(verified))[1] == "TENANT_TOKEN_INVALID"
+    assert (
+        refusal(lambda: verifier.tenant(_router_signed(certs_dir(), "dev", clock.now + 60)))[1]
+        == "TENANT_TOKEN_INVALID"
+    )
 
 
 def test_every_router_certificate_of_a_bundle_is_taken_while_a_rotation_is_staged(
