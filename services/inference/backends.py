@@ -205,6 +205,8 @@ class TritonStreams:
         except (TimeoutError, grpc.aio.AioRpcError) as error:
             # No request of ours rides it: nobody's failure.
             log.info("triton stream did not close cleanly after its answer", error=repr(error))
+        except Exception:  # noqa: BLE001 - a bug; logged here, not left to an unretrieved task
+            log.exception("closing a triton stream after its answer failed")
         finally:
             if not call.done():
                 call.cancel()
