@@ -31,7 +31,8 @@ every tenant shares, in another (``{m:<alias>}``):
 - ``mg:router:limit:{<tag>}:admit:<lease>``: a turn's mark, per script call,
   where the turn may be refused while a call of it may have run (a limit of
   it fails closed, or its calls are two: one slot may refuse while the
-  other's times out): "1" once its admit charged it ("3" its second admit,
+  other's times out), and on every top-up (whose growth is given back
+  failing open too): "1" once its admit charged it ("3" its second admit,
   after a streams refusal), "2" once its top-up grew it, "0" once a
   release ran (below), kept as long as a stream's lease.
 
@@ -78,15 +79,17 @@ reserved nothing, and its settlement charges its budgets its whole use
 (once Redis is back: a settlement Redis refuses is written again,
 script_calls.Backlog); where the script may have run before the failure (a
 timeout, a connection lost after the call was sent) what it charged stands
-instead, as admitted (never_ran). A turn refused where a call of it may
-have run (a limit failing closed refuses it on that failure, or another
-slot's limit refuses it) is charged nothing in the end: the router sends a
-release (``_RELEASE``, run again until Redis answers it) that gives back
-what the admit charged, or the top-up grew, only where the turn's mark says
-it did, and marks it released, so that a call still on its way charges
-nothing. (A top-up's growth given back after the turn's settlement, which
-then missed the window entry the growth renamed, leaves that entry at what
-was reserved until it leaves its window, as ``_undo_abandoned_growth``'s.)
+instead, as admitted (never_ran); but a top-up's growth is released
+(below), the turn going on and settling from what admission reserved. A
+turn refused where a call of it may have run (a limit failing closed
+refuses it on that failure, or another slot's limit refuses it) is charged
+nothing in the end: the router sends a release (``_RELEASE``, run again
+until Redis answers it) that gives back what the admit charged, or the
+top-up grew, only where the turn's mark says it did, and marks it released,
+so that a call still on its way charges nothing. (A top-up's growth given
+back after the turn's settlement, which then missed the window entry the
+growth renamed, leaves that entry at what was reserved until it leaves its
+window, as ``_undo_abandoned_growth``'s.)
 """
 
 from __future__ import annotations
@@ -280,13 +283,14 @@ return 1
 """
 )
 
-# A turn refused where its admit or top-up may have run (a timeout): ARGV
-# now_ms, its lease, its words giving back what that call charged (an
-# admit's: to nothing; a top-up's: to what was reserved before), how long
-# to keep its mark (KEYS' last), and the mark that call sets. The charge is
-# given back only where the mark says the call ran; then the mark says
-# released ("0"), so a second release does nothing and an admit or top-up
-# run after it charges nothing.
+# A turn refused where its admit or top-up may have run (a timeout), or
+# going on failing open where its top-up may have: ARGV now_ms, its lease,
+# its words giving back what that call charged (an admit's: to nothing; a
+# top-up's: to what was reserved before), how long to keep its mark (KEYS'
+# last), and the mark that call sets. The charge is given back only where
+# the mark says the call ran; then the mark says released ("0"), so a
+# second release does nothing and an admit or top-up run after it charges
+# nothing.
 _RELEASE = (
     _PARSE
     + _SETTLE_TURN
@@ -302,17 +306,16 @@ return 1
 # One admitted turn's reservation grows (Admission.top_up): its lease, then
 # one word "kind a b reserved grown k" per window or budget that charges it
 # more, its key KEYS[k], and as _ADMIT's its mark's keep-time and value
-# (a marked turn: KEYS' last). Returns {1} when every check holds the
-# growth (all are then charged: a window's entry is rewritten to the grown
-# cost, kept at its admission time), else {0, index of the first refusing
-# check, retry after ms}, charging nothing: the turn's reservation stands
-# as admitted; {2} where its growth was released before this ran.
+# (every top-up is marked: KEYS' last). Returns {1} when every check holds
+# the growth (all are then charged: a window's entry is rewritten to the
+# grown cost, kept at its admission time), else {0, index of the first
+# refusing check, retry after ms}, charging nothing: the turn's reservation
+# stands as admitted; {2} where its growth was released before this ran.
 _TOP_UP = (
     _PARSE
     + """
 local lease = ARGV[2]
-local mark_ms = ARGV[4]
-if mark_ms and redis.call('GET', KEYS[#KEYS]) == '0' then return {2} end
+if redis.call('GET', KEYS[#KEYS]) == '0' then return {2} end
 local checks = {}
 for kind, a, b, reserved, grown, k in
     string.gmatch(ARGV[3], '(%a) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%d+)') do
@@ -351,7 +354,7 @@ for _, check in ipairs(checks) do
     redis.call('EXPIRE', check.key, check.b)
   end
 end
-if mark_ms then redis.call('SET', KEYS[#KEYS], ARGV[5], 'PX', mark_ms) end
+redis.call('SET', KEYS[#KEYS], ARGV[5], 'PX', ARGV[4])
 return {1}
 """
 )
@@ -813,6 +816,7 @@ class Admission:
         charge: Reservation,
         back_to: tuple[int, int],
         refund: bool = False,
+        growth: bool = False,
     ) -> _Refused | None:
         """Runs ``script`` (admit or top-up: the same KEYS and ARGV layout)
         once per slot's checks and words, in one round trip, for the turn
@@ -829,12 +833,15 @@ class Admission:
         the turn's ``mark``, which its calls then carry, says it ran. Such a
         refusal is raised: a second try under the same lease
         (_admit_or_refuse) would be undone by the release. A failure that
-        fails open leaves a call that may have run as it is: the turn is
-        served, and what it charged stands, as admitted."""
+        fails open leaves an admit that may have run as it is: the turn is
+        served, and what it charged stands, as admitted. A ``growth``
+        (top_up) that may have run is released failing open too, as the turn
+        goes on from what was reserved before, so its calls are always
+        marked."""
         fails_closed = any(_failing_closed(checks) for checks, _ in groups)
         # Where the turn may be refused while a call of it may have run: on
         # a failure, failing closed; or by another call's refusal.
-        marked = fails_closed or len(groups) > 1
+        marked = growth or fails_closed or len(groups) > 1
         lease_id = charge.lease_id
         now = self._now_arg()
         calls = []
@@ -863,7 +870,7 @@ class Admission:
         if (refused is not None or failed is not None) and charged:
             given_back = dataclasses.replace(charge, checks=tuple(charged))
             await self._write_settlements([(given_back, *back_to)], refund)
-        if unsure and (refused is not None or fails_closed):
+        if unsure and (refused is not None or fails_closed or growth):
             self._release(dataclasses.replace(charge, checks=tuple(unsure)), back_to, refund, mark)
             raise failed if refused is None else refused.error
         if refused is None and failed is not None:
@@ -931,7 +938,7 @@ class Admission:
             except (*redis_access.CONNECTION_ERRORS, RedisError, RedisClusterException) as error:
                 # As at admission: the limits cannot be checked. Failing open,
                 # the turn goes on with what admission reserved; if the
-                # script did run, its growth stays charged (an overcharge).
+                # script may have run, its growth is released (_run_or_refuse).
                 _refuse_if_fail_closed(grown, error)
                 log.warning("limits unavailable; the turn keeps what admission reserved", error=str(error))
                 return
@@ -949,7 +956,8 @@ class Admission:
     ) -> _Refused | None:
         """One top-up script per slot, in one round trip (_run_or_refuse:
         where the growth is refused, every slot's growth is given back, to
-        ``before``, the tokens and nano-USD reserved; a failure is raised)."""
+        ``before``, the tokens and nano-USD reserved; a failure is raised,
+        and a call that may have run released, failing open too)."""
         reserved_tokens, reserved_nano_usd = before
         words = [
             f"{_KIND_CODE[check.kind]} {check.a} {check.b}"
@@ -958,7 +966,8 @@ class Admission:
         ]
         groups = list(_by_slot(grown, words).values())
         charge = Reservation(lease_id, tokens, nano_usd, ())
-        return await self._run_or_refuse(self._top_up_script, _MARK_GROWN, groups, charge, before)
+        script = self._top_up_script
+        return await self._run_or_refuse(script, _MARK_GROWN, groups, charge, before, growth=True)
 
     def _undo_abandoned_growth(
         self, grew: Reservation, before: tuple[int, int], growing: asyncio.Task

@@ -431,6 +431,44 @@ async def test_a_fail_closed_turn_whose_top_up_timed_out_after_redis_ran_it_keep
         await proxy.close()
 
 
+@pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
+async def test_a_turn_failing_open_whose_top_up_timed_out_after_redis_ran_it_keeps_no_growth(
+    redis_url, split_by_slot
+):
+    """A session turn's top-up times out after Redis ran it (its reply held
+    back past the socket timeout) and no limit fails closed: the turn goes
+    on with what admission reserved and settles from that. The growth
+    stood: the day's budgets ended at the real use plus the growth (505 for
+    25 used), and the window's entry, renamed to the grown cost, was missed
+    by the settlement."""
+    proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0?socket_timeout=0.3")
+    direct = redis_access.connect(redis_url)
+    try:
+        admission = Admission(proxied, max_generation_s=60, split_by_slot=split_by_slot)
+        scope = _scope(tokens_per_minute=10_000, tokens_per_day=10_000)
+        model = Scope("model", uuid.uuid4().hex[:12], LimitSettings(tokens_per_day=10_000))
+        # Loads the scripts: a turn admitted, grown and settled to nothing.
+        first = await admission.admit([scope, model], prompt_tokens=10, max_tokens=10)
+        await admission.top_up(first, tokens=30, nano_usd=0)
+        await admission.settle(first, 0, 0)
+        grant = await admission.admit([scope, model], prompt_tokens=10, max_tokens=10)
+        proxy.hold()
+        await admission.top_up(grant, tokens=500, nano_usd=0)  # fails open
+        assert grant.reserved_tokens == 20
+        assert int(await direct.get(_day_key(scope))) == 500  # Redis ran it
+        proxy.release()
+        admission.settle_soon(grant, 25, 0)
+        await admission.drain()
+        for each in (scope, model):
+            assert int(await direct.get(_day_key(each))) == 25
+        assert int(await direct.get(f"{scope.prefix}:tpm:sum")) == 25
+    finally:
+        for client in (proxied, direct):
+            await client.aclose()
+        await proxy.close()
+
+
 async def test_a_fail_closed_top_up_reaching_redis_after_its_release_grows_nothing(redis_url):
     """The top-up held up on its way times out, the turn is refused and its
     growth released before Redis has it: run after the release, it must
