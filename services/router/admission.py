@@ -86,10 +86,12 @@ refuses it on that failure, or another slot's limit refuses it) is charged
 nothing in the end: the router sends a release (``_RELEASE``, run again
 until Redis answers it) that gives back what the admit charged, or the
 top-up grew, only where the turn's mark says it did, and marks it released,
-so that a call still on its way charges nothing. (A top-up's growth given
-back after the turn's settlement, which then missed the window entry the
-growth renamed, leaves that entry at what was reserved until it leaves its
-window, as ``_undo_abandoned_growth``'s.)
+so that a call still on its way charges nothing. A top-up's growth so given
+back (or, its caller gone, once its reply comes: ``_undo_abandoned_growth``)
+is its budgets' alone, a delta that commutes with the turn's settlement
+whichever reaches Redis first; a window's entry, renamed to the grown cost,
+is the settlement's to move, which looks for it there too
+(``Reservation.growth_unseen``).
 """
 
 from __future__ import annotations
@@ -238,21 +240,30 @@ return {1}
 )
 
 # One turn's settlement, each check's word being "kind reserved used when k"
-# (when: a budget's _Check.expires_at_s, 0 for the others): a window entry
-# and a budget move from what was reserved to the real use; a stream's
-# lease is released. An entry already out of its window is left
-# alone: that window has passed.
+# (when: a budget's _Check.expires_at_s; a window's, the cost a top-up the
+# turn did not see answer may have grown its entry to, else 0
+# (Reservation.growth_unseen); 0 for streams): a window entry and a budget
+# move from what was reserved to the real use; a stream's lease is
+# released. An entry already out of its window is left alone: that window
+# has passed.
 _SETTLE_TURN = """
 local function settle(lease, checks)
   for _, check in ipairs(checks) do
     local kind, reserved, used, key = check.kind, check.a, check.b, check.key
-    if kind == 'w' and used ~= reserved then
-      local member = lease .. ':' .. check.a_word
-      local score = redis.call('ZSCORE', key, member)
-      if score then
+    local grown = kind == 'w' and check.cost ~= '0'
+    if kind == 'w' and (used ~= reserved or grown) then
+      local member, from = lease .. ':' .. check.a_word, reserved
+      local score = used ~= reserved and redis.call('ZSCORE', key, member)
+      if not score and grown then
+        -- An entry the growth renamed (it landed unseen) moves from the
+        -- grown cost; the budgets' growth is given back apart, either order.
+        member, from = lease .. ':' .. check.cost, tonumber(check.cost)
+        score = redis.call('ZSCORE', key, member)
+      end
+      if score and used ~= from then
         redis.call('ZREM', key, member)
         redis.call('ZADD', key, score, lease .. ':' .. check.b_word)
-        redis.call('INCRBY', check.sum_key, used - reserved)
+        redis.call('INCRBY', check.sum_key, used - from)
       end
     elseif kind == 'b' and used ~= reserved then
       if redis.call('EXISTS', key) == 1 then
@@ -286,11 +297,11 @@ return 1
 # A turn refused where its admit or top-up may have run (a timeout), or
 # going on failing open where its top-up may have: ARGV now_ms, its lease,
 # its words giving back what that call charged (an admit's: to nothing; a
-# top-up's: to what was reserved before), how long to keep its mark (KEYS'
-# last), and the mark that call sets. The charge is given back only where
-# the mark says the call ran; then the mark says released ("0"), so a
-# second release does nothing and an admit or top-up run after it charges
-# nothing.
+# top-up's: its budgets to what was reserved before, its windows left to
+# the turn's settlement), how long to keep its mark (KEYS' last), and the
+# mark that call sets. The charge is given back only where the mark says
+# the call ran; then the mark says released ("0"), so a second release does
+# nothing and an admit or top-up run after it charges nothing.
 _RELEASE = (
     _PARSE
     + _SETTLE_TURN
@@ -481,6 +492,13 @@ class Reservation:
     day: str = ""
     # Admitted without Redis: its reservation is nothing (fail open).
     unchecked: bool = False
+    # The tokens and nano-USD a top-up of it grew it to where the turn did
+    # not see it answer (its call failed after it was sent, was refused by
+    # another slot, or its caller went away), so the growth may have landed:
+    # a window's entry then bears the grown cost until the settlement moves
+    # it (_SETTLE_TURN looks for it there too), and the budgets' growth is
+    # given back apart (top_up). None once a top-up answered.
+    growth_unseen: tuple[int, int] | None = None
 
 
 def estimate_prompt_tokens(messages) -> int:
@@ -837,7 +855,9 @@ class Admission:
         served, and what it charged stands, as admitted. A ``growth``
         (top_up) that may have run is released failing open too, as the turn
         goes on from what was reserved before, so its calls are always
-        marked."""
+        marked; its release gives back the budgets' growth alone (the turn's
+        settlement, which follows, moves its windows' entries from wherever
+        the growth left them: Reservation.growth_unseen)."""
         fails_closed = any(_failing_closed(checks) for checks, _ in groups)
         # Where the turn may be refused while a call of it may have run: on
         # a failure, failing closed; or by another call's refusal.
@@ -871,20 +891,30 @@ class Admission:
             given_back = dataclasses.replace(charge, checks=tuple(charged))
             await self._write_settlements([(given_back, *back_to)], refund)
         if unsure and (refused is not None or fails_closed or growth):
-            self._release(dataclasses.replace(charge, checks=tuple(unsure)), back_to, refund, mark)
+            self._release(dataclasses.replace(charge, checks=tuple(unsure)), back_to, refund, mark, growth)
             raise failed if refused is None else refused.error
         if refused is None and failed is not None:
             raise failed
         return refused
 
-    def _release(self, charged: Reservation, back_to: tuple[int, int], refund: bool, mark: str) -> None:
+    def _release(
+        self, charged: Reservation, back_to: tuple[int, int], refund: bool, mark: str, growth: bool
+    ) -> None:
         """Gives back, off the caller's path, what calls that may have run
         charged (a turn refused: ``charged``'s checks those of the calls),
         from the charge to ``back_to`` (``refund``: to nothing), where the
         turn's marks say ``mark`` (_RELEASE); run again until Redis answers,
-        as a release run twice releases once."""
+        as a release run twice releases once. A ``growth``'s windows are
+        left to the turn's settlement (_run_or_refuse): their words move
+        nothing, and their calls mark the turn all the same."""
         now = self._now_arg()
         words = _settlement_words(charged, *back_to, refund)
+        if growth:
+            unmoved = _settlement_words(charged, charged.reserved_tokens, charged.reserved_nano_usd, False)
+            words = [
+                kept if check.kind == "window" else word
+                for check, word, kept in zip(charged.checks, words, unmoved, strict=True)
+            ]
         calls = []
         for checks, slot_words in _by_slot(list(charged.checks), words).values():
             keys, indexed = _one_turns_call(checks, slot_words)
@@ -920,6 +950,8 @@ class Admission:
                 )  # fmt: skip
         if grown:
             before = (reserved_tokens, reserved_nano_usd)
+            # Until its answer is read, the growth may land unseen.
+            reservation.growth_unseen = (tokens, nano_usd)
             growing = asyncio.ensure_future(
                 self._grow_or_refuse(reservation.lease_id, grown, before, tokens, nano_usd)
             )
@@ -930,7 +962,8 @@ class Admission:
                 # reserved before). It is given back once Redis answers.
                 refused = await asyncio.shield(growing)
             except asyncio.CancelledError:
-                grew = Reservation(reservation.lease_id, tokens, nano_usd, tuple(grown))
+                budgets = tuple(check for check in grown if check.kind == "budget")
+                grew = Reservation(reservation.lease_id, tokens, nano_usd, budgets)
                 growing.add_done_callback(functools.partial(self._undo_abandoned_growth, grew, before))
                 self._abandoned.add(growing)
                 growing.add_done_callback(self._abandoned.discard)
@@ -938,13 +971,15 @@ class Admission:
             except (*redis_access.CONNECTION_ERRORS, RedisError, RedisClusterException) as error:
                 # As at admission: the limits cannot be checked. Failing open,
                 # the turn goes on with what admission reserved; if the
-                # script may have run, its growth is released (_run_or_refuse).
+                # script may have run, its growth is released (_run_or_refuse)
+                # and the settlement finds its windows' entries (growth_unseen).
                 _refuse_if_fail_closed(grown, error)
                 log.warning("limits unavailable; the turn keeps what admission reserved", error=str(error))
                 return
             if refused is not None:
                 raise refused.error
         reservation.reserved_tokens, reservation.reserved_nano_usd = tokens, nano_usd
+        reservation.growth_unseen = None
 
     async def _grow_or_refuse(
         self,
@@ -973,11 +1008,12 @@ class Admission:
         self, grew: Reservation, before: tuple[int, int], growing: asyncio.Task
     ) -> None:
         """The top-up of a caller that went away has answered: growth it
-        charged goes back to what was reserved, so the turn's settlement
-        (from what was reserved) leaves the real use. Written whichever
-        comes first: a window entry the settlement missed (renamed by the
-        growth) keeps what was reserved until it leaves its window, an
-        overcharge; budgets end exact."""
+        charged to ``grew``'s budgets goes back to what was reserved, so the
+        turn's settlement (from what was reserved) leaves the real use,
+        whichever is written first. Its windows' entries are the
+        settlement's to move (Reservation.growth_unseen)."""
+        if not grew.checks:
+            return
         if growing.cancelled() or growing.exception() is not None or growing.result() is not None:
             return
         self._write_soon(self._write_settlements([(grew, *before)]))
@@ -1089,9 +1125,11 @@ def _settlement_words(reservation: Reservation, tokens: int, nano_usd: int, refu
     from what was reserved to ``tokens`` and ``nano_usd`` (a refund: to
     nothing, requests too)."""
     reserved_tokens, reserved_nano_usd = reservation.reserved_tokens, reservation.reserved_nano_usd
+    grown = reservation.growth_unseen
     return [
         f"{_KIND_CODE[check.kind]} {check.cost(reserved_tokens, reserved_nano_usd)}"
-        f" {0 if refund else check.cost(tokens, nano_usd)} {check.expires_at_s}"
+        f" {0 if refund else check.cost(tokens, nano_usd)}"
+        f" {check.cost(*grown) if grown and check.kind == 'window' else check.expires_at_s}"
         for check in reservation.checks
     ]
 

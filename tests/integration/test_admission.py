@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import types
 import uuid
 
@@ -469,6 +470,55 @@ async def test_a_turn_failing_open_whose_top_up_timed_out_after_redis_ran_it_kee
         await proxy.close()
 
 
+@pytest.mark.parametrize(
+    ("fail_closed", "used"),
+    [([], 25), ([], 500), (["tokens_per_day"], 0)],
+    ids=["fail-open-used-less", "fail-open-used-as-grown", "fail-closed-refused"],
+)
+async def test_a_top_ups_release_reaching_redis_after_the_turns_settlement_leaves_the_real_use(
+    redis_url, fail_closed, used
+):
+    """A turn's top-up times out after Redis ran it, and its release is held
+    up on its way (a stalled connection, run again later) until after the
+    turn's settlement (failing open, from what admission reserved to its
+    use; failing closed, refused, to nothing). The settlement missed the
+    window's entry (renamed to the grown cost), and the release then moved
+    it back to what admission reserved: the window held 20 tokens for a
+    minute where the turn used 25 (or 500, or none). Budgets and window must
+    end at the real use in this order too, also where it is the grown cost."""
+    proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0?socket_timeout=0.3")
+    direct = redis_access.connect(redis_url)
+    try:
+        admission = Admission(proxied, max_generation_s=60)
+        scope = _scope(tokens_per_minute=10_000, tokens_per_day=10_000, fail_closed=fail_closed)
+        # Loads the scripts: a turn admitted, grown and settled to nothing.
+        first = await admission.admit([scope], prompt_tokens=10, max_tokens=10)
+        await admission.top_up(first, tokens=30, nano_usd=0)
+        await admission.settle(first, 0, 0)
+        grant = await admission.admit([scope], prompt_tokens=10, max_tokens=10)
+        proxy.stall_when_sent(_evalsha_marker(admission_module._RELEASE))
+        proxy.hold()
+        try:
+            await admission.top_up(grant, tokens=500, nano_usd=0)
+        except MeshgateError as refused:
+            assert fail_closed and refused.reason == "LIMITS_UNAVAILABLE"
+        else:
+            assert not fail_closed
+        proxy.release()
+        await admission.settle(grant, used, 0)
+        # The release has not reached Redis: the growth is still charged.
+        assert int(await direct.get(_day_key(scope))) == 500 + used - 20
+        proxy.unstall()
+        await admission.drain()
+        assert int(await direct.get(_day_key(scope))) == used
+        assert int(await direct.get(f"{scope.prefix}:tpm:sum")) == used
+    finally:
+        for client in (proxied, direct):
+            await client.aclose()
+        await proxy.close()
+
+
 async def test_a_fail_closed_top_up_reaching_redis_after_its_release_grows_nothing(redis_url):
     """The top-up held up on its way times out, the turn is refused and its
     growth released before Redis has it: run after the release, it must
@@ -578,6 +628,11 @@ async def test_a_second_admit_after_a_streams_refusal_is_released_apart_from_the
     await admission.settle(holder, 15, 0)
     await admission.flush()
     assert int(await redis_client.get(_day_key(model))) == 15
+
+
+def _evalsha_marker(script: str) -> bytes:
+    """What a call of ``script`` sends (its SHA-1), for a proxy to hold it by."""
+    return hashlib.sha1(script.encode()).hexdigest().encode()
 
 
 async def _script_calls(client) -> int:
@@ -1062,14 +1117,21 @@ async def test_a_caller_cancelled_while_its_reservation_grows_keeps_no_growth(re
     """The top-up script is sent, Redis is busy, the caller goes away and
     its turn settles from what admission reserved; Redis then grows the
     reservation. The growth is given back once its reply comes, so the
-    budget ends at the turn's real use."""
+    budget ends at the turn's real use; and the window too, though the
+    settlement reaches Redis first (the growth given back then moved the
+    entry it had missed to what was reserved: 30 for a minute, not 25)."""
     clients = [redis_access.connect(redis_url) for _ in range(2)]
     client, other = clients
     try:
         admission = Admission(client, max_generation_s=60)
-        scope = _scope(tokens_per_day=1_000)
+        scope = _scope(tokens_per_day=1_000, tokens_per_minute=1_000)
         grant = await admission.admit([scope], prompt_tokens=10, max_tokens=10)
         await admission.top_up(grant, tokens=30, nano_usd=0)  # loads the script
+        # The settlement's script loaded, and connections in the pool: the
+        # settlement goes out at once, not behind a connect (or a load)
+        # that waits for the busy Redis.
+        await admission.settle(await admission.admit([scope], prompt_tokens=1, max_tokens=0), 0, 0)
+        await asyncio.gather(*(client.ping() for _ in range(3)))
         busy = asyncio.ensure_future(other.eval(_BUSY_300_MS, 0))
         await asyncio.sleep(0.05)
         growing = asyncio.ensure_future(admission.top_up(grant, tokens=500, nano_usd=0))
@@ -1085,6 +1147,7 @@ async def test_a_caller_cancelled_while_its_reservation_grows_keeps_no_growth(re
         while int(await client.get(_day_key(scope))) != 25:
             assert asyncio.get_running_loop().time() < deadline, "the abandoned growth stays charged"
             await asyncio.sleep(0.02)
+        assert int(await client.get(f"{scope.prefix}:tpm:sum")) == 25
     finally:
         for each in clients:
             await each.aclose()
