@@ -573,10 +573,14 @@ async def test_a_top_up_one_slot_refuses_while_anothers_timed_out_is_refused_and
         grant = await admission.admit([scope, model], prompt_tokens=10, max_tokens=10)
         await admission.admit([model], prompt_tokens=400, max_tokens=60)  # another tenant's turn
         proxy.hold_when_sent(scope.id.encode())
+        # The release, sent as the refusal is raised, kept from Redis until
+        # the growth is seen charged.
+        proxy.stall_when_sent(_evalsha_marker(admission_module._RELEASE))
         with pytest.raises(MeshgateError) as refused:
             await admission.top_up(grant, tokens=100, nano_usd=0)
         assert (refused.value.reason, refused.value.metadata["scope"]) == (Reason.BUDGET_EXHAUSTED, "model")
         assert int(await direct.get(_day_key(scope))) == 100  # Redis ran the tenant's
+        proxy.unstall()
         proxy.release()
         await admission.drain()
         assert int(await direct.get(_day_key(scope))) == 20
