@@ -170,8 +170,8 @@ class Reason(enum.StrEnum):
     INVALID_TAKE_ID = enum.auto()
     """A take id is too long (over 128 bytes) or holds whitespace (TakeSummaryUsage)."""
 
-    INVALID_KEY_SHA256 = enum.auto()
-    """An append's key_sha256 is neither empty nor 64 lower-case hex digits (AppendTurns)."""
+    INVALID_KEY_ID = enum.auto()
+    """An append's key_id is neither empty nor 16 lower-case hex digits (AppendTurns)."""
 
     INVALID_TOKEN_BUDGET = enum.auto()
     """The prompt token budget is zero or negative."""

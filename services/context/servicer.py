@@ -63,8 +63,9 @@ APPEND_WRITE_MARGIN_S = 0.25
 APPEND_EMBED_S_PER_TURN = 0.010
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-# A hex SHA-256, as the router writes an API key's (config.hash_api_key).
-_KEY_SHA256 = re.compile(r"[0-9a-f]{64}")
+# An API key's id, as the router writes it: the first 16 hex digits of its
+# SHA-256 (config.hash_api_key), never the whole.
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
 _ROLES = frozenset((common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT))
 
 
@@ -498,10 +499,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         if request.expected_version < 0:
             raise invalid_argument(Reason.INVALID_VERSION, "expected_version must not be negative")
         _check_request_id(request.turn_id, "turn_id", Reason.INVALID_TURN_ID)
-        if request.key_sha256 and not _KEY_SHA256.fullmatch(request.key_sha256):
-            raise invalid_argument(
-                Reason.INVALID_KEY_SHA256, "key_sha256 must be empty or 64 lower-case hex digits"
-            )
+        if request.key_id and not _KEY_ID.fullmatch(request.key_id):
+            raise invalid_argument(Reason.INVALID_KEY_ID, "key_id must be empty or 16 lower-case hex digits")
         if not request.messages:
             raise invalid_argument(Reason.EMPTY_MESSAGES, "messages must not be empty")
         turns = list(request.messages)
@@ -536,7 +535,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                     turns,
                     token_counts,
                     turn_id=request.turn_id,
-                    key_sha256=request.key_sha256,
+                    key_id=request.key_id,
                 )
         except BaseException:
             if embedding is not None:

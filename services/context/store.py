@@ -35,10 +35,10 @@ the braces make all of them one Redis Cluster hash slot:
   that a take sent again with its take id after a lost reply answers the
   same and takes nothing more (the router bills what a reply tells, and
   never saw the first), until another take comes between. And
-  ``latest_key``: the SHA-256 of the API key of the session's latest
-  append (AppendTurnsRequest.key_sha256), whom its summaries' usage is
-  billed to. (``unbilled_taken``, what an append took, is left by versions
-  whose appends took ``unbilled``; nothing reads it now.) A session that is
+  ``latest_key``: the id of the API key of the session's latest append
+  (AppendTurnsRequest.key_id), whom its summaries' usage is billed to.
+  (``unbilled_taken``, what an append took, is left by versions whose
+  appends took ``unbilled``; nothing reads it now.) A session that is
   deleted or expires before a take takes its ``unbilled`` with it, never
   billed.
 - ``...:turns``, a list of serialized ``common.v1.Message``, oldest first.
@@ -825,8 +825,8 @@ class Owed(typing.NamedTuple):
 
     tenant_id: str
     session_id: str
-    # Meta's ``latest_key``: whom the usage is billed to ("" for no key).
-    key_sha256: str
+    # Meta's ``latest_key``, a key id: whom the usage is billed to ("" for no key).
+    key_id: str
 
 
 def key(tenant_id: str, session_id: str, part: str) -> str:
@@ -981,15 +981,15 @@ class SessionStore:
         turns: list[common_pb2.Message],
         token_counts: dict[str, list[int]],
         turn_id: str = "",
-        key_sha256: str = "",
+        key_id: str = "",
     ) -> Appended:
         """Appends if the session is at ``expected_version``, or at the end
         whatever its version when it is None. ``token_counts`` maps
-        tokenizer id to the turns' counts; ``key_sha256``, the turn's API
-        key, is whom the session's summaries' usage is billed to from now on."""
+        tokenizer id to the turns' counts; ``key_id``, the turn's API key's
+        id, is whom the session's summaries' usage is billed to from now on."""
         expected = "" if expected_version is None else str(expected_version)
         caps = (self._max_turns, self._max_session_bytes)
-        args: list[object] = [expected, turn_id, self._ttl_s, len(turns), *caps, key_sha256]
+        args: list[object] = [expected, turn_id, self._ttl_s, len(turns), *caps, key_id]
         args.extend(turn.SerializeToString() for turn in turns)
         for tokenizer_id, counts in token_counts.items():
             args.extend((_counts_field(tokenizer_id), _pack(counts)))
@@ -1212,11 +1212,11 @@ class OwedSessions:
                 pipe.hmget(session_key(tenant_id, session_id), "unbilled", "latest_key")
             states = await pipe.execute()
         owed, settled = [], []
-        for member, (tenant_id, session_id), (unbilled, key_sha256) in zip(
+        for member, (tenant_id, session_id), (unbilled, key_id) in zip(
             members, sessions, states, strict=True
         ):
             if unbilled:
-                owed.append(Owed(tenant_id, session_id, (key_sha256 or b"").decode()))
+                owed.append(Owed(tenant_id, session_id, (key_id or b"").decode()))
             else:
                 settled.append(member)
         if settled:

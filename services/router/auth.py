@@ -34,9 +34,10 @@ class Tenant:
     key_limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
     # For model selection rules (router.tenants[].tier).
     tier: str = ""
-    # The SHA-256 of the caller's key itself: a session keeps its latest
-    # turn's, whom its summaries' usage is billed to (Authenticator.billed_tenant).
-    key_sha256: str = ""
+    # The id of the caller's key itself (key_id, but for a rotated key its
+    # own, not its first key's): a session keeps its latest turn's, whom its
+    # summaries' usage is billed to (Authenticator.billed_tenant).
+    own_key_id: str = ""
 
     def may_use(self, alias: str) -> bool:
         return "*" in self.models or alias in self.models
@@ -66,6 +67,9 @@ class _Configured:
     on a reload."""
 
     tenants_by_key_hash: dict[str, Tenant]
+    # The same tenants by key id (the hash's first 16 hex digits), for
+    # billed_tenant.
+    tenants_by_key_id: dict[str, Tenant]
     tenant_limits: dict[str, LimitSettings]
     tenant_tiers: dict[str, str]
     tenant_models: dict[str, frozenset[str]]
@@ -95,13 +99,19 @@ class Authenticator:
                     tenant.limits,
                     tenant.key_limits,
                     tenant.tier,
-                    digest.lower(),
+                    digest.lower()[:16],
                 )
         if settings.dev_tenant:
             dev_key = hash_api_key(settings.dev_api_key)
-            tenants_by_key_hash[dev_key] = Tenant(DEV_TENANT_ID, frozenset({"*"}), key_sha256=dev_key)
+            tenants_by_key_hash[dev_key] = Tenant(DEV_TENANT_ID, frozenset({"*"}), own_key_id=dev_key[:16])
+        # Two configured keys sharing an id (16 hex digits: beyond chance
+        # unless made so) bill under the lower hash's, on every replica alike.
+        tenants_by_key_id: dict[str, Tenant] = {}
+        for key_hash in sorted(tenants_by_key_hash):
+            tenants_by_key_id.setdefault(key_hash[:16], tenants_by_key_hash[key_hash])
         self._configured = _Configured(
             tenants_by_key_hash,
+            tenants_by_key_id,
             {tenant.id: tenant.limits for tenant in settings.tenants},
             {tenant.id: tenant.tier for tenant in settings.tenants},
             {tenant.id: frozenset(tenant.models) for tenant in settings.tenants},
@@ -146,9 +156,9 @@ class Authenticator:
         if self._keys is None or not key.may_be_stored:
             raise _invalid_key()
         record = await self.check_stored_key(key.key_hash)
-        return self._stored_tenant(record, key.key_hash)
+        return self._stored_tenant(record)
 
-    def _stored_tenant(self, record: KeyRecord, key_hash: str) -> Tenant:
+    def _stored_tenant(self, record: KeyRecord) -> Tenant:
         """A stored key's tenant: the key's record, with its tenant's
         configured limits, models and tier."""
         configured = self._configured
@@ -159,26 +169,27 @@ class Authenticator:
             configured.tenant_limits.get(record.tenant_id, LimitSettings()),
             record.limits,
             configured.tenant_tiers.get(record.tenant_id, ""),
-            key_hash,
+            record.key_id,
         )
 
-    async def billed_tenant(self, tenant_id: str, key_sha256: str) -> Tenant:
+    async def billed_tenant(self, tenant_id: str, key_id: str) -> Tenant:
         """Whom usage of ``tenant_id`` that no request of it carries (a
         session's summaries', services/router/summary_usage.py) is billed
-        to: the key of ``key_sha256`` (the session's latest turn's) as
-        :meth:`tenant_of` resolves it now, but a stored key that has been
+        to: the key of ``key_id`` (the session's latest turn's) as
+        :meth:`tenant_of` resolves it now (a configured key first, then a
+        stored key by the KeyStore's ids), but a stored key that has been
         revoked or has expired since is billed all the same (the usage is
         from its time); else, a key no longer known or now another tenant's,
         or none, the tenant with no key (its configured limits). UNAVAILABLE
         where Redis cannot tell a stored key."""
         configured = self._configured
-        tenant = configured.tenants_by_key_hash.get(key_sha256)
+        tenant = configured.tenants_by_key_id.get(key_id)
         if tenant is not None and tenant.id == tenant_id:
             return tenant
-        if self._keys is not None and key_sha256:
-            record = await self._keys.lookup(key_sha256)
+        if self._keys is not None and key_id:
+            record = await self._keys.lookup_id(key_id)
             if record is not None and record.tenant_id == tenant_id:
-                return self._stored_tenant(record, key_sha256)
+                return self._stored_tenant(record)
         return Tenant(
             tenant_id,
             configured.tenant_models.get(tenant_id, frozenset()),

@@ -312,7 +312,7 @@ class ContextService:
             expected_version=after_version,
             any_version=turn.expected_version is None,
             turn_id=uuid.uuid4().hex,
-            key_sha256=turn.tenant.key_sha256,
+            key_id=turn.tenant.own_key_id,
             messages=[
                 *turn.messages,
                 common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=answer.text),
@@ -359,7 +359,7 @@ class ContextService:
                     {"service": "context", "code": error.code().name},
                 ) from error
             raise from_rpc_error(error, "context") from error
-        return [OwedSummaries(s.tenant_id, s.session_id, s.key_sha256) for s in response.sessions]
+        return [OwedSummaries(s.tenant_id, s.session_id, s.key_id) for s in response.sessions]
 
     async def take_summary_usage(
         self, tenant_id: str, session_id: str, take_id: str

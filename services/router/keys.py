@@ -439,6 +439,13 @@ class KeyStore:
         # runs on when all have gone: what it reads is cached for the next.
         return await self._reading.join(key_hash, functools.partial(self._read, key_hash))
 
+    async def lookup_id(self, key_id: str) -> KeyRecord | None:
+        """The record of the key of ``key_id`` (the first 16 hex digits of
+        its SHA-256) as :meth:`lookup` reads it; None when no stored key
+        has that id."""
+        key_hash = await self._call(self._redis.hget(_IDS, key_id))
+        return await self.lookup(key_hash.decode()) if key_hash is not None else None
+
     async def _read(self, key_hash: str) -> KeyRecord | None:
         # Aged from when it was asked, not answered: a record is then never
         # served more than _CACHE_TTL_S after Redis could have changed it.

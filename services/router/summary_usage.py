@@ -11,7 +11,7 @@ routers off them for as long, so each router takes different ones), up to
 CLAIM_SIZE (a full claim is followed by another at once), and takes each
 one's usage (TakeSummaryUsage), MAX_CONCURRENT_TAKES at a time, billing what
 it took (Admission.summaries_spent) to the session's tenant and the key of
-the session's latest turn (the session keeps its SHA-256; a key no longer
+the session's latest turn (the session keeps its key id; a key no longer
 known, or none, bills the tenant with no key: Authenticator.billed_tenant).
 
 A router keeps nothing of it in memory but the takes under way, so a
@@ -78,8 +78,8 @@ class OwedSummaries:
 
     tenant_id: str
     session_id: str
-    # The SHA-256 of the key of the session's latest turn ("" for none).
-    key_sha256: str
+    # The id of the key of the session's latest turn ("" for none).
+    key_id: str
 
 
 Claim = Callable[[float, int], Awaitable[list[OwedSummaries]]]
@@ -150,7 +150,7 @@ class SummaryUsageSweeper:
 
     async def _take_owed(self, owed: OwedSummaries) -> None:
         try:
-            tenant = await self._tenant_of(owed.tenant_id, owed.key_sha256)
+            tenant = await self._tenant_of(owed.tenant_id, owed.key_id)
         except MeshgateError as error:
             # Nothing taken: a claim after this one's names the session again.
             log.warning("summary usage not taken", session_id=owed.session_id, reason=error.reason)

@@ -302,7 +302,7 @@ async def test_appends_at_any_version_all_land_and_a_replayed_turn_id_is_not_app
 async def test_invalid_appends_are_rejected(stub, tenant) -> None:
     session_id = await new_session(stub, tenant)
 
-    async def reason_of(messages, version: int = 0, turn_id: str = "", key_sha256: str = "") -> str:
+    async def reason_of(messages, version: int = 0, turn_id: str = "", key_id: str = "") -> str:
         call = stub.AppendTurns(
             pb.AppendTurnsRequest(
                 tenant_id=tenant,
@@ -310,7 +310,7 @@ async def test_invalid_appends_are_rejected(stub, tenant) -> None:
                 expected_version=version,
                 messages=messages,
                 turn_id=turn_id,
-                key_sha256=key_sha256,
+                key_id=key_id,
             )
         )
         code, reason, _ = await failure(call)
@@ -327,9 +327,11 @@ async def test_invalid_appends_are_rejected(stub, tenant) -> None:
     assert await reason_of([msg(USER, "x")], turn_id="t" * 129) == "INVALID_TURN_ID"
     assert await reason_of([msg(USER, "x")], turn_id="t x") == "INVALID_TURN_ID"
     assert await reason_of([msg(USER, "x")], turn_id="t\tx") == "INVALID_TURN_ID"
-    # Only a key's SHA-256 as the router writes it: the session keeps it.
-    assert await reason_of([msg(USER, "x")], key_sha256="A" * 64) == "INVALID_KEY_SHA256"
-    assert await reason_of([msg(USER, "x")], key_sha256="a" * 65) == "INVALID_KEY_SHA256"
+    # Only a key id as the router writes it: the session keeps it. A key's
+    # whole SHA-256 is more of the key than any other service is shown.
+    assert await reason_of([msg(USER, "x")], key_id="A" * 16) == "INVALID_KEY_ID"
+    assert await reason_of([msg(USER, "x")], key_id="a" * 15) == "INVALID_KEY_ID"
+    assert await reason_of([msg(USER, "x")], key_id="a" * 64) == "INVALID_KEY_ID"
     # Nothing was stored by the rejected calls; exactly 1 MiB is accepted.
     ok = pb.AppendTurnsRequest(
         tenant_id=tenant,
@@ -349,14 +351,14 @@ async def test_a_take_id_is_checked_as_a_turn_id_is_and_a_claim_names_a_sessions
             pb.TakeSummaryUsageRequest(tenant_id=tenant, session_id=session_id, take_id=take_id)
         )
         assert (await failure(call))[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TAKE_ID")
-    key = "c" * 64
+    key = "c" * 16
     await stub.AppendTurns(
         pb.AppendTurnsRequest(
             tenant_id=tenant,
             session_id=session_id,
             any_version=True,
             messages=[msg(USER, "x")],
-            key_sha256=key,
+            key_id=key,
         )
     )
     # What a summary's writer does (summaries.SummaryStore.put), without a model.
@@ -367,7 +369,7 @@ async def test_a_take_id_is_checked_as_a_turn_id_is_and_a_claim_names_a_sessions
     finally:
         await client.aclose()
     claimed = await stub.ClaimOwedSummaryUsage(pb.ClaimOwedSummaryUsageRequest(owed_for_ms=0))
-    assert pb.OwedSummaryUsage(tenant_id=tenant, session_id=session_id, key_sha256=key) in claimed.sessions
+    assert pb.OwedSummaryUsage(tenant_id=tenant, session_id=session_id, key_id=key) in claimed.sessions
     taken = await stub.TakeSummaryUsage(
         pb.TakeSummaryUsageRequest(tenant_id=tenant, session_id=session_id, take_id="once")
     )

@@ -184,8 +184,8 @@ async def test_a_claim_names_a_session_owing_with_its_latest_key_until_a_take_ta
     sessions = session_store.SessionStore(client, 600)
     owed = sessions.owed
     await sessions.create(tenant, "s")
-    await sessions.append(tenant, "s", None, turns(0, 2), {}, key_sha256="a" * 64)
-    await sessions.append(tenant, "s", None, turns(2, 2), {}, key_sha256="b" * 64)
+    await sessions.append(tenant, "s", None, turns(0, 2), {}, key_id="a" * 16)
+    await sessions.append(tenant, "s", None, turns(2, 2), {}, key_id="b" * 16)
     # Nothing owed yet: not listed.
     assert await listed(client, tenant, "s") is None
     await summarizer_of(client, CountingModel()).summarize_due(tenant, "s")
@@ -194,7 +194,7 @@ async def test_a_claim_names_a_session_owing_with_its_latest_key_until_a_take_ta
     # Not owing for a minute yet: not named.
     assert mine(await owed.claim(60_000, 1000), tenant) == []
     claimed = mine(await owed.claim(0, 1000), tenant)
-    assert claimed == [session_store.Owed(tenant, "s", "b" * 64)]
+    assert claimed == [session_store.Owed(tenant, "s", "b" * 16)]
     # Claimed for as long as it had to owe: no other claim of that names it.
     assert mine(await owed.claim(60_000, 1000), tenant) == []
     # Not taken yet (the claimer stopped, say): a later claim names it again.

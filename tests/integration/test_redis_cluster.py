@@ -223,13 +223,13 @@ async def test_sessions_owing_summary_usage_on_every_master_are_claimed(
     sessions = store.SessionStore(client, ttl_s=600)
     for session_id in ids:
         await sessions.create(tenant, session_id)
-        await sessions.append(tenant, session_id, None, [msg(USER, "x")], {}, key_sha256="d" * 64)
+        await sessions.append(tenant, session_id, None, [msg(USER, "x")], {}, key_id="d" * 16)
         # What a summary's writer does (summaries.SummaryStore.put), without a model.
         await sessions.owed.mark(tenant, session_id)
         await client.hset(store.session_key(tenant, session_id), "unbilled", '{"m": [5, 1, 1]}')
     assert len(await sessions.take_unbilled(tenant, ids[0], "t")) == 1
     claimed = [owed for owed in await sessions.owed.claim(0, 1000) if owed.tenant_id == tenant]
-    assert sorted(claimed) == sorted(store.Owed(tenant, session_id, "d" * 64) for session_id in ids[1:])
+    assert sorted(claimed) == sorted(store.Owed(tenant, session_id, "d" * 16) for session_id in ids[1:])
     member = json.dumps([tenant, ids[0]], separators=(",", ":"))
     assert await client.zscore(store.OWED_KEY, member) is None
 

@@ -641,6 +641,32 @@ async def test_a_rotated_key_keeps_its_daily_budget_and_its_usage_id(redis_url):
         await client.aclose()
 
 
+async def test_a_stored_keys_summaries_are_billed_by_its_id_under_its_accounting_id_revoked_or_not(redis_url):
+    # A session records the id of its latest turn's key (Tenant.own_key_id);
+    # the sweep resolves it through the ids hash (KeyStore.lookup_id).
+    client = redis_access.connect(redis_url)
+    try:
+        keys = KeyStore(client)
+        auth = Authenticator(RouterSettings(dev_tenant=False), keys)
+        tenant_id = f"t-{uuid.uuid4().hex[:8]}"
+        _, record = await keys.create(tenant_id, ("*",), LimitSettings(tokens_per_day=500), None, "")
+        successor_secret, successor, _ = await keys.rotate(record.key_id)
+        caller = await auth.authenticate(bearer(successor_secret))
+        assert caller.own_key_id == successor.key_id != caller.key_id == record.key_id
+        # The successor, and the first key, revoked by the rotation.
+        for key_id in (successor.key_id, record.key_id):
+            billed = await auth.billed_tenant(tenant_id, key_id)
+            assert (billed.id, billed.key_id, billed.key_limits.tokens_per_day) == (
+                tenant_id,
+                record.key_id,
+                500,
+            )
+        for tenant, key_id in ((f"other-{tenant_id}", successor.key_id), (tenant_id, "0" * 16)):
+            assert (await auth.billed_tenant(tenant, key_id)).key_id == ""
+    finally:
+        await client.aclose()
+
+
 async def test_a_key_stored_before_rotations_kept_their_id_reads_and_rotates(redis_url):
     # Its record has no accounting id: it counts under its own, and so do
     # its successors.

@@ -209,6 +209,9 @@ async def test_any_router_bills_a_summary_under_the_key_of_the_sessions_latest_t
         for i in range(3):
             await session.chat(i, first_key)
         await session.chat(3, latest_key)
+        # The session keeps the key's id, as usage rows show it, not its hash.
+        meta = session_store.session_key(session.tenant, session.session_id)
+        assert await session.client.hget(meta, "latest_key") == hash_api_key(latest_key)[:16].encode()
         sweeping = dataclasses.replace(
             session.settings, router=dataclasses.replace(session.settings.router, summary_usage_collect_s=0.2)
         )

@@ -109,7 +109,7 @@ class AppendingStore(SessionStore):
         self.counted = counted
 
     async def append(
-        self, tenant_id, session_id, expected_version, turns, token_counts, turn_id="", key_sha256=""
+        self, tenant_id, session_id, expected_version, turns, token_counts, turn_id="", key_id=""
     ):
         self.version += 1
         return Appended(self.version, False, self.counted, 1)
@@ -183,7 +183,7 @@ class FullStore(SessionStore):
         self.held_bytes = held_bytes
 
     async def append(
-        self, tenant_id, session_id, expected_version, turns, token_counts, turn_id="", key_sha256=""
+        self, tenant_id, session_id, expected_version, turns, token_counts, turn_id="", key_id=""
     ):
         size = sum(turn.ByteSize() for turn in turns)
         self.check_room(

@@ -15,13 +15,13 @@ import pytest
 import redis.exceptions
 from google.rpc import status_pb2
 
-from meshgate.config import LimitSettings, RouterSettings, TenantSettings, hash_api_key
+from meshgate.config import DEV_TENANT_ID, LimitSettings, RouterSettings, TenantSettings, hash_api_key
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router import keys as keys_module
 from services.router.admission import TenantCalls
-from services.router.auth import Authenticator, CallerGate, current_tenant
+from services.router.auth import Authenticator, CallerGate, CallerKey, current_tenant
 from services.router.keys import KeyRecord, KeyStore, new_secret, usable_models
 from tests.unit.test_router_pipeline import user
 
@@ -54,13 +54,19 @@ def loop():
 
 class ScriptedRedis:
     """A KeyStore's GETs, each answered by the next of ``answers``: a
-    record, None (no such key) or DOWN; the last answer repeats."""
+    record, None (no such key) or DOWN; the last answer repeats. The ids
+    hash (KeyStore.lookup_id) holds the records of ``answers``."""
 
     DOWN = object()
 
     def __init__(self, *answers) -> None:
         self.answers = list(answers)
         self.gets = 0
+        self.ids = {a.key_id: a.key_hash.encode() for a in answers if isinstance(a, KeyRecord)}
+
+    async def hget(self, name: str, key: str):
+        assert name == keys_module._IDS
+        return self.ids.get(key)
 
     async def get(self, name: str):
         answer = self.answers[min(self.gets, len(self.answers) - 1)]
@@ -259,27 +265,54 @@ async def test_summaries_usage_is_billed_to_the_sessions_latest_key_while_it_nam
     fake = ScriptedRedis(revoked)
     auth = Authenticator(settings, KeyStore(fake))
 
-    configured = await auth.billed_tenant("acme", hash_api_key("file-key"))
+    # A session names its latest key by id (a turn's Tenant.own_key_id).
+    file_key = await auth.tenant_of(CallerKey(hash_api_key("file-key"), False))
+    assert file_key.own_key_id == file_key.key_id == hash_api_key("file-key")[:16]
+    configured = await auth.billed_tenant("acme", file_key.own_key_id)
     assert (configured.key_id, configured.limits, configured.key_limits) == (
         hash_api_key("file-key")[:16],
         limits,
         key_limits,
     )
-    billed = await auth.billed_tenant("acme", hash_api_key(secret))
-    assert (billed.id, billed.key_id, billed.limits, billed.key_limits) == (
+    billed = await auth.billed_tenant("acme", revoked.key_id)
+    assert (billed.id, billed.key_id, billed.own_key_id, billed.limits, billed.key_limits) == (
         "acme",
         "first-key-id",
+        revoked.key_id,
         limits,
         key_limits,
     )
     # Redis knows no other key (the secret's record is in the KeyStore's cache).
     fake.answers = [None]
-    for tenant_id, key_sha256 in (
-        ("acme", hash_api_key("other-key")),
+    for tenant_id, key_id in (
+        ("acme", hash_api_key("other-key")[:16]),
         ("acme", ""),
-        ("other", hash_api_key(secret)),
+        ("other", revoked.key_id),
+        # A key's whole hash is no id.
+        ("acme", hash_api_key("file-key")),
     ):
-        keyless = await auth.billed_tenant(tenant_id, key_sha256)
+        keyless = await auth.billed_tenant(tenant_id, key_id)
         assert (keyless.id, keyless.key_id, keyless.key_limits) == (tenant_id, "", LimitSettings())
     assert (await auth.billed_tenant("acme", "")).limits == limits
-    assert (await auth.billed_tenant("acme", hash_api_key(new_secret()))).key_id == ""
+    assert (await auth.billed_tenant("acme", hash_api_key(new_secret())[:16])).key_id == ""
+
+
+@pytest.mark.parametrize("lower_first", [True, False])
+async def test_configured_keys_sharing_an_id_bill_the_lower_hashs_tenant_in_any_order(lower_first) -> None:
+    """Two configured digests alike in their first 16 hex digits (made so:
+    beyond chance otherwise): every replica bills a session of that id to
+    the same key, whichever order the file lists them in."""
+    shared = "ab" * 8
+    lower = TenantSettings(id="acme", api_key_sha256=[shared + "0" * 48])
+    higher = TenantSettings(id="other", api_key_sha256=[shared + "f" * 48])
+    tenants = [lower, higher] if lower_first else [higher, lower]
+    auth = Authenticator(RouterSettings(dev_tenant=False, tenants=tenants))
+    assert (await auth.billed_tenant("acme", shared)).key_id == shared
+    assert (await auth.billed_tenant("other", shared)).key_id == ""
+
+
+async def test_the_dev_keys_sessions_bill_the_dev_tenant() -> None:
+    auth = Authenticator(RouterSettings(dev_api_key="dev-secret"))
+    dev = await auth.tenant_of(CallerKey(hash_api_key("dev-secret"), False))
+    assert dev.own_key_id == hash_api_key("dev-secret")[:16]
+    assert await auth.billed_tenant(DEV_TENANT_ID, dev.own_key_id) == dev

@@ -121,22 +121,22 @@ class DeleteSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class AppendTurnsRequest(_message.Message):
-    __slots__ = ("tenant_id", "session_id", "expected_version", "messages", "any_version", "turn_id", "key_sha256")
+    __slots__ = ("tenant_id", "session_id", "expected_version", "messages", "any_version", "turn_id", "key_id")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     ANY_VERSION_FIELD_NUMBER: _ClassVar[int]
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
-    KEY_SHA256_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     session_id: str
     expected_version: int
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
     any_version: bool
     turn_id: str
-    key_sha256: str
-    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., expected_version: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., any_version: _Optional[bool] = ..., turn_id: _Optional[str] = ..., key_sha256: _Optional[str] = ...) -> None: ...
+    key_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., expected_version: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., any_version: _Optional[bool] = ..., turn_id: _Optional[str] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class AppendTurnsResponse(_message.Message):
     __slots__ = ("version", "replayed", "summary_usage")
@@ -191,14 +191,14 @@ class ClaimOwedSummaryUsageResponse(_message.Message):
     def __init__(self, sessions: _Optional[_Iterable[_Union[OwedSummaryUsage, _Mapping]]] = ...) -> None: ...
 
 class OwedSummaryUsage(_message.Message):
-    __slots__ = ("tenant_id", "session_id", "key_sha256")
+    __slots__ = ("tenant_id", "session_id", "key_id")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    KEY_SHA256_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     session_id: str
-    key_sha256: str
-    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., key_sha256: _Optional[str] = ...) -> None: ...
+    key_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class AssembleContextRequest(_message.Message):
     __slots__ = ("tenant_id", "session_id", "new_messages", "model", "max_prompt_tokens", "at_version", "strategy", "append_reservation")
