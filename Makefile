@@ -43,8 +43,12 @@ lint: install
 		$(VENV)/bin/buf breaking --against '.git#branch=main'; \
 	else echo "buf breaking: no main branch to compare with"; fi
 
+# The hermetic unit tier on two workers (CPU-bound; ~1 min), then the tiers
+# that start real Redis, Triton and services, one test at a time (their
+# ports, timings and 2 cores are shared).
 test: lint
-	$(PY) -m pytest -q -m "not stub_faults" --durations=25
+	$(PY) -m pytest -q -n 2 -m "not stub_faults" tests/unit
+	$(PY) -m pytest -q -m "not stub_faults" --durations=25 --ignore=tests/unit
 
 # A real Triton's Python-backend stub killed under streams (tests marked
 # stub_faults, ~40 s): behind its own target since it was seen to fail under
@@ -56,7 +60,7 @@ test-stub-faults: install
 # The hermetic tier alone: no Redis, Triton, service or socket (tests/unit's
 # conftest refuses IP sockets), no model weights (tests marked heavy); ~1 min.
 test-unit: install
-	$(PY) -m pytest -q -m "not heavy" tests/unit
+	$(PY) -m pytest -q -n 2 -m "not heavy" tests/unit
 
 # The fault suite alone (it is part of `make test` too), with its table:
 # kill -9 of Triton, Redis, cache and context under load.

@@ -80,6 +80,9 @@ def test_a_sealed_answer_opens_with_its_request_id_only_and_for_its_request_only
         f"{{{uuid.uuid4()}}}",
         f"urn:uuid:{uuid.uuid4()}",
     ],
+    # Named by what each is, not by its random value: parallel workers
+    # (pytest-xdist) must collect the same tests.
+    ids=["not-a-uuid", "uuid1", "nil", "hex", "braced", "urn"],
 )
 def test_only_a_uuid4_in_its_36_character_form_is_taken(request_id):
     with pytest.raises(MeshgateError) as refused:
