@@ -205,6 +205,24 @@ def _json(value) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+# What JSON may leave raw in a string (json.dumps does) but str.splitlines
+# ends a line at: a client that splits an event stream with it (httpx's
+# aiter_lines, older httpx-sse) would read an answer holding one as a broken
+# data line and a line that is no field. Escaped, each is the same
+# character to every JSON reader. (The SSE spec ends lines at CR and LF
+# alone, which JSON always escapes.)
+_SPLITLINES_ESCAPES = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _event_json(value) -> bytes:
+    """``value`` as the JSON of a server-sent event's data line: on one line
+    for every line splitter (:data:`_SPLITLINES_ESCAPES`)."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if not text.isascii():
+        text = text.translate(_SPLITLINES_ESCAPES)
+    return text.encode()
+
+
 # --- requests ----------------------------------------------------------------
 
 _ROLES = {
@@ -494,7 +512,7 @@ class _Chunks:
             "model": model,
         }
         self._include_usage = include_usage
-        self._delta_prefix = _json(self._head)[:-1] + b',"choices":[{"index":0,"delta":{'
+        self._delta_prefix = _event_json(self._head)[:-1] + b',"choices":[{"index":0,"delta":{'
         # With include_usage, OpenAI's chunks before the last carry "usage": null.
         self._delta_end = b'},"logprobs":null,"finish_reason":null}]' + (
             b',"usage":null}\n\n' if include_usage else b"}\n\n"
@@ -505,14 +523,7 @@ class _Chunks:
         role = b""
         if not self._role_sent:
             role, self._role_sent = b'"role":"assistant",', True
-        return (
-            b"data: "
-            + self._delta_prefix
-            + role
-            + b'"content":'
-            + json.dumps(text, ensure_ascii=False).encode()
-            + self._delta_end
-        )
+        return b"data: " + self._delta_prefix + role + b'"content":' + _event_json(text) + self._delta_end
 
     def finish(self, completion: Completion, text: str = "") -> bytes:
         """The stream's end: the answer's last ``text`` (if any), its finish,
@@ -530,9 +541,10 @@ class _Chunks:
         )
         if self._include_usage:
             finish["usage"] = None
-        events.append(b"data: " + _json(finish) + b"\n\n")
+        events.append(b"data: " + _event_json(finish) + b"\n\n")
         if self._include_usage:
-            events.append(b"data: " + _json(dict(self._head, choices=[], usage=_usage(completion))) + b"\n\n")
+            usage = dict(self._head, choices=[], usage=_usage(completion))
+            events.append(b"data: " + _event_json(usage) + b"\n\n")
         events.append(b"data: [DONE]\n\n")
         return b"".join(events)
 
@@ -728,7 +740,7 @@ class HttpEdge:
             # with an error event, as a failure midway does, never as a
             # silent short answer. The request then ends as answered: raised
             # on, the cancellation would be logged as an error of the app.
-            body = b"data: " + _json(error_body(partly_delivered(stopped(), *sent))) + b"\n\n"
+            body = b"data: " + _event_json(error_body(partly_delivered(stopped(), *sent))) + b"\n\n"
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": body})
 
@@ -751,7 +763,7 @@ class HttpEdge:
                     # error event (the openai SDK raises it) and the stream
                     # ends without [DONE]: never a silent short answer.
                     # The same type as the error would have had as a status.
-                    body = b"data: " + _json(error_body(error)) + b"\n\n"
+                    body = b"data: " + _event_json(error_body(error)) + b"\n\n"
                     await send({"type": "http.response.body", "body": body})
                     return
             event = await anext(events)

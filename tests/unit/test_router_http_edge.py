@@ -143,6 +143,34 @@ async def test_a_failure_midway_ends_the_stream_with_an_error_event_after_every_
     assert b"[DONE]" not in whole
 
 
+# Line breaks to str.splitlines that JSON may leave raw in a string.
+SPLITLINES_BREAKS = "\x85\u2028\u2029"
+
+
+@pytest.mark.parametrize("end", ["completion", "failure"])
+async def test_an_answer_holding_unicode_line_separators_stays_one_line_per_event(end):
+    """A client that splits the stream with str.splitlines' breaks (httpx's
+    aiter_lines) reads each event as one data line, and the answer whole."""
+    text = f"one{SPLITLINES_BREAKS}two"
+    answer = Answer(text=text + text, completion_tokens=4, finish_reason="stop")
+    last = (
+        Completion(answer, CacheStatus.MISS, 0.0, "", 0, "", text=text)
+        if end == "completion"
+        else Failure(unavailable(Reason.REDIS_UNAVAILABLE, f"not saved{SPLITLINES_BREAKS}"))
+    )
+    sent = await streamed([Delta(text), last])
+    whole = b"".join(message.get("body", b"") for message in sent).decode()
+    lines = [line for line in whole.splitlines() if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    payloads = [json.loads(line[len("data: ") :]) for line in lines if line != "data: [DONE]"]
+    pieces = [payload["choices"][0]["delta"].get("content") for payload in payloads if payload.get("choices")]
+    if end == "completion":
+        assert "".join(piece for piece in pieces if piece) == text + text
+    else:
+        assert pieces == [text]
+        assert payloads[-1]["error"]["message"] == f"not saved{SPLITLINES_BREAKS}"
+
+
 class EmbedStub:
     """An inference service's Embed: fails with ``failure`` when given one, else answers one zero vector."""
 
