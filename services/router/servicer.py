@@ -396,10 +396,12 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                             call.writing = True
                             yield message
                             call.writing = False
-                            if call.cut:
-                                if done:
-                                    break  # the turn is whole: the stop's status comes next
+                            if call.cut and not done:
                                 raise call.failure(deltas, chars, session_id)
+                            # Cut once its completion or failure went out, the
+                            # turn is whole: it is read to its end all the same
+                            # (closed at its completion, the pipeline would settle
+                            # it as cancelled), then the stop's status comes next.
                 except asyncio.CancelledError:
                     if not self._turns.cut_here(call):
                         raise

@@ -33,7 +33,7 @@ from services.router.app import SERVICE_NAMES
 from services.router.auth import Authenticator, CallerGate
 from services.router.keys import KeyStore
 from services.router.ledger import METRICS
-from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Hit, Pipeline
+from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Hit, Pipeline, Unlimited
 from services.router.servicer import ADMITTED_METADATA, RouterServicer, add_to_server
 from tests.mesh import bounded_channel, held_back, rpc_outcomes
 from tests.unit.test_router_pipeline import FakeCache, FakeContexts, FakeGenerator, request, user
@@ -564,6 +564,65 @@ async def test_a_chat_that_ends_without_its_completion_is_an_internal_error():
     assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == [
         "Chat ended without a completion"
     ]
+
+
+class SettledOutcomes(Unlimited):
+    """Admits every turn and keeps the outcome each was settled with."""
+
+    def __init__(self) -> None:
+        self.outcomes = []
+
+    async def settle(self, grant, turn, outcome) -> None:
+        self.outcomes.append(outcome)
+
+
+class StreamContext:
+    """A ChatSession's servicer context, driven by the test, without a deadline."""
+
+    def __init__(self, metadata) -> None:
+        self._metadata = metadata
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    async def send_initial_metadata(self, metadata) -> None:
+        pass
+
+    def time_remaining(self) -> None:
+        return None
+
+
+async def test_a_chat_session_turn_whose_completion_the_stop_cut_in_its_write_is_settled_completed():
+    """The router's stop, near its grace's end, cuts a ChatSession while gRPC
+    writes its turn's completion: the stream ends SERVICE_STOPPING, and the
+    turn, whole and stored, is settled (and in the tenant's usage) as
+    completed, not as one its caller cancelled."""
+    settings = router_settings()
+    admission = SettledOutcomes()
+    pipeline = Pipeline(
+        settings.router, settings.models, FakeContexts(), FakeCache(), FakeGenerator(), admission
+    )
+    servicer = RouterServicer(settings, pipeline, FakeLedger())
+
+    async def client_stays():
+        yield pb.ChatSessionRequest(model="m", messages=[user("hello")])
+        await asyncio.Event().wait()
+
+    async def call() -> None:
+        # In a task of its own, as gRPC runs a call, after the router's gate.
+        await caller_gate()(f"/{SERVICE.full_name}/ChatSession", AUTH)
+        stream = servicer.ChatSession(client_stays(), StreamContext(AUTH))
+        while not (response := await anext(stream)).HasField("completion"):
+            pass
+        # The handler waits in its yield while gRPC writes the completion.
+        await servicer.drain(0.0)
+        with pytest.raises(MeshgateError) as stopped:
+            await anext(stream)
+        assert stopped.value.reason == Reason.SERVICE_STOPPING
+        assert stopped.value.metadata["session_version"] == str(response.completion.session_version)
+
+    await asyncio.wait_for(asyncio.create_task(call()), 10)
+    assert [(outcome.failure, outcome.cancelled) for outcome in admission.outcomes] == [(None, False)]
 
 
 def test_chat_without_a_key_is_unauthenticated(loop):
