@@ -751,6 +751,11 @@ async def stop(service: Service, grace_s: float = 10.0) -> None:
     async def step(name: str, run: collections.abc.Awaitable) -> None:
         try:
             await run
+        except StopFailed as failure:
+            # A cleanup of steps (cleanup_steps) logged each failure with its
+            # traceback already.
+            log.error("stop step failed", step=name, error=str(failure))
+            failed.append(name)
         except Exception:  # noqa: BLE001 - logged here, reported as StopFailed once every step ran
             log.exception("stop step failed", step=name)
             failed.append(name)

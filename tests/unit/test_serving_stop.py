@@ -107,3 +107,20 @@ async def test_a_cleanup_of_steps_that_all_succeed_raises_nothing():
 
     await serving.cleanup_steps(("one", close), ("two", close))()
     assert ran == ["closed", "closed"]
+
+
+async def test_a_failed_cleanup_step_is_logged_with_its_traceback_once(tmp_path):
+    async def failing_close() -> None:
+        raise RuntimeError("the channel would not close")
+
+    service, _ = await started(tmp_path, serving.cleanup_steps(("channel", failing_close)))
+    with structlog.testing.capture_logs() as logs, pytest.raises(serving.StopFailed):
+        await serving.stop(service, grace_s=0)
+    failures = [entry for entry in logs if entry["log_level"] == "error"]
+    assert [(entry["event"], entry["step"]) for entry in failures] == [
+        ("cleanup step failed", "channel"),
+        ("stop step failed", "cleanup"),
+    ]
+    # The traceback with the step that raised; the stop's line names it.
+    assert [bool(entry.get("exc_info")) for entry in failures] == [True, False]
+    assert "channel" in failures[1]["error"]
