@@ -142,7 +142,7 @@ class Reason(enum.StrEnum):
     """A cache request names no model."""
 
     SCOPE_TOO_LARGE = enum.auto()
-    """A cache request's tenant, model or parameters, or a context request's tenant, are larger
+    """A cache request's tenant, model, parameters or route, or a context request's tenant, are larger
     than any the router sends."""
 
     MISSING_ANSWER = enum.auto()

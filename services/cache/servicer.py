@@ -90,8 +90,10 @@ def _now_ms() -> int:
 
 
 # A scope names one of the router's tenants (ids of at most 128 characters,
-# services/router/keys.py), model aliases and parameter sets (at most 8 stop
-# strings of 64 characters, meshgate/sampling.py: ~2 KiB serialized at worst).
+# services/router/keys.py), model aliases, parameter sets (at most 8 stop
+# strings of 64 characters, meshgate/sampling.py: ~2 KiB serialized at worst)
+# and routes (the model names of an alias's deployments, or of the two
+# aliases it selects between: pipeline.route_of, a few names).
 # It keys memos that are bounded by count (keys.partition's), Redis keys and
 # resident indexes, so a caller that sent megabytes of scope would hold that
 # much memory per scope: refused before anything keeps it. The bounds leave
@@ -103,6 +105,8 @@ def _now_ms() -> int:
 MAX_ANSWER_BYTES = serving.MAX_MESSAGE_BYTES - 4096
 MAX_SCOPE_NAME_CHARS = 512
 MAX_SCOPE_PARAMETERS_BYTES = 8192
+# Eight model names at the bound on one.
+MAX_SCOPE_ROUTE_CHARS = 8 * MAX_SCOPE_NAME_CHARS
 
 
 # The longest text matched by meaning (a question, with its topic turn when
@@ -132,6 +136,12 @@ def _partition(scope: pb.CacheScope) -> keys.Partition:
     if scope.parameters.ByteSize() > MAX_SCOPE_PARAMETERS_BYTES:
         raise invalid_argument(
             Reason.SCOPE_TOO_LARGE, f"scope.parameters must be at most {MAX_SCOPE_PARAMETERS_BYTES} bytes"
+        )
+    if len(scope.route) > MAX_SCOPE_ROUTE_CHARS:
+        # A bug hunt: the route alone went unchecked, and Lookups of distinct
+        # 4 MiB routes each left theirs in keys.partition's memo (4,096 kept).
+        raise invalid_argument(
+            Reason.SCOPE_TOO_LARGE, f"scope.route must be at most {MAX_SCOPE_ROUTE_CHARS} characters"
         )
     return keys.partition(scope)
 

@@ -1087,6 +1087,16 @@ async def test_redis_down_is_unavailable(embedder):
             ),
             "SCOPE_TOO_LARGE",
         ),
+        # A bug hunt: the route went unchecked, and each distinct one stayed in keys.partition's memo.
+        (
+            pb.LookupRequest(
+                scope=pb.CacheScope(
+                    tenant_id="t", model="m", route="r" * (servicer_module.MAX_SCOPE_ROUTE_CHARS + 1)
+                ),
+                messages=conversation("q"),
+            ),
+            "SCOPE_TOO_LARGE",
+        ),
         (pb.InvalidateRequest(tenant_id="t" * 513), "SCOPE_TOO_LARGE"),
     ],
 )
