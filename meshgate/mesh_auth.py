@@ -357,16 +357,16 @@ class RouterKey:
     id: str
     public_key: Any
     algorithm: str
-    # When the last certificate naming it expires (seconds since the epoch):
-    # a certificate left in a bundle after a rotation stops vouching for its
-    # key then, as it would in a TLS handshake.
+    # When the last certificate naming it stops vouching for it (seconds
+    # since the epoch): when it or a certificate of its chain expires, the
+    # earliest of them, as in a TLS handshake; a certificate left in a bundle
+    # after a rotation stops vouching then.
     not_after: float
 
     @classmethod
-    def of(cls, certificate: x509.Certificate) -> RouterKey:
+    def of(cls, certificate: x509.Certificate, chain_not_after: datetime.datetime) -> RouterKey:
         public_key = certificate.public_key()
-        not_after = certificate.not_valid_after_utc.timestamp()
-        return cls(key_id(public_key), public_key, _algorithm(public_key), not_after)
+        return cls(key_id(public_key), public_key, _algorithm(public_key), chain_not_after.timestamp())
 
 
 def _is_authority(certificate: x509.Certificate) -> bool:
@@ -393,20 +393,27 @@ def _router_keys(ca_file: str, cert_file: str) -> tuple[RouterKey, ...]:
     routers = [certificate for certificate in chain if identity(ROUTER) in _names(certificate)]
     if not routers:
         raise ConfigError(f"{setting} {cert_file!r} does not name {identity(ROUTER)!r}")
-    authorities = _authorities(_read(ca_file, "mesh.ca_file"), ca_file)
-    intermediates = [
-        link
-        for link in chain
-        if _is_authority(link) and any(issued_by(link, authority) for authority in authorities)
+    # Each issuer, and until when its chain vouches for what it issued: an
+    # intermediate no longer than the CA that issued it (the latest of them).
+    authorities = [
+        (authority, authority.not_valid_after_utc)
+        for authority in _authorities(_read(ca_file, "mesh.ca_file"), ca_file)
     ]
+    intermediates = []
+    for link in filter(_is_authority, chain):
+        vouched = [until for authority, until in authorities if issued_by(link, authority)]
+        if vouched:
+            intermediates.append((link, min(link.not_valid_after_utc, max(vouched))))
+    issuers = (*authorities, *intermediates)
     keys: dict[str, RouterKey] = {}
     for certificate in routers:
-        if not any(issued_by(certificate, issuer) for issuer in (*authorities, *intermediates)):
+        vouched = [until for issuer, until in issuers if issued_by(certificate, issuer)]
+        if not vouched:
             raise ConfigError(
                 f"{setting} {cert_file!r}: the certificate of serial {certificate.serial_number:x} "
                 f"is not issued by mesh.ca_file {ca_file!r}"
             )
-        key = RouterKey.of(certificate)
+        key = RouterKey.of(certificate, min(certificate.not_valid_after_utc, max(vouched)))
         # A renewal that kept the key staged beside the certificate it renews.
         if key.id not in keys or keys[key.id].not_after < key.not_after:
             keys[key.id] = key
@@ -582,10 +589,10 @@ class TenantVerifier:
     A token is verified with the key it names (its ``kid``) among the
     router's certificates as last read (``router``: each of them while a
     rotation is staged), or among those that left them less than the
-    rotation's overlap ago, while a certificate of it has not expired; a
-    token naming no key (a router from before key ids) with the current keys
-    first. Remembered no longer than the router's tokens live, nor than the
-    key that verified it is taken."""
+    rotation's overlap ago, while a certificate of it (and its chain) has not
+    expired; a token naming no key (a router from before key ids) with the
+    current keys first. Remembered no longer than the router's tokens live,
+    nor than the key that verified it is taken."""
 
     def __init__(
         self,
@@ -648,8 +655,8 @@ class TenantVerifier:
 
     def _taken_until(self, key: RouterKey) -> float:
         """Until when tokens of ``key`` are taken: while a certificate of it
-        has not expired (by the leeway: clocks differ), and once it left the
-        router's certificates, for the overlap only."""
+        and its chain have not expired (by the leeway: clocks differ), and
+        once it left the router's certificates, for the overlap only."""
         until = key.not_after + self._leeway_s
         if key.id not in self._keys:
             until = min(until, self._retired[key.id][1])

@@ -248,8 +248,9 @@ def test_an_expired_certificate_stops_the_start(tmp_path: pathlib.Path, monkeypa
         mesh_auth.Mesh(mesh_settings(tmp_path), "context")
 
 
-def _intermediate(root_key, root):
-    """A CA certificate issued by ``root``, and its key."""
+def _intermediate(root_key, root, not_after=None):
+    """A CA certificate issued by ``root``, and its key; valid as a service's
+    certificate is, or until ``not_after``."""
     intermediate_key, intermediate = certs._issue(root_key, root, "context")
     intermediate = (
         certs.x509.CertificateBuilder()
@@ -258,7 +259,7 @@ def _intermediate(root_key, root):
         .public_key(intermediate_key.public_key())
         .serial_number(certs.x509.random_serial_number())
         .not_valid_before(intermediate.not_valid_before_utc)
-        .not_valid_after(intermediate.not_valid_after_utc)
+        .not_valid_after(not_after or intermediate.not_valid_after_utc)
         .add_extension(certs.x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(root_key, certs.hashes.SHA256())
     )
@@ -758,6 +759,48 @@ def test_a_router_certificate_issued_by_an_intermediate_it_carries_is_taken(tmp_
     chain.write_bytes(stray.public_bytes(pem) + elsewhere.public_bytes(pem))
     with pytest.raises(ConfigError, match="is not issued by mesh.ca_file"):
         _verifier_of(tmp_path, chain, Clock())
+
+
+@pytest.mark.parametrize("ending", ["intermediate", "CA"])
+def test_a_router_certificate_vouches_no_longer_than_its_chain(tmp_path: pathlib.Path, monkeypatch, ending):
+    """An intermediate or a CA that expires before the router's certificate
+    does ends its vouching for the key then, as it would end the key's TLS
+    handshakes: its tokens are refused from then on, tokens verified before
+    included; an intermediate already expired vouches for nothing."""
+    soon = certs._now() + certs.datetime.timedelta(hours=1)
+    if ending == "CA":
+        with monkeypatch.context() as earlier:  # a CA issued ten years less an hour ago
+            earlier.setattr(certs, "_now", lambda: soon - certs.datetime.timedelta(days=certs.CA_DAYS))
+            root_key, root = certs._new_ca()
+        intermediate_key, intermediate = _intermediate(root_key, root)
+    else:
+        root_key, root = certs._new_ca()
+        intermediate_key, intermediate = _intermediate(root_key, root, soon)
+    key, router = certs._issue(intermediate_key, intermediate, "router")
+    ends = min(root.not_valid_after_utc, intermediate.not_valid_after_utc).timestamp()
+    assert ends < router.not_valid_after_utc.timestamp()
+    pem = serialization.Encoding.PEM
+    (tmp_path / "ca.pem").write_bytes(root.public_bytes(pem))
+    chain = tmp_path / "router.pem"
+    chain.write_bytes(router.public_bytes(pem) + intermediate.public_bytes(pem))
+
+    def signed(tenant: str, expires: float) -> list:
+        claims = {"iss": "meshgate-router", "sub": tenant, "aud": "meshgate-context", "exp": int(expires)}
+        kid = mesh_auth.key_id(key.public_key())
+        return token_metadata(jwt.encode(claims, key, algorithm="ES256", headers={"kid": kid}))
+
+    clock = Clock()
+    verifier = _verifier_of(tmp_path, chain, clock)
+    verified = signed("dev", ends + 3600)
+    assert verifier.tenant(verified) == "dev"
+    clock.now = ends
+    assert refusal(lambda: verifier.tenant(verified))[1] == "TENANT_TOKEN_INVALID"
+    assert refusal(lambda: verifier.tenant(signed("acme", ends + 60)))[1] == "TENANT_TOKEN_INVALID"
+    assert _verifier_of(tmp_path, chain, Clock(ends - 1)).tenant(signed("acme", ends + 60)) == "acme"
+    assert (
+        refusal(lambda: _verifier_of(tmp_path, chain, Clock(ends)).tenant(signed("acme", ends + 60)))[1]
+        == "TENANT_TOKEN_INVALID"
+    )
 
 
 def test_a_token_of_a_key_not_yet_seen_looks_at_the_files_at_once(tmp_path: pathlib.Path, monkeypatch):
