@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import collections.abc
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -710,7 +711,37 @@ class StopFailed(Exception):
     """Some of a service's stop steps failed (each is logged); all of them ran."""
 
 
-Step = tuple[str, collections.abc.Callable[[], collections.abc.Awaitable[None] | None] | None]
+StepRun = collections.abc.Callable[[], collections.abc.Awaitable[None] | None]
+Step = tuple[str, StepRun | None]
+
+
+class _Steps:
+    """Runs the named steps of a stop, each though one before it failed:
+    a failure is logged once, with its traceback, under ``failure_event``,
+    and :meth:`finish` then raises StopFailed naming the failed steps. A
+    StopFailed from a step (a cleanup of steps, :func:`cleanup_steps`) was
+    logged step by step already: its line names them, without the
+    traceback again."""
+
+    def __init__(self, failure_event: str) -> None:
+        self.failure_event = failure_event
+        self.failed: list[str] = []
+
+    async def run(self, name: str, run: StepRun) -> None:
+        try:
+            outcome = run()
+            if outcome is not None:
+                await outcome
+        except StopFailed as failure:
+            log.error(self.failure_event, step=name, error=str(failure))
+            self.failed.append(name)
+        except Exception:  # noqa: BLE001 - logged here, reported as StopFailed once every step ran
+            log.exception(self.failure_event, step=name)
+            self.failed.append(name)
+
+    def finish(self, what: str) -> None:
+        if self.failed:
+            raise StopFailed(f"{what}: {', '.join(self.failed)}")
 
 
 def cleanup_steps(*steps: Step) -> Cleanup:
@@ -723,19 +754,11 @@ def cleanup_steps(*steps: Step) -> Cleanup:
     the service runs without) is skipped."""
 
     async def cleanup() -> None:
-        failed = []
+        ran = _Steps("cleanup step failed")
         for name, run in steps:
-            if run is None:
-                continue
-            try:
-                outcome = run()
-                if outcome is not None:
-                    await outcome
-            except Exception:  # noqa: BLE001 - logged here, reported as StopFailed once every step ran
-                log.exception("cleanup step failed", step=name)
-                failed.append(name)
-        if failed:
-            raise StopFailed(f"cleanup steps failed: {', '.join(failed)}")
+            if run is not None:
+                await ran.run(name, run)
+        ran.finish("cleanup steps failed")
 
     return cleanup
 
@@ -746,40 +769,26 @@ async def stop(service: Service, grace_s: float = 10.0) -> None:
     metrics endpoint's shutdown, a drain that raised the cleanup. Each
     failure is logged; then StopFailed says there was one (:func:`main`
     exits STOP_FAILED on it)."""
-    failed = []
-
-    async def step(name: str, run: collections.abc.Awaitable) -> None:
-        try:
-            await run
-        except StopFailed as failure:
-            # A cleanup of steps (cleanup_steps) logged each failure with its
-            # traceback already.
-            log.error("stop step failed", step=name, error=str(failure))
-            failed.append(name)
-        except Exception:  # noqa: BLE001 - logged here, reported as StopFailed once every step ran
-            log.exception("stop step failed", step=name)
-            failed.append(name)
-
+    steps = _Steps("stop step failed")
     # Tell balancers first, then let in-flight calls (streams included) finish.
     service.draining = True
-    await step("not serving", service.set_serving(False))
+    await steps.run("not serving", lambda: service.set_serving(False))
     log.info("draining", grace_s=grace_s)
     # At once: a stream on another server gets the whole grace too, not
     # what is left once the gRPC calls are done.
     await asyncio.gather(
-        step("grpc server", service.server.stop(grace_s)),
-        *(step("drain", drain(grace_s)) for drain in service.drains),
+        steps.run("grpc server", lambda: service.server.stop(grace_s)),
+        *(steps.run("drain", functools.partial(drain, grace_s)) for drain in service.drains),
     )
     if service.health_server is not None:
         # After the drain: until then probes see NOT_SERVING, not a refused port.
-        await step("health server", service.health_server.stop(None))
-    await step("cleanup", service.cleanup())
+        await steps.run("health server", lambda: service.health_server.stop(None))
+    await steps.run("cleanup", service.cleanup)
     if service.metrics_server is not None:
         # Last, so a final scrape still sees the drained calls.
-        await step("metrics server", _close_metrics(service.metrics_server))
+        await steps.run("metrics server", lambda: _close_metrics(service.metrics_server))
     log.info("stopped")
-    if failed:
-        raise StopFailed(f"{service.name}: stop steps failed: {', '.join(failed)}")
+    steps.finish(f"{service.name}: stop steps failed")
 
 
 async def _close_metrics(server) -> None:
