@@ -716,30 +716,41 @@ Step = tuple[str, StepRun | None]
 
 
 class _Steps:
-    """Runs the named steps of a stop, each though one before it failed:
-    a failure is logged once, with its traceback, under ``failure_event``,
-    and :meth:`finish` then raises StopFailed naming the failed steps. A
-    StopFailed from a step (a cleanup of steps, :func:`cleanup_steps`) was
-    logged step by step already: its line names them, without the
-    traceback again."""
+    """Runs the named steps of a stop (``kind``), each though one before it
+    failed: a failure is logged once, with its traceback, and :meth:`finish`
+    then raises StopFailed naming the failed steps. A StopFailed from a step
+    (a cleanup of steps, :func:`cleanup_steps`) was logged step by step
+    already: its line names them, without the traceback again.
 
-    def __init__(self, failure_event: str) -> None:
-        self.failure_event = failure_event
+    A cancellation (a test's timeout, a stop task cancelled) interrupts the
+    step it comes in, and only that one: it skipped every step after it, the
+    Redis client, the channels and the metrics endpoint left open. The rest
+    run, then :meth:`finish` raises it."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
         self.failed: list[str] = []
+        self.cancelled = False
 
     async def run(self, name: str, run: StepRun) -> None:
         try:
             outcome = run()
             if outcome is not None:
                 await outcome
+        except asyncio.CancelledError:
+            log.warning(f"{self.kind} step cancelled", step=name)
+            self.cancelled = True
         except StopFailed as failure:
-            log.error(self.failure_event, step=name, error=str(failure))
+            log.error(f"{self.kind} step failed", step=name, error=str(failure))
             self.failed.append(name)
         except Exception:  # noqa: BLE001 - logged here, reported as StopFailed once every step ran
-            log.exception(self.failure_event, step=name)
+            log.exception(f"{self.kind} step failed", step=name)
             self.failed.append(name)
 
     def finish(self, what: str) -> None:
+        if self.cancelled:
+            # Ahead of StopFailed: it was asked for; failures are logged.
+            raise asyncio.CancelledError
         if self.failed:
             raise StopFailed(f"{what}: {', '.join(self.failed)}")
 
@@ -751,10 +762,11 @@ def cleanup_steps(*steps: Step) -> Cleanup:
     skipped everything after a step that raised: the router's
     settlements and usage records still in flight (admission's drain) were
     lost to a failing close of a channel before it. A step of None (a part
-    the service runs without) is skipped."""
+    the service runs without) is skipped. A cancellation ends the step it
+    comes in, and is raised once the rest ran (_Steps)."""
 
     async def cleanup() -> None:
-        ran = _Steps("cleanup step failed")
+        ran = _Steps("cleanup")
         for name, run in steps:
             if run is not None:
                 await ran.run(name, run)
@@ -768,18 +780,24 @@ async def stop(service: Service, grace_s: float = 10.0) -> None:
     runs though one before it failed: a cleanup that raised skipped the
     metrics endpoint's shutdown, a drain that raised the cleanup. Each
     failure is logged; then StopFailed says there was one (:func:`main`
-    exits STOP_FAILED on it)."""
-    steps = _Steps("stop step failed")
+    exits STOP_FAILED on it). A cancellation ends the step it comes in, and
+    is raised once the rest ran (_Steps)."""
+    steps = _Steps("stop")
     # Tell balancers first, then let in-flight calls (streams included) finish.
     service.draining = True
     await steps.run("not serving", lambda: service.set_serving(False))
     log.info("draining", grace_s=grace_s)
     # At once: a stream on another server gets the whole grace too, not
     # what is left once the gRPC calls are done.
-    await asyncio.gather(
-        steps.run("grpc server", lambda: service.server.stop(grace_s)),
-        *(steps.run("drain", functools.partial(drain, grace_s)) for drain in service.drains),
-    )
+    try:
+        await asyncio.gather(
+            steps.run("grpc server", lambda: service.server.stop(grace_s)),
+            *(steps.run("drain", functools.partial(drain, grace_s)) for drain in service.drains),
+        )
+    except asyncio.CancelledError:
+        # Cancelled, gather cancels each step (they note it, and end) and
+        # then raises it again: the rest still run.
+        steps.cancelled = True
     if service.health_server is not None:
         # After the drain: until then probes see NOT_SERVING, not a refused port.
         await steps.run("health server", lambda: service.health_server.stop(None))

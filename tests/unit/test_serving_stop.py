@@ -7,6 +7,8 @@ socket); the metrics endpoint, a TCP port, is a recorder of its shutdown."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import structlog
 
@@ -124,3 +126,67 @@ async def test_a_failed_cleanup_step_is_logged_with_its_traceback_once(tmp_path)
     # The traceback with the step that raised; the stop's line names it.
     assert [bool(entry.get("exc_info")) for entry in failures] == [True, False]
     assert "channel" in failures[1]["error"]
+
+
+async def test_a_cleanup_cancelled_in_a_step_still_runs_the_later_steps_then_is_cancelled():
+    """A cancellation (a test's timeout, a stop task cancelled) in one step
+    skipped every step after it: the Redis client and the channels stayed
+    open. The step it came in is interrupted; the rest run; then the
+    cleanup ends cancelled, as asked."""
+    ran = []
+    in_step = asyncio.Event()
+
+    async def slow_close() -> None:
+        ran.append("slow")
+        in_step.set()
+        await asyncio.sleep(60)
+        ran.append("slow finished")
+
+    async def close() -> None:
+        await asyncio.sleep(0)  # it awaits, and is not cancelled again
+        ran.append("later")
+
+    cleaning = asyncio.create_task(serving.cleanup_steps(("slow", slow_close), ("later", close))())
+    await in_step.wait()
+    cleaning.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cleaning
+    assert ran == ["slow", "later"]
+
+
+async def test_a_stop_cancelled_in_its_cleanup_still_shuts_the_metrics_endpoint_down(tmp_path):
+    in_cleanup = asyncio.Event()
+
+    async def slow_cleanup() -> None:
+        in_cleanup.set()
+        await asyncio.sleep(60)
+
+    service, metrics = await started(tmp_path, slow_cleanup)
+    stopping = asyncio.create_task(serving.stop(service, grace_s=0))
+    await in_cleanup.wait()
+    stopping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    assert metrics.shut_down and metrics.closed
+
+
+async def test_a_stop_cancelled_while_it_drains_still_cleans_up(tmp_path):
+    cleaned = []
+    draining = asyncio.Event()
+
+    async def cleanup() -> None:
+        cleaned.append(True)
+
+    async def slow_drain(grace_s: float) -> None:
+        draining.set()
+        await asyncio.sleep(60)
+
+    service, metrics = await started(tmp_path, cleanup)
+    service.drains.append(slow_drain)
+    stopping = asyncio.create_task(serving.stop(service, grace_s=30))
+    await draining.wait()
+    stopping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    assert cleaned == [True]
+    assert metrics.shut_down and metrics.closed
