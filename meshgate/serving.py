@@ -525,6 +525,12 @@ class Service:
         # The settings the hooks last took whole (main's at start, then each
         # reload's): given back to them when a reload fails half-way.
         self.settings_in_use: Settings | None = None
+        # The settings file's state (_file_state) when it was last read, by
+        # main before the start or by a reload: the file watch reloads once
+        # the file differs from it. Taken before main's read, not when the
+        # watch begins (after the start): an edit made while the start was
+        # under way went unapplied until the next edit.
+        self.config_state: tuple[int, int] | None = None
         # The digest of the settings file's content a reload last refused
         # (None once one is taken): the file watch and a SIGHUP for the same
         # edit read the same file, and its refusal is logged once.
@@ -829,7 +835,8 @@ def reload_configuration(service: Service) -> bool:
         log.info("nothing to reload", path=service.config_path)
         return False
     # Read before the file is loaded: a change made in between differs from
-    # it, so the watcher's next look reloads (and judges) that change too.
+    # them, so the watcher's next look reloads (and judges) that change too.
+    service.config_state = _file_state(service.config_path)
     digest = _content_digest(service.config_path)
     if digest is not None and digest == service.refused_config_digest:
         log.info(
@@ -889,14 +896,13 @@ def _file_state(path: str) -> tuple[int, int] | None:
 
 
 async def watch_configuration(service: Service, poll_s: float = CONFIG_POLL_S) -> None:
-    """Reloads whenever the settings file changes (polled: one stat a
-    second, and no dependency, on every platform and file system)."""
-    state = _file_state(service.config_path)
+    """Reloads whenever the settings file changes from how it was last read
+    (Service.config_state; polled: one stat a second, and no dependency, on
+    every platform and file system)."""
     while True:
         await asyncio.sleep(poll_s)
         current = _file_state(service.config_path)
-        if current is not None and current != state:
-            state = current
+        if current is not None and current != service.config_state:
             reload_configuration(service)
 
 
@@ -979,8 +985,11 @@ def main(
     # Before anything slow: the settings, telemetry, the service's setup.
     early_hangup = EarlyHangup()
     args = parse_args(name, argv)
+    config_path = args.config or os.environ.get("MESHGATE_CONFIG")
+    # Before the read, as a reload's (reload_configuration).
+    config_state = _file_state(config_path) if config_path else None
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(config_path)
     except Exception as error:  # noqa: BLE001 - reported as every failed start is
         # Logging as the default settings have it: there are no others.
         telemetry.setup(f"meshgate-{name}", TelemetrySettings()).shutdown()
@@ -992,7 +1001,8 @@ def main(
 
     async def run() -> None:
         service = Service(name, service_names)
-        service.config_path = args.config or os.environ.get("MESHGATE_CONFIG")
+        service.config_path = config_path
+        service.config_state = config_state
         service.settings_in_use = settings
         try:
             cleanup = await setup(service, settings)

@@ -3,7 +3,8 @@ kill. A service with nothing to reload (here the inference service, no
 Triton behind it: it reports NOT_SERVING, which is enough) keeps serving
 through one, then drains on SIGTERM and exits 0; so does one that gets it
 while its start waits on a slow Redis. A router refuses a bad edit of its
-file once, though the file watch and a SIGHUP both read it."""
+file once, though the file watch and a SIGHUP both read it; an edit made
+while a service starts is applied once it serves."""
 
 from __future__ import annotations
 
@@ -202,6 +203,63 @@ def test_one_bad_edit_is_refused_once_though_the_file_watch_and_sighup_both_read
         assert log.read_text().count(refused) == 1, log.read_text()
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+# A service with a reload hook whose setup waits for a file to appear (argv:
+# listen address, settings file, the file it waits for).
+_SLOW_SETUP = """
+import asyncio, os, sys
+from meshgate import serving
+
+async def setup(service, settings):
+    print("setting up", flush=True)
+    while not os.path.exists(sys.argv[3]):
+        await asyncio.sleep(0.05)
+    service.reload_hooks.append(lambda new: print("ttl_s", new.cache.ttl_s, flush=True))
+    return serving._nothing
+
+serving.main("cache", [], lambda settings: sys.argv[1], setup, ["--config", sys.argv[2]])
+"""
+
+
+def test_an_edit_of_the_settings_during_the_start_is_applied_once_the_service_serves(tmp_path):
+    """The file watch took the file as it found it once serving: an edit
+    made while the start was under way (a Redis, a Triton slow to answer)
+    went unapplied until the next edit."""
+    address = f"unix:{tmp_path / 'service.sock'}"
+    config = tmp_path / "meshgate.toml"
+    settings = "[mesh]\ntls = false\n[telemetry]\nmetrics = false\n"
+    config.write_text(settings + "[cache]\nttl_s = 60\n")
+    go = tmp_path / "go"
+    log = tmp_path / "service.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _SLOW_SETUP, address, str(config), str(go)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "setting up" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        config.write_text(settings + "[cache]\nttl_s = 90\n")
+        go.touch()
+        while '"serving"' not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        # The watch looks once a second (serving.CONFIG_POLL_S).
+        deadline = time.monotonic() + 5 * serving.CONFIG_POLL_S
+        while "ttl_s 90" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, log.read_text()
+        assert log.read_text().count("configuration reloaded") == 1, log.read_text()
     finally:
         if process.poll() is None:
             process.kill()

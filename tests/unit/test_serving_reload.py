@@ -17,6 +17,8 @@ def service_with(path, *hooks) -> serving.Service:
     service = serving.Service("router", [])
     service.config_path = str(path)
     service.reload_hooks.extend(hooks)
+    # As serving.main reads it: the file's state, then its settings.
+    service.config_state = serving._file_state(path)
     service.settings_in_use = load_settings(path, environ={})
     return service
 
@@ -66,6 +68,24 @@ async def test_the_file_watcher_outlives_a_hook_that_raises(tmp_path):
                     await asyncio.sleep(0.01)
         assert not watcher.done()
         assert taken[-1] == 90 and service.settings_in_use.cache.ttl_s == 90
+    finally:
+        watcher.cancel()
+
+
+async def test_the_file_watcher_does_not_reload_an_edit_a_sighup_reloaded(tmp_path):
+    """The watch compared the file with how it found it itself: an edit that
+    a SIGHUP had reloaded already was reloaded a second time."""
+    path = tmp_path / "meshgate.toml"
+    write_ttl(path, 60)
+    taken: list[int] = []
+    service = service_with(path, lambda settings: taken.append(settings.cache.ttl_s))
+    watcher = asyncio.create_task(serving.watch_configuration(service, poll_s=0.01))
+    await asyncio.sleep(0.05)  # watching
+    try:
+        write_ttl(path, 90)
+        assert serving.reload_configuration(service)  # SIGHUP's, before the watch looks
+        await asyncio.sleep(0.1)  # ten looks
+        assert taken == [90]
     finally:
         watcher.cancel()
 
