@@ -23,6 +23,16 @@ thread restarted would be stopped when supervision stops, ahead of the
 ordered stop, and one a test started through asyncio.to_thread when its
 event loop closes. So every child is started from one thread that lives as
 long as the process (_Spawner).
+
+A service is started with SIGHUP ignored (``ignore_hangup``): its default
+action killed a service that got one (an operator's "HUP to reload") while
+it still imported its modules, a second or more, before serving.main
+installs the service's own handler. An ignored disposition survives exec;
+the reload it asked for is not lost, as the settings are read after the
+imports. The spawner's thread blocks SIGHUP, and its children start so, so
+that one sent before the launcher has ignored it waits instead of killing
+it; the launcher unblocks it before the exec (for a program that does not
+ignore it, a SIGHUP that waited then ends it, as it would have).
 """
 
 from __future__ import annotations
@@ -36,9 +46,10 @@ import subprocess
 import sys
 import threading
 
-# Run as `python -I -S -c _LAUNCHER <stack pid> <program> <arguments...>`:
-# without site and PYTHON* variables it starts in about 20 ms. Before the
-# exec it undoes what the interpreter's own start changed: it ignores
+# Run as `python -I -S -c _LAUNCHER <stack pid> <ignore|default> <program>
+# <arguments...>` (the second: SIGHUP's disposition for the program): without
+# site and PYTHON* variables it starts in about 20 ms. Before the exec it
+# undoes what the interpreter's own start changed: it ignores
 # SIGPIPE and SIGXFSZ (subprocess had reset both for the program, and an
 # ignored signal stays ignored across exec), and under the C locale it sets
 # LC_CTYPE (PEP 538); the environment as subprocess gave it is still in /proc.
@@ -51,19 +62,25 @@ if os.getppid() != int(sys.argv[1]):
     sys.exit("the stack exited before this child started")  # so no signal will come
 for signum in (signal.SIGPIPE, signal.SIGXFSZ):
     signal.signal(signum, signal.SIG_DFL)
+if sys.argv[2] == "ignore":
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # and one waiting is discarded
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 with open("/proc/self/environ", "rb") as given:
     environ = dict(entry.split(b"=", 1) for entry in given.read().split(b"\\0") if entry)
-os.execvpe(sys.argv[2], sys.argv[2:], environ)
+os.execvpe(sys.argv[3], sys.argv[3:], environ)
 """
 
 
-def start(command: list[str], **options) -> subprocess.Popen:
+def start(command: list[str], ignore_hangup: bool = False, **options) -> subprocess.Popen:
     """subprocess.Popen(command, **options) for a child of the stack: in a
-    session of its own and, on Linux, sent SIGTERM when this process dies."""
+    session of its own and, on Linux, sent SIGTERM when this process dies
+    and with SIGHUP ignored if ``ignore_hangup`` (a service, which installs
+    its own handler)."""
     options["start_new_session"] = True
     if sys.platform != "linux":
         return subprocess.Popen(command, **options)
-    launched = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(os.getpid()), *command]
+    hangup = "ignore" if ignore_hangup else "default"
+    launched = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(os.getpid()), hangup, *command]
     return _spawner().popen(launched, options)
 
 
@@ -76,6 +93,9 @@ class _Spawner:
         threading.Thread(target=self._serve, name="meshgate-children", daemon=True).start()
 
     def _serve(self) -> None:
+        # Children start with this thread's signal mask (see the module's
+        # docstring); the process's own SIGHUP goes to its other threads.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         while True:
             started, command, options = self._requests.get()
             try:

@@ -414,6 +414,9 @@ triton_urls = ["127.0.0.1:{p.triton}"]
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         self.processes[name] = children.start(
             command,
+            # serving.main installs its own handler; until then a reload
+            # asked for must not kill it.
+            ignore_hangup=True,
             cwd=REPO_ROOT,
             env=env,
             stdin=subprocess.DEVNULL,

@@ -22,6 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshgate import serving
+from meshgate.local import children
 from meshgate.local.stack import free_port
 from tests.tcp_proxy import TcpProxy
 
@@ -74,6 +75,44 @@ def test_sighup_to_a_service_without_reload_hooks_neither_kills_it_nor_skips_its
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0, log.read_text()
         assert "nothing to reload" in log.read_text() and "draining" in log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_sighup_to_a_service_the_local_stack_just_started_is_not_a_kill(tmp_path):
+    """Before serving.main installs its handler (a second or more of
+    imports), SIGHUP's default action killed the service. The stack's
+    launcher starts it with SIGHUP ignored; once serving, its own handler
+    takes one as a reload."""
+    address = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "meshgate.toml"
+    config.write_text(
+        f'[mesh]\ntls = false\n[telemetry]\nmetrics = false\n[inference]\nlisten = "{address}"\n'
+        f'triton_urls = ["127.0.0.1:{free_port()}"]\n'
+    )
+    log = tmp_path / "inference.log"
+    with log.open("wb") as out:
+        process = children.start(
+            [sys.executable, "-m", "services.inference", "--config", str(config)],
+            ignore_hangup=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while health_status(address) is None:
+            assert process.poll() is None, f"exited {process.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGHUP)
+        while "nothing to reload" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, log.read_text()
     finally:
         if process.poll() is None:
             process.kill()

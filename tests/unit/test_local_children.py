@@ -56,6 +56,40 @@ def test_the_stacks_signals_reach_the_program_itself() -> None:
         process.wait()
 
 
+def test_a_child_started_to_ignore_sighup_outlives_one_sent_as_it_starts() -> None:
+    """A service's: SIGHUP's default action killed one still importing its
+    modules, before serving.main installs its handler. Sent as soon as the
+    child exists, the launcher has not yet ignored it: it waits (blocked),
+    then is discarded."""
+    process = children.start(["sleep", "60"], ignore_hangup=True)
+    try:
+        process.send_signal(signal.SIGHUP)
+        _sleeping(process)
+        time.sleep(0.2)
+        assert process.poll() is None
+        status = dict(
+            line.split(":\t", 1)
+            for line in pathlib.Path(f"/proc/{process.pid}/status").read_text().splitlines()
+        )
+        hangup = 1 << (signal.SIGHUP - 1)
+        assert int(status["SigIgn"], 16) & hangup and not int(status["SigBlk"], 16) & hangup
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_child_not_started_to_ignore_sighup_is_ended_by_one_sent_as_it_starts() -> None:
+    """As a direct start would be: the SIGHUP waits while the launcher runs,
+    and ends it once unblocked."""
+    process = children.start(["sleep", "60"])
+    try:
+        process.send_signal(signal.SIGHUP)
+        assert process.wait(10) == -signal.SIGHUP
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_a_child_outlives_the_thread_that_started_it() -> None:
     """The kernel signals a child when the *thread* that started it ends: a
     child the supervisor's thread restarted would otherwise stop with
