@@ -41,6 +41,7 @@ import concurrent.futures
 import contextlib
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,7 +68,10 @@ if sys.argv[2] == "ignore":
 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 with open("/proc/self/environ", "rb") as given:
     environ = dict(entry.split(b"=", 1) for entry in given.read().split(b"\\0") if entry)
-os.execvpe(sys.argv[3], sys.argv[3:], environ)
+try:
+    os.execvpe(sys.argv[3], sys.argv[3:], environ)
+except OSError as error:  # start() checked the program; its format, say, it could not
+    sys.exit(f"cannot run {sys.argv[3]}: {error}")
 """
 
 
@@ -79,9 +83,30 @@ def start(command: list[str], ignore_hangup: bool = False, **options) -> subproc
     options["start_new_session"] = True
     if sys.platform != "linux":
         return subprocess.Popen(command, **options)
+    _check_runnable(str(command[0]), options)
     hangup = "ignore" if ignore_hangup else "default"
     launched = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(os.getpid()), hangup, *command]
     return _spawner().popen(launched, options)
+
+
+def _check_runnable(program: str, options: dict) -> None:
+    """Raises, as subprocess.Popen would for a direct start, if ``program``
+    is no executable file (on the child's PATH when it names no directory):
+    the launcher's exec failing showed only as the child's traceback and
+    exit status 1, once the stack looked for it to serve."""
+    environ = options["env"] if options.get("env") is not None else os.environ
+    if os.sep not in program:
+        search_path = environ.get("PATH", os.defpath)
+        if shutil.which(program, path=search_path) is None:
+            raise FileNotFoundError(
+                f"cannot start {program}: no executable of that name on PATH ({search_path})"
+            )
+        return
+    path = os.path.join(options.get("cwd") or "", program)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"cannot start {program}: no such file")
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        raise PermissionError(f"cannot start {program}: not an executable file")
 
 
 class _Spawner:

@@ -90,6 +90,30 @@ def test_a_child_not_started_to_ignore_sighup_is_ended_by_one_sent_as_it_starts(
         process.wait()
 
 
+def test_a_program_that_is_not_there_is_refused_before_any_child_starts(tmp_path) -> None:
+    """As a direct start refuses it: the launcher's failed exec showed only
+    as the child's traceback and exit status 1."""
+    with pytest.raises(FileNotFoundError, match="cannot start meshgate-no-such-program: .* on PATH"):
+        children.start(["meshgate-no-such-program"], env={"PATH": str(tmp_path)})
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        children.start(["bin/redis-server"], cwd=tmp_path)
+    (tmp_path / "notes.txt").write_text("not a program")
+    with pytest.raises(PermissionError, match="not an executable file"):
+        children.start([str(tmp_path / "notes.txt")])
+
+
+def test_a_program_the_launcher_cannot_exec_says_so_in_one_line(tmp_path) -> None:
+    """An executable file that is no program (here, no format the kernel
+    runs): the launcher's exec fails; its traceback was all it said."""
+    program = tmp_path / "garbage"
+    program.write_bytes(b"\x00\x01\x02")
+    program.chmod(0o755)
+    process = children.start([str(program)], stderr=subprocess.PIPE)
+    _, errors = process.communicate(timeout=10)
+    assert process.returncode == 1
+    assert errors.decode().strip() == f"cannot run {program}: [Errno 8] Exec format error: '{program}'"
+
+
 def test_a_child_outlives_the_thread_that_started_it() -> None:
     """The kernel signals a child when the *thread* that started it ends: a
     child the supervisor's thread restarted would otherwise stop with
