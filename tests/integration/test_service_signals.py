@@ -38,16 +38,22 @@ def health_status(address: str) -> int | None:
             return None
 
 
+def launched(arguments: list[str], log: pathlib.Path, **options) -> subprocess.Popen:
+    """``python arguments...`` started as the local stack starts a service
+    (meshgate/local/children.py: ended with this process, should the test
+    run be killed), its output in ``log``."""
+    with log.open("wb") as out:
+        return children.start([sys.executable, *arguments], stdout=out, stderr=subprocess.STDOUT, **options)
+
+
+def service_environment() -> dict[str, str]:
+    """This process's, without settings that would override the test's file."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MESHGATE_") and k != "REDIS_URL"}
+
+
 def started(service: str, config: pathlib.Path, address: str, log: pathlib.Path) -> subprocess.Popen:
     """The service as a process on ``config``, once its health answers at ``address``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHGATE_") and k != "REDIS_URL"}
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", f"services.{service}", "--config", str(config)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    process = launched(["-m", f"services.{service}", "--config", str(config)], log, env=service_environment())
     deadline = time.monotonic() + 60
     while health_status(address) is None:
         if process.poll() is not None or time.monotonic() > deadline:
@@ -93,13 +99,8 @@ def test_sighup_to_a_service_the_local_stack_just_started_is_not_a_kill(tmp_path
         f'triton_urls = ["127.0.0.1:{free_port()}"]\n'
     )
     log = tmp_path / "inference.log"
-    with log.open("wb") as out:
-        process = children.start(
-            [sys.executable, "-m", "services.inference", "--config", str(config)],
-            ignore_hangup=True,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    command = ["-m", "services.inference", "--config", str(config)]
+    process = launched(command, log, env=service_environment(), ignore_hangup=True)
     try:
         process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 60
@@ -134,14 +135,7 @@ async def test_sighup_while_a_service_waits_on_a_slow_redis_to_start_is_not_a_ki
         f'[context]\nlisten = "{address}"\n'
     )
     log = tmp_path / "context.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHGATE_") and k != "REDIS_URL"}
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.context", "--config", str(config)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    process = launched(["-m", "services.context", "--config", str(config)], log, env=service_environment())
     try:
         async with asyncio.timeout(60):
             while not redis.accepted:  # its start is waiting on Redis's answer
@@ -189,12 +183,7 @@ def test_a_stop_whose_cleanup_fails_runs_to_its_end_and_exits_stop_failed(tmp_pa
     config = tmp_path / "meshgate.toml"
     config.write_text("[mesh]\ntls = false\n[telemetry]\nmetrics = false\n")
     log = tmp_path / "service.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-c", _FAILING_CLEANUP, address, str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    process = launched(["-c", _FAILING_CLEANUP, address, str(config)], log)
     try:
         deadline = time.monotonic() + 60
         while '"serving"' not in log.read_text():
@@ -275,12 +264,7 @@ def test_an_edit_of_the_settings_during_the_start_is_applied_once_the_service_se
     config.write_text(settings + "[cache]\nttl_s = 60\n")
     go = tmp_path / "go"
     log = tmp_path / "service.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-c", _SLOW_SETUP, address, str(config), str(go)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    process = launched(["-c", _SLOW_SETUP, address, str(config), str(go)], log)
     try:
         deadline = time.monotonic() + 60
         while "setting up" not in log.read_text():
