@@ -26,6 +26,7 @@ import pytest
 from meshgate import serving
 from meshgate.common.v1 import common_pb2
 from meshgate.config import DeploymentSettings, ModelSettings, Settings
+from meshgate.local import children
 from meshgate.local.stack import REPO_ROOT
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
@@ -55,11 +56,10 @@ class StoppableInference:
         self.address_file = directory / "address"
         self.log_file = directory / "inference.log"
         with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(
+            self.process = children.start(
                 [sys.executable, "-m", "tests.integration.test_router_hung_deployment",
                  triton_url, str(certs_dir()), str(self.address_file)],
                 cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
             )  # fmt: skip
 
     async def address(self, timeout_s: float = 60.0) -> str:

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings, hash_api_key
 from meshgate.errors import error_info
+from meshgate.local import children
 from meshgate.local.stack import REPO_ROOT, free_port
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
@@ -66,11 +67,11 @@ class Replicas:
             address = f"127.0.0.1:{free_port()}"
             log = open(self.directory / f"router-{index}.log", "ab")  # noqa: SIM115 - owned by the child
             self.processes.append(
-                subprocess.Popen(
+                children.start(
                     [sys.executable, "-m", "services.router", "--config", str(self.config_path),
                      "--listen", address],
                     cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, start_new_session=True,
+                    stderr=subprocess.STDOUT,
                 )
             )  # fmt: skip
             log.close()
