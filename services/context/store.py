@@ -25,22 +25,17 @@ the braces make all of them one Redis Cluster hash slot:
   of the older code appends without adding to the field, so a later revert
   or compaction may subtract turns never counted: they clamp it at 0, and
   the count may stay below what the turns hold, by at most what such
-  appends added, for as long as the session lives. And ``unbilled``: what
-  the session's summaries spent on models that no take has taken yet,
-  JSON ``{"<model>": [prompt tokens, completion tokens, summaries]}``,
-  added to by the script that writes each summary
-  (services/context/summaries.py), which marks the session owing first
-  (below), and taken whole by TakeSummaryUsage (``_TAKE_UNBILLED``) for the
-  router to bill; then ``unbilled_take``, ``<take id> <what it took>``, so
-  that a take sent again with its take id after a lost reply answers the
-  same and takes nothing more (the router bills what a reply tells, and
-  never saw the first), until another take comes between. And
-  ``latest_key``: the id of the API key of the session's latest append
+  appends added, for as long as the session lives. And ``latest_key``:
+  the id of the API key of the session's latest append
   (AppendTurnsRequest.key_id), whom its summaries' usage is billed to.
-  (``unbilled_taken``, what an append took, is left by versions whose
-  appends took ``unbilled``; nothing reads it now.) A session that is
-  deleted or expires before a take takes its ``unbilled`` with it, never
-  billed.
+  (``unbilled`` and ``unbilled_take``, as the usage record below holds them,
+  are left by versions that kept summaries' usage in meta, where a delete
+  or expiry took it: a take takes them with the record's, and a claim and
+  an append see them as they do the record's. Such a version's take and
+  claim see meta's alone: its claim may unlist a session whose record
+  holds usage, which its next append to this version lists again. ``unbilled_taken``, what an
+  append took, is left by versions whose appends took ``unbilled``;
+  nothing reads it now.)
 - ``...:turns``, a list of serialized ``common.v1.Message``, oldest first.
 - ``...:turn_ids``, a hash: the idempotency key of every append that gave
   one -> the version that append made, so a retried append is answered
@@ -54,9 +49,28 @@ the braces make all of them one Redis Cluster hash slot:
   ``...:ix:vectors`` and ``...:ix:postings`` (services/context/turn_index.py),
   and ``...:summaries`` (services/context/summaries.py).
 
-SESSION_PARTS lists them all, and every script that changes a session
-takes all of them (session_keys), so none outlives or predeceases the
-others: each that changes a live session renews every one's TTL (pins and
+The usage record, ``...:unbilled`` (unbilled_key()), a hash in the
+session's slot but not one of its parts: ``unbilled``, what the session's
+summaries spent on models that no take has taken yet, JSON
+``{"<model>": [prompt tokens, completion tokens, summaries]}``, added to by
+the script that writes each summary (services/context/summaries.py), which
+marks the session owing first (below), and taken whole by TakeSummaryUsage
+(``_TAKE_UNBILLED``) for the router to bill; then ``unbilled_take``,
+``<take id> <what it took>``, so that a take sent again with its take id
+after a lost reply answers the same and takes nothing more (the router
+bills what a reply tells, and never saw the first), until another take
+comes between; and ``latest_key``, meta's as the latest summary found it,
+whom the usage is billed to once meta is gone. It is neither renewed nor
+deleted with the session, so that usage owed when the session is deleted
+or expires is still taken, and billed to its tenant (a session created
+again under its id bills the earlier life's usage with its own): it
+expires on its own, OWED_GRACE_S after the session could have
+(owed_ttl_s, from the latest summary's usage or take), by when a sweep
+(every ``router.summary_usage_collect_s``) has long taken it.
+
+SESSION_PARTS lists the session's parts, and every script that changes a
+session takes all of them (session_keys), so none outlives or predeceases
+the others: each that changes a live session renews every one's TTL (pins and
 the turn index expired while appends kept the session alive), creating a
 session clears all but ``meta`` (so an expired or deleted one's pins or
 index never come back under its id), and a deletion removes all at once.
@@ -76,7 +90,7 @@ over a session can write it; its writes are ordered against theirs instead:
   no other claim names them for as long (routers sweeping at once take
   different sessions; one that stops before its take leaves the session
   to a claim after that), and reads their ``unbilled``. A session with none
-  (taken, or deleted or expired) leaves the set (``_DROP_OWED``) if its
+  (taken, or its record expired) leaves the set (``_DROP_OWED``) if its
   score is still the one the claim gave it: a writer that marked it since
   changed it, so a session whose ``unbilled`` a writer added to after the
   claim read it stays.
@@ -162,16 +176,18 @@ SESSION_PARTS = (
     "summaries",
 )
 
-# Shared by every script that changes a live session: all of its keys
-# (KEYS) live as long as it does. EXPIRE on an absent key does nothing.
+# Shared by every script that changes a live session: all of its parts
+# (the first #SESSION_PARTS KEYS; a script may take other keys of its slot
+# after them, as the usage record) live as long as it does. EXPIRE on an
+# absent key does nothing.
 # With no TTL (0: sessions are kept forever) the keys are made persistent:
 # a session written while a TTL was configured carries it, and doing
 # nothing left it to expire that long after its last write under the old
 # setting, mid-conversation, leaving behind (for good) its keys created
 # since, as its pins.
-RENEW = """
+RENEW = f"""
 local function renew(ttl)
-  for i = 1, #KEYS do
+  for i = 1, {len(SESSION_PARTS)} do
     if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) else redis.call('PERSIST', KEYS[i]) end
   end
 end
@@ -235,14 +251,14 @@ local function turn_bytes(turns_key, first, last)
 end
 """
 
-# KEYS: session_keys. ARGV: expected version ("" =
+# KEYS: session_keys, then the usage record. ARGV: expected version ("" =
 # append at the end whatever the version), turn id ("" = none), ttl_s, turn
 # count n, the most turns the session may hold (0 = no cap), the most bytes
 # its turns may hold (0 = no cap), the SHA-256 of the turn's API key ("" =
 # none), n turns, then pairs of (counts field, packed counts of the n turns).
 # Returns {1, new version, bytes held now (false when the session's bytes
 # stay uncounted: stored before the count, no byte cap), create_time_ms,
-# 1 if the session holds ``unbilled`` (else 0)},
+# 1 if the session's usage record or meta holds ``unbilled`` (else 0)},
 # {0} if there is no session, {-1, current version} on a version mismatch,
 # {2, version, create_time_ms} if the turn id was applied before (nothing
 # is appended again), {-2, turns held} or {-6, bytes held} if the n turns
@@ -308,28 +324,49 @@ renew(tonumber(ARGV[3]))
 -- Whether summaries' usage waits, for the owed set's backstop (the module's docstring).
 return {
   1, new_version, held_bytes or false, redis.call('HGET', KEYS[1], 'create_time_ms'),
-  redis.call('HEXISTS', KEYS[1], 'unbilled')
+  math.max(redis.call('HEXISTS', KEYS[11], 'unbilled'), redis.call('HEXISTS', KEYS[1], 'unbilled'))
 }
 """
 )
 
-# KEYS: meta. ARGV: the take id ("" = none). Takes the session's
-# ``unbilled`` for the router to bill, and keeps what it took for a take of
-# the same id, which answers it again and takes nothing more (the module's
-# docstring). Returns {1, what it took ('' for nothing)}, or {0} if there is
-# no session.
+# KEYS: the usage record, meta. ARGV: the take id ("" = none), the
+# record's TTL (owed_ttl_s). Takes the session's ``unbilled`` (the record's,
+# and meta's that an older version left) for the router to bill, and keeps
+# what it took in the record for a take of the same id, which answers it
+# again and takes nothing more (the module's docstring). Returns {1, what
+# it took ('' for nothing)}, or {0} if there is neither record nor session.
 _TAKE_UNBILLED = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+if redis.call('EXISTS', KEYS[1], KEYS[2]) == 0 then return {0} end
 if ARGV[1] ~= '' then
-  local last = redis.call('HGET', KEYS[1], 'unbilled_take') or ''
   local by = ARGV[1] .. ' '
-  if string.sub(last, 1, #by) == by then return {1, string.sub(last, #by + 1)} end
+  for i = 1, 2 do
+    local last = redis.call('HGET', KEYS[i], 'unbilled_take') or ''
+    if string.sub(last, 1, #by) == by then return {1, string.sub(last, #by + 1)} end
+  end
 end
-local unbilled = redis.call('HGET', KEYS[1], 'unbilled') or ''
-redis.call('HDEL', KEYS[1], 'unbilled', 'unbilled_take')
-if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'unbilled_take', ARGV[1] .. ' ' .. unbilled) end
+local taken, any = {}, false
+for i = 1, 2 do
+  local raw = redis.call('HGET', KEYS[i], 'unbilled')
+  if raw then
+    any = true
+    for model, spent in pairs(cjson.decode(raw)) do
+      local sum = taken[model] or {0, 0, 0}
+      taken[model] = {sum[1] + spent[1], sum[2] + spent[2], sum[3] + spent[3]}
+    end
+  end
+  redis.call('HDEL', KEYS[i], 'unbilled', 'unbilled_take')
+end
+local unbilled = any and cjson.encode(taken) or ''
+if ARGV[1] ~= '' then
+  redis.call('HSET', KEYS[1], 'unbilled_take', ARGV[1] .. ' ' .. unbilled)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
 return {1, unbilled}
 """
+
+# How long a session's usage record outlives the session's TTL (the
+# module's docstring): a sweep comes every router.summary_usage_collect_s.
+OWED_GRACE_S = 7 * 24 * 3600
 
 # The owed set (the module's docstring): its key, and its scripts, each over
 # it alone. Their clock is Redis's, in ms, as the sessions' times are.
@@ -847,6 +884,17 @@ def session_key(tenant_id: str, session_id: str) -> str:
     return key(tenant_id, session_id, "meta")
 
 
+def unbilled_key(tenant_id: str, session_id: str) -> str:
+    """The session's usage record (the module's docstring): in its slot,
+    not one of its parts."""
+    return key(tenant_id, session_id, "unbilled")
+
+
+def owed_ttl_s(session_ttl_s: int) -> int:
+    """How long a usage record lives after its latest write."""
+    return max(session_ttl_s, 0) + OWED_GRACE_S
+
+
 def session_keys(tenant_id: str, session_id: str) -> list[str]:
     """Every key of the session, in SESSION_PARTS' order: what each script
     over a session takes as its KEYS (one hash slot)."""
@@ -994,7 +1042,8 @@ class SessionStore:
         for tokenizer_id, counts in token_counts.items():
             args.extend((_counts_field(tokenizer_id), _pack(counts)))
         with redis_reachable():
-            outcome = await self._append(keys=session_keys(tenant_id, session_id), args=args)
+            keys = [*session_keys(tenant_id, session_id), unbilled_key(tenant_id, session_id)]
+            outcome = await self._append(keys=keys, args=args)
         full = {-2: ("turns", self._max_turns), -6: ("bytes", self._max_session_bytes)}.get(outcome[0])
         if full is not None:
             raise _session_full(session_id, *full, str(outcome[1]), len(turns))
@@ -1144,9 +1193,12 @@ class SessionStore:
     ) -> tuple[SummarySpend, ...]:
         """What the session's summaries spent that no take took, taken now
         (_TAKE_UNBILLED), for the caller to bill once; or, for the
-        ``take_id`` of the session's latest take, what that take took."""
+        ``take_id`` of the session's latest take, what that take took. Also
+        once the session is deleted or expired, while its usage record
+        lives."""
+        keys = [unbilled_key(tenant_id, session_id), session_key(tenant_id, session_id)]
         with redis_reachable():
-            outcome = await self._take_unbilled(keys=[session_key(tenant_id, session_id)], args=[take_id])
+            outcome = await self._take_unbilled(keys=keys, args=[take_id, owed_ttl_s(self._ttl_s)])
         if outcome[0] == 0:
             raise session_not_found(session_id)
         return _spends(outcome[1])
@@ -1209,13 +1261,20 @@ class OwedSessions:
         # One round trip; a pipeline, as the sessions lie in many slots.
         async with self._client.pipeline(transaction=False) as pipe:
             for tenant_id, session_id in sessions:
-                pipe.hmget(session_key(tenant_id, session_id), "unbilled", "latest_key")
+                pipe.hmget(unbilled_key(tenant_id, session_id), "unbilled", "latest_key")
+                pipe.hmget(session_key(tenant_id, session_id), "unbilled", "latest_key", "version")
             states = await pipe.execute()
         owed, settled = [], []
-        for member, (tenant_id, session_id), (unbilled, key_id) in zip(
-            members, sessions, states, strict=True
+        for member, (tenant_id, session_id), record, meta in zip(
+            members, sessions, states[::2], states[1::2], strict=True
         ):
-            if unbilled:
+            unbilled, recorded_key = record
+            # Meta's ``unbilled`` an older version left (the module's docstring).
+            older_unbilled, latest_key, version = meta
+            if unbilled or older_unbilled:
+                # The key of the session's latest turn while it lives; the
+                # record's once it is deleted or expired.
+                key_id = latest_key if version is not None else recorded_key
                 owed.append(Owed(tenant_id, session_id, (key_id or b"").decode()))
             else:
                 settled.append(member)

@@ -267,35 +267,43 @@ class ModelSummarizer:
         return ModelAnswer(text, ModelSpend(self.model, usage.prompt_tokens, usage.completion_tokens))
 
 
-# KEYS: the session's meta, its summaries hash, its versions. ARGV: the
-# create_time_ms of the session the summary was made from, the span's field,
-# the summary's JSON, ttl_s, the summary's id, then what a model spent on it:
-# the model ("" for nothing), its prompt and completion tokens, then the
-# summary's end_version. Written only into that same session: one deleted and
+# KEYS: the session's meta, its summaries hash, its versions, its usage
+# record (store.unbilled_key). ARGV: the create_time_ms of the session the
+# summary was made from, the span's field, the summary's JSON, ttl_s, the
+# summary's id, then what a model spent on it: the model ("" for nothing),
+# its prompt and completion tokens, then the summary's end_version, then the
+# usage record's TTL (store.owed_ttl_s). Written only into that same session: one deleted and
 # created again under its id while the summary was being made (a model call)
 # holds other turns. Nor once a revert has undone its end_version: its turns
 # are gone, and the span's field may already hold the summary of the turns
 # appended there since, which compaction may have relied on (one of undone
 # turns holds at no version, valid_at, so the compacted turns had none, for
-# good: no span is summarized again below them). The tokens join meta's
-# ``unbilled`` (the store module's docstring) in the same step, unless the span
-# already holds this very summary (another replica's run made it too: its
-# tenant pays for a span's summary once); also when a revert refuses the
-# summary, as the model spent them on the session all the same. Returns 1 if
-# written, 0 if not.
+# good: no span is summarized again below them). The tokens join the usage
+# record's ``unbilled`` (the store module's docstring) in the same step,
+# unless the span already holds this very summary (another replica's run
+# made it too: its tenant pays for a span's summary once); also when the
+# summary is not written, refused by a revert or for a session deleted (or
+# deleted and created again) meanwhile, as the model spent them on the
+# tenant's session all the same. Returns 1 if written, 0 if not.
 _PUT = """
-if redis.call('HGET', KEYS[1], 'create_time_ms') ~= ARGV[1] then return 0 end
+local live = redis.call('HGET', KEYS[1], 'create_time_ms') == ARGV[1]
 if ARGV[6] ~= '' then
   local held = redis.call('HGET', KEYS[2], ARGV[2])
   local ok, before = pcall(cjson.decode, held or '')
   if not (ok and type(before) == 'table' and before.summary_id == ARGV[5]) then
-    local raw = redis.call('HGET', KEYS[1], 'unbilled')
+    local raw = redis.call('HGET', KEYS[4], 'unbilled')
     local unbilled = raw and cjson.decode(raw) or {}
     local spent = unbilled[ARGV[6]] or {0, 0, 0}
     unbilled[ARGV[6]] = {spent[1] + tonumber(ARGV[7]), spent[2] + tonumber(ARGV[8]), spent[3] + 1}
-    redis.call('HSET', KEYS[1], 'unbilled', cjson.encode(unbilled))
+    redis.call('HSET', KEYS[4], 'unbilled', cjson.encode(unbilled))
+    -- Whom it is billed to once the session is gone.
+    if live then
+      redis.call('HSET', KEYS[4], 'latest_key', redis.call('HGET', KEYS[1], 'latest_key') or '')
+    end
+    redis.call('EXPIRE', KEYS[4], ARGV[10])
   end
 end
+if not live then return 0 end
 local at = 4 * tonumber(ARGV[9])
 local held = redis.call('GETRANGE', KEYS[3], at, at + 3)
 -- A session stored before its versions were kept has none to undo.
@@ -379,8 +387,8 @@ class SummaryStore:
         """Keeps ``summary`` for the session created at ``created_ms`` (not
         for another one of its id, nor once a revert undid its turns: _PUT),
         and what a model ``spent`` on it as the session's unbilled usage,
-        with it (also when a revert refuses it), the session marked owing
-        first (the store module's owed set); returns whether it was kept."""
+        with it (also when it is not kept), the session marked owing first
+        (the store module's owed set); returns whether it was kept."""
         if spent is not None:
             # Before the write: a claim that reads the session in between
             # finds the mark newer than its own and leaves it listed.
@@ -394,6 +402,7 @@ class SummaryStore:
             session_store.session_key(tenant_id, session_id),
             self._index_key(tenant_id, session_id),
             session_store.key(tenant_id, session_id, "versions"),
+            session_store.unbilled_key(tenant_id, session_id),
         ]
         field = f"{summary.first_turn}-{summary.end_turn}"
         args = [created_ms, field, encoded, self._ttl_s, summary.summary_id]
@@ -401,7 +410,7 @@ class SummaryStore:
             args += ["", 0, 0]
         else:
             args += [spent.model, spent.prompt_tokens, spent.completion_tokens]
-        args.append(summary.end_version)
+        args += [summary.end_version, session_store.owed_ttl_s(self._ttl_s)]
         return bool(await self._put(keys=keys, args=args))
 
 

@@ -21,14 +21,17 @@ latest turn it lands, by whichever router sweeps first, however the others
 stopped. A take whose reply is lost (UNAVAILABLE, DEADLINE_EXCEEDED) is sent
 again with its take id, which answers what that take took and takes
 nothing more: after each of TAKE_RETRY_DELAYS_S, then at each later sweep
-(up to MAX_UNANSWERED_TAKES held), until it is answered or its session is
-gone.
+(up to MAX_UNANSWERED_TAKES held), until it is answered or its session
+and usage record are gone.
 
-The bound: a session deleted or expired before a sweep takes its usage
-(one sweep comes at least ``router.summary_usage_collect_s`` after its
-latest summary); a router killed between a take and its ledger write (as a
-turn's own usage record: services/router/ledger.py), or while it held a
-take for a later sweep; a take of the same session between a take and its
+A session deleted or expired before a sweep keeps its usage for one: the
+context service holds it apart from the session's keys, for a week past
+the session's TTL (services/context/store.py's usage record).
+
+The bound: usage no sweep took within that week (no router sweeping); a
+router killed between a take and its ledger write (as a turn's own usage
+record: services/router/ledger.py), or while it held a take for a later
+sweep; a take of the same session between a take and its
 retry (the session keeps its latest take's answer alone: another router's
 claim after a new summary, or the ask of a router older than the sweep).
 What the owed set itself may miss is in its module's docstring.

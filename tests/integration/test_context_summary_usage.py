@@ -1,10 +1,11 @@
 """What a session's summaries spend on a model, over a real Redis: counted
-on the session with the summary, in the script that writes it (once per
-summary, not at all for one made without a model or written into
-another life of the session, but for one a revert refused), the session
-listed owing first; taken by a take alone (no append takes it), once, a
-take sent again with its take id answering the same; and named by a claim
-of the sessions owing (the store's owed set) until a take has taken it."""
+in the session's usage record, in the script that writes the summary (once
+per summary, not at all for one made without a model, but also for one a
+revert refused or whose session was deleted meanwhile), the session listed
+owing first; taken by a take alone (no append takes it), once, a take sent
+again with its take id answering the same; and named by a claim of the
+sessions owing (the store's owed set) until a take has taken it, also once
+the session is deleted or expired."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ async def client(redis_url: str):
 
 
 async def unbilled(client: redis.Redis, tenant: str, session_id: str) -> bytes | None:
-    return await client.hget(session_store.session_key(tenant, session_id), "unbilled")
+    return await client.hget(session_store.unbilled_key(tenant, session_id), "unbilled")
 
 
 async def listed(client: redis.Redis, tenant: str, session_id: str) -> float | None:
@@ -272,3 +273,70 @@ async def test_a_claim_names_owing_sessions_in_place_of_those_found_owing_nothin
     finally:
         await client.flushdb()
         await client.aclose()
+
+
+@pytest.mark.parametrize("gone", ["deleted", "expired"])
+async def test_a_sessions_usage_outlives_its_deletion_or_expiry_until_taken(client, tenant, gone) -> None:
+    """The session is gone before any sweep: its usage record is none of
+    its keys, so a claim still names it, under the key of its latest turn,
+    and a take takes it, once."""
+    sessions = session_store.SessionStore(client, 1 if gone == "expired" else 600)
+    policy = summaries_lib.SummaryPolicy(span_turns=2, hot_window_turns=0)
+    summarizer = summaries_lib.Summarizer(sessions, SummaryStore(client, 1), policy, CountingModel())
+    await sessions.create(tenant, "s")
+    await sessions.append(tenant, "s", None, turns(0, 2), {}, key_id="k" * 16)
+    await summarizer.summarize_due(tenant, "s")
+    if gone == "deleted":
+        await sessions.delete(tenant, "s")
+    else:
+        await asyncio.sleep(2.1)
+    assert not await client.exists(*session_store.session_keys(tenant, "s"))
+    # Bounded all the same: it expires on its own after the session could have.
+    ttl_s = await client.ttl(session_store.unbilled_key(tenant, "s"))
+    assert 0 < ttl_s <= session_store.owed_ttl_s(1)
+
+    assert mine(await sessions.owed.claim(0, 1000), tenant) == [session_store.Owed(tenant, "s", "k" * 16)]
+    one = SummarySpend("counting", PROMPT_TOKENS, COMPLETION_TOKENS, 1)
+    assert await sessions.take_unbilled(tenant, "s", "t") == (one,)
+    # The reply was lost: sent again, it answers the same, and takes nothing more.
+    assert await sessions.take_unbilled(tenant, "s", "t") == (one,)
+    assert await sessions.take_unbilled(tenant, "s", "u") == ()
+    assert mine(await sessions.owed.claim(0, 1000), tenant) == []
+    assert await listed(client, tenant, "s") is None
+
+
+async def test_a_models_summary_of_a_session_deleted_while_it_was_written_is_still_counted(
+    client, tenant
+) -> None:
+    """The model spent its tokens on the tenant's session before it was
+    deleted: the summary is not kept (summaries._PUT), its usage is."""
+    sessions = session_store.SessionStore(client, 600)
+    model = GatedModel()
+    await sessions.create(tenant, "deleted")
+    await sessions.append(tenant, "deleted", None, turns(0, 2), {})
+    run = asyncio.ensure_future(summarizer_of(client, model).summarize_due(tenant, "deleted"))
+    await asyncio.wait_for(model.entered.wait(), 10)
+    await sessions.delete(tenant, "deleted")
+    model.gate.set()
+    await asyncio.wait_for(run, 10)
+    assert await SummaryStore(client, 0).all_of(tenant, "deleted") == []
+    assert mine(await sessions.owed.claim(0, 1000), tenant) == [session_store.Owed(tenant, "deleted", "")]
+    assert await sessions.take_unbilled(tenant, "deleted") == (SummarySpend(GatedModel.model, 40, 10, 1),)
+
+
+async def test_a_take_takes_usage_an_older_version_kept_in_meta_with_the_records(client, tenant) -> None:
+    """During an upgrade, a replica of a version that kept the usage in
+    meta writes it there: a take takes both, as one answer."""
+    sessions = session_store.SessionStore(client, 600)
+    await sessions.create(tenant, "s")
+    await sessions.append(tenant, "s", None, turns(0, 2), {})
+    await summarizer_of(client, CountingModel()).summarize_due(tenant, "s")
+    older = '{"counting": [1, 2, 1], "older": [3, 4, 1]}'
+    await client.hset(session_store.session_key(tenant, "s"), "unbilled", older)
+    taken = await sessions.take_unbilled(tenant, "s", "t")
+    assert taken == (
+        SummarySpend("counting", PROMPT_TOKENS + 1, COMPLETION_TOKENS + 2, 2),
+        SummarySpend("older", 3, 4, 1),
+    )
+    assert await sessions.take_unbilled(tenant, "s", "t") == taken
+    assert await sessions.take_unbilled(tenant, "s") == ()

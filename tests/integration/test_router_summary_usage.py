@@ -24,6 +24,8 @@ import pytest
 from meshgate import redis_access
 from meshgate.common.v1 import common_pb2
 from meshgate.config import LimitSettings, PriceSettings, Settings, TenantSettings, hash_api_key
+from meshgate.context.v1 import context_service_pb2 as context_pb
+from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.context import store as session_store
@@ -32,7 +34,7 @@ from services.router.admission import Scope
 from services.router.ledger import STREAM
 from tests.integration.conftest import running, running_router, serve_tiny_gpt
 from tests.integration.test_router_accounting import eventually, usage_row
-from tests.mesh import bounded_channel, mesh_settings
+from tests.mesh import bounded_channel, mesh_settings, router_channel
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -88,7 +90,7 @@ class SummarizedSession:
         return completion
 
     async def unbilled(self) -> dict | None:
-        raw = await self.client.hget(session_store.session_key(self.tenant, self.session_id), "unbilled")
+        raw = await self.client.hget(session_store.unbilled_key(self.tenant, self.session_id), "unbilled")
         return json.loads(raw) if raw else None
 
     async def summaries_logged(self) -> list[dict]:
@@ -227,6 +229,49 @@ async def test_any_router_bills_a_summary_under_the_key_of_the_sessions_latest_t
         assert row.summary_prompt_tokens > 0 and row.requests == 1
         assert await session.unbilled() is None
         assert len(await session.summaries_logged()) == 1
+
+
+async def test_a_summary_of_a_session_deleted_before_any_sweep_is_billed(
+    redis_url, inference_address
+) -> None:
+    """The session is deleted (ContextService.DeleteSession) after its
+    summary is written and before any router sweeps: the summary's tokens
+    were spent on the tenant's session all the same, and a router that
+    sweeps later bills them, to the key of its latest turn."""
+    async with summarized_session(redis_url, inference_address, "deleted", collect_s=3600) as session:
+        latest_key = session.keys[1]
+        for i in range(3):
+            await session.chat(i)
+        await session.chat(3, latest_key)
+        spent = await eventually(session.unbilled, timeout_s=60.0)
+        context_address = session.settings.router.context_address
+        async with router_channel(context_address, "context") as channel:
+            context = context_service_pb2_grpc.ContextServiceStub(channel)
+            await context.DeleteSession(
+                context_pb.DeleteSessionRequest(tenant_id=session.tenant, session_id=session.session_id)
+            )
+        sweeping = dataclasses.replace(
+            session.settings, router=dataclasses.replace(session.settings.router, summary_usage_collect_s=0.2)
+        )
+        async with running(router_app, "router", sweeping) as address, bounded_channel(address) as channel:
+            other = router_service_pb2_grpc.RouterServiceStub(channel)
+
+            async def billed():
+                usage = await other.GetUsage(pb.GetUsageRequest(), metadata=bearer(latest_key), timeout=10)
+                return [row for row in usage.rows if row.summaries]
+
+            (row,) = await eventually(billed, timeout_s=20.0)
+            ((prompt_tokens, completion_tokens, summaries),) = spent.values()
+            assert (row.summaries, row.summary_prompt_tokens, row.summary_completion_tokens) == (
+                summaries,
+                prompt_tokens,
+                completion_tokens,
+            )
+            assert row.key_id == hash_api_key(latest_key)[:16]
+            # Once: the sweeps after find nothing more to bill.
+            await asyncio.sleep(1.0)
+            assert len(await session.summaries_logged()) == 1
+        assert await session.unbilled() is None
 
 
 async def test_a_take_whose_reply_is_lost_is_billed_once(redis_url, inference_address) -> None:

@@ -195,8 +195,9 @@ class ContextServiceServicer:
         ClaimOwedSummaryUsage named). Each summary's usage is taken once; a take
         with the take_id of the session's latest take takes nothing more and
         answers what that take took, so a take whose reply was lost is sent
-        again with its take_id. NOT_FOUND, SESSION_NOT_FOUND, for a session that
-        does not exist.
+        again with its take_id. A session deleted or expired since its summaries
+        keeps their usage for this (for a week past its TTL). NOT_FOUND,
+        SESSION_NOT_FOUND, for a session that does not exist and left no usage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
