@@ -53,9 +53,9 @@ def _invalid_key() -> MeshgateError:
 
 @dataclasses.dataclass(frozen=True)
 class CallerKey:
-    """A tenant's key as the router keeps it past the gate: its SHA-256,
-    and whether its secret has the shape of a stored key (only such a key
-    is looked up in Redis)."""
+    """A caller's key as the router keeps it past the gate, a tenant's or
+    the admin credential: its SHA-256, and whether its secret has the shape
+    of a stored key (only such a key is looked up in Redis)."""
 
     key_hash: str
     may_be_stored: bool
@@ -133,16 +133,25 @@ class Authenticator:
         """The caller's tenant, or None for the admin credential."""
         return (await self.identify(metadata))[0]
 
-    async def identify(self, metadata) -> tuple[Tenant | None, CallerKey | None]:
+    async def identify(self, metadata) -> tuple[Tenant | None, CallerKey]:
         """The caller's tenant (None for the admin credential), and its key
-        as :meth:`tenant_of` takes it (None for the admin credential), for
-        a long call to resolve again later (:func:`current_tenant`)."""
+        as :meth:`tenant_of` and :meth:`check_admin` take it, for a long
+        call to resolve again later (:func:`current_tenant`)."""
         secret = _bearer_key(metadata)
-        key_hash = hash_api_key(secret)
-        if key_hash in self._configured.admin_key_hashes:
-            return None, None
-        key = CallerKey(key_hash, could_be_stored(secret))
+        key = CallerKey(hash_api_key(secret), could_be_stored(secret))
+        if key.key_hash in self._configured.admin_key_hashes:
+            return None, key
         return await self.tenant_of(key), key
+
+    def check_admin(self, key: CallerKey) -> None:
+        """Refuses ``key``, the admin credential when its call was let in,
+        where the configuration in use no longer has it (a reload took it
+        out: a leaked one), as a new call with it is refused."""
+        if key.key_hash not in self._configured.admin_key_hashes:
+            raise _unauthenticated(
+                Reason.API_KEY_INVALID,
+                "the admin credential is no longer configured (router.admin_api_key_sha256)",
+            )
 
     async def tenant_of(self, key: CallerKey) -> Tenant:
         """The tenant ``key`` names now: in the configuration in use, else
@@ -209,22 +218,26 @@ class Authenticator:
             raise refusal
         return record
 
-    async def authenticate_admin(self, metadata) -> None:
-        if await self.authenticate_caller(metadata) is not None:
+    async def authenticate_admin(self, metadata) -> CallerKey:
+        """The admin credential of ``metadata``, for the call to check again
+        (:meth:`check_admin`); PERMISSION_DENIED for a tenant's key."""
+        tenant, key = await self.identify(metadata)
+        if tenant is not None:
             raise MeshgateError(
                 grpc.StatusCode.PERMISSION_DENIED,
                 Reason.ADMIN_REQUIRED,
                 "this call needs the admin credential (router.admin_api_key_sha256)",
             )
+        return key
 
 
 # The caller of the gRPC call under way, as CallerGate let it in: its
 # tenant, or None for the admin credential. Set in the call's own task, so
 # no other call sees it.
 _CALLER: contextvars.ContextVar[Tenant | None] = contextvars.ContextVar("router_caller")
-# The authenticator that let that caller in, and the caller's key (None for
-# the admin credential), for current_tenant.
-_CALLER_KEY: contextvars.ContextVar[tuple[Authenticator, CallerKey | None]] = contextvars.ContextVar(
+# The authenticator that let that caller in, and the caller's key (a
+# tenant's or the admin credential), for current_tenant and admitted_admin.
+_CALLER_KEY: contextvars.ContextVar[tuple[Authenticator, CallerKey]] = contextvars.ContextVar(
     "router_caller_key"
 )
 
@@ -255,8 +268,7 @@ class CallerGate:
     async def __call__(self, method: str, metadata) -> None:
         """Lets the caller of ``method`` (a full method name) in, or raises its refusal."""
         if method.startswith(_ADMIN_METHODS):
-            await self._auth.authenticate_admin(metadata)
-            caller, key = None, None
+            caller, key = None, await self._auth.authenticate_admin(metadata)
         else:
             caller, key = await self._auth.identify(metadata)
             if caller is None and method not in _TENANT_OR_ADMIN_METHODS:
@@ -271,13 +283,17 @@ class CallerGate:
 
 def admitted_admin() -> Authenticator:
     """Checks that CallerGate let the admin credential in to the AdminService
-    call under way, and returns the authenticator that did (the configured
-    tenants as it knows them). LookupError where no gate ran, as
-    :func:`current_caller`: an AdminService served without its gate fails
-    closed (INTERNAL) instead of serving every caller."""
+    call under way, and that the configuration in use still has it (its
+    caller may send the request long after the gate let the call in, past a
+    reload that took the credential out), and returns the authenticator
+    that did (the configured tenants as it knows them). LookupError where
+    no gate ran, as :func:`current_caller`: an AdminService served without
+    its gate fails closed (INTERNAL) instead of serving every caller."""
     if _CALLER.get() is not None:
         raise AssertionError("an AdminService call was let in with a tenant's key")
-    return _CALLER_KEY.get()[0]
+    authenticator, key = _CALLER_KEY.get()
+    authenticator.check_admin(key)
+    return authenticator
 
 
 async def current_tenant() -> Tenant | None:
@@ -295,11 +311,14 @@ async def current_tenant() -> Tenant | None:
     A stored key's record comes from the KeyStore's cache, so at most one
     GET per key and half second however many turns; a configured key's
     costs no Redis call. None for the admin credential (on the methods that
-    take it), which is not resolved again."""
+    take it), where the configuration in use still has it: one a reload
+    took out is refused (UNAUTHENTICATED), as a tenant's key would be."""
     authenticator, key = _CALLER_KEY.get()
-    if key is None:
+    caller = _CALLER.get()
+    if caller is None:
+        authenticator.check_admin(key)
         return None
-    return same_tenant(_CALLER.get(), await authenticator.tenant_of(key))
+    return same_tenant(caller, await authenticator.tenant_of(key))
 
 
 def same_tenant(first: Tenant, now: Tenant) -> Tenant:

@@ -884,3 +884,81 @@ async def test_with_redis_stopped_callers_learn_it_is_unavailable_but_not_where_
     assert answer.status_code == 503
     assert answer.json()["error"]["code"] == Reason.REDIS_UNAVAILABLE
     assert str(port) not in answer.text and "127.0.0.1" not in answer.text, answer.text
+
+
+async def test_an_admin_call_whose_request_comes_after_a_reload_took_out_its_credential_is_refused(
+    redis_url, tmp_path
+):
+    """A bug hunt's finding: the admin credential was checked from a call's
+    metadata only, before its request was read, and never again (a tenant's
+    key is resolved again once the request is in). A client that opened
+    AdminService calls with a credential (never counted under
+    router.max_concurrent_rpcs, and with no deadline they stay open) and
+    sent their requests after a reload had taken that credential out (a
+    leaked one) had them served: a CreateKey made a key."""
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    group = Replicas(
+        tmp_path,
+        f"""
+[telemetry]
+exporter = "none"
+[redis]
+url = "{redis_url}"
+[mesh]
+tls = false
+[router]
+metrics_listen = ""
+context_address = "127.0.0.1:{free_port()}"
+cache_address = "127.0.0.1:{free_port()}"
+dev_tenant = false
+http_listen = ""
+""",
+    )
+
+    def admins(*credentials: str) -> str:
+        return f"admin_api_key_sha256 = {[hash_api_key(c) for c in credentials]}\n"
+
+    group.write(admins("leaked-admin", "kept-admin"))
+    group.start(count=1)
+    try:
+        await group.wait_serving()
+        async with bounded_channel(group.addresses[0]) as channel:
+            admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+            # Opened as streams, to hold the requests back: the metadata goes
+            # now and the credential is checked (and found good) meanwhile.
+            held = {
+                method: channel.stream_stream(method, request_serializer=type(request_).SerializeToString)(
+                    metadata=bearer("leaked-admin"), timeout=60
+                )
+                for method, request_ in (
+                    ("/meshgate.router.v1.AdminService/CreateKey", admin_pb.CreateKeyRequest()),
+                    ("/meshgate.router.v1.RouterService/GetUsage", pb.GetUsageRequest()),
+                )
+            }
+            await asyncio.sleep(0.3)
+
+            group.write(admins("kept-admin"))
+            group.processes[0].send_signal(signal.SIGHUP)
+            listing = admin_pb.ListKeysRequest(tenant_id=tenant)
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    await admin.ListKeys(listing, metadata=bearer("leaked-admin"), timeout=5)
+                except grpc.aio.AioRpcError:
+                    break  # a new call with the credential is refused: the reload applied
+                assert time.monotonic() < deadline, "the reload never applied"
+                await asyncio.sleep(0.05)
+
+            gone = (grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_INVALID)
+            requests = {
+                "/meshgate.router.v1.AdminService/CreateKey": admin_pb.CreateKeyRequest(tenant_id=tenant),
+                "/meshgate.router.v1.RouterService/GetUsage": pb.GetUsageRequest(tenant_id=tenant),
+            }
+            for method, call in held.items():
+                await call.write(requests[method])
+                await call.done_writing()
+                assert await refusal(call.read()) == gone, method
+            listed = await admin.ListKeys(listing, metadata=bearer("kept-admin"), timeout=10)
+            assert list(listed.keys) == []
+    finally:
+        group.stop()
