@@ -564,8 +564,9 @@ _SSE_HEADERS = [
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 # GET /v1/models/{id}: the id is the rest of the path.
 _MODEL_PATH = "/v1/models/"
-# The methods a route takes. A GET route takes HEAD too, answered as GET:
-# uvicorn sends no body for a HEAD (RFC 9110 §9.3.2).
+# The methods a route takes. A GET route takes HEAD too, answered as GET,
+# headers and Content-Length included: uvicorn sends no body for a HEAD
+# (RFC 9110 §9.3.2; _send_whole).
 _POST = ("POST",)
 _GET = ("GET", "HEAD")
 
@@ -988,12 +989,19 @@ def _parse_json(body: bytes):
 
 
 async def _send_json(send, status: int, body) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": _JSON_HEADERS})
-    await send({"type": "http.response.body", "body": _json(body)})
+    await _send_whole(send, status, _JSON_HEADERS, _json(body))
 
 
 async def _send_error(send, error: MeshgateError, turn_may_be_stored: bool = False) -> None:
-    status, headers, body = http_error(error, turn_may_be_stored)
+    await _send_whole(send, *http_error(error, turn_may_be_stored))
+
+
+async def _send_whole(send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """An answer whose body is known whole: with its Content-Length, which
+    uvicorn sends also for a HEAD, whose body it drops (RFC 9110 §9.3.2: a
+    HEAD answer carries the fields the GET's would). Without it, uvicorn
+    frames a GET's body as chunked and gives a HEAD's no length at all."""
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -590,6 +590,8 @@ async def test_head_is_answered_as_get_without_a_body(base_url, path):
         without_key = await http.head(path, headers={"authorization": ""})
     assert (head.status_code, head.headers["content-type"]) == (got.status_code, got.headers["content-type"])
     assert (head.content, bool(got.content)) == (b"", True)
+    # The length its GET's body has (RFC 9110 §9.3.2): a HEAD answer had none.
+    assert head.headers.get("content-length") == got.headers["content-length"] == str(len(got.content))
     assert head.headers["x-request-id"]
     # Then the same connection's next request: the HEAD answer's framing held.
     assert without_key.status_code == 401
