@@ -578,7 +578,12 @@ class RouterSettings:
     # between this and 1.5 times it after the last acknowledgement. A client
     # that reads, however slowly, acknowledges the room it makes and is not
     # cut; one whose kernel takes the rest of the answer unread (into its
-    # receive buffer) acknowledges it all and is not noticed. 30 s: the gRPC
+    # receive buffer) acknowledges it all and is not noticed. A client with
+    # nothing outstanding (its turn waits on its first token, or generates
+    # a whole answer) is probed by TCP keepalive after this long idle, a
+    # quarter of it apart, and dropped when two probes go unanswered (or are
+    # answered with a RST): in the same span (the kernel counts whole
+    # seconds). 30 s: the gRPC
     # port drops a silent caller within 40 s (a keepalive ping after 30 s,
     # 10 s for its answer); room for a network handover or lost resends.
     http_stalled_client_timeout_s: float = 30.0

@@ -1031,6 +1031,28 @@ def _acknowledgements(sock) -> tuple[int, bool] | None:
     return bytes_acked, bool(unacked_segments or notsent_bytes)
 
 
+def _probe_when_idle(sock, timeout_s: float) -> None:
+    """TCP keepalive on ``sock``: after ``timeout_s`` with nothing sent or
+    received, the kernel probes the peer every quarter of it, and a peer
+    that answers none of two probes (or answers with a RST: a host that lost
+    the connection) ends the connection, between ``timeout_s`` and 1.5
+    times it after its last sign of life. uvicorn then reports the
+    disconnect, as :class:`_StalledPeerCut` makes it for a peer that leaves
+    bytes unacknowledged: this covers the peer with nothing outstanding, a
+    client gone while its turn waits on its first token or generates a
+    whole answer, which nothing else notices until its answer is written.
+    The kernel's timings are whole seconds. No socket (a transport over
+    something else): nothing."""
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if not hasattr(socket, "TCP_KEEPIDLE"):  # not Linux (macOS): the system's timings
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(timeout_s)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(timeout_s / 4)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 2)
+
+
 class _StalledPeerCut:
     """Aborts a connection whose peer acknowledges none of its bytes for
     ``timeout_s`` while some are unacknowledged or unsent
@@ -1134,6 +1156,7 @@ class _BoundedHeaders(HttpToolsProtocol):
         super().connection_made(transport)
         self._start_deadline()
         self._stall_cut = _StalledPeerCut(transport, self._stalled_client_timeout_s, self.loop)
+        _probe_when_idle(transport.get_extra_info("socket"), self._stalled_client_timeout_s)
 
     def connection_lost(self, exc) -> None:
         self._stop_deadline()
