@@ -248,7 +248,46 @@ _UNSUPPORTED: dict[str, tuple] = {
     "audio": (),
     "modalities": (["text"],),
     "prediction": (),
+    # OpenAI refuses it without tools, which are never offered here.
+    "parallel_tool_calls": (),
 }
+# OpenAI's request fields that ask nothing of the answer (who asks, what to
+# tag or keep it with, a processing tier, a prompt-cache routing hint):
+# accepted and not used, as SDKs and proxies send them.
+_INFORMATIONAL = ("user", "safety_identifier", "metadata", "store", "service_tier", "prompt_cache_key")
+# Every field a chat completion's body may have: OpenAI's that are mapped,
+# refused at some values or informational, and meshgate's extensions. Any
+# other is refused as OpenAI refuses a field it does not know ("Unrecognized
+# request argument supplied"): a provider's top_k, or reasoning_effort to a
+# model without reasoning, was meant to change the answer, and dropped it
+# would change nothing, silently.
+_CHAT_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "stop",
+        "stream",
+        "stream_options",
+        "n",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "session_id",
+        "cache_policy",
+        *_UNSUPPORTED,
+        *_INFORMATIONAL,
+    }
+)
+# The same for an embeddings body.
+_EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
 # A message's fields of tool use (an assistant's calls, a tool's answer).
 _TOOL_FIELDS = ("tool_calls", "function_call", "tool_call_id")
 # A session_id asking for a new session.
@@ -388,7 +427,19 @@ def _parameters(body: dict) -> common_pb2.GenerationParameters:
     return parameters
 
 
+def _refuse_unknown(body: dict, known: frozenset[str]) -> None:
+    """A 400 naming the first field of ``body`` not in ``known``, in OpenAI's words."""
+    for name in body:
+        if name not in known:
+            # A key JSON escaped as half a UTF-16 pair has no UTF-8 form to echo.
+            shown = name if is_text(name) else ascii(name)
+            raise _bad_request(
+                f"Unrecognized request argument supplied: {shown}", shown, Reason.UNSUPPORTED_PARAMETER
+            )
+
+
 def _refuse_unsupported(body: dict) -> None:
+    _refuse_unknown(body, _CHAT_FIELDS)
     for name, accepted in _UNSUPPORTED.items():
         value = body.get(name)
         if value in (None, [], {}) or value in accepted:
@@ -829,6 +880,7 @@ class HttpEdge:
         body = _parse_json(raw)
         if not isinstance(body, dict):
             raise _bad_request("the body must be a JSON object", "")
+        _refuse_unknown(body, _EMBEDDING_FIELDS)
         model = _text(body.get("model"), "model must be a string", "model")
         if self._embeddings_core is None:
             raise not_found(Reason.MODEL_NOT_FOUND, "no embedding model is served here", model=model)

@@ -374,6 +374,9 @@ async def test_a_request_larger_than_the_limit_itself_is_not_resent_by_the_sdk(b
         # Without tools there is nothing to call: "auto" and "required" cannot be served.
         ({"tool_choice": "required"}, "UNSUPPORTED_PARAMETER", "tool_choice"),
         ({"modalities": ["text", "audio"]}, "UNSUPPORTED_PARAMETER", "modalities"),
+        # OpenAI refuses it without tools, and a field it does not know.
+        ({"parallel_tool_calls": False}, "UNSUPPORTED_PARAMETER", "parallel_tool_calls"),
+        ({"extra_body": {"top_k": 40}}, "UNSUPPORTED_PARAMETER", "top_k"),
         ({"max_tokens": "many"}, "MALFORMED_REQUEST", "max_tokens"),
         # The refusal names the field the caller sent, not the one the pipeline checks.
         ({"max_completion_tokens": 0}, "INVALID_MAX_TOKENS", "max_completion_tokens"),
@@ -401,8 +404,17 @@ async def test_invalid_parameters_are_400(async_client, fields, reason, param):
         {"tool_choice": None},
         {"tools": [], "tool_choice": "none"},
         {"function_call": "none"},
+        {"user": "u-1", "metadata": {"purpose": "test"}, "store": False, "service_tier": "auto"},
     ],
-    ids=["text", "null modalities", "no tool calls", "null tool_choice", "no tools", "no function call"],
+    ids=[
+        "text",
+        "null modalities",
+        "no tool calls",
+        "null tool_choice",
+        "no tools",
+        "no function call",
+        "informational",
+    ],
 )
 async def test_fields_that_ask_for_what_the_mesh_does_anyway_are_served(base_url, fields):
     """SDKs and proxies send these: refused, they failed requests that ask

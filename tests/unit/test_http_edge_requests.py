@@ -228,6 +228,55 @@ def test_fields_that_ask_for_more_than_text_without_tools_are_refused_by_name(fi
     assert refusal(chat(**fields)) == ("UNSUPPORTED_PARAMETER", param, message)
 
 
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"top_k": 40}, "top_k"),
+        ({"reasoning_effort": "low"}, "reasoning_effort"),
+        ({"temprature": 0}, "temprature"),
+        ({SURROGATE: 1}, ascii(SURROGATE)),
+    ],
+    ids=["a provider's top_k", "reasoning_effort", "a misspelt field", "a key with no UTF-8 form"],
+)
+def test_a_field_the_edge_does_not_know_is_refused_in_openais_words(fields, param):
+    """A hunt: unknown fields were dropped silently (a misspelt temperature
+    was served at the default); OpenAI refuses them with this message."""
+    assert refusal(chat(**fields)) == (
+        "UNSUPPORTED_PARAMETER",
+        param,
+        f"Unrecognized request argument supplied: {param}",
+    )
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_parallel_tool_calls_is_refused_as_the_tools_it_is_about(value):
+    """OpenAI refuses it without tools; tools are never offered here. It was ignored."""
+    assert refusal(chat(parallel_tool_calls=value))[:2] == ("UNSUPPORTED_PARAMETER", "parallel_tool_calls")
+
+
+def test_fields_that_ask_nothing_of_the_answer_are_accepted():
+    fields = {
+        "user": "u-1",
+        "safety_identifier": "s-1",
+        "metadata": {"purpose": "test"},
+        "store": False,
+        "service_tier": "auto",
+        "prompt_cache_key": "k",
+        "parallel_tool_calls": None,
+    }
+    assert ChatCall(chat(**fields)).request.messages[0].content == "hi"
+
+
+async def test_an_embeddings_field_the_edge_does_not_know_is_refused():
+    settings = RouterSettings(dev_api_key=KEY)
+    edge = HttpEdge(
+        settings, {"m": ModelSettings()}, Authenticator(settings), TenantCalls(0), ScriptedPipeline([]), None
+    )
+    status, body = await posted(edge, "/v1/embeddings", {"model": "minilm", "input": "hi", "truncate": True})
+    assert status == 400
+    assert (body["error"]["code"], body["error"]["param"]) == ("UNSUPPORTED_PARAMETER", "truncate")
+
+
 def test_include_usage_false_and_empty_options_stream_without_usage():
     assert not ChatCall(chat(stream=True, stream_options={"include_usage": False})).include_usage
     assert not ChatCall(chat(stream=True, stream_options={})).include_usage
