@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import pytest
 
@@ -12,7 +13,7 @@ from meshgate.config import ModelSettings, RouterSettings
 from services.router.admission import TenantCalls
 from services.router.auth import Authenticator
 from services.router.http_edge import HttpEdge, HttpServer
-from services.router.pipeline import Delta
+from services.router.pipeline import Answer, CacheStatus, Completion, Delta
 from tests.unit.test_router_http_edge import KEY, ScriptedPipeline
 
 pytestmark = pytest.mark.integration
@@ -172,4 +173,51 @@ async def test_a_session_turn_cut_while_it_is_stored_tells_the_client_not_to_res
     assert head.startswith("HTTP/1.1 503") and "x-should-retry: false" in head.lower()
     error = json.loads(body)["error"]
     assert error["code"] == "STREAM_ENDED_EARLY" and error["metadata"]["turn_may_be_stored"] == "true"
+    assert not _app_errors(caplog)
+
+
+class PausingAnswer(ScriptedPipeline):
+    """An answer whose one piece is larger than the socket's buffers take
+    from a client that reads nothing: its finish then waits for the socket
+    to drain."""
+
+    def __init__(self) -> None:
+        answer = Answer(text="x", completion_tokens=1, finish_reason="stop")
+        super().__init__(
+            [Delta("x" * (16 << 20)), Completion(answer, CacheStatus.MISS, 0.0, "", 0, "", text="end")]
+        )
+
+
+async def test_a_finish_the_grace_cuts_while_it_waits_on_a_paused_socket_is_never_sent_as_done(caplog):
+    """A bug hunt (none found): the finish and [DONE] wait for the socket to
+    drain before uvicorn writes them, so the grace's cancel landing there
+    ends the stream with an error event and no [DONE], and the turn is
+    closed unfinished (recorded cancelled): the client and the record agree.
+    Once the finish is written, the turn is recorded completed with no
+    wait between (the pipeline's close takes no await)."""
+    settings = RouterSettings(dev_api_key=KEY)
+    pipeline = PausingAnswer()
+    edge = HttpEdge(settings, {"m": ModelSettings()}, Authenticator(settings), TenantCalls(0), pipeline, None)
+    server = HttpServer(edge, "127.0.0.1:0", 5.0, 65536, stalled_client_timeout_s=30.0, graceful_s=30.0)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    connection = socket.socket()
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    connection.setblocking(False)
+    try:
+        await loop.sock_connect(connection, ("127.0.0.1", server.port))
+        await loop.sock_sendall(connection, _chat_request(stream=True))
+        await asyncio.sleep(0.5)  # the piece written, the finish waiting
+        await asyncio.wait_for(server.stop(0.3), 5)
+        answer = b""
+        while chunk := await asyncio.wait_for(loop.sock_recv(connection, 1 << 20), 5):
+            answer += chunk
+    finally:
+        connection.close()
+    tail = answer[-1000:].decode()
+    assert "data: [DONE]" not in tail
+    error = json.loads(tail.split("data: ")[-1].split("\n\n")[0])["error"]
+    # The piece went out, the finish did not.
+    assert error["code"] == "STREAM_ENDED_EARLY" and error["metadata"]["delivered_deltas"] == "1"
+    assert not pipeline.read_to_the_end
     assert not _app_errors(caplog)
