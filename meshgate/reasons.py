@@ -243,6 +243,11 @@ class Reason(enum.StrEnum):
     SESSION_NOT_FOUND = enum.auto()
     """No such session for this tenant (also another tenant's session)."""
 
+    CACHE_ENTRY_NOT_FOUND = enum.auto()
+    """NOT_FOUND: a wrong-hit report names no entry the cache holds in the
+    request's scope (expired and trimmed, evicted, invalidated, or never
+    stored), and the request was never reported for it before."""
+
     SESSION_EXISTS = enum.auto()
     """A session with this id already exists."""
 

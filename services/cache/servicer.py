@@ -52,7 +52,7 @@ from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
 from meshgate.config import CacheSettings
-from meshgate.errors import MeshgateError, invalid_argument
+from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.reasons import Reason
 from meshgate.single_flight import SingleFlight
 from services.cache import conversation, keys
@@ -384,6 +384,13 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             self._settings.report_replicas,
             self._settings.report_replication_timeout_s,
         )
+        if report is None:
+            raise not_found(
+                Reason.CACHE_ENTRY_NOT_FOUND,
+                "entry_id names no entry of this scope: report a hit's LookupResponse.entry_id "
+                "with the scope and messages of its lookup",
+                entry_id=request.entry_id,
+            )
         index = self._indexes.get(partition.vectors_key(context_id))
         if index is not None and report.seq is not None:
             # That version only: a Store of the entry after the report, its

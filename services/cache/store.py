@@ -170,6 +170,15 @@ _REPORT_WRONG = """
 -- KEYS: exact key, order zset, vectors hash, wrong-hit counter, reported pairs
 -- ARGV: entry id, ttl ms, notices channel, the notice of the entry's tenant and model,
 --       the reported pair (asked entry id, space, entry id)
+-- Only an entry the sub-partition holds (its answer, or its row: an answer
+-- expired before its row was trimmed), or a pair reported before (a retry,
+-- or another caller of the same hit, once the first report deleted it).
+-- Anything else names no entry: a caller's made-up ids each added a pair
+-- (and a count) for as long as the sub-partition lived. Nothing is written.
+if redis.call('EXISTS', KEYS[1]) == 0 and not redis.call('ZSCORE', KEYS[2], ARGV[1])
+    and redis.call('SISMEMBER', KEYS[5], ARGV[5]) == 0 then
+  return false
+end
 redis.call('SADD', KEYS[5], ARGV[5])
 -- As long as the sub-partition's entries, at least: see _STORE_SEMANTIC.
 local keep = math.max(tonumber(ARGV[2]), redis.call('PTTL', KEYS[2]), redis.call('PTTL', KEYS[3]))
@@ -457,12 +466,14 @@ class CacheStore:
         ttl_ms: int,
         replicas: int,
         replication_timeout_s: float,
-    ) -> WrongHitReport:
+    ) -> WrongHitReport | None:
         """Deletes an entry served as a wrong answer to the prompt of
         ``asked_id``, remembers the pair, and counts the report in its
         sub-partition, then waits until that is on ``replicas`` replicas of
         the master (at most ``replication_timeout_s``): a report lost in a
-        failover would serve the wrong answer again.
+        failover would serve the wrong answer again. None, with nothing
+        written, when ``entry_id`` names no entry of the sub-partition and
+        the pair was never reported (_REPORT_WRONG).
 
         The notice names the whole tenant and model, not the entry alone:
         the count makes the verifier stricter in the sub-partition, so the
@@ -492,6 +503,8 @@ class CacheStore:
             )
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
+        if replicated.reply is None:
+            return None
         removed, strictness, *row = replicated.reply
         # Lua's false comes back as nil, which ends the reply early.
         seq = int(float(row[0])) if row and row[0] is not None else None

@@ -1414,6 +1414,48 @@ async def test_report_wrong_hit_rejects_a_malformed_entry_id(cache, tenant):
     assert raised.value.reason == "INVALID_ENTRY_ID"
 
 
+async def test_a_report_of_no_entry_of_the_scope_is_refused_and_keeps_nothing(redis_client, cache, tenant):
+    """A bug hunt: a report of any well-formed id was kept (its pair, and a
+    count), so made-up ids grew the sub-partition's set of reported pairs by
+    one each, for as long as the sub-partition lived: against a real cache
+    service and Redis, 8,000 reports of random ids left 8,000 members (and
+    a count of 8,000 reports) where no entry had ever been served."""
+    s, asked = scope(tenant), conversation(PARAPHRASE)
+    stored = await store(cache, s, conversation(STORED))
+    elsewhere = await store(cache, scope(f"{tenant}-other"), conversation(STORED))
+    for entry_id in ("0123456789abcdef" * 2, elsewhere):
+        with pytest.raises(MeshgateError) as raised:
+            await cache.ReportWrongHit(
+                pb.ReportWrongHitRequest(scope=s, messages=asked, entry_id=entry_id), None
+            )
+        assert (raised.value.code, raised.value.reason) == (
+            grpc.StatusCode.NOT_FOUND,
+            "CACHE_ENTRY_NOT_FOUND",
+        )
+        assert raised.value.metadata == {"entry_id": entry_id}
+    partition = keys.partition(s)
+    context_id, _ = cache._semantic_subject(partition, asked)
+    assert not await redis_client.exists(
+        partition.reported_key(context_id), partition.strictness_key(context_id)
+    )
+    hit = await lookup(cache, s, asked)
+    assert (hit.status, hit.entry_id) == (pb.LOOKUP_STATUS_SEMANTIC_HIT, stored)
+
+
+async def test_a_report_of_an_expired_answer_whose_row_is_kept_still_holds(cache, tenant):
+    """An answer that expired between its hit and the report still has its
+    row until a Store trims it (its sub-partition lives as long as its
+    longest-lived entry): the report is the hit's, kept as before."""
+    s, asked = scope(tenant), conversation(PARAPHRASE)
+    await store(cache, s, conversation("Who wrote Hamlet?"))
+    entry_id = await store(cache, s, conversation(STORED), ttl_seconds=1)
+    await asyncio.sleep(1.1)
+    report = await cache.ReportWrongHit(
+        pb.ReportWrongHitRequest(scope=s, messages=asked, entry_id=entry_id), None
+    )
+    assert not report.entry_removed and report.reports_in_partition == 1
+
+
 async def test_a_partitions_sequence_counter_expires_with_its_entries_and_numbers_keep_growing(
     redis_client, cache, embedder, tenant
 ):
