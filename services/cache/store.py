@@ -522,26 +522,35 @@ class CacheStore:
         lookup came after the mark (a Store with an older ``store_fence`` is
         undone). The notice goes out after
         the deletion: a router that drops its copies on hearing it finds
-        nothing left to fetch again.
+        nothing left to fetch again. It goes out too when the deletion
+        fails or is cancelled partway, and the call still fails: what was
+        deleted by then is gone, and the routers' copies of it would
+        otherwise be served for up to router.hot_exact_max_age_s.
         """
         prefix = keys.tenant_prefix(tenant_id, model)
         exact_marker = b":x:"
         removed = 0
         batch: list[bytes] = []
         try:
-            # Before the SCAN: see the module docstring.
-            await self._mark_invalidated(
-                keys=[keys.invalidated_key(tenant_id)],
-                args=[model.encode().hex(), max(ttl_ms, _MIN_MARK_TTL_MS)],
-            )
-            async for key in self._client.scan_iter(match=f"{prefix}*", count=_SCAN_COUNT):
-                batch.append(key)
-                if len(batch) >= _SCAN_COUNT:
+            try:
+                # Before the SCAN: see the module docstring.
+                await self._mark_invalidated(
+                    keys=[keys.invalidated_key(tenant_id)],
+                    args=[model.encode().hex(), max(ttl_ms, _MIN_MARK_TTL_MS)],
+                )
+                async for key in self._client.scan_iter(match=f"{prefix}*", count=_SCAN_COUNT):
+                    batch.append(key)
+                    if len(batch) >= _SCAN_COUNT:
+                        removed += await self._unlink(batch, exact_marker)
+                        batch = []
+                if batch:
                     removed += await self._unlink(batch, exact_marker)
-                    batch = []
-            if batch:
-                removed += await self._unlink(batch, exact_marker)
-            await self._client.publish(cache_notices.CHANNEL, cache_notices.scope_notice(tenant_id, model))
+            finally:
+                # On another connection than a failed one (the pool drops
+                # that); if this fails as well, its error is the one raised.
+                await self._client.publish(
+                    cache_notices.CHANNEL, cache_notices.scope_notice(tenant_id, model)
+                )
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
         return removed

@@ -1157,6 +1157,42 @@ async def test_invalidate_a_model_then_the_tenant(cache, tenant):
     ).status == pb.LOOKUP_STATUS_EXACT_HIT
 
 
+async def test_an_invalidate_failing_midway_still_announces_it(redis_url, redis_client, embedder, tenant):
+    """Redis fails partway through an Invalidate's deletion (the connection
+    of an UNLINK Redis ran drops before its reply): the call fails, but
+    the entries are gone, and the routers' copies of them (hot_exact.py)
+    must go too. The notice went out only after the whole SCAN, so they were
+    served for up to router.hot_exact_max_age_s after their entries went."""
+    proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0")
+    try:
+        cache = make_servicer(proxied, embedder)
+        await store(cache, scope(tenant), conversation(STORED))
+        async with redis_client.pubsub() as notices:
+            await notices.subscribe(store_module.cache_notices.CHANNEL)
+            assert (await notices.get_message(timeout=5.0))["type"] == "subscribe"
+            # The UNLINK of the entries' answers.
+            proxy.hold_when_sent(b":x:")
+            invalidating = asyncio.ensure_future(
+                cache.Invalidate(pb.InvalidateRequest(tenant_id=tenant), None)
+            )
+            deadline = time.monotonic() + 5
+            while not proxy.drop_held():
+                assert time.monotonic() < deadline and not invalidating.done()
+                await asyncio.sleep(0.01)
+            with pytest.raises(MeshgateError) as raised:
+                await invalidating
+            assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+            heard = []
+            while (message := await notices.get_message(timeout=0.5)) is not None:
+                heard.append(message["data"])
+        assert store_module.cache_notices.scope_notice(tenant, "") in heard
+        assert (await lookup(cache, scope(tenant), conversation(STORED))).status == pb.LOOKUP_STATUS_MISS
+    finally:
+        await proxied.aclose()
+        await proxy.close()
+
+
 async def fenced_store(cache, s, messages, text: str, store_fence: str) -> pb.StoreResponse:
     return await cache.Store(
         pb.StoreRequest(
