@@ -82,7 +82,7 @@ import cache_data  # noqa: E402
 from meshgate.cache.v1 import cache_service_pb2 as pb  # noqa: E402
 from meshgate.cache.v1 import cache_service_pb2_grpc  # noqa: E402
 from meshgate.common.v1 import common_pb2  # noqa: E402
-from meshgate.config import CacheSettings, Settings  # noqa: E402
+from meshgate.config import CacheSettings, Settings, route_of  # noqa: E402
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb  # noqa: E402
 from meshgate.inference.v1 import inference_service_pb2_grpc  # noqa: E402
 from meshgate.local.stack import Ports, Stack, free_port  # noqa: E402
@@ -92,7 +92,6 @@ from meshgate.router.v1 import router_service_pb2_grpc  # noqa: E402
 from services.cache import verifier as verifier_module  # noqa: E402
 from services.cache.servicer import MAX_CANDIDATES  # noqa: E402
 from services.inference import triton_protocol  # noqa: E402
-from services.router.pipeline import route_of  # noqa: E402
 from tests.mesh import router_channel  # noqa: E402
 
 MODEL = "tiny-gpt"

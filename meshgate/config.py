@@ -173,6 +173,23 @@ class ModelSettings:
         _check_strategy(self.routing_strategy)
 
 
+# The longest route a cache scope may carry: the cache service refuses a
+# longer one (SCOPE_TOO_LARGE, services/cache/servicer.py), so every cache
+# call of an alias whose route is longer would fail. Eight model names at
+# the cache's bound on one (512 characters).
+MAX_SCOPE_ROUTE_CHARS = 4096
+
+
+def route_of(model: ModelSettings, models: dict[str, ModelSettings]) -> str:
+    """The models that answer an alias, as a cache scope's route: its
+    deployments' model names, or for an alias that selects, those of the
+    aliases it selects between."""
+    if model.selection is not None:
+        chosen = (models.get(model.selection.fast), models.get(model.selection.strong))
+        return "|".join(route_of(m, models) if m is not None and m.selection is None else "" for m in chosen)
+    return ",".join(sorted({deployment.model for deployment in model.deployments}))
+
+
 def _default_models() -> dict[str, ModelSettings]:
     return {
         # A real chat model: SmolLM2-135M-Instruct, the default of the CLI and the demo.
@@ -1319,6 +1336,15 @@ def check_router_models(settings: Settings) -> None:
             raise ConfigError(
                 f"models.{alias}.deployments: each needs a name of its own; {twice} name more than one"
                 " (a deployment left unnamed is 'local')"
+            )
+        # Every cache call of the alias carries its route: past the cache's
+        # bound it loaded, and then each call was refused (a warning each).
+        route = route_of(model, settings.models)
+        if len(route) > MAX_SCOPE_ROUTE_CHARS:
+            raise ConfigError(
+                f"models.{alias}: the model names that answer it (its deployments' models, or its "
+                f"selection's), joined as its cache route, take {len(route)} characters; the cache "
+                f"refuses more than {MAX_SCOPE_ROUTE_CHARS}"
             )
         if model.selection is None:
             continue

@@ -51,7 +51,7 @@ from meshgate import metrics, serving
 from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
-from meshgate.config import CacheSettings
+from meshgate.config import MAX_SCOPE_ROUTE_CHARS, CacheSettings
 from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.reasons import Reason
 from meshgate.single_flight import SingleFlight
@@ -93,7 +93,7 @@ def _now_ms() -> int:
 # services/router/keys.py), model aliases, parameter sets (at most 8 stop
 # strings of 64 characters, meshgate/sampling.py: ~2 KiB serialized at worst)
 # and routes (the model names of an alias's deployments, or of the two
-# aliases it selects between: pipeline.route_of, a few names).
+# aliases it selects between: config.route_of, a few names).
 # It keys memos that are bounded by count (keys.partition's), Redis keys and
 # resident indexes, so a caller that sent megabytes of scope would hold that
 # much memory per scope: refused before anything keeps it. The bounds leave
@@ -105,8 +105,8 @@ def _now_ms() -> int:
 MAX_ANSWER_BYTES = serving.MAX_MESSAGE_BYTES - 4096
 MAX_SCOPE_NAME_CHARS = 512
 MAX_SCOPE_PARAMETERS_BYTES = 8192
-# Eight model names at the bound on one.
-MAX_SCOPE_ROUTE_CHARS = 8 * MAX_SCOPE_NAME_CHARS
+# Routes: MAX_SCOPE_ROUTE_CHARS, which the router's configuration is held
+# to (meshgate/config.py).
 
 
 # The longest text matched by meaning (a question, with its topic turn when

@@ -75,7 +75,7 @@ def coalescing_key(
 ) -> bytes | None:
     """What identifies a generation's output, or None when it must not be
     shared (not deterministic). ``route`` names the models that answer the
-    alias (pipeline.route_of): a turn validated after a reload pointed the
+    alias (config.route_of): a turn validated after a reload pointed the
     alias at another model must not join a generation of the old one (it
     would get, and store in the cache under the new route, the old model's
     answer). Every part is length-prefixed, so no two different inputs run

@@ -45,7 +45,7 @@ from opentelemetry import trace
 
 from meshgate import metrics, telemetry
 from meshgate.common.v1 import common_pb2
-from meshgate.config import ModelSettings, RouterSettings
+from meshgate.config import ModelSettings, RouterSettings, route_of
 from meshgate.errors import (
     MeshgateError,
     aborted,
@@ -162,16 +162,6 @@ class CachePlan:
     # once the lookup answers (the plan is frozen); empty, the lookup failed
     # (or the turn reads and writes no cache) and the answer is not stored.
     store_fence: list[str] = dataclasses.field(default_factory=list, init=False, compare=False, repr=False)
-
-
-def route_of(model: ModelSettings, models: dict[str, ModelSettings]) -> str:
-    """The models that answer an alias, as a cache scope's route: its
-    deployments' model names, or for an alias that selects, those of the
-    aliases it selects between."""
-    if model.selection is not None:
-        chosen = (models.get(model.selection.fast), models.get(model.selection.strong))
-        return "|".join(route_of(m, models) if m is not None and m.selection is None else "" for m in chosen)
-    return ",".join(sorted({deployment.model for deployment in model.deployments}))
 
 
 def _routes(models: dict[str, ModelSettings]) -> dict[str, str]:

@@ -107,6 +107,37 @@ def test_a_models_default_max_tokens_must_be_within_its_cap():
     assert load_settings(environ=lowered).models["smollm2"].max_output_tokens == 128
 
 
+def _deployments(count: int, prefix: str) -> str:
+    """``count`` deployments, each of another model whose name is 500 characters."""
+    models = [f"{prefix}{i}".ljust(500, "m") for i in range(count)]
+    return ", ".join(f'{{ name = "d{i}", address = "h:1", model = "{m}" }}' for i, m in enumerate(models))
+
+
+def test_an_alias_whose_cache_route_passes_the_caches_bound_is_refused(tmp_path):
+    """Every cache call of an alias carries its route (its deployments'
+    model names joined, config.route_of), and the cache refuses a route
+    past MAX_SCOPE_ROUTE_CHARS (SCOPE_TOO_LARGE): such an alias loaded, and
+    then each of its lookups and stores was refused, a warning each."""
+    path = tmp_path / "models.toml"
+    path.write_text(f"[models.wide]\ndeployments = [{_deployments(9, 'w')}]\n")
+    with pytest.raises(
+        ConfigError, match=r"models\.wide: .* 4508 characters; the cache refuses more than 4096"
+    ):
+        load_settings(path, environ={})
+    # Eight such names (4,007 characters) are within it.
+    path.write_text(f"[models.wide]\ndeployments = [{_deployments(8, 'w')}]\n")
+    assert len(load_settings(path, environ={}).models["wide"].deployments) == 8
+    # An alias that selects answers with both aliases' models: each within
+    # the bound, together past it.
+    path.write_text(
+        f"[models.fast]\ndeployments = [{_deployments(5, 'f')}]\n"
+        f"[models.strong]\ndeployments = [{_deployments(5, 's')}]\n"
+        '[models.picky]\nselection = { fast = "fast", strong = "strong" }\n'
+    )
+    with pytest.raises(ConfigError, match=r"models\.picky: .* 5009 characters"):
+        load_settings(path, environ={})
+
+
 def test_api_key_hash_is_sha256_hex():
     assert hash_api_key("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
