@@ -12,6 +12,7 @@ open on a connection made before finishes there."""
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import contextlib
 import datetime
 import pathlib
@@ -189,6 +190,30 @@ def reissue_router_certificate(directory: pathlib.Path, lasting: datetime.timede
         certs.ensure(directory, ("router",))
 
 
+async def sessions_across_a_context_restart(
+    directory: pathlib.Path, redis_url: str, change: collections.abc.Callable[[], float]
+) -> None:
+    """A router's session call served by a context service on ``directory``'s
+    files; then ``change()`` (the files changed; it says how long to wait
+    before the restart), and the context service restarted on the files as
+    they are now, at the same address, serves the same router (not
+    restarted) once it has looked at its files."""
+    context_address = f"127.0.0.1:{free_port()}"
+    async with contextlib.AsyncExitStack() as first_context:
+        await first_context.enter_async_context(
+            running(context_app, SERVICE, context_settings(directory, redis_url), context_address)
+        )
+        settings = router_settings(directory, redis_url, context_address)
+        async with running(router_app, "router", settings) as router:
+            assert await session_through(router)
+            wait_s = change()
+            await first_context.aclose()
+            await asyncio.sleep(wait_s)
+            async with running(context_app, SERVICE, context_settings(directory, redis_url), context_address):
+                await asyncio.sleep(mesh_auth.CERTIFICATE_LOOK_S)
+                assert await session_through(router)
+
+
 async def test_the_router_presents_its_renewed_certificate_to_a_restarted_service(
     served_certs, redis_url, monkeypatch
 ):
@@ -197,53 +222,33 @@ async def test_the_router_presents_its_renewed_certificate_to_a_restarted_servic
     max_connection_age closes each after ~5 minutes) gets the renewed one.
     A router presenting the certificate it started with was refused at the
     handshake: every session call failed until the router was restarted."""
-    context_address = f"127.0.0.1:{free_port()}"
-    async with contextlib.AsyncExitStack() as first_context:
-        await first_context.enter_async_context(
-            running(context_app, SERVICE, context_settings(served_certs, redis_url), context_address)
-        )
-        reissue_router_certificate(served_certs, datetime.timedelta(seconds=8), monkeypatch)
-        started_with = certificate_in(served_certs, "router")
-        settings = router_settings(served_certs, redis_url, context_address)
-        async with running(router_app, "router", settings) as router:
-            assert await session_through(router)
+    # Long enough for both services to start and serve a first session with it.
+    reissue_router_certificate(served_certs, datetime.timedelta(seconds=10), monkeypatch)
+    started_with = certificate_in(served_certs, "router")
 
-            # `meshgate certs` renews what expires within 30 days, keeping the key.
-            assert certs.ensure(served_certs) == [certs.cert_path(served_certs, "router")]
-            await first_context.aclose()
-            expired_in = started_with.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
-            await asyncio.sleep(expired_in.total_seconds() + 1)
+    def renewed() -> float:
+        # `meshgate certs` renews what expires within 30 days, keeping the key.
+        assert certs.ensure(served_certs) == [certs.cert_path(served_certs, "router")]
+        expired_in = started_with.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+        return expired_in.total_seconds() + 1
 
-            async with running(
-                context_app, SERVICE, context_settings(served_certs, redis_url), context_address
-            ):
-                assert await session_through(router)
+    await sessions_across_a_context_restart(served_certs, redis_url, renewed)
+
+
+def new_ca(directory: pathlib.Path) -> float:
+    """`meshgate certs` once the old CA's files are deleted: every
+    certificate issued again from a new CA, keys kept."""
+    certs.ca_path(directory).unlink()
+    certs.key_path(directory, "ca").unlink()
+    certs.ensure(directory)
+    return 0.0
 
 
 async def test_the_router_follows_its_files_to_a_new_ca(served_certs, redis_url):
-    """The mesh moves to a new CA (every certificate issued again from it,
-    keys kept): a context service started on the new files refuses the old
-    CA's certificates, and the router, which trusted only the old CA, reaches
-    it with its new files without a restart."""
-    context_address = f"127.0.0.1:{free_port()}"
-    async with contextlib.AsyncExitStack() as first_context:
-        await first_context.enter_async_context(
-            running(context_app, SERVICE, context_settings(served_certs, redis_url), context_address)
-        )
-        settings = router_settings(served_certs, redis_url, context_address)
-        async with running(router_app, "router", settings) as router:
-            assert await session_through(router)
-
-            # `meshgate certs` once the old CA's files are deleted.
-            certs.ca_path(served_certs).unlink()
-            certs.key_path(served_certs, "ca").unlink()
-            certs.ensure(served_certs)
-            await first_context.aclose()
-            async with running(
-                context_app, SERVICE, context_settings(served_certs, redis_url), context_address
-            ):
-                await asyncio.sleep(mesh_auth.CERTIFICATE_LOOK_S)
-                assert await session_through(router)
+    """The mesh moves to a new CA: a context service started on the new
+    files refuses the old CA's certificates, and the router, which trusted
+    only the old CA, reaches it with its new files without a restart."""
+    await sessions_across_a_context_restart(served_certs, redis_url, lambda: new_ca(served_certs))
 
 
 async def test_a_call_open_when_the_files_change_finishes_on_the_channel_it_started_on(
@@ -262,9 +267,7 @@ async def test_a_call_open_when_the_files_change_finishes_on_the_channel_it_star
         watch = stub.Watch(health, timeout=60)
         assert (await watch.read()).status == serving_status
 
-        certs.ca_path(served_certs).unlink()
-        certs.key_path(served_certs, "ca").unlink()
-        certs.ensure(served_certs)
+        new_ca(served_certs)
         await asyncio.sleep(mesh_auth.CERTIFICATE_LOOK_S)
         for _ in range(3):
             assert (await stub.Check(health, timeout=10)).status == serving_status
@@ -281,22 +284,12 @@ async def test_a_context_service_restarted_after_the_routers_key_changed_takes_i
     restarted, signs with its new key at once. It signed with the key of
     its start until restarted, which the restarted service refused: every
     turn was UNAUTHENTICATED TENANT_TOKEN_INVALID."""
-    context_address = f"127.0.0.1:{free_port()}"
-    async with contextlib.AsyncExitStack() as first_context:
-        await first_context.enter_async_context(
-            running(context_app, SERVICE, context_settings(served_certs, redis_url), context_address)
-        )
-        settings = router_settings(served_certs, redis_url, context_address)
-        async with running(router_app, "router", settings) as router:
-            assert await session_through(router)
 
-            renew(served_certs, "router")
-            await first_context.aclose()
-            async with running(
-                context_app, SERVICE, context_settings(served_certs, redis_url), context_address
-            ):
-                await asyncio.sleep(mesh_auth.CERTIFICATE_LOOK_S)
-                assert await session_through(router)
+    def rekeyed() -> float:
+        renew(served_certs, "router")
+        return 0.0
+
+    await sessions_across_a_context_restart(served_certs, redis_url, rekeyed)
 
 
 async def test_services_that_kept_running_follow_the_routers_new_key_and_retire_the_old(
