@@ -506,8 +506,14 @@ class RouterSettings:
     # One address, an address list or a dns:/// name (DeploymentSettings.address).
     context_address: str = "127.0.0.1:50052"
     cache_address: str = "127.0.0.1:50053"
-    # Adds a tenant "dev" whose key is MESHGATE_DEV_API_KEY (or the default).
-    dev_tenant: bool = True
+    # Adds a tenant "dev", with every model and no limits, whose key is
+    # MESHGATE_DEV_API_KEY (or the default, printed in the README). Unset:
+    # on only where the settings name no tenant and no admin credential (a
+    # bare local setup), resolved when the settings are built
+    # (__post_init__). On by default everywhere, a production file
+    # that configured its tenants but had no dev_tenant line still served
+    # that public key as a tenant of every model.
+    dev_tenant: bool | None = None
     dev_api_key: str = DEFAULT_DEV_API_KEY
     tenants: list[TenantSettings] = dataclasses.field(default_factory=list)
     # Largest content of one message, in UTF-8 bytes.
@@ -665,6 +671,10 @@ class RouterSettings:
         versions = [(template.name, template.version) for template in self.templates]
         if len(set(versions)) != len(versions):
             raise ConfigError("router.templates: a name and version appear twice")
+        # Unset, the dev tenant is on only in settings that name no tenant
+        # and no admin credential: they serve no one else.
+        if self.dev_tenant is None:
+            self.dev_tenant = not self.tenants and not self.admin_api_key_sha256
         self._check_tenants()
 
     def _check_tenants(self) -> None:

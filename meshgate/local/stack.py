@@ -297,6 +297,8 @@ metrics_listen = "{self.metrics_address("router")}"
 http_listen = "127.0.0.1:{p.http}"
 context_address = "{self.addresses("context")}"
 cache_address = "{self.addresses("cache")}"
+# The stack's own tenant, whose key it prints: on even beside tenants of extra settings.
+dev_tenant = true
 dev_api_key = {_toml_string(self.dev_api_key)}
 
 [context]

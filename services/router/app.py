@@ -10,7 +10,7 @@ import structlog
 
 from meshgate import mesh_auth, redis_access, serving
 from meshgate.cache.v1 import cache_service_pb2_grpc
-from meshgate.config import Settings
+from meshgate.config import DEFAULT_DEV_API_KEY, DEV_TENANT_ID, RouterSettings, Settings
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.embedding import InferenceEmbedder
 from meshgate.router.v1 import (
@@ -92,6 +92,19 @@ def _field(settings: Settings, dotted: str):
     return value
 
 
+def _warn_of_public_dev_key(router: RouterSettings) -> None:
+    """Warns where the dev tenant (every model, no limits) is on with the
+    README's key beside configured tenants or an admin credential: settings
+    that serve someone else, where anyone can send that key."""
+    public_key = router.dev_tenant and router.dev_api_key == DEFAULT_DEV_API_KEY
+    if public_key and (router.tenants or router.admin_api_key_sha256):
+        log.warning(
+            "the dev tenant is on with the public default key beside configured tenants or an "
+            "admin credential; set router.dev_tenant = false, or a secret router.dev_api_key",
+            tenant=DEV_TENANT_ID,
+        )
+
+
 async def setup(service: Service, settings: Settings) -> Cleanup:
     # The router's own port stays public (API keys); its calls into the mesh
     # carry its certificate and, per call, a token naming the tenant.
@@ -106,6 +119,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     # serves) while Redis is down; its usage records are then logged as lost.
     redis = redis_access.connect(settings.redis.url)
     router = settings.router
+    _warn_of_public_dev_key(router)
     ledger = Ledger(redis, router.usage_stream_max_len, router.usage_retention_days)
     admission = TurnAdmission(Admission(redis, router.max_generation_s), router, ledger)
     hot_exact = listener = None
@@ -197,6 +211,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         pipeline.reconfigure(new.router, new.models)
         admission.reconfigure(new.router)
         authenticator.reconfigure(new.router)
+        _warn_of_public_dev_key(new.router)
         ledger.reconfigure(new.router.usage_stream_max_len, new.router.usage_retention_days)
         servicer.reconfigure(new)
         admin.reconfigure(new.models)

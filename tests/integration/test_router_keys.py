@@ -19,7 +19,14 @@ from google.rpc import error_details_pb2, status_pb2
 
 from meshgate import redis_access
 from meshgate.common.v1 import common_pb2
-from meshgate.config import LimitSettings, RouterSettings, Settings, TenantSettings, hash_api_key
+from meshgate.config import (
+    DEFAULT_DEV_API_KEY,
+    LimitSettings,
+    RouterSettings,
+    Settings,
+    TenantSettings,
+    hash_api_key,
+)
 from meshgate.errors import MeshgateError, error_info
 from meshgate.local import redis_server
 from meshgate.local.stack import free_port
@@ -960,5 +967,59 @@ http_listen = ""
                 assert await refusal(call.read()) == gone, method
             listed = await admin.ListKeys(listing, metadata=bearer("kept-admin"), timeout=10)
             assert list(listed.keys) == []
+    finally:
+        group.stop()
+
+
+async def test_settings_with_tenants_and_an_admin_credential_refuse_the_public_dev_key(redis_url, tmp_path):
+    """A trust gap: the dev tenant was on by default, so a production file
+    that configured its tenants and admin credential but had no dev_tenant
+    line served the README's key, mg-dev-local-key, as tenant "dev" with
+    every model and no limits. Now it is refused; set on explicitly beside
+    them, it is served, and the router warns at start."""
+    group = Replicas(
+        tmp_path,
+        f"""
+[telemetry]
+exporter = "none"
+[redis]
+url = "{redis_url}"
+[mesh]
+tls = false
+[router]
+metrics_listen = ""
+context_address = "127.0.0.1:{free_port()}"
+cache_address = "127.0.0.1:{free_port()}"
+http_listen = ""
+admin_api_key_sha256 = ["{hash_api_key("production-admin")}"]
+""",
+    )
+    acme = f'[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["{hash_api_key("acme-key")}"]\n'
+    public = bearer(DEFAULT_DEV_API_KEY)
+    group.write("dev_tenant = true\n" + acme)
+    group.start(count=1)
+    try:
+        await group.wait_serving()
+        async with bounded_channel(group.addresses[0]) as channel:
+            router = router_service_pb2_grpc.RouterServiceStub(channel)
+            await router.ListModels(pb.ListModelsRequest(), metadata=public, timeout=10)
+            assert "the dev tenant is on with the public default key" in group.log(0)
+
+            # The same settings without the dev_tenant line.
+            group.write(acme)
+            group.processes[0].send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    await router.ListModels(pb.ListModelsRequest(), metadata=public, timeout=5)
+                except grpc.aio.AioRpcError as refused:
+                    assert (refused.code(), error_info(refused).reason) == (
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        Reason.API_KEY_INVALID,
+                    )
+                    break
+                assert time.monotonic() < deadline, "the reload never applied"
+                await asyncio.sleep(0.05)
+            await router.ListModels(pb.ListModelsRequest(), metadata=bearer("acme-key"), timeout=10)
     finally:
         group.stop()

@@ -469,7 +469,7 @@ def test_a_key_digest_must_be_a_sha256_hex_digest_and_is_read_in_lower_case(tmp_
             "both the admin credential and tenant 'acme'",
         ),
         (
-            '[router]\ndev_api_key = "key-a"\n'
+            '[router]\ndev_tenant = true\ndev_api_key = "key-a"\n'
             f'[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["{DIGEST_A}"]\n',
             "both the dev tenant's key",
         ),
@@ -478,9 +478,10 @@ def test_a_key_digest_must_be_a_sha256_hex_digest_and_is_read_in_lower_case(tmp_
             f'[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["{DIGEST_B}"]\n',
             "'acme' appears twice",
         ),
-        # The dev tenant (on by default) is "dev": configured too, its key
-        # authenticated as an unlimited "dev" beside the limited one.
+        # The dev tenant (turned on beside tenants) is "dev": configured too,
+        # its key authenticated as an unlimited "dev" beside the limited one.
         (
+            "[router]\ndev_tenant = true\n"
             f'[[router.tenants]]\nid = "dev"\napi_key_sha256 = ["{DIGEST_A}"]\nmodels = ["tiny-gpt"]\n',
             "'dev' \\(the dev tenant's",
         ),
@@ -492,6 +493,44 @@ def test_a_key_or_tenant_named_twice_is_refused_not_won_by_the_last(tmp_path, te
     and one also listed as the admin credential made the tenant's key admin."""
     with pytest.raises(ConfigError, match=message):
         _tenants_toml(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "on"),
+    [
+        ("", True),
+        ('[router]\nlisten = "127.0.0.1:50051"\n', True),
+        (f'[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["{DIGEST_A}"]\n', False),
+        (f'[router]\nadmin_api_key_sha256 = ["{DIGEST_A}"]\n', False),
+        (f'[router]\ndev_tenant = true\nadmin_api_key_sha256 = ["{DIGEST_A}"]\n', True),
+        (
+            "[router]\ndev_tenant = true\n"
+            f'[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["{DIGEST_A}"]\n',
+            True,
+        ),
+        ("[router]\ndev_tenant = false\n", False),
+    ],
+    ids=[
+        "empty file",
+        "no tenants",
+        "a tenant",
+        "an admin credential",
+        "on beside admin",
+        "on beside a tenant",
+        "off",
+    ],
+)
+def test_the_dev_tenant_is_on_unless_set_only_where_no_tenant_or_admin_is_configured(tmp_path, text, on):
+    """A trust gap: on by default everywhere, a production file that named
+    its tenants and admin credential but had no dev_tenant line served the
+    README's public key as tenant "dev", with every model and no limits."""
+    assert _tenants_toml(tmp_path, text).router.dev_tenant is on
+
+
+def test_an_admin_credential_given_in_the_environment_turns_the_dev_tenant_off(tmp_path):
+    environ = {"MESHGATE_ROUTER__ADMIN_API_KEY_SHA256": f'["{DIGEST_A}"]'}
+    assert load_settings(environ=environ).router.dev_tenant is False
+    assert load_settings(environ={**environ, "MESHGATE_ROUTER__DEV_TENANT": "true"}).router.dev_tenant is True
 
 
 def test_a_tenant_named_dev_is_fine_once_the_dev_tenant_is_off(tmp_path):

@@ -130,6 +130,16 @@ def test_the_stacks_settings_serve_the_built_in_models_at_its_inference_service(
         )
 
 
+def test_the_stacks_dev_tenant_is_on_beside_tenants_of_its_extra_settings(tmp_path) -> None:
+    """The stack serves its key, which it prints, whatever tenants its extra
+    settings add: unset, the dev tenant would be off beside them."""
+    stack = _stack(tmp_path, extra_settings='\n[[router.tenants]]\nid = "acme"\n')
+    stack._write_settings()
+    router = load_settings(stack.config_path, environ={}).router
+    assert [tenant.id for tenant in router.tenants] == ["acme"]
+    assert router.dev_tenant is True
+
+
 def test_the_stacks_settings_file_is_its_owners_alone(tmp_path) -> None:
     """It holds the development API key (and a Redis URL's password); an
     older file readable by others is replaced, not rewritten in place."""

@@ -162,7 +162,9 @@ ROUTER_SERVICE = router_service_pb2.DESCRIPTOR.services_by_name["RouterService"]
 
 
 async def test_the_gate_counts_each_tenants_calls_and_never_the_admin_credentials() -> None:
-    settings = RouterSettings(dev_api_key="tenant-key", admin_api_key_sha256=[hash_api_key("admin-key")])
+    settings = RouterSettings(
+        dev_tenant=True, dev_api_key="tenant-key", admin_api_key_sha256=[hash_api_key("admin-key")]
+    )
     calls, release = TenantCalls(CAP), asyncio.Event()
     gate = CallerGate(Authenticator(settings), calls)
 
