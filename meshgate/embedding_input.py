@@ -265,7 +265,11 @@ class _RunShortener:
         space, drop, word = map(_any_of, (spaces, dropped, words))
         keep = max(budget, max_word_chars) + 1
         self._rules = [
-            (re.compile(rf"((.)\2{{{keep - 1}}})\2+", re.DOTALL), r"\1"),
+            # Only from a run's first character (the lookbehind): tried at
+            # every character, a run just short of keep was scanned again from
+            # each of its characters, quadratic (a megabyte of 254-letter
+            # words held the GIL ~0.9 s, stalling every other caller's stream).
+            (re.compile(rf"((.)(?<!\2.)\2{{{keep - 1}}})\2+", re.DOTALL), r"\1"),
             (re.compile(rf"{space}(?:{_any_of(spaces + dropped)}*{space})?"), " "),
             (re.compile(rf"({drop}){drop}+"), r"\1"),
             (

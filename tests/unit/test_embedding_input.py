@@ -3,6 +3,8 @@ as from the whole text, for any text (real tokenizer, hypothesis)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import tokenizers
 from hypothesis import given, settings
@@ -219,3 +221,25 @@ def test_a_tokenizer_not_built_as_the_bound_assumes_has_every_text_tokenized():
     truncator = EmbeddingTruncator(word_level, 256)
     assert truncator.needs_tokenizing("a")
     assert truncator.truncate(["a a"]) == ["a a"]
+
+
+def test_runs_just_short_of_the_cut_are_shortened_in_time_linear_in_the_text():
+    # Runs of one character a little shorter than the run rule's ``keep``
+    # (255 here): tried from every character of a run, each was scanned
+    # again to its end, ~0.9 s for this megabyte, all of it holding the GIL
+    # (the inference service's event loop, every other caller's stream,
+    # stood still). Timed against the same length of runs of one character,
+    # which no character of the text scans past: a ratio, not a clock.
+    shortener = EmbeddingTruncator(TOKENIZER, 256)._shortener
+    long_runs = ("a" * 254 + " ") * 4096
+    short_runs = "ab" * (len(long_runs) // 2)
+
+    def fastest_of_three(text: str) -> float:
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            shortener.shorten(text)
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    assert fastest_of_three(long_runs) < 4 * fastest_of_three(short_runs)
