@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import dataclasses
 import pathlib
+import re
 import subprocess
 import uuid
+from typing import NamedTuple
 
 import pytest
 
@@ -22,6 +24,19 @@ from services.context import app as context_app
 from services.inference import app as inference_app
 from services.router import app as router_app
 from tests.mesh import mesh_settings, router_channel
+
+
+def end_triton(process: subprocess.Popen) -> None:
+    """Ends a test's tritonserver once nothing more is asked of it: killed,
+    not drained. A graceful stop (triton.terminate) takes 2 s even idle, as
+    Triton unloads its models and checks on them once a second, and the
+    suite ends some twenty of them; the meshes' own Stack.stop and the tests
+    of a stop keep the graceful one. terminate() then ends the Python-backend
+    stubs in its process group and removes their shared memory."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    triton.terminate(process)
 
 
 @contextlib.contextmanager
@@ -41,7 +56,7 @@ def launched_triton(
         triton.wait_ready(f"127.0.0.1:{port}", models, timeout=120, process=process)
         yield f"127.0.0.1:{port}", log_path
     finally:
-        triton.terminate(process)
+        end_triton(process)
 
 
 @contextlib.contextmanager
@@ -66,7 +81,63 @@ def launched_tritons(state_dir: pathlib.Path, models: tuple[str, ...], count: in
         yield servers
     finally:
         for _, _, process in servers:
-            triton.terminate(process)
+            end_triton(process)
+
+
+def uncached_config(model: str) -> str:
+    config = (triton.DEFAULT_MODEL_REPOSITORY / model / "config.pbtxt").read_text()
+    config, renamed = re.subn(rf'^name: "{model}"$', f'name: "{model}_uncached"', config, flags=re.M)
+    config, disabled = re.subn(
+        r'(key: "prefix_cache_bytes"\s*value: \{ string_value: )"\d+"', r'\1"0"', config
+    )
+    assert (renamed, disabled) == (1, 1), "config.pbtxt no longer looks as this test expects"
+    return config
+
+
+class PrefixServer(NamedTuple):
+    address: str
+    metrics_url: str
+    log_file: pathlib.Path
+
+
+@contextlib.contextmanager
+def cached_and_uncached(tmp_path_factory: pytest.TempPathFactory, model: str):
+    build_model_weights()
+    shipped = triton.DEFAULT_MODEL_REPOSITORY / model
+    state_dir = tmp_path_factory.mktemp(f"triton-prefix-{model}")
+    repository = state_dir / "models"
+    repository.mkdir()
+    (repository / model).symlink_to(shipped, target_is_directory=True)
+    uncached = repository / f"{model}_uncached"
+    uncached.mkdir()
+    (uncached / "1").symlink_to(shipped / "1", target_is_directory=True)
+    (uncached / "config.pbtxt").write_text(uncached_config(model))
+    models = (model, f"{model}_uncached")
+    grpc_port, metrics_port = free_port(), free_port()
+    process = triton.launch(
+        model_repository=repository,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        state_dir=state_dir,
+        log_file=state_dir / "triton.log",
+        models=models,
+    )
+    try:
+        triton.wait_ready(f"127.0.0.1:{grpc_port}", models, timeout=120, process=process)
+        yield PrefixServer(
+            f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", state_dir / "triton.log"
+        )
+    finally:
+        end_triton(process)
+
+
+@pytest.fixture(scope="session")
+def smollm2_prefix_server(tmp_path_factory: pytest.TempPathFactory):
+    """smollm2 and smollm2_uncached (tests/integration/test_prefix_cache_models.py),
+    one server for that module's smollm2 test and test_triton_models.py's:
+    smollm2 takes a Triton 5-10 s to load."""
+    with cached_and_uncached(tmp_path_factory, "smollm2") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -17,71 +17,20 @@ greedy ids on small context-sensitive models is in tests/unit/test_prefix_cache.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
 import urllib.request
 import uuid
-from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 import tritonclient.grpc.aio as grpcaio
 
-from meshgate.local import triton
-from meshgate.local.stack import build_model_weights, free_port
+from tests.integration.conftest import cached_and_uncached
 from tests.integration.test_triton_models import ALL_OUTPUTS, generate, generate_inputs
 
 pytestmark = pytest.mark.integration
 
 GREEDY = {"max_tokens": 16, "temperature": 0}
-
-
-def uncached_config(model: str) -> str:
-    config = (triton.DEFAULT_MODEL_REPOSITORY / model / "config.pbtxt").read_text()
-    config, renamed = re.subn(rf'^name: "{model}"$', f'name: "{model}_uncached"', config, flags=re.M)
-    config, disabled = re.subn(
-        r'(key: "prefix_cache_bytes"\s*value: \{ string_value: )"\d+"', r'\1"0"', config
-    )
-    assert (renamed, disabled) == (1, 1), "config.pbtxt no longer looks as this test expects"
-    return config
-
-
-class PrefixServer(NamedTuple):
-    address: str
-    metrics_url: str
-    log_file: Path
-
-
-@contextlib.contextmanager
-def cached_and_uncached(tmp_path_factory: pytest.TempPathFactory, model: str):
-    build_model_weights()
-    shipped = triton.DEFAULT_MODEL_REPOSITORY / model
-    state_dir = tmp_path_factory.mktemp(f"triton-prefix-{model}")
-    repository = state_dir / "models"
-    repository.mkdir()
-    (repository / model).symlink_to(shipped, target_is_directory=True)
-    uncached = repository / f"{model}_uncached"
-    uncached.mkdir()
-    (uncached / "1").symlink_to(shipped / "1", target_is_directory=True)
-    (uncached / "config.pbtxt").write_text(uncached_config(model))
-    models = (model, f"{model}_uncached")
-    grpc_port, metrics_port = free_port(), free_port()
-    process = triton.launch(
-        model_repository=repository,
-        grpc_port=grpc_port,
-        metrics_port=metrics_port,
-        state_dir=state_dir,
-        log_file=state_dir / "triton.log",
-        models=models,
-    )
-    try:
-        triton.wait_ready(f"127.0.0.1:{grpc_port}", models, timeout=120, process=process)
-        yield PrefixServer(
-            f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", state_dir / "triton.log"
-        )
-    finally:
-        triton.terminate(process)
 
 
 @pytest.fixture(scope="module")
@@ -204,12 +153,6 @@ async def test_concurrent_identical_and_shared_prefix_requests_answer_as_the_unc
     assert (filled.input_tokens + filled.output_tokens, filled.finish_reason) == (window, "length")
 
 
-@pytest.fixture(scope="module")
-def smollm2_server(tmp_path_factory: pytest.TempPathFactory):
-    with cached_and_uncached(tmp_path_factory, "smollm2") as server:
-        yield server
-
-
 SMOLLM2_SYSTEM = (
     "<|im_start|>system\nYou are the support assistant of a city library. Answer in one short "
     "sentence, politely, and never invent opening hours or fees.<|im_end|>\n"
@@ -221,7 +164,7 @@ def smollm2_chat(question: str) -> str:
 
 
 async def test_smollm2_concurrent_requests_sharing_a_system_prompt_answer_as_the_uncached_model(
-    smollm2_server,
+    smollm2_prefix_server,
 ):
     """smollm2's answer follows its prompt, so a wrongly reused prefix shows in the text.
     Its 8 sequences (max_active_sequences) at once: 3 identical, 5 other questions."""
@@ -233,8 +176,9 @@ async def test_smollm2_concurrent_requests_sharing_a_system_prompt_answer_as_the
         "What is the capital of France?",
     ]
     requests = [(smollm2_chat(question), 12) for question in questions]
-    async with grpcaio.InferenceServerClient(smollm2_server.address) as client:
-        cold, warm = await answers_match_the_uncached_model(client, smollm2_server, "smollm2", requests)
+    server = smollm2_prefix_server
+    async with grpcaio.InferenceServerClient(server.address) as client:
+        cold, warm = await answers_match_the_uncached_model(client, server, "smollm2", requests)
     assert len({reply.text for reply in cold}) >= 5, "different questions, different answers"
     assert sum(reply.cached_tokens >= 32 for reply in cold) >= len(requests) - 1
     assert all(reply.cached_tokens >= 32 for reply in warm)

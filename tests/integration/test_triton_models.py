@@ -394,9 +394,9 @@ FRANCE = chatml("What is the capital of France?")
 
 
 @pytest.fixture(scope="module")
-def smollm2_server(tmp_path_factory: pytest.TempPathFactory):
-    with launched_triton(tmp_path_factory, ("smollm2",)) as (url, log_file):
-        yield Server(url, log_file)
+def smollm2_server(smollm2_prefix_server) -> Server:
+    """The session's smollm2 (it serves smollm2_uncached too, for test_prefix_cache_models.py)."""
+    return Server(smollm2_prefix_server.address, smollm2_prefix_server.log_file)
 
 
 @pytest.fixture

@@ -33,7 +33,12 @@ from meshgate.local import triton
 from meshgate.local.stack import build_model_weights, free_port
 from services.inference import app
 from services.inference.backends import BackendPool
-from tests.integration.conftest import running_inference, triton_cancellations, until_triton_cancels
+from tests.integration.conftest import (
+    end_triton,
+    running_inference,
+    triton_cancellations,
+    until_triton_cancels,
+)
 from tests.mesh import mesh_settings, router_channel
 from tests.tcp_proxy import TcpProxy
 
@@ -256,4 +261,4 @@ async def test_a_triton_restarted_under_an_idle_stream_does_not_fail_the_next_ge
             assert await text_of(stub, "Hello there") == first
             assert streams_of(pools[0]).opened == 2, "the dead stream was left for a new one"
     finally:
-        triton.terminate(process)
+        end_triton(process)
