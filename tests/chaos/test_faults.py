@@ -26,12 +26,15 @@ import pytest
 
 from meshgate import redis_access
 from meshgate.errors import error_info
+from meshgate.inference.v1 import inference_service_pb2 as inference_pb
+from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.local import triton
 from meshgate.local.stack import Ports, Stack, build_model_weights, free_port
 from meshgate.local.supervisor import Supervisor
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.context.store import SessionStore
 from tests import mesh_load
+from tests.mesh import router_channel
 from tests.mesh_load import Acknowledged
 
 pytestmark = pytest.mark.chaos
@@ -51,9 +54,6 @@ RECOVERY_TARGET_S = 15.0
 RECOVERY_BOUND_S = 45.0
 STEADY_S = 1.0
 SETTLE_AFTER_RECOVERY_S = 1.0
-# The inference service's default probe interval: a restarted Triton is in
-# rotation at most this long after it reports ready.
-HEALTH_INTERVAL_S = 2.0
 
 
 @dataclasses.dataclass
@@ -157,6 +157,20 @@ async def run_phase(load: Load, name: str, kill) -> Phase:
     return phase
 
 
+async def in_rotation(stack: Stack, spare_url: str) -> None:
+    """Until the inference service has both Tritons in rotation, as its
+    GetBackendHealth says (its probes run every 2 s by default)."""
+    request = inference_pb.GetBackendHealthRequest()
+    async with router_channel(stack.address("inference"), "inference", stack.mesh_settings) as channel:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        async with asyncio.timeout(RECOVERY_BOUND_S):
+            while True:
+                backends = (await stub.GetBackendHealth(request, timeout=5)).backends
+                if {b.address for b in backends if b.ready} >= {stack.address("triton"), spare_url}:
+                    return
+                await asyncio.sleep(0.1)
+
+
 def sigkill(stack: Stack, name: str):
     return lambda: stack.processes[name].send_signal(signal.SIGKILL)
 
@@ -216,7 +230,7 @@ async def test_the_mesh_heals_under_load(mesh, spare_triton) -> None:
             # the spare goes away gracefully, outside any phase.
             load.phases.append(Phase("(spare Triton stopping)"))
             await asyncio.to_thread(triton.wait_ready, stack.address("triton"), MODELS, 120)
-            await asyncio.sleep(2 * HEALTH_INTERVAL_S)
+            await in_rotation(stack, spare_url)
             await asyncio.to_thread(triton.terminate, spare)
             await asyncio.sleep(STEADY_S)
             await run_phase(load, "Triton (alone)", sigkill(stack, "triton"))
