@@ -81,16 +81,18 @@ async def client(redis_url: str):
 
 
 async def _settled(client: redis.Redis) -> None:
-    """Until Redis sees no data command for 0.1 s: the summarizer's and
-    the prefetches' background work is done."""
+    """Until Redis sees no data command for 0.03 s: the summarizer's and
+    the prefetches' background work is done. (They run on this test's
+    event loop, the service being in-process, each a chain of sub-
+    millisecond Redis calls: a pause that long is their end.)"""
     previous = None
-    for _ in range(100):
+    for _ in range(300):
         stats = await client.info("commandstats")
         current = sum(v["calls"] for k, v in stats.items() if k not in ("cmdstat_info", "cmdstat_ping"))
         if current == previous:
             return
         previous = current
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.03)
 
 
 def _check_manifest(response: pb.AssembleContextResponse, turns: list[common_pb2.Message], facts) -> None:
