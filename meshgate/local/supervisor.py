@@ -36,7 +36,14 @@ class Backoff:
     reset_after_s: float = 60.0
 
     def delay(self, attempt: int) -> float:
-        return min(self.max_s, self.initial_s * self.factor ** (attempt - 1))
+        try:
+            grown = self.initial_s * self.factor ** (attempt - 1)
+        except OverflowError:
+            # Past a float's range (attempt 1025 at factor 2: some 8.5 hours
+            # of failures 30 s apart) the delay is long since at its cap; the
+            # error instead ended every restart of that child for good.
+            return self.max_s
+        return min(self.max_s, grown)
 
 
 class RestartPolicy:

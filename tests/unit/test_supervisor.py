@@ -134,3 +134,24 @@ def test_failed_relaunches_after_a_healthy_run_keep_backing_off(stack) -> None:
     supervisor.check(supervisor._due["redis"])
     assert supervisor.restarts == {"redis": 2}
     assert stack.processes["redis"].poll() is None
+
+
+def test_a_child_failing_for_hours_is_still_retried_at_the_capped_delay(stack) -> None:
+    """The 1025th failure in a row (some 8.5 hours of tries 30 s apart) made
+    the delay's power overflow a float: OverflowError out of every pass, and
+    the child was never tried again once it could start."""
+    supervisor = Supervisor(stack, Backoff(initial_s=0.5, factor=2.0, max_s=30.0))
+    stack.launch("redis")
+    _kill(stack.processes["redis"])
+    stack.broken = True
+    now = 0.0
+    supervisor.check(now)
+    for _ in range(1100):
+        now = supervisor._due["redis"]
+        supervisor.check(now)
+    assert supervisor._due["redis"] - now == 30.0
+
+    stack.broken = False
+    supervisor.check(supervisor._due["redis"])
+    assert supervisor.restarts == {"redis": 1}
+    assert stack.processes["redis"].poll() is None
