@@ -358,14 +358,14 @@ triton_urls = ["127.0.0.1:{p.triton}"]
             self.processes["redis"] = redis_server.launch(
                 self.ports.redis,
                 self.state_dir / "redis",
-                self.log_dir / "redis.log",
+                self.log_path("redis"),
             )
         elif name == "triton":
             self.processes["triton"] = triton.launch(
                 grpc_port=self.ports.triton,
                 http_port=self.ports.triton_http,
                 state_dir=self.state_dir / "triton",
-                log_file=self.log_dir / "triton.log",
+                log_file=self.log_path("triton"),
                 models=self.triton_models,
             )
         else:
@@ -394,7 +394,8 @@ triton_urls = ["127.0.0.1:{p.triton}"]
         if taken:
             raise RuntimeError(
                 f"port(s) in use: {', '.join(taken)}; is another `meshgate up` running? "
-                "Stop it first (Ctrl-C in its terminal)."
+                "Stop it first (Ctrl-C in its terminal). One that was killed leaves its "
+                "Triton up to ~10 s to exit (--exit-timeout-secs): try again then."
             )
 
     def start_service(self, name: str) -> None:
@@ -415,7 +416,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
             if service == "router":
                 env[section + "HTTP_LISTEN"] = f"127.0.0.1:{self.replica_http_ports[name]}"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        log = open(self.log_path(name), "ab")  # noqa: SIM115 - owned by the child
         self.processes[name] = children.start(
             command,
             # serving.main installs its own handler; until then a reload
@@ -429,6 +430,10 @@ triton_urls = ["127.0.0.1:{p.triton}"]
         )
         log.close()
 
+    def log_path(self, name: str) -> pathlib.Path:
+        """Where a child's output goes ("redis", "triton", a service's replica)."""
+        return self.log_dir / f"{name}.log"
+
     def wait_serving(self, name: str, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
         with self.channel(name) as channel:
@@ -436,7 +441,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
             while True:
                 process = self.processes.get(name)
                 if process is not None and process.poll() is not None:
-                    log = self.log_dir / (name + ".log")
+                    log = self.log_path(name)
                     # Its last lines in the error itself: in CI the log
                     # directory is gone by the time anyone reads the failure.
                     raise RuntimeError(

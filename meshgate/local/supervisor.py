@@ -162,6 +162,8 @@ class Supervisor:
             **describe_exit(process.returncode),
             attempt=policy.attempt,
             restart_in_s=delay,
+            # What it said as it ended: the line alone tells nothing of why.
+            log=str(self._stack.log_path(name)),
         )
 
     def _restart(self, name: str, now: float) -> None:
@@ -173,7 +175,12 @@ class Supervisor:
             delay = policy.launch_failed()
             self._due[name] = now + delay
             log.warning(
-                "restart failed", child=name, error=str(error), attempt=policy.attempt, restart_in_s=delay
+                "restart failed",
+                child=name,
+                error=str(error),
+                attempt=policy.attempt,
+                restart_in_s=delay,
+                log=str(self._stack.log_path(name)),
             )
             return
         policy.started(now)

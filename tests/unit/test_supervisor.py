@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pathlib
 import signal
 import subprocess
 
 import pytest
+import structlog
 
 from meshgate.local.supervisor import Backoff, RestartPolicy, Supervisor, describe_exit
 
@@ -51,6 +53,9 @@ class _Stack:
         self.launched.append(name)
         self.processes[name] = subprocess.Popen(["sleep", "60"], start_new_session=True)
 
+    def log_path(self, name: str) -> pathlib.Path:
+        return pathlib.Path("logs") / f"{name}.log"
+
     def stop(self) -> None:
         for process in self.processes.values():
             process.kill()
@@ -76,8 +81,13 @@ def test_a_killed_child_is_restarted_after_its_delay(stack) -> None:
     first = stack.processes["cache"]
     _kill(first)
 
-    supervisor.check(now=10.0)  # notices the exit, schedules the restart
+    with structlog.testing.capture_logs() as logs:
+        supervisor.check(now=10.0)  # notices the exit, schedules the restart
     assert stack.launched == ["cache", "router"]
+    # The line points at what the child said as it ended.
+    assert [(entry["event"], entry["log"]) for entry in logs] == [
+        ("child exited, restarting", str(pathlib.Path("logs") / "cache.log"))
+    ]
     supervisor.check(now=10.5)  # delay not over yet
     assert stack.launched == ["cache", "router"]
     supervisor.check(now=11.0)
