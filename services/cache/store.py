@@ -16,7 +16,9 @@
 - ``P r:<context id>``: set of ``<asked entry id> <served entry id>``, the
   wrong hits reported there: that prompt is never served that entry again,
   though the entry comes back (the report deletes it, and the next answer
-  to its own prompt is stored under the same id). Lives as long as ``w:``.
+  to its own prompt is stored under the same id); and the bare id of each
+  entry reported, so that a report of it after it is deleted (another prompt
+  it was served to) is still taken. Lives as long as ``w:``.
 - ``mg:cache:seq:{<partition digest>}``: the partition's sequence counter,
   outside ``P`` so that an Invalidate never restarts it while some index
   still remembers higher numbers.
@@ -171,15 +173,17 @@ _REPORT_WRONG = """
 -- ARGV: entry id, ttl ms, notices channel, the notice of the entry's tenant and model,
 --       the reported pair (asked entry id, space, entry id)
 -- Only an entry the sub-partition holds (its answer, or its row: an answer
--- expired before its row was trimmed), or a pair reported before (a retry,
--- or another caller of the same hit, once the first report deleted it).
+-- expired before its row was trimmed), or one a report deleted (its bare id
+-- is kept with the pairs: another prompt it was served to before that
+-- report is kept from it too, once it is stored again under its id), or a
+-- pair reported before (a retry, of a report older than the bare ids).
 -- Anything else names no entry: a caller's made-up ids each added a pair
 -- (and a count) for as long as the sub-partition lived. Nothing is written.
 if redis.call('EXISTS', KEYS[1]) == 0 and not redis.call('ZSCORE', KEYS[2], ARGV[1])
-    and redis.call('SISMEMBER', KEYS[5], ARGV[5]) == 0 then
+    and redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 0 and redis.call('SISMEMBER', KEYS[5], ARGV[5]) == 0 then
   return false
 end
-redis.call('SADD', KEYS[5], ARGV[5])
+redis.call('SADD', KEYS[5], ARGV[5], ARGV[1])
 -- As long as the sub-partition's entries, at least: see _STORE_SEMANTIC.
 local keep = math.max(tonumber(ARGV[2]), redis.call('PTTL', KEYS[2]), redis.call('PTTL', KEYS[3]))
 if redis.call('PTTL', KEYS[5]) < keep then redis.call('PEXPIRE', KEYS[5], keep) end
@@ -472,8 +476,9 @@ class CacheStore:
         sub-partition, then waits until that is on ``replicas`` replicas of
         the master (at most ``replication_timeout_s``): a report lost in a
         failover would serve the wrong answer again. None, with nothing
-        written, when ``entry_id`` names no entry of the sub-partition and
-        the pair was never reported (_REPORT_WRONG).
+        written, when ``entry_id`` names no entry of the sub-partition,
+        none a report deleted, and the pair was never reported
+        (_REPORT_WRONG).
 
         The notice names the whole tenant and model, not the entry alone:
         the count makes the verifier stricter in the sub-partition, so the

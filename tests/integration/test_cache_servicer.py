@@ -1637,3 +1637,25 @@ async def test_a_report_applied_after_a_later_store_of_the_same_entry_keeps_the_
     partition = keys.partition(s)
     context_id, _ = cache._semantic_subject(partition, stored)
     assert entry_id in cache._indexes.get(partition.vectors_key(context_id))
+
+
+async def test_a_second_prompts_report_of_an_entry_a_first_report_deleted_still_holds(
+    redis_client, embedder, tenant
+):
+    """Two prompts served the same wrong entry: the first's report deletes
+    it, the second's must still be kept (its pair), as the entry's next
+    answer is stored under the same id and would be served it again."""
+    another = "How do I learn Python fast?"
+    embedder.table[another] = _direction(0.96)
+    cache = make_servicer(redis_client, embedder)
+    cache._verifier = StrictnessBlindVerifier()
+    s = scope(tenant)
+    entry_id = await store(cache, s, conversation(STORED), text="Practice daily.")
+    for asked in (PARAPHRASE, another):
+        assert (await lookup(cache, s, conversation(asked))).entry_id == entry_id
+    for asked in (PARAPHRASE, another):
+        await cache.ReportWrongHit(
+            pb.ReportWrongHitRequest(scope=s, messages=conversation(asked), entry_id=entry_id), None
+        )
+    assert await store(cache, s, conversation(STORED), text="Practice daily.") == entry_id
+    assert (await lookup(cache, s, conversation(another))).status == pb.LOOKUP_STATUS_MISS
