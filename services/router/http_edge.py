@@ -1083,6 +1083,11 @@ def _acknowledgements(sock) -> tuple[int, bool] | None:
     return bytes_acked, bool(unacked_segments or notsent_bytes)
 
 
+# Linux's largest TCP_KEEPIDLE and TCP_KEEPINTVL (about 9 h): a larger one
+# is refused (EINVAL), and every connection's setup then failed.
+_MAX_KEEPALIVE_S = 32767
+
+
 def _probe_when_idle(sock, timeout_s: float) -> None:
     """TCP keepalive on ``sock``: after ``timeout_s`` with nothing sent or
     received, the kernel probes the peer every quarter of it, and a peer
@@ -1093,15 +1098,17 @@ def _probe_when_idle(sock, timeout_s: float) -> None:
     bytes unacknowledged: this covers the peer with nothing outstanding, a
     client gone while its turn waits on its first token or generates a
     whole answer, which nothing else notices until its answer is written.
-    The kernel's timings are whole seconds. No socket (a transport over
+    The kernel's timings are whole seconds, at most _MAX_KEEPALIVE_S (a
+    longer timeout is probed from then). No socket (a transport over
     something else): nothing."""
     if sock is None:
         return
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     if not hasattr(socket, "TCP_KEEPIDLE"):  # not Linux (macOS): the system's timings
         return
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(timeout_s)))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(timeout_s / 4)))
+    idle_s = min(_MAX_KEEPALIVE_S, max(1, round(timeout_s)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(idle_s / 4)))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 2)
 
 

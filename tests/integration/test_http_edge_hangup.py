@@ -14,7 +14,7 @@ import pytest
 from meshgate.config import ModelSettings, RouterSettings
 from services.router.admission import TenantCalls
 from services.router.auth import Authenticator
-from services.router.http_edge import HttpEdge, HttpServer
+from services.router.http_edge import HttpEdge, HttpServer, _probe_when_idle
 from services.router.pipeline import Delta
 from tests.unit.test_router_http_edge import KEY, ScriptedPipeline
 
@@ -99,3 +99,21 @@ async def test_a_client_that_vanishes_silently_while_the_first_token_is_awaited_
         assert loop.time() - gone_at >= STALL_TIMEOUT_S * 0.9  # idle for the timeout first
     finally:
         await server.stop(1.0)
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_KEEPIDLE"), reason="Linux's keepalive timings")
+@pytest.mark.parametrize(
+    ("timeout_s", "idle_s", "interval_s"), [(30.0, 30, 8), (0.2, 1, 1), (86_400.0, 32767, 8192)]
+)
+def test_an_accepted_sockets_keepalive_takes_any_stalled_client_timeout(timeout_s, idle_s, interval_s):
+    """Linux refuses a keepalive idle time or interval above 32,767 s
+    (EINVAL): a router.http_stalled_client_timeout_s of a day raised in
+    every HTTP connection's setup. It is probed from then instead."""
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()):
+        accepted, _ = server.accept()
+        with accepted:
+            _probe_when_idle(accepted, timeout_s)
+            assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == idle_s
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == interval_s
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 2
