@@ -54,6 +54,8 @@ PUBLISH is forwarded to every node over the cluster bus; at Store rates
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import struct
 from collections.abc import AsyncIterator
@@ -73,6 +75,10 @@ _EXPIRY = struct.Struct("<q")
 # larger), and the time Redis spends on one script.
 SYNC_BATCH = 1024
 _SCAN_COUNT = 1000
+# How long an Invalidate that failed partway waits for its notice to go out
+# (CacheStore.invalidate): Redis answers a publish in well under a
+# millisecond when it is up at all.
+_NOTICE_AFTER_FAILURE_S = 1.0
 
 # Expired rows a Store looks for among its sub-partition's oldest: more
 # than one, so that trimming outpaces expiry wherever entries share a TTL.
@@ -536,6 +542,7 @@ class CacheStore:
         exact_marker = b":x:"
         removed = 0
         batch: list[bytes] = []
+        notice = cache_notices.scope_notice(tenant_id, model)
         try:
             try:
                 # Before the SCAN: see the module docstring.
@@ -550,12 +557,17 @@ class CacheStore:
                         batch = []
                 if batch:
                     removed += await self._unlink(batch, exact_marker)
-            finally:
-                # On another connection than a failed one (the pool drops
-                # that); if this fails as well, its error is the one raised.
-                await self._client.publish(
-                    cache_notices.CHANNEL, cache_notices.scope_notice(tenant_id, model)
-                )
+            except BaseException:
+                # The notice still goes out (the docstring), on another
+                # connection than a failed one (the pool drops that), but
+                # the failure (or cancellation) is what the call tells, and a
+                # Redis that is down does not hold the caller a connect
+                # timeout more for a notice no one would hear.
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(_NOTICE_AFTER_FAILURE_S):
+                        await self._client.publish(cache_notices.CHANNEL, notice)
+                raise
+            await self._client.publish(cache_notices.CHANNEL, notice)
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
         return removed
