@@ -43,6 +43,7 @@ _RESTART_ONLY = (
     "router.http_listen",
     "router.http_header_timeout_s",
     "router.http_max_header_bytes",
+    "router.http_stalled_client_timeout_s",
     "router.downstream_timeout_s",
     "router.max_generation_s",
     "router.deployment_health_interval_s",
