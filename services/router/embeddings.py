@@ -55,6 +55,9 @@ class Embeddings:
         # deployments: its inference_stubs() are the inference services to ask.
         self._deployments = deployments
         self._admission = admission
+        # The start's, as a generation's (downstream.Deployments) and the
+        # admission's lease are: a restart-only setting (app.py).
+        self._limit_s = settings.max_generation_s
         self.reconfigure(settings, inference)
 
     def reconfigure(self, settings: RouterSettings, inference: InferenceSettings) -> None:
@@ -80,7 +83,7 @@ class Embeddings:
         # takes: one failing late (UNAVAILABLE after minutes) leaves the next
         # what is left, not a fresh max_generation_s, so no request lasts a
         # multiple of it.
-        budget = Budget.of(self._settings.max_generation_s)
+        budget = Budget.of(self._limit_s)
         self.check_model(model, tenant)
         # Before admission: a request the inference service would refuse
         # must not take a request from the tenant's limits (nor be billed).
@@ -123,7 +126,7 @@ class Embeddings:
         generation fails over: another only where one did not take the call,
         downstream.not_taken), each try within what is left of ``budget``."""
         request = inference_pb.EmbedRequest(texts=texts, count_tokens=True)
-        limit_s = self._settings.max_generation_s
+        limit_s = self._limit_s
         last_error: grpc.aio.AioRpcError | None = None
         spent = (
             f"the request's {limit_s:g} s (router.max_generation_s) passed before an inference"

@@ -256,3 +256,16 @@ async def test_an_inference_service_out_of_rotation_is_asked_last():
         await table.close()
     assert answer.input_tokens == 9
     assert (len(silent.requests), len(answering.requests)) == (0, 1)
+
+
+async def test_a_reload_leaves_a_requests_budget_at_the_starts_max_generation_s():
+    """router.max_generation_s needs a restart (the reload logs so): a
+    generation and the admission's lease keep the start's. Embeddings took
+    the reloaded one, so one reload had a request's budget and its
+    admission's lease disagree."""
+    inference = Inference()
+    embeddings, _, _ = core(inference, max_generation_s=300.0)
+    embeddings.reconfigure(RouterSettings(max_generation_s=1.0), InferenceSettings())
+    await embeddings.embed(TENANT, "minilm", ["a cat"])
+    (timeout_s,) = inference.timeouts
+    assert 1.0 < timeout_s <= 300.0
