@@ -57,10 +57,10 @@ a token or cost limit charges), before anything is generated, or the turn
 is refused as admission would have refused it, and settles to nothing. So a
 turn's settlement stays within what its limits were checked for; where it
 cannot (the README lists where: a template that cannot be measured, a cache
-hit's share of a longer prompt's answer, prices raised by a reload, fail
-open), the whole use is still charged and the excess logged. The settlement
-at the end of the turn (success, failure or cancellation) replaces the
-reservation by the real usage. A turn whose caller went away while its
+hit's share of a longer prompt's answer, fail open), the whole use is still
+charged and the excess logged. The settlement at the end of the turn
+(success, failure or cancellation) replaces the reservation by the real
+usage. A turn whose caller went away while its
 admit (or top-up) script was in Redis is refunded in full (its growth given
 back) when the reply comes (the script may have run).
 Settlements are written within ``SETTLE_AFTER_S``: a stream's lease may
@@ -492,6 +492,10 @@ class Reservation:
     day: str = ""
     # Admitted without Redis: its reservation is nothing (fail open).
     unchecked: bool = False
+    # The prices it was admitted at (None: none configured), which it is
+    # billed at whenever it ends: a reload's prices apply from the next
+    # turn, as its limits do.
+    price: PriceSettings | None = None
     # The tokens and nano-USD a top-up of it grew it to where the turn did
     # not see it answer (its call failed after it was sent, was refused by
     # another slot, or its caller went away), so the growth may have landed:
@@ -728,7 +732,7 @@ class Admission:
         day = _period_ids(second)[0]
         scopes = [scope for scope in scopes if scope.limits.configured()]
         if not scopes:
-            return Reservation(lease_id, tokens, nano_usd, (), day=day)
+            return Reservation(lease_id, tokens, nano_usd, (), day=day, price=price)
         checks = [check for scope in scopes for check in self._plan(scope).checks(second)]
         costs = [check.cost(tokens, nano_usd) for check in checks]
         for check, cost in zip(checks, costs, strict=True):
@@ -769,13 +773,13 @@ class Admission:
                 # A timeout, or the connection lost after the call was sent:
                 # the script may have charged the turn, which then stands
                 # (an overcharge); charging its use on top would count it twice.
-                return Reservation(lease_id, tokens, nano_usd, (), day=day)
+                return Reservation(lease_id, tokens, nano_usd, (), day=day, price=price)
             budgets = tuple(c for c in checks if c.kind == "budget")
-            return Reservation(lease_id, 0, 0, budgets, day=day, unchecked=True)
+            return Reservation(lease_id, 0, 0, budgets, day=day, unchecked=True, price=price)
         if refused is not None:
             raise refused.error
         settled = tuple(c for c in checks if c.limit != "requests_per_minute")
-        return Reservation(lease_id, tokens, nano_usd, settled, day=day)
+        return Reservation(lease_id, tokens, nano_usd, settled, day=day, price=price)
 
     async def _admit_or_refuse(
         self,
@@ -1236,9 +1240,9 @@ class TurnAdmission:
 
     def reconfigure(self, settings: RouterSettings) -> None:
         """New limits and prices (a reload) apply from the next turn; a turn
-        already admitted settles against the scopes it was admitted with.
-        Templates are measured again as turns use them (only those in use
-        are kept)."""
+        already admitted settles against the scopes and prices it was
+        admitted with (Reservation.price). Templates are measured again as
+        turns use them (only those in use are kept)."""
         self._settings = settings
         self._bounds = {}
 
@@ -1276,8 +1280,8 @@ class TurnAdmission:
         tokens = prompt_tokens + turn.max_tokens
         if tokens <= grant.reserved_tokens:
             return
-        price = self._settings.prices.get(turn.model_alias)
-        await self._admission.top_up(grant, tokens, cost_nano_usd(price, prompt_tokens, turn.max_tokens))
+        nano_usd = cost_nano_usd(grant.price, prompt_tokens, turn.max_tokens)
+        await self._admission.top_up(grant, tokens, nano_usd)
 
     def _template_tokens(self, turn, message_count: int) -> int:
         """At most how many tokens the turn's chat template adds to a prompt
@@ -1293,7 +1297,7 @@ class TurnAdmission:
         return 0 if bound is None else bound.template_bytes(message_count)
 
     async def settle(self, grant: Reservation, turn, outcome) -> None:
-        price = self._settings.prices.get(turn.model_alias)
+        price = grant.price
         prompt_tokens, completion_tokens = used_tokens(turn, outcome)
         full_cost = cost_nano_usd(price, prompt_tokens, completion_tokens)
         hit = outcome.cache_status is not None and outcome.cache_status.is_hit
@@ -1360,7 +1364,7 @@ class TurnAdmission:
         """Settles an embedding request to ``input_tokens`` (the tokens the
         model read; 0 for one that failed, the reservation's bound for one
         abandoned: embeddings.py) and records it in the ledger."""
-        nano_usd = cost_nano_usd(self._settings.prices.get(model), input_tokens, 0)
+        nano_usd = cost_nano_usd(grant.price, input_tokens, 0)
         if self._ledger is not None:
             usage = UsageRecord(
                 tenant=tenant.id,

@@ -666,6 +666,32 @@ async def test_a_turn_crossing_midnight_is_in_its_admission_days_budget_and_ledg
     assert may[("k1", "tiny-gpt")]["completion_tokens"] == 60 and not june
 
 
+async def test_a_turn_under_way_when_a_reload_changes_prices_is_billed_at_its_admissions(redis_client):
+    """Prices apply from the next turn (README "Reload"): a turn admitted at
+    $1 a million tokens and ending after a reload set $100 was billed 100
+    times its reservation, to its budget and in the ledger."""
+    clock = Clock(datetime.datetime(2026, 5, 12, 12, tzinfo=datetime.UTC).timestamp())
+    ledger = Ledger(redis_client, 1000, 30, clock=clock)
+    settings = RouterSettings(prices={"tiny-gpt": PriceSettings(1.0, 1.0)})
+    stages = TurnAdmission(Admission(redis_client, max_generation_s=60, clock=clock), settings, ledger)
+    turn = _turn(uuid.uuid4().hex[:12], max_tokens=80)
+    turn.tenant = Tenant(turn.tenant.id, frozenset({"*"}), "k1", LimitSettings(cost_usd_per_day=1.0))
+    grant = await stages.admit(turn)
+    stages.reconfigure(RouterSettings(prices={"tiny-gpt": PriceSettings(100.0, 100.0)}))
+    await stages.settle(grant, turn, _outcome(40, 60, "miss", delivered_bytes=4))
+    await stages.drain()
+    # 100 tokens at $1 a million: 100,000 billionths of a dollar.
+    prefix = Scope("tenant", turn.tenant.id, turn.tenant.limits).prefix
+    assert int(await redis_client.get(f"{prefix}:cost:day:2026-05-12")) == 100_000
+    day = datetime.date(2026, 5, 12)
+    assert (await ledger.usage(turn.tenant.id, day, day))[("k1", "tiny-gpt")]["cost_nano_usd"] == 100_000
+    # The next turn is admitted, and billed, at the reloaded prices.
+    grant = await stages.admit(turn)
+    await stages.settle(grant, turn, _outcome(40, 60, "miss", delivered_bytes=4))
+    await stages.drain()
+    assert int(await redis_client.get(f"{prefix}:cost:day:2026-05-12")) == 100_000 + 10_000_000
+
+
 # What tiny-gpt's chat template adds to a one-message prompt, at most (its
 # bytes: prompt_bound.py), which admission reserves with the content.
 _TINY_GPT_TEMPLATE_BYTES = prompt_bounds({"tiny-gpt": ModelSettings()})["tiny-gpt"].template_bytes(1)

@@ -35,7 +35,7 @@ class Admission:
 
     async def admit(self, scopes, prompt_tokens, max_tokens, price=None) -> Reservation:
         self.admitted.append((prompt_tokens, max_tokens))
-        return Reservation("lease", prompt_tokens + max_tokens, 0, ())
+        return Reservation("lease", prompt_tokens + max_tokens, 0, (), price=price)
 
     def settle_soon(self, reservation, tokens, nano_usd) -> None:
         self.settled.append((tokens, nano_usd))

@@ -95,7 +95,7 @@ def billed_pipeline(generator, contexts=None, cache=None, **settings):
 
     async def admit(turn):
         # What it settles is recorded by SettledAdmission; the day is the ledger's.
-        return Reservation("lease", 0, 0, (), day="2026-12-03")
+        return Reservation("lease", 0, 0, (), day="2026-12-03", price=PRICES["m"])
 
     stages.admit = admit
     turns = Pipeline(
