@@ -1438,7 +1438,10 @@ def _parse_scalar(value: str) -> Any:
 
 def _build(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'config'}: expected a table, got {raw!r}")
+        # The type, not the value: a section given as one string is often
+        # a URL, with its password (redis = "redis://:pw@host"), and the
+        # error is logged.
+        raise ConfigError(f"{where or 'config'}: expected a table, got {_type_name(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(raw) - set(fields)
@@ -1501,5 +1504,15 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (str, int, float, bool) and type(value) is not hint:
-        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+        # The type, not the value (see _build): a secret may be in it.
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {_type_name(value)}")
     return value
+
+
+def _type_name(value: Any) -> str:
+    """What a TOML value is, in TOML's words, for an error that must not
+    show the value itself."""
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array"}
+    if isinstance(value, dict):
+        return "a table"
+    return names.get(type(value), type(value).__name__)

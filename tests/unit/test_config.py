@@ -53,6 +53,25 @@ def test_unknown_and_mistyped_settings_are_refused(tmp_path):
         load_settings(environ={"MESHGATE_CACHE__TTL_S": '"soon"'})
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        'redis = "redis://:hunter2@redis.internal:6379"\n',
+        '[redis]\nurl = { url = "redis://:hunter2@redis.internal:6379" }\n',
+        '[router]\ndev_api_key = ["hunter2"]\n',
+    ],
+    ids=["a section as a URL", "a URL as a table", "a key as an array"],
+)
+def test_a_mistyped_setting_is_refused_without_showing_its_value(tmp_path, body):
+    """The refusal is logged (a start's, a reload's): a section written as
+    its URL showed the URL, password and all."""
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match="expected") as refused:
+        load_settings(path, environ={})
+    assert "hunter2" not in str(refused.value)
+
+
 def test_nested_model_tables(tmp_path):
     path = tmp_path / "models.toml"
     path.write_text(
