@@ -507,22 +507,25 @@ class Scheduler(threading.Thread):
         text = detokenizer.push(token)
 
         finish_reason = None
-        visible = text
         found = (text.find(s, max(0, searched - len(s) + 1)) for s in p.stop)
         stops = [i for i in found if i >= 0]
         if stops:
             finish_reason, visible = "stop", text[: min(stops)]
-        elif token in vocabulary.stop_ids:
-            finish_reason = "stop"
-        elif len(generation.generated) >= p.max_tokens:
-            finish_reason = "length"
         else:
             # A character whose UTF-8 bytes span tokens decodes as U+FFFD
-            # until its last byte arrives: wait for it. First, so that the
-            # stop-string hold below counts characters, not the placeholder:
-            # "!" then half of "¡" must not show the "!" of a stop "!¡".
-            visible = visible.rstrip("\ufffd")
-            if p.stop:
+            # until its last byte arrives: wait for it. One the answer ends
+            # in the middle of (max_tokens, the end-of-sequence token) never
+            # arrives, and is left out, as vLLM's detokenizer leaves it: "晨"
+            # then half of "走" ends the answer "晨", not "晨\ufffd" (to the
+            # caller and in the cache). Before the stop-string hold below,
+            # so that it counts characters, not the placeholder: "!" then
+            # half of "¡" must not show the "!" of a stop "!¡".
+            visible = text.rstrip("\ufffd")
+            if token in vocabulary.stop_ids:
+                finish_reason = "stop"
+            elif len(generation.generated) >= p.max_tokens:
+                finish_reason = "length"
+            elif p.stop:
                 # Hold back a possible beginning of a stop string: streamed
                 # text must never show one, even partially.
                 visible = visible[: max(0, len(visible) - (max(map(len, p.stop)) - 1))]

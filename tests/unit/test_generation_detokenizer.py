@@ -178,18 +178,20 @@ def whole_decode_chunks(model: Model, prompt, script, max_tokens, stop):
     for token in script:
         generated.append(token)
         text = model.decode(context + generated)[len(context_text) :]
-        finish_reason, visible = None, text
+        finish_reason = None
         found = [i for i in (text.find(s) for s in stop) if i >= 0]
         if found:
             finish_reason, visible = "stop", text[: min(found)]
-        elif token in model.stop_ids:
-            finish_reason = "stop"
-        elif len(generated) >= max_tokens:
-            finish_reason = "length"
         else:
-            visible = visible.rstrip("\ufffd")
-            if stop:
+            # Half a character is never sent, not even as the answer's end.
+            visible = text.rstrip("\ufffd")
+            if token in model.stop_ids:
+                finish_reason = "stop"
+            elif len(generated) >= max_tokens:
+                finish_reason = "length"
+            elif stop:
                 visible = visible[: max(0, len(visible) - (max(map(len, stop)) - 1))]
+        assert visible.startswith(sent), "text already sent was taken back"
         chunks.append(visible[len(sent) :])
         sent = visible
         if finish_reason:
@@ -228,7 +230,8 @@ def test_decoding_work_per_token_does_not_grow_with_the_answer(engine):
         return model.decode(ids)
 
     texts, _ = generate(engine, model, [1], answer, 600, [], decode=counting_decode)
-    assert "".join(texts) == model.decode(answer)
+    # The 600th token ends in the middle of the flag, whose half is left out.
+    assert "".join(texts) == model.decode(answer).rstrip("\ufffd")
     # Each decode covers a few ids (a character split over bytes waits for
     # the rest of it), never the whole answer so far.
     assert max(decoded_ids) <= 8
@@ -247,3 +250,21 @@ def test_a_stop_string_is_not_shown_while_its_last_character_is_half_decoded(eng
     texts, finish_reason = generate(engine, model, [28], script, 3, stop)
     assert ("".join(texts), finish_reason) == ("", "stop")
     assert generate(engine, model, [28], script, 3, stop, stream=False) == ([""], "stop")
+
+
+def test_an_answer_cut_in_the_middle_of_a_character_leaves_the_half_out(engine):
+    # Found through the mesh: smollm2 translating to Chinese with max_tokens
+    # 4 and 5 answered "晨\ufffd" (its 4th and 5th tokens the first bytes of
+    # "走", a byte a token), to the caller and in the cache, where vLLM's
+    # detokenizer leaves the half character out. The same at an
+    # end-of-sequence token that comes before the character's last byte.
+    model = smollm2()
+    script = model.tokenizer.encode("晨走", add_special_tokens=False).ids
+    half = len(script) - 1
+    assert model.decode(script[:half]).startswith("晨") and model.decode(script[:half]).endswith("\ufffd")
+    ended = script[:half] + [sorted(model.stop_ids)[0]]
+    for stream in (True, False):
+        texts, finish_reason = generate(engine, model, [28], script, half, [], stream=stream)
+        assert ("".join(texts), finish_reason) == ("晨", "length")
+        texts, finish_reason = generate(engine, model, [28], ended, half + 1, [], stream=stream)
+        assert ("".join(texts), finish_reason) == ("晨", "stop")
