@@ -531,6 +531,41 @@ async def test_a_call_whose_request_comes_after_its_key_was_revoked_or_expired_i
             opened.cancel()
 
 
+def lone_router(tmp_path, redis_url: str, router_lines: str = "", before_router: str = "") -> Replicas:
+    """One router process over a settings file that ends in its [router]
+    table (``router_lines``, then what Replicas.write adds, which a reload
+    rereads); no other service, and none of its listeners but gRPC's."""
+    return Replicas(
+        tmp_path,
+        f"""
+[telemetry]
+exporter = "none"
+[redis]
+url = "{redis_url}"
+[mesh]
+tls = false
+{before_router}[router]
+metrics_listen = ""
+context_address = "127.0.0.1:{free_port()}"
+cache_address = "127.0.0.1:{free_port()}"
+http_listen = ""
+{router_lines}""",
+    )
+
+
+async def refused_once_reloaded(call) -> grpc.aio.AioRpcError:
+    """The refusal of ``call()``, a new call tried every 50 ms until a reload
+    (sent just before) has taken out what let it in."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            await call()
+        except grpc.aio.AioRpcError as refused:
+            return refused
+        assert time.monotonic() < deadline, "the reload never applied"
+        await asyncio.sleep(0.05)
+
+
 async def test_a_chat_session_turn_after_a_reload_meets_the_reloaded_keys_and_limits(redis_url, tmp_path):
     """A bug hunt's finding: a ChatSession kept the tenant it opened with,
     so a key taken out of the settings file (a leaked one) went on being
@@ -541,26 +576,14 @@ async def test_a_chat_session_turn_after_a_reload_meets_the_reloaded_keys_and_li
     # One router process with a settings file; no other service: a turn
     # with no messages is refused for its own fault, and one with messages
     # is admitted, then fails on the context service it cannot reach.
-    group = Replicas(
+    group = lone_router(
         tmp_path,
-        f"""
-[telemetry]
-exporter = "none"
-[redis]
-url = "{redis_url}"
-[mesh]
-tls = false
-[models.tiny-gpt]
-deployments = [{{ name = "none", address = "127.0.0.1:{free_port()}", model = "tiny-gpt" }}]
-[router]
-metrics_listen = ""
-context_address = "127.0.0.1:{free_port()}"
-cache_address = "127.0.0.1:{free_port()}"
-dev_tenant = false
-http_listen = ""
-[[router.tenants]]
-id = "{tenant}"
-""",
+        redis_url,
+        before_router=(
+            "[models.tiny-gpt]\n"
+            f'deployments = [{{ name = "none", address = "127.0.0.1:{free_port()}", model = "tiny-gpt" }}]\n'
+        ),
+        router_lines=f'dev_tenant = false\n[[router.tenants]]\nid = "{tenant}"\n',
     )
 
     def keys_and_limits(keys: list[str], limits: str = "") -> str:
@@ -583,14 +606,9 @@ id = "{tenant}"
 
             group.write(keys_and_limits(["kept-key"], "limits = { requests_per_minute = 1 }"))
             group.processes[0].send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    await router.ListModels(pb.ListModelsRequest(), metadata=bearer("leaked-key"), timeout=5)
-                except grpc.aio.AioRpcError:
-                    break  # a new call with the key is refused: the reload applied
-                assert time.monotonic() < deadline, "the reload never applied"
-                await asyncio.sleep(0.05)
+            await refused_once_reloaded(
+                lambda: router.ListModels(pb.ListModelsRequest(), metadata=bearer("leaked-key"), timeout=5)
+            )
 
             gone = (grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_INVALID)
             await leaked.write(pb.ChatSessionRequest(model="tiny-gpt"))
@@ -904,23 +922,7 @@ async def test_an_admin_call_whose_request_comes_after_a_reload_took_out_its_cre
     sent their requests after a reload had taken that credential out (a
     leaked one) had them served: a CreateKey made a key."""
     tenant = f"t-{uuid.uuid4().hex[:8]}"
-    group = Replicas(
-        tmp_path,
-        f"""
-[telemetry]
-exporter = "none"
-[redis]
-url = "{redis_url}"
-[mesh]
-tls = false
-[router]
-metrics_listen = ""
-context_address = "127.0.0.1:{free_port()}"
-cache_address = "127.0.0.1:{free_port()}"
-dev_tenant = false
-http_listen = ""
-""",
-    )
+    group = lone_router(tmp_path, redis_url, router_lines="dev_tenant = false\n")
 
     def admins(*credentials: str) -> str:
         return f"admin_api_key_sha256 = {[hash_api_key(c) for c in credentials]}\n"
@@ -947,14 +949,9 @@ http_listen = ""
             group.write(admins("kept-admin"))
             group.processes[0].send_signal(signal.SIGHUP)
             listing = admin_pb.ListKeysRequest(tenant_id=tenant)
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    await admin.ListKeys(listing, metadata=bearer("leaked-admin"), timeout=5)
-                except grpc.aio.AioRpcError:
-                    break  # a new call with the credential is refused: the reload applied
-                assert time.monotonic() < deadline, "the reload never applied"
-                await asyncio.sleep(0.05)
+            await refused_once_reloaded(
+                lambda: admin.ListKeys(listing, metadata=bearer("leaked-admin"), timeout=5)
+            )
 
             gone = (grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_INVALID)
             requests = {
@@ -977,22 +974,8 @@ async def test_settings_with_tenants_and_an_admin_credential_refuse_the_public_d
     line served the README's key, mg-dev-local-key, as tenant "dev" with
     every model and no limits. Now it is refused; set on explicitly beside
     them, it is served, and the router warns at start."""
-    group = Replicas(
-        tmp_path,
-        f"""
-[telemetry]
-exporter = "none"
-[redis]
-url = "{redis_url}"
-[mesh]
-tls = false
-[router]
-metrics_listen = ""
-context_address = "127.0.0.1:{free_port()}"
-cache_address = "127.0.0.1:{free_port()}"
-http_listen = ""
-admin_api_key_sha256 = ["{hash_api_key("production-admin")}"]
-""",
+    group = lone_router(
+        tmp_path, redis_url, router_lines=f'admin_api_key_sha256 = ["{hash_api_key("production-admin")}"]\n'
     )
     acme = f'[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["{hash_api_key("acme-key")}"]\n'
     public = bearer(DEFAULT_DEV_API_KEY)
@@ -1008,18 +991,13 @@ admin_api_key_sha256 = ["{hash_api_key("production-admin")}"]
             # The same settings without the dev_tenant line.
             group.write(acme)
             group.processes[0].send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    await router.ListModels(pb.ListModelsRequest(), metadata=public, timeout=5)
-                except grpc.aio.AioRpcError as refused:
-                    assert (refused.code(), error_info(refused).reason) == (
-                        grpc.StatusCode.UNAUTHENTICATED,
-                        Reason.API_KEY_INVALID,
-                    )
-                    break
-                assert time.monotonic() < deadline, "the reload never applied"
-                await asyncio.sleep(0.05)
+            refused = await refused_once_reloaded(
+                lambda: router.ListModels(pb.ListModelsRequest(), metadata=public, timeout=5)
+            )
+            assert (refused.code(), error_info(refused).reason) == (
+                grpc.StatusCode.UNAUTHENTICATED,
+                Reason.API_KEY_INVALID,
+            )
             await router.ListModels(pb.ListModelsRequest(), metadata=bearer("acme-key"), timeout=10)
     finally:
         group.stop()

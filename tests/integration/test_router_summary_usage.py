@@ -199,6 +199,26 @@ async def test_a_sessions_summary_tokens_are_billed_once_though_no_turn_follows(
         )
 
 
+async def billed_by_a_sweeping_router(session, key: str, timeout_s: float, then_s: float = 0.0):
+    """The usage row of the session's summaries, once a router of the same
+    settings sweeping every 0.2 s (one that never served the session) has
+    billed them, as ``key``'s tenant reads it; the router sweeps ``then_s``
+    longer before it stops."""
+    sweeping = dataclasses.replace(
+        session.settings, router=dataclasses.replace(session.settings.router, summary_usage_collect_s=0.2)
+    )
+    async with running(router_app, "router", sweeping) as address, bounded_channel(address) as channel:
+        other = router_service_pb2_grpc.RouterServiceStub(channel)
+
+        async def billed():
+            usage = await other.GetUsage(pb.GetUsageRequest(), metadata=bearer(key), timeout=10)
+            return [row for row in usage.rows if row.summaries]
+
+        (row,) = await eventually(billed, timeout_s=timeout_s)
+        await asyncio.sleep(then_s)
+    return row
+
+
 async def test_any_router_bills_a_summary_under_the_key_of_the_sessions_latest_turn(
     redis_url, inference_address
 ) -> None:
@@ -214,17 +234,7 @@ async def test_any_router_bills_a_summary_under_the_key_of_the_sessions_latest_t
         # The session keeps the key's id, as usage rows show it, not its hash.
         meta = session_store.session_key(session.tenant, session.session_id)
         assert await session.client.hget(meta, "latest_key") == hash_api_key(latest_key)[:16].encode()
-        sweeping = dataclasses.replace(
-            session.settings, router=dataclasses.replace(session.settings.router, summary_usage_collect_s=0.2)
-        )
-        async with running(router_app, "router", sweeping) as address, bounded_channel(address) as channel:
-            other = router_service_pb2_grpc.RouterServiceStub(channel)
-
-            async def billed():
-                usage = await other.GetUsage(pb.GetUsageRequest(), metadata=bearer(latest_key), timeout=10)
-                return [row for row in usage.rows if row.summaries]
-
-            (row,) = await eventually(billed, timeout_s=60.0)
+        row = await billed_by_a_sweeping_router(session, latest_key, timeout_s=60.0)
         assert row.key_id == hash_api_key(latest_key)[:16] and row.summaries == 1
         assert row.summary_prompt_tokens > 0 and row.requests == 1
         assert await session.unbilled() is None
@@ -250,27 +260,16 @@ async def test_a_summary_of_a_session_deleted_before_any_sweep_is_billed(
             await context.DeleteSession(
                 context_pb.DeleteSessionRequest(tenant_id=session.tenant, session_id=session.session_id)
             )
-        sweeping = dataclasses.replace(
-            session.settings, router=dataclasses.replace(session.settings.router, summary_usage_collect_s=0.2)
+        # Once: the sweeps after it (1 s of them) find nothing more to bill.
+        row = await billed_by_a_sweeping_router(session, latest_key, timeout_s=20.0, then_s=1.0)
+        assert len(await session.summaries_logged()) == 1
+        ((prompt_tokens, completion_tokens, summaries),) = spent.values()
+        assert (row.summaries, row.summary_prompt_tokens, row.summary_completion_tokens) == (
+            summaries,
+            prompt_tokens,
+            completion_tokens,
         )
-        async with running(router_app, "router", sweeping) as address, bounded_channel(address) as channel:
-            other = router_service_pb2_grpc.RouterServiceStub(channel)
-
-            async def billed():
-                usage = await other.GetUsage(pb.GetUsageRequest(), metadata=bearer(latest_key), timeout=10)
-                return [row for row in usage.rows if row.summaries]
-
-            (row,) = await eventually(billed, timeout_s=20.0)
-            ((prompt_tokens, completion_tokens, summaries),) = spent.values()
-            assert (row.summaries, row.summary_prompt_tokens, row.summary_completion_tokens) == (
-                summaries,
-                prompt_tokens,
-                completion_tokens,
-            )
-            assert row.key_id == hash_api_key(latest_key)[:16]
-            # Once: the sweeps after find nothing more to bill.
-            await asyncio.sleep(1.0)
-            assert len(await session.summaries_logged()) == 1
+        assert row.key_id == hash_api_key(latest_key)[:16]
         assert await session.unbilled() is None
 
 

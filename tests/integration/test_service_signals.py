@@ -64,13 +64,20 @@ def started(service: str, config: pathlib.Path, address: str, log: pathlib.Path)
     return process
 
 
-def test_sighup_to_a_service_without_reload_hooks_neither_kills_it_nor_skips_its_drain(tmp_path):
-    address = f"127.0.0.1:{free_port()}"
+def inference_config(tmp_path, address: str):
+    """A settings file for an inference service at ``address`` (a service
+    with no reload hooks) whose Triton is never reached."""
     config = tmp_path / "meshgate.toml"
     config.write_text(
         f'[mesh]\ntls = false\n[telemetry]\nmetrics = false\n[inference]\nlisten = "{address}"\n'
         f'triton_urls = ["127.0.0.1:{free_port()}"]\n'
     )
+    return config
+
+
+def test_sighup_to_a_service_without_reload_hooks_neither_kills_it_nor_skips_its_drain(tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    config = inference_config(tmp_path, address)
     log = tmp_path / "inference.log"
     process = started("inference", config, address, log)
     try:
@@ -93,11 +100,7 @@ def test_sighup_to_a_service_the_local_stack_just_started_is_not_a_kill(tmp_path
     launcher starts it with SIGHUP ignored; once serving, its own handler
     takes one as a reload."""
     address = f"127.0.0.1:{free_port()}"
-    config = tmp_path / "meshgate.toml"
-    config.write_text(
-        f'[mesh]\ntls = false\n[telemetry]\nmetrics = false\n[inference]\nlisten = "{address}"\n'
-        f'triton_urls = ["127.0.0.1:{free_port()}"]\n'
-    )
+    config = inference_config(tmp_path, address)
     log = tmp_path / "inference.log"
     command = ["-m", "services.inference", "--config", str(config)]
     process = launched(command, log, env=service_environment(), ignore_hangup=True)
