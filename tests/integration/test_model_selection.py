@@ -9,9 +9,12 @@ the real minilm model through the inference service's Embed."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 import uuid
 
+import grpc
 import pytest
 
 from meshgate.common.v1 import common_pb2
@@ -25,6 +28,7 @@ from meshgate.config import (
 )
 from meshgate.router.v1 import admin_service_pb2, admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as pb
+from services.router.model_selection import FEATURE_SCAN_CHARS
 from tests.integration.conftest import answer_of, running_router, service_settings
 from tests.mesh import bounded_channel
 
@@ -99,6 +103,32 @@ async def test_a_hard_request_goes_to_the_strong_model(router):
     assert (completion.selected_model, completion.deployment) == ("strong", "strong-local")
     assert completion.selection_reason == "complexity"
     assert completion.selection_score >= 0.5
+
+
+async def test_prompts_of_full_stops_before_a_letter_do_not_stall_other_callers(router):
+    # The prompt's sentence count, tried from every mark of a run of them,
+    # scanned the run again to the letter after it: ~0.6 s of the router's
+    # event loop per prompt, during which it answered nobody. The selection
+    # comes first; tiny-gpt's context then refuses these prompts (a model
+    # with a longer one answers them).
+    prompts = [f"{uuid.uuid4().hex} " + "." * (FEATURE_SCAN_CHARS - 34) + "x" for _ in range(4)]
+    metadata = [("authorization", f"Bearer {KEY}")]
+    turns = asyncio.ensure_future(
+        asyncio.gather(*(_completion(router, prompt) for prompt in prompts), return_exceptions=True)
+    )
+    # Another caller's cheapest call, answered from memory, meanwhile; the
+    # pause after it is timed too (all of this test shares the router's
+    # event loop, so a stall can fall in either).
+    slowest = 0.0
+    while not turns.done():
+        started = time.perf_counter()
+        await router.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=30)
+        await asyncio.sleep(0.01)
+        slowest = max(slowest, time.perf_counter() - started)
+    refusals = await turns
+    assert all(isinstance(refusal, grpc.aio.AioRpcError) for refusal in refusals), refusals
+    assert {refusal.code() for refusal in refusals} == {grpc.StatusCode.INVALID_ARGUMENT}
+    assert slowest < 0.4, f"a ListModels call and a 10 ms pause took {slowest:.2f} s beside the prompts"
 
 
 async def test_a_premium_tenant_gets_the_strong_model_for_an_easy_question(router):

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import pathlib
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -311,3 +312,24 @@ def test_only_question_sized_texts_are_memoized():
     assert analyze(short) is analyze(short)
     first, again = analyze(long), analyze(long)
     assert first is not again and first == again
+
+
+def test_a_run_of_full_stops_before_a_letter_is_analysed_in_time_linear_in_it():
+    # Tried from every mark of a run of them, the sentence count scanned the
+    # run again to the letter after it: quadratic in the run, 50 times a
+    # same-size question's analysis at the longest text analysed. Timed
+    # against as many short runs: a ratio, not a clock.
+    one_run = "." * 1023 + "x"
+    short_runs = ".x" * 512
+
+    def fastest_of_five(text: str) -> float:
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            verifier.analyze_uncached(text)
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    assert fastest_of_five(one_run) < 4 * fastest_of_five(short_runs)
+    assert verifier.analyze_uncached(one_run).sentences == 1
+    assert verifier.analyze_uncached("Wait... what?! ok." + one_run).sentences == 2

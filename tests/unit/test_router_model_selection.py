@@ -9,6 +9,7 @@ import json
 import math
 import pathlib
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -101,6 +102,28 @@ def test_linear_patterns_still_count_list_items_after_blank_lines_and_method_cal
     names = model_selection.FEATURE_NAMES
     assert counted[names.index("multi_step_markers")] >= math.log1p(2)
     assert counted[names.index("code_markers")] >= math.log1p(2)
+
+
+def test_a_run_of_full_stops_before_a_letter_is_counted_in_time_linear_in_it():
+    # Tried from every mark of a run of them, the sentence end scanned the
+    # run again to the letter after it: 0.6 s of the router's event loop for
+    # a prompt's first FEATURE_SCAN_CHARS. Timed against as many short runs:
+    # a ratio, not a clock.
+    one_run = "." * (model_selection.FEATURE_SCAN_CHARS - 1) + "x"
+    short_runs = ".x" * (model_selection.FEATURE_SCAN_CHARS // 2)
+
+    def fastest_of_three(text: str) -> float:
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            features(text)
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    assert fastest_of_three(one_run) < 4 * fastest_of_three(short_runs)
+    sentences = model_selection.FEATURE_NAMES.index("sentences")
+    assert features(one_run)[sentences] == 0.0
+    assert features("Wait... what?! ok" + one_run[-100:])[sentences] == math.log1p(2)
 
 
 @pytest.mark.parametrize("text", EASY)
