@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
+import string
+import time
 
 import pytest
 
@@ -57,6 +60,46 @@ async def test_negation_changed_number_and_swapped_entities_miss(stub, tenant, s
     after = await stub.GetStats(pb.GetStatsRequest())
     # Refused by the verifier, not by the pre-filter (all score above 0.86).
     assert after.verifier_rejections > before.verifier_rejections
+
+
+def _names(tail: str) -> str:
+    """A question of 160 names (1 KB, about the longest matched by meaning):
+    50 that every such question says ("Azzaa", "Azzab", ...), enough for
+    the first stage to embed it, then 110 of "A", two of the letters a-m
+    and two more as ``tail`` maps them."""
+    first = string.ascii_lowercase[:13]
+    spellings = list(itertools.islice(itertools.product(first, repeat=4), 110))
+    shared = ["Azz" + "".join(s[2:]) for s in spellings[:50]]
+    letters = str.maketrans(first, tail)
+    own = ["A" + "".join(s[:2]) + "".join(s[2:]).translate(letters) for s in spellings]
+    return " ".join(["x", *shared, *own])
+
+
+async def test_questions_of_names_one_typo_from_none_of_the_others_do_not_stall_other_callers(stub, tenant):
+    # Each name of one question was compared with each word of the other
+    # for a typo: ~30 ms of the cache's event loop per candidate and check,
+    # with five candidates per lookup. Stored: the names with their last
+    # two letters in n-z, two letters from every asked one (no typo), and
+    # close enough in meaning to be verified, and vetoed.
+    for shift in range(5):
+        tail = string.ascii_lowercase[13 + shift :] + string.ascii_lowercase[13 : 13 + shift]
+        await store(stub, tenant, conversation(_names(tail)))
+    asked = conversation(_names(string.ascii_lowercase[:13]))
+    before = await stub.GetStats(pb.GetStatsRequest())
+    lookups = asyncio.ensure_future(asyncio.gather(*(lookup(stub, tenant, asked) for _ in range(8))))
+    # Another caller's cheapest call, answered from memory, meanwhile; the
+    # pause after it is timed too (all of this test shares the service's
+    # event loop, so a stall can fall in either).
+    slowest = 0.0
+    while not lookups.done():
+        started = time.perf_counter()
+        await stub.GetStats(pb.GetStatsRequest())
+        await asyncio.sleep(0.005)
+        slowest = max(slowest, time.perf_counter() - started)
+    assert {response.status for response in await lookups} == {pb.LOOKUP_STATUS_MISS}
+    after = await stub.GetStats(pb.GetStatsRequest())
+    assert after.verifier_rejections - before.verifier_rejections == 8 * 5
+    assert slowest < 0.3, f"a GetStats call and a 5 ms pause took {slowest:.2f} s beside the lookups"
 
 
 async def test_a_reported_wrong_entry_is_never_served_again(stub, tenant):

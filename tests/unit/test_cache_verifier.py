@@ -5,8 +5,10 @@ model the Triton ``minilm`` model runs, run here directly)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import pathlib
+import string
 import sys
 import time
 
@@ -115,6 +117,69 @@ def test_a_misspelled_name_or_one_said_elsewhere_is_not_a_replacement():
     assert verifier.entity_veto(
         analyze("Pictures before using Quora and after using Quora?"),
         analyze("Pictures before using Twitter and after using Quora?"),
+    )
+
+
+def test_a_name_is_found_misspelt_exactly_when_a_word_is_one_typo_from_it():
+    # The lookup by blanked and shortened words against its definition, on
+    # every pair of words of four to six letters a and b.
+    spellings = ["".join(letters) for n in (4, 5, 6) for letters in itertools.product("ab", repeat=n)]
+    for word in spellings:
+        side = analyze(word)
+        for name in spellings:
+            one_typo = (
+                len(name) >= 5
+                and name != word
+                and name[0] == word[0]
+                and verifier._edit_distance_at_most_one(word, name)
+            )
+            assert verifier._misspelt(side, {name} - side.token_set) == ({name} if one_typo else set())
+
+
+def _fastest_of_three(function, *arguments) -> float:
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        function(*arguments)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def _names(count: int, letters: str) -> str:
+    """``count`` names of five letters, an "A" and four of ``letters``."""
+    spellings = itertools.islice(itertools.product(letters, repeat=4), count)
+    return "x " + " ".join("A" + "".join(spelling) for spelling in spellings)
+
+
+def test_names_one_typo_from_none_of_the_others_words_are_checked_in_time_linear_in_them():
+    # Each name of one question was compared with each word of the other
+    # for a typo: 2 KB of names of one first letter, none of them in the
+    # other question, took ~0.1 s (on the cache's event loop, per candidate
+    # and check). Timed against the same texts in lower case, which have no
+    # names: a ratio, not a clock.
+    query, candidate = _names(340, string.ascii_lowercase[:13]), _names(340, string.ascii_lowercase[13:])
+
+    def veto(a: str, b: str) -> str | None:
+        return verifier.structural_veto(verifier.analyze_uncached(a), verifier.analyze_uncached(b))
+
+    assert veto(query, candidate) == "entity"
+    assert _fastest_of_three(veto, query, candidate) < 10 * _fastest_of_three(
+        veto, query.lower(), candidate.lower()
+    )
+
+
+def test_role_fillers_are_found_in_time_linear_in_the_question():
+    # Each role marker's filler was searched for in a copy of the tokens
+    # after it: quadratic in a question of markers. Timed against as many
+    # words that are none: a ratio, not a clock.
+    markers, others = "to " * 1365, "a b " * 1024
+    assert _fastest_of_three(verifier.analyze_uncached, markers) < 4 * _fastest_of_three(
+        verifier.analyze_uncached, others
+    )
+    assert verifier.analyze_uncached("from Paris to the London to").roles == (
+        ("from", "paris"),
+        ("to", "london"),
+        ("to", ""),
     )
 
 
@@ -321,15 +386,7 @@ def test_a_run_of_full_stops_before_a_letter_is_analysed_in_time_linear_in_it():
     # against as many short runs: a ratio, not a clock.
     one_run = "." * 1023 + "x"
     short_runs = ".x" * 512
-
-    def fastest_of_five(text: str) -> float:
-        times = []
-        for _ in range(5):
-            started = time.perf_counter()
-            verifier.analyze_uncached(text)
-            times.append(time.perf_counter() - started)
-        return min(times)
-
-    assert fastest_of_five(one_run) < 4 * fastest_of_five(short_runs)
+    analyze_uncached = verifier.analyze_uncached
+    assert _fastest_of_three(analyze_uncached, one_run) < 4 * _fastest_of_three(analyze_uncached, short_runs)
     assert verifier.analyze_uncached(one_run).sentences == 1
     assert verifier.analyze_uncached("Wait... what?! ok." + one_run).sentences == 2
