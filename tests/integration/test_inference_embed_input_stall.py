@@ -30,12 +30,14 @@ async def test_a_megabyte_of_runs_just_short_of_the_cut_does_not_stall_other_cal
         stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
         embedding = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(texts=texts), timeout=120))
         # Another caller's cheapest call, answered from memory, meanwhile.
+        # Timed with the pause after it: a stall that lands in the pause
+        # (the service runs in this process) holds that up instead.
         slowest = 0.0
         while not embedding.done():
             started = time.perf_counter()
             await stub.ListModels(pb.ListModelsRequest(), timeout=30)
-            slowest = max(slowest, time.perf_counter() - started)
             await asyncio.sleep(0.01)
+            slowest = max(slowest, time.perf_counter() - started - 0.01)
         response = await embedding
     assert len(response.vectors) == len(texts) * response.dimensions * 4
     assert slowest < 0.4, f"a ListModels call waited {slowest:.2f} s behind another caller's Embed"
