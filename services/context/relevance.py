@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import collections.abc
 import dataclasses
+import heapq
 import math
 import re
 
@@ -175,10 +176,18 @@ DEFAULT_WEIGHTS = Weights()
 # The scoring's name in an assembly's inputs (AssemblyInputs.ranking), so that
 # the same inputs build the same prompt: bump it with any change to how turns
 # are scored or to the default weights.
-RANKING = "hybrid-spans-7"
+RANKING = "hybrid-spans-8"
 # The same, with the question's nameless form (NamelessQuery) embedded and
 # scored with it (context.embed_nameless_question).
-RANKING_NAMELESS = "hybrid-spans-nameless-8"
+RANKING_NAMELESS = "hybrid-spans-nameless-9"
+
+# The most distinct query terms a ranking scores: each costs ~15 us of
+# postings arithmetic on the event loop, so a "question" of tens of
+# thousands of distinct words (a pasted document, within max_message_bytes)
+# held the context service half a second or more, every other caller's
+# assembly with it. A question has a few dozen; past the bound, the terms
+# the fewest turns use are kept (BM25 weighs them most), in a fixed order.
+MAX_QUERY_TERMS = 256
 
 # A posting packs a turn index and the term's frequency in it (capped) into one uint32.
 TF_BITS = 4
@@ -495,7 +504,7 @@ def hybrid_scores(
 
     Last, turns in stretches dense with the best turns gain a share
     (:func:`with_spans`)."""
-    query_terms = list(query_terms)
+    query_terms = _bounded_terms(query_terms, postings)
     names = {}
     if roles is not None:
         # Only the scored turns: a name's turns index the seeds below.
@@ -528,6 +537,26 @@ def hybrid_scores(
         query = query + weights.feedback_weight * unit_vectors[best].mean(axis=0)
         score = _with_neighbours(lexical + weights.dense * scaled(unit_vectors @ query, top), weights)
     return Scores(with_spans(score + asker, weights), mixed_nameless, dense=True)
+
+
+def _bounded_terms(
+    query_terms: collections.abc.Iterable[str], postings: collections.abc.Mapping[str, np.ndarray]
+) -> list[str]:
+    """``query_terms``, or past MAX_QUERY_TERMS distinct ones the session
+    uses, the rarest of those (ties by the term): terms no turn uses score
+    nothing and cost a lookup."""
+    query_terms = list(query_terms)
+    if len(query_terms) <= MAX_QUERY_TERMS:
+        return query_terms
+    used = {}
+    for term in set(query_terms):
+        packed = postings.get(term)
+        if packed is not None and len(packed):
+            used[term] = len(packed)
+    if len(used) <= MAX_QUERY_TERMS:
+        return query_terms
+    kept = set(heapq.nsmallest(MAX_QUERY_TERMS, used, key=lambda term: (used[term], term)))
+    return [term for term in query_terms if term in kept]
 
 
 def _first_person_lift(
