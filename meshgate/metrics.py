@@ -11,10 +11,11 @@ OpenTelemetry SDK's instruments (same labels, 200,000 iterations each; see
 bench/README.md, "metrics_bench.py"). Traces stay OpenTelemetry (meshgate/telemetry.py).
 
 Label values are bounded by configuration, never by traffic: model aliases,
-deployment and backend names come from the settings; RPC methods, status
-codes, ErrorInfo reasons (meshgate/reasons.py), limits and dispositions are
-fixed catalogues. No tenant, key or session ids are labels: per-tenant usage
-is the router's ledger (GetUsage), not a metric.
+deployment and backend names come from the settings; RPC methods, HTTP
+routes (never a request's path), status codes, ErrorInfo reasons
+(meshgate/reasons.py), limits and dispositions are fixed catalogues. No
+tenant, key or session ids are labels: per-tenant usage is the router's
+ledger (GetUsage), not a metric.
 
 With ``telemetry.metrics = false`` every family is a no-op object: the hot
 paths call the same methods and nothing is counted (bench/metrics_bench.py
@@ -93,7 +94,8 @@ class _Families:
 
 
 class RpcMetrics:
-    """Every service: its RPCs by outcome, from the error interceptor."""
+    """Every service: its RPCs by outcome, from the error interceptor; the
+    router's HTTP requests too, by route (services/router/http_edge.py)."""
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
         make = _Families(registry)

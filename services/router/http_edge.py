@@ -44,6 +44,7 @@ from google.rpc import error_details_pb2
 from opentelemetry import propagate, trace
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from meshgate import metrics
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, RouterSettings
 from meshgate.errors import (
@@ -620,6 +621,11 @@ _MODEL_PATH = "/v1/models/"
 # (RFC 9110 §9.3.2; _send_whole).
 _POST = ("POST",)
 _GET = ("GET", "HEAD")
+# The method label of an HTTP request in meshgate_rpc_requests: its route,
+# never its path or HTTP method, which are the caller's to choose (each new
+# value would be a series kept for the process's life).
+_MODEL_ROUTE = _MODEL_PATH + "{id}"
+_UNKNOWN_ROUTE = "other"
 
 
 class _Disconnected(Exception):
@@ -649,6 +655,8 @@ class HttpEdge:
         # Set as the router stops (drain): a stream its grace cuts ends
         # with an error event.
         self._draining = False
+        # Each request, by outcome, beside the gRPC port's calls.
+        self._requests = metrics.rpc()
         self.reconfigure(settings, models)
         self._routes = {
             "/v1/chat/completions": (_POST, self._chat),
@@ -668,10 +676,14 @@ class HttpEdge:
         if scope["type"] != "http":  # lifespan is off; websockets are not served
             return
         response = _Response(send, uuid.uuid4().hex)
+        started, route_label = time.perf_counter(), _UNKNOWN_ROUTE
         try:
             route = self._routes.get(scope["path"])
-            if route is None and scope["path"].startswith(_MODEL_PATH):
+            if route is not None:
+                route_label = scope["path"]
+            elif scope["path"].startswith(_MODEL_PATH):
                 route = (_GET, functools.partial(self._model, scope["path"][len(_MODEL_PATH) :]))
+                route_label = _MODEL_ROUTE
             if route is None:
                 raise MeshgateError(
                     grpc.StatusCode.UNIMPLEMENTED, Reason.UNKNOWN_ENDPOINT, f"no endpoint {scope['path']}"
@@ -702,9 +714,11 @@ class HttpEdge:
             same_tenant(tenant, await self._tenant(scope))
             await _until_disconnect(handler(tenant, body, response, scope), receive, response)
         except _Disconnected:
+            response.failed_with(grpc.StatusCode.CANCELLED)
             return
         except asyncio.CancelledError:
             if not self._draining or response.started or response.gone:
+                response.failed_with(grpc.StatusCode.CANCELLED)
                 raise
             # Cut by the router's grace before its answer began (a whole
             # answer, or a stream before its first piece): a 503 in OpenAI's
@@ -713,6 +727,7 @@ class HttpEdge:
             if response.saving:
                 # A session turn cut while it was being stored may be stored.
                 cut.metadata["turn_may_be_stored"] = "true"
+            response.failed(cut)
             with contextlib.suppress(Exception):
                 await _send_error(response.send, cut, response.saving)
         except MeshgateError as error:
@@ -721,12 +736,18 @@ class HttpEdge:
             # it stored: the OpenAI SDKs resend a 5xx unless told not to, and
             # a resent turn would be stored twice. (gRPC's Chat commits its
             # call there for the same reason: no channel resends it.)
+            response.failed(error)
             if not response.started:
                 await _send_error(response.send, error, response.saving)
         except Exception:  # noqa: BLE001 - a bug fails its request with a 500, nothing of its insides
-            log.exception("http request failed", path=scope["path"], request_id=response.request_id)
+            log.exception("http request failed", route=route_label, request_id=response.request_id)
+            response.failed(internal_error())
             if not response.started:
                 await _send_error(response.send, internal_error(), response.saving)
+        finally:
+            self._requests.observe(
+                "router", route_label, response.code.name, response.reason, time.perf_counter() - started
+            )
 
     # --- handlers --------------------------------------------------------------
 
@@ -784,7 +805,7 @@ class HttpEdge:
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         sent = [0, 0]  # deltas and characters written
         try:
-            await self._stream_events(chunks, first, events, send, sent)
+            await self._stream_events(chunks, first, events, response, sent)
         except asyncio.CancelledError:
             if not self._draining or response.gone:
                 raise
@@ -792,11 +813,16 @@ class HttpEdge:
             # with an error event, as a failure midway does, never as a
             # silent short answer. The request then ends as answered: raised
             # on, the cancellation would be logged as an error of the app.
-            body = b"data: " + _event_json(error_body(partly_delivered(stopped(), *sent))) + b"\n\n"
+            cut = partly_delivered(stopped(), *sent)
+            response.failed(cut)
+            body = b"data: " + _event_json(error_body(cut)) + b"\n\n"
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": body})
 
-    async def _stream_events(self, chunks: _Chunks, event, events, send, sent: list[int]) -> None:
+    async def _stream_events(
+        self, chunks: _Chunks, event, events, response: _Response, sent: list[int]
+    ) -> None:
+        send = response.send
         while True:
             match event:
                 case Delta(text=text):
@@ -815,6 +841,7 @@ class HttpEdge:
                     # error event (the openai SDK raises it) and the stream
                     # ends without [DONE]: never a silent short answer.
                     # The same type as the error would have had as a status.
+                    response.failed(error)
                     body = b"data: " + _event_json(error_body(error)) + b"\n\n"
                     await send({"type": "http.response.body", "body": body})
                     return
@@ -940,6 +967,18 @@ class _Response:
         # A session turn is being stored (Pipeline.run's before_saving).
         self.saving = False
         self.hold = Hold(None)
+        # How the request ended, as meshgate_rpc_requests counts a gRPC
+        # call: its first failure's code and ErrorInfo reason, even one sent
+        # as a stream's error event after its 200.
+        self.code = grpc.StatusCode.OK
+        self.reason = ""
+
+    def failed(self, error: MeshgateError) -> None:
+        self.failed_with(error.code, error.reason)
+
+    def failed_with(self, code: grpc.StatusCode, reason: str = "") -> None:
+        if self.code == grpc.StatusCode.OK:
+            self.code, self.reason = code, reason
 
     async def send(self, message) -> None:
         self.started = True

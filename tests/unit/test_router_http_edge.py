@@ -16,6 +16,7 @@ from google.rpc import error_details_pb2
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from meshgate import metrics
 from meshgate.config import ModelSettings, RouterSettings
 from meshgate.errors import MeshgateError, busy_unavailable, unavailable
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
@@ -714,3 +715,82 @@ async def test_a_peer_that_acknowledges_or_has_nothing_to_acknowledge_is_kept(ca
     finally:
         cut.stop()
     assert transport.aborted_at is None
+
+
+# --- the requests' metrics ------------------------------------------------------------------------
+
+
+def http_requests() -> dict[tuple[str, str, str], float]:
+    """The router's HTTP requests counted so far in meshgate_rpc_requests,
+    by method (the route), code and reason (gRPC methods hold a '/' inside)."""
+    counted: dict[tuple[str, str, str], float] = {}
+    for family in metrics.rpc().requests.collect():
+        for sample in family.samples:
+            labels = sample.labels
+            route = labels["method"] == "other" or labels["method"].startswith("/v1/")
+            if sample.name.endswith("_total") and labels["service"] == "router" and route:
+                key = (labels["method"], labels["code"], labels["reason"])
+                counted[key] = counted.get(key, 0) + sample.value
+    return counted
+
+
+async def test_http_requests_are_counted_by_route_and_outcome_never_by_what_the_caller_named():
+    """A bug hunt's finding: the HTTP edge counted no request in
+    meshgate_rpc_requests (a real router's /metrics showed nothing for
+    1,500 refused HTTP requests), so its refusals before admission (a bad
+    key, an unknown route or model) and its failures after the 200 were in
+    no metric, while the gRPC port's are. Counted by route: paths and HTTP
+    methods are the caller's to choose, and each new label value would be a
+    series kept for the process's life."""
+    settings = RouterSettings(dev_api_key=KEY)
+    failure = MeshgateError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.SESSION_FULL, "the session is full")
+    edge = HttpEdge(
+        settings,
+        {"m": ModelSettings()},
+        Authenticator(settings),
+        TenantCalls(0),
+        ScriptedPipeline([Delta("Hel"), Failure(failure)]),
+        None,
+    )
+
+    async def ask(method: str, path: str, key: str = KEY, body: bytes = b"") -> int:
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": path,
+            "headers": [(b"authorization", f"Bearer {key}".encode())],
+        }
+        parts = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[dict] = []
+
+        async def receive():
+            if parts:
+                return parts.pop(0)
+            await asyncio.Event().wait()
+
+        async def send(message):
+            sent.append(message)
+
+        await asyncio.wait_for(edge(scope, receive, send), 5)
+        return next(message for message in sent if message["type"] == "http.response.start")["status"]
+
+    before = http_requests()
+    streamed_chat = json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    )
+    for index in range(20):
+        assert await ask("GET", f"/v1/unknown-{index}") == 404
+        assert await ask("GET", f"/v1/models/no-such-model-{index}") == 404
+        assert await ask(f"VERB{index}", "/v1/models") == 405
+        assert await ask("POST", "/v1/chat/completions", key=f"wrong-{index}") == 401
+    assert await ask("POST", "/v1/chat/completions", body=streamed_chat.encode()) == 200
+    after = http_requests()
+    counted = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
+    assert counted == {
+        ("other", "UNIMPLEMENTED", Reason.UNKNOWN_ENDPOINT): 20,
+        ("/v1/models/{id}", "NOT_FOUND", Reason.MODEL_NOT_FOUND): 20,
+        ("/v1/models", "UNIMPLEMENTED", Reason.METHOD_NOT_SUPPORTED): 20,
+        ("/v1/chat/completions", "UNAUTHENTICATED", Reason.API_KEY_INVALID): 20,
+        # A failure sent as the stream's error event, after its 200.
+        ("/v1/chat/completions", "RESOURCE_EXHAUSTED", Reason.SESSION_FULL): 1,
+    }
