@@ -21,7 +21,7 @@ import structlog
 from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SpanExporter,
@@ -100,8 +100,24 @@ def _add_trace_ids(_, __, event: dict) -> dict:
     return event
 
 
+# The longest a span attribute's value is kept. The gRPC instrumentation
+# records the caller's user-agent whole, on every server span and before any
+# key is checked: 15,000 characters of it (grpc takes ~16 KiB of metadata)
+# made each span 30 times its size, in every trace back end. Ours are model
+# names, addresses and reasons; events (an exception's stack trace) are not
+# clipped.
+MAX_SPAN_ATTRIBUTE_CHARS = 256
+
+
+def tracer_provider(service_name: str) -> TracerProvider:
+    return TracerProvider(
+        resource=Resource.create({"service.name": service_name}),
+        span_limits=SpanLimits(max_span_attribute_length=MAX_SPAN_ATTRIBUTE_CHARS),
+    )
+
+
 def setup(service_name: str, settings: TelemetrySettings) -> TracerProvider:
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider = tracer_provider(service_name)
     exporter = _exporter(settings)
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))

@@ -1,0 +1,45 @@
+"""A caller's text on a span is clipped: the gRPC instrumentation records
+the user-agent a caller sends, whole, on every server span. A real grpc.aio
+server on 127.0.0.1 with the services' interceptor chain and tracer provider."""
+
+from __future__ import annotations
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from meshgate import telemetry
+
+SERVICE = "meshgate.test.v1.Probe"
+
+
+async def test_a_callers_huge_user_agent_is_clipped_on_the_server_span(monkeypatch):
+    """A bug hunt's finding: a 15,000-character user-agent (grpc takes about
+    16 KiB of metadata) was kept whole on the router's server span of every
+    call, before any key was checked: 15.6 KB spans where ~500 bytes is the
+    rest, in every trace back end."""
+    exporter = InMemorySpanExporter()
+    provider = telemetry.tracer_provider("meshgate-test")
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+
+    async def echo(request: bytes, context) -> bytes:
+        return request
+
+    server = grpc.aio.server(interceptors=telemetry.server_interceptors())
+    handlers = {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    agent = "A" * 7_000  # under this bare server's 8 KiB; the router takes ~16
+    try:
+        options = [("grpc.primary_user_agent", agent)]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+            assert await channel.unary_unary(f"/{SERVICE}/Echo")(b"hi", timeout=5) == b"hi"
+    finally:
+        await server.stop(1)
+    (span,) = exporter.get_finished_spans()
+    user_agent = span.attributes["rpc.user_agent"]
+    assert user_agent.startswith("AAAA") and len(user_agent) == telemetry.MAX_SPAN_ATTRIBUTE_CHARS
+    assert (span.attributes["rpc.method"], span.attributes["rpc.service"]) == ("Echo", SERVICE)
