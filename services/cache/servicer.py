@@ -109,6 +109,18 @@ MAX_SCOPE_PARAMETERS_BYTES = 8192
 # to (meshgate/config.py).
 
 
+# The most messages a prompt may have. The router sends a turn's own
+# (router.max_messages, 256 by default) or the prompt assembled for a
+# session turn, which fits its model's window, where every message takes a
+# token of its template at least (8,192 for the largest bundled window);
+# one refused is a miss to the router, which then leaves it uncached. Each
+# message is hashed and read for the conversation's topic on the event
+# loop: before this bound, a Lookup of 500,000 empty messages (2 MB, well
+# inside the mesh's 32 MiB message bound) held a neighbour's Lookup for
+# 11.5 s, and 8 MB ones for over a minute.
+MAX_PROMPT_MESSAGES = 16_384
+
+
 # The longest text matched by meaning (a question, with its topic turn when
 # it has one), in UTF-8 bytes; a longer prompt is cached and looked up
 # exactly only. Every resident index row keeps its text (for the verifier
@@ -153,9 +165,15 @@ def _check_scope_names(tenant_id: str, model: str) -> None:
         )
 
 
-def _require_messages(messages) -> None:
+def _check_messages(messages) -> None:
     if not messages:
         raise invalid_argument(Reason.EMPTY_MESSAGES, "messages must not be empty")
+    if len(messages) > MAX_PROMPT_MESSAGES:
+        raise invalid_argument(
+            Reason.TOO_MANY_MESSAGES,
+            f"a prompt of {len(messages)} messages is more than the cache takes ({MAX_PROMPT_MESSAGES})",
+            limit=str(MAX_PROMPT_MESSAGES),
+        )
 
 
 def _log_fenced_write_failure(task: asyncio.Future) -> None:
@@ -202,7 +220,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 status=pb.LOOKUP_STATUS_MISS, store_fence=await self._store.store_fence(partition)
             )
         messages = request.messages
-        _require_messages(messages)
+        _check_messages(messages)
         entry_id = keys.entry_id(partition, messages)
         answer = live_answer(await self._store.get(partition, entry_id), _now_ms())
         if answer is not None:
@@ -241,7 +259,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
     async def Store(self, request: pb.StoreRequest, context: grpc.aio.ServicerContext) -> pb.StoreResponse:
         partition = _partition(request.scope)
         messages = request.messages
-        _require_messages(messages)
+        _check_messages(messages)
         if not request.HasField("answer"):
             raise invalid_argument(Reason.MISSING_ANSWER, "answer is required")
         # At most the configured TTL: an entry (and the keys of its whole
@@ -368,7 +386,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         self, request: pb.ReportWrongHitRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportWrongHitResponse:
         partition = _partition(request.scope)
-        _require_messages(request.messages)
+        _check_messages(request.messages)
         if not keys.is_entry_id(request.entry_id):
             raise invalid_argument(Reason.INVALID_ENTRY_ID, "entry_id must be a LookupResponse.entry_id")
         # A semantic hit comes from the sub-partition the lookup was matched

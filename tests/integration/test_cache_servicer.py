@@ -1038,6 +1038,10 @@ async def test_redis_down_is_unavailable(embedder):
         await client.aclose()
 
 
+# One message past the bound, all but the question empty: the cheapest to send.
+_TOO_MANY = [common_pb2.Message(role=ASSISTANT)] * servicer_module.MAX_PROMPT_MESSAGES + conversation("q")
+
+
 @pytest.mark.parametrize(
     ("request_", "reason"),
     [
@@ -1098,6 +1102,26 @@ async def test_redis_down_is_unavailable(embedder):
             "SCOPE_TOO_LARGE",
         ),
         (pb.InvalidateRequest(tenant_id="t" * 513), "SCOPE_TOO_LARGE"),
+        # A bug hunt: messages went unbounded, each hashed and read on the
+        # event loop, and 2 MB of empty ones held a neighbour's Lookup 11.5 s.
+        (
+            pb.LookupRequest(scope=pb.CacheScope(tenant_id="t", model="m"), messages=_TOO_MANY),
+            "TOO_MANY_MESSAGES",
+        ),
+        (
+            pb.StoreRequest(
+                scope=pb.CacheScope(tenant_id="t", model="m"),
+                messages=_TOO_MANY,
+                answer=pb.CachedAnswer(text="a"),
+            ),
+            "TOO_MANY_MESSAGES",
+        ),
+        (
+            pb.ReportWrongHitRequest(
+                scope=pb.CacheScope(tenant_id="t", model="m"), messages=_TOO_MANY, entry_id="0" * 32
+            ),
+            "TOO_MANY_MESSAGES",
+        ),
     ],
 )
 async def test_invalid_requests(cache, request_, reason):
@@ -1105,6 +1129,7 @@ async def test_invalid_requests(cache, request_, reason):
         pb.LookupRequest: cache.Lookup,
         pb.StoreRequest: cache.Store,
         pb.InvalidateRequest: cache.Invalidate,
+        pb.ReportWrongHitRequest: cache.ReportWrongHit,
     }[type(request_)]
     with pytest.raises(MeshgateError) as failure:
         await method(request_, None)
