@@ -78,9 +78,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         served = self._settings.models.get(request.model)
         if served is None:
             raise not_found(Reason.MODEL_NOT_FOUND, f"model {request.model!r} is not served here")
-        if not request.messages:
-            raise invalid_argument(Reason.EMPTY_MESSAGES, "messages must not be empty")
-        validation.check_roles(request.messages)
+        validation.check_messages(request.messages, served)
         max_tokens = validation.check_generation(request.parameters, served, DEFAULT_MAX_TOKENS)
         prompt = triton_protocol.render_chat(request.messages, served.chat_template)
         validation.check_prompt(prompt, self._settings)

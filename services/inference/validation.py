@@ -39,9 +39,26 @@ def check_generation(
     return max_tokens
 
 
-def check_roles(messages) -> None:
-    """Every message says who speaks: a role the chat template does not
-    know would be rendered as some other one (the router refuses it too)."""
+def check_messages(messages, served: ServedModelSettings) -> None:
+    """Some messages, no more than can fit the model's window, and every
+    one says who speaks: a role the chat template does not know would be
+    rendered as some other one (the router refuses it too).
+
+    Every message takes a token of its template at least, so more messages
+    than the window has tokens cannot fit it: refused before any is
+    rendered. Rendering runs on the event loop, and a Generate of 500,000
+    empty messages (2 MB, well inside the mesh's 32 MiB message bound) held
+    every other call for 1.8 s before check_prompt refused it (smollm2's
+    template; about 30 s at 32 MiB)."""
+    if not messages:
+        raise invalid_argument(Reason.EMPTY_MESSAGES, "messages must not be empty")
+    window = served.context_window_tokens
+    if len(messages) > window:
+        raise invalid_argument(
+            Reason.TOO_MANY_MESSAGES,
+            f"{len(messages)} messages cannot fit the model's window of {window} tokens",
+            limit=str(window),
+        )
     for index, message in enumerate(messages):
         if message.role not in ROLE_NAMES:
             raise invalid_argument(Reason.INVALID_ROLE, f"messages[{index}] has no valid role")

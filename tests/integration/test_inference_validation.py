@@ -97,6 +97,15 @@ async def stub(triton_url):
         # Rendered as "user" before: a role the template does not know.
         (spoken_as(99), "INVALID_ROLE"),
         (spoken_as(common_pb2.ROLE_UNSPECIFIED), "INVALID_ROLE"),
+        # More messages than tiny-gpt's 512-token window has tokens, refused
+        # before rendering (a bug hunt: 2 MB of empty ones held the service
+        # 1.8 s); these render well within max_prompt_bytes.
+        (
+            pb.GenerateRequest(
+                model="tiny-gpt", messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="hi")] * 513
+            ),
+            "TOO_MANY_MESSAGES",
+        ),
     ],
 )
 async def test_bad_generation_values_are_refused_before_triton(stub, request_, reason):
