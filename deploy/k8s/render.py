@@ -16,9 +16,12 @@ Python is needed to produce it. The base:
   PodDisruptionBudget, a HorizontalPodAutoscaler on CPU and on the service's
   own Prometheus metric, a NetworkPolicy, and a cert-manager Certificate
   for the mesh's mutual TLS named as meshgate/mesh_auth.py expects;
-* one ConfigMap with the settings file every service reads;
+* one ConfigMap with the settings file every service reads (no credential:
+  those come from Secrets the operator makes);
 * Redis and Triton are external: Redis's URL comes from the Secret
-  ``meshgate-redis`` (key ``url``), Triton's servers by DNS names in the overlay.
+  ``meshgate-redis`` (key ``url``), Triton's servers by DNS names in the overlay;
+* the router's admin credential (its digest) from the Secret
+  ``meshgate-router-admin`` (key ``admin_api_key_sha256``).
 """
 
 from __future__ import annotations
@@ -71,6 +74,10 @@ SCALING_SERIES = {
     "meshgate_rpc_requests_per_second": "meshgate_rpc_requests_total",
     "meshgate_inference_backend_in_flight": "meshgate_inference_backend_in_flight",
 }
+# The router's admin credential (router.admin_api_key_sha256, a TOML array
+# of digests) comes from this Secret's key.
+ADMIN_SECRET = "meshgate-router-admin"
+ADMIN_SECRET_KEY = "admin_api_key_sha256"
 CONFIG_DIR = "/etc/meshgate/config"
 CERTS_DIR = "/etc/meshgate/certs"
 ROUTER_CERT_DIR = "/etc/meshgate/router-cert"
@@ -210,8 +217,9 @@ def settings_file(overlay: Overlay) -> str:
 
 def container_environment(service: str) -> dict[str, str | dict]:
     """The container's environment: the certificate files cert-manager
-    mounts, Redis's URL from its Secret, and (context, cache, inference) the
-    router's certificate that verifies tenant tokens."""
+    mounts, Redis's URL from its Secret, (context, cache, inference) the
+    router's certificate that verifies tenant tokens, and (router) the admin
+    credential's digest from its Secret."""
     env: dict[str, str | dict] = {
         "MESHGATE_CONFIG": f"{CONFIG_DIR}/meshgate.toml",
         "MESHGATE_MESH__CA_FILE": f"{CERTS_DIR}/ca.crt",
@@ -222,6 +230,15 @@ def container_environment(service: str) -> dict[str, str | dict]:
         env["MESHGATE_MESH__ROUTER_CERT_FILE"] = f"{ROUTER_CERT_DIR}/tls.crt"
     if service in USES_REDIS:
         env["REDIS_URL"] = {"secretKeyRef": {"name": "meshgate-redis", "key": "url"}}
+    if service == "router":
+        # The one credential a cluster starts with (dev_tenant is off, the
+        # settings name no tenant): its AdminService's CreateKey makes the
+        # tenants' keys, kept in Redis. A digest, but kept in a Secret with
+        # the other credentials, not in the ConfigMap every pod reads.
+        # Optional: a router without it starts, and refuses admin calls.
+        env["MESHGATE_ROUTER__ADMIN_API_KEY_SHA256"] = {
+            "secretKeyRef": {"name": ADMIN_SECRET, "key": ADMIN_SECRET_KEY, "optional": True}
+        }
     return env
 
 

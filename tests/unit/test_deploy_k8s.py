@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from meshgate import mesh_auth, metrics, serving
-from meshgate.config import load_settings
+from meshgate.config import hash_api_key, load_settings
 from services.cache import app as cache_app
 from services.context import app as context_app
 from services.inference import app as inference_app
@@ -191,6 +191,19 @@ def test_each_service_gets_a_certificate_for_its_mesh_identity(overlay):
         assert {"name": "mesh-cert", "secret": {"secretName": spec["secretName"]}} in volumes
 
 
+# What the operator's Secrets hold (deploy/k8s/README.md), by Secret and key.
+ADMIN_DIGEST = hash_api_key("mg-admin-example")
+SECRETS = {
+    ("meshgate-redis", "url"): "redis://redis.example:6379/0",
+    ("meshgate-router-admin", "admin_api_key_sha256"): f'["{ADMIN_DIGEST}"]',
+}
+
+
+def _secret_value(source: dict) -> str:
+    reference = source["secretKeyRef"]
+    return SECRETS[reference["name"], reference["key"]]
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 @pytest.mark.parametrize("service", render.SERVICES)
 def test_the_services_accept_the_rendered_settings(overlay, service, tmp_path):
@@ -200,7 +213,9 @@ def test_the_services_accept_the_rendered_settings(overlay, service, tmp_path):
     container = _by_kind(objects, "Deployment")[f"meshgate-{service}"]["spec"]["template"]["spec"][
         "containers"
     ][0]
-    environ = {e["name"]: e.get("value", "redis://redis.example:6379/0") for e in container["env"]}
+    environ = {
+        e["name"]: e["value"] if "value" in e else _secret_value(e["valueFrom"]) for e in container["env"]
+    }
     settings = load_settings(tmp_path / "meshgate.toml", environ)
     assert settings.router.http_listen == f"0.0.0.0:{render.ROUTER_HTTP_PORT}"
     section = getattr(settings, service)
@@ -211,7 +226,25 @@ def test_the_services_accept_the_rendered_settings(overlay, service, tmp_path):
     assert settings.router.dev_tenant is False
     if service in render.USES_REDIS:
         assert settings.redis.url == "redis://redis.example:6379/0"
+    if service == "router":
+        # The credential a cluster starts with (no dev tenant, no tenant in
+        # the settings): without it no call could ever authenticate.
+        assert settings.router.admin_api_key_sha256 == [ADMIN_DIGEST]
     namespace = render.Overlay.load(overlay).namespace
     assert settings.router.context_address == f"dns:///meshgate-context.{namespace}.svc.cluster.local:50052"
     assert settings.inference.triton_urls == render.Overlay.load(overlay).triton_urls
     assert tomllib.loads(config)  # plain TOML, no templating left in it
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_credentials_come_from_secrets_never_from_the_config_map_or_literals(overlay):
+    objects = _objects(overlay)
+    config = tomllib.loads(_by_kind(objects, "ConfigMap")["meshgate-config"]["data"]["meshgate.toml"])
+    assert "redis" not in config
+    assert not {"tenants", "admin_api_key_sha256", "dev_api_key"} & set(config["router"])
+    for deployment in _by_kind(objects, "Deployment").values():
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        # Literals name files only; every other value comes from a Secret.
+        literal = {e["name"] for e in container["env"] if "value" in e}
+        assert all(name.endswith("_FILE") or name == "MESHGATE_CONFIG" for name in literal), literal
+        assert all("secretKeyRef" in e["valueFrom"] for e in container["env"] if "value" not in e)
