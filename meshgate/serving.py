@@ -906,25 +906,35 @@ async def watch_configuration(service: Service, poll_s: float = CONFIG_POLL_S) -
             reload_configuration(service)
 
 
-class EarlyHangup:
-    """Notes a SIGHUP that comes while a service starts, before
-    :func:`serve_until_signalled` handles it: its default action kills the
-    process, and a start may wait seconds on a Redis or a Triton slow to
-    answer (a fleet-wide "HUP to reload" then killed the services starting).
-    Made first thing in :func:`main`; its constructor takes the signal."""
+class EarlySignals:
+    """Signals that come while a service starts, before
+    :func:`serve_until_signalled` handles them. A SIGHUP is noted: its
+    default action kills the process, and a start may wait seconds on a
+    Redis or a Triton slow to answer (a fleet-wide "HUP to reload" then
+    killed the services starting). A SIGTERM ends the start at once, with
+    the exit status its default action gives (nothing serves yet, so there
+    is nothing to drain): as a container's entry point (PID 1) a service
+    ignored it, having no handler yet, and a pod deleted while it waited on
+    its Redis was killed only when its whole grace period had passed.
+    Made first thing in :func:`main`; its constructor takes the signals."""
 
     def __init__(self) -> None:
-        self.came = False
-        signal.signal(signal.SIGHUP, self._note)
+        self.hangup_came = False
+        signal.signal(signal.SIGHUP, self._note_hangup)
+        signal.signal(signal.SIGTERM, self._end_start)
 
-    def _note(self, signum: int, frame) -> None:
-        self.came = True
+    def _note_hangup(self, signum: int, frame) -> None:
+        self.hangup_came = True
+
+    def _end_start(self, signum: int, frame) -> None:
+        log.warning("SIGTERM during the start: exiting without serving")
+        raise SystemExit(128 + signum)
 
 
-async def serve_until_signalled(service: Service, early_hangup: EarlyHangup | None = None) -> None:
+async def serve_until_signalled(service: Service, early: EarlySignals | None = None) -> None:
     """Serves a started service until SIGTERM or SIGINT, then drains it. A
-    SIGHUP that ``early_hangup`` noted during the start is the reload it
-    asked for, done now: the file may have changed since it was read."""
+    SIGHUP that ``early`` noted during the start is the reload it asked
+    for, done now: the file may have changed since it was read."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -934,7 +944,7 @@ async def serve_until_signalled(service: Service, early_hangup: EarlyHangup | No
     loop.add_signal_handler(signal.SIGHUP, reload_configuration, service)
     # Read once the loop's handler has taken the signal: a SIGHUP is either
     # noted before this or handled after it, never lost between.
-    if early_hangup is not None and early_hangup.came:
+    if early is not None and early.hangup_came:
         log.info("SIGHUP came during the start; handling it now")
         reload_configuration(service)
     watcher = None
@@ -983,7 +993,7 @@ def main(
 ) -> None:
     """Entry point shared by every service's ``__main__``."""
     # Before anything slow: the settings, telemetry, the service's setup.
-    early_hangup = EarlyHangup()
+    early = EarlySignals()
     args = parse_args(name, argv)
     config_path = args.config or os.environ.get("MESHGATE_CONFIG")
     # Before the read, as a reload's (reload_configuration).
@@ -1013,7 +1023,7 @@ def main(
             await start(service, args.listen or listen_of(settings), cleanup)
         except Exception as error:  # noqa: BLE001 - every failed start ends the same way
             _refuse_start(error)
-        await serve_until_signalled(service, early_hangup)
+        await serve_until_signalled(service, early)
 
     try:
         uvloop.run(run())

@@ -164,6 +164,54 @@ async def test_sighup_while_a_service_waits_on_a_slow_redis_to_start_is_not_a_ki
         await redis.close()
 
 
+# A service whose start never ends (argv: listen address, settings file).
+_ENDLESS_START = """
+import asyncio
+import sys
+from meshgate import serving
+
+async def setup(service, settings):
+    print("setting up", flush=True)
+    await asyncio.sleep(3600)
+
+serving.main("cache", [], lambda settings: sys.argv[1], setup, ["--config", sys.argv[2]])
+"""
+
+
+def test_sigterm_during_the_start_of_a_service_running_as_pid_1_ends_it(tmp_path):
+    """As a container's entry point (PID 1), a service ignored a SIGTERM
+    that came before it served (PID 1 ignores a signal it has no handler
+    for): a pod deleted while its service waited on its Redis was killed
+    only when its grace period had passed. Run as PID 1 of a PID namespace
+    of its own (unshare), as in a container."""
+    config = tmp_path / "meshgate.toml"
+    config.write_text("[mesh]\ntls = false\n[telemetry]\nmetrics = false\n")
+    log = tmp_path / "service.log"
+    command = [sys.executable, "-c", _ENDLESS_START, f"unix:{tmp_path / 'service.sock'}", str(config)]
+    with log.open("ab") as output:
+        namespace = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--kill-child", *command], stdout=output, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "setting up" not in log.read_text():
+            if namespace.poll() is not None:
+                pytest.skip(f"no PID namespace here (unshare: {log.read_text().strip()[:200]})")
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        (service,) = pathlib.Path(f"/proc/{namespace.pid}/task/{namespace.pid}/children").read_text().split()
+        assert "NSpid:\t" + service + "\t1\n" in pathlib.Path(f"/proc/{service}/status").read_text()
+        os.kill(int(service), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while pathlib.Path(f"/proc/{service}").exists():
+            assert time.monotonic() < deadline, f"PID 1 ignored SIGTERM during its start:\n{log.read_text()}"
+            time.sleep(0.05)
+        assert "SIGTERM during the start" in log.read_text()
+    finally:
+        namespace.kill()
+        namespace.wait()
+
+
 # A service whose cleanup fails as it stops (argv: listen address, settings file).
 _FAILING_CLEANUP = """
 import sys
