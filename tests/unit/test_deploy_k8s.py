@@ -157,7 +157,10 @@ def test_only_the_router_is_exposed_and_internal_services_admit_only_their_mesh_
             if {"port": render.GRPC_PORTS[service], "protocol": "TCP"} in rule["ports"]
         )
         if service == "router":
-            assert services[name]["spec"]["type"] in ("ClusterIP", "LoadBalancer")
+            # Reached through the cluster's TLS-terminating ingress: its
+            # ports speak plain text, and a LoadBalancer would carry bearer
+            # keys across the network unencrypted (deploy/k8s/README.md).
+            assert services[name]["spec"]["type"] == "ClusterIP"
             # gRPC and the OpenAI-compatible HTTP edge, both public.
             assert {p["port"] for p in services[name]["spec"]["ports"]} == {50051, render.ROUTER_HTTP_PORT}
             assert {p["port"] for p in grpc_rule["ports"]} == {50051, render.ROUTER_HTTP_PORT}
