@@ -130,6 +130,41 @@ def _router_address(address: str) -> str:
     return address
 
 
+def _utf8_text(value: str) -> str:
+    """A prompt, model or session as protobuf strings carry them: UTF-8.
+    Bytes that are not arrive from argv as lone surrogates, which protobuf
+    refuses with a UnicodeEncodeError (the shell's locale, or a file read
+    into the argument with another encoding)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("not valid UTF-8") from None
+    return value
+
+
+def _api_key(value: str) -> str:
+    """A key gRPC can send: a metadata value is printable ASCII (anything
+    else failed as INTERNAL: Invalid metadata, naming neither the key nor why)."""
+    if not all(" " <= character <= "~" for character in value):
+        raise argparse.ArgumentTypeError("an API key is printable ASCII")
+    return value
+
+
+# GenerationParameters.max_tokens is an int32: a larger number failed in
+# protobuf (ValueError: Value out of range).
+_MAX_TOKENS_LIMIT = 2**31 - 1
+
+
+def _max_tokens(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= _MAX_TOKENS_LIMIT:
+        raise argparse.ArgumentTypeError(f"a whole number from 1 to {_MAX_TOKENS_LIMIT}, got {value!r}")
+    return number
+
+
 def _describe_rpc_error(error: grpc.aio.AioRpcError) -> str:
     info = error_info(error)
     reason = f" [{info.reason}]" if info else ""
@@ -157,6 +192,11 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     except IncompleteAnswer as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C: the runner cancelled chat() first, closing its channel,
+        # so the router has stopped the turn; exit as the shell expects of
+        # an interrupted command, without a traceback.
+        return 128 + signal.SIGINT
     return 0
 
 
@@ -356,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--state-dir", default=".meshgate", help="logs, traces, Redis data")
     up.add_argument(
         "--api-key",
+        type=_api_key,
         default=os.environ.get(API_KEY_VARIABLE, DEFAULT_DEV_API_KEY),
         help=f"the development tenant's API key (default: ${API_KEY_VARIABLE}, else {DEFAULT_DEV_API_KEY})",
     )
@@ -379,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     top_parser.set_defaults(run=_cmd_top)
 
     chat_parser = commands.add_parser("chat", help="stream one answer from the router")
-    chat_parser.add_argument("prompt")
+    chat_parser.add_argument("prompt", type=_utf8_text)
     chat_parser.add_argument(
         "--router",
         default="127.0.0.1:50051",
@@ -388,13 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     chat_parser.add_argument(
         "--api-key",
+        type=_api_key,
         default=os.environ.get(API_KEY_VARIABLE, DEFAULT_DEV_API_KEY),
         help=f"default: ${API_KEY_VARIABLE}, else {DEFAULT_DEV_API_KEY}; "
         "the variable keeps a key out of `ps` and shell history",
     )
-    chat_parser.add_argument("--model", default=DEFAULT_MODEL)
-    chat_parser.add_argument("--session", default="", help="continue a server-side session")
-    chat_parser.add_argument("--max-tokens", type=int)
+    chat_parser.add_argument("--model", type=_utf8_text, default=DEFAULT_MODEL)
+    chat_parser.add_argument("--session", type=_utf8_text, default="", help="continue a server-side session")
+    chat_parser.add_argument("--max-tokens", type=_max_tokens)
     chat_parser.add_argument(
         "--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy (default %(default)s)"
     )
@@ -403,7 +445,16 @@ def main(argv: list[str] | None = None) -> int:
     chat_parser.set_defaults(run=_cmd_chat)
 
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:
+        # What read the output is gone (`meshgate chat ... | head -1`); the
+        # call that wrote it has been cancelled on the way out. End as a
+        # command killed by SIGPIPE does: quietly, after pointing stdout at
+        # /dev/null, since Python flushes it again at exit and would print
+        # that failure too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

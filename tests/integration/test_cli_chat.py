@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import signal
 import sys
 
 import pytest
@@ -16,7 +18,13 @@ from meshgate.local.stack import REPO_ROOT, free_port
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from tests.integration.conftest import running_router, serve_tiny_gpt, service_settings
+from tests.integration.conftest import (
+    running_router,
+    serve_tiny_gpt,
+    service_settings,
+    triton_cancellations,
+    until_triton_cancels,
+)
 from tests.mesh import bounded_channel
 
 pytestmark = pytest.mark.integration
@@ -43,9 +51,11 @@ async def routers(redis_url, inference_address) -> dict[str, str]:
         yield addresses
 
 
-async def meshgate_chat(*arguments: str, router: str, api_key: str = KEY) -> tuple[int, str, str]:
-    """Runs `meshgate chat` to its end: exit status, stdout, stderr."""
-    process = await asyncio.create_subprocess_exec(
+async def started_chat(
+    *arguments: str, router: str, api_key: str = KEY, stdout: int = asyncio.subprocess.PIPE
+) -> asyncio.subprocess.Process:
+    """`meshgate chat` started, its stderr piped, its stdout too unless given."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "meshgate.cli",
@@ -61,10 +71,15 @@ async def meshgate_chat(*arguments: str, router: str, api_key: str = KEY) -> tup
         "--cache",
         "bypass",
         *arguments,
-        stdout=asyncio.subprocess.PIPE,
+        stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
         cwd=REPO_ROOT,
     )
+
+
+async def meshgate_chat(*arguments: str, router: str, api_key: str = KEY) -> tuple[int, str, str]:
+    """Runs `meshgate chat` to its end: exit status, stdout, stderr."""
+    process = await started_chat(*arguments, router=router, api_key=api_key)
     try:
         out, err = await asyncio.wait_for(process.communicate(), 120)
     finally:
@@ -144,3 +159,43 @@ async def test_a_list_of_names_is_refused_before_any_call():
     status, _, err = await meshgate_chat(QUESTION, router="router-a:50051,router-b:50051")
     assert status == 2
     assert "use dns:///name:port" in err
+
+
+# Long enough a stream (tiny-gpt's most, some 0.6 s) to be cut mid-way.
+LONG = ("--max-tokens", "256")
+
+
+async def test_ctrl_c_mid_stream_cancels_the_turn_and_exits_130_without_a_traceback(routers, triton_server):
+    _, triton_log = triton_server
+    cancelled_before = triton_cancellations(triton_log)
+    process = await started_chat(QUESTION, *LONG, router=routers["replica-a"])
+    try:
+        # The answer is streaming: Ctrl-C, as a terminal sends it.
+        await asyncio.wait_for(process.stdout.readexactly(1), 60)
+        process.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(process.communicate(), 10)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 130, err.decode()
+    assert err == b""
+    # The router stopped the turn: the model's request was cancelled.
+    await until_triton_cancels(triton_log, cancelled_before)
+
+
+async def test_output_into_a_closed_pipe_ends_quietly_as_sigpipe_would(routers):
+    """`meshgate chat ... | head -c 1`: the reader is gone after one byte."""
+    reader, writer = os.pipe()
+    process = await started_chat(QUESTION, *LONG, router=routers["replica-a"], stdout=writer)
+    os.close(writer)
+    try:
+        with open(reader, "rb", buffering=0) as pipe:
+            assert await asyncio.to_thread(pipe.read, 1)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert err == b""
+    assert process.returncode == 128 + signal.SIGPIPE

@@ -39,3 +39,25 @@ async def test_a_stream_without_its_completion_is_an_error_not_an_answer(last):
         assert out.getvalue() == "The capital of"
     finally:
         await server.stop(None)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        # Bytes that are not UTF-8 reach argv as lone surrogates.
+        (["caf\udce9?"], "argument prompt: not valid UTF-8"),
+        (["hi", "--session", "\udcff"], "argument --session: not valid UTF-8"),
+        (["hi", "--max-tokens", "99999999999"], "argument --max-tokens: a whole number from 1 to 2147483647"),
+        (["hi", "--max-tokens", "0"], "argument --max-tokens: a whole number from 1 to 2147483647"),
+        (["hi", "--api-key", "clé"], "argument --api-key: an API key is printable ASCII"),
+        (["hi", "--api-key", "key\n"], "argument --api-key: an API key is printable ASCII"),
+    ],
+)
+def test_what_no_call_can_carry_is_a_usage_error_before_any_call(arguments, message, capsys):
+    """Each failed as a traceback (UnicodeEncodeError, ValueError: Value
+    out of range) or as INTERNAL: Invalid metadata."""
+    # A port nothing listens on: refused in parsing, nothing is dialled.
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["chat", "--router", "127.0.0.1:1", *arguments])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
