@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import pathlib
 import signal
@@ -163,6 +164,18 @@ def _max_tokens(value: str) -> int:
     if not 1 <= number <= _MAX_TOKENS_LIMIT:
         raise argparse.ArgumentTypeError(f"a whole number from 1 to {_MAX_TOKENS_LIMIT}, got {value!r}")
     return number
+
+
+def _interval(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    # time.sleep refuses a negative length (a traceback); 0 or NaN would
+    # scrape every service in a busy loop.
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"a number of seconds above 0, got {value!r}")
+    return seconds
 
 
 def _describe_rpc_error(error: grpc.aio.AioRpcError) -> str:
@@ -381,7 +394,12 @@ def _cmd_top(args: argparse.Namespace) -> int:
     from meshgate import top
     from meshgate.config import load_settings
 
-    targets = top.endpoints(load_settings(args.config))
+    try:
+        settings = load_settings(args.config)
+    except (OSError, ValueError) as error:  # no such file, not TOML, a setting out of range
+        print(f"meshgate top: cannot read the settings: {error}", file=sys.stderr)
+        return 1
+    targets = top.endpoints(settings)
     try:
         return top.run(targets, args.once, args.interval)
     except KeyboardInterrupt:
@@ -416,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         "--config", help="settings file naming each service's metrics_listen (default: $MESHGATE_CONFIG)"
     )
     top_parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
-    top_parser.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top_parser.add_argument("--interval", type=_interval, default=1.0, help="seconds between refreshes")
     top_parser.set_defaults(run=_cmd_top)
 
     chat_parser = commands.add_parser("chat", help="stream one answer from the router")

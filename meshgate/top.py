@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import http.client
 import math
 import sys
 import time
@@ -65,10 +66,15 @@ def scrape(service: str, address: str) -> Scrape:
     taken_at = time.monotonic()
     try:
         with urllib.request.urlopen(f"http://{address}/metrics", timeout=_SCRAPE_TIMEOUT_S) as response:
-            text = response.read().decode()
+            samples = parse(response.read().decode())
     except (urllib.error.URLError, OSError) as error:
         return Scrape(service, address, taken_at, error=str(getattr(error, "reason", error)))
-    return Scrape(service, address, taken_at, parse(text))
+    except (http.client.HTTPException, ValueError):
+        # Something answers there, but not with Prometheus text: another
+        # server, or a metrics_listen set to the service's own gRPC port
+        # (not HTTP/1: http.client.BadStatusLine). Its bytes say nothing useful.
+        return Scrape(service, address, taken_at, error="answers, but not with Prometheus metrics")
+    return Scrape(service, address, taken_at, samples)
 
 
 def endpoints(settings: Settings) -> dict[str, str]:

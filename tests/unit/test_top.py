@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshgate import top
+from meshgate import cli, top
 
 _TTFT = "meshgate_router_time_to_first_token_seconds"
 
@@ -62,3 +62,36 @@ def test_the_screen_names_down_services_and_errors_by_reason():
         line.split() == ["router", "NOT_FOUND", "MODEL_NOT_FOUND", "2"] for line in screen.splitlines()
     )
     assert any(line.split()[:2] == ["m", "local"] for line in screen.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--interval", "-1"], "argument --interval: a number of seconds above 0"),
+        (["--interval", "nan"], "argument --interval: a number of seconds above 0"),
+    ],
+)
+def test_an_interval_time_cannot_sleep_is_a_usage_error(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["top", "--once", *arguments])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "No such file or directory"),
+        ("x = ", "Invalid value"),
+        ('[router]\nmetrics_listen = "nope"', "nope"),
+    ],
+    ids=["missing", "not TOML", "a bad address"],
+)
+def test_settings_top_cannot_read_are_one_line_and_exit_1(tmp_path, text, message, capsys):
+    config = tmp_path / "meshgate.toml"
+    if text is not None:
+        config.write_text(text)
+    assert cli.main(["top", "--once", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("meshgate top: cannot read the settings: ") and message in err
+    assert "Traceback" not in err
