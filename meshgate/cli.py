@@ -230,7 +230,11 @@ def _cmd_certs(args: argparse.Namespace) -> int:
         return _needs_checkout("certs")
 
     directory = pathlib.Path(args.out)
-    written = certs.ensure(directory)
+    try:
+        written = certs.ensure(directory)
+    except OSError as error:  # a file where the folder goes, no permission, a full disk
+        print(f"meshgate certs: {error}", file=sys.stderr)
+        return 1
     for path in written:
         print(f"wrote {path}")
     if not written:

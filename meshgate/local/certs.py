@@ -51,7 +51,9 @@ def key_path(directory: pathlib.Path, service: str) -> pathlib.Path:
 def ensure(directory: pathlib.Path, services: tuple[str, ...] = MESH_SERVICES) -> list[pathlib.Path]:
     """The CA and each service's certificate in ``directory``; returns the
     files written now (none when everything was there and valid)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    # Never writable by others, whatever the umask (0 made it 0777): whoever
+    # can rename files in it can put their own CA in place of ca.pem.
+    directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     written = []
     ca_key_file = key_path(directory, "ca")
     ca = _load_valid(ca_path(directory), ca_key_file)
