@@ -315,10 +315,12 @@ _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 def _key_digests(digests: list[str], where: str) -> list[str]:
     """``digests`` in lower case, each checked to be a SHA-256 hex digest:
     another string (a key pasted in place of its digest, a digest cut short)
-    would silently never match a key."""
-    for digest in digests:
+    would silently never match a key. The refusal says which entry, not
+    what it holds: it is logged, and a key pasted there is the secret."""
+    for index, digest in enumerate(digests):
         if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
-            raise ConfigError(f"{where}: {digest!r} is not a SHA-256 hex digest (64 hex digits)")
+            got = f"a string of {len(digest)} characters" if isinstance(digest, str) else _type_name(digest)
+            raise ConfigError(f"{where}[{index}] is not a SHA-256 hex digest (64 hex digits), got {got}")
     return [digest.lower() for digest in digests]
 
 

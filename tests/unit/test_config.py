@@ -474,6 +474,18 @@ def test_a_key_digest_must_be_a_sha256_hex_digest_and_is_read_in_lower_case(tmp_
     assert settings.router.tenants[0].api_key_sha256 == [DIGEST_A]
 
 
+def test_a_key_pasted_in_place_of_its_digest_is_refused_without_showing_it(tmp_path):
+    """The refusal is logged (a start's, a reload's): it showed the pasted
+    key, the very secret, for the admin credential (set from a Secret in
+    deploy/k8s) as for a tenant's."""
+    with pytest.raises(ConfigError, match=r"admin_api_key_sha256\[1\] is not a SHA-256") as refused:
+        load_settings(environ={"MESHGATE_ROUTER__ADMIN_API_KEY_SHA256": f'["{DIGEST_A}", "mg-hunter2"]'})
+    assert "hunter2" not in str(refused.value)
+    with pytest.raises(ConfigError, match="a string of 10 characters") as refused:
+        _tenants_toml(tmp_path, '[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["mg-hunter2"]\n')
+    assert "hunter2" not in str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
