@@ -315,7 +315,10 @@ def deployment(service: str, overlay: Overlay) -> dict[str, Any]:
         },
         # Loading tokenizers and (cache) vector indexes takes a while; liveness starts after it.
         "startupProbe": _probe(service, failure_threshold=30, period_s=2, health_service=LIVENESS_SERVICE),
-        "readinessProbe": _probe(service, failure_threshold=1, period_s=5),
+        # Two misses: one probe slow past its 2 s under load (when capacity
+        # is needed most) took the pod out of its endpoints for a period. A
+        # deleted pod leaves its endpoints at once whatever its probe says.
+        "readinessProbe": _probe(service, failure_threshold=2, period_s=5),
         "livenessProbe": _probe(service, failure_threshold=3, period_s=10, health_service=LIVENESS_SERVICE),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_PAUSE_S}}},
         "securityContext": {

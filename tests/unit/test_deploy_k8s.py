@@ -101,6 +101,8 @@ def test_each_service_has_its_deployment_probes_drain_and_requests(overlay):
         # no Triton ready yet is not ready, and a restart would not help it).
         port = render.probe_port(service)
         assert container["readinessProbe"]["grpc"] == {"port": port}
+        # A probe slow once under load does not take the pod out of its endpoints.
+        assert container["readinessProbe"]["failureThreshold"] >= 2
         for probe in ("livenessProbe", "startupProbe"):
             assert container[probe]["grpc"] == {"port": port, "service": serving.LIVENESS_SERVICE}
         assert port in {port["containerPort"] for port in container["ports"]}
