@@ -38,7 +38,10 @@ _MAX_MESSAGE_CHARS = 512
 _MAX_METADATA_VALUE_CHARS = 128
 
 
-def _clip(text: str, limit: int) -> str:
+def clip(text: str, limit: int = _MAX_METADATA_VALUE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (its last one an ellipsis): a
+    caller's string where it is shown (a status, a log line), which it could
+    otherwise fill with megabytes."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -73,9 +76,9 @@ class MeshgateError(Exception):
 
     def to_status_proto(self) -> status_pb2.Status:
         """The ``google.rpc.Status`` with its ErrorInfo, for carrying in a message."""
-        metadata = {key: _clip(value, _MAX_METADATA_VALUE_CHARS) for key, value in self.metadata.items()}
+        metadata = {key: clip(value) for key, value in self.metadata.items()}
         info = error_details_pb2.ErrorInfo(reason=self.reason, domain=self.domain, metadata=metadata)
-        status = status_pb2.Status(code=self.code.value[0], message=_clip(self.message, _MAX_MESSAGE_CHARS))
+        status = status_pb2.Status(code=self.code.value[0], message=clip(self.message, _MAX_MESSAGE_CHARS))
         status.details.add().Pack(info)
         for detail in self.details:
             status.details.add().Pack(detail)

@@ -49,6 +49,7 @@ from meshgate.config import ModelSettings, RouterSettings, route_of
 from meshgate.errors import (
     MeshgateError,
     aborted,
+    clip,
     internal_error,
     invalid_argument,
     not_found,
@@ -592,7 +593,7 @@ class Pipeline:
             yield Failure(error)
             return
         except Exception:  # noqa: BLE001 - as below: a bug fails this turn only
-            log.exception("turn refused by a bug", model=request.model)
+            log.exception("turn refused by a bug", model=clip(request.model))
             yield Failure(internal_error())
             return
         answer, facts, failure, cancelled = Answer(), _TurnFacts(), None, False

@@ -15,7 +15,7 @@ import structlog
 from google.protobuf import message_factory
 
 from meshgate.config import Settings
-from meshgate.errors import MeshgateError, internal_error, invalid_argument, partly_delivered
+from meshgate.errors import MeshgateError, clip, internal_error, invalid_argument, partly_delivered
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
@@ -306,7 +306,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         if completion is None:
             # The pipeline ends every turn with a completion or a failure:
             # this is a bug, never an answer to pass off as OK.
-            log.error("Chat ended without a completion", model=request.model)
+            log.error("Chat ended without a completion", model=clip(request.model))
             raise internal_error()
         return completion
 

@@ -552,7 +552,10 @@ class StopsEarly:
 async def test_a_chat_that_ends_without_its_completion_is_an_internal_error():
     servicer = RouterServicer(router_settings(), StopsEarly(), FakeLedger())
     async with router_stub(servicer) as stub:
-        call = stub.Chat(request(), metadata=AUTH)
+        # A caller's megabyte of model name is not logged whole.
+        asked = request()
+        asked.model = "m" * 1_000_000
+        call = stub.Chat(asked, metadata=AUTH)
         responses = []
         with structlog.testing.capture_logs() as logs, pytest.raises(grpc.aio.AioRpcError) as failed:
             async for response in call:
@@ -561,9 +564,9 @@ async def test_a_chat_that_ends_without_its_completion_is_an_internal_error():
     assert [response.WhichOneof("event") for response in responses] == ["delta"]
     assert failed.value.code() == grpc.StatusCode.INTERNAL
     assert reason_of(failed.value.trailing_metadata()) == Reason.INTERNAL
-    assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == [
-        "Chat ended without a completion"
-    ]
+    errors = [entry for entry in logs if entry["log_level"] == "error"]
+    assert [entry["event"] for entry in errors] == ["Chat ended without a completion"]
+    assert len(errors[0]["model"]) <= 128
 
 
 class SettledOutcomes(Unlimited):
