@@ -179,6 +179,12 @@ class ModelSettings:
 # the cache's bound on one (512 characters).
 MAX_SCOPE_ROUTE_CHARS = 4096
 
+# The most messages a prompt sent to the cache may have: the cache service
+# refuses more (TOO_MANY_MESSAGES, services/cache/servicer.py, where the
+# bound is argued), and the router keeps such a prompt from it (uncached,
+# without a call or a warning a turn: services/router/downstream.py).
+MAX_CACHED_PROMPT_MESSAGES = 16_384
+
 
 def route_of(model: ModelSettings, models: dict[str, ModelSettings]) -> str:
     """The models that answer an alias, as a cache scope's route: its

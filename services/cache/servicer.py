@@ -51,7 +51,7 @@ from meshgate import metrics, serving
 from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
-from meshgate.config import MAX_SCOPE_ROUTE_CHARS, CacheSettings
+from meshgate.config import MAX_CACHED_PROMPT_MESSAGES, MAX_SCOPE_ROUTE_CHARS, CacheSettings
 from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.reasons import Reason
 from meshgate.single_flight import SingleFlight
@@ -109,16 +109,17 @@ MAX_SCOPE_PARAMETERS_BYTES = 8192
 # to (meshgate/config.py).
 
 
-# The most messages a prompt may have. The router sends a turn's own
-# (router.max_messages, 256 by default) or the prompt assembled for a
-# session turn, which fits its model's window, where every message takes a
-# token of its template at least (8,192 for the largest bundled window);
-# one refused is a miss to the router, which then leaves it uncached. Each
-# message is hashed and read for the conversation's topic on the event
-# loop: before this bound, a Lookup of 500,000 empty messages (2 MB, well
-# inside the mesh's 32 MiB message bound) held a neighbour's Lookup for
-# 11.5 s, and 8 MB ones for over a minute.
-MAX_PROMPT_MESSAGES = 16_384
+# The most messages a prompt may have (meshgate/config.py, which the router
+# reads too). The router sends a turn's own (router.max_messages, 256 by
+# default) or the prompt assembled for a session turn, which fits its
+# model's window, where every message takes a token of its template at
+# least (8,192 for the largest bundled window); a longer one, for a model
+# of a larger window, it keeps uncached without asking. Each message is
+# hashed and read for the conversation's topic on the event loop: before
+# this bound, a Lookup of 500,000 empty messages (2 MB, well inside the
+# mesh's 32 MiB message bound) held a neighbour's Lookup for 11.5 s, and
+# 8 MB ones for over a minute.
+MAX_PROMPT_MESSAGES = MAX_CACHED_PROMPT_MESSAGES
 
 
 # The longest text matched by meaning (a question, with its topic turn when

@@ -21,7 +21,7 @@ import structlog
 from meshgate import balancing, streaming, telemetry
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.common.v1 import common_pb2
-from meshgate.config import RouterSettings
+from meshgate.config import MAX_CACHED_PROMPT_MESSAGES, RouterSettings
 from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.errors import (
     BUSY_RETRY_AFTER_S,
@@ -405,6 +405,9 @@ class CacheService:
         )
 
     async def lookup(self, plan: CachePlan, messages, budget: Budget, semantic: bool) -> Hit | None:
+        if len(messages) > MAX_CACHED_PROMPT_MESSAGES:
+            # The cache refuses it: a miss, without the call or its warning.
+            return None
         hot = self._hot
         if hot is not None:
             hot_key = hot.key(plan, messages)
@@ -465,6 +468,8 @@ class CacheService:
         store_fence alone (LookupRequest.fence_only), read before it
         generates, as an exact lookup's miss would give it. Unread when the
         cache fails: the answer is then not stored (:meth:`store`)."""
+        if len(messages) > MAX_CACHED_PROMPT_MESSAGES:
+            return
         try:
             response = await self._stub.Lookup(
                 # The messages only for a cache that predates fence_only.
@@ -478,6 +483,8 @@ class CacheService:
         plan.store_fence[:] = [response.store_fence]
 
     async def store(self, plan: CachePlan, messages, answer: Answer, budget: Budget) -> None:
+        if len(messages) > MAX_CACHED_PROMPT_MESSAGES:
+            return  # the cache refuses it (lookup)
         if self._hot is not None:
             self._hot.forget(self._hot.key(plan, messages))
         if answer.store_fence is None:

@@ -1,0 +1,60 @@
+"""A prompt of more messages than the cache takes (MAX_CACHED_PROMPT_MESSAGES,
+which it refuses TOO_MANY_MESSAGES) is kept from it by the router: uncached,
+without a call a turn nor the warning of a failed one. A session turn's
+assembled prompt for a model of a large window can be that long."""
+
+from __future__ import annotations
+
+import structlog
+
+from meshgate.cache.v1 import cache_service_pb2 as cache_pb
+from meshgate.common.v1 import common_pb2
+from meshgate.config import MAX_CACHED_PROMPT_MESSAGES, RouterSettings
+from services.router.downstream import CacheService
+from services.router.pipeline import Answer, Budget, CachePlan
+
+
+class RecordingStub:
+    """The cache's stub, answering every lookup MISS, and the calls it got."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def Lookup(self, request, **_) -> cache_pb.LookupResponse:
+        self.calls.append("Lookup")
+        return cache_pb.LookupResponse(status=cache_pb.LOOKUP_STATUS_MISS, store_fence="f")
+
+    async def Store(self, request, **_) -> cache_pb.StoreResponse:
+        self.calls.append("Store")
+        return cache_pb.StoreResponse()
+
+
+class NoTokens:
+    def metadata(self, tenant_id: str, service: str) -> list:
+        return []
+
+
+def plan() -> CachePlan:
+    return CachePlan(True, True, "tenant", "m", common_pb2.GenerationParameters())
+
+
+def prompt(count: int) -> list[common_pb2.Message]:
+    return [common_pb2.Message(role=common_pb2.ROLE_USER, content="hi")] * count
+
+
+async def test_a_prompt_longer_than_the_cache_takes_is_kept_from_it_quietly():
+    stub = RecordingStub()
+    cache = CacheService(stub, NoTokens(), RouterSettings())
+    too_long = prompt(MAX_CACHED_PROMPT_MESSAGES + 1)
+    with structlog.testing.capture_logs() as logs:
+        assert await cache.lookup(plan(), too_long, Budget(), semantic=False) is None
+        assert await cache.lookup(plan(), too_long, Budget(), semantic=True) is None
+        await cache.read_fence(plan(), too_long, Budget())
+        await cache.store(plan(), too_long, Answer(text="a", store_fence="f"), Budget())
+    assert stub.calls == [] and logs == []
+
+    # At the bound, the cache is asked.
+    longest = prompt(MAX_CACHED_PROMPT_MESSAGES)
+    assert await cache.lookup(plan(), longest, Budget(), semantic=False) is None
+    await cache.store(plan(), longest, Answer(text="a", store_fence="f"), Budget())
+    assert stub.calls == ["Lookup", "Store"]
