@@ -50,7 +50,14 @@ def test_the_stacks_signals_reach_the_program_itself() -> None:
         _sleeping(process)
         assert os.getsid(process.pid) == process.pid
         process.send_signal(signal.SIGINT)
-        assert process.wait(10) == -signal.SIGINT
+        try:
+            assert process.wait(10) == -signal.SIGINT
+        except subprocess.TimeoutExpired:
+            # Once seen in CI (a loaded machine), not reproduced: say what
+            # the program's signal state was, for the next time.
+            status = pathlib.Path(f"/proc/{process.pid}/status").read_text().splitlines()
+            state = [line for line in status if line.startswith(("State", "Sig"))]
+            pytest.fail(f"SIGINT did not end it: {state}")
     finally:
         process.kill()
         process.wait()
