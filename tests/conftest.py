@@ -8,12 +8,24 @@ import functools
 import inspect
 import os
 import pathlib
+import signal
 import subprocess
 
 import pytest
 
 from meshgate.local import redis_server
 from meshgate.local.stack import free_port
+
+# Run as a background job of a shell without job control (`make test &` in
+# a script, some CI runners), the suite inherits SIGINT and SIGQUIT ignored,
+# and so would every process it starts: a test that sends one (Ctrl-C to
+# `meshgate chat`, the stack's signals to its children) then failed for the
+# runner's reason, not the code's. The dispositions a terminal gives, in
+# every process that loads this (each pytest-xdist worker too).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")
