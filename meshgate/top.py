@@ -41,6 +41,8 @@ class Scrape:
     taken_at: float
     samples: dict[str, dict[Labels, float]] = dataclasses.field(default_factory=dict)
     error: str = ""
+    # Its metrics_listen is unset: nothing to read, and no failure.
+    off: bool = False
 
     def series(self, name: str) -> dict[Labels, float]:
         return self.samples.get(name, {})
@@ -82,7 +84,12 @@ def endpoints(settings: Settings) -> dict[str, str]:
 
 
 def scrape_all(targets: Mapping[str, str]) -> dict[str, Scrape]:
-    return {name: scrape(name, address) for name, address in targets.items() if address}
+    """Every service's scrape; one whose metrics_listen is unset is a row
+    that says so (it was left out of the screen without a word)."""
+    return {
+        name: scrape(name, address) if address else Scrape(name, "", time.monotonic(), off=True)
+        for name, address in targets.items()
+    }
 
 
 def histogram_quantile(quantile: float, buckets: Iterable[tuple[float, float]]) -> float | None:
@@ -189,6 +196,9 @@ def render(now: Mapping[str, Scrape], before: Mapping[str, Scrape] | None) -> st
     )
     for name, current in now.items():
         previous = before.get(name) if before else None
+        if current.off:
+            lines.append(f"{name:<10} {'-':<22} {'OFF':<6} metrics_listen is unset: nothing to read")
+            continue
         if current.error:
             lines.append(f"{name:<10} {current.address:<22} {'DOWN':<6} {current.error}")
             continue

@@ -64,6 +64,13 @@ def test_the_screen_names_down_services_and_errors_by_reason():
     assert any(line.split()[:2] == ["m", "local"] for line in screen.splitlines())
 
 
+def test_a_service_whose_metrics_are_off_is_a_row_that_says_so():
+    """It was left out of the screen without a word; it is no failure."""
+    now = top.scrape_all({"context": ""})
+    assert now["context"].off and not now["context"].error
+    assert "context    -                      OFF    metrics_listen is unset" in top.render(now, None)
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
