@@ -163,20 +163,28 @@ async def test_a_fork_leaves_the_sources_unbilled_usage_with_the_source(client, 
     assert len(await sessions.take_unbilled(tenant, "source")) == 1
 
 
-async def test_a_models_summary_refused_for_a_revert_below_its_span_is_still_counted(client, tenant) -> None:
-    """The model spent its tokens on the session before the revert undid the
-    span's turns: the summary is not kept (summaries._PUT), its usage is."""
+@pytest.mark.parametrize("meanwhile", ["reverted", "deleted"])
+async def test_a_models_summary_not_kept_is_still_counted(client, tenant, meanwhile) -> None:
+    """The model spent its tokens on the tenant's session before a revert
+    undid the span's turns, or before the session was deleted: the summary
+    is not kept (summaries._PUT), its usage is (a deleted session's too:
+    its usage record outlives it)."""
     sessions = session_store.SessionStore(client, 600)
     model = GatedModel()
-    await sessions.create(tenant, "reverted")
-    await sessions.append(tenant, "reverted", None, turns(0, 2), {})
-    run = asyncio.ensure_future(summarizer_of(client, model).summarize_due(tenant, "reverted"))
+    await sessions.create(tenant, meanwhile)
+    await sessions.append(tenant, meanwhile, None, turns(0, 2), {})
+    run = asyncio.ensure_future(summarizer_of(client, model).summarize_due(tenant, meanwhile))
     await asyncio.wait_for(model.entered.wait(), 10)
-    await sessions.revert(tenant, "reverted", 0, None)
+    if meanwhile == "reverted":
+        await sessions.revert(tenant, meanwhile, 0, None)
+    else:
+        await sessions.delete(tenant, meanwhile)
     model.gate.set()
     await asyncio.wait_for(run, 10)
-    assert await SummaryStore(client, 0).all_of(tenant, "reverted") == []
-    assert await sessions.take_unbilled(tenant, "reverted") == (SummarySpend(GatedModel.model, 40, 10, 1),)
+    assert await SummaryStore(client, 0).all_of(tenant, meanwhile) == []
+    if meanwhile == "deleted":
+        assert mine(await sessions.owed.claim(0, 1000), tenant) == [session_store.Owed(tenant, meanwhile, "")]
+    assert await sessions.take_unbilled(tenant, meanwhile) == (SummarySpend(GatedModel.model, 40, 10, 1),)
 
 
 async def test_a_claim_names_a_session_owing_with_its_latest_key_until_a_take_takes_it(
@@ -303,25 +311,6 @@ async def test_a_sessions_usage_outlives_its_deletion_or_expiry_until_taken(clie
     assert await sessions.take_unbilled(tenant, "s", "u") == ()
     assert mine(await sessions.owed.claim(0, 1000), tenant) == []
     assert await listed(client, tenant, "s") is None
-
-
-async def test_a_models_summary_of_a_session_deleted_while_it_was_written_is_still_counted(
-    client, tenant
-) -> None:
-    """The model spent its tokens on the tenant's session before it was
-    deleted: the summary is not kept (summaries._PUT), its usage is."""
-    sessions = session_store.SessionStore(client, 600)
-    model = GatedModel()
-    await sessions.create(tenant, "deleted")
-    await sessions.append(tenant, "deleted", None, turns(0, 2), {})
-    run = asyncio.ensure_future(summarizer_of(client, model).summarize_due(tenant, "deleted"))
-    await asyncio.wait_for(model.entered.wait(), 10)
-    await sessions.delete(tenant, "deleted")
-    model.gate.set()
-    await asyncio.wait_for(run, 10)
-    assert await SummaryStore(client, 0).all_of(tenant, "deleted") == []
-    assert mine(await sessions.owed.claim(0, 1000), tenant) == [session_store.Owed(tenant, "deleted", "")]
-    assert await sessions.take_unbilled(tenant, "deleted") == (SummarySpend(GatedModel.model, 40, 10, 1),)
 
 
 async def test_a_take_takes_usage_an_older_version_kept_in_meta_with_the_records(client, tenant) -> None:

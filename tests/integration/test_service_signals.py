@@ -64,6 +64,13 @@ def started(service: str, config: pathlib.Path, address: str, log: pathlib.Path)
     return process
 
 
+def ended(process: subprocess.Popen) -> None:
+    """A test's process killed if it still runs (its test failed midway)."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
 def inference_config(tmp_path, address: str):
     """A settings file for an inference service at ``address`` (a service
     with no reload hooks) whose Triton is never reached."""
@@ -89,9 +96,7 @@ def test_sighup_to_a_service_without_reload_hooks_neither_kills_it_nor_skips_its
         assert process.wait(30) == 0, log.read_text()
         assert "nothing to reload" in log.read_text() and "draining" in log.read_text()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        ended(process)
 
 
 def test_sighup_to_a_service_the_local_stack_just_started_is_not_a_kill(tmp_path):
@@ -118,9 +123,7 @@ def test_sighup_to_a_service_the_local_stack_just_started_is_not_a_kill(tmp_path
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0, log.read_text()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        ended(process)
 
 
 async def test_sighup_while_a_service_waits_on_a_slow_redis_to_start_is_not_a_kill(tmp_path, redis_url):
@@ -158,9 +161,7 @@ async def test_sighup_while_a_service_waits_on_a_slow_redis_to_start_is_not_a_ki
         assert await asyncio.to_thread(process.wait, 30) == 0, log.read_text()
         assert log.read_text().count("nothing to reload") == 1, log.read_text()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        ended(process)
         await redis.close()
 
 
@@ -250,9 +251,7 @@ def test_a_stop_whose_cleanup_fails_runs_to_its_end_and_exits_stop_failed(tmp_pa
         ]
         assert lines[-3]["step"] == "cleanup" and "the store would not close" in lines[-3]["exception"]
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        ended(process)
 
 
 def test_one_bad_edit_is_refused_once_though_the_file_watch_and_sighup_both_read_it(tmp_path):
@@ -283,9 +282,7 @@ def test_one_bad_edit_is_refused_once_though_the_file_watch_and_sighup_both_read
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0, log.read_text()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        ended(process)
 
 
 # A service with a reload hook whose setup waits for a file to appear (argv:
@@ -335,6 +332,4 @@ def test_an_edit_of_the_settings_during_the_start_is_applied_once_the_service_se
         assert process.wait(30) == 0, log.read_text()
         assert log.read_text().count("configuration reloaded") == 1, log.read_text()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        ended(process)
