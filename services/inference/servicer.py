@@ -452,6 +452,7 @@ class _TritonStream:
         finish_reason = ""
         final_seen = False
         last_text = ""
+        text_output = triton_protocol.text_decoder()
         # Whether the call went back to the pool, its request answered:
         # kept for the next request or closed there (TritonStreams.retire).
         handed_back = False
@@ -505,7 +506,7 @@ class _TritonStream:
                         # The text before it still goes out (below), then the error.
                         model_error = message.error_message
                         break
-                    event = triton_protocol.read_generate_response(message.infer_response)
+                    event = triton_protocol.read_generate_response(message.infer_response, text_output)
                     if event.input_tokens is not None:
                         prompt_tokens = event.input_tokens
                     if event.output_tokens is not None:

@@ -9,6 +9,7 @@ contents: no numpy round trip per request.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import struct
@@ -332,13 +333,29 @@ def needs_no_hold(message: service_pb2.ModelStreamInferResponse) -> bool:
     return False
 
 
-def read_generate_response(response: service_pb2.ModelInferResponse) -> GenerateEvent:
+def text_decoder() -> codecs.IncrementalDecoder:
+    """The decoder of one stream's ``text_output`` bytes, kept for the whole
+    stream: a backend that sends byte-level tokens (vLLM or TensorRT-LLM on
+    Triton) may split a character's UTF-8 bytes across two responses, and
+    each decoded alone read as two U+FFFD. Bytes that do not end a character
+    wait for the next response; the stream is never flushed, so a character
+    the answer ends in the middle of is left out, as the bundled generation
+    engine and vLLM's detokenizer leave it, rather than sent as U+FFFD.
+    Bytes that are no UTF-8 at all are still replaced, not raised."""
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+
+def read_generate_response(
+    response: service_pb2.ModelInferResponse, text: codecs.IncrementalDecoder
+) -> GenerateEvent:
+    """One response of a stream, its ``text_output`` decoded by the stream's
+    ``text`` (text_decoder)."""
     event = GenerateEvent()
     final = response.parameters.get(_FINAL_FLAG)
     event.final = bool(final and final.bool_param)
     for output, raw in zip(response.outputs, response.raw_output_contents):
         if output.name == "text_output":
-            event.text = _first_bytes_element(raw).decode("utf-8", errors="replace")
+            event.text = text.decode(_first_bytes_element(raw))
         elif output.name == "finish_reason":
             # Replaced, as the text is: a strict decode of a foreign model's
             # bytes raised out of the stream as a bare INTERNAL, without the

@@ -25,13 +25,16 @@ from tests.unit.test_streaming import until
 
 
 def triton_response(
-    text: str, tokens: int, final: bool = False, finish_reason: str = "", prompt_tokens: int = 0
+    text: str | bytes, tokens: int, final: bool = False, finish_reason: str = "", prompt_tokens: int = 0
 ) -> service_pb2.ModelStreamInferResponse:
+    """A response of the model; ``text`` as bytes: what a byte-level backend
+    sends, part of a character perhaps."""
+    data = text.encode() if isinstance(text, str) else text
     message = service_pb2.ModelStreamInferResponse()
     response = message.infer_response
     response.parameters["triton_final_response"].bool_param = final
     outputs = [
-        ("text_output", "BYTES", struct.pack("<I", len(text.encode())) + text.encode()),
+        ("text_output", "BYTES", struct.pack("<I", len(data)) + data),
         ("num_output_tokens", "UINT32", struct.pack("<I", tokens)),
     ]
     if final:
@@ -191,6 +194,24 @@ async def test_a_caller_that_does_not_read_the_completions_text_gets_every_text_
     assert kinds(responses) == ["delta", "completion"]
     assert responses[0].delta.text == "Hello"
     assert responses[1].completion.text == ""
+
+
+async def test_a_character_split_across_responses_reaches_the_caller_whole():
+    call = ScriptedCall()
+    stream, _ = stream_on(call)
+    deltas = aiter(stream)
+    call.send(triton_response(b"caf\xc3", 1))
+    assert (await asyncio.wait_for(anext(deltas), 5)).delta.text == "caf"
+    call.send(triton_response(b"\xa9!", 1))
+    assert (await asyncio.wait_for(anext(deltas), 5)).delta.text == "é!"
+    # The answer ends in the middle of "晨": the half is left out, as the
+    # bundled engine leaves it, not sent as U+FFFD.
+    call.send(triton_response("晨".encode()[:2], 1, final=True, finish_reason="length", prompt_tokens=3))
+    call.send(grpc.aio.EOF)
+    rest = [r async for r in deltas]
+
+    assert kinds(rest) == ["completion"]
+    assert (rest[0].completion.text, rest[0].completion.usage.completion_tokens) == ("", 3)
 
 
 async def test_an_empty_final_response_leaves_the_completions_text_empty():

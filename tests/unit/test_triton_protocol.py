@@ -40,6 +40,11 @@ def test_embed_request_is_one_batched_bytes_input_and_nothing_else():
     assert not request.parameters
 
 
+def _read(response: service_pb2.ModelInferResponse) -> triton_protocol.GenerateEvent:
+    """The first response of a stream."""
+    return triton_protocol.read_generate_response(response, triton_protocol.text_decoder())
+
+
 def test_reads_deltas_counts_and_final_flag():
     response = service_pb2.ModelInferResponse()
     response.parameters["triton_final_response"].bool_param = True
@@ -50,7 +55,7 @@ def test_reads_deltas_counts_and_final_flag():
     ]:
         response.outputs.add(name=name, datatype=datatype, shape=[1])
         response.raw_output_contents.append(raw)
-    event = triton_protocol.read_generate_response(response)
+    event = _read(response)
     assert (event.text, event.final, event.finish_reason, event.output_tokens) == ("abc", True, "length", 42)
     assert event.input_tokens is None
 
@@ -59,7 +64,29 @@ def test_a_finish_reason_that_is_not_utf8_is_read_not_raised():
     response = service_pb2.ModelInferResponse()
     response.outputs.add(name="finish_reason", datatype="BYTES", shape=[1])
     response.raw_output_contents.append(struct.pack("<I", 4) + b"st\xffp")
-    assert triton_protocol.read_generate_response(response).finish_reason == "st\ufffdp"
+    assert _read(response).finish_reason == "st\ufffdp"
+
+
+def _text_response(data: bytes) -> service_pb2.ModelInferResponse:
+    response = service_pb2.ModelInferResponse()
+    response.outputs.add(name="text_output", datatype="BYTES", shape=[1])
+    response.raw_output_contents.append(struct.pack("<I", len(data)) + data)
+    return response
+
+
+def test_a_character_split_across_responses_reads_whole_and_a_cut_last_one_is_left_out():
+    # A byte-level backend's tokens: "é" split across the first two
+    # responses, then "晨" whole, then the first two of its three bytes as
+    # the answer ends (max_tokens) and no last byte comes.
+    text = triton_protocol.text_decoder()
+    pieces = [b"caf\xc3", b"\xa9 ", "晨".encode(), "晨".encode()[:2]]
+
+    read = [triton_protocol.read_generate_response(_text_response(p), text).text for p in pieces]
+
+    assert read == ["caf", "é ", "晨", ""]
+    # Bytes that are no UTF-8 are replaced, not raised, and not held back.
+    invalid = _text_response(b"\xff!")
+    assert triton_protocol.read_generate_response(invalid, triton_protocol.text_decoder()).text == "\ufffd!"
 
 
 def _stream_message(tokens: int | None, final: bool = False, error: str = ""):
@@ -110,8 +137,8 @@ def test_cached_tokens_are_asked_only_of_a_model_that_declares_them_and_read_bac
     response = service_pb2.ModelInferResponse()
     response.outputs.add(name="num_cached_tokens", datatype="UINT32", shape=[1])
     response.raw_output_contents.append(struct.pack("<I", 96))
-    assert triton_protocol.read_generate_response(response).cached_tokens == 96
-    assert triton_protocol.read_generate_response(service_pb2.ModelInferResponse()).cached_tokens is None
+    assert _read(response).cached_tokens == 96
+    assert _read(service_pb2.ModelInferResponse()).cached_tokens is None
 
 
 def test_chat_template_ends_with_the_assistant_cue():
