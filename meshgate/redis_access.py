@@ -440,6 +440,14 @@ CONNECTION_ERRORS = (
 )
 
 
+# A subscription's liveness (ChannelListener): a PING after this long with
+# nothing heard, and lost once nothing was heard for the second (a PONG
+# comes back within a millisecond; a Redis too busy to answer one for
+# seconds costs a reconnect and an emptied copy, nothing else).
+SUBSCRIPTION_PING_AFTER_S = 1.0
+SUBSCRIPTION_SILENT_FOR_S = 3.0
+
+
 class ChannelListener:
     """One pub/sub channel heard for as long as the process runs, for a
     process-local copy that must stop serving what another replica changed.
@@ -454,6 +462,15 @@ class ChannelListener:
     as it ends (info), its reconnects in between at debug level: one
     warning per retry was two lines a second for as long as Redis was
     down, in every router and context replica.
+
+    A subscription whose link went silent without closing (a partition, a
+    Redis host gone without a FIN) fails nothing by itself: nothing is sent
+    on an idle one, and it was taken for live for good while the notices of
+    every write elsewhere were lost. So the listener PINGs after
+    SUBSCRIPTION_PING_AFTER_S of quiet, and a subscription that heard
+    nothing (no notice, no PONG) for SUBSCRIPTION_SILENT_FOR_S is taken for
+    lost: that is how long a copy may go on serving what another replica
+    changed.
     """
 
     def __init__(
@@ -497,7 +514,7 @@ class ChannelListener:
                 client = await connect_subscriber(self._url)
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(self._channel)
-                    async for message in pubsub.listen():
+                    async for message in self._heard(pubsub):
                         if message["type"] == "message":
                             self._on_message(message["data"])
                         elif message["type"] == "subscribe":
@@ -525,3 +542,19 @@ class ChannelListener:
                     with contextlib.suppress(Exception):
                         await client.aclose()
             await asyncio.sleep(self._retry_s)
+
+    async def _heard(self, pubsub) -> collections.abc.AsyncIterator[dict]:
+        """The subscription's messages (its PONGs among them), until it has
+        been silent for SUBSCRIPTION_SILENT_FOR_S: then ConnectionError."""
+        loop = asyncio.get_running_loop()
+        last_heard = loop.time()
+        while True:
+            message = await pubsub.get_message(timeout=SUBSCRIPTION_PING_AFTER_S)
+            if message is not None:
+                last_heard = loop.time()
+                yield message
+                continue
+            silent_s = loop.time() - last_heard
+            if silent_s >= SUBSCRIPTION_SILENT_FOR_S:
+                raise redis.ConnectionError(f"subscription silent for {silent_s:.1f} s: no answer to PING")
+            await pubsub.ping()

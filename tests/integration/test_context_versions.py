@@ -520,3 +520,38 @@ async def test_an_append_never_extends_a_hot_session_of_a_life_deleted_elsewhere
                 assert [m.content for m in prompt.messages] == [*new_turns, "NEW last", "and now?"]
         finally:
             await proxy.close()
+
+
+async def test_a_replica_whose_subscription_went_silent_stops_serving_its_hot_copy(tmp_path, tenant) -> None:
+    """A replica's subscription whose link to Redis goes silent without
+    closing (a partition, a Redis host gone without a FIN: the proxy holds
+    every reply to it for good) was taken for live for ever: nothing is
+    sent on an idle subscription, so nothing failed. Another replica's
+    appends were never announced to it, and its hot copy answered the
+    session as it was before them (its reads, its prompts), with no bound."""
+    async with _own_redis(tmp_path) as (url, client):
+        proxy = TcpProxy(int(url.rsplit(":", 1)[1].split("/")[0]))
+        proxy.watch(b"SUBSCRIBE")
+        silent_url = f"redis://127.0.0.1:{await proxy.start()}/0"
+        try:
+            async with running(make_settings(silent_url)) as silent, running(make_settings(url)) as other:
+                session_id = await new_session(silent, tenant)
+
+                async def hot() -> bool:
+                    await append(silent, tenant, session_id, "q", "a")
+                    return await _reads_nothing(client, lambda: contents(silent, tenant, session_id))
+
+                await _until(hot)
+                assert proxy.hold_watched() == 1  # the silent replica's subscription
+                version = await append(other, tenant, session_id, "LATER")
+
+                async def silent_sees_it() -> bool:
+                    seen = await contents(silent, tenant, session_id)
+                    return seen == await contents(other, tenant, session_id)
+
+                # Within the listener's bound (PING after 1 s of quiet, lost
+                # 3 s after the last word heard) and a reconnect.
+                await _until(silent_sees_it, timeout_s=8.0)
+                assert (await contents(silent, tenant, session_id))[0] == version
+        finally:
+            await proxy.close()
