@@ -168,7 +168,8 @@ class Reason(enum.StrEnum):
     """A turn id is too long (over 128 bytes) or holds whitespace (AppendTurns)."""
 
     INVALID_TAKE_ID = enum.auto()
-    """A take id is too long (over 128 bytes) or holds whitespace (TakeSummaryUsage)."""
+    """A take id is too long (over 128 bytes) or holds whitespace, or none names a take
+    held until acknowledged (TakeSummaryUsage, AcknowledgeSummaryUsage)."""
 
     INVALID_KEY_ID = enum.auto()
     """An append's key_id is neither empty nor 16 lower-case hex digits (AppendTurns)."""

@@ -30,6 +30,7 @@ TENANT_OF = {
     "UnpinFromSession": lambda request: request.tenant_id,
     "PrefetchSession": lambda request: request.tenant_id,
     "TakeSummaryUsage": lambda request: request.tenant_id,
+    "AcknowledgeSummaryUsage": lambda request: request.tenant_id,
     # Every tenant's owing sessions: the router's, for no one tenant.
     "ClaimOwedSummaryUsage": None,
 }

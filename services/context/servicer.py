@@ -947,8 +947,23 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         _check_tenant(request.tenant_id)
         _check_session_id(request.session_id)
         _check_request_id(request.take_id, "take_id", Reason.INVALID_TAKE_ID)
-        taken = await self._store.take_unbilled(request.tenant_id, request.session_id, request.take_id)
-        return pb.TakeSummaryUsageResponse(summary_usage=_summary_usage(taken))
+        if not request.hold_until_acknowledged:
+            taken = await self._store.take_unbilled(request.tenant_id, request.session_id, request.take_id)
+            return pb.TakeSummaryUsageResponse(summary_usage=_summary_usage(taken), take_id=request.take_id)
+        if not request.take_id:
+            # Its acknowledgement names it.
+            raise invalid_argument(Reason.INVALID_TAKE_ID, "a take held until acknowledged needs a take_id")
+        take_id, taken = await self._store.take_held(request.tenant_id, request.session_id, request.take_id)
+        return pb.TakeSummaryUsageResponse(summary_usage=_summary_usage(taken), take_id=take_id)
+
+    async def AcknowledgeSummaryUsage(
+        self, request: pb.AcknowledgeSummaryUsageRequest, context
+    ) -> pb.AcknowledgeSummaryUsageResponse:
+        _check_tenant(request.tenant_id)
+        _check_session_id(request.session_id)
+        _check_request_id(request.take_id, "take_id", Reason.INVALID_TAKE_ID)
+        await self._store.acknowledge_take(request.tenant_id, request.session_id, request.take_id)
+        return pb.AcknowledgeSummaryUsageResponse()
 
     async def ClaimOwedSummaryUsage(
         self, request: pb.ClaimOwedSummaryUsageRequest, context

@@ -55,11 +55,17 @@ summaries spent on models that no take has taken yet, JSON
 ``{"<model>": [prompt tokens, completion tokens, summaries]}``, added to by
 the script that writes each summary (services/context/summaries.py), which
 marks the session owing first (below), and taken whole by TakeSummaryUsage
-(``_TAKE_UNBILLED``) for the router to bill; then ``unbilled_take``,
-``<take id> <what it took>``, so that a take sent again with its take id
-after a lost reply answers the same and takes nothing more (the router
-bills what a reply tells, and never saw the first), until another take
-comes between; and ``latest_key``, meta's as the latest summary found it,
+(``_TAKE_UNBILLED``) for the router to bill; then ``unbilled_held``,
+``<take id> <what it took>``, for a take held until acknowledged (the
+router's): every held take answers it, under its take id, and takes
+nothing more, until the taker acknowledges it once billed
+(``_ACKNOWLEDGE_TAKE``), so that usage a router took and died before
+billing is offered to the next router's take, which bills it under the
+same id (its ledger writes each take id once: services/router/ledger.py);
+then ``unbilled_take``, ``<take id> <what it took>`` of the latest take
+acknowledged or not held (a router's before the hold), so that a take sent
+again with its take id after a lost reply answers the same and takes
+nothing more, until another take comes between; and ``latest_key``, meta's as the latest summary found it,
 whom the usage is billed to once meta is gone. It is neither renewed nor
 deleted with the session, so that usage owed when the session is deleted
 or expires is still taken, and billed to its tenant (a session created
@@ -88,17 +94,19 @@ over a session can write it; its writes are ordered against theirs instead:
 - A claim (``_CLAIM_OWED``, ContextService.ClaimOwedSummaryUsage) names the
   sessions scored at least ``owed_for_ms`` ago and scores them now, so that
   no other claim names them for as long (routers sweeping at once take
-  different sessions; one that stops before its take leaves the session
-  to a claim after that), and reads their ``unbilled``. A session with none
-  (taken, or its record expired) leaves the set (``_DROP_OWED``) if its
+  different sessions; one that stops before its take, or before it
+  acknowledges a held one, leaves the session to a claim after that), and reads their ``unbilled`` and
+  ``unbilled_held``. A session with neither (taken and acknowledged, or its
+  record expired) leaves the set (``_DROP_OWED``) if its
   score is still the one the claim gave it: a writer that marked it since
   changed it, so a session whose ``unbilled`` a writer added to after the
   claim read it stays.
 - The gap: a writer that stalled for more than ``owed_for_ms`` between its
   mark and its write, while a claim found the session with no ``unbilled``
-  and dropped it. An append that finds ``unbilled`` marks its session too
-  (keeping the score of one listed already), which also lists what a
-  replica of a version before the set counted.
+  and dropped it. An append that finds ``unbilled`` or a held take marks
+  its session too (keeping the score of one listed already), which also
+  lists what a replica of a version before the set counted, or one whose
+  held take a claim of a version before the hold dropped.
 
 Compaction (``compact``, the soft cap): the bodies of a session's oldest
 turns, once a summary covers them, are replaced by empty strings in
@@ -258,7 +266,8 @@ end
 # none), n turns, then pairs of (counts field, packed counts of the n turns).
 # Returns {1, new version, bytes held now (false when the session's bytes
 # stay uncounted: stored before the count, no byte cap), create_time_ms,
-# 1 if the session's usage record or meta holds ``unbilled`` (else 0)},
+# 1 if the session's usage record or meta holds ``unbilled``, or the record
+# ``unbilled_held`` (else 0)},
 # {0} if there is no session, {-1, current version} on a version mismatch,
 # {2, version, create_time_ms} if the turn id was applied before (nothing
 # is appended again), {-2, turns held} or {-6, bytes held} if the n turns
@@ -324,24 +333,39 @@ renew(tonumber(ARGV[3]))
 -- Whether summaries' usage waits, for the owed set's backstop (the module's docstring).
 return {
   1, new_version, held_bytes or false, redis.call('HGET', KEYS[1], 'create_time_ms'),
-  math.max(redis.call('HEXISTS', KEYS[11], 'unbilled'), redis.call('HEXISTS', KEYS[1], 'unbilled'))
+  math.max(
+    redis.call('HEXISTS', KEYS[11], 'unbilled'), redis.call('HEXISTS', KEYS[11], 'unbilled_held'),
+    redis.call('HEXISTS', KEYS[1], 'unbilled')
+  )
 }
 """
 )
 
 # KEYS: the usage record, meta. ARGV: the take id ("" = none), the
-# record's TTL (owed_ttl_s). Takes the session's ``unbilled`` (the record's,
-# and meta's that an older version left) for the router to bill, and keeps
-# what it took in the record for a take of the same id, which answers it
-# again and takes nothing more (the module's docstring). Returns {1, what
-# it took ('' for nothing)}, or {0} if there is neither record nor session.
+# record's TTL (owed_ttl_s), "1" to hold what it takes until acknowledged.
+# Takes the session's ``unbilled`` (the record's, and meta's that an older
+# version left) for the router to bill, and keeps what it took in the
+# record (the module's docstring): a held take's as ``unbilled_held``, which
+# every held take answers, under its id, until _ACKNOWLEDGE_TAKE moves it to
+# ``unbilled_take``; another take's as ``unbilled_take``, for a take of the
+# same id, which answers it again and takes nothing more. Returns {1, what
+# it took ('' for nothing), the id of the take it answers}, or {0} if there
+# is neither record nor session.
 _TAKE_UNBILLED = """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) == 0 then return {0} end
+local hold = ARGV[3] == '1'
+if hold then
+  local held = redis.call('HGET', KEYS[1], 'unbilled_held')
+  if held then
+    local space = string.find(held, ' ', 1, true)
+    return {1, string.sub(held, space + 1), string.sub(held, 1, space - 1)}
+  end
+end
 if ARGV[1] ~= '' then
   local by = ARGV[1] .. ' '
   for i = 1, 2 do
     local last = redis.call('HGET', KEYS[i], 'unbilled_take') or ''
-    if string.sub(last, 1, #by) == by then return {1, string.sub(last, #by + 1)} end
+    if string.sub(last, 1, #by) == by then return {1, string.sub(last, #by + 1), ARGV[1]} end
   end
 end
 local taken, any = {}, false
@@ -357,11 +381,29 @@ for i = 1, 2 do
   redis.call('HDEL', KEYS[i], 'unbilled', 'unbilled_take')
 end
 local unbilled = any and cjson.encode(taken) or ''
-if ARGV[1] ~= '' then
-  redis.call('HSET', KEYS[1], 'unbilled_take', ARGV[1] .. ' ' .. unbilled)
+local kept
+if hold then
+  -- A held take that took nothing holds nothing: there is nothing to bill.
+  if unbilled ~= '' then kept = 'unbilled_held' end
+elseif ARGV[1] ~= '' then
+  kept = 'unbilled_take'
+end
+if kept then
+  redis.call('HSET', KEYS[1], kept, ARGV[1] .. ' ' .. unbilled)
   redis.call('EXPIRE', KEYS[1], ARGV[2])
 end
-return {1, unbilled}
+return {1, unbilled, ARGV[1]}
+"""
+
+# KEYS: the usage record. ARGV: a take id. Ends the hold of that take, if the
+# record holds it (_TAKE_UNBILLED): the next held take takes anew, but for a
+# retry of this one (its reply lost), which answers it again, billed already.
+_ACKNOWLEDGE_TAKE = """
+local held = redis.call('HGET', KEYS[1], 'unbilled_held')
+if held and string.sub(held, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
+  redis.call('HSET', KEYS[1], 'unbilled_take', held)
+  redis.call('HDEL', KEYS[1], 'unbilled_held')
+end
 """
 
 # How long a session's usage record outlives the session's TTL (the
@@ -975,6 +1017,7 @@ class SessionStore:
         self._delete = client.register_script(_DELETE)
         self._compact = client.register_script(_COMPACT)
         self._take_unbilled = client.register_script(_TAKE_UNBILLED)
+        self._acknowledge_take = client.register_script(_ACKNOWLEDGE_TAKE)
         self.owed = OwedSessions(client)
 
     async def create(self, tenant_id: str, session_id: str) -> int:
@@ -1196,12 +1239,33 @@ class SessionStore:
         ``take_id`` of the session's latest take, what that take took. Also
         once the session is deleted or expired, while its usage record
         lives."""
+        _, spends = await self._take(tenant_id, session_id, take_id, hold=False)
+        return spends
+
+    async def take_held(
+        self, tenant_id: str, session_id: str, take_id: str
+    ) -> tuple[str, tuple[SummarySpend, ...]]:
+        """As take_unbilled, but what it takes is held until
+        acknowledge_take(take_id); while a take is held, the take it answers
+        is that one (its id and what it took), and nothing more is taken."""
+        return await self._take(tenant_id, session_id, take_id, hold=True)
+
+    async def _take(
+        self, tenant_id: str, session_id: str, take_id: str, hold: bool
+    ) -> tuple[str, tuple[SummarySpend, ...]]:
         keys = [unbilled_key(tenant_id, session_id), session_key(tenant_id, session_id)]
+        args = [take_id, owed_ttl_s(self._ttl_s), "1" if hold else ""]
         with redis_reachable():
-            outcome = await self._take_unbilled(keys=keys, args=[take_id, owed_ttl_s(self._ttl_s)])
+            outcome = await self._take_unbilled(keys=keys, args=args)
         if outcome[0] == 0:
             raise session_not_found(session_id)
-        return _spends(outcome[1])
+        return outcome[2].decode(), _spends(outcome[1])
+
+    async def acknowledge_take(self, tenant_id: str, session_id: str, take_id: str) -> None:
+        """Ends the hold of the held take ``take_id`` (billed by its
+        caller), if the session holds it."""
+        with redis_reachable():
+            await self._acknowledge_take(keys=[unbilled_key(tenant_id, session_id)], args=[take_id])
 
     async def delete(self, tenant_id: str, session_id: str) -> None:
         with redis_reachable():
@@ -1261,17 +1325,17 @@ class OwedSessions:
         # One round trip; a pipeline, as the sessions lie in many slots.
         async with self._client.pipeline(transaction=False) as pipe:
             for tenant_id, session_id in sessions:
-                pipe.hmget(unbilled_key(tenant_id, session_id), "unbilled", "latest_key")
+                pipe.hmget(unbilled_key(tenant_id, session_id), "unbilled", "latest_key", "unbilled_held")
                 pipe.hmget(session_key(tenant_id, session_id), "unbilled", "latest_key", "version")
             states = await pipe.execute()
         owed, settled = [], []
         for member, (tenant_id, session_id), record, meta in zip(
             members, sessions, states[::2], states[1::2], strict=True
         ):
-            unbilled, recorded_key = record
+            unbilled, recorded_key, held = record
             # Meta's ``unbilled`` an older version left (the module's docstring).
             older_unbilled, latest_key, version = meta
-            if unbilled or older_unbilled:
+            if unbilled or older_unbilled or held:
                 # The key of the session's latest turn while it lives; the
                 # record's once it is deleted or expired.
                 key_id = latest_key if version is not None else recorded_key

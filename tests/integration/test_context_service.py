@@ -351,6 +351,15 @@ async def test_a_take_id_is_checked_as_a_turn_id_is_and_a_claim_names_a_sessions
             pb.TakeSummaryUsageRequest(tenant_id=tenant, session_id=session_id, take_id=take_id)
         )
         assert (await failure(call))[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TAKE_ID")
+        call = stub.AcknowledgeSummaryUsage(
+            pb.AcknowledgeSummaryUsageRequest(tenant_id=tenant, session_id=session_id, take_id=take_id)
+        )
+        assert (await failure(call))[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TAKE_ID")
+    # A held take is acknowledged by its id: it needs one.
+    call = stub.TakeSummaryUsage(
+        pb.TakeSummaryUsageRequest(tenant_id=tenant, session_id=session_id, hold_until_acknowledged=True)
+    )
+    assert (await failure(call))[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TAKE_ID")
     key = "c" * 16
     await stub.AppendTurns(
         pb.AppendTurnsRequest(
@@ -376,6 +385,7 @@ async def test_a_take_id_is_checked_as_a_turn_id_is_and_a_claim_names_a_sessions
     assert [(u.model, u.prompt_tokens, u.completion_tokens, u.summaries) for u in taken.summary_usage] == [
         ("m", 5, 1, 1)
     ]
+    assert taken.take_id == "once"
 
 
 async def test_append_to_missing_session_is_not_found(stub, tenant) -> None:

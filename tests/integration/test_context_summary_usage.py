@@ -329,3 +329,31 @@ async def test_a_take_takes_usage_an_older_version_kept_in_meta_with_the_records
     )
     assert await sessions.take_unbilled(tenant, "s", "t") == taken
     assert await sessions.take_unbilled(tenant, "s") == ()
+
+
+async def test_a_held_take_is_answered_to_every_held_take_until_acknowledged(client, tenant) -> None:
+    """A router's take holds what it took (TakeSummaryUsage's
+    hold_until_acknowledged): its taker may die before billing it, so every
+    held take answers it, under its own take id, taking nothing more, and
+    the session stays owing, until the take is acknowledged. A take that is
+    not held (a router before the hold) neither sees nor ends it."""
+    sessions = session_store.SessionStore(client, 600)
+    await sessions.create(tenant, "s")
+    await sessions.append(tenant, "s", None, turns(0, 2), {}, key_id="k" * 16)
+    await summarizer_of(client, CountingModel()).summarize_due(tenant, "s")
+    one = SummarySpend("counting", PROMPT_TOKENS, COMPLETION_TOKENS, 1)
+    assert await sessions.take_held(tenant, "s", "first") == ("first", (one,))
+    # Its taker died: a later claim names the session, and another router's take gets the same take.
+    owed = session_store.Owed(tenant, "s", "k" * 16)
+    assert mine(await sessions.owed.claim(0, 1000), tenant) == [owed]
+    assert await sessions.take_held(tenant, "s", "second") == ("first", (one,))
+    assert await sessions.take_unbilled(tenant, "s", "older") == ()
+    # Acknowledging another take changes nothing.
+    await sessions.acknowledge_take(tenant, "s", "second")
+    assert await sessions.take_held(tenant, "s", "third") == ("first", (one,))
+    await sessions.acknowledge_take(tenant, "s", "first")
+    # A retry of the acknowledged take (its reply lost) answers it again; a new take takes anew.
+    assert await sessions.take_held(tenant, "s", "first") == ("first", (one,))
+    assert await sessions.take_held(tenant, "s", "fourth") == ("fourth", ())
+    assert mine(await sessions.owed.claim(0, 1000), tenant) == []
+    assert await listed(client, tenant, "s") is None

@@ -161,6 +161,26 @@ class SummaryUsage(_message.Message):
     def __init__(self, model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., summaries: _Optional[int] = ...) -> None: ...
 
 class TakeSummaryUsageRequest(_message.Message):
+    __slots__ = ("tenant_id", "session_id", "take_id", "hold_until_acknowledged")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TAKE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLD_UNTIL_ACKNOWLEDGED_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    session_id: str
+    take_id: str
+    hold_until_acknowledged: bool
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., take_id: _Optional[str] = ..., hold_until_acknowledged: _Optional[bool] = ...) -> None: ...
+
+class TakeSummaryUsageResponse(_message.Message):
+    __slots__ = ("summary_usage", "take_id")
+    SUMMARY_USAGE_FIELD_NUMBER: _ClassVar[int]
+    TAKE_ID_FIELD_NUMBER: _ClassVar[int]
+    summary_usage: _containers.RepeatedCompositeFieldContainer[SummaryUsage]
+    take_id: str
+    def __init__(self, summary_usage: _Optional[_Iterable[_Union[SummaryUsage, _Mapping]]] = ..., take_id: _Optional[str] = ...) -> None: ...
+
+class AcknowledgeSummaryUsageRequest(_message.Message):
     __slots__ = ("tenant_id", "session_id", "take_id")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -170,11 +190,9 @@ class TakeSummaryUsageRequest(_message.Message):
     take_id: str
     def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., take_id: _Optional[str] = ...) -> None: ...
 
-class TakeSummaryUsageResponse(_message.Message):
-    __slots__ = ("summary_usage",)
-    SUMMARY_USAGE_FIELD_NUMBER: _ClassVar[int]
-    summary_usage: _containers.RepeatedCompositeFieldContainer[SummaryUsage]
-    def __init__(self, summary_usage: _Optional[_Iterable[_Union[SummaryUsage, _Mapping]]] = ...) -> None: ...
+class AcknowledgeSummaryUsageResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ClaimOwedSummaryUsageRequest(_message.Message):
     __slots__ = ("owed_for_ms", "max_sessions")

@@ -91,6 +91,11 @@ class ContextServiceStub:
                 request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.TakeSummaryUsageRequest.SerializeToString,
                 response_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.TakeSummaryUsageResponse.FromString,
                 _registered_method=True)
+        self.AcknowledgeSummaryUsage = channel.unary_unary(
+                '/meshgate.context.v1.ContextService/AcknowledgeSummaryUsage',
+                request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.AcknowledgeSummaryUsageRequest.SerializeToString,
+                response_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.AcknowledgeSummaryUsageResponse.FromString,
+                _registered_method=True)
         self.ClaimOwedSummaryUsage = channel.unary_unary(
                 '/meshgate.context.v1.ContextService/ClaimOwedSummaryUsage',
                 request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.ClaimOwedSummaryUsageRequest.SerializeToString,
@@ -195,9 +200,24 @@ class ContextServiceServicer:
         ClaimOwedSummaryUsage named). Each summary's usage is taken once; a take
         with the take_id of the session's latest take takes nothing more and
         answers what that take took, so a take whose reply was lost is sent
-        again with its take_id. A session deleted or expired since its summaries
-        keeps their usage for this (for a week past its TTL). NOT_FOUND,
-        SESSION_NOT_FOUND, for a session that does not exist and left no usage.
+        again with its take_id. A take held until acknowledged
+        (hold_until_acknowledged) stays the session's until
+        AcknowledgeSummaryUsage names it: every held take of the session
+        answers it again, under its take_id, and takes nothing more, so usage a
+        caller took and died before billing is offered to the next. A session
+        deleted or expired since its summaries keeps their usage for this (for
+        a week past its TTL). NOT_FOUND, SESSION_NOT_FOUND, for a session that
+        does not exist and left no usage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcknowledgeSummaryUsage(self, request, context):
+        """Ends the hold of a take held until acknowledged, once its caller has
+        billed it: the session's usage taken since is for the next take. A
+        take_id the session does not hold (acknowledged already, or another
+        take's) changes nothing, so an acknowledgement may be sent again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -275,6 +295,11 @@ def add_ContextServiceServicer_to_server(servicer, server):
                     servicer.TakeSummaryUsage,
                     request_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.TakeSummaryUsageRequest.FromString,
                     response_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.TakeSummaryUsageResponse.SerializeToString,
+            ),
+            'AcknowledgeSummaryUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcknowledgeSummaryUsage,
+                    request_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.AcknowledgeSummaryUsageRequest.FromString,
+                    response_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.AcknowledgeSummaryUsageResponse.SerializeToString,
             ),
             'ClaimOwedSummaryUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.ClaimOwedSummaryUsage,
@@ -581,6 +606,33 @@ class ContextService:
             '/meshgate.context.v1.ContextService/TakeSummaryUsage',
             meshgate_dot_context_dot_v1_dot_context__service__pb2.TakeSummaryUsageRequest.SerializeToString,
             meshgate_dot_context_dot_v1_dot_context__service__pb2.TakeSummaryUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcknowledgeSummaryUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.context.v1.ContextService/AcknowledgeSummaryUsage',
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.AcknowledgeSummaryUsageRequest.SerializeToString,
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.AcknowledgeSummaryUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
