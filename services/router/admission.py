@@ -1323,33 +1323,53 @@ class TurnAdmission:
 
     def summaries_spent(self, tenant, spends) -> None:
         """What the summaries of a session of ``tenant`` spent on each model
-        (pipeline.SummarySpend), taken by a sweep (summary_usage.py) or
-        reported by an older context service's append: billed to the tenant and key as that model's
+        (pipeline.SummarySpend), reported by an older context service's
+        append: billed as bill_summary_take bills a take, the ledger's
+        record batched."""
+        for scopes, tokens, nano_usd, usage in self._summary_charges(tenant, spends):
+            day = self._admission.charge_spent(scopes, tokens, nano_usd)
+            if self._ledger is not None:
+                self._ledger.submit(dataclasses.replace(usage, day=day))
+
+    async def bill_summary_take(self, tenant, take_id: str, spends) -> None:
+        """What a sweep's take (summary_usage.py) of a session's summaries
+        took, once per take id: to the ledger now (Ledger.record_take), and,
+        where that write wrote it (not a write of a router that took it
+        before and died before acknowledging it), to the budgets. Raises
+        where the ledger's write failed: the take is not acknowledged, and
+        is offered again."""
+        charges = list(self._summary_charges(tenant, spends))
+        if self._ledger is not None and not await self._ledger.record_take(
+            take_id, [usage for *_, usage in charges]
+        ):
+            return
+        for scopes, tokens, nano_usd, _ in charges:
+            self._admission.charge_spent(scopes, tokens, nano_usd)
+
+    def _summary_charges(self, tenant, spends):
+        """Each spend's charge: billed to the tenant and key as that model's
         usage (its alias's prices and limits: the summary model's name as an
         alias), to their budgets after the fact (Admission.charge_spent), and
-        to the ledger as a summary record, not a request."""
+        to the ledger as a summary record, not a request: its scopes, tokens,
+        cost and ledger record (for the day it is written)."""
         for spend in spends:
             price = self._settings.prices.get(spend.model)
             nano_usd = cost_nano_usd(price, spend.prompt_tokens, spend.completion_tokens)
+            usage = UsageRecord(
+                tenant=tenant.id,
+                key_id=tenant.key_id,
+                model=spend.model,
+                deployment="",
+                prompt_tokens=spend.prompt_tokens,
+                completion_tokens=spend.completion_tokens,
+                saved_tokens=0,
+                cache_status=SUMMARY_USAGE,
+                cost_nano_usd=nano_usd,
+                latency_ms=0,
+                summaries=spend.summaries,
+            )
             scopes = admission_scopes(tenant, spend.model, self._settings)
-            tokens = spend.prompt_tokens + spend.completion_tokens
-            day = self._admission.charge_spent(scopes, tokens, nano_usd)
-            if self._ledger is not None:
-                usage = UsageRecord(
-                    tenant=tenant.id,
-                    key_id=tenant.key_id,
-                    model=spend.model,
-                    deployment="",
-                    prompt_tokens=spend.prompt_tokens,
-                    completion_tokens=spend.completion_tokens,
-                    saved_tokens=0,
-                    cache_status=SUMMARY_USAGE,
-                    cost_nano_usd=nano_usd,
-                    latency_ms=0,
-                    day=day,
-                    summaries=spend.summaries,
-                )
-                self._ledger.submit(usage)
+            yield scopes, spend.prompt_tokens + spend.completion_tokens, nano_usd, usage
 
     async def admit_embedding(self, tenant, model: str, input_tokens_bound: int) -> Reservation:
         """An embedding request's admission (services/router/embeddings.py):

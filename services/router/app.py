@@ -153,8 +153,9 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     summary_usage = SummaryUsageSweeper(
         contexts.claim_owed_summary_usage,
         contexts.take_summary_usage,
+        contexts.acknowledge_summary_usage,
         authenticator.billed_tenant,
-        admission.summaries_spent,
+        admission.bill_summary_take,
         router.summary_usage_collect_s,
     )
     # Every gRPC call's key is checked before its request is read, and

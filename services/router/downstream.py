@@ -363,12 +363,14 @@ class ContextService:
 
     async def take_summary_usage(
         self, tenant_id: str, session_id: str, take_id: str
-    ) -> tuple[SummarySpend, ...]:
-        """What the session's summaries spent that no take took, taken for
-        the caller to bill (summary_usage.py); sent once: the caller sends
-        it again, with the same ``take_id``, when its reply is lost."""
+    ) -> tuple[str, tuple[SummarySpend, ...]]:
+        """What the session's summaries spent that no take took, taken and
+        held until acknowledged, for the caller to bill (summary_usage.py),
+        or the take the session holds already: the id of the take answered
+        and what it took. Sent once: the caller sends it again when its
+        reply is lost."""
         request = context_pb.TakeSummaryUsageRequest(
-            tenant_id=tenant_id, session_id=session_id, take_id=take_id
+            tenant_id=tenant_id, session_id=session_id, take_id=take_id, hold_until_acknowledged=True
         )
         try:
             response = await self._stub.TakeSummaryUsage(
@@ -376,7 +378,24 @@ class ContextService:
             )
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, "context") from error
-        return _spends(response.summary_usage)
+        # No take id: a context service older than the hold answered this one.
+        return response.take_id or take_id, _spends(response.summary_usage)
+
+    async def acknowledge_summary_usage(self, tenant_id: str, session_id: str, take_id: str) -> None:
+        """Ends the hold of a take the caller billed (summary_usage.py)."""
+        request = context_pb.AcknowledgeSummaryUsageRequest(
+            tenant_id=tenant_id, session_id=session_id, take_id=take_id
+        )
+        try:
+            await self._stub.AcknowledgeSummaryUsage(
+                request, timeout=self._timeout_s, metadata=self._tokens.metadata(tenant_id, "context")
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                # A context service older than the hold (an upgrade under
+                # way) took the take for good: nothing is held.
+                return
+            raise from_rpc_error(error, "context") from error
 
 
 def _spends(usage) -> tuple[SummarySpend, ...]:

@@ -20,6 +20,13 @@ one round trip (a call that fails leaves the others written):
   day (hash-tagged into the slot of the tenant's limit counters): field
   ``<key id>|<model>|<metric>`` -> running total, for the metrics in
   :data:`METRICS`; kept ``router.usage_retention_days``.
+
+The records of a take of a session's summaries' usage are written once per
+take id (record_take): the take may be offered again to another router, its
+taker killed before acknowledging it. Each of its calls sets, in the same
+script, a marker in its own slot (take_marker(): the tenant's day hash's,
+the log's), kept TAKE_MARKER_TTL_S; a call whose marker is set already
+writes nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from meshgate import redis_access
-from services.router.script_calls import Backlog
+from services.router.script_calls import Backlog, run_scripts
 
 STREAM = "mg:router:usage:log"
 METRICS = (
@@ -89,18 +96,22 @@ _FIELD_NAMES = tuple(field.name for field in dataclasses.fields(UsageRecord))
 
 # KEYS: every key written: the stream first when ARGV[4] is "1", then the
 # day hash of each tenant and day whose totals are written (when ARGV[5] is
-# "1"). ARGV: stream max length, retention s, the UTC day (YYYY-MM-DD) of
-# records that name none, the two
-# flags, then one argument per record: the UsageRecord's values in field
-# order, joined by _SEPARATOR. The aggregates are derived here from the
-# values; a tenant's day hash is named as day_key() names it.
+# "1"), then, when ARGV[6] is not "0", the marker of the take written
+# (take_marker()). ARGV: stream max length, retention s, the UTC day
+# (YYYY-MM-DD) of records that name none, the two flags, the marker's TTL
+# in s ("0": no take, no marker), then one argument per record: the
+# UsageRecord's values in field order, joined by _SEPARATOR. The aggregates
+# are derived here from the values; a tenant's day hash is named as
+# day_key() names it. Returns 1, or 0 for a take whose marker was set
+# already (written before: nothing is written again).
 _RECORD = (
     "local names = {"
     + ", ".join(f"'{name}'" for name in _FIELD_NAMES)
     + "}"
     + """
 local log, totals = ARGV[4] == '1', ARGV[5] == '1'
-for r = 6, #ARGV do
+if ARGV[6] ~= '0' and not redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', ARGV[6]) then return 0 end
+for r = 7, #ARGV do
   local values, entry = {}, {}
   for value in string.gmatch(ARGV[r] .. '\\31', '(.-)\\31') do values[#values + 1] = value end
   for i, name in ipairs(names) do
@@ -143,6 +154,23 @@ def day_key(tenant: str, day: str) -> str:
     return f"mg:router:usage:{{t:{tenant}}}:{day}"
 
 
+def take_marker(key: str, take_id: str) -> str:
+    """That a take's records were written by a call (record_take), in the
+    slot of ``key``, the call's last: the log (a key without a hash tag
+    hashes whole, so its name as a tag shares its slot) or a tenant's day
+    hash (its tag)."""
+    if key == STREAM:
+        return f"{{{STREAM}}}:take:{take_id}"
+    return f"{key.rsplit(':', 1)[0]}:take:{take_id}"
+
+
+# How long a take's marker is kept: longer than any wait before the take is
+# offered again (the router that took it died before acknowledging it; a
+# sweep's claim period, router.summary_usage_collect_s, later), short enough
+# that the markers of every take of a day stay few.
+TAKE_MARKER_TTL_S = 24 * 3600
+
+
 # Records submitted within this long of each other go to Redis in one call
 # (at most _BATCH of them): the call's fixed cost, most of the router's CPU
 # per record, is shared. A router killed outright loses at most this much.
@@ -163,7 +191,8 @@ class Ledger:
         # A Redis Cluster takes the log and each tenant's totals in their own
         # calls (their keys are in different slots); one instance, one call.
         self._split_by_slot = isinstance(redis, RedisCluster) if split_by_slot is None else split_by_slot
-        self._backlog = Backlog(redis.register_script(_RECORD), "ledger")
+        self._script = redis.register_script(_RECORD)
+        self._backlog = Backlog(self._script, "ledger")
         self._stream_max_len = stream_max_len
         self._retention_s = retention_days * 24 * 3600
         self._clock = clock
@@ -214,7 +243,33 @@ class Ledger:
             await asyncio.gather(*self._flushing, return_exceptions=True)
         await self._backlog.drain()
 
+    async def record_take(self, take_id: str, records: list[UsageRecord]) -> bool:
+        """Writes now the records of a take of a session's summaries' usage
+        (services/router/summary_usage.py), once per take id: a take
+        written before (offered again, its taker dead before acknowledging
+        it) writes nothing again. Returns whether its totals were written
+        now. Raises where a call failed (nothing held: the take stays held
+        at the context service, which offers it again)."""
+        calls = self._calls([(usage, True) for usage in records], TAKE_MARKER_TTL_S)
+        marked = [([*keys, take_marker(keys[-1], take_id)], args) for keys, args in calls]
+        try:
+            replies = await run_scripts(self._script, marked)
+        except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
+            raise redis_access.outage("a summary take's usage cannot be written", error) from error
+        # The totals' call is the last: the only one, or the tenant's day hash's.
+        return replies[-1] == 1
+
     async def _write(self, records: list[tuple[UsageRecord, bool]]) -> None:
+        # The callers have their answers: a call Redis refused is written
+        # again later, one that may have run is logged (script_calls).
+        await self._backlog.run(self._calls(records))
+
+    def _calls(
+        self, records: list[tuple[UsageRecord, bool]], marker_ttl_s: int = 0
+    ) -> list[tuple[list[str], list]]:
+        """The script calls that write ``records`` (each with whether it
+        goes to the log); with a ``marker_ttl_s``, each a take's, whose
+        marker the caller adds to its keys."""
         # A separator inside a value (a tenant id could hold one) would shift
         # every value after it: it is dropped.
         packed = [
@@ -233,10 +288,10 @@ class Ledger:
             by_hash: dict[str, list[str]] = {}
             for key, values in zip(hashes, packed, strict=True):
                 by_hash.setdefault(key, []).append(values)
-            calls = [([STREAM], [*header, "1", "0", *logged])] if logged else []
-            calls += [([key], [*header, "0", "1", *rows]) for key, rows in by_hash.items()]
+            calls = [([STREAM], [*header, "1", "0", marker_ttl_s, *logged])] if logged else []
+            calls += [([key], [*header, "0", "1", marker_ttl_s, *rows]) for key, rows in by_hash.items()]
         elif len(logged) == len(packed):
-            calls = [([STREAM, *dict.fromkeys(hashes)], [*header, "1", "1", *packed])]
+            calls = [([STREAM, *dict.fromkeys(hashes)], [*header, "1", "1", marker_ttl_s, *packed])]
         else:
             # The script's two flags hold for a whole call: the records that
             # go to the log in one, those that do not in another.
@@ -247,10 +302,8 @@ class Ledger:
                 rows = [values for values, to_log in zip(packed, in_log, strict=True) if to_log is part]
                 if rows:
                     stream = [STREAM] if part else []
-                    calls.append(([*stream, *dict.fromkeys(keys)], [*header, flag, "1", *rows]))
-        # The callers have their answers: a call Redis refused is written
-        # again later, one that may have run is logged (script_calls).
-        await self._backlog.run(calls)
+                    calls.append(([*stream, *dict.fromkeys(keys)], [*header, flag, "1", marker_ttl_s, *rows]))
+        return calls
 
     async def usage(
         self, tenant: str, first_day: datetime.date, last_day: datetime.date

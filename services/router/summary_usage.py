@@ -10,31 +10,52 @@ at least that long (ClaimOwedSummaryUsage: a claim keeps the other
 routers off them for as long, so each router takes different ones), up to
 CLAIM_SIZE (a full claim is followed by another at once), and takes each
 one's usage (TakeSummaryUsage), MAX_CONCURRENT_TAKES at a time, billing what
-it took (Admission.summaries_spent) to the session's tenant and the key of
-the session's latest turn (the session keeps its key id; a key no longer
-known, or none, bills the tenant with no key: Authenticator.billed_tenant).
+it took (TurnAdmission.bill_summary_take) to the session's tenant and the
+key of the session's latest turn (the session keeps its key id; a key no
+longer known, or none, bills the tenant with no key:
+Authenticator.billed_tenant), then acknowledging the take
+(AcknowledgeSummaryUsage).
+
+Exactly once: the context service holds what a take took until it is
+acknowledged, and answers every take of the session meanwhile with that
+take, under its take id, taking nothing more; the session stays owing, so
+a claim names it again once the claim period is over. The ledger writes a
+take's usage once per take id (Ledger.record_take: a marker set in the same
+script as the totals), and the tenant's budgets are charged only by the
+write that wrote it. So a router killed between a take and its ledger
+write, or between the write and the acknowledgement, leaves the take to
+whichever router claims the session next, which bills it (or finds it
+billed) and acknowledges it; a write Redis failed is not acknowledged
+either, and is offered again alike. A take whose reply is lost
+(UNAVAILABLE, DEADLINE_EXCEEDED) is sent again with its take id after each
+of TAKE_RETRY_DELAYS_S: held, or acknowledged by another router meanwhile,
+it answers what it took and takes nothing more; after the last, a take
+that ran is held for a later claim's.
 
 A router keeps nothing of it in memory but the takes under way, so a
 summary's usage waits for no turn that may never come and for no router
 that served the session: it is billed however long after the session's
 latest turn it lands, by whichever router sweeps first, however the others
-stopped. A take whose reply is lost (UNAVAILABLE, DEADLINE_EXCEEDED) is sent
-again with its take id, which answers what that take took and takes
-nothing more: after each of TAKE_RETRY_DELAYS_S, then at each later sweep
-(up to MAX_UNANSWERED_TAKES held), until it is answered or its session
-and usage record are gone.
+stopped.
 
 A session deleted or expired before a sweep keeps its usage for one: the
 context service holds it apart from the session's keys, for a week past
 the session's TTL (services/context/store.py's usage record).
 
 The bound: usage no sweep took within that week (no router sweeping); a
-router killed between a take and its ledger write (as a turn's own usage
-record: services/router/ledger.py), or while it held a take for a later
-sweep; a take of the same session between a take and its
-retry (the session keeps its latest take's answer alone: another router's
-claim after a new summary, or the ask of a router older than the sweep).
-What the owed set itself may miss is in its module's docstring.
+take written to the ledger and offered again more than
+ledger.TAKE_MARKER_TTL_S later (no router sweeping for a day between the
+write and the acknowledgement) is billed twice; the budgets (not the
+ledger) miss a take whose writer died between its ledger write and its
+budgets' charge (Admission.charge_spent, batched). During a rolling
+upgrade, a context service older than the hold takes for good (a router
+killed before its write, or whose every send of a take lost its reply,
+loses what it took), and a router older than the hold neither sees a held
+take nor holds its own. And a retry of a take whose session, within
+TAKE_RETRY_DELAYS_S, another router's take and another after it were
+acknowledged (a claim period shorter than those pauses) takes new usage
+under an id billed already: billed to no one. What the owed set itself
+may miss is in its module's docstring.
 """
 
 from __future__ import annotations
@@ -62,9 +83,6 @@ CLAIM_SIZE = 100
 MAX_CONCURRENT_TAKES = 16
 # The pauses before a take whose reply was lost is sent again, in its sweep.
 TAKE_RETRY_DELAYS_S = (0.5, 1.0, 2.0)
-# Takes held for the next sweep, their every send's reply lost; past this
-# many one is dropped (and its usage, if it took any, billed to no one).
-MAX_UNANSWERED_TAKES = 10_000
 # A sweep comes every summary_usage_collect_s times 1 ± this.
 JITTER = 0.5
 # How long a stopping router waits for a sweep under way.
@@ -86,29 +104,33 @@ class OwedSummaries:
 
 
 Claim = Callable[[float, int], Awaitable[list[OwedSummaries]]]
-Take = Callable[[str, str, str], Awaitable[tuple[SummarySpend, ...]]]
+# (tenant id, session id, take id) -> the take it answers (the one sent, or
+# one the session holds, not acknowledged): its take id and what it took.
+Take = Callable[[str, str, str], Awaitable[tuple[str, tuple[SummarySpend, ...]]]]
+# (tenant id, session id, take id): the take's hold ended.
+Acknowledge = Callable[[str, str, str], Awaitable[None]]
 TenantOf = Callable[[str, str], Awaitable[Tenant]]
-Bill = Callable[[Tenant, tuple[SummarySpend, ...]], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Take:
-    owed: OwedSummaries
-    take_id: str
-    # Whom what it takes is billed to.
-    tenant: Tenant
+# (tenant, take id, what it took): billed once per take id; raises if not.
+Bill = Callable[[Tenant, str, tuple[SummarySpend, ...]], Awaitable[None]]
 
 
 class SummaryUsageSweeper:
-    def __init__(self, claim: Claim, take: Take, tenant_of: TenantOf, bill: Bill, every_s: float) -> None:
+    def __init__(
+        self,
+        claim: Claim,
+        take: Take,
+        acknowledge: Acknowledge,
+        tenant_of: TenantOf,
+        bill: Bill,
+        every_s: float,
+    ) -> None:
         self._claim = claim
         self._take = take
+        self._acknowledge = acknowledge
         self._tenant_of = tenant_of
         self._bill = bill
         self._every_s = every_s
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_TAKES)
-        # (tenant id, session id) -> a take whose replies were all lost.
-        self._unanswered: dict[tuple[str, str], _Take] = {}
         self._running: asyncio.Task | None = None
         self._sweeping: asyncio.Task | None = None
         self._said_unimplemented = False
@@ -142,11 +164,8 @@ class SummaryUsageSweeper:
         return False
 
     async def sweep(self) -> bool:
-        """Sends again the takes held from sweeps before (first: no other
-        take of their session may come between), then takes and bills what
-        the sessions claimed now owe; returns whether the claim was full."""
-        held, self._unanswered = self._unanswered, {}
-        await asyncio.gather(*(self._settle(take) for take in held.values()))
+        """Takes, bills and acknowledges what the sessions claimed now owe;
+        returns whether the claim was full."""
         owed = await self._claim(self._every_s, CLAIM_SIZE)
         await asyncio.gather(*(self._take_owed(session) for session in owed))
         return len(owed) == CLAIM_SIZE
@@ -158,47 +177,39 @@ class SummaryUsageSweeper:
             # Nothing taken: a claim after this one's names the session again.
             log.warning("summary usage not taken", session_id=owed.session_id, reason=error.reason)
             return
-        await self._settle(_Take(owed, uuid.uuid4().hex, tenant))
-
-    async def _settle(self, take: _Take) -> None:
-        session_id = take.owed.session_id
         try:
             async with self._slots:
-                spends = await self._send(take)
+                await self._settle(owed, tenant)
         except MeshgateError as error:
-            if error.code in _REPLY_LOST:
-                self._hold(take)
-            elif error.code != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: gone, nothing to take
-                log.warning("summary usage not taken", session_id=session_id, reason=error.reason)
-            return
+            # Not acknowledged: a take that ran stays held, and a claim after
+            # this one's names the session again.
+            if error.code != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: gone, nothing to take
+                log.warning("summary usage not billed", session_id=owed.session_id, reason=error.reason)
         except Exception:
             # A bug: logged here, as nothing awaits the task.
-            log.exception("summary usage not taken", session_id=session_id)
-            return
-        if spends:
-            self._bill(take.tenant, spends)
+            log.exception("summary usage not billed", session_id=owed.session_id)
 
-    async def _send(self, take: _Take) -> tuple[SummarySpend, ...]:
+    async def _settle(self, owed: OwedSummaries, tenant: Tenant) -> None:
+        """Takes the session's usage, bills it, and acknowledges the take."""
+        take_id, spends = await self._send(owed)
+        if not spends:
+            return  # nothing taken, nothing held
+        await self._bill(tenant, take_id, spends)
+        await self._acknowledge(owed.tenant_id, owed.session_id, take_id)
+
+    async def _send(self, owed: OwedSummaries) -> tuple[str, tuple[SummarySpend, ...]]:
         """The take, sent again with its take id after each pause while its
-        reply is lost."""
-        owed = take.owed
+        reply is lost. Returns the id of the take answered (this one, or one
+        the session held) and what it took."""
+        take_id = uuid.uuid4().hex
         for pause_s in TAKE_RETRY_DELAYS_S:
             try:
-                return await self._take(owed.tenant_id, owed.session_id, take.take_id)
+                return await self._take(owed.tenant_id, owed.session_id, take_id)
             except MeshgateError as error:
                 if error.code not in _REPLY_LOST:
                     raise
             await asyncio.sleep(pause_s)
-        return await self._take(owed.tenant_id, owed.session_id, take.take_id)
-
-    def _hold(self, take: _Take) -> None:
-        if len(self._unanswered) >= MAX_UNANSWERED_TAKES:
-            log.warning("summary usage take dropped, its reply lost", session_id=take.owed.session_id)
-            return
-        log.warning(
-            "summary usage take held for the next sweep, its reply lost", session_id=take.owed.session_id
-        )
-        self._unanswered[(take.owed.tenant_id, take.owed.session_id)] = take
+        return await self._take(owed.tenant_id, owed.session_id, take_id)
 
     async def close(self) -> None:
         """Stops sweeping; a sweep under way finishes, within

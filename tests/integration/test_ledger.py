@@ -9,7 +9,15 @@ import uuid
 import pytest
 
 from meshgate import redis_access
-from services.router.ledger import METRICS, STREAM, SUMMARY_USAGE, Ledger, UsageRecord, day_key
+from services.router.ledger import (
+    METRICS,
+    STREAM,
+    SUMMARY_USAGE,
+    TAKE_MARKER_TTL_S,
+    Ledger,
+    UsageRecord,
+    day_key,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -125,6 +133,40 @@ async def test_records_kept_out_of_the_log_count_in_the_totals_only(redis_url, s
         today = ledger.today()
         totals = (await ledger.usage(tenant, today, today))[("k1", "tiny-gpt")]
         assert (totals["requests"], totals["failures"], totals["prompt_tokens"]) == (6, 5, 3)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
+async def test_a_summary_take_written_again_is_billed_once(redis_url, split_by_slot):
+    """A take of a session's summaries' usage is written once per take id
+    (Ledger.record_take): written again (the take offered again to another
+    router, its taker dead after its write and before its acknowledgement),
+    it adds nothing to the totals or the log, and says so; another take's
+    records are written. On a cluster, the log's call and the totals' are
+    each marked in their own slot."""
+    client = redis_access.connect(redis_url)
+    ledger = Ledger(client, stream_max_len=10_000, retention_days=2, split_by_slot=split_by_slot)
+    tenant = uuid.uuid4().hex[:12]
+    summaries = [
+        UsageRecord(tenant, "k1", "m1", "", 300, 30, 0, SUMMARY_USAGE, 360, 0, summaries=2),
+        UsageRecord(tenant, "k1", "m2", "", 40, 4, 0, SUMMARY_USAGE, 48, 0, summaries=1),
+    ]
+    try:
+        before = await client.xlen(STREAM)
+        assert await ledger.record_take("take-1", summaries)
+        assert not await ledger.record_take("take-1", summaries)
+        assert await client.xlen(STREAM) == before + 2
+        today = ledger.today()
+        totals = await ledger.usage(tenant, today, today)
+        assert (totals[("k1", "m1")]["summaries"], totals[("k1", "m1")]["summary_prompt_tokens"]) == (2, 300)
+        assert (totals[("k1", "m2")]["summaries"], totals[("k1", "m2")]["cost_nano_usd"]) == (1, 48)
+        assert await ledger.record_take("take-2", summaries[:1])
+        assert (await ledger.usage(tenant, today, today))[("k1", "m1")]["summaries"] == 4
+        assert await client.xlen(STREAM) == before + 3
+        # The markers expire: kept a day, not forever.
+        marker = f"mg:router:usage:{{t:{tenant}}}:take:take-1"
+        assert 0 < await client.ttl(marker) <= TAKE_MARKER_TTL_S
     finally:
         await client.aclose()
 
