@@ -42,8 +42,8 @@ _SILENT = (grpc.StatusCode.DEADLINE_EXCEEDED,)
 
 
 class OpenCalls:
-    """The Generate calls open on one inference service, so that they can be
-    ended when its health checks find it silent.
+    """The Generate and Embed calls open on one inference service, so that
+    they can be ended when its health checks find it silent.
 
     An inference service that stops answering with its connections up (its
     host stopped, the process wedged) fails nothing fast: the kernel still
@@ -53,7 +53,8 @@ class OpenCalls:
     no failure to count its circuit never opened: about half of a
     two-deployment alias's turns. Such calls are cancelled instead and read
     as UNAVAILABLE (Deployments.generate): sent to the next deployment
-    before any text, ended UNAVAILABLE after some.
+    before any text, ended UNAVAILABLE after some; an Embed goes to the
+    next inference service (Embeddings).
 
     add() and discard() are the whole cost on a call's path: a set each.
     """
@@ -216,10 +217,11 @@ class DeploymentTable:
         self._by_alias = by_alias
         self._strategies = strategies
 
-    def inference_stubs(self) -> list:
-        """One stub per inference service the deployments reach, for calls
-        that name no model alias (Embed): those in rotation first, those
-        whose health checks failed (_Address.down) last. Listed in the
+    def inference_services(self) -> list[tuple[object, OpenCalls]]:
+        """One stub per inference service the deployments reach, with its
+        open calls (which its health checks end once it answers nothing),
+        for calls that name no model alias (Embed): those in rotation first,
+        those whose health checks failed (_Address.down) last. Listed in the
         configuration's order alone, a service gone silent stayed first, and
         every embeddings request waited its whole max_generation_s there
         (300 s) before any other was tried, its checks having long taken it
@@ -232,7 +234,7 @@ class DeploymentTable:
                     one_per_address.append(deployment)
         # Stable: the configuration's order within each group.
         one_per_address.sort(key=lambda deployment: self._addresses[deployment.address].down)
-        return [deployment.stub for deployment in one_per_address]
+        return [(deployment.stub, deployment.calls) for deployment in one_per_address]
 
     def strategy(self, alias: str) -> balancing.Strategy | None:
         return self._strategies.get(alias)

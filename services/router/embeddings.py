@@ -27,6 +27,7 @@ from meshgate.errors import MeshgateError, from_rpc_error, not_found
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
 from services.router.admission import TurnAdmission
+from services.router.deployments import left_rotation
 from services.router.downstream import failure_within, not_taken, time_for_a_try
 from services.router.pipeline import Budget
 from services.router.validation import check_model_allowed
@@ -52,7 +53,7 @@ class Embeddings:
         deployments,
         admission: TurnAdmission,
     ) -> None:
-        # deployments: its inference_stubs() are the inference services to ask.
+        # deployments: its inference_services() are those to ask, with their open calls.
         self._deployments = deployments
         self._admission = admission
         # The start's, as a generation's (downstream.Deployments) and the
@@ -132,21 +133,37 @@ class Embeddings:
             f"the request's {limit_s:g} s (router.max_generation_s) passed before an inference"
             " service answered"
         )
-        for stub in self._deployments.inference_stubs():
+        for stub, calls in self._deployments.inference_services():
             # Model work, budgeted as a generation is: a request at the
             # documented most (inference.max_embed_texts texts of
             # embedding_max_tokens each) took over 10 s on 2 CPU cores,
             # past downstream_timeout_s, and was refused 504 however
             # long its caller would wait. A caller who hangs up cancels it.
             timeout_s = time_for_a_try(budget, limit_s, spent)
+            call = stub.Embed(request, timeout=timeout_s)
+            # Open where the service's health checks can end it, as a
+            # generation's call (deployments.OpenCalls). Sent to a service
+            # that then stopped answering (its host stopped, the process
+            # wedged), it waited until the keepalive dropped the connection
+            # (20 to 30 s) though the next service would have answered; sent
+            # there as the last one left, 65 s in a TLS handshake, then
+            # failed all the same.
+            calls.add(call)
             try:
-                return await stub.Embed(request, timeout=timeout_s)
+                try:
+                    return await call
+                except asyncio.CancelledError as cancelled:
+                    if not calls.ended_by_probes(call):
+                        raise
+                    raise left_rotation() from cancelled
             except grpc.aio.AioRpcError as error:
                 if not not_taken(error, "inference"):
                     raise failure_within(
                         error, "inference", budget, spent, max_generation_s=f"{limit_s:g}"
                     ) from error
                 last_error = error
+            finally:
+                calls.discard(call)
         if last_error is not None:
             raise from_rpc_error(last_error, "inference") from last_error
         raise MeshgateError(

@@ -3,7 +3,8 @@ service is stopped with SIGSTOP: its host still accepts connections (the
 kernel does), so no call on it fails, it just never answers. The router's
 health checks take it out of rotation; the turn that was waiting on it goes
 to the other deployment, the next turns go there at once, and it comes back
-once it answers again.
+once it answers again. So does an embeddings request (POST /v1/embeddings)
+that was waiting on it.
 
 Before, each turn sent to the stopped deployment waited its whole deadline
 (DEADLINE_EXCEEDED; 300 s without a client deadline), recorded nothing
@@ -21,13 +22,14 @@ import sys
 import time
 
 import grpc
+import httpx
 import pytest
 
 from meshgate import serving
 from meshgate.common.v1 import common_pb2
 from meshgate.config import DeploymentSettings, ModelSettings, Settings
 from meshgate.local import children
-from meshgate.local.stack import REPO_ROOT
+from meshgate.local.stack import REPO_ROOT, free_port
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.inference import app as inference_app
@@ -110,6 +112,16 @@ async def answered_by(stub, n: int) -> tuple[str, float]:
         return error.code().name, time.monotonic() - started
 
 
+async def embedded_within(http: httpx.AsyncClient) -> tuple[int | str, float]:
+    """The status of one embeddings request (or the client's timeout), and how long it took."""
+    started = time.monotonic()
+    try:
+        response = await http.post("/embeddings", json={"model": "minilm", "input": "a cat"})
+        return response.status_code, time.monotonic() - started
+    except httpx.TimeoutException:
+        return "timed out", time.monotonic() - started
+
+
 async def test_a_stopped_deployment_leaves_rotation_and_its_waiting_turn_moves_on(
     redis_url, triton_url, inference_address, tmp_path
 ):
@@ -122,20 +134,32 @@ async def test_a_stopped_deployment_leaves_rotation_and_its_waiting_turn_moves_o
             "tiny-gpt": ModelSettings(
                 routing_strategy="least_outstanding",
                 deployments=[
-                    DeploymentSettings(name="steady", address=inference_address, model="tiny-gpt"),
+                    # Listed first: embeddings ask it first while it is in rotation.
                     DeploymentSettings(
                         name="stoppable", address=await stoppable.address(), model="tiny-gpt", weight=2.0
                     ),
+                    DeploymentSettings(name="steady", address=inference_address, model="tiny-gpt"),
                 ],
             )
         }
         settings.router.deployment_health_interval_s = HEALTH_INTERVAL_S
-        async with running_router(settings) as address, bounded_channel(address) as channel:
+        settings.router.http_listen = f"127.0.0.1:{free_port()}"
+        async with (
+            running_router(settings) as address,
+            bounded_channel(address) as channel,
+            httpx.AsyncClient(
+                base_url=f"http://{settings.router.http_listen}/v1",
+                headers={"authorization": f"Bearer {API_KEY}"},
+                timeout=TURN_DEADLINE_S,
+            ) as http,
+        ):
             stub = router_service_pb2_grpc.RouterServiceStub(channel)
             assert (await answered_by(stub, 0))[0] == "stoppable"
 
             stoppable.signal(signal.SIGSTOP)
-            waiting_on_it, waited_s = await answered_by(stub, 1)
+            (waiting_on_it, waited_s), (embedded, embed_waited_s) = await asyncio.gather(
+                answered_by(stub, 1), embedded_within(http)
+            )
             after = [await answered_by(stub, n) for n in range(2, 6)]
 
             stoppable.signal(signal.SIGCONT)
@@ -151,6 +175,11 @@ async def test_a_stopped_deployment_leaves_rotation_and_its_waiting_turn_moves_o
     print(f"the turn sent to the stopped deployment was answered after {waited_s:.1f} s")
     assert waiting_on_it == "steady", "the turn waiting on the stopped deployment was not handed on"
     assert waited_s < LEFT_WITHIN_S
+    # An Embed sent there waited until the keepalive dropped the connection
+    # (20 s in this test), its call never ended by the checks, though the
+    # steady service would have answered it.
+    assert embedded == 200, f"the embeddings request waiting on the stopped service: {embedded}"
+    assert embed_waited_s < LEFT_WITHIN_S
     # Out of rotation: no later turn waits on it.
     assert [who for who, _ in after] == ["steady"] * len(after)
     assert max(s for _, s in after) < PROBE_TIMEOUT_S, after

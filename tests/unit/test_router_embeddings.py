@@ -20,10 +20,10 @@ from meshgate.errors import MeshgateError
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from services.router.admission import Reservation, TurnAdmission
 from services.router.auth import Tenant
-from services.router.deployments import PROBES_TO_MARK_DOWN, DeploymentTable
+from services.router.deployments import PROBES_TO_MARK_DOWN, DeploymentTable, OpenCalls
 from services.router.embeddings import Embeddings
 from tests.unit.test_router_context_restart import unavailable as unavailable_rpc
-from tests.unit.test_router_deployments import checked
+from tests.unit.test_router_deployments import checked, until
 
 
 class Admission:
@@ -59,17 +59,21 @@ class Inference:
         self.requests: list[inference_pb.EmbedRequest] = []
         self.timeouts: list[float] = []
 
-    async def Embed(self, request, timeout):
+    def Embed(self, request, timeout):
         self.requests.append(request)
         self.timeouts.append(timeout)
+        # A task, as a gRPC call is: awaited for the answer, cancellable.
+        return asyncio.ensure_future(self._answer(request))
+
+    async def _answer(self, request):
         if self.hold:
             await asyncio.Event().wait()
         if self.failure is not None:
             raise self.failure
         return inference_pb.EmbedResponse(dimensions=1, vectors=bytes(4 * len(request.texts)), input_tokens=9)
 
-    def inference_stubs(self):
-        return [self]
+    def inference_services(self):
+        return [(self, OpenCalls())]
 
 
 class LateFailure:
@@ -97,12 +101,12 @@ class Replicas:
     def __init__(self, *stubs) -> None:
         self.stubs = stubs
 
-    def inference_stubs(self):
-        return list(self.stubs)
+    def inference_services(self):
+        return [(stub, OpenCalls()) for stub in self.stubs]
 
 
 def core(inference, max_generation_s: float = 300.0) -> tuple[Embeddings, Admission, Ledger]:
-    """The embeddings core over ``inference`` (any object with inference_stubs()),
+    """The embeddings core over ``inference`` (any object with inference_services()),
     its admission and ledger recorded."""
     settings = RouterSettings(
         prices={"minilm": PriceSettings(prompt_usd_per_million=1000.0)}, max_generation_s=max_generation_s
@@ -256,6 +260,39 @@ async def test_an_inference_service_out_of_rotation_is_asked_last():
         await table.close()
     assert answer.input_tokens == 9
     assert (len(silent.requests), len(answering.requests)) == (0, 1)
+
+
+async def test_an_embed_on_an_inference_service_gone_silent_is_ended_and_moves_on():
+    """An Embed sent to an inference service that then stopped answering
+    (its host stopped, the process wedged) waited until the keepalive
+    dropped the connection (20 to 30 s), though the next service would have
+    answered: its health checks took the service out of rotation but,
+    unlike a generation's, never ended the call. They end it now, and the
+    next service answers."""
+    table = DeploymentTable(
+        {
+            "first": ModelSettings(deployments=[DeploymentSettings(name="a", address="127.0.0.1:5000")]),
+            "second": ModelSettings(deployments=[DeploymentSettings(name="b", address="127.0.0.1:5001")]),
+        }
+    )
+    (a,), (b,) = table.candidates("first"), table.candidates("second")
+    a.stub, b.stub = silent, answering = Inference(hold=True), Inference()
+    checked(table, a, grpc.StatusCode.DEADLINE_EXCEEDED)
+    checked(table, b, "SERVING")
+    embeddings, admission, _ = core(table)
+    try:
+        request = asyncio.create_task(embeddings.embed(TENANT, "minilm", ["a cat"]))
+        await until(lambda: silent.requests)
+        for _ in range(PROBES_TO_MARK_DOWN):
+            await table.probe_all()
+        answer = await asyncio.wait_for(request, 5)
+    finally:
+        await table.close()
+    assert answer.input_tokens == 9
+    assert (len(silent.requests), len(answering.requests)) == (1, 1)
+    assert len(a.calls) == 0
+    # Billed once, what the service that answered read.
+    assert admission.settled == [(9, 9_000_000)]
 
 
 async def test_a_reload_leaves_a_requests_budget_at_the_starts_max_generation_s():

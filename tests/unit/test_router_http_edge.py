@@ -23,6 +23,7 @@ from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
 from services.router.admission import TenantCalls
 from services.router.auth import Authenticator
+from services.router.deployments import OpenCalls
 from services.router.http_edge import _TCP_INFO, HttpEdge, _BoundedHeaders, _StalledPeerCut, http_error
 from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Failure
 from tests.unit.test_router_context_restart import busy
@@ -190,8 +191,8 @@ class InferenceServices:
     def __init__(self, *stubs: EmbedStub) -> None:
         self.stubs = stubs
 
-    def inference_stubs(self):
-        return list(self.stubs)
+    def inference_services(self):
+        return [(stub, OpenCalls()) for stub in self.stubs]
 
 
 async def posted(edge: HttpEdge, path: str, body: dict) -> tuple[int, dict]:
