@@ -68,7 +68,7 @@ _UNCOUNTED_SERVICES = (ADMIN_SERVICE,)
 class _PromptEmbeddings:
     """The prompt's embedding for model selection: one Embed call, made
     only for aliases that select, to the inference service of the first
-    deployment of the choices (the one their turn most likely goes to);
+    deployment of the choices in rotation (DeploymentTable.embedding_stub);
     None when it does not answer in time."""
 
     def __init__(self, deployments: DeploymentTable) -> None:
@@ -77,7 +77,7 @@ class _PromptEmbeddings:
         self._embedders: dict[int, InferenceEmbedder] = {}
 
     async def __call__(self, text: str, aliases: tuple[str, ...], timeout_s: float) -> np.ndarray | None:
-        stub = next((d.stub for alias in aliases for d in self._deployments.candidates(alias)), None)
+        stub = self._deployments.embedding_stub(aliases)
         if stub is None:
             return None
         embedder = self._embedders.get(id(stub))

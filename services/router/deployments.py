@@ -236,6 +236,20 @@ class DeploymentTable:
         one_per_address.sort(key=lambda deployment: self._addresses[deployment.address].down)
         return [(deployment.stub, deployment.calls) for deployment in one_per_address]
 
+    def embedding_stub(self, aliases: tuple[str, ...]):
+        """The stub of the first deployment of ``aliases`` (in that order,
+        each alias's in the configuration's) that admits traffic, else of
+        their first; None where they have none: where model selection asks
+        for a prompt's embedding. Not candidates(): ranking turns a
+        strategy's rotation of ties, so a turn that asked for its embedding
+        and then generated on that alias turned it twice, and under
+        least_outstanding every idle turn selected onto a two-deployment
+        alias went to the same deployment."""
+        deployments = [d for alias in aliases for d in self._by_alias.get(alias, [])]
+        admitting = (d for d in deployments if d.health.admits)
+        chosen = next(admitting, deployments[0] if deployments else None)
+        return None if chosen is None else chosen.stub
+
     def strategy(self, alias: str) -> balancing.Strategy | None:
         return self._strategies.get(alias)
 

@@ -4,8 +4,9 @@ alias "auto" that selects between a "fast" and a "strong" alias. Both are
 tiny-gpt on the one Triton here (smollm2 would add seconds of loading and
 nothing to what is tested: which alias, and so which deployment, answers);
 their deployments have names of their own, so the completion's deployment
-shows where the turn really went, and the prompt's embedding comes from
-the real minilm model through the inference service's Embed."""
+shows where the turn really went (the strong alias has two, balanced by
+least_outstanding), and the prompt's embedding comes from the real minilm
+model through the inference service's Embed."""
 
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ pytestmark = pytest.mark.integration
 KEY = "selection-test-key"
 PREMIUM_KEY = "selection-premium-key"
 
+STRONG_DEPLOYMENTS = ("strong-a", "strong-b")
+
 EASY = "What is the capital of France?"
 HARD = (
     "Write a Python function that merges k sorted lists in O(n log k) time. It must not use heapq, "
@@ -58,7 +61,11 @@ def _settings(redis_url: str, inference_address: str, embedding_timeout_s: float
             deployments=[DeploymentSettings(name="fast-local", address=inference_address, model="tiny-gpt")]
         ),
         "strong": ModelSettings(
-            deployments=[DeploymentSettings(name="strong-local", address=inference_address, model="tiny-gpt")]
+            routing_strategy="least_outstanding",
+            deployments=[
+                DeploymentSettings(name=name, address=inference_address, model="tiny-gpt")
+                for name in STRONG_DEPLOYMENTS
+            ],
         ),
     }
     return settings
@@ -100,9 +107,19 @@ async def test_an_easy_question_goes_to_the_fast_model_and_the_completion_says_w
 
 async def test_a_hard_request_goes_to_the_strong_model(router):
     _, completion = await _completion(router, HARD)
-    assert (completion.selected_model, completion.deployment) == ("strong", "strong-local")
+    assert completion.selected_model == "strong"
+    assert completion.deployment in STRONG_DEPLOYMENTS
     assert completion.selection_reason == "complexity"
     assert completion.selection_score >= 0.5
+
+
+async def test_turns_selected_onto_an_alias_are_balanced_over_its_deployments(router):
+    """Asking where to embed the prompt ranked the strong alias's
+    deployments, which turns least_outstanding's rotation of ties; the turn
+    then ranked them again to generate: two turns of the rotation a turn,
+    so every turn on idle deployments went to the same one of the two."""
+    deployments = [(await _completion(router, HARD))[1].deployment for _ in range(4)]
+    assert sorted(deployments) == sorted(STRONG_DEPLOYMENTS * 2), deployments
 
 
 async def test_prompts_of_full_stops_before_a_letter_do_not_stall_other_callers(router):
@@ -133,7 +150,8 @@ async def test_prompts_of_full_stops_before_a_letter_do_not_stall_other_callers(
 
 async def test_a_premium_tenant_gets_the_strong_model_for_an_easy_question(router):
     _, completion = await _completion(router, EASY, key=PREMIUM_KEY)
-    assert (completion.selected_model, completion.deployment) == ("strong", "strong-local")
+    assert completion.selected_model == "strong"
+    assert completion.deployment in STRONG_DEPLOYMENTS
     assert (completion.selection_reason, completion.selection_score) == ("tier", 0.0)
 
 

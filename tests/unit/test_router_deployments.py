@@ -47,6 +47,29 @@ async def test_an_open_circuit_puts_a_deployment_last_until_its_probe_succeeds()
         await table.close()
 
 
+async def test_a_selections_embedding_goes_to_the_first_deployment_in_rotation_turning_no_strategy():
+    table = DeploymentTable({"strong": model("least_outstanding", "a", "b"), "fast": model("weighted", "c")})
+    a, b, c = [d for alias in ("strong", "fast") for d in table._by_alias[alias]]
+    try:
+        assert table.embedding_stub(("strong", "fast")) is a.stub
+        # Asked for it, the rotation of ties did not turn: the next
+        # generation's ranking alternates as if it had not been asked.
+        firsts = []
+        for _ in range(4):
+            table.embedding_stub(("strong", "fast"))
+            firsts.append(table.candidates("strong")[0].name)
+        assert sorted(firsts) == ["a", "a", "b", "b"]
+        a.health.mark_down()
+        assert table.embedding_stub(("strong", "fast")) is b.stub
+        b.health.mark_down()
+        assert table.embedding_stub(("strong", "fast")) is c.stub
+        c.health.mark_down()
+        assert table.embedding_stub(("strong", "fast")) is a.stub  # none in rotation: the first
+        assert table.embedding_stub(("unknown",)) is None
+    finally:
+        await table.close()
+
+
 async def test_reconfiguring_keeps_what_a_strategy_learned_unless_it_changes():
     table = DeploymentTable({"m": model("kv_cost", "a", "b")})
     try:
