@@ -28,7 +28,11 @@ $(INSTALLED): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet --no-warn-conflicts -e ".[local,test]"
 	# Triton's Python stub was built for NumPy 1: it gets a small environment of its own.
 	$(PY) -m meshgate.local.triton --prepare-stub-env
-	# SmolLM2's tokenizer.json and chat template, from its GGUF's metadata (~3 s, once).
+	# The model repository's generated files, so Triton started alone
+	# (`python -m meshgate.local.triton`) finds them: tiny_gpt's seeded
+	# weights (~0.5 s) and SmolLM2's tokenizer.json and chat template, from
+	# its GGUF's metadata (~3 s); each once.
+	$(PY) model_repository/tiny_gpt/build_weights.py
 	$(PY) model_repository/smollm2/build_tokenizer.py
 	touch $@
 
