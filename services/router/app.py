@@ -65,6 +65,11 @@ SERVICE_NAMES = [router_service_pb2.DESCRIPTOR.services_by_name["RouterService"]
 _UNCOUNTED_SERVICES = (ADMIN_SERVICE,)
 
 
+# Prompt embedders kept at most (_PromptEmbeddings): far more than the
+# deployments of any configuration.
+_MAX_EMBEDDERS = 256
+
+
 class _PromptEmbeddings:
     """The prompt's embedding for model selection: one Embed call, made
     only for aliases that select, to the inference service of the first
@@ -73,16 +78,21 @@ class _PromptEmbeddings:
 
     def __init__(self, deployments: DeploymentTable) -> None:
         self._deployments = deployments
-        # One per inference service, so each keeps its throttled warning.
-        self._embedders: dict[int, InferenceEmbedder] = {}
+        # One per deployment's stub, so each keeps its throttled warning.
+        # Emptied past _MAX_EMBEDDERS: a reload replaces the deployments'
+        # stubs, and each replaced one's embedder (holding the stub and its
+        # channel) stayed for good, one more set at every such reload.
+        self._embedders: dict[object, InferenceEmbedder] = {}
 
     async def __call__(self, text: str, aliases: tuple[str, ...], timeout_s: float) -> np.ndarray | None:
         stub = self._deployments.embedding_stub(aliases)
         if stub is None:
             return None
-        embedder = self._embedders.get(id(stub))
+        embedder = self._embedders.get(stub)
         if embedder is None:
-            embedder = self._embedders[id(stub)] = InferenceEmbedder(stub)
+            if len(self._embedders) >= _MAX_EMBEDDERS:
+                self._embedders.clear()
+            embedder = self._embedders[stub] = InferenceEmbedder(stub)
         return await embedder.embed_or_none(text, timeout_s)
 
 

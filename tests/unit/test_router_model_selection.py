@@ -405,3 +405,31 @@ def test_the_http_edge_reports_the_choice_in_its_extension():
     )
     plain = http_edge._extension(Completion(Answer(), CacheStatus.MISS, 0.0, "", 0, "t" * 32, "fast"))
     assert (plain["selected_model"], plain["selection_reason"]) == ("fast", "")
+
+
+async def test_prompt_embedders_of_replaced_deployments_are_not_kept_for_good():
+    """Each reload that replaces the deployments' stubs made one more
+    embedder (holding its stub and channel) that stayed for good."""
+    from services.router import app
+
+    class Stub:
+        async def Embed(self, request, timeout):  # noqa: N802 (the gRPC method's name)
+            import grpc
+
+            metadata = grpc.aio.Metadata()
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, metadata, metadata, "down")
+
+    class Deployments:
+        stub = None
+
+        def embedding_stub(self, aliases):
+            return self.stub
+
+    deployments = Deployments()
+    embeddings = app._PromptEmbeddings(deployments)
+    for _ in range(3 * app._MAX_EMBEDDERS):
+        deployments.stub = Stub()  # what a reload does: new stubs
+        assert await embeddings("hello", ("strong",), 0.1) is None
+    assert len(embeddings._embedders) <= app._MAX_EMBEDDERS
+    # The stub in use is served by its own embedder.
+    assert embeddings._embedders[deployments.stub]._stub is deployments.stub
