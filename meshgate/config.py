@@ -59,6 +59,14 @@ class RedisSettings:
     # redis+cluster://host:port[,host:port...] (rediss+cluster://), any of
     # its nodes; see meshgate/redis_access.py.
     url: str = "redis://127.0.0.1:6379/0"
+    # How long a Redis that does not answer (stopped, partitioned: the
+    # socket stays open, nothing comes back) is waited for, per command and
+    # per connection attempt, before a call fails UNAVAILABLE
+    # REDIS_UNAVAILABLE. Well under router.downstream_timeout_s, so that a
+    # caller hears that reason rather than a bare DEADLINE_EXCEEDED; above
+    # cache.report_replication_timeout_s, which a WAIT blocks for. go-redis
+    # waits 3 s, Jedis 2 s; redis-py's default is for ever.
+    timeout_s: float = 3.0
 
 
 @dataclasses.dataclass
@@ -1172,6 +1180,7 @@ def load_settings(
     _apply_environment(raw, environ)
     settings = _build(Settings, raw, "")
     _check_numbers(settings, "")
+    _check_redis_timeout(settings)
     _check_addresses(settings)
     check_router_models(settings)
     return settings
@@ -1189,6 +1198,8 @@ _POSITIVE = frozenset(
         "stream_stall_s",
         "downstream_timeout_s",
         "max_generation_s",
+        # At zero redis-py waits for ever.
+        "timeout_s",
         # Redis's WAIT reads a timeout of 0 as none at all.
         "report_replication_timeout_s",
         "summary_timeout_s",
@@ -1258,6 +1269,18 @@ def check_listen(name: str, address: str) -> None:
         raise ConfigError(
             f"{name} must name a host; {address!r} names none (0.0.0.0:{port} or [::]:{port} listens "
             f"on every interface, 127.0.0.1:{port} on this host only)"
+        )
+
+
+def _check_redis_timeout(settings: Settings) -> None:
+    """A ReportWrongHit's WAIT blocks for cache.report_replication_timeout_s
+    on its connection: a socket timeout no longer than that failed every
+    replicated report as a Redis outage."""
+    if settings.redis.timeout_s <= settings.cache.report_replication_timeout_s:
+        raise ConfigError(
+            f"redis.timeout_s ({settings.redis.timeout_s:g}) must exceed "
+            f"cache.report_replication_timeout_s ({settings.cache.report_replication_timeout_s:g}), "
+            "which Redis's WAIT blocks for"
         )
 
 

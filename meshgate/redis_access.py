@@ -33,7 +33,7 @@ from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
-from meshgate.config import ConfigError
+from meshgate.config import ConfigError, RedisSettings
 from meshgate.errors import MeshgateError, unavailable
 from meshgate.reasons import Reason
 from meshgate.telemetry import ThrottledLog
@@ -44,6 +44,10 @@ log = structlog.get_logger(__name__)
 # timeout) instead of failing: a burst must queue, not look like an outage.
 MAX_CONNECTIONS = 128
 POOL_WAIT_S = 5.0
+
+# A pooled connection idle this long is PINGed before its next command (one
+# a restarted Redis closed is replaced, not failed on).
+HEALTH_CHECK_INTERVAL_S = 30
 
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -197,19 +201,23 @@ class _Parser(DefaultParser):
         return error
 
 
-def connect(url: str) -> Client:
+def connect(url: str, timeout_s: float = RedisSettings.timeout_s) -> Client:
+    """A client whose every command and connection attempt gives up after
+    ``timeout_s`` (redis.timeout_s) of silence: a stalled Redis costs a call
+    one timeout, once (no command is retried, nor the call by gRPC:
+    errors.py _NOT_RETRIED_REASONS)."""
     _check_url(url)
     if is_cluster(url):
-        return _connect_cluster(url)
+        return _connect_cluster(url, timeout_s)
     pool = redis.BlockingConnectionPool.from_url(
         url,
         max_connections=MAX_CONNECTIONS,
         timeout=POOL_WAIT_S,
         decode_responses=False,
         parser_class=_Parser,
-        health_check_interval=30,
-        socket_connect_timeout=5,
-        socket_timeout=10,
+        health_check_interval=HEALTH_CHECK_INTERVAL_S,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
         # No command is ever retried, on timeout or on a broken connection:
         # a write script that ran but whose reply was lost would run twice (a
         # turn appended twice). Stale connections are instead caught before a
@@ -244,7 +252,7 @@ def _cluster_nodes(url: str) -> tuple[str, list[ClusterNode]]:
     return plain, nodes
 
 
-def _connect_cluster(url: str, socket_timeout: float | None = 10) -> RedisCluster:
+def _connect_cluster(url: str, timeout_s: float, *, subscriber: bool = False) -> RedisCluster:
     plain, nodes = _cluster_nodes(url)
     client = RedisCluster.from_url(
         plain,
@@ -253,9 +261,9 @@ def _connect_cluster(url: str, socket_timeout: float | None = 10) -> RedisCluste
         # Per node; past it a command fails with MaxConnectionsError (a
         # cluster pool does not queue like the single node's).
         max_connections=MAX_CONNECTIONS,
-        health_check_interval=30,
-        socket_connect_timeout=5,
-        socket_timeout=socket_timeout,
+        health_check_interval=HEALTH_CHECK_INTERVAL_S,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=None if subscriber else timeout_s,
         # Masters only, said outright though it is the default (no strategy:
         # no reads from READONLY replicas): a replica may not have the turn
         # its master just acknowledged, and a reader must see every
@@ -290,8 +298,10 @@ async def connect_subscriber(url: str) -> Client:
     before it can pick one."""
     _check_url(url)
     if not is_cluster(url):
-        return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
-    client = _connect_cluster(url, socket_timeout=None)
+        return redis.Redis.from_url(
+            url, socket_connect_timeout=RedisSettings.timeout_s, health_check_interval=HEALTH_CHECK_INTERVAL_S
+        )
+    client = _connect_cluster(url, RedisSettings.timeout_s, subscriber=True)
     try:
         await client.initialize()
     except redis_errors.RedisClusterException as error:
@@ -301,11 +311,12 @@ async def connect_subscriber(url: str) -> Client:
     return client
 
 
-async def connect_checked(url: str) -> Client:
-    """A client whose Redis answered a PING: a service fails fast at start-up
-    with a clear message instead of on its first request. A Redis that may
-    evict keys is logged loudly (:func:`eviction_policy`)."""
-    client = connect(url)
+async def connect_checked(url: str, timeout_s: float = RedisSettings.timeout_s) -> Client:
+    """A client (:func:`connect`) whose Redis answered a PING: a service
+    fails fast at start-up with a clear message instead of on its first
+    request. A Redis that may evict keys is logged loudly
+    (:func:`eviction_policy`)."""
+    client = connect(url, timeout_s)
     try:
         await client.ping()
     except CONNECTION_ERRORS as error:

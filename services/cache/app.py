@@ -44,7 +44,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     local_embedder = None
     if config.embedder == "local":
         local_embedder = LocalEmbedder.load_configured(config.embedding_model, setting="cache.embedder")
-    client = await redis_access.connect_checked(settings.redis.url)
+    client = await redis_access.connect_checked(settings.redis.url, settings.redis.timeout_s)
     channel = None
     if local_embedder is None:
         # Embeddings act for no tenant: the cache's certificate is enough there.

@@ -72,7 +72,7 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
     # Tokenizer and chat template files are read here, once, before serving
     # starts; a template the counts cannot follow exactly stops it here.
     counters = token_counts.for_models(settings.models)
-    client = await redis_access.connect_checked(settings.redis.url)
+    client = await redis_access.connect_checked(settings.redis.url, settings.redis.timeout_s)
     store = SessionStore(
         client,
         settings.context.session_ttl_s,

@@ -128,7 +128,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     # Limits and the usage ledger share the mesh's Redis ([redis]). The
     # client connects lazily: a router without limits still starts (and
     # serves) while Redis is down; its usage records are then logged as lost.
-    redis = redis_access.connect(settings.redis.url)
+    redis = redis_access.connect(settings.redis.url, settings.redis.timeout_s)
     router = settings.router
     _warn_of_public_dev_key(router)
     ledger = Ledger(redis, router.usage_stream_max_len, router.usage_retention_days)
