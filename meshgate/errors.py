@@ -256,9 +256,22 @@ def _failure(error: BaseException, method: str) -> MeshgateError:
     return internal_error()
 
 
+# Failures no other replica can answer differently: every replica of every
+# service shares the one Redis. A channel's retry policy (serving.py
+# _RETRY_POLICY, up to three attempts on UNAVAILABLE) only waited out the same
+# outage again: a stalled Redis held a GetSession for three socket timeouts
+# instead of one. gRPC reads a negative retry pushback as "do not retry"
+# (gRFC A6), and a caller's own retry of the call stays its choice.
+_NOT_RETRIED_REASONS = frozenset({Reason.REDIS_UNAVAILABLE, Reason.LIMITS_UNAVAILABLE})
+_NO_RETRY = ("grpc-retry-pushback-ms", "-1")
+
+
 async def _abort(failure: MeshgateError, context: grpc.aio.ServicerContext) -> None:
     status = failure.to_status()
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    trailing = status.trailing_metadata
+    if failure.domain == DOMAIN and failure.reason in _NOT_RETRIED_REASONS:
+        trailing = (*trailing, _NO_RETRY)
+    await context.abort(status.code, status.details, trailing)
 
 
 async def _checked_iterator(requests: collections.abc.AsyncIterator[Any]):
