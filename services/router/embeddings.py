@@ -23,7 +23,7 @@ import grpc
 
 from meshgate.config import InferenceSettings, RouterSettings
 from meshgate.embedding_input import check_texts
-from meshgate.errors import MeshgateError, from_rpc_error, not_found
+from meshgate.errors import MeshgateError, from_rpc_error, not_found, unavailable
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
 from services.router.admission import TurnAdmission
@@ -164,6 +164,15 @@ class Embeddings:
                 last_error = error
             finally:
                 calls.discard(call)
+        if last_error is not None and last_error.code() == grpc.StatusCode.UNAVAILABLE:
+            # As a turn whose every deployment failed says it
+            # (downstream.Deployments): the reason names the condition, the
+            # message the last refusal's own words (a transport failure's
+            # host and port are for our logs only: from_rpc_error).
+            detail = from_rpc_error(last_error, "inference").message
+            raise unavailable(
+                Reason.NO_DEPLOYMENT_AVAILABLE, f"no inference service could embed: {detail}"
+            ) from last_error
         if last_error is not None:
             raise from_rpc_error(last_error, "inference") from last_error
         raise MeshgateError(

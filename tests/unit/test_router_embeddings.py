@@ -306,3 +306,16 @@ async def test_a_reload_leaves_a_requests_budget_at_the_starts_max_generation_s(
     await embeddings.embed(TENANT, "minilm", ["a cat"])
     (timeout_s,) = inference.timeouts
     assert 1.0 < timeout_s <= 300.0
+
+
+async def test_every_inference_service_unavailable_is_said_as_a_turns_is():
+    """A turn whose every deployment failed ends NO_DEPLOYMENT_AVAILABLE; an
+    embeddings request over the same down services ended DOWNSTREAM_FAILED."""
+    embeddings, _, _ = core(Replicas(Inference(unavailable_rpc()), Inference(unavailable_rpc())))
+    with pytest.raises(MeshgateError) as failed:
+        await embeddings.embed(TENANT, "minilm", ["a cat"])
+    assert (failed.value.code, failed.value.reason) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "NO_DEPLOYMENT_AVAILABLE",
+    )
+    assert failed.value.message.startswith("no inference service could embed")
