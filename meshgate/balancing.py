@@ -396,8 +396,12 @@ class Weighted(Strategy):
 
     def rank(self, targets, request):
         remaining, ordered = list(targets), []
+        # As shares of the largest: weights near the float maximum (finite,
+        # so accepted at load) summed to infinity, and every draw raised.
+        largest = max((t.weight for t in targets), default=1.0)
+        scale = largest if largest > 1.0 else 1.0
         while remaining:
-            pick = self._rng.choices(remaining, weights=[max(t.weight, 1e-9) for t in remaining])[0]
+            pick = self._rng.choices(remaining, weights=[max(t.weight / scale, 1e-9) for t in remaining])[0]
             ordered.append(pick)
             remaining.remove(pick)
         return ordered

@@ -73,6 +73,27 @@ def test_weighted_draw_follows_the_weights():
     assert sorted(keys(strategy.rank([heavy, light], RouteRequest()))) == ["heavy", "light"]
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "weighted",
+        "least_outstanding",
+        "queue_aware",
+        "prefix_affinity",
+        "kv_cost",
+        "p2c_ttft",
+        "session_affinity",
+    ],
+)
+def test_weights_near_the_float_maximum_still_rank(name):
+    """Finite weights are accepted at load; two near 1e308 summed to
+    infinity, and the weighted draw raised on every turn."""
+    strategy = balancing.build(name, block_size=16)
+    a, b = FakeTarget("a", weight=1.5e308), FakeTarget("b", weight=1.5e308)
+    for request in requests_of_every_kind(4):
+        assert sorted(keys(balancing.order(strategy, [a, b], request))) == ["a", "b"]
+
+
 def test_least_outstanding_prefers_fewest_in_flight_per_weight_and_spreads_ties():
     busy = FakeTarget("busy", in_flight=4)
     big = FakeTarget("big", in_flight=4, weight=4.0)  # 1 per unit of weight
