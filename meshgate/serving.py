@@ -511,8 +511,9 @@ class Service:
             options=SERVER_OPTIONS,
         )
         self.cleanup: Cleanup = _nothing
-        # Other servers of the service (the router's HTTP edge), drained
-        # with the gRPC server, each given the same grace.
+        # What else of the service drains with the gRPC server (the router's
+        # HTTP edge and ChatSession streams, the context service's
+        # summaries), each given the same grace.
         self.drains: list[Drain] = []
         # A service whose readiness depends on others reports it itself,
         # and must stop doing so once the service drains.

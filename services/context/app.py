@@ -85,6 +85,8 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
     # enough there. Summaries go as background work (GenerateRequest.background).
     channel = serving.client_channel(settings.context.inference_address, mesh.to("inference"))
     summarizer = _summarizer(settings, store, client, channel, counters)
+    # Summaries under way finish within the grace, as the calls in flight do.
+    service.drains.append(summarizer.drain)
     changes = change_listener(settings.redis.url, hot, summarizer)
     changes.start()
     servicer = ContextServicer(

@@ -667,8 +667,28 @@ class Summarizer:
     def _start(self, key: tuple[str, str]) -> None:
         self._running[key] = asyncio.create_task(self._run(key))
 
+    async def drain(self, grace_s: float) -> None:
+        """serving.stop's drain (services/context/app.py): the runs under
+        way, and those waiting for a place, go on for at most ``grace_s``,
+        beside the calls in flight. Left to close(), a stop with no call in
+        flight cancelled them at once: a span due stayed unsummarized until
+        its session's next append (on whichever replica took it), the
+        prompts meanwhile had nothing for the turns they left out, and the
+        model's tokens spent on it went unbilled."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        # A run that ends starts a waiting one (_run): looked at again.
+        while self._running and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(list(self._running.values()), timeout=left)
+
     async def close(self) -> None:
         self._closed = True
+        if self._running or self._waiting:
+            log.warning(
+                "summaries cut by the stop; each session's next append runs them again",
+                running=len(self._running),
+                waiting=len(self._waiting),
+            )
         self._waiting.clear()
         for task in list(self._running.values()):
             task.cancel()

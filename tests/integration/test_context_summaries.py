@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import grpc
 import pytest
 import redis.asyncio as redis
 
+from meshgate import serving
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as pb
+from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.inference.v1 import inference_service_pb2_grpc
+from services.context import app as context_app
 from services.context import store as session_store
 from services.context import summaries as summaries_lib
 from services.context import token_counts
@@ -31,6 +35,7 @@ from tests.integration.test_context_service import (
     running,
 )
 from tests.integration.test_context_versions import _data_commands, _own_redis, _settled
+from tests.mesh import router_channel
 
 pytestmark = pytest.mark.integration
 
@@ -619,4 +624,44 @@ async def test_after_a_restart_with_another_span_length_no_summary_is_made_of_co
             covered = [turn for first, end in included for turn in range(first, end)]
             # Every compacted turn is told once, by the summary the manifest names.
             assert covered == list(range(14)), (budget, included)
+    await client.aclose()
+
+
+async def test_a_summary_under_way_when_the_service_stops_is_written_within_the_grace(
+    redis_url, tenant, monkeypatch
+) -> None:
+    """A stop with no call in flight drained at once, and the cleanup then
+    cancelled the runs under way: a span due was left unsummarized (its
+    model's tokens spent, unbilled) until the session's next append, on
+    whichever replica took it, and its prompts until then had nothing for
+    the turns they left out. A rolling restart did that to every session
+    being summarized."""
+    asked = asyncio.Event()
+
+    async def slow_model(self, turns):
+        asked.set()
+        await asyncio.sleep(1.0)  # a real model's generation, on a loaded CPU
+        return summaries_lib.ModelAnswer(
+            "Maria signed for the crates.", summaries_lib.ModelSpend("tiny-gpt", 9, 6)
+        )
+
+    monkeypatch.setattr(summaries_lib.ModelSummarizer, "summarize", slow_model)
+    client = redis.Redis.from_url(redis_url)
+    settings = summary_settings(redis_url, model="tiny-gpt")
+    service = serving.Service("context", context_app.SERVICE_NAMES)
+    port = await serving.start(service, "127.0.0.1:0", await context_app.setup(service, settings))
+    try:
+        async with router_channel(f"127.0.0.1:{port}", "context") as channel:
+            stub = context_service_pb2_grpc.ContextServiceStub(channel)
+            session_id = await new_session(stub, tenant)
+            await append_turns(stub, tenant, session_id, 2 * SPAN)
+        await asyncio.wait_for(asked.wait(), 10)
+    finally:
+        started = time.monotonic()
+        await serving.stop(service, grace_s=10)
+    # Held for the run, not for the whole grace.
+    assert time.monotonic() - started < 5
+    spans, _ = await SummaryStore(client, 0).spans(tenant, session_id)
+    assert set(spans) == {(0, SPAN)}
+    assert spans[0, SPAN].method == "model:tiny-gpt"
     await client.aclose()
