@@ -290,18 +290,19 @@ def _connect_cluster(url: str, timeout_s: float, *, subscriber: bool = False) ->
     return client
 
 
-async def connect_subscriber(url: str) -> Client:
+async def connect_subscriber(url: str, timeout_s: float = RedisSettings.timeout_s) -> Client:
     """A client for one long subscription: no socket timeout, which would end
-    an idle one. On a cluster, PUBLISH reaches every node, so a subscription
-    on whichever node the client picks (the master of the channel's slot)
-    hears every service's notices; the client must know the cluster's nodes
-    before it can pick one."""
+    an idle one (ChannelListener PINGs it instead); ``timeout_s``
+    (redis.timeout_s) bounds each connection attempt. On a cluster, PUBLISH
+    reaches every node, so a subscription on whichever node the client
+    picks (the master of the channel's slot) hears every service's notices;
+    the client must know the cluster's nodes before it can pick one."""
     _check_url(url)
     if not is_cluster(url):
         return redis.Redis.from_url(
-            url, socket_connect_timeout=RedisSettings.timeout_s, health_check_interval=HEALTH_CHECK_INTERVAL_S
+            url, socket_connect_timeout=timeout_s, health_check_interval=HEALTH_CHECK_INTERVAL_S
         )
-    client = _connect_cluster(url, RedisSettings.timeout_s, subscriber=True)
+    client = _connect_cluster(url, timeout_s, subscriber=True)
     try:
         await client.initialize()
     except redis_errors.RedisClusterException as error:
@@ -491,8 +492,11 @@ class ChannelListener:
         on_message: collections.abc.Callable[[bytes], None],
         set_live: collections.abc.Callable[[bool], None],
         retry_s: float = 0.5,
+        timeout_s: float = RedisSettings.timeout_s,
     ) -> None:
         self._url = url
+        # redis.timeout_s: each connection attempt's bound.
+        self._timeout_s = timeout_s
         self._channel = channel
         self._on_message = on_message
         self._set_live = set_live
@@ -522,7 +526,7 @@ class ChannelListener:
             # to follow through failovers.
             client = None
             try:
-                client = await connect_subscriber(self._url)
+                client = await connect_subscriber(self._url, self._timeout_s)
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(self._channel)
                     async for message in self._heard(pubsub):

@@ -87,7 +87,7 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
     summarizer = _summarizer(settings, store, client, channel, counters)
     # Summaries under way finish within the grace, as the calls in flight do.
     service.drains.append(summarizer.drain)
-    changes = change_listener(settings.redis.url, hot, summarizer)
+    changes = change_listener(settings.redis.url, hot, summarizer, settings.redis.timeout_s)
     changes.start()
     servicer = ContextServicer(
         store,

@@ -32,6 +32,7 @@ import time
 import structlog
 
 from meshgate import redis_access
+from meshgate.config import RedisSettings
 from services.context.store import CHANGES_CHANNEL, StoredSession
 
 log = structlog.get_logger(__name__)
@@ -212,9 +213,12 @@ def _parse(data: bytes) -> tuple[str, int] | None:
         return None
 
 
-def change_listener(url: str, cache: HotCache, summarizer=None) -> redis_access.ChannelListener:
+def change_listener(
+    url: str, cache: HotCache, summarizer=None, timeout_s: float = RedisSettings.timeout_s
+) -> redis_access.ChannelListener:
     """Feeds ``cache`` the change notices of every replica, from its own
-    Redis connection; empties and bypasses the cache while disconnected.
+    Redis connection (each attempt bounded by ``timeout_s``,
+    redis.timeout_s); empties and bypasses the cache while disconnected.
     The ``summarizer`` (services/context/summaries.py), if any, hears the
     deletions and the disconnections too, for the summaries it keeps."""
 
@@ -231,4 +235,4 @@ def change_listener(url: str, cache: HotCache, summarizer=None) -> redis_access.
             summarizer.drop_hot(None)
             summarizer.notices_live = live
 
-    return redis_access.ChannelListener(url, CHANGES_CHANNEL, on_message, set_live)
+    return redis_access.ChannelListener(url, CHANGES_CHANNEL, on_message, set_live, timeout_s=timeout_s)

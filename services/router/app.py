@@ -138,7 +138,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         hot_exact = HotExactHits(
             router.hot_exact_entries, router.hot_exact_max_age_s, max_bytes=router.hot_exact_max_bytes
         )
-        listener = notice_listener(settings.redis.url, hot_exact)
+        listener = notice_listener(settings.redis.url, hot_exact, settings.redis.timeout_s)
         listener.start()
     cache = CacheService(
         cache_service_pb2_grpc.CacheServiceStub(cache_channel), tenant_tokens, settings.router, hot_exact

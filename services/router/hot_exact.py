@@ -266,12 +266,15 @@ class HotExactHits:
                     del self._by_entry[entry_id]
 
 
-def notice_listener(url: str, hits: HotExactHits) -> redis_access.ChannelListener:
+def notice_listener(url: str, hits: HotExactHits, timeout_s: float) -> redis_access.ChannelListener:
     """Feeds ``hits`` the cache service's notices from its own Redis
-    connection; drops and bypasses the copies while disconnected."""
+    connection (each attempt bounded by ``timeout_s``, redis.timeout_s);
+    drops and bypasses the copies while disconnected."""
 
     def set_live(live: bool) -> None:
         hits.clear()
         hits.live = live
 
-    return redis_access.ChannelListener(url, cache_notices.CHANNEL, hits.announce, set_live)
+    return redis_access.ChannelListener(
+        url, cache_notices.CHANNEL, hits.announce, set_live, timeout_s=timeout_s
+    )

@@ -3,6 +3,7 @@ connects: redis-py's clients open connections on their first command."""
 
 from __future__ import annotations
 
+import asyncio
 import urllib.parse
 
 import grpc
@@ -294,3 +295,29 @@ async def test_a_write_asked_to_wait_for_no_replica_sends_only_its_script() -> N
     result = await redis_access.run_script_replicated(Client(), script, ["k"], [], 0, 1.0)
     assert (result.reply, result.wanted, result.acknowledged) == (7, 0, 0)
     assert sent == ["script"]
+
+
+async def test_a_subscription_connects_within_the_configured_redis_timeout(monkeypatch) -> None:
+    # redis.timeout_s bounds every connection attempt; a subscriber's too
+    # (the hot copies' listeners). It took the 3 s default whatever was set.
+    client = await redis_access.connect_subscriber("redis://127.0.0.1:6379/0", 7.5)
+    assert client.connection_pool.connection_kwargs["socket_connect_timeout"] == 7.5
+    await client.aclose()
+
+    asked: list[float] = []
+
+    async def unreachable(url: str, timeout_s: float) -> None:
+        asked.append(timeout_s)
+        raise redis.ConnectionError("no Redis here")
+
+    monkeypatch.setattr(redis_access, "connect_subscriber", unreachable)
+    listener = redis_access.ChannelListener(
+        "redis://127.0.0.1:6379/0", "channel", lambda data: None, lambda live: None, timeout_s=7.5
+    )
+    listener.start()
+    try:
+        while not asked:
+            await asyncio.sleep(0.01)
+    finally:
+        await listener.close()
+    assert asked[0] == 7.5
