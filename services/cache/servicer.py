@@ -76,7 +76,7 @@ _USER = common_pb2.ROLE_USER
 # trip of a top-up takes milliseconds (at most SYNC_BATCH rows, ~1.6 MB at
 # 384 dimensions); one hung on a stalled connection held every semantic
 # lookup of its sub-partition until the holder's deadline (the router's:
-# 10 s) or the socket timeout (10 s) ended it. A second, not less: a
+# 10 s) or the Redis timeout (redis.timeout_s) ended it. A second, not less: a
 # busy event loop delays the holder's turn after a reply has come, and
 # waiters that gave up too early would each read the whole backlog, the
 # stampede the shared top-up is for.
@@ -593,7 +593,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         fills, as a top-up's waiters do (_queue_for_top_up): a first load
         whose read hung on one stalled pooled connection, while Redis
         answered the others, held every lookup of the sub-partition until
-        the socket timeout (10 s) ended it. The load itself goes on; the
+        the Redis timeout (redis.timeout_s) ended it. The load itself goes on; the
         lookups arriving while it hangs each read for themselves. Last:
         whether this lookup read alone (a read begun after it asked)."""
         loop = asyncio.get_running_loop()

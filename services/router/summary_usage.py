@@ -47,7 +47,9 @@ take written to the ledger and offered again more than
 ledger.TAKE_MARKER_TTL_S later (no router sweeping for a day between the
 write and the acknowledgement) is billed twice; the budgets (not the
 ledger) miss a take whose writer died between its ledger write and its
-budgets' charge (Admission.charge_spent, batched). During a rolling
+budgets' charge (Admission.charge_spent, batched), or whose ledger write ran but whose
+reply was lost (a timeout): its retry finds the marker set and charges
+nothing. During a rolling
 upgrade, a context service older than the hold takes for good (a router
 killed before its write, or whose every send of a take lost its reply,
 loses what it took), and a router older than the hold neither sees a held
