@@ -1,0 +1,506 @@
+"""The session store (services/context/store.py, and the pins of
+services/context/turn_index.py) against a plain Python model of its
+sessions, over a real Redis: hypothesis drives random sequences of create,
+append (with and without an expected version and a turn id, concurrent
+ones too), read at a version, revert, fork, pin, unpin, compaction and
+delete, and after every step what Redis holds must be what the module's
+docstring says: the model's turns, versions, history, turn ids, pins,
+token counts and byte count, every key renewed, and nothing at all of a
+session that is gone. A refused step must leave everything as it was."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import uuid
+
+import grpc
+import numpy as np
+import pytest
+import redis.asyncio as redis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+
+from meshgate.common.v1 import common_pb2
+from meshgate.errors import MeshgateError
+from meshgate.reasons import Reason
+from services.context import relevance, turn_index
+from services.context import store as session_store
+
+pytestmark = pytest.mark.integration
+
+TTL_S = 600
+# Small caps, so that sequences reach them, and compaction makes room again.
+MAX_TURNS = 8
+MAX_BYTES = 300
+# TURN_IDS_KEPT for the run: small, so compactions drop turn ids.
+TURN_IDS_KEPT = 2
+COUNTER = "model-counter"
+SESSIONS = ("s1", "s2", "s3")
+TURN_IDS = ("", "", "id1", "id2", "id3")
+FACTS = ("f:Ana lives in Lisbon", "f:prefers tea")
+# What ...:versions holds for a version a revert undid, as the scripts compare it.
+UNDONE = session_store.UNDONE
+
+ROLES = st.sampled_from([common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT, common_pb2.ROLE_SYSTEM])
+# Few words, so that turns share terms (and postings), up to ~40 bytes.
+CONTENT = st.lists(
+    st.sampled_from(["Ana", "moved", "to", "Lisbon", "tea", "tea", "in", "2020"]), max_size=6
+).map(" ".join)
+TURNS = st.lists(
+    st.builds(common_pb2.Message, role=ROLES, content=CONTENT),
+    min_size=1,
+    max_size=3,
+)
+
+
+@dataclasses.dataclass
+class Session:
+    """What one life of a session should hold."""
+
+    version: int = 0
+    # Serialized turns, oldest first; b"" once compaction emptied one.
+    turns: list[bytes] = dataclasses.field(default_factory=list)
+    # The turns as appended, whatever compaction did to their bodies: what
+    # their index rows were made of.
+    messages: list[common_pb2.Message] = dataclasses.field(default_factory=list)
+    counts: list[int] = dataclasses.field(default_factory=list)
+    # Turns held at each version; None for one a revert undid.
+    history: list[int | None] = dataclasses.field(default_factory=lambda: [0])
+    turn_ids: dict[str, int] = dataclasses.field(default_factory=dict)
+    pins: list[str] = dataclasses.field(default_factory=list)
+    compacted: int = 0
+    compacted_version: int = -1
+
+    @property
+    def system(self) -> list[bool]:
+        return [message.role == common_pb2.ROLE_SYSTEM for message in self.messages]
+
+    @property
+    def live(self) -> int:
+        return len(self.turns) - self.compacted
+
+    @property
+    def bytes(self) -> int:
+        return sum(len(turn) for turn in self.turns)
+
+    def turns_at(self, version: int) -> int | None:
+        return self.history[version] if 0 <= version <= self.version else None
+
+
+def vectors_of(turns: list[common_pb2.Message]) -> np.ndarray:
+    """Any embedding the model can tell apart: the index only keeps it."""
+    rows = [[len(turn.content) + 1, turn.role, 1, -1] for turn in turns]
+    return np.array(rows, dtype=np.float32).reshape(len(turns), 4)
+
+
+def index_of(model: Session) -> tuple[bytes, bytes, bytes, list[tuple[bytes, int]]]:
+    """The turn index the model's session should hold (turn_index.py's
+    docstring): roles and term counts of every turn, vectors and postings of
+    the live ones."""
+    features = turn_index.features(model.messages)
+    postings = [
+        (term.encode(), relevance.pack_posting(position, frequency))
+        for position, turn in enumerate(features)
+        if position >= model.compacted
+        for term, frequency in turn.terms.items()
+    ]
+    return (
+        bytes(message.role for message in model.messages),
+        turn_index.term_counts(features).tobytes(),
+        relevance.quantize(vectors_of(model.messages[model.compacted :])).tobytes(),
+        sorted(postings),
+    )
+
+
+def counts_of(turns: list[common_pb2.Message]) -> list[int]:
+    """Any per-turn counts the model can tell apart: the store only keeps them."""
+    return [len(turn.content) + 1 for turn in turns]
+
+
+class SessionStoreMachine(RuleBasedStateMachine):
+    # Set by the test: one event loop and Redis for every example.
+    runner: asyncio.Runner
+    redis_url: str
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tenant = f"model-{uuid.uuid4().hex[:8]}"
+        self.client = redis.Redis.from_url(self.redis_url)
+        self.store = session_store.SessionStore(self.client, TTL_S, MAX_TURNS, MAX_BYTES)
+        self.index = turn_index.TurnIndex(self.client, TTL_S)
+        self.sessions: dict[str, Session] = {}
+
+    def teardown(self) -> None:
+        self.run(self.client.aclose())
+
+    def run(self, awaitable):
+        return self.runner.run(awaitable)
+
+    def refused(self, awaitable, code: grpc.StatusCode, reason: Reason) -> MeshgateError:
+        with pytest.raises(MeshgateError) as caught:
+            self.run(awaitable)
+        assert (caught.value.code, caught.value.reason) == (code, reason), caught.value.message
+        return caught.value
+
+    def missing(self, awaitable) -> None:
+        self.refused(awaitable, grpc.StatusCode.NOT_FOUND, Reason.SESSION_NOT_FOUND)
+
+    def append_call(self, session_id: str, expected: int | None, turns, turn_id: str = ""):
+        return self.store.append(
+            self.tenant, session_id, expected, turns, {COUNTER: counts_of(turns)}, turn_id
+        )
+
+    def apply_append(
+        self, session_id: str, model: Session, turns: list[common_pb2.Message], turn_id: str, created_ms: int
+    ) -> None:
+        """The model's append, and the index write the servicer follows it with."""
+        first = len(model.turns)
+        model.turns += [turn.SerializeToString() for turn in turns]
+        model.messages += turns
+        model.counts += counts_of(turns)
+        model.version += 1
+        model.history.append(len(model.turns))
+        if turn_id:
+            model.turn_ids[turn_id] = model.version
+        write = self.index.write(
+            self.tenant,
+            session_id,
+            model.version,
+            turn_index.features(turns),
+            vectors_of(turns),
+            created_ms=created_ms,
+        )
+        assert self.run(write) == first
+
+    def room_for(self, model: Session, turns: list[common_pb2.Message]) -> bool:
+        added = sum(len(turn.SerializeToString()) for turn in turns)
+        return model.live + len(turns) <= MAX_TURNS and model.bytes + added <= MAX_BYTES
+
+    # --- rules ------------------------------------------------------------------
+
+    @initialize()
+    def create_the_first(self) -> None:
+        """Most rules need a session: every sequence starts with one."""
+        self.create(SESSIONS[0])
+
+    @rule(session_id=st.sampled_from(SESSIONS))
+    def create(self, session_id: str) -> None:
+        if session_id in self.sessions:
+            self.refused(
+                self.store.create(self.tenant, session_id),
+                grpc.StatusCode.ALREADY_EXISTS,
+                Reason.SESSION_EXISTS,
+            )
+            return
+        self.run(self.store.create(self.tenant, session_id))
+        self.sessions[session_id] = Session()
+
+    @rule(
+        session_id=st.sampled_from(SESSIONS),
+        turns=TURNS,
+        expected=st.sampled_from(["current", "stale", "ahead", "any"]),
+        turn_id=st.sampled_from(TURN_IDS),
+    )
+    def append(self, session_id: str, turns, expected: str, turn_id: str) -> None:
+        model = self.sessions.get(session_id)
+        if model is None:
+            self.missing(self.append_call(session_id, None, turns, turn_id))
+            return
+        version = {"current": model.version, "stale": model.version - 1, "ahead": model.version + 1}
+        expected_version = version.get(expected)
+        call = self.append_call(session_id, expected_version, turns, turn_id)
+        if turn_id in model.turn_ids:
+            appended = self.run(call)
+            assert (appended.version, appended.replayed) == (model.turn_ids[turn_id], True)
+        elif expected_version is not None and expected_version != model.version:
+            error = self.refused(call, grpc.StatusCode.ABORTED, Reason.VERSION_CONFLICT)
+            assert error.metadata["current_version"] == str(model.version)
+        elif not self.room_for(model, turns):
+            self.refused(call, grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.SESSION_FULL)
+        else:
+            appended = self.run(call)
+            self.apply_append(session_id, model, turns, turn_id, appended.create_time_ms)
+            assert (appended.version, appended.replayed, appended.held_bytes) == (
+                model.version,
+                False,
+                model.bytes,
+            )
+
+    @rule(session_id=st.sampled_from(SESSIONS), writers=st.integers(2, 4))
+    def concurrent_appends(self, session_id: str, writers: int) -> None:
+        """Appends at one expected version, at once: exactly one wins."""
+        model = self.sessions.get(session_id)
+        turns = [[common_pb2.Message(role=common_pb2.ROLE_USER, content=f"w{i}")] for i in range(writers)]
+        if model is None or not self.room_for(model, turns[0]):
+            return
+
+        async def race():
+            calls = (self.append_call(session_id, model.version, turn) for turn in turns)
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        outcomes = self.run(race())
+        won = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, session_store.Appended)]
+        assert len(won) == 1, outcomes
+        for i, outcome in enumerate(outcomes):
+            if i != won[0]:
+                assert isinstance(outcome, MeshgateError) and outcome.reason == Reason.VERSION_CONFLICT, (
+                    outcome
+                )
+        winner = outcomes[won[0]]
+        self.apply_append(session_id, model, turns[won[0]], "", winner.create_time_ms)
+        assert winner.version == model.version
+
+    @rule(session_id=st.sampled_from(SESSIONS), turn_id=st.sampled_from(TURN_IDS[2:]))
+    def concurrent_retries(self, session_id: str, turn_id: str) -> None:
+        """One append and its retry, at once: applied once, the other answered so."""
+        model = self.sessions.get(session_id)
+        turns = [common_pb2.Message(role=common_pb2.ROLE_USER, content=f"retried {turn_id}")]
+        if model is None or turn_id in model.turn_ids or not self.room_for(model, turns):
+            return
+
+        async def race():
+            return await asyncio.gather(
+                *(self.append_call(session_id, None, turns, turn_id) for _ in range(2))
+            )
+
+        outcomes = self.run(race())
+        self.apply_append(session_id, model, turns, turn_id, outcomes[0].create_time_ms)
+        assert sorted((o.version, o.replayed) for o in outcomes) == [
+            (model.version, False),
+            (model.version, True),
+        ]
+
+    @rule(session_id=st.sampled_from(SESSIONS), at=st.one_of(st.none(), st.integers(0, 12)))
+    def read(self, session_id: str, at: int | None) -> None:
+        model = self.sessions.get(session_id)
+        call = self.store.read(self.tenant, session_id, at)
+        if model is None:
+            self.missing(call)
+            return
+        if at is not None and model.compacted > 0 and at <= model.compacted_version:
+            self.refused(call, grpc.StatusCode.FAILED_PRECONDITION, Reason.VERSION_COMPACTED)
+            return
+        held = len(model.turns) if at is None or at == model.version else model.turns_at(at)
+        if held is None:
+            self.refused(call, grpc.StatusCode.NOT_FOUND, Reason.VERSION_NOT_FOUND)
+            return
+        stored = self.run(call)
+        assert stored.version == (model.version if at is None else at)
+        assert [turn.SerializeToString() for turn in stored.turns] == model.turns[:held]
+        assert [int(c) for c in stored.token_counts.get(COUNTER, ())] == model.counts[:held]
+        assert stored.compacted == min(model.compacted, held)
+
+    @rule(
+        session_id=st.sampled_from(SESSIONS),
+        to_version=st.integers(0, 12),
+        expected=st.sampled_from(["current", "stale", "any"]),
+    )
+    def revert(self, session_id: str, to_version: int, expected: str) -> None:
+        model = self.sessions.get(session_id)
+        if model is None:
+            self.missing(self.store.revert(self.tenant, session_id, to_version, None))
+            return
+        expected_version = {"current": model.version, "stale": model.version - 1}.get(expected)
+        call = self.store.revert(self.tenant, session_id, to_version, expected_version)
+        held = model.turns_at(to_version)
+        if expected_version is not None and expected_version != model.version:
+            self.refused(call, grpc.StatusCode.ABORTED, Reason.VERSION_CONFLICT)
+        elif held is None:
+            self.refused(call, grpc.StatusCode.NOT_FOUND, Reason.VERSION_NOT_FOUND)
+        elif held < model.compacted:
+            self.refused(call, grpc.StatusCode.FAILED_PRECONDITION, Reason.VERSION_COMPACTED)
+        else:
+            version = self.run(call)
+            del model.turns[held:], model.messages[held:], model.counts[held:]
+            model.pins = [pin for pin in model.pins if not pin.startswith("t:") or int(pin[2:]) < held]
+            for undone in range(to_version + 1, model.version + 1):
+                model.history[undone] = None
+            model.turn_ids = {turn_id: made for turn_id, made in model.turn_ids.items() if made <= to_version}
+            model.version += 1
+            model.history.append(held)
+            assert version == model.version
+
+    @rule(
+        source_id=st.sampled_from(SESSIONS), at_version=st.integers(0, 12), fork_id=st.sampled_from(SESSIONS)
+    )
+    def fork(self, source_id: str, at_version: int, fork_id: str) -> None:
+        model = self.sessions.get(source_id)
+        call = self.store.fork(self.tenant, source_id, at_version, fork_id)
+        if model is None:
+            self.missing(call)
+            return
+        held = model.turns_at(at_version)
+        if held is None:
+            self.refused(call, grpc.StatusCode.NOT_FOUND, Reason.VERSION_NOT_FOUND)
+        elif model.compacted > 0 and held > 0:
+            self.refused(call, grpc.StatusCode.FAILED_PRECONDITION, Reason.VERSION_COMPACTED)
+        elif fork_id in self.sessions:
+            self.refused(call, grpc.StatusCode.ALREADY_EXISTS, Reason.SESSION_EXISTS)
+        else:
+            self.run(call)
+            self.sessions[fork_id] = Session(
+                version=at_version,
+                turns=model.turns[:held],
+                messages=model.messages[:held],
+                counts=model.counts[:held],
+                history=model.history[: at_version + 1],
+                pins=[pin for pin in model.pins if not pin.startswith("t:") or int(pin[2:]) < held],
+            )
+
+    @rule(session_id=st.sampled_from(SESSIONS), index=st.integers(-1, 10))
+    def pin_turn(self, session_id: str, index: int) -> None:
+        model = self.sessions.get(session_id)
+        call = self.index.pin(self.tenant, session_id, f"t:{index}", index)
+        if model is None:
+            self.missing(call)
+        elif not 0 <= index < len(model.turns):
+            self.refused(call, grpc.StatusCode.NOT_FOUND, Reason.PIN_TARGET_NOT_FOUND)
+        elif model.turns[index] == b"":
+            self.refused(call, grpc.StatusCode.FAILED_PRECONDITION, Reason.VERSION_COMPACTED)
+        else:
+            if f"t:{index}" not in model.pins:
+                model.pins.append(f"t:{index}")
+            assert self.run(call) == len(model.pins)
+
+    @rule(session_id=st.sampled_from(SESSIONS), fact=st.sampled_from(FACTS))
+    def pin_fact(self, session_id: str, fact: str) -> None:
+        model = self.sessions.get(session_id)
+        call = self.index.pin(self.tenant, session_id, fact, None)
+        if model is None:
+            self.missing(call)
+            return
+        if fact not in model.pins:
+            model.pins.append(fact)
+        assert self.run(call) == len(model.pins)
+
+    @rule(session_id=st.sampled_from(SESSIONS), pin=st.sampled_from([*FACTS, *(f"t:{i}" for i in range(8))]))
+    def unpin(self, session_id: str, pin: str) -> None:
+        model = self.sessions.get(session_id)
+        call = self.index.unpin(self.tenant, session_id, pin)
+        if model is None:
+            self.missing(call)
+        elif pin not in model.pins:
+            self.refused(call, grpc.StatusCode.NOT_FOUND, Reason.PIN_NOT_FOUND)
+        else:
+            model.pins.remove(pin)
+            if pin.startswith("t:") and (index := int(pin[2:])) < model.compacted and not model.system[index]:
+                # Kept only for its pin: compacted now (turn_index._UNPIN).
+                model.turns[index] = b""
+            assert self.run(call) == len(model.pins)
+
+    @rule(session_id=st.sampled_from(SESSIONS), upto=st.integers(0, 10), read_back=st.integers(0, 3))
+    def compact(self, session_id: str, upto: int, read_back: int) -> None:
+        """As the summarizer does: up to turns it read ``read_back`` versions ago."""
+        model = self.sessions.get(session_id)
+        if model is None:
+            assert self.run(self.store.compact(self.tenant, session_id, 0, upto, [])) == -1
+            return
+        read = max(model.version - read_back, 0)
+        held_then = model.turns_at(read)
+        if held_then is None:
+            return
+        upto = min(upto, held_then)
+        system = [i for i, is_system in enumerate(model.system[:upto]) if is_system]
+        compacted = self.run(self.store.compact(self.tenant, session_id, read, upto, system))
+        # A revert since the read to fewer than `upto` turns: they may be others now.
+        changed = any(held is not None and held < upto for held in model.history[read + 1 :])
+        if changed:
+            assert compacted == -1
+            return
+        if upto <= model.compacted:
+            assert compacted == model.compacted
+            return
+        pinned = {int(pin[2:]) for pin in model.pins if pin.startswith("t:")}
+        for i in range(model.compacted, upto):
+            if not model.system[i] and i not in pinned:
+                model.turns[i] = b""
+        model.compacted, model.compacted_version = upto, model.version
+        for turn_id, made in list(model.turn_ids.items()):
+            held = model.history[made]
+            if made <= model.version - TURN_IDS_KEPT and held is not None and held <= upto:
+                del model.turn_ids[turn_id]
+        assert compacted == upto
+
+    @rule(session_id=st.sampled_from(SESSIONS))
+    def delete(self, session_id: str) -> None:
+        call = self.store.delete(self.tenant, session_id)
+        if self.sessions.pop(session_id, None) is None:
+            self.missing(call)
+        else:
+            self.run(call)
+
+    # --- what Redis holds, after every step ---------------------------------------
+
+    @invariant()
+    def redis_holds_the_model(self) -> None:
+        for session_id in SESSIONS:
+            self.run(self.check(session_id, self.sessions.get(session_id)))
+
+    async def check(self, session_id: str, model: Session | None) -> None:
+        keys = session_store.session_keys(self.tenant, session_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for k in keys:
+                pipe.ttl(k)
+            pipe.hgetall(keys[0])
+            pipe.lrange(keys[1], 0, -1)
+            pipe.hgetall(keys[2])
+            pipe.lrange(keys[4], 0, -1)
+            for k in keys[5:8]:
+                pipe.get(k)
+            pipe.hgetall(keys[8])
+            *ttls, meta, turns, turn_ids, pins, roles, lengths, vectors, postings = await pipe.execute()
+        if model is None:
+            # Gone whole: nothing of it may come back with a session of its id.
+            assert ttls == [-2] * len(keys), dict(zip(session_store.SESSION_PARTS, ttls, strict=True))
+            return
+        # Every part there is lives as long as the session.
+        assert all(ttl == -2 or 0 < ttl <= TTL_S for ttl in ttls), ttls
+        assert int(meta[b"version"]) == model.version
+        assert turns == model.turns
+        assert {k.decode(): int(v) for k, v in turn_ids.items()} == model.turn_ids
+        assert [pin.decode() for pin in pins] == model.pins
+        assert int(meta[b"bytes"]) == model.bytes
+        assert int(meta.get(b"compacted", 0)) == model.compacted
+        assert int(meta.get(b"compacted_version", -1)) == model.compacted_version
+        assert await self.store.history(self.tenant, session_id) == model.history
+        stored = await self.store.read(self.tenant, session_id)
+        assert [int(c) for c in stored.token_counts.get(COUNTER, ())] == model.counts
+        postings.pop(session_store.DIMENSIONS_FIELD.encode(), None)
+        stored_postings = sorted(
+            (term, int(posting))
+            for term, packed in postings.items()
+            for posting in np.frombuffer(packed, "<u4")
+        )
+        assert (roles or b"", lengths or b"", vectors or b"", stored_postings) == index_of(model)
+
+
+def test_the_session_store_keeps_what_its_model_keeps(redis_url, monkeypatch) -> None:
+    monkeypatch.setattr(session_store, "TURN_IDS_KEPT", TURN_IDS_KEPT)
+    SessionStoreMachine.redis_url = redis_url
+    # As tests/fuzz: CI draws the same sequences every run; HYPOTHESIS_PROFILE=fuzz
+    # (with MESHGATE_MODEL_EXAMPLES, say 2000) draws new ones, to find new bugs.
+    hunting = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
+    examples = int(os.environ.get("MESHGATE_MODEL_EXAMPLES", "60"))
+    # Its own loop, never set as the thread's: the suite's session loop stays as it is.
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        SessionStoreMachine.runner = runner
+        run_state_machine_as_test(
+            SessionStoreMachine,
+            settings=settings(
+                max_examples=examples,
+                stateful_step_count=30,
+                deadline=None,
+                derandomize=not hunting,
+                database=None,
+                suppress_health_check=[HealthCheck.too_slow],
+            ),
+        )
