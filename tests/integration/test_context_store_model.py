@@ -25,6 +25,7 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
+    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -45,7 +46,7 @@ MAX_BYTES = 300
 TURN_IDS_KEPT = 2
 COUNTER = "model-counter"
 SESSIONS = ("s1", "s2", "s3")
-TURN_IDS = ("", "", "id1", "id2", "id3")
+TURN_IDS = ("id1", "id2", "id3", "id4", "id5")
 FACTS = ("f:Ana lives in Lisbon", "f:prefers tea")
 # What ...:versions holds for a version a revert undid, as the scripts compare it.
 UNDONE = session_store.UNDONE
@@ -185,15 +186,43 @@ class SessionStoreMachine(RuleBasedStateMachine):
         added = sum(len(turn.SerializeToString()) for turn in turns)
         return model.live + len(turns) <= MAX_TURNS and model.bytes + added <= MAX_BYTES
 
+    # --- what a step acts on -------------------------------------------------------
+    # Drawn from what the model holds, so that few steps are refusals or no-ops:
+    # a bug in a script shows only once a sequence reaches the state it
+    # mishandles (a turn id above a revert's target, a pin at the index a revert
+    # or fork cuts at, a compacted turn kept for its pin). Each draw still
+    # names, now and then, what is absent or undone, for the refusals.
+
+    def draw_session(self, data) -> str:
+        """Mostly a session that exists; now and then any id."""
+        return data.draw(st.sampled_from(sorted(self.sessions) * 3 + list(SESSIONS)), label="session")
+
+    def draw_new_session(self, data) -> str:
+        """Mostly an id no session holds, to create or fork into; now and then any id."""
+        absent = [session_id for session_id in SESSIONS if session_id not in self.sessions]
+        return data.draw(st.sampled_from(absent * 3 + list(SESSIONS)), label="new session")
+
+    def draw_version(self, data, model: Session | None) -> int:
+        """Mostly a version the session can restore; now and then an undone or later one."""
+        if model is None:
+            return data.draw(st.integers(0, 3), label="version")
+        restorable = [version for version, held in enumerate(model.history) if held is not None]
+        return data.draw(st.sampled_from(restorable * 3 + list(range(model.version + 3))), label="version")
+
     # --- rules ------------------------------------------------------------------
 
     @initialize()
     def create_the_first(self) -> None:
         """Most rules need a session: every sequence starts with one."""
-        self.create(SESSIONS[0])
+        self.run(self.store.create(self.tenant, SESSIONS[0]))
+        self.sessions[SESSIONS[0]] = Session()
 
-    @rule(session_id=st.sampled_from(SESSIONS))
-    def create(self, session_id: str) -> None:
+    # Only while an id is free: with every id taken, each create would be a
+    # refusal (draw_new_session still names a taken one now and then).
+    @precondition(lambda self: len(self.sessions) < len(SESSIONS))
+    @rule(data=st.data())
+    def create(self, data) -> None:
+        session_id = self.draw_new_session(data)
         if session_id in self.sessions:
             self.refused(
                 self.store.create(self.tenant, session_id),
@@ -204,13 +233,22 @@ class SessionStoreMachine(RuleBasedStateMachine):
         self.run(self.store.create(self.tenant, session_id))
         self.sessions[session_id] = Session()
 
+    # Two rules, not one: swarm testing turns rules off by name, and a
+    # sequence without appends holds nothing for the others to act on.
     @rule(
-        session_id=st.sampled_from(SESSIONS),
+        data=st.data(),
         turns=TURNS,
-        expected=st.sampled_from(["current", "stale", "ahead", "any"]),
-        turn_id=st.sampled_from(TURN_IDS),
+        expected=st.sampled_from(["current", "any", "current", "any", "stale", "ahead"]),
     )
-    def append(self, session_id: str, turns, expected: str, turn_id: str) -> None:
+    def append(self, data, turns, expected: str) -> None:
+        self.append_as(self.draw_session(data), turns, expected, "")
+
+    @rule(data=st.data(), turns=TURNS, turn_id=st.sampled_from(TURN_IDS))
+    def append_with_turn_id(self, data, turns, turn_id: str) -> None:
+        """An id from a few: some are taken, and the append is a retry then."""
+        self.append_as(self.draw_session(data), turns, "any", turn_id)
+
+    def append_as(self, session_id: str, turns, expected: str, turn_id: str) -> None:
         model = self.sessions.get(session_id)
         if model is None:
             self.missing(self.append_call(session_id, None, turns, turn_id))
@@ -235,9 +273,10 @@ class SessionStoreMachine(RuleBasedStateMachine):
                 model.bytes,
             )
 
-    @rule(session_id=st.sampled_from(SESSIONS), writers=st.integers(2, 4))
-    def concurrent_appends(self, session_id: str, writers: int) -> None:
+    @rule(data=st.data(), writers=st.integers(2, 4))
+    def concurrent_appends(self, data, writers: int) -> None:
         """Appends at one expected version, at once: exactly one wins."""
+        session_id = self.draw_session(data)
         model = self.sessions.get(session_id)
         turns = [[common_pb2.Message(role=common_pb2.ROLE_USER, content=f"w{i}")] for i in range(writers)]
         if model is None or not self.room_for(model, turns[0]):
@@ -259,9 +298,10 @@ class SessionStoreMachine(RuleBasedStateMachine):
         self.apply_append(session_id, model, turns[won[0]], "", winner.create_time_ms)
         assert winner.version == model.version
 
-    @rule(session_id=st.sampled_from(SESSIONS), turn_id=st.sampled_from(TURN_IDS[2:]))
-    def concurrent_retries(self, session_id: str, turn_id: str) -> None:
+    @rule(data=st.data(), turn_id=st.sampled_from(TURN_IDS))
+    def concurrent_retries(self, data, turn_id: str) -> None:
         """One append and its retry, at once: applied once, the other answered so."""
+        session_id = self.draw_session(data)
         model = self.sessions.get(session_id)
         turns = [common_pb2.Message(role=common_pb2.ROLE_USER, content=f"retried {turn_id}")]
         if model is None or turn_id in model.turn_ids or not self.room_for(model, turns):
@@ -279,9 +319,11 @@ class SessionStoreMachine(RuleBasedStateMachine):
             (model.version, True),
         ]
 
-    @rule(session_id=st.sampled_from(SESSIONS), at=st.one_of(st.none(), st.integers(0, 12)))
-    def read(self, session_id: str, at: int | None) -> None:
+    @rule(data=st.data(), latest=st.booleans())
+    def read(self, data, latest: bool) -> None:
+        session_id = self.draw_session(data)
         model = self.sessions.get(session_id)
+        at = None if latest else self.draw_version(data, model)
         call = self.store.read(self.tenant, session_id, at)
         if model is None:
             self.missing(call)
@@ -299,13 +341,11 @@ class SessionStoreMachine(RuleBasedStateMachine):
         assert [int(c) for c in stored.token_counts.get(COUNTER, ())] == model.counts[:held]
         assert stored.compacted == min(model.compacted, held)
 
-    @rule(
-        session_id=st.sampled_from(SESSIONS),
-        to_version=st.integers(0, 12),
-        expected=st.sampled_from(["current", "stale", "any"]),
-    )
-    def revert(self, session_id: str, to_version: int, expected: str) -> None:
+    @rule(data=st.data(), expected=st.sampled_from(["current", "any", "stale"]))
+    def revert(self, data, expected: str) -> None:
+        session_id = self.draw_session(data)
         model = self.sessions.get(session_id)
+        to_version = self.draw_version(data, model)
         if model is None:
             self.missing(self.store.revert(self.tenant, session_id, to_version, None))
             return
@@ -329,11 +369,12 @@ class SessionStoreMachine(RuleBasedStateMachine):
             model.history.append(held)
             assert version == model.version
 
-    @rule(
-        source_id=st.sampled_from(SESSIONS), at_version=st.integers(0, 12), fork_id=st.sampled_from(SESSIONS)
-    )
-    def fork(self, source_id: str, at_version: int, fork_id: str) -> None:
+    @rule(data=st.data())
+    def fork(self, data) -> None:
+        source_id = self.draw_session(data)
         model = self.sessions.get(source_id)
+        at_version = self.draw_version(data, model)
+        fork_id = self.draw_new_session(data)
         call = self.store.fork(self.tenant, source_id, at_version, fork_id)
         if model is None:
             self.missing(call)
@@ -356,9 +397,13 @@ class SessionStoreMachine(RuleBasedStateMachine):
                 pins=[pin for pin in model.pins if not pin.startswith("t:") or int(pin[2:]) < held],
             )
 
-    @rule(session_id=st.sampled_from(SESSIONS), index=st.integers(-1, 10))
-    def pin_turn(self, session_id: str, index: int) -> None:
+    @rule(data=st.data())
+    def pin_turn(self, data) -> None:
+        session_id = self.draw_session(data)
         model = self.sessions.get(session_id)
+        # Mostly a turn the session holds; now and then one just outside.
+        held = len(model.turns) if model else 0
+        index = data.draw(st.sampled_from([*range(held)] * 3 + [-1, held]), label="index")
         call = self.index.pin(self.tenant, session_id, f"t:{index}", index)
         if model is None:
             self.missing(call)
@@ -371,8 +416,9 @@ class SessionStoreMachine(RuleBasedStateMachine):
                 model.pins.append(f"t:{index}")
             assert self.run(call) == len(model.pins)
 
-    @rule(session_id=st.sampled_from(SESSIONS), fact=st.sampled_from(FACTS))
-    def pin_fact(self, session_id: str, fact: str) -> None:
+    @rule(data=st.data(), fact=st.sampled_from(FACTS))
+    def pin_fact(self, data, fact: str) -> None:
+        session_id = self.draw_session(data)
         model = self.sessions.get(session_id)
         call = self.index.pin(self.tenant, session_id, fact, None)
         if model is None:
@@ -382,9 +428,13 @@ class SessionStoreMachine(RuleBasedStateMachine):
             model.pins.append(fact)
         assert self.run(call) == len(model.pins)
 
-    @rule(session_id=st.sampled_from(SESSIONS), pin=st.sampled_from([*FACTS, *(f"t:{i}" for i in range(8))]))
-    def unpin(self, session_id: str, pin: str) -> None:
+    @rule(data=st.data())
+    def unpin(self, data) -> None:
+        session_id = self.draw_session(data)
         model = self.sessions.get(session_id)
+        # Mostly a pin the session holds; now and then one it does not.
+        pins = model.pins if model else []
+        pin = data.draw(st.sampled_from(pins * 3 + [*FACTS, "t:0"]), label="pin")
         call = self.index.unpin(self.tenant, session_id, pin)
         if model is None:
             self.missing(call)
@@ -397,18 +447,23 @@ class SessionStoreMachine(RuleBasedStateMachine):
                 model.turns[index] = b""
             assert self.run(call) == len(model.pins)
 
-    @rule(session_id=st.sampled_from(SESSIONS), upto=st.integers(0, 10), read_back=st.integers(0, 3))
-    def compact(self, session_id: str, upto: int, read_back: int) -> None:
+    @rule(data=st.data(), read_back=st.integers(0, 3))
+    def compact(self, data, read_back: int) -> None:
         """As the summarizer does: up to turns it read ``read_back`` versions ago."""
+        session_id = self.draw_session(data)
         model = self.sessions.get(session_id)
         if model is None:
-            assert self.run(self.store.compact(self.tenant, session_id, 0, upto, [])) == -1
+            assert self.run(self.store.compact(self.tenant, session_id, 0, 2, [])) == -1
             return
         read = max(model.version - read_back, 0)
         held_then = model.turns_at(read)
         if held_then is None:
             return
-        upto = min(upto, held_then)
+        # Mostly past what is compacted already, so that this one compacts more.
+        upto = data.draw(
+            st.sampled_from([*range(model.compacted + 1, held_then + 1)] * 3 + [*range(held_then + 1)]),
+            label="upto",
+        )
         system = [i for i, is_system in enumerate(model.system[:upto]) if is_system]
         compacted = self.run(self.store.compact(self.tenant, session_id, read, upto, system))
         # A revert since the read to fewer than `upto` turns: they may be others now.
@@ -430,8 +485,12 @@ class SessionStoreMachine(RuleBasedStateMachine):
                 del model.turn_ids[turn_id]
         assert compacted == upto
 
-    @rule(session_id=st.sampled_from(SESSIONS))
-    def delete(self, session_id: str) -> None:
+    # Never the last one: swarm testing turns create and fork off in some
+    # sequences, whose every later step would then act on no session.
+    @precondition(lambda self: len(self.sessions) > 1)
+    @rule(data=st.data())
+    def delete(self, data) -> None:
+        session_id = self.draw_session(data)
         call = self.store.delete(self.tenant, session_id)
         if self.sessions.pop(session_id, None) is None:
             self.missing(call)
