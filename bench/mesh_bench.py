@@ -159,10 +159,12 @@ async def direct_triton(stub, model: str, prompt: str, max_tokens: int) -> Sampl
     tokens = 0
     texts_at = []
     call = stub.ModelStreamInfer(requests())
+    # As the inference service reads a stream (one decoder for its text).
+    text_output = triton_protocol.text_decoder()
     async for message in call:
         if message.error_message:
             raise RuntimeError(message.error_message)
-        event = triton_protocol.read_generate_response(message.infer_response)
+        event = triton_protocol.read_generate_response(message.infer_response, text_output)
         if event.text:
             texts_at.append(time.perf_counter())
             if ttft is None:

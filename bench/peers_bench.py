@@ -472,10 +472,12 @@ async def reference_answer(stub, prompt: str, max_tokens: int) -> tuple[str, int
     call = stub.ModelStreamInfer()
     await call.write(request)
     texts, tokens = [], 0
+    # As the inference service reads a stream (one decoder for its text).
+    text_output = triton_protocol.text_decoder()
     while (message := await call.read()) is not grpc.aio.EOF:
         if message.error_message:
             raise RuntimeError(f"Triton: {message.error_message}")
-        event = triton_protocol.read_generate_response(message.infer_response)
+        event = triton_protocol.read_generate_response(message.infer_response, text_output)
         texts.append(event.text)
         tokens += event.output_tokens or 0
         if event.final:
