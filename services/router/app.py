@@ -148,6 +148,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         tenant_tokens,
         settings.router,
         channel=context_channel,
+        redis_timeout_s=settings.redis.timeout_s,
     )
     pipeline = Pipeline(
         settings.router,

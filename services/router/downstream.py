@@ -21,7 +21,7 @@ import structlog
 from meshgate import balancing, streaming, telemetry
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.common.v1 import common_pb2
-from meshgate.config import MAX_CACHED_PROMPT_MESSAGES, RouterSettings
+from meshgate.config import MAX_CACHED_PROMPT_MESSAGES, RedisSettings, RouterSettings
 from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.errors import (
     BUSY_RETRY_AFTER_S,
@@ -166,8 +166,18 @@ def _context_outage(error: grpc.aio.AioRpcError) -> bool:
 
 
 class ContextService:
-    def __init__(self, stub, tenant_tokens: TenantTokens, settings: RouterSettings, channel=None) -> None:
+    def __init__(
+        self,
+        stub,
+        tenant_tokens: TenantTokens,
+        settings: RouterSettings,
+        channel=None,
+        redis_timeout_s: float = RedisSettings.timeout_s,
+    ) -> None:
         self._stub = stub
+        # The mesh's redis.timeout_s: a REDIS_UNAVAILABLE that took this long
+        # to come is a Redis that stopped answering (_may_send_again).
+        self._redis_timeout_s = redis_timeout_s
         # The stub's channel: a session call that found it unconnected waits
         # for it (_after_restart). None: no waiting (unit tests).
         self._channel = channel
@@ -196,14 +206,17 @@ class ContextService:
         return True
 
     async def _may_send_again(
-        self, error: grpc.aio.AioRpcError, budget: Budget, pause_s: float = 0.0
+        self, error: grpc.aio.AioRpcError, budget: Budget, pause_s: float = 0.0, took_s: float = 0.0
     ) -> bool:
-        """Whether a session call that failed with ``error`` may be sent once
-        more, having waited for it: UNAVAILABLE, ``pause_s`` and then a
-        channel ready again (_after_restart); a busy replica (SERVICE_BUSY,
-        the request not read), the delay its RetryInfo asked for, when the
-        turn's budget leaves that much (else the next attempt could only
-        fail on its deadline)."""
+        """Whether a session call that failed with ``error`` after ``took_s``
+        may be sent once more, having waited for it: UNAVAILABLE, ``pause_s``
+        and then a channel ready again (_after_restart), but for a Redis that
+        stopped answering; a busy replica (SERVICE_BUSY, the request not
+        read), the delay its RetryInfo asked for, when the turn's budget
+        leaves that much (else the next attempt could only fail on its
+        deadline)."""
+        if self._redis_stalled(error, took_s):
+            return False
         if error.code() == grpc.StatusCode.UNAVAILABLE:
             await asyncio.sleep(budget.within(pause_s))
             return await self._after_restart(error, budget)
@@ -215,13 +228,25 @@ class ContextService:
         await asyncio.sleep(delay_s)
         return True
 
+    def _redis_stalled(self, error: grpc.aio.AioRpcError, took_s: float) -> bool:
+        """Whether ``error`` is the context service's Redis not answering
+        (REDIS_UNAVAILABLE after the whole Redis timeout), not restarting (a
+        refused connection fails at once): another attempt would wait as
+        long again on the same Redis. Sent again, a session append held its
+        turn three Redis timeouts (9.6 s at 3 s) before the same answer."""
+        info = error_info(error) if error.code() == grpc.StatusCode.UNAVAILABLE else None
+        stalled = info is not None and info.domain == DOMAIN and info.reason == Reason.REDIS_UNAVAILABLE
+        return stalled and took_s >= self._redis_timeout_s
+
     async def _call(self, method, request, tenant_id: str, budget: Budget, *, session: bool):
         """One unary call; one for a session is sent again once if the
         service did not take it (_may_send_again)."""
+        started = time.monotonic()
         try:
             return await method(request, **self._call_options(tenant_id, budget))
         except grpc.aio.AioRpcError as error:
-            if not session or not await self._may_send_again(error, budget):
+            took_s = time.monotonic() - started
+            if not session or not await self._may_send_again(error, budget, took_s=took_s):
                 raise
         return await method(request, **self._call_options(tenant_id, budget))
 
@@ -319,6 +344,7 @@ class ContextService:
             ],
         )
         for attempt in range(_APPEND_ATTEMPTS):
+            started = time.monotonic()
             try:
                 response = await self._stub.AppendTurns(
                     request, **self._call_options(turn.tenant.id, turn.budget)
@@ -334,7 +360,10 @@ class ContextService:
                 # SERVICE_BUSY: its replica did not read the request. The
                 # turn id makes the retry safe.
                 pause_s = _APPEND_RETRY_DELAY_S * (attempt + 1)
-                if attempt + 1 < _APPEND_ATTEMPTS and await self._may_send_again(error, turn.budget, pause_s):
+                took_s = time.monotonic() - started
+                if attempt + 1 < _APPEND_ATTEMPTS and await self._may_send_again(
+                    error, turn.budget, pause_s, took_s
+                ):
                     continue
                 raise failure_within(error, "context", turn.budget) from error
         raise AssertionError("unreachable")

@@ -320,3 +320,54 @@ async def test_an_append_refused_session_full_is_not_sent_again(monkeypatch):
         Reason.SESSION_FULL,
     )
     assert stub.AppendTurns.calls == 1
+
+
+def redis_unavailable() -> grpc.aio.AioRpcError:
+    return rpc_error(
+        MeshgateError(grpc.StatusCode.UNAVAILABLE, Reason.REDIS_UNAVAILABLE, "session store unavailable")
+    )
+
+
+class SlowFailure:
+    """A failure that takes ``after_s`` to come, as the context service's
+    REDIS_UNAVAILABLE does when its Redis stops answering (its timeout)."""
+
+    def __init__(self, method: Method, after_s: float) -> None:
+        self.method, self.after_s = method, after_s
+
+    async def __call__(self, request, **options):
+        await asyncio.sleep(self.after_s)
+        return await self.method(request, **options)
+
+
+@pytest.mark.parametrize("call", ["append", "assemble"])
+async def test_a_redis_that_stopped_answering_is_not_waited_for_again(call):
+    """REDIS_UNAVAILABLE after the whole Redis timeout is a Redis that stopped
+    answering: a turn's append was sent three times, each waiting it out."""
+    context = downstream.ContextService(
+        types.SimpleNamespace(), TenantTokens(None, 60), RouterSettings(), Channel(0.0), redis_timeout_s=0.05
+    )
+    method = Method(context_pb.AppendTurnsResponse(version=7), 5, context._channel, redis_unavailable)
+    if call == "append":
+        context._stub.AppendTurns = SlowFailure(method, 0.06)
+        attempt = context.append(turn("s1"), "s1", 3, Answer(text="hello"))
+    else:
+        method.answer = context_pb.AssembleContextResponse(session_version=4)
+        context._stub.AssembleContext = SlowFailure(method, 0.06)
+        attempt = context.assemble(turn("s1"))
+    with pytest.raises(MeshgateError) as raised:
+        await attempt
+    assert (raised.value.code, raised.value.reason) == (grpc.StatusCode.UNAVAILABLE, "REDIS_UNAVAILABLE")
+    assert method.calls == 1
+
+
+async def test_a_redis_restarting_is_still_ridden_out():
+    """A restarting Redis refuses at once: the append is sent again."""
+    context = downstream.ContextService(
+        types.SimpleNamespace(), TenantTokens(None, 60), RouterSettings(), Channel(0.0), redis_timeout_s=0.05
+    )
+    method = Method(context_pb.AppendTurnsResponse(version=7), 1, context._channel, redis_unavailable)
+    context._stub.AppendTurns = method
+    appended = await context.append(turn("s1"), "s1", 3, Answer(text="hello"))
+    assert appended.version == 7
+    assert method.calls == 2
