@@ -233,7 +233,8 @@ class ContextService:
         (REDIS_UNAVAILABLE after the whole Redis timeout), not restarting (a
         refused connection fails at once): another attempt would wait as
         long again on the same Redis. Sent again, a session append held its
-        turn three Redis timeouts (9.6 s at 3 s) before the same answer."""
+        turn three Redis timeouts and the pauses between (9.6 s at 3 s, by
+        the arithmetic) before the same answer."""
         info = error_info(error) if error.code() == grpc.StatusCode.UNAVAILABLE else None
         stalled = info is not None and info.domain == DOMAIN and info.reason == Reason.REDIS_UNAVAILABLE
         return stalled and took_s >= self._redis_timeout_s

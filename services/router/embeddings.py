@@ -164,17 +164,17 @@ class Embeddings:
                 last_error = error
             finally:
                 calls.discard(call)
-        if last_error is not None and last_error.code() == grpc.StatusCode.UNAVAILABLE:
-            # As a turn whose every deployment failed says it
-            # (downstream.Deployments): the reason names the condition, the
-            # message the last refusal's own words (a transport failure's
-            # host and port are for our logs only: from_rpc_error).
-            detail = from_rpc_error(last_error, "inference").message
-            raise unavailable(
-                Reason.NO_DEPLOYMENT_AVAILABLE, f"no inference service could embed: {detail}"
-            ) from last_error
         if last_error is not None:
-            raise from_rpc_error(last_error, "inference") from last_error
+            failure = from_rpc_error(last_error, "inference")
+            if last_error.code() == grpc.StatusCode.UNAVAILABLE:
+                # As a turn whose every deployment failed says it
+                # (downstream.Deployments): the reason names the condition,
+                # the message the last refusal's own words (a transport
+                # failure's host and port are for our logs only).
+                failure = unavailable(
+                    Reason.NO_DEPLOYMENT_AVAILABLE, f"no inference service could embed: {failure.message}"
+                )
+            raise failure from last_error
         raise MeshgateError(
             grpc.StatusCode.UNAVAILABLE, Reason.NO_DEPLOYMENT_AVAILABLE, "no inference service is configured"
         )

@@ -236,11 +236,10 @@ async def test_no_replica_is_tried_with_too_little_of_the_requests_budget_left()
     assert ledger.records[0].failure == "DEADLINE_EXCEEDED"
 
 
-async def test_an_inference_service_out_of_rotation_is_asked_last():
-    """The inference services were asked in the configuration's order: one
-    that stopped answering (its host stopped, the process wedged) held every
-    embeddings request for its whole max_generation_s, long after its health
-    checks had taken it out of rotation."""
+def silent_then_answering():
+    """Two inference services, the first configured one silent (its health
+    check times out, its Embed never answers), the second answering: the
+    table, the silent one's deployment, and the two services."""
     table = DeploymentTable(
         {
             "first": ModelSettings(deployments=[DeploymentSettings(name="a", address="127.0.0.1:5000")]),
@@ -251,6 +250,15 @@ async def test_an_inference_service_out_of_rotation_is_asked_last():
     a.stub, b.stub = silent, answering = Inference(hold=True), Inference()
     checked(table, a, grpc.StatusCode.DEADLINE_EXCEEDED)
     checked(table, b, "SERVING")
+    return table, a, silent, answering
+
+
+async def test_an_inference_service_out_of_rotation_is_asked_last():
+    """The inference services were asked in the configuration's order: one
+    that stopped answering (its host stopped, the process wedged) held every
+    embeddings request for its whole max_generation_s, long after its health
+    checks had taken it out of rotation."""
+    table, _, silent, answering = silent_then_answering()
     embeddings, _, _ = core(table)
     try:
         for _ in range(PROBES_TO_MARK_DOWN):
@@ -269,16 +277,7 @@ async def test_an_embed_on_an_inference_service_gone_silent_is_ended_and_moves_o
     answered: its health checks took the service out of rotation but,
     unlike a generation's, never ended the call. They end it now, and the
     next service answers."""
-    table = DeploymentTable(
-        {
-            "first": ModelSettings(deployments=[DeploymentSettings(name="a", address="127.0.0.1:5000")]),
-            "second": ModelSettings(deployments=[DeploymentSettings(name="b", address="127.0.0.1:5001")]),
-        }
-    )
-    (a,), (b,) = table.candidates("first"), table.candidates("second")
-    a.stub, b.stub = silent, answering = Inference(hold=True), Inference()
-    checked(table, a, grpc.StatusCode.DEADLINE_EXCEEDED)
-    checked(table, b, "SERVING")
+    table, a, silent, answering = silent_then_answering()
     embeddings, admission, _ = core(table)
     try:
         request = asyncio.create_task(embeddings.embed(TENANT, "minilm", ["a cat"]))
