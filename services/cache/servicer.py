@@ -223,11 +223,17 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         messages = request.messages
         _check_messages(messages)
         entry_id = keys.entry_id(partition, messages)
-        answer = live_answer(await self._store.get(partition, entry_id), _now_ms())
-        if answer is not None:
+        live = live_answer(await self._store.get(partition, entry_id), _now_ms())
+        if live is not None:
+            answer, expires_in_ms = live
             self._stats.pending["exact_hits"] += 1
             self._metrics.lookups.labels("exact_hit").inc()
-            response = pb.LookupResponse(status=pb.LOOKUP_STATUS_EXACT_HIT, similarity=1.0, entry_id=entry_id)
+            response = pb.LookupResponse(
+                status=pb.LOOKUP_STATUS_EXACT_HIT,
+                similarity=1.0,
+                entry_id=entry_id,
+                expires_in_ms=expires_in_ms,
+            )
             response.answer.MergeFromString(answer)
             return response
         if messages[-1].role == _USER and not request.semantic:
@@ -235,7 +241,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         if request.semantic and messages[-1].role == _USER:
             hit = await self._semantic_lookup(partition, messages, entry_id)
             if hit is not None:
-                match, answer = hit
+                match, (answer, expires_in_ms) = hit
                 self._stats.pending["semantic_hits"] += 1
                 self._metrics.lookups.labels("semantic_hit").inc()
                 response = pb.LookupResponse(
@@ -243,6 +249,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                     similarity=match.similarity,
                     entry_id=match.entry_id,
                     asked_entry_id=entry_id,
+                    expires_in_ms=expires_in_ms,
                 )
                 response.answer.MergeFromString(answer)
                 return response
@@ -433,9 +440,10 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
 
     async def _semantic_lookup(
         self, partition: keys.Partition, messages, asked_id: str
-    ) -> tuple[Match, bytes] | None:
+    ) -> tuple[Match, tuple[bytes, int]] | None:
         """The best verified neighbour of the prompt (``asked_id``: its own
-        entry id) with its answer, never one reported wrong for it."""
+        entry id) with its answer and time left (``live_answer``), never one
+        reported wrong for it."""
         context_id, question = self._semantic_subject(partition, messages)
         if not _matched_by_meaning(question):
             return None
@@ -493,9 +501,9 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             )
             if reported:
                 continue  # another prompt's answer still, but never this one's
-            answer = live_answer(value, _now_ms())
-            if answer is not None:
-                return match, answer
+            live = live_answer(value, _now_ms())
+            if live is not None:
+                return match, live
             index.remove(match.entry_id, match.seq)
         return None
 

@@ -301,15 +301,19 @@ def _unavailable(error: Exception) -> MeshgateError:
     return outage("cache store unavailable", error)
 
 
-def live_answer(value: bytes | None, now_ms: int) -> bytes | None:
-    """The serialized CachedAnswer of a stored entry, unless it has expired.
+def live_answer(value: bytes | None, now_ms: int) -> tuple[bytes, int] | None:
+    """The serialized CachedAnswer of a stored entry and the milliseconds it
+    has left to live, unless it has expired.
 
     Redis expires the key itself; the check here also holds while a replica
     has not yet applied the expiry.
     """
-    if value is None or _EXPIRY.unpack_from(value)[0] <= now_ms:
+    if value is None:
         return None
-    return value[_EXPIRY.size :]
+    expires_in_ms = _EXPIRY.unpack_from(value)[0] - now_ms
+    if expires_in_ms <= 0:
+        return None
+    return value[_EXPIRY.size :], expires_in_ms
 
 
 class CacheStore:

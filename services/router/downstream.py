@@ -509,6 +509,7 @@ class CacheService:
                 plan.tenant_id,
                 plan.model,
                 asked_entry_id=response.asked_entry_id,
+                expires_in_s=response.expires_in_ms / 1000,
             )
         return hit
 

@@ -30,8 +30,11 @@ millisecond on one host). Pub/sub delivers at most once, so the copies are
 trusted only while the subscription is up: they are dropped and bypassed
 from the moment it breaks until it is back; and no copy is served longer
 than ``max_age_s`` after it was fetched, which also bounds how long one
-outlives its entry's expiry or eviction (those announce nothing) and a
-notice lost while a broken connection was not yet detected.
+outlives its entry's eviction (which announces nothing) and a notice lost
+while a broken connection was not yet detected. Expiry announces nothing
+either, but the lookup says how long the entry had left to live
+(``expires_in_ms``), and the copy is served no longer than that, never
+a hit the cache itself no longer has.
 
 A lookup that was in flight while a notice arrived must not put back what
 the notice removed: ``put`` is refused when a notice that concerns the copy
@@ -79,7 +82,8 @@ class _Copy:
     entry_ids: tuple[str, ...]
     tenant_id: str
     model: str
-    fetched_at: float
+    # The router's clock (monotonic): past it the copy is not served.
+    served_until: float
     # What holding it costs, about: the answer's text as Python holds it.
     size: int
 
@@ -87,7 +91,8 @@ class _Copy:
 class HotExactHits:
     """An LRU of at most ``max_entries`` hits (exact and semantic) holding
     at most ``max_bytes`` of answer text, each served for at most
-    ``max_age_s`` after it was fetched, and only while ``live``.
+    ``max_age_s`` after it was fetched (less if its entry expires sooner),
+    and only while ``live``.
 
     The byte bound is what keeps the router's memory flat: 4,096 answers of
     a model with a long output limit are hundreds of MiB. An answer larger
@@ -160,7 +165,7 @@ class HotExactHits:
         copy = self._copies.get(key)
         if copy is None:
             return None
-        if self._clock() - copy.fetched_at > self._max_age_s:
+        if self._clock() > copy.served_until:
             self._drop(key)
             return None
         self._copies.move_to_end(key)
@@ -179,12 +184,17 @@ class HotExactHits:
         tenant_id: str,
         model: str,
         asked_entry_id: str = "",
+        expires_in_s: float = 0.0,
     ) -> None:
         """Keeps ``hit`` under ``key``. A semantic hit's copy is filed under
         the matched entry and under ``asked_entry_id``, the asked prompt's
         own entry: a Store of that prompt (a refresh, on any router) creates
         it and announces it, and from then on the cache would answer the
-        prompt with that entry's answer, not the matched one."""
+        prompt with that entry's answer, not the matched one.
+
+        ``expires_in_s``: what the entry had left to live when the cache
+        read it (0: not said), counted from here, so a copy may outlive its
+        entry by the lookup's way back (a notice's delay, about)."""
         if not self.live or not entry_id:
             return
         entry_ids = (
@@ -202,7 +212,8 @@ class HotExactHits:
         size = sys.getsizeof(hit.answer.text)
         if size > self._max_bytes // 16:
             return
-        self._copies[key] = _Copy(hit, entry_ids, tenant_id, model, self._clock(), size)
+        lifetime_s = min(self._max_age_s, expires_in_s) if expires_in_s > 0 else self._max_age_s
+        self._copies[key] = _Copy(hit, entry_ids, tenant_id, model, self._clock() + lifetime_s, size)
         self._bytes += size
         for filed_under in entry_ids:
             self._by_entry[filed_under].add(key)

@@ -935,10 +935,12 @@ async def test_lookups_do_not_wait_out_a_first_load_hung_on_a_stalled_connection
 
 
 async def test_expired_entries_are_never_returned(cache, tenant):
+    """And a hit says how long its entry has left: expiry announces nothing,
+    and the router's copies of a hit are served no longer."""
     await store(cache, scope(tenant), conversation(STORED), ttl_seconds=1)
-    assert (
-        await lookup(cache, scope(tenant), conversation(PARAPHRASE))
-    ).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    hits = [await lookup(cache, scope(tenant), conversation(question)) for question in (STORED, PARAPHRASE)]
+    assert [hit.status for hit in hits] == [pb.LOOKUP_STATUS_EXACT_HIT, pb.LOOKUP_STATUS_SEMANTIC_HIT]
+    assert all(0 < hit.expires_in_ms <= 1000 for hit in hits)
     await asyncio.sleep(1.1)
     for question in (STORED, PARAPHRASE):
         assert (await lookup(cache, scope(tenant), conversation(question))).status == pb.LOOKUP_STATUS_MISS

@@ -143,6 +143,30 @@ async def test_a_reported_wrong_hit_stops_every_replicas_copy(replicas):
     await every_replica_stops_serving(routers, "hot exact report", old)
 
 
+async def test_a_copy_is_not_served_past_its_entrys_expiry(replicas):
+    """Expiry announces nothing, so the copies must know when their entry
+    goes: every replica served its copy after it, a hit the cache no longer
+    had (here for up to COPY_MAX_AGE_S; by default 2 s)."""
+    routers, cache, _ = replicas
+    question = [common_pb2.Message(role=common_pb2.ROLE_USER, content="hot exact expiry")]
+    stored = cache_pb.CachedAnswer(text="an answer kept two seconds", finish_reason="stop")
+    await cache.Store(cache_pb.StoreRequest(scope=scope(), messages=question, answer=stored, ttl_seconds=2))
+    expires = time.monotonic() + 2
+    for router in routers:
+        served, completion = await chat(router, "hot exact expiry")
+        assert (served, completion.cache_status) == (stored.text, pb.CACHE_STATUS_EXACT_HIT)
+    before = lookups_at_the_cache_service()
+    for router in routers:
+        served, completion = await chat(router, "hot exact expiry")
+        assert (served, completion.cache_status) == (stored.text, pb.CACHE_STATUS_EXACT_HIT)
+    assert lookups_at_the_cache_service() == before, "no copy was kept while the entry lived"
+
+    await asyncio.sleep(expires + 0.1 - time.monotonic())
+    for router in routers:
+        served, completion = await chat(router, "hot exact expiry")
+        assert served != stored.text, "a copy was served past its entry's expiry"
+
+
 async def test_an_invalidate_stops_every_replicas_copies(replicas):
     routers, cache, _ = replicas
     old = {text: await warmed(routers, text) for text in ("hot exact one", "hot exact two")}

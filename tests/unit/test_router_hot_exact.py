@@ -68,6 +68,25 @@ def test_a_copy_is_not_served_past_its_age():
     assert len(hits) == 0
 
 
+def test_a_copy_is_not_served_past_its_entrys_expiry():
+    """Expiry announces nothing: the lookup's expires_in_ms bounds the copy
+    when it comes before the age limit; 0 (a cache that does not say) leaves
+    the age limit alone."""
+    hits, clock = live_hits(max_age_s=2.0)
+    key = hits.key(plan(), messages("q"))
+    hits.put(key, hits.ticket(), hit("expiring"), "e1", "t1", "m1", expires_in_s=0.5)
+    clock.now += 0.4
+    assert hits.get(key) is not None
+    clock.now += 0.2
+    assert hits.get(key) is None
+    for expires_in_s in (0.0, 60.0):
+        hits.put(key, hits.ticket(), hit("lasting"), "e1", "t1", "m1", expires_in_s=expires_in_s)
+        clock.now += 1.9
+        assert hits.get(key) is not None
+        clock.now += 0.2
+        assert hits.get(key) is None
+
+
 def test_nothing_is_served_or_kept_while_the_notices_are_not_known_to_arrive():
     hits, _ = live_hits()
     key = stored(hits, "q", "e1")

@@ -58,20 +58,22 @@ class LookupRequest(_message.Message):
     def __init__(self, scope: _Optional[_Union[CacheScope, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., semantic: _Optional[bool] = ..., semantic_follows: _Optional[bool] = ..., fence_only: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("status", "answer", "similarity", "entry_id", "asked_entry_id", "store_fence")
+    __slots__ = ("status", "answer", "similarity", "entry_id", "asked_entry_id", "store_fence", "expires_in_ms")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
     ASKED_ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
     STORE_FENCE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_MS_FIELD_NUMBER: _ClassVar[int]
     status: LookupStatus
     answer: CachedAnswer
     similarity: float
     entry_id: str
     asked_entry_id: str
     store_fence: str
-    def __init__(self, status: _Optional[_Union[LookupStatus, str]] = ..., answer: _Optional[_Union[CachedAnswer, _Mapping]] = ..., similarity: _Optional[float] = ..., entry_id: _Optional[str] = ..., asked_entry_id: _Optional[str] = ..., store_fence: _Optional[str] = ...) -> None: ...
+    expires_in_ms: int
+    def __init__(self, status: _Optional[_Union[LookupStatus, str]] = ..., answer: _Optional[_Union[CachedAnswer, _Mapping]] = ..., similarity: _Optional[float] = ..., entry_id: _Optional[str] = ..., asked_entry_id: _Optional[str] = ..., store_fence: _Optional[str] = ..., expires_in_ms: _Optional[int] = ...) -> None: ...
 
 class StoreRequest(_message.Message):
     __slots__ = ("scope", "messages", "answer", "ttl_seconds", "store_fence")
