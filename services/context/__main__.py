@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+from services import ignore_hangup_until_serving
+
+ignore_hangup_until_serving()
+
 # Before numpy loads, as in services/cache/__main__.py: adaptive assembly
 # multiplies a session's turn vectors (a few thousand rows) by the
 # question's, and idle OpenBLAS worker threads spin on the cores the event

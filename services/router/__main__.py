@@ -1,5 +1,9 @@
-from meshgate import serving
-from services.router import app
+from services import ignore_hangup_until_serving
+
+ignore_hangup_until_serving()
+
+from meshgate import serving  # noqa: E402
+from services.router import app  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

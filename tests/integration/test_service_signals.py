@@ -126,6 +126,54 @@ def test_sighup_to_a_service_the_local_stack_just_started_is_not_a_kill(tmp_path
         ended(process)
 
 
+def hangup_disposition(pid: int) -> str:
+    """What process ``pid`` does with SIGHUP now, from /proc: "ignored",
+    "caught" (a handler), or "default" (its default action: exit)."""
+    status = dict(
+        line.split(":\t", 1)
+        for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines()
+        if ":\t" in line
+    )
+    hangup = 1 << (signal.SIGHUP - 1)
+    if int(status["SigIgn"], 16) & hangup:
+        return "ignored"
+    return "caught" if int(status["SigCgt"], 16) & hangup else "default"
+
+
+def test_sighup_to_a_service_started_by_hand_while_it_imports_is_not_a_kill(tmp_path):
+    """Started otherwise than by the stack (``meshgate-inference``, ``python
+    -m services.inference``), a service ran its imports, a second or more,
+    with SIGHUP's default action, which killed it (exit -1 at 0, 50 and
+    300 ms after its start). Its __main__ ignores the signal first thing:
+    one sent after that and before serving.main's handler is in place (its
+    disposition from /proc says which) is not a kill; once serving, a SIGHUP
+    is a reload as ever."""
+    address = f"127.0.0.1:{free_port()}"
+    config = inference_config(tmp_path, address)
+    log = tmp_path / "inference.log"
+    process = launched(["-m", "services.inference", "--config", str(config)], log, env=service_environment())
+    try:
+        deadline = time.monotonic() + 30
+        while (disposition := hangup_disposition(process.pid)) == "default":
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.002)
+        assert disposition == "ignored", "SIGHUP was not ignored before serving.main caught it"
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while health_status(address) is None:
+            assert process.poll() is None, f"exited {process.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGHUP)
+        while "nothing to reload" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, log.read_text()
+    finally:
+        ended(process)
+
+
 async def test_sighup_while_a_service_waits_on_a_slow_redis_to_start_is_not_a_kill(tmp_path, redis_url):
     """The context service's start waits for its Redis to answer a PING; a
     SIGHUP then (a fleet-wide "HUP to reload") came before the service's
