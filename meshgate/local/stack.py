@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import fcntl
 import functools
 import os
 import pathlib
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Mapping
 
 import grpc
@@ -219,6 +221,8 @@ class Stack:
         # stop alone rather than break it off (meshgate/cli.py), whether the
         # caller or a failed start() began it.
         self.stopping = False
+        # The lock on state_dir this stack holds from start() to stop().
+        self._state_lock: typing.IO[str] | None = None
 
     @property
     def redis_url(self) -> str:
@@ -321,12 +325,13 @@ triton_urls = ["127.0.0.1:{p.triton}"]
         certs.replace_file(self.config_path, settings.encode(), 0o600)
 
     def start(self, timeout_s: float = 180.0) -> None:
-        self._refuse_taken_ports()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(exist_ok=True)
-        certs.ensure(self.certs_dir)
-        self._write_settings()
+        self._hold_state_dir()
         try:
+            self._refuse_taken_ports()
+            self.log_dir.mkdir(exist_ok=True)
+            certs.ensure(self.certs_dir)
+            self._write_settings()
             if self.external_redis_url is None:
                 self.launch("redis")
             build_model_weights()
@@ -370,6 +375,29 @@ triton_urls = ["127.0.0.1:{p.triton}"]
             )
         else:
             self.start_service(name)
+
+    def _hold_state_dir(self) -> None:
+        """Takes the state directory for this stack, or fails at once if
+        another holds it: two `meshgate up`s started together (both past the
+        port check before either bound a port) wrote their certificates,
+        settings and logs into one directory, and both failed, one with
+        "mesh.key_file is not the key of mesh.cert_file". The kernel ends
+        the lock with the process, even one killed with SIGKILL."""
+        lock = open(self.state_dir / "stack.lock", "a+")  # noqa: SIM115 - held until stop()
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise RuntimeError(
+                f"{self.state_dir} is in use by another `meshgate up` (pid {holder}); "
+                "stop it first (Ctrl-C in its terminal), or give this one its own --state-dir"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._state_lock = lock
 
     def _refuse_taken_ports(self) -> None:
         """Fails before starting anything when a port is taken: a second
@@ -486,6 +514,10 @@ triton_urls = ["127.0.0.1:{p.triton}"]
             self.stop_service("redis")
         finally:
             self.stopping = False
+            if self._state_lock is not None:
+                # Closing it releases the lock.
+                self._state_lock.close()
+                self._state_lock = None
 
     def __enter__(self) -> Stack:
         self.start()

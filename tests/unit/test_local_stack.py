@@ -4,10 +4,12 @@ tests/e2e's)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import shutil
 import stat
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -183,3 +185,42 @@ def test_a_service_that_dies_at_start_is_reported_with_the_end_of_its_log(tmp_pa
     assert message.startswith("context exited with code 1")
     assert message.endswith("line 29\ncannot start: port")
     assert "line 10\n" not in message
+
+
+class PastTheLock(Exception):
+    """Raised by the first step of a start after its state directory's lock."""
+
+
+def test_a_second_stack_on_a_state_directory_in_use_is_refused_before_it_writes_there(
+    tmp_path, monkeypatch
+) -> None:
+    """Two `make run`s started together both passed the port check before
+    either bound a port, then wrote their certificates into one folder: both
+    failed, one with "mesh.key_file ... is not the key of mesh.cert_file". A
+    stack now holds its state directory from its start to its stop."""
+    monkeypatch.setattr(Stack, "_refuse_taken_ports", lambda stack: None)
+    first_is_writing, first_may_go_on = threading.Event(), threading.Event()
+
+    def ensure(directory):
+        if not first_is_writing.is_set():
+            first_is_writing.set()
+            first_may_go_on.wait(10)
+        raise PastTheLock
+
+    monkeypatch.setattr(stack_module.certs, "ensure", ensure)
+    first = _stack(tmp_path)
+    second = Stack(first.state_dir, PORTS, redis_url=first.redis_url)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first_start = pool.submit(first.start)
+        assert first_is_writing.wait(10)
+        try:
+            with pytest.raises(
+                RuntimeError, match=rf"{first.state_dir} is in use by another `meshgate up` \(pid \d+\)"
+            ):
+                second.start()
+        finally:
+            first_may_go_on.set()
+        with pytest.raises(PastTheLock):
+            first_start.result()
+    with pytest.raises(PastTheLock):  # free again once the first's start failed and stopped it
+        second.start()
