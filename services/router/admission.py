@@ -35,6 +35,9 @@ every tenant shares, in another (``{m:<alias>}``):
   failing open too): "1" once its admit charged it ("3" its second admit,
   after a streams refusal), "2" once its top-up grew it, "0" once a
   release ran (below), kept as long as a stream's lease.
+- ``mg:router:limit:{<tag>}:take:<take id>``: that a take of a session's
+  summaries' usage was charged to the budgets of the slot (charge_take),
+  set by the script that charges them.
 
 One round trip per turn on the hot path: the admit scripts of a turn (one
 per slot: the tenant's, and the model's when it has limits) go in one
@@ -116,7 +119,7 @@ from meshgate import redis_access
 from meshgate.config import LimitSettings, PriceSettings, RouterSettings
 from meshgate.errors import MeshgateError, retry_info, unavailable
 from meshgate.reasons import Reason
-from services.router.ledger import SUMMARY_USAGE, Ledger, UsageRecord
+from services.router.ledger import SUMMARY_USAGE, TAKE_MARKER_TTL_S, Ledger, UsageRecord
 from services.router.prompt_bound import PromptBound, bound_of
 from services.router.script_calls import Backlog, never_ran, run_scripts
 
@@ -309,6 +312,23 @@ _RELEASE = (
 local mark = KEYS[#KEYS]
 if redis.call('GET', mark) == ARGV[5] then settle(ARGV[2], parse(ARGV[3])) end
 redis.call('SET', mark, '0', 'PX', ARGV[4])
+return 1
+"""
+)
+
+# A take of a session's summaries' usage, charged to its budgets once per
+# take id (Admission.charge_take): as _SETTLE's ARGV, with the take's
+# marker's TTL in s after now_ms, and the marker KEYS' last (in the call's
+# slot), set in the same script as the charge. Returns 1, or 0 where the
+# marker was set already (charged before: nothing is charged again).
+_CHARGE_TAKE = (
+    _PARSE
+    + _SETTLE_TURN
+    + """
+if not redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', ARGV[2]) then return 0 end
+for t = 3, #ARGV, 2 do
+  settle(ARGV[t], parse(ARGV[t + 1]))
+end
 return 1
 """
 )
@@ -689,6 +709,7 @@ class Admission:
         self._admit_script = redis.register_script(_ADMIT)
         self._settlements = Backlog(redis.register_script(_SETTLE), "settlement")
         self._releases = Backlog(redis.register_script(_RELEASE), "release", idempotent=True)
+        self._charge_take_script = redis.register_script(_CHARGE_TAKE)
         self._top_up_script = redis.register_script(_TOP_UP)
         self._lease_ms = int(max_generation_s * 1000) + _LEASE_MARGIN_MS
         self._clock = clock
@@ -1030,8 +1051,41 @@ class Admission:
         see it). Not the per-minute windows: those pace the tenant's own
         requests, and the use came at no one request's time. Batched, as
         settle_soon. Returns the UTC day charged (the ledger's for it)."""
+        spent = self._spent(scopes)
+        self.settle_soon(spent, tokens, nano_usd)
+        return spent.day
+
+    async def charge_take(
+        self, tenant_id: str, take_id: str, charges: list[tuple[list[Scope], int, int]]
+    ) -> None:
+        """Charges what a take of a session's summaries' usage spent (each
+        charge: scopes, tokens, nano-USD) as charge_spent does, but now and
+        once per take id: each script call (one per slot) sets the take's
+        marker in its slot in the same script, kept TAKE_MARKER_TTL_S, and
+        one that finds it set charges nothing. So a take offered again (its
+        router killed before acknowledging it, or its reply lost) is charged
+        where it was not, whatever the ledger holds of it. Raises where a
+        call failed: the take is not acknowledged, and is offered again."""
+        batch = [(self._spent(scopes), tokens, nano_usd) for scopes, tokens, nano_usd in charges]
+        calls = self._settlement_calls(
+            [charge for charge in batch if charge[0].checks], extra_args=[TAKE_MARKER_TTL_S]
+        )
+        # One Redis instance's one call is marked in the tenant's slot, as a
+        # cluster's call of the tenant's budgets is.
+        tenant_slot = Scope("tenant", tenant_id, LimitSettings()).slot_tag
+        marked = [
+            ([*keys, f"mg:router:limit:{slot or tenant_slot}:take:{take_id}"], args)
+            for slot, (keys, args) in calls.items()
+        ]
+        try:
+            await run_scripts(self._charge_take_script, marked)
+        except (*redis_access.CONNECTION_ERRORS, RedisError, RedisClusterException) as error:
+            raise redis_access.outage("a summary take's budgets cannot be charged", error) from error
+
+    def _spent(self, scopes: list[Scope]) -> Reservation:
+        """Use no turn was admitted for, to charge to the scopes' day and
+        month budgets (none where no scope has one): nothing reserved."""
         second = int(self._now_s())
-        day = _period_ids(second)[0]
         budgets = tuple(
             check
             for scope in scopes
@@ -1039,10 +1093,7 @@ class Admission:
             for check in self._plan(scope).checks(second)
             if check.kind == "budget"
         )
-        if budgets:
-            spent = Reservation(uuid.uuid4().hex, 0, 0, budgets, day=day, unchecked=True)
-            self.settle_soon(spent, tokens, nano_usd)
-        return day
+        return Reservation(uuid.uuid4().hex, 0, 0, budgets, day=_period_ids(second)[0], unchecked=True)
 
     async def settle(self, reservation: Reservation, tokens: int, nano_usd: int) -> None:
         """Replaces the reservation by what the turn used and frees its
@@ -1103,13 +1154,23 @@ class Admission:
         and its checks of that slot, each from reserved to used (a refund:
         to nothing, requests too; a turn that ran was one request, whatever
         it used, so its requests window is not among the checks settled)."""
+        # A call Redis refused is written again later (script_calls); one
+        # that may have run is logged: its reservations stand (an
+        # overcharge), and the streams' leases expire on their own.
+        await self._settlements.run(list(self._settlement_calls(batch, refund).values()))
+
+    def _settlement_calls(
+        self, batch: list[tuple[Reservation, int, int]], refund: bool = False, extra_args: list = ()
+    ) -> dict[str, tuple[list[str], list]]:
+        """The KEYS and ARGV of _SETTLE's call per slot ("" on one Redis
+        instance) for the batch; ``extra_args`` follow now_ms in ARGV."""
         now = self._now_arg()
         # Per slot: its KEYS, where each key is in them, its ARGV.
-        calls: dict[str, tuple[list[str], dict[str, int], list[str]]] = {}
+        calls: dict[str, tuple[list[str], dict[str, int], list]] = {}
         for reservation, tokens, nano_usd in batch:
             words = _settlement_words(reservation, tokens, nano_usd, refund)
             for slot, (checks, slot_words) in _by_slot(reservation.checks, words).items():
-                keys, index, args = calls.setdefault(slot, ([], {}, [now]))
+                keys, index, args = calls.setdefault(slot, ([], {}, [now, *extra_args]))
                 indexed = []
                 for check, word in zip(checks, slot_words, strict=True):
                     k = index.get(check.key)
@@ -1118,10 +1179,7 @@ class Admission:
                         keys += check.keys
                     indexed.append(f"{word} {k}")
                 args += [reservation.lease_id, " ".join(indexed)]
-        # A call Redis refused is written again later (script_calls); one
-        # that may have run is logged: its reservations stand (an
-        # overcharge), and the streams' leases expire on their own.
-        await self._settlements.run([(keys, args) for keys, _, args in calls.values()])
+        return {slot: (keys, args) for slot, (keys, _, args) in calls.items()}
 
 
 def _settlement_words(reservation: Reservation, tokens: int, nano_usd: int, refund: bool) -> list[str]:
@@ -1333,18 +1391,18 @@ class TurnAdmission:
 
     async def bill_summary_take(self, tenant, take_id: str, spends) -> None:
         """What a sweep's take (summary_usage.py) of a session's summaries
-        took, once per take id: to the ledger now (Ledger.record_take), and,
-        where that write wrote it (not a write of a router that took it
-        before and died before acknowledging it), to the budgets. Raises
-        where the ledger's write failed: the take is not acknowledged, and
-        is offered again."""
+        took, now and once per take id: to the ledger (Ledger.record_take)
+        and to the budgets (Admission.charge_take), each written once
+        whichever write of it first ran (a router that took it before and
+        died, or lost a write's reply, before acknowledging it). Raises
+        where a write failed: the take is not acknowledged, and is offered
+        again."""
         charges = list(self._summary_charges(tenant, spends))
-        if self._ledger is not None and not await self._ledger.record_take(
-            take_id, [usage for *_, usage in charges]
-        ):
-            return
-        for scopes, tokens, nano_usd, _ in charges:
-            self._admission.charge_spent(scopes, tokens, nano_usd)
+        if self._ledger is not None:
+            await self._ledger.record_take(take_id, [usage for *_, usage in charges])
+        await self._admission.charge_take(
+            tenant.id, take_id, [(scopes, tokens, nano_usd) for scopes, tokens, nano_usd, _ in charges]
+        )
 
     def _summary_charges(self, tenant, spends):
         """Each spend's charge: billed to the tenant and key as that model's

@@ -21,12 +21,15 @@ acknowledged, and answers every take of the session meanwhile with that
 take, under its take id, taking nothing more; the session stays owing, so
 a claim names it again once the claim period is over. The ledger writes a
 take's usage once per take id (Ledger.record_take: a marker set in the same
-script as the totals), and the tenant's budgets are charged only by the
-write that wrote it. So a router killed between a take and its ledger
-write, or between the write and the acknowledgement, leaves the take to
-whichever router claims the session next, which bills it (or finds it
-billed) and acknowledges it; a write Redis failed is not acknowledged
-either, and is offered again alike. A take whose reply is lost
+script as the totals), and the tenant's budgets are charged once per take
+id apart (Admission.charge_take: a marker set in the same script as each
+slot's charge), before the take is acknowledged. So a router killed
+between a take and its ledger write, between the write and the budgets'
+charge, or between the charge and the acknowledgement, leaves the take to
+whichever router claims the session next, which writes and charges what
+was not (or finds it all billed) and acknowledges it; a write Redis
+failed, or whose reply was lost, is not acknowledged either, and is
+offered again alike. A take whose reply is lost
 (UNAVAILABLE, DEADLINE_EXCEEDED) is sent again with its take id after each
 of TAKE_RETRY_DELAYS_S: held, or acknowledged by another router meanwhile,
 it answers what it took and takes nothing more; after the last, a take
@@ -45,11 +48,7 @@ the session's TTL (services/context/store.py's usage record).
 The bound: usage no sweep took within that week (no router sweeping); a
 take written to the ledger and offered again more than
 ledger.TAKE_MARKER_TTL_S later (no router sweeping for a day between the
-write and the acknowledgement) is billed twice; the budgets (not the
-ledger) miss a take whose writer died between its ledger write and its
-budgets' charge (Admission.charge_spent, batched), or whose ledger write ran but whose
-reply was lost (a timeout): its retry finds the marker set and charges
-nothing. During a rolling
+write and the acknowledgement) is billed twice. During a rolling
 upgrade, a context service older than the hold takes for good (a router
 killed before its write, or whose every send of a take lost its reply,
 loses what it took), and a router older than the hold neither sees a held

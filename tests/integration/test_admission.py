@@ -23,7 +23,7 @@ from meshgate.router.v1 import router_service_pb2 as router_pb
 from services.router import admission as admission_module
 from services.router.admission import Admission, Scope, TurnAdmission
 from services.router.auth import Tenant
-from services.router.ledger import Ledger
+from services.router.ledger import SUMMARY_USAGE, Ledger, UsageRecord
 from services.router.pipeline import (
     Answer,
     Appended,
@@ -33,6 +33,7 @@ from services.router.pipeline import (
     Failure,
     Outcome,
     Pipeline,
+    SummarySpend,
 )
 from services.router.prompt_bound import prompt_bounds
 from tests.tcp_proxy import TcpProxy
@@ -664,6 +665,43 @@ async def test_a_turn_crossing_midnight_is_in_its_admission_days_budget_and_ledg
     may = await ledger.usage(turn.tenant.id, datetime.date(2026, 5, 31), datetime.date(2026, 5, 31))
     june = await ledger.usage(turn.tenant.id, datetime.date(2026, 6, 1), datetime.date(2026, 6, 1))
     assert may[("k1", "tiny-gpt")]["completion_tokens"] == 60 and not june
+
+
+@pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
+async def test_a_summary_take_the_ledger_holds_already_is_still_charged_to_the_budgets_once(
+    redis_client, split_by_slot
+):
+    """A sweep's take (summary_usage.py) whose ledger write ran, its router
+    then killed before the budgets' charge (batched) or its write's reply
+    lost: offered again, the take found the ledger's marker set and charged
+    the budgets nothing (the tenant's, the key's and the model's 0 tokens
+    of 50), so the tenant could spend past them. Charged once, however
+    often the take is offered."""
+    model = f"summarizer-{uuid.uuid4().hex[:8]}"
+    settings = RouterSettings(
+        prices={model: PriceSettings(1.0, 2.0)}, model_limits={model: LimitSettings(tokens_per_day=10_000)}
+    )
+    budget = LimitSettings(tokens_per_day=10_000)
+    tenant = Tenant(uuid.uuid4().hex[:12], frozenset({"*"}), "k1", budget, budget)
+    ledger = Ledger(redis_client, 1000, 30, split_by_slot=split_by_slot)
+    admission = Admission(redis_client, max_generation_s=60, split_by_slot=split_by_slot)
+    stages = TurnAdmission(admission, settings, ledger)
+    take_id = uuid.uuid4().hex
+    # The dead router's write: the ledger holds the take; no budget was charged.
+    written = UsageRecord(tenant.id, "k1", model, "", 40, 10, 0, SUMMARY_USAGE, 60, 0, summaries=1)
+    assert await ledger.record_take(take_id, [written])
+    for _ in range(2):  # offered to the next router, and again
+        await stages.bill_summary_take(tenant, take_id, (SummarySpend(model, 40, 10, 1),))
+    await stages.drain()
+    day = f"{ledger.today():%Y-%m-%d}"
+    for scope in (
+        Scope("tenant", tenant.id, budget),
+        Scope("key", "k1", budget, tenant.id),
+        Scope("model", model, settings.model_limits[model]),
+    ):
+        assert int(await redis_client.get(f"{scope.prefix}:tokens:day:{day}") or 0) == 50, scope.kind
+    totals = await ledger.usage(tenant.id, ledger.today(), ledger.today())
+    assert totals[("k1", model)]["summaries"] == 1
 
 
 async def test_a_turn_under_way_when_a_reload_changes_prices_is_billed_at_its_admissions(redis_client):

@@ -24,7 +24,7 @@ from redis.crc import key_slot
 
 from meshgate import redis_access
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
-from meshgate.config import LimitSettings
+from meshgate.config import LimitSettings, RouterSettings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError
 from meshgate.local import redis_server
@@ -32,9 +32,11 @@ from meshgate.router.v1 import admin_service_pb2 as admin_pb
 from services.cache import keys as cache_keys
 from services.context import store
 from services.context.hot_cache import HotCache, change_listener
-from services.router.admission import Admission, Scope
+from services.router.admission import Admission, Scope, TurnAdmission
+from services.router.auth import Tenant
 from services.router.keys import KeyStore
-from services.router.ledger import Ledger, UsageRecord
+from services.router.ledger import SUMMARY_USAGE, Ledger, UsageRecord
+from services.router.pipeline import SummarySpend
 from services.router.request_ids import RequestId
 from services.router.script_calls import node_of
 from tests.integration.test_cache_servicer import (
@@ -532,6 +534,36 @@ async def test_admission_limits_are_exact_across_masters(cluster: Cluster) -> No
             await replica.drain()
         for client in clients:
             await client.aclose()
+
+
+async def test_a_summary_take_is_charged_once_to_budgets_on_two_masters(cluster: Cluster, client) -> None:
+    """A sweep's take (summary_usage.py) charges the tenant's budgets and its
+    model's, which the hash tags put on two different masters, each in a
+    call marked in its own slot: offered again after its ledger write ran
+    (its router killed, or the write's reply lost), it is charged once."""
+    tenant_id = f"tenant-{uuid.uuid4().hex[:8]}"
+    budget = LimitSettings(tokens_per_day=10_000)
+    tenant_scope = Scope("tenant", tenant_id, budget)
+    model = next(
+        f"model-{n}"
+        for n in range(1000)
+        if cluster.master_of(key_slot(Scope("model", f"model-{n}", budget).prefix.encode()))
+        != cluster.master_of(key_slot(tenant_scope.prefix.encode()))
+    )
+    settings = RouterSettings(model_limits={model: budget})
+    ledger = Ledger(client, stream_max_len=1000, retention_days=2)
+    stages = TurnAdmission(Admission(client, max_generation_s=60), settings, ledger)
+    tenant = Tenant(tenant_id, frozenset({"*"}), "key1", budget)
+    take_id = uuid.uuid4().hex
+    written = UsageRecord(tenant_id, "key1", model, "", 40, 10, 0, SUMMARY_USAGE, 0, 0, summaries=1)
+    assert await ledger.record_take(take_id, [written])
+    for _ in range(2):
+        await stages.bill_summary_take(tenant, take_id, (SummarySpend(model, 40, 10, 1),))
+    await stages.drain()
+    day = f"{ledger.today():%Y-%m-%d}"
+    for charged in (tenant_scope, Scope("model", model, budget)):
+        assert int(await client.get(f"{charged.prefix}:tokens:day:{day}") or 0) == 50, charged.kind
+    assert (await ledger.usage(tenant_id, ledger.today(), ledger.today()))[("key1", model)]["summaries"] == 1
 
 
 async def test_a_write_script_refused_by_a_master_is_unavailable(cluster: Cluster, client, tenant) -> None:
