@@ -699,8 +699,10 @@ class Admission:
         max_generation_s: float,
         clock: Callable[[], float] | None = None,
         split_by_slot: bool | None = None,
+        take_marker_ttl_s: int = TAKE_MARKER_TTL_S,
     ) -> None:
         self._redis = redis
+        self._take_marker_ttl_s = take_marker_ttl_s
         # On a Redis Cluster a script call's keys must share a slot: a turn
         # takes one call per slot (its tenant's, its model's), and a turn
         # one slot refuses is refunded in the others. One Redis instance
@@ -1061,14 +1063,15 @@ class Admission:
         """Charges what a take of a session's summaries' usage spent (each
         charge: scopes, tokens, nano-USD) as charge_spent does, but now and
         once per take id: each script call (one per slot) sets the take's
-        marker in its slot in the same script, kept TAKE_MARKER_TTL_S, and
+        marker in its slot in the same script, kept as the ledger's
+        (ledger.TAKE_MARKER_TTL_S), and
         one that finds it set charges nothing. So a take offered again (its
         router killed before acknowledging it, or its reply lost) is charged
         where it was not, whatever the ledger holds of it. Raises where a
         call failed: the take is not acknowledged, and is offered again."""
         batch = [(self._spent(scopes), tokens, nano_usd) for scopes, tokens, nano_usd in charges]
         calls = self._settlement_calls(
-            [charge for charge in batch if charge[0].checks], extra_args=[TAKE_MARKER_TTL_S]
+            [charge for charge in batch if charge[0].checks], extra_args=[self._take_marker_ttl_s]
         )
         # One Redis instance's one call is marked in the tenant's slot, as a
         # cluster's call of the tenant's budgets is.

@@ -19,6 +19,7 @@ from meshgate.router.v1 import (
     router_service_pb2,
 )
 from meshgate.serving import Cleanup, Service
+from services.context.store import owed_ttl_s
 from services.router.admin import AdminServicer
 from services.router.admission import Admission, TenantCalls, TurnAdmission
 from services.router.auth import Authenticator, CallerGate
@@ -131,8 +132,14 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     redis = redis_access.connect(settings.redis.url, settings.redis.timeout_s)
     router = settings.router
     _warn_of_public_dev_key(router)
-    ledger = Ledger(redis, router.usage_stream_max_len, router.usage_retention_days)
-    admission = TurnAdmission(Admission(redis, router.max_generation_s), router, ledger)
+    # A summary take's markers live as long as the context service may hold it.
+    take_marker_ttl_s = owed_ttl_s(settings.context.session_ttl_s)
+    ledger = Ledger(
+        redis, router.usage_stream_max_len, router.usage_retention_days, take_marker_ttl_s=take_marker_ttl_s
+    )
+    admission = TurnAdmission(
+        Admission(redis, router.max_generation_s, take_marker_ttl_s=take_marker_ttl_s), router, ledger
+    )
     hot_exact = listener = None
     if router.hot_exact_entries > 0:
         hot_exact = HotExactHits(

@@ -25,7 +25,8 @@ The records of a take of a session's summaries' usage are written once per
 take id (record_take): the take may be offered again to another router, its
 taker killed before acknowledging it. Each of its calls sets, in the same
 script, a marker in its own slot (take_marker(): the tenant's day hash's,
-the log's), kept TAKE_MARKER_TTL_S; a call whose marker is set already
+the log's), kept as long as the context service may hold the take
+(TAKE_MARKER_TTL_S); a call whose marker is set already
 writes nothing.
 """
 
@@ -41,6 +42,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from meshgate import redis_access
+from meshgate.config import ContextSettings
+from services.context.store import owed_ttl_s
 from services.router.script_calls import Backlog, run_scripts
 
 STREAM = "mg:router:usage:log"
@@ -164,11 +167,15 @@ def take_marker(key: str, take_id: str) -> str:
     return f"{key.rsplit(':', 1)[0]}:take:{take_id}"
 
 
-# How long a take's marker is kept: longer than any wait before the take is
-# offered again (the router that took it died before acknowledging it; a
-# sweep's claim period, router.summary_usage_collect_s, later), short enough
-# that the markers of every take of a day stay few.
-TAKE_MARKER_TTL_S = 24 * 3600
+# How long a take's markers (the ledger's, and its budgets':
+# admission.Admission.charge_take) are kept: as long as the context service
+# may hold the take and offer it again, its usage record's lifetime
+# (store.owed_ttl_s, from context.session_ttl_s), so that no take is offered
+# again once they are gone (they were kept a day, the record a week past the
+# session's TTL: a take written and offered again more than a day later,
+# no router sweeping meanwhile, was billed twice). The router passes the
+# configured one (app.py); this is the default configuration's.
+TAKE_MARKER_TTL_S = owed_ttl_s(ContextSettings().session_ttl_s)
 
 
 # Records submitted within this long of each other go to Redis in one call
@@ -186,8 +193,10 @@ class Ledger:
         retention_days: int,
         clock: Callable[[], float] = time.time,
         split_by_slot: bool | None = None,
+        take_marker_ttl_s: int = TAKE_MARKER_TTL_S,
     ) -> None:
         self._redis = redis
+        self._take_marker_ttl_s = take_marker_ttl_s
         # A Redis Cluster takes the log and each tenant's totals in their own
         # calls (their keys are in different slots); one instance, one call.
         self._split_by_slot = isinstance(redis, RedisCluster) if split_by_slot is None else split_by_slot
@@ -250,7 +259,7 @@ class Ledger:
         it) writes nothing again. Returns whether its totals were written
         now. Raises where a call failed (nothing held: the take stays held
         at the context service, which offers it again)."""
-        calls = self._calls([(usage, True) for usage in records], TAKE_MARKER_TTL_S)
+        calls = self._calls([(usage, True) for usage in records], self._take_marker_ttl_s)
         marked = [([*keys, take_marker(keys[-1], take_id)], args) for keys, args in calls]
         try:
             replies = await run_scripts(self._script, marked)

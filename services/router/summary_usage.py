@@ -45,10 +45,13 @@ A session deleted or expired before a sweep keeps its usage for one: the
 context service holds it apart from the session's keys, for a week past
 the session's TTL (services/context/store.py's usage record).
 
-The bound: usage no sweep took within that week (no router sweeping); a
-take written to the ledger and offered again more than
-ledger.TAKE_MARKER_TTL_S later (no router sweeping for a day between the
-write and the acknowledgement) is billed twice. During a rolling
+The bound: usage no sweep took within that week (no router sweeping). A
+take's markers (the ledger's and the budgets') are kept as long as that
+record (ledger.TAKE_MARKER_TTL_S, from context.session_ttl_s): a take
+written and offered again later still is billed twice, which only a
+record its summaries kept renewing all that time, no router sweeping, can
+hold (a router configured with another context.session_ttl_s than the
+context service's keeps them for its own). During a rolling
 upgrade, a context service older than the hold takes for good (a router
 killed before its write, or whose every send of a take lost its reply,
 loses what it took), and a router older than the hold neither sees a held

@@ -6,6 +6,7 @@ session's usage record as a summary's writer writes it)."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import uuid
 
 import pytest
@@ -21,6 +22,7 @@ from meshgate.router.v1 import router_service_pb2_grpc
 from services.context import app as context_app
 from services.context import store as session_store
 from services.router import app as router_app
+from services.router.admission import Scope
 from services.router.downstream import ContextService
 from services.router.ledger import STREAM
 from tests.integration.conftest import running
@@ -36,7 +38,10 @@ async def test_usage_a_router_took_and_died_before_billing_is_billed_once(redis_
     """A router takes a session's summaries' usage from the context service
     (its own client's take) and dies before its ledger write: the take is
     held for it, and a router sweeping after the claim period is offered
-    the same take, bills it, and no sweep after bills it again."""
+    the same take, bills it, and no sweep after bills it again, to the
+    ledger and to the budgets. Its markers live as long as the context
+    service may hold the take: kept a day, a take written and offered again
+    later than that (no router sweeping meanwhile) was billed twice."""
     tenant = f"died-{uuid.uuid4().hex[:8]}"
     key = f"key-{tenant}"
     key_id = hash_api_key(key)[:16]
@@ -45,7 +50,9 @@ async def test_usage_a_router_took_and_died_before_billing_is_billed_once(redis_
     settings.models = {}
     settings.router.dev_tenant = False
     settings.router.tenants = [
-        TenantSettings(id=tenant, api_key_sha256=[hash_api_key(key)], limits=LimitSettings())
+        TenantSettings(
+            id=tenant, api_key_sha256=[hash_api_key(key)], limits=LimitSettings(tokens_per_day=10_000)
+        )
     ]
     settings.router.prices = {
         MODEL: PriceSettings(prompt_usd_per_million=1.0, completion_usd_per_million=2.0)
@@ -78,7 +85,8 @@ async def test_usage_a_router_took_and_died_before_billing_is_billed_once(redis_
                 dying = ContextService(stub, TenantTokens(None, 60), settings.router)
                 claimed = await dying.claim_owed_summary_usage(0.0, 100)
                 assert [owed.session_id for owed in claimed if owed.tenant_id == tenant] == [session_id]
-                await dying.take_summary_usage(tenant, session_id, uuid.uuid4().hex)
+                take_id = uuid.uuid4().hex
+                await dying.take_summary_usage(tenant, session_id, take_id)
                 assert await client.hget(record, "unbilled") is None
 
             async with (
@@ -98,6 +106,15 @@ async def test_usage_a_router_took_and_died_before_billing_is_billed_once(redis_
                 # Once: the sweeps of 1.5 s more (several claim periods) bill nothing again.
                 await asyncio.sleep(1.5)
                 assert await billed() == [row]
+        budget = Scope("tenant", tenant, LimitSettings()).prefix
+        day = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d}"
+        assert int(await client.get(f"{budget}:tokens:day:{day}")) == 50
+        held_for_s = session_store.owed_ttl_s(settings.context.session_ttl_s)
+        for marker in (
+            f"mg:router:usage:{{t:{tenant}}}:take:{take_id}",
+            f"mg:router:limit:{{t:{tenant}}}:take:{take_id}",
+        ):
+            assert held_for_s - 60 < await client.ttl(marker) <= held_for_s, marker
         logged = [
             fields
             for _, fields in await client.xrevrange(STREAM, count=1000)
