@@ -752,6 +752,20 @@ def _check_embedder(section: str, embedder: str) -> None:
 MAX_READABLE_SESSION_BYTES = 28 * 1024 * 1024
 
 
+# How long a session's summaries' usage record outlives the session's TTL:
+# a week of router.summary_usage_collect_s sweeps to bill it after the
+# session is gone (services/context/store.py's usage record).
+SUMMARY_USAGE_GRACE_S = 7 * 24 * 3600
+
+
+def summary_usage_ttl_s(session_ttl_s: int) -> int:
+    """How long a session's summaries' usage record lives after its latest
+    write: as long as the context service may hold a take of it and offer it
+    again, and so how long the router keeps a take's markers (its ledger's
+    and budgets'), which must not be gone before then."""
+    return max(session_ttl_s, 0) + SUMMARY_USAGE_GRACE_S
+
+
 @dataclasses.dataclass
 class ContextSettings:
     listen: str = "127.0.0.1:50052"

@@ -70,8 +70,8 @@ whom the usage is billed to once meta is gone. It is neither renewed nor
 deleted with the session, so that usage owed when the session is deleted
 or expires is still taken, and billed to its tenant (a session created
 again under its id bills the earlier life's usage with its own): it
-expires on its own, OWED_GRACE_S after the session could have
-(owed_ttl_s, from the latest summary's usage or take), by when a sweep
+expires on its own, SUMMARY_USAGE_GRACE_S after the session could have
+(config.summary_usage_ttl_s, from the latest summary's usage or take), by when a sweep
 (every ``router.summary_usage_collect_s``) has long taken it.
 
 SESSION_PARTS lists the session's parts, and every script that changes a
@@ -154,6 +154,7 @@ import structlog
 
 from meshgate import redis_access
 from meshgate.common.v1 import common_pb2
+from meshgate.config import summary_usage_ttl_s
 from meshgate.errors import MeshgateError, not_found
 from meshgate.reasons import Reason
 from services.context import relevance
@@ -342,7 +343,7 @@ return {
 )
 
 # KEYS: the usage record, meta. ARGV: the take id ("" = none), the
-# record's TTL (owed_ttl_s), "1" to hold what it takes until acknowledged.
+# record's TTL (config.summary_usage_ttl_s), "1" to hold what it takes until acknowledged.
 # Takes the session's ``unbilled`` (the record's, and meta's that an older
 # version left) for the router to bill, and keeps what it took in the
 # record (the module's docstring): a held take's as ``unbilled_held``, which
@@ -405,10 +406,6 @@ if held and string.sub(held, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
   redis.call('HDEL', KEYS[1], 'unbilled_held')
 end
 """
-
-# How long a session's usage record outlives the session's TTL (the
-# module's docstring): a sweep comes every router.summary_usage_collect_s.
-OWED_GRACE_S = 7 * 24 * 3600
 
 # The owed set (the module's docstring): its key, and its scripts, each over
 # it alone. Their clock is Redis's, in ms, as the sessions' times are.
@@ -932,11 +929,6 @@ def unbilled_key(tenant_id: str, session_id: str) -> str:
     return key(tenant_id, session_id, "unbilled")
 
 
-def owed_ttl_s(session_ttl_s: int) -> int:
-    """How long a usage record lives after its latest write."""
-    return max(session_ttl_s, 0) + OWED_GRACE_S
-
-
 def session_keys(tenant_id: str, session_id: str) -> list[str]:
     """Every key of the session, in SESSION_PARTS' order: what each script
     over a session takes as its KEYS (one hash slot)."""
@@ -1254,7 +1246,7 @@ class SessionStore:
         self, tenant_id: str, session_id: str, take_id: str, hold: bool
     ) -> tuple[str, tuple[SummarySpend, ...]]:
         keys = [unbilled_key(tenant_id, session_id), session_key(tenant_id, session_id)]
-        args = [take_id, owed_ttl_s(self._ttl_s), "1" if hold else ""]
+        args = [take_id, summary_usage_ttl_s(self._ttl_s), "1" if hold else ""]
         with redis_reachable():
             outcome = await self._take_unbilled(keys=keys, args=args)
         if outcome[0] == 0:

@@ -53,7 +53,7 @@ import structlog
 
 from meshgate import redis_access
 from meshgate.common.v1 import common_pb2
-from meshgate.config import ContextSettings
+from meshgate.config import ContextSettings, summary_usage_ttl_s
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError, from_rpc_error
 from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
@@ -272,7 +272,7 @@ class ModelSummarizer:
 # summary was made from, the span's field, the summary's JSON, ttl_s, the
 # summary's id, then what a model spent on it: the model ("" for nothing),
 # its prompt and completion tokens, then the summary's end_version, then the
-# usage record's TTL (store.owed_ttl_s). Written only into that same session: one deleted and
+# usage record's TTL (config.summary_usage_ttl_s). Written only into that same session: one deleted and
 # created again under its id while the summary was being made (a model call)
 # holds other turns. Nor once a revert has undone its end_version: its turns
 # are gone, and the span's field may already hold the summary of the turns
@@ -410,7 +410,7 @@ class SummaryStore:
             args += ["", 0, 0]
         else:
             args += [spent.model, spent.prompt_tokens, spent.completion_tokens]
-        args += [summary.end_version, session_store.owed_ttl_s(self._ttl_s)]
+        args += [summary.end_version, summary_usage_ttl_s(self._ttl_s)]
         return bool(await self._put(keys=keys, args=args))
 
 

@@ -10,7 +10,7 @@ import structlog
 
 from meshgate import mesh_auth, redis_access, serving
 from meshgate.cache.v1 import cache_service_pb2_grpc
-from meshgate.config import DEFAULT_DEV_API_KEY, DEV_TENANT_ID, RouterSettings, Settings
+from meshgate.config import DEFAULT_DEV_API_KEY, DEV_TENANT_ID, RouterSettings, Settings, summary_usage_ttl_s
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.embedding import InferenceEmbedder
 from meshgate.router.v1 import (
@@ -19,7 +19,6 @@ from meshgate.router.v1 import (
     router_service_pb2,
 )
 from meshgate.serving import Cleanup, Service
-from services.context.store import owed_ttl_s
 from services.router.admin import AdminServicer
 from services.router.admission import Admission, TenantCalls, TurnAdmission
 from services.router.auth import Authenticator, CallerGate
@@ -133,7 +132,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     router = settings.router
     _warn_of_public_dev_key(router)
     # A summary take's markers live as long as the context service may hold it.
-    take_marker_ttl_s = owed_ttl_s(settings.context.session_ttl_s)
+    take_marker_ttl_s = summary_usage_ttl_s(settings.context.session_ttl_s)
     ledger = Ledger(
         redis, router.usage_stream_max_len, router.usage_retention_days, take_marker_ttl_s=take_marker_ttl_s
     )

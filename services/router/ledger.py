@@ -42,8 +42,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from meshgate import redis_access
-from meshgate.config import ContextSettings
-from services.context.store import owed_ttl_s
+from meshgate.config import ContextSettings, summary_usage_ttl_s
 from services.router.script_calls import Backlog, run_scripts
 
 STREAM = "mg:router:usage:log"
@@ -170,12 +169,12 @@ def take_marker(key: str, take_id: str) -> str:
 # How long a take's markers (the ledger's, and its budgets':
 # admission.Admission.charge_take) are kept: as long as the context service
 # may hold the take and offer it again, its usage record's lifetime
-# (store.owed_ttl_s, from context.session_ttl_s), so that no take is offered
+# (config.summary_usage_ttl_s, from context.session_ttl_s), so that no take is offered
 # again once they are gone (they were kept a day, the record a week past the
 # session's TTL: a take written and offered again more than a day later,
 # no router sweeping meanwhile, was billed twice). The router passes the
 # configured one (app.py); this is the default configuration's.
-TAKE_MARKER_TTL_S = owed_ttl_s(ContextSettings().session_ttl_s)
+TAKE_MARKER_TTL_S = summary_usage_ttl_s(ContextSettings().session_ttl_s)
 
 
 # Records submitted within this long of each other go to Redis in one call

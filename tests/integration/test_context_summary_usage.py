@@ -16,6 +16,7 @@ import urllib.parse
 import pytest
 import redis.asyncio as redis
 
+from meshgate.config import summary_usage_ttl_s
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from services.context import store as session_store
@@ -301,7 +302,7 @@ async def test_a_sessions_usage_outlives_its_deletion_or_expiry_until_taken(clie
     assert not await client.exists(*session_store.session_keys(tenant, "s"))
     # Bounded all the same: it expires on its own after the session could have.
     ttl_s = await client.ttl(session_store.unbilled_key(tenant, "s"))
-    assert 0 < ttl_s <= session_store.owed_ttl_s(1)
+    assert 0 < ttl_s <= summary_usage_ttl_s(1)
 
     assert mine(await sessions.owed.claim(0, 1000), tenant) == [session_store.Owed(tenant, "s", "k" * 16)]
     one = SummarySpend("counting", PROMPT_TOKENS, COMPLETION_TOKENS, 1)

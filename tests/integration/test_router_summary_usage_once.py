@@ -13,7 +13,14 @@ import pytest
 import redis.asyncio as redis
 
 from meshgate.common.v1 import common_pb2
-from meshgate.config import LimitSettings, PriceSettings, Settings, TenantSettings, hash_api_key
+from meshgate.config import (
+    LimitSettings,
+    PriceSettings,
+    Settings,
+    TenantSettings,
+    hash_api_key,
+    summary_usage_ttl_s,
+)
 from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.mesh_auth import TenantTokens
@@ -109,7 +116,7 @@ async def test_usage_a_router_took_and_died_before_billing_is_billed_once(redis_
         budget = Scope("tenant", tenant, LimitSettings()).prefix
         day = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d}"
         assert int(await client.get(f"{budget}:tokens:day:{day}")) == 50
-        held_for_s = session_store.owed_ttl_s(settings.context.session_ttl_s)
+        held_for_s = summary_usage_ttl_s(settings.context.session_ttl_s)
         for marker in (
             f"mg:router:usage:{{t:{tenant}}}:take:{take_id}",
             f"mg:router:limit:{{t:{tenant}}}:take:{take_id}",
