@@ -252,7 +252,7 @@ def _cluster_nodes(url: str) -> tuple[str, list[ClusterNode]]:
     return plain, nodes
 
 
-def _connect_cluster(url: str, timeout_s: float, *, subscriber: bool = False) -> RedisCluster:
+def _connect_cluster(url: str, timeout_s: float) -> RedisCluster:
     plain, nodes = _cluster_nodes(url)
     client = RedisCluster.from_url(
         plain,
@@ -263,7 +263,7 @@ def _connect_cluster(url: str, timeout_s: float, *, subscriber: bool = False) ->
         max_connections=MAX_CONNECTIONS,
         health_check_interval=HEALTH_CHECK_INTERVAL_S,
         socket_connect_timeout=timeout_s,
-        socket_timeout=None if subscriber else timeout_s,
+        socket_timeout=timeout_s,
         # Masters only, said outright though it is the default (no strategy:
         # no reads from READONLY replicas): a replica may not have the turn
         # its master just acknowledged, and a reader must see every
@@ -291,24 +291,37 @@ def _connect_cluster(url: str, timeout_s: float, *, subscriber: bool = False) ->
 
 
 async def connect_subscriber(url: str, timeout_s: float = RedisSettings.timeout_s) -> Client:
-    """A client for one long subscription: no socket timeout, which would end
-    an idle one (ChannelListener PINGs it instead); ``timeout_s``
-    (redis.timeout_s) bounds each connection attempt. On a cluster, PUBLISH
-    reaches every node, so a subscription on whichever node the client
-    picks (the master of the channel's slot) hears every service's notices;
-    the client must know the cluster's nodes before it can pick one."""
+    """A client for one long subscription. ``timeout_s`` (redis.timeout_s)
+    bounds each connection attempt and each reply the client waits for
+    outside the subscription: the handshake, and on a cluster the slot map
+    and command table, asked of one node after another, so that a node
+    that accepts connections but never answers (a hung process) costs one
+    timeout before the next is asked, rather than the listener for good
+    while the other nodes answer. The subscription's own reads take
+    their own timeout (redis-py's pubsub ignores the socket's), so an idle
+    one does not end (ChannelListener PINGs it instead). On a cluster,
+    PUBLISH reaches every node, so a subscription on whichever node the
+    client picks (the master of the channel's slot) hears every service's
+    notices; the client must know the cluster's nodes before it can pick
+    one."""
     _check_url(url)
     if not is_cluster(url):
         return redis.Redis.from_url(
-            url, socket_connect_timeout=timeout_s, health_check_interval=HEALTH_CHECK_INTERVAL_S
+            url,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
+            health_check_interval=HEALTH_CHECK_INTERVAL_S,
         )
-    client = _connect_cluster(url, timeout_s, subscriber=True)
+    client = _connect_cluster(url, timeout_s)
     try:
         await client.initialize()
     except redis_errors.RedisClusterException as error:
         await client.aclose()
         # What a subscriber already retries on: no node answered.
         raise redis.ConnectionError(f"no Redis Cluster node answered: {error}") from error
+    except BaseException:
+        await client.aclose()
+        raise
     return client
 
 
@@ -518,8 +531,8 @@ class ChannelListener:
 
     async def _run(self) -> None:
         while True:
-            # Not the pool's client: its socket timeout would end an idle
-            # subscription; a closed socket still ends it at once. Plain
+            # A client of its own (connect_subscriber), not the pool's: the
+            # subscription holds its connection for as long as it lasts. Plain
             # PUBLISH, not Redis 7's sharded SPUBLISH: notices are one short
             # message per write, the wheel's Redis is 6.2, and one channel
             # heard on any node of a cluster needs no subscription per shard

@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import json
 import pathlib
+import signal
 import time
 import uuid
 
@@ -257,6 +258,52 @@ async def test_change_notices_from_every_master_reach_a_subscriber(cluster: Clus
             await asyncio.sleep(0.05)
     finally:
         await listener.close()
+
+
+async def test_a_silent_node_costs_a_subscriber_one_timeout(tmp_path) -> None:
+    """A node that accepts connections but never answers (a hung process,
+    here a SIGSTOPped replica) is waited on for redis.timeout_s, no longer:
+    named alone, connecting fails in that time with the error the listener
+    tries again on; named with a node that answers, a listener subscribes
+    through that one and stays subscribed while idle past the timeout. The
+    subscriber's cluster client had no read timeout: its slot-map query to
+    the silent node hung the listener for good."""
+    master, replica = redis_server.free_cluster_ports(2)
+    processes = redis_server.launch_cluster([master, replica], tmp_path)
+    timeout_s = 0.5
+    heard: list[bytes] = []
+    live: list[bool] = []
+    listener = redis_access.ChannelListener(
+        f"redis+cluster://127.0.0.1:{replica},127.0.0.1:{master}",
+        "mg:test:notices",
+        heard.append,
+        live.append,
+        timeout_s=timeout_s,
+    )
+    try:
+        processes[1].send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(redis.ConnectionError):
+            await asyncio.wait_for(
+                redis_access.connect_subscriber(f"redis+cluster://127.0.0.1:{replica}", timeout_s), 10
+            )
+        assert time.monotonic() - started < 3 * timeout_s
+
+        listener.start()
+        await asyncio.wait_for(listener.subscribed.wait(), timeout=5)
+        await asyncio.sleep(4 * timeout_s)
+        with redis.Redis(host="127.0.0.1", port=master) as node:
+            node.publish("mg:test:notices", "changed")
+        deadline = time.monotonic() + 5
+        while not heard:
+            assert time.monotonic() < deadline, "the notice was never heard"
+            await asyncio.sleep(0.05)
+        # Subscribed once: the idle subscription did not end.
+        assert heard == [b"changed"] and live.count(True) == 1, live
+    finally:
+        await listener.close()
+        processes[1].send_signal(signal.SIGCONT)
+        redis_server.stop_all(processes)
 
 
 async def test_cache_partitions_spread_over_the_cluster(cluster: Cluster, client) -> None:
