@@ -29,9 +29,9 @@ import structlog
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS, DefaultParser
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
-from redis.retry import Retry
 
 from meshgate.config import ConfigError, RedisSettings
 from meshgate.errors import MeshgateError, unavailable
