@@ -2,11 +2,23 @@
 services/context/turn_index.py) against a plain Python model of its
 sessions, over a real Redis: hypothesis drives random sequences of create,
 append (with and without an expected version and a turn id, concurrent
-ones too), read at a version, revert, fork, pin, unpin, compaction and
-delete, and after every step what Redis holds must be what the module's
-docstring says: the model's turns, versions, history, turn ids, pins,
-token counts and byte count, every key renewed, and nothing at all of a
-session that is gone. A refused step must leave everything as it was."""
+ones too), read at a version, revert, fork (also cut at a pinned turn),
+pin, unpin, compaction (also of a read of an earlier life of the session,
+and racing an append), delete, the clock moving on (sessions expire) and
+a restart with another TTL (0 too: kept forever), and after every step
+what Redis holds must be what the module's docstring says: the model's
+turns, versions, history, turn ids, pins, token counts and byte count,
+every key renewed by every write that changed the session (and by no
+other step), and nothing at all of a session that is gone. A refused step
+must leave everything as it was.
+
+The clock is Redis's expiry, moved on by a script that takes as long off
+every TTL the run's sessions hold (move_clock): no test sleeps. Reads do
+not renew a session (README: sessions untouched this long expire; the
+store renews on writes), and neither does a step that changed nothing (a
+retried append, a pin held already, a compaction of no more turns).
+Summaries and the usage record are left out (test_context_summaries.py
+and test_router_summary_usage.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +31,7 @@ import grpc
 import numpy as np
 import pytest
 import redis.asyncio as redis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -39,6 +51,12 @@ from services.context import store as session_store
 pytestmark = pytest.mark.integration
 
 TTL_S = 600
+# What a restart may configure instead (0: kept forever, from the next write).
+OTHER_TTLS_S = (0, 300)
+# The model counts time in the clock's moves only; real time passes too, a
+# few seconds a sequence at most. So a key's TTL is checked to within this,
+# and the clock never stops this close before a session's expiry.
+REAL_TIME_S = 20
 # Small caps, so that sequences reach them, and compaction makes room again.
 MAX_TURNS = 8
 MAX_BYTES = 300
@@ -80,6 +98,10 @@ class Session:
     pins: list[str] = dataclasses.field(default_factory=list)
     compacted: int = 0
     compacted_version: int = -1
+    # Its life's create_time_ms, as a compaction's read passes it.
+    created_ms: int = 0
+    # Seconds until it expires as the model's clock runs; None: kept forever.
+    left_s: int | None = None
 
     @property
     def system(self) -> list[bool]:
@@ -136,9 +158,18 @@ class SessionStoreMachine(RuleBasedStateMachine):
         super().__init__()
         self.tenant = f"model-{uuid.uuid4().hex[:8]}"
         self.client = redis.Redis.from_url(self.redis_url)
-        self.store = session_store.SessionStore(self.client, TTL_S, MAX_TURNS, MAX_BYTES)
-        self.index = turn_index.TurnIndex(self.client, TTL_S)
+        self.start(TTL_S)
         self.sessions: dict[str, Session] = {}
+
+    def start(self, ttl_s: int) -> None:
+        """The store and index as a process configured with ``ttl_s`` has them."""
+        self.ttl_s = ttl_s
+        self.store = session_store.SessionStore(self.client, ttl_s, MAX_TURNS, MAX_BYTES)
+        self.index = turn_index.TurnIndex(self.client, ttl_s)
+
+    def renewed(self, model: Session) -> None:
+        """A write that changed the session renews every one of its keys."""
+        model.left_s = self.ttl_s or None
 
     def teardown(self) -> None:
         self.run(self.client.aclose())
@@ -164,6 +195,7 @@ class SessionStoreMachine(RuleBasedStateMachine):
         self, session_id: str, model: Session, turns: list[common_pb2.Message], turn_id: str, created_ms: int
     ) -> None:
         """The model's append, and the index write the servicer follows it with."""
+        self.renewed(model)
         first = len(model.turns)
         model.turns += [turn.SerializeToString() for turn in turns]
         model.messages += turns
@@ -214,8 +246,11 @@ class SessionStoreMachine(RuleBasedStateMachine):
     @initialize()
     def create_the_first(self) -> None:
         """Most rules need a session: every sequence starts with one."""
-        self.run(self.store.create(self.tenant, SESSIONS[0]))
-        self.sessions[SESSIONS[0]] = Session()
+        self.created(SESSIONS[0], self.run(self.store.create(self.tenant, SESSIONS[0])))
+
+    def created(self, session_id: str, created_ms: int) -> None:
+        self.sessions[session_id] = model = Session(created_ms=created_ms)
+        self.renewed(model)
 
     # Only while an id is free: with every id taken, each create would be a
     # refusal (draw_new_session still names a taken one now and then).
@@ -230,8 +265,7 @@ class SessionStoreMachine(RuleBasedStateMachine):
                 Reason.SESSION_EXISTS,
             )
             return
-        self.run(self.store.create(self.tenant, session_id))
-        self.sessions[session_id] = Session()
+        self.created(session_id, self.run(self.store.create(self.tenant, session_id)))
 
     # Two rules, not one: swarm testing turns rules off by name, and a
     # sequence without appends holds nothing for the others to act on.
@@ -367,14 +401,38 @@ class SessionStoreMachine(RuleBasedStateMachine):
             model.turn_ids = {turn_id: made for turn_id, made in model.turn_ids.items() if made <= to_version}
             model.version += 1
             model.history.append(held)
+            self.renewed(model)
             assert version == model.version
 
     @rule(data=st.data())
     def fork(self, data) -> None:
         source_id = self.draw_session(data)
+        at_version = self.draw_version(data, self.sessions.get(source_id))
+        self.fork_as(source_id, at_version, self.draw_new_session(data))
+
+    @rule(data=st.data(), side=st.sampled_from(["at", "before"]))
+    def fork_at_a_pinned_turn(self, data, side: str) -> None:
+        """Pins the turn a version ends at (its fork leaves the pin behind)
+        or the one before (its fork takes it), and forks at that version:
+        fork()'s draws rarely meet either."""
+        before = side == "before"
+        cuts = [
+            (session_id, version, held - before)
+            for session_id, model in sorted(self.sessions.items())
+            if model.compacted == 0
+            for version, held in enumerate(model.history)
+            if held is not None and 0 <= held - before < len(model.turns)
+        ]
+        if not cuts:
+            return
+        source_id, at_version, index = data.draw(st.sampled_from(cuts), label="cut")
+        model = self.sessions[source_id]
+        self.pinned(model, f"t:{index}")
+        assert self.run(self.index.pin(self.tenant, source_id, f"t:{index}", index)) == len(model.pins)
+        self.fork_as(source_id, at_version, self.draw_new_session(data))
+
+    def fork_as(self, source_id: str, at_version: int, fork_id: str) -> None:
         model = self.sessions.get(source_id)
-        at_version = self.draw_version(data, model)
-        fork_id = self.draw_new_session(data)
         call = self.store.fork(self.tenant, source_id, at_version, fork_id)
         if model is None:
             self.missing(call)
@@ -387,15 +445,16 @@ class SessionStoreMachine(RuleBasedStateMachine):
         elif fork_id in self.sessions:
             self.refused(call, grpc.StatusCode.ALREADY_EXISTS, Reason.SESSION_EXISTS)
         else:
-            self.run(call)
-            self.sessions[fork_id] = Session(
+            self.sessions[fork_id] = fork = Session(
                 version=at_version,
                 turns=model.turns[:held],
                 messages=model.messages[:held],
                 counts=model.counts[:held],
                 history=model.history[: at_version + 1],
                 pins=[pin for pin in model.pins if not pin.startswith("t:") or int(pin[2:]) < held],
+                created_ms=self.run(call),
             )
+            self.renewed(fork)
 
     @rule(data=st.data())
     def pin_turn(self, data) -> None:
@@ -412,9 +471,14 @@ class SessionStoreMachine(RuleBasedStateMachine):
         elif model.turns[index] == b"":
             self.refused(call, grpc.StatusCode.FAILED_PRECONDITION, Reason.VERSION_COMPACTED)
         else:
-            if f"t:{index}" not in model.pins:
-                model.pins.append(f"t:{index}")
+            self.pinned(model, f"t:{index}")
             assert self.run(call) == len(model.pins)
+
+    def pinned(self, model: Session, pin: str) -> None:
+        # A pin held already changes nothing, and renews nothing.
+        if pin not in model.pins:
+            model.pins.append(pin)
+            self.renewed(model)
 
     @rule(data=st.data(), fact=st.sampled_from(FACTS))
     def pin_fact(self, data, fact: str) -> None:
@@ -424,8 +488,7 @@ class SessionStoreMachine(RuleBasedStateMachine):
         if model is None:
             self.missing(call)
             return
-        if fact not in model.pins:
-            model.pins.append(fact)
+        self.pinned(model, fact)
         assert self.run(call) == len(model.pins)
 
     @rule(data=st.data())
@@ -442,14 +505,21 @@ class SessionStoreMachine(RuleBasedStateMachine):
             self.refused(call, grpc.StatusCode.NOT_FOUND, Reason.PIN_NOT_FOUND)
         else:
             model.pins.remove(pin)
+            self.renewed(model)
             if pin.startswith("t:") and (index := int(pin[2:])) < model.compacted and not model.system[index]:
                 # Kept only for its pin: compacted now (turn_index._UNPIN).
                 model.turns[index] = b""
             assert self.run(call) == len(model.pins)
 
-    @rule(data=st.data(), read_back=st.integers(0, 3))
-    def compact(self, data, read_back: int) -> None:
-        """As the summarizer does: up to turns it read ``read_back`` versions ago."""
+    @rule(
+        data=st.data(),
+        read_back=st.integers(0, 3),
+        life=st.sampled_from(["this", "this", "this", "earlier"]),
+    )
+    def compact(self, data, read_back: int, life: str) -> None:
+        """As the summarizer does: up to turns it read ``read_back`` versions
+        ago, now and then in an earlier life of the session (deleted and
+        created again since the read)."""
         session_id = self.draw_session(data)
         model = self.sessions.get(session_id)
         if model is None:
@@ -464,16 +534,25 @@ class SessionStoreMachine(RuleBasedStateMachine):
             st.sampled_from([*range(model.compacted + 1, held_then + 1)] * 3 + [*range(held_then + 1)]),
             label="upto",
         )
-        system = [i for i, is_system in enumerate(model.system[:upto]) if is_system]
-        compacted = self.run(self.store.compact(self.tenant, session_id, read, upto, system))
+        created_ms = model.created_ms - (life == "earlier")
+        call = self.compact_call(session_id, model, read, upto, created_ms)
+        compacted = self.run(call)
         # A revert since the read to fewer than `upto` turns: they may be others now.
         changed = any(held is not None and held < upto for held in model.history[read + 1 :])
-        if changed:
+        if changed or life == "earlier":
             assert compacted == -1
             return
+        assert compacted == self.compacted(model, upto)
+
+    def compact_call(self, session_id: str, model: Session, read: int, upto: int, created_ms: int):
+        system = [i for i, is_system in enumerate(model.system[:upto]) if is_system]
+        return self.store.compact(self.tenant, session_id, read, upto, system, created_ms)
+
+    def compacted(self, model: Session, upto: int) -> int:
+        """The model's compaction of its first ``upto`` turns, now; returns
+        how many turns are compacted after it."""
         if upto <= model.compacted:
-            assert compacted == model.compacted
-            return
+            return model.compacted
         pinned = {int(pin[2:]) for pin in model.pins if pin.startswith("t:")}
         for i in range(model.compacted, upto):
             if not model.system[i] and i not in pinned:
@@ -483,7 +562,62 @@ class SessionStoreMachine(RuleBasedStateMachine):
             held = model.history[made]
             if made <= model.version - TURN_IDS_KEPT and held is not None and held <= upto:
                 del model.turn_ids[turn_id]
-        assert compacted == upto
+        self.renewed(model)
+        return upto
+
+    @rule(
+        data=st.data(),
+        turns=TURNS,
+        turn_id=st.sampled_from(["", *TURN_IDS]),
+        read_back=st.integers(0, 2),
+    )
+    def compaction_racing_an_append(self, data, turns, turn_id: str, read_back: int) -> None:
+        """The summarizer compacts what it read ``read_back`` versions ago
+        while an append lands: Redis runs one script, then the other, and
+        either order must leave the session as the model's same order does
+        (the compaction's room taken by the append, or not; the turn ids it
+        drops counted from the version it ran at)."""
+        session_id = self.draw_session(data)
+        model = self.sessions.get(session_id)
+        if model is None or turn_id in model.turn_ids:
+            return
+        read = max(model.version - read_back, 0)
+        held_then = model.turns_at(read)
+        # Only a compaction that takes more turns, of a read no revert undid since.
+        if held_then is None or held_then <= model.compacted:
+            return
+        if any(held is not None and held < held_then for held in model.history[read + 1 :]):
+            return
+        upto = data.draw(st.integers(model.compacted + 1, held_then), label="upto")
+
+        async def race():
+            return await asyncio.gather(
+                self.compact_call(session_id, model, read, upto, model.created_ms),
+                self.append_call(session_id, None, turns, turn_id),
+                return_exceptions=True,
+            )
+
+        room_before = self.room_for(model, turns)
+        compacted, appended = self.run(race())
+        assert compacted == upto, compacted
+        if isinstance(appended, MeshgateError):
+            # Full even if compacted first: the compaction only makes room.
+            assert appended.reason == Reason.SESSION_FULL and not room_before, appended
+            self.compacted(model, upto)
+            assert not self.room_for(model, turns)
+            return
+        assert isinstance(appended, session_store.Appended), appended
+        meta = session_store.key(self.tenant, session_id, "meta")
+        if int(self.run(self.client.hget(meta, "compacted_version"))) == model.version:
+            event("compacted, then appended")
+            self.compacted(model, upto)
+            assert self.room_for(model, turns)
+        else:
+            event("appended, then compacted")
+            assert room_before
+        self.apply_append(session_id, model, turns, turn_id, appended.create_time_ms)
+        self.compacted(model, upto)
+        assert (appended.version, appended.replayed) == (model.version, False)
 
     # Never the last one: swarm testing turns create and fork off in some
     # sequences, whose every later step would then act on no session.
@@ -497,6 +631,36 @@ class SessionStoreMachine(RuleBasedStateMachine):
         else:
             self.run(call)
 
+    @rule(data=st.data())
+    def move_clock(self, data) -> None:
+        """Time passes: up to a session's expiry, or to just before it."""
+        lefts = sorted({model.left_s for model in self.sessions.values() if model.left_s is not None})
+        # Mostly a minute, so that sessions renewed since live longer than
+        # the others. Never stopping within REAL_TIME_S before an expiry:
+        # real time would end it too.
+        moves = [
+            seconds
+            for seconds in [60] * 3 + [end for left in lefts for end in (left, left - REAL_TIME_S - 1)]
+            if seconds > 0 and not any(0 < left - seconds <= REAL_TIME_S for left in lefts)
+        ]
+        if not moves:
+            return
+        seconds = data.draw(st.sampled_from(moves), label="seconds")
+        keys = [key for session_id in SESSIONS for key in session_store.session_keys(self.tenant, session_id)]
+        self.run(self.client.eval(_MOVE_CLOCK, len(keys), *keys, seconds * 1000))
+        for session_id, model in list(self.sessions.items()):
+            if model.left_s is not None:
+                model.left_s -= seconds
+                if model.left_s <= 0:
+                    event("a session expired")
+                    del self.sessions[session_id]
+
+    @rule(ttl_s=st.sampled_from(OTHER_TTLS_S))
+    def restart_with_another_ttl(self, ttl_s: int) -> None:
+        """A process configured with another TTL: each session keeps the
+        one it was written with until its next write."""
+        self.start(ttl_s)
+
     # --- what Redis holds, after every step ---------------------------------------
 
     @invariant()
@@ -508,7 +672,7 @@ class SessionStoreMachine(RuleBasedStateMachine):
         keys = session_store.session_keys(self.tenant, session_id)
         async with self.client.pipeline(transaction=False) as pipe:
             for k in keys:
-                pipe.ttl(k)
+                pipe.pttl(k)
             pipe.hgetall(keys[0])
             pipe.lrange(keys[1], 0, -1)
             pipe.hgetall(keys[2])
@@ -521,8 +685,16 @@ class SessionStoreMachine(RuleBasedStateMachine):
             # Gone whole: nothing of it may come back with a session of its id.
             assert ttls == [-2] * len(keys), dict(zip(session_store.SESSION_PARTS, ttls, strict=True))
             return
-        # Every part there is lives as long as the session.
-        assert all(ttl == -2 or 0 < ttl <= TTL_S for ttl in ttls), ttls
+        # Every part there is lives as long as the session: renewed together,
+        # when the model's clock says.
+        if model.left_s is None:
+            assert all(ttl in (-2, -1) for ttl in ttls), ttls
+        else:
+            renewed_ms = model.left_s * 1000
+            assert all(ttl == -2 or renewed_ms - REAL_TIME_S * 1000 < ttl <= renewed_ms for ttl in ttls), (
+                renewed_ms,
+                ttls,
+            )
         assert int(meta[b"version"]) == model.version
         assert turns == model.turns
         assert {k.decode(): int(v) for k, v in turn_ids.items()} == model.turn_ids
@@ -542,13 +714,28 @@ class SessionStoreMachine(RuleBasedStateMachine):
         assert (roles or b"", lengths or b"", vectors or b"", stored_postings) == index_of(model)
 
 
+# KEYS: every key of the run's sessions. ARGV: ms. Takes them off every TTL,
+# as that much time passing would; a key left with none is expired (deleted).
+_MOVE_CLOCK = """
+for _, key in ipairs(KEYS) do
+  local left = redis.call('PTTL', key)
+  if left > 0 then
+    if left <= tonumber(ARGV[1]) then redis.call('DEL', key)
+    else redis.call('PEXPIRE', key, left - ARGV[1]) end
+  end
+end
+"""
+
+
 def test_the_session_store_keeps_what_its_model_keeps(redis_url, monkeypatch) -> None:
     monkeypatch.setattr(session_store, "TURN_IDS_KEPT", TURN_IDS_KEPT)
     SessionStoreMachine.redis_url = redis_url
     # As tests/fuzz: CI draws the same sequences every run; HYPOTHESIS_PROFILE=fuzz
     # (with MESHGATE_MODEL_EXAMPLES, say 2000) draws new ones, to find new bugs.
     hunting = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
-    examples = int(os.environ.get("MESHGATE_MODEL_EXAMPLES", "60"))
+    # Fewer, longer sequences than a test of one step: expiry, a cut at a
+    # pin and a compaction's turn ids each need several steps before them.
+    examples = int(os.environ.get("MESHGATE_MODEL_EXAMPLES", "45"))
     # Its own loop, never set as the thread's: the suite's session loop stays as it is.
     with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
         SessionStoreMachine.runner = runner
@@ -556,7 +743,7 @@ def test_the_session_store_keeps_what_its_model_keeps(redis_url, monkeypatch) ->
             SessionStoreMachine,
             settings=settings(
                 max_examples=examples,
-                stateful_step_count=30,
+                stateful_step_count=50,
                 deadline=None,
                 derandomize=not hunting,
                 database=None,
