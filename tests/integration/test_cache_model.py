@@ -6,15 +6,20 @@ Two replicas share the Redis. Rules store answers for two tenants, two
 models and parameter sets (two of them one partition: stop strings are a
 set), with and without a system message, from a fixed pool of questions
 (whitespace variants of one entry, paraphrases, a case variant, and trap
-pairs the verifier must refuse); look them up exactly and by meaning; Store
+pairs the verifier must refuse), each alone or as the last question of a
+conversation (small talk, which leaves it a single question; or a topic
+turn it is matched with, among every multi-turn question of its partition:
+two of one meaning, one a trap); look them up exactly and by meaning; Store
 with a fence read before an Invalidate of the tenant or of one model, also
 while that Invalidate runs; report served hits wrong, also while the served
 entry's own prompt is stored again; and restart a replica (nothing
 resident: its indexes rebuilt from Redis). The model says what every reply
-may be: a hit is only ever a live entry of the same partition and system
-message, with its latest answer, of the asked question's meaning, and never
-one reported wrong for that prompt; every live entry's prompt is an exact
-hit; eviction keeps the newest entries of each sub-partition; an Invalidate
+may be: a hit is only ever a live entry of the same partition, system
+message and candidate set (single or multi-turn questions), with its
+latest answer, of the asked question's meaning and topic, and never one
+reported wrong for that prompt; every live entry's prompt (its whole
+conversation) is an exact hit; eviction keeps the newest entries of each
+sub-partition (candidate set); an Invalidate
 removes its scope's entries and reports; and GetStats' counters move as the
 model's. Expiry is left out: the servicer reads the wall clock and Redis
 expires keys itself, in whole seconds. A divergence is shrunk to its
@@ -98,6 +103,51 @@ QUESTIONS = (
 NEIGHBOURS = ((0, 1, 2, 3), (4, 5), (6, 7), (8, 9))
 
 
+@dataclasses.dataclass(frozen=True)
+class History:
+    """The turns before a prompt's question (services/cache/conversation.py)."""
+
+    turns: tuple[tuple[int, str], ...]
+    # Matched among multi-turn questions, with a topic turn: else it is a
+    # single question (no history, or small talk only).
+    conversational: bool
+    # The topic's meaning: the only one a semantic hit may have been asked in.
+    topic: str | None
+
+
+HISTORIES = (
+    History((), False, None),
+    History(
+        (
+            (common_pb2.ROLE_USER, "Hi there!"),
+            (common_pb2.ROLE_ASSISTANT, "Hello! How can I help you today?"),
+        ),
+        False,
+        None,
+    ),
+    History(
+        ((common_pb2.ROLE_USER, "I run Ubuntu on my laptop."), (common_pb2.ROLE_ASSISTANT, "Of course.")),
+        True,
+        "ubuntu",
+    ),
+    History(
+        ((common_pb2.ROLE_USER, "I run Ubuntu on my computer."), (common_pb2.ROLE_ASSISTANT, "Noted.")),
+        True,
+        "ubuntu",
+    ),
+    # The trap: another system in the same place of the topic turn (which
+    # verifier.entity_veto refuses at any bound; one said in other words is
+    # left to its learned stage, which may let it through).
+    History(
+        ((common_pb2.ROLE_USER, "I run Windows on my laptop."), (common_pb2.ROLE_ASSISTANT, "Of course.")),
+        True,
+        "windows",
+    ),
+)
+# A history near each: of the same candidate set, a paraphrase or a trap.
+NEAR_HISTORY = (1, 0, 3, 4, 2)
+
+
 # Weighted to the first of each, so that prompts meet in one sub-partition
 # often enough for semantic hits, reports and evictions.
 def _mostly_first(count: int):
@@ -105,6 +155,8 @@ def _mostly_first(count: int):
 
 
 questions = st.sampled_from([0, 0, 1, 2, 2, 3, 3, *range(4, len(QUESTIONS))])
+# Mostly none; the multi-turn ones often enough to meet in their candidate set.
+histories = st.sampled_from([0, 0, 0, 1, 2, 2, 3, 4])
 systems = _mostly_first(len(SYSTEMS))
 replicas = st.integers(0, 1)
 
@@ -116,6 +168,7 @@ class Prompt:
     parameters: int
     system: int
     question: int
+    history: int = 0
 
     @property
     def partition(self) -> tuple[int, int, int]:
@@ -123,19 +176,28 @@ class Prompt:
 
     @property
     def sub_partition(self) -> tuple:
-        return *self.partition, self.system
+        """Its candidate set: what a semantic hit may come from."""
+        return *self.partition, self.system, HISTORIES[self.history].conversational
 
     @property
     def key(self) -> tuple:
-        """The model's name for the prompt's exact entry."""
-        return *self.sub_partition, QUESTIONS[self.question].entry
+        """The model's name for the prompt's exact entry: its sub-partition, history and question's entry."""
+        return *self.sub_partition, self.history, QUESTIONS[self.question].entry
+
+    @property
+    def meaning(self) -> tuple[str, str | None]:
+        return QUESTIONS[self.question].meaning, HISTORIES[self.history].topic
+
+
+def _sub_partition_of(key: tuple) -> tuple:
+    return key[:-2]
 
 
 def _prompt_of(key: tuple) -> Prompt:
     """A prompt of the entry the model names ``key``."""
-    tenant, model, partition, system, entry = key
+    tenant, model, partition, system, _, history, entry = key
     question = next(i for i, q in enumerate(QUESTIONS) if q.entry == entry)
-    return Prompt(tenant, model, PARAMETER_PARTITION.index(partition), system, question)
+    return Prompt(tenant, model, PARAMETER_PARTITION.index(partition), system, question, history)
 
 
 prompts = st.builds(
@@ -145,6 +207,7 @@ prompts = st.builds(
     parameters=_mostly_first(len(PARAMETERS)),
     system=systems,
     question=questions,
+    history=histories,
 )
 
 
@@ -191,7 +254,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.reports: dict[tuple, int] = {}
         self.invalidations: dict[tuple[int, int | None], int] = {}
         self.keys_by_id: dict[str, tuple] = {}
-        self.meaning_by_key: dict[tuple, str] = {}
+        self.meaning_by_key: dict[tuple, tuple[str, str | None]] = {}
         self.counts = dict.fromkeys(
             ("exact_hits", "semantic_hits", "misses", "stores", "wrong_hit_reports"), 0
         )
@@ -237,6 +300,8 @@ class CacheMachine(RuleBasedStateMachine):
         messages = []
         if SYSTEMS[prompt.system] is not None:
             messages.append(common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=SYSTEMS[prompt.system]))
+        for role, content in HISTORIES[prompt.history].turns:
+            messages.append(common_pb2.Message(role=role, content=content))
         messages.append(
             common_pb2.Message(role=common_pb2.ROLE_USER, content=QUESTIONS[prompt.question].text)
         )
@@ -305,7 +370,7 @@ class CacheMachine(RuleBasedStateMachine):
 
     def _stored(self, prompt: Prompt, text: str) -> None:
         self.answers[prompt.key] = text
-        self.meaning_by_key[prompt.key] = QUESTIONS[prompt.question].meaning
+        self.meaning_by_key[prompt.key] = prompt.meaning
         order = self.order.setdefault(prompt.sub_partition, [])
         if prompt.key in order:
             order.remove(prompt.key)
@@ -353,15 +418,19 @@ class CacheMachine(RuleBasedStateMachine):
         replica=replicas,
         near=stored,
         question=st.integers(0, 3),
-        moved=st.sampled_from(["none", "none", "none", "tenant", "model", "parameters", "system"]),
+        moved=st.sampled_from(["none", "none", "none", "tenant", "model", "parameters", "system", "history"]),
     )
     def lookup_near_a_stored_prompt(self, replica, near, question, moved):
         """A semantic lookup of a question near one stored (its own, a
-        paraphrase, its trap), in its sub-partition or one field away."""
+        paraphrase, its trap), in its sub-partition or one field away (a
+        history: another of its candidate set, or small talk added or
+        taken away)."""
         group = next(group for group in NEIGHBOURS if near.question in group)
         prompt = dataclasses.replace(near, question=group[question % len(group)])
         if moved == "parameters":
             prompt = dataclasses.replace(prompt, parameters=(near.parameters + 1) % len(PARAMETERS))
+        elif moved == "history":
+            prompt = dataclasses.replace(prompt, history=NEAR_HISTORY[near.history])
         elif moved != "none":
             bound = len(SYSTEMS) if moved == "system" else 2
             prompt = dataclasses.replace(prompt, **{moved: (getattr(near, moved) + 1) % bound})
@@ -385,12 +454,14 @@ class CacheMachine(RuleBasedStateMachine):
         assert semantic and response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT, response
         served = self.keys_by_id.get(response.entry_id)
         assert served in self.answers, f"{prompt.key} served {served}, not a live entry: {response}"
-        assert served[:4] == prompt.sub_partition, f"{prompt.key} served {served} across a partition"
+        assert _sub_partition_of(served) == prompt.sub_partition, (
+            f"{prompt.key} served {served} across a partition"
+        )
         assert response.answer.text == self.answers[served], f"{served}: an answer not its latest"
         assert (prompt.key, served) not in self.reported_pairs, (
             f"{prompt.key} served {served}, reported wrong"
         )
-        assert self.meaning_by_key[served] == QUESTIONS[prompt.question].meaning, (
+        assert self.meaning_by_key[served] == prompt.meaning, (
             f"{prompt.key} served {served}: a trap the verifier let through"
         )
         self.counts["semantic_hits"] += 1
@@ -498,7 +569,7 @@ class CacheMachine(RuleBasedStateMachine):
 
     def _removed(self, key: tuple) -> None:
         self.answers.pop(key, None)
-        order = self.order.get(key[:4], [])
+        order = self.order.get(_sub_partition_of(key), [])
         if key in order:
             order.remove(key)
 
