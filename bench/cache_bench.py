@@ -213,6 +213,7 @@ CONVERSATION_ORDER = (
     "other_topic",
     "later_other_topic",
     "swapped_referent",
+    "swapped_referent_reworded",
 )
 _ROLES = {"user": common_pb2.ROLE_USER, "assistant": common_pb2.ROLE_ASSISTANT}
 

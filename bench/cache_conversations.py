@@ -39,116 +39,135 @@ SMALL_TALK_BETWEEN = [
 ]
 REWORD_PREFIXES = ["Quick question: ", "I was wondering, ", "I'd like to know: "]
 
-# (stored context, the same context reworded, a changed context, the follow-up):
-# a changed context differs in what the follow-up depends on.
+# (stored context, the same context reworded, a changed context, the follow-up,
+# the changed context reworded): a changed context differs in what the
+# follow-up depends on.
 HAND_WRITTEN = [
     (
         "I'm subscribed to the premium streaming plan.",
         "I pay for the premium video streaming subscription.",
         "I have a membership at the downtown gym.",
         "How do I cancel it?",
+        "I pay for a membership at the downtown gym.",
     ),
     (
         "My order number is 4521 and it hasn't arrived yet.",
         "Order 4521 still hasn't been delivered.",
         "My order number is 4587 and it hasn't arrived yet.",
         "Can you check its status?",
+        "Order 4587 still hasn't been delivered.",
     ),
     (
         "I bought a Samsung Galaxy S23 last month.",
         "Last month I purchased a Samsung Galaxy S23.",
         "I bought an iPhone 15 last month.",
         "How do I reset it to factory settings?",
+        "Last month I purchased an iPhone 15.",
     ),
     (
         "My checking account ending in 1234 was charged twice.",
         "I was double charged on my checking account that ends in 1234.",
         "My checking account ending in 9876 was charged twice.",
         "Can you refund the extra charge?",
+        "I was double charged on my checking account that ends in 9876.",
     ),
     (
         "I'm planning a trip to Japan in April.",
         "I plan to visit Japan this April.",
         "I'm planning a trip to Japan in October.",
         "What should I pack?",
+        "I plan to visit Japan this October.",
     ),
     (
         "I have a Python script that reads a large CSV file.",
         "My Python script reads a big CSV file.",
         "I have a Java program that reads a large CSV file.",
         "How can I make it faster?",
+        "My Java program reads a big CSV file.",
     ),
     (
         "I'm cooking dinner for 4 people.",
         "I'm making dinner for four people tonight.",
         "I'm cooking dinner for 12 people.",
         "How much rice should I make?",
+        "I'm making dinner for twelve people tonight.",
     ),
     (
         "My Honda Civic makes a grinding noise when braking.",
         "When I brake, my Honda Civic makes a grinding noise.",
         "My Toyota Corolla makes a grinding noise when braking.",
         "What could be causing it?",
+        "When I brake, my Toyota Corolla makes a grinding noise.",
     ),
     (
         "I want to learn to play the guitar.",
         "I would like to learn guitar.",
         "I want to learn to play the piano.",
         "How long does it take to get good?",
+        "I would like to learn piano.",
     ),
     (
         "I'm renting an apartment in Berlin.",
         "I rent a flat in Berlin.",
         "I'm renting an apartment in Munich.",
         "What is the average rent?",
+        "I rent a flat in Munich.",
     ),
     (
         "My dog is 2 years old and keeps chewing the furniture.",
         "My two year old dog keeps chewing the furniture.",
         "My dog is 9 years old and keeps chewing the furniture.",
         "How do I stop this?",
+        "My nine year old dog keeps chewing the furniture.",
     ),
     (
         "I take 200 mg of ibuprofen for headaches.",
         "For headaches I take 200 mg ibuprofen.",
         "I take 800 mg of ibuprofen for headaches.",
         "Is that dose safe?",
+        "For headaches I take 800 mg ibuprofen.",
     ),
     (
         "I'm thinking about the Basic plan for $10 a month.",
         "I'm considering the Basic plan at $10 per month.",
         "I'm thinking about the Pro plan for $30 a month.",
         "Does it include customer support?",
+        "I'm considering the Pro plan at $30 per month.",
     ),
     (
         "I want to upgrade my Dell laptop to 32 GB of RAM.",
         "I'd like to upgrade my Dell laptop to 32GB RAM.",
         "I want to upgrade my Dell laptop to 64 GB of RAM.",
         "Is it worth it?",
+        "I'd like to upgrade my Dell laptop to 64GB RAM.",
     ),
     (
         "I am going to renew my gym membership.",
         "I'll renew my gym membership.",
         "I am not going to renew my gym membership.",
         "What happens to my locker?",
+        "I won't renew my gym membership.",
     ),
     (
         "Please cancel my streaming subscription.",
         "I want to cancel my streaming subscription.",
         "Please don't cancel my streaming subscription.",
         "When does that take effect?",
+        "I don't want to cancel my streaming subscription.",
     ),
     (
         "I need a flight from Paris to London on Friday.",
         "I'm looking for a Friday flight from Paris to London.",
         "I need a flight from London to Paris on Friday.",
         "Which airline is cheapest?",
+        "I'm looking for a Friday flight from London to Paris.",
     ),
     (
         "I'm writing a cover letter for a nursing job.",
         "I'm working on a cover letter for a nursing position.",
         "I'm writing a cover letter for a teaching job.",
         "How long should it be?",
+        "I'm working on a cover letter for a teaching position.",
     ),
 ]
 GENERIC_REPLY = "Sure, I can help with that."
@@ -194,7 +213,9 @@ def _swapped(text: str, reply: str) -> tuple[str, str] | None:
     return None
 
 
-def _variants(i, main, reply, follow_up, other_main, other_reply, reworded, reworded_reply, changed):
+def _variants(
+    i, main, reply, follow_up, other_main, other_reply, reworded, reworded_reply, changed, changed_reworded
+):
     small_before = SMALL_TALK_BEFORE[i % len(SMALL_TALK_BEFORE)]
     small_between = SMALL_TALK_BETWEEN[i % len(SMALL_TALK_BETWEEN)]
     variants = [
@@ -207,6 +228,10 @@ def _variants(i, main, reply, follow_up, other_main, other_reply, reworded, rewo
     ]
     if changed is not None:
         variants.append(("swapped_referent", False, _turns(changed, question=follow_up)))
+    # A changed context said in other words (its name or number in another
+    # place than the stored one's).
+    if changed_reworded is not None:
+        variants.append(("swapped_referent_reworded", False, _turns(changed_reworded, question=follow_up)))
     return [{"category": c, "should_hit": h, "messages": m} for c, h, m in variants]
 
 
@@ -232,10 +257,11 @@ def generate() -> list[dict]:
                     _reworded(main, i),
                     reply,
                     _swapped(main, reply),
+                    _swapped(_reworded(main, i), reply),
                 ),
             }
         )
-    for i, (context, reworded, changed, follow_up) in enumerate(HAND_WRITTEN):
+    for i, (context, reworded, changed, follow_up, changed_reworded) in enumerate(HAND_WRITTEN):
         other = HAND_WRITTEN[(i + 5) % len(HAND_WRITTEN)][0]
         rows.append(
             {
@@ -253,6 +279,7 @@ def generate() -> list[dict]:
                     reworded,
                     GENERIC_REPLY_REWORDED,
                     (changed, GENERIC_REPLY),
+                    (changed_reworded, GENERIC_REPLY_REWORDED),
                 ),
             }
         )
