@@ -135,11 +135,11 @@ HISTORIES = (
         True,
         "ubuntu",
     ),
-    # The trap: another system in the same place of the topic turn (which
-    # verifier.entity_veto refuses at any bound; one said in other words is
-    # left to its learned stage, which may let it through).
+    # The trap: another system, said in other words than either Ubuntu turn
+    # (verifier.topic_entity_veto refuses it at any bound, wherever the
+    # names stand).
     History(
-        ((common_pb2.ROLE_USER, "I run Windows on my laptop."), (common_pb2.ROLE_ASSISTANT, "Of course.")),
+        ((common_pb2.ROLE_USER, "My laptop runs Windows."), (common_pb2.ROLE_ASSISTANT, "Of course.")),
         True,
         "windows",
     ),

@@ -98,6 +98,9 @@ def unit(seed: int) -> np.ndarray:
         ("I bought a Samsung Galaxy last month.", "I bought a Google Pixel last month."),
         ("Please cancel my streaming subscription.", "Please don't cancel my streaming subscription."),
         ("What is the capital of France?", "What is the capital of Italy?"),
+        # Said in other words: the two names stand in no shared place.
+        ("My laptop runs Ubuntu.", "I run Windows on my laptop."),
+        ("Last month I purchased a Samsung Galaxy.", "I bought a Google Pixel last month."),
     ],
 )
 def test_a_changed_referent_in_the_topic_is_vetoed_as_context(verifier, stored_topic, asked_topic):
@@ -118,6 +121,28 @@ def test_a_question_in_context_never_matches_a_bare_one(verifier):
     for query, candidate in ((in_context, "How do I cancel it?"), ("How do I cancel it?", in_context)):
         decision = verifier.decide(query, vector, candidate, vector)
         assert not decision.accepted and decision.rejected_by == "context"
+
+
+@pytest.mark.parametrize(
+    "stored_topic, asked_topic",
+    [
+        ("My laptop runs Ubuntu.", "I run Ubuntu on my laptop."),
+        # A name added is no other referent.
+        ("I run Ubuntu on my laptop.", "I run Ubuntu on my Dell laptop."),
+    ],
+)
+def test_a_topic_naming_the_same_things_in_other_words_is_left_to_the_score(
+    verifier, stored_topic, asked_topic
+):
+    vector = unit(4)
+    question = "How do I install Docker?"
+    decision = verifier.decide(
+        f"{question}{CONTEXT_SEPARATOR}{asked_topic}",
+        vector,
+        f"{question}{CONTEXT_SEPARATOR}{stored_topic}",
+        vector,
+    )
+    assert decision.rejected_by != "context"
 
 
 def test_the_same_topic_and_question_is_accepted(verifier):
