@@ -20,7 +20,12 @@ apart from the turns) is refused when a newer version (or a deletion) was
 announced for that session after the reader's ``ticket()``.
 
 Expiry publishes nothing, so an entry is not served past the moment its
-session may have expired in Redis (its last write plus the session TTL).
+session may have expired in Redis: its last write plus the session TTL, or
+sooner, when it was read, what Redis said it had left. A session written
+under a shorter TTL than this replica's (``context.session_ttl_s`` raised,
+or set to 0, through a rolling restart) keeps that one until its next
+write; served on for this replica's TTL, each turn on it would be generated
+and billed, then refused SESSION_NOT_FOUND at its append.
 """
 
 from __future__ import annotations
@@ -152,6 +157,8 @@ class HotCache:
         return True
 
     def _may_have_expired(self, session: StoredSession) -> bool:
+        if session.expires_at is not None and time.monotonic() >= session.expires_at:
+            return True
         if not self._session_ttl_ms:
             return False
         # A second's margin for the clocks of Redis and this host.

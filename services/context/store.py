@@ -145,6 +145,7 @@ import collections.abc
 import contextlib
 import dataclasses
 import json
+import time
 import typing
 
 import grpc
@@ -488,14 +489,16 @@ local compacted, compacted_version = compacted_at(KEYS[1])
 if ARGV[1] ~= '' and compacted > 0 and tonumber(ARGV[1]) <= compacted_version then
   return {-5, compacted_version}
 end
+-- Its time left (PTTL; -1: kept forever), by which a copy in memory goes.
+local left = redis.call('PTTL', KEYS[1])
 if ARGV[1] == '' or ARGV[1] == version then
-  return {1, tonumber(version), meta, redis.call('LRANGE', KEYS[2], 0, -1)}
+  return {1, tonumber(version), meta, redis.call('LRANGE', KEYS[2], 0, -1), left}
 end
 local held = turns_at(KEYS[4], version, tonumber(ARGV[1]))
 if not held then return {-3, tonumber(version)} end
 local turns = {}
 if held > 0 then turns = redis.call('LRANGE', KEYS[2], 0, held - 1) end
-return {1, tonumber(ARGV[1]), meta, turns}
+return {1, tonumber(ARGV[1]), meta, turns, left}
 """
 )
 
@@ -833,6 +836,11 @@ class StoredSession:
     # asked for); None for a session stored before the count (see the
     # module's docstring).
     held_bytes: int | None = None
+    # When Redis expires it, as read (time.monotonic(); None: kept forever,
+    # or not read but extended after this replica's own append, which gave
+    # it this replica's TTL): by the TTL it was last written with, which may
+    # be shorter than this replica's (services/context/hot_cache.py).
+    expires_at: float | None = None
 
 
 class SummarySpend(typing.NamedTuple):
@@ -1028,6 +1036,8 @@ class SessionStore:
     async def read(self, tenant_id: str, session_id: str, at_version: int | None = None) -> StoredSession:
         """The session's state, turns and stored token counts as of one
         instant (one script): the current ones, or those of ``at_version``."""
+        # Before the call: the TTL Redis reports is counted from no earlier.
+        sent_at = time.monotonic()
         with redis_reachable():
             outcome = await self._read(
                 keys=session_keys(tenant_id, session_id), args=["" if at_version is None else at_version]
@@ -1038,7 +1048,7 @@ class SessionStore:
             raise _version_not_found(session_id, at_version, outcome[1])
         if outcome[0] == -5:
             raise _version_compacted(session_id, at_version, outcome[1], "be read at")
-        _, version, flat_meta, raw_turns = outcome
+        _, version, flat_meta, raw_turns, left_ms = outcome
         meta = dict(zip(flat_meta[::2], flat_meta[1::2], strict=True))
         held = len(raw_turns)
         return StoredSession(
@@ -1048,6 +1058,7 @@ class SessionStore:
             turns=[common_pb2.Message.FromString(raw) for raw in raw_turns],
             compacted=min(int(meta.get(b"compacted", 0)), held),
             held_bytes=int(meta[b"bytes"]) if b"bytes" in meta else None,
+            expires_at=sent_at + left_ms / 1000 if left_ms >= 0 else None,
             # Counts cover a prefix of the current turns; a past version holds fewer.
             token_counts={
                 field[len(_COUNTS_PREFIX) :].decode(): decode_counts(value, held)

@@ -410,6 +410,37 @@ async def test_token_counts_are_stored_at_append(stub, tenant, redis_url) -> Non
     ]
 
 
+async def test_a_session_expiring_before_this_replicas_ttl_says_is_not_assembled_from_memory(
+    redis_url, tenant
+) -> None:
+    """A bug hunt's finding: a hot session was served until its last write
+    plus this replica's session TTL, but Redis expires it by the TTL it was
+    last written with. Written under a shorter one (session_ttl_s raised
+    through a rolling restart, or 0 for "kept forever, from their next
+    write"), a session read into memory went on being assembled after Redis
+    expired it: each turn on it was generated and billed, then refused
+    SESSION_NOT_FOUND at its append, for up to the new TTL."""
+    shorter = make_settings(redis_url)
+    shorter.context.session_ttl_s = 1
+    async with running(shorter) as before:
+        session_id = await new_session(before, tenant, msg(USER, "remember me"))
+    async with running(make_settings(redis_url)) as after:  # 600 s from here on
+        assemble = pb.AssembleContextRequest(
+            tenant_id=tenant,
+            session_id=session_id,
+            new_messages=[msg(USER, "and?")],
+            model=MODEL,
+            max_prompt_tokens=100_000,
+        )
+        assembled = await after.AssembleContext(assemble)  # read into memory
+        assert [m.content for m in assembled.messages] == ["remember me", "and?"]
+        await asyncio.sleep(1.1)  # past the TTL Redis holds it by
+        assert (await failure(after.AssembleContext(assemble)))[:2] == (
+            grpc.StatusCode.NOT_FOUND,
+            "SESSION_NOT_FOUND",
+        )
+
+
 # --- surviving restarts and outages -----------------------------------------
 
 

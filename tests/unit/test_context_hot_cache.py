@@ -125,6 +125,19 @@ def test_an_entry_is_not_served_once_its_session_may_have_expired() -> None:
     assert cache.get("k") is not None
 
 
+def test_an_entry_goes_when_redis_said_its_session_expires_whatever_this_replicas_ttl() -> None:
+    # Written under a shorter TTL than this replica's (0: kept forever),
+    # the session expires in Redis by that one: its entry was served on.
+    for ttl_s in (0, 600):
+        cache = live_cache(ttl_s=ttl_s)
+        expiring = dataclasses.replace(session(1, "a"), expires_at=time.monotonic() - 0.001)
+        cache.put("k", expiring, cache.ticket())
+        assert cache.get("k") is None
+        lasting = dataclasses.replace(session(1, "a"), expires_at=time.monotonic() + 60)
+        cache.put("k", lasting, cache.ticket())
+        assert cache.get("k") is lasting
+
+
 @dataclasses.dataclass
 class _Index:
     """What attach_index reads of a turn index (turn_index.IndexedTurns)."""
