@@ -537,9 +537,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                     turn_id=request.turn_id,
                     key_id=request.key_id,
                 )
-        except BaseException:
+        except BaseException as error:
             if embedding is not None:
                 embedding.cancel()
+            if isinstance(error, MeshgateError) and error.reason == Reason.SESSION_NOT_FOUND:
+                # Gone in Redis (expired, or deleted on a replica whose notice
+                # has not come): a copy here would assemble the next turn, to
+                # be generated and billed, then refused here again.
+                self._changed_here(request.tenant_id, request.session_id, DELETED)
             raise
         version, replayed, created_ms = appended.version, appended.replayed, appended.create_time_ms
         held_bytes = appended.held_bytes

@@ -441,6 +441,37 @@ async def test_a_session_expiring_before_this_replicas_ttl_says_is_not_assembled
         )
 
 
+async def test_an_append_refused_session_not_found_drops_the_copy_in_memory(stub, tenant, redis_url) -> None:
+    """A session gone from Redis without a notice (expired early by an
+    operator's PEXPIRE, or deleted on a replica whose notice has not come)
+    was still assembled from memory after its append was refused
+    SESSION_NOT_FOUND, so every next turn on it was generated and billed
+    before that same refusal."""
+    session_id = await new_session(stub, tenant, msg(USER, "remember me"))
+    assemble = pb.AssembleContextRequest(
+        tenant_id=tenant,
+        session_id=session_id,
+        new_messages=[msg(USER, "and?")],
+        model=MODEL,
+        max_prompt_tokens=100_000,
+    )
+    await stub.AssembleContext(assemble)  # read into memory
+    client = redis.Redis.from_url(redis_url)
+    try:
+        # Gone the way an expiry goes: announcing nothing.
+        await client.delete(*store.session_keys(tenant, session_id))
+    finally:
+        await client.aclose()
+    append = pb.AppendTurnsRequest(
+        tenant_id=tenant, session_id=session_id, expected_version=1, messages=[msg(USER, "and?")]
+    )
+    assert (await failure(stub.AppendTurns(append)))[:2] == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    assert (await failure(stub.AssembleContext(assemble)))[:2] == (
+        grpc.StatusCode.NOT_FOUND,
+        "SESSION_NOT_FOUND",
+    )
+
+
 # --- surviving restarts and outages -----------------------------------------
 
 
