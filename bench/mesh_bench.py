@@ -144,7 +144,7 @@ async def direct_triton(stub, model: str, prompt: str, max_tokens: int) -> Sampl
     chat template, greedy sampling."""
     served = InferenceSettings().models[model]
     sampling = triton_protocol.sampling_parameters(parameters(max_tokens), max_tokens)
-    prompt_text = triton_protocol.render_chat(messages(prompt), served.chat_template)
+    prompt_text = triton_protocol.render_chat(messages(prompt), served)
     request = triton_protocol.generate_request(
         served.triton_model, uuid.uuid4().hex, prompt_text, sampling, False
     )

@@ -181,7 +181,7 @@ async def triton_http(client: HttpStreams, prompt: str, max_tokens: int) -> Answ
     """What LiteLLM's triton provider sends: max_tokens (and temperature) as
     request parameters; one event per generated token."""
     body = {
-        "text_input": triton_protocol.render_chat(messages(prompt)),
+        "text_input": triton_protocol.render_chat(messages(prompt), InferenceSettings().models[MODEL]),
         "parameters": {"max_tokens": max_tokens, "temperature": 0},
         "stream": True,
     }
@@ -276,7 +276,8 @@ def check_litellm_renders_our_prompts(python: pathlib.Path, template_file: pathl
         timeout=120,
     )
     theirs = json.loads(rendered.stdout.strip().splitlines()[-1])
-    ours = [triton_protocol.render_chat(messages(p)) for p in PROMPTS]
+    served = InferenceSettings().models[MODEL]
+    ours = [triton_protocol.render_chat(messages(p), served) for p in PROMPTS]
     if theirs != ours:
         raise RuntimeError(f"LiteLLM renders {theirs[0]!r}, meshgate {ours[0]!r}")
 
@@ -465,7 +466,7 @@ async def reference_answer(stub, prompt: str, max_tokens: int) -> tuple[str, int
     request = triton_protocol.generate_request(
         served.triton_model,
         uuid.uuid4().hex,
-        triton_protocol.render_chat(messages(prompt), served.chat_template),
+        triton_protocol.render_chat(messages(prompt), served),
         triton_protocol.sampling_parameters(parameters(max_tokens), max_tokens),
         False,
     )

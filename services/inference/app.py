@@ -36,8 +36,10 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     service.bound_calls(settings.inference.max_concurrent_rpcs)
     config = settings.inference
     for served in config.models.values():
-        # Read (and checked) now, so a missing template stops the start, not a request.
+        # Read (and checked) now, so a missing template or tokenizer stops
+        # the start, not a request.
         tokenization.load_chat_template(served.chat_template)
+        tokenization.as_text(served.tokenizer)
     models = sorted({m.triton_model for m in config.models.values()} | {config.embedding_triton_model})
     pool = BackendPool(
         config.triton_urls,

@@ -80,7 +80,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             raise not_found(Reason.MODEL_NOT_FOUND, f"model {request.model!r} is not served here")
         validation.check_messages(request.messages, served)
         max_tokens = validation.check_generation(request.parameters, served, DEFAULT_MAX_TOKENS)
-        prompt = triton_protocol.render_chat(request.messages, served.chat_template)
+        prompt = triton_protocol.render_chat(request.messages, served)
         validation.check_prompt(prompt, self._settings)
         sampling = triton_protocol.sampling_parameters(request.parameters, max_tokens)
         # The RPC's own span is the generation's: GenAI conventions on it.

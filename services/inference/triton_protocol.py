@@ -20,6 +20,7 @@ from tritonclient.grpc import service_pb2
 
 from meshgate import tokenization
 from meshgate.common.v1 import common_pb2
+from meshgate.config import ServedModelSettings
 from meshgate.errors import invalid_argument
 from meshgate.reasons import Reason
 
@@ -27,17 +28,23 @@ _TRUE = b"\x01"
 _FINAL_FLAG = "triton_final_response"
 
 
-def render_chat(messages, chat_template: str = "") -> str:
+def render_chat(messages, served: ServedModelSettings) -> str:
     """The prompt: the served model's chat template (its setting; empty: the
     plain one of the bundled tiny-gpt) over the messages, with the cue for
-    the assistant's turn, as Hugging Face's apply_chat_template renders it.
+    the assistant's turn, as Hugging Face's apply_chat_template renders it,
+    but with any special token of the model's tokenizer that a content
+    writes broken into text (tokenization.AsText): the model tokenizes the
+    whole prompt, so only the template's own text may make special tokens.
 
-    Templates are loaded once per process (the service loads them at start).
-    A template may refuse a conversation (``raise_exception``): that is the
-    caller's INVALID_ARGUMENT, not a failure of the service.
+    Templates and tokenizers are loaded once per process (the service loads
+    them at start). A template may refuse a conversation
+    (``raise_exception``): that is the caller's INVALID_ARGUMENT, not a
+    failure of the service.
     """
+    template = tokenization.load_chat_template(served.chat_template)
+    as_text = tokenization.as_text(served.tokenizer)
     try:
-        return tokenization.load_chat_template(chat_template).render_messages(messages)
+        return template.render_messages(messages, as_text=as_text)
     except jinja2.TemplateError as error:
         reason = f"the model's chat template refused the conversation: {error}"
         raise invalid_argument(Reason.CHAT_TEMPLATE_REJECTED, reason) from error

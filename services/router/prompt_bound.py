@@ -13,11 +13,14 @@ rendered over the messages, tokenized without added special tokens (the
 bundled models, and the context service's count), so it has at most as many
 tokens as the rendering has UTF-8 bytes whenever every token stands for at
 least one byte. Byte-level BPE (SmolLM2) never emits a token for zero
-bytes, and a special token written in the text is one token for several
-bytes; WordPiece (tiny-gpt's BERT tokenizer) emits at most one token per
-character of the normalized text, and its normalization (lowercasing,
-accents stripped, control characters dropped) never makes more
-characters than the original had bytes. tests/unit/test_router_prompt_bound.py
+bytes, and a special token the template writes is one token for several
+bytes; one a message's content writes is broken into text
+(tokenization.AsText), still fewer tokens, its zero-width space's
+included, than the content's bytes for it. WordPiece (tiny-gpt's BERT
+tokenizer) emits at most one token per character of the normalized text,
+and its normalization (lowercasing, accents stripped, control characters
+dropped) never makes more characters than the original had bytes.
+tests/unit/test_router_prompt_bound.py
 checks both bundled tokenizers on arbitrary text. The rendering's bytes are
 bounded from the template: each message adds its content between fixed
 strings (the frames the context service also derives), the prompt adds a

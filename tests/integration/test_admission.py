@@ -959,7 +959,8 @@ def _rendered_tokens(model: ModelSettings, messages) -> int:
     """What inference bills as the prompt: the tokens of the model's chat
     template rendered over ``messages``, as its tokenizer counts them."""
     template = tokenization.load_chat_template(model.chat_template)
-    return tokenization.count(tokenization.load(model.tokenizer), [template.render_messages(messages)])[0]
+    prompt = template.render_messages(messages, as_text=tokenization.as_text(model.tokenizer))
+    return tokenization.count(tokenization.load(model.tokenizer), [prompt])[0]
 
 
 def _limited_tenant(limits: LimitSettings) -> Tenant:

@@ -61,7 +61,9 @@ def prompt_length(messages) -> int:
     """Tokens of the prompt smollm2's template renders from ``messages``, as the model sees it."""
     model = Settings().models[MODEL]
     tokenizer = tokenization.load(model.tokenizer)
-    rendered = tokenization.load_chat_template(model.chat_template).render_messages(messages)
+    rendered = tokenization.load_chat_template(model.chat_template).render_messages(
+        messages, as_text=tokenization.as_text(model.tokenizer)
+    )
     return len(tokenizer.encode(rendered, add_special_tokens=False).ids)
 
 
@@ -389,7 +391,9 @@ async def test_a_packed_prompt_costs_what_its_manifest_says(stub, redis_url: str
 
 def prompt_tokens_of(model: str, messages) -> int:
     settings = Settings().models[model]
-    rendered = tokenization.load_chat_template(settings.chat_template).render_messages(messages)
+    rendered = tokenization.load_chat_template(settings.chat_template).render_messages(
+        messages, as_text=tokenization.as_text(settings.tokenizer)
+    )
     return len(tokenization.load(settings.tokenizer).encode(rendered, add_special_tokens=False).ids)
 
 

@@ -83,7 +83,11 @@ def _tokens(text: str) -> int:
 def tokens_of(message: common_pb2.Message) -> int:
     """What the prompt pays for a message: its line of tiny-gpt's plain chat
     template ("user: ...\\n"), from the tokenizer itself."""
-    rendered = tokenization.load_chat_template("").render_messages([message], add_generation_prompt=False)
+    rendered = tokenization.load_chat_template("").render_messages(
+        [message],
+        as_text=tokenization.as_text(Settings().models[MODEL].tokenizer),
+        add_generation_prompt=False,
+    )
     return _tokens(rendered.removeprefix(PROMPT_PREFIX))
 
 
@@ -98,7 +102,8 @@ OUTSIDE_MESSAGES_TOKENS = _tokens(PROMPT_PREFIX) + _tokens("assistant:")
 
 def prompt_length(messages) -> int:
     """Tokens of the whole prompt the inference service renders from ``messages``."""
-    return _tokens(tokenization.load_chat_template("").render_messages(messages))
+    as_text = tokenization.as_text(Settings().models[MODEL].tokenizer)
+    return _tokens(tokenization.load_chat_template("").render_messages(messages, as_text=as_text))
 
 
 async def new_session(stub, tenant: str, *messages: common_pb2.Message) -> str:

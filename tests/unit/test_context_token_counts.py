@@ -34,7 +34,9 @@ def counters() -> dict[str, token_counts.PromptCounter]:
 def prompt_length(alias: str, messages: list[common_pb2.Message]) -> int:
     """Tokens of the whole rendered prompt, as the model counts them."""
     model = MODELS[alias]
-    prompt = tokenization.load_chat_template(model.chat_template).render_messages(messages)
+    prompt = tokenization.load_chat_template(model.chat_template).render_messages(
+        messages, as_text=tokenization.as_text(model.tokenizer)
+    )
     return len(tokenization.load(model.tokenizer).encode(prompt, add_special_tokens=False).ids)
 
 
@@ -122,10 +124,11 @@ def test_counting_contents_alone_would_be_wrong(counters) -> None:
 
 
 # Contents heavy in what tokenizers merge: whitespace, newlines, digits,
-# punctuation, special-token look-alikes, accents and CJK.
+# punctuation, special tokens written as text and their look-alikes, accents and CJK.
 _CONTENT = st.lists(
     st.sampled_from(
         [" ", "  ", "\n", "\t", "a", "Hi", "1", "23", ".", "?!", "<|", "|>", "é", "東", "🎉", "im_end"]
+        + ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "[SEP]", "[CLS]"]
     ),
     max_size=12,
 ).map("".join)

@@ -36,7 +36,10 @@ def n(alias: str, text: str) -> int:
 
 def prompt_length(alias: str, messages: list[common_pb2.Message]) -> int:
     """Tokens of the whole rendered prompt, as the model counts them."""
-    prompt = tokenization.load_chat_template(MODELS[alias].chat_template).render_messages(messages)
+    model = MODELS[alias]
+    prompt = tokenization.load_chat_template(model.chat_template).render_messages(
+        messages, as_text=tokenization.as_text(model.tokenizer)
+    )
     return n(alias, prompt)
 
 
@@ -111,7 +114,7 @@ def test_a_transcript_costs_its_frame_and_header_plus_its_lines(counters, turns)
         counter = counters[alias]
         whole = n(alias, counter.framed(assembly.transcript(messages)))
         lines = asyncio.run(counter.count_lines(messages))
-        assert lines == [n(alias, assembly.transcript_line(m)) for m in messages]
+        assert lines == [n(alias, counter.line(m)) for m in messages]
         assert whole == counter.transcript_tokens + sum(lines), alias
 
 

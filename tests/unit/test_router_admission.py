@@ -503,7 +503,9 @@ async def test_a_limited_turn_reserves_its_prompt_as_the_chat_template_renders_i
     grant = await stages.admit(_PromptTurn(tenant, messages))
     template = prompt_bounds({"tiny-gpt": ModelSettings()})["tiny-gpt"].template_bytes(3)
     assert grant.reserved_tokens == len("hellohihello") + template + 8
-    rendered = tokenization.load_chat_template("").render_messages(messages)
+    rendered = tokenization.load_chat_template("").render_messages(
+        messages, as_text=tokenization.as_text(ModelSettings().tokenizer)
+    )
     assert len(rendered.encode()) <= grant.reserved_tokens - 8
 
 

@@ -29,7 +29,7 @@ _ROLES = (common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTAN
 
 def _tokens(model: ModelSettings, messages) -> int:
     template = tokenization.load_chat_template(model.chat_template)
-    prompt = template.render_messages(messages)
+    prompt = template.render_messages(messages, as_text=tokenization.as_text(model.tokenizer))
     return len(tokenization.load(model.tokenizer).encode(prompt, add_special_tokens=False).ids)
 
 
@@ -71,7 +71,9 @@ def test_what_admission_reserves_for_a_prompt_is_never_below_what_inference_bill
 def test_the_bound_is_the_rendered_bytes_for_a_single_message():
     bound = PromptBound.of(tokenization.load_chat_template(""))
     message = common_pb2.Message(role=common_pb2.ROLE_USER, content="héllo")
-    rendered = tokenization.load_chat_template("").render_messages([message])
+    rendered = tokenization.load_chat_template("").render_messages(
+        [message], as_text=tokenization.as_text(ModelSettings().tokenizer)
+    )
     assert len(rendered.encode()) <= bound.fixed_bytes + len("héllo".encode())
     assert bound.fits([message], bound.fixed_bytes + 6)  # "héllo" is 6 bytes
     assert not bound.fits([message], bound.fixed_bytes + 5)

@@ -78,5 +78,7 @@ class TritonPythonModel(vllm_model.VLLMStyleModel):
 
     def encode(self, prompt: str) -> list[int]:
         # Control tokens in the rendered template (<|im_start|>...) encode as
-        # their single ids; nothing is added around the prompt.
+        # their single ids; nothing is added around the prompt. Only the
+        # template writes them: the inference service breaks any that a
+        # message's content writes into text (meshgate.tokenization.AsText).
         return self.tokenizer.encode(prompt, add_special_tokens=False).ids
