@@ -104,6 +104,7 @@ NUMBER_WORDS = {
     "eighty": 80,
     "ninety": 90,
     "hundred": 100,
+    "dozen": 12,
     "thousand": 1000,
     "million": 10**6,
     "billion": 10**9,
@@ -118,6 +119,11 @@ CALENDAR_WORDS = _words(
     """january february march april june july august september october november december
     monday tuesday wednesday thursday friday saturday sunday"""
 )
+# So is a day said relative to today ("What happened yesterday?" vs "...
+# today?"). Kept apart from the numbers: a greeting's "today" ("How can I
+# help you today?") is no referent (conversation.py), and a question that
+# merely adds one ("... today?") asks what it asks without.
+RELATIVE_DAYS = _words("yesterday today tonight tomorrow")
 # Singular forms; a trailing "s" is dropped before the lookup.
 UNIT_WORDS = _words(
     """km kilometer kilometre mile meter metre cm mm foot feet inch yard kg kilogram gram pound lb lbs
@@ -236,6 +242,7 @@ class Analysis:
     token_set: frozenset[str]
     content: frozenset[str]  # tokens that are not stopwords, plural "s" dropped
     numbers: Counter  # with calendar words; a multiset: "2+2" is not "2+3"
+    days: frozenset[str]  # RELATIVE_DAYS
     units: frozenset[str]
     negations: int
     names: frozenset[str]  # lowercased capitalized words not starting a sentence
@@ -343,6 +350,7 @@ def analyze_uncached(text: str) -> Analysis:
         token_set=frozenset(tokens),
         content=frozenset(singular(t) for t in tokens if t not in STOPWORDS and not t[0].isdigit()),
         numbers=numbers,
+        days=frozenset(t for t in tokens if t in RELATIVE_DAYS),
         units=frozenset(units),
         negations=negations,
         names=frozenset(names),
@@ -365,11 +373,11 @@ def _replaced(x, y) -> bool:
 
 def number_veto(a: Analysis, b: Analysis) -> bool:
     """A number, date or unit replaced by another: "2+2" vs "2+3", "in 2014"
-    vs "in 2018", "in Celsius" vs "in Kelvin". Compared as multisets, so
+    vs "in 2018", "yesterday" vs "today", "in Celsius" vs "in Kelvin". Compared as multisets, so
     order and spelling ("two" vs "2") do not matter; a number only one side
     states ("after six hours of sleep" vs "after enough sleep") is left to
     the learned stage."""
-    return _replaced(a.numbers, b.numbers) or _replaced(a.units, b.units)
+    return _replaced(a.numbers, b.numbers) or _replaced(a.days, b.days) or _replaced(a.units, b.units)
 
 
 def _has_negated_form(words: frozenset[str], other: frozenset[str]) -> bool:

@@ -34,6 +34,9 @@ def vetoed_by(a: str, b: str) -> str | None:
         ("What happened on 9 November?", "What happened on 9 December?"),
         ("What is the boiling point of water in Celsius?", "What is the boiling point of water in Kelvin?"),
         ("How long is 5 minutes?", "How long is 5 hours?"),
+        # A day said relative to today is a date; a dozen is a number.
+        ("What happened yesterday in the news?", "What happened today in the news?"),
+        ("How much rice should I cook for 4 people?", "How much rice should I cook for a dozen people?"),
     ],
 )
 def test_number_date_and_unit_changes_are_vetoed(a, b):
