@@ -333,15 +333,16 @@ def analyze_uncached(text: str) -> Analysis:
     name_contexts = tuple(
         (padded[i - 1], padded[i], padded[i + 1]) for i in range(1, len(padded) - 1) if padded[i] in names
     )
-    # Each marker's filler, the next word that is no stop word: read from
-    # the end, so that each token is looked at once (a search after each
-    # marker was quadratic in a question of markers).
+    # Each marker's filler, the next word that is no stop word, or a name
+    # spelled like one ("from US to India": "us"): read from the end, so
+    # that each token is looked at once (a search after each marker was
+    # quadratic in a question of markers).
     roles = []
     filler = ""
     for token in reversed(tokens):
         if token in ROLE_MARKERS:
             roles.append((token, filler))
-        if token not in STOPWORDS:
+        if token not in STOPWORDS or token in names:
             filler = token
     roles.reverse()
     joined = " " + " ".join(tokens) + " "

@@ -198,6 +198,12 @@ def test_role_fillers_are_found_in_time_linear_in_the_question():
             False,
         ),
         ("How do I get to Paris?", "What is the best way to get to Paris?", False),
+        # A name spelled like a stop word fills its slot.
+        (
+            "What are good calling cards from US to India?",
+            "What are good calling cards from India to US?",
+            True,
+        ),
     ],
 )
 def test_reversed_roles_are_vetoed_symmetric_order_is_not(a, b, vetoed):
