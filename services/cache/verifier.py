@@ -216,9 +216,20 @@ ROLE_MARKERS = _words("from to into than vs versus over against beat beats defea
 # Words that narrow or widen what is asked. "some" and "any" are left out:
 # questions use them as filler ("what are some good books").
 SCOPE_WORDS = _words(
-    """only all every each except excluding first last both either none always sometimes most least
+    """only all every each except first last both either none always sometimes most least
     earliest latest entire whole single sole solely exclusively alone"""
 )
+# Other spellings of a scope word, one word or two: "besides Germany",
+# "other than Germany" and "apart from Germany" all say "except Germany",
+# so each is a scope word on one side, and none is a swap for another.
+SCOPE_SPELLINGS = {
+    ("excluding",): "except",
+    ("besides",): "except",
+    ("other", "than"): "except",
+    ("apart", "from"): "except",
+    ("aside", "from"): "except",
+}
+_SCOPE_SPELLING_STARTS = frozenset(words[0] for words in SCOPE_SPELLINGS)
 # Scope words questions also use as mere emphasis ("the most beautiful
 # songs" = "the best songs", "the latest news" = "the news"): only their
 # replacement by another scope word vetoes, not their being on one side.
@@ -357,11 +368,21 @@ def analyze_uncached(text: str) -> Analysis:
         names=frozenset(names),
         name_contexts=name_contexts,
         roles=tuple(roles),
-        scope=frozenset(t for t in tokens if t in SCOPE_WORDS),
+        scope=_scope(tokens),
         trigrams=frozenset(joined[i : i + 3] for i in range(len(joined) - 2)),
         question_word=next((t for t in tokens if t in _QUESTION_WORDS), ""),
         sentences=max(1, len(_SENTENCE_END.findall(text))),
     )
+
+
+def _scope(tokens: list[str]) -> frozenset[str]:
+    scope = {t for t in tokens if t in SCOPE_WORDS}
+    for i, token in enumerate(tokens):
+        if token in _SCOPE_SPELLING_STARTS:
+            for words in ((token,), tuple(tokens[i : i + 2])):
+                if words in SCOPE_SPELLINGS:
+                    scope.add(SCOPE_SPELLINGS[words])
+    return frozenset(scope)
 
 
 _analyze_memoized = functools.lru_cache(maxsize=_ANALYSIS_MEMO_ENTRIES)(analyze_uncached)

@@ -216,10 +216,21 @@ def test_reversed_roles_are_vetoed_symmetric_order_is_not(a, b, vetoed):
         ("List all the planets", "List only the rocky planets"),
         ("Who was the first president of the US?", "Who was the last president of the US?"),
         ("Which countries use the euro?", "Which countries except Germany use the euro?"),
+        # "except" said in other words.
+        ("Which countries use the euro?", "Which countries besides Germany use the euro?"),
+        ("Which countries use the euro?", "Which countries other than Germany use the euro?"),
+        ("What can I eat on a diet?", "What can I eat on a diet apart from salad?"),
     ],
 )
 def test_scope_changes_are_vetoed(a, b):
     assert verifier.scope_veto(analyze(a), analyze(b))
+
+
+def test_except_in_other_words_is_no_swap_for_except():
+    for other_words in ("besides", "other than", "apart from", "aside from", "excluding"):
+        a = analyze("Which countries except Germany use the euro?")
+        b = analyze(f"Which countries {other_words} Germany use the euro?")
+        assert not verifier.scope_veto(a, b), other_words
 
 
 def test_scope_words_used_as_emphasis_veto_only_when_swapped():
