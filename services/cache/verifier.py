@@ -209,6 +209,32 @@ ANTONYMS = {
 }
 _ANTONYM_OF = {w: next(iter(pair - {w})) for pair in ANTONYMS for w in pair}
 _NEGATING_PREFIXES = ("un", "in", "im", "il", "ir", "dis", "non")
+# Prefixes that reverse each other on the same stem: "upgrade" vs
+# "downgrade", "import" vs "export", "encrypt" vs "decrypt", "maximum" vs
+# "minimum", "overpaid" vs "underpaid", "inbound" vs "outbound".
+_OPPOSITE_PREFIXES = [
+    ("up", "down"),
+    ("im", "ex"),
+    ("in", "ex"),
+    ("in", "out"),
+    ("in", "de"),
+    ("en", "de"),
+    ("max", "min"),
+    ("over", "under"),
+]
+# Each prefix with those that reverse it ("in": "ex", "out", "de").
+_OPPOSITE_PREFIX_OF = {
+    prefix: tuple(other for pair in _OPPOSITE_PREFIXES if prefix in pair for other in pair if other != prefix)
+    for pair in _OPPOSITE_PREFIXES
+    for prefix in pair
+}
+_OPPOSITE_PREFIX_LENGTHS = sorted({len(prefix) for prefix in _OPPOSITE_PREFIX_OF})
+# A shorter stem pairs unrelated words ("exit" vs "init").
+_PREFIXED_STEM_MIN = 4
+# A verb's particle turned around: "zoom in" vs "zoom out", "turn on" vs
+# "turn off", "scale up" vs "scale down". Only after the same word: "in"
+# and "on" are everywhere else too.
+_OPPOSITE_PARTICLES = {"in": "out", "out": "in", "on": "off", "off": "on", "up": "down", "down": "up"}
 
 # Words after which the next content word fills a role: swapping the fillers
 # of the same markers reverses who does what to whom, where from and to.
@@ -256,6 +282,9 @@ class Analysis:
     days: frozenset[str]  # RELATIVE_DAYS
     units: frozenset[str]
     negations: int
+    base_forms: frozenset[str]  # of every token (_base_forms)
+    # (word, particle) for each particle of _OPPOSITE_PARTICLES and the word before it.
+    particles: frozenset[tuple[str, str]]
     names: frozenset[str]  # lowercased capitalized words not starting a sentence
     # Per name, the tokens just before and after each of its occurrences.
     name_contexts: tuple[tuple[str, str, str], ...]
@@ -268,6 +297,26 @@ class Analysis:
 
 def singular(word: str) -> str:
     return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+# Words recur across questions: one word's forms are worked out once.
+@functools.lru_cache(maxsize=16384)
+def _base_forms(word: str) -> frozenset[str]:
+    """What ``word`` may be inflected from, itself included: "buying" and
+    "bought" are not both found, but "buying" -> "buy", "selling" -> "sell",
+    "cheaper" -> "cheap", "easier" -> "easy", "safer" -> "safe",
+    "stopped" -> "stop". Only compared with ANTONYMS and prefixed stems, so
+    a made-up base ("bett" of "better") finds nothing."""
+    forms = {word, singular(word)}
+    for suffix in ("ing", "ed", "er", "est"):
+        stem = word[: -len(suffix)]
+        if word.endswith(suffix) and len(stem) >= 3:
+            forms.update((stem, stem + "e"))
+            if stem[-1] == stem[-2]:  # "stopped", "bigger"
+                forms.add(stem[:-1])
+            if stem[-1] == "i":  # "easier", "tried"
+                forms.add(stem[:-1] + "y")
+    return frozenset(forms)
 
 
 _IS_CONTRACTIONS = frozenset(
@@ -357,14 +406,22 @@ def analyze_uncached(text: str) -> Analysis:
             filler = token
     roles.reverse()
     joined = " " + " ".join(tokens) + " "
+    token_set = frozenset(tokens)
     return Analysis(
         tokens=tuple(tokens),
-        token_set=frozenset(tokens),
+        token_set=token_set,
         content=frozenset(singular(t) for t in tokens if t not in STOPWORDS and not t[0].isdigit()),
         numbers=numbers,
         days=frozenset(t for t in tokens if t in RELATIVE_DAYS),
         units=frozenset(units),
         negations=negations,
+        # Stop words are not inflected forms of anything the checks look for.
+        base_forms=token_set.union(*(_base_forms(t) for t in token_set - STOPWORDS)),
+        particles=frozenset(
+            (before, particle)
+            for before, particle in zip(tokens, tokens[1:])
+            if particle in _OPPOSITE_PARTICLES
+        ),
         names=frozenset(names),
         name_contexts=name_contexts,
         roles=tuple(roles),
@@ -403,27 +460,46 @@ def number_veto(a: Analysis, b: Analysis) -> bool:
 
 
 def _has_negated_form(words: frozenset[str], other: frozenset[str]) -> bool:
-    # Compared in singular form: "advantage" vs "disadvantages".
-    words = frozenset(singular(w) for w in words)
-    other = frozenset(singular(w) for w in other)
-    for word in words:
-        if word in _ANTONYM_OF and _ANTONYM_OF[word] in other and word not in other:
+    """Whether ``words`` (base forms, Analysis.base_forms) has a word whose
+    negated form ``other`` has instead: compared in base form, "advantage"
+    vs "disadvantages", "buying" vs "selling", "cheaper" vs "expensive"."""
+    for base in words - other:
+        if base in _ANTONYM_OF and _ANTONYM_OF[base] in other:
             return True
         for prefix in _NEGATING_PREFIXES:
-            if word.startswith(prefix) and word[len(prefix) :] in other and word not in other:
+            if base.startswith(prefix) and base[len(prefix) :] in other:
+                return True
+        for length in _OPPOSITE_PREFIX_LENGTHS:
+            prefix, stem = base[:length], base[length:]
+            if len(stem) >= _PREFIXED_STEM_MIN and any(
+                opposite + stem in other for opposite in _OPPOSITE_PREFIX_OF.get(prefix, ())
+            ):
                 return True
     return False
+
+
+def _particle_reversed(a: Analysis, b: Analysis) -> bool:
+    return any(
+        (word, _OPPOSITE_PARTICLES[particle]) in b.particles - a.particles
+        for word, particle in a.particles - b.particles
+    )
 
 
 def negation_veto(a: Analysis, b: Analysis) -> bool:
     """Opposite polarity: an odd difference in negations ("cancel" vs "don't
     cancel"; "can't", "cant" and "not" count once, "never" too), an antonym
-    in place of a word ("advantages" vs "disadvantages", "buy" vs "sell").
-    An even difference ("why can't I" vs "why am I not unable") keeps the
-    sense."""
+    in place of a word in any inflection ("advantages" vs "disadvantages",
+    "buying" vs "selling", "cheaper" vs "expensive"), an opposite prefix
+    ("upgrade" vs "downgrade"), a particle turned around after the same
+    word ("zoom in" vs "zoom out"). An even difference ("why can't I" vs
+    "why am I not unable") keeps the sense."""
     if (a.negations - b.negations) % 2:
         return True
-    return _has_negated_form(a.token_set, b.token_set) or _has_negated_form(b.token_set, a.token_set)
+    return (
+        _has_negated_form(a.base_forms, b.base_forms)
+        or _has_negated_form(b.base_forms, a.base_forms)
+        or _particle_reversed(a, b)
+    )
 
 
 def _edit_distance_at_most_one(x: str, y: str) -> bool:

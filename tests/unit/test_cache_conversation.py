@@ -101,6 +101,11 @@ def unit(seed: int) -> np.ndarray:
         # Said in other words: the two names stand in no shared place.
         ("My laptop runs Ubuntu.", "I run Windows on my laptop."),
         ("Last month I purchased a Samsung Galaxy.", "I bought a Google Pixel last month."),
+        # A flipped intent said in other words (an antonym inflected, an
+        # opposite prefix), a number in words.
+        ("I'm thinking of buying my neighbour's car.", "I'm thinking of selling my car to my neighbour."),
+        ("I want to upgrade my phone plan.", "I'd like to downgrade my phone plan."),
+        ("I'm cooking dinner for 4 people.", "I'm cooking dinner for a dozen guests."),
     ],
 )
 def test_a_changed_referent_in_the_topic_is_vetoed_as_context(verifier, stored_topic, asked_topic):

@@ -79,6 +79,49 @@ def test_negation_and_polarity_flips_are_vetoed(a, b):
     assert verifier.negation_veto(analyze(a), analyze(b))
 
 
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # An antonym inflected: the list holds "cheap" and "buy".
+        ("Is it cheaper to rent or buy?", "Is it more expensive to rent or buy?"),
+        ("I'm thinking of buying my neighbour's car.", "I'm thinking of selling my car to my neighbour."),
+        ("Why is my phone getting slower?", "Why is my phone getting faster?"),
+        # Opposite prefixes on one stem.
+        ("How do I upgrade my plan?", "How do I downgrade my plan?"),
+        ("How do I import contacts to my phone?", "How do I export contacts from my phone?"),
+        ("What is the maximum dose of ibuprofen?", "What is the minimum dose of ibuprofen?"),
+        ("What are the most overrated movies?", "What are the most underrated movies?"),
+    ],
+)
+def test_an_antonym_in_another_form_or_by_prefix_is_vetoed(a, b):
+    assert verifier.negation_veto(analyze(a), analyze(b))
+    assert verifier.negation_veto(analyze(b), analyze(a))
+
+
+def test_the_same_word_inflected_or_prefixed_alike_keeps_polarity():
+    for a, b in [
+        ("Is buying a house worth it?", "Should I buy a house?"),
+        ("How do I upload photos faster?", "What is the fastest way to upload photos?"),
+        ("What is the maximum speed of a cheetah?", "How fast can a cheetah run at most?"),
+    ]:
+        assert not verifier.negation_veto(analyze(a), analyze(b)), (a, b)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        ("How do I zoom in on a Mac?", "How do I zoom out on a Mac?", True),
+        ("How do I turn on Bluetooth?", "How do I turn off Bluetooth?", True),
+        ("How do I scale up a Kubernetes deployment?", "How do I scale down a Kubernetes deployment?", True),
+        # A particle both say, or "in" that follows another word: no flip.
+        ("Why do I keep getting logged out?", "Why am I logged out all the time?", False),
+        ("How do I log in to Gmail?", "How do I get out of Gmail's inbox view?", False),
+    ],
+)
+def test_a_particle_turned_around_after_the_same_word_is_vetoed(a, b, vetoed):
+    assert verifier.negation_veto(analyze(a), analyze(b)) is vetoed
+
+
 def test_double_negation_and_or_not_keep_polarity():
     assert not verifier.negation_veto(analyze("Why can't I sleep?"), analyze("Why am I not able to sleep?"))
     assert not verifier.negation_veto(analyze("Should I buy a car or not?"), analyze("Should I buy a car?"))
