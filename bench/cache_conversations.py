@@ -169,6 +169,29 @@ HAND_WRITTEN = [
         "How long should it be?",
         "I'm working on a cover letter for a teaching position.",
     ),
+    # A flipped intent said in other words: an antonym inflected, an
+    # opposite prefix.
+    (
+        "I'm thinking of buying my neighbour's car.",
+        "I'm considering buying my neighbour's car.",
+        "I'm thinking of selling my car to my neighbour.",
+        "What paperwork do I need?",
+        "I'd like to sell my car to my neighbour.",
+    ),
+    (
+        "I want to upgrade my phone plan.",
+        "I'd like to upgrade my mobile plan.",
+        "I want to downgrade my phone plan.",
+        "How much will it cost?",
+        "I'd like to downgrade my mobile plan.",
+    ),
+    (
+        "I want to increase my credit limit.",
+        "I'd like a higher credit limit.",
+        "I want to decrease my credit limit.",
+        "How long does it take?",
+        "I'd like a lower credit limit.",
+    ),
 ]
 GENERIC_REPLY = "Sure, I can help with that."
 GENERIC_REPLY_REWORDED = "Of course, happy to help."

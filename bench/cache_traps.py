@@ -179,6 +179,19 @@ HAND_WRITTEN = [
     ("negation", "Can I buy stocks on weekends?", "Can I sell stocks on weekends?"),
     ("negation", "Why do cats like boxes?", "Why do cats dislike boxes?"),
     ("negation", "How can I increase my credit score?", "How can I decrease my credit score?"),
+    # The flip said in another form: an antonym inflected, an opposite
+    # prefix, a particle turned around, another verb.
+    ("negation", "Is it cheaper to rent or buy?", "Is it more expensive to rent or buy?"),
+    ("negation", "How do I upgrade my plan?", "How do I downgrade my plan?"),
+    ("negation", "How do I import contacts to my phone?", "How do I export contacts from my phone?"),
+    ("negation", "What is the maximum dose of ibuprofen?", "What is the minimum dose of ibuprofen?"),
+    ("negation", "How do I zoom in on a Mac?", "How do I zoom out on a Mac?"),
+    (
+        "negation",
+        "I will renew my membership, what happens to my locker?",
+        "I won't be renewing my membership, what happens to my locker?",
+    ),
+    ("negation", "How do I cancel my subscription?", "How do I keep my subscription?"),
     ("number", "What is 2+2?", "What is 2+3?"),
     ("number", "How many calories are in 2 eggs?", "How many calories are in 3 eggs?"),
     ("number", "What happened on 9 November 1989?", "What happened on 9 November 1991?"),
@@ -201,6 +214,18 @@ HAND_WRITTEN = [
         "What is the tax rate for income above $80,000?",
     ),
     ("number", "Who won the World Cup in 2014?", "Who won the World Cup in 2018?"),
+    # A number or date in words.
+    ("number", "What happened yesterday in the news?", "What happened today in the news?"),
+    (
+        "number",
+        "How much rice should I cook for 4 people?",
+        "How much rice should I cook for a dozen people?",
+    ),
+    (
+        "number",
+        "What is the weather like in Paris in summer?",
+        "What is the weather like in Paris in winter?",
+    ),
     ("entity_order", "How far is it from Paris to London?", "How far is it from London to Paris?"),
     ("entity_order", "How do I convert Celsius to Fahrenheit?", "How do I convert Fahrenheit to Celsius?"),
     ("entity_order", "Is Python faster than Java?", "Is Java faster than Python?"),
@@ -234,6 +259,9 @@ HAND_WRITTEN = [
     ("scope", "Do all birds fly?", "Do some birds fly?"),
     ("scope", "Is Python the best language for beginners?", "Is Python the only language for beginners?"),
     ("scope", "What are the symptoms of flu?", "What are the earliest symptoms of flu?"),
+    # "except" in other words.
+    ("scope", "Which countries use the euro?", "Which countries besides Germany use the euro?"),
+    ("scope", "Which countries use the euro?", "Which countries other than Germany use the euro?"),
     ("paraphrase", "How do I learn Python quickly?", "What is the fastest way to learn Python?"),
     ("paraphrase", "What is the capital of France?", "Which city is the capital of France?"),
     ("paraphrase", "How can I lose weight fast?", "What is the quickest way to lose weight?"),
@@ -252,6 +280,14 @@ HAND_WRITTEN = [
     ("paraphrase", "Is it safe to eat raw eggs?", "Are raw eggs safe to eat?"),
     ("paraphrase", "How can I sleep better?", "How do I improve my sleep?"),
     ("paraphrase", "What is the meaning of life?", "What's the meaning of life?"),
+    ("paraphrase", "How do I cancel my subscription?", "How can I end my subscription?"),
+    (
+        "paraphrase",
+        "Which countries except Germany use the euro?",
+        "Which countries other than Germany use the euro?",
+    ),
+    ("paraphrase", "How do I turn on Bluetooth?", "How can I turn on Bluetooth?"),
+    ("paraphrase", "Is buying a house worth it?", "Is it worth it to buy a house?"),
     ("repeat", "How do I learn Python quickly?", "how do i learn python quickly"),
     ("repeat", "What is the capital of France?", "what is the capital of france?"),
     ("repeat", "How do I reset my password?", "How do I reset my pasword?"),
