@@ -415,6 +415,17 @@ async def test_token_counts_are_stored_at_append(stub, tenant, redis_url) -> Non
     ]
 
 
+def and_then(tenant: str, session_id: str) -> pb.AssembleContextRequest:
+    """An assembly of the session with one more short question, whole."""
+    return pb.AssembleContextRequest(
+        tenant_id=tenant,
+        session_id=session_id,
+        new_messages=[msg(USER, "and?")],
+        model=MODEL,
+        max_prompt_tokens=100_000,
+    )
+
+
 async def test_a_session_expiring_before_this_replicas_ttl_says_is_not_assembled_from_memory(
     redis_url, tenant
 ) -> None:
@@ -430,13 +441,7 @@ async def test_a_session_expiring_before_this_replicas_ttl_says_is_not_assembled
     async with running(shorter) as before:
         session_id = await new_session(before, tenant, msg(USER, "remember me"))
     async with running(make_settings(redis_url)) as after:  # 600 s from here on
-        assemble = pb.AssembleContextRequest(
-            tenant_id=tenant,
-            session_id=session_id,
-            new_messages=[msg(USER, "and?")],
-            model=MODEL,
-            max_prompt_tokens=100_000,
-        )
+        assemble = and_then(tenant, session_id)
         assembled = await after.AssembleContext(assemble)  # read into memory
         assert [m.content for m in assembled.messages] == ["remember me", "and?"]
         await asyncio.sleep(1.1)  # past the TTL Redis holds it by
@@ -453,13 +458,7 @@ async def test_an_append_refused_session_not_found_drops_the_copy_in_memory(stub
     SESSION_NOT_FOUND, so every next turn on it was generated and billed
     before that same refusal."""
     session_id = await new_session(stub, tenant, msg(USER, "remember me"))
-    assemble = pb.AssembleContextRequest(
-        tenant_id=tenant,
-        session_id=session_id,
-        new_messages=[msg(USER, "and?")],
-        model=MODEL,
-        max_prompt_tokens=100_000,
-    )
+    assemble = and_then(tenant, session_id)
     await stub.AssembleContext(assemble)  # read into memory
     client = redis.Redis.from_url(redis_url)
     try:

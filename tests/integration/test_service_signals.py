@@ -111,19 +111,25 @@ def test_sighup_to_a_service_the_local_stack_just_started_is_not_a_kill(tmp_path
     process = launched(command, log, env=service_environment(), ignore_hangup=True)
     try:
         process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 60
-        while health_status(address) is None:
-            assert process.poll() is None, f"exited {process.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        process.send_signal(signal.SIGHUP)
-        while "nothing to reload" not in log.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0, log.read_text()
+        serves_reloads_and_stops(process, address, log)
     finally:
         ended(process)
+
+
+def serves_reloads_and_stops(process, address: str, log) -> None:
+    """Waits for the service to serve, then checks that a SIGHUP is a reload
+    (nothing to reload: the log says so) and a SIGTERM a clean stop."""
+    deadline = time.monotonic() + 60
+    while health_status(address) is None:
+        assert process.poll() is None, f"exited {process.returncode}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGHUP)
+    while "nothing to reload" not in log.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0, log.read_text()
 
 
 def hangup_disposition(pid: int) -> str:
@@ -159,17 +165,7 @@ def test_sighup_to_a_service_started_by_hand_while_it_imports_is_not_a_kill(tmp_
             time.sleep(0.002)
         assert disposition == "ignored", "SIGHUP was not ignored before serving.main caught it"
         process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 60
-        while health_status(address) is None:
-            assert process.poll() is None, f"exited {process.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        process.send_signal(signal.SIGHUP)
-        while "nothing to reload" not in log.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0, log.read_text()
+        serves_reloads_and_stops(process, address, log)
     finally:
         ended(process)
 
