@@ -624,9 +624,20 @@ def role_veto(a: Analysis, b: Analysis) -> bool:
         # A swap moves a word out of one slot and another in; one side
         # merely filling one more slot ("way to get to Paris") is no swap.
         changed = only_a | only_b
-        if only_a and only_b and all(f in a.token_set and f in b.token_set for f in changed):
+        if only_a and only_b and all(_fills_both(f, a, b) for f in changed):
             return True
     return False
+
+
+def _fills_both(filler: str, a: Analysis, b: Analysis) -> bool:
+    """Whether ``filler`` is a word of both questions that each would read
+    as filling a slot: a stop word only where both spell it as a name ("from
+    US to India"). One written in Title Case ("From The US To The UK") fills
+    a slot there and not in the same question written plainly, which is no
+    swap."""
+    if filler not in a.token_set or filler not in b.token_set:
+        return False
+    return filler not in STOPWORDS or (filler in a.names and filler in b.names)
 
 
 def scope_veto(a: Analysis, b: Analysis) -> bool:

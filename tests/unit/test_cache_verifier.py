@@ -247,6 +247,17 @@ def test_role_fillers_are_found_in_time_linear_in_the_question():
             "What are good calling cards from India to US?",
             True,
         ),
+        # The same question in Title Case: "The" fills no slot the plain one reads.
+        (
+            "What Is The Cheapest Way To Ship A Parcel From The US To The UK?",
+            "What is the cheapest way to ship a parcel from the US to the UK?",
+            False,
+        ),
+        (
+            "How Do I Move From A Small Town To A Big City?",
+            "How do I move from a small town to a big city?",
+            False,
+        ),
     ],
 )
 def test_reversed_roles_are_vetoed_symmetric_order_is_not(a, b, vetoed):
