@@ -235,6 +235,8 @@ _PREFIXED_STEM_MIN = 4
 # "turn off", "scale up" vs "scale down". Only after the same word: "in"
 # and "on" are everywhere else too.
 _OPPOSITE_PARTICLES = {"in": "out", "out": "in", "on": "off", "off": "on", "up": "down", "down": "up"}
+# Words a share is counted with ("one in five"): "one" is no NUMBER_WORDS'.
+_COUNT_WORDS = frozenset(NUMBER_WORDS) | {"one"}
 
 # Words after which the next content word fills a role: swapping the fillers
 # of the same markers reverses who does what to whom, where from and to.
@@ -417,10 +419,12 @@ def analyze_uncached(text: str) -> Analysis:
         negations=negations,
         # Stop words are not inflected forms of anything the checks look for.
         base_forms=token_set.union(*(_base_forms(t) for t in token_set - STOPWORDS)),
+        # After a count, "in" and "out" tell a share ("1 in 10", "one out of
+        # ten"), not a particle.
         particles=frozenset(
             (before, particle)
             for before, particle in zip(tokens, tokens[1:])
-            if particle in _OPPOSITE_PARTICLES
+            if particle in _OPPOSITE_PARTICLES and not (before[0].isdigit() or before in _COUNT_WORDS)
         ),
         names=frozenset(names),
         name_contexts=name_contexts,

@@ -116,6 +116,13 @@ def test_the_same_word_inflected_or_prefixed_alike_keeps_polarity():
         # A particle both say, or "in" that follows another word: no flip.
         ("Why do I keep getting logged out?", "Why am I logged out all the time?", False),
         ("How do I log in to Gmail?", "How do I get out of Gmail's inbox view?", False),
+        # After a count, "in" and "out of" say one share.
+        ("Why do 1 in 10 people get migraines?", "Why do 1 out of 10 people get migraines?", False),
+        (
+            "Why does one in five marriages end in divorce?",
+            "Why does one out of five marriages end in divorce?",
+            False,
+        ),
     ],
 )
 def test_a_particle_turned_around_after_the_same_word_is_vetoed(a, b, vetoed):
