@@ -517,11 +517,8 @@ async def test_api_keys_on_the_cluster(client, tenant) -> None:
     assert await keys.rotate(answer[1].key_id, rotation) == rotated
 
 
-# services/router/ledger.py's run_scripts sends a turn's per-slot script
-# calls as pipe.evalsha(...) in one pipeline, which redis-py refuses on a
-# cluster pipeline ("Calling pipelined function evalsha is blocked");
-# pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args) is routed per
-# slot and works. Strict: the marker must go when that is fixed.
+# The ledger's per-slot script calls (script_calls.run_scripts, each call
+# alone on its slot's node) and its pipelined reads of each tenant's totals.
 async def test_usage_ledger_on_the_cluster(client) -> None:
     """The stream and each tenant's day totals, in different slots."""
     ledger = Ledger(client, stream_max_len=1000, retention_days=2)
