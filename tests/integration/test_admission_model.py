@@ -82,6 +82,15 @@ prices = st.none() | st.builds(
 )
 
 
+# What a turn's admission draws: its key, its model and its token counts.
+TURN_DRAWS = dict(
+    key=st.sampled_from(["k1", "k2", "k3"]),
+    model=st.sampled_from(["m1", "m2"]),
+    prompt=st.integers(1, 60),
+    max_tokens=st.integers(0, 60),
+)
+
+
 class Clock:
     def __init__(self, now_s: float) -> None:
         self.now_s = now_s
@@ -272,13 +281,7 @@ class AdmissionMachine(RuleBasedStateMachine):
 
     # -- turns --------------------------------------------------------------
 
-    @rule(
-        target=turns,
-        key=st.sampled_from(["k1", "k2", "k3"]),
-        model=st.sampled_from(["m1", "m2"]),
-        prompt=st.integers(1, 60),
-        max_tokens=st.integers(0, 60),
-    )
+    @rule(target=turns, **TURN_DRAWS)
     def admit(self, key, model, prompt, max_tokens):
         scopes = self._scopes(key, model)
         price = self.prices[model]
@@ -310,13 +313,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         settled = tuple(c for c in checks if c.limit != "requests_per_minute")
         return Turn(grant, price, prompt, max_tokens, tokens, nano_usd, settled, self.now_ms)
 
-    @rule(
-        target=turns,
-        key=st.sampled_from(["k1", "k2", "k3"]),
-        model=st.sampled_from(["m1", "m2"]),
-        prompt=st.integers(1, 60),
-        max_tokens=st.integers(0, 60),
-    )
+    @rule(target=turns, **TURN_DRAWS)
     def admit_while_redis_is_unreachable(self, key, model, prompt, max_tokens):
         scopes = self._scopes(key, model)
         price = self.prices[model]
