@@ -1268,30 +1268,49 @@ async def test_an_answered_http_chat_turn_is_recorded_completed_not_cancelled(as
     assert (_turns("completed") - completed, _turns("cancelled") - cancelled) == (1, 0)
 
 
+# The stall timeout the slow reader's router allows: its reads, 50 ms apart,
+# must keep being acknowledged within it while the test's loop (the
+# router's too) is busy.
 STALL_TIMEOUT_S = 0.5
+# The stopped reader's router cuts sooner: a tiny-gpt answer of 480 tokens
+# took 0.88 s once on a busy machine, and a cut after it (at window shut +
+# the timeout) finds nothing left to cancel.
+STOPPED_STALL_TIMEOUT_S = 0.15
 # A client socket's receive buffer: its window shuts after a few KiB unread.
 SMALL_RECEIVE_BUFFER = 4096
 # A tenant of its own, whose usage holds the stalled turn alone.
 STALL_KEY = "http-edge-stall-key"
 
 
-@pytest.fixture(scope="module")
-async def stall_bounded(redis_url, inference_address):
+@contextlib.asynccontextmanager
+async def stall_bounded_router(redis_url: str, inference_address: str, timeout_s: float):
     """A router that drops an HTTP client which acknowledges none of its
-    bytes for half a second, whose tenant may have one call in flight, and
+    bytes for ``timeout_s``, whose tenant may have one call in flight, and
     whose tiny-gpt answers run to 480 tokens (a generation of a second or
-    more); yields its HTTP (host, port) and its gRPC address."""
+    so); yields its HTTP (host, port) and its gRPC address."""
     settings = service_settings(redis_url, inference_address, KEY)
     settings.router.tenants = [
         TenantSettings(id=f"stall-{uuid.uuid4().hex[:8]}", api_key_sha256=[hash_api_key(STALL_KEY)])
     ]
-    settings.router.http_stalled_client_timeout_s = STALL_TIMEOUT_S
+    settings.router.http_stalled_client_timeout_s = timeout_s
     settings.router.max_concurrent_rpcs_per_tenant = 1
     settings.models["tiny-gpt"].max_output_tokens = 480
     settings.router.http_listen = f"127.0.0.1:{free_port()}"
     async with running_router(settings) as router_address:
         host, _, port = settings.router.http_listen.rpartition(":")
         yield (host, int(port)), router_address
+
+
+@pytest.fixture(scope="module")
+async def stall_bounded(redis_url, inference_address):
+    async with stall_bounded_router(redis_url, inference_address, STALL_TIMEOUT_S) as addresses:
+        yield addresses
+
+
+@pytest.fixture(scope="module")
+async def stall_cut_soon(redis_url, inference_address):
+    async with stall_bounded_router(redis_url, inference_address, STOPPED_STALL_TIMEOUT_S) as addresses:
+        yield addresses
 
 
 async def streaming_socket(host_port, text: str, key: str = KEY) -> socket.socket:
@@ -1317,7 +1336,7 @@ async def streaming_socket(host_port, text: str, key: str = KEY) -> socket.socke
 
 
 async def test_a_client_that_stops_reading_is_dropped_and_its_generation_cancelled(
-    stall_bounded, triton_server
+    stall_cut_soon, triton_server
 ):
     """No FIN, no RST: the client reads the answer's start, then nothing. Its
     receive window shuts, the router's bytes go unacknowledged, and the
@@ -1330,7 +1349,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_generation_cancell
         triton_cancellations(log_path),
         *map(_turns, ("cancelled", "completed")),
     )
-    host_port, router_address = stall_bounded
+    host_port, router_address = stall_cut_soon
     connection = await streaming_socket(host_port, "Write a long essay", STALL_KEY)
     try:
         received = b""
@@ -1339,7 +1358,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_generation_cancell
         assert received.startswith(b"HTTP/1.1 200"), received
         stopped_at = loop.time()  # and reads nothing more
         await until_triton_cancels(log_path, cancelled_in_triton, timeout_s=10)
-        assert loop.time() - stopped_at < STALL_TIMEOUT_S * 1.5 + 1
+        assert loop.time() - stopped_at < STOPPED_STALL_TIMEOUT_S * 1.5 + 1
         for _ in range(250):
             if _turns("cancelled") > cancelled:
                 break
