@@ -291,6 +291,13 @@ _CHAT_FIELDS = frozenset(
 _EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
 # A message's fields of tool use (an assistant's calls, a tool's answer).
 _TOOL_FIELDS = ("tool_calls", "function_call", "tool_call_id")
+# Every field a message may have. A participant's ``name`` is accepted and
+# not used (SDKs send it; the bundled chat templates have no place for it),
+# an assistant's ``refusal`` is what it said when its content is empty, tool
+# fields are refused by name (above). Any other is refused as at the top
+# level: an assistant's earlier ``audio``, or a field misspelt (``contnet``)
+# would otherwise leave an empty turn, silently.
+_MESSAGE_FIELDS = frozenset({"role", "content", "name", "refusal", *_TOOL_FIELDS})
 # A session_id asking for a new session.
 NEW_SESSION = "new"
 # The cache_policy extension's values.
@@ -383,6 +390,14 @@ def _messages(raw) -> list[common_pb2.Message]:
                 "messages",
                 Reason.INVALID_ROLE,
             )
+        for name in message:
+            if name not in _MESSAGE_FIELDS:
+                shown = name if is_text(name) else ascii(name)
+                raise _bad_request(
+                    f"messages[{index}]: Unrecognized argument supplied: {shown}",
+                    "messages",
+                    Reason.UNSUPPORTED_PARAMETER,
+                )
         for name in _TOOL_FIELDS:
             if message.get(name) not in (None, [], {}):
                 # Dropped, the call would leave an empty assistant turn and
@@ -393,7 +408,13 @@ def _messages(raw) -> list[common_pb2.Message]:
                     "messages",
                     Reason.UNSUPPORTED_PARAMETER,
                 )
-        messages.append(common_pb2.Message(role=role, content=_text_of(message.get("content"), index)))
+        content = _text_of(message.get("content"), index)
+        refused = message.get("refusal")
+        if refused is not None:
+            if not isinstance(refused, str):
+                raise _bad_request(f"messages[{index}].refusal must be a string", "messages")
+            refused = _text(refused, f"messages[{index}].refusal must be UTF-8 text", "messages")
+        messages.append(common_pb2.Message(role=role, content=content or refused or ""))
     return messages
 
 

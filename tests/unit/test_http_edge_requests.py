@@ -377,3 +377,49 @@ def test_a_401_names_the_bearer_scheme():
     error = MeshgateError(grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_MISSING, "no key")
     assert (b"www-authenticate", b"Bearer") in http_error(error)[1]
     assert not any(name == b"www-authenticate" for name, _ in http_error(not_found("X", "x"))[1])
+
+
+@pytest.mark.parametrize(
+    ("message", "field"),
+    [
+        ({"role": "user", "contnet": "hi"}, "contnet"),
+        ({"role": "assistant", "content": None, "audio": {"id": "audio_1"}}, "audio"),
+        ({"role": "user", "content": "hi", SURROGATE: 1}, ascii(SURROGATE)),
+    ],
+    ids=["a misspelt content", "an assistant's earlier audio", "a key with no UTF-8 form"],
+)
+def test_a_message_field_the_edge_does_not_know_is_refused(message, field):
+    """The left of a hunt: a message's unknown fields were dropped, so a
+    misspelt content was served as an empty turn."""
+    assert refusal(chat(messages=[message])) == (
+        "UNSUPPORTED_PARAMETER",
+        "messages",
+        f"messages[0]: Unrecognized argument supplied: {field}",
+    )
+
+
+def test_a_participant_name_is_accepted_and_an_assistants_refusal_is_what_it_said():
+    request = ChatCall(
+        chat(
+            messages=[
+                {"role": "user", "content": "hi", "name": "ann"},
+                {"role": "assistant", "content": None, "refusal": "I can't help with that."},
+                {"role": "assistant", "content": "Hello.", "refusal": None},
+                USER,
+            ]
+        )
+    ).request
+    assert [message.content for message in request.messages] == [
+        "hi",
+        "I can't help with that.",
+        "Hello.",
+        "hi",
+    ]
+
+
+@pytest.mark.parametrize(("refused", "message"), [(3, "must be a string"), (SURROGATE, "must be UTF-8 text")])
+def test_a_refusal_that_is_not_text_is_refused(refused, message):
+    assert refusal(chat(messages=[{"role": "assistant", "refusal": refused}, USER]))[1:] == (
+        "messages",
+        f"messages[0].refusal {message}",
+    )
