@@ -285,7 +285,7 @@ class Analysis:
     units: frozenset[str]
     negations: int
     base_forms: frozenset[str]  # of every token (_base_forms)
-    # (word, particle) for each particle of _OPPOSITE_PARTICLES and the word before it.
+    # (word, particle) for each particle of _OPPOSITE_PARTICLES and the word before it (_particles).
     particles: frozenset[tuple[str, str]]
     names: frozenset[str]  # lowercased capitalized words not starting a sentence
     # Per name, the tokens just before and after each of its occurrences.
@@ -419,13 +419,7 @@ def analyze_uncached(text: str) -> Analysis:
         negations=negations,
         # Stop words are not inflected forms of anything the checks look for.
         base_forms=token_set.union(*(_base_forms(t) for t in token_set - STOPWORDS)),
-        # After a count, "in" and "out" tell a share ("1 in 10", "one out of
-        # ten"), not a particle.
-        particles=frozenset(
-            (before, particle)
-            for before, particle in zip(tokens, tokens[1:])
-            if particle in _OPPOSITE_PARTICLES and not (before[0].isdigit() or before in _COUNT_WORDS)
-        ),
+        particles=_particles(tokens),
         names=frozenset(names),
         name_contexts=name_contexts,
         roles=tuple(roles),
@@ -434,6 +428,24 @@ def analyze_uncached(text: str) -> Analysis:
         question_word=next((t for t in tokens if t in _QUESTION_WORDS), ""),
         sentences=max(1, len(_SENTENCE_END.findall(text))),
     )
+
+
+def _particles(tokens: list[str]) -> frozenset[tuple[str, str]]:
+    """(word, particle) for each particle of _OPPOSITE_PARTICLES after a
+    word. A run of particles all follow the word before the run: "eat out
+    in Paris" says (eat, out) and (eat, in), both halves, so it turns
+    around nothing of "eat in Paris". After a count, "in" and "out" tell a
+    share ("1 in 10", "one out of ten"), not a particle."""
+    found = set()
+    word = ""
+    for before, token in zip(tokens, tokens[1:]):
+        if token not in _OPPOSITE_PARTICLES:
+            continue
+        if before not in _OPPOSITE_PARTICLES:
+            word = before
+        if word and not (word[0].isdigit() or word in _COUNT_WORDS):
+            found.add((word, token))
+    return frozenset(found)
 
 
 def _scope(tokens: list[str]) -> frozenset[str]:
@@ -463,23 +475,51 @@ def number_veto(a: Analysis, b: Analysis) -> bool:
     return _replaced(a.numbers, b.numbers) or _replaced(a.days, b.days) or _replaced(a.units, b.units)
 
 
-def _has_negated_form(words: frozenset[str], other: frozenset[str]) -> bool:
-    """Whether ``words`` (base forms, Analysis.base_forms) has a word whose
-    negated form ``other`` has instead: compared in base form, "advantage"
-    vs "disadvantages", "buying" vs "selling", "cheaper" vs "expensive"."""
-    for base in words - other:
-        if base in _ANTONYM_OF and _ANTONYM_OF[base] in other:
+def _has_negated_form(a: Analysis, b: Analysis) -> bool:
+    """Whether ``a`` has a word whose negated form ``b`` has instead: compared
+    in base form (Analysis.base_forms), "advantage" vs "disadvantages",
+    "buying" vs "selling", "cheaper" vs "expensive". Only a replacement
+    counts: a side that says both halves ("better or worse", "downvotes to
+    upvotes") reverses nothing, and neither does a stop word, which is on
+    nearly every side ("into" is no negated "to"). Opposite prefixes also
+    need the two words in the same place (_same_place): both halves of
+    en/de, in/out ... are common words each ("What does X entail?" vs "X in
+    detail", "income" vs "outcome")."""
+    words, other = a.base_forms, b.base_forms
+    instead = other - words
+    for base in words - other - STOPWORDS:
+        if _ANTONYM_OF.get(base) in instead:
             return True
         for prefix in _NEGATING_PREFIXES:
-            if base.startswith(prefix) and base[len(prefix) :] in other:
+            stem = base[len(prefix) :]
+            if base.startswith(prefix) and stem in instead and stem not in STOPWORDS:
                 return True
         for length in _OPPOSITE_PREFIX_LENGTHS:
             prefix, stem = base[:length], base[length:]
             if len(stem) >= _PREFIXED_STEM_MIN and any(
-                opposite + stem in other for opposite in _OPPOSITE_PREFIX_OF.get(prefix, ())
+                opposite + stem in instead and _same_place(a, base, b, opposite + stem)
+                for opposite in _OPPOSITE_PREFIX_OF.get(prefix, ())
             ):
                 return True
     return False
+
+
+def _places(side: Analysis, base: str) -> set[tuple[str, str]]:
+    """The words just before and after each token of ``side`` inflected
+    from ``base``; the start and end of the question are no place."""
+    padded = ("", *side.tokens, "")
+    places = set()
+    for i in range(1, len(padded) - 1):
+        if base in _base_forms(padded[i]):
+            places.update({("before", padded[i - 1]), ("after", padded[i + 1])})
+    return places - {("before", ""), ("after", "")}
+
+
+def _same_place(a: Analysis, base_a: str, b: Analysis, base_b: str) -> bool:
+    """Whether the two words stand after the same word or before the same
+    word, as a replacement does ("I upgrade my plan" vs "I downgrade my
+    plan"; entity_veto asks the same of names)."""
+    return bool(_places(a, base_a) & _places(b, base_b))
 
 
 def _particle_reversed(a: Analysis, b: Analysis) -> bool:
@@ -499,11 +539,7 @@ def negation_veto(a: Analysis, b: Analysis) -> bool:
     "why am I not unable") keeps the sense."""
     if (a.negations - b.negations) % 2:
         return True
-    return (
-        _has_negated_form(a.base_forms, b.base_forms)
-        or _has_negated_form(b.base_forms, a.base_forms)
-        or _particle_reversed(a, b)
-    )
+    return _has_negated_form(a, b) or _has_negated_form(b, a) or _particle_reversed(a, b)
 
 
 def _edit_distance_at_most_one(x: str, y: str) -> bool:

@@ -108,6 +108,33 @@ def test_the_same_word_inflected_or_prefixed_alike_keeps_polarity():
 
 
 @pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # A side saying both halves of an opposite pair asks about both.
+        ("Is coffee good or bad for your health?", "Is coffee good for your health?"),
+        (
+            "Would the world be better or worse with one language?",
+            "Would the world be better with one language?",
+        ),
+        (
+            "What is the ratio of downvotes to upvotes required to collapse an answer?",
+            "How many downvotes does it take to collapse a question?",
+        ),
+        # A stop word "negated" by a prefix: "into" is no "in" + "to".
+        (
+            "Can someone hack into my iPhone with my number?",
+            "How hard is it to hack a phone if you know the number?",
+        ),
+        # Opposite prefixes on words standing in no shared place.
+        ("What does a career in nursing entail?", "Describe a career in nursing in detail."),
+    ],
+)
+def test_what_only_reads_as_an_opposite_is_no_flip(a, b):
+    assert not verifier.negation_veto(analyze(a), analyze(b))
+    assert not verifier.negation_veto(analyze(b), analyze(a))
+
+
+@pytest.mark.parametrize(
     ("a", "b", "vetoed"),
     [
         ("How do I zoom in on a Mac?", "How do I zoom out on a Mac?", True),
@@ -116,6 +143,8 @@ def test_the_same_word_inflected_or_prefixed_alike_keeps_polarity():
         # A particle both say, or "in" that follows another word: no flip.
         ("Why do I keep getting logged out?", "Why am I logged out all the time?", False),
         ("How do I log in to Gmail?", "How do I get out of Gmail's inbox view?", False),
+        # A particle after another follows the same word: "eat out in" says "eat in" too.
+        ("Where can I eat out in Paris?", "Where can I eat in Paris?", False),
         # After a count, "in" and "out of" say one share.
         ("Why do 1 in 10 people get migraines?", "Why do 1 out of 10 people get migraines?", False),
         (
