@@ -192,6 +192,10 @@ HAND_WRITTEN = [
         "I won't be renewing my membership, what happens to my locker?",
     ),
     ("negation", "How do I cancel my subscription?", "How do I keep my subscription?"),
+    # Intents opposed by words no antonym or prefix relates: left to the
+    # learned stage, which serves them at the loosest bounds.
+    ("negation", "How do I renew my subscription?", "How do I cancel my subscription?"),
+    ("negation", "How can I increase my credit limit?", "How can I lower my credit limit?"),
     ("number", "What is 2+2?", "What is 2+3?"),
     ("number", "How many calories are in 2 eggs?", "How many calories are in 3 eggs?"),
     ("number", "What happened on 9 November 1989?", "What happened on 9 November 1991?"),
@@ -288,6 +292,13 @@ HAND_WRITTEN = [
     ),
     ("paraphrase", "How do I turn on Bluetooth?", "How can I turn on Bluetooth?"),
     ("paraphrase", "Is buying a house worth it?", "Is it worth it to buy a house?"),
+    # Each holds what reads as a flip, and is none: a side saying both halves
+    # of an opposite pair, a stop word "negated" by a prefix ("into"), a
+    # particle after another particle, opposite prefixes on unrelated words.
+    ("paraphrase", "Is coffee good or bad for your health?", "Is coffee good for your health?"),
+    ("paraphrase", "How can someone hack into my phone?", "How can someone hack my phone?"),
+    ("paraphrase", "Where can I eat out in Paris?", "Where can I eat in Paris?"),
+    ("paraphrase", "What does a career in nursing entail?", "Describe a career in nursing in detail."),
     ("repeat", "How do I learn Python quickly?", "how do i learn python quickly"),
     ("repeat", "What is the capital of France?", "what is the capital of france?"),
     ("repeat", "How do I reset my password?", "How do I reset my pasword?"),
