@@ -270,14 +270,17 @@ def eject_outliers(targets: Sequence[Target]) -> list[Target]:
 # --- The prefix index ----------------------------------------------------------------------
 
 
-def prefix_blocks(units: Sequence[int] | str, block_size: int) -> tuple[int, ...]:
+def prefix_blocks(units: Sequence[int] | str, block_size: int, salt: str = "") -> tuple[int, ...]:
     """Full blocks of a prompt (token ids, or characters of text) hashed as a
     chain: each block's hash covers its parent's, so a hash names the whole
     prefix up to it, as the models' prefix cache keys its KV blocks (vLLM's
     automatic prefix caching does the same). A partial last block is left
-    out: no cache holds it either."""
+    out: no cache holds it either. ``salt`` roots the chain, as the models'
+    cache salt roots theirs (a tenant's id: no tenant reuses another's
+    blocks), so one tenant's prompts never make a target look warm for
+    another's."""
     hashes = []
-    parent = 0
+    parent = int.from_bytes(hashlib.blake2b(salt.encode(), digest_size=8).digest(), "little") if salt else 0
     for start in range(0, len(units) - block_size + 1, block_size):
         block = units[start : start + block_size]
         # Integer tuples hash the same in every process (only str and bytes

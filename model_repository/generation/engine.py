@@ -260,6 +260,8 @@ class Generation:
     params: SamplingParams
     stream: bool
     prepend_prompt: bool
+    # Only requests with the same salt share prefix-cache blocks (prefix_cache.py).
+    cache_salt: bytes = b""
     rng: np.random.Generator = field(init=False)
     cache: object | None = None
     cached_tokens: int = 0
@@ -382,7 +384,7 @@ class Scheduler(threading.Thread):
         identical prompts included."""
         cache = self.model.new_cache(len(generation.prompt_ids))
         if self.prefix_cache is not None:
-            self.model.load_kv(cache, self.prefix_cache.lookup(generation.prompt_ids))
+            self.model.load_kv(cache, self.prefix_cache.lookup(generation.prompt_ids, generation.cache_salt))
             generation.cached_tokens = generation.read_tokens = cache.length
         generation.cache = cache
 
@@ -433,7 +435,9 @@ class Scheduler(threading.Thread):
         )
         if self.prefix_cache is not None:
             try:
-                self.prefix_cache.insert(prompt, lambda start, stop: self.model.kv_block(cache, start, stop))
+                self.prefix_cache.insert(
+                    prompt, lambda start, stop: self.model.kv_block(cache, start, stop), generation.cache_salt
+                )
             except Exception:  # the cache only saves later work: this request is prefilled and goes on
                 log.warning(f"{self.model_name}: could not cache the prompt's blocks", exc_info=True)
         if self.on_prefill is not None:
@@ -593,6 +597,7 @@ def plan_generation(
     stream: bool,
     exclude_input_in_output: bool | None,
     max_context: int,
+    cache_salt: str | None = None,
 ) -> Generation:
     """Validate one request completely before it reaches the scheduler; ValueError when invalid."""
     # vLLM backend semantics: the prompt is prepended unless excluded, and
@@ -613,4 +618,5 @@ def plan_generation(
         params=params,
         stream=stream,
         prepend_prompt=prepend_prompt,
+        cache_salt=(cache_salt or "").encode(),
     )

@@ -8,6 +8,14 @@ block and reuses the longest run it finds; the value of a block is the
 model's keys and values for those positions (a numpy array whose layout only
 the model knows: `model.kv_block` makes it, `model.load_kv` reads it back).
 
+A request may carry a cache salt (vLLM's ``cache_salt``): the root of its
+chain, so that only requests with the same salt share blocks. The
+inference service salts each tenant's generations with the tenant's id: a
+prefix one tenant sent is never reused for another's, whose prefill time
+would tell it someone had sent that prefix (the side channel of prompt
+leakage attacks on shared KV caches, which recover a prompt block by
+block). Unsalted requests (the mesh's own work) share the unsalted chains.
+
 Memory is bounded in bytes and freed least recently used first. Every
 lookup and insert touches a chain's blocks from the last to the first, so a
 parent is always more recently used than its children: eviction takes
@@ -52,9 +60,12 @@ class _Block:
     kv: np.ndarray
 
 
-def block_keys(token_ids: Sequence[int], block_tokens: int = BLOCK_TOKENS) -> list[bytes]:
-    """The chain of keys of the full blocks of `token_ids`; key i names tokens [0, (i+1) * block_tokens)."""
-    keys, parent = [], _ROOT
+def block_keys(token_ids: Sequence[int], block_tokens: int = BLOCK_TOKENS, salt: bytes = b"") -> list[bytes]:
+    """The chain of keys of the full blocks of `token_ids` under `salt`; key i
+    names tokens [0, (i+1) * block_tokens). A salt's root is a digest, never
+    the empty unsalted root, so no salted key is an unsalted one."""
+    keys = []
+    parent = hashlib.blake2b(salt, digest_size=16, person=b"mg-prefix-salt").digest() if salt else _ROOT
     for start in range(0, len(token_ids) - block_tokens + 1, block_tokens):
         block = np.asarray(token_ids[start : start + block_tokens], dtype=np.int64)
         parent = hashlib.blake2b(parent + block.tobytes(), digest_size=16).digest()
@@ -77,14 +88,14 @@ class PrefixCache:
     def enabled(self) -> bool:
         return self.capacity_bytes > 0
 
-    def lookup(self, token_ids: Sequence[int]) -> list[np.ndarray]:
-        """KV blocks of the longest cached prefix of `token_ids`, in order.
+    def lookup(self, token_ids: Sequence[int], salt: bytes = b"") -> list[np.ndarray]:
+        """KV blocks of the longest cached prefix of `token_ids` under `salt`, in order.
 
         Never the whole prompt: at least its last token is left to prefill,
         since that position's logits choose the first new token.
         """
         usable_blocks = (len(token_ids) - 1) // self.block_tokens
-        keys = block_keys(token_ids[: usable_blocks * self.block_tokens], self.block_tokens)
+        keys = block_keys(token_ids[: usable_blocks * self.block_tokens], self.block_tokens, salt)
         found: list[bytes] = []
         for index, key in enumerate(keys):
             block = self._blocks.get(key)
@@ -98,11 +109,14 @@ class PrefixCache:
         self.stats.hit_tokens += len(found) * self.block_tokens
         return [self._blocks[key].kv for key in found]
 
-    def insert(self, token_ids: Sequence[int], kv_block: Callable[[int, int], np.ndarray]) -> None:
-        """Cache every full block of `token_ids` not cached yet; kv_block(start, stop) copies one out."""
+    def insert(
+        self, token_ids: Sequence[int], kv_block: Callable[[int, int], np.ndarray], salt: bytes = b""
+    ) -> None:
+        """Cache every full block of `token_ids` under `salt` not cached yet;
+        kv_block(start, stop) copies one out."""
         if not self.enabled:
             return
-        keys = block_keys(token_ids, self.block_tokens)
+        keys = block_keys(token_ids, self.block_tokens, salt)
         for index, key in enumerate(keys):
             if key in self._blocks:
                 continue

@@ -278,6 +278,7 @@ class VLLMStyleModel:
                     stream=stream,
                     exclude_input_in_output=_bool_input(request, "exclude_input_in_output"),
                     max_context=self.model.config.max_context,
+                    cache_salt=_string_input(request, "cache_salt"),
                 )
             except Exception as error:  # any malformed input becomes an error response for it alone
                 # "<model>: invalid request: " is how the inference service

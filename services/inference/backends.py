@@ -301,9 +301,11 @@ class TritonBackend:
         # Probe rounds in a row that got no answer at all (timeout, refused).
         self._silent_rounds = 0
         # Whether a model takes a leading batch dimension (max_batch_size > 0),
-        # and whether it reports the prompt tokens it served from its cache.
+        # whether it reports the prompt tokens it served from its cache, and
+        # whether it takes a cache salt.
         self.batched: dict[str, bool] = {}
         self.reports_cached_tokens: dict[str, bool] = {}
+        self.takes_cache_salt: dict[str, bool] = {}
         # The sequences a model runs at once here, where its config says
         # (triton_protocol.GENERATION_SLOTS_PARAMETER): its generation slots.
         self.generation_slots: dict[str, int] = {}
@@ -477,9 +479,9 @@ class TritonBackend:
                         service_pb2.ModelConfigRequest(name=model), timeout=PROBE_TIMEOUT_S
                     )
                     self.batched[model] = config.config.max_batch_size > 0
-                    self.reports_cached_tokens[model] = any(
-                        tensor.name == triton_protocol.CACHED_TOKENS_FLAG for tensor in config.config.input
-                    )
+                    inputs = {tensor.name for tensor in config.config.input}
+                    self.reports_cached_tokens[model] = triton_protocol.CACHED_TOKENS_FLAG in inputs
+                    self.takes_cache_salt[model] = triton_protocol.CACHE_SALT_INPUT in inputs
                     self._read_generation_slots(model, config.config)
         except grpc.aio.AioRpcError as error:
             answers = dict.fromkeys(models, False)

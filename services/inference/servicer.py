@@ -99,7 +99,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self._generations += 1
         try:
             strategy = self._strategies[request.model]
-            route = await self._route_request(served, strategy, prompt)
+            route = await self._route_request(served, strategy, prompt, request.tenant_id)
             tried: set[str] = set()
             # Servers whose dead idle stream this request already replaced.
             revived: set[str] = set()
@@ -123,6 +123,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     self._stream_hold_s if self._stream_interval_s > 0 else None,
                     request.completion_may_carry_text,
                     self._settings.stream_stall_s,
+                    # The tenant's blocks only, never another's (the mesh
+                    # guard checked the router's word for it).
+                    cache_salt=request.tenant_id,
                 )
                 backend.health.begin()
                 strategy.routed(backend, route)
@@ -192,10 +195,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         return 0.0
 
     async def _route_request(
-        self, served, strategy: balancing.Strategy, prompt: str
+        self, served, strategy: balancing.Strategy, prompt: str, tenant_id: str
     ) -> balancing.RouteRequest:
         """What the strategy reads; a prefix strategy reads the prompt as the
-        model will, token blocks hashed as a chain. Tokenizing is Rust, off
+        model will, token blocks hashed as a chain under the tenant's salt,
+        as the model's cache salts them. Tokenizing is Rust, off
         the event loop (a 2,000-token prompt: bench/README.md). With one
         Triton server there is nothing to choose: no tokenizing."""
         if not strategy.uses_prefix or len(self._pool.backends) < 2:
@@ -204,7 +208,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         ids = (await asyncio.to_thread(tokenizer.encode, prompt, add_special_tokens=False)).ids
         return balancing.RouteRequest(
             model=served.triton_model,
-            prefix_blocks=balancing.prefix_blocks(ids, self._settings.prefix_block_tokens),
+            prefix_blocks=balancing.prefix_blocks(ids, self._settings.prefix_block_tokens, tenant_id),
             prompt_units=len(ids),
         )
 
@@ -370,6 +374,7 @@ class _TritonStream:
         hold_s: collections.abc.Callable[[], float] | None = None,
         completion_carries_text: bool = False,
         stall_s: float | None = None,
+        cache_salt: str = "",
     ) -> None:
         self._backend = backend
         self._model = model
@@ -392,6 +397,7 @@ class _TritonStream:
             sampling,
             backend.batched.get(model, False),
             wants_cached_tokens and backend.reports_cached_tokens.get(model, False),
+            cache_salt if backend.takes_cache_salt.get(model, False) else "",
         )
         self._hold_s = hold_s
         # The longest wait for Triton's next response once it sent one

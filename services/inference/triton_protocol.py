@@ -79,6 +79,9 @@ def _add_input(request, name: str, datatype: str, shape: list[int], raw: bytes) 
 # An input of the bundled models only (vLLM's backend has no such input and
 # Triton refuses unknown ones), so it is sent to a model that declares it.
 CACHED_TOKENS_FLAG = "return_num_cached_tokens"
+# Also the bundled models' only: only requests with the same salt share
+# prefix-cache blocks; the service salts each tenant's with its id.
+CACHE_SALT_INPUT = "cache_salt"
 # The parameter of the bundled generation models' configs saying how many
 # sequences one instance runs at once (the bundled generation engine):
 # the model's generation slots on that server (generation_slots.py).
@@ -92,6 +95,7 @@ def generate_request(
     sampling_json: str,
     batched: bool,
     cached_tokens: bool = False,
+    cache_salt: str = "",
 ) -> service_pb2.ModelInferRequest:
     shape = [1, 1] if batched else [1]
     request = service_pb2.ModelInferRequest(model_name=triton_model, id=request_id)
@@ -103,6 +107,8 @@ def generate_request(
         _add_input(request, flag, "BOOL", shape, _TRUE)
     if cached_tokens:
         _add_input(request, CACHED_TOKENS_FLAG, "BOOL", shape, _TRUE)
+    if cache_salt:
+        _add_input(request, CACHE_SALT_INPUT, "BYTES", shape, _bytes_element(cache_salt.encode()))
     # Without it, a model that ends with an empty final response leaves the
     # stream silent and the caller could not tell "done" from "slow".
     request.parameters["triton_enable_empty_final_response"].bool_param = True

@@ -629,7 +629,7 @@ class Deployments:
         # The deployments' refusals for the tenant's full queue there.
         queue_full: list[grpc.aio.AioRpcError] = []
         strategy = self._table.strategy(alias)
-        route = _route_request(strategy, prompt, session_id)
+        route = _route_request(strategy, prompt, session_id, tenant_id)
         tenant_token = self._tokens.metadata(tenant_id, "inference") if tenant_id else ()
         spent = (
             f"the generation's time (router.max_generation_s, {self._limit_s:g} s, or the caller's"
@@ -804,15 +804,18 @@ def _retry_wait_s(refusal: grpc.aio.AioRpcError) -> float:
     return math.inf if wait_s is None else wait_s
 
 
-def _route_request(strategy: balancing.Strategy | None, prompt, session_id: str) -> balancing.RouteRequest:
+def _route_request(
+    strategy: balancing.Strategy | None, prompt, session_id: str, tenant_id: str
+) -> balancing.RouteRequest:
     """What the alias's strategy reads: the session, and for a prefix
-    strategy the prompt's characters as a chain of blocks (its length is
+    strategy the prompt's characters as a chain of blocks under the
+    tenant's salt, as the models salt their prefix caches (its length is
     the decode load it adds, in the same units)."""
     if strategy is None or not strategy.uses_prefix:
         return balancing.RouteRequest(affinity_key=session_id)
     text = "".join(f"{message.role}\0{message.content}\0" for message in prompt)
     return balancing.RouteRequest(
         affinity_key=session_id,
-        prefix_blocks=balancing.prefix_blocks(text, PREFIX_BLOCK_CHARS),
+        prefix_blocks=balancing.prefix_blocks(text, PREFIX_BLOCK_CHARS, tenant_id),
         prompt_units=len(text),
     )

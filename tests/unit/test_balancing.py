@@ -249,6 +249,11 @@ def test_prefix_blocks_chain_and_ignore_a_partial_tail():
     assert changed_first[0] != chain[0] and changed_first[1] != chain[1]
     text = balancing.prefix_blocks("x" * 300, 128)
     assert len(text) == 2 and text[0] != text[1]
+    # Salted by tenant, as the models' prefix caches: no block of one
+    # tenant's chain is another's, or an unsalted one.
+    salted = {salt: set(balancing.prefix_blocks(ids, 16, salt)) for salt in ("acme", "globex")}
+    assert not salted["acme"] & salted["globex"] and not salted["acme"] & set(chain)
+    assert balancing.prefix_blocks(ids, 16, "acme") == balancing.prefix_blocks(ids, 16, "acme")
 
 
 def test_prefix_index_expires_and_is_bounded():

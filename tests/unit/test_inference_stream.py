@@ -114,6 +114,7 @@ def stream_on(
         address="triton-a:8001",
         batched={},
         reports_cached_tokens={},
+        takes_cache_salt={},
         in_flight=0,
         calls=OpenCalls(),
         active_tokens=0,

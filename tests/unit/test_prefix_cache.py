@@ -214,6 +214,20 @@ def test_two_prompts_sharing_a_prefix_share_its_blocks(prefix_cache):
     assert [block[0] for block in reused] == [0, 16, 32, 48]
 
 
+def test_blocks_are_shared_only_under_the_same_salt(prefix_cache):
+    """A tenant's salt roots its chains: another tenant's prompt (or an
+    unsalted one) reuses none of its blocks, so its prefill time tells it
+    nothing of what that tenant sent."""
+    cache, kv = prefix_cache.PrefixCache(1 << 20), FakeKV()
+    cache.insert(SHARED, kv, salt=b"acme")
+    assert cache.lookup(SHARED + [1], salt=b"globex") == []
+    assert cache.lookup(SHARED + [1]) == []
+    assert [block[0] for block in cache.lookup(SHARED + [1], salt=b"acme")] == [0, 16, 32, 48]
+    cache.insert(SHARED, kv, salt=b"globex")
+    assert kv.made == 4 + 4, "each salt keeps its own copy"
+    assert prefix_cache.block_keys(SHARED, salt=b"acme")[0] not in prefix_cache.block_keys(SHARED)
+
+
 def test_the_last_prompt_token_is_never_served_from_the_cache(prefix_cache):
     cache = prefix_cache.PrefixCache(1 << 20)
     cache.insert(SHARED[:32], FakeKV())

@@ -148,6 +148,15 @@ def test_cached_tokens_are_asked_only_of_a_model_that_declares_them_and_read_bac
     assert _read(service_pb2.ModelInferResponse()).cached_tokens is None
 
 
+def test_a_cache_salt_is_sent_only_when_given():
+    plain = triton_protocol.generate_request("m", "id1", "x", "{}", batched=False)
+    assert triton_protocol.CACHE_SALT_INPUT not in {i.name for i in plain.inputs}
+    salted = triton_protocol.generate_request("m", "id1", "x", "{}", batched=False, cache_salt="acmé")
+    names = [i.name for i in salted.inputs]
+    assert names[-1] == triton_protocol.CACHE_SALT_INPUT and salted.inputs[-1].datatype == "BYTES"
+    assert salted.raw_input_contents[-1] == struct.pack("<I", len("acmé".encode())) + "acmé".encode()
+
+
 def test_chat_template_ends_with_the_assistant_cue():
     prompt = triton_protocol.render_chat(
         [
