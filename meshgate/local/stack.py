@@ -9,6 +9,7 @@ it by hand.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import fcntl
 import functools
@@ -18,6 +19,7 @@ import random
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -130,6 +132,70 @@ def _listened_on(port: int) -> bool:
     return False
 
 
+def _claim_name(port: int) -> str:
+    # In Linux's abstract socket namespace: no file to leave behind, one
+    # namespace per network namespace as the ports themselves, and the
+    # kernel drops the name with the process however it ends.
+    return f"\0meshgate-port-{port}"
+
+
+def _claim_port(port: int) -> socket.socket | None:
+    """This process's claim on ``port`` among local stacks, or None if
+    another process holds it. Listening, so that another can ask whose it
+    is (_claimant)."""
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        claim.bind(_claim_name(port))
+    except OSError:
+        claim.close()
+        return None
+    claim.listen()
+    return claim
+
+
+def _claimant(port: int) -> int | None:
+    """The pid of the process that holds ``port``'s claim: the kernel tells
+    a connection whose listener it reached (SO_PEERCRED), of any user."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(_claim_name(port))
+            credentials = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:  # released meanwhile
+            return None
+    pid, _, _ = struct.unpack("3i", credentials)
+    return pid
+
+
+def _listener(port: int) -> int | None:
+    """The pid of a process listening on TCP ``port``, where /proc shows it
+    (any process of this user; every one to root)."""
+    sockets = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in pathlib.Path(table).read_text().splitlines()[1:]:
+                # sl local_address rem_address st ... inode: state 0A is LISTEN.
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    sockets.add(f"socket:[{fields[9]}]")
+    for fds in pathlib.Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) in sockets for fd in fds.iterdir()):
+                return int(fds.parent.name)
+    return None
+
+
+def _describe_process(pid: int | None) -> str:
+    """A process as an error names it: its pid and command line."""
+    if pid is None:
+        return "a process this user cannot see"
+    try:
+        arguments = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return f"pid {pid}"
+    return f"pid {pid} ({' '.join(arguments).strip()[:200]})"
+
+
 def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -223,6 +289,8 @@ class Stack:
         self.stopping = False
         # The lock on state_dir this stack holds from start() to stop().
         self._state_lock: typing.IO[str] | None = None
+        # Its claims on its ports, held as long (_claim_ports).
+        self._port_claims: list[socket.socket] = []
 
     @property
     def redis_url(self) -> str:
@@ -328,7 +396,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._hold_state_dir()
         try:
-            self._refuse_taken_ports()
+            self._claim_ports()
             self.log_dir.mkdir(exist_ok=True)
             certs.ensure(self.certs_dir)
             self._write_settings()
@@ -399,31 +467,48 @@ triton_urls = ["127.0.0.1:{p.triton}"]
         lock.flush()
         self._state_lock = lock
 
-    def _refuse_taken_ports(self) -> None:
-        """Fails before starting anything when a port is taken: a second
-        `meshgate up` would otherwise pass its health checks against the
-        first one's services while its own children fail to bind."""
-        names = ["triton", *SERVICES, "http"] + (["redis"] if self.external_redis_url is None else [])
-        taken = []
-        for name in names:
-            with socket.socket() as sock:
-                # As the servers bind: a connection lingering in TIME_WAIT on
-                # the port is no conflict, a listener is.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    sock.bind(("127.0.0.1", getattr(self.ports, name)))
-                except OSError:
-                    taken.append(f"{name} {self.address(name)}")
-        taken += [
-            f"{name} metrics {self.metrics_address(name)}"
-            for name in SERVICES
-            if _listened_on(self.ports.metrics[name])
+    def listen_ports(self) -> dict[int, str]:
+        """Every port the stack's children listen on, each with what listens there."""
+        listens = {self.ports.triton: "triton"}
+        if self.ports.triton_http is not None:
+            listens[self.ports.triton_http] = "triton http"
+        if self.external_redis_url is None:
+            listens[self.ports.redis] = "redis"
+        for name, port in self.replica_ports.items():
+            listens[port] = name
+            listens[self.replica_metrics_ports[name]] = f"{name} metrics"
+        for name, port in self.replica_http_ports.items():
+            listens[port] = f"{name} http"
+        return listens
+
+    def _claim_ports(self) -> None:
+        """Claims every port the stack listens on, or fails before starting
+        anything. Two `meshgate up`s on their own state directories with one
+        set of ports both passed a check that nothing listened, then one's
+        children failed to bind and crash-looped while its health checks
+        passed against the other's (its services wrote to the other's
+        Redis). A claim is taken at once or not at all, and held until
+        stop(); in port order, so of two stacks wanting the same ports the
+        first to claim the lowest they share wins them all, and the other
+        fails at once. Then the ports are checked for other listeners: a
+        killed stack's Triton still stopping, a system Redis."""
+        for port, name in sorted(self.listen_ports().items()):
+            claim = _claim_port(port)
+            if claim is None:
+                raise RuntimeError(
+                    f"port {port} ({name}) is claimed by another `meshgate up`: "
+                    f"{_describe_process(_claimant(port))}; stop it first (Ctrl-C in its terminal)"
+                )
+            self._port_claims.append(claim)
+        taken = [
+            f"{name} 127.0.0.1:{port} (held by {_describe_process(_listener(port))})"
+            for port, name in self.listen_ports().items()
+            if _listened_on(port)
         ]
         if taken:
             raise RuntimeError(
-                f"port(s) in use: {', '.join(taken)}; is another `meshgate up` running? "
-                "Stop it first (Ctrl-C in its terminal). One that was killed leaves its "
-                "Triton up to ~10 s to exit (--exit-timeout-secs): try again then."
+                f"port(s) in use: {', '.join(taken)}. One `meshgate up` that was killed "
+                "leaves its Triton up to ~10 s to exit (--exit-timeout-secs): try again then."
             )
 
     def start_service(self, name: str) -> None:
@@ -514,6 +599,9 @@ triton_urls = ["127.0.0.1:{p.triton}"]
             self.stop_service("redis")
         finally:
             self.stopping = False
+            for claim in self._port_claims:
+                claim.close()
+            self._port_claims.clear()
             if self._state_lock is not None:
                 # Closing it releases the lock.
                 self._state_lock.close()

@@ -55,7 +55,7 @@ class Children:
         self.failures: dict[str, BaseException] = {}
         self.sleeps = 0
         self.signals: list[int] = []
-        monkeypatch.setattr(Stack, "_refuse_taken_ports", lambda stack: None)
+        monkeypatch.setattr(Stack, "_claim_ports", lambda stack: None)
         monkeypatch.setattr(Stack, "wait_serving", lambda stack, name, timeout_s=60.0: None)
         monkeypatch.setattr(stack_module.certs, "ensure", lambda directory: [])
         monkeypatch.setattr(stack_module, "build_model_weights", lambda: self._step("build"))

@@ -198,7 +198,7 @@ def test_a_second_stack_on_a_state_directory_in_use_is_refused_before_it_writes_
     either bound a port, then wrote their certificates into one folder: both
     failed, one with "mesh.key_file ... is not the key of mesh.cert_file". A
     stack now holds its state directory from its start to its stop."""
-    monkeypatch.setattr(Stack, "_refuse_taken_ports", lambda stack: None)
+    monkeypatch.setattr(Stack, "_claim_ports", lambda stack: None)
     first_is_writing, first_may_go_on = threading.Event(), threading.Event()
 
     def ensure(directory):
