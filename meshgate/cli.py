@@ -1,5 +1,5 @@
-"""The `meshgate` command: `up` runs the whole mesh locally, `chat` talks to
-it, `top` watches it."""
+"""The `meshgate` command: `up` runs the whole mesh locally, `status` says
+how each of its processes is, `chat` talks to it, `top` watches it."""
 
 from __future__ import annotations
 
@@ -394,6 +394,57 @@ def _cmd_up(args: argparse.Namespace) -> int:
         _say("stopped.")
 
 
+# `meshgate status`'s exit codes, as an LSB init script's status action
+# (and `systemctl status`): every child up; one not (or the stack is still
+# starting); no `meshgate up` on the state directory.
+STATUS_UP, STATUS_NOT_UP, STATUS_NOT_RUNNING = 0, 1, 3
+
+
+def _clock(unix_time: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(unix_time))
+
+
+def _describe_child(name: str, child: dict) -> str:
+    line = f"  {name:<12} {child['state']:<9} since {_clock(child['since'])}"
+    if child["pid"] is not None:
+        line += f"  pid {child['pid']}"
+    line += f"  restarts {child['restarts']}"
+    if last_exit := child["last_exit"]:
+        (how, value), *_ = last_exit.items()
+        line += f"  last exit: {how.replace('_', ' ')} {value}"
+    if child["state"] == "down":
+        line += f"  restart at {_clock(child['restart_at'])}"
+        if child["error"]:
+            line += f" (last try: {child['error']})"
+    return line
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    try:
+        from meshgate.local.stack import holder
+        from meshgate.local.supervisor import read_status
+    except ModuleNotFoundError:
+        return _needs_checkout("status")
+
+    state_dir = pathlib.Path(args.state_dir).resolve()
+    pid = holder(state_dir)
+    if pid is None:
+        print(f"no `meshgate up` runs on {state_dir}")
+        return STATUS_NOT_RUNNING
+    status = read_status(state_dir)
+    if status is None or status["pid"] != pid:
+        # Its supervisor writes the file once every child is up: until then,
+        # what is there is an earlier run's.
+        print(f"meshgate up (pid {pid}) on {state_dir}: starting")
+        return STATUS_NOT_UP
+    children = status["children"]
+    up = sum(child["state"] == "up" for child in children.values())
+    print(f"meshgate up (pid {pid}) on {state_dir}: {up} of {len(children)} up")
+    for name, child in children.items():
+        print(_describe_child(name, child))
+    return STATUS_UP if up == len(children) else STATUS_NOT_UP
+
+
 def _cmd_top(args: argparse.Namespace) -> int:
     from meshgate import top
     from meshgate.config import load_settings
@@ -424,6 +475,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     up.add_argument("--no-demo", action="store_true", help="skip the demo question")
     up.set_defaults(run=_cmd_up)
+
+    status_parser = commands.add_parser(
+        "status",
+        help="whether each process of a `meshgate up` is up, starting or down, its restarts and last exit "
+        "(exit code 0: all up, 1: not all, 3: none runs)",
+    )
+    status_parser.add_argument("--state-dir", default=".meshgate", help="the `meshgate up`'s --state-dir")
+    status_parser.set_defaults(run=_cmd_status)
 
     certs_parser = commands.add_parser(
         "certs", help="create the mesh's CA and a certificate per service (reuses valid ones)"

@@ -35,6 +35,11 @@ from meshgate.local import certs, children, redis_server, triton
 
 SERVICES = ("inference", "context", "cache", "router")
 
+# In a stack's state directory: the lock its `meshgate up` holds, and the
+# state of each child its supervisor keeps there (meshgate/local/supervisor.py).
+LOCK_FILE = "stack.lock"
+STATUS_FILE = "status.json"
+
 
 def _last_lines(path: pathlib.Path, count: int) -> str:
     try:
@@ -196,6 +201,26 @@ def _describe_process(pid: int | None) -> str:
     return f"pid {pid} ({' '.join(arguments).strip()[:200]})"
 
 
+def holder(state_dir: pathlib.Path) -> int | None:
+    """The pid of the process whose stack holds ``state_dir`` (its lock, as
+    the kernel lists it in /proc/locks), or None: none runs there. Read
+    only: taking the lock to see, even for a moment, could refuse a
+    `meshgate up` starting then."""
+    try:
+        lock = os.stat(state_dir / LOCK_FILE)
+        locks = pathlib.Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5431769 0 EOF": the pid, then
+    # the file as device major:minor:inode.
+    file = f"{os.major(lock.st_dev):02x}:{os.minor(lock.st_dev):02x}:{lock.st_ino}"
+    for line in locks.splitlines():
+        fields = line.split()
+        if "FLOCK" in fields and file in fields:
+            return int(fields[fields.index(file) - 1])
+    return None
+
+
 def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -273,6 +298,7 @@ class Stack:
         self.log_dir = self.state_dir / "logs"
         self.traces_path = self.state_dir / "traces.jsonl"
         self.config_path = self.state_dir / "meshgate.toml"
+        self.status_path = self.state_dir / STATUS_FILE
         # The mesh's CA and each service's certificate: made on the first
         # start, reused by later ones.
         self.certs_dir = self.state_dir / "certs"
@@ -310,6 +336,15 @@ class Stack:
         "http"."""
         port = self.replica_ports.get(name) or getattr(self.ports, name)
         return f"127.0.0.1:{port}"
+
+    def accepting(self, name: str) -> bool:
+        """Whether a child accepts connections where it listens (address())."""
+        host, port = self.address(name).rsplit(":", 1)
+        try:
+            socket.create_connection((host, int(port)), timeout=0.2).close()
+        except OSError:
+            return False
+        return True
 
     def addresses(self, service: str) -> str:
         """Every replica of ``service``, as an address setting takes them
@@ -451,7 +486,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
         settings and logs into one directory, and both failed, one with
         "mesh.key_file is not the key of mesh.cert_file". The kernel ends
         the lock with the process, even one killed with SIGKILL."""
-        lock = open(self.state_dir / "stack.lock", "a+")  # noqa: SIM115 - held until stop()
+        lock = open(self.state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held until stop()
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -5,13 +5,20 @@ failure in a row, so a child that cannot start does not spin.
 The supervisor watches from a thread and restarts under a lock that
 :meth:`Supervisor.stop` takes too: once stop() returns no restart is under
 way or will begin, and the stack can be stopped in order.
+
+It keeps each child's state in the stack's status file (Stack.status_path),
+rewritten on every change, for `meshgate status` and scripts: up, starting
+or down since when, its restarts and how it last ended, as `systemctl
+status` tells of a unit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
+import pathlib
 import signal
 import subprocess
 import threading
@@ -19,8 +26,8 @@ import time
 
 import structlog
 
-from meshgate.local import triton
-from meshgate.local.stack import Stack
+from meshgate.local import certs, triton
+from meshgate.local.stack import STATUS_FILE, Stack
 
 log = structlog.get_logger(__name__)
 
@@ -96,6 +103,32 @@ def _kill_leftovers(process: subprocess.Popen) -> None:
     triton.remove_shared_memory(process)
 
 
+@dataclasses.dataclass
+class ChildStatus:
+    """One child as the status file tells it. ``state``: "up" (running and
+    accepting connections on its port), "starting" (running, not yet
+    accepting) or "down" (exited; ``restart_at`` says when it is tried
+    again, ``error`` why the last try started nothing). Times are Unix
+    times."""
+
+    state: str
+    since: float
+    pid: int | None
+    restarts: int = 0
+    last_exit: dict[str, object] | None = None
+    restart_at: float | None = None
+    error: str | None = None
+
+
+def read_status(state_dir: pathlib.Path) -> dict | None:
+    """The status file of the stack in ``state_dir`` as its supervisor last
+    wrote it ({"pid", "children": {name: ChildStatus's fields}}), or None."""
+    try:
+        return json.loads((state_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 class Supervisor:
     def __init__(self, stack: Stack, backoff: Backoff | None = None, poll_interval_s: float = 0.2) -> None:
         self._stack = stack
@@ -108,11 +141,14 @@ class Supervisor:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.restarts: dict[str, int] = {}
+        self.status: dict[str, ChildStatus] = {}
 
     def start(self) -> None:
         now = time.monotonic()
-        for name in self._stack.processes:
+        for name, process in self._stack.processes.items():
             self._policies[name] = RestartPolicy(self._backoff, now)
+            self.status[name] = ChildStatus("starting", time.time(), process.pid)
+        self._write_status()
         self._thread = threading.Thread(target=self._watch, name="meshgate-supervisor", daemon=True)
         self._thread.start()
 
@@ -143,18 +179,47 @@ class Supervisor:
         with self._lock:
             if self._stopping.is_set():
                 return
+            before = {name: dataclasses.replace(status) for name, status in self.status.items()}
             for name, process in list(self._stack.processes.items()):
                 due = self._due.get(name)
                 if due is None and process.poll() is not None:
                     self._schedule(name, process, now)
                 elif due is not None and now >= due:
                     self._restart(name, now)
+                elif due is None:
+                    self._check_started(name)
+            if self.status != before:
+                self._write_status()
+
+    def _check_started(self, name: str) -> None:
+        """A starting child is up once it accepts connections on its port."""
+        status = self.status.get(name)
+        if status is not None and status.state == "starting" and self._stack.accepting(name):
+            self.status[name] = dataclasses.replace(status, state="up", since=time.time())
+
+    def _write_status(self) -> None:
+        status = {
+            "pid": os.getpid(),
+            "children": {name: dataclasses.asdict(child) for name, child in self.status.items()},
+        }
+        try:
+            certs.replace_file(self._stack.status_path, json.dumps(status, indent=1).encode(), 0o644)
+        except OSError as error:  # a removed state folder, a full disk: supervision goes on
+            log.warning("cannot write the status file", error=str(error))
 
     def _schedule(self, name: str, process: subprocess.Popen, now: float) -> None:
         _kill_leftovers(process)
         policy = self._policies.setdefault(name, RestartPolicy(self._backoff, now))
         delay = policy.next_delay(now)
         self._due[name] = now + delay
+        self.status[name] = ChildStatus(
+            "down",
+            time.time(),
+            None,
+            self.restarts.get(name, 0),
+            last_exit=describe_exit(process.returncode),
+            restart_at=time.time() + delay,
+        )
         log.warning(
             "child exited, restarting",
             child=name,
@@ -174,6 +239,8 @@ class Supervisor:
         except Exception as error:  # noqa: BLE001 - e.g. a port still taken; try again later
             delay = policy.launch_failed()
             self._due[name] = now + delay
+            down = self.status[name]
+            self.status[name] = dataclasses.replace(down, restart_at=time.time() + delay, error=str(error))
             log.warning(
                 "restart failed",
                 child=name,
@@ -185,4 +252,6 @@ class Supervisor:
             return
         policy.started(now)
         self.restarts[name] = self.restarts.get(name, 0) + 1
+        pid, last_exit = self._stack.processes[name].pid, self.status[name].last_exit
+        self.status[name] = ChildStatus("starting", time.time(), pid, self.restarts[name], last_exit)
         log.info("child restarted", child=name, pid=self._stack.processes[name].pid, attempt=policy.attempt)

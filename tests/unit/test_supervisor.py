@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import signal
 import subprocess
+import time
 
 import pytest
 import structlog
 
-from meshgate.local.supervisor import Backoff, RestartPolicy, Supervisor, describe_exit
+from meshgate.local.supervisor import Backoff, RestartPolicy, Supervisor, describe_exit, read_status
 
 
 def test_delays_double_up_to_the_cap() -> None:
@@ -42,10 +44,13 @@ class _Stack:
     launch that fails while ``broken`` (as a port still taken, or a log
     folder removed, made Stack.launch raise)."""
 
-    def __init__(self) -> None:
+    def __init__(self, state_dir: pathlib.Path) -> None:
         self.processes: dict[str, subprocess.Popen] = {}
         self.launched: list[str] = []
         self.broken = False
+        self.status_path = state_dir / "status.json"
+        # The children that accept connections on their ports.
+        self.accepting_children: set[str] = set()
 
     def launch(self, name: str) -> None:
         if self.broken:
@@ -56,6 +61,9 @@ class _Stack:
     def log_path(self, name: str) -> pathlib.Path:
         return pathlib.Path("logs") / f"{name}.log"
 
+    def accepting(self, name: str) -> bool:
+        return name in self.accepting_children
+
     def stop(self) -> None:
         for process in self.processes.values():
             process.kill()
@@ -63,8 +71,8 @@ class _Stack:
 
 
 @pytest.fixture
-def stack():
-    stack = _Stack()
+def stack(tmp_path):
+    stack = _Stack(tmp_path)
     yield stack
     stack.stop()
 
@@ -165,3 +173,63 @@ def test_a_child_failing_for_hours_is_still_retried_at_the_capped_delay(stack) -
     supervisor.check(supervisor._due["redis"])
     assert supervisor.restarts == {"redis": 1}
     assert stack.processes["redis"].poll() is None
+
+
+def test_the_status_file_says_of_each_child_whether_it_is_up_starting_or_down(stack, tmp_path) -> None:
+    """A child down or in its restart's backoff was told of in a log line
+    alone: nothing an operator or a script could ask."""
+    stack.launch("redis")
+    stack.launch("router")
+    # Its thread would pass on its own clock: the passes here are the test's.
+    supervisor = Supervisor(stack, Backoff(initial_s=1.0), poll_interval_s=3600)
+    supervisor.start()
+    try:
+
+        def children() -> dict:
+            status = read_status(tmp_path)
+            assert status["pid"] == os.getpid()
+            return status["children"]
+
+        assert {name: child["state"] for name, child in children().items()} == {
+            "redis": "starting",
+            "router": "starting",
+        }
+        stack.accepting_children = {"redis", "router"}
+        supervisor.check(now=1.0)
+        first_pid = stack.processes["router"].pid
+        assert children()["router"] == {
+            "state": "up",
+            "since": pytest.approx(time.time(), abs=5),
+            "pid": first_pid,
+            "restarts": 0,
+            "last_exit": None,
+            "restart_at": None,
+            "error": None,
+        }
+
+        stack.accepting_children = {"redis"}
+        _kill(stack.processes["router"])
+        supervisor.check(now=10.0)
+        router = children()["router"]
+        assert (router["state"], router["pid"], router["last_exit"]) == ("down", None, {"signal": "SIGKILL"})
+        assert router["restart_at"] == pytest.approx(time.time() + 1.0, abs=5)
+        assert children()["redis"]["state"] == "up"
+
+        supervisor.check(now=11.0)  # restarted, not accepting yet
+        router = children()["router"]
+        assert (router["state"], router["restarts"]) == ("starting", 1)
+        assert router["last_exit"] == {"signal": "SIGKILL"}
+        assert router["pid"] == stack.processes["router"].pid != first_pid
+        stack.accepting_children = {"redis", "router"}
+        supervisor.check(now=11.2)
+        assert children()["router"]["state"] == "up"
+
+        # Exits, and its restart starts nothing: down, with why.
+        _kill(stack.processes["redis"])
+        stack.broken = True
+        supervisor.check(now=20.0)
+        supervisor.check(now=21.0)
+        redis = children()["redis"]
+        assert (redis["state"], redis["error"]) == ("down", "logs/redis.log")
+    finally:
+        supervisor.stop()

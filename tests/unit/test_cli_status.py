@@ -1,0 +1,80 @@
+"""`meshgate status`: what it says of a stack's children, and its exit code,
+from the lock and the status file a running `meshgate up` keeps in its
+state directory (the real Stack's lock and Supervisor's file, `sleep`
+processes for the children)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from meshgate import cli
+from meshgate.local.stack import Stack
+from meshgate.local.supervisor import Backoff, Supervisor
+
+
+@pytest.fixture
+def stack(tmp_path, monkeypatch):
+    stack = Stack(tmp_path / "state")
+    stack.state_dir.mkdir()
+    # Every child accepts connections but Triton (the unit tier opens no IP socket).
+    monkeypatch.setattr(Stack, "accepting", lambda stack, name: name != "triton")
+    yield stack
+    for process in stack.processes.values():
+        process.kill()
+        process.wait()
+    stack.stop()
+
+
+def status(stack: Stack) -> int:
+    return cli.main(["status", "--state-dir", str(stack.state_dir)])
+
+
+def test_no_stack_on_the_state_directory_is_exit_code_3(stack, capsys) -> None:
+    assert status(stack) == cli.STATUS_NOT_RUNNING
+    assert capsys.readouterr().out == f"no `meshgate up` runs on {stack.state_dir}\n"
+
+
+def test_a_stack_whose_children_are_not_all_up_says_which_and_is_exit_code_1(stack, capsys) -> None:
+    stack._hold_state_dir()
+    # A status file of an earlier run: its supervisor's pid is not the holder's.
+    stack.status_path.write_text('{"pid": 1, "children": {}}')
+    assert status(stack) == cli.STATUS_NOT_UP
+    assert capsys.readouterr().out == f"meshgate up (pid {os.getpid()}) on {stack.state_dir}: starting\n"
+
+    for name in ("redis", "triton", "router"):
+        stack.processes[name] = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    supervisor = Supervisor(stack, Backoff(initial_s=30.0), poll_interval_s=3600)
+    supervisor.start()
+    try:
+        supervisor.check(now=1.0)
+        stack.processes["router"].kill()
+        stack.processes["router"].wait()
+        supervisor.check(now=2.0)
+        capsys.readouterr()  # its log line
+        assert status(stack) == cli.STATUS_NOT_UP
+        out = capsys.readouterr().out.splitlines()
+        assert out[0] == f"meshgate up (pid {os.getpid()}) on {stack.state_dir}: 1 of 3 up"
+        redis, triton, router = out[1:]
+        assert redis.split()[:2] == ["redis", "up"] and f"pid {stack.processes['redis'].pid}" in redis
+        assert triton.split()[:2] == ["triton", "starting"]
+        assert router.split()[:2] == ["router", "down"]
+        assert "restarts 0  last exit: signal SIGKILL  restart at " in router
+    finally:
+        supervisor.stop()
+
+
+def test_a_stack_whose_children_are_all_up_is_exit_code_0(stack, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(Stack, "accepting", lambda stack, name: True)
+    stack._hold_state_dir()
+    stack.processes["redis"] = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    supervisor = Supervisor(stack, poll_interval_s=3600)
+    supervisor.start()
+    try:
+        supervisor.check(now=1.0)
+        assert status(stack) == cli.STATUS_UP
+        assert capsys.readouterr().out.splitlines()[0].endswith(": 1 of 1 up")
+    finally:
+        supervisor.stop()
