@@ -225,6 +225,14 @@ local function drop_postings(postings_key, from, to)
 end
 """
 
+# OOM_FIRST: a script that writes must make its first write one that
+# Redis refuses when full (HSET, SET, RPUSH...; under noeviction, past
+# maxmemory). Redis checks a script for memory at its first write only (it
+# cannot stop one halfway), and a write that may free memory (DEL, EXPIRE)
+# passes: _CREATE and _FORK_CREATE cleared an id's leftovers first, so
+# neither was ever refused, and one tenant creating sessions took a full
+# Redis past its maxmemory without end (tests/integration/test_redis_refusals.py).
+
 # KEYS: session_keys. ARGV: ttl_s. Returns the creation time, or nil if taken.
 _CREATE = (
     RENEW
@@ -232,12 +240,11 @@ _CREATE = (
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
+-- Version 0 holds no turns, and so no bytes. Written first: see OOM_FIRST.
+redis.call('HSET', KEYS[1], 'version', 0, 'create_time_ms', now, 'update_time_ms', now, 'bytes', 0)
 -- Whatever an expired or deleted session of the same id left (turns, pins,
 -- index, summaries) must not leak into this one.
 redis.call('DEL', unpack(KEYS, 2))
-redis.call('HSET', KEYS[1], 'version', 0, 'create_time_ms', now, 'update_time_ms', now)
--- Version 0 holds no turns, and so no bytes.
-redis.call('HSET', KEYS[1], 'bytes', 0)
 redis.call('SET', KEYS[4], struct.pack('<I4', 0))
 renew(tonumber(ARGV[1]))
 return now
@@ -664,23 +671,24 @@ _FORK_CREATE = (
     RENEW
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-4} end
--- As _CREATE: nothing of an earlier session of this id stays.
-redis.call('DEL', unpack(KEYS, 2))
 local n = tonumber(ARGV[4])
 local turns_at = 11
 local counts_at = turns_at + n
 local pins_at = counts_at + 2 * tonumber(ARGV[9])
 local postings_at = pins_at + tonumber(ARGV[10])
--- In slices: unpack() of a long list would overflow Lua's stack.
-for first = turns_at, counts_at - 1, 1000 do
-  redis.call('RPUSH', KEYS[2], unpack(ARGV, first, math.min(first + 999, counts_at - 1)))
-end
 local held_bytes = 0
 for i = turns_at, counts_at - 1 do held_bytes = held_bytes + #ARGV[i] end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
+-- Written first: see OOM_FIRST.
 redis.call('HSET', KEYS[1], 'version', ARGV[1], 'create_time_ms', now, 'update_time_ms', now,
   'bytes', held_bytes)
+-- As _CREATE: nothing of an earlier session of this id stays.
+redis.call('DEL', unpack(KEYS, 2))
+-- In slices: unpack() of a long list would overflow Lua's stack.
+for first = turns_at, counts_at - 1, 1000 do
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, first, math.min(first + 999, counts_at - 1)))
+end
 for i = counts_at, pins_at - 1, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if postings_at > pins_at then redis.call('RPUSH', KEYS[5], unpack(ARGV, pins_at, postings_at - 1)) end
 redis.call('SET', KEYS[4], ARGV[3])

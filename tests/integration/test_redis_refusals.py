@@ -19,7 +19,7 @@ from meshgate.common.v1 import common_pb2
 from meshgate.errors import MeshgateError
 from meshgate.local import redis_server
 from meshgate.local.stack import free_port
-from services.context.store import SessionStore
+from services.context.store import SessionStore, session_keys
 
 pytestmark = pytest.mark.integration
 
@@ -96,4 +96,34 @@ async def test_a_redis_that_may_evict_the_meshs_keys_is_named_at_start(own_redis
     finally:
         await client.config_set("maxmemory", "0")
         await client.config_set("maxmemory-policy", "noeviction")
+        await client.aclose()
+
+
+async def test_a_full_redis_refuses_new_sessions_and_forks(own_redis):
+    """Redis checks a script for memory at its first write only, and a
+    command that frees memory (DEL) passes that check: creating a session
+    and forking one cleared the id's leftovers first, so neither was ever
+    refused, and a tenant creating sessions took a full Redis past its
+    maxmemory without end (20,000 empty sessions took one of 1 MB to
+    7.6 MB), where every other write of every tenant was refused."""
+    client = redis_access.connect(own_redis)
+    store = SessionStore(client, ttl_s=60)
+    source, created, forked = (uuid.uuid4().hex for _ in range(3))
+    turn = [common_pb2.Message(role=common_pb2.ROLE_USER, content="hello")]
+    try:
+        await store.create("acme", source)
+        await store.append("acme", source, None, turn, {})
+        async with out_of_memory(client):
+            writes = (lambda: store.create("acme", created), lambda: store.fork("acme", source, 1, forked))
+            for write in writes:
+                with pytest.raises(MeshgateError) as refused:
+                    await write()
+                assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+                assert refused.value.reason == "REDIS_UNAVAILABLE"
+        # Nothing of either was stored: both ids are free, and both writes go through now.
+        for session in (created, forked):
+            assert await client.exists(*session_keys("acme", session)) == 0
+        await store.create("acme", created)
+        assert await store.fork("acme", source, 1, forked)
+    finally:
         await client.aclose()
