@@ -942,6 +942,23 @@ class CacheSettings:
     # first. Large partitions are searched through an approximate index
     # (services/cache/index.py), so 1M entries stay within 2 ms a lookup.
     max_entries_per_partition: int = 1_000_000
+    # The most bytes of Redis one tenant's entries may hold, all its
+    # partitions together (a partition is a model and parameters: varying
+    # temperature makes new ones, each up to max_entries_per_partition).
+    # Every tenant's sessions, cache and usage share one Redis, which,
+    # full, refuses every tenant's writes: one tenant storing answers
+    # across partitions filled a Redis of 16 MiB in 4,341 Stores (3.9 KB of
+    # Redis each for a 1,000-byte answer), and then every other tenant's
+    # Stores failed, and its session appends. Counted per window of ttl_s by a
+    # counter of the tenant's (store.py, ``charge``), each Store charging
+    # its values' bytes plus a measured per-entry overhead; a Store that
+    # would take the last two windows' charges past this is refused
+    # RESOURCE_EXHAUSTED / CACHE_QUOTA_EXCEEDED (the router logs it; the
+    # turn is not cached). An entry lives at most ttl_s, so what the tenant
+    # holds is within what those windows charged. Approximate: nothing is
+    # refunded (an eviction, an expiry, an Invalidate), so a tenant may be
+    # refused below the bound until two windows pass. 0: no bound.
+    max_bytes_per_tenant: int = 1024 * 1024 * 1024
     # Rows all resident vector indexes together may hold (2.3-2.9 KiB each at
     # 384 dimensions: the float32 row, its int8 graph copy and links, plus
     # ~1.3 KiB of Python ids and texts; bench/README.md), and in
@@ -971,6 +988,11 @@ class CacheSettings:
     def __post_init__(self) -> None:
         _check_max_concurrent_rpcs("cache", self.max_concurrent_rpcs)
         _check_embedder("cache", self.embedder)
+        if self.max_bytes_per_tenant < 0:
+            raise ConfigError(
+                "cache.max_bytes_per_tenant must not be negative (0: no bound), "
+                f"got {self.max_bytes_per_tenant}"
+            )
         if not 0.0 <= self.first_stage_word_share <= 1.0:
             raise ConfigError(
                 f"cache.first_stage_word_share must be within [0, 1], got {self.first_stage_word_share}"

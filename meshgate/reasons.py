@@ -292,6 +292,12 @@ class Reason(enum.StrEnum):
     ``limit``; what the session holds, under the unit's name; and
     ``max_turns`` for the turn cap)."""
 
+    CACHE_QUOTA_EXCEEDED = enum.auto()
+    """RESOURCE_EXHAUSTED: a cache Store would take the tenant's entries past
+    cache.max_bytes_per_tenant (metadata ``limit`` max_bytes_per_tenant, ``scope``
+    tenant, ``limit_value``, ``bytes``: what its last two windows stored). The
+    router logs it and leaves the turn's answer uncached."""
+
     # --- limits (RESOURCE_EXHAUSTED; metadata ``limit`` and ``scope``) -----
     RATE_LIMITED = enum.auto()
     """A per-minute or concurrent-stream limit is reached; RetryInfo says when to retry."""

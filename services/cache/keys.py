@@ -56,10 +56,11 @@ from meshgate.cache.v1 import cache_service_pb2
 from meshgate.common.v1 import common_pb2
 
 KEY_PREFIX = "mg:cache:"
-# Hex never spells "stats", "seq" or "invalidated", so no tenant pattern reaches these.
+# Hex never spells "stats", "seq", "invalidated" or "stored", so no tenant pattern reaches these.
 STATS_KEY = KEY_PREFIX + "stats"
 _SEQUENCE_PREFIX = KEY_PREFIX + "seq:"
 _INVALIDATED_PREFIX = KEY_PREFIX + "invalidated:"
+_STORED_PREFIX = KEY_PREFIX + "stored:"
 # Every exact-match entry of every tenant.
 ENTRY_PATTERN = f"{KEY_PREFIX}*:*:x:*"
 
@@ -149,6 +150,14 @@ def tenant_prefix(tenant_id: str, model: str = "") -> str:
     if model:
         return f"{KEY_PREFIX}{tenant_id.encode().hex()}:{model.encode().hex()}:"
     return f"{KEY_PREFIX}{tenant_id.encode().hex()}:"
+
+
+def stored_bytes_key(tenant_id: str, window_s: int, window: int) -> str:
+    """The bytes the tenant's Stores charged in one window of ``window_s``
+    seconds (store.py, ``charge``): the tenant's hex as the hash tag, so its
+    windows share a slot; the window's length named too, so that another
+    ttl_s never reads a count of windows of another length."""
+    return f"{_STORED_PREFIX}{{{tenant_id.encode().hex()}}}:{window_s}:{window}"
 
 
 def invalidated_key(tenant_id: str) -> str:

@@ -59,7 +59,7 @@ from services.cache import conversation, keys
 from services.cache.embedding_memo import EmbeddingMemo
 from services.cache.index import IndexRegistry, Match, TopUps, VectorIndex
 from services.cache.stats import Stats
-from services.cache.store import CacheStore, live_answer, split_payload
+from services.cache.store import ENTRY_OVERHEAD_BYTES, CacheStore, live_answer, split_payload
 from services.cache.verifier import Verifier, analyze
 
 # Best matches verified per lookup. The best by cosine is often not the one
@@ -302,6 +302,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             # generation of seconds): nothing to undo.
             return pb.StoreResponse(entry_id=entry_id, invalidated_since_lookup=True)
         now_ms = _now_ms()
+        await self._charge(partition, answer, vector, text if vector is not None else "", now_ms)
         if vector is None:
             write = functools.partial(self._store.put_exact, partition, entry_id, answer, now_ms, ttl_ms)
 
@@ -339,6 +340,33 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         self._stats.pending["stores"] += 1
         self._metrics.stores.inc()
         return pb.StoreResponse(entry_id=entry_id)
+
+    async def _charge(
+        self, partition: keys.Partition, answer: bytes, vector: np.ndarray | None, question: str, now_ms: int
+    ) -> None:
+        """Charges a Store's bytes to its tenant (cache.max_bytes_per_tenant),
+        or refuses it: one tenant's entries filling the Redis every tenant's
+        sessions share failed all their writes."""
+        most = self._settings.max_bytes_per_tenant
+        if not most:
+            return
+        size = len(answer) + ENTRY_OVERHEAD_BYTES
+        if vector is not None:
+            size += vector.nbytes + len(question.encode())
+        held = await self._store.charge(partition.tenant_id, size, most, self._settings.ttl_s, now_ms)
+        if held is not None:
+            raise MeshgateError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Reason.CACHE_QUOTA_EXCEEDED,
+                f"the tenant's cache Stores of the last two windows of cache.ttl_s charged {held} "
+                f"bytes; {size} more would pass cache.max_bytes_per_tenant ({most})",
+                {
+                    "limit": "max_bytes_per_tenant",
+                    "scope": "tenant",
+                    "limit_value": str(most),
+                    "bytes": str(held),
+                },
+            )
 
     async def _invalidated_since(self, partition: keys.Partition, store_fence: str) -> bool:
         """Whether the scope was invalidated after the lookup that gave

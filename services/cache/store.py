@@ -33,6 +33,9 @@
   Invalidate marks before it scans and the Store reads the marks after it
   wrote, so either the Store sees the mark or the SCAN, begun after the
   mark, finds what the Store wrote.
+- ``mg:cache:stored:{<tenant hex>}:<window length>:<window>``: integer,
+  the bytes the tenant's Stores charged in one window of
+  ``cache.max_bytes_per_tenant``'s count (``charge``); lives two windows.
 
 A semantic Store is one Lua script, so the entry, its vector and the
 eviction of the oldest entries are applied together or not at all. The
@@ -207,6 +210,29 @@ return {removed, strictness, seq}
 """
 
 
+# What a Store charges to its tenant (``charge``) beyond its values' bytes:
+# a semantic Store of a 1,000-byte answer, 384-dimension vector and short
+# question took 3,905 bytes of Redis's used_memory, 1,318 more than its
+# values (keys, sorted-set and hash members, allocations; redis-server 6.2,
+# jemalloc), rounded up.
+ENTRY_OVERHEAD_BYTES = 1536
+
+# Charges a Store to its tenant's count of the current window, unless the
+# current and previous windows' counts with it would pass the bound. Both
+# windows' keys carry the tenant's hash tag (one slot), apart from the
+# entry's partition: a separate call, before the entry's write, so a write
+# that then fails stays charged (the count errs high, for two windows).
+_CHARGE = """
+-- KEYS: the tenant's count of this window, of the window before
+-- ARGV: bytes, the bound, how long a count lives (ms: two windows)
+local held = tonumber(redis.call('GET', KEYS[1]) or '0') + tonumber(redis.call('GET', KEYS[2]) or '0')
+if held + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return held end
+redis.call('INCRBY', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return -1
+"""
+
+
 # Set before an Invalidate scans (see the module docstring); the key lives
 # at least a day, far longer than a turn (router.max_generation_s), so a
 # fence read before it expired never matches the marks read after.
@@ -326,6 +352,7 @@ class CacheStore:
         self._report_wrong = client.register_script(_REPORT_WRONG)
         self._mark_invalidated = client.register_script(_MARK_INVALIDATED)
         self._undo_store = client.register_script(_UNDO_STORE)
+        self._charge = client.register_script(_CHARGE)
 
     async def get(self, partition: Partition, entry_id: str) -> bytes | None:
         try:
@@ -382,6 +409,25 @@ class CacheStore:
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
         return value, bool(reported)
+
+    async def charge(self, tenant_id: str, size: int, most: int, window_s: int, now_ms: int) -> int | None:
+        """Charges ``size`` bytes to the tenant unless what it stored in this
+        window of ``window_s`` seconds and the one before, with them, passes
+        ``most``; returns None when charged, else what those windows hold.
+        An entry lives at most ``window_s`` (cache.ttl_s), so the tenant's
+        live entries were all charged in these two windows."""
+        window = now_ms // (window_s * 1000)
+        try:
+            held = await self._charge(
+                keys=[
+                    keys.stored_bytes_key(tenant_id, window_s, window),
+                    keys.stored_bytes_key(tenant_id, window_s, window - 1),
+                ],
+                args=[size, most, 2 * window_s * 1000],
+            )
+        except CONNECTION_ERRORS as error:
+            raise _unavailable(error) from error
+        return None if held < 0 else int(held)
 
     async def put_exact(
         self, partition: Partition, entry_id: str, answer: bytes, now_ms: int, ttl_ms: int
