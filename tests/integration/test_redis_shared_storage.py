@@ -138,3 +138,29 @@ async def test_one_tenants_cache_entries_leave_the_others_room(own_redis):
         # A's own count lies apart from its entries' keys, in its own slot.
         with pytest.raises(MeshgateError):
             await cache.Store(store_request("tenant-a", 0), None)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=MeshgateError,
+    reason="no bound on what one tenant's sessions hold together (README, 'One Redis for every tenant')",
+)
+async def test_one_tenants_sessions_leave_the_others_room(own_redis):
+    """Tenant A's session turns, a 4 KB message and a 1 KB answer each, in
+    sessions of 100 turns, filled the 16 MiB in 3,246 appends (5.2 KB of
+    Redis each, 0.9 s), far under context.max_session_bytes (24 MiB a
+    session) and with no bound on sessions per tenant; then B's first
+    append failed UNAVAILABLE (REDIS_UNAVAILABLE)."""
+    async with bounded(own_redis) as client:
+        sessions = SessionStore(client, ttl_s=60)
+        with contextlib.suppress(MeshgateError):
+            for n in range(10_000):  # 50 MB of turns, were each stored
+                if n % 100 == 0:
+                    session = uuid.uuid4().hex
+                    await sessions.create("tenant-a", session)
+                await sessions.append("tenant-a", session, None, turn("u" * 4000, ANSWER), {})
+        # Then turns the size of B's, until Redis has no room for one either.
+        with contextlib.suppress(MeshgateError):
+            for _ in range(10_000):
+                await sessions.append("tenant-a", session, None, turn(), {})
+        await a_turn_is_appended(sessions, "tenant-b")
