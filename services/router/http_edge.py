@@ -112,8 +112,15 @@ _CLOSES_CONNECTION = {Reason.REQUEST_BODY_TIMEOUT, Reason.HEADERS_TOO_LARGE}
 # session that exists, a request larger than the limit itself): each resend
 # costs the caller its backoff and the router a refused call, for the same
 # answer. Not SESSION_FULL: a session over its cap is compacted in the
-# background, and a resend seconds later may find room.
-_NOT_WORTH_RESENDING = {Reason.VERSION_CONFLICT, Reason.SESSION_EXISTS, Reason.REQUEST_EXCEEDS_LIMIT}
+# background, and a resend seconds later may find room; the tenant's
+# sessions over context.max_bytes_per_tenant find room only once the tenant
+# deletes, reverts or lets expire some of them.
+_NOT_WORTH_RESENDING = {
+    Reason.VERSION_CONFLICT,
+    Reason.SESSION_EXISTS,
+    Reason.REQUEST_EXCEEDS_LIMIT,
+    Reason.SESSION_QUOTA_EXCEEDED,
+}
 
 # The request field a validation reason is about (OpenAI's error "param").
 _PARAM_OF_REASON = {

@@ -256,6 +256,7 @@ def test_a_busy_replica_is_a_503_with_retry_after_and_a_limit_still_a_429():
         (MeshgateError(grpc.StatusCode.ABORTED, Reason.VERSION_CONFLICT, "stale"), 409),
         (MeshgateError(grpc.StatusCode.ALREADY_EXISTS, Reason.SESSION_EXISTS, "exists"), 409),
         (MeshgateError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.REQUEST_EXCEEDS_LIMIT, "too big"), 429),
+        (MeshgateError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.SESSION_QUOTA_EXCEEDED, "full"), 429),
     ],
 )
 def test_an_answer_a_resend_would_get_again_tells_the_openai_sdks_not_to_resend_it(error, status):
