@@ -808,6 +808,18 @@ class ContextSettings:
     # with them). 0: no cap (and no compaction by bytes; GetSession then
     # refuses a session too large to send, RESPONSE_TOO_LARGE).
     max_session_bytes: int = 24 * 1024 * 1024
+    # The most bytes of Redis all of one tenant's sessions may hold together:
+    # every tenant's sessions share one Redis, and one tenant appending to
+    # many sessions, each within max_session_bytes, filled a Redis of 16 MiB
+    # in 3,246 appends, after which every tenant's writes failed. Counted in
+    # a record of the tenant's (services/context/store.py, TenantHoldings):
+    # each session's turns' bytes plus a measured overhead per session and
+    # per turn, set after each write that changes them. A create, fork,
+    # append or pin that would take the count past this is refused
+    # RESOURCE_EXHAUSTED / SESSION_QUOTA_EXCEEDED; deletes, reverts,
+    # compactions and expiries give bytes back. Approximate (the record's
+    # docstring says by how much). 0: no bound.
+    max_bytes_per_tenant: int = 1024 * 1024 * 1024
     # The soft cap: once a session holds more than this many live turns, its
     # oldest turns already covered by a summary are compacted (their texts
     # and index rows leave Redis; the summary stands for them), so assembly
@@ -886,6 +898,11 @@ class ContextSettings:
             raise ConfigError(
                 f"context.max_session_bytes must be at most {MAX_READABLE_SESSION_BYTES} (a session "
                 f"GetSession can still send in one gRPC message), got {self.max_session_bytes!r}"
+            )
+        if self.max_bytes_per_tenant < 0:
+            raise ConfigError(
+                "context.max_bytes_per_tenant must not be negative (0: no bound), "
+                f"got {self.max_bytes_per_tenant}"
             )
         if not self.append_embed_timeout_s > 0:
             raise ConfigError(

@@ -292,6 +292,12 @@ class Reason(enum.StrEnum):
     ``limit``; what the session holds, under the unit's name; and
     ``max_turns`` for the turn cap)."""
 
+    SESSION_QUOTA_EXCEEDED = enum.auto()
+    """RESOURCE_EXHAUSTED: a session write (create, fork, append, pin) would
+    take what the tenant's sessions hold in Redis past
+    context.max_bytes_per_tenant (metadata ``limit`` max_bytes_per_tenant,
+    ``scope`` tenant, ``limit_value``, ``bytes``: what they hold)."""
+
     CACHE_QUOTA_EXCEEDED = enum.auto()
     """RESOURCE_EXHAUSTED: a cache Store would take the tenant's entries past
     cache.max_bytes_per_tenant (metadata ``limit`` max_bytes_per_tenant, ``scope``

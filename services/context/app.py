@@ -78,6 +78,7 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
         settings.context.session_ttl_s,
         settings.context.max_turns,
         settings.context.max_session_bytes,
+        settings.context.max_bytes_per_tenant,
     )
     hot = HotCache(settings.context.hot_cache_bytes, settings.context.session_ttl_s)
     # Summaries and (with embedder = "inference") turn and question

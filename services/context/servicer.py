@@ -906,7 +906,10 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
     async def PinToSession(self, request: pb.PinToSessionRequest, context) -> pb.PinToSessionResponse:
         index, pin = self._pin_request(request)
         message_index = request.message_index if request.WhichOneof("pin") == "message_index" else None
+        holdings = self._store.holdings
+        await holdings.fits(request.tenant_id, request.session_id, len(pin.encode()))
         pin_count = await index.pin(request.tenant_id, request.session_id, pin, message_index)
+        await holdings.pinned(request.tenant_id, request.session_id, len(pin.encode()))
         # Pins are part of what the hot entry holds: drop it, as the notice does.
         self._changed_here(request.tenant_id, request.session_id, DELETED)
         return pb.PinToSessionResponse(pin_count=pin_count)

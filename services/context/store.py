@@ -74,6 +74,12 @@ expires on its own, SUMMARY_USAGE_GRACE_S after the session could have
 (config.summary_usage_ttl_s, from the latest summary's usage or take), by when a sweep
 (every ``router.summary_usage_collect_s``) has long taken it.
 
+What each tenant's sessions hold, for ``context.max_bytes_per_tenant``,
+lies in a record of the tenant's (TenantHoldings), keys
+``mg:context:held:{<tenant hex>}:bytes`` and ``...:expiry`` (one slot per
+tenant, apart from every session's: a call of its own beside each
+session's script).
+
 SESSION_PARTS lists the session's parts, and every script that changes a
 session takes all of them (session_keys), so none outlives or predeceases
 the others: each that changes a live session renews every one's TTL (pins and
@@ -271,12 +277,13 @@ end
 # KEYS: session_keys, then the usage record. ARGV: expected version ("" =
 # append at the end whatever the version), turn id ("" = none), ttl_s, turn
 # count n, the most turns the session may hold (0 = no cap), the most bytes
-# its turns may hold (0 = no cap), the SHA-256 of the turn's API key ("" =
+# its turns may hold (0 = no cap; -1 = no cap, but count them: for the
+# tenant's bound, TenantHoldings), the SHA-256 of the turn's API key ("" =
 # none), n turns, then pairs of (counts field, packed counts of the n turns).
 # Returns {1, new version, bytes held now (false when the session's bytes
 # stay uncounted: stored before the count, no byte cap), create_time_ms,
 # 1 if the session's usage record or meta holds ``unbilled``, or the record
-# ``unbilled_held`` (else 0)},
+# ``unbilled_held`` (else 0), the turns it holds now},
 # {0} if there is no session, {-1, current version} on a version mismatch,
 # {2, version, create_time_ms} if the turn id was applied before (nothing
 # is appended again), {-2, turns held} or {-6, bytes held} if the n turns
@@ -303,7 +310,7 @@ local max_bytes = tonumber(ARGV[6])
 local added = 0
 for i = 8, 7 + n do added = added + #ARGV[i] end
 local held_bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes'))
-if not held_bytes and max_bytes > 0 then
+if not held_bytes and max_bytes ~= 0 then
   -- Stored before the count (see the module's docstring): counted once, now.
   held_bytes = turn_bytes(KEYS[2], 0, -1)
   redis.call('HSET', KEYS[1], 'bytes', held_bytes)
@@ -345,7 +352,8 @@ return {
   math.max(
     redis.call('HEXISTS', KEYS[11], 'unbilled'), redis.call('HEXISTS', KEYS[11], 'unbilled_held'),
     redis.call('HEXISTS', KEYS[1], 'unbilled')
-  )
+  ),
+  stored + n
 }
 """
 )
@@ -525,7 +533,8 @@ end
 # KEYS: session_keys. ARGV: version to restore, expected
 # version ("" = whatever the current one), ttl_s. Pins of the turns it
 # drops go with them (else the turn appended at that index next would be
-# pinned in their place). Returns {1, new version},
+# pinned in their place). Returns {1, new version, the bytes its turns hold
+# (false when uncounted), the turns it holds},
 # {0} if there is no session, {-1, current version} on a version mismatch,
 # {-3, current version} if the version to restore is unknown or undone,
 # {-5, compacted version} if it held fewer turns than were compacted since.
@@ -550,7 +559,8 @@ if held < compacted then return {-5, compacted_version} end
 local held_bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes'))
 if held_bytes then
   -- Never below 0: see the compaction script.
-  redis.call('HSET', KEYS[1], 'bytes', math.max(0, held_bytes - turn_bytes(KEYS[2], held, -1)))
+  held_bytes = math.max(0, held_bytes - turn_bytes(KEYS[2], held, -1))
+  redis.call('HSET', KEYS[1], 'bytes', held_bytes)
 end
 if held == 0 then redis.call('DEL', KEYS[2]) else redis.call('LTRIM', KEYS[2], 0, held - 1) end
 for _, pin in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do
@@ -589,7 +599,7 @@ local new_version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'update_time_ms', t[1] * 1000 + math.floor(t[2] / 1000))
 redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' ' .. new_version)
 renew(tonumber(ARGV[3]))
-return {1, new_version}
+return {1, new_version, held_bytes or false, held}
 """
 )
 
@@ -818,6 +828,68 @@ end
 return 0
 """
 
+# What a session holds in Redis beyond its turns' bytes (meta's
+# ``bytes``), as context.max_bytes_per_tenant counts it: an empty session
+# (meta, its version history) took 410 bytes of Redis's used_memory; a
+# turn beyond its encoding 58-100 in the store (its list entry, version
+# history, token counts, turn id) and 700-1,560 more in the turn index (an
+# int8 vector of 384 bytes, roles, lengths, postings, and the strings'
+# growth room), measured on redis-server 6.2 (jemalloc) with short and
+# 5 KB turns; rounded up.
+SESSION_OVERHEAD_BYTES = 512
+TURN_OVERHEAD_BYTES = 1024
+# Expired sessions one call of a tenant's record forgets at most (oldest
+# first): bounded work per call, and more than the one session a call adds.
+_FORGOTTEN_PER_CALL = 8
+
+# KEYS: the tenant's record: its sessions' bytes (hash: ``s:<session id>``
+# what the session's turns hold with their overhead, ``p:<session id>``
+# what pins added, ``total``), their expiries (sorted set, ms of Redis's
+# clock). ARGV: session id, what to do ('fits': whether ARGV[3] bytes more
+# fit, nothing written but the forgetting; 'set': the session's ``s:`` is
+# ARGV[3]; 'pin': its ``p:`` grows by ARGV[3]; 'drop': it holds nothing),
+# bytes, the bound (for 'fits'), the session's TTL in ms (0: none), the
+# most expired sessions to forget. Returns -1, or for a 'fits' that does
+# not, what the tenant holds. Expired sessions are forgotten first, and
+# their deletes are the first writes (OOM_FIRST does not apply: the record
+# may pass a full Redis's maxmemory by one field, no more).
+_HOLDINGS = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local total = tonumber(redis.call('HGET', KEYS[1], 'total') or '0')
+local function forget(id)
+  local fields = redis.call('HMGET', KEYS[1], 's:' .. id, 'p:' .. id)
+  total = total - tonumber(fields[1] or '0') - tonumber(fields[2] or '0')
+  redis.call('HDEL', KEYS[1], 's:' .. id, 'p:' .. id)
+  redis.call('ZREM', KEYS[2], id)
+end
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[6]))
+for _, id in ipairs(expired) do forget(id) end
+-- Never below 0: a count set while another call forgot the session (see
+-- TenantHoldings) is added once more and taken once.
+total = math.max(0, total)
+local what, bytes = ARGV[2], tonumber(ARGV[3])
+if what == 'fits' then
+  if #expired > 0 then redis.call('HSET', KEYS[1], 'total', total) end
+  if total + bytes > tonumber(ARGV[4]) then return total end
+  return -1
+end
+if what == 'drop' then
+  forget(ARGV[1])
+else
+  local field = (what == 'set' and 's:' or 'p:') .. ARGV[1]
+  local was = tonumber(redis.call('HGET', KEYS[1], field) or '0')
+  local held = bytes
+  if what == 'pin' then held = was + bytes end
+  total = total - was + held
+  redis.call('HSET', KEYS[1], field, held)
+  local ttl = tonumber(ARGV[5])
+  redis.call('ZADD', KEYS[2], ttl > 0 and now + ttl or '+inf', ARGV[1])
+end
+redis.call('HSET', KEYS[1], 'total', math.max(0, total))
+return -1
+"""
+
 _COUNTS_PREFIX = b"tokens:"
 # The turn count ...:versions records for a version a revert undid.
 UNDONE = 0xFFFFFFFF
@@ -945,6 +1017,13 @@ def unbilled_key(tenant_id: str, session_id: str) -> str:
     return key(tenant_id, session_id, "unbilled")
 
 
+def holdings_key(tenant_id: str, part: str) -> str:
+    """A key of the tenant's record of what its sessions hold
+    (TenantHoldings): the tenant's hex as the hash tag, so its parts share
+    a slot, and no tenant id's braces or colons can reach another's."""
+    return f"mg:context:held:{{{tenant_id.encode().hex()}}}:{part}"
+
+
 def session_keys(tenant_id: str, session_id: str) -> list[str]:
     """Every key of the session, in SESSION_PARTS' order: what each script
     over a session takes as its KEYS (one hash slot)."""
@@ -1006,9 +1085,114 @@ def redis_reachable():
         raise redis_access.outage("session store unavailable", error) from error
 
 
+class TenantHoldings:
+    """What each tenant's sessions hold in Redis (context.max_bytes_per_tenant):
+    every tenant's sessions share one Redis, which, full, refuses every
+    tenant's writes. A record per tenant (_HOLDINGS) holds each of its
+    sessions' bytes (their turns' bytes, meta's count, plus
+    SESSION_OVERHEAD_BYTES and TURN_OVERHEAD_BYTES per turn held, and what
+    its pins added), their sum and each one's expiry. A growing write
+    (create, fork, append, pin) asks first whether its bytes fit (``fits``),
+    and once written, sets the session's count to what the session's script
+    returned (``held``), as an absolute value, so a count lost or wrong is
+    right again at the session's next write; a delete drops it, a revert or
+    a compaction sets it lower. The record lies in the tenant's slot, apart
+    from every session's (Redis Cluster: a script's keys share one slot), so
+    these are calls of their own, and the count may drift from what the
+    sessions hold, within bounds:
+
+    - Writes of one tenant at once each ask before any is counted, so the
+      tenant may pass the bound by what its writes in flight add (each at
+      most a session's max_session_bytes, and in practice one turn).
+    - A count not set after its write (the service stopped, Redis failed
+      in between; logged) leaves that session's count low by that write
+      until its next write sets it, or its expiry forgets it.
+    - A session expires session_ttl_s after its last write; the record
+      forgets it that long after the last count it set (a few per call,
+      the oldest first). Writes that renew a session but count nothing
+      (its turn index's, summaries') may keep it alive past that, counted
+      0 until its next write.
+    - Pins add their facts' bytes and unpins give nothing back (at most
+      256 pins of 4 KiB a session, until it is deleted or expires); a
+      revert that drops pins keeps them counted.
+    - A session's summaries (their texts replace compacted turns') are not
+      counted.
+    - The overheads are measured means; a tenant's turns of other sizes
+      hold somewhat more or less per turn.
+
+    Nothing ever refuses another tenant's write."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int, most: int) -> None:
+        self._ttl_ms = ttl_s * 1000
+        # 0: no bound; nothing is counted.
+        self.most = most
+        self._script = client.register_script(_HOLDINGS)
+
+    async def fits(self, tenant_id: str, session_id: str, size: int) -> None:
+        """Raises SESSION_QUOTA_EXCEEDED unless ``size`` bytes more fit in
+        the tenant's bound."""
+        if not self.most:
+            return
+        with redis_reachable():
+            held = await self._call(tenant_id, session_id, "fits", size)
+        if held >= 0:
+            raise MeshgateError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Reason.SESSION_QUOTA_EXCEEDED,
+                f"the tenant's sessions hold {held} bytes of Redis; {size} more would pass "
+                f"context.max_bytes_per_tenant ({self.most}): delete, revert or fork at an "
+                "earlier version sessions it no longer needs, or wait for them to expire",
+                {
+                    "limit": "max_bytes_per_tenant",
+                    "scope": "tenant",
+                    "limit_value": str(self.most),
+                    "bytes": str(held),
+                },
+            )
+
+    async def held(self, tenant_id: str, session_id: str, turn_bytes: int, turns: int) -> None:
+        """Sets the session's count: ``turn_bytes`` of ``turns`` turns."""
+        await self._settle(tenant_id, session_id, "set", held_by(turn_bytes, turns))
+
+    async def pinned(self, tenant_id: str, session_id: str, size: int) -> None:
+        await self._settle(tenant_id, session_id, "pin", size)
+
+    async def dropped(self, tenant_id: str, session_id: str) -> None:
+        await self._settle(tenant_id, session_id, "drop", 0)
+
+    async def _settle(self, tenant_id: str, session_id: str, what: str, size: int) -> None:
+        """A count after its write: the write stands whatever becomes of
+        this, so a failure is logged, not raised (the count is set again by
+        the session's next write)."""
+        if not self.most:
+            return
+        try:
+            await self._call(tenant_id, session_id, what, size)
+        except redis_access.CONNECTION_ERRORS as error:
+            log.warning(
+                "tenant's session bytes not counted", what=what, session_id=session_id, error=str(error)
+            )
+
+    async def _call(self, tenant_id: str, session_id: str, what: str, size: int) -> int:
+        keys = [holdings_key(tenant_id, "bytes"), holdings_key(tenant_id, "expiry")]
+        args = [session_id, what, size, self.most, self._ttl_ms, _FORGOTTEN_PER_CALL]
+        return int(await self._script(keys=keys, args=args))
+
+
+def held_by(turn_bytes: int, turns: int) -> int:
+    """What a session of ``turns`` turns holding ``turn_bytes`` (meta's
+    count) holds in Redis, as the tenant's bound counts it."""
+    return SESSION_OVERHEAD_BYTES + turn_bytes + TURN_OVERHEAD_BYTES * turns
+
+
 class SessionStore:
     def __init__(
-        self, client: redis.Redis, ttl_s: int, max_turns: int = 0, max_session_bytes: int = 0
+        self,
+        client: redis.Redis,
+        ttl_s: int,
+        max_turns: int = 0,
+        max_session_bytes: int = 0,
+        max_bytes_per_tenant: int = 0,
     ) -> None:
         self._client = client
         self._ttl_s = ttl_s
@@ -1027,9 +1211,12 @@ class SessionStore:
         self._take_unbilled = client.register_script(_TAKE_UNBILLED)
         self._acknowledge_take = client.register_script(_ACKNOWLEDGE_TAKE)
         self.owed = OwedSessions(client)
+        # context.max_bytes_per_tenant (0: no bound).
+        self.holdings = TenantHoldings(client, ttl_s, max_bytes_per_tenant)
 
     async def create(self, tenant_id: str, session_id: str) -> int:
         """Creates an empty session at version 0; returns its creation time."""
+        await self.holdings.fits(tenant_id, session_id, held_by(0, 0))
         with redis_reachable():
             now = await self._create(keys=session_keys(tenant_id, session_id), args=[self._ttl_s])
         if now is None:
@@ -1039,6 +1226,7 @@ class SessionStore:
                 f"session {session_id!r} already exists",
                 {"session_id": session_id},
             )
+        await self.holdings.held(tenant_id, session_id, 0, 0)
         return int(now)
 
     async def read(self, tenant_id: str, session_id: str, at_version: int | None = None) -> StoredSession:
@@ -1090,11 +1278,15 @@ class SessionStore:
         tokenizer id to the turns' counts; ``key_id``, the turn's API key's
         id, is whom the session's summaries' usage is billed to from now on."""
         expected = "" if expected_version is None else str(expected_version)
-        caps = (self._max_turns, self._max_session_bytes)
-        args: list[object] = [expected, turn_id, self._ttl_s, len(turns), *caps, key_id]
-        args.extend(turn.SerializeToString() for turn in turns)
+        # With no cap of its own, a session's bytes are still counted for the tenant's bound.
+        max_bytes = self._max_session_bytes or (-1 if self.holdings.most else 0)
+        args: list[object] = [expected, turn_id, self._ttl_s, len(turns), self._max_turns, max_bytes, key_id]
+        encoded = [turn.SerializeToString() for turn in turns]
+        args.extend(encoded)
         for tokenizer_id, counts in token_counts.items():
             args.extend((_counts_field(tokenizer_id), _pack(counts)))
+        added = sum(map(len, encoded)) + TURN_OVERHEAD_BYTES * len(turns)
+        await self.holdings.fits(tenant_id, session_id, added)
         with redis_reachable():
             keys = [*session_keys(tenant_id, session_id), unbilled_key(tenant_id, session_id)]
             outcome = await self._append(keys=keys, args=args)
@@ -1105,10 +1297,12 @@ class SessionStore:
         if outcome[0] == 2:
             _, version, created_ms = outcome
             return Appended(int(version), True, None, int(created_ms))
-        _, version, held_bytes, created_ms, owes = outcome
+        _, version, held_bytes, created_ms, owes, held_turns = outcome
         if owes:
             await self.owed.mark_if_unlisted(tenant_id, session_id)
         held_bytes = None if held_bytes is None else int(held_bytes)
+        if held_bytes is not None:
+            await self.holdings.held(tenant_id, session_id, held_bytes, int(held_turns))
         return Appended(int(version), False, held_bytes, int(created_ms))
 
     def check_room(
@@ -1161,7 +1355,10 @@ class SessionStore:
         if outcome[0] == -5:
             raise _version_compacted(session_id, version, outcome[1], "be reverted to")
         _raise_for(outcome, session_id, expected_version)
-        return int(outcome[1])
+        _, new_version, held_bytes, held_turns = outcome
+        if held_bytes is not None:
+            await self.holdings.held(tenant_id, session_id, int(held_bytes), int(held_turns))
+        return int(new_version)
 
     async def fork(self, tenant_id: str, session_id: str, version: int, new_session_id: str) -> int:
         """Creates ``new_session_id`` with the turns of ``version``, at that
@@ -1175,6 +1372,8 @@ class SessionStore:
             raise _version_compacted(session_id, version, source[1], "be forked at")
         _raise_for(source, session_id, None)
         _, turns, counts, history, roles, lengths, dimensions, vectors, postings, pins = source
+        turn_bytes = sum(map(len, turns))
+        await self.holdings.fits(tenant_id, new_session_id, held_by(turn_bytes, len(turns)))
         with redis_reachable():
             outcome = await self._fork_create(
                 keys=session_keys(tenant_id, new_session_id),
@@ -1202,6 +1401,7 @@ class SessionStore:
                 f"session {new_session_id!r} already exists",
                 {"session_id": new_session_id},
             )
+        await self.holdings.held(tenant_id, new_session_id, turn_bytes, len(turns))
         return int(outcome[1])
 
     async def compact(
@@ -1223,7 +1423,25 @@ class SessionStore:
         with redis_reachable():
             keys = session_keys(tenant_id, session_id)
             args = [version, upto, self._ttl_s, created, TURN_IDS_KEPT, *system]
-            return int(await self._compact(keys=keys, args=args))
+            compacted = int(await self._compact(keys=keys, args=args))
+        if compacted >= 0 and self.holdings.most:
+            await self._recount(tenant_id, session_id)
+        return compacted
+
+    async def _recount(self, tenant_id: str, session_id: str) -> None:
+        """Sets the tenant's count of the session to what it holds now, read
+        after the write that changed it (a write between is counted by its
+        own call, before or after this one: either way, right at the next)."""
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hget(key(tenant_id, session_id, "meta"), "bytes")
+                pipe.llen(key(tenant_id, session_id, "turns"))
+                held_bytes, held_turns = await pipe.execute()
+        except redis_access.CONNECTION_ERRORS as error:
+            log.warning("tenant's session bytes not counted", session_id=session_id, error=str(error))
+            return
+        if held_bytes is not None:
+            await self.holdings.held(tenant_id, session_id, int(held_bytes), held_turns)
 
     async def fill_token_counts(
         self,
@@ -1281,6 +1499,7 @@ class SessionStore:
     async def delete(self, tenant_id: str, session_id: str) -> None:
         with redis_reachable():
             deleted = await self._delete(keys=session_keys(tenant_id, session_id))
+        await self.holdings.dropped(tenant_id, session_id)
         if not deleted:
             raise session_not_found(session_id)
 

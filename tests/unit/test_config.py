@@ -299,6 +299,7 @@ def test_a_router_call_bound_needs_a_tenant_call_cap_set_below_it(value):
         ("MESHGATE_INFERENCE__STREAM_INTERVAL_MS", "inf", "stream_interval_ms must be zero or more"),
         ("MESHGATE_MODELS__TINY-GPT__MAX_OUTPUT_TOKENS", "-5", "models.tiny-gpt.max_output_tokens"),
         ("MESHGATE_CACHE__MAX_BYTES_PER_TENANT", "-1", "cache.max_bytes_per_tenant must not be negative"),
+        ("MESHGATE_CONTEXT__MAX_BYTES_PER_TENANT", "-1", "context.max_bytes_per_tenant must not be negative"),
     ],
 )
 def test_negative_infinite_or_meaningless_zero_numbers_are_refused_at_load(variable, value, refused):
@@ -314,10 +315,11 @@ def test_zero_where_it_means_none_or_off_still_loads():
             "MESHGATE_INFERENCE__STREAM_INTERVAL_MS": "0",
             "MESHGATE_ROUTER__HOT_EXACT_ENTRIES": "0",
             "MESHGATE_CACHE__MAX_BYTES_PER_TENANT": "0",
+            "MESHGATE_CONTEXT__MAX_BYTES_PER_TENANT": "0",
         }
     )
     assert settings.router.replay_pause_s == 0 and settings.inference.stream_interval_ms == 0
-    assert settings.cache.max_bytes_per_tenant == 0
+    assert settings.cache.max_bytes_per_tenant == 0 and settings.context.max_bytes_per_tenant == 0
 
 
 @pytest.mark.parametrize(
