@@ -301,10 +301,14 @@ _TOOL_FIELDS = ("tool_calls", "function_call", "tool_call_id")
 # Every field a message may have. A participant's ``name`` is accepted and
 # not used (SDKs send it; the bundled chat templates have no place for it),
 # an assistant's ``refusal`` is what it said when its content is empty, tool
-# fields are refused by name (above). Any other is refused as at the top
-# level: an assistant's earlier ``audio``, or a field misspelt (``contnet``)
-# would otherwise leave an empty turn, silently.
-_MESSAGE_FIELDS = frozenset({"role", "content", "name", "refusal", *_TOOL_FIELDS})
+# fields are refused by name (above). An answer sent back as the client got
+# it has ``annotations`` (OpenAI's ``[]``, or citations of the text it holds)
+# and ``audio`` (null from ``message.model_dump()`` in openai-python): the
+# first accepted and not used, the second accepted null, refused naming it
+# otherwise (an earlier audio answer, which the mesh does not have). Any
+# other is refused as at the top level: a field misspelt (``contnet``) would
+# otherwise leave an empty turn, silently.
+_MESSAGE_FIELDS = frozenset({"role", "content", "name", "refusal", "annotations", "audio", *_TOOL_FIELDS})
 # A session_id asking for a new session.
 NEW_SESSION = "new"
 # The cache_policy extension's values.
@@ -415,6 +419,12 @@ def _messages(raw) -> list[common_pb2.Message]:
                     "messages",
                     Reason.UNSUPPORTED_PARAMETER,
                 )
+        if message.get("audio") is not None:
+            raise _bad_request(
+                f"messages[{index}].audio: audio answers are not supported",
+                "messages",
+                Reason.UNSUPPORTED_PARAMETER,
+            )
         content = _text_of(message.get("content"), index)
         refused = message.get("refusal")
         if refused is not None:

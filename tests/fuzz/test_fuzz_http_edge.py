@@ -68,7 +68,19 @@ CONTENT = st.one_of(
     ),
     JUNK,
 )
-MESSAGE = st.fixed_dictionaries({"role": ROLE, "content": CONTENT}, optional={"name": JUNK}) | JUNK
+MESSAGE = (
+    st.fixed_dictionaries(
+        {"role": ROLE, "content": CONTENT},
+        optional={
+            "name": JUNK,
+            "refusal": TEXT | SURROGATE_TEXT | JUNK,
+            "audio": JUNK,
+            "annotations": JUNK,
+            "contnet": TEXT,
+        },
+    )
+    | JUNK
+)
 FUZZY_CHAT = st.fixed_dictionaries(
     {
         "model": st.sampled_from(["tiny-gpt", "tiny-gpt", "no-such-model"]) | SURROGATE_TEXT | JUNK,

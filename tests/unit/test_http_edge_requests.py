@@ -383,10 +383,9 @@ def test_a_401_names_the_bearer_scheme():
     ("message", "field"),
     [
         ({"role": "user", "contnet": "hi"}, "contnet"),
-        ({"role": "assistant", "content": None, "audio": {"id": "audio_1"}}, "audio"),
         ({"role": "user", "content": "hi", SURROGATE: 1}, ascii(SURROGATE)),
     ],
-    ids=["a misspelt content", "an assistant's earlier audio", "a key with no UTF-8 form"],
+    ids=["a misspelt content", "a key with no UTF-8 form"],
 )
 def test_a_message_field_the_edge_does_not_know_is_refused(message, field):
     """The left of a hunt: a message's unknown fields were dropped, so a
@@ -422,4 +421,27 @@ def test_a_refusal_that_is_not_text_is_refused(refused, message):
     assert refusal(chat(messages=[{"role": "assistant", "refusal": refused}, USER]))[1:] == (
         "messages",
         f"messages[0].refusal {message}",
+    )
+
+
+def test_an_answer_sent_back_as_the_sdk_dumps_it_is_accepted():
+    """openai-python's ``message.model_dump()`` of the mesh's own answer has
+    annotations and audio (None), OpenAI's answers annotations [] and
+    refusal null: a client keeping its history so was refused (400
+    Unrecognized argument supplied: annotations) on its second turn."""
+    from openai.types.chat import ChatCompletionMessage
+
+    dumped = ChatCompletionMessage.model_validate({"role": "assistant", "content": "Hello."}).model_dump()
+    from_openai = {"role": "assistant", "content": "Hi.", "refusal": None, "annotations": []}
+    request = ChatCall(chat(messages=[USER, dumped, USER, from_openai, USER])).request
+    assert [message.content for message in request.messages] == ["hi", "Hello.", "hi", "Hi.", "hi"]
+
+
+def test_an_earlier_audio_answer_is_refused():
+    assert refusal(
+        chat(messages=[{"role": "assistant", "content": None, "audio": {"id": "audio_1"}}, USER])
+    ) == (
+        "UNSUPPORTED_PARAMETER",
+        "messages",
+        "messages[0].audio: audio answers are not supported",
     )
