@@ -506,13 +506,15 @@ def _has_negated_form(a: Analysis, b: Analysis) -> bool:
 
 def _places(side: Analysis, base: str) -> set[tuple[str, str]]:
     """The words just before and after each token of ``side`` inflected
-    from ``base``; the start and end of the question are no place."""
+    from ``base``. The start of the question is a place (an imperative:
+    "Import from Excel" vs "Export to Excel", a question of one word), its
+    end no place: "X in detail" vs "What does X entail?" end alike."""
     padded = ("", *side.tokens, "")
     places = set()
     for i in range(1, len(padded) - 1):
         if base in _base_forms(padded[i]):
             places.update({("before", padded[i - 1]), ("after", padded[i + 1])})
-    return places - {("before", ""), ("after", "")}
+    return places - {("after", "")}
 
 
 def _same_place(a: Analysis, base_a: str, b: Analysis, base_b: str) -> bool:

@@ -91,6 +91,12 @@ def test_negation_and_polarity_flips_are_vetoed(a, b):
         ("How do I import contacts to my phone?", "How do I export contacts from my phone?"),
         ("What is the maximum dose of ibuprofen?", "What is the minimum dose of ibuprofen?"),
         ("What are the most overrated movies?", "What are the most underrated movies?"),
+        # Each opening the question, the next word turned around too (the
+        # start is a place both stand in), or alone.
+        ("Import contacts from Gmail", "Export contacts to Gmail"),
+        ("Import from Excel", "Export to Excel"),
+        ("Upgrading to Windows 11", "Downgrading from Windows 11"),
+        ("Inbound", "Outbound"),
     ],
 )
 def test_an_antonym_in_another_form_or_by_prefix_is_vetoed(a, b):
