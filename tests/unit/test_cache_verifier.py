@@ -508,6 +508,28 @@ def test_only_question_sized_texts_are_memoized():
     assert first is not again and first == again
 
 
+def test_many_opposite_prefixed_words_are_checked_in_time_linear_in_them():
+    # Each word of one side whose opposite the other has instead asked
+    # where both stand (_same_place), and each ask scanned the whole
+    # question: ~16 times an analysis of the text at the ~1 KB matched by
+    # meaning, for each of a lookup's candidates. Timed against analysing
+    # the text: a ratio, not a clock.
+    stems = [
+        "".join(letters)
+        for letters in itertools.islice(itertools.product(string.ascii_lowercase, repeat=4), 146)
+    ]
+    up = " ".join(f"up{stem}" for stem in stems)
+    down = " ".join(f"down{stem}" for stem in reversed(stems))  # no word in the same place
+    a, b = verifier.analyze_uncached(up), verifier.analyze_uncached(down)
+
+    def veto() -> bool:
+        verifier._places_by_base.cache_clear()  # each candidate's question is another
+        return verifier.negation_veto(a, b)
+
+    assert not veto()
+    assert _fastest_of_three(veto) < 8 * _fastest_of_three(verifier.analyze_uncached, down)
+
+
 def test_a_run_of_full_stops_before_a_letter_is_analysed_in_time_linear_in_it():
     # Tried from every mark of a run of them, the sentence count scanned the
     # run again to the letter after it: quadratic in the run, 50 times a
