@@ -566,6 +566,13 @@ class CacheService:
                 metadata=self._tokens.metadata(plan.tenant_id, "cache"),
             )
         except grpc.aio.AioRpcError as error:
+            info = error_info(error)
+            if info is not None and info.domain == DOMAIN and info.reason == Reason.CACHE_QUOTA_EXCEEDED:
+                # Every turn's Store of a tenant at its bound is refused until
+                # its windows pass (a day or two): what an operator needs is
+                # whose, not a warning a turn.
+                log.info("answer not cached: the tenant's cache quota is full", tenant_id=plan.tenant_id)
+                return
             log.warning("cache store failed", code=error.code().name, details=error.details())
 
     async def invalidate(self, tenant_id: str, model: str, budget: Budget) -> int:

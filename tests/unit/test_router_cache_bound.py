@@ -5,11 +5,14 @@ assembled prompt for a model of a large window can be that long."""
 
 from __future__ import annotations
 
+import grpc
 import structlog
 
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.common.v1 import common_pb2
 from meshgate.config import MAX_CACHED_PROMPT_MESSAGES, RouterSettings
+from meshgate.errors import MeshgateError
+from meshgate.reasons import Reason
 from services.router.downstream import CacheService
 from services.router.pipeline import Answer, Budget, CachePlan
 
@@ -58,3 +61,21 @@ async def test_a_prompt_longer_than_the_cache_takes_is_kept_from_it_quietly():
     assert await cache.lookup(plan(), longest, Budget(), semantic=False) is None
     await cache.store(plan(), longest, Answer(text="a", store_fence="f"), Budget())
     assert stub.calls == ["Lookup", "Store"]
+
+
+class QuotaFullStub(RecordingStub):
+    """The cache refusing every Store: the tenant is at cache.max_bytes_per_tenant."""
+
+    async def Store(self, request, **_) -> cache_pb.StoreResponse:
+        status = MeshgateError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.CACHE_QUOTA_EXCEEDED, "full", {"scope": "tenant"}
+        ).to_status()
+        trailers = grpc.aio.Metadata(*status.trailing_metadata)
+        raise grpc.aio.AioRpcError(status.code, grpc.aio.Metadata(), trailers, details=status.details)
+
+
+async def test_a_tenant_at_its_cache_quota_is_named_at_info_not_warned_of_every_turn():
+    cache = CacheService(QuotaFullStub(), NoTokens(), RouterSettings())
+    with structlog.testing.capture_logs() as logs:
+        await cache.store(plan(), prompt(1), Answer(text="a", store_fence="f"), Budget())
+    assert [(log["log_level"], log.get("tenant_id")) for log in logs] == [("info", "tenant")]
