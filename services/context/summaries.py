@@ -269,7 +269,7 @@ class ModelSummarizer:
 
 # KEYS: the session's meta, its summaries hash, its versions, its usage
 # record (store.unbilled_key). ARGV: the create_time_ms of the session the
-# summary was made from, the span's field, the summary's JSON, ttl_s, the
+# summary was made from, the span's field, the summary's JSON, the
 # summary's id, then what a model spent on it: the model ("" for nothing),
 # its prompt and completion tokens, then the summary's end_version, then the
 # usage record's TTL (config.summary_usage_ttl_s). Written only into that same session: one deleted and
@@ -287,35 +287,35 @@ class ModelSummarizer:
 # tenant's session all the same. Returns 1 if written, 0 if not.
 _PUT = """
 local live = redis.call('HGET', KEYS[1], 'create_time_ms') == ARGV[1]
-if ARGV[6] ~= '' then
+if ARGV[5] ~= '' then
   local held = redis.call('HGET', KEYS[2], ARGV[2])
   local ok, before = pcall(cjson.decode, held or '')
-  if not (ok and type(before) == 'table' and before.summary_id == ARGV[5]) then
+  if not (ok and type(before) == 'table' and before.summary_id == ARGV[4]) then
     local raw = redis.call('HGET', KEYS[4], 'unbilled')
     local unbilled = raw and cjson.decode(raw) or {}
-    local spent = unbilled[ARGV[6]] or {0, 0, 0}
-    unbilled[ARGV[6]] = {spent[1] + tonumber(ARGV[7]), spent[2] + tonumber(ARGV[8]), spent[3] + 1}
+    local spent = unbilled[ARGV[5]] or {0, 0, 0}
+    unbilled[ARGV[5]] = {spent[1] + tonumber(ARGV[6]), spent[2] + tonumber(ARGV[7]), spent[3] + 1}
     redis.call('HSET', KEYS[4], 'unbilled', cjson.encode(unbilled))
     -- Whom it is billed to once the session is gone.
     if live then
       redis.call('HSET', KEYS[4], 'latest_key', redis.call('HGET', KEYS[1], 'latest_key') or '')
     end
-    redis.call('EXPIRE', KEYS[4], ARGV[10])
+    redis.call('EXPIRE', KEYS[4], ARGV[9])
   end
 end
 if not live then return 0 end
-local at = 4 * tonumber(ARGV[9])
+local at = 4 * tonumber(ARGV[8])
 local held = redis.call('GETRANGE', KEYS[3], at, at + 3)
 -- A session stored before its versions were kept has none to undo.
 if #held == 4 and struct.unpack('<I4', held) == 4294967295 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[4])
-else
-  -- No TTL configured: as long as the session, whose keys may still carry
-  -- one set before (store.RENEW makes them persistent at its next write).
-  local left = redis.call('PTTL', KEYS[1])
-  if left > 0 then redis.call('PEXPIRE', KEYS[2], left) else redis.call('PERSIST', KEYS[2]) end
-end
+-- As long as the session, whose keys carry the TTL of its latest write
+-- (store.RENEW), not this process's: a summary written with this one
+-- outlived a session its writes had not renewed for a while, and one of a
+-- session written under no TTL (kept forever) expired, and with it the
+-- summaries of turns compacted for good.
+local left = redis.call('PTTL', KEYS[1])
+if left > 0 then redis.call('PEXPIRE', KEYS[2], left) else redis.call('PERSIST', KEYS[2]) end
 return 1
 """
 
@@ -405,7 +405,7 @@ class SummaryStore:
             session_store.unbilled_key(tenant_id, session_id),
         ]
         field = f"{summary.first_turn}-{summary.end_turn}"
-        args = [created_ms, field, encoded, self._ttl_s, summary.summary_id]
+        args = [created_ms, field, encoded, summary.summary_id]
         if spent is None:
             args += ["", 0, 0]
         else:

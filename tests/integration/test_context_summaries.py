@@ -6,6 +6,7 @@ named in the manifest, kept across a restart and dropped by a revert."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 
@@ -665,3 +666,42 @@ async def test_a_summary_under_way_when_the_service_stops_is_written_within_the_
     assert set(spans) == {(0, SPAN)}
     assert spans[0, SPAN].method == "model:tiny-gpt"
     await client.aclose()
+
+
+async def test_a_summary_lives_as_long_as_its_session_whatever_ttl_its_writer_has(redis_url, tenant) -> None:
+    """A replica configured with another TTL than the session's latest
+    writer's (a rolling change of context.session_ttl_s) summarizes it. Its
+    summary took that replica's TTL: of a session kept forever (written under
+    TTL 0) and compacted behind its summaries, the whole summaries hash
+    expired, and the compacted turns had nothing standing for them for good;
+    of a session due to expire, it outlived it."""
+    client = redis.Redis.from_url(redis_url)
+    policy = summaries_lib.SummaryPolicy(span_turns=2, hot_window_turns=2, compact_after_turns=2)
+    turns = [msg(USER if i % 2 == 0 else ASSISTANT, turn_text(i)) for i in range(6)]
+    for session_ttl_s, summarizer_ttl_s in ((0, 600), (60, 600)):
+        session_id = f"kept-{session_ttl_s}"
+        sessions = session_store.SessionStore(client, session_ttl_s)
+        await sessions.create(tenant, session_id)
+        await sessions.append(tenant, session_id, None, turns[:4], {})
+        # Its own replica summarizes turns 0-1 and compacts them.
+        own = summaries_lib.Summarizer(sessions, SummaryStore(client, session_ttl_s), policy, None)
+        await own.summarize_due(tenant, session_id)
+        assert (await sessions.read(tenant, session_id)).compacted == 2
+        # Another replica's run summarizes the next span after an append,
+        # and compacts nothing more: no write of the session's but the summary's.
+        await sessions.append(tenant, session_id, None, turns[4:], {})
+        other_sessions = session_store.SessionStore(client, summarizer_ttl_s)
+        other_policy = dataclasses.replace(policy, compact_after_turns=0)
+        other = summaries_lib.Summarizer(
+            other_sessions, SummaryStore(client, summarizer_ttl_s), other_policy, None
+        )
+        await other.summarize_due(tenant, session_id)
+        assert (await sessions.read(tenant, session_id)).compacted == 2
+        spans, _ = await SummaryStore(client, 0).spans(tenant, session_id)
+        assert sorted(spans) == [(0, 2), (2, 4)]
+        session_left = await client.pttl(session_key(tenant, session_id))
+        summaries_left = await client.pttl(session_store.key(tenant, session_id, "summaries"))
+        if session_ttl_s == 0:
+            assert (session_left, summaries_left) == (-1, -1)
+        else:
+            assert 0 < summaries_left <= session_left <= session_ttl_s * 1000
