@@ -17,14 +17,15 @@ every TTL the run's sessions hold (move_clock): no test sleeps. Reads do
 not renew a session (README: sessions untouched this long expire; the
 store renews on writes), and neither does a step that changed nothing (a
 retried append, a pin held already, a compaction of no more turns).
-Summaries and the usage record are left out (test_context_summaries.py
-and test_router_summary_usage.py)."""
+SummarizedSessionStoreMachine (below) adds summaries, the summarizer's
+compaction behind them and their usage record to the same model."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import os
+import typing
 import uuid
 
 import grpc
@@ -43,10 +44,12 @@ from hypothesis.stateful import (
 )
 
 from meshgate.common.v1 import common_pb2
+from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from services.context import relevance, turn_index
 from services.context import store as session_store
+from services.context import summaries as summaries_lib
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +84,13 @@ TURNS = st.lists(
 )
 
 
+class Seen(typing.NamedTuple):
+    """A version as a reader of it saw it."""
+
+    messages: tuple[common_pb2.Message, ...]
+    history: tuple[int | None, ...]
+
+
 @dataclasses.dataclass
 class Session:
     """What one life of a session should hold."""
@@ -102,6 +112,15 @@ class Session:
     created_ms: int = 0
     # Seconds until it expires as the model's clock runs; None: kept forever.
     left_s: int | None = None
+    # Its ...:summaries hash: span (first, end) -> (summary id, first_version, end_version).
+    summaries: dict[tuple[int, int], tuple[str, int, int]] = dataclasses.field(default_factory=dict)
+    # What a summarizer that read version v saw: its turns (as appended) and
+    # the history then; kept for the versions a revert undid since too, as a
+    # run that read one may still be writing. None before the life began (a fork's).
+    seen: list[Seen | None] = dataclasses.field(default_factory=lambda: [Seen((), (0,))])
+    # Compacted by a step that wrote no summary of the turns (compact()):
+    # nothing then says which summaries stand for them.
+    blind: bool = False
 
     @property
     def system(self) -> list[bool]:
@@ -202,6 +221,7 @@ class SessionStoreMachine(RuleBasedStateMachine):
         model.counts += counts_of(turns)
         model.version += 1
         model.history.append(len(model.turns))
+        model.seen.append(Seen(tuple(model.messages), tuple(model.history)))
         if turn_id:
             model.turn_ids[turn_id] = model.version
         write = self.index.write(
@@ -394,15 +414,21 @@ class SessionStoreMachine(RuleBasedStateMachine):
             self.refused(call, grpc.StatusCode.FAILED_PRECONDITION, Reason.VERSION_COMPACTED)
         else:
             version = self.run(call)
-            del model.turns[held:], model.messages[held:], model.counts[held:]
-            model.pins = [pin for pin in model.pins if not pin.startswith("t:") or int(pin[2:]) < held]
-            for undone in range(to_version + 1, model.version + 1):
-                model.history[undone] = None
-            model.turn_ids = {turn_id: made for turn_id, made in model.turn_ids.items() if made <= to_version}
-            model.version += 1
-            model.history.append(held)
-            self.renewed(model)
+            self.reverted(model, to_version)
             assert version == model.version
+
+    def reverted(self, model: Session, to_version: int) -> None:
+        """The model's revert to ``to_version``, which it may be reverted to."""
+        held = model.turns_at(to_version)
+        del model.turns[held:], model.messages[held:], model.counts[held:]
+        model.pins = [pin for pin in model.pins if not pin.startswith("t:") or int(pin[2:]) < held]
+        for undone in range(to_version + 1, model.version + 1):
+            model.history[undone] = None
+        model.turn_ids = {turn_id: made for turn_id, made in model.turn_ids.items() if made <= to_version}
+        model.version += 1
+        model.history.append(held)
+        model.seen.append(Seen(tuple(model.messages), tuple(model.history)))
+        self.renewed(model)
 
     @rule(data=st.data())
     def fork(self, data) -> None:
@@ -450,9 +476,10 @@ class SessionStoreMachine(RuleBasedStateMachine):
                 turns=model.turns[:held],
                 messages=model.messages[:held],
                 counts=model.counts[:held],
-                history=model.history[: at_version + 1],
+                history=(history := model.history[: at_version + 1]),
                 pins=[pin for pin in model.pins if not pin.startswith("t:") or int(pin[2:]) < held],
                 created_ms=self.run(call),
+                seen=[None] * at_version + [Seen(tuple(model.messages[:held]), tuple(history))],
             )
             self.renewed(fork)
 
@@ -548,11 +575,13 @@ class SessionStoreMachine(RuleBasedStateMachine):
         system = [i for i, is_system in enumerate(model.system[:upto]) if is_system]
         return self.store.compact(self.tenant, session_id, read, upto, system, created_ms)
 
-    def compacted(self, model: Session, upto: int) -> int:
-        """The model's compaction of its first ``upto`` turns, now; returns
-        how many turns are compacted after it."""
+    def compacted(self, model: Session, upto: int, blind: bool = True) -> int:
+        """The model's compaction of its first ``upto`` turns, now (``blind``:
+        by a step that wrote no summary of them); returns how many turns are
+        compacted after it."""
         if upto <= model.compacted:
             return model.compacted
+        model.blind |= blind
         pinned = {int(pin[2:]) for pin in model.pins if pin.startswith("t:")}
         for i in range(model.compacted, upto):
             if not model.system[i] and i not in pinned:
@@ -741,6 +770,475 @@ def test_the_session_store_keeps_what_its_model_keeps(redis_url, monkeypatch) ->
         SessionStoreMachine.runner = runner
         run_state_machine_as_test(
             SessionStoreMachine,
+            settings=settings(
+                max_examples=examples,
+                stateful_step_count=50,
+                deadline=None,
+                derandomize=not hunting,
+                database=None,
+                suppress_health_check=[HealthCheck.too_slow],
+            ),
+        )
+
+
+# --- summaries and their usage record -------------------------------------------
+
+# The summarizer's policy in the model: spans of 2 turns out of a hot window
+# of 2, compacted past 4 live turns, so sequences within MAX_TURNS reach all three.
+SUMMARY_POLICY = summaries_lib.SummaryPolicy(span_turns=2, hot_window_turns=2, compact_after_turns=4)
+SPENDS = st.none() | st.builds(
+    summaries_lib.ModelSpend,
+    model=st.sampled_from(["m1", "m2"]),
+    prompt_tokens=st.integers(1, 50),
+    completion_tokens=st.integers(1, 9),
+)
+
+
+@dataclasses.dataclass
+class Usage:
+    """A session id's usage record (store.py's docstring) as it should be:
+    not a part of any life of the session, so kept by id."""
+
+    # Model -> [prompt tokens, completion tokens, summaries] no take took.
+    unbilled: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    # ``unbilled_take`` and ``unbilled_held``: (take id, what it took).
+    take: tuple[str, dict[str, list[int]]] | None = None
+    held: tuple[str, dict[str, list[int]]] | None = None
+    # Whether a summary of a live session wrote ``latest_key``.
+    keyed: bool = False
+    # Every model's spend the record counted, summed: what its takes must
+    # bill, each once.
+    spent: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    # Take id -> what the router billed under it (each id once, as its ledger).
+    billed: dict[str, dict[str, list[int]]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def exists(self) -> bool:
+        return bool(self.unbilled or self.take or self.held or self.keyed)
+
+
+def added(into: dict[str, list[int]], model: str, counts: list[int]) -> None:
+    into[model] = [held + more for held, more in zip(into.get(model, [0, 0, 0]), counts, strict=True)]
+
+
+def taken_of(raw: bytes | str) -> dict[str, list[int]]:
+    """What a take took, as the record and a take's answer spell it ('' for nothing)."""
+    return {spend.model: list(spend[1:]) for spend in session_store._spends(raw)}
+
+
+class SummarizedSessionStoreMachine(SessionStoreMachine):
+    """The session store's model, with summaries written as the summarizer
+    writes them (services/context/summaries.py: over a span of turns read at
+    a version, with the versions of its turns' appends, by SummaryStore.put),
+    by the summarizer itself (which compacts behind them), racing appends
+    and reverts, and the usage record their models' tokens are added to,
+    taken for the router to bill (held, acknowledged, retried). Besides
+    what the store's model checks, after every step: the summaries hash is
+    the model's (nothing a client or the summarizer stored is lost), a
+    summary that holds at the current version (summaries.valid_at) is of
+    exactly the turns the session holds in its span (after reverts, forks
+    and a new life of the id too), the turns compacted behind summaries
+    have one holding for each of them, an assembly's manifest marks turns
+    SUMMARIZED only with a summary of them, and every spend the record
+    counted is billed once, by take id, or still waits in the record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.usage: dict[str, Usage] = {session_id: Usage() for session_id in SESSIONS}
+        self.takes = 0
+
+    def start(self, ttl_s: int) -> None:
+        super().start(ttl_s)
+        self.summary_store = summaries_lib.SummaryStore(self.client, ttl_s)
+
+    def summary_of(self, model: Session, read: int, first: int, end: int) -> summaries_lib.Summary:
+        """The summary a run that read ``read`` makes of turns [first, end)."""
+        seen = model.seen[read]
+        span = list(seen.messages[first:end])
+        first_version, end_version = summaries_lib.versions_of_span(list(seen.history), first, end, read)
+        return summaries_lib.Summary(
+            summary_id=summaries_lib.span_digest(span)[:32],
+            first_turn=first,
+            end_turn=end,
+            first_version=first_version,
+            end_version=end_version,
+            method="extractive",
+            text=summaries_lib.extractive_summary(span),
+        )
+
+    def put_call(self, session_id: str, summary: summaries_lib.Summary, created_ms: int, spent):
+        # Its id for the content key's digest: a key no run reads (theirs are
+        # whole digests), as the model leaves that shared copy out.
+        return self.summary_store.put(self.tenant, session_id, summary.summary_id, summary, created_ms, spent)
+
+    def put(self, session_id: str, summary: summaries_lib.Summary, created_ms: int, spent) -> bool:
+        """The model's _PUT: what it counts; returns whether it writes."""
+        model = self.sessions.get(session_id)
+        span = (summary.first_turn, summary.end_turn)
+        live = model is not None and model.created_ms == created_ms
+        if spent is not None:
+            before = model.summaries.get(span) if model else None
+            if before is None or before[0] != summary.summary_id:
+                usage = self.usage[session_id]
+                counts = [spent.prompt_tokens, spent.completion_tokens, 1]
+                added(usage.unbilled, spent.model, counts)
+                added(usage.spent, spent.model, counts)
+                usage.keyed |= live
+        if not live or model.history[summary.end_version] is None:
+            return False
+        model.summaries[span] = (summary.summary_id, summary.first_version, summary.end_version)
+        return True
+
+    def draw_read(self, data, model: Session, least_turns: int) -> int | None:
+        """A version a summarizer run may have read in this life of the
+        session, holding ``least_turns`` turns or more: mostly the current
+        one or one a revert undid since (whose summaries are refused)."""
+        reads = [
+            version
+            for version, seen in enumerate(model.seen)
+            if seen is not None and len(seen.messages) >= least_turns
+        ]
+        reads += [
+            version for version in reads if version == model.version or model.history[version] is None
+        ] * 2
+        return data.draw(st.sampled_from(reads), label="read") if reads else None
+
+    def draw_span(self, data, held: int) -> tuple[int, int]:
+        first = data.draw(st.integers(0, held - 1), label="first")
+        return first, data.draw(st.integers(first + 1, min(first + 3, held)), label="end")
+
+    @rule(
+        data=st.data(),
+        spent=SPENDS,
+        life=st.sampled_from(["this", "this", "this", "earlier"]),
+        runs=st.integers(1, 2),
+    )
+    def write_summary(self, data, spent, life: str, runs: int) -> None:
+        """A summary of a span of turns read at some version, as a run writes
+        it after its model call: appends, reverts (also undoing the version
+        read) or a delete may have come since; now and then it was made from
+        an earlier life of the session; or by ``runs`` replicas' runs, each
+        of which paid a model for it (its tenant pays once)."""
+        session_id = self.draw_session(data)
+        model = self.sessions.get(session_id)
+        if model is None or (read := self.draw_read(data, model, 1)) is None:
+            return
+        first, end = self.draw_span(data, len(model.seen[read].messages))
+        summary = self.summary_of(model, read, first, end)
+        created_ms = model.created_ms - (life == "earlier")
+        for _ in range(runs):
+            written = self.run(self.put_call(session_id, summary, created_ms, spent))
+            assert written == self.put(session_id, summary, created_ms, spent)
+            event(f"summary written: {written}")
+
+    @rule(data=st.data(), spent=SPENDS)
+    def summary_of_a_deleted_session(self, data, spent) -> None:
+        """A run's summary of a session deleted (or expired) while its model
+        call ran: nothing is written, but what the model spent is counted."""
+        absent = [session_id for session_id in SESSIONS if session_id not in self.sessions]
+        if not absent:
+            return
+        session_id = data.draw(st.sampled_from(absent), label="gone")
+        summary = summaries_lib.Summary("0" * 32, 0, 1, 1, 1, "extractive", "gone")
+        assert not self.run(self.put_call(session_id, summary, 1, spent))
+        assert not self.put(session_id, summary, 1, spent)
+
+    @rule(data=st.data(), spent=SPENDS, order=st.sampled_from(["at once", "summary first", "revert first"]))
+    def summary_racing_a_revert(self, data, spent, order: str) -> None:
+        """A summary of turns read now, written while a revert lands: written
+        first and then undone, or refused because its turns' version is
+        undone already; never holding for turns the session no longer holds.
+        Sent at once, the revert lands first (the summary's write is two
+        calls): one before the other is drawn too."""
+        session_id = self.draw_session(data)
+        model = self.sessions.get(session_id)
+        if model is None or not model.turns:
+            return
+        first, end = self.draw_span(data, len(model.turns))
+        summary = self.summary_of(model, model.version, first, end)
+        targets = [
+            version
+            for version, held in enumerate(model.history)
+            if held is not None and held >= model.compacted
+        ]
+        to_version = data.draw(st.sampled_from(targets), label="to version")
+
+        async def race():
+            put = self.put_call(session_id, summary, model.created_ms, spent)
+            revert = self.store.revert(self.tenant, session_id, to_version, None)
+            if order == "at once":
+                return await asyncio.gather(put, revert)
+            if order == "summary first":
+                return await put, await revert
+            version = await revert
+            return await put, version
+
+        written, version = self.run(race())
+        undone = summary.end_version > to_version
+        event(f"summary racing a revert: undone {undone}, written {written}")
+        # In the order Redis ran them: the summary refused only after the
+        # revert undid its turns' version.
+        if order == "summary first" or (order == "at once" and written):
+            assert written == self.put(session_id, summary, model.created_ms, spent)
+            self.reverted(model, to_version)
+        else:
+            self.reverted(model, to_version)
+            assert written == self.put(session_id, summary, model.created_ms, spent)
+        assert version == model.version
+
+    @rule(data=st.data(), spent=SPENDS, turns=TURNS)
+    def summary_racing_an_append(self, data, spent, turns) -> None:
+        """A summary of turns read at some version, written while an append
+        lands: an append leaves every turn before it as it was."""
+        session_id = self.draw_session(data)
+        model = self.sessions.get(session_id)
+        if (
+            model is None
+            or not self.room_for(model, turns)
+            or (read := self.draw_read(data, model, 1)) is None
+        ):
+            return
+        first, end = self.draw_span(data, len(model.seen[read].messages))
+        summary = self.summary_of(model, read, first, end)
+
+        async def race():
+            return await asyncio.gather(
+                self.put_call(session_id, summary, model.created_ms, spent),
+                self.append_call(session_id, None, turns),
+            )
+
+        written, appended = self.run(race())
+        assert written == self.put(session_id, summary, model.created_ms, spent)
+        self.apply_append(session_id, model, turns, "", appended.create_time_ms)
+        assert appended.version == model.version
+
+    def summarizer(self) -> summaries_lib.Summarizer:
+        return summaries_lib.Summarizer(self.store, self.summary_store, SUMMARY_POLICY, None)
+
+    @rule(data=st.data())
+    def summarize_due(self, data) -> None:
+        """The summarizer's run (extractive): every due span summarized, and
+        turns compacted behind the summaries past the soft cap."""
+        session_id = self.draw_session(data)
+        model = self.sessions.get(session_id)
+        call = self.summarizer().summarize_due(self.tenant, session_id)
+        if model is None:
+            self.missing(call)
+            return
+        assert self.run(call) == (model.version, model.created_ms)
+        self.summarized(session_id, model)
+
+    @rule(data=st.data(), turns=TURNS)
+    def summarize_due_racing_an_append(self, data, turns) -> None:
+        """The summarizer's run while an append lands: whatever it wrote and
+        compacted holds for the turns the session has after both."""
+        session_id = self.draw_session(data)
+        model = self.sessions.get(session_id)
+        if model is None:
+            return
+
+        async def race():
+            return await asyncio.gather(
+                self.summarizer().summarize_due(self.tenant, session_id),
+                self.append_call(session_id, None, turns),
+                return_exceptions=True,
+            )
+
+        room_before = self.room_for(model, turns)
+        (read, _), appended = self.run(race())
+        meta = session_store.key(self.tenant, session_id, "meta")
+        compacted, compacted_version = self.run(self.client.hmget(meta, "compacted", "compacted_version"))
+        if isinstance(appended, MeshgateError):
+            # Full, and compacted after the refusal, if at all.
+            assert appended.reason == Reason.SESSION_FULL and not room_before, appended
+            self.summarized(session_id, model)
+            return
+        assert isinstance(appended, session_store.Appended), appended
+        if int(compacted or 0) > model.compacted and int(compacted_version) == model.version:
+            event("summarizer compacted, then appended")
+            self.summarized(session_id, model)
+        else:
+            assert room_before
+        self.apply_append(session_id, model, turns, "", appended.create_time_ms)
+        assert read in (model.version - 1, model.version)
+        self.summarized(session_id, model)
+
+    def summarized(self, session_id: str, model: Session) -> None:
+        """Takes what the summarizer wrote into the model, once it is what
+        it may write: a summary of the session's own turns, holding now,
+        where the hash held none that holds; and a compaction no further
+        than the run of summaries from turn 0 that holds (summaries.coverage)."""
+        stored = self.run(self.summary_store.spans(self.tenant, session_id))[0]
+        for span, summary in stored.items():
+            entry = (summary.summary_id, summary.first_version, summary.end_version)
+            before = model.summaries.get(span)
+            if before == entry:
+                continue
+            assert before is None or not self.holds(model, before[2]), (span, before, entry)
+            assert self.holds(model, summary.end_version), summary
+            assert summary.summary_id == summaries_lib.span_digest(model.messages[span[0] : span[1]])[:32]
+            model.summaries[span] = entry
+            event("the summarizer wrote a summary")
+        assert stored.keys() == model.summaries.keys(), "a summary the summarizer never wrote, or lost"
+        meta = session_store.key(self.tenant, session_id, "meta")
+        compacted = int(self.run(self.client.hget(meta, "compacted")) or 0)
+        if compacted > model.compacted:
+            event("the summarizer compacted")
+            assert model.blind or compacted <= self.covered(model)
+            self.compacted(model, compacted, blind=False)
+
+    def holds(self, model: Session, end_version: int) -> bool:
+        """summaries.valid_at, for the model's session now."""
+        return end_version <= model.version and model.history[end_version] is not None
+
+    def standing(self, model: Session) -> list[summaries_lib.Summary]:
+        """The model's summaries that hold now, as summaries.coverage chooses them."""
+        return summaries_lib.coverage(
+            summaries_lib.Summary(summary_id, first, end, first_version, end_version, "", "")
+            for (first, end), (summary_id, first_version, end_version) in model.summaries.items()
+            if self.holds(model, end_version)
+        )
+
+    def covered(self, model: Session) -> int:
+        return summaries_lib.covered_end(self.standing(model))
+
+    def draw_usage(self, data) -> str:
+        """Mostly a session id whose record holds usage or a take; now and then any."""
+        owing = [
+            session_id for session_id, usage in sorted(self.usage.items()) if usage.unbilled or usage.held
+        ]
+        return data.draw(st.sampled_from(owing * 3 + list(SESSIONS)), label="usage of")
+
+    @rule(data=st.data(), hold=st.booleans(), again=st.sampled_from(["at once", "at once", "later", "no"]))
+    def take_usage(self, data, hold: bool, again: str) -> None:
+        """A router's take of a session's usage (by id, also of a session
+        gone; ``hold``: held until acknowledged): a new take, sent again
+        ``at once`` (its reply lost), or the ``later`` one sent again after
+        the steps since."""
+        session_id = self.draw_usage(data)
+        latest = self.usage[session_id].held or self.usage[session_id].take
+        if again == "later" and latest is not None:
+            self.take(session_id, latest[0], hold)
+            return
+        self.takes += 1
+        self.take(session_id, f"take-{self.takes}", hold)
+        if again == "at once":
+            self.take(session_id, f"take-{self.takes}", hold)
+
+    def take(self, session_id: str, take_id: str, hold: bool) -> None:
+        usage = self.usage[session_id]
+        call = (self.store.take_held if hold else self.store.take_unbilled)(self.tenant, session_id, take_id)
+        if not usage.exists and session_id not in self.sessions:
+            self.missing(call)
+            return
+        answered = self.run(call)
+        answered_id, spends = answered if hold else (take_id, answered)
+        taken = {spend.model: list(spend[1:]) for spend in spends}
+        if hold and usage.held:
+            expected = usage.held
+        elif usage.take and usage.take[0] == take_id:
+            expected = usage.take
+        else:
+            expected = (take_id, usage.unbilled)
+            usage.unbilled, usage.take = {}, None
+            if hold:
+                usage.held = expected if expected[1] else None
+            else:
+                usage.take = expected
+        assert (answered_id, taken) == expected
+        # The router's ledger bills each take id once: a take answered again
+        # must answer what was billed under its id.
+        if taken:
+            assert usage.billed.setdefault(answered_id, taken) == taken, (answered_id, usage.billed)
+
+    @rule(data=st.data())
+    def acknowledge_take(self, data) -> None:
+        session_id = self.draw_usage(data)
+        usage = self.usage[session_id]
+        # Mostly the held take's; now and then another's, which ends no hold.
+        held = [usage.held[0]] * 3 if usage.held else []
+        take_id = data.draw(st.sampled_from([*held, f"take-{self.takes}"]), label="take id")
+        self.run(self.store.acknowledge_take(self.tenant, session_id, take_id))
+        if usage.held and usage.held[0] == take_id:
+            usage.take, usage.held = usage.held, None
+
+    async def check(self, session_id: str, model: Session | None) -> None:
+        await super().check(session_id, model)
+        await self.check_usage(session_id, self.usage[session_id])
+        if model is None:
+            return
+        raw = await self.client.hgetall(session_store.key(self.tenant, session_id, "summaries"))
+        stored = {}
+        for field, value in raw.items():
+            summary = summaries_lib.decode(value)
+            first, end = map(int, field.decode().split("-"))
+            assert (summary.first_turn, summary.end_turn) == (first, end), field
+            stored[first, end] = (summary.summary_id, summary.first_version, summary.end_version)
+        assert stored == model.summaries
+        # A summary that holds now stands for exactly the turns the session
+        # holds in its span; one of turns a revert undid, or of another
+        # life's or another session's, never holds.
+        for (first, end), (summary_id, _, end_version) in model.summaries.items():
+            if self.holds(model, end_version):
+                assert summary_id == summaries_lib.span_digest(model.messages[first:end])[:32], (first, end)
+        if not model.blind:
+            # Compacted turns have a summary standing for each.
+            assert self.covered(model) >= model.compacted
+        await self.check_manifest(session_id, model)
+
+    async def check_manifest(self, session_id: str, model: Session) -> None:
+        """An assembly leaving every turn out: its manifest marks a turn
+        SUMMARIZED only with a summary, sent in the prompt, of exactly the
+        span holding it; and every compacted turn whose body is gone gets
+        one, unless compact() emptied it with no summary."""
+        served = await self.summarizer().summaries_for(
+            self.tenant, session_id, model.version, model.created_ms, [(0, len(model.turns))]
+        )
+        response = context_pb.AssembleContextResponse()
+        for index in range(len(model.turns)):
+            response.manifest.entries.add(
+                source=context_pb.SOURCE_SESSION, index=index, disposition=context_pb.DISPOSITION_DROPPED
+            )
+        sent = summaries_lib.add_summaries(response, served, [1] * len(served), len(served), 0)
+        assert sent == served
+        for entry in response.manifest.entries[: len(model.turns)]:
+            if entry.disposition == context_pb.DISPOSITION_SUMMARIZED:
+                # Of the summaries sent, the one of the span holding the turn
+                # (two spans of the same turns share an id: their digest's).
+                (ref,) = [
+                    ref
+                    for ref in response.inputs.summaries
+                    if ref.summary_id == entry.summary_id and ref.first_turn <= entry.index < ref.end_turn
+                ]
+                span = model.messages[ref.first_turn : ref.end_turn]
+                assert entry.summary_id == summaries_lib.span_digest(span)[:32]
+            elif not model.blind:
+                assert model.turns[entry.index] != b"", entry
+
+    async def check_usage(self, session_id: str, usage: Usage) -> None:
+        record = await self.client.hgetall(session_store.unbilled_key(self.tenant, session_id))
+        assert taken_of(record.get(b"unbilled", b"")) == usage.unbilled
+        for field, expected in ((b"unbilled_take", usage.take), (b"unbilled_held", usage.held)):
+            take_id, _, taken = record[field].decode().partition(" ") if field in record else ("", "", "")
+            assert (take_id, taken_of(taken)) == (expected or ("", {})), field
+        assert (b"latest_key" in record) == usage.keyed
+        # Every spend counted is billed once or still owed.
+        billed: dict[str, list[int]] = {}
+        for taken in [*usage.billed.values(), usage.unbilled]:
+            for model_name, counts in taken.items():
+                added(billed, model_name, counts)
+        assert billed == usage.spent
+
+
+def test_summaries_and_their_usage_keep_what_their_model_keeps(redis_url, monkeypatch) -> None:
+    monkeypatch.setattr(session_store, "TURN_IDS_KEPT", TURN_IDS_KEPT)
+    SummarizedSessionStoreMachine.redis_url = redis_url
+    hunting = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
+    examples = int(os.environ.get("MESHGATE_MODEL_EXAMPLES", "30"))
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        SummarizedSessionStoreMachine.runner = runner
+        run_state_machine_as_test(
+            SummarizedSessionStoreMachine,
             settings=settings(
                 max_examples=examples,
                 stateful_step_count=50,
