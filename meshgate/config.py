@@ -21,6 +21,7 @@ import string
 import tomllib
 import types
 import typing
+import urllib.parse
 from typing import Any
 
 if typing.TYPE_CHECKING:
@@ -645,6 +646,12 @@ class RouterSettings:
     hot_exact_entries: int = 4096
     hot_exact_max_age_s: float = 2.0
     hot_exact_max_bytes: int = 64 * 1024 * 1024
+    # The Redis the cache service publishes those notices on: its own
+    # redis.url, where that is not this router's ("": the same). A router
+    # subscribed to another Redis stays live and hears nothing, so its
+    # copies outlived Invalidates and reported wrong hits by up to
+    # hot_exact_max_age_s.
+    cache_redis_url: str = ""
     # Prompt templates, invoked by name (and optionally version) through Chat.
     templates: list[TemplateSettings] = dataclasses.field(default_factory=list)
 
@@ -1235,6 +1242,7 @@ def load_settings(
     settings = _build(Settings, raw, "")
     _check_numbers(settings, "")
     _check_redis_timeout(settings)
+    _check_cache_redis_url(settings)
     _check_addresses(settings)
     check_router_models(settings)
     return settings
@@ -1336,6 +1344,27 @@ def _check_redis_timeout(settings: Settings) -> None:
             f"cache.report_replication_timeout_s ({settings.cache.report_replication_timeout_s:g}), "
             "which Redis's WAIT blocks for"
         )
+
+
+def _check_cache_redis_url(settings: Settings) -> None:
+    """router.cache_redis_url, checked at load as redis.url is at a
+    service's start: the subscription reads it only in the background,
+    where a bad URL would leave the copies bypassed for good, unsaid."""
+    # Imported here: redis_access imports this module.
+    from meshgate.redis_access import CLUSTER_SCHEMES, check_url, redacted
+
+    url = settings.router.cache_redis_url
+    if not url:
+        return
+    if urllib.parse.urlsplit(url).scheme not in {"redis", "rediss", "unix", *CLUSTER_SCHEMES}:
+        raise ConfigError(
+            f"router.cache_redis_url {redacted(url)!r} is no Redis URL: redis://, rediss://, unix:// "
+            "or redis+cluster:// (rediss+cluster://), as redis.url"
+        )
+    try:
+        check_url(url)
+    except ConfigError as error:
+        raise ConfigError(f"router.cache_redis_url: {error}") from None
 
 
 def _check_addresses(settings: Settings) -> None:

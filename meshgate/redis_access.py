@@ -152,7 +152,7 @@ _FIXED_QUERY_KEYS = frozenset(
 )
 
 
-def _check_url(url: str) -> None:
+def check_url(url: str) -> None:
     parts = urllib.parse.urlsplit(url)
     if not is_cluster(url):  # _cluster_nodes reads a cluster's ports
         try:
@@ -206,7 +206,7 @@ def connect(url: str, timeout_s: float = RedisSettings.timeout_s) -> Client:
     ``timeout_s`` (redis.timeout_s) of silence: a stalled Redis costs a call
     one timeout, once (no command is retried, nor the call by gRPC:
     errors.py _NOT_RETRIED_REASONS)."""
-    _check_url(url)
+    check_url(url)
     if is_cluster(url):
         return _connect_cluster(url, timeout_s)
     pool = redis.BlockingConnectionPool.from_url(
@@ -304,7 +304,7 @@ async def connect_subscriber(url: str, timeout_s: float = RedisSettings.timeout_
     client picks (the master of the channel's slot) hears every service's
     notices; the client must know the cluster's nodes before it can pick
     one."""
-    _check_url(url)
+    check_url(url)
     if not is_cluster(url):
         return redis.Redis.from_url(
             url,

@@ -51,6 +51,7 @@ _RESTART_ONLY = (
     "router.hot_exact_entries",
     "router.hot_exact_max_age_s",
     "router.hot_exact_max_bytes",
+    "router.cache_redis_url",
     "redis.url",
     "mesh",
     "telemetry",
@@ -144,7 +145,9 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         hot_exact = HotExactHits(
             router.hot_exact_entries, router.hot_exact_max_age_s, max_bytes=router.hot_exact_max_bytes
         )
-        listener = notice_listener(settings.redis.url, hot_exact, settings.redis.timeout_s)
+        # The cache service's notices, on its Redis where that is not ours.
+        notices_url = router.cache_redis_url or settings.redis.url
+        listener = notice_listener(notices_url, hot_exact, settings.redis.timeout_s)
         listener.start()
     cache = CacheService(
         cache_service_pb2_grpc.CacheServiceStub(cache_channel), tenant_tokens, settings.router, hot_exact

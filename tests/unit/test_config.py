@@ -213,6 +213,22 @@ def test_a_hot_exact_byte_bound_below_a_mebibyte_is_refused():
     assert settings.router.hot_exact_max_bytes == 1048576
 
 
+def test_a_cache_redis_url_that_cannot_be_subscribed_to_is_refused_at_load():
+    """The router subscribes to it only in the background, where a URL that
+    cannot work would leave its hot copies bypassed for good, unsaid."""
+    assert load_settings(environ={}).router.cache_redis_url == ""
+    for url, why in (
+        ("http://cache-redis:6379", "is no Redis URL"),
+        ("redis://:pa/ss@cache-redis:6379", "port is not a number"),
+        ("redis://cache-redis:6379/0?retry_on_timeout=true", "cannot be set in the URL"),
+    ):
+        with pytest.raises(ConfigError, match=f"router.cache_redis_url.*{why}") as refused:
+            load_settings(environ={"MESHGATE_ROUTER__CACHE_REDIS_URL": url})
+        assert "pa/ss" not in str(refused.value)
+    for url in ("redis://cache-redis:6379/1", "rediss+cluster://node-a:6379,node-b:6379"):
+        assert load_settings(environ={"MESHGATE_ROUTER__CACHE_REDIS_URL": url}).router.cache_redis_url == url
+
+
 def test_a_usage_retention_longer_than_getusage_can_read_is_refused():
     """A bug hunt's finding: any positive retention loaded, and GetUsage may
     ask for every day kept, one Redis read a day on the router's loop: 1e6

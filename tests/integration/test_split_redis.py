@@ -1,0 +1,122 @@
+"""A mesh whose services do not all share one Redis: the cache service on a
+Redis of its own, the router and the context service on another (each
+process reading its own ``redis.url``). The router's hot copies of cache
+hits are kept coherent by the notices the cache service publishes on its
+Redis, so the router must hear that Redis (``router.cache_redis_url``):
+hearing its own instead, it stays subscribed and live, hears nothing, and
+went on serving a copy after an Invalidate or a reported wrong hit for as
+long as ``router.hot_exact_max_age_s``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import subprocess
+import time
+
+import pytest
+
+from meshgate.cache.v1 import cache_service_pb2 as cache_pb
+from meshgate.cache.v1 import cache_service_pb2_grpc
+from meshgate.common.v1 import common_pb2
+from meshgate.config import RedisSettings
+from meshgate.local import redis_server
+from meshgate.local.stack import free_port
+from meshgate.router.v1 import router_service_pb2 as pb
+from meshgate.router.v1 import router_service_pb2_grpc
+from services.cache import app as cache_app
+from services.context import app as context_app
+from services.router import app as router_app
+from tests.integration.conftest import answer_of, running, service_settings
+from tests.mesh import bounded_channel, router_channel
+
+pytestmark = pytest.mark.integration
+
+KEY = "split-redis-key"
+AUTH = [("authorization", f"Bearer {KEY}")]
+MAX_TOKENS = 6
+# Far above how soon a notice stops a copy (test_router_hot_exact.py's
+# NOTICE_BOUND_S), far below the copies' own age limit.
+NOTICE_BOUND_S = 3.0
+COPY_MAX_AGE_S = 600.0
+
+
+@pytest.fixture
+def cache_redis_url(tmp_path):
+    """A second real Redis, the cache service's alone."""
+    port = free_port()
+    process = redis_server.launch(port, tmp_path / "cache-redis")
+    try:
+        redis_server.wait_ready(port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@contextlib.asynccontextmanager
+async def split_mesh(redis_url: str, cache_redis_url: str, inference_address: str):
+    """Context and router on ``redis_url``, the cache on ``cache_redis_url``
+    (which the router is told of); yields (the router's stub, the cache
+    service's stub)."""
+    settings = service_settings(redis_url, inference_address, KEY)
+    settings.router.hot_exact_max_age_s = COPY_MAX_AGE_S
+    settings.router.cache_redis_url = cache_redis_url
+    cache_settings = dataclasses.replace(settings, redis=RedisSettings(url=cache_redis_url))
+    async with contextlib.AsyncExitStack() as stack:
+        settings.router.context_address = await stack.enter_async_context(
+            running(context_app, "context", settings)
+        )
+        settings.router.cache_address = await stack.enter_async_context(
+            running(cache_app, "cache", cache_settings)
+        )
+        router_address = await stack.enter_async_context(running(router_app, "router", settings))
+        router = router_service_pb2_grpc.RouterServiceStub(
+            await stack.enter_async_context(bounded_channel(router_address))
+        )
+        cache = cache_service_pb2_grpc.CacheServiceStub(
+            await stack.enter_async_context(router_channel(settings.router.cache_address, "cache"))
+        )
+        yield router, cache
+
+
+def ask(text: str) -> pb.ChatRequest:
+    return pb.ChatRequest(
+        model="tiny-gpt",
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=text)],
+        parameters=common_pb2.GenerationParameters(max_tokens=MAX_TOKENS),
+        cache_policy=pb.CACHE_POLICY_USE,
+    )
+
+
+async def chat(router, text: str) -> tuple[str, pb.ChatCompletion]:
+    return await answer_of(router.Chat(ask(text), metadata=AUTH))
+
+
+async def stops_serving(router, text: str, old: str) -> None:
+    """Waits until the router no longer answers ``text`` with ``old``."""
+    started = time.monotonic()
+    while True:
+        served, completion = await chat(router, text)
+        if completion.cache_status != pb.CACHE_STATUS_EXACT_HIT or served != old:
+            return
+        assert time.monotonic() - started < NOTICE_BOUND_S, "the router kept serving its copy"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_router_hears_the_cache_services_notices_on_the_cache_redis(
+    redis_url, cache_redis_url, inference_address
+):
+    async with split_mesh(redis_url, cache_redis_url, inference_address) as (router, cache):
+        old, first = await chat(router, "split redis invalidate")
+        assert first.cache_status == pb.CACHE_STATUS_MISS
+        for _ in range(2):
+            served, completion = await chat(router, "split redis invalidate")
+            assert (served, completion.cache_status) == (old, pb.CACHE_STATUS_EXACT_HIT)
+        invalidated = await cache.Invalidate(cache_pb.InvalidateRequest(tenant_id="dev", model="tiny-gpt"))
+        assert invalidated.entries_removed >= 1
+        await stops_serving(router, "split redis invalidate", old)
