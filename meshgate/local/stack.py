@@ -228,7 +228,7 @@ def _toml_string(value: str) -> str:
 # Settings the stack writes and relies on itself: where each process listens
 # and what it dials (the stack waits on those ports and prints them), the
 # mesh's TLS and certificates (it dials its services with them), Redis (its
-# own, or REDIS_URL) and the dev tenant and its API key (--api-key, which it
+# own, or REDIS_URL, the router's cache notices' too) and the dev tenant and its API key (--api-key, which it
 # prints); the mesh's tunables (mesh.tenant_token_ttl_s) are not its own. An
 # environment override of one has the services disagree with the stack: MESHGATE_MESH__TLS=false
 # had them listen in plain text while the stack dialled them with mutual TLS
@@ -236,7 +236,7 @@ def _toml_string(value: str) -> str:
 # are the services' own business and pass on.
 _STACK_OWNED = re.compile(
     r"MESHGATE_(DEV_API_KEY|MESH__(TLS|CA_FILE|CERT_FILE|KEY_FILE|ROUTER_CERT_FILE)|REDIS__.+"
-    r"|ROUTER__DEV_API_KEY|ROUTER__DEV_TENANT"
+    r"|ROUTER__DEV_API_KEY|ROUTER__DEV_TENANT|ROUTER__CACHE_REDIS_URL"
     r"|[^_]+__(.+_)?(LISTEN|ADDRESS|TRITON_URLS)|MODELS__.+__DEPLOYMENTS.*)",
     re.IGNORECASE,
 )

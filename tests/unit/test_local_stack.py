@@ -64,6 +64,8 @@ OWNED = {
     "MESHGATE_ROUTER__CONTEXT_ADDRESS": "127.0.0.1:9002",
     "MESHGATE_CACHE__LISTEN": "127.0.0.1:9003",
     "MESHGATE_ROUTER__DEV_TENANT": "false",
+    # Every service of the stack is on its Redis: another would be unheard.
+    "MESHGATE_ROUTER__CACHE_REDIS_URL": "redis://127.0.0.1:9004/0",
 }
 # The services' own business: passed on whoever starts them.
 TUNING = {
