@@ -1059,11 +1059,13 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         view = await self._session_view(request, terms, counter, at_version, packs)
         if request.HasField("append_reservation"):
             # Before any scoring or reading of texts: a turn its session
-            # cannot store is refused before its caller generates for it.
+            # cannot store, or its tenant's bound as this replica last found
+            # it, is refused before its caller generates for it.
             reservation = request.append_reservation
             live_turns = len(view.roles) - view.compacted
             with self._compacting_when_full(tenant_id, session_id):
                 self._store.check_room(
+                    tenant_id,
                     session_id,
                     live_turns,
                     view.held_bytes,

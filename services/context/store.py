@@ -147,6 +147,7 @@ atomic.
 
 from __future__ import annotations
 
+import collections
 import collections.abc
 import contextlib
 import dataclasses
@@ -841,18 +842,29 @@ TURN_OVERHEAD_BYTES = 1024
 # Expired sessions one call of a tenant's record forgets at most (oldest
 # first): bounded work per call, and more than the one session a call adds.
 _FORGOTTEN_PER_CALL = 8
+# Tenants whose record refused a write on this replica, with what its calls
+# here last found they hold (TenantHoldings.check_last_refusal): at most
+# this many, the least recently found forgotten first, each believed for
+# QUOTA_REFUSAL_KEPT_S after the call that found it. The staleness bound:
+# room given back where this replica does not see it (another replica's
+# delete, revert or compaction, a session's expiry) is found at most that
+# long late, so a tenant that freed room may be refused up front for that
+# long; a tenant that stays at its bound has at most one turn per replica
+# and period generated before its append refuses it.
+QUOTA_REFUSALS_KEPT = 10_000
+QUOTA_REFUSAL_KEPT_S = 5.0
 
 # KEYS: the tenant's record: its sessions' bytes (hash: ``s:<session id>``
 # what the session's turns hold with their overhead, ``p:<session id>``
 # what pins added, ``total``), their expiries (sorted set, ms of Redis's
-# clock). ARGV: session id, what to do ('fits': whether ARGV[3] bytes more
-# fit, nothing written but the forgetting; 'set': the session's ``s:`` is
+# clock). ARGV: session id, what to do ('fits': what the tenant holds,
+# nothing written but the forgetting; 'set': the session's ``s:`` is
 # ARGV[3]; 'pin': its ``p:`` grows by ARGV[3]; 'drop': it holds nothing),
-# bytes, the bound (for 'fits'), the session's TTL in ms (0: none), the
-# most expired sessions to forget. Returns -1, or for a 'fits' that does
-# not, what the tenant holds. Expired sessions are forgotten first, and
-# their deletes are the first writes (OOM_FIRST does not apply: the record
-# may pass a full Redis's maxmemory by one field, no more).
+# bytes, the session's TTL in ms (0: none), the most expired sessions to
+# forget. Returns what the tenant holds (after the change). Expired
+# sessions are forgotten first, and their deletes are the first writes
+# (OOM_FIRST does not apply: the record may pass a full Redis's maxmemory by
+# one field, no more).
 _HOLDINGS = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -863,7 +875,7 @@ local function forget(id)
   redis.call('HDEL', KEYS[1], 's:' .. id, 'p:' .. id)
   redis.call('ZREM', KEYS[2], id)
 end
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[6]))
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[5]))
 for _, id in ipairs(expired) do forget(id) end
 -- Never below 0: a count set while another call forgot the session (see
 -- TenantHoldings) is added once more and taken once.
@@ -871,8 +883,7 @@ total = math.max(0, total)
 local what, bytes = ARGV[2], tonumber(ARGV[3])
 if what == 'fits' then
   if #expired > 0 then redis.call('HSET', KEYS[1], 'total', total) end
-  if total + bytes > tonumber(ARGV[4]) then return total end
-  return -1
+  return total
 end
 if what == 'drop' then
   forget(ARGV[1])
@@ -883,11 +894,12 @@ else
   if what == 'pin' then held = was + bytes end
   total = total - was + held
   redis.call('HSET', KEYS[1], field, held)
-  local ttl = tonumber(ARGV[5])
+  local ttl = tonumber(ARGV[4])
   redis.call('ZADD', KEYS[2], ttl > 0 and now + ttl or '+inf', ARGV[1])
 end
-redis.call('HSET', KEYS[1], 'total', math.max(0, total))
-return -1
+total = math.max(0, total)
+redis.call('HSET', KEYS[1], 'total', total)
+return total
 """
 
 _COUNTS_PREFIX = b"tokens:"
@@ -1120,13 +1132,22 @@ class TenantHoldings:
     - The overheads are measured means; a tenant's turns of other sizes
       hold somewhat more or less per turn.
 
-    Nothing ever refuses another tenant's write."""
+    A tenant refused is remembered on the replica that refused it, with
+    what the record held, and its turns that would pass the bound on that
+    are refused before they are generated (``check_last_refusal``), for
+    QUOTA_REFUSAL_KEPT_S after the latest call here that found what it
+    holds: room given back through other replicas, or by an expiry, is
+    seen that late. Nothing ever refuses another tenant's write."""
 
     def __init__(self, client: redis.Redis, ttl_s: int, most: int) -> None:
         self._ttl_ms = ttl_s * 1000
         # 0: no bound; nothing is counted.
         self.most = most
         self._script = client.register_script(_HOLDINGS)
+        # Tenants refused here: tenant -> (what the record's latest call
+        # here found it holds, time.monotonic() until which that is
+        # believed); QUOTA_REFUSAL_KEPT_S.
+        self._refused: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
 
     async def fits(self, tenant_id: str, session_id: str, size: int) -> None:
         """Raises SESSION_QUOTA_EXCEEDED unless ``size`` bytes more fit in
@@ -1135,20 +1156,52 @@ class TenantHoldings:
             return
         with redis_reachable():
             held = await self._call(tenant_id, session_id, "fits", size)
-        if held >= 0:
-            raise MeshgateError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                Reason.SESSION_QUOTA_EXCEEDED,
-                f"the tenant's sessions hold {held} bytes of Redis; {size} more would pass "
-                f"context.max_bytes_per_tenant ({self.most}): delete, revert or fork at an "
-                "earlier version sessions it no longer needs, or wait for them to expire",
-                {
-                    "limit": "max_bytes_per_tenant",
-                    "scope": "tenant",
-                    "limit_value": str(self.most),
-                    "bytes": str(held),
-                },
-            )
+        if held + size <= self.most:
+            self._learned(tenant_id, held)
+            return
+        self._refused[tenant_id] = (held, time.monotonic() + QUOTA_REFUSAL_KEPT_S)
+        self._refused.move_to_end(tenant_id)
+        if len(self._refused) > QUOTA_REFUSALS_KEPT:
+            self._refused.popitem(last=False)
+        raise self._exceeded(held, size)
+
+    def _learned(self, tenant_id: str, held: int) -> None:
+        """What a call of the record found the tenant holds: a tenant
+        refused before is then believed to hold that (less after a delete,
+        a revert or a compaction; more after a write), from now on."""
+        if tenant_id in self._refused:
+            self._refused[tenant_id] = (held, time.monotonic() + QUOTA_REFUSAL_KEPT_S)
+            self._refused.move_to_end(tenant_id)
+
+    def check_last_refusal(self, tenant_id: str, size: int) -> None:
+        """Raises what ``fits`` would, from memory, with no Redis call, for
+        a tenant this replica's calls of the record refused: when ``size``
+        bytes more would pass the bound on what they last found it holds,
+        within QUOTA_REFUSAL_KEPT_S. Made before a turn is generated (an
+        assembly's append_reservation), so a tenant at its bound is not
+        generated for turn after turn, each refused by its append once its
+        answer went out."""
+        held, until = self._refused.get(tenant_id, (0, 0.0))
+        if time.monotonic() >= until:
+            self._refused.pop(tenant_id, None)
+            return
+        if held + size > self.most:
+            raise self._exceeded(held, size)
+
+    def _exceeded(self, held: int, size: int) -> MeshgateError:
+        return MeshgateError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            Reason.SESSION_QUOTA_EXCEEDED,
+            f"the tenant's sessions hold {held} bytes of Redis; {size} more would pass "
+            f"context.max_bytes_per_tenant ({self.most}): delete, revert or fork at an "
+            "earlier version sessions it no longer needs, or wait for them to expire",
+            {
+                "limit": "max_bytes_per_tenant",
+                "scope": "tenant",
+                "limit_value": str(self.most),
+                "bytes": str(held),
+            },
+        )
 
     async def held(self, tenant_id: str, session_id: str, turn_bytes: int, turns: int) -> None:
         """Sets the session's count: ``turn_bytes`` of ``turns`` turns."""
@@ -1167,15 +1220,17 @@ class TenantHoldings:
         if not self.most:
             return
         try:
-            await self._call(tenant_id, session_id, what, size)
+            self._learned(tenant_id, await self._call(tenant_id, session_id, what, size))
         except redis_access.CONNECTION_ERRORS as error:
+            # What it holds now is not known here: its next write asks.
+            self._refused.pop(tenant_id, None)
             log.warning(
                 "tenant's session bytes not counted", what=what, session_id=session_id, error=str(error)
             )
 
     async def _call(self, tenant_id: str, session_id: str, what: str, size: int) -> int:
         keys = [holdings_key(tenant_id, "bytes"), holdings_key(tenant_id, "expiry")]
-        args = [session_id, what, size, self.most, self._ttl_ms, _FORGOTTEN_PER_CALL]
+        args = [session_id, what, size, self._ttl_ms, _FORGOTTEN_PER_CALL]
         return int(await self._script(keys=keys, args=args))
 
 
@@ -1307,6 +1362,7 @@ class SessionStore:
 
     def check_room(
         self,
+        tenant_id: str,
         session_id: str,
         live_turns: int,
         held_bytes: int | None,
@@ -1319,12 +1375,16 @@ class SessionStore:
         """Raises what an append of ``turn_count`` turns of ``size_bytes``
         (their serialized sizes) at ``expected_version`` (None: whatever the
         version) would meet now, to a session at ``version`` holding
-        ``live_turns`` live turns and ``held_bytes`` (meta's count): _APPEND's
-        decision in _APPEND's order, VERSION_CONFLICT first, then
+        ``live_turns`` live turns and ``held_bytes`` (meta's count): the
+        append's decision in its order, SESSION_QUOTA_EXCEEDED first (as this
+        replica last found the tenant's record: TenantHoldings.
+        check_last_refusal), then _APPEND's, VERSION_CONFLICT, then
         SESSION_FULL on the same caps, turns first; made before the append
-        (an assembly's ``append_reservation``). A session whose bytes were
-        never counted (None: stored before the count) is not checked by bytes
-        here: its append counts it, once, and decides."""
+        (an assembly's ``append_reservation``), reading nothing from Redis.
+        A session whose bytes were never counted (None: stored before the
+        count) is not checked by bytes here: its append counts it, once, and
+        decides."""
+        self.holdings.check_last_refusal(tenant_id, size_bytes + TURN_OVERHEAD_BYTES * turn_count)
         if expected_version is not None and version != expected_version:
             raise _version_conflict(session_id, version, expected_version)
         if self._max_turns > 0 and live_turns + turn_count > self._max_turns:

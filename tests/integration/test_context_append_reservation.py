@@ -9,6 +9,8 @@ count its append made."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
@@ -160,6 +162,52 @@ async def test_the_byte_cap_refuses_up_front_as_the_append_does(tmp_path, tenant
             assert _size(too_big) == room + 1
             assert await failure(append(stub, tenant, session_id, too_big)) == (code, reason, reserved)
             assert (await contents(stub, tenant, session_id))[0] == 2
+
+
+async def test_a_tenant_its_bound_refused_is_refused_up_front_from_memory(
+    tmp_path, tenant, monkeypatch
+) -> None:
+    """context.max_bytes_per_tenant is counted in a record the assembly does
+    not read: the replica remembers the tenant its record refused, with what
+    it held, and refuses reservations past the bound on that, reading
+    nothing; what later calls there find it holds replaces that, and the
+    memory lapses after store.QUOTA_REFUSAL_KEPT_S."""
+    monkeypatch.setattr(session_store, "QUOTA_REFUSAL_KEPT_S", 2.0)
+    settings = make_settings("")
+    settings.context.max_bytes_per_tenant = 8000
+    async with _own_redis(tmp_path) as (url, client):
+        settings.redis.url = url
+        async with running(settings) as stub, running(settings) as cold:
+            spare = await new_session(stub, tenant)
+            session_id = await new_session(stub, tenant)
+            await append(stub, tenant, session_id, "q" * 1000, "a" * 1000)
+            await _until(lambda: _reads_nothing(client, lambda: assemble(stub, tenant, session_id)))
+            code, reason, at_append = await failure(append(stub, tenant, session_id, "q" * 1000, "a" * 1000))
+            assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_QUOTA_EXCEEDED")
+            held = int(at_append["bytes"])
+            # A turn of two messages counts 1,024 bytes each beside its own.
+            room = 8000 - held - 2 * session_store.TURN_OVERHEAD_BYTES
+
+            # Up to the bound on what it held: assembled; a byte more:
+            # refused as the append was, from memory (the session is hot).
+            assert (await assemble(stub, tenant, session_id, **reserving(2, room))).session_version == 1
+            before = await _settled(client)
+            refused = await failure(assemble(stub, tenant, session_id, **reserving(2, room + 1)))
+            assert await _data_commands(client) == before
+            assert refused == (code, reason, at_append)
+            # A replica whose record never refused the tenant leaves it to the append.
+            assert (await assemble(cold, tenant, session_id, **reserving(2, room + 1))).session_version == 1
+
+            # A delete on the replica gives its bytes back there at once.
+            await stub.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=spare))
+            room += session_store.SESSION_OVERHEAD_BYTES
+            assert (await assemble(stub, tenant, session_id, **reserving(2, room))).session_version == 1
+            refused = await failure(assemble(stub, tenant, session_id, **reserving(2, room + 1)))
+            freed = str(held - session_store.SESSION_OVERHEAD_BYTES)
+            assert refused == (code, reason, {**at_append, "bytes": freed})
+            # Past QUOTA_REFUSAL_KEPT_S, nothing is believed: left to the append.
+            await asyncio.sleep(2.0)
+            assert (await assemble(stub, tenant, session_id, **reserving(2, room + 1))).session_version == 1
 
 
 async def test_a_session_whose_bytes_were_never_counted_is_left_to_its_append(tmp_path, tenant) -> None:

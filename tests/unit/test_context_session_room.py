@@ -36,7 +36,7 @@ VERSION = 3
 
 
 def _check(store: SessionStore, *args, expected_version: int | None = None) -> None:
-    store.check_room("s1", *args, version=VERSION, expected_version=expected_version)
+    store.check_room("t", "s1", *args, version=VERSION, expected_version=expected_version)
 
 
 def _refusal(store: SessionStore, *args, expected_version: int | None = None) -> MeshgateError:
@@ -187,7 +187,14 @@ class FullStore(SessionStore):
     ):
         size = sum(turn.ByteSize() for turn in turns)
         self.check_room(
-            session_id, self.live_turns, self.held_bytes, len(turns), size, version=1, expected_version=None
+            tenant_id,
+            session_id,
+            self.live_turns,
+            self.held_bytes,
+            len(turns),
+            size,
+            version=1,
+            expected_version=None,
         )
         raise AssertionError(f"{len(turns)} turns of {size} bytes fit")
 
