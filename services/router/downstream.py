@@ -586,6 +586,10 @@ class CacheService:
             )
         except grpc.aio.AioRpcError as error:
             raise failure_within(error, "cache", budget) from error
+        # This router's copies go at once (a copy put by a lookup that ran
+        # beside the call included), the others' with the cache's notice.
+        if self._hot is not None:
+            self._hot.forget_scope(tenant_id, model)
         return response.entries_removed
 
     async def report_wrong(self, plan: CachePlan, messages, entry_id: str, budget: Budget) -> bool:

@@ -226,6 +226,19 @@ class HotExactHits:
         self._note(("key", key))
         self._drop(key)
 
+    def forget_scope(self, tenant_id: str, model: str) -> None:
+        """Drops the tenant's copies (of ``model``, or all: ""), as the
+        cache's notice of an Invalidate does; this router's own Invalidate
+        calls it at once, not waiting for the notice."""
+        self._note(("scope", tenant_id, model))
+        stale = [
+            key
+            for key, copy in self._copies.items()
+            if copy.tenant_id == tenant_id and (not model or copy.model == model)
+        ]
+        for key in stale:
+            self._drop(key)
+
     def announce(self, data: bytes) -> None:
         """Applies one notice of the cache service."""
         notice = cache_notices.parse(data)
@@ -235,14 +248,7 @@ class HotExactHits:
                 for key in list(self._by_entry.get(entry_id, ())):
                     self._drop(key)
             case cache_notices.ScopeNotice(tenant_id=tenant_id, model=model):
-                self._note(("scope", tenant_id, model))
-                stale = [
-                    key
-                    for key, copy in self._copies.items()
-                    if copy.tenant_id == tenant_id and (not model or copy.model == model)
-                ]
-                for key in stale:
-                    self._drop(key)
+                self.forget_scope(tenant_id, model)
             case None:
                 # A notice this router cannot read may name anything.
                 log.warning("unreadable cache notice; dropping every hot copy", notice=data[:64])

@@ -1,7 +1,10 @@
-"""A prompt of more messages than the cache takes (MAX_CACHED_PROMPT_MESSAGES,
+"""The router's client of the cache (downstream.CacheService), without a
+mesh. A prompt of more messages than the cache takes (MAX_CACHED_PROMPT_MESSAGES,
 which it refuses TOO_MANY_MESSAGES) is kept from it by the router: uncached,
 without a call a turn nor the warning of a failed one. A session turn's
-assembled prompt for a model of a large window can be that long."""
+assembled prompt for a model of a large window can be that long. A tenant at
+its cache quota is logged, not warned of; an Invalidate drops the router's
+own copies at once."""
 
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from meshgate.config import MAX_CACHED_PROMPT_MESSAGES, RouterSettings
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from services.router.downstream import CacheService
-from services.router.pipeline import Answer, Budget, CachePlan
+from services.router.hot_exact import HotExactHits
+from services.router.pipeline import Answer, Budget, CachePlan, CacheStatus, Hit
 
 
 class RecordingStub:
@@ -79,3 +83,24 @@ async def test_a_tenant_at_its_cache_quota_is_named_at_info_not_warned_of_every_
     with structlog.testing.capture_logs() as logs:
         await cache.store(plan(), prompt(1), Answer(text="a", store_fence="f"), Budget())
     assert [(log["log_level"], log.get("tenant_id")) for log in logs] == [("info", "tenant")]
+
+
+class InvalidatingStub(RecordingStub):
+    async def Invalidate(self, request, **_) -> cache_pb.InvalidateResponse:
+        self.calls.append("Invalidate")
+        return cache_pb.InvalidateResponse(entries_removed=1)
+
+
+async def test_an_invalidate_through_this_router_drops_its_own_copies_without_waiting_for_the_notice():
+    """The review of the split-Redis hunt: a router's own InvalidateCache left
+    its copies to the cache's notice (and to hot_exact_max_age_s where the
+    notice never came)."""
+    hot = HotExactHits(16, 600.0)
+    hot.live = True
+    cache = CacheService(InvalidatingStub(), NoTokens(), RouterSettings(), hot)
+    key = hot.key(plan(), prompt(1))
+    hit = Hit(Answer(text="a", completion_tokens=1), CacheStatus.EXACT_HIT, 1.0)
+    hot.put(key, hot.ticket(), hit, "e1", "tenant", "m")
+    assert hot.get(key) is not None
+    assert await cache.invalidate("tenant", "m", Budget()) == 1
+    assert hot.get(key) is None
