@@ -1193,8 +1193,9 @@ class TenantHoldings:
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             Reason.SESSION_QUOTA_EXCEEDED,
             f"the tenant's sessions hold {held} bytes of Redis; {size} more would pass "
-            f"context.max_bytes_per_tenant ({self.most}): delete, revert or fork at an "
-            "earlier version sessions it no longer needs, or wait for them to expire",
+            f"context.max_bytes_per_tenant ({self.most}): room comes back as its sessions "
+            "expire (context.session_ttl_s after their last write), or are deleted or reverted "
+            "(ContextService, on the mesh's port)",
             {
                 "limit": "max_bytes_per_tenant",
                 "scope": "tenant",
