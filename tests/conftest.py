@@ -4,12 +4,14 @@ bound on an async test's own run (async_test_timeout)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import os
 import pathlib
 import signal
 import subprocess
+from collections.abc import Iterator
 
 import pytest
 
@@ -34,8 +36,15 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory):
     if url := os.environ.get("REDIS_URL"):
         yield url
         return
+    with own_redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def own_redis_server(data_dir: pathlib.Path) -> Iterator[str]:
+    """A redis-server of its own (a test that fills it, splits the mesh
+    across two, or reconfigures it), on a free port; its URL."""
     port = free_port()
-    data_dir: pathlib.Path = tmp_path_factory.mktemp("redis")
     process = redis_server.launch(port, data_dir)
     try:
         redis_server.wait_ready(port)

@@ -17,23 +17,17 @@ import structlog.testing
 from meshgate import redis_access
 from meshgate.common.v1 import common_pb2
 from meshgate.errors import MeshgateError
-from meshgate.local import redis_server
 from meshgate.local.stack import free_port
 from services.context.store import SessionStore, session_keys
+from tests.conftest import own_redis_server
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def own_redis(tmp_path_factory):
-    port = free_port()
-    process = redis_server.launch(port, tmp_path_factory.mktemp("refusals"))
-    try:
-        redis_server.wait_ready(port)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(10)
+    with own_redis_server(tmp_path_factory.mktemp("refusals")) as url:
+        yield url
 
 
 @contextlib.asynccontextmanager

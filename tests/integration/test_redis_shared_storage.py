@@ -20,14 +20,13 @@ from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.common.v1 import common_pb2
 from meshgate.config import CacheSettings
 from meshgate.errors import MeshgateError
-from meshgate.local import redis_server
-from meshgate.local.stack import free_port
 from services.cache.embedding_memo import EmbeddingMemo
 from services.cache.index import IndexRegistry
 from services.cache.servicer import CacheServicer
 from services.cache.stats import Stats
 from services.cache.store import CacheStore
 from services.context.store import SessionStore
+from tests.conftest import own_redis_server
 
 pytestmark = pytest.mark.integration
 
@@ -39,14 +38,8 @@ USER, ASSISTANT = common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
 
 @pytest.fixture(scope="module")
 def own_redis(tmp_path_factory):
-    port = free_port()
-    process = redis_server.launch(port, tmp_path_factory.mktemp("shared-storage"))
-    try:
-        redis_server.wait_ready(port)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(10)
+    with own_redis_server(tmp_path_factory.mktemp("shared-storage")) as url:
+        yield url
 
 
 @contextlib.asynccontextmanager

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import subprocess
 import time
 
 import pytest
@@ -21,13 +20,12 @@ from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
 from meshgate.config import RedisSettings
-from meshgate.local import redis_server
-from meshgate.local.stack import free_port
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.cache import app as cache_app
 from services.context import app as context_app
 from services.router import app as router_app
+from tests.conftest import own_redis_server
 from tests.integration.conftest import answer_of, running, service_settings
 from tests.mesh import bounded_channel, router_channel
 
@@ -45,17 +43,8 @@ COPY_MAX_AGE_S = 600.0
 @pytest.fixture
 def cache_redis_url(tmp_path):
     """A second real Redis, the cache service's alone."""
-    port = free_port()
-    process = redis_server.launch(port, tmp_path / "cache-redis")
-    try:
-        redis_server.wait_ready(port)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    with own_redis_server(tmp_path / "cache-redis") as url:
+        yield url
 
 
 @contextlib.asynccontextmanager
