@@ -223,7 +223,7 @@ async def test_the_router_presents_its_renewed_certificate_to_a_restarted_servic
     A router presenting the certificate it started with was refused at the
     handshake: every session call failed until the router was restarted."""
     # Long enough for both services to start and serve a first session with it.
-    reissue_router_certificate(served_certs, datetime.timedelta(seconds=10), monkeypatch)
+    reissue_router_certificate(served_certs, datetime.timedelta(seconds=5), monkeypatch)
     started_with = certificate_in(served_certs, "router")
 
     def renewed() -> float:
