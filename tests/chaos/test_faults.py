@@ -34,6 +34,7 @@ from meshgate.local.supervisor import Supervisor
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.context.store import SessionStore
 from tests import mesh_load
+from tests.integration.conftest import end_triton, stop_stack
 from tests.mesh import router_channel
 from tests.mesh_load import Acknowledged
 
@@ -112,7 +113,7 @@ def spare_triton(tmp_path_factory):
         triton.wait_ready(f"127.0.0.1:{port}", MODELS, timeout=180, process=process)
         yield f"127.0.0.1:{port}", process
     finally:
-        triton.terminate(process)
+        end_triton(process)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def mesh(tmp_path_factory, spare_triton):
         with Supervisor(stack) as supervisor:
             yield stack, supervisor
     finally:
-        stack.stop()
+        stop_stack(stack)
         if saved is None:
             os.environ.pop("MESHGATE_INFERENCE__TRITON_URLS", None)
         else:

@@ -18,6 +18,7 @@ from meshgate.errors import error_info
 from meshgate.local.stack import REPO_ROOT, SERVICES, Ports, Stack, free_port
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
+from tests.integration.conftest import stop_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -38,7 +39,7 @@ def stack(tmp_path_factory):
     )
     mesh.start()
     yield mesh
-    mesh.stop()
+    stop_stack(mesh)
 
 
 def scrape_all(stack: Stack) -> dict[str, top.Scrape]:

@@ -39,6 +39,7 @@ from meshgate.local.supervisor import Supervisor
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from tests import mesh_load
+from tests.integration.conftest import stop_stack
 from tests.mesh import bounded_channel, router_channel
 from tests.mesh_load import REQUEST_TIMEOUT_S
 
@@ -174,7 +175,7 @@ def mesh(tmp_path_factory):
         with Supervisor(stack) as supervisor:
             yield stack, supervisor
     finally:
-        stack.stop()
+        stop_stack(stack)
 
 
 def user(text: str) -> common_pb2.Message:

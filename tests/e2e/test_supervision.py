@@ -16,6 +16,7 @@ from meshgate.local.stack import Ports, Stack, free_port
 from meshgate.local.supervisor import Supervisor
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
+from tests.integration.conftest import stop_stack
 from tests.mesh import bounded_channel
 
 pytestmark = pytest.mark.e2e
@@ -44,7 +45,7 @@ def supervised(tmp_path_factory):
     supervisor.start()
     yield stack, supervisor
     supervisor.stop()
-    stack.stop()
+    stop_stack(stack)
 
 
 async def chat_once(router: str, text: str) -> pb.ChatCompletion:

@@ -18,7 +18,7 @@ from meshgate.config import DeploymentSettings, ModelSettings, RouterSettings, S
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.local import triton
-from meshgate.local.stack import build_model_weights, free_port
+from meshgate.local.stack import Stack, build_model_weights, free_port
 from services.cache import app as cache_app
 from services.context import app as context_app
 from services.inference import app as inference_app
@@ -30,13 +30,24 @@ def end_triton(process: subprocess.Popen) -> None:
     """Ends a test's tritonserver once nothing more is asked of it: killed,
     not drained. A graceful stop (triton.terminate) takes 2 s even idle, as
     Triton unloads its models and checks on them once a second, and the
-    suite ends some twenty of them; the meshes' own Stack.stop and the tests
-    of a stop keep the graceful one. terminate() then ends the Python-backend
+    suite ends some twenty of them (the meshes' too: stop_stack); the tests
+    of a stop and tests/e2e/test_mesh.py's Stack.stop keep the graceful
+    one. terminate() then ends the Python-backend
     stubs in its process group and removes their shared memory."""
     if process.poll() is None:
         process.kill()
         process.wait()
     triton.terminate(process)
+
+
+def stop_stack(stack: Stack) -> None:
+    """Stack.stop, its Triton killed first (end_triton), not drained: for a
+    mesh whose stop is not what its tests check (two of Stack.stop's four
+    seconds are Triton's graceful stop; tests/e2e/test_mesh.py keeps it).
+    A Supervisor of the stack must have stopped, or it starts Triton again."""
+    if (process := stack.processes.pop("triton", None)) is not None:
+        end_triton(process)
+    stack.stop()
 
 
 @contextlib.contextmanager
