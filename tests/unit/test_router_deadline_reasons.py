@@ -74,6 +74,20 @@ async def test_a_services_own_deadline_status_keeps_its_reason_when_the_callers_
     assert (failure.code, failure.reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, Reason.REDIS_UNAVAILABLE)
 
 
+def test_a_services_deadline_status_racing_our_timer_is_the_callers_time_spent():
+    """The inference service noticed the deadline the router gave it before
+    the router's own timer did, and answered DEADLINE_EXCEEDED with its
+    reason: the same time spent, said as the router's timer says it (once
+    the 504 over HTTP carried the service's empty metadata)."""
+    own = MeshgateError(grpc.StatusCode.DEADLINE_EXCEEDED, Reason.DEADLINE_EXCEEDED, "the deadline passed")
+    failure = downstream.failure_within(
+        rpc_error(own), "inference", Budget.of(0.0), "spent", max_generation_s="1.5"
+    )
+    assert (failure.code, failure.reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, Reason.DEADLINE_EXCEEDED)
+    assert failure.metadata == {"service": "inference", "max_generation_s": "1.5"}
+    assert failure.message == "spent"
+
+
 class TimesOutAfter(ScriptedGenerate):
     """A Generate call that sends ``responses``, then nothing until its
     timeout passes, which ends it as gRPC does."""
