@@ -478,8 +478,8 @@ def main(argv: list[str] | None = None) -> int:
 
     status_parser = commands.add_parser(
         "status",
-        help="whether each process of a `meshgate up` is up, starting or down, its restarts and last exit "
-        "(exit code 0: all up, 1: not all, 3: none runs)",
+        help="whether each process of a `meshgate up` is up (ready), starting, unready or down, its restarts "
+        "and last exit (exit code 0: all up, 1: not all, 3: none runs)",
     )
     status_parser.add_argument("--state-dir", default=".meshgate", help="the `meshgate up`'s --state-dir")
     status_parser.set_defaults(run=_cmd_status)

@@ -66,16 +66,22 @@ def _start(command: list[str], output) -> subprocess.Popen:
     return children.start(command, stdout=output, stderr=subprocess.STDOUT)
 
 
+def answers_ping(port: int, timeout_s: float = 1.0) -> bool:
+    """Whether the Redis on ``port`` answers PING: it accepts connections
+    before that while it loads its append-only file (it answers -LOADING)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 def wait_ready(port: int, timeout_s: float = 15.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
-                conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
-                    return
-        except OSError:
-            pass
+        if answers_ping(port):
+            return
         time.sleep(0.05)
     raise TimeoutError(f"redis-server on port {port} not ready after {timeout_s}s")
 

@@ -33,12 +33,19 @@ from meshgate import mesh_auth
 from meshgate.config import DEFAULT_DEV_API_KEY, MeshSettings
 from meshgate.local import certs, children, redis_server, triton
 
+if typing.TYPE_CHECKING:
+    import tritonclient.grpc
+
 SERVICES = ("inference", "context", "cache", "router")
 
 # In a stack's state directory: the lock its `meshgate up` holds, and the
 # state of each child its supervisor keeps there (meshgate/local/supervisor.py).
 LOCK_FILE = "stack.lock"
 STATUS_FILE = "status.json"
+
+# How long one readiness check waits for its answer (Stack.ready): a child
+# that takes longer is not ready for work either.
+READY_TIMEOUT_S = 1.0
 
 
 def _last_lines(path: pathlib.Path, count: int) -> str:
@@ -248,6 +255,14 @@ def stack_owned_overrides(environ: Mapping[str, str]) -> list[str]:
     return sorted(name for name in environ if _STACK_OWNED.fullmatch(name))
 
 
+def _reconnect_options() -> list[tuple[str, int]]:
+    # Imported here: `meshgate status` imports this module, and needs none
+    # of the services' serving code (a tenth of a second).
+    from meshgate.serving import RECONNECT_OPTIONS
+
+    return RECONNECT_OPTIONS
+
+
 class Stack:
     def __init__(
         self,
@@ -317,6 +332,10 @@ class Stack:
         self._state_lock: typing.IO[str] | None = None
         # Its claims on its ports, held as long (_claim_ports).
         self._port_claims: list[socket.socket] = []
+        # One channel per child that ready() asks, kept from one check to
+        # the next (see ready()); closed by stop().
+        self._ready_channels: dict[str, grpc.Channel] = {}
+        self._triton_client: tritonclient.grpc.InferenceServerClient | None = None
 
     @property
     def redis_url(self) -> str:
@@ -337,14 +356,39 @@ class Stack:
         port = self.replica_ports.get(name) or getattr(self.ports, name)
         return f"127.0.0.1:{port}"
 
-    def accepting(self, name: str) -> bool:
-        """Whether a child accepts connections where it listens (address())."""
-        host, port = self.address(name).rsplit(":", 1)
+    def ready(self, name: str) -> bool:
+        """Whether a child is ready for work: Redis answers PING, Triton and
+        each of its models say they are ready, a service's health check
+        (the whole server's, "") answers SERVING. A port that accepts
+        connections is not enough: a service listens before it serves (the
+        inference service until it reaches a ready Triton) and while it
+        drains, Triton while it stops. Each child's channel is kept (a
+        supervisor asks every child several times a second): a call on it
+        costs no connection, nor a TLS handshake; it reconnects to a
+        restarted child within a second (RECONNECT_OPTIONS)."""
+        if name == "redis":
+            return redis_server.answers_ping(self.ports.redis, READY_TIMEOUT_S)
+        if name == "triton":
+            return triton.ready(self._triton(), self.triton_models, READY_TIMEOUT_S)
+        channel = self._ready_channels.get(name)
+        if channel is None:
+            channel = self._ready_channels[name] = self.channel(name, _reconnect_options())
         try:
-            socket.create_connection((host, int(port)), timeout=0.2).close()
-        except OSError:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=READY_TIMEOUT_S
+            )
+        except grpc.RpcError:
             return False
-        return True
+        return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+    def _triton(self) -> tritonclient.grpc.InferenceServerClient:
+        import tritonclient.grpc
+
+        if self._triton_client is None:
+            self._triton_client = tritonclient.grpc.InferenceServerClient(
+                self.address("triton"), channel_args=_reconnect_options()
+            )
+        return self._triton_client
 
     def addresses(self, service: str) -> str:
         """Every replica of ``service``, as an address setting takes them
@@ -364,15 +408,18 @@ class Stack:
             key_file=str(self.certs_dir / "{service}.key"),
         )
 
-    def channel(self, name: str) -> grpc.Channel:
+    def channel(self, name: str, options: list[tuple[str, object]] | None = None) -> grpc.Channel:
         """A blocking channel to one of the stack's services (or replicas),
         as the router reaches it (with the router's certificate) or a client
-        the router."""
+        the router; ``options``: more channel options."""
         service = self.service_of(name)
+        options = options or []
         if service == "router":
-            return grpc.insecure_channel(self.address(name))
+            return grpc.insecure_channel(self.address(name), options)
         security = mesh_auth.Mesh(self.mesh_settings, "router").to(service)
-        return grpc.secure_channel(self.address(name), security.credentials, security.channel_options)
+        return grpc.secure_channel(
+            self.address(name), security.credentials, [*security.channel_options, *options]
+        )
 
     def _write_settings(self) -> None:
         p = self.ports
@@ -584,27 +631,21 @@ triton_urls = ["127.0.0.1:{p.triton}"]
 
     def wait_serving(self, name: str, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
-        with self.channel(name) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                process = self.processes.get(name)
-                if process is not None and process.poll() is not None:
-                    log = self.log_path(name)
-                    # Its last lines in the error itself: in CI the log
-                    # directory is gone by the time anyone reads the failure.
-                    raise RuntimeError(
-                        f"{name} exited with code {process.returncode}; see {log}; it ended:\n"
-                        + _last_lines(log, 20)
-                    )
-                try:
-                    answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{name} not SERVING within {timeout_s:.0f}s")
-                time.sleep(0.1)
+        while True:
+            process = self.processes.get(name)
+            if process is not None and process.poll() is not None:
+                log = self.log_path(name)
+                # Its last lines in the error itself: in CI the log
+                # directory is gone by the time anyone reads the failure.
+                raise RuntimeError(
+                    f"{name} exited with code {process.returncode}; see {log}; it ended:\n"
+                    + _last_lines(log, 20)
+                )
+            if self.ready(name):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not SERVING within {timeout_s:.0f}s")
+            time.sleep(0.1)
 
     def stop_service(self, name: str, timeout_s: float = 20.0) -> int | None:
         process = self.processes.pop(name, None)
@@ -634,6 +675,12 @@ triton_urls = ["127.0.0.1:{p.triton}"]
             self.stop_service("redis")
         finally:
             self.stopping = False
+            for channel in self._ready_channels.values():
+                channel.close()
+            self._ready_channels.clear()
+            if self._triton_client is not None:
+                self._triton_client.close()
+                self._triton_client = None
             for claim in self._port_claims:
                 claim.close()
             self._port_claims.clear()

@@ -39,10 +39,14 @@ import sys
 import sysconfig
 import tempfile
 import time
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
 from meshgate.local import children
+
+if typing.TYPE_CHECKING:
+    import tritonclient.grpc
 
 # A checkout's model repository (a Triton image brings its own: deploy/docker/triton.Dockerfile).
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -303,6 +307,20 @@ def remove_shared_memory(process: subprocess.Popen[bytes]) -> list[Path]:
     return removed
 
 
+def ready(client: tritonclient.grpc.InferenceServerClient, models: Sequence[str], timeout_s: float) -> bool:
+    """Whether the server ``client`` talks to and every model in ``models``
+    say they are ready (ServerReady, ModelReady): it accepts connections
+    before, while it loads them, and after, while it stops."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        return client.is_server_ready(client_timeout=timeout_s) and all(
+            client.is_model_ready(model, client_timeout=timeout_s) for model in models
+        )
+    except InferenceServerException:
+        return False  # not accepting connections, or no answer in time
+
+
 def wait_ready(
     grpc_url: str,
     models: Sequence[str] = DEFAULT_MODELS,
@@ -315,20 +333,14 @@ def wait_ready(
     `process` exits (e.g. a model failed to load under --exit-on-error).
     """
     import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
 
     deadline = time.monotonic() + timeout
     with grpcclient.InferenceServerClient(grpc_url) as client:
         while True:
             if process is not None and process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with code {process.returncode} before it was ready")
-            try:
-                if client.is_server_ready(client_timeout=2.0) and all(
-                    client.is_model_ready(model, client_timeout=2.0) for model in models
-                ):
-                    return
-            except InferenceServerException:
-                pass  # not accepting connections yet
+            if ready(client, models, timeout_s=2.0):
+                return
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"Triton at {grpc_url} not ready within {timeout:.0f} s")
             time.sleep(0.2)

@@ -19,8 +19,8 @@ from meshgate.local.supervisor import Backoff, Supervisor
 def stack(tmp_path, monkeypatch):
     stack = Stack(tmp_path / "state")
     stack.state_dir.mkdir()
-    # Every child accepts connections but Triton (the unit tier opens no IP socket).
-    monkeypatch.setattr(Stack, "accepting", lambda stack, name: name != "triton")
+    # Every child is ready but Triton (the unit tier opens no IP socket).
+    monkeypatch.setattr(Stack, "ready", lambda stack, name: name != "triton")
     yield stack
     for process in stack.processes.values():
         process.kill()
@@ -67,7 +67,7 @@ def test_a_stack_whose_children_are_not_all_up_says_which_and_is_exit_code_1(sta
 
 
 def test_a_stack_whose_children_are_all_up_is_exit_code_0(stack, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(Stack, "accepting", lambda stack, name: True)
+    monkeypatch.setattr(Stack, "ready", lambda stack, name: True)
     stack._hold_state_dir()
     stack.processes["redis"] = subprocess.Popen(["sleep", "60"], start_new_session=True)
     supervisor = Supervisor(stack, poll_interval_s=3600)

@@ -57,6 +57,8 @@ class Children:
         self.signals: list[int] = []
         monkeypatch.setattr(Stack, "_claim_ports", lambda stack: None)
         monkeypatch.setattr(Stack, "wait_serving", lambda stack, name, timeout_s=60.0: None)
+        # The supervisor's passes: grpc's own sockets would pass the unit tier's guard.
+        monkeypatch.setattr(Stack, "ready", lambda stack, name: True)
         monkeypatch.setattr(stack_module.certs, "ensure", lambda directory: [])
         monkeypatch.setattr(stack_module, "build_model_weights", lambda: self._step("build"))
         monkeypatch.setattr(redis_server, "launch", self._redis)

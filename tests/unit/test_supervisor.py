@@ -49,8 +49,8 @@ class _Stack:
         self.launched: list[str] = []
         self.broken = False
         self.status_path = state_dir / "status.json"
-        # The children that accept connections on their ports.
-        self.accepting_children: set[str] = set()
+        # The children that are ready for work.
+        self.ready_children: set[str] = set()
 
     def launch(self, name: str) -> None:
         if self.broken:
@@ -61,8 +61,8 @@ class _Stack:
     def log_path(self, name: str) -> pathlib.Path:
         return pathlib.Path("logs") / f"{name}.log"
 
-    def accepting(self, name: str) -> bool:
-        return name in self.accepting_children
+    def ready(self, name: str) -> bool:
+        return name in self.ready_children
 
     def stop(self) -> None:
         for process in self.processes.values():
@@ -175,7 +175,7 @@ def test_a_child_failing_for_hours_is_still_retried_at_the_capped_delay(stack) -
     assert stack.processes["redis"].poll() is None
 
 
-def test_the_status_file_says_of_each_child_whether_it_is_up_starting_or_down(stack, tmp_path) -> None:
+def test_the_status_file_says_whether_each_child_is_up_starting_unready_or_down(stack, tmp_path) -> None:
     """A child down or in its restart's backoff was told of in a log line
     alone: nothing an operator or a script could ask."""
     stack.launch("redis")
@@ -194,7 +194,7 @@ def test_the_status_file_says_of_each_child_whether_it_is_up_starting_or_down(st
             "redis": "starting",
             "router": "starting",
         }
-        stack.accepting_children = {"redis", "router"}
+        stack.ready_children = {"redis", "router"}
         supervisor.check(now=1.0)
         first_pid = stack.processes["router"].pid
         assert children()["router"] == {
@@ -207,7 +207,20 @@ def test_the_status_file_says_of_each_child_whether_it_is_up_starting_or_down(st
             "error": None,
         }
 
-        stack.accepting_children = {"redis"}
+        # Running, no longer ready (draining, say): not up, once asked again
+        # (an up child is asked once a second, a starting one on every pass).
+        stack.ready_children = {"redis"}
+        supervisor.check(now=1.5)
+        assert children()["router"]["state"] == "up"
+        supervisor.check(now=5.0)
+        router = children()["router"]
+        assert (router["state"], router["pid"]) == ("unready", first_pid)
+        assert router["since"] == pytest.approx(time.time(), abs=5)
+        stack.ready_children = {"redis", "router"}
+        supervisor.check(now=6.0)
+        assert children()["router"]["state"] == "up"
+
+        stack.ready_children = {"redis"}
         _kill(stack.processes["router"])
         supervisor.check(now=10.0)
         router = children()["router"]
@@ -215,12 +228,12 @@ def test_the_status_file_says_of_each_child_whether_it_is_up_starting_or_down(st
         assert router["restart_at"] == pytest.approx(time.time() + 1.0, abs=5)
         assert children()["redis"]["state"] == "up"
 
-        supervisor.check(now=11.0)  # restarted, not accepting yet
+        supervisor.check(now=11.0)  # restarted, not ready yet
         router = children()["router"]
         assert (router["state"], router["restarts"]) == ("starting", 1)
         assert router["last_exit"] == {"signal": "SIGKILL"}
         assert router["pid"] == stack.processes["router"].pid != first_pid
-        stack.accepting_children = {"redis", "router"}
+        stack.ready_children = {"redis", "router"}
         supervisor.check(now=11.2)
         assert children()["router"]["state"] == "up"
 
