@@ -49,7 +49,9 @@ class Backoff:
     initial_s: float = 0.5
     factor: float = 2.0
     max_s: float = 30.0
-    # A child that ran this long was healthy: its next exit starts over at initial_s.
+    # A child that was up (ready) this long was healthy: its next exit starts
+    # over at initial_s. Running alone is not enough: one that never got ready
+    # (a Triton whose model load fails after minutes) keeps backing off.
     reset_after_s: float = 60.0
 
     def delay(self, attempt: int) -> float:
@@ -66,19 +68,34 @@ class Backoff:
 class RestartPolicy:
     """How many times in a row one child failed, and so how long to wait."""
 
-    def __init__(self, backoff: Backoff, started_at: float) -> None:
+    def __init__(self, backoff: Backoff) -> None:
         self._backoff = backoff
-        self._started_at = started_at
         self.attempt = 0
+        # Since when the child has been up, if it is.
+        self._up_since: float | None = None
+        # Whether the child was up for reset_after_s at a stretch.
+        self._healthy = False
 
-    def started(self, now: float) -> None:
-        self._started_at = now
+    def started(self) -> None:
+        """A new child runs: not up yet, nor healthy."""
+        self._up_since = None
+        self._healthy = False
+
+    def up(self, now: float) -> None:
+        self._up_since = now
+
+    def not_up(self, now: float) -> None:
+        """The child is no longer up (unready, or exited)."""
+        if self._up_since is not None and now - self._up_since >= self._backoff.reset_after_s:
+            self._healthy = True
+        self._up_since = None
 
     def next_delay(self, exited_at: float) -> float:
-        """Counts the exit of a child that ran as one more failure (or the
-        first of a new run, after a healthy period) and returns the delay
-        before the restart."""
-        if exited_at - self._started_at >= self._backoff.reset_after_s:
+        """Counts the exit of a child as one more failure (or the first of a
+        new run, after a healthy period) and returns the delay before the
+        restart."""
+        self.not_up(exited_at)
+        if self._healthy:
             self.attempt = 0
         self.attempt += 1
         return self._backoff.delay(self.attempt)
@@ -86,8 +103,8 @@ class RestartPolicy:
     def launch_failed(self) -> float:
         """Counts a restart that started no child as one more failure and
         returns the delay before the next try. Never a new run: the healthy
-        period was the last child's, and measured from its start every try
-        after it would count as the first again, and come as soon."""
+        period was the last child's: counted for each try after it, every one
+        would be the first again, and come as soon."""
         self.attempt += 1
         return self._backoff.delay(self.attempt)
 
@@ -157,9 +174,8 @@ class Supervisor:
         self.status: dict[str, ChildStatus] = {}
 
     def start(self) -> None:
-        now = time.monotonic()
         for name, process in self._stack.processes.items():
-            self._policies[name] = RestartPolicy(self._backoff, now)
+            self._policies[name] = RestartPolicy(self._backoff)
             self.status[name] = ChildStatus("starting", time.time(), process.pid)
         self._write_status()
         self._thread = threading.Thread(target=self._watch, name="meshgate-supervisor", daemon=True)
@@ -214,8 +230,10 @@ class Supervisor:
         self._asked_at[name] = now
         ready = self._stack.ready(name)
         if ready and status.state != "up":
+            self._policies[name].up(now)
             self.status[name] = dataclasses.replace(status, state="up", since=time.time())
         elif not ready and status.state == "up":
+            self._policies[name].not_up(now)
             self.status[name] = dataclasses.replace(status, state="unready", since=time.time())
 
     def _write_status(self) -> None:
@@ -230,7 +248,7 @@ class Supervisor:
 
     def _schedule(self, name: str, process: subprocess.Popen, now: float) -> None:
         _kill_leftovers(process)
-        policy = self._policies.setdefault(name, RestartPolicy(self._backoff, now))
+        policy = self._policies.setdefault(name, RestartPolicy(self._backoff))
         delay = policy.next_delay(now)
         self._due[name] = now + delay
         self.status[name] = ChildStatus(
@@ -271,7 +289,7 @@ class Supervisor:
                 log=str(self._stack.log_path(name)),
             )
             return
-        policy.started(now)
+        policy.started()
         self.restarts[name] = self.restarts.get(name, 0) + 1
         pid, last_exit = self._stack.processes[name].pid, self.status[name].last_exit
         self.status[name] = ChildStatus("starting", time.time(), pid, self.restarts[name], last_exit)

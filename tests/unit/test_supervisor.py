@@ -20,18 +20,41 @@ def test_delays_double_up_to_the_cap() -> None:
 
 
 def test_failures_in_a_row_back_off_and_a_healthy_run_starts_over() -> None:
-    policy = RestartPolicy(Backoff(initial_s=1.0, factor=2.0, max_s=60.0, reset_after_s=30.0), started_at=0.0)
+    policy = RestartPolicy(Backoff(initial_s=1.0, factor=2.0, max_s=60.0, reset_after_s=30.0))
     # Dies at once, three times in a row.
     assert policy.next_delay(exited_at=1.0) == 1.0
-    policy.started(2.0)
+    policy.started()
     assert policy.next_delay(exited_at=3.0) == 2.0
-    policy.started(5.0)
+    policy.started()
     assert policy.next_delay(exited_at=6.0) == 4.0
     assert policy.attempt == 3
-    # Then runs healthy for longer than reset_after_s: the next failure is a first one.
-    policy.started(10.0)
-    assert policy.next_delay(exited_at=40.0) == 1.0
+    # Then is up for longer than reset_after_s: the next failure is a first one.
+    policy.started()
+    policy.up(11.0)
+    assert policy.next_delay(exited_at=41.0) == 1.0
     assert policy.attempt == 1
+
+
+def test_a_run_that_was_never_up_that_long_is_no_healthy_one() -> None:
+    """A child was healthy once it had run reset_after_s, ready or not: one
+    that never got ready (a Triton whose model load failed after minutes)
+    was restarted as soon each time, as though it had been serving."""
+    policy = RestartPolicy(Backoff(initial_s=1.0, factor=2.0, max_s=60.0, reset_after_s=30.0))
+    assert policy.next_delay(exited_at=1.0) == 1.0
+    # Runs for minutes, never ready.
+    policy.started()
+    assert policy.next_delay(exited_at=200.0) == 2.0
+    # Up at times, never for reset_after_s at a stretch.
+    policy.started()
+    policy.up(210.0)
+    policy.not_up(230.0)
+    policy.up(235.0)
+    assert policy.next_delay(exited_at=255.0) == 4.0
+    # Up that long, then unready before it exits: that run was healthy.
+    policy.started()
+    policy.up(260.0)
+    policy.not_up(300.0)
+    assert policy.next_delay(exited_at=400.0) == 1.0
 
 
 def test_exit_codes_and_signals_are_told_apart() -> None:
@@ -132,8 +155,10 @@ def test_failed_relaunches_after_a_healthy_run_keep_backing_off(stack) -> None:
     supervisor.check(now=1.0)
     supervisor.check(now=1.5)
     assert supervisor.restarts == {"redis": 1}
+    stack.ready_children = {"redis"}
+    supervisor.check(now=2.0)
 
-    # Runs healthy for minutes, dies, and now cannot be started again.
+    # Up for minutes, dies, and now cannot be started again.
     _kill(stack.processes["redis"])
     stack.broken = True
     now = 200.0
