@@ -162,6 +162,12 @@ class RouterMetrics:
         self.streams_in_flight = make.gauge(
             "meshgate_router_streams_in_flight", "Turns under way.", ("model",)
         )
+        self.hot_copies_live = make.gauge(
+            "meshgate_router_hot_copies_live",
+            "1 while this router answers repeats of cache hits from its own copies "
+            "(router.hot_exact_entries): subscribed to the cache service's notices and hearing its "
+            "heartbeat (every 1 s; lost after 3 s); 0 while they are asked of the cache service.",
+        )
         self.deferred_writes = make.counter(
             "meshgate_router_deferred_writes",
             "Writes of what turns used (write: settlement, ledger) by outcome: deferred (Redis "

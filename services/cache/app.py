@@ -9,6 +9,7 @@ from meshgate.embedding import InferenceEmbedder, LocalEmbedder
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.serving import Cleanup, Service
 from services.cache.embedding_memo import EmbeddingMemo
+from services.cache.heartbeat import Heartbeat
 from services.cache.index import IndexRegistry
 from services.cache.servicer import CacheServicer
 from services.cache.stats import Stats
@@ -66,9 +67,13 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     )
     cache_service_pb2_grpc.add_CacheServiceServicer_to_server(servicer, service.server)
     stats.start()
+    # The routers serve their copies of hot hits only while they hear it.
+    heartbeat = Heartbeat(client)
+    heartbeat.start()
 
     return serving.cleanup_steps(
         ("servicer", servicer.close),
+        ("heartbeat", heartbeat.close),
         # Hit and miss counts still in flight reach Redis before it closes.
         ("stats", stats.close),
         ("local embedder", local_embedder.close if local_embedder is not None else None),

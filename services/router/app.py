@@ -8,7 +8,7 @@ import contextlib
 import numpy as np
 import structlog
 
-from meshgate import mesh_auth, redis_access, serving
+from meshgate import mesh_auth, metrics, redis_access, serving
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.config import DEFAULT_DEV_API_KEY, DEV_TENANT_ID, RouterSettings, Settings, summary_usage_ttl_s
 from meshgate.context.v1 import context_service_pb2_grpc
@@ -140,7 +140,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     admission = TurnAdmission(
         Admission(redis, router.max_generation_s, take_marker_ttl_s=take_marker_ttl_s), router, ledger
     )
-    hot_exact = listener = None
+    hot_exact = listener = heartbeat_watch = None
     if router.hot_exact_entries > 0:
         hot_exact = HotExactHits(
             router.hot_exact_entries, router.hot_exact_max_age_s, max_bytes=router.hot_exact_max_bytes
@@ -149,6 +149,8 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         notices_url = router.cache_redis_url or settings.redis.url
         listener = notice_listener(notices_url, hot_exact, settings.redis.timeout_s)
         listener.start()
+        heartbeat_watch = asyncio.create_task(hot_exact.watch_heartbeat())
+        metrics.router().hot_copies_live.set_function(lambda: hot_exact.live)
     cache = CacheService(
         cache_service_pb2_grpc.CacheServiceStub(cache_channel), tenant_tokens, settings.router, hot_exact
     )
@@ -247,6 +249,11 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         with contextlib.suppress(asyncio.CancelledError):
             await deployment_checks
 
+    async def stop_heartbeat_watch() -> None:
+        heartbeat_watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat_watch
+
     return serving.cleanup_steps(
         # The HTTP edge first (drained already when the service stopped,
         # serving.stop; not when its start failed): its streams under way
@@ -255,6 +262,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         ("deployment checks", stop_deployment_checks),
         ("deployments", deployments.close),
         ("cache notices", listener.close if listener is not None else None),
+        ("cache heartbeat watch", stop_heartbeat_watch if heartbeat_watch is not None else None),
         # A sweep under way takes over the context channel, and bills through admission.
         ("summary usage", summary_usage.close),
         ("context channel", context_channel.close),

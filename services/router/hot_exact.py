@@ -28,13 +28,22 @@ router drops its copies on hearing it. The bound: a copy stops being served
 as soon as the router reads the notice (one pub/sub delivery, about a
 millisecond on one host). Pub/sub delivers at most once, so the copies are
 trusted only while the subscription is up: they are dropped and bypassed
-from the moment it breaks until it is back; and no copy is served longer
-than ``max_age_s`` after it was fetched, which also bounds how long one
-outlives its entry's eviction (which announces nothing) and a notice lost
-while a broken connection was not yet detected. Expiry announces nothing
-either, but the lookup says how long the entry had left to live
-(``expires_in_ms``), and the copy is served no longer than that, never
-a hit the cache itself no longer has.
+from the moment it breaks until it is back. A subscription that is up
+proves nothing of the publisher: subscribed where the cache service does
+not publish (``router.cache_redis_url`` not its Redis), a router hears no
+notice, and served every copy for its whole age limit after an Invalidate.
+So the copies are served only while the cache service's heartbeat (every
+second, ``cache_notices.HEARTBEAT_INTERVAL_S``) has been heard within
+``cache_notices.HEARTBEAT_LOST_AFTER_S``: none from a subscription's
+start until its first, none from that long after the latest until the
+next, which drops what was held (what went unheard meanwhile is unknown).
+A silence is logged once as a warning, its end once at info. And no copy
+is served longer than ``max_age_s`` after it was fetched, which also
+bounds how long one outlives its entry's eviction (which announces
+nothing) and a notice lost while a broken connection was not yet
+detected. Expiry announces nothing either, but the lookup says how long
+the entry had left to live (``expires_in_ms``), and the copy is served no
+longer than that, never a hit the cache itself no longer has.
 
 A lookup that was in flight while a notice arrived must not put back what
 the notice removed: ``put`` is refused when a notice that concerns the copy
@@ -54,6 +63,7 @@ be two copies here, or one a copy and one a hop; never a wrong answer.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import hashlib
@@ -92,7 +102,8 @@ class HotExactHits:
     """An LRU of at most ``max_entries`` hits (exact and semantic) holding
     at most ``max_bytes`` of answer text, each served for at most
     ``max_age_s`` after it was fetched (less if its entry expires sooner),
-    and only while ``live``.
+    and only while ``live``: the cache service's heartbeat heard within
+    ``heartbeat_lost_after_s``.
 
     The byte bound is what keeps the router's memory flat: 4,096 answers of
     a model with a long output limit are hundreds of MiB. An answer larger
@@ -106,6 +117,7 @@ class HotExactHits:
         clock=time.monotonic,
         recent_notices: int = RECENT_NOTICES,
         max_bytes: int = 64 * 1024 * 1024,
+        heartbeat_lost_after_s: float = cache_notices.HEARTBEAT_LOST_AFTER_S,
     ) -> None:
         self._max_entries = max_entries
         self._max_age_s = max_age_s
@@ -125,8 +137,14 @@ class HotExactHits:
         # Every ticket below it is refused: a reconnect's or unreadable
         # notice's number, or the newest that trimming forgot.
         self._floor = 0
-        # True only while the notices are known to arrive (set by the listener).
-        self.live = False
+        # When the subscription came up (None: it is down; the listener says)
+        # and when the cache service's latest heartbeat came on it (None:
+        # none since): the notices are known to arrive only while both hold.
+        self._subscribed_at: float | None = None
+        self._heartbeat_at: float | None = None
+        self._heartbeat_lost_after_s = heartbeat_lost_after_s
+        # Whether a silence of the heartbeat was logged and not its end.
+        self._unheard_told = False
 
     def __len__(self) -> int:
         return len(self._copies)
@@ -134,6 +152,45 @@ class HotExactHits:
     @property
     def bytes_held(self) -> int:
         return self._bytes
+
+    @property
+    def live(self) -> bool:
+        """Whether the copies are served: the cache service's heartbeat has
+        been heard, on the subscription that is up, within
+        ``heartbeat_lost_after_s``."""
+        return (
+            self._heartbeat_at is not None
+            and self._clock() - self._heartbeat_at <= self._heartbeat_lost_after_s
+        )
+
+    def subscribed(self, up: bool) -> None:
+        """The listener's word that the subscription came up or broke:
+        whatever changed meanwhile is unknown, and the copies wait for the
+        new subscription's first heartbeat."""
+        self.clear()
+        self._subscribed_at = self._clock() if up else None
+        self._heartbeat_at = None
+
+    def check_heartbeat(self) -> None:
+        """Logs (once) a subscription that has heard no heartbeat for
+        ``heartbeat_lost_after_s``; a subscription that is down is the
+        listener's to log."""
+        if self._subscribed_at is None or self._unheard_told or self.live:
+            return
+        waited_s = self._clock() - self._subscribed_at
+        if self._heartbeat_at is not None or waited_s > self._heartbeat_lost_after_s:
+            self._unheard_told = True
+            log.warning(
+                "the cache service's heartbeat is not heard: hot copies bypassed until it is "
+                "(is router.cache_redis_url the cache service's redis.url?)",
+                unheard_for_s=self._heartbeat_lost_after_s,
+            )
+
+    async def watch_heartbeat(self) -> None:
+        """check_heartbeat once a heartbeat's interval, for as long as the router runs."""
+        while True:
+            await asyncio.sleep(cache_notices.HEARTBEAT_INTERVAL_S)
+            self.check_heartbeat()
 
     @staticmethod
     def key(plan: CachePlan, messages) -> bytes:
@@ -249,10 +306,22 @@ class HotExactHits:
                     self._drop(key)
             case cache_notices.ScopeNotice(tenant_id=tenant_id, model=model):
                 self.forget_scope(tenant_id, model)
+            case cache_notices.Heartbeat():
+                self._heard_heartbeat()
             case None:
                 # A notice this router cannot read may name anything.
                 log.warning("unreadable cache notice; dropping every hot copy", notice=data[:64])
                 self.clear()
+
+    def _heard_heartbeat(self) -> None:
+        if not self.live:
+            # The subscription's first, or the first after a silence, in
+            # which notices may have gone unheard too.
+            self.clear()
+        self._heartbeat_at = self._clock()
+        if self._unheard_told:
+            self._unheard_told = False
+            log.info("the cache service's heartbeat is heard again; hot copies in use")
 
     def clear(self) -> None:
         self._sequence += 1
@@ -287,11 +356,6 @@ def notice_listener(url: str, hits: HotExactHits, timeout_s: float) -> redis_acc
     """Feeds ``hits`` the cache service's notices from its own Redis
     connection (each attempt bounded by ``timeout_s``, redis.timeout_s);
     drops and bypasses the copies while disconnected."""
-
-    def set_live(live: bool) -> None:
-        hits.clear()
-        hits.live = live
-
     return redis_access.ChannelListener(
-        url, cache_notices.CHANNEL, hits.announce, set_live, timeout_s=timeout_s
+        url, cache_notices.CHANNEL, hits.announce, hits.subscribed, timeout_s=timeout_s
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import grpc
 import structlog
 
+from meshgate import cache_notices
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.common.v1 import common_pb2
 from meshgate.config import MAX_CACHED_PROMPT_MESSAGES, RouterSettings
@@ -96,7 +97,8 @@ async def test_an_invalidate_through_this_router_drops_its_own_copies_without_wa
     its copies to the cache's notice (and to hot_exact_max_age_s where the
     notice never came)."""
     hot = HotExactHits(16, 600.0)
-    hot.live = True
+    hot.subscribed(True)
+    hot.announce(cache_notices.HEARTBEAT)
     cache = CacheService(InvalidatingStub(), NoTokens(), RouterSettings(), hot)
     key = hot.key(plan(), prompt(1))
     hit = Hit(Answer(text="a", completion_tokens=1), CacheStatus.EXACT_HIT, 1.0)

@@ -3,8 +3,13 @@ and what a notice or a reconnect takes away."""
 
 from __future__ import annotations
 
+import math
+
+import structlog
+
 from meshgate import cache_notices
 from meshgate.common.v1 import common_pb2
+from services.cache import keys
 from services.router.hot_exact import HotExactHits
 from services.router.pipeline import Answer, CachePlan, CacheStatus, Hit
 
@@ -29,10 +34,17 @@ def hit(text: str) -> Hit:
     return Hit(Answer(text=text, completion_tokens=3), CacheStatus.EXACT_HIT, 1.0)
 
 
-def live_hits(max_entries: int = 16, max_age_s: float = 10.0) -> tuple[HotExactHits, Clock]:
+def live_hits(
+    max_entries: int = 16, max_age_s: float = 10.0, heartbeat_lost_after_s: float = math.inf, **options
+) -> tuple[HotExactHits, Clock]:
+    """Copies in use: subscribed, the cache service's heartbeat heard (and,
+    unless a test of the heartbeat says, never lost)."""
     clock = Clock()
-    hits = HotExactHits(max_entries, max_age_s, clock)
-    hits.live = True
+    hits = HotExactHits(
+        max_entries, max_age_s, clock, heartbeat_lost_after_s=heartbeat_lost_after_s, **options
+    )
+    hits.subscribed(True)
+    hits.announce(cache_notices.HEARTBEAT)
     return hits, clock
 
 
@@ -90,11 +102,101 @@ def test_a_copy_is_not_served_past_its_entrys_expiry():
 def test_nothing_is_served_or_kept_while_the_notices_are_not_known_to_arrive():
     hits, _ = live_hits()
     key = stored(hits, "q", "e1")
-    hits.live = False
+    hits.subscribed(False)
     assert hits.get(key) is None
     assert stored(hits, "r", "e2") is not None
-    hits.live = True
+    hits.subscribed(True)
+    hits.announce(cache_notices.HEARTBEAT)
     assert hits.get(hits.key(plan(), messages("r"))) is None
+
+
+def test_no_copy_is_served_or_kept_before_the_subscriptions_first_heartbeat():
+    """A subscription where the cache service does not publish is up and
+    hears nothing: its copies were served for their whole age limit after
+    an Invalidate. Whatever the last subscription heard does not count."""
+    hits = HotExactHits(16, 600.0, Clock())
+    for _ in range(2):
+        hits.subscribed(True)
+        assert not hits.live
+        key = stored(hits, "q", "e1")
+        assert hits.get(key) is None and len(hits) == 0
+        hits.announce(cache_notices.HEARTBEAT)
+        assert hits.live
+        stored(hits, "q", "e1")
+        assert hits.get(key) is not None
+        hits.subscribed(False)
+        assert not hits.live and len(hits) == 0
+
+
+def test_copies_are_bypassed_once_no_heartbeat_came_for_the_bound_and_dropped_at_the_next():
+    hits, clock = live_hits(max_age_s=600.0, heartbeat_lost_after_s=3.0)
+    key = stored(hits, "q", "e1")
+    clock.now += 3.0
+    assert hits.get(key) is not None
+    # A lookup under way as the heartbeat goes silent.
+    ticket = hits.ticket()
+    clock.now += 0.01
+    assert not hits.live and hits.get(key) is None
+    assert stored(hits, "r", "e2") is not None and len(hits) == 1
+    # What the silence held back is unknown: the copy from before it is
+    # dropped, and the lookup from before it puts nothing back.
+    hits.announce(cache_notices.HEARTBEAT)
+    assert hits.live and len(hits) == 0
+    hits.put(key, ticket, hit("stale"), "e1", "t1", "m1")
+    assert hits.get(key) is None
+    stored(hits, "q", "e1")
+    assert hits.get(key) is not None
+    # Heartbeats in time keep the copies.
+    for _ in range(5):
+        clock.now += 2.9
+        hits.announce(cache_notices.HEARTBEAT)
+    assert hits.get(key) is not None
+
+
+def test_a_heartbeats_silence_is_logged_once_as_a_warning_and_its_end_once_at_info():
+    hits = HotExactHits(16, 600.0, (clock := Clock()), heartbeat_lost_after_s=3.0)
+
+    def told() -> list[str]:
+        return [entry["log_level"] for entry in logs]
+
+    with structlog.testing.capture_logs() as logs:
+        # A subscription that is down is the listener's to log.
+        clock.now += 10.0
+        hits.check_heartbeat()
+        hits.subscribed(True)
+        clock.now += 3.0
+        hits.check_heartbeat()
+        assert told() == []
+        # None since the subscription came up (a router not told the cache's Redis).
+        clock.now += 0.5
+        for _ in range(3):
+            hits.check_heartbeat()
+            clock.now += 1.0
+        assert told() == ["warning"]
+        for _ in range(2):
+            hits.announce(cache_notices.HEARTBEAT)
+            hits.check_heartbeat()
+        assert told() == ["warning", "info"]
+        # Silent again after heartbeats were heard.
+        clock.now += 3.0
+        hits.check_heartbeat()
+        assert told() == ["warning", "info"]
+        clock.now += 0.5
+        hits.check_heartbeat()
+        hits.check_heartbeat()
+        assert told() == ["warning", "info", "warning"]
+    assert "router.cache_redis_url" in logs[0]["event"]
+
+
+def test_a_heartbeat_reads_as_an_entry_notice_of_no_entry_to_a_router_from_before_heartbeats():
+    """A router that cannot read a notice drops every copy it holds: a
+    heartbeat of a kind of its own would have done that once a second in
+    the routers not yet upgraded."""
+    assert cache_notices.parse(cache_notices.HEARTBEAT) == cache_notices.Heartbeat()
+    # What a router from before parses it to: the notice of an id no entry has.
+    named = cache_notices.HEARTBEAT.removeprefix(b"e ").decode()
+    assert cache_notices.entry_notice(named) == cache_notices.HEARTBEAT
+    assert not keys.is_entry_id(named)
 
 
 def test_an_entry_notice_drops_every_copy_of_that_entry_only():
@@ -180,8 +282,7 @@ def test_a_notice_for_another_entry_or_scope_during_a_lookup_does_not_refuse_its
 
 
 def test_once_the_notices_it_remembers_are_trimmed_a_lookup_older_than_the_trimmed_one_is_refused():
-    hits = HotExactHits(16, 10.0, Clock(), recent_notices=2)
-    hits.live = True
+    hits, _ = live_hits(recent_notices=2)
     key = hits.key(plan(), messages("q"))
     ticket = hits.ticket()
     hits.announce(cache_notices.entry_notice("e1"))
@@ -212,8 +313,7 @@ def test_the_least_recently_served_copy_goes_first():
 
 
 def test_the_answers_held_stay_under_the_byte_bound_least_recent_going_first():
-    hits = HotExactHits(64, 10.0, Clock(), max_bytes=1024 * 1024)
-    hits.live = True
+    hits, _ = live_hits(64, max_bytes=1024 * 1024)
     large = "x" * (60 * 1024)  # under a sixteenth of the bound: kept
     keys = []
     for number in range(20):
@@ -233,8 +333,7 @@ def test_the_answers_held_stay_under_the_byte_bound_least_recent_going_first():
 
 
 def test_an_answer_over_a_sixteenth_of_the_byte_bound_is_not_kept():
-    hits = HotExactHits(16, 10.0, Clock(), max_bytes=1024 * 1024)
-    hits.live = True
+    hits, _ = live_hits(max_bytes=1024 * 1024)
     small = stored(hits, "small", "e1")
     key = hits.key(plan(), messages("huge"))
     hits.put(key, hits.ticket(), hit("x" * (64 * 1024)), "e2", "t1", "m1")

@@ -1,0 +1,52 @@
+"""The cache service's heartbeat on its notices' channel
+(``meshgate/cache_notices.py``): a router serves its copies of hot hits
+only while it hears one, so a router that hears another Redis than the
+cache service's serves none, rather than each for its whole age limit
+after the notice that should have dropped it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import redis.asyncio as redis
+import structlog
+
+from meshgate import cache_notices
+from meshgate.redis_access import CONNECTION_ERRORS
+
+log = structlog.get_logger(__name__)
+
+
+class Heartbeat:
+    """Publishes ``cache_notices.HEARTBEAT`` every ``interval_s``, as
+    the notices are published (plain PUBLISH, forwarded to every node of a
+    cluster): the first at start."""
+
+    def __init__(self, client: redis.Redis, interval_s: float = cache_notices.HEARTBEAT_INTERVAL_S) -> None:
+        self._client = client
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._beat())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _beat(self) -> None:
+        failing = False
+        while True:
+            try:
+                await self._client.publish(cache_notices.CHANNEL, cache_notices.HEARTBEAT)
+            except (*CONNECTION_ERRORS, redis.RedisError) as error:
+                # The routers bypass their copies meanwhile; one warning per outage.
+                if not failing:
+                    log.warning("cannot publish the cache notices' heartbeat", error=str(error))
+                failing = True
+            else:
+                failing = False
+            await asyncio.sleep(self._interval_s)
