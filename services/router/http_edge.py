@@ -1400,20 +1400,42 @@ class _BoundedHeaders(HttpToolsProtocol):
 
     def _refuse(self) -> None:
         self._stop_deadline()
-        # A 431 written now would land inside an earlier request's answer.
-        if not self._headers_too_large or self._answering():
+        if not self._headers_too_large:
             self.transport.close()
             return
-        status, headers, body = http_error(
+        self._answer_and_close(
             invalid_argument(
                 Reason.HEADERS_TOO_LARGE,
                 f"the request's URL and headers are larger than {self._max_bytes} bytes",
                 limit=str(self._max_bytes),
             )
         )
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to bytes httptools cannot parse, or to a request
+        # line whose URL is not ASCII (a UTF-8 character sent raw, not
+        # percent-encoded), is plain text: in OpenAI's shape instead, as
+        # every other answer of the edge.
+        self._answer_and_close(
+            invalid_argument(
+                Reason.MALFORMED_REQUEST,
+                "the request is not valid HTTP/1.1 (its framing or header bytes, or a URL that is not ASCII:"
+                " percent-encode other characters)",
+            )
+        )
+
+    def _answer_and_close(self, error: MeshgateError) -> None:
+        """Writes ``error``'s answer, from outside the app, and closes the connection."""
+        # An answer written now would land inside an earlier request's.
+        if self._answering():
+            self.transport.close()
+            return
+        status, headers, body = http_error(error)
         head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}".encode()]
         # Every answer carries an x-request-id, this one written outside _Response.
         headers.append((b"x-request-id", uuid.uuid4().hex.encode()))
+        if (b"connection", b"close") not in headers:
+            headers.append((b"connection", b"close"))
         head += [name + b": " + value for name, value in [*self.server_state.default_headers, *headers]]
         head.append(b"content-length: " + str(len(body)).encode())
         self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)

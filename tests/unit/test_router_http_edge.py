@@ -655,6 +655,41 @@ async def test_a_pipelined_header_block_over_the_bound_closes_without_a_431_insi
     await asyncio.sleep(0.05)  # the first request's task sees its client gone
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        "GET /v1/models/東 HTTP/1.1\r\nhost: edge\r\n\r\n".encode(),  # a URL's UTF-8 sent raw
+        b"GET /v1/models HTTP/1.1\r\nhost\x01: edge\r\n\r\n",  # a byte no header name may hold
+    ],
+    ids=["non-ASCII URL", "control byte in a header name"],
+)
+async def test_a_request_httptools_cannot_read_is_a_400_in_openais_shape(request_bytes):
+    """uvicorn answers these with a plain-text 400 of its own: a client
+    reading OpenAI's error object found none, and no x-request-id."""
+    protocol, transport = bounded_connection(answering_when(asyncio.Event()), header_timeout_s=5)
+    protocol.data_received(request_bytes)
+    assert transport.closed
+    head, _, body = transport.written.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 400 Bad Request"
+    headers = dict(line.split(b": ", 1) for line in lines[1:])
+    assert headers[b"content-type"] == b"application/json" and headers[b"connection"] == b"close"
+    assert len(headers[b"x-request-id"]) == 32
+    error = json.loads(body)["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "MALFORMED_REQUEST")
+    protocol.connection_lost(None)
+
+
+async def test_a_pipelined_request_httptools_cannot_read_closes_without_a_400_inside_an_answer():
+    released = asyncio.Event()
+    protocol, transport = bounded_connection(answering_when(released), header_timeout_s=5)
+    protocol.data_received(b"GET /first HTTP/1.1\r\nhost: edge\r\n\r\n" + "GET /東 HTTP/1.1\r\n\r\n".encode())
+    assert transport.closed and transport.written == b""
+    released.set()
+    protocol.connection_lost(None)
+    await asyncio.sleep(0.05)  # the first request's task sees its client gone
+
+
 class _TcpInfoSocket:
     """A socket whose TCP_INFO tells what a test sets: bytes acknowledged,
     segments unacknowledged and bytes not yet sent."""
