@@ -28,7 +28,14 @@ from meshgate.reasons import Reason
 from services.context import assembly, relevance
 from services.context import summaries as summaries_lib
 from services.context.hot_cache import DELETED, HotCache
-from services.context.store import NO_COUNTS, SessionStore, StoredSession, SummarySpend, session_key
+from services.context.store import (
+    NO_COUNTS,
+    PIN_OVERHEAD_BYTES,
+    SessionStore,
+    StoredSession,
+    SummarySpend,
+    session_key,
+)
 from services.context.token_counts import PromptCounter
 from services.context.turn_index import IndexedTurns, TurnFeatures, TurnIndex, features, term_counts
 
@@ -906,10 +913,10 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
     async def PinToSession(self, request: pb.PinToSessionRequest, context) -> pb.PinToSessionResponse:
         index, pin = self._pin_request(request)
         message_index = request.message_index if request.WhichOneof("pin") == "message_index" else None
-        holdings = self._store.holdings
-        await holdings.fits(request.tenant_id, request.session_id, len(pin.encode()))
+        size = len(pin.encode()) + PIN_OVERHEAD_BYTES
+        await self._store.holdings.fits(request.tenant_id, request.session_id, size)
         pin_count = await index.pin(request.tenant_id, request.session_id, pin, message_index)
-        await holdings.pinned(request.tenant_id, request.session_id, len(pin.encode()))
+        await self._store.recount(request.tenant_id, request.session_id)
         # Pins are part of what the hot entry holds: drop it, as the notice does.
         self._changed_here(request.tenant_id, request.session_id, DELETED)
         return pb.PinToSessionResponse(pin_count=pin_count)
@@ -919,6 +926,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
     ) -> pb.UnpinFromSessionResponse:
         index, pin = self._pin_request(request)
         pin_count = await index.unpin(request.tenant_id, request.session_id, pin)
+        # The pin's bytes are the tenant's again (and a compacted turn's it kept).
+        await self._store.recount(request.tenant_id, request.session_id)
         self._changed_here(request.tenant_id, request.session_id, DELETED)
         return pb.UnpinFromSessionResponse(pin_count=pin_count)
 

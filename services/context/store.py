@@ -232,6 +232,25 @@ local function drop_postings(postings_key, from, to)
 end
 """
 
+# What a session holds in Redis beside its turns, as context.max_bytes_per_tenant
+# counts it (BESIDE_TURNS; the turns' own: SESSION_OVERHEAD_BYTES below): a
+# pin took 5-111 bytes beyond its text (20-byte to 4 KB facts), measured on
+# redis-server 6.2 (jemalloc), rounded up.
+PIN_OVERHEAD_BYTES = 128
+
+# Shared by the scripts that report what a session holds for the tenant's
+# bound (TenantHoldings): what it holds beside its turns, its pins' texts
+# with their overheads. Read whole: at most turn_index.MAX_PINS pins of 4 KiB.
+BESIDE_TURNS = f"""
+local function beside_turns(pins_key)
+  local total = 0
+  for _, pin in ipairs(redis.call('LRANGE', pins_key, 0, -1)) do
+    total = total + #pin + {PIN_OVERHEAD_BYTES}
+  end
+  return total
+end
+"""
+
 # OOM_FIRST: a script that writes must make its first write one that
 # Redis refuses when full (HSET, SET, RPUSH...; under noeviction, past
 # maxmemory). Redis checks a script for memory at its first write only (it
@@ -535,13 +554,15 @@ end
 # version ("" = whatever the current one), ttl_s. Pins of the turns it
 # drops go with them (else the turn appended at that index next would be
 # pinned in their place). Returns {1, new version, the bytes its turns hold
-# (false when uncounted), the turns it holds},
+# (false when uncounted), the turns it holds, the bytes beside them
+# (BESIDE_TURNS)},
 # {0} if there is no session, {-1, current version} on a version mismatch,
 # {-3, current version} if the version to restore is unknown or undone,
 # {-5, compacted version} if it held fewer turns than were compacted since.
 _REVERT = (
     _TURNS_AT
     + _TURN_BYTES
+    + BESIDE_TURNS
     + _CUT_COUNTS
     + _COMPACTED
     + RENEW
@@ -600,7 +621,7 @@ local new_version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'update_time_ms', t[1] * 1000 + math.floor(t[2] / 1000))
 redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' ' .. new_version)
 renew(tonumber(ARGV[3]))
-return {1, new_version, held_bytes or false, held}
+return {1, new_version, held_bytes or false, held, beside_turns(KEYS[5])}
 """
 )
 
@@ -677,9 +698,11 @@ return {1, turns, counts, redis.call('GETRANGE', KEYS[4], 0, 4 * target + 3),
 # (term, packed postings) pairs.
 # It has no turn ids (those were the source's appends), and its
 # ``bytes`` are its turns' (a prefix of the source's: never past the
-# source's cap). Returns {1, creation time}, or {-4} if the fork's id is taken.
+# source's cap). Returns {1, creation time, the bytes beside its turns
+# (BESIDE_TURNS: the pins it took)}, or {-4} if the fork's id is taken.
 _FORK_CREATE = (
     RENEW
+    + BESIDE_TURNS
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-4} end
 local n = tonumber(ARGV[4])
@@ -713,7 +736,7 @@ for first = postings_at, #ARGV, 1000 do
   redis.call('HSET', KEYS[9], unpack(ARGV, first, math.min(first + 999, #ARGV)))
 end
 renew(tonumber(ARGV[2]))
-return {1, now}
+return {1, now, beside_turns(KEYS[5])}
 """
 )
 
@@ -829,6 +852,20 @@ end
 return 0
 """
 
+# KEYS: session_keys. Returns what the session holds as the tenant's bound
+# counts it: {meta's ``bytes`` (false when uncounted), the turns it holds,
+# the bytes beside them (BESIDE_TURNS)}, or {} if there is no session.
+_HELD = (
+    BESIDE_TURNS
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+return {
+  tonumber(redis.call('HGET', KEYS[1], 'bytes')) or false, redis.call('LLEN', KEYS[2]),
+  beside_turns(KEYS[5])
+}
+"""
+)
+
 # What a session holds in Redis beyond its turns' bytes (meta's
 # ``bytes``), as context.max_bytes_per_tenant counts it: an empty session
 # (meta, its version history) took 410 bytes of Redis's used_memory; a
@@ -856,12 +893,13 @@ QUOTA_REFUSAL_KEPT_S = 5.0
 
 # KEYS: the tenant's record: its sessions' bytes (hash: ``s:<session id>``
 # what the session's turns hold with their overhead, ``p:<session id>``
-# what pins added, ``total``), their expiries (sorted set, ms of Redis's
-# clock). ARGV: session id, what to do ('fits': what the tenant holds,
-# nothing written but the forgetting; 'set': the session's ``s:`` is
-# ARGV[3]; 'pin': its ``p:`` grows by ARGV[3]; 'drop': it holds nothing),
-# bytes, the session's TTL in ms (0: none), the most expired sessions to
-# forget. Returns what the tenant holds (after the change). Expired
+# what it holds beside them, its pins (BESIDE_TURNS), ``total``),
+# their expiries (sorted set, ms of Redis's clock). ARGV: session id, what
+# to do ('fits': what the tenant holds, nothing written but the forgetting;
+# 'set': the session's ``s:`` is ARGV[3] and its ``p:`` ARGV[6], each left
+# as it is for ''; 'drop': it holds nothing), bytes, the session's TTL in
+# ms (0: none), the most expired sessions to forget, bytes beside its turns.
+# Returns what the tenant holds (after the change). Expired
 # sessions are forgotten first, and their deletes are the first writes
 # (OOM_FIRST does not apply: the record may pass a full Redis's maxmemory by
 # one field, no more).
@@ -880,7 +918,7 @@ for _, id in ipairs(expired) do forget(id) end
 -- Never below 0: a count set while another call forgot the session (see
 -- TenantHoldings) is added once more and taken once.
 total = math.max(0, total)
-local what, bytes = ARGV[2], tonumber(ARGV[3])
+local what = ARGV[2]
 if what == 'fits' then
   if #expired > 0 then redis.call('HSET', KEYS[1], 'total', total) end
   return total
@@ -888,12 +926,14 @@ end
 if what == 'drop' then
   forget(ARGV[1])
 else
-  local field = (what == 'set' and 's:' or 'p:') .. ARGV[1]
-  local was = tonumber(redis.call('HGET', KEYS[1], field) or '0')
-  local held = bytes
-  if what == 'pin' then held = was + bytes end
-  total = total - was + held
-  redis.call('HSET', KEYS[1], field, held)
+  for _, part in ipairs({{'s:', ARGV[3]}, {'p:', ARGV[6]}}) do
+    if part[2] ~= '' then
+      local field = part[1] .. ARGV[1]
+      local held = tonumber(part[2])
+      total = total - tonumber(redis.call('HGET', KEYS[1], field) or '0') + held
+      redis.call('HSET', KEYS[1], field, held)
+    end
+  end
   local ttl = tonumber(ARGV[4])
   redis.call('ZADD', KEYS[2], ttl > 0 and now + ttl or '+inf', ARGV[1])
 end
@@ -1102,13 +1142,14 @@ class TenantHoldings:
     every tenant's sessions share one Redis, which, full, refuses every
     tenant's writes. A record per tenant (_HOLDINGS) holds each of its
     sessions' bytes (their turns' bytes, meta's count, plus
-    SESSION_OVERHEAD_BYTES and TURN_OVERHEAD_BYTES per turn held, and what
-    its pins added), their sum and each one's expiry. A growing write
-    (create, fork, append, pin) asks first whether its bytes fit (``fits``),
-    and once written, sets the session's count to what the session's script
-    returned (``held``), as an absolute value, so a count lost or wrong is
-    right again at the session's next write; a delete drops it, a revert or
-    a compaction sets it lower. The record lies in the tenant's slot, apart
+    SESSION_OVERHEAD_BYTES and TURN_OVERHEAD_BYTES per turn held; and apart,
+    what its pins hold, BESIDE_TURNS), their sum and each
+    one's expiry. A growing write (create, fork, append, pin) asks first
+    whether its bytes fit (``fits``), and once written, sets the session's
+    count to what the session's script returned (``held``), as an absolute
+    value, so a count lost or wrong is right again at the session's next
+    write; a delete drops it, a revert, a compaction or an unpin sets it
+    lower. The record lies in the tenant's slot, apart
     from every session's (Redis Cluster: a script's keys share one slot), so
     these are calls of their own, and the count may drift from what the
     sessions hold, within bounds:
@@ -1124,13 +1165,13 @@ class TenantHoldings:
       the oldest first). Writes that renew a session but count nothing
       (its turn index's, summaries') may keep it alive past that, counted
       0 until its next write.
-    - Pins add their facts' bytes and unpins give nothing back (at most
-      256 pins of 4 KiB a session, until it is deleted or expires); a
-      revert that drops pins keeps them counted.
     - A session's summaries (their texts replace compacted turns') are not
       counted.
     - The overheads are measured means; a tenant's turns of other sizes
       hold somewhat more or less per turn.
+    - During a rolling upgrade a replica of the version before this count of
+      pins adds each pin's bytes to ``p:`` and gives none
+      back; the session's next count here sets it to what it holds.
 
     A tenant refused is remembered on the replica that refused it, with
     what the record held, and its turns that would pass the bound on that
@@ -1204,24 +1245,28 @@ class TenantHoldings:
             },
         )
 
-    async def held(self, tenant_id: str, session_id: str, turn_bytes: int, turns: int) -> None:
-        """Sets the session's count: ``turn_bytes`` of ``turns`` turns."""
-        await self._settle(tenant_id, session_id, "set", held_by(turn_bytes, turns))
-
-    async def pinned(self, tenant_id: str, session_id: str, size: int) -> None:
-        await self._settle(tenant_id, session_id, "pin", size)
+    async def held(
+        self, tenant_id: str, session_id: str, turn_bytes: int | None, turns: int, beside: int | None = None
+    ) -> None:
+        """Sets the session's count: ``turn_bytes`` of ``turns`` turns
+        (None: left as it is, for a session whose bytes are uncounted), and
+        ``beside`` them (BESIDE_TURNS; None: left as it is)."""
+        turns_held = "" if turn_bytes is None else held_by(turn_bytes, turns)
+        await self._settle(tenant_id, session_id, "set", turns_held, "" if beside is None else beside)
 
     async def dropped(self, tenant_id: str, session_id: str) -> None:
-        await self._settle(tenant_id, session_id, "drop", 0)
+        await self._settle(tenant_id, session_id, "drop")
 
-    async def _settle(self, tenant_id: str, session_id: str, what: str, size: int) -> None:
+    async def _settle(
+        self, tenant_id: str, session_id: str, what: str, turns_held: int | str = "", beside: int | str = ""
+    ) -> None:
         """A count after its write: the write stands whatever becomes of
         this, so a failure is logged, not raised (the count is set again by
         the session's next write)."""
         if not self.most:
             return
         try:
-            self._learned(tenant_id, await self._call(tenant_id, session_id, what, size))
+            self._learned(tenant_id, await self._call(tenant_id, session_id, what, turns_held, beside))
         except redis_access.CONNECTION_ERRORS as error:
             # What it holds now is not known here: its next write asks.
             self._refused.pop(tenant_id, None)
@@ -1229,9 +1274,11 @@ class TenantHoldings:
                 "tenant's session bytes not counted", what=what, session_id=session_id, error=str(error)
             )
 
-    async def _call(self, tenant_id: str, session_id: str, what: str, size: int) -> int:
+    async def _call(
+        self, tenant_id: str, session_id: str, what: str, size: int | str, beside: int | str = ""
+    ) -> int:
         keys = [holdings_key(tenant_id, "bytes"), holdings_key(tenant_id, "expiry")]
-        args = [session_id, what, size, self._ttl_ms, _FORGOTTEN_PER_CALL]
+        args = [session_id, what, size, self._ttl_ms, _FORGOTTEN_PER_CALL, beside]
         return int(await self._script(keys=keys, args=args))
 
 
@@ -1266,6 +1313,7 @@ class SessionStore:
         self._compact = client.register_script(_COMPACT)
         self._take_unbilled = client.register_script(_TAKE_UNBILLED)
         self._acknowledge_take = client.register_script(_ACKNOWLEDGE_TAKE)
+        self._held = client.register_script(_HELD)
         self.owed = OwedSessions(client)
         # context.max_bytes_per_tenant (0: no bound).
         self.holdings = TenantHoldings(client, ttl_s, max_bytes_per_tenant)
@@ -1282,7 +1330,8 @@ class SessionStore:
                 f"session {session_id!r} already exists",
                 {"session_id": session_id},
             )
-        await self.holdings.held(tenant_id, session_id, 0, 0)
+        # Nothing beside its turns either: creating it cleared an earlier life's pins and summaries.
+        await self.holdings.held(tenant_id, session_id, 0, 0, beside=0)
         return int(now)
 
     async def read(self, tenant_id: str, session_id: str, at_version: int | None = None) -> StoredSession:
@@ -1416,9 +1465,9 @@ class SessionStore:
         if outcome[0] == -5:
             raise _version_compacted(session_id, version, outcome[1], "be reverted to")
         _raise_for(outcome, session_id, expected_version)
-        _, new_version, held_bytes, held_turns = outcome
-        if held_bytes is not None:
-            await self.holdings.held(tenant_id, session_id, int(held_bytes), int(held_turns))
+        _, new_version, held_bytes, held_turns, beside = outcome
+        held_bytes = None if held_bytes is None else int(held_bytes)
+        await self.holdings.held(tenant_id, session_id, held_bytes, int(held_turns), int(beside))
         return int(new_version)
 
     async def fork(self, tenant_id: str, session_id: str, version: int, new_session_id: str) -> int:
@@ -1462,8 +1511,9 @@ class SessionStore:
                 f"session {new_session_id!r} already exists",
                 {"session_id": new_session_id},
             )
-        await self.holdings.held(tenant_id, new_session_id, turn_bytes, len(turns))
-        return int(outcome[1])
+        _, created_ms, beside = outcome
+        await self.holdings.held(tenant_id, new_session_id, turn_bytes, len(turns), int(beside))
+        return int(created_ms)
 
     async def compact(
         self,
@@ -1485,24 +1535,28 @@ class SessionStore:
             keys = session_keys(tenant_id, session_id)
             args = [version, upto, self._ttl_s, created, TURN_IDS_KEPT, *system]
             compacted = int(await self._compact(keys=keys, args=args))
-        if compacted >= 0 and self.holdings.most:
-            await self._recount(tenant_id, session_id)
+        if compacted >= 0:
+            await self.recount(tenant_id, session_id)
         return compacted
 
-    async def _recount(self, tenant_id: str, session_id: str) -> None:
+    async def recount(self, tenant_id: str, session_id: str) -> None:
         """Sets the tenant's count of the session to what it holds now, read
-        after the write that changed it (a write between is counted by its
-        own call, before or after this one: either way, right at the next)."""
+        after the write that changed it (a compaction, a pin or an unpin):
+        a write between is counted by its own call, before or after this
+        one: either way, right at the next. Never raises: the write it
+        follows stands."""
+        if not self.holdings.most:
+            return
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.hget(key(tenant_id, session_id, "meta"), "bytes")
-                pipe.llen(key(tenant_id, session_id, "turns"))
-                held_bytes, held_turns = await pipe.execute()
+            held = await self._held(keys=session_keys(tenant_id, session_id))
         except redis_access.CONNECTION_ERRORS as error:
             log.warning("tenant's session bytes not counted", session_id=session_id, error=str(error))
             return
-        if held_bytes is not None:
-            await self.holdings.held(tenant_id, session_id, int(held_bytes), held_turns)
+        # Gone meanwhile: its delete dropped its count, or its expiry will.
+        if held:
+            held_bytes, held_turns, beside = held
+            held_bytes = None if held_bytes is None else int(held_bytes)
+            await self.holdings.held(tenant_id, session_id, held_bytes, int(held_turns), int(beside))
 
     async def fill_token_counts(
         self,

@@ -1,0 +1,65 @@
+"""What context.max_bytes_per_tenant counts of a session beside its turns,
+through the real context service (gRPC) over a real Redis: its pins, as
+what they hold now (store.BESIDE_TURNS), so an unpin gives its bytes back."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+import redis.asyncio as redis
+
+from meshgate.context.v1 import context_service_pb2 as pb
+from services.context import store as session_store
+from tests.integration.test_context_service import failure, make_settings, running
+
+pytestmark = pytest.mark.integration
+
+FACT = "f" * 4000
+
+
+@pytest.fixture
+async def redis_client(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+def bounded(redis_url: str, max_bytes_per_tenant: int):
+    settings = make_settings(redis_url)
+    settings.context.max_bytes_per_tenant = max_bytes_per_tenant
+    return settings
+
+
+async def counted(client, tenant: str) -> dict[bytes, int]:
+    """The tenant's record (store.TenantHoldings): its fields as numbers."""
+    record = await client.hgetall(session_store.holdings_key(tenant, "bytes"))
+    return {field: int(value) for field, value in record.items()}
+
+
+async def test_an_unpin_gives_the_pins_bytes_back(redis_url, redis_client) -> None:
+    """Unpins gave nothing back until the session was deleted or expired:
+    a tenant bounded at 20,000 bytes that pinned and unpinned a 4 KB fact
+    four times was counted 16,520 bytes for an empty session with no pin,
+    and its fifth pin was refused SESSION_QUOTA_EXCEEDED. Pinning what the
+    session held pinned already counted its bytes once more each time."""
+    tenant = f"holdings-{uuid.uuid4().hex[:8]}"
+    async with running(bounded(redis_url, 20_000)) as stub:
+        created = await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))
+        here = {"tenant_id": tenant, "session_id": created.session.session_id}
+        empty = await counted(redis_client, tenant)
+        assert empty[b"total"] == session_store.SESSION_OVERHEAD_BYTES
+        for _ in range(10):
+            await stub.PinToSession(pb.PinToSessionRequest(**here, fact=FACT))
+            await stub.PinToSession(pb.PinToSessionRequest(**here, fact=FACT))
+            pinned = (await counted(redis_client, tenant))[b"total"]
+            assert pinned == empty[b"total"] + len(f"f:{FACT}") + session_store.PIN_OVERHEAD_BYTES
+            await stub.UnpinFromSession(pb.UnpinFromSessionRequest(**here, fact=FACT))
+            assert await counted(redis_client, tenant) == empty
+        # What the bound refuses is what the session holds: five facts do not fit.
+        for n in range(4):
+            await stub.PinToSession(pb.PinToSessionRequest(**here, fact=f"{n}{FACT}"))
+        code, reason, metadata = await failure(stub.PinToSession(pb.PinToSessionRequest(**here, fact=FACT)))
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_QUOTA_EXCEEDED")
+        assert int(metadata["bytes"]) == (await counted(redis_client, tenant))[b"total"]
