@@ -821,9 +821,10 @@ class ContextSettings:
     # in 3,246 appends, after which every tenant's writes failed. Counted in
     # a record of the tenant's (services/context/store.py, TenantHoldings):
     # each session's turns' bytes plus a measured overhead per session and
-    # per turn, and what its pins hold, set after each write that changes
-    # them. A create, fork, append or pin that would take the count past
-    # this is refused RESOURCE_EXHAUSTED / SESSION_QUOTA_EXCEEDED; deletes, reverts,
+    # per turn, and what its pins and summaries hold, set after each write
+    # that changes them. A create, fork, append or pin that would take the
+    # count past this is refused RESOURCE_EXHAUSTED / SESSION_QUOTA_EXCEEDED
+    # (a summary, written in the background, never is); deletes, reverts,
     # compactions, unpins and expiries give bytes back. Approximate (the
     # record's docstring says by how much). 0: no bound.
     max_bytes_per_tenant: int = 1024 * 1024 * 1024

@@ -234,18 +234,26 @@ end
 
 # What a session holds in Redis beside its turns, as context.max_bytes_per_tenant
 # counts it (BESIDE_TURNS; the turns' own: SESSION_OVERHEAD_BYTES below): a
-# pin took 5-111 bytes beyond its text (20-byte to 4 KB facts), measured on
-# redis-server 6.2 (jemalloc), rounded up.
+# pin took 5-111 bytes beyond its text (20-byte to 4 KB facts); a summary
+# 366-1,155 beyond its JSON twice, its session's summaries hash's and its
+# content key's (services/context/summaries.py), for 0.4-2 KB summaries;
+# measured on redis-server 6.2 (jemalloc), rounded up.
 PIN_OVERHEAD_BYTES = 128
+SUMMARY_OVERHEAD_BYTES = 1024
 
 # Shared by the scripts that report what a session holds for the tenant's
 # bound (TenantHoldings): what it holds beside its turns, its pins' texts
-# with their overheads. Read whole: at most turn_index.MAX_PINS pins of 4 KiB.
+# and its summaries' JSON twice (their content keys' copies), with their
+# overheads. Read whole: at most turn_index.MAX_PINS pins of 4 KiB, and a
+# summary per span of turns.
 BESIDE_TURNS = f"""
-local function beside_turns(pins_key)
+local function beside_turns(pins_key, summaries_key)
   local total = 0
   for _, pin in ipairs(redis.call('LRANGE', pins_key, 0, -1)) do
     total = total + #pin + {PIN_OVERHEAD_BYTES}
+  end
+  for _, span in ipairs(redis.call('HKEYS', summaries_key)) do
+    total = total + #span + 2 * redis.call('HSTRLEN', summaries_key, span) + {SUMMARY_OVERHEAD_BYTES}
   end
   return total
 end
@@ -621,7 +629,7 @@ local new_version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'update_time_ms', t[1] * 1000 + math.floor(t[2] / 1000))
 redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' ' .. new_version)
 renew(tonumber(ARGV[3]))
-return {1, new_version, held_bytes or false, held, beside_turns(KEYS[5])}
+return {1, new_version, held_bytes or false, held, beside_turns(KEYS[5], KEYS[10])}
 """
 )
 
@@ -736,7 +744,7 @@ for first = postings_at, #ARGV, 1000 do
   redis.call('HSET', KEYS[9], unpack(ARGV, first, math.min(first + 999, #ARGV)))
 end
 renew(tonumber(ARGV[2]))
-return {1, now, beside_turns(KEYS[5])}
+return {1, now, beside_turns(KEYS[5], KEYS[10])}
 """
 )
 
@@ -861,7 +869,7 @@ _HELD = (
 if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
 return {
   tonumber(redis.call('HGET', KEYS[1], 'bytes')) or false, redis.call('LLEN', KEYS[2]),
-  beside_turns(KEYS[5])
+  beside_turns(KEYS[5], KEYS[10])
 }
 """
 )
@@ -893,7 +901,7 @@ QUOTA_REFUSAL_KEPT_S = 5.0
 
 # KEYS: the tenant's record: its sessions' bytes (hash: ``s:<session id>``
 # what the session's turns hold with their overhead, ``p:<session id>``
-# what it holds beside them, its pins (BESIDE_TURNS), ``total``),
+# what it holds beside them, its pins and summaries (BESIDE_TURNS), ``total``),
 # their expiries (sorted set, ms of Redis's clock). ARGV: session id, what
 # to do ('fits': what the tenant holds, nothing written but the forgetting;
 # 'set': the session's ``s:`` is ARGV[3] and its ``p:`` ARGV[6], each left
@@ -1143,13 +1151,16 @@ class TenantHoldings:
     tenant's writes. A record per tenant (_HOLDINGS) holds each of its
     sessions' bytes (their turns' bytes, meta's count, plus
     SESSION_OVERHEAD_BYTES and TURN_OVERHEAD_BYTES per turn held; and apart,
-    what its pins hold, BESIDE_TURNS), their sum and each
+    what its pins and summaries hold, BESIDE_TURNS), their sum and each
     one's expiry. A growing write (create, fork, append, pin) asks first
     whether its bytes fit (``fits``), and once written, sets the session's
     count to what the session's script returned (``held``), as an absolute
     value, so a count lost or wrong is right again at the session's next
     write; a delete drops it, a revert, a compaction or an unpin sets it
-    lower. The record lies in the tenant's slot, apart
+    lower. A summary is never refused (written in the background, after the
+    turns it stands for were counted; compaction needs it to free them), but
+    counted once written, so the tenant's next growing writes find room
+    taken. The record lies in the tenant's slot, apart
     from every session's (Redis Cluster: a script's keys share one slot), so
     these are calls of their own, and the count may drift from what the
     sessions hold, within bounds:
@@ -1163,14 +1174,19 @@ class TenantHoldings:
     - A session expires session_ttl_s after its last write; the record
       forgets it that long after the last count it set (a few per call,
       the oldest first). Writes that renew a session but count nothing
-      (its turn index's, summaries') may keep it alive past that, counted
-      0 until its next write.
-    - A session's summaries (their texts replace compacted turns') are not
-      counted.
+      (its turn index's) may keep it alive past that, counted 0 until its
+      next write.
+    - Summaries go beyond the bound by what the tenant's sessions'
+      summaries written after it was reached hold: at most one per span
+      of turns counted before then (a few KB for 16 turns counted at 16 KB
+      and more). A summary's content key lives session_ttl_s after it was
+      written, and is counted only while a session's summaries hash holds
+      that summary: a deleted session's, or one whose span's turns a
+      revert undid and whose span was summarized again, is not.
     - The overheads are measured means; a tenant's turns of other sizes
       hold somewhat more or less per turn.
     - During a rolling upgrade a replica of the version before this count of
-      pins adds each pin's bytes to ``p:`` and gives none
+      pins and summaries adds each pin's bytes to ``p:`` and gives none
       back; the session's next count here sets it to what it holds.
 
     A tenant refused is remembered on the replica that refused it, with
@@ -1541,10 +1557,10 @@ class SessionStore:
 
     async def recount(self, tenant_id: str, session_id: str) -> None:
         """Sets the tenant's count of the session to what it holds now, read
-        after the write that changed it (a compaction, a pin or an unpin):
-        a write between is counted by its own call, before or after this
-        one: either way, right at the next. Never raises: the write it
-        follows stands."""
+        after the write that changed it (a compaction, a pin or an unpin, a
+        summary's): a write between is counted by its own call, before or
+        after this one: either way, right at the next. Never raises: the
+        write it follows stands."""
         if not self.holdings.most:
             return
         try:

@@ -762,9 +762,7 @@ class Summarizer:
                     # text holds (and its tokens), the versions are the new ones.
                     first_version, end_version = versions_of_span(history, first, end, stored.version)
                     summary = dataclasses.replace(own, first_version=first_version, end_version=end_version)
-                    if not await self._summaries.put(
-                        tenant_id, session_id, digest, summary, stored.create_time_ms
-                    ):
+                    if not await self._put(tenant_id, session_id, digest, summary, stored.create_time_ms):
                         # Deleted, or reverted below the span, since it was read: as below.
                         return stored.version, stored.create_time_ms
                 if first <= covered and valid_at(summary, history, stored.version):
@@ -791,9 +789,7 @@ class Summarizer:
                 text=text,
             )
             summary = await self._counted(summary)
-            if not await self._summaries.put(
-                tenant_id, session_id, digest, summary, stored.create_time_ms, spent
-            ):
+            if not await self._put(tenant_id, session_id, digest, summary, stored.create_time_ms, spent):
                 # Deleted (and perhaps created again), or reverted below the
                 # span, since it was read: what is left to do belongs to the
                 # next run (the revert's, or the next append's), of the
@@ -822,6 +818,23 @@ class Summarizer:
             )
             log.info("session compacted", session_id=session_id, turns=compacted, version=stored.version)
         return stored.version, stored.create_time_ms
+
+    async def _put(
+        self,
+        tenant_id: str,
+        session_id: str,
+        digest: str,
+        summary: Summary,
+        created_ms: int,
+        spent: ModelSpend | None = None,
+    ) -> bool:
+        """SummaryStore.put, then the tenant's count of the session
+        (context.max_bytes_per_tenant), which its summaries are part of: a
+        summary is never refused for the tenant's bound (store.TenantHoldings)."""
+        kept = await self._summaries.put(tenant_id, session_id, digest, summary, created_ms, spent)
+        if kept:
+            await self._store.recount(tenant_id, session_id)
+        return kept
 
     async def _write(self, span: list[common_pb2.Message], run: _Run) -> tuple[str, str, ModelSpend | None]:
         """The summary's text, how it was made, and what a model spent on it:

@@ -1,6 +1,7 @@
 """What context.max_bytes_per_tenant counts of a session beside its turns,
-through the real context service (gRPC) over a real Redis: its pins, as
-what they hold now (store.BESIDE_TURNS), so an unpin gives its bytes back."""
+through the real context service (gRPC) over a real Redis: its pins and its
+summaries, each as what it holds now (store.BESIDE_TURNS), so an unpin gives
+its bytes back and summaries written in the background take the tenant's room."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import redis.asyncio as redis
 
 from meshgate.context.v1 import context_service_pb2 as pb
 from services.context import store as session_store
-from tests.integration.test_context_service import failure, make_settings, running
+from tests.integration.test_context_service import ASSISTANT, USER, failure, make_settings, msg, running
+from tests.integration.test_context_versions import _until
 
 pytestmark = pytest.mark.integration
 
@@ -63,3 +65,43 @@ async def test_an_unpin_gives_the_pins_bytes_back(redis_url, redis_client) -> No
         code, reason, metadata = await failure(stub.PinToSession(pb.PinToSessionRequest(**here, fact=FACT)))
         assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_QUOTA_EXCEEDED")
         assert int(metadata["bytes"]) == (await counted(redis_client, tenant))[b"total"]
+
+
+async def test_a_sessions_summaries_are_counted_once_written(redis_url, redis_client) -> None:
+    """A session's summaries (its summaries hash, and each one's content key
+    beside it) took Redis memory that the tenant's count left out, so a
+    tenant could hold its bound in turns and their summaries on top. They
+    are counted as what the session's summaries hash holds once the
+    summarizer writes them (in the background: never refused)."""
+    tenant = f"holdings-{uuid.uuid4().hex[:8]}"
+    settings = bounded(redis_url, 1024 * 1024)
+    settings.context.summary_model = ""  # extractive: no inference service runs here
+    settings.context.summary_span_turns = 4
+    settings.context.summary_hot_window_turns = 4
+    async with running(settings) as stub:
+        created = await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))
+        session_id = created.session.session_id
+        for k in range(4):
+            turns = [
+                msg(USER, f"Question {k}: where do the crates go?"),
+                msg(ASSISTANT, f"To Lisbon, dock {k}."),
+            ]
+            await stub.AppendTurns(
+                pb.AppendTurnsRequest(
+                    tenant_id=tenant, session_id=session_id, expected_version=k, messages=turns
+                )
+            )
+        summaries_key = session_store.key(tenant, session_id, "summaries")
+        meta_key = session_store.key(tenant, session_id, "meta")
+
+        async def summaries_counted() -> bool:
+            summaries = await redis_client.hgetall(summaries_key)
+            turn_bytes = int(await redis_client.hget(meta_key, "bytes"))
+            beside = sum(
+                len(span) + 2 * len(summary) + session_store.SUMMARY_OVERHEAD_BYTES
+                for span, summary in summaries.items()
+            )
+            total = (await counted(redis_client, tenant))[b"total"]
+            return bool(summaries) and total == session_store.held_by(turn_bytes, 8) + beside
+
+        await _until(summaries_counted)
