@@ -980,7 +980,8 @@ class CacheSettings:
     # would take the last two windows' charges past this is refused
     # RESOURCE_EXHAUSTED / CACHE_QUOTA_EXCEEDED (the router logs it; the
     # turn is not cached). An entry lives at most ttl_s, so what the tenant
-    # holds is within what those windows charged. Approximate: nothing is
+    # holds is within what those windows charged (once the ttl_s before a
+    # change has passed: README says how far past it until then). Approximate: nothing is
     # refunded (an eviction, an expiry, an Invalidate), so a tenant may be
     # refused below the bound until two windows pass. 0: no bound.
     max_bytes_per_tenant: int = 1024 * 1024 * 1024

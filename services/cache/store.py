@@ -415,7 +415,11 @@ class CacheStore:
         window of ``window_s`` seconds and the one before, with them, passes
         ``most``; returns None when charged, else what those windows hold.
         An entry lives at most ``window_s`` (cache.ttl_s), so the tenant's
-        live entries were all charged in these two windows."""
+        live entries were all charged in these two windows; but for those
+        charged under another ttl_s (windows of another length, not read
+        here), gone within that ttl_s of the change (README,
+        cache.max_bytes_per_tenant, says by how much the tenant may pass
+        the bound meanwhile)."""
         window = now_ms // (window_s * 1000)
         try:
             held = await self._charge(
