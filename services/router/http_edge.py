@@ -298,17 +298,25 @@ _CHAT_FIELDS = frozenset(
 _EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
 # A message's fields of tool use (an assistant's calls, a tool's answer).
 _TOOL_FIELDS = ("tool_calls", "function_call", "tool_call_id")
-# Every field a message may have. A participant's ``name`` is accepted and
-# not used (SDKs send it; the bundled chat templates have no place for it),
-# an assistant's ``refusal`` is what it said when its content is empty, tool
-# fields are refused by name (above). An answer sent back as the client got
-# it has ``annotations`` (OpenAI's ``[]``, or citations of the text it holds)
-# and ``audio`` (null from ``message.model_dump()`` in openai-python): the
-# first accepted and not used, the second accepted null, refused naming it
+# Every field a message may have, by role. A participant's ``name`` is
+# accepted and not used (SDKs send it; the bundled chat templates have no
+# place for it), tool fields are refused by name (above). Only an assistant's
+# message has the rest, as in OpenAI's API: its ``refusal`` is what it said
+# when its content is empty; an answer sent back as the client got it has
+# ``annotations`` (OpenAI's ``[]``, or citations of the text it holds) and
+# ``audio`` (null from ``message.model_dump()`` in openai-python): the first
+# accepted and not used, the second accepted null, refused naming it
 # otherwise (an earlier audio answer, which the mesh does not have). Any
-# other is refused as at the top level: a field misspelt (``contnet``) would
-# otherwise leave an empty turn, silently.
-_MESSAGE_FIELDS = frozenset({"role", "content", "name", "refusal", "annotations", "audio", *_TOOL_FIELDS})
+# other, and these on another role's message, is refused as at the top
+# level, as OpenAI refuses them: a field misspelt (``contnet``) would
+# otherwise leave an empty turn, and a user's ``refusal`` was served as what
+# the user said, silently.
+_ANY_ROLE_FIELDS = frozenset({"role", "content", "name", *_TOOL_FIELDS})
+_MESSAGE_FIELDS = {
+    common_pb2.ROLE_SYSTEM: _ANY_ROLE_FIELDS,
+    common_pb2.ROLE_USER: _ANY_ROLE_FIELDS,
+    common_pb2.ROLE_ASSISTANT: _ANY_ROLE_FIELDS | {"refusal", "annotations", "audio"},
+}
 # A session_id asking for a new session.
 NEW_SESSION = "new"
 # The cache_policy extension's values.
@@ -402,7 +410,7 @@ def _messages(raw) -> list[common_pb2.Message]:
                 Reason.INVALID_ROLE,
             )
         for name in message:
-            if name not in _MESSAGE_FIELDS:
+            if name not in _MESSAGE_FIELDS[role]:
                 shown = name if is_text(name) else ascii(name)
                 raise _bad_request(
                     f"messages[{index}]: Unrecognized argument supplied: {shown}",

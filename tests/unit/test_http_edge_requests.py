@@ -397,6 +397,22 @@ def test_a_message_field_the_edge_does_not_know_is_refused(message, field):
     )
 
 
+@pytest.mark.parametrize("role", ["user", "system", "developer"])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("refusal", "I can't help with that."), ("refusal", None), ("annotations", []), ("audio", None)],
+)
+def test_an_assistants_own_field_on_another_roles_message_is_refused(role, field, value):
+    """OpenAI has refusal, annotations and audio on an assistant's message
+    alone: a user's refusal was served as what the user said, the others
+    were dropped, where OpenAI answers 400."""
+    assert refusal(chat(messages=[{"role": role, "content": None, field: value}, USER])) == (
+        "UNSUPPORTED_PARAMETER",
+        "messages",
+        f"messages[0]: Unrecognized argument supplied: {field}",
+    )
+
+
 def test_a_participant_name_is_accepted_and_an_assistants_refusal_is_what_it_said():
     request = ChatCall(
         chat(
