@@ -72,9 +72,9 @@ class Embeddings:
     def check_model(self, model: str, tenant) -> None:
         """Raises MeshgateError unless ``model`` is the embedding model and
         ``tenant`` may use it: before a caller reads the rest of a request."""
+        check_model_allowed(model, tenant)
         if not model or model != self._settings.embedding_model:
             raise not_found(Reason.MODEL_NOT_FOUND, f"unknown embedding model {model!r}", model=model)
-        check_model_allowed(model, tenant)
 
     async def embed(self, tenant, model: str, texts: list[str]) -> Embedded:
         """``texts``' vectors from the embedding ``model``; raises

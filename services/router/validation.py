@@ -17,19 +17,25 @@ _CACHE_POLICIES = frozenset(router_service_pb2.CachePolicy.values())
 
 
 def resolve_model(alias: str, tenant: Tenant, models: dict[str, ModelSettings]) -> ModelSettings:
+    check_model_allowed(alias, tenant)
     model = models.get(alias)
     if not alias or model is None:
         raise not_found(Reason.MODEL_NOT_FOUND, f"unknown model {alias!r}", model=alias)
-    check_model_allowed(alias, tenant)
     return model
 
 
 def check_model_allowed(alias: str, tenant: Tenant) -> None:
-    if not tenant.may_use(alias):
+    """Permission before existence (AIP-211): a tenant whose key lists its
+    models is refused any alias outside the list alike, whether or not one
+    is configured. Told NOT_FOUND for a name that is not, it could probe
+    which aliases exist, which its ListModels hides from it; PERMISSION_DENIED
+    is what it was told already for one that is, and is true of both. No
+    name at all is left to its caller's NOT_FOUND: it hides no alias."""
+    if alias and not tenant.may_use(alias):
         raise MeshgateError(
             grpc.StatusCode.PERMISSION_DENIED,
             Reason.MODEL_NOT_ALLOWED,
-            f"tenant may not use model {alias!r}",
+            f"this key may not use model {alias!r} (ListModels, GET /v1/models: the models it may use)",
             {"model": alias},
         )
 

@@ -342,6 +342,35 @@ async def test_a_forbidden_model_is_403(base_url):
     assert raised.value.code == "MODEL_NOT_ALLOWED"
 
 
+async def test_a_restricted_tenant_cannot_tell_an_existing_model_outside_its_list_from_a_missing_one(
+    base_url,
+):
+    """AIP-211: the narrow tenant was refused 403 MODEL_NOT_ALLOWED for
+    tiny-gpt and minilm, which exist, and 404 MODEL_NOT_FOUND for a name
+    that does not, so it could probe which aliases exist (its model list
+    hides them). Whatever it sends outside its list is answered alike, its
+    own name echoed; a model retrieved is not found either way."""
+    headers = {"authorization": f"Bearer {NARROW_KEY}"}
+
+    def answer(response: httpx.Response, model: str) -> tuple[int, str]:
+        return response.status_code, response.text.replace(model, "MODEL")
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+        for path, body, existing in [
+            ("/chat/completions", {"messages": question("hi")}, "tiny-gpt"),
+            ("/embeddings", {"input": "hi"}, "minilm"),
+        ]:
+            refused = await http.post(path, json={**body, "model": existing}, headers=headers)
+            missing = await http.post(path, json={**body, "model": "no-such-model"}, headers=headers)
+            assert answer(refused, existing) == answer(missing, "no-such-model")
+            assert (refused.status_code, refused.json()["error"]["code"]) == (403, "MODEL_NOT_ALLOWED")
+        retrieved = await http.get("/models/tiny-gpt", headers=headers)
+        assert answer(retrieved, "tiny-gpt") == answer(
+            await http.get("/models/no-such", headers=headers), "no-such"
+        )
+        assert retrieved.status_code == 404
+
+
 async def test_a_request_larger_than_the_limit_itself_is_not_resent_by_the_sdk(base_url):
     """A 429 the SDKs would resend twice (after their backoff) for the same
     answer: the edge's x-should-retry: false keeps it to one request."""

@@ -85,7 +85,19 @@ def test_model_resolution_respects_tenant_allow_list():
         grpc.StatusCode.PERMISSION_DENIED,
         "MODEL_NOT_ALLOWED",
     )
+    # AIP-211: outside its list, whether an alias exists is not the
+    # tenant's to learn (it was NOT_FOUND, so "nope" and "b" told apart).
     assert reason_of(lambda: resolve_model("nope", tenant, models)) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "MODEL_NOT_ALLOWED",
+    )
+    everything = Tenant("t", frozenset({"*"}))
+    assert reason_of(lambda: resolve_model("nope", everything, models)) == (
+        grpc.StatusCode.NOT_FOUND,
+        "MODEL_NOT_FOUND",
+    )
+    # No name hides no alias: not found for any tenant.
+    assert reason_of(lambda: resolve_model("", tenant, models)) == (
         grpc.StatusCode.NOT_FOUND,
         "MODEL_NOT_FOUND",
     )
