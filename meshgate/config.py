@@ -978,7 +978,7 @@ class CacheSettings:
     # counter of the tenant's (store.py, ``charge``), each Store charging
     # its values' bytes plus a measured per-entry overhead; a Store that
     # would take the last two windows' charges past this is refused
-    # RESOURCE_EXHAUSTED / CACHE_QUOTA_EXCEEDED (the router logs it; the
+    # RESOURCE_EXHAUSTED / CACHE_QUOTA_EXCEEDED (the router logs and counts it; the
     # turn is not cached). An entry lives at most ttl_s, so what the tenant
     # holds is within what those windows charged (once the ttl_s before a
     # change has passed: README says how far past it until then). Approximate: nothing is

@@ -168,6 +168,15 @@ class RouterMetrics:
             "(router.hot_exact_entries): subscribed to the cache service's notices and hearing its "
             "heartbeat (every 1 s; lost after 3 s); 0 while they are asked of the cache service.",
         )
+        # Whose: the router's info log of each names the tenant, as no
+        # tenant id is a label (this module's docstring).
+        self.cache_quota_refusals = make.counter(
+            "meshgate_router_cache_quota_refusals",
+            "Answers left uncached because the cache refused their Store at the tenant's "
+            "cache.max_bytes_per_tenant (CACHE_QUOTA_EXCEEDED), by model; which tenant: the "
+            "router's info log 'answer not cached'.",
+            ("model",),
+        )
         self.deferred_writes = make.counter(
             "meshgate_router_deferred_writes",
             "Writes of what turns used (write: settlement, ledger) by outcome: deferred (Redis "

@@ -18,7 +18,7 @@ import uuid
 import grpc
 import structlog
 
-from meshgate import balancing, streaming, telemetry
+from meshgate import balancing, metrics, streaming, telemetry
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.common.v1 import common_pb2
 from meshgate.config import MAX_CACHED_PROMPT_MESSAGES, RedisSettings, RouterSettings
@@ -573,7 +573,8 @@ class CacheService:
             if info is not None and info.domain == DOMAIN and info.reason == Reason.CACHE_QUOTA_EXCEEDED:
                 # Every turn's Store of a tenant at its bound is refused until
                 # its windows pass (a day or two): what an operator needs is
-                # whose, not a warning a turn.
+                # whose, not a warning a turn; how many, the counter.
+                metrics.router().cache_quota_refusals.labels(plan.model).inc()
                 log.info("answer not cached: the tenant's cache quota is full", tenant_id=plan.tenant_id)
                 return
             log.warning("cache store failed", code=error.code().name, details=error.details())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import grpc
 import structlog
 
-from meshgate import cache_notices
+from meshgate import cache_notices, metrics
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.common.v1 import common_pb2
 from meshgate.config import MAX_CACHED_PROMPT_MESSAGES, RouterSettings
@@ -79,11 +79,35 @@ class QuotaFullStub(RecordingStub):
         raise grpc.aio.AioRpcError(status.code, grpc.aio.Metadata(), trailers, details=status.details)
 
 
+class RefusingStub(RecordingStub):
+    """The cache failing a Store for another reason than the tenant's quota."""
+
+    async def Store(self, request, **_) -> cache_pb.StoreResponse:
+        status = MeshgateError(grpc.StatusCode.UNAVAILABLE, Reason.REDIS_UNAVAILABLE, "away").to_status()
+        trailers = grpc.aio.Metadata(*status.trailing_metadata)
+        raise grpc.aio.AioRpcError(status.code, grpc.aio.Metadata(), trailers, details=status.details)
+
+
 async def test_a_tenant_at_its_cache_quota_is_named_at_info_not_warned_of_every_turn():
     cache = CacheService(QuotaFullStub(), NoTokens(), RouterSettings())
     with structlog.testing.capture_logs() as logs:
         await cache.store(plan(), prompt(1), Answer(text="a", store_fence="f"), Budget())
     assert [(log["log_level"], log.get("tenant_id")) for log in logs] == [("info", "tenant")]
+
+
+async def test_a_store_refused_at_the_tenants_cache_quota_is_counted_by_model():
+    """Logged at info only, an operator had no series to alert on or graph
+    for answers going out uncached at a tenant's bound."""
+    refusals = metrics.router().cache_quota_refusals.labels(plan().model)
+    before = refusals._value.get()
+    cache = CacheService(QuotaFullStub(), NoTokens(), RouterSettings())
+    await cache.store(plan(), prompt(1), Answer(text="a", store_fence="f"), Budget())
+    assert refusals._value.get() == before + 1
+    # Any other failure of a Store is not one of these.
+    await CacheService(RefusingStub(), NoTokens(), RouterSettings()).store(
+        plan(), prompt(1), Answer(text="a", store_fence="f"), Budget()
+    )
+    assert refusals._value.get() == before + 1
 
 
 class InvalidatingStub(RecordingStub):
