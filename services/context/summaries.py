@@ -27,10 +27,12 @@ A session stored before its hash held whole summaries names a digest there
 instead: read through the content key, and written whole the next time the
 span is seen with its turns.
 
-A summary records the turns it covers and the session versions of its
-first and last turn's appends (``first_version``, ``end_version``), how
-it was made (``model:<name>`` or ``extractive``), and its message's tokens
-for every configured tokenizer and template.
+A summary records its id (``summary_id``: of its turns' texts and their
+place, as a manifest names it for each turn it stands for), the turns it
+covers and the session versions of its first and last turn's appends
+(``first_version``, ``end_version``), how it was made (``model:<name>`` or
+``extractive``), and its message's tokens for every configured tokenizer
+and template.
 """
 
 from __future__ import annotations
@@ -158,6 +160,15 @@ def span_digest(turns: list[common_pb2.Message]) -> str:
         serialized = turn.SerializeToString(deterministic=True)
         digest.update(len(serialized).to_bytes(8, "little") + serialized)
     return digest.hexdigest()
+
+
+def summary_id(first: int, end: int, digest: str) -> str:
+    """The id of the summary of turns [``first``, ``end``) whose span_digest
+    is ``digest``: their texts and their place, as a manifest names it for
+    each turn it stands for. The digest alone was shared by two spans of
+    the same turns (a user who says "ok" and "thanks" twice over), so a
+    turn's summary_id did not tell which of the prompt's summaries was its."""
+    return hashlib.sha256(f"{first}-{end}:{digest}".encode()).hexdigest()[:32]
 
 
 def transcript(turns: list[common_pb2.Message]) -> str:
@@ -750,10 +761,11 @@ class Summarizer:
             spans.append((first, end))
             span = stored.turns[first:end]
             digest = span_digest(span)
+            span_id = summary_id(first, end, digest)
             if history is None:
                 history = await self._store.history(tenant_id, session_id)
             own = done.get((first, end))
-            if own is not None and own.summary_id == digest[:32]:
+            if own is not None and own.summary_id == span_id:
                 if valid_at(own, history, stored.version):
                     summary = own
                 else:
@@ -780,7 +792,7 @@ class Summarizer:
                 text, method = summary.text, summary.method
             first_version, end_version = versions_of_span(history, first, end, stored.version)
             summary = Summary(
-                summary_id=digest[:32],
+                summary_id=span_id,
                 first_turn=first,
                 end_turn=end,
                 first_version=first_version,

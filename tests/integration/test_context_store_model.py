@@ -857,7 +857,7 @@ class SummarizedSessionStoreMachine(SessionStoreMachine):
         span = list(seen.messages[first:end])
         first_version, end_version = summaries_lib.versions_of_span(list(seen.history), first, end, read)
         return summaries_lib.Summary(
-            summary_id=summaries_lib.span_digest(span)[:32],
+            summary_id=summaries_lib.summary_id(first, end, summaries_lib.span_digest(span)),
             first_turn=first,
             end_turn=end,
             first_version=first_version,
@@ -1076,7 +1076,9 @@ class SummarizedSessionStoreMachine(SessionStoreMachine):
                 continue
             assert before is None or not self.holds(model, before[2]), (span, before, entry)
             assert self.holds(model, summary.end_version), summary
-            assert summary.summary_id == summaries_lib.span_digest(model.messages[span[0] : span[1]])[:32]
+            assert summary.summary_id == summaries_lib.summary_id(
+                *span, summaries_lib.span_digest(model.messages[span[0] : span[1]])
+            )
             model.summaries[span] = entry
             event("the summarizer wrote a summary")
         assert stored.keys() == model.summaries.keys(), "a summary the summarizer never wrote, or lost"
@@ -1180,7 +1182,8 @@ class SummarizedSessionStoreMachine(SessionStoreMachine):
         # life's or another session's, never holds.
         for (first, end), (summary_id, _, end_version) in model.summaries.items():
             if self.holds(model, end_version):
-                assert summary_id == summaries_lib.span_digest(model.messages[first:end])[:32], (first, end)
+                digest = summaries_lib.span_digest(model.messages[first:end])
+                assert summary_id == summaries_lib.summary_id(first, end, digest), (first, end)
         if not model.blind:
             # Compacted turns have a summary standing for each.
             assert self.covered(model) >= model.compacted
@@ -1203,15 +1206,13 @@ class SummarizedSessionStoreMachine(SessionStoreMachine):
         assert sent == served
         for entry in response.manifest.entries[: len(model.turns)]:
             if entry.disposition == context_pb.DISPOSITION_SUMMARIZED:
-                # Of the summaries sent, the one of the span holding the turn
-                # (two spans of the same turns share an id: their digest's).
-                (ref,) = [
-                    ref
-                    for ref in response.inputs.summaries
-                    if ref.summary_id == entry.summary_id and ref.first_turn <= entry.index < ref.end_turn
-                ]
+                # The summary sent of the span holding the turn, named by its
+                # own id (two spans of the same turns have one each).
+                (ref,) = [ref for ref in response.inputs.summaries if ref.summary_id == entry.summary_id]
+                assert ref.first_turn <= entry.index < ref.end_turn
                 span = model.messages[ref.first_turn : ref.end_turn]
-                assert entry.summary_id == summaries_lib.span_digest(span)[:32]
+                digest = summaries_lib.span_digest(span)
+                assert entry.summary_id == summaries_lib.summary_id(ref.first_turn, ref.end_turn, digest)
             elif not model.blind:
                 assert model.turns[entry.index] != b"", entry
 

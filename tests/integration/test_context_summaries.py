@@ -322,9 +322,8 @@ async def test_a_summary_named_by_digest_as_sessions_stored_before_is_read_and_w
         summaries = await wait_for_spans(client, tenant, session_id, 2)
     # As the code before stored it: the hash names the content key's digest.
     index = session_store.key(tenant, session_id, "summaries")
-    first = summaries[0, SPAN]
-    shared = [k async for k in client.scan_iter(match=f"mg:context:{tenant}:summary:{first.summary_id}*")]
-    digest = shared[0].decode().rpartition(":")[2]
+    digest = summaries_lib.span_digest([msg(role_of(i), turn_text(i)) for i in range(SPAN)])
+    assert await client.exists(f"mg:context:{tenant}:summary:{digest}")
     await client.hset(index, f"0-{SPAN}", digest)
     async with running(settings) as restarted:
         response = await assemble(restarted, tenant, session_id)
@@ -705,3 +704,26 @@ async def test_a_summary_lives_as_long_as_its_session_whatever_ttl_its_writer_ha
             assert (session_left, summaries_left) == (-1, -1)
         else:
             assert 0 < summaries_left <= session_left <= session_ttl_s * 1000
+
+
+async def test_two_spans_of_the_same_turns_each_have_a_summary_of_their_own(redis_url, tenant) -> None:
+    """A summary's id was its turns' digest alone: two spans of the same
+    texts (a user who says the same things twice over) shared one, so the
+    manifest named one id for the turns of both, and a turn's summary_id
+    did not tell which of the prompt's summaries stood for it."""
+    client = redis.Redis.from_url(redis_url)
+    async with running(summary_settings(redis_url)) as stub:
+        session_id = await new_session(stub, tenant)
+        turns = [msg(role_of(i), turn_text(i % SPAN if i < 2 * SPAN else i)) for i in range(12)]
+        await stub.AppendTurns(pb.AppendTurnsRequest(tenant_id=tenant, session_id=session_id, messages=turns))
+        summaries = await wait_for_spans(client, tenant, session_id, 2)
+        assert summaries[0, SPAN].text == summaries[SPAN, 2 * SPAN].text
+        assert summaries[0, SPAN].summary_id != summaries[SPAN, 2 * SPAN].summary_id
+        response = await assemble(stub, tenant, session_id)
+        refs = [(ref.summary_id, ref.first_turn, ref.end_turn) for ref in response.inputs.summaries]
+        assert [(first, end) for _, first, end in refs] == [(0, SPAN), (SPAN, 2 * SPAN)]
+        for entry in response.manifest.entries:
+            if entry.disposition == pb.DISPOSITION_SUMMARIZED:
+                (covering,) = [ref for ref in refs if ref[1] <= entry.index < ref[2]]
+                assert entry.summary_id == covering[0]
+    await client.aclose()

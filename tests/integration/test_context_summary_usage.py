@@ -103,7 +103,7 @@ async def test_a_models_summaries_are_counted_with_them_once_and_taken_once(clie
     created_ms = (await sessions.read(tenant, "s")).create_time_ms
     digest = summaries_lib.span_digest(turns(0, 2))
     spent = ModelSpend("counting", PROMPT_TOKENS, COMPLETION_TOKENS)
-    assert summary.summary_id == digest[:32]
+    assert summary.summary_id == summaries_lib.summary_id(0, 2, digest)
     assert await stored.put(tenant, "s", digest, summary, created_ms, spent)
     # Nor one whose write is refused (its session is another life of the id).
     assert not await stored.put(tenant, "s", digest, summary, created_ms + 1, spent)
