@@ -12,11 +12,15 @@ starting, unready or down since when, its restarts and how it last ended,
 as `systemctl status` tells of a unit. Up means ready for work, as the
 stack's start waits for it (Stack.ready), not merely accepting connections:
 each pass asks every child that is starting or unready, and one that is up
-once a second (UP_RECHECK_S).
+once a second (UP_RECHECK_S). A pass waits for no answer: each ask runs on
+a thread of its own, and its answer is taken on the pass that finds it, so
+a child that stalls (SIGSTOP, a hung event loop: an ask waits
+READY_TIMEOUT_S) delays no other child's restart, nor the status file.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -158,7 +162,15 @@ def read_status(state_dir: pathlib.Path) -> dict | None:
 
 
 class Supervisor:
-    def __init__(self, stack: Stack, backoff: Backoff | None = None, poll_interval_s: float = 0.2) -> None:
+    def __init__(
+        self,
+        stack: Stack,
+        backoff: Backoff | None = None,
+        poll_interval_s: float = 0.2,
+        asker: concurrent.futures.Executor | None = None,
+    ) -> None:
+        """``asker`` runs the readiness asks (Stack.ready); by default a
+        thread per child."""
         self._stack = stack
         self._backoff = backoff or Backoff()
         self._poll_interval_s = poll_interval_s
@@ -167,6 +179,9 @@ class Supervisor:
         self._due: dict[str, float] = {}
         # Child name -> when it was last asked whether it is ready.
         self._asked_at: dict[str, float] = {}
+        # Child name -> the ask not yet taken: the child asked of, and its answer.
+        self._asks: dict[str, tuple[subprocess.Popen, concurrent.futures.Future[bool]]] = {}
+        self._asker = asker
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -174,6 +189,11 @@ class Supervisor:
         self.status: dict[str, ChildStatus] = {}
 
     def start(self) -> None:
+        if self._asker is None:
+            # A thread per child: one that stalls holds up no other's ask.
+            self._asker = concurrent.futures.ThreadPoolExecutor(
+                max(1, len(self._stack.processes)), thread_name_prefix="meshgate-ready"
+            )
         for name, process in self._stack.processes.items():
             self._policies[name] = RestartPolicy(self._backoff)
             self.status[name] = ChildStatus("starting", time.time(), process.pid)
@@ -187,6 +207,10 @@ class Supervisor:
             self._stopping.set()
         if self._thread is not None:
             self._thread.join()
+        if self._asker is not None:
+            # The asks under way end within seconds (READY_TIMEOUT_S a call),
+            # before the stack closes the channels they use.
+            self._asker.shutdown()
 
     def __enter__(self) -> Supervisor:
         self.start()
@@ -217,18 +241,29 @@ class Supervisor:
                 elif due is not None and now >= due:
                     self._restart(name, now)
                 elif due is None:
-                    self._check_ready(name, now)
+                    self._check_ready(name, process, now)
             if self.status != before:
                 self._write_status()
 
-    def _check_ready(self, name: str, now: float) -> None:
+    def _check_ready(self, name: str, process: subprocess.Popen, now: float) -> None:
         """A running child is up while it is ready; one that was up and is
-        not ready now is unready."""
+        not ready now is unready. Its answer is taken on the first pass
+        that finds it, never waited for."""
         status = self.status.get(name)
-        if status is None or (status.state == "up" and now - self._asked_at[name] < UP_RECHECK_S):
+        if status is None:
             return
-        self._asked_at[name] = now
-        ready = self._stack.ready(name)
+        if name not in self._asks:
+            if status.state == "up" and now - self._asked_at[name] < UP_RECHECK_S:
+                return
+            self._asked_at[name] = now
+            self._asks[name] = (process, self._asker.submit(self._stack.ready, name))
+        asked, answer = self._asks[name]
+        if not answer.done():
+            return
+        del self._asks[name]
+        if asked is not process:
+            return  # of a child that exited since, not of its replacement
+        ready = answer.result()
         if ready and status.state != "up":
             self._policies[name].up(now)
             self.status[name] = dataclasses.replace(status, state="up", since=time.time())

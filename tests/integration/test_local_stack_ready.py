@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshgate.local import certs, triton
 from meshgate.local.stack import Ports, Stack, free_port
 from meshgate.local.supervisor import Supervisor, read_status
+from tests.inline_executor import InlineExecutor
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +65,7 @@ def stack(tmp_path):
 def test_a_service_is_up_while_its_health_check_answers_serving_only(stack, tmp_path) -> None:
     stack.launch("inference")
     # Its passes are the test's (a thread's would race the checks below).
-    supervisor = Supervisor(stack, poll_interval_s=3600)
+    supervisor = Supervisor(stack, poll_interval_s=3600, asker=InlineExecutor())
     supervisor.start()
     try:
 

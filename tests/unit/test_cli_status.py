@@ -13,6 +13,7 @@ import pytest
 from meshgate import cli
 from meshgate.local.stack import Stack
 from meshgate.local.supervisor import Backoff, Supervisor
+from tests.inline_executor import InlineExecutor
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def test_a_stack_whose_children_are_not_all_up_says_which_and_is_exit_code_1(sta
 
     for name in ("redis", "triton", "router"):
         stack.processes[name] = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    supervisor = Supervisor(stack, Backoff(initial_s=30.0), poll_interval_s=3600)
+    supervisor = Supervisor(stack, Backoff(initial_s=30.0), poll_interval_s=3600, asker=InlineExecutor())
     supervisor.start()
     try:
         supervisor.check(now=1.0)
@@ -70,7 +71,7 @@ def test_a_stack_whose_children_are_all_up_is_exit_code_0(stack, capsys, monkeyp
     monkeypatch.setattr(Stack, "ready", lambda stack, name: True)
     stack._hold_state_dir()
     stack.processes["redis"] = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    supervisor = Supervisor(stack, poll_interval_s=3600)
+    supervisor = Supervisor(stack, poll_interval_s=3600, asker=InlineExecutor())
     supervisor.start()
     try:
         supervisor.check(now=1.0)

@@ -6,12 +6,14 @@ import os
 import pathlib
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
 import structlog
 
 from meshgate.local.supervisor import Backoff, RestartPolicy, Supervisor, describe_exit, read_status
+from tests.inline_executor import InlineExecutor
 
 
 def test_delays_double_up_to_the_cap() -> None:
@@ -108,7 +110,7 @@ def _kill(process: subprocess.Popen) -> None:
 def test_a_killed_child_is_restarted_after_its_delay(stack) -> None:
     stack.launch("cache")
     stack.launch("router")
-    supervisor = Supervisor(stack, Backoff(initial_s=1.0, factor=2.0))
+    supervisor = Supervisor(stack, Backoff(initial_s=1.0, factor=2.0), asker=InlineExecutor())
     first = stack.processes["cache"]
     _kill(first)
 
@@ -137,7 +139,7 @@ def test_a_killed_child_is_restarted_after_its_delay(stack) -> None:
 
 def test_nothing_is_restarted_once_stopped(stack) -> None:
     stack.launch("triton")
-    supervisor = Supervisor(stack, Backoff(initial_s=0.1))
+    supervisor = Supervisor(stack, Backoff(initial_s=0.1), asker=InlineExecutor())
     _kill(stack.processes["triton"])
     supervisor.check(now=1.0)
     supervisor.stop()
@@ -148,7 +150,9 @@ def test_nothing_is_restarted_once_stopped(stack) -> None:
 def test_failed_relaunches_after_a_healthy_run_keep_backing_off(stack) -> None:
     """Measured from the healthy child's start, every failed try after it
     counted as the first of a new run: retried every 0.5 s for good."""
-    supervisor = Supervisor(stack, Backoff(initial_s=0.5, factor=2.0, max_s=30.0, reset_after_s=60.0))
+    supervisor = Supervisor(
+        stack, Backoff(initial_s=0.5, factor=2.0, max_s=30.0, reset_after_s=60.0), asker=InlineExecutor()
+    )
     stack.launch("redis")
     # Dies at once after its first start, and is restarted at t = 1.5 s.
     _kill(stack.processes["redis"])
@@ -183,7 +187,7 @@ def test_a_child_failing_for_hours_is_still_retried_at_the_capped_delay(stack) -
     """The 1025th failure in a row (some 8.5 hours of tries 30 s apart) made
     the delay's power overflow a float: OverflowError out of every pass, and
     the child was never tried again once it could start."""
-    supervisor = Supervisor(stack, Backoff(initial_s=0.5, factor=2.0, max_s=30.0))
+    supervisor = Supervisor(stack, Backoff(initial_s=0.5, factor=2.0, max_s=30.0), asker=InlineExecutor())
     stack.launch("redis")
     _kill(stack.processes["redis"])
     stack.broken = True
@@ -206,7 +210,7 @@ def test_the_status_file_says_whether_each_child_is_up_starting_unready_or_down(
     stack.launch("redis")
     stack.launch("router")
     # Its thread would pass on its own clock: the passes here are the test's.
-    supervisor = Supervisor(stack, Backoff(initial_s=1.0), poll_interval_s=3600)
+    supervisor = Supervisor(stack, Backoff(initial_s=1.0), poll_interval_s=3600, asker=InlineExecutor())
     supervisor.start()
     try:
 
@@ -270,4 +274,50 @@ def test_the_status_file_says_whether_each_child_is_up_starting_unready_or_down(
         redis = children()["redis"]
         assert (redis["state"], redis["error"]) == ("down", "logs/redis.log")
     finally:
+        supervisor.stop()
+
+
+def test_a_child_that_does_not_answer_holds_up_no_other_childs_restart(stack, tmp_path) -> None:
+    """Each readiness ask waits up to a second for its answer (a stalled
+    child: SIGSTOP, a hung event loop), and a pass asked each child in turn:
+    every stalled child delayed every other's restart, and the status
+    file, by that much on every pass (measured on a real stack, Redis and
+    the context service stopped: an exit was noticed after 2.2 s, not 0.2)."""
+    stack.launch("redis")
+    stack.launch("router")
+    stack.ready_children = {"redis", "router"}
+    released = threading.Event()
+    answered: list[str] = []
+    asked = stack.ready
+
+    def ready(name: str) -> bool:
+        if name == "router":
+            # Stalled: it answers once the test lets it, or after a while
+            # (so that a pass that waits for it fails rather than hangs).
+            released.wait(10)
+            answered.append(name)
+        return asked(name)
+
+    stack.ready = ready
+    supervisor = Supervisor(stack, Backoff(initial_s=1.0), poll_interval_s=3600)
+    supervisor.start()
+    try:
+        supervisor.check(now=1.0)
+        _kill(stack.processes["redis"])
+        supervisor.check(now=2.0)
+        assert not answered, "a pass waited for the stalled child's answer"
+        assert read_status(tmp_path)["children"]["redis"]["state"] == "down"
+        supervisor.check(now=3.0)
+        assert stack.launched == ["redis", "router", "redis"]
+        assert read_status(tmp_path)["children"]["router"]["state"] == "starting"
+
+        # Its answer, once it comes, is taken on a pass after.
+        released.set()
+        deadline = time.monotonic() + 30
+        while read_status(tmp_path)["children"]["router"]["state"] != "up":
+            assert time.monotonic() < deadline, "the stalled child's answer was never taken"
+            time.sleep(0.01)
+            supervisor.check(now=3.2)
+    finally:
+        released.set()
         supervisor.stop()
