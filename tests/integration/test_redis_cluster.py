@@ -31,10 +31,12 @@ from meshgate.errors import MeshgateError
 from meshgate.local import redis_server
 from meshgate.router.v1 import admin_service_pb2 as admin_pb
 from services.cache import keys as cache_keys
+from services.cache.heartbeat import Heartbeat
 from services.context import store
 from services.context.hot_cache import HotCache, change_listener
 from services.router.admission import Admission, Scope, TurnAdmission
 from services.router.auth import Tenant
+from services.router.hot_exact import HotExactHits, notice_listener
 from services.router.keys import KeyStore
 from services.router.ledger import SUMMARY_USAGE, Ledger, UsageRecord
 from services.router.pipeline import SummarySpend
@@ -257,6 +259,27 @@ async def test_change_notices_from_every_master_reach_a_subscriber(cluster: Clus
             assert time.monotonic() < deadline, "a change notice never arrived"
             await asyncio.sleep(0.05)
     finally:
+        await listener.close()
+
+
+async def test_the_cache_services_heartbeat_reaches_a_routers_subscription(cluster: Cluster, client) -> None:
+    # A router serves its hot copies only while it hears the cache service's
+    # heartbeat: on a cluster the heartbeat's PUBLISH goes to one node and
+    # the router's subscription may sit on another (the cluster bus carries it).
+    hits = HotExactHits(max_entries=16, max_age_s=60)
+    listener = notice_listener(cluster.url, hits, timeout_s=2.0)
+    listener.start()
+    heartbeat = Heartbeat(client, interval_s=0.2)
+    try:
+        await asyncio.wait_for(listener.subscribed.wait(), timeout=15)
+        assert not hits.live, "copies served before any heartbeat was heard"
+        heartbeat.start()
+        deadline = time.monotonic() + 15
+        while not hits.live:
+            assert time.monotonic() < deadline, "the heartbeat was never heard"
+            await asyncio.sleep(0.05)
+    finally:
+        await heartbeat.close()
         await listener.close()
 
 
