@@ -150,6 +150,9 @@ async def test_sends_of_one_request_id_at_once_make_one_key_and_all_get_its_answ
         "urn:uuid:" + str(uuid.uuid4()),
         str(uuid.uuid4()) + " ",
     ],
+    # Names, not the drawn values: each pytest-xdist worker collects the
+    # suite itself, and workers that drew other test ids refuse to start.
+    ids=["not-a-uuid", "uuid1", "nil", "uuid4-hex", "uuid4-braced", "uuid4-urn", "uuid4-space"],
 )
 async def test_a_request_id_that_is_not_a_uuid4_is_refused_and_writes_nothing(replicas, request_id):
     (_, admin), _ = replicas
