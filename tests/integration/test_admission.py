@@ -375,11 +375,16 @@ async def test_a_turn_one_slot_refuses_while_anothers_admit_timed_out_keeps_no_c
         await admission.settle(await admission.admit([scope, model], prompt_tokens=10, max_tokens=10), 0, 0)
         await admission.admit([model], prompt_tokens=900, max_tokens=90)  # another tenant's turn
         proxy.hold_when_sent(scope.id.encode())
+        # The refusal sends the release of the tenant's call at once, on
+        # another connection: held until the stream has been seen, or a
+        # release that came first (seen on a loaded machine) left none to see.
+        proxy.stall_when_sent(admission._releases._script.sha.encode())
         with pytest.raises(MeshgateError) as refused:
             await admission.admit([scope, model], prompt_tokens=10, max_tokens=10)
         assert (refused.value.reason, refused.value.metadata["scope"]) == (Reason.BUDGET_EXHAUSTED, "model")
         # Redis ran the tenant's call: its stream is held.
         assert await direct.zcard(f"{scope.prefix}:streams") == 1
+        proxy.unstall()
         proxy.release()
         await admission.drain()
         assert await direct.zcard(f"{scope.prefix}:streams") == 0
