@@ -47,12 +47,19 @@ lint: install
 		$(VENV)/bin/buf breaking --against '.git#branch=main'; \
 	else echo "buf breaking: no main branch to compare with"; fi
 
-# The hermetic unit tier on two workers (CPU-bound; ~1 min), then the tiers
-# that start real Redis, Triton and services, one test at a time (their
-# ports, timings and 2 cores are shared).
+# The hermetic unit tier on two workers (CPU-bound; ~1 min). Then the tiers
+# that start real Redis, Triton and services, on two workers too: those
+# tests mostly wait on the processes, each worker starts its own (free
+# ports, its own temporary directories), and a module goes whole to one
+# worker (--dist loadfile), so its shared fixtures start once. Last, one at
+# a time with the machine to themselves, the tests marked serial: bounds on
+# elapsed time, stalls and deadlines, kills under load. The serial phase
+# runs whatever the one before it found, so that one run names every failure.
 test: lint
 	$(PY) -m pytest -q -n 2 -m "not stub_faults" tests/unit
-	$(PY) -m pytest -q -m "not stub_faults and not keepalive" --durations=25 --ignore=tests/unit
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not stub_faults and not keepalive and not serial" --durations=25 --ignore=tests/unit; \
+	status=$$?; \
+	$(PY) -m pytest -q -m "serial and not stub_faults and not keepalive" --durations=10 --ignore=tests/unit && exit $$status
 
 # A real Triton's Python-backend stub killed under streams (tests marked
 # stub_faults, ~40 s): behind its own target since it was seen to fail under

@@ -38,7 +38,8 @@ from tests.integration.conftest import end_triton, stop_stack
 from tests.mesh import router_channel
 from tests.mesh_load import Acknowledged
 
-pytestmark = pytest.mark.chaos
+# Serial (make test runs it alone): kills Triton, Redis and services under load and bounds the recovery.
+pytestmark = [pytest.mark.chaos, pytest.mark.serial]
 
 KEY = "chaos-key"
 AUTH = [("authorization", f"Bearer {KEY}")]

@@ -21,7 +21,8 @@ from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from tests.mesh import bounded_channel, router_channel
 
-pytestmark = pytest.mark.e2e
+# Serial (make test runs it alone): deltas must arrive one by one and a drain must finish in its grace.
+pytestmark = [pytest.mark.e2e, pytest.mark.serial]
 
 DEV_KEY = "e2e-dev-key"
 OTHER_KEY = "e2e-acme-key"

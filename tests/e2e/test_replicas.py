@@ -43,7 +43,8 @@ from tests.integration.conftest import stop_stack
 from tests.mesh import bounded_channel, router_channel
 from tests.mesh_load import REQUEST_TIMEOUT_S
 
-pytestmark = pytest.mark.e2e
+# Serial (make test runs it alone): kills a replica of each service under load.
+pytestmark = [pytest.mark.e2e, pytest.mark.serial]
 
 KEY = "replicas-key"
 AUTH = [("authorization", f"Bearer {KEY}")]

@@ -19,7 +19,8 @@ from meshgate.router.v1 import router_service_pb2_grpc
 from tests.integration.conftest import stop_stack
 from tests.mesh import bounded_channel
 
-pytestmark = pytest.mark.e2e
+# Serial (make test runs it alone): bounds how soon a supervisor brings a killed process back.
+pytestmark = [pytest.mark.e2e, pytest.mark.serial]
 
 KEY = "supervision-key"
 # Generous: Triton loads its models again after a restart, on a busy machine.

@@ -36,7 +36,8 @@ from tests.integration.test_cache_servicer import (
 )
 from tests.tcp_proxy import TcpProxy
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): bounds a report's wait for its replica.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 
 @dataclasses.dataclass

@@ -864,6 +864,7 @@ async def test_concurrent_lookups_on_an_index_behind_redis_read_its_backlog_once
     assert len(round_trips) <= 2 * (backlog // store_module.SYNC_BATCH + 1)
 
 
+@pytest.mark.serial  # timing-sensitive: make test runs it alone
 async def test_lookups_do_not_wait_out_a_top_up_hung_on_a_stalled_connection(
     redis_url, redis_client, embedder, tenant
 ):
@@ -900,6 +901,7 @@ async def test_lookups_do_not_wait_out_a_top_up_hung_on_a_stalled_connection(
         await proxy.close()
 
 
+@pytest.mark.serial  # timing-sensitive: make test runs it alone
 async def test_lookups_do_not_wait_out_a_first_load_hung_on_a_stalled_connection(
     redis_url, redis_client, embedder, tenant
 ):

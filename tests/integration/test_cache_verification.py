@@ -15,7 +15,8 @@ from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.config import CacheSettings
 from tests.integration.test_cache_service import conversation, lookup, make_settings, running, scope, store
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): bounds a call's latency beside lookups at 0.3 s.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 
 @pytest.fixture(scope="module")

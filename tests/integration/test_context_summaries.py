@@ -627,6 +627,7 @@ async def test_after_a_restart_with_another_span_length_no_summary_is_made_of_co
     await client.aclose()
 
 
+@pytest.mark.serial  # timing-sensitive: make test runs it alone
 async def test_a_summary_under_way_when_the_service_stops_is_written_within_the_grace(
     redis_url, tenant, monkeypatch
 ) -> None:

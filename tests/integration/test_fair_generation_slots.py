@@ -29,7 +29,8 @@ from meshgate.router.v1 import router_service_pb2_grpc
 from tests.integration.conftest import running_router, service_settings
 from tests.mesh import bounded_channel, mesh_settings, router_channel
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): compares when two tenants' first answers come.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 KEY_A = "fair-slots-tenant-a-key"
 KEY_B = "fair-slots-tenant-b-key"

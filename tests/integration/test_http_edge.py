@@ -812,6 +812,7 @@ async def capped_at_one(redis_url, inference_address):
         yield host, int(port)
 
 
+@pytest.mark.serial  # timing-sensitive: make test runs it alone
 @pytest.mark.parametrize("sent", ["half the body", "no body"])
 async def test_a_stalled_body_is_answered_408_its_connection_closed_and_its_place_freed(capped_at_one, sent):
     host, port = capped_at_one
@@ -916,6 +917,7 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> tuple[b
     [b"", b"GET /v1/models HTTP/1.1\r\nhost: edge\r\nauthoriz"],
     ids=["nothing", "half the headers"],
 )
+@pytest.mark.serial  # timing-sensitive: make test runs it alone
 async def test_a_connection_whose_headers_do_not_come_is_closed_at_the_header_timeout(header_bounded, sent):
     reader, writer = await asyncio.open_connection(*header_bounded)
     try:
@@ -928,6 +930,7 @@ async def test_a_connection_whose_headers_do_not_come_is_closed_at_the_header_ti
     assert HEADER_TIMEOUT_S - 0.1 < waited < 3
 
 
+@pytest.mark.serial  # timing-sensitive: make test runs it alone
 async def test_headers_dripped_a_byte_at_a_time_are_cut_at_the_header_timeout(header_bounded):
     """Each byte restarts uvicorn's keep-alive timer, never this deadline."""
     reader, writer = await asyncio.open_connection(*header_bounded)
@@ -956,6 +959,7 @@ async def test_headers_dripped_a_byte_at_a_time_are_cut_at_the_header_timeout(he
     ],
     ids=["a blank line after an answer", "a body's first byte after a 401"],
 )
+@pytest.mark.serial  # timing-sensitive: make test runs it alone
 async def test_bytes_after_an_answer_that_begin_no_request_are_bound_by_the_header_timeout(
     header_bounded, request_bytes, then
 ):
@@ -1065,6 +1069,7 @@ async def test_a_chunked_body_with_a_trailer_in_bounds_passes(header_bounded):
     assert status == 200, answer
 
 
+@pytest.mark.serial  # timing-sensitive: make test runs it alone
 async def test_requests_in_bounds_pass_one_by_one_after_idling_and_pipelined(header_bounded):
     reader, writer = await asyncio.open_connection(*header_bounded)
     try:
@@ -1087,6 +1092,7 @@ async def test_requests_in_bounds_pass_one_by_one_after_idling_and_pipelined(hea
     assert [status for status, _, _ in answers] == [200] * 3, [body for _, _, body in answers]
 
 
+@pytest.mark.serial  # timing-sensitive: make test runs it alone
 async def test_a_slow_body_is_bound_by_the_body_timeout_not_the_header_timeout(header_bounded):
     chat = {"model": "tiny-gpt", "messages": question(unique("slow body")), "max_tokens": 4}
     body = json.dumps(chat).encode()
@@ -1364,6 +1370,7 @@ async def streaming_socket(host_port, text: str, key: str = KEY) -> socket.socke
     return connection
 
 
+@pytest.mark.serial  # timing-sensitive: make test runs it alone
 async def test_a_client_that_stops_reading_is_dropped_and_its_generation_cancelled(
     stall_cut_soon, triton_server
 ):
@@ -1418,6 +1425,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_generation_cancell
     assert row.prompt_tokens > 0 and row.completion_tokens > 0
 
 
+@pytest.mark.serial  # timing-sensitive: make test runs it alone
 async def test_a_client_that_reads_slowly_but_steadily_gets_its_whole_answer(stall_bounded):
     """At 10 KB/s, a quarter of the pace the answer is generated at, through
     the same small window: the router's bytes back up, but each read makes

@@ -16,7 +16,8 @@ from services.router.http_edge import HttpEdge, HttpServer
 from services.router.pipeline import Answer, CacheStatus, Completion, Delta
 from tests.unit.test_router_http_edge import KEY, ScriptedPipeline
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): bounds a drain at 2 s.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 
 def _app_errors(caplog) -> list[str]:

@@ -18,7 +18,8 @@ from services.router.http_edge import HttpEdge, HttpServer, _probe_when_idle
 from services.router.pipeline import Delta
 from tests.unit.test_router_http_edge import KEY, ScriptedPipeline
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): a silent peer is cut at its stall timeout.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 # Linux's TCP_REPAIR (linux/tcp.h): a socket closed in repair mode sends
 # nothing, no FIN nor RST, as a host that lost power or its network.

@@ -14,7 +14,8 @@ from meshgate.inference.v1 import inference_service_pb2_grpc
 from tests.integration.conftest import running_inference
 from tests.mesh import mesh_settings, router_channel
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): other callers must not wait behind a large input.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 
 async def test_a_megabyte_of_runs_just_short_of_the_cut_does_not_stall_other_callers(triton_url):

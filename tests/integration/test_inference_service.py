@@ -24,7 +24,8 @@ from tests.integration.conftest import (
 )
 from tests.mesh import mesh_settings, router_channel
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): a held stream must end within its hold.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 
 def generate(text: str, **parameters) -> pb.GenerateRequest:

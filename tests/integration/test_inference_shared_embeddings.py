@@ -17,7 +17,8 @@ from meshgate.inference.v1 import inference_service_pb2_grpc
 from tests.integration.conftest import running_inference
 from tests.mesh import bounded_channel, mesh_settings, router_channel
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): a caller's deadline must pass while a shared call runs.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 SHARED = "How long does a glacier take to move a kilometre?"
 

@@ -40,7 +40,8 @@ from services.router import app as router_app
 from tests.integration.conftest import running
 from tests.mesh import bounded_channel, certs_dir, mesh_settings, renew, router_channel
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): waits out certificates that last seconds.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 SERVICE = "context"
 ROUTER_KEY = "cert-rotation-test-key"

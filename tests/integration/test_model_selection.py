@@ -33,7 +33,8 @@ from services.router.model_selection import FEATURE_SCAN_CHARS
 from tests.integration.conftest import answer_of, running_router, service_settings
 from tests.mesh import bounded_channel
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): bounds a call's latency beside prompts at 0.4 s.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 KEY = "selection-test-key"
 PREMIUM_KEY = "selection-premium-key"

@@ -56,7 +56,8 @@ from tests.integration.test_cache_servicer import (
 from tests.integration.test_cache_servicer import store as cache_store
 from tests.integration.test_context_service import USER, make_settings, msg, running
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): bounds a failover's and a silent node's waits.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 
 @dataclasses.dataclass

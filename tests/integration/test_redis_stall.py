@@ -22,7 +22,8 @@ from meshgate.local import redis_server
 from meshgate.local.stack import free_port
 from tests.integration.test_context_service import make_settings, running
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): bounds a stalled Redis's cost at 1.8 times its timeout.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 # Short, so the test is; a call's whole wait on a stopped Redis is compared with it.
 REDIS_TIMEOUT_S = 1.0

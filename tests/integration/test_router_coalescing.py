@@ -25,7 +25,8 @@ from services.router import coalescing
 from tests.integration.conftest import running_router, service_settings
 from tests.mesh import bounded_channel
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): a caller's deadline is a third of a solo answer.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 KEY = "coalescing-test-key"
 AUTH = [("authorization", f"Bearer {KEY}")]

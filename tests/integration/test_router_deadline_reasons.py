@@ -31,7 +31,8 @@ from tests.integration.conftest import running_inference, running_router, servic
 from tests.mesh import bounded_channel, mesh_settings
 from tests.tcp_proxy import TcpProxy
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): races a service's deadline against the router's.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 API_KEY = "deadline-reasons-key"
 MAX_GENERATION_S = 1.5

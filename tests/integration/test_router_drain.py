@@ -25,7 +25,8 @@ from services.router import app as router_app
 from tests.integration.conftest import running, service_settings
 from tests.mesh import bounded_channel, router_channel
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): bounds a drain by its grace.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 KEY = "router-drain-test-key"
 AUTH = [("authorization", f"Bearer {KEY}")]

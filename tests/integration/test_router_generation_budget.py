@@ -31,7 +31,8 @@ from tests.integration.conftest import running_inference, running_router, servic
 from tests.mesh import bounded_channel, mesh_settings
 from tests.tcp_proxy import TcpProxy
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): bounds a failover by what is left of a budget.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 API_KEY = "generation-budget-key"
 MAX_GENERATION_S = 4.0

@@ -25,7 +25,8 @@ from services.router import coalescing, downstream
 from tests.integration.conftest import answer_of, running, running_router, service_settings
 from tests.mesh import bounded_channel, router_channel
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): bounds how soon replicas hear of a change.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 KEY = "hot-exact-key"
 AUTH = [("authorization", f"Bearer {KEY}")]

@@ -37,7 +37,8 @@ from services.router.deployments import PROBE_TIMEOUT_S, PROBES_TO_MARK_DOWN
 from tests.integration.conftest import running_router, service_settings, wait_until_serving
 from tests.mesh import bounded_channel, certs_dir, mesh_settings
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): bounds how soon a stopped deployment leaves rotation.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 API_KEY = "hung-deployment-key"
 HEALTH_INTERVAL_S = 0.5

@@ -79,6 +79,7 @@ async def refusal(awaitable) -> tuple[grpc.StatusCode, str]:
     return caught.value.code(), error_info(caught.value).reason
 
 
+@pytest.mark.serial  # timing-sensitive: make test runs it alone
 async def test_a_key_created_on_one_replica_works_on_the_other_until_revoked(replicas, redis_url):
     (router_a, admin_a), (router_b, admin_b) = replicas
     tenant = f"t-{uuid.uuid4().hex[:8]}"

@@ -26,7 +26,8 @@ from meshgate.local import children
 from meshgate.local.stack import free_port
 from tests.tcp_proxy import TcpProxy
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): bounds how soon a signal ends a service (failed once on a loaded machine).
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 
 def health_status(address: str) -> int | None:

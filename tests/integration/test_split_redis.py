@@ -32,7 +32,8 @@ from tests.conftest import own_redis_server
 from tests.integration.conftest import answer_of, running, service_settings
 from tests.mesh import bounded_channel, router_channel
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): bounds how soon a router hears of a change.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 KEY = "split-redis-key"
 AUTH = [("authorization", f"Bearer {KEY}")]

@@ -23,7 +23,8 @@ from services.inference.backends import PROBE_TIMEOUT_S, PROBES_TO_MARK_DOWN
 from tests.integration.conftest import launched_tritons, running_inference
 from tests.mesh import mesh_settings, router_channel
 
-pytestmark = pytest.mark.integration
+# Serial (make test runs it alone): bounds how soon a stopped Triton's calls end.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 MODELS = ("tiny_gpt", "minilm")
 IN_FLIGHT = 8
