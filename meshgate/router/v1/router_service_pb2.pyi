@@ -151,6 +151,108 @@ class CreateSessionResponse(_message.Message):
     session_id: str
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
+class Session(_message.Message):
+    __slots__ = ("session_id", "version", "messages", "create_time_ms", "update_time_ms", "compacted_turns")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPACTED_TURNS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    version: int
+    messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
+    create_time_ms: int
+    update_time_ms: int
+    compacted_turns: int
+    def __init__(self, session_id: _Optional[str] = ..., version: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., create_time_ms: _Optional[int] = ..., update_time_ms: _Optional[int] = ..., compacted_turns: _Optional[int] = ...) -> None: ...
+
+class GetSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class GetSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: Session
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class DeleteSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSessionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ForkSessionRequest(_message.Message):
+    __slots__ = ("session_id", "version")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    version: int
+    def __init__(self, session_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ForkSessionResponse(_message.Message):
+    __slots__ = ("session_id", "version")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    version: int
+    def __init__(self, session_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class RevertSessionRequest(_message.Message):
+    __slots__ = ("session_id", "version", "expected_version")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    version: int
+    expected_version: int
+    def __init__(self, session_id: _Optional[str] = ..., version: _Optional[int] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
+class RevertSessionResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class PinToSessionRequest(_message.Message):
+    __slots__ = ("session_id", "message_index", "fact")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FACT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    message_index: int
+    fact: str
+    def __init__(self, session_id: _Optional[str] = ..., message_index: _Optional[int] = ..., fact: _Optional[str] = ...) -> None: ...
+
+class PinToSessionResponse(_message.Message):
+    __slots__ = ("pin_count",)
+    PIN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    pin_count: int
+    def __init__(self, pin_count: _Optional[int] = ...) -> None: ...
+
+class UnpinFromSessionRequest(_message.Message):
+    __slots__ = ("session_id", "message_index", "fact")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FACT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    message_index: int
+    fact: str
+    def __init__(self, session_id: _Optional[str] = ..., message_index: _Optional[int] = ..., fact: _Optional[str] = ...) -> None: ...
+
+class UnpinFromSessionResponse(_message.Message):
+    __slots__ = ("pin_count",)
+    PIN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    pin_count: int
+    def __init__(self, pin_count: _Optional[int] = ...) -> None: ...
+
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

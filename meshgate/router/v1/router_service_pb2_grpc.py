@@ -51,6 +51,36 @@ class RouterServiceStub:
                 request_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.CreateSessionRequest.SerializeToString,
                 response_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.CreateSessionResponse.FromString,
                 _registered_method=True)
+        self.GetSession = channel.unary_unary(
+                '/meshgate.router.v1.RouterService/GetSession',
+                request_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.GetSessionRequest.SerializeToString,
+                response_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.GetSessionResponse.FromString,
+                _registered_method=True)
+        self.DeleteSession = channel.unary_unary(
+                '/meshgate.router.v1.RouterService/DeleteSession',
+                request_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.DeleteSessionRequest.SerializeToString,
+                response_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.DeleteSessionResponse.FromString,
+                _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/meshgate.router.v1.RouterService/ForkSession',
+                request_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.ForkSessionResponse.FromString,
+                _registered_method=True)
+        self.RevertSession = channel.unary_unary(
+                '/meshgate.router.v1.RouterService/RevertSession',
+                request_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.RevertSessionRequest.SerializeToString,
+                response_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.RevertSessionResponse.FromString,
+                _registered_method=True)
+        self.PinToSession = channel.unary_unary(
+                '/meshgate.router.v1.RouterService/PinToSession',
+                request_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.PinToSessionRequest.SerializeToString,
+                response_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.PinToSessionResponse.FromString,
+                _registered_method=True)
+        self.UnpinFromSession = channel.unary_unary(
+                '/meshgate.router.v1.RouterService/UnpinFromSession',
+                request_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.UnpinFromSessionRequest.SerializeToString,
+                response_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.UnpinFromSessionResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/meshgate.router.v1.RouterService/ListModels',
                 request_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.ListModelsRequest.SerializeToString,
@@ -113,6 +143,62 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSession(self, request, context):
+        """The session methods below act on a session of the caller's tenant
+        only: another tenant's session is NOT_FOUND (SESSION_NOT_FOUND), as one
+        that does not exist. Each is one call to the context service, whose
+        refusals they answer with (its status and ErrorInfo).
+
+        A session: its turns and version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSession(self, request, context):
+        """Deletes a session with its pins and summaries: what it held in storage
+        is the tenant's again at once (context.max_bytes_per_tenant), and Chat
+        on it is NOT_FOUND (SESSION_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkSession(self, request, context):
+        """A new session holding the turns a session had at one of its versions,
+        with the source's pins as they are now. The source is unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevertSession(self, request, context):
+        """Makes a session hold again the turns it had at an earlier version. The
+        revert is itself a new version (versions only grow); the versions after
+        the one restored can no longer be forked or reverted to.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PinToSession(self, request, context):
+        """Pins a session turn (by index) or a free-text fact to a session: every
+        later turn's prompt includes it, whatever the budget, counted against
+        it. A session holds at most 256 pins (FAILED_PRECONDITION,
+        TOO_MANY_PINS); pinning what it holds pinned already changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpinFromSession(self, request, context):
+        """Removes a pin PinToSession added (the same message_index or fact);
+        NOT_FOUND (PIN_NOT_FOUND) if the session holds no such pin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """The model aliases the caller's tenant may use.
         """
@@ -155,6 +241,36 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.CreateSession,
                     request_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.CreateSessionRequest.FromString,
                     response_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.CreateSessionResponse.SerializeToString,
+            ),
+            'GetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSession,
+                    request_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.GetSessionRequest.FromString,
+                    response_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.GetSessionResponse.SerializeToString,
+            ),
+            'DeleteSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSession,
+                    request_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.DeleteSessionRequest.FromString,
+                    response_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.DeleteSessionResponse.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.ForkSessionRequest.FromString,
+                    response_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.ForkSessionResponse.SerializeToString,
+            ),
+            'RevertSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevertSession,
+                    request_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.RevertSessionRequest.FromString,
+                    response_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.RevertSessionResponse.SerializeToString,
+            ),
+            'PinToSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinToSession,
+                    request_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.PinToSessionRequest.FromString,
+                    response_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.PinToSessionResponse.SerializeToString,
+            ),
+            'UnpinFromSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpinFromSession,
+                    request_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.UnpinFromSessionRequest.FromString,
+                    response_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.UnpinFromSessionResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -255,6 +371,168 @@ class RouterService:
             '/meshgate.router.v1.RouterService/CreateSession',
             meshgate_dot_router_dot_v1_dot_router__service__pb2.CreateSessionRequest.SerializeToString,
             meshgate_dot_router_dot_v1_dot_router__service__pb2.CreateSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.router.v1.RouterService/GetSession',
+            meshgate_dot_router_dot_v1_dot_router__service__pb2.GetSessionRequest.SerializeToString,
+            meshgate_dot_router_dot_v1_dot_router__service__pb2.GetSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.router.v1.RouterService/DeleteSession',
+            meshgate_dot_router_dot_v1_dot_router__service__pb2.DeleteSessionRequest.SerializeToString,
+            meshgate_dot_router_dot_v1_dot_router__service__pb2.DeleteSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.router.v1.RouterService/ForkSession',
+            meshgate_dot_router_dot_v1_dot_router__service__pb2.ForkSessionRequest.SerializeToString,
+            meshgate_dot_router_dot_v1_dot_router__service__pb2.ForkSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevertSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.router.v1.RouterService/RevertSession',
+            meshgate_dot_router_dot_v1_dot_router__service__pb2.RevertSessionRequest.SerializeToString,
+            meshgate_dot_router_dot_v1_dot_router__service__pb2.RevertSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinToSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.router.v1.RouterService/PinToSession',
+            meshgate_dot_router_dot_v1_dot_router__service__pb2.PinToSessionRequest.SerializeToString,
+            meshgate_dot_router_dot_v1_dot_router__service__pb2.PinToSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpinFromSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.router.v1.RouterService/UnpinFromSession',
+            meshgate_dot_router_dot_v1_dot_router__service__pb2.UnpinFromSessionRequest.SerializeToString,
+            meshgate_dot_router_dot_v1_dot_router__service__pb2.UnpinFromSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
