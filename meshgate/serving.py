@@ -145,8 +145,9 @@ _RETRY_POLICY = {
 # attempt (services/router/downstream.py), so a retry after a lost reply is
 # answered, not applied twice, and gRPC retrying it too would multiply the
 # attempts; DeleteSession, ForkSession, RevertSession, PinToSession,
-# UnpinFromSession, Invalidate, ReportWrongHit, the router's ChatSession (a stream of turns)
-# and the admin writes are not retried.
+# UnpinFromSession (the context's and the router's), Invalidate,
+# ReportWrongHit, the router's ChatSession (a stream of turns) and the admin
+# writes are not retried.
 RETRYABLE_METHODS = {
     # Chat: the router streams before it writes; the turn is appended to its
     # session only after its answer has streamed, and the router sends the
@@ -159,7 +160,7 @@ RETRYABLE_METHODS = {
     # CreateSession: a retry after a lost reply leaves one empty session
     # unused (it expires after context.session_ttl_s); the caller gets one.
     # The rest only read.
-    "meshgate.router.v1.RouterService": ("Chat", "CreateSession", "ListModels", "GetUsage"),
+    "meshgate.router.v1.RouterService": ("Chat", "CreateSession", "GetSession", "ListModels", "GetUsage"),
     "meshgate.router.v1.AdminService": ("ListKeys",),
     # Reads; CreateSession as the router's.
     "meshgate.context.v1.ContextService": ("CreateSession", "GetSession", "AssembleContext"),

@@ -254,22 +254,26 @@ class ContextService:
                 raise
         return await method(request, **self._call_options(tenant_id, budget))
 
-    async def create_session(self, tenant: Tenant, budget: Budget) -> str:
-        request = context_pb.CreateSessionRequest(tenant_id=tenant.id)
+    async def session_call(self, method: str, request, tenant: Tenant, budget: Budget):
+        """``method``, a ContextService method, with ``request`` acting for
+        ``tenant`` (its tenant_id set here, so a caller names no other):
+        sent again once if the service did not take it (_call); a failure
+        is the service's, its reason intact (failure_within)."""
+        request.tenant_id = tenant.id
         try:
-            response = await self._call(self._stub.CreateSession, request, tenant.id, budget, session=True)
+            return await self._call(getattr(self._stub, method), request, tenant.id, budget, session=True)
         except grpc.aio.AioRpcError as error:
             raise failure_within(error, "context", budget) from error
+
+    async def create_session(self, tenant: Tenant, budget: Budget) -> str:
+        response = await self.session_call("CreateSession", context_pb.CreateSessionRequest(), tenant, budget)
         return response.session.session_id
 
     async def delete_session(self, tenant: Tenant, session_id: str) -> None:
         """Within the router's own timeout, not a turn's budget: the turn
         that created the session may have ended for want of time."""
-        request = context_pb.DeleteSessionRequest(tenant_id=tenant.id, session_id=session_id)
-        try:
-            await self._call(self._stub.DeleteSession, request, tenant.id, Budget(), session=True)
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, "context") from error
+        request = context_pb.DeleteSessionRequest(session_id=session_id)
+        await self.session_call("DeleteSession", request, tenant, Budget())
 
     async def assemble(self, turn: Turn) -> tuple[list[common_pb2.Message], int] | None:
         """A stateless turn needs the context service only to fit the prompt

@@ -321,6 +321,10 @@ class Contexts(Protocol):
 
     async def delete_session(self, tenant: Tenant, session_id: str) -> None: ...
 
+    async def session_call(self, method: str, request, tenant: Tenant, budget: Budget):
+        """The context service's ``method`` with ``request`` (its request
+        message), acting for ``tenant``: its response, or its refusal."""
+
     async def assemble(self, turn: Turn) -> tuple[list[common_pb2.Message], int] | None:
         """The prompt and the session version it was built from; None when a
         stateless turn should go out as sent (context service unreachable)."""
@@ -490,6 +494,12 @@ class Pipeline:
 
     async def create_session(self, tenant: Tenant, budget: Budget) -> str:
         return await self._contexts.create_session(tenant, budget)
+
+    async def session_call(self, method: str, request, tenant: Tenant, budget: Budget):
+        """A session's management (read, delete, fork, revert, pins), asked
+        of the context service as is: it checks the request, and the
+        tenant it acts for is the caller's."""
+        return await self._contexts.session_call(method, request, tenant, budget)
 
     def warm_session(self, tenant: Tenant, session_id: str) -> None:
         """A ChatSession stream opened for an existing session: the context

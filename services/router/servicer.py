@@ -15,6 +15,7 @@ import structlog
 from google.protobuf import message_factory
 
 from meshgate.config import Settings
+from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.errors import MeshgateError, clip, internal_error, invalid_argument, partly_delivered
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
@@ -414,6 +415,75 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         budget = Budget.of(context.time_remaining())
         return pb.CreateSessionResponse(session_id=await self._pipeline.create_session(tenant, budget))
 
+    # A session's management: each the context service's method of its name,
+    # the tenant the caller's key's (another's session is NOT_FOUND there, as
+    # a missing one), the request checked there, not here.
+
+    async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.GetSessionResponse:
+        found = await self._on_session(
+            "GetSession", context_pb.GetSessionRequest(session_id=request.session_id), context
+        )
+        session = found.session
+        return pb.GetSessionResponse(
+            session=pb.Session(
+                session_id=session.session_id,
+                version=session.version,
+                messages=session.messages,
+                create_time_ms=session.create_time_ms,
+                update_time_ms=session.update_time_ms,
+                compacted_turns=session.compacted_turns,
+            )
+        )
+
+    async def DeleteSession(self, request: pb.DeleteSessionRequest, context) -> pb.DeleteSessionResponse:
+        await self._on_session(
+            "DeleteSession", context_pb.DeleteSessionRequest(session_id=request.session_id), context
+        )
+        return pb.DeleteSessionResponse()
+
+    async def ForkSession(self, request: pb.ForkSessionRequest, context) -> pb.ForkSessionResponse:
+        forked = await self._on_session(
+            "ForkSession",
+            context_pb.ForkSessionRequest(session_id=request.session_id, version=request.version),
+            context,
+        )
+        return pb.ForkSessionResponse(session_id=forked.session.session_id, version=forked.session.version)
+
+    async def RevertSession(self, request: pb.RevertSessionRequest, context) -> pb.RevertSessionResponse:
+        strict = request.HasField("expected_version")
+        reverted = await self._on_session(
+            "RevertSession",
+            context_pb.RevertSessionRequest(
+                session_id=request.session_id,
+                version=request.version,
+                expected_version=request.expected_version,
+                any_version=not strict,
+            ),
+            context,
+        )
+        return pb.RevertSessionResponse(version=reverted.version)
+
+    async def PinToSession(self, request: pb.PinToSessionRequest, context) -> pb.PinToSessionResponse:
+        pinned = await self._on_session(
+            "PinToSession", _pin(request, context_pb.PinToSessionRequest()), context
+        )
+        return pb.PinToSessionResponse(pin_count=pinned.pin_count)
+
+    async def UnpinFromSession(
+        self, request: pb.UnpinFromSessionRequest, context
+    ) -> pb.UnpinFromSessionResponse:
+        unpinned = await self._on_session(
+            "UnpinFromSession", _pin(request, context_pb.UnpinFromSessionRequest()), context
+        )
+        return pb.UnpinFromSessionResponse(pin_count=unpinned.pin_count)
+
+    async def _on_session(self, method: str, request, context):
+        """The context service's answer to ``request``, for the caller's
+        tenant as CreateSession's: its key resolved again now that the
+        request is in, within the call's deadline."""
+        tenant = await current_tenant()
+        return await self._pipeline.session_call(method, request, tenant, Budget.of(context.time_remaining()))
+
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
         tenant = await current_tenant()
         return pb.ListModelsResponse(
@@ -483,6 +553,16 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 for (key_id, model), row in sorted(totals.items())
             ],
         )
+
+
+def _pin(request: pb.PinToSessionRequest | pb.UnpinFromSessionRequest, into):
+    """``into``, the context service's pin request, naming ``request``'s
+    session and pin (none where it names none: the context refuses that)."""
+    into.session_id = request.session_id
+    kind = request.WhichOneof("pin")
+    if kind is not None:
+        setattr(into, kind, getattr(request, kind))
+    return into
 
 
 # Each method's handler kind, by whether its requests and its responses stream.

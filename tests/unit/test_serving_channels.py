@@ -58,6 +58,7 @@ def test_every_retried_method_exists_and_version_checked_writes_are_not_retried(
         ("meshgate.context.v1.ContextService", "RevertSession"),
         ("meshgate.cache.v1.CacheService", "ReportWrongHit"),
         ("meshgate.router.v1.RouterService", "ChatSession"),
+        ("meshgate.router.v1.RouterService", "RevertSession"),
         ("meshgate.router.v1.AdminService", "CreateKey"),
         ("meshgate.router.v1.AdminService", "RotateKey"),
     ]:
