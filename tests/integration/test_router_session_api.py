@@ -1,0 +1,264 @@
+"""A tenant's own sessions managed through the real router (GetSession,
+DeleteSession, ForkSession, RevertSession, PinToSession, UnpinFromSession)
+in front of real context, cache and inference services (real Redis, real
+Triton): each acts on the caller's tenant's session, another tenant's key
+finds none (NOT_FOUND, SESSION_NOT_FOUND, as for one that does not exist),
+and the context service's refusals of bad input come through as it gives
+them. A delete gives the tenant its bytes back
+(context.max_bytes_per_tenant): the next turn that did not fit is answered."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+
+import grpc
+import pytest
+
+from meshgate.common.v1 import common_pb2
+from meshgate.config import Settings, TenantSettings, hash_api_key
+from meshgate.context.v1 import context_service_pb2 as context_pb
+from meshgate.context.v1 import context_service_pb2_grpc
+from meshgate.errors import error_info
+from meshgate.router.v1 import router_service_pb2 as pb
+from meshgate.router.v1 import router_service_pb2_grpc
+from tests.integration.conftest import answer_of, running_router, serve_tiny_gpt
+from tests.integration.test_router_session_full import refused, stored
+from tests.mesh import bounded_channel, mesh_settings, router_channel
+
+pytestmark = pytest.mark.integration
+
+# Room for several turns of a short question as the bound counts them (their
+# bytes, the answer's and 1,024 a message, 512 a session): each test's
+# tenant is its own, so one's sessions never fill another's room.
+MAX_BYTES_PER_TENANT = 16000
+TENANTS = ("manage", "pins", "quota", "strict", "other")
+USER = common_pb2.ROLE_USER
+FACT = "The user's cat is called Zanzibar."
+
+
+@pytest.fixture(scope="module")
+async def mesh(redis_url, inference_address):
+    """(router stub, context stub, {name: (tenant id, auth metadata)}): one
+    context replica, each tenant's sessions bounded at MAX_BYTES_PER_TENANT."""
+    run = uuid.uuid4().hex[:8]
+    tenants = {name: f"{name}-{run}" for name in TENANTS}
+    settings = Settings(mesh=mesh_settings())
+    settings.redis.url = redis_url
+    settings.cache.inference_address = inference_address
+    settings.context.max_bytes_per_tenant = MAX_BYTES_PER_TENANT
+    serve_tiny_gpt(settings, inference_address)
+    settings.router.tenants = [
+        TenantSettings(id=tenant, api_key_sha256=[hash_api_key(f"key-{tenant}")])
+        for tenant in tenants.values()
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        address = await stack.enter_async_context(running_router(settings))
+        channel = await stack.enter_async_context(bounded_channel(address))
+        context_channel = await stack.enter_async_context(
+            router_channel(settings.router.context_address, "context")
+        )
+        yield (
+            router_service_pb2_grpc.RouterServiceStub(channel),
+            context_service_pb2_grpc.ContextServiceStub(context_channel),
+            {
+                name: (tenant, (("authorization", f"Bearer key-{tenant}"),))
+                for name, tenant in tenants.items()
+            },
+        )
+
+
+def turn(session_id: str, text: str, **fields) -> pb.ChatRequest:
+    return pb.ChatRequest(
+        model="tiny-gpt",
+        session_id=session_id,
+        messages=[common_pb2.Message(role=USER, content=text)],
+        parameters=common_pb2.GenerationParameters(max_tokens=3, temperature=0.0),
+        cache_policy=pb.CACHE_POLICY_BYPASS,
+        **fields,
+    )
+
+
+async def new_session(router, auth) -> str:
+    return (await router.CreateSession(pb.CreateSessionRequest(), metadata=auth)).session_id
+
+
+async def status_of(call) -> tuple[grpc.StatusCode, str, dict[str, str]]:
+    """A unary call that must fail: its code and its ErrorInfo's reason and metadata."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    info = error_info(caught.value)
+    assert info is not None, caught.value
+    return caught.value.code(), info.reason, dict(info.metadata)
+
+
+def each_method(session_id: str) -> dict[str, object]:
+    """A request of each session method of the router, on ``session_id``."""
+    return {
+        "GetSession": pb.GetSessionRequest(session_id=session_id),
+        "DeleteSession": pb.DeleteSessionRequest(session_id=session_id),
+        "ForkSession": pb.ForkSessionRequest(session_id=session_id, version=1),
+        "RevertSession": pb.RevertSessionRequest(session_id=session_id, version=0),
+        "PinToSession": pb.PinToSessionRequest(session_id=session_id, fact=FACT),
+        "UnpinFromSession": pb.UnpinFromSessionRequest(session_id=session_id, fact=FACT),
+    }
+
+
+async def test_a_tenant_reads_back_forks_and_reverts_its_session(mesh) -> None:
+    router, context, tenants = mesh
+    tenant, auth = tenants["manage"]
+    session_id = await new_session(router, auth)
+    first, _ = await answer_of(router.Chat(turn(session_id, "first"), metadata=auth))
+    second, _ = await answer_of(router.Chat(turn(session_id, "second"), metadata=auth))
+
+    session = (await router.GetSession(pb.GetSessionRequest(session_id=session_id), metadata=auth)).session
+    assert (session.session_id, session.version) == (session_id, 2)
+    assert [m.content for m in session.messages] == ["first", first, "second", second]
+    assert session.create_time_ms <= session.update_time_ms
+
+    forked = await router.ForkSession(pb.ForkSessionRequest(session_id=session_id, version=1), metadata=auth)
+    assert forked.session_id != session_id and forked.version == 1
+    assert await stored(context, tenant, forked.session_id) == (1, ["first", first])
+
+    # A strict revert from a version the session has left is refused.
+    stale = router.RevertSession(
+        pb.RevertSessionRequest(session_id=session_id, version=1, expected_version=1), metadata=auth
+    )
+    assert (await status_of(stale))[:2] == (grpc.StatusCode.ABORTED, "VERSION_CONFLICT")
+    assert await stored(context, tenant, session_id) == (2, ["first", first, "second", second])
+    reverted = await router.RevertSession(
+        pb.RevertSessionRequest(session_id=session_id, version=1, expected_version=2), metadata=auth
+    )
+    assert reverted.version == 3
+    session = (await router.GetSession(pb.GetSessionRequest(session_id=session_id), metadata=auth)).session
+    assert (session.version, [m.content for m in session.messages]) == (3, ["first", first])
+    # Turns go on from the version the revert made; the fork is untouched.
+    _, completion = await answer_of(
+        router.Chat(turn(session_id, "third", expected_session_version=3), metadata=auth)
+    )
+    assert completion.session_version == 4
+    assert await stored(context, tenant, forked.session_id) == (1, ["first", first])
+
+
+async def test_a_pinned_fact_is_in_every_later_turns_prompt_until_unpinned(mesh) -> None:
+    router, context, tenants = mesh
+    tenant, auth = tenants["pins"]
+    session_id = await new_session(router, auth)
+    await answer_of(router.Chat(turn(session_id, "hello"), metadata=auth))
+    # The same session, without the pin: a fork taken before it.
+    unpinned = (
+        await router.ForkSession(pb.ForkSessionRequest(session_id=session_id, version=1), metadata=auth)
+    ).session_id
+
+    pin = pb.PinToSessionRequest(session_id=session_id, fact=FACT)
+    assert (await router.PinToSession(pin, metadata=auth)).pin_count == 1
+    assert (await router.PinToSession(pin, metadata=auth)).pin_count == 1  # pinned already
+    by_index = pb.PinToSessionRequest(session_id=session_id, message_index=0)
+    assert (await router.PinToSession(by_index, metadata=auth)).pin_count == 2
+
+    # The next turn's prompt holds the fact: what the context assembles for
+    # it, and the tokens the model was given, beyond those of the fork's.
+    assembled = await context.AssembleContext(
+        context_pb.AssembleContextRequest(
+            tenant_id=tenant,
+            session_id=session_id,
+            new_messages=[common_pb2.Message(role=USER, content="what is my cat called?")],
+            model="tiny-gpt",
+            max_prompt_tokens=200,
+        )
+    )
+    assert FACT in [m.content for m in assembled.messages if m.role == common_pb2.ROLE_SYSTEM]
+    assert context_pb.SOURCE_PINNED_FACT in [entry.source for entry in assembled.manifest.entries]
+    _, with_pin = await answer_of(router.Chat(turn(session_id, "what is my cat called?"), metadata=auth))
+    _, without = await answer_of(router.Chat(turn(unpinned, "what is my cat called?"), metadata=auth))
+    assert with_pin.usage.prompt_tokens > without.usage.prompt_tokens
+
+    unpin = pb.UnpinFromSessionRequest(session_id=session_id, fact=FACT)
+    assert (await router.UnpinFromSession(unpin, metadata=auth)).pin_count == 1
+    code, reason, _ = await status_of(router.UnpinFromSession(unpin, metadata=auth))
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "PIN_NOT_FOUND")
+
+
+async def test_a_tenant_deletes_its_session_and_has_its_bytes_back(mesh) -> None:
+    router, context, tenants = mesh
+    tenant, auth = tenants["quota"]
+    session_id = await new_session(router, auth)
+    other = await new_session(router, auth)
+    # Turns until the tenant's sessions hold their bound: the one that finds
+    # it is refused by its append, and the next before generating.
+    answered = 0
+    while True:
+        try:
+            await answer_of(router.Chat(turn(session_id, "q" * 200), metadata=auth))
+        except grpc.aio.AioRpcError as error:
+            assert error_info(error).reason == "SESSION_QUOTA_EXCEEDED", error
+            break
+        answered += 1
+        assert answered < MAX_BYTES_PER_TENANT // 1000, "the tenant's sessions never reached their bound"
+    assert answered > 0
+    code, reason, _ = await refused(router.Chat(turn(other, "and now?"), metadata=auth))
+    assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_QUOTA_EXCEEDED")
+
+    await router.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), metadata=auth)
+    code, reason, metadata = await refused(router.Chat(turn(session_id, "still there?"), metadata=auth))
+    assert (code, reason, metadata) == (
+        grpc.StatusCode.NOT_FOUND,
+        "SESSION_NOT_FOUND",
+        {"session_id": session_id},
+    )
+    gone = router.GetSession(pb.GetSessionRequest(session_id=session_id), metadata=auth)
+    assert (await status_of(gone))[:2] == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    # Its bytes are the tenant's again: the turn refused before is answered.
+    text, completion = await answer_of(router.Chat(turn(other, "and now?"), metadata=auth))
+    assert completion.session_version == 1
+    assert await stored(context, tenant, other) == (1, ["and now?", text])
+
+
+async def test_another_tenants_session_is_not_found_and_left_as_it_was(mesh) -> None:
+    router, context, tenants = mesh
+    tenant, auth = tenants["strict"]
+    _, others_auth = tenants["other"]
+    session_id = await new_session(router, auth)
+    text, _ = await answer_of(router.Chat(turn(session_id, "mine"), metadata=auth))
+    missing = uuid.uuid4().hex
+
+    for method, request in each_method(session_id).items():
+        refusal = await status_of(getattr(router, method)(request, metadata=others_auth))
+        # Exactly what that tenant is told of a session that does not exist.
+        code, reason, metadata = await status_of(
+            getattr(router, method)(each_method(missing)[method], metadata=others_auth)
+        )
+        assert refusal == (code, reason, {**metadata, "session_id": session_id}), method
+        assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND"), method
+
+    # Nothing of it changed: its turns, its version, no pin, not deleted.
+    assert await stored(context, tenant, session_id) == (1, ["mine", text])
+    pin = pb.PinToSessionRequest(session_id=session_id, fact=FACT)
+    assert (await router.PinToSession(pin, metadata=auth)).pin_count == 1
+
+
+async def test_bad_input_gets_the_context_services_status_through_the_router(mesh) -> None:
+    router, _, tenants = mesh
+    _, auth = tenants["strict"]
+    session_id = await new_session(router, auth)
+
+    for method, request in each_method("").items():
+        code, reason, _ = await status_of(getattr(router, method)(request, metadata=auth))
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SESSION_ID"), method
+
+    fork = router.ForkSession(pb.ForkSessionRequest(session_id=session_id, version=7), metadata=auth)
+    code, reason, metadata = await status_of(fork)
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "VERSION_NOT_FOUND")
+    assert (metadata["version"], metadata["current_version"]) == ("7", "0")
+    revert = router.RevertSession(pb.RevertSessionRequest(session_id=session_id, version=-1), metadata=auth)
+    assert (await status_of(revert))[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_VERSION")
+    no_pin = router.PinToSession(pb.PinToSessionRequest(session_id=session_id), metadata=auth)
+    assert (await status_of(no_pin))[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PIN")
+    no_turn = router.PinToSession(
+        pb.PinToSessionRequest(session_id=session_id, message_index=3), metadata=auth
+    )
+    assert (await status_of(no_turn))[:2] == (grpc.StatusCode.NOT_FOUND, "PIN_TARGET_NOT_FOUND")
+
+    # Without a key, no call reaches the context service.
+    code, reason, _ = await status_of(router.GetSession(pb.GetSessionRequest(session_id=session_id)))
+    assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_MISSING")
