@@ -1252,7 +1252,7 @@ class TenantHoldings:
             f"the tenant's sessions hold {held} bytes of Redis; {size} more would pass "
             f"context.max_bytes_per_tenant ({self.most}): room comes back as its sessions "
             "expire (context.session_ttl_s after their last write), or are deleted or reverted "
-            "(ContextService, on the mesh's port)",
+            "(RouterService.DeleteSession, RevertSession)",
             {
                 "limit": "max_bytes_per_tenant",
                 "scope": "tenant",
