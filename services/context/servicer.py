@@ -457,7 +457,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.GetSessionResponse:
         _check_tenant(request.tenant_id)
         _check_session_id(request.session_id)
-        stored = await self._read(request.tenant_id, request.session_id)
+        stored, pinned_turns, pinned_facts = await self._with_pins(request.tenant_id, request.session_id)
         session = pb.Session(
             session_id=request.session_id,
             tenant_id=request.tenant_id,
@@ -466,17 +466,24 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             create_time_ms=stored.create_time_ms,
             update_time_ms=stored.update_time_ms,
             compacted_turns=stored.compacted,
+            pinned_turns=pinned_turns,
+            pinned_facts=pinned_facts,
         )
         answer = pb.GetSessionResponse(session=session)
         # Within context.max_session_bytes it fits (config.py); past it (no
         # cap, or many tiny turns' framing) a clear refusal, where gRPC
         # would end the call RESOURCE_EXHAUSTED without ErrorInfo. Measured
         # only where meta's count leaves a doubt: ByteSize walks every turn
-        # (~0.1 s for 24 MB, on the event loop); a turn's framing is at most
-        # 6 bytes beside its encoding, and the session's own fields are small.
+        # (~0.1 s for 24 MB, on the event loop); a turn's or a pin's framing
+        # is at most 6 bytes beside its encoding, and the session's own
+        # fields are small.
+        pins_bytes = sum(map(len, map(str.encode, pinned_facts))) + 6 * (
+            len(pinned_facts) + len(pinned_turns)
+        )
         roomy = (
             stored.held_bytes is not None
-            and stored.held_bytes + 6 * len(stored.turns) + _SESSION_FIELDS_BYTES <= serving.MAX_MESSAGE_BYTES
+            and stored.held_bytes + 6 * len(stored.turns) + pins_bytes + _SESSION_FIELDS_BYTES
+            <= serving.MAX_MESSAGE_BYTES
         )
         if not roomy and (size := answer.ByteSize()) > serving.MAX_MESSAGE_BYTES:
             raise MeshgateError(
@@ -1252,6 +1259,29 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         ]
         default_system = counter.template_tokens.default_system
         return summaries_lib.add_summaries(response, found, tokens, budget, default_system)
+
+    async def _with_pins(self, tenant_id: str, session_id: str) -> tuple[StoredSession, list[int], list[str]]:
+        """The session (_read) and its pins as they are now (pins have no
+        versions): its pinned turns' positions, of the turns it holds, and
+        its pinned facts; none without a turn index. A hot session's come
+        with it, from memory (a pin drops the hot entry, as a new version
+        does), so its read stays without a Redis call."""
+        stored = await self._read(tenant_id, session_id)
+        if self._index is None:
+            return stored, [], []
+        if stored.index is not None and stored.index.version == stored.version:
+            created_ms, pinned_turns, pinned_facts = (
+                stored.create_time_ms,
+                stored.index.pinned_turns,
+                stored.index.pinned_facts,
+            )
+        else:
+            created_ms, pinned_turns, pinned_facts = await self._index.pins(tenant_id, session_id)
+        if created_ms != stored.create_time_ms:
+            # Deleted and created again between the two reads: the pins are
+            # another life's. Read both again.
+            return await self._with_pins(tenant_id, session_id)
+        return stored, [i for i in pinned_turns if i < len(stored.turns)], list(pinned_facts)
 
     async def _read(self, tenant_id: str, session_id: str, at_version: int | None = None) -> StoredSession:
         """The session from the hot cache when it holds the current version,

@@ -227,6 +227,20 @@ return out
 """
 
 
+def _pins_of(pins: list[bytes], count: int) -> tuple[list[int], list[str]]:
+    """The pinned turns' positions (of the ``count`` turns the session
+    holds, each once) and the pinned facts of the stored ``pins``."""
+    pinned_turns, pinned_facts = [], []
+    for pin in pins:
+        kind, _, value = pin.decode().partition(":")
+        if kind == "t":
+            if int(value) < count and int(value) not in pinned_turns:
+                pinned_turns.append(int(value))
+        else:
+            pinned_facts.append(value)
+    return pinned_turns, pinned_facts
+
+
 def _keys(tenant_id: str, session_id: str) -> list[str]:
     return [key(tenant_id, session_id, f"ix:{part}") for part in ("roles", "lengths", "vectors", "postings")]
 
@@ -560,14 +574,7 @@ class TurnIndex:
             for term, value in zip(query_terms, posting_values[1:], strict=True)
             if value
         }
-        pinned_turns, pinned_facts = [], []
-        for pin in pins:
-            kind, _, value = pin.decode().partition(":")
-            if kind == "t":
-                if int(value) < count and int(value) not in pinned_turns:
-                    pinned_turns.append(int(value))
-            else:
-                pinned_facts.append(value)
+        pinned_turns, pinned_facts = _pins_of(pins, count)
         return IndexedTurns(
             int(meta[0]),
             count,
@@ -584,6 +591,20 @@ class TurnIndex:
             int(meta[5] or 0),
             -1 if meta[6] is None else int(meta[6]),
         )
+
+    async def pins(self, tenant_id: str, session_id: str) -> tuple[int, list[int], list[str]]:
+        """The session's creation time and its pins as of one instant
+        (MULTI): its pinned turns' positions and its pinned facts, in the
+        order pinned. Raises SESSION_NOT_FOUND."""
+        with redis_reachable():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hmget(key(tenant_id, session_id, "meta"), ["version", "create_time_ms"])
+                pipe.llen(key(tenant_id, session_id, "turns"))
+                pipe.lrange(key(tenant_id, session_id, "pins"), 0, -1)
+                meta, count, pins = await pipe.execute()
+        if meta[0] is None:
+            raise session_not_found(session_id)
+        return int(meta[1] or 0), *_pins_of(pins, count)
 
     async def unwritten(
         self, tenant_id: str, session_id: str, max_turns: int, below: int | None = None

@@ -432,6 +432,8 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 create_time_ms=session.create_time_ms,
                 update_time_ms=session.update_time_ms,
                 compacted_turns=session.compacted_turns,
+                pinned_turns=session.pinned_turns,
+                pinned_facts=session.pinned_facts,
             )
         )
 

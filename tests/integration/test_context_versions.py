@@ -555,3 +555,41 @@ async def test_a_replica_whose_subscription_went_silent_stops_serving_its_hot_co
                 assert (await contents(silent, tenant, session_id))[0] == version
         finally:
             await proxy.close()
+
+
+async def test_get_session_reads_its_pins_from_memory_while_hot_and_sees_pins_made_elsewhere(
+    tmp_path, tenant
+) -> None:
+    """GetSession answers a session's pins with its turns. A hot session's
+    come from memory with them (its read stays without a Redis call); a pin
+    another replica makes reaches its reads there as a new version would."""
+    async with (
+        _own_redis(tmp_path) as (url, client),
+        running(make_settings(url)) as reader,
+        running(make_settings(url)) as writer,
+    ):
+        session_id = await new_session(reader, tenant)
+        await append(reader, tenant, session_id, "q0", "a0", version=0)
+        fact = pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, fact="the cat is Zanzibar")
+        await reader.PinToSession(fact)
+
+        async def pins() -> tuple[list[int], list[str]]:
+            request = pb.GetSessionRequest(tenant_id=tenant, session_id=session_id)
+            session = (await reader.GetSession(request)).session
+            return list(session.pinned_turns), list(session.pinned_facts)
+
+        async def hot() -> bool:
+            await append(reader, tenant, session_id, "q", "a")
+            return await _reads_nothing(client, pins)
+
+        await _until(hot)
+        assert await pins() == ([], ["the cat is Zanzibar"])
+
+        await writer.PinToSession(
+            pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, message_index=0)
+        )
+
+        async def seen() -> bool:
+            return await pins() == ([0], ["the cat is Zanzibar"])
+
+        await _until(seen, timeout_s=5.0)

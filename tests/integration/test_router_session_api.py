@@ -155,6 +155,8 @@ async def test_a_pinned_fact_is_in_every_later_turns_prompt_until_unpinned(mesh)
     assert (await router.PinToSession(pin, metadata=auth)).pin_count == 1  # pinned already
     by_index = pb.PinToSessionRequest(session_id=session_id, message_index=0)
     assert (await router.PinToSession(by_index, metadata=auth)).pin_count == 2
+    session = (await router.GetSession(pb.GetSessionRequest(session_id=session_id), metadata=auth)).session
+    assert (list(session.pinned_turns), list(session.pinned_facts)) == ([0], [FACT])
 
     # The next turn's prompt holds the fact: what the context assembles for
     # it, and the tokens the model was given, beyond those of the fork's.
@@ -175,6 +177,8 @@ async def test_a_pinned_fact_is_in_every_later_turns_prompt_until_unpinned(mesh)
 
     unpin = pb.UnpinFromSessionRequest(session_id=session_id, fact=FACT)
     assert (await router.UnpinFromSession(unpin, metadata=auth)).pin_count == 1
+    session = (await router.GetSession(pb.GetSessionRequest(session_id=session_id), metadata=auth)).session
+    assert (list(session.pinned_turns), list(session.pinned_facts)) == ([0], [])
     code, reason, _ = await status_of(router.UnpinFromSession(unpin, metadata=auth))
     assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "PIN_NOT_FOUND")
 

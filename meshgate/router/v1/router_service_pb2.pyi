@@ -152,20 +152,24 @@ class CreateSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "version", "messages", "create_time_ms", "update_time_ms", "compacted_turns")
+    __slots__ = ("session_id", "version", "messages", "create_time_ms", "update_time_ms", "compacted_turns", "pinned_turns", "pinned_facts")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     COMPACTED_TURNS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_TURNS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FACTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     version: int
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
     create_time_ms: int
     update_time_ms: int
     compacted_turns: int
-    def __init__(self, session_id: _Optional[str] = ..., version: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., create_time_ms: _Optional[int] = ..., update_time_ms: _Optional[int] = ..., compacted_turns: _Optional[int] = ...) -> None: ...
+    pinned_turns: _containers.RepeatedScalarFieldContainer[int]
+    pinned_facts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., version: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., create_time_ms: _Optional[int] = ..., update_time_ms: _Optional[int] = ..., compacted_turns: _Optional[int] = ..., pinned_turns: _Optional[_Iterable[int]] = ..., pinned_facts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -149,7 +149,7 @@ class RouterServiceServicer:
         that does not exist. Each is one call to the context service, whose
         refusals they answer with (its status and ErrorInfo).
 
-        A session: its turns and version.
+        A session: its turns, version and pins.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
