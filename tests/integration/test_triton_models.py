@@ -138,6 +138,7 @@ ALL_OUTPUTS = dict(
 )
 
 
+@pytest.mark.serial  # timing-sensitive (the responses' arrival spread): make test runs it alone
 async def test_streamed_deltas_concatenate_to_the_non_streaming_text(client):
     greedy = {"max_tokens": 48, "temperature": 0}
     streamed = await generate(client, generate_inputs(GREEDY_PROMPT, True, greedy, **ALL_OUTPUTS))
