@@ -11,6 +11,7 @@ import os
 import pathlib
 import signal
 import subprocess
+import traceback
 from collections.abc import Iterator
 
 import pytest
@@ -72,9 +73,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     event loop waiting in select, and the test's task is left pending on the
     session's loop. Cancelled by asyncio.timeout instead, the test fails
     with the traceback of the await it was stuck in, and the loop is free
-    for the next test. (A Hypothesis test's examples are run by Hypothesis'
-    own synchronous wrapper, not bounded here: the fuzz suite's calls carry
-    deadlines.)"""
+    for the next test. A test that swallows that cancellation where it is
+    stuck, and goes on to return, fails too, with where it was stuck. (A
+    Hypothesis test's examples are run by Hypothesis' own synchronous
+    wrapper, not bounded here: the fuzz suite's calls carry deadlines.)"""
     bound_s = config.getini("async_test_timeout")
     if not bound_s:
         return
@@ -87,12 +89,49 @@ def _bounded(test, bound_s: float):
     @functools.wraps(test)
     async def bounded(*args, **kwargs):
         bound = asyncio.timeout(bound_s)
+        task = asyncio.current_task()
+        stuck_in: list[str] = []
         try:
             async with bound:
-                return await test(*args, **kwargs)
+                # Where the test is when the bound fires: run in the same
+                # pass of the loop as the bound's cancel, before the test's
+                # task resumes with it. A cancellation swallowed there leaves
+                # no traceback; this says where it was.
+                look = asyncio.get_running_loop().call_at(bound.when(), lambda: stuck_in.append(_stack(task)))
+                try:
+                    result = await test(*args, **kwargs)
+                finally:
+                    look.cancel()
         except TimeoutError as error:
             if bound.expired():
                 error.add_note(f"cancelled: the test ran past async_test_timeout ({bound_s:g} s)")
             raise
+        if bound.expired():
+            # The cancellation was swallowed where the test was stuck (a
+            # `suppress(CancelledError)` around an await that outlived it,
+            # as a stop step's await of a task it cancelled): the test went
+            # on and returned, and would pass however long it was stuck.
+            error = TimeoutError(
+                f"the test ran past async_test_timeout ({bound_s:g} s), and its cancellation"
+                " was swallowed where it was stuck; it went on and returned"
+            )
+            error.add_note("stuck in:\n" + "".join(stuck_in))
+            raise error
+        return result
 
     return bounded
+
+
+def _stack(task: asyncio.Task) -> str:
+    """Where ``task`` waits: the frames of the coroutines each awaits, from
+    its own down (Task.get_stack gives its own only), then the future it
+    waits for (a task's repr says where that one is: the task a stop step
+    cancelled and awaits, still running)."""
+    frames = []
+    awaiting = task.get_coro()
+    while (frame := getattr(awaiting, "cr_frame", None) or getattr(awaiting, "gi_frame", None)) is not None:
+        frames.append((frame, frame.f_lineno))
+        awaiting = getattr(awaiting, "cr_await", None) or getattr(awaiting, "gi_yieldfrom", None)
+    # CPython's Task keeps the future it waits for there.
+    waiting_for = getattr(task, "_fut_waiter", None)
+    return "".join(traceback.StackSummary.extract(frames).format()) + f"waiting for {waiting_for!r}\n"

@@ -26,6 +26,20 @@ async def test_the_next_one_runs_on_the_same_loop():
     assert asyncio.get_running_loop() is LOOPS[0]
 """
 
+# Stuck in an await whose CancelledError a suppress swallows (as a stop
+# step's `task.cancel()` then `with suppress(CancelledError): await task`
+# does when the task outlives its own cancel): the bound's cancellation ends
+# the await, and the test goes on and returns.
+SWALLOWS_ITS_CANCELLATION = """
+import asyncio
+import contextlib
+
+
+async def test_stuck_past_the_bound_then_returns():
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.sleep(30)
+"""
+
 STUCK_FUNCTION = """
 import time
 
@@ -39,9 +53,9 @@ def test_the_next_one_runs():
 """
 
 
-def test_a_coroutine_test_past_the_bound_fails_and_the_loop_serves_the_next(pytester) -> None:
-    pytester.makepyfile(test_stuck=STUCK_COROUTINE)
-    result = pytester.runpytest_inprocess(
+def run_bounded(pytester):
+    """The module pytester made, run with async_test_timeout at 0.5 s."""
+    return pytester.runpytest_inprocess(
         "-p",
         "tests.conftest",
         "-o",
@@ -53,6 +67,11 @@ def test_a_coroutine_test_past_the_bound_fails_and_the_loop_serves_the_next(pyte
         "-o",
         "asyncio_default_test_loop_scope=session",
     )
+
+
+def test_a_coroutine_test_past_the_bound_fails_and_the_loop_serves_the_next(pytester) -> None:
+    pytester.makepyfile(test_stuck=STUCK_COROUTINE)
+    result = run_bounded(pytester)
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
@@ -60,6 +79,24 @@ def test_a_coroutine_test_past_the_bound_fails_and_the_loop_serves_the_next(pyte
             "*TimeoutError*",
             "*cancelled: the test ran past async_test_timeout (0.5 s)*",
             "FAILED test_stuck.py::test_stuck_past_the_bound*",
+        ]
+    )
+
+
+def test_a_coroutine_test_that_swallows_the_bounds_cancellation_and_returns_fails(pytester) -> None:
+    """A run of the real-process tier had a test pass after 300.21 s, the
+    bound: its cancellation was swallowed where it was stuck, and it went
+    on to pass."""
+    pytester.makepyfile(test_swallows=SWALLOWS_ITS_CANCELLATION)
+    result = run_bounded(pytester)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*TimeoutError*",
+            "*the test ran past async_test_timeout (0.5 s), and its cancellation was swallowed*",
+            "*stuck in:*",
+            "*await asyncio.sleep(30)*",
+            "FAILED test_swallows.py::test_stuck_past_the_bound_then_returns*",
         ]
     )
 
