@@ -36,6 +36,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from meshgate.config import ConfigError, RedisSettings
 from meshgate.errors import MeshgateError, unavailable
 from meshgate.reasons import Reason
+from meshgate.tasks import cancel_and_wait
 from meshgate.telemetry import ThrottledLog
 
 log = structlog.get_logger(__name__)
@@ -525,9 +526,7 @@ class ChannelListener:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         while True:

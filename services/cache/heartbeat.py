@@ -7,13 +7,13 @@ after the notice that should have dropped it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import redis.asyncio as redis
 import structlog
 
 from meshgate import cache_notices
 from meshgate.redis_access import CONNECTION_ERRORS
+from meshgate.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -33,9 +33,7 @@ class Heartbeat:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
     async def _beat(self) -> None:
         failing = False

@@ -14,6 +14,7 @@ import redis.asyncio as redis
 import structlog
 
 from meshgate.redis_access import CONNECTION_ERRORS, outage
+from meshgate.tasks import cancel_and_wait
 from services.cache import keys
 
 log = structlog.get_logger(__name__)
@@ -36,9 +37,7 @@ class Stats:
 
     async def close(self) -> None:
         if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+            await cancel_and_wait(self._flusher)
         with contextlib.suppress(*_FLUSH_ERRORS):
             await self.flush()
 

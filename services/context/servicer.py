@@ -25,6 +25,7 @@ from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.embedding import EMBED_TIMEOUT_S, EmbedsText, VectorMemo
 from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.reasons import Reason
+from meshgate.tasks import cancel_and_wait
 from services.context import assembly, relevance
 from services.context import summaries as summaries_lib
 from services.context.hot_cache import DELETED, HotCache
@@ -1370,12 +1371,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         """Ends the background work (prefetches, turn-index repairs) before
         the Redis client and the embedder it uses are closed. A repair left
         undone is asked for again by the next read that finds it."""
-        tasks = [*self._prefetches.values(), *self._index_repairs.values()]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._prefetches.values(), *self._index_repairs.values())
 
     def prefetch(self, tenant_id: str, session_id: str) -> None:
         """Reads the session into the hot cache in the background, unless

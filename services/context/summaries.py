@@ -41,7 +41,6 @@ import asyncio
 import bisect
 import collections
 import collections.abc
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -60,6 +59,7 @@ from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError, from_rpc_error
 from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from meshgate.reasons import Reason
+from meshgate.tasks import cancel_and_wait
 from meshgate.tokenization import ROLE_NAMES
 from services.context import store as session_store
 from services.context.store import SessionStore
@@ -701,11 +701,7 @@ class Summarizer:
                 waiting=len(self._waiting),
             )
         self._waiting.clear()
-        for task in list(self._running.values()):
-            task.cancel()
-        for task in list(self._running.values()):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._running.values())
 
     async def _run(self, key: tuple[str, str]) -> None:
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 
 import structlog
 
@@ -11,6 +11,7 @@ from meshgate import mesh_auth, metrics, tokenization
 from meshgate.config import Settings
 from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from meshgate.serving import Cleanup, Service, cleanup_steps
+from meshgate.tasks import cancel_and_wait
 from services.inference.backends import BackendPool
 from services.inference.servicer import InferenceServicer
 
@@ -71,9 +72,6 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     service.serving_when_started = False
     watcher = asyncio.create_task(watch_backends())
 
-    async def stop_watcher() -> None:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-
-    return cleanup_steps(("triton watcher", stop_watcher), ("triton pool", pool.close))
+    return cleanup_steps(
+        ("triton watcher", functools.partial(cancel_and_wait, watcher)), ("triton pool", pool.close)
+    )

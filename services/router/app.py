@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 
 import numpy as np
 import structlog
@@ -19,6 +19,7 @@ from meshgate.router.v1 import (
     router_service_pb2,
 )
 from meshgate.serving import Cleanup, Service
+from meshgate.tasks import cancel_and_wait
 from services.router.admin import AdminServicer
 from services.router.admission import Admission, TenantCalls, TurnAdmission
 from services.router.auth import Authenticator, CallerGate
@@ -244,25 +245,18 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
 
     service.reload_hooks.append(reload)
 
-    async def stop_deployment_checks() -> None:
-        deployment_checks.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await deployment_checks
-
-    async def stop_heartbeat_watch() -> None:
-        heartbeat_watch.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await heartbeat_watch
-
     return serving.cleanup_steps(
         # The HTTP edge first (drained already when the service stopped,
         # serving.stop; not when its start failed): its streams under way
         # finish over the channels below.
         ("http edge", http.stop if http is not None else None),
-        ("deployment checks", stop_deployment_checks),
+        ("deployment checks", functools.partial(cancel_and_wait, deployment_checks)),
         ("deployments", deployments.close),
         ("cache notices", listener.close if listener is not None else None),
-        ("cache heartbeat watch", stop_heartbeat_watch if heartbeat_watch is not None else None),
+        (
+            "cache heartbeat watch",
+            functools.partial(cancel_and_wait, heartbeat_watch) if heartbeat_watch is not None else None,
+        ),
         # A sweep under way takes over the context channel, and bills through admission.
         ("summary usage", summary_usage.close),
         ("context channel", context_channel.close),

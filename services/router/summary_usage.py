@@ -65,7 +65,6 @@ may miss is in its module's docstring.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import random
 import uuid
@@ -75,6 +74,7 @@ import grpc
 import structlog
 
 from meshgate.errors import MeshgateError
+from meshgate.tasks import cancel_and_wait
 from services.router.auth import Tenant
 from services.router.pipeline import SummarySpend
 
@@ -220,11 +220,7 @@ class SummaryUsageSweeper:
         CLOSE_TIMEOUT_S, before the context channel closes."""
         if self._running is None:
             return
-        self._running.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._running
+        await cancel_and_wait(self._running)
         if self._sweeping is not None and not self._sweeping.done():
             await asyncio.wait({self._sweeping}, timeout=CLOSE_TIMEOUT_S)
-            self._sweeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeping
+            await cancel_and_wait(self._sweeping)

@@ -8,11 +8,13 @@ socket); the metrics endpoint, a TCP port, is a recorder of its shutdown."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
 import structlog
 
 from meshgate import serving
+from meshgate.tasks import cancel_and_wait
 
 
 class MetricsServer:
@@ -152,6 +154,37 @@ async def test_a_cleanup_cancelled_in_a_step_still_runs_the_later_steps_then_is_
     with pytest.raises(asyncio.CancelledError):
         await cleaning
     assert ran == ["slow", "later"]
+
+
+async def test_a_cleanup_cancelled_while_a_step_waits_for_a_task_that_outlived_its_cancel_is_cancelled():
+    """A step that ends a background task (cancel_and_wait) waits for it;
+    a task that outlives its own cancel holds the step until the cleanup's
+    cancellation comes and reaches it. That cancellation is the cleanup's:
+    it ends cancelled, the later steps run. Swallowed with the task's
+    (`suppress(CancelledError)` around `await task`), the cleanup returned
+    as if never cancelled, and a test stuck in a stop passed at its bound."""
+    ran = []
+    cancelled_once = asyncio.Event()
+
+    async def watch() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled_once.set()  # taken for a failure of what it awaited: on it goes
+        await asyncio.sleep(60)
+
+    async def close() -> None:
+        ran.append("later")
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0)
+    steps = (("watcher", functools.partial(cancel_and_wait, watcher)), ("later", close))
+    cleaning = asyncio.create_task(serving.cleanup_steps(*steps)())
+    await cancelled_once.wait()
+    cleaning.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cleaning
+    assert ran == ["later"] and watcher.cancelled()
 
 
 async def test_a_stop_cancelled_in_its_cleanup_still_shuts_the_metrics_endpoint_down(tmp_path):
