@@ -59,6 +59,18 @@ _APPEND_RETRY_DELAY_S = 0.2
 # serving.RECONNECT_OPTIONS), and until it has, every call on it fails at
 # once, gRPC's own retries included (they are spent within ~0.15 s).
 _CONTEXT_RESTART_GRACE_S = 3.0
+# The session calls (ContextService.session_call) sent again after an
+# UNAVAILABLE: that can come after the service applied the call (its
+# connection broke before the reply), so only those whose second send
+# leaves and answers what the first did (CreateSession: one more empty
+# session, as serving.RETRYABLE_METHODS allows). A second ForkSession would
+# leave a fork no caller knows of, holding the tenant's bytes; a second
+# RevertSession one more version, or ABORTED (VERSION_CONFLICT) for a strict
+# revert the first made; a second DeleteSession or UnpinFromSession NOT_FOUND
+# for what the first did. Those are sent again only when refused unread
+# (SERVICE_BUSY), else fail UNAVAILABLE: their outcome unknown to the router
+# as to its caller, who can read the session to learn it.
+_SENT_AGAIN_AFTER_UNAVAILABLE = frozenset({"CreateSession", "GetSession", "PinToSession"})
 _GENERATE = "/meshgate.inference.v1.InferenceService/Generate"
 # The least a turn's answer takes in its session: an assistant message with
 # no text. The router reserves that, not a bound derived from max_tokens
@@ -209,10 +221,17 @@ class ContextService:
         return True
 
     async def _may_send_again(
-        self, error: grpc.aio.AioRpcError, budget: Budget, pause_s: float = 0.0, took_s: float = 0.0
+        self,
+        error: grpc.aio.AioRpcError,
+        budget: Budget,
+        pause_s: float = 0.0,
+        took_s: float = 0.0,
+        *,
+        unavailable_too: bool = True,
     ) -> bool:
         """Whether a session call that failed with ``error`` after ``took_s``
-        may be sent once more, having waited for it: UNAVAILABLE, ``pause_s``
+        may be sent once more, having waited for it: UNAVAILABLE (where
+        ``unavailable_too``: the call may have been applied), ``pause_s``
         and then a channel ready again (_after_restart), but for a Redis that
         stopped answering; a busy replica (SERVICE_BUSY, the request not
         read), the delay its RetryInfo asked for, when the turn's budget
@@ -221,6 +240,8 @@ class ContextService:
         if self._redis_stalled(error, took_s):
             return False
         if error.code() == grpc.StatusCode.UNAVAILABLE:
+            if not unavailable_too:
+                return False
             await asyncio.sleep(budget.within(pause_s))
             return await self._after_restart(error, budget)
         if not not_taken(error, "context"):
@@ -242,7 +263,9 @@ class ContextService:
         stalled = info is not None and info.domain == DOMAIN and info.reason == Reason.REDIS_UNAVAILABLE
         return stalled and took_s >= self._redis_timeout_s
 
-    async def _call(self, method, request, tenant_id: str, budget: Budget, *, session: bool):
+    async def _call(
+        self, method, request, tenant_id: str, budget: Budget, *, session: bool, unavailable_too: bool = True
+    ):
         """One unary call; one for a session is sent again once if the
         service did not take it (_may_send_again)."""
         started = time.monotonic()
@@ -250,18 +273,33 @@ class ContextService:
             return await method(request, **self._call_options(tenant_id, budget))
         except grpc.aio.AioRpcError as error:
             took_s = time.monotonic() - started
-            if not session or not await self._may_send_again(error, budget, took_s=took_s):
+            if not session or not await self._may_send_again(
+                error, budget, took_s=took_s, unavailable_too=unavailable_too
+            ):
                 raise
         return await method(request, **self._call_options(tenant_id, budget))
 
-    async def session_call(self, method: str, request, tenant: Tenant, budget: Budget):
+    async def session_call(
+        self, method: str, request, tenant: Tenant, budget: Budget, *, unavailable_too: bool | None = None
+    ):
         """``method``, a ContextService method, with ``request`` acting for
         ``tenant`` (its tenant_id set here, so a caller names no other):
-        sent again once if the service did not take it (_call); a failure
-        is the service's, its reason intact (failure_within)."""
+        sent again once if the service did not take it (_call), after an
+        UNAVAILABLE only where ``unavailable_too`` (by default, for the
+        methods in _SENT_AGAIN_AFTER_UNAVAILABLE); a failure is the
+        service's, its reason intact (failure_within)."""
+        if unavailable_too is None:
+            unavailable_too = method in _SENT_AGAIN_AFTER_UNAVAILABLE
         request.tenant_id = tenant.id
         try:
-            return await self._call(getattr(self._stub, method), request, tenant.id, budget, session=True)
+            return await self._call(
+                getattr(self._stub, method),
+                request,
+                tenant.id,
+                budget,
+                session=True,
+                unavailable_too=unavailable_too,
+            )
         except grpc.aio.AioRpcError as error:
             raise failure_within(error, "context", budget) from error
 
@@ -273,7 +311,9 @@ class ContextService:
         """Within the router's own timeout, not a turn's budget: the turn
         that created the session may have ended for want of time."""
         request = context_pb.DeleteSessionRequest(session_id=session_id)
-        await self.session_call("DeleteSession", request, tenant, Budget())
+        # Sent again after an UNAVAILABLE too: a SESSION_NOT_FOUND for a
+        # delete the first send did is only logged (Pipeline).
+        await self.session_call("DeleteSession", request, tenant, Budget(), unavailable_too=True)
 
     async def assemble(self, turn: Turn) -> tuple[list[common_pb2.Message], int] | None:
         """A stateless turn needs the context service only to fit the prompt

@@ -9,11 +9,15 @@ them. A delete gives the tenant its bytes back
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
+import urllib.parse
 import uuid
 
 import grpc
 import pytest
+import redis.asyncio
 
 from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings, TenantSettings, hash_api_key
@@ -22,9 +26,14 @@ from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from tests.integration.conftest import answer_of, running_router, serve_tiny_gpt
+from services.cache import app as cache_app
+from services.context import app as context_app
+from services.context import store as session_store
+from services.router import app as router_app
+from tests.integration.conftest import answer_of, running, running_router, serve_tiny_gpt
 from tests.integration.test_router_session_full import refused, stored
 from tests.mesh import bounded_channel, mesh_settings, router_channel
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -266,3 +275,55 @@ async def test_bad_input_gets_the_context_services_status_through_the_router(mes
     # Without a key, no call reaches the context service.
     code, reason, _ = await status_of(router.GetSession(pb.GetSessionRequest(session_id=session_id)))
     assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_MISSING")
+
+
+async def test_a_strict_revert_whose_reply_is_lost_is_not_sent_again(redis_url) -> None:
+    """The context service's revert runs in Redis and its reply never comes
+    back (the connection breaks): the context service answers UNAVAILABLE
+    (REDIS_UNAVAILABLE), the revert done. Sent again, the revert would find
+    the session at the version the first made and be refused ABORTED
+    (VERSION_CONFLICT), its caller told that a revert that was done was not.
+    The router answers UNAVAILABLE (the outcome unknown), and the session
+    holds the one revert."""
+    tenant = f"lost-{uuid.uuid4().hex[:8]}"
+    auth = (("authorization", f"Bearer key-{tenant}"),)
+    settings = Settings(mesh=mesh_settings())
+    settings.redis.url = redis_url
+    settings.router.tenants = [TenantSettings(id=tenant, api_key_sha256=[hash_api_key(f"key-{tenant}")])]
+    proxy = TcpProxy(urllib.parse.urlsplit(redis_url).port)
+    proxied = dataclasses.replace(
+        settings, redis=dataclasses.replace(settings.redis, url=f"redis://127.0.0.1:{await proxy.start()}/0")
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(proxy.close)
+        client = redis.asyncio.from_url(redis_url)
+        stack.push_async_callback(client.aclose)
+        # Loaded, so that the revert runs on its first send (EVALSHA).
+        sha = (await client.script_load(session_store._REVERT)).encode()
+        settings.router.context_address = await stack.enter_async_context(
+            running(context_app, "context", proxied)
+        )
+        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
+        router_address = await stack.enter_async_context(running(router_app, "router", settings))
+        router = router_service_pb2_grpc.RouterServiceStub(
+            await stack.enter_async_context(bounded_channel(router_address))
+        )
+        context = context_service_pb2_grpc.ContextServiceStub(
+            await stack.enter_async_context(router_channel(settings.router.context_address, "context"))
+        )
+        session_id = await new_session(router, auth)
+        proxy.hold_when_sent(sha)
+        revert = asyncio.ensure_future(
+            router.RevertSession(
+                pb.RevertSessionRequest(session_id=session_id, version=0, expected_version=0), metadata=auth
+            )
+        )
+        for _ in range(200):
+            if proxy.drop_held():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the revert never reached Redis")
+        code, reason, _ = await status_of(revert)
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "REDIS_UNAVAILABLE")
+        assert await stored(context, tenant, session_id) == (1, [])
