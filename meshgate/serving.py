@@ -144,8 +144,8 @@ _RETRY_POLICY = {
 # AppendTurns is retried by the router itself with one turn id for every
 # attempt (services/router/downstream.py), so a retry after a lost reply is
 # answered, not applied twice, and gRPC retrying it too would multiply the
-# attempts; DeleteSession, ForkSession, RevertSession, PinToSession,
-# UnpinFromSession (the context's and the router's), Invalidate,
+# attempts; DeleteSession, ForkSession, RevertSession, UnpinFromSession (the
+# context's and the router's), Invalidate,
 # ReportWrongHit, the router's ChatSession (a stream of turns) and the admin
 # writes are not retried.
 RETRYABLE_METHODS = {
@@ -159,11 +159,19 @@ RETRYABLE_METHODS = {
     # services/router/admission.py.)
     # CreateSession: a retry after a lost reply leaves one empty session
     # unused (it expires after context.session_ttl_s); the caller gets one.
-    # The rest only read.
-    "meshgate.router.v1.RouterService": ("Chat", "CreateSession", "GetSession", "ListModels", "GetUsage"),
+    # PinToSession: a pin the session holds already is answered, not added
+    # again (TurnIndex.pin). The rest only read.
+    "meshgate.router.v1.RouterService": (
+        "Chat",
+        "CreateSession",
+        "GetSession",
+        "PinToSession",
+        "ListModels",
+        "GetUsage",
+    ),
     "meshgate.router.v1.AdminService": ("ListKeys",),
-    # Reads; CreateSession as the router's.
-    "meshgate.context.v1.ContextService": ("CreateSession", "GetSession", "AssembleContext"),
+    # Reads; CreateSession and PinToSession as the router's.
+    "meshgate.context.v1.ContextService": ("CreateSession", "GetSession", "PinToSession", "AssembleContext"),
     # Store writes the same entry under the same key again.
     "meshgate.cache.v1.CacheService": ("Lookup", "Store", "GetStats"),
     # Generate writes nothing: a retry before its first token costs at most

@@ -37,6 +37,7 @@ from meshgate.errors import (
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.mesh_auth import TenantTokens
 from meshgate.reasons import Reason
+from meshgate.serving import RETRYABLE_METHODS
 from services.router.auth import Tenant
 from services.router.deployments import PREFIX_BLOCK_CHARS, DeploymentTable, left_rotation
 from services.router.hot_exact import HotExactHits
@@ -61,16 +62,16 @@ _APPEND_RETRY_DELAY_S = 0.2
 _CONTEXT_RESTART_GRACE_S = 3.0
 # The session calls (ContextService.session_call) sent again after an
 # UNAVAILABLE: that can come after the service applied the call (its
-# connection broke before the reply), so only those whose second send
-# leaves and answers what the first did (CreateSession: one more empty
-# session, as serving.RETRYABLE_METHODS allows). A second ForkSession would
-# leave a fork no caller knows of, holding the tenant's bytes; a second
-# RevertSession one more version, or ABORTED (VERSION_CONFLICT) for a strict
-# revert the first made; a second DeleteSession or UnpinFromSession NOT_FOUND
-# for what the first did. Those are sent again only when refused unread
-# (SERVICE_BUSY), else fail UNAVAILABLE: their outcome unknown to the router
-# as to its caller, who can read the session to learn it.
-_SENT_AGAIN_AFTER_UNAVAILABLE = frozenset({"CreateSession", "GetSession", "PinToSession"})
+# connection broke before the reply), so only those a retry is safe for, as
+# the channels' retry policy has them (serving.RETRYABLE_METHODS). A second
+# ForkSession would leave a fork no caller knows of, holding the tenant's
+# bytes; a second RevertSession one more version, or ABORTED
+# (VERSION_CONFLICT) for a strict revert the first made; a second
+# DeleteSession or UnpinFromSession NOT_FOUND for what the first did. Those
+# are sent again only when refused unread (SERVICE_BUSY), else fail
+# UNAVAILABLE: their outcome unknown to the router as to its caller, who can
+# read the session to learn it.
+_SENT_AGAIN_AFTER_UNAVAILABLE = frozenset(RETRYABLE_METHODS["meshgate.context.v1.ContextService"])
 _GENERATE = "/meshgate.inference.v1.InferenceService/Generate"
 # The least a turn's answer takes in its session: an assistant message with
 # no text. The router reserves that, not a bound derived from max_tokens
