@@ -14,16 +14,25 @@ from typing import NamedTuple
 import pytest
 
 from meshgate import serving
-from meshgate.config import DeploymentSettings, ModelSettings, RouterSettings, Settings
+from meshgate.config import (
+    DeploymentSettings,
+    ModelSettings,
+    RouterSettings,
+    Settings,
+    TenantSettings,
+    hash_api_key,
+)
+from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.local import triton
 from meshgate.local.stack import Stack, build_model_weights, free_port
+from meshgate.router.v1 import router_service_pb2_grpc
 from services.cache import app as cache_app
 from services.context import app as context_app
 from services.inference import app as inference_app
 from services.router import app as router_app
-from tests.mesh import mesh_settings, router_channel
+from tests.mesh import bounded_channel, mesh_settings, router_channel
 
 
 def end_triton(process: subprocess.Popen) -> None:
@@ -211,17 +220,27 @@ async def running(app_module, name: str, settings: Settings, listen: str = "127.
         await serving.stop(service, grace_s=1)
 
 
-def service_settings(redis_url: str, inference_address: str, dev_api_key: str) -> Settings:
+def service_settings(redis_url: str, inference_address: str, dev_api_key: str | None = None) -> Settings:
     """Settings for services in-process: the test mesh's TLS and tokens, this
     Redis, the cache's embeddings and the router's tiny-gpt (serve_tiny_gpt)
-    from this inference service, and ``dev_api_key`` as the router's
-    development tenant's key."""
+    from this inference service, and ``dev_api_key`` (when given) as the
+    router's development tenant's key."""
     settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
     settings.cache.inference_address = inference_address
-    settings.router.dev_api_key = dev_api_key
+    if dev_api_key is not None:
+        settings.router.dev_api_key = dev_api_key
     serve_tiny_gpt(settings, inference_address)
     return settings
+
+
+def keyed_tenants(settings: Settings, *tenants: str) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Makes ``tenants`` the router's configured tenants, each with the API
+    key ``key-<tenant>``; returns each one's auth metadata for a call."""
+    settings.router.tenants = [
+        TenantSettings(id=tenant, api_key_sha256=[hash_api_key(f"key-{tenant}")]) for tenant in tenants
+    ]
+    return {tenant: (("authorization", f"Bearer key-{tenant}"),) for tenant in tenants}
 
 
 def serve_tiny_gpt(settings: Settings, inference_address: str, name: str = "live") -> DeploymentSettings:
@@ -243,6 +262,23 @@ async def running_router(settings: Settings):
         )
         settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
         yield await stack.enter_async_context(running(router_app, "router", settings))
+
+
+@contextlib.asynccontextmanager
+async def router_and_context(settings: Settings):
+    """running_router(settings); yields a stub of the router's public port
+    (as callers reach it) and one of its context service (with the router's
+    tokens), for tests that check what a turn stored."""
+    async with contextlib.AsyncExitStack() as stack:
+        address = await stack.enter_async_context(running_router(settings))
+        channel = await stack.enter_async_context(bounded_channel(address))
+        context_channel = await stack.enter_async_context(
+            router_channel(settings.router.context_address, "context")
+        )
+        yield (
+            router_service_pb2_grpc.RouterServiceStub(channel),
+            context_service_pb2_grpc.ContextServiceStub(context_channel),
+        )
 
 
 def triton_cancellations(log_path: pathlib.Path) -> int:

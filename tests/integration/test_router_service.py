@@ -14,7 +14,6 @@ from meshgate import redis_access, serving
 from meshgate.common.v1 import common_pb2
 from meshgate.config import DeploymentSettings, ModelSettings, RouterSettings, Settings
 from meshgate.context.v1 import context_service_pb2 as context_pb
-from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
@@ -25,12 +24,13 @@ from services.inference import app as inference_app
 from services.router import app as router_app
 from tests.integration.conftest import (
     answer_of,
+    router_and_context,
     running,
     running_router,
     service_settings,
     wait_until_serving,
 )
-from tests.mesh import CALL_TIMEOUT_S, bounded_channel, mesh_settings, router_channel
+from tests.mesh import CALL_TIMEOUT_S, bounded_channel, mesh_settings
 
 pytestmark = pytest.mark.integration
 
@@ -47,16 +47,8 @@ async def mesh(redis_url, inference_address):
     # Heavily weighted but dead: every request tries it first and must fall back.
     dead = DeploymentSettings(name="dead", address="127.0.0.1:1", model="tiny-gpt", weight=1000)
     settings.models["with-fallback"] = ModelSettings(deployments=[dead, live])
-    async with contextlib.AsyncExitStack() as stack:
-        address = await stack.enter_async_context(running_router(settings))
-        channel = await stack.enter_async_context(bounded_channel(address))
-        context_channel = await stack.enter_async_context(
-            router_channel(settings.router.context_address, "context")
-        )
-        yield (
-            router_service_pb2_grpc.RouterServiceStub(channel),
-            context_service_pb2_grpc.ContextServiceStub(context_channel),
-        )
+    async with router_and_context(settings) as stubs:
+        yield stubs
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,13 @@ from services.cache import app as cache_app
 from services.context import app as context_app
 from services.context import store as session_store
 from services.router import app as router_app
-from tests.integration.conftest import answer_of, running, running_router, serve_tiny_gpt
+from tests.integration.conftest import (
+    answer_of,
+    keyed_tenants,
+    router_and_context,
+    running,
+    service_settings,
+)
 from tests.integration.test_router_session_full import refused, stored
 from tests.mesh import bounded_channel, mesh_settings, router_channel
 from tests.tcp_proxy import TcpProxy
@@ -52,29 +58,11 @@ async def mesh(redis_url, inference_address):
     context replica, each tenant's sessions bounded at MAX_BYTES_PER_TENANT."""
     run = uuid.uuid4().hex[:8]
     tenants = {name: f"{name}-{run}" for name in TENANTS}
-    settings = Settings(mesh=mesh_settings())
-    settings.redis.url = redis_url
-    settings.cache.inference_address = inference_address
+    settings = service_settings(redis_url, inference_address)
     settings.context.max_bytes_per_tenant = MAX_BYTES_PER_TENANT
-    serve_tiny_gpt(settings, inference_address)
-    settings.router.tenants = [
-        TenantSettings(id=tenant, api_key_sha256=[hash_api_key(f"key-{tenant}")])
-        for tenant in tenants.values()
-    ]
-    async with contextlib.AsyncExitStack() as stack:
-        address = await stack.enter_async_context(running_router(settings))
-        channel = await stack.enter_async_context(bounded_channel(address))
-        context_channel = await stack.enter_async_context(
-            router_channel(settings.router.context_address, "context")
-        )
-        yield (
-            router_service_pb2_grpc.RouterServiceStub(channel),
-            context_service_pb2_grpc.ContextServiceStub(context_channel),
-            {
-                name: (tenant, (("authorization", f"Bearer key-{tenant}"),))
-                for name, tenant in tenants.items()
-            },
-        )
+    auth = keyed_tenants(settings, *tenants.values())
+    async with router_and_context(settings) as (router, context):
+        yield router, context, {name: (tenant, auth[tenant]) for name, tenant in tenants.items()}
 
 
 def turn(session_id: str, text: str, **fields) -> pb.ChatRequest:

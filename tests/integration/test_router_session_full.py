@@ -8,7 +8,6 @@ answered and stored as ever."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 
 import grpc
@@ -16,15 +15,16 @@ import httpx
 import pytest
 
 from meshgate.common.v1 import common_pb2
-from meshgate.config import Settings, TenantSettings, hash_api_key
 from meshgate.context.v1 import context_service_pb2 as context_pb
-from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
 from meshgate.local.stack import free_port
 from meshgate.router.v1 import router_service_pb2 as pb
-from meshgate.router.v1 import router_service_pb2_grpc
-from tests.integration.conftest import answer_of, running_router, serve_tiny_gpt
-from tests.mesh import bounded_channel, mesh_settings, router_channel
+from tests.integration.conftest import (
+    answer_of,
+    keyed_tenants,
+    router_and_context,
+    service_settings,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -39,28 +39,13 @@ async def mesh(redis_url, inference_address):
     sessions capped at MAX_TURNS turns and MAX_SESSION_BYTES bytes, for a
     tenant of this module's alone (its usage rows are these tests')."""
     tenant = f"full-{uuid.uuid4().hex[:8]}"
-    key = f"key-{tenant}"
-    settings = Settings(mesh=mesh_settings())
-    settings.redis.url = redis_url
-    settings.cache.inference_address = inference_address
+    settings = service_settings(redis_url, inference_address)
     settings.context.max_turns = MAX_TURNS
     settings.context.max_session_bytes = MAX_SESSION_BYTES
-    serve_tiny_gpt(settings, inference_address)
-    settings.router.tenants = [TenantSettings(id=tenant, api_key_sha256=[hash_api_key(key)])]
+    auth = keyed_tenants(settings, tenant)
     settings.router.http_listen = f"127.0.0.1:{free_port()}"
-    async with contextlib.AsyncExitStack() as stack:
-        address = await stack.enter_async_context(running_router(settings))
-        channel = await stack.enter_async_context(bounded_channel(address))
-        context_channel = await stack.enter_async_context(
-            router_channel(settings.router.context_address, "context")
-        )
-        yield (
-            router_service_pb2_grpc.RouterServiceStub(channel),
-            context_service_pb2_grpc.ContextServiceStub(context_channel),
-            tenant,
-            (("authorization", f"Bearer {key}"),),
-            f"http://{settings.router.http_listen}/v1",
-        )
+    async with router_and_context(settings) as (router, context):
+        yield router, context, tenant, auth[tenant], f"http://{settings.router.http_listen}/v1"
 
 
 def turn(session_id: str, text: str) -> pb.ChatRequest:

@@ -11,22 +11,22 @@ store.QUOTA_REFUSAL_KEPT_S."""
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 
 import grpc
 import pytest
 
 from meshgate.common.v1 import common_pb2
-from meshgate.config import Settings, TenantSettings, hash_api_key
 from meshgate.context.v1 import context_service_pb2 as context_pb
-from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
 from meshgate.router.v1 import router_service_pb2 as pb
-from meshgate.router.v1 import router_service_pb2_grpc
-from tests.integration.conftest import answer_of, running_router, serve_tiny_gpt
+from tests.integration.conftest import (
+    answer_of,
+    keyed_tenants,
+    router_and_context,
+    service_settings,
+)
 from tests.integration.test_router_session_full import refused, stored, until_requests
-from tests.mesh import bounded_channel, mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
 
@@ -43,25 +43,11 @@ async def mesh(redis_url, inference_address):
     replica, the tenant's sessions bounded at MAX_BYTES_PER_TENANT, for a
     tenant of this module's alone."""
     tenant = f"quota-{uuid.uuid4().hex[:8]}"
-    key = f"key-{tenant}"
-    settings = Settings(mesh=mesh_settings())
-    settings.redis.url = redis_url
-    settings.cache.inference_address = inference_address
+    settings = service_settings(redis_url, inference_address)
     settings.context.max_bytes_per_tenant = MAX_BYTES_PER_TENANT
-    serve_tiny_gpt(settings, inference_address)
-    settings.router.tenants = [TenantSettings(id=tenant, api_key_sha256=[hash_api_key(key)])]
-    async with contextlib.AsyncExitStack() as stack:
-        address = await stack.enter_async_context(running_router(settings))
-        channel = await stack.enter_async_context(bounded_channel(address))
-        context_channel = await stack.enter_async_context(
-            router_channel(settings.router.context_address, "context")
-        )
-        yield (
-            router_service_pb2_grpc.RouterServiceStub(channel),
-            context_service_pb2_grpc.ContextServiceStub(context_channel),
-            tenant,
-            (("authorization", f"Bearer {key}"),),
-        )
+    auth = keyed_tenants(settings, tenant)
+    async with router_and_context(settings) as (router, context):
+        yield router, context, tenant, auth[tenant]
 
 
 def turn(session_id: str, text: str = QUESTION) -> pb.ChatRequest:
