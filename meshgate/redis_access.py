@@ -145,12 +145,26 @@ def outage(message: str, error: BaseException) -> MeshgateError:
     return unavailable(Reason.REDIS_UNAVAILABLE, message)
 
 
-# Query keys that would undo what connect() sets on purpose (masters only, no
-# command retried): redis-py lets a URL's query override the keyword
-# arguments, so ``?read_from_replicas=true`` would turn replica reads on.
-_FIXED_QUERY_KEYS = frozenset(
-    {"read_from_replicas", "load_balancing_strategy", "retry", "retry_on_timeout", "retry_on_error"}
+# Query keys that would undo what connect() sets on purpose: redis-py lets a
+# URL's query override the keyword arguments, so ``?read_from_replicas=true``
+# would turn replica reads on, and ``?socket_timeout=0.5`` would cut every
+# ReportWrongHit's WAIT (cache.report_replication_timeout_s, which
+# config.check_settings keeps under redis.timeout_s) and hide the timeout
+# from the configuration a reader checks.
+_MASTERS_ONLY_NO_RETRY = (
+    "meshgate reads from masters only and retries no command, so that every acknowledged "
+    "write is read and none runs twice"
 )
+_ONE_TIMEOUT = "set redis.timeout_s instead, the one timeout every Redis command and connection takes"
+_FIXED_QUERY_KEYS = {
+    "read_from_replicas": _MASTERS_ONLY_NO_RETRY,
+    "load_balancing_strategy": _MASTERS_ONLY_NO_RETRY,
+    "retry": _MASTERS_ONLY_NO_RETRY,
+    "retry_on_timeout": _MASTERS_ONLY_NO_RETRY,
+    "retry_on_error": _MASTERS_ONLY_NO_RETRY,
+    "socket_timeout": _ONE_TIMEOUT,
+    "socket_connect_timeout": _ONE_TIMEOUT,
+}
 
 
 def check_url(url: str) -> None:
@@ -164,12 +178,10 @@ def check_url(url: str) -> None:
             raise ConfigError(
                 f"redis URL {redacted(url)!r}: its port is not a number from 0 to 65535"
             ) from None
-    fixed = sorted(_FIXED_QUERY_KEYS.intersection(urllib.parse.parse_qs(parts.query)))
+    fixed = sorted(_FIXED_QUERY_KEYS.keys() & urllib.parse.parse_qs(parts.query).keys())
     if fixed:
-        raise ConfigError(
-            f"redis URL: {', '.join(fixed)} cannot be set in the URL: meshgate reads from masters "
-            "only and retries no command, so that every acknowledged write is read and none runs twice"
-        )
+        reasons = "; ".join(dict.fromkeys(_FIXED_QUERY_KEYS[key] for key in fixed))
+        raise ConfigError(f"redis URL: {', '.join(fixed)} cannot be set in the URL: {reasons}")
 
 
 # What a write refused inside a script reads as on the Redis this project

@@ -297,7 +297,7 @@ async def test_a_fail_closed_turn_whose_admit_timed_out_after_redis_ran_it_keeps
     key's next turn refused by concurrent_streams = 1 all that while. Also
     where the model's limits are in a call of their own (a Redis Cluster)."""
     proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
-    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0?socket_timeout=0.3")
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0", timeout_s=0.3)
     direct = redis_access.connect(redis_url)
     try:
         admission = Admission(proxied, max_generation_s=60, split_by_slot=split_by_slot)
@@ -332,7 +332,7 @@ async def test_a_fail_closed_admit_reaching_redis_after_its_release_charges_noth
     admit held up on its way): it finds nothing charged, and the admit,
     run after it, must then charge nothing either."""
     proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
-    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0?socket_timeout=0.3")
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0", timeout_s=0.3)
     direct = redis_access.connect(redis_url)
     try:
         admission = Admission(proxied, max_generation_s=60)
@@ -365,7 +365,7 @@ async def test_a_turn_one_slot_refuses_while_anothers_admit_timed_out_keeps_no_c
     minute (the key's next turn refused by concurrent_streams = 1), its
     reservation in the day's budget for good. No limit fails closed here."""
     proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
-    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0?socket_timeout=0.3")
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0", timeout_s=0.3)
     direct = redis_access.connect(redis_url)
     try:
         admission = Admission(proxied, max_generation_s=60, split_by_slot=True)
@@ -410,7 +410,7 @@ async def test_a_fail_closed_turn_whose_top_up_timed_out_after_redis_ran_it_keep
     good, and the window's entry (renamed to the grown cost, which the
     settlement no longer finds) for a minute."""
     proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
-    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0?socket_timeout=0.3")
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0", timeout_s=0.3)
     direct = redis_access.connect(redis_url)
     try:
         admission = Admission(proxied, max_generation_s=60, split_by_slot=split_by_slot)
@@ -449,7 +449,7 @@ async def test_a_turn_failing_open_whose_top_up_timed_out_after_redis_ran_it_kee
     25 used), and the window's entry, renamed to the grown cost, was missed
     by the settlement."""
     proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
-    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0?socket_timeout=0.3")
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0", timeout_s=0.3)
     direct = redis_access.connect(redis_url)
     try:
         admission = Admission(proxied, max_generation_s=60, split_by_slot=split_by_slot)
@@ -493,7 +493,7 @@ async def test_a_top_ups_release_reaching_redis_after_the_turns_settlement_leave
     minute where the turn used 25 (or 500, or none). Budgets and window must
     end at the real use in this order too, also where it is the grown cost."""
     proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
-    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0?socket_timeout=0.3")
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0", timeout_s=0.3)
     direct = redis_access.connect(redis_url)
     try:
         admission = Admission(proxied, max_generation_s=60)
@@ -530,7 +530,7 @@ async def test_a_fail_closed_top_up_reaching_redis_after_its_release_grows_nothi
     growth released before Redis has it: run after the release, it must
     not charge the growth (nothing would give it back)."""
     proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
-    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0?socket_timeout=0.3")
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0", timeout_s=0.3)
     direct = redis_access.connect(redis_url)
     try:
         admission = Admission(proxied, max_generation_s=60)
@@ -567,7 +567,7 @@ async def test_a_top_up_one_slot_refuses_while_anothers_timed_out_is_refused_and
     tenant's growth is given back; the turn had gone on failing open, past
     the model's spent budget, its growth charged to the tenant for good."""
     proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
-    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0?socket_timeout=0.3")
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0", timeout_s=0.3)
     direct = redis_access.connect(redis_url)
     try:
         admission = Admission(proxied, max_generation_s=60, split_by_slot=True)

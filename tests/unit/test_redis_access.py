@@ -71,7 +71,7 @@ def test_the_scheme_alone_says_cluster(url: str, cluster: bool) -> None:
         "redis+cluster://127.0.0.1:7000?read_from_replicas=true",
         "redis+cluster://127.0.0.1:7000,127.0.0.2:7001?load_balancing_strategy=1",
         "redis+cluster://127.0.0.1:7000?retry=3",
-        "redis://127.0.0.1:6379/0?socket_timeout=3&retry_on_timeout=true",
+        "redis://127.0.0.1:6379/0?db=0&retry_on_timeout=true",
         "rediss://127.0.0.1:6379/0?retry_on_error=TimeoutError",
     ],
 )
@@ -83,9 +83,19 @@ async def test_a_url_cannot_turn_on_replica_reads_or_retries(url: str) -> None:
         await redis_access.connect_subscriber(url)
 
 
+@pytest.mark.parametrize("key", ["socket_timeout", "socket_connect_timeout"])
+async def test_a_url_cannot_set_a_timeout_beside_redis_timeout_s(key: str) -> None:
+    # Obeyed, it would replace redis.timeout_s unseen, under the WAIT that
+    # config.check_settings keeps below it.
+    with pytest.raises(ValueError, match=f"{key} cannot be set in the URL: set redis.timeout_s instead"):
+        redis_access.connect(f"redis://127.0.0.1:6379/0?{key}=0.5")
+    with pytest.raises(ValueError, match="set redis.timeout_s instead"):
+        await redis_access.connect_subscriber(f"redis+cluster://127.0.0.1:7000?{key}=0.5")
+
+
 async def test_other_query_settings_still_reach_the_client() -> None:
-    client = redis_access.connect("redis://127.0.0.1:6379/0?socket_timeout=3")
-    assert client.connection_pool.connection_kwargs["socket_timeout"] == 3.0
+    client = redis_access.connect("redis://127.0.0.1:6379/0?health_check_interval=7")
+    assert client.connection_pool.connection_kwargs["health_check_interval"] == 7
     await client.aclose()
 
 
