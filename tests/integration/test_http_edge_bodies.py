@@ -1,0 +1,112 @@
+"""How the HTTP edge reads a body's bytes: a real HttpServer on loopback,
+a recording turn behind it (no mesh). A body the edge refuses never reaches
+the pipeline; one it takes reaches it as the ChatRequest asserted."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from meshgate.config import ModelSettings, RouterSettings
+from services.router.admission import TenantCalls
+from services.router.auth import Authenticator
+from services.router.http_edge import HttpEdge, HttpServer
+from services.router.pipeline import Answer, CacheStatus, Completion
+from tests.unit.test_router_http_edge import KEY, ScriptedPipeline
+
+pytestmark = pytest.mark.integration
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+class RecordingPipeline(ScriptedPipeline):
+    """Answers every turn "ok"; keeps the requests it was given."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            [Completion(Answer(text="ok", finish_reason="stop"), CacheStatus.MISS, 0.0, "", 0, "")]
+        )
+        self.requests: list = []
+
+    async def run(self, request, *args, **kwargs):
+        self.requests.append(request)
+        async for event in super().run(request, *args, **kwargs):
+            yield event
+
+
+@pytest.fixture(scope="module")
+async def edge():
+    """(httpx client on the edge's /v1, the pipeline behind it)."""
+    settings = RouterSettings(dev_api_key=KEY)
+    pipeline = RecordingPipeline()
+    app = HttpEdge(settings, {"m": ModelSettings()}, Authenticator(settings), TenantCalls(0), pipeline, None)
+    server = HttpServer(app, "127.0.0.1:0", 5.0, 65536, stalled_client_timeout_s=30.0)
+    await server.start()
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{server.port}/v1",
+            headers={"authorization": f"Bearer {KEY}"},
+            timeout=10,
+        ) as http:
+            yield http, pipeline
+    finally:
+        await server.stop()
+
+
+async def posted(edge, body: bytes, content_type: str = "application/json") -> tuple[httpx.Response, list]:
+    """The answer to POST /v1/chat/completions of ``body``, and the requests
+    that reached the pipeline for it."""
+    http, pipeline = edge
+    pipeline.requests.clear()
+    answer = await http.post("/chat/completions", content=body, headers={"content-type": content_type})
+    return answer, list(pipeline.requests)
+
+
+def refused(answer: httpx.Response, reached: list) -> dict:
+    """The OpenAI error of a 400 that stopped the body at the edge."""
+    assert answer.status_code == 400, answer.text
+    assert reached == []
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    return error
+
+
+# --- RFC 8259 §8.1: JSON between systems is UTF-8 ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("encoding", "named"),
+    [
+        ("utf-16-le", "UTF-16-LE"),
+        ("utf-16-be", "UTF-16-BE"),
+        ("utf-16", "UTF-16"),
+        ("utf-32-le", "UTF-32-LE"),
+        ("utf-32", "UTF-32"),
+    ],
+)
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-16"])
+async def test_a_body_in_utf_16_or_utf_32_is_refused_whatever_its_charset_says(
+    edge, encoding, named, content_type
+):
+    """They were served: json.loads of bytes guesses the encoding."""
+    answer, reached = await posted(edge, json.dumps(CHAT).encode(encoding), content_type)
+    error = refused(answer, reached)
+    assert error["code"] == "MALFORMED_REQUEST"
+    assert f"the body is not UTF-8 (it reads as {named})" in error["message"]
+
+
+async def test_an_encoded_surrogate_is_not_utf_8(edge):
+    """CESU-8's bytes of half a UTF-16 pair were read as a lone surrogate
+    (json.loads of bytes decodes with surrogatepass): UTF-8 has none."""
+    body = json.dumps(CHAT)[:-1].encode() + b', "user": "\xed\xa0\x80"}'
+    error = refused(*await posted(edge, body))
+    assert error["code"] == "MALFORMED_REQUEST"
+    assert error["message"].startswith("the body is not UTF-8: ")
+
+
+async def test_a_utf_8_byte_order_mark_is_ignored(edge):
+    answer, reached = await posted(edge, b"\xef\xbb\xbf" + json.dumps(CHAT).encode())
+    assert answer.status_code == 200, answer.text
+    assert [message.content for message in reached[0].messages] == ["hi"]
