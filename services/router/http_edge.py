@@ -1116,6 +1116,28 @@ async def _read_body(receive, limit: int, timeout_s: float) -> bytes:
         ) from None
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are all different, else a 400 naming the
+    first key sent twice. RFC 8259 §4 leaves a repeated key's meaning to
+    each reader: json takes the last value, others the first or refuse,
+    so a proxy or WAF in front could check one value while another is
+    served (``{"model": "allowed", "model": "other"}``)."""
+    unique = dict(pairs)
+    if len(unique) < len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                shown = key if is_text(key) else ascii(key)
+                raise _bad_request(f"the body has a key twice in one object: {shown}", "")
+            seen.add(key)
+    return unique
+
+
+# Every object checked as it is read, at any depth (about 1 µs more for a
+# chat body of four messages, some 3 µs without the check).
+_JSON = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
 def _parse_json(body: bytes):
     """``body`` as JSON, which must be UTF-8 (RFC 8259 §8.1: JSON exchanged
     between systems is). ``json.loads`` of bytes takes UTF-16 and UTF-32 as
@@ -1139,7 +1161,7 @@ def _parse_json(body: bytes):
     except UnicodeDecodeError as error:
         raise _bad_request(f"the body is not UTF-8: {error}", "") from None
     try:
-        return json.loads(text)
+        return _JSON.decode(text)
     # ValueError: JSONDecodeError, and an integer of more digits than
     # Python converts (sys.get_int_max_str_digits()).
     except (ValueError, RecursionError) as error:

@@ -110,3 +110,52 @@ async def test_a_utf_8_byte_order_mark_is_ignored(edge):
     answer, reached = await posted(edge, b"\xef\xbb\xbf" + json.dumps(CHAT).encode())
     assert answer.status_code == 200, answer.text
     assert [message.content for message in reached[0].messages] == ["hi"]
+
+
+# --- a key twice in one object -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        (b'{"model":"other","model":"m","messages":[{"role":"user","content":"hi"}]}', "model"),
+        # The same key spelt with an escape: a reader comparing raw bytes sees two.
+        (b'{"model":"other","mod\\u0065l":"m","messages":[{"role":"user","content":"hi"}]}', "model"),
+        (b'{"model":"m","messages":[{"role":"user","content":"checked","content":"hi"}]}', "content"),
+        (b'{"model":"m","messages":[{"role":"system","role":"user","content":"hi"}]}', "role"),
+        (
+            b'{"model":"m","messages":[{"role":"user","content":"hi"}],"metadata":{"a":"1","a":"2"}}',
+            "a",
+        ),
+        (
+            b'{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a","text":"hi"}]}]}',
+            "text",
+        ),
+        (b'{"model":"m","messages":[{"role":"user","content":"hi"}],"\\ud800":1,"\\ud800":2}', "'\\ud800'"),
+    ],
+    ids=["model", "model escaped", "content", "role", "metadata", "text part", "no UTF-8 form"],
+)
+async def test_a_key_twice_in_one_object_is_refused_at_any_depth(edge, body, key):
+    """The last value was served silently: a proxy or WAF reading the first
+    ("other", "checked", "system") checked another request than the one served."""
+    error = refused(*await posted(edge, body))
+    assert error["code"] == "MALFORMED_REQUEST"
+    assert error["message"] == f"the body has a key twice in one object: {key}"
+
+
+async def test_an_embeddings_body_with_a_key_twice_is_refused(edge):
+    http, _ = edge
+    answer = await http.post(
+        "/embeddings",
+        content=b'{"model":"minilm","input":"a","input":"b"}',
+        headers={"content-type": "application/json"},
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["message"] == "the body has a key twice in one object: input"
+
+
+async def test_the_same_key_in_different_objects_is_no_duplicate(edge):
+    body = b'{"model":"m","messages":[{"role":"user","content":"a"},{"role":"user","content":"hi"}]}'
+    answer, reached = await posted(edge, body)
+    assert answer.status_code == 200, answer.text
+    assert [message.content for message in reached[0].messages] == ["a", "hi"]
