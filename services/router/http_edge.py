@@ -263,6 +263,8 @@ _UNSUPPORTED: dict[str, tuple] = {
 # tag or keep it with, a processing tier, a prompt-cache routing hint):
 # accepted and not used, as SDKs and proxies send them.
 _INFORMATIONAL = ("user", "safety_identifier", "metadata", "store", "service_tier", "prompt_cache_key")
+# Those OpenAI types as strings; metadata is an object of strings.
+_INFORMATIONAL_TEXT = ("user", "safety_identifier", "prompt_cache_key")
 # Every field a chat completion's body may have: OpenAI's that are mapped,
 # refused at some values or informational, and meshgate's extensions. Any
 # other is refused as OpenAI refuses a field it does not know ("Unrecognized
@@ -346,6 +348,22 @@ def _text(value, message: str, param: str) -> str:
     if not is_text(value):
         raise _bad_request(message, param)
     return value
+
+
+def _check_informational(body: dict) -> None:
+    """The informational fields (:data:`_INFORMATIONAL`) are not used, yet
+    must be what OpenAI takes (strings; metadata an object of strings), each
+    with a UTF-8 form as every text the edge reads (:func:`is_text`): a lone
+    surrogate (JSON's ``\\ud800`` escape) was accepted in them, which
+    whatever encodes them later (a log line, a span attribute) fails on."""
+    for name in _INFORMATIONAL_TEXT:
+        if body.get(name) is not None:
+            _text(body[name], f"{name} must be UTF-8 text", name)
+    metadata = body.get("metadata")
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(is_text(key) and is_text(value) for key, value in metadata.items())
+    ):
+        raise _bad_request("metadata must be an object of UTF-8 text keys and values", "metadata")
 
 
 def _integer(body: dict, name: str, upper: int) -> int | None:
@@ -433,6 +451,8 @@ def _messages(raw) -> list[common_pb2.Message]:
                 "messages",
                 Reason.UNSUPPORTED_PARAMETER,
             )
+        if message.get("name") is not None:
+            _text(message["name"], f"messages[{index}].name must be UTF-8 text", "messages")
         content = _text_of(message.get("content"), index)
         refused = message.get("refusal")
         if refused is not None:
@@ -515,6 +535,7 @@ def _refuse_unsupported(body: dict) -> None:
             raise _bad_request(f"{name} is not supported", name, Reason.UNSUPPORTED_PARAMETER)
     if body.get("logit_bias") not in (None, {}):
         raise _bad_request("logit_bias is not supported", "logit_bias", Reason.UNSUPPORTED_PARAMETER)
+    _check_informational(body)
 
 
 class ChatCall:
@@ -954,6 +975,7 @@ class HttpEdge:
         if not isinstance(body, dict):
             raise _bad_request("the body must be a JSON object", "")
         _refuse_unknown(body, _EMBEDDING_FIELDS)
+        _check_informational(body)
         model = _text(body.get("model"), "model must be a string", "model")
         if self._embeddings_core is None:
             raise not_found(Reason.MODEL_NOT_FOUND, "no embedding model is served here", model=model)

@@ -159,3 +159,84 @@ async def test_the_same_key_in_different_objects_is_no_duplicate(edge):
     answer, reached = await posted(edge, body)
     assert answer.status_code == 200, answer.text
     assert [message.content for message in reached[0].messages] == ["a", "hi"]
+
+
+# --- text the edge takes and does not use ------------------------------------------------------
+
+HI = b'{"role":"user","content":"hi"}'
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "message"),
+    [
+        (
+            b'{"model":"m","messages":[{"role":"user","content":"hi","name":"\\ud800"}]}',
+            "messages",
+            "messages[0].name must be UTF-8 text",
+        ),
+        (
+            b'{"model":"m","messages":[{"role":"system","content":"s","name":"a\\udfff"},' + HI + b"]}",
+            "messages",
+            "messages[0].name must be UTF-8 text",
+        ),
+        (b'{"model":"m","messages":[' + HI + b'],"user":"\\ud800"}', "user", "user must be UTF-8 text"),
+        (
+            b'{"model":"m","messages":[' + HI + b'],"safety_identifier":"\\udc00"}',
+            "safety_identifier",
+            "safety_identifier must be UTF-8 text",
+        ),
+        (
+            b'{"model":"m","messages":[' + HI + b'],"prompt_cache_key":"k\\ud800"}',
+            "prompt_cache_key",
+            "prompt_cache_key must be UTF-8 text",
+        ),
+        (
+            b'{"model":"m","messages":[' + HI + b'],"metadata":{"\\ud800":"v"}}',
+            "metadata",
+            "metadata must be an object of UTF-8 text keys and values",
+        ),
+        (
+            b'{"model":"m","messages":[' + HI + b'],"metadata":{"k":"\\udc00"}}',
+            "metadata",
+            "metadata must be an object of UTF-8 text keys and values",
+        ),
+    ],
+    ids=[
+        "user's name",
+        "system's name",
+        "user",
+        "safety_identifier",
+        "prompt_cache_key",
+        "metadata key",
+        "metadata value",
+    ],
+)
+async def test_a_lone_surrogate_in_a_field_not_used_is_refused_as_in_content(edge, body, param, message):
+    """A hunt's leftover: content refused JSON's escape of half a UTF-16 pair
+    (is_text), these fields took it."""
+    error = refused(*await posted(edge, body))
+    assert (error["code"], error["param"], error["message"]) == ("MALFORMED_REQUEST", param, message)
+
+
+async def test_a_lone_surrogate_in_an_embeddings_user_is_refused(edge):
+    http, _ = edge
+    answer = await http.post(
+        "/embeddings",
+        content=b'{"model":"minilm","input":"a","user":"\\ud800"}',
+        headers={"content-type": "application/json"},
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "user"
+
+
+async def test_text_in_the_fields_not_used_is_served(edge):
+    body = {
+        **CHAT,
+        "messages": [{"role": "user", "content": "hi", "name": "Zoë"}],
+        "user": "u-1 ✓",
+        "safety_identifier": None,
+        "metadata": {"purpose": "test ✓"},
+    }
+    answer, reached = await posted(edge, json.dumps(body).encode())
+    assert answer.status_code == 200, answer.text
+    assert [message.content for message in reached[0].messages] == ["hi"]

@@ -151,8 +151,24 @@ def test_stream_options_without_stream_are_refused_as_openai_does(stream):
         (chat(stream=True, stream_options={"include_usage": "yes"}), "stream_options"),
         (chat(stream=True, stream_options={"include_usage": 1}), "stream_options"),
         (chat(max_tokens="abc", max_completion_tokens=5), "max_tokens"),
+        # Not used, yet typed as OpenAI types them (it refuses these too).
+        (chat(user=7), "user"),
+        (chat(metadata=["a"]), "metadata"),
+        (chat(metadata={"a": 1}), "metadata"),
+        (chat(messages=[{"role": "user", "content": "hi", "name": ["ann"]}]), "messages"),
     ],
-    ids=["options array", "options false", "options 0", "usage yes", "usage 1", "bad max_tokens beside"],
+    ids=[
+        "options array",
+        "options false",
+        "options 0",
+        "usage yes",
+        "usage 1",
+        "bad max_tokens beside",
+        "user number",
+        "metadata array",
+        "metadata number",
+        "name array",
+    ],
 )
 def test_a_value_of_the_wrong_type_is_refused_not_read_as_its_default(body, param):
     """A hunt: these were taken (no usage chunk; the bad max_tokens unread)."""
