@@ -298,26 +298,29 @@ _CHAT_FIELDS = frozenset(
 )
 # The same for an embeddings body.
 _EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
-# A message's fields of tool use (an assistant's calls, a tool's answer).
-_TOOL_FIELDS = ("tool_calls", "function_call", "tool_call_id")
+# An assistant's fields of tool use (its calls). A tool's answer, with its
+# tool_call_id, is a message of role "tool", refused by its role.
+_TOOL_FIELDS = ("tool_calls", "function_call")
 # Every field a message may have, by role. A participant's ``name`` is
 # accepted and not used (SDKs send it; the bundled chat templates have no
-# place for it), tool fields are refused by name (above). Only an assistant's
-# message has the rest, as in OpenAI's API: its ``refusal`` is what it said
-# when its content is empty; an answer sent back as the client got it has
-# ``annotations`` (OpenAI's ``[]``, or citations of the text it holds) and
-# ``audio`` (null from ``message.model_dump()`` in openai-python): the first
-# accepted and not used, the second accepted null, refused naming it
-# otherwise (an earlier audio answer, which the mesh does not have). Any
-# other, and these on another role's message, is refused as at the top
-# level, as OpenAI refuses them: a field misspelt (``contnet``) would
-# otherwise leave an empty turn, and a user's ``refusal`` was served as what
-# the user said, silently.
-_ANY_ROLE_FIELDS = frozenset({"role", "content", "name", *_TOOL_FIELDS})
+# place for it). Only an assistant's message has the rest, as in OpenAI's
+# API: its tool fields are accepted null or empty (``message.model_dump()``
+# in openai-python sends them null) and refused by name otherwise; its
+# ``refusal`` is what it said when its content is empty; an answer sent
+# back as the client got it has ``annotations`` (OpenAI's ``[]``, or
+# citations of the text it holds) and ``audio`` (null from
+# ``model_dump()``): the first accepted and not used, the second accepted
+# null, refused naming it otherwise (an earlier audio answer, which the
+# mesh does not have). Any other, and these on another role's message,
+# is refused as at the top level, as OpenAI refuses them, even null (a field
+# the role does not have, whatever its value): a field misspelt
+# (``contnet``) would otherwise leave an empty turn, and a user's
+# ``refusal`` was served as what the user said, silently.
+_ANY_ROLE_FIELDS = frozenset({"role", "content", "name"})
 _MESSAGE_FIELDS = {
     common_pb2.ROLE_SYSTEM: _ANY_ROLE_FIELDS,
     common_pb2.ROLE_USER: _ANY_ROLE_FIELDS,
-    common_pb2.ROLE_ASSISTANT: _ANY_ROLE_FIELDS | {"refusal", "annotations", "audio"},
+    common_pb2.ROLE_ASSISTANT: _ANY_ROLE_FIELDS | {*_TOOL_FIELDS, "refusal", "annotations", "audio"},
 }
 # A session_id asking for a new session.
 NEW_SESSION = "new"

@@ -240,3 +240,51 @@ async def test_text_in_the_fields_not_used_is_served(edge):
     answer, reached = await posted(edge, json.dumps(body).encode())
     assert answer.status_code == 200, answer.text
     assert [message.content for message in reached[0].messages] == ["hi"]
+
+
+# --- fields a role does not have ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "field"),
+    [
+        ({"role": "user", "content": "hi", "tool_call_id": None}, "tool_call_id"),
+        ({"role": "user", "content": "hi", "tool_calls": None}, "tool_calls"),
+        ({"role": "user", "content": "hi", "function_call": None}, "function_call"),
+        ({"role": "system", "content": "s", "tool_calls": []}, "tool_calls"),
+        ({"role": "developer", "content": "s", "function_call": {}}, "function_call"),
+        ({"role": "assistant", "content": "a", "tool_call_id": None}, "tool_call_id"),
+        # With a value: the same answer as null.
+        ({"role": "user", "content": "hi", "tool_call_id": "call_1"}, "tool_call_id"),
+    ],
+    ids=[
+        "user tool_call_id",
+        "user tool_calls",
+        "user function_call",
+        "system tool_calls empty",
+        "developer function_call empty",
+        "assistant tool_call_id",
+        "user tool_call_id with a value",
+    ],
+)
+async def test_a_tool_field_on_a_role_without_it_is_refused_even_null(edge, message, field):
+    """OpenAI has tool_calls and function_call on an assistant's message
+    alone and tool_call_id on a tool's: null of a field a role does not
+    have is still a field it does not have (a user's refusal: null was
+    refused so already). These were accepted null or empty on every role."""
+    body = json.dumps({**CHAT, "messages": [message, {"role": "user", "content": "hi"}]}).encode()
+    error = refused(*await posted(edge, body))
+    assert (error["code"], error["param"], error["message"]) == (
+        "UNSUPPORTED_PARAMETER",
+        "messages",
+        f"messages[0]: Unrecognized argument supplied: {field}",
+    )
+
+
+async def test_an_assistants_null_or_empty_tool_fields_are_served(edge):
+    """What openai-python's message.model_dump() sends back."""
+    assistant = {"role": "assistant", "content": "a", "tool_calls": None, "function_call": None}
+    messages = [assistant, {**assistant, "tool_calls": []}, {"role": "user", "content": "hi"}]
+    answer, reached = await posted(edge, json.dumps({**CHAT, "messages": messages}).encode())
+    assert answer.status_code == 200, answer.text
+    assert [message.content for message in reached[0].messages] == ["a", "a", "hi"]
