@@ -252,8 +252,29 @@ def _malformed(request: _Undecodable) -> MeshgateError:
 def _failure(error: BaseException, method: str) -> MeshgateError:
     if isinstance(error, MeshgateError):
         return error
+    if _not_implemented(error):
+        return MeshgateError(
+            grpc.StatusCode.UNIMPLEMENTED,
+            Reason.METHOD_NOT_IMPLEMENTED,
+            f"this service does not implement {method}",
+            {"method": method},
+        )
     log.exception("unhandled error", method=method)
     return internal_error()
+
+
+def _not_implemented(error: BaseException) -> bool:
+    """Whether ``error`` is what a method of grpc's generated servicer base
+    class raises when no servicer overrides it: its NotImplementedError,
+    raised in a ``*_pb2_grpc.py`` module. Told by where it was raised, not
+    by its type alone: a NotImplementedError of our own code is a bug (an
+    INTERNAL, logged), not a method the service lacks."""
+    if not isinstance(error, NotImplementedError) or error.__traceback__ is None:
+        return False
+    frame = error.__traceback__
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame.tb_frame.f_code.co_filename.endswith("_pb2_grpc.py")
 
 
 # Failures no other replica can answer differently: every replica of every

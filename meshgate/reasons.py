@@ -231,6 +231,10 @@ class Reason(enum.StrEnum):
     METHOD_NOT_SUPPORTED = enum.auto()
     """UNIMPLEMENTED: the HTTP path takes another method (HTTP 405)."""
 
+    METHOD_NOT_IMPLEMENTED = enum.auto()
+    """UNIMPLEMENTED: the service's API has this gRPC method, but its servicer
+    does not implement it (metadata ``method``)."""
+
     # --- what the request names (NOT_FOUND, ALREADY_EXISTS, ABORTED) -------
     MODEL_NOT_FOUND = enum.auto()
     """No model of that name is configured."""
