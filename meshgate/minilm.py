@@ -36,6 +36,14 @@ def load_tokenizer() -> Tokenizer:
     path = Path(next(iter(spec.submodule_search_locations))) / file_in_package
     tokenizer = Tokenizer.from_file(str(path))
     tokenizer.enable_truncation(MAX_TOKENS)
+    # A caller's "[SEP]", "[CLS]", "[PAD]", "[MASK]" or "[UNK]" is read as
+    # the characters it is ("[", "sep", "]"), as "[ SEP ]" and "[sep]" are:
+    # matched as the special token, it split the text with a separator, put
+    # a second [CLS] or an unmasked [PAD] in it. Only the post-processor's
+    # own [CLS] and [SEP] around the text are special. (sentence-transformers
+    # matches them, transformers' split_special_tokens=False default: text
+    # that writes one embeds differently here than there, on purpose.)
+    tokenizer.encode_special_tokens = True
     # Pad to the longest text of each batch, not the file's fixed 128.
     tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
     return tokenizer

@@ -364,6 +364,7 @@ async def test_the_cache_services_own_embedder_gives_tritons_minilm_vectors(clie
         "How do I learn Python quickly?",
         "Cancel my subscription, don't renew it on 2026-12-01!",
         "Où est la gare ? 東京 🚆",
+        "Cancel [SEP] renew [CLS] [PAD] [MASK] [UNK]",  # read as text by both
         "word " * 400,  # past MAX_TOKENS: both truncate alike
     ]
     tensor = grpcaio.InferInput("text", [len(texts), 1], "BYTES")

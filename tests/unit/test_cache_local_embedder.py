@@ -372,6 +372,18 @@ async def test_real_vectors_do_not_depend_on_the_batch_they_ran_in(minilm):
 
 
 @pytest.mark.heavy
+async def test_a_special_tokens_text_embeds_as_its_characters(minilm):
+    """A caller's "[SEP]" is text, not the model's separator (nor "[PAD]" an
+    unmasked pad, "[CLS]" a second one): it embeds as "[ SEP ]" does."""
+    for text, spelled_apart in [
+        ("A cat [SEP] a dog", "A cat [ SEP ] a dog"),
+        ("[MASK] is [PAD] or [CLS] [UNK]", "[ MASK ] is [ PAD ] or [ CLS ] [ UNK ]"),
+    ]:
+        vector, apart = await asyncio.gather(minilm.embed_or_none(text), minilm.embed_or_none(spelled_apart))
+        assert np.array_equal(vector, apart), text
+
+
+@pytest.mark.heavy
 async def test_a_text_that_is_not_valid_unicode_gets_none_and_fails_no_neighbour(minilm):
     # A lone surrogate: a Python str that has no UTF-8 form (gRPC never
     # delivers one, but the embedder must not fail a text asked beside it).
