@@ -72,16 +72,16 @@ class EmbeddingTruncator:
     def __init__(self, tokenizer: tokenizers.Tokenizer, max_tokens: int) -> None:
         """``tokenizer`` must not truncate; ``max_tokens`` counts the special
         tokens the model adds, as the model's own truncation does."""
-        self._tokenizer = tokenizer
+        self._tokenizer = tokenizer = _reading_text(tokenizer)
         self._special_tokens = tokenizer.num_special_tokens_to_add(False)
         self._budget = max_tokens - self._special_tokens
         if self._budget <= 0:
             raise ValueError(f"embedding_max_tokens {max_tokens} leaves no room for text")
         self._bytes_bound_tokens = _at_most_one_token_per_byte(tokenizer)
-        # An added token ([MASK]) is matched in the raw text: one begun in a
-        # prefix's last characters but ending past it is not in the prefix.
-        added = tokenizer.get_added_tokens_decoder().values()
-        self._added_token_reach = max((len(token.content) for token in added), default=1) - 1
+        # An added token is matched in the raw text: one begun in a prefix's
+        # last characters but ending past it is not in the prefix.
+        added = _matched_added_tokens(tokenizer)
+        self._added_token_reach = max((len(token) for token in added), default=1) - 1
         self._shortener = (
             _RunShortener.for_tokenizer(tokenizer, self._budget) if self._bytes_bound_tokens else None
         )
@@ -288,8 +288,7 @@ class _RunShortener:
         None if shortening could make or unmake one of its added tokens."""
         max_word_chars = json.loads(tokenizer.to_str())["model"]["max_input_chars_per_word"]
         shortener = _RunShortener(tokenizer, budget, max_word_chars)
-        for added in tokenizer.get_added_tokens_decoder().values():
-            content = added.content
+        for content in _matched_added_tokens(tokenizer):
             if (
                 any(c in shortener.run_characters for c in content)
                 or content[0] in shortener.word_characters
@@ -319,6 +318,28 @@ def _any_of(characters: str) -> str:
         else:
             ranges.append([code_point, code_point])
     return "[" + "".join(f"{re.escape(chr(first))}-{re.escape(chr(last))}" for first, last in ranges) + "]"
+
+
+@functools.cache
+def _reading_text(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """``tokenizer`` reading a special token's text ("[SEP]") as text, as the
+    embedding model reads caller text (meshgate.minilm): the cut and the
+    count follow the model's tokens. A copy: the one given may be a chat
+    model's too (tiny_gpt's is all-MiniLM's), whose templates write special
+    tokens that must stay special."""
+    copy = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+    copy.encode_special_tokens = True
+    return copy
+
+
+def _matched_added_tokens(tokenizer: tokenizers.Tokenizer) -> list[str]:
+    """The added tokens ``tokenizer`` finds in raw text: not the special
+    ones where it reads those as text."""
+    return [
+        token.content
+        for token in tokenizer.get_added_tokens_decoder().values()
+        if not (token.special and tokenizer.encode_special_tokens)
+    ]
 
 
 def _at_most_one_token_per_byte(tokenizer: tokenizers.Tokenizer) -> bool:

@@ -10,11 +10,20 @@ import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshgate import tokenization
+from meshgate import minilm, tokenization
 from meshgate.config import InferenceSettings
 from meshgate.embedding_input import EmbeddingTruncator
 
 TOKENIZER = tokenization.load(InferenceSettings().embedding_tokenizer)
+# What the embedding model reads: its own tokenizer, which reads a special
+# token's text ("[SEP]") as text, here without its truncation.
+MODEL_TOKENIZER = minilm.load_tokenizer()
+MODEL_TOKENIZER.no_truncation()
+# With an added token that is not special: tokenizers match such a token in
+# the raw text, and the cut must neither split nor make one.
+WITH_ADDED_TOKEN = tokenizers.Tokenizer.from_str(MODEL_TOKENIZER.to_str())
+WITH_ADDED_TOKEN.encode_special_tokens = True
+WITH_ADDED_TOKEN.add_tokens([tokenizers.AddedToken("[DOC]", normalized=False)])
 
 # Pieces that stress the cut: words of any length (WordPiece gives up on
 # words over 100 characters), CJK and Hangul (one character, several tokens),
@@ -45,9 +54,9 @@ RUN_PIECES = st.one_of(
 RUN_TEXTS = st.lists(RUN_PIECES, max_size=40).map("".join)
 
 
-def tokens_read(text: str, max_tokens: int) -> list[int]:
+def tokens_read(text: str, max_tokens: int, tokenizer: tokenizers.Tokenizer = MODEL_TOKENIZER) -> list[int]:
     """What the embedding model reads: its tokenizer truncates with special tokens counted."""
-    return TOKENIZER.encode(text, add_special_tokens=False).ids[: max_tokens - 2]
+    return tokenizer.encode(text, add_special_tokens=False).ids[: max_tokens - 2]
 
 
 @settings(max_examples=100, deadline=None)
@@ -67,7 +76,7 @@ def test_texts_shortened_before_the_cut_read_as_the_same_tokens(texts, max_token
     for text, kept in zip(texts, truncator.truncate(texts)):
         assert len(kept) <= len(text)
         assert tokens_read(kept, max_tokens) == tokens_read(text, max_tokens)
-    read = sum(min(len(TOKENIZER.encode(text).ids), max_tokens) for text in texts)
+    read = sum(min(len(MODEL_TOKENIZER.encode(text).ids), max_tokens) for text in texts)
     assert truncator.count_tokens(texts) == read
 
 
@@ -84,11 +93,16 @@ def test_texts_shortened_before_the_cut_read_as_the_same_tokens(texts, max_token
     ],
 )
 def test_shortening_makes_and_unmakes_no_added_token(run):
-    # [MASK], [SEP], ... are matched in the raw text, before the normalizer.
-    for text in ["[MASK" + run + "]", "[" + run + "MASK]", "[MASK]" + run + "[SEP]", run + "[MASK]" + run]:
-        (kept,) = EmbeddingTruncator(TOKENIZER, 256).truncate([text])
-        assert len(kept) < 700
-        assert tokens_read(kept, 256) == tokens_read(text, 256)
+    # [DOC] is matched in the raw text, before the normalizer; [MASK] and
+    # [SEP] are special tokens, read as text.
+    for tokenizer, reads, token in [
+        (TOKENIZER, MODEL_TOKENIZER, "[MASK]"),
+        (WITH_ADDED_TOKEN, WITH_ADDED_TOKEN, "[DOC]"),
+    ]:
+        for text in [token[:-1] + run + "]", "[" + run + token[1:], token + run + "[SEP]", run + token + run]:
+            (kept,) = EmbeddingTruncator(tokenizer, 256).truncate([text])
+            assert len(kept) < 700
+            assert tokens_read(kept, 256, reads) == tokens_read(text, 256, reads)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +129,7 @@ def test_a_megabyte_of_few_tokens_is_sent_as_a_short_text(text):
 @given(texts=st.lists(TEXTS, min_size=1, max_size=4), max_tokens=st.integers(3, 40))
 def test_the_tokens_counted_are_those_the_model_reads(texts, max_tokens):
     # The model truncates to max_tokens with its [CLS] and [SEP] kept.
-    read = sum(min(len(TOKENIZER.encode(text).ids), max_tokens) for text in texts)
+    read = sum(min(len(MODEL_TOKENIZER.encode(text).ids), max_tokens) for text in texts)
     assert EmbeddingTruncator(TOKENIZER, max_tokens).count_tokens(texts) == read
 
 
@@ -126,7 +140,7 @@ def test_long_text_is_cut_to_about_the_budget_and_short_text_is_untouched():
     kept, untouched = truncator.truncate([huge, short])
     assert untouched == short
     assert len(kept) < 2_000
-    assert len(TOKENIZER.encode(kept, add_special_tokens=False).ids) == 254
+    assert len(MODEL_TOKENIZER.encode(kept, add_special_tokens=False).ids) == 254
 
 
 def test_whitespace_runs_are_shortened_and_stay_exact():
@@ -137,10 +151,25 @@ def test_whitespace_runs_are_shortened_and_stay_exact():
 
 
 def test_an_added_token_across_the_first_prefix_end_is_read_as_the_model_reads_it():
-    # The first prefix (8 characters per token of budget) ends inside [MASK].
-    for text, max_tokens in [("   [MASK]", 3), ("a " * 253 + " " * 1523 + "[MASK]" + " b" * 10, 256)]:
-        (kept,) = EmbeddingTruncator(TOKENIZER, max_tokens).truncate([text])
-        assert tokens_read(kept, max_tokens) == tokens_read(text, max_tokens)
+    # The first prefix (8 characters per token of budget) ends inside [DOC].
+    for text, max_tokens in [("   [DOC]", 3), ("a " * 253 + " " * 1523 + "[DOC]" + " b" * 10, 256)]:
+        (kept,) = EmbeddingTruncator(WITH_ADDED_TOKEN, max_tokens).truncate([text])
+        assert tokens_read(kept, max_tokens, WITH_ADDED_TOKEN) == tokens_read(
+            text, max_tokens, WITH_ADDED_TOKEN
+        )
+
+
+def test_a_special_tokens_text_is_counted_and_cut_as_the_model_reads_it():
+    # The model reads "[SEP]" as "[", "sep", "]" (meshgate.minilm), not as
+    # its separator: three tokens billed, and three towards the cut.
+    truncator = EmbeddingTruncator(TOKENIZER, 256)
+    texts = ["[SEP]" * 10, "a [CLS] b [PAD] c [MASK] d [UNK]"]
+    # a b c d; [cls] and [unk] four tokens each, [pad] and [mask] three; [CLS] and [SEP] around each text.
+    assert truncator.count_tokens(texts) == (10 * 3 + 2) + (4 + 4 + 3 + 3 + 4 + 2)
+    text = "[SEP] " * 200  # 600 tokens
+    (kept,) = truncator.truncate([text])
+    assert len(MODEL_TOKENIZER.encode(kept, add_special_tokens=False).ids) == 254
+    assert tokens_read(kept, 256) == tokens_read(text, 256)
 
 
 @pytest.mark.parametrize(
@@ -158,6 +187,12 @@ def test_a_cut_does_not_part_combining_marks_that_nfd_reorders(text):
     for max_tokens in (3, 256):
         (kept,) = EmbeddingTruncator(TOKENIZER, max_tokens).truncate([text])
         assert tokens_read(kept, max_tokens) == tokens_read(text, max_tokens)
+
+
+def test_the_tokenizer_given_still_reads_special_tokens():
+    # The cached tokenizer is tiny_gpt's too: its template's [CLS] must stay special.
+    EmbeddingTruncator(TOKENIZER, 256)
+    assert TOKENIZER.encode("[CLS]a", add_special_tokens=False).ids[0] == TOKENIZER.token_to_id("[CLS]")
 
 
 def test_a_budget_without_room_for_text_is_refused():
@@ -192,7 +227,7 @@ def test_the_normalizer_leaves_no_more_characters_than_utf8_bytes_for_every_code
 @settings(max_examples=300, deadline=None)
 @given(text=st.one_of(TEXTS, NEAR_THE_BOUND, st.text(max_size=400)))
 def test_no_text_has_more_tokens_than_utf8_bytes(text):
-    assert len(TOKENIZER.encode(text, add_special_tokens=False).ids) <= len(text.encode())
+    assert len(MODEL_TOKENIZER.encode(text, add_special_tokens=False).ids) <= len(text.encode())
 
 
 @settings(max_examples=100, deadline=None)
