@@ -10,8 +10,8 @@ it is stored only sealed (AES-GCM) under a key derived from the request id
 (HKDF-SHA256), in a record named by another value derived from it (another
 HKDF label), so Redis holds neither the request id nor the secret, and one
 who reads it cannot open a record without the request id, which only the
-client knows. That rests on the id being unguessable, hence UUID4s only (as
-AIP-155 asks): 122 random bits, where a UUID1 or UUID7 is mostly a clock.
+client knows. That rests on the id being unguessable, hence UUID4s only
+(meshgate/request_ids.py).
 
 Request ids are one scope for the whole AdminService: every admin
 credential may do anything to any tenant's keys, so an answer is no more
@@ -22,19 +22,15 @@ admin credential (one rotated in meanwhile) still gets it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import uuid
 
-import grpc
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from google.protobuf.message import Message
 
-from meshgate.errors import MeshgateError, invalid_argument
-from meshgate.reasons import Reason
+from meshgate import request_ids
 
 # Distinct labels, so that a record's name says nothing of the key that seals it.
 _NAME_LABEL = b"meshgate AdminService request id: record name"
@@ -72,27 +68,10 @@ class RequestId:
     def of(cls, request: Message) -> RequestId | None:
         """The request's request id; None where it carries none (each send
         then acts anew); INVALID_ARGUMENT where it is not a UUID4."""
-        if not request.request_id:
+        canonical = request_ids.canonical(request.request_id)
+        if canonical is None:
             return None
-        try:
-            parsed = uuid.UUID(request.request_id)
-        except ValueError:
-            parsed = None
-        # Only the 36-character form: UUID() also takes braces, "urn:uuid:"
-        # and no hyphens, which would be one id under several spellings.
-        if parsed is None or parsed.version != 4 or str(parsed) != request.request_id.lower():
-            raise invalid_argument(
-                Reason.INVALID_REQUEST_ID,
-                "request_id must be a UUID4 written as 36 characters (8-4-4-4-12 hex digits)",
-            )
-        body = type(request)()
-        body.CopyFrom(request)
-        body.ClearField("request_id")
-        _sort_repeated_strings(body)
-        digest = hashlib.sha256(
-            request.DESCRIPTOR.full_name.encode() + b"\0" + body.SerializeToString(deterministic=True)
-        ).hexdigest()
-        canonical = str(parsed)
+        digest = request_ids.digest(request, _sort_repeated_strings)
         return cls(_derived(canonical, _NAME_LABEL).hex(), _derived(canonical, _SEAL_LABEL), digest)
 
     def seal(self, answer: list[str]) -> bytes:
@@ -109,11 +88,5 @@ class RequestId:
         plain = AESGCM(self.sealing_key).decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], None)
         fields = json.loads(plain)
         if fields["request"] != self.request_digest:
-            # Not INVALID_ARGUMENT: the request is fine alone, the id is
-            # taken (as an entity's name would be); retrying it cannot help.
-            raise MeshgateError(
-                grpc.StatusCode.ALREADY_EXISTS,
-                Reason.REQUEST_ID_REUSED,
-                "this request_id answered another request; draw a new one for this request",
-            )
+            raise request_ids.reused()
         return fields["answer"]
