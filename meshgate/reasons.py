@@ -125,7 +125,8 @@ class Reason(enum.StrEnum):
     """An internal request names no tenant (was also MISSING_TENANT in cache)."""
 
     INVALID_REQUEST_ID = enum.auto()
-    """CreateKey's or RotateKey's request_id is not a UUID4 in its 36-character form (AIP-155)."""
+    """CreateKey's, RotateKey's or ForkSession's request_id is not a UUID4 in its
+    36-character form (AIP-155), or a ForkSession's comes with a new_session_id."""
 
     INVALID_TENANT_ID = enum.auto()
     """An admin call names a tenant id no tenant can have (1-128 printable
@@ -257,8 +258,8 @@ class Reason(enum.StrEnum):
     """A session with this id already exists."""
 
     REQUEST_ID_REUSED = enum.auto()
-    """ALREADY_EXISTS: a CreateKey or RotateKey request_id already answered another
-    request (another body or method) within its retention: draw a new id."""
+    """ALREADY_EXISTS: a CreateKey, RotateKey or ForkSession request_id already
+    answered another request (another body or method) within its retention: draw a new id."""
 
     PIN_TARGET_NOT_FOUND = enum.auto()
     """A pin names a turn the session does not hold (metadata ``turns``: how many it holds)."""

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import structlog
 
-from meshgate import metrics, redis_access, serving
+from meshgate import metrics, redis_access, request_ids, serving
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ContextSettings, ModelSettings
 from meshgate.context.v1 import context_service_pb2 as pb
@@ -341,6 +341,16 @@ def _check_request_id(value: str, field: str, reason: Reason) -> None:
 
 def _summary_usage(spends: tuple[SummarySpend, ...]) -> list[pb.SummaryUsage]:
     return [pb.SummaryUsage(**spend._asdict()) for spend in spends]
+
+
+def _fork_id(request_id: str) -> str:
+    """The id of the fork a ForkSession with ``request_id`` makes: the same
+    for every send of it, so that they all meet in one slot, where the
+    fork's script finds the record a send of it wrote
+    (store.fork_request_key). Hashed with a label of its own, so that a
+    session a client created under its request id's digits is not its
+    fork; 32 hex digits, as a drawn id."""
+    return hashlib.sha256(b"meshgate ForkSession request id\0" + request_id.encode()).hexdigest()[:32]
 
 
 def _check_version(version: int, field: str) -> None:
@@ -740,10 +750,28 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
     async def ForkSession(self, request: pb.ForkSessionRequest, context) -> pb.ForkSessionResponse:
         _check_tenant(request.tenant_id)
         _check_session_id(request.session_id)
-        new_session_id = request.new_session_id or uuid.uuid4().hex
+        request_id = request_ids.canonical(request.request_id)
+        if request_id is not None and request.new_session_id:
+            # The request id's record lies in its fork's slot (_fork_id), so
+            # that the script making the fork writes it: a fork named by the
+            # caller would put it elsewhere, under each new_session_id sent.
+            raise invalid_argument(
+                Reason.INVALID_REQUEST_ID,
+                "request_id is for a fork whose id the service draws: leave new_session_id empty "
+                "(a fork named by new_session_id is made once already: a resend is ALREADY_EXISTS)",
+            )
+        new_session_id = request.new_session_id or (
+            uuid.uuid4().hex if request_id is None else _fork_id(request_id)
+        )
         _check_session_id(new_session_id)
         _check_version(request.version, "version")
-        now = await self._store.fork(request.tenant_id, request.session_id, request.version, new_session_id)
+        now = await self._store.fork(
+            request.tenant_id,
+            request.session_id,
+            request.version,
+            new_session_id,
+            "" if request_id is None else request_ids.digest(request),
+        )
         if self._summarizer is not None:
             # Runs are otherwise started by appends: a fork left alone had
             # no summary of its old turns (the source's are the source's),

@@ -74,6 +74,20 @@ expires on its own, SUMMARY_USAGE_GRACE_S after the session could have
 (config.summary_usage_ttl_s, from the latest summary's usage or take), by when a sweep
 (every ``router.summary_usage_collect_s``) has long taken it.
 
+A fork's request record, ``...:fork_request`` (fork_request_key()), a
+string in the fork's slot but not one of its parts, for a ForkSession that
+carried a request id (AIP-155): ``<digest of the request> <the fork's
+create_time_ms>``, so that a resend of that request id is answered as the
+first send was, the same fork (its id is drawn from the request id, hence
+the slot: servicer.py), and a send of it with another request is refused.
+Written by the script that creates the fork (``_FORK_CREATE``), which
+makes no fork where it finds one, so of sends at once one makes it. It
+expires FORK_REQUEST_RETENTION_S after the fork, not renewed with the
+session, and is deleted with the fork (``_DELETE``): it is not counted for
+the tenant's bound, so it must not outlive its fork for long (a tenant
+forking and deleting forks as fast as it may would otherwise fill Redis
+with records); a resend after the fork's deletion makes the fork again.
+
 What each tenant's sessions hold, for ``context.max_bytes_per_tenant``,
 lies in a record of the tenant's (TenantHoldings), keys
 ``mg:context:held:{<tenant hex>}:bytes`` and ``...:expiry`` (one slot per
@@ -160,7 +174,7 @@ import numpy as np
 import redis.asyncio as redis
 import structlog
 
-from meshgate import redis_access
+from meshgate import redis_access, request_ids
 from meshgate.common.v1 import common_pb2
 from meshgate.config import summary_usage_ttl_s
 from meshgate.errors import MeshgateError, not_found
@@ -699,22 +713,36 @@ return {1, turns, counts, redis.call('GETRANGE', KEYS[4], 0, 4 * target + 3),
 """
 )
 
-# KEYS: the fork's session_keys. ARGV: version it starts
-# at, ttl_s, its history, turn count n, its index's roles, lengths, vector
-# dimensions ('' for none) and vectors, the number c of (counts field,
-# counts) pairs, the number p of pins, n turns, c such pairs, p pins, then
-# (term, packed postings) pairs.
+# How long the record of a ForkSession's request id is kept (the module's
+# docstring), as the AdminService keeps a CreateKey's (services/router/keys.py):
+# a client whose reply was lost sends again within seconds, or after its own
+# restart or an operator's look; a day covers both. Past it, a resend acts anew.
+FORK_REQUEST_RETENTION_S = 24 * 3600
+
+# KEYS: the fork's session_keys, then its request record (fork_request_key).
+# ARGV: version it starts at, ttl_s, its history, turn count n, its index's
+# roles, lengths, vector dimensions ('' for none) and vectors, the number c
+# of (counts field, counts) pairs, the number p of pins, the request's
+# digest ('' for a fork with no request id: the record is then not
+# touched) and for how long its record is kept (s), n turns, c such pairs,
+# p pins, then (term, packed postings) pairs.
 # It has no turn ids (those were the source's appends), and its
 # ``bytes`` are its turns' (a prefix of the source's: never past the
 # source's cap). Returns {1, creation time, the bytes beside its turns
-# (BESIDE_TURNS: the pins it took)}, or {-4} if the fork's id is taken.
+# (BESIDE_TURNS: the pins it took)}, {2, the record} where a send of the
+# request id made the fork first (nothing written), or {-4} if the fork's
+# id is taken.
 _FORK_CREATE = (
     RENEW
     + BESIDE_TURNS
     + """
+if ARGV[11] ~= '' then
+  local recorded = redis.call('GET', KEYS[11])
+  if recorded then return {2, recorded} end
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-4} end
 local n = tonumber(ARGV[4])
-local turns_at = 11
+local turns_at = 13
 local counts_at = turns_at + n
 local pins_at = counts_at + 2 * tonumber(ARGV[9])
 local postings_at = pins_at + tonumber(ARGV[10])
@@ -743,6 +771,9 @@ if ARGV[8] ~= '' then redis.call('SET', KEYS[8], ARGV[8]) end
 for first = postings_at, #ARGV, 1000 do
   redis.call('HSET', KEYS[9], unpack(ARGV, first, math.min(first + 999, #ARGV)))
 end
+-- The answer, for a resend of the request id: the fork's id is the
+-- request id's, and its version the request's; its creation time is this.
+if ARGV[11] ~= '' then redis.call('SET', KEYS[11], ARGV[11] .. ' ' .. now, 'EX', ARGV[12]) end
 renew(tonumber(ARGV[2]))
 return {1, now, beside_turns(KEYS[5], KEYS[10])}
 """
@@ -837,10 +868,11 @@ return upto
 """
 )
 
-# KEYS: session_keys. Deletes all of them, whether or not the session
-# exists (what an earlier session of its id left goes too), and returns
-# whether it did. A script rather than MULTI with PUBLISH: a cluster
-# transaction takes keyed commands only.
+# KEYS: session_keys, then the request record of a fork (fork_request_key).
+# Deletes all of them, whether or not the session exists (what an earlier
+# session of its id left goes too), and returns whether it did. A script
+# rather than MULTI with PUBLISH: a cluster transaction takes keyed
+# commands only.
 _DELETE = """
 local existed = redis.call('EXISTS', KEYS[1])
 redis.call('DEL', unpack(KEYS))
@@ -1075,6 +1107,12 @@ def unbilled_key(tenant_id: str, session_id: str) -> str:
     """The session's usage record (the module's docstring): in its slot,
     not one of its parts."""
     return key(tenant_id, session_id, "unbilled")
+
+
+def fork_request_key(tenant_id: str, fork_id: str) -> str:
+    """The record of the request id whose fork is ``fork_id`` (the module's
+    docstring): in the fork's slot, not one of its parts."""
+    return key(tenant_id, fork_id, "fork_request")
 
 
 def holdings_key(tenant_id: str, part: str) -> str:
@@ -1486,10 +1524,24 @@ class SessionStore:
         await self.holdings.held(tenant_id, session_id, held_bytes, int(held_turns), int(beside))
         return int(new_version)
 
-    async def fork(self, tenant_id: str, session_id: str, version: int, new_session_id: str) -> int:
+    async def fork(
+        self, tenant_id: str, session_id: str, version: int, new_session_id: str, request_digest: str = ""
+    ) -> int:
         """Creates ``new_session_id`` with the turns of ``version``, at that
         version, and the source's pins of them and its facts; returns its
-        creation time."""
+        creation time. With the ``request_digest`` of a request id's request
+        (``new_session_id`` then that request id's), a fork a send of it made
+        is answered (its creation time) rather than made again, or refused
+        REQUEST_ID_REUSED where that send was another request: asked first,
+        so that a resend is answered whatever became of the source and the
+        tenant's room since, and again in the fork's script, which writes the
+        record with the fork, so that of sends at once one makes it."""
+        record_key = fork_request_key(tenant_id, new_session_id)
+        if request_digest:
+            with redis_reachable():
+                recorded = await self._client.get(record_key)
+            if recorded is not None:
+                return await self._forked_before(tenant_id, new_session_id, request_digest, recorded)
         with redis_reachable():
             source = await self._fork_source(keys=session_keys(tenant_id, session_id), args=[version])
         if source[0] == -3:
@@ -1502,7 +1554,7 @@ class SessionStore:
         await self.holdings.fits(tenant_id, new_session_id, held_by(turn_bytes, len(turns)))
         with redis_reachable():
             outcome = await self._fork_create(
-                keys=session_keys(tenant_id, new_session_id),
+                keys=[*session_keys(tenant_id, new_session_id), record_key],
                 args=[
                     version,
                     self._ttl_s,
@@ -1514,6 +1566,8 @@ class SessionStore:
                     vectors,
                     len(counts) // 2,
                     len(pins),
+                    request_digest,
+                    FORK_REQUEST_RETENTION_S,
                     *turns,
                     *counts,
                     *pins,
@@ -1527,8 +1581,22 @@ class SessionStore:
                 f"session {new_session_id!r} already exists",
                 {"session_id": new_session_id},
             )
+        if outcome[0] == 2:
+            return await self._forked_before(tenant_id, new_session_id, request_digest, outcome[1])
         _, created_ms, beside = outcome
         await self.holdings.held(tenant_id, new_session_id, turn_bytes, len(turns), int(beside))
+        return int(created_ms)
+
+    async def _forked_before(self, tenant_id: str, fork_id: str, request_digest: str, recorded: bytes) -> int:
+        """The creation time of the fork a send of the request id made, as
+        its record holds it; REQUEST_ID_REUSED where that send asked for
+        another fork."""
+        made_for, created_ms = recorded.decode().split(" ")
+        if made_for != request_digest:
+            raise request_ids.reused()
+        # That send's count of the fork was set after its script, and may
+        # have been lost with its reply.
+        await self.recount(tenant_id, fork_id)
         return int(created_ms)
 
     async def compact(
@@ -1629,7 +1697,8 @@ class SessionStore:
 
     async def delete(self, tenant_id: str, session_id: str) -> None:
         with redis_reachable():
-            deleted = await self._delete(keys=session_keys(tenant_id, session_id))
+            keys = [*session_keys(tenant_id, session_id), fork_request_key(tenant_id, session_id)]
+            deleted = await self._delete(keys=keys)
         await self.holdings.dropped(tenant_id, session_id)
         if not deleted:
             raise session_not_found(session_id)

@@ -204,6 +204,13 @@ async def test_context_sessions_on_every_master(cluster: Cluster, tenant: str) -
         got = (await stub.GetSession(pb.GetSessionRequest(tenant_id=tenant, session_id=fork_id))).session
         assert [m.content for m in got.messages] == [f"{source} turn 0", f"{source} turn 1"]
         assert got.version == 2
+        # A fork under a request id: its record in the fork's slot, written by its script.
+        fork = pb.ForkSessionRequest(
+            tenant_id=tenant, session_id=source, version=2, request_id=str(uuid.uuid4())
+        )
+        first = (await stub.ForkSession(fork)).session
+        assert (await stub.ForkSession(fork)).session == first
+        await stub.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=first.session_id))
 
         for (session_id,) in ids.values():
             session = (

@@ -365,16 +365,18 @@ class AssemblyInputs(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_version: _Optional[int] = ..., model: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., strategy: _Optional[str] = ..., tokenizer: _Optional[str] = ..., new_messages_sha256: _Optional[str] = ..., summaries: _Optional[_Iterable[_Union[SummaryRef, _Mapping]]] = ..., packs_older_turns: _Optional[bool] = ..., ranking: _Optional[str] = ..., dense_scored: _Optional[bool] = ..., pins_sha256: _Optional[str] = ..., compacted_turns: _Optional[int] = ...) -> None: ...
 
 class ForkSessionRequest(_message.Message):
-    __slots__ = ("tenant_id", "session_id", "version", "new_session_id")
+    __slots__ = ("tenant_id", "session_id", "version", "new_session_id", "request_id")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NEW_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     session_id: str
     version: int
     new_session_id: str
-    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., version: _Optional[int] = ..., new_session_id: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., version: _Optional[int] = ..., new_session_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ForkSessionResponse(_message.Message):
     __slots__ = ("session",)
