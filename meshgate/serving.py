@@ -144,7 +144,8 @@ _RETRY_POLICY = {
 # AppendTurns is retried by the router itself with one turn id for every
 # attempt (services/router/downstream.py), so a retry after a lost reply is
 # answered, not applied twice, and gRPC retrying it too would multiply the
-# attempts; DeleteSession, ForkSession, RevertSession, UnpinFromSession (the
+# attempts; DeleteSession, ForkSession (but with a request_id:
+# RETRYABLE_WITH_REQUEST_ID), RevertSession, UnpinFromSession (the
 # context's and the router's), Invalidate,
 # ReportWrongHit, the router's ChatSession (a stream of turns) and the admin
 # writes are not retried.
@@ -180,6 +181,26 @@ RETRYABLE_METHODS = {
     "meshgate.inference.v1.InferenceService": ("Generate", "Embed", "ListModels", "GetBackendHealth"),
     "grpc.health.v1.Health": ("Check",),
 }
+
+# The methods a retry is safe for only where the request carries a request_id
+# (AIP-155): a resend of it is answered as its first send was, not done again.
+# Not in the channels' retry policy, which is per method, whatever a request
+# holds: those who may resend them ask is_retryable (the router's session
+# calls, services/router/downstream.py).
+RETRYABLE_WITH_REQUEST_ID = {
+    # A second fork holding the tenant's bytes, unseen, without one.
+    "meshgate.context.v1.ContextService": ("ForkSession",),
+}
+
+
+def is_retryable(service: str, method: str, request) -> bool:
+    """Whether sending ``request`` to ``service``'s ``method`` again, its
+    first send's outcome unknown, is safe (RETRYABLE_METHODS, and
+    RETRYABLE_WITH_REQUEST_ID for a request carrying a request_id)."""
+    if method in RETRYABLE_METHODS.get(service, ()):
+        return True
+    return method in RETRYABLE_WITH_REQUEST_ID.get(service, ()) and bool(request.request_id)
+
 
 # round_robin: a target with several addresses (an address list, or a DNS
 # name of a headless Service) spreads calls over every ready replica; a

@@ -37,7 +37,7 @@ from meshgate.errors import (
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.mesh_auth import TenantTokens
 from meshgate.reasons import Reason
-from meshgate.serving import RETRYABLE_METHODS
+from meshgate.serving import is_retryable
 from services.router.auth import Tenant
 from services.router.deployments import PREFIX_BLOCK_CHARS, DeploymentTable, left_rotation
 from services.router.hot_exact import HotExactHits
@@ -60,18 +60,17 @@ _APPEND_RETRY_DELAY_S = 0.2
 # serving.RECONNECT_OPTIONS), and until it has, every call on it fails at
 # once, gRPC's own retries included (they are spent within ~0.15 s).
 _CONTEXT_RESTART_GRACE_S = 3.0
-# The session calls (ContextService.session_call) sent again after an
-# UNAVAILABLE: that can come after the service applied the call (its
-# connection broke before the reply), so only those a retry is safe for, as
-# the channels' retry policy has them (serving.RETRYABLE_METHODS). A second
-# ForkSession would leave a fork no caller knows of, holding the tenant's
-# bytes; a second RevertSession one more version, or ABORTED
-# (VERSION_CONFLICT) for a strict revert the first made; a second
-# DeleteSession or UnpinFromSession NOT_FOUND for what the first did. Those
-# are sent again only when refused unread (SERVICE_BUSY), else fail
-# UNAVAILABLE: their outcome unknown to the router as to its caller, who can
-# read the session to learn it.
-_SENT_AGAIN_AFTER_UNAVAILABLE = frozenset(RETRYABLE_METHODS["meshgate.context.v1.ContextService"])
+# The session calls (ContextService.session_call) are sent again after an
+# UNAVAILABLE only where serving.is_retryable says a retry is safe: that can
+# come after the service applied the call (its connection broke before the
+# reply). A second ForkSession without a request_id would leave a fork no
+# caller knows of, holding the tenant's bytes; a second RevertSession one
+# more version, or ABORTED (VERSION_CONFLICT) for a strict revert the first
+# made; a second DeleteSession or UnpinFromSession NOT_FOUND for what the
+# first did. Those are sent again only when refused unread (SERVICE_BUSY),
+# else fail UNAVAILABLE: their outcome unknown to the router as to its
+# caller, who can read the session to learn it.
+_CONTEXT_SERVICE = "meshgate.context.v1.ContextService"
 _GENERATE = "/meshgate.inference.v1.InferenceService/Generate"
 # The least a turn's answer takes in its session: an assistant message with
 # no text. The router reserves that, not a bound derived from max_tokens
@@ -286,11 +285,11 @@ class ContextService:
         """``method``, a ContextService method, with ``request`` acting for
         ``tenant`` (its tenant_id set here, so a caller names no other):
         sent again once if the service did not take it (_call), after an
-        UNAVAILABLE only where ``unavailable_too`` (by default, for the
-        methods in _SENT_AGAIN_AFTER_UNAVAILABLE); a failure is the
-        service's, its reason intact (failure_within)."""
+        UNAVAILABLE only where ``unavailable_too`` (by default, where a
+        retry is safe: serving.is_retryable); a failure is the service's,
+        its reason intact (failure_within)."""
         if unavailable_too is None:
-            unavailable_too = method in _SENT_AGAIN_AFTER_UNAVAILABLE
+            unavailable_too = is_retryable(_CONTEXT_SERVICE, method, request)
         request.tenant_id = tenant.id
         try:
             return await self._call(

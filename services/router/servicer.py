@@ -446,7 +446,9 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
     async def ForkSession(self, request: pb.ForkSessionRequest, context) -> pb.ForkSessionResponse:
         forked = await self._on_session(
             "ForkSession",
-            context_pb.ForkSessionRequest(session_id=request.session_id, version=request.version),
+            context_pb.ForkSessionRequest(
+                session_id=request.session_id, version=request.version, request_id=request.request_id
+            ),
             context,
         )
         return pb.ForkSessionResponse(session_id=forked.session.session_id, version=forked.session.version)

@@ -265,18 +265,16 @@ async def test_bad_input_gets_the_context_services_status_through_the_router(mes
     assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_MISSING")
 
 
-async def test_a_strict_revert_whose_reply_is_lost_is_not_sent_again(redis_url) -> None:
-    """The context service's revert runs in Redis and its reply never comes
-    back (the connection breaks): the context service answers UNAVAILABLE
-    (REDIS_UNAVAILABLE), the revert done. Sent again, the revert would find
-    the session at the version the first made and be refused ABORTED
-    (VERSION_CONFLICT), its caller told that a revert that was done was not.
-    The router answers UNAVAILABLE (the outcome unknown), and the session
-    holds the one revert."""
+@contextlib.asynccontextmanager
+async def with_replies_dropped(redis_url: str):
+    """A router, cache and context service whose Redis traffic goes through
+    a TcpProxy: yields (router stub, context stub, tenant, auth metadata,
+    proxy, a client of the Redis itself)."""
     tenant = f"lost-{uuid.uuid4().hex[:8]}"
     auth = (("authorization", f"Bearer key-{tenant}"),)
     settings = Settings(mesh=mesh_settings())
     settings.redis.url = redis_url
+    settings.context.max_bytes_per_tenant = MAX_BYTES_PER_TENANT
     settings.router.tenants = [TenantSettings(id=tenant, api_key_sha256=[hash_api_key(f"key-{tenant}")])]
     proxy = TcpProxy(urllib.parse.urlsplit(redis_url).port)
     proxied = dataclasses.replace(
@@ -286,8 +284,6 @@ async def test_a_strict_revert_whose_reply_is_lost_is_not_sent_again(redis_url) 
         stack.push_async_callback(proxy.close)
         client = redis.asyncio.from_url(redis_url)
         stack.push_async_callback(client.aclose)
-        # Loaded, so that the revert runs on its first send (EVALSHA).
-        sha = (await client.script_load(session_store._REVERT)).encode()
         settings.router.context_address = await stack.enter_async_context(
             running(context_app, "context", proxied)
         )
@@ -299,19 +295,58 @@ async def test_a_strict_revert_whose_reply_is_lost_is_not_sent_again(redis_url) 
         context = context_service_pb2_grpc.ContextServiceStub(
             await stack.enter_async_context(router_channel(settings.router.context_address, "context"))
         )
+        yield router, context, tenant, auth, proxy, client
+
+
+async def drop_the_reply_of(proxy: TcpProxy, client, script: str, send) -> asyncio.Future:
+    """The call ``send()`` makes, with the reply to its first run of
+    ``script`` in Redis dropped: the connection breaks after Redis ran it."""
+    # Loaded, so that the script runs on its first send (EVALSHA).
+    proxy.hold_when_sent((await client.script_load(script)).encode())
+    sent = asyncio.ensure_future(send())
+    for _ in range(200):
+        if proxy.drop_held():
+            return sent
+        await asyncio.sleep(0.05)
+    pytest.fail("the script never reached Redis")
+
+
+async def test_a_strict_revert_whose_reply_is_lost_is_not_sent_again(redis_url) -> None:
+    """The context service's revert runs in Redis and its reply never comes
+    back (the connection breaks): the context service answers UNAVAILABLE
+    (REDIS_UNAVAILABLE), the revert done. Sent again, the revert would find
+    the session at the version the first made and be refused ABORTED
+    (VERSION_CONFLICT), its caller told that a revert that was done was not.
+    The router answers UNAVAILABLE (the outcome unknown), and the session
+    holds the one revert."""
+    async with with_replies_dropped(redis_url) as (router, context, tenant, auth, proxy, client):
         session_id = await new_session(router, auth)
-        proxy.hold_when_sent(sha)
-        revert = asyncio.ensure_future(
-            router.RevertSession(
-                pb.RevertSessionRequest(session_id=session_id, version=0, expected_version=0), metadata=auth
-            )
+        revert = pb.RevertSessionRequest(session_id=session_id, version=0, expected_version=0)
+        sent = await drop_the_reply_of(
+            proxy, client, session_store._REVERT, lambda: router.RevertSession(revert, metadata=auth)
         )
-        for _ in range(200):
-            if proxy.drop_held():
-                break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail("the revert never reached Redis")
-        code, reason, _ = await status_of(revert)
+        code, reason, _ = await status_of(sent)
         assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "REDIS_UNAVAILABLE")
         assert await stored(context, tenant, session_id) == (1, [])
+
+
+async def test_a_fork_whose_reply_is_lost_is_sent_again_under_its_request_id(redis_url) -> None:
+    """The fork's script ran and its reply was lost: the router answered
+    UNAVAILABLE, and its caller's resend made a second fork beside the
+    first, which no one knew of and nothing counted on the tenant's bound
+    (its count is set after the script). With a request_id, the router
+    sends it again itself, and is answered the fork the first send made
+    (counted then): one fork, its answer the same to the caller's resend."""
+    async with with_replies_dropped(redis_url) as (router, context, tenant, auth, proxy, client):
+        source = await new_session(router, auth)
+        fork = pb.ForkSessionRequest(session_id=source, version=0, request_id=str(uuid.uuid4()))
+        sent = await drop_the_reply_of(
+            proxy, client, session_store._FORK_CREATE, lambda: router.ForkSession(fork, metadata=auth)
+        )
+        forked = await sent
+        assert forked.session_id != source and forked.version == 0
+        assert await router.ForkSession(fork, metadata=auth) == forked
+        sessions = [key async for key in client.scan_iter(match=f"mg:context:{{*:{tenant}}}:meta")]
+        assert len(sessions) == 2
+        held = await client.hgetall(session_store.holdings_key(tenant, "bytes"))
+        assert int(held[b"total"]) == 2 * session_store.held_by(0, 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import uuid
 
 import grpc
 import pytest
@@ -14,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshgate import mesh_auth, serving
 from meshgate.cache.v1 import cache_service_pb2  # noqa: F401 - registers the services
-from meshgate.context.v1 import context_service_pb2  # noqa: F401
+from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.inference.v1 import inference_service_pb2  # noqa: F401
 from meshgate.router.v1 import admin_service_pb2, router_service_pb2  # noqa: F401
 from tests.mesh import certs_dir, mesh_settings, renew
@@ -63,6 +64,26 @@ def test_every_retried_method_exists_and_version_checked_writes_are_not_retried(
         ("meshgate.router.v1.AdminService", "RotateKey"),
     ]:
         assert write not in retried
+
+
+def test_a_method_retried_under_a_request_id_is_retried_only_with_one() -> None:
+    """A ForkSession sent again without a request_id makes a second fork;
+    with one, the resend is answered with the first (AIP-155). The channels'
+    policy is per method, so such a method is never in it."""
+    pool = descriptor_pool.Default()
+    for service, methods in serving.RETRYABLE_WITH_REQUEST_ID.items():
+        for method in methods:
+            request = pool.FindServiceByName(service).methods_by_name[method].input_type
+            assert "request_id" in request.fields_by_name, (service, method)
+            assert method not in serving.RETRYABLE_METHODS.get(service, ()), (service, method)
+    context = "meshgate.context.v1.ContextService"
+    fork = context_pb.ForkSessionRequest(session_id="s", version=1)
+    assert not serving.is_retryable(context, "ForkSession", fork)
+    fork.request_id = str(uuid.uuid4())
+    assert serving.is_retryable(context, "ForkSession", fork)
+    assert serving.is_retryable(context, "GetSession", context_pb.GetSessionRequest(session_id="s"))
+    revert = context_pb.RevertSessionRequest(session_id="s", version=0)
+    assert not serving.is_retryable(context, "RevertSession", revert)
 
 
 def test_the_service_config_balances_round_robin_and_retries_only_unavailable() -> None:

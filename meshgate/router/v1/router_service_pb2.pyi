@@ -194,12 +194,14 @@ class DeleteSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ForkSessionRequest(_message.Message):
-    __slots__ = ("session_id", "version")
+    __slots__ = ("session_id", "version", "request_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     version: int
-    def __init__(self, session_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, session_id: _Optional[str] = ..., version: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ForkSessionResponse(_message.Message):
     __slots__ = ("session_id", "version")
