@@ -379,7 +379,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                 cause = _describe_rpc_error(error) if isinstance(error, grpc.aio.AioRpcError) else error
                 print(f"\nwarning: the demo question failed: {cause} (see {stack.log_dir})", file=sys.stderr)
             print(f"try:  {_chat_suggestion(args.api_key)}")
-        print("Ctrl-C stops everything; a process that exits is restarted.", flush=True)
+        print("Ctrl-C stops everything; a process that exits, or stays not ready, is restarted.", flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
@@ -412,6 +412,9 @@ def _describe_child(name: str, child: dict) -> str:
     if last_exit := child["last_exit"]:
         (how, value), *_ = last_exit.items()
         line += f"  last exit: {how.replace('_', ' ')} {value}"
+    # Absent from the file of a `meshgate up` older than the field.
+    if stopped_for := child.get("stopped_for"):
+        line += f"  stopped by the supervisor: {stopped_for}"
     if child["state"] == "down":
         line += f"  restart at {_clock(child['restart_at'])}"
         if child["error"]:

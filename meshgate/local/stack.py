@@ -47,6 +47,16 @@ STATUS_FILE = "status.json"
 # that takes longer is not ready for work either.
 READY_TIMEOUT_S = 1.0
 
+# How long a start waits for a child to be ready: Stack.start for the whole
+# mesh, and a supervisor for a child it restarted (Triton loading its models
+# on a busy machine is the slowest).
+START_TIMEOUT_S = 180.0
+
+# How long a stop waits for a service or Redis to exit after SIGTERM before
+# SIGKILL: a service drains its calls for up to 10 s (serving.stop). Triton
+# has its own (triton.STOP_GRACE_S).
+STOP_GRACE_S = 20.0
+
 
 def _last_lines(path: pathlib.Path, count: int) -> str:
     try:
@@ -381,6 +391,17 @@ class Stack:
             return False
         return answer.status == health_pb2.HealthCheckResponse.SERVING
 
+    def ready_depends_on(self, name: str) -> tuple[str, ...]:
+        """The children whose readiness a child's own answer depends on
+        (ready()): an inference replica answers NOT_SERVING while no Triton
+        is ready. The other services answer SERVING whatever Redis or the
+        services they call do."""
+        return ("triton",) if self.service_of(name) == "inference" else ()
+
+    def stop_grace_s(self, name: str) -> float:
+        """How long stop() waits for a child to exit after SIGTERM before SIGKILL."""
+        return triton.STOP_GRACE_S if name == "triton" else STOP_GRACE_S
+
     def _triton(self) -> tritonclient.grpc.InferenceServerClient:
         import tritonclient.grpc
 
@@ -474,7 +495,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
 {self.extra_settings}"""
         certs.replace_file(self.config_path, settings.encode(), 0o600)
 
-    def start(self, timeout_s: float = 180.0) -> None:
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._hold_state_dir()
         try:
@@ -647,7 +668,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
                 raise TimeoutError(f"{name} not SERVING within {timeout_s:.0f}s")
             time.sleep(0.1)
 
-    def stop_service(self, name: str, timeout_s: float = 20.0) -> int | None:
+    def stop_service(self, name: str, timeout_s: float = STOP_GRACE_S) -> int | None:
         process = self.processes.pop(name, None)
         if process is None or process.poll() is not None:
             return None if process is None else process.returncode

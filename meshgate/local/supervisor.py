@@ -2,6 +2,17 @@
 service) that exits is started again, after a delay that grows with each
 failure in a row, so a child that cannot start does not spin.
 
+A child that runs but is not ready for too long is stopped, and so started
+again: one that was up and has been unready (or has not answered) for
+longer than ``unready_grace_s``, or one still starting ``start_timeout_s``
+after its start, as a Kubernetes liveness or startup probe and systemd's
+WatchdogSec end a unit that hangs: SIGTERM (and SIGCONT, for a stopped
+one), then SIGKILL if it has not exited within the stack's stop grace
+(Stack.stop_grace_s). Not while a child it depends on is not up
+(Stack.ready_depends_on): the inference service is unready because Triton
+is, and a restart of it would serve nothing sooner; Triton is restarted,
+and the inference service's time counts from when Triton is up again.
+
 The supervisor watches from a thread and restarts under a lock that
 :meth:`Supervisor.stop` takes too: once stop() returns no restart is under
 way or will begin, and the stack can be stopped in order.
@@ -34,7 +45,7 @@ import time
 import structlog
 
 from meshgate.local import certs, triton
-from meshgate.local.stack import STATUS_FILE, Stack
+from meshgate.local.stack import START_TIMEOUT_S, STATUS_FILE, Stack
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +55,14 @@ log = structlog.get_logger(__name__)
 # of 0.2 s cost some 4% of a core, the supervisor's and the children's
 # together.
 UP_RECHECK_S = 1.0
+
+# How long a child that was up may be unready, or not answer (a stalled
+# one's ask fails after READY_TIMEOUT_S), before it is stopped and started
+# again: Kubernetes' default liveness probe (every 10 s, 3 failures in a
+# row), so that a busy machine's slow answers, or a GC pause, restart
+# nothing; longer than a service's drain (10 s), which ends in its exit
+# anyway.
+UNREADY_GRACE_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +160,11 @@ class ChildStatus:
     its start), "unready" (running, was up, is not ready now: a service
     draining after SIGTERM, the inference service without a ready Triton)
     or "down" (exited; ``restart_at`` says when it is tried again, ``error``
-    why the last try started nothing). Times are Unix times."""
+    why the last try started nothing). ``stopped_for``: why the supervisor
+    stopped the child, from the SIGTERM on and kept for the one started in
+    its place (unready past the grace, or not ready past the start
+    timeout); None when the last one exited on its own. Times are Unix
+    times."""
 
     state: str
     since: float
@@ -150,6 +173,7 @@ class ChildStatus:
     last_exit: dict[str, object] | None = None
     restart_at: float | None = None
     error: str | None = None
+    stopped_for: str | None = None
 
 
 def read_status(state_dir: pathlib.Path) -> dict | None:
@@ -168,12 +192,18 @@ class Supervisor:
         backoff: Backoff | None = None,
         poll_interval_s: float = 0.2,
         asker: concurrent.futures.Executor | None = None,
+        unready_grace_s: float = UNREADY_GRACE_S,
+        start_timeout_s: float = START_TIMEOUT_S,
     ) -> None:
         """``asker`` runs the readiness asks (Stack.ready); by default a
-        thread per child."""
+        thread per child. A child that was up and is unready for longer
+        than ``unready_grace_s``, or is not ready ``start_timeout_s`` after
+        its start, is stopped and started again (see the module's docstring)."""
         self._stack = stack
         self._backoff = backoff or Backoff()
         self._poll_interval_s = poll_interval_s
+        self._unready_grace_s = unready_grace_s
+        self._start_timeout_s = start_timeout_s
         self._policies: dict[str, RestartPolicy] = {}
         # Child name -> when its restart is due.
         self._due: dict[str, float] = {}
@@ -181,6 +211,12 @@ class Supervisor:
         self._asked_at: dict[str, float] = {}
         # Child name -> the ask not yet taken: the child asked of, and its answer.
         self._asks: dict[str, tuple[subprocess.Popen, concurrent.futures.Future[bool]]] = {}
+        # Child name -> since when it has been not ready (starting, or
+        # unready) while every child it depends on was up.
+        self._not_ready_since: dict[str, float] = {}
+        # Child name -> when the child the supervisor sent SIGTERM, as not
+        # ready too long, is killed if it has not exited by then.
+        self._kill_at: dict[str, float] = {}
         self._asker = asker
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -240,8 +276,11 @@ class Supervisor:
                     self._schedule(name, process, now)
                 elif due is not None and now >= due:
                     self._restart(name, now)
+                elif name in self._kill_at:
+                    self._kill_if_overdue(name, process, now)
                 elif due is None:
                     self._check_ready(name, process, now)
+                    self._stop_if_not_ready_too_long(name, process, now)
             if self.status != before:
                 self._write_status()
 
@@ -271,6 +310,58 @@ class Supervisor:
             self._policies[name].not_up(now)
             self.status[name] = dataclasses.replace(status, state="unready", since=time.time())
 
+    def _stop_if_not_ready_too_long(self, name: str, process: subprocess.Popen, now: float) -> None:
+        """Stops a child that has been unready for longer than the grace,
+        or starting for longer than the start timeout (each alone: the
+        grace counts from when a child that was up stopped being so), its
+        time counted only while every child it depends on is up. Its exit
+        is then noticed and restarted as any other."""
+        status = self.status.get(name)
+        if status is None or status.state == "up" or not self._dependencies_up(name):
+            self._not_ready_since.pop(name, None)
+            return
+        since = self._not_ready_since.setdefault(name, now)
+        if status.state == "starting":
+            limit, reason = self._start_timeout_s, f"not ready {now - since:.1f} s after its start"
+        else:
+            limit, reason = self._unready_grace_s, f"unready for {now - since:.1f} s"
+        if now - since <= limit:
+            return
+        reason += f", longer than {limit:g} s"
+        del self._not_ready_since[name]
+        grace = self._stack.stop_grace_s(name)
+        self._kill_at[name] = now + grace
+        process.send_signal(signal.SIGTERM)
+        # A stopped process (SIGSTOP) takes SIGTERM only once continued,
+        # as systemd sends SIGCONT after it: it can then stop in order.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGCONT)
+        self.status[name] = dataclasses.replace(status, stopped_for=reason)
+        log.warning(
+            "child not ready, stopping it to restart it",
+            child=name,
+            pid=process.pid,
+            state=status.state,
+            reason=reason,
+            kill_in_s=grace,
+            log=str(self._stack.log_path(name)),
+        )
+
+    def _dependencies_up(self, name: str) -> bool:
+        return all(
+            self.status[dependency].state == "up"
+            for dependency in self._stack.ready_depends_on(name)
+            if dependency in self.status
+        )
+
+    def _kill_if_overdue(self, name: str, process: subprocess.Popen, now: float) -> None:
+        """Kills a child stopped as not ready once its stop grace is over."""
+        if now < self._kill_at[name]:
+            return
+        log.warning("child did not stop in time, killing it", child=name, pid=process.pid)
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+
     def _write_status(self) -> None:
         status = {
             "pid": os.getpid(),
@@ -283,6 +374,8 @@ class Supervisor:
 
     def _schedule(self, name: str, process: subprocess.Popen, now: float) -> None:
         _kill_leftovers(process)
+        self._not_ready_since.pop(name, None)
+        stopped_for = self.status[name].stopped_for if self._kill_at.pop(name, None) is not None else None
         policy = self._policies.setdefault(name, RestartPolicy(self._backoff))
         delay = policy.next_delay(now)
         self._due[name] = now + delay
@@ -293,12 +386,14 @@ class Supervisor:
             self.restarts.get(name, 0),
             last_exit=describe_exit(process.returncode),
             restart_at=time.time() + delay,
+            stopped_for=stopped_for,
         )
         log.warning(
             "child exited, restarting",
             child=name,
             pid=process.pid,
             **describe_exit(process.returncode),
+            stopped_for=stopped_for,
             attempt=policy.attempt,
             restart_in_s=delay,
             # What it said as it ended: the line alone tells nothing of why.
@@ -325,7 +420,11 @@ class Supervisor:
             )
             return
         policy.started()
+        # Its start timeout counts from now, not from the first pass that asks it.
+        self._not_ready_since[name] = now
         self.restarts[name] = self.restarts.get(name, 0) + 1
-        pid, last_exit = self._stack.processes[name].pid, self.status[name].last_exit
-        self.status[name] = ChildStatus("starting", time.time(), pid, self.restarts[name], last_exit)
+        pid, down = self._stack.processes[name].pid, self.status[name]
+        self.status[name] = ChildStatus(
+            "starting", time.time(), pid, self.restarts[name], down.last_exit, stopped_for=down.stopped_for
+        )
         log.info("child restarted", child=name, pid=self._stack.processes[name].pid, attempt=policy.attempt)

@@ -346,7 +346,11 @@ def wait_ready(
             time.sleep(0.2)
 
 
-def terminate(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+# How long a stop waits for Triton to drain after SIGTERM before SIGKILL.
+STOP_GRACE_S = 15.0
+
+
+def terminate(process: subprocess.Popen[bytes], timeout: float = STOP_GRACE_S) -> int:
     """SIGTERM, then SIGKILL if Triton has not drained within `timeout` seconds."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)

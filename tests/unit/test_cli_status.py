@@ -79,3 +79,27 @@ def test_a_stack_whose_children_are_all_up_is_exit_code_0(stack, capsys, monkeyp
         assert capsys.readouterr().out.splitlines()[0].endswith(": 1 of 1 up")
     finally:
         supervisor.stop()
+
+
+def test_a_child_the_supervisor_stopped_says_why(stack, capsys, monkeypatch) -> None:
+    stack._hold_state_dir()
+    stack.processes["redis"] = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    supervisor = Supervisor(stack, poll_interval_s=3600, asker=InlineExecutor(), unready_grace_s=5.0)
+    supervisor.start()
+    try:
+        supervisor.check(now=1.0)
+        monkeypatch.setattr(Stack, "ready", lambda stack, name: False)
+        supervisor.check(now=2.0)
+        supervisor.check(now=8.0)
+        stack.processes["redis"].wait(5)
+        supervisor.check(now=8.5)
+        capsys.readouterr()  # its log lines
+        assert status(stack) == cli.STATUS_NOT_UP
+        redis = capsys.readouterr().out.splitlines()[1]
+        assert redis.split()[:2] == ["redis", "down"]
+        assert (
+            "last exit: signal SIGTERM  stopped by the supervisor: unready for 6.0 s, longer than 5 s"
+            in redis
+        )
+    finally:
+        supervisor.stop()

@@ -89,6 +89,12 @@ class _Stack:
     def ready(self, name: str) -> bool:
         return name in self.ready_children
 
+    def ready_depends_on(self, name: str) -> tuple[str, ...]:
+        return ("triton",) if name == "inference" else ()
+
+    def stop_grace_s(self, name: str) -> float:
+        return 5.0
+
     def stop(self) -> None:
         for process in self.processes.values():
             process.kill()
@@ -234,6 +240,7 @@ def test_the_status_file_says_whether_each_child_is_up_starting_unready_or_down(
             "last_exit": None,
             "restart_at": None,
             "error": None,
+            "stopped_for": None,
         }
 
         # Running, no longer ready (draining, say): not up, once asked again
@@ -320,4 +327,140 @@ def test_a_child_that_does_not_answer_holds_up_no_other_childs_restart(stack, tm
             supervisor.check(now=3.2)
     finally:
         released.set()
+        supervisor.stop()
+
+
+def _supervised(stack, **options) -> Supervisor:
+    """A supervisor whose passes are the test's, with a grace of 10 s and a
+    start timeout of 100 s unless ``options`` say otherwise."""
+    options = {"unready_grace_s": 10.0, "start_timeout_s": 100.0, **options}
+    supervisor = Supervisor(
+        stack, Backoff(initial_s=1.0), poll_interval_s=3600, asker=InlineExecutor(), **options
+    )
+    supervisor.start()
+    return supervisor
+
+
+def test_a_child_unready_past_the_grace_is_stopped_and_started_again(stack, tmp_path) -> None:
+    """A child that was up and stayed unready (a Redis that never answers
+    PING, a SIGSTOPped service) was never restarted: only an exit was."""
+    stack.launch("router")
+    supervisor = _supervised(stack)
+    try:
+        stack.ready_children = {"router"}
+        supervisor.check(now=1.0)
+        stack.ready_children = set()
+        supervisor.check(now=3.0)  # unready from here
+        first = stack.processes["router"]
+        with structlog.testing.capture_logs() as logs:
+            supervisor.check(now=13.0)
+            assert first.poll() is None, "stopped within the grace"
+            supervisor.check(now=13.5)
+        assert first.wait(5) == -signal.SIGTERM
+        reason = "unready for 10.5 s, longer than 10 s"
+        assert [(entry["event"], entry["reason"]) for entry in logs] == [
+            ("child not ready, stopping it to restart it", reason)
+        ]
+        assert read_status(tmp_path)["children"]["router"]["stopped_for"] == reason
+
+        supervisor.check(now=14.0)  # its exit, and the backoff's delay
+        router = read_status(tmp_path)["children"]["router"]
+        assert (router["state"], router["last_exit"], router["stopped_for"]) == (
+            "down",
+            {"signal": "SIGTERM"},
+            reason,
+        )
+        supervisor.check(now=15.0)
+        assert stack.launched == ["router", "router"]
+        router = read_status(tmp_path)["children"]["router"]
+        assert (router["state"], router["restarts"], router["stopped_for"]) == ("starting", 1, reason)
+    finally:
+        supervisor.stop()
+
+
+def test_a_starting_child_has_its_start_timeout_and_not_the_grace_besides(stack, tmp_path) -> None:
+    stack.launch("triton")
+    supervisor = _supervised(stack)
+    try:
+        supervisor.check(now=0.0)
+        supervisor.check(now=50.0)  # starting past the grace: still its own time
+        assert stack.processes["triton"].poll() is None
+        supervisor.check(now=100.0)
+        assert stack.processes["triton"].poll() is None
+        supervisor.check(now=100.5)
+        assert stack.processes["triton"].wait(5) == -signal.SIGTERM
+        supervisor.check(now=101.0)
+        triton = read_status(tmp_path)["children"]["triton"]
+        assert (triton["state"], triton["stopped_for"]) == (
+            "down",
+            "not ready 100.5 s after its start, longer than 100 s",
+        )
+
+        # Its replacement's time counts from its restart, not its first ask.
+        supervisor.check(now=102.0)
+        assert stack.launched == ["triton", "triton"]
+        supervisor.check(now=150.0)
+        supervisor.check(now=202.5)
+        assert stack.processes["triton"].wait(5) == -signal.SIGTERM
+    finally:
+        supervisor.stop()
+
+
+def test_a_child_unready_because_what_it_depends_on_is_not_is_left_to_it(stack, tmp_path) -> None:
+    """The inference service is unready while Triton is: Triton is
+    restarted, and the inference service, which a restart would not make
+    serve sooner, is given the whole grace once Triton is up again."""
+    stack.launch("triton")
+    stack.launch("inference")
+    supervisor = _supervised(stack)
+    try:
+        stack.ready_children = {"triton", "inference"}
+        supervisor.check(now=1.0)
+        stack.ready_children = set()  # Triton stalls, and so the inference service
+        supervisor.check(now=3.0)
+        inference = stack.processes["inference"]
+        supervisor.check(now=13.5)  # Triton past the grace: stopped
+        supervisor.check(now=14.0)
+        supervisor.check(now=15.0)  # restarted
+        assert stack.launched == ["triton", "inference", "triton"]
+        stack.ready_children = {"triton"}
+        supervisor.check(now=20.0)  # Triton up: the inference service's grace begins
+        assert read_status(tmp_path)["children"]["triton"]["state"] == "up"
+        supervisor.check(now=30.0)
+        assert inference.poll() is None and stack.launched.count("inference") == 1
+        supervisor.check(now=30.5)
+        assert inference.wait(5) == -signal.SIGTERM
+        assert (
+            read_status(tmp_path)["children"]["inference"]["stopped_for"]
+            == "unready for 10.5 s, longer than 10 s"
+        )
+    finally:
+        supervisor.stop()
+
+
+def test_a_child_that_does_not_stop_is_killed_after_the_stop_grace(stack, tmp_path) -> None:
+    stack.processes["redis"] = subprocess.Popen(
+        ["sh", "-c", "trap '' TERM; exec sleep 60"], start_new_session=True
+    )
+    supervisor = _supervised(stack)
+    try:
+        stack.ready_children = {"redis"}
+        supervisor.check(now=1.0)
+        stack.ready_children = set()
+        supervisor.check(now=2.0)
+        supervisor.check(now=12.5)  # SIGTERM, which it ignores
+        redis = stack.processes["redis"]
+        supervisor.check(now=17.0)  # within the fake stack's stop grace of 5 s
+        with pytest.raises(subprocess.TimeoutExpired):
+            redis.wait(0.2)
+        supervisor.check(now=17.5)
+        assert redis.wait(5) == -signal.SIGKILL
+        supervisor.check(now=18.0)
+        status = read_status(tmp_path)["children"]["redis"]
+        assert (status["state"], status["last_exit"], status["stopped_for"]) == (
+            "down",
+            {"signal": "SIGKILL"},
+            "unready for 10.5 s, longer than 10 s",
+        )
+    finally:
         supervisor.stop()
