@@ -24,7 +24,9 @@ from meshgate.local.stack import free_port
 # and so would every process it starts: a test that sends one (Ctrl-C to
 # `meshgate chat`, the stack's signals to its children) then failed for the
 # runner's reason, not the code's. The dispositions a terminal gives, in
-# every process that loads this (each pytest-xdist worker too).
+# every process that loads this (each pytest-xdist worker too). Not SIGHUP's:
+# ignored, it is `nohup make test` asking the run to outlive its terminal; a
+# test whose children need it at its default sets it for their start.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:

@@ -87,8 +87,16 @@ def test_a_child_started_to_ignore_sighup_outlives_one_sent_as_it_starts() -> No
 
 def test_a_child_not_started_to_ignore_sighup_is_ended_by_one_sent_as_it_starts() -> None:
     """As a direct start would be: the SIGHUP waits while the launcher runs,
-    and ends it once unblocked."""
-    process = children.start(["sleep", "60"])
+    and ends it once unblocked. The child keeps the disposition it inherits,
+    so this one is started as from a terminal's shell, SIGHUP at its default:
+    under `nohup make test` the run's own is ignored, and the child's was
+    too (the conftest leaves it so, unlike SIGINT and SIGQUIT: reset there,
+    a closed terminal would end the run nohup was asked to keep going)."""
+    inherited = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        process = children.start(["sleep", "60"])
+    finally:
+        signal.signal(signal.SIGHUP, inherited)
     try:
         process.send_signal(signal.SIGHUP)
         assert process.wait(10) == -signal.SIGHUP
