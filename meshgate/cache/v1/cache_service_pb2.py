@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from meshgate.common.v1 import common_pb2 as meshgate_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%meshgate/cache/v1/cache_service.proto\x12\x11meshgate.cache.v1\x1a\x1fmeshgate/common/v1/common.proto\"{\n\nCacheScope\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12<\n\nparameters\x18\x03 \x01(\x0b\x32(.meshgate.common.v1.GenerationParameters\x12\r\n\x05route\x18\x04 \x01(\t\"q\n\x0c\x43\x61\x63hedAnswer\x12\x0c\n\x04text\x18\x01 \x01(\t\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.meshgate.common.v1.Usage\x12\x12\n\ndeployment\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\"\xac\x01\n\rLookupRequest\x12,\n\x05scope\x18\x01 \x01(\x0b\x32\x1d.meshgate.cache.v1.CacheScope\x12-\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12\x10\n\x08semantic\x18\x03 \x01(\x08\x12\x18\n\x10semantic_follows\x18\x04 \x01(\x08\x12\x12\n\nfence_only\x18\x05 \x01(\x08\"\xdc\x01\n\x0eLookupResponse\x12/\n\x06status\x18\x01 \x01(\x0e\x32\x1f.meshgate.cache.v1.LookupStatus\x12/\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x1f.meshgate.cache.v1.CachedAnswer\x12\x12\n\nsimilarity\x18\x03 \x01(\x02\x12\x10\n\x08\x65ntry_id\x18\x04 \x01(\t\x12\x16\n\x0e\x61sked_entry_id\x18\x05 \x01(\t\x12\x13\n\x0bstore_fence\x18\x06 \x01(\t\x12\x15\n\rexpires_in_ms\x18\x07 \x01(\x03\"\xc6\x01\n\x0cStoreRequest\x12,\n\x05scope\x18\x01 \x01(\x0b\x32\x1d.meshgate.cache.v1.CacheScope\x12-\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12/\n\x06\x61nswer\x18\x03 \x01(\x0b\x32\x1f.meshgate.cache.v1.CachedAnswer\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x05\x12\x13\n\x0bstore_fence\x18\x05 \x01(\t\"C\n\rStoreResponse\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12 \n\x18invalidated_since_lookup\x18\x02 \x01(\x08\"5\n\x11InvalidateRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"-\n\x12InvalidateResponse\x12\x17\n\x0f\x65ntries_removed\x18\x01 \x01(\x03\"\x11\n\x0fGetStatsRequest\"\xff\x01\n\x10GetStatsResponse\x12\x12\n\nexact_hits\x18\x01 \x01(\x03\x12\x15\n\rsemantic_hits\x18\x02 \x01(\x03\x12\x0e\n\x06misses\x18\x03 \x01(\x03\x12\x0e\n\x06stores\x18\x04 \x01(\x03\x12\x0f\n\x07\x65ntries\x18\x05 \x01(\x03\x12\x1a\n\x12semantic_threshold\x18\x06 \x01(\x02\x12\x1f\n\x17\x65xpected_false_hit_rate\x18\x07 \x01(\x02\x12\x1a\n\x12max_false_hit_rate\x18\x08 \x01(\x02\x12\x1b\n\x13verifier_rejections\x18\t \x01(\x03\x12\x19\n\x11wrong_hit_reports\x18\n \x01(\x03\"\x86\x01\n\x15ReportWrongHitRequest\x12,\n\x05scope\x18\x01 \x01(\x0b\x32\x1d.meshgate.cache.v1.CacheScope\x12-\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\t\"M\n\x16ReportWrongHitResponse\x12\x15\n\rentry_removed\x18\x01 \x01(\x08\x12\x1c\n\x14reports_in_partition\x18\x02 \x01(\x05*\x82\x01\n\x0cLookupStatus\x12\x1d\n\x19LOOKUP_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17LOOKUP_STATUS_EXACT_HIT\x10\x01\x12\x1e\n\x1aLOOKUP_STATUS_SEMANTIC_HIT\x10\x02\x12\x16\n\x12LOOKUP_STATUS_MISS\x10\x03\x32\xc0\x03\n\x0c\x43\x61\x63heService\x12M\n\x06Lookup\x12 .meshgate.cache.v1.LookupRequest\x1a!.meshgate.cache.v1.LookupResponse\x12J\n\x05Store\x12\x1f.meshgate.cache.v1.StoreRequest\x1a .meshgate.cache.v1.StoreResponse\x12Y\n\nInvalidate\x12$.meshgate.cache.v1.InvalidateRequest\x1a%.meshgate.cache.v1.InvalidateResponse\x12S\n\x08GetStats\x12\".meshgate.cache.v1.GetStatsRequest\x1a#.meshgate.cache.v1.GetStatsResponse\x12\x65\n\x0eReportWrongHit\x12(.meshgate.cache.v1.ReportWrongHitRequest\x1a).meshgate.cache.v1.ReportWrongHitResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%meshgate/cache/v1/cache_service.proto\x12\x11meshgate.cache.v1\x1a\x1fmeshgate/common/v1/common.proto\"{\n\nCacheScope\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12<\n\nparameters\x18\x03 \x01(\x0b\x32(.meshgate.common.v1.GenerationParameters\x12\r\n\x05route\x18\x04 \x01(\t\"q\n\x0c\x43\x61\x63hedAnswer\x12\x0c\n\x04text\x18\x01 \x01(\t\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.meshgate.common.v1.Usage\x12\x12\n\ndeployment\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\"\xac\x01\n\rLookupRequest\x12,\n\x05scope\x18\x01 \x01(\x0b\x32\x1d.meshgate.cache.v1.CacheScope\x12-\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12\x10\n\x08semantic\x18\x03 \x01(\x08\x12\x18\n\x10semantic_follows\x18\x04 \x01(\x08\x12\x12\n\nfence_only\x18\x05 \x01(\x08\"\xf2\x01\n\x0eLookupResponse\x12/\n\x06status\x18\x01 \x01(\x0e\x32\x1f.meshgate.cache.v1.LookupStatus\x12/\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x1f.meshgate.cache.v1.CachedAnswer\x12\x12\n\nsimilarity\x18\x03 \x01(\x02\x12\x10\n\x08\x65ntry_id\x18\x04 \x01(\t\x12\x16\n\x0e\x61sked_entry_id\x18\x05 \x01(\t\x12\x13\n\x0bstore_fence\x18\x06 \x01(\t\x12\x15\n\rexpires_in_ms\x18\x07 \x01(\x03\x12\x14\n\x0cheartbeat_id\x18\x08 \x01(\t\"\xc6\x01\n\x0cStoreRequest\x12,\n\x05scope\x18\x01 \x01(\x0b\x32\x1d.meshgate.cache.v1.CacheScope\x12-\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12/\n\x06\x61nswer\x18\x03 \x01(\x0b\x32\x1f.meshgate.cache.v1.CachedAnswer\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x05\x12\x13\n\x0bstore_fence\x18\x05 \x01(\t\"C\n\rStoreResponse\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12 \n\x18invalidated_since_lookup\x18\x02 \x01(\x08\"5\n\x11InvalidateRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"-\n\x12InvalidateResponse\x12\x17\n\x0f\x65ntries_removed\x18\x01 \x01(\x03\"\x11\n\x0fGetStatsRequest\"\xff\x01\n\x10GetStatsResponse\x12\x12\n\nexact_hits\x18\x01 \x01(\x03\x12\x15\n\rsemantic_hits\x18\x02 \x01(\x03\x12\x0e\n\x06misses\x18\x03 \x01(\x03\x12\x0e\n\x06stores\x18\x04 \x01(\x03\x12\x0f\n\x07\x65ntries\x18\x05 \x01(\x03\x12\x1a\n\x12semantic_threshold\x18\x06 \x01(\x02\x12\x1f\n\x17\x65xpected_false_hit_rate\x18\x07 \x01(\x02\x12\x1a\n\x12max_false_hit_rate\x18\x08 \x01(\x02\x12\x1b\n\x13verifier_rejections\x18\t \x01(\x03\x12\x19\n\x11wrong_hit_reports\x18\n \x01(\x03\"\x86\x01\n\x15ReportWrongHitRequest\x12,\n\x05scope\x18\x01 \x01(\x0b\x32\x1d.meshgate.cache.v1.CacheScope\x12-\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\t\"M\n\x16ReportWrongHitResponse\x12\x15\n\rentry_removed\x18\x01 \x01(\x08\x12\x1c\n\x14reports_in_partition\x18\x02 \x01(\x05*\x82\x01\n\x0cLookupStatus\x12\x1d\n\x19LOOKUP_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17LOOKUP_STATUS_EXACT_HIT\x10\x01\x12\x1e\n\x1aLOOKUP_STATUS_SEMANTIC_HIT\x10\x02\x12\x16\n\x12LOOKUP_STATUS_MISS\x10\x03\x32\xc0\x03\n\x0c\x43\x61\x63heService\x12M\n\x06Lookup\x12 .meshgate.cache.v1.LookupRequest\x1a!.meshgate.cache.v1.LookupResponse\x12J\n\x05Store\x12\x1f.meshgate.cache.v1.StoreRequest\x1a .meshgate.cache.v1.StoreResponse\x12Y\n\nInvalidate\x12$.meshgate.cache.v1.InvalidateRequest\x1a%.meshgate.cache.v1.InvalidateResponse\x12S\n\x08GetStats\x12\".meshgate.cache.v1.GetStatsRequest\x1a#.meshgate.cache.v1.GetStatsResponse\x12\x65\n\x0eReportWrongHit\x12(.meshgate.cache.v1.ReportWrongHitRequest\x1a).meshgate.cache.v1.ReportWrongHitResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshgate.cache.v1.cache_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOOKUPSTATUS']._serialized_start=1597
-  _globals['_LOOKUPSTATUS']._serialized_end=1727
+  _globals['_LOOKUPSTATUS']._serialized_start=1619
+  _globals['_LOOKUPSTATUS']._serialized_end=1749
   _globals['_CACHESCOPE']._serialized_start=93
   _globals['_CACHESCOPE']._serialized_end=216
   _globals['_CACHEDANSWER']._serialized_start=218
@@ -41,23 +41,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOOKUPREQUEST']._serialized_start=334
   _globals['_LOOKUPREQUEST']._serialized_end=506
   _globals['_LOOKUPRESPONSE']._serialized_start=509
-  _globals['_LOOKUPRESPONSE']._serialized_end=729
-  _globals['_STOREREQUEST']._serialized_start=732
-  _globals['_STOREREQUEST']._serialized_end=930
-  _globals['_STORERESPONSE']._serialized_start=932
-  _globals['_STORERESPONSE']._serialized_end=999
-  _globals['_INVALIDATEREQUEST']._serialized_start=1001
-  _globals['_INVALIDATEREQUEST']._serialized_end=1054
-  _globals['_INVALIDATERESPONSE']._serialized_start=1056
-  _globals['_INVALIDATERESPONSE']._serialized_end=1101
-  _globals['_GETSTATSREQUEST']._serialized_start=1103
-  _globals['_GETSTATSREQUEST']._serialized_end=1120
-  _globals['_GETSTATSRESPONSE']._serialized_start=1123
-  _globals['_GETSTATSRESPONSE']._serialized_end=1378
-  _globals['_REPORTWRONGHITREQUEST']._serialized_start=1381
-  _globals['_REPORTWRONGHITREQUEST']._serialized_end=1515
-  _globals['_REPORTWRONGHITRESPONSE']._serialized_start=1517
-  _globals['_REPORTWRONGHITRESPONSE']._serialized_end=1594
-  _globals['_CACHESERVICE']._serialized_start=1730
-  _globals['_CACHESERVICE']._serialized_end=2178
+  _globals['_LOOKUPRESPONSE']._serialized_end=751
+  _globals['_STOREREQUEST']._serialized_start=754
+  _globals['_STOREREQUEST']._serialized_end=952
+  _globals['_STORERESPONSE']._serialized_start=954
+  _globals['_STORERESPONSE']._serialized_end=1021
+  _globals['_INVALIDATEREQUEST']._serialized_start=1023
+  _globals['_INVALIDATEREQUEST']._serialized_end=1076
+  _globals['_INVALIDATERESPONSE']._serialized_start=1078
+  _globals['_INVALIDATERESPONSE']._serialized_end=1123
+  _globals['_GETSTATSREQUEST']._serialized_start=1125
+  _globals['_GETSTATSREQUEST']._serialized_end=1142
+  _globals['_GETSTATSRESPONSE']._serialized_start=1145
+  _globals['_GETSTATSRESPONSE']._serialized_end=1400
+  _globals['_REPORTWRONGHITREQUEST']._serialized_start=1403
+  _globals['_REPORTWRONGHITREQUEST']._serialized_end=1537
+  _globals['_REPORTWRONGHITRESPONSE']._serialized_start=1539
+  _globals['_REPORTWRONGHITRESPONSE']._serialized_end=1616
+  _globals['_CACHESERVICE']._serialized_start=1752
+  _globals['_CACHESERVICE']._serialized_end=2200
 # @@protoc_insertion_point(module_scope)

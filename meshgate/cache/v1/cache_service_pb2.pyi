@@ -58,7 +58,7 @@ class LookupRequest(_message.Message):
     def __init__(self, scope: _Optional[_Union[CacheScope, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., semantic: _Optional[bool] = ..., semantic_follows: _Optional[bool] = ..., fence_only: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("status", "answer", "similarity", "entry_id", "asked_entry_id", "store_fence", "expires_in_ms")
+    __slots__ = ("status", "answer", "similarity", "entry_id", "asked_entry_id", "store_fence", "expires_in_ms", "heartbeat_id")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class LookupResponse(_message.Message):
     ASKED_ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
     STORE_FENCE_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_MS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_ID_FIELD_NUMBER: _ClassVar[int]
     status: LookupStatus
     answer: CachedAnswer
     similarity: float
@@ -73,7 +74,8 @@ class LookupResponse(_message.Message):
     asked_entry_id: str
     store_fence: str
     expires_in_ms: int
-    def __init__(self, status: _Optional[_Union[LookupStatus, str]] = ..., answer: _Optional[_Union[CachedAnswer, _Mapping]] = ..., similarity: _Optional[float] = ..., entry_id: _Optional[str] = ..., asked_entry_id: _Optional[str] = ..., store_fence: _Optional[str] = ..., expires_in_ms: _Optional[int] = ...) -> None: ...
+    heartbeat_id: str
+    def __init__(self, status: _Optional[_Union[LookupStatus, str]] = ..., answer: _Optional[_Union[CachedAnswer, _Mapping]] = ..., similarity: _Optional[float] = ..., entry_id: _Optional[str] = ..., asked_entry_id: _Optional[str] = ..., store_fence: _Optional[str] = ..., expires_in_ms: _Optional[int] = ..., heartbeat_id: _Optional[str] = ...) -> None: ...
 
 class StoreRequest(_message.Message):
     __slots__ = ("scope", "messages", "answer", "ttl_seconds", "store_fence")
