@@ -166,7 +166,8 @@ class RouterMetrics:
             "meshgate_router_hot_copies_live",
             "1 while this router answers repeats of cache hits from its own copies "
             "(router.hot_exact_entries): subscribed to the cache service's notices and hearing its "
-            "heartbeat (every 1 s; lost after 3 s); 0 while they are asked of the cache service.",
+            "heartbeat (every 1 s; lost after 3 s); 0 while they are asked of the cache service: no "
+            "heartbeat heard, or a hit within 3 s named a cache replica's heartbeat not heard.",
         )
         # Whose: the router's info log of each names the tenant, as no
         # tenant id is a label (this module's docstring).

@@ -51,6 +51,8 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         # Embeddings act for no tenant: the cache's certificate is enough there.
         channel = serving.client_channel(config.inference_address, mesh.to("inference"))
     stats = Stats(client)
+    # The routers copy this replica's hits only while they hear it.
+    heartbeat = Heartbeat(client)
     servicer = CacheServicer(
         config,
         CacheStore(client, config.max_entries_per_partition),
@@ -64,11 +66,10 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
             config.max_entries_per_partition, config.max_resident_rows, config.approximate_index_from
         ),
         verifier,
+        heartbeat.heartbeat_id,
     )
     cache_service_pb2_grpc.add_CacheServiceServicer_to_server(servicer, service.server)
     stats.start()
-    # The routers serve their copies of hot hits only while they hear it.
-    heartbeat = Heartbeat(client)
     heartbeat.start()
 
     return serving.cleanup_steps(

@@ -1,8 +1,10 @@
 """The cache service's heartbeat on its notices' channel
-(``meshgate/cache_notices.py``): a router serves its copies of hot hits
-only while it hears one, so a router that hears another Redis than the
-cache service's serves none, rather than each for its whole age limit
-after the notice that should have dropped it."""
+(``meshgate/cache_notices.py``): each replica's carries an id of its own,
+which its hits name, and a router copies a hit only while it hears the
+heartbeat the hit names. A router that hears another Redis than the
+replica's (another mesh's, or the others' where this replica alone is on
+another) keeps no copy of its hits, rather than serving each for its
+whole age limit after the notice that should have dropped it."""
 
 from __future__ import annotations
 
@@ -19,13 +21,15 @@ log = structlog.get_logger(__name__)
 
 
 class Heartbeat:
-    """Publishes ``cache_notices.HEARTBEAT`` every ``interval_s``, as
-    the notices are published (plain PUBLISH, forwarded to every node of a
-    cluster): the first at start."""
+    """Publishes ``cache_notices.heartbeat(heartbeat_id)`` every
+    ``interval_s``, as the notices are published (plain PUBLISH, forwarded
+    to every node of a cluster): the first at start."""
 
     def __init__(self, client: redis.Redis, interval_s: float = cache_notices.HEARTBEAT_INTERVAL_S) -> None:
         self._client = client
         self._interval_s = interval_s
+        self.heartbeat_id = cache_notices.new_heartbeat_id()
+        self._message = cache_notices.heartbeat(self.heartbeat_id)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -39,7 +43,7 @@ class Heartbeat:
         failing = False
         while True:
             try:
-                await self._client.publish(cache_notices.CHANNEL, cache_notices.HEARTBEAT)
+                await self._client.publish(cache_notices.CHANNEL, self._message)
             except (*CONNECTION_ERRORS, redis.RedisError) as error:
                 # The routers bypass their copies meanwhile; one warning per outage.
                 if not failing:

@@ -191,8 +191,13 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         stats: Stats,
         indexes: IndexRegistry,
         verifier: Verifier,
+        heartbeat_id: str = "",
     ) -> None:
         self._settings = settings
+        # What this replica's heartbeat carries (heartbeat.py); its hits name
+        # it, and a router copies a hit only while it hears that heartbeat.
+        # Empty (a servicer publishing none): no router copies its hits.
+        self._heartbeat_id = heartbeat_id
         self._verifier = verifier
         self._threshold = settings.semantic_threshold
         self._store = store
@@ -233,6 +238,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 similarity=1.0,
                 entry_id=entry_id,
                 expires_in_ms=expires_in_ms,
+                heartbeat_id=self._heartbeat_id,
             )
             response.answer.MergeFromString(answer)
             return response
@@ -250,6 +256,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                     entry_id=match.entry_id,
                     asked_entry_id=entry_id,
                     expires_in_ms=expires_in_ms,
+                    heartbeat_id=self._heartbeat_id,
                 )
                 response.answer.MergeFromString(answer)
                 return response

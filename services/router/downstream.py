@@ -555,6 +555,7 @@ class CacheService:
                 response.entry_id,
                 plan.tenant_id,
                 plan.model,
+                response.heartbeat_id,
                 asked_entry_id=response.asked_entry_id,
                 expires_in_s=response.expires_in_ms / 1000,
             )

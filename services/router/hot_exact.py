@@ -32,12 +32,19 @@ from the moment it breaks until it is back. A subscription that is up
 proves nothing of the publisher: subscribed where the cache service does
 not publish (``router.cache_redis_url`` not its Redis), a router hears no
 notice, and served every copy for its whole age limit after an Invalidate.
-So the copies are served only while the cache service's heartbeat (every
-second, ``cache_notices.HEARTBEAT_INTERVAL_S``) has been heard within
-``cache_notices.HEARTBEAT_LOST_AFTER_S``: none from a subscription's
-start until its first, none from that long after the latest until the
-next, which drops what was held (what went unheard meanwhile is unknown).
-A silence is logged once as a warning, its end once at info. And no copy
+Nor does a heartbeat heard prove it of every publisher: a router hearing
+another mesh's Redis hears that mesh's cache services, and one cache
+replica alone on another Redis than the others is heard by no router. So
+each cache replica's heartbeat (every second,
+``cache_notices.HEARTBEAT_INTERVAL_S``) carries an id of its own, which
+its hits name, and a hit is copied, and its copy served, only while the
+heartbeat it names has been heard within
+``cache_notices.HEARTBEAT_LOST_AFTER_S``: none from a subscription's start
+until its first, none from that long after the latest until the next. A
+heartbeat after the router heard none for that long drops whatever was
+held (what went unheard meanwhile is unknown). A silence of every
+heartbeat, or hits that name one not heard, are logged once as a
+warning, their end once at info. And no copy
 is served longer than ``max_age_s`` after it was fetched, which also
 bounds how long one outlives its entry's eviction (which announces
 nothing) and a notice lost while a broken connection was not yet
@@ -94,6 +101,9 @@ class _Copy:
     model: str
     # The router's clock (monotonic): past it the copy is not served.
     served_until: float
+    # The heartbeat of the cache replica that answered: unheard, the copy is
+    # dropped (cache_notices.py).
+    heartbeat_id: str
     # What holding it costs, about: the answer's text as Python holds it.
     size: int
 
@@ -102,8 +112,8 @@ class HotExactHits:
     """An LRU of at most ``max_entries`` hits (exact and semantic) holding
     at most ``max_bytes`` of answer text, each served for at most
     ``max_age_s`` after it was fetched (less if its entry expires sooner),
-    and only while ``live``: the cache service's heartbeat heard within
-    ``heartbeat_lost_after_s``.
+    and only while the heartbeat of the cache replica that answered it has
+    been heard within ``heartbeat_lost_after_s``.
 
     The byte bound is what keeps the router's memory flat: 4,096 answers of
     a model with a long output limit are hundreds of MiB. An answer larger
@@ -137,13 +147,18 @@ class HotExactHits:
         # Every ticket below it is refused: a reconnect's or unreadable
         # notice's number, or the newest that trimming forgot.
         self._floor = 0
-        # When the subscription came up (None: it is down; the listener says)
-        # and when the cache service's latest heartbeat came on it (None:
-        # none since): the notices are known to arrive only while both hold.
+        # When the subscription came up (None: it is down; the listener says),
+        # when the latest heartbeat of any cache replica came on it (None:
+        # none since), and each replica's latest by its heartbeat id: a
+        # replica's notices are known to arrive only while its heartbeat does.
         self._subscribed_at: float | None = None
         self._heartbeat_at: float | None = None
+        self._heard: dict[str, float] = {}
         self._heartbeat_lost_after_s = heartbeat_lost_after_s
-        # Whether a silence of the heartbeat was logged and not its end.
+        # Heartbeat ids that hits named and this subscription has not heard:
+        # id -> (when first named, when last), for the gauge and the warning.
+        self._named_unheard: dict[str, tuple[float, float]] = {}
+        # Whether the copies' being out of use was logged and not its end.
         self._unheard_told = False
 
     def __len__(self) -> int:
@@ -155,13 +170,21 @@ class HotExactHits:
 
     @property
     def live(self) -> bool:
-        """Whether the copies are served: the cache service's heartbeat has
+        """Whether the copies are in use: a cache replica's heartbeat has
         been heard, on the subscription that is up, within
-        ``heartbeat_lost_after_s``."""
-        return (
-            self._heartbeat_at is not None
-            and self._clock() - self._heartbeat_at <= self._heartbeat_lost_after_s
+        ``heartbeat_lost_after_s``, and no hit within that long named one
+        that was not."""
+        now = self._clock()
+        return self._hears_any(now) and all(
+            now - last > self._heartbeat_lost_after_s for _, last in self._named_unheard.values()
         )
+
+    def _hears_any(self, now: float) -> bool:
+        return self._heartbeat_at is not None and now - self._heartbeat_at <= self._heartbeat_lost_after_s
+
+    def _hears(self, heartbeat_id: str, now: float) -> bool:
+        heard_at = self._heard.get(heartbeat_id)
+        return heard_at is not None and now - heard_at <= self._heartbeat_lost_after_s
 
     def subscribed(self, up: bool) -> None:
         """The listener's word that the subscription came up or broke:
@@ -170,20 +193,46 @@ class HotExactHits:
         self.clear()
         self._subscribed_at = self._clock() if up else None
         self._heartbeat_at = None
+        self._heard.clear()
+        self._named_unheard.clear()
 
     def check_heartbeat(self) -> None:
-        """Logs (once) a subscription that has heard no heartbeat for
-        ``heartbeat_lost_after_s``; a subscription that is down is the
-        listener's to log."""
-        if self._subscribed_at is None or self._unheard_told or self.live:
+        """Logs (once) the copies going out of use for
+        ``heartbeat_lost_after_s``: a subscription that heard no heartbeat,
+        or hits naming one it does not hear; and (once) their coming back
+        into use. A subscription that is down is the listener's to log."""
+        if self._subscribed_at is None:
             return
-        waited_s = self._clock() - self._subscribed_at
-        if self._heartbeat_at is not None or waited_s > self._heartbeat_lost_after_s:
+        now = self._clock()
+        bound_s = self._heartbeat_lost_after_s
+        self._forget_heartbeats([named for named, at in self._heard.items() if now - at > bound_s])
+        self._named_unheard = {
+            named: times for named, times in self._named_unheard.items() if now - times[1] <= bound_s
+        }
+        if self.live:
+            if self._unheard_told:
+                self._unheard_told = False
+                log.info("the cache service's heartbeat is heard again; hot copies in use")
+            return
+        if self._unheard_told:
+            return
+        if not self._hears_any(now):
+            if self._heartbeat_at is not None or now - self._subscribed_at > bound_s:
+                self._unheard_told = True
+                log.warning(
+                    "the cache service's heartbeat is not heard: hot copies bypassed until it is "
+                    "(is router.cache_redis_url the cache service's redis.url?)",
+                    unheard_for_s=bound_s,
+                )
+            return
+        unheard = sorted(named for named, (first, _) in self._named_unheard.items() if now - first > bound_s)
+        if unheard:
             self._unheard_told = True
             log.warning(
-                "the cache service's heartbeat is not heard: hot copies bypassed until it is "
-                "(is router.cache_redis_url the cache service's redis.url?)",
-                unheard_for_s=self._heartbeat_lost_after_s,
+                "cache replicas answer hits whose heartbeat this router does not hear: their hits are "
+                "not copied (is each replica's redis.url the Redis of router.cache_redis_url, "
+                "and that Redis this mesh's?)",
+                heartbeat_ids=unheard,
             )
 
     async def watch_heartbeat(self) -> None:
@@ -217,12 +266,11 @@ class HotExactHits:
         return key
 
     def get(self, key: bytes) -> Hit | None:
-        if not self.live:
-            return None
         copy = self._copies.get(key)
         if copy is None:
             return None
-        if self._clock() > copy.served_until:
+        now = self._clock()
+        if now > copy.served_until or not self._hears(copy.heartbeat_id, now):
             self._drop(key)
             return None
         self._copies.move_to_end(key)
@@ -240,6 +288,7 @@ class HotExactHits:
         entry_id: str,
         tenant_id: str,
         model: str,
+        heartbeat_id: str,
         asked_entry_id: str = "",
         expires_in_s: float = 0.0,
     ) -> None:
@@ -251,8 +300,18 @@ class HotExactHits:
 
         ``expires_in_s``: what the entry had left to live when the cache
         read it (0: not said), counted from here, so a copy may outlive its
-        entry by the lookup's way back (a notice's delay, about)."""
-        if not self.live or not entry_id:
+        entry by the lookup's way back (a notice's delay, about).
+
+        ``heartbeat_id``: the heartbeat of the cache replica that answered
+        (``LookupResponse.heartbeat_id``); unheard here (or empty: a cache
+        from before the ids), the hit is not kept."""
+        if not entry_id:
+            return
+        now = self._clock()
+        if not self._hears(heartbeat_id, now):
+            if heartbeat_id and self._subscribed_at is not None:
+                first, _ = self._named_unheard.get(heartbeat_id, (now, now))
+                self._named_unheard[heartbeat_id] = (first, now)
             return
         entry_ids = (
             (entry_id, asked_entry_id) if asked_entry_id and asked_entry_id != entry_id else (entry_id,)
@@ -270,7 +329,7 @@ class HotExactHits:
         if size > self._max_bytes // 16:
             return
         lifetime_s = min(self._max_age_s, expires_in_s) if expires_in_s > 0 else self._max_age_s
-        self._copies[key] = _Copy(hit, entry_ids, tenant_id, model, self._clock() + lifetime_s, size)
+        self._copies[key] = _Copy(hit, entry_ids, tenant_id, model, now + lifetime_s, heartbeat_id, size)
         self._bytes += size
         for filed_under in entry_ids:
             self._by_entry[filed_under].add(key)
@@ -306,22 +365,37 @@ class HotExactHits:
                     self._drop(key)
             case cache_notices.ScopeNotice(tenant_id=tenant_id, model=model):
                 self.forget_scope(tenant_id, model)
-            case cache_notices.Heartbeat():
-                self._heard_heartbeat()
+            case cache_notices.Heartbeat(heartbeat_id=heartbeat_id):
+                self._heard_heartbeat(heartbeat_id)
             case None:
                 # A notice this router cannot read may name anything.
                 log.warning("unreadable cache notice; dropping every hot copy", notice=data[:64])
                 self.clear()
 
-    def _heard_heartbeat(self) -> None:
-        if not self.live:
-            # The subscription's first, or the first after a silence, in
-            # which notices may have gone unheard too.
+    def _heard_heartbeat(self, heartbeat_id: str) -> None:
+        now = self._clock()
+        if not self._hears_any(now):
+            # The subscription's first, or the first after a silence of
+            # every replica's, in which notices may have gone unheard too.
             self.clear()
-        self._heartbeat_at = self._clock()
-        if self._unheard_told:
-            self._unheard_told = False
-            log.info("the cache service's heartbeat is heard again; hot copies in use")
+        elif heartbeat_id in self._heard and not self._hears(heartbeat_id, now):
+            # This replica's first after its silence, before check_heartbeat
+            # forgot it.
+            self._forget_heartbeats([heartbeat_id])
+        self._heartbeat_at = self._heard[heartbeat_id] = now
+        self._named_unheard.pop(heartbeat_id, None)
+
+    def _forget_heartbeats(self, silent: list[str]) -> None:
+        """Drops the copies of the replicas whose heartbeats went silent, so
+        that a copy is served only while its replica's heartbeat has been
+        heard without a break since it was kept."""
+        if not silent:
+            return
+        for heartbeat_id in silent:
+            del self._heard[heartbeat_id]
+        stale = [key for key, copy in self._copies.items() if copy.heartbeat_id in silent]
+        for key in stale:
+            self._drop(key)
 
     def clear(self) -> None:
         self._sequence += 1

@@ -25,6 +25,7 @@ from redis.crc import key_slot
 
 from meshgate import redis_access
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
+from meshgate.common.v1 import common_pb2
 from meshgate.config import LimitSettings, RouterSettings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError
@@ -39,7 +40,7 @@ from services.router.auth import Tenant
 from services.router.hot_exact import HotExactHits, notice_listener
 from services.router.keys import KeyStore
 from services.router.ledger import SUMMARY_USAGE, Ledger, UsageRecord
-from services.router.pipeline import SummarySpend
+from services.router.pipeline import Answer, CachePlan, CacheStatus, Hit, SummarySpend
 from services.router.request_ids import RequestId
 from services.router.script_calls import node_of
 from tests.integration.test_cache_servicer import (
@@ -271,9 +272,11 @@ async def test_change_notices_from_every_master_reach_a_subscriber(cluster: Clus
 
 
 async def test_the_cache_services_heartbeat_reaches_a_routers_subscription(cluster: Cluster, client) -> None:
-    # A router serves its hot copies only while it hears the cache service's
-    # heartbeat: on a cluster the heartbeat's PUBLISH goes to one node and
-    # the router's subscription may sit on another (the cluster bus carries it).
+    # A router serves its hot copies only while it hears the heartbeat of the
+    # cache replica that answered: on a cluster the heartbeat's PUBLISH goes
+    # to one node and the router's subscription may sit on another (the
+    # cluster bus carries it), and what the replica's hits name is the id its
+    # heartbeat carries, not a node's.
     hits = HotExactHits(max_entries=16, max_age_s=60)
     listener = notice_listener(cluster.url, hits, timeout_s=2.0)
     listener.start()
@@ -286,6 +289,10 @@ async def test_the_cache_services_heartbeat_reaches_a_routers_subscription(clust
         while not hits.live:
             assert time.monotonic() < deadline, "the heartbeat was never heard"
             await asyncio.sleep(0.05)
+        key = hits.key(CachePlan(True, True, "t", "m", common_pb2.GenerationParameters()), [])
+        hit = Hit(Answer(text="a", completion_tokens=1), CacheStatus.EXACT_HIT, 1.0)
+        hits.put(key, hits.ticket(), hit, "e1", "t", "m", heartbeat.heartbeat_id)
+        assert hits.get(key) is hit
     finally:
         await heartbeat.close()
         await listener.close()

@@ -6,8 +6,10 @@ Redis, so the router must hear that Redis (``router.cache_redis_url``):
 hearing its own instead, it stays subscribed and live, hears nothing, and
 went on serving a copy after an Invalidate or a reported wrong hit for as
 long as ``router.hot_exact_max_age_s``. It serves copies only while it
-hears the cache service's heartbeat, so one hearing the wrong Redis serves
-none."""
+hears the heartbeat of the cache replica that answered the hit (each
+replica's carries an id its hits name), so one hearing the wrong Redis
+serves none, nor one hearing another mesh's cache services, nor a copy of
+a hit of one replica alone on another Redis."""
 
 from __future__ import annotations
 
@@ -155,3 +157,109 @@ async def test_a_router_not_told_the_cache_redis_keeps_no_copies(
         assert completion.cache_status == pb.CACHE_STATUS_MISS, "the router served its invalidated copy"
         assert repeats_the_cache_answered == 3
         assert REGISTRY.get_sample_value("meshgate_router_hot_copies_live") == 0
+
+
+async def until_copies_are_live() -> None:
+    """Waits until the router has heard a cache service's heartbeat."""
+    started = time.monotonic()
+    while REGISTRY.get_sample_value("meshgate_router_hot_copies_live") != 1:
+        assert time.monotonic() - started < HEARTBEAT_BOUND_S, "no heartbeat was heard"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_router_hearing_another_meshs_cache_keeps_no_copies_of_its_own_caches_hits(
+    redis_url, cache_redis_url, inference_address
+):
+    """The router hears its own Redis, where another mesh's cache service
+    (say, staging's) publishes its heartbeat, and its own cache service is
+    on another Redis: it heard a heartbeat, so it kept copies of its own
+    cache's hits, and served one after that cache's Invalidate, whose
+    notice it never heard. The heartbeat a copied reply names is its own
+    cache replica's, which this router does not hear."""
+    async with contextlib.AsyncExitStack() as stack:
+        staging = service_settings(redis_url, inference_address, KEY)
+        await stack.enter_async_context(running(cache_app, "cache", staging))
+        router, cache = await stack.enter_async_context(
+            split_mesh(redis_url, cache_redis_url, inference_address, told=False)
+        )
+        await until_copies_are_live()
+        old, first = await chat(router, "another mesh's heartbeat")
+        assert first.cache_status == pb.CACHE_STATUS_MISS
+        before = await exact_hits_answered_by_the_cache(cache)
+        for _ in range(3):
+            served, completion = await chat(router, "another mesh's heartbeat")
+            assert (served, completion.cache_status) == (old, pb.CACHE_STATUS_EXACT_HIT)
+        repeats_the_cache_answered = await exact_hits_answered_by_the_cache(cache) - before
+        invalidated = await cache.Invalidate(cache_pb.InvalidateRequest(tenant_id="dev", model="tiny-gpt"))
+        assert invalidated.entries_removed >= 1
+        served, completion = await chat(router, "another mesh's heartbeat")
+        assert completion.cache_status == pb.CACHE_STATUS_MISS, "the router served its invalidated copy"
+        assert repeats_the_cache_answered == 3
+        assert REGISTRY.get_sample_value("meshgate_router_hot_copies_live") == 0
+
+
+async def test_a_router_keeps_no_copy_of_a_hit_from_a_cache_replica_on_a_redis_it_does_not_hear(
+    redis_url, cache_redis_url, inference_address
+):
+    """Two cache replicas behind one router (router.cache_address lists
+    both, calls balanced round robin): replica A on the Redis the router
+    hears, replica B alone on another. The router heard A's heartbeat, so
+    it kept copies of B's hits too, whose Invalidates and Stores it never
+    hears. It keeps copies of A's hits only."""
+    settings = service_settings(redis_url, inference_address, KEY)
+    settings.router.hot_exact_max_age_s = COPY_MAX_AGE_S
+    on_another_redis = dataclasses.replace(settings, redis=RedisSettings(url=cache_redis_url))
+    async with contextlib.AsyncExitStack() as stack:
+        settings.router.context_address = await stack.enter_async_context(
+            running(context_app, "context", settings)
+        )
+        replicas = {
+            name: await stack.enter_async_context(running(cache_app, "cache", replica_settings))
+            for name, replica_settings in (("A", settings), ("B", on_another_redis))
+        }
+        settings.router.cache_address = ",".join(replicas.values())
+        router = router_service_pb2_grpc.RouterServiceStub(
+            await stack.enter_async_context(
+                bounded_channel(await stack.enter_async_context(running(router_app, "router", settings)))
+            )
+        )
+        caches = {
+            name: cache_service_pb2_grpc.CacheServiceStub(
+                await stack.enter_async_context(router_channel(address, "cache"))
+            )
+            for name, address in replicas.items()
+        }
+
+        async def hits_answered() -> dict[str, int]:
+            answered = {}
+            for name, cache in caches.items():
+                stats = await cache.GetStats(cache_pb.GetStatsRequest())
+                answered[name] = stats.exact_hits + stats.semantic_hits
+            return answered
+
+        await until_copies_are_live()
+        copies_served = {"A": 0, "B": 0}
+        # Whether the repeat after a hit B answered was seen (a copy of it, or not).
+        after_b_seen = False
+        # A prompt of its own each round: the calls a turn makes (one for
+        # a hit, three for a miss) decide which replica the next one asks,
+        # and a round can settle into B answering every hit.
+        for round_number in range(10):
+            prompt = f"two replicas, two redis, round {round_number}"
+            last_answered_by = None
+            for _ in range(8):
+                before = await hits_answered()
+                _, completion = await chat(router, prompt)
+                after = await hits_answered()
+                after_b_seen = after_b_seen or last_answered_by == "B"
+                answered_by = [name for name in caches if after[name] > before[name]]
+                if answered_by:
+                    (last_answered_by,) = answered_by
+                elif completion.cache_status == pb.CACHE_STATUS_MISS:
+                    last_answered_by = None
+                else:
+                    copies_served[last_answered_by] += 1
+            if copies_served["B"] or (copies_served["A"] and after_b_seen):
+                break
+        assert copies_served["B"] == 0, "the router served a copy of replica B's hit"
+        assert copies_served["A"] > 0 and after_b_seen, f"too few hits: {copies_served}, {after_b_seen}"

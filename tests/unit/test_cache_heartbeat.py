@@ -34,9 +34,21 @@ async def test_a_heartbeat_goes_out_at_start_and_every_interval_through_an_outag
     with structlog.testing.capture_logs() as logs:
         heartbeat.start()
         await asyncio.sleep(0)
-        assert client.published == [(cache_notices.CHANNEL, cache_notices.HEARTBEAT)]
+        published = (cache_notices.CHANNEL, cache_notices.heartbeat(heartbeat.heartbeat_id))
+        assert client.published == [published]
         while len(client.published) < 4:
             await asyncio.sleep(0.01)
         await heartbeat.close()
     assert [entry["log_level"] for entry in logs] == ["warning"]
-    assert set(client.published) == {(cache_notices.CHANNEL, cache_notices.HEARTBEAT)}
+    assert set(client.published) == {published}
+
+
+def test_each_replicas_heartbeat_carries_an_id_of_its_own():
+    """A router copies a hit only while it hears the heartbeat of the
+    replica that answered it: the replicas' heartbeats must not pass for
+    each other's."""
+    first, second = Heartbeat(FlakyRedis(refused=range(0))), Heartbeat(FlakyRedis(refused=range(0)))
+    assert first.heartbeat_id != second.heartbeat_id
+    assert cache_notices.parse(cache_notices.heartbeat(first.heartbeat_id)) == cache_notices.Heartbeat(
+        first.heartbeat_id
+    )

@@ -122,11 +122,11 @@ async def test_an_invalidate_through_this_router_drops_its_own_copies_without_wa
     notice never came)."""
     hot = HotExactHits(16, 600.0)
     hot.subscribed(True)
-    hot.announce(cache_notices.HEARTBEAT)
+    hot.announce(cache_notices.heartbeat("replica"))
     cache = CacheService(InvalidatingStub(), NoTokens(), RouterSettings(), hot)
     key = hot.key(plan(), prompt(1))
     hit = Hit(Answer(text="a", completion_tokens=1), CacheStatus.EXACT_HIT, 1.0)
-    hot.put(key, hot.ticket(), hit, "e1", "tenant", "m")
+    hot.put(key, hot.ticket(), hit, "e1", "tenant", "m", "replica")
     assert hot.get(key) is not None
     assert await cache.invalidate("tenant", "m", Budget()) == 1
     assert hot.get(key) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import structlog
 
 from meshgate import cache_notices
@@ -30,6 +31,11 @@ def messages(text: str) -> list[common_pb2.Message]:
     return [common_pb2.Message(role=common_pb2.ROLE_USER, content=text)]
 
 
+# The heartbeat id of the cache replica that answers these tests' hits.
+REPLICA = "0123456789abcdef"
+HEARTBEAT = cache_notices.heartbeat(REPLICA)
+
+
 def hit(text: str) -> Hit:
     return Hit(Answer(text=text, completion_tokens=3), CacheStatus.EXACT_HIT, 1.0)
 
@@ -44,14 +50,14 @@ def live_hits(
         max_entries, max_age_s, clock, heartbeat_lost_after_s=heartbeat_lost_after_s, **options
     )
     hits.subscribed(True)
-    hits.announce(cache_notices.HEARTBEAT)
+    hits.announce(HEARTBEAT)
     return hits, clock
 
 
 def stored(hits: HotExactHits, text: str, entry_id: str, scope: CachePlan | None = None) -> bytes:
     scope = scope or plan()
     key = hits.key(scope, messages(text))
-    hits.put(key, hits.ticket(), hit(f"answer to {text}"), entry_id, scope.tenant_id, scope.model)
+    hits.put(key, hits.ticket(), hit(f"answer to {text}"), entry_id, scope.tenant_id, scope.model, REPLICA)
     return key
 
 
@@ -86,13 +92,13 @@ def test_a_copy_is_not_served_past_its_entrys_expiry():
     the age limit alone."""
     hits, clock = live_hits(max_age_s=2.0)
     key = hits.key(plan(), messages("q"))
-    hits.put(key, hits.ticket(), hit("expiring"), "e1", "t1", "m1", expires_in_s=0.5)
+    hits.put(key, hits.ticket(), hit("expiring"), "e1", "t1", "m1", REPLICA, expires_in_s=0.5)
     clock.now += 0.4
     assert hits.get(key) is not None
     clock.now += 0.2
     assert hits.get(key) is None
     for expires_in_s in (0.0, 60.0):
-        hits.put(key, hits.ticket(), hit("lasting"), "e1", "t1", "m1", expires_in_s=expires_in_s)
+        hits.put(key, hits.ticket(), hit("lasting"), "e1", "t1", "m1", REPLICA, expires_in_s=expires_in_s)
         clock.now += 1.9
         assert hits.get(key) is not None
         clock.now += 0.2
@@ -106,7 +112,7 @@ def test_nothing_is_served_or_kept_while_the_notices_are_not_known_to_arrive():
     assert hits.get(key) is None
     assert stored(hits, "r", "e2") is not None
     hits.subscribed(True)
-    hits.announce(cache_notices.HEARTBEAT)
+    hits.announce(HEARTBEAT)
     assert hits.get(hits.key(plan(), messages("r"))) is None
 
 
@@ -120,7 +126,7 @@ def test_no_copy_is_served_or_kept_before_the_subscriptions_first_heartbeat():
         assert not hits.live
         key = stored(hits, "q", "e1")
         assert hits.get(key) is None and len(hits) == 0
-        hits.announce(cache_notices.HEARTBEAT)
+        hits.announce(HEARTBEAT)
         assert hits.live
         stored(hits, "q", "e1")
         assert hits.get(key) is not None
@@ -131,25 +137,28 @@ def test_no_copy_is_served_or_kept_before_the_subscriptions_first_heartbeat():
 def test_copies_are_bypassed_once_no_heartbeat_came_for_the_bound_and_dropped_at_the_next():
     hits, clock = live_hits(max_age_s=600.0, heartbeat_lost_after_s=3.0)
     key = stored(hits, "q", "e1")
+    unasked = stored(hits, "s", "e3")
     clock.now += 3.0
     assert hits.get(key) is not None
     # A lookup under way as the heartbeat goes silent.
     ticket = hits.ticket()
     clock.now += 0.01
+    # The copy asked for meanwhile goes; nothing is kept.
     assert not hits.live and hits.get(key) is None
     assert stored(hits, "r", "e2") is not None and len(hits) == 1
     # What the silence held back is unknown: the copy from before it is
     # dropped, and the lookup from before it puts nothing back.
-    hits.announce(cache_notices.HEARTBEAT)
+    hits.announce(HEARTBEAT)
     assert hits.live and len(hits) == 0
-    hits.put(key, ticket, hit("stale"), "e1", "t1", "m1")
+    assert hits.get(unasked) is None
+    hits.put(key, ticket, hit("stale"), "e1", "t1", "m1", REPLICA)
     assert hits.get(key) is None
     stored(hits, "q", "e1")
     assert hits.get(key) is not None
     # Heartbeats in time keep the copies.
     for _ in range(5):
         clock.now += 2.9
-        hits.announce(cache_notices.HEARTBEAT)
+        hits.announce(HEARTBEAT)
     assert hits.get(key) is not None
 
 
@@ -174,7 +183,7 @@ def test_a_heartbeats_silence_is_logged_once_as_a_warning_and_its_end_once_at_in
             clock.now += 1.0
         assert told() == ["warning"]
         for _ in range(2):
-            hits.announce(cache_notices.HEARTBEAT)
+            hits.announce(HEARTBEAT)
             hits.check_heartbeat()
         assert told() == ["warning", "info"]
         # Silent again after heartbeats were heard.
@@ -188,15 +197,97 @@ def test_a_heartbeats_silence_is_logged_once_as_a_warning_and_its_end_once_at_in
     assert "router.cache_redis_url" in logs[0]["event"]
 
 
-def test_a_heartbeat_reads_as_an_entry_notice_of_no_entry_to_a_router_from_before_heartbeats():
+def test_a_heartbeat_reads_as_an_entry_notice_of_no_entry_to_a_router_from_before_heartbeat_ids():
     """A router that cannot read a notice drops every copy it holds: a
     heartbeat of a kind of its own would have done that once a second in
-    the routers not yet upgraded."""
-    assert cache_notices.parse(cache_notices.HEARTBEAT) == cache_notices.Heartbeat()
-    # What a router from before parses it to: the notice of an id no entry has.
-    named = cache_notices.HEARTBEAT.removeprefix(b"e ").decode()
-    assert cache_notices.entry_notice(named) == cache_notices.HEARTBEAT
+    the routers not yet upgraded. Routers from before heartbeats, and from
+    before their ids (which took ``e heartbeat`` alone for one), read it as
+    the notice of an id no entry has."""
+    heartbeat_id = cache_notices.new_heartbeat_id()
+    heartbeat = cache_notices.heartbeat(heartbeat_id)
+    assert cache_notices.parse(heartbeat) == cache_notices.Heartbeat(heartbeat_id)
+    named = heartbeat.removeprefix(b"e ").decode()
+    assert cache_notices.entry_notice(named) == heartbeat
     assert not keys.is_entry_id(named)
+    # Nor is it the bare heartbeat from before the ids, on whose word a
+    # router of then copied every replica's hits, heard or not.
+    assert cache_notices.parse(b"e heartbeat") == cache_notices.EntryNotice("heartbeat")
+    assert heartbeat != b"e heartbeat"
+
+
+@pytest.mark.parametrize("checked", [False, True], ids=["back-before-the-check", "checked-meanwhile"])
+def test_a_hit_is_copied_and_its_copy_served_only_while_the_heartbeat_it_names_is_heard(checked):
+    """A router hearing another mesh's Redis hears that mesh's cache
+    services; one cache replica alone on another Redis is heard by no
+    router. Either way a heartbeat is heard, but not the one of the replica
+    that answered, whose notices do not reach this router: its hits were
+    copied all the same."""
+    hits, clock = live_hits(max_age_s=600.0, heartbeat_lost_after_s=3.0)
+    elsewhere = "feedfacefeedface"
+    asked, unasked = (hits.key(plan(), messages(text)) for text in ("q", "s"))
+    hits.put(asked, hits.ticket(), hit("elsewhere"), "e1", "t1", "m1", elsewhere)
+    assert hits.get(asked) is None and len(hits) == 0
+    # Once its heartbeat is heard, its hits are copied too.
+    hits.announce(cache_notices.heartbeat(elsewhere))
+    for key, entry_id in ((asked, "e1"), (unasked, "e3")):
+        hits.put(key, hits.ticket(), hit("elsewhere"), entry_id, "t1", "m1", elsewhere)
+    assert hits.get(asked) is not None
+    # Its heartbeat unheard for the bound, its copies go, whether asked for
+    # meanwhile or not; another replica's, heard, stay.
+    other = stored(hits, "r", "e2")
+    for _ in range(3):
+        clock.now += 1.5
+        hits.announce(HEARTBEAT)
+        if checked:
+            hits.check_heartbeat()
+    assert hits.get(asked) is None
+    hits.announce(cache_notices.heartbeat(elsewhere))
+    assert hits.get(unasked) is None and len(hits) == 1
+    assert hits.get(other) is not None
+
+
+def test_a_hit_of_a_cache_from_before_heartbeat_ids_is_not_copied():
+    """Its heartbeat, the bare ``e heartbeat``, names no replica, and its
+    hits name none: a router beside such caches keeps no copies."""
+    hits = HotExactHits(16, 600.0, Clock())
+    hits.subscribed(True)
+    hits.announce(b"e heartbeat")
+    assert not hits.live
+    key = hits.key(plan(), messages("q"))
+    hits.put(key, hits.ticket(), hit("old"), "e1", "t1", "m1", "")
+    assert hits.get(key) is None and len(hits) == 0
+
+
+def test_hits_naming_a_heartbeat_not_heard_put_the_copies_out_of_use_warned_of_once():
+    hits, clock = live_hits(heartbeat_lost_after_s=3.0)
+    elsewhere = "feedfacefeedface"
+    key = hits.key(plan(), messages("q"))
+
+    def told() -> list[str]:
+        return [entry["log_level"] for entry in logs]
+
+    with structlog.testing.capture_logs() as logs:
+        assert hits.live
+        hits.put(key, hits.ticket(), hit("elsewhere"), "e1", "t1", "m1", elsewhere)
+        assert not hits.live
+        # A replica's first hits may come before its first heartbeat: no
+        # warning until they have named it for the bound.
+        for _ in range(3):
+            hits.check_heartbeat()
+            clock.now += 1.0
+            hits.announce(HEARTBEAT)
+            hits.put(key, hits.ticket(), hit("elsewhere"), "e1", "t1", "m1", elsewhere)
+        assert told() == []
+        clock.now += 0.5
+        hits.check_heartbeat()
+        hits.check_heartbeat()
+        assert told() == ["warning"] and logs[0]["heartbeat_ids"] == [elsewhere]
+        assert not hits.live
+        # No hit has named it for the bound: the copies are in use again.
+        clock.now += 3.1
+        hits.announce(HEARTBEAT)
+        hits.check_heartbeat()
+        assert hits.live and told() == ["warning", "info"]
 
 
 def test_an_entry_notice_drops_every_copy_of_that_entry_only():
@@ -218,7 +309,14 @@ def test_a_semantic_copy_is_dropped_by_the_notice_of_its_match_or_of_the_asked_p
     # Matched entry "e1"; the asked prompt's own entry (none yet) is "asked".
     for notice in ("e1", "asked"):
         hits.put(
-            variant, hits.ticket(), hit("matched"), "e1", scope.tenant_id, scope.model, asked_entry_id="asked"
+            variant,
+            hits.ticket(),
+            hit("matched"),
+            "e1",
+            scope.tenant_id,
+            scope.model,
+            REPLICA,
+            asked_entry_id="asked",
         )
         other = stored(hits, "r", "e2")
         hits.announce(cache_notices.entry_notice(notice))
@@ -262,9 +360,9 @@ def test_a_lookup_in_flight_during_a_notice_that_concerns_its_copy_puts_nothing_
     ):
         ticket = hits.ticket()
         change()
-        hits.put(key, ticket, hit("stale"), "e1", "t1", "m1", asked_entry_id="asked")
+        hits.put(key, ticket, hit("stale"), "e1", "t1", "m1", REPLICA, asked_entry_id="asked")
         assert hits.get(key) is None
-    hits.put(key, hits.ticket(), hit("fresh"), "e1", "t1", "m1")
+    hits.put(key, hits.ticket(), hit("fresh"), "e1", "t1", "m1", REPLICA)
     assert hits.get(key).answer.text == "fresh"
 
 
@@ -277,7 +375,7 @@ def test_a_notice_for_another_entry_or_scope_during_a_lookup_does_not_refuse_its
     hits.announce(cache_notices.scope_notice("t2", ""))
     hits.announce(cache_notices.scope_notice("t1", "m2"))
     hits.forget(hits.key(plan(), messages("another question")))
-    hits.put(key, ticket, hit("fresh"), "e1", "t1", "m1", asked_entry_id="asked")
+    hits.put(key, ticket, hit("fresh"), "e1", "t1", "m1", REPLICA, asked_entry_id="asked")
     assert hits.get(key).answer.text == "fresh"
 
 
@@ -288,13 +386,13 @@ def test_once_the_notices_it_remembers_are_trimmed_a_lookup_older_than_the_trimm
     hits.announce(cache_notices.entry_notice("e1"))
     hits.announce(cache_notices.entry_notice("a"))
     hits.announce(cache_notices.entry_notice("b"))  # e1's notice is no longer remembered
-    hits.put(key, ticket, hit("stale"), "e1", "t1", "m1")
+    hits.put(key, ticket, hit("stale"), "e1", "t1", "m1", REPLICA)
     assert hits.get(key) is None
     # A lookup after the trimmed notice is not refused by it.
     after_trim = hits.ticket()
     hits.announce(cache_notices.entry_notice("c"))
     hits.announce(cache_notices.entry_notice("d"))
-    hits.put(key, after_trim, hit("fresh"), "e1", "t1", "m1")
+    hits.put(key, after_trim, hit("fresh"), "e1", "t1", "m1", REPLICA)
     assert hits.get(key).answer.text == "fresh"
 
 
@@ -318,7 +416,7 @@ def test_the_answers_held_stay_under_the_byte_bound_least_recent_going_first():
     keys = []
     for number in range(20):
         key = hits.key(plan(), messages(f"q{number}"))
-        hits.put(key, hits.ticket(), hit(large), f"e{number}", "t1", "m1")
+        hits.put(key, hits.ticket(), hit(large), f"e{number}", "t1", "m1", REPLICA)
         keys.append(key)
         assert hits.bytes_held <= 1024 * 1024
     # The bound holds 17 of them (49 bytes of str header each); the entry
@@ -336,7 +434,7 @@ def test_an_answer_over_a_sixteenth_of_the_byte_bound_is_not_kept():
     hits, _ = live_hits(max_bytes=1024 * 1024)
     small = stored(hits, "small", "e1")
     key = hits.key(plan(), messages("huge"))
-    hits.put(key, hits.ticket(), hit("x" * (64 * 1024)), "e2", "t1", "m1")
+    hits.put(key, hits.ticket(), hit("x" * (64 * 1024)), "e2", "t1", "m1", REPLICA)
     assert hits.get(key) is None
     assert hits.get(small) is not None
 
