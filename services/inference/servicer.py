@@ -639,7 +639,13 @@ def _server_fault(error: grpc.aio.AioRpcError) -> bool:
     death ended, backends.ended_by_stub_death): that is one model's, which
     TritonBackend.stub_died takes out of rotation on that server; counted
     here, the calls it ended (three are enough) opened the breaker and took
-    the server's every other model out too.
+    the server's every other model out too. Nor a model the server does not
+    have loaded (unloaded: triton_protocol.model_unknown, UNAVAILABLE on a
+    stream, so the request goes to another server): the probes take that
+    model out of rotation there; counted, three generations refused in the
+    rounds before they do opened the breaker, and an unload of the
+    generation model took the server's embedding model out of rotation
+    for its open time.
     A request that fails so on every server (a prompt that breaks the
     model) opens every breaker at worst, and balancing.order then still
     tries them, ejected ones last, so no caller is refused for it; the
@@ -647,7 +653,11 @@ def _server_fault(error: grpc.aio.AioRpcError) -> bool:
     The caller's mistakes, cancellations and deadlines say nothing of the
     server."""
     details = error.details() or ""
-    if triton_protocol.stub_died(details) or ended_by_stub_death(details):
+    if (
+        triton_protocol.stub_died(details)
+        or ended_by_stub_death(details)
+        or triton_protocol.model_unknown(details)
+    ):
         return False
     return error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 

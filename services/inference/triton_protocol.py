@@ -206,7 +206,13 @@ def model_not_here(error_message: str) -> bool:
     server may have it. A unary call gets it as NOT_FOUND ("Request for
     unknown model: 'minilm' has no available versions", tritonserver 2.51),
     which would otherwise read as the caller's mistake."""
-    return error_message.startswith(("Request for unknown model", "Server not ready"))
+    return model_unknown(error_message) or error_message.startswith("Server not ready")
+
+
+def model_unknown(error_message: str) -> bool:
+    """Whether a Triton error says this server has no such model loaded
+    (unloaded, or still loading), while the server itself serves its others."""
+    return error_message.startswith("Request for unknown model")
 
 
 # What Triton's Python backend answers, without running the model, to a

@@ -207,3 +207,46 @@ async def test_an_embedding_model_unloaded_on_one_server_is_embedded_on_the_othe
         for n in range(6):
             answer = await stub.Embed(pb.EmbedRequest(texts=[f"unloaded on one server {n}"]), timeout=10)
             assert answer.dimensions > 0
+
+
+async def successful_embeddings(url: str) -> int:
+    """The embeddings Triton at ``url`` answered, by its own statistics."""
+    async with grpc.aio.insecure_channel(url) as channel:
+        triton = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        answer = await triton.ModelStatistics(service_pb2.ModelStatisticsRequest(name="minilm"), timeout=5)
+    return answer.model_stats[0].inference_stats.success.count
+
+
+async def test_a_generation_model_unloaded_on_one_server_leaves_its_embeddings_there(two_tritons) -> None:
+    """Triton refuses a generation of a model it unloaded (a rolling model
+    update, with explicit model control) as an unknown model; until the
+    probes take the model out of rotation there, its generations go to the
+    other server. The server itself is fine: its embedding model must keep
+    its share of the embeddings, not leave rotation with a breaker that
+    the refusals opened."""
+    urls, _ = two_tritons
+    settings = Settings(mesh=mesh_settings())
+    settings.inference.triton_urls = urls
+    # No probe round between the unload and the calls: the balancer still
+    # believes both servers have the generation model.
+    settings.inference.health_interval_s = 60
+    # Ties rotate: every other generation goes to the unloaded server first.
+    settings.inference.models["tiny-gpt"].routing_strategy = "least_outstanding"
+    async with running_inference(settings) as address, router_channel(address, "inference") as channel:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        async with grpc.aio.insecure_channel(urls[0]) as triton_channel:
+            triton = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
+            unload = service_pb2.RepositoryModelUnloadRequest(model_name="tiny_gpt")
+            await triton.RepositoryModelUnload(unload)
+        # More refusals than balancing.BreakerPolicy.failures_to_open.
+        for n in range(8):
+            _, completion, error = await generate(stub, f"question {n}", 2)
+            assert error is None, error
+            assert completion.backend == urls[1]
+        before = await successful_embeddings(urls[0])
+        # Texts never embedded before (no memo, no sharing), one at a time.
+        for n in range(6):
+            await stub.Embed(pb.EmbedRequest(texts=[f"after the unload {n}"]), timeout=10)
+        embedded_there = await successful_embeddings(urls[0]) - before
+
+    assert embedded_there > 0, "the server whose generation model was unloaded got no embedding"
