@@ -57,8 +57,9 @@ from tests.integration.test_cache_servicer import (
 from tests.integration.test_cache_servicer import store as cache_store
 from tests.integration.test_context_service import USER, make_settings, msg, running
 
-# Serial (make test runs it alone): bounds a failover's and a silent node's waits.
-pytestmark = [pytest.mark.integration, pytest.mark.serial]
+# The tests that bound a wait are marked serial (make test runs them alone);
+# the others assert outcomes only and share the machine.
+pytestmark = pytest.mark.integration
 
 
 @dataclasses.dataclass
@@ -298,6 +299,7 @@ async def test_the_cache_services_heartbeat_reaches_a_routers_subscription(clust
         await listener.close()
 
 
+@pytest.mark.serial  # timing-sensitive (bounds a silent node's wait at 3 timeouts): make test runs it alone
 async def test_a_silent_node_costs_a_subscriber_one_timeout(tmp_path) -> None:
     """A node that accepts connections but never answers (a hung process,
     here a SIGSTOPped replica) is waited on for redis.timeout_s, no longer:
@@ -415,6 +417,7 @@ async def test_an_invalidate_undoes_a_store_whose_lookup_came_before_it(cluster:
         assert (hit.status, hit.answer.text) == (cache_pb.LOOKUP_STATUS_SEMANTIC_HIT, "fresh")
 
 
+@pytest.mark.serial  # timing-sensitive (bounds a report's wait): make test runs it alone
 async def test_a_report_waits_for_the_replica_of_its_slots_master(cluster: Cluster, client) -> None:
     """A report's WAIT runs on the connection of its write, on the master of
     its partition's slot: the replica of that master is made to sleep, and
@@ -670,6 +673,7 @@ async def test_a_write_script_refused_by_a_master_is_unavailable(cluster: Cluste
     assert (await sessions.append(tenant, session_id, None, turn, {})).version == 1
 
 
+@pytest.mark.serial  # timing-sensitive (bounds a failover's waits): make test runs it alone
 async def test_no_acknowledged_turn_is_lost_in_a_master_failover(cluster: Cluster, tenant) -> None:
     """Writers append to sessions on every master, each turn with a turn id
     and retried with it until acknowledged; meanwhile one master's replica
