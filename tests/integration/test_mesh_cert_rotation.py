@@ -40,8 +40,10 @@ from services.router import app as router_app
 from tests.integration.conftest import running
 from tests.mesh import bounded_channel, certs_dir, mesh_settings, renew, router_channel
 
-# Serial (make test runs it alone): waits out certificates that last seconds.
-pytestmark = [pytest.mark.integration, pytest.mark.serial]
+# The tests whose certificate or token overlap lasts seconds are marked serial
+# (make test runs them alone); the others wait only at least so long, and
+# share the machine.
+pytestmark = pytest.mark.integration
 
 SERVICE = "context"
 ROUTER_KEY = "cert-rotation-test-key"
@@ -215,6 +217,8 @@ async def sessions_across_a_context_restart(
                 assert await session_through(router)
 
 
+# Timing-sensitive: a certificate that lasts 5 s must outlast two starts.
+@pytest.mark.serial  # make test runs it alone
 async def test_the_router_presents_its_renewed_certificate_to_a_restarted_service(
     served_certs, redis_url, monkeypatch
 ):
@@ -293,6 +297,8 @@ async def test_a_context_service_restarted_after_the_routers_key_changed_takes_i
     await sessions_across_a_context_restart(served_certs, redis_url, rekeyed)
 
 
+# Timing-sensitive: the old key's tokens must come within the overlap.
+@pytest.mark.serial  # make test runs it alone
 async def test_services_that_kept_running_follow_the_routers_new_key_and_retire_the_old(
     served_certs, redis_url
 ):
