@@ -20,11 +20,12 @@ from meshgate.errors import error_info
 from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from services.inference.backends import PROBE_TIMEOUT_S, PROBES_TO_MARK_DOWN
-from tests.integration.conftest import launched_tritons, running_inference
+from tests.integration.conftest import launched_triton, launched_tritons, running_inference
 from tests.mesh import mesh_settings, router_channel
 
-# Serial (make test runs it alone): bounds how soon a stopped Triton's calls end.
-pytestmark = [pytest.mark.integration, pytest.mark.serial]
+# The tests that kill or stop a Triton under streams are marked serial (make
+# test runs them alone); the unloads' tests assert outcomes only.
+pytestmark = pytest.mark.integration
 
 MODELS = ("tiny_gpt", "minilm")
 IN_FLIGHT = 8
@@ -36,6 +37,14 @@ def two_tritons(tmp_path):
     """Two servers; yields their gRPC URLs and processes."""
     with launched_tritons(tmp_path, MODELS, 2) as servers:
         yield [url for url, _, _ in servers], [process for _, _, process in servers]
+
+
+@pytest.fixture
+def triton_beside_the_sessions(tmp_path_factory, triton_url):
+    """A server of this test's own, then the session's (left as it is);
+    yields their gRPC URLs."""
+    with launched_triton(tmp_path_factory, MODELS) as (url, _):
+        yield [url, triton_url]
 
 
 # A tenant's generations, as the router sends them: one naming no tenant is
@@ -99,6 +108,7 @@ async def generate(stub, text: str, max_tokens: int, on_first_delta=None):
     return delivered, completion, None
 
 
+@pytest.mark.serial  # kills a Triton under streams: make test runs it alone
 async def test_killed_triton_ends_its_streams_with_counts_and_loses_no_new_request(two_tritons) -> None:
     urls, processes = two_tritons
     settings = Settings(mesh=mesh_settings())
@@ -134,6 +144,7 @@ async def test_killed_triton_ends_its_streams_with_counts_and_loses_no_new_reque
         assert int(info.metadata["delivered_tokens"]) >= int(info.metadata["delivered_deltas"])
 
 
+@pytest.mark.serial  # timing-sensitive (bounds how soon its calls end): make test runs it alone
 async def test_a_stopped_triton_ends_its_calls_once_the_probes_take_it_out(two_tritons) -> None:
     """Without the probes ending them, these calls would wait for the
     channel's keepalive (5 minutes toward Triton) or their deadline."""
@@ -187,11 +198,13 @@ async def test_a_stopped_triton_ends_its_calls_once_the_probes_take_it_out(two_t
     assert left_open == 0
 
 
-async def test_an_embedding_model_unloaded_on_one_server_is_embedded_on_the_other(two_tritons) -> None:
+async def test_an_embedding_model_unloaded_on_one_server_is_embedded_on_the_other(
+    triton_beside_the_sessions,
+) -> None:
     """Triton answers a unary call for a model it unloaded NOT_FOUND: before
     the probes take the model out of rotation there, such a call must go to
     the server that still has it, not fail its caller as NOT_FOUND."""
-    urls, _ = two_tritons
+    urls = triton_beside_the_sessions
     settings = Settings(mesh=mesh_settings())
     settings.inference.triton_urls = urls
     # No probe round between the unload and the calls: the balancer still
@@ -217,14 +230,16 @@ async def successful_embeddings(url: str) -> int:
     return answer.model_stats[0].inference_stats.success.count
 
 
-async def test_a_generation_model_unloaded_on_one_server_leaves_its_embeddings_there(two_tritons) -> None:
+async def test_a_generation_model_unloaded_on_one_server_leaves_its_embeddings_there(
+    triton_beside_the_sessions,
+) -> None:
     """Triton refuses a generation of a model it unloaded (a rolling model
     update, with explicit model control) as an unknown model; until the
     probes take the model out of rotation there, its generations go to the
     other server. The server itself is fine: its embedding model must keep
     its share of the embeddings, not leave rotation with a breaker that
     the refusals opened."""
-    urls, _ = two_tritons
+    urls = triton_beside_the_sessions
     settings = Settings(mesh=mesh_settings())
     settings.inference.triton_urls = urls
     # No probe round between the unload and the calls: the balancer still
