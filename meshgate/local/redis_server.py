@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
-import random
 import shutil
 import socket
 import subprocess
@@ -88,30 +87,6 @@ def wait_ready(port: int, timeout_s: float = 15.0) -> None:
 
 # Slots of a Redis Cluster (CRC16 of the key or its hash tag, modulo this).
 CLUSTER_SLOTS = 16384
-# A cluster node also listens on its port + 10000 (the cluster bus).
-_BUS_OFFSET = 10000
-
-
-def free_cluster_ports(count: int) -> list[int]:
-    """Ports for cluster nodes whose bus ports (port + 10000) are free too:
-    an ephemeral port from the OS is often above 55535, whose bus port does
-    not exist."""
-    ports: list[int] = []
-    for candidate in random.sample(range(20000, 30000), 2000):
-        if len(ports) == count:
-            return ports
-        if _bindable(candidate) and _bindable(candidate + _BUS_OFFSET):
-            ports.append(candidate)
-    raise OSError(f"no {count} free ports for a Redis Cluster between 20000 and 30000")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def launch_cluster(

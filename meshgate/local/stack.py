@@ -15,7 +15,6 @@ import fcntl
 import functools
 import os
 import pathlib
-import random
 import re
 import signal
 import socket
@@ -32,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshgate import mesh_auth
 from meshgate.config import DEFAULT_DEV_API_KEY, MeshSettings
 from meshgate.local import certs, children, redis_server, triton
+from meshgate.local.ports import free_port
 
 if typing.TYPE_CHECKING:
     import tritonclient.grpc
@@ -74,53 +74,6 @@ def replica_name(service: str, index: int) -> str:
 # The local stack runs from a checkout: model_repository/ and the build
 # scripts beside it (an image needs none of this: deploy/docker/).
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-# Where free_port looks first: below the kernel's ephemeral range. A port the
-# kernel picks for bind(0) comes from that range, the same one it picks an
-# outgoing connection's local end from: in a long test run (thousands of
-# connections) one such port was taken between being chosen and the service
-# binding it, and the service failed to start.
-_FIRST_CHOSEN_PORT = 20000
-_handed_out: set[int] = set()
-
-
-def _ephemeral_ports() -> tuple[int, int]:
-    try:
-        low, high = pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default; elsewhere only a starting point
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def free_port() -> int:
-    """A port nothing listens on right now, for runs that must not collide:
-    outside the ephemeral range where one is free (see _FIRST_CHOSEN_PORT),
-    and never one this process handed out before (two stacks of one test run
-    would otherwise share it before either binds)."""
-    low, _ = _ephemeral_ports()
-    candidates = list(range(_FIRST_CHOSEN_PORT, low))
-    random.shuffle(candidates)
-    for port in candidates[:200]:
-        if port not in _handed_out and _bindable(port):
-            _handed_out.add(port)
-            return port
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
 
 
 @dataclasses.dataclass

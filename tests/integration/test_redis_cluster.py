@@ -30,6 +30,7 @@ from meshgate.config import LimitSettings, RouterSettings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError
 from meshgate.local import redis_server
+from meshgate.local.ports import free_cluster_ports
 from meshgate.router.v1 import admin_service_pb2 as admin_pb
 from services.cache import keys as cache_keys
 from services.cache.heartbeat import Heartbeat
@@ -100,7 +101,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    ports = redis_server.free_cluster_ports(6)
+    ports = free_cluster_ports(6)
     data_dir: pathlib.Path = tmp_path_factory.mktemp("redis-cluster")
     processes = redis_server.launch_cluster(ports, data_dir)
     try:
@@ -149,9 +150,7 @@ async def test_the_url_scheme_selects_the_cluster_client(cluster: Cluster) -> No
         await clustered.aclose()
     with pytest.raises(MeshgateError) as caught:
         # A port nothing listens on: a clear UNAVAILABLE at start-up.
-        await redis_access.connect_checked(
-            f"redis+cluster://127.0.0.1:{redis_server.free_cluster_ports(1)[0]}"
-        )
+        await redis_access.connect_checked(f"redis+cluster://127.0.0.1:{free_cluster_ports(1)[0]}")
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
 
 
@@ -308,7 +307,7 @@ async def test_a_silent_node_costs_a_subscriber_one_timeout(tmp_path) -> None:
     through that one and stays subscribed while idle past the timeout. The
     subscriber's cluster client had no read timeout: its slot-map query to
     the silent node hung the listener for good."""
-    master, replica = redis_server.free_cluster_ports(2)
+    master, replica = free_cluster_ports(2)
     processes = redis_server.launch_cluster([master, replica], tmp_path)
     timeout_s = 0.5
     heard: list[bytes] = []
@@ -504,7 +503,7 @@ async def test_every_node_down_is_unavailable_to_the_cache_and_the_context_store
     """A cluster none of whose nodes answers (a cluster restart): redis-py
     raises RedisClusterException, which is not a RedisError; the cache and
     the session store answer UNAVAILABLE, not INTERNAL."""
-    ports = redis_server.free_cluster_ports(3)
+    ports = free_cluster_ports(3)
     processes = redis_server.launch_cluster(ports, tmp_path, replicas_per_master=0)
     connected = None
     try:
@@ -768,7 +767,7 @@ async def test_a_cluster_of_one_master_says_whether_it_may_evict(tmp_path) -> No
     cluster with that master's reply alone, not one per node: read as one
     per node, the check raised and the context and cache services did not
     start on such a cluster (a common managed setup)."""
-    ports = redis_server.free_cluster_ports(1)
+    ports = free_cluster_ports(1)
     processes = redis_server.launch_cluster(ports, tmp_path, replicas_per_master=0)
     try:
         client = await redis_access.connect_checked(f"redis+cluster://127.0.0.1:{ports[0]}")

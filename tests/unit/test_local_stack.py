@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from meshgate.config import load_settings
+from meshgate.local import ports as local_ports
 from meshgate.local import stack as stack_module
 from meshgate.local.stack import Ports, Stack
 
@@ -164,12 +165,24 @@ def test_free_ports_are_distinct_and_below_the_range_the_kernel_gives_outgoing_c
         tried.append(port)
         return port % 3 != 0  # some are taken
 
-    monkeypatch.setattr(stack_module, "_bindable", bindable)
-    low, _ = stack_module._ephemeral_ports()
-    ports = [stack_module.free_port() for _ in range(50)]
+    monkeypatch.setattr(local_ports, "_bindable", bindable)
+    low, _ = local_ports._ephemeral_ports()
+    ports = [local_ports.free_port() for _ in range(50)]
     assert len(set(ports)) == len(ports)
-    assert all(stack_module._FIRST_CHOSEN_PORT <= port < low and port % 3 for port in ports), ports
+    assert all(local_ports._FIRST_CHOSEN_PORT <= port < low and port % 3 for port in ports), ports
     assert set(tried) > set(ports)
+
+
+def test_a_redis_cluster_nodes_bus_ports_are_below_the_ephemeral_range_too(monkeypatch) -> None:
+    # A bus port (the node's + 10000) inside the range an outgoing
+    # connection's local end is drawn from could be taken before the node binds it.
+    monkeypatch.setattr(local_ports, "_bindable", lambda port: port % 3 != 0)
+    low, _ = local_ports._ephemeral_ports()
+    handed = {local_ports.free_port() for _ in range(5)}
+    nodes = local_ports.free_cluster_ports(6) + local_ports.free_cluster_ports(6)
+    assert len(set(nodes)) == 12 and not handed & set(nodes)
+    assert all(node >= local_ports._FIRST_CHOSEN_PORT and node + 10000 < low for node in nodes), nodes
+    assert all(node % 3 and (node + 10000) % 3 for node in nodes), nodes
 
 
 def test_a_service_that_dies_at_start_is_reported_with_the_end_of_its_log(tmp_path) -> None:
