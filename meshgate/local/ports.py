@@ -63,9 +63,13 @@ def free_cluster_ports(count: int) -> list[int]:
     """Ports for Redis Cluster nodes whose bus ports (port + 10000) are free
     too, both below the ephemeral range, as free_port's (a bus port inside it
     was as likely to be taken by an outgoing connection between its choice
-    and the node's bind), and none handed out before."""
+    and the node's bind), and none (nor its bus port) handed out before."""
     low, _ = _ephemeral_ports()
-    candidates = [port for port in range(_FIRST_CHOSEN_PORT, low - _BUS_OFFSET) if port not in _handed_out]
+    candidates = [
+        port
+        for port in range(_FIRST_CHOSEN_PORT, low - _BUS_OFFSET)
+        if port not in _handed_out and port + _BUS_OFFSET not in _handed_out
+    ]
     ports: list[int] = []
     for candidate in random.sample(candidates, min(len(candidates), 2000)):
         if len(ports) == count:
@@ -77,5 +81,6 @@ def free_cluster_ports(count: int) -> list[int]:
             f"no {count} free ports for a Redis Cluster (with their bus ports) between "
             f"{_FIRST_CHOSEN_PORT} and {low - _BUS_OFFSET}"
         )
-    _handed_out.update(ports)
+    # Their bus ports too: free_port draws from the same range.
+    _handed_out.update(ports, (port + _BUS_OFFSET for port in ports))
     return ports

@@ -180,7 +180,10 @@ def test_a_redis_cluster_nodes_bus_ports_are_below_the_ephemeral_range_too(monke
     low, _ = local_ports._ephemeral_ports()
     handed = {local_ports.free_port() for _ in range(5)}
     nodes = local_ports.free_cluster_ports(6) + local_ports.free_cluster_ports(6)
-    assert len(set(nodes)) == 12 and not handed & set(nodes)
+    buses = {node + 10000 for node in nodes}
+    assert len(set(nodes)) == 12 and not handed & (set(nodes) | buses)
+    # free_port hands out none of them after.
+    assert not {local_ports.free_port() for _ in range(200)} & (set(nodes) | buses)
     assert all(node >= local_ports._FIRST_CHOSEN_PORT and node + 10000 < low for node in nodes), nodes
     assert all(node % 3 and (node + 10000) % 3 for node in nodes), nodes
 
