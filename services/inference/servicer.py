@@ -563,6 +563,11 @@ class _TritonStream:
                 backend.streams.retire(call)
             handed_back = True
             backend.calls.discard(call)
+            if finish_reason in _CUT_SHORT:
+                # The answer so far went out; it ends non-OK, as a stream cut
+                # midway does, so that nothing (the cache, a caller) takes it
+                # for a whole answer.
+                raise _ended_early(f"the model ended the answer before its end ({finish_reason})", backend)
             finish_reason = finish_reason or "stop"
             trace.get_current_span().set_attributes(
                 telemetry.genai_usage_attributes(prompt_tokens, completion_tokens, finish_reason, self._model)
@@ -660,6 +665,13 @@ def _server_fault(error: grpc.aio.AioRpcError) -> bool:
     ):
         return False
     return error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+
+
+# Final responses whose finish_reason says the answer is not whole: vLLM's
+# "abort" (the engine dropped the request: preempted past its limit, its
+# engine shutting down) and "error" (it failed while generating). Its "stop"
+# and "length" are whole answers; the bundled models send those only.
+_CUT_SHORT = frozenset({"abort", "error"})
 
 
 def _ended_early(message: str, backend) -> MeshgateError:

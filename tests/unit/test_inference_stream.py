@@ -163,6 +163,28 @@ async def test_responses_already_waiting_go_out_as_one_delta_with_exact_counts()
     assert not call.cancelled, "a finished stream ends by itself, not by a cancel"
 
 
+@pytest.mark.parametrize("finish_reason", ["abort", "error"])
+async def test_a_final_response_that_says_the_answer_was_cut_short_ends_the_stream_non_ok(finish_reason):
+    # vLLM's finish reasons for an answer the engine dropped or failed: what
+    # was said goes out, and then no completion (which the router would
+    # cache and bill as a whole answer) but STREAM_ENDED_EARLY.
+    call = ScriptedCall()
+    call.send(triton_response("Hel", 1))
+    call.send(triton_response("lo", 1, final=True, finish_reason=finish_reason, prompt_tokens=2))
+    call.send(grpc.aio.EOF)
+    stream, backend = stream_on(call)
+
+    responses = []
+    with pytest.raises(MeshgateError) as failure:
+        async for response in stream:
+            responses.append(response)
+
+    assert kinds(responses) == ["delta"] and responses[0].delta.text == "Hello"
+    assert failure.value.code == grpc.StatusCode.UNAVAILABLE
+    assert failure.value.reason == Reason.STREAM_ENDED_EARLY
+    assert (backend.in_flight, backend.active_tokens) == (0, 0)
+
+
 async def test_a_caller_that_reads_the_completions_text_gets_the_last_text_there_not_in_a_delta():
     call = ScriptedCall()
     stream, _ = stream_on(call, completion_carries_text=True)
