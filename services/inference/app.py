@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 
-import structlog
-
 from meshgate import mesh_auth, metrics, tokenization
 from meshgate.config import Settings
 from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
@@ -14,8 +12,6 @@ from meshgate.serving import Cleanup, Service, cleanup_steps
 from meshgate.tasks import cancel_and_wait
 from services.inference.backends import BackendPool
 from services.inference.servicer import InferenceServicer
-
-log = structlog.get_logger(__name__)
 
 SERVICE_NAMES = [inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name]
 
@@ -55,22 +51,15 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     metrics.watch_backends(pool, servicer.generation_slots)
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, service.server)
 
-    async def watch_backends() -> None:
+    async def after_probe() -> None:
         # Health mirrors the backends: balancers stop sending work here while
         # no Triton server is ready, instead of receiving UNAVAILABLE.
-        while True:
-            try:
-                await pool.probe_all()
-                servicer.count_generation_slots()
-                if not service.draining:
-                    await service.set_serving(pool.any_ready)
-            except Exception:
-                # A watcher that died would freeze readiness as it last was.
-                log.exception("backend probe failed")
-            await asyncio.sleep(config.health_interval_s)
+        servicer.count_generation_slots()
+        if not service.draining:
+            await service.set_serving(pool.any_ready)
 
     service.serving_when_started = False
-    watcher = asyncio.create_task(watch_backends())
+    watcher = asyncio.create_task(pool.watch(config.health_interval_s, after_probe))
 
     return cleanup_steps(
         ("triton watcher", functools.partial(cancel_and_wait, watcher)), ("triton pool", pool.close)

@@ -409,9 +409,9 @@ class TritonBackend:
         Each goes as a task of its own, at most one in flight per model,
         which the probe round does not wait for: a busy but live model's
         canary waits in Triton's queue up to CANARY_TIMEOUT_S, and awaited
-        here it delayed every server's round (probe_all gathers them), so a
-        dead server left rotation ~21 s late instead of ~6 s, and slot
-        counts and serving status lagged as long."""
+        here it delayed the server's next probe, so a dead server left
+        rotation ~21 s late instead of ~6 s, and slot counts and serving
+        status lagged as long."""
         suspects = set(self.stub_dead)
         if self._unanswered_canary_s is not None:
             suspects |= self.calls.unanswered_for(self._unanswered_canary_s)
@@ -620,8 +620,8 @@ class BackendPool:
         applies (vLLM's config says nothing): the sum of the others
         under-admitted such a fleet. 0 where no server has it ready.
 
-        Counted after each probe round: a breaker that opens between two
-        rounds over-admits into the others until the next (a few seconds),
+        Counted after each server's probe: a breaker that opens between two
+        probes over-admits into the others until the next (a few seconds),
         while its failing calls mostly go elsewhere anyway; reacting to each
         breaker change would tie balancing.Health to this service's slots."""
         ready = [backend for backend in self.backends if model in backend.ready_models]
@@ -635,8 +635,37 @@ class BackendPool:
     def any_ready(self) -> bool:
         return any(b.ready_models for b in self.backends)
 
-    async def probe_all(self) -> None:
-        await asyncio.gather(*(b.probe(self._models) for b in self.backends))
+    async def watch(
+        self, interval_s: float, after_probe: collections.abc.Callable[[], collections.abc.Awaitable[None]]
+    ) -> None:
+        """Probes each server on a schedule of its own, ``interval_s`` after
+        its last probe ended, and awaits ``after_probe()`` after each, one
+        at a time, until cancelled. One round for all servers waited for the
+        slowest one's answers: with one stopped, every round took
+        PROBE_TIMEOUT_S, and a model unloaded on a healthy server left
+        rotation there 6.5 s after the unload instead of under 1 s (0.2 s
+        interval), as a model loaded again came back as late; a server
+        behind a link that delays each reply held the others' rounds for
+        all its calls."""
+        # Two servers' probes that end together must not interleave what
+        # after_probe sets (the serving status of each health service name).
+        one_at_a_time = asyncio.Lock()
+        async with asyncio.TaskGroup() as watchers:
+            for backend in self.backends:
+                watchers.create_task(self._watch(backend, interval_s, after_probe, one_at_a_time))
+
+    async def _watch(
+        self, backend: TritonBackend, interval_s: float, after_probe, lock: asyncio.Lock
+    ) -> None:
+        while True:
+            try:
+                await backend.probe(self._models)
+                async with lock:
+                    await after_probe()
+            except Exception:
+                # A watcher that died would freeze the server's readiness as it last was.
+                log.exception("backend probe failed", backend=backend.address)
+            await asyncio.sleep(interval_s)
 
     async def close(self) -> None:
         await asyncio.gather(*(b.close() for b in self.backends))

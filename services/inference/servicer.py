@@ -176,7 +176,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     def count_generation_slots(self) -> None:
         """Each model's slots, from the servers the balancer would send it
-        to (after each probe round): a server that comes or goes, or whose
+        to (after each server's probe): a server that comes or goes, or whose
         breaker opens or closes, changes them; None where one of them has
         no known count. While no server has a model ready its count stays
         as it was: its calls fail at once (NO_READY_BACKEND) and hold no

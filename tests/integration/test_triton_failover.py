@@ -265,3 +265,62 @@ async def test_a_generation_model_unloaded_on_one_server_leaves_its_embeddings_t
         embedded_there = await successful_embeddings(urls[0]) - before
 
     assert embedded_there > 0, "the server whose generation model was unloaded got no embedding"
+
+
+async def model_ready_at(stub, url: str, model: str) -> bool:
+    """Whether the inference service has ``model`` in rotation at ``url``."""
+    health = await stub.GetBackendHealth(pb.GetBackendHealthRequest(), timeout=5)
+    (backend,) = [b for b in health.backends if b.address == url]
+    return any(m.name == model and m.ready for m in backend.models)
+
+
+async def seconds_until(condition, limit_s: float = 60) -> float:
+    """How long until ``condition()`` (a coroutine function) holds, polled."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(limit_s):
+        while not await condition():
+            await asyncio.sleep(0.05)
+    return loop.time() - started
+
+
+async def test_a_stopped_triton_does_not_delay_the_probes_of_the_other(two_tritons) -> None:
+    """Each server is probed on its own schedule: while one answers nothing
+    (stopped, so every probe of it waits PROBE_TIMEOUT_S), a model unloaded
+    and loaded again on the other leaves and rejoins rotation there as
+    soon as that server's own probes say so, not a stalled round later."""
+    urls, processes = two_tritons
+    settings = Settings(mesh=mesh_settings())
+    settings.inference.triton_urls = urls
+    interval_s = settings.inference.health_interval_s = 0.2
+    healthy, stopped = urls[0], processes[1]
+    async with running_inference(settings) as address, router_channel(address, "inference") as channel:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        async with grpc.aio.insecure_channel(healthy) as triton_channel:
+            triton = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
+            os.kill(stopped.pid, signal.SIGSTOP)
+            try:
+                # The stopped server's probes are under way and waiting.
+                await asyncio.sleep(interval_s)
+                unload = service_pb2.RepositoryModelUnloadRequest(model_name="minilm")
+                await triton.RepositoryModelUnload(unload)
+
+                async def out() -> bool:
+                    return not await model_ready_at(stub, healthy, "minilm")
+
+                left_s = await seconds_until(out)
+                await triton.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name="minilm"))
+
+                async def back() -> bool:
+                    return await model_ready_at(stub, healthy, "minilm")
+
+                back_s = await seconds_until(back)
+            finally:
+                os.kill(stopped.pid, signal.SIGCONT)
+
+    print(f"out of rotation {left_s:.2f} s after the unload, back {back_s:.2f} s after the load")
+    # PROBES_TO_MARK_DOWN rounds of the healthy server alone: each takes
+    # milliseconds plus the interval. Rounds that waited for the stopped
+    # server took PROBE_TIMEOUT_S each: 3 x 2.2 s.
+    assert left_s < PROBES_TO_MARK_DOWN * interval_s + PROBE_TIMEOUT_S
+    assert back_s < PROBE_TIMEOUT_S

@@ -224,10 +224,10 @@ async def test_health_says_which_model_is_out_where_and_why_and_requests_go_else
     try:
         for each in pool.backends:
             each._probe_stub = CanariedTriton(GENERATION_STUB_DIED)
-        await pool.probe_all()
+        await asyncio.gather(*(each.probe(MODELS) for each in pool.backends))
         dead, alive = pool.backends
         dead.stub_died(GENERATION_MODEL, GENERATION_STUB_DIED)
-        await pool.probe_all()
+        await asyncio.gather(*(each.probe(MODELS) for each in pool.backends))
         servicer = InferenceServicer(settings, pool)
 
         health = await servicer.GetBackendHealth(pb.GetBackendHealthRequest(), None)
