@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import functools
 import hashlib
 import itertools
 import math
@@ -322,15 +323,41 @@ class PrefixIndex:
             count += 1
         return count
 
-    def record(self, key: str, blocks: Sequence[int]) -> None:
-        """The target computes (so caches) these blocks: they are its newest."""
+    def record(self, key: str, blocks: Sequence[int]) -> Callable[[], None]:
+        """The target computes (so caches) these blocks: they are its newest.
+        Returns what takes this record back, for a target that then refuses
+        the request unread (no room, its model not loaded): it computed none
+        of them, and believed to hold them it would draw the next requests
+        sharing the prefix, to be refused there first again. Recorded at the
+        send, not at the first output, so that requests sharing a prefix
+        that arrive while the first one's prompt is computed (seconds on a
+        CPU) go where it will be held."""
         held = self._held[key]
         now = self._clock()
+        before = {}
         for block in blocks:
+            before[block] = held.get(block)
             held[block] = now
             held.move_to_end(block)
         while len(held) > self.max_blocks:
             held.popitem(last=False)
+        return functools.partial(self._withdraw, held, before, now)
+
+    @staticmethod
+    def _withdraw(
+        held: collections.OrderedDict[int, float], before: dict[int, float | None], at: float
+    ) -> None:
+        """Takes back the record made ``at``: each block it touched that no
+        later record or confirm did goes back to what was believed before
+        (forgotten, or held since its earlier time, though now among the
+        newest: the LRU order is approximate anyway)."""
+        for block, earlier in before.items():
+            if held.get(block) != at:
+                continue
+            if earlier is None:
+                del held[block]
+            else:
+                held[block] = earlier
 
     def confirm(self, key: str, blocks: Sequence[int], cached_units: int) -> None:
         """The model reports it reused `cached_units` of this prompt. Where we
@@ -354,6 +381,10 @@ class PrefixIndex:
 # --- Strategies ----------------------------------------------------------------------------
 
 
+def _nothing_to_take_back() -> None:
+    pass
+
+
 class Strategy:
     """Ranks the targets that admit traffic, best first."""
 
@@ -364,8 +395,11 @@ class Strategy:
     def rank(self, targets: list[T], request: RouteRequest) -> list[T]:
         raise NotImplementedError
 
-    def routed(self, target: Target, request: RouteRequest) -> None:
-        """The request went to `target` (called once, for the one used)."""
+    def routed(self, target: Target, request: RouteRequest) -> Callable[[], None]:
+        """The request went to `target` (called once per target it is sent
+        to). Returns what takes that back where the target refuses it unread
+        and the request goes to another."""
+        return _nothing_to_take_back
 
     def prefill_left(self, target: Target, request: RouteRequest) -> int:
         """Prompt units `target` would have to prefill: all of them, unless a
@@ -510,7 +544,7 @@ class _PrefixStrategy(Strategy):
         self._rotation = _Rotation()
 
     def routed(self, target, request):
-        self.index.record(target.key, request.prefix_blocks)
+        return self.index.record(target.key, request.prefix_blocks)
 
     def prefill_left(self, target, request):
         cached = self.index.overlap(target.key, request.prefix_blocks) * self.index.block_size

@@ -128,7 +128,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     cache_salt=request.tenant_id,
                 )
                 backend.health.begin()
-                strategy.routed(backend, route)
+                take_back_route = strategy.routed(backend, route)
                 try:
                     async for response in stream:
                         if response.HasField("completion"):
@@ -153,6 +153,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                         # Once a server: a stream that fails so again is the server's doing.
                         revived.add(backend.address)
                         tried.discard(backend.address)
+                        take_back_route()
                         log.info("idle triton stream gone, opening another", backend=backend.address)
                         continue
                     if isinstance(error, MeshgateError):
@@ -166,6 +167,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                         backend.stub_died(served.triton_model, error.details())
                     # Retry elsewhere only if nothing reached the caller yet (AIP-194).
                     if error.code() == grpc.StatusCode.UNAVAILABLE and not stream.started:
+                        # Refused (its model unloaded, its stub dead) or lost
+                        # before an answer: not believed to hold the prompt.
+                        take_back_route()
                         log.warning("triton unavailable, trying another", backend=backend.address)
                         continue
                     failure = triton_failure(error, served.triton_model, Reason.INVALID_GENERATION_REQUEST)

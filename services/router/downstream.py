@@ -721,8 +721,7 @@ class Deployments:
             calls = deployment.calls
             calls.add(call)
             probing = deployment.health.begin()
-            if strategy is not None:
-                strategy.routed(deployment, route)
+            take_back_route = strategy.routed(deployment, route) if strategy is not None else None
             deployment.in_flight += 1
             deployment.active_tokens += route.prompt_units
             deployment.queued_prefill_tokens += prefill
@@ -795,6 +794,10 @@ class Deployments:
                     # reason says the next piece is the last, Generator).
                     answer.prompt_tokens = answer.completion_tokens = 0
                     answer.finish_reason = ""
+                    if take_back_route is not None:
+                        # It computed none of the prompt (refused unread, or
+                        # failed before an answer): not believed to hold it.
+                        take_back_route()
                     continue
                 if error.code() == grpc.StatusCode.UNAVAILABLE:
                     deployment.health.record_failure()

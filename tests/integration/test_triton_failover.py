@@ -11,6 +11,7 @@ import signal
 
 import grpc
 import pytest
+import structlog.testing
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from meshgate import mesh_auth
@@ -324,3 +325,43 @@ async def test_a_stopped_triton_does_not_delay_the_probes_of_the_other(two_trito
     # server took PROBE_TIMEOUT_S each: 3 x 2.2 s.
     assert left_s < PROBES_TO_MARK_DOWN * interval_s + PROBE_TIMEOUT_S
     assert back_s < PROBE_TIMEOUT_S
+
+
+async def test_a_prefix_is_not_believed_held_by_the_server_that_refused_it(two_tritons) -> None:
+    """A prefix strategy learns which server holds a prompt's blocks from
+    where its requests ran. A server that refused one (its generation model
+    unloaded, before the probes take the model out there) computed nothing:
+    believed to hold the prefix, it drew that prefix's next requests, each
+    refused there first, while the server that answered holds it."""
+    urls, _ = two_tritons
+    refusing, answering = urls
+    settings = Settings(mesh=mesh_settings())
+    settings.inference.triton_urls = urls
+    # No probe round between the unload and the calls.
+    settings.inference.health_interval_s = 60
+    settings.inference.models["tiny-gpt"].routing_strategy = "prefix_affinity"
+    prefix = "policy: " + " ".join(f"rule {n} applies" for n in range(50))
+    async with running_inference(settings) as address, router_channel(address, "inference") as channel:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        async with grpc.aio.insecure_channel(refusing) as triton_channel:
+            triton = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
+            unload = service_pb2.RepositoryModelUnloadRequest(model_name="tiny_gpt")
+            await triton.RepositoryModelUnload(unload)
+        # A long generation in flight on the answering server: between equal
+        # overlaps the least outstanding goes first, the refusing server.
+        answering_now = asyncio.Event()
+        long_stream = asyncio.create_task(generate(stub, "a long story", 400, answering_now.set))
+        await asyncio.wait_for(answering_now.wait(), 60)
+        with structlog.testing.capture_logs() as logs:
+            for n in range(4):
+                assert (await in_flight(stub))[answering] == 1, "the long generation ended too soon"
+                _, completion, error = await generate(stub, f"{prefix} question {n}?", 2)
+                assert error is None, error
+                assert completion.backend == answering
+        await long_stream
+
+    refused = [e for e in logs if e["event"] == "triton unavailable, trying another"]
+    assert all(e["backend"] == refusing for e in refused)
+    # The first, with no overlap anywhere, goes to the refusing server (the
+    # least outstanding); the others go where the prefix was computed.
+    assert len(refused) == 1, f"{len(refused)} of 4 requests sharing a prefix were refused first"

@@ -185,6 +185,30 @@ def test_prefix_affinity_goes_where_the_longest_prefix_was_routed():
     assert strategy.rank([a, b], follow_up)[0] is a
 
 
+def test_a_route_taken_back_leaves_the_index_as_it_was_but_for_what_came_since():
+    clock = Clock()
+    index = PrefixIndex(16, clock=clock)
+    strategy = balancing.PrefixAffinity(index)
+    a = FakeTarget("a")
+    held_before, new = blocks(4), blocks(4, start=5_000)
+    strategy.routed(a, RouteRequest(prefix_blocks=held_before, prompt_units=4 * 16))
+    clock.now += 1
+    # Sent while its prefix is being computed (no answer yet): already there.
+    take_back = strategy.routed(a, RouteRequest(prefix_blocks=held_before + new, prompt_units=8 * 16))
+    assert index.overlap("a", held_before + new) == 8
+    clock.now += 1
+    # Another request whose blocks hold the first new one, sent since and answered.
+    strategy.routed(a, RouteRequest(prefix_blocks=new[:1], prompt_units=16))
+
+    take_back()  # a refused the second one unread
+
+    # What a held before stays held (at its earlier time, so it expires
+    # as it would have); what the refused request alone put there is gone.
+    assert index.overlap("a", held_before + new) == 5
+    clock.now += index.ttl_s - 1.5
+    assert index.overlap("a", held_before) == 0
+
+
 def test_prefix_affinity_ignores_a_short_shared_opening():
     index = PrefixIndex(16, clock=Clock())
     strategy = balancing.PrefixAffinity(index, min_share=0.5)

@@ -284,6 +284,33 @@ async def test_a_deployment_without_room_hands_the_generation_to_the_next_and_it
 
 
 @pytest.mark.parametrize("no_room", NO_ROOM)
+async def test_a_prefix_is_not_believed_held_by_the_deployment_that_refused_it(no_room):
+    """A deployment without room computed none of the prompt it refused:
+    the next turn sharing its prefix goes where it was answered, not first
+    to the refusing one on an overlap it was wrongly credited with."""
+    table = DeploymentTable({"m": model("prefix_affinity", "a", "b")})
+    a, b = table.candidates("m")
+    b.in_flight = 5  # a first while neither is believed to hold the prompt
+    prompt = [common_pb2.Message(role=common_pb2.ROLE_USER, content="a long shared prefix " * 20)]
+    deployments = Deployments(table, RouterSettings(), TenantTokens(None, 60.0))
+    try:
+        answered_by = []
+        for _ in range(2):
+            a.stream_stub = busy_a = ScriptedGenerate([], ends_with=no_room())
+            b.stream_stub = ScriptedGenerate(hello_world())
+            answer = Answer()
+            pieces = deployments.generate(
+                "m", prompt, common_pb2.GenerationParameters(), Budget(), answer, ""
+            )
+            assert "".join([piece async for piece in pieces]) == "Hello world"
+            answered_by.append((busy_a.request is not None, answer.deployment))
+    finally:
+        await table.close()
+
+    assert answered_by == [(True, "b"), (False, "b")]
+
+
+@pytest.mark.parametrize("no_room", NO_ROOM)
 async def test_a_refusal_for_want_of_room_to_a_half_open_probe_leaves_the_deployment_free_to_probe_again(
     no_room,
 ):
