@@ -59,7 +59,14 @@ from services.cache import conversation, keys
 from services.cache.embedding_memo import EmbeddingMemo
 from services.cache.index import IndexRegistry, Match, TopUps, VectorIndex
 from services.cache.stats import Stats
-from services.cache.store import ENTRY_OVERHEAD_BYTES, CacheStore, live_answer, split_payload
+from services.cache.store import (
+    ENTRY_OVERHEAD_BYTES,
+    REPORTED_PAIR_BYTES,
+    CacheStore,
+    NoRoomForReport,
+    live_answer,
+    split_payload,
+)
 from services.cache.verifier import Verifier, analyze
 
 # Best matches verified per lookup. The best by cosine is often not the one
@@ -175,6 +182,21 @@ def _check_messages(messages) -> None:
             f"a prompt of {len(messages)} messages is more than the cache takes ({MAX_PROMPT_MESSAGES})",
             limit=str(MAX_PROMPT_MESSAGES),
         )
+
+
+def _quota_exceeded(held: int, size: int, most: int) -> MeshgateError:
+    return MeshgateError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        Reason.CACHE_QUOTA_EXCEEDED,
+        f"the tenant's cache Stores and reports of the last two windows of cache.ttl_s charged {held} "
+        f"bytes; {size} more would pass cache.max_bytes_per_tenant ({most})",
+        {
+            "limit": "max_bytes_per_tenant",
+            "scope": "tenant",
+            "limit_value": str(most),
+            "bytes": str(held),
+        },
+    )
 
 
 def _log_fenced_write_failure(task: asyncio.Future) -> None:
@@ -362,18 +384,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             size += vector.nbytes + len(question.encode())
         held = await self._store.charge(partition.tenant_id, size, most, self._settings.ttl_s, now_ms)
         if held is not None:
-            raise MeshgateError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                Reason.CACHE_QUOTA_EXCEEDED,
-                f"the tenant's cache Stores of the last two windows of cache.ttl_s charged {held} "
-                f"bytes; {size} more would pass cache.max_bytes_per_tenant ({most})",
-                {
-                    "limit": "max_bytes_per_tenant",
-                    "scope": "tenant",
-                    "limit_value": str(most),
-                    "bytes": str(held),
-                },
-            )
+            raise _quota_exceeded(held, size, most)
 
     async def _invalidated_since(self, partition: keys.Partition, store_fence: str) -> bool:
         """Whether the scope was invalidated after the lookup that gave
@@ -436,15 +447,29 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         # in, so that is where the entry and its neighbours live.
         context_id, _ = self._semantic_subject(partition, request.messages)
         asked_id = keys.entry_id(partition, request.messages)
-        report = await self._store.report_wrong(
-            partition,
-            context_id,
-            request.entry_id,
-            asked_id,
-            self._settings.ttl_s * 1000,
-            self._settings.report_replicas,
-            self._settings.report_replication_timeout_s,
-        )
+        # Charged before the report, as a Store is: the pair it keeps is the
+        # tenant's bytes too. Without room, a report that deletes an entry
+        # is still taken (its pair is bounded by the Stores that paid for
+        # the entry), one of an entry already gone is refused.
+        most = self._settings.max_bytes_per_tenant
+        held = None
+        if most:
+            held = await self._store.charge(
+                partition.tenant_id, REPORTED_PAIR_BYTES, most, self._settings.ttl_s, _now_ms()
+            )
+        try:
+            report = await self._store.report_wrong(
+                partition,
+                context_id,
+                request.entry_id,
+                asked_id,
+                self._settings.ttl_s * 1000,
+                self._settings.report_replicas,
+                self._settings.report_replication_timeout_s,
+                room_for_a_pair=held is None,
+            )
+        except NoRoomForReport:
+            raise _quota_exceeded(held, REPORTED_PAIR_BYTES, most) from None
         if report is None:
             raise not_found(
                 Reason.CACHE_ENTRY_NOT_FOUND,

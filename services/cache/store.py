@@ -180,7 +180,8 @@ return {strictness, listed, redis.call('HMGET', KEYS[2], unpack(ids))}
 _REPORT_WRONG = """
 -- KEYS: exact key, order zset, vectors hash, wrong-hit counter, reported pairs
 -- ARGV: entry id, ttl ms, notices channel, the notice of the entry's tenant and model,
---       the reported pair (asked entry id, space, entry id)
+--       the reported pair (asked entry id, space, entry id),
+--       '1' if a new pair of an entry a report deleted may be kept (the tenant had room)
 -- Only an entry the sub-partition holds (its answer, or its row: an answer
 -- expired before its row was trimmed), or one a report deleted (its bare id
 -- is kept with the pairs: another prompt it was served to before that
@@ -189,8 +190,13 @@ _REPORT_WRONG = """
 -- Anything else names no entry: a caller's made-up ids each added a pair
 -- (and a count) for as long as the sub-partition lived. Nothing is written.
 if redis.call('EXISTS', KEYS[1]) == 0 and not redis.call('ZSCORE', KEYS[2], ARGV[1])
-    and redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 0 and redis.call('SISMEMBER', KEYS[5], ARGV[5]) == 0 then
-  return false
+    and redis.call('SISMEMBER', KEYS[5], ARGV[5]) == 0 then
+  if redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 0 then return false end
+  -- Of an entry gone, any prompt's report is taken: each deletes nothing
+  -- and adds a pair, which no Store paid for (a bug hunt: one real report,
+  -- then 2,000 of made-up prompts, kept 2,001 pairs and counts for a day).
+  -- Taken only while the tenant has room for it (CacheStore.charge).
+  if ARGV[6] ~= '1' then return 0 end
 end
 redis.call('SADD', KEYS[5], ARGV[5], ARGV[1])
 -- As long as the sub-partition's entries, at least: see _STORE_SEMANTIC.
@@ -216,6 +222,17 @@ return {removed, strictness, seq}
 # values (keys, sorted-set and hash members, allocations; redis-server 6.2,
 # jemalloc), rounded up.
 ENTRY_OVERHEAD_BYTES = 1536
+
+# What a report charges to its tenant (``charge``): the pair it keeps (129
+# bytes) as a member of the reported set, Redis's own included, rounded up
+# (MEMORY USAGE of a set of 2,000 pairs: 112 bytes each; redis-server 6.2).
+REPORTED_PAIR_BYTES = 256
+
+
+class NoRoomForReport(Exception):
+    """A report that would keep a new pair of an entry a report deleted,
+    without room for it in the tenant's quota (``CacheStore.report_wrong``)."""
+
 
 # Charges a Store to its tenant's count of the current window, unless the
 # current and previous windows' counts with it would pass the bound. Both
@@ -530,6 +547,7 @@ class CacheStore:
         ttl_ms: int,
         replicas: int,
         replication_timeout_s: float,
+        room_for_a_pair: bool = True,
     ) -> WrongHitReport | None:
         """Deletes an entry served as a wrong answer to the prompt of
         ``asked_id``, remembers the pair, and counts the report in its
@@ -538,7 +556,10 @@ class CacheStore:
         failover would serve the wrong answer again. None, with nothing
         written, when ``entry_id`` names no entry of the sub-partition,
         none a report deleted, and the pair was never reported
-        (_REPORT_WRONG).
+        (_REPORT_WRONG). Raises NoRoomForReport, with nothing written, for
+        a new pair of an entry a report deleted unless ``room_for_a_pair``
+        (the tenant's quota had room for it): such a report deletes
+        nothing, and only the bound keeps its pairs from growing.
 
         The notice names the whole tenant and model, not the entry alone:
         the count makes the verifier stricter in the sub-partition, so the
@@ -562,6 +583,7 @@ class CacheStore:
                     cache_notices.CHANNEL,
                     cache_notices.scope_notice(partition.tenant_id, partition.model),
                     _pair(asked_id, entry_id),
+                    "1" if room_for_a_pair else "0",
                 ],
                 replicas=replicas,
                 timeout_s=replication_timeout_s,
@@ -570,6 +592,8 @@ class CacheStore:
             raise _unavailable(error) from error
         if replicated.reply is None:
             return None
+        if replicated.reply == 0:
+            raise NoRoomForReport
         removed, strictness, *row = replicated.reply
         # Lua's false comes back as nil, which ends the reply early.
         seq = int(float(row[0])) if row and row[0] is not None else None

@@ -1650,8 +1650,8 @@ async def test_a_report_applied_after_a_later_store_of_the_same_entry_keeps_the_
     report_wrong = cache._store.report_wrong
     report_ran, stored_again = asyncio.Event(), asyncio.Event()
 
-    async def reply_after_the_store(*args):
-        reply = await report_wrong(*args)
+    async def reply_after_the_store(*args, **kwargs):
+        reply = await report_wrong(*args, **kwargs)
         report_ran.set()
         await stored_again.wait()
         return reply
@@ -1688,3 +1688,51 @@ async def test_a_second_prompts_report_of_an_entry_a_first_report_deleted_still_
         )
     assert await store(cache, s, conversation(STORED), text="Practice daily.") == entry_id
     assert (await lookup(cache, s, conversation(another))).status == pb.LOOKUP_STATUS_MISS
+
+
+async def test_reports_of_an_entry_already_deleted_are_held_to_the_tenants_quota(
+    redis_client, embedder, tenant
+):
+    """Once a report deleted an entry, any prompt's report of it is taken
+    (another prompt it was served to must be kept from it too), deleting
+    nothing: a bug hunt kept a pair and a count for each of 2,000 made-up
+    prompts, a day's worth of Redis that no Store paid for. Such a report
+    is charged to cache.max_bytes_per_tenant and refused past it; a report
+    that deletes an entry is still taken there."""
+    s = scope(tenant)
+    answer = pb.CachedAnswer(text="Practice daily.").SerializeToString()
+    other = "What is the capital of France?"
+    stored_bytes = sum(
+        len(answer) + store_module.ENTRY_OVERHEAD_BYTES + DIMS * 4 + len(question)
+        for question in (STORED, other)
+    )
+    pair = store_module.REPORTED_PAIR_BYTES
+    # The Stores, the report of the entry served, and four pairs more.
+    cache = make_servicer(redis_client, embedder, max_bytes_per_tenant=stored_bytes + 5 * pair + pair // 2)
+    entry_id = await store(cache, s, conversation(STORED), text="Practice daily.")
+    other_id = await store(cache, s, conversation(other), text="Practice daily.")
+    assert (await lookup(cache, s, conversation(PARAPHRASE))).entry_id == entry_id
+    await cache.ReportWrongHit(
+        pb.ReportWrongHitRequest(scope=s, messages=conversation(PARAPHRASE), entry_id=entry_id), None
+    )
+    partition = keys.partition(s)
+    context_id, _ = cache._semantic_subject(partition, conversation(PARAPHRASE))
+    reported_key = partition.reported_key(context_id)
+    pairs = await redis_client.scard(reported_key)
+    with pytest.raises(MeshgateError) as refused:
+        for n in range(50):
+            made_up = conversation(f"Made-up question number {n}?")
+            await cache.ReportWrongHit(
+                pb.ReportWrongHitRequest(scope=s, messages=made_up, entry_id=entry_id), None
+            )
+    assert n == 4
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.reason == "CACHE_QUOTA_EXCEEDED"
+    assert refused.value.metadata["limit"] == "max_bytes_per_tenant"
+    assert await redis_client.scard(reported_key) == pairs + 4
+    # A report that deletes an entry is taken without room.
+    report = await cache.ReportWrongHit(
+        pb.ReportWrongHitRequest(scope=s, messages=conversation(other), entry_id=other_id), None
+    )
+    assert report.entry_removed
+    assert (await lookup(cache, s, conversation(other))).status == pb.LOOKUP_STATUS_MISS
