@@ -35,7 +35,8 @@
   mark, finds what the Store wrote.
 - ``mg:cache:stored:{<tenant hex>}:<window length>:<window>``: integer,
   the bytes the tenant's Stores charged in one window of
-  ``cache.max_bytes_per_tenant``'s count (``charge``); lives two windows.
+  ``cache.max_bytes_per_tenant``'s count (``charge``), less what the
+  entries they replaced had been charged (``refund``); lives two windows.
 
 A semantic Store is one Lua script, so the entry, its vector and the
 eviction of the oldest entries are applied together or not at all. The
@@ -92,6 +93,8 @@ _STORE_SEMANTIC = """
 -- ARGV: entry value, ttl ms, entry id, vector value, max entries, exact key prefix,
 --       notices channel, the entry's notice
 local ttl = tonumber(ARGV[2])
+-- What the entry replaces, for the tenant's count (CacheStore.replaced_charge).
+local replaced = {redis.call('STRLEN', KEYS[1]), redis.call('HSTRLEN', KEYS[3], ARGV[3])}
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 -- Announced even when new: see _STORE_EXACT.
 redis.call('PUBLISH', ARGV[7], ARGV[8])
@@ -148,7 +151,7 @@ end
 for _, i in ipairs({2, 3, 5, 6}) do
   if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
 end
-return {seq, evicted}
+return {seq, evicted, replaced}
 """.replace("EXPIRED_TRIM", str(_EXPIRED_TRIM))
 
 # One round trip, as a plain SET was (PUBLISH may not go in a cluster
@@ -162,9 +165,11 @@ return {seq, evicted}
 # not kept (one more hop, hot_exact.py).
 _STORE_EXACT = """
 -- KEYS: exact key; ARGV: entry value, ttl ms, notices channel, the entry's notice
+-- What the entry replaces, for the tenant's count (CacheStore.replaced_charge).
+local replaced = redis.call('STRLEN', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
 redis.call('PUBLISH', ARGV[3], ARGV[4])
-return 1
+return replaced
 """
 
 _ENTRIES_SINCE = """
@@ -250,6 +255,17 @@ return -1
 """
 
 
+# Gives back to the tenant's count of this window what a Store replaced
+# (``refund``), never below nothing.
+_REFUND = """
+-- KEYS: the tenant's count of this window; ARGV: bytes
+local held = tonumber(redis.call('GET', KEYS[1]) or '0')
+local given = math.min(held, tonumber(ARGV[1]))
+if given > 0 then redis.call('DECRBY', KEYS[1], given) end
+return given
+"""
+
+
 # Set before an Invalidate scans (see the module docstring); the key lives
 # at least a day, far longer than a turn (router.max_generation_s), so a
 # fence read before it expired never matches the marks read after.
@@ -331,6 +347,14 @@ class WrongHitReport:
     replicas_acknowledged: int
 
 
+def replaced_charge(value_bytes: int, row_bytes: int) -> int:
+    """What the Store of an entry was charged (the cache servicer's
+    ``_charge``), from the bytes its answer's value and its row held (0:
+    none): each less its expiry, the overhead with the answer."""
+    charge = value_bytes - _EXPIRY.size + ENTRY_OVERHEAD_BYTES if value_bytes else 0
+    return charge + (row_bytes - _EXPIRY.size if row_bytes else 0)
+
+
 def split_payload(payload: bytes, dimensions: int) -> tuple[bytes, str] | None:
     """The vector bytes and question of a stored row, or None when the row
     holds a vector of another size."""
@@ -370,6 +394,7 @@ class CacheStore:
         self._mark_invalidated = client.register_script(_MARK_INVALIDATED)
         self._undo_store = client.register_script(_UNDO_STORE)
         self._charge = client.register_script(_CHARGE)
+        self._refund = client.register_script(_REFUND)
 
     async def get(self, partition: Partition, entry_id: str) -> bytes | None:
         try:
@@ -450,17 +475,32 @@ class CacheStore:
             raise _unavailable(error) from error
         return None if held < 0 else int(held)
 
+    async def refund(self, tenant_id: str, size: int, window_s: int, now_ms: int) -> None:
+        """Gives ``size`` bytes back to the tenant's count of the window
+        ``charge`` charged at ``now_ms``, as far as it holds them: what a
+        Store replaced (``replaced_charge``), charged when it was stored,
+        no longer in Redis. Not from the window before, where it may have
+        been charged: the two are held to the bound together."""
+        window = now_ms // (window_s * 1000)
+        try:
+            await self._refund(keys=[keys.stored_bytes_key(tenant_id, window_s, window)], args=[size])
+        except CONNECTION_ERRORS as error:
+            raise _unavailable(error) from error
+
     async def put_exact(
         self, partition: Partition, entry_id: str, answer: bytes, now_ms: int, ttl_ms: int
-    ) -> None:
+    ) -> int:
+        """Stores an exact entry; returns what the entry it replaced was
+        charged (``replaced_charge``)."""
         value = _EXPIRY.pack(now_ms + ttl_ms) + answer
         try:
-            await self._store_exact(
+            replaced = await self._store_exact(
                 keys=[partition.exact_key(entry_id)],
                 args=[value, ttl_ms, cache_notices.CHANNEL, cache_notices.entry_notice(entry_id)],
             )
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
+        return replaced_charge(int(replaced), 0)
 
     async def put_semantic(
         self,
@@ -472,13 +512,14 @@ class CacheStore:
         question: str,
         now_ms: int,
         ttl_ms: int,
-    ) -> tuple[int, list[tuple[str, int]]]:
+    ) -> tuple[int, list[tuple[str, int]], int]:
         """Stores an entry with its question vector and text; returns its
-        sequence number and the entries evicted to make room or found
-        expired, each as (id, sequence number)."""
+        sequence number, the entries evicted to make room or found
+        expired, each as (id, sequence number), and what the version of the
+        entry it replaced was charged (``replaced_charge``)."""
         expiry = _EXPIRY.pack(now_ms + ttl_ms)
         try:
-            seq, evicted = await self._store_semantic(
+            seq, evicted, (replaced_value, replaced_row) = await self._store_semantic(
                 keys=[
                     partition.exact_key(entry_id),
                     partition.order_key(context_id),
@@ -502,7 +543,8 @@ class CacheStore:
             raise _unavailable(error) from error
         # Scores come back as strings of doubles; a sequence number (µs) is exact in one.
         pairs = zip(evicted[::2], evicted[1::2], strict=True)
-        return int(seq), [(entry_id.decode(), int(float(score))) for entry_id, score in pairs]
+        evicted_rows = [(entry_id.decode(), int(float(score))) for entry_id, score in pairs]
+        return int(seq), evicted_rows, replaced_charge(int(replaced_value), int(replaced_row))
 
     async def batches_since(
         self, partition: Partition, context_id: str, after_seq: int

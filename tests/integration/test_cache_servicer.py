@@ -1736,3 +1736,29 @@ async def test_reports_of_an_entry_already_deleted_are_held_to_the_tenants_quota
     )
     assert report.entry_removed
     assert (await lookup(cache, s, conversation(other))).status == pb.LOOKUP_STATUS_MISS
+
+
+@pytest.mark.parametrize("question", [STORED, "x" * 2000], ids=["semantic", "exact"])
+async def test_stores_of_one_entry_are_charged_as_the_one_entry_they_leave(
+    redis_client, embedder, tenant, question
+):
+    """The router's callers sharing one generation (coalescing) each Store
+    its answer under the same entry, and a refresh stores over one: each
+    Store was charged to cache.max_bytes_per_tenant in full, though the
+    entry replaced no longer held its bytes (8 such Stores counted 8
+    entries against the tenant's bound). What the replaced version was
+    charged is given back."""
+    cache = make_servicer(redis_client, embedder)
+    s = scope(tenant)
+    answer = pb.CachedAnswer(text="Practice daily.").SerializeToString()
+    semantic = question == STORED
+    one_entry = (
+        len(answer) + store_module.ENTRY_OVERHEAD_BYTES + (DIMS * 4 + len(question) if semantic else 0)
+    )
+    await asyncio.gather(*(store(cache, s, conversation(question), text="Practice daily.") for _ in range(8)))
+    for _ in range(3):  # refreshes
+        await store(cache, s, conversation(question), text="Practice daily.")
+    windows = [
+        key async for key in redis_client.scan_iter(match=f"mg:cache:stored:{{{tenant.encode().hex()}}}:*")
+    ]
+    assert sum([int(await redis_client.get(window)) for window in windows]) == one_entry
