@@ -358,6 +358,11 @@ class Reason(enum.StrEnum):
     REDIS_UNAVAILABLE = enum.auto()
     """Redis cannot be reached."""
 
+    EMBEDDER_CHANGED = enum.auto()
+    """An Embed's texts were embedded by two revisions of the embedding model (Triton
+    servers of two revisions side by side, an upgrade under way): their vectors are not
+    comparable, so none is answered; metadata ``revisions`` names them."""
+
     STREAM_ENDED_EARLY = enum.auto()
     """A generation stream ended before its final message (was also GENERATION_INCOMPLETE
     in the router); delivered_* metadata says how much went out."""

@@ -42,7 +42,10 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self._truncator = EmbeddingTruncator(
             tokenization.load(settings.embedding_tokenizer), settings.embedding_max_tokens
         )
-        self._embeddings = SharedEmbeddings(
+        # The revision Triton's embedding model answered with last: vectors
+        # remembered from another are forgotten when it changes.
+        self._embedding_revision: str | None = None
+        self._embeddings: SharedEmbeddings[tuple[str, bytes]] = SharedEmbeddings(
             self._embed_texts,
             settings.embedding_memo_entries,
             settings.embedding_triton_model,
@@ -226,13 +229,29 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         try:
             async with asyncio.timeout(remaining):
                 # Texts in flight or embedded lately are not sent again (shared_embeddings.py).
-                vectors = await self._embeddings.vectors(request.texts)
+                embedded = await self._embeddings.vectors(request.texts)
                 input_tokens = await self._input_tokens(request) if request.count_tokens else 0
         except TimeoutError:
             raise _embed_deadline_passed() from None
+        revisions = {revision for revision, _ in embedded}
+        if len(revisions) > 1:
+            # Servers of two revisions answered parts of it (a rolling
+            # upgrade of Triton's model): one response names one revision,
+            # and vectors of two are not comparable.
+            raise MeshgateError(
+                grpc.StatusCode.UNAVAILABLE,
+                Reason.EMBEDDER_CHANGED,
+                f"the embedding model answered with revisions {sorted(revisions)} at once; try again",
+                {"revisions": ",".join(sorted(revisions))},
+            )
+        vectors = [vector for _, vector in embedded]
         # float32: dimensions are a vector's bytes over 4.
         return pb.EmbedResponse(
-            dimensions=len(vectors[0]) // 4, vectors=b"".join(vectors), input_tokens=input_tokens
+            dimensions=len(vectors[0]) // 4,
+            vectors=b"".join(vectors),
+            input_tokens=input_tokens,
+            model=self._settings.embedding_triton_model,
+            model_revision=revisions.pop(),
         )
 
     async def _input_tokens(self, request: pb.EmbedRequest) -> int:
@@ -242,8 +261,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             return await asyncio.to_thread(self._truncator.count_tokens, texts)
         return self._truncator.count_tokens(texts)
 
-    async def _embed_texts(self, texts: list[str]) -> list[bytes]:
-        """Each text's vector from Triton, for SharedEmbeddings (at most
+    async def _embed_texts(self, texts: list[str]) -> list[tuple[str, bytes]]:
+        """Each text's revision and vector from Triton, for SharedEmbeddings (at most
         EMBED_BATCH texts: one ModelInfer): possibly for several callers, so
         no one caller's deadline bounds it; SharedEmbeddings' own limit
         (inference.embed_timeout_s) does, or the last caller's leaving."""
@@ -286,14 +305,24 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 raise triton_failure(error, model, Reason.INVALID_EMBEDDING_REQUEST) from error
             finally:
                 backend.in_flight -= 1
-        shape = list(response.outputs[0].shape)
-        raw = response.raw_output_contents[0]
+        shape, raw, revision = triton_protocol.embedding_outputs(response)
         if len(shape) != 2 or shape[0] != len(texts) or shape[1] <= 0 or len(raw) != np.prod(shape) * 4:
             raise MeshgateError(
                 grpc.StatusCode.INTERNAL, Reason.BAD_EMBEDDING, f"embedding model returned shape {shape}"
             )
+        if revision != self._embedding_revision:
+            if self._embedding_revision is not None:
+                log.warning(
+                    "embedding model revision changed",
+                    model=model,
+                    revision=revision,
+                    previous=self._embedding_revision,
+                )
+            # What is remembered is another revision's, never to be mixed in.
+            self._embeddings.forget()
+            self._embedding_revision = revision
         size = int(shape[1]) * 4
-        return [raw[i * size : (i + 1) * size] for i in range(len(texts))]
+        return [(revision, raw[i * size : (i + 1) * size]) for i in range(len(texts))]
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
         ready = set().union(*(b.ready_models for b in self._pool.backends))

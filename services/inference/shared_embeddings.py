@@ -13,7 +13,9 @@ them all. Here:
   request is sent once;
 - a bounded LRU keeps recent vectors (``meshgate.embedding.VectorMemo``,
   ``inference.embedding_memo_entries``; 0 keeps none, in-flight texts are
-  still shared). Nothing is ever stale: only memory bounds it.
+  still shared). Nothing is stale while the model's revision stays: the
+  servicer forgets them all (:meth:`SharedEmbeddings.forget`) when Triton
+  answers with another.
 
 A shared call belongs to no caller (``meshgate.single_flight``): a caller
 that leaves (cancelled, its deadline passed) does not end it for the
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import typing
 
 import grpc
 
@@ -56,12 +59,14 @@ from meshgate.single_flight import Flight, SingleFlight
 # flight is one ModelInfer of at most this many texts.
 EMBED_BATCH = 64
 
-# The servicer's Triton work for at most ``batch_size`` texts: one float32
-# vector per text, as bytes.
-Fetch = collections.abc.Callable[[list[str]], collections.abc.Awaitable[list[bytes]]]
+# The servicer's Triton work for at most ``batch_size`` texts: one value per
+# text (the servicer's: the revision that made it and its float32 vector,
+# as bytes).
+V = typing.TypeVar("V")
+Fetch = collections.abc.Callable[[list[str]], collections.abc.Awaitable[list[V]]]
 
 
-class SharedEmbeddings:
+class SharedEmbeddings(typing.Generic[V]):
     """``fetch`` behind single-flight per text and an LRU of at most ``max_entries`` vectors.
 
     Texts to fetch go in flights of at most ``batch_size`` (the embedding
@@ -75,7 +80,7 @@ class SharedEmbeddings:
 
     def __init__(
         self,
-        fetch: Fetch,
+        fetch: Fetch[V],
         max_entries: int,
         model: str = "",
         *,
@@ -85,10 +90,10 @@ class SharedEmbeddings:
         self._fetch = fetch
         self._batch_size = batch_size
         self._timeout_s = timeout_s
-        self._memo: VectorMemo[bytes] = VectorMemo(model, max_entries)
+        self._memo: VectorMemo[V] = VectorMemo(model, max_entries)
         # Each text in flight, and the fetch that will answer it (with every
         # text of its chunk); cancelled when the last caller waiting leaves.
-        self._in_flight: SingleFlight[bytes, dict[bytes, bytes]] = SingleFlight(
+        self._in_flight: SingleFlight[bytes, dict[bytes, V]] = SingleFlight(
             "embedding fetch", cancel_when_abandoned=True
         )
         counts = metrics.inference().embedding_texts
@@ -99,11 +104,15 @@ class SharedEmbeddings:
     def __len__(self) -> int:
         return len(self._memo)
 
-    async def vectors(self, texts: collections.abc.Sequence[str]) -> list[bytes]:
+    def forget(self) -> None:
+        """Drops every vector remembered: the model now embeds otherwise."""
+        self._memo.clear()
+
+    async def vectors(self, texts: collections.abc.Sequence[str]) -> list[V]:
         """Each text's vector, in order."""
         keys = [self._memo.key(text) for text in texts]
-        found: dict[bytes, bytes] = {}
-        joined: dict[bytes, Flight[dict[bytes, bytes]]] = {}
+        found: dict[bytes, V] = {}
+        joined: dict[bytes, Flight[dict[bytes, V]]] = {}
         missing: dict[bytes, str] = {}
         for key, text in zip(keys, texts):
             if key in found or key in joined or key in missing:
@@ -129,7 +138,7 @@ class SharedEmbeddings:
                 found.update(chunk_vectors)
         return [found[key] for key in keys]
 
-    async def _run(self, texts: dict[bytes, str]) -> dict[bytes, bytes]:
+    async def _run(self, texts: dict[bytes, str]) -> dict[bytes, V]:
         """The chunk's vectors by key, remembered."""
         try:
             async with asyncio.timeout(self._timeout_s):

@@ -391,6 +391,25 @@ def read_generate_response(
     return event
 
 
+EMBEDDING_OUTPUT = "embedding"
+REVISION_OUTPUT = "revision"
+
+
+def embedding_outputs(response: service_pb2.ModelInferResponse) -> tuple[list[int], bytes, str]:
+    """An embedding model's answer: the vectors' shape and bytes (its
+    "embedding" output, else its first), and the revision that made them
+    (its "revision" output's first row: one model instance made them all;
+    "" from a model without one)."""
+    by_name = {output.name: index for index, output in enumerate(response.outputs)}
+    vectors = by_name.get(EMBEDDING_OUTPUT, 0)
+    revision = by_name.get(REVISION_OUTPUT)
+    return (
+        list(response.outputs[vectors].shape),
+        response.raw_output_contents[vectors],
+        "" if revision is None else _first_bytes_element(response.raw_output_contents[revision]).decode(),
+    )
+
+
 def _first_bytes_element(raw: bytes) -> bytes:
     if len(raw) < 4:
         return b""

@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import pytest
 
-from meshgate import serving
+from meshgate import minilm, serving
 from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings
 from meshgate.inference.v1 import inference_service_pb2 as pb
@@ -86,6 +86,9 @@ async def test_embed_splits_large_batches_and_normalizes(stub):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
     single = await stub.Embed(pb.EmbedRequest(texts=[texts[42]]))
     np.testing.assert_allclose(np.frombuffer(single.vectors, dtype="<f4"), vectors[42], atol=1e-4)
+    # Named for the code Triton ran (minilm's "revision" output), over both of its batches.
+    for answer in (response, single):
+        assert (answer.model, answer.model_revision) == ("minilm", minilm.REVISION)
 
 
 async def test_models_and_backend_health(stub):

@@ -197,3 +197,76 @@ async def test_an_embedding_success_resets_the_breaker_and_a_half_open_probe_is_
     gated.release.set()
     await asyncio.wait_for(probe, 5)
     assert server.health.state is balancing.BreakerState.CLOSED
+
+
+class RevisedTriton:
+    """ModelInfer for the embedding model, naming ``revision`` in its
+    "revision" output as minilm's model.py does; ``vector`` per text."""
+
+    def __init__(self, revision: str, value: float = 1.0) -> None:
+        self.revision = revision
+        self.value = value
+        self.calls = 0
+        self.release = asyncio.Event()
+        self.release.set()
+        self.started = asyncio.Event()
+
+    async def ModelInfer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        self.calls += 1
+        self.started.set()
+        await self.release.wait()
+        texts = request.inputs[0].shape[0]
+        response = service_pb2.ModelInferResponse()
+        response.outputs.add(name="embedding", datatype="FP32", shape=[texts, DIMENSIONS])
+        response.raw_output_contents.append(np.full((texts, DIMENSIONS), self.value, np.float32).tobytes())
+        response.outputs.add(name="revision", datatype="BYTES", shape=[texts, 1])
+        element = self.revision.encode()
+        response.raw_output_contents.append((len(element).to_bytes(4, "little") + element) * texts)
+        return response
+
+
+@pytest.fixture
+async def one_server():
+    """A servicer over one Triton server whose stub a test sets."""
+    settings = InferenceSettings(triton_urls=["127.0.0.1:1"])
+    pool = BackendPool(settings.triton_urls, [settings.embedding_triton_model])
+    backend = pool.backends[0]
+    backend.ready_models = {settings.embedding_triton_model}
+    yield InferenceServicer(settings, pool), backend
+    await pool.close()
+
+
+async def test_embed_names_the_revision_that_made_the_vectors_and_forgets_another_s(one_server):
+    servicer, server = one_server
+    server.stub = RevisedTriton("2")
+    answer = await servicer.Embed(pb.EmbedRequest(texts=["tides"]), FakeContext(None))
+    assert (answer.model, answer.model_revision) == ("minilm", "2")
+    # Triton's model upgraded under the service: the vector remembered from
+    # revision 2 is not answered as revision 3's (nor beside one of it).
+    server.stub = RevisedTriton("3", value=0.5)
+    answer = await servicer.Embed(pb.EmbedRequest(texts=["waves"]), FakeContext(None))
+    assert answer.model_revision == "3"
+    answer = await servicer.Embed(pb.EmbedRequest(texts=["tides", "waves"]), FakeContext(None))
+    assert answer.model_revision == "3"
+    np.testing.assert_array_equal(np.frombuffer(answer.vectors, "<f4"), np.full(2 * DIMENSIONS, 0.5))
+    assert server.stub.calls == 2
+
+
+async def test_an_embed_answered_by_two_revisions_at_once_is_refused(one_server):
+    # A text in flight to a server of revision 2 when one of revision 3
+    # answers the rest of a request that shares it (two servers of two
+    # revisions side by side during an upgrade).
+    servicer, server = one_server
+    gated = server.stub = RevisedTriton("2")
+    gated.release.clear()
+    first = asyncio.create_task(servicer.Embed(pb.EmbedRequest(texts=["tides"]), FakeContext(None)))
+    await asyncio.wait_for(gated.started.wait(), 5)
+    server.stub = RevisedTriton("3")
+    second = asyncio.create_task(servicer.Embed(pb.EmbedRequest(texts=["tides", "waves"]), FakeContext(None)))
+    gated.release.set()
+    await asyncio.wait_for(first, 5)
+    with pytest.raises(MeshgateError) as refused:
+        await asyncio.wait_for(second, 5)
+    refusal = refused.value
+    assert (refusal.code, refusal.reason) == (grpc.StatusCode.UNAVAILABLE, Reason.EMBEDDER_CHANGED)
+    assert refusal.metadata["revisions"] == "2,3"

@@ -58,14 +58,18 @@ class EmbedRequest(_message.Message):
     def __init__(self, texts: _Optional[_Iterable[str]] = ..., count_tokens: _Optional[bool] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("dimensions", "vectors", "input_tokens")
+    __slots__ = ("dimensions", "vectors", "input_tokens", "model", "model_revision")
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
     dimensions: int
     vectors: bytes
     input_tokens: int
-    def __init__(self, dimensions: _Optional[int] = ..., vectors: _Optional[bytes] = ..., input_tokens: _Optional[int] = ...) -> None: ...
+    model: str
+    model_revision: str
+    def __init__(self, dimensions: _Optional[int] = ..., vectors: _Optional[bytes] = ..., input_tokens: _Optional[int] = ..., model: _Optional[str] = ..., model_revision: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -10,9 +10,10 @@ also runs in its own process: the two paths give the same vectors.
 
 from __future__ import annotations
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from meshgate.minilm import MiniLM
+from meshgate.minilm import REVISION, MiniLM
 
 
 class TritonPythonModel:
@@ -40,5 +41,8 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(error=error))
             else:
                 tensor = pb_utils.Tensor("embedding", vectors[start:end])
-                responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
+                # The revision of the code that ran (not of the caller's):
+                # what the vectors may be compared with.
+                revision = pb_utils.Tensor("revision", np.full((end - start, 1), REVISION.encode(), object))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[tensor, revision]))
         return responses
