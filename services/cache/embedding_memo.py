@@ -4,7 +4,11 @@ under way.
 A semantic lookup embeds its question (in this process by default, or
 through the inference service: ``cache.embedder``): most of what a semantic
 hit costs. Questions repeat (the same phrasing asked again, the Store right
-after a miss), and a vector once fetched stays right (see ``meshgate.embedding.VectorMemo``).
+after a miss), and a vector once fetched stays right for its embedder's
+revision (see ``meshgate.embedding.VectorMemo``): each is remembered with
+the revision's name (``meshgate.embedding.Embedding``), and once an
+embedding comes from another revision (the inference service's Triton
+upgraded) the vectors of the earlier one are not answered again.
 The index search and the verifier still run on every lookup; the memo only
 spares the embedding (and the hop: the inference service keeps a memo of
 its own, which spares Triton for every caller but not the hop). A failed
@@ -23,10 +27,8 @@ text tenant A asked lately, a timing signal of what another tenant asks.
 
 from __future__ import annotations
 
-import numpy as np
-
 from meshgate import metrics
-from meshgate.embedding import EmbedsText, VectorMemo
+from meshgate.embedding import Embedding, EmbedsText, VectorMemo
 from meshgate.single_flight import Flight, SingleFlight
 
 
@@ -36,10 +38,14 @@ class EmbeddingMemo:
 
     def __init__(self, embedder: EmbedsText, model: str, max_entries: int) -> None:
         self._embedder = embedder
-        self._vectors: VectorMemo[np.ndarray] = VectorMemo(model, max_entries)
+        self._vectors: VectorMemo[Embedding] = VectorMemo(model, max_entries)
+        # The embedder of the latest vector fetched: remembered vectors of
+        # another are misses (they would be matched in the old revision's
+        # sub-partitions, which new entries no longer join).
+        self._latest_embedder = ""
         # Run to the end when every asker left: what it makes is remembered
         # for the next (with max_entries 0 it is only lost).
-        self._in_flight: SingleFlight[bytes, np.ndarray | None] = SingleFlight(
+        self._in_flight: SingleFlight[bytes, Embedding | None] = SingleFlight(
             "question embedding", cancel_when_abandoned=False
         )
         counts = metrics.cache().embedding_memo
@@ -49,7 +55,7 @@ class EmbeddingMemo:
     def __len__(self) -> int:
         return len(self._vectors)
 
-    async def embed_or_none(self, text: str, *, tenant_id: str) -> np.ndarray | None:
+    async def embed_or_none(self, text: str, *, tenant_id: str) -> Embedding | None:
         """``text``'s vector for ``tenant_id``: remembered only for that tenant."""
         vector = self._vector_or_flight(text, tenant_id)
         if isinstance(vector, Flight):
@@ -63,10 +69,10 @@ class EmbeddingMemo:
         remembered or under way; never waits and never fails."""
         self._vector_or_flight(text, tenant_id)
 
-    def _vector_or_flight(self, text: str, tenant_id: str) -> np.ndarray | Flight:
+    def _vector_or_flight(self, text: str, tenant_id: str) -> Embedding | Flight:
         key = self._vectors.key(text, tenant_id)
         vector = self._vectors.get(key)
-        if vector is not None:
+        if vector is not None and vector.embedder == self._latest_embedder:
             self._hits.inc()
             return vector
         flight = self._in_flight.flight(key)
@@ -78,14 +84,15 @@ class EmbeddingMemo:
             self._misses.inc()
         return self._in_flight.start((key,), self._fetch(key, text))
 
-    async def _fetch(self, key: bytes, text: str) -> np.ndarray | None:
-        vector = await self._embedder.embed_or_none(text)
-        if vector is not None:
+    async def _fetch(self, key: bytes, text: str) -> Embedding | None:
+        embedded = await self._embedder.embed_or_none(text)
+        if embedded is not None:
             # A read-only view (of the response's bytes, or of the local
             # run's output), shared by every caller: nothing may write into it.
-            vector.flags.writeable = False
-            self._vectors.put(key, vector)
-        return vector
+            embedded.vector.flags.writeable = False
+            self._latest_embedder = embedded.embedder
+            self._vectors.put(key, embedded)
+        return embedded
 
     async def close(self) -> None:
         """Cancels the calls under way, before the channel they use closes."""

@@ -219,7 +219,7 @@ def entry_id(partition: Partition, messages: Sequence[common_pb2.Message]) -> st
 
 def context_id(
     partition: Partition,
-    embedding_model: str,
+    embedder: str,
     conversational: bool = False,
     exact: Sequence[common_pb2.Message] = (),
 ) -> str:
@@ -231,9 +231,11 @@ def context_id(
     (``exact``: conversation.matched_exactly, such as a system message).
     None gives the same name as before there were any.
 
-    The embedding model is part of it: vectors of two models are not
-    comparable, so changing the model starts new sub-partitions instead of
-    matching against the old vectors.
+    The embedder is part of it (meshgate.embedding.embedder_name: the
+    model and the revision that embedded the question, as the embedding
+    names it): vectors of two models, or of two revisions of one, are not
+    comparable, so a new revision starts new sub-partitions instead of
+    matching against the old vectors, whose entries expire unread.
     """
     person = _CONVERSATION_PERSON if conversational else _CONTEXT_PERSON
-    return _conversation_digest(partition, exact, person, embedding_model.encode())
+    return _conversation_digest(partition, exact, person, embedder.encode())

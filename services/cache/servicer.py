@@ -226,9 +226,12 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         self._embedder = embedder
         self._stats = stats
         self._indexes = indexes
-        # The embedding model's vector size, once a lookup has seen a vector:
-        # the first stage loads an index before (or without) embedding.
+        # The embedding model's vector size and its embedder's name
+        # (meshgate.embedding.embedder_name: model and revision), once a
+        # lookup has seen a vector: the first stage loads an index before (or
+        # without) embedding, and the name picks the sub-partition.
         self._dimensions: int | None = None
+        self._embedder_name: str | None = None
         # The loads from Redis in flight, by index key: one per sub-partition,
         # shared by the lookups that find its index not loaded (``_synced``).
         # A load whose lookups all gave up goes on: the index stays resident.
@@ -322,10 +325,14 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             )
         vector = None
         if messages[-1].role == _USER:
-            context_id, text = self._semantic_subject(partition, messages)
+            text = conversation.resolve(messages)[0]
             if _matched_by_meaning(text):
                 # Usually remembered from the lookup that missed just before.
-                vector = await self._embedder.embed_or_none(text, tenant_id=partition.tenant_id)
+                embedded = await self._embedder.embed_or_none(text, tenant_id=partition.tenant_id)
+                if embedded is not None:
+                    # Among the vectors of the revision that made this one.
+                    vector = embedded.vector
+                    context_id, _ = self._semantic_subject(partition, messages, embedded.embedder)
         if await self._invalidated_since(partition, request.store_fence):
             # Seen before writing (the usual case: an Invalidate during a
             # generation of seconds): nothing to undo.
@@ -462,8 +469,15 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         if not keys.is_entry_id(request.entry_id):
             raise invalid_argument(Reason.INVALID_ENTRY_ID, "entry_id must be a LookupResponse.entry_id")
         # A semantic hit comes from the sub-partition the lookup was matched
-        # in, so that is where the entry and its neighbours live.
-        context_id, _ = self._semantic_subject(partition, request.messages)
+        # in, so that is where the entry and its neighbours live: that of the
+        # embedder's revision the lookups here see.
+        embedder = self._embedder_name
+        if embedder is None:
+            # No lookup here has embedded yet (a replica just started).
+            question = conversation.resolve(request.messages)[0]
+            embedded = await self._embedder.embed_or_none(question, tenant_id=partition.tenant_id)
+            embedder = "" if embedded is None else embedded.embedder
+        context_id, _ = self._semantic_subject(partition, request.messages, embedder)
         asked_id = keys.entry_id(partition, request.messages)
         # Charged before the report, as a Store is: the pair it keeps is the
         # tenant's bytes too. Without room, a report that deletes an entry
@@ -522,44 +536,53 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         """The best verified neighbour of the prompt (``asked_id``: its own
         entry id) with its answer and time left (``live_answer``), never one
         reported wrong for it."""
-        context_id, question = self._semantic_subject(partition, messages)
+        question = conversation.resolve(messages)[0]
         if not _matched_by_meaning(question):
             return None
-        index = self._indexes.get(partition.vectors_key(context_id))
-        # The vector size the index is synced for (``_synced`` returns no
-        # index of another): a concurrent lookup may change self._dimensions.
-        dimensions = self._dimensions
-        if dimensions is None:
-            # Rows are read as vectors of the model's size, known from this
-            # process's first vector on.
-            vector = await self._embedder.embed_or_none(question, tenant_id=partition.tenant_id)
-            if vector is None:
+        # The vector size and embedder the index is synced for (``_synced``
+        # returns no index of another size; the embedder names the
+        # sub-partition): a concurrent lookup may change them.
+        dimensions, embedder = self._dimensions, self._embedder_name
+        if dimensions is None or embedder is None:
+            # Rows are read as vectors of the model's size, and looked for
+            # among its embedder's: known from this process's first vector on.
+            embedded = await self._embedder.embed_or_none(question, tenant_id=partition.tenant_id)
+            if embedded is None:
                 return None
-            dimensions = self._dimensions = len(vector)
+            dimensions = self._dimensions = len(embedded.vector)
+            embedder = self._embedder_name = embedded.embedder
+            context_id, _ = self._semantic_subject(partition, messages, embedder)
             synced = await self._synced(partition, context_id, dimensions)
-        elif self._embeds_at_once(index, question):
-            # Likely a candidate: embed while the index tops itself up.
-            vector, synced = await asyncio.gather(
-                self._embedder.embed_or_none(question, tenant_id=partition.tenant_id),
-                self._synced(partition, context_id, dimensions),
-            )
         else:
-            # The first stage: no entry the index holds shares enough of the
-            # question's content words, so only an entry stored since can
-            # make it a candidate. Many misses end here, without the embedding
-            # that would delay the first token (the router holds its
-            # generation's output until the lookup answers); the Store that
-            # follows embeds, after the answer went out.
-            synced = await self._synced(partition, context_id, dimensions)
-            if synced is not None and not self._may_match(synced[0], question):
-                self._metrics.misses_without_embedding.inc()
-                return None
-            vector = await self._embedder.embed_or_none(question, tenant_id=partition.tenant_id)
-        if vector is None:
+            context_id, _ = self._semantic_subject(partition, messages, embedder)
+            if self._embeds_at_once(self._indexes.get(partition.vectors_key(context_id)), question):
+                # Likely a candidate: embed while the index tops itself up.
+                embedded, synced = await asyncio.gather(
+                    self._embedder.embed_or_none(question, tenant_id=partition.tenant_id),
+                    self._synced(partition, context_id, dimensions),
+                )
+            else:
+                # The first stage: no entry the index holds shares enough of the
+                # question's content words, so only an entry stored since can
+                # make it a candidate. Many misses end here, without the embedding
+                # that would delay the first token (the router holds its
+                # generation's output until the lookup answers); the Store that
+                # follows embeds, after the answer went out.
+                synced = await self._synced(partition, context_id, dimensions)
+                if synced is not None and not self._may_match(synced[0], question):
+                    self._metrics.misses_without_embedding.inc()
+                    return None
+                embedded = await self._embedder.embed_or_none(question, tenant_id=partition.tenant_id)
+        if embedded is None:
             return None
-        if len(vector) != dimensions:
-            # The embedding model changed under a running service.
+        vector = embedded.vector
+        if len(vector) != dimensions or embedded.embedder != embedder:
+            # The embedding model changed under a running service (the
+            # inference service's Triton upgraded): its vectors are matched
+            # among its own revision's only, never the old vectors.
             dimensions = self._dimensions = len(vector)
+            self._embedder_name = embedded.embedder
+            context_id, _ = self._semantic_subject(partition, messages, embedded.embedder)
             synced = await self._synced(partition, context_id, dimensions)
         if synced is None:
             return None
@@ -589,10 +612,14 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         """After an exact-only miss: starts embedding the prompt's question
         when the semantic lookup (expected next) would embed it, i.e. the
         first stage would not call it a miss at once."""
-        context_id, question = self._semantic_subject(partition, messages)
+        question = conversation.resolve(messages)[0]
         if not _matched_by_meaning(question):
             return
-        if not self._embeds_at_once(self._indexes.get(partition.vectors_key(context_id)), question):
+        index = None
+        if self._embedder_name is not None:
+            context_id, _ = self._semantic_subject(partition, messages, self._embedder_name)
+            index = self._indexes.get(partition.vectors_key(context_id))
+        if not self._embeds_at_once(index, question):
             # Unknown (an index not loaded here) or a likely first-stage
             # miss: the semantic lookup decides, as without this.
             return
@@ -617,14 +644,16 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         await self._embedder.close()
         await self._loads.cancel_all()
 
-    def _semantic_subject(self, partition: keys.Partition, messages) -> tuple[str, str]:
-        """The sub-partition a prompt's last question is matched in, and the
-        text it is embedded, stored and verified as: the bare question alone,
-        or with the topic turn it refers to among all multi-turn questions,
-        among those with the same system messages and reply to the topic."""
+    def _semantic_subject(self, partition: keys.Partition, messages, embedder: str) -> tuple[str, str]:
+        """The sub-partition a prompt's last question is matched in among
+        the vectors of ``embedder`` (meshgate.embedding.embedder_name), and
+        the text it is embedded, stored and verified as: the bare question
+        alone, or with the topic turn it refers to among all multi-turn
+        questions, among those with the same system messages and reply to
+        the topic."""
         text, in_context = conversation.resolve(messages)
         exact = conversation.matched_exactly(messages)
-        return keys.context_id(partition, self._settings.embedding_model, in_context, exact), text
+        return keys.context_id(partition, embedder, in_context, exact), text
 
     async def _synced(
         self, partition: keys.Partition, context_id: str, dimensions: int

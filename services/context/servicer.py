@@ -22,7 +22,7 @@ from meshgate.common.v1 import common_pb2
 from meshgate.config import ContextSettings, ModelSettings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
-from meshgate.embedding import EMBED_TIMEOUT_S, EmbedsText, VectorMemo
+from meshgate.embedding import EMBED_TIMEOUT_S, Embedding, Embeddings, EmbedsText, VectorMemo
 from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.reasons import Reason
 from meshgate.tasks import cancel_and_wait
@@ -245,6 +245,9 @@ class _SessionView:
     held_bytes: int | None = None
     # Which life of the session id this is (store.StoredSession.create_time_ms).
     create_time_ms: int = 0
+    # What made unit_vectors (turn_index.IndexedTurns.embedder): a question
+    # vector of another is not scored against them.
+    embedder: str = ""
 
 
 def _live_scores(
@@ -427,7 +430,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         self._embedder = embedder
         # The most an append's turns may take to embed (context.append_embed_timeout_s).
         self._append_embed_timeout_s = append_embed_timeout_s
-        self._question_vectors: VectorMemo[np.ndarray] = VectorMemo("question", QUESTION_MEMO_ENTRIES)
+        self._question_vectors: VectorMemo[Embedding] = VectorMemo("question", QUESTION_MEMO_ENTRIES)
         # Whether the question's nameless form (relevance.nameless_text) is
         # embedded with it and joins its scoring (context.embed_nameless_question).
         self._embed_nameless_question = embed_nameless_question
@@ -619,7 +622,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         turn_features: list[TurnFeatures],
         embedding: asyncio.Task,
         only_unwritten: bool = False,
-    ) -> tuple[int, np.ndarray | None] | None:
+    ) -> tuple[int, Embeddings | None] | None:
         """Indexes an append's stored turns (in the session created at
         ``created_ms``: never a later one of its id); returns where they landed and
         their vectors, or None when Redis failed meanwhile. The turns are
@@ -875,7 +878,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
 
     async def _query_vectors(
         self, query: str, tenant_id: str
-    ) -> tuple[np.ndarray | None, relevance.NamelessQuery | None]:
+    ) -> tuple[Embedding | None, relevance.NamelessQuery | None]:
         """The query's vector and, when asked for (context.embed_nameless_question)
         and it has names to leave out, its nameless form with its vector
         (relevance.nameless_text), in one Embed call: whether the names are
@@ -885,10 +888,11 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         if nameless is None:
             vector = await self._embedder.embed_or_none(query)
         else:
-            vectors = await self._embedder.embed_all_or_none([query, nameless.text])
-            if vectors is None:
+            embedded = await self._embedder.embed_all_or_none([query, nameless.text])
+            if embedded is None:
                 return None, None
-            vector, nameless = vectors[0], dataclasses.replace(nameless, vector=vectors[1])
+            vector = Embedding(embedded.rows[0], embedded.embedder)
+            nameless = dataclasses.replace(nameless, vector=embedded.rows[1])
         if vector is not None:
             self._question_vectors.put(self._question_vectors.key(query, tenant_id), vector)
         return vector, nameless
@@ -1048,14 +1052,16 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
 
     async def _embed(
         self, messages: list[common_pb2.Message], tenant_id: str, timeout_s: float | None = None
-    ) -> np.ndarray | None:
+    ) -> Embeddings | None:
         """One vector per message (a question's from assembly, remembered),
-        or None when the embedder gives none: the turns are then found by
-        their words only. A message the embedder gave no vector (the local
-        one fails, refuses or times out text by text) gets a zero row, as
-        the index reads a turn stored without one, rather than costing the
-        others theirs. ``timeout_s`` bounds the whole call (None: the
-        embedder's own, EMBED_TIMEOUT_S)."""
+        all of one embedder, or None when the embedder gives none: the turns
+        are then found by their words only. A message the embedder gave no
+        vector (the local one fails, refuses or times out text by text), or
+        one of another embedder than the newest (a question remembered from
+        before an upgrade, a call answered by another revision), gets a zero
+        row, as the index reads a turn stored without one, rather than
+        costing the others theirs. ``timeout_s`` bounds the whole call
+        (None: the embedder's own, EMBED_TIMEOUT_S)."""
         if self._embedder is None:
             return None
         texts = [m.content for m in messages]
@@ -1068,14 +1074,19 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             for m in messages
         ]
         missing = [t for t, vector in zip(texts, known, strict=True) if vector is None]
+        newest = None
         if missing:
-            fetched = iter(await self._embedder.embed_each_or_none(missing, timeout_s))
-            known = [vector if vector is not None else next(fetched) for vector in known]
-        found = next((vector for vector in known if vector is not None), None)
-        if found is None:
+            fetched = await self._embedder.embed_each_or_none(missing, timeout_s)
+            newest = next((vector for vector in reversed(fetched) if vector is not None), None)
+            remaining = iter(fetched)
+            known = [vector if vector is not None else next(remaining) for vector in known]
+        if newest is None:
+            newest = next((vector for vector in known if vector is not None), None)
+        if newest is None:
             return None
-        none = np.zeros_like(found)
-        return np.stack([none if vector is None else vector for vector in known])
+        none = np.zeros_like(newest.vector)
+        rows = [none if v is None or v.embedder != newest.embedder else v.vector for v in known]
+        return Embeddings(np.stack(rows), newest.embedder)
 
     async def _assemble_session(
         self,
@@ -1128,7 +1139,13 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         ]
         costs = assembly.SessionCosts(view.roles, view.counts, view.line_counts)
         required = [assembly.TurnCost(c.message.role, c.tokens) for c in (*facts, *new)]
-        vector, nameless = await query_vector if query_vector is not None else (None, None)
+        embedded, nameless = await query_vector if query_vector is not None else (None, None)
+        vector = None
+        if embedded is not None and embedded.embedder == view.embedder:
+            vector = embedded.vector
+        # Else the turns' vectors are another embedder's (another revision,
+        # or none named: stored before they were), whose cosines with this
+        # one mean nothing: the turns are ranked as turns without vectors.
         scoring = pb.AssemblyInputs()  # the ranking's name and dense_scored, for the response
         scores = _live_scores(query, terms, view, vector, nameless, scoring) if adaptive else None
         chosen = assembly.plan(
@@ -1192,6 +1209,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 lines,
                 hot.held_bytes,
                 hot.create_time_ms,
+                embedder=indexed.embedder,
             )
         indexed = None
         if self._index is not None:
@@ -1220,6 +1238,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 indexed.line_counts if packs else None,
                 indexed.held_bytes,
                 indexed.create_time_ms,
+                embedder=indexed.embedder,
             )
         stored = await self._read(tenant_id, session_id, at_version)
         if indexed is not None and indexed.create_time_ms != stored.create_time_ms:
@@ -1251,6 +1270,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             await self._line_counts(request, stored, counter) if packs else None,
             stored.held_bytes,
             stored.create_time_ms,
+            embedder=indexed.embedder if covered else "",
         )
 
     async def _add_summaries(
@@ -1337,7 +1357,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         token_counts: dict[str, list[int]],
         held_bytes: int | None,
         ticket: int,
-        indexed: tuple[int, np.ndarray | None, list[TurnFeatures]] | None = None,
+        indexed: tuple[int, Embeddings | None, list[TurnFeatures]] | None = None,
     ) -> None:
         """Readies the session for its next assembly: extends the cached
         entry with what was just appended (``held_bytes``: the session's byte

@@ -185,9 +185,11 @@ log = structlog.get_logger(__name__)
 
 CHANGES_CHANNEL = "mg:context:changes"
 
-# The turn index's postings field that holds its vectors' size
-# (services/context/turn_index.py), not a term.
+# The turn index's postings fields that hold its vectors' size and what
+# made them (services/context/turn_index.py), not terms: a field that
+# starts with a zero byte is none.
 DIMENSIONS_FIELD = "\0dim"
+EMBEDDER_FIELD = "\0embedder"
 
 # Every part of a session's keys (see the module's docstring), in the
 # order each script's KEYS hold them (session_keys): KEYS[1] is meta,
@@ -669,8 +671,9 @@ return {1, new_version, held_bytes or false, held, beside_turns(KEYS[5], KEYS[10
 # KEYS: the source's session_keys. ARGV: version to fork
 # at. Returns {1, turns at that version, flat (counts field, counts of those
 # turns) pairs, the history up to that version, then the index of those
-# turns: roles, lengths, vector dimensions ('' for none), vectors, flat
-# (term, packed postings) pairs, then the pins the fork takes}, {0} if there is no source,
+# turns: roles, lengths, vector dimensions ('' for none), vectors, their
+# embedder ('' for none), flat (term, packed postings) pairs, then the pins
+# the fork takes}, {0} if there is no source,
 # {-3, current version} if the version is unknown or undone, {-5, compacted
 # version} if it holds compacted turns (the fork would have neither their
 # texts nor the summaries standing for them).
@@ -697,6 +700,7 @@ for i = 1, #fields, 2 do
 end
 local roles, lengths, vectors, postings = '', '', '', {}
 local dim = redis.call('HGET', KEYS[9], '\\0dim') or ''
+local embedder = redis.call('HGET', KEYS[9], '\\0embedder') or ''
 if held > 0 then
   -- GETRANGE 0 -1 would be the whole string: only with turns to copy.
   roles = redis.call('GETRANGE', KEYS[6], 0, held - 1)
@@ -709,7 +713,7 @@ for _, pin in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do
   if string.sub(pin, 1, 2) ~= 't:' or tonumber(string.sub(pin, 3)) < held then pins[#pins + 1] = pin end
 end
 return {1, turns, counts, redis.call('GETRANGE', KEYS[4], 0, 4 * target + 3),
-  roles, lengths, dim, vectors, postings, pins}
+  roles, lengths, dim, vectors, embedder, postings, pins}
 """
 )
 
@@ -721,11 +725,11 @@ FORK_REQUEST_RETENTION_S = 24 * 3600
 
 # KEYS: the fork's session_keys, then its request record (fork_request_key).
 # ARGV: version it starts at, ttl_s, its history, turn count n, its index's
-# roles, lengths, vector dimensions ('' for none) and vectors, the number c
-# of (counts field, counts) pairs, the number p of pins, the request's
-# digest ('' for a fork with no request id: the record is then not
-# touched) and for how long its record is kept (s), n turns, c such pairs,
-# p pins, then (term, packed postings) pairs.
+# roles, lengths, vector dimensions ('' for none), vectors and their
+# embedder ('' for none), the number c of (counts field, counts) pairs, the
+# number p of pins, the request's digest ('' for a fork with no request id:
+# the record is then not touched) and for how long its record is kept (s),
+# n turns, c such pairs, p pins, then (term, packed postings) pairs.
 # It has no turn ids (those were the source's appends), and its
 # ``bytes`` are its turns' (a prefix of the source's: never past the
 # source's cap). Returns {1, creation time, the bytes beside its turns
@@ -736,16 +740,16 @@ _FORK_CREATE = (
     RENEW
     + BESIDE_TURNS
     + """
-if ARGV[11] ~= '' then
+if ARGV[12] ~= '' then
   local recorded = redis.call('GET', KEYS[11])
   if recorded then return {2, recorded} end
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-4} end
 local n = tonumber(ARGV[4])
-local turns_at = 13
+local turns_at = 14
 local counts_at = turns_at + n
-local pins_at = counts_at + 2 * tonumber(ARGV[9])
-local postings_at = pins_at + tonumber(ARGV[10])
+local pins_at = counts_at + 2 * tonumber(ARGV[10])
+local postings_at = pins_at + tonumber(ARGV[11])
 local held_bytes = 0
 for i = turns_at, counts_at - 1 do held_bytes = held_bytes + #ARGV[i] end
 local t = redis.call('TIME')
@@ -767,13 +771,15 @@ if ARGV[5] ~= '' then redis.call('SET', KEYS[6], ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('SET', KEYS[7], ARGV[6]) end
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[9], '\\0dim', ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('SET', KEYS[8], ARGV[8]) end
+-- The fork's rows are its source's, as comparable (or not) as there.
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[9], '\\0embedder', ARGV[9]) end
 -- In slices, as the turns: one HSET per term cost ~160 ms for 60k terms.
 for first = postings_at, #ARGV, 1000 do
   redis.call('HSET', KEYS[9], unpack(ARGV, first, math.min(first + 999, #ARGV)))
 end
 -- The answer, for a resend of the request id: the fork's id is the
 -- request id's, and its version the request's; its creation time is this.
-if ARGV[11] ~= '' then redis.call('SET', KEYS[11], ARGV[11] .. ' ' .. now, 'EX', ARGV[12]) end
+if ARGV[12] ~= '' then redis.call('SET', KEYS[11], ARGV[12] .. ' ' .. now, 'EX', ARGV[13]) end
 renew(tonumber(ARGV[2]))
 return {1, now, beside_turns(KEYS[5], KEYS[10])}
 """
@@ -1048,15 +1054,15 @@ class Appended(typing.NamedTuple):
 def _postings_below(flat: list[bytes], turn_count: int) -> list[bytes]:
     """Flat (term, packed postings) pairs of the turns before
     ``turn_count`` (relevance.pack_posting: the turn above the TF_BITS low
-    bits), terms left with none dropped; the vector size field is the
-    caller's. Done here rather than in the script (Redis runs nothing else
-    while a script runs), and in one pass over all postings at once: a long
+    bits), terms left with none dropped; the vector fields (a zero byte
+    first: DIMENSIONS_FIELD, EMBEDDER_FIELD) are the caller's. Done here
+    rather than in the script (Redis runs nothing else while a script
+    runs), and in one pass over all postings at once: a long
     session holds tens of thousands of terms, and a loop per term held the
     event loop for ~0.2 s (10,000 turns, ~60k terms)."""
     terms = flat[::2]
     values = flat[1::2]
-    dimensions = DIMENSIONS_FIELD.encode()
-    kept = [i for i, term in enumerate(terms) if term != dimensions]
+    kept = [i for i, term in enumerate(terms) if not term.startswith(b"\0")]
     if not kept:
         return []
     packed = [values[i] for i in kept]
@@ -1549,7 +1555,7 @@ class SessionStore:
         if source[0] == -5:
             raise _version_compacted(session_id, version, source[1], "be forked at")
         _raise_for(source, session_id, None)
-        _, turns, counts, history, roles, lengths, dimensions, vectors, postings, pins = source
+        _, turns, counts, history, roles, lengths, dimensions, vectors, embedder, postings, pins = source
         turn_bytes = sum(map(len, turns))
         await self.holdings.fits(tenant_id, new_session_id, held_by(turn_bytes, len(turns)))
         with redis_reachable():
@@ -1564,6 +1570,7 @@ class SessionStore:
                     lengths,
                     dimensions,
                     vectors,
+                    embedder,
                     len(counts) // 2,
                     len(pins),
                     request_digest,

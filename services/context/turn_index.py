@@ -12,7 +12,12 @@ Beside a session's keys (services/context/store.py), under the same prefix:
   drops their rows); all zero when the inference service could not embed
   it (the turn is then found by words only).
 - ``...:ix:postings``, a hash: term -> packed uint32 (relevance.pack_posting)
-  for every turn holding it; the field ``\\0dim`` holds the vector size.
+  for every turn holding it; the field ``\\0dim`` holds the vector size,
+  ``\\0embedder`` what made the vectors (meshgate.embedding.embedder_name:
+  model and revision). Every row is that embedder's: a write of another's
+  drops the rows there were (vectors of two revisions are not comparable),
+  and a session whose rows name none (stored before the field) scores its
+  turns by words only until then.
 - ``...:pins``, a list: ``t:<turn index>`` or ``f:<fact text>``; a revert
   drops the pins of the turns it undoes (store._REVERT), and the unpin of a
   turn compaction kept for its pin empties its body then (_UNPIN).
@@ -45,12 +50,14 @@ import numpy as np
 import redis.asyncio as redis
 
 from meshgate.common.v1 import common_pb2
+from meshgate.embedding import Embeddings
 from meshgate.errors import MeshgateError, not_found
 from meshgate.reasons import Reason
 from services.context import relevance
 from services.context.store import (
     DIMENSIONS_FIELD,
     DROP_POSTINGS,
+    EMBEDDER_FIELD,
     RENEW,
     UNDONE,
     decode_counts,
@@ -64,8 +71,8 @@ from services.context.store import (
 # (0 = no vectors), ttl_s, roles bytes, packed lengths, int8 vectors ("" =
 # none), "1" to write only if some of these turns' positions were never
 # written ("" = always), the create_time_ms of the session the append
-# stored them in ("" = unchecked), then pairs (term, packed postings to
-# add). The turns' first position is read from the versions history (turns
+# stored them in ("" = unchecked), the vectors' embedder, then pairs (term,
+# packed postings to add). The turns' first position is read from the versions history (turns
 # held at that version, less these), so concurrent appends each index their
 # own turns. Returns the first position, or -1 when a revert already undid
 # that version, that version's append held another number of turns, or the
@@ -115,11 +122,17 @@ redis.call('SETRANGE', KEYS[7], 2 * first, ARGV[5])
 local dim = tonumber(ARGV[2])
 local compacted = tonumber(redis.call('HGET', KEYS[1], 'compacted') or '0')
 if dim > 0 and ARGV[6] ~= '' and first >= compacted then
+  if redis.call('HGET', KEYS[9], '\\0embedder') ~= ARGV[9] then
+    -- The rows there are another embedder's (or of one never named): not
+    -- comparable with these, so the turns they stand for have none now.
+    redis.call('DEL', KEYS[8])
+    redis.call('HSET', KEYS[9], '\\0embedder', ARGV[9])
+  end
   redis.call('HSET', KEYS[9], '\\0dim', dim)
   redis.call('SETRANGE', KEYS[8], dim * (first - compacted), ARGV[6])
 end
 local shift = first * 16
-for i = 9, #ARGV, 2 do
+for i = 10, #ARGV, 2 do
   local shifted = {}
   local value = ARGV[i + 1]
   for at = 1, #value, 4 do
@@ -364,6 +377,9 @@ class IndexedTurns:
     # ``compacted_version``); -1 when none was. Kept by one extended: a
     # compaction makes a hot session reload.
     compacted_version: int = -1
+    # What made unit_vectors (meshgate.embedding.embedder_name); "" for rows
+    # stored before it was recorded, comparable with no vector.
+    embedder: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -419,7 +435,7 @@ class IndexedTurns:
         version: int,
         first: int,
         turns: list[TurnFeatures],
-        vectors: np.ndarray | None,
+        vectors: Embeddings | None,
     ) -> IndexedTurns | None:
         """This index with the turns an append stored at ``first``, as
         :meth:`TurnIndex.write` stored them; None unless they follow on."""
@@ -427,14 +443,16 @@ class IndexedTurns:
             return None
         count = self.count + len(turns)
         rows = None
+        embedder = self.embedder if vectors is None else vectors.embedder
         if self.unit_vectors is not None or vectors is not None:
-            dimensions = (self.unit_vectors if self.unit_vectors is not None else vectors).shape[1]
+            dimensions = (self.unit_vectors if self.unit_vectors is not None else vectors.rows).shape[1]
             old = self.unit_vectors
-            if old is None:
+            if old is None or embedder != self.embedder:
+                # As the write drops another embedder's rows.
                 old = np.zeros((self.count - self.first_live, dimensions), np.float32)
             # Quantized as stored, so the hot rows score exactly as the cold ones.
             new = (
-                relevance.unit_rows(relevance.quantize(vectors))
+                relevance.unit_rows(relevance.quantize(vectors.rows))
                 if vectors is not None
                 else np.zeros((len(turns), dimensions), np.float32)
             )
@@ -455,6 +473,7 @@ class IndexedTurns:
             self.pinned_facts,
             self.first_live,
             compacted_version=self.compacted_version,
+            embedder=embedder,
         )
 
 
@@ -473,7 +492,7 @@ class TurnIndex:
         session_id: str,
         version: int,
         turns: list[TurnFeatures],
-        vectors: np.ndarray | None,
+        vectors: Embeddings | None,
         *,
         created_ms: int | None,
         only_unwritten: bool = False,
@@ -487,8 +506,8 @@ class TurnIndex:
         append, whose turns are indexed already unless its first try's
         write was lost; they are then written, else left as they are."""
         lengths = term_counts(turns).tobytes()
-        packed_vectors = b"" if vectors is None else relevance.quantize(vectors).tobytes()
-        dimensions = 0 if vectors is None else vectors.shape[1]
+        packed_vectors = b"" if vectors is None else relevance.quantize(vectors.rows).tobytes()
+        dimensions = 0 if vectors is None else vectors.rows.shape[1]
         args: list[object] = [
             version,
             dimensions,
@@ -498,6 +517,7 @@ class TurnIndex:
             packed_vectors,
             "1" if only_unwritten else "",
             "" if created_ms is None else created_ms,
+            "" if vectors is None else vectors.embedder,
         ]
         for term, packed in _packed_postings(turns).items():
             args.extend((term, packed))
@@ -516,7 +536,7 @@ class TurnIndex:
         ``query_terms`` only (None: all, to keep in memory), and the counts of
         ``counter_id`` (and of ``line_counter_id`` when given). Raises SESSION_NOT_FOUND."""
         roles_key, lengths_key, vectors_key, postings_key = _keys(tenant_id, session_id)
-        fields = [DIMENSIONS_FIELD, *(query_terms or ())]
+        fields = [DIMENSIONS_FIELD, EMBEDDER_FIELD, *(query_terms or ())]
         with redis_reachable():
             async with self._client.pipeline(transaction=True) as pipe:
                 meta_fields = [
@@ -555,9 +575,14 @@ class TurnIndex:
         term_counts = np.frombuffer(lengths or b"", dtype="<u2")[:count].astype(np.float64)
         if query_terms is None:
             everything = {term.decode(): value for term, value in posting_values.items()}
-            query_terms = [t for t in everything if t != DIMENSIONS_FIELD]
-            posting_values = [everything.get(DIMENSIONS_FIELD), *(everything[t] for t in query_terms)]
+            query_terms = [t for t in everything if t not in (DIMENSIONS_FIELD, EMBEDDER_FIELD)]
+            posting_values = [
+                everything.get(DIMENSIONS_FIELD),
+                everything.get(EMBEDDER_FIELD),
+                *(everything[t] for t in query_terms),
+            ]
         dimensions = int(posting_values[0] or 0)
+        embedder = (posting_values[1] or b"").decode()
         first_live = min(int(meta[2] or 0), count)
         live = len(roles_array) - first_live
         vector_rows = None
@@ -571,7 +596,7 @@ class TurnIndex:
             vector_rows = relevance.unit_rows(rows)
         postings = {
             term: np.frombuffer(value, dtype="<u4")
-            for term, value in zip(query_terms, posting_values[1:], strict=True)
+            for term, value in zip(query_terms, posting_values[2:], strict=True)
             if value
         }
         pinned_turns, pinned_facts = _pins_of(pins, count)
@@ -590,6 +615,7 @@ class TurnIndex:
             None if meta[4] is None else int(meta[4]),
             int(meta[5] or 0),
             -1 if meta[6] is None else int(meta[6]),
+            embedder,
         )
 
     async def pins(self, tenant_id: str, session_id: str) -> tuple[int, list[int], list[str]]:

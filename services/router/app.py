@@ -95,7 +95,9 @@ class _PromptEmbeddings:
             if len(self._embedders) >= _MAX_EMBEDDERS:
                 self._embedders.clear()
             embedder = self._embedders[stub] = InferenceEmbedder(stub)
-        return await embedder.embed_or_none(text, timeout_s)
+        # The classifier reads the vector alone (model_selection.py).
+        embedded = await embedder.embed_or_none(text, timeout_s)
+        return None if embedded is None else embedded.vector
 
 
 def _field(settings: Settings, dotted: str):

@@ -18,6 +18,7 @@ from meshgate import redis_access, serving
 from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.common.v1 import common_pb2
 from meshgate.config import CacheSettings
+from meshgate.embedding import Embedding
 from meshgate.errors import MeshgateError
 from meshgate.local.stack import free_port
 from services.cache import index as index_module
@@ -41,6 +42,7 @@ ASSISTANT = common_pb2.ROLE_ASSISTANT
 STORED = "What is the quickest way to learn Python?"
 PARAPHRASE = "How can I learn Python fast?"  # similarity 0.95 to STORED
 LOOSE = "Is Python worth learning?"  # similarity 0.85 to STORED
+EMBEDDER = "fake@1"
 
 
 def _direction(similarity: float) -> np.ndarray:
@@ -57,16 +59,22 @@ class FakeEmbedder:
         self.table = {STORED: _direction(1.0), PARAPHRASE: _direction(0.95), LOOSE: _direction(0.85)}
         self.calls: list[str] = []
         self.available = True
+        # The name the vectors come under (meshgate.embedding.embedder_name).
+        self.embedder = EMBEDDER
 
-    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> Embedding | None:
         self.calls.append(text)
         if not self.available:
             return None
         if text in self.table:
-            return self.table[text]
-        seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-        vector = np.random.default_rng(seed).standard_normal(DIMS).astype(np.float32)
-        return vector / np.linalg.norm(vector)
+            return Embedding(self.table[text], self.embedder)
+        return Embedding(_random_direction(text, DIMS), self.embedder)
+
+
+def _random_direction(text: str, dimensions: int) -> np.ndarray:
+    seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    vector = np.random.default_rng(seed).standard_normal(dimensions).astype(np.float32)
+    return vector / np.linalg.norm(vector)
 
 
 class AcceptingVerifier:
@@ -192,7 +200,7 @@ class GatedEmbedder(FakeEmbedder):
         self.release = asyncio.Event()
         self.started: list[str] = []
 
-    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> Embedding | None:
         self.started.append(text)
         await self.release.wait()
         return await super().embed_or_none(text)
@@ -265,7 +273,7 @@ class FailingEmbedder(FakeEmbedder):
         super().__init__()
         self.broken = False
 
-    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> Embedding | None:
         if self.broken:
             self.calls.append(text)
             raise RuntimeError("embedding broke")
@@ -497,7 +505,7 @@ async def test_lookups_are_answered_while_a_large_partition_rebuilds_its_graph(
         large = scope(tenant)
         entry_id = await store(restarted(), large, conversation(STORED), text="Build small projects daily.")
         partition = keys.partition(large)
-        context_id = keys.context_id(partition, settings.embedding_model)
+        context_id = keys.context_id(partition, EMBEDDER)
         rows = 2000
         for start in range(0, rows, 200):
             await asyncio.gather(
@@ -532,7 +540,7 @@ async def test_lookups_are_answered_while_a_large_partition_rebuilds_its_graph(
 
 
 async def redis_client_put(client, partition, context_id: str, question: str, embedder) -> None:
-    vector = await embedder.embed_or_none(question)
+    vector = (await embedder.embed_or_none(question)).vector
     messages = conversation(question)
     await CacheStore(client, 10_000).put_semantic(
         partition,
@@ -606,7 +614,7 @@ async def _cold_partition(redis_client, embedder, tenant, monkeypatch) -> tuple[
     s = scope(tenant)
     await store(make_servicer(redis_client, embedder, max_entries=1000), s, conversation(STORED))
     partition = keys.partition(s)
-    context_id = keys.context_id(partition, CacheSettings().embedding_model)
+    context_id = keys.context_id(partition, EMBEDDER)
     await asyncio.gather(
         *(
             redis_client_put(redis_client, partition, context_id, f"filler question {i}", embedder)
@@ -780,14 +788,12 @@ class ResizedEmbedder(FakeEmbedder):
         self.release = asyncio.Event()
         self.resized = False
 
-    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> Embedding | None:
         if text == self.gated:
             await self.release.wait()
         if not self.resized:
             return await super().embed_or_none(text)
-        seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-        vector = np.random.default_rng(seed).standard_normal(DIMS // 2).astype(np.float32)
-        return vector / np.linalg.norm(vector)
+        return Embedding(_random_direction(text, DIMS // 2), self.embedder)
 
 
 async def test_a_lookup_after_the_model_changed_never_searches_an_index_of_the_old_size(
@@ -969,7 +975,7 @@ async def test_a_miss_sharing_no_word_with_the_partition_is_not_embedded(redis_c
     assert first.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
     sistine = "Who painted the Sistine Chapel ceiling?"
     reworded = "Which artist painted the Sistine Chapel ceiling?"
-    embedder.table[reworded] = await embedder.embed_or_none(sistine)
+    embedder.table[reworded] = (await embedder.embed_or_none(sistine)).vector
     embedder.calls.clear()
     assert (await lookup(cache, scope(tenant), conversation(sistine))).status == pb.LOOKUP_STATUS_MISS
     assert embedder.calls == []
@@ -981,7 +987,7 @@ async def test_a_miss_sharing_no_word_with_the_partition_is_not_embedded(redis_c
     # An entry another replica stored since counts: the index tops itself
     # up before the first stage decides.
     moon, distance = "How far away is the Moon?", "What is the distance to the Moon?"
-    embedder.table[distance] = await embedder.embed_or_none(moon)
+    embedder.table[distance] = (await embedder.embed_or_none(moon)).vector
     await store(other, scope(tenant), conversation(moon), text="384,400 km.")
     embedder.calls.clear()
     answer = await lookup(cache, scope(tenant), conversation(distance))
@@ -1010,7 +1016,7 @@ async def test_a_busy_partition_embeds_only_questions_sharing_enough_words(redis
     # A paraphrase sharing 1/3 of its words, of a pair the verifier serves
     # at the default bound (bench/README.md): looked up by meaning.
     books = "What are good books to read?"
-    embedder.table[books] = await embedder.embed_or_none(stored[2])
+    embedder.table[books] = (await embedder.embed_or_none(stored[2])).vector
     embedder.calls.clear()
     found = await lookup(strict, scope(tenant), conversation(books))
     assert found.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and found.answer.text == stored[2]
@@ -1499,7 +1505,7 @@ async def test_a_report_of_no_entry_of_the_scope_is_refused_and_keeps_nothing(re
         )
         assert raised.value.metadata == {"entry_id": entry_id}
     partition = keys.partition(s)
-    context_id, _ = cache._semantic_subject(partition, asked)
+    context_id, _ = cache._semantic_subject(partition, asked, EMBEDDER)
     assert not await redis_client.exists(
         partition.reported_key(context_id), partition.strictness_key(context_id)
     )
@@ -1555,7 +1561,7 @@ async def test_a_store_trims_its_sub_partitions_expired_rows(cache, redis_client
     await asyncio.sleep(0.6)  # Hamlet's entry has expired, the Moon's not
     await store(cache, s, conversation(STORED), ttl_seconds=60)
     partition = keys.partition(s)
-    context_id = keys.context_id(partition, CacheSettings().embedding_model)
+    context_id = keys.context_id(partition, EMBEDDER)
     assert await redis_client.zcard(partition.order_key(context_id)) == 2
     assert await redis_client.hlen(partition.vectors_key(context_id)) == 2
     assert (await lookup(cache, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
@@ -1632,7 +1638,7 @@ async def test_an_eviction_applied_after_a_later_store_of_the_same_entry_keeps_t
     a_stored.set()
     await storing_c
     partition = keys.partition(s)
-    context_id, _ = cache._semantic_subject(partition, first)
+    context_id, _ = cache._semantic_subject(partition, first, EMBEDDER)
     assert entry_a in cache._indexes.get(partition.vectors_key(context_id))
 
 
@@ -1664,7 +1670,7 @@ async def test_a_report_applied_after_a_later_store_of_the_same_entry_keeps_the_
     stored_again.set()
     assert (await reporting).entry_removed
     partition = keys.partition(s)
-    context_id, _ = cache._semantic_subject(partition, stored)
+    context_id, _ = cache._semantic_subject(partition, stored, EMBEDDER)
     assert entry_id in cache._indexes.get(partition.vectors_key(context_id))
 
 
@@ -1762,3 +1768,54 @@ async def test_stores_of_one_entry_are_charged_as_the_one_entry_they_leave(
         key async for key in redis_client.scan_iter(match=f"mg:cache:stored:{{{tenant.encode().hex()}}}:*")
     ]
     assert sum([int(await redis_client.get(window)) for window in windows]) == one_entry
+
+
+class NewRevision(FakeEmbedder):
+    """The same model under another revision (meshgate/minilm.py, REVISION):
+    an unrelated question lands where STORED's vector of the old one was."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedder = "fake@2"
+        self.table = {UNRELATED: _direction(0.97), UNRELATED_REWORDED: _direction(0.96)}
+
+
+UNRELATED = "What is the capital of France?"
+UNRELATED_REWORDED = "Which city is the capital of France?"
+
+
+async def test_vectors_of_another_revision_of_the_model_are_never_compared(redis_client, embedder, tenant):
+    # A replica of the old revision stores; one of the new revision (the
+    # inference service's Triton upgraded under it, or a new replica) asks
+    # an unrelated question whose new vector is close to the old entry's.
+    old = make_servicer(redis_client, embedder)
+    await store(old, scope(tenant), conversation(STORED), text="use a good book")
+    new = make_servicer(redis_client, NewRevision())
+    response = await lookup(new, scope(tenant), conversation(UNRELATED))
+    assert response.status == pb.LOOKUP_STATUS_MISS
+    # Each revision's entries are found by its own vectors only.
+    await store(new, scope(tenant), conversation(UNRELATED), text="Paris")
+    assert (await lookup(old, scope(tenant), conversation(PARAPHRASE))).answer.text == "use a good book"
+    again = await lookup(new, scope(tenant), conversation(UNRELATED_REWORDED))
+    assert (again.status, again.answer.text) == (pb.LOOKUP_STATUS_SEMANTIC_HIT, "Paris")
+
+
+async def test_a_revision_change_under_a_running_cache_moves_its_lookups(redis_client, tenant):
+    # The embedder's revision changes between two lookups of one replica
+    # (the inference service answers for the new one): its next lookup
+    # matches among the new revision's entries, not the index it had loaded.
+    embedder = FakeEmbedder()
+    cache = make_servicer(redis_client, embedder, memo_entries=16)
+    await store(cache, scope(tenant), conversation(STORED), text="use a good book")
+    assert (
+        await lookup(cache, scope(tenant), conversation(PARAPHRASE))
+    ).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    embedder.embedder = "fake@2"
+    # Sharing enough of STORED's words to be embedded (not a first-stage
+    # miss), and close to STORED's old vector under the new revision.
+    other_language = "What is the quickest way to learn French?"
+    embedder.table[other_language] = _direction(0.97)
+    assert (await lookup(cache, scope(tenant), conversation(other_language))).status == pb.LOOKUP_STATUS_MISS
+    # Once a vector of the new revision came, the old entries are not looked
+    # at again, not even for a question whose old vector is remembered.
+    assert (await lookup(cache, scope(tenant), conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS

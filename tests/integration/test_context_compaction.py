@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as redis
 
 from meshgate.context.v1 import context_service_pb2 as pb
+from meshgate.embedding import Embeddings
 from services.context import store as session_store
 from services.context.turn_index import TurnIndex, features
 from tests.integration.test_context_service import ASSISTANT, MODEL, SYSTEM, USER, failure, make_settings, msg
@@ -228,7 +229,7 @@ async def _session_of(sessions, index, tenant: str, session_id: str, turns: int,
     for version in range(turns // 2):
         pair = [msg(USER, f"harbour question {version}"), msg(ASSISTANT, f"harbour answer {version}")]
         await sessions.append(tenant, session_id, version, pair, {"counter": [7, 7]})
-        vectors = rng.standard_normal((2, 384)).astype(np.float32)
+        vectors = Embeddings(rng.standard_normal((2, 384)).astype(np.float32), "minilm@2")
         await index.write(tenant, session_id, version + 1, features(pair), vectors, created_ms=None)
     assert await sessions.compact(tenant, session_id, turns // 2, compact_to, []) == compact_to
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import uuid
 
 import grpc
@@ -18,6 +19,7 @@ from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
+from meshgate.embedding import Embedding, Embeddings
 from meshgate.errors import error_info
 from services.context import app, assembly, relevance, store, token_counts, turn_index
 from services.context.hot_cache import HotCache
@@ -658,3 +660,92 @@ async def test_an_append_of_more_turns_than_one_embed_call_takes_stores_every_ve
     vectors = np.frombuffer(packed, np.int8).reshape(count, -1)
     assert vectors.shape[1] > 0
     assert (vectors != 0).any(axis=1).all()
+
+
+class RevisedEmbedder:
+    """A vector per text from ``table`` (else a random one from the text),
+    named as made by ``embedder``: turning it to another name is the
+    inference service's Triton upgraded to another revision of the model."""
+
+    def __init__(self, table: dict[str, np.ndarray]) -> None:
+        self.table = table
+        self.embedder = "fake@1"
+
+    def _vector(self, text: str) -> np.ndarray:
+        if text in self.table:
+            return self.table[text]
+        seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+        vector = np.random.default_rng(seed).standard_normal(16).astype(np.float32)
+        return vector / np.linalg.norm(vector)
+
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> Embedding:
+        return Embedding(self._vector(text), self.embedder)
+
+    async def embed_all_or_none(self, texts: list[str], timeout_s: float | None = None) -> Embeddings:
+        return Embeddings(np.stack([self._vector(t) for t in texts]), self.embedder)
+
+    async def embed_each_or_none(self, texts: list[str], timeout_s: float | None = None) -> list[Embedding]:
+        return [Embedding(self._vector(t), self.embedder) for t in texts]
+
+
+async def test_turn_vectors_of_another_revision_are_never_scored_against_the_question(redis_url: str) -> None:
+    """A session's turns embedded by one revision of the model, its next
+    question by another (an upgrade under a 7-day session): a cosine between
+    them means nothing, so the turns rank by their words until an append of
+    the new revision replaces the old rows, which a fork then takes along."""
+    unrelated = "The cat is called Tom."
+    question = "Which colour is the door?"
+    direction = np.zeros(16, np.float32)
+    direction[0] = 1.0
+    # Under revision 1 the unrelated turn lies where revision 2 puts the question.
+    embedder = RevisedEmbedder({unrelated: direction})
+    client = redis.Redis.from_url(redis_url)
+    models = Settings().models
+    index = TurnIndex(client, 0)
+    servicer = ContextServicer(
+        SessionStore(client, 0),
+        models,
+        token_counts.for_models(models),
+        HotCache(0),
+        index,
+        embedder=embedder,
+    )
+    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+
+    async def append(*contents: str) -> None:
+        messages = [common_pb2.Message(role=USER, content=c) for c in contents]
+        request = pb.AppendTurnsRequest(
+            tenant_id=tenant, session_id=session_id, messages=messages, any_version=True
+        )
+        await servicer.AppendTurns(request, NoDeadline())
+
+    async def dense_scored() -> bool:
+        request = pb.AssembleContextRequest(
+            tenant_id=tenant,
+            session_id=session_id,
+            new_messages=[common_pb2.Message(role=USER, content=question)],
+            model=MODEL,
+            max_prompt_tokens=400,
+        )
+        return (await servicer.AssembleContext(request, None)).inputs.dense_scored
+
+    try:
+        created = await servicer.CreateSession(pb.CreateSessionRequest(tenant_id=tenant), None)
+        session_id = created.session.session_id
+        await append(unrelated, "We met on Monday.", "The weather was fine.")
+        embedder.embedder = "fake@2"
+        embedder.table = {question: direction}
+        assert not await dense_scored()
+        # Revision 2's append: the old rows are dropped (a turn without a
+        # vector), the session scores by revision 2's vectors from now on.
+        await append("The door is painted green.")
+        indexed = await index.read(tenant, session_id, None)
+        assert indexed.embedder == "fake@2"
+        assert not indexed.unit_vectors[:3].any() and indexed.unit_vectors[3].any()
+        assert await dense_scored()
+        forked = await servicer.ForkSession(
+            pb.ForkSessionRequest(tenant_id=tenant, session_id=session_id, version=2), None
+        )
+        assert (await index.read(tenant, forked.session.session_id, None)).embedder == "fake@2"
+    finally:
+        await client.aclose()

@@ -17,6 +17,7 @@ import pytest
 import redis.asyncio as redis
 
 from meshgate.context.v1 import context_service_pb2 as pb
+from meshgate.embedding import Embeddings
 from meshgate.errors import MeshgateError, unavailable
 from meshgate.reasons import Reason
 from services.context import servicer as context_servicer
@@ -73,7 +74,7 @@ async def _ttls(client: redis.Redis, tenant: str, session_id: str) -> dict[str, 
 
 
 async def _write_index(index: TurnIndex, tenant, session_id, version, *turns) -> None:
-    vectors = np.ones((len(turns), 8), np.float32)
+    vectors = Embeddings(np.ones((len(turns), 8), np.float32), "minilm@2")
     assert (
         await index.write(tenant, session_id, version, features(list(turns)), vectors, created_ms=None) >= 0
     )

@@ -45,6 +45,7 @@ from hypothesis.stateful import (
 
 from meshgate.common.v1 import common_pb2
 from meshgate.context.v1 import context_service_pb2 as context_pb
+from meshgate.embedding import Embeddings
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from services.context import relevance, turn_index
@@ -66,6 +67,8 @@ MAX_BYTES = 300
 # TURN_IDS_KEPT for the run: small, so compactions drop turn ids.
 TURN_IDS_KEPT = 2
 COUNTER = "model-counter"
+# What the model's vectors are named as made by (turn_index.py's \0embedder).
+EMBEDDER = "minilm@2"
 SESSIONS = ("s1", "s2", "s3")
 TURN_IDS = ("id1", "id2", "id3", "id4", "id5")
 FACTS = ("f:Ana lives in Lisbon", "f:prefers tea")
@@ -138,10 +141,10 @@ class Session:
         return self.history[version] if 0 <= version <= self.version else None
 
 
-def vectors_of(turns: list[common_pb2.Message]) -> np.ndarray:
+def vectors_of(turns: list[common_pb2.Message]) -> Embeddings:
     """Any embedding the model can tell apart: the index only keeps it."""
     rows = [[len(turn.content) + 1, turn.role, 1, -1] for turn in turns]
-    return np.array(rows, dtype=np.float32).reshape(len(turns), 4)
+    return Embeddings(np.array(rows, dtype=np.float32).reshape(len(turns), 4), EMBEDDER)
 
 
 def index_of(model: Session) -> tuple[bytes, bytes, bytes, list[tuple[bytes, int]]]:
@@ -158,7 +161,7 @@ def index_of(model: Session) -> tuple[bytes, bytes, bytes, list[tuple[bytes, int
     return (
         bytes(message.role for message in model.messages),
         turn_index.term_counts(features).tobytes(),
-        relevance.quantize(vectors_of(model.messages[model.compacted :])).tobytes(),
+        relevance.quantize(vectors_of(model.messages[model.compacted :]).rows).tobytes(),
         sorted(postings),
     )
 
@@ -735,6 +738,7 @@ class SessionStoreMachine(RuleBasedStateMachine):
         stored = await self.store.read(self.tenant, session_id)
         assert [int(c) for c in stored.token_counts.get(COUNTER, ())] == model.counts
         postings.pop(session_store.DIMENSIONS_FIELD.encode(), None)
+        assert postings.pop(session_store.EMBEDDER_FIELD.encode(), EMBEDDER.encode()) == EMBEDDER.encode()
         stored_postings = sorted(
             (term, int(posting))
             for term, packed in postings.items()

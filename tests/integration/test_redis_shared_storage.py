@@ -19,6 +19,7 @@ from meshgate import redis_access
 from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.common.v1 import common_pb2
 from meshgate.config import CacheSettings
+from meshgate.embedding import Embedding
 from meshgate.errors import MeshgateError
 from services.cache.embedding_memo import EmbeddingMemo
 from services.cache.index import IndexRegistry
@@ -67,7 +68,7 @@ class Embedder:
     async def embed_or_none(self, text: str, timeout_s: float | None = None, tenant_id: str = ""):
         seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
         vector = np.random.default_rng(seed).standard_normal(384).astype(np.float32)
-        return vector / np.linalg.norm(vector)
+        return Embedding(vector / np.linalg.norm(vector), "minilm@test")
 
 
 def cache_servicer(client, **settings) -> CacheServicer:

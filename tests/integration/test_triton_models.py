@@ -358,6 +358,7 @@ async def test_the_cache_services_own_embedder_gives_tritons_minilm_vectors(clie
     """cache.embedder = "local" and "inference" must embed alike: entries
     stored through one path are looked up through the other."""
     from meshgate.embedding import LocalEmbedder
+    from meshgate.minilm import REVISION
 
     texts = [
         "",
@@ -377,7 +378,11 @@ async def test_the_cache_services_own_embedder_gives_tritons_minilm_vectors(clie
     finally:
         local.close()
     for text, triton_vector, local_vector in zip(texts, triton_vectors, local_vectors):
-        assert float(triton_vector @ local_vector) > 1 - 1e-5, text[:40]
+        assert float(triton_vector @ local_vector.vector) > 1 - 1e-5, text[:40]
+    # And both name them alike: Triton each row with the revision of the
+    # code that ran (its "revision" output, what Embed answers).
+    revisions = {f"minilm@{row[0].decode()}" for row in result.as_numpy("revision")}
+    assert revisions == {v.embedder for v in local_vectors} == {f"minilm@{REVISION}"}
 
 
 # --- smollm2: SmolLM2-135M-Instruct, in a Triton of its own so the service

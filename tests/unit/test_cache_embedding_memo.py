@@ -11,7 +11,7 @@ import pytest
 import structlog.testing
 
 from meshgate import metrics
-from meshgate.embedding import VectorMemo
+from meshgate.embedding import Embedding, VectorMemo
 from meshgate.errors import MeshgateError
 from services.cache.embedding_memo import EmbeddingMemo
 
@@ -27,8 +27,9 @@ class CountingEmbedder:
         self.raising = raising
         self.release = asyncio.Event()
         self.release.set()
+        self.embedder = "minilm@2"
 
-    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> np.ndarray | None:
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> Embedding | None:
         self.asked.append(text)
         await self.release.wait()
         if text in self.failing:
@@ -38,7 +39,7 @@ class CountingEmbedder:
         vector = np.zeros(8, np.float32)
         for position, char in enumerate(text.encode()):
             vector[position % 8] += char
-        return vector / np.linalg.norm(vector)
+        return Embedding(vector / np.linalg.norm(vector), self.embedder)
 
 
 def memo_counts() -> tuple[float, float]:
@@ -53,11 +54,11 @@ async def test_a_repeated_text_is_embedded_once_and_counted():
     first = await memo.embed_or_none("what is the capital of france", tenant_id="acme")
     again = await memo.embed_or_none("what is the capital of france", tenant_id="acme")
     assert embedder.asked == ["what is the capital of france"]
-    np.testing.assert_array_equal(first, again)
+    assert again is first
     assert memo_counts() == (hits + 1, misses + 1)
     # The shared vector cannot be changed by one caller for the others.
     with pytest.raises(ValueError, match="read-only"):
-        again[0] = 1.0
+        again.vector[0] = 1.0
 
 
 async def test_the_key_is_the_exact_text():
@@ -197,3 +198,15 @@ def test_keys_tell_models_scopes_and_texts_apart():
     assert VectorMemo("minilm", 8).key("ab") != VectorMemo("minilma", 8).key("b")
     assert VectorMemo("m", 8).key("b", "a") != VectorMemo("m", 8).key("ab")
     assert VectorMemo("m", 8).key("b", "a") != VectorMemo("m", 8).key("", "ab")
+
+
+async def test_vectors_of_an_earlier_revision_are_not_answered_once_another_came():
+    # The inference service's Triton upgraded: the first vector of the new
+    # revision makes every remembered one of the old a miss, fetched anew.
+    embedder = CountingEmbedder()
+    memo = EmbeddingMemo(embedder, "minilm", 8)
+    assert (await memo.embed_or_none("tides", tenant_id="acme")).embedder == "minilm@2"
+    embedder.embedder = "minilm@3"
+    assert (await memo.embed_or_none("waves", tenant_id="acme")).embedder == "minilm@3"
+    assert (await memo.embed_or_none("tides", tenant_id="acme")).embedder == "minilm@3"
+    assert embedder.asked == ["tides", "waves", "tides"]

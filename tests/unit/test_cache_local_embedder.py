@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from meshgate import serving, telemetry
 from meshgate.config import CacheSettings, ConfigError, MeshSettings, Settings
 from meshgate.embedding import EmbeddingUnavailable, LocalEmbedder
+from meshgate.minilm import REVISION
 from services.cache import app
 from services.cache.embedding_memo import EmbeddingMemo
 
@@ -75,8 +76,8 @@ async def occupy_workers(model: ScriptedModel, embedder: LocalEmbedder, count: i
 
 async def test_the_model_runs_on_a_worker_thread_not_the_event_loop(scripted):
     model, embedder = scripted
-    vector = await embedder.embed_or_none("hello")
-    assert vector is not None and vector.shape == (4,)
+    embedded = await embedder.embed_or_none("hello")
+    assert embedded is not None and embedded.vector.shape == (4,)
     assert model.threads and threading.get_ident() not in model.threads
 
 
@@ -103,7 +104,7 @@ async def test_two_texts_run_at_once_and_a_third_waits_for_a_worker(scripted):
     assert sorted(model.started) == [["a"], ["bb"]]  # each text its own run; "ccc" queued
     model.release.set()
     vectors = await asyncio.gather(*calls)
-    assert [float(v[0]) for v in vectors] == [1.0, 1.0, 1.0]
+    assert [float(v.vector[0]) for v in vectors] == [1.0, 1.0, 1.0]
     assert sorted(model.started) == [["a"], ["bb"], ["ccc"]]
     assert len(model.threads) == 2
 
@@ -194,10 +195,10 @@ async def test_several_texts_get_one_row_each_in_order_or_none_when_one_fails(sc
     """embed_all_or_none, for a question and its nameless form (the
     context service): each text a run of its own, all or nothing as Embed."""
     model, embedder = scripted
-    vectors = await embedder.embed_all_or_none(["a", "bbb", "cc"])
-    assert vectors.shape == (3, 4)
-    for text, vector in zip(["a", "bbb", "cc"], vectors, strict=True):
-        np.testing.assert_array_equal(vector, await embedder.embed_or_none(text))
+    embedded = await embedder.embed_all_or_none(["a", "bbb", "cc"])
+    assert embedded.rows.shape == (3, 4)
+    for text, vector in zip(["a", "bbb", "cc"], embedded.rows, strict=True):
+        np.testing.assert_array_equal(vector, (await embedder.embed_or_none(text)).vector)
     assert sorted(map(tuple, model.started[:3])) == [("a",), ("bbb",), ("cc",)]
     assert await embedder.embed_all_or_none(["fine", "bad one"]) is None
 
@@ -223,7 +224,7 @@ async def test_a_batch_holds_at_most_workers_places_and_loses_only_its_failed_te
         vectors, vector = await batch, await question
         assert vector is not None
         assert [v is None for v in vectors] == [i == 3 for i in range(8)]
-        np.testing.assert_array_equal(vectors[7], await embedder.embed_or_none(texts[7]))
+        np.testing.assert_array_equal(vectors[7].vector, (await embedder.embed_or_none(texts[7])).vector)
     finally:
         model.release.set()
         embedder.close()
@@ -285,7 +286,7 @@ async def test_the_memo_in_front_shares_one_run_per_text():
         assert first is second
         assert model.started == [["same"]]
         with pytest.raises(ValueError):
-            first[0] = 0.0  # shared, so read-only
+            first.vector[0] = 0.0  # shared, so read-only
     finally:
         embedder.close()
 
@@ -328,12 +329,15 @@ def minilm():
 @pytest.mark.heavy
 async def test_real_vectors_are_unit_length_384_floats_for_empty_long_and_unicode_texts(minilm):
     texts = ["", "What is the capital of France?", "word " * 50_000, "Où est la gare ? 東京 🚆"]
-    vectors = await asyncio.gather(*(minilm.embed_or_none(t) for t in texts))
+    embedded = await asyncio.gather(*(minilm.embed_or_none(t) for t in texts))
+    # Named for the code that ran: this process's (meshgate/minilm.py).
+    assert {e.embedder for e in embedded} == {f"minilm@{REVISION}"}
+    vectors = [e.vector for e in embedded]
     for vector in vectors:
         assert vector.shape == (384,) and vector.dtype == np.float32
         assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-5
     # Truncated at 256 tokens: a text far longer embeds as its first 256 tokens do.
-    assert float(vectors[2] @ (await minilm.embed_or_none("word " * 300))) > 0.9999
+    assert float(vectors[2] @ (await minilm.embed_or_none("word " * 300)).vector) > 0.9999
 
 
 @pytest.mark.heavy
@@ -350,7 +354,7 @@ async def test_a_long_text_is_cut_to_what_the_model_reads_before_it_runs(minilm,
     from meshgate.minilm import MiniLM
 
     monkeypatch.setattr(minilm._model, "embed", recording)
-    long = await minilm.embed_or_none("word " * 60_000)
+    long = (await minilm.embed_or_none("word " * 60_000)).vector
     assert lengths and max(lengths) < 2_000  # 254 words of 5 characters, not 300,000 characters
     whole = MiniLM().embed(["word " * 60_000])[0]  # the model's own truncation
     assert float(long @ whole) > 1 - 1e-5
@@ -364,7 +368,7 @@ async def test_real_vectors_do_not_depend_on_the_batch_they_ran_in(minilm):
 
     texts = ["How do I learn Python fast?", "What is the quickest way to learn Python?", "hi"]
     batched = MiniLM().embed(texts)
-    together = await asyncio.gather(*(minilm.embed_or_none(t) for t in texts))
+    together = [e.vector for e in await asyncio.gather(*(minilm.embed_or_none(t) for t in texts))]
     for in_batch, alone in zip(batched, together):
         assert float(in_batch @ alone) > 1 - 1e-5
     paraphrase, unrelated = float(together[0] @ together[1]), float(together[0] @ together[2])
@@ -380,7 +384,7 @@ async def test_a_special_tokens_text_embeds_as_its_characters(minilm):
         ("[MASK] is [PAD] or [CLS] [UNK]", "[ MASK ] is [ PAD ] or [ CLS ] [ UNK ]"),
     ]:
         vector, apart = await asyncio.gather(minilm.embed_or_none(text), minilm.embed_or_none(spelled_apart))
-        assert np.array_equal(vector, apart), text
+        assert np.array_equal(vector.vector, apart.vector), text
 
 
 @pytest.mark.heavy

@@ -8,9 +8,10 @@ import time
 import numpy as np
 
 from meshgate.common.v1 import common_pb2
+from meshgate.embedding import Embeddings
 from services.context.hot_cache import HotCache
 from services.context.store import StoredSession
-from services.context.turn_index import IndexedTurns
+from services.context.turn_index import IndexedTurns, features
 
 
 def session(version: int, *contents: str, updated_ms: int | None = None) -> StoredSession:
@@ -227,3 +228,21 @@ def test_an_index_of_another_version_life_or_compacted_prefix_is_not_attached() 
     assert not cache.attach_index("k", entry, index_of(entry, first_live=0), ticket)
     assert entry.index is None
     assert cache.attach_index("k", entry, index_of(entry), ticket)
+
+
+def test_an_index_extended_by_another_embedders_vectors_keeps_none_of_the_old_ones() -> None:
+    # As TurnIndex.write drops the rows in Redis: a hot session scores its
+    # turns as a cold read of it would.
+    turn = features([common_pb2.Message(role=common_pb2.ROLE_USER, content="The door is green.")])
+    one = np.ones((1, 4), np.float32)
+    empty = np.zeros(0, np.int64)
+    index = IndexedTurns(1, 0, empty, empty.astype(np.uint8), empty, None, {}, [], [])
+    index = index.extended(2, 0, turn, Embeddings(one, "minilm@2"))
+    assert index.embedder == "minilm@2" and index.unit_vectors[0].any()
+    same = index.extended(3, 1, turn, Embeddings(one, "minilm@2"))
+    assert same.unit_vectors.all()
+    upgraded = index.extended(3, 1, turn, Embeddings(one, "minilm@3"))
+    assert upgraded.embedder == "minilm@3"
+    assert not upgraded.unit_vectors[0].any() and upgraded.unit_vectors[1].all()
+    # An append the embedder gave nothing keeps what there was.
+    assert index.extended(3, 1, turn, None).embedder == "minilm@2"

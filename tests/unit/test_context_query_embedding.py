@@ -18,7 +18,7 @@ import pytest
 from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as pb
-from meshgate.embedding import EMBED_TIMEOUT_S
+from meshgate.embedding import EMBED_TIMEOUT_S, Embedding
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from services.context import relevance, token_counts
@@ -198,8 +198,8 @@ async def test_an_embedding_that_failed_before_a_failed_assembly_is_retrieved(co
 class VectorEmbedder:
     """Answers every question with the same vector."""
 
-    async def embed_or_none(self, text: str, timeout_s: float | None = None):
-        return np.ones(8, np.float32)
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> Embedding:
+        return Embedding(np.ones(8, np.float32), "minilm@2")
 
 
 class UnindexedStore:
@@ -309,7 +309,7 @@ class RecordingEmbedder:
 
     async def embed_each_or_none(self, texts: list[str], timeout_s: float | None = None):
         self.timeouts.append(timeout_s)
-        return [np.ones(8, np.float32) for _ in texts]
+        return [Embedding(np.ones(8, np.float32), "minilm@2") for _ in texts]
 
 
 class Index:
@@ -373,4 +373,4 @@ async def test_an_appends_turns_are_embedded_within_the_calls_own_deadline(
     )
     await asyncio.wait_for(servicer.AppendTurns(append, Deadline(left_s)), timeout=60)
     assert embedder.timeouts == [pytest.approx(expected_s)]
-    assert index.vectors is not None and len(index.vectors) == turns
+    assert index.vectors is not None and len(index.vectors.rows) == turns

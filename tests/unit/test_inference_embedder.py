@@ -38,6 +38,8 @@ class EmbedService:
         self.delay_s = delay_s
         self.failing = failing
         self.calls: list[tuple[int, float]] = []
+        # What the answers name as having made the vectors.
+        self.model, self.revision = "minilm", "2"
 
     async def Embed(self, request, timeout: float):  # noqa: N802 - the stub's method name
         texts = list(request.texts)
@@ -51,7 +53,9 @@ class EmbedService:
         if self.failing.intersection(texts):
             raise _refusal(grpc.StatusCode.UNAVAILABLE, "gone")
         vectors = np.stack([vector_of(text) for text in texts]).astype("<f4")
-        return inference_service_pb2.EmbedResponse(vectors=vectors.tobytes(), dimensions=DIMENSIONS)
+        return inference_service_pb2.EmbedResponse(
+            vectors=vectors.tobytes(), dimensions=DIMENSIONS, model=self.model, model_revision=self.revision
+        )
 
 
 def turns(count: int) -> list[str]:
@@ -64,8 +68,9 @@ async def test_an_append_of_more_texts_than_one_call_takes_gets_every_vector() -
     vectors = await InferenceEmbedder(service).embed_each_or_none(texts)
     assert [size for size, _ in service.calls] == [LIMIT, LIMIT, 44]
     assert len(vectors) == len(texts)
-    for text, vector in zip(texts, vectors, strict=True):
-        np.testing.assert_array_equal(vector, vector_of(text))
+    for text, embedded in zip(texts, vectors, strict=True):
+        np.testing.assert_array_equal(embedded.vector, vector_of(text))
+        assert embedded.embedder == "minilm@2"
 
 
 async def test_a_lower_limit_from_the_settings_is_followed() -> None:
@@ -81,8 +86,8 @@ async def test_a_failed_call_costs_only_its_own_texts_their_vectors() -> None:
     vectors = await InferenceEmbedder(service).embed_each_or_none(texts)
     assert len(service.calls) == 3
     assert all(vector is None for vector in vectors[LIMIT : 2 * LIMIT])
-    for text, vector in zip(texts[:LIMIT] + texts[2 * LIMIT :], vectors[:LIMIT] + vectors[2 * LIMIT :]):
-        np.testing.assert_array_equal(vector, vector_of(text))
+    for text, embedded in zip(texts[:LIMIT] + texts[2 * LIMIT :], vectors[:LIMIT] + vectors[2 * LIMIT :]):
+        np.testing.assert_array_equal(embedded.vector, vector_of(text))
 
 
 async def test_the_calls_share_one_deadline() -> None:
@@ -110,9 +115,9 @@ async def test_the_calls_share_one_deadline() -> None:
 
 async def test_all_or_none_over_the_limit_is_one_array_or_none() -> None:
     texts = turns(LIMIT + 1)
-    vectors = await InferenceEmbedder(EmbedService()).embed_all_or_none(texts)
-    assert vectors.shape == (LIMIT + 1, DIMENSIONS)
-    np.testing.assert_array_equal(vectors[LIMIT], vector_of(texts[LIMIT]))
+    embedded = await InferenceEmbedder(EmbedService()).embed_all_or_none(texts)
+    assert embedded.rows.shape == (LIMIT + 1, DIMENSIONS) and embedded.embedder == "minilm@2"
+    np.testing.assert_array_equal(embedded.rows[LIMIT], vector_of(texts[LIMIT]))
     failing = EmbedService(failing=frozenset({texts[LIMIT]}))
     assert await InferenceEmbedder(failing).embed_all_or_none(texts) is None
 
@@ -126,6 +131,30 @@ async def test_all_or_none_stops_at_the_first_failed_call() -> None:
 
 async def test_one_text_is_one_call() -> None:
     service = EmbedService()
-    vector = await InferenceEmbedder(service).embed_or_none("turn 7")
-    np.testing.assert_array_equal(vector, vector_of("turn 7"))
+    embedded = await InferenceEmbedder(service).embed_or_none("turn 7")
+    np.testing.assert_array_equal(embedded.vector, vector_of("turn 7"))
+    assert embedded.embedder == "minilm@2"
     assert [size for size, _ in service.calls] == [1]
+
+
+async def test_vectors_are_named_for_the_revision_that_made_them_or_not_taken() -> None:
+    # The name comes from the answer, not from this process's own code: a
+    # rolling upgrade runs callers and inference services of two revisions.
+    service = EmbedService()
+    service.revision = "3"
+    assert (await InferenceEmbedder(service).embed_or_none("turn 1")).embedder == "minilm@3"
+    # Calls answered by two revisions (a split append): not one set of rows.
+    texts = turns(LIMIT + 1)
+    answered = service.Embed
+
+    async def upgraded_midway(request, timeout: float):  # noqa: N802
+        response = await answered(request, timeout)
+        service.revision = "4"
+        return response
+
+    service.Embed = upgraded_midway
+    assert await InferenceEmbedder(service).embed_all_or_none(texts) is None
+    # An inference service that names no revision (older than the field): no vectors.
+    service.Embed = answered
+    service.revision = ""
+    assert await InferenceEmbedder(service).embed_or_none("turn 1") is None
