@@ -1722,7 +1722,7 @@ async def test_reports_of_an_entry_already_deleted_are_held_to_the_tenants_quota
         pb.ReportWrongHitRequest(scope=s, messages=conversation(PARAPHRASE), entry_id=entry_id), None
     )
     partition = keys.partition(s)
-    context_id, _ = cache._semantic_subject(partition, conversation(PARAPHRASE))
+    context_id, _ = cache._semantic_subject(partition, conversation(PARAPHRASE), EMBEDDER)
     reported_key = partition.reported_key(context_id)
     pairs = await redis_client.scard(reported_key)
     with pytest.raises(MeshgateError) as refused:
