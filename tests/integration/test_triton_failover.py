@@ -285,6 +285,7 @@ async def seconds_until(condition, limit_s: float = 60) -> float:
     return loop.time() - started
 
 
+@pytest.mark.serial  # timing-sensitive (bounds how soon probes see a change): make test runs it alone
 async def test_a_stopped_triton_does_not_delay_the_probes_of_the_other(two_tritons) -> None:
     """Each server is probed on its own schedule: while one answers nothing
     (stopped, so every probe of it waits PROBE_TIMEOUT_S), a model unloaded
