@@ -82,7 +82,9 @@ first send was, the same fork (its id is drawn from the request id, hence
 the slot: servicer.py), and a send of it with another request is refused.
 Written by the script that creates the fork (``_FORK_CREATE``), which
 makes no fork where it finds one, so of sends at once one makes it. It
-expires FORK_REQUEST_RETENTION_S after the fork, not renewed with the
+expires FORK_REQUEST_RETENTION_S after the fork (or session_ttl_s, where
+shorter: the fork, never written, expires then, and a record outliving it
+would answer a resend with a fork that is gone), not renewed with the
 session, and is deleted with the fork (``_DELETE``): it is not counted for
 the tenant's bound, so it must not outlive its fork for long (a tenant
 forking and deleting forks as fast as it may would otherwise fill Redis
@@ -1574,7 +1576,7 @@ class SessionStore:
                     len(counts) // 2,
                     len(pins),
                     request_digest,
-                    FORK_REQUEST_RETENTION_S,
+                    min(FORK_REQUEST_RETENTION_S, self._ttl_s),
                     *turns,
                     *counts,
                     *pins,
