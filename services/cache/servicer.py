@@ -52,6 +52,7 @@ from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
 from meshgate.config import MAX_CACHED_PROMPT_MESSAGES, MAX_SCOPE_ROUTE_CHARS, CacheSettings
+from meshgate.embedding import Embedding
 from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.reasons import Reason
 from meshgate.single_flight import SingleFlight
@@ -325,14 +326,16 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             )
         vector = None
         if messages[-1].role == _USER:
-            text = conversation.resolve(messages)[0]
+            resolved = conversation.resolve(messages)
+            text = resolved[0]
             if _matched_by_meaning(text):
                 # Usually remembered from the lookup that missed just before.
                 embedded = await self._embedder.embed_or_none(text, tenant_id=partition.tenant_id)
                 if embedded is not None:
                     # Among the vectors of the revision that made this one.
                     vector = embedded.vector
-                    context_id, _ = self._semantic_subject(partition, messages, embedded.embedder)
+                    self._learn_embedder(embedded)
+                    context_id, _ = self._semantic_subject(partition, messages, embedded.embedder, resolved)
         if await self._invalidated_since(partition, request.store_fence):
             # Seen before writing (the usual case: an Invalidate during a
             # generation of seconds): nothing to undo.
@@ -472,12 +475,12 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         # in, so that is where the entry and its neighbours live: that of the
         # embedder's revision the lookups here see.
         embedder = self._embedder_name
+        resolved = conversation.resolve(request.messages)
         if embedder is None:
             # No lookup here has embedded yet (a replica just started).
-            question = conversation.resolve(request.messages)[0]
-            embedded = await self._embedder.embed_or_none(question, tenant_id=partition.tenant_id)
+            embedded = await self._embedder.embed_or_none(resolved[0], tenant_id=partition.tenant_id)
             embedder = "" if embedded is None else embedded.embedder
-        context_id, _ = self._semantic_subject(partition, request.messages, embedder)
+        context_id, _ = self._semantic_subject(partition, request.messages, embedder, resolved)
         asked_id = keys.entry_id(partition, request.messages)
         # Charged before the report, as a Store is: the pair it keeps is the
         # tenant's bytes too. Without room, a report that deletes an entry
@@ -536,7 +539,8 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         """The best verified neighbour of the prompt (``asked_id``: its own
         entry id) with its answer and time left (``live_answer``), never one
         reported wrong for it."""
-        question = conversation.resolve(messages)[0]
+        resolved = conversation.resolve(messages)
+        question = resolved[0]
         if not _matched_by_meaning(question):
             return None
         # The vector size and embedder the index is synced for (``_synced``
@@ -549,12 +553,11 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             embedded = await self._embedder.embed_or_none(question, tenant_id=partition.tenant_id)
             if embedded is None:
                 return None
-            dimensions = self._dimensions = len(embedded.vector)
-            embedder = self._embedder_name = embedded.embedder
-            context_id, _ = self._semantic_subject(partition, messages, embedder)
+            dimensions, embedder = self._learn_embedder(embedded)
+            context_id, _ = self._semantic_subject(partition, messages, embedder, resolved)
             synced = await self._synced(partition, context_id, dimensions)
         else:
-            context_id, _ = self._semantic_subject(partition, messages, embedder)
+            context_id, _ = self._semantic_subject(partition, messages, embedder, resolved)
             if self._embeds_at_once(self._indexes.get(partition.vectors_key(context_id)), question):
                 # Likely a candidate: embed while the index tops itself up.
                 embedded, synced = await asyncio.gather(
@@ -580,9 +583,8 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             # The embedding model changed under a running service (the
             # inference service's Triton upgraded): its vectors are matched
             # among its own revision's only, never the old vectors.
-            dimensions = self._dimensions = len(vector)
-            self._embedder_name = embedded.embedder
-            context_id, _ = self._semantic_subject(partition, messages, embedded.embedder)
+            dimensions, _ = self._learn_embedder(embedded)
+            context_id, _ = self._semantic_subject(partition, messages, embedded.embedder, resolved)
             synced = await self._synced(partition, context_id, dimensions)
         if synced is None:
             return None
@@ -608,16 +610,26 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             index.remove(match.entry_id, match.seq)
         return None
 
+    def _learn_embedder(self, embedded: Embedding) -> tuple[int, str]:
+        """The vector size and embedder this replica's lookups look among,
+        from a vector just made: a Store's as a lookup's, so that a replica
+        whose lookups end at the first stage (which embeds nothing) still
+        moves to a new revision's sub-partition once its Stores see one."""
+        self._dimensions = len(embedded.vector)
+        self._embedder_name = embedded.embedder
+        return self._dimensions, self._embedder_name
+
     def _embed_ahead(self, partition: keys.Partition, messages) -> None:
         """After an exact-only miss: starts embedding the prompt's question
         when the semantic lookup (expected next) would embed it, i.e. the
         first stage would not call it a miss at once."""
-        question = conversation.resolve(messages)[0]
+        resolved = conversation.resolve(messages)
+        question = resolved[0]
         if not _matched_by_meaning(question):
             return
         index = None
         if self._embedder_name is not None:
-            context_id, _ = self._semantic_subject(partition, messages, self._embedder_name)
+            context_id, _ = self._semantic_subject(partition, messages, self._embedder_name, resolved)
             index = self._indexes.get(partition.vectors_key(context_id))
         if not self._embeds_at_once(index, question):
             # Unknown (an index not loaded here) or a likely first-stage
@@ -644,14 +656,17 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         await self._embedder.close()
         await self._loads.cancel_all()
 
-    def _semantic_subject(self, partition: keys.Partition, messages, embedder: str) -> tuple[str, str]:
+    def _semantic_subject(
+        self, partition: keys.Partition, messages, embedder: str, resolved: tuple[str, bool] | None = None
+    ) -> tuple[str, str]:
         """The sub-partition a prompt's last question is matched in among
         the vectors of ``embedder`` (meshgate.embedding.embedder_name), and
         the text it is embedded, stored and verified as: the bare question
         alone, or with the topic turn it refers to among all multi-turn
         questions, among those with the same system messages and reply to
-        the topic."""
-        text, in_context = conversation.resolve(messages)
+        the topic. ``resolved``: ``conversation.resolve(messages)``, where
+        the caller has it (it normalizes a question of up to 256 KiB)."""
+        text, in_context = conversation.resolve(messages) if resolved is None else resolved
         exact = conversation.matched_exactly(messages)
         return keys.context_id(partition, embedder, in_context, exact), text
 

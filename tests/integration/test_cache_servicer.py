@@ -1819,3 +1819,24 @@ async def test_a_revision_change_under_a_running_cache_moves_its_lookups(redis_c
     # Once a vector of the new revision came, the old entries are not looked
     # at again, not even for a question whose old vector is remembered.
     assert (await lookup(cache, scope(tenant), conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
+
+
+async def test_a_replica_whose_lookups_end_at_the_first_stage_moves_to_a_new_revision_by_its_stores(
+    redis_client, tenant
+):
+    # Its lookups of questions unlike what the old revision's entries hold
+    # end at the first stage, which embeds nothing: the revision's change
+    # is seen by the Stores that follow their misses, and the replica's
+    # lookups then look among the new revision's entries.
+    embedder = FakeEmbedder()
+    cache = make_servicer(redis_client, embedder, memo_entries=16)
+    await store(cache, scope(tenant), conversation(STORED), text="use a good book")
+    assert (
+        await lookup(cache, scope(tenant), conversation(PARAPHRASE))
+    ).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    embedder.embedder = "fake@2"
+    embedder.table[UNRELATED], embedder.table[UNRELATED_REWORDED] = _direction(1.0), _direction(0.96)
+    assert (await lookup(cache, scope(tenant), conversation(UNRELATED))).status == pb.LOOKUP_STATUS_MISS
+    await store(cache, scope(tenant), conversation(UNRELATED), text="Paris")
+    again = await lookup(cache, scope(tenant), conversation(UNRELATED_REWORDED))
+    assert (again.status, again.answer.text) == (pb.LOOKUP_STATUS_SEMANTIC_HIT, "Paris")
