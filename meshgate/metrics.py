@@ -262,6 +262,10 @@ class ContextMetrics:
             "Tokens of the messages assemblies weighed, by disposition (included, summarized, dropped).",
             ("disposition",),
         )
+        self.turns_reembedded = make.counter(
+            "meshgate_context_turns_reembedded",
+            "Turns given vectors of the current embedding model by a backfill (after a revision change).",
+        )
 
 
 class BackendCollector(Collector):

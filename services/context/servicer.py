@@ -191,6 +191,25 @@ INDEX_REPAIR_DELAYS_S = (0.5, 2.0, 8.0)
 # assembly of it, only after it changes.
 _INDEX_REPAIRS_ASKED_KEPT = 10_000
 
+# Vector backfills (_backfill_vectors) in flight at most: one session at a
+# time per replica, so that an upgrade of the embedding model re-embeds the
+# sessions in use one after another, not all of them at once. Each embeds
+# BACKFILL_CHUNK_TURNS turns per call to the embedder (and writes them in
+# one script), at most BACKFILL_TURNS_PER_S a second: ~7 ms a turn went
+# through the inference service on a busy 2-core machine (see
+# APPEND_EMBED_S_PER_TURN), so a backfill takes at most a sixth of the
+# embedder's time, which questions and appends share. It looks again at
+# what is missing at most BACKFILL_PASSES times, when the session changed
+# under it (an append moves its version); then the next read asks again.
+MAX_VECTOR_BACKFILLS = 1
+BACKFILL_CHUNK_TURNS = 64
+BACKFILL_TURNS_PER_S = 24.0
+BACKFILL_PASSES = 3
+# Sessions whose backfill a read asked for, with the turns they held then:
+# a session whose turns the embedder gives no vectors is asked once per
+# count, not embedded again by every assembly of it.
+_BACKFILLS_ASKED_KEPT = 10_000
+
 
 class _AskedOnce:
     """Work asked for once per key and value (a session and what it held):
@@ -285,6 +304,18 @@ def _live_scores(
     inputs.dense_scored = found.dense
     inputs.ranking = found.ranking
     return np.concatenate([np.zeros(compacted), found.scores]) if compacted else found.scores
+
+
+def _lacks_vectors(view: _SessionView, embedder: str) -> bool:
+    """Whether some live turn of ``view`` has no vector of ``embedder``: its
+    rows are another's (or of none named), or one is all zero (an append of
+    ``embedder`` dropped another's rows, or the embedder gave it none)."""
+    live = len(view.roles) - view.compacted
+    if live <= 0:
+        return False
+    if view.embedder != embedder or view.unit_vectors is None:
+        return True
+    return not view.unit_vectors[:live].any(axis=1).all()
 
 
 def _postings_of(
@@ -445,6 +476,9 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         # Turn-index repairs in flight by session key, and what reads asked for.
         self._index_repairs: dict[str, asyncio.Task] = {}
         self._index_repairs_asked = _AskedOnce(_INDEX_REPAIRS_ASKED_KEPT)
+        # Vector backfills in flight by session key, and what reads asked for.
+        self._backfills: dict[str, asyncio.Task] = {}
+        self._backfills_asked = _AskedOnce(_BACKFILLS_ASKED_KEPT)
         # Without one (unit tests), nothing is summarized.
         self._summarizer = summarizer
         self._compaction_asked = _AskedOnce(_COMPACTIONS_ASKED_KEPT, COMPACTION_ASKED_FOR_S)
@@ -724,6 +758,86 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         log.info("turn index repaired", session_id=session_id, appends=len(appends))
         await self._attach_index(tenant_id, session_id)
         # INDEX_REPAIR_TURNS may have left some: the next read asks again.
+        return False
+
+    def _backfill_vectors(self, tenant_id: str, session_id: str, turns_read: int, embedder: str) -> None:
+        """Gives the session's live turns vectors of ``embedder``, in the
+        background, where they have none of it: after an upgrade of the
+        embedding model (their rows are another revision's, or of none
+        named: stored before the name was), or after an append of the new
+        revision dropped the old rows. Else they would rank by their words
+        only for the rest of the session's life. Asked by an assembly that
+        found them so in a session of ``turns_read`` turns, once per count;
+        at most MAX_VECTOR_BACKFILLS at once, one per session (one asked
+        meanwhile is not noted as asked: a later read asks again)."""
+        key = session_key(tenant_id, session_id)
+        if key in self._backfills or len(self._backfills) >= MAX_VECTOR_BACKFILLS:
+            return
+        if not self._backfills_asked.first(key, turns_read):
+            return
+
+        async def backfill() -> None:
+            settled = False
+            try:
+                settled = await self._embed_again(tenant_id, session_id, embedder)
+            except MeshgateError as error:
+                # Gone (nothing to do) or unreachable (the next read asks again).
+                log.info("turn vector backfill stopped", session_id=session_id, reason=error.reason)
+            finally:
+                self._backfills.pop(key, None)
+                if not settled:
+                    self._backfills_asked.forget(key)
+
+        self._backfills[key] = asyncio.create_task(backfill())
+
+    async def _embed_again(self, tenant_id: str, session_id: str, embedder: str) -> bool:
+        """Embeds the turns TurnIndex.vector_gaps names and stores their rows
+        (TurnIndex.backfill: never over a vector of the same embedder, nor
+        in a session deleted, reverted or compacted meanwhile), a chunk at
+        a time at BACKFILL_TURNS_PER_S; returns whether it is settled: no
+        gap left, or the embedder gave none (False: the session or the
+        embedder's revision changed under it)."""
+        loop = asyncio.get_running_loop()
+        for _ in range(BACKFILL_PASSES):
+            gaps = await self._index.vector_gaps(tenant_id, session_id, embedder)
+            if not gaps.positions:
+                return True
+            changed = False
+            for start in range(0, len(gaps.positions), BACKFILL_CHUNK_TURNS):
+                began = loop.time()
+                positions = gaps.positions[start : start + BACKFILL_CHUNK_TURNS]
+                stored = await self._index.read_turns(
+                    tenant_id, session_id, positions, gaps.version, gaps.create_time_ms
+                )
+                if stored is None:
+                    changed = True
+                    break
+                timeout_s = append_embed_timeout(len(positions), None, self._append_embed_timeout_s)
+                embedded = await self._embedder.embed_each_or_none(
+                    [stored[i].content for i in positions], timeout_s
+                )
+                if any(v is not None and v.embedder != embedder for v in embedded):
+                    return False  # upgraded again meanwhile: the next question names the newer one
+                made = [v.vector for v in embedded if v is not None]
+                if not made:
+                    return True  # the embedder gives none now: asked again at the next count
+                none = np.zeros_like(made[0])
+                rows = np.stack([none if v is None else v.vector for v in embedded])
+                written = await self._index.backfill(
+                    tenant_id, session_id, gaps, positions, Embeddings(rows, embedder)
+                )
+                if written < 0:
+                    changed = True
+                    break
+                if written:
+                    metrics.context().turns_reembedded.inc(written)
+                    # The hot copy holds the rows as they were (the script's
+                    # notice tells the other replicas the same).
+                    self._changed_here(tenant_id, session_id, DELETED)
+                await asyncio.sleep(max(0.0, len(positions) / BACKFILL_TURNS_PER_S - (loop.time() - began)))
+            if not changed:
+                log.info("turn vectors backfilled", session_id=session_id, turns=len(gaps.positions))
+                return True
         return False
 
     @contextlib.contextmanager
@@ -1145,7 +1259,10 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             vector = embedded.vector
         # Else the turns' vectors are another embedder's (another revision,
         # or none named: stored before they were), whose cosines with this
-        # one mean nothing: the turns are ranked as turns without vectors.
+        # one mean nothing: the turns are ranked as turns without vectors,
+        # until the backfill gives them this embedder's.
+        if embedded is not None and at_version is None and _lacks_vectors(view, embedded.embedder):
+            self._backfill_vectors(tenant_id, session_id, len(view.roles), embedded.embedder)
         scoring = pb.AssemblyInputs()  # the ranking's name and dense_scored, for the response
         scores = _live_scores(query, terms, view, vector, nameless, scoring) if adaptive else None
         chosen = assembly.plan(
@@ -1416,10 +1533,13 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         self.prefetch(tenant_id, session_id)
 
     async def close(self) -> None:
-        """Ends the background work (prefetches, turn-index repairs) before
-        the Redis client and the embedder it uses are closed. A repair left
-        undone is asked for again by the next read that finds it."""
-        await cancel_and_wait(*self._prefetches.values(), *self._index_repairs.values())
+        """Ends the background work (prefetches, turn-index repairs, vector
+        backfills) before the Redis client and the embedder it uses are
+        closed. A repair or backfill left undone is asked for again by the
+        next read that finds it."""
+        await cancel_and_wait(
+            *self._prefetches.values(), *self._index_repairs.values(), *self._backfills.values()
+        )
 
     def prefetch(self, tenant_id: str, session_id: str) -> None:
         """Reads the session into the hot cache in the background, unless

@@ -17,14 +17,17 @@ Beside a session's keys (services/context/store.py), under the same prefix:
   model and revision). Every row is that embedder's: a write of another's
   drops the rows there were (vectors of two revisions are not comparable),
   and a session whose rows name none (stored before the field) scores its
-  turns by words only until then.
+  turns by words only until then, or until a backfill (_BACKFILL, asked by
+  an assembly whose question's embedder they are not) gives them rows of
+  the new one.
 - ``...:pins``, a list: ``t:<turn index>`` or ``f:<fact text>``; a revert
   drops the pins of the turns it undoes (store._REVERT), and the unpin of a
   turn compaction kept for its pin empties its body then (_UNPIN).
 
 The scripts that write them (_WRITE, _PIN) take every key of the session
 (store.session_keys) and renew them all, as the store's do: the index and
-pins live as long as the session.
+pins live as long as the session. _BACKFILL, which no caller's use of the
+session runs, renews nothing: the keys it creates take the session's TTL.
 
 Everything is written by turn offset (SETRANGE), so an index written after a
 revert overwrites the undone turns' entries, and stale postings of the
@@ -146,6 +149,63 @@ return first
 """
 )
 
+
+# KEYS: store.session_keys. ARGV: the session's version, create_time_ms and
+# compacted turns when the backfilled turns were read (TurnIndex.vector_gaps),
+# the embedder of the rows they replace ("" = none named), the vectors'
+# embedder, dimensions, the turns' positions (packed little-endian uint32),
+# then their int8 vectors (a row each; all zero: the embedder gave none). Returns how
+# many rows it wrote, or -1 when nothing may be written: the session is
+# gone or another life of its id, compacted since (rows are stored from
+# the first live turn), the version read was undone by a revert (those
+# positions may hold other turns now), or its rows are a third embedder's
+# (a newer revision's append came meanwhile). It fills only rows holding
+# no vector: an append's write of the same embedder since the read is kept
+# as it wrote it. Nothing is renewed (a backfill is no use of the session),
+# but keys it creates expire with the session. Rows written change what
+# hot copies hold, with no version: they are told to drop it, as for a pin.
+_BACKFILL = """
+local meta = redis.call('HMGET', KEYS[1], 'version', 'create_time_ms', 'compacted')
+if not meta[1] or meta[2] ~= ARGV[2] or tonumber(meta[3] or '0') ~= tonumber(ARGV[3]) then return -1 end
+local raw = redis.call('GETRANGE', KEYS[4], 4 * tonumber(ARGV[1]), 4 * tonumber(ARGV[1]) + 3)
+if #raw == 4 then
+  if struct.unpack('<I4', raw) == 4294967295 then return -1 end
+elseif meta[1] ~= ARGV[1] then
+  -- A session stored before version histories: unchanged since, or given up.
+  return -1
+end
+local dim = tonumber(ARGV[6])
+local current = redis.call('HGET', KEYS[9], '\\0embedder') or ''
+if current ~= ARGV[5] then
+  if current ~= ARGV[4] then return -1 end
+  -- The rows there are the embedder these replace: all of them go, as an
+  -- append's write of another embedder drops them.
+  redis.call('DEL', KEYS[8])
+  redis.call('HSET', KEYS[9], '\\0embedder', ARGV[5], '\\0dim', dim)
+elseif tonumber(redis.call('HGET', KEYS[9], '\\0dim') or '0') ~= dim then
+  return -1
+end
+local zero = string.rep('\\0', dim)
+local positions = ARGV[7]
+local vectors = ARGV[8]
+local written = 0
+for row = 0, #positions / 4 - 1 do
+  local value = string.sub(vectors, row * dim + 1, (row + 1) * dim)
+  local at = dim * (struct.unpack('<I4', string.sub(positions, 4 * row + 1, 4 * row + 4)) - tonumber(ARGV[3]))
+  local there = redis.call('GETRANGE', KEYS[8], at, at + dim - 1)
+  if value ~= zero and (#there < dim or there == zero) then
+    redis.call('SETRANGE', KEYS[8], at, value)
+    written = written + 1
+  end
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[8], ttl)
+  redis.call('PEXPIRE', KEYS[9], ttl)
+end
+if written > 0 then redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1') end
+return written
+"""
 
 # Pins a session may hold. Every assembly reads all of them and puts each
 # in the prompt whatever its budget, so without a cap one session's pins
@@ -341,6 +401,20 @@ def unwritten_appends(
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class VectorGaps:
+    """The live turns of a session whose rows hold no vector of an embedder
+    (TurnIndex.vector_gaps), and what the backfill of them must check."""
+
+    version: int
+    create_time_ms: int
+    compacted: int
+    # What made the rows there ("" = none named): all of them when it is
+    # another embedder than the one asked about.
+    embedder: str
+    positions: list[int]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class IndexedTurns:
     """What assembly reads of a session's turns: never their texts."""
 
@@ -485,6 +559,7 @@ class TurnIndex:
         self._pin = client.register_script(_PIN)
         self._unpin = client.register_script(_UNPIN)
         self._read_turns = client.register_script(_READ_TURNS)
+        self._backfill = client.register_script(_BACKFILL)
 
     async def write(
         self,
@@ -652,6 +727,60 @@ class TurnIndex:
             count = min(count, below)
         appends = unwritten_appends(roles or b"", history or b"", count, int(compacted or 0), max_turns)
         return int(version), int(created), appends
+
+    async def vector_gaps(self, tenant_id: str, session_id: str, embedder: str) -> VectorGaps:
+        """As of one instant (MULTI), the live turns without a vector of
+        ``embedder``: every one when the rows are another's (or of none
+        named), else those whose row is all zero (an append of ``embedder``
+        dropped another's rows before it, or the embedder gave it none).
+        Raises SESSION_NOT_FOUND."""
+        with redis_reachable():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hmget(key(tenant_id, session_id, "meta"), ["version", "create_time_ms", "compacted"])
+                pipe.llen(key(tenant_id, session_id, "turns"))
+                pipe.hmget(key(tenant_id, session_id, "ix:postings"), [DIMENSIONS_FIELD, EMBEDDER_FIELD])
+                pipe.get(key(tenant_id, session_id, "ix:vectors"))
+                pipe.get(key(tenant_id, session_id, "ix:roles"))
+                meta, count, (dimensions, stored_by), vectors, roles = await pipe.execute()
+        version, created, compacted = meta
+        if version is None:
+            raise session_not_found(session_id)
+        compacted = min(int(compacted or 0), count)
+        stored_by = (stored_by or b"").decode()
+        dimensions = int(dimensions or 0)
+        # Turns whose index was never written are not: their append is
+        # embedding them still, or its write was lost and the repair
+        # (unwritten_appends) writes their vectors with the rest.
+        indexed = np.zeros(count, bool)
+        written = np.frombuffer(roles or b"", np.uint8)[:count] != 0
+        indexed[: len(written)] = written
+        lacking = indexed[compacted:].copy()
+        if stored_by == embedder and dimensions:
+            rows = np.zeros((count - compacted, dimensions), np.int8)
+            held = np.frombuffer(vectors or b"", np.int8)[: rows.size]
+            rows.reshape(-1)[: len(held)] = held
+            lacking &= ~rows.any(axis=1)
+        positions = (np.flatnonzero(lacking) + compacted).tolist()
+        return VectorGaps(int(version), int(created or 0), compacted, stored_by, positions)
+
+    async def backfill(
+        self, tenant_id: str, session_id: str, gaps: VectorGaps, positions: list[int], vectors: Embeddings
+    ) -> int:
+        """Stores ``vectors``, of the turns at ``positions`` (some of
+        ``gaps``'), where no vector is, unless the session changed so that
+        they may not be (_BACKFILL); returns the rows written, or -1."""
+        args = [
+            gaps.version,
+            gaps.create_time_ms,
+            gaps.compacted,
+            gaps.embedder,
+            vectors.embedder,
+            vectors.rows.shape[1],
+            np.asarray(positions, dtype="<u4").tobytes(),
+            relevance.quantize(vectors.rows).tobytes(),
+        ]
+        with redis_reachable():
+            return int(await self._backfill(keys=session_keys(tenant_id, session_id), args=args))
 
     async def read_turns(
         self, tenant_id: str, session_id: str, indices: list[int], version: int, created_ms: int

@@ -691,8 +691,9 @@ class RevisedEmbedder:
 async def test_turn_vectors_of_another_revision_are_never_scored_against_the_question(redis_url: str) -> None:
     """A session's turns embedded by one revision of the model, its next
     question by another (an upgrade under a 7-day session): a cosine between
-    them means nothing, so the turns rank by their words until an append of
-    the new revision replaces the old rows, which a fork then takes along."""
+    them means nothing, so the turns rank by their words until they have
+    vectors of the new revision (an append's, or the backfill's, which the
+    tests below follow); a fork then takes the rows and their embedder along."""
     unrelated = "The cat is called Tom."
     question = "Which colour is the door?"
     direction = np.zeros(16, np.float32)
@@ -736,12 +737,10 @@ async def test_turn_vectors_of_another_revision_are_never_scored_against_the_que
         embedder.embedder = "fake@2"
         embedder.table = {question: direction}
         assert not await dense_scored()
-        # Revision 2's append: the old rows are dropped (a turn without a
-        # vector), the session scores by revision 2's vectors from now on.
+        # Revision 2's append: the session scores by revision 2's vectors from now on.
         await append("The door is painted green.")
         indexed = await index.read(tenant, session_id, None)
-        assert indexed.embedder == "fake@2"
-        assert not indexed.unit_vectors[:3].any() and indexed.unit_vectors[3].any()
+        assert indexed.embedder == "fake@2" and indexed.unit_vectors[3].any()
         assert await dense_scored()
         forked = await servicer.ForkSession(
             pb.ForkSessionRequest(tenant_id=tenant, session_id=session_id, version=2), None
@@ -749,3 +748,149 @@ async def test_turn_vectors_of_another_revision_are_never_scored_against_the_que
         assert (await index.read(tenant, forked.session.session_id, None)).embedder == "fake@2"
     finally:
         await client.aclose()
+
+
+class GatedEmbedder(RevisedEmbedder):
+    """A RevisedEmbedder whose calls for any of ``held`` texts wait until
+    ``opened`` is set (``entered`` says one is waiting): a backfill held
+    mid-way, between its read of the session and its write."""
+
+    def __init__(self, table: dict[str, np.ndarray], held: set[str]) -> None:
+        super().__init__(table)
+        self.held = held
+        self.entered = asyncio.Event()
+        self.opened = asyncio.Event()
+        self.opened.set()
+
+    async def embed_each_or_none(self, texts: list[str], timeout_s: float | None = None) -> list[Embedding]:
+        if not self.opened.is_set() and self.held.intersection(texts):
+            self.entered.set()
+            await self.opened.wait()
+        return await super().embed_each_or_none(texts, timeout_s)
+
+
+DOOR_QUESTION = "Which colour is the door?"
+# No word in common with the question: found by its vector or not at all.
+DOOR_TURN = "It is painted green, the entrance at the front."
+SMALL_TALK = [f"{question} {answer}" for question, answer in FILLER]
+
+
+@contextlib.asynccontextmanager
+async def revised_session(redis_url: str, table: dict[str, np.ndarray], held: set[str] = frozenset()):
+    """A session of DOOR_TURN then SMALL_TALK, its turns embedded by
+    revision 1 of a GatedEmbedder, which then turns to revision 2; yields
+    the servicer, its index, the session's (tenant, id), the embedder and
+    its Redis client."""
+    embedder = GatedEmbedder({}, set(held))
+    client = redis.Redis.from_url(redis_url)
+    models = Settings().models
+    index = TurnIndex(client, 600)
+    servicer = ContextServicer(
+        SessionStore(client, 600),
+        models,
+        token_counts.for_models(models),
+        HotCache(0),
+        index,
+        embedder=embedder,
+        # A turn is in the prompt as itself or not at all: the ranking decides.
+        pack_older_turns=False,
+    )
+    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+    try:
+        created = await servicer.CreateSession(pb.CreateSessionRequest(tenant_id=tenant), None)
+        session = (tenant, created.session.session_id)
+        messages = [common_pb2.Message(role=USER, content=c) for c in (DOOR_TURN, *SMALL_TALK)]
+        await servicer.AppendTurns(
+            pb.AppendTurnsRequest(
+                tenant_id=tenant, session_id=session[1], messages=messages, any_version=True
+            ),
+            NoDeadline(),
+        )
+        assert (await index.read(*session, None)).embedder == "fake@1"
+        embedder.embedder = "fake@2"
+        embedder.table = table
+        yield servicer, index, session, embedder, client
+    finally:
+        await servicer.close()
+        await client.aclose()
+
+
+async def assemble_door_question(
+    servicer: ContextServicer, session: tuple[str, str]
+) -> pb.AssembleContextResponse:
+    """Room for the question and two or three turns besides the newest."""
+    request = pb.AssembleContextRequest(
+        tenant_id=session[0],
+        session_id=session[1],
+        new_messages=[common_pb2.Message(role=USER, content=DOOR_QUESTION)],
+        model=MODEL,
+        max_prompt_tokens=150,
+    )
+    return await servicer.AssembleContext(request, None)
+
+
+async def test_after_a_revision_change_a_sessions_turns_are_embedded_again_in_the_background(
+    redis_url: str,
+) -> None:
+    """A session's turns embedded by revision 1, its questions by revision 2
+    (an upgrade under a 7-day session): the first assembly ranks by words
+    (the old rows are not comparable) and has the turns embedded again in
+    the background, so the next ones score them by meaning again and find
+    the old turn that answers the question (no word in common with it)."""
+    direction = np.zeros(16, np.float32)
+    direction[0] = 1.0
+    table = {DOOR_QUESTION: direction, DOOR_TURN: direction}
+    async with revised_session(redis_url, table) as (servicer, index, session, _, _):
+        first = await assemble_door_question(servicer, session)
+        assert not first.inputs.dense_scored
+        assert DOOR_TURN not in [m.content for m in first.messages]
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        indexed = await index.read(*session, None)
+        assert indexed.embedder == "fake@2"
+        assert indexed.unit_vectors.any(axis=1).all()
+        again = await assemble_door_question(servicer, session)
+        assert again.inputs.dense_scored
+        assert DOOR_TURN in [m.content for m in again.messages]
+
+
+async def test_an_append_during_a_backfill_keeps_the_rows_it_wrote(redis_url: str) -> None:
+    """An append of the new revision while the backfill embeds the old turns
+    (it read the session before): the append drops the old rows and writes
+    its own; the backfill's write then fills the old turns' rows only, and
+    the append's row stays as the append wrote it."""
+    async with revised_session(redis_url, {}, held={DOOR_TURN}) as (servicer, index, session, embedder, _):
+        embedder.opened.clear()
+        await assemble_door_question(servicer, session)
+        await asyncio.wait_for(embedder.entered.wait(), 10)
+        appended = common_pb2.Message(role=USER, content="The door is painted green.")
+        await servicer.AppendTurns(
+            pb.AppendTurnsRequest(
+                tenant_id=session[0], session_id=session[1], messages=[appended], any_version=True
+            ),
+            NoDeadline(),
+        )
+        before = await index.read(*session, None)
+        assert before.embedder == "fake@2" and before.unit_vectors[-1].any()
+        assert not before.unit_vectors[:-1].any()
+        embedder.opened.set()
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        after = await index.read(*session, None)
+        assert after.embedder == "fake@2"
+        np.testing.assert_array_equal(after.unit_vectors[-1], before.unit_vectors[-1])
+        assert after.unit_vectors.any(axis=1).all()
+
+
+async def test_a_session_deleted_during_its_backfill_leaves_nothing_behind(redis_url: str) -> None:
+    """A session deleted while its backfill embeds its turns: the backfill's
+    write finds it gone and writes nothing, so no key of it is left (one
+    written then would have had no TTL, and been a later session's of the id)."""
+    async with revised_session(redis_url, {}, held={DOOR_TURN}) as (servicer, _, session, embedder, client):
+        embedder.opened.clear()
+        await assemble_door_question(servicer, session)
+        await asyncio.wait_for(embedder.entered.wait(), 10)
+        await servicer.DeleteSession(
+            pb.DeleteSessionRequest(tenant_id=session[0], session_id=session[1]), None
+        )
+        embedder.opened.set()
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        assert await client.exists(*store.session_keys(*session)) == 0
