@@ -310,9 +310,9 @@ def _lacks_vectors(view: _SessionView, embedder: str) -> bool:
     """Whether the live turns of ``view`` lack vectors of ``embedder``: its
     rows are another's (or of none named), or the first live one is all
     zero (an append of ``embedder`` dropped another's rows, which start
-    there). Asked at every assembly, so one row is read, not all (0.12 ms
-    for 1,548 turns): a turn the embedder gave no vector at its append
-    alone is not found here."""
+    there, and which a backfill writes last). Asked at every assembly, so
+    one row is read, not all (0.12 ms for 1,548 turns): a turn the embedder
+    gave no vector at its append alone is not found here."""
     if len(view.roles) <= view.compacted:
         return False
     if view.embedder != embedder or view.unit_vectors is None or not len(view.unit_vectors):
@@ -805,7 +805,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             if not gaps.positions:
                 return True
             changed = False
-            for start in range(0, len(gaps.positions), BACKFILL_CHUNK_TURNS):
+            # The last chunk first, and the first gap's row (the first live
+            # turn's, by which assemblies tell the session lacks vectors:
+            # _lacks_vectors) only once every other gap has one: a backfill
+            # stopped midway (the embedder unavailable, a restart, the
+            # session changed under it) leaves that row zero, so a later
+            # read asks again. Written first, it hid the rest for good.
+            complete = True
+            for start in reversed(range(0, len(gaps.positions), BACKFILL_CHUNK_TURNS)):
                 began = loop.time()
                 positions = gaps.positions[start : start + BACKFILL_CHUNK_TURNS]
                 stored = await self._index.read_turns(
@@ -823,6 +830,9 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 made = [v.vector for v in embedded if v is not None]
                 if not made:
                     return True  # the embedder gives none now: asked again at the next count
+                if start == 0 and not (complete and all(v is not None for v in embedded[1:])):
+                    embedded[0] = None
+                complete = complete and all(v is not None for v in embedded)
                 none = np.zeros_like(made[0])
                 rows = np.stack([none if v is None else v.vector for v in embedded])
                 written = await self._index.backfill(

@@ -22,6 +22,7 @@ from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.embedding import Embedding, Embeddings
 from meshgate.errors import error_info
 from services.context import app, assembly, relevance, store, token_counts, turn_index
+from services.context import servicer as servicer_module
 from services.context.hot_cache import HotCache
 from services.context.servicer import MAX_PREFETCHES, ContextServicer
 from services.context.store import SessionStore
@@ -894,3 +895,76 @@ async def test_a_session_deleted_during_its_backfill_leaves_nothing_behind(redis
         embedder.opened.set()
         await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
         assert await client.exists(*store.session_keys(*session)) == 0
+
+
+class UnavailableFor(RevisedEmbedder):
+    """A RevisedEmbedder that gives no vectors (None, as the inference
+    service's embedder does for a call that failed or timed out) for a call
+    holding any of ``down``'s texts, until ``down`` is emptied."""
+
+    def __init__(self, table: dict[str, np.ndarray], down: set[str]) -> None:
+        super().__init__(table)
+        self.down = down
+
+    async def embed_each_or_none(
+        self, texts: list[str], timeout_s: float | None = None
+    ) -> list[Embedding | None]:
+        if self.down.intersection(texts):
+            return [None] * len(texts)
+        return await super().embed_each_or_none(texts, timeout_s)
+
+
+async def test_a_backfill_stopped_midway_is_finished_by_a_later_read(redis_url: str, monkeypatch) -> None:
+    """A backfill that stopped after some of its chunks (the embedder
+    unavailable for one, as under load; a restart of the replica alike)
+    leaves the rest of the turns without vectors: a later assembly, after
+    the embedder is back, has them embedded. Assemblies tell whether a
+    session lacks vectors by its first live row alone, so a backfill that
+    wrote that row first and then stopped left the others zero for good."""
+    monkeypatch.setattr(servicer_module, "BACKFILL_CHUNK_TURNS", 4)
+    monkeypatch.setattr(servicer_module, "BACKFILL_TURNS_PER_S", 1000.0)
+    # DOOR_TURN is turn 0, SMALL_TALK[i] turn i + 1: turn 5 is in the second chunk.
+    embedder = UnavailableFor({}, set())
+    client = redis.Redis.from_url(redis_url)
+    models = Settings().models
+    index = TurnIndex(client, 600)
+    servicer = ContextServicer(
+        SessionStore(client, 600),
+        models,
+        token_counts.for_models(models),
+        HotCache(0),
+        index,
+        embedder=embedder,
+    )
+    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+    try:
+        created = await servicer.CreateSession(pb.CreateSessionRequest(tenant_id=tenant), None)
+        session = (tenant, created.session.session_id)
+        messages = [common_pb2.Message(role=USER, content=c) for c in (DOOR_TURN, *SMALL_TALK)]
+        await servicer.AppendTurns(
+            pb.AppendTurnsRequest(
+                tenant_id=tenant, session_id=session[1], messages=messages, any_version=True
+            ),
+            NoDeadline(),
+        )
+        embedder.embedder = "fake@2"
+        embedder.down = {SMALL_TALK[4]}
+        await assemble_door_question(servicer, session)
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        embedder.down = set()
+        # The next question, after the conversation went on.
+        appended = common_pb2.Message(role=USER, content="And the windows?")
+        await servicer.AppendTurns(
+            pb.AppendTurnsRequest(
+                tenant_id=tenant, session_id=session[1], messages=[appended], any_version=True
+            ),
+            NoDeadline(),
+        )
+        await assemble_door_question(servicer, session)
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        indexed = await index.read(*session, None)
+        assert indexed.embedder == "fake@2"
+        assert indexed.unit_vectors.any(axis=1).all(), np.flatnonzero(~indexed.unit_vectors.any(axis=1))
+    finally:
+        await servicer.close()
+        await client.aclose()
