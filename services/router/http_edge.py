@@ -850,6 +850,7 @@ class HttpEdge:
                     # Streamed, the last chunk goes in one write with the end.
                     carry_last_text=call.stream,
                     before_saving=saving,
+                    whole=not call.stream,
                 )
                 async with contextlib.aclosing(events):
                     if call.stream:
@@ -918,11 +919,8 @@ class HttpEdge:
             event = await anext(events)
 
     async def _whole(self, call: ChatCall, events, send, completion_id: str) -> None:
-        pieces = []
-        async for event in events:
+        async for event in events:  # whole: no deltas (Pipeline.run)
             match event:
-                case Delta(text=text):
-                    pieces.append(text)
                 case Completion():
                     body = {
                         "id": completion_id,
@@ -932,7 +930,7 @@ class HttpEdge:
                         "choices": [
                             {
                                 "index": 0,
-                                "message": {"role": "assistant", "content": "".join(pieces)},
+                                "message": {"role": "assistant", "content": event.answer.text},
                                 "logprobs": None,
                                 "finish_reason": _finish_reason(event),
                             }

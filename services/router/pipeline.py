@@ -571,12 +571,19 @@ class Pipeline:
         create_session: bool = False,
         carry_last_text: bool = False,
         before_saving: collections.abc.Callable[[str], collections.abc.Awaitable[None]] | None = None,
+        whole: bool = False,
     ) -> collections.abc.AsyncIterator[Event]:
         """The turn's events: deltas, then a Completion or a Failure.
         ``carry_last_text``: the answer's last piece, when known (Delta.last),
         comes on the Completion (``text``) instead of as a delta, for a front
         end that sends the two as one message or write; before a Failure it
         still comes as a delta (the failure counts it delivered).
+        ``whole``: for a front end that sends the answer whole or not at all
+        (a non-streamed HTTP answer): no deltas, the Completion's answer holds
+        the text, and a Failure's caller got none of it, so it says no
+        delivered_* and the turn is billed as one that ended before its first
+        piece (admission.used_tokens): the pieces its front end held are not
+        the caller's.
         ``before_saving(session_id)`` is awaited before a session turn is
         appended (the session created for it, if it was): from then on the
         turn may be stored, so a front end whose transport may
@@ -619,7 +626,12 @@ class Pipeline:
             admitted = self._admitted(turn, grant, answer, facts, started, early, before_saving)
             async with contextlib.aclosing(admitted) as events:
                 async for event in events:
-                    if isinstance(event, Delta):
+                    if whole:
+                        if isinstance(event, Completion):
+                            delivered_bytes = len(event.answer.text.encode())
+                        elif isinstance(event, Delta):
+                            continue  # goes out on the completion, or never
+                    elif isinstance(event, Delta):
                         if held is not None:
                             # Never while generators keep their contract
                             # (Generator); if one does not, no text is lost
@@ -641,6 +653,8 @@ class Pipeline:
                     yield event
         except MeshgateError as error:
             failure = error.reason
+            if whole:
+                error = _undelivered(error)
             counted = error.metadata.get("delivered_tokens")
             delivered_tokens = int(counted) if counted else None
             if held is not None:
@@ -1051,6 +1065,15 @@ def _failure(error: MeshgateError, facts: _TurnFacts) -> Failure:
         error = error.copy()
         error.metadata["session_id"] = created
     return Failure(error, created)
+
+
+def _undelivered(error: MeshgateError) -> MeshgateError:
+    """``error`` as it ends a turn none of whose answer went out (Pipeline.run's
+    ``whole``): without what partly_delivered said went out."""
+    error = error.copy()
+    for name in ("delivered_deltas", "delivered_chars", "delivered_tokens"):
+        error.metadata.pop(name, None)
+    return error
 
 
 def _with_session(turn: Turn, session_id: str) -> Turn:

@@ -23,6 +23,7 @@ from meshgate.config import (
     DeploymentSettings,
     LimitSettings,
     ModelSettings,
+    PriceSettings,
     TenantSettings,
     hash_api_key,
 )
@@ -41,6 +42,7 @@ from services.router import app as router_app
 from tests.integration.conftest import (
     running,
     running_router,
+    serve_tiny_gpt,
     service_settings,
     triton_cancellations,
     until_triton_cancels,
@@ -1274,6 +1276,82 @@ async def test_a_new_session_turn_that_fails_before_it_is_stored_leaves_no_sessi
         assert (failure.status_code, failure.code) == (503, "NO_DEPLOYMENT_AVAILABLE")
         assert "session_id" not in failure.body["metadata"]
     assert kept == [session_store.key(tenant, answered.meshgate["session_id"], "meta").encode()]
+
+
+def _first_tokens(model: str, deployment: str) -> float:
+    """How many turns' first token the router (in this process) has seen
+    come from ``deployment``."""
+    return sum(
+        sample.value
+        for family in metrics.router().time_to_first_token.collect()
+        for sample in family.samples
+        if sample.name.endswith("_count")
+        and (sample.labels["model"], sample.labels["deployment"]) == (model, deployment)
+    )
+
+
+async def test_a_non_streamed_answer_cut_mid_generation_says_and_bills_nothing_delivered(
+    redis_url, inference_address
+):
+    """A bug hunt's finding: a non-streamed turn whose inference stream broke
+    after its first pieces (its deployment's connection dropped) answered a
+    503 whose metadata said delivered_deltas=N, though the caller holds
+    nothing (the edge keeps the pieces for the whole answer), and was billed
+    those pieces as completion tokens (a failure's delivered bytes), beside
+    its prompt; the openai SDK resends a 503, each try billed again. A
+    non-streamed caller receives the answer whole or not at all: like a turn
+    that failed before any output, it says and pays for none."""
+    tenant = f"cut-{uuid.uuid4().hex[:8]}"
+    key = f"key-{tenant}"
+    deployment = f"cut-{uuid.uuid4().hex[:8]}"
+    inference = TcpProxy(int(inference_address.rsplit(":", 1)[1]))
+    settings = service_settings(redis_url, inference_address, KEY)
+    settings.router.tenants = [TenantSettings(id=tenant, api_key_sha256=[hash_api_key(key)])]
+    # The router's generations alone go through the proxy (not the cache's embeddings).
+    serve_tiny_gpt(settings, f"127.0.0.1:{await inference.start()}", name=deployment)
+    settings.models["tiny-gpt"].max_output_tokens = 480
+    settings.router.prices = {
+        "tiny-gpt": PriceSettings(prompt_usd_per_million=1.0, completion_usd_per_million=2.0)
+    }
+    settings.router.http_listen = f"127.0.0.1:{free_port()}"
+    body = {
+        "model": "tiny-gpt",
+        "messages": question(unique("Write a long essay")),
+        "max_tokens": 480,
+        "temperature": 0,
+        "cache_policy": "bypass",
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(inference.close)
+        address = await stack.enter_async_context(running_router(settings))
+        router = router_service_pb2_grpc.RouterServiceStub(
+            await stack.enter_async_context(bounded_channel(address))
+        )
+        http = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=f"http://{settings.router.http_listen}/v1", timeout=60)
+        )
+        asked = asyncio.ensure_future(
+            http.post("/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
+        )
+        # The first pieces reached the pipeline (the edge holds them): the
+        # deployment's connection drops, as a server dying mid-answer.
+        deadline = time.monotonic() + 30
+        while not (_first_tokens("tiny-gpt", deployment) or asked.done()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        await inference.close()
+        response = await asked
+        auth = (("authorization", f"Bearer {key}"),)
+
+        async def recorded():
+            usage = await router.GetUsage(router_pb.GetUsageRequest(), metadata=auth, timeout=10)
+            return next((row for row in usage.rows if row.failures), None)
+
+        row = await eventually(recorded)
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["metadata"]["code"]) == ("DOWNSTREAM_FAILED", "UNAVAILABLE")
+    assert not any(name.startswith("delivered_") for name in error["metadata"]), error
+    assert (row.requests, row.prompt_tokens, row.completion_tokens, row.cost_nano_usd) == (1, 0, 0, 0)
 
 
 def _turns(outcome: str) -> float:

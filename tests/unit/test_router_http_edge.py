@@ -39,14 +39,16 @@ class ScriptedPipeline:
     def __init__(self, events) -> None:
         self._events = events
         self.carry_last_text: bool | None = None
+        self.whole: bool | None = None
         # Whether the edge read the turn to its end (closed at its
         # completion instead, the pipeline records the turn cancelled).
         self.read_to_the_end = False
 
     async def run(
-        self, request, tenant, session_id, budget, create_session=False, carry_last_text=False, **_
+        self, request, tenant, session_id, budget, create_session=False, carry_last_text=False, **rest
     ):
         self.carry_last_text = carry_last_text
+        self.whole = rest.get("whole", False)
         for event in self._events:
             yield event
         self.read_to_the_end = True
@@ -60,7 +62,9 @@ class SavingPipeline(ScriptedPipeline):
         self, request, tenant, session_id, budget, create_session=False, carry_last_text=False, **rest
     ):
         await rest["before_saving"](session_id)
-        async for event in super().run(request, tenant, session_id, budget, create_session, carry_last_text):
+        async for event in super().run(
+            request, tenant, session_id, budget, create_session, carry_last_text, **rest
+        ):
             yield event
 
 
@@ -91,6 +95,8 @@ async def streamed(events, stream: bool = True, pipeline_class=ScriptedPipeline)
     await asyncio.wait_for(edge(scope, receive, send), 5)
     # A streamed answer's last piece may come on the completion (one write).
     assert pipeline.carry_last_text is stream
+    # A non-streamed answer goes out whole or not at all.
+    assert pipeline.whole is not stream
     completed = any(isinstance(event, Completion) for event in events)
     assert pipeline.read_to_the_end == completed
     return sent
@@ -123,7 +129,7 @@ async def test_the_last_chunk_goes_in_one_write_with_the_streams_end():
 async def test_a_whole_answer_reads_the_turn_to_its_end():
     answer = Answer(text="Hello", completion_tokens=2, finish_reason="stop")
     completion = Completion(answer, CacheStatus.MISS, 0.0, "", 0, "")
-    sent = await streamed([Delta("Hel"), Delta("lo"), completion], stream=False)
+    sent = await streamed([completion], stream=False)
     body = json.loads(b"".join(message.get("body", b"") for message in sent))
     assert body["choices"][0]["message"]["content"] == "Hello"
 

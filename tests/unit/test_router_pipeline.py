@@ -556,6 +556,23 @@ async def test_a_failed_save_after_the_answer_says_how_much_was_delivered():
     assert failure.error.metadata["delivered_chars"] == str(len("Hello there"))
 
 
+async def test_an_answer_sent_whole_goes_out_on_its_completion_and_a_failure_delivered_none():
+    """A front end that sends the answer whole or not at all (a non-streamed
+    HTTP answer): no deltas; a turn that fails holds nothing its caller got,
+    so its failure names none delivered and it is settled with none."""
+    admission = RecordingAdmission()
+    contexts = FakeContexts()
+    turns, _ = pipeline(contexts=contexts, admission=admission)
+    [completion] = await events_of(turns.run(request(), TENANT, "", Budget(), whole=True))
+    assert isinstance(completion, Completion) and completion.answer.text == "Hello there"
+    contexts.append_error = unavailable(Reason.REDIS_UNAVAILABLE, "down")
+    [failure] = await events_of(turns.run(request(), TENANT, "s1", Budget(), whole=True))
+    assert isinstance(failure, Failure) and failure.error.reason == Reason.REDIS_UNAVAILABLE
+    assert not [name for name in failure.error.metadata if name.startswith("delivered_")]
+    [(_, answered), (_, failed)] = admission.settled
+    assert (answered.delivered_bytes, failed.delivered_bytes) == (len("Hello there"), 0)
+
+
 async def test_a_generation_failing_midway_ends_in_a_failure_not_a_short_answer():
     turns, parts = pipeline(generator=FakeGenerator(fail_after=2))
     events = await events_of(turns.run(request(), TENANT, "", Budget()))
