@@ -117,11 +117,24 @@ class Answer:
     # stores with this one, not its own: it read its own after the
     # generation began, maybe after an Invalidate that the answer predates.
     store_fence: str | None = None
+    # Its Stores, under way or done (Pipeline._store): the callers sharing
+    # one generation adopt its answer's list, so each entry is written once.
+    stores: list[_Store] = dataclasses.field(default_factory=list, compare=False, repr=False)
 
     def adopt(self, other: Answer) -> None:
         """Becomes ``other``, in place: the turn's outcome holds this object."""
         for field in dataclasses.fields(self):
             setattr(self, field.name, getattr(other, field.name))
+
+
+@dataclasses.dataclass
+class _Store:
+    """One Store of a generated answer under ``messages``, and how many
+    callers sharing the answer wait for it."""
+
+    messages: Any
+    task: asyncio.Task
+    waiting: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -866,9 +879,7 @@ class Pipeline:
         saving = []
         if plan.writes and hit is None and answer.text:
             # A session turn's entry is keyed on the whole prompt it answered.
-            saving.append(
-                self._cache.store(plan, turn.messages if stateless else prompt, answer, turn.budget)
-            )
+            saving.append(self._store(plan, turn.messages if stateless else prompt, answer, turn.budget))
         if not stateless:
             facts.saving = True
             if before_saving is not None:
@@ -935,6 +946,31 @@ class Pipeline:
         else:
             turn = self._as_selected(turn, selected_model, None)
         return await self._cache.report_wrong(turn.cache, turn.messages, entry_id, budget)
+
+    async def _store(self, plan: CachePlan, messages, answer: Answer, budget: Budget) -> None:
+        """Stores ``answer`` under ``messages`` once, however many callers
+        share its generation (coalescing.py): each would write the same
+        entry again, a Redis write, a notice to every router's hot tier and
+        a charge to the tenant's quota each. They share its Stores
+        (Answer.stores), one per entry: the plan's scope is in the
+        coalescing key, but not the messages an entry is keyed on (a
+        stateless turn's as sent, which one assembled prompt may come from
+        in more than one order). Each waits for its entry's, so its
+        completion still finds the entry stored. The Store is no caller's, as the generation is not: a
+        caller going away leaves it to the others, the last one cancels it,
+        and a caller arriving after that stores afresh."""
+        store = next((s for s in answer.stores if s.messages == messages and not s.task.cancelled()), None)
+        if store is None:
+            store = _Store(messages, asyncio.ensure_future(self._cache.store(plan, messages, answer, budget)))
+            answer.stores.append(store)
+        store.waiting += 1
+        try:
+            await asyncio.shield(store.task)
+        finally:
+            store.waiting -= 1
+            if not store.waiting and not store.task.done():
+                store.task.cancel()
+                await asyncio.wait({store.task})
 
     async def _exact_hit(self, plan: CachePlan, messages, budget: Budget) -> Hit | None:
         """The exact lookup, before the turn generates. A turn that stores

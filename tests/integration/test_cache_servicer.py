@@ -1748,8 +1748,9 @@ async def test_reports_of_an_entry_already_deleted_are_held_to_the_tenants_quota
 async def test_stores_of_one_entry_are_charged_as_the_one_entry_they_leave(
     redis_client, embedder, tenant, question
 ):
-    """The router's callers sharing one generation (coalescing) each Store
-    its answer under the same entry, and a refresh stores over one: each
+    """Identical turns answered at once by routers that each generated
+    (and so each Store) under the same entry, and a refresh, store over
+    one: each
     Store was charged to cache.max_bytes_per_tenant in full, though the
     entry replaced no longer held its bytes (8 such Stores counted 8
     entries against the tenant's bound). What the replaced version was

@@ -11,6 +11,8 @@ import grpc
 import pytest
 import tritonclient.grpc.aio as triton_grpc
 
+from meshgate.cache.v1 import cache_service_pb2 as cache_pb
+from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
 from meshgate.config import (
     TemplateMessageSettings,
@@ -23,7 +25,7 @@ from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router import coalescing
 from tests.integration.conftest import running_router, service_settings
-from tests.mesh import bounded_channel
+from tests.mesh import bounded_channel, router_channel
 
 # Serial (make test runs it alone): a caller's deadline is a third of a solo answer.
 pytestmark = [pytest.mark.integration, pytest.mark.serial]
@@ -37,7 +39,9 @@ CALLERS = 4
 
 
 @pytest.fixture(scope="module")
-async def router(redis_url, inference_address):
+async def services(redis_url, inference_address):
+    """A stub of the router's public port, and one of its cache service
+    (with the router's tokens), whose stats count the Stores."""
     settings = service_settings(redis_url, inference_address, KEY)
     settings.router.templates = [
         TemplateSettings(
@@ -54,7 +58,28 @@ async def router(redis_url, inference_address):
     async with contextlib.AsyncExitStack() as stack:
         address = await stack.enter_async_context(running_router(settings))
         channel = await stack.enter_async_context(bounded_channel(address))
-        yield router_service_pb2_grpc.RouterServiceStub(channel)
+        cache = router_channel(settings.router.cache_address, "cache")
+        cache_channel = await stack.enter_async_context(cache)
+        yield (
+            router_service_pb2_grpc.RouterServiceStub(channel),
+            cache_service_pb2_grpc.CacheServiceStub(cache_channel),
+        )
+
+
+@pytest.fixture(scope="module")
+def router(services):
+    return services[0]
+
+
+@pytest.fixture(scope="module")
+def cache_stores(services):
+    """Reads how many Stores the cache service has written."""
+    cache = services[1]
+
+    async def count() -> int:
+        return (await cache.GetStats(cache_pb.GetStatsRequest())).stores
+
+    return count
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +172,40 @@ async def test_identical_concurrent_greedy_requests_cost_one_generation_at_trito
         # Each caller's completion carries (and is billed) the whole usage.
         assert caller.completion.usage == reference.completion.usage
         assert caller.completion.finish_reason == reference.completion.finish_reason
+
+
+async def test_callers_sharing_a_generation_store_its_answer_once(router, triton_generations, cache_stores):
+    """Each caller stored the shared answer under the one entry: as many
+    Stores (Redis writes, notices to every router's hot tier, quota
+    charges) as callers, for one generation."""
+    request = ask("Why is the sea salty? Answer at length.", temperature=0.0)
+    request.cache_policy = pb.CACHE_POLICY_USE
+    generations, stores = await triton_generations(), await cache_stores()
+    callers = [Caller(router, request) for _ in range(CALLERS)]
+    await asyncio.wait_for(asyncio.gather(*(caller.task for caller in callers)), 120)
+    assert await settled(triton_generations, generations + 1) == generations + 1
+    # Every caller's completion waited for the Store: it is done.
+    assert await cache_stores() == stores + 1
+    assert {caller.completion.cache_status for caller in callers} == {pb.CACHE_STATUS_MISS}
+    # And it holds the shared answer.
+    text, completion = await answer(router, request)
+    assert completion.cache_status == pb.CACHE_STATUS_EXACT_HIT and text == callers[0].text
+
+
+async def test_the_answer_is_stored_once_when_the_caller_that_began_it_leaves(router, cache_stores):
+    request = ask("Tell me about the history of coffee, please.", temperature=0.0)
+    request.cache_policy = pb.CACHE_POLICY_USE
+    stores = await cache_stores()
+    first = Caller(router, request)
+    await asyncio.wait_for(first.first_delta.wait(), 60)
+    late = [Caller(router, request) for _ in range(2)]
+    await asyncio.wait_for(asyncio.gather(*(caller.first_delta.wait() for caller in late)), 60)
+    await first.cancel()
+    await asyncio.wait_for(asyncio.gather(*(caller.task for caller in late)), 120)
+    assert late[0].completion.usage.completion_tokens >= 50, "tiny-gpt stopped early; pick another prompt"
+    assert await cache_stores() == stores + 1
+    text, completion = await answer(router, request)
+    assert completion.cache_status == pb.CACHE_STATUS_EXACT_HIT and text == late[0].text
 
 
 async def test_sampled_requests_each_generate(router, triton_generations):

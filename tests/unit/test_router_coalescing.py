@@ -364,8 +364,8 @@ class FencingCache(FakeCache):
 
 async def test_a_turn_joining_a_generation_begun_before_an_invalidate_stores_with_the_fence_read_before_it():
     """The joiner's own lookup came after the Invalidate: its fence held, so
-    its Store kept the answer generated before it, which the starter's was
-    refused for."""
+    a Store with it would keep the answer generated before it. The one
+    Store of the shared answer carries the starter's."""
     generator = GatedGenerator()
     cache = FencingCache()
     turns = Pipeline(RouterSettings(), MODELS, FakeContexts(), cache, generator)
@@ -379,7 +379,7 @@ async def test_a_turn_joining_a_generation_begun_before_an_invalidate_stores_wit
     await settle_all(starter, joiner)
     assert generator.calls == 1
     assert isinstance(starter.events[-1], Completion) and isinstance(joiner.events[-1], Completion)
-    assert cache.stored_fences == ["fence 0", "fence 0"]
+    assert cache.stored_fences == ["fence 0"]
 
 
 async def test_a_joiner_of_a_generation_whose_starter_left_stores_with_the_starters_fence():
@@ -400,13 +400,11 @@ async def test_a_joiner_of_a_generation_whose_starter_left_stores_with_the_start
 
 
 @pytest.mark.parametrize(
-    ("starter_policy", "fence_fails", "stores"),
-    [(pb.CACHE_POLICY_BYPASS, False, 1), (pb.CACHE_POLICY_REFRESH, True, 2)],
+    ("starter_policy", "fence_fails"),
+    [(pb.CACHE_POLICY_BYPASS, False), (pb.CACHE_POLICY_REFRESH, True)],
     ids=["bypassing starter", "starter whose fence read failed"],
 )
-async def test_a_joiner_of_a_generation_begun_without_a_fence_does_not_store(
-    starter_policy, fence_fails, stores
-):
+async def test_a_joiner_of_a_generation_begun_without_a_fence_does_not_store(starter_policy, fence_fails):
     """Nothing read before the generation began would refuse its answer's
     Store after an Invalidate: the joiner's Store carries no fence, as its
     starter's does (CacheService.store then sends nothing)."""
@@ -423,7 +421,86 @@ async def test_a_joiner_of_a_generation_begun_without_a_fence_does_not_store(
     generator.open()
     await settle_all(starter, joiner)
     assert generator.calls == 1 and joiner.text == "".join(PIECES)
-    assert cache.stored_fences == [None] * stores
+    assert cache.stored_fences == [None]
+
+
+class GatedStoreCache(FakeCache):
+    """Holds every Store until ``release`` is set; counts the Stores begun
+    and those cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.begun = self.cancelled = 0
+        self.storing = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def store(self, plan, messages, answer, budget) -> None:
+        self.begun += 1
+        self.storing.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        await super().store(plan, messages, answer, budget)
+
+
+async def storing(cache: GatedStoreCache, *callers: Caller) -> None:
+    """Until a Store began and every caller reached its own (a few loop
+    turns: nothing else is under way)."""
+    await asyncio.wait_for(cache.storing.wait(), 5)
+    await asyncio.sleep(0.05)
+    assert not any(isinstance(caller.events[-1], Completion) for caller in callers)
+
+
+async def test_callers_sharing_a_generation_store_its_answer_once_and_complete_after_it():
+    """Each caller would write the same entry: a Redis write, a notice to
+    every router's hot tier and a quota charge each. Each completion still
+    waits for it, so a follow-up finds the entry."""
+    generator = GatedGenerator()
+    cache = GatedStoreCache()
+    turns = Pipeline(RouterSettings(), MODELS, FakeContexts(), cache, generator)
+    callers = [Caller(turns, chat(policy=pb.CACHE_POLICY_USE)) for _ in range(3)]
+    generator.open(1)
+    await asyncio.gather(*(caller.until_pieces(1) for caller in callers))
+    generator.open()
+    await storing(cache, *callers)
+    assert cache.begun == 1
+    cache.release.set()
+    await settle_all(*callers)
+    assert all(isinstance(caller.events[-1], Completion) for caller in callers)
+    assert cache.stored == [(["What is the answer?"], "".join(PIECES))]
+
+
+async def test_the_shared_store_goes_on_when_the_caller_that_began_it_leaves():
+    generator = GatedGenerator()
+    cache = GatedStoreCache()
+    turns = Pipeline(RouterSettings(), MODELS, FakeContexts(), cache, generator)
+    # The starter reads the end first, and so begins the Store.
+    starter = Caller(turns, chat(policy=pb.CACHE_POLICY_USE))
+    generator.open(1)
+    await starter.until_pieces(1)
+    joiner = Caller(turns, chat(policy=pb.CACHE_POLICY_USE))
+    await joiner.until_pieces(1)
+    generator.open()
+    await storing(cache, starter, joiner)
+    await starter.cancel()
+    cache.release.set()
+    await settle_all(joiner)
+    assert isinstance(joiner.events[-1], Completion)
+    assert (cache.begun, cache.cancelled) == (1, 0)
+    assert cache.stored == [(["What is the answer?"], "".join(PIECES))]
+
+
+async def test_the_last_caller_leaving_cancels_the_store():
+    generator = GatedGenerator()
+    cache = GatedStoreCache()
+    turns = Pipeline(RouterSettings(), MODELS, FakeContexts(), cache, generator)
+    caller = Caller(turns, chat(policy=pb.CACHE_POLICY_USE))
+    generator.open()
+    await storing(cache, caller)
+    await caller.cancel()
+    assert (cache.begun, cache.cancelled) == (1, 1) and cache.stored == []
 
 
 # --- what is never shared ------------------------------------------------------
