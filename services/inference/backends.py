@@ -12,7 +12,7 @@ import grpc
 import structlog
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from meshgate import balancing, serving
+from meshgate import balancing, serving, watching
 from meshgate.errors import unavailable
 from meshgate.reasons import Reason
 from services.inference import triton_protocol
@@ -316,6 +316,10 @@ class TritonBackend:
         self.statistics: dict[str, TritonStatistics] = {}
         # Mean queue time per request over the last probe interval, per model.
         self._recent_queue_ms: dict[str, float] = {}
+
+    def __str__(self) -> str:
+        # How logs name it (meshgate/watching.py).
+        return self.address
 
     def _open_stream(self):
         # No request iterator: requests go by write(), one after another.
@@ -650,22 +654,13 @@ class BackendPool:
         # Two servers' probes that end together must not interleave what
         # after_probe sets (the serving status of each health service name).
         one_at_a_time = asyncio.Lock()
-        async with asyncio.TaskGroup() as watchers:
-            for backend in self.backends:
-                watchers.create_task(self._watch(backend, interval_s, after_probe, one_at_a_time))
 
-    async def _watch(
-        self, backend: TritonBackend, interval_s: float, after_probe, lock: asyncio.Lock
-    ) -> None:
-        while True:
-            try:
-                await backend.probe(self._models)
-                async with lock:
-                    await after_probe()
-            except Exception:
-                # A watcher that died would freeze the server's readiness as it last was.
-                log.exception("backend probe failed", backend=backend.address)
-            await asyncio.sleep(interval_s)
+        async def probe(backend: TritonBackend) -> None:
+            await backend.probe(self._models)
+            async with one_at_a_time:
+                await after_probe()
+
+        await watching.watch_each(lambda: self.backends, probe, interval_s)
 
     async def close(self) -> None:
         await asyncio.gather(*(b.close() for b in self.backends))

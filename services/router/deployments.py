@@ -9,7 +9,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshgate import balancing, mesh_auth, serving
+from meshgate import balancing, mesh_auth, serving, watching
 from meshgate.config import DeploymentSettings, ModelSettings
 from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 
@@ -20,7 +20,7 @@ log = structlog.get_logger(__name__)
 # models' 32 tokens.
 PREFIX_BLOCK_CHARS = 128
 
-# The health checks of an inference service (probe_all): each bounded by
+# The health checks of an inference service (DeploymentTable.watch): each bounded by
 # PROBE_TIMEOUT_S (a live service answers one in a millisecond or two, from
 # its event loop), and PROBES_TO_MARK_DOWN failed in a row take its
 # deployments out of rotation, as the inference service does with a Triton
@@ -262,14 +262,14 @@ class DeploymentTable:
             return list(deployments)
         return balancing.order(strategy, deployments, request or balancing.RouteRequest())
 
-    async def probe_all(self) -> None:
-        """Health-checks every inference service a deployment is routed to,
-        all at once (a silent one must not delay the others' checks), and
-        takes deployments out of rotation or back in (_Address)."""
-        routed = {d.address for deployments in self._by_alias.values() for d in deployments}
-        await asyncio.gather(*(self._probe(address) for address in routed))
+    def routed_addresses(self) -> set[str]:
+        """The inference services a deployment is routed to: those whose
+        health is checked."""
+        return {d.address for deployments in self._by_alias.values() for d in deployments}
 
-    async def _probe(self, address: str) -> None:
+    async def probe(self, address: str) -> None:
+        """One health check of the inference service at ``address``; takes
+        its deployments out of rotation or back in (_Address)."""
         state = self._addresses[address]
         try:
             answer = await state.health.Check(
@@ -307,14 +307,12 @@ class DeploymentTable:
             log.warning("calls ended on a deployment that answers nothing", address=address, calls=ended)
 
     async def watch(self, interval_s: float) -> None:
-        """probe_all() every ``interval_s`` until cancelled."""
-        while True:
-            try:
-                await self.probe_all()
-            except Exception:
-                # A watcher that died would leave every deployment as it last was.
-                log.exception("deployment health checks failed")
-            await asyncio.sleep(interval_s)
+        """Checks each routed inference service on a schedule of its own
+        until cancelled: a silent one must not delay the others' checks
+        (meshgate/watching.py). In one round of all of them, a service that
+        answered nothing held every round PROBE_TIMEOUT_S, and a healthy
+        one's deployments left rotation or came back that much later."""
+        await watching.watch_each(self.routed_addresses, self.probe, interval_s)
 
     async def close(self) -> None:
         for channel in (*self._channels.values(), *self._stream_channels.values()):

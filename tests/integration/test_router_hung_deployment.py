@@ -24,23 +24,28 @@ import time
 import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshgate import serving
 from meshgate.common.v1 import common_pb2
 from meshgate.config import DeploymentSettings, ModelSettings, Settings
+from meshgate.inference.v1 import inference_service_pb2
 from meshgate.local import children
 from meshgate.local.stack import REPO_ROOT, free_port
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
+from meshgate.tasks import cancel_and_wait
 from services.inference import app as inference_app
-from services.router.deployments import PROBE_TIMEOUT_S, PROBES_TO_MARK_DOWN
+from services.router.deployments import PROBE_TIMEOUT_S, PROBES_TO_MARK_DOWN, DeploymentTable
 from tests.integration.conftest import running_router, service_settings, wait_until_serving
 from tests.mesh import bounded_channel, certs_dir, mesh_settings
+from tests.tcp_proxy import TcpProxy
 
 # Serial (make test runs it alone): bounds how soon a stopped deployment leaves rotation.
 pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 API_KEY = "hung-deployment-key"
+INFERENCE_SERVICE = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 HEALTH_INTERVAL_S = 0.5
 # Where the checks take a silent deployment out: PROBES_TO_MARK_DOWN rounds,
 # each a check's timeout and the interval (7.5 s), and room for a loaded
@@ -184,6 +189,69 @@ async def test_a_stopped_deployment_leaves_rotation_and_its_waiting_turn_moves_o
     # Out of rotation: no later turn waits on it.
     assert [who for who, _ in after] == ["steady"] * len(after)
     assert max(s for _, s in after) < PROBE_TIMEOUT_S, after
+
+
+async def test_a_silent_deployment_does_not_delay_the_checks_of_the_other() -> None:
+    """Each inference service is checked on a schedule of its own: while one
+    answers nothing (a link holding its replies, so every check of it waits
+    PROBE_TIMEOUT_S), the other's deployment leaves rotation and comes back
+    as soon as its own checks say so, not a stalled round later each time.
+    Real gRPC health services; the router's own table and watcher."""
+    interval_s = 0.1
+    healths, servers, ports = [], [], []
+    for _ in range(2):
+        healths.append(health.aio.HealthServicer())
+        servers.append(grpc.aio.server())
+        health_pb2_grpc.add_HealthServicer_to_server(healths[-1], servers[-1])
+        ports.append(servers[-1].add_insecure_port("127.0.0.1:0"))
+        await servers[-1].start()
+    answering, _ = healths
+    for each in healths:
+        await each.set(INFERENCE_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    link = TcpProxy(ports[1])
+    silent_port = await link.start()
+    link.hold()
+    table = DeploymentTable(
+        {
+            "tiny-gpt": ModelSettings(
+                deployments=[
+                    DeploymentSettings(name="answering", address=f"127.0.0.1:{ports[0]}", model="tiny-gpt"),
+                    DeploymentSettings(name="silent", address=f"127.0.0.1:{silent_port}", model="tiny-gpt"),
+                ],
+            )
+        }
+    )
+    (deployment,) = [d for d in table.candidates("tiny-gpt") if d.name == "answering"]
+    watcher = asyncio.create_task(table.watch(interval_s))
+    try:
+        # The silent service's checks are under way and waiting.
+        await asyncio.sleep(interval_s)
+        await answering.set(INFERENCE_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        left_s = await seconds_until(lambda: not deployment.health.admits)
+        await answering.set(INFERENCE_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        back_s = await seconds_until(lambda: deployment.health.admits)
+    finally:
+        await cancel_and_wait(watcher)
+        await table.close()
+        await link.close()
+        for server in servers:
+            await server.stop(None)
+
+    print(f"out of rotation {left_s:.2f} s after NOT_SERVING, back {back_s:.2f} s after SERVING")
+    # PROBES_TO_MARK_DOWN checks of the answering service alone: each takes
+    # milliseconds and the interval. Rounds that waited for the silent one
+    # took PROBE_TIMEOUT_S each: 3 x 2.1 s.
+    assert left_s < PROBES_TO_MARK_DOWN * interval_s + PROBE_TIMEOUT_S
+    assert back_s < PROBE_TIMEOUT_S
+
+
+async def seconds_until(condition, limit_s: float = 30) -> float:
+    """How long until ``condition()`` holds, polled."""
+    started = time.monotonic()
+    async with asyncio.timeout(limit_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+    return time.monotonic() - started
 
 
 async def _serve_inference(triton_url: str, certs: str, address_file: str) -> None:

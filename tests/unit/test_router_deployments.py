@@ -544,6 +544,12 @@ def checked(table: DeploymentTable, deployment, answer) -> ScriptedHealth:
     return health
 
 
+async def check_all(table: DeploymentTable) -> None:
+    """One health check of each routed inference service, as their
+    schedules (DeploymentTable.watch) make in turn."""
+    await asyncio.gather(*(table.probe(address) for address in table.routed_addresses()))
+
+
 async def until(condition, timeout_s: float = 5.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not condition():
@@ -568,10 +574,10 @@ async def test_a_deployment_whose_checks_get_no_answer_leaves_rotation_and_its_w
         turn = asyncio.create_task(generated(table, answer))
         await until(lambda: stuck.request is not None and len(a.calls) == 1)
         for _ in range(PROBES_TO_MARK_DOWN - 1):
-            await table.probe_all()
+            await check_all(table)
         # A check or two unanswered (a loaded service): nothing happens yet.
         assert a.health.admits and not turn.done()
-        await table.probe_all()
+        await check_all(table)
         assert await asyncio.wait_for(turn, 5) == "Hello world"
         assert answer.deployment == "b"
         assert a.health.state is BreakerState.OPEN and not a.health.admits
@@ -603,7 +609,7 @@ async def test_a_stream_on_a_deployment_gone_silent_ends_unavailable_not_as_a_sh
         turn = asyncio.create_task(consume())
         await until(lambda: len(pieces) == 2)
         for _ in range(PROBES_TO_MARK_DOWN):
-            await table.probe_all()
+            await check_all(table)
         with pytest.raises(MeshgateError) as raised:
             await asyncio.wait_for(turn, 5)
     finally:
@@ -631,7 +637,7 @@ async def test_a_deployment_saying_not_serving_leaves_rotation_but_its_calls_run
         turn = asyncio.create_task(generated(table, Answer()))
         await until(lambda: len(a.calls) == 1)
         for _ in range(2 * PROBES_TO_MARK_DOWN):
-            await table.probe_all()
+            await check_all(table)
         assert not a.health.admits
         assert not stuck.done() and not turn.done()
         turn.cancel()
@@ -649,14 +655,14 @@ async def test_a_deployment_answering_again_is_half_open_and_closes_on_its_first
     checked(table, b, "SERVING")
     try:
         for _ in range(PROBES_TO_MARK_DOWN):
-            await table.probe_all()
+            await check_all(table)
         assert a.health.state is BreakerState.OPEN
         # Reconfigured while down: its deployments stay out, new ones included.
         table.reconfigure({"m": model("least_outstanding", "a", "b"), "n": model("weighted", "a")})
         (a_of_n,) = table.candidates("n")
         assert not a_of_n.health.admits
         health.answer = "SERVING"
-        await table.probe_all()
+        await check_all(table)
         assert a.health.state is BreakerState.HALF_OPEN and a.health.admits and a_of_n.health.admits
         b.in_flight = 5
         a.stream_stub = ScriptedGenerate(hello_world())

@@ -23,7 +23,7 @@ from services.router.auth import Tenant
 from services.router.deployments import PROBES_TO_MARK_DOWN, DeploymentTable, OpenCalls
 from services.router.embeddings import Embeddings
 from tests.unit.test_router_context_restart import unavailable as unavailable_rpc
-from tests.unit.test_router_deployments import checked, until
+from tests.unit.test_router_deployments import check_all, checked, until
 
 
 class Admission:
@@ -262,7 +262,7 @@ async def test_an_inference_service_out_of_rotation_is_asked_last():
     embeddings, _, _ = core(table)
     try:
         for _ in range(PROBES_TO_MARK_DOWN):
-            await table.probe_all()
+            await check_all(table)
         answer = await asyncio.wait_for(embeddings.embed(TENANT, "minilm", ["a cat"]), 5)
     finally:
         await table.close()
@@ -283,7 +283,7 @@ async def test_an_embed_on_an_inference_service_gone_silent_is_ended_and_moves_o
         request = asyncio.create_task(embeddings.embed(TENANT, "minilm", ["a cat"]))
         await until(lambda: silent.requests)
         for _ in range(PROBES_TO_MARK_DOWN):
-            await table.probe_all()
+            await check_all(table)
         answer = await asyncio.wait_for(request, 5)
     finally:
         await table.close()
