@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import threading
 import typing
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 
 import grpc
 import numpy as np
@@ -78,12 +78,14 @@ class VectorMemo(typing.Generic[V]):
     A remembered text answers faster, which tells whoever asks that someone
     asked it lately. ``scope`` (length-prefixed like the model) keeps callers
     apart where that must not leak: the cache scopes its memo per tenant.
+    A user may keep a key() under more than one name (a tuple holding it):
+    the inference service keeps one per revision of the model.
     """
 
     def __init__(self, model: str, max_entries: int) -> None:
         self._prefix = len(model.encode()).to_bytes(4, "little") + model.encode()
         self._max_entries = max_entries
-        self._vectors: collections.OrderedDict[bytes, V] = collections.OrderedDict()
+        self._vectors: collections.OrderedDict[Hashable, V] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._vectors)
@@ -99,16 +101,13 @@ class VectorMemo(typing.Generic[V]):
         digest.update(text.encode())
         return digest.digest()
 
-    def clear(self) -> None:
-        self._vectors.clear()
-
-    def get(self, key: bytes) -> V | None:
+    def get(self, key: Hashable) -> V | None:
         vector = self._vectors.get(key)
         if vector is not None:
             self._vectors.move_to_end(key)
         return vector
 
-    def put(self, key: bytes, vector: V) -> None:
+    def put(self, key: Hashable, vector: V) -> None:
         if self._max_entries <= 0:
             return
         self._vectors[key] = vector

@@ -33,6 +33,9 @@ _MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 # handler is cancelled and what is still held never goes out. Enough for an
 # event-loop turn on a busy process and the write to the caller.
 _HOLD_DEADLINE_MARGIN_S = 0.010
+# A change of the embedding model's revision is logged at most once per
+# change (from one revision to another) and this many seconds.
+_REVISION_WARNING_INTERVAL_S = 60.0
 
 
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
@@ -42,15 +45,20 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self._truncator = EmbeddingTruncator(
             tokenization.load(settings.embedding_tokenizer), settings.embedding_max_tokens
         )
-        # The revision Triton's embedding model answered with last: vectors
-        # remembered from another are forgotten when it changes.
+        # The revision Triton's embedding model answered with last: the
+        # remembered vectors an Embed is answered from are that revision's.
+        # Each revision's are kept: while servers of two serve side by side
+        # (an upgrade under way), the last answer flips between them, and
+        # forgetting all on each flip left the memo near empty.
         self._embedding_revision: str | None = None
+        self._revision_changes = telemetry.ThrottledLog(log, _REVISION_WARNING_INTERVAL_S)
         self._embeddings: SharedEmbeddings[tuple[str, bytes]] = SharedEmbeddings(
             self._embed_texts,
             settings.embedding_memo_entries,
             settings.embedding_triton_model,
             batch_size=EMBED_BATCH,
             timeout_s=settings.embed_timeout_s,
+            revision_of=lambda embedded: embedded[0],
         )
         # One strategy per served model, so each keeps its own prefix index.
         self._strategies = {
@@ -229,7 +237,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         try:
             async with asyncio.timeout(remaining):
                 # Texts in flight or embedded lately are not sent again (shared_embeddings.py).
-                embedded = await self._embeddings.vectors(request.texts)
+                embedded = await self._embeddings.vectors(request.texts, self._embedding_revision or "")
                 input_tokens = await self._input_tokens(request) if request.count_tokens else 0
         except TimeoutError:
             raise _embed_deadline_passed() from None
@@ -312,14 +320,15 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             )
         if revision != self._embedding_revision:
             if self._embedding_revision is not None:
-                log.warning(
+                # Once per change of revisions and interval: servers of two
+                # revisions side by side change it at every other answer.
+                self._revision_changes.warning(
                     "embedding model revision changed",
+                    per=(self._embedding_revision, revision),
                     model=model,
                     revision=revision,
                     previous=self._embedding_revision,
                 )
-            # What is remembered is another revision's, never to be mixed in.
-            self._embeddings.forget()
             self._embedding_revision = revision
         size = int(shape[1]) * 4
         return [(revision, raw[i * size : (i + 1) * size]) for i in range(len(texts))]

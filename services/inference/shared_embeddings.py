@@ -13,9 +13,11 @@ them all. Here:
   request is sent once;
 - a bounded LRU keeps recent vectors (``meshgate.embedding.VectorMemo``,
   ``inference.embedding_memo_entries``; 0 keeps none, in-flight texts are
-  still shared). Nothing is stale while the model's revision stays: the
-  servicer forgets them all (:meth:`SharedEmbeddings.forget`) when Triton
-  answers with another.
+  still shared). Each vector is kept under the revision of the model that
+  made it (``revision_of``), and a caller asks for those of one revision
+  (the servicer: the one Triton answered with last): while servers of two
+  revisions serve side by side, each revision's vectors stay, and none is
+  answered for another's.
 
 A shared call belongs to no caller (``meshgate.single_flight``): a caller
 that leaves (cancelled, its deadline passed) does not end it for the
@@ -86,10 +88,13 @@ class SharedEmbeddings(typing.Generic[V]):
         *,
         batch_size: int = EMBED_BATCH,
         timeout_s: float | None = None,
+        revision_of: collections.abc.Callable[[V], str] = lambda vector: "",
     ) -> None:
         self._fetch = fetch
+        self._revision_of = revision_of
         self._batch_size = batch_size
         self._timeout_s = timeout_s
+        # Keyed by the revision that made a vector and the text's key.
         self._memo: VectorMemo[V] = VectorMemo(model, max_entries)
         # Each text in flight, and the fetch that will answer it (with every
         # text of its chunk); cancelled when the last caller waiting leaves.
@@ -104,12 +109,9 @@ class SharedEmbeddings(typing.Generic[V]):
     def __len__(self) -> int:
         return len(self._memo)
 
-    def forget(self) -> None:
-        """Drops every vector remembered: the model now embeds otherwise."""
-        self._memo.clear()
-
-    async def vectors(self, texts: collections.abc.Sequence[str]) -> list[V]:
-        """Each text's vector, in order."""
+    async def vectors(self, texts: collections.abc.Sequence[str], revision: str = "") -> list[V]:
+        """Each text's vector, in order: remembered where ``revision`` made
+        it, else in flight, else fetched (whichever revision answers)."""
         keys = [self._memo.key(text) for text in texts]
         found: dict[bytes, V] = {}
         joined: dict[bytes, Flight[dict[bytes, V]]] = {}
@@ -117,7 +119,7 @@ class SharedEmbeddings(typing.Generic[V]):
         for key, text in zip(keys, texts):
             if key in found or key in joined or key in missing:
                 self._shared.inc()
-            elif (vector := self._memo.get(key)) is not None:
+            elif (vector := self._memo.get((revision, key))) is not None:
                 found[key] = vector
                 self._from_memo.inc()
             elif (flight := self._in_flight.flight(key)) is not None:
@@ -153,5 +155,5 @@ class SharedEmbeddings(typing.Generic[V]):
             raise MeshgateError(grpc.StatusCode.INTERNAL, Reason.BAD_EMBEDDING, message)
         by_key = dict(zip(texts, vectors))
         for key, vector in by_key.items():
-            self._memo.put(key, vector)
+            self._memo.put((self._revision_of(vector), key), vector)
         return by_key

@@ -9,6 +9,7 @@ import itertools
 import grpc
 import numpy as np
 import pytest
+import structlog.testing
 from tritonclient.grpc import service_pb2
 
 from meshgate import balancing
@@ -270,3 +271,43 @@ async def test_an_embed_answered_by_two_revisions_at_once_is_refused(one_server)
     refusal = refused.value
     assert (refusal.code, refusal.reason) == (grpc.StatusCode.UNAVAILABLE, Reason.EMBEDDER_CHANGED)
     assert refusal.metadata["revisions"] == "2,3"
+
+
+async def test_servers_of_two_revisions_side_by_side_keep_each_revisions_vectors():
+    """During an upgrade, servers of two revisions answer in turn. The
+    service forgot every vector each time the answer's revision differed
+    from the last one's, and logged each change: with the two alternating,
+    the memo stayed near empty and the log had a warning per switch. Each
+    revision's vectors now stay, answered while that revision answers."""
+    settings = InferenceSettings(triton_urls=["127.0.0.1:1", "127.0.0.1:2"])
+    pool = BackendPool(settings.triton_urls, [settings.embedding_triton_model])
+    old, new = pool.backends
+    old.stub, new.stub = RevisedTriton("2"), RevisedTriton("3", value=0.5)
+    servicer = InferenceServicer(settings, pool)
+
+    async def embedded_by(server, texts: list[str]) -> pb.EmbedResponse:
+        # The balancer's choice, made for the test: only ``server`` has the model ready.
+        for each in pool.backends:
+            each.ready_models = {settings.embedding_triton_model} if each is server else set()
+        return await servicer.Embed(pb.EmbedRequest(texts=texts), FakeContext(None))
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await embedded_by(old, ["tides"])
+            await embedded_by(new, ["tides"])
+            for switch in range(4):
+                await embedded_by(old, [f"old {switch}"])
+                answer = await embedded_by(old, ["tides"])
+                assert answer.model_revision == "2"
+                np.testing.assert_array_equal(np.frombuffer(answer.vectors, "<f4"), np.full(DIMENSIONS, 1.0))
+                await embedded_by(new, [f"new {switch}"])
+                answer = await embedded_by(new, ["tides"])
+                assert answer.model_revision == "3"
+                np.testing.assert_array_equal(np.frombuffer(answer.vectors, "<f4"), np.full(DIMENSIONS, 0.5))
+    finally:
+        await pool.close()
+    # "tides" once by each revision; the rest are the other texts.
+    assert (old.stub.calls, new.stub.calls) == (1 + 4, 1 + 4)
+    changes = [entry for entry in logs if entry["event"] == "embedding model revision changed"]
+    # Once each way: 2 to 3, 3 to 2; the other switches within the interval are not logged.
+    assert [(entry["previous"], entry["revision"]) for entry in changes] == [("2", "3"), ("3", "2")]
