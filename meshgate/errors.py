@@ -421,6 +421,58 @@ def _wrap_stream_unary(behavior, method, observe: RpcObserver):
     return handler
 
 
+def _refusal(
+    observe: RpcObserver, method: str, failure: MeshgateError, started: float
+) -> grpc.RpcMethodHandler:
+    """A handler that answers a call with ``failure`` alone, observed as
+    ``method``."""
+
+    async def refuse(requests, context) -> None:
+        observe(method, failure.code.name, failure.reason, started)
+        await _abort(failure, context)
+
+    # Request-streaming whatever the method's shape: gRPC then reads no
+    # request message for it (the caller's unary request is left unread).
+    return grpc.stream_unary_rpc_method_handler(refuse)
+
+
+# How the RPC metrics name a call of a method no service has: the name is
+# the caller's to choose, and each would be a series of its own.
+UNKNOWN_METHOD = "unknown"
+
+
+class UnknownMethods(grpc.aio.ServerInterceptor):
+    """Answers a method that no service of the server has (a name in no
+    proto) UNIMPLEMENTED with ErrorInfo METHOD_NOT_IMPLEMENTED, as a method
+    of a service's API that its servicer lacks is (_failure); gRPC's own
+    answer was UNIMPLEMENTED "Method not found!" with no ErrorInfo.
+
+    The first interceptor, answering only where every handler and every
+    other interceptor found nothing: a generic handler serving every name
+    would be seen by the others as a method like any, so the tracing
+    interceptor would name a span after the caller's string, and the error
+    interceptor and the mesh guard would keep a wrapped handler for each
+    name a caller makes up. Observed under UNKNOWN_METHOD, for the same
+    reason; the caller's method is named back to it alone (ErrorInfo
+    metadata ``method``)."""
+
+    def __init__(self, observe: RpcObserver = _ignore) -> None:
+        self._observe = observe
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is not None:
+            return handler
+        method = handler_call_details.method
+        failure = MeshgateError(
+            grpc.StatusCode.UNIMPLEMENTED,
+            Reason.METHOD_NOT_IMPLEMENTED,
+            f"this service has no method {method}",
+            {"method": method},
+        )
+        return _refusal(self._observe, UNKNOWN_METHOD, failure, time.perf_counter())
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns every failure of a handler into a rich status, checks the calls
     of our own services before their requests are read where a service asks
@@ -526,15 +578,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self._in_flight -= 1
 
     def _refusal(self, method: str, failure: MeshgateError, started: float) -> grpc.RpcMethodHandler:
-        observe = self._observe
-
-        async def refuse(requests, context) -> None:
-            observe(method, failure.code.name, failure.reason, started)
-            await _abort(failure, context)
-
-        # Request-streaming whatever the method's shape: gRPC then reads no
-        # request message for it (the caller's unary request is left unread).
-        return grpc.stream_unary_rpc_method_handler(refuse)
+        return _refusal(self._observe, method, failure, started)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if not method.startswith("/meshgate."):

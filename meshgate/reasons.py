@@ -234,7 +234,8 @@ class Reason(enum.StrEnum):
 
     METHOD_NOT_IMPLEMENTED = enum.auto()
     """UNIMPLEMENTED: the service's API has this gRPC method, but its servicer
-    does not implement it (metadata ``method``)."""
+    does not implement it, or no service there has a method of that name
+    (metadata ``method``)."""
 
     # --- what the request names (NOT_FOUND, ALREADY_EXISTS, ABORTED) -------
     MODEL_NOT_FOUND = enum.auto()

@@ -33,7 +33,7 @@ from grpc_reflection.v1alpha import reflection
 
 from meshgate import mesh_auth, metrics, telemetry
 from meshgate.config import ConfigError, Settings, TelemetrySettings, check_listen, load_settings
-from meshgate.errors import ErrorInterceptor, MeshgateError
+from meshgate.errors import ErrorInterceptor, MeshgateError, UnknownMethods
 
 log = structlog.get_logger(__name__)
 
@@ -532,12 +532,13 @@ class Service:
         self.service_names = list(service_names)
         # Inside the error interceptor, so that its refusals carry ErrorInfo.
         self.guard = mesh_auth.MeshGuard()
-        self.errors = ErrorInterceptor(metrics.RpcObserver(name))
+        observe = metrics.RpcObserver(name)
+        self.errors = ErrorInterceptor(observe)
         self.server_credentials: grpc.ServerCredentials | None = None
         # No maximum_concurrent_rpcs: its refusal carries no ErrorInfo; the
         # error interceptor bounds the calls instead (bound_calls).
         self.server = grpc.aio.server(
-            interceptors=[*telemetry.server_interceptors(), self.errors, self.guard],
+            interceptors=[UnknownMethods(observe), *telemetry.server_interceptors(), self.errors, self.guard],
             options=SERVER_OPTIONS,
         )
         self.cleanup: Cleanup = _nothing

@@ -11,13 +11,16 @@ import contextlib
 import grpc
 import pytest
 import structlog.testing
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from meshgate import serving
-from meshgate.errors import error_info
+from meshgate import metrics, serving
+from meshgate.errors import UNKNOWN_METHOD, error_info
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from tests.mesh import bounded_channel, rpc_outcomes
+from tests.unit.test_telemetry_stream_close import spans  # noqa: F401 (a fixture)
 
 
 class OneMethodRouter(router_service_pb2_grpc.RouterServiceServicer):
@@ -32,15 +35,21 @@ async def nothing() -> None:
 
 
 @contextlib.asynccontextmanager
-async def router_stub():
+async def router_channel():
     service = serving.Service("router", ["meshgate.router.v1.RouterService"])
     router_service_pb2_grpc.add_RouterServiceServicer_to_server(OneMethodRouter(), service.server)
     port = await serving.start(service, "127.0.0.1:0", nothing)
     try:
         async with bounded_channel(f"127.0.0.1:{port}") as channel:
-            yield router_service_pb2_grpc.RouterServiceStub(channel)
+            yield channel
     finally:
         await serving.stop(service, grace_s=0)
+
+
+@contextlib.asynccontextmanager
+async def router_stub():
+    async with router_channel() as channel:
+        yield router_service_pb2_grpc.RouterServiceStub(channel)
 
 
 async def failure(call) -> grpc.aio.AioRpcError:
@@ -81,3 +90,48 @@ async def test_a_not_implemented_error_of_our_own_code_is_still_a_bug():
     assert refused.code() == grpc.StatusCode.INTERNAL
     assert error_info(refused).reason == Reason.INTERNAL
     assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == ["unhandled error"]
+
+
+def metric_methods() -> set[str]:
+    """Every method label of this process's RPC metrics."""
+    return {
+        sample.labels["method"]
+        for family in metrics.REGISTRY.collect()
+        if family.name == "meshgate_rpc_requests"
+        for sample in family.samples
+    }
+
+
+@pytest.mark.parametrize(
+    "method", ["/meshgate.router.v1.RouterService/NoSuchMethod", "/made.up.v1.Service/Anything"]
+)
+async def test_a_method_in_no_api_is_unimplemented_with_error_info_and_named_in_no_metric_or_span(
+    method,
+    spans,  # noqa: F811
+):
+    """gRPC answered it itself: UNIMPLEMENTED "Method not found!", without
+    ErrorInfo. The caller's name must not become a metric series or a span
+    name (any string would); health and reflection still answer beside it."""
+    before = rpc_outcomes("router", UNKNOWN_METHOD)["UNIMPLEMENTED"]
+    async with router_channel() as channel:
+        unknown = channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
+        refused = await failure(unknown(b""))
+        # A method of the API, for the spans' sake: it is traced.
+        await failure(router_service_pb2_grpc.RouterServiceStub(channel).GetSession(pb.GetSessionRequest()))
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        reflected = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
+        listed = {service.name for service in (await reflected.read()).list_services_response.service}
+    assert refused.code() == grpc.StatusCode.UNIMPLEMENTED
+    info = error_info(refused)
+    assert (info.domain, info.reason) == ("meshgate", Reason.METHOD_NOT_IMPLEMENTED)
+    assert dict(info.metadata) == {"method": method}
+    assert refused.details() == f"this service has no method {method}"
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert "meshgate.router.v1.RouterService" in listed
+    assert rpc_outcomes("router", UNKNOWN_METHOD)["UNIMPLEMENTED"] == before + 1
+    made_up = method.rpartition("/")[2]
+    assert not [label for label in metric_methods() if made_up in label]
+    names = [span.name for span in spans.get_finished_spans()]
+    assert method not in names and "/meshgate.router.v1.RouterService/GetSession" in names
