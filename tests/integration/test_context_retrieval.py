@@ -777,12 +777,17 @@ SMALL_TALK = [f"{question} {answer}" for question, answer in FILLER]
 
 
 @contextlib.asynccontextmanager
-async def revised_session(redis_url: str, table: dict[str, np.ndarray], held: set[str] = frozenset()):
+async def revised_session(
+    redis_url: str,
+    table: dict[str, np.ndarray],
+    held: set[str] = frozenset(),
+    embedder: RevisedEmbedder | None = None,
+):
     """A session of DOOR_TURN then SMALL_TALK, its turns embedded by
-    revision 1 of a GatedEmbedder, which then turns to revision 2; yields
-    the servicer, its index, the session's (tenant, id), the embedder and
-    its Redis client."""
-    embedder = GatedEmbedder({}, set(held))
+    revision 1 of ``embedder`` (a GatedEmbedder holding ``held`` when
+    none), which then turns to revision 2; yields the servicer, its index,
+    the session's (tenant, id), the embedder and its Redis client."""
+    embedder = GatedEmbedder({}, set(held)) if embedder is None else embedder
     client = redis.Redis.from_url(redis_url)
     models = Settings().models
     index = TurnIndex(client, 600)
@@ -924,30 +929,8 @@ async def test_a_backfill_stopped_midway_is_finished_by_a_later_read(redis_url: 
     monkeypatch.setattr(servicer_module, "BACKFILL_CHUNK_TURNS", 4)
     monkeypatch.setattr(servicer_module, "BACKFILL_TURNS_PER_S", 1000.0)
     # DOOR_TURN is turn 0, SMALL_TALK[i] turn i + 1: turn 5 is in the second chunk.
-    embedder = UnavailableFor({}, set())
-    client = redis.Redis.from_url(redis_url)
-    models = Settings().models
-    index = TurnIndex(client, 600)
-    servicer = ContextServicer(
-        SessionStore(client, 600),
-        models,
-        token_counts.for_models(models),
-        HotCache(0),
-        index,
-        embedder=embedder,
-    )
-    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
-    try:
-        created = await servicer.CreateSession(pb.CreateSessionRequest(tenant_id=tenant), None)
-        session = (tenant, created.session.session_id)
-        messages = [common_pb2.Message(role=USER, content=c) for c in (DOOR_TURN, *SMALL_TALK)]
-        await servicer.AppendTurns(
-            pb.AppendTurnsRequest(
-                tenant_id=tenant, session_id=session[1], messages=messages, any_version=True
-            ),
-            NoDeadline(),
-        )
-        embedder.embedder = "fake@2"
+    async with revised_session(redis_url, {}, embedder=UnavailableFor({}, set())) as opened:
+        servicer, index, session, embedder, _ = opened
         embedder.down = {SMALL_TALK[4]}
         await assemble_door_question(servicer, session)
         await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
@@ -956,7 +939,7 @@ async def test_a_backfill_stopped_midway_is_finished_by_a_later_read(redis_url: 
         appended = common_pb2.Message(role=USER, content="And the windows?")
         await servicer.AppendTurns(
             pb.AppendTurnsRequest(
-                tenant_id=tenant, session_id=session[1], messages=[appended], any_version=True
+                tenant_id=session[0], session_id=session[1], messages=[appended], any_version=True
             ),
             NoDeadline(),
         )
@@ -965,6 +948,3 @@ async def test_a_backfill_stopped_midway_is_finished_by_a_later_read(redis_url: 
         indexed = await index.read(*session, None)
         assert indexed.embedder == "fake@2"
         assert indexed.unit_vectors.any(axis=1).all(), np.flatnonzero(~indexed.unit_vectors.any(axis=1))
-    finally:
-        await servicer.close()
-        await client.aclose()

@@ -418,8 +418,11 @@ def test_a_child_unready_because_what_it_depends_on_is_not_is_left_to_it(stack, 
         supervisor.check(now=1.0)
         stack.ready_children = set()  # Triton stalls, and so the inference service
         supervisor.check(now=3.0)
-        inference = stack.processes["inference"]
+        inference, triton = stack.processes["inference"], stack.processes["triton"]
         supervisor.check(now=13.5)  # Triton past the grace: stopped
+        # Its exit is real, not on the test's clock: waited for, or under load
+        # the next checks came before it (seen in CI).
+        assert triton.wait(5) == -signal.SIGTERM
         supervisor.check(now=14.0)
         supervisor.check(now=15.0)  # restarted
         assert stack.launched == ["triton", "inference", "triton"]
@@ -440,8 +443,12 @@ def test_a_child_unready_because_what_it_depends_on_is_not_is_left_to_it(stack, 
 
 def test_a_child_that_does_not_stop_is_killed_after_the_stop_grace(stack, tmp_path) -> None:
     stack.processes["redis"] = subprocess.Popen(
-        ["sh", "-c", "trap '' TERM; exec sleep 60"], start_new_session=True
+        ["sh", "-c", "trap '' TERM; echo ignoring; exec sleep 60"],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
     )
+    # A SIGTERM before the trap is set would end it: it says when it is.
+    assert stack.processes["redis"].stdout.readline() == b"ignoring\n"
     supervisor = _supervised(stack)
     try:
         stack.ready_children = {"redis"}
