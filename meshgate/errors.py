@@ -253,14 +253,15 @@ def _failure(error: BaseException, method: str) -> MeshgateError:
     if isinstance(error, MeshgateError):
         return error
     if _not_implemented(error):
-        return MeshgateError(
-            grpc.StatusCode.UNIMPLEMENTED,
-            Reason.METHOD_NOT_IMPLEMENTED,
-            f"this service does not implement {method}",
-            {"method": method},
-        )
+        return _method_not_implemented(method, f"this service does not implement {method}")
     log.exception("unhandled error", method=method)
     return internal_error()
+
+
+def _method_not_implemented(method: str, message: str) -> MeshgateError:
+    return MeshgateError(
+        grpc.StatusCode.UNIMPLEMENTED, Reason.METHOD_NOT_IMPLEMENTED, message, {"method": method}
+    )
 
 
 def _not_implemented(error: BaseException) -> bool:
@@ -464,12 +465,7 @@ class UnknownMethods(grpc.aio.ServerInterceptor):
         if handler is not None:
             return handler
         method = handler_call_details.method
-        failure = MeshgateError(
-            grpc.StatusCode.UNIMPLEMENTED,
-            Reason.METHOD_NOT_IMPLEMENTED,
-            f"this service has no method {method}",
-            {"method": method},
-        )
+        failure = _method_not_implemented(method, f"this service has no method {method}")
         return _refusal(self._observe, UNKNOWN_METHOD, failure, time.perf_counter())
 
 
@@ -562,11 +558,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 self._observe(method, "CANCELLED", "", started)
                 raise
             except Exception as error:
-                return self._refusal(method, _failure(error, method), started)
+                return _refusal(self._observe, method, _failure(error, method), started)
         # Counted after the gate: a call it refuses never holds a place.
         if self._max_calls and method not in self._uncounted:
             if self._in_flight >= self._max_calls:
-                return self._refusal(method, self._busy, time.perf_counter())
+                return _refusal(self._observe, method, self._busy, time.perf_counter())
             self._in_flight += 1
             # gRPC runs the whole call, interceptors included, in one task of
             # its own, done however the call ends (an answer, a failure, the
@@ -576,9 +572,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def _call_done(self, task: asyncio.Task) -> None:
         self._in_flight -= 1
-
-    def _refusal(self, method: str, failure: MeshgateError, started: float) -> grpc.RpcMethodHandler:
-        return _refusal(self._observe, method, failure, started)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if not method.startswith("/meshgate."):

@@ -34,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 from meshgate import mesh_auth, metrics, telemetry
 from meshgate.config import ConfigError, Settings, TelemetrySettings, check_listen, load_settings
 from meshgate.errors import ErrorInterceptor, MeshgateError, UnknownMethods
+from meshgate.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -986,9 +987,7 @@ async def serve_until_signalled(service: Service, early: EarlySignals | None = N
         await stopping.wait()
     finally:
         if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            await cancel_and_wait(watcher)
         await stop(service)
 
 

@@ -335,7 +335,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                     # Among the vectors of the revision that made this one.
                     vector = embedded.vector
                     self._learn_embedder(embedded)
-                    context_id, _ = self._semantic_subject(partition, messages, embedded.embedder, resolved)
+                    context_id = self._context_id(partition, messages, embedded.embedder, resolved)
         if await self._invalidated_since(partition, request.store_fence):
             # Seen before writing (the usual case: an Invalidate during a
             # generation of seconds): nothing to undo.
@@ -480,7 +480,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             # No lookup here has embedded yet (a replica just started).
             embedded = await self._embedder.embed_or_none(resolved[0], tenant_id=partition.tenant_id)
             embedder = "" if embedded is None else embedded.embedder
-        context_id, _ = self._semantic_subject(partition, request.messages, embedder, resolved)
+        context_id = self._context_id(partition, request.messages, embedder, resolved)
         asked_id = keys.entry_id(partition, request.messages)
         # Charged before the report, as a Store is: the pair it keeps is the
         # tenant's bytes too. Without room, a report that deletes an entry
@@ -554,10 +554,10 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             if embedded is None:
                 return None
             dimensions, embedder = self._learn_embedder(embedded)
-            context_id, _ = self._semantic_subject(partition, messages, embedder, resolved)
+            context_id = self._context_id(partition, messages, embedder, resolved)
             synced = await self._synced(partition, context_id, dimensions)
         else:
-            context_id, _ = self._semantic_subject(partition, messages, embedder, resolved)
+            context_id = self._context_id(partition, messages, embedder, resolved)
             if self._embeds_at_once(self._indexes.get(partition.vectors_key(context_id)), question):
                 # Likely a candidate: embed while the index tops itself up.
                 embedded, synced = await asyncio.gather(
@@ -584,7 +584,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             # inference service's Triton upgraded): its vectors are matched
             # among its own revision's only, never the old vectors.
             dimensions, _ = self._learn_embedder(embedded)
-            context_id, _ = self._semantic_subject(partition, messages, embedded.embedder, resolved)
+            context_id = self._context_id(partition, messages, embedded.embedder, resolved)
             synced = await self._synced(partition, context_id, dimensions)
         if synced is None:
             return None
@@ -629,7 +629,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             return
         index = None
         if self._embedder_name is not None:
-            context_id, _ = self._semantic_subject(partition, messages, self._embedder_name, resolved)
+            context_id = self._context_id(partition, messages, self._embedder_name, resolved)
             index = self._indexes.get(partition.vectors_key(context_id))
         if not self._embeds_at_once(index, question):
             # Unknown (an index not loaded here) or a likely first-stage
@@ -656,19 +656,18 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         await self._embedder.close()
         await self._loads.cancel_all()
 
-    def _semantic_subject(
+    def _context_id(
         self, partition: keys.Partition, messages, embedder: str, resolved: tuple[str, bool] | None = None
-    ) -> tuple[str, str]:
+    ) -> str:
         """The sub-partition a prompt's last question is matched in among
-        the vectors of ``embedder`` (meshgate.embedding.embedder_name), and
-        the text it is embedded, stored and verified as: the bare question
-        alone, or with the topic turn it refers to among all multi-turn
-        questions, among those with the same system messages and reply to
-        the topic. ``resolved``: ``conversation.resolve(messages)``, where
-        the caller has it (it normalizes a question of up to 256 KiB)."""
-        text, in_context = conversation.resolve(messages) if resolved is None else resolved
-        exact = conversation.matched_exactly(messages)
-        return keys.context_id(partition, embedder, in_context, exact), text
+        the vectors of ``embedder`` (meshgate.embedding.embedder_name): all
+        multi-turn questions (the question resolved with the topic turn it
+        refers to), or the bare ones, among those with the same system
+        messages and reply to the topic. ``resolved``:
+        ``conversation.resolve(messages)``, where the caller has it (it
+        normalizes a question of up to 256 KiB)."""
+        _, in_context = conversation.resolve(messages) if resolved is None else resolved
+        return keys.context_id(partition, embedder, in_context, conversation.matched_exactly(messages))
 
     async def _synced(
         self, partition: keys.Partition, context_id: str, dimensions: int

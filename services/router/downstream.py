@@ -70,7 +70,7 @@ _CONTEXT_RESTART_GRACE_S = 3.0
 # first did. Those are sent again only when refused unread (SERVICE_BUSY),
 # else fail UNAVAILABLE: their outcome unknown to the router as to its
 # caller, who can read the session to learn it.
-_CONTEXT_SERVICE = "meshgate.context.v1.ContextService"
+_CONTEXT_SERVICE = context_pb.DESCRIPTOR.services_by_name["ContextService"].full_name
 _GENERATE = "/meshgate.inference.v1.InferenceService/Generate"
 # The least a turn's answer takes in its session: an assistant message with
 # no text. The router reserves that, not a bound derived from max_tokens

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import pytest
 
-from meshgate import serving
+from meshgate import redis_access, serving
 from meshgate.config import (
     DeploymentSettings,
     ModelSettings,
@@ -218,6 +218,14 @@ async def running(app_module, name: str, settings: Settings, listen: str = "127.
         yield f"127.0.0.1:{port}"
     finally:
         await serving.stop(service, grace_s=1)
+
+
+@pytest.fixture
+async def redis_client(redis_url):
+    """A client of the suite's Redis, as the services connect."""
+    client = redis_access.connect(redis_url)
+    yield client
+    await client.aclose()
 
 
 def service_settings(redis_url: str, inference_address: str, dev_api_key: str | None = None) -> Settings:

@@ -49,13 +49,6 @@ class Clock:
         return self.now_s
 
 
-@pytest.fixture
-async def redis_client(redis_url):
-    client = redis_access.connect(redis_url)
-    yield client
-    await client.aclose()
-
-
 def _scope(**limits) -> Scope:
     # A fresh id per test: tests share one Redis.
     return Scope("tenant", uuid.uuid4().hex[:12], LimitSettings(**limits))

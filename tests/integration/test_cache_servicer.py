@@ -94,13 +94,6 @@ class AcceptingVerifier:
         return Decision(True, float(query_vector @ candidate_vector), None)
 
 
-@pytest.fixture
-async def redis_client(redis_url):
-    client = redis_access.connect(redis_url)
-    yield client
-    await client.aclose()
-
-
 def make_servicer(
     client, embedder, *, max_entries: int = 100, memo_entries: int = 0, **settings
 ) -> CacheServicer:
@@ -1505,7 +1498,7 @@ async def test_a_report_of_no_entry_of_the_scope_is_refused_and_keeps_nothing(re
         )
         assert raised.value.metadata == {"entry_id": entry_id}
     partition = keys.partition(s)
-    context_id, _ = cache._semantic_subject(partition, asked, EMBEDDER)
+    context_id = cache._context_id(partition, asked, EMBEDDER)
     assert not await redis_client.exists(
         partition.reported_key(context_id), partition.strictness_key(context_id)
     )
@@ -1638,7 +1631,7 @@ async def test_an_eviction_applied_after_a_later_store_of_the_same_entry_keeps_t
     a_stored.set()
     await storing_c
     partition = keys.partition(s)
-    context_id, _ = cache._semantic_subject(partition, first, EMBEDDER)
+    context_id = cache._context_id(partition, first, EMBEDDER)
     assert entry_a in cache._indexes.get(partition.vectors_key(context_id))
 
 
@@ -1670,7 +1663,7 @@ async def test_a_report_applied_after_a_later_store_of_the_same_entry_keeps_the_
     stored_again.set()
     assert (await reporting).entry_removed
     partition = keys.partition(s)
-    context_id, _ = cache._semantic_subject(partition, stored, EMBEDDER)
+    context_id = cache._context_id(partition, stored, EMBEDDER)
     assert entry_id in cache._indexes.get(partition.vectors_key(context_id))
 
 
@@ -1722,7 +1715,7 @@ async def test_reports_of_an_entry_already_deleted_are_held_to_the_tenants_quota
         pb.ReportWrongHitRequest(scope=s, messages=conversation(PARAPHRASE), entry_id=entry_id), None
     )
     partition = keys.partition(s)
-    context_id, _ = cache._semantic_subject(partition, conversation(PARAPHRASE), EMBEDDER)
+    context_id = cache._context_id(partition, conversation(PARAPHRASE), EMBEDDER)
     reported_key = partition.reported_key(context_id)
     pairs = await redis_client.scard(reported_key)
     with pytest.raises(MeshgateError) as refused:

@@ -14,7 +14,6 @@ import uuid
 
 import grpc
 import pytest
-import redis.asyncio as redis
 
 from meshgate.context.v1 import context_service_pb2 as pb
 from services.context import store as session_store
@@ -28,13 +27,6 @@ pytestmark = pytest.mark.integration
 async def stub(redis_url: str):
     async with running(bounded(redis_url, 1024 * 1024)) as stub:
         yield stub
-
-
-@pytest.fixture
-async def redis_client(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 async def sessions_of(client, tenant: str) -> set[str]:

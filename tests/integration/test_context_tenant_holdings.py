@@ -9,7 +9,6 @@ import uuid
 
 import grpc
 import pytest
-import redis.asyncio as redis
 
 from meshgate.context.v1 import context_service_pb2 as pb
 from services.context import store as session_store
@@ -19,13 +18,6 @@ from tests.integration.test_context_versions import _until
 pytestmark = pytest.mark.integration
 
 FACT = "f" * 4000
-
-
-@pytest.fixture
-async def redis_client(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 def bounded(redis_url: str, max_bytes_per_tenant: int):
