@@ -1,8 +1,10 @@
-"""Ending background tasks from a stop step."""
+"""Ending background tasks from a stop step, and a cancellation Python 3.11
+loses."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 
 
 async def cancel_and_wait(*tasks: asyncio.Task) -> None:
@@ -21,3 +23,31 @@ async def cancel_and_wait(*tasks: asyncio.Task) -> None:
     for outcome in await asyncio.gather(*tasks, return_exceptions=True):
         if isinstance(outcome, Exception):
             raise outcome
+
+
+async def _wait_for(aw, timeout: float | None):
+    """``asyncio.wait_for`` as Python 3.12 has it: the awaitable runs in the
+    caller's task under ``asyncio.timeout``, so a cancellation of the caller
+    is delivered into it and raised, whatever else ends at that moment."""
+    async with asyncio.timeout(timeout):
+        return await aw
+
+
+def keep_cancellations() -> None:
+    """On Python 3.11, puts :func:`_wait_for` in place of ``asyncio.wait_for``.
+
+    3.11's wait_for returns the awaited result when the caller is cancelled
+    in the loop turn the awaited future completes, and the cancellation is
+    gone (python/cpython#86296, fixed by 3.12's rewrite on
+    ``asyncio.timeout``). redis-py sends every command under
+    ``asyncio.wait_for(..., socket_timeout)``: a context replica's stop
+    that cancelled its change listener as its SUBSCRIBE was being sent
+    left the listener running for good, and the stop waiting on it (a CI
+    run's test hung its 300 s; about one listener in ten so stopped within
+    10 ms of its start in tests/integration/test_redis_cancellation.py).
+    Call sites look ``asyncio.wait_for`` up when they run, so this takes
+    effect for every library loaded before or after; it is installed when
+    the meshgate package is imported (meshgate/__init__.py)."""
+    if sys.version_info < (3, 12):
+        asyncio.wait_for = _wait_for
+        asyncio.tasks.wait_for = _wait_for

@@ -255,6 +255,11 @@ async def test_a_canary_in_flight_holds_up_no_probe_round_and_goes_once_at_a_tim
     backend.stub_died(GENERATION_MODEL, GENERATION_STUB_DIED)
     for _ in range(3):
         await asyncio.wait_for(backend.probe(MODELS), 1)
+    # The canary runs off the rounds, in a task of its own: let it reach Triton.
+    async with asyncio.timeout(1):
+        while not triton.timeouts:
+            await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
     assert len(triton.timeouts) == 1, "one canary in flight a model"
     canary = backend._canaries[GENERATION_MODEL]
     await backend.close()

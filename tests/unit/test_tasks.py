@@ -50,3 +50,25 @@ async def test_what_the_task_failed_with_is_raised() -> None:
     await asyncio.sleep(0)
     with pytest.raises(ValueError, match="broken"):
         await cancel_and_wait(task)
+
+
+async def test_a_wait_for_cancelled_as_what_it_awaits_completes_is_cancelled() -> None:
+    """python/cpython#86296 (Python 3.11): the caller's cancel, in the loop
+    turn its awaited future completes, was dropped and the result returned.
+    meshgate's import puts 3.12's wait_for in place (keep_cancellations)."""
+    done = asyncio.get_running_loop().create_future()
+    waiting = asyncio.create_task(asyncio.wait_for(done, 10))
+    await asyncio.sleep(0)
+    done.set_result("answer")
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+
+async def test_wait_for_still_times_out_and_cancels_what_it_awaited() -> None:
+    never = asyncio.get_running_loop().create_future()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(never, 0.01)
+    assert never.cancelled()
+    assert await asyncio.wait_for(asyncio.sleep(0, "answer"), 10) == "answer"
+    assert await asyncio.wait_for(asyncio.sleep(0, "unbounded"), None) == "unbounded"
