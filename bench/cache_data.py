@@ -102,30 +102,73 @@ def load_traps(path: pathlib.Path = TRAPS_JSONL) -> list[Pair]:
     return pairs
 
 
-def embeddings(texts: list[str], batch: int = 64, threads: int = 1) -> dict[str, np.ndarray]:
-    """Vectors of ``texts`` (normalized as the cache normalizes), computing
-    only those not already in the on-disk cache."""
-    wanted = list(dict.fromkeys(normalize_text(t) for t in texts))
-    known: dict[str, np.ndarray] = {}
-    if EMBEDDINGS_NPZ.exists():
-        with np.load(EMBEDDINGS_NPZ, allow_pickle=False) as stored:
-            known = dict(zip(stored["texts"].tolist(), stored["vectors"]))
-    missing = sorted((t for t in wanted if t not in known), key=len)
-    if missing:
-        from meshgate.minilm import MiniLM
+# The embedding model the vectors below are made with, as Triton serves it
+# (meshgate/minilm.py); its revision is the code's minilm.REVISION.
+EMBEDDING_MODEL = "minilm"
 
-        embedder = MiniLM(threads)
+
+def embedder_record() -> dict[str, str]:
+    """What a training script records of the embedder its vectors come from
+    (meshgate.embedding.head_embedder_record): this code's minilm, which
+    :func:`cached_embeddings` runs."""
+    from meshgate.embedding import head_embedder_record
+    from meshgate.minilm import REVISION
+
+    return head_embedder_record(EMBEDDING_MODEL, REVISION)
+
+
+def embedder() -> str:
+    """The name (meshgate.embedding.embedder_name) of the embedder
+    :func:`embedder_record` records."""
+    from meshgate.embedding import embedder_name
+    from meshgate.minilm import REVISION
+
+    return embedder_name(EMBEDDING_MODEL, REVISION)
+
+
+def cached_embeddings(
+    path: pathlib.Path, texts: list[str], batch: int, threads: int
+) -> dict[str, np.ndarray]:
+    """Vectors of ``texts`` as given, computing only those not already in
+    the on-disk cache ``path``. The cache names the embedder that made it:
+    one of another revision (or from before the name was kept) is embedded
+    afresh, so a head trained from it never records a revision its vectors
+    are not."""
+    from meshgate.minilm import MiniLM
+
+    embedder_name = embedder()
+    known: dict[str, np.ndarray] = {}
+    if path.exists():
+        with np.load(path, allow_pickle=False) as stored:
+            if "embedder" in stored.files and str(stored["embedder"]) == embedder_name:
+                known = dict(zip(stored["texts"].tolist(), stored["vectors"]))
+    missing = sorted(dict.fromkeys(t for t in texts if t not in known), key=len)
+    if missing:
+        model = MiniLM(threads)
         for start in range(0, len(missing), batch):
             chunk = missing[start : start + batch]
-            for text, vector in zip(chunk, embedder.embed(chunk)):
+            for text, vector in zip(chunk, model.embed(chunk)):
                 known[text] = vector
             if (start // batch) % 20 == 0:
                 print(f"embedded {start + len(chunk)}/{len(missing)}", file=sys.stderr, flush=True)
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
         (CACHE_DIR / ".gitignore").write_text("*\n")
         names = list(known)
-        np.savez(EMBEDDINGS_NPZ, texts=np.array(names), vectors=np.stack([known[n] for n in names]))
-    return {t: known[t] for t in wanted}
+        np.savez(
+            path,
+            texts=np.array(names),
+            vectors=np.stack([known[n] for n in names]),
+            embedder=np.array(embedder_name),
+        )
+    return {t: known[t] for t in texts}
+
+
+def embeddings(texts: list[str], batch: int = 64, threads: int = 1) -> dict[str, np.ndarray]:
+    """Vectors of ``texts`` (normalized as the cache normalizes), computing
+    only those not already in the on-disk cache."""
+    return cached_embeddings(
+        EMBEDDINGS_NPZ, list(dict.fromkeys(normalize_text(t) for t in texts)), batch, threads
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import dataclasses
 import hashlib
 import json
 import re
-import sys
 
 import cache_data
 import numpy as np
@@ -95,25 +94,7 @@ def load() -> list[Prompt]:
 def embeddings(texts: list[str], batch: int = 32) -> dict[str, np.ndarray]:
     """Vectors of ``texts`` as sent (the router embeds the message as is),
     computing only those not already cached on disk."""
-    known: dict[str, np.ndarray] = {}
-    if VECTORS_NPZ.exists():
-        with np.load(VECTORS_NPZ, allow_pickle=False) as stored:
-            known = dict(zip(stored["texts"].tolist(), stored["vectors"]))
-    missing = sorted({t for t in texts if t not in known}, key=len)
-    if missing:
-        from meshgate.minilm import MiniLM
-
-        embedder = MiniLM(threads=2)
-        for start in range(0, len(missing), batch):
-            chunk = missing[start : start + batch]
-            for text, vector in zip(chunk, embedder.embed(chunk)):
-                known[text] = vector
-            print(f"embedded {start + len(chunk)}/{len(missing)}", file=sys.stderr, flush=True)
-        cache_data.CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        (cache_data.CACHE_DIR / ".gitignore").write_text("*\n")
-        names = list(known)
-        np.savez(VECTORS_NPZ, texts=np.array(names), vectors=np.stack([known[n] for n in names]))
-    return {t: known[t] for t in texts}
+    return cache_data.cached_embeddings(VECTORS_NPZ, texts, batch, threads=2)
 
 
 if __name__ == "__main__":

@@ -299,7 +299,7 @@ def build_model() -> dict:
     question, question_head = train_head("question", seen, vectors, prefilter, rarity)
     conversation, conversation_head = train_head("conversation", seen, vectors, prefilter, None)
 
-    default = verifier.Verifier(question_head, conversation_head, dimensions)
+    default = verifier.Verifier(question_head, conversation_head, dimensions, cache_data.embedder())
     stress = one_partition(
         build_portion([p for p in seen if p.portion == "calibration" and p.category == "qqp"], vectors),
         default,
@@ -313,6 +313,9 @@ def build_model() -> dict:
     return {
         "about": "Written by bench/train_cache_verifier.py; see services/cache/verifier.py.",
         "embedding_model": "all-MiniLM-L6-v2 int8 (minilm)",
+        # The embedder of every vector it was trained on: its scores mean
+        # nothing for another's (verifier.Verifier.trained_on).
+        "embedder": cache_data.embedder_record(),
         "embedding_dimensions": dimensions,
         "prefilter_cosine": prefilter,
         "max_candidates": MAX_CANDIDATES,

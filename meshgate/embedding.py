@@ -47,6 +47,39 @@ def embedder_name(model: str, revision: str) -> str:
     return f"{model}@{revision}"
 
 
+# The embedder of a learned head's model file that names none (the cache's
+# verifier_model.json, the router's model_selector.json, or an operator's
+# own copy of either from before the field). Every such file was trained
+# by this repository's scripts on minilm's vectors of revision "1" or "2",
+# which differ only for a text writing "[SEP]"-like tokens (meshgate/minilm.py,
+# commit fac51d6): none of the training texts does, and retraining the
+# committed files on revision "2" gave the same weights but for 37 of 462
+# one apart in the last of the six decimals kept (another CPU's float sums,
+# as tests/unit/test_cache_verifier.py's reproduction allows). So such a file is
+# revision "2"'s, and no other's: fixed here rather than taken from the
+# running code's minilm.REVISION, which would let a later revision inherit a
+# head trained on an older one's vectors.
+UNRECORDED_HEAD_EMBEDDER = embedder_name("minilm", "2")
+
+
+def head_embedder_record(model: str, revision: str) -> dict[str, str]:
+    """What a training script writes in a learned head's model file (key
+    ``"embedder"``): the embedder whose vectors it was trained on."""
+    return {"model": model, "revision": revision}
+
+
+def head_embedder(model_file: dict) -> str:
+    """The embedder (:func:`embedder_name`) whose vectors a learned head's
+    model file was trained on: its ``"embedder"`` record, or
+    :data:`UNRECORDED_HEAD_EMBEDDER` for a file from before the record. Its
+    score means nothing for another embedder's vectors (a cosine, or a
+    vector's coordinates, of another revision can say anything)."""
+    record = model_file.get("embedder")
+    if record is None:
+        return UNRECORDED_HEAD_EMBEDDER
+    return embedder_name(record["model"], record["revision"])
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Embedding:
     """A text's L2-normalized float32 vector and the embedder that made it (:func:`embedder_name`)."""

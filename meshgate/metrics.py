@@ -207,6 +207,11 @@ class CacheMetrics:
             "Semantic lookups answered a miss by the first stage (no stored question holds "
             "cache.first_stage_word_share of the question's content words), unembedded.",
         )
+        self.unverifiable_lookups = make.counter(
+            "meshgate_cache_unverifiable_lookups",
+            "Semantic lookups answered a miss because the question's vector came from an embedder "
+            "(model and revision) the verifier was not trained on: retrain it on that embedder.",
+        )
         self.stores = make.counter("meshgate_cache_stores", "Answers stored.")
         self.unreplicated_reports = make.counter(
             "meshgate_cache_unreplicated_reports",

@@ -233,6 +233,9 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         # without) embedding, and the name picks the sub-partition.
         self._dimensions: int | None = None
         self._embedder_name: str | None = None
+        # Embedders whose vectors came here that the verifier was not trained
+        # on, each warned of once (_refuse_untrained_embedder): a handful.
+        self._untrained_embedders_seen: set[str] = set()
         # The loads from Redis in flight, by index key: one per sub-partition,
         # shared by the lookups that find its index not loaded (``_synced``).
         # A load whose lookups all gave up goes on: the index stays resident.
@@ -578,6 +581,14 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 embedded = await self._embedder.embed_or_none(question, tenant_id=partition.tenant_id)
         if embedded is None:
             return None
+        if not self._verifier.trained_on(embedded.embedder):
+            # The verifier's score weighs the cosine as its training
+            # embedder's vectors gave it: for another's, a wrong candidate
+            # could pass as a verified hit. Stores go on, into that
+            # embedder's sub-partition, for a verifier retrained on it.
+            self._refuse_untrained_embedder(embedded.embedder)
+            self._learn_embedder(embedded)
+            return None
         vector = embedded.vector
         if len(vector) != dimensions or embedded.embedder != embedder:
             # The embedding model changed under a running service (the
@@ -609,6 +620,19 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 return match, live
             index.remove(match.entry_id, match.seq)
         return None
+
+    def _refuse_untrained_embedder(self, embedder: str) -> None:
+        """Counts a semantic lookup missed for want of a verifier trained on
+        ``embedder``'s vectors, with a warning at the first of each embedder."""
+        self._metrics.unverifiable_lookups.inc()
+        if embedder not in self._untrained_embedders_seen:
+            self._untrained_embedders_seen.add(embedder)
+            log.warning(
+                "the cache verifier was trained on another embedder's vectors: no semantic hits "
+                "for these until it is retrained on them (bench/train_cache_verifier.py)",
+                verifier_embedder=self._verifier.embedder,
+                vector_embedder=embedder,
+            )
 
     def _learn_embedder(self, embedded: Embedding) -> tuple[int, str]:
         """The vector size and embedder this replica's lookups look among,

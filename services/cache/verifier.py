@@ -55,6 +55,8 @@ from collections import Counter
 
 import numpy as np
 
+from meshgate.embedding import head_embedder
+
 MODEL_PATH = pathlib.Path(__file__).with_name("verifier_model.json")
 
 
@@ -951,6 +953,10 @@ class Verifier:
     # The embedding size the model was trained with: vectors of another
     # model cannot be verified.
     dimensions: int
+    # The embedder (meshgate.embedding.embedder_name) whose vectors it was
+    # trained on: the cosine of another's (another revision's) is on
+    # another scale, so the servicer serves no semantic hit with those.
+    embedder: str
 
     @classmethod
     def load(cls, max_false_hit_rate: float, path: pathlib.Path = MODEL_PATH) -> Verifier:
@@ -970,7 +976,13 @@ class Verifier:
                 max_false_hit_rate,
                 rarity if RARITY_FEATURE_NAMES[0] in feature_names else None,
             )
-        return cls(heads["question"], heads["conversation"], model["embedding_dimensions"])
+        return cls(
+            heads["question"], heads["conversation"], model["embedding_dimensions"], head_embedder(model)
+        )
+
+    def trained_on(self, embedder: str) -> bool:
+        """Whether its scores mean anything for vectors of ``embedder``."""
+        return embedder == self.embedder
 
     @property
     def expected_false_hit_rate(self) -> float:

@@ -13,12 +13,13 @@ import grpc
 import numpy as np
 import pytest
 import redis.asyncio as redis
+import structlog
 
-from meshgate import redis_access, serving
+from meshgate import metrics, redis_access, serving
 from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.common.v1 import common_pb2
 from meshgate.config import CacheSettings
-from meshgate.embedding import Embedding
+from meshgate.embedding import Embedding, embedder_name
 from meshgate.errors import MeshgateError
 from meshgate.local.stack import free_port
 from services.cache import index as index_module
@@ -31,7 +32,7 @@ from services.cache.keys import normalize_text
 from services.cache.servicer import CacheServicer
 from services.cache.stats import Stats
 from services.cache.store import CacheStore
-from services.cache.verifier import CONTEXT_SEPARATOR, Decision
+from services.cache.verifier import CONTEXT_SEPARATOR, Decision, Verifier
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -87,6 +88,9 @@ class AcceptingVerifier:
     def __init__(self) -> None:
         self.seen: list[tuple[str, str, int]] = []
 
+    def trained_on(self, embedder: str) -> bool:
+        return True  # every revision's vectors: the servicer keeps them apart
+
     def decide(self, query, query_vector, candidate, candidate_vector, strictness=0) -> Decision:
         self.seen.append((query, candidate, strictness))
         if strictness:
@@ -95,18 +99,29 @@ class AcceptingVerifier:
 
 
 def make_servicer(
-    client, embedder, *, max_entries: int = 100, memo_entries: int = 0, **settings
+    client,
+    embedder,
+    *,
+    max_entries: int = 100,
+    memo_entries: int = 0,
+    verifier=None,
+    semantic_threshold: float = 0.9,
+    **settings,
 ) -> CacheServicer:
     """A servicer whose embeddings come from ``embedder``, through no memo
-    unless ``memo_entries`` asks for one (the tests count embedder calls)."""
-    settings = CacheSettings(semantic_threshold=0.9, max_entries_per_partition=max_entries, **settings)
+    unless ``memo_entries`` asks for one (the tests count embedder calls),
+    and whose candidates ``verifier`` judges (an AcceptingVerifier unless
+    given)."""
+    settings = CacheSettings(
+        semantic_threshold=semantic_threshold, max_entries_per_partition=max_entries, **settings
+    )
     return CacheServicer(
         settings,
         CacheStore(client, max_entries),
         EmbeddingMemo(embedder, settings.embedding_model, memo_entries),
         Stats(client),
         IndexRegistry(max_entries, settings.max_resident_rows, settings.approximate_index_from),
-        AcceptingVerifier(),
+        AcceptingVerifier() if verifier is None else verifier,
     )
 
 
@@ -1566,6 +1581,9 @@ class StrictnessBlindVerifier(AcceptingVerifier):
     reported pair hit again at bounds 0.01 to 0.1), which is what this
     test needs to see handled by something other than strictness."""
 
+    def trained_on(self, embedder: str) -> bool:
+        return True  # every revision's vectors: the servicer keeps them apart
+
     def decide(self, query, query_vector, candidate, candidate_vector, strictness=0) -> Decision:
         self.seen.append((query, candidate, strictness))
         return Decision(True, float(query_vector @ candidate_vector), None)
@@ -1834,3 +1852,56 @@ async def test_a_replica_whose_lookups_end_at_the_first_stage_moves_to_a_new_rev
     await store(cache, scope(tenant), conversation(UNRELATED), text="Paris")
     again = await lookup(cache, scope(tenant), conversation(UNRELATED_REWORDED))
     assert (again.status, again.answer.text) == (pb.LOOKUP_STATUS_SEMANTIC_HIT, "Paris")
+
+
+class NamedMiniLM:
+    """minilm's real vectors (meshgate/minilm.py, run here), under the name
+    of ``embedder``: what the inference service answers once its Triton
+    model is another revision whose vectors the verifier never saw."""
+
+    def __init__(self, model, embedder: str) -> None:
+        self._model = model
+        self.embedder = embedder
+
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> Embedding | None:
+        return Embedding(self._model.embed([text])[0], self.embedder)
+
+
+async def test_vectors_of_an_embedder_the_verifier_was_not_trained_on_are_never_served(redis_client, tenant):
+    # The real verifier, at the default pre-filter and bound, with vectors
+    # it would accept the pair by: a cosine of another revision can be high
+    # for unrelated texts, and its learned score would pass them as well.
+    from meshgate.minilm import MiniLM
+
+    defaults = CacheSettings()
+    verifier = Verifier.load(defaults.max_false_hit_rate)
+    model = MiniLM()
+
+    def servicer(embedder: str) -> CacheServicer:
+        return make_servicer(
+            redis_client,
+            NamedMiniLM(model, embedder),
+            verifier=verifier,
+            semantic_threshold=defaults.semantic_threshold,
+        )
+
+    trained = servicer(verifier.embedder)
+    await store(trained, scope(tenant), conversation(STORED), text="Practice daily.")
+    hit = await lookup(trained, scope(tenant), conversation(PARAPHRASE))
+    assert (hit.status, hit.answer.text) == (pb.LOOKUP_STATUS_SEMANTIC_HIT, "Practice daily.")
+
+    other = embedder_name("minilm", verifier.embedder.rpartition("@")[2] + "-next")
+    untrained = servicer(other)
+    await store(untrained, scope(tenant, "smollm2"), conversation(STORED), text="Practice daily.")
+    unverifiable = metrics.cache().unverifiable_lookups
+    before = unverifiable._value.get()
+    with structlog.testing.capture_logs() as logged:
+        for _ in range(2):
+            missed = await lookup(untrained, scope(tenant, "smollm2"), conversation(PARAPHRASE))
+            assert missed.status == pb.LOOKUP_STATUS_MISS
+    assert unverifiable._value.get() == before + 2
+    warned = [(w["verifier_embedder"], w["vector_embedder"]) for w in logged if w["log_level"] == "warning"]
+    assert warned == [(verifier.embedder, other)]
+    # Exact hits hold no vectors: still served.
+    exact = await lookup(untrained, scope(tenant, "smollm2"), conversation(STORED))
+    assert (exact.status, exact.answer.text) == (pb.LOOKUP_STATUS_EXACT_HIT, "Practice daily.")

@@ -15,6 +15,8 @@ import time
 import numpy as np
 import pytest
 
+from meshgate import minilm
+from meshgate.embedding import UNRECORDED_HEAD_EMBEDDER, embedder_name
 from services.cache import verifier
 from services.cache.verifier import Verifier, analyze
 
@@ -472,6 +474,63 @@ def test_an_entry_without_its_question_is_never_served(embed):
     assert Verifier.load(0.01).decide("What is the capital of France?", vector, "", vector).rejected_by == (
         "unverifiable"
     )
+
+
+def test_the_committed_model_was_trained_on_the_running_embedder():
+    # minilm.REVISION bumped (tests/unit/test_minilm_revision.py) without
+    # retraining would leave the cache without semantic hits.
+    import cache_data
+
+    model = Verifier.load(0.01)
+    assert model.embedder == cache_data.embedder() == embedder_name("minilm", minilm.REVISION)
+    assert model.trained_on(model.embedder)
+    assert not model.trained_on(embedder_name("minilm", minilm.REVISION + "-next"))
+
+
+def test_a_model_file_naming_no_embedder_is_the_one_before_the_name_was_recorded(tmp_path):
+    # An operator's own file from before the field: read as trained on
+    # minilm's revision 2 (meshgate.embedding.UNRECORDED_HEAD_EMBEDDER),
+    # never as whatever revision runs now.
+    model = json.loads(verifier.MODEL_PATH.read_text())
+    model.pop("embedder", None)
+    path = tmp_path / "verifier_model.json"
+    path.write_text(json.dumps(model))
+    loaded = Verifier.load(0.01, path)
+    assert loaded.embedder == UNRECORDED_HEAD_EMBEDDER == "minilm@2"
+    assert loaded.trained_on("minilm@2") and not loaded.trained_on("minilm@3")
+
+
+def test_the_training_script_records_the_embedder_of_its_vectors(monkeypatch, tmp_path):
+    import cache_data
+    import train_cache_verifier as training
+
+    # A few labelled pairs in each portion it reads, each close enough to
+    # reach the pre-filter: duplicates reworded, non-duplicates with a word
+    # replaced that no check vetoes.
+    rng = np.random.default_rng(3)
+    pairs, vectors = [], {}
+
+    def unit(vector: np.ndarray) -> np.ndarray:
+        return vector / np.linalg.norm(vector)
+
+    for portion in ("train", "calibration"):
+        for topic in ("bread", "python", "chess", "tennis", "guitar", "spanish", "yoga", "excel"):
+            stored = f"what is the best way to learn {topic} ({portion})"
+            vectors[stored] = unit(base := rng.standard_normal(16))
+            for duplicate, asked, noise in (
+                (True, f"how can i learn {topic} fast ({portion})", 0.1),
+                (False, f"why is {topic} hard ({portion})", 0.3),
+            ):
+                pairs.append(cache_data.Pair(stored, asked, duplicate, "qqp", portion))
+                vectors[asked] = unit(base + noise * rng.standard_normal(16))
+    monkeypatch.setattr(cache_data, "load_qqp", lambda: pairs)
+    monkeypatch.setattr(cache_data, "load_traps", lambda: [])
+    monkeypatch.setattr(cache_data, "embeddings", lambda texts: {t: vectors[t] for t in texts})
+    model = training.build_model()
+    assert model["embedder"] == {"model": "minilm", "revision": minilm.REVISION}
+    path = tmp_path / "verifier_model.json"
+    path.write_text(json.dumps(model))
+    assert Verifier.load(0.01, path).embedder == embedder_name("minilm", minilm.REVISION)
 
 
 @pytest.mark.heavy
