@@ -19,10 +19,12 @@ from __future__ import annotations
 import sys
 import time
 
+import cache_data
 import model_selection_data
 import numpy as np
 
 from meshgate.config import SelectionSettings
+from meshgate.embedding import Embedding
 from services.router import model_selection
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -32,7 +34,11 @@ def main() -> None:
     if not model_selection_data.available():
         sys.exit("needs ../shared/data/semantic-pairs and ../shared/data/long-conversations")
     test = [p for p in model_selection_data.load() if p.portion == "test"]
-    vectors = model_selection_data.embeddings([p.text for p in test])
+    embedder = cache_data.embedder()
+    vectors = {
+        text: Embedding(vector, embedder)
+        for text, vector in model_selection_data.embeddings([p.text for p in test]).items()
+    }
     classifier = model_selection.Classifier.load()
     hard = np.array([p.hard for p in test])
     with_embedding = np.array([classifier.score(p.text, vectors[p.text])[0] for p in test])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 
+import cache_data
 import logistic
 import model_selection_data
 import numpy as np
@@ -54,6 +55,9 @@ def build_model() -> dict:
     return {
         "feature_names": list(model_selection.FEATURE_NAMES),
         "embedding_dimensions": int(x_full.shape[1] - x_features.shape[1]),
+        # The embedder of every vector it was trained on: the router uses the
+        # with_embedding half for that embedder's vectors only.
+        "embedder": cache_data.embedder_record(),
         "trained_on": {
             "prompts": len(train),
             "hard": int(y.sum()),

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import functools
 
-import numpy as np
 import structlog
 
 from meshgate import mesh_auth, metrics, redis_access, serving
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.config import DEFAULT_DEV_API_KEY, DEV_TENANT_ID, RouterSettings, Settings, summary_usage_ttl_s
 from meshgate.context.v1 import context_service_pb2_grpc
-from meshgate.embedding import InferenceEmbedder
+from meshgate.embedding import Embedding, InferenceEmbedder
 from meshgate.router.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -86,7 +85,7 @@ class _PromptEmbeddings:
         # channel) stayed for good, one more set at every such reload.
         self._embedders: dict[object, InferenceEmbedder] = {}
 
-    async def __call__(self, text: str, aliases: tuple[str, ...], timeout_s: float) -> np.ndarray | None:
+    async def __call__(self, text: str, aliases: tuple[str, ...], timeout_s: float) -> Embedding | None:
         stub = self._deployments.embedding_stub(aliases)
         if stub is None:
             return None
@@ -95,9 +94,9 @@ class _PromptEmbeddings:
             if len(self._embedders) >= _MAX_EMBEDDERS:
                 self._embedders.clear()
             embedder = self._embedders[stub] = InferenceEmbedder(stub)
-        # The classifier reads the vector alone (model_selection.py).
-        embedded = await embedder.embed_or_none(text, timeout_s)
-        return None if embedded is None else embedded.vector
+        # With the embedder that made it: the classifier reads only its own
+        # training embedder's vectors (model_selection.py).
+        return await embedder.embed_or_none(text, timeout_s)
 
 
 def _field(settings: Settings, dotted: str):

@@ -15,7 +15,10 @@ to it goes to one of them, by these rules, in order:
    one, else the fast one (reason "complexity"). Without an embedding (the
    inference service did not answer in time) a second classifier over the
    features alone decides (reason "complexity_features_only"): a turn never
-   fails because its model could not be chosen well.
+   fails because its model could not be chosen well. So does the second
+   classifier for an embedding of another embedder (model and revision)
+   than the first was trained on (``model_selector.json``'s ``embedder``):
+   the first one's weights read that vector's coordinates as noise.
 
 Both classifiers are trained by ``bench/train_model_selector.py``, which
 writes ``model_selector.json`` beside this file; the features below are the
@@ -41,6 +44,7 @@ import structlog
 
 from meshgate.common.v1 import common_pb2
 from meshgate.config import PriceSettings, SelectionSettings
+from meshgate.embedding import Embedding, head_embedder
 from services.router.admission import estimate_prompt_tokens
 
 MODEL_PATH = pathlib.Path(__file__).with_name("model_selector.json")
@@ -205,12 +209,20 @@ class _Logistic:
 
 
 class Classifier:
-    """The trained pair: features with the embedding, and features alone."""
+    """The trained pair: features with the embedding, and features alone.
+    ``embedder`` (meshgate.embedding.embedder_name): whose vectors the first
+    was trained on, the only ones it reads."""
 
-    def __init__(self, with_embedding: _Logistic, features_only: _Logistic, dimensions: int) -> None:
+    def __init__(
+        self, with_embedding: _Logistic, features_only: _Logistic, dimensions: int, embedder: str
+    ) -> None:
         self._with_embedding = with_embedding
         self._features_only = features_only
         self.dimensions = dimensions
+        self.embedder = embedder
+        # Embedders of vectors it was given and did not read, each warned
+        # of once: a handful (a revision or two around an upgrade).
+        self._other_embedders_seen: set[str] = set()
 
     @classmethod
     def load(cls, path: pathlib.Path = MODEL_PATH) -> Classifier:
@@ -221,21 +233,37 @@ class Classifier:
             _Logistic.from_json(data["with_embedding"]),
             _Logistic.from_json(data["features_only"]),
             int(data["embedding_dimensions"]),
+            head_embedder(data),
         )
 
-    def score(self, text: str, vector: np.ndarray | None) -> tuple[float, bool]:
+    def score(self, text: str, embedding: Embedding | None) -> tuple[float, bool]:
         """p(the prompt needs the strong model), and whether the embedding was used."""
         x = features(text)
-        if vector is not None and len(vector) == self.dimensions:
-            return self._with_embedding.probability(np.concatenate([x, vector])), True
+        if embedding is not None and self._reads(embedding):
+            return self._with_embedding.probability(np.concatenate([x, embedding.vector])), True
         return self._features_only.probability(x), False
+
+    def _reads(self, embedding: Embedding) -> bool:
+        """Whether the classifier with the embedding reads ``embedding``:
+        one of its training embedder, of its size."""
+        if embedding.embedder != self.embedder:
+            if embedding.embedder not in self._other_embedders_seen:
+                self._other_embedders_seen.add(embedding.embedder)
+                log.warning(
+                    "the model selector was trained on another embedder's vectors: choosing by text "
+                    "features alone until it is retrained on them (bench/train_model_selector.py)",
+                    selector_embedder=self.embedder,
+                    vector_embedder=embedding.embedder,
+                )
+            return False
+        return len(embedding.vector) == self.dimensions
 
 
 # --- the rules --------------------------------------------------------------------
 
 # (text, the model aliases whose inference services to ask, timeout) -> the
-# text's vector, or None when none came in time.
-Embed = collections.abc.Callable[[str, tuple[str, ...], float], collections.abc.Awaitable[np.ndarray | None]]
+# text's vector and the embedder that made it, or None when none came in time.
+Embed = collections.abc.Callable[[str, tuple[str, ...], float], collections.abc.Awaitable[Embedding | None]]
 
 
 def strong_cost_bound_usd(prompt_bytes: int, max_tokens: int, price: PriceSettings | None) -> float:
@@ -278,10 +306,10 @@ class Selector:
         text = prompt_text(messages)
         try:
             timeout_s = min(timeout_s, rules.embedding_timeout_s)
-            vector = await self._embed(text, (rules.strong, rules.fast), timeout_s)
+            embedding = await self._embed(text, (rules.strong, rules.fast), timeout_s)
         except Exception:  # noqa: BLE001 - a better choice is not worth failing the turn
             log.exception("embedding for model selection failed; choosing on features alone")
-            vector = None
-        score, used_embedding = self._classifier.score(text, vector)
+            embedding = None
+        score, used_embedding = self._classifier.score(text, embedding)
         reason = SelectionReason.COMPLEXITY if used_embedding else SelectionReason.COMPLEXITY_FEATURES_ONLY
         return Selection(rules.strong if score >= rules.threshold else rules.fast, reason, score)

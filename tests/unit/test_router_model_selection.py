@@ -13,8 +13,9 @@ import time
 
 import numpy as np
 import pytest
+import structlog
 
-from meshgate import metrics
+from meshgate import metrics, minilm
 from meshgate.common.v1 import common_pb2
 from meshgate.config import (
     ConfigError,
@@ -24,6 +25,7 @@ from meshgate.config import (
     SelectionSettings,
     load_settings,
 )
+from meshgate.embedding import UNRECORDED_HEAD_EMBEDDER, Embedding, embedder_name
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
@@ -52,16 +54,20 @@ HARD = (
 
 
 class FakeEmbed:
-    def __init__(self, vector=None, error: Exception | None = None) -> None:
+    """``vector`` as made by ``embedder``: by default the one the committed
+    classifier was trained on."""
+
+    def __init__(self, vector=None, error: Exception | None = None, embedder: str | None = None) -> None:
         self.vector = vector
+        self.embedder = Classifier.load().embedder if embedder is None else embedder
         self.error = error
         self.calls: list[tuple[str, tuple[str, ...], float]] = []
 
-    async def __call__(self, text: str, aliases: tuple[str, ...], timeout_s: float):
+    async def __call__(self, text: str, aliases: tuple[str, ...], timeout_s: float) -> Embedding | None:
         self.calls.append((text, aliases, timeout_s))
         if self.error is not None:
             raise self.error
-        return self.vector
+        return None if self.vector is None else Embedding(self.vector, self.embedder)
 
 
 def messages(text: str) -> list[common_pb2.Message]:
@@ -166,7 +172,69 @@ async def test_a_vector_of_another_size_is_not_used():
     assert selection.reason == SelectionReason.COMPLEXITY_FEATURES_ONLY
 
 
+async def test_a_vector_of_another_embedder_is_not_used_and_is_warned_of_once():
+    # The same model's next revision (meshgate/minilm.py, REVISION): a
+    # vector of the classifier's size, whose coordinates its weights read
+    # as noise. A vector that moves the score far from the features-only
+    # one, so reading it would show.
+    classifier = Classifier.load()
+    revision = classifier.embedder.rpartition("@")[2]
+    other = embedder_name("minilm", revision + "-next")
+    loud = np.full(classifier.dimensions, 0.5, dtype=np.float32)
+    read = await select(EASY[0], embed=FakeEmbed(loud))
+    features_only = await select(EASY[0])
+    assert read.reason == SelectionReason.COMPLEXITY and read.score != features_only.score
+    selector = Selector(FakeEmbed(loud, embedder=other), classifier)
+    with structlog.testing.capture_logs() as logged:
+        for _ in range(2):
+            selection = await selector.select(RULES, "", messages(EASY[0]), 64, None, 5.0)
+            assert (selection.reason, selection.score) == (
+                SelectionReason.COMPLEXITY_FEATURES_ONLY,
+                features_only.score,
+            )
+    warned = [(w["selector_embedder"], w["vector_embedder"]) for w in logged if w["log_level"] == "warning"]
+    assert warned == [(classifier.embedder, other)]
+
+
+def test_a_selector_file_naming_no_embedder_is_the_one_before_the_name_was_recorded(tmp_path):
+    # An operator's own file from before the field: read as trained on
+    # minilm's revision 2 (meshgate.embedding.UNRECORDED_HEAD_EMBEDDER),
+    # never as whatever revision runs now.
+    model = json.loads(model_selection.MODEL_PATH.read_text())
+    model.pop("embedder", None)
+    path = tmp_path / "model_selector.json"
+    path.write_text(json.dumps(model))
+    assert Classifier.load(path).embedder == UNRECORDED_HEAD_EMBEDDER == "minilm@2"
+
+
+def test_the_committed_selector_was_trained_on_the_running_embedder():
+    # minilm.REVISION bumped (tests/unit/test_minilm_revision.py) without
+    # retraining would leave routing on the features alone.
+    import cache_data
+
+    assert Classifier.load().embedder == cache_data.embedder() == embedder_name("minilm", minilm.REVISION)
+
+
+def test_the_training_script_records_the_embedder_of_its_vectors(monkeypatch, tmp_path):
+    import model_selection_data as data
+    import train_model_selector as training
+
+    prompts = [data.Prompt(text, False, "qqp", "train") for text in EASY * 4] + [
+        data.Prompt(text, True, "beam", "train") for text in HARD * 4
+    ]
+    rng = np.random.default_rng(1)
+    vectors = {p.text: rng.standard_normal(8).astype(np.float32) for p in prompts}
+    monkeypatch.setattr(data, "load", lambda: prompts)
+    monkeypatch.setattr(data, "embeddings", lambda texts: {t: vectors[t] for t in texts})
+    model = training.build_model()
+    assert model["embedder"] == {"model": "minilm", "revision": minilm.REVISION}
+    path = tmp_path / "model_selector.json"
+    path.write_text(json.dumps(model))
+    assert Classifier.load(path).embedder == embedder_name("minilm", minilm.REVISION)
+
+
 async def test_tiers_decide_before_the_classifier_without_embedding():
+
     embed = FakeEmbed()
     premium = await select(EASY[0], tier="premium", embed=embed)
     free = await select(HARD[0], tier="free", embed=embed)
