@@ -543,14 +543,14 @@ def test_the_committed_model_is_what_the_training_script_makes():
     # Equal but for the last of the six decimals the file keeps: embeddings
     # cached on another machine (another CPU's float sums) moved one weight
     # by 1e-6 and failed an exact comparison of a model that was the same.
-    assert training.build_model() == _within_rounding(json.loads(verifier.MODEL_PATH.read_text()))
+    assert training.build_model() == within_rounding(json.loads(verifier.MODEL_PATH.read_text()))
 
 
-def _within_rounding(value):
+def within_rounding(value):
     if isinstance(value, dict):
-        return {key: _within_rounding(item) for key, item in value.items()}
+        return {key: within_rounding(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_within_rounding(item) for item in value]
+        return [within_rounding(item) for item in value]
     if isinstance(value, float):
         return pytest.approx(value, rel=0, abs=2e-6)
     return value

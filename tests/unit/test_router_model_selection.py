@@ -34,6 +34,7 @@ from services.router.admission import estimate_prompt_tokens
 from services.router.auth import Tenant
 from services.router.model_selection import Classifier, Selection, SelectionReason, Selector, features
 from services.router.pipeline import Answer, Budget, CacheStatus, Completion, Pipeline
+from tests.unit.test_cache_verifier import within_rounding
 from tests.unit.test_router_pipeline import FakeCache, FakeContexts, FakeGenerator, events_of, user
 
 # The training script and its data module, for the reproduction test.
@@ -459,7 +460,9 @@ def test_the_committed_selector_is_what_the_training_script_makes():
 
     if not (data.available() and data.VECTORS_NPZ.exists()):
         pytest.skip("needs ../shared/data and the embeddings bench/model_selection_data.py caches")
-    assert training.build_model() == json.loads(model_selection.MODEL_PATH.read_text())
+    # Within the last of the six decimals kept, as the verifier's: retrained
+    # on this machine's vectors, 34 of 412 weights came out 1e-6 apart.
+    assert training.build_model() == within_rounding(json.loads(model_selection.MODEL_PATH.read_text()))
 
 
 def test_the_http_edge_reports_the_choice_in_its_extension():
