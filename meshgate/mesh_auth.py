@@ -235,6 +235,16 @@ def _checked_files(service: str, ca_file: str, cert_file: str, key_file: str) ->
 CERTIFICATE_LOOK_S = 1.0
 
 
+def look_clock() -> float:
+    """The clock that spaces the looks (WatchedFiles.latest): a name of this
+    module's own, so that a test can move it alone. Moved through
+    ``mesh_auth.time.monotonic`` (the time module's, every reader's), it
+    moved asyncio's event loop too: on a machine up for less than the moved
+    clock's reading, the loop ran at once the timers it held, a test's
+    async_test_timeout among them."""
+    return time.monotonic()
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Certificates:
     """One reading of a service's CA, certificate and key files, checked
@@ -276,7 +286,7 @@ class WatchedFiles(Generic[_Reading]):
         # Taken before reading: a file replaced meanwhile is read again.
         self._seen = self._versions()
         self.current: _Reading = self._read()
-        self._next_look = time.monotonic() + CERTIFICATE_LOOK_S
+        self._next_look = look_clock() + CERTIFICATE_LOOK_S
 
     def _read(self) -> _Reading:
         """The files' contents, checked; ConfigError when they fail a check."""
@@ -320,7 +330,7 @@ class WatchedFiles(Generic[_Reading]):
         """:meth:`refresh` at most once per CERTIFICATE_LOOK_S, else the
         reading in use: a clock read, for what asks at every call (a
         channel, the router's tokens)."""
-        now = time.monotonic()
+        now = look_clock()
         if now < self._next_look:
             return self.current
         self._next_look = now + CERTIFICATE_LOOK_S

@@ -380,7 +380,7 @@ def test_channels_look_at_the_files_once_per_look_interval_not_per_call(tmp_path
     served = tmp_path / "served"
     shutil.copytree(certs_dir(), served)
     now = 1000.0
-    monkeypatch.setattr(mesh_auth.time, "monotonic", lambda: now)
+    monkeypatch.setattr(mesh_auth, "look_clock", lambda: now)
     files = _context_files(served)
     started_with = files.current
     _replace_pair(served, _renewed(certs_dir(), tmp_path / "renewed"))
@@ -808,7 +808,7 @@ def test_a_token_of_a_key_not_yet_seen_looks_at_the_files_at_once(tmp_path: path
     CERTIFICATE_LOOK_S, and the router may take its new key (the same file)
     an instant before: a token naming a key it does not know makes it look
     now, rather than refuse the router's first tokens after a rotation."""
-    monkeypatch.setattr(mesh_auth.time, "monotonic", lambda: 1000.0)
+    monkeypatch.setattr(mesh_auth, "look_clock", lambda: 1000.0)
     served = tmp_path / "served"
     shutil.copytree(certs_dir(), served)
     tokens, verifier = _router_mesh(served, Clock())

@@ -155,7 +155,7 @@ async def test_a_mesh_channel_moves_to_renewed_files_and_closes_the_one_it_repla
     served = tmp_path / "served"
     shutil.copytree(certs_dir(), served)
     now = 1000.0
-    monkeypatch.setattr(mesh_auth.time, "monotonic", lambda: now)
+    monkeypatch.setattr(mesh_auth, "look_clock", lambda: now)
     files = mesh_auth.Mesh(mesh_settings(served), "router").files
     made: list[_Channel] = []
 
