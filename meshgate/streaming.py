@@ -22,9 +22,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import collections.abc
-import contextlib
 
 import grpc
+
+from meshgate.tasks import cancel_and_wait
 
 
 async def batches(
@@ -125,7 +126,7 @@ async def batches(
     finally:
         if timer is not None:
             timer.cancel()
-        if not reader.done():
-            reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await reader
+        # Its failure is the call's, which a consumer that closes has no use
+        # for; a cancel of the consumer while the reader ends is the
+        # consumer's (suppressed with the reader's, it was lost).
+        await cancel_and_wait(reader, raise_failures=False)

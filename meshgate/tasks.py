@@ -7,9 +7,11 @@ import asyncio
 import sys
 
 
-async def cancel_and_wait(*tasks: asyncio.Task) -> None:
+async def cancel_and_wait(*tasks: asyncio.Future, raise_failures: bool = True) -> None:
     """Cancels ``tasks`` and waits until each has ended; raises what one
-    failed with, not their cancellation. A cancellation of the caller while
+    failed with (unless ``raise_failures`` is False: a caller that leaves
+    what they were doing has no use for how they ended), not their
+    cancellation. A cancellation of the caller while
     it waits (a stop cancelled, a test's async_test_timeout) is raised, and
     reaches the tasks too. `task.cancel()` then `with
     suppress(CancelledError): await task` swallowed that one with the
@@ -21,7 +23,7 @@ async def cancel_and_wait(*tasks: asyncio.Task) -> None:
     # gather raises its own cancellation whatever return_exceptions says,
     # and hands back the tasks'.
     for outcome in await asyncio.gather(*tasks, return_exceptions=True):
-        if isinstance(outcome, Exception):
+        if raise_failures and isinstance(outcome, Exception):
             raise outcome
 
 

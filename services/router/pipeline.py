@@ -58,6 +58,7 @@ from meshgate.errors import (
 )
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as router_pb
+from meshgate.tasks import cancel_and_wait
 from services.router.auth import Tenant
 from services.router.coalescing import Coalescer, coalescing_key
 from services.router.model_selection import Selection, Selector
@@ -1177,9 +1178,9 @@ class _Race:
 
     async def _stop_generation(self) -> None:
         if self._first is not None:
-            self._first.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._first
+            # Its failure no longer matters (the class says); a cancel of the
+            # turn while it ends is the turn's.
+            await cancel_and_wait(self._first, raise_failures=False)
         await self._generation.aclose()
 
     async def __aexit__(self, *exc_info) -> None:

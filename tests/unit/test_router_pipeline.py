@@ -32,6 +32,7 @@ from services.router.pipeline import (
     Hit,
     Pipeline,
     SummarySpend,
+    _Race,
     replay_pieces,
 )
 
@@ -767,3 +768,35 @@ def test_an_alias_pointed_at_another_model_by_a_reload_gets_another_cache_scope(
     after = built.validate(request(), tenant, "", Budget(), False).cache
     assert (before.model, before.route) == ("m", "tiny-gpt")
     assert (after.model, after.route) == ("m", "smollm2")
+
+
+async def test_a_turn_cancelled_as_a_hit_stops_its_generation_stays_cancelled() -> None:
+    """On a hit the race cancels the generation's first piece and waits for
+    it to end; a cancel of the turn landing in that wait (its caller gone,
+    the router's stop) is the turn's, and must not end with the piece's:
+    lost, the turn went on to serve and bill the hit to no one."""
+    generating = asyncio.Event()
+
+    async def generation():
+        generating.set()
+        await asyncio.Event().wait()
+        yield "never"
+
+    hit = Hit(Answer(), CacheStatus.EXACT_HIT, 1.0)
+    lookup = asyncio.get_running_loop().create_future()
+    served = []
+
+    async def turn() -> None:
+        async with _Race(lookup, generation(), speculative=True) as race:
+            served.append(await race.hit())
+
+    running = asyncio.create_task(turn())
+    await generating.wait()
+    lookup.set_result(hit)
+    # One turn for the race to take the hit and cancel the piece; it then
+    # waits for the piece to end.
+    await asyncio.sleep(0)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert served == []

@@ -269,3 +269,31 @@ async def test_a_stream_slower_than_the_hold_is_not_held():
         sent = time.monotonic()
         assert await anext(batches) == ["c"]
         assert time.monotonic() - sent >= hold_s * 0.9
+
+
+async def test_a_consumer_cancelled_while_closing_stays_cancelled():
+    """The close waits for the reader it cancelled; a cancel of the
+    consumer landing in that wait (a stop, a caller gone, in the loop turn
+    the stream is closed) is the consumer's, and must reach it, not end
+    with the reader's."""
+    call = ScriptedCall()
+    closed = asyncio.Event()
+
+    async def consume() -> str:
+        batches = streaming.batches(call)
+        call.send("a")
+        assert await anext(batches) == ["a"]
+        await batches.aclose()
+        # Reached only by a consumer whose cancel was lost.
+        closed.set()
+        return "went on"
+
+    consumer = asyncio.create_task(consume())
+    await until(lambda: call.reads_waiting == 1)
+    # The consumer is now in the close, waiting for the reader to end.
+    await asyncio.sleep(0)
+    assert not closed.is_set()
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    assert not closed.is_set()
