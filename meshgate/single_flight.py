@@ -17,7 +17,13 @@ the cache service's question embeddings, services/cache/embedding_memo.py):
   GET whose record is cached).
 - A finished flight is never joined: the next caller for its keys starts
   afresh (or finds what the work kept). A failure is not shared with callers
-  arriving after it.
+  arriving after it. The one exception, made with ``keep_finished``: a flight
+  that ended with a value or a failure keeps answering its keys (a cancelled
+  one does not), for as long as the SingleFlight lives, so it must live no
+  longer than what it made stays true. The router's Stores of one generated
+  answer (``Answer.stores``, services/router/pipeline.py) need this: each
+  caller sharing the answer must write its entry once, however late after
+  the first Store ended it comes to store.
 - A failure reaches each caller as its own exception object: one exception
   raised in several callers' tasks would gather every raise's traceback and
   chain each caller's handling into the next one's. A ``MeshgateError`` is
@@ -74,18 +80,22 @@ class Flight(typing.Generic[V]):
 class SingleFlight(typing.Generic[K, V]):
     """The work under way by key; ``name`` says whose in the log."""
 
-    def __init__(self, name: str, *, cancel_when_abandoned: bool) -> None:
+    def __init__(self, name: str, *, cancel_when_abandoned: bool, keep_finished: bool = False) -> None:
         self._name = name
         self._cancel_when_abandoned = cancel_when_abandoned
+        self._keep_finished = keep_finished
         self._flights: dict[K, Flight[V]] = {}
         # Every task still running, forgotten or not: the event loop holds
         # tasks only weakly, and a forgotten one nobody waits for must finish.
         self._running: set[asyncio.Task[V]] = set()
 
     def flight(self, key: K) -> Flight[V] | None:
-        """The unfinished work answering ``key``, if any."""
+        """The work answering ``key``, if any: unfinished, or with
+        ``keep_finished`` finished too (never cancelled)."""
         flight = self._flights.get(key)
-        if flight is None or flight.task.done():
+        if flight is None or flight.task.cancelled():
+            return None
+        if flight.task.done() and not self._keep_finished:
             return None
         return flight
 
@@ -158,7 +168,8 @@ class SingleFlight(typing.Generic[K, V]):
 
     def _landed(self, flight: Flight[V]) -> None:
         self._running.discard(flight.task)
-        self._drop(flight)
+        if flight.task.cancelled() or not self._keep_finished:
+            self._drop(flight)
         if flight.task.cancelled():
             return
         # Retrieved here in any case: every caller that shared it may have left.

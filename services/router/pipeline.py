@@ -58,6 +58,7 @@ from meshgate.errors import (
 )
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as router_pb
+from meshgate.single_flight import SingleFlight
 from meshgate.tasks import cancel_and_wait
 from services.router.auth import Tenant
 from services.router.coalescing import Coalescer, coalescing_key
@@ -118,24 +119,18 @@ class Answer:
     # stores with this one, not its own: it read its own after the
     # generation began, maybe after an Invalidate that the answer predates.
     store_fence: str | None = None
-    # Its Stores, under way or done (Pipeline._store): the callers sharing
-    # one generation adopt its answer's list, so each entry is written once.
-    stores: list[_Store] = dataclasses.field(default_factory=list, compare=False, repr=False)
+    # Its Stores by entry, under way or done (Pipeline._store): the callers
+    # sharing one generation adopt its answer's, so each entry is written once.
+    stores: SingleFlight[tuple[bytes, ...], None] = dataclasses.field(
+        default_factory=lambda: SingleFlight("answer store", cancel_when_abandoned=True, keep_finished=True),
+        compare=False,
+        repr=False,
+    )
 
     def adopt(self, other: Answer) -> None:
         """Becomes ``other``, in place: the turn's outcome holds this object."""
         for field in dataclasses.fields(self):
             setattr(self, field.name, getattr(other, field.name))
-
-
-@dataclasses.dataclass
-class _Store:
-    """One Store of a generated answer under ``messages``, and how many
-    callers sharing the answer wait for it."""
-
-    messages: Any
-    task: asyncio.Task
-    waiting: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -959,19 +954,10 @@ class Pipeline:
         in more than one order). Each waits for its entry's, so its
         completion still finds the entry stored. The Store is no caller's, as the generation is not: a
         caller going away leaves it to the others, the last one cancels it,
-        and a caller arriving after that stores afresh."""
-        store = next((s for s in answer.stores if s.messages == messages and not s.task.cancelled()), None)
-        if store is None:
-            store = _Store(messages, asyncio.ensure_future(self._cache.store(plan, messages, answer, budget)))
-            answer.stores.append(store)
-        store.waiting += 1
-        try:
-            await asyncio.shield(store.task)
-        finally:
-            store.waiting -= 1
-            if not store.waiting and not store.task.done():
-                store.task.cancel()
-                await asyncio.wait({store.task})
+        and a caller arriving after that stores afresh; one arriving after
+        it ended finds it done (SingleFlight's keep_finished)."""
+        entry = tuple(message.SerializeToString(deterministic=True) for message in messages)
+        await answer.stores.join(entry, lambda: self._cache.store(plan, messages, answer, budget))
 
     async def _exact_hit(self, plan: CachePlan, messages, budget: Budget) -> Hit | None:
         """The exact lookup, before the turn generates. A turn that stores

@@ -472,23 +472,45 @@ async def test_callers_sharing_a_generation_store_its_answer_once_and_complete_a
     assert cache.stored == [(["What is the answer?"], "".join(PIECES))]
 
 
-async def test_the_shared_store_goes_on_when_the_caller_that_began_it_leaves():
+async def sharing_the_first_piece(cache: GatedStoreCache, joiner_kind=Caller) -> tuple[Caller, Caller]:
+    """A caller that began a generation and one that joined it, each with
+    its first piece; the rest is released."""
     generator = GatedGenerator()
-    cache = GatedStoreCache()
     turns = Pipeline(RouterSettings(), MODELS, FakeContexts(), cache, generator)
-    # The starter reads the end first, and so begins the Store.
     starter = Caller(turns, chat(policy=pb.CACHE_POLICY_USE))
     generator.open(1)
     await starter.until_pieces(1)
-    joiner = Caller(turns, chat(policy=pb.CACHE_POLICY_USE))
+    joiner = joiner_kind(turns, chat(policy=pb.CACHE_POLICY_USE))
     await joiner.until_pieces(1)
     generator.open()
+    return starter, joiner
+
+
+async def test_the_shared_store_goes_on_when_the_caller_that_began_it_leaves():
+    cache = GatedStoreCache()
+    # The starter reads the end first, and so begins the Store.
+    starter, joiner = await sharing_the_first_piece(cache)
     await storing(cache, starter, joiner)
     await starter.cancel()
     cache.release.set()
     await settle_all(joiner)
     assert isinstance(joiner.events[-1], Completion)
     assert (cache.begun, cache.cancelled) == (1, 0)
+    assert cache.stored == [(["What is the answer?"], "".join(PIECES))]
+
+
+async def test_a_caller_sharing_a_generation_that_comes_to_store_after_its_store_ended_stores_nothing():
+    """However late a caller sharing the answer comes to store, the entry
+    is written once: it finds the Store done, not a Store to begin."""
+    cache = GatedStoreCache()
+    cache.release.set()
+    first, late = await sharing_the_first_piece(cache, StallingCaller)
+    await settle_all(first)
+    assert isinstance(first.events[-1], Completion) and cache.begun == 1
+    late.resume.set()
+    await settle_all(late)
+    assert isinstance(late.events[-1], Completion) and late.text == "".join(PIECES)
+    assert cache.begun == 1
     assert cache.stored == [(["What is the answer?"], "".join(PIECES))]
 
 

@@ -101,6 +101,32 @@ async def test_work_abandoned_by_its_last_caller_is_cancelled_when_asked_and_the
     assert work.started == 2
 
 
+@pytest.mark.parametrize("failure", [None, boom()])
+async def test_a_finished_run_answers_later_callers_when_kept_and_a_cancelled_one_does_not(failure):
+    flights: SingleFlight[str, object] = SingleFlight("test", cancel_when_abandoned=True, keep_finished=True)
+    work = GatedWork(failure=failure)
+    work.gate.set()
+    for _ in range(2):
+        caller = asyncio.create_task(flights.join("k", work.run))
+        if failure is None:
+            assert await caller == "value"
+        else:
+            with pytest.raises(MeshgateError) as raised:
+                await caller
+            assert raised.value is not failure and raised.value.reason == failure.reason
+    assert work.started == 1
+    # Abandoned, the run is cancelled: the next caller starts afresh.
+    abandoned = GatedWork()
+    caller = asyncio.create_task(flights.join("a", abandoned.run))
+    await settle()
+    caller.cancel()
+    await asyncio.gather(caller, return_exceptions=True)
+    await until(lambda: abandoned.cancelled == 1)
+    abandoned.gate.set()
+    assert await flights.join("a", abandoned.run) == "value"
+    assert abandoned.started == 2
+
+
 async def test_work_abandoned_by_its_last_caller_runs_to_its_end_when_not_asked_to_cancel():
     flights: SingleFlight[str, object] = SingleFlight("test", cancel_when_abandoned=False)
     work = GatedWork()
