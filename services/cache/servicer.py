@@ -79,6 +79,14 @@ MAX_CANDIDATES = 5
 
 _USER = common_pb2.ROLE_USER
 
+# What a lookup's answer counts as: its total in the mesh's stats
+# (services/cache/stats.py) and its label in this replica's metrics.
+_COUNTED_AS = {
+    pb.LOOKUP_STATUS_EXACT_HIT: ("exact_hits", "exact_hit"),
+    pb.LOOKUP_STATUS_SEMANTIC_HIT: ("semantic_hits", "semantic_hit"),
+    pb.LOOKUP_STATUS_MISS: ("misses", "miss"),
+}
+
 # How long lookups wait for a top-up of their index that has had no reply
 # from Redis, before each reads for itself (``_queue_for_top_up``). A round
 # trip of a top-up takes milliseconds (at most SYNC_BATCH rows, ~1.6 MB at
@@ -259,46 +267,52 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         entry_id = keys.entry_id(partition, messages)
         live = live_answer(await self._store.get(partition, entry_id), _now_ms())
         if live is not None:
-            answer, expires_in_ms = live
-            self._stats.pending["exact_hits"] += 1
-            self._metrics.lookups.labels("exact_hit").inc()
-            response = pb.LookupResponse(
-                status=pb.LOOKUP_STATUS_EXACT_HIT,
-                similarity=1.0,
-                entry_id=entry_id,
-                expires_in_ms=expires_in_ms,
-                heartbeat_id=self._heartbeat_id,
-            )
-            response.answer.MergeFromString(answer)
-            return response
-        if messages[-1].role == _USER and not request.semantic:
-            self._embed_ahead(partition, messages)
-        if request.semantic and messages[-1].role == _USER:
-            hit = await self._semantic_lookup(partition, messages, entry_id)
-            if hit is not None:
-                match, (answer, expires_in_ms) = hit
-                self._stats.pending["semantic_hits"] += 1
-                self._metrics.lookups.labels("semantic_hit").inc()
-                response = pb.LookupResponse(
-                    status=pb.LOOKUP_STATUS_SEMANTIC_HIT,
-                    similarity=match.similarity,
-                    entry_id=match.entry_id,
-                    asked_entry_id=entry_id,
-                    expires_in_ms=expires_in_ms,
-                    heartbeat_id=self._heartbeat_id,
+            return self._hit(pb.LOOKUP_STATUS_EXACT_HIT, live, 1.0, entry_id)
+        if messages[-1].role == _USER:
+            if not request.semantic:
+                self._embed_ahead(partition, messages)
+            elif (hit := await self._semantic_lookup(partition, messages, entry_id)) is not None:
+                match, live = hit
+                return self._hit(
+                    pb.LOOKUP_STATUS_SEMANTIC_HIT, live, match.similarity, match.entry_id, entry_id
                 )
-                response.answer.MergeFromString(answer)
-                return response
         # The fence the Store of this prompt's answer will carry: only the
         # exact lookup's, which answers before the generation starts (a
         # semantic one may read after an Invalidate it began before).
         store_fence = "" if request.semantic else await self._store.store_fence(partition)
+        response = pb.LookupResponse(status=pb.LOOKUP_STATUS_MISS, store_fence=store_fence)
         if request.semantic_follows and not request.semantic:
-            # The semantic lookup that follows counts this prompt.
-            return pb.LookupResponse(status=pb.LOOKUP_STATUS_MISS, store_fence=store_fence)
-        self._stats.pending["misses"] += 1
-        self._metrics.lookups.labels("miss").inc()
-        return pb.LookupResponse(status=pb.LOOKUP_STATUS_MISS, store_fence=store_fence)
+            return response  # the semantic lookup that follows counts this prompt
+        return self._counted(response)
+
+    def _hit(
+        self,
+        status: pb.LookupStatus,
+        live: tuple[bytes, int],
+        similarity: float,
+        entry_id: str,
+        asked_entry_id: str = "",
+    ) -> pb.LookupResponse:
+        """A hit on ``entry_id``, with its stored answer and time left
+        (``live``, from live_answer), counted."""
+        answer, expires_in_ms = live
+        response = pb.LookupResponse(
+            status=status,
+            similarity=similarity,
+            entry_id=entry_id,
+            asked_entry_id=asked_entry_id,
+            expires_in_ms=expires_in_ms,
+            heartbeat_id=self._heartbeat_id,
+        )
+        response.answer.MergeFromString(answer)
+        return self._counted(response)
+
+    def _counted(self, response: pb.LookupResponse) -> pb.LookupResponse:
+        """``response``, counted by its status in the mesh's totals and this replica's metrics."""
+        total, label = _COUNTED_AS[response.status]
+        self._stats.pending[total] += 1
+        self._metrics.lookups.labels(label).inc()
+        return response
 
     async def Store(self, request: pb.StoreRequest, context: grpc.aio.ServicerContext) -> pb.StoreResponse:
         partition = _partition(request.scope)
