@@ -148,11 +148,9 @@ class HotExactHits:
         # notice's number, or the newest that trimming forgot.
         self._floor = 0
         # When the subscription came up (None: it is down; the listener says),
-        # when the latest heartbeat of any cache replica came on it (None:
-        # none since), and each replica's latest by its heartbeat id: a
-        # replica's notices are known to arrive only while its heartbeat does.
+        # and each cache replica's latest heartbeat on it by its heartbeat id:
+        # a replica's notices are known to arrive only while its heartbeat does.
         self._subscribed_at: float | None = None
-        self._heartbeat_at: float | None = None
         self._heard: dict[str, float] = {}
         self._heartbeat_lost_after_s = heartbeat_lost_after_s
         # Heartbeat ids that hits named and this subscription has not heard:
@@ -180,7 +178,9 @@ class HotExactHits:
         )
 
     def _hears_any(self, now: float) -> bool:
-        return self._heartbeat_at is not None and now - self._heartbeat_at <= self._heartbeat_lost_after_s
+        # A replica forgotten from _heard went silent past the bound, so the
+        # latest heartbeat within it, if any, is still in _heard.
+        return any(self._hears(heartbeat_id, now) for heartbeat_id in self._heard)
 
     def _hears(self, heartbeat_id: str, now: float) -> bool:
         heard_at = self._heard.get(heartbeat_id)
@@ -192,7 +192,6 @@ class HotExactHits:
         new subscription's first heartbeat."""
         self.clear()
         self._subscribed_at = self._clock() if up else None
-        self._heartbeat_at = None
         self._heard.clear()
         self._named_unheard.clear()
 
@@ -217,7 +216,9 @@ class HotExactHits:
         if self._unheard_told:
             return
         if not self._hears_any(now):
-            if self._heartbeat_at is not None or now - self._subscribed_at > bound_s:
+            # A subscription that heard no heartbeat yet has bound_s from its
+            # start; one that heard one has had longer, as it heard it since.
+            if now - self._subscribed_at > bound_s:
                 self._unheard_told = True
                 log.warning(
                     "the cache service's heartbeat is not heard: hot copies bypassed until it is "
@@ -382,7 +383,7 @@ class HotExactHits:
             # This replica's first after its silence, before check_heartbeat
             # forgot it.
             self._forget_heartbeats([heartbeat_id])
-        self._heartbeat_at = self._heard[heartbeat_id] = now
+        self._heard[heartbeat_id] = now
         self._named_unheard.pop(heartbeat_id, None)
 
     def _forget_heartbeats(self, silent: list[str]) -> None:
