@@ -126,8 +126,10 @@ class Health:
     Closed: traffic flows, consecutive failures are counted. Open: no traffic
     until the open time passes. Half-open: one request at a time is let
     through as a probe; its success closes the circuit, its failure opens it
-    again for twice as long. A probe whose outcome never comes (its caller
-    vanished) frees the slot after open_for_s, so it cannot wedge the target.
+    again for twice as long. A probe that tells nothing of the target (its
+    caller left, or a busy replica refused it unread) frees the slot at once
+    (release_probe); one whose outcome never comes otherwise frees it after
+    open_for_s, so it cannot wedge the target.
 
     A caller that probes its targets actively (the router's health checks of
     its deployments) may also mark one down: open for as long as it stays
@@ -182,7 +184,8 @@ class Health:
 
     def release_probe(self) -> None:
         """The probe sent (begin() returned True) was never taken (a busy
-        replica refused it unread): it tells nothing of the target's
+        replica refused it unread), or its caller left (cancelled: counted
+        as neither success nor failure): it tells nothing of the target's
         health, so in half-open the next request may probe at once, not
         after another open_for_s. Only the probe's own caller may: another
         request's refusal would let a second probe in beside the first."""

@@ -138,7 +138,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     # guard checked the router's word for it).
                     cache_salt=request.tenant_id,
                 )
-                backend.health.begin()
+                probing = backend.health.begin()
                 take_back_route = strategy.routed(backend, route)
                 try:
                     async for response in stream:
@@ -185,6 +185,14 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                         continue
                     failure = triton_failure(error, served.triton_model, Reason.INVALID_GENERATION_REQUEST)
                     raise _with_progress(failure, stream) from error
+                except (asyncio.CancelledError, GeneratorExit):
+                    # Its caller left (a deadline, a cancel): neither a
+                    # success nor a failure of the server, whose half-open
+                    # slot would otherwise stay taken for open_for_s, no
+                    # trial let in (balancing.Health.release_probe).
+                    if probing:
+                        backend.health.release_probe()
+                    raise
         finally:
             self._generations -= 1
             slots.give_back(tenant)
@@ -284,7 +292,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             tried.add(backend.address)
             # The breaker Generate feeds, fed the same way: a server that
             # fails embeddings leaves rotation as one failing generations does.
-            backend.health.begin()
+            probing = backend.health.begin()
             backend.in_flight += 1
             try:
                 call = backend.stub.ModelInfer(triton_protocol.embed_request(model, texts))
@@ -311,6 +319,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     log.warning("triton unavailable, embedding on another", backend=backend.address)
                     continue
                 raise triton_failure(error, model, Reason.INVALID_EMBEDDING_REQUEST) from error
+            except asyncio.CancelledError:
+                # As a generation's (Generate): its last caller left.
+                if probing:
+                    backend.health.release_probe()
+                raise
             finally:
                 backend.in_flight -= 1
         shape, raw, revision = triton_protocol.embedding_outputs(response)

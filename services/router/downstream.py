@@ -815,6 +815,12 @@ class Deployments:
                 raise failure from error
             except BaseException as error:  # cancelled, closed: the span says so, then on it goes
                 call_error = error
+                if probing and isinstance(error, asyncio.CancelledError | GeneratorExit):
+                    # Its caller left (a deadline, a cancel, a cache hit
+                    # overtaking the generation): neither a success nor a
+                    # failure of the deployment, whose half-open slot would
+                    # otherwise stay taken for open_for_s, no trial let in.
+                    deployment.health.release_probe()
                 raise
             finally:
                 telemetry.end_grpc_client_span(span, call_error)

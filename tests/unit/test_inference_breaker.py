@@ -8,6 +8,8 @@ Triton)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from tritonclient.grpc import service_pb2
@@ -19,8 +21,10 @@ from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.reasons import Reason
 from services.inference.backends import BackendPool
 from services.inference.servicer import InferenceServicer
-from tests.unit.test_inference_embed import DIMENSIONS, FakeContext, embedding_response
+from tests.unit.test_balancing import Clock
+from tests.unit.test_inference_embed import DIMENSIONS, FakeContext, GatedTriton, embedding_response
 from tests.unit.test_inference_stream import ScriptedCall, answer
+from tests.unit.test_streaming import until
 
 STUB_DIED = "Failed to process the request(s) for model 'tiny_gpt_0_0', message: Stub process is not healthy."
 # As tritonserver 2.51 answers, on a stream and to ModelInfer (INTERNAL) alike.
@@ -159,3 +163,57 @@ async def test_requests_the_model_refuses_count_against_no_server(two_servers) -
             await _generate(servicer, f"question {i}")
         assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert all(b.health.state is balancing.BreakerState.CLOSED for b in backends)
+
+
+class SilentTriton:
+    """A Triton server that takes a generation and answers nothing, until
+    its caller goes away."""
+
+    def __init__(self) -> None:
+        self.calls: list[ScriptedCall] = []
+
+    def ModelStreamInfer(self) -> ScriptedCall:
+        self.calls.append(ScriptedCall())
+        return self.calls[-1]
+
+
+def half_open(backend, clock: Clock) -> None:
+    """``backend``'s breaker opened by a failure and its open time past: the
+    next request sent there is its probe."""
+    backend.health = balancing.Health(balancing.BreakerPolicy(failures_to_open=1, open_for_s=10.0), clock)
+    backend.health.record_failure()
+    clock.now += 10
+    assert backend.health.state is balancing.BreakerState.HALF_OPEN and backend.health.admits
+
+
+async def test_a_half_open_generation_its_caller_cancels_frees_the_probe_slot_at_once(two_servers) -> None:
+    """The caller went away (its deadline, a cancel): that says nothing of
+    the server's health, yet the probe's slot stayed taken for open_for_s
+    (10 s), the server taking no trial meanwhile. Neither a success nor a
+    failure: half-open still, free to probe again."""
+    servicer, (probed, other) = two_servers
+    other.ready_models = set()  # the probed server is the only one
+    half_open(probed, Clock())
+    probed.stream_stub = silent = SilentTriton()
+    generation = asyncio.create_task(_generate(servicer, "question"))
+    await until(lambda: silent.calls and silent.calls[0].requests)
+    assert not probed.health.admits  # the probe holds the slot while it runs
+    generation.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await generation
+    assert probed.health.state is balancing.BreakerState.HALF_OPEN and probed.health.admits
+
+
+async def test_a_half_open_embedding_its_caller_cancels_frees_the_probe_slot_at_once(two_servers) -> None:
+    servicer, (probed, other) = two_servers
+    other.ready_models = set()
+    half_open(probed, Clock())
+    probed.stub = gated = GatedTriton()
+    embedding = asyncio.create_task(servicer.Embed(pb.EmbedRequest(texts=["question"]), FakeContext(None)))
+    await asyncio.wait_for(gated.started.wait(), 5)
+    assert not probed.health.admits
+    embedding.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await embedding
+    await until(lambda: gated.cancelled)  # the shared embedding stops with its last caller
+    assert probed.health.state is balancing.BreakerState.HALF_OPEN and probed.health.admits

@@ -716,3 +716,50 @@ async def test_no_deployment_answering_tells_the_caller_nothing_of_their_address
         await table.close()
     assert raised.value.reason == Reason.NO_DEPLOYMENT_AVAILABLE
     assert raised.value.message == "no deployment of 'm' could serve: inference call failed: UNAVAILABLE"
+
+
+@pytest.mark.parametrize("delivered", [[], hello_world()[:1]], ids=["before any text", "after some text"])
+async def test_a_half_open_probe_its_caller_cancels_frees_the_slot_at_once(delivered):
+    """The caller went away (its deadline, a cancel, a cache hit overtaking
+    the generation): that says nothing of the deployment's health, yet the
+    probe's slot stayed taken for open_for_s (10 s), the deployment taking
+    no trial meanwhile. Neither a success nor a failure: half-open still,
+    free to probe again."""
+    table = DeploymentTable({"m": model("least_outstanding", "a")})
+    (a,) = table.candidates("m")
+    clock = Clock()
+    a.health = Health(BreakerPolicy(failures_to_open=1, open_for_s=10.0), clock)
+    a.health.record_failure()
+    clock.now += 10  # half-open: the next generation is its probe
+    a.stream_stub = stuck = HangingGenerate(list(delivered))
+    turn = asyncio.create_task(generated(table, Answer()))
+    try:
+        await until(lambda: stuck.request is not None)
+        assert not a.health.admits  # the probe holds the slot while it runs
+        turn.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await turn
+    finally:
+        await table.close()
+    assert a.health.state is BreakerState.HALF_OPEN and a.health.admits
+
+
+async def test_a_half_open_probe_closed_after_its_first_text_frees_the_slot_at_once():
+    """As a cancel: a cache hit overtaking a speculative generation closes
+    the generation's stream where it gave text (GeneratorExit)."""
+    table = DeploymentTable({"m": model("least_outstanding", "a")})
+    (a,) = table.candidates("m")
+    clock = Clock()
+    a.health = Health(BreakerPolicy(failures_to_open=1, open_for_s=10.0), clock)
+    a.health.record_failure()
+    clock.now += 10
+    a.stream_stub = HangingGenerate(hello_world()[:1])
+    deployments = Deployments(table, RouterSettings(), TenantTokens(None, 60.0))
+    pieces = deployments.generate("m", [], common_pb2.GenerationParameters(), Budget(), Answer(), "")
+    try:
+        assert await anext(pieces) == "Hel"
+        assert not a.health.admits
+        await pieces.aclose()
+    finally:
+        await table.close()
+    assert a.health.state is BreakerState.HALF_OPEN and a.health.admits
