@@ -304,8 +304,10 @@ _TOOL_FIELDS = ("tool_calls", "function_call")
 # Every field a message may have, by role. A participant's ``name`` is
 # accepted and not used (SDKs send it; the bundled chat templates have no
 # place for it). Only an assistant's message has the rest, as in OpenAI's
-# API: its tool fields are accepted null or empty (``message.model_dump()``
-# in openai-python sends them null) and refused by name otherwise; its
+# API: its tool fields are accepted null or an empty object
+# (``message.model_dump()`` in openai-python sends them null) and refused by
+# name otherwise; an empty ``tool_calls`` array is refused as OpenAI refuses
+# it (an array of at least one call), in its words; its
 # ``refusal`` is what it said when its content is empty; an answer sent
 # back as the client got it has ``annotations`` (OpenAI's ``[]``, or
 # citations of the text it holds) and ``audio`` (null from
@@ -438,6 +440,12 @@ def _messages(raw) -> list[common_pb2.Message]:
                     "messages",
                     Reason.UNSUPPORTED_PARAMETER,
                 )
+        if message.get("tool_calls") == []:
+            raise _bad_request(
+                f"Invalid 'messages[{index}].tool_calls': empty array. "
+                "Expected an array with minimum length 1, but got an empty array instead.",
+                "messages",
+            )
         for name in _TOOL_FIELDS:
             if message.get(name) not in (None, [], {}):
                 # Dropped, the call would leave an empty assistant turn and

@@ -281,10 +281,24 @@ async def test_a_tool_field_on_a_role_without_it_is_refused_even_null(edge, mess
     )
 
 
-async def test_an_assistants_null_or_empty_tool_fields_are_served(edge):
+async def test_an_assistants_null_tool_fields_are_served(edge):
     """What openai-python's message.model_dump() sends back."""
     assistant = {"role": "assistant", "content": "a", "tool_calls": None, "function_call": None}
-    messages = [assistant, {**assistant, "tool_calls": []}, {"role": "user", "content": "hi"}]
+    messages = [assistant, {"role": "user", "content": "hi"}]
     answer, reached = await posted(edge, json.dumps({**CHAT, "messages": messages}).encode())
     assert answer.status_code == 200, answer.text
-    assert [message.content for message in reached[0].messages] == ["a", "a", "hi"]
+    assert [message.content for message in reached[0].messages] == ["a", "hi"]
+
+
+async def test_an_assistants_empty_tool_calls_array_is_refused(edge):
+    """OpenAI answers it 400 (an array of at least one call); it was served
+    as no calls."""
+    assistant = {"role": "assistant", "content": "a", "tool_calls": []}
+    messages = [{"role": "user", "content": "hi"}, assistant, {"role": "user", "content": "hi"}]
+    error = refused(*await posted(edge, json.dumps({**CHAT, "messages": messages}).encode()))
+    assert (error["code"], error["param"], error["message"]) == (
+        "MALFORMED_REQUEST",
+        "messages",
+        "Invalid 'messages[1].tool_calls': empty array. "
+        "Expected an array with minimum length 1, but got an empty array instead.",
+    )

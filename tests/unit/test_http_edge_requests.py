@@ -477,3 +477,22 @@ def test_an_earlier_audio_answer_is_refused():
         "messages",
         "messages[0].audio: audio answers are not supported",
     )
+
+
+def test_an_assistants_empty_tool_calls_array_is_refused_as_openai_refuses_it():
+    """OpenAI answers 400 to ``"tool_calls": []`` (an array of at least one
+    call); the edge took it as no calls. Null stays accepted: openai-python's
+    ``model_dump()`` sends it so."""
+    assistant = {"role": "assistant", "content": "a", "tool_calls": []}
+    assert refusal(chat(messages=[USER, assistant, USER])) == (
+        "MALFORMED_REQUEST",
+        "messages",
+        "Invalid 'messages[1].tool_calls': empty array. "
+        "Expected an array with minimum length 1, but got an empty array instead.",
+    )
+    assistant["tool_calls"] = None
+    assert [m.content for m in ChatCall(chat(messages=[USER, assistant, USER])).request.messages] == [
+        "hi",
+        "a",
+        "hi",
+    ]
