@@ -415,21 +415,22 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         if held is not None:
             raise _quota_exceeded(held, size, most)
 
-    async def _give_back(self, partition: keys.Partition, replaced: int, now_ms: int) -> None:
-        """Gives back to the tenant's count what the entry a Store replaced
-        was charged (``_charge``): it no longer holds those bytes. Each
-        caller sharing a generation (the router's coalescing) Stores the
-        same answer under one entry, and a refresh stores over it: in a bug
-        hunt, 8 identical greedy turns at once through the router charged
-        33,088 bytes, 8 entries' worth, for the one entry they left.
-        A failure is only logged: the entry is written, and the count errs
-        high, as it does for a write that fails after its charge."""
-        if not replaced or not self._settings.max_bytes_per_tenant:
+    async def _give_back(self, partition: keys.Partition, size: int, now_ms: int) -> None:
+        """Gives back to the tenant's count bytes charged at ``now_ms`` that
+        Redis does not hold: what the entry a Store replaced was charged
+        (``_charge``), or a report's pair that it did not keep (it named no
+        entry). Each caller sharing a generation (the router's coalescing)
+        Stores the same answer under one entry, and a refresh stores over
+        it: in a bug hunt, 8 identical greedy turns at once through the
+        router charged 33,088 bytes, 8 entries' worth, for the one entry
+        they left. A failure is only logged: the count errs high, as it
+        does for a write that fails after its charge."""
+        if not size or not self._settings.max_bytes_per_tenant:
             return
         try:
-            await self._store.refund(partition.tenant_id, replaced, self._settings.ttl_s, now_ms)
+            await self._store.refund(partition.tenant_id, size, self._settings.ttl_s, now_ms)
         except MeshgateError as error:
-            log.warning("cache store's refund of a replaced entry failed", error=error.message)
+            log.warning("cache's refund of bytes it does not hold failed", error=error.message)
 
     async def _invalidated_since(self, partition: keys.Partition, store_fence: str) -> bool:
         """Whether the scope was invalidated after the lookup that gave
@@ -505,9 +506,10 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         # the entry), one of an entry already gone is refused.
         most = self._settings.max_bytes_per_tenant
         held = None
+        charged_at_ms = _now_ms()
         if most:
             held = await self._store.charge(
-                partition.tenant_id, REPORTED_PAIR_BYTES, most, self._settings.ttl_s, _now_ms()
+                partition.tenant_id, REPORTED_PAIR_BYTES, most, self._settings.ttl_s, charged_at_ms
             )
         try:
             report = await self._store.report_wrong(
@@ -523,6 +525,11 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         except NoRoomForReport:
             raise _quota_exceeded(held, REPORTED_PAIR_BYTES, most) from None
         if report is None:
+            if held is None:
+                # Nothing written: a tenant reporting stale ids (entries
+                # expired, evicted or invalidated since their hit) would
+                # otherwise use its quota up on reports that kept nothing.
+                await self._give_back(partition, REPORTED_PAIR_BYTES, charged_at_ms)
             raise not_found(
                 Reason.CACHE_ENTRY_NOT_FOUND,
                 "entry_id names no entry of this scope: report a hit's LookupResponse.entry_id "

@@ -255,8 +255,8 @@ return -1
 """
 
 
-# Gives back to the tenant's count of this window what a Store replaced
-# (``refund``), never below nothing.
+# Gives back to the tenant's count of this window what a Store replaced, or
+# a report's pair it did not keep (``refund``), never below nothing.
 _REFUND = """
 -- KEYS: the tenant's count of this window; ARGV: bytes
 local held = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -479,8 +479,9 @@ class CacheStore:
         """Gives ``size`` bytes back to the tenant's count of the window
         ``charge`` charged at ``now_ms``, as far as it holds them: what a
         Store replaced (``replaced_charge``), charged when it was stored,
-        no longer in Redis. Not from the window before, where it may have
-        been charged: the two are held to the bound together."""
+        no longer in Redis, or a report's pair that it did not keep. Not
+        from the window before, where it may have been charged: the two are
+        held to the bound together."""
         window = now_ms // (window_s * 1000)
         try:
             await self._refund(keys=[keys.stored_bytes_key(tenant_id, window_s, window)], args=[size])

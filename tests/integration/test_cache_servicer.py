@@ -1905,3 +1905,36 @@ async def test_vectors_of_an_embedder_the_verifier_was_not_trained_on_are_never_
     # Exact hits hold no vectors: still served.
     exact = await lookup(untrained, scope(tenant, "smollm2"), conversation(STORED))
     assert (exact.status, exact.answer.text) == (pb.LOOKUP_STATUS_EXACT_HIT, "Practice daily.")
+
+
+async def test_a_report_of_no_entry_is_charged_nothing(redis_client, embedder, tenant):
+    """A report is charged its pair (REPORTED_PAIR_BYTES) before it runs;
+    one naming no entry the cache holds is NOT_FOUND and writes nothing,
+    yet its charge stayed: a tenant reporting stale ids (entries expired,
+    evicted or invalidated since their hit) used up its quota on nothing,
+    and its next Stores were refused CACHE_QUOTA_EXCEEDED."""
+    s = scope(tenant)
+    answer = pb.CachedAnswer(text="Practice daily.").SerializeToString()
+    other = "What is the capital of France?"
+    stored_bytes = sum(
+        len(answer) + store_module.ENTRY_OVERHEAD_BYTES + DIMS * 4 + len(question)
+        for question in (STORED, other)
+    )
+    cache = make_servicer(redis_client, embedder, max_bytes_per_tenant=stored_bytes + 256)
+    await store(cache, s, conversation(STORED), text="Practice daily.")
+    counts = keys.stored_bytes_key(tenant, cache._settings.ttl_s, 0).rsplit(":", 1)[0] + ":*"
+
+    async def charged() -> int:
+        return sum([int(await redis_client.get(key)) async for key in redis_client.scan_iter(match=counts)])
+
+    before = await charged()
+    gone_id = keys.entry_id(keys.partition(s), conversation("A question never stored?"))
+    for _ in range(10):
+        with pytest.raises(MeshgateError) as refused:
+            await cache.ReportWrongHit(
+                pb.ReportWrongHitRequest(scope=s, messages=conversation(PARAPHRASE), entry_id=gone_id), None
+            )
+        assert refused.value.code == grpc.StatusCode.NOT_FOUND
+        assert refused.value.reason == "CACHE_ENTRY_NOT_FOUND"
+    assert await charged() == before
+    await store(cache, s, conversation(other), text="Practice daily.")
