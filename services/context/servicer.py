@@ -1079,9 +1079,15 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
     async def PinToSession(self, request: pb.PinToSessionRequest, context) -> pb.PinToSessionResponse:
         index, pin = self._pin_request(request)
         message_index = request.message_index if request.WhichOneof("pin") == "message_index" else None
+        expected_version = None
+        if request.HasField("expected_version"):
+            expected_version = request.expected_version
+            _check_version(expected_version, "expected_version")
         size = len(pin.encode()) + PIN_OVERHEAD_BYTES
         await self._store.holdings.fits(request.tenant_id, request.session_id, size)
-        pin_count = await index.pin(request.tenant_id, request.session_id, pin, message_index)
+        pin_count = await index.pin(
+            request.tenant_id, request.session_id, pin, message_index, expected_version
+        )
         await self._store.recount(request.tenant_id, request.session_id)
         # Pins are part of what the hot entry holds: drop it, as the notice does.
         self._changed_here(request.tenant_id, request.session_id, DELETED)

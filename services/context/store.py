@@ -1498,7 +1498,7 @@ class SessionStore:
         decides."""
         self.holdings.check_last_refusal(tenant_id, size_bytes + TURN_OVERHEAD_BYTES * turn_count)
         if expected_version is not None and version != expected_version:
-            raise _version_conflict(session_id, version, expected_version)
+            raise version_conflict(session_id, version, expected_version)
         if self._max_turns > 0 and live_turns + turn_count > self._max_turns:
             raise _session_full(session_id, "turns", self._max_turns, str(live_turns), turn_count)
         max_bytes = self._max_session_bytes
@@ -1819,10 +1819,12 @@ def _raise_for(outcome: list, session_id: str, expected_version: int | None) -> 
     if outcome[0] == 0:
         raise session_not_found(session_id)
     if outcome[0] == -1:
-        raise _version_conflict(session_id, int(outcome[1]), expected_version)
+        raise version_conflict(session_id, int(outcome[1]), expected_version)
 
 
-def _version_conflict(session_id: str, current: int, expected_version: int | None) -> MeshgateError:
+def version_conflict(session_id: str, current: int, expected_version: int | None) -> MeshgateError:
+    """ABORTED VERSION_CONFLICT: a write that named the version it expected
+    (an append's, a revert's, a pin's) found the session at another."""
     return MeshgateError(
         grpc.StatusCode.ABORTED,
         Reason.VERSION_CONFLICT,

@@ -68,6 +68,7 @@ from services.context.store import (
     redis_reachable,
     session_keys,
     session_not_found,
+    version_conflict,
 )
 
 # KEYS: store.session_keys. ARGV: the version the append made, dimensions
@@ -214,13 +215,21 @@ return written
 MAX_PINS = 256
 
 # KEYS: store.session_keys. ARGV: pin, turn index ("" for a fact), ttl_s,
-# MAX_PINS. Returns {1, pins held}, {0} if there is no session, {-1, turns
-# held} if the turn does not exist, {-2, compacted version} if its text was
-# compacted, {-3, pins held} if the session holds MAX_PINS already.
+# MAX_PINS, the version the session must be at ("" for any). Returns {1,
+# pins held}, {0} if there is no session, {-4, its version} if that is not
+# the one expected, {-1, turns held} if the turn does not exist, {-2,
+# compacted version} if its text was compacted, {-3, pins held} if the
+# session holds MAX_PINS already.
 _PIN = (
     RENEW
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+-- Before the pinned-already answer too: what that index holds now may not
+-- be what the caller read at its version.
+if ARGV[5] ~= '' then
+  local version = tonumber(redis.call('HGET', KEYS[1], 'version'))
+  if version ~= tonumber(ARGV[5]) then return {-4, version} end
+end
 if ARGV[2] ~= '' then
   local index = tonumber(ARGV[2])
   local held = redis.call('LLEN', KEYS[2])
@@ -801,18 +810,29 @@ class TurnIndex:
             return None
         return {i: common_pb2.Message.FromString(r) for i, r in zip(indices, raw, strict=True)}
 
-    async def pin(self, tenant_id: str, session_id: str, pin: str, message_index: int | None) -> int:
+    async def pin(
+        self,
+        tenant_id: str,
+        session_id: str,
+        pin: str,
+        message_index: int | None,
+        expected_version: int | None = None,
+    ) -> int:
         """Adds a pin (``t:<index>`` or ``f:<text>``) unless the session
         holds it already; returns how many the session holds. Raises
-        SESSION_NOT_FOUND, PIN_TARGET_NOT_FOUND for a turn the session does
-        not hold, or TOO_MANY_PINS past MAX_PINS."""
+        SESSION_NOT_FOUND, VERSION_CONFLICT where the session is not at
+        ``expected_version`` (None: at any), PIN_TARGET_NOT_FOUND for a turn
+        the session does not hold, or TOO_MANY_PINS past MAX_PINS."""
         index = "" if message_index is None else message_index
+        expected = "" if expected_version is None else expected_version
         with redis_reachable():
             outcome = await self._pin(
-                keys=session_keys(tenant_id, session_id), args=[pin, index, self._ttl_s, MAX_PINS]
+                keys=session_keys(tenant_id, session_id), args=[pin, index, self._ttl_s, MAX_PINS, expected]
             )
         if outcome[0] == 0:
             raise session_not_found(session_id)
+        if outcome[0] == -4:
+            raise version_conflict(session_id, int(outcome[1]), expected_version)
         if outcome[0] == -1:
             raise not_found(
                 Reason.PIN_TARGET_NOT_FOUND,

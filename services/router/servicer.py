@@ -468,9 +468,10 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         return pb.RevertSessionResponse(version=reverted.version)
 
     async def PinToSession(self, request: pb.PinToSessionRequest, context) -> pb.PinToSessionResponse:
-        pinned = await self._on_session(
-            "PinToSession", _pin(request, context_pb.PinToSessionRequest()), context
-        )
+        pin = _pin(request, context_pb.PinToSessionRequest())
+        if request.HasField("expected_version"):
+            pin.expected_version = request.expected_version
+        pinned = await self._on_session("PinToSession", pin, context)
         return pb.PinToSessionResponse(pin_count=pinned.pin_count)
 
     async def UnpinFromSession(

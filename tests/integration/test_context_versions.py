@@ -117,6 +117,39 @@ async def test_a_fork_takes_the_sources_facts_and_its_pins_of_the_turns_it_holds
     assert (await stub.UnpinFromSession(pb.UnpinFromSessionRequest(**here, fact="FACT"))).pin_count == 2
 
 
+async def test_a_pin_with_an_expected_version_is_refused_once_the_session_moved_on(stub, tenant) -> None:
+    """The caller read message 2 ("q1") at version 2 and pins it; a revert
+    and another turn since put "other" there. Unguarded, the pin took
+    "other", which every later prompt then carried. With the version it
+    read, ABORTED VERSION_CONFLICT, nothing pinned; at the session's
+    version it pins, and a resend is answered as pins are."""
+    session_id = await new_session(stub, tenant)
+    here = {"tenant_id": tenant, "session_id": session_id}
+    await append(stub, tenant, session_id, "q0", "a0")
+    read_at = await append(stub, tenant, session_id, "q1", "a1")
+    await stub.RevertSession(pb.RevertSessionRequest(**here, version=1, any_version=True))
+    now = await append(stub, tenant, session_id, "other", "answer")
+    for stale in (
+        pb.PinToSessionRequest(**here, message_index=2, expected_version=read_at),
+        pb.PinToSessionRequest(**here, fact="FACT", expected_version=read_at),
+    ):
+        code, reason, metadata = await failure(stub.PinToSession(stale))
+        assert (code, reason, metadata["current_version"]) == (
+            grpc.StatusCode.ABORTED,
+            "VERSION_CONFLICT",
+            str(now),
+        )
+    session = (await stub.GetSession(pb.GetSessionRequest(**here))).session
+    assert (list(session.pinned_turns), list(session.pinned_facts)) == ([], [])
+    negative = pb.PinToSessionRequest(**here, message_index=2, expected_version=-1)
+    code, reason, _ = await failure(stub.PinToSession(negative))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_VERSION")
+    current = pb.PinToSessionRequest(**here, message_index=2, expected_version=now)
+    assert (await stub.PinToSession(current)).pin_count == 1
+    assert (await stub.PinToSession(current)).pin_count == 1
+    assert (await stub.PinToSession(pb.PinToSessionRequest(**here, fact="FACT"))).pin_count == 2
+
+
 async def test_revert_is_a_new_version_and_undone_versions_are_gone(stub, tenant) -> None:
     session_id = await new_session(stub, tenant)
     for i in range(3):

@@ -350,3 +350,31 @@ async def test_a_fork_whose_reply_is_lost_is_sent_again_under_its_request_id(red
         assert len(sessions) == 2
         held = await client.hgetall(session_store.holdings_key(tenant, "bytes"))
         assert int(held[b"total"]) == 2 * session_store.held_by(0, 0)
+
+
+async def test_a_pin_with_a_stale_expected_version_is_refused_through_the_router(redis_url) -> None:
+    """The router passes expected_version on: the caller read message 0 at
+    version 1, and a revert and another turn since put another message
+    there."""
+    async with with_replies_dropped(redis_url) as (router, context, tenant, auth, _, _):
+        session_id = await new_session(router, auth)
+        here = {"tenant_id": tenant, "session_id": session_id}
+
+        async def append(content: str) -> int:
+            request = context_pb.AppendTurnsRequest(
+                **here, any_version=True, messages=[common_pb2.Message(role=USER, content=content)]
+            )
+            return (await context.AppendTurns(request)).version
+
+        read_at = await append("read by the caller")
+        await router.RevertSession(pb.RevertSessionRequest(session_id=session_id, version=0), metadata=auth)
+        now = await append("put there since")
+        pin = pb.PinToSessionRequest(session_id=session_id, message_index=0, expected_version=read_at)
+        code, reason, metadata = await status_of(router.PinToSession(pin, metadata=auth))
+        assert (code, reason, metadata["current_version"]) == (
+            grpc.StatusCode.ABORTED,
+            "VERSION_CONFLICT",
+            str(now),
+        )
+        pin.expected_version = now
+        assert (await router.PinToSession(pin, metadata=auth)).pin_count == 1

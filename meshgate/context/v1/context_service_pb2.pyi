@@ -253,16 +253,18 @@ class AppendReservation(_message.Message):
     def __init__(self, turn_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., expected_version: _Optional[int] = ...) -> None: ...
 
 class PinToSessionRequest(_message.Message):
-    __slots__ = ("tenant_id", "session_id", "message_index", "fact")
+    __slots__ = ("tenant_id", "session_id", "message_index", "fact", "expected_version")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     FACT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     session_id: str
     message_index: int
     fact: str
-    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., message_index: _Optional[int] = ..., fact: _Optional[str] = ...) -> None: ...
+    expected_version: int
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., message_index: _Optional[int] = ..., fact: _Optional[str] = ..., expected_version: _Optional[int] = ...) -> None: ...
 
 class UnpinFromSessionRequest(_message.Message):
     __slots__ = ("tenant_id", "session_id", "message_index", "fact")

@@ -228,14 +228,16 @@ class RevertSessionResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class PinToSessionRequest(_message.Message):
-    __slots__ = ("session_id", "message_index", "fact")
+    __slots__ = ("session_id", "message_index", "fact", "expected_version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     FACT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     message_index: int
     fact: str
-    def __init__(self, session_id: _Optional[str] = ..., message_index: _Optional[int] = ..., fact: _Optional[str] = ...) -> None: ...
+    expected_version: int
+    def __init__(self, session_id: _Optional[str] = ..., message_index: _Optional[int] = ..., fact: _Optional[str] = ..., expected_version: _Optional[int] = ...) -> None: ...
 
 class PinToSessionResponse(_message.Message):
     __slots__ = ("pin_count",)
