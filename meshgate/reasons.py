@@ -125,8 +125,9 @@ class Reason(enum.StrEnum):
     """An internal request names no tenant (was also MISSING_TENANT in cache)."""
 
     INVALID_REQUEST_ID = enum.auto()
-    """CreateKey's, RotateKey's or ForkSession's request_id is not a UUID4 in its
-    36-character form (AIP-155), or a ForkSession's comes with a new_session_id."""
+    """CreateKey's, RotateKey's, ForkSession's or CreateSession's request_id is not
+    a UUID4 in its 36-character form (AIP-155), or a ForkSession's comes with a
+    new_session_id (a CreateSession's with a session_id)."""
 
     INVALID_TENANT_ID = enum.auto()
     """An admin call names a tenant id no tenant can have (1-128 printable

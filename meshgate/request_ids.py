@@ -1,7 +1,8 @@
 """AIP-155 request ids, as every service that takes one checks it and
 tells a resend from another request: the AdminService's CreateKey and
 RotateKey (services/router/request_ids.py) and ContextService.ForkSession
-(services/context/servicer.py; the router's ForkSession passes it on).
+and CreateSession (services/context/servicer.py; the router's ForkSession
+and CreateSession pass it on).
 
 A request id is a UUID4 the client draws, in its 36-character form: one
 spelling per id, and unguessable (122 random bits, where a UUID1 or UUID7

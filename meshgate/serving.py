@@ -159,8 +159,11 @@ RETRYABLE_METHODS = {
     # mid-turn leaves its admission reservation unsettled, retried or not:
     # its stream lease expires, its reserved tokens stay charged;
     # services/router/admission.py.)
-    # CreateSession: a retry after a lost reply leaves one empty session
-    # unused (it expires after context.session_ttl_s); the caller gets one.
+    # CreateSession: a retry after a lost reply is answered with the session
+    # the first attempt made: the router gives every create a request_id
+    # (its caller's, or one it draws), from which the session's id is drawn.
+    # (A direct caller of ContextService.CreateSession without one may get
+    # a second, empty session, unused until context.session_ttl_s.)
     # PinToSession: a pin the session holds already is answered, not added
     # again (TurnIndex.pin). The rest only read.
     "meshgate.router.v1.RouterService": (

@@ -379,14 +379,27 @@ def _summary_usage(spends: tuple[SummarySpend, ...]) -> list[pb.SummaryUsage]:
     return [pb.SummaryUsage(**spend._asdict()) for spend in spends]
 
 
-def _fork_id(request_id: str) -> str:
-    """The id of the fork a ForkSession with ``request_id`` makes: the same
-    for every send of it, so that they all meet in one slot, where the
-    fork's script finds the record a send of it wrote
-    (store.fork_request_key). Hashed with a label of its own, so that a
-    session a client created under its request id's digits is not its
-    fork; 32 hex digits, as a drawn id."""
-    return hashlib.sha256(b"meshgate ForkSession request id\0" + request_id.encode()).hexdigest()[:32]
+def _new_session_id(method: str, request_id: str | None, named: str, field: str) -> str:
+    """The id of the session a CreateSession or ForkSession (``method``)
+    makes: the one its caller named (``named``, its ``field``), else one
+    drawn from its request id, else a fresh one. Drawn from the request id,
+    it is the same for every send of it, so that they all meet in one slot,
+    where the script making the session finds what a send of it made (a
+    fork's record, store.fork_request_key; the created session). Hashed
+    with the method's label, so that a session a client named by its
+    request id's digits is not its session, nor a fork a create under the
+    same id; 32 hex digits, as a fresh id. A request id beside a named id is
+    refused: its sends would not meet in one slot."""
+    if request_id is None:
+        return named or uuid.uuid4().hex
+    if named:
+        raise invalid_argument(
+            Reason.INVALID_REQUEST_ID,
+            f"request_id is for a session whose id the service draws: leave {field} empty "
+            f"(a session named by {field} is made once already: a resend is ALREADY_EXISTS)",
+        )
+    label = f"meshgate {method} request id\0".encode()
+    return hashlib.sha256(label + request_id.encode()).hexdigest()[:32]
 
 
 def _check_version(version: int, field: str) -> None:
@@ -492,9 +505,10 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.CreateSessionResponse:
         _check_tenant(request.tenant_id)
-        session_id = request.session_id or uuid.uuid4().hex
+        request_id = request_ids.canonical(request.request_id)
+        session_id = _new_session_id("CreateSession", request_id, request.session_id, "session_id")
         _check_session_id(session_id)
-        now = await self._store.create(request.tenant_id, session_id)
+        now = await self._store.create(request.tenant_id, session_id, of_request_id=request_id is not None)
         session = pb.Session(
             session_id=session_id,
             tenant_id=request.tenant_id,
@@ -880,18 +894,9 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         _check_tenant(request.tenant_id)
         _check_session_id(request.session_id)
         request_id = request_ids.canonical(request.request_id)
-        if request_id is not None and request.new_session_id:
-            # The request id's record lies in its fork's slot (_fork_id), so
-            # that the script making the fork writes it: a fork named by the
-            # caller would put it elsewhere, under each new_session_id sent.
-            raise invalid_argument(
-                Reason.INVALID_REQUEST_ID,
-                "request_id is for a fork whose id the service draws: leave new_session_id empty "
-                "(a fork named by new_session_id is made once already: a resend is ALREADY_EXISTS)",
-            )
-        new_session_id = request.new_session_id or (
-            uuid.uuid4().hex if request_id is None else _fork_id(request_id)
-        )
+        # The request id's record lies in its fork's slot, so that the
+        # script making the fork writes it.
+        new_session_id = _new_session_id("ForkSession", request_id, request.new_session_id, "new_session_id")
         _check_session_id(new_session_id)
         _check_version(request.version, "version")
         now = await self._store.fork(

@@ -285,11 +285,17 @@ end
 # neither was ever refused, and one tenant creating sessions took a full
 # Redis past its maxmemory without end (tests/integration/test_redis_refusals.py).
 
-# KEYS: session_keys. ARGV: ttl_s. Returns the creation time, or nil if taken.
+# KEYS: session_keys. ARGV: ttl_s, '1' where the id is a request id's
+# (servicer.py: a session there is a send of it's) else ''. Returns {1,
+# creation time}, {2, the session's creation time} where a send of the
+# request id made it first (nothing written), or {0} if the id is taken.
 _CREATE = (
     RENEW
     + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if ARGV[2] ~= '' then return {2, redis.call('HGET', KEYS[1], 'create_time_ms')} end
+  return {0}
+end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 -- Version 0 holds no turns, and so no bytes. Written first: see OOM_FIRST.
@@ -299,7 +305,7 @@ redis.call('HSET', KEYS[1], 'version', 0, 'create_time_ms', now, 'update_time_ms
 redis.call('DEL', unpack(KEYS, 2))
 redis.call('SET', KEYS[4], struct.pack('<I4', 0))
 renew(tonumber(ARGV[1]))
-return now
+return {1, now}
 """
 )
 
@@ -1380,12 +1386,25 @@ class SessionStore:
         # context.max_bytes_per_tenant (0: no bound).
         self.holdings = TenantHoldings(client, ttl_s, max_bytes_per_tenant)
 
-    async def create(self, tenant_id: str, session_id: str) -> int:
-        """Creates an empty session at version 0; returns its creation time."""
+    async def create(self, tenant_id: str, session_id: str, of_request_id: bool = False) -> int:
+        """Creates an empty session at version 0; returns its creation time.
+        Where ``session_id`` is drawn from a request id (``of_request_id``),
+        a session of that id was made by a send of it: its creation time is
+        answered, nothing made. Asked first, so that a resend is answered
+        whatever the tenant's room since, and again in the script, so that
+        of sends at once one makes it."""
+        keys = session_keys(tenant_id, session_id)
+        if of_request_id:
+            with redis_reachable():
+                created_ms = await self._client.hget(keys[0], "create_time_ms")
+            if created_ms is not None:
+                return await self._created_before(tenant_id, session_id, created_ms)
         await self.holdings.fits(tenant_id, session_id, held_by(0, 0))
         with redis_reachable():
-            now = await self._create(keys=session_keys(tenant_id, session_id), args=[self._ttl_s])
-        if now is None:
+            outcome = await self._create(keys=keys, args=[self._ttl_s, "1" if of_request_id else ""])
+        if outcome[0] == 2:
+            return await self._created_before(tenant_id, session_id, outcome[1])
+        if outcome[0] == 0:
             raise MeshgateError(
                 grpc.StatusCode.ALREADY_EXISTS,
                 Reason.SESSION_EXISTS,
@@ -1394,7 +1413,14 @@ class SessionStore:
             )
         # Nothing beside its turns either: creating it cleared an earlier life's pins and summaries.
         await self.holdings.held(tenant_id, session_id, 0, 0, beside=0)
-        return int(now)
+        return int(outcome[1])
+
+    async def _created_before(self, tenant_id: str, session_id: str, created_ms: bytes) -> int:
+        """The creation time of the session a send of its request id made."""
+        # That send's count of it was set after its script, and may have
+        # been lost with its reply.
+        await self.recount(tenant_id, session_id)
+        return int(created_ms)
 
     async def read(self, tenant_id: str, session_id: str, at_version: int | None = None) -> StoredSession:
         """The session's state, turns and stored token counts as of one

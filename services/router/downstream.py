@@ -303,8 +303,14 @@ class ContextService:
         except grpc.aio.AioRpcError as error:
             raise failure_within(error, "context", budget) from error
 
-    async def create_session(self, tenant: Tenant, budget: Budget) -> str:
-        response = await self.session_call("CreateSession", context_pb.CreateSessionRequest(), tenant, budget)
+    async def create_session(self, tenant: Tenant, budget: Budget, request_id: str = "") -> str:
+        """A new session of ``tenant``'s, under the caller's ``request_id``
+        (AIP-155), else one drawn here: the router's own resend after an
+        UNAVAILABLE (CreateSession is retryable) is then answered with the
+        session the first send made, not a second one, which no caller knew
+        of, held against the tenant's bounds until it expired."""
+        request = context_pb.CreateSessionRequest(request_id=request_id or str(uuid.uuid4()))
+        response = await self.session_call("CreateSession", request, tenant, budget)
         return response.session.session_id
 
     async def delete_session(self, tenant: Tenant, session_id: str) -> None:

@@ -326,7 +326,7 @@ class Appended:
 class Contexts(Protocol):
     """Sessions and prompt assembly (the context service)."""
 
-    async def create_session(self, tenant: Tenant, budget: Budget) -> str: ...
+    async def create_session(self, tenant: Tenant, budget: Budget, request_id: str = "") -> str: ...
 
     async def delete_session(self, tenant: Tenant, session_id: str) -> None: ...
 
@@ -501,8 +501,8 @@ class Pipeline:
         self._prompt_bounds = prompt_bounds(models)
         self._routes = _routes(models)
 
-    async def create_session(self, tenant: Tenant, budget: Budget) -> str:
-        return await self._contexts.create_session(tenant, budget)
+    async def create_session(self, tenant: Tenant, budget: Budget, request_id: str = "") -> str:
+        return await self._contexts.create_session(tenant, budget, request_id)
 
     async def session_call(self, method: str, request, tenant: Tenant, budget: Budget):
         """A session's management (read, delete, fork, revert, pins), asked

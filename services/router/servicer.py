@@ -413,7 +413,8 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
     async def CreateSession(self, request, context) -> pb.CreateSessionResponse:
         tenant = await current_tenant()
         budget = Budget.of(context.time_remaining())
-        return pb.CreateSessionResponse(session_id=await self._pipeline.create_session(tenant, budget))
+        session_id = await self._pipeline.create_session(tenant, budget, request.request_id)
+        return pb.CreateSessionResponse(session_id=session_id)
 
     # A session's management: each the context service's method of its name,
     # the tenant the caller's key's (another's session is NOT_FOUND there, as

@@ -378,3 +378,39 @@ async def test_a_pin_with_a_stale_expected_version_is_refused_through_the_router
         )
         pin.expected_version = now
         assert (await router.PinToSession(pin, metadata=auth)).pin_count == 1
+
+
+async def test_a_create_whose_reply_is_lost_makes_one_session(redis_url) -> None:
+    """The create's script ran and its reply was lost: the router sends a
+    CreateSession again after an UNAVAILABLE (serving.RETRYABLE_METHODS),
+    and each send made a session, one no caller knew of, held against the
+    tenant's bound until it expired. The router gives each create a request
+    id (one it draws where the caller sent none): its resend is answered
+    with the session the first send made, counted once."""
+    async with with_replies_dropped(redis_url) as (router, _, tenant, auth, proxy, client):
+        sent = await drop_the_reply_of(
+            proxy,
+            client,
+            session_store._CREATE,
+            lambda: router.CreateSession(pb.CreateSessionRequest(), metadata=auth),
+        )
+        created = await sent
+        sessions = [key async for key in client.scan_iter(match=f"mg:context:{{*:{tenant}}}:meta")]
+        assert [key.decode() for key in sessions] == [
+            session_store.session_keys(tenant, created.session_id)[0]
+        ]
+        held = await client.hgetall(session_store.holdings_key(tenant, "bytes"))
+        assert int(held[b"total"]) == session_store.held_by(0, 0)
+
+
+async def test_a_callers_resend_of_a_create_under_its_request_id_gets_the_same_session(redis_url) -> None:
+    async with with_replies_dropped(redis_url) as (router, _, tenant, auth, _, client):
+        create = pb.CreateSessionRequest(request_id=str(uuid.uuid4()))
+        first = await router.CreateSession(create, metadata=auth)
+        assert await router.CreateSession(create, metadata=auth) == first
+        sessions = [key async for key in client.scan_iter(match=f"mg:context:{{*:{tenant}}}:meta")]
+        assert len(sessions) == 1
+        code, reason, _ = await status_of(
+            router.CreateSession(pb.CreateSessionRequest(request_id="not-a-uuid"), metadata=auth)
+        )
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST_ID")

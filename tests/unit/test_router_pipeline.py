@@ -60,7 +60,7 @@ class FakeContexts:
         # What the session's summaries spent, for the next append to report.
         self.summary_spend: tuple[SummarySpend, ...] = ()
 
-    async def create_session(self, tenant, budget) -> str:
+    async def create_session(self, tenant, budget, request_id="") -> str:
         self.created.append(tenant.id)
         return f"s{len(self.created)}"
 

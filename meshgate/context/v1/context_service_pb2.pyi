@@ -85,12 +85,14 @@ class Session(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., version: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., create_time_ms: _Optional[int] = ..., update_time_ms: _Optional[int] = ..., compacted_turns: _Optional[int] = ..., pinned_turns: _Optional[_Iterable[int]] = ..., pinned_facts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("tenant_id", "session_id")
+    __slots__ = ("tenant_id", "session_id", "request_id")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     session_id: str
-    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
     __slots__ = ("session",)

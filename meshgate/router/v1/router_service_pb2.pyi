@@ -142,8 +142,10 @@ class ChatCompletion(_message.Message):
     def __init__(self, usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cache_status: _Optional[_Union[CacheStatus, str]] = ..., cache_similarity: _Optional[float] = ..., deployment: _Optional[str] = ..., trace_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_version: _Optional[int] = ..., finish_reason: _Optional[str] = ..., selected_model: _Optional[str] = ..., selection_reason: _Optional[str] = ..., selection_score: _Optional[float] = ..., text: _Optional[str] = ..., cache_entry_id: _Optional[str] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
     __slots__ = ("session_id",)

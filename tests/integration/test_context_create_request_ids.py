@@ -1,0 +1,87 @@
+"""CreateSession's request_id (AIP-155) through the real context service
+over a real Redis: a resend of a create, its reply lost, is answered with
+the session the first send made instead of making a second one, unseen,
+that holds the tenant's bytes (context.max_bytes_per_tenant) until it
+expires; sends at once make one session. The router's own resend after an
+UNAVAILABLE: tests/integration/test_router_session_api.py."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+import pytest
+
+from meshgate.context.v1 import context_service_pb2 as pb
+from services.context import store as session_store
+from tests.integration.test_context_fork_request_ids import sessions_of
+from tests.integration.test_context_service import USER, failure, msg, running
+from tests.integration.test_context_tenant_holdings import bounded, counted
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+async def stub(redis_url: str):
+    async with running(bounded(redis_url, 1024 * 1024)) as stub:
+        yield stub
+
+
+async def test_a_resend_of_a_creates_request_id_is_answered_with_that_session(
+    stub, tenant, redis_client
+) -> None:
+    """Two sends of one create, as a client whose reply was lost sends
+    them, made two sessions. With a request_id the second gets the first's
+    answer (in either case of the id), even once the session was written
+    to, and nothing more is made or counted; once the session is deleted,
+    a resend makes it again."""
+    request_id = str(uuid.uuid4())
+    create = pb.CreateSessionRequest(tenant_id=tenant, request_id=request_id)
+    first = await stub.CreateSession(create)
+    assert first.session.version == 0
+    held = await counted(redis_client, tenant)
+    create.request_id = request_id.upper()
+    assert await stub.CreateSession(create) == first
+    assert await sessions_of(redis_client, tenant) == {first.session.session_id}
+    assert await counted(redis_client, tenant) == held
+    here = {"tenant_id": tenant, "session_id": first.session.session_id}
+    await stub.AppendTurns(pb.AppendTurnsRequest(**here, expected_version=0, messages=[msg(USER, "hello")]))
+    # The count lost with the first send's reply is set again by the resend.
+    await redis_client.delete(session_store.holdings_key(tenant, "bytes"))
+    assert await stub.CreateSession(create) == first
+    assert (await counted(redis_client, tenant))[b"total"] > held[b"total"]
+    assert (await stub.GetSession(pb.GetSessionRequest(**here))).session.version == 1
+    await stub.DeleteSession(pb.DeleteSessionRequest(**here))
+    again = await stub.CreateSession(create)
+    assert again.session.session_id == first.session.session_id
+    assert again.session.create_time_ms >= first.session.create_time_ms
+
+
+async def test_sends_of_one_request_id_at_once_make_one_session(stub, tenant, redis_client) -> None:
+    create = pb.CreateSessionRequest(tenant_id=tenant, request_id=str(uuid.uuid4()))
+    answers = await asyncio.gather(*(stub.CreateSession(create) for _ in range(8)))
+    assert len({answer.SerializeToString() for answer in answers}) == 1
+    assert await sessions_of(redis_client, tenant) == {answers[0].session.session_id}
+
+
+async def test_a_create_and_a_fork_under_one_request_id_are_two_sessions(stub, tenant, redis_client) -> None:
+    request_id = str(uuid.uuid4())
+    created = await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, request_id=request_id))
+    source = created.session.session_id
+    fork = pb.ForkSessionRequest(tenant_id=tenant, session_id=source, version=0, request_id=request_id)
+    forked = await stub.ForkSession(fork)
+    assert await sessions_of(redis_client, tenant) == {source, forked.session.session_id}
+
+
+async def test_bad_request_ids_are_refused(stub, tenant, redis_client) -> None:
+    for request_id, session_id in (
+        ("not-a-uuid", ""),
+        (str(uuid.uuid1()), ""),
+        (uuid.uuid4().hex, ""),
+        (str(uuid.uuid4()), "named"),
+    ):
+        bad = pb.CreateSessionRequest(tenant_id=tenant, request_id=request_id, session_id=session_id)
+        code, reason, _ = await failure(stub.CreateSession(bad))
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST_ID"), request_id
+    assert await sessions_of(redis_client, tenant) == set()
