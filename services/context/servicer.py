@@ -38,7 +38,15 @@ from services.context.store import (
     session_key,
 )
 from services.context.token_counts import PromptCounter
-from services.context.turn_index import IndexedTurns, TurnFeatures, TurnIndex, features, term_counts
+from services.context.turn_index import (
+    IndexedTurns,
+    TurnFeatures,
+    TurnIndex,
+    VectorGaps,
+    features,
+    leaves_gaps,
+    term_counts,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -205,10 +213,14 @@ MAX_VECTOR_BACKFILLS = 1
 BACKFILL_CHUNK_TURNS = 64
 BACKFILL_TURNS_PER_S = 24.0
 BACKFILL_PASSES = 3
-# Sessions whose backfill a read asked for, with the turns they held then:
-# a session whose turns the embedder gives no vectors is asked once per
-# count, not embedded again by every assembly of it.
+# Sessions whose backfill a read (or an append) asked for, with the turns
+# they held then: a session whose turns the embedder gives no vectors is
+# asked once per count and BACKFILL_ASKED_FOR_S, not embedded again by
+# every assembly of it; after that a read asks again (the embedder may be
+# back: a turn an append stored without a vector is then embedded, where
+# a note for good left it so until the session's next append).
 _BACKFILLS_ASKED_KEPT = 10_000
+BACKFILL_ASKED_FOR_S = 30.0
 
 
 class _AskedOnce:
@@ -267,6 +279,8 @@ class _SessionView:
     # What made unit_vectors (turn_index.IndexedTurns.embedder): a question
     # vector of another is not scored against them.
     embedder: str = ""
+    # Whether some live turn may lack a vector (turn_index.IndexedTurns.vector_gaps).
+    vector_gaps: bool = False
 
 
 def _live_scores(
@@ -308,14 +322,17 @@ def _live_scores(
 
 def _lacks_vectors(view: _SessionView, embedder: str) -> bool:
     """Whether the live turns of ``view`` lack vectors of ``embedder``: its
-    rows are another's (or of none named), or the first live one is all
-    zero (an append of ``embedder`` dropped another's rows, which start
-    there, and which a backfill writes last). Asked at every assembly, so
-    one row is read, not all (0.12 ms for 1,548 turns): a turn the embedder
-    gave no vector at its append alone is not found here."""
+    rows are another's (or of none named), a write left some turn without
+    one (the embedder gave it none at its append: the index counts such
+    writes), or the first live one is all zero (an append of ``embedder``
+    dropped another's rows, which start there, and which a backfill writes
+    last). Asked at every assembly, so a count and one row are read, not
+    every row (0.12 ms for 1,548 turns)."""
     if len(view.roles) <= view.compacted:
         return False
-    if view.embedder != embedder or view.unit_vectors is None or not len(view.unit_vectors):
+    if view.vector_gaps or view.embedder != embedder:
+        return True
+    if view.unit_vectors is None or not len(view.unit_vectors):
         return True
     return not view.unit_vectors[0].any()
 
@@ -493,7 +510,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         self._index_repairs_asked = _AskedOnce(_INDEX_REPAIRS_ASKED_KEPT)
         # Vector backfills in flight by session key, and what reads asked for.
         self._backfills: dict[str, asyncio.Task] = {}
-        self._backfills_asked = _AskedOnce(_BACKFILLS_ASKED_KEPT)
+        self._backfills_asked = _AskedOnce(_BACKFILLS_ASKED_KEPT, BACKFILL_ASKED_FOR_S)
         # Without one (unit tests), nothing is summarized.
         self._summarizer = summarizer
         self._compaction_asked = _AskedOnce(_COMPACTIONS_ASKED_KEPT, COMPACTION_ASKED_FOR_S)
@@ -697,6 +714,13 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             log.warning("turn index write failed; retrying in the background", session_id=session_id)
             self._repair_index(tenant_id, session_id)
             return None
+        if first >= 0 and leaves_gaps(vectors):
+            # Stored without some vectors (the embedder unavailable or late):
+            # embedded again now, off the append's path, rather than found by
+            # their words for the rest of the session. Of the rows' embedder
+            # when none came to name one.
+            embedder = None if vectors is None else vectors.embedder
+            self._backfill_vectors(tenant_id, session_id, first + len(turn_features), embedder)
         return first, vectors
 
     def _repair_index(self, tenant_id: str, session_id: str, turns_read: int | None = None) -> None:
@@ -776,16 +800,21 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         # INDEX_REPAIR_TURNS may have left some: the next read asks again.
         return False
 
-    def _backfill_vectors(self, tenant_id: str, session_id: str, turns_read: int, embedder: str) -> None:
-        """Gives the session's live turns vectors of ``embedder``, in the
-        background, where they have none of it: after an upgrade of the
-        embedding model (their rows are another revision's, or of none
-        named: stored before the name was), or after an append of the new
-        revision dropped the old rows. Else they would rank by their words
-        only for the rest of the session's life. Asked by an assembly that
-        found them so in a session of ``turns_read`` turns, once per count;
-        at most MAX_VECTOR_BACKFILLS at once, one per session (one asked
-        meanwhile is not noted as asked: a later read asks again)."""
+    def _backfill_vectors(
+        self, tenant_id: str, session_id: str, turns_read: int, embedder: str | None
+    ) -> None:
+        """Gives the session's live turns vectors of ``embedder`` (None: of
+        the rows' own), in the background, where they have none of it:
+        after an upgrade of the embedding model (their rows are another
+        revision's, or of none named: stored before the name was), after an
+        append of the new revision dropped the old rows, or after the
+        embedder gave some turn none at its append. Else they would rank by
+        their words only for the rest of the session's life. Asked by an
+        assembly that found them so in a session of ``turns_read`` turns,
+        or by the append that left them so, once per count and
+        BACKFILL_ASKED_FOR_S; at most MAX_VECTOR_BACKFILLS at once, one per
+        session (one asked meanwhile is not noted as asked: a later read
+        asks again, as the index still says)."""
         key = session_key(tenant_id, session_id)
         if key in self._backfills or len(self._backfills) >= MAX_VECTOR_BACKFILLS:
             return
@@ -806,25 +835,31 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
 
         self._backfills[key] = asyncio.create_task(backfill())
 
-    async def _embed_again(self, tenant_id: str, session_id: str, embedder: str) -> bool:
+    async def _embed_again(self, tenant_id: str, session_id: str, embedder: str | None) -> bool:
         """Embeds the turns TurnIndex.vector_gaps names and stores their rows
         (TurnIndex.backfill: never over a vector of the same embedder, nor
         in a session deleted, reverted or compacted meanwhile), a chunk at
-        a time at BACKFILL_TURNS_PER_S; returns whether it is settled: no
-        gap left, or the embedder gave none (False: the session or the
-        embedder's revision changed under it)."""
+        a time at BACKFILL_TURNS_PER_S, and once every one has a vector,
+        clears the index's count of gap writes (TurnIndex.settle); returns
+        whether it is settled: no gap left, or the embedder gave none or
+        not all (False: the session or the embedder's revision changed
+        under it). ``embedder`` None: the rows' own, or with none named,
+        the one that answers."""
         loop = asyncio.get_running_loop()
         for _ in range(BACKFILL_PASSES):
             gaps = await self._index.vector_gaps(tenant_id, session_id, embedder)
+            wanted = embedder or gaps.embedder
             if not gaps.positions:
-                return True
+                return await self._settle_gaps(tenant_id, session_id, gaps)
             changed = False
-            # The last chunk first, and the first gap's row (the first live
-            # turn's, by which assemblies tell the session lacks vectors:
-            # _lacks_vectors) only once every other gap has one: a backfill
-            # stopped midway (the embedder unavailable, a restart, the
-            # session changed under it) leaves that row zero, so a later
-            # read asks again. Written first, it hid the rest for good.
+            # The last chunk first, and the first gap's row (after an
+            # upgrade, the first live turn's, by which assemblies tell the
+            # session lacks vectors: _lacks_vectors) only once every other
+            # gap has one: a backfill stopped midway (the embedder
+            # unavailable, a restart, the session changed under it) leaves
+            # that row zero, so a later read asks again. Written first, it
+            # hid the rest for good. (Gaps an append left are told by the
+            # index's count, which only a complete pass clears.)
             complete = True
             for start in reversed(range(0, len(gaps.positions), BACKFILL_CHUNK_TURNS)):
                 began = loop.time()
@@ -839,18 +874,19 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 embedded = await self._embedder.embed_each_or_none(
                     [stored[i].content for i in positions], timeout_s
                 )
-                if any(v is not None and v.embedder != embedder for v in embedded):
-                    return False  # upgraded again meanwhile: the next question names the newer one
-                made = [v.vector for v in embedded if v is not None]
+                made = [v for v in embedded if v is not None]
                 if not made:
-                    return True  # the embedder gives none now: asked again at the next count
+                    return True  # the embedder gives none now: asked again later (BACKFILL_ASKED_FOR_S)
+                wanted = wanted or made[0].embedder
+                if any(v.embedder != wanted for v in made):
+                    return False  # upgraded again meanwhile: the next question names the newer one
                 if start == 0 and not (complete and all(v is not None for v in embedded[1:])):
                     embedded[0] = None
                 complete = complete and all(v is not None for v in embedded)
-                none = np.zeros_like(made[0])
+                none = np.zeros_like(made[0].vector)
                 rows = np.stack([none if v is None else v.vector for v in embedded])
                 written = await self._index.backfill(
-                    tenant_id, session_id, gaps, positions, Embeddings(rows, embedder)
+                    tenant_id, session_id, gaps, positions, Embeddings(rows, wanted)
                 )
                 if written < 0:
                     changed = True
@@ -863,8 +899,20 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 await asyncio.sleep(max(0.0, len(positions) / BACKFILL_TURNS_PER_S - (loop.time() - began)))
             if not changed:
                 log.info("turn vectors backfilled", session_id=session_id, turns=len(gaps.positions))
-                return True
+                # Not complete: the gaps left are asked for again later.
+                return await self._settle_gaps(tenant_id, session_id, gaps) if complete else True
         return False
+
+    async def _settle_gaps(self, tenant_id: str, session_id: str, gaps: VectorGaps) -> bool:
+        """Clears the index's count of gap writes now that the turns
+        ``gaps`` named have vectors; returns False when a write left
+        another gap meanwhile (or the session is another life), for a later
+        read to ask again."""
+        settled = await self._index.settle(tenant_id, session_id, gaps)
+        if settled > 0:
+            # The hot copy holds the count (the script's notice tells the other replicas).
+            self._changed_here(tenant_id, session_id, DELETED)
+        return settled >= 0
 
     @contextlib.contextmanager
     def _compacting_when_full(self, tenant_id: str, session_id: str):
@@ -1192,7 +1240,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
     ) -> Embeddings | None:
         """One vector per message (a question's from assembly, remembered),
         all of one embedder, or None when the embedder gives none: the turns
-        are then found by their words only. A message the embedder gave no
+        are then found by their words only, until a backfill embeds them. A message the embedder gave no
         vector (the local one fails, refuses or times out text by text), or
         one of another embedder than the newest (a question remembered from
         before an upgrade, a call answered by another revision), gets a zero
@@ -1350,6 +1398,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 hot.held_bytes,
                 hot.create_time_ms,
                 embedder=indexed.embedder,
+                vector_gaps=indexed.vector_gaps,
             )
         indexed = None
         if self._index is not None:
@@ -1379,6 +1428,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 indexed.held_bytes,
                 indexed.create_time_ms,
                 embedder=indexed.embedder,
+                vector_gaps=indexed.vector_gaps,
             )
         stored = await self._read(tenant_id, session_id, at_version)
         if indexed is not None and indexed.create_time_ms != stored.create_time_ms:
@@ -1411,6 +1461,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             stored.held_bytes,
             stored.create_time_ms,
             embedder=indexed.embedder if covered else "",
+            vector_gaps=covered and indexed.vector_gaps,
         )
 
     async def _add_summaries(
@@ -1652,9 +1703,10 @@ def append_embed_timeout(turns: int, time_left_s: float | None, cap_s: float) ->
     within the call's own time left less APPEND_WRITE_MARGIN_S for the
     write after it, and never more than ``cap_s``. Not the 3 s default
     alone: an append of up to MAX_MESSAGES_PER_CALL turns needs longer,
-    and every turn past it was stored without a vector, for good (nothing
-    embeds it later), found by its words only. A deadline too short for
-    the turns still ends in a stored append rather than a failed one."""
+    and every turn past it was stored without a vector, found by its words
+    only until a backfill gives it one (which the append asks for, off its
+    path). A deadline too short for the turns still ends in a stored append
+    rather than a failed one."""
     wanted_s = min(cap_s, EMBED_TIMEOUT_S + APPEND_EMBED_S_PER_TURN * turns)
     if time_left_s is None:
         return wanted_s

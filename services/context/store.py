@@ -187,11 +187,13 @@ log = structlog.get_logger(__name__)
 
 CHANGES_CHANNEL = "mg:context:changes"
 
-# The turn index's postings fields that hold its vectors' size and what
-# made them (services/context/turn_index.py), not terms: a field that
-# starts with a zero byte is none.
+# The turn index's postings fields that hold its vectors' size, what
+# made them, and how many writes left a live turn without a vector since a
+# backfill last found none (services/context/turn_index.py), not terms: a
+# field that starts with a zero byte is none.
 DIMENSIONS_FIELD = "\0dim"
 EMBEDDER_FIELD = "\0embedder"
+GAPS_FIELD = "\0gaps"
 
 # Every part of a session's keys (see the module's docstring), in the
 # order each script's KEYS hold them (session_keys): KEYS[1] is meta,
@@ -1063,7 +1065,7 @@ def _postings_below(flat: list[bytes], turn_count: int) -> list[bytes]:
     """Flat (term, packed postings) pairs of the turns before
     ``turn_count`` (relevance.pack_posting: the turn above the TF_BITS low
     bits), terms left with none dropped; the vector fields (a zero byte
-    first: DIMENSIONS_FIELD, EMBEDDER_FIELD) are the caller's. Done here
+    first: DIMENSIONS_FIELD, EMBEDDER_FIELD, GAPS_FIELD) are the caller's. Done here
     rather than in the script (Redis runs nothing else while a script
     runs), and in one pass over all postings at once: a long
     session holds tens of thousands of terms, and a loop per term held the
@@ -1584,6 +1586,12 @@ class SessionStore:
             raise _version_compacted(session_id, version, source[1], "be forked at")
         _raise_for(source, session_id, None)
         _, turns, counts, history, roles, lengths, dimensions, vectors, embedder, postings, pins = source
+        # The fork's rows are its source's: so are their gaps (those of the
+        # turns it does not take are none of its own, and its first backfill
+        # finds none there and clears the count).
+        fields = postings[::2]
+        gaps = GAPS_FIELD.encode()
+        gap_writes = [gaps, postings[2 * fields.index(gaps) + 1]] if gaps in fields else []
         turn_bytes = sum(map(len, turns))
         await self.holdings.fits(tenant_id, new_session_id, held_by(turn_bytes, len(turns)))
         with redis_reachable():
@@ -1607,6 +1615,7 @@ class SessionStore:
                     *counts,
                     *pins,
                     *_postings_below(postings, len(turns)),
+                    *gap_writes,
                 ],
             )
         if outcome[0] == -4:

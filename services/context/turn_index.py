@@ -9,8 +9,9 @@ Beside a session's keys (services/context/store.py), under the same prefix:
 - ``...:ix:vectors``, a string: the turn's embedding as int8 (relevance.quantize),
   ``dimensions`` bytes at offset (index - compacted) * dimensions, where
   ``compacted`` is the meta field of compacted turns (store.SessionStore.compact
-  drops their rows); all zero when the inference service could not embed
-  it (the turn is then found by words only).
+  drops their rows); all zero when the embedder gave it none at its append
+  (unavailable, or not in time): the turn is then found by words only until
+  a backfill gives it one (below).
 - ``...:ix:postings``, a hash: term -> packed uint32 (relevance.pack_posting)
   for every turn holding it; the field ``\\0dim`` holds the vector size,
   ``\\0embedder`` what made the vectors (meshgate.embedding.embedder_name:
@@ -19,7 +20,13 @@ Beside a session's keys (services/context/store.py), under the same prefix:
   and a session whose rows name none (stored before the field) scores its
   turns by words only until then, or until a backfill (_BACKFILL, asked by
   an assembly whose question's embedder they are not) gives them rows of
-  the new one.
+  the new one. ``\\0gaps`` counts the writes (_WRITE) that left a live turn
+  without a vector of the rows' embedder (a zero row, or none), so that
+  whether a session holds such a gap is one field, not a scan of every
+  row: an assembly that reads it set, or the append that set it, asks for
+  the backfill of them (TurnIndex.vector_gaps), whose end clears it
+  (_SETTLE) unless another such write came meanwhile. Absent: none since
+  (sessions stored before the field may hold gaps it does not count).
 - ``...:pins``, a list: ``t:<turn index>`` or ``f:<fact text>``; a revert
   drops the pins of the turns it undoes (store._REVERT), and the unpin of a
   turn compaction kept for its pin empties its body then (_UNPIN).
@@ -61,6 +68,7 @@ from services.context.store import (
     DIMENSIONS_FIELD,
     DROP_POSTINGS,
     EMBEDDER_FIELD,
+    GAPS_FIELD,
     RENEW,
     UNDONE,
     decode_counts,
@@ -75,8 +83,9 @@ from services.context.store import (
 # (0 = no vectors), ttl_s, roles bytes, packed lengths, int8 vectors ("" =
 # none), "1" to write only if some of these turns' positions were never
 # written ("" = always), the create_time_ms of the session the append
-# stored them in ("" = unchecked), the vectors' embedder, then pairs (term,
-# packed postings to add). The turns' first position is read from the versions history (turns
+# stored them in ("" = unchecked), the vectors' embedder, "1" when some of
+# the vectors is all zero (the embedder gave that turn none), then pairs
+# (term, packed postings to add). The turns' first position is read from the versions history (turns
 # held at that version, less these), so concurrent appends each index their
 # own turns. Returns the first position, or -1 when a revert already undid
 # that version, that version's append held another number of turns, or the
@@ -84,6 +93,9 @@ from services.context.store import (
 # another life of its id: an append whose write waited on its embedding
 # while the session was deleted and created again, its version history
 # matching, overwrote the new session's index with the old one's turns.
+# A write that leaves a live turn without a vector (a zero row, no rows
+# written, or another embedder's rows dropped before these) counts itself
+# in GAPS_FIELD.
 _WRITE = (
     RENEW
     + DROP_POSTINGS
@@ -125,18 +137,23 @@ redis.call('SETRANGE', KEYS[6], first, ARGV[4])
 redis.call('SETRANGE', KEYS[7], 2 * first, ARGV[5])
 local dim = tonumber(ARGV[2])
 local compacted = tonumber(redis.call('HGET', KEYS[1], 'compacted') or '0')
+local gaps = ARGV[10] ~= ''
 if dim > 0 and ARGV[6] ~= '' and first >= compacted then
   if redis.call('HGET', KEYS[9], '\\0embedder') ~= ARGV[9] then
     -- The rows there are another embedder's (or of one never named): not
     -- comparable with these, so the turns they stand for have none now.
     redis.call('DEL', KEYS[8])
     redis.call('HSET', KEYS[9], '\\0embedder', ARGV[9])
+    if first > compacted then gaps = true end
   end
   redis.call('HSET', KEYS[9], '\\0dim', dim)
   redis.call('SETRANGE', KEYS[8], dim * (first - compacted), ARGV[6])
+elseif first + n > compacted then
+  gaps = true
 end
+if gaps then redis.call('HINCRBY', KEYS[9], '\\0gaps', 1) end
 local shift = first * 16
-for i = 10, #ARGV, 2 do
+for i = 11, #ARGV, 2 do
   local shifted = {}
   local value = ARGV[i + 1]
   for at = 1, #value, 4 do
@@ -206,6 +223,23 @@ if ttl > 0 then
 end
 if written > 0 then redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1') end
 return written
+"""
+
+# KEYS: store.session_keys. ARGV: the create_time_ms and the count of gap
+# writes (GAPS_FIELD; "" = none) read with gaps a backfill has filled since
+# (TurnIndex.vector_gaps), or found none. Clears the count, unless the
+# session is gone or another life of its id, or a write left another gap
+# since the read (the count moved). Returns 1 when cleared, 0 when there
+# was none, -1 when it may not be. Like _BACKFILL, renews nothing, and
+# tells hot copies (which hold the count) to drop the session.
+_SETTLE = """
+if redis.call('HGET', KEYS[1], 'create_time_ms') ~= ARGV[1] then return -1 end
+local count = redis.call('HGET', KEYS[9], '\\0gaps')
+if not count then return 0 end
+if count ~= ARGV[2] then return -1 end
+redis.call('HDEL', KEYS[9], '\\0gaps')
+redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1')
+return 1
 """
 
 # Pins a session may hold. Every assembly reads all of them and puts each
@@ -355,6 +389,13 @@ def term_counts(turns: list[TurnFeatures]) -> np.ndarray:
     return np.array([min(sum(t.terms.values()), 0xFFFF) for t in turns], dtype="<u2")
 
 
+def leaves_gaps(vectors: Embeddings | None) -> bool:
+    """Whether an append's ``vectors`` (servicer._embed's: None when the
+    embedder gave none, a zero row for each turn it gave none) leave some
+    of its turns without one, as the index stores them (quantized)."""
+    return vectors is None or not relevance.quantize(vectors.rows).any(axis=1).all()
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class UnwrittenAppend:
     """An append whose turns hold a position the index never wrote."""
@@ -421,6 +462,8 @@ class VectorGaps:
     # another embedder than the one asked about.
     embedder: str
     positions: list[int]
+    # GAPS_FIELD as read ("" = none), for TurnIndex.settle.
+    gap_writes: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -463,6 +506,9 @@ class IndexedTurns:
     # What made unit_vectors (meshgate.embedding.embedder_name); "" for rows
     # stored before it was recorded, comparable with no vector.
     embedder: str = ""
+    # Whether a write left some live turn without a vector since a backfill
+    # last found none (GAPS_FIELD): the backfill is asked for.
+    vector_gaps: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -557,6 +603,10 @@ class IndexedTurns:
             self.first_live,
             compacted_version=self.compacted_version,
             embedder=embedder,
+            # As the write counts it (_WRITE).
+            vector_gaps=self.vector_gaps
+            or leaves_gaps(vectors)
+            or (embedder != self.embedder and self.count > self.first_live),
         )
 
 
@@ -569,6 +619,7 @@ class TurnIndex:
         self._unpin = client.register_script(_UNPIN)
         self._read_turns = client.register_script(_READ_TURNS)
         self._backfill = client.register_script(_BACKFILL)
+        self._settle = client.register_script(_SETTLE)
 
     async def write(
         self,
@@ -602,6 +653,7 @@ class TurnIndex:
             "1" if only_unwritten else "",
             "" if created_ms is None else created_ms,
             "" if vectors is None else vectors.embedder,
+            "1" if vectors is not None and leaves_gaps(vectors) else "",
         ]
         for term, packed in _packed_postings(turns).items():
             args.extend((term, packed))
@@ -620,7 +672,7 @@ class TurnIndex:
         ``query_terms`` only (None: all, to keep in memory), and the counts of
         ``counter_id`` (and of ``line_counter_id`` when given). Raises SESSION_NOT_FOUND."""
         roles_key, lengths_key, vectors_key, postings_key = _keys(tenant_id, session_id)
-        fields = [DIMENSIONS_FIELD, EMBEDDER_FIELD, *(query_terms or ())]
+        fields = [DIMENSIONS_FIELD, EMBEDDER_FIELD, GAPS_FIELD, *(query_terms or ())]
         with redis_reachable():
             async with self._client.pipeline(transaction=True) as pipe:
                 meta_fields = [
@@ -659,14 +711,16 @@ class TurnIndex:
         term_counts = np.frombuffer(lengths or b"", dtype="<u2")[:count].astype(np.float64)
         if query_terms is None:
             everything = {term.decode(): value for term, value in posting_values.items()}
-            query_terms = [t for t in everything if t not in (DIMENSIONS_FIELD, EMBEDDER_FIELD)]
+            query_terms = [t for t in everything if not t.startswith("\0")]
             posting_values = [
                 everything.get(DIMENSIONS_FIELD),
                 everything.get(EMBEDDER_FIELD),
+                everything.get(GAPS_FIELD),
                 *(everything[t] for t in query_terms),
             ]
         dimensions = int(posting_values[0] or 0)
         embedder = (posting_values[1] or b"").decode()
+        vector_gaps = posting_values[2] is not None
         first_live = min(int(meta[2] or 0), count)
         live = len(roles_array) - first_live
         vector_rows = None
@@ -680,7 +734,7 @@ class TurnIndex:
             vector_rows = relevance.unit_rows(rows)
         postings = {
             term: np.frombuffer(value, dtype="<u4")
-            for term, value in zip(query_terms, posting_values[2:], strict=True)
+            for term, value in zip(query_terms, posting_values[3:], strict=True)
             if value
         }
         pinned_turns, pinned_facts = _pins_of(pins, count)
@@ -700,6 +754,7 @@ class TurnIndex:
             int(meta[5] or 0),
             -1 if meta[6] is None else int(meta[6]),
             embedder,
+            vector_gaps,
         )
 
     async def pins(self, tenant_id: str, session_id: str) -> tuple[int, list[int], list[str]]:
@@ -737,25 +792,29 @@ class TurnIndex:
         appends = unwritten_appends(roles or b"", history or b"", count, int(compacted or 0), max_turns)
         return int(version), int(created), appends
 
-    async def vector_gaps(self, tenant_id: str, session_id: str, embedder: str) -> VectorGaps:
+    async def vector_gaps(self, tenant_id: str, session_id: str, embedder: str | None) -> VectorGaps:
         """As of one instant (MULTI), the live turns without a vector of
-        ``embedder``: every one when the rows are another's (or of none
-        named), else those whose row is all zero (an append of ``embedder``
-        dropped another's rows before it, or the embedder gave it none).
-        Raises SESSION_NOT_FOUND."""
+        ``embedder`` (None: of the rows' own): every one when the rows are
+        another's (or of none named), else those whose row is all zero (an
+        append of ``embedder`` dropped another's rows before it, or the
+        embedder gave it none). Raises SESSION_NOT_FOUND."""
         with redis_reachable():
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.hmget(key(tenant_id, session_id, "meta"), ["version", "create_time_ms", "compacted"])
                 pipe.llen(key(tenant_id, session_id, "turns"))
-                pipe.hmget(key(tenant_id, session_id, "ix:postings"), [DIMENSIONS_FIELD, EMBEDDER_FIELD])
+                pipe.hmget(
+                    key(tenant_id, session_id, "ix:postings"), [DIMENSIONS_FIELD, EMBEDDER_FIELD, GAPS_FIELD]
+                )
                 pipe.get(key(tenant_id, session_id, "ix:vectors"))
                 pipe.get(key(tenant_id, session_id, "ix:roles"))
-                meta, count, (dimensions, stored_by), vectors, roles = await pipe.execute()
+                meta, count, (dimensions, stored_by, gap_writes), vectors, roles = await pipe.execute()
         version, created, compacted = meta
         if version is None:
             raise session_not_found(session_id)
         compacted = min(int(compacted or 0), count)
         stored_by = (stored_by or b"").decode()
+        if embedder is None:
+            embedder = stored_by
         dimensions = int(dimensions or 0)
         # Turns whose index was never written are not: their append is
         # embedding them still, or its write was lost and the repair
@@ -764,13 +823,14 @@ class TurnIndex:
         written = np.frombuffer(roles or b"", np.uint8)[:count] != 0
         indexed[: len(written)] = written
         lacking = indexed[compacted:].copy()
-        if stored_by == embedder and dimensions:
+        if stored_by == embedder and embedder and dimensions:
             rows = np.zeros((count - compacted, dimensions), np.int8)
             held = np.frombuffer(vectors or b"", np.int8)[: rows.size]
             rows.reshape(-1)[: len(held)] = held
             lacking &= ~rows.any(axis=1)
         positions = (np.flatnonzero(lacking) + compacted).tolist()
-        return VectorGaps(int(version), int(created or 0), compacted, stored_by, positions)
+        gap_writes = (gap_writes or b"").decode()
+        return VectorGaps(int(version), int(created or 0), compacted, stored_by, positions, gap_writes)
 
     async def backfill(
         self, tenant_id: str, session_id: str, gaps: VectorGaps, positions: list[int], vectors: Embeddings
@@ -790,6 +850,15 @@ class TurnIndex:
         ]
         with redis_reachable():
             return int(await self._backfill(keys=session_keys(tenant_id, session_id), args=args))
+
+    async def settle(self, tenant_id: str, session_id: str, gaps: VectorGaps) -> int:
+        """Clears the count of gap writes once the turns ``gaps`` named have
+        vectors (or it named none), unless a write left another gap since,
+        or the session is another life (_SETTLE); returns 1 when cleared, 0
+        when there was none, -1 when it may not be."""
+        args = [gaps.create_time_ms, gaps.gap_writes]
+        with redis_reachable():
+            return int(await self._settle(keys=session_keys(tenant_id, session_id), args=args))
 
     async def read_turns(
         self, tenant_id: str, session_id: str, indices: list[int], version: int, created_ms: int

@@ -948,3 +948,278 @@ async def test_a_backfill_stopped_midway_is_finished_by_a_later_read(redis_url: 
         indexed = await index.read(*session, None)
         assert indexed.embedder == "fake@2"
         assert indexed.unit_vectors.any(axis=1).all(), np.flatnonzero(~indexed.unit_vectors.any(axis=1))
+
+
+class FailsOnce(RevisedEmbedder):
+    """A RevisedEmbedder that gives no vectors for the first call holding
+    any of ``texts`` (an Embed that failed or timed out, once), then does."""
+
+    def __init__(self, table: dict[str, np.ndarray], texts: set[str]) -> None:
+        super().__init__(table)
+        self.texts = set(texts)
+
+    async def embed_each_or_none(
+        self, texts: list[str], timeout_s: float | None = None
+    ) -> list[Embedding | None]:
+        if self.texts.intersection(texts):
+            self.texts.clear()
+            return [None] * len(texts)
+        return await super().embed_each_or_none(texts, timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def session_with_a_gap(redis_url: str, embedder: RevisedEmbedder):
+    """A session of SMALL_TALK[:4], DOOR_TURN and SMALL_TALK[4:], in three
+    appends, by an in-process servicer on real Redis; ``embedder`` decides
+    which get vectors. Yields the servicer, its index, the session's
+    (tenant, id) and the Redis client."""
+    client = redis.Redis.from_url(redis_url)
+    models = Settings().models
+    index = TurnIndex(client, 600)
+    servicer = ContextServicer(
+        SessionStore(client, 600),
+        models,
+        token_counts.for_models(models),
+        HotCache(0),
+        index,
+        embedder=embedder,
+        pack_older_turns=False,
+    )
+    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+    try:
+        created = await servicer.CreateSession(pb.CreateSessionRequest(tenant_id=tenant), None)
+        session = (tenant, created.session.session_id)
+        for contents in (SMALL_TALK[:4], [DOOR_TURN], SMALL_TALK[4:]):
+            messages = [common_pb2.Message(role=USER, content=c) for c in contents]
+            await servicer.AppendTurns(
+                pb.AppendTurnsRequest(
+                    tenant_id=tenant, session_id=session[1], messages=messages, any_version=True
+                ),
+                NoDeadline(),
+            )
+        yield servicer, index, session, client
+    finally:
+        await servicer.close()
+        await client.aclose()
+
+
+def door_direction() -> np.ndarray:
+    direction = np.zeros(16, np.float32)
+    direction[0] = 1.0
+    return direction
+
+
+async def test_a_turn_the_embedder_gave_no_vector_at_its_append_is_embedded_soon(redis_url: str) -> None:
+    """The embedder fails the one append of DOOR_TURN (unavailable, or its
+    deadline passed) and works again at once: the turn is stored without a
+    vector, in the middle of the session, and the append itself has it
+    embedded in the background, with no read of the session needed."""
+    table = {DOOR_QUESTION: door_direction(), DOOR_TURN: door_direction()}
+    embedder = FailsOnce(table, {DOOR_TURN})
+    async with session_with_a_gap(redis_url, embedder) as (servicer, index, session, _):
+        assert not embedder.texts, "the embedder never failed the append"
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        indexed = await index.read(*session, None)
+        assert indexed.unit_vectors.any(axis=1).all(), np.flatnonzero(~indexed.unit_vectors.any(axis=1))
+        answer = await assemble_door_question(servicer, session)
+        assert answer.inputs.dense_scored
+        assert DOOR_TURN in [m.content for m in answer.messages]
+
+
+async def test_a_turn_left_without_a_vector_is_embedded_by_a_later_read(redis_url: str, monkeypatch) -> None:
+    """The embedder down for the append of DOOR_TURN and still down for the
+    append's own attempt: the turn is found by words only (not at all, for
+    the question, which shares none of its words) until the embedder is
+    back; then the next assemblies have it embedded and find it."""
+    # A read asks again at once, as one does BACKFILL_ASKED_FOR_S later.
+    monkeypatch.setattr(servicer_module, "BACKFILL_ASKED_FOR_S", 0.0)
+    table = {DOOR_QUESTION: door_direction(), DOOR_TURN: door_direction()}
+    embedder = UnavailableFor(table, {DOOR_TURN})
+    async with session_with_a_gap(redis_url, embedder) as (servicer, index, session, _):
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        before = await assemble_door_question(servicer, session)
+        assert DOOR_TURN not in [m.content for m in before.messages]
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        embedder.down = set()
+        await assemble_door_question(servicer, session)
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        indexed = await index.read(*session, None)
+        assert indexed.unit_vectors.any(axis=1).all(), np.flatnonzero(~indexed.unit_vectors.any(axis=1))
+        after = await assemble_door_question(servicer, session)
+        assert after.inputs.dense_scored
+        assert DOOR_TURN in [m.content for m in after.messages]
+
+
+def context_settings(redis_url: str, append_embed_timeout_s: float | None = None) -> Settings:
+    """A context service's settings on this Redis, its turns and questions
+    embedded in its own process; an ``append_embed_timeout_s`` too short
+    for any turn to be embedded makes a replica whose appends store them
+    without vectors (as under an embedder too busy to answer in time)."""
+    settings = Settings(mesh=mesh_settings())
+    settings.redis.url = redis_url
+    settings.context.session_ttl_s = 600
+    settings.context.pack_older_turns = False
+    if append_embed_timeout_s is not None:
+        settings.context.append_embed_timeout_s = append_embed_timeout_s
+    return settings
+
+
+async def stored_rows(
+    client: redis.Redis, tenant: str, session_id: str, turns: int, dimensions: int = 384
+) -> np.ndarray:
+    """The session's int8 vector rows as Redis holds them (no compaction: from turn 0)."""
+    packed = await client.get(store.key(tenant, session_id, "ix:vectors")) or b""
+    rows = np.zeros((turns, dimensions), np.int8)
+    held = np.frombuffer(packed, np.int8)[: rows.size]
+    rows.reshape(-1)[: len(held)] = held
+    return rows
+
+
+async def test_a_gap_left_by_a_replica_that_stopped_is_filled_by_another_after_a_restart(
+    redis_url: str,
+) -> None:
+    """Real context services on one Redis: replica A appends turns with their
+    vectors; replica B, whose embedder never answers in time, appends one
+    turn in the middle without a vector and stops before anything could
+    embed it; A is restarted (it remembers nothing of the session). A's
+    next assemblies find the gap and fill it, so the turn is found by
+    meaning again, not by its words alone for the rest of the session."""
+    client = redis.Redis.from_url(redis_url)
+    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+
+    async def append(stub, contents) -> None:
+        messages = [common_pb2.Message(role=USER, content=c) for c in contents]
+        request = pb.AppendTurnsRequest(
+            tenant_id=tenant, session_id=session_id, messages=messages, any_version=True
+        )
+        await stub.AppendTurns(request)
+
+    try:
+        async with (
+            running(app, "context", context_settings(redis_url)) as address,
+            router_channel(address, "context") as channel,
+        ):
+            replica_a = context_service_pb2_grpc.ContextServiceStub(channel)
+            created = await replica_a.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))
+            session_id = created.session.session_id
+            await append(replica_a, SMALL_TALK[:4])
+            async with (
+                running(app, "context", context_settings(redis_url, 1e-6)) as address_b,
+                router_channel(address_b, "context") as channel_b,
+            ):
+                await append(context_service_pb2_grpc.ContextServiceStub(channel_b), [DOOR_TURN])
+            await append(replica_a, SMALL_TALK[4:])
+        turns = len(SMALL_TALK) + 1
+        rows = await stored_rows(client, tenant, session_id, turns)
+        assert np.flatnonzero(~rows.any(axis=1)).tolist() == [4], "B's append was not the one gap"
+        async with (
+            running(app, "context", context_settings(redis_url)) as address,
+            router_channel(address, "context") as channel,
+        ):
+            replica_a = context_service_pb2_grpc.ContextServiceStub(channel)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 15
+            while not (rows := await stored_rows(client, tenant, session_id, turns)).any(axis=1).all():
+                assert loop.time() < deadline, f"turn 4 still has no vector: {rows[4].any()}"
+                await assemble(replica_a, tenant, session_id, DOOR_QUESTION, 150)
+                await asyncio.sleep(0.5)
+    finally:
+        await client.aclose()
+
+
+class FailsOnceThenHeld(GatedEmbedder):
+    """Gives no vectors for the first call holding any of ``fail_once``'s
+    texts (each fails one call: an append's), and holds later calls for
+    ``held``'s until ``opened`` is set (the backfill's), as GatedEmbedder."""
+
+    def __init__(self, fail_once: set[str], held: set[str]) -> None:
+        super().__init__({}, held)
+        self.fail_once = set(fail_once)
+        self.opened.clear()
+
+    async def embed_each_or_none(
+        self, texts: list[str], timeout_s: float | None = None
+    ) -> list[Embedding | None]:
+        if failing := self.fail_once.intersection(texts):
+            self.fail_once -= failing
+            return [None] * len(texts)
+        return await super().embed_each_or_none(texts, timeout_s)
+
+
+async def test_a_gap_backfill_writes_nothing_into_a_session_deleted_meanwhile(redis_url: str) -> None:
+    """The append's backfill of DOOR_TURN held between its read and its
+    write while the session is deleted: it writes nothing, so no key of the
+    session is left (one written then would outlive it, and be a later
+    session's of the id)."""
+    embedder = FailsOnceThenHeld({DOOR_TURN}, {DOOR_TURN})
+    async with session_with_a_gap(redis_url, embedder) as (servicer, _, session, client):
+        await asyncio.wait_for(embedder.entered.wait(), 10)
+        await servicer.DeleteSession(
+            pb.DeleteSessionRequest(tenant_id=session[0], session_id=session[1]), None
+        )
+        embedder.opened.set()
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        assert await client.exists(*store.session_keys(*session)) == 0
+
+
+async def test_a_gap_backfill_writes_nothing_into_a_session_reverted_meanwhile(redis_url: str) -> None:
+    """The append's backfill of DOOR_TURN (turn 4) held while the session is
+    reverted to before it and another turn appended there, also without a
+    vector: DOOR_TURN's vector never lands in that turn's row; the
+    backfill reads the session again and gives the new turn its own."""
+    replacement = "The windows were replaced last spring."
+    embedder = FailsOnceThenHeld({DOOR_TURN, replacement}, {DOOR_TURN})
+    async with session_with_a_gap(redis_url, embedder) as (servicer, _, session, client):
+        await asyncio.wait_for(embedder.entered.wait(), 10)
+        await servicer.RevertSession(
+            pb.RevertSessionRequest(tenant_id=session[0], session_id=session[1], version=1, any_version=True),
+            None,
+        )
+        appended = await servicer.AppendTurns(
+            pb.AppendTurnsRequest(
+                tenant_id=session[0],
+                session_id=session[1],
+                messages=[common_pb2.Message(role=USER, content=replacement)],
+                any_version=True,
+            ),
+            NoDeadline(),
+        )
+        assert not embedder.fail_once, "the replacement's append was given a vector"
+        assert not (await stored_rows(client, *session, 5, 16))[4].any()
+        embedder.opened.set()
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        rows = await stored_rows(client, *session, 5, 16)
+        assert (await servicer._index.read(*session, None)).version == appended.version
+    np.testing.assert_array_equal(rows[4], relevance.quantize(embedder._vector(replacement)[None])[0])
+    assert not np.array_equal(rows[4], relevance.quantize(embedder._vector(DOOR_TURN)[None])[0])
+
+
+async def test_a_gap_left_while_a_backfill_runs_is_still_asked_for_after_it(redis_url: str) -> None:
+    """Another append stores a turn without a vector while the backfill of
+    DOOR_TURN embeds it: the backfill's end does not clear the index's
+    count of such writes (it moved since its read), so the next read has
+    the new gap filled too instead of taking the session for whole."""
+    late = "The windows were replaced last spring."
+    embedder = FailsOnceThenHeld({DOOR_TURN, late}, {DOOR_TURN})
+    async with session_with_a_gap(redis_url, embedder) as (servicer, index, session, _):
+        await asyncio.wait_for(embedder.entered.wait(), 10)
+        await servicer.AppendTurns(
+            pb.AppendTurnsRequest(
+                tenant_id=session[0],
+                session_id=session[1],
+                messages=[common_pb2.Message(role=USER, content=late)],
+                any_version=True,
+            ),
+            NoDeadline(),
+        )
+        assert not embedder.fail_once, "the late turn's append was given a vector"
+        embedder.opened.set()
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        indexed = await index.read(*session, None)
+        assert indexed.vector_gaps
+        assert np.flatnonzero(~indexed.unit_vectors.any(axis=1)).tolist() == [len(indexed.roles) - 1]
+        await assemble_door_question(servicer, session)
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        indexed = await index.read(*session, None)
+        assert indexed.unit_vectors.any(axis=1).all()
+        assert not indexed.vector_gaps
