@@ -20,8 +20,9 @@ Beside a session's keys (services/context/store.py), under the same prefix:
   and a session whose rows name none (stored before the field) scores its
   turns by words only until then, or until a backfill (_BACKFILL, asked by
   an assembly whose question's embedder they are not) gives them rows of
-  the new one. ``\\0gaps`` counts the writes (_WRITE) that left a live turn
-  without a vector of the rows' embedder (a zero row, or none), so that
+  the new one. ``\\0gaps`` (a uint32, packed as a posting is) counts the
+  writes (_WRITE) that left a live turn without a vector of the rows'
+  embedder (a zero row, or none), so that
   whether a session holds such a gap is one field, not a scan of every
   row: an assembly that reads it set, or the append that set it, asks for
   the backfill of them (TurnIndex.vector_gaps), whose end clears it
@@ -151,7 +152,15 @@ if dim > 0 and ARGV[6] ~= '' and first >= compacted then
 elseif first + n > compacted then
   gaps = true
 end
-if gaps then redis.call('HINCRBY', KEYS[9], '\\0gaps', 1) end
+if gaps then
+  -- Packed as a posting is (4 bytes), not HINCRBY's decimal: a replica from
+  -- before the field reads every field it does not know as a term's
+  -- postings, and a value whose length is not a multiple of 4 failed its
+  -- hot load of the session (a rolling upgrade).
+  local held = redis.call('HGET', KEYS[9], '\\0gaps')
+  local count = held and struct.unpack('<I4', held) or 0
+  redis.call('HSET', KEYS[9], '\\0gaps', struct.pack('<I4', (count + 1) % 4294967296))
+end
 local shift = first * 16
 for i = 11, #ARGV, 2 do
   local shifted = {}
@@ -226,7 +235,7 @@ return written
 """
 
 # KEYS: store.session_keys. ARGV: the create_time_ms and the count of gap
-# writes (GAPS_FIELD; "" = none) read with gaps a backfill has filled since
+# writes (GAPS_FIELD, its packed bytes; "" = none) read with gaps a backfill has filled since
 # (TurnIndex.vector_gaps), or found none. Clears the count, unless the
 # session is gone or another life of its id, or a write left another gap
 # since the read (the count moved). Returns 1 when cleared, 0 when there
@@ -462,8 +471,8 @@ class VectorGaps:
     # another embedder than the one asked about.
     embedder: str
     positions: list[int]
-    # GAPS_FIELD as read ("" = none), for TurnIndex.settle.
-    gap_writes: str = ""
+    # GAPS_FIELD's bytes as read (b"" = none), for TurnIndex.settle.
+    gap_writes: bytes = b""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -829,8 +838,7 @@ class TurnIndex:
             rows.reshape(-1)[: len(held)] = held
             lacking &= ~rows.any(axis=1)
         positions = (np.flatnonzero(lacking) + compacted).tolist()
-        gap_writes = (gap_writes or b"").decode()
-        return VectorGaps(int(version), int(created or 0), compacted, stored_by, positions, gap_writes)
+        return VectorGaps(int(version), int(created or 0), compacted, stored_by, positions, gap_writes or b"")
 
     async def backfill(
         self, tenant_id: str, session_id: str, gaps: VectorGaps, positions: list[int], vectors: Embeddings

@@ -1218,6 +1218,11 @@ async def test_a_gap_left_while_a_backfill_runs_is_still_asked_for_after_it(redi
         indexed = await index.read(*session, None)
         assert indexed.vector_gaps
         assert np.flatnonzero(~indexed.unit_vectors.any(axis=1)).tolist() == [len(indexed.roles) - 1]
+        # Two gap writes, counted as a posting is packed (4 bytes): a replica
+        # from before the field reads it as a term's postings, and failed to
+        # load a session whose value was HINCRBY's decimal "2".
+        held = await index._client.hget(store.key(*session, "ix:postings"), store.GAPS_FIELD)
+        assert held == np.array([2], dtype="<u4").tobytes()
         await assemble_door_question(servicer, session)
         await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
         indexed = await index.read(*session, None)
