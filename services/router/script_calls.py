@@ -222,12 +222,17 @@ class Backlog:
         self._max_held_chars = max_held_chars
         self._held: collections.deque[_Held] = collections.deque()
         self._held_chars = 0
+        # Of the calls a retry round took from _held, those neither written
+        # nor given up yet: still held, as len() says.
+        self._in_round = 0
         self._retrying: asyncio.Task | None = None
         self._stopping = asyncio.Event()
 
     def __len__(self) -> int:
-        """Calls held to be run again."""
-        return len(self._held)
+        """Calls held to be run again, those a retry round is trying among
+        them (the round takes them all, and holds again those still refused
+        once it ends)."""
+        return len(self._held) + self._in_round
 
     @property
     def _outcomes(self):
@@ -271,6 +276,7 @@ class Backlog:
                 if expired:
                     self._give_up(len(expired), f"not written within {self._max_age_s:g} s")
                     held = [call for call in held if now - call.since <= self._max_age_s]
+                self._in_round = len(held)
                 # One call at a time, in order. A call still refused keeps
                 # the rest of its node's and of its slot's for the next round,
                 # untried: one failed attempt a round against a node that is
@@ -291,6 +297,7 @@ class Backlog:
                     [failure] = await self._try([(call.keys, call.args)])
                     if failure is None:
                         written += 1
+                        self._in_round -= 1
                     elif self._again(failure):
                         again.append(call)
                         if _cluster_wide(failure) or self._stopping.is_set():
@@ -300,14 +307,17 @@ class Backlog:
                         down_slots.add(slot)
                     else:
                         self._give_up(1, f"may have been written: {failure}")
+                        self._in_round -= 1
                 if written:
                     self._outcomes.labels(self._write, "written_late").inc(written)
                     log.info("held usage writes written", write=self._write, calls=written)
                 # In front of what failed since: the order they failed in.
+                self._in_round = 0
                 self._hold(again, front=True)
                 if self._stopping.is_set():
                     self._give_up(len(self._take()), "the router stopped")
         finally:
+            self._in_round = 0
             self._retrying = None
 
     async def _try(self, calls: list[tuple[list[str], list]]) -> list[BaseException | None]:
