@@ -875,7 +875,7 @@ class Pipeline:
         saving = []
         if plan.writes and hit is None and answer.text:
             # A session turn's entry is keyed on the whole prompt it answered.
-            saving.append(self._store(plan, turn.messages if stateless else prompt, answer, turn.budget))
+            saving.append(self._store(plan, turn.messages if stateless else prompt, answer))
         if not stateless:
             facts.saving = True
             if before_saving is not None:
@@ -943,7 +943,7 @@ class Pipeline:
             turn = self._as_selected(turn, selected_model, None)
         return await self._cache.report_wrong(turn.cache, turn.messages, entry_id, budget)
 
-    async def _store(self, plan: CachePlan, messages, answer: Answer, budget: Budget) -> None:
+    async def _store(self, plan: CachePlan, messages, answer: Answer) -> None:
         """Stores ``answer`` under ``messages`` once, however many callers
         share its generation (coalescing.py): each would write the same
         entry again, a Redis write, a notice to every router's hot tier and
@@ -955,9 +955,15 @@ class Pipeline:
         completion still finds the entry stored. The Store is no caller's, as the generation is not: a
         caller going away leaves it to the others, the last one cancels it,
         and a caller arriving after that stores afresh; one arriving after
-        it ended finds it done (SingleFlight's keep_finished)."""
+        it ended finds it done (SingleFlight's keep_finished). So it runs
+        under no caller's deadline either, only the cache call's own bound
+        (router.downstream_timeout_s): begun by a caller with little time
+        left, it would be cut short for the callers still waiting for it,
+        and none of them would store the entry (they find that Store done).
+        A caller whose deadline passes goes away as any other (gRPC cancels
+        its call), and the last one leaving still cancels the Store."""
         entry = tuple(message.SerializeToString(deterministic=True) for message in messages)
-        await answer.stores.join(entry, lambda: self._cache.store(plan, messages, answer, budget))
+        await answer.stores.join(entry, lambda: self._cache.store(plan, messages, answer, Budget()))
 
     async def _exact_hit(self, plan: CachePlan, messages, budget: Budget) -> Hit | None:
         """The exact lookup, before the turn generates. A turn that stores

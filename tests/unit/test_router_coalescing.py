@@ -525,6 +525,50 @@ async def test_the_last_caller_leaving_cancels_the_store():
     assert (cache.begun, cache.cancelled) == (1, 1) and cache.stored == []
 
 
+class TimedStoreCache(FakeCache):
+    """Stores as the cache service does within the time the router gives
+    its Store (CacheService.store: a call timeout of the budget's time
+    within router.downstream_timeout_s): a budget already spent ends the
+    call DEADLINE_EXCEEDED, which the router logs, storing nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cut_short = 0
+
+    async def store(self, plan, messages, answer, budget) -> None:
+        if budget.within(RouterSettings().downstream_timeout_s) <= 0:
+            self.cut_short += 1
+            return
+        await super().store(plan, messages, answer, budget)
+
+
+async def test_a_shared_store_runs_under_no_callers_deadline():
+    """The Store of a shared answer is no caller's, as its generation is
+    not: begun by a caller whose deadline is spent, it would be cut short
+    for the callers still waiting for it, and none of them would store the
+    entry (they find that Store done: keep_finished)."""
+    generator = GatedGenerator()
+    cache = TimedStoreCache()
+    turns = Pipeline(RouterSettings(), MODELS, FakeContexts(), cache, generator)
+    deadline = time.monotonic() + 0.3
+    hurried = StallingCaller(turns, chat(policy=pb.CACHE_POLICY_USE), budget=Budget(deadline))
+    patient = StallingCaller(turns, chat(policy=pb.CACHE_POLICY_USE), budget=Budget(time.monotonic() + 60))
+    generator.open(1)
+    await hurried.until_pieces(1)
+    await patient.until_pieces(1)
+    generator.open()  # the generation ends within the hurried caller's deadline
+    await asyncio.sleep(max(0.0, deadline - time.monotonic()) + 0.01)
+    # The hurried caller's client read on only after its deadline: its turn
+    # reaches the Store (begins it) with none of its time left.
+    hurried.resume.set()
+    await settle_all(hurried)
+    patient.resume.set()
+    await settle_all(patient)
+    assert isinstance(patient.events[-1], Completion) and patient.text == "".join(PIECES)
+    assert cache.cut_short == 0
+    assert cache.stored == [(["What is the answer?"], "".join(PIECES))]
+
+
 # --- what is never shared ------------------------------------------------------
 
 
