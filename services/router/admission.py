@@ -1483,7 +1483,10 @@ class TurnAdmission:
             tenant=turn.tenant.id,
             key_id=turn.tenant.key_id,
             model=turn.model_alias,
-            deployment=answer.deployment,
+            # A hit was served by no deployment: the one whose generation
+            # was stored is its completion's to name (ChatCompletion), not
+            # a record an operator adds up per deployment.
+            deployment="" if hit else answer.deployment,
             prompt_tokens=0 if hit else prompt_tokens,
             completion_tokens=0 if hit else completion_tokens,
             # A hit's cached answer: the tokens it did not spend.

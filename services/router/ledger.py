@@ -76,6 +76,8 @@ class UsageRecord:
     tenant: str
     key_id: str
     model: str
+    # The deployment that served it; "" where none did (a cache hit, a turn
+    # failed before any took it, a summaries' or an embeddings' record).
     deployment: str
     prompt_tokens: int
     completion_tokens: int

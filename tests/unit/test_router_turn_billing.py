@@ -306,6 +306,25 @@ async def test_a_hit_whose_session_append_fails_is_billed_as_a_hit():
     assert (record.saved_tokens, record.cost_nano_usd) == (130, 0)
 
 
+async def test_a_hits_ledger_record_names_no_deployment_and_a_generated_ones_names_its_own():
+    """An operator adds up the ledger's log per deployment: a hit (exact,
+    semantic or the router's hot copy, one path here) was served by no
+    deployment. The one whose generation was stored is the completion's
+    to name (ChatCompletion.deployment), not the record of this turn's use."""
+    stored = cached_hit()
+    stored.answer.deployment = "d1"
+    turns, _, ledger = billed_pipeline(FakeGenerator(), cache=FakeCache(stored))
+    events = await events_of(turns, request("capital of France?"))
+    assert isinstance(events[-1], Completion) and events[-1].answer.deployment == "d1"
+    [record] = ledger.records
+    assert (record.cache_status, record.deployment) == ("exact_hit", "")
+
+    turns, _, ledger = billed_pipeline(FakeGenerator())
+    await events_of(turns)
+    [record] = ledger.records
+    assert (record.cache_status, record.deployment) == ("bypassed", "d1")
+
+
 async def test_a_hit_whose_caller_hangs_up_mid_replay_is_billed_as_a_hit():
     generator = FakeGenerator()
     turns, admission, ledger = billed_pipeline(generator, cache=FakeCache(cached_hit()), replay_pause_s=0.01)
