@@ -210,3 +210,44 @@ async def test_vectors_of_an_earlier_revision_are_not_answered_once_another_came
     assert (await memo.embed_or_none("waves", tenant_id="acme")).embedder == "minilm@3"
     assert (await memo.embed_or_none("tides", tenant_id="acme")).embedder == "minilm@3"
     assert embedder.asked == ["tides", "waves", "tides"]
+
+
+class SideBySideEmbedder:
+    """Servers of two minilm revisions behind the inference service,
+    answering in turn (a rolling upgrade of Triton's model); each revision
+    gives a text another vector."""
+
+    REVISIONS = ("minilm@2", "minilm@3")
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def embed_or_none(self, text: str, timeout_s: float | None = None) -> Embedding:
+        revision = self.REVISIONS[len(self.asked) % 2]
+        self.asked.append(text)
+        return Embedding(self.vector_of(text, revision), revision)
+
+    @staticmethod
+    def vector_of(text: str, revision: str) -> np.ndarray:
+        vector = np.zeros(8, np.float32)
+        for position, char in enumerate(text.encode()):
+            vector[position % 8] += char
+        if revision == "minilm@3":
+            vector = vector[::-1].copy()
+        return vector / np.linalg.norm(vector)
+
+
+async def test_two_revisions_side_by_side_each_vector_is_answered_under_its_own_revision():
+    """The lookup picks the sub-partition and the verifier by the name a
+    vector comes with: a remembered vector, or one shared in flight, is
+    never answered under the other revision's name."""
+    embedder = SideBySideEmbedder()
+    memo = EmbeddingMemo(embedder, "minilm", 64)
+    texts = ("tides", "waves", "currents")
+    answered = set()
+    for _ in range(6):
+        asks = [memo.embed_or_none(text, tenant_id="acme") for text in texts * 2]
+        for text, embedded in zip(texts * 2, await asyncio.gather(*asks), strict=True):
+            np.testing.assert_array_equal(embedded.vector, embedder.vector_of(text, embedded.embedder))
+            answered.add(embedded.embedder)
+    assert answered == set(SideBySideEmbedder.REVISIONS)
