@@ -36,6 +36,7 @@ import collections.abc
 import contextlib
 import dataclasses
 import enum
+import math
 import re
 import time
 from typing import Any, Protocol
@@ -875,7 +876,7 @@ class Pipeline:
         saving = []
         if plan.writes and hit is None and answer.text:
             # A session turn's entry is keyed on the whole prompt it answered.
-            saving.append(self._store(plan, turn.messages if stateless else prompt, answer))
+            saving.append(self._store(plan, turn.messages if stateless else prompt, answer, turn.budget))
         if not stateless:
             facts.saving = True
             if before_saving is not None:
@@ -943,7 +944,7 @@ class Pipeline:
             turn = self._as_selected(turn, selected_model, None)
         return await self._cache.report_wrong(turn.cache, turn.messages, entry_id, budget)
 
-    async def _store(self, plan: CachePlan, messages, answer: Answer) -> None:
+    async def _store(self, plan: CachePlan, messages, answer: Answer, budget: Budget) -> None:
         """Stores ``answer`` under ``messages`` once, however many callers
         share its generation (coalescing.py): each would write the same
         entry again, a Redis write, a notice to every router's hot tier and
@@ -960,10 +961,18 @@ class Pipeline:
         (router.downstream_timeout_s): begun by a caller with little time
         left, it would be cut short for the callers still waiting for it,
         and none of them would store the entry (they find that Store done).
-        A caller whose deadline passes goes away as any other (gRPC cancels
-        its call), and the last one leaving still cancels the Store."""
+        Each caller waits for it within its own deadline (``budget``), no
+        longer: its completion is not held past it by a slow cache (the
+        entry is all it waits for), and one that stops waiting leaves the
+        Store to the others as a caller going away does (the last one
+        cancels it: what a caller alone got before, its Store cut at its
+        deadline)."""
         entry = tuple(message.SerializeToString(deterministic=True) for message in messages)
-        await answer.stores.join(entry, lambda: self._cache.store(plan, messages, answer, Budget()))
+        try:
+            async with asyncio.timeout(None if budget.deadline is None else budget.within(math.inf)):
+                await answer.stores.join(entry, lambda: self._cache.store(plan, messages, answer, Budget()))
+        except TimeoutError:
+            log.info("answer store not awaited past the caller's deadline", model=plan.model)
 
     async def _exact_hit(self, plan: CachePlan, messages, budget: Budget) -> Hit | None:
         """The exact lookup, before the turn generates. A turn that stores

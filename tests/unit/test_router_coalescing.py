@@ -525,6 +525,24 @@ async def test_the_last_caller_leaving_cancels_the_store():
     assert (cache.begun, cache.cancelled) == (1, 1) and cache.stored == []
 
 
+async def test_a_caller_waits_for_a_slow_store_no_longer_than_its_deadline():
+    """The Store runs under no caller's deadline (below), but each caller
+    waits for it within its own: a cache that does not answer held the
+    completion past the caller's deadline (its client saw
+    DEADLINE_EXCEEDED for an answer it had), where the Store's own call,
+    bounded by that deadline, used to give up in time."""
+    generator = GatedGenerator()
+    cache = GatedStoreCache()  # never released: a cache that does not answer
+    turns = Pipeline(RouterSettings(), MODELS, FakeContexts(), cache, generator)
+    caller = Caller(turns, chat(policy=pb.CACHE_POLICY_USE), budget=Budget(time.monotonic() + 0.3))
+    generator.open()
+    await storing(cache, caller)
+    await settle_all(caller)
+    assert isinstance(caller.events[-1], Completion) and caller.text == "".join(PIECES)
+    # Left by its only caller, the Store was cancelled, as a caller going away leaves it.
+    assert (cache.begun, cache.cancelled) == (1, 1) and cache.stored == []
+
+
 class TimedStoreCache(FakeCache):
     """Stores as the cache service does within the time the router gives
     its Store (CacheService.store: a call timeout of the budget's time
