@@ -182,9 +182,27 @@ def busy_unavailable(reason: str, message: str, **metadata: str) -> MeshgateErro
 _RETRY_PASSED_ON = frozenset({Reason.TOO_MANY_QUEUED_GENERATIONS})
 
 
+def received_code(error: grpc.aio.AioRpcError) -> grpc.StatusCode:
+    """The code of a failed call to another service, as we act on it and
+    tell our caller: the one received, but CANCELLED, which is UNAVAILABLE.
+
+    A cancel of our own (our caller gone, a stream we closed, a task we
+    cancelled) is raised by grpc.aio as asyncio.CancelledError, never as
+    an AioRpcError, so a CANCELLED here came from the other side: grpc-core
+    ends so the calls a server had taken in but not yet handed to a handler
+    when it stops, however long its grace (grpc/grpc#41785; seen in a stop
+    storm of the context service: 1 Chat in ~14,000 ended CANCELLED). To
+    our caller CANCELLED says that it cancelled; the call was cut by a
+    service going away, which UNAVAILABLE says, and which a caller retries."""
+    code = error.code()
+    return grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.CANCELLED else code
+
+
 def from_rpc_error(error: grpc.aio.AioRpcError, service: str) -> MeshgateError:
-    """Re-raises a downstream failure with its code and reason intact, but
-    for a busy replica's (SERVICE_BUSY: see busy_unavailable). Its other
+    """Re-raises a downstream failure with its code (received_code) and
+    reason intact, but for a busy replica's (SERVICE_BUSY: see
+    busy_unavailable); metadata ``code`` of DOWNSTREAM_FAILED is the code
+    received. Its other
     details, a RetryInfo included, stay behind (but for _RETRY_PASSED_ON):
     when to retry a downstream call is not when to retry ours (an append
     failing after the answer streamed must not invite a paid retry of the
@@ -205,14 +223,14 @@ def from_rpc_error(error: grpc.aio.AioRpcError, service: str) -> MeshgateError:
             if delay_s is not None:
                 details.append(retry_info(delay_s))
         return MeshgateError(
-            error.code(), info.reason, error.details() or "", metadata, info.domain, details=details
+            received_code(error), info.reason, error.details() or "", metadata, info.domain, details=details
         )
     # No ErrorInfo: a transport failure or a foreign server. Its details name
     # hosts and ports, which are for our logs, not for callers.
     code = error.code()
     log.warning("downstream call failed", service=service, code=code.name, details=error.details())
     return MeshgateError(
-        code,
+        received_code(error),
         Reason.DOWNSTREAM_FAILED,
         f"{service} call failed: {code.name}",
         {"service": service, "code": code.name},

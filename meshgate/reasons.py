@@ -384,7 +384,8 @@ class Reason(enum.StrEnum):
     DOWNSTREAM_FAILED."""
 
     TRITON_CANCELLED = enum.auto()
-    """Triton cancelled the request."""
+    """Triton cancelled the request (CANCELLED from the inference service; UNAVAILABLE
+    through the router, which did not ask for it: errors.received_code)."""
 
     # --- ours (INTERNAL) ---------------------------------------------------
     INTERNAL = enum.auto()

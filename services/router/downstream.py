@@ -31,6 +31,7 @@ from meshgate.errors import (
     error_info,
     from_rpc_error,
     partly_delivered,
+    received_code,
     retry_after_s,
     unavailable,
 )
@@ -89,16 +90,17 @@ _LEAST_TRY_S = 0.01
 
 def not_taken(error: grpc.aio.AioRpcError, service: str) -> bool:
     """Whether ``service`` (the one called) never took the call, so another
-    replica, a later attempt or a degraded turn may do instead: UNAVAILABLE,
-    or a replica of that service at its max_concurrent_rpcs
-    (RESOURCE_EXHAUSTED / SERVICE_BUSY, refused before its request was
-    read). A SERVICE_BUSY that names another service (one behind it, passed
-    on) means the called service took the call. Any other
+    replica, a later attempt or a degraded turn may do instead: UNAVAILABLE
+    (or a CANCELLED it sent as it stopped: errors.received_code), or a
+    replica of that service at its max_concurrent_rpcs (RESOURCE_EXHAUSTED
+    / SERVICE_BUSY, refused before its request was read). A SERVICE_BUSY
+    that names another service (one behind it, passed on) means the called
+    service took the call. Any other
     RESOURCE_EXHAUSTED (SESSION_FULL, a limit) is the service's answer to
     this request: not retried (but for a deployment's refusal for the
     tenant's full queue there: Deployments.generate). Not in the channels'
     retryableStatusCodes for that reason."""
-    code = error.code()
+    code = received_code(error)
     if code == grpc.StatusCode.UNAVAILABLE:
         return True
     return code == grpc.StatusCode.RESOURCE_EXHAUSTED and _busy(error, service)
@@ -211,7 +213,7 @@ class ContextService:
         more: it failed UNAVAILABLE and the channel is (again) ready within
         the grace: a context service restarting, not one that stays away.
         Session calls only: a stateless turn does without the service."""
-        if self._channel is None or error.code() != grpc.StatusCode.UNAVAILABLE:
+        if self._channel is None or received_code(error) != grpc.StatusCode.UNAVAILABLE:
             return False
         try:
             await asyncio.wait_for(self._channel.channel_ready(), budget.within(_CONTEXT_RESTART_GRACE_S))
@@ -239,7 +241,7 @@ class ContextService:
         deadline)."""
         if self._redis_stalled(error, took_s):
             return False
-        if error.code() == grpc.StatusCode.UNAVAILABLE:
+        if received_code(error) == grpc.StatusCode.UNAVAILABLE:
             if not unavailable_too:
                 return False
             await asyncio.sleep(budget.within(pause_s))
@@ -787,7 +789,7 @@ class Deployments:
                     # A busy replica (or one full for this tenant) is up: its
                     # circuit must not open for it, nor a half-open probe it
                     # refused hold the slot.
-                    if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    if received_code(error) == grpc.StatusCode.UNAVAILABLE:
                         deployment.health.record_failure()
                     elif probing:
                         deployment.health.release_probe()
@@ -805,7 +807,7 @@ class Deployments:
                         # failed before an answer): not believed to hold it.
                         take_back_route()
                     continue
-                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                if received_code(error) == grpc.StatusCode.UNAVAILABLE:
                     deployment.health.record_failure()
                 failure = failure_within(
                     error, "inference", budget, spent, max_generation_s=f"{self._limit_s:g}"

@@ -23,7 +23,7 @@ import grpc
 
 from meshgate.config import InferenceSettings, RouterSettings
 from meshgate.embedding_input import check_texts
-from meshgate.errors import MeshgateError, from_rpc_error, not_found, unavailable
+from meshgate.errors import MeshgateError, from_rpc_error, not_found, received_code, unavailable
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
 from services.router.admission import TurnAdmission
@@ -166,7 +166,7 @@ class Embeddings:
                 calls.discard(call)
         if last_error is not None:
             failure = from_rpc_error(last_error, "inference")
-            if last_error.code() == grpc.StatusCode.UNAVAILABLE:
+            if received_code(last_error) == grpc.StatusCode.UNAVAILABLE:
                 # As a turn whose every deployment failed says it
                 # (downstream.Deployments): the reason names the condition,
                 # the message the last refusal's own words (a transport

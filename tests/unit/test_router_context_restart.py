@@ -16,7 +16,7 @@ import pytest
 from meshgate.common.v1 import common_pb2
 from meshgate.config import RouterSettings
 from meshgate.context.v1 import context_service_pb2 as context_pb
-from meshgate.errors import BUSY_RETRY_AFTER_S, MeshgateError, retry_info
+from meshgate.errors import BUSY_RETRY_AFTER_S, MeshgateError, from_rpc_error, retry_info
 from meshgate.mesh_auth import TenantTokens
 from meshgate.reasons import Reason
 from services.router import downstream
@@ -371,3 +371,55 @@ async def test_a_redis_restarting_is_still_ridden_out():
     appended = await context.append(turn("s1"), "s1", 3, Answer(text="hello"))
     assert appended.version == 7
     assert method.calls == 2
+
+
+def cancelled_by_its_stop() -> grpc.aio.AioRpcError:
+    """What grpc-core answers a call its server took in but had not handed
+    to a handler when it stopped (grpc/grpc#41785): CANCELLED, no ErrorInfo."""
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), details="CANCELLED"
+    )
+
+
+async def test_a_session_turn_the_context_services_stop_cancelled_rides_out_its_restart():
+    """A CANCELLED the router did not ask for (a cancel of its own is
+    asyncio.CancelledError) is the stopping service's UNAVAILABLE: sent
+    again once the channel is ready, as after a refused connection. The
+    turn failed CANCELLED before, telling the router's caller it cancelled."""
+    context, stub = service(Channel(after_s=0.0), failures=1, failure=cancelled_by_its_stop)
+    messages, version = await context.assemble(turn("s1"))
+    assert (messages, version) == ([], 4)
+    assert stub.AssembleContext.calls == 2
+
+
+async def test_a_cancelled_context_call_degrades_a_stateless_turn():
+    context, stub = service(Channel(after_s=0.0), failures=1, failure=cancelled_by_its_stop)
+    assert await context.assemble(turn("")) is None
+    assert stub.AssembleContext.calls == 1
+
+
+async def test_a_cancelled_context_call_that_stays_so_is_unavailable_to_the_caller(monkeypatch):
+    monkeypatch.setattr(downstream, "_CONTEXT_RESTART_GRACE_S", 0.05)
+    context, _ = service(Channel(after_s=None), failures=5, failure=cancelled_by_its_stop)
+    with pytest.raises(MeshgateError) as raised:
+        await context.create_session(Tenant("t1", frozenset({"*"})), Budget.of(5.0))
+    failure = raised.value
+    assert (failure.code, failure.reason) == (grpc.StatusCode.UNAVAILABLE, Reason.DOWNSTREAM_FAILED)
+    # The code received stays in the metadata, for the logs and the curious.
+    assert failure.metadata == {"service": "context", "code": "CANCELLED"}
+
+
+def test_a_cancelled_status_with_error_info_keeps_its_reason_as_unavailable():
+    """A meshgate status with CANCELLED (the inference service's
+    TRITON_CANCELLED: Triton ended the request, the router did not) is
+    passed on UNAVAILABLE with its reason."""
+    received = rpc_error(
+        MeshgateError(grpc.StatusCode.CANCELLED, Reason.TRITON_CANCELLED, "cancelled", {"model": "m"})
+    )
+    failure = from_rpc_error(received, "inference")
+    assert (failure.code, failure.reason, failure.metadata) == (
+        grpc.StatusCode.UNAVAILABLE,
+        Reason.TRITON_CANCELLED,
+        {"model": "m"},
+    )
+    assert downstream.not_taken(received, "inference")
