@@ -29,6 +29,7 @@ from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.context import app as context_app
 from services.router import app as router_app
+from services.router import downstream
 from tests.integration.conftest import running, service_settings
 from tests.mesh import bounded_channel
 
@@ -94,7 +95,9 @@ async def stop_with_calls_waiting(service: serving.Service, arrived: threading.E
     await serving.stop(service, grace_s=1)
 
 
-async def test_a_context_call_left_unhandled_by_its_stop_is_unavailable_through_the_router(redis_url):
+async def test_a_context_call_left_unhandled_by_its_stop_is_unavailable_through_the_router(
+    redis_url, monkeypatch
+):
     """Reproduced: the router's CreateSession answered CANCELLED (reason
     DOWNSTREAM_FAILED, code CANCELLED) for the context calls the context
     service's stop left unhandled. The router did not cancel them: they are
@@ -102,6 +105,9 @@ async def test_a_context_call_left_unhandled_by_its_stop_is_unavailable_through_
     # CreateSession needs the context service alone.
     settings = service_settings(redis_url, "127.0.0.1:1", KEY)
     settings.router.http_listen = ""
+    # The router waits this long for a stopped context service to come back
+    # before failing the call (it does not here): 3 s by default.
+    monkeypatch.setattr(downstream, "_CONTEXT_RESTART_GRACE_S", 0.5)
     listen = f"127.0.0.1:{free_port()}"
     async with service_in_thread(context_app, "context", settings, listen) as context:
         settings.router.context_address = listen
