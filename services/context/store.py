@@ -188,12 +188,14 @@ log = structlog.get_logger(__name__)
 CHANGES_CHANNEL = "mg:context:changes"
 
 # The turn index's postings fields that hold its vectors' size, what
-# made them, and how many writes left a live turn without a vector since a
-# backfill last found none (services/context/turn_index.py), not terms: a
-# field that starts with a zero byte is none.
+# made them, how many writes left a live turn without a vector, and that
+# count as of the last backfill that found them all filled
+# (services/context/turn_index.py), not terms: a field that starts with a
+# zero byte is none.
 DIMENSIONS_FIELD = "\0dim"
 EMBEDDER_FIELD = "\0embedder"
 GAPS_FIELD = "\0gaps"
+GAPS_SETTLED_FIELD = "\0gaps_settled"
 
 # Every part of a session's keys (see the module's docstring), in the
 # order each script's KEYS hold them (session_keys): KEYS[1] is meta,
@@ -1590,8 +1592,12 @@ class SessionStore:
         # turns it does not take are none of its own, and its first backfill
         # finds none there and clears the count).
         fields = postings[::2]
-        gaps = GAPS_FIELD.encode()
-        gap_writes = [gaps, postings[2 * fields.index(gaps) + 1]] if gaps in fields else []
+        gap_writes = [
+            value
+            for field in (GAPS_FIELD.encode(), GAPS_SETTLED_FIELD.encode())
+            if field in fields
+            for value in (field, postings[2 * fields.index(field) + 1])
+        ]
         turn_bytes = sum(map(len, turns))
         await self.holdings.fits(tenant_id, new_session_id, held_by(turn_bytes, len(turns)))
         with redis_reachable():

@@ -23,11 +23,14 @@ Beside a session's keys (services/context/store.py), under the same prefix:
   the new one. ``\\0gaps`` (a uint32, packed as a posting is) counts the
   writes (_WRITE) that left a live turn without a vector of the rows'
   embedder (a zero row, or none), so that
-  whether a session holds such a gap is one field, not a scan of every
-  row: an assembly that reads it set, or the append that set it, asks for
-  the backfill of them (TurnIndex.vector_gaps), whose end clears it
-  (_SETTLE) unless another such write came meanwhile. Absent: none since
-  (sessions stored before the field may hold gaps it does not count).
+  whether a session holds such a gap is two fields, not a scan of every
+  row: an assembly that reads it ahead of ``\\0gaps_settled`` (the count a
+  backfill last found all filled, _SETTLE), or the append that moved it,
+  asks for the backfill of them (TurnIndex.vector_gaps). The count only
+  grows: a settle that reset it let another replica's settle, stale, take
+  a newer gap's count (back at 1) for the one it had read, and that turn
+  was left without a vector for good. Absent: none (sessions stored before
+  the field may hold gaps it does not count).
 - ``...:pins``, a list: ``t:<turn index>`` or ``f:<fact text>``; a revert
   drops the pins of the turns it undoes (store._REVERT), and the unpin of a
   turn compaction kept for its pin empties its body then (_UNPIN).
@@ -70,6 +73,7 @@ from services.context.store import (
     DROP_POSTINGS,
     EMBEDDER_FIELD,
     GAPS_FIELD,
+    GAPS_SETTLED_FIELD,
     RENEW,
     UNDONE,
     decode_counts,
@@ -235,18 +239,19 @@ return written
 """
 
 # KEYS: store.session_keys. ARGV: the create_time_ms and the count of gap
-# writes (GAPS_FIELD, its packed bytes; "" = none) read with gaps a backfill has filled since
-# (TurnIndex.vector_gaps), or found none. Clears the count, unless the
-# session is gone or another life of its id, or a write left another gap
-# since the read (the count moved). Returns 1 when cleared, 0 when there
+# writes (GAPS_FIELD, its packed bytes; "" = none) read with gaps a
+# backfill has filled since (TurnIndex.vector_gaps), or found none. Marks
+# that count settled (GAPS_SETTLED_FIELD), unless the session is gone or
+# another life of its id, or a write left another gap since the read (the
+# count, which only grows, moved). Returns 1 when settled, 0 when there
 # was none, -1 when it may not be. Like _BACKFILL, renews nothing, and
-# tells hot copies (which hold the count) to drop the session.
+# tells hot copies (which hold whether gaps are left) to drop the session.
 _SETTLE = """
 if redis.call('HGET', KEYS[1], 'create_time_ms') ~= ARGV[1] then return -1 end
 local count = redis.call('HGET', KEYS[9], '\\0gaps')
 if not count then return 0 end
 if count ~= ARGV[2] then return -1 end
-redis.call('HDEL', KEYS[9], '\\0gaps')
+redis.call('HSET', KEYS[9], '\\0gaps_settled', count)
 redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1')
 return 1
 """
@@ -681,7 +686,7 @@ class TurnIndex:
         ``query_terms`` only (None: all, to keep in memory), and the counts of
         ``counter_id`` (and of ``line_counter_id`` when given). Raises SESSION_NOT_FOUND."""
         roles_key, lengths_key, vectors_key, postings_key = _keys(tenant_id, session_id)
-        fields = [DIMENSIONS_FIELD, EMBEDDER_FIELD, GAPS_FIELD, *(query_terms or ())]
+        fields = [DIMENSIONS_FIELD, EMBEDDER_FIELD, GAPS_FIELD, GAPS_SETTLED_FIELD, *(query_terms or ())]
         with redis_reachable():
             async with self._client.pipeline(transaction=True) as pipe:
                 meta_fields = [
@@ -725,11 +730,12 @@ class TurnIndex:
                 everything.get(DIMENSIONS_FIELD),
                 everything.get(EMBEDDER_FIELD),
                 everything.get(GAPS_FIELD),
+                everything.get(GAPS_SETTLED_FIELD),
                 *(everything[t] for t in query_terms),
             ]
         dimensions = int(posting_values[0] or 0)
         embedder = (posting_values[1] or b"").decode()
-        vector_gaps = posting_values[2] is not None
+        vector_gaps = posting_values[2] is not None and posting_values[2] != posting_values[3]
         first_live = min(int(meta[2] or 0), count)
         live = len(roles_array) - first_live
         vector_rows = None
@@ -743,7 +749,7 @@ class TurnIndex:
             vector_rows = relevance.unit_rows(rows)
         postings = {
             term: np.frombuffer(value, dtype="<u4")
-            for term, value in zip(query_terms, posting_values[3:], strict=True)
+            for term, value in zip(query_terms, posting_values[4:], strict=True)
             if value
         }
         pinned_turns, pinned_facts = _pins_of(pins, count)

@@ -1228,3 +1228,40 @@ async def test_a_gap_left_while_a_backfill_runs_is_still_asked_for_after_it(redi
         indexed = await index.read(*session, None)
         assert indexed.unit_vectors.any(axis=1).all()
         assert not indexed.vector_gaps
+
+
+async def test_a_stale_settle_leaves_a_newer_gap_asked_for(redis_url: str, monkeypatch) -> None:
+    """Two replicas read a session's gaps; one fills them and settles;
+    an append then leaves a new gap; the other's settle, of its earlier
+    read, comes last. The count was reset by the first settle and began
+    again at 1 with the new gap: the stale settle found the bytes it had
+    read and cleared the new gap's count, so that turn (not the first live
+    row) was never asked for again (a review's repro on real Redis)."""
+    monkeypatch.setattr(servicer_module, "BACKFILL_ASKED_FOR_S", 0.0)
+    late = "The windows were replaced last spring."
+    table = {DOOR_QUESTION: door_direction(), DOOR_TURN: door_direction()}
+    embedder = UnavailableFor(table, {DOOR_TURN})
+    async with session_with_a_gap(redis_url, embedder) as (servicer, index, session, _):
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        embedder.down = set()
+        stale = await index.vector_gaps(*session, None)  # the other replica's read
+        assert stale.positions == [4]
+        await assemble_door_question(servicer, session)  # this one fills and settles
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        assert not (await index.read(*session, None)).vector_gaps
+        embedder.down = {late}
+        await servicer.AppendTurns(
+            pb.AppendTurnsRequest(
+                tenant_id=session[0],
+                session_id=session[1],
+                messages=[common_pb2.Message(role=USER, content=late)],
+                any_version=True,
+            ),
+            NoDeadline(),
+        )
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        assert (await index.read(*session, None)).vector_gaps
+        assert await index.settle(*session, stale) == -1
+        indexed = await index.read(*session, None)
+        assert indexed.vector_gaps
+        assert np.flatnonzero(~indexed.unit_vectors.any(axis=1)).tolist() == [len(indexed.roles) - 1]
