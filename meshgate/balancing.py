@@ -173,23 +173,28 @@ class Health:
             state is BreakerState.HALF_OPEN and self._clock() >= self._probe_until
         )
 
-    def begin(self) -> bool:
+    def begin(self) -> float:
         """A request is sent here: in half-open it is the probe, unless one
         is under way (a request tried here last, when every other target
-        refused it). Returns whether it took the probe's slot."""
+        refused it). Returns the probe's slot when it took it (a true
+        value, for release_probe), else 0.0."""
         if self.state is BreakerState.HALF_OPEN and self._clock() >= self._probe_until:
             self._probe_until = self._clock() + self.policy.open_for_s
-            return True
-        return False
+            return self._probe_until
+        return 0.0
 
-    def release_probe(self) -> None:
-        """The probe sent (begin() returned True) was never taken (a busy
-        replica refused it unread), or its caller left (cancelled: counted
-        as neither success nor failure): it tells nothing of the target's
-        health, so in half-open the next request may probe at once, not
-        after another open_for_s. Only the probe's own caller may: another
-        request's refusal would let a second probe in beside the first."""
-        self._probe_until = 0.0
+    def release_probe(self, probe: float) -> None:
+        """The probe sent (``probe``, what begin() returned) was never taken
+        (a busy replica refused it unread), or its caller left (cancelled:
+        counted as neither success nor failure): it tells nothing of the
+        target's health, so in half-open the next request may probe at
+        once, not after another open_for_s. Only while the slot is still
+        that probe's: one that outlived open_for_s had its slot taken by a
+        later probe, which its release would have freed, letting a third
+        in beside it; and another request's refusal would let a second in
+        beside the first."""
+        if self._probe_until == probe:
+            self._probe_until = 0.0
 
     def record_success(self) -> None:
         self._outcomes.append(True)

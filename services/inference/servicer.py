@@ -191,7 +191,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     # slot would otherwise stay taken for open_for_s, no
                     # trial let in (balancing.Health.release_probe).
                     if probing:
-                        backend.health.release_probe()
+                        backend.health.release_probe(probing)
                     raise
         finally:
             self._generations -= 1
@@ -322,7 +322,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             except asyncio.CancelledError:
                 # As a generation's (Generate): its last caller left.
                 if probing:
-                    backend.health.release_probe()
+                    backend.health.release_probe(probing)
                 raise
             finally:
                 backend.in_flight -= 1

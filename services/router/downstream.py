@@ -792,7 +792,7 @@ class Deployments:
                     if received_code(error) == grpc.StatusCode.UNAVAILABLE:
                         deployment.health.record_failure()
                     elif probing:
-                        deployment.health.release_probe()
+                        deployment.health.release_probe(probing)
                     if queue_full_here:
                         queue_full.append(error)
                     else:
@@ -828,7 +828,7 @@ class Deployments:
                     # overtaking the generation): neither a success nor a
                     # failure of the deployment, whose half-open slot would
                     # otherwise stay taken for open_for_s, no trial let in.
-                    deployment.health.release_probe()
+                    deployment.health.release_probe(probing)
                 raise
             finally:
                 telemetry.end_grpc_client_span(span, call_error)

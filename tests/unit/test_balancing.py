@@ -357,14 +357,33 @@ def test_breaker_opens_after_consecutive_failures_and_probes_half_open():
     assert health.state is BreakerState.HALF_OPEN
 
 
+def test_a_probe_that_outlived_its_slot_frees_only_its_own():
+    """A probe that runs past open_for_s has its slot taken by the next
+    request; its caller then leaving must not free that second probe's
+    slot, or a third probe would go beside the second (a review)."""
+    clock = Clock()
+    health = Health(BreakerPolicy(failures_to_open=1, open_for_s=10.0), clock)
+    health.record_failure()
+    clock.now += 10
+    first = health.begin()
+    assert first
+    clock.now += 10  # the first probe, a long generation, still runs
+    second = health.begin()
+    assert second
+    health.release_probe(first)  # its caller left: no outcome
+    assert not health.admits and not health.begin(), "the second probe's slot is held"
+    health.release_probe(second)
+    assert health.admits
+
+
 def test_a_probe_released_untaken_lets_the_next_request_probe_at_once():
     clock = Clock()
     health = Health(BreakerPolicy(failures_to_open=1, open_for_s=10.0), clock)
     health.record_failure()
     clock.now += 10
-    health.begin()
+    probe = health.begin()
     assert not health.admits
-    health.release_probe()  # refused unread (SERVICE_BUSY): no outcome
+    health.release_probe(probe)  # refused unread (SERVICE_BUSY): no outcome
     assert health.state is BreakerState.HALF_OPEN and health.admits
     health.begin()
     health.record_success()
