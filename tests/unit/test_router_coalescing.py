@@ -580,6 +580,7 @@ async def test_a_shared_store_runs_under_no_callers_deadline():
     # reaches the Store (begins it) with none of its time left.
     hurried.resume.set()
     await settle_all(hurried)
+    assert isinstance(hurried.events[-1], Completion), "the hurried caller reached its Store"
     patient.resume.set()
     await settle_all(patient)
     assert isinstance(patient.events[-1], Completion) and patient.text == "".join(PIECES)
