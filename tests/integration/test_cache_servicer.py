@@ -1493,6 +1493,16 @@ async def test_report_wrong_hit_rejects_a_malformed_entry_id(cache, tenant):
     assert raised.value.reason == "INVALID_ENTRY_ID"
 
 
+def two_entries_bytes(other: str) -> int:
+    """What the Stores of "Practice daily." under STORED and ``other``
+    count against cache.max_bytes_per_tenant."""
+    answer = pb.CachedAnswer(text="Practice daily.").SerializeToString()
+    return sum(
+        len(answer) + store_module.ENTRY_OVERHEAD_BYTES + DIMS * 4 + len(question)
+        for question in (STORED, other)
+    )
+
+
 async def test_a_report_of_no_entry_of_the_scope_is_refused_and_keeps_nothing(redis_client, cache, tenant):
     """A bug hunt: a report of any well-formed id was kept (its pair, and a
     count), so made-up ids grew the sub-partition's set of reported pairs by
@@ -1717,12 +1727,8 @@ async def test_reports_of_an_entry_already_deleted_are_held_to_the_tenants_quota
     is charged to cache.max_bytes_per_tenant and refused past it; a report
     that deletes an entry is still taken there."""
     s = scope(tenant)
-    answer = pb.CachedAnswer(text="Practice daily.").SerializeToString()
     other = "What is the capital of France?"
-    stored_bytes = sum(
-        len(answer) + store_module.ENTRY_OVERHEAD_BYTES + DIMS * 4 + len(question)
-        for question in (STORED, other)
-    )
+    stored_bytes = two_entries_bytes(other)
     pair = store_module.REPORTED_PAIR_BYTES
     # The Stores, the report of the entry served, and four pairs more.
     cache = make_servicer(redis_client, embedder, max_bytes_per_tenant=stored_bytes + 5 * pair + pair // 2)
@@ -1914,12 +1920,8 @@ async def test_a_report_of_no_entry_is_charged_nothing(redis_client, embedder, t
     evicted or invalidated since their hit) used up its quota on nothing,
     and its next Stores were refused CACHE_QUOTA_EXCEEDED."""
     s = scope(tenant)
-    answer = pb.CachedAnswer(text="Practice daily.").SerializeToString()
     other = "What is the capital of France?"
-    stored_bytes = sum(
-        len(answer) + store_module.ENTRY_OVERHEAD_BYTES + DIMS * 4 + len(question)
-        for question in (STORED, other)
-    )
+    stored_bytes = two_entries_bytes(other)
     cache = make_servicer(redis_client, embedder, max_bytes_per_tenant=stored_bytes + 256)
     await store(cache, s, conversation(STORED), text="Practice daily.")
     counts = keys.stored_bytes_key(tenant, cache._settings.ttl_s, 0).rsplit(":", 1)[0] + ":*"

@@ -788,6 +788,24 @@ async def revised_session(
     none), which then turns to revision 2; yields the servicer, its index,
     the session's (tenant, id), the embedder and its Redis client."""
     embedder = GatedEmbedder({}, set(held)) if embedder is None else embedder
+    async with appended_session(redis_url, embedder, [[DOOR_TURN, *SMALL_TALK]]) as (
+        servicer,
+        index,
+        session,
+        client,
+    ):
+        assert (await index.read(*session, None)).embedder == "fake@1"
+        embedder.embedder = "fake@2"
+        embedder.table = table
+        yield servicer, index, session, embedder, client
+
+
+@contextlib.asynccontextmanager
+async def appended_session(redis_url: str, embedder: RevisedEmbedder, appends: list[list[str]]):
+    """A session of ``appends`` (each a list of user turns, one AppendTurns
+    each) by an in-process servicer on real Redis whose turns ``embedder``
+    embeds; yields the servicer, its index, the session's (tenant, id) and
+    the Redis client."""
     client = redis.Redis.from_url(redis_url)
     models = Settings().models
     index = TurnIndex(client, 600)
@@ -805,17 +823,15 @@ async def revised_session(
     try:
         created = await servicer.CreateSession(pb.CreateSessionRequest(tenant_id=tenant), None)
         session = (tenant, created.session.session_id)
-        messages = [common_pb2.Message(role=USER, content=c) for c in (DOOR_TURN, *SMALL_TALK)]
-        await servicer.AppendTurns(
-            pb.AppendTurnsRequest(
-                tenant_id=tenant, session_id=session[1], messages=messages, any_version=True
-            ),
-            NoDeadline(),
-        )
-        assert (await index.read(*session, None)).embedder == "fake@1"
-        embedder.embedder = "fake@2"
-        embedder.table = table
-        yield servicer, index, session, embedder, client
+        for contents in appends:
+            messages = [common_pb2.Message(role=USER, content=c) for c in contents]
+            await servicer.AppendTurns(
+                pb.AppendTurnsRequest(
+                    tenant_id=tenant, session_id=session[1], messages=messages, any_version=True
+                ),
+                NoDeadline(),
+            )
+        yield servicer, index, session, client
     finally:
         await servicer.close()
         await client.aclose()
@@ -886,6 +902,18 @@ async def test_an_append_during_a_backfill_keeps_the_rows_it_wrote(redis_url: st
         assert after.unit_vectors.any(axis=1).all()
 
 
+async def deleted_while_its_backfill_is_held(servicer, session, embedder, client) -> None:
+    """Deletes ``session`` while ``embedder`` holds its backfill's Embed,
+    then lets that go: the backfill's write must find the session gone and
+    write nothing, so that no key of it is left (one written then would
+    have had no TTL, and been a later session's of the id)."""
+    await asyncio.wait_for(embedder.entered.wait(), 10)
+    await servicer.DeleteSession(pb.DeleteSessionRequest(tenant_id=session[0], session_id=session[1]), None)
+    embedder.opened.set()
+    await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+    assert await client.exists(*store.session_keys(*session)) == 0
+
+
 async def test_a_session_deleted_during_its_backfill_leaves_nothing_behind(redis_url: str) -> None:
     """A session deleted while its backfill embeds its turns: the backfill's
     write finds it gone and writes nothing, so no key of it is left (one
@@ -893,13 +921,7 @@ async def test_a_session_deleted_during_its_backfill_leaves_nothing_behind(redis
     async with revised_session(redis_url, {}, held={DOOR_TURN}) as (servicer, _, session, embedder, client):
         embedder.opened.clear()
         await assemble_door_question(servicer, session)
-        await asyncio.wait_for(embedder.entered.wait(), 10)
-        await servicer.DeleteSession(
-            pb.DeleteSessionRequest(tenant_id=session[0], session_id=session[1]), None
-        )
-        embedder.opened.set()
-        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
-        assert await client.exists(*store.session_keys(*session)) == 0
+        await deleted_while_its_backfill_is_held(servicer, session, embedder, client)
 
 
 class UnavailableFor(RevisedEmbedder):
@@ -973,40 +995,38 @@ async def session_with_a_gap(redis_url: str, embedder: RevisedEmbedder):
     appends, by an in-process servicer on real Redis; ``embedder`` decides
     which get vectors. Yields the servicer, its index, the session's
     (tenant, id) and the Redis client."""
-    client = redis.Redis.from_url(redis_url)
-    models = Settings().models
-    index = TurnIndex(client, 600)
-    servicer = ContextServicer(
-        SessionStore(client, 600),
-        models,
-        token_counts.for_models(models),
-        HotCache(0),
-        index,
-        embedder=embedder,
-        pack_older_turns=False,
+    async with appended_session(redis_url, embedder, [SMALL_TALK[:4], [DOOR_TURN], SMALL_TALK[4:]]) as made:
+        yield made
+
+
+async def append_one(servicer: ContextServicer, session: tuple[str, str], text: str):
+    """One user turn appended to ``session``, at whatever version it is."""
+    return await servicer.AppendTurns(
+        pb.AppendTurnsRequest(
+            tenant_id=session[0],
+            session_id=session[1],
+            messages=[common_pb2.Message(role=USER, content=text)],
+            any_version=True,
+        ),
+        NoDeadline(),
     )
-    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
-    try:
-        created = await servicer.CreateSession(pb.CreateSessionRequest(tenant_id=tenant), None)
-        session = (tenant, created.session.session_id)
-        for contents in (SMALL_TALK[:4], [DOOR_TURN], SMALL_TALK[4:]):
-            messages = [common_pb2.Message(role=USER, content=c) for c in contents]
-            await servicer.AppendTurns(
-                pb.AppendTurnsRequest(
-                    tenant_id=tenant, session_id=session[1], messages=messages, any_version=True
-                ),
-                NoDeadline(),
-            )
-        yield servicer, index, session, client
-    finally:
-        await servicer.close()
-        await client.aclose()
 
 
 def door_direction() -> np.ndarray:
     direction = np.zeros(16, np.float32)
     direction[0] = 1.0
     return direction
+
+
+async def door_turn_found_by_its_vector(servicer, index, session) -> None:
+    """Once the backfills in flight end, every turn has a vector, and the
+    door question (which shares no word with DOOR_TURN) finds it by it."""
+    await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+    indexed = await index.read(*session, None)
+    assert indexed.unit_vectors.any(axis=1).all(), np.flatnonzero(~indexed.unit_vectors.any(axis=1))
+    answer = await assemble_door_question(servicer, session)
+    assert answer.inputs.dense_scored
+    assert DOOR_TURN in [m.content for m in answer.messages]
 
 
 async def test_a_turn_the_embedder_gave_no_vector_at_its_append_is_embedded_soon(redis_url: str) -> None:
@@ -1018,12 +1038,7 @@ async def test_a_turn_the_embedder_gave_no_vector_at_its_append_is_embedded_soon
     embedder = FailsOnce(table, {DOOR_TURN})
     async with session_with_a_gap(redis_url, embedder) as (servicer, index, session, _):
         assert not embedder.texts, "the embedder never failed the append"
-        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
-        indexed = await index.read(*session, None)
-        assert indexed.unit_vectors.any(axis=1).all(), np.flatnonzero(~indexed.unit_vectors.any(axis=1))
-        answer = await assemble_door_question(servicer, session)
-        assert answer.inputs.dense_scored
-        assert DOOR_TURN in [m.content for m in answer.messages]
+        await door_turn_found_by_its_vector(servicer, index, session)
 
 
 async def test_a_turn_left_without_a_vector_is_embedded_by_a_later_read(redis_url: str, monkeypatch) -> None:
@@ -1042,12 +1057,7 @@ async def test_a_turn_left_without_a_vector_is_embedded_by_a_later_read(redis_ur
         await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
         embedder.down = set()
         await assemble_door_question(servicer, session)
-        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
-        indexed = await index.read(*session, None)
-        assert indexed.unit_vectors.any(axis=1).all(), np.flatnonzero(~indexed.unit_vectors.any(axis=1))
-        after = await assemble_door_question(servicer, session)
-        assert after.inputs.dense_scored
-        assert DOOR_TURN in [m.content for m in after.messages]
+        await door_turn_found_by_its_vector(servicer, index, session)
 
 
 def context_settings(redis_url: str, append_embed_timeout_s: float | None = None) -> Settings:
@@ -1153,13 +1163,7 @@ async def test_a_gap_backfill_writes_nothing_into_a_session_deleted_meanwhile(re
     session's of the id)."""
     embedder = FailsOnceThenHeld({DOOR_TURN}, {DOOR_TURN})
     async with session_with_a_gap(redis_url, embedder) as (servicer, _, session, client):
-        await asyncio.wait_for(embedder.entered.wait(), 10)
-        await servicer.DeleteSession(
-            pb.DeleteSessionRequest(tenant_id=session[0], session_id=session[1]), None
-        )
-        embedder.opened.set()
-        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
-        assert await client.exists(*store.session_keys(*session)) == 0
+        await deleted_while_its_backfill_is_held(servicer, session, embedder, client)
 
 
 async def test_a_gap_backfill_writes_nothing_into_a_session_reverted_meanwhile(redis_url: str) -> None:
@@ -1175,15 +1179,7 @@ async def test_a_gap_backfill_writes_nothing_into_a_session_reverted_meanwhile(r
             pb.RevertSessionRequest(tenant_id=session[0], session_id=session[1], version=1, any_version=True),
             None,
         )
-        appended = await servicer.AppendTurns(
-            pb.AppendTurnsRequest(
-                tenant_id=session[0],
-                session_id=session[1],
-                messages=[common_pb2.Message(role=USER, content=replacement)],
-                any_version=True,
-            ),
-            NoDeadline(),
-        )
+        appended = await append_one(servicer, session, replacement)
         assert not embedder.fail_once, "the replacement's append was given a vector"
         assert not (await stored_rows(client, *session, 5, 16))[4].any()
         embedder.opened.set()
@@ -1203,15 +1199,7 @@ async def test_a_gap_left_while_a_backfill_runs_is_still_asked_for_after_it(redi
     embedder = FailsOnceThenHeld({DOOR_TURN, late}, {DOOR_TURN})
     async with session_with_a_gap(redis_url, embedder) as (servicer, index, session, _):
         await asyncio.wait_for(embedder.entered.wait(), 10)
-        await servicer.AppendTurns(
-            pb.AppendTurnsRequest(
-                tenant_id=session[0],
-                session_id=session[1],
-                messages=[common_pb2.Message(role=USER, content=late)],
-                any_version=True,
-            ),
-            NoDeadline(),
-        )
+        await append_one(servicer, session, late)
         assert not embedder.fail_once, "the late turn's append was given a vector"
         embedder.opened.set()
         await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
@@ -1250,15 +1238,7 @@ async def test_a_stale_settle_leaves_a_newer_gap_asked_for(redis_url: str, monke
         await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
         assert not (await index.read(*session, None)).vector_gaps
         embedder.down = {late}
-        await servicer.AppendTurns(
-            pb.AppendTurnsRequest(
-                tenant_id=session[0],
-                session_id=session[1],
-                messages=[common_pb2.Message(role=USER, content=late)],
-                any_version=True,
-            ),
-            NoDeadline(),
-        )
+        await append_one(servicer, session, late)
         await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
         assert (await index.read(*session, None)).vector_gaps
         assert await index.settle(*session, stale) == -1
