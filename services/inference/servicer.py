@@ -165,15 +165,26 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                         revived.add(backend.address)
                         tried.discard(backend.address)
                         take_back_route()
+                        if probing:
+                            # No outcome of the server's: the next stream is the probe.
+                            backend.health.release_probe(probing)
                         log.info("idle triton stream gone, opening another", backend=backend.address)
                         continue
                     if isinstance(error, MeshgateError):
                         if error.reason == Reason.STREAM_ENDED_EARLY:
                             backend.health.record_failure()
+                        elif probing:
+                            # The model refused the request (its own fault),
+                            # or another answer of the model's: not the
+                            # server's, whose half-open slot would otherwise
+                            # stay taken for open_for_s, no trial let in.
+                            backend.health.release_probe(probing)
                         _with_progress(error, stream)
                         raise
                     if _server_fault(error):
                         backend.health.record_failure()
+                    elif probing:
+                        backend.health.release_probe(probing)
                     if triton_protocol.stub_died(error.details() or ""):
                         backend.stub_died(served.triton_model, error.details())
                     # Retry elsewhere only if nothing reached the caller yet (AIP-194).

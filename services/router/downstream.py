@@ -809,6 +809,12 @@ class Deployments:
                     continue
                 if received_code(error) == grpc.StatusCode.UNAVAILABLE:
                     deployment.health.record_failure()
+                elif probing:
+                    # The request's own refusal, its time running out: no
+                    # outcome of the deployment's (only UNAVAILABLE is its
+                    # failure), whose half-open slot would otherwise stay
+                    # taken for open_for_s, no trial let in.
+                    deployment.health.release_probe(probing)
                 failure = failure_within(
                     error, "inference", budget, spent, max_generation_s=f"{self._limit_s:g}"
                 )

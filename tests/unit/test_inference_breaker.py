@@ -204,6 +204,19 @@ async def test_a_half_open_generation_its_caller_cancels_frees_the_probe_slot_at
     assert probed.health.state is balancing.BreakerState.HALF_OPEN and probed.health.admits
 
 
+async def test_a_half_open_generation_the_model_refuses_frees_the_probe_slot_at_once(two_servers) -> None:
+    """A request the model refuses (its own fault) says nothing of the
+    server's health either: it held the probe's slot for open_for_s."""
+    servicer, (probed, other) = two_servers
+    other.ready_models = set()  # the probed server is the only one
+    half_open(probed, Clock())
+    probed.stream_stub = StreamingTriton("tiny_gpt: invalid request: stop is too long")
+    with pytest.raises(MeshgateError) as refused:
+        await _generate(servicer, "question")
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert probed.health.state is balancing.BreakerState.HALF_OPEN and probed.health.admits
+
+
 async def test_a_half_open_embedding_its_caller_cancels_frees_the_probe_slot_at_once(two_servers) -> None:
     servicer, (probed, other) = two_servers
     other.ready_models = set()

@@ -744,6 +744,34 @@ async def test_a_half_open_probe_its_caller_cancels_frees_the_slot_at_once(deliv
     assert a.health.state is BreakerState.HALF_OPEN and a.health.admits
 
 
+@pytest.mark.parametrize(
+    ("code", "delivered"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, []),  # the model refused the request
+        (grpc.StatusCode.DEADLINE_EXCEEDED, hello_world()[:1]),  # the turn's time ran out
+    ],
+    ids=["refused", "deadline"],
+)
+async def test_a_half_open_probe_ended_by_no_fault_of_the_deployment_frees_the_slot_at_once(code, delivered):
+    """A probe that ends in the request's own refusal or its time running
+    out tells nothing of the deployment's health (only UNAVAILABLE counts
+    as its failure), yet held the half-open slot for open_for_s, no trial
+    let in meanwhile. Half-open still, free to probe again."""
+    table = DeploymentTable({"m": model("least_outstanding", "a")})
+    (a,) = table.candidates("m")
+    clock = Clock()
+    a.health = Health(BreakerPolicy(failures_to_open=1, open_for_s=10.0), clock)
+    a.health.record_failure()
+    clock.now += 10  # half-open: the next generation is its probe
+    a.stream_stub = ScriptedGenerate(list(delivered), ends_with=code)
+    try:
+        with pytest.raises(MeshgateError):
+            await generated(table, Answer())
+    finally:
+        await table.close()
+    assert a.health.state is BreakerState.HALF_OPEN and a.health.admits
+
+
 async def test_a_half_open_probe_closed_after_its_first_text_frees_the_slot_at_once():
     """As a cancel: a cache hit overtaking a speculative generation closes
     the generation's stream where it gave text (GeneratorExit)."""
