@@ -13,8 +13,9 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import threading
+import time
 import typing
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable
 
 import grpc
 import numpy as np
@@ -35,6 +36,21 @@ EMBED_TIMEOUT_S = 3.0
 # instead of one per request.
 _WARNING_INTERVAL_S = 10.0
 _FLOAT32_LE = np.dtype("<f4")
+# How long after its last answer a revision of the embedding model that did
+# not answer last still has its remembered vectors answered (ServingRevisions).
+# Servers of two revisions side by side (a rolling upgrade of Triton's model)
+# each answer some of a memo's misses, and a memo answering only the last
+# one's vectors embedded about half its repeats again. Long enough that a
+# quiet memo still hears both: at one miss in 10 s, answered by either at
+# random, a serving revision is silent for a minute e^-3 (5%) of the time (a
+# simulation of one ask in 5 s, half of them repeats: 2.6% of the repeats
+# embedded again, 48-50% when only the last revision's were answered).
+# Short beside what callers keep by a vector's revision (the cache's
+# sub-partition, 24 h entries; the context's turn index, a session's life):
+# a finished upgrade's old revision goes on being answered for repeats of
+# texts it made, and so keeps their Stores and appends in its partition, for
+# at most this long.
+REVISION_SILENCE_S = 60.0
 
 
 V = typing.TypeVar("V")
@@ -123,6 +139,10 @@ class VectorMemo(typing.Generic[V]):
     def __len__(self) -> int:
         return len(self._vectors)
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether ``key`` is remembered, without making it the most recently used."""
+        return key in self._vectors
+
     @property
     def enabled(self) -> bool:
         return self._max_entries > 0
@@ -147,6 +167,43 @@ class VectorMemo(typing.Generic[V]):
         self._vectors.move_to_end(key)
         while len(self._vectors) > self._max_entries:
             self._vectors.popitem(last=False)
+
+
+class ServingRevisions:
+    """The revisions of the embedding model whose remembered vectors a memo
+    answers: the one that answered last, and any other that answered within
+    ``silence_s`` (:data:`REVISION_SILENCE_S`). A memo hears of a revision
+    only through its own misses' answers, so with two serving side by side
+    each stays answered, and once an upgrade is done the old one stops being
+    answered ``silence_s`` after its last answer. The last one stays
+    answered however long the memo goes without a miss: no other revision's
+    answer says it stopped serving."""
+
+    def __init__(
+        self, silence_s: float = REVISION_SILENCE_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._silence_s = silence_s
+        self._clock = clock
+        # Each revision's last answer, the latest last (as dicts keep order).
+        self._answered_at: dict[str, float] = {}
+
+    def answered(self, revision: str) -> None:
+        now = self._clock()
+        self._answered_at.pop(revision, None)
+        self._answered_at[revision] = now
+        # The revisions silent past the window: answered no more, kept no more.
+        for silent in [each for each, at in self._answered_at.items() if now - at > self._silence_s]:
+            del self._answered_at[silent]
+
+    def serving(self, revision: str) -> bool:
+        at = self._answered_at.get(revision)
+        if at is None:
+            return False
+        return revision == next(reversed(self._answered_at)) or self._clock() - at <= self._silence_s
+
+    def latest_first(self) -> list[str]:
+        """The revisions :meth:`serving`, the last to answer first."""
+        return [revision for revision in reversed(self._answered_at) if self.serving(revision)]
 
 
 class EmbeddingUnavailable(Exception):

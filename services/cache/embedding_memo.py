@@ -6,9 +6,14 @@ through the inference service: ``cache.embedder``): most of what a semantic
 hit costs. Questions repeat (the same phrasing asked again, the Store right
 after a miss), and a vector once fetched stays right for its embedder's
 revision (see ``meshgate.embedding.VectorMemo``): each is remembered with
-the revision's name (``meshgate.embedding.Embedding``), and once an
-embedding comes from another revision (the inference service's Triton
-upgraded) the vectors of the earlier one are not answered again.
+the revision's name (``meshgate.embedding.Embedding``), and answered while
+that revision serves (``meshgate.embedding.ServingRevisions``): it answered
+this memo's latest miss, or one within the last minute. So while Triton
+servers of two revisions serve side by side, each one's vectors are
+answered (answering only the latest's embedded about half the repeats
+again), and once the upgrade is done the old one's stop a minute after its
+last answer: the lookup and the Store put a vector in its revision's
+sub-partition, which new entries should no longer join.
 The index search and the verifier still run on every lookup; the memo only
 spares the embedding (and the hop: the inference service keeps a memo of
 its own, which spares Triton for every caller but not the hop). A failed
@@ -27,8 +32,11 @@ text tenant A asked lately, a timing signal of what another tenant asks.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from meshgate import metrics
-from meshgate.embedding import Embedding, EmbedsText, VectorMemo
+from meshgate.embedding import Embedding, EmbedsText, ServingRevisions, VectorMemo
 from meshgate.single_flight import Flight, SingleFlight
 
 
@@ -36,13 +44,19 @@ class EmbeddingMemo:
     """``embedder.embed_or_none`` behind a :class:`VectorMemo` of at most
     ``max_entries`` vectors and one call per text in flight."""
 
-    def __init__(self, embedder: EmbedsText, model: str, max_entries: int) -> None:
+    def __init__(
+        self,
+        embedder: EmbedsText,
+        model: str,
+        max_entries: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._embedder = embedder
         self._vectors: VectorMemo[Embedding] = VectorMemo(model, max_entries)
-        # The embedder of the latest vector fetched: remembered vectors of
-        # another are misses (they would be matched in the old revision's
-        # sub-partitions, which new entries no longer join).
-        self._latest_embedder = ""
+        # The embedders (model and revision) that answered lately: a
+        # remembered vector of another is a miss.
+        self._serving = ServingRevisions(clock=clock)
         # Run to the end when every asker left: what it makes is remembered
         # for the next (with max_entries 0 it is only lost).
         self._in_flight: SingleFlight[bytes, Embedding | None] = SingleFlight(
@@ -72,7 +86,7 @@ class EmbeddingMemo:
     def _vector_or_flight(self, text: str, tenant_id: str) -> Embedding | Flight:
         key = self._vectors.key(text, tenant_id)
         vector = self._vectors.get(key)
-        if vector is not None and vector.embedder == self._latest_embedder:
+        if vector is not None and self._serving.serving(vector.embedder):
             self._hits.inc()
             return vector
         flight = self._in_flight.flight(key)
@@ -90,7 +104,7 @@ class EmbeddingMemo:
             # A read-only view (of the response's bytes, or of the local
             # run's output), shared by every caller: nothing may write into it.
             embedded.vector.flags.writeable = False
-            self._latest_embedder = embedded.embedder
+            self._serving.answered(embedded.embedder)
             self._vectors.put(key, embedded)
         return embedded
 
