@@ -39,17 +39,21 @@ _REVISION_WARNING_INTERVAL_S = 60.0
 
 
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, settings: InferenceSettings, pool: BackendPool) -> None:
+    def __init__(
+        self,
+        settings: InferenceSettings,
+        pool: BackendPool,
+        *,
+        clock: collections.abc.Callable[[], float] = time.monotonic,
+    ) -> None:
         self._settings = settings
         self._pool = pool
         self._truncator = EmbeddingTruncator(
             tokenization.load(settings.embedding_tokenizer), settings.embedding_max_tokens
         )
-        # The revision Triton's embedding model answered with last: the
-        # remembered vectors an Embed is answered from are that revision's.
-        # Each revision's are kept: while servers of two serve side by side
-        # (an upgrade under way), the last answer flips between them, and
-        # forgetting all on each flip left the memo near empty.
+        # The revision Triton's embedding model answered with last, for the
+        # log of a change (which remembered vectors are answered is the
+        # memo's: shared_embeddings.py).
         self._embedding_revision: str | None = None
         self._revision_changes = telemetry.ThrottledLog(log, _REVISION_WARNING_INTERVAL_S)
         self._embeddings: SharedEmbeddings[tuple[str, bytes]] = SharedEmbeddings(
@@ -59,6 +63,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             batch_size=EMBED_BATCH,
             timeout_s=settings.embed_timeout_s,
             revision_of=lambda embedded: embedded[0],
+            clock=clock,
         )
         # One strategy per served model, so each keeps its own prefix index.
         self._strategies = {
@@ -256,7 +261,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         try:
             async with asyncio.timeout(remaining):
                 # Texts in flight or embedded lately are not sent again (shared_embeddings.py).
-                embedded = await self._embeddings.vectors(request.texts, self._embedding_revision or "")
+                embedded = await self._embeddings.vectors(request.texts)
                 input_tokens = await self._input_tokens(request) if request.count_tokens else 0
         except TimeoutError:
             raise _embed_deadline_passed() from None

@@ -14,10 +14,15 @@ them all. Here:
 - a bounded LRU keeps recent vectors (``meshgate.embedding.VectorMemo``,
   ``inference.embedding_memo_entries``; 0 keeps none, in-flight texts are
   still shared). Each vector is kept under the revision of the model that
-  made it (``revision_of``), and a caller asks for those of one revision
-  (the servicer: the one Triton answered with last): while servers of two
-  revisions serve side by side, each revision's vectors stay, and none is
-  answered for another's.
+  made it (``revision_of``), and answered while that revision serves
+  (``meshgate.embedding.ServingRevisions``: it answered the latest fetch, or
+  one within the last minute), all of a request's from one revision: while
+  servers of two revisions serve side by side, each revision's vectors are
+  answered (answering only the latest's fetched about half the repeats
+  again), none under another's name; once the upgrade is done the old
+  revision's stop a minute after its last answer, since callers keep what
+  they store by a vector's revision (the cache's sub-partition, the
+  context's turn index).
 
 A shared call belongs to no caller (``meshgate.single_flight``): a caller
 that leaves (cancelled, its deadline passed) does not end it for the
@@ -47,12 +52,13 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import time
 import typing
 
 import grpc
 
 from meshgate import metrics
-from meshgate.embedding import VectorMemo
+from meshgate.embedding import ServingRevisions, VectorMemo
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from meshgate.single_flight import Flight, SingleFlight
@@ -89,9 +95,12 @@ class SharedEmbeddings(typing.Generic[V]):
         batch_size: int = EMBED_BATCH,
         timeout_s: float | None = None,
         revision_of: collections.abc.Callable[[V], str] = lambda vector: "",
+        clock: collections.abc.Callable[[], float] = time.monotonic,
     ) -> None:
         self._fetch = fetch
         self._revision_of = revision_of
+        # The revisions that answered lately: only their vectors are answered.
+        self._serving = ServingRevisions(clock=clock)
         self._batch_size = batch_size
         self._timeout_s = timeout_s
         # Keyed by the revision that made a vector and the text's key.
@@ -109,17 +118,18 @@ class SharedEmbeddings(typing.Generic[V]):
     def __len__(self) -> int:
         return len(self._memo)
 
-    async def vectors(self, texts: collections.abc.Sequence[str], revision: str = "") -> list[V]:
-        """Each text's vector, in order: remembered where ``revision`` made
-        it, else in flight, else fetched (whichever revision answers)."""
+    async def vectors(self, texts: collections.abc.Sequence[str]) -> list[V]:
+        """Each text's vector, in order: remembered by a serving revision,
+        else in flight, else fetched (whichever revision answers)."""
         keys = [self._memo.key(text) for text in texts]
+        remembered = self._remembered(keys)
         found: dict[bytes, V] = {}
         joined: dict[bytes, Flight[dict[bytes, V]]] = {}
         missing: dict[bytes, str] = {}
         for key, text in zip(keys, texts):
             if key in found or key in joined or key in missing:
                 self._shared.inc()
-            elif (vector := self._memo.get((revision, key))) is not None:
+            elif (vector := remembered.get(key)) is not None:
                 found[key] = vector
                 self._from_memo.inc()
             elif (flight := self._in_flight.flight(key)) is not None:
@@ -140,6 +150,20 @@ class SharedEmbeddings(typing.Generic[V]):
                 found.update(chunk_vectors)
         return [found[key] for key in keys]
 
+    def _remembered(self, keys: list[bytes]) -> dict[bytes, V]:
+        """The vectors remembered for ``keys`` of one serving revision, the
+        one that made the most of them (the last to answer among equals):
+        an answer names one revision, so a request's texts remembered by
+        another are fetched again, not answered beside them."""
+        texts = set(keys)
+        chosen: tuple[str, list[bytes]] = ("", [])
+        for revision in self._serving.latest_first():
+            held = [key for key in texts if (revision, key) in self._memo]
+            if len(held) > len(chosen[1]):
+                chosen = (revision, held)
+        revision, held = chosen
+        return {key: vector for key in held if (vector := self._memo.get((revision, key))) is not None}
+
     async def _run(self, texts: dict[bytes, str]) -> dict[bytes, V]:
         """The chunk's vectors by key, remembered."""
         try:
@@ -155,5 +179,7 @@ class SharedEmbeddings(typing.Generic[V]):
             raise MeshgateError(grpc.StatusCode.INTERNAL, Reason.BAD_EMBEDDING, message)
         by_key = dict(zip(texts, vectors))
         for key, vector in by_key.items():
-            self._memo.put((self._revision_of(vector), key), vector)
+            revision = self._revision_of(vector)
+            self._serving.answered(revision)
+            self._memo.put((revision, key), vector)
         return by_key

@@ -243,3 +243,38 @@ async def test_an_unexpected_error_reaches_each_waiter_as_its_own_internal_statu
         # The bug's own words stay in the log.
         assert error.message == "internal error"
     assert errors[0] is not errors[1]
+
+
+class RevisedFetch:
+    """A Triton fetch answering as ``revision``: each text's vector named by it."""
+
+    def __init__(self) -> None:
+        self.revision = "2"
+        self.calls: list[list[str]] = []
+
+    async def fetch(self, texts: list[str]) -> list[tuple[str, bytes]]:
+        self.calls.append(list(texts))
+        return [(self.revision, vector_of(text)) for text in texts]
+
+
+async def test_a_request_is_answered_from_the_one_revision_that_remembers_most_of_its_texts():
+    """Two revisions serving side by side: one answer names one revision,
+    so a request's texts remembered only by the other are fetched again,
+    not answered beside them; among revisions remembering as many, the
+    last to answer."""
+    triton = RevisedFetch()
+    shared = SharedEmbeddings(triton.fetch, 16, revision_of=lambda embedded: embedded[0], clock=lambda: 0.0)
+    await shared.vectors(["a", "b"])
+    triton.revision = "3"
+    await shared.vectors(["c"])
+    triton.revision = "2"
+    answered = await shared.vectors(["a", "b", "c"])
+    assert [revision for revision, _ in answered] == ["2", "2", "2"]
+    assert triton.calls[-1] == ["c"]
+    # One text each: revision 3 answered last.
+    await shared.vectors(["d"])
+    triton.revision = "3"
+    await shared.vectors(["e"])
+    answered = await shared.vectors(["d", "e"])
+    assert [revision for revision, _ in answered] == ["3", "3"]
+    assert triton.calls[-1] == ["d"]
