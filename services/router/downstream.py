@@ -106,6 +106,32 @@ def not_taken(error: grpc.aio.AioRpcError, service: str) -> bool:
     return code == grpc.StatusCode.RESOURCE_EXHAUSTED and _busy(error, service)
 
 
+# What an append that failed so may have done all the same: its reply was
+# lost (the context service or the connection went away, our timer or the
+# caller's deadline fired first, Redis timed out under the script) or the
+# service failed in a way it does not say the turn was left out. Any other
+# code is the context service's answer that it did not append the turn
+# (VERSION_CONFLICT, SESSION_NOT_FOUND, SESSION_FULL, ...), or a busy
+# replica's refusal of a request it never read.
+_APPEND_OUTCOME_UNKNOWN = frozenset(
+    {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def _may_have_appended(error: grpc.aio.AioRpcError) -> bool:
+    """Whether the AppendTurns that failed with ``error`` may have stored
+    its turn (its turn id makes a resend of ours safe, not a caller's resend
+    of the turn, which is a new append)."""
+    return received_code(error) in _APPEND_OUTCOME_UNKNOWN
+
+
 def time_for_a_try(budget: Budget, limit_s: float, spent: str) -> float:
     """The timeout of one more inference service's try within ``budget``,
     which every try of one generation or embeddings request shares (at most
@@ -421,7 +447,14 @@ class ContextService:
                     error, turn.budget, pause_s, took_s
                 ):
                     continue
-                raise failure_within(error, "context", turn.budget) from error
+                failure = failure_within(error, "context", turn.budget)
+                if _may_have_appended(error):
+                    # Its caller is told the turn failed, yet the session may
+                    # hold it: a resend would store it twice, and the version
+                    # its caller knows may be behind.
+                    failure.metadata["session_id"] = session_id
+                    failure.metadata["turn_may_be_stored"] = "true"
+                raise failure from error
         raise AssertionError("unreachable")
 
     async def claim_owed_summary_usage(self, owed_for_s: float, most: int) -> list[OwedSummaries]:

@@ -390,6 +390,11 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                                     # go on with that session (one that failed
                                     # before names none: the pipeline deleted it).
                                     session_id = created or session_id
+                                    if error.metadata.get("turn_may_be_stored"):
+                                        # Its append's outcome is unknown: the
+                                        # session may be past the version known
+                                        # here, which the stop must not give.
+                                        version = None
                                     failure = error.to_status_proto().SerializeToString()
                                     message = pb.ChatSessionResponse(failure=failure)
                                     done = True

@@ -10,6 +10,7 @@ import time
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from meshgate import serving
 from meshgate.common.v1 import common_pb2
@@ -267,3 +268,72 @@ async def test_turns_still_running_when_the_grace_ends_say_how_much_went_out(two
         assert metadata["session_id"]
         assert time.monotonic() - started < 2.0, "ended by the router before the grace ran out"
         await stopping
+
+
+async def test_a_turn_whose_append_was_stored_but_answered_late_says_it_may_be_stored(
+    redis_url, inference_address, monkeypatch
+):
+    """An append the context service stored, its reply past the router's
+    downstream_timeout_s: the turn failed DEADLINE_EXCEEDED saying nothing
+    of it (its client, told it failed, sends it again: stored twice), and
+    the stream's stop then gave the version from before it (a strict
+    resume at it is refused). The failure, in the stream and as a Chat's
+    status, says turn_may_be_stored and the session; the stop names no
+    version."""
+    settings = service_settings(redis_url, inference_address, KEY)
+    settings.router.http_listen = ""
+    settings.router.downstream_timeout_s = 1.0
+    async with contextlib.AsyncExitStack() as stack:
+        settings.router.context_address = await stack.enter_async_context(
+            running(context_app, "context", settings)
+        )
+        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
+        service, address = await stack.enter_async_context(router(settings))
+        stub = router_service_pb2_grpc.RouterServiceStub(
+            await stack.enter_async_context(bounded_channel(address))
+        )
+
+        def ask(text: str) -> dict:
+            return {
+                "model": "tiny-gpt",
+                "messages": [common_pb2.Message(role=common_pb2.ROLE_USER, content=text)],
+                "parameters": common_pb2.GenerationParameters(max_tokens=2),
+                "cache_policy": pb.CACHE_POLICY_BYPASS,
+            }
+
+        stream = stub.ChatSession(metadata=AUTH, timeout=60)
+        await stream.write(pb.ChatSessionRequest(**ask("first")))
+        while not (response := await stream.read()).HasField("completion"):
+            pass
+        session_id = response.completion.session_id
+        assert response.completion.session_version == 1
+
+        late_first_append_reply(monkeypatch, 1.5)
+        await stream.write(pb.ChatSessionRequest(**ask("second")))
+        while not (response := await stream.read()).HasField("failure"):
+            pass
+        status = status_pb2.Status.FromString(response.failure)
+        info = error_details_pb2.ErrorInfo()
+        status.details[0].Unpack(info)
+        assert status.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        assert info.metadata["turn_may_be_stored"] == "true"
+        assert info.metadata["session_id"] == session_id
+
+        late_first_append_reply(monkeypatch, 1.5)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            async for _ in stub.Chat(pb.ChatRequest(session_id=session_id, **ask("third")), metadata=AUTH):
+                pass
+        code, _, metadata = refusal_of(failed.value)
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert (metadata["turn_may_be_stored"], metadata["session_id"]) == ("true", session_id)
+
+        await serving.stop(service, grace_s=2.0)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await stream.read()
+        assert refusal_of(ended.value) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "SERVICE_STOPPING",
+            {"session_id": session_id},  # not version 1: the session holds both late turns
+        )
+        stored = await session_messages(settings, session_id)
+        assert stored[::2] == ["first", "second", "third"]
