@@ -4,6 +4,7 @@ Triton stub: the refusal is the service's own, not a client's timer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 
 import grpc
@@ -227,15 +228,23 @@ class RevisedTriton:
         return response
 
 
-@pytest.fixture
-async def one_server():
-    """A servicer over one Triton server whose stub a test sets."""
+@contextlib.asynccontextmanager
+async def servicer_over_one_server(**options):
+    """A servicer (made with ``options``) over one Triton server whose stub a test sets."""
     settings = InferenceSettings(triton_urls=["127.0.0.1:1"])
     pool = BackendPool(settings.triton_urls, [settings.embedding_triton_model])
     backend = pool.backends[0]
     backend.ready_models = {settings.embedding_triton_model}
-    yield InferenceServicer(settings, pool), backend
-    await pool.close()
+    try:
+        yield InferenceServicer(settings, pool, **options), backend
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+async def one_server():
+    async with servicer_over_one_server() as made:
+        yield made
 
 
 async def test_embed_names_the_revision_that_made_the_vectors_and_never_mixes_another_s(one_server):
@@ -330,14 +339,10 @@ class AlternatingTriton(RevisedTriton):
 
 @pytest.fixture
 async def server_on_a_clock():
-    """A servicer over one Triton server whose stub a test sets, on a clock the test moves."""
-    settings = InferenceSettings(triton_urls=["127.0.0.1:1"])
-    pool = BackendPool(settings.triton_urls, [settings.embedding_triton_model])
-    backend = pool.backends[0]
-    backend.ready_models = {settings.embedding_triton_model}
+    """As one_server, on a clock the test moves."""
     clock = Clock()
-    yield InferenceServicer(settings, pool, clock=clock), backend, clock
-    await pool.close()
+    async with servicer_over_one_server(clock=clock) as (servicer, backend):
+        yield servicer, backend, clock
 
 
 async def test_repeats_under_two_revisions_side_by_side_are_not_sent_to_triton_again(server_on_a_clock):

@@ -718,6 +718,18 @@ async def test_no_deployment_answering_tells_the_caller_nothing_of_their_address
     assert raised.value.message == "no deployment of 'm' could serve: inference call failed: UNAVAILABLE"
 
 
+def half_open_deployment() -> tuple[DeploymentTable, object]:
+    """A model of one deployment whose breaker a failure opened and whose
+    open time has passed: the next generation sent to it is its probe."""
+    table = DeploymentTable({"m": model("least_outstanding", "a")})
+    (a,) = table.candidates("m")
+    clock = Clock()
+    a.health = Health(BreakerPolicy(failures_to_open=1, open_for_s=10.0), clock)
+    a.health.record_failure()
+    clock.now += 10
+    return table, a
+
+
 @pytest.mark.parametrize("delivered", [[], hello_world()[:1]], ids=["before any text", "after some text"])
 async def test_a_half_open_probe_its_caller_cancels_frees_the_slot_at_once(delivered):
     """The caller went away (its deadline, a cancel, a cache hit overtaking
@@ -725,12 +737,7 @@ async def test_a_half_open_probe_its_caller_cancels_frees_the_slot_at_once(deliv
     probe's slot stayed taken for open_for_s (10 s), the deployment taking
     no trial meanwhile. Neither a success nor a failure: half-open still,
     free to probe again."""
-    table = DeploymentTable({"m": model("least_outstanding", "a")})
-    (a,) = table.candidates("m")
-    clock = Clock()
-    a.health = Health(BreakerPolicy(failures_to_open=1, open_for_s=10.0), clock)
-    a.health.record_failure()
-    clock.now += 10  # half-open: the next generation is its probe
+    table, a = half_open_deployment()
     a.stream_stub = stuck = HangingGenerate(list(delivered))
     turn = asyncio.create_task(generated(table, Answer()))
     try:
@@ -757,12 +764,7 @@ async def test_a_half_open_probe_ended_by_no_fault_of_the_deployment_frees_the_s
     out tells nothing of the deployment's health (only UNAVAILABLE counts
     as its failure), yet held the half-open slot for open_for_s, no trial
     let in meanwhile. Half-open still, free to probe again."""
-    table = DeploymentTable({"m": model("least_outstanding", "a")})
-    (a,) = table.candidates("m")
-    clock = Clock()
-    a.health = Health(BreakerPolicy(failures_to_open=1, open_for_s=10.0), clock)
-    a.health.record_failure()
-    clock.now += 10  # half-open: the next generation is its probe
+    table, a = half_open_deployment()
     a.stream_stub = ScriptedGenerate(list(delivered), ends_with=code)
     try:
         with pytest.raises(MeshgateError):
@@ -775,12 +777,7 @@ async def test_a_half_open_probe_ended_by_no_fault_of_the_deployment_frees_the_s
 async def test_a_half_open_probe_closed_after_its_first_text_frees_the_slot_at_once():
     """As a cancel: a cache hit overtaking a speculative generation closes
     the generation's stream where it gave text (GeneratorExit)."""
-    table = DeploymentTable({"m": model("least_outstanding", "a")})
-    (a,) = table.candidates("m")
-    clock = Clock()
-    a.health = Health(BreakerPolicy(failures_to_open=1, open_for_s=10.0), clock)
-    a.health.record_failure()
-    clock.now += 10
+    table, a = half_open_deployment()
     a.stream_stub = HangingGenerate(hello_world()[:1])
     deployments = Deployments(table, RouterSettings(), TenantTokens(None, 60.0))
     pieces = deployments.generate("m", [], common_pb2.GenerationParameters(), Budget(), Answer(), "")
