@@ -840,7 +840,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         (TurnIndex.backfill: never over a vector of the same embedder, nor
         in a session deleted, reverted or compacted meanwhile), a chunk at
         a time at BACKFILL_TURNS_PER_S, and once every one has a vector,
-        clears the index's count of gap writes (TurnIndex.settle); returns
+        marks the index's count of gap writes settled (TurnIndex.settle); returns
         whether it is settled: no gap left, or the embedder gave none or
         not all (False: the session or the embedder's revision changed
         under it). ``embedder`` None: the rows' own, or with none named,

@@ -1590,7 +1590,7 @@ class SessionStore:
         _, turns, counts, history, roles, lengths, dimensions, vectors, embedder, postings, pins = source
         # The fork's rows are its source's: so are their gaps (those of the
         # turns it does not take are none of its own, and its first backfill
-        # finds none there and clears the count).
+        # finds none there and marks the count settled).
         fields = postings[::2]
         gap_writes = [
             value

@@ -866,10 +866,10 @@ class TurnIndex:
             return int(await self._backfill(keys=session_keys(tenant_id, session_id), args=args))
 
     async def settle(self, tenant_id: str, session_id: str, gaps: VectorGaps) -> int:
-        """Clears the count of gap writes once the turns ``gaps`` named have
-        vectors (or it named none), unless a write left another gap since,
-        or the session is another life (_SETTLE); returns 1 when cleared, 0
-        when there was none, -1 when it may not be."""
+        """Marks the count of gap writes ``gaps`` read settled once the turns
+        it named have vectors (or it named none), unless a write left another
+        gap since, or the session is another life (_SETTLE); returns 1 when
+        settled, 0 when there was none, -1 when it may not be."""
         args = [gaps.create_time_ms, gaps.gap_writes]
         with redis_reachable():
             return int(await self._settle(keys=session_keys(tenant_id, session_id), args=args))
