@@ -35,9 +35,10 @@ includes the store). With ``--deltas-only`` it is left unset, every text a
 delta, as a client that predates the field reads the answer: the two in
 alternating runs measure the field's effect.
 
-With ``--against TREE`` (with ``--only-hits exact``), the exact hits go
-through two routers on the same stack (the same Redis, cache, context and
-inference), this checkout's and one run from the checkout at TREE, in
+With ``--against TREE`` (with ``--only-hits exact``, or ``semantic`` for
+the lowercased variants), those hits go through two routers on the same
+stack (the same Redis, cache, context and inference), this checkout's and
+one run from the checkout at TREE, in
 alternating rounds (``--rounds``): an A/B of router code measured in the
 same minutes, which on a shared machine two whole runs in turn are not.
 Each round times each router at concurrency 16 and then alone (concurrency
@@ -206,6 +207,18 @@ def never_seen(count: itertools.count):
         return prompt.lower().rstrip("?.") + "".join(_INVISIBLE[n >> bit & 1] for bit in range(_TAIL_BITS))
 
     return variant
+
+
+def hit_workloads() -> dict:
+    """Each cache-hit workload's name and how it turns a stored prompt into
+    the text asked: exact repeats; lowercased variants that only the
+    semantic path matches (the embedding model is uncased; exact keys keep
+    case); and those with a never-seen tail each."""
+    return {
+        "exact hits": lambda p: p,
+        "semantic hits": lambda p: p.lower().rstrip("?."),
+        "semantic hits, every text new": never_seen(itertools.count()),
+    }
 
 
 async def through_router(
@@ -444,7 +457,7 @@ async def main_async(args, stack: Stack) -> list[str]:
         for prompt in PROMPTS:
             await through_router(router_stub, prompt, args.max_tokens, pb.CACHE_POLICY_REFRESH)
         if args.against:
-            return await exact_hits_against(args, stack, router_stub)
+            return await hits_against(args, stack, router_stub)
         rows.append("")
         rows.append(
             "| cache-hit workload (concurrency 16 unless named) | requests | requests/s | p50 (ms) "
@@ -452,11 +465,7 @@ async def main_async(args, stack: Stack) -> list[str]:
             "| load generator CPU per hit (ms) |"
         )
         rows.append("|---|---|---|---|---|---|---|---|")
-        workloads = {
-            "exact hits": lambda p: p,
-            "semantic hits": lambda p: p.lower().rstrip("?."),
-            "semantic hits, every text new": never_seen(itertools.count()),
-        }
+        workloads = hit_workloads()
 
         redis_pid = {"redis": stack.processes["redis"].pid}
 
@@ -478,8 +487,8 @@ async def main_async(args, stack: Stack) -> list[str]:
                 f"| {cpu_ms:.2f} | {redis_ms:.2f} | {client_ms:.2f} |"
             )
 
-        if args.only_hits == "exact":
-            workloads = {"exact hits": workloads["exact hits"]}
+        if args.only_hits in ONLY_HITS:
+            workloads = {ONLY_HITS[args.only_hits]: workloads[ONLY_HITS[args.only_hits]]}
         for name, variant in workloads.items():
             one = lambda p, variant=variant, name=name: through_router(  # noqa: E731
                 router_stub, variant(p), args.max_tokens, pb.CACHE_POLICY_USE, expect=name
@@ -613,6 +622,9 @@ def _h2load_cells(rate: float | None, cpu_ms: float | None) -> str:
 # concurrency-1 row.
 ALONE_HITS = 300
 
+# --only-hits' one-workload choices: the workload each names.
+ONLY_HITS = {"exact": "exact hits", "semantic": "semantic hits"}
+
 
 def _medians_row(side: str, rounds: list[tuple[float, ...]]) -> str:
     """One router's medians over its rounds' (hits/s, router CPU a hit,
@@ -628,17 +640,22 @@ def _medians_row(side: str, rounds: list[tuple[float, ...]]) -> str:
     )
 
 
-async def exact_hits_against(args, stack: Stack, router_stub) -> list[str]:
-    """--against: exact hits at concurrency 16 through this checkout's router
-    and the other's, in turn, ``args.rounds`` times (which goes first
-    alternates), with the bench's grpc.aio client and, with --h2load, h2load;
-    each router's CPU per hit from /proc, and the shared services' (cache,
-    context, inference) in its rounds: a hit one router answers from its hot
-    tier and the other from the cache differs there."""
+async def hits_against(args, stack: Stack, router_stub) -> list[str]:
+    """--against: one hit workload (--only-hits exact or semantic) at
+    concurrency 16 through this checkout's router and the other's, in turn,
+    ``args.rounds`` times (which goes first alternates), with the bench's
+    grpc.aio client and, for exact hits with --h2load, h2load; each router's
+    CPU per hit from /proc, and the shared services' (cache, context,
+    inference) in its rounds: a hit one router answers from its hot tier and
+    the other from the cache differs there."""
     start_router_from(stack, pathlib.Path(args.against).resolve())
     routers = {"this": "router", "against": AGAINST}
+    workload = ONLY_HITS[args.only_hits]
+    variant = hit_workloads()[workload]
+    # As many a round as the whole run's row of this workload asks.
+    requests = args.hits if workload == "exact hits" else args.hits // 4
     rows = [
-        f"exact hits at 16, {args.hits} a round: this checkout's router against {args.against}'s",
+        f"{workload} at 16, {requests} a round: this checkout's router against {args.against}'s",
         "",
         "| round | router | grpc.aio: hits/s | router CPU a hit (ms) | shared services' CPU a hit (ms) "
         "| client CPU a hit (ms) | h2load: hits/s | router CPU a hit (ms) | alone: p50 (ms) "
@@ -654,7 +671,7 @@ async def exact_hits_against(args, stack: Stack, router_stub) -> list[str]:
         stubs = {"this": router_stub, "against": router_service_pb2_grpc.RouterServiceStub(against_channel)}
         hits = {
             side: lambda p, stub=stub: through_router(
-                stub, p, args.max_tokens, pb.CACHE_POLICY_USE, expect="exact hits"
+                stub, variant(p), args.max_tokens, pb.CACHE_POLICY_USE, expect=workload
             )
             for side, stub in stubs.items()
         }
@@ -671,12 +688,12 @@ async def exact_hits_against(args, stack: Stack, router_stub) -> list[str]:
                 client_before = time.process_time()
                 meter.start()
                 shared.start()
-                _, wall = await run_load(hits[side], 16, args.hits)
-                cpu_ms = meter.stop(args.hits)
-                shared_ms = shared.stop(args.hits)
-                client_ms = (time.process_time() - client_before) / args.hits * 1000
-                rate, h2load_rate, h2load_cpu_ms = args.hits / wall, None, None
-                if args.h2load:
+                _, wall = await run_load(hits[side], 16, requests)
+                cpu_ms = meter.stop(requests)
+                shared_ms = shared.stop(requests)
+                client_ms = (time.process_time() - client_before) / requests * 1000
+                rate, h2load_rate, h2load_cpu_ms = requests / wall, None, None
+                if args.h2load and workload == "exact hits":
                     row, h2load_cpu_ms = await exact_hits_by_h2load(
                         stack, meter, args.max_tokens, args.hits, routers[side]
                     )
@@ -808,8 +825,9 @@ def main() -> None:
         "--only-hits",
         nargs="?",
         const="all",
-        choices=("all", "exact"),
-        help="only the cache-hit workloads (all of them, or the exact hits alone): no streaming comparison",
+        choices=("all", *ONLY_HITS),
+        help="only the cache-hit workloads (all of them, or the exact or the (hot) semantic hits alone): "
+        "no streaming comparison",
     )
     parser.add_argument(
         "--tracing", action="store_true", help="export every span to a file, as `make run` does"
@@ -827,7 +845,8 @@ def main() -> None:
     parser.add_argument(
         "--against",
         metavar="TREE",
-        help="with --only-hits exact (the exact hits) or --skip-hits (streamed answers at concurrency 1): "
+        help="with --only-hits exact or semantic (those hits) or --skip-hits (streamed answers at "
+        "concurrency 1): "
         "through this checkout's router and, in alternating rounds, through one run from the checkout "
         "at TREE, on the same stack",
     )
@@ -839,8 +858,11 @@ def main() -> None:
         parser.error("--only-hits and --skip-hits leave nothing to run together")
     if args.h2load and args.skip_hits:
         parser.error("--h2load measures exact hits, which --skip-hits skips")
-    if args.against and args.only_hits != "exact" and not args.skip_hits:
-        parser.error("--against compares exact hits (--only-hits exact) or streamed answers (--skip-hits)")
+    if args.against and args.only_hits not in ONLY_HITS and not args.skip_hits:
+        parser.error(
+            "--against compares one hit workload (--only-hits exact or semantic) "
+            "or streamed answers (--skip-hits)"
+        )
     if args.h2load and shutil.which("h2load") is None:
         parser.error("--h2load needs h2load on PATH (Debian: apt-get install nghttp2-client)")
     ports = Ports(*(free_port() for _ in range(6)))
