@@ -419,11 +419,11 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         """Gives back to the tenant's count bytes charged at ``now_ms`` that
         Redis does not hold: what the entry a Store replaced was charged
         (``_charge``), or a report's pair that it did not keep (it named no
-        entry). Each caller sharing a generation (the router's coalescing)
-        Stores the same answer under one entry, and a refresh stores over
-        it: in a bug hunt, 8 identical greedy turns at once through the
-        router charged 33,088 bytes, 8 entries' worth, for the one entry
-        they left. A failure is only logged: the count errs high, as it
+        entry, or the pair was held already). Each caller sharing a
+        generation (the router's coalescing) Stores the same answer under
+        one entry, and a refresh stores over it: in a bug hunt, 8 identical
+        greedy turns at once through the router charged 33,088 bytes, 8
+        entries' worth, for the one entry they left. A failure is only logged: the count errs high, as it
         does for a write that fails after its charge."""
         if not size or not self._settings.max_bytes_per_tenant:
             return
@@ -524,12 +524,14 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             )
         except NoRoomForReport:
             raise _quota_exceeded(held, REPORTED_PAIR_BYTES, most) from None
+        if held is None and (report is None or not report.kept_new_pair):
+            # Charged for a pair it did not keep: it named no entry (a tenant
+            # reporting stale ids, of entries expired, evicted or invalidated
+            # since their hit), or Redis held the pair already (a client
+            # resending after a lost reply). Either would otherwise use the
+            # tenant's quota up on bytes Redis does not hold.
+            await self._give_back(partition, REPORTED_PAIR_BYTES, charged_at_ms)
         if report is None:
-            if held is None:
-                # Nothing written: a tenant reporting stale ids (entries
-                # expired, evicted or invalidated since their hit) would
-                # otherwise use its quota up on reports that kept nothing.
-                await self._give_back(partition, REPORTED_PAIR_BYTES, charged_at_ms)
             raise not_found(
                 Reason.CACHE_ENTRY_NOT_FOUND,
                 "entry_id names no entry of this scope: report a hit's LookupResponse.entry_id "

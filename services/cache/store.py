@@ -203,7 +203,10 @@ if redis.call('EXISTS', KEYS[1]) == 0 and not redis.call('ZSCORE', KEYS[2], ARGV
   -- Taken only while the tenant has room for it (CacheStore.charge).
   if ARGV[6] ~= '1' then return 0 end
 end
-redis.call('SADD', KEYS[5], ARGV[5], ARGV[1])
+-- 1 if the pair is new: a resent report (its reply lost) keeps nothing more,
+-- and its charge goes back (the cache servicer's ReportWrongHit).
+local new_pair = redis.call('SADD', KEYS[5], ARGV[5])
+redis.call('SADD', KEYS[5], ARGV[1])
 -- As long as the sub-partition's entries, at least: see _STORE_SEMANTIC.
 local keep = math.max(tonumber(ARGV[2]), redis.call('PTTL', KEYS[2]), redis.call('PTTL', KEYS[3]))
 if redis.call('PTTL', KEYS[5]) < keep then redis.call('PEXPIRE', KEYS[5], keep) end
@@ -217,7 +220,7 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 local strictness = redis.call('INCR', KEYS[4])
 if redis.call('PTTL', KEYS[4]) < keep then redis.call('PEXPIRE', KEYS[4], keep) end
-return {removed, strictness, seq}
+return {removed, strictness, new_pair, seq}
 """
 
 
@@ -256,7 +259,8 @@ return -1
 
 
 # Gives back to the tenant's count of this window what a Store replaced, or
-# a report's pair it did not keep (``refund``), never below nothing.
+# a report's pair it did not keep (none, or one already held), never below
+# nothing (``refund``).
 _REFUND = """
 -- KEYS: the tenant's count of this window; ARGV: bytes
 local held = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -340,6 +344,9 @@ class WrongHitReport:
     # Whether the entry was there, and the sub-partition's count of reports.
     removed: bool
     strictness: int
+    # Whether the reported pair is new to the sub-partition: False for a
+    # resent report, whose pair Redis already held (nothing more kept).
+    kept_new_pair: bool
     # The version of the entry's row removed; None: it had none.
     seq: int | None
     # Replicas the report was waited for on, and how many had it in time.
@@ -479,7 +486,8 @@ class CacheStore:
         """Gives ``size`` bytes back to the tenant's count of the window
         ``charge`` charged at ``now_ms``, as far as it holds them: what a
         Store replaced (``replaced_charge``), charged when it was stored,
-        no longer in Redis, or a report's pair that it did not keep. Not
+        no longer in Redis, or a report's pair that it did not keep (it
+        named no entry, or Redis held the pair already). Not
         from the window before, where it may have been charged: the two are
         held to the bound together."""
         window = now_ms // (window_s * 1000)
@@ -599,10 +607,12 @@ class CacheStore:
         failover would serve the wrong answer again. None, with nothing
         written, when ``entry_id`` names no entry of the sub-partition,
         none a report deleted, and the pair was never reported
-        (_REPORT_WRONG). Raises NoRoomForReport, with nothing written, for
-        a new pair of an entry a report deleted unless ``room_for_a_pair``
-        (the tenant's quota had room for it): such a report deletes
-        nothing, and only the bound keeps its pairs from growing.
+        (_REPORT_WRONG). A pair reported before (a resent report) is kept
+        once: ``kept_new_pair`` says whether this report added it. Raises
+        NoRoomForReport, with nothing written, for a new pair of an entry a
+        report deleted unless ``room_for_a_pair`` (the tenant's quota had
+        room for it): such a report deletes nothing, and only the bound
+        keeps its pairs from growing.
 
         The notice names the whole tenant and model, not the entry alone:
         the count makes the verifier stricter in the sub-partition, so the
@@ -637,10 +647,12 @@ class CacheStore:
             return None
         if replicated.reply == 0:
             raise NoRoomForReport
-        removed, strictness, *row = replicated.reply
+        removed, strictness, new_pair, *row = replicated.reply
         # Lua's false comes back as nil, which ends the reply early.
         seq = int(float(row[0])) if row and row[0] is not None else None
-        return WrongHitReport(bool(removed), int(strictness), seq, replicated.wanted, replicated.acknowledged)
+        return WrongHitReport(
+            bool(removed), int(strictness), bool(new_pair), seq, replicated.wanted, replicated.acknowledged
+        )
 
     async def invalidate(self, tenant_id: str, model: str, ttl_ms: int) -> int:
         """Deletes every key of a tenant, or of one of its models (``model``

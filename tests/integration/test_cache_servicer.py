@@ -1761,6 +1761,37 @@ async def test_reports_of_an_entry_already_deleted_are_held_to_the_tenants_quota
     assert (await lookup(cache, s, conversation(other))).status == pb.LOOKUP_STATUS_MISS
 
 
+async def charged_bytes(redis_client, tenant: str) -> int:
+    """What the tenant's windows hold against cache.max_bytes_per_tenant
+    (store.py, ``charge``), all windows and window lengths together."""
+    windows = keys.stored_bytes_key(tenant, 0, 0).split("}:", 1)[0] + "}:*"
+    return sum([int(await redis_client.get(key)) async for key in redis_client.scan_iter(match=windows)])
+
+
+async def test_a_retried_report_is_charged_once_for_the_one_pair_it_keeps(redis_client, embedder, tenant):
+    """A report is charged its pair (REPORTED_PAIR_BYTES) before it runs.
+    A client that resends a report after its reply was lost (or any
+    second report of the same prompt and entry) keeps no new pair: the
+    reported set holds each pair once. Each resend was charged again, so
+    a tenant retrying reports used its quota up on a pair Redis held once,
+    and its Stores were refused."""
+    s = scope(tenant)
+    cache = make_servicer(redis_client, embedder, max_bytes_per_tenant=1 << 20)
+    entry_id = await store(cache, s, conversation(STORED), text="Practice daily.")
+    assert (await lookup(cache, s, conversation(PARAPHRASE))).entry_id == entry_id
+    stored = await charged_bytes(redis_client, tenant)
+    request = pb.ReportWrongHitRequest(scope=s, messages=conversation(PARAPHRASE), entry_id=entry_id)
+    first = await cache.ReportWrongHit(request, None)
+    assert first.entry_removed
+    for _ in range(5):
+        await cache.ReportWrongHit(request, None)
+    partition = keys.partition(s)
+    context_id = cache._context_id(partition, conversation(PARAPHRASE), EMBEDDER)
+    # Held once: the pair, and the entry's bare id (a report deleted it).
+    assert await redis_client.scard(partition.reported_key(context_id)) == 2
+    assert await charged_bytes(redis_client, tenant) == stored + store_module.REPORTED_PAIR_BYTES
+
+
 @pytest.mark.parametrize("question", [STORED, "x" * 2000], ids=["semantic", "exact"])
 async def test_stores_of_one_entry_are_charged_as_the_one_entry_they_leave(
     redis_client, embedder, tenant, question
@@ -1782,10 +1813,7 @@ async def test_stores_of_one_entry_are_charged_as_the_one_entry_they_leave(
     await asyncio.gather(*(store(cache, s, conversation(question), text="Practice daily.") for _ in range(8)))
     for _ in range(3):  # refreshes
         await store(cache, s, conversation(question), text="Practice daily.")
-    windows = [
-        key async for key in redis_client.scan_iter(match=f"mg:cache:stored:{{{tenant.encode().hex()}}}:*")
-    ]
-    assert sum([int(await redis_client.get(window)) for window in windows]) == one_entry
+    assert await charged_bytes(redis_client, tenant) == one_entry
 
 
 class NewRevision(FakeEmbedder):
@@ -1924,12 +1952,7 @@ async def test_a_report_of_no_entry_is_charged_nothing(redis_client, embedder, t
     stored_bytes = two_entries_bytes(other)
     cache = make_servicer(redis_client, embedder, max_bytes_per_tenant=stored_bytes + 256)
     await store(cache, s, conversation(STORED), text="Practice daily.")
-    counts = keys.stored_bytes_key(tenant, cache._settings.ttl_s, 0).rsplit(":", 1)[0] + ":*"
-
-    async def charged() -> int:
-        return sum([int(await redis_client.get(key)) async for key in redis_client.scan_iter(match=counts)])
-
-    before = await charged()
+    before = await charged_bytes(redis_client, tenant)
     gone_id = keys.entry_id(keys.partition(s), conversation("A question never stored?"))
     for _ in range(10):
         with pytest.raises(MeshgateError) as refused:
@@ -1938,5 +1961,5 @@ async def test_a_report_of_no_entry_is_charged_nothing(redis_client, embedder, t
             )
         assert refused.value.code == grpc.StatusCode.NOT_FOUND
         assert refused.value.reason == "CACHE_ENTRY_NOT_FOUND"
-    assert await charged() == before
+    assert await charged_bytes(redis_client, tenant) == before
     await store(cache, s, conversation(other), text="Practice daily.")
