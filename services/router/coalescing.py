@@ -47,7 +47,7 @@ from meshgate.reasons import Reason
 log = structlog.get_logger(__name__)
 
 # Starts the real generation, filling the Answer it is given, within a
-# monotonic deadline (None: none but the router's own cap); see
+# deadline on the Coalescer's clock (None: none but the router's own cap); see
 # pipeline.Generator. Typed loosely to keep this module free of the pipeline.
 Start = collections.abc.Callable[[object, float | None], collections.abc.AsyncIterator[str]]
 
@@ -106,7 +106,7 @@ class _Flight:
         self.pieces: list[str] = []
         self.readers = 0
         self.finished = False
-        self.finished_at: float | None = None  # monotonic
+        self.finished_at: float | None = None  # on the Coalescer's clock
         # Finished with the whole answer (not failed, not cancelled).
         self.completed = False
         self.error: MeshgateError | None = None
@@ -128,10 +128,10 @@ class _Flight:
         self._waiters.append(waiter)
         await waiter
 
-    def expired_for(self, deadline: float | None) -> bool:
+    def expired_for(self, deadline: float | None, now: float) -> bool:
         """Whether a reader with this deadline may no longer receive anything:
         the deadline passed before the generation finished."""
-        if deadline is None or time.monotonic() < deadline:
+        if deadline is None or now < deadline:
             return False
         return self.finished_at is None or self.finished_at > deadline
 
@@ -168,7 +168,10 @@ class _Reader:
 
 
 class Coalescer:
-    def __init__(self) -> None:
+    def __init__(self, clock: collections.abc.Callable[[], float] = time.monotonic) -> None:
+        """``clock``: what the callers' deadlines are readings of (the
+        turns' Budget.clock)."""
+        self._clock = clock
         self._flights: dict[bytes, _Flight] = {}
 
     @property
@@ -186,7 +189,7 @@ class Coalescer:
         """The pieces of the generation for ``flight_key``, filling ``answer``
         when it completes: the one under way with that key, or a new one
         (``start(new_answer(), None)`` once a caller reads). ``deadline``
-        (monotonic, None for none) ends this caller's reading; a None key
+        (on the clock, None for none) ends this caller's reading; a None key
         generates unshared, within it. Close what this returns (aclose),
         read or not: that is how a caller leaves."""
         if flight_key is None:
@@ -218,7 +221,7 @@ class Coalescer:
             # Finished and forgotten in one step: a caller arriving later
             # starts afresh instead of joining an ended flight.
             flight.finished = True
-            flight.finished_at = time.monotonic()
+            flight.finished_at = self._clock()
             self._forget(flight_key, flight)
             flight.notify()
 
@@ -232,7 +235,7 @@ class Coalescer:
             if flight.task is None:
                 flight.task = asyncio.ensure_future(self._pump(flight_key, flight))
             while True:
-                if flight.expired_for(deadline):
+                if flight.expired_for(deadline, self._clock()):
                     raise _own_copy(_deadline_passed(), delivered, chars)
                 if read < len(pieces):
                     # Known from the first piece on: the turn's latency
@@ -255,7 +258,7 @@ class Coalescer:
                 if flight.finished:
                     break
                 try:
-                    async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
+                    async with asyncio.timeout(None if deadline is None else deadline - self._clock()):
                         await flight.changed()
                 except TimeoutError:
                     raise _own_copy(_deadline_passed(), delivered, chars) from None

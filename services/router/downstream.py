@@ -725,7 +725,7 @@ class Deployments:
         # output (a Triton server dying under a waiting request; the health
         # checks end only the calls of a service that answers nothing) made
         # the turn last a multiple of it, past its admission lease too.
-        budget = Budget.of(budget.within(self._limit_s))
+        budget = budget.capped(self._limit_s)
         last_error: grpc.aio.AioRpcError | None = None
         # The deployments' refusals for the tenant's full queue there.
         queue_full: list[grpc.aio.AioRpcError] = []

@@ -78,19 +78,30 @@ _READS_CACHE = frozenset({router_pb.CACHE_POLICY_UNSPECIFIED, router_pb.CACHE_PO
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """How long the caller waits: a monotonic deadline, or none."""
+    """How long the caller waits: a deadline on ``clock``, or none."""
 
     deadline: float | None = None
+    # What the deadline is a reading of: the process's monotonic clock, or a
+    # test's, which moves only when the test moves it (a deadline of real
+    # time passes early on a loaded machine, and the test fails for that).
+    # The Pipeline's coalescer must read the same one (Pipeline's ``clock``).
+    clock: collections.abc.Callable[[], float] = dataclasses.field(
+        default=time.monotonic, compare=False, repr=False
+    )
 
     @classmethod
-    def of(cls, seconds: float | None) -> Budget:
-        return cls(None if seconds is None else time.monotonic() + seconds)
+    def of(cls, seconds: float | None, clock: collections.abc.Callable[[], float] = time.monotonic) -> Budget:
+        return cls(None if seconds is None else clock() + seconds, clock)
 
     def within(self, cap_s: float) -> float:
         """Seconds for one downstream step: ``cap_s``, never past the deadline."""
         if self.deadline is None:
             return cap_s
-        return max(0.0, min(cap_s, self.deadline - time.monotonic()))
+        return max(0.0, min(cap_s, self.deadline - self.clock()))
+
+    def capped(self, cap_s: float) -> Budget:
+        """This budget, ending ``cap_s`` from now at the latest."""
+        return Budget(self.clock() + self.within(cap_s), self.clock)
 
 
 class CacheStatus(enum.Enum):
@@ -474,7 +485,10 @@ class Pipeline:
         generator: Generator,
         admission: Admission | None = None,
         selector: Selector | None = None,
+        clock: collections.abc.Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock``: what the turns' Budgets' deadlines are readings of
+        (Budget.clock), for the shared generations' deadlines."""
         self._settings = settings
         self._models = models
         self._contexts = contexts
@@ -488,7 +502,7 @@ class Pipeline:
         self._templates = Templates(settings.templates, settings.max_message_bytes)
         self._prompt_bounds = prompt_bounds(models)
         self._routes = _routes(models)
-        self._coalescer = Coalescer()
+        self._coalescer = Coalescer(clock)
         # Session calls no turn waits for (warm-ups, deletions of sessions
         # that failed turns created), held so they are not collected mid-way.
         self._background: set[asyncio.Task] = set()
@@ -1026,7 +1040,7 @@ class Pipeline:
             )
 
         def start(filling: Answer, deadline: float | None) -> collections.abc.AsyncIterator[str]:
-            budget = Budget(deadline)
+            budget = dataclasses.replace(turn.budget, deadline=deadline)
             # Read before this generation begins (the turn's exact lookup or
             # fence read is done before it asks for one): what every turn
             # sharing it stores with.

@@ -19,10 +19,17 @@ from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.auth import Tenant
 from services.router.coalescing import Coalescer, coalescing_key, is_deterministic
 from services.router.pipeline import Answer, Budget, CacheStatus, Completion, Delta, Failure, Hit, Pipeline
+from tests.unit.test_router_hot_exact import Clock
 from tests.unit.test_router_pipeline import MODELS, TENANT, FakeCache, FakeContexts, RecordingAdmission, user
 
 PIECES = ("The ", "answer ", "is ", "forty-two.")
 GREEDY = common_pb2.GenerationParameters(temperature=0.0)
+# The tests' deadlines are readings of a Clock that moves only when a test
+# moves it: a deadline of real time (0.3 s) passed early on a loaded machine,
+# before the step it was meant to come after. A caller left with MOMENT_S
+# of its time waits that long in real time (asyncio's timer) where nothing
+# else can end its wait: the timer, the behaviour under test, decides it.
+MOMENT_S = 0.01
 
 
 class GatedGenerator:
@@ -46,6 +53,7 @@ class GatedGenerator:
         self.calls = 0
         self.finished = 0
         self.cancelled = 0
+        self.done = asyncio.Event()  # a generation yielded its every piece
 
     def open(self, count: int | None = None) -> None:
         for gate in self.gates[:count]:
@@ -66,6 +74,7 @@ class GatedGenerator:
                 yield piece
             self._finish(answer)
             self.finished += 1
+            self.done.set()
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1
             raise
@@ -116,10 +125,25 @@ def chat(parameters=GREEDY, text="What is the answer?", policy=pb.CACHE_POLICY_B
     return pb.ChatRequest(model="m", messages=[user(text)], parameters=parameters, cache_policy=policy)
 
 
-def pipeline(generator: GatedGenerator, admission=None, **settings) -> Pipeline:
+def pipeline(
+    generator: GatedGenerator, admission=None, cache=None, clock=time.monotonic, **settings
+) -> Pipeline:
+    """``clock``: the one the callers' Budgets read (Budget.of(seconds, clock))."""
     return Pipeline(
-        RouterSettings(**settings), MODELS, FakeContexts(), FakeCache(), generator, admission=admission
+        RouterSettings(**settings),
+        MODELS,
+        FakeContexts(),
+        cache or FakeCache(),
+        generator,
+        admission=admission,
+        clock=clock,
     )
+
+
+async def finished(generator: GatedGenerator) -> None:
+    """Until the generation yielded its last piece (the shared flight's end
+    is on the clock as it reads then)."""
+    await asyncio.wait_for(generator.done.wait(), 5)
 
 
 async def settle_all(*callers: Caller) -> None:
@@ -533,10 +557,15 @@ async def test_a_caller_waits_for_a_slow_store_no_longer_than_its_deadline():
     bounded by that deadline, used to give up in time."""
     generator = GatedGenerator()
     cache = GatedStoreCache()  # never released: a cache that does not answer
-    turns = Pipeline(RouterSettings(), MODELS, FakeContexts(), cache, generator)
-    caller = Caller(turns, chat(policy=pb.CACHE_POLICY_USE), budget=Budget(time.monotonic() + 0.3))
+    clock = Clock()
+    turns = pipeline(generator, cache=cache, clock=clock)
+    caller = StallingCaller(turns, chat(policy=pb.CACHE_POLICY_USE), budget=Budget.of(60, clock))
     generator.open()
-    await storing(cache, caller)
+    await caller.until_pieces(len(PIECES))
+    # Its client reads on with a moment of its time left: the caller goes
+    # to the Store, which only its deadline's timer can end its wait for.
+    clock.now += 60 - MOMENT_S
+    caller.resume.set()
     await settle_all(caller)
     assert isinstance(caller.events[-1], Completion) and caller.text == "".join(PIECES)
     # Left by its only caller, the Store was cancelled, as a caller going away leaves it.
@@ -567,15 +596,16 @@ async def test_a_shared_store_runs_under_no_callers_deadline():
     entry (they find that Store done: keep_finished)."""
     generator = GatedGenerator()
     cache = TimedStoreCache()
-    turns = Pipeline(RouterSettings(), MODELS, FakeContexts(), cache, generator)
-    deadline = time.monotonic() + 0.3
-    hurried = StallingCaller(turns, chat(policy=pb.CACHE_POLICY_USE), budget=Budget(deadline))
-    patient = StallingCaller(turns, chat(policy=pb.CACHE_POLICY_USE), budget=Budget(time.monotonic() + 60))
+    clock = Clock()
+    turns = pipeline(generator, cache=cache, clock=clock)
+    hurried = StallingCaller(turns, chat(policy=pb.CACHE_POLICY_USE), budget=Budget.of(1, clock))
+    patient = StallingCaller(turns, chat(policy=pb.CACHE_POLICY_USE), budget=Budget.of(60, clock))
     generator.open(1)
     await hurried.until_pieces(1)
     await patient.until_pieces(1)
-    generator.open()  # the generation ends within the hurried caller's deadline
-    await asyncio.sleep(max(0.0, deadline - time.monotonic()) + 0.01)
+    generator.open()
+    await finished(generator)  # within the hurried caller's deadline
+    clock.now += 2
     # The hurried caller's client read on only after its deadline: its turn
     # reaches the Store (begins it) with none of its time left.
     hurried.resume.set()
@@ -633,13 +663,17 @@ async def test_a_turn_after_a_reload_pointed_the_alias_at_another_model_does_not
 async def test_callers_with_different_deadlines_share_and_each_deadline_ends_only_its_caller():
     generator = GatedGenerator()
     admission = RecordingAdmission()
-    turns = pipeline(generator, admission)
-    hurried = Caller(turns, chat(), budget=Budget(time.monotonic() + 0.3))
-    patient = Caller(turns, chat(), budget=Budget(time.monotonic() + 60))
+    clock = Clock()
+    turns = pipeline(generator, admission, clock=clock)
+    patient = Caller(turns, chat(), budget=Budget.of(60, clock))
     generator.open(1)
-    await hurried.until_pieces(1)
     await patient.until_pieces(1)
+    # Joins with a moment of its time left: it receives the first piece at
+    # once, then waits for the next, which does not come (its gate is
+    # shut): only its deadline's timer ends that wait.
+    hurried = Caller(turns, chat(), budget=Budget.of(MOMENT_S, clock))
     await settle_all(hurried)
+    assert hurried.deltas == [PIECES[0]]
     failure = hurried.events[-1]
     assert isinstance(failure, Failure)
     assert failure.error.code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -672,14 +706,14 @@ async def test_a_deadline_that_passes_while_pieces_wait_still_ends_that_caller()
     """A caller that never had to wait for a piece (its client was slow) was
     never timed: past its deadline it got the rest and a completion."""
     generator = GatedGenerator()
-    turns = pipeline(generator)
-    deadline = time.monotonic() + 0.3
-    hurried = StallingCaller(turns, chat(), budget=Budget(deadline))
-    patient = Caller(turns, chat(), budget=Budget(time.monotonic() + 60))
+    clock = Clock()
+    turns = pipeline(generator, clock=clock)
+    hurried = StallingCaller(turns, chat(), budget=Budget.of(1, clock))
+    patient = Caller(turns, chat(), budget=Budget.of(60, clock))
     generator.open(1)
     await hurried.until_pieces(1)
     await patient.until_pieces(1)
-    await asyncio.sleep(max(0.0, deadline - time.monotonic()) + 0.01)
+    clock.now += 2
     # The rest arrives after the hurried caller's deadline, while its client is stalled.
     generator.open()
     await settle_all(patient)
@@ -696,11 +730,12 @@ async def test_a_deadline_that_passes_while_pieces_wait_still_ends_that_caller()
 async def test_a_generation_finished_within_the_deadline_completes_for_a_slow_reader():
     generator = GatedGenerator()
     generator.open()
-    turns = pipeline(generator)
-    deadline = time.monotonic() + 0.3
-    slow = StallingCaller(turns, chat(), budget=Budget(deadline))
+    clock = Clock()
+    turns = pipeline(generator, clock=clock)
+    slow = StallingCaller(turns, chat(), budget=Budget.of(1, clock))
     await slow.until_pieces(1)
-    await asyncio.sleep(max(0.0, deadline - time.monotonic()) + 0.01)
+    await finished(generator)
+    clock.now += 2  # the client reads on after the deadline
     slow.resume.set()
     await settle_all(slow)
     assert slow.text == "".join(PIECES) and isinstance(slow.events[-1], Completion)
@@ -708,11 +743,24 @@ async def test_a_generation_finished_within_the_deadline_completes_for_a_slow_re
 
 async def test_every_caller_leaving_by_its_deadline_cancels_the_generation():
     generator = GatedGenerator()
-    turns = pipeline(generator)
-    callers = [Caller(turns, chat(), budget=Budget(time.monotonic() + 0.2 + 0.1 * i)) for i in range(2)]
+    clock = Clock()
+    turns = pipeline(generator, clock=clock)
+    first, second = (Caller(turns, chat(), budget=Budget.of(seconds, clock)) for seconds in (10, 20))
     generator.open(1)
-    await settle_all(*callers)
-    assert all(caller.events[-1].error.code == grpc.StatusCode.DEADLINE_EXCEEDED for caller in callers)
+    await first.until_pieces(1)
+    await second.until_pieces(1)
+    # Each deadline passes while its caller waits; the next piece finds it passed.
+    clock.now += 15
+    generator.open(2)
+    await settle_all(first)
+    assert first.events[-1].error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    await second.until_pieces(2)
+    assert generator.cancelled == 0, "the second caller still reads the generation"
+    clock.now += 10
+    generator.open(3)
+    await settle_all(second)
+    assert second.events[-1].error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert second.text == "".join(PIECES[:2])
     assert generator.cancelled == 1 and generator.finished == 0
     assert turns._coalescer.in_flight == 0
 
