@@ -218,7 +218,15 @@ redis.call('PUBLISH', ARGV[3], ARGV[4])
 local seq = redis.call('ZSCORE', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
-local strictness = redis.call('INCR', KEYS[4])
+-- The count is of distinct reported pairs: a resent report makes the
+-- sub-partition no stricter than the one it repeats (retries after lost
+-- replies would otherwise ratchet every lookup's bar up).
+local strictness
+if new_pair == 1 then
+  strictness = redis.call('INCR', KEYS[4])
+else
+  strictness = tonumber(redis.call('GET', KEYS[4]) or '0')
+end
 if redis.call('PTTL', KEYS[4]) < keep then redis.call('PEXPIRE', KEYS[4], keep) end
 return {removed, strictness, new_pair, seq}
 """

@@ -497,8 +497,10 @@ class CacheMachine(RuleBasedStateMachine):
         assert known, f"report of {served} for {hit.prompt.key} taken, the model knows no such entry"
         assert response.entry_removed == (served in self.answers)
         self.counts["wrong_hit_reports"] += 1
-        self.reports[sub_partition] = self.reports.get(sub_partition, 0) + 1
-        assert response.reports_in_partition == self.reports[sub_partition]
+        # The count is of distinct pairs: a resent report adds none.
+        if (hit.prompt.key, served) not in self.reported_pairs:
+            self.reports[sub_partition] = self.reports.get(sub_partition, 0) + 1
+        assert response.reports_in_partition == self.reports.get(sub_partition, 0)
         self.reported_pairs.add((hit.prompt.key, served))
         self.reported_entries.add(served)
         self._removed(served)
@@ -555,8 +557,9 @@ class CacheMachine(RuleBasedStateMachine):
             assert isinstance(reported, pb.ReportWrongHitResponse), reported
             self.counts["wrong_hit_reports"] += 1
             sub_partition = hit.prompt.sub_partition
-            self.reports[sub_partition] = self.reports.get(sub_partition, 0) + 1
-            assert reported.reports_in_partition == self.reports[sub_partition]
+            if (hit.prompt.key, served) not in self.reported_pairs:
+                self.reports[sub_partition] = self.reports.get(sub_partition, 0) + 1
+            assert reported.reports_in_partition == self.reports.get(sub_partition, 0)
             self.reported_pairs.add((hit.prompt.key, served))
             self.reported_entries.add(served)
             if after.status == pb.LOOKUP_STATUS_EXACT_HIT:
