@@ -362,8 +362,9 @@ class Reason(enum.StrEnum):
 
     EMBEDDER_CHANGED = enum.auto()
     """An Embed's texts were embedded by two revisions of the embedding model (Triton
-    servers of two revisions side by side, an upgrade under way): their vectors are not
-    comparable, so none is answered; metadata ``revisions`` names them."""
+    servers of two revisions side by side, an upgrade under way), still after the fewer
+    were embedded again (services/inference/shared_embeddings.EMBED_AGAIN_ROUNDS): their
+    vectors are not comparable, so none is answered; metadata ``revisions`` names them."""
 
     STREAM_ENDED_EARLY = enum.auto()
     """A generation stream ended before its final message (was also GENERATION_INCOMPLETE

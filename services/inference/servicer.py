@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import contextlib
 import time
 import uuid
 
@@ -55,6 +56,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         # log of a change (which remembered vectors are answered is the
         # memo's: shared_embeddings.py).
         self._embedding_revision: str | None = None
+        # The revision each server's embedding model answered with last: where
+        # a request's texts go to be embedded again by one revision.
+        self._revision_served: dict[str, str] = {}
         self._revision_changes = telemetry.ThrottledLog(log, _REVISION_WARNING_INTERVAL_S)
         self._embeddings: SharedEmbeddings[tuple[str, bytes]] = SharedEmbeddings(
             self._embed_texts,
@@ -268,8 +272,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         revisions = {revision for revision, _ in embedded}
         if len(revisions) > 1:
             # Servers of two revisions answered parts of it (a rolling
-            # upgrade of Triton's model): one response names one revision,
-            # and vectors of two are not comparable.
+            # upgrade of Triton's model) and embedding the fewer again did
+            # not make them one's (shared_embeddings.EMBED_AGAIN_ROUNDS): one
+            # response names one revision, and vectors of two are not comparable.
             raise MeshgateError(
                 grpc.StatusCode.UNAVAILABLE,
                 Reason.EMBEDDER_CHANGED,
@@ -293,18 +298,20 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             return await asyncio.to_thread(self._truncator.count_tokens, texts)
         return self._truncator.count_tokens(texts)
 
-    async def _embed_texts(self, texts: list[str]) -> list[tuple[str, bytes]]:
+    async def _embed_texts(self, texts: list[str], revision: str = "") -> list[tuple[str, bytes]]:
         """Each text's revision and vector from Triton, for SharedEmbeddings (at most
         EMBED_BATCH texts: one ModelInfer): possibly for several callers, so
         no one caller's deadline bounds it; SharedEmbeddings' own limit
-        (inference.embed_timeout_s) does, or the last caller's leaving."""
+        (inference.embed_timeout_s) does, or the last caller's leaving.
+        ``revision``: on the servers that last answered it, while one of
+        them can take it (else on any: its answer may be of another)."""
         if any(self._truncator.needs_tokenizing(text) for text in texts):
             # Tokenizing is CPU work in Rust: off the event loop, so streams go on.
             texts = await asyncio.to_thread(self._truncator.truncate, texts)
         model = self._settings.embedding_triton_model
         tried: set[str] = set()
         while True:
-            backend = self._pool.choose(model, frozenset(tried))
+            backend = self._choose_embedding_server(model, frozenset(tried), revision)
             tried.add(backend.address)
             # The breaker Generate feeds, fed the same way: a server that
             # fails embeddings leaves rotation as one failing generations does.
@@ -342,25 +349,36 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 raise
             finally:
                 backend.in_flight -= 1
-        shape, raw, revision = triton_protocol.embedding_outputs(response)
+        shape, raw, answered = triton_protocol.embedding_outputs(response)
         if len(shape) != 2 or shape[0] != len(texts) or shape[1] <= 0 or len(raw) != np.prod(shape) * 4:
             raise MeshgateError(
                 grpc.StatusCode.INTERNAL, Reason.BAD_EMBEDDING, f"embedding model returned shape {shape}"
             )
-        if revision != self._embedding_revision:
+        self._revision_served[backend.address] = answered
+        if answered != self._embedding_revision:
             if self._embedding_revision is not None:
                 # Once per change of revisions and interval: servers of two
                 # revisions side by side change it at every other answer.
                 self._revision_changes.warning(
                     "embedding model revision changed",
-                    per=(self._embedding_revision, revision),
+                    per=(self._embedding_revision, answered),
                     model=model,
-                    revision=revision,
+                    revision=answered,
                     previous=self._embedding_revision,
                 )
-            self._embedding_revision = revision
+            self._embedding_revision = answered
         size = int(shape[1]) * 4
-        return [(revision, raw[i * size : (i + 1) * size]) for i in range(len(texts))]
+        return [(answered, raw[i * size : (i + 1) * size]) for i in range(len(texts))]
+
+    def _choose_embedding_server(self, model: str, tried: frozenset[str], revision: str) -> TritonBackend:
+        """The balancer's choice among the servers not ``tried``: of those
+        that last answered ``revision`` (or none yet: they may serve any)
+        while one is ready, else of all."""
+        if revision:
+            others = frozenset(address for address, last in self._revision_served.items() if last != revision)
+            with contextlib.suppress(MeshgateError):  # NO_READY_BACKEND among them: any server
+                return self._pool.choose(model, tried | others)
+        return self._pool.choose(model, tried)
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
         ready = set().union(*(b.ready_models for b in self._pool.backends))

@@ -22,7 +22,12 @@ them all. Here:
   again), none under another's name; once the upgrade is done the old
   revision's stop a minute after its last answer, since callers keep what
   they store by a vector's revision (the cache's sub-partition, the
-  context's turn index).
+  context's turn index). A request whose texts two revisions answered (its
+  chunks, a flight it joined, or its remembered texts and its fetched
+  ones, on servers of two revisions) has the fewer embedded again by the
+  revision that made the most (``fetch(texts, revision)``: on a server of
+  that revision where one is known), at most ``EMBED_AGAIN_ROUNDS`` times,
+  so that its answer names one revision instead of being refused.
 
 A shared call belongs to no caller (``meshgate.single_flight``): a caller
 that leaves (cancelled, its deadline passed) does not end it for the
@@ -67,11 +72,24 @@ from meshgate.single_flight import Flight, SingleFlight
 # flight is one ModelInfer of at most this many texts.
 EMBED_BATCH = 64
 
-# The servicer's Triton work for at most ``batch_size`` texts: one value per
-# text (the servicer's: the revision that made it and its float32 vector,
-# as bytes).
+# How many times a request answered by two revisions has its other
+# revision's texts embedded again before it is refused (the servicer's
+# EMBEDDER_CHANGED): one when the servers' revisions hold still (a server
+# of the chosen revision answers them), a second for a server that changed
+# its revision meanwhile, or texts no server of it could take. Bounded: an
+# upgrade whose servers change faster than that costs a retry, not a loop.
+EMBED_AGAIN_ROUNDS = 2
+
 V = typing.TypeVar("V")
-Fetch = collections.abc.Callable[[list[str]], collections.abc.Awaitable[list[V]]]
+
+
+class Fetch(typing.Protocol[V]):
+    """The servicer's Triton work for at most ``batch_size`` texts: one value
+    per text (the servicer's: the revision that made it and its float32
+    vector, as bytes). ``revision``: sent to a server that last answered that
+    revision, where one can take it ("": whichever the balancer chooses)."""
+
+    def __call__(self, texts: list[str], revision: str = "") -> collections.abc.Awaitable[list[V]]: ...
 
 
 class SharedEmbeddings(typing.Generic[V]):
@@ -107,7 +125,8 @@ class SharedEmbeddings(typing.Generic[V]):
         self._memo: VectorMemo[V] = VectorMemo(model, max_entries)
         # Each text in flight, and the fetch that will answer it (with every
         # text of its chunk); cancelled when the last caller waiting leaves.
-        self._in_flight: SingleFlight[bytes, dict[bytes, V]] = SingleFlight(
+        # A text embedded again for one revision is in flight as (revision, key).
+        self._in_flight: SingleFlight[bytes | tuple[str, bytes], dict[bytes, V]] = SingleFlight(
             "embedding fetch", cancel_when_abandoned=True
         )
         counts = metrics.inference().embedding_texts
@@ -119,8 +138,11 @@ class SharedEmbeddings(typing.Generic[V]):
         return len(self._memo)
 
     async def vectors(self, texts: collections.abc.Sequence[str]) -> list[V]:
-        """Each text's vector, in order: remembered by a serving revision,
-        else in flight, else fetched (whichever revision answers)."""
+        """Each text's vector, in order, all of one revision where the
+        servers allow (the servicer refuses the rest): remembered by a
+        serving revision, else in flight, else fetched (whichever revision
+        answers); then the texts of other revisions than the one that made
+        most of them, again (:meth:`_of_one_revision`)."""
         keys = [self._memo.key(text) for text in texts]
         remembered = self._remembered(keys)
         found: dict[bytes, V] = {}
@@ -137,18 +159,74 @@ class SharedEmbeddings(typing.Generic[V]):
                 self._shared.inc()
             else:
                 missing[key] = text
+        found.update(await self._fetched(joined, missing))
+        await self._of_one_revision(found, dict(zip(keys, texts)))
+        return [found[key] for key in keys]
+
+    async def _of_one_revision(self, found: dict[bytes, V], texts: dict[bytes, str]) -> None:
+        """Makes ``found`` one revision's: the texts another revision made
+        are taken from the memo or embedded again (in flights of their own,
+        shared by requests that want the same text of the same revision) by
+        the revision that made the most, the last to answer among equals, at
+        most EMBED_AGAIN_ROUNDS times. Fewer texts to embed again than
+        refusing the whole request, which its caller would send again whole,
+        to be split between the revisions again."""
+        chosen = ""
+        for _ in range(EMBED_AGAIN_ROUNDS):
+            made: dict[str, list[bytes]] = collections.defaultdict(list)
+            for key, vector in found.items():
+                made[self._revision_of(vector)].append(key)
+            if len(made) < 2:
+                return
+            # Among equals, the one chosen before: the last to answer would
+            # be the other after a round it failed, and the rounds would
+            # swap the two halves of a request back and forth.
+            latest = {revision: rank for rank, revision in enumerate(self._serving.latest_first())}
+            chosen = max(
+                made,
+                key=lambda revision: (
+                    len(made[revision]),
+                    revision == chosen,
+                    -latest.get(revision, len(latest)),
+                ),
+            )
+            joined: dict[bytes, Flight[dict[bytes, V]]] = {}
+            missing: dict[bytes, str] = {}
+            for revision, held in made.items():
+                if revision == chosen:
+                    continue
+                for key in held:
+                    if (vector := self._memo.get((chosen, key))) is not None:
+                        found[key] = vector
+                        self._from_memo.inc()
+                    elif (flight := self._in_flight.flight((chosen, key))) is not None:
+                        joined[key] = flight
+                        self._shared.inc()
+                    else:
+                        missing[key] = texts[key]
+            found.update(await self._fetched(joined, missing, chosen))
+
+    async def _fetched(
+        self, joined: dict[bytes, Flight[dict[bytes, V]]], missing: dict[bytes, str], revision: str = ""
+    ) -> dict[bytes, V]:
+        """The vectors of the flights ``joined`` and of ``missing``, fetched
+        now in flights of at most ``batch_size`` (of ``revision``, where a
+        server of it is known: then in flight under (revision, key))."""
         if missing:
             self._from_triton.inc(len(missing))
             pending = list(missing.items())
             for start in range(0, len(pending), self._batch_size):
                 chunk = dict(pending[start : start + self._batch_size])
-                joined.update(dict.fromkeys(chunk, self._in_flight.start(chunk, self._run(chunk))))
+                in_flight_as = [(revision, key) for key in chunk] if revision else chunk
+                flight = self._in_flight.start(in_flight_as, self._run(chunk, revision))
+                joined.update(dict.fromkeys(chunk, flight))
+        found: dict[bytes, V] = {}
         if joined:
             # Each flight once, in the order first needed (its failure first).
             flights = list(dict.fromkeys(joined.values()))
             for chunk_vectors in await self._in_flight.wait(flights):
-                found.update(chunk_vectors)
-        return [found[key] for key in keys]
+                found.update((key, vector) for key, vector in chunk_vectors.items() if key in joined)
+        return found
 
     def _remembered(self, keys: list[bytes]) -> dict[bytes, V]:
         """The vectors remembered for ``keys`` of one serving revision, the
@@ -164,11 +242,11 @@ class SharedEmbeddings(typing.Generic[V]):
         revision, held = chosen
         return {key: vector for key in held if (vector := self._memo.get((revision, key))) is not None}
 
-    async def _run(self, texts: dict[bytes, str]) -> dict[bytes, V]:
+    async def _run(self, texts: dict[bytes, str], revision: str = "") -> dict[bytes, V]:
         """The chunk's vectors by key, remembered."""
         try:
             async with asyncio.timeout(self._timeout_s):
-                vectors = await self._fetch(list(texts.values()))
+                vectors = await self._fetch(list(texts.values()), revision)
         except TimeoutError:
             message = f"the embedding model did not answer within {self._timeout_s} s"
             raise MeshgateError(

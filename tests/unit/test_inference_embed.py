@@ -21,6 +21,7 @@ from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.reasons import Reason
 from services.inference.backends import BackendPool
 from services.inference.servicer import InferenceServicer
+from services.inference.shared_embeddings import EMBED_AGAIN_ROUNDS, EMBED_BATCH
 from tests.unit.test_streaming import until
 
 DIMENSIONS = 4
@@ -263,24 +264,57 @@ async def test_embed_names_the_revision_that_made_the_vectors_and_never_mixes_an
     assert server.stub.calls == 2
 
 
-async def test_an_embed_answered_by_two_revisions_at_once_is_refused(one_server):
+def assert_one_revisions_vectors(answer: pb.EmbedResponse, texts: int) -> None:
+    """Every vector of ``answer`` is the one its named revision's server
+    makes (RevisedTriton's value: 1.0 for "2", 0.5 for "3")."""
+    value = {"2": 1.0, "3": 0.5}[answer.model_revision]
+    np.testing.assert_array_equal(np.frombuffer(answer.vectors, "<f4"), np.full(texts * DIMENSIONS, value))
+
+
+async def test_an_embed_sharing_a_flight_another_revision_answers_is_answered_by_one_revision(one_server):
     # A text in flight to a server of revision 2 when one of revision 3
     # answers the rest of a request that shares it (two servers of two
-    # revisions side by side during an upgrade).
+    # revisions side by side during an upgrade). It was refused
+    # EMBEDDER_CHANGED; the text of the revision that made fewer (here one
+    # each) is embedded again.
     servicer, server = one_server
     gated = server.stub = RevisedTriton("2")
     gated.release.clear()
     first = asyncio.create_task(servicer.Embed(pb.EmbedRequest(texts=["tides"]), FakeContext(None)))
     await asyncio.wait_for(gated.started.wait(), 5)
-    server.stub = RevisedTriton("3")
+    server.stub = RevisedTriton("3", value=0.5)
     second = asyncio.create_task(servicer.Embed(pb.EmbedRequest(texts=["tides", "waves"]), FakeContext(None)))
     gated.release.set()
     await asyncio.wait_for(first, 5)
+    assert_one_revisions_vectors(await asyncio.wait_for(second, 5), 2)
+
+
+class EverNewerTriton(RevisedTriton):
+    """A server whose revision is another at every ModelInfer: 2, 3, 4, ..."""
+
+    def __init__(self) -> None:
+        super().__init__("2")
+
+    async def ModelInfer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        self.revision = str(2 + self.calls)
+        return await super().ModelInfer(request)
+
+
+async def test_an_embed_whose_texts_no_two_calls_embed_alike_is_refused_after_bounded_rounds(one_server):
+    """Embedding again is bounded: revisions that never agree cost the
+    caller a retryable refusal, not an endless loop of Triton calls."""
+    servicer, server = one_server
+    server.stub = EverNewerTriton()
+    await servicer.Embed(pb.EmbedRequest(texts=["tides"]), FakeContext(None))
     with pytest.raises(MeshgateError) as refused:
-        await asyncio.wait_for(second, 5)
+        await asyncio.wait_for(
+            servicer.Embed(pb.EmbedRequest(texts=["tides", "waves"]), FakeContext(None)), 5
+        )
     refusal = refused.value
     assert (refusal.code, refusal.reason) == (grpc.StatusCode.UNAVAILABLE, Reason.EMBEDDER_CHANGED)
-    assert refusal.metadata["revisions"] == "2,3"
+    # "tides" by 2, "waves" by 3; "tides" again by 4, then 5, "waves"' 3 chosen each round.
+    assert refusal.metadata["revisions"] == "3,5"
+    assert server.stub.calls == 2 + EMBED_AGAIN_ROUNDS
 
 
 async def test_servers_of_two_revisions_side_by_side_keep_each_revisions_vectors():
@@ -383,3 +417,51 @@ async def test_an_old_revision_silent_for_the_window_is_answered_no_more(server_
     assert answer.model_revision == "3"
     np.testing.assert_array_equal(np.frombuffer(answer.vectors, "<f4"), np.full(DIMENSIONS, 0.5))
     assert server.stub.calls == 2
+
+
+async def test_multi_text_embeds_under_two_revisions_side_by_side_are_answered_by_one_revision(
+    server_on_a_clock,
+):
+    """An Embed whose texts two revisions made (a remembered text and a
+    fetched one, or its two ModelInfers of 64 texts and more) was refused
+    EMBEDDER_CHANGED for the caller to try again, whole: over servers of
+    revisions 2 and 3 side by side, 860-889 of 2,000 Embeds of 2 to 70
+    texts (a simulation, three seeds). The texts of the revision that made
+    fewer are embedded again: none is refused, and each answer is one
+    revision's vectors."""
+    servicer, server, clock = server_on_a_clock
+    server.stub = AlternatingTriton()
+    for i in range(40):
+        clock.now += 1
+        # A text asked before (remembered by either revision) and a new one.
+        answer = await servicer.Embed(
+            pb.EmbedRequest(texts=[f"question {i // 2}", f"new {i}"]), FakeContext(None)
+        )
+        assert_one_revisions_vectors(answer, 2)
+    texts = [f"long {i}" for i in range(EMBED_BATCH + 6)]  # two ModelInfers, of the two revisions
+    calls = server.stub.calls
+    assert_one_revisions_vectors(
+        await servicer.Embed(pb.EmbedRequest(texts=texts), FakeContext(None)), len(texts)
+    )
+    # The 6 of the second call embedded again, with the 64 of the first.
+    assert server.stub.calls == calls + 3
+
+
+async def test_texts_of_the_fewer_revision_are_embedded_again_on_a_server_of_the_other(pool_of_two):
+    """Texts embedded again go to a server that last answered the revision
+    chosen: where the balancer chose, here the idle server of revision 2
+    (the other is busy), they were answered by revision 2 again, each round."""
+    settings, pool = pool_of_two
+    old, new = pool.backends
+    old.stub, new.stub = RevisedTriton("2"), RevisedTriton("3", value=0.5)
+    servicer = InferenceServicer(settings, pool)
+    remembered = [f"remembered {i}" for i in range(60)]
+    old.ready_models = set()
+    assert (await servicer.Embed(pb.EmbedRequest(texts=remembered), FakeContext(None))).model_revision == "3"
+    old.ready_models = {settings.embedding_triton_model}
+    new.in_flight = 5  # busier: the balancer's choice is the server of revision 2
+    texts = remembered + [f"new {i}" for i in range(10)]
+    answer = await servicer.Embed(pb.EmbedRequest(texts=texts), FakeContext(None))
+    assert answer.model_revision == "3"
+    assert_one_revisions_vectors(answer, len(texts))
+    assert (old.stub.calls, new.stub.calls) == (1, 2)

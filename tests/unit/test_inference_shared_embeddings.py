@@ -30,7 +30,7 @@ class FakeTriton:
         self.cancelled = 0
         self.failure: Exception | None = None
 
-    async def fetch(self, texts: list[str]) -> list[bytes]:
+    async def fetch(self, texts: list[str], revision: str = "") -> list[bytes]:
         self.calls.append(list(texts))
         self.started.set()
         try:
@@ -150,7 +150,7 @@ async def test_a_failure_reaches_every_waiter_as_its_own_error_and_is_not_rememb
 
 
 async def test_a_fetch_that_answers_the_wrong_number_of_vectors_fails_its_waiters():
-    async def short(texts: list[str]) -> list[bytes]:
+    async def short(texts: list[str], revision: str = "") -> list[bytes]:
         return [b"x" * 8]
 
     shared = SharedEmbeddings(short, 16)
@@ -167,7 +167,7 @@ class ChunkGates:
         self.gates: dict[str, asyncio.Event] = {}
         self.failures: dict[str, Exception] = {}
 
-    async def fetch(self, texts: list[str]) -> list[bytes]:
+    async def fetch(self, texts: list[str], revision: str = "") -> list[bytes]:
         self.calls.append(list(texts))
         await self.gates.setdefault(texts[0], asyncio.Event()).wait()
         if (failure := self.failures.get(texts[0])) is not None:
@@ -230,7 +230,7 @@ async def test_a_hung_fetch_fails_its_waiters_after_the_limit_and_leaves_the_fli
 
 
 async def test_an_unexpected_error_reaches_each_waiter_as_its_own_internal_status():
-    async def broken(texts: list[str]) -> list[bytes]:
+    async def broken(texts: list[str], revision: str = "") -> list[bytes]:
         await asyncio.sleep(0.01)
         raise IndexError("list index out of range")
 
@@ -252,7 +252,7 @@ class RevisedFetch:
         self.revision = "2"
         self.calls: list[list[str]] = []
 
-    async def fetch(self, texts: list[str]) -> list[tuple[str, bytes]]:
+    async def fetch(self, texts: list[str], revision: str = "") -> list[tuple[str, bytes]]:
         self.calls.append(list(texts))
         return [(self.revision, vector_of(text)) for text in texts]
 
