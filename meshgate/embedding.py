@@ -12,6 +12,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import hashlib
+import re
 import threading
 import time
 import typing
@@ -61,6 +62,25 @@ def embedder_name(model: str, revision: str) -> str:
     (meshgate/minilm.py, REVISION). Vectors of two names are not
     comparable, so whatever keeps vectors keeps them under this name."""
     return f"{model}@{revision}"
+
+
+_NUMBERED_REVISION = re.compile(r"(.*)@([0-9]+)")
+
+
+def older_embedder(embedder: str, than: str) -> bool:
+    """Whether ``embedder`` is an older revision of ``than``'s model: both
+    name the same model and a numbered revision, and its number is lower
+    (meshgate/minilm.py's REVISION is bumped by one at each change). Servers
+    of two revisions answer side by side during an upgrade, and what keeps
+    vectors of one embedder (the context's turn index) follows the newer
+    one, never back. Any other pair (another model, a revision not a number,
+    none named) is not known older: its vectors replace. The turn index's
+    scripts order them the same way (services/context/turn_index.py,
+    OLDER_EMBEDDER)."""
+    numbered, numbered_than = _NUMBERED_REVISION.fullmatch(embedder), _NUMBERED_REVISION.fullmatch(than)
+    if numbered is None or numbered_than is None or numbered[1] != numbered_than[1]:
+        return False
+    return int(numbered[2]) < int(numbered_than[2])
 
 
 # The embedder of a learned head's model file that names none (the cache's

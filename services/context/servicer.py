@@ -22,7 +22,14 @@ from meshgate.common.v1 import common_pb2
 from meshgate.config import ContextSettings, ModelSettings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
-from meshgate.embedding import EMBED_TIMEOUT_S, Embedding, Embeddings, EmbedsText, VectorMemo
+from meshgate.embedding import (
+    EMBED_TIMEOUT_S,
+    Embedding,
+    Embeddings,
+    EmbedsText,
+    VectorMemo,
+    older_embedder,
+)
 from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.reasons import Reason
 from meshgate.tasks import cancel_and_wait
@@ -717,10 +724,11 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         if first >= 0 and leaves_gaps(vectors):
             # Stored without some vectors (the embedder unavailable or late):
             # embedded again now, off the append's path, rather than found by
-            # their words for the rest of the session. Of the rows' embedder
-            # when none came to name one.
-            embedder = None if vectors is None else vectors.embedder
-            self._backfill_vectors(tenant_id, session_id, first + len(turn_features), embedder)
+            # their words for the rest of the session. Of the rows' embedder:
+            # the write made these vectors' theirs, or kept a newer
+            # revision's rows (then none of these is written, and the count
+            # of gap writes has the next read ask for them).
+            self._backfill_vectors(tenant_id, session_id, first + len(turn_features), None)
         return first, vectors
 
     def _repair_index(self, tenant_id: str, session_id: str, turns_read: int | None = None) -> None:
@@ -1331,9 +1339,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         # Else the turns' vectors are another embedder's (another revision,
         # or none named: stored before they were), whose cosines with this
         # one mean nothing: the turns are ranked as turns without vectors,
-        # until the backfill gives them this embedder's.
-        if embedded is not None and at_version is None and _lacks_vectors(view, embedded.embedder):
-            self._backfill_vectors(tenant_id, session_id, len(view.roles), embedded.embedder)
+        # until the backfill gives them this embedder's. Not an older
+        # revision's than the rows' (servers of both side by side): the
+        # index follows the newer, and went back and forth, every live turn
+        # embedded again at each change; only the rows' own gaps are filled.
+        if embedded is not None and at_version is None:
+            wanted = view.embedder if older_embedder(embedded.embedder, view.embedder) else embedded.embedder
+            if _lacks_vectors(view, wanted):
+                self._backfill_vectors(tenant_id, session_id, len(view.roles), wanted)
         scoring = pb.AssemblyInputs()  # the ranking's name and dense_scored, for the response
         scores = _live_scores(query, terms, view, vector, nameless, scoring) if adaptive else None
         chosen = assembly.plan(

@@ -64,7 +64,7 @@ import numpy as np
 import redis.asyncio as redis
 
 from meshgate.common.v1 import common_pb2
-from meshgate.embedding import Embeddings
+from meshgate.embedding import Embeddings, older_embedder
 from meshgate.errors import MeshgateError, not_found
 from meshgate.reasons import Reason
 from services.context import relevance
@@ -84,6 +84,19 @@ from services.context.store import (
     version_conflict,
 )
 
+# Shared by the scripts that write rows (_WRITE, _BACKFILL): whether the
+# embedder named ``embedder`` is an older revision of ``than``'s model, as
+# meshgate.embedding.older_embedder says (the same model, numbered
+# revisions, a lower number). Rows of the newer are never replaced by the
+# older's: with servers of both side by side, the index went back and forth.
+OLDER_EMBEDDER = """
+local function older_embedder(embedder, than)
+  local model, revision = string.match(embedder, '^(.*)@(%d+)$')
+  local than_model, than_revision = string.match(than, '^(.*)@(%d+)$')
+  return model ~= nil and model == than_model and tonumber(revision) < tonumber(than_revision)
+end
+"""
+
 # KEYS: store.session_keys. ARGV: the version the append made, dimensions
 # (0 = no vectors), ttl_s, roles bytes, packed lengths, int8 vectors ("" =
 # none), "1" to write only if some of these turns' positions were never
@@ -100,10 +113,13 @@ from services.context.store import (
 # matching, overwrote the new session's index with the old one's turns.
 # A write that leaves a live turn without a vector (a zero row, no rows
 # written, or another embedder's rows dropped before these) counts itself
-# in GAPS_FIELD.
+# in GAPS_FIELD. Vectors of an older revision than the rows' are not
+# written (the turns' rows are zeroed, gaps for the backfill to fill with
+# the rows' embedder's).
 _WRITE = (
     RENEW
     + DROP_POSTINGS
+    + OLDER_EMBEDDER
     + """
 local created = redis.call('HGET', KEYS[1], 'create_time_ms')
 if not created or (ARGV[8] ~= '' and created ~= ARGV[8]) then return -1 end
@@ -143,8 +159,17 @@ redis.call('SETRANGE', KEYS[7], 2 * first, ARGV[5])
 local dim = tonumber(ARGV[2])
 local compacted = tonumber(redis.call('HGET', KEYS[1], 'compacted') or '0')
 local gaps = ARGV[10] ~= ''
-if dim > 0 and ARGV[6] ~= '' and first >= compacted then
-  if redis.call('HGET', KEYS[9], '\\0embedder') ~= ARGV[9] then
+local rows_by = redis.call('HGET', KEYS[9], '\\0embedder')
+if dim > 0 and ARGV[6] ~= '' and first >= compacted and rows_by and older_embedder(ARGV[9], rows_by) then
+  -- An older revision's (servers of both side by side): the rows stay the
+  -- newer's, and these turns' (which may hold a reverted turn's) are zero.
+  local held_dim = tonumber(redis.call('HGET', KEYS[9], '\\0dim') or '0')
+  if held_dim > 0 then
+    redis.call('SETRANGE', KEYS[8], held_dim * (first - compacted), string.rep('\\0', held_dim * n))
+  end
+  gaps = true
+elseif dim > 0 and ARGV[6] ~= '' and first >= compacted then
+  if rows_by ~= ARGV[9] then
     -- The rows there are another embedder's (or of one never named): not
     -- comparable with these, so the turns they stand for have none now.
     redis.call('DEL', KEYS[8])
@@ -190,12 +215,15 @@ return first
 # gone or another life of its id, compacted since (rows are stored from
 # the first live turn), the version read was undone by a revert (those
 # positions may hold other turns now), or its rows are a third embedder's
-# (a newer revision's append came meanwhile). It fills only rows holding
+# (a newer revision's append came meanwhile), or the vectors are an older
+# revision's than the rows' (OLDER_EMBEDDER). It fills only rows holding
 # no vector: an append's write of the same embedder since the read is kept
 # as it wrote it. Nothing is renewed (a backfill is no use of the session),
 # but keys it creates expire with the session. Rows written change what
 # hot copies hold, with no version: they are told to drop it, as for a pin.
-_BACKFILL = """
+_BACKFILL = (
+    OLDER_EMBEDDER
+    + """
 local meta = redis.call('HMGET', KEYS[1], 'version', 'create_time_ms', 'compacted')
 if not meta[1] or meta[2] ~= ARGV[2] or tonumber(meta[3] or '0') ~= tonumber(ARGV[3]) then return -1 end
 local raw = redis.call('GETRANGE', KEYS[4], 4 * tonumber(ARGV[1]), 4 * tonumber(ARGV[1]) + 3)
@@ -208,7 +236,7 @@ end
 local dim = tonumber(ARGV[6])
 local current = redis.call('HGET', KEYS[9], '\\0embedder') or ''
 if current ~= ARGV[5] then
-  if current ~= ARGV[4] then return -1 end
+  if current ~= ARGV[4] or older_embedder(ARGV[5], current) then return -1 end
   -- The rows there are the embedder these replace: all of them go, as an
   -- append's write of another embedder drops them.
   redis.call('DEL', KEYS[8])
@@ -237,6 +265,7 @@ end
 if written > 0 then redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1') end
 return written
 """
+)
 
 # KEYS: store.session_keys. ARGV: the create_time_ms and the count of gap
 # writes (GAPS_FIELD, its packed bytes; "" = none) read with gaps a
@@ -585,6 +614,9 @@ class IndexedTurns:
         if first != self.count or len(self.roles) != self.count:
             return None
         count = self.count + len(turns)
+        if vectors is not None and older_embedder(vectors.embedder, self.embedder):
+            # As the write keeps the newer revision's rows: these turns have none.
+            vectors = None
         rows = None
         embedder = self.embedder if vectors is None else vectors.embedder
         if self.unit_vectors is not None or vectors is not None:

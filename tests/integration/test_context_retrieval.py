@@ -19,7 +19,7 @@ from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
-from meshgate.embedding import Embedding, Embeddings
+from meshgate.embedding import Embedding, Embeddings, older_embedder
 from meshgate.errors import error_info
 from services.context import app, assembly, relevance, store, token_counts, turn_index
 from services.context import servicer as servicer_module
@@ -1245,3 +1245,91 @@ async def test_a_stale_settle_leaves_a_newer_gap_asked_for(redis_url: str, monke
         indexed = await index.read(*session, None)
         assert indexed.vector_gaps
         assert np.flatnonzero(~indexed.unit_vectors.any(axis=1)).tolist() == [len(indexed.roles) - 1]
+
+
+class CountingEmbedder(RevisedEmbedder):
+    """A RevisedEmbedder that counts the texts it embedded for appends and backfills."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.texts = 0
+
+    async def embed_each_or_none(self, texts: list[str], timeout_s: float | None = None) -> list[Embedding]:
+        self.texts += len(texts)
+        return await super().embed_each_or_none(texts, timeout_s)
+
+
+async def test_a_session_under_two_revisions_side_by_side_follows_the_newer_and_never_goes_back(
+    redis_url: str,
+) -> None:
+    """Servers of revisions 2 and 3 side by side (an upgrade under way):
+    an append of either, or a question of either, made the session's index
+    that revision's, dropping the other's rows, and the backfill embedded
+    every live turn again at each change: here its rows changed revision at
+    each of the 12 steps (90 texts embedded, 36 now). The index follows
+    the newer revision it has seen: an append of the older leaves its turns
+    to the backfill, which gives them the newer's vectors; a question of the
+    older has nothing embedded where the rows lack none of the newer's."""
+    embedder = CountingEmbedder()
+    embedder.embedder = "fake@2"
+    async with appended_session(redis_url, embedder, [[DOOR_TURN, *SMALL_TALK]]) as opened:
+        servicer, index, session, _ = opened
+        seen = []
+        embedded_for_older_questions = []
+        for step in range(6):
+            embedder.embedder = ("fake@3", "fake@2")[step % 2]
+            appended = common_pb2.Message(role=USER, content=f"Turn {step} of the upgrade.")
+            await servicer.AppendTurns(
+                pb.AppendTurnsRequest(
+                    tenant_id=session[0], session_id=session[1], messages=[appended], any_version=True
+                ),
+                NoDeadline(),
+            )
+            await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+            seen.append((await index.read(*session, None)).embedder)
+            embedder.embedder = ("fake@2", "fake@3")[step % 2]
+            before = embedder.texts
+            await assemble_door_question(servicer, session)
+            await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+            seen.append((await index.read(*session, None)).embedder)
+            if step % 2 == 0:
+                embedded_for_older_questions.append(embedder.texts - before)
+        assert seen == ["fake@3"] * 12
+        # The older revision's turns were given the newer's vectors.
+        assert (await index.read(*session, None)).unit_vectors.any(axis=1).all()
+        # The first, after revision 3's append dropped revision 2's rows, asked
+        # for the backfill of revision 3 (which revision 2 answered: given up).
+        assert embedded_for_older_questions[1:] == [0, 0]
+
+
+@pytest.mark.parametrize(
+    "embedder, than, older",
+    [
+        ("minilm@2", "minilm@3", True),
+        ("minilm@3", "minilm@2", False),
+        ("minilm@9", "minilm@10", True),  # by number, not as text
+        ("minilm@2", "minilm@2", False),
+        ("other@2", "minilm@3", False),  # another model: not known older, it replaces
+        ("minilm@2", "", False),
+        ("", "minilm@2", False),
+        ("minilm@a", "minilm@b", False),
+        ("a@b@2", "a@b@3", True),
+    ],
+)
+async def test_the_index_scripts_order_revisions_as_the_services_do(
+    redis_url: str, embedder: str, than: str, older: bool
+) -> None:
+    """The scripts that write rows (turn_index.OLDER_EMBEDDER) and the
+    servicer (meshgate.embedding.older_embedder) must agree on which
+    revision is the older, or an assembly asks for a backfill its write refuses."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        by_script = await client.eval(
+            turn_index.OLDER_EMBEDDER + "return older_embedder(ARGV[1], ARGV[2]) and 1 or 0",
+            0,
+            embedder,
+            than,
+        )
+    finally:
+        await client.aclose()
+    assert (bool(by_script), older_embedder(embedder, than)) == (older, older)

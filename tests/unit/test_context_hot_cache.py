@@ -246,3 +246,16 @@ def test_an_index_extended_by_another_embedders_vectors_keeps_none_of_the_old_on
     assert not upgraded.unit_vectors[0].any() and upgraded.unit_vectors[1].all()
     # An append the embedder gave nothing keeps what there was.
     assert index.extended(3, 1, turn, None).embedder == "minilm@2"
+
+
+def test_an_index_extended_by_an_older_revisions_vectors_keeps_the_newer_rows() -> None:
+    # As TurnIndex.write keeps a newer revision's rows in Redis (servers of
+    # both side by side): the appended turn has none, a gap for the backfill.
+    turn = features([common_pb2.Message(role=common_pb2.ROLE_USER, content="The door is green.")])
+    one = np.ones((1, 4), np.float32)
+    empty = np.zeros(0, np.int64)
+    index = IndexedTurns(1, 0, empty, empty.astype(np.uint8), empty, None, {}, [], [])
+    index = index.extended(2, 0, turn, Embeddings(one, "minilm@3"))
+    older = index.extended(3, 1, turn, Embeddings(one, "minilm@2"))
+    assert older.embedder == "minilm@3" and older.vector_gaps
+    assert older.unit_vectors[0].all() and not older.unit_vectors[1].any()
