@@ -36,17 +36,10 @@ from services.router.pipeline import (
     SummarySpend,
 )
 from services.router.prompt_bound import prompt_bounds
+from tests.clocks import Clock
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
-
-
-class Clock:
-    def __init__(self, now_s: float) -> None:
-        self.now_s = now_s
-
-    def __call__(self) -> float:
-        return self.now_s
 
 
 def _scope(**limits) -> Scope:
@@ -127,10 +120,10 @@ async def test_a_refusal_names_the_limit_with_quota_failure_and_retry_info(redis
     assert details["QuotaFailure"].violations[0].subject == f"tenant:{scope.id}"
     # Both went in at once: the window has room again a minute later.
     assert details["RetryInfo"].retry_delay.ToMilliseconds() == 60_000
-    clock.now_s += 59.9
+    clock.now += 59.9
     with pytest.raises(MeshgateError):
         await admission.admit([scope], 1, 1, None)
-    clock.now_s += 0.1
+    clock.now += 0.1
     await admission.admit([scope], 1, 1, None)
 
 
@@ -163,9 +156,7 @@ async def test_token_reservations_settle_to_real_usage(redis_client):
     # Settled to 15: 85 free again, and the stream is released.
     second = await admission.admit([scope], prompt_tokens=5, max_tokens=80)
     await admission.settle(second, tokens=85, nano_usd=0)
-    day_key = (
-        f"{scope.prefix}:tokens:day:{datetime.datetime.fromtimestamp(clock.now_s, datetime.UTC):%Y-%m-%d}"
-    )
+    day_key = f"{scope.prefix}:tokens:day:{datetime.datetime.fromtimestamp(clock.now, datetime.UTC):%Y-%m-%d}"
     assert int(await redis_client.get(day_key)) == 100
     # Settling twice changes nothing.
     await admission.settle(second, tokens=0, nano_usd=0)
@@ -186,7 +177,7 @@ async def test_budgets_refuse_when_spent_and_roll_over_at_the_period_end(redis_c
     assert details["ErrorInfo"].metadata["limit"] == "tokens_per_day"
     assert details["RetryInfo"].retry_delay.seconds == 60
     # Past midnight UTC: a new day and a new month, both budgets fresh.
-    clock.now_s += 61
+    clock.now += 61
     fresh = await admission.admit([scope], prompt_tokens=50, max_tokens=50, price=price)
     await admission.settle(fresh, tokens=10, nano_usd=100_000_000)
     # 60 more tokens fit the day (10 used), but not their 0.06 USD the
@@ -836,7 +827,7 @@ async def test_a_batch_of_settlements_settles_each_turn_to_its_use(redis_client,
     for grant, used in zip(grants, (7, 20, 33), strict=True):
         admission.settle_soon(grant, used, 0)
     await admission.flush()
-    day = f"{datetime.datetime.fromtimestamp(clock.now_s, datetime.UTC):%Y-%m-%d}"
+    day = f"{datetime.datetime.fromtimestamp(clock.now, datetime.UTC):%Y-%m-%d}"
     for scope in (tenant, model):
         assert int(await redis_client.get(f"{scope.prefix}:tpm:sum")) == 60
         assert int(await redis_client.get(f"{scope.prefix}:tokens:day:{day}")) == 60

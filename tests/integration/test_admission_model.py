@@ -36,6 +36,7 @@ from meshgate import redis_access
 from meshgate.config import LimitSettings, PriceSettings
 from meshgate.errors import MeshgateError
 from services.router.admission import NANO_USD, Admission, Scope, cost_nano_usd
+from tests.clocks import Clock
 
 pytestmark = pytest.mark.integration
 
@@ -89,14 +90,6 @@ TURN_DRAWS = dict(
     prompt=st.integers(1, 60),
     max_tokens=st.integers(0, 60),
 )
-
-
-class Clock:
-    def __init__(self, now_s: float) -> None:
-        self.now_s = now_s
-
-    def __call__(self) -> float:
-        return self.now_s
 
 
 def _periods(now_s: float) -> tuple[str, str, int, int]:
@@ -175,7 +168,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.budgets: dict[str, int] = {}
         self.streams: dict[str, dict[str, float]] = {}
         # The periods the clock has been in.
-        self.periods = {_periods(self.clock.now_s)}
+        self.periods = {_periods(self.clock.now)}
 
     def run(self, coroutine):
         return self.loop.run_until_complete(coroutine)
@@ -187,7 +180,7 @@ class AdmissionMachine(RuleBasedStateMachine):
 
     @property
     def now_ms(self) -> float:
-        return self.clock.now_s * 1000
+        return self.clock.now * 1000
 
     # -- set-up and reloads ---------------------------------------------
 
@@ -228,8 +221,8 @@ class AdmissionMachine(RuleBasedStateMachine):
 
     @rule(step_s=st.sampled_from([0.001, 1.0, 20.0, 59.999, 60.0, 61.0, 3600.0, 86400.0]))
     def advance_clock(self, step_s):
-        self.clock.now_s += step_s
-        self.periods.add(_periods(self.clock.now_s))
+        self.clock.now += step_s
+        self.periods.add(_periods(self.clock.now))
 
     # -- scopes as the router builds them ---------------------------------
 
@@ -245,7 +238,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         return scopes
 
     def _model_checks(self, scopes: list[Scope]) -> list[ModelCheck]:
-        day, month, day_end_s, month_end_s = _periods(self.clock.now_s)
+        day, month, day_end_s, month_end_s = _periods(self.clock.now)
         checks = []
         for scope in scopes:
             for name, kind, suffix, charges in LIMITS:

@@ -15,14 +15,7 @@ from meshgate.config import (
     ModelSettings,
     ServedModelSettings,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clocks import Clock
 
 
 class FakeTarget:

@@ -14,6 +14,7 @@ from meshgate import metrics
 from meshgate.embedding import REVISION_SILENCE_S, Embedding, VectorMemo
 from meshgate.errors import MeshgateError
 from services.cache.embedding_memo import EmbeddingMemo
+from tests.clocks import Clock
 
 
 class CountingEmbedder:
@@ -198,14 +199,6 @@ def test_keys_tell_models_scopes_and_texts_apart():
     assert VectorMemo("minilm", 8).key("ab") != VectorMemo("minilma", 8).key("b")
     assert VectorMemo("m", 8).key("b", "a") != VectorMemo("m", 8).key("ab")
     assert VectorMemo("m", 8).key("b", "a") != VectorMemo("m", 8).key("", "ab")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_vectors_of_an_earlier_revision_are_not_answered_once_it_has_been_silent_for_the_window():

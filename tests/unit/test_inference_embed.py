@@ -22,6 +22,7 @@ from meshgate.reasons import Reason
 from services.inference.backends import BackendPool
 from services.inference.servicer import InferenceServicer
 from services.inference.shared_embeddings import EMBED_AGAIN_ROUNDS, EMBED_BATCH
+from tests.clocks import Clock
 from tests.unit.test_streaming import until
 
 DIMENSIONS = 4
@@ -127,14 +128,6 @@ class ScriptedTriton:
             metadata = grpc.aio.Metadata()
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, metadata, metadata, "connection refused")
         return embedding_response(request)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

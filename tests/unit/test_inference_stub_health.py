@@ -22,6 +22,7 @@ from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.reasons import Reason
 from services.inference.backends import BackendPool, OpenCalls, TritonBackend
 from services.inference.servicer import InferenceServicer
+from tests.clocks import Clock
 from tests.unit.test_inference_breaker import STUB_DIED_NAMED, AnsweringCall
 from tests.unit.test_inference_embed import embedding_response
 from tests.unit.test_inference_open_calls import EMBEDDING_MODEL, GENERATION_MODEL, ProbedTriton
@@ -89,14 +90,6 @@ class HeldCanaries(CanariedTriton):
 
         call.write = held
         return call
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def probe_round(backend: TritonBackend) -> None:

@@ -29,20 +29,13 @@ from meshgate.local import certs
 from services.cache import app as cache_app
 from services.context import app as context_app
 from services.inference import app as inference_app
+from tests.clocks import Clock
 from tests.mesh import certs_dir, mesh_settings, renew
 
 # Now, whole seconds: a router certificate vouches for its key while it has
 # not expired, on the verifier's clock.
 NOW = float(int(time.time()))
 TTL_S = 30.0
-
-
-class Clock:
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def router_key():
@@ -52,7 +45,7 @@ def router_key():
 def router_tokens(clock: Clock | None = None) -> mesh_auth.TenantTokens:
     """The router's tokens, as its files sign them."""
     return mesh_auth.TenantTokens(
-        mesh_auth.Mesh(mesh_settings(), "router").files, TTL_S, clock=clock or Clock()
+        mesh_auth.Mesh(mesh_settings(), "router").files, TTL_S, clock=clock or Clock(NOW)
     )
 
 
@@ -60,7 +53,7 @@ def verifier(service: str = "context", clock: Clock | None = None) -> mesh_auth.
     router = mesh_auth.RouterCertificates(
         str(certs.ca_path(certs_dir())), str(certs.cert_path(certs_dir(), "router"))
     )
-    return mesh_auth.TenantVerifier(router, service, TTL_S, leeway_s=0, clock=clock or Clock())
+    return mesh_auth.TenantVerifier(router, service, TTL_S, leeway_s=0, clock=clock or Clock(NOW))
 
 
 def token_metadata(token: str) -> list[tuple[str, str]]:
@@ -85,7 +78,7 @@ def test_a_minted_token_names_its_tenant_for_its_service_only():
 
 
 def test_the_router_reuses_a_token_until_half_its_life_is_gone():
-    clock = Clock()
+    clock = Clock(NOW)
     tokens = router_tokens(clock)
     first = tokens.metadata("dev", "context")
     clock.now += TTL_S / 2 - 1
@@ -99,7 +92,7 @@ def test_the_router_reuses_a_token_until_half_its_life_is_gone():
 
 def test_the_router_keeps_a_bounded_number_of_tokens(monkeypatch):
     monkeypatch.setattr(mesh_auth, "VERIFIED_TOKENS_KEPT", 4)
-    clock = Clock()
+    clock = Clock(NOW)
     tokens = router_tokens(clock)
     first = tokens.metadata("tenant-0", "context")
     for n in range(1, 4):
@@ -117,7 +110,7 @@ def test_the_router_keeps_a_bounded_number_of_tokens(monkeypatch):
 
 def test_unexpired_tokens_survive_the_purge_of_the_expired(monkeypatch):
     monkeypatch.setattr(mesh_auth, "VERIFIED_TOKENS_KEPT", 4)
-    clock = Clock()
+    clock = Clock(NOW)
     tokens = router_tokens(clock)
     old = [tokens.metadata(f"old-{n}", "context") for n in range(2)]
     clock.now += TTL_S * 3 / 4
@@ -133,7 +126,7 @@ def test_unexpired_tokens_survive_the_purge_of_the_expired(monkeypatch):
 
 
 def test_an_expired_token_is_refused_even_after_it_was_verified_once():
-    clock = Clock()
+    clock = Clock(NOW)
     token = router_tokens().mint("dev", "context", NOW)
     check = verifier(clock=clock)
     assert check.tenant(token_metadata(token)) == "dev"
@@ -456,9 +449,9 @@ def test_a_renewal_keeps_each_services_key(tmp_path: pathlib.Path, monkeypatch):
     started_with.write_bytes(old_router)
     router = mesh_auth.RouterCertificates(str(certs.ca_path(tmp_path)), str(started_with))
     files = mesh_auth.Mesh(mesh_settings(tmp_path), "router").files
-    metadata = mesh_auth.TenantTokens(files, TTL_S, clock=Clock()).metadata("acme", "context")
+    metadata = mesh_auth.TenantTokens(files, TTL_S, clock=Clock(NOW)).metadata("acme", "context")
     assert (
-        mesh_auth.TenantVerifier(router, "context", TTL_S, leeway_s=0, clock=Clock()).tenant(metadata)
+        mesh_auth.TenantVerifier(router, "context", TTL_S, leeway_s=0, clock=Clock(NOW)).tenant(metadata)
         == "acme"
     )
 
@@ -541,7 +534,7 @@ def test_the_router_signs_with_its_renewed_key_at_once(tmp_path: pathlib.Path, e
     keeps the tokens."""
     served = tmp_path / "served"
     shutil.copytree(certs_dir(), served)
-    clock = Clock()
+    clock = Clock(NOW)
     tokens, _ = _router_mesh(served, clock)
     before = tokens.metadata("acme", "context")
     assert _key_id_of(before) == _router_key_id(served)
@@ -571,7 +564,7 @@ def test_a_router_key_gone_from_its_certificate_is_taken_for_the_overlap_only(
     the change, no longer."""
     served = tmp_path / "served"
     shutil.copytree(certs_dir(), served)
-    clock = Clock()
+    clock = Clock(NOW)
     tokens, verifier = _router_mesh(served, clock)
     assert verifier.tenant(tokens.metadata("acme", "context")) == "acme"
     previous = router_tokens(clock)  # certs_dir(): the key served had
@@ -608,7 +601,7 @@ def test_a_token_of_a_key_gone_from_its_certificate_is_not_taken_past_the_overla
     the overlap has passed, as a token verified then would be."""
     served = tmp_path / "served"
     shutil.copytree(certs_dir(), served)
-    clock = Clock()
+    clock = Clock(NOW)
     tokens, verifier = _router_mesh(served, clock)
     assert verifier.tenant(tokens.metadata("acme", "context")) == "acme"
     previous = tmp_path / "previous"
@@ -640,7 +633,7 @@ def test_an_expired_router_certificate_vouches_for_no_key(tmp_path: pathlib.Path
     bundle = tmp_path / "router-bundle.pem"
     current = certs.cert_path(certs_dir(), "router")
     bundle.write_bytes(current.read_bytes() + certs.cert_path(expired, "router").read_bytes())
-    clock = Clock()
+    clock = Clock(NOW)
     verifier = _verifier_of(certs_dir(), bundle, clock)
     for kid in (True, False):
         assert (
@@ -673,7 +666,7 @@ def test_every_router_certificate_of_a_bundle_is_taken_while_a_rotation_is_stage
     bundle = tmp_path / "router-bundle.pem"
     old, new = (certs.cert_path(d, "router").read_bytes() for d in (served, staged))
     certs.replace_file(bundle, old, 0o644)
-    clock = Clock()
+    clock = Clock(NOW)
     verifier = _verifier_of(served, bundle, clock)
     tokens, _ = _router_mesh(served, clock)
     previous = router_tokens(clock)  # certs_dir(): the key served had
@@ -707,7 +700,7 @@ def test_a_bundle_takes_only_router_certificates_from_the_mesh_ca(tmp_path: path
     cache_cert = certs.cert_path(certs_dir(), "cache").read_bytes()
     router_cert = certs.cert_path(certs_dir(), "router").read_bytes()
     certs.replace_file(bundle, cache_cert + router_cert, 0o644)
-    clock = Clock()
+    clock = Clock(NOW)
     verifier = _verifier_of(certs_dir(), bundle, clock)
     cache_key = serialization.load_pem_private_key(certs.key_path(certs_dir(), "cache").read_bytes(), None)
     claims = {"iss": "meshgate-router", "sub": "dev", "aud": "meshgate-context", "exp": int(NOW + 60)}
@@ -752,13 +745,13 @@ def test_a_router_certificate_issued_by_an_intermediate_it_carries_is_taken(tmp_
     chain.write_bytes(router.public_bytes(pem) + intermediate.public_bytes(pem))
     claims = {"iss": "meshgate-router", "sub": "dev", "aud": "meshgate-context", "exp": int(NOW + 60)}
     token = jwt.encode(claims, key, algorithm="ES256", headers={"kid": mesh_auth.key_id(key.public_key())})
-    assert _verifier_of(tmp_path, chain, Clock()).tenant(token_metadata(token)) == "dev"
+    assert _verifier_of(tmp_path, chain, Clock(NOW)).tenant(token_metadata(token)) == "dev"
 
     elsewhere_key, elsewhere = _intermediate(*certs._new_ca())
     _, stray = certs._issue(elsewhere_key, elsewhere, "router")
     chain.write_bytes(stray.public_bytes(pem) + elsewhere.public_bytes(pem))
     with pytest.raises(ConfigError, match="is not issued by mesh.ca_file"):
-        _verifier_of(tmp_path, chain, Clock())
+        _verifier_of(tmp_path, chain, Clock(NOW))
 
 
 @pytest.mark.parametrize("ending", ["intermediate", "CA"])
@@ -789,7 +782,7 @@ def test_a_router_certificate_vouches_no_longer_than_its_chain(tmp_path: pathlib
         kid = mesh_auth.key_id(key.public_key())
         return token_metadata(jwt.encode(claims, key, algorithm="ES256", headers={"kid": kid}))
 
-    clock = Clock()
+    clock = Clock(NOW)
     verifier = _verifier_of(tmp_path, chain, clock)
     verified = signed("dev", ends + 3600)
     assert verifier.tenant(verified) == "dev"
@@ -811,11 +804,11 @@ def test_a_token_of_a_key_not_yet_seen_looks_at_the_files_at_once(tmp_path: path
     monkeypatch.setattr(mesh_auth, "look_clock", lambda: 1000.0)
     served = tmp_path / "served"
     shutil.copytree(certs_dir(), served)
-    tokens, verifier = _router_mesh(served, Clock())
+    tokens, verifier = _router_mesh(served, Clock(NOW))
     assert verifier.tenant(tokens.metadata("acme", "context")) == "acme"
     renew(served, "router")
     renewed = mesh_auth.TenantTokens(
-        mesh_auth.Mesh(mesh_settings(served), "router").files, TTL_S, clock=Clock()
+        mesh_auth.Mesh(mesh_settings(served), "router").files, TTL_S, clock=Clock(NOW)
     )
     assert verifier.tenant(renewed.metadata("acme", "context")) == "acme"
 
@@ -844,7 +837,7 @@ def test_a_token_is_verified_with_the_key_it_names(tmp_path: pathlib.Path):
     bundle = tmp_path / "router-bundle.pem"
     old, new = (certs.cert_path(d, "router").read_bytes() for d in (certs_dir(), staged))
     bundle.write_bytes(new + old)
-    verifier = _verifier_of(certs_dir(), bundle, Clock())
+    verifier = _verifier_of(certs_dir(), bundle, Clock(NOW))
     claims = {"iss": "meshgate-router", "sub": "dev", "aud": "meshgate-context", "exp": int(NOW + 60)}
     old_id, new_id = _router_key_id(certs_dir()), _router_key_id(staged)
     for kid, verified in (
@@ -875,7 +868,7 @@ def test_a_verified_token_looks_at_no_file_again(monkeypatch, every_look):
         looked_at.append(path)
         return stat_file(path, *args, **kwargs)
 
-    clock = Clock()
+    clock = Clock(NOW)
     verifier = _verifier_of(certs_dir(), certs.cert_path(certs_dir(), "router"), clock)
     metadata = router_tokens(clock).metadata("dev", "context")
     monkeypatch.setattr(mesh_auth.os, "stat", counted)

@@ -19,6 +19,7 @@ from meshgate import redis_access
 from meshgate.config import ConfigError
 from meshgate.reasons import Reason
 from meshgate.telemetry import ThrottledLog
+from tests.clocks import Clock
 
 
 async def test_a_plain_url_gets_one_node_client() -> None:
@@ -225,14 +226,6 @@ def test_a_mistyped_port_is_refused_naming_the_url() -> None:
     with pytest.raises(ConfigError, match="port is not a number") as refused:
         redis_access.connect("redis://redis.internal:6379x/0")
     assert "redis://redis.internal:6379x/0" in str(refused.value)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

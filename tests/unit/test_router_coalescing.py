@@ -19,7 +19,7 @@ from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.auth import Tenant
 from services.router.coalescing import Coalescer, coalescing_key, is_deterministic
 from services.router.pipeline import Answer, Budget, CacheStatus, Completion, Delta, Failure, Hit, Pipeline
-from tests.unit.test_router_hot_exact import Clock
+from tests.clocks import Clock
 from tests.unit.test_router_pipeline import MODELS, TENANT, FakeCache, FakeContexts, RecordingAdmission, user
 
 PIECES = ("The ", "answer ", "is ", "forty-two.")

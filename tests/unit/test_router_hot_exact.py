@@ -13,14 +13,7 @@ from meshgate.common.v1 import common_pb2
 from services.cache import keys
 from services.router.hot_exact import HotExactHits
 from services.router.pipeline import Answer, CachePlan, CacheStatus, Hit
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clocks import Clock
 
 
 def plan(tenant: str = "t1", model: str = "m1", max_tokens: int = 8) -> CachePlan:
@@ -45,7 +38,7 @@ def live_hits(
 ) -> tuple[HotExactHits, Clock]:
     """Copies in use: subscribed, the cache service's heartbeat heard (and,
     unless a test of the heartbeat says, never lost)."""
-    clock = Clock()
+    clock = Clock(100.0)
     hits = HotExactHits(
         max_entries, max_age_s, clock, heartbeat_lost_after_s=heartbeat_lost_after_s, **options
     )
@@ -120,7 +113,7 @@ def test_no_copy_is_served_or_kept_before_the_subscriptions_first_heartbeat():
     """A subscription where the cache service does not publish is up and
     hears nothing: its copies were served for their whole age limit after
     an Invalidate. Whatever the last subscription heard does not count."""
-    hits = HotExactHits(16, 600.0, Clock())
+    hits = HotExactHits(16, 600.0, Clock(100.0))
     for _ in range(2):
         hits.subscribed(True)
         assert not hits.live
@@ -163,7 +156,7 @@ def test_copies_are_bypassed_once_no_heartbeat_came_for_the_bound_and_dropped_at
 
 
 def test_a_heartbeats_silence_is_logged_once_as_a_warning_and_its_end_once_at_info():
-    hits = HotExactHits(16, 600.0, (clock := Clock()), heartbeat_lost_after_s=3.0)
+    hits = HotExactHits(16, 600.0, (clock := Clock(100.0)), heartbeat_lost_after_s=3.0)
 
     def told() -> list[str]:
         return [entry["log_level"] for entry in logs]
@@ -249,7 +242,7 @@ def test_a_hit_is_copied_and_its_copy_served_only_while_the_heartbeat_it_names_i
 def test_a_hit_of_a_cache_from_before_heartbeat_ids_is_not_copied():
     """Its heartbeat, the bare ``e heartbeat``, names no replica, and its
     hits name none: a router beside such caches keeps no copies."""
-    hits = HotExactHits(16, 600.0, Clock())
+    hits = HotExactHits(16, 600.0, Clock(100.0))
     hits.subscribed(True)
     hits.announce(b"e heartbeat")
     assert not hits.live
