@@ -304,10 +304,11 @@ _TOOL_FIELDS = ("tool_calls", "function_call")
 # Every field a message may have, by role. A participant's ``name`` is
 # accepted and not used (SDKs send it; the bundled chat templates have no
 # place for it). Only an assistant's message has the rest, as in OpenAI's
-# API: its tool fields are accepted null or an empty object
-# (``message.model_dump()`` in openai-python sends them null) and refused by
-# name otherwise; an empty ``tool_calls`` array is refused as OpenAI refuses
-# it (an array of at least one call), in its words; its
+# API: its tool fields are accepted null (``message.model_dump()`` in
+# openai-python sends them so); of another shape than OpenAI's schema
+# (:func:`_check_tool_use_shape`) they are a malformed request, in OpenAI's
+# words; well formed, they are refused by name (tool calls are not
+# supported); its
 # ``refusal`` is what it said when its content is empty; an answer sent
 # back as the client got it has ``annotations`` (OpenAI's ``[]``, or
 # citations of the text it holds) and ``audio`` (null from
@@ -416,6 +417,71 @@ def _text_of(content, index: int) -> str:
     raise _bad_request(f"messages[{index}].content must be a string or text parts", "messages")
 
 
+def _json_type(value) -> str:
+    """``value``'s JSON type as OpenAI's errors name it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    for kind, named in ((int, "an integer"), (float, "a decimal"), (str, "a string"), (list, "an array")):
+        if isinstance(value, kind):
+            return named
+    return "an object"
+
+
+def _expect(value, kind: type, expected: str, where: str) -> None:
+    """A 400 in OpenAI's words unless ``value`` (at ``where``) is a ``kind``."""
+    if not isinstance(value, kind):
+        raise _bad_request(
+            f"Invalid type for '{where}': expected {expected}, but got {_json_type(value)} instead.",
+            "messages",
+        )
+
+
+def _check_function(function, where: str) -> None:
+    """A function call as OpenAI's schema has it: an object whose ``name``
+    and ``arguments`` are strings."""
+    _expect(function, dict, "an object", where)
+    for field in ("name", "arguments"):
+        if field not in function:
+            raise _bad_request(f"Missing required parameter: '{where}.{field}'.", "messages")
+        _expect(function[field], str, "a string", f"{where}.{field}")
+
+
+def _check_tool_use_shape(message: dict, index: int) -> None:
+    """A 400 MALFORMED_REQUEST for an assistant's tool field of another shape
+    than OpenAI's schema, in OpenAI's words: ``tool_calls`` an array of at
+    least one ``{id, type: "function", function: {name, arguments}}``, the
+    legacy ``function_call`` one ``{name, arguments}``. Null is no calls. A
+    wrong shape (``"function_call": {}``, ``"tool_calls": {}``) is a broken
+    client that OpenAI refuses as such, not a call the mesh does not
+    support: it was served as no calls."""
+    where = f"messages[{index}].tool_calls"
+    calls = message.get("tool_calls")
+    if calls is not None:
+        _expect(calls, list, "an array", where)
+        if not calls:
+            raise _bad_request(
+                f"Invalid '{where}': empty array. "
+                "Expected an array with minimum length 1, but got an empty array instead.",
+                "messages",
+            )
+        for number, call in enumerate(calls):
+            at = f"{where}[{number}]"
+            _expect(call, dict, "an object", at)
+            for field in ("id", "type", "function"):
+                if field not in call:
+                    raise _bad_request(f"Missing required parameter: '{at}.{field}'.", "messages")
+            _expect(call["id"], str, "a string", f"{at}.id")
+            if call["type"] != "function":
+                raise _bad_request(
+                    f"Invalid value for '{at}.type': supported values are: 'function'.", "messages"
+                )
+            _check_function(call["function"], f"{at}.function")
+    if message.get("function_call") is not None:
+        _check_function(message["function_call"], f"messages[{index}].function_call")
+
+
 def _messages(raw) -> list[common_pb2.Message]:
     if not isinstance(raw, list):
         raise _bad_request("messages must be an array", "messages")
@@ -440,14 +506,9 @@ def _messages(raw) -> list[common_pb2.Message]:
                     "messages",
                     Reason.UNSUPPORTED_PARAMETER,
                 )
-        if message.get("tool_calls") == []:
-            raise _bad_request(
-                f"Invalid 'messages[{index}].tool_calls': empty array. "
-                "Expected an array with minimum length 1, but got an empty array instead.",
-                "messages",
-            )
+        _check_tool_use_shape(message, index)
         for name in _TOOL_FIELDS:
-            if message.get(name) not in (None, [], {}):
+            if message.get(name) is not None:
                 # Dropped, the call would leave an empty assistant turn and
                 # change the answer with nothing said; role "tool" and
                 # top-level tools are refused alike.

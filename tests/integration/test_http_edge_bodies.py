@@ -302,3 +302,23 @@ async def test_an_assistants_empty_tool_calls_array_is_refused(edge):
         "Invalid 'messages[1].tool_calls': empty array. "
         "Expected an array with minimum length 1, but got an empty array instead.",
     )
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"function_call": {}}, "Missing required parameter: 'messages[1].function_call.name'."),
+        (
+            {"tool_calls": {}},
+            "Invalid type for 'messages[1].tool_calls': expected an array, but got an object instead.",
+        ),
+    ],
+    ids=["function_call empty object", "tool_calls object"],
+)
+async def test_an_assistants_tool_field_of_the_wrong_shape_is_refused(edge, fields, message):
+    """OpenAI's schema has function_call an object with name and arguments,
+    tool_calls an array of calls; both were served as no calls."""
+    assistant = {"role": "assistant", "content": "a", **fields}
+    messages = [{"role": "user", "content": "hi"}, assistant, {"role": "user", "content": "hi"}]
+    error = refused(*await posted(edge, json.dumps({**CHAT, "messages": messages}).encode()))
+    assert (error["code"], error["param"], error["message"]) == ("MALFORMED_REQUEST", "messages", message)

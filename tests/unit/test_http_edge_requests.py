@@ -28,6 +28,8 @@ from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Fai
 from tests.unit.test_router_http_edge import KEY, ScriptedPipeline, posted, streamed
 
 USER = {"role": "user", "content": "hi"}
+# An assistant's tool call as OpenAI's schema has it.
+CALL = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
 # JSON's escape for half a UTF-16 pair: Python reads it as a lone surrogate,
 # which has no UTF-8 form, so protobuf refuses it when the request is built.
 SURROGATE = "\ud800"
@@ -185,13 +187,16 @@ def test_a_value_of_the_wrong_type_is_refused_not_read_as_its_default(body, para
             chat(
                 messages=[
                     {"role": "user", "content": "What's the weather in Paris?"},
-                    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+                    {"role": "assistant", "content": None, "tool_calls": [CALL]},
                     {"role": "user", "content": "And tomorrow?"},
                 ]
             ),
             "messages",
         ),
-        (chat(messages=[{"role": "assistant", "content": "", "function_call": {"name": "f"}}]), "messages"),
+        (
+            chat(messages=[{"role": "assistant", "content": "", "function_call": CALL["function"]}]),
+            "messages",
+        ),
         (chat(messages=[{"role": "user", "content": "hi", "tool_call_id": "c1"}]), "messages"),
     ],
     ids=["n true", "top_logprobs", "top_logprobs 0", "assistant tool_calls", "function_call", "tool_call_id"],
@@ -496,3 +501,77 @@ def test_an_assistants_empty_tool_calls_array_is_refused_as_openai_refuses_it():
         "a",
         "hi",
     ]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"tool_calls": {}},
+            "Invalid type for 'messages[1].tool_calls': expected an array, but got an object instead.",
+        ),
+        (
+            {"tool_calls": "c1"},
+            "Invalid type for 'messages[1].tool_calls': expected an array, but got a string instead.",
+        ),
+        (
+            {"tool_calls": [CALL, 1]},
+            "Invalid type for 'messages[1].tool_calls[1]': expected an object, but got an integer instead.",
+        ),
+        ({"tool_calls": [{}]}, "Missing required parameter: 'messages[1].tool_calls[0].id'."),
+        (
+            {"tool_calls": [{**CALL, "id": None}]},
+            "Invalid type for 'messages[1].tool_calls[0].id': expected a string, but got null instead.",
+        ),
+        (
+            {"tool_calls": [{**CALL, "type": "code"}]},
+            "Invalid value for 'messages[1].tool_calls[0].type': supported values are: 'function'.",
+        ),
+        (
+            {"tool_calls": [{key: value for key, value in CALL.items() if key != "function"}]},
+            "Missing required parameter: 'messages[1].tool_calls[0].function'.",
+        ),
+        (
+            {"tool_calls": [{**CALL, "function": {"name": "weather"}}]},
+            "Missing required parameter: 'messages[1].tool_calls[0].function.arguments'.",
+        ),
+        (
+            {"tool_calls": [{**CALL, "function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+            "Invalid type for 'messages[1].tool_calls[0].function.arguments': "
+            "expected a string, but got an object instead.",
+        ),
+        ({"function_call": {}}, "Missing required parameter: 'messages[1].function_call.name'."),
+        (
+            {"function_call": []},
+            "Invalid type for 'messages[1].function_call': expected an object, but got an array instead.",
+        ),
+        (
+            {"function_call": {"name": True, "arguments": "{}"}},
+            "Invalid type for 'messages[1].function_call.name': "
+            "expected a string, but got a boolean instead.",
+        ),
+    ],
+    ids=[
+        "tool_calls object",
+        "tool_calls string",
+        "a call not an object",
+        "a call without id",
+        "a call's id null",
+        "a call's type not function",
+        "a call without function",
+        "a function without arguments",
+        "arguments not a string",
+        "function_call empty object",
+        "function_call array",
+        "function_call name not a string",
+    ],
+)
+def test_an_assistants_malformed_tool_fields_are_refused_as_openai_refuses_them(fields, message):
+    """OpenAI's schema: tool_calls an array of {id, type: "function",
+    function: {name, arguments}}, function_call one {name, arguments}, all
+    strings. ``"function_call": {}`` and ``"tool_calls": {}`` were served as
+    no calls; other wrong shapes were refused as calls the mesh does not
+    support (UNSUPPORTED_PARAMETER), telling a broken client to stop using
+    a feature rather than what is wrong with its body."""
+    assistant = {"role": "assistant", "content": "a", **fields}
+    assert refusal(chat(messages=[USER, assistant, USER])) == ("MALFORMED_REQUEST", "messages", message)
