@@ -1419,6 +1419,11 @@ class SessionStore:
         await self.holdings.held(tenant_id, session_id, 0, 0, beside=0)
         return int(outcome[1])
 
+    async def exists(self, tenant_id: str, session_id: str) -> bool:
+        """Whether the session lives (its meta key is there)."""
+        with redis_reachable():
+            return bool(await self._client.exists(session_key(tenant_id, session_id)))
+
     async def _created_before(self, tenant_id: str, session_id: str, created_ms: bytes) -> int:
         """The creation time of the session a send of its request id made."""
         # That send's count of it was set after its script, and may have

@@ -16,7 +16,7 @@ import pytest
 from meshgate.context.v1 import context_service_pb2 as pb
 from services.context import store as session_store
 from tests.integration.test_context_fork_request_ids import sessions_of
-from tests.integration.test_context_service import USER, failure, msg, running
+from tests.integration.test_context_service import USER, failure, msg, new_session, running
 from tests.integration.test_context_tenant_holdings import bounded, counted
 
 pytestmark = pytest.mark.integration
@@ -65,13 +65,35 @@ async def test_sends_of_one_request_id_at_once_make_one_session(stub, tenant, re
     assert await sessions_of(redis_client, tenant) == {answers[0].session.session_id}
 
 
-async def test_a_create_and_a_fork_under_one_request_id_are_two_sessions(stub, tenant, redis_client) -> None:
+async def test_a_fork_under_a_creates_request_id_is_refused(stub, tenant, redis_client) -> None:
+    """A request id names one request: a fork sent under a create's was
+    another session, its id drawn apart from the create's. It is refused
+    while the created session lives, and the create's resend is still
+    answered with its session."""
     request_id = str(uuid.uuid4())
-    created = await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, request_id=request_id))
+    create = pb.CreateSessionRequest(tenant_id=tenant, request_id=request_id)
+    created = await stub.CreateSession(create)
     source = created.session.session_id
     fork = pb.ForkSessionRequest(tenant_id=tenant, session_id=source, version=0, request_id=request_id)
+    code, reason, _ = await failure(stub.ForkSession(fork))
+    assert (code, reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+    assert await sessions_of(redis_client, tenant) == {source}
+    assert await stub.CreateSession(create) == created
+
+
+async def test_a_create_under_a_forks_request_id_is_refused(stub, tenant, redis_client) -> None:
+    """The other way round: a create sent under a fork's request id made a
+    session beside the fork. It is refused while the fork lives, and the
+    fork's resend is still answered with its fork."""
+    source = await new_session(stub, tenant)
+    request_id = str(uuid.uuid4())
+    fork = pb.ForkSessionRequest(tenant_id=tenant, session_id=source, version=0, request_id=request_id)
     forked = await stub.ForkSession(fork)
+    create = pb.CreateSessionRequest(tenant_id=tenant, request_id=request_id)
+    code, reason, _ = await failure(stub.CreateSession(create))
+    assert (code, reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
     assert await sessions_of(redis_client, tenant) == {source, forked.session.session_id}
+    assert await stub.ForkSession(fork) == forked
 
 
 async def test_bad_request_ids_are_refused(stub, tenant, redis_client) -> None:

@@ -403,6 +403,20 @@ async def test_a_create_whose_reply_is_lost_makes_one_session(redis_url) -> None
         assert int(held[b"total"]) == session_store.held_by(0, 0)
 
 
+async def test_a_fork_under_a_creates_request_id_is_refused_through_the_router(mesh) -> None:
+    """One request id, two requests: the fork made a second session beside
+    the created one, its id drawn apart. It is refused; the create's resend
+    still gets its session."""
+    router, _, tenants = mesh
+    _, auth = tenants["manage"]
+    create = pb.CreateSessionRequest(request_id=str(uuid.uuid4()))
+    created = await router.CreateSession(create, metadata=auth)
+    fork = pb.ForkSessionRequest(session_id=created.session_id, version=0, request_id=create.request_id)
+    code, reason, _ = await status_of(router.ForkSession(fork, metadata=auth))
+    assert (code, reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+    assert await router.CreateSession(create, metadata=auth) == created
+
+
 async def test_a_callers_resend_of_a_create_under_its_request_id_gets_the_same_session(redis_url) -> None:
     async with with_replies_dropped(redis_url) as (router, _, tenant, auth, _, client):
         create = pb.CreateSessionRequest(request_id=str(uuid.uuid4()))
