@@ -332,11 +332,13 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             requests = aiter(request_iterator)
             version = None  # the session's, after a turn of this stream
             while (request := await self._next_turn(requests, session_id, version)) is not None:
-                if request.session_id and request.session_id != session_id:
-                    # Another session from here on: the version known is
-                    # the last one's, which the stop must not give as this
-                    # one's (its completion sets this one's).
-                    session_id, version = request.session_id, None
+                # The turn's session: the one it names, else the stream's. It
+                # becomes the stream's once the turn is answered on it, or
+                # fails with something of it maybe stored (below); not before:
+                # a turn refused with nothing stored (its session not found,
+                # an id that is none) made a session that is none the
+                # stream's, and every later turn naming none failed on it.
+                turn_session = request.session_id or session_id
                 # The key was checked when the stream opened, and a stream may
                 # stay open for hours: each turn resolves it again (a stored
                 # key's record from the key cache, no Redis call while it is
@@ -364,9 +366,9 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 turn = self._pipeline.run(
                     request,
                     tenant,
-                    session_id,
+                    turn_session,
                     Budget.of(context.time_remaining()),
-                    create_session=not session_id,
+                    create_session=not turn_session,
                     carry_last_text=request.completion_may_carry_text,
                     before_saving=call.saving_turn,
                 )
@@ -386,15 +388,15 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                                     done = True
                                 case Failure(error=error, session_id=created):
                                     # A first turn that created its session and
-                                    # failed as it was being stored: the next turns
-                                    # go on with that session (one that failed
-                                    # before names none: the pipeline deleted it).
-                                    session_id = created or session_id
-                                    if error.metadata.get("turn_may_be_stored"):
-                                        # Its append's outcome is unknown: the
-                                        # session may be past the version known
-                                        # here, which the stop must not give.
-                                        version = None
+                                    # failed as it was being stored (one that
+                                    # failed before names none: the pipeline
+                                    # deleted it), or one whose append's outcome
+                                    # is unknown: the next turns go on with its
+                                    # session, past the version known here (which
+                                    # the stop must not give). Any other failed
+                                    # turn stored nothing and leaves the stream's.
+                                    if created or error.metadata.get("turn_may_be_stored"):
+                                        session_id, version = created or turn_session, None
                                     failure = error.to_status_proto().SerializeToString()
                                     message = pb.ChatSessionResponse(failure=failure)
                                     done = True
@@ -403,7 +405,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                             yield message
                             call.writing = False
                             if call.cut and not done:
-                                raise call.failure(deltas, chars, session_id)
+                                raise call.failure(deltas, chars, turn_session)
                             # Cut once its completion or failure went out, the
                             # turn is whole: it is read to its end all the same
                             # (closed at its completion, the pipeline would settle
@@ -413,7 +415,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                         raise
                     # The router's stop, near its grace's end (drain).
                     if not done:
-                        raise call.failure(deltas, chars, session_id) from None
+                        raise call.failure(deltas, chars, turn_session) from None
 
     async def CreateSession(self, request, context) -> pb.CreateSessionResponse:
         tenant = await current_tenant()

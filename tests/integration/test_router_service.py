@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 
 import grpc
 import pytest
@@ -232,6 +233,43 @@ async def test_chat_session_reports_each_failed_turn_and_goes_on(router):
             outcomes.append(failure_of(response))
     invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert outcomes == [("ok", 1), (invalid, "EMPTY_MESSAGES"), (invalid, "INVALID_TEMPERATURE"), ("ok", 2)]
+
+
+async def test_a_chat_session_turn_refused_for_its_session_leaves_the_streams_session(router):
+    """A turn refused for the session it names (not found, not an id),
+    before anything was stored, became the stream's session: every later
+    turn naming none failed the same way. They continue the last session a
+    turn was answered on, or start one where none was."""
+
+    def turn(text: str, session_id: str = "") -> pb.ChatSessionRequest:
+        return pb.ChatSessionRequest(
+            model="tiny-gpt",
+            session_id=session_id,
+            messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=text)],
+            parameters=common_pb2.GenerationParameters(max_tokens=3),
+            cache_policy=pb.CACHE_POLICY_BYPASS,
+        )
+
+    requests = [
+        turn("first", session_id=uuid.uuid4().hex),
+        turn("second"),
+        turn("third", session_id="not a session id"),
+        turn("fourth"),
+    ]
+    outcomes = []
+    async for response in router.ChatSession(iter(requests), metadata=AUTH, timeout=CALL_TIMEOUT_S):
+        kind = response.WhichOneof("event")
+        if kind == "completion":
+            outcomes.append(("answered", response.completion.session_id, response.completion.session_version))
+        elif kind == "failure":
+            outcomes.append(("failed", *failure_of(response)))
+    created = outcomes[1][1]
+    assert outcomes == [
+        ("failed", grpc.StatusCode.NOT_FOUND.value[0], "SESSION_NOT_FOUND"),
+        ("answered", created, 1),
+        ("failed", grpc.StatusCode.INVALID_ARGUMENT.value[0], "INVALID_SESSION_ID"),
+        ("answered", created, 2),
+    ]
 
 
 async def test_concurrent_turns_on_one_session_all_land(mesh):

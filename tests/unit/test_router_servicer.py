@@ -708,6 +708,49 @@ def test_a_chat_sessions_first_turn_that_failed_before_storing_leaves_no_session
     assert contexts.deleted == ["s1"]
 
 
+def failure_info(response: pb.ChatSessionResponse) -> error_details_pb2.ErrorInfo:
+    """The ErrorInfo of a ChatSession failure event."""
+    info = error_details_pb2.ErrorInfo()
+    status_pb2.Status.FromString(response.failure).details[0].Unpack(info)
+    return info
+
+
+def test_a_chat_session_turn_that_stored_nothing_leaves_the_streams_session(loop):
+    """The stream is on s1. A turn naming s7 whose generation died before
+    anything was stored moved the stream to s7: the next turn, naming none,
+    went on s7. It goes on s1; a turn naming s8 whose append may have been
+    stored does move it, so the turn after it continues s8."""
+    contexts = FakeContexts()
+    generator = FakeGenerator()
+    server = served(loop, generator=generator, contexts=contexts)
+    rpc = server.invoke_stream_stream(SERVICE.methods_by_name["ChatSession"], AUTH, 10)
+    rpc.send_request(pb.ChatSessionRequest(model="m", messages=[user("first")]))
+    responses = [rpc.take_response() for _ in range(4)]
+    generator.fail_after = 1
+    rpc.send_request(pb.ChatSessionRequest(model="m", session_id="s7", messages=[user("second")]))
+    responses += [rpc.take_response() for _ in range(2)]
+    generator.fail_after = None
+    rpc.send_request(pb.ChatSessionRequest(model="m", messages=[user("third")]))
+    responses += [rpc.take_response() for _ in range(4)]
+    # As downstream.ContextService.append fails an append whose reply was lost.
+    lost = {"session_id": "s8", "turn_may_be_stored": "true"}
+    contexts.append_error = MeshgateError(grpc.StatusCode.UNAVAILABLE, Reason.DOWNSTREAM_FAILED, "lost", lost)
+    rpc.send_request(pb.ChatSessionRequest(model="m", session_id="s8", messages=[user("fourth")]))
+    responses += [rpc.take_response() for _ in range(4)]
+    contexts.append_error = None
+    rpc.send_request(pb.ChatSessionRequest(model="m", messages=[user("fifth")]))
+    rpc.requests_closed()
+    _, code, _ = rpc.termination()
+    responses += drain(rpc)
+    assert code == grpc.StatusCode.OK
+    assert responses[3].completion.session_id == "s1"
+    assert failure_info(responses[5]).reason == Reason.STREAM_ENDED_EARLY
+    assert responses[9].completion.session_id == "s1"
+    assert failure_info(responses[13]).metadata["turn_may_be_stored"] == "true"
+    assert responses[-1].completion.session_id == "s8"
+    assert [session_id for session_id, _, _ in contexts.appended] == ["s1", "s1", "s8"]
+
+
 def test_create_session_and_list_models(loop):
     server = served(loop)
     created, _, code, _ = server.invoke_unary_unary(

@@ -119,7 +119,7 @@ class RouterServiceServicer:
         router's message size (RESOURCE_EXHAUSTED, from gRPC itself) ends the
         stream instead, after the turns before it: the turns written after it
         are not read. Turns without a session id continue the stream's
-        current session. A stream opened with `meshgate-session-id: <id>`
+        current session (ChatSessionRequest.session_id). A stream opened with `meshgate-session-id: <id>`
         metadata starts in that session, which is read into memory at once, so
         that the first turn's prompt is assembled without waiting on storage.
         A stream the router admits (its API key, the replica's bound on calls
