@@ -76,10 +76,8 @@ answer that clients refuse by default (4 MiB), after one MGET of them all.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import re
@@ -91,7 +89,7 @@ from collections.abc import Callable
 import grpc
 import structlog
 
-from meshgate import redis_access
+from meshgate import paging, redis_access
 from meshgate.config import ConfigError, LimitSettings, hash_api_key, tenant_id_problem
 from meshgate.errors import MeshgateError, invalid_argument, not_found
 from meshgate.reasons import Reason
@@ -131,12 +129,11 @@ RETIRED_KEY_RETENTION_S = 30 * 24 * 3600
 # client's default 4 MiB receive limit.
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-# A page token: its layout's version, the score and the hash (raw) of the
-# last key of the page before, then a check of those and the tenant.
+# A page token's cursor (meshgate/paging.py): its layout's version, the
+# score and the hash (raw) of the last key of the page before.
 _PAGE_TOKEN_VERSION = 1
 _PAGE_CURSOR = struct.Struct(">Bd8s")
-_PAGE_CHECK_BYTES = 8
-_PAGE_CHECK_KEY = b"meshgate ListKeys page token"
+_LISTING = "ListKeys"
 
 # How long a CreateKey's or RotateKey's answer is kept for a resend with
 # its request id: a client whose reply was lost sends again within seconds,
@@ -240,21 +237,7 @@ class KeyRecord:
 
 def page_size(requested: int) -> int:
     """The keys a ListKeys page holds for a request's page_size (AIP-158)."""
-    if requested < 0:
-        raise invalid_argument(
-            Reason.INVALID_PAGE_SIZE, f"page_size must not be negative (0: {DEFAULT_PAGE_SIZE} keys)"
-        )
-    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
-def _page_check(tenant_id: str, cursor: bytes) -> bytes:
-    # Binds a token to its listing's tenant, and refuses one altered. Keyed
-    # with a constant, not a secret: one who forges a token could list the
-    # tenant's keys anyway (every admin may), and gets no further with it
-    # than a place to start in that listing.
-    return hashlib.blake2b(
-        cursor + tenant_id.encode(), digest_size=_PAGE_CHECK_BYTES, key=_PAGE_CHECK_KEY
-    ).digest()
+    return paging.page_size(requested, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,30 +255,21 @@ class PageCursor:
     def token(self, tenant_id: str) -> str:
         """The page token naming this place in ``tenant_id``'s listing."""
         cursor = _PAGE_CURSOR.pack(_PAGE_TOKEN_VERSION, self.created_at, bytes.fromhex(self.key_id))
-        return base64.urlsafe_b64encode(cursor + _page_check(tenant_id, cursor)).decode().rstrip("=")
+        return paging.page_token(_LISTING, tenant_id, cursor)
 
     @classmethod
     def of_token(cls, token: str, tenant_id: str) -> PageCursor:
         """The place ``token`` names in ``tenant_id``'s listing;
         INVALID_ARGUMENT INVALID_PAGE_TOKEN where it is no token this
         listing gave."""
-        refusal = invalid_argument(
-            Reason.INVALID_PAGE_TOKEN, "page_token is not a next_page_token of ListKeys of this tenant_id"
-        )
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        except ValueError:  # not base64, or not ASCII
-            raise refusal from None
-        cursor, check = raw[: _PAGE_CURSOR.size], raw[_PAGE_CURSOR.size :]
-        if len(cursor) != _PAGE_CURSOR.size or check != _page_check(tenant_id, cursor):
-            raise refusal
+        cursor = paging.cursor_of(_LISTING, tenant_id, token)
+        if len(cursor) != _PAGE_CURSOR.size:
+            raise paging.refused(_LISTING)
         version, created_at, key_id = _PAGE_CURSOR.unpack(cursor)
-        place = cls(created_at, key_id.hex())
-        # One spelling per token: base64 decoding skips characters outside
-        # its alphabet, and padding's bits.
-        if version != _PAGE_TOKEN_VERSION or not math.isfinite(created_at) or place.token(tenant_id) != token:
-            raise refusal
-        return place
+        # Redis refuses a NaN score: that would be an INTERNAL error, not the caller's.
+        if version != _PAGE_TOKEN_VERSION or not math.isfinite(created_at):
+            raise paging.refused(_LISTING)
+        return cls(created_at, key_id.hex())
 
 
 @dataclasses.dataclass(frozen=True)

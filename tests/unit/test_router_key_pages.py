@@ -10,6 +10,7 @@ import string
 import grpc
 import pytest
 
+from meshgate import paging
 from meshgate.config import hash_api_key
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
@@ -107,8 +108,7 @@ def _checked(version: int, created_at: float, tenant_id: str = "acme") -> str:
     """A token made as a listing makes one, of any version and score: what
     one who read this code could forge."""
     cursor = keys_module._PAGE_CURSOR.pack(version, created_at, bytes.fromhex(CURSOR.key_id))
-    check = keys_module._page_check(tenant_id, cursor)
-    return base64.urlsafe_b64encode(cursor + check).decode().rstrip("=")
+    return paging.page_token("ListKeys", tenant_id, cursor)
 
 
 def test_a_forged_token_still_names_only_a_finite_place_of_this_layout():
