@@ -170,13 +170,20 @@ RETRYABLE_METHODS = {
         "Chat",
         "CreateSession",
         "GetSession",
+        "ListSessions",
         "PinToSession",
         "ListModels",
         "GetUsage",
     ),
     "meshgate.router.v1.AdminService": ("ListKeys",),
     # Reads; CreateSession and PinToSession as the router's.
-    "meshgate.context.v1.ContextService": ("CreateSession", "GetSession", "PinToSession", "AssembleContext"),
+    "meshgate.context.v1.ContextService": (
+        "CreateSession",
+        "GetSession",
+        "ListSessions",
+        "PinToSession",
+        "AssembleContext",
+    ),
     # Store writes the same entry under the same key again.
     "meshgate.cache.v1.CacheService": ("Lookup", "Store", "GetStats"),
     # Generate writes nothing: a retry before its first token costs at most

@@ -22,6 +22,7 @@ TENANT_OF = {
     "CreateSession": lambda request: request.tenant_id,
     "GetSession": lambda request: request.tenant_id,
     "DeleteSession": lambda request: request.tenant_id,
+    "ListSessions": lambda request: request.tenant_id,
     "AppendTurns": lambda request: request.tenant_id,
     "AssembleContext": lambda request: request.tenant_id,
     "ForkSession": lambda request: request.tenant_id,

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import structlog
 
-from meshgate import metrics, redis_access, request_ids, serving
+from meshgate import metrics, paging, redis_access, request_ids, serving
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ContextSettings, ModelSettings
 from meshgate.context.v1 import context_service_pb2 as pb
@@ -37,11 +37,15 @@ from services.context import assembly, relevance
 from services.context import summaries as summaries_lib
 from services.context.hot_cache import DELETED, HotCache
 from services.context.store import (
+    DEFAULT_LIST_PAGE_SIZE,
+    MAX_LIST_PAGE_SIZE,
     NO_COUNTS,
     PIN_OVERHEAD_BYTES,
     SessionStore,
     StoredSession,
     SummarySpend,
+    listing_cursor,
+    listing_token,
     session_key,
 )
 from services.context.token_counts import PromptCounter
@@ -626,6 +630,16 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         if self._summarizer is not None:
             self._summarizer.forget(request.tenant_id, request.session_id)
         return pb.DeleteSessionResponse()
+
+    async def ListSessions(self, request: pb.ListSessionsRequest, context) -> pb.ListSessionsResponse:
+        _check_tenant(request.tenant_id)
+        size = paging.page_size(request.page_size, DEFAULT_LIST_PAGE_SIZE, MAX_LIST_PAGE_SIZE)
+        after = listing_cursor(request.tenant_id, request.page_token) if request.page_token else None
+        page = await self._store.listing.page(request.tenant_id, size, after)
+        return pb.ListSessionsResponse(
+            sessions=[pb.SessionSummary(**listed._asdict()) for listed in page.sessions],
+            next_page_token=listing_token(request.tenant_id, page.following) if page.following else "",
+        )
 
     async def AppendTurns(self, request: pb.AppendTurnsRequest, context) -> pb.AppendTurnsResponse:
         _check_tenant(request.tenant_id)

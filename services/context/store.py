@@ -96,6 +96,30 @@ lies in a record of the tenant's (TenantHoldings), keys
 tenant, apart from every session's: a call of its own beside each
 session's script).
 
+The tenant's listing (SessionListing, ContextService.ListSessions), two
+sorted sets in the tenant's slot (listing_key(): the tenant's hex as the
+hash tag, as its holdings record's), apart from every session's, so written
+by a call of its own after each session's script:
+
+- ``mg:context:listed:{<tenant hex>}:newest``: every score 0, so ordered by
+  member, ``<create_time_ms, 16 digits>:<session id>`` (listed_member()),
+  and read backwards (ZREVRANGEBYLEX), newest first. A member names one
+  life of a session: an entry an earlier life of its id left (deleted or
+  expired, then created again) is told from the current one's.
+- ``...:due``: the same members, scored by when their sessions are to be
+  checked (ms of Redis's clock): when each would expire unwritten
+  (creation + session_ttl_s; +inf without a TTL), and once a check finds
+  it live, when its TTL left says.
+
+A create or a fork lists its session once its script made it (and a
+resend of its request id again, where the first send's listing was lost);
+a delete unlists it once its script deleted it. An entry whose session is
+gone (its delete's unlisting lost, expired, created again since) is pruned
+by the page that meets it, which reads every listed session's meta, and by
+the create that finds it due (at most LISTING_SWEPT_PER_CREATE a create,
+oldest due first), so a tenant that never lists does not pile up the
+entries of its expired sessions.
+
 SESSION_PARTS lists the session's parts, and every script that changes a
 session takes all of them (session_keys), so none outlives or predeceases
 the others: each that changes a live session renews every one's TTL (pins and
@@ -176,7 +200,7 @@ import numpy as np
 import redis.asyncio as redis
 import structlog
 
-from meshgate import redis_access, request_ids
+from meshgate import paging, redis_access, request_ids
 from meshgate.common.v1 import common_pb2
 from meshgate.config import summary_usage_ttl_s
 from meshgate.errors import MeshgateError, not_found
@@ -888,14 +912,15 @@ return upto
 
 # KEYS: session_keys, then the request record of a fork (fork_request_key).
 # Deletes all of them, whether or not the session exists (what an earlier
-# session of its id left goes too), and returns whether it did. A script
+# session of its id left goes too), and returns the deleted session's
+# create_time_ms (nil where there was none), for its unlisting. A script
 # rather than MULTI with PUBLISH: a cluster transaction takes keyed
 # commands only.
 _DELETE = """
-local existed = redis.call('EXISTS', KEYS[1])
+local created = redis.call('HGET', KEYS[1], 'create_time_ms')
 redis.call('DEL', unpack(KEYS))
 redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1')
-return existed
+return created
 """
 
 # KEYS: meta. ARGV: version the counts were made at, counts field, packed
@@ -998,6 +1023,64 @@ end
 total = math.max(0, total)
 redis.call('HSET', KEYS[1], 'total', total)
 return total
+"""
+
+# ListSessions' page sizes (AIP-158): a page of 1,000 summaries with the
+# longest session ids is 159 KB (54 KB with 32-character ids).
+DEFAULT_LIST_PAGE_SIZE = 50
+MAX_LIST_PAGE_SIZE = 1000
+# The reads one page makes at most of the tenant's listing, each in place of
+# the sessions the one before found gone: a page's work stays bounded by
+# its size however many expired sessions' entries it meets (it then holds
+# fewer sessions, and a next_page_token past them).
+LISTING_ROUNDS = 4
+# Due entries a create checks at most (the module's docstring): more than
+# the one entry it adds, so those of expired sessions never pile up.
+LISTING_SWEPT_PER_CREATE = 8
+# A page token's cursor (meshgate/paging.py): this layout's version, then
+# the member of the last entry the page before read.
+_LISTING = "ListSessions"
+_LISTING_CURSOR_VERSION = b"\x01"
+
+# KEYS: the tenant's listing (newest, due). ARGV: a session's member, when
+# it is due (ms; '+inf': never), the most due members to name. Lists the
+# session; returns up to ARGV[3] members due now, the oldest due first, for
+# the caller to check (_LISTING_CHECKED). ZADD first: see OOM_FIRST.
+_LIST = """
+redis.call('ZADD', KEYS[1], 0, ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+"""
+
+# KEYS: the tenant's listing (newest, due). ARGV: pairs of a member and what
+# its session has left to live (ms, PTTL: -1 kept forever, -2 gone, as
+# _SESSION_STATE read it). Unlists each member of a session gone; moves a
+# live one's due time to when it would expire now, if it is still listed
+# (XX: an unlisting since stands).
+_LISTING_CHECKED = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+for i = 1, #ARGV, 2 do
+  local left = tonumber(ARGV[i + 1])
+  if left == -2 then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('ZREM', KEYS[2], ARGV[i])
+  else
+    redis.call('ZADD', KEYS[2], 'XX', left == -1 and '+inf' or now + left, ARGV[i])
+  end
+end
+"""
+
+# KEYS: a session's meta and turns. What a listing shows of it, read in one
+# instant: {version, create_time_ms, update_time_ms, turns held, PTTL of
+# meta}, or nil where there is no session. EVAL, not EVALSHA: a cluster
+# pipeline sends it to the session's node, which may not hold the script.
+_SESSION_STATE = """
+local meta = redis.call('HMGET', KEYS[1], 'version', 'create_time_ms', 'update_time_ms')
+if not meta[1] then return false end
+return {meta[1], meta[2], meta[3], redis.call('LLEN', KEYS[2]), redis.call('PTTL', KEYS[1])}
 """
 
 _COUNTS_PREFIX = b"tokens:"
@@ -1138,6 +1221,18 @@ def holdings_key(tenant_id: str, part: str) -> str:
     (TenantHoldings): the tenant's hex as the hash tag, so its parts share
     a slot, and no tenant id's braces or colons can reach another's."""
     return f"mg:context:held:{{{tenant_id.encode().hex()}}}:{part}"
+
+
+def listing_key(tenant_id: str, part: str) -> str:
+    """A key of the tenant's listing (``newest`` or ``due``; the module's
+    docstring): in the tenant's slot, as its holdings record."""
+    return f"mg:context:listed:{{{tenant_id.encode().hex()}}}:{part}"
+
+
+def listed_member(session_id: str, create_time_ms: int) -> str:
+    """One life of a session as the tenant's listing holds it: ordered by
+    creation, then by id (fixed width, so as strings as by number)."""
+    return f"{create_time_ms:016d}:{session_id}"
 
 
 def session_keys(tenant_id: str, session_id: str) -> list[str]:
@@ -1360,6 +1455,152 @@ def held_by(turn_bytes: int, turns: int) -> int:
     return SESSION_OVERHEAD_BYTES + turn_bytes + TURN_OVERHEAD_BYTES * turns
 
 
+class ListedSession(typing.NamedTuple):
+    """A session as a page of the tenant's listing shows it (SessionListing.page)."""
+
+    session_id: str
+    version: int
+    create_time_ms: int
+    update_time_ms: int
+    turn_count: int
+
+
+class SessionsPage(typing.NamedTuple):
+    sessions: list[ListedSession]
+    # The member after which the next page starts (listing_token); None after the last.
+    following: bytes | None
+
+
+def listing_token(tenant_id: str, following: bytes) -> str:
+    """The next_page_token naming ``following`` (SessionsPage) in the tenant's listing."""
+    return paging.page_token(_LISTING, tenant_id, _LISTING_CURSOR_VERSION + following)
+
+
+def listing_cursor(tenant_id: str, token: str) -> bytes:
+    """The member a page token of the tenant's listing names;
+    INVALID_PAGE_TOKEN where it is none a listing of that tenant gave."""
+    cursor = paging.cursor_of(_LISTING, tenant_id, token)
+    version, member = cursor[:1], cursor[1:]
+    created, _, session_id = member.partition(b":")
+    if version != _LISTING_CURSOR_VERSION or len(created) != 16 or not created.isdigit() or not session_id:
+        raise paging.refused(_LISTING)
+    return member
+
+
+class SessionListing:
+    """The tenant's sessions, newest first, a page at a time (the module's
+    docstring: its keys, who writes them, how entries of sessions gone are
+    pruned). A page token names the member of the last entry a page read:
+    a place, not a snapshot, so nothing is held between pages and a token
+    works on any replica; a member never changes while its session lives,
+    so a session that lives through a whole listing is listed once,
+    whatever is created, deleted or expires between pages.
+
+    What a page of n sessions costs, whatever the tenant holds: a range of
+    n + 1 members (O(log N + n)), one read of each session's meta and turn
+    count (a pipeline: on a cluster, to each session's node), and where it
+    met sessions gone, one script that prunes them, then as much again for
+    each of at most LISTING_ROUNDS - 1 more reads in their place.
+
+    What it may miss: a session whose listing failed after its script made
+    it (the create or fork answered UNAVAILABLE) until a resend of its
+    request id lists it (the router's own resend of a create does), and
+    sessions created before the listing existed, or by a replica of a
+    version before it during a rolling upgrade: unlisted until they expire."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self._client = client
+        self._ttl_ms = ttl_s * 1000
+        self._list = client.register_script(_LIST)
+        self._checked = client.register_script(_LISTING_CHECKED)
+
+    async def listed(self, tenant_id: str, session_id: str, create_time_ms: int) -> None:
+        """Lists the session's life created at ``create_time_ms`` (again:
+        listing it twice changes nothing); then checks the listing's due
+        entries (never raises: the session is listed)."""
+        member = listed_member(session_id, create_time_ms)
+        due = create_time_ms + self._ttl_ms if self._ttl_ms > 0 else "+inf"
+        keys = [listing_key(tenant_id, "newest"), listing_key(tenant_id, "due")]
+        with redis_reachable():
+            overdue = await self._list(keys=keys, args=[member, due, LISTING_SWEPT_PER_CREATE])
+        if not overdue:
+            return
+        try:
+            states = await self._states(tenant_id, overdue)
+            await self._settle(tenant_id, overdue, states)
+        except redis_access.CONNECTION_ERRORS as error:
+            log.warning("tenant's due listing entries not checked", error=str(error))
+
+    async def unlisted(self, tenant_id: str, session_id: str, create_time_ms: int) -> None:
+        """Unlists the session's life created at ``create_time_ms``, after its
+        delete. Never raises: the delete stands, and a page that meets the
+        entry prunes it."""
+        member = listed_member(session_id, create_time_ms).encode()
+        try:
+            await self._settle(tenant_id, [member], [None])
+        except redis_access.CONNECTION_ERRORS as error:
+            log.warning("deleted session not unlisted", session_id=session_id, error=str(error))
+
+    async def page(self, tenant_id: str, size: int, after: bytes | None = None) -> SessionsPage:
+        """Up to ``size`` of the tenant's sessions, newest first, after the
+        member ``after`` (None: from the newest). Fewer where the entries
+        it read were of sessions gone (pruned now), with ``following`` set
+        where entries are left to read."""
+        newest = listing_key(tenant_id, "newest")
+        found: list[ListedSession] = []
+        with redis_reachable():
+            for _ in range(LISTING_ROUNDS):
+                wanted = size - len(found)
+                start = b"(" + after if after is not None else "+"
+                # One past the page says whether another follows.
+                members = await self._client.zrevrangebylex(newest, start, "-", 0, wanted + 1)
+                read = members[:wanted]
+                gone = []
+                for member, state in zip(read, await self._states(tenant_id, read), strict=True):
+                    if not _same_life(member, state):
+                        gone.append(member)
+                        continue
+                    version, created_ms, updated_ms, turns, _ = state
+                    session_id = member.partition(b":")[2].decode()
+                    found.append(
+                        ListedSession(session_id, int(version), int(created_ms), int(updated_ms), turns)
+                    )
+                await self._settle(tenant_id, gone, [None] * len(gone))
+                if len(members) <= wanted:
+                    return SessionsPage(found, None)
+                after = read[-1]
+                if len(found) == size:
+                    break
+        return SessionsPage(found, after)
+
+    async def _states(self, tenant_id: str, members: list[bytes]) -> list[list | None]:
+        """_SESSION_STATE of each member's session, in one round trip."""
+        if not members:
+            return []
+        async with self._client.pipeline(transaction=False) as pipe:
+            for member in members:
+                session_id = member.partition(b":")[2].decode()
+                meta, turns = key(tenant_id, session_id, "meta"), key(tenant_id, session_id, "turns")
+                pipe.eval(_SESSION_STATE, 2, meta, turns)
+            return await pipe.execute()
+
+    async def _settle(self, tenant_id: str, members: list[bytes], states: list[list | None]) -> None:
+        """Unlists the members whose sessions are gone (a state of another
+        life, or None), and moves the others' due times on (_LISTING_CHECKED)."""
+        if not members:
+            return
+        args: list[bytes | int] = []
+        for member, state in zip(members, states, strict=True):
+            args += [member, state[4] if _same_life(member, state) else -2]
+        keys = [listing_key(tenant_id, "newest"), listing_key(tenant_id, "due")]
+        await self._checked(keys=keys, args=args)
+
+
+def _same_life(member: bytes, state: list | None) -> bool:
+    """Whether ``state`` (_SESSION_STATE) is of the life ``member`` names."""
+    return state is not None and int(state[1]) == int(member.partition(b":")[0])
+
+
 class SessionStore:
     def __init__(
         self,
@@ -1389,6 +1630,7 @@ class SessionStore:
         self.owed = OwedSessions(client)
         # context.max_bytes_per_tenant (0: no bound).
         self.holdings = TenantHoldings(client, ttl_s, max_bytes_per_tenant)
+        self.listing = SessionListing(client, ttl_s)
 
     async def create(self, tenant_id: str, session_id: str, of_request_id: bool = False) -> int:
         """Creates an empty session at version 0; returns its creation time.
@@ -1417,6 +1659,7 @@ class SessionStore:
             )
         # Nothing beside its turns either: creating it cleared an earlier life's pins and summaries.
         await self.holdings.held(tenant_id, session_id, 0, 0, beside=0)
+        await self.listing.listed(tenant_id, session_id, int(outcome[1]))
         return int(outcome[1])
 
     async def exists(self, tenant_id: str, session_id: str) -> bool:
@@ -1426,9 +1669,10 @@ class SessionStore:
 
     async def _created_before(self, tenant_id: str, session_id: str, created_ms: bytes) -> int:
         """The creation time of the session a send of its request id made."""
-        # That send's count of it was set after its script, and may have
-        # been lost with its reply.
+        # That send's count and listing of it were written after its
+        # script, and may have been lost with its reply.
         await self.recount(tenant_id, session_id)
+        await self.listing.listed(tenant_id, session_id, int(created_ms))
         return int(created_ms)
 
     async def read(self, tenant_id: str, session_id: str, at_version: int | None = None) -> StoredSession:
@@ -1640,6 +1884,7 @@ class SessionStore:
             return await self._forked_before(tenant_id, new_session_id, request_digest, outcome[1])
         _, created_ms, beside = outcome
         await self.holdings.held(tenant_id, new_session_id, turn_bytes, len(turns), int(beside))
+        await self.listing.listed(tenant_id, new_session_id, int(created_ms))
         return int(created_ms)
 
     async def _forked_before(self, tenant_id: str, fork_id: str, request_digest: str, recorded: bytes) -> int:
@@ -1649,9 +1894,10 @@ class SessionStore:
         made_for, created_ms = recorded.decode().split(" ")
         if made_for != request_digest:
             raise request_ids.reused()
-        # That send's count of the fork was set after its script, and may
-        # have been lost with its reply.
+        # That send's count and listing of the fork were written after its
+        # script, and may have been lost with its reply.
         await self.recount(tenant_id, fork_id)
+        await self.listing.listed(tenant_id, fork_id, int(created_ms))
         return int(created_ms)
 
     async def compact(
@@ -1753,10 +1999,11 @@ class SessionStore:
     async def delete(self, tenant_id: str, session_id: str) -> None:
         with redis_reachable():
             keys = [*session_keys(tenant_id, session_id), fork_request_key(tenant_id, session_id)]
-            deleted = await self._delete(keys=keys)
+            created_ms = await self._delete(keys=keys)
         await self.holdings.dropped(tenant_id, session_id)
-        if not deleted:
+        if created_ms is None:
             raise session_not_found(session_id)
+        await self.listing.unlisted(tenant_id, session_id, int(created_ms))
 
 
 class OwedSessions:

@@ -451,6 +451,26 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         )
         return pb.DeleteSessionResponse()
 
+    async def ListSessions(self, request: pb.ListSessionsRequest, context) -> pb.ListSessionsResponse:
+        listed = await self._on_session(
+            "ListSessions",
+            context_pb.ListSessionsRequest(page_size=request.page_size, page_token=request.page_token),
+            context,
+        )
+        return pb.ListSessionsResponse(
+            sessions=[
+                pb.SessionSummary(
+                    session_id=session.session_id,
+                    version=session.version,
+                    create_time_ms=session.create_time_ms,
+                    update_time_ms=session.update_time_ms,
+                    turn_count=session.turn_count,
+                )
+                for session in listed.sessions
+            ],
+            next_page_token=listed.next_page_token,
+        )
+
     async def ForkSession(self, request: pb.ForkSessionRequest, context) -> pb.ForkSessionResponse:
         forked = await self._on_session(
             "ForkSession",

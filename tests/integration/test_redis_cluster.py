@@ -248,6 +248,41 @@ async def test_sessions_owing_summary_usage_on_every_master_are_claimed(
     assert await client.zscore(store.OWED_KEY, member) is None
 
 
+async def test_a_tenants_listing_of_sessions_on_every_master(cluster: Cluster, tenant) -> None:
+    """The listing lies in the tenant's slot, its sessions in every
+    master's: a page reads their state with one script each (a pipeline
+    across nodes, EVAL, which a node that never loaded it runs all the
+    same), and prunes what it finds gone in the listing's slot."""
+    ids = sorted(sum(session_ids_on_every_master(cluster, tenant, per_master=2).values(), []))
+    async with running(make_settings(cluster.url)) as stub:
+        for session_id in ids:
+            await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, session_id=session_id))
+        await stub.AppendTurns(
+            pb.AppendTurnsRequest(
+                tenant_id=tenant, session_id=ids[0], any_version=True, messages=[msg(USER, "hello")]
+            )
+        )
+        await stub.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=ids[1]))
+        connected = await redis_access.connect_checked(cluster.url)
+        try:
+            # Expired: its keys gone, its entry left for a page to prune.
+            await connected.delete(*store.session_keys(tenant, ids[2]))
+            listed, token = [], ""
+            while True:
+                page = await stub.ListSessions(
+                    pb.ListSessionsRequest(tenant_id=tenant, page_size=2, page_token=token)
+                )
+                listed += list(page.sessions)
+                token = page.next_page_token
+                if not token:
+                    break
+            assert sorted(s.session_id for s in listed) == ids[:1] + ids[3:]
+            assert [(s.version, s.turn_count) for s in listed if s.session_id == ids[0]] == [(1, 1)]
+            assert await connected.zcard(store.listing_key(tenant, "newest")) == len(ids) - 2
+        finally:
+            await connected.aclose()
+
+
 async def test_change_notices_from_every_master_reach_a_subscriber(cluster: Cluster, client, tenant) -> None:
     sessions = store.SessionStore(client, ttl_s=600)
     hot = HotCache(max_bytes=1 << 20)

@@ -1,5 +1,5 @@
 """A tenant's own sessions managed through the real router (GetSession,
-DeleteSession, ForkSession, RevertSession, PinToSession, UnpinFromSession)
+ListSessions, DeleteSession, ForkSession, RevertSession, PinToSession, UnpinFromSession)
 in front of real context, cache and inference services (real Redis, real
 Triton): each acts on the caller's tenant's session, another tenant's key
 finds none (NOT_FOUND, SESSION_NOT_FOUND, as for one that does not exist),
@@ -47,7 +47,7 @@ pytestmark = pytest.mark.integration
 # bytes, the answer's and 1,024 a message, 512 a session): each test's
 # tenant is its own, so one's sessions never fill another's room.
 MAX_BYTES_PER_TENANT = 16000
-TENANTS = ("manage", "pins", "quota", "strict", "other")
+TENANTS = ("manage", "pins", "quota", "strict", "other", "listing", "neighbour")
 USER = common_pb2.ROLE_USER
 FACT = "The user's cat is called Zanzibar."
 
@@ -236,6 +236,47 @@ async def test_another_tenants_session_is_not_found_and_left_as_it_was(mesh) -> 
     assert await stored(context, tenant, session_id) == (1, ["mine", text])
     pin = pb.PinToSessionRequest(session_id=session_id, fact=FACT)
     assert (await router.PinToSession(pin, metadata=auth)).pin_count == 1
+
+
+async def test_a_tenant_lists_its_own_sessions_and_no_other_tenants(mesh) -> None:
+    """ListSessions acts for the caller's key's tenant, as the other session
+    methods do (its request names none): newest first, a page at a time,
+    a page token good for that tenant's listing only."""
+    router, _, tenants = mesh
+    _, auth = tenants["listing"]
+    _, neighbours_auth = tenants["neighbour"]
+    mine = [await new_session(router, auth) for _ in range(3)]
+    theirs = await new_session(router, neighbours_auth)
+    await answer_of(router.Chat(turn(mine[0], "hello"), metadata=auth))
+
+    pages, token = [], ""
+    while True:
+        page = await router.ListSessions(pb.ListSessionsRequest(page_size=2, page_token=token), metadata=auth)
+        pages.append(list(page.sessions))
+        token = page.next_page_token
+        if not token:
+            break
+    assert [len(page) for page in pages] == [2, 1]
+    listed = sum(pages, [])
+    assert sorted(s.session_id for s in listed) == sorted(mine)
+    assert listed == sorted(listed, key=lambda s: (s.create_time_ms, s.session_id), reverse=True)
+    chatted = next(s for s in listed if s.session_id == mine[0])
+    assert (chatted.version, chatted.turn_count) == (1, 2)
+    assert chatted.create_time_ms <= chatted.update_time_ms
+    neighbours = await router.ListSessions(pb.ListSessionsRequest(), metadata=neighbours_auth)
+    assert [s.session_id for s in neighbours.sessions] == [theirs] and not neighbours.next_page_token
+
+    first = await router.ListSessions(pb.ListSessionsRequest(page_size=1), metadata=auth)
+    not_theirs = router.ListSessions(
+        pb.ListSessionsRequest(page_token=first.next_page_token), metadata=neighbours_auth
+    )
+    assert (await status_of(not_theirs))[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
+    negative = router.ListSessions(pb.ListSessionsRequest(page_size=-1), metadata=auth)
+    assert (await status_of(negative))[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_SIZE")
+
+    await router.DeleteSession(pb.DeleteSessionRequest(session_id=mine[1]), metadata=auth)
+    left = await router.ListSessions(pb.ListSessionsRequest(), metadata=auth)
+    assert sorted(s.session_id for s in left.sessions) == sorted([mine[0], mine[2]])
 
 
 async def test_bad_input_gets_the_context_services_status_through_the_router(mesh) -> None:

@@ -51,6 +51,11 @@ class ContextServiceStub:
                 request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.DeleteSessionRequest.SerializeToString,
                 response_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.DeleteSessionResponse.FromString,
                 _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/meshgate.context.v1.ContextService/ListSessions',
+                request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
         self.AppendTurns = channel.unary_unary(
                 '/meshgate.context.v1.ContextService/AppendTurns',
                 request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.AppendTurnsRequest.SerializeToString,
@@ -122,6 +127,21 @@ class ContextServiceServicer:
 
     def DeleteSession(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """The tenant's sessions, a page at a time (AIP-158), newest first: by
+        creation time (ms, Redis's clock), then by session id, both descending.
+        A page token names a place in the tenant's listing, not a snapshot: a
+        session that lives through the whole listing is listed exactly once,
+        whatever is created, deleted or expires between pages; one created
+        meanwhile is newer than the place and not listed. A page may hold
+        fewer sessions than asked (even none) while next_page_token is set:
+        sessions deleted or expired are pruned from the listing as a page
+        meets them, and a page reads a bounded number of them.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -255,6 +275,11 @@ def add_ContextServiceServicer_to_server(servicer, server):
                     servicer.DeleteSession,
                     request_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.DeleteSessionRequest.FromString,
                     response_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.DeleteSessionResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.ListSessionsRequest.FromString,
+                    response_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.ListSessionsResponse.SerializeToString,
             ),
             'AppendTurns': grpc.unary_unary_rpc_method_handler(
                     servicer.AppendTurns,
@@ -390,6 +415,33 @@ class ContextService:
             '/meshgate.context.v1.ContextService/DeleteSession',
             meshgate_dot_context_dot_v1_dot_context__service__pb2.DeleteSessionRequest.SerializeToString,
             meshgate_dot_context_dot_v1_dot_context__service__pb2.DeleteSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.context.v1.ContextService/ListSessions',
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.ListSessionsRequest.SerializeToString,
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,11 @@ class RouterServiceStub:
                 request_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.DeleteSessionRequest.SerializeToString,
                 response_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.DeleteSessionResponse.FromString,
                 _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/meshgate.router.v1.RouterService/ListSessions',
+                request_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
         self.ForkSession = channel.unary_unary(
                 '/meshgate.router.v1.RouterService/ForkSession',
                 request_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.ForkSessionRequest.SerializeToString,
@@ -164,6 +169,20 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSessions(self, request, context):
+        """The caller's tenant's sessions (its API key's, as for GetSession), a
+        page at a time (AIP-158), newest first: by creation time, then by
+        session id, both descending. Send each answer's next_page_token back as
+        page_token until it is empty: a token names a place in the tenant's
+        listing, not a snapshot, so a session that lives through the whole
+        listing is listed exactly once, whatever is created, deleted or
+        expires between pages. A page may hold fewer sessions than asked (even
+        none) while next_page_token is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ForkSession(self, request, context):
         """A new session holding the turns a session had at one of its versions,
         with the source's pins as they are now. The source is unchanged.
@@ -251,6 +270,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.DeleteSession,
                     request_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.DeleteSessionRequest.FromString,
                     response_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.DeleteSessionResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.ListSessionsRequest.FromString,
+                    response_serializer=meshgate_dot_router_dot_v1_dot_router__service__pb2.ListSessionsResponse.SerializeToString,
             ),
             'ForkSession': grpc.unary_unary_rpc_method_handler(
                     servicer.ForkSession,
@@ -425,6 +449,33 @@ class RouterService:
             '/meshgate.router.v1.RouterService/DeleteSession',
             meshgate_dot_router_dot_v1_dot_router__service__pb2.DeleteSessionRequest.SerializeToString,
             meshgate_dot_router_dot_v1_dot_router__service__pb2.DeleteSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.router.v1.RouterService/ListSessions',
+            meshgate_dot_router_dot_v1_dot_router__service__pb2.ListSessionsRequest.SerializeToString,
+            meshgate_dot_router_dot_v1_dot_router__service__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
