@@ -951,13 +951,17 @@ return {
 
 # What a session holds in Redis beyond its turns' bytes (meta's
 # ``bytes``), as context.max_bytes_per_tenant counts it: an empty session
-# (meta, its version history) took 410 bytes of Redis's used_memory; a
+# took 1,003 bytes of Redis's used_memory (its meta and version history
+# 432, its fields in the tenant's record ~300, its two entries in the
+# tenant's listing ~270, with 32-character ids; 512 counted it before the
+# record's and the listing's share were, and a tenant creating sessions
+# until refused held twice its bound); a
 # turn beyond its encoding 58-100 in the store (its list entry, version
 # history, token counts, turn id) and 700-1,560 more in the turn index (an
 # int8 vector of 384 bytes, roles, lengths, postings, and the strings'
 # growth room), measured on redis-server 6.2 (jemalloc) with short and
-# 5 KB turns; rounded up.
-SESSION_OVERHEAD_BYTES = 512
+# 5 KB turns; rounded up, by a quarter for longer ids.
+SESSION_OVERHEAD_BYTES = 1280
 TURN_OVERHEAD_BYTES = 1024
 # Expired sessions one call of a tenant's record forgets at most (oldest
 # first): bounded work per call, and more than the one session a call adds.

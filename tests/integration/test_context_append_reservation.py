@@ -174,7 +174,9 @@ async def test_a_tenant_its_bound_refused_is_refused_up_front_from_memory(
     memory lapses after store.QUOTA_REFUSAL_KEPT_S."""
     monkeypatch.setattr(session_store, "QUOTA_REFUSAL_KEPT_S", 2.0)
     settings = make_settings("")
-    settings.context.max_bytes_per_tenant = 8000
+    # Two sessions, room for one turn of 2 KB and not for two.
+    bound = 6976 + 2 * session_store.SESSION_OVERHEAD_BYTES
+    settings.context.max_bytes_per_tenant = bound
     async with _own_redis(tmp_path) as (url, client):
         settings.redis.url = url
         async with running(settings) as stub, running(settings) as cold:
@@ -186,7 +188,7 @@ async def test_a_tenant_its_bound_refused_is_refused_up_front_from_memory(
             assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_QUOTA_EXCEEDED")
             held = int(at_append["bytes"])
             # A turn of two messages counts 1,024 bytes each beside its own.
-            room = 8000 - held - 2 * session_store.TURN_OVERHEAD_BYTES
+            room = bound - held - 2 * session_store.TURN_OVERHEAD_BYTES
 
             # Up to the bound on what it held: assembled; a byte more:
             # refused as the append was, from memory (the session is hot).

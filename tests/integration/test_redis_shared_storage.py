@@ -174,6 +174,24 @@ async def test_one_tenants_sessions_leave_the_others_room(own_redis):
         await a_turn_is_appended(sessions, "tenant-a")
 
 
+async def test_a_tenant_making_empty_sessions_holds_no_more_than_its_bound(own_redis):
+    """Each empty session took 1,003 bytes of Redis (meta and version
+    history, its fields in the tenant's record, its entries in the tenant's
+    listing; 32-character ids, redis-server 6.2) and was counted 512: a
+    tenant creating sessions until refused held twice its bound (735 bytes a
+    session before the listing, 1.4 times)."""
+    async with bounded(own_redis) as client:
+        quota = 1024 * 1024
+        sessions = SessionStore(client, ttl_s=60, max_bytes_per_tenant=quota)
+        before = await used_memory(client)
+        with pytest.raises(MeshgateError) as refused:
+            for _ in range(10_000):  # 10 MB of sessions, were each made
+                await sessions.create("tenant-a", uuid.uuid4().hex)
+        assert_quota_refusal(refused.value, quota)
+        held = await used_memory(client) - before
+        assert quota * 0.5 <= held <= quota
+
+
 def assert_quota_refusal(error: MeshgateError, quota: int) -> None:
     assert (error.code, error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_QUOTA_EXCEEDED")
     assert error.metadata["limit"] == "max_bytes_per_tenant"

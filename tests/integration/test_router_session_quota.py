@@ -20,6 +20,7 @@ from meshgate.common.v1 import common_pb2
 from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.errors import error_info
 from meshgate.router.v1 import router_service_pb2 as pb
+from services.context import store as session_store
 from tests.integration.conftest import (
     answer_of,
     keyed_tenants,
@@ -31,8 +32,9 @@ from tests.integration.test_router_session_full import refused, stored, until_re
 pytestmark = pytest.mark.integration
 
 # Room for a few turns of QUESTION (each ~2.3 KB as the bound counts it:
-# its bytes, the answer's and 1,024 a turn) after the session's 512.
-MAX_BYTES_PER_TENANT = 8000
+# its bytes, the answer's and 1,024 a turn) after the session's own, and
+# once they fill it, for another session but not another turn.
+MAX_BYTES_PER_TENANT = 7488 + 2 * session_store.SESSION_OVERHEAD_BYTES
 QUESTION = "q" * 200
 USER = common_pb2.ROLE_USER
 
