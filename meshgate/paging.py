@@ -1,6 +1,6 @@
 """Listings a page at a time (AIP-158), alike for every listing of ours
 (AdminService.ListKeys, services/router/keys.py; ContextService.ListSessions
-through RouterService.ListSessions, services/context/listing.py): the page
+through RouterService.ListSessions, services/context/store.py SessionListing): the page
 size a request gets, and page tokens.
 
 A page token names a place in one tenant's listing: the listing's own
