@@ -296,8 +296,8 @@ class PriceSettings:
     cache_hit_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.prompt_usd_per_million < 0 or self.completion_usd_per_million < 0:
-            raise ConfigError("prices must not be negative")
+        # Negative or absurd prices are refused at load, naming the price
+        # (_check_number); "prices must not be negative" named neither.
         if not 0.0 <= self.cache_hit_fraction <= 1.0:
             raise ConfigError(f"cache_hit_fraction must be within [0, 1], got {self.cache_hit_fraction}")
 
@@ -419,7 +419,13 @@ class TemplateParameterSettings:
         try:
             check_sampling(parameters)
         except MeshgateError as error:
-            raise ConfigError(f"{where}: parameters: {error.message}") from None
+            # The request's words name no value: these say which it was.
+            given = ", ".join(
+                f"{name} = {getattr(self, name)!r}"
+                for name in ("temperature", "top_p", "seed")
+                if getattr(self, name) is not None
+            )
+            raise ConfigError(f"{where}: parameters: {error.message} (got {given})") from None
         return parameters
 
 
@@ -1289,22 +1295,29 @@ _POSITIVE = frozenset(
 )
 
 
+def _check_number(name: str, field: str, value: float) -> None:
+    """A number setting: finite, not negative, above zero where _POSITIVE
+    says so."""
+    if not (0 <= value < float("inf")) or (field in _POSITIVE and value == 0):
+        wanted = "positive" if field in _POSITIVE else "zero or more"
+        raise ConfigError(f"{name} must be {wanted} and finite, got {value!r}")
+
+
 def _check_numbers(node: Any, where: str) -> None:
-    """Every number in the settings is finite and not negative, and those
-    named in _POSITIVE above zero. No setting means anything below zero, yet
-    a negative value loaded and then failed far from its cause, or never:
-    inference.health_interval_s = -1 probed Triton in a busy loop (4.7 s of
-    CPU in 5 s, idle), mesh.tenant_token_ttl_s = -60 refused every tenant
-    call as an expired token."""
+    """Every number in the settings, checked (_check_number). No setting
+    means anything below zero, yet a negative value loaded and then failed
+    far from its cause, or never: inference.health_interval_s = -1 probed
+    Triton in a busy loop (4.7 s of CPU in 5 s, idle),
+    mesh.tenant_token_ttl_s = -60 refused every tenant call as an expired
+    token."""
     if dataclasses.is_dataclass(node):
         for field in dataclasses.fields(node):
             value = getattr(node, field.name)
             name = f"{where}{field.name}"
             if isinstance(value, bool) or not isinstance(value, int | float):
                 _check_numbers(value, name + ".")
-            elif not (0 <= value < float("inf")) or (field.name in _POSITIVE and value == 0):
-                wanted = "positive" if field.name in _POSITIVE else "zero or more"
-                raise ConfigError(f"{name} must be {wanted} and finite, got {value!r}")
+            else:
+                _check_number(name, field.name, value)
     elif isinstance(node, dict):
         for key, value in node.items():
             _check_numbers(value, f"{where}{key}.")
@@ -1568,7 +1581,15 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         values[name] = _convert(hints[name], value, f"{where}{name}")
         if name in _BUILT_IN_TABLES.get(cls, ()):
             values[name] = _over_built_ins(fields[name].default_factory(), value, values[name])
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as error:
+        # A table's own checks know their field, not where the table sits:
+        # "requests_per_minute must be positive" did not say whose limits.
+        path = where.rstrip(".")
+        if not path or path in str(error):
+            raise
+        raise ConfigError(f"{path}: {error}") from None
 
 
 def _over_built_ins(built_ins: dict[str, Any], raw: dict[str, Any], tables: dict[str, Any]) -> dict[str, Any]:

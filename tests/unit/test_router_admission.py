@@ -26,6 +26,7 @@ from meshgate.config import (
     Settings,
     _build,
     check_router_models,
+    load_settings,
 )
 from meshgate.errors import MeshgateError
 from services.router.admission import (
@@ -137,8 +138,9 @@ def test_a_limit_table_parses_with_floats_and_optional_fields():
 
 
 def test_prices_are_checked():
-    with pytest.raises(ConfigError):
-        PriceSettings(prompt_usd_per_million=-1)
+    # A negative price is refused at load, naming it (config._check_number).
+    with pytest.raises(ConfigError, match=r"router\.prices\.tiny-gpt\.prompt_usd_per_million"):
+        load_settings(environ={"MESHGATE_ROUTER__PRICES__TINY-GPT__PROMPT_USD_PER_MILLION": "-1"})
     with pytest.raises(ConfigError):
         PriceSettings(cache_hit_fraction=1.5)
 

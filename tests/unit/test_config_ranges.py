@@ -1,0 +1,194 @@
+"""Every number and word setting of every section, probed with values it
+cannot work with, through the loading path the services use (a TOML file,
+and ``MESHGATE_<SECTION>__<FIELD>`` variables): each must be refused at
+load with a ConfigError naming the setting, never loaded to fail, hang or
+spin at run time.
+
+The settings are found by walking the dataclasses, so a number added later
+is probed too, and must be classified (zero allowed or not) in config.py
+before this passes."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import pathlib
+import types
+import typing
+
+import pytest
+
+from meshgate import config
+from meshgate.config import ConfigError, Settings, load_settings
+
+DIGEST = "a" * 64
+# Tables and arrays of tables the walk goes into: one valid entry each, in
+# which the probed field is then set. Keys of tables of tables are these.
+ENTRIES: dict[str, typing.Any] = {
+    "router.tenants": [{"id": "acme", "api_key_sha256": [DIGEST]}],
+    "router.templates": [{"name": "t", "messages": [{"content": "hi"}], "models": ["tiny-gpt"]}],
+    "router.templates[0].messages": [{"content": "hi"}],
+    "models": {"tiny-gpt": {}, "smollm2": {}, "pick": {"selection": {}}},
+    "models.tiny-gpt.deployments": [{"name": "local"}],
+    "inference.models": {"tiny-gpt": {}},
+    "router.prices": {"tiny-gpt": {}},
+    "router.model_limits": {"tiny-gpt": {}},
+}
+# The key of a table of tables the walk probes in (models.pick holds the
+# alias that selects: its selection's fields).
+TABLE_KEYS = {
+    "models": "tiny-gpt",
+    "inference.models": "tiny-gpt",
+    "router.prices": "tiny-gpt",
+    "router.model_limits": "tiny-gpt",
+}
+
+
+def _unwrap(hint: typing.Any) -> typing.Any:
+    if isinstance(hint, types.UnionType):
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return hint
+
+
+def _leaves(cls: type, prefix: str) -> typing.Iterator[tuple[str, type]]:
+    """(dotted path as the loader names it, type) of every scalar setting."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        hint, path = _unwrap(hints[field.name]), prefix + field.name
+        origin = typing.get_origin(hint)
+        if dataclasses.is_dataclass(hint):
+            if hint is config.SelectionSettings:
+                path = path.replace("models.tiny-gpt.", "models.pick.")
+            yield from _leaves(hint, path + ".")
+        elif origin is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            yield from _leaves(typing.get_args(hint)[0], path + "[0].")
+        elif origin is dict and dataclasses.is_dataclass(_unwrap(typing.get_args(hint)[1])):
+            yield from _leaves(_unwrap(typing.get_args(hint)[1]), f"{path}.{TABLE_KEYS[path]}.")
+        elif hint in (int, float, str):
+            yield path, hint
+
+
+def _parts(path: str) -> list[str]:
+    return path.replace("[0]", ".[0]").split(".")
+
+
+def _raw(path: str, value: typing.Any) -> dict[str, typing.Any]:
+    """Settings that set ``path`` to ``value``, inside valid entries."""
+    raw: dict[str, typing.Any] = {}
+    node: typing.Any = raw
+    parts = _parts(path)
+    for depth, part in enumerate(parts[:-1]):
+        if part == "[0]":
+            node = node[0]
+            continue
+        here = ".".join(parts[: depth + 1]).replace(".[0]", "[0]")
+        node = node.setdefault(part, copy.deepcopy(ENTRIES.get(here, {})))
+    node[parts[-1]] = value
+    if path.startswith("models.pick."):
+        # Its selection.max_strong_cost_usd needs its strong model priced.
+        raw["router"] = {"prices": {"smollm2": {}}}
+    return raw
+
+
+def _toml(value: typing.Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    return "{" + ", ".join(f'"{key}" = {_toml(item)}' for key, item in value.items()) + "}"
+
+
+def _load_file(tmp_path: pathlib.Path, raw: dict[str, typing.Any]) -> Settings:
+    path = tmp_path / "settings.toml"
+    path.write_text("".join(f'"{key}" = {_toml(value)}\n' for key, value in raw.items()))
+    return load_settings(path, environ={})
+
+
+def _variable(path: str) -> str | None:
+    """The environment variable of a setting directly in a section."""
+    parts = path.split(".")
+    return f"MESHGATE_{parts[0].upper()}__{parts[1].upper()}" if len(parts) == 2 else None
+
+
+LEAVES = list(_leaves(Settings, ""))
+NUMBERS = [(path, hint) for path, hint in LEAVES if hint in (int, float)]
+
+
+def _refused(tmp_path: pathlib.Path, path: str, value: typing.Any, shown: str | None = "") -> list[str]:
+    """What is wrong with how the settings take ``path`` = ``value``
+    (from a file, and from its variable where it has one); [] if refused
+    as it should be: a ConfigError naming the setting (its section, and its
+    own name) and, unless ``shown`` is None, the value as ``shown``."""
+    field, section = path.rsplit(".", 1)[-1], path.split(".")[0]
+    loads = [("file", lambda: _load_file(tmp_path, _raw(path, value)))]
+    if variable := _variable(path):
+        text = _toml(value)
+        loads.append((variable, lambda: load_settings(environ={variable: text})))
+    problems = []
+    for source, load in loads:
+        try:
+            load()
+        except ConfigError as error:
+            message = str(error)
+            named = field in message and section in message
+            if not named or (shown is not None and (shown or repr(value)) not in message):
+                problems.append(f"{path} = {value!r} ({source}): refused without naming it: {message}")
+        except Exception as error:  # noqa: BLE001 (what a setting must never do at load)
+            problems.append(f"{path} = {value!r} ({source}): {type(error).__name__}: {error}")
+        else:
+            problems.append(f"{path} = {value!r} ({source}): loaded")
+    return problems
+
+
+def test_the_walk_finds_every_section_and_the_tables_inside_them():
+    paths = {path for path, _ in LEAVES}
+    assert {path.split(".")[0] for path in paths} == {field.name for field in dataclasses.fields(Settings)}
+    for inner in (
+        "router.tenants[0].limits.tokens_per_day",
+        "router.tenants[0].key_limits.cost_usd_per_month",
+        "router.templates[0].parameters.top_p",
+        "models.tiny-gpt.deployments[0].weight",
+        "models.pick.selection.embedding_timeout_s",
+        "inference.models.tiny-gpt.generation_slots",
+        "router.prices.tiny-gpt.cache_hit_fraction",
+        "router.model_limits.tiny-gpt.concurrent_streams",
+    ):
+        assert inner in paths
+    assert len(NUMBERS) > 100
+
+
+def _field(path: str) -> dataclasses.Field:
+    owner: typing.Any = Settings
+    for part in _parts(path):
+        if part == "[0]":
+            continue
+        if typing.get_origin(owner) is dict:
+            owner = _unwrap(typing.get_args(owner)[1])
+            continue
+        field = {field.name: field for field in dataclasses.fields(owner)}[part]
+        hint = _unwrap(typing.get_type_hints(owner)[part])
+        owner = typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
+    return field
+
+
+@pytest.mark.parametrize(("path", "hint"), NUMBERS, ids=[path for path, _ in NUMBERS])
+def test_each_probe_goes_into_settings_that_load_with_a_valid_value(tmp_path, path, hint):
+    """So each refusal below is the probed value's, not its neighbours'."""
+    default = _field(path).default
+    value = hint(1) if default is None else default
+    assert _load_file(tmp_path, _raw(path, value)) is not None
+
+
+@pytest.mark.parametrize(("path", "hint"), NUMBERS, ids=[path for path, _ in NUMBERS])
+def test_a_number_no_setting_can_work_with_is_refused_naming_it(tmp_path, path, hint):
+    """Negative, not a number or infinite: no setting means anything by them."""
+    values = [-1.0, math.nan, math.inf, -math.inf] if hint is float else [-1]
+    problems = [problem for value in values for problem in _refused(tmp_path, path, value)]
+    assert problems == []
