@@ -1295,12 +1295,50 @@ _POSITIVE = frozenset(
 )
 
 
+# The longest time any setting may give (a timeout, an interval, a TTL):
+# ten years, as usage_retention_days. gRPC takes a deadline past ~292
+# years (2^63 ns) as already passed: router.downstream_timeout_s = 1e10
+# failed every call to another service DEADLINE_EXCEEDED at once; a
+# cache.ttl_s of 10^30 failed every Store INTERNAL (its expiry packs into 8
+# bytes). 0, where a setting allows it, is how it says "for ever".
+MAX_SECONDS = MAX_USAGE_RETENTION_DAYS * 24 * 3600
+# The largest count (of tokens, turns, entries, calls, characters) or
+# weight: what a protobuf int32 holds. Token counts go out in int32 fields
+# (ListModels' context_window_tokens and max_output_tokens: 2^31 failed every
+# ListModels INTERNAL), and no count of anything else comes near it.
+MAX_COUNT = 2**31 - 1
+
+
+def _largest(field: str) -> tuple[float, str]:
+    """The largest value the number setting ``field`` may take, by its
+    kind (its unit, as its name ends), and that value in words."""
+    if field.endswith("_s"):
+        return MAX_SECONDS, f"{MAX_SECONDS} (ten years)"
+    if field.endswith("_ms"):
+        return MAX_SECONDS * 1000, f"{MAX_SECONDS * 1000} (ten years)"
+    if field.endswith("_days"):
+        return MAX_USAGE_RETENTION_DAYS, f"{MAX_USAGE_RETENTION_DAYS} (ten years)"
+    if field == "seed":
+        # Any the API's int64 seed takes (TemplateParameterSettings checks it).
+        return 2**63 - 1, f"{2**63 - 1}"
+    if "usd" in field:
+        # Billed in nano-dollars, counted as 64-bit integers (LimitSettings).
+        return MAX_COST_USD, f"{MAX_COST_USD:g}"
+    if "bytes" in field or field in LIMIT_NAMES:
+        # Counted in Redis through Lua's doubles: exact up to 2^53.
+        return MAX_LIMIT_COUNT, f"{MAX_LIMIT_COUNT} (2^53)"
+    return MAX_COUNT, f"{MAX_COUNT} (2^31 - 1)"
+
+
 def _check_number(name: str, field: str, value: float) -> None:
     """A number setting: finite, not negative, above zero where _POSITIVE
-    says so."""
+    says so, and at most the largest of its kind (_largest)."""
     if not (0 <= value < float("inf")) or (field in _POSITIVE and value == 0):
         wanted = "positive" if field in _POSITIVE else "zero or more"
         raise ConfigError(f"{name} must be {wanted} and finite, got {value!r}")
+    most, said = _largest(field)
+    if value > most:
+        raise ConfigError(f"{name} must be at most {said}, got {value!r}")
 
 
 def _check_numbers(node: Any, where: str) -> None:

@@ -188,7 +188,48 @@ def test_each_probe_goes_into_settings_that_load_with_a_valid_value(tmp_path, pa
 
 @pytest.mark.parametrize(("path", "hint"), NUMBERS, ids=[path for path, _ in NUMBERS])
 def test_a_number_no_setting_can_work_with_is_refused_naming_it(tmp_path, path, hint):
-    """Negative, not a number or infinite: no setting means anything by them."""
-    values = [-1.0, math.nan, math.inf, -math.inf] if hint is float else [-1]
+    """Negative, not a number, infinite, or absurdly large: no setting
+    means anything by them."""
+    values = [-1.0, math.nan, math.inf, -math.inf, 1e300] if hint is float else [-1, 10**30]
     problems = [problem for value in values for problem in _refused(tmp_path, path, value)]
     assert problems == []
+
+
+async def test_the_longest_time_a_setting_may_give_is_a_deadline_grpc_takes():
+    """A timeout setting becomes a gRPC deadline (router.downstream_timeout_s
+    and others): at MAX_SECONDS a call is answered; at 1e10 s, which loaded
+    before, gRPC ends it DEADLINE_EXCEEDED at once, as it ended every call."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            answer = await check(health_pb2.HealthCheckRequest(), timeout=config.MAX_SECONDS)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await check(health_pb2.HealthCheckRequest(), timeout=1e10)
+            assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        await server.stop(None)
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        # Past what gRPC takes as a deadline (above).
+        ("router.downstream_timeout_s", 1e10),
+        ("router.max_generation_s", 1e10),
+        # An entry's expiry packs into 8 bytes of milliseconds.
+        ("cache.ttl_s", 10**17),
+        # ListModels sends both in int32 fields.
+        ("models.tiny-gpt.context_window_tokens", 2**31),
+        ("models.tiny-gpt.max_output_tokens", 2**31),
+    ],
+)
+def test_a_value_past_what_its_setting_is_used_by_takes_is_refused(tmp_path, path, value):
+    assert _refused(tmp_path, path, value) == []
