@@ -140,10 +140,6 @@ class SelectionSettings:
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"selection.threshold must be within [0, 1], got {self.threshold}")
-        if self.max_strong_cost_usd is not None and not self.max_strong_cost_usd >= 0:
-            raise ConfigError(
-                f"selection.max_strong_cost_usd must not be negative, got {self.max_strong_cost_usd}"
-            )
         if set(self.strong_tiers) & set(self.fast_tiers):
             raise ConfigError("selection: a tier cannot be in both strong_tiers and fast_tiers")
 
@@ -679,12 +675,6 @@ class RouterSettings:
                 f"router.max_concurrent_rpcs ({bound}) when that is set, or one tenant's calls "
                 f"can fill the replica; got {cap} (unset: {max(1, bound // 8)}, an eighth of it)"
             )
-        # NaN compares false with everything, so the range refuses it too;
-        # infinity would be no bound, the gap this setting closes.
-        for name in ("http_body_timeout_s", "http_header_timeout_s", "http_stalled_client_timeout_s"):
-            timeout = getattr(self, name)
-            if isinstance(timeout, bool) or not 0 < timeout < float("inf"):
-                raise ConfigError(f"router.{name} must be positive and finite, got {timeout!r}")
         # Below 1 KiB ordinary requests would be refused (a likely unit slip).
         size = self.http_max_header_bytes
         if isinstance(size, bool) or size < 1024:
@@ -917,10 +907,6 @@ class ContextSettings:
             raise ConfigError(
                 "context.max_bytes_per_tenant must not be negative (0: no bound), "
                 f"got {self.max_bytes_per_tenant}"
-            )
-        if not self.append_embed_timeout_s > 0:
-            raise ConfigError(
-                f"context.append_embed_timeout_s must be positive, got {self.append_embed_timeout_s!r}"
             )
 
 
@@ -1193,11 +1179,6 @@ class InferenceSettings:
                 f"inference.max_concurrent_rpcs ({self.max_concurrent_rpcs}): at most {share}, or "
                 "one tenant's queued generations take the calls every other caller needs"
             )
-        # The context service splits an append's Embed calls at this many
-        # texts (meshgate/embedding.py, InferenceEmbedder): 0 would split
-        # into no calls at all.
-        if self.max_embed_texts < 1:
-            raise ConfigError(f"inference.max_embed_texts must be at least 1, got {self.max_embed_texts}")
 
     def _generation_models(self) -> set[str]:
         return {served.triton_model for served in self.models.values()}
@@ -1256,9 +1237,16 @@ def load_settings(
     return settings
 
 
-# Settings that must be above zero, not only not negative: at zero what
-# they time or size stops working (a tenant token expired when signed,
-# Triton probed in a busy loop, no prompt or output allowed at all).
+# Every number setting's decision about zero, by its field name: either
+# positive (_POSITIVE), or zero allowed, with what zero means
+# (_ZERO_MEANS, which its refusal of a negative value says). A number in
+# neither is a decision not made: tests/unit/test_config_ranges.py fails on
+# it, and it is held positive meanwhile.
+#
+# Positive: at zero what they time or size stops working (a tenant token
+# expired when signed, Triton probed in a busy loop, no prompt or output
+# allowed at all), or zero silently acts as 1, which nobody writing 0
+# (elsewhere "no bound") means.
 _POSITIVE = frozenset(
     {
         "tenant_token_ttl_s",
@@ -1276,14 +1264,39 @@ _POSITIVE = frozenset(
         "summary_usage_collect_s",
         "context_window_tokens",
         "max_output_tokens",
+        # A request without max_tokens was sent max_tokens = 0, which the
+        # inference service refuses INVALID_MAX_TOKENS, blaming the caller.
+        "default_max_tokens",
         "max_message_bytes",
         "max_messages",
         "http_max_body_bytes",
+        "http_max_header_bytes",
+        "http_body_timeout_s",
+        "http_header_timeout_s",
+        "http_stalled_client_timeout_s",
         "replay_piece_chars",
+        # 0 split a hit a word a message, as 1 does: the most messages, not none.
+        "replay_burst_chars",
+        # 0 made copies never served, yet held (hot_exact_entries = 0 is "none").
+        "hot_exact_max_age_s",
+        "hot_exact_max_bytes",
+        # 0 sent every selecting turn's Embed with no time to answer: it
+        # failed, logged with its traceback, on every turn.
+        "embedding_timeout_s",
         "max_prompt_bytes",
+        # The context service splits an append's Embed calls at this many
+        # texts (meshgate/embedding.py, InferenceEmbedder): 0 split them
+        # into no calls at all.
+        "max_embed_texts",
         "max_embed_text_bytes",
         "embedding_max_tokens",
         "prefix_block_tokens",
+        # 0 for either: no block is ever believed held, and the prefix
+        # strategies route blind (a routing_strategy without prefixes does
+        # that knowingly).
+        "prefix_ttl_s",
+        "prefix_index_blocks",
+        "append_embed_timeout_s",
         "summary_span_turns",
         "max_concurrent_summaries",
         "max_queued_generations_per_tenant",
@@ -1291,8 +1304,59 @@ _POSITIVE = frozenset(
         # stream kept no record.
         "usage_retention_days",
         "usage_stream_max_len",
+        # Loaded, then the cache service refused to start on it (its own
+        # check, which this one replaces): an entry's expiry of 0 ms is one
+        # Redis refuses (SET ... PX 0).
+        "ttl_s",
+        # 0 is read as 1 (services/cache/store.py, index.py): a cache of one
+        # entry a partition, every sub-partition approximate from its first
+        # entry (and so never first-staged), one index resident at a time,
+        # reloaded from Redis by every lookup of another partition.
+        "max_entries_per_partition",
+        "approximate_index_from",
+        "max_resident_rows",
+        # No calibrated threshold serves no wrong hit at all: the verifier
+        # refused 0 when the cache service started.
+        "max_false_hit_rate",
+        # No bound is "leave it out", and 0 would refuse everything.
+        *LIMIT_NAMES,
+        # A template's; max_tokens and top_p as a request's own (meshgate/sampling.py).
+        "version",
+        "max_tokens",
+        "top_p",
     }
 )
+_ZERO_MEANS: dict[str, str] = {
+    "max_concurrent_rpcs": "no bound",
+    "max_concurrent_rpcs_per_tenant": "no cap",
+    "max_session_streams_per_tenant": "no cap",
+    "weight": "drained",
+    "threshold": "every turn to the strong model",
+    "max_strong_cost_usd": "every turn the strong model would bill goes to the fast one",
+    "replay_pause_s": "unpaced",
+    "prompt_usd_per_million": "free",
+    "completion_usd_per_million": "free",
+    "cache_hit_fraction": "a cache hit is free",
+    "hot_exact_entries": "none",
+    "temperature": "greedy",
+    "seed": "the seed 0, as any other",
+    "session_ttl_s": "kept forever",
+    "max_turns": "no cap",
+    "max_session_bytes": "no cap",
+    "max_bytes_per_tenant": "no bound",
+    "compact_after_turns": "never",
+    "hot_cache_bytes": "none held",
+    "recency_floor_turns": "no turn kept for being recent",
+    "summary_hot_window_turns": "a span summarized once complete",
+    "embedding_memo_entries": "none",
+    "semantic_threshold": "no pre-filter",
+    "first_stage_word_share": "embeds every question sharing any word",
+    "report_replicas": "no wait",
+    "generation_slots": "what the model's config says",
+    "stream_interval_ms": "each token as it comes",
+    "stream_interval_min_streams": "held however few streams run",
+    "triton_idle_streams": "a call per generation",
+}
 
 
 # The longest time any setting may give (a timeout, an interval, a TTL):
@@ -1331,10 +1395,11 @@ def _largest(field: str) -> tuple[float, str]:
 
 
 def _check_number(name: str, field: str, value: float) -> None:
-    """A number setting: finite, not negative, above zero where _POSITIVE
-    says so, and at most the largest of its kind (_largest)."""
-    if not (0 <= value < float("inf")) or (field in _POSITIVE and value == 0):
-        wanted = "positive" if field in _POSITIVE else "zero or more"
+    """A number setting: finite, not negative, zero only where _ZERO_MEANS
+    says what it means, and at most the largest of its kind (_largest)."""
+    zero_means = _ZERO_MEANS.get(field)
+    if not (0 <= value < float("inf")) or (zero_means is None and value == 0):
+        wanted = "positive" if zero_means is None else f"zero or more (0: {zero_means})"
         raise ConfigError(f"{name} must be {wanted} and finite, got {value!r}")
     most, said = _largest(field)
     if value > most:

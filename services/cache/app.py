@@ -33,8 +33,6 @@ TENANT_OF = {
 
 async def setup(service: Service, settings: Settings) -> Cleanup:
     config = settings.cache
-    if config.ttl_s <= 0:
-        raise ConfigError("cache.ttl_s must be positive")
     try:
         verifier = Verifier.load(config.max_false_hit_rate)
     except ValueError as error:
