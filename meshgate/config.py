@@ -138,8 +138,6 @@ class SelectionSettings:
     embedding_timeout_s: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ConfigError(f"selection.threshold must be within [0, 1], got {self.threshold}")
         if set(self.strong_tiers) & set(self.fast_tiers):
             raise ConfigError("selection: a tier cannot be in both strong_tiers and fast_tiers")
 
@@ -291,11 +289,9 @@ class PriceSettings:
     # The share of the full price a cache hit is billed (0: free, 1: full).
     cache_hit_fraction: float = 0.0
 
-    def __post_init__(self) -> None:
-        # Negative or absurd prices are refused at load, naming the price
-        # (_check_number); "prices must not be negative" named neither.
-        if not 0.0 <= self.cache_hit_fraction <= 1.0:
-            raise ConfigError(f"cache_hit_fraction must be within [0, 1], got {self.cache_hit_fraction}")
+    # Negative or absurd prices, and a fraction past 1, are refused at load
+    # naming the price (_check_number); "prices must not be negative" named
+    # neither.
 
 
 # What a tenant id may be, configured ([[router.tenants]]) or given to
@@ -1011,10 +1007,6 @@ class CacheSettings:
                 "cache.max_bytes_per_tenant must not be negative (0: no bound), "
                 f"got {self.max_bytes_per_tenant}"
             )
-        if not 0.0 <= self.first_stage_word_share <= 1.0:
-            raise ConfigError(
-                f"cache.first_stage_word_share must be within [0, 1], got {self.first_stage_word_share}"
-            )
 
 
 @dataclasses.dataclass
@@ -1230,6 +1222,7 @@ def load_settings(
     _apply_environment(raw, environ)
     settings = _build(Settings, raw, "")
     _check_numbers(settings, "")
+    _check_false_hit_rate(settings)
     _check_redis_timeout(settings)
     _check_cache_redis_url(settings)
     _check_addresses(settings)
@@ -1373,9 +1366,19 @@ MAX_SECONDS = MAX_USAGE_RETENTION_DAYS * 24 * 3600
 MAX_COUNT = 2**31 - 1
 
 
+# Number settings that are a share or a probability: within [0, 1].
+# (A template's top_p is one too, checked as a request's own is:
+# meshgate/sampling.py.)
+_FRACTIONS = frozenset(
+    {"threshold", "semantic_threshold", "max_false_hit_rate", "cache_hit_fraction", "first_stage_word_share"}
+)
+
+
 def _largest(field: str) -> tuple[float, str]:
     """The largest value the number setting ``field`` may take, by its
-    kind (its unit, as its name ends), and that value in words."""
+    kind (a fraction, or its unit, as its name ends), and that value in words."""
+    if field in _FRACTIONS:
+        return 1.0, "1 (a fraction)"
     if field.endswith("_s"):
         return MAX_SECONDS, f"{MAX_SECONDS} (ten years)"
     if field.endswith("_ms"):
@@ -1449,6 +1452,21 @@ def check_listen(name: str, address: str) -> None:
         raise ConfigError(
             f"{name} must name a host; {address!r} names none (0.0.0.0:{port} or [::]:{port} listens "
             f"on every interface, 127.0.0.1:{port} on this host only)"
+        )
+
+
+def _check_false_hit_rate(settings: Settings) -> None:
+    """cache.max_false_hit_rate, held to the verifier's calibration: the
+    cache service refused to start on a bound stricter than any calibrated
+    one (0 included), after the settings had loaded."""
+    # Imported here: the verifier's model file is the verifier's to read.
+    from services.cache.verifier import strictest_calibrated_bound
+
+    strictest = strictest_calibrated_bound()
+    if settings.cache.max_false_hit_rate < strictest:
+        raise ConfigError(
+            f"cache.max_false_hit_rate must be at least {strictest} (the verifier's strictest "
+            f"calibrated bound), got {settings.cache.max_false_hit_rate!r}"
         )
 
 

@@ -289,3 +289,37 @@ def test_the_readme_says_what_zero_means_where_it_names_a_setting_that_takes_it(
             if f"`{path}`" in row.split(" | ")[0] and meaning not in row:
                 unsaid.append(f"{path}: its row does not say 0 is {meaning!r}")
     assert unsaid == []
+
+
+FRACTIONS = [(path, hint) for path, hint in NUMBERS if path.rsplit(".", 1)[-1] in config._FRACTIONS]
+
+
+def test_the_fractions_are_the_settings_that_are_shares_or_probabilities():
+    assert sorted(path for path, _ in FRACTIONS) == [
+        "cache.first_stage_word_share",
+        "cache.max_false_hit_rate",
+        "cache.semantic_threshold",
+        "models.pick.selection.threshold",
+        "router.prices.tiny-gpt.cache_hit_fraction",
+    ]
+
+
+@pytest.mark.parametrize(("path", "hint"), FRACTIONS, ids=[path for path, _ in FRACTIONS])
+def test_a_fraction_past_1_is_refused_and_1_loads(tmp_path, path, hint):
+    """cache.semantic_threshold = 1.5 loaded before and no cosine ever
+    reached it (no semantic hit, unsaid); cache.max_false_hit_rate = 1.5
+    loaded and served at the loosest calibrated bound."""
+    assert _refused(tmp_path, path, 1.5) == []
+    assert _load_file(tmp_path, _raw(path, 1.0)) is not None
+
+
+def test_a_false_hit_rate_the_verifier_has_no_threshold_for_is_refused_at_load(tmp_path):
+    """It loaded, and the cache service refused to start on it."""
+    from services.cache.verifier import Verifier, strictest_calibrated_bound
+
+    strictest = strictest_calibrated_bound()
+    Verifier.load(strictest)
+    with pytest.raises(ValueError, match="below the strictest calibrated bound"):
+        Verifier.load(strictest / 2)
+    assert _refused(tmp_path, "cache.max_false_hit_rate", strictest / 2) == []
+    assert _load_file(tmp_path, _raw("cache.max_false_hit_rate", strictest)) is not None

@@ -141,8 +141,9 @@ def test_prices_are_checked():
     # A negative price is refused at load, naming it (config._check_number).
     with pytest.raises(ConfigError, match=r"router\.prices\.tiny-gpt\.prompt_usd_per_million"):
         load_settings(environ={"MESHGATE_ROUTER__PRICES__TINY-GPT__PROMPT_USD_PER_MILLION": "-1"})
-    with pytest.raises(ConfigError):
-        PriceSettings(cache_hit_fraction=1.5)
+    # A fraction past 1 too (config._FRACTIONS).
+    with pytest.raises(ConfigError, match=r"router\.prices\.tiny-gpt\.cache_hit_fraction must be at most 1"):
+        load_settings(environ={"MESHGATE_ROUTER__PRICES__TINY-GPT__CACHE_HIT_FRACTION": "1.5"})
 
 
 class _RecordingRedis:
