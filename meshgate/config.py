@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import pathlib
 import re
@@ -42,9 +43,22 @@ SMOLLM2_TOKENIZER = str(SMOLLM2_FILES / "tokenizer.json")
 SMOLLM2_CHAT_TEMPLATE = str(SMOLLM2_FILES / "chat_template.jinja")
 
 
+def _check_one_of(name: str, word: str, words: typing.Sequence[str]) -> None:
+    """A setting that takes one of a few words: another one loaded, and
+    then failed a service's start, or every call that read it."""
+    if word not in words:
+        raise ConfigError(f"{name} must be one of {list(words)}, got {word!r}")
+
+
+# telemetry.exporter's words: "none", "jsonl" (one JSON object per
+# finished span) or "otlp" (meshgate/telemetry.py).
+TELEMETRY_EXPORTERS = ("none", "jsonl", "otlp")
+# telemetry.log_level's words: logging's level names, in any case.
+LOG_LEVELS = tuple(name.lower() for name in logging.getLevelNamesMapping())
+
+
 @dataclasses.dataclass
 class TelemetrySettings:
-    # "none", "jsonl" (one JSON object per finished span) or "otlp".
     exporter: str = "none"
     jsonl_path: str = "meshgate-traces.jsonl"
     otlp_endpoint: str = "http://127.0.0.1:4317"
@@ -52,6 +66,12 @@ class TelemetrySettings:
     # Prometheus metrics (meshgate/metrics.py) on each service's
     # metrics_listen; false: nothing is counted and no endpoint opens.
     metrics: bool = True
+
+    def __post_init__(self) -> None:
+        # An unknown exporter failed the start with a ValueError, an unknown
+        # level with a KeyError ('VERBOSE'), after the settings had loaded.
+        _check_one_of("telemetry.exporter", self.exporter, TELEMETRY_EXPORTERS)
+        _check_one_of("telemetry.log_level", self.log_level.lower(), LOG_LEVELS)
 
 
 @dataclasses.dataclass
@@ -142,6 +162,10 @@ class SelectionSettings:
             raise ConfigError("selection: a tier cannot be in both strong_tiers and fast_tiers")
 
 
+# models.<alias>.assembly_strategy's words (services/context/assembly.py).
+ASSEMBLY_STRATEGIES = ("adaptive", "newest")
+
+
 @dataclasses.dataclass
 class ModelSettings:
     """A model alias as callers see it."""
@@ -169,10 +193,7 @@ class ModelSettings:
     routing_strategy: str = "weighted"
 
     def __post_init__(self) -> None:
-        if self.assembly_strategy not in ("adaptive", "newest"):
-            raise ConfigError(
-                f"assembly_strategy must be 'adaptive' or 'newest', got {self.assembly_strategy!r}"
-            )
+        _check_one_of("assembly_strategy", self.assembly_strategy, ASSEMBLY_STRATEGIES)
         _check_strategy(self.routing_strategy)
 
 
@@ -448,8 +469,7 @@ class TemplateSettings:
         if not self.messages or not self.models:
             raise ConfigError(f"{where}: needs at least one message and one model")
         for index, message in enumerate(self.messages):
-            if message.role not in TEMPLATE_ROLES:
-                raise ConfigError(f"{where}: messages[{index}].role must be one of {TEMPLATE_ROLES}")
+            _check_one_of(f"{where}: messages[{index}].role", message.role, TEMPLATE_ROLES)
             if not string.Template(message.content).is_valid():
                 raise ConfigError(f"{where}: messages[{index}] has a malformed $variable")
         self.parameters.generation_parameters(where)
@@ -739,11 +759,6 @@ def _check_max_concurrent_rpcs(section: str, value: int) -> None:
         raise ConfigError(f"{section}.max_concurrent_rpcs must not be negative (0: no bound), got {value}")
 
 
-def _check_embedder(section: str, embedder: str) -> None:
-    if embedder not in EMBEDDERS:
-        raise ConfigError(f"{section}.embedder must be one of {EMBEDDERS}, got {embedder!r}")
-
-
 # The most bytes of turns context.max_session_bytes may allow: GetSession's
 # answer holds them all, and must fit the mesh's 32 MiB message bound
 # (meshgate/serving.py MAX_MESSAGE_BYTES) with room for each message's
@@ -893,7 +908,7 @@ class ContextSettings:
 
     def __post_init__(self) -> None:
         _check_max_concurrent_rpcs("context", self.max_concurrent_rpcs)
-        _check_embedder("context", self.embedder)
+        _check_one_of("context.embedder", self.embedder, EMBEDDERS)
         if self.max_session_bytes > MAX_READABLE_SESSION_BYTES:
             raise ConfigError(
                 f"context.max_session_bytes must be at most {MAX_READABLE_SESSION_BYTES} (a session "
@@ -1001,7 +1016,7 @@ class CacheSettings:
 
     def __post_init__(self) -> None:
         _check_max_concurrent_rpcs("cache", self.max_concurrent_rpcs)
-        _check_embedder("cache", self.embedder)
+        _check_one_of("cache.embedder", self.embedder, EMBEDDERS)
         if self.max_bytes_per_tenant < 0:
             raise ConfigError(
                 "cache.max_bytes_per_tenant must not be negative (0: no bound), "
@@ -1042,8 +1057,7 @@ def _check_strategy(name: str) -> None:
     # Imported here: balancing imports nothing of ours, but config is imported by everything.
     from meshgate import balancing
 
-    if name not in balancing.STRATEGIES:
-        raise ConfigError(f"routing_strategy must be one of {list(balancing.STRATEGIES)}, got {name!r}")
+    _check_one_of("routing_strategy", name, list(balancing.STRATEGIES))
 
 
 def _default_served_models() -> dict[str, ServedModelSettings]:

@@ -323,3 +323,28 @@ def test_a_false_hit_rate_the_verifier_has_no_threshold_for_is_refused_at_load(t
         Verifier.load(strictest / 2)
     assert _refused(tmp_path, "cache.max_false_hit_rate", strictest / 2) == []
     assert _load_file(tmp_path, _raw("cache.max_false_hit_rate", strictest)) is not None
+
+
+# Every setting that takes one of a few words, and one of its words.
+WORDS = {
+    "telemetry.exporter": "otlp",
+    "telemetry.log_level": "debug",
+    "models.tiny-gpt.assembly_strategy": "newest",
+    "models.tiny-gpt.routing_strategy": "kv_cost",
+    "router.templates[0].messages[0].role": "system",
+    "context.embedder": "inference",
+    "cache.embedder": "inference",
+    "inference.models.tiny-gpt.routing_strategy": "weighted",
+}
+
+
+@pytest.mark.parametrize("path", WORDS)
+def test_a_word_a_setting_does_not_know_is_refused_naming_it(tmp_path, path):
+    """telemetry.exporter = "jaeger" loaded, then failed the service's start
+    (ValueError), as telemetry.log_level = "verbose" did (KeyError)."""
+    assert _refused(tmp_path, path, "verbose") == []
+    assert _load_file(tmp_path, _raw(path, WORDS[path])) is not None
+
+
+def test_a_log_level_is_taken_in_any_case(tmp_path):
+    assert _load_file(tmp_path, {"telemetry": {"log_level": "WARNING"}}).telemetry.log_level == "WARNING"
