@@ -1235,10 +1235,10 @@ def load_settings(
             raw = tomllib.load(f)
     _apply_environment(raw, environ)
     settings = _build(Settings, raw, "")
-    _check_numbers(settings, "")
+    _check_values(settings, "")
     _check_false_hit_rate(settings)
     _check_redis_timeout(settings)
-    _check_cache_redis_url(settings)
+    _check_redis_urls(settings)
     _check_addresses(settings)
     check_router_models(settings)
     return settings
@@ -1423,27 +1423,50 @@ def _check_number(name: str, field: str, value: float) -> None:
         raise ConfigError(f"{name} must be at most {said}, got {value!r}")
 
 
-def _check_numbers(node: Any, where: str) -> None:
-    """Every number in the settings, checked (_check_number). No setting
-    means anything below zero, yet a negative value loaded and then failed
-    far from its cause, or never: inference.health_interval_s = -1 probed
-    Triton in a busy loop (4.7 s of CPU in 5 s, idle),
-    mesh.tenant_token_ttl_s = -60 refused every tenant call as an expired
-    token."""
+# Text settings that name something and have nothing to mean by "": an
+# empty one loaded, then failed the start (redis.url: redis-py's
+# ValueError; a tokenizer: FileNotFoundError "tokenizer '' not found"),
+# or every call that used it (a deployment's model: NOT_FOUND
+# MODEL_NOT_FOUND "model '' is not served here" on each turn; a Triton
+# model or embedding model: asked of Triton, never ready;
+# router.embedding_model: every /v1/embeddings request refused).
+_NEEDS_TEXT = frozenset(
+    {
+        "url",
+        "tokenizer",
+        "embedding_tokenizer",
+        "model",
+        "triton_model",
+        "embedding_triton_model",
+        "embedding_model",
+    }
+)
+
+
+def _check_values(node: Any, where: str) -> None:
+    """Every number in the settings, checked (_check_number), and every
+    text that needs one, not empty. No setting means anything below zero,
+    yet a negative value loaded and then failed far from its cause, or
+    never: inference.health_interval_s = -1 probed Triton in a busy loop
+    (4.7 s of CPU in 5 s, idle), mesh.tenant_token_ttl_s = -60 refused
+    every tenant call as an expired token."""
     if dataclasses.is_dataclass(node):
         for field in dataclasses.fields(node):
             value = getattr(node, field.name)
             name = f"{where}{field.name}"
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                _check_numbers(value, name + ".")
+            if isinstance(value, str):
+                if field.name in _NEEDS_TEXT and not value.strip():
+                    raise ConfigError(f"{name} must not be empty, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int | float):
+                _check_values(value, name + ".")
             else:
                 _check_number(name, field.name, value)
     elif isinstance(node, dict):
         for key, value in node.items():
-            _check_numbers(value, f"{where}{key}.")
+            _check_values(value, f"{where}{key}.")
     elif isinstance(node, list):
         for i, value in enumerate(node):
-            _check_numbers(value, f"{where.rstrip('.')}[{i}].")
+            _check_values(value, f"{where.rstrip('.')}[{i}].")
 
 
 def check_listen(name: str, address: str) -> None:
@@ -1496,25 +1519,28 @@ def _check_redis_timeout(settings: Settings) -> None:
         )
 
 
-def _check_cache_redis_url(settings: Settings) -> None:
-    """router.cache_redis_url, checked at load as redis.url is at a
-    service's start: the subscription reads it only in the background,
-    where a bad URL would leave the copies bypassed for good, unsaid."""
+def _check_redis_urls(settings: Settings) -> None:
+    """redis.url and router.cache_redis_url ("": redis.url's), checked at
+    load. redis.url = "localhost:6379" loaded, and each service's start then
+    failed with redis-py's ValueError, naming no setting; the subscription reads
+    router.cache_redis_url only in the background, where a bad URL would
+    leave the copies bypassed for good, unsaid."""
     # Imported here: redis_access imports this module.
     from meshgate.redis_access import CLUSTER_SCHEMES, check_url, redacted
 
-    url = settings.router.cache_redis_url
-    if not url:
-        return
-    if urllib.parse.urlsplit(url).scheme not in {"redis", "rediss", "unix", *CLUSTER_SCHEMES}:
-        raise ConfigError(
-            f"router.cache_redis_url {redacted(url)!r} is no Redis URL: redis://, rediss://, unix:// "
-            "or redis+cluster:// (rediss+cluster://), as redis.url"
-        )
-    try:
-        check_url(url)
-    except ConfigError as error:
-        raise ConfigError(f"router.cache_redis_url: {error}") from None
+    urls = [("redis.url", settings.redis.url)]
+    if settings.router.cache_redis_url:
+        urls.append(("router.cache_redis_url", settings.router.cache_redis_url))
+    for name, url in urls:
+        if urllib.parse.urlsplit(url).scheme not in {"redis", "rediss", "unix", *CLUSTER_SCHEMES}:
+            raise ConfigError(
+                f"{name} {redacted(url)!r} is no Redis URL: redis://, rediss://, unix:// "
+                "or redis+cluster:// (rediss+cluster://)"
+            )
+        try:
+            check_url(url)
+        except ConfigError as error:
+            raise ConfigError(f"{name}: {error}") from None
 
 
 def _check_addresses(settings: Settings) -> None:

@@ -348,3 +348,29 @@ def test_a_word_a_setting_does_not_know_is_refused_naming_it(tmp_path, path):
 
 def test_a_log_level_is_taken_in_any_case(tmp_path):
     assert _load_file(tmp_path, {"telemetry": {"log_level": "WARNING"}}).telemetry.log_level == "WARNING"
+
+
+# Text settings with nothing to mean by "" (each failed its service's
+# start or every call that read it), and the one URL every service needs.
+NEEDS_TEXT = [
+    "redis.url",
+    "models.tiny-gpt.tokenizer",
+    "models.tiny-gpt.deployments[0].model",
+    "router.embedding_model",
+    "cache.embedding_model",
+    "inference.models.tiny-gpt.triton_model",
+    "inference.models.tiny-gpt.tokenizer",
+    "inference.embedding_triton_model",
+    "inference.embedding_tokenizer",
+]
+
+
+@pytest.mark.parametrize("path", NEEDS_TEXT)
+def test_an_empty_text_a_setting_needs_is_refused_naming_it(tmp_path, path):
+    assert _refused(tmp_path, path, "", shown="''") == []
+
+
+def test_a_redis_url_redis_py_cannot_take_is_refused_at_load(tmp_path):
+    """redis.url = "localhost:6379" loaded; every service's start then failed
+    with redis-py's ValueError, naming no setting."""
+    assert _refused(tmp_path, "redis.url", "localhost:6379", shown=None) == []
