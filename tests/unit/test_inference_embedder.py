@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 
 from meshgate.config import InferenceSettings
-from meshgate.embedding import InferenceEmbedder
+from meshgate.embedding import EMBED_CALLS_AGAIN_ROUNDS, InferenceEmbedder
 from meshgate.inference.v1 import inference_service_pb2
 
 LIMIT = InferenceSettings.max_embed_texts
@@ -143,7 +143,8 @@ async def test_vectors_are_named_for_the_revision_that_made_them_or_not_taken() 
     service = EmbedService()
     service.revision = "3"
     assert (await InferenceEmbedder(service).embed_or_none("turn 1")).embedder == "minilm@3"
-    # Calls answered by two revisions (a split append): not one set of rows.
+    # Calls answered by two revisions (upgraded after the first): one set of
+    # rows, the newer's, the first call asked again.
     texts = turns(LIMIT + 1)
     answered = service.Embed
 
@@ -153,8 +154,43 @@ async def test_vectors_are_named_for_the_revision_that_made_them_or_not_taken() 
         return response
 
     service.Embed = upgraded_midway
-    assert await InferenceEmbedder(service).embed_all_or_none(texts) is None
+    calls = len(service.calls)
+    assert (await InferenceEmbedder(service).embed_all_or_none(texts)).embedder == "minilm@4"
+    assert [size for size, _ in service.calls[calls:]] == [LIMIT, 1, LIMIT]
     # An inference service that names no revision (older than the field): no vectors.
     service.Embed = answered
     service.revision = ""
     assert await InferenceEmbedder(service).embed_or_none("turn 1") is None
+
+
+class RevisionPerCall(EmbedService):
+    """Embed answered by servers of several revisions side by side (an
+    upgrade under way): call ``n`` by ``revisions(n)``, counting from 0."""
+
+    def __init__(self, revisions) -> None:
+        super().__init__()
+        self.revisions = revisions
+
+    async def Embed(self, request, timeout: float):  # noqa: N802 - the stub's method name
+        self.revision = self.revisions(len(self.calls))
+        return await super().Embed(request, timeout)
+
+
+async def test_all_or_none_over_calls_of_two_revisions_asks_the_older_ones_calls_again() -> None:
+    # Revisions 3 and 2 in turn, call by call: the three calls answered 3, 2,
+    # 3 were None; the second is asked again (2 again), and again (3).
+    service = RevisionPerCall(lambda call: ("3", "2")[call % 2])
+    texts = turns(25)
+    embedded = await InferenceEmbedder(service, max_texts_per_call=10).embed_all_or_none(texts)
+    assert embedded is not None and embedded.embedder == "minilm@3"
+    np.testing.assert_array_equal(embedded.rows, np.stack([vector_of(text) for text in texts]))
+    assert [size for size, _ in service.calls] == [10, 10, 5, 10, 10]
+
+
+async def test_all_or_none_over_revisions_that_never_agree_is_none_after_bounded_rounds() -> None:
+    # Each call a newer revision than the last: asking again never ends on one.
+    service = RevisionPerCall(lambda call: str(2 + call))
+    embedded = await InferenceEmbedder(service, max_texts_per_call=1).embed_all_or_none(["turn 1", "turn 2"])
+    assert embedded is None
+    # 2 and 3; the first again (4), then the second (5).
+    assert len(service.calls) == 2 + EMBED_CALLS_AGAIN_ROUNDS
