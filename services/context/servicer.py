@@ -28,6 +28,7 @@ from meshgate.embedding import (
     Embeddings,
     EmbedsText,
     VectorMemo,
+    newest_embedder,
     older_embedder,
 )
 from meshgate.errors import MeshgateError, invalid_argument, not_found
@@ -1297,11 +1298,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         all of one embedder, or None when the embedder gives none: the turns
         are then found by their words only, until a backfill embeds them. A message the embedder gave no
         vector (the local one fails, refuses or times out text by text), or
-        one of another embedder than the newest (a question remembered from
-        before an upgrade, a call answered by another revision), gets a zero
-        row, as the index reads a turn stored without one, rather than
-        costing the others theirs. ``timeout_s`` bounds the whole call
-        (None: the embedder's own, EMBED_TIMEOUT_S)."""
+        one of another embedder than the newest (newest_embedder: a question
+        remembered from before an upgrade, a call answered by an older
+        revision's server beside the newer's), gets a zero row, as the index
+        reads a turn stored without one, rather than costing the others
+        theirs. Not the last text's embedder: an older one's vectors the
+        turn index of the newer refuses whole (turn_index._WRITE), and the
+        newer's vectors were all thrown away. ``timeout_s`` bounds the
+        whole call (None: the embedder's own, EMBED_TIMEOUT_S)."""
         if self._embedder is None:
             return None
         texts = [m.content for m in messages]
@@ -1314,19 +1318,19 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             for m in messages
         ]
         missing = [t for t, vector in zip(texts, known, strict=True) if vector is None]
-        newest = None
+        # Among embedders not known older, the answer now before a remembered one.
+        came = [vector.embedder for vector in known if vector is not None]
         if missing:
             fetched = await self._embedder.embed_each_or_none(missing, timeout_s)
-            newest = next((vector for vector in reversed(fetched) if vector is not None), None)
+            came += [vector.embedder for vector in fetched if vector is not None]
             remaining = iter(fetched)
             known = [vector if vector is not None else next(remaining) for vector in known]
-        if newest is None:
-            newest = next((vector for vector in known if vector is not None), None)
+        newest = newest_embedder(came)
         if newest is None:
             return None
-        none = np.zeros_like(newest.vector)
-        rows = [none if v is None or v.embedder != newest.embedder else v.vector for v in known]
-        return Embeddings(np.stack(rows), newest.embedder)
+        none = np.zeros_like(next(v.vector for v in known if v is not None and v.embedder == newest))
+        rows = [none if v is None or v.embedder != newest else v.vector for v in known]
+        return Embeddings(np.stack(rows), newest)
 
     async def _assemble_session(
         self,

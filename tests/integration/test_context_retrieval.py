@@ -1333,3 +1333,49 @@ async def test_the_index_scripts_order_revisions_as_the_services_do(
     finally:
         await client.aclose()
     assert (bool(by_script), older_embedder(embedder, than)) == (older, older)
+
+
+class OlderServerFor(RevisedEmbedder):
+    """A RevisedEmbedder whose texts in ``older`` come back from a server of
+    revision fake@2 (servers of two side by side: another Embed call), the
+    rest as ``embedder`` says."""
+
+    def __init__(self, older: set[str]) -> None:
+        super().__init__({})
+        self.older = older
+
+    async def embed_each_or_none(self, texts: list[str], timeout_s: float | None = None) -> list[Embedding]:
+        return [Embedding(self._vector(t), "fake@2" if t in self.older else self.embedder) for t in texts]
+
+
+async def test_an_append_whose_texts_two_revisions_embedded_keeps_the_newers_vectors(
+    redis_url: str, monkeypatch
+) -> None:
+    """An append's vectors of two revisions (its question remembered from
+    its assembly, its turns from calls two servers answered) were kept of
+    the revision of the last text embedded: here the older, whose write
+    the index of the newer refuses, so none of the three turns had a
+    vector, the question's and the first reply's of the newer thrown away.
+    They are kept of the newer: only the older's turn is a gap."""
+    monkeypatch.setattr(servicer_module, "MAX_VECTOR_BACKFILLS", 0)  # the append's write alone
+    embedder = OlderServerFor(set())
+    embedder.embedder = "fake@3"
+    async with appended_session(redis_url, embedder, [[DOOR_TURN, *SMALL_TALK]]) as opened:
+        servicer, index, session, _ = opened
+        await assemble_door_question(servicer, session)  # remembered, as revision 3 embedded it
+        reply, follow_up = "Green, as the shutters.", "And the windows?"
+        embedder.older = {follow_up}
+        turns = [(USER, DOOR_QUESTION), (ASSISTANT, reply), (USER, follow_up)]
+        await servicer.AppendTurns(
+            pb.AppendTurnsRequest(
+                tenant_id=session[0],
+                session_id=session[1],
+                messages=[common_pb2.Message(role=role, content=text) for role, text in turns],
+                any_version=True,
+            ),
+            NoDeadline(),
+        )
+        indexed = await index.read(*session, None)
+        assert indexed.embedder == "fake@3"
+        assert indexed.unit_vectors[-3:].any(axis=1).tolist() == [True, True, False]
+        assert indexed.vector_gaps
