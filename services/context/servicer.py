@@ -897,9 +897,10 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         a time at BACKFILL_TURNS_PER_S, and once every one has a vector,
         marks the index's count of gap writes settled (TurnIndex.settle); returns
         whether it is settled: no gap left, or the embedder gave none or
-        not all (False: the session or the embedder's revision changed
-        under it). ``embedder`` None: the rows' own, or with none named,
-        the one that answers."""
+        not all (False: the session changed under it, a newer revision
+        answered, or an older one's answers left gaps, its chunks only: the
+        rest are written). ``embedder`` None: the rows' own, or with none
+        named, the newest that answers."""
         loop = asyncio.get_running_loop()
         for _ in range(BACKFILL_PASSES):
             gaps = await self._index.vector_gaps(tenant_id, session_id, embedder)
@@ -916,6 +917,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             # hid the rest for good. (Gaps an append left are told by the
             # index's count, which only a complete pass clears.)
             complete = True
+            left_to_another_revision = False
             for start in reversed(range(0, len(gaps.positions), BACKFILL_CHUNK_TURNS)):
                 began = loop.time()
                 positions = gaps.positions[start : start + BACKFILL_CHUNK_TURNS]
@@ -932,30 +934,46 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 made = [v for v in embedded if v is not None]
                 if not made:
                     return True  # the embedder gives none now: asked again later (BACKFILL_ASKED_FOR_S)
-                wanted = wanted or made[0].embedder
-                if any(v.embedder != wanted for v in made):
-                    return False  # upgraded again meanwhile: the next question names the newer one
+                wanted = wanted or newest_embedder(v.embedder for v in made)
+                # Servers of two revisions side by side (an upgrade under
+                # way) answer a chunk each: an older revision's vectors are
+                # left gaps, for the next read to ask for again, and the
+                # chunks of ``wanted`` written. Giving the pass up at the
+                # first older chunk left the chunks after it to later reads
+                # (40 turns in chunks of 4, the two answering in turn: 10-11
+                # reads until every turn had a vector, 5 now).
+                older = any(older_embedder(v.embedder, wanted) for v in made)
+                upgraded = any(v.embedder != wanted and not older_embedder(v.embedder, wanted) for v in made)
+                embedded = [v if v is not None and v.embedder == wanted else None for v in embedded]
+                left_to_another_revision = left_to_another_revision or older
                 if start == 0 and not (complete and all(v is not None for v in embedded[1:])):
                     embedded[0] = None
                 complete = complete and all(v is not None for v in embedded)
-                none = np.zeros_like(made[0].vector)
-                rows = np.stack([none if v is None else v.vector for v in embedded])
-                written = await self._index.backfill(
-                    tenant_id, session_id, gaps, positions, Embeddings(rows, wanted)
-                )
-                if written < 0:
-                    changed = True
-                    break
-                if written:
-                    metrics.context().turns_reembedded.inc(written)
-                    # The hot copy holds the rows as they were (the script's
-                    # notice tells the other replicas the same).
-                    self._changed_here(tenant_id, session_id, DELETED)
+                if kept := [v for v in embedded if v is not None]:
+                    none = np.zeros_like(kept[0].vector)
+                    rows = np.stack([none if v is None else v.vector for v in embedded])
+                    written = await self._index.backfill(
+                        tenant_id, session_id, gaps, positions, Embeddings(rows, wanted)
+                    )
+                    if written < 0:
+                        changed = True
+                        break
+                    if written:
+                        metrics.context().turns_reembedded.inc(written)
+                        # The hot copy holds the rows as they were (the script's
+                        # notice tells the other replicas the same).
+                        self._changed_here(tenant_id, session_id, DELETED)
+                if upgraded:
+                    return False  # upgraded again meanwhile: the next question names the newer one
                 await asyncio.sleep(max(0.0, len(positions) / BACKFILL_TURNS_PER_S - (loop.time() - began)))
             if not changed:
                 log.info("turn vectors backfilled", session_id=session_id, turns=len(gaps.positions))
-                # Not complete: the gaps left are asked for again later.
-                return await self._settle_gaps(tenant_id, session_id, gaps) if complete else True
+                if complete:
+                    return await self._settle_gaps(tenant_id, session_id, gaps)
+                # The gaps left are asked for again later: at the next read
+                # where an older revision's answers left them (the newer
+                # serves), else after BACKFILL_ASKED_FOR_S (the embedder gave none).
+                return not left_to_another_revision
         return False
 
     async def _settle_gaps(self, tenant_id: str, session_id: str, gaps: VectorGaps) -> bool:

@@ -1379,3 +1379,52 @@ async def test_an_append_whose_texts_two_revisions_embedded_keeps_the_newers_vec
         assert indexed.embedder == "fake@3"
         assert indexed.unit_vectors[-3:].any(axis=1).tolist() == [True, True, False]
         assert indexed.vector_gaps
+
+
+class AlternatingServers(RevisedEmbedder):
+    """A RevisedEmbedder whose calls for turns (appends, backfills) are
+    answered by servers of ``revisions`` in turn, one call each (servers
+    of two revisions side by side), once ``revisions`` is set; questions
+    as ``embedder`` says. Counts the turns' texts embedded."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.revisions: list[str] = []
+        self.texts = 0
+
+    async def embed_each_or_none(self, texts: list[str], timeout_s: float | None = None) -> list[Embedding]:
+        self.texts += len(texts)
+        if not self.revisions:
+            return await super().embed_each_or_none(texts, timeout_s)
+        revision = self.revisions.pop(0)
+        self.revisions.append(revision)
+        return [Embedding(self._vector(t), revision) for t in texts]
+
+
+async def test_a_backfill_keeps_the_chunks_its_revision_embedded_when_another_answers_some(
+    redis_url: str, monkeypatch
+) -> None:
+    """A backfill toward revision 3 over servers of 3 and 2 answering its
+    chunks in turn gave its whole pass up at the first chunk of 2: of the
+    9 turns, 1 row written (the first chunk's), the chunks after the one of
+    2 not embedded, left to later reads, a chunk of 3 each. The chunks of 3
+    are written, those of 2 left gaps for the next read, which asks again."""
+    monkeypatch.setattr(servicer_module, "BACKFILL_CHUNK_TURNS", 4)
+    monkeypatch.setattr(servicer_module, "BACKFILL_TURNS_PER_S", 1000.0)
+    embedder = AlternatingServers()
+    embedder.embedder = "fake@2"
+    # DOOR_TURN and SMALL_TALK: 9 turns, chunks of turns 8, 4-7 and 0-3, the last first.
+    async with appended_session(redis_url, embedder, [[DOOR_TURN, *SMALL_TALK]]) as opened:
+        servicer, index, session, _ = opened
+        embedder.embedder, embedder.revisions = "fake@3", ["fake@3", "fake@2"]
+        await assemble_door_question(servicer, session)
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        indexed = await index.read(*session, None)
+        assert indexed.embedder == "fake@3"
+        # Turn 0's row comes last, once every other gap has one.
+        assert np.flatnonzero(indexed.unit_vectors.any(axis=1)).tolist() == [1, 2, 3, 8]
+        # The next read asks for the rest, and the chunks of 3 fill them.
+        for _ in range(3):
+            await assemble_door_question(servicer, session)
+            await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        assert (await index.read(*session, None)).unit_vectors.any(axis=1).all()
