@@ -1236,7 +1236,6 @@ def load_settings(
     _apply_environment(raw, environ)
     settings = _build(Settings, raw, "")
     _check_values(settings, "")
-    _check_false_hit_rate(settings)
     _check_redis_timeout(settings)
     _check_redis_urls(settings)
     _check_addresses(settings)
@@ -1489,21 +1488,6 @@ def check_listen(name: str, address: str) -> None:
         raise ConfigError(
             f"{name} must name a host; {address!r} names none (0.0.0.0:{port} or [::]:{port} listens "
             f"on every interface, 127.0.0.1:{port} on this host only)"
-        )
-
-
-def _check_false_hit_rate(settings: Settings) -> None:
-    """cache.max_false_hit_rate, held to the verifier's calibration: the
-    cache service refused to start on a bound stricter than any calibrated
-    one (0 included), after the settings had loaded."""
-    # Imported here: the verifier's model file is the verifier's to read.
-    from services.cache.verifier import strictest_calibrated_bound
-
-    strictest = strictest_calibrated_bound()
-    if settings.cache.max_false_hit_rate < strictest:
-        raise ConfigError(
-            f"cache.max_false_hit_rate must be at least {strictest} (the verifier's strictest "
-            f"calibrated bound), got {settings.cache.max_false_hit_rate!r}"
         )
 
 

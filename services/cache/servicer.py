@@ -546,8 +546,9 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             # lookup drops a row whose entry it finds gone.
             index.remove(request.entry_id, report.seq)
         if report.replicas_acknowledged < report.replicas_wanted:
-            # Still OK: the report holds on the master, and a retry would
-            # count it twice. Only a failover before the replicas catch up
+            # Still OK: the report holds on the master, and an error would
+            # only have the client send it again (which keeps and counts
+            # nothing more). Only a failover before the replicas catch up
             # loses it.
             self._metrics.unreplicated_reports.inc()
             log.warning(

@@ -60,13 +60,6 @@ from meshgate.embedding import head_embedder
 MODEL_PATH = pathlib.Path(__file__).with_name("verifier_model.json")
 
 
-def strictest_calibrated_bound(path: pathlib.Path = MODEL_PATH) -> float:
-    """The smallest cache.max_false_hit_rate both heads have a threshold
-    for (Head.build refuses a smaller one), for the settings to check at load."""
-    heads = json.loads(path.read_text(encoding="utf-8"))["heads"]
-    return max(min(row["max_false_hit_rate"] for row in head["calibration"]) for head in heads.values())
-
-
 def _words(text: str) -> frozenset[str]:
     return frozenset(text.split())
 

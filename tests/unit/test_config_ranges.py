@@ -313,18 +313,6 @@ def test_a_fraction_past_1_is_refused_and_1_loads(tmp_path, path, hint):
     assert _load_file(tmp_path, _raw(path, 1.0)) is not None
 
 
-def test_a_false_hit_rate_the_verifier_has_no_threshold_for_is_refused_at_load(tmp_path):
-    """It loaded, and the cache service refused to start on it."""
-    from services.cache.verifier import Verifier, strictest_calibrated_bound
-
-    strictest = strictest_calibrated_bound()
-    Verifier.load(strictest)
-    with pytest.raises(ValueError, match="below the strictest calibrated bound"):
-        Verifier.load(strictest / 2)
-    assert _refused(tmp_path, "cache.max_false_hit_rate", strictest / 2) == []
-    assert _load_file(tmp_path, _raw("cache.max_false_hit_rate", strictest)) is not None
-
-
 # Every setting that takes one of a few words, and one of its words.
 WORDS = {
     "telemetry.exporter": "otlp",
