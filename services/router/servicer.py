@@ -68,6 +68,10 @@ SESSION_METADATA_KEY = "meshgate-session-id"
 # grpc.aio has the call done by the time a trailers-only response's empty
 # initial metadata is returned is up to its event loop's ordering.
 ADMITTED_METADATA = (("meshgate-admitted", "1"),)
+# A ChatSession turn refused with these named no session: the stream's stays
+# what it was (a turn refused for anything else still moves it to the one it
+# named, which the client chose).
+_NO_SUCH_SESSION = frozenset({Reason.SESSION_NOT_FOUND, Reason.INVALID_SESSION_ID})
 
 
 @dataclasses.dataclass(slots=True)
@@ -333,11 +337,9 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             version = None  # the session's, after a turn of this stream
             while (request := await self._next_turn(requests, session_id, version)) is not None:
                 # The turn's session: the one it names, else the stream's. It
-                # becomes the stream's once the turn is answered on it, or
-                # fails with something of it maybe stored (below); not before:
-                # a turn refused with nothing stored (its session not found,
-                # an id that is none) made a session that is none the
-                # stream's, and every later turn naming none failed on it.
+                # becomes the stream's unless the turn is refused because it
+                # is no session (below): a session not found, or an id that is
+                # none, made the stream's, failed every later turn naming none.
                 turn_session = request.session_id or session_id
                 # The key was checked when the stream opened, and a stream may
                 # stay open for hours: each turn resolves it again (a stored
@@ -390,13 +392,17 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                                     # A first turn that created its session and
                                     # failed as it was being stored (one that
                                     # failed before names none: the pipeline
-                                    # deleted it), or one whose append's outcome
-                                    # is unknown: the next turns go on with its
-                                    # session, past the version known here (which
-                                    # the stop must not give). Any other failed
-                                    # turn stored nothing and leaves the stream's.
+                                    # deleted it), one whose append's outcome is
+                                    # unknown, or one naming another session
+                                    # refused for anything but that session's
+                                    # being none (a limit, the model): the next
+                                    # turns go on with its session, the client's
+                                    # choice, past the version known here (which
+                                    # the stop must not give).
                                     if created or error.metadata.get("turn_may_be_stored"):
                                         session_id, version = created or turn_session, None
+                                    elif turn_session != session_id and error.reason not in _NO_SUCH_SESSION:
+                                        session_id, version = turn_session, None
                                     failure = error.to_status_proto().SerializeToString()
                                     message = pb.ChatSessionResponse(failure=failure)
                                     done = True

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from meshgate import telemetry
 from meshgate.common.v1 import common_pb2
 from meshgate.config import DeploymentSettings, ModelSettings, RouterSettings
-from meshgate.errors import MeshgateError, unavailable
+from meshgate.errors import MeshgateError, not_found, unavailable
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.auth import Tenant
@@ -57,6 +57,8 @@ class FakeContexts:
         self.assembled: list[str] = []
         self.appended: list[tuple[str, int, str]] = []
         self.append_error: MeshgateError | None = None
+        # Sessions an assembly finds none of (SESSION_NOT_FOUND).
+        self.missing: set[str] = set()
         # What the session's summaries spent, for the next append to report.
         self.summary_spend: tuple[SummarySpend, ...] = ()
 
@@ -69,6 +71,8 @@ class FakeContexts:
 
     async def assemble(self, turn):
         self.assembled.append(turn.session_id)
+        if turn.session_id in self.missing:
+            raise not_found(Reason.SESSION_NOT_FOUND, f"no session {turn.session_id}")
         if self.outage and not turn.session_id:
             return None
         history = [user("earlier")] if turn.session_id else []

@@ -715,11 +715,13 @@ def failure_info(response: pb.ChatSessionResponse) -> error_details_pb2.ErrorInf
     return info
 
 
-def test_a_chat_session_turn_that_stored_nothing_leaves_the_streams_session(loop):
-    """The stream is on s1. A turn naming s7 whose generation died before
-    anything was stored moved the stream to s7: the next turn, naming none,
-    went on s7. It goes on s1; a turn naming s8 whose append may have been
-    stored does move it, so the turn after it continues s8."""
+def test_a_chat_session_turn_naming_a_session_moves_the_stream_unless_that_session_is_none(loop):
+    """The stream is on s1. A turn naming s7 whose generation died, a
+    failure that says nothing of s7, moves the stream to s7, the session the
+    client chose: the next turn, naming none, goes on s7. A turn naming s9
+    that the context refuses SESSION_NOT_FOUND leaves it on s7. A turn
+    naming s8 whose append may have been stored moves it too, so the turn
+    after it continues s8."""
     contexts = FakeContexts()
     generator = FakeGenerator()
     server = served(loop, generator=generator, contexts=contexts)
@@ -731,6 +733,11 @@ def test_a_chat_session_turn_that_stored_nothing_leaves_the_streams_session(loop
     responses += [rpc.take_response() for _ in range(2)]
     generator.fail_after = None
     rpc.send_request(pb.ChatSessionRequest(model="m", messages=[user("third")]))
+    responses += [rpc.take_response() for _ in range(4)]
+    contexts.missing.add("s9")
+    rpc.send_request(pb.ChatSessionRequest(model="m", session_id="s9", messages=[user("none such")]))
+    responses += [rpc.take_response()]
+    rpc.send_request(pb.ChatSessionRequest(model="m", messages=[user("third again")]))
     responses += [rpc.take_response() for _ in range(4)]
     # As downstream.ContextService.append fails an append whose reply was lost.
     lost = {"session_id": "s8", "turn_may_be_stored": "true"}
@@ -745,10 +752,12 @@ def test_a_chat_session_turn_that_stored_nothing_leaves_the_streams_session(loop
     assert code == grpc.StatusCode.OK
     assert responses[3].completion.session_id == "s1"
     assert failure_info(responses[5]).reason == Reason.STREAM_ENDED_EARLY
-    assert responses[9].completion.session_id == "s1"
-    assert failure_info(responses[13]).metadata["turn_may_be_stored"] == "true"
+    assert responses[9].completion.session_id == "s7"
+    assert failure_info(responses[10]).reason == Reason.SESSION_NOT_FOUND
+    assert responses[14].completion.session_id == "s7"
+    assert failure_info(responses[18]).metadata["turn_may_be_stored"] == "true"
     assert responses[-1].completion.session_id == "s8"
-    assert [session_id for session_id, _, _ in contexts.appended] == ["s1", "s1", "s8"]
+    assert [session_id for session_id, _, _ in contexts.appended] == ["s1", "s7", "s7", "s8"]
 
 
 def test_create_session_and_list_models(loop):
