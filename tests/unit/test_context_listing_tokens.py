@@ -3,7 +3,6 @@ meshgate/paging.py): a token names a place in one tenant's listing of its
 sessions and nothing else. The pages themselves, on a real Redis, are
 tests/integration/test_context_listing.py's."""
 
-import base64
 import string
 
 import grpc
@@ -43,16 +42,6 @@ def test_a_page_holds_what_page_size_asks_zero_the_default_at_most_the_maximum(r
     assert size(requested) == expected
 
 
-@pytest.mark.parametrize("requested", [-1, -(2**31)])
-def test_a_negative_page_size_is_refused(requested):
-    with pytest.raises(MeshgateError) as caught:
-        size(requested)
-    assert (caught.value.code, caught.value.reason) == (
-        grpc.StatusCode.INVALID_ARGUMENT,
-        Reason.INVALID_PAGE_SIZE,
-    )
-
-
 @pytest.mark.parametrize(
     "member",
     [MEMBER, listed_member("a", 0).encode(), listed_member("Z_-9" * 32, 9_999_999_999_999_999).encode()],
@@ -68,18 +57,6 @@ def test_members_order_as_their_sessions_creation_then_id():
     assert sorted(members) == members
 
 
-def test_a_token_is_opaque_and_url_safe():
-    assert set(TOKEN) <= set(BASE64_URL)
-    assert b"acme" not in base64.urlsafe_b64decode(TOKEN + "==")
-
-
-def test_a_token_of_another_tenants_listing_is_refused():
-    assert refused(TOKEN, "other") == INVALID_TOKEN
-    # Nor one tenant's id a prefix of the other's.
-    assert refused(TOKEN, "acme2") == INVALID_TOKEN
-    assert refused(listing_token("acm", MEMBER)) == INVALID_TOKEN
-
-
 def test_a_token_of_another_listing_is_refused_by_each():
     keys_token = PageCursor(1_764_862_706.5, "0123456789abcdef").token("acme")
     assert refused(keys_token) == INVALID_TOKEN
@@ -88,33 +65,6 @@ def test_a_token_of_another_listing_is_refused_by_each():
     with pytest.raises(MeshgateError) as caught:
         PageCursor.of_token(TOKEN, "acme")
     assert (caught.value.code, caught.value.reason) == INVALID_TOKEN
-
-
-def test_every_change_of_one_character_is_refused():
-    """Including those of the last character's padding bits alone (base64
-    decodes them to the same bytes): a token has one spelling."""
-    for position, original in enumerate(TOKEN):
-        for replacement in BASE64_URL.replace(original, ""):
-            altered = TOKEN[:position] + replacement + TOKEN[position + 1 :]
-            assert refused(altered) == INVALID_TOKEN, (position, replacement)
-
-
-@pytest.mark.parametrize(
-    "token",
-    [
-        pytest.param("x", id="one character"),
-        pytest.param("not a token", id="words"),
-        pytest.param("é" * len(TOKEN), id="not ASCII"),
-        pytest.param(TOKEN[:-1], id="cut short"),
-        pytest.param(TOKEN + "A", id="one more"),
-        pytest.param(TOKEN + "==", id="padded"),
-        pytest.param(TOKEN[:10] + "!" + TOKEN[10:], id="a stray character"),
-        pytest.param(TOKEN[:10] + "\n" + TOKEN[10:], id="a newline"),
-        pytest.param("A" * 100_000, id="100k characters"),
-    ],
-)
-def test_what_no_listing_gave_is_refused(token):
-    assert refused(token) == INVALID_TOKEN
 
 
 @pytest.mark.parametrize(

@@ -42,16 +42,6 @@ def test_a_page_size_over_the_maximum_is_the_maximum(requested):
     assert page_size(requested) == MAX_PAGE_SIZE == 1000
 
 
-@pytest.mark.parametrize("requested", [-1, -(2**31)])
-def test_a_negative_page_size_is_refused(requested):
-    with pytest.raises(MeshgateError) as caught:
-        page_size(requested)
-    assert (caught.value.code, caught.value.reason) == (
-        grpc.StatusCode.INVALID_ARGUMENT,
-        Reason.INVALID_PAGE_SIZE,
-    )
-
-
 @pytest.mark.parametrize("created_at", [CURSOR.created_at, 0.0, 5e-324, 1.0 / 3, 253_402_300_799.999999])
 def test_a_token_names_its_place_exactly(created_at):
     # Exactly: a score one ulp off would skip or repeat keys created at it.
@@ -67,41 +57,6 @@ def test_a_token_is_opaque_and_url_safe():
     # No more of the key's hash than its id, which ListKeys shows anyway.
     assert bytes.fromhex(CURSOR.key_id) in raw
     assert bytes.fromhex(hash_api_key("mgk-" + "k" * 43))[8:16] not in raw
-
-
-def test_a_token_of_another_tenants_listing_is_refused():
-    assert refused(TOKEN, "other") == INVALID_TOKEN
-    # Nor one tenant's id a prefix of the other's.
-    assert refused(TOKEN, "acme2") == INVALID_TOKEN
-
-
-def test_every_change_of_one_character_is_refused():
-    """Including those of the last character's padding bits alone (base64
-    decodes them to the same bytes): a token has one spelling."""
-    for position, original in enumerate(TOKEN):
-        for replacement in BASE64_URL.replace(original, ""):
-            altered = TOKEN[:position] + replacement + TOKEN[position + 1 :]
-            assert refused(altered) == INVALID_TOKEN, (position, replacement)
-
-
-@pytest.mark.parametrize(
-    "token",
-    [
-        pytest.param("", id="empty"),
-        pytest.param("x", id="one character"),
-        pytest.param("not a token", id="words"),
-        pytest.param("é" * len(TOKEN), id="not ASCII"),
-        pytest.param(TOKEN[:-1], id="cut short"),
-        pytest.param(TOKEN + "A", id="one more"),
-        pytest.param(TOKEN + "==", id="padded"),
-        # Characters base64 decoding would skip.
-        pytest.param(TOKEN[:10] + "!" + TOKEN[10:], id="a stray character"),
-        pytest.param(TOKEN[:10] + "\n" + TOKEN[10:], id="a newline"),
-        pytest.param("A" * 100_000, id="100k characters"),
-    ],
-)
-def test_what_no_listing_gave_is_refused(token):
-    assert refused(token) == INVALID_TOKEN
 
 
 def _checked(version: int, created_at: float, tenant_id: str = "acme") -> str:
