@@ -64,8 +64,9 @@ def test_a_service_whose_redis_does_not_answer_says_so_without_its_password(serv
         # A token given as the user (or a password, to clients that follow
         # the IANA scheme's [[user:]password@]).
         (f"{PASSWORD}@", "cannot reach Redis at redis://***@127.0.0.1:{port}/0: "),
-        # An unencoded '/' cuts the password short: the rest reads as a port.
-        (f":Xq7/{PASSWORD}@", "redis URL '<a Redis URL not shown"),
+        # An unencoded '/' cuts the password short: the rest reads as a port
+        # (refused as the settings load, naming the setting).
+        (f":Xq7/{PASSWORD}@", "redis.url: redis URL '<a Redis URL not shown"),
     ],
 )
 def test_no_form_of_credential_is_named_when_the_service_cannot_start(credential, error) -> None:
