@@ -11,6 +11,7 @@ from services.context import summaries, token_counts
 from services.context.hot_cache import HotCache, change_listener
 from services.context.servicer import ContextServicer
 from services.context.store import SessionStore
+from services.context.tenant_sweep import TenantSweep
 from services.context.turn_index import TurnIndex
 
 SERVICE_NAMES = [context_service_pb2.DESCRIPTOR.services_by_name["ContextService"].full_name]
@@ -91,6 +92,8 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
     service.drains.append(summarizer.drain)
     changes = change_listener(settings.redis.url, hot, summarizer, settings.redis.timeout_s)
     changes.start()
+    sweep = TenantSweep(client, store.listing, store.holdings)
+    sweep.start()
     servicer = ContextServicer(
         store,
         settings.models,
@@ -112,6 +115,7 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
 
     return serving.cleanup_steps(
         ("session notices", changes.close),
+        ("tenant sweep", sweep.close),
         ("servicer", servicer.close),
         ("summarizer", summarizer.close),
         ("local embedder", local_embedder.close if local_embedder is not None else None),

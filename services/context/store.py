@@ -115,10 +115,14 @@ A create or a fork lists its session once its script made it (and a
 resend of its request id again, where the first send's listing was lost);
 a delete unlists it once its script deleted it. An entry whose session is
 gone (its delete's unlisting lost, expired, created again since) is pruned
-by the page that meets it, which reads every listed session's meta, and by
+by the page that meets it, which reads every listed session's meta, by
 the create that finds it due (at most LISTING_SWEPT_PER_CREATE a create,
-oldest due first), so a tenant that never lists does not pile up the
-entries of its expired sessions.
+oldest due first), and by every replica's background sweep
+(services/context/tenant_sweep.py), which checks every tenant's due
+entries a pass at a time, so neither a tenant that never lists nor one
+that went quiet keeps the entries of its expired sessions beyond a pass
+(the sweep's docstring says how long one takes). Neither set has a TTL:
+an append renews a live session without touching the tenant's slot.
 
 SESSION_PARTS lists the session's parts, and every script that changes a
 session takes all of them (session_keys), so none outlives or predeceases
@@ -983,10 +987,13 @@ QUOTA_REFUSAL_KEPT_S = 5.0
 # what it holds beside them, its pins and summaries (BESIDE_TURNS), ``total``),
 # their expiries (sorted set, ms of Redis's clock). ARGV: session id, what
 # to do ('fits': what the tenant holds, nothing written but the forgetting;
-# 'set': the session's ``s:`` is ARGV[3] and its ``p:`` ARGV[6], each left
-# as it is for ''; 'drop': it holds nothing), bytes, the session's TTL in
-# ms (0: none), the most expired sessions to forget, bytes beside its turns.
-# Returns what the tenant holds (after the change). Expired
+# 'forget': the forgetting alone, for a sweep (TenantSweep); 'set': the
+# session's ``s:`` is ARGV[3] and its ``p:`` ARGV[6], each left as it is for
+# ''; 'drop': it holds nothing), bytes, the session's TTL in ms (0: none),
+# the most expired sessions to forget, bytes beside its turns. Returns what
+# the tenant holds (after the change); 'forget' how many it forgot, and it
+# deletes a record left with no session (every one forgotten), so a tenant
+# gone quiet leaves nothing of it. Expired
 # sessions are forgotten first, and their deletes are the first writes
 # (OOM_FIRST does not apply: the record may pass a full Redis's maxmemory by
 # one field, no more).
@@ -1006,9 +1013,14 @@ for _, id in ipairs(expired) do forget(id) end
 -- TenantHoldings) is added once more and taken once.
 total = math.max(0, total)
 local what = ARGV[2]
-if what == 'fits' then
+if what == 'fits' or what == 'forget' then
   if #expired > 0 then redis.call('HSET', KEYS[1], 'total', total) end
-  return total
+  if what == 'fits' then return total end
+  -- ``total`` alone: no session's fields are left to count.
+  if redis.call('ZCARD', KEYS[2]) == 0 and redis.call('HLEN', KEYS[1]) <= 1 then
+    redis.call('DEL', KEYS[1])
+  end
+  return #expired
 end
 if what == 'drop' then
   forget(ARGV[1])
@@ -1046,13 +1058,16 @@ LISTING_SWEPT_PER_CREATE = 8
 _LISTING = "ListSessions"
 _LISTING_CURSOR_VERSION = b"\x01"
 
-# KEYS: the tenant's listing (newest, due). ARGV: a session's member, when
-# it is due (ms; '+inf': never), the most due members to name. Lists the
-# session; returns up to ARGV[3] members due now, the oldest due first, for
-# the caller to check (_LISTING_CHECKED). ZADD first: see OOM_FIRST.
+# KEYS: the tenant's listing (newest, due). ARGV: a session's member ('':
+# none, for a sweep: TenantSweep), when it is due (ms; '+inf': never), the
+# most due members to name. Lists the session; returns up to ARGV[3]
+# members due now, the oldest due first, for the caller to check
+# (_LISTING_CHECKED). ZADD first: see OOM_FIRST.
 _LIST = """
-redis.call('ZADD', KEYS[1], 0, ARGV[1])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+if ARGV[1] ~= '' then
+  redis.call('ZADD', KEYS[1], 0, ARGV[1])
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 return redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
@@ -1328,9 +1343,10 @@ class TenantHoldings:
       until its next write sets it, or its expiry forgets it.
     - A session expires session_ttl_s after its last write; the record
       forgets it that long after the last count it set (a few per call,
-      the oldest first). Writes that renew a session but count nothing
-      (its turn index's) may keep it alive past that, counted 0 until its
-      next write.
+      the oldest first, and in the background sweep, services/context/
+      tenant_sweep.py, which deletes a record left with no session).
+      Writes that renew a session but count nothing (its turn index's)
+      may keep it alive past that, counted 0 until its next write.
     - Summaries go beyond the bound by what the tenant's sessions'
       summaries written after it was reached hold: at most one per span
       of turns counted before then (a few KB for 16 turns counted at 16 KB
@@ -1445,11 +1461,25 @@ class TenantHoldings:
                 "tenant's session bytes not counted", what=what, session_id=session_id, error=str(error)
             )
 
+    async def forget_expired(self, tenant_id: str, most: int) -> int:
+        """Forgets up to ``most`` of the tenant's expired sessions, the
+        oldest first, and the record once none is left (TenantSweep);
+        returns how many it forgot. Done with no bound configured too: a
+        record written while one was is forgotten alike. Raises Redis's
+        errors."""
+        return await self._call(tenant_id, "", "forget", "", forgotten=most)
+
     async def _call(
-        self, tenant_id: str, session_id: str, what: str, size: int | str, beside: int | str = ""
+        self,
+        tenant_id: str,
+        session_id: str,
+        what: str,
+        size: int | str,
+        beside: int | str = "",
+        forgotten: int = _FORGOTTEN_PER_CALL,
     ) -> int:
         keys = [holdings_key(tenant_id, "bytes"), holdings_key(tenant_id, "expiry")]
-        args = [session_id, what, size, self._ttl_ms, _FORGOTTEN_PER_CALL, beside]
+        args = [session_id, what, size, self._ttl_ms, forgotten, beside]
         return int(await self._script(keys=keys, args=args))
 
 
@@ -1524,16 +1554,28 @@ class SessionListing:
         entries (never raises: the session is listed)."""
         member = listed_member(session_id, create_time_ms)
         due = create_time_ms + self._ttl_ms if self._ttl_ms > 0 else "+inf"
-        keys = [listing_key(tenant_id, "newest"), listing_key(tenant_id, "due")]
         with redis_reachable():
-            overdue = await self._list(keys=keys, args=[member, due, LISTING_SWEPT_PER_CREATE])
-        if not overdue:
-            return
+            overdue = await self._list(
+                keys=self._keys(tenant_id), args=[member, due, LISTING_SWEPT_PER_CREATE]
+            )
         try:
-            states = await self._states(tenant_id, overdue)
-            await self._settle(tenant_id, overdue, states)
+            await self._check(tenant_id, overdue)
         except redis_access.CONNECTION_ERRORS as error:
             log.warning("tenant's due listing entries not checked", error=str(error))
+
+    async def checked_due(self, tenant_id: str, most: int) -> int:
+        """Checks up to ``most`` of the tenant's due entries, the oldest due
+        first, as a create does (TenantSweep); returns how many were due.
+        Raises Redis's errors."""
+        overdue = await self._list(keys=self._keys(tenant_id), args=["", "", most])
+        await self._check(tenant_id, overdue)
+        return len(overdue)
+
+    async def _check(self, tenant_id: str, overdue: list[bytes]) -> None:
+        """Unlists the ``overdue`` members whose sessions are gone; gives the
+        others their TTL left."""
+        if overdue:
+            await self._settle(tenant_id, overdue, await self._states(tenant_id, overdue))
 
     async def unlisted(self, tenant_id: str, session_id: str, create_time_ms: int) -> None:
         """Unlists the session's life created at ``create_time_ms``, after its
@@ -1596,8 +1638,11 @@ class SessionListing:
         args: list[bytes | int] = []
         for member, state in zip(members, states, strict=True):
             args += [member, state[4] if _same_life(member, state) else -2]
-        keys = [listing_key(tenant_id, "newest"), listing_key(tenant_id, "due")]
-        await self._checked(keys=keys, args=args)
+        await self._checked(keys=self._keys(tenant_id), args=args)
+
+    @staticmethod
+    def _keys(tenant_id: str) -> list[str]:
+        return [listing_key(tenant_id, "newest"), listing_key(tenant_id, "due")]
 
 
 def _same_life(member: bytes, state: list | None) -> bool:

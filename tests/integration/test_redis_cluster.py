@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import itertools
 import json
 import pathlib
 import signal
@@ -36,6 +37,7 @@ from services.cache import keys as cache_keys
 from services.cache.heartbeat import Heartbeat
 from services.context import store
 from services.context.hot_cache import HotCache, change_listener
+from services.context.tenant_sweep import TenantSweep
 from services.router.admission import Admission, Scope, TurnAdmission
 from services.router.auth import Tenant
 from services.router.hot_exact import HotExactHits, notice_listener
@@ -281,6 +283,40 @@ async def test_a_tenants_listing_of_sessions_on_every_master(cluster: Cluster, t
             assert await connected.zcard(store.listing_key(tenant, "newest")) == len(ids) - 2
         finally:
             await connected.aclose()
+
+
+async def test_the_tenant_sweep_clears_expired_sessions_entries_on_every_master(
+    cluster: Cluster, client
+) -> None:
+    """A tenant's listing and record on each master (their slot), its
+    sessions on others: a pass of the sweep SCANs every master, and reads
+    each session's state on its own node."""
+    tenants: dict[int, str] = {}
+    for n in itertools.count():
+        tenant = f"swept-{uuid.uuid4().hex[:8]}-{n}"
+        tenants.setdefault(cluster.master_of(key_slot(store.listing_key(tenant, "due").encode())), tenant)
+        if len(tenants) == len(cluster.masters()):
+            break
+    expiring = store.SessionStore(client, 1, max_bytes_per_tenant=1 << 30)
+    lasting = store.SessionStore(client, 600, max_bytes_per_tenant=1 << 30)
+    for tenant in tenants.values():
+        for session_id in ("gone", "renewed"):
+            await expiring.create(tenant, session_id)
+        await lasting.append(tenant, "renewed", 0, [msg(USER, "hello")], {})
+    deadline = time.monotonic() + 10
+    while any([await client.exists(store.session_key(tenant, "gone")) for tenant in tenants.values()]):
+        assert time.monotonic() < deadline, "the sessions never expired"
+        await asyncio.sleep(0.1)
+    sweep = TenantSweep(client, lasting.listing, lasting.holdings)
+    for _ in range(1000):
+        if await sweep.tick():
+            break
+    else:
+        pytest.fail("no pass of the sweep ended")
+    for tenant in tenants.values():
+        listed = await client.zrange(store.listing_key(tenant, "newest"), 0, -1)
+        assert [member.partition(b":")[2] for member in listed] == [b"renewed"]
+        assert await client.zrange(store.holdings_key(tenant, "expiry"), 0, -1) == [b"renewed"]
 
 
 async def test_change_notices_from_every_master_reach_a_subscriber(cluster: Cluster, client, tenant) -> None:

@@ -1,0 +1,197 @@
+"""The sweep of what expired sessions leave in their tenants' records.
+
+A tenant's listing of its sessions (SessionListing) and its holdings record
+(TenantHoldings) lie in the tenant's slot, apart from every session's
+(services/context/store.py), and have no TTL: an append renews a live
+session and never touches the tenant's slot, so a TTL on them would unlist
+and forget sessions that live. What Redis's expiry of a session leaves
+there (its two listing entries, ~270 bytes, and its fields in the record,
+~300) is otherwise cleared only by the tenant's own calls: a create checks
+LISTING_SWEPT_PER_CREATE due entries, a page prunes those it meets, each
+call of the record forgets a few expired sessions. A tenant whose sessions
+all expired with none of those to follow kept them for good (a batch
+tenant that made 1M sessions and went quiet: about 570 MB).
+
+Every context replica runs a TenantSweep. Every SWEEP_INTERVAL_S (times
+1 ± JITTER) a tick SCANs SCAN_COUNT more keys of each Redis master (every
+master of a cluster), from where its last tick left off, for the tenants'
+sorted sets (a listing's ``due``, a record's ``expiry``; SCAN's TYPE
+filter), and sweeps up to TENANTS_PER_TICK of the tenants found: checks up
+to ENTRIES_PER_TENANT of the tenant's due listing entries, as a create
+does (unlisting those of sessions gone, giving the others their TTL left,
+so a session renewed past its first due time stays), and forgets up to as
+many expired sessions of its record, deleting a record left with none. A
+tenant that had more to sweep is swept again after the others found. Once
+every master's SCAN is through and every tenant found swept, a pass has
+ended, and the next begins.
+
+What bounds the leftovers: a tenant's entries of sessions expired are gone
+within one pass of every replica's sweep after they expired (SCAN returns
+every key present throughout a pass). A pass takes (keys on the master of
+the tenant's slot) / SCAN_COUNT ticks (a master of 1M keys: 1,000 ticks,
+about 1.4 h), or more where more than TENANTS_PER_TICK tenants a tick have
+entries to sweep, and a tenant's own sweep a tick per ENTRIES_PER_TENANT
+of its entries (1M expired sessions: 2,000 ticks, about 2.8 h). An entry
+whose delete's unlisting was lost is swept once due, as an expired
+session's; without a session TTL (context.session_ttl_s 0) it is never
+due, and only a page prunes it.
+
+Replicas sweeping the same tenant at once do no harm: a check unlists only
+the entries of sessions gone (a member names one life of a session) and
+moves a live one's due time only if it is still listed; a forget takes each
+expired session's fields once, in one script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import re
+
+import structlog
+from redis.asyncio.cluster import RedisCluster
+
+from meshgate import redis_access
+from meshgate.tasks import cancel_and_wait
+from services.context.store import SessionListing, TenantHoldings
+
+log = structlog.get_logger(__name__)
+
+# A tick comes every SWEEP_INTERVAL_S times 1 ± JITTER, so that replicas
+# started together do not sweep together.
+SWEEP_INTERVAL_S = 5.0
+JITTER = 0.2
+# Keys a tick's SCAN examines on each master (SCAN's COUNT): well under a
+# millisecond of Redis's time, and a pass over 1M keys in 1,000 ticks.
+SCAN_COUNT = 1000
+# Tenants a tick sweeps at most, and the entries of each: about a pipeline
+# of ENTRIES_PER_TENANT one-key scripts and two short scripts a tenant, a
+# few milliseconds of Redis's time a tick at most.
+TENANTS_PER_TICK = 16
+ENTRIES_PER_TENANT = 500
+
+# The tenant's sorted sets (store.listing_key, store.holdings_key): the
+# tenant's hex, between the braces of its hash tag. The SCAN's MATCH is
+# broader (a glob cannot say either of two names); this picks them out.
+_SWEPT_KEY = re.compile(rb"mg:context:(?:listed:\{([0-9a-f]*)\}:due|held:\{([0-9a-f]*)\}:expiry)")
+_SCANNED = "mg:context:*"
+
+
+class TenantSweep:
+    """The sweep of the module's docstring, on ``client`` (a node or a
+    cluster), started and stopped with the service (start, close);
+    ``tick`` is one step of it."""
+
+    def __init__(
+        self, client: redis_access.Client, listing: SessionListing, holdings: TenantHoldings
+    ) -> None:
+        self._client = client
+        self._listing = listing
+        self._holdings = holdings
+        # Where each master's SCAN goes on (by node name; "" for one node),
+        # and the masters whose SCAN is through for this pass.
+        self._cursors: dict[str, int] = {}
+        self._scanned: set[str] = set()
+        # Tenants found and not yet swept (or with more to sweep), in the
+        # order found; a dict as an ordered set.
+        self._found: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._running: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._running = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        """Stops sweeping. A tick cut short leaves nothing half done that
+        the next (this replica's or another's) does not finish."""
+        if self._running is not None:
+            await cancel_and_wait(self._running)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S * random.uniform(1 - JITTER, 1 + JITTER))
+            try:
+                await self.tick()
+            except redis_access.CONNECTION_ERRORS as error:
+                # The next tick goes on from where this one left off.
+                log.warning("tenants' records not swept", error=str(error))
+            except Exception:
+                # A bug: logged here, as nothing awaits the task.
+                log.exception("tenants' records not swept")
+
+    async def tick(self) -> bool:
+        """One step of the sweep: SCANs on where fewer than TENANTS_PER_TICK
+        tenants wait, then sweeps up to TENANTS_PER_TICK of those found.
+        Returns whether it ended a pass (every master's SCAN through since
+        the pass began, and every tenant found swept)."""
+        if len(self._found) < TENANTS_PER_TICK:
+            await self._scan()
+        for _ in range(min(TENANTS_PER_TICK, len(self._found))):
+            tenant_id, _ = self._found.popitem(last=False)
+            if await self._swept(tenant_id):
+                # More left: after the others found.
+                self._found[tenant_id] = None
+        if self._found or not self._pass_scanned():
+            return False
+        self._scanned.clear()
+        return True
+
+    async def _swept(self, tenant_id: str) -> bool:
+        """Sweeps the tenant's listing and record; returns whether either
+        had more to sweep than one tick's share."""
+        checked = await self._listing.checked_due(tenant_id, ENTRIES_PER_TENANT)
+        forgotten = await self._holdings.forget_expired(tenant_id, ENTRIES_PER_TENANT)
+        return max(checked, forgotten) >= ENTRIES_PER_TENANT
+
+    def _masters(self) -> list:
+        """The masters to SCAN: the cluster's (as its client knows them
+        now), or the one node (None)."""
+        if isinstance(self._client, RedisCluster):
+            return self._client.get_primaries()
+        return [None]
+
+    def _pass_scanned(self) -> bool:
+        return all(_name(master) in self._scanned for master in self._masters())
+
+    async def _scan(self) -> None:
+        """One SCAN on each master whose SCAN is not through for this pass;
+        the tenants of the keys it returns join those found."""
+        masters = self._masters()
+        # A master failed over is SCANned from the start under its new name.
+        names = {_name(master) for master in masters}
+        self._cursors = {name: cursor for name, cursor in self._cursors.items() if name in names}
+        for master in masters:
+            name = _name(master)
+            if name in self._scanned:
+                continue
+            cursor = self._cursors.get(name, 0)
+            if master is None:
+                cursor, keys = await self._client.scan(cursor, _SCANNED, SCAN_COUNT, "zset")
+            else:
+                cursors, keys = await self._client.scan(
+                    cursor, _SCANNED, SCAN_COUNT, "zset", target_nodes=master
+                )
+                cursor = cursors[name]
+            self._cursors[name] = cursor
+            if cursor == 0:
+                self._scanned.add(name)
+            for key in keys:
+                tenant_id = _tenant_of(key)
+                if tenant_id is not None:
+                    self._found.setdefault(tenant_id, None)
+
+
+def _name(master) -> str:
+    return "" if master is None else master.name
+
+
+def _tenant_of(key: bytes) -> str | None:
+    """The tenant whose listing's ``due`` or record's ``expiry`` ``key`` is;
+    None for any other key."""
+    matched = _SWEPT_KEY.fullmatch(key)
+    if matched is None:
+        return None
+    try:
+        return bytes.fromhex((matched[1] or matched[2]).decode()).decode()
+    except ValueError:
+        return None

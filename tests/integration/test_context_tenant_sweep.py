@@ -1,0 +1,163 @@
+"""The sweep of what expired sessions leave in their tenants' records
+(services/context/tenant_sweep.py) over a real Redis: a tenant whose
+sessions expire with no create or page of its own after them keeps their
+listing entries and record fields until a pass of the sweep, which leaves
+the live ones (a session renewed past its first due time too) and nothing
+of a tenant with none left. The tests drive the sweep's ticks themselves;
+the sessions expire by Redis's own TTL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis.asyncio as redis
+
+from services.context import store as session_store
+from services.context import tenant_sweep
+from tests.integration.test_context_service import USER, msg
+
+pytestmark = pytest.mark.integration
+
+BOUND = 1 << 30
+# A tick SCANs SCAN_COUNT keys of a Redis that every test of the session shares.
+MOST_TICKS = 10_000
+
+
+@pytest.fixture
+async def client(redis_url: str):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+def stores(client: redis.Redis) -> tuple[session_store.SessionStore, session_store.SessionStore]:
+    """One store whose sessions expire a second after their last write, one
+    whose live ten minutes: a session the first created and the second
+    appended to has been renewed past its first due time."""
+    return (
+        session_store.SessionStore(client, 1, max_bytes_per_tenant=BOUND),
+        session_store.SessionStore(client, 600, max_bytes_per_tenant=BOUND),
+    )
+
+
+async def expired(client: redis.Redis, tenant: str, session_ids: list[str]) -> None:
+    """Waits (at most 10 s) until Redis has expired every one of the sessions."""
+    deadline = time.monotonic() + 10
+    while any([await client.exists(session_store.session_key(tenant, s)) for s in session_ids]):
+        assert time.monotonic() < deadline, "the sessions never expired"
+        await asyncio.sleep(0.1)
+
+
+async def a_pass(sweep: tenant_sweep.TenantSweep) -> int:
+    """Ticks until a pass of the sweep has ended; returns how many ticks."""
+    for ticks in range(1, MOST_TICKS + 1):
+        if await sweep.tick():
+            return ticks
+    pytest.fail(f"no pass ended in {MOST_TICKS} ticks")
+
+
+def sweep_of(store: session_store.SessionStore, client: redis.Redis) -> tenant_sweep.TenantSweep:
+    return tenant_sweep.TenantSweep(client, store.listing, store.holdings)
+
+
+async def listed(client: redis.Redis, tenant: str) -> tuple[list[str], list[str]]:
+    """The session ids of the tenant's listing's members: (newest, due)."""
+    ids = []
+    for part in ("newest", "due"):
+        members = await client.zrange(session_store.listing_key(tenant, part), 0, -1)
+        ids.append(sorted(member.partition(b":")[2].decode() for member in members))
+    return ids[0], ids[1]
+
+
+async def counted(client: redis.Redis, tenant: str) -> tuple[list[str], list[str]]:
+    """The session ids the tenant's record holds: (fields' sessions, expiry's)."""
+    fields = await client.hkeys(session_store.holdings_key(tenant, "bytes"))
+    expiries = await client.zrange(session_store.holdings_key(tenant, "expiry"), 0, -1)
+    return (
+        sorted({f.decode()[2:] for f in fields if f != b"total"}),
+        sorted(e.decode() for e in expiries),
+    )
+
+
+async def test_a_quiet_tenants_expired_sessions_leave_its_listing_and_record_at_a_sweep(
+    client, tenant
+) -> None:
+    short, long = stores(client)
+    gone = [f"expired{n}" for n in range(5)]
+    for session_id in [*gone, "renewed"]:
+        await short.create(tenant, session_id)
+    await long.create(tenant, "fresh")
+    await long.append(tenant, "renewed", 0, [msg(USER, "hello")], {})
+    await expired(client, tenant, gone)
+    # Redis expired them; nothing of the tenant's came after: all is still there.
+    everything = sorted([*gone, "fresh", "renewed"])
+    assert await listed(client, tenant) == (everything, everything)
+    assert await counted(client, tenant) == (everything, everything)
+    due = session_store.listing_key(tenant, "due")
+    # Past its first due time, a second after its creation, alive for ten minutes.
+    first_due = await client.zscore(
+        due, session_store.listed_member("renewed", (await long.read(tenant, "renewed")).create_time_ms)
+    )
+    seconds, micros = await client.time()
+    assert first_due < seconds * 1000 + micros // 1000
+
+    await a_pass(sweep_of(long, client))
+
+    assert await listed(client, tenant) == (["fresh", "renewed"], ["fresh", "renewed"])
+    assert await counted(client, tenant) == (["fresh", "renewed"], ["fresh", "renewed"])
+    renewed_due = await client.zscore(
+        due, session_store.listed_member("renewed", (await long.read(tenant, "renewed")).create_time_ms)
+    )
+    seconds, micros = await client.time()
+    # Given its TTL left, so no sweep checks it again before then.
+    assert renewed_due > seconds * 1000 + micros // 1000 + 500_000
+    total = int(await client.hget(session_store.holdings_key(tenant, "bytes"), "total"))
+    assert total == sum(
+        int(v)
+        for f, v in (await client.hgetall(session_store.holdings_key(tenant, "bytes"))).items()
+        if f != b"total"
+    )
+    assert [s.session_id for s in (await long.listing.page(tenant, 10)).sessions] == ["fresh", "renewed"]
+
+
+async def test_a_tenant_whose_every_session_expired_is_left_nothing_in_redis(client, tenant) -> None:
+    short, _ = stores(client)
+    gone = [f"expired{n}" for n in range(3)]
+    for session_id in gone:
+        await short.create(tenant, session_id)
+    await expired(client, tenant, gone)
+    await a_pass(sweep_of(short, client))
+    records = [
+        session_store.listing_key(tenant, "newest"),
+        session_store.listing_key(tenant, "due"),
+        session_store.holdings_key(tenant, "bytes"),
+        session_store.holdings_key(tenant, "expiry"),
+    ]
+    assert await client.exists(*records) == 0
+
+
+async def test_a_tick_sweeps_a_bounded_share_of_a_tenant_and_the_pass_the_rest(
+    client, tenant, monkeypatch
+) -> None:
+    """Two entries a tenant a tick: a tenant of five expired sessions is
+    swept a share at a time, and the pass ends only once none is left."""
+    monkeypatch.setattr(tenant_sweep, "ENTRIES_PER_TENANT", 2)
+    short, _ = stores(client)
+    gone = [f"expired{n}" for n in range(5)]
+    for session_id in gone:
+        await short.create(tenant, session_id)
+    await expired(client, tenant, gone)
+    sweep = sweep_of(short, client)
+    left = []
+    for _ in range(MOST_TICKS):
+        ended = await sweep.tick()
+        newest, _ = await listed(client, tenant)
+        left.append(len(newest))
+        if ended:
+            break
+    # Never more than two at a time; none left when the pass ended.
+    shares = [before - after for before, after in zip([5, *left], left) if before != after]
+    assert shares == [2, 2, 1] and left[-1] == 0
+    assert await counted(client, tenant) == ([], [])
