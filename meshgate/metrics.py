@@ -271,6 +271,11 @@ class ContextMetrics:
             "meshgate_context_turns_reembedded",
             "Turns given vectors of the current embedding model by a backfill (after a revision change).",
         )
+        self.sessions_unlisted = make.counter(
+            "meshgate_context_sessions_unlisted",
+            "Sessions a create or fork without a request id made and Redis failed to list: "
+            "ListSessions never shows them.",
+        )
 
 
 class BackendCollector(Collector):

@@ -112,10 +112,12 @@ by a call of its own after each session's script:
   it live, when its TTL left says.
 
 A create or a fork lists its session once its script made it (and a
-resend of its request id again, where the first send's listing was lost);
-a delete unlists it once its script deleted it. An entry whose session is
-gone (its delete's unlisting lost, expired, created again since) is pruned
-by the page that meets it, which reads every listed session's meta, by
+resend of its request id again, where the first send's listing was lost;
+one of no request id whose listing fails is answered all the same, and
+stays unlisted: SessionStore._listed); a delete unlists it once its
+script deleted it. An entry whose session is gone (its delete's
+unlisting lost, expired, created again since) is pruned by the page that
+meets it, which reads every listed session's meta, by
 the create that finds it due (at most LISTING_SWEPT_PER_CREATE a create,
 oldest due first), and by every replica's background sweep
 (services/context/tenant_sweep.py), which checks every tenant's due
@@ -204,7 +206,7 @@ import numpy as np
 import redis.asyncio as redis
 import structlog
 
-from meshgate import paging, redis_access, request_ids
+from meshgate import metrics, paging, redis_access, request_ids
 from meshgate.common.v1 import common_pb2
 from meshgate.config import summary_usage_ttl_s
 from meshgate.errors import MeshgateError, not_found
@@ -1537,8 +1539,9 @@ class SessionListing:
     each of at most LISTING_ROUNDS - 1 more reads in their place.
 
     What it may miss: a session whose listing failed after its script made
-    it (the create or fork answered UNAVAILABLE) until a resend of its
-    request id lists it (the router's own resend of a create does), and
+    it (SessionStore._listed): one of a request id (the create or fork
+    answered UNAVAILABLE) until a resend of it lists it (the router's own
+    resend of a create does), one of none (answered) for its life; and
     sessions created before the listing existed, or by a replica of a
     version before it during a rolling upgrade: unlisted until they expire."""
 
@@ -1551,13 +1554,11 @@ class SessionListing:
     async def listed(self, tenant_id: str, session_id: str, create_time_ms: int) -> None:
         """Lists the session's life created at ``create_time_ms`` (again:
         listing it twice changes nothing); then checks the listing's due
-        entries (never raises: the session is listed)."""
+        entries (never raises once the session is listed). Raises Redis's
+        errors (SessionStore._listed says what becomes of them)."""
         member = listed_member(session_id, create_time_ms)
         due = create_time_ms + self._ttl_ms if self._ttl_ms > 0 else "+inf"
-        with redis_reachable():
-            overdue = await self._list(
-                keys=self._keys(tenant_id), args=[member, due, LISTING_SWEPT_PER_CREATE]
-            )
+        overdue = await self._list(keys=self._keys(tenant_id), args=[member, due, LISTING_SWEPT_PER_CREATE])
         try:
             await self._check(tenant_id, overdue)
         except redis_access.CONNECTION_ERRORS as error:
@@ -1708,8 +1709,27 @@ class SessionStore:
             )
         # Nothing beside its turns either: creating it cleared an earlier life's pins and summaries.
         await self.holdings.held(tenant_id, session_id, 0, 0, beside=0)
-        await self.listing.listed(tenant_id, session_id, int(outcome[1]))
+        await self._listed(tenant_id, session_id, int(outcome[1]), of_request_id)
         return int(outcome[1])
+
+    async def _listed(self, tenant_id: str, session_id: str, created_ms: int, of_request_id: bool) -> None:
+        """Lists a session a create or fork made (or a resend of its request
+        id answered). Where Redis fails, the session stands all the same:
+        with a request id, UNAVAILABLE, whose resend (the router's own, for
+        a create) is answered with that session and lists it; without one,
+        a resend would make a second session, so the call is answered, and
+        the session is never listed (no sweep finds it: the sweep walks
+        listings, not sessions), logged and counted
+        (meshgate_context_sessions_unlisted_total)."""
+        if of_request_id:
+            with redis_reachable():
+                await self.listing.listed(tenant_id, session_id, created_ms)
+            return
+        try:
+            await self.listing.listed(tenant_id, session_id, created_ms)
+        except redis_access.CONNECTION_ERRORS as error:
+            metrics.context().sessions_unlisted.inc()
+            log.warning("session made but not listed", session_id=session_id, error=str(error))
 
     async def exists(self, tenant_id: str, session_id: str) -> bool:
         """Whether the session lives (its meta key is there)."""
@@ -1721,7 +1741,7 @@ class SessionStore:
         # That send's count and listing of it were written after its
         # script, and may have been lost with its reply.
         await self.recount(tenant_id, session_id)
-        await self.listing.listed(tenant_id, session_id, int(created_ms))
+        await self._listed(tenant_id, session_id, int(created_ms), of_request_id=True)
         return int(created_ms)
 
     async def read(self, tenant_id: str, session_id: str, at_version: int | None = None) -> StoredSession:
@@ -1933,7 +1953,7 @@ class SessionStore:
             return await self._forked_before(tenant_id, new_session_id, request_digest, outcome[1])
         _, created_ms, beside = outcome
         await self.holdings.held(tenant_id, new_session_id, turn_bytes, len(turns), int(beside))
-        await self.listing.listed(tenant_id, new_session_id, int(created_ms))
+        await self._listed(tenant_id, new_session_id, int(created_ms), bool(request_digest))
         return int(created_ms)
 
     async def _forked_before(self, tenant_id: str, fork_id: str, request_digest: str, recorded: bytes) -> int:
@@ -1946,7 +1966,7 @@ class SessionStore:
         # That send's count and listing of the fork were written after its
         # script, and may have been lost with its reply.
         await self.recount(tenant_id, fork_id)
-        await self.listing.listed(tenant_id, fork_id, int(created_ms))
+        await self._listed(tenant_id, fork_id, int(created_ms), of_request_id=True)
         return int(created_ms)
 
     async def compact(

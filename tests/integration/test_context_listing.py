@@ -8,6 +8,8 @@ while sessions are created and deleted between its pages."""
 
 from __future__ import annotations
 
+import contextlib
+import urllib.parse
 import uuid
 
 import grpc
@@ -16,7 +18,9 @@ import redis.asyncio as redis
 
 from meshgate.context.v1 import context_service_pb2 as pb
 from services.context import store as session_store
+from services.context.servicer import _drawn_session_id
 from tests.integration.test_context_service import USER, failure, make_settings, msg, running
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -296,3 +300,56 @@ async def test_sessions_lasting_through_a_listing_are_listed_once_while_others_c
     assert deleted_unreached and not deleted_unreached & set(listed)
     # More deletes and creates than pages: every gap between pages had some.
     assert created > 20
+
+
+@contextlib.asynccontextmanager
+async def through_a_proxy(redis_url: str):
+    """A context service whose Redis traffic goes through a TcpProxy: (stub, proxy)."""
+    proxy = TcpProxy(urllib.parse.urlsplit(redis_url).port)
+    try:
+        async with running(make_settings(f"redis://127.0.0.1:{await proxy.start()}/0")) as stub:
+            yield stub, proxy
+    finally:
+        await proxy.close()
+
+
+async def made(client: redis.Redis, tenant: str) -> list[str]:
+    """The ids of the tenant's sessions in Redis."""
+    keys = [key async for key in client.scan_iter(match=f"mg:context:{{*:{tenant}}}:meta")]
+    return sorted(key.decode().partition("{")[2].partition(":")[0] for key in keys)
+
+
+async def test_a_create_or_fork_without_a_request_id_whose_listing_fails_is_answered(
+    client, redis_url, tenant
+) -> None:
+    """Redis fails between a session's script and its listing (here: the
+    listing's command never reaches it, and its connection times out). A
+    create or fork with no request id was answered UNAVAILABLE, the session
+    made: its caller's resend made a second one. It is answered; the
+    session stays unlisted. With a request id, UNAVAILABLE still: the
+    resend is answered with the same session, and lists it."""
+    sessions = session_store.SessionStore(client, TTL_S)
+    async with through_a_proxy(redis_url) as (stub, proxy):
+        await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, session_id="source"))
+        # The listing's member, "<create ms>:<id>": in its command alone.
+        proxy.stall_when_sent(b":fork\r\n")
+        fork = pb.ForkSessionRequest(tenant_id=tenant, session_id="source", version=0, new_session_id="fork")
+        forked = await stub.ForkSession(fork)
+        assert forked.session.session_id == "fork"
+        proxy.stall_when_sent(b":created\r\n")
+        create = pb.CreateSessionRequest(tenant_id=tenant, session_id="created")
+        assert (await stub.CreateSession(create)).session.session_id == "created"
+        assert await made(client, tenant) == ["created", "fork", "source"]
+        assert await listed_ids(sessions, tenant) == ["source"]
+
+        with_request_id = pb.ForkSessionRequest(
+            tenant_id=tenant, session_id="source", version=0, request_id=str(uuid.uuid4())
+        )
+        drawn = _drawn_session_id("ForkSession", with_request_id.request_id)
+        proxy.stall_when_sent(f":{drawn}\r\n".encode())
+        code, reason, _ = await failure(stub.ForkSession(with_request_id))
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "REDIS_UNAVAILABLE")
+        assert drawn in await made(client, tenant) and drawn not in await listed_ids(sessions, tenant)
+        assert (await stub.ForkSession(with_request_id)).session.session_id == drawn
+        assert sorted(await listed_ids(sessions, tenant)) == sorted(["source", drawn])
+        assert len(await made(client, tenant)) == 4
