@@ -276,6 +276,11 @@ class ContextMetrics:
             "Sessions a create or fork without a request id made and Redis failed to list: "
             "ListSessions never shows them.",
         )
+        self.summary_copies_left = make.counter(
+            "meshgate_context_summary_copies_left",
+            "Summaries' content keys a DeleteSession could not delete after the session's"
+            " delete (Redis failed between): they expire session_ttl_s after they were written.",
+        )
 
 
 class BackendCollector(Collector):

@@ -625,7 +625,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         _check_session_id(request.session_id)
         # Every key of the session (its pins, turn index and summaries
         # included) goes in this one script, so a failure after it leaves
-        # nothing for a new session of this id to inherit.
+        # nothing for a new session of this id to inherit; the content keys
+        # of its summaries (other slots) go after it.
         await self._store.delete(request.tenant_id, request.session_id)
         self._changed_here(request.tenant_id, request.session_id, DELETED)
         if self._summarizer is not None:

@@ -132,8 +132,10 @@ the others: each that changes a live session renews every one's TTL (pins and
 the turn index expired while appends kept the session alive), creating a
 session clears all but ``meta`` (so an expired or deleted one's pins or
 index never come back under its id), and a deletion removes all at once.
-The content-keyed summaries (``mg:context:<tenant>:summary:<digest>``) lie
-in other slots and are never among them: they are shared, and expire.
+The content-keyed summaries (``mg:context:<tenant>:summary:<digest>``,
+summary_copy_key()) lie in other slots and are never among them: they are
+shared, and expire; a delete removes those its summaries name, with a call
+of its own after its script (drop_summary_copies).
 
 Sessions owing summaries' usage are listed in ``mg:context:summary_usage:owed``
 (OWED_KEY), one sorted set for every session of every tenant, so that one
@@ -198,6 +200,7 @@ import collections.abc
 import contextlib
 import dataclasses
 import json
+import re
 import time
 import typing
 
@@ -216,6 +219,10 @@ from services.context import relevance
 log = structlog.get_logger(__name__)
 
 CHANGES_CHANNEL = "mg:context:changes"
+
+# A span_digest (services/context/summaries.py), as a summaries hash names
+# it: anything else there (a value damaged in Redis) names no content key.
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 # The turn index's postings fields that hold its vectors' size, what
 # made them, how many writes left a live turn without a vector, and that
@@ -916,18 +923,42 @@ return upto
 """
 )
 
+# Shared by the scripts that read which content key (summary_copy_key) a
+# summary of the session's summaries hash was copied to: the digest its
+# JSON names (SummaryStore.put), or the value itself where a session stored
+# before summaries were kept whole names only that; false for one written
+# before its JSON named it, or one that will not decode.
+SUMMARY_DIGEST = """
+local function summary_digest(held)
+  if not held then return false end
+  if string.sub(held, 1, 1) ~= '{' then return held end
+  local ok, summary = pcall(cjson.decode, held)
+  if ok and type(summary) == 'table' and type(summary.digest) == 'string' then return summary.digest end
+  return false
+end
+"""
+
 # KEYS: session_keys, then the request record of a fork (fork_request_key).
 # Deletes all of them, whether or not the session exists (what an earlier
-# session of its id left goes too), and returns the deleted session's
-# create_time_ms (nil where there was none), for its unlisting. A script
-# rather than MULTI with PUBLISH: a cluster transaction takes keyed
-# commands only.
-_DELETE = """
+# session of its id left goes too), and returns {the deleted session's
+# create_time_ms (nil where there was none), for its unlisting, the digests
+# of its summaries' content keys (SUMMARY_DIGEST), for the caller to delete
+# in their own slots}. A script rather than MULTI with PUBLISH: a cluster
+# transaction takes keyed commands only.
+_DELETE = (
+    SUMMARY_DIGEST
+    + """
 local created = redis.call('HGET', KEYS[1], 'create_time_ms')
+local digests = {}
+for _, held in ipairs(redis.call('HVALS', KEYS[10])) do
+  local digest = summary_digest(held)
+  if digest then table.insert(digests, digest) end
+end
 redis.call('DEL', unpack(KEYS))
 redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1')
-return created
+return {created, digests}
 """
+)
 
 # KEYS: meta. ARGV: version the counts were made at, counts field, packed
 # counts, the create_time_ms of the session they were made for: the version
@@ -1237,6 +1268,41 @@ def fork_request_key(tenant_id: str, fork_id: str) -> str:
     return key(tenant_id, fork_id, "fork_request")
 
 
+def summary_copy_key(tenant_id: str, digest: str) -> str:
+    """The content key of the summary of turns whose span_digest is
+    ``digest`` (services/context/summaries.py): a copy for any of the
+    tenant's sessions holding those turns at that place to reuse. No hash
+    tag: on a Redis Cluster each lies in a slot of its own."""
+    return f"mg:context:{tenant_id}:summary:{digest}"
+
+
+async def drop_summary_copies(
+    client: redis.Redis, tenant_id: str, digests: collections.abc.Iterable[str]
+) -> None:
+    """Deletes the content keys of ``digests``, which the caller's session
+    no longer names (it was deleted). Another live session holding the same
+    turns at the same place keeps its own summaries whole in its hash: it
+    loses nothing but the reuse, a summary made again where it reaches that
+    span (one stored before summaries were kept whole, which names only the
+    digest, loses that summary a little sooner than the key's expiry would
+    have taken it). Never raises: the write before it stands, and what is
+    left expires session_ttl_s after it was written (kept, like the
+    sessions, where there is no TTL); a failure is logged and counted
+    (meshgate_context_summary_copies_left_total)."""
+    keys = [
+        summary_copy_key(tenant_id, digest) for digest in dict.fromkeys(digests) if _DIGEST.fullmatch(digest)
+    ]
+    if not keys:
+        return
+    try:
+        # UNLINK of the client's own, not a pipeline: on a cluster it splits
+        # the keys by slot.
+        await client.unlink(*keys)
+    except redis_access.CONNECTION_ERRORS as error:
+        metrics.context().summary_copies_left.inc(len(keys))
+        log.warning("summary copies not deleted", tenant_id=tenant_id, keys=len(keys), error=str(error))
+
+
 def holdings_key(tenant_id: str, part: str) -> str:
     """A key of the tenant's record of what its sessions hold
     (TenantHoldings): the tenant's hex as the hash tag, so its parts share
@@ -1354,8 +1420,9 @@ class TenantHoldings:
       of turns counted before then (a few KB for 16 turns counted at 16 KB
       and more). A summary's content key lives session_ttl_s after it was
       written, and is counted only while a session's summaries hash holds
-      that summary: a deleted session's, or one whose span's turns a
-      revert undid and whose span was summarized again, is not.
+      that summary: one whose span's turns a revert undid and whose span
+      was summarized again is not; a deleted session's goes with it, or
+      where that delete fails (logged and counted), expires uncounted.
     - The overheads are measured means; a tenant's turns of other sizes
       hold somewhat more or less per turn.
     - During a rolling upgrade a replica of the version before this count of
@@ -2066,10 +2133,14 @@ class SessionStore:
             await self._acknowledge_take(keys=[unbilled_key(tenant_id, session_id)], args=[take_id])
 
     async def delete(self, tenant_id: str, session_id: str) -> None:
+        """Deletes every key of the session, then the content keys of its
+        summaries, which hold what was said and are counted toward no
+        session once it is gone (drop_summary_copies)."""
         with redis_reachable():
             keys = [*session_keys(tenant_id, session_id), fork_request_key(tenant_id, session_id)]
-            created_ms = await self._delete(keys=keys)
+            created_ms, digests = await self._delete(keys=keys)
         await self.holdings.dropped(tenant_id, session_id)
+        await drop_summary_copies(self._client, tenant_id, [digest.decode() for digest in digests])
         if created_ms is None:
             raise session_not_found(session_id)
         await self.listing.unlisted(tenant_id, session_id, int(created_ms))

@@ -16,12 +16,19 @@ Redis keys:
   turns. In the session's own hash slot, it lives as long as the session
   does (every write of the session renews it) and goes with it: once a
   span's turns are compacted it is all that stands for them.
-- ``mg:context:<tenant>:summary:<sha256 of the span's turns>``: the
-  summary's text, JSON, for another session (a fork, turns appended again
-  after a revert) holding the same turns at the same place to reuse without
-  writing it again; never read for a session's own summaries, and never
-  trusted for versions (another session's turns came at other versions).
-  It expires after the session TTL.
+- ``mg:context:<tenant>:summary:<sha256 of the span's turns>``
+  (store.summary_copy_key): the summary's text, JSON, for another session
+  (a fork, turns appended again after a revert) holding the same turns at
+  the same place to reuse without writing it again; never read for a
+  session's own summaries, and never trusted for versions (another
+  session's turns came at other versions). It expires after the session
+  TTL, and goes sooner with every session that names it: the session's
+  hash names its digest (``digest`` in the summary's JSON, which decode()
+  leaves out), and a delete of the session deletes the content keys its
+  summaries name (store.drop_summary_copies), as they hold what was said
+  and, the session gone, are counted toward the tenant's bound by none.
+  Summaries written before their JSON named the digest name none: theirs
+  expire on their own.
 
 A session stored before its hash held whole summaries names a digest there
 instead: read through the content key, and written whole the next time the
@@ -342,10 +349,6 @@ class SummaryStore:
     def _index_key(tenant_id: str, session_id: str) -> str:
         return session_store.key(tenant_id, session_id, "summaries")
 
-    @staticmethod
-    def _summary_key(tenant_id: str, digest: str) -> str:
-        return f"mg:context:{tenant_id}:summary:{digest}"
-
     async def spans(
         self, tenant_id: str, session_id: str
     ) -> tuple[dict[tuple[int, int], Summary], dict[tuple[int, int], str]]:
@@ -374,7 +377,7 @@ class SummaryStore:
         return [whole[span] for span in sorted(whole)]
 
     async def get(self, tenant_id: str, digest: str) -> Summary | None:
-        raw = await self._client.get(self._summary_key(tenant_id, digest))
+        raw = await self._client.get(session_store.summary_copy_key(tenant_id, digest))
         return None if raw is None else decode(raw)
 
     async def get_many(self, tenant_id: str, digests: list[str]) -> list[Summary | None]:
@@ -382,7 +385,7 @@ class SummaryStore:
         Redis Cluster refuses when the keys lie in different slots."""
         async with self._client.pipeline(transaction=False) as pipe:
             for digest in digests:
-                pipe.get(self._summary_key(tenant_id, digest))
+                pipe.get(session_store.summary_copy_key(tenant_id, digest))
             raw = await pipe.execute()
         return [None if r is None else decode(r) for r in raw]
 
@@ -405,10 +408,11 @@ class SummaryStore:
             # finds the mark newer than its own and leaves it listed.
             await self._owed.mark(tenant_id, session_id)
         ttl = self._ttl_s if self._ttl_s > 0 else None
-        encoded = json.dumps(dataclasses.asdict(summary))
+        # The digest names the content key, for the session's delete to remove it.
+        encoded = json.dumps({**dataclasses.asdict(summary), "digest": digest})
         # Two slots (the content key is any session's): the session's own
         # copy is what counts, and is written by one script in its slot.
-        await self._client.set(self._summary_key(tenant_id, digest), encoded, ex=ttl)
+        await self._client.set(session_store.summary_copy_key(tenant_id, digest), encoded, ex=ttl)
         keys = [
             session_store.session_key(tenant_id, session_id),
             self._index_key(tenant_id, session_id),

@@ -311,6 +311,38 @@ async def test_a_session_deleted_on_one_replica_leaves_no_summary_in_anothers(re
     await client.aclose()
 
 
+async def shared_copies(client: redis.Redis, tenant: str) -> dict[bytes, str]:
+    """The tenant's content-keyed summaries (SummaryStore's copies for other
+    sessions to reuse): key -> the summary's text."""
+    found = [key async for key in client.scan_iter(match=f"mg:context:{tenant}:summary:*")]
+    texts = [json.loads(raw)["text"] for raw in [await client.get(key) for key in found]]
+    return dict(zip(found, texts, strict=True))
+
+
+async def test_a_deleted_sessions_summaries_leave_no_text_in_redis(redis_url, tenant) -> None:
+    """The content keys hold what was said, counted toward no session once
+    it is gone: the delete takes them with the session's own keys. A fork
+    holding the same turns keeps its own summaries (its hash holds them
+    whole), and its next summaries are made again where it needs them."""
+    client = redis.Redis.from_url(redis_url)
+    async with running(summary_settings(redis_url)) as stub:
+        session_id = await new_session(stub, tenant)
+        await append_turns(stub, tenant, session_id, 12)
+        summaries = await wait_for_spans(client, tenant, session_id, 2)
+        fork = "fork-of-deleted"
+        await stub.ForkSession(
+            pb.ForkSessionRequest(tenant_id=tenant, session_id=session_id, version=12, new_session_id=fork)
+        )
+        fork_summaries = await wait_for_spans(client, tenant, fork, 2)
+        texts = {summary.text for summary in summaries.values()}
+        assert set((await shared_copies(client, tenant)).values()) == texts
+        await stub.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=session_id))
+        assert await shared_copies(client, tenant) == {}
+        response = await assemble(stub, tenant, fork)
+        assert check_summaries_in(response, fork_summaries) == [(0, SPAN), (SPAN, 2 * SPAN)]
+    await client.aclose()
+
+
 async def test_a_summary_named_by_digest_as_sessions_stored_before_is_read_and_written_whole(
     redis_url, tenant
 ) -> None:

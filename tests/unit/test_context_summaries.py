@@ -8,14 +8,16 @@ import json
 
 import grpc
 import numpy as np
+import redis.asyncio as redis
 
+from meshgate import metrics
 from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.errors import MeshgateError
 from meshgate.inference.v1 import inference_service_pb2
 from meshgate.reasons import Reason
-from services.context import summaries, token_counts
+from services.context import store, summaries, token_counts
 from services.context.assembly import Candidate, SessionCosts, TurnCost, plan, render
 from services.context.servicer import ContextServicer, tokens_by_disposition
 from services.context.store import StoredSession, session_key
@@ -619,3 +621,25 @@ async def test_a_model_summary_is_asked_for_as_background_work() -> None:
     (request,) = inference.requests
     assert request.background
     assert not request.tenant_id
+
+
+class _UnlinkFails:
+    """A Redis that failed between a session's delete and its summaries'
+    content keys' (store.drop_summary_copies)."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def unlink(self, *keys: str) -> int:
+        self.asked += keys
+        raise redis.ConnectionError("connection reset")
+
+
+async def test_summary_copies_not_deleted_are_counted_and_the_delete_stands() -> None:
+    client = _UnlinkFails()
+    digest = "ab" * 32
+    before = metrics.REGISTRY.get_sample_value("meshgate_context_summary_copies_left_total") or 0.0
+    # A value damaged in Redis names no key of the tenant's; a digest named twice is one key.
+    await store.drop_summary_copies(client, "t", [digest, "not-a-digest", digest])
+    assert client.asked == [store.summary_copy_key("t", digest)]
+    assert metrics.REGISTRY.get_sample_value("meshgate_context_summary_copies_left_total") == before + 1
