@@ -278,8 +278,9 @@ class ContextMetrics:
         )
         self.summary_copies_left = make.counter(
             "meshgate_context_summary_copies_left",
-            "Summaries' content keys a DeleteSession could not delete after the session's"
-            " delete (Redis failed between): they expire session_ttl_s after they were written.",
+            "Summaries' content keys a DeleteSession, or a summary's write that left them named by no"
+            " session, could not delete after its own write (Redis failed between): they expire"
+            " session_ttl_s after they were written.",
         )
 
 

@@ -135,7 +135,8 @@ index never come back under its id), and a deletion removes all at once.
 The content-keyed summaries (``mg:context:<tenant>:summary:<digest>``,
 summary_copy_key()) lie in other slots and are never among them: they are
 shared, and expire; a delete removes those its summaries name, with a call
-of its own after its script (drop_summary_copies).
+of its own after its script (drop_summary_copies), as does a summary's
+write those it leaves unnamed (services/context/summaries.py).
 
 Sessions owing summaries' usage are listed in ``mg:context:summary_usage:owed``
 (OWED_KEY), one sorted set for every session of every tenant, so that one
@@ -1280,7 +1281,8 @@ async def drop_summary_copies(
     client: redis.Redis, tenant_id: str, digests: collections.abc.Iterable[str]
 ) -> None:
     """Deletes the content keys of ``digests``, which the caller's session
-    no longer names (it was deleted). Another live session holding the same
+    no longer names (it was deleted, or the summaries were replaced or not
+    kept: summaries.SummaryStore.put). Another live session holding the same
     turns at the same place keeps its own summaries whole in its hash: it
     loses nothing but the reuse, a summary made again where it reaches that
     span (one stored before summaries were kept whole, which names only the
@@ -1420,9 +1422,9 @@ class TenantHoldings:
       of turns counted before then (a few KB for 16 turns counted at 16 KB
       and more). A summary's content key lives session_ttl_s after it was
       written, and is counted only while a session's summaries hash holds
-      that summary: one whose span's turns a revert undid and whose span
-      was summarized again is not; a deleted session's goes with it, or
-      where that delete fails (logged and counted), expires uncounted.
+      that summary: a deleted session's goes with it, and one whose span's
+      turns a revert undid goes when the span is summarized again, or where
+      that fails (logged and counted) expires uncounted.
     - The overheads are measured means; a tenant's turns of other sizes
       hold somewhat more or less per turn.
     - During a rolling upgrade a replica of the version before this count of

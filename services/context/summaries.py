@@ -26,7 +26,9 @@ Redis keys:
   hash names its digest (``digest`` in the summary's JSON, which decode()
   leaves out), and a delete of the session deletes the content keys its
   summaries name (store.drop_summary_copies), as they hold what was said
-  and, the session gone, are counted toward the tenant's bound by none.
+  and, the session gone, are counted toward the tenant's bound by none;
+  so does the write of a summary in place of another (of turns a revert
+  undid), for the one it replaces, and a write not kept, for its own.
   Summaries written before their JSON named the digest name none: theirs
   expire on their own.
 
@@ -302,8 +304,12 @@ class ModelSummarizer:
 # made it too: its tenant pays for a span's summary once); also when the
 # summary is not written, refused by a revert or for a session deleted (or
 # deleted and created again) meanwhile, as the model spent them on the
-# tenant's session all the same. Returns 1 if written, 0 if not.
-_PUT = """
+# tenant's session all the same. Returns {1, the digest of the summary it
+# replaced in the span's field (store.SUMMARY_DIGEST; false for none)} if
+# written, {0} if not.
+_PUT = (
+    session_store.SUMMARY_DIGEST
+    + """
 local live = redis.call('HGET', KEYS[1], 'create_time_ms') == ARGV[1]
 if ARGV[5] ~= '' then
   local held = redis.call('HGET', KEYS[2], ARGV[2])
@@ -321,11 +327,12 @@ if ARGV[5] ~= '' then
     redis.call('EXPIRE', KEYS[4], ARGV[9])
   end
 end
-if not live then return 0 end
+if not live then return {0} end
 local at = 4 * tonumber(ARGV[8])
 local held = redis.call('GETRANGE', KEYS[3], at, at + 3)
 -- A session stored before its versions were kept has none to undo.
-if #held == 4 and struct.unpack('<I4', held) == 4294967295 then return 0 end
+if #held == 4 and struct.unpack('<I4', held) == 4294967295 then return {0} end
+local replaced = summary_digest(redis.call('HGET', KEYS[2], ARGV[2]))
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 -- As long as the session, whose keys carry the TTL of its latest write
 -- (store.RENEW), not this process's: a summary written with this one
@@ -334,8 +341,9 @@ redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 -- summaries of turns compacted for good.
 local left = redis.call('PTTL', KEYS[1])
 if left > 0 then redis.call('PEXPIRE', KEYS[2], left) else redis.call('PERSIST', KEYS[2]) end
-return 1
+return {1, replaced}
 """
+)
 
 
 class SummaryStore:
@@ -426,7 +434,20 @@ class SummaryStore:
         else:
             args += [spent.model, spent.prompt_tokens, spent.completion_tokens]
         args += [summary.end_version, summary_usage_ttl_s(self._ttl_s)]
-        return bool(await self._put(keys=keys, args=args))
+        outcome = await self._put(keys=keys, args=args)
+        # No content key outlives every session that named it, or none
+        # would delete it (store.drop_summary_copies): not the one just
+        # written for a summary not kept (its session deleted or its turns
+        # reverted since it was read: a delete meanwhile found no summary
+        # naming it), nor that of the summary this one replaces (of turns a
+        # revert undid).
+        if not outcome[0]:
+            await session_store.drop_summary_copies(self._client, tenant_id, [digest])
+            return False
+        replaced = outcome[1]
+        if replaced is not None and replaced.decode() != digest:
+            await session_store.drop_summary_copies(self._client, tenant_id, [replaced.decode()])
+        return True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -343,6 +343,39 @@ async def test_a_deleted_sessions_summaries_leave_no_text_in_redis(redis_url, te
     await client.aclose()
 
 
+async def test_a_summary_of_turns_a_revert_undid_leaves_no_copy_once_its_span_is_summarized_again(
+    redis_url, tenant
+) -> None:
+    """A revert leaves the undone turns' summaries in the session's hash
+    (they hold at no version, and its delete takes them and their copies);
+    the summary of the turns appended in their place replaces them there,
+    and with it goes the copy of the one it replaces, which no session names
+    now (DeleteSession would never find it)."""
+    client = redis.Redis.from_url(redis_url)
+    async with running(summary_settings(redis_url)) as stub:
+        session_id = await new_session(stub, tenant)
+        await append_turns(stub, tenant, session_id, 12)
+        undone = await wait_for_spans(client, tenant, session_id, 2)
+        await stub.RevertSession(
+            pb.RevertSessionRequest(tenant_id=tenant, session_id=session_id, version=2, any_version=True)
+        )
+        for i in range(2, 12):
+            request = pb.AppendTurnsRequest(tenant_id=tenant, session_id=session_id, any_version=True)
+            request.messages.append(msg(role_of(i), f"Paulo moved box {i} to the Porto warehouse today."))
+            await stub.AppendTurns(request)
+        store = SummaryStore(client, 0)
+
+        async def summarized_again():
+            spans, _ = await store.spans(tenant, session_id)
+            return all(spans[span].summary_id != undone[span].summary_id for span in undone)
+
+        await until(summarized_again)
+        texts = set((await shared_copies(client, tenant)).values())
+        assert texts == {summary.text for summary in (await store.spans(tenant, session_id))[0].values()}
+        assert not texts & {summary.text for summary in undone.values()}
+    await client.aclose()
+
+
 async def test_a_summary_named_by_digest_as_sessions_stored_before_is_read_and_written_whole(
     redis_url, tenant
 ) -> None:
@@ -421,6 +454,8 @@ async def test_a_run_spanning_a_delete_and_a_new_session_of_the_id_writes_nothin
     model.gate.set()
     await asyncio.wait_for(run, 10)
     assert await SummaryStore(client, 0).all_of(tenant, session_id) == []
+    # Nor is its copy for other sessions left: the delete found no summary naming it.
+    assert await shared_copies(client, tenant) == {}
     now = await sessions.read(tenant, session_id)
     assert [t.content for t in now.turns][0] == "NEW turn 0"
     assert await summarizer.summaries_for(tenant, session_id, version, now.create_time_ms, [(0, 4)]) == []
