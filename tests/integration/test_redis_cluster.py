@@ -59,6 +59,7 @@ from tests.integration.test_cache_servicer import (
 )
 from tests.integration.test_cache_servicer import store as cache_store
 from tests.integration.test_context_service import USER, make_settings, msg, running
+from tests.integration.test_context_summaries import SPAN, append_turns, summary_settings, wait_for_spans
 
 # The tests that bound a wait are marked serial (make test runs them alone);
 # the others assert outcomes only and share the machine.
@@ -248,6 +249,25 @@ async def test_sessions_owing_summary_usage_on_every_master_are_claimed(
     assert sorted(claimed) == sorted(store.Owed(tenant, session_id, "d" * 16) for session_id in ids[1:])
     member = json.dumps([tenant, ids[0]], separators=(",", ":"))
     assert await client.zscore(store.OWED_KEY, member) is None
+
+
+async def test_a_deleted_sessions_summary_copies_go_from_their_slots(
+    cluster: Cluster, client, tenant
+) -> None:
+    """The content keys of a session's summaries lie in slots of their own,
+    apart from the session's: its delete removes them after its script."""
+    async with running(summary_settings(cluster.url)) as stub:
+        session_id = "summarized"
+        await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, session_id=session_id))
+        await append_turns(stub, tenant, session_id, 4 * SPAN)
+        await wait_for_spans(client, tenant, session_id, 3)
+        held = await client.hvals(store.key(tenant, session_id, "summaries"))
+        copies = [store.summary_copy_key(tenant, json.loads(raw)["digest"]) for raw in held]
+        assert all(await asyncio.gather(*(client.exists(copy) for copy in copies)))
+        # Where the session's script could not have reached them (CROSSSLOT).
+        assert {key_slot(copy.encode()) for copy in copies} - {context_slot(tenant, session_id)}
+        await stub.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=session_id))
+        assert not any(await asyncio.gather(*(client.exists(copy) for copy in copies)))
 
 
 async def test_a_tenants_listing_of_sessions_on_every_master(cluster: Cluster, tenant) -> None:
