@@ -1046,14 +1046,20 @@ for _, id in ipairs(expired) do forget(id) end
 -- Never below 0: a count set while another call forgot the session (see
 -- TenantHoldings) is added once more and taken once.
 total = math.max(0, total)
-local what = ARGV[2]
-if what == 'fits' or what == 'forget' then
-  if #expired > 0 then redis.call('HSET', KEYS[1], 'total', total) end
-  if what == 'fits' then return total end
-  -- ``total`` alone: no session's fields are left to count.
+-- ``total`` alone: no session's fields are left to count, and the record
+-- goes (whatever the mode: a drop of the last session left it for good,
+-- since TenantSweep finds tenants by their sorted sets, none of which is
+-- left then).
+local function delete_if_empty()
   if redis.call('ZCARD', KEYS[2]) == 0 and redis.call('HLEN', KEYS[1]) <= 1 then
     redis.call('DEL', KEYS[1])
   end
+end
+local what = ARGV[2]
+if what == 'fits' or what == 'forget' then
+  if #expired > 0 then redis.call('HSET', KEYS[1], 'total', total) end
+  delete_if_empty()
+  if what == 'fits' then return total end
   return #expired
 end
 if what == 'drop' then
@@ -1072,6 +1078,7 @@ else
 end
 total = math.max(0, total)
 redis.call('HSET', KEYS[1], 'total', total)
+delete_if_empty()
 return total
 """
 

@@ -138,6 +138,21 @@ async def test_a_tenant_whose_every_session_expired_is_left_nothing_in_redis(cli
     assert await client.exists(*records) == 0
 
 
+async def test_a_tenant_whose_last_session_was_deleted_is_left_nothing_in_redis(client, tenant) -> None:
+    """The delete's drop of the last session left the record's hash holding
+    its total alone, with no sorted set left for a sweep to find it by."""
+    _, long = stores(client)
+    await long.create(tenant, "only")
+    await long.delete(tenant, "only")
+    records = [
+        session_store.listing_key(tenant, "newest"),
+        session_store.listing_key(tenant, "due"),
+        session_store.holdings_key(tenant, "bytes"),
+        session_store.holdings_key(tenant, "expiry"),
+    ]
+    assert await client.exists(*records) == 0
+
+
 async def test_a_tick_sweeps_a_bounded_share_of_a_tenant_and_the_pass_the_rest(
     client, tenant, monkeypatch
 ) -> None:
