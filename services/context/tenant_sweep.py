@@ -128,7 +128,15 @@ class TenantSweep:
             await self._scan()
         for _ in range(min(TENANTS_PER_TICK, len(self._found))):
             tenant_id, _ = self._found.popitem(last=False)
-            if await self._swept(tenant_id):
+            try:
+                more = await self._swept(tenant_id)
+            except BaseException:
+                # Still to sweep, first: the SCAN may have passed its keys,
+                # and a tenant dropped here would wait for the next pass.
+                self._found[tenant_id] = None
+                self._found.move_to_end(tenant_id, last=False)
+                raise
+            if more:
                 # More left: after the others found.
                 self._found[tenant_id] = None
         if self._found or not self._pass_scanned():
