@@ -2149,7 +2149,10 @@ class SessionStore:
             keys = [*session_keys(tenant_id, session_id), fork_request_key(tenant_id, session_id)]
             created_ms, digests = await self._delete(keys=keys)
         await self.holdings.dropped(tenant_id, session_id)
-        await drop_summary_copies(self._client, tenant_id, [digest.decode() for digest in digests])
+        # Decoded without raising: a value damaged in Redis is no digest
+        # (drop_summary_copies skips it), and the delete has happened.
+        named = [digest.decode(errors="replace") for digest in digests]
+        await drop_summary_copies(self._client, tenant_id, named)
         if created_ms is None:
             raise session_not_found(session_id)
         await self.listing.unlisted(tenant_id, session_id, int(created_ms))

@@ -445,8 +445,10 @@ class SummaryStore:
             await session_store.drop_summary_copies(self._client, tenant_id, [digest])
             return False
         replaced = outcome[1]
-        if replaced is not None and replaced.decode() != digest:
-            await session_store.drop_summary_copies(self._client, tenant_id, [replaced.decode()])
+        # A value damaged in Redis is no digest (drop_summary_copies skips
+        # it): decoded without raising, as the write before stands.
+        if replaced is not None and (old := replaced.decode(errors="replace")) != digest:
+            await session_store.drop_summary_copies(self._client, tenant_id, [old])
         return True
 
 

@@ -343,6 +343,20 @@ async def test_a_deleted_sessions_summaries_leave_no_text_in_redis(redis_url, te
     await client.aclose()
 
 
+async def test_a_delete_whose_summaries_hold_a_damaged_value_is_answered(redis_url, tenant) -> None:
+    """A summaries field that is neither a summary's JSON nor a digest (bytes
+    damaged in Redis) came back from the delete's script as a digest and was
+    decoded after the delete: a non-UTF-8 one failed the call INTERNAL for a
+    delete that stood. It is no digest, and the delete is answered."""
+    client = redis.Redis.from_url(redis_url)
+    store = session_store.SessionStore(client, 600)
+    await store.create(tenant, "damaged")
+    await client.hset(session_store.key(tenant, "damaged", "summaries"), "0-4", b"\xff\xfe not a digest")
+    await store.delete(tenant, "damaged")
+    assert not await client.exists(session_store.session_key(tenant, "damaged"))
+    await client.aclose()
+
+
 async def test_a_summary_of_turns_a_revert_undid_leaves_no_copy_once_its_span_is_summarized_again(
     redis_url, tenant
 ) -> None:
