@@ -280,15 +280,35 @@ def _settings_rows() -> list[str]:
     return [line for line in section.splitlines() if line.startswith("| `")]
 
 
+# Settings that take 0 and have no row of their own in README's tables: the
+# fields of a table per alias or per template, said in their table's row or
+# section in prose (`models.<alias>`, `router.prices.<alias>`, templates).
+# A setting newly allowed 0 must get a row saying what 0 means, or be added
+# here knowingly.
+NO_ROW_OF_THEIR_OWN = {
+    "models.tiny-gpt.deployments[0].weight",
+    "models.pick.selection.threshold",
+    "models.pick.selection.max_strong_cost_usd",
+    "router.prices.tiny-gpt.prompt_usd_per_million",
+    "router.prices.tiny-gpt.completion_usd_per_million",
+    "router.prices.tiny-gpt.cache_hit_fraction",
+    "router.templates[0].parameters.temperature",
+    "router.templates[0].parameters.seed",
+    "inference.models.tiny-gpt.generation_slots",
+}
+
+
 def test_the_readme_says_what_zero_means_where_it_names_a_setting_that_takes_it():
     rows = _settings_rows()
-    unsaid = []
+    unsaid, rowless = [], set()
     for path, _ in ZERO_ALLOWED:
         meaning = config._ZERO_MEANS[path.rsplit(".", 1)[-1]]
-        for row in rows:
-            if f"`{path}`" in row.split(" | ")[0] and meaning not in row:
-                unsaid.append(f"{path}: its row does not say 0 is {meaning!r}")
+        named = [row for row in rows if f"`{path}`" in row.split(" | ")[0]]
+        if not named:
+            rowless.add(path)
+        unsaid += [f"{path}: its row does not say 0 is {meaning!r}" for row in named if meaning not in row]
     assert unsaid == []
+    assert rowless == NO_ROW_OF_THEIR_OWN
 
 
 FRACTIONS = [(path, hint) for path, hint in NUMBERS if path.rsplit(".", 1)[-1] in config._FRACTIONS]
