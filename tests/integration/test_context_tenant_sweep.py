@@ -71,6 +71,16 @@ async def listed(client: redis.Redis, tenant: str) -> tuple[list[str], list[str]
     return ids[0], ids[1]
 
 
+def tenant_keys(tenant: str) -> list[str]:
+    """Every key the tenant has apart from its sessions': its listing and record."""
+    return [
+        session_store.listing_key(tenant, "newest"),
+        session_store.listing_key(tenant, "due"),
+        session_store.holdings_key(tenant, "bytes"),
+        session_store.holdings_key(tenant, "expiry"),
+    ]
+
+
 async def counted(client: redis.Redis, tenant: str) -> tuple[list[str], list[str]]:
     """The session ids the tenant's record holds: (fields' sessions, expiry's)."""
     fields = await client.hkeys(session_store.holdings_key(tenant, "bytes"))
@@ -129,13 +139,7 @@ async def test_a_tenant_whose_every_session_expired_is_left_nothing_in_redis(cli
         await short.create(tenant, session_id)
     await expired(client, tenant, gone)
     await a_pass(sweep_of(short, client))
-    records = [
-        session_store.listing_key(tenant, "newest"),
-        session_store.listing_key(tenant, "due"),
-        session_store.holdings_key(tenant, "bytes"),
-        session_store.holdings_key(tenant, "expiry"),
-    ]
-    assert await client.exists(*records) == 0
+    assert await client.exists(*tenant_keys(tenant)) == 0
 
 
 async def test_a_tenant_whose_last_session_was_deleted_is_left_nothing_in_redis(client, tenant) -> None:
@@ -144,13 +148,7 @@ async def test_a_tenant_whose_last_session_was_deleted_is_left_nothing_in_redis(
     _, long = stores(client)
     await long.create(tenant, "only")
     await long.delete(tenant, "only")
-    records = [
-        session_store.listing_key(tenant, "newest"),
-        session_store.listing_key(tenant, "due"),
-        session_store.holdings_key(tenant, "bytes"),
-        session_store.holdings_key(tenant, "expiry"),
-    ]
-    assert await client.exists(*records) == 0
+    assert await client.exists(*tenant_keys(tenant)) == 0
 
 
 async def test_a_tick_sweeps_a_bounded_share_of_a_tenant_and_the_pass_the_rest(
