@@ -1414,7 +1414,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         # index follows the newer, and went back and forth, every live turn
         # embedded again at each change; only the rows' own gaps are filled.
         if embedded is not None and at_version is None:
-            wanted = view.embedder if older_embedder(embedded.embedder, view.embedder) else embedded.embedder
+            wanted = newest_embedder([view.embedder, embedded.embedder])
             if _lacks_vectors(view, wanted):
                 self._backfill_vectors(tenant_id, session_id, len(view.roles), wanted)
         scoring = pb.AssemblyInputs()  # the ranking's name and dense_scored, for the response
