@@ -1,5 +1,6 @@
 """The `meshgate` command: `up` runs the whole mesh locally, `status` says
-how each of its processes is, `chat` talks to it, `top` watches it."""
+how each of its processes is, `chat` talks to it, `sessions` lists, starts
+and deletes the conversations it keeps, `top` watches it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pathlib
 import signal
 import sys
 import time
+import uuid
 
 import grpc
 import uvloop
@@ -119,6 +121,55 @@ async def chat(
     return completion
 
 
+async def sessions(router: str, api_key: str, action: str, session_id: str = "", out=sys.stdout) -> None:
+    """`meshgate sessions`: ``list`` prints every session of the key's
+    tenant, newest first, one line each (following the listing's pages to
+    its end); ``new`` starts one and prints its id, for `chat --session`;
+    ``delete`` deletes ``session_id``."""
+    metadata = [("authorization", f"Bearer {api_key}")]
+    async with serving.client_channel(router, traced=False) as channel:
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+        if action == "new":
+            # A request id of its own: a resend of this request (grpc's own
+            # retry of an UNAVAILABLE) makes no second session.
+            created = await stub.CreateSession(
+                pb.CreateSessionRequest(request_id=str(uuid.uuid4())), metadata=metadata
+            )
+            out.write(f"{created.session_id}\n")
+            return
+        if action == "delete":
+            await stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), metadata=metadata)
+            out.write(f"deleted {session_id}\n")
+            return
+        token = ""
+        while True:
+            page = await stub.ListSessions(
+                pb.ListSessionsRequest(page_size=_SESSIONS_PAGE, page_token=token), metadata=metadata
+            )
+            if not token:
+                # Only once the key is known good: a refusal prints no table.
+                out.write(
+                    f"{'session':<32}  {'version':>7}  {'turns':>5}  {'created (UTC)':<19}  updated (UTC)\n"
+                )
+            for summary in page.sessions:
+                out.write(
+                    f"{summary.session_id:<32}  {summary.version:>7}  {summary.turn_count:>5}  "
+                    f"{_utc(summary.create_time_ms)}  {_utc(summary.update_time_ms)}\n"
+                )
+            out.flush()
+            token = page.next_page_token
+            if not token:
+                return
+
+
+# The listing's largest page: fewest round trips for a tenant of many sessions.
+_SESSIONS_PAGE = 1000
+
+
+def _utc(time_ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time_ms / 1000))
+
+
 class IncompleteAnswer(Exception):
     """The router's stream ended without the completion that ends every answer."""
 
@@ -209,6 +260,20 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         # Ctrl-C: the runner cancelled chat() first, closing its channel,
         # so the router has stopped the turn; exit as the shell expects of
         # an interrupted command, without a traceback.
+        return 128 + signal.SIGINT
+    return 0
+
+
+def _cmd_sessions(args: argparse.Namespace) -> int:
+    if (args.action == "delete") != bool(args.session_id):
+        print("meshgate sessions: delete takes a session id; list and new take none", file=sys.stderr)
+        return 2
+    try:
+        uvloop.run(sessions(args.router, args.api_key, args.action, args.session_id))
+    except grpc.aio.AioRpcError as error:
+        print(f"error: {_describe_rpc_error(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
         return 128 + signal.SIGINT
     return 0
 
@@ -464,6 +529,23 @@ def _cmd_top(args: argparse.Namespace) -> int:
         return 0
 
 
+def _add_router_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a client command finds the router, and the key it calls with."""
+    parser.add_argument(
+        "--router",
+        default="127.0.0.1:50051",
+        type=_router_address,
+        help="host:port, a comma-separated list of ip:port replicas (balanced), or dns:///name:port",
+    )
+    parser.add_argument(
+        "--api-key",
+        type=_api_key,
+        default=os.environ.get(API_KEY_VARIABLE, DEFAULT_DEV_API_KEY),
+        help=f"default: ${API_KEY_VARIABLE}, else {DEFAULT_DEV_API_KEY}; "
+        "the variable keeps a key out of `ps` and shell history",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshgate")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -505,19 +587,7 @@ def main(argv: list[str] | None = None) -> int:
 
     chat_parser = commands.add_parser("chat", help="stream one answer from the router")
     chat_parser.add_argument("prompt", type=_utf8_text)
-    chat_parser.add_argument(
-        "--router",
-        default="127.0.0.1:50051",
-        type=_router_address,
-        help="host:port, a comma-separated list of ip:port replicas (balanced), or dns:///name:port",
-    )
-    chat_parser.add_argument(
-        "--api-key",
-        type=_api_key,
-        default=os.environ.get(API_KEY_VARIABLE, DEFAULT_DEV_API_KEY),
-        help=f"default: ${API_KEY_VARIABLE}, else {DEFAULT_DEV_API_KEY}; "
-        "the variable keeps a key out of `ps` and shell history",
-    )
+    _add_router_arguments(chat_parser)
     chat_parser.add_argument("--model", type=_utf8_text, default=DEFAULT_MODEL)
     chat_parser.add_argument("--session", type=_utf8_text, default="", help="continue a server-side session")
     chat_parser.add_argument("--max-tokens", type=_max_tokens)
@@ -527,6 +597,18 @@ def main(argv: list[str] | None = None) -> int:
     chat_parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="(default %(default)s)")
     chat_parser.add_argument("--cache", choices=sorted(_POLICIES), default="use")
     chat_parser.set_defaults(run=_cmd_chat)
+
+    sessions_parser = commands.add_parser(
+        "sessions",
+        help="list the API key's tenant's sessions (newest first), start one for `chat --session`, "
+        "or delete one",
+    )
+    sessions_parser.add_argument("action", nargs="?", choices=("list", "new", "delete"), default="list")
+    sessions_parser.add_argument(
+        "session_id", nargs="?", type=_utf8_text, default="", help="the session to delete"
+    )
+    _add_router_arguments(sessions_parser)
+    sessions_parser.set_defaults(run=_cmd_sessions)
 
     args = parser.parse_args(argv)
     try:

@@ -79,7 +79,27 @@ async def started_chat(
 
 async def meshgate_chat(*arguments: str, router: str, api_key: str = KEY) -> tuple[int, str, str]:
     """Runs `meshgate chat` to its end: exit status, stdout, stderr."""
-    process = await started_chat(*arguments, router=router, api_key=api_key)
+    return await ended(await started_chat(*arguments, router=router, api_key=api_key))
+
+
+async def meshgate_sessions(*arguments: str, router: str, api_key: str = KEY) -> tuple[int, str, str]:
+    """Runs `meshgate sessions` to its end: exit status, stdout, stderr."""
+    command = ("sessions", *arguments, "--router", router, "--api-key", api_key)
+    return await ended(
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "meshgate.cli",
+            *command,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=REPO_ROOT,
+        )
+    )
+
+
+async def ended(process: asyncio.subprocess.Process) -> tuple[int, str, str]:
+    """``process`` waited for (killed after 120 s): exit status, stdout, stderr."""
     try:
         out, err = await asyncio.wait_for(process.communicate(), 120)
     finally:
@@ -153,6 +173,60 @@ async def test_a_refused_call_exits_non_zero_with_its_status_and_reason(routers)
     assert status == 1
     assert err.startswith(f"error: UNAUTHENTICATED [{Reason.API_KEY_INVALID}]: "), err
     assert "cache:" not in out
+
+
+def listed(out: str) -> list[tuple[str, int, int]]:
+    """`meshgate sessions list`'s lines after its header: id, version, turns."""
+    header, *lines = out.splitlines()
+    assert header.split()[:3] == ["session", "version", "turns"], out
+    return [(line.split()[0], int(line.split()[1]), int(line.split()[2])) for line in lines]
+
+
+async def test_sessions_new_chat_on_it_list_newest_first_then_delete(routers):
+    """The CLI starts a session, `chat --session` continues it, the listing
+    shows both sessions (newest first, the turns each holds) and forgets the
+    deleted one."""
+    router = routers["replica-a"]
+    status, out, err = await meshgate_sessions("new", router=router)
+    assert status == 0, err
+    older = out.strip()
+    status, out, err = await meshgate_chat("--session", older, QUESTION, router=router)
+    assert status == 0, err
+    status, out, err = await meshgate_sessions("new", router=router)
+    assert status == 0, err
+    newer = out.strip()
+    assert newer != older
+
+    # The listing pages through every session of the dev tenant (other tests
+    # of this file's Redis may hold some): ours are there, in their order.
+    status, out, err = await meshgate_sessions(router=router)
+    assert status == 0, err
+    rows = {session: (version, turns) for session, version, turns in listed(out)}
+    order = [session for session, _, _ in listed(out)]
+    assert rows[older] == (1, 2) and rows[newer] == (0, 0), out
+    assert order.index(newer) < order.index(older), out
+
+    status, out, err = await meshgate_sessions("delete", older, router=router)
+    assert (status, out) == (0, f"deleted {older}\n"), err
+    status, out, err = await meshgate_sessions("list", router=router)
+    assert status == 0, err
+    assert older not in {session for session, _, _ in listed(out)} and newer in out
+    # Deleting it again names why it failed.
+    status, _, err = await meshgate_sessions("delete", older, router=router)
+    assert status == 1
+    assert err.startswith(f"error: NOT_FOUND [{Reason.SESSION_NOT_FOUND}]: "), err
+
+
+async def test_sessions_with_a_refused_key_exits_non_zero_with_its_status_and_reason(routers):
+    status, out, err = await meshgate_sessions(router=routers["replica-a"], api_key="not-a-key")
+    assert (status, out) == (1, ""), err
+    assert err.startswith(f"error: UNAUTHENTICATED [{Reason.API_KEY_INVALID}]: "), err
+
+
+async def test_sessions_delete_without_an_id_is_refused_before_any_call():
+    status, _, err = await meshgate_sessions("delete", router="127.0.0.1:1")
+    assert status == 2
+    assert "delete takes a session id" in err
 
 
 async def test_a_list_of_names_is_refused_before_any_call():

@@ -61,3 +61,35 @@ def test_what_no_call_can_carry_is_a_usage_error_before_any_call(arguments, mess
         cli.main(["chat", "--router", "127.0.0.1:1", *arguments])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+class PagedRouter(router_service_pb2_grpc.RouterServiceServicer):
+    """A listing of five sessions in pages of two, as the router pages it."""
+
+    SESSIONS = [pb.SessionSummary(session_id=f"s{n}", version=n, turn_count=2 * n) for n in range(5, 0, -1)]
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    async def ListSessions(self, request, context):
+        self.tokens.append(request.page_token)
+        start = int(request.page_token or 0)
+        following = str(start + 2) if start + 2 < len(self.SESSIONS) else ""
+        return pb.ListSessionsResponse(sessions=self.SESSIONS[start : start + 2], next_page_token=following)
+
+
+async def test_sessions_list_follows_the_listings_pages_to_its_end():
+    router = PagedRouter()
+    server = grpc.aio.server()
+    router_service_pb2_grpc.add_RouterServiceServicer_to_server(router, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        out = io.StringIO()
+        await cli.sessions(f"127.0.0.1:{port}", "key", "list", out=out)
+    finally:
+        await server.stop(None)
+    header, *rows = out.getvalue().splitlines()
+    assert header.split()[:3] == ["session", "version", "turns"]
+    assert [row.split()[:3] for row in rows] == [[f"s{n}", str(n), str(2 * n)] for n in range(5, 0, -1)]
+    assert router.tokens == ["", "2", "4"]
