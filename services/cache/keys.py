@@ -58,6 +58,10 @@ from meshgate.common.v1 import common_pb2
 KEY_PREFIX = "mg:cache:"
 # Hex never spells "stats", "seq", "invalidated" or "stored", so no tenant pattern reaches these.
 STATS_KEY = KEY_PREFIX + "stats"
+# Per counting process: the number of its last batch of counts added to
+# STATS_KEY (stats.py). Its hash tag is STATS_KEY's whole name, whose slot
+# that key (with no braces) hashes to, so one script reads both on a cluster.
+_STATS_FLUSHED_PREFIX = KEY_PREFIX + "stats-flushed:{" + STATS_KEY + "}:"
 _SEQUENCE_PREFIX = KEY_PREFIX + "seq:"
 _INVALIDATED_PREFIX = KEY_PREFIX + "invalidated:"
 _STORED_PREFIX = KEY_PREFIX + "stored:"
@@ -158,6 +162,12 @@ def stored_bytes_key(tenant_id: str, window_s: int, window: int) -> str:
     windows share a slot; the window's length named too, so that another
     ttl_s never reads a count of windows of another length."""
     return f"{_STORED_PREFIX}{{{tenant_id.encode().hex()}}}:{window_s}:{window}"
+
+
+def stats_flushed_key(counter_id: str) -> str:
+    """The number of the last batch of counts that one counting process
+    (``counter_id``) added to STATS_KEY."""
+    return _STATS_FLUSHED_PREFIX + counter_id
 
 
 def invalidated_key(tenant_id: str) -> str:

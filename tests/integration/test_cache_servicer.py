@@ -33,6 +33,7 @@ from services.cache.servicer import CacheServicer
 from services.cache.stats import Stats
 from services.cache.store import CacheStore
 from services.cache.verifier import CONTEXT_SEPARATOR, Decision, Verifier
+from tests.conftest import own_redis_server
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -1446,6 +1447,33 @@ async def test_stats_count_hits_misses_and_stores(cache, tenant):
     assert after.misses - before.misses == 1
     assert after.entries >= 1
     assert after.semantic_threshold == pytest.approx(0.9)
+
+
+async def test_counts_whose_flush_reply_was_lost_are_added_once(tmp_path, embedder, tenant):
+    """A flush that reached Redis but whose reply did not come back (a
+    timeout behind a stalled connection) is sent again as the same batch:
+    its counts went back into the pending ones and were added twice (10
+    hits read 20). A Redis of its own: other tests add to the totals."""
+    with own_redis_server(tmp_path) as url:
+        proxy = TcpProxy(int(url.rsplit(":", 1)[1].split("/")[0]))
+        proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0", timeout_s=0.5)
+        try:
+            cache = make_servicer(proxied, embedder)
+            await store(cache, scope(tenant), conversation(STORED))
+            for _ in range(10):
+                assert (
+                    await lookup(cache, scope(tenant), conversation(STORED))
+                ).status == pb.LOOKUP_STATUS_EXACT_HIT
+            proxy.hold()  # Redis gets the flush; its reply is held back
+            with pytest.raises(MeshgateError) as failure:
+                await cache.GetStats(pb.GetStatsRequest(), None)
+            assert failure.value.code == grpc.StatusCode.UNAVAILABLE
+            proxy.release()
+            stats = await cache.GetStats(pb.GetStatsRequest(), None)
+            assert (stats.exact_hits, stats.stores) == (10, 1)
+        finally:
+            await proxied.aclose()
+            await proxy.close()
 
 
 async def test_verifier_sees_the_stored_question_and_a_reported_wrong_hit_is_gone(cache, tenant):
