@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import tracemalloc
 
 import hypothesis
 import numpy as np
@@ -95,6 +96,35 @@ def test_expired_rows_are_never_returned_and_are_dropped():
     assert index.best(unit(0, 0, 1), now_ms=1_000).entry_id == "other"
     assert index.best(unit(1), now_ms=5_000) is None
     assert len(index) == 0
+
+
+def test_a_few_expired_rows_are_dropped_without_copying_the_index():
+    """Entries stored over time expire over time: a busy index has a few
+    rows expired at nearly every search. Dropping them compacted every
+    array, a copy of the whole index per search (at 1M rows of 384
+    dimensions, 1-3.6 s a lookup); each is now removed as a removal is.
+    Measured in bytes allocated, not time: 20,000 rows of 64 dimensions
+    hold 5 MB of vectors, a row 256 bytes."""
+    dims, rows = 64, 20_000
+    index = VectorIndex(dims, max_entries=rows, approximate_from=10**9)
+    vectors = np.random.default_rng(7).standard_normal((rows, dims)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    for i in range(rows):
+        # Every hundredth row expires at 1,000 + i; the rest later.
+        index.upsert(f"e{i}", i + 1, 1_000 + i if i % 100 == 0 else FAR_FUTURE, vectors[i])
+    tracemalloc.start()
+    try:
+        found = index.nearest(vectors[rows - 1], now_ms=1_000 + 250, count=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # e0, e100 and e200 expired; the search's own arrays are ~100 KB.
+    assert len(index) == rows - 3 and not any(e in index for e in ("e0", "e100", "e200"))
+    assert peak < 1_000_000, peak
+    assert found[0].entry_id == f"e{rows - 1}"
+    # The row moved into each expired one's place still answers as itself.
+    for i in (rows - 1, rows - 2, rows - 3, 300, 99):
+        assert index.best(vectors[i], now_ms=1_250).entry_id == f"e{i}"
 
 
 def test_registry_pushes_out_the_least_recently_used_index():
