@@ -557,7 +557,10 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 replicas_acknowledged=report.replicas_acknowledged,
                 timeout_s=self._settings.report_replication_timeout_s,
             )
-        self._stats.pending["wrong_hit_reports"] += 1
+        if report.kept_new_pair:
+            # Distinct wrong hits, as reports_in_partition counts them: a
+            # report resent after a lost reply is the same wrong hit.
+            self._stats.pending["wrong_hit_reports"] += 1
         return pb.ReportWrongHitResponse(entry_removed=report.removed, reports_in_partition=report.strictness)
 
     async def _semantic_lookup(

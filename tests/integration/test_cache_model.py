@@ -496,10 +496,10 @@ class CacheMachine(RuleBasedStateMachine):
         event("report taken")
         assert known, f"report of {served} for {hit.prompt.key} taken, the model knows no such entry"
         assert response.entry_removed == (served in self.answers)
-        self.counts["wrong_hit_reports"] += 1
-        # The count is of distinct pairs: a resent report adds none.
+        # The counts are of distinct pairs: a resent report adds none.
         if (hit.prompt.key, served) not in self.reported_pairs:
             self.reports[sub_partition] = self.reports.get(sub_partition, 0) + 1
+            self.counts["wrong_hit_reports"] += 1
         assert response.reports_in_partition == self.reports.get(sub_partition, 0)
         self.reported_pairs.add((hit.prompt.key, served))
         self.reported_entries.add(served)
@@ -555,10 +555,10 @@ class CacheMachine(RuleBasedStateMachine):
             self._stored(own, store.answer.text)
         else:
             assert isinstance(reported, pb.ReportWrongHitResponse), reported
-            self.counts["wrong_hit_reports"] += 1
             sub_partition = hit.prompt.sub_partition
             if (hit.prompt.key, served) not in self.reported_pairs:
                 self.reports[sub_partition] = self.reports.get(sub_partition, 0) + 1
+                self.counts["wrong_hit_reports"] += 1
             assert reported.reports_in_partition == self.reports.get(sub_partition, 0)
             self.reported_pairs.add((hit.prompt.key, served))
             self.reported_entries.add(served)

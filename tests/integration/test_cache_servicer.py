@@ -1476,6 +1476,26 @@ async def test_counts_whose_flush_reply_was_lost_are_added_once(tmp_path, embedd
             await proxy.close()
 
 
+async def test_a_resent_report_counts_once_in_the_stats(tmp_path, embedder, tenant):
+    """A report sent again after a lost reply is the same wrong hit:
+    GetStats counted it twice while reports_in_partition said 1. A Redis
+    of its own: other tests add to the totals."""
+    with own_redis_server(tmp_path) as url:
+        client = redis_access.connect(url)
+        try:
+            cache = make_servicer(client, embedder)
+            entry_id = await store(cache, scope(tenant), conversation(STORED))
+            assert (await lookup(cache, scope(tenant), conversation(PARAPHRASE))).entry_id == entry_id
+            report = pb.ReportWrongHitRequest(
+                scope=scope(tenant), messages=conversation(PARAPHRASE), entry_id=entry_id
+            )
+            replies = [await cache.ReportWrongHit(report, None) for _ in range(2)]
+            assert [r.reports_in_partition for r in replies] == [1, 1]
+            assert (await cache.GetStats(pb.GetStatsRequest(), None)).wrong_hit_reports == 1
+        finally:
+            await client.aclose()
+
+
 async def test_verifier_sees_the_stored_question_and_a_reported_wrong_hit_is_gone(cache, tenant):
     entry_id = await store(cache, scope(tenant), conversation(STORED), text="Practice daily.")
     hit = await lookup(cache, scope(tenant), conversation(PARAPHRASE))
