@@ -121,7 +121,7 @@ from meshgate.errors import MeshgateError, retry_info, unavailable
 from meshgate.reasons import Reason
 from services.router.ledger import SUMMARY_USAGE, TAKE_MARKER_TTL_S, Ledger, UsageRecord
 from services.router.prompt_bound import PromptBound, bound_of
-from services.router.script_calls import Backlog, never_ran, run_scripts
+from services.router.script_calls import MAX_AGE_S, Backlog, never_ran, run_scripts
 
 log = structlog.get_logger(__name__)
 
@@ -136,6 +136,10 @@ _BUDGET_GRACE_S = 2 * 24 * 3600
 # what settling cost the router per turn, is shared.
 SETTLE_AFTER_S = 0.01
 _SETTLE_BATCH = 128
+# How long a turn's settled mark (_SETTLE_ONCE) is kept: past the longest a
+# settlement is sent again (script_calls.MAX_AGE_S), plus a minute for a
+# call that reached Redis late.
+_SETTLED_MARK_MS = int((MAX_AGE_S + 60) * 1000)
 
 # Every key a script touches is in KEYS (a Redis Cluster routes a call by
 # them), each once: a window's entries then its sum, a budget's counter, a
@@ -292,6 +296,28 @@ _SETTLE = (
     + """
 for t = 2, #ARGV, 2 do
   settle(ARGV[t], parse(ARGV[t + 1]))
+end
+return 1
+"""
+)
+
+# The settlements of turns' ends (Admission.settle, settle_soon): as
+# _SETTLE, but once per turn: ARGV is now_ms, how long (ms) to keep a
+# settled turn's mark, then per turn its lease, its words and the index in
+# KEYS of its mark (_settled_key), set in the same script as the settlement.
+# A turn whose mark is set was settled before, and is left alone: so a call
+# whose reply was lost (a timeout, a connection lost after sending: it may
+# have run) is sent again until Redis answers, as a release is, instead of
+# being given up with its reservation standing and its stream held until
+# the lease expires (the tenant refused by concurrent_streams meanwhile).
+_SETTLE_ONCE = (
+    _PARSE
+    + _SETTLE_TURN
+    + """
+for t = 3, #ARGV, 3 do
+  if redis.call('SET', KEYS[tonumber(ARGV[t + 2])], '1', 'NX', 'PX', ARGV[2]) then
+    settle(ARGV[t], parse(ARGV[t + 1]))
+  end
 end
 return 1
 """
@@ -709,7 +735,12 @@ class Admission:
         # takes all of a turn's keys in one call, atomic across its scopes.
         self._split_by_slot = isinstance(redis, RedisCluster) if split_by_slot is None else split_by_slot
         self._admit_script = redis.register_script(_ADMIT)
-        self._settlements = Backlog(redis.register_script(_SETTLE), "settlement")
+        # Turns' ends, each settled once (_SETTLE_ONCE): run again however
+        # they failed. Give-backs of a turn refused or of a growth, under a
+        # lease the turn's end settles later, are not marked, and are given
+        # up where they may have run.
+        self._settlements = Backlog(redis.register_script(_SETTLE_ONCE), "settlement", idempotent=True)
+        self._give_backs = Backlog(redis.register_script(_SETTLE), "settlement")
         self._releases = Backlog(redis.register_script(_RELEASE), "release", idempotent=True)
         self._charge_take_script = redis.register_script(_CHARGE_TAKE)
         self._top_up_script = redis.register_script(_TOP_UP)
@@ -1107,7 +1138,7 @@ class Admission:
         if reservation.checks:
             if _over(reservation, tokens, nano_usd):
                 _warn_over(reservation, tokens, nano_usd)
-            await self._write_settlements([(reservation, tokens, nano_usd)])
+            await self._write_settlements([(reservation, tokens, nano_usd)], once=True)
 
     def settle_soon(self, reservation: Reservation, tokens: int, nano_usd: int) -> None:
         """Settles within SETTLE_AFTER_S, batched with other turns: how the
@@ -1133,7 +1164,7 @@ class Admission:
         batch, self._unsettled = self._unsettled, []
         if not batch:
             return None
-        return self._write_soon(self._write_settlements(batch))
+        return self._write_soon(self._write_settlements(batch, once=True))
 
     async def flush(self) -> None:
         """Writes every pending settlement."""
@@ -1148,25 +1179,38 @@ class Admission:
             await asyncio.gather(*self._abandoned, return_exceptions=True)
         await self.flush()
         await self._settlements.drain()
+        await self._give_backs.drain()
         await self._releases.drain()
 
     async def _write_settlements(
-        self, batch: list[tuple[Reservation, int, int]], refund: bool = False
+        self, batch: list[tuple[Reservation, int, int]], refund: bool = False, once: bool = False
     ) -> None:
         """One script call per slot for the whole batch: per turn, its lease
         and its checks of that slot, each from reserved to used (a refund:
         to nothing, requests too; a turn that ran was one request, whatever
-        it used, so its requests window is not among the checks settled)."""
+        it used, so its requests window is not among the checks settled).
+        ``once``: the batch's turns have ended, and each is settled once
+        (_SETTLE_ONCE), its call sent again until Redis answers it."""
+        if once:
+            calls = self._settlement_calls(batch, refund, [_SETTLED_MARK_MS], once=True)
+            await self._settlements.run(list(calls.values()))
+            return
         # A call Redis refused is written again later (script_calls); one
-        # that may have run is logged: its reservations stand (an
-        # overcharge), and the streams' leases expire on their own.
-        await self._settlements.run(list(self._settlement_calls(batch, refund).values()))
+        # that may have run is logged: what it gives back stands charged
+        # (an overcharge).
+        await self._give_backs.run(list(self._settlement_calls(batch, refund).values()))
 
     def _settlement_calls(
-        self, batch: list[tuple[Reservation, int, int]], refund: bool = False, extra_args: list = ()
+        self,
+        batch: list[tuple[Reservation, int, int]],
+        refund: bool = False,
+        extra_args: list = (),
+        once: bool = False,
     ) -> dict[str, tuple[list[str], list]]:
         """The KEYS and ARGV of _SETTLE's call per slot ("" on one Redis
-        instance) for the batch; ``extra_args`` follow now_ms in ARGV."""
+        instance) for the batch; ``extra_args`` follow now_ms in ARGV.
+        ``once``: _SETTLE_ONCE's, each turn's words followed by the index
+        of its mark in KEYS."""
         now = self._now_arg()
         # Per slot: its KEYS, where each key is in them, its ARGV.
         calls: dict[str, tuple[list[str], dict[str, int], list]] = {}
@@ -1182,6 +1226,9 @@ class Admission:
                         keys += check.keys
                     indexed.append(f"{word} {k}")
                 args += [reservation.lease_id, " ".join(indexed)]
+                if once:
+                    keys.append(_settled_key(checks[0], reservation.lease_id))
+                    args.append(len(keys))
         return {slot: (keys, args) for slot, (keys, _, args) in calls.items()}
 
 
@@ -1213,6 +1260,12 @@ def _mark_key(check: _Check, lease_id: str) -> str:
     """A turn's mark, in the slot of the call ``check`` is in (on a Redis
     Cluster, a call's checks share their scope's hash tag)."""
     return f"mg:router:limit:{check.scope.slot_tag}:admit:{lease_id}"
+
+
+def _settled_key(check: _Check, lease_id: str) -> str:
+    """That a turn's end was settled (_SETTLE_ONCE), in the slot of the call
+    ``check`` is in."""
+    return f"mg:router:limit:{check.scope.slot_tag}:settled:{lease_id}"
 
 
 def _over(reservation: Reservation, tokens: int, nano_usd: int) -> bool:

@@ -16,8 +16,9 @@ nothing), a ledger record was missing from GetUsage. A call that may have
 run (a timeout, a connection lost after it was sent) cannot be written
 again without the risk of counting it twice: it is given up (logged and
 counted), as it was lost before; but for a script whose second run does
-nothing more (``idempotent``: admission's release of a refused turn), which
-is run again however it failed.
+nothing more (``idempotent``: admission's release of a refused turn, and
+its settlement of a turn's end, which marks the turn settled), which is run
+again however it failed.
 """
 
 from __future__ import annotations

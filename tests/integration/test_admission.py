@@ -624,6 +624,53 @@ async def test_a_second_admit_after_a_streams_refusal_is_released_apart_from_the
     assert int(await redis_client.get(_day_key(model))) == 15
 
 
+async def test_a_settlement_whose_call_stalled_before_redis_ran_it_is_sent_again_and_written_once(redis_url):
+    """A turn's settlement sent on a connection that stalls (the proxy keeps
+    the call from Redis) times out: it may have run, and was given up, so
+    the turn's reservation stood in the day's budget for good (110 tokens
+    for the 15 it used) and its stream lease for max_generation_s plus a
+    minute, the key's next turn refused by concurrent_streams = 1 all that
+    while. Settled once per turn, it is sent again and written; the stalled
+    call reaching Redis late then writes nothing more."""
+    proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0", timeout_s=0.3)
+    direct = redis_access.connect(redis_url)
+    try:
+        admission = Admission(proxied, max_generation_s=60)
+        scope = _scope(concurrent_streams=1, tokens_per_day=1_000)
+        # Loads the scripts: a turn admitted and settled to nothing.
+        await admission.settle(await admission.admit([scope], prompt_tokens=10, max_tokens=10), 0, 0)
+        turn = await admission.admit([scope], prompt_tokens=10, max_tokens=100)
+        proxy.stall_when_sent(_evalsha_marker(admission_module._SETTLE_ONCE))
+        await admission.settle(turn, 15, 0)
+        assert proxy.stalled == 1
+
+        async def settled() -> bool:
+            streams = await direct.zcard(f"{scope.prefix}:streams")
+            return streams == 0 and int(await direct.get(_day_key(scope)) or 0) == 15
+
+        for _ in range(100):
+            if await settled():
+                break
+            await asyncio.sleep(0.1)
+        assert await settled()
+        # The stalled call reaches Redis after all: nothing is settled twice.
+        calls = await _script_calls(direct)
+        proxy.unstall()
+        for _ in range(100):
+            if await _script_calls(direct) > calls:
+                break
+            await asyncio.sleep(0.05)
+        assert await _script_calls(direct) > calls
+        assert int(await direct.get(_day_key(scope))) == 15
+        # The key's next turn gets the stream.
+        await admission.settle(await admission.admit([scope], prompt_tokens=10, max_tokens=10), 0, 0)
+    finally:
+        for client in (proxied, direct):
+            await client.aclose()
+        await proxy.close()
+
+
 def _evalsha_marker(script: str) -> bytes:
     """What a call of ``script`` sends (its SHA-1), for a proxy to hold it by."""
     return hashlib.sha1(script.encode()).hexdigest().encode()
