@@ -153,9 +153,11 @@ def cached_and_uncached(tmp_path_factory: pytest.TempPathFactory, model: str):
 
 @pytest.fixture(scope="session")
 def smollm2_prefix_server(tmp_path_factory: pytest.TempPathFactory):
-    """smollm2 and smollm2_uncached (tests/integration/test_prefix_cache_models.py),
-    one server for that module's smollm2 test and test_triton_models.py's:
-    smollm2 takes a Triton 5-10 s to load."""
+    """smollm2 and smollm2_uncached (cached_and_uncached), one server for
+    every smollm2 test of tests/integration/test_triton_models.py, its
+    prefix-cache comparison included: smollm2 takes a Triton 5-15 s to load.
+    Those tests are kept in that one module so that, with --dist loadfile,
+    one pytest-xdist worker starts it."""
     with cached_and_uncached(tmp_path_factory, "smollm2") as server:
         yield server
 

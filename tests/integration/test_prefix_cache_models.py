@@ -10,13 +10,16 @@ tiny_gpt's random weights barely look back: its greedy text ignores a
 changed prompt token (0 of 10 tries, 40 tokens each) and even zeroed cached
 values (logits 0.19 apart, same argmax). Its equal answers show little
 about the reused keys and values, so the concurrent test is run on smollm2
-too, whose answer follows its prompt; the exact comparison of logits and
-greedy ids on small context-sensitive models is in tests/unit/test_prefix_cache.py.
+too, whose answer follows its prompt: in tests/integration/test_triton_models.py,
+beside smollm2's other tests, so that the one Triton holding smollm2 and
+smollm2_uncached (5-15 s to load) starts once per run, not once in each
+pytest-xdist worker that ran one of two modules; the exact comparison of
+logits and greedy ids on small context-sensitive models is in
+tests/unit/test_prefix_cache.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import urllib.request
@@ -26,7 +29,12 @@ import pytest
 import tritonclient.grpc.aio as grpcaio
 
 from tests.integration.conftest import cached_and_uncached
-from tests.integration.test_triton_models import ALL_OUTPUTS, generate, generate_inputs
+from tests.integration.test_triton_models import (
+    ALL_OUTPUTS,
+    answers_match_the_uncached_model,
+    generate,
+    generate_inputs,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -92,43 +100,6 @@ async def test_a_shared_prefix_is_reused_and_changes_nothing_in_the_answer(clien
     assert metric(metrics_url, "meshgate_prefix_cache_lookups_total", "tiny_gpt_uncached") is None
 
 
-# What the engine logs when a request fails or its blocks cannot be cached
-# (engine.Scheduler._fail, _prefill, run): none of it may appear.
-ENGINE_FAILURES = ("failed", "could not cache", "Traceback")
-
-
-async def answers_match_the_uncached_model(client, server, model: str, requests: list[tuple[str, int]]):
-    """Send `requests` [(prompt, max_tokens)] all at once to the uncached model, then
-    twice to the cached one (cold, then warm): greedy answers must be the same.
-    Returns both waves' replies."""
-
-    async def batch(name: str):
-        async def ask(prompt: str, max_tokens: int):
-            sampling = {"max_tokens": max_tokens, "temperature": 0}
-            inputs = generate_inputs(prompt, True, sampling, **ALL_OUTPUTS)
-            return await generate(client, inputs, model=name)
-
-        return await asyncio.wait_for(asyncio.gather(*(ask(p, n) for p, n in requests)), timeout=300)
-
-    log_before = server.log_file.read_text(errors="replace")
-    expected = await batch(f"{model}_uncached")
-    waves = []
-    for wave in ("cold", "warm"):
-        replies = await batch(model)
-        for (_, max_tokens), reply, reference in zip(requests, replies, expected):
-            assert (reply.text, reply.finish_reason, reply.output_tokens) == (
-                reference.text,
-                reference.finish_reason,
-                reference.output_tokens,
-            ), f"{wave}: {max_tokens} tokens after {reply.input_tokens}"
-            assert reply.cached_tokens % 16 == 0 and reply.cached_tokens < reply.input_tokens
-        waves.append(replies)
-    assert all(reply.cached_tokens == 0 for reply in expected)
-    engine_log = server.log_file.read_text(errors="replace")[len(log_before) :]
-    assert not [line for line in engine_log.splitlines() if any(s in line for s in ENGINE_FAILURES)]
-    return waves
-
-
 async def test_concurrent_identical_and_shared_prefix_requests_answer_as_the_uncached_model(client, server):
     """16 requests at once (8 identical, 8 sharing a prefix, one filling the
     window to its last position), twice: admitted in one scheduler step, the
@@ -151,34 +122,3 @@ async def test_concurrent_identical_and_shared_prefix_requests_answer_as_the_unc
         ]
     filled = waves[0][7]
     assert (filled.input_tokens + filled.output_tokens, filled.finish_reason) == (window, "length")
-
-
-SMOLLM2_SYSTEM = (
-    "<|im_start|>system\nYou are the support assistant of a city library. Answer in one short "
-    "sentence, politely, and never invent opening hours or fees.<|im_end|>\n"
-)
-
-
-def smollm2_chat(question: str) -> str:
-    return f"{SMOLLM2_SYSTEM}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-
-
-async def test_smollm2_concurrent_requests_sharing_a_system_prompt_answer_as_the_uncached_model(
-    smollm2_prefix_server,
-):
-    """smollm2's answer follows its prompt, so a wrongly reused prefix shows in the text.
-    Its 8 sequences (max_active_sequences) at once: 3 identical, 5 other questions."""
-    questions = ["What is a library card?"] * 3 + [
-        "Can I borrow a book?",
-        "What is an e-book?",
-        "Who writes the books?",
-        "Name a famous novel.",
-        "What is the capital of France?",
-    ]
-    requests = [(smollm2_chat(question), 12) for question in questions]
-    server = smollm2_prefix_server
-    async with grpcaio.InferenceServerClient(server.address) as client:
-        cold, warm = await answers_match_the_uncached_model(client, server, "smollm2", requests)
-    assert len({reply.text for reply in cold}) >= 5, "different questions, different answers"
-    assert sum(reply.cached_tokens >= 32 for reply in cold) >= len(requests) - 1
-    assert all(reply.cached_tokens >= 32 for reply in warm)

@@ -400,9 +400,46 @@ def chatml(question: str) -> str:
 FRANCE = chatml("What is the capital of France?")
 
 
+# What the engine logs when a request fails or its blocks cannot be cached
+# (engine.Scheduler._fail, _prefill, run): none of it may appear.
+ENGINE_FAILURES = ("failed", "could not cache", "Traceback")
+
+
+async def answers_match_the_uncached_model(client, server, model: str, requests: list[tuple[str, int]]):
+    """Send `requests` [(prompt, max_tokens)] all at once to the uncached model, then
+    twice to the cached one (cold, then warm): greedy answers must be the same.
+    Returns both waves' replies."""
+
+    async def batch(name: str):
+        async def ask(prompt: str, max_tokens: int):
+            sampling = {"max_tokens": max_tokens, "temperature": 0}
+            inputs = generate_inputs(prompt, True, sampling, **ALL_OUTPUTS)
+            return await generate(client, inputs, model=name)
+
+        return await asyncio.wait_for(asyncio.gather(*(ask(p, n) for p, n in requests)), timeout=300)
+
+    log_before = server.log_file.read_text(errors="replace")
+    expected = await batch(f"{model}_uncached")
+    waves = []
+    for wave in ("cold", "warm"):
+        replies = await batch(model)
+        for (_, max_tokens), reply, reference in zip(requests, replies, expected):
+            assert (reply.text, reply.finish_reason, reply.output_tokens) == (
+                reference.text,
+                reference.finish_reason,
+                reference.output_tokens,
+            ), f"{wave}: {max_tokens} tokens after {reply.input_tokens}"
+            assert reply.cached_tokens % 16 == 0 and reply.cached_tokens < reply.input_tokens
+        waves.append(replies)
+    assert all(reply.cached_tokens == 0 for reply in expected)
+    engine_log = server.log_file.read_text(errors="replace")[len(log_before) :]
+    assert not [line for line in engine_log.splitlines() if any(s in line for s in ENGINE_FAILURES)]
+    return waves
+
+
 @pytest.fixture(scope="module")
 def smollm2_server(smollm2_prefix_server) -> Server:
-    """The session's smollm2 (it serves smollm2_uncached too, for test_prefix_cache_models.py)."""
+    """The session's smollm2 (it serves smollm2_uncached too, for the prefix-cache comparison below)."""
     return Server(smollm2_prefix_server.address, smollm2_prefix_server.log_file)
 
 
@@ -507,3 +544,34 @@ async def test_invalid_requests_among_concurrent_streams_fail_alone(request, mod
         assert isinstance(reply, Reply), reply
         assert reply.final and reply.finish_reason in ("stop", "length")
         assert 0 < reply.output_tokens <= 12
+
+
+SMOLLM2_SYSTEM = (
+    "<|im_start|>system\nYou are the support assistant of a city library. Answer in one short "
+    "sentence, politely, and never invent opening hours or fees.<|im_end|>\n"
+)
+
+
+def smollm2_chat(question: str) -> str:
+    return f"{SMOLLM2_SYSTEM}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+async def test_smollm2_concurrent_requests_sharing_a_system_prompt_answer_as_the_uncached_model(
+    smollm2_prefix_server,
+):
+    """smollm2's answer follows its prompt, so a wrongly reused prefix shows in the text.
+    Its 8 sequences (max_active_sequences) at once: 3 identical, 5 other questions."""
+    questions = ["What is a library card?"] * 3 + [
+        "Can I borrow a book?",
+        "What is an e-book?",
+        "Who writes the books?",
+        "Name a famous novel.",
+        "What is the capital of France?",
+    ]
+    requests = [(smollm2_chat(question), 12) for question in questions]
+    server = smollm2_prefix_server
+    async with grpcaio.InferenceServerClient(server.address) as client:
+        cold, warm = await answers_match_the_uncached_model(client, server, "smollm2", requests)
+    assert len({reply.text for reply in cold}) >= 5, "different questions, different answers"
+    assert sum(reply.cached_tokens >= 32 for reply in cold) >= len(requests) - 1
+    assert all(reply.cached_tokens >= 32 for reply in warm)
