@@ -302,12 +302,21 @@ async def test_sessions_lasting_through_a_listing_are_listed_once_while_others_c
     assert created > 20
 
 
+# Above cache.report_replication_timeout_s (1 s), as the settings' check requires.
+STALLED_COMMAND_TIMEOUT_S = 1.5
+
+
 @contextlib.asynccontextmanager
 async def through_a_proxy(redis_url: str):
-    """A context service whose Redis traffic goes through a TcpProxy: (stub, proxy)."""
+    """A context service whose Redis traffic goes through a TcpProxy: (stub, proxy).
+    A command the proxy stalls is waited for redis.timeout_s: 1.5 s here, not
+    the default 3 s (the test stalls three; each failure is the same at
+    either), and still hundreds of times what a command to this Redis takes."""
     proxy = TcpProxy(urllib.parse.urlsplit(redis_url).port)
+    settings = make_settings(f"redis://127.0.0.1:{await proxy.start()}/0")
+    settings.redis.timeout_s = STALLED_COMMAND_TIMEOUT_S
     try:
-        async with running(make_settings(f"redis://127.0.0.1:{await proxy.start()}/0")) as stub:
+        async with running(settings) as stub:
             yield stub, proxy
     finally:
         await proxy.close()
