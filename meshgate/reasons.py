@@ -260,10 +260,11 @@ class Reason(enum.StrEnum):
     """A session with this id already exists."""
 
     REQUEST_ID_REUSED = enum.auto()
-    """ALREADY_EXISTS: a CreateKey, RotateKey or ForkSession request_id already
-    answered another request (another body or method) within its retention,
-    or a CreateSession's or ForkSession's made a session of the other method
-    that still lives: draw a new id."""
+    """ALREADY_EXISTS: a CreateKey or RotateKey request_id already answered
+    another request (another body or method) within its retention, or a
+    CreateSession's or ForkSession's made a session, which still lives,
+    for another request (the other method's, or a fork of another source or
+    version): draw a new id."""
 
     PIN_TARGET_NOT_FOUND = enum.auto()
     """A pin names a turn the session does not hold (metadata ``turns``: how many it holds)."""

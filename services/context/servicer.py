@@ -42,6 +42,7 @@ from services.context.store import (
     MAX_LIST_PAGE_SIZE,
     NO_COUNTS,
     PIN_OVERHEAD_BYTES,
+    RequestIdSend,
     SessionStore,
     StoredSession,
     SummarySpend,
@@ -408,28 +409,37 @@ def _summary_usage(spends: tuple[SummarySpend, ...]) -> list[pb.SummaryUsage]:
     return [pb.SummaryUsage(**spend._asdict()) for spend in spends]
 
 
-# The methods that make a session, each drawing its id from a request id
-# (_drawn_session_id) under its own label.
-_SESSION_MAKERS = ("CreateSession", "ForkSession")
-
-
-def _drawn_session_id(method: str, request_id: str) -> str:
-    """The id of the session ``method``'s request under ``request_id``
-    makes, the same for every send of it, so that they all meet in one slot,
-    where the script making the session finds what a send of it made (a
-    fork's record, store.fork_request_key; the created session). Hashed
-    with the method's label, so that a session a client named by its
-    request id's digits is not its session; 32 hex digits, as a fresh id."""
-    label = f"meshgate {method} request id\0".encode()
+def _drawn_from(label: bytes, request_id: str) -> str:
+    """32 hex digits, as a fresh id, hashed from ``request_id`` under
+    ``label``: so a session a client named by its request id's digits is
+    not its session."""
     return hashlib.sha256(label + request_id.encode()).hexdigest()[:32]
 
 
-def _new_session_id(method: str, request_id: str | None, named: str, field: str) -> str:
-    """The id of the session a CreateSession or ForkSession (``method``)
-    makes: the one its caller named (``named``, its ``field``), else one
-    drawn from its request id (_drawn_session_id), else a fresh one. A
-    request id beside a named id is refused: its sends would not meet in
-    one slot."""
+def _drawn_session_id(request_id: str) -> str:
+    """The id of the session that a CreateSession or a ForkSession under
+    ``request_id`` makes: one id for both methods, so that every send under
+    the request id, of either method, meets in one slot, where the one
+    script making the session finds the request that made it there (meta's
+    ``request_digest``, store.py) and answers a resend or refuses another
+    request, atomically. Under the label that replicas of before drew a
+    create's id with: a session such a replica created is the one a resend
+    of its create here finds (and a fork of theirs: _fork_id_of_before)."""
+    return _drawn_from(b"meshgate CreateSession request id\0", request_id)
+
+
+def _fork_id_of_before(request_id: str) -> str:
+    """The id that replicas of before, which drew each method's session
+    apart, gave a ForkSession's fork under ``request_id``; the store looks
+    for such a fork's record there (RequestIdSend)."""
+    return _drawn_from(b"meshgate ForkSession request id\0", request_id)
+
+
+def _new_session_id(request_id: str | None, named: str, field: str) -> str:
+    """The id of the session a CreateSession or ForkSession makes: the one
+    its caller named (``named``, its ``field``), else one drawn from its
+    request id (_drawn_session_id), else a fresh one. A request id beside a
+    named id is refused: its sends would not meet in one slot."""
     if request_id is None:
         return named or uuid.uuid4().hex
     if named:
@@ -438,7 +448,21 @@ def _new_session_id(method: str, request_id: str | None, named: str, field: str)
             f"request_id is for a session whose id the service draws: leave {field} empty "
             f"(a session named by {field} is made once already: a resend is ALREADY_EXISTS)",
         )
-    return _drawn_session_id(method, request_id)
+    return _drawn_session_id(request_id)
+
+
+def _send_of(
+    request: pb.CreateSessionRequest | pb.ForkSessionRequest, request_id: str | None
+) -> RequestIdSend | None:
+    """What the store needs to tell a resend of ``request`` under its
+    (canonical) ``request_id`` from another request; None without one."""
+    if request_id is None:
+        return None
+    return RequestIdSend(
+        digest=request_ids.digest(request),
+        is_create=isinstance(request, pb.CreateSessionRequest),
+        fork_id_of_before=_fork_id_of_before(request_id),
+    )
 
 
 def _check_version(version: int, field: str) -> None:
@@ -545,10 +569,9 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
     async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.CreateSessionResponse:
         _check_tenant(request.tenant_id)
         request_id = request_ids.canonical(request.request_id)
-        session_id = _new_session_id("CreateSession", request_id, request.session_id, "session_id")
+        session_id = _new_session_id(request_id, request.session_id, "session_id")
         _check_session_id(session_id)
-        await self._refuse_a_request_id_another_method_made(request.tenant_id, "CreateSession", request_id)
-        now = await self._store.create(request.tenant_id, session_id, of_request_id=request_id is not None)
+        now = await self._store.create(request.tenant_id, session_id, _send_of(request, request_id))
         session = pb.Session(
             session_id=session_id,
             tenant_id=request.tenant_id,
@@ -557,27 +580,6 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             update_time_ms=now,
         )
         return pb.CreateSessionResponse(session=session)
-
-    async def _refuse_a_request_id_another_method_made(
-        self, tenant_id: str, method: str, request_id: str | None
-    ) -> None:
-        """ALREADY_EXISTS REQUEST_ID_REUSED where the tenant's session drawn
-        from ``request_id`` by the other method that makes one lives: the id
-        named that request (a create's while its session lives, a fork's
-        while its fork does), and this one is another. Each method's ids
-        are drawn apart (_drawn_session_id), so its own script never sees
-        the other's session: a fork under a create's id (or the reverse)
-        made a second session, as if it were a new request. They stay
-        apart, as services of before drew them: one id for both would make
-        a resend across an upgrade a second session. So sends of the two at
-        the same moment are not told apart (their sessions lie in two slots
-        that no one script reads): a client sending two requests under one
-        id at once, where this catches one reused later."""
-        if request_id is None:
-            return
-        for other in _SESSION_MAKERS:
-            if other != method and await self._store.exists(tenant_id, _drawn_session_id(other, request_id)):
-                raise request_ids.reused()
 
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.GetSessionResponse:
         _check_tenant(request.tenant_id)
@@ -1016,18 +1018,17 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         _check_tenant(request.tenant_id)
         _check_session_id(request.session_id)
         request_id = request_ids.canonical(request.request_id)
-        # The request id's record lies in its fork's slot, so that the
-        # script making the fork writes it.
-        new_session_id = _new_session_id("ForkSession", request_id, request.new_session_id, "new_session_id")
+        new_session_id = _new_session_id(request_id, request.new_session_id, "new_session_id")
         _check_session_id(new_session_id)
         _check_version(request.version, "version")
-        await self._refuse_a_request_id_another_method_made(request.tenant_id, "ForkSession", request_id)
-        now = await self._store.fork(
+        # Not always new_session_id: a resend of a fork a replica of before
+        # made is answered with that fork, under the id it drew.
+        new_session_id, now = await self._store.fork(
             request.tenant_id,
             request.session_id,
             request.version,
             new_session_id,
-            "" if request_id is None else request_ids.digest(request),
+            _send_of(request, request_id),
         )
         if self._summarizer is not None:
             # Runs are otherwise started by appends: a fork left alone had

@@ -28,6 +28,18 @@ the braces make all of them one Redis Cluster hash slot:
   appends added, for as long as the session lives. And ``latest_key``:
   the id of the API key of the session's latest append
   (AppendTurnsRequest.key_id), whom its summaries' usage is billed to.
+  And ``request_digest``, for a session whose id is drawn from a request
+  id (AIP-155: a CreateSession's or ForkSession's, one id for both,
+  servicer._drawn_session_id): the digest of the request that made it
+  (request_ids.digest, which names the method), written by the script
+  that makes the session, which finds it there first: a send of the same
+  request is answered with the session, another request (the other
+  method's, or a fork of another source or version) is refused
+  REQUEST_ID_REUSED, and of sends at once, whatever their methods, one
+  makes it. It lives and goes with the session: a resend once the session
+  is deleted or expired makes it again. A session so drawn with no
+  ``request_digest`` was created by a replica of before it, which drew
+  only a create's session at that id (RequestIdSend.made).
   (``unbilled`` and ``unbilled_take``, as the usage record below holds them,
   are left by versions that kept summaries' usage in meta, where a delete
   or expiry took it: a take takes them with the record's, and a claim and
@@ -74,21 +86,15 @@ expires on its own, SUMMARY_USAGE_GRACE_S after the session could have
 (config.summary_usage_ttl_s, from the latest summary's usage or take), by when a sweep
 (every ``router.summary_usage_collect_s``) has long taken it.
 
-A fork's request record, ``...:fork_request`` (fork_request_key()), a
-string in the fork's slot but not one of its parts, for a ForkSession that
-carried a request id (AIP-155): ``<digest of the request> <the fork's
-create_time_ms>``, so that a resend of that request id is answered as the
-first send was, the same fork (its id is drawn from the request id, hence
-the slot: servicer.py), and a send of it with another request is refused.
-Written by the script that creates the fork (``_FORK_CREATE``), which
-makes no fork where it finds one, so of sends at once one makes it. It
-expires FORK_REQUEST_RETENTION_S after the fork (or session_ttl_s, where
-shorter: the fork, never written, expires then, and a record outliving it
-would answer a resend with a fork that is gone), not renewed with the
-session, and is deleted with the fork (``_DELETE``): it is not counted for
-the tenant's bound, so it must not outlive its fork for long (a tenant
-forking and deleting forks as fast as it may would otherwise fill Redis
-with records); a resend after the fork's deletion makes the fork again.
+A fork's request record, ``...:fork_request`` (fork_request_key()), is
+what replicas of before kept of a ForkSession's request id, which they
+drew a fork's id from apart from a create's: ``<digest of the request>
+<the fork's create_time_ms>``, in that fork's slot, expiring at most 24
+hours after the fork. A send of the request id looks for it there too
+(RequestIdSend.fork_id_of_before), so that a resend of such a fork is
+answered with it, and another request refused, however the upgrade fell;
+a delete of the fork deletes it. Nothing writes it now: once every
+replica has run this code for 24 hours, none is left.
 
 What each tenant's sessions hold, for ``context.max_bytes_per_tenant``,
 lies in a record of the tenant's (TenantHoldings), keys
@@ -327,21 +333,36 @@ end
 # neither was ever refused, and one tenant creating sessions took a full
 # Redis past its maxmemory without end (tests/integration/test_redis_refusals.py).
 
-# KEYS: session_keys. ARGV: ttl_s, '1' where the id is a request id's
-# (servicer.py: a session there is a send of it's) else ''. Returns {1,
-# creation time}, {2, the session's creation time} where a send of the
-# request id made it first (nothing written), or {0} if the id is taken.
+# Shared by the scripts that make a session whose id may be drawn from a
+# request id (``digest``: its request's, '' for none; the module's
+# docstring, ``request_digest``): where one lives at the id, {2, its
+# creation time, the digest of the request that made it (false for none)},
+# for the caller to answer a resend with it or refuse another request;
+# {0} where the id is not a request id's. False where there is none: the
+# script makes it.
+_MADE_UNDER = """
+local function made_under(meta_key, digest)
+  if redis.call('EXISTS', meta_key) == 0 then return false end
+  if digest == '' then return {0} end
+  return {2, redis.call('HGET', meta_key, 'create_time_ms'), redis.call('HGET', meta_key, 'request_digest')}
+end
+"""
+
+# KEYS: session_keys. ARGV: ttl_s, the digest of the request whose request
+# id the session's id is drawn from, else ''. Returns {1, creation time},
+# {2, ...} where a session lives at the id, drawn from a request id
+# (_MADE_UNDER; nothing written), or {0} if the id is taken.
 _CREATE = (
     RENEW
+    + _MADE_UNDER
     + """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  if ARGV[2] ~= '' then return {2, redis.call('HGET', KEYS[1], 'create_time_ms')} end
-  return {0}
-end
+local made = made_under(KEYS[1], ARGV[2])
+if made then return made end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 -- Version 0 holds no turns, and so no bytes. Written first: see OOM_FIRST.
 redis.call('HSET', KEYS[1], 'version', 0, 'create_time_ms', now, 'update_time_ms', now, 'bytes', 0)
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'request_digest', ARGV[2]) end
 -- Whatever an expired or deleted session of the same id left (turns, pins,
 -- index, summaries) must not leak into this one.
 redis.call('DEL', unpack(KEYS, 2))
@@ -767,36 +788,27 @@ return {1, turns, counts, redis.call('GETRANGE', KEYS[4], 0, 4 * target + 3),
 """
 )
 
-# How long the record of a ForkSession's request id is kept (the module's
-# docstring), as the AdminService keeps a CreateKey's (services/router/keys.py):
-# a client whose reply was lost sends again within seconds, or after its own
-# restart or an operator's look; a day covers both. Past it, a resend acts anew.
-FORK_REQUEST_RETENTION_S = 24 * 3600
-
-# KEYS: the fork's session_keys, then its request record (fork_request_key).
-# ARGV: version it starts at, ttl_s, its history, turn count n, its index's
-# roles, lengths, vector dimensions ('' for none), vectors and their
-# embedder ('' for none), the number c of (counts field, counts) pairs, the
-# number p of pins, the request's digest ('' for a fork with no request id:
-# the record is then not touched) and for how long its record is kept (s),
-# n turns, c such pairs, p pins, then (term, packed postings) pairs.
+# KEYS: the fork's session_keys. ARGV: version it starts at, ttl_s, its
+# history, turn count n, its index's roles, lengths, vector dimensions (''
+# for none), vectors and their embedder ('' for none), the number c of
+# (counts field, counts) pairs, the number p of pins, the digest of the
+# request whose request id the fork's id is drawn from ('' for none), n
+# turns, c such pairs, p pins, then (term, packed postings) pairs.
 # It has no turn ids (those were the source's appends), and its
 # ``bytes`` are its turns' (a prefix of the source's: never past the
 # source's cap). Returns {1, creation time, the bytes beside its turns
-# (BESIDE_TURNS: the pins it took)}, {2, the record} where a send of the
-# request id made the fork first (nothing written), or {-4} if the fork's
-# id is taken.
+# (BESIDE_TURNS: the pins it took)}, {2, ...} where a session lives at the
+# id, drawn from a request id (_MADE_UNDER; nothing written), or {0}
+# if the fork's id is taken.
 _FORK_CREATE = (
     RENEW
     + BESIDE_TURNS
+    + _MADE_UNDER
     + """
-if ARGV[12] ~= '' then
-  local recorded = redis.call('GET', KEYS[11])
-  if recorded then return {2, recorded} end
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then return {-4} end
+local made = made_under(KEYS[1], ARGV[12])
+if made then return made end
 local n = tonumber(ARGV[4])
-local turns_at = 14
+local turns_at = 13
 local counts_at = turns_at + n
 local pins_at = counts_at + 2 * tonumber(ARGV[10])
 local postings_at = pins_at + tonumber(ARGV[11])
@@ -807,6 +819,7 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 -- Written first: see OOM_FIRST.
 redis.call('HSET', KEYS[1], 'version', ARGV[1], 'create_time_ms', now, 'update_time_ms', now,
   'bytes', held_bytes)
+if ARGV[12] ~= '' then redis.call('HSET', KEYS[1], 'request_digest', ARGV[12]) end
 -- As _CREATE: nothing of an earlier session of this id stays.
 redis.call('DEL', unpack(KEYS, 2))
 -- In slices: unpack() of a long list would overflow Lua's stack.
@@ -827,9 +840,6 @@ if ARGV[9] ~= '' then redis.call('HSET', KEYS[9], '\\0embedder', ARGV[9]) end
 for first = postings_at, #ARGV, 1000 do
   redis.call('HSET', KEYS[9], unpack(ARGV, first, math.min(first + 999, #ARGV)))
 end
--- The answer, for a resend of the request id: the fork's id is the
--- request id's, and its version the request's; its creation time is this.
-if ARGV[12] ~= '' then redis.call('SET', KEYS[11], ARGV[12] .. ' ' .. now, 'EX', ARGV[13]) end
 renew(tonumber(ARGV[2]))
 return {1, now, beside_turns(KEYS[5], KEYS[10])}
 """
@@ -939,7 +949,9 @@ local function summary_digest(held)
 end
 """
 
-# KEYS: session_keys, then the request record of a fork (fork_request_key).
+# KEYS: session_keys, then the request record of a fork a replica of
+# before made (fork_request_key), which must not answer a resend with the
+# fork once it is deleted.
 # Deletes all of them, whether or not the session exists (what an earlier
 # session of its id left goes too), and returns {the deleted session's
 # create_time_ms (nil where there was none), for its unlisting, the digests
@@ -998,7 +1010,9 @@ return {
 # history, token counts, turn id) and 700-1,560 more in the turn index (an
 # int8 vector of 384 bytes, roles, lengths, postings, and the strings'
 # growth room), measured on redis-server 6.2 (jemalloc) with short and
-# 5 KB turns; rounded up, by a quarter for longer ids.
+# 5 KB turns; rounded up, by a quarter for longer ids. A session drawn
+# from a request id holds 92 bytes more (meta's ``request_digest``: 2,000
+# creates each way, used_memory), within what the rounding leaves.
 SESSION_OVERHEAD_BYTES = 1280
 TURN_OVERHEAD_BYTES = 1024
 # Expired sessions one call of a tenant's record forgets at most (oldest
@@ -1271,8 +1285,9 @@ def unbilled_key(tenant_id: str, session_id: str) -> str:
 
 
 def fork_request_key(tenant_id: str, fork_id: str) -> str:
-    """The record of the request id whose fork is ``fork_id`` (the module's
-    docstring): in the fork's slot, not one of its parts."""
+    """The record of the request id whose fork is ``fork_id``, as replicas
+    of before kept it (the module's docstring): in the fork's slot, not one
+    of its parts."""
     return key(tenant_id, fork_id, "fork_request")
 
 
@@ -1727,6 +1742,30 @@ def _same_life(member: bytes, state: list | None) -> bool:
     return state is not None and int(state[1]) == int(member.partition(b":")[0])
 
 
+class RequestIdSend(typing.NamedTuple):
+    """A CreateSession or ForkSession sent under a request id (AIP-155),
+    which the id of the session it makes is drawn from
+    (servicer._drawn_session_id): what tells a resend of it from another
+    request (the module's docstring, meta's ``request_digest``)."""
+
+    # request_ids.digest of the request (it names the method).
+    digest: str
+    is_create: bool
+    # The id a replica of before, which drew a fork's id apart from a
+    # create's, gave this request id's fork (servicer._fork_id_of_before),
+    # where its record may lie (fork_request_key).
+    fork_id_of_before: str
+
+    def made(self, made_by: bytes | None) -> bool:
+        """Whether the session drawn from the request id, which the request
+        of digest ``made_by`` made, is this request's. One with none was
+        created by a replica of before, which drew only a create's session
+        at that id: a create's resend's, another request for a fork."""
+        if made_by is None:
+            return self.is_create
+        return made_by.decode() == self.digest
+
+
 class SessionStore:
     def __init__(
         self,
@@ -1758,24 +1797,24 @@ class SessionStore:
         self.holdings = TenantHoldings(client, ttl_s, max_bytes_per_tenant)
         self.listing = SessionListing(client, ttl_s)
 
-    async def create(self, tenant_id: str, session_id: str, of_request_id: bool = False) -> int:
+    async def create(self, tenant_id: str, session_id: str, send: RequestIdSend | None = None) -> int:
         """Creates an empty session at version 0; returns its creation time.
-        Where ``session_id`` is drawn from a request id (``of_request_id``),
-        a session of that id was made by a send of it: its creation time is
-        answered, nothing made. Asked first, so that a resend is answered
-        whatever the tenant's room since, and again in the script, so that
-        of sends at once one makes it."""
+        Where ``session_id`` is drawn from ``send``'s request id, a session
+        a send of it made is answered (its creation time), nothing made, or
+        refused REQUEST_ID_REUSED where another request made it
+        (_sent_before: asked first, so that a resend is answered whatever
+        the tenant's room since, and again in the script)."""
         keys = session_keys(tenant_id, session_id)
-        if of_request_id:
-            with redis_reachable():
-                created_ms = await self._client.hget(keys[0], "create_time_ms")
-            if created_ms is not None:
-                return await self._created_before(tenant_id, session_id, created_ms)
+        if send is not None:
+            # Never another id: a fork of before's is never a create's (RequestIdSend.made).
+            made = await self._sent_before(tenant_id, session_id, send)
+            if made is not None:
+                return made[1]
         await self.holdings.fits(tenant_id, session_id, held_by(0, 0))
         with redis_reachable():
-            outcome = await self._create(keys=keys, args=[self._ttl_s, "1" if of_request_id else ""])
+            outcome = await self._create(keys=keys, args=[self._ttl_s, "" if send is None else send.digest])
         if outcome[0] == 2:
-            return await self._created_before(tenant_id, session_id, outcome[1])
+            return await self._answered(tenant_id, session_id, send, outcome[2], outcome[1])
         if outcome[0] == 0:
             raise MeshgateError(
                 grpc.StatusCode.ALREADY_EXISTS,
@@ -1785,8 +1824,43 @@ class SessionStore:
             )
         # Nothing beside its turns either: creating it cleared an earlier life's pins and summaries.
         await self.holdings.held(tenant_id, session_id, 0, 0, beside=0)
-        await self._listed(tenant_id, session_id, int(outcome[1]), of_request_id)
+        await self._listed(tenant_id, session_id, int(outcome[1]), of_request_id=send is not None)
         return int(outcome[1])
+
+    async def _sent_before(
+        self, tenant_id: str, session_id: str, send: RequestIdSend
+    ) -> tuple[str, int] | None:
+        """The session (its id, its creation time) that a send of ``send``'s
+        request id made, ``session_id`` drawn from it, or a replica of
+        before's fork of it; REQUEST_ID_REUSED where another request made
+        it; None where none lives. One round trip: the fork of before's
+        record lies in another slot, read in the same pipeline."""
+        with redis_reachable():
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hmget(session_key(tenant_id, session_id), ["create_time_ms", "request_digest"])
+                pipe.get(fork_request_key(tenant_id, send.fork_id_of_before))
+                (created_ms, made_by), recorded_before = await pipe.execute()
+        if created_ms is not None:
+            return session_id, await self._answered(tenant_id, session_id, send, made_by, created_ms)
+        if recorded_before is not None:
+            made_by, created_ms = recorded_before.split(b" ")
+            fork_id = send.fork_id_of_before
+            return fork_id, await self._answered(tenant_id, fork_id, send, made_by, created_ms)
+        return None
+
+    async def _answered(
+        self, tenant_id: str, session_id: str, send: RequestIdSend, made_by: bytes | None, created_ms: bytes
+    ) -> int:
+        """The creation time of ``session_id``, which ``made_by``'s request
+        made under ``send``'s request id, where that is ``send``'s request;
+        REQUEST_ID_REUSED where it is another."""
+        if not send.made(made_by):
+            raise request_ids.reused()
+        # That send's count and listing of it were written after its
+        # script, and may have been lost with its reply.
+        await self.recount(tenant_id, session_id)
+        await self._listed(tenant_id, session_id, int(created_ms), of_request_id=True)
+        return int(created_ms)
 
     async def _listed(self, tenant_id: str, session_id: str, created_ms: int, of_request_id: bool) -> None:
         """Lists a session a create or fork made (or a resend of its request
@@ -1806,19 +1880,6 @@ class SessionStore:
         except redis_access.CONNECTION_ERRORS as error:
             metrics.context().sessions_unlisted.inc()
             log.warning("session made but not listed", session_id=session_id, error=str(error))
-
-    async def exists(self, tenant_id: str, session_id: str) -> bool:
-        """Whether the session lives (its meta key is there)."""
-        with redis_reachable():
-            return bool(await self._client.exists(session_key(tenant_id, session_id)))
-
-    async def _created_before(self, tenant_id: str, session_id: str, created_ms: bytes) -> int:
-        """The creation time of the session a send of its request id made."""
-        # That send's count and listing of it were written after its
-        # script, and may have been lost with its reply.
-        await self.recount(tenant_id, session_id)
-        await self._listed(tenant_id, session_id, int(created_ms), of_request_id=True)
-        return int(created_ms)
 
     async def read(self, tenant_id: str, session_id: str, at_version: int | None = None) -> StoredSession:
         """The session's state, turns and stored token counts as of one
@@ -1957,23 +2018,27 @@ class SessionStore:
         return int(new_version)
 
     async def fork(
-        self, tenant_id: str, session_id: str, version: int, new_session_id: str, request_digest: str = ""
-    ) -> int:
+        self,
+        tenant_id: str,
+        session_id: str,
+        version: int,
+        new_session_id: str,
+        send: RequestIdSend | None = None,
+    ) -> tuple[str, int]:
         """Creates ``new_session_id`` with the turns of ``version``, at that
-        version, and the source's pins of them and its facts; returns its
-        creation time. With the ``request_digest`` of a request id's request
-        (``new_session_id`` then that request id's), a fork a send of it made
-        is answered (its creation time) rather than made again, or refused
-        REQUEST_ID_REUSED where that send was another request: asked first,
-        so that a resend is answered whatever became of the source and the
-        tenant's room since, and again in the fork's script, which writes the
-        record with the fork, so that of sends at once one makes it."""
-        record_key = fork_request_key(tenant_id, new_session_id)
-        if request_digest:
-            with redis_reachable():
-                recorded = await self._client.get(record_key)
-            if recorded is not None:
-                return await self._forked_before(tenant_id, new_session_id, request_digest, recorded)
+        version, and the source's pins of them and its facts; returns its id
+        and creation time. Where ``new_session_id`` is drawn from ``send``'s
+        request id, a fork a send of it made is answered rather than made
+        again (a replica of before's under the id it drew), or refused
+        REQUEST_ID_REUSED where another request made the session there:
+        asked first (_sent_before), so that a resend is answered whatever
+        became of the source and the tenant's room since, and again in the
+        fork's script, which writes the request's digest with the fork, so
+        that of sends at once, a create's among them, one makes it."""
+        if send is not None:
+            made = await self._sent_before(tenant_id, new_session_id, send)
+            if made is not None:
+                return made
         with redis_reachable():
             source = await self._fork_source(keys=session_keys(tenant_id, session_id), args=[version])
         if source[0] == -3:
@@ -1996,7 +2061,7 @@ class SessionStore:
         await self.holdings.fits(tenant_id, new_session_id, held_by(turn_bytes, len(turns)))
         with redis_reachable():
             outcome = await self._fork_create(
-                keys=[*session_keys(tenant_id, new_session_id), record_key],
+                keys=session_keys(tenant_id, new_session_id),
                 args=[
                     version,
                     self._ttl_s,
@@ -2009,8 +2074,7 @@ class SessionStore:
                     embedder,
                     len(counts) // 2,
                     len(pins),
-                    request_digest,
-                    min(FORK_REQUEST_RETENTION_S, self._ttl_s),
+                    "" if send is None else send.digest,
                     *turns,
                     *counts,
                     *pins,
@@ -2018,7 +2082,7 @@ class SessionStore:
                     *gap_writes,
                 ],
             )
-        if outcome[0] == -4:
+        if outcome[0] == 0:
             raise MeshgateError(
                 grpc.StatusCode.ALREADY_EXISTS,
                 Reason.SESSION_EXISTS,
@@ -2026,24 +2090,13 @@ class SessionStore:
                 {"session_id": new_session_id},
             )
         if outcome[0] == 2:
-            return await self._forked_before(tenant_id, new_session_id, request_digest, outcome[1])
+            return new_session_id, await self._answered(
+                tenant_id, new_session_id, send, outcome[2], outcome[1]
+            )
         _, created_ms, beside = outcome
         await self.holdings.held(tenant_id, new_session_id, turn_bytes, len(turns), int(beside))
-        await self._listed(tenant_id, new_session_id, int(created_ms), bool(request_digest))
-        return int(created_ms)
-
-    async def _forked_before(self, tenant_id: str, fork_id: str, request_digest: str, recorded: bytes) -> int:
-        """The creation time of the fork a send of the request id made, as
-        its record holds it; REQUEST_ID_REUSED where that send asked for
-        another fork."""
-        made_for, created_ms = recorded.decode().split(" ")
-        if made_for != request_digest:
-            raise request_ids.reused()
-        # That send's count and listing of the fork were written after its
-        # script, and may have been lost with its reply.
-        await self.recount(tenant_id, fork_id)
-        await self._listed(tenant_id, fork_id, int(created_ms), of_request_id=True)
-        return int(created_ms)
+        await self._listed(tenant_id, new_session_id, int(created_ms), of_request_id=send is not None)
+        return new_session_id, int(created_ms)
 
     async def compact(
         self,

@@ -2,7 +2,8 @@
 over a real Redis: a resend of a create, its reply lost, is answered with
 the session the first send made instead of making a second one, unseen,
 that holds the tenant's bytes (context.max_bytes_per_tenant) until it
-expires; sends at once make one session. The router's own resend after an
+expires; sends at once make one session, and a create and a fork sent at
+once under one id one session between them. The router's own resend after an
 UNAVAILABLE: tests/integration/test_router_session_api.py."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import grpc
 import pytest
 
 from meshgate.context.v1 import context_service_pb2 as pb
+from meshgate.errors import error_info
 from services.context import store as session_store
 from tests.integration.test_context_fork_request_ids import sessions_of
 from tests.integration.test_context_service import USER, failure, msg, new_session, running
@@ -66,10 +68,10 @@ async def test_sends_of_one_request_id_at_once_make_one_session(stub, tenant, re
 
 
 async def test_a_fork_under_a_creates_request_id_is_refused(stub, tenant, redis_client) -> None:
-    """A request id names one request: a fork sent under a create's was
-    another session, its id drawn apart from the create's. It is refused
-    while the created session lives, and the create's resend is still
-    answered with its session."""
+    """A request id names one request: a fork sent under a create's made
+    another session (each method drew its id apart). It is refused while
+    the created session lives, and the create's resend is still answered
+    with its session."""
     request_id = str(uuid.uuid4())
     create = pb.CreateSessionRequest(tenant_id=tenant, request_id=request_id)
     created = await stub.CreateSession(create)
@@ -107,3 +109,43 @@ async def test_bad_request_ids_are_refused(stub, tenant, redis_client) -> None:
         code, reason, _ = await failure(stub.CreateSession(bad))
         assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST_ID"), request_id
     assert await sessions_of(redis_client, tenant) == set()
+
+
+async def test_a_create_and_a_fork_sent_at_once_under_one_request_id_make_one_session(
+    stub, tenant, redis_client
+) -> None:
+    """A create and a fork sent at the same moment under one request id: of
+    each such pair one is answered and the other refused REQUEST_ID_REUSED,
+    never both made. Each method drew its session's id apart and looked for
+    the other's with a read of its own before its script (check, then act,
+    across two slots): 64 pairs sent at once made both sessions in most of
+    them."""
+    source = await new_session(stub, tenant)
+    pairs = 64
+    request_ids = [str(uuid.uuid4()) for _ in range(pairs)]
+    sends = [
+        send
+        for request_id in request_ids
+        for send in (
+            stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, request_id=request_id)),
+            stub.ForkSession(
+                pb.ForkSessionRequest(tenant_id=tenant, session_id=source, version=0, request_id=request_id)
+            ),
+        )
+    ]
+    outcomes = await asyncio.gather(*sends, return_exceptions=True)
+    made = [outcome for outcome in outcomes if not isinstance(outcome, BaseException)]
+    refused = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    both_made = sum(
+        not isinstance(create, BaseException) and not isinstance(fork, BaseException)
+        for create, fork in zip(outcomes[::2], outcomes[1::2], strict=True)
+    )
+    assert both_made == 0, f"both were answered in {both_made} of {pairs} pairs"
+    assert len(made) == pairs
+    for error in refused:
+        assert isinstance(error, grpc.aio.AioRpcError), error
+        assert error.code() == grpc.StatusCode.ALREADY_EXISTS, error
+        assert error_info(error).reason == "REQUEST_ID_REUSED"
+    assert await sessions_of(redis_client, tenant) == {source} | {
+        answer.session.session_id for answer in made
+    }

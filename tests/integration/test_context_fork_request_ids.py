@@ -2,10 +2,10 @@
 a real Redis: a resend of a fork's request, its reply lost, is answered with
 the fork the first send made instead of making a second one, unseen, that
 holds the tenant's bytes (context.max_bytes_per_tenant); sends at once make
-one fork; the same id with another request is refused; the record that
-answers a resend lives FORK_REQUEST_RETENTION_S, or until the fork is
-deleted. The router's resend after an UNAVAILABLE:
-tests/integration/test_router_session_api.py."""
+one fork; the same id with another request is refused; the request that
+made the fork is kept with it, for its life; a fork a replica of before
+made is answered to a resend here. The router's resend after an
+UNAVAILABLE: tests/integration/test_router_session_api.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import uuid
 import grpc
 import pytest
 
+from meshgate import request_ids
 from meshgate.context.v1 import context_service_pb2 as pb
+from services.context import servicer
 from services.context import store as session_store
 from tests.integration.test_context_service import ASSISTANT, USER, failure, msg, new_session, running
 from tests.integration.test_context_tenant_holdings import bounded, counted
@@ -112,32 +114,72 @@ async def test_a_request_id_sent_with_another_request_is_refused(stub, tenant, r
         assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST_ID"), request_id
 
 
-async def test_the_record_lives_its_retention_or_until_the_fork_is_deleted(
-    stub, tenant, redis_client
-) -> None:
-    """The record is kept FORK_REQUEST_RETENTION_S, or session_ttl_s where
-    shorter (here 600 s: a fork never written expires then, and a record
-    kept longer would answer a resend with a fork that is gone); past it a
-    resend acts anew (the fork's id is the request id's: SESSION_EXISTS
-    while it lives). A deletion of the fork takes its record: a resend then
-    makes it again."""
+async def test_the_request_that_made_a_fork_is_kept_with_it_for_its_life(stub, tenant, redis_client) -> None:
+    """The fork's meta names the request that made it (written by the
+    script that makes the fork; no record of its own beside it, as replicas
+    of before kept for 24 hours, past which a resend was SESSION_EXISTS):
+    a resend is answered while the fork lives. A deletion of the fork takes
+    it: a resend then makes it again."""
     source = await source_of(stub, tenant)
     fork = pb.ForkSessionRequest(tenant_id=tenant, session_id=source, version=1, request_id=str(uuid.uuid4()))
-    fork_id = (await stub.ForkSession(fork)).session.session_id
-    record = session_store.fork_request_key(tenant, fork_id)
-    left_s = await redis_client.ttl(record)
-    assert 600 - 5 < left_s <= await redis_client.ttl(session_store.session_key(tenant, fork_id)) <= 600
-    assert session_store.FORK_REQUEST_RETENTION_S == 24 * 3600  # as the protos say
-    # As when its time is up.
-    await redis_client.pexpire(record, 1)
-    await asyncio.sleep(0.01)
-    code, reason, _ = await failure(stub.ForkSession(fork))
-    assert (code, reason) == (grpc.StatusCode.ALREADY_EXISTS, "SESSION_EXISTS")
-
-    fork.request_id = str(uuid.uuid4())
-    fork_id = (await stub.ForkSession(fork)).session.session_id
-    await stub.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=fork_id))
+    first = await stub.ForkSession(fork)
+    fork_id = first.session.session_id
+    meta = session_store.session_key(tenant, fork_id)
+    assert await redis_client.hget(meta, "request_digest") == request_ids.digest(fork).encode()
     assert not await redis_client.exists(session_store.fork_request_key(tenant, fork_id))
+    # A day on, or more: nothing of the fork's own expires before it does.
+    assert await stub.ForkSession(fork) == first
+
+    await stub.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=fork_id))
     again = await stub.ForkSession(fork)
     assert again.session.session_id == fork_id
+    assert again.session.create_time_ms >= first.session.create_time_ms
     assert fork_id in await sessions_of(redis_client, tenant)
+
+
+async def test_sessions_that_replicas_of_before_drew_from_a_request_id_answer_its_resends(
+    stub, tenant, redis_client
+) -> None:
+    """Replicas of before drew a fork's id apart from a create's (under its
+    own label, its request in a record of its own beside it for 24 hours).
+    A resend of their fork that reaches this replica (a rolling upgrade, a
+    router's resend after an UNAVAILABLE) is answered with that fork, not
+    made a second time at the id drawn now, and another request under its
+    id is refused; their create is at the id both methods draw now, with no
+    request in its meta: a create's resend is answered with it, a fork under
+    its id refused. Both made here as those replicas left them."""
+    source = await source_of(stub, tenant)
+    request_id = str(uuid.uuid4())
+    fork = pb.ForkSessionRequest(tenant_id=tenant, session_id=source, version=1, request_id=request_id)
+    fork_id = servicer._fork_id_of_before(request_id)
+    named = pb.ForkSessionRequest(tenant_id=tenant, session_id=source, version=1, new_session_id=fork_id)
+    made = await stub.ForkSession(named)
+    record = session_store.fork_request_key(tenant, fork_id)
+    await redis_client.set(record, f"{request_ids.digest(fork)} {made.session.create_time_ms}", ex=600)
+    held = await counted(redis_client, tenant)
+    assert await stub.ForkSession(fork) == made
+    assert await sessions_of(redis_client, tenant) == {source, fork_id}
+    assert await counted(redis_client, tenant) == held
+    for other in (
+        stub.ForkSession(
+            pb.ForkSessionRequest(tenant_id=tenant, session_id=source, version=0, request_id=request_id)
+        ),
+        stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, request_id=request_id)),
+    ):
+        code, reason, _ = await failure(other)
+        assert (code, reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+    # Its deletion takes its record: a resend then makes the fork anew, at the id drawn now.
+    await stub.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=fork_id))
+    assert not await redis_client.exists(record)
+    assert (await stub.ForkSession(fork)).session.session_id == servicer._drawn_session_id(request_id)
+
+    request_id = str(uuid.uuid4())
+    created_id = servicer._drawn_session_id(request_id)
+    created = await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, session_id=created_id))
+    assert (
+        await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, request_id=request_id)) == created
+    )
+    fork = pb.ForkSessionRequest(tenant_id=tenant, session_id=source, version=1, request_id=request_id)
+    code, reason, _ = await failure(stub.ForkSession(fork))
+    assert (code, reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+    assert created_id in await sessions_of(redis_client, tenant)

@@ -167,6 +167,12 @@ async def test_a_deleted_session_leaves_the_listing(client, tenant) -> None:
     assert await listed_ids(sessions, tenant) == ["kept"]
 
 
+def a_send(method: str) -> session_store.RequestIdSend:
+    """A send under a request id whose session's id the caller drew (as
+    the servicer draws it), of a create or a fork: its one request."""
+    return session_store.RequestIdSend(f"digest of a {method}", method == "create", f"{method}-of-before")
+
+
 async def test_forks_are_listed_once_however_often_their_request_is_sent(client, tenant) -> None:
     sessions = session_store.SessionStore(client, TTL_S)
     await sessions.create(tenant, "source")
@@ -174,7 +180,7 @@ async def test_forks_are_listed_once_however_often_their_request_is_sent(client,
     await sessions.fork(tenant, "source", 1, "fork")
     # A request id's fork (its id drawn from the request id: servicer.py), sent twice.
     for _ in range(2):
-        await sessions.fork(tenant, "source", 1, "fork-of-a-request", request_digest="digest")
+        await sessions.fork(tenant, "source", 1, "fork-of-a-request", a_send("fork"))
     assert sorted(await listed_ids(sessions, tenant)) == ["fork", "fork-of-a-request", "source"]
     assert await entries(client, tenant) == (3, 3)
 
@@ -184,13 +190,13 @@ async def test_a_resend_of_a_request_id_lists_what_its_first_send_left_unlisted(
     failed between the two; the call answered UNAVAILABLE): the resend of
     its request id, answered with the same session, lists it."""
     sessions = session_store.SessionStore(client, TTL_S)
-    await sessions.create(tenant, "created", of_request_id=True)
+    await sessions.create(tenant, "created", a_send("create"))
     await sessions.append(tenant, "created", 0, [msg(USER, "hello")], {})
-    await sessions.fork(tenant, "created", 1, "forked", request_digest="digest")
+    await sessions.fork(tenant, "created", 1, "forked", a_send("fork"))
     await client.delete(*(session_store.listing_key(tenant, part) for part in ("newest", "due")))
     assert await listed_ids(sessions, tenant) == []
-    await sessions.create(tenant, "created", of_request_id=True)
-    await sessions.fork(tenant, "created", 1, "forked", request_digest="digest")
+    await sessions.create(tenant, "created", a_send("create"))
+    await sessions.fork(tenant, "created", 1, "forked", a_send("fork"))
     assert sorted(await listed_ids(sessions, tenant)) == ["created", "forked"]
 
 
@@ -354,7 +360,7 @@ async def test_a_create_or_fork_without_a_request_id_whose_listing_fails_is_answ
         with_request_id = pb.ForkSessionRequest(
             tenant_id=tenant, session_id="source", version=0, request_id=str(uuid.uuid4())
         )
-        drawn = _drawn_session_id("ForkSession", with_request_id.request_id)
+        drawn = _drawn_session_id(with_request_id.request_id)
         proxy.stall_when_sent(f":{drawn}\r\n".encode())
         code, reason, _ = await failure(stub.ForkSession(with_request_id))
         assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "REDIS_UNAVAILABLE")

@@ -474,6 +474,8 @@ class SessionStoreMachine(RuleBasedStateMachine):
         elif fork_id in self.sessions:
             self.refused(call, grpc.StatusCode.ALREADY_EXISTS, Reason.SESSION_EXISTS)
         else:
+            made_id, created_ms = self.run(call)
+            assert made_id == fork_id
             self.sessions[fork_id] = fork = Session(
                 version=at_version,
                 turns=model.turns[:held],
@@ -481,7 +483,7 @@ class SessionStoreMachine(RuleBasedStateMachine):
                 counts=model.counts[:held],
                 history=(history := model.history[: at_version + 1]),
                 pins=[pin for pin in model.pins if not pin.startswith("t:") or int(pin[2:]) < held],
-                created_ms=self.run(call),
+                created_ms=created_ms,
                 seen=[None] * at_version + [Seen(tuple(model.messages[:held]), tuple(history))],
             )
             self.renewed(fork)

@@ -29,7 +29,7 @@ from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.common.v1 import common_pb2
 from meshgate.config import LimitSettings, RouterSettings
 from meshgate.context.v1 import context_service_pb2 as pb
-from meshgate.errors import MeshgateError
+from meshgate.errors import MeshgateError, error_info
 from meshgate.local import redis_server
 from meshgate.local.ports import free_cluster_ports
 from meshgate.router.v1 import admin_service_pb2 as admin_pb
@@ -214,6 +214,11 @@ async def test_context_sessions_on_every_master(cluster: Cluster, tenant: str) -
         )
         first = (await stub.ForkSession(fork)).session
         assert (await stub.ForkSession(fork)).session == first
+        # A create under its id meets it in its slot, and is refused there.
+        create = pb.CreateSessionRequest(tenant_id=tenant, request_id=fork.request_id)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.CreateSession(create)
+        assert error_info(caught.value).reason == "REQUEST_ID_REUSED"
         await stub.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=first.session_id))
 
         for (session_id,) in ids.values():

@@ -500,9 +500,9 @@ async def test_a_run_that_fails_on_any_exception_is_logged_and_runs_again_if_ask
 
 class _ForkingStore:
     async def fork(
-        self, tenant_id: str, session_id: str, version: int, new_session_id: str, request_digest: str = ""
-    ) -> int:
-        return 1
+        self, tenant_id: str, session_id: str, version: int, new_session_id: str, send=None
+    ) -> tuple[str, int]:
+        return new_session_id, 1
 
     async def revert(self, tenant_id: str, session_id: str, version: int, expected: int | None) -> int:
         return version + 1
