@@ -74,15 +74,23 @@ def _expiry(request: pb.CreateKeyRequest) -> float | None:
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
-    def __init__(self, keys: KeyStore, models, cache: CacheService | None = None) -> None:
+    def __init__(
+        self, keys: KeyStore, models, embedding_model: str, cache: CacheService | None = None
+    ) -> None:
         self._keys = keys
         # The cache service, for InvalidateCache (None: a router built without one).
         self._cache = cache
+        self.reconfigure(models, embedding_model)
+
+    def reconfigure(self, models, embedding_model: str) -> None:
         # The configured model aliases (a dict a reload replaces wholesale).
         self._models = models
-
-    def reconfigure(self, models) -> None:
-        self._models = models
+        # What a key's models may name: the chat aliases and the embedding
+        # model (router.embedding_model, POST /v1/embeddings), which a
+        # tenant's models name as they name an alias. Aliases alone, a key
+        # limited to some models could never embed, and a key for
+        # embeddings alone could not be made.
+        self._key_models = frozenset(models) | ({embedding_model} if embedding_model else frozenset())
 
     async def CreateKey(self, request: pb.CreateKeyRequest, context) -> pb.CreateKeyResponse:
         authenticator = admitted_admin()
@@ -102,7 +110,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             request.tenant_id,
             list(request.models),
             _limits_request(request.limits),
-            self._models,
+            self._key_models,
             expires_at,
             self._keys.now(),
             # A configured tenant's models bound its keys'.

@@ -316,6 +316,35 @@ async def test_an_embedding_request_hung_up_on_is_billed_what_it_reserved(edge, 
     assert row.prompt_tokens == 16 * 256
 
 
+async def test_a_stored_key_may_be_limited_to_the_embedding_model(redis_url, inference_address):
+    """A bug hunt's finding: CreateKey took only chat aliases as a key's
+    models and refused the embedding model NOT_FOUND ("no model alias
+    'minilm' is configured"), so a stored key limited to some models could
+    never embed, and none could be made for embeddings alone; a configured
+    tenant's models may name it."""
+    settings = service_settings(redis_url, inference_address, KEY)
+    settings.router.admin_api_key_sha256 = [hash_api_key("edge-admin")]
+    settings.router.http_listen = f"127.0.0.1:{free_port()}"
+    embedding = settings.router.embedding_model
+    async with running_router(settings) as address, bounded_channel(address) as channel:
+        created = await admin_service_pb2_grpc.AdminServiceStub(channel).CreateKey(
+            admin_pb.CreateKeyRequest(tenant_id=f"t-{uuid.uuid4().hex[:8]}", models=[embedding]),
+            metadata=(("authorization", "Bearer edge-admin"),),
+            timeout=10,
+        )
+        async with openai.AsyncOpenAI(
+            base_url=f"http://{settings.router.http_listen}/v1", api_key=created.api_key, max_retries=0
+        ) as holder:
+            embedded = await holder.embeddings.create(model=embedding, input="a cat")
+            listed = [model.id async for model in holder.models.list()]
+            with pytest.raises(openai.PermissionDeniedError) as refused:
+                await holder.chat.completions.create(model="tiny-gpt", messages=question("hi"), max_tokens=4)
+    assert list(created.key.models) == [embedding]
+    assert len(embedded.data[0].embedding) == 384
+    assert listed == [embedding]
+    assert refused.value.code == "MODEL_NOT_ALLOWED"
+
+
 # --- errors --------------------------------------------------------------------
 
 

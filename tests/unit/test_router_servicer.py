@@ -961,7 +961,7 @@ async def test_a_router_served_without_its_gate_fails_closed():
 async def test_an_admin_service_served_without_its_gate_fails_closed():
     service = serving.Service("router", SERVICE_NAMES)
     keys = KeyStore(redis=None)  # never reached: the handler refuses first
-    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(keys, {}), service.server)
+    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(keys, {}, ""), service.server)
     port = await serving.start(service, "127.0.0.1:0", _nothing)
     try:
         async with bounded_channel(f"127.0.0.1:{port}") as channel:
