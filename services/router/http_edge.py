@@ -1055,7 +1055,10 @@ class HttpEdge:
             texts = [texts]
         if not isinstance(texts, list) or not all(is_text(text) for text in texts):
             raise _bad_request("input must be a string or an array of strings (token arrays: no)", "input")
-        encoding = body.get("encoding_format") or "float"
+        encoding = body.get("encoding_format")
+        if encoding is None:  # null stands for the default, as OpenAI's own optional fields
+            encoding = "float"
+        # Not truthiness: "", 0, false, [] or {} is no format, and was served as float.
         if encoding not in ("float", "base64"):
             raise _bad_request("encoding_format must be float or base64", "encoding_format")
         if body.get("dimensions") is not None:

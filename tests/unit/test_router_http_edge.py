@@ -225,12 +225,14 @@ async def posted(edge: HttpEdge, path: str, body: dict) -> tuple[int, dict]:
     return sent[0]["status"], json.loads(b"".join(message.get("body", b"") for message in sent))
 
 
-async def embeddings(services: InferenceServices) -> tuple[int, dict]:
-    """The status and body of one POST /v1/embeddings."""
+async def embeddings(services: InferenceServices, **fields) -> tuple[int, dict]:
+    """The status and body of one POST /v1/embeddings, with ``fields`` besides its model and input."""
     settings = RouterSettings(dev_api_key=KEY)
     core, _, _ = embeddings_core(services)
     edge = HttpEdge(settings, {}, Authenticator(settings), TenantCalls(0), ScriptedPipeline([]), core)
-    return await posted(edge, "/v1/embeddings", {"model": settings.embedding_model, "input": "a cat"})
+    return await posted(
+        edge, "/v1/embeddings", {"model": settings.embedding_model, "input": "a cat", **fields}
+    )
 
 
 async def test_embeddings_go_to_the_next_inference_service_when_one_is_busy_or_away():
@@ -239,6 +241,22 @@ async def test_embeddings_go_to_the_next_inference_service_when_one_is_busy_or_a
     assert status == 200, body
     assert body["data"][0]["embedding"] == [0.0]
     assert (busy_one.calls, away.calls, serving.calls) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("encoding", ["", 0, False, [], {}, "int8"])
+async def test_an_encoding_format_neither_float_nor_base64_is_refused(encoding):
+    """A bug hunt's finding: a falsy encoding_format ("", 0, false, [], {})
+    was read as no format and served as float, where any other value of
+    the wrong type or name is a 400 about its field."""
+    status, body = await embeddings(InferenceServices(EmbedStub()), encoding_format=encoding)
+    assert status == 400, body
+    assert (body["error"]["code"], body["error"]["param"]) == ("MALFORMED_REQUEST", "encoding_format")
+
+
+async def test_a_null_encoding_format_is_float():
+    status, body = await embeddings(InferenceServices(EmbedStub()), encoding_format=None)
+    assert status == 200, body
+    assert body["data"][0]["embedding"] == [0.0]
 
 
 def test_a_busy_replica_is_a_503_with_retry_after_and_a_limit_still_a_429():
