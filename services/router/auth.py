@@ -340,12 +340,15 @@ def current_caller() -> Tenant | None:
 
 
 def _bearer_key(metadata) -> str:
-    """The caller's Bearer key."""
-    header = None
-    for key, value in metadata or ():
-        if key == "authorization":
-            header = value
-            break
+    """The caller's Bearer key, from its one authorization header. Two are
+    refused, whatever they hold (RFC 9110 §5.3: the field is no list): the
+    first was read here, a proxy in front may read the last, so one key
+    could be checked, logged or billed while another is served, as with a
+    JSON key sent twice (http_edge._unique_keys)."""
+    headers = [value for key, value in metadata or () if key == "authorization"]
+    if len(headers) > 1:
+        raise _unauthenticated(Reason.API_KEY_INVALID, f"send one authorization header, not {len(headers)}")
+    header = headers[0] if headers else None
     if not header:
         raise _unauthenticated(Reason.API_KEY_MISSING, "send 'authorization: Bearer <api key>'")
     scheme, _, key = header.strip().partition(" ")

@@ -40,3 +40,17 @@ async def test_another_scheme_is_unsupported(header):
 async def test_a_bearer_key_is_read_in_any_case_and_spacing(header):
     auth = Authenticator(RouterSettings(dev_api_key=KEY))
     assert (await auth.authenticate([("authorization", header)])).id == "dev"
+
+
+@pytest.mark.parametrize("second", [f"Bearer {KEY}", "Bearer other-key", "Basic eDp5"])
+async def test_two_authorization_headers_are_refused_whatever_they_hold(second):
+    """A bug hunt's finding: the first of two was served, and a proxy in
+    front may read the last (RFC 9110 §5.3: the field is no list)."""
+    auth = Authenticator(RouterSettings(dev_api_key=KEY))
+    with pytest.raises(MeshgateError) as raised:
+        await auth.authenticate([("authorization", f"Bearer {KEY}"), ("authorization", second)])
+    assert (raised.value.code, raised.value.reason) == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        Reason.API_KEY_INVALID,
+    )
+    assert "one authorization header" in raised.value.message
