@@ -263,8 +263,9 @@ _UNSUPPORTED: dict[str, tuple] = {
 # tag or keep it with, a processing tier, a prompt-cache routing hint):
 # accepted and not used, as SDKs and proxies send them.
 _INFORMATIONAL = ("user", "safety_identifier", "metadata", "store", "service_tier", "prompt_cache_key")
-# Those OpenAI types as strings; metadata is an object of strings.
-_INFORMATIONAL_TEXT = ("user", "safety_identifier", "prompt_cache_key")
+# Those OpenAI types as strings; metadata is an object of strings, store a
+# boolean.
+_INFORMATIONAL_TEXT = ("user", "safety_identifier", "service_tier", "prompt_cache_key")
 # Every field a chat completion's body may have: OpenAI's that are mapped,
 # refused at some values or informational, and meshgate's extensions. Any
 # other is refused as OpenAI refuses a field it does not know ("Unrecognized
@@ -358,13 +359,17 @@ def _text(value, message: str, param: str) -> str:
 
 def _check_informational(body: dict) -> None:
     """The informational fields (:data:`_INFORMATIONAL`) are not used, yet
-    must be what OpenAI takes (strings; metadata an object of strings), each
-    with a UTF-8 form as every text the edge reads (:func:`is_text`): a lone
-    surrogate (JSON's ``\\ud800`` escape) was accepted in them, which
-    whatever encodes them later (a log line, a span attribute) fails on."""
+    must be what OpenAI takes (strings; metadata an object of strings; store
+    a boolean), each text with a UTF-8 form as every text the edge reads
+    (:func:`is_text`): a lone surrogate (JSON's ``\\ud800`` escape) was
+    accepted in them, which whatever encodes them later (a log line, a span
+    attribute) fails on; and ``service_tier: 5`` or ``store: "yes"``, which
+    OpenAI refuses, were served."""
     for name in _INFORMATIONAL_TEXT:
         if body.get(name) is not None:
             _text(body[name], f"{name} must be UTF-8 text", name)
+    if body.get("store") is not None and not isinstance(body["store"], bool):
+        raise _bad_request("store must be a boolean", "store")
     metadata = body.get("metadata")
     if metadata is not None and not (
         isinstance(metadata, dict) and all(is_text(key) and is_text(value) for key, value in metadata.items())

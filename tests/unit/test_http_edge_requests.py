@@ -288,6 +288,21 @@ def test_fields_that_ask_nothing_of_the_answer_are_accepted():
     assert ChatCall(chat(**fields)).request.messages[0].content == "hi"
 
 
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"service_tier": 5}, "service_tier"),
+        ({"service_tier": ["auto"]}, "service_tier"),
+        ({"store": "yes"}, "store"),
+        ({"store": 1}, "store"),
+    ],
+)
+def test_fields_not_used_of_a_type_openai_refuses_are_refused(fields, param):
+    """service_tier is a string and store a boolean in OpenAI's API; of
+    another type they were served, unlike the other fields not used."""
+    assert refusal(chat(**fields))[:2] == ("MALFORMED_REQUEST", param)
+
+
 async def test_an_embeddings_field_the_edge_does_not_know_is_refused():
     settings = RouterSettings(dev_api_key=KEY)
     edge = HttpEdge(
