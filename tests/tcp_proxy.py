@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 
 
 class TcpProxy:
@@ -187,3 +188,15 @@ class _ClientFrames:
             self._header = b""
             self._skip = length
         return found
+
+
+def evalsha_marker(script: str) -> bytes:
+    """What a call of a Lua ``script`` sends (its SHA-1, in EVALSHA), for a
+    proxy to stall or hold the call by."""
+    return hashlib.sha1(script.encode()).hexdigest().encode()
+
+
+async def evalsha_calls(client) -> int:
+    """How many EVALSHA calls Redis has run, from any client: that a call a
+    proxy stalled reached Redis once let go."""
+    return (await client.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import hashlib
 import types
 import uuid
 
@@ -37,7 +36,7 @@ from services.router.pipeline import (
 )
 from services.router.prompt_bound import prompt_bounds
 from tests.clocks import Clock
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, evalsha_calls, evalsha_marker
 
 pytestmark = pytest.mark.integration
 
@@ -327,10 +326,10 @@ async def test_a_fail_closed_admit_reaching_redis_after_its_release_charges_noth
             await admission.admit([scope], prompt_tokens=10, max_tokens=10)
         assert refused.value.reason == "LIMITS_UNAVAILABLE"
         await admission.drain()  # the release has run: nothing to give back yet
-        admits_run = await _script_calls(direct)
+        admits_run = await evalsha_calls(direct)
         proxy.unstall()
         deadline = asyncio.get_running_loop().time() + 5
-        while await _script_calls(direct) == admits_run:
+        while await evalsha_calls(direct) == admits_run:
             assert asyncio.get_running_loop().time() < deadline, "the held admit never reached Redis"
             await asyncio.sleep(0.01)
         assert await direct.zcard(f"{scope.prefix}:streams") == 0
@@ -487,7 +486,7 @@ async def test_a_top_ups_release_reaching_redis_after_the_turns_settlement_leave
         await admission.top_up(first, tokens=30, nano_usd=0)
         await admission.settle(first, 0, 0)
         grant = await admission.admit([scope], prompt_tokens=10, max_tokens=10)
-        proxy.stall_when_sent(_evalsha_marker(admission_module._RELEASE))
+        proxy.stall_when_sent(evalsha_marker(admission_module._RELEASE))
         proxy.hold()
         try:
             await admission.top_up(grant, tokens=500, nano_usd=0)
@@ -528,10 +527,10 @@ async def test_a_fail_closed_top_up_reaching_redis_after_its_release_grows_nothi
             await admission.top_up(grant, tokens=500, nano_usd=0)
         assert refused.value.reason == "LIMITS_UNAVAILABLE"
         await admission.drain()  # the release has run: nothing grown yet
-        calls_run = await _script_calls(direct)
+        calls_run = await evalsha_calls(direct)
         proxy.unstall()
         deadline = asyncio.get_running_loop().time() + 5
-        while await _script_calls(direct) == calls_run:
+        while await evalsha_calls(direct) == calls_run:
             assert asyncio.get_running_loop().time() < deadline, "the held top-up never reached Redis"
             await asyncio.sleep(0.01)
         assert int(await direct.get(_day_key(scope))) == 20
@@ -565,7 +564,7 @@ async def test_a_top_up_one_slot_refuses_while_anothers_timed_out_is_refused_and
         proxy.hold_when_sent(scope.id.encode())
         # The release, sent as the refusal is raised, kept from Redis until
         # the growth is seen charged.
-        proxy.stall_when_sent(_evalsha_marker(admission_module._RELEASE))
+        proxy.stall_when_sent(evalsha_marker(admission_module._RELEASE))
         with pytest.raises(MeshgateError) as refused:
             await admission.top_up(grant, tokens=100, nano_usd=0)
         assert (refused.value.reason, refused.value.metadata["scope"]) == (Reason.BUDGET_EXHAUSTED, "model")
@@ -641,7 +640,7 @@ async def test_a_settlement_whose_call_stalled_before_redis_ran_it_is_sent_again
         # Loads the scripts: a turn admitted and settled to nothing.
         await admission.settle(await admission.admit([scope], prompt_tokens=10, max_tokens=10), 0, 0)
         turn = await admission.admit([scope], prompt_tokens=10, max_tokens=100)
-        proxy.stall_when_sent(_evalsha_marker(admission_module._SETTLE_ONCE))
+        proxy.stall_when_sent(evalsha_marker(admission_module._SETTLE_ONCE))
         await admission.settle(turn, 15, 0)
         assert proxy.stalled == 1
 
@@ -655,13 +654,13 @@ async def test_a_settlement_whose_call_stalled_before_redis_ran_it_is_sent_again
             await asyncio.sleep(0.1)
         assert await settled()
         # The stalled call reaches Redis after all: nothing is settled twice.
-        calls = await _script_calls(direct)
+        calls = await evalsha_calls(direct)
         proxy.unstall()
         for _ in range(100):
-            if await _script_calls(direct) > calls:
+            if await evalsha_calls(direct) > calls:
                 break
             await asyncio.sleep(0.05)
-        assert await _script_calls(direct) > calls
+        assert await evalsha_calls(direct) > calls
         assert int(await direct.get(_day_key(scope))) == 15
         # The key's next turn gets the stream.
         await admission.settle(await admission.admit([scope], prompt_tokens=10, max_tokens=10), 0, 0)
@@ -669,16 +668,6 @@ async def test_a_settlement_whose_call_stalled_before_redis_ran_it_is_sent_again
         for client in (proxied, direct):
             await client.aclose()
         await proxy.close()
-
-
-def _evalsha_marker(script: str) -> bytes:
-    """What a call of ``script`` sends (its SHA-1), for a proxy to hold it by."""
-    return hashlib.sha1(script.encode()).hexdigest().encode()
-
-
-async def _script_calls(client) -> int:
-    """How many EVALSHA calls Redis has run, for any client."""
-    return (await client.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
 
 
 async def test_a_turn_crossing_midnight_is_in_its_admission_days_budget_and_ledger(redis_client):

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import json
 import urllib.parse
 import uuid
@@ -35,7 +34,7 @@ from services.router.ledger import STREAM
 from tests.integration.conftest import running, running_router, serve_tiny_gpt
 from tests.integration.test_router_accounting import eventually, usage_row
 from tests.mesh import bounded_channel, mesh_settings, router_channel
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, evalsha_marker
 
 pytestmark = pytest.mark.integration
 
@@ -291,7 +290,7 @@ async def test_a_take_whose_reply_is_lost_is_billed_once(redis_url, inference_ad
                 await session.chat(i)
             spent = await eventually(session.unbilled, timeout_s=60.0)
             # A sweep takes it 1 s or more after it was written: its reply is held.
-            proxy.hold_when_sent(hashlib.sha1(take_script.encode()).hexdigest().encode())
+            proxy.hold_when_sent(evalsha_marker(take_script))
 
             async def taken():
                 return await session.unbilled() is None
