@@ -121,7 +121,7 @@ from meshgate.errors import MeshgateError, retry_info, unavailable
 from meshgate.reasons import Reason
 from services.router.ledger import SUMMARY_USAGE, TAKE_MARKER_TTL_S, Ledger, UsageRecord
 from services.router.prompt_bound import PromptBound, bound_of
-from services.router.script_calls import MAX_AGE_S, Backlog, never_ran, run_scripts
+from services.router.script_calls import WRITTEN_MARK_TTL_S, Backlog, never_ran, run_scripts
 
 log = structlog.get_logger(__name__)
 
@@ -137,9 +137,8 @@ _BUDGET_GRACE_S = 2 * 24 * 3600
 SETTLE_AFTER_S = 0.01
 _SETTLE_BATCH = 128
 # How long a turn's settled mark (_SETTLE_ONCE) is kept: past the longest a
-# settlement is sent again (script_calls.MAX_AGE_S), plus a minute for a
-# call that reached Redis late.
-_SETTLED_MARK_MS = int((MAX_AGE_S + 60) * 1000)
+# settlement is sent again (script_calls.WRITTEN_MARK_TTL_S).
+_SETTLED_MARK_MS = WRITTEN_MARK_TTL_S * 1000
 
 # Every key a script touches is in KEYS (a Redis Cluster routes a call by
 # them), each once: a window's entries then its sum, a budget's counter, a

@@ -21,13 +21,18 @@ one round trip (a call that fails leaves the others written):
   ``<key id>|<model>|<metric>`` -> running total, for the metrics in
   :data:`METRICS`; kept ``router.usage_retention_days``.
 
-The records of a take of a session's summaries' usage are written once per
-take id (record_take): the take may be offered again to another router, its
-taker killed before acknowledging it. Each of its calls sets, in the same
-script, a marker in its own slot (take_marker(): the tenant's day hash's,
-the log's), kept as long as the context service may hold the take
-(TAKE_MARKER_TTL_S); a call whose marker is set already
-writes nothing.
+Every call writes once: it sets, in the same script, a marker in its own
+slot (marker(): the tenant's day hash's, the log's), and a call whose
+marker is set already writes nothing. A turn's records are marked per call
+(``...:written:<call id>``, a random id the call keeps when it is sent
+again), kept script_calls.WRITTEN_MARK_TTL_S: so a call whose reply was
+lost (a timeout, a connection lost after sending: it may have run) is sent
+again until Redis answers (script_calls.Backlog, idempotent), rather than
+given up and the turn missing from GetUsage. The records of a take of a
+session's summaries' usage are marked per take id (record_take:
+``...:take:<take id>``): the take may be offered again to another router,
+its taker killed before acknowledging it, so its marker is kept as long as
+the context service may hold the take (TAKE_MARKER_TTL_S).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import secrets
 import time
 from collections.abc import Callable
 
@@ -43,7 +49,7 @@ from redis.exceptions import RedisError
 
 from meshgate import redis_access
 from meshgate.config import ContextSettings, summary_usage_ttl_s
-from services.router.script_calls import Backlog, run_scripts
+from services.router.script_calls import WRITTEN_MARK_TTL_S, Backlog, run_scripts
 
 STREAM = "mg:router:usage:log"
 METRICS = (
@@ -100,21 +106,20 @@ _FIELD_NAMES = tuple(field.name for field in dataclasses.fields(UsageRecord))
 
 # KEYS: every key written: the stream first when ARGV[4] is "1", then the
 # day hash of each tenant and day whose totals are written (when ARGV[5] is
-# "1"), then, when ARGV[6] is not "0", the marker of the take written
-# (take_marker()). ARGV: stream max length, retention s, the UTC day
-# (YYYY-MM-DD) of records that name none, the two flags, the marker's TTL
-# in s ("0": no take, no marker), then one argument per record: the
-# UsageRecord's values in field order, joined by _SEPARATOR. The aggregates
-# are derived here from the values; a tenant's day hash is named as
-# day_key() names it. Returns 1, or 0 for a take whose marker was set
-# already (written before: nothing is written again).
+# "1"), then the call's marker (marker(), in the slot of the key before
+# it). ARGV: stream max length, retention s, the UTC day (YYYY-MM-DD) of
+# records that name none, the two flags, the marker's TTL in s, then one
+# argument per record: the UsageRecord's values in field order, joined by
+# _SEPARATOR. The aggregates are derived here from the values; a tenant's
+# day hash is named as day_key() names it. Returns 1, or 0 for a call whose
+# marker was set already (written before: nothing is written again).
 _RECORD = (
     "local names = {"
     + ", ".join(f"'{name}'" for name in _FIELD_NAMES)
     + "}"
     + """
 local log, totals = ARGV[4] == '1', ARGV[5] == '1'
-if ARGV[6] ~= '0' and not redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', ARGV[6]) then return 0 end
+if not redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', ARGV[6]) then return 0 end
 for r = 7, #ARGV do
   local values, entry = {}, {}
   for value in string.gmatch(ARGV[r] .. '\\31', '(.-)\\31') do values[#values + 1] = value end
@@ -158,14 +163,26 @@ def day_key(tenant: str, day: str) -> str:
     return f"mg:router:usage:{{t:{tenant}}}:{day}"
 
 
-def take_marker(key: str, take_id: str) -> str:
-    """That a take's records were written by a call (record_take), in the
-    slot of ``key``, the call's last: the log (a key without a hash tag
-    hashes whole, so its name as a tag shares its slot) or a tenant's day
-    hash (its tag)."""
+def marker(key: str, name: str) -> str:
+    """That a call was written, in the slot of ``key``, the call's last
+    written: the log (a key without a hash tag hashes whole, so its name as
+    a tag shares its slot) or a tenant's day hash (its tag)."""
     if key == STREAM:
-        return f"{{{STREAM}}}:take:{take_id}"
-    return f"{key.rsplit(':', 1)[0]}:take:{take_id}"
+        return f"{{{STREAM}}}:{name}"
+    return f"{key.rsplit(':', 1)[0]}:{name}"
+
+
+def take_marker(key: str, take_id: str) -> str:
+    """That a take's records were written by a call (record_take)."""
+    return marker(key, f"take:{take_id}")
+
+
+def _call_marker(key: str) -> str:
+    """That a call of submitted records was written: a fresh id per call
+    (64 random bits), kept by the call when it is sent again; a call, not a
+    turn, as a call is held exactly as it was made (Backlog), and so one
+    mark covers its records, up to _BATCH of them."""
+    return marker(key, f"written:{secrets.token_hex(8)}")
 
 
 # How long a take's markers (the ledger's, and its budgets':
@@ -202,7 +219,9 @@ class Ledger:
         # calls (their keys are in different slots); one instance, one call.
         self._split_by_slot = isinstance(redis, RedisCluster) if split_by_slot is None else split_by_slot
         self._script = redis.register_script(_RECORD)
-        self._backlog = Backlog(self._script, "ledger")
+        # Every call marks itself written (_call_marker): one whose reply
+        # was lost is sent again, and written once.
+        self._backlog = Backlog(self._script, "ledger", idempotent=True)
         self._stream_max_len = stream_max_len
         self._retention_s = retention_days * 24 * 3600
         self._clock = clock
@@ -260,26 +279,32 @@ class Ledger:
         it) writes nothing again. Returns whether its totals were written
         now. Raises where a call failed (nothing held: the take stays held
         at the context service, which offers it again)."""
-        calls = self._calls([(usage, True) for usage in records], self._take_marker_ttl_s)
-        marked = [([*keys, take_marker(keys[-1], take_id)], args) for keys, args in calls]
+        calls = self._calls(
+            [(usage, True) for usage in records],
+            lambda key: take_marker(key, take_id),
+            self._take_marker_ttl_s,
+        )
         try:
-            replies = await run_scripts(self._script, marked)
+            replies = await run_scripts(self._script, calls)
         except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
             raise redis_access.outage("a summary take's usage cannot be written", error) from error
         # The totals' call is the last: the only one, or the tenant's day hash's.
         return replies[-1] == 1
 
     async def _write(self, records: list[tuple[UsageRecord, bool]]) -> None:
-        # The callers have their answers: a call Redis refused is written
-        # again later, one that may have run is logged (script_calls).
-        await self._backlog.run(self._calls(records))
+        # The callers have their answers: a call that failed is sent again
+        # later, until Redis answers it (script_calls).
+        await self._backlog.run(self._calls(records, _call_marker, WRITTEN_MARK_TTL_S))
 
     def _calls(
-        self, records: list[tuple[UsageRecord, bool]], marker_ttl_s: int = 0
+        self,
+        records: list[tuple[UsageRecord, bool]],
+        marker_of: Callable[[str], str],
+        marker_ttl_s: int,
     ) -> list[tuple[list[str], list]]:
         """The script calls that write ``records`` (each with whether it
-        goes to the log); with a ``marker_ttl_s``, each a take's, whose
-        marker the caller adds to its keys."""
+        goes to the log), each marked by ``marker_of`` its last key, kept
+        ``marker_ttl_s``."""
         # A separator inside a value (a tenant id could hold one) would shift
         # every value after it: it is dropped.
         packed = [
@@ -313,7 +338,7 @@ class Ledger:
                 if rows:
                     stream = [STREAM] if part else []
                     calls.append(([*stream, *dict.fromkeys(keys)], [*header, flag, "1", marker_ttl_s, *rows]))
-        return calls
+        return [([*keys, marker_of(keys[-1])], args) for keys, args in calls]
 
     async def usage(
         self, tenant: str, first_day: datetime.date, last_day: datetime.date

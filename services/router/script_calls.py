@@ -5,8 +5,8 @@ calls Redis certainly did not run are held and written again
 
 What a turn used is written after its answer, off its path: its settlement
 (admission's reservation replaced by its use) and its ledger record. Both
-scripts add (INCRBY, HINCRBY, XADD); none sets. So a failed call can be
-written again only where it certainly did not run (:func:`never_ran`):
+scripts add (INCRBY, HINCRBY, XADD). So a failed call of a script that adds
+can be written again only where it certainly did not run (:func:`never_ran`):
 Redis refused it before running it (out of memory, a read-only replica, a
 master down, a dataset loading, a cluster failover under way) or no
 connection was made (refused: a Redis restarting). Such calls are what a
@@ -15,10 +15,14 @@ reservation stood (an overcharge; a turn admitted without Redis was charged
 nothing), a ledger record was missing from GetUsage. A call that may have
 run (a timeout, a connection lost after it was sent) cannot be written
 again without the risk of counting it twice: it is given up (logged and
-counted), as it was lost before; but for a script whose second run does
-nothing more (``idempotent``: admission's release of a refused turn, and
-its settlement of a turn's end, which marks the turn settled), which is run
-again however it failed.
+counted); but for a script whose second run does nothing more
+(``idempotent``), which is run again however it failed, until Redis answers:
+admission's release of a refused turn, and the scripts that set a mark in
+the same script as their writes (kept WRITTEN_MARK_TTL_S) and write nothing
+where it is set: admission's settlement of a turn's end (a mark per turn)
+and the ledger's records (a mark per call). Of the writes of what turns
+used, only a give-back under a lease a turn's end settles later
+(admission's _SETTLE) is still given up so.
 """
 
 from __future__ import annotations
@@ -135,6 +139,11 @@ RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 # failover takes, and a router that kept every turn's write for good would
 # run out of memory first.
 MAX_AGE_S = 600.0
+# How long a script that writes once per call (``idempotent`` by a mark it
+# sets in the same script: admission's settlement of a turn's end, the
+# ledger's records) keeps a call's mark: past the longest a call is sent
+# again (MAX_AGE_S), plus a minute for a call that reached Redis late.
+WRITTEN_MARK_TTL_S = int(MAX_AGE_S) + 60
 # Bound on the keys' and arguments' characters held (about their memory):
 # past it the oldest calls are given up. A ledger record is ~150 characters,
 # so ~100,000 turns' records.

@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from meshgate import redis_access
+from services.router import ledger as ledger_module
 from services.router.ledger import (
     METRICS,
     STREAM,
@@ -18,6 +19,7 @@ from services.router.ledger import (
     UsageRecord,
     day_key,
 )
+from tests.tcp_proxy import TcpProxy, evalsha_calls, evalsha_marker
 
 pytestmark = pytest.mark.integration
 
@@ -192,3 +194,87 @@ async def test_totals_a_newer_replica_adds_a_metric_to_are_read_without_it(redis
         assert set(totals[("k1", "tiny-gpt")]) == set(METRICS)
     finally:
         await client.aclose()
+
+
+async def _turns_of(client, ledger: Ledger, tenant: str) -> tuple[int, int]:
+    """A tenant's turns today, as GetUsage counts them (requests, over its
+    keys and models), and its records in the log."""
+    today = ledger.today()
+    totals = await ledger.usage(tenant, today, today)
+    logged = [
+        fields
+        for _, fields in await client.xrevrange(STREAM, count=10_000)
+        if fields[b"tenant"] == tenant.encode()
+    ]
+    return sum(row["requests"] for row in totals.values()), len(logged)
+
+
+@pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
+async def test_a_record_whose_call_stalled_before_redis_ran_it_is_sent_again_and_written_once(
+    redis_url, split_by_slot
+):
+    """A record sent on a connection that stalls (the proxy keeps the call
+    from Redis) times out: it may have run, and was given up, since the
+    script adds, so the turn was missing from GetUsage and the log for good
+    (an undercharge). Written once per call (its mark), it is sent again and
+    written; the stalled call reaching Redis late then writes nothing more."""
+    proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0", timeout_s=0.3)
+    direct = redis_access.connect(redis_url)
+    ledger = Ledger(proxied, stream_max_len=10_000, retention_days=2, split_by_slot=split_by_slot)
+    tenant = uuid.uuid4().hex[:12]
+    try:
+        # Loads the script, so that the record's first send is its EVALSHA.
+        await direct.script_load(ledger_module._RECORD)
+        proxy.stall_when_sent(evalsha_marker(ledger_module._RECORD))
+        await ledger.record(UsageRecord(tenant, "k1", "tiny-gpt", "live", 40, 20, 0, "miss", 9_000, 120))
+        assert proxy.stalled == 1
+        for _ in range(100):
+            if await _turns_of(direct, ledger, tenant) == (1, 1):
+                break
+            await asyncio.sleep(0.1)
+        assert await _turns_of(direct, ledger, tenant) == (1, 1)
+        # The stalled call reaches Redis after all: nothing is written twice.
+        calls = await evalsha_calls(direct)
+        proxy.unstall()
+        for _ in range(100):
+            if await evalsha_calls(direct) > calls:
+                break
+            await asyncio.sleep(0.05)
+        assert await evalsha_calls(direct) > calls
+        assert await _turns_of(direct, ledger, tenant) == (1, 1)
+        await ledger.drain()
+    finally:
+        for client in (proxied, direct):
+            await client.aclose()
+        await proxy.close()
+
+
+@pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
+async def test_a_record_whose_reply_was_lost_after_redis_ran_it_is_counted_once(redis_url, split_by_slot):
+    """A record whose call Redis ran but whose reply the proxy holds times
+    out as the stalled one does, and is sent again: its mark, set by the
+    run, makes the second run write nothing (the script adds: without the
+    mark the turn would be counted twice)."""
+    proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0", timeout_s=0.3)
+    direct = redis_access.connect(redis_url)
+    ledger = Ledger(proxied, stream_max_len=10_000, retention_days=2, split_by_slot=split_by_slot)
+    tenant = uuid.uuid4().hex[:12]
+    try:
+        await direct.script_load(ledger_module._RECORD)
+        proxy.hold_when_sent(evalsha_marker(ledger_module._RECORD))
+        calls = await evalsha_calls(direct)
+        await ledger.record(UsageRecord(tenant, "k1", "tiny-gpt", "live", 40, 20, 0, "miss", 9_000, 120))
+        # Sent again until Redis answers: every call has run at least twice.
+        for _ in range(100):
+            if len(ledger._backlog) == 0 and await evalsha_calls(direct) >= calls + 2:
+                break
+            await asyncio.sleep(0.1)
+        assert len(ledger._backlog) == 0
+        assert await _turns_of(direct, ledger, tenant) == (1, 1)
+        await ledger.drain()
+    finally:
+        for client in (proxied, direct):
+            await client.aclose()
+        await proxy.close()

@@ -38,6 +38,7 @@ from services.cache.heartbeat import Heartbeat
 from services.context import store
 from services.context.hot_cache import HotCache, change_listener
 from services.context.tenant_sweep import TenantSweep
+from services.router import ledger as ledger_module
 from services.router.admission import Admission, Scope, TurnAdmission
 from services.router.auth import Tenant
 from services.router.hot_exact import HotExactHits, notice_listener
@@ -45,7 +46,7 @@ from services.router.keys import KeyStore
 from services.router.ledger import SUMMARY_USAGE, Ledger, UsageRecord
 from services.router.pipeline import Answer, CachePlan, CacheStatus, Hit, SummarySpend
 from services.router.request_ids import RequestId
-from services.router.script_calls import node_of
+from services.router.script_calls import WRITTEN_MARK_TTL_S, node_of, run_scripts
 from tests.integration.test_cache_servicer import (
     PARAPHRASE,
     STORED,
@@ -664,6 +665,14 @@ async def test_usage_ledger_on_the_cluster(client) -> None:
     for tenant in tenants:
         totals = await ledger.usage(tenant, ledger.today(), ledger.today())
         assert totals[("key1", "tiny-gpt")]["prompt_tokens"] == 10
+    # A call sent again (its reply lost) writes nothing more: each call's
+    # mark is in its own call's slot (in another, the call fails CROSSSLOT).
+    record = UsageRecord(tenants[0], "key1", "tiny-gpt", "d", 7, 0, 0, "miss", 0, 1)
+    calls = ledger._calls([(record, True)], ledger_module._call_marker, WRITTEN_MARK_TTL_S)
+    assert await run_scripts(ledger._script, calls) == [1, 1]
+    assert await run_scripts(ledger._script, calls) == [0, 0]
+    totals = await ledger.usage(tenants[0], ledger.today(), ledger.today())
+    assert totals[("key1", "tiny-gpt")]["prompt_tokens"] == 17
 
 
 async def test_the_backlog_names_the_master_serving_a_calls_slot(cluster: Cluster, client) -> None:

@@ -400,10 +400,16 @@ async def test_the_ledger_names_every_key_it_writes_one_slot_per_call_on_a_clust
     await ledger.drain()
     acme, globex = day_key("acme", "1970-01-01"), day_key("globex", "1970-01-01")
     calls = sorted(keys for _, keys in redis.calls)
+    # Each call's last key is its mark (written once per call), in the slot
+    # of the key before it; the marks of two calls differ.
+    marks = [keys.pop() for keys in calls]
+    assert all(":written:" in mark for mark in marks) and len(set(marks)) == len(marks)
     if split_by_slot:
         # The log, then each tenant's totals, in calls of one slot each.
         assert calls == [[STREAM], [acme], [globex]]
         assert len(_slots([acme, globex])) == 2
+        for keys, mark in zip(calls, marks, strict=True):
+            assert _slots([*keys, mark]) == _slots(keys), mark
     else:
         assert calls == [[STREAM, acme, globex]]
 
