@@ -228,9 +228,11 @@ class TritonStreams:
         await asyncio.gather(*closing, return_exceptions=True)
 
 
-def ended_by_stub_death(details: str) -> bool:
-    """Whether a failed call's details say TritonBackend.stub_died ended it."""
-    return details.startswith(STUB_DIED_UNDER_CALL)
+def ended_by_this_service(details: str) -> bool:
+    """Whether a failed call's details say this service ended it (OpenCalls.end):
+    the probes as its server left rotation (LEFT_ROTATION), or
+    TritonBackend.stub_died."""
+    return details == LEFT_ROTATION or details.startswith(STUB_DIED_UNDER_CALL)
 
 
 def triton_status(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:

@@ -22,7 +22,7 @@ from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.reasons import Reason
 from services.inference import triton_protocol, validation
-from services.inference.backends import BackendPool, TritonBackend, ended_by_stub_death, triton_status
+from services.inference.backends import BackendPool, TritonBackend, ended_by_this_service, triton_status
 from services.inference.generation_slots import BACKGROUND, ModelSlots
 from services.inference.shared_embeddings import EMBED_BATCH, SharedEmbeddings
 
@@ -730,11 +730,16 @@ def _server_fault(error: grpc.aio.AioRpcError) -> bool:
     (UNAVAILABLE), and a model failing inside it (INTERNAL, which fails its
     share of the traffic as long as it lasts). Not a Python backend's stub
     that died (its refusal, triton_protocol.stub_died, and each call its
-    death ended, backends.ended_by_stub_death): that is one model's, which
+    death ended, backends.ended_by_this_service): that is one model's, which
     TritonBackend.stub_died takes out of rotation on that server; counted
     here, the calls it ended (three are enough) opened the breaker and took
-    the server's every other model out too. Nor a model the server does not
-    have loaded (unloaded: triton_protocol.model_unknown, UNAVAILABLE on a
+    the server's every other model out too. Nor the calls the probes ended
+    as the server left rotation (backends.LEFT_ROTATION): the probes hold it
+    out, and put it back at their first answer; counted (the router counts
+    none of those its own checks end), four such calls opened the breaker
+    for 10 s from then, so a server stopped (SIGSTOP) and continued 1 s
+    later read ready but was sent nothing for 9.2 s. Nor a model the server
+    does not have loaded (unloaded: triton_protocol.model_unknown, UNAVAILABLE on a
     stream, so the request goes to another server): the probes take that
     model out of rotation there; counted, three generations refused in the
     rounds before they do opened the breaker, and an unload of the
@@ -749,7 +754,7 @@ def _server_fault(error: grpc.aio.AioRpcError) -> bool:
     details = error.details() or ""
     if (
         triton_protocol.stub_died(details)
-        or ended_by_stub_death(details)
+        or ended_by_this_service(details)
         or triton_protocol.model_unknown(details)
     ):
         return False

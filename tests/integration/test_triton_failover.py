@@ -14,7 +14,7 @@ import pytest
 import structlog.testing
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from meshgate import mesh_auth
+from meshgate import balancing, mesh_auth
 from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings
 from meshgate.errors import error_info
@@ -326,6 +326,43 @@ async def test_a_stopped_triton_does_not_delay_the_probes_of_the_other(two_trito
     # server took PROBE_TIMEOUT_S each: 3 x 2.2 s.
     assert left_s < PROBES_TO_MARK_DOWN * interval_s + PROBE_TIMEOUT_S
     assert back_s < PROBE_TIMEOUT_S
+
+
+@pytest.mark.serial  # stops a Triton under streams: make test runs it alone
+async def test_a_stopped_triton_takes_requests_again_once_its_probes_answer(two_tritons) -> None:
+    """The calls the probes end on a server that stopped answering are
+    theirs to end (the probes hold it out of rotation), not failures of the
+    server's: counted, four of them opened its breaker for 10 s from then,
+    and a server that answered again 1 s later read ready but was sent no
+    request for 9.2 s (its share of the model's slots went with it)."""
+    urls, processes = two_tritons
+    settings = Settings(mesh=mesh_settings())
+    settings.inference.triton_urls = urls
+    settings.inference.health_interval_s = 0.5
+    # Concurrent calls split between the servers: the stopped one holds
+    # several streams when the probes take it out.
+    settings.inference.models["tiny-gpt"].routing_strategy = "least_outstanding"
+    stopped_url, stopped = urls[0], processes[0]
+    bound_s = PROBES_TO_MARK_DOWN * (PROBE_TIMEOUT_S + settings.inference.health_interval_s) + 10
+    async with running_inference(settings) as address, router_channel(address, "inference") as channel:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        streams = await streaming(stub, IN_FLIGHT)
+        assert (await in_flight(stub))[stopped_url] >= balancing.BreakerPolicy.failures_to_open
+        os.kill(stopped.pid, signal.SIGSTOP)
+        try:
+            finished = await asyncio.wait_for(asyncio.gather(*streams), bound_s)
+        finally:
+            os.kill(stopped.pid, signal.SIGCONT)
+        await seconds_until(lambda: model_ready_at(stub, stopped_url, "tiny_gpt"), limit_s=10)
+        # Both servers idle and ready: least outstanding splits these.
+        answers = await asyncio.gather(*(generate(stub, f"question {n}", 4) for n in range(4)))
+
+    ended = [error for _, _, error in finished if error is not None]
+    assert len(ended) >= balancing.BreakerPolicy.failures_to_open, "the probes ended too few calls"
+    assert all(error.code() == grpc.StatusCode.UNAVAILABLE for error in ended)
+    assert all(error is None for _, _, error in answers), answers
+    backends = [completion.backend for _, completion, _ in answers]
+    assert stopped_url in backends, f"the server that answers again got none of {backends}"
 
 
 async def test_a_prefix_is_not_believed_held_by_the_server_that_refused_it(two_tritons) -> None:
