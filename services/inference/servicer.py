@@ -325,6 +325,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             except grpc.aio.AioRpcError as error:
                 if _server_fault(error):
                     backend.health.record_failure()
+                elif probing:
+                    # No outcome of the server's (as for Generate): its
+                    # half-open slot would stay taken for open_for_s, no
+                    # trial of any model let in.
+                    backend.health.release_probe(probing)
                 stub_died = triton_protocol.stub_died(error.details() or "")
                 if stub_died:
                     backend.stub_died(model, error.details())

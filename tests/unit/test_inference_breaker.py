@@ -230,3 +230,33 @@ async def test_a_half_open_embedding_its_caller_cancels_frees_the_probe_slot_at_
         await embedding
     await until(lambda: gated.cancelled)  # the shared embedding stops with its last caller
     assert probed.health.state is balancing.BreakerState.HALF_OPEN and probed.health.admits
+
+
+@pytest.mark.parametrize(
+    ("code", "details"),
+    [
+        # The model's refusal of the caller's input: the caller's to fix.
+        (grpc.StatusCode.INVALID_ARGUMENT, "minilm: invalid request: text is not a string"),
+        # Unloaded there, not yet out of rotation: embedded on the other server.
+        (grpc.StatusCode.NOT_FOUND, "Request for unknown model: 'minilm' is not found"),
+        # Its stub died: the model leaves rotation there, not the server.
+        (grpc.StatusCode.INTERNAL, STUB_DIED_NAMED),
+    ],
+    ids=["refused", "unloaded", "stub-died"],
+)
+async def test_a_half_open_embedding_that_is_no_outcome_of_the_server_frees_the_probe_slot_at_once(
+    two_servers, code, details
+) -> None:
+    """As a generation's (above): it held the probe's slot for open_for_s
+    (10 s), so for that long the server took no trial, of any model."""
+    servicer, (probed, other) = two_servers
+    half_open(probed, Clock())
+    # The probed server first: the other one is busy.
+    other.in_flight = 10
+    probed.stub, other.stub = FailingEmbeddings(code, details), FailingEmbeddings(None)
+    try:
+        await servicer.Embed(pb.EmbedRequest(texts=["question"]), FakeContext(None))
+    except MeshgateError as refused:
+        assert refused.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert probed.stub.calls == 1
+    assert probed.health.state is balancing.BreakerState.HALF_OPEN and probed.health.admits
