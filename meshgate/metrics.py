@@ -274,7 +274,12 @@ class ContextMetrics:
         self.sessions_unlisted = make.counter(
             "meshgate_context_sessions_unlisted",
             "Sessions a create or fork without a request id made and Redis failed to list: "
-            "ListSessions never shows them.",
+            "ListSessions shows them once the tenant sweep lists them (within one pass).",
+        )
+        self.sessions_listed_by_sweep = make.counter(
+            "meshgate_context_sessions_listed_by_sweep",
+            "Live sessions the tenant sweep found missing from their tenant's listing and listed"
+            " (made before the listing, or their listing failed after their create or fork).",
         )
         self.summary_copies_left = make.counter(
             "meshgate_context_summary_copies_left",

@@ -119,9 +119,11 @@ by a call of its own after each session's script:
 
 A create or a fork lists its session once its script made it (and a
 resend of its request id again, where the first send's listing was lost;
-one of no request id whose listing fails is answered all the same, and
-stays unlisted: SessionStore._listed); a delete unlists it once its
-script deleted it. An entry whose session is gone (its delete's
+one of no request id whose listing fails is answered all the same:
+SessionStore._listed); a delete unlists it once its script deleted it. A
+live session its tenant's listing lacks (that one, or one made before the
+listing existed) is listed by the background sweep within one pass
+(services/context/tenant_sweep.py, which finds sessions' metas). An entry whose session is gone (its delete's
 unlisting lost, expired, created again since) is pruned by the page that
 meets it, which reads every listed session's meta, by
 the create that finds it due (at most LISTING_SWEPT_PER_CREATE a create,
@@ -1147,6 +1149,26 @@ for i = 1, #ARGV, 2 do
 end
 """
 
+# KEYS: the tenant's listing (newest, due). ARGV: members of sessions a
+# sweep found live (SessionListing.listed_found). Lists each not listed
+# yet, due at once (score 0: checked before any other due entry), so that
+# the next check of the tenant's due entries reads its session after this
+# ZADD: the script cannot (the session lies in another slot), and one
+# deleted since the sweep read it is then unlisted there, rather than
+# kept until a page meets it (for good, where no page comes). NX: a
+# listed entry keeps its due time. Returns how many it listed. ZADD first:
+# see OOM_FIRST.
+_LIST_FOUND = """
+local listed = 0
+for i = 1, #ARGV do
+  if redis.call('ZADD', KEYS[1], 'NX', 0, ARGV[i]) == 1 then
+    redis.call('ZADD', KEYS[2], 'NX', 0, ARGV[i])
+    listed = listed + 1
+  end
+end
+return listed
+"""
+
 # KEYS: a session's meta and turns. What a listing shows of it, read in one
 # instant: {version, create_time_ms, update_time_ms, turns held, PTTL of
 # meta}, or nil where there is no session. EVAL, not EVALSHA: a cluster
@@ -1630,11 +1652,11 @@ class SessionListing:
     each of at most LISTING_ROUNDS - 1 more reads in their place.
 
     What it may miss: a session whose listing failed after its script made
-    it (SessionStore._listed): one of a request id (the create or fork
-    answered UNAVAILABLE) until a resend of it lists it (the router's own
-    resend of a create does), one of none (answered) for its life; and
-    sessions created before the listing existed, or by a replica of a
-    version before it during a rolling upgrade: unlisted until they expire."""
+    it (SessionStore._listed; one of a request id, whose create or fork
+    answered UNAVAILABLE, is listed by a resend of it too), and sessions
+    created before the listing existed, or by a replica of a version
+    before it during a rolling upgrade: until the background sweep finds
+    them (listed_found), within one pass of it (TenantSweep)."""
 
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self._client = client
@@ -1668,6 +1690,54 @@ class SessionListing:
         others their TTL left."""
         if overdue:
             await self._settle(tenant_id, overdue, await self._states(tenant_id, overdue))
+
+    async def listed_found(self, sessions: collections.abc.Sequence[tuple[str, str]]) -> dict[str, int]:
+        """Lists those of ``sessions`` (tenant, session id), found by a
+        sweep (TenantSweep), that live and are not listed yet (made before
+        the listing existed, or their listing failed after their script:
+        SessionStore._listed); returns how many it listed, by tenant. Two
+        round trips, whatever the tenants: the sessions' creation times,
+        then one _LIST_FOUND in each tenant's slot. Raises Redis's
+        connection errors; where Redis answers another error (a key of the
+        name that is no session's meta, a full Redis refusing the ZADD),
+        those sessions are left for a later pass, logged."""
+        created = await self._creation_times(sessions)
+        members: dict[str, list[str]] = collections.defaultdict(list)
+        for (tenant_id, session_id), created_ms in zip(sessions, created, strict=True):
+            if created_ms is not None:
+                members[tenant_id].append(listed_member(session_id, created_ms))
+        if not members:
+            return {}
+        async with self._client.pipeline(transaction=False) as pipe:
+            for tenant_id, found in members.items():
+                # EVAL, not EVALSHA: see _SESSION_STATE.
+                pipe.eval(_LIST_FOUND, 2, *self._keys(tenant_id), *found)
+            answers = await pipe.execute(raise_on_error=False)
+        listed = {}
+        for tenant_id, answer in zip(members, answers, strict=True):
+            if isinstance(answer, redis.ResponseError):
+                log.warning(
+                    "sessions found unlisted not listed", sessions=len(members[tenant_id]), error=str(answer)
+                )
+            elif answer:
+                listed[tenant_id] = answer
+        return listed
+
+    async def _creation_times(self, sessions: collections.abc.Sequence[tuple[str, str]]) -> list[int | None]:
+        """Each session's create_time_ms, None where none lives (or its
+        meta key holds no session's meta), in one round trip."""
+        if not sessions:
+            return []
+        async with self._client.pipeline(transaction=False) as pipe:
+            for tenant_id, session_id in sessions:
+                pipe.hmget(session_key(tenant_id, session_id), ["version", "create_time_ms"])
+            answers = await pipe.execute(raise_on_error=False)
+        created: list[int | None] = []
+        for answer in answers:
+            # A page lists only a session whose meta holds both (_SESSION_STATE).
+            live = isinstance(answer, list) and answer[0] is not None and answer[1] is not None
+            created.append(int(answer[1]) if live else None)
+        return created
 
     async def unlisted(self, tenant_id: str, session_id: str, create_time_ms: int) -> None:
         """Unlists the session's life created at ``create_time_ms``, after its
@@ -1868,8 +1938,8 @@ class SessionStore:
         with a request id, UNAVAILABLE, whose resend (the router's own, for
         a create) is answered with that session and lists it; without one,
         a resend would make a second session, so the call is answered, and
-        the session is never listed (no sweep finds it: the sweep walks
-        listings, not sessions), logged and counted
+        the session is listed by the background sweep, within one pass of
+        it (TenantSweep, which finds sessions' metas); logged and counted
         (meshgate_context_sessions_unlisted_total)."""
         if of_request_id:
             with redis_reachable():

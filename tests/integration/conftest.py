@@ -30,6 +30,7 @@ from meshgate.local.stack import Stack, build_model_weights, free_port
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.cache import app as cache_app
 from services.context import app as context_app
+from services.context.tenant_sweep import TenantSweep
 from services.inference import app as inference_app
 from services.router import app as router_app
 from tests.mesh import bounded_channel, mesh_settings, router_channel
@@ -182,6 +183,19 @@ async def inference_address(triton_url: str):
     settings.inference.health_interval_s = 0.5
     async with running_inference(settings) as address:
         yield address
+
+
+@pytest.fixture
+def background_sweeps_idle(monkeypatch) -> None:
+    """The tenant sweeps that context services run in the background (a tick
+    every 5 s: services/context/tenant_sweep.py) do nothing during the test:
+    one that shows a session unlisted before a pass of its own
+    (test_context_tenant_sweep.a_pass ticks all the same)."""
+
+    async def idle(self) -> bool:
+        return False
+
+    monkeypatch.setattr(TenantSweep, "tick", idle)
 
 
 @pytest.fixture

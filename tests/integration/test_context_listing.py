@@ -19,7 +19,9 @@ import redis.asyncio as redis
 from meshgate.context.v1 import context_service_pb2 as pb
 from services.context import store as session_store
 from services.context.servicer import _drawn_session_id
+from services.context.tenant_sweep import TenantSweep
 from tests.integration.test_context_service import USER, failure, make_settings, msg, running
+from tests.integration.test_context_tenant_sweep import a_pass
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -335,14 +337,16 @@ async def made(client: redis.Redis, tenant: str) -> list[str]:
 
 
 async def test_a_create_or_fork_without_a_request_id_whose_listing_fails_is_answered(
-    client, redis_url, tenant
+    client, redis_url, tenant, background_sweeps_idle
 ) -> None:
     """Redis fails between a session's script and its listing (here: the
     listing's command never reaches it, and its connection times out). A
     create or fork with no request id was answered UNAVAILABLE, the session
     made: its caller's resend made a second one. It is answered; the
-    session stays unlisted. With a request id, UNAVAILABLE still: the
-    resend is answered with the same session, and lists it."""
+    session is unlisted until a pass of the tenant sweep lists it (it
+    stayed unlisted for its life: the sweep walked listings, not
+    sessions). With a request id, UNAVAILABLE still: the resend is answered
+    with the same session, and lists it."""
     sessions = session_store.SessionStore(client, TTL_S)
     async with through_a_proxy(redis_url) as (stub, proxy):
         await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, session_id="source"))
@@ -368,3 +372,10 @@ async def test_a_create_or_fork_without_a_request_id_whose_listing_fails_is_answ
         assert (await stub.ForkSession(with_request_id)).session.session_id == drawn
         assert sorted(await listed_ids(sessions, tenant)) == sorted(["source", drawn])
         assert len(await made(client, tenant)) == 4
+
+        await a_pass(TenantSweep(client, sessions.listing, sessions.holdings))
+        listed = [
+            s.session_id for s in (await stub.ListSessions(pb.ListSessionsRequest(tenant_id=tenant))).sessions
+        ]
+        assert sorted(listed) == sorted(["created", "fork", "source", drawn])
+        assert await entries(client, tenant) == (4, 4)

@@ -50,10 +50,14 @@ async def expired(client: redis.Redis, tenant: str, session_ids: list[str]) -> N
         await asyncio.sleep(0.1)
 
 
+# The tick itself, whatever the background_sweeps_idle fixture does to the class's.
+_TICK = tenant_sweep.TenantSweep.tick
+
+
 async def a_pass(sweep: tenant_sweep.TenantSweep) -> int:
     """Ticks until a pass of the sweep has ended; returns how many ticks."""
     for ticks in range(1, MOST_TICKS + 1):
-        if await sweep.tick():
+        if await _TICK(sweep):
             return ticks
     pytest.fail(f"no pass ended in {MOST_TICKS} ticks")
 
@@ -174,3 +178,78 @@ async def test_a_tick_sweeps_a_bounded_share_of_a_tenant_and_the_pass_the_rest(
     shares = [before - after for before, after in zip([5, *left], left) if before != after]
     assert shares == [2, 2, 1] and left[-1] == 0
     assert await counted(client, tenant) == ([], [])
+
+
+async def made_by_an_older_replica(sessions: session_store.SessionStore, tenant: str, session_id: str) -> int:
+    """Makes a session as a context service from before the listing did (its
+    create script alone, no listing call); returns its creation time."""
+    outcome = await sessions._create(
+        keys=session_store.session_keys(tenant, session_id), args=[sessions._ttl_s, ""]
+    )
+    return int(outcome[1])
+
+
+async def test_live_sessions_missing_from_the_listing_are_listed_by_a_pass_once_each(
+    client, tenant, background_sweeps_idle
+) -> None:
+    """Made before the listing existed (or by an older replica during the
+    upgrade): ListSessions never showed them, for their whole life. A pass
+    of the sweep lists each once, under its own creation time; a session
+    deleted before the pass is not listed, and another pass changes nothing."""
+    _, long = stores(client)
+    await long.create(tenant, "listed")
+    created = {
+        session_id: await made_by_an_older_replica(long, tenant, session_id)
+        for session_id in ("older", "talked")
+    }
+    await long.append(tenant, "talked", 0, [msg(USER, "hello")], {})
+    await made_by_an_older_replica(long, tenant, "deleted")
+    await long.delete(tenant, "deleted")
+    assert [s.session_id for s in (await long.listing.page(tenant, 10)).sessions] == ["listed"]
+
+    await a_pass(sweep_of(long, client))
+
+    everything = ["listed", "older", "talked"]
+    assert await listed(client, tenant) == (everything, everything)
+    page = await long.listing.page(tenant, 10)
+    assert sorted(s.session_id for s in page.sessions) == everything
+    assert {s.session_id: s.create_time_ms for s in page.sessions if s.session_id != "listed"} == created
+    assert [s.turn_count for s in page.sessions if s.session_id == "talked"] == [1]
+    # Checked in the pass (they were due at once): given their TTL left.
+    seconds, micros = await client.time()
+    scores = await client.zrange(session_store.listing_key(tenant, "due"), 0, -1, withscores=True)
+    assert all(score > seconds * 1000 + micros // 1000 + 500_000 for _, score in scores)
+
+    await a_pass(sweep_of(long, client))
+    assert await listed(client, tenant) == (everything, everything)
+
+
+async def test_a_session_deleted_while_the_sweep_lists_it_is_not_listed_for_good(
+    client, tenant, background_sweeps_idle
+) -> None:
+    """The sweep reads a session's creation time in its slot and lists it
+    in the tenant's: a delete between the two (its unlisting finding
+    nothing yet) would leave an entry of a session gone, which without a
+    session TTL only a page would ever prune. The entry is due at once, and
+    the pass's check of the tenant's due entries unlists it."""
+    kept_forever = session_store.SessionStore(client, 0, max_bytes_per_tenant=BOUND)
+    for session_id in ("raced", "kept"):
+        await made_by_an_older_replica(kept_forever, tenant, session_id)
+    sweep = sweep_of(kept_forever, client)
+    read = kept_forever.listing._creation_times
+    raced = []
+
+    async def deleted_once_read(sessions: list[tuple[str, str]]) -> list[int | None]:
+        created = await read(sessions)
+        if (tenant, "raced") in sessions:
+            await kept_forever.delete(tenant, "raced")
+            raced.append(sessions)
+        return created
+
+    kept_forever.listing._creation_times = deleted_once_read
+    await a_pass(sweep)
+    assert raced, "the sweep never read the session"
+    assert await listed(client, tenant) == (["kept"], ["kept"])
+    # The one left lives with no TTL: never due again.
+    due = await client.zrange(session_store.listing_key(tenant, "due"), 0, -1, withscores=True)
+    assert [score for _, score in due] == [float("inf")]

@@ -61,6 +61,7 @@ from tests.integration.test_cache_servicer import (
 from tests.integration.test_cache_servicer import store as cache_store
 from tests.integration.test_context_service import USER, make_settings, msg, running
 from tests.integration.test_context_summaries import SPAN, append_turns, summary_settings, wait_for_spans
+from tests.integration.test_context_tenant_sweep import a_pass
 
 # The tests that bound a wait are marked serial (make test runs them alone);
 # the others assert outcomes only and share the machine.
@@ -343,6 +344,46 @@ async def test_the_tenant_sweep_clears_expired_sessions_entries_on_every_master(
         listed = await client.zrange(store.listing_key(tenant, "newest"), 0, -1)
         assert [member.partition(b":")[2] for member in listed] == [b"renewed"]
         assert await client.zrange(store.holdings_key(tenant, "expiry"), 0, -1) == [b"renewed"]
+
+
+async def test_the_tenant_sweep_lists_live_sessions_missing_from_listings_on_every_master(
+    cluster: Cluster, client, background_sweeps_idle
+) -> None:
+    """Sessions a context service from before the listing made (its create
+    script alone), on every master, of tenants whose listings lie on every
+    master: a pass SCANs every master for their metas, reads each session
+    on its node and lists it in its tenant's slot, each once; one deleted
+    before the pass is not listed."""
+    tenants: dict[int, str] = {}
+    for n in itertools.count():
+        tenant = f"unlisted-{uuid.uuid4().hex[:8]}-{n}"
+        tenants.setdefault(cluster.master_of(key_slot(store.listing_key(tenant, "due").encode())), tenant)
+        if len(tenants) == len(cluster.masters()):
+            break
+    sessions = store.SessionStore(client, 600, max_bytes_per_tenant=1 << 30)
+    unlisted: dict[str, list[str]] = {}
+    for tenant in tenants.values():
+        await sessions.create(tenant, "listed")
+        unlisted[tenant] = []
+        masters: set[int] = set()
+        for n in itertools.count():
+            session_id = f"older{n}"
+            await sessions._create(keys=store.session_keys(tenant, session_id), args=[600, ""])
+            unlisted[tenant].append(session_id)
+            masters.add(cluster.master_of(key_slot(store.session_key(tenant, session_id).encode())))
+            if masters == cluster.masters():
+                break
+        await sessions._create(keys=store.session_keys(tenant, "deleted"), args=[600, ""])
+        await sessions.delete(tenant, "deleted")
+        assert [s.session_id for s in (await sessions.listing.page(tenant, 100)).sessions] == ["listed"]
+
+    await a_pass(TenantSweep(client, sessions.listing, sessions.holdings))
+
+    for tenant in tenants.values():
+        page = await sessions.listing.page(tenant, 100)
+        assert sorted(s.session_id for s in page.sessions) == sorted(["listed", *unlisted[tenant]])
+        assert await client.zcard(store.listing_key(tenant, "newest")) == len(unlisted[tenant]) + 1
+        assert await client.zcard(store.listing_key(tenant, "due")) == len(unlisted[tenant]) + 1
 
 
 async def test_change_notices_from_every_master_reach_a_subscriber(cluster: Cluster, client, tenant) -> None:

@@ -140,7 +140,10 @@ class ContextServiceServicer:
         meanwhile is newer than the place and not listed. A page may hold
         fewer sessions than asked (even none) while next_page_token is set:
         sessions deleted or expired are pruned from the listing as a page
-        meets them, and a page reads a bounded number of them.
+        meets them, and a page reads a bounded number of them. A session whose
+        listing Redis failed after making it, or made by a service from before
+        the listing, is missing until the background sweep lists it, within
+        one pass of it (services/context/tenant_sweep.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

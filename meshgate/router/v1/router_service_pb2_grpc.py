@@ -177,7 +177,10 @@ class RouterServiceServicer:
         listing, not a snapshot, so a session that lives through the whole
         listing is listed exactly once, whatever is created, deleted or
         expires between pages. A page may hold fewer sessions than asked (even
-        none) while next_page_token is set.
+        none) while next_page_token is set. A session whose listing Redis
+        failed after making it, or made by a context service from before the
+        listing, is missing until the context service's background sweep lists
+        it: within one pass of the sweep (README, ListSessions).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
