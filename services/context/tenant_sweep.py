@@ -205,7 +205,9 @@ class TenantSweep:
 
     async def _scan(self) -> None:
         """One SCAN on each master whose SCAN is not through for this pass;
-        the tenants of the keys it returns join those found."""
+        the live sessions among the keys it returns that their tenants'
+        listings lack are listed, and the tenants of its keys (and those
+        listings) join those found."""
         masters = self._masters()
         # A master failed over is SCANned from the start under its new name.
         names = {_name(master) for master in masters}
