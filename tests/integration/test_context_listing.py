@@ -187,10 +187,14 @@ async def test_forks_are_listed_once_however_often_their_request_is_sent(client,
     assert await entries(client, tenant) == (3, 3)
 
 
-async def test_a_resend_of_a_request_id_lists_what_its_first_send_left_unlisted(client, tenant) -> None:
+async def test_a_resend_of_a_request_id_lists_what_its_first_send_left_unlisted(
+    client, tenant, background_sweeps_idle
+) -> None:
     """A create or fork whose listing was lost after its script (Redis
     failed between the two; the call answered UNAVAILABLE): the resend of
-    its request id, answered with the same session, lists it."""
+    its request id, answered with the same session, lists it (and not a
+    background sweep of a context service of this module's, which lists
+    what it finds unlisted, between the two)."""
     sessions = session_store.SessionStore(client, TTL_S)
     await sessions.create(tenant, "created", a_send("create"))
     await sessions.append(tenant, "created", 0, [msg(USER, "hello")], {})
