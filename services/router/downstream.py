@@ -64,8 +64,9 @@ _CONTEXT_RESTART_GRACE_S = 3.0
 # The session calls (ContextService.session_call) are sent again after an
 # UNAVAILABLE only where serving.is_retryable says a retry is safe: that can
 # come after the service applied the call (its connection broke before the
-# reply). A second ForkSession without a request_id would leave a fork no
-# caller knows of, holding the tenant's bytes; a second RevertSession one
+# reply). A ForkSession or CreateSession always carries a request_id here
+# (own_request_id), so its resend is answered with what the first made; a
+# second RevertSession one
 # more version, or ABORTED (VERSION_CONFLICT) for a strict revert the first
 # made; a second DeleteSession or UnpinFromSession NOT_FOUND for what the
 # first did. Those are sent again only when refused unread (SERVICE_BUSY),
@@ -86,6 +87,17 @@ _EMPTY_ANSWER_BYTES = common_pb2.Message(role=common_pb2.ROLE_ASSISTANT).ByteSiz
 # embedding through inference, +9 to +10 ms), so such a try could only fail
 # on its deadline, after sending the model work nobody waits for.
 _LEAST_TRY_S = 0.01
+
+
+def own_request_id(request_id: str) -> str:
+    """The request id (AIP-155) a CreateSession or ForkSession goes to the
+    context service with: its caller's, else one drawn for this call, so
+    that the router's own resend after an UNAVAILABLE (the reply lost,
+    the session made) is answered with the session the first send made,
+    which that answer lists and counts, not a second one or an UNAVAILABLE
+    that leaves the first unknown to its caller, unlisted and uncounted
+    until it expires. A caller's resend is another request."""
+    return request_id or str(uuid.uuid4())
 
 
 def not_taken(error: grpc.aio.AioRpcError, service: str) -> bool:
@@ -337,7 +349,7 @@ class ContextService:
         UNAVAILABLE (CreateSession is retryable) is then answered with the
         session the first send made, not a second one, which no caller knew
         of, held against the tenant's bounds until it expired."""
-        request = context_pb.CreateSessionRequest(request_id=request_id or str(uuid.uuid4()))
+        request = context_pb.CreateSessionRequest(request_id=own_request_id(request_id))
         response = await self.session_call("CreateSession", request, tenant, budget)
         return response.session.session_id
 

@@ -22,6 +22,7 @@ from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router.admission import SessionStreams
 from services.router.auth import current_caller, current_tenant
+from services.router.downstream import own_request_id
 from services.router.keys import check_tenant_id
 from services.router.ledger import METRICS, Ledger
 from services.router.pipeline import Budget, CacheStatus, Completion, Delta, Failure, Pipeline, stopped
@@ -481,7 +482,9 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         forked = await self._on_session(
             "ForkSession",
             context_pb.ForkSessionRequest(
-                session_id=request.session_id, version=request.version, request_id=request.request_id
+                session_id=request.session_id,
+                version=request.version,
+                request_id=own_request_id(request.request_id),
             ),
             context,
         )

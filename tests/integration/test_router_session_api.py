@@ -395,6 +395,33 @@ async def test_a_fork_whose_reply_is_lost_is_sent_again_under_its_request_id(red
         assert int(held[b"total"]) == 2 * session_store.held_by(0, 0)
 
 
+async def test_a_fork_without_a_request_id_whose_reply_is_lost_is_answered_listed_and_counted(
+    redis_url,
+) -> None:
+    """The fork's script ran and its reply was lost, the caller having sent
+    no request_id: the router answered UNAVAILABLE, and the fork lived on
+    unknown to anyone, neither listed (ListSessions showed the source
+    alone) nor counted on the tenant's bound (1,280 bytes counted, one
+    session's), until it expired. The router draws a request id for such a
+    fork, as for a create: its own resend is answered with the fork, which
+    is listed and counted then."""
+    async with with_replies_dropped(redis_url) as (router, _, tenant, auth, proxy, client):
+        source = await new_session(router, auth)
+        fork = pb.ForkSessionRequest(session_id=source, version=0)
+        sent = await drop_the_reply_of(
+            proxy, client, session_store._FORK_CREATE, lambda: router.ForkSession(fork, metadata=auth)
+        )
+        forked = await sent
+        sessions = [key async for key in client.scan_iter(match=f"mg:context:{{*:{tenant}}}:meta")]
+        assert sorted(key.decode() for key in sessions) == sorted(
+            session_store.session_keys(tenant, session_id)[0] for session_id in (source, forked.session_id)
+        )
+        listed = await router.ListSessions(pb.ListSessionsRequest(), metadata=auth)
+        assert sorted(s.session_id for s in listed.sessions) == sorted([source, forked.session_id])
+        held = await client.hgetall(session_store.holdings_key(tenant, "bytes"))
+        assert int(held[b"total"]) == 2 * session_store.held_by(0, 0)
+
+
 async def test_a_pin_with_a_stale_expected_version_is_refused_through_the_router(redis_url) -> None:
     """The router passes expected_version on: the caller read message 0 at
     version 1, and a revert and another turn since put another message
