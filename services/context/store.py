@@ -2008,7 +2008,21 @@ class SessionStore:
         for tokenizer_id, counts in token_counts.items():
             args.extend((_counts_field(tokenizer_id), _pack(counts)))
         added = sum(map(len, encoded)) + TURN_OVERHEAD_BYTES * len(turns)
-        await self.holdings.fits(tenant_id, session_id, added)
+        try:
+            await self.holdings.fits(tenant_id, session_id, added)
+        except MeshgateError as refusal:
+            # A resend of an append applied already adds nothing: answered
+            # as the script answers it, whatever the tenant's room since (as
+            # a create's resend is, _sent_before). The router sends an append
+            # again under its turn id after an UNAVAILABLE, whose first send
+            # may have appended it and been counted: refused, its caller was
+            # told the turn was not stored, which the session held.
+            replay = None
+            if refusal.reason == Reason.SESSION_QUOTA_EXCEEDED and turn_id:
+                replay = await self._applied_before(tenant_id, session_id, turn_id)
+            if replay is None:
+                raise
+            return replay
         with redis_reachable():
             keys = [*session_keys(tenant_id, session_id), unbilled_key(tenant_id, session_id)]
             outcome = await self._append(keys=keys, args=args)
@@ -2026,6 +2040,19 @@ class SessionStore:
         if held_bytes is not None:
             await self.holdings.held(tenant_id, session_id, held_bytes, int(held_turns))
         return Appended(int(version), False, held_bytes, int(created_ms))
+
+    async def _applied_before(self, tenant_id: str, session_id: str, turn_id: str) -> Appended | None:
+        """What _APPEND answers an append of ``turn_id`` with where the
+        session applied it already (nothing appended again), read as of one
+        instant (MULTI: one slot); None where it did not."""
+        with redis_reachable():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hget(key(tenant_id, session_id, "turn_ids"), turn_id)
+                pipe.hget(session_key(tenant_id, session_id), "create_time_ms")
+                applied, created_ms = await pipe.execute()
+        if applied is None or created_ms is None:
+            return None
+        return Appended(int(applied), True, None, int(created_ms))
 
     def check_room(
         self,

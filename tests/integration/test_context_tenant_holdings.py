@@ -97,3 +97,29 @@ async def test_a_sessions_summaries_are_counted_once_written(redis_url, redis_cl
             return bool(summaries) and total == session_store.held_by(turn_bytes, 8) + beside
 
         await _until(summaries_counted)
+
+
+async def test_a_resent_append_is_answered_at_the_tenants_bound(redis_url, redis_client) -> None:
+    """An append applied and counted, then sent again with its turn id (the
+    router's own resend after an UNAVAILABLE whose reply was lost): the
+    tenant's room was asked before the turn id, so at its bound the resend
+    was refused RESOURCE_EXHAUSTED SESSION_QUOTA_EXCEEDED (4,337 bytes
+    held, 3,057 more past 5,000) for a turn the session holds, and the
+    router told its caller the turn was not stored. It is answered as a
+    replay, whatever the room, as a create's resend is; another turn is
+    still refused."""
+    tenant = f"holdings-{uuid.uuid4().hex[:8]}"
+    async with running(bounded(redis_url, 5_000)) as stub:
+        created = await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))
+        here = {"tenant_id": tenant, "session_id": created.session.session_id, "any_version": True}
+        turn = [msg(USER, "q" * 900), msg(ASSISTANT, "a" * 100)]
+        append = pb.AppendTurnsRequest(**here, turn_id="turn-1", messages=turn)
+        assert (await stub.AppendTurns(append)).version == 1
+        held = await counted(redis_client, tenant)
+
+        resent = await stub.AppendTurns(append)
+        assert (resent.version, resent.replayed) == (1, True)
+        assert await counted(redis_client, tenant) == held
+        another = stub.AppendTurns(pb.AppendTurnsRequest(**here, turn_id="turn-2", messages=turn))
+        code, reason, _ = await failure(another)
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_QUOTA_EXCEEDED")
