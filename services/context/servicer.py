@@ -1213,7 +1213,21 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             expected_version = request.expected_version
             _check_version(expected_version, "expected_version")
         size = len(pin.encode()) + PIN_OVERHEAD_BYTES
-        await self._store.holdings.fits(request.tenant_id, request.session_id, size)
+        try:
+            await self._store.holdings.fits(request.tenant_id, request.session_id, size)
+        except MeshgateError as refusal:
+            # A pin the session holds already adds nothing: answered as the
+            # pin script answers it, whatever the tenant's room (a resend
+            # after a lost reply, which the router makes itself, as for an
+            # append under its turn id: SessionStore.append).
+            if refusal.reason != Reason.SESSION_QUOTA_EXCEEDED:
+                raise
+            held = await index.pin(
+                request.tenant_id, request.session_id, pin, message_index, expected_version, held_only=True
+            )
+            if held is None:
+                raise
+            return pb.PinToSessionResponse(pin_count=held)
         pin_count = await index.pin(
             request.tenant_id, request.session_id, pin, message_index, expected_version
         )

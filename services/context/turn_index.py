@@ -292,11 +292,13 @@ return 1
 MAX_PINS = 256
 
 # KEYS: store.session_keys. ARGV: pin, turn index ("" for a fact), ttl_s,
-# MAX_PINS, the version the session must be at ("" for any). Returns {1,
-# pins held}, {0} if there is no session, {-4, its version} if that is not
-# the one expected, {-1, turns held} if the turn does not exist, {-2,
-# compacted version} if its text was compacted, {-3, pins held} if the
-# session holds MAX_PINS already.
+# MAX_PINS, the version the session must be at ("" for any), "1" to answer
+# only a pin held already ("" to add it too). Returns {1, pins held}, {0}
+# if there is no session, {-4, its version} if that is not the one
+# expected, {-1, turns held} if the turn does not exist, {-2, compacted
+# version} if its text was compacted, {-3, pins held} if the session holds
+# MAX_PINS already, {-5} if the pin is not held and only a held one was to
+# be answered (nothing written).
 _PIN = (
     RENEW
     + """
@@ -320,6 +322,7 @@ local pins = redis.call('LLEN', KEYS[5])
 -- twice): it stays one pin, else a fact went into every prompt twice, and
 -- the one UnpinFromSession left it pinned.
 if redis.call('LPOS', KEYS[5], ARGV[1]) then return {1, pins} end
+if ARGV[6] == '1' then return {-5} end
 if pins >= tonumber(ARGV[4]) then return {-3, pins} end
 local count = redis.call('RPUSH', KEYS[5], ARGV[1])
 renew(tonumber(ARGV[3]))
@@ -932,18 +935,23 @@ class TurnIndex:
         pin: str,
         message_index: int | None,
         expected_version: int | None = None,
-    ) -> int:
+        *,
+        held_only: bool = False,
+    ) -> int | None:
         """Adds a pin (``t:<index>`` or ``f:<text>``) unless the session
         holds it already; returns how many the session holds. Raises
         SESSION_NOT_FOUND, VERSION_CONFLICT where the session is not at
         ``expected_version`` (None: at any), PIN_TARGET_NOT_FOUND for a turn
-        the session does not hold, or TOO_MANY_PINS past MAX_PINS."""
+        the session does not hold, or TOO_MANY_PINS past MAX_PINS.
+        ``held_only``: answers a pin the session holds already, as above,
+        and adds none: None where it is not held."""
         index = "" if message_index is None else message_index
         expected = "" if expected_version is None else expected_version
+        args = [pin, index, self._ttl_s, MAX_PINS, expected, "1" if held_only else ""]
         with redis_reachable():
-            outcome = await self._pin(
-                keys=session_keys(tenant_id, session_id), args=[pin, index, self._ttl_s, MAX_PINS, expected]
-            )
+            outcome = await self._pin(keys=session_keys(tenant_id, session_id), args=args)
+        if outcome[0] == -5:
+            return None
         if outcome[0] == 0:
             raise session_not_found(session_id)
         if outcome[0] == -4:

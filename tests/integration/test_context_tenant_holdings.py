@@ -123,3 +123,27 @@ async def test_a_resent_append_is_answered_at_the_tenants_bound(redis_url, redis
         another = stub.AppendTurns(pb.AppendTurnsRequest(**here, turn_id="turn-2", messages=turn))
         code, reason, _ = await failure(another)
         assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_QUOTA_EXCEEDED")
+
+
+async def test_a_pin_the_session_holds_is_answered_at_the_tenants_bound(redis_url, redis_client) -> None:
+    """A pin the session holds already adds nothing (the pin script answers
+    it), but the tenant's room was asked first: at the bound, pinning it
+    again (the router's own resend of a PinToSession after an UNAVAILABLE,
+    or its caller's) was refused SESSION_QUOTA_EXCEEDED (2,410 bytes held,
+    1,130 more past 3,539) for a pin that was there."""
+    tenant = f"holdings-{uuid.uuid4().hex[:8]}"
+    fact = "z" * 1000
+    pin_bytes = len(f"f:{fact}") + session_store.PIN_OVERHEAD_BYTES
+    # Room for the session and its pin, not for the pin twice.
+    bound = session_store.SESSION_OVERHEAD_BYTES + 2 * pin_bytes - 1
+    async with running(bounded(redis_url, bound)) as stub:
+        created = await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))
+        here = {"tenant_id": tenant, "session_id": created.session.session_id}
+        assert (await stub.PinToSession(pb.PinToSessionRequest(**here, fact=fact))).pin_count == 1
+        held = await counted(redis_client, tenant)
+
+        assert (await stub.PinToSession(pb.PinToSessionRequest(**here, fact=fact))).pin_count == 1
+        assert await counted(redis_client, tenant) == held
+        another = stub.PinToSession(pb.PinToSessionRequest(**here, fact=f"y{fact}"))
+        code, reason, _ = await failure(another)
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_QUOTA_EXCEEDED")
