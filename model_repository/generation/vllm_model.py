@@ -53,6 +53,8 @@ class TritonSender:
         self.extra_outputs = extra_outputs
         self.model_name = model_name
         self.prompt_tokens = 0
+        # Whether a response carried num_input_tokens yet (below).
+        self.prompt_count_sent = False
 
     def is_cancelled(self) -> bool:
         return self.response_sender.is_cancelled()
@@ -67,9 +69,15 @@ class TritonSender:
         # The rest says nothing new before the end (vLLM sends finish_reason
         # str(None) until then, and the prompt's counts never change), so it
         # rides on the final response only: every tensor is a shared-memory
-        # copy here and bytes on the wire for each streamed token.
+        # copy here and bytes on the wire for each streamed token. But for
+        # the prompt's count on the first response too: a caller billing a
+        # request cut short before the final one (hung up, its deadline
+        # passed) bills the tokens the model read, not a bound (one tensor
+        # a request).
         if final:
             outputs.extend(self._final_outputs(finish_reason, cached_tokens))
+        elif not self.prompt_count_sent and "num_input_tokens" in self.extra_outputs:
+            outputs.append(self._prompt_count())
         self.response_sender.send(
             pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if final else 0
         )
@@ -81,12 +89,14 @@ class TritonSender:
                 pb_utils.Tensor("finish_reason", np.array([str(finish_reason).encode()], dtype=np.object_))
             )
         if "num_input_tokens" in self.extra_outputs:
-            outputs.append(
-                pb_utils.Tensor("num_input_tokens", np.array([self.prompt_tokens], dtype=np.uint32))
-            )
+            outputs.append(self._prompt_count())
         if "num_cached_tokens" in self.extra_outputs:
             outputs.append(pb_utils.Tensor("num_cached_tokens", np.array([cached_tokens], dtype=np.uint32)))
         return outputs
+
+    def _prompt_count(self):
+        self.prompt_count_sent = True
+        return pb_utils.Tensor("num_input_tokens", np.array([self.prompt_tokens], dtype=np.uint32))
 
     def fail(self, message: str, kind: str) -> None:
         # Looked up here: the stub adds TritonError to pb_utils only after importing the models.

@@ -549,6 +549,8 @@ class _TritonStream:
         prefill_queued = True
         started = time.monotonic()
         prompt_tokens = completion_tokens = 0
+        # Whether a delta carried the prompt's count (once: it never changes).
+        prompt_count_sent = False
         finish_reason = ""
         final_seen = False
         last_text = ""
@@ -632,7 +634,15 @@ class _TritonStream:
                     self.delivered_deltas += 1
                     self.delivered_chars += len(text)
                     self.delivered_tokens = completion_tokens
-                    yield pb.GenerateResponse(delta=pb.GenerateDelta(text=text))
+                    # The counts behind the text so far ride on it (a few
+                    # bytes a delta, no message of their own): a caller cut
+                    # off before the completion is billed what the model read
+                    # and produced up to its last delta, not a bound.
+                    delta = pb.GenerateDelta(text=text, completion_tokens=completion_tokens)
+                    if prompt_tokens and not prompt_count_sent:
+                        delta.prompt_tokens = prompt_tokens
+                        prompt_count_sent = True
+                    yield pb.GenerateResponse(delta=delta)
                 if model_error:
                     # As the status Triton would have ended the call with:
                     # Generate and triton_failure take it from there.

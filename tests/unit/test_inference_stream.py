@@ -25,10 +25,16 @@ from tests.unit.test_streaming import until
 
 
 def triton_response(
-    text: str | bytes, tokens: int, final: bool = False, finish_reason: str = "", prompt_tokens: int = 0
+    text: str | bytes,
+    tokens: int,
+    final: bool = False,
+    finish_reason: str = "",
+    prompt_tokens: int | None = None,
 ) -> service_pb2.ModelStreamInferResponse:
     """A response of the model; ``text`` as bytes: what a byte-level backend
-    sends, part of a character perhaps."""
+    sends, part of a character perhaps. The prompt's count comes on the
+    final response (0 if not given), and on another where given (the
+    bundled models send it on their first too)."""
     data = text.encode() if isinstance(text, str) else text
     message = service_pb2.ModelStreamInferResponse()
     response = message.infer_response
@@ -40,7 +46,8 @@ def triton_response(
     if final:
         reason = struct.pack("<I", len(finish_reason)) + finish_reason.encode()
         outputs.append(("finish_reason", "BYTES", reason))
-        outputs.append(("num_input_tokens", "UINT32", struct.pack("<I", prompt_tokens)))
+    if final or prompt_tokens is not None:
+        outputs.append(("num_input_tokens", "UINT32", struct.pack("<I", prompt_tokens or 0)))
     for name, datatype, raw in outputs:
         response.outputs.add(name=name, datatype=datatype, shape=[1])
         response.raw_output_contents.append(raw)
@@ -161,6 +168,42 @@ async def test_responses_already_waiting_go_out_as_one_delta_with_exact_counts()
     assert (completion.finish_reason, completion.backend) == ("length", "triton-a:8001")
     assert (backend.in_flight, backend.active_tokens) == (0, 0)
     assert not call.cancelled, "a finished stream ends by itself, not by a cancel"
+
+
+async def test_each_delta_carries_the_completion_tokens_so_far_and_the_first_the_prompts():
+    """A caller cut off midway is billed the counts of the last delta it
+    got (the router's admission): the model's prompt count once, on the
+    first delta after the model said it, and the running completion count
+    on every delta (a sum of the responses' num_output_tokens)."""
+    call = ScriptedCall()
+    stream, _ = stream_on(call)
+    deltas = aiter(stream)
+    call.send(triton_response("Hel", 1, prompt_tokens=9))
+    first = await asyncio.wait_for(anext(deltas), 5)
+    call.send(triton_response("lo", 2))
+    second = await asyncio.wait_for(anext(deltas), 5)
+    call.send(triton_response(" world", 1, final=True, finish_reason="length", prompt_tokens=9))
+    call.send(grpc.aio.EOF)
+    rest = [r async for r in deltas]
+
+    assert (first.delta.text, first.delta.completion_tokens, first.delta.prompt_tokens) == ("Hel", 1, 9)
+    assert (second.delta.text, second.delta.completion_tokens, second.delta.prompt_tokens) == ("lo", 3, 0)
+    assert (rest[0].delta.completion_tokens, rest[0].delta.prompt_tokens) == (4, 0)
+    assert (rest[1].completion.usage.prompt_tokens, rest[1].completion.usage.completion_tokens) == (9, 4)
+
+
+async def test_a_model_that_counts_the_prompt_only_at_its_end_sends_no_prompt_count_on_a_delta():
+    call = ScriptedCall()
+    stream, _ = stream_on(call, completion_carries_text=True)
+    responses = aiter(stream)
+    call.send(triton_response("Hel", 1))
+    delta = await asyncio.wait_for(anext(responses), 5)
+    call.send(triton_response("lo", 1, final=True, finish_reason="stop", prompt_tokens=9))
+    call.send(grpc.aio.EOF)
+    [completion] = [r async for r in responses]
+
+    assert (delta.delta.completion_tokens, delta.delta.prompt_tokens) == (1, 0)
+    assert (completion.completion.usage.prompt_tokens, completion.completion.text) == (9, "lo")
 
 
 @pytest.mark.parametrize("finish_reason", ["abort", "error"])

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from meshgate.common.v1 import common_pb2 as meshgate_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-meshgate/inference/v1/inference_service.proto\x12\x15meshgate.inference.v1\x1a\x1fmeshgate/common/v1/common.proto\"\xd7\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12-\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12<\n\nparameters\x18\x03 \x01(\x0b\x32(.meshgate.common.v1.GenerationParameters\x12!\n\x19\x63ompletion_may_carry_text\x18\x04 \x01(\x08\x12\x11\n\ttenant_id\x18\x05 \x01(\t\x12\x12\n\nbackground\x18\x06 \x01(\x08\"\x93\x01\n\x10GenerateResponse\x12\x35\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32$.meshgate.inference.v1.GenerateDeltaH\x00\x12?\n\ncompletion\x18\x02 \x01(\x0b\x32).meshgate.inference.v1.GenerateCompletionH\x00\x42\x07\n\x05\x65vent\"\x1d\n\rGenerateDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"t\n\x12GenerateCompletion\x12(\n\x05usage\x18\x01 \x01(\x0b\x32\x19.meshgate.common.v1.Usage\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"3\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x14\n\x0c\x63ount_tokens\x18\x02 \x01(\x08\"q\n\rEmbedResponse\x12\x12\n\ndimensions\x18\x01 \x01(\x05\x12\x0f\n\x07vectors\x18\x02 \x01(\x0c\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x03\x12\r\n\x05model\x18\x04 \x01(\t\x12\x16\n\x0emodel_revision\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"H\n\x12ListModelsResponse\x12\x32\n\x06models\x18\x01 \x03(\x0b\x32\".meshgate.inference.v1.ServedModel\"_\n\x0bServedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0ctriton_model\x18\x02 \x01(\t\x12\x1d\n\x15\x63ontext_window_tokens\x18\x03 \x01(\x05\x12\r\n\x05ready\x18\x04 \x01(\x08\"\x19\n\x17GetBackendHealthRequest\"L\n\x18GetBackendHealthResponse\x12\x30\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x1e.meshgate.inference.v1.Backend\"\x7f\n\x07\x42\x61\x63kend\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04live\x18\x02 \x01(\x08\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x11\n\tin_flight\x18\x04 \x01(\x05\x12\x33\n\x06models\x18\x05 \x03(\x0b\x32#.meshgate.inference.v1.BackendModel\"E\n\x0c\x42\x61\x63kendModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x18\n\x10not_ready_reason\x18\x03 \x01(\t2\x9d\x03\n\x10InferenceService\x12]\n\x08Generate\x12&.meshgate.inference.v1.GenerateRequest\x1a\'.meshgate.inference.v1.GenerateResponse0\x01\x12R\n\x05\x45mbed\x12#.meshgate.inference.v1.EmbedRequest\x1a$.meshgate.inference.v1.EmbedResponse\x12\x61\n\nListModels\x12(.meshgate.inference.v1.ListModelsRequest\x1a).meshgate.inference.v1.ListModelsResponse\x12s\n\x10GetBackendHealth\x12..meshgate.inference.v1.GetBackendHealthRequest\x1a/.meshgate.inference.v1.GetBackendHealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-meshgate/inference/v1/inference_service.proto\x12\x15meshgate.inference.v1\x1a\x1fmeshgate/common/v1/common.proto\"\xd7\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12-\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.meshgate.common.v1.Message\x12<\n\nparameters\x18\x03 \x01(\x0b\x32(.meshgate.common.v1.GenerationParameters\x12!\n\x19\x63ompletion_may_carry_text\x18\x04 \x01(\x08\x12\x11\n\ttenant_id\x18\x05 \x01(\t\x12\x12\n\nbackground\x18\x06 \x01(\x08\"\x93\x01\n\x10GenerateResponse\x12\x35\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32$.meshgate.inference.v1.GenerateDeltaH\x00\x12?\n\ncompletion\x18\x02 \x01(\x0b\x32).meshgate.inference.v1.GenerateCompletionH\x00\x42\x07\n\x05\x65vent\"O\n\rGenerateDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\"t\n\x12GenerateCompletion\x12(\n\x05usage\x18\x01 \x01(\x0b\x32\x19.meshgate.common.v1.Usage\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"3\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x14\n\x0c\x63ount_tokens\x18\x02 \x01(\x08\"q\n\rEmbedResponse\x12\x12\n\ndimensions\x18\x01 \x01(\x05\x12\x0f\n\x07vectors\x18\x02 \x01(\x0c\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x03\x12\r\n\x05model\x18\x04 \x01(\t\x12\x16\n\x0emodel_revision\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"H\n\x12ListModelsResponse\x12\x32\n\x06models\x18\x01 \x03(\x0b\x32\".meshgate.inference.v1.ServedModel\"_\n\x0bServedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0ctriton_model\x18\x02 \x01(\t\x12\x1d\n\x15\x63ontext_window_tokens\x18\x03 \x01(\x05\x12\r\n\x05ready\x18\x04 \x01(\x08\"\x19\n\x17GetBackendHealthRequest\"L\n\x18GetBackendHealthResponse\x12\x30\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x1e.meshgate.inference.v1.Backend\"\x7f\n\x07\x42\x61\x63kend\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04live\x18\x02 \x01(\x08\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x11\n\tin_flight\x18\x04 \x01(\x05\x12\x33\n\x06models\x18\x05 \x03(\x0b\x32#.meshgate.inference.v1.BackendModel\"E\n\x0c\x42\x61\x63kendModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x18\n\x10not_ready_reason\x18\x03 \x01(\t2\x9d\x03\n\x10InferenceService\x12]\n\x08Generate\x12&.meshgate.inference.v1.GenerateRequest\x1a\'.meshgate.inference.v1.GenerateResponse0\x01\x12R\n\x05\x45mbed\x12#.meshgate.inference.v1.EmbedRequest\x1a$.meshgate.inference.v1.EmbedResponse\x12\x61\n\nListModels\x12(.meshgate.inference.v1.ListModelsRequest\x1a).meshgate.inference.v1.ListModelsResponse\x12s\n\x10GetBackendHealth\x12..meshgate.inference.v1.GetBackendHealthRequest\x1a/.meshgate.inference.v1.GetBackendHealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,27 +37,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATERESPONSE']._serialized_start=324
   _globals['_GENERATERESPONSE']._serialized_end=471
   _globals['_GENERATEDELTA']._serialized_start=473
-  _globals['_GENERATEDELTA']._serialized_end=502
-  _globals['_GENERATECOMPLETION']._serialized_start=504
-  _globals['_GENERATECOMPLETION']._serialized_end=620
-  _globals['_EMBEDREQUEST']._serialized_start=622
-  _globals['_EMBEDREQUEST']._serialized_end=673
-  _globals['_EMBEDRESPONSE']._serialized_start=675
-  _globals['_EMBEDRESPONSE']._serialized_end=788
-  _globals['_LISTMODELSREQUEST']._serialized_start=790
-  _globals['_LISTMODELSREQUEST']._serialized_end=809
-  _globals['_LISTMODELSRESPONSE']._serialized_start=811
-  _globals['_LISTMODELSRESPONSE']._serialized_end=883
-  _globals['_SERVEDMODEL']._serialized_start=885
-  _globals['_SERVEDMODEL']._serialized_end=980
-  _globals['_GETBACKENDHEALTHREQUEST']._serialized_start=982
-  _globals['_GETBACKENDHEALTHREQUEST']._serialized_end=1007
-  _globals['_GETBACKENDHEALTHRESPONSE']._serialized_start=1009
-  _globals['_GETBACKENDHEALTHRESPONSE']._serialized_end=1085
-  _globals['_BACKEND']._serialized_start=1087
-  _globals['_BACKEND']._serialized_end=1214
-  _globals['_BACKENDMODEL']._serialized_start=1216
-  _globals['_BACKENDMODEL']._serialized_end=1285
-  _globals['_INFERENCESERVICE']._serialized_start=1288
-  _globals['_INFERENCESERVICE']._serialized_end=1701
+  _globals['_GENERATEDELTA']._serialized_end=552
+  _globals['_GENERATECOMPLETION']._serialized_start=554
+  _globals['_GENERATECOMPLETION']._serialized_end=670
+  _globals['_EMBEDREQUEST']._serialized_start=672
+  _globals['_EMBEDREQUEST']._serialized_end=723
+  _globals['_EMBEDRESPONSE']._serialized_start=725
+  _globals['_EMBEDRESPONSE']._serialized_end=838
+  _globals['_LISTMODELSREQUEST']._serialized_start=840
+  _globals['_LISTMODELSREQUEST']._serialized_end=859
+  _globals['_LISTMODELSRESPONSE']._serialized_start=861
+  _globals['_LISTMODELSRESPONSE']._serialized_end=933
+  _globals['_SERVEDMODEL']._serialized_start=935
+  _globals['_SERVEDMODEL']._serialized_end=1030
+  _globals['_GETBACKENDHEALTHREQUEST']._serialized_start=1032
+  _globals['_GETBACKENDHEALTHREQUEST']._serialized_end=1057
+  _globals['_GETBACKENDHEALTHRESPONSE']._serialized_start=1059
+  _globals['_GETBACKENDHEALTHRESPONSE']._serialized_end=1135
+  _globals['_BACKEND']._serialized_start=1137
+  _globals['_BACKEND']._serialized_end=1264
+  _globals['_BACKENDMODEL']._serialized_start=1266
+  _globals['_BACKENDMODEL']._serialized_end=1335
+  _globals['_INFERENCESERVICE']._serialized_start=1338
+  _globals['_INFERENCESERVICE']._serialized_end=1751
 # @@protoc_insertion_point(module_scope)

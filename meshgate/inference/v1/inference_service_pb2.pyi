@@ -32,10 +32,14 @@ class GenerateResponse(_message.Message):
     def __init__(self, delta: _Optional[_Union[GenerateDelta, _Mapping]] = ..., completion: _Optional[_Union[GenerateCompletion, _Mapping]] = ...) -> None: ...
 
 class GenerateDelta(_message.Message):
-    __slots__ = ("text",)
+    __slots__ = ("text", "completion_tokens", "prompt_tokens")
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     text: str
-    def __init__(self, text: _Optional[str] = ...) -> None: ...
+    completion_tokens: int
+    prompt_tokens: int
+    def __init__(self, text: _Optional[str] = ..., completion_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateCompletion(_message.Message):
     __slots__ = ("usage", "finish_reason", "backend", "text")
