@@ -617,17 +617,22 @@ def used_tokens(turn, outcome) -> tuple[int, int]:
         # Failed before any piece came (no deployment could serve, the
         # context service was down): the turn got nothing, and pays nothing.
         return 0, 0
-    # Failed or cancelled before the completion's count: the prompt as its
-    # content's bytes bound it (a session turn's as assembled, the history
-    # the model read with it; a caller hanging up before the first piece
-    # pays for it too, as the model may have read it already), and the
-    # completion tokens delivered: none before the
-    # first piece; the failure's delivered_tokens where it counted them;
-    # else, as the deltas carry no counts, the bytes delivered (no token
-    # is less than a byte), at most max_tokens: an overcharge, never an
-    # undercharge (a caller reading all but the end of an answer, then
-    # hanging up, must not have it free).
-    prompt_tokens = estimate_prompt_tokens(turn.messages if outcome.prompt is None else outcome.prompt)
+    # Failed or cancelled before the completion's count: the prompt as the
+    # model counted it (the inference service's first delta carries it),
+    # else as its content's bytes bound it (a session turn's as assembled,
+    # the history the model read with it; a caller hanging up before the
+    # first piece pays for it too, as the model may have read it already),
+    # and the completion tokens delivered: none before the first piece;
+    # the count behind the last piece delivered (each delta carries it), or
+    # the failure's delivered_tokens, where either came; else the bytes
+    # delivered (no token is less than a byte), at most max_tokens: an
+    # overcharge, never an undercharge (a caller reading all but the end of
+    # an answer, then hanging up, must not have it free). The bounds are for
+    # an inference service that sends no counts, or a failure before any:
+    # at about 4 bytes a token of English, they charged a stop button ~4x.
+    prompt_tokens = outcome.prompt_tokens_read or estimate_prompt_tokens(
+        turn.messages if outcome.prompt is None else outcome.prompt
+    )
     if not outcome.delivered_bytes:
         return prompt_tokens, 0
     if outcome.delivered_tokens is not None:

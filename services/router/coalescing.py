@@ -236,7 +236,7 @@ class Coalescer:
                 flight.task = asyncio.ensure_future(self._pump(flight_key, flight))
             while True:
                 if flight.expired_for(deadline, self._clock()):
-                    raise _own_copy(_deadline_passed(), delivered, chars)
+                    raise _own_copy(_deadline_passed(), delivered, chars, answer)
                 if read < len(pieces):
                     # Known from the first piece on: the turn's latency
                     # metrics name the deployment (see Deployments.generate).
@@ -246,6 +246,12 @@ class Coalescer:
                     arrived = len(pieces)
                     text = pieces[read] if arrived - read == 1 else "".join(pieces[read:arrived])
                     read = arrived
+                    # The generation's counts behind every piece so far (set
+                    # as each arrived, before the next could): this caller's
+                    # to be billed if it is cut off after this text.
+                    shared = flight.answer
+                    answer.prompt_tokens_read = shared.prompt_tokens_read
+                    answer.completion_tokens_so_far = shared.completion_tokens_so_far
                     if flight.answer.finish_reason:
                         # The generation's last piece is in (it came with
                         # the completion): said as an unshared generation
@@ -261,13 +267,13 @@ class Coalescer:
                     async with asyncio.timeout(None if deadline is None else deadline - self._clock()):
                         await flight.changed()
                 except TimeoutError:
-                    raise _own_copy(_deadline_passed(), delivered, chars) from None
+                    raise _own_copy(_deadline_passed(), delivered, chars, answer) from None
             if flight.error is not None:
-                raise _own_copy(flight.error, delivered, chars)
+                raise _own_copy(flight.error, delivered, chars, answer)
             if not flight.completed:
                 # Cancelled under a reader (only the loop shutting down does
                 # that): never a silent short answer.
-                raise _own_copy(internal_error(), delivered, chars)
+                raise _own_copy(internal_error(), delivered, chars, answer)
             answer.adopt(flight.answer)
         finally:
             await self._leave(flight_key, flight, reader)
@@ -298,11 +304,15 @@ def _deadline_passed() -> MeshgateError:
     )
 
 
-def _own_copy(error: MeshgateError, deltas: int, chars: int) -> MeshgateError:
-    """Each caller's failure, with what that caller received; the shared one
-    is never raised twice (a raise rewrites its traceback)."""
+def _own_copy(error: MeshgateError, deltas: int, chars: int, answer) -> MeshgateError:
+    """Each caller's failure, with what that caller received (the tokens
+    behind it: its ``answer``'s count at its last piece, where counted; the
+    shared failure's count is the whole generation's); the shared one is
+    never raised twice (a raise rewrites its traceback)."""
     copy = error.copy()
     if deltas:
         tokens = error.metadata.get("delivered_tokens")
-        partly_delivered(copy, deltas, chars, int(tokens) if tokens else None)
+        partly_delivered(
+            copy, deltas, chars, answer.completion_tokens_so_far or (int(tokens) if tokens else None)
+        )
     return copy

@@ -788,13 +788,24 @@ class Deployments:
                         texts = []
                         for response in batch:
                             if response.HasField("delta"):
-                                texts.append(response.delta.text)
+                                delta = response.delta
+                                texts.append(delta.text)
+                                # The counts behind the text so far: the
+                                # prompt's on one delta, the completion's a
+                                # running count (0 from a service before them).
+                                if delta.prompt_tokens:
+                                    answer.prompt_tokens_read = delta.prompt_tokens
+                                answer.completion_tokens_so_far = delta.completion_tokens
                             else:
                                 completion = response.completion
                                 if completion.text:
                                     texts.append(completion.text)
                                 answer.prompt_tokens = completion.usage.prompt_tokens
                                 answer.completion_tokens = completion.usage.completion_tokens
+                                # Behind the completion's text too (a
+                                # shared generation's readers copy these).
+                                answer.prompt_tokens_read = completion.usage.prompt_tokens
+                                answer.completion_tokens_so_far = completion.usage.completion_tokens
                                 answer.finish_reason = completion.finish_reason
                                 completed = True
                         if not texts:
@@ -846,6 +857,7 @@ class Deployments:
                     # failure: what it filled is not the answer's (a finish
                     # reason says the next piece is the last, Generator).
                     answer.prompt_tokens = answer.completion_tokens = 0
+                    answer.prompt_tokens_read = answer.completion_tokens_so_far = 0
                     answer.finish_reason = ""
                     if take_back_route is not None:
                         # It computed none of the prompt (refused unread, or
@@ -865,11 +877,16 @@ class Deployments:
                 )
                 if pieces:
                     # Our own count of what reached our caller (every piece
-                    # was yielded before the next read failed); the tokens
-                    # behind it are the inference service's count.
+                    # was yielded before the next read failed), and of the
+                    # tokens behind it, which the last delta carried; else
+                    # the inference service's failure's, where it counted
+                    # them (none when this call's deadline passed).
                     tokens = failure.metadata.get("delivered_tokens")
                     partly_delivered(
-                        failure, len(pieces), sum(map(len, pieces)), int(tokens) if tokens else None
+                        failure,
+                        len(pieces),
+                        sum(map(len, pieces)),
+                        answer.completion_tokens_so_far or (int(tokens) if tokens else None),
                     )
                 raise failure from error
             except BaseException as error:  # cancelled, closed: the span says so, then on it goes
@@ -905,6 +922,7 @@ class Deployments:
                     ),
                     len(pieces),
                     sum(map(len, pieces)),
+                    answer.completion_tokens_so_far or None,
                 )
             deployment.health.record_success()
             answer.text = "".join(pieces)

@@ -124,6 +124,14 @@ class Answer:
     completion_tokens: int = 0
     finish_reason: str = ""
     deployment: str = ""
+    # A generation's counts behind the text it yielded so far, as the
+    # inference service's deltas (and then its completion) carry them: the
+    # prompt tokens the model read and the completion tokens it produced
+    # for that text. What a turn cut off before its completion is billed
+    # (admission.used_tokens); 0: not told (an inference service that
+    # predates the counts, a model that reports none, no delta yet).
+    prompt_tokens_read: int = dataclasses.field(default=0, compare=False)
+    completion_tokens_so_far: int = dataclasses.field(default=0, compare=False)
     # For a generated answer, the store_fence read before its generation
     # began (CachePlan.store_fence of the turn that began it), which its
     # Store passes back; None when none was: it is then not stored. A turn
@@ -230,6 +238,9 @@ class Delta:
     # with the completion (Pipeline.run's carry_last_text); False when not
     # known to be the last.
     last: bool = False
+    # A generated piece's Answer.completion_tokens_so_far: the completion
+    # tokens behind it and the pieces before it (0: not counted, a hit's).
+    completion_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,12 +294,17 @@ class Outcome:
     # replayed); a turn that ended early with none is billed no completion
     # tokens, one with some at most this many (every token is a byte or more).
     delivered_bytes: int = 0
-    # The completion tokens behind what inference delivered, as the failure
-    # that ended the stream counted them (delivered_tokens), where it did.
+    # The completion tokens behind the pieces the turn received: the last
+    # one's count (Delta.completion_tokens), else the failure that ended the
+    # stream's (delivered_tokens), where either counted them.
     delivered_tokens: int | None = None
     # The messages the model was sent, where a session's were assembled
-    # (None: the turn's own): what a turn that ends early pays as its prompt.
+    # (None: the turn's own): what a turn that ends early pays as its prompt
+    # when the model's count of it (prompt_tokens_read) is not known.
     prompt: list[common_pb2.Message] | None = None
+    # The prompt tokens the model said it read (Answer.prompt_tokens_read),
+    # once a delta of its generation reached the turn; 0: not told.
+    prompt_tokens_read: int = 0
 
 
 @dataclasses.dataclass
@@ -639,6 +655,9 @@ class Pipeline:
             return
         answer, facts, failure, cancelled = Answer(), _TurnFacts(), None, False
         delivered_bytes, delivered_tokens = 0, None
+        # The completion tokens behind the pieces delivered, as the last of
+        # them counted them (Delta.completion_tokens; 0: not counted).
+        counted_tokens = 0
         span = telemetry.start_genai_span("chat", turn.model_alias, turn.parameters)
         in_flight = metrics.router().streams_in_flight.labels(turn.model_alias)
         in_flight.inc()
@@ -661,6 +680,7 @@ class Pipeline:
                             # (Generator); if one does not, no text is lost
                             # nor reordered for it.
                             delivered_bytes += len(held.text.encode())
+                            counted_tokens = held.completion_tokens
                             yield held
                             held = None
                         if carry_last_text and event.last:
@@ -670,6 +690,7 @@ class Pipeline:
                             held = event
                             continue
                         delivered_bytes += len(event.text.encode())
+                        counted_tokens = event.completion_tokens
                     elif isinstance(event, Completion) and held is not None:
                         delivered_bytes += len(held.text.encode())
                         event = dataclasses.replace(event, text=held.text)
@@ -683,6 +704,7 @@ class Pipeline:
             delivered_tokens = int(counted) if counted else None
             if held is not None:
                 delivered_bytes += len(held.text.encode())
+                counted_tokens = held.completion_tokens
                 yield held
             yield _failure(error, facts)
         except (asyncio.CancelledError, GeneratorExit):
@@ -695,6 +717,7 @@ class Pipeline:
             failure = Reason.INTERNAL
             if held is not None:
                 delivered_bytes += len(held.text.encode())
+                counted_tokens = held.completion_tokens
                 yield held
             yield _failure(internal_error(), facts)
         finally:
@@ -709,8 +732,13 @@ class Pipeline:
                 failure,
                 cancelled,
                 delivered_bytes,
-                delivered_tokens,
+                # The count behind exactly the pieces that went out, which a
+                # failure's may not be (a caller cut off by its own deadline
+                # or hanging up has none; a shared generation's is the
+                # generation's).
+                counted_tokens or delivered_tokens,
                 facts.prompt,
+                answer.prompt_tokens_read,
             )
             _record_turn(turn, outcome, span)
             if facts.created_session_id and not facts.saving:
@@ -858,7 +886,11 @@ class Pipeline:
                         # The generator fills the answer's finish reason
                         # before it yields the last piece, when that piece
                         # came with the completion (Deployments.generate).
-                        yield Delta(text, last=bool(answer.finish_reason))
+                        yield Delta(
+                            text,
+                            last=bool(answer.finish_reason),
+                            completion_tokens=answer.completion_tokens_so_far,
+                        )
                         delivered += 1
         if hit is not None:
             answer.adopt(hit.answer)
@@ -1029,10 +1061,11 @@ class Pipeline:
         Every caller's answer carries the whole generation's usage and is
         billed for it, as if it had generated alone: what a caller pays
         does not depend on who else happened to ask at the same time. A
-        caller that leaves it early (cancelled, its deadline passed) is
-        billed as an unshared turn cut off there is (TurnAdmission.settle);
-        a shared failure's delivered_tokens counts the whole generation's
-        delivered pieces, at least what that caller received."""
+        caller that leaves it early (cancelled, its deadline passed) or
+        that a shared failure ends is billed as an unshared turn cut off
+        there is (TurnAdmission.settle): the generation's counts behind the
+        pieces that caller received, which coalescing.py copies to each
+        caller's Answer with its pieces."""
         key = None
         if self._settings.coalesce_generations:
             key = coalescing_key(

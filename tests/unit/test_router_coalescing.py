@@ -16,6 +16,7 @@ from meshgate.config import DeploymentSettings, ModelSettings, RouterSettings
 from meshgate.errors import MeshgateError, retry_info, unavailable
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
+from services.router.admission import used_tokens
 from services.router.auth import Tenant
 from services.router.coalescing import Coalescer, coalescing_key, is_deterministic
 from services.router.pipeline import Answer, Budget, CacheStatus, Completion, Delta, Failure, Hit, Pipeline
@@ -24,6 +25,8 @@ from tests.unit.test_router_pipeline import MODELS, TENANT, FakeCache, FakeConte
 
 PIECES = ("The ", "answer ", "is ", "forty-two.")
 GREEDY = common_pb2.GenerationParameters(temperature=0.0)
+# The prompt tokens a counting GatedGenerator's model read.
+PROMPT_READ = 4
 # The tests' deadlines are readings of a Clock that moves only when a test
 # moves it: a deadline of real time (0.3 s) passed early on a loaded machine,
 # before the step it was meant to come after. A caller left with MOMENT_S
@@ -42,8 +45,12 @@ class GatedGenerator:
         fail_at: int | None = None,
         finish_before_last=False,
         fails_with: MeshgateError | None = None,
+        counts=False,
     ) -> None:
         self.pieces = pieces
+        # As Deployments.generate fills them from the deltas' counts: the
+        # prompt's (PROMPT_READ) and 2 completion tokens a piece so far.
+        self.counts = counts
         self.fail_at = fail_at
         self.fails_with = fails_with or unavailable(Reason.STREAM_ENDED_EARLY, "backend died")
         # As FakeGenerator's (test_router_pipeline): the answer filled before
@@ -69,6 +76,8 @@ class GatedGenerator:
                 if index == self.fail_at:
                     raise self.fails_with
                 answer.deployment = "d1"
+                if self.counts:
+                    answer.prompt_tokens_read, answer.completion_tokens_so_far = PROMPT_READ, 2 * (index + 1)
                 if self.finish_before_last and index == len(self.pieces) - 1:
                     self._finish(answer)
                 yield piece
@@ -685,6 +694,30 @@ async def test_callers_with_different_deadlines_share_and_each_deadline_ends_onl
     await settle_all(patient)
     assert generator.calls == 1 and patient.text == "".join(PIECES)
     assert isinstance(patient.events[-1], Completion)
+
+
+async def test_a_caller_a_shared_generation_cuts_off_is_told_and_billed_the_tokens_behind_its_own_pieces():
+    """The hurried caller leaves at its deadline with the first piece: the
+    tokens behind that piece (2), not the generation's count by then, nor
+    none (its deadline's failure counts nothing), nor its bytes."""
+    generator = GatedGenerator(counts=True)
+    admission = RecordingAdmission()
+    clock = Clock()
+    turns = pipeline(generator, admission, clock=clock)
+    patient = Caller(turns, chat(), budget=Budget.of(60, clock))
+    generator.open(1)
+    await patient.until_pieces(1)
+    hurried = Caller(turns, chat(), budget=Budget.of(MOMENT_S, clock))
+    await settle_all(hurried)
+    generator.open()
+    await settle_all(patient)
+    failure = hurried.events[-1]
+    assert isinstance(failure, Failure) and failure.error.reason == Reason.DEADLINE_EXCEEDED
+    assert failure.error.metadata["delivered_tokens"] == "2"
+    hurried_outcome = next(outcome for _, outcome in admission.settled if outcome.failure)
+    assert (hurried_outcome.prompt_tokens_read, hurried_outcome.delivered_tokens) == (PROMPT_READ, 2)
+    turn = turns.validate(chat(), TENANT, "", Budget(), False)
+    assert used_tokens(turn, hurried_outcome) == (PROMPT_READ, 2)
 
 
 class StallingCaller(Caller):

@@ -232,6 +232,53 @@ async def test_a_completion_from_a_deployment_that_then_failed_is_not_the_answer
     assert (answer.text, answer.deployment, answer.completion_tokens) == ("Hello world", "b", 4)
 
 
+async def test_each_piece_leaves_the_counts_behind_it_on_the_answer_and_a_cut_says_them():
+    """The counts the deltas carry (the prompt's on the first, the running
+    completion count on each) are on the answer as each piece is yielded:
+    what the turn is billed if its caller leaves there. A deadline passing
+    midway (the inference call's own: its failure counts nothing) says
+    the tokens behind the pieces that went out."""
+    table = DeploymentTable({"m": model("least_outstanding", "a")})
+    (deployment,) = table.candidates("m")
+    deployment.stream_stub = ScriptedGenerate(
+        [
+            inference_pb.GenerateResponse(
+                delta=inference_pb.GenerateDelta(text="Hel", completion_tokens=1, prompt_tokens=9)
+            ),
+            inference_pb.GenerateResponse(delta=inference_pb.GenerateDelta(text="lo", completion_tokens=3)),
+        ],
+        ends_with=grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
+    answer = Answer()
+    seen = []
+    try:
+        deployments = Deployments(table, RouterSettings(), TenantTokens(None, 60.0))
+        pieces = deployments.generate(
+            "m", [], common_pb2.GenerationParameters(), Budget(), answer, "", read_ahead=False
+        )
+        with pytest.raises(MeshgateError) as cut:
+            async for piece in pieces:
+                seen.append((piece, answer.prompt_tokens_read, answer.completion_tokens_so_far))
+    finally:
+        await table.close()
+
+    assert seen == [("Hel", 9, 1), ("lo", 9, 3)]
+    assert cut.value.metadata["delivered_deltas"] == "2"
+    assert cut.value.metadata["delivered_tokens"] == "3"
+
+
+async def test_the_completions_counts_are_the_answers_behind_its_text_too():
+    table = DeploymentTable({"m": model("least_outstanding", "a")})
+    (deployment,) = table.candidates("m")
+    deployment.stream_stub = ScriptedGenerate(hello_world())
+    answer = Answer()
+    try:
+        assert await generated(table, answer) == "Hello world"
+    finally:
+        await table.close()
+    assert (answer.prompt_tokens_read, answer.completion_tokens_so_far) == (3, 4)
+
+
 async def generated(table: DeploymentTable, answer: Answer) -> str:
     deployments = Deployments(table, RouterSettings(), TenantTokens(None, 60.0))
     pieces = deployments.generate("m", [], common_pb2.GenerationParameters(), Budget(), answer, "")

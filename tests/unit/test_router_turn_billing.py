@@ -70,19 +70,52 @@ class StallingGenerator(FakeGenerator):
         self._finish(answer)
 
 
-class FailingGenerator(FakeGenerator):
-    """Its pieces, then the inference service's failure, which counts the
-    tokens behind what it delivered (None: it does not)."""
+# The prompt tokens a counting generator's model read (the content alone is
+# PROMPT bytes), and the completion tokens each of its pieces took.
+PROMPT_READ = 6
+TOKENS_A_PIECE = 2
 
-    def __init__(self, pieces, delivered_tokens: int | None) -> None:
-        super().__init__(pieces)
-        self.delivered_tokens = delivered_tokens
+
+def counted(answer: Answer, pieces_so_far: int) -> None:
+    """The counts behind the pieces so far, as Deployments.generate fills
+    them from the inference service's deltas."""
+    answer.prompt_tokens_read = PROMPT_READ
+    answer.completion_tokens_so_far = TOKENS_A_PIECE * pieces_so_far
+
+
+class CountingGenerator(StallingGenerator):
+    """StallingGenerator, each piece's counts on the answer as it is yielded."""
 
     async def generate(
         self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True, tenant_id=""
     ):
-        for piece in self.pieces:
+        self.prompts.append([m.content for m in prompt])
+        self.started.set()
+        for index, piece in enumerate(self.pieces, 1):
             await asyncio.sleep(0)
+            counted(answer, index)
+            yield piece
+        await self.release.wait()
+        self._finish(answer)
+
+
+class FailingGenerator(FakeGenerator):
+    """Its pieces, then the inference service's failure, which counts the
+    tokens behind what it delivered (None: it does not)."""
+
+    def __init__(self, pieces, delivered_tokens: int | None, counts=False) -> None:
+        super().__init__(pieces)
+        self.delivered_tokens = delivered_tokens
+        # Whether its deltas carried counts (CountingGenerator's).
+        self.counts = counts
+
+    async def generate(
+        self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True, tenant_id=""
+    ):
+        for index, piece in enumerate(self.pieces, 1):
+            await asyncio.sleep(0)
+            if self.counts:
+                counted(answer, index)
             yield piece
         failure = unavailable(Reason.STREAM_ENDED_EARLY, "triton died")
         raise partly_delivered(failure, len(self.pieces), sum(map(len, self.pieces)), self.delivered_tokens)
@@ -123,9 +156,55 @@ async def read_then_hang_up(turns, pieces: int, asked: pb.ChatRequest | None = N
     return got
 
 
-async def test_a_caller_hanging_up_before_the_completion_pays_the_reservation_bound():
+async def test_a_caller_hanging_up_before_the_completion_pays_the_tokens_the_model_read_and_produced():
+    """The stop button: 40 pieces read, then the caller hangs up. It pays
+    the prompt tokens the model read and the completion tokens behind the
+    pieces it received, as the deltas counted them (86); it paid the
+    prompt's bytes (20) and a token a byte delivered (150): 170, twice
+    over here and ~4x for English on a real tokenizer (on the mesh, 40
+    for a cancel after 2 pieces the model read and produced 15 tokens for)."""
+    turns, admission, ledger = billed_pipeline(CountingGenerator(tuple(f"t{i} " for i in range(40))))
+    got = await read_then_hang_up(turns, 40)
+    assert all(isinstance(event, Delta) for event in got)
+    completion = TOKENS_A_PIECE * 40
+    assert admission.settled == [PROMPT_READ + completion]
+    [record] = ledger.records
+    assert (record.prompt_tokens, record.completion_tokens) == (PROMPT_READ, completion)
+    assert (record.cost_nano_usd, record.failure) == ((PROMPT_READ + completion) * 1000, "cancelled")
+
+
+async def test_a_stream_cut_midway_by_a_failure_that_counts_nothing_pays_the_last_pieces_count():
+    """A deadline passing on the inference call: its failure says no
+    delivered_tokens, the deltas did."""
+    turns, admission, ledger = billed_pipeline(FailingGenerator(("a ", "b ", "c "), None, counts=True))
+    events = await events_of(turns)
+    assert isinstance(events[-1], Failure)
+    assert admission.settled == [PROMPT_READ + 3 * TOKENS_A_PIECE]
+    assert (ledger.records[0].prompt_tokens, ledger.records[0].completion_tokens) == (PROMPT_READ, 6)
+
+
+async def test_a_caller_gone_before_a_speculative_first_piece_went_out_pays_the_prompt_the_model_read():
+    """The generation's first piece came (with the model's prompt count)
+    while the semantic lookup decided; the caller hung up before it went
+    out: it pays the prompt as the model counted it, and no completion."""
+    cache = FakeCache()
+    cache.answered.clear()  # the semantic lookup never answers
+    generator = CountingGenerator(("t0 ",))
+    turns, admission, ledger = billed_pipeline(generator, cache=cache)
+    reading = asyncio.ensure_future(events_of(turns, request("tell me a long story", pb.CACHE_POLICY_USE)))
+    await asyncio.wait_for(generator.started.wait(), 5)
+    await asyncio.sleep(0.05)
+    reading.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reading
+    assert admission.settled == [PROMPT_READ]
+    assert (ledger.records[0].prompt_tokens, ledger.records[0].completion_tokens) == (PROMPT_READ, 0)
+
+
+async def test_a_caller_hanging_up_before_the_completion_without_counts_pays_the_reservation_bound():
     """All but the end of a long answer read, then the caller hangs up: the
-    deltas carry no token counts, so it pays the prompt as reserved and a
+    deltas carry no token counts (an inference service from before them),
+    so it pays the prompt as reserved and a
     token a byte delivered, at most max_tokens (here 640 bytes: the bound),
     never nothing (it was billed nothing: a budget bypass)."""
     turns, admission, ledger = billed_pipeline(StallingGenerator(tuple(f"t{i} " for i in range(150))))
@@ -266,8 +345,24 @@ async def test_a_completed_turn_pays_the_inference_count():
 
 async def test_a_reader_leaving_a_shared_generation_pays_as_an_unshared_turn_cut_off_there():
     """Two identical greedy turns share one generation: the one that hangs
-    up after some pieces pays for what it received, as it would alone (a
-    token a byte); the one that stays pays the whole generation's count."""
+    up after some pieces pays for what it received, as it would alone (the
+    tokens behind its pieces); the one that stays pays the whole
+    generation's count."""
+    generator = CountingGenerator(tuple(f"t{i} " for i in range(40)))
+    turns, admission, _ = billed_pipeline(generator)
+    greedy = chat()
+    greedy.parameters.temperature = 0.0
+    staying = asyncio.ensure_future(asyncio.wait_for(events_of(turns, greedy), 5))
+    received = await read_then_hang_up(turns, 3, greedy)
+    generator.release.set()
+    events = await staying
+    assert isinstance(events[-1], Completion)
+    assert len(generator.prompts) == 1  # one generation, shared
+    pieces = sum(event.text.count("t") for event in received)
+    assert sorted(admission.settled) == sorted([PROMPT_READ + TOKENS_A_PIECE * pieces, 5 + 40])
+
+
+async def test_a_reader_leaving_a_shared_generation_without_counts_pays_a_token_a_byte():
     generator = StallingGenerator(tuple(f"t{i} " for i in range(40)))
     turns, admission, _ = billed_pipeline(generator)
     greedy = chat()

@@ -1,0 +1,175 @@
+"""What a streamed turn cut short is billed, on the real mesh (router,
+context, cache and inference services, Redis, Triton's tiny_gpt): a caller
+that hangs up after a few pieces, and one whose deadline passes midway, pay
+the prompt tokens the model read and the completion tokens behind the text
+they received, in GetUsage and in the tenant's day budget alike."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import time
+import uuid
+
+import grpc
+import pytest
+
+from meshgate import redis_access
+from meshgate.common.v1 import common_pb2
+from meshgate.config import LimitSettings, PriceSettings, Settings, TenantSettings, hash_api_key
+from meshgate.router.v1 import router_service_pb2 as pb
+from meshgate.router.v1 import router_service_pb2_grpc
+from services.router.admission import Scope
+from tests.integration.conftest import running_router, serve_tiny_gpt
+from tests.mesh import bounded_channel, mesh_settings
+
+pytestmark = pytest.mark.integration
+
+STORY = "tell me a long story about the sea"
+MAX_TOKENS = 256
+
+
+@pytest.fixture(scope="module")
+async def billing(redis_url, inference_address):
+    """(router stub, the tenant's auth metadata, the tenant's day budget key, a Redis client)."""
+    tenant = f"cut-{uuid.uuid4().hex[:8]}"
+    key = f"key-{tenant}"
+    settings = Settings(mesh=mesh_settings())
+    settings.redis.url = redis_url
+    settings.cache.inference_address = inference_address
+    serve_tiny_gpt(settings, inference_address)
+    settings.router.tenants = [
+        TenantSettings(
+            id=tenant, api_key_sha256=[hash_api_key(key)], limits=LimitSettings(tokens_per_day=10_000_000)
+        )
+    ]
+    settings.router.prices = {
+        "tiny-gpt": PriceSettings(prompt_usd_per_million=1.0, completion_usd_per_million=1.0)
+    }
+    day = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    budget_key = f"{Scope('tenant', tenant, LimitSettings()).prefix}:tokens:day:{day}"
+    client = redis_access.connect(redis_url)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(client.aclose)
+        address = await stack.enter_async_context(running_router(settings))
+        channel = await stack.enter_async_context(bounded_channel(address))
+        auth = (("authorization", f"Bearer {key}"),)
+        yield router_service_pb2_grpc.RouterServiceStub(channel), auth, budget_key, client
+
+
+def ask(max_tokens: int) -> pb.ChatRequest:
+    # Greedy: the same prompt gives the same tokens, so a completed turn
+    # of it tells what the model produced for a turn cut short.
+    return pb.ChatRequest(
+        model="tiny-gpt",
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=STORY)],
+        parameters=common_pb2.GenerationParameters(max_tokens=max_tokens, temperature=0.0),
+        cache_policy=pb.CACHE_POLICY_BYPASS,
+    )
+
+
+async def completed(ledger, stub, auth, max_tokens: int) -> tuple[str, pb.ChatCompletion]:
+    ledger.turns += 1
+    text = []
+    async for response in stub.Chat(ask(max_tokens), metadata=auth, timeout=60):
+        if response.HasField("delta"):
+            text.append(response.delta.text)
+        else:
+            return "".join(text) + response.completion.text, response.completion
+    raise AssertionError("no completion")
+
+
+class Ledger:
+    """The tenant's use so far, as GetUsage and its day budget say it."""
+
+    def __init__(self, stub, auth, budget_key: str, client) -> None:
+        self._stub, self._auth, self._budget_key, self._client = stub, auth, budget_key, client
+        # Turns asked of the router so far: each is recorded once it ends.
+        self.turns = 0
+
+    async def settled(self) -> tuple[int, int, int]:
+        """(prompt tokens, completion tokens, the day budget's counter) once
+        every turn so far is recorded and settled: the ledger and the
+        budget are written in batches just after a turn ends, and until its
+        settlement the budget holds its reservation."""
+        deadline = asyncio.get_running_loop().time() + 15
+        while True:
+            answer = await self._stub.GetUsage(pb.GetUsageRequest(), metadata=self._auth, timeout=10)
+            row = next((row for row in answer.rows if row.model == "tiny-gpt"), pb.UsageRow())
+            counter = int(await self._client.get(self._budget_key) or 0)
+            if row.requests == self.turns and counter == row.prompt_tokens + row.completion_tokens:
+                return row.prompt_tokens, row.completion_tokens, counter
+            assert asyncio.get_running_loop().time() < deadline, f"never settled: {row}, budget {counter}"
+            await asyncio.sleep(0.05)
+
+
+async def billed(ledger: Ledger, cut) -> tuple[str, int, tuple[int, int, int]]:
+    """Runs ``cut`` (a turn cut short; it returns the text received) and
+    says what it added to GetUsage (prompt, completion) and to the budget."""
+    before = await ledger.settled()
+    ledger.turns += 1
+    delivered = await cut()
+    after = await ledger.settled()
+    return delivered, tuple(now - then for now, then in zip(after, before, strict=True))
+
+
+async def produced(ledger, stub, auth, delivered: str) -> int:
+    """The completion tokens behind ``delivered``: the most a completed
+    greedy turn of the same prompt can be given whose answer ``delivered``
+    begins with (binary search; tiny_gpt gives no token an empty text)."""
+    low, high = 0, MAX_TOKENS
+    while low < high:
+        middle = (low + high + 1) // 2
+        text, _ = await completed(ledger, stub, auth, middle)
+        if delivered.startswith(text):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+async def test_a_turn_cut_short_is_billed_the_tokens_the_model_read_and_produced(billing):
+    stub, auth, budget_key, client = billing
+    ledger = Ledger(stub, auth, budget_key, client)
+    started = time.monotonic()
+    _, reference = await completed(ledger, stub, auth, MAX_TOKENS)
+    # A deadline half the whole answer's time passes midway, however busy
+    # the machine is.
+    midway_s = (time.monotonic() - started) / 2
+    assert reference.usage.completion_tokens == MAX_TOKENS  # no early end to cut before
+    prompt_tokens = reference.usage.prompt_tokens
+
+    async def hang_up_after_two_pieces() -> str:
+        # A stop button.
+        call = stub.Chat(ask(MAX_TOKENS), metadata=auth, timeout=60)
+        pieces = []
+        async for response in call:
+            pieces.append(response.delta.text)
+            if len(pieces) == 2:
+                break
+        call.cancel()
+        return "".join(pieces)
+
+    async def deadline_midway() -> str:
+        pieces = []
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            async for response in stub.Chat(ask(MAX_TOKENS), metadata=auth, timeout=midway_s):
+                pieces.append(response.delta.text)
+        assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert pieces, "the deadline passed before the first piece: no midway cut to bill"
+        return "".join(pieces)
+
+    cancelled_text, cancelled = await billed(ledger, hang_up_after_two_pieces)
+    deadline_text, deadline_cut = await billed(ledger, deadline_midway)
+    cancelled_produced = await produced(ledger, stub, auth, cancelled_text)
+    deadline_produced = await produced(ledger, stub, auth, deadline_text)
+    print(
+        f"\nmodel's prompt: {prompt_tokens} tokens ({len(STORY)} bytes of content)"
+        f"\ncancel after 2 pieces ({len(cancelled_text.encode())} bytes): billed (prompt, completion,"
+        f" budget) {cancelled}, model read/produced ({prompt_tokens}, {cancelled_produced})"
+        f"\ndeadline midway ({len(deadline_text.encode())} bytes): billed"
+        f" {deadline_cut}, model read/produced ({prompt_tokens}, {deadline_produced})"
+    )
+    assert cancelled == (prompt_tokens, cancelled_produced, prompt_tokens + cancelled_produced)
+    assert deadline_cut == (prompt_tokens, deadline_produced, prompt_tokens + deadline_produced)
