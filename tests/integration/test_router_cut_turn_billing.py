@@ -28,6 +28,11 @@ pytestmark = pytest.mark.integration
 
 STORY = "tell me a long story about the sea"
 MAX_TOKENS = 256
+# The router bills the pieces it sent; the last of them may still have been
+# on the way when the caller hung up or its deadline passed, and the caller
+# never read them: it may be billed this many tokens more than it read
+# (about 0.1 s of tiny_gpt alone), never fewer. Byte bounds were 3x to 4x.
+IN_FLIGHT_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +109,7 @@ class Ledger:
             await asyncio.sleep(0.05)
 
 
-async def billed(ledger: Ledger, cut) -> tuple[str, int, tuple[int, int, int]]:
+async def billed(ledger: Ledger, cut) -> tuple[str, tuple[int, int, int]]:
     """Runs ``cut`` (a turn cut short; it returns the text received) and
     says what it added to GetUsage (prompt, completion) and to the budget."""
     before = await ledger.settled()
@@ -171,5 +176,10 @@ async def test_a_turn_cut_short_is_billed_the_tokens_the_model_read_and_produced
         f"\ndeadline midway ({len(deadline_text.encode())} bytes): billed"
         f" {deadline_cut}, model read/produced ({prompt_tokens}, {deadline_produced})"
     )
-    assert cancelled == (prompt_tokens, cancelled_produced, prompt_tokens + cancelled_produced)
-    assert deadline_cut == (prompt_tokens, deadline_produced, prompt_tokens + deadline_produced)
+    for (prompt, completion, budget), read in (
+        (cancelled, cancelled_produced),
+        (deadline_cut, deadline_produced),
+    ):
+        assert prompt == prompt_tokens
+        assert read <= completion <= read + IN_FLIGHT_TOKENS
+        assert budget == prompt + completion
