@@ -105,6 +105,7 @@ import datetime
 import fractions
 import functools
 import math
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -136,7 +137,7 @@ _BUDGET_GRACE_S = 2 * 24 * 3600
 # what settling cost the router per turn, is shared.
 SETTLE_AFTER_S = 0.01
 _SETTLE_BATCH = 128
-# How long a turn's settled mark (_SETTLE_ONCE) is kept: past the longest a
+# How long a settlement call's mark (_SETTLE_ONCE) is kept: past the longest a
 # settlement is sent again (script_calls.WRITTEN_MARK_TTL_S).
 _SETTLED_MARK_MS = WRITTEN_MARK_TTL_S * 1000
 
@@ -301,22 +302,27 @@ return 1
 )
 
 # The settlements of turns' ends (Admission.settle, settle_soon): as
-# _SETTLE, but once per turn: ARGV is now_ms, how long (ms) to keep a
-# settled turn's mark, then per turn its lease, its words and the index in
-# KEYS of its mark (_settled_key), set in the same script as the settlement.
-# A turn whose mark is set was settled before, and is left alone: so a call
-# whose reply was lost (a timeout, a connection lost after sending: it may
-# have run) is sent again until Redis answers, as a release is, instead of
-# being given up with its reservation standing and its stream held until
-# the lease expires (the tenant refused by concurrent_streams meanwhile).
+# _SETTLE, but once per call: ARGV is now_ms, how long (ms) to keep the
+# call's mark, then per turn its lease and its words; KEYS' last is the
+# call's mark (_settled_key: a random id per call, kept by the call when it
+# is sent again), set in the same script as the settlements. A call whose
+# mark is set ran before, and settles nothing again: so a call whose reply
+# was lost (a timeout, a connection lost after sending: it may have run) is
+# sent again until Redis answers, as a release is, instead of being given
+# up with its turns' reservations standing and their streams held until
+# their leases expire (the tenant refused by concurrent_streams meanwhile).
+# A turn is in one settlement call only (Reservation.settled), and a call
+# is sent again exactly as it was made (script_calls.Backlog), so one mark
+# a call is as safe as one a turn, and a batch of up to _SETTLE_BATCH turns
+# leaves one key, not one per turn (~180 bytes for 660 s each: 120 MB at
+# 1,000 turns a second).
 _SETTLE_ONCE = (
     _PARSE
     + _SETTLE_TURN
     + """
-for t = 3, #ARGV, 3 do
-  if redis.call('SET', KEYS[tonumber(ARGV[t + 2])], '1', 'NX', 'PX', ARGV[2]) then
-    settle(ARGV[t], parse(ARGV[t + 1]))
-  end
+if not redis.call('SET', KEYS[#KEYS], '1', 'NX', 'PX', ARGV[2]) then return 0 end
+for t = 3, #ARGV, 2 do
+  settle(ARGV[t], parse(ARGV[t + 1]))
 end
 return 1
 """
@@ -1213,15 +1219,17 @@ class Admission:
     ) -> dict[str, tuple[list[str], list]]:
         """The KEYS and ARGV of _SETTLE's call per slot ("" on one Redis
         instance) for the batch; ``extra_args`` follow now_ms in ARGV.
-        ``once``: _SETTLE_ONCE's, each turn's words followed by the index
-        of its mark in KEYS."""
+        ``once``: _SETTLE_ONCE's, each call's mark last in its KEYS."""
         now = self._now_arg()
         # Per slot: its KEYS, where each key is in them, its ARGV.
         calls: dict[str, tuple[list[str], dict[str, int], list]] = {}
+        # Per slot, a check of it: the mark's slot (once).
+        slot_checks: dict[str, _Check] = {}
         for reservation, tokens, nano_usd in batch:
             words = _settlement_words(reservation, tokens, nano_usd, refund)
             for slot, (checks, slot_words) in _by_slot(reservation.checks, words).items():
                 keys, index, args = calls.setdefault(slot, ([], {}, [now, *extra_args]))
+                slot_checks.setdefault(slot, checks[0])
                 indexed = []
                 for check, word in zip(checks, slot_words, strict=True):
                     k = index.get(check.key)
@@ -1230,9 +1238,9 @@ class Admission:
                         keys += check.keys
                     indexed.append(f"{word} {k}")
                 args += [reservation.lease_id, " ".join(indexed)]
-                if once:
-                    keys.append(_settled_key(checks[0], reservation.lease_id))
-                    args.append(len(keys))
+        if once:
+            for slot, (keys, _, _) in calls.items():
+                keys.append(_settled_key(slot_checks[slot]))
         return {slot: (keys, args) for slot, (keys, _, args) in calls.items()}
 
 
@@ -1266,10 +1274,10 @@ def _mark_key(check: _Check, lease_id: str) -> str:
     return f"mg:router:limit:{check.scope.slot_tag}:admit:{lease_id}"
 
 
-def _settled_key(check: _Check, lease_id: str) -> str:
-    """That a turn's end was settled (_SETTLE_ONCE), in the slot of the call
-    ``check`` is in."""
-    return f"mg:router:limit:{check.scope.slot_tag}:settled:{lease_id}"
+def _settled_key(check: _Check) -> str:
+    """That a call of turns' settlements ran (_SETTLE_ONCE): a fresh id (64
+    random bits) per call, in the slot of the call ``check`` is in."""
+    return f"mg:router:limit:{check.scope.slot_tag}:settled:{secrets.token_hex(8)}"
 
 
 def _over(reservation: Reservation, tokens: int, nano_usd: int) -> bool:

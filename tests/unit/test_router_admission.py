@@ -276,8 +276,8 @@ async def test_every_script_call_keeps_its_keys_in_one_cluster_slot(tenant_id):
     # scope, and each call the turn's mark (in two calls, one may refuse the
     # turn while the other's may have run: _run_or_refuse).
     assert sorted(len(keys) for keys in admits) == [10, 19]
-    # Settled: all but the requests windows, in the same two slots, and the
-    # turn's settled mark in each (_SETTLE_ONCE).
+    # Settled: all but the requests windows, in the same two slots, and each
+    # call's mark (_SETTLE_ONCE).
     assert sorted(len(keys) for keys in settles) == [8, 15]
     for keys in admits + settles:
         assert len(_slots(keys)) == 1, keys
@@ -352,10 +352,10 @@ async def test_one_redis_instance_takes_a_turn_in_one_atomic_call():
     admission.settle_soon(first, 15, 0)
     admission.settle_soon(second, 15, 0)
     await admission.flush()
-    # Both turns' settlements in one call that names each key once, and each
-    # turn's settled mark (_SETTLE_ONCE).
+    # Both turns' settlements in one call that names each key once, and the
+    # call's one mark (_SETTLE_ONCE), not a mark a turn.
     calls = [(script, len(keys)) for script, keys in redis.calls]
-    assert calls == [("admit", 27), ("admit", 27), ("settle", 23)]
+    assert calls == [("admit", 27), ("admit", 27), ("settle", 22)]
 
 
 @pytest.mark.parametrize("cancelled", [True, False], ids=["caller-cancelled", "caller-waits"])
