@@ -254,9 +254,15 @@ async def test_a_half_open_embedding_that_is_no_outcome_of_the_server_frees_the_
     # The probed server first: the other one is busy.
     other.in_flight = 10
     probed.stub, other.stub = FailingEmbeddings(code, details), FailingEmbeddings(None)
-    try:
-        await servicer.Embed(pb.EmbedRequest(texts=["question"]), FakeContext(None))
-    except MeshgateError as refused:
-        assert refused.code == grpc.StatusCode.INVALID_ARGUMENT
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        # The caller's to fix: refused, not embedded elsewhere.
+        with pytest.raises(MeshgateError) as refused:
+            await servicer.Embed(pb.EmbedRequest(texts=["question"]), FakeContext(None))
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    else:
+        # The model gone there: embedded on the other server.
+        answer = await servicer.Embed(pb.EmbedRequest(texts=["question"]), FakeContext(None))
+        assert answer.dimensions > 0 and len(answer.vectors) == 4 * answer.dimensions
+        assert other.stub.calls == 1
     assert probed.stub.calls == 1
     assert probed.health.state is balancing.BreakerState.HALF_OPEN and probed.health.admits
