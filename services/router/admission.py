@@ -38,6 +38,10 @@ every tenant shares, in another (``{m:<alias>}``):
 - ``mg:router:limit:{<tag>}:take:<take id>``: that a take of a session's
   summaries' usage was charged to the budgets of the slot (charge_take),
   set by the script that charges them.
+- ``mg:router:limit:{<tag>}:settled:<call id>``: that a call of turns'
+  settlements ran (_SETTLE_ONCE), one per call (up to _SETTLE_BATCH turns),
+  kept script_calls.WRITTEN_MARK_TTL_S, so that the call sent again after a
+  lost reply settles nothing twice.
 
 One round trip per turn on the hot path: the admit scripts of a turn (one
 per slot: the tenant's, and the model's when it has limits) go in one
