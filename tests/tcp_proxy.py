@@ -200,3 +200,16 @@ async def evalsha_calls(client) -> int:
     """How many EVALSHA calls Redis has run, from any client: that a call a
     proxy stalled reached Redis once let go."""
     return (await client.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+
+
+async def unstalled_and_run(proxy: TcpProxy, client) -> None:
+    """Lets the call ``proxy`` stalls go, and waits (at most 5 s) until
+    Redis has run it (``client``: a connection to Redis not through the
+    proxy), so that what it would write twice is there to see."""
+    calls = await evalsha_calls(client)
+    proxy.unstall()
+    for _ in range(100):
+        if await evalsha_calls(client) > calls:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the stalled call never reached Redis")

@@ -36,7 +36,7 @@ from services.router.pipeline import (
 )
 from services.router.prompt_bound import prompt_bounds
 from tests.clocks import Clock
-from tests.tcp_proxy import TcpProxy, evalsha_calls, evalsha_marker
+from tests.tcp_proxy import TcpProxy, evalsha_calls, evalsha_marker, unstalled_and_run
 
 pytestmark = pytest.mark.integration
 
@@ -654,13 +654,7 @@ async def test_a_settlement_whose_call_stalled_before_redis_ran_it_is_sent_again
             await asyncio.sleep(0.1)
         assert await settled()
         # The stalled call reaches Redis after all: nothing is settled twice.
-        calls = await evalsha_calls(direct)
-        proxy.unstall()
-        for _ in range(100):
-            if await evalsha_calls(direct) > calls:
-                break
-            await asyncio.sleep(0.05)
-        assert await evalsha_calls(direct) > calls
+        await unstalled_and_run(proxy, direct)
         assert int(await direct.get(_day_key(scope))) == 15
         # The key's next turn gets the stream.
         await admission.settle(await admission.admit([scope], prompt_tokens=10, max_tokens=10), 0, 0)

@@ -19,7 +19,7 @@ from services.router.ledger import (
     UsageRecord,
     day_key,
 )
-from tests.tcp_proxy import TcpProxy, evalsha_calls, evalsha_marker
+from tests.tcp_proxy import TcpProxy, evalsha_calls, evalsha_marker, unstalled_and_run
 
 pytestmark = pytest.mark.integration
 
@@ -235,13 +235,7 @@ async def test_a_record_whose_call_stalled_before_redis_ran_it_is_sent_again_and
             await asyncio.sleep(0.1)
         assert await _turns_of(direct, ledger, tenant) == (1, 1)
         # The stalled call reaches Redis after all: nothing is written twice.
-        calls = await evalsha_calls(direct)
-        proxy.unstall()
-        for _ in range(100):
-            if await evalsha_calls(direct) > calls:
-                break
-            await asyncio.sleep(0.05)
-        assert await evalsha_calls(direct) > calls
+        await unstalled_and_run(proxy, direct)
         assert await _turns_of(direct, ledger, tenant) == (1, 1)
         await ledger.drain()
     finally:
