@@ -34,7 +34,7 @@ from services.router.admission import Scope
 from services.router.ledger import STREAM
 from tests.integration.conftest import (
     running_router,
-    serve_tiny_gpt,
+    service_settings,
     triton_cancellations,
     until_triton_cancels,
 )
@@ -50,10 +50,7 @@ async def accounting(redis_url, inference_address):
     """(router stub, tenant id, the tenant's auth metadata, a Redis client)."""
     tenant = f"acct-{uuid.uuid4().hex[:8]}"
     key = f"key-{tenant}"
-    settings = Settings(mesh=mesh_settings())
-    settings.redis.url = redis_url
-    settings.cache.inference_address = inference_address
-    serve_tiny_gpt(settings, inference_address)
+    settings = service_settings(redis_url, inference_address)
     dead = DeploymentSettings(name="dead", address="127.0.0.1:1", model="tiny-gpt", weight=1)
     settings.models["nowhere"] = ModelSettings(deployments=[dead])
     settings.router.tenants = [

@@ -17,12 +17,12 @@ import pytest
 
 from meshgate import redis_access
 from meshgate.common.v1 import common_pb2
-from meshgate.config import LimitSettings, PriceSettings, Settings, TenantSettings, hash_api_key
+from meshgate.config import LimitSettings, PriceSettings, TenantSettings, hash_api_key
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router.admission import Scope
-from tests.integration.conftest import running_router, serve_tiny_gpt
-from tests.mesh import bounded_channel, mesh_settings
+from tests.integration.conftest import running_router, service_settings
+from tests.mesh import bounded_channel
 
 pytestmark = pytest.mark.integration
 
@@ -40,10 +40,7 @@ async def billing(redis_url, inference_address):
     """(router stub, the tenant's auth metadata, the tenant's day budget key, a Redis client)."""
     tenant = f"cut-{uuid.uuid4().hex[:8]}"
     key = f"key-{tenant}"
-    settings = Settings(mesh=mesh_settings())
-    settings.redis.url = redis_url
-    settings.cache.inference_address = inference_address
-    serve_tiny_gpt(settings, inference_address)
+    settings = service_settings(redis_url, inference_address)
     settings.router.tenants = [
         TenantSettings(
             id=tenant, api_key_sha256=[hash_api_key(key)], limits=LimitSettings(tokens_per_day=10_000_000)
