@@ -19,8 +19,8 @@ counted); but for a script whose second run does nothing more
 (``idempotent``), which is run again however it failed, until Redis answers:
 admission's release of a refused turn, and the scripts that set a mark in
 the same script as their writes (kept WRITTEN_MARK_TTL_S) and write nothing
-where it is set: admission's settlement of a turn's end (a mark per turn)
-and the ledger's records (a mark per call). Of the writes of what turns
+where it is set: admission's settlements of turns' ends and the ledger's
+records (a mark per call each). Of the writes of what turns
 used, only a give-back under a lease a turn's end settles later
 (admission's _SETTLE) is still given up so.
 """
