@@ -161,8 +161,10 @@ async def test_streamed_deltas_concatenate_to_the_non_streaming_text(client):
     assert (whole.finish_reason, whole.output_tokens) == ("length", 48)
     assert streamed.input_tokens == whole.input_tokens > 10
     # What only the end can say rides on the final response alone: per
-    # streamed token, the text and its count, nothing else.
-    assert set(streamed.output_names[:-1]) == {frozenset({"text_output", "num_output_tokens"})}
+    # streamed token, the text and its count, nothing else; but the prompt's
+    # count on the first as well (a caller cutting the stream short bills it).
+    assert streamed.output_names[0] == {"text_output", "num_output_tokens", "num_input_tokens"}
+    assert set(streamed.output_names[1:-1]) == {frozenset({"text_output", "num_output_tokens"})}
     assert streamed.output_names[-1] == {
         "text_output",
         "num_output_tokens",
