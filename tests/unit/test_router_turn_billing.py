@@ -343,36 +343,38 @@ async def test_a_completed_turn_pays_the_inference_count():
     assert admission.settled == [5 + 3]  # FakeGenerator's usage
 
 
+async def shared_then_one_hangs_up(generator):
+    """Two identical greedy turns sharing one generation of ``generator``'s
+    40 pieces: one reads 3 pieces and hangs up, the other reads it all.
+    Returns what the first received, and the admission both settled with."""
+    turns, admission, _ = billed_pipeline(generator)
+    greedy = chat()
+    greedy.parameters.temperature = 0.0
+    staying = asyncio.ensure_future(asyncio.wait_for(events_of(turns, greedy), 5))
+    received = await read_then_hang_up(turns, 3, greedy)
+    generator.release.set()
+    events = await staying
+    assert isinstance(events[-1], Completion)
+    assert len(generator.prompts) == 1  # one generation, shared
+    return received, admission
+
+
 async def test_a_reader_leaving_a_shared_generation_pays_as_an_unshared_turn_cut_off_there():
     """Two identical greedy turns share one generation: the one that hangs
     up after some pieces pays for what it received, as it would alone (the
     tokens behind its pieces); the one that stays pays the whole
     generation's count."""
-    generator = CountingGenerator(tuple(f"t{i} " for i in range(40)))
-    turns, admission, _ = billed_pipeline(generator)
-    greedy = chat()
-    greedy.parameters.temperature = 0.0
-    staying = asyncio.ensure_future(asyncio.wait_for(events_of(turns, greedy), 5))
-    received = await read_then_hang_up(turns, 3, greedy)
-    generator.release.set()
-    events = await staying
-    assert isinstance(events[-1], Completion)
-    assert len(generator.prompts) == 1  # one generation, shared
+    received, admission = await shared_then_one_hangs_up(
+        CountingGenerator(tuple(f"t{i} " for i in range(40)))
+    )
     pieces = sum(event.text.count("t") for event in received)
     assert sorted(admission.settled) == sorted([PROMPT_READ + TOKENS_A_PIECE * pieces, 5 + 40])
 
 
 async def test_a_reader_leaving_a_shared_generation_without_counts_pays_a_token_a_byte():
-    generator = StallingGenerator(tuple(f"t{i} " for i in range(40)))
-    turns, admission, _ = billed_pipeline(generator)
-    greedy = chat()
-    greedy.parameters.temperature = 0.0
-    staying = asyncio.ensure_future(asyncio.wait_for(events_of(turns, greedy), 5))
-    received = await read_then_hang_up(turns, 3, greedy)
-    generator.release.set()
-    events = await staying
-    assert isinstance(events[-1], Completion)
-    assert len(generator.prompts) == 1  # one generation, shared
+    received, admission = await shared_then_one_hangs_up(
+        StallingGenerator(tuple(f"t{i} " for i in range(40)))
+    )
     delivered = sum(len(event.text.encode()) for event in received)
     assert sorted(admission.settled) == sorted([PROMPT + delivered, 5 + 40])
 
