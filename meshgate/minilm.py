@@ -87,6 +87,19 @@ class MiniLM:
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, DIMENSIONS), np.float32)
+        hidden, attention_mask = self.token_states(texts)
+        # Mean over real tokens only, as sentence-transformers pools this model.
+        mask = attention_mask[:, :, None].astype(np.float32)
+        pooled = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
+
+    def token_states(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The model's output before pooling: (texts, tokens, DIMENSIONS)
+        states, padded to the batch's longest text, and the attention mask
+        that tells real tokens (1, [CLS] and [SEP] included) from padding.
+        :meth:`embed` pools them; bench/context_token_ideas.py scores turns
+        by them (late interaction)."""
         encodings = self._tokenizer.encode_batch(texts)
         input_ids = np.array([e.ids for e in encodings], dtype=np.int64)
         attention_mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
@@ -95,8 +108,4 @@ class MiniLM:
             [self._output_name],
             {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids},
         )
-        # Mean over real tokens only, as sentence-transformers pools this model.
-        mask = attention_mask[:, :, None].astype(np.float32)
-        pooled = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
-        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-        return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
+        return hidden, attention_mask
