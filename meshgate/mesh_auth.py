@@ -123,6 +123,22 @@ class ChannelSecurity:
         return [("grpc.ssl_target_name_override", self.server_identity)]
 
 
+class NotYetValid(ConfigError):
+    """A certificate refused only until ``valid_from``: the same files pass
+    the checks then, without a change that would make anyone look again."""
+
+    def __init__(self, message: str, valid_from: datetime.datetime) -> None:
+        super().__init__(message)
+        self.valid_from = valid_from
+
+
+def certificate_clock() -> datetime.datetime:
+    """Now, as a certificate's validity is checked against it: a name of
+    this module's own, so that a test can move it alone (grpc's handshakes
+    keep the real clock)."""
+    return datetime.datetime.now(datetime.UTC)
+
+
 def _read(path: str, setting: str) -> bytes:
     try:
         return pathlib.Path(path).read_bytes()
@@ -190,7 +206,7 @@ def _checked_files(service: str, ca_file: str, cert_file: str, key_file: str) ->
     """The CA, certificate and key files' contents; refuses (ConfigError) a
     certificate that does not name the service, a key that is not the
     certificate's, a CA file without a certificate, and a certificate that
-    is expired or not from the CA.
+    is expired, not from the CA, or not valid yet (NotYetValid).
 
     A service started with another's certificate would fail every handshake
     with an obscure error; grpc found a wrong key or CA file only when the
@@ -217,7 +233,8 @@ def _checked_files(service: str, ca_file: str, cert_file: str, key_file: str) ->
         # start or at a renewal, not at the next turn.
         _algorithm(key)
     authorities = _authorities(ca, ca_file)
-    if certificate.not_valid_after_utc < datetime.datetime.now(datetime.UTC):
+    now = certificate_clock()
+    if certificate.not_valid_after_utc < now:
         raise ConfigError(
             f"mesh.cert_file {cert_file!r} expired at {certificate.not_valid_after_utc.isoformat()}"
         )
@@ -226,6 +243,17 @@ def _checked_files(service: str, ca_file: str, cert_file: str, key_file: str) ->
     chain = x509.load_pem_x509_certificates(cert)
     if not any(issued_by(link, authority) for link in chain for authority in authorities):
         raise ConfigError(f"mesh.cert_file {cert_file!r} is not issued by mesh.ca_file {ca_file!r}")
+    if certificate.not_valid_before_utc > now:
+        # Peers refuse it as they refuse an expired one ("certificate is not
+        # yet valid"): taken at a renewal, every new connection failed until
+        # then (a renewal staged early, or issued on a host whose clock runs
+        # ahead). Checked last, so that only time stands in its way:
+        # WatchedFiles reads the same files again once it is valid.
+        raise NotYetValid(
+            f"mesh.cert_file {cert_file!r} is not valid before "
+            f"{certificate.not_valid_before_utc.isoformat()}",
+            certificate.not_valid_before_utc,
+        )
     return ca, cert, key_pem
 
 
@@ -277,7 +305,8 @@ class WatchedFiles(Generic[_Reading]):
     a Secret volume or a rename replaces the file), and files that fail the
     start's checks leave the reading in use, with one error logged per
     change, not per look: half of a renewal (a new certificate beside the
-    old key) is refused until the other half arrives."""
+    old key) is refused until the other half arrives, and a certificate not
+    valid yet until it is (the files are read again then, unchanged)."""
 
     def __init__(self, files: tuple[str, ...]) -> None:
         self._files = files
@@ -285,6 +314,9 @@ class WatchedFiles(Generic[_Reading]):
         self._lock = threading.Lock()
         # Taken before reading: a file replaced meanwhile is read again.
         self._seen = self._versions()
+        # When the files last refused (NotYetValid) become valid: they are
+        # read again then, unchanged.
+        self._valid_from: datetime.datetime | None = None
         self.current: _Reading = self._read()
         self._next_look = look_clock() + CERTIFICATE_LOOK_S
 
@@ -312,12 +344,15 @@ class WatchedFiles(Generic[_Reading]):
         checks, else the one in use."""
         with self._lock:
             versions = self._versions()
-            if versions == self._seen:
+            if versions == self._seen and not self._now_valid():
                 return self.current
             self._seen = versions
+            self._valid_from = None
             try:
                 self.current = self._read()
             except ConfigError as error:
+                if isinstance(error, NotYetValid):
+                    self._valid_from = error.valid_from
                 log.error(
                     "mesh certificate files changed but are refused; keeping the ones in use",
                     error=str(error),
@@ -325,6 +360,10 @@ class WatchedFiles(Generic[_Reading]):
                 return self.current
             self._taken(self.current)
             return self.current
+
+    def _now_valid(self) -> bool:
+        """Whether files refused as not yet valid are valid now."""
+        return self._valid_from is not None and certificate_clock() >= self._valid_from
 
     def latest(self) -> _Reading:
         """:meth:`refresh` at most once per CERTIFICATE_LOOK_S, else the

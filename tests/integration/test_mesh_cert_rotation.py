@@ -71,10 +71,14 @@ def certificate_in(directory: pathlib.Path, service: str = SERVICE) -> x509.Cert
     return x509.load_pem_x509_certificate(certs.cert_path(directory, service).read_bytes())
 
 
-async def presented(address: str, directory: pathlib.Path) -> x509.Certificate:
+async def presented(address: str, directory: pathlib.Path, verified: bool = True) -> x509.Certificate:
     """The certificate the server presents to a new connection, as the
-    router would open one (its certificate, verifying the server's name)."""
+    router would open one (its certificate, verifying the server's name;
+    with ``verified`` false, not checking it at all)."""
     context = ssl.create_default_context(cafile=certs.ca_path(directory))
+    if not verified:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     context.load_cert_chain(certs.cert_path(directory, "router"), certs.key_path(directory, "router"))
     context.set_alpn_protocols(["h2"])
     host, port = address.rsplit(":", 1)
@@ -154,6 +158,38 @@ async def test_a_key_that_is_not_the_renewed_certificates_keeps_the_one_in_use(
         scratch
     ).serial_number
     await answers(context_service, served_certs, tenant)
+
+
+async def test_a_renewal_not_valid_yet_is_served_once_it_is_valid_not_before(
+    context_service, served_certs, tenant, monkeypatch
+):
+    """Peers refuse a certificate before its notBefore as they refuse an
+    expired one: taken at once, a renewal issued an hour ahead (staged
+    early, or by a host whose clock runs ahead) failed every new connection
+    to the service (5 of 5 calls UNAVAILABLE, "Tls handshake failed")."""
+    started_with = certificate_in(served_certs)
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+    with monkeypatch.context() as issuing:
+        issuing.setattr(certs, "_now", lambda: later)
+        renew(served_certs, SERVICE)
+    renewed = certificate_in(served_certs)
+    assert renewed.not_valid_before_utc > datetime.datetime.now(datetime.UTC)
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            assert (
+                await presented(context_service, served_certs)
+            ).serial_number == started_with.serial_number
+            await answers(context_service, served_certs, tenant)
+    refused = [entry for entry in logs if entry["log_level"] == "error"]
+    assert len(refused) == 1, logs
+    assert "is not valid before" in refused[0]["error"]
+
+    # Once valid (on the service's clock, moved: grpc's handshakes keep the
+    # real one, so the client below does not check it), the same files are
+    # taken, unchanged.
+    monkeypatch.setattr(mesh_auth, "certificate_clock", lambda: later)
+    served = await presented(context_service, served_certs, verified=False)
+    assert served.serial_number == renewed.serial_number
 
 
 def context_settings(directory: pathlib.Path, redis_url: str) -> Settings:

@@ -241,6 +241,15 @@ def test_an_expired_certificate_stops_the_start(tmp_path: pathlib.Path, monkeypa
         mesh_auth.Mesh(mesh_settings(tmp_path), "context")
 
 
+def test_a_certificate_not_valid_yet_stops_the_start(tmp_path: pathlib.Path, monkeypatch):
+    """Peers refuse it as they refuse an expired one ("certificate is not yet valid")."""
+    issued_at = certs._now() + certs.datetime.timedelta(hours=1)
+    monkeypatch.setattr(certs, "_now", lambda: issued_at)
+    certs.ensure(tmp_path)
+    with pytest.raises(mesh_auth.NotYetValid, match="is not valid before"):
+        mesh_auth.Mesh(mesh_settings(tmp_path), "context")
+
+
 def _intermediate(root_key, root, not_after=None):
     """A CA certificate issued by ``root``, and its key; valid as a service's
     certificate is, or until ``not_after``."""
@@ -318,6 +327,14 @@ def _expired_pair(directory: pathlib.Path, monkeypatch) -> None:
         renew(directory, "context")
 
 
+def _future_pair(directory: pathlib.Path, monkeypatch) -> None:
+    """A certificate for context valid from an hour on, and its key, from the CA in ``directory``."""
+    issued_at = certs._now() + certs.datetime.timedelta(hours=1)
+    with monkeypatch.context() as later:
+        later.setattr(certs, "_now", lambda: issued_at)
+        renew(directory, "context")
+
+
 @pytest.mark.parametrize(
     ("rotate", "refusal"),
     [
@@ -331,12 +348,20 @@ def _expired_pair(directory: pathlib.Path, monkeypatch) -> None:
             "is not the key of mesh.cert_file",
         ),
         (lambda served, tmp, patch: _expired_pair(served, patch), "expired at"),
+        (lambda served, tmp, patch: _future_pair(served, patch), "is not valid before"),
         (
             lambda served, tmp, _: certs.key_path(served, "context").unlink(),
             "mesh.key_file .* cannot be read",
         ),
     ],
-    ids=["another service's", "another CA's", "a key not the certificate's", "expired", "no key file"],
+    ids=[
+        "another service's",
+        "another CA's",
+        "a key not the certificate's",
+        "expired",
+        "not valid yet",
+        "no key file",
+    ],
 )
 def test_rotated_files_that_fail_the_starts_checks_keep_the_certificate_in_use(
     rotate, refusal, tmp_path: pathlib.Path, monkeypatch
@@ -448,6 +473,8 @@ def test_a_renewal_keeps_each_services_key(tmp_path: pathlib.Path, monkeypatch):
     started_with = tmp_path / "router-at-start.pem"
     started_with.write_bytes(old_router)
     router = mesh_auth.RouterCertificates(str(certs.ca_path(tmp_path)), str(started_with))
+    # The router restarted on the renewal, at the renewal's time (not valid before).
+    monkeypatch.setattr(mesh_auth, "certificate_clock", lambda: later)
     files = mesh_auth.Mesh(mesh_settings(tmp_path), "router").files
     metadata = mesh_auth.TenantTokens(files, TTL_S, clock=Clock(NOW)).metadata("acme", "context")
     assert (
