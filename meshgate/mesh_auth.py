@@ -238,10 +238,13 @@ def _checked_files(service: str, ca_file: str, cert_file: str, key_file: str) ->
         raise ConfigError(
             f"mesh.cert_file {cert_file!r} expired at {certificate.not_valid_after_utc.isoformat()}"
         )
-    # The certificate file may carry intermediates after it: one of
-    # them issued by the CA file's will do.
+    # Issued by the CA file's, or by an intermediate the certificate file
+    # carries after it that they issued. Any certificate of the file issued
+    # by them passed once: another CA's certificate followed by one of the
+    # mesh's was taken, and every peer refused its handshakes ("unable to
+    # get local issuer certificate").
     chain = x509.load_pem_x509_certificates(cert)
-    if not any(issued_by(link, authority) for link in chain for authority in authorities):
+    if not any(issued_by(certificate, issuer) for issuer, _ in _issuers(authorities, chain)):
         raise ConfigError(f"mesh.cert_file {cert_file!r} is not issued by mesh.ca_file {ca_file!r}")
     if certificate.not_valid_before_utc > now:
         # Peers refuse it as they refuse an expired one ("certificate is not
@@ -425,6 +428,23 @@ def _is_authority(certificate: x509.Certificate) -> bool:
         return False
 
 
+def _issuers(
+    authorities: list[x509.Certificate], chain: list[x509.Certificate]
+) -> list[tuple[x509.Certificate, datetime.datetime]]:
+    """What may have issued a certificate of ``chain``: the CA file's
+    ``authorities``, and the intermediates of ``chain`` (certificates marked
+    as authorities) that they issued; each with until when its chain vouches
+    for what it issued: an intermediate no longer than the CA that issued it
+    (the latest of them)."""
+    vouching = [(authority, authority.not_valid_after_utc) for authority in authorities]
+    intermediates = []
+    for link in filter(_is_authority, chain):
+        vouched = [until for authority, until in vouching if issued_by(link, authority)]
+        if vouched:
+            intermediates.append((link, min(link.not_valid_after_utc, max(vouched))))
+    return [*vouching, *intermediates]
+
+
 def _router_keys(ca_file: str, cert_file: str) -> tuple[RouterKey, ...]:
     """The keys of the router's certificates in ``cert_file``, in the file's
     order: every certificate there that names the router (several while a
@@ -442,18 +462,7 @@ def _router_keys(ca_file: str, cert_file: str) -> tuple[RouterKey, ...]:
     routers = [certificate for certificate in chain if identity(ROUTER) in _names(certificate)]
     if not routers:
         raise ConfigError(f"{setting} {cert_file!r} does not name {identity(ROUTER)!r}")
-    # Each issuer, and until when its chain vouches for what it issued: an
-    # intermediate no longer than the CA that issued it (the latest of them).
-    authorities = [
-        (authority, authority.not_valid_after_utc)
-        for authority in _authorities(_read(ca_file, "mesh.ca_file"), ca_file)
-    ]
-    intermediates = []
-    for link in filter(_is_authority, chain):
-        vouched = [until for authority, until in authorities if issued_by(link, authority)]
-        if vouched:
-            intermediates.append((link, min(link.not_valid_after_utc, max(vouched))))
-    issuers = (*authorities, *intermediates)
+    issuers = _issuers(_authorities(_read(ca_file, "mesh.ca_file"), ca_file), chain)
     keys: dict[str, RouterKey] = {}
     for certificate in routers:
         vouched = [until for issuer, until in issuers if issued_by(certificate, issuer)]

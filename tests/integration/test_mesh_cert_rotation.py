@@ -160,6 +160,34 @@ async def test_a_key_that_is_not_the_renewed_certificates_keeps_the_one_in_use(
     await answers(context_service, served_certs, tenant)
 
 
+async def test_another_cas_certificate_followed_by_one_of_the_mesh_keeps_the_one_in_use(
+    context_service, served_certs, tenant, tmp_path
+):
+    """A certificate file passed the CA check when any certificate in it
+    came from the CA: another CA's pair, with the mesh's certificate in use
+    after it in the file, was taken, and every call failed its handshake
+    (3 of 3 UNAVAILABLE, "unable to get local issuer certificate")."""
+    started_with = certificate_in(served_certs)
+    in_use = certs.cert_path(served_certs, SERVICE).read_bytes()
+    other = tmp_path / "other"
+    certs.ensure(other)
+    certs.replace_file(
+        certs.cert_path(served_certs, SERVICE), certs.cert_path(other, SERVICE).read_bytes() + in_use, 0o644
+    )
+    certs.replace_file(
+        certs.key_path(served_certs, SERVICE), certs.key_path(other, SERVICE).read_bytes(), 0o600
+    )
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            assert (
+                await presented(context_service, served_certs)
+            ).serial_number == started_with.serial_number
+            await answers(context_service, served_certs, tenant)
+    refused = [entry for entry in logs if entry["log_level"] == "error"]
+    assert len(refused) == 1, logs
+    assert "is not issued by mesh.ca_file" in refused[0]["error"]
+
+
 async def test_a_renewal_not_valid_yet_is_served_once_it_is_valid_not_before(
     context_service, served_certs, tenant, monkeypatch
 ):

@@ -327,6 +327,15 @@ def _expired_pair(directory: pathlib.Path, monkeypatch) -> None:
         renew(directory, "context")
 
 
+def _another_cas_leaf_first(directory: pathlib.Path, scratch: pathlib.Path) -> None:
+    """context's pair in ``directory`` replaced by another CA's, with the
+    mesh's certificate in use after it in the certificate file."""
+    in_use = certs.cert_path(directory, "context").read_bytes()
+    _replace_pair(directory, _another_mesh(scratch))
+    bundle = certs.cert_path(directory, "context")
+    certs.replace_file(bundle, bundle.read_bytes() + in_use, 0o644)
+
+
 def _future_pair(directory: pathlib.Path, monkeypatch) -> None:
     """A certificate for context valid from an hour on, and its key, from the CA in ``directory``."""
     issued_at = certs._now() + certs.datetime.timedelta(hours=1)
@@ -344,6 +353,10 @@ def _future_pair(directory: pathlib.Path, monkeypatch) -> None:
             "is not issued by mesh.ca_file",
         ),
         (
+            lambda served, tmp, _: _another_cas_leaf_first(served, tmp / "other"),
+            "is not issued by mesh.ca_file",
+        ),
+        (
             lambda served, tmp, _: _replace_cert(served, _renewed(served, tmp / "renewed")),
             "is not the key of mesh.cert_file",
         ),
@@ -357,6 +370,7 @@ def _future_pair(directory: pathlib.Path, monkeypatch) -> None:
     ids=[
         "another service's",
         "another CA's",
+        "another CA's, a mesh certificate after it",
         "a key not the certificate's",
         "expired",
         "not valid yet",
