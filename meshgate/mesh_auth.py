@@ -206,7 +206,8 @@ def _checked_files(service: str, ca_file: str, cert_file: str, key_file: str) ->
     """The CA, certificate and key files' contents; refuses (ConfigError) a
     certificate that does not name the service, a key that is not the
     certificate's, a CA file without a certificate, and a certificate that
-    is expired, not from the CA, or not valid yet (NotYetValid).
+    is expired (or the chain that issued it), not from the CA, or not valid
+    yet (NotYetValid).
 
     A service started with another's certificate would fail every handshake
     with an obscure error; grpc found a wrong key or CA file only when the
@@ -244,8 +245,16 @@ def _checked_files(service: str, ca_file: str, cert_file: str, key_file: str) ->
     # mesh's was taken, and every peer refused its handshakes ("unable to
     # get local issuer certificate").
     chain = x509.load_pem_x509_certificates(cert)
-    if not any(issued_by(certificate, issuer) for issuer, _ in _issuers(authorities, chain)):
+    vouched = [until for issuer, until in _issuers(authorities, chain) if issued_by(certificate, issuer)]
+    if not vouched:
         raise ConfigError(f"mesh.cert_file {cert_file!r} is not issued by mesh.ca_file {ca_file!r}")
+    if max(vouched) < now:
+        # Peers refuse an expired intermediate or CA as an expired
+        # certificate ("certificate has expired").
+        raise ConfigError(
+            f"mesh.cert_file {cert_file!r}: the chain that issued it (its intermediate or mesh.ca_file) "
+            f"expired at {max(vouched).isoformat()}"
+        )
     if certificate.not_valid_before_utc > now:
         # Peers refuse it as they refuse an expired one ("certificate is not
         # yet valid"): taken at a renewal, every new connection failed until

@@ -24,6 +24,9 @@ import grpc
 import pytest
 import structlog
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshgate import mesh_auth, serving
@@ -186,6 +189,66 @@ async def test_another_cas_certificate_followed_by_one_of_the_mesh_keeps_the_one
     refused = [entry for entry in logs if entry["log_level"] == "error"]
     assert len(refused) == 1, logs
     assert "is not issued by mesh.ca_file" in refused[0]["error"]
+
+
+def _authority(
+    name: str, issuer: x509.Certificate | None, issuer_key, not_after: datetime.datetime
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A CA certificate and its key, issued by ``issuer`` (None: by itself)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.subject if issuer is not None else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10))
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(issuer_key or key, hashes.SHA256())
+    )
+    return key, certificate
+
+
+def issued_by_an_expired_intermediate(directory: pathlib.Path) -> None:
+    """A new pair for the context service in ``directory``, its certificate
+    issued by an intermediate that expired yesterday, which the certificate
+    file carries after it; the intermediate's root (one that allows
+    intermediates, as the mesh's own CA does not) joins the CA file."""
+    now = datetime.datetime.now(datetime.UTC)
+    root_key, root = _authority("root", None, None, now + datetime.timedelta(days=365))
+    intermediate_key, intermediate = _authority(
+        "expired intermediate", root, root_key, now - datetime.timedelta(days=1)
+    )
+    key, leaf = certs._issue(intermediate_key, intermediate, SERVICE)
+    pem = serialization.Encoding.PEM
+    ca_file = certs.ca_path(directory)
+    certs.replace_file(ca_file, ca_file.read_bytes() + root.public_bytes(pem), 0o644)
+    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    certs.replace_file(certs.key_path(directory, SERVICE), key_pem, 0o600)
+    certs.replace_file(
+        certs.cert_path(directory, SERVICE), leaf.public_bytes(pem) + intermediate.public_bytes(pem), 0o644
+    )
+
+
+async def test_a_renewal_from_an_expired_intermediate_keeps_the_one_in_use(
+    context_service, served_certs, tenant
+):
+    """Peers refuse a chain whose intermediate expired ("certificate has
+    expired") as they refuse an expired certificate: taken, such a renewal
+    failed every call (3 of 3 UNAVAILABLE)."""
+    started_with = certificate_in(served_certs)
+    issued_by_an_expired_intermediate(served_certs)
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            assert (
+                await presented(context_service, served_certs)
+            ).serial_number == started_with.serial_number
+            await answers(context_service, served_certs, tenant)
+    refused = [entry for entry in logs if entry["log_level"] == "error"]
+    assert len(refused) == 1, logs
+    assert "the chain that issued it" in refused[0]["error"]
 
 
 async def test_a_renewal_not_valid_yet_is_served_once_it_is_valid_not_before(
