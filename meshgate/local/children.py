@@ -89,6 +89,19 @@ def start(command: list[str], ignore_hangup: bool = False, **options) -> subproc
     return _spawner().popen(launched, options)
 
 
+def terminate(process: subprocess.Popen) -> None:
+    """Asks a child of the stack to stop in order: SIGTERM, and SIGCONT to
+    its process group, as systemd sends after it. A stopped child (SIGSTOP,
+    a debugger's pause) takes a SIGTERM only once continued: without the
+    SIGCONT every stop of one (Ctrl-C's, the supervisor's) waited out its
+    grace and then killed it, Redis with its last writes, Triton with its
+    models' stubs."""
+    process.send_signal(signal.SIGTERM)
+    if process.poll() is None:  # once reaped, its pid and group may be another's
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGCONT)
+
+
 def _check_runnable(program: str, options: dict) -> None:
     """Raises, as subprocess.Popen would for a direct start, if ``program``
     is no executable file (on the child's PATH when it names no directory):

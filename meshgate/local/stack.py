@@ -16,7 +16,6 @@ import functools
 import os
 import pathlib
 import re
-import signal
 import socket
 import struct
 import subprocess
@@ -625,7 +624,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
         process = self.processes.pop(name, None)
         if process is None or process.poll() is not None:
             return None if process is None else process.returncode
-        process.send_signal(signal.SIGTERM)
+        children.terminate(process)
         try:
             return process.wait(timeout_s)
         except subprocess.TimeoutExpired:

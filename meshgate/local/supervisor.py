@@ -44,7 +44,7 @@ import time
 
 import structlog
 
-from meshgate.local import certs, triton
+from meshgate.local import certs, children, triton
 from meshgate.local.stack import START_TIMEOUT_S, STATUS_FILE, Stack
 
 log = structlog.get_logger(__name__)
@@ -331,11 +331,7 @@ class Supervisor:
         del self._not_ready_since[name]
         grace = self._stack.stop_grace_s(name)
         self._kill_at[name] = now + grace
-        process.send_signal(signal.SIGTERM)
-        # A stopped process (SIGSTOP) takes SIGTERM only once continued,
-        # as systemd sends SIGCONT after it: it can then stop in order.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGCONT)
+        children.terminate(process)
         self.status[name] = dataclasses.replace(status, stopped_for=reason)
         log.warning(
             "child not ready, stopping it to restart it",

@@ -353,7 +353,7 @@ STOP_GRACE_S = 15.0
 def terminate(process: subprocess.Popen[bytes], timeout: float = STOP_GRACE_S) -> int:
     """SIGTERM, then SIGKILL if Triton has not drained within `timeout` seconds."""
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        children.terminate(process)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:

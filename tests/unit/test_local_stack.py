@@ -5,11 +5,14 @@ tests/e2e's)."""
 from __future__ import annotations
 
 import concurrent.futures
+import pathlib
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -242,3 +245,33 @@ def test_a_second_stack_on_a_state_directory_in_use_is_refused_before_it_writes_
             first_start.result()
     with pytest.raises(PastTheLock):  # free again once the first's start failed and stopped it
         second.start()
+
+
+def _stopped(process: subprocess.Popen) -> subprocess.Popen:
+    """``process`` once the kernel shows it stopped (SIGSTOP: a hung child, a debugger's pause)."""
+    process.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while pathlib.Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, "not stopped within 10 s"
+        time.sleep(0.01)
+    return process
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+@pytest.mark.parametrize("name", ["redis", "triton"])
+def test_a_stopped_child_is_continued_to_stop_in_order_not_killed_at_the_grace(tmp_path, name) -> None:
+    """Ctrl-C on a `meshgate up` whose Redis was stopped (SIGSTOP) took
+    26.7 s, not 4 s: the SIGTERM waited in the stopped process for the
+    whole 20 s grace, and Redis was then killed without its shutdown. The
+    supervisor sent SIGCONT after its SIGTERM; the stack's own stop did not."""
+    stack = _stack(tmp_path)
+    child = _stopped(subprocess.Popen(["sleep", "60"], start_new_session=True))
+    stack.processes[name] = child
+    try:
+        stack.stop()
+        # Ended by the SIGTERM, not by the SIGKILL that follows the grace.
+        assert child.returncode == -signal.SIGTERM
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
