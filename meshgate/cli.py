@@ -484,6 +484,9 @@ def _describe_child(name: str, child: dict) -> str:
         line += f"  restart at {_clock(child['restart_at'])}"
         if child["error"]:
             line += f" (last try: {child['error']})"
+        # Why it exited is in its own words there, not in an exit code.
+        if log := child.get("log"):
+            line += f"  log: {log}"
     return line
 
 

@@ -163,8 +163,9 @@ class ChildStatus:
     why the last try started nothing). ``stopped_for``: why the supervisor
     stopped the child, from the SIGTERM on and kept for the one started in
     its place (unready past the grace, or not ready past the start
-    timeout); None when the last one exited on its own. Times are Unix
-    times."""
+    timeout); None when the last one exited on its own. ``log``: where the
+    child writes, and so says why it exited (exit code 1 alone tells a
+    child that crash-loops nothing). Times are Unix times."""
 
     state: str
     since: float
@@ -174,6 +175,7 @@ class ChildStatus:
     restart_at: float | None = None
     error: str | None = None
     stopped_for: str | None = None
+    log: str | None = None
 
 
 def read_status(state_dir: pathlib.Path) -> dict | None:
@@ -232,7 +234,7 @@ class Supervisor:
             )
         for name, process in self._stack.processes.items():
             self._policies[name] = RestartPolicy(self._backoff)
-            self.status[name] = ChildStatus("starting", time.time(), process.pid)
+            self.status[name] = ChildStatus("starting", time.time(), process.pid, log=self._log(name))
         self._write_status()
         self._thread = threading.Thread(target=self._watch, name="meshgate-supervisor", daemon=True)
         self._thread.start()
@@ -340,7 +342,7 @@ class Supervisor:
             state=status.state,
             reason=reason,
             kill_in_s=grace,
-            log=str(self._stack.log_path(name)),
+            log=self._log(name),
         )
 
     def _dependencies_up(self, name: str) -> bool:
@@ -357,6 +359,9 @@ class Supervisor:
         log.warning("child did not stop in time, killing it", child=name, pid=process.pid)
         with contextlib.suppress(ProcessLookupError):
             process.kill()
+
+    def _log(self, name: str) -> str:
+        return str(self._stack.log_path(name))
 
     def _write_status(self) -> None:
         status = {
@@ -383,6 +388,7 @@ class Supervisor:
             last_exit=describe_exit(process.returncode),
             restart_at=time.time() + delay,
             stopped_for=stopped_for,
+            log=self._log(name),
         )
         log.warning(
             "child exited, restarting",
@@ -393,7 +399,7 @@ class Supervisor:
             attempt=policy.attempt,
             restart_in_s=delay,
             # What it said as it ended: the line alone tells nothing of why.
-            log=str(self._stack.log_path(name)),
+            log=self._log(name),
         )
 
     def _restart(self, name: str, now: float) -> None:
@@ -412,7 +418,7 @@ class Supervisor:
                 error=str(error),
                 attempt=policy.attempt,
                 restart_in_s=delay,
-                log=str(self._stack.log_path(name)),
+                log=self._log(name),
             )
             return
         policy.started()
@@ -421,6 +427,12 @@ class Supervisor:
         self.restarts[name] = self.restarts.get(name, 0) + 1
         pid, down = self._stack.processes[name].pid, self.status[name]
         self.status[name] = ChildStatus(
-            "starting", time.time(), pid, self.restarts[name], down.last_exit, stopped_for=down.stopped_for
+            "starting",
+            time.time(),
+            pid,
+            self.restarts[name],
+            down.last_exit,
+            stopped_for=down.stopped_for,
+            log=self._log(name),
         )
         log.info("child restarted", child=name, pid=self._stack.processes[name].pid, attempt=policy.attempt)

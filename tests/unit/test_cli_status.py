@@ -63,6 +63,9 @@ def test_a_stack_whose_children_are_not_all_up_says_which_and_is_exit_code_1(sta
         assert triton.split()[:2] == ["triton", "starting"]
         assert router.split()[:2] == ["router", "down"]
         assert "restarts 0  last exit: signal SIGKILL  restart at " in router
+        # Where it said why it exited: a child that crash-loops showed
+        # "last exit: exit code 1" and nothing an operator could act on.
+        assert router.endswith(f"  log: {stack.log_path('router')}")
     finally:
         supervisor.stop()
 

@@ -241,6 +241,7 @@ def test_the_status_file_says_whether_each_child_is_up_starting_unready_or_down(
             "restart_at": None,
             "error": None,
             "stopped_for": None,
+            "log": "logs/router.log",
         }
 
         # Running, no longer ready (draining, say): not up, once asked again
