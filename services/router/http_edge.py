@@ -52,14 +52,13 @@ from meshgate.errors import (
     internal_error,
     invalid_argument,
     not_found,
-    partly_delivered,
 )
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.admission import Hold, TenantCalls
 from services.router.auth import Authenticator, Tenant, same_tenant
 from services.router.embeddings import Embeddings
-from services.router.pipeline import Budget, Completion, Delta, Failure, Pipeline, stopped
+from services.router.pipeline import Budget, Completion, Delivered, Delta, Failure, Pipeline, stopped
 
 log = structlog.get_logger(__name__)
 _tracer = trace.get_tracer("meshgate.http")
@@ -867,7 +866,7 @@ class HttpEdge:
             # Cut by the router's grace before its answer began (a whole
             # answer, or a stream before its first piece): a 503 in OpenAI's
             # shape, not uvicorn's plain-text 500; then ended as answered.
-            cut = partly_delivered(stopped(), 0, 0)
+            cut = Delivered().cut(stopped())
             if response.saving:
                 # A session turn cut while it was being stored may be stored.
                 cut.metadata["turn_may_be_stored"] = "true"
@@ -948,7 +947,7 @@ class HttpEdge:
         if isinstance(first, Failure):
             raise first.error
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-        sent = [0, 0]  # deltas and characters written
+        sent = Delivered()
         try:
             await self._stream_events(chunks, first, events, response, sent)
         except asyncio.CancelledError:
@@ -958,22 +957,21 @@ class HttpEdge:
             # with an error event, as a failure midway does, never as a
             # silent short answer. The request then ends as answered: raised
             # on, the cancellation would be logged as an error of the app.
-            cut = partly_delivered(stopped(), *sent)
+            cut = sent.cut(stopped())
             response.failed(cut)
             body = b"data: " + _event_json(error_body(cut)) + b"\n\n"
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": body})
 
     async def _stream_events(
-        self, chunks: _Chunks, event, events, response: _Response, sent: list[int]
+        self, chunks: _Chunks, event, events, response: _Response, sent: Delivered
     ) -> None:
         send = response.send
         while True:
             match event:
                 case Delta(text=text):
                     await send({"type": "http.response.body", "body": chunks.delta(text), "more_body": True})
-                    sent[0] += 1
-                    sent[1] += len(text)
+                    sent.add(event)
                 case Completion():
                     # The answer's last chunk, if it came on the completion,
                     # in the same write as the stream's end.

@@ -274,6 +274,32 @@ class Failure:
 Event = Delta | Completion | Failure
 
 
+@dataclasses.dataclass(slots=True)
+class Delivered:
+    """What of a turn's answer a front end has written to its caller, for
+    the status of a stream the front end itself ends midway (the router's
+    stop, :func:`stopped`): a failure the pipeline yields says it already
+    (partly_delivered)."""
+
+    deltas: int = 0
+    chars: int = 0
+    # The completion tokens behind the pieces written: the last one's
+    # Delta.completion_tokens; 0 with pieces written, not counted (a hit's
+    # replay, an inference service that sends no counts).
+    tokens: int = 0
+
+    def add(self, delta: Delta) -> None:
+        self.deltas += 1
+        self.chars += len(delta.text)
+        self.tokens = delta.completion_tokens
+
+    def cut(self, failure: MeshgateError) -> MeshgateError:
+        """``failure`` saying how much went out: ``delivered_tokens`` too
+        where counted (none written is none counted)."""
+        counted = self.tokens or not self.deltas
+        return partly_delivered(failure, self.deltas, self.chars, self.tokens if counted else None)
+
+
 def stopped() -> MeshgateError:
     """What a turn the router's stop cuts, when its grace ends, fails with
     (the front ends add delivered_*: partly_delivered)."""

@@ -16,7 +16,7 @@ from google.protobuf import message_factory
 
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2 as context_pb
-from meshgate.errors import MeshgateError, clip, internal_error, invalid_argument, partly_delivered
+from meshgate.errors import MeshgateError, clip, internal_error, invalid_argument
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
@@ -25,7 +25,16 @@ from services.router.auth import current_caller, current_tenant
 from services.router.downstream import own_request_id
 from services.router.keys import check_tenant_id
 from services.router.ledger import METRICS, Ledger
-from services.router.pipeline import Budget, CacheStatus, Completion, Delta, Failure, Pipeline, stopped
+from services.router.pipeline import (
+    Budget,
+    CacheStatus,
+    Completion,
+    Delivered,
+    Delta,
+    Failure,
+    Pipeline,
+    stopped,
+)
 
 _CACHE_STATUS = {
     CacheStatus.EXACT_HIT: pb.CACHE_STATUS_EXACT_HIT,
@@ -90,11 +99,14 @@ class _Call:
     saving: bool = False
     # The session a turn created, once it is known (before it is stored).
     session_id: str = ""
+    # What of the current turn's answer went out (counted as each delta is
+    # handed to gRPC: a write the cut lands in still completes in its core).
+    sent: Delivered = dataclasses.field(default_factory=Delivered)
 
-    def failure(self, deltas: int, chars: int, session_id: str = "") -> MeshgateError:
+    def failure(self, session_id: str = "") -> MeshgateError:
         """The status a turn the stop cut ends with: how much went out, and
         whether it may be stored (then the client must not resend it)."""
-        cut = partly_delivered(stopped(), deltas, chars)
+        cut = self.sent.cut(stopped())
         if session_id or self.session_id:
             cut.metadata["session_id"] = session_id or self.session_id
         if self.saving:
@@ -255,6 +267,8 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                         # Written before this generator resumes: by
                         # chat_with_status, or by gRPC for a yielding handler.
                         sent = True
+                        if call is not None:
+                            call.sent.add(event)
                         yield pb.ChatResponse(delta=pb.TextDelta(text=text))
                     case Completion():
                         yield pb.ChatResponse(completion=completion_proto(event))
@@ -275,7 +289,6 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         Serialized here: a unary handler's context has no response serializer,
         so what it writes, and what this returns, goes out as given."""
         completion = None
-        deltas = chars = 0
         with self._turns.open() as call:
             try:
                 async with contextlib.aclosing(self.Chat(request, context, call)) as responses:
@@ -283,10 +296,6 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                         if response.HasField("completion"):  # the last message: nothing follows it
                             completion = response.SerializeToString()
                             continue
-                        # Counted before it goes: a write the cut lands in
-                        # still completes in gRPC's core.
-                        deltas += 1
-                        chars += len(response.delta.text)
                         try:
                             await context.write(response.SerializeToString())
                         except grpc.aio.InternalError as error:
@@ -308,7 +317,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 # answer is whole once its completion is here (the turn was
                 # settling).
                 if completion is None:
-                    raise call.failure(deltas, chars) from None
+                    raise call.failure() from None
         if completion is None:
             # The pipeline ends every turn with a completion or a failure:
             # this is a bug, never an answer to pass off as OK.
@@ -375,7 +384,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                     carry_last_text=request.completion_may_carry_text,
                     before_saving=call.saving_turn,
                 )
-                deltas = chars = 0
+                call.sent = Delivered()
                 done = False  # its completion or failure went out
                 try:
                     async with contextlib.aclosing(turn) as events:
@@ -383,8 +392,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                             match event:
                                 case Delta(text=text):
                                     message = pb.ChatSessionResponse(delta=pb.TextDelta(text=text))
-                                    deltas += 1
-                                    chars += len(text)
+                                    call.sent.add(event)
                                 case Completion():
                                     session_id, version = event.session_id, event.session_version
                                     message = pb.ChatSessionResponse(completion=completion_proto(event))
@@ -412,7 +420,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                             yield message
                             call.writing = False
                             if call.cut and not done:
-                                raise call.failure(deltas, chars, turn_session)
+                                raise call.failure(turn_session)
                             # Cut once its completion or failure went out, the
                             # turn is whole: it is read to its end all the same
                             # (closed at its completion, the pipeline would settle
@@ -422,7 +430,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                         raise
                     # The router's stop, near its grace's end (drain).
                     if not done:
-                        raise call.failure(deltas, chars, turn_session) from None
+                        raise call.failure(turn_session) from None
 
     async def CreateSession(self, request, context) -> pb.CreateSessionResponse:
         tenant = await current_tenant()

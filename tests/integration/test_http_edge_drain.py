@@ -4,6 +4,7 @@ loopback, a scripted turn behind it (no mesh)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 
@@ -38,8 +39,9 @@ class EndlessPipeline(ScriptedPipeline):
     async def run(
         self, request, tenant, session_id, budget, create_session=False, carry_last_text=False, **_
     ):
-        while True:
-            yield Delta("word ")
+        # Each piece one more token, as the inference service counts them.
+        for tokens in itertools.count(1):
+            yield Delta("word ", completion_tokens=tokens)
             await asyncio.sleep(0.01)
 
 
@@ -76,6 +78,8 @@ async def test_a_stream_the_routers_grace_cuts_ends_with_an_error_event_after_th
     events = [e for e in answer.decode(errors="replace").split("\r\n") if e.startswith("data: ")]
     error = json.loads(events[-1][len("data: ") :])["error"]
     assert error["code"] == "STREAM_ENDED_EARLY" and int(error["metadata"]["delivered_deltas"]) > 10
+    # The tokens behind them too: the count of the last piece written.
+    assert error["metadata"]["delivered_tokens"] == error["metadata"]["delivered_deltas"]
     assert "data: [DONE]" not in answer.decode(errors="replace")
     assert not _app_errors(caplog)
 

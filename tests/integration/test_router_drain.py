@@ -263,6 +263,9 @@ async def test_turns_still_running_when_the_grace_ends_say_how_much_went_out(two
             # client must not send it again.
             assert int(metadata["delivered_deltas"]) == len(deltas) > 0
             assert int(metadata["delivered_chars"]) == len("".join(deltas))
+            # And the tokens behind them, as the model counted them: each
+            # delta is a token or more, and the turn asked for 4 at most.
+            assert len(deltas) <= int(metadata["delivered_tokens"]) <= 4, metadata
             assert metadata["turn_may_be_stored"] == "true"
         # The ChatSession's turn created its session: the client learns which.
         assert metadata["session_id"]
