@@ -628,8 +628,10 @@ def used_tokens(turn, outcome) -> tuple[int, int]:
         # context service was down): the turn got nothing, and pays nothing.
         return 0, 0
     # Failed or cancelled before the completion's count: the prompt as the
-    # model counted it (the inference service's first delta carries it),
-    # else as its content's bytes bound it (a session turn's as assembled,
+    # model counted it (the inference service's first delta carries it), or
+    # before any delta as its assembly counted it (the context service
+    # counts with the model's tokenizer and template), else as its
+    # content's bytes bound it (a session turn's as assembled,
     # the history the model read with it; a caller hanging up before the
     # first piece pays for it too, as the model may have read it already),
     # and the completion tokens delivered: none before the first piece;
@@ -640,8 +642,10 @@ def used_tokens(turn, outcome) -> tuple[int, int]:
     # an answer, then hanging up, must not have it free). The bounds are for
     # an inference service that sends no counts, or a failure before any:
     # at about 4 bytes a token of English, they charged a stop button ~4x.
-    prompt_tokens = outcome.prompt_tokens_read or estimate_prompt_tokens(
-        turn.messages if outcome.prompt is None else outcome.prompt
+    prompt_tokens = (
+        outcome.prompt_tokens_read
+        or outcome.prompt_tokens_assembled
+        or estimate_prompt_tokens(turn.messages if outcome.prompt is None else outcome.prompt)
     )
     if not outcome.delivered_bytes:
         return prompt_tokens, 0

@@ -42,7 +42,17 @@ from meshgate.serving import is_retryable
 from services.router.auth import Tenant
 from services.router.deployments import PREFIX_BLOCK_CHARS, DeploymentTable, left_rotation
 from services.router.hot_exact import HotExactHits
-from services.router.pipeline import Answer, Appended, Budget, CachePlan, CacheStatus, Hit, SummarySpend, Turn
+from services.router.pipeline import (
+    Answer,
+    Appended,
+    Assembly,
+    Budget,
+    CachePlan,
+    CacheStatus,
+    Hit,
+    SummarySpend,
+    Turn,
+)
 from services.router.summary_usage import OwedSummaries
 
 log = structlog.get_logger(__name__)
@@ -361,7 +371,7 @@ class ContextService:
         # delete the first send did is only logged (Pipeline).
         await self.session_call("DeleteSession", request, tenant, Budget(), unavailable_too=True)
 
-    async def assemble(self, turn: Turn) -> tuple[list[common_pb2.Message], int] | None:
+    async def assemble(self, turn: Turn) -> Assembly | None:
         """A stateless turn needs the context service only to fit the prompt
         to the window, so its outage degrades that turn (the model's own
         window check still refuses a prompt that is too long) instead of
@@ -402,7 +412,7 @@ class ContextService:
                 )
                 return None
             raise failure_within(error, "context", turn.budget) from error
-        return list(response.messages), response.session_version
+        return Assembly(list(response.messages), response.session_version, response.manifest.prompt_tokens)
 
     async def prefetch(self, tenant: Tenant, session_id: str) -> None:
         """Only a warm-up: a failure here (an unknown session, the service

@@ -331,6 +331,23 @@ class Outcome:
     # The prompt tokens the model said it read (Answer.prompt_tokens_read),
     # once a delta of its generation reached the turn; 0: not told.
     prompt_tokens_read: int = 0
+    # The prompt's tokens as its assembly counted them (_TurnFacts), the
+    # same count, known before the model's first delta; 0: not assembled
+    # (a stateless prompt that surely fits goes out unassembled).
+    prompt_tokens_assembled: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Assembly:
+    """A prompt the context service fitted to the model's window."""
+
+    messages: list[common_pb2.Message]
+    # The session version it was built from (0 for a stateless turn's).
+    version: int
+    # Its tokens as the context service counted them (its manifest's: the
+    # model's tokenizer and chat template, the count the model reads); 0:
+    # not told.
+    prompt_tokens: int = 0
 
 
 @dataclasses.dataclass
@@ -348,6 +365,9 @@ class _TurnFacts:
     saving: bool = False
     # The session's assembled prompt, once it is.
     prompt: list[common_pb2.Message] | None = None
+    # The assembled prompt's tokens as the context service counted them
+    # (Assembly.prompt_tokens), once the model may read it; 0: not known.
+    prompt_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,9 +408,10 @@ class Contexts(Protocol):
         """The context service's ``method`` with ``request`` (its request
         message), acting for ``tenant``: its response, or its refusal."""
 
-    async def assemble(self, turn: Turn) -> tuple[list[common_pb2.Message], int] | None:
-        """The prompt and the session version it was built from; None when a
-        stateless turn should go out as sent (context service unreachable)."""
+    async def assemble(self, turn: Turn) -> Assembly | None:
+        """The prompt, the session version it was built from and its count;
+        None when a stateless turn should go out as sent (context service
+        unreachable)."""
 
     async def append(self, turn: Turn, session_id: str, after_version: int, answer: Answer) -> Appended:
         """Appends the turn and its answer; returns the new version, and
@@ -788,6 +809,7 @@ class Pipeline:
                 counted_tokens or delivered_tokens,
                 facts.prompt,
                 answer.prompt_tokens_read,
+                facts.prompt_tokens,
             )
             _record_turn(turn, outcome, span)
             if facts.created_session_id and not facts.saving:
@@ -881,12 +903,12 @@ class Pipeline:
                 hit = await self._exact_hit(plan, turn.messages, turn.budget)
             if hit is None:
                 lookup = self._semantic_lookup(plan, turn.messages, turn.budget)
-                generation = self._generate_stateless(turn, answer)
+                generation = self._generate_stateless(turn, answer, facts)
         else:
             turn = _with_session(turn, session_id)
             assembled = await self._contexts.assemble(turn)
             if assembled is not None:
-                prompt, version = assembled
+                prompt, version = assembled.messages, assembled.version
             # The assembly refuses a strict turn at another version itself
             # (its append_reservation's expected_version); a context service
             # that predates that field ignores it, and this check stands in.
@@ -909,6 +931,8 @@ class Pipeline:
             # model may read it): not before it is reserved, so a caller
             # hanging up while it is being reserved is not billed past it.
             facts.prompt = prompt
+            if assembled is not None:
+                facts.prompt_tokens = assembled.prompt_tokens
             hit = await self._exact_hit(plan, prompt, turn.budget)
             if hit is None:
                 lookup = self._semantic_lookup(plan, prompt, turn.budget)
@@ -1082,12 +1106,14 @@ class Pipeline:
         """The lookup to race the generation against (None: nothing to look up)."""
         return self._cache.lookup(plan, messages, budget, semantic=True) if plan.reads else None
 
-    def _generate_stateless(self, turn: Turn, answer: Answer) -> collections.abc.AsyncIterator[str]:
+    def _generate_stateless(
+        self, turn: Turn, answer: Answer, facts: _TurnFacts
+    ) -> collections.abc.AsyncIterator[str]:
         if self._fits_as_sent(turn):
             # AssembleContext would return the messages as sent: its hop
             # would only delay the first token (prompt_bound.py).
             return self._generate(turn, turn.messages, answer)
-        return self._assemble_and_generate(turn, answer)
+        return self._assemble_and_generate(turn, answer, facts)
 
     def _fits_as_sent(self, turn: Turn) -> bool:
         bound = self._prompt_bounds.get(turn.model_alias)
@@ -1095,9 +1121,15 @@ class Pipeline:
             return False
         return bound.fits(turn.messages, turn.model.context_window_tokens - turn.max_tokens)
 
-    async def _assemble_and_generate(self, turn: Turn, answer: Answer) -> collections.abc.AsyncIterator[str]:
+    async def _assemble_and_generate(
+        self, turn: Turn, answer: Answer, facts: _TurnFacts
+    ) -> collections.abc.AsyncIterator[str]:
         assembled = await self._contexts.assemble(turn)
-        prompt = turn.messages if assembled is None else assembled[0]
+        prompt = turn.messages
+        if assembled is not None:
+            # The messages as sent (or their system ones first): the same
+            # bytes admission reserved, and now their count.
+            prompt, facts.prompt_tokens = assembled.messages, assembled.prompt_tokens
         generation = self._generate(turn, prompt, answer)
         async with contextlib.aclosing(generation) as pieces:
             async for text in pieces:

@@ -26,6 +26,7 @@ from services.router.ledger import SUMMARY_USAGE, Ledger, UsageRecord
 from services.router.pipeline import (
     Answer,
     Appended,
+    Assembly,
     Budget,
     CacheStatus,
     Completion,
@@ -1038,7 +1039,7 @@ class _SessionContexts:
         return None
 
     async def assemble(self, turn):
-        return [self.history, *turn.messages], 1
+        return Assembly([self.history, *turn.messages], 1)
 
     async def append(self, turn, session_id, after_version, answer) -> Appended:
         self.appended.append(session_id)

@@ -14,6 +14,7 @@ import uuid
 
 import grpc
 import pytest
+import tritonclient.grpc.aio as triton_grpc
 
 from meshgate import redis_access
 from meshgate.common.v1 import common_pb2
@@ -23,6 +24,7 @@ from meshgate.router.v1 import router_service_pb2_grpc
 from services.router.admission import Scope
 from tests.integration.conftest import running_router, service_settings
 from tests.mesh import bounded_channel
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -35,9 +37,12 @@ MAX_TOKENS = 256
 IN_FLIGHT_TOKENS = 32
 
 
-@pytest.fixture(scope="module")
-async def billing(redis_url, inference_address):
-    """(router stub, the tenant's auth metadata, the tenant's day budget key, a Redis client)."""
+@contextlib.asynccontextmanager
+async def billed_router(redis_url: str, inference_address: str):
+    """A router of a tenant of its own, priced and with a day budget, whose
+    tiny-gpt is the inference service at ``inference_address``; yields
+    (router stub, the tenant's auth metadata, the tenant's day budget key,
+    a Redis client)."""
     tenant = f"cut-{uuid.uuid4().hex[:8]}"
     key = f"key-{tenant}"
     settings = service_settings(redis_url, inference_address)
@@ -60,25 +65,35 @@ async def billing(redis_url, inference_address):
         yield router_service_pb2_grpc.RouterServiceStub(channel), auth, budget_key, client
 
 
-def ask(max_tokens: int) -> pb.ChatRequest:
+@pytest.fixture(scope="module")
+async def billing(redis_url, inference_address):
+    """billed_router's, straight to the inference service."""
+    async with billed_router(redis_url, inference_address) as billed:
+        yield billed
+
+
+def ask(max_tokens: int, session_id: str = "", text: str = STORY) -> pb.ChatRequest:
     # Greedy: the same prompt gives the same tokens, so a completed turn
     # of it tells what the model produced for a turn cut short.
     return pb.ChatRequest(
         model="tiny-gpt",
-        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=STORY)],
+        session_id=session_id,
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=text)],
         parameters=common_pb2.GenerationParameters(max_tokens=max_tokens, temperature=0.0),
         cache_policy=pb.CACHE_POLICY_BYPASS,
     )
 
 
-async def completed(ledger, stub, auth, max_tokens: int) -> tuple[str, pb.ChatCompletion]:
+async def completed(
+    ledger, stub, auth, max_tokens: int, session_id: str = "", text: str = STORY
+) -> tuple[str, pb.ChatCompletion]:
     ledger.turns += 1
-    text = []
-    async for response in stub.Chat(ask(max_tokens), metadata=auth, timeout=60):
+    pieces = []
+    async for response in stub.Chat(ask(max_tokens, session_id, text), metadata=auth, timeout=60):
         if response.HasField("delta"):
-            text.append(response.delta.text)
+            pieces.append(response.delta.text)
         else:
-            return "".join(text) + response.completion.text, response.completion
+            return "".join(pieces) + response.completion.text, response.completion
     raise AssertionError("no completion")
 
 
@@ -180,3 +195,62 @@ async def test_a_turn_cut_short_is_billed_the_tokens_the_model_read_and_produced
         assert prompt == prompt_tokens
         assert read <= completion <= read + IN_FLIGHT_TOKENS
         assert budget == prompt + completion
+
+
+async def test_a_session_turn_cut_before_its_first_piece_is_billed_the_prompt_as_the_model_counts_it(
+    redis_url, inference_address, triton_url
+):
+    """A turn cut before any delta reached the router (a hang-up, a deadline
+    while the model reads a long history) was billed its assembled prompt's
+    bytes as prompt tokens, though its assembly had counted them exactly
+    (the context service's manifest: the model's tokenizer and template).
+    Here the inference service's replies are held back (a link between the
+    router and it), so the model reads and answers the turn and the router
+    hears nothing of it before its caller hangs up."""
+    link = TcpProxy(int(inference_address.rsplit(":", 1)[1]))
+    port = await link.start()
+    triton = triton_grpc.InferenceServerClient(triton_url)
+    try:
+        async with billed_router(redis_url, f"127.0.0.1:{port}") as (stub, auth, budget_key, client):
+            ledger = Ledger(stub, auth, budget_key, client)
+            # Two sessions of one greedy turn each: the same history, so the
+            # same turn next assembles the same prompt in both.
+            sessions = []
+            for _ in range(2):
+                created = await stub.CreateSession(pb.CreateSessionRequest(), metadata=auth, timeout=10)
+                sessions.append(created.session_id)
+                await completed(ledger, stub, auth, 24, created.session_id, "hello, who are you?")
+            cut_session, reference_session = sessions
+            _, reference = await completed(ledger, stub, auth, 4, reference_session)
+            model_count = reference.usage.prompt_tokens
+
+            async def hang_up_before_the_first_piece() -> str:
+                generations = await triton_generations(triton)
+                link.hold()
+                call = stub.Chat(ask(4, cut_session), metadata=auth, timeout=60)
+                reading = asyncio.ensure_future(call.read())
+                # The model has read the prompt and answered; nothing of it
+                # reached the router.
+                async with asyncio.timeout(30):
+                    while await triton_generations(triton) == generations:
+                        await asyncio.sleep(0.05)
+                assert not reading.done()
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reading
+                link.release()
+                return ""
+
+            _, (prompt, completion, budget) = await billed(ledger, hang_up_before_the_first_piece)
+    finally:
+        await triton.close()
+        await link.close()
+    print(f"\nthe model's count of the prompt: {model_count}; billed ({prompt}, {completion}, {budget})")
+    assert (prompt, completion, budget) == (model_count, 0, model_count)
+
+
+async def triton_generations(triton) -> int:
+    """The generation requests Triton's tiny_gpt has completed."""
+    statistics = await triton.get_inference_statistics(model_name="tiny_gpt")
+    (model,) = statistics.model_stats
+    return model.inference_stats.success.count

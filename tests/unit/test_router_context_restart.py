@@ -142,8 +142,8 @@ def turn(session_id: str, budget_s: float = 5.0) -> types.SimpleNamespace:
 async def test_a_session_turn_is_sent_again_once_the_channel_is_ready():
     channel = Channel(after_s=0.05)
     context, stub = service(channel, failures=1)
-    messages, version = await context.assemble(turn("s1"))
-    assert (messages, version) == ([], 4)
+    assembled = await context.assemble(turn("s1"))
+    assert (assembled.messages, assembled.version) == ([], 4)
     assert stub.AssembleContext.calls == 2
     assert channel.asked == 1
     # Sent again only once the channel is ready, not at once.
@@ -387,8 +387,8 @@ async def test_a_session_turn_the_context_services_stop_cancelled_rides_out_its_
     again once the channel is ready, as after a refused connection. The
     turn failed CANCELLED before, telling the router's caller it cancelled."""
     context, stub = service(Channel(after_s=0.0), failures=1, failure=cancelled_by_its_stop)
-    messages, version = await context.assemble(turn("s1"))
-    assert (messages, version) == ([], 4)
+    assembled = await context.assemble(turn("s1"))
+    assert (assembled.messages, assembled.version) == ([], 4)
     assert stub.AssembleContext.calls == 2
 
 

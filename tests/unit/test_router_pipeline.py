@@ -24,6 +24,7 @@ from services.router.auth import Tenant
 from services.router.pipeline import (
     Answer,
     Appended,
+    Assembly,
     Budget,
     CacheStatus,
     Completion,
@@ -76,7 +77,7 @@ class FakeContexts:
         if self.outage and not turn.session_id:
             return None
         history = [user("earlier")] if turn.session_id else []
-        return [*history, *turn.messages], self.version if turn.session_id else 0
+        return Assembly([*history, *turn.messages], self.version if turn.session_id else 0)
 
     async def append(self, turn, session_id, after_version, answer) -> Appended:
         if self.append_error is not None:

@@ -12,7 +12,17 @@ from meshgate.errors import partly_delivered, unavailable
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.admission import Reservation, TurnAdmission, estimate_prompt_tokens
-from services.router.pipeline import Answer, Budget, CacheStatus, Completion, Delta, Failure, Hit, Pipeline
+from services.router.pipeline import (
+    Answer,
+    Assembly,
+    Budget,
+    CacheStatus,
+    Completion,
+    Delta,
+    Failure,
+    Hit,
+    Pipeline,
+)
 from tests.unit.test_router_pipeline import TENANT, FakeCache, FakeContexts, FakeGenerator, request
 
 MAX_TOKENS = 200
@@ -441,3 +451,64 @@ async def test_a_session_turn_failing_midway_pays_the_assembled_prompt_the_model
     assembled = PROMPT + len("earlier")
     assert admission.settled == [assembled + 3]
     assert (ledger.records[0].prompt_tokens, ledger.records[0].completion_tokens) == (assembled, 3)
+
+
+# What CountedAssembly says its prompts hold: the context service's count
+# with the model's tokenizer and template (its manifest's prompt_tokens).
+ASSEMBLED_COUNT = 9
+
+
+class CountedAssembly(FakeContexts):
+    """FakeContexts' prompts, with their count as the context service's
+    manifest gives it."""
+
+    async def assemble(self, turn):
+        assembled = await super().assemble(turn)
+        return Assembly(assembled.messages, assembled.version, ASSEMBLED_COUNT)
+
+
+async def cut_before_the_first_piece(asked: pb.ChatRequest, session_id: str) -> tuple[list, list]:
+    """Runs ``asked`` until its generation starts, then hangs up, before any
+    piece: what was settled, and recorded in the ledger."""
+    generator = StallingGenerator(())
+    turns, admission, ledger = billed_pipeline(generator, CountedAssembly())
+
+    async def read() -> None:
+        async for _ in turns.run(asked, TENANT, session_id, Budget()):
+            raise AssertionError("no event comes before the generation's first piece")
+
+    reading = asyncio.ensure_future(read())
+    await asyncio.wait_for(generator.started.wait(), 5)
+    reading.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reading
+    return admission.settled, ledger.records
+
+
+async def test_a_session_turn_cut_before_its_first_piece_pays_its_assembled_count():
+    """Its assembly counted the prompt exactly (the manifest), before the
+    model's first delta could: it paid the assembled messages' bytes
+    (PROMPT + len("earlier"), 27 here) instead."""
+    settled, [record] = await cut_before_the_first_piece(chat(), "s1")
+    assert settled == [ASSEMBLED_COUNT]
+    assert (record.prompt_tokens, record.completion_tokens, record.failure) == (
+        ASSEMBLED_COUNT,
+        0,
+        "cancelled",
+    )
+
+
+async def test_a_stateless_turn_assembled_and_cut_before_its_first_piece_pays_its_assembled_count():
+    """A stateless prompt whose byte bound does not fit the window is
+    assembled (prompt_bound.py), so counted there too."""
+    long = request("word " * 800, pb.CACHE_POLICY_BYPASS)
+    settled, [record] = await cut_before_the_first_piece(long, "")
+    assert settled == [ASSEMBLED_COUNT]
+    assert (record.prompt_tokens, record.completion_tokens) == (ASSEMBLED_COUNT, 0)
+
+
+async def test_a_stateless_turn_that_surely_fits_is_not_assembled_and_pays_its_bytes_when_cut():
+    """No assembly, no count before the model's: the bytes bound stands."""
+    settled, [record] = await cut_before_the_first_piece(chat(), "")
+    assert settled == [PROMPT]
+    assert record.prompt_tokens == PROMPT
