@@ -458,8 +458,15 @@ async def eviction_policy(client: Client) -> str | None:
 # errors: ClusterError ("TTL exhausted.": a slot being resharded answers a
 # script whose keys are not all on one side TRYAGAIN until its keys have
 # moved) and RedisClusterException (no node reachable, slots not covered).
-# Its other uses are misuse of the client (keys of one script in two slots),
-# a bug that would read as an outage here: the cluster tests
+# A MULTI transaction (the context service's reads of a session as of one
+# instant) is not redirected at all: a command of it on a key its slot's
+# migration moved already is answered ASK, and once the slot is reassigned
+# its old master answers MOVED; either aborts the whole transaction
+# (EXECABORT: nothing ran), and redis-py raises the redirect (AskError, whose
+# subclass MovedError is) instead of following it. A MOVED patches the
+# client's slot map first, so the next call goes to the new master.
+# RedisClusterException's other uses are misuse of the client (keys of one
+# script in two slots), a bug that would read as an outage here: the cluster tests
 # (tests/integration/test_redis_cluster.py) run every script and key layout
 # on a real cluster so that none ships. Telling them apart by message at
 # every handler, or inside redis-py's node manager, costs more than it buys.
@@ -472,6 +479,7 @@ CONNECTION_ERRORS = (
     redis_errors.ClusterDownError,
     redis_errors.SlotNotCoveredError,
     redis_errors.TryAgainError,
+    redis_errors.AskError,
     redis_errors.OutOfMemoryError,
     redis_errors.ReadOnlyError,
     redis_errors.MasterDownError,

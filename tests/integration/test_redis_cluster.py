@@ -38,6 +38,7 @@ from services.cache.heartbeat import Heartbeat
 from services.context import store
 from services.context.hot_cache import HotCache, change_listener
 from services.context.tenant_sweep import TenantSweep
+from services.context.turn_index import TurnIndex
 from services.router import ledger as ledger_module
 from services.router.admission import Admission, Scope, TurnAdmission
 from services.router.auth import Tenant
@@ -635,6 +636,54 @@ async def test_a_cache_partition_whose_slot_is_being_resharded_is_unavailable(
                 node.execute_command("CLUSTER SETSLOT", slot, "STABLE")
     hit = await lookup(servicer, scope(tenant), conversation(PARAPHRASE))
     assert hit.status == cache_pb.LOOKUP_STATUS_SEMANTIC_HIT
+
+
+async def test_a_sessions_one_instant_reads_of_a_moving_then_moved_slot_are_unavailable_not_internal(
+    cluster: Cluster, client, tenant
+) -> None:
+    """The context service reads a session as of one instant in a MULTI
+    transaction (its pins, its turn index, the appends to index again). While
+    its slot migrates, Redis answers a command on a key already moved ASK,
+    and once the slot is reassigned the old master answers MOVED: either
+    aborts the whole transaction (EXECABORT: nothing ran), and redis-py's
+    cluster pipeline raises the redirect (AskError, MovedError) rather than
+    following it. Those read as INTERNAL to the caller, and escaped the
+    background index repair and vector backfill, which retry UNAVAILABLE
+    only ("Task exception was never retrieved"). Now UNAVAILABLE
+    REDIS_UNAVAILABLE (retry later); the MOVED patched the client's slot
+    map, so the next read is served by the new master."""
+    sessions = store.SessionStore(client, ttl_s=60)
+    index = TurnIndex(client, ttl_s=60)
+    session_id = uuid.uuid4().hex
+    await sessions.create(tenant, session_id)
+    await sessions.append(tenant, session_id, None, [msg(USER, "hello")], {})
+    before = await index.pins(tenant, session_id)
+    slot = context_slot(tenant, session_id)
+    owner = cluster.master_of(slot)
+    target = next(port for port in cluster.masters() if port != owner)
+    with cluster.node(owner) as source, cluster.node(target) as destination:
+        source_id, target_id = (
+            source.execute_command("CLUSTER MYID"),
+            destination.execute_command("CLUSTER MYID"),
+        )
+        destination.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+        source.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+        # The session's meta first: every one-instant read names it.
+        source.execute_command(
+            "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", store.session_key(tenant, session_id)
+        )
+        await redis_unavailable(lambda: index.pins(tenant, session_id))
+        await redis_unavailable(lambda: index.unwritten(tenant, session_id, max_turns=100))
+        while moving := source.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+            source.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *moving)
+        for port in cluster.masters():
+            with cluster.node(port) as master:
+                master.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+    assert cluster.master_of(slot) == target
+    # The client still maps the slot to its old master, which answers MOVED.
+    await redis_unavailable(lambda: index.pins(tenant, session_id))
+    assert await index.pins(tenant, session_id) == before
+    assert (await sessions.read(tenant, session_id)).version == 1
 
 
 async def test_every_node_down_is_unavailable_to_the_cache_and_the_context_store(tmp_path) -> None:
