@@ -284,11 +284,12 @@ class LimitSettings:
             # Counted in Redis as 64-bit integers (a cost in nano-dollars),
             # through Lua's doubles: exact up to 2^53. 1e300 dollars made
             # every turn of its key fail INTERNAL (an overflow to infinity).
-            most = MAX_COST_USD if name.startswith("cost_") else MAX_LIMIT_COUNT
+            # The bound in words is _largest's: written as "{most:g}", a
+            # count's read "at most 9.0072e+15, got 9007199254740993", a
+            # value below the bound it was refused for.
+            most, said = _largest(name)
             if value is not None and value > most:
-                raise ConfigError(
-                    f"{name} must be at most {most:g} (leave it out for no limit), got {value!r}"
-                )
+                raise ConfigError(f"{name} must be at most {said} (leave it out for no limit), got {value!r}")
         unknown = set(self.fail_closed) - set(LIMIT_NAMES)
         if unknown:
             raise ConfigError(f"fail_closed names unknown limit(s) {sorted(unknown)}")

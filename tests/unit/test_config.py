@@ -444,6 +444,13 @@ def test_a_limit_too_large_for_the_counters_is_refused():
     assert LimitSettings(cost_usd_per_day=1e6, tokens_per_day=10**12).configured()
 
 
+def test_a_limit_just_past_the_largest_is_refused_naming_the_largest_exactly():
+    """A bug hunt's finding (CreateKey and a reload alike): the bound was
+    written "9.0072e+15", 9007200000000000, above the value it refused."""
+    with pytest.raises(ConfigError, match=r"at most 9007199254740992 \(2\^53\).*got 9007199254740993"):
+        LimitSettings(tokens_per_day=2**53 + 1)
+
+
 def test_a_session_byte_cap_must_leave_the_session_readable_in_one_answer(tmp_path) -> None:
     # A session under the former 64 MiB default could be stored but never
     # read: GetSession's answer passed gRPC's 32 MiB bound.
