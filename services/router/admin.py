@@ -4,6 +4,8 @@ CallerGate). The keys themselves live in :mod:`services.router.keys`."""
 
 from __future__ import annotations
 
+import fractions
+
 import grpc
 from google.protobuf import timestamp_pb2
 
@@ -40,10 +42,14 @@ def _limits_proto(limits: LimitSettings) -> pb.KeyLimits:
 
 
 def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    """``seconds`` (a record's Unix time) to the nearest nanosecond, exactly:
+    through a float product (``int(seconds * 1e9)``), 94 in 100 whole-second
+    expiries past 2100 came back altered (9999-12-31T23:59:59Z as
+    23:59:58.999986176)."""
     if seconds is None:
         return None
     stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
+    stamp.FromNanoseconds(round(fractions.Fraction(seconds) * 1_000_000_000))
     return stamp
 
 
@@ -67,7 +73,8 @@ def _expiry(request: pb.CreateKeyRequest) -> float | None:
     if not request.HasField("expires_at"):
         return None
     try:
-        return request.expires_at.ToNanoseconds() / 1e9
+        # Integers divided (correctly rounded): whole seconds stay whole.
+        return request.expires_at.ToNanoseconds() / 1_000_000_000
     except ValueError as error:
         message = f"expires_at is not a valid timestamp: {error}"
         raise invalid_argument(Reason.INVALID_KEY_SPEC, message) from error

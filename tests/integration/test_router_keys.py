@@ -187,6 +187,23 @@ async def test_an_expired_key_is_refused(replicas, redis_url):
     ) == (grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_EXPIRED)
 
 
+async def test_a_far_expiry_is_answered_and_listed_as_it_was_asked(replicas):
+    """A bug hunt's finding: converted through float products, 94 in 100
+    whole-second expiries past 2100 came back altered, the last instant a
+    Timestamp holds as the second before and 999,986,176 ns."""
+    _, admin = replicas[0]
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    # 2125-04-10T22:54:13Z, 7308-12-11T23:42:40Z, 9999-12-31T23:59:59Z
+    asked = [4_899_999_253, 168_480_862_960, 253_402_300_799]
+    for seconds in asked:
+        created = await admin.CreateKey(
+            admin_pb.CreateKeyRequest(tenant_id=tenant, expires_at={"seconds": seconds}), metadata=ADMIN
+        )
+        assert (created.key.expires_at.seconds, created.key.expires_at.nanos) == (seconds, 0)
+    listed = await admin.ListKeys(admin_pb.ListKeysRequest(tenant_id=tenant), metadata=ADMIN)
+    assert sorted((k.expires_at.seconds, k.expires_at.nanos) for k in listed.keys) == [(s, 0) for s in asked]
+
+
 @pytest.mark.parametrize(
     ("request_", "expected"),
     [
