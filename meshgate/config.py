@@ -1712,16 +1712,20 @@ def _parse_scalar(value: str) -> Any:
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
+    # The table's own name, without the dot its fields' names follow
+    # ("router.tenants[0].limits.: unknown setting(s)" was logged).
+    path = where.rstrip(".")
+    table = path or "config"
     if not isinstance(raw, dict):
         # The type, not the value: a section given as one string is often
         # a URL, with its password (redis = "redis://:pw@host"), and the
         # error is logged.
-        raise ConfigError(f"{where or 'config'}: expected a table, got {_type_name(raw)}")
+        raise ConfigError(f"{table}: expected a table, got {_type_name(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(raw) - set(fields)
     if unknown:
-        raise ConfigError(f"{where or 'config'}: unknown setting(s) {sorted(unknown)}")
+        raise ConfigError(f"{table}: unknown setting(s) {sorted(unknown)}")
     values = {}
     for name, value in raw.items():
         values[name] = _convert(hints[name], value, f"{where}{name}")
@@ -1732,7 +1736,6 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     except ConfigError as error:
         # A table's own checks know their field, not where the table sits:
         # "requests_per_minute must be positive" did not say whose limits.
-        path = where.rstrip(".")
         if not path or path in str(error):
             raise
         raise ConfigError(f"{path}: {error}") from None

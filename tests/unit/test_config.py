@@ -461,6 +461,12 @@ def test_a_session_byte_cap_must_leave_the_session_readable_in_one_answer(tmp_pa
         load_settings(str(config))
 
 
+def test_an_unknown_setting_is_named_in_its_table_without_a_stray_dot(tmp_path):
+    # A bug hunt's finding: "router.tenants[0].limits.: unknown setting(s)".
+    with pytest.raises(ConfigError, match=r"^router\.tenants\[0\]\.limits: unknown setting\(s\) \['rpm'\]$"):
+        _tenants_toml(tmp_path, '[[router.tenants]]\nid = "acme"\nlimits = { rpm = 3 }\n')
+
+
 def _tenants_toml(tmp_path, text: str):
     path = tmp_path / "tenants.toml"
     path.write_text(text)
