@@ -358,7 +358,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             # generation of seconds): nothing to undo.
             return pb.StoreResponse(entry_id=entry_id, invalidated_since_lookup=True)
         now_ms = _now_ms()
-        await self._charge(partition, answer, vector, text if vector is not None else "", now_ms)
+        await self._charge(partition, answer, vector, text if vector is not None else "", now_ms, ttl_ms)
         if vector is None:
             write = functools.partial(self._store.put_exact, partition, entry_id, answer, now_ms, ttl_ms)
 
@@ -400,7 +400,13 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         return pb.StoreResponse(entry_id=entry_id)
 
     async def _charge(
-        self, partition: keys.Partition, answer: bytes, vector: np.ndarray | None, question: str, now_ms: int
+        self,
+        partition: keys.Partition,
+        answer: bytes,
+        vector: np.ndarray | None,
+        question: str,
+        now_ms: int,
+        ttl_ms: int,
     ) -> None:
         """Charges a Store's bytes to its tenant (cache.max_bytes_per_tenant),
         or refuses it: one tenant's entries filling the Redis every tenant's
@@ -411,7 +417,9 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         size = len(answer) + ENTRY_OVERHEAD_BYTES
         if vector is not None:
             size += vector.nbytes + len(question.encode())
-        held = await self._store.charge(partition.tenant_id, size, most, self._settings.ttl_s, now_ms)
+        held = await self._store.charge(
+            partition.tenant_id, size, most, self._settings.ttl_s, now_ms, expires_ms=now_ms + ttl_ms
+        )
         if held is not None:
             raise _quota_exceeded(held, size, most)
 
@@ -467,7 +475,16 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         # After the deletion, so that no index reloaded during the scan keeps
         # rows of deleted entries (those would only cost a GET, not a wrong hit).
         self._indexes.drop_prefix(prefix)
-        return pb.InvalidateResponse(entries_removed=removed)
+        if self._settings.max_bytes_per_tenant:
+            try:
+                await self._store.refund_windows(
+                    request.tenant_id, removed.charged, self._settings.ttl_s, _now_ms()
+                )
+            except MeshgateError as error:
+                # The entries are gone all the same: the count errs high, for
+                # two windows at most, as for a Store's write that failed.
+                log.warning("cache's refund of the entries an Invalidate removed failed", error=error.message)
+        return pb.InvalidateResponse(entries_removed=removed.entries)
 
     async def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext

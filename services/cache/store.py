@@ -36,14 +36,20 @@
 - ``mg:cache:stored:{<tenant hex>}:<window length>:<window>``: integer,
   the bytes the tenant's Stores charged in one window of
   ``cache.max_bytes_per_tenant``'s count (``charge``), less what the
-  entries they replaced had been charged (``refund``); lives two windows.
+  entries they replaced, or that an Invalidate removed, had been charged
+  (``refund``); lives two windows. An entry is charged to the window
+  before the one it expires in (``charge_window``), so an Invalidate
+  finds the window of each entry it removes from the entry's expiry.
 
 A semantic Store is one Lua script, so the entry, its vector and the
 eviction of the oldest entries are applied together or not at all. The
 script deletes the evicted entries' exact keys by name (they are not in
 KEYS); a Redis Cluster allows it because they share the partition's slot.
 Invalidate and GetStats SCAN every master of a cluster (redis-py's cluster
-scan_iter walks each in turn).
+scan_iter walks each in turn). Invalidate removes an entry's answer and its
+row each in a script that reads what it was charged as it deletes it
+(_INVALIDATE_ANSWERS, _INVALIDATE_ROWS): of two Invalidates at once, only
+the one that deletes it gives it back.
 
 Whatever stops an entry's answer from being the one to serve for a prompt
 (a reported wrong hit, an Invalidate, any Store) is announced on
@@ -59,6 +65,7 @@ PUBLISH is forwarded to every node over the cluster bus; at Store rates
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import struct
@@ -79,6 +86,10 @@ _EXPIRY = struct.Struct("<q")
 # larger), and the time Redis spends on one script.
 SYNC_BATCH = 1024
 _SCAN_COUNT = 1000
+# What names an answer's key and a vectors hash among a partition's keys
+# (keys.Partition; tenant and model are hex, the rest after the hash tag).
+_ANSWER_MARKER = b"}:x:"
+_ROWS_MARKER = b"}:v:"
 # How long an Invalidate that failed partway waits for its notice to go out
 # (CacheStore.invalidate): Redis answers a publish in well under a
 # millisecond when it is up at all.
@@ -250,31 +261,107 @@ class NoRoomForReport(Exception):
     without room for it in the tenant's quota (``CacheStore.report_wrong``)."""
 
 
-# Charges a Store to its tenant's count of the current window, unless the
-# current and previous windows' counts with it would pass the bound. Both
-# windows' keys carry the tenant's hash tag (one slot), apart from the
-# entry's partition: a separate call, before the entry's write, so a write
-# that then fails stays charged (the count errs high, for two windows).
+# Charges a Store to its tenant's count of the current window or the one
+# before (``charge_window``), unless the two windows' counts with it would
+# pass the bound. Both windows' keys carry the tenant's hash tag (one slot),
+# apart from the entry's partition: a separate call, before the entry's
+# write, so a write that then fails stays charged (the count errs high, for
+# two windows).
 _CHARGE = """
 -- KEYS: the tenant's count of this window, of the window before
--- ARGV: bytes, the bound, how long a count lives (ms: two windows)
+-- ARGV: bytes, the bound, how long a count lives (ms: two windows), which key to charge (1 or 2)
 local held = tonumber(redis.call('GET', KEYS[1]) or '0') + tonumber(redis.call('GET', KEYS[2]) or '0')
 if held + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return held end
-redis.call('INCRBY', KEYS[1], ARGV[1])
-if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+local charged = KEYS[tonumber(ARGV[4])]
+redis.call('INCRBY', charged, ARGV[1])
+if redis.call('PTTL', charged) < 0 then redis.call('PEXPIRE', charged, ARGV[3]) end
 return -1
 """
 
 
-# Gives back to the tenant's count of this window what a Store replaced, or
-# a report's pair it did not keep (none, or one already held), never below
-# nothing (``refund``).
+# Gives back to the tenant's counts of one or two windows what a Store
+# replaced, a report's pair it did not keep (none, or one already held), or
+# the entries an Invalidate removed, never below nothing (``refund``).
 _REFUND = """
--- KEYS: the tenant's count of this window; ARGV: bytes
-local held = tonumber(redis.call('GET', KEYS[1]) or '0')
-local given = math.min(held, tonumber(ARGV[1]))
-if given > 0 then redis.call('DECRBY', KEYS[1], given) end
-return given
+-- KEYS: the tenant's counts of windows; ARGV: the bytes to give back to each
+local total = 0
+for i, key in ipairs(KEYS) do
+  local held = tonumber(redis.call('GET', key) or '0')
+  local given = math.min(held, tonumber(ARGV[i]))
+  if given > 0 then redis.call('DECRBY', key, given) end
+  total = total + given
+end
+return total
+"""
+
+# Deletes answers (exact keys) of one partition (one slot: a cluster runs a
+# script's keys on one node) and reads, as it deletes each, what its Store
+# was charged for it and in which window (``replaced_charge``,
+# ``charge_window``): whichever Invalidate deletes an answer gives it back,
+# once. An answer expired is gone already and gives back nothing. Reads the
+# expiry alone (GETRANGE), not an answer of up to 32 MiB.
+_INVALIDATE_ANSWERS = """
+-- KEYS: exact keys of one partition; ARGV: a window's length (ms)
+-- Returns: answers deleted, then window, bytes pairs
+local window_ms = tonumber(ARGV[1])
+local charged = {}
+local removed = 0
+for _, key in ipairs(KEYS) do
+  local size = redis.call('STRLEN', key)
+  if size >= 8 then
+    local window = math.floor(struct.unpack('<i8', redis.call('GETRANGE', key, 0, 7)) / window_ms) - 1
+    charged[window] = (charged[window] or 0) + size - 8 + ENTRY_OVERHEAD_BYTES
+    removed = removed + redis.call('UNLINK', key)
+  end
+end
+local reply = {removed}
+for window, bytes in pairs(charged) do
+  reply[#reply + 1] = window
+  reply[#reply + 1] = bytes
+end
+return reply
+""".replace("ENTRY_OVERHEAD_BYTES", str(ENTRY_OVERHEAD_BYTES))
+
+# Deletes the rows one HSCAN step of a sub-partition's vectors hash finds,
+# and reads what each was charged and in which window, as
+# _INVALIDATE_ANSWERS does for answers: only live rows give back (an
+# expired row, not yet trimmed, belongs to an answer that expired
+# unrefunded). A step reads at most about _SCAN_COUNT rows (~1.6 MB at 384
+# dimensions), so a partition of a million rows never holds Redis for
+# one long script.
+_INVALIDATE_ROWS = """
+-- KEYS: a vectors hash; ARGV: HSCAN cursor, count, a window's length (ms)
+-- Returns: the next cursor, then window, bytes pairs
+local window_ms = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local step = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
+local rows = step[2]
+local charged = {}
+local ids = {}
+for i = 1, #rows, 2 do
+  local row = rows[i + 1]
+  if #row >= 8 then
+    local expires_ms = struct.unpack('<i8', row)
+    if expires_ms > now_ms then
+      local window = math.floor(expires_ms / window_ms) - 1
+      charged[window] = (charged[window] or 0) + #row - 8
+    end
+  end
+  ids[#ids + 1] = rows[i]
+  -- HDEL in slices: Lua's unpack takes a few thousand arguments at most.
+  if #ids == 500 then
+    redis.call('HDEL', KEYS[1], unpack(ids))
+    ids = {}
+  end
+end
+if #ids > 0 then redis.call('HDEL', KEYS[1], unpack(ids)) end
+local reply = {step[1]}
+for window, bytes in pairs(charged) do
+  reply[#reply + 1] = window
+  reply[#reply + 1] = bytes
+end
+return reply
 """
 
 
@@ -370,6 +457,18 @@ def replaced_charge(value_bytes: int, row_bytes: int) -> int:
     return charge + (row_bytes - _EXPIRY.size if row_bytes else 0)
 
 
+def charge_window(expires_ms: int, window_s: int) -> int:
+    """The window of ``window_s`` seconds (cache.ttl_s) whose count an entry
+    expiring at ``expires_ms`` is charged to: the one before the window it
+    expires in. An entry of the full TTL is charged in the window it is
+    stored in; a shorter-lived one perhaps in the window before, which the
+    bound reads as long as the entry lives. So the window follows from the
+    expiry the entry carries, and an Invalidate gives each entry back to
+    the count it was charged to (another count would err low a window
+    later, or high)."""
+    return expires_ms // (window_s * 1000) - 1
+
+
 def split_payload(payload: bytes, dimensions: int) -> tuple[bytes, str] | None:
     """The vector bytes and question of a stored row, or None when the row
     holds a vector of another size."""
@@ -398,6 +497,22 @@ def live_answer(value: bytes | None, now_ms: int) -> tuple[bytes, int] | None:
     return value[_EXPIRY.size :], expires_in_ms
 
 
+@dataclasses.dataclass(slots=True)
+class Invalidated:
+    """What ``CacheStore.invalidate`` removed."""
+
+    entries: int
+    # What the live answers and rows removed were charged to the tenant's
+    # count (cache.max_bytes_per_tenant), by the window charged.
+    charged: collections.Counter[int]
+
+
+def _add_charges(into: collections.Counter[int], pairs: list) -> None:
+    """Adds a script's window, bytes pairs (_INVALIDATE_ANSWERS) to ``into``."""
+    for window, size in zip(pairs[::2], pairs[1::2], strict=True):
+        into[int(window)] += int(size)
+
+
 class CacheStore:
     def __init__(self, client: redis.Redis, max_entries_per_partition: int) -> None:
         self._client = client
@@ -410,6 +525,8 @@ class CacheStore:
         self._undo_store = client.register_script(_UNDO_STORE)
         self._charge = client.register_script(_CHARGE)
         self._refund = client.register_script(_REFUND)
+        self._invalidate_answers = client.register_script(_INVALIDATE_ANSWERS)
+        self._invalidate_rows = client.register_script(_INVALIDATE_ROWS)
 
     async def get(self, partition: Partition, entry_id: str) -> bytes | None:
         try:
@@ -467,24 +584,29 @@ class CacheStore:
             raise _unavailable(error) from error
         return value, bool(reported)
 
-    async def charge(self, tenant_id: str, size: int, most: int, window_s: int, now_ms: int) -> int | None:
+    async def charge(
+        self, tenant_id: str, size: int, most: int, window_s: int, now_ms: int, expires_ms: int | None = None
+    ) -> int | None:
         """Charges ``size`` bytes to the tenant unless what it stored in this
         window of ``window_s`` seconds and the one before, with them, passes
         ``most``; returns None when charged, else what those windows hold.
-        An entry lives at most ``window_s`` (cache.ttl_s), so the tenant's
-        live entries were all charged in these two windows; but for those
-        charged under another ttl_s (windows of another length, not read
-        here), gone within that ttl_s of the change (README,
-        cache.max_bytes_per_tenant, says by how much the tenant may pass
-        the bound meanwhile)."""
+        An entry expiring at ``expires_ms`` is charged to its
+        ``charge_window`` (one of the two), anything else (a report's pair)
+        to this window. An entry lives at most ``window_s`` (cache.ttl_s),
+        so the tenant's live entries were all charged in these two windows;
+        but for those charged under another ttl_s (windows of another
+        length, not read here), gone within that ttl_s of the change
+        (README, cache.max_bytes_per_tenant, says by how much the tenant may
+        pass the bound meanwhile)."""
         window = now_ms // (window_s * 1000)
+        charged = window if expires_ms is None else charge_window(expires_ms, window_s)
         try:
             held = await self._charge(
                 keys=[
                     keys.stored_bytes_key(tenant_id, window_s, window),
                     keys.stored_bytes_key(tenant_id, window_s, window - 1),
                 ],
-                args=[size, most, 2 * window_s * 1000],
+                args=[size, most, 2 * window_s * 1000, 2 if charged < window else 1],
             )
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
@@ -498,9 +620,24 @@ class CacheStore:
         named no entry, or Redis held the pair already). Not
         from the window before, where it may have been charged: the two are
         held to the bound together."""
+        await self.refund_windows(tenant_id, {now_ms // (window_s * 1000): size}, window_s, now_ms)
+
+    async def refund_windows(self, tenant_id: str, sizes: dict[int, int], window_s: int, now_ms: int) -> None:
+        """Gives back ``sizes`` (bytes by the window they were charged in),
+        each to its window's count as far as it holds them; only to the
+        windows the bound reads at ``now_ms`` (this one and the one before):
+        an older window's count no longer counts, nor holds its key long."""
         window = now_ms // (window_s * 1000)
+        read = [
+            (charged, size) for charged, size in sizes.items() if size and window - 1 <= charged <= window
+        ]
+        if not read:
+            return
         try:
-            await self._refund(keys=[keys.stored_bytes_key(tenant_id, window_s, window)], args=[size])
+            await self._refund(
+                keys=[keys.stored_bytes_key(tenant_id, window_s, charged) for charged, _ in read],
+                args=[size for _, size in read],
+            )
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
 
@@ -662,12 +799,15 @@ class CacheStore:
             bool(removed), int(strictness), bool(new_pair), seq, replicated.wanted, replicated.acknowledged
         )
 
-    async def invalidate(self, tenant_id: str, model: str, ttl_ms: int) -> int:
+    async def invalidate(self, tenant_id: str, model: str, ttl_ms: int) -> Invalidated:
         """Deletes every key of a tenant, or of one of its models (``model``
-        set), and announces it; returns how many were entries. ``ttl_ms``:
-        the longest an entry lives; the marks key is kept at least that long
-        and at least a day (_MIN_MARK_TTL_MS), though what the fence needs is
-        only that a mark outlive the turns under way when it was set.
+        set), and announces it; returns how many were entries, and what the
+        live answers and rows it deleted were charged, by window (for
+        ``refund_windows``). ``ttl_ms``: the longest an entry lives, and the
+        length of a window of the tenant's count (cache.ttl_s); the marks key
+        is kept at least that long and at least a day (_MIN_MARK_TTL_MS),
+        though what the fence needs is only that a mark outlive the turns
+        under way when it was set.
 
         SCAN walks the keyspace in slices, so Redis keeps serving meanwhile;
         entries stored while it runs may survive, but only answers whose
@@ -680,8 +820,7 @@ class CacheStore:
         otherwise be served for up to router.hot_exact_max_age_s.
         """
         prefix = keys.tenant_prefix(tenant_id, model)
-        exact_marker = b":x:"
-        removed = 0
+        removed = Invalidated(0, collections.Counter())
         batch: list[bytes] = []
         notice = cache_notices.scope_notice(tenant_id, model)
         try:
@@ -694,10 +833,10 @@ class CacheStore:
                 async for key in self._client.scan_iter(match=f"{prefix}*", count=_SCAN_COUNT):
                     batch.append(key)
                     if len(batch) >= _SCAN_COUNT:
-                        removed += await self._unlink(batch, exact_marker)
+                        await self._remove(batch, ttl_ms, removed)
                         batch = []
                 if batch:
-                    removed += await self._unlink(batch, exact_marker)
+                    await self._remove(batch, ttl_ms, removed)
             except BaseException:
                 # The notice still goes out (the docstring), on another
                 # connection than a failed one (the pool drops that), but
@@ -713,14 +852,38 @@ class CacheStore:
             raise _unavailable(error) from error
         return removed
 
-    async def _unlink(self, batch: list[bytes], exact_marker: bytes) -> int:
-        # Not one pipeline: on a cluster the batch spans slots, and only the
-        # client's own UNLINK splits its keys by slot (and adds the counts).
-        entries = [k for k in batch if exact_marker in k]
-        others = [k for k in batch if exact_marker not in k]
+    async def _remove(self, batch: list[bytes], window_ms: int, removed: Invalidated) -> None:
+        """Deletes one SCAN batch of an Invalidate's keys, adding to
+        ``removed`` the answers deleted and what they and the rows deleted
+        were charged. Answers go in one script per partition (a slot each,
+        keys.py's hash tag), a vectors hash one HSCAN step per script; the
+        rest by the client's own UNLINK, which splits its keys by slot on a
+        cluster."""
+        answers: dict[bytes, list[bytes]] = collections.defaultdict(list)
+        others = []
+        for key in batch:
+            if _ANSWER_MARKER in key:
+                answers[key.split(b"}", 1)[0]].append(key)
+            elif _ROWS_MARKER in key:
+                cursor = b"0"
+                while True:
+                    cursor, *charged = await self._invalidate_rows(
+                        keys=[key], args=[cursor, _SCAN_COUNT, window_ms]
+                    )
+                    _add_charges(removed.charged, charged)
+                    if cursor in (0, b"0"):
+                        break
+                # Rows a Store added during the walk go uncounted: they may
+                # be a fenced Store's, which undoes itself.
+                others.append(key)
+            else:
+                others.append(key)
+        for partition_keys in answers.values():
+            deleted, *charged = await self._invalidate_answers(keys=partition_keys, args=[window_ms])
+            removed.entries += int(deleted)
+            _add_charges(removed.charged, charged)
         if others:
             await self._client.unlink(*others)
-        return int(await self._client.unlink(*entries)) if entries else 0
 
     async def count_entries(self) -> int:
         """Entries of all tenants: a full SCAN, for an operator's GetStats,

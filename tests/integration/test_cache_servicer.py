@@ -1866,6 +1866,62 @@ async def test_stores_of_one_entry_are_charged_as_the_one_entry_they_leave(
     assert await charged_bytes(redis_client, tenant) == one_entry
 
 
+async def test_an_invalidate_gives_back_what_the_entries_it_removes_were_charged(
+    redis_client, embedder, tenant
+):
+    """A bug hunt: an Invalidate gave back nothing of what its entries were
+    charged to cache.max_bytes_per_tenant, so a tenant that invalidated its
+    entries stayed charged for them (and was refused Stores) for up to two
+    windows of cache.ttl_s. Now each entry it removes gives back what it was
+    charged, once (Invalidates at once, or again, give back nothing more),
+    and an entry that expired before it gives back nothing (it was never in
+    Redis to remove; expiry refunds nothing)."""
+    cache = make_servicer(redis_client, embedder, max_bytes_per_tenant=1 << 20)
+    kept, invalidated = scope(tenant, "kept"), scope(tenant, "invalidated")
+    await store(cache, kept, conversation(STORED), text="Practice daily.")
+    await store(cache, invalidated, conversation("Who wrote Hamlet?"), text="Shakespeare.", ttl_seconds=1)
+    still_charged = await charged_bytes(redis_client, tenant)
+    # Semantic (an answer and a row) and exact only (a question past the bound).
+    await store(cache, invalidated, conversation(STORED), text="Practice daily.")
+    await store(cache, invalidated, conversation("x" * 2000), text="Practice daily.")
+    assert await charged_bytes(redis_client, tenant) > still_charged
+    await asyncio.sleep(1.1)  # the first entry expires
+
+    request = pb.InvalidateRequest(tenant_id=tenant, model="invalidated")
+    removed = await asyncio.gather(*(cache.Invalidate(request, None) for _ in range(3)))
+    assert sum(response.entries_removed for response in removed) == 2
+    assert await charged_bytes(redis_client, tenant) == still_charged
+    await cache.Invalidate(request, None)
+    assert await charged_bytes(redis_client, tenant) == still_charged
+
+
+async def test_an_invalidate_gives_back_every_row_of_a_sub_partition_it_reads_in_steps(
+    redis_client, embedder, tenant, monkeypatch
+):
+    """A sub-partition's rows are deleted (and given back) one HSCAN step
+    of a script at a time, never in one script over a hash of up to a
+    million rows: 200 rows (a hash table, past Redis's small encoding) in
+    steps of 16 all give back."""
+    monkeypatch.setattr(store_module, "_SCAN_COUNT", 16)
+    cache = make_servicer(redis_client, embedder, max_entries=1000, max_bytes_per_tenant=1 << 24)
+    s = scope(tenant)
+    for number in range(200):
+        await store(cache, s, conversation(f"Question number {number}?"))
+    assert await charged_bytes(redis_client, tenant) > 200 * DIMS * 4
+    steps = []
+    step = cache._store._invalidate_rows
+
+    async def counted_step(**kwargs):
+        steps.append(kwargs)
+        return await step(**kwargs)
+
+    cache._store._invalidate_rows = counted_step
+    removed = await cache.Invalidate(pb.InvalidateRequest(tenant_id=tenant), None)
+    assert removed.entries_removed == 200
+    assert await charged_bytes(redis_client, tenant) == 0
+    assert len(steps) > 1  # COUNT is a hint: about 16 rows a step
+
+
 class NewRevision(FakeEmbedder):
     """The same model under another revision (meshgate/minilm.py, REVISION):
     an unrelated question lands where STORED's vector of the old one was."""
