@@ -328,6 +328,18 @@ class VectorIndex:
             if similarity >= min_similarity
         ]
 
+    def live_rows(self, now_ms: int) -> int:
+        """The rows left once those expired by ``now_ms`` are dropped."""
+        if now_ms >= self._earliest_expiry_ms:
+            self._drop_expired(now_ms)
+        return len(self._ids)
+
+    def versions(self) -> tuple[list[str], np.ndarray]:
+        """A copy of the rows' entry ids and sequence numbers (16 bytes a
+        row: the ids themselves are shared), for a check against Redis that
+        awaits while rows move."""
+        return list(self._ids), self._seqs[: len(self._ids)].copy()
+
     def mark_synced(self, seq: int) -> None:
         self.synced_seq = max(self.synced_seq, seq)
 

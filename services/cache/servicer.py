@@ -63,6 +63,7 @@ from services.cache.stats import Stats
 from services.cache.store import (
     ENTRY_OVERHEAD_BYTES,
     REPORTED_PAIR_BYTES,
+    SYNC_BATCH,
     CacheStore,
     NoRoomForReport,
     live_answer,
@@ -249,6 +250,11 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         # A load whose lookups all gave up goes on: the index stays resident.
         self._loads: SingleFlight[str, tuple[VectorIndex, int | None]] = SingleFlight(
             "index load", cancel_when_abandoned=False
+        )
+        # Checks of an index's rows against Redis, by index key, one at a
+        # time each, in the background (``_drop_rows_gone``).
+        self._row_checks: SingleFlight[str, None] = SingleFlight(
+            "index row check", cancel_when_abandoned=False
         )
         # The replica's own counts for Prometheus; _stats keeps the mesh's totals in Redis.
         self._metrics = metrics.cache()
@@ -723,6 +729,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         channel and the Redis client they use close."""
         await self._embedder.close()
         await self._loads.cancel_all()
+        await self._row_checks.cancel_all()
 
     def _context_id(
         self, partition: keys.Partition, messages, embedder: str, resolved: tuple[str, bool] | None = None
@@ -894,6 +901,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         other in the one ``index`` they were read for, so each one's rows
         are complete on top of the last."""
         strictness = 0
+        listed = None
         dimensions = index.dimensions
         batches = self._store.batches_since(partition, context_id, index.synced_seq)
         async with contextlib.aclosing(batches):
@@ -918,8 +926,49 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 index.mark_synced(batch.through_seq)
                 # Never pushes out ``index`` itself.
                 self._indexes.settle(index_key)
-                strictness = batch.strictness
+                strictness, listed = batch.strictness, batch.listed
                 if progress is not None:
                     # Applying a batch is progress too (up to SYNC_BATCH rows).
                     progress.progress_at = asyncio.get_running_loop().time()
+        if listed is not None and index.live_rows(_now_ms()) > listed:
+            self._check_rows(index_key, index, partition, context_id)
         return strictness
+
+    def _check_rows(
+        self, index_key: str, index: VectorIndex, partition: keys.Partition, context_id: str
+    ) -> None:
+        """Starts ``_drop_rows_gone`` for ``index`` unless one runs for its key."""
+        if self._row_checks.flight(index_key) is None:
+            self._row_checks.start(
+                (index_key,), self._drop_rows_gone(index_key, index, partition, context_id)
+            )
+
+    async def _drop_rows_gone(
+        self, index_key: str, index: VectorIndex, partition: keys.Partition, context_id: str
+    ) -> None:
+        """Drops the rows of ``index`` whose version its sub-partition in
+        Redis no longer lists. A top-up applies what was stored since, and
+        this replica's own Stores, reports and Invalidates what they remove,
+        but another replica's report or Invalidate (or a Store undone there)
+        removes entries that no top-up reads: their rows stayed resident,
+        counted in resident_entries and against cache.max_resident_rows,
+        until they expired (a day), though never served (a hit's answer is
+        read from Redis, and one found gone drops its row). A top-up that
+        finds its index holding more live rows than Redis lists starts this
+        (_apply_new_rows): SYNC_BATCH rows a round trip, off the lookups'
+        path; a version stored meanwhile is kept (each removal names the
+        version checked)."""
+        entry_ids, seqs = index.versions()
+        try:
+            for start in range(0, len(entry_ids), SYNC_BATCH):
+                checked = entry_ids[start : start + SYNC_BATCH]
+                held = await self._store.versions_held(partition, context_id, checked)
+                if not self._indexes.holds(index_key, index):
+                    return
+                for entry_id, seq, held_seq in zip(checked, seqs[start : start + SYNC_BATCH].tolist(), held):
+                    if held_seq != seq:
+                        index.remove(entry_id, seq)
+                self._indexes.settle(index_key)
+        except MeshgateError as error:
+            # The next top-up that finds the index over Redis's count tries again.
+            log.warning("cache's check of an index's rows against Redis failed", error=error.message)

@@ -183,14 +183,18 @@ redis.call('PUBLISH', ARGV[3], ARGV[4])
 return replaced
 """
 
+# Also how many entries the sub-partition lists: a replica whose index
+# holds more live rows than that holds some Redis no longer does (the
+# cache servicer's _drop_rows_gone).
 _ENTRIES_SINCE = """
 -- KEYS: order zset, vectors hash, wrong-hit counter; ARGV: after this sequence number, at most this many
 local strictness = tonumber(redis.call('GET', KEYS[3]) or '0')
+local count = redis.call('ZCARD', KEYS[1])
 local listed = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'WITHSCORES', 'LIMIT', 0, ARGV[2])
-if #listed == 0 then return {strictness, {}, {}} end
+if #listed == 0 then return {strictness, {}, {}, count} end
 local ids = {}
 for i = 1, #listed, 2 do ids[#ids + 1] = listed[i] end
-return {strictness, listed, redis.call('HMGET', KEYS[2], unpack(ids))}
+return {strictness, listed, redis.call('HMGET', KEYS[2], unpack(ids)), count}
 """
 
 _REPORT_WRONG = """
@@ -430,6 +434,8 @@ class SyncBatch:
     through_seq: int
     # The wrong hits reported in the sub-partition, as of this round trip.
     strictness: int
+    # The entries the sub-partition lists (its order set), as of this round trip.
+    listed: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -712,7 +718,7 @@ class CacheStore:
         strictness_key = partition.strictness_key(context_id)
         while True:
             try:
-                strictness, listed, values = await self._entries_since(
+                strictness, listed, values, count = await self._entries_since(
                     keys=[order_key, vectors_key, strictness_key], args=[after_seq, SYNC_BATCH]
                 )
             except CONNECTION_ERRORS as error:
@@ -730,9 +736,21 @@ class CacheStore:
             last = len(values) < SYNC_BATCH
             # Only the rows stay alive while the caller applies them.
             del listed, values
-            yield SyncBatch(rows, after_seq, int(strictness))
+            yield SyncBatch(rows, after_seq, int(strictness), int(count))
             if last:
                 return
+
+    async def versions_held(
+        self, partition: Partition, context_id: str, entry_ids: list[str]
+    ) -> list[int | None]:
+        """The sequence number of the version of each entry the sub-partition
+        lists (None: none), in one round trip."""
+        try:
+            scores = await self._client.zmscore(partition.order_key(context_id), entry_ids)
+        except CONNECTION_ERRORS as error:
+            raise _unavailable(error) from error
+        # Scores come back as doubles; a sequence number (µs) is exact in one.
+        return [None if score is None else int(score) for score in scores]
 
     async def report_wrong(
         self,
